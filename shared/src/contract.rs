@@ -1,0 +1,486 @@
+//! The HTTP contract of the edge, identical on both hosts: request bodies and their
+//! validation, response bodies, error codes and the status each maps to.
+
+use crate::job::{JobResult, JobSpec, JobState};
+use crate::oauth::OAuthStatus;
+use crate::Millis;
+use serde::{Deserialize, Serialize};
+
+/// Every error code a caller can see, in bodies of errors and of failed results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    Unauthorized,
+    InvalidRequest,
+    PayloadTooLarge,
+    NotFound,
+    MethodNotAllowed,
+    Conflict,
+    RunnerBusy,
+    RunnerOffline,
+    RunnerLost,
+    ClaudeError,
+    Timeout,
+    Cancelled,
+    RepoError,
+    RunnerOauthError,
+    /// The agent refused the signed job (bad signature, wrong audience, expired): the
+    /// keys or clocks of edge and agent disagree.
+    JobRejected,
+    InternalError,
+}
+
+impl ErrorCode {
+    /// The HTTP status an error with this code is answered with. Codes that describe how a
+    /// job ended (CLAUDE_ERROR, TIMEOUT…) come inside a 200 result, except the two that
+    /// tell the caller to fall back.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::Unauthorized => 403,
+            ErrorCode::InvalidRequest => 400,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::Conflict => 409,
+            ErrorCode::RunnerBusy => 429,
+            ErrorCode::RunnerOffline => 503,
+            ErrorCode::RunnerLost => 502,
+            ErrorCode::InternalError => 500,
+            ErrorCode::ClaudeError
+            | ErrorCode::Timeout
+            | ErrorCode::Cancelled
+            | ErrorCode::RepoError
+            | ErrorCode::RunnerOauthError
+            | ErrorCode::JobRejected => 200,
+        }
+    }
+
+    /// Whether the caller should run the task elsewhere.
+    pub fn fallback(self) -> bool {
+        matches!(self, ErrorCode::RunnerOffline | ErrorCode::RunnerLost)
+    }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub success: bool,
+    pub error: String,
+    pub error_code: ErrorCode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+}
+
+/// An error answer: status and body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub body: ErrorBody,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, error: impl Into<String>) -> Self {
+        ApiError {
+            status: code.status(),
+            body: ErrorBody {
+                success: false,
+                error: error.into(),
+                error_code: code,
+                fallback: code.fallback().then_some(true),
+                job_id: None,
+            },
+        }
+    }
+
+    pub fn with_job(mut self, job_id: &str) -> Self {
+        self.body.job_id = Some(job_id.to_string());
+        self
+    }
+
+    pub fn invalid(error: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidRequest, error)
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(
+            ErrorCode::Unauthorized,
+            "missing or wrong runner secret: send it in the X-Runner-Secret header (or Authorization: Bearer)",
+        )
+    }
+
+    pub fn offline() -> Self {
+        Self::new(
+            ErrorCode::RunnerOffline,
+            "no agent is connected to this edge; run the task elsewhere, or start `claude-runner agent` on the runner machine",
+        )
+    }
+
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the request body is larger than {limit} bytes (MAX_BODY_BYTES); send a shorter prompt"),
+        )
+    }
+
+    pub fn not_found(what: &str) -> Self {
+        Self::new(ErrorCode::NotFound, format!("{what} not found"))
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&self.body).expect("error bodies serialise")
+    }
+}
+
+/// Bounds on what one request may ask for. `max_timeout_ms` comes from `MAX_TIMEOUT_MS`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_timeout_ms: u64,
+}
+
+pub const DEFAULT_TIMEOUT_MS: u64 = 300_000;
+pub const MIN_TIMEOUT_MS: u64 = 100;
+pub const MAX_TOOLS: usize = 128;
+pub const MAX_SHORT_TEXT: usize = 512;
+pub const MAX_SYSTEM_PROMPT: usize = 64 * 1024;
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+pub const PERMISSION_MODES: &[&str] = &["default", "acceptEdits", "plan", "bypassPermissions", "dontAsk"];
+
+/// The body of `POST /execute` and `POST /jobs`, as sent. Unknown fields are ignored;
+/// a field of the wrong type fails parsing (400).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ExecuteRequest {
+    pub prompt: Option<String>,
+    /// Alias of `prompt`, as the original service accepted.
+    pub task: Option<String>,
+    pub repo_url: Option<String>,
+    pub branch: Option<String>,
+    pub working_dir: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub allowed_tools: Option<Vec<String>>,
+    pub disallowed_tools: Option<Vec<String>>,
+    pub max_turns: Option<u32>,
+    pub model: Option<String>,
+    pub permission_mode: Option<String>,
+    pub append_system_prompt: Option<String>,
+    pub session_id: Option<String>,
+    pub include_diff: Option<bool>,
+    pub idempotency_key: Option<String>,
+}
+
+/// A validated submission: what to run and how to recognise a repeat of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submission {
+    pub spec: JobSpec,
+    pub idempotency_key: Option<String>,
+}
+
+impl ExecuteRequest {
+    /// Parses and validates a request body. `header_key` is the `Idempotency-Key` header.
+    pub fn parse(body: &[u8], header_key: Option<&str>, limits: Limits) -> Result<Submission, ApiError> {
+        let req: ExecuteRequest = serde_json::from_slice(body).map_err(|e| {
+            ApiError::invalid(format!("the body is not a valid task: {e}; send JSON like {{\"prompt\": \"…\"}}"))
+        })?;
+        req.validate(header_key, limits)
+    }
+
+    pub fn validate(self, header_key: Option<&str>, limits: Limits) -> Result<Submission, ApiError> {
+        let prompt = self.prompt.or(self.task).unwrap_or_default();
+        if prompt.trim().is_empty() {
+            return Err(ApiError::invalid("`prompt` is required: say what Claude should do"));
+        }
+        if let Some(url) = &self.repo_url {
+            if !url.trim().is_empty() {
+                return Err(ApiError::invalid(
+                    "`repo_url` is not supported by this runner version yet: send the task without it",
+                ));
+            }
+        }
+        let working_dir = self.working_dir.map(|d| checked_working_dir(&d)).transpose()?;
+        let timeout_ms = self.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+        if !(MIN_TIMEOUT_MS..=limits.max_timeout_ms).contains(&timeout_ms) {
+            return Err(ApiError::invalid(format!(
+                "`timeout_ms` must be between {MIN_TIMEOUT_MS} and {} (MAX_TIMEOUT_MS)",
+                limits.max_timeout_ms
+            )));
+        }
+        let allowed_tools = checked_tools("allowed_tools", self.allowed_tools)?;
+        let disallowed_tools = checked_tools("disallowed_tools", self.disallowed_tools)?;
+        if let Some(0) | Some(10_001..) = self.max_turns {
+            return Err(ApiError::invalid("`max_turns` must be between 1 and 10000"));
+        }
+        let model = self.model.map(|m| checked_word("model", m)).transpose()?;
+        let branch = self.branch.map(|b| checked_word("branch", b)).transpose()?;
+        if let Some(mode) = &self.permission_mode {
+            if !PERMISSION_MODES.contains(&mode.as_str()) {
+                return Err(ApiError::invalid(format!(
+                    "`permission_mode` must be one of {}",
+                    PERMISSION_MODES.join(", ")
+                )));
+            }
+        }
+        if let Some(p) = &self.append_system_prompt {
+            if p.len() > MAX_SYSTEM_PROMPT {
+                return Err(ApiError::invalid(format!(
+                    "`append_system_prompt` is longer than {MAX_SYSTEM_PROMPT} bytes"
+                )));
+            }
+        }
+        if let Some(s) = &self.session_id {
+            let ok = !s.is_empty()
+                && s.len() <= 128
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return Err(ApiError::invalid(
+                    "`session_id` must be the session id of an earlier result (letters, digits, `-`)",
+                ));
+            }
+        }
+        let idempotency_key = header_key.map(str::to_string).or(self.idempotency_key);
+        if let Some(k) = &idempotency_key {
+            if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY || k.chars().any(char::is_control) {
+                return Err(ApiError::invalid(format!(
+                    "the idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY} printable characters"
+                )));
+            }
+        }
+        Ok(Submission {
+            spec: JobSpec {
+                prompt,
+                repo_url: None,
+                branch,
+                working_dir,
+                timeout_ms,
+                allowed_tools,
+                disallowed_tools,
+                max_turns: self.max_turns,
+                model,
+                permission_mode: self.permission_mode,
+                append_system_prompt: self.append_system_prompt,
+                session_id: self.session_id,
+                include_diff: self.include_diff.unwrap_or(false),
+            },
+            idempotency_key,
+        })
+    }
+}
+
+/// A relative path that stays inside the job's checkout: no root, no `..`, no NUL.
+/// Returned normalised (no `.` parts, `/` separators).
+pub fn checked_working_dir(dir: &str) -> Result<String, ApiError> {
+    let bad = |why: &str| {
+        Err(ApiError::invalid(format!(
+            "`working_dir` {why}; give a path relative to the repository, like `packages/api`"
+        )))
+    };
+    if dir.len() > 1024 {
+        return bad("is too long");
+    }
+    if dir.contains('\0') || dir.contains('\\') {
+        return bad("contains a forbidden character");
+    }
+    if dir.starts_with('/') || dir.starts_with('~') {
+        return bad("must be relative");
+    }
+    let mut parts = Vec::new();
+    for part in dir.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return bad("must not leave the checkout (`..`)"),
+            p if p.chars().any(char::is_control) => return bad("contains a control character"),
+            p => parts.push(p),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+/// A value passed to Claude Code as an option's argument: short, printable, and never
+/// starting with `-` (it would read as another option).
+fn checked_word(field: &str, value: String) -> Result<String, ApiError> {
+    if value.is_empty()
+        || value.len() > MAX_SHORT_TEXT
+        || value.starts_with('-')
+        || value.chars().any(char::is_control)
+    {
+        return Err(ApiError::invalid(format!(
+            "`{field}` must be 1 to {MAX_SHORT_TEXT} printable characters and not start with `-`"
+        )));
+    }
+    Ok(value)
+}
+
+fn checked_tools(field: &str, tools: Option<Vec<String>>) -> Result<Vec<String>, ApiError> {
+    let tools = tools.unwrap_or_default();
+    if tools.len() > MAX_TOOLS {
+        return Err(ApiError::invalid(format!("`{field}` may name at most {MAX_TOOLS} tools")));
+    }
+    tools.into_iter().map(|t| checked_word(field, t)).collect()
+}
+
+/// The answer of `/execute` (and the `result` of `GET /jobs/{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecuteResponse {
+    #[serde(flatten)]
+    pub result: JobResult,
+    pub job_id: String,
+    pub agent_id: Option<String>,
+}
+
+/// The answer of `POST /jobs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub job_id: String,
+    pub state: JobState,
+}
+
+/// The answer of `GET /jobs/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobView {
+    pub job_id: String,
+    pub state: JobState,
+    pub created_at: String,
+    pub agent_id: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub result: Option<ExecuteResponse>,
+}
+
+/// `GET /health`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: HealthStatus,
+    pub service: String,
+    pub timestamp: String,
+    pub agent: Option<AgentInfo>,
+    pub oauth: Option<OAuthStatus>,
+    /// Every connected agent of the pool (the `agent` above is the best of them).
+    pub agents: Vec<AgentInfo>,
+    pub queued_jobs: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthStatus {
+    Healthy,
+    Degraded,
+    Unhealthy,
+    Offline,
+}
+
+impl HealthStatus {
+    /// 200 when work can run, 503 otherwise, so callers that only look at
+    /// `response.ok` fall back correctly.
+    pub fn http_status(self) -> u16 {
+        match self {
+            HealthStatus::Healthy | HealthStatus::Degraded => 200,
+            HealthStatus::Unhealthy | HealthStatus::Offline => 503,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub connected: bool,
+    pub agent_id: String,
+    pub version: String,
+    pub last_seen: String,
+    pub running_jobs: usize,
+    pub capacity: u32,
+}
+
+/// The edge's time for a timestamp field of a response.
+pub fn stamp(ms: Millis) -> String {
+    crate::time::rfc3339(ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const LIMITS: Limits = Limits { max_timeout_ms: 3_600_000 };
+
+    fn parse(v: serde_json::Value) -> Result<Submission, ApiError> {
+        ExecuteRequest::parse(v.to_string().as_bytes(), None, LIMITS)
+    }
+
+    #[test]
+    fn accepts_a_full_request_and_ignores_unknown_fields() {
+        let s = parse(json!({
+            "prompt": "hi", "timeout_ms": 5000, "allowed_tools": ["Read", "Bash(git log:*)"],
+            "disallowed_tools": ["Write"], "max_turns": 3, "model": "claude-sonnet-4-5",
+            "permission_mode": "acceptEdits", "append_system_prompt": "be brief",
+            "session_id": "abc-123", "include_diff": true, "working_dir": "./a/b/",
+            "idempotency_key": "k1", "something_new": {"x": 1}
+        }))
+        .unwrap();
+        assert_eq!(s.spec.prompt, "hi");
+        assert_eq!(s.spec.timeout_ms, 5000);
+        assert_eq!(s.spec.working_dir.as_deref(), Some("a/b"));
+        assert_eq!(s.spec.allowed_tools, vec!["Read", "Bash(git log:*)"]);
+        assert_eq!(s.idempotency_key.as_deref(), Some("k1"));
+    }
+
+    #[test]
+    fn task_is_an_alias_of_prompt_and_defaults_apply() {
+        let s = parse(json!({"task": "do it"})).unwrap();
+        assert_eq!(s.spec.prompt, "do it");
+        assert_eq!(s.spec.timeout_ms, DEFAULT_TIMEOUT_MS);
+        assert!(!s.spec.include_diff);
+    }
+
+    #[test]
+    fn header_idempotency_key_wins() {
+        let body = json!({"prompt": "x", "idempotency_key": "body"}).to_string();
+        let s = ExecuteRequest::parse(body.as_bytes(), Some("header"), LIMITS).unwrap();
+        assert_eq!(s.idempotency_key.as_deref(), Some("header"));
+    }
+
+    #[test]
+    fn rejects_bad_requests_with_400() {
+        let cases = [
+            json!({}),
+            json!({"prompt": "   "}),
+            json!({"prompt": 5}),
+            json!({"prompt": "x", "timeout_ms": "soon"}),
+            json!({"prompt": "x", "timeout_ms": -1}),
+            json!({"prompt": "x", "timeout_ms": 0}),
+            json!({"prompt": "x", "timeout_ms": 3_600_001u64}),
+            json!({"prompt": "x", "allowed_tools": "Read"}),
+            json!({"prompt": "x", "allowed_tools": ["--dangerously-skip-permissions"]}),
+            json!({"prompt": "x", "model": "--help"}),
+            json!({"prompt": "x", "max_turns": 0}),
+            json!({"prompt": "x", "permission_mode": "yolo"}),
+            json!({"prompt": "x", "session_id": "../../etc"}),
+            json!({"prompt": "x", "include_diff": "yes"}),
+            json!({"prompt": "x", "repo_url": "https://github.com/a/b"}),
+            json!({"prompt": "x", "working_dir": "../outside"}),
+            json!({"prompt": "x", "working_dir": "a/../../b"}),
+            json!({"prompt": "x", "working_dir": "/etc"}),
+            json!({"prompt": "x", "working_dir": "~/x"}),
+            json!({"prompt": "x", "idempotency_key": ""}),
+            json!([1, 2]),
+        ];
+        for case in cases {
+            let err = parse(case.clone()).expect_err(&case.to_string());
+            assert_eq!(err.status, 400, "{case}");
+            assert_eq!(err.body.error_code, ErrorCode::InvalidRequest);
+            assert!(!err.body.success);
+        }
+        for body in [&b"{not json"[..], b"", b"\xff\xfe"] {
+            assert_eq!(ExecuteRequest::parse(body, None, LIMITS).unwrap_err().status, 400);
+        }
+    }
+
+    #[test]
+    fn error_bodies_carry_fallback_only_when_it_applies() {
+        let off: serde_json::Value = serde_json::from_str(&ApiError::offline().to_json()).unwrap();
+        assert_eq!(off["fallback"], json!(true));
+        assert_eq!(off["error_code"], json!("RUNNER_OFFLINE"));
+        assert_eq!(ApiError::offline().status, 503);
+        let bad: serde_json::Value = serde_json::from_str(&ApiError::invalid("x").to_json()).unwrap();
+        assert!(bad.get("fallback").is_none());
+        assert_eq!(ApiError::new(ErrorCode::RunnerLost, "x").status, 502);
+    }
+}

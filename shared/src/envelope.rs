@@ -1,0 +1,244 @@
+//! Signed envelopes. The signer serialises the payload once and signs *those exact bytes*
+//! behind a domain-separation prefix; the envelope carries the bytes as a string, so the
+//! verifier checks what was sent, not a re-serialisation of it. The prefix names what the
+//! payload is (a job, a cancel, an agent's hello…), so a signature made for one kind of
+//! message can never be passed off as another.
+
+use crate::keys;
+use crate::Millis;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// What a signature is for. The prefix is part of the signed bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Domain {
+    /// Edge → agent: run this job.
+    Job,
+    /// Edge → agent: stop this job.
+    Cancel,
+    /// Edge → agent: start or finish a `claude auth login`.
+    Login,
+    /// Agent → edge: answer to the edge's challenge.
+    Hello,
+    /// Edge → agent: answer to the agent's nonce, proving the edge holds its key.
+    Welcome,
+}
+
+impl Domain {
+    pub fn prefix(self) -> &'static [u8] {
+        match self {
+            Domain::Job => b"claude-runner/v1/job\n",
+            Domain::Cancel => b"claude-runner/v1/cancel\n",
+            Domain::Login => b"claude-runner/v1/login\n",
+            Domain::Hello => b"claude-runner/v1/agent-hello\n",
+            Domain::Welcome => b"claude-runner/v1/edge-welcome\n",
+        }
+    }
+}
+
+/// A payload and its signature, as sent on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The signed JSON text, exactly as signed.
+    pub payload: String,
+    /// base64 of the 64-byte ed25519 signature over `prefix ‖ payload`.
+    pub sig: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EnvelopeError {
+    #[error("the signature is not valid base64 of 64 bytes")]
+    MalformedSignature,
+    #[error("the signature does not match the payload and the expected key")]
+    BadSignature,
+    #[error("the signed payload is not the expected message: {0}")]
+    MalformedPayload(String),
+}
+
+fn signed_bytes(domain: Domain, payload: &str) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(domain.prefix().len() + payload.len());
+    bytes.extend_from_slice(domain.prefix());
+    bytes.extend_from_slice(payload.as_bytes());
+    bytes
+}
+
+impl Envelope {
+    pub fn seal<T: Serialize>(domain: Domain, payload: &T, key: &SigningKey) -> Envelope {
+        let payload = serde_json::to_string(payload).expect("payload types serialise");
+        let sig = key.sign(&signed_bytes(domain, &payload));
+        Envelope { payload, sig: keys::encode(&sig.to_bytes()) }
+    }
+
+    /// Checks the signature first and only then parses the payload, so nothing an
+    /// attacker wrote is interpreted before it is authenticated.
+    pub fn open<T: DeserializeOwned>(&self, domain: Domain, key: &VerifyingKey) -> Result<T, EnvelopeError> {
+        let sig = keys::decode(&self.sig)
+            .and_then(|b| <[u8; 64]>::try_from(b.as_slice()).ok())
+            .ok_or(EnvelopeError::MalformedSignature)?;
+        key.verify(&signed_bytes(domain, &self.payload), &Signature::from_bytes(&sig))
+            .map_err(|_| EnvelopeError::BadSignature)?;
+        serde_json::from_str(&self.payload).map_err(|e| EnvelopeError::MalformedPayload(e.to_string()))
+    }
+}
+
+/// The header every edge order (job, cancel, login) carries inside its signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderHeader {
+    pub job_id: String,
+    /// The agent this order is for; any other agent must refuse it.
+    pub agent_id: String,
+    pub issued_at: Millis,
+    pub expires_at: Millis,
+    /// Unique per envelope: the agent remembers nonces until they expire to refuse replays.
+    pub nonce: String,
+}
+
+/// Clock skew the agent tolerates between its clock and the edge's.
+pub const CLOCK_SKEW_MS: Millis = 60_000;
+
+/// How long an order stays valid after the edge issues it.
+pub const ORDER_TTL_MS: Millis = 60_000;
+
+/// Why an agent refuses an order. Reported to the edge, which logs it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Refusal {
+    #[error("bad signature: {0} (is the agent's EDGE_PUBLIC_KEY the public half of the edge's EDGE_SIGNING_KEY?)")]
+    Signature(EnvelopeError),
+    #[error("the order is for agent `{for_agent}`, not this agent `{me}`")]
+    WrongAgent { for_agent: String, me: String },
+    #[error("the order expired at {expires_at} ms; the agent's clock says {now} ms (check both clocks)")]
+    Expired { expires_at: Millis, now: Millis },
+    #[error("the order was issued at {issued_at} ms, in the future of the agent's clock {now} ms (check both clocks)")]
+    FromTheFuture { issued_at: Millis, now: Millis },
+    #[error("replayed order: nonce `{nonce}` was already used")]
+    Replay { nonce: String },
+}
+
+/// Verifies an order's signature, audience and freshness. Replays are the caller's to
+/// refuse (it needs memory of past nonces).
+pub fn open_order<T: DeserializeOwned + HasHeader>(
+    envelope: &Envelope,
+    domain: Domain,
+    edge_key: &VerifyingKey,
+    me: &str,
+    now: Millis,
+) -> Result<T, Refusal> {
+    let order: T = envelope.open(domain, edge_key).map_err(Refusal::Signature)?;
+    let h = order.header();
+    if h.agent_id != me {
+        return Err(Refusal::WrongAgent { for_agent: h.agent_id.clone(), me: me.to_string() });
+    }
+    if now > h.expires_at.saturating_add(CLOCK_SKEW_MS) {
+        return Err(Refusal::Expired { expires_at: h.expires_at, now });
+    }
+    if h.issued_at > now.saturating_add(CLOCK_SKEW_MS) {
+        return Err(Refusal::FromTheFuture { issued_at: h.issued_at, now });
+    }
+    Ok(order)
+}
+
+pub trait HasHeader {
+    fn header(&self) -> &OrderHeader;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    struct Order {
+        #[serde(flatten)]
+        header: OrderHeader,
+        what: String,
+    }
+    impl HasHeader for Order {
+        fn header(&self) -> &OrderHeader {
+            &self.header
+        }
+    }
+
+    fn order(agent: &str, issued_at: Millis) -> Order {
+        Order {
+            header: OrderHeader {
+                job_id: "j1".into(),
+                agent_id: agent.into(),
+                issued_at,
+                expires_at: issued_at + ORDER_TTL_MS,
+                nonce: "n1".into(),
+            },
+            what: "run".into(),
+        }
+    }
+
+    #[test]
+    fn opens_what_was_sealed() {
+        let k = key(1);
+        let env = Envelope::seal(Domain::Job, &order("spark", 1000), &k);
+        let o: Order = open_order(&env, Domain::Job, &k.verifying_key(), "spark", 2000).unwrap();
+        assert_eq!(o.what, "run");
+    }
+
+    #[test]
+    fn refuses_another_key() {
+        let env = Envelope::seal(Domain::Job, &order("spark", 1000), &key(2));
+        let err = open_order::<Order>(&env, Domain::Job, &key(1).verifying_key(), "spark", 2000).unwrap_err();
+        assert_eq!(err, Refusal::Signature(EnvelopeError::BadSignature));
+    }
+
+    #[test]
+    fn refuses_a_tampered_payload() {
+        let k = key(1);
+        let mut env = Envelope::seal(Domain::Job, &order("spark", 1000), &k);
+        env.payload = env.payload.replace("run", "rm!");
+        let err = open_order::<Order>(&env, Domain::Job, &k.verifying_key(), "spark", 2000).unwrap_err();
+        assert_eq!(err, Refusal::Signature(EnvelopeError::BadSignature));
+        // Even re-serialising the same value differently (whitespace) breaks the signature:
+        // the signed bytes are the sent bytes.
+        let mut env = Envelope::seal(Domain::Job, &order("spark", 1000), &k);
+        env.payload = env.payload.replace(",", ", ");
+        assert!(open_order::<Order>(&env, Domain::Job, &k.verifying_key(), "spark", 2000).is_err());
+    }
+
+    #[test]
+    fn refuses_a_signature_from_another_domain() {
+        let k = key(1);
+        let env = Envelope::seal(Domain::Cancel, &order("spark", 1000), &k);
+        let err = open_order::<Order>(&env, Domain::Job, &k.verifying_key(), "spark", 2000).unwrap_err();
+        assert_eq!(err, Refusal::Signature(EnvelopeError::BadSignature));
+    }
+
+    #[test]
+    fn refuses_another_agents_order() {
+        let k = key(1);
+        let env = Envelope::seal(Domain::Job, &order("laptop", 1000), &k);
+        let err = open_order::<Order>(&env, Domain::Job, &k.verifying_key(), "spark", 2000).unwrap_err();
+        assert!(matches!(err, Refusal::WrongAgent { .. }));
+    }
+
+    #[test]
+    fn applies_clock_skew_both_ways() {
+        let k = key(1);
+        let env = Envelope::seal(Domain::Job, &order("spark", 1_000_000), &k);
+        let open = |now| open_order::<Order>(&env, Domain::Job, &k.verifying_key(), "spark", now);
+        let expires = 1_000_000 + ORDER_TTL_MS;
+        assert!(open(expires + CLOCK_SKEW_MS).is_ok());
+        assert!(matches!(open(expires + CLOCK_SKEW_MS + 1), Err(Refusal::Expired { .. })));
+        assert!(open(1_000_000 - CLOCK_SKEW_MS).is_ok());
+        assert!(matches!(open(1_000_000 - CLOCK_SKEW_MS - 1), Err(Refusal::FromTheFuture { .. })));
+    }
+
+    #[test]
+    fn refuses_garbage_signatures_without_panicking() {
+        let k = key(1);
+        for sig in ["", "!!!", "AAAA", &"A".repeat(200)] {
+            let env = Envelope { payload: json!({"x":1}).to_string(), sig: sig.to_string() };
+            assert!(env.open::<serde_json::Value>(Domain::Job, &k.verifying_key()).is_err());
+        }
+    }
+}

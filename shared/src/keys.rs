@@ -1,0 +1,162 @@
+//! Key encoding: every key is base64 (standard alphabet) of 32 bytes — an ed25519 seed for
+//! a signing key, the point for a public key. `AGENT_PUBLIC_KEYS` is `id=key,id=key`.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use std::collections::BTreeMap;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("{what} is not valid base64 ({detail}); paste the value `claude-runner keygen` printed")]
+    Base64 { what: &'static str, detail: String },
+    #[error("{what} must be 32 bytes once decoded, got {len}; paste the value `claude-runner keygen` printed")]
+    Length { what: &'static str, len: usize },
+    #[error("{what} is not a valid ed25519 public key; paste the value `claude-runner keygen` printed")]
+    Point { what: &'static str },
+    #[error("AGENT_PUBLIC_KEYS entry `{entry}` must look like `agent-id=base64key`")]
+    Entry { entry: String },
+    #[error("agent id `{id}` is not valid: use 1-64 letters, digits, `-`, `_` or `.`")]
+    AgentId { id: String },
+    #[error("AGENT_PUBLIC_KEYS names agent `{id}` twice")]
+    Duplicate { id: String },
+    #[error("AGENT_PUBLIC_KEYS is empty: add `agent-id=base64key` for each agent (see `claude-runner keygen`)")]
+    Empty,
+}
+
+fn decode32(what: &'static str, text: &str) -> Result<[u8; 32], KeyError> {
+    let bytes = STANDARD.decode(text.trim()).map_err(|e| KeyError::Base64 {
+        what,
+        detail: e.to_string(),
+    })?;
+    bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| KeyError::Length { what, len: bytes.len() })
+}
+
+pub fn encode(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
+}
+
+pub fn decode(text: &str) -> Option<Vec<u8>> {
+    STANDARD.decode(text).ok()
+}
+
+/// Parses a base64 seed (as in `EDGE_SIGNING_KEY`, `AGENT_SIGNING_KEY`).
+pub fn signing_key(what: &'static str, text: &str) -> Result<SigningKey, KeyError> {
+    Ok(SigningKey::from_bytes(&decode32(what, text)?))
+}
+
+/// Parses a base64 public key (as in `EDGE_PUBLIC_KEY`).
+pub fn verifying_key(what: &'static str, text: &str) -> Result<VerifyingKey, KeyError> {
+    VerifyingKey::from_bytes(&decode32(what, text)?).map_err(|_| KeyError::Point { what })
+}
+
+pub fn encode_signing(key: &SigningKey) -> String {
+    encode(key.as_bytes())
+}
+
+pub fn encode_verifying(key: &VerifyingKey) -> String {
+    encode(key.as_bytes())
+}
+
+/// Agent ids travel in URLs, logs and job envelopes: keep them short and plain.
+pub fn valid_agent_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The agents an edge accepts: `AGENT_PUBLIC_KEYS`.
+#[derive(Debug, Clone)]
+pub struct Keyring {
+    keys: BTreeMap<String, VerifyingKey>,
+}
+
+impl Keyring {
+    pub fn parse(text: &str) -> Result<Self, KeyError> {
+        let mut keys = BTreeMap::new();
+        for entry in text.split([',', '\n']).map(str::trim).filter(|e| !e.is_empty()) {
+            let (id, key) = entry.split_once('=').ok_or_else(|| KeyError::Entry {
+                entry: entry.chars().take(80).collect(),
+            })?;
+            let id = id.trim();
+            if !valid_agent_id(id) {
+                return Err(KeyError::AgentId { id: id.chars().take(80).collect() });
+            }
+            let key = verifying_key("an AGENT_PUBLIC_KEYS key", key)?;
+            if keys.insert(id.to_string(), key).is_some() {
+                return Err(KeyError::Duplicate { id: id.to_string() });
+            }
+        }
+        if keys.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        Ok(Self { keys })
+    }
+
+    pub fn from_keys(keys: impl IntoIterator<Item = (String, VerifyingKey)>) -> Self {
+        Self { keys: keys.into_iter().collect() }
+    }
+
+    pub fn get(&self, agent_id: &str) -> Option<&VerifyingKey> {
+        self.keys.get(agent_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    #[test]
+    fn round_trips_keys() {
+        let k = key(7);
+        let text = encode_signing(&k);
+        assert_eq!(signing_key("k", &text).unwrap().as_bytes(), k.as_bytes());
+        let p = encode_verifying(&k.verifying_key());
+        assert_eq!(verifying_key("p", &p).unwrap(), k.verifying_key());
+    }
+
+    #[test]
+    fn rejects_bad_keys_with_guidance() {
+        assert!(matches!(signing_key("k", "%%%"), Err(KeyError::Base64 { .. })));
+        let short = encode(&[1u8; 31]);
+        assert_eq!(signing_key("k", &short).unwrap_err(), KeyError::Length { what: "k", len: 31 });
+        assert!(signing_key("k", "").is_err());
+    }
+
+    #[test]
+    fn parses_keyring() {
+        let a = encode_verifying(&key(1).verifying_key());
+        let b = encode_verifying(&key(2).verifying_key());
+        let ring = Keyring::parse(&format!(" spark={a}, laptop-2={b} ")).unwrap();
+        assert_eq!(ring.len(), 2);
+        assert_eq!(ring.get("spark"), Some(&key(1).verifying_key()));
+        assert!(ring.get("other").is_none());
+    }
+
+    #[test]
+    fn rejects_bad_keyrings() {
+        let a = encode_verifying(&key(1).verifying_key());
+        assert_eq!(Keyring::parse("").unwrap_err(), KeyError::Empty);
+        assert!(matches!(Keyring::parse("spark"), Err(KeyError::Entry { .. })));
+        assert!(matches!(Keyring::parse(&format!("../x={a}")), Err(KeyError::AgentId { .. })));
+        assert!(matches!(Keyring::parse(&format!("a={a},a={a}")), Err(KeyError::Duplicate { .. })));
+        assert!(Keyring::parse("a=AAAA").is_err());
+    }
+}

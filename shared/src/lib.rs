@@ -1,0 +1,25 @@
+//! What both sides of Claude Runner speak. Pure code: no tokio, no I/O, no clock and no
+//! randomness of its own (callers pass time and entropy in), so it builds for the native
+//! edge, the agent and the wasm32 Worker alike.
+//!
+//! - [`contract`]: the HTTP contract of the edge — requests, responses, error bodies and
+//!   the status code each error maps to.
+//! - [`job`]: a job as both sides see it: the validated spec the agent runs, its result,
+//!   its lifecycle states.
+//! - [`oauth`]: the agent's report of its Claude login, and how the edge judges it.
+//! - [`protocol`]: the versioned messages of the agent ⇄ edge WebSocket.
+//! - [`envelope`]: ed25519-signed envelopes with domain separation (jobs, cancels, hello).
+//! - [`keys`]: base64 key encoding and the `AGENT_PUBLIC_KEYS` keyring.
+//! - [`time`]: milliseconds since the epoch ⇄ RFC 3339 text.
+
+pub mod contract;
+pub mod envelope;
+pub mod job;
+pub mod keys;
+pub mod oauth;
+pub mod protocol;
+pub mod time;
+
+/// Milliseconds since the Unix epoch. Every timestamp in the system is one of these; the
+/// host reads the clock and passes it in.
+pub type Millis = u64;

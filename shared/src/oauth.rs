@@ -1,0 +1,185 @@
+//! The agent's Claude login as the edge sees it. The agent reads its credentials and sends
+//! an [`OAuthReport`] with each heartbeat; the edge turns it into the [`OAuthStatus`] of
+//! `/oauth/status` and `/health` against its own clock.
+//!
+//! An expired access token is not a problem while a refresh token exists: Claude Code
+//! refreshes it itself. Only a login nothing can refresh any more, or one Claude just
+//! failed to use, needs a person.
+
+use crate::Millis;
+use serde::{Deserialize, Serialize};
+
+/// Where the agent's login comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OAuthSource {
+    CredentialsFile,
+    OauthTokenEnv,
+    ApiKey,
+    None,
+}
+
+/// What the agent knows of its login. Never carries a token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OAuthReport {
+    pub source: OAuthSource,
+    /// When the access token expires, if known.
+    pub expires_at: Option<Millis>,
+    /// Whether a refresh token is present.
+    pub refreshable: bool,
+    /// When the refresh token stops working, if known.
+    pub refresh_expires_at: Option<Millis>,
+    pub subscription_type: Option<String>,
+    /// Claude's last run failed to authenticate (cleared by a later success).
+    pub auth_failed: bool,
+    /// Why the credentials could not be read, if they could not.
+    pub problem: Option<String>,
+    pub reported_at: Millis,
+}
+
+impl OAuthReport {
+    pub fn unconfigured(now: Millis) -> Self {
+        OAuthReport {
+            source: OAuthSource::None,
+            expires_at: None,
+            refreshable: false,
+            refresh_expires_at: None,
+            subscription_type: None,
+            auth_failed: false,
+            problem: None,
+            reported_at: now,
+        }
+    }
+}
+
+/// `/oauth/status`, and the `oauth` part of `/health`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OAuthStatus {
+    pub configured: bool,
+    pub expired: bool,
+    pub expires_at: Option<String>,
+    pub hours_remaining: Option<f64>,
+    pub source: OAuthSource,
+    pub refreshable: bool,
+    pub needs_login: bool,
+    pub subscription_type: Option<String>,
+    pub reported_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+/// How healthy a login is, for `/health`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginHealth {
+    Good,
+    /// Works now, needs a person soon.
+    AttentionSoon,
+    /// Claude cannot authenticate: log in again.
+    Broken,
+}
+
+/// Below this, a login that cannot refresh itself needs attention (the original service's
+/// monitoring advice: alert when `hours_remaining` < 2).
+pub const ATTENTION_HOURS: f64 = 2.0;
+/// A refresh token this close to its end needs a new login soon.
+pub const REFRESH_ATTENTION_MS: Millis = 24 * 3_600_000;
+
+impl OAuthReport {
+    pub fn status(&self, now: Millis) -> OAuthStatus {
+        let configured = self.source != OAuthSource::None;
+        let expired = self.expires_at.is_some_and(|t| t <= now);
+        let hours_remaining = self
+            .expires_at
+            .map(|t| ((t as f64 - now as f64) / 3_600_000.0 * 10.0).floor() / 10.0)
+            .map(|h| h.max(0.0));
+        OAuthStatus {
+            configured,
+            expired,
+            expires_at: self.expires_at.map(crate::time::rfc3339),
+            hours_remaining,
+            source: self.source,
+            refreshable: self.refreshable,
+            needs_login: self.health(now) == LoginHealth::Broken,
+            subscription_type: self.subscription_type.clone(),
+            reported_at: crate::time::rfc3339(self.reported_at),
+            problem: self.problem.clone(),
+        }
+    }
+
+    pub fn health(&self, now: Millis) -> LoginHealth {
+        if self.source == OAuthSource::None || self.auth_failed {
+            return LoginHealth::Broken;
+        }
+        if self.source != OAuthSource::CredentialsFile {
+            // A setup-token or an API key: no expiry we can see.
+            return LoginHealth::Good;
+        }
+        let access_left = self.expires_at.map(|t| t as i64 - now as i64);
+        if self.refreshable {
+            match self.refresh_expires_at {
+                Some(t) if t <= now => LoginHealth::Broken,
+                Some(t) if t - now < REFRESH_ATTENTION_MS => LoginHealth::AttentionSoon,
+                _ => LoginHealth::Good,
+            }
+        } else {
+            match access_left {
+                Some(left) if left <= 0 => LoginHealth::Broken,
+                Some(left) if (left as f64) < ATTENTION_HOURS * 3_600_000.0 => LoginHealth::AttentionSoon,
+                _ => LoginHealth::Good,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: Millis = 3_600_000;
+
+    fn file(expires_at: Millis, refreshable: bool) -> OAuthReport {
+        OAuthReport {
+            source: OAuthSource::CredentialsFile,
+            expires_at: Some(expires_at),
+            refreshable,
+            refresh_expires_at: None,
+            subscription_type: Some("max".into()),
+            auth_failed: false,
+            problem: None,
+            reported_at: 0,
+        }
+    }
+
+    #[test]
+    fn an_expired_access_token_with_a_refresh_token_is_fine() {
+        let r = file(10 * H, true);
+        let s = r.status(11 * H);
+        assert!(s.expired);
+        assert!(!s.needs_login);
+        assert_eq!(r.health(11 * H), LoginHealth::Good);
+    }
+
+    #[test]
+    fn without_a_refresh_token_expiry_is_what_counts() {
+        let r = file(10 * H, false);
+        assert_eq!(r.health(0), LoginHealth::Good);
+        assert_eq!(r.health(9 * H), LoginHealth::AttentionSoon);
+        assert_eq!(r.health(10 * H), LoginHealth::Broken);
+        assert_eq!(r.status(2 * H).hours_remaining, Some(8.0));
+        assert!(r.status(10 * H).needs_login);
+    }
+
+    #[test]
+    fn refresh_token_expiry_and_auth_failures_need_login() {
+        let mut r = file(10 * H, true);
+        r.refresh_expires_at = Some(100 * H);
+        assert_eq!(r.health(50 * H), LoginHealth::Good);
+        assert_eq!(r.health(90 * H), LoginHealth::AttentionSoon);
+        assert_eq!(r.health(100 * H), LoginHealth::Broken);
+        let mut r = file(10 * H, true);
+        r.auth_failed = true;
+        assert!(r.status(0).needs_login);
+        assert!(OAuthReport::unconfigured(0).status(0).needs_login);
+        assert!(!OAuthReport::unconfigured(0).status(0).configured);
+    }
+}

@@ -1,0 +1,218 @@
+//! The agent ⇄ edge WebSocket protocol. Every frame is one JSON text message with a
+//! `type`. A connection goes:
+//!
+//! 1. edge → [`EdgeMessage::Challenge`] (protocol version, fresh nonce);
+//! 2. agent → [`AgentMessage::Hello`]: a [`Hello`] signed with the agent's key over the
+//!    challenge — proof of identity that cannot be replayed on another connection;
+//! 3. edge → [`EdgeMessage::Welcome`]: a [`Welcome`] signed with the edge's key over the
+//!    agent's own nonce, so the agent knows it reached the real edge;
+//! 4. then work: the agent grants [`AgentMessage::Credit`] (free slots), the edge sends
+//!    at most that many signed [`EdgeMessage::Job`]s; the agent answers `Accepted`,
+//!    streams `Event`s, and sends a `Result` it keeps on disk until the edge's `ResultAck`.
+//!    Both sides heartbeat; the agent's heartbeat carries its OAuth report.
+//!
+//! A peer speaking another [`PROTOCOL_VERSION`] is refused with a close reason naming both
+//! versions. Message kinds a peer does not know decode as `Unknown` and are ignored, so
+//! new kinds can be added without breaking older peers.
+
+use crate::envelope::{Envelope, HasHeader, OrderHeader};
+use crate::job::{JobResult, JobSpec};
+use crate::oauth::OAuthReport;
+use crate::Millis;
+use serde::{Deserialize, Serialize};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame either side accepts. Results are capped well below this by the agent.
+pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
+
+/// Close codes (4000–4999 are application codes in RFC 6455).
+pub mod close {
+    pub const VERSION_MISMATCH: u16 = 4000;
+    pub const UNAUTHORIZED: u16 = 4001;
+    pub const PROTOCOL_ERROR: u16 = 4002;
+    pub const REPLACED: u16 = 4003;
+    pub const SILENT: u16 = 4004;
+    pub const SHUTTING_DOWN: u16 = 4005;
+}
+
+/// Edge → agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EdgeMessage {
+    Challenge {
+        protocol: u32,
+        nonce: String,
+        edge_version: String,
+        server_time: Millis,
+    },
+    /// Signed [`Welcome`].
+    Welcome { envelope: Envelope },
+    /// Signed [`JobOrder`].
+    Job { envelope: Envelope },
+    /// Signed [`CancelOrder`].
+    Cancel { envelope: Envelope },
+    /// Signed [`LoginOrder`].
+    Login { envelope: Envelope },
+    /// The edge has stored this result; the agent may forget it.
+    ResultAck { job_id: String },
+    HeartbeatAck { server_time: Millis },
+    /// Sent just before the edge closes the socket, with the reason in full (close
+    /// frames only carry 123 bytes).
+    Goodbye { code: u16, reason: String },
+    #[serde(other)]
+    Unknown,
+}
+
+/// Agent → edge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// Signed [`Hello`].
+    Hello { envelope: Envelope },
+    Heartbeat {
+        running: Vec<String>,
+        capacity: u32,
+        oauth: OAuthReport,
+    },
+    /// `slots` more jobs may be sent to this agent.
+    Credit { slots: u32 },
+    /// The job verified and is starting.
+    Accepted { job_id: String },
+    /// The order was refused and nothing ran. `job_id` is absent when the order could not
+    /// be read at all.
+    Rejected { job_id: Option<String>, reason: String },
+    /// A progress event of a running job (one of Claude's stream-json lines, redacted).
+    Event { job_id: String, seq: u64, event: serde_json::Value },
+    Result { job_id: String, result: JobResult },
+    /// Outcome of a login order.
+    LoginProgress { request_id: String, url: Option<String>, done: bool, error: Option<String> },
+    #[serde(other)]
+    Unknown,
+}
+
+/// What the agent signs to answer the challenge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u32,
+    pub agent_id: String,
+    pub agent_version: String,
+    /// The edge's challenge nonce, echoed: binds this proof to this connection.
+    pub challenge: String,
+    /// The agent's own nonce, which the edge must sign back in its [`Welcome`].
+    pub agent_nonce: String,
+    pub issued_at: Millis,
+    pub capacity: u32,
+    /// Jobs still running on the agent from an earlier connection.
+    pub running: Vec<String>,
+    /// Jobs whose results wait on the agent's disk for an acknowledgement.
+    pub finished: Vec<String>,
+    pub oauth: OAuthReport,
+}
+
+/// What the edge signs to answer the hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub protocol: u32,
+    pub agent_id: String,
+    pub agent_nonce: String,
+    pub session_id: String,
+    pub heartbeat_interval_ms: u64,
+    pub issued_at: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobOrder {
+    #[serde(flatten)]
+    pub header: OrderHeader,
+    pub spec: JobSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelOrder {
+    #[serde(flatten)]
+    pub header: OrderHeader,
+    pub reason: String,
+}
+
+/// Re-login relay: start `claude auth login`, or hand it the code the person pasted.
+/// `header.job_id` carries the login request's id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoginOrder {
+    #[serde(flatten)]
+    pub header: OrderHeader,
+    pub action: LoginAction,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum LoginAction {
+    Start,
+    Code { code: String },
+}
+
+impl HasHeader for JobOrder {
+    fn header(&self) -> &OrderHeader {
+        &self.header
+    }
+}
+impl HasHeader for CancelOrder {
+    fn header(&self) -> &OrderHeader {
+        &self.header
+    }
+}
+impl HasHeader for LoginOrder {
+    fn header(&self) -> &OrderHeader {
+        &self.header
+    }
+}
+
+impl EdgeMessage {
+    pub fn to_text(&self) -> String {
+        serde_json::to_string(self).expect("edge messages serialise")
+    }
+}
+
+impl AgentMessage {
+    pub fn to_text(&self) -> String {
+        serde_json::to_string(self).expect("agent messages serialise")
+    }
+}
+
+/// Decodes a frame, refusing oversized ones before parsing them.
+pub fn decode<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    if text.len() > MAX_FRAME_BYTES {
+        return Err(format!("frame of {} bytes is over the {MAX_FRAME_BYTES}-byte limit", text.len()));
+    }
+    serde_json::from_str(text).map_err(|e| format!("unreadable frame: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_kinds_decode_as_unknown() {
+        let m: AgentMessage = decode(r#"{"type":"telemetry_v9","x":1}"#).unwrap();
+        assert_eq!(m, AgentMessage::Unknown);
+        let m: EdgeMessage = decode(r#"{"type":"shiny"}"#).unwrap();
+        assert_eq!(m, EdgeMessage::Unknown);
+    }
+
+    #[test]
+    fn malformed_frames_are_errors_not_panics() {
+        for text in ["", "{", "null", r#"{"type":"credit","slots":-1}"#, r#"{"type":"credit"}"#] {
+            assert!(decode::<AgentMessage>(text).is_err(), "{text}");
+        }
+        let huge = format!(r#"{{"type":"credit","slots":1,"pad":"{}"}}"#, "x".repeat(MAX_FRAME_BYTES));
+        assert!(decode::<AgentMessage>(&huge).unwrap_err().contains("limit"));
+    }
+
+    #[test]
+    fn round_trips() {
+        let m = AgentMessage::Credit { slots: 2 };
+        assert_eq!(decode::<AgentMessage>(&m.to_text()).unwrap(), m);
+        let m = EdgeMessage::ResultAck { job_id: "j".into() };
+        assert_eq!(decode::<EdgeMessage>(&m.to_text()).unwrap(), m);
+    }
+}
