@@ -68,8 +68,9 @@ pub enum EdgeMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentMessage {
-    /// Signed [`Hello`].
-    Hello { envelope: Envelope },
+    /// Signed [`Hello`]. `protocol` and `agent_id` are repeated outside the signature so
+    /// the edge can pick the key to verify with and refuse another version by name.
+    Hello { protocol: u32, agent_id: String, envelope: Envelope },
     Heartbeat {
         running: Vec<String>,
         capacity: u32,

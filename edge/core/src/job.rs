@@ -1,0 +1,144 @@
+//! One job as the edge keeps it. The whole struct is the stored record: hosts save it
+//! as JSON whenever the machine says [`crate::Effect::Save`], and hand the records back to
+//! [`crate::Edge::restore`] after a restart.
+
+use serde::{Deserialize, Serialize};
+use shared::contract::{ApiError, ErrorCode, ExecuteResponse, JobView};
+use shared::job::{JobResult, JobSpec, JobState};
+use shared::time::rfc3339;
+use shared::Millis;
+
+/// How the caller waits for the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// `POST /execute`: the caller holds the request open; with no agent it falls back.
+    Wait,
+    /// `POST /jobs`: the caller comes back for the result; the job may wait for an agent.
+    Detached,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub spec: JobSpec,
+    pub mode: Mode,
+    pub state: JobState,
+    pub idempotency_key: Option<String>,
+    pub created_at: Millis,
+    pub dispatched_at: Option<Millis>,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    /// The agent it was sent to.
+    pub agent_id: Option<String>,
+    /// The connection it was sent on, or that took it over after a reconnect.
+    pub session_id: Option<String>,
+    /// How many times it was sent (the order nonce is `id:attempt`).
+    pub attempts: u32,
+    /// Since when its agent's connection is gone; it is lost `LOST_AFTER_MS` later.
+    pub orphaned_at: Option<Millis>,
+    pub result: Option<JobResult>,
+}
+
+impl Job {
+    pub fn new(id: String, spec: JobSpec, mode: Mode, idempotency_key: Option<String>, now: Millis) -> Job {
+        Job {
+            id,
+            spec,
+            mode,
+            state: JobState::Queued,
+            idempotency_key,
+            created_at: now,
+            dispatched_at: None,
+            started_at: None,
+            finished_at: None,
+            agent_id: None,
+            session_id: None,
+            attempts: 0,
+            orphaned_at: None,
+            result: None,
+        }
+    }
+
+    /// When the edge must act on this job if nothing else happens first.
+    pub fn deadline(&self, lost_after_ms: u64, queue_ttl_ms: u64, margin_ms: u64) -> Option<Millis> {
+        match self.state {
+            JobState::Queued => Some(self.created_at + self.queue_wait(queue_ttl_ms)),
+            JobState::Dispatched | JobState::Running => {
+                let timeout = self.dispatched_at.unwrap_or(self.created_at) + self.spec.timeout_ms + margin_ms;
+                let lost = self.orphaned_at.map(|t| t + lost_after_ms);
+                Some(lost.map_or(timeout, |l| l.min(timeout)))
+            }
+            _ => None,
+        }
+    }
+
+    /// A waiting caller's job must start within its own timeout; a detached one may wait
+    /// for an agent up to `QUEUE_TTL_MS`.
+    pub fn queue_wait(&self, queue_ttl_ms: u64) -> u64 {
+        match self.mode {
+            Mode::Wait => self.spec.timeout_ms,
+            Mode::Detached => queue_ttl_ms,
+        }
+    }
+
+    /// Puts the job in its terminal state. Returns false (and changes nothing) if it had
+    /// one already: a job ends exactly once.
+    pub fn finish(&mut self, result: JobResult, now: Millis) -> bool {
+        if self.state.is_terminal() {
+            return false;
+        }
+        self.state = result.terminal_state();
+        self.finished_at = Some(now);
+        self.orphaned_at = None;
+        self.result = Some(result);
+        true
+    }
+
+    pub fn elapsed(&self, now: Millis) -> u64 {
+        now.saturating_sub(self.started_at.or(self.dispatched_at).unwrap_or(self.created_at))
+    }
+
+    pub fn response(&self) -> Option<ExecuteResponse> {
+        self.result.as_ref().map(|r| ExecuteResponse {
+            result: r.clone(),
+            job_id: self.id.clone(),
+            agent_id: self.agent_id.clone(),
+        })
+    }
+
+    /// What `/execute` answers once the job is over: 200 with the result, or the error
+    /// that tells the caller to fall back.
+    pub fn answer(&self) -> Option<(u16, String)> {
+        let response = self.response()?;
+        match response.result.error_code {
+            Some(code) if code.status() != 200 => {
+                let error = response.result.error.clone().unwrap_or_default();
+                let err = ApiError::new(code, error).with_job(&self.id);
+                Some((err.status, err.to_json()))
+            }
+            _ => Some((200, serde_json::to_string(&response).expect("responses serialise"))),
+        }
+    }
+
+    pub fn view(&self) -> JobView {
+        JobView {
+            job_id: self.id.clone(),
+            state: self.state,
+            created_at: rfc3339(self.created_at),
+            agent_id: self.agent_id.clone(),
+            started_at: self.started_at.map(rfc3339),
+            finished_at: self.finished_at.map(rfc3339),
+            result: self.response(),
+        }
+    }
+}
+
+/// Results the edge writes itself when the agent cannot.
+pub fn lost(job: &Job, now: Millis) -> JobResult {
+    JobResult::failure(
+        ErrorCode::RunnerLost,
+        "the agent running this job went away and did not come back in time (LOST_AFTER_MS); run the task elsewhere",
+        job.elapsed(now),
+    )
+}

@@ -1,0 +1,135 @@
+//! One agent connection. It starts `Challenged` (the edge sent a nonce and waits for the
+//! signed hello) and becomes `Ready` once the agent proved who it is. The record is
+//! serialisable because the Durable Object keeps it in the WebSocket's attachment, which
+//! survives hibernation when the object's memory does not.
+
+use serde::{Deserialize, Serialize};
+use shared::envelope::{Domain, Envelope, CLOCK_SKEW_MS};
+use shared::keys::Keyring;
+use shared::oauth::OAuthReport;
+use shared::protocol::{close, Hello, PROTOCOL_VERSION};
+use shared::Millis;
+
+/// How long a new connection may take to answer the challenge.
+pub const HANDSHAKE_TIMEOUT_MS: Millis = 10_000;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    pub id: String,
+    pub connected_at: Millis,
+    pub last_seen: Millis,
+    pub phase: Phase,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum Phase {
+    Challenged { nonce: String },
+    Ready(Agent),
+}
+
+/// A proven agent on this connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Agent {
+    pub agent_id: String,
+    pub version: String,
+    pub capacity: u32,
+    /// Jobs the agent said it can take now, minus those sent since.
+    pub credits: u32,
+    pub oauth: OAuthReport,
+}
+
+/// Why a connection is closed; the agent shows the reason to its operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl Refused {
+    fn new(code: u16, reason: impl Into<String>) -> Self {
+        Refused { code, reason: reason.into() }
+    }
+}
+
+impl Session {
+    pub fn agent(&self) -> Option<&Agent> {
+        match &self.phase {
+            Phase::Ready(a) => Some(a),
+            Phase::Challenged { .. } => None,
+        }
+    }
+
+    pub fn agent_mut(&mut self) -> Option<&mut Agent> {
+        match &mut self.phase {
+            Phase::Ready(a) => Some(a),
+            Phase::Challenged { .. } => None,
+        }
+    }
+
+    pub fn agent_id(&self) -> Option<&str> {
+        self.agent().map(|a| a.agent_id.as_str())
+    }
+
+    /// When the edge must act on this connection if the agent stays silent: a handshake
+    /// not finished in time, or no message for two heartbeat intervals.
+    pub fn deadline(&self, heartbeat_interval_ms: u64) -> Millis {
+        match self.phase {
+            Phase::Challenged { .. } => self.connected_at + HANDSHAKE_TIMEOUT_MS,
+            Phase::Ready(_) => self.last_seen + 2 * heartbeat_interval_ms,
+        }
+    }
+}
+
+/// Checks an agent's hello against the challenge this connection was given.
+pub fn verify_hello(
+    protocol: u32,
+    agent_id: &str,
+    envelope: &Envelope,
+    nonce: &str,
+    keyring: &Keyring,
+    now: Millis,
+) -> Result<Hello, Refused> {
+    if protocol != PROTOCOL_VERSION {
+        return Err(Refused::new(
+            close::VERSION_MISMATCH,
+            format!(
+                "protocol version mismatch: the agent speaks v{protocol}, this edge speaks v{PROTOCOL_VERSION}; \
+                 run the same claude-runner release on both"
+            ),
+        ));
+    }
+    let key = keyring.get(agent_id).ok_or_else(|| {
+        Refused::new(
+            close::UNAUTHORIZED,
+            format!("unknown agent `{agent_id}`: add `{agent_id}=<its public key>` to the edge's AGENT_PUBLIC_KEYS"),
+        )
+    })?;
+    let hello: Hello = envelope.open(Domain::Hello, key).map_err(|e| {
+        Refused::new(
+            close::UNAUTHORIZED,
+            format!(
+                "agent `{agent_id}` failed to prove its identity ({e}); its AGENT_SIGNING_KEY must match its entry in AGENT_PUBLIC_KEYS"
+            ),
+        )
+    })?;
+    if hello.agent_id != agent_id || hello.protocol != protocol {
+        return Err(Refused::new(close::UNAUTHORIZED, "the signed hello does not match its outer fields"));
+    }
+    if hello.challenge != nonce {
+        return Err(Refused::new(
+            close::UNAUTHORIZED,
+            "the hello answers another connection's challenge (a replay?); reconnect",
+        ));
+    }
+    if hello.issued_at.abs_diff(now) > CLOCK_SKEW_MS {
+        return Err(Refused::new(
+            close::UNAUTHORIZED,
+            format!(
+                "the agent's clock is {} s away from the edge's; fix the clock (e.g. enable NTP)",
+                hello.issued_at.abs_diff(now) / 1000
+            ),
+        ));
+    }
+    Ok(hello)
+}

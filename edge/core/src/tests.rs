@@ -1,0 +1,454 @@
+//! The machine driven with simulated time by a scripted agent.
+
+use crate::http::{self, Body, Outcome, Request};
+use crate::job::Mode;
+use crate::{Config, Edge, Effect};
+use ed25519_dalek::SigningKey;
+use serde_json::{json, Value};
+use shared::contract::{ExecuteRequest, Limits, Submission};
+use shared::envelope::{open_order, Domain, Envelope};
+use shared::job::{JobResult, JobState};
+use shared::keys::Keyring;
+use shared::oauth::{OAuthReport, OAuthSource};
+use shared::protocol::{close, AgentMessage, EdgeMessage, Hello, JobOrder, Welcome, PROTOCOL_VERSION};
+
+const SECRET: &str = "0123456789abcdef0123";
+const HB: u64 = 1_000;
+const LOST: u64 = 5_000;
+
+fn edge_key() -> SigningKey {
+    SigningKey::from_bytes(&[9; 32])
+}
+fn agent_key(n: u8) -> SigningKey {
+    SigningKey::from_bytes(&[n; 32])
+}
+
+fn config() -> Config {
+    Config {
+        runner_secret: SECRET.into(),
+        signing_key: edge_key(),
+        agents: Keyring::from_keys([
+            ("spark".to_string(), agent_key(1).verifying_key()),
+            ("laptop".to_string(), agent_key(2).verifying_key()),
+        ]),
+        heartbeat_interval_ms: HB,
+        lost_after_ms: LOST,
+        max_timeout_ms: 3_600_000,
+        max_body_bytes: 1024,
+        job_retention_ms: 60_000,
+        queue_ttl_ms: 30_000,
+        max_queued_jobs: 3,
+        timeout_margin_ms: 1_000,
+        edge_version: "test".into(),
+    }
+}
+
+fn oauth() -> OAuthReport {
+    OAuthReport { source: OAuthSource::OauthTokenEnv, ..OAuthReport::unconfigured(0) }
+}
+
+fn sent(effects: &[Effect], session: &str) -> Vec<EdgeMessage> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send { session: s, text } if s == session => Some(serde_json::from_str(text).unwrap()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn finished(effects: &[Effect]) -> Vec<(String, u16, Value)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Finished { job_id, status, body } => Some((job_id.clone(), *status, serde_json::from_str(body).unwrap())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn closed(effects: &[Effect]) -> Option<(u16, String)> {
+    effects.iter().find_map(|e| match e {
+        Effect::Close { code, reason, .. } => Some((*code, reason.clone())),
+        _ => None,
+    })
+}
+
+/// Connects and authenticates an agent; returns its session id.
+fn join(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: Vec<String>, seed: u8) -> (String, Vec<Effect>) {
+    let (sid, effects) = edge.connect(now, [seed; 32]);
+    let EdgeMessage::Challenge { nonce, protocol, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
+    assert_eq!(*protocol, PROTOCOL_VERSION);
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_id: agent.into(),
+        agent_version: "t".into(),
+        challenge: nonce.clone(),
+        agent_nonce: "agent-nonce".into(),
+        issued_at: now,
+        capacity: 1,
+        running,
+        finished: vec![],
+        oauth: oauth(),
+    };
+    let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.into(), envelope: Envelope::seal(Domain::Hello, &hello, key) };
+    let effects = edge.message(now, &sid, &msg.to_text());
+    (sid, effects)
+}
+
+fn submission(prompt: &str, timeout_ms: u64, key: Option<&str>) -> Submission {
+    let body = json!({"prompt": prompt, "timeout_ms": timeout_ms}).to_string();
+    ExecuteRequest::parse(body.as_bytes(), key, Limits { max_timeout_ms: 3_600_000 }).unwrap()
+}
+
+fn order_of(effects: &[Effect], sid: &str, agent: &str, now: u64) -> JobOrder {
+    let job = sent(effects, sid).into_iter().find_map(|m| match m {
+        EdgeMessage::Job { envelope } => Some(envelope),
+        _ => None,
+    });
+    open_order(&job.expect("a job was sent"), Domain::Job, &edge_key().verifying_key(), agent, now).unwrap()
+}
+
+fn say(edge: &mut Edge, now: u64, sid: &str, msg: AgentMessage) -> Vec<Effect> {
+    edge.message(now, sid, &msg.to_text())
+}
+
+fn ok_result() -> JobResult {
+    JobResult { success: true, output: "done".into(), exit_code: Some(0), duration_ms: 5, ..Default::default() }
+}
+
+#[test]
+fn execute_with_no_agent_is_refused_at_once() {
+    let mut edge = Edge::new(config(), 0);
+    let err = edge.submit(0, "j1".into(), submission("hi", 1000, None), Mode::Wait).unwrap_err();
+    assert_eq!(err.status, 503);
+    assert_eq!(err.body.fallback, Some(true));
+    // A detached job may wait for an agent.
+    assert!(edge.submit(0, "j2".into(), submission("hi", 1000, None), Mode::Detached).is_ok());
+}
+
+#[test]
+fn a_job_flows_to_a_proven_agent_and_back() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, effects) = join(&mut edge, 10, "spark", &agent_key(1), vec![], 1);
+    let EdgeMessage::Welcome { envelope } = &sent(&effects, &sid)[0] else { panic!("welcome") };
+    let welcome: Welcome = envelope.open(Domain::Welcome, &edge_key().verifying_key()).unwrap();
+    assert_eq!(welcome.agent_nonce, "agent-nonce");
+    assert_eq!(welcome.heartbeat_interval_ms, HB);
+    assert!(edge.is_online());
+
+    // No credit yet: the job waits.
+    let s = edge.submit(20, "j1".into(), submission("hi", 10_000, None), Mode::Wait).unwrap();
+    assert!(sent(&s.effects, &sid).is_empty());
+    assert_eq!(edge.job("j1").unwrap().state, JobState::Queued);
+    let effects = say(&mut edge, 30, &sid, AgentMessage::Credit { slots: 1 });
+    let order = order_of(&effects, &sid, "spark", 30);
+    assert_eq!(order.header.job_id, "j1");
+    assert_eq!(order.spec.prompt, "hi");
+    // The record is saved before the order goes out.
+    let save = effects.iter().position(|e| matches!(e, Effect::Save(_))).unwrap();
+    let send = effects.iter().position(|e| matches!(e, Effect::Send { .. })).unwrap();
+    assert!(save < send);
+
+    say(&mut edge, 40, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    assert_eq!(edge.job("j1").unwrap().state, JobState::Running);
+    let effects = say(&mut edge, 50, &sid, AgentMessage::Result { job_id: "j1".into(), result: ok_result() });
+    let done = finished(&effects);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].1, 200);
+    assert_eq!(done[0].2["output"], "done");
+    assert_eq!(done[0].2["agent_id"], "spark");
+    assert_eq!(done[0].2["job_id"], "j1");
+    assert!(matches!(sent(&effects, &sid)[..], [EdgeMessage::ResultAck { .. }]));
+    // A resent result is acknowledged and changes nothing.
+    let effects = say(&mut edge, 60, &sid, AgentMessage::Result { job_id: "j1".into(), result: JobResult::default() });
+    assert!(finished(&effects).is_empty());
+    assert_eq!(edge.job("j1").unwrap().state, JobState::Succeeded);
+}
+
+#[test]
+fn never_sends_more_jobs_than_credits() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    let mut orders = 0;
+    for i in 0..3 {
+        let s = edge.submit(1, format!("j{i}"), submission("x", 10_000, None), Mode::Wait).unwrap();
+        orders += sent(&s.effects, &sid).len();
+    }
+    assert_eq!(orders, 1);
+    let effects = say(&mut edge, 2, &sid, AgentMessage::Credit { slots: 1 });
+    assert_eq!(order_of(&effects, &sid, "spark", 2).header.job_id, "j1", "queue order is kept");
+    // The queue is full at three waiting jobs.
+    edge.submit(3, "j3".into(), submission("x", 10_000, None), Mode::Wait).unwrap();
+    edge.submit(3, "j4".into(), submission("x", 10_000, None), Mode::Wait).unwrap();
+    let err = edge.submit(3, "j5".into(), submission("x", 10_000, None), Mode::Wait).unwrap_err();
+    assert_eq!(err.status, 429);
+}
+
+#[test]
+fn refuses_unknown_forged_and_replayed_hellos() {
+    let mut edge = Edge::new(config(), 0);
+    // Unknown agent id.
+    let (_, effects) = join(&mut edge, 0, "mallory", &agent_key(1), vec![], 1);
+    let (code, reason) = closed(&effects).unwrap();
+    assert_eq!(code, close::UNAUTHORIZED);
+    assert!(reason.contains("AGENT_PUBLIC_KEYS"), "{reason}");
+    // Known id, wrong key.
+    let (_, effects) = join(&mut edge, 0, "spark", &agent_key(2), vec![], 2);
+    assert_eq!(closed(&effects).unwrap().0, close::UNAUTHORIZED);
+    assert!(!edge.is_online());
+
+    // A hello captured from one connection, replayed on another.
+    let (sid1, effects) = edge.connect(0, [3; 32]);
+    let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid1)[0] else { panic!() };
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION, agent_id: "spark".into(), agent_version: "t".into(), challenge: nonce.clone(),
+        agent_nonce: "n".into(), issued_at: 0, capacity: 1, running: vec![], finished: vec![], oauth: oauth(),
+    };
+    let text = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(1)) }.to_text();
+    assert!(closed(&edge.message(0, &sid1, &text)).is_none());
+    let (sid2, _) = edge.connect(0, [4; 32]);
+    let (code, reason) = closed(&edge.message(0, &sid2, &text)).unwrap();
+    assert_eq!(code, close::UNAUTHORIZED);
+    assert!(reason.contains("replay"), "{reason}");
+}
+
+#[test]
+fn refuses_another_protocol_version_by_name() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = edge.connect(0, [1; 32]);
+    let env = Envelope { payload: "{}".into(), sig: String::new() };
+    let text = AgentMessage::Hello { protocol: 99, agent_id: "spark".into(), envelope: env }.to_text();
+    let (code, reason) = closed(&edge.message(0, &sid, &text)).unwrap();
+    assert_eq!(code, close::VERSION_MISMATCH);
+    assert!(reason.contains("v99"), "{reason}");
+}
+
+#[test]
+fn garbage_frames_close_the_connection_without_panicking() {
+    for text in ["", "nonsense", "{\"type\":\"credit\"}", "[]", "{\"type\":\"result\",\"job_id\":5}"] {
+        let mut edge = Edge::new(config(), 0);
+        let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+        let effects = edge.message(0, &sid, text);
+        assert_eq!(closed(&effects).unwrap().0, close::PROTOCOL_ERROR, "{text}");
+        assert!(!edge.is_online());
+    }
+}
+
+#[test]
+fn a_job_waits_for_its_agent_then_is_lost() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    edge.disconnect(100, &sid);
+    assert_eq!(edge.next_deadline(), Some(100 + LOST));
+    assert!(finished(&edge.tick(100 + LOST - 1)).is_empty());
+    let done = finished(&edge.tick(100 + LOST));
+    assert_eq!(done[0].1, 502);
+    assert_eq!(done[0].2["error_code"], "RUNNER_LOST");
+    assert_eq!(done[0].2["fallback"], true);
+    assert_eq!(edge.job("j1").unwrap().state, JobState::Lost);
+}
+
+#[test]
+fn a_job_survives_a_reconnect_and_its_result_arrives() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    edge.disconnect(100, &sid);
+    let (sid2, _) = join(&mut edge, 200, "spark", &agent_key(1), vec!["j1".into()], 2);
+    assert!(edge.job("j1").unwrap().orphaned_at.is_none());
+    for t in (1_000..=100 + LOST).step_by(1_000) {
+        say(&mut edge, t, &sid2, AgentMessage::Heartbeat { running: vec!["j1".into()], capacity: 1, oauth: oauth() });
+    }
+    assert!(finished(&edge.tick(100 + LOST)).is_empty(), "not lost: the agent came back");
+    let done = finished(&say(&mut edge, 5_500, &sid2, AgentMessage::Result { job_id: "j1".into(), result: ok_result() }));
+    assert_eq!(done[0].1, 200);
+}
+
+#[test]
+fn an_agent_that_restarted_without_the_job_settles_it() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 2 });
+    edge.submit(0, "run".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
+    edge.submit(0, "sent".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "run".into() });
+    edge.disconnect(2, &sid);
+    let (sid2, effects) = join(&mut edge, 3, "spark", &agent_key(1), vec![], 2);
+    let done = finished(&effects);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].0, "run");
+    assert_eq!(done[0].1, 502);
+    // The job it never received goes out again, with a new nonce.
+    let effects = say(&mut edge, 4, &sid2, AgentMessage::Credit { slots: 1 });
+    let order = order_of(&effects, &sid2, "spark", 4);
+    assert_eq!(order.header.job_id, "sent");
+    assert_eq!(order.header.nonce, "sent:2");
+}
+
+#[test]
+fn a_silent_agent_is_dropped_within_two_heartbeats() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let hb = AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth() };
+    let effects = say(&mut edge, 500, &sid, hb);
+    assert!(matches!(sent(&effects, &sid)[..], [EdgeMessage::HeartbeatAck { .. }]));
+    assert_eq!(edge.next_deadline(), Some(500 + 2 * HB));
+    assert!(closed(&edge.tick(500 + 2 * HB - 1)).is_none());
+    assert_eq!(closed(&edge.tick(500 + 2 * HB)).unwrap().0, close::SILENT);
+    assert!(!edge.is_online());
+    assert_eq!(edge.health(3000).status.http_status(), 503);
+}
+
+#[test]
+fn an_unfinished_handshake_is_dropped() {
+    let mut edge = Edge::new(config(), 0);
+    let (_sid, _) = edge.connect(0, [1; 32]);
+    assert_eq!(edge.next_deadline(), Some(10_000));
+    assert!(closed(&edge.tick(10_000)).is_some());
+}
+
+#[test]
+fn the_edge_times_a_job_out_and_tells_the_agent() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    edge.submit(0, "j1".into(), submission("x", 2_000, None), Mode::Wait).unwrap();
+    // Keep the connection alive meanwhile.
+    say(&mut edge, 1_500, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth() });
+    say(&mut edge, 2_500, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth() });
+    let effects = edge.tick(3_000);
+    assert_eq!(finished(&effects)[0].2["error_code"], "TIMEOUT");
+    assert!(sent(&effects, &sid).iter().any(|m| matches!(m, EdgeMessage::Cancel { .. })));
+}
+
+#[test]
+fn a_queued_execute_falls_back_when_the_agent_leaves() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    edge.submit(0, "j1".into(), submission("x", 600_000, None), Mode::Wait).unwrap();
+    edge.disconnect(10, &sid);
+    let done = finished(&edge.tick(10 + LOST));
+    assert_eq!(done[0].1, 503);
+    assert_eq!(done[0].2["error_code"], "RUNNER_OFFLINE");
+}
+
+#[test]
+fn idempotency_keys_return_the_same_job() {
+    let mut edge = Edge::new(config(), 0);
+    let a = edge.submit(0, "j1".into(), submission("x", 1000, Some("k")), Mode::Detached).unwrap();
+    let b = edge.submit(0, "j2".into(), submission("x", 1000, Some("k")), Mode::Detached).unwrap();
+    assert_eq!(b.job_id, a.job_id);
+    assert!(b.existing);
+    assert!(edge.job("j2").is_none());
+}
+
+#[test]
+fn cancel_ends_a_queued_job_and_asks_the_agent_for_a_running_one() {
+    let mut edge = Edge::new(config(), 0);
+    edge.submit(0, "q".into(), submission("x", 1000, None), Mode::Detached).unwrap();
+    let done = finished(&edge.cancel(1, "q").unwrap());
+    assert_eq!(done[0].2["error_code"], "CANCELLED");
+    assert_eq!(edge.cancel(2, "q").unwrap_err().status, 409);
+    assert_eq!(edge.cancel(2, "nope").unwrap_err().status, 404);
+
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    edge.submit(0, "r".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    let effects = edge.cancel(5, "r").unwrap();
+    let cancel = sent(&effects, &sid).into_iter().find_map(|m| match m {
+        EdgeMessage::Cancel { envelope } => Some(envelope),
+        _ => None,
+    });
+    let order: shared::protocol::CancelOrder =
+        open_order(&cancel.unwrap(), Domain::Cancel, &edge_key().verifying_key(), "spark", 5).unwrap();
+    assert_eq!(order.header.job_id, "r");
+}
+
+#[test]
+fn restore_keeps_jobs_and_starts_the_lost_clock() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    let mut saved = std::collections::HashMap::new();
+    let mut keep = |effects: Vec<Effect>| {
+        for e in effects {
+            if let Effect::Save(j) = e {
+                saved.insert(j.id.clone(), *j);
+            }
+        }
+    };
+    keep(edge.submit(0, "done".into(), submission("x", 60_000, Some("k")), Mode::Wait).unwrap().effects);
+    keep(say(&mut edge, 1, &sid, AgentMessage::Result { job_id: "done".into(), result: ok_result() }));
+    say(&mut edge, 1, &sid, AgentMessage::Credit { slots: 1 });
+    keep(edge.submit(2, "run".into(), submission("x", 60_000, None), Mode::Wait).unwrap().effects);
+    keep(edge.submit(2, "queued".into(), submission("x", 60_000, None), Mode::Detached).unwrap().effects);
+
+    let (mut edge, _) = Edge::restore(config(), saved.into_values().collect(), vec![], 1_000);
+    assert_eq!(edge.job("done").unwrap().state, JobState::Succeeded);
+    assert_eq!(edge.job("queued").unwrap().state, JobState::Queued);
+    assert!(edge.submit(3, "dup".into(), submission("x", 1_000, Some("k")), Mode::Detached).unwrap().existing);
+    let done = finished(&edge.tick(1_000 + LOST));
+    assert_eq!(done[0].0, "run");
+    assert_eq!(done[0].2["error_code"], "RUNNER_LOST");
+    // Retention ends; the record goes and so does its idempotency key.
+    let effects = edge.tick(1 + 60_000);
+    assert!(effects.iter().any(|e| matches!(e, Effect::Forget { job_id } if job_id == "done")));
+    assert!(edge.job("done").is_none());
+}
+
+#[test]
+fn health_follows_agents_and_their_login() {
+    let mut edge = Edge::new(config(), 0);
+    let h = edge.health(0);
+    assert_eq!(h.status.http_status(), 503);
+    assert!(h.agent.is_none());
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    assert_eq!(edge.health(0).status.http_status(), 200);
+    assert_eq!(edge.health(0).agent.unwrap().agent_id, "spark");
+    let broken = OAuthReport { auth_failed: true, ..oauth() };
+    say(&mut edge, 1, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: broken });
+    let h = edge.health(1);
+    assert_eq!(h.status.http_status(), 503);
+    assert!(h.oauth.unwrap().needs_login);
+}
+
+#[test]
+fn http_routes_check_the_secret_size_and_methods() {
+    let mut edge = Edge::new(config(), 0);
+    let req = |method, path, secret: Option<&'static str>, body: &'static [u8]| Request {
+        method,
+        path,
+        secret_header: secret,
+        authorization: None,
+        idempotency_key: None,
+        body: Body::Bytes(body),
+    };
+    let status = |edge: &mut Edge, r: Request| match http::handle(edge, 0, [0; 16], r).0 {
+        Outcome::Respond(r) => r.status,
+        Outcome::Wait { .. } => 0,
+    };
+    assert_eq!(status(&mut edge, req("GET", "/health", None, b"")), 503);
+    assert_eq!(status(&mut edge, req("POST", "/execute", None, b"{}")), 403);
+    assert_eq!(status(&mut edge, req("POST", "/execute", Some("wrong-secret-000000"), b"{}")), 403);
+    assert_eq!(status(&mut edge, req("POST", "/execute", Some(SECRET), b"{}")), 400);
+    assert_eq!(status(&mut edge, req("POST", "/execute", Some(SECRET), br#"{"prompt":"x"}"#)), 503);
+    assert_eq!(status(&mut edge, req("GET", "/execute", Some(SECRET), b"")), 405);
+    assert_eq!(status(&mut edge, req("GET", "/nope", Some(SECRET), b"")), 404);
+    assert_eq!(status(&mut edge, req("GET", "/jobs/x", Some(SECRET), b"")), 404);
+    let big = Request { body: Body::TooLarge, ..req("POST", "/execute", Some(SECRET), b"") };
+    assert_eq!(status(&mut edge, big), 413);
+    let bearer = Request { authorization: Some("Bearer 0123456789abcdef0123"), ..req("POST", "/jobs", None, br#"{"prompt":"x"}"#) };
+    assert_eq!(status(&mut edge, bearer), 202);
+    join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    assert!(matches!(
+        http::handle(&mut edge, 0, [1; 16], req("POST", "/execute", Some(SECRET), br#"{"prompt":"x"}"#)).0,
+        Outcome::Wait { .. }
+    ));
+}
