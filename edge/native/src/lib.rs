@@ -1,0 +1,30 @@
+//! The edge as a native server (`claude-runner-edge`): the same state machine as the
+//! Durable Object, hosted on tokio and axum, with jobs kept in SQLite.
+//!
+//! - [`pool`]: the one task that owns the state machine; everything else sends it
+//!   commands and it carries out the machine's effects.
+//! - [`store`]: job records in SQLite under `DATA_DIR`, so a restart keeps queued,
+//!   running and finished jobs.
+//! - [`server`]: axum routes — `/agent/connect` (WebSocket) and everything else handed
+//!   to the machine's HTTP routing — and graceful shutdown.
+
+pub mod pool;
+pub mod server;
+pub mod store;
+
+pub use server::{Edge, EdgeOptions};
+
+/// Milliseconds since the epoch, from the system clock: the only clock the edge reads.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Fresh random bytes for ids and nonces.
+pub fn entropy<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes).expect("the OS random source works");
+    bytes
+}

@@ -1,0 +1,72 @@
+//! `claude-runner-edge`: the edge as a native server. Configuration comes from the
+//! environment (DESIGN.md "Configuration"); `--help` lists it.
+
+use edge_native::{Edge, EdgeOptions};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+const HELP: &str = "claude-runner-edge: the Claude Runner edge as a native server
+
+Environment:
+  RUNNER_SECRET          callers' shared secret (X-Runner-Secret)            required
+  EDGE_SIGNING_KEY       base64 ed25519 seed that signs jobs                 required
+  AGENT_PUBLIC_KEYS      id=base64key,... agents allowed to connect          required
+  LISTEN                 address to serve on             (default 127.0.0.1:8787)
+  DATA_DIR               where jobs are stored  (default ~/.local/share/claude-runner/edge)
+  HEARTBEAT_INTERVAL_MS, LOST_AFTER_MS, MAX_TIMEOUT_MS, MAX_BODY_BYTES,
+  JOB_RETENTION_MS, QUEUE_TTL_MS, MAX_QUEUED_JOBS     limits (see README)
+  LOG_FORMAT             text | json                                (default text)
+  RUST_LOG               log filter                                 (default info)
+
+`claude-runner keygen` makes the keys and prints what to set.";
+
+fn main() {
+    if std::env::args().any(|a| a == "--help" || a == "-h") {
+        println!("{HELP}");
+        return;
+    }
+    if std::env::args().any(|a| a == "--version" || a == "-V") {
+        println!("claude-runner-edge {}", env!("CARGO_PKG_VERSION"));
+        return;
+    }
+    init_logging();
+    if let Err(e) = run() {
+        eprintln!("claude-runner-edge: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let config = edge_core::Config::from_lookup(|name| std::env::var(name).ok())?;
+    let listen: SocketAddr = std::env::var("LISTEN")
+        .unwrap_or_else(|_| "127.0.0.1:8787".into())
+        .parse()
+        .map_err(|e| anyhow::anyhow!("LISTEN must be an address like 127.0.0.1:8787: {e}"))?;
+    let data_dir = std::env::var_os("DATA_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| ".".into());
+        home.join(".local/share/claude-runner/edge")
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        let edge = Edge::bind(EdgeOptions { config, listen, data_dir }).await?;
+        edge.serve(shutdown_signal()).await
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handlers install");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

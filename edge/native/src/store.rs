@@ -1,0 +1,64 @@
+//! Job records in SQLite. The state machine decides what to save and when; this only
+//! writes it. One table, the record as JSON: the machine's `Job` is the schema.
+
+use edge_core::job::Job;
+use rusqlite::{params, Connection};
+use std::path::Path;
+
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> anyhow::Result<Store> {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            anyhow::anyhow!("cannot create DATA_DIR {}: {e}; set DATA_DIR to a writable folder", dir.display())
+        })?;
+        let path = dir.join("edge.sqlite3");
+        let conn = Connection::open(&path)
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}; check DATA_DIR's permissions", path.display()))?;
+        // WAL + NORMAL: a commit survives a process crash; only a power cut may lose the
+        // last instants, which is the usual trade for a job log.
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;
+             CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, record TEXT NOT NULL);",
+        )?;
+        Ok(Store { conn })
+    }
+
+    /// Every stored job. A record that no longer parses is skipped with a warning rather
+    /// than stopping the edge from starting.
+    pub fn load(&self) -> anyhow::Result<Vec<Job>> {
+        let mut stmt = self.conn.prepare("SELECT id, record FROM jobs")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut jobs = Vec::new();
+        for row in rows {
+            let (id, record) = row?;
+            match serde_json::from_str::<Job>(&record) {
+                Ok(job) => jobs.push(job),
+                Err(e) => tracing::warn!(job_id = %id, error = %e, "skipping unreadable job record"),
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// Applies one event's writes in one transaction.
+    pub fn apply(&mut self, saves: &[&Job], forgets: &[&str]) -> anyhow::Result<()> {
+        if saves.is_empty() && forgets.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.transaction()?;
+        {
+            let mut save = tx.prepare_cached("INSERT OR REPLACE INTO jobs (id, record) VALUES (?1, ?2)")?;
+            for job in saves {
+                save.execute(params![job.id, serde_json::to_string(job)?])?;
+            }
+            let mut forget = tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?;
+            for id in forgets {
+                forget.execute(params![id])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
