@@ -1,0 +1,287 @@
+//! Claude Code as the agent drives it: the command line a job becomes, and how its
+//! stream-json output turns into a result. Pure code; [`crate::job`] does the running.
+//!
+//! The prompt goes in on stdin, not argv: argv caps one argument at 128 KiB, and a
+//! prompt starting with `-` would read as an option. Every other value was validated by
+//! the edge (never starting with `-`) and is passed as `--flag=value`.
+
+use serde_json::Value;
+use shared::contract::ErrorCode;
+use shared::job::{JobResult, JobSpec};
+
+/// Arguments for one run (after the binary).
+pub fn args(spec: &JobSpec, default_model: Option<&str>) -> Vec<String> {
+    let mut args: Vec<String> = ["-p", "--output-format", "stream-json", "--verbose"].map(String::from).to_vec();
+    if let Some(model) = spec.model.as_deref().or(default_model) {
+        args.push(format!("--model={model}"));
+    }
+    if let Some(n) = spec.max_turns {
+        args.push(format!("--max-turns={n}"));
+    }
+    for tool in &spec.allowed_tools {
+        args.push(format!("--allowedTools={tool}"));
+    }
+    for tool in &spec.disallowed_tools {
+        args.push(format!("--disallowedTools={tool}"));
+    }
+    if let Some(mode) = &spec.permission_mode {
+        args.push(format!("--permission-mode={mode}"));
+    }
+    if let Some(p) = &spec.append_system_prompt {
+        args.push(format!("--append-system-prompt={p}"));
+    }
+    if let Some(s) = &spec.session_id {
+        args.push(format!("--resume={s}"));
+    }
+    args
+}
+
+/// What the run's stdout said, line by line.
+#[derive(Debug, Default)]
+pub struct Transcript {
+    pub session_id: Option<String>,
+    /// The final `{"type":"result",…}` line.
+    pub result: Option<Value>,
+    /// Lines that were not JSON objects with a `type` (a crash, a wrapper's noise).
+    pub garbage_lines: u64,
+    /// The last of those, for the error message.
+    pub last_garbage: Option<String>,
+    pub lines: u64,
+}
+
+impl Transcript {
+    /// Takes one stdout line (already redacted). Returns the event to forward, if any.
+    pub fn line(&mut self, line: &str) -> Option<Value> {
+        self.lines += 1;
+        let trimmed = line.trim();
+        if trimmed.is_empty() {
+            return None;
+        }
+        let value: Value = match serde_json::from_str(trimmed) {
+            Ok(v @ Value::Object(_)) if v.get("type").and_then(Value::as_str).is_some() => v,
+            _ => {
+                self.garbage_lines += 1;
+                self.last_garbage = Some(trimmed.chars().take(300).collect());
+                return None;
+            }
+        };
+        if let Some(id) = value.get("session_id").and_then(Value::as_str) {
+            self.session_id = Some(id.to_string());
+        }
+        if value["type"] == "result" {
+            self.result = Some(value.clone());
+        }
+        Some(value)
+    }
+}
+
+/// How the run ended, as the job runner saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ending {
+    Exited(Option<i32>),
+    TimedOut { after_ms: u64 },
+    Cancelled { reason: String },
+    SpawnFailed(String),
+}
+
+/// Texts that mean Claude could not authenticate (401s, a dead login).
+fn is_auth_failure(result: &Value) -> bool {
+    if result.get("api_error_status").and_then(Value::as_u64) == Some(401) {
+        return true;
+    }
+    let text = result.get("result").and_then(Value::as_str).unwrap_or_default().to_ascii_lowercase();
+    ["failed to authenticate", "invalid api key", "oauth token has expired", "please run /login", "authentication_error"]
+        .iter()
+        .any(|needle| text.contains(needle))
+}
+
+/// Caps a text at `max` bytes, keeping its head and tail, with a marker in between.
+pub fn cap(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let keep = max / 2;
+    let mut head = keep;
+    while !text.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = text.len() - keep;
+    while !text.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{}\n[… {} bytes cut by claude-runner …]\n{}", &text[..head], tail - head, &text[tail..])
+}
+
+/// Largest `output` or `error` a result carries.
+pub const MAX_OUTPUT_BYTES: usize = 1024 * 1024;
+
+/// Turns what happened into the job's result. `success` follows Claude's `is_error`, not
+/// the exit code.
+pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, duration_ms: u64) -> JobResult {
+    let mut r = JobResult { duration_ms, session_id: transcript.session_id.clone(), ..JobResult::default() };
+    if let Some(res) = &transcript.result {
+        r.output = res.get("result").and_then(Value::as_str).unwrap_or_default().to_string();
+        r.num_turns = res.get("num_turns").and_then(Value::as_u64).map(|n| n.min(u32::MAX as u64) as u32);
+        r.cost_usd = res.get("total_cost_usd").and_then(Value::as_f64);
+        if let Some(id) = res.get("session_id").and_then(Value::as_str) {
+            r.session_id = Some(id.to_string());
+        }
+    }
+    let stderr_hint = || {
+        let t = stderr_tail.trim();
+        if t.is_empty() { String::new() } else { format!("; stderr: {}", t.chars().rev().take(500).collect::<String>().chars().rev().collect::<String>()) }
+    };
+    match ending {
+        Ending::TimedOut { after_ms } => {
+            r.error = Some(format!("Claude did not finish within timeout_ms ({after_ms} ms) and was stopped; raise timeout_ms or split the task"));
+            r.error_code = Some(ErrorCode::Timeout);
+        }
+        Ending::Cancelled { reason } => {
+            r.error = Some(format!("cancelled: {reason}"));
+            r.error_code = Some(ErrorCode::Cancelled);
+        }
+        Ending::SpawnFailed(e) => {
+            r.error = Some(e);
+            r.error_code = Some(ErrorCode::ClaudeError);
+        }
+        Ending::Exited(code) => {
+            r.exit_code = code;
+            match &transcript.result {
+                Some(res) => {
+                    let is_error = res.get("is_error").and_then(Value::as_bool).unwrap_or(false);
+                    let subtype = res.get("subtype").and_then(Value::as_str).unwrap_or("");
+                    if is_error || (subtype != "success" && !subtype.is_empty()) {
+                        let detail = if r.output.is_empty() { subtype.to_string() } else { r.output.clone() };
+                        if is_auth_failure(res) {
+                            r.error = Some(format!("Claude could not authenticate ({detail}); log in again on the runner: `claude auth login`, or POST /oauth/login"));
+                            r.error_code = Some(ErrorCode::RunnerOauthError);
+                        } else {
+                            r.error = Some(format!("Claude reported an error: {detail}"));
+                            r.error_code = Some(ErrorCode::ClaudeError);
+                        }
+                    } else {
+                        r.success = true;
+                    }
+                }
+                None => {
+                    let what = match code {
+                        Some(c) => format!("exited with code {c}"),
+                        None => "was killed by a signal".to_string(),
+                    };
+                    let garbage = transcript
+                        .last_garbage
+                        .as_ref()
+                        .map(|g| format!("; it printed non-stream-json output such as `{g}`"))
+                        .unwrap_or_default();
+                    r.error = Some(format!("Claude {what} without a result{garbage}{}", stderr_hint()));
+                    r.error_code = Some(ErrorCode::ClaudeError);
+                }
+            }
+        }
+    }
+    r.output = cap(std::mem::take(&mut r.output), MAX_OUTPUT_BYTES);
+    r.error = r.error.map(|e| cap(e, 64 * 1024));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            prompt: "hi".into(),
+            repo_url: None,
+            branch: None,
+            working_dir: None,
+            timeout_ms: 1000,
+            allowed_tools: vec!["Read".into(), "Bash(git log:*)".into()],
+            disallowed_tools: vec!["Write".into()],
+            max_turns: Some(3),
+            model: None,
+            permission_mode: Some("acceptEdits".into()),
+            append_system_prompt: Some("be brief".into()),
+            session_id: Some("abc".into()),
+            include_diff: false,
+        }
+    }
+
+    #[test]
+    fn maps_options_to_flags() {
+        let a = args(&spec(), Some("claude-default"));
+        assert_eq!(&a[..4], ["-p", "--output-format", "stream-json", "--verbose"]);
+        for flag in [
+            "--model=claude-default",
+            "--max-turns=3",
+            "--allowedTools=Read",
+            "--allowedTools=Bash(git log:*)",
+            "--disallowedTools=Write",
+            "--permission-mode=acceptEdits",
+            "--append-system-prompt=be brief",
+            "--resume=abc",
+        ] {
+            assert!(a.contains(&flag.to_string()), "{flag} in {a:?}");
+        }
+        assert!(!a.iter().any(|x| x.contains("hi")), "the prompt is not in argv");
+        let mut s = spec();
+        s.model = Some("opus".into());
+        assert!(args(&s, Some("claude-default")).contains(&"--model=opus".to_string()));
+    }
+
+    fn transcript(lines: &[Value]) -> Transcript {
+        let mut t = Transcript::default();
+        for l in lines {
+            t.line(&l.to_string());
+        }
+        t
+    }
+
+    #[test]
+    fn success_follows_is_error_not_the_exit_code() {
+        let ok = transcript(&[
+            json!({"type":"system","subtype":"init","session_id":"s1"}),
+            json!({"type":"result","subtype":"success","is_error":false,"result":"done","num_turns":2,"total_cost_usd":0.5,"session_id":"s1"}),
+        ]);
+        let r = result(&ok, Ending::Exited(Some(0)), "", 10);
+        assert!(r.success);
+        assert_eq!(r.output, "done");
+        assert_eq!(r.num_turns, Some(2));
+        assert_eq!(r.cost_usd, Some(0.5));
+        assert_eq!(r.session_id.as_deref(), Some("s1"));
+
+        let err = transcript(&[json!({"type":"result","subtype":"success","is_error":true,"result":"API Error: 500"})]);
+        let r = result(&err, Ending::Exited(Some(0)), "", 10);
+        assert!(!r.success);
+        assert_eq!(r.error_code, Some(ErrorCode::ClaudeError));
+
+        let turns = transcript(&[json!({"type":"result","subtype":"error_max_turns","is_error":false})]);
+        assert!(!result(&turns, Ending::Exited(Some(1)), "", 1).success);
+    }
+
+    #[test]
+    fn auth_failures_are_told_apart() {
+        let t = transcript(&[json!({"type":"result","subtype":"success","is_error":true,"result":"Failed to authenticate. API Error: 401"})]);
+        assert_eq!(result(&t, Ending::Exited(Some(1)), "", 1).error_code, Some(ErrorCode::RunnerOauthError));
+    }
+
+    #[test]
+    fn garbage_and_crashes_become_clear_failures() {
+        let mut t = Transcript::default();
+        assert!(t.line("Segmentation fault").is_none());
+        assert!(t.line("[1,2]").is_none());
+        assert!(t.line(r#"{"no_type":1}"#).is_none());
+        let r = result(&t, Ending::Exited(Some(139)), "core dumped", 1);
+        assert!(!r.success);
+        let e = r.error.unwrap();
+        assert!(e.contains("139") && e.contains("Segmentation fault") && e.contains("core dumped"), "{e}");
+    }
+
+    #[test]
+    fn caps_huge_output_on_char_boundaries() {
+        let big = "é".repeat(MAX_OUTPUT_BYTES);
+        let capped = cap(big, MAX_OUTPUT_BYTES);
+        assert!(capped.len() < MAX_OUTPUT_BYTES + 100);
+        assert!(capped.contains("bytes cut"));
+    }
+}

@@ -1,0 +1,139 @@
+//! The agent's settings: each is an environment variable and a `--flag` (DESIGN.md
+//! "Configuration"), checked once at start with errors that say what to fix.
+
+use clap::Args;
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use shared::keys;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// The edge to dial: ws://host:port or wss://host (http/https are accepted too).
+    #[arg(long, env = "EDGE_URL")]
+    pub edge_url: String,
+    /// This agent's id, as listed in the edge's AGENT_PUBLIC_KEYS (default: hostname).
+    #[arg(long, env = "AGENT_ID")]
+    pub agent_id: Option<String>,
+    /// base64 ed25519 seed of this agent (or use AGENT_KEY_FILE).
+    #[arg(long, env = "AGENT_SIGNING_KEY", hide_env_values = true)]
+    pub agent_signing_key: Option<String>,
+    /// File holding AGENT_SIGNING_KEY.
+    #[arg(long, env = "AGENT_KEY_FILE")]
+    pub agent_key_file: Option<PathBuf>,
+    /// base64 public key of the edge: only jobs it signed run.
+    #[arg(long, env = "EDGE_PUBLIC_KEY")]
+    pub edge_public_key: String,
+    #[command(flatten)]
+    pub local: LocalArgs,
+    /// Jobs run at once.
+    #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 1)]
+    pub max_concurrent_jobs: u32,
+}
+
+/// Settings about this machine only, shared with `oauth-status` and `doctor`.
+#[derive(Debug, Clone, Args)]
+pub struct LocalArgs {
+    /// The Claude Code binary.
+    #[arg(long, env = "CLAUDE_BIN", default_value = "claude")]
+    pub claude_bin: String,
+    /// Claude's config folder (holds .credentials.json; default ~/.claude).
+    #[arg(long, env = "CLAUDE_CONFIG_DIR")]
+    pub claude_config_dir: Option<PathBuf>,
+    /// Workspaces and the result spool (default ~/.local/share/claude-runner).
+    #[arg(long, env = "DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Model for jobs that do not name one.
+    #[arg(long, env = "CLAUDE_MODEL")]
+    pub claude_model: Option<String>,
+}
+
+impl LocalArgs {
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| crate::home().join(".local/share/claude-runner"))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub connect_url: String,
+    pub agent_id: String,
+    pub signing_key: SigningKey,
+    pub edge_public_key: VerifyingKey,
+    pub claude_bin: String,
+    pub claude_config_dir: Option<PathBuf>,
+    pub data_dir: PathBuf,
+    pub max_concurrent_jobs: u32,
+    pub claude_model: Option<String>,
+}
+
+/// `ws(s)://host[:port][/prefix]` → the `/agent/connect` URL.
+pub fn connect_url(edge_url: &str) -> anyhow::Result<String> {
+    let url = edge_url.trim().trim_end_matches('/');
+    let url = if let Some(rest) = url.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if let Some(rest) = url.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else if url.starts_with("ws://") || url.starts_with("wss://") {
+        url.to_string()
+    } else {
+        anyhow::bail!("EDGE_URL must start with wss:// (or ws:// for a local edge), got `{edge_url}`");
+    };
+    Ok(if url.ends_with("/agent/connect") { url } else { format!("{url}/agent/connect") })
+}
+
+/// The machine's hostname, made into a valid agent id.
+pub fn default_agent_id() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let id: String = raw
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
+        .take(64)
+        .collect();
+    if id.is_empty() { "spark".into() } else { id }
+}
+
+impl AgentArgs {
+    pub fn resolve(self) -> anyhow::Result<AgentConfig> {
+        let key_text = match (&self.agent_signing_key, &self.agent_key_file) {
+            (Some(k), _) => k.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read AGENT_KEY_FILE {}: {e}", path.display()))?,
+            (None, None) => anyhow::bail!("set AGENT_SIGNING_KEY or AGENT_KEY_FILE (`claude-runner keygen` makes one)"),
+        };
+        let agent_id = self.agent_id.unwrap_or_else(default_agent_id);
+        if !keys::valid_agent_id(&agent_id) {
+            anyhow::bail!("AGENT_ID `{agent_id}` is not valid: use 1-64 letters, digits, `-`, `_` or `.`");
+        }
+        if self.max_concurrent_jobs == 0 || self.max_concurrent_jobs > 64 {
+            anyhow::bail!("MAX_CONCURRENT_JOBS must be between 1 and 64");
+        }
+        Ok(AgentConfig {
+            connect_url: connect_url(&self.edge_url)?,
+            agent_id,
+            signing_key: keys::signing_key("AGENT_SIGNING_KEY", &key_text)?,
+            edge_public_key: keys::verifying_key("EDGE_PUBLIC_KEY", &self.edge_public_key)?,
+            data_dir: self.local.data_dir(),
+            claude_bin: self.local.claude_bin,
+            claude_config_dir: self.local.claude_config_dir,
+            max_concurrent_jobs: self.max_concurrent_jobs,
+            claude_model: self.local.claude_model,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_the_connect_url() {
+        assert_eq!(connect_url("wss://edge.example.com").unwrap(), "wss://edge.example.com/agent/connect");
+        assert_eq!(connect_url("https://e.x/").unwrap(), "wss://e.x/agent/connect");
+        assert_eq!(connect_url("ws://127.0.0.1:8787/agent/connect").unwrap(), "ws://127.0.0.1:8787/agent/connect");
+        assert!(connect_url("ftp://x").is_err());
+        assert!(connect_url("127.0.0.1:8787").is_err());
+    }
+}

@@ -1,0 +1,279 @@
+//! The agent's one outbound WebSocket: dial, prove who we are, check the edge proves who
+//! it is, then carry messages both ways with heartbeats until the connection ends; then
+//! dial again after an exponential, jittered backoff. A connection silent for two
+//! heartbeat intervals (half-open) is given up on.
+
+use crate::agent::Agent;
+use backoff::backoff::Backoff;
+use futures_util::{SinkExt, StreamExt};
+use shared::envelope::{Domain, Envelope};
+use shared::protocol::{self, close, AgentMessage, EdgeMessage, Hello, Welcome, PROTOCOL_VERSION};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{timeout, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tracing::{error, info, warn};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    /// The agent is stopping.
+    Shutdown,
+    /// Worth retrying.
+    Lost(String),
+    /// The edge refused us: retrying only helps once someone fixes the configuration.
+    Refused(String),
+}
+
+fn reconnect_policy() -> backoff::ExponentialBackoff {
+    backoff::ExponentialBackoff {
+        initial_interval: Duration::from_millis(250),
+        randomization_factor: 0.5,
+        multiplier: 2.0,
+        max_interval: Duration::from_secs(30),
+        max_elapsed_time: None,
+        ..Default::default()
+    }
+}
+
+/// Connects, serves and reconnects until `shutdown` turns true.
+pub async fn run(agent: Arc<Agent>, mut uplink: mpsc::UnboundedReceiver<AgentMessage>, mut shutdown: watch::Receiver<bool>) {
+    let mut policy = reconnect_policy();
+    loop {
+        let began = Instant::now();
+        let end = session(&agent, &mut uplink, &mut shutdown).await;
+        match &end {
+            End::Shutdown => return,
+            End::Lost(why) => warn!(agent_id = %agent.cfg.agent_id, reason = %why, "connection to the edge lost"),
+            End::Refused(why) => error!(agent_id = %agent.cfg.agent_id, reason = %why, "the edge refused this agent"),
+        }
+        // A connection that lasted a while was healthy: start the backoff over.
+        if began.elapsed() > Duration::from_secs(60) {
+            policy.reset();
+        }
+        let delay = policy.next_backoff().unwrap_or(Duration::from_secs(30));
+        info!(agent_id = %agent.cfg.agent_id, delay_ms = delay.as_millis() as u64, "reconnecting");
+        let wake = tokio::time::sleep(delay);
+        tokio::pin!(wake);
+        loop {
+            tokio::select! {
+                _ = &mut wake => break,
+                _ = shutdown.changed() => return,
+                // While offline nothing can be sent; results are on disk and go out after
+                // the next hello, credits are recounted then.
+                m = uplink.recv() => if m.is_none() { return },
+            }
+        }
+    }
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn next_edge_message(ws: &mut Socket) -> Result<EdgeMessage, End> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => {
+                return protocol::decode::<EdgeMessage>(&text).map_err(|e| End::Lost(format!("edge sent {e}")));
+            }
+            Some(Ok(Message::Close(frame))) => {
+                let why = frame.map(|f| format!("{} ({})", f.reason, u16::from(f.code))).unwrap_or_default();
+                return Err(End::Lost(format!("the edge closed the connection: {why}")));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(End::Lost(format!("connection error: {e}"))),
+            None => return Err(End::Lost("the edge closed the connection".into())),
+        }
+    }
+}
+
+async fn send(ws: &mut Socket, msg: &AgentMessage) -> Result<(), End> {
+    ws.send(Message::Text(msg.to_text().into())).await.map_err(|e| End::Lost(format!("send failed: {e}")))
+}
+
+async fn refuse(ws: &mut Socket, code: u16, reason: String) -> End {
+    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.chars().take(120).collect::<String>().into() };
+    let _ = ws.close(Some(frame)).await;
+    End::Refused(reason)
+}
+
+/// The agent's nonce for the edge to sign back.
+fn nonce() -> String {
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes).expect("the OS random source works");
+    shared::keys::encode(&bytes)
+}
+
+/// One connection, from dial to end.
+async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentMessage>, shutdown: &mut watch::Receiver<bool>) -> End {
+    let cfg = &agent.cfg;
+    let ws_config = WebSocketConfig::default().max_message_size(Some(protocol::MAX_FRAME_BYTES)).max_frame_size(Some(protocol::MAX_FRAME_BYTES));
+    let dial = tokio_tungstenite::connect_async_with_config(cfg.connect_url.as_str(), Some(ws_config), false);
+    let mut ws = match timeout(HANDSHAKE_TIMEOUT, dial).await {
+        Ok(Ok((ws, _))) => ws,
+        Ok(Err(e)) => return End::Lost(format!("cannot reach the edge at {}: {e}", cfg.connect_url)),
+        Err(_) => return End::Lost(format!("no answer from the edge at {} within 10 s", cfg.connect_url)),
+    };
+
+    // 1. The edge's challenge.
+    let challenge = match timeout(HANDSHAKE_TIMEOUT, next_edge_message(&mut ws)).await {
+        Ok(Ok(m)) => m,
+        Ok(Err(end)) => return end,
+        Err(_) => return End::Lost("the edge sent no challenge within 10 s".into()),
+    };
+    let EdgeMessage::Challenge { protocol, nonce: challenge, edge_version, .. } = challenge else {
+        return refuse(&mut ws, close::PROTOCOL_ERROR, "expected a challenge from the edge".into()).await;
+    };
+    if protocol != PROTOCOL_VERSION {
+        let reason = format!(
+            "protocol version mismatch: the edge (version {edge_version}) speaks v{protocol}, this agent speaks v{PROTOCOL_VERSION}; run the same claude-runner release on both"
+        );
+        return refuse(&mut ws, close::VERSION_MISMATCH, reason).await;
+    }
+
+    // 2. Our signed hello.
+    let agent_nonce = nonce();
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_id: cfg.agent_id.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        challenge,
+        agent_nonce: agent_nonce.clone(),
+        issued_at: crate::now_ms(),
+        capacity: cfg.max_concurrent_jobs,
+        running: agent.running_ids(),
+        finished: agent.spool.all().into_iter().map(|(id, _)| id).collect(),
+        oauth: agent.oauth_report(),
+    };
+    let envelope = Envelope::seal(Domain::Hello, &hello, &cfg.signing_key);
+    let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: cfg.agent_id.clone(), envelope };
+    if let Err(end) = send(&mut ws, &msg).await {
+        return end;
+    }
+
+    // 3. The edge's signed welcome.
+    let welcome = match timeout(HANDSHAKE_TIMEOUT, next_edge_message(&mut ws)).await {
+        Ok(Ok(EdgeMessage::Welcome { envelope })) => envelope,
+        Ok(Ok(EdgeMessage::Goodbye { reason, .. })) => return End::Refused(reason),
+        Ok(Ok(_)) => return refuse(&mut ws, close::PROTOCOL_ERROR, "expected a welcome from the edge".into()).await,
+        Ok(Err(End::Lost(why))) => return End::Refused(why),
+        Ok(Err(end)) => return end,
+        Err(_) => return End::Lost("the edge did not answer the hello within 10 s".into()),
+    };
+    let welcome: Welcome = match welcome.open(Domain::Welcome, &cfg.edge_public_key) {
+        Ok(w) => w,
+        Err(e) => {
+            let reason = format!("the edge could not prove its identity ({e}): EDGE_PUBLIC_KEY must be the public half of the edge's EDGE_SIGNING_KEY");
+            return refuse(&mut ws, close::UNAUTHORIZED, reason).await;
+        }
+    };
+    if welcome.agent_nonce != agent_nonce || welcome.agent_id != cfg.agent_id {
+        return refuse(&mut ws, close::UNAUTHORIZED, "the edge's welcome answers another connection".into()).await;
+    }
+    let heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms.clamp(100, 600_000));
+    info!(agent_id = %cfg.agent_id, session = %welcome.session_id, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the edge");
+
+    // 4. Work: credit for the free slots, then every result the edge has not acknowledged.
+    let free = agent.free_slots();
+    if free > 0 {
+        if let Err(end) = send(&mut ws, &AgentMessage::Credit { slots: free }).await {
+            return end;
+        }
+    }
+    for (job_id, result) in agent.spool.all() {
+        if let Err(end) = send(&mut ws, &AgentMessage::Result { job_id, result }).await {
+            return end;
+        }
+    }
+
+    let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    let mut last_heard = Instant::now();
+    loop {
+        let silent_at = last_heard + 2 * heartbeat;
+        tokio::select! {
+            frame = ws.next() => {
+                last_heard = Instant::now();
+                match frame {
+                    Some(Ok(Message::Text(text))) => match protocol::decode::<EdgeMessage>(&text) {
+                        Ok(msg) => {
+                            if let Some(end) = on_edge_message(agent, msg) {
+                                return end;
+                            }
+                        }
+                        Err(e) => warn!(agent_id = %cfg.agent_id, error = %e, "unreadable frame from the edge ignored"),
+                    },
+                    Some(Ok(Message::Close(frame))) => {
+                        let why = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                        return End::Lost(format!("the edge closed the connection: {why}"));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return End::Lost(format!("connection error: {e}")),
+                    None => return End::Lost("the edge closed the connection".into()),
+                }
+            }
+            Some(msg) = uplink.recv() => {
+                if let Err(end) = send(&mut ws, &msg).await {
+                    return end;
+                }
+            }
+            _ = ticker.tick() => {
+                let beat = AgentMessage::Heartbeat {
+                    running: agent.running_ids(),
+                    capacity: cfg.max_concurrent_jobs,
+                    oauth: agent.oauth_report(),
+                };
+                // A send into a dead (half-open) connection may hang; bound it.
+                match timeout(heartbeat, send(&mut ws, &beat)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(end)) => return end,
+                    Err(_) => return End::Lost("could not send a heartbeat: the connection is stuck".into()),
+                }
+            }
+            _ = tokio::time::sleep_until(silent_at) => {
+                return End::Lost(format!("nothing from the edge for {} ms (two heartbeat intervals)", 2 * heartbeat.as_millis()));
+            }
+            _ = shutdown.changed() => {
+                let frame = CloseFrame { code: CloseCode::from(close::SHUTTING_DOWN), reason: "agent shutting down".into() };
+                // Send what the jobs reported while stopping, then close.
+                while let Ok(msg) = uplink.try_recv() {
+                    let _ = send(&mut ws, &msg).await;
+                }
+                let _ = timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+                return End::Shutdown;
+            }
+        }
+    }
+}
+
+/// Handles one message from the edge. Returns how the connection ends, if it does.
+fn on_edge_message(agent: &Arc<Agent>, msg: EdgeMessage) -> Option<End> {
+    match msg {
+        EdgeMessage::Job { envelope } => agent.on_job(&envelope),
+        EdgeMessage::Cancel { envelope } => agent.on_cancel(&envelope),
+        EdgeMessage::ResultAck { job_id } => agent.spool.remove(&job_id),
+        EdgeMessage::HeartbeatAck { .. } => {}
+        EdgeMessage::Login { .. } => {
+            let _ = agent.uplink.send(AgentMessage::LoginProgress {
+                request_id: String::new(),
+                url: None,
+                done: true,
+                error: Some("this agent version cannot relay a login yet; run `claude auth login` on the runner".into()),
+            });
+        }
+        EdgeMessage::Goodbye { code, reason } => {
+            warn!(agent_id = %agent.cfg.agent_id, code, reason = %reason, "the edge is closing the connection");
+            if code == close::UNAUTHORIZED || code == close::VERSION_MISMATCH {
+                return Some(End::Refused(reason));
+            }
+        }
+        EdgeMessage::Challenge { .. } | EdgeMessage::Welcome { .. } => {
+            return Some(End::Lost("the edge restarted the handshake mid-session".into()));
+        }
+        EdgeMessage::Unknown => {}
+    }
+    None
+}

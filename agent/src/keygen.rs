@@ -1,0 +1,88 @@
+//! `claude-runner keygen`: the two key pairs (edge, agent) and a runner secret, printed
+//! with where each goes.
+
+use ed25519_dalek::SigningKey;
+use serde::{Deserialize, Serialize};
+use shared::keys::{encode_signing, encode_verifying};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeySet {
+    pub edge_signing_key: String,
+    pub edge_public_key: String,
+    pub agent_signing_key: String,
+    pub agent_public_key: String,
+}
+
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).expect("the OS random source works");
+    b
+}
+
+pub fn runner_secret() -> String {
+    random_bytes::<32>().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl KeySet {
+    pub fn generate() -> KeySet {
+        let edge = SigningKey::from_bytes(&random_bytes());
+        let agent = SigningKey::from_bytes(&random_bytes());
+        KeySet {
+            edge_signing_key: encode_signing(&edge),
+            edge_public_key: encode_verifying(&edge.verifying_key()),
+            agent_signing_key: encode_signing(&agent),
+            agent_public_key: encode_verifying(&agent.verifying_key()),
+        }
+    }
+}
+
+pub fn print(keys: &KeySet, agent_id: &str, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(keys).expect("keys serialise"));
+        return;
+    }
+    let secret = runner_secret();
+    println!(
+        "# ── On the edge (claude-runner-edge environment, or Worker secrets) ──
+RUNNER_SECRET={secret}
+EDGE_SIGNING_KEY={edge_signing}
+AGENT_PUBLIC_KEYS={agent_id}={agent_public}
+
+# Cloudflare Worker: the same three as secrets
+echo '{secret}' | npx wrangler secret put RUNNER_SECRET
+echo '{edge_signing}' | npx wrangler secret put EDGE_SIGNING_KEY
+echo '{agent_id}={agent_public}' | npx wrangler secret put AGENT_PUBLIC_KEYS
+
+# ── On Spark (claude-runner agent environment) ──
+AGENT_ID={agent_id}
+AGENT_SIGNING_KEY={agent_signing}
+EDGE_PUBLIC_KEY={edge_public}
+EDGE_URL=wss://<your edge host>
+
+# ── Callers (sandbox-executor, curl) ──
+X-Runner-Secret: {secret}
+
+# Keep EDGE_SIGNING_KEY and AGENT_SIGNING_KEY secret; the public keys may be shared.
+# Several agents in one pool: run keygen per agent and join their entries with commas.",
+        edge_signing = keys.edge_signing_key,
+        edge_public = keys.edge_public_key,
+        agent_signing = keys.agent_signing_key,
+        agent_public = keys.agent_public_key,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_pair_up() {
+        let k = KeySet::generate();
+        let edge = shared::keys::signing_key("e", &k.edge_signing_key).unwrap();
+        assert_eq!(encode_verifying(&edge.verifying_key()), k.edge_public_key);
+        let agent = shared::keys::signing_key("a", &k.agent_signing_key).unwrap();
+        assert_eq!(encode_verifying(&agent.verifying_key()), k.agent_public_key);
+        assert_ne!(k.edge_signing_key, k.agent_signing_key);
+        assert_eq!(runner_secret().len(), 64);
+    }
+}

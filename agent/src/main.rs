@@ -1,0 +1,144 @@
+//! `claude-runner`: the agent that runs Claude Code on Spark for an edge, and the
+//! operator's commands.
+//!
+//! - [`config`]: settings from flags and environment.
+//! - [`connection`]: the outbound WebSocket: handshake, heartbeats, reconnects.
+//! - [`agent`]: state that outlives connections; verifying and starting orders.
+//! - [`job`]: one job's run: workspace, Claude's process group, timeout, result.
+//! - [`claude`]: Claude Code's command line and its stream-json, as pure functions.
+//! - [`oauth`]: the login on this machine and the refresh gate.
+//! - [`redact`]: keeps tokens from ever leaving the machine.
+//! - [`spool`]: results on disk until the edge acknowledges them.
+//! - [`replay`]: remembered order nonces.
+//! - [`keygen`], [`up`]: operator commands.
+
+mod agent;
+mod claude;
+mod config;
+mod connection;
+mod job;
+mod keygen;
+mod oauth;
+mod redact;
+mod replay;
+mod spool;
+mod up;
+
+use clap::{Parser, Subcommand};
+use config::{AgentArgs, AgentConfig, LocalArgs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "claude-runner", version, about = "Run Claude Code on your own machine for cloud callers")]
+struct Cli {
+    /// Log format: text or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", global = true)]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: dial the edge and run the jobs it sends.
+    Agent(AgentArgs),
+    /// Make the edge and agent key pairs and print where each goes.
+    Keygen {
+        /// Print {"edge_signing_key","edge_public_key","agent_signing_key","agent_public_key"}.
+        #[arg(long)]
+        json: bool,
+        /// The agent id to print in AGENT_PUBLIC_KEYS.
+        #[arg(long, env = "AGENT_ID")]
+        agent_id: Option<String>,
+    },
+    /// A local edge on 127.0.0.1 plus an agent connected to it: try it in one command.
+    Up(up::UpArgs),
+    /// Show this machine's Claude login as the agent reports it.
+    OauthStatus {
+        #[command(flatten)]
+        local: LocalArgs,
+    },
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn home() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handlers install");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Runs the agent until `stop`; then stops running jobs, lets their results go out (or
+/// stay spooled) and closes the connection.
+pub async fn serve_agent(cfg: AgentConfig, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    tracing::info!(agent_id = %cfg.agent_id, edge = %cfg.connect_url, capacity = cfg.max_concurrent_jobs, claude = %cfg.claude_bin, "agent starting");
+    let (agent, uplink) = agent::Agent::new(cfg)?;
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let connection = tokio::spawn(connection::run(agent.clone(), uplink, shutdown_rx));
+    stop.await;
+    tracing::info!("agent stopping");
+    agent.cancel_all("the agent is shutting down");
+    let deadline = tokio::time::Instant::now() + job::KILL_GRACE + Duration::from_secs(2);
+    while !agent.running_ids().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = shutdown_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(3), connection).await;
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio starts");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Agent(args) => {
+                let cfg = args.resolve()?;
+                serve_agent(cfg, shutdown_signal()).await
+            }
+            Command::Keygen { json, agent_id } => {
+                keygen::print(&keygen::KeySet::generate(), &agent_id.unwrap_or_else(config::default_agent_id), json);
+                Ok(())
+            }
+            Command::Up(args) => up::run(args).await,
+            Command::OauthStatus { local } => {
+                let login = oauth::Login::new(local.claude_config_dir.as_deref());
+                let status = login.read(now_ms()).report.status(now_ms());
+                println!("{}", serde_json::to_string_pretty(&status)?);
+                if status.needs_login {
+                    eprintln!("Claude needs a login on this machine: run `claude auth login` (or set CLAUDE_CODE_OAUTH_TOKEN).");
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("claude-runner: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,254 @@
+//! Claude's login on this machine: where it comes from, what the edge is told about it,
+//! and the gate that keeps two Claude processes from refreshing the token at once.
+//!
+//! Claude Code refreshes an expired access token itself while a refresh token exists, and
+//! rotates the refresh token when it does. Two processes refreshing together can each
+//! spend the same refresh token and leave the login dead, so while the token is expired
+//! (or about to be) only one job may start; the others wait until the credentials file
+//! shows a fresh token or that job ends.
+
+use crate::redact::Redactor;
+use serde::Deserialize;
+use shared::oauth::{OAuthReport, OAuthSource};
+use shared::Millis;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// A token closer than this to expiry counts as expiring: the job would refresh it.
+pub const NEAR_EXPIRY_MS: Millis = 5 * 60_000;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CredentialsFile {
+    claude_ai_oauth: Option<OAuthEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OAuthEntry {
+    access_token: Option<String>,
+    refresh_token: Option<String>,
+    expires_at: Option<serde_json::Value>,
+    refresh_token_expires_at: Option<serde_json::Value>,
+    subscription_type: Option<String>,
+}
+
+/// Where the agent looks for Claude's login.
+#[derive(Debug, Clone)]
+pub struct Login {
+    pub credentials_path: PathBuf,
+    pub oauth_token_env: Option<String>,
+    pub api_key_env: Option<String>,
+}
+
+/// A timestamp that should be milliseconds; seconds (a common mistake) are converted.
+fn millis(v: &Option<serde_json::Value>) -> Option<Millis> {
+    let n = v.as_ref()?.as_f64()?;
+    if !(n.is_finite() && n > 0.0) {
+        return None;
+    }
+    Some(if n < 100_000_000_000.0 { (n * 1000.0) as Millis } else { n as Millis })
+}
+
+/// What was read, with the tokens (kept on this machine, for redaction only).
+pub struct Reading {
+    pub report: OAuthReport,
+    pub tokens: Vec<String>,
+}
+
+impl Login {
+    pub fn new(config_dir: Option<&Path>) -> Login {
+        let dir = config_dir.map(Path::to_path_buf).unwrap_or_else(|| crate::home().join(".claude"));
+        Login {
+            credentials_path: dir.join(".credentials.json"),
+            oauth_token_env: std::env::var("CLAUDE_CODE_OAUTH_TOKEN").ok().filter(|v| !v.trim().is_empty()),
+            api_key_env: std::env::var("ANTHROPIC_API_KEY").ok().filter(|v| !v.trim().is_empty()),
+        }
+    }
+
+    pub fn read(&self, now: Millis) -> Reading {
+        let mut report = OAuthReport::unconfigured(now);
+        let mut tokens: Vec<String> = self.oauth_token_env.iter().chain(&self.api_key_env).cloned().collect();
+        match std::fs::read(&self.credentials_path) {
+            Ok(bytes) if bytes.len() > 1024 * 1024 => {
+                report.problem = Some(format!("{} is over 1 MiB; it is not a credentials file", self.credentials_path.display()));
+            }
+            Ok(bytes) => match serde_json::from_slice::<CredentialsFile>(&bytes) {
+                Ok(CredentialsFile { claude_ai_oauth: Some(entry) }) if entry.access_token.is_some() => {
+                    report.source = OAuthSource::CredentialsFile;
+                    report.expires_at = millis(&entry.expires_at);
+                    report.refreshable = entry.refresh_token.as_deref().is_some_and(|t| !t.is_empty());
+                    report.refresh_expires_at = millis(&entry.refresh_token_expires_at);
+                    report.subscription_type = entry.subscription_type.clone();
+                    tokens.extend(entry.access_token);
+                    tokens.extend(entry.refresh_token);
+                    return Reading { report, tokens };
+                }
+                Ok(_) => {
+                    report.problem = Some(format!(
+                        "{} has no claudeAiOauth login; run `claude auth login`",
+                        self.credentials_path.display()
+                    ));
+                }
+                Err(e) => {
+                    report.problem = Some(format!(
+                        "{} is not valid JSON ({e}); run `claude auth login` to rewrite it",
+                        self.credentials_path.display()
+                    ));
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                report.problem = Some(format!("cannot read {}: {e}", self.credentials_path.display()));
+            }
+        }
+        if self.oauth_token_env.is_some() {
+            report.source = OAuthSource::OauthTokenEnv;
+        } else if self.api_key_env.is_some() {
+            report.source = OAuthSource::ApiKey;
+        }
+        Reading { report, tokens }
+    }
+
+    pub fn redactor(&self, now: Millis) -> Redactor {
+        let mut secrets = self.read(now).tokens;
+        secrets.extend(std::env::var("GITHUB_TOKEN").ok());
+        Redactor::new(secrets)
+    }
+}
+
+/// Whether starting Claude now would make it refresh the token.
+pub fn needs_refresh(report: &OAuthReport, now: Millis) -> bool {
+    report.source == OAuthSource::CredentialsFile
+        && report.refreshable
+        && report.expires_at.is_some_and(|t| t <= now + NEAR_EXPIRY_MS)
+}
+
+/// Lets one job through while the token needs a refresh.
+#[derive(Clone, Default)]
+pub struct RefreshGate {
+    refreshing: Arc<AtomicBool>,
+    released: Arc<Notify>,
+}
+
+/// Held by the job allowed to refresh; dropping it lets the others re-check.
+pub struct Refresher {
+    gate: RefreshGate,
+}
+
+impl Drop for Refresher {
+    fn drop(&mut self) {
+        self.gate.refreshing.store(false, Ordering::SeqCst);
+        self.gate.released.notify_waiters();
+    }
+}
+
+impl RefreshGate {
+    /// Waits until this job may start. Returns a guard when this job is the refresher.
+    pub async fn admit(&self, login: &Login) -> Option<Refresher> {
+        loop {
+            if !needs_refresh(&login.read(crate::now_ms()).report, crate::now_ms()) {
+                return None;
+            }
+            if self.refreshing.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                return Some(Refresher { gate: self.clone() });
+            }
+            // Re-read the file every half second: the refresher's Claude writes the fresh
+            // token there, which frees everyone at once.
+            let _ = tokio::time::timeout(Duration::from_millis(500), self.released.notified()).await;
+        }
+    }
+}
+
+/// Marks the login as failed after Claude could not authenticate, until a later run works
+/// or the credentials change.
+#[derive(Clone, Default)]
+pub struct AuthHealth {
+    failed: Arc<AtomicBool>,
+}
+
+impl AuthHealth {
+    pub fn set_failed(&self, failed: bool) {
+        self.failed.store(failed, Ordering::SeqCst);
+    }
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn login_with(dir: &Path, body: &str) -> Login {
+        std::fs::write(dir.join(".credentials.json"), body).unwrap();
+        Login { credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None }
+    }
+
+    fn tempdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("cr-oauth-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn reads_a_real_shaped_credentials_file() {
+        let d = tempdir("real");
+        let login = login_with(
+            &d,
+            r#"{"claudeAiOauth":{"accessToken":"sk-ant-oat01-aaaa","refreshToken":"sk-ant-ort01-bbbb",
+               "expiresAt":1900000000000,"refreshTokenExpiresAt":1900000000000,"scopes":["user:inference"],
+               "subscriptionType":"max","rateLimitTier":"x"}}"#,
+        );
+        let r = login.read(0);
+        assert_eq!(r.report.source, OAuthSource::CredentialsFile);
+        assert_eq!(r.report.expires_at, Some(1_900_000_000_000));
+        assert!(r.report.refreshable);
+        assert_eq!(r.report.subscription_type.as_deref(), Some("max"));
+        assert!(r.tokens.contains(&"sk-ant-oat01-aaaa".to_string()));
+        // The report itself never carries a token.
+        assert!(!serde_json::to_string(&r.report).unwrap().contains("sk-ant"));
+    }
+
+    #[test]
+    fn expiry_in_seconds_is_understood() {
+        let d = tempdir("secs");
+        let login = login_with(&d, r#"{"claudeAiOauth":{"accessToken":"a","expiresAt":1900000000}}"#);
+        assert_eq!(login.read(0).report.expires_at, Some(1_900_000_000_000));
+    }
+
+    #[test]
+    fn broken_files_are_reported_not_fatal() {
+        let d = tempdir("broken");
+        for body in ["{", "[]", r#"{"claudeAiOauth":null}"#, r#"{"claudeAiOauth":{"expiresAt":"soon"}}"#] {
+            let r = login_with(&d, body).read(0);
+            assert_eq!(r.report.source, OAuthSource::None, "{body}");
+            assert!(r.report.problem.is_some(), "{body}");
+        }
+        let missing = Login { credentials_path: d.join("nope.json"), oauth_token_env: Some("tok-123456789".into()), api_key_env: None };
+        assert_eq!(missing.read(0).report.source, OAuthSource::OauthTokenEnv);
+    }
+
+    #[tokio::test]
+    async fn only_one_job_refreshes_at_a_time() {
+        let d = tempdir("gate");
+        let login = login_with(&d, r#"{"claudeAiOauth":{"accessToken":"a","refreshToken":"r","expiresAt":1000}}"#);
+        let gate = RefreshGate::default();
+        let first = gate.admit(&login).await;
+        assert!(first.is_some(), "the first job becomes the refresher");
+        let second = {
+            let (gate, login) = (gate.clone(), login.clone());
+            tokio::spawn(async move { gate.admit(&login).await.is_some() })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!second.is_finished(), "the second waits while the token is stale");
+        // Claude refreshed: the file shows a fresh token.
+        let fresh = format!(r#"{{"claudeAiOauth":{{"accessToken":"b","refreshToken":"r2","expiresAt":{}}}}}"#, crate::now_ms() + 3_600_000);
+        std::fs::write(&login.credentials_path, fresh).unwrap();
+        assert!(!second.await.unwrap(), "released without becoming a refresher");
+        drop(first);
+    }
+}

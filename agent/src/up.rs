@@ -1,0 +1,116 @@
+//! `claude-runner up`: the newcomer's one command. A native edge on 127.0.0.1 and an agent
+//! connected to it, in one process; keys and a runner secret are made on the first run and
+//! kept under `DATA_DIR/up`, so the curl line printed stays valid across restarts.
+
+use crate::config::{default_agent_id, AgentConfig, LocalArgs};
+use crate::keygen::{runner_secret, KeySet};
+use crate::spool::write_atomically;
+use serde::{Deserialize, Serialize};
+use shared::keys;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Where the local edge listens.
+    #[arg(long, env = "LISTEN", default_value = "127.0.0.1:8787")]
+    pub listen: SocketAddr,
+    #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 1)]
+    pub max_concurrent_jobs: u32,
+    #[command(flatten)]
+    pub local: LocalArgs,
+}
+
+#[derive(Serialize, Deserialize)]
+struct UpState {
+    #[serde(flatten)]
+    keys: KeySet,
+    runner_secret: String,
+    agent_id: String,
+}
+
+/// Where `name` resolves on PATH, or the path itself if it has a slash.
+pub fn find_binary(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false);
+    if name.contains('/') {
+        let p = PathBuf::from(name);
+        return executable(&p).then_some(p);
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| executable(p))
+}
+
+pub const INSTALL_CLAUDE: &str = "Claude Code is not installed (no `claude` on PATH).
+Install it and log in, then run this again:
+    npm install -g @anthropic-ai/claude-code
+    claude auth login          # or: export CLAUDE_CODE_OAUTH_TOKEN=... from `claude setup-token`
+Or point CLAUDE_BIN at the binary.";
+
+fn load_or_create(dir: &Path) -> anyhow::Result<UpState> {
+    let path = dir.join("up.json");
+    if let Ok(bytes) = std::fs::read(&path) {
+        return serde_json::from_slice(&bytes)
+            .map_err(|e| anyhow::anyhow!("{} is damaged ({e}); delete it to make new keys", path.display()));
+    }
+    std::fs::create_dir_all(dir)?;
+    let state = UpState { keys: KeySet::generate(), runner_secret: runner_secret(), agent_id: default_agent_id() };
+    write_atomically(&path, &serde_json::to_vec_pretty(&state)?)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(state)
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    if find_binary(&args.local.claude_bin).is_none() {
+        eprintln!("{INSTALL_CLAUDE}");
+        std::process::exit(1);
+    }
+    let root = args.local.data_dir().join("up");
+    let state = load_or_create(&root)?;
+    let agent_public_keys = format!("{}={}", state.agent_id, state.keys.agent_public_key);
+    let config = edge_core::Config::from_lookup(|name| match name {
+        "RUNNER_SECRET" => Some(state.runner_secret.clone()),
+        "EDGE_SIGNING_KEY" => Some(state.keys.edge_signing_key.clone()),
+        "AGENT_PUBLIC_KEYS" => Some(agent_public_keys.clone()),
+        other => std::env::var(other).ok(),
+    })?;
+    let edge = edge_native::Edge::bind(edge_native::EdgeOptions { config, listen: args.listen, data_dir: root.join("edge") }).await?;
+    let addr = edge.local_addr();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let edge_stop = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.changed().await;
+        }
+    };
+    let edge_task = tokio::spawn(edge.serve(edge_stop));
+
+    let agent_cfg = AgentConfig {
+        connect_url: format!("ws://{addr}/agent/connect"),
+        agent_id: state.agent_id.clone(),
+        signing_key: keys::signing_key("agent key", &state.keys.agent_signing_key)?,
+        edge_public_key: keys::verifying_key("edge key", &state.keys.edge_public_key)?,
+        claude_bin: args.local.claude_bin.clone(),
+        claude_config_dir: args.local.claude_config_dir.clone(),
+        data_dir: root.join("agent"),
+        max_concurrent_jobs: args.max_concurrent_jobs,
+        claude_model: args.local.claude_model.clone(),
+    };
+    println!(
+        "Claude Runner is up: edge http://{addr}, agent `{id}` connected to it.
+
+  curl -s -X POST http://{addr}/execute \\
+    -H 'Content-Type: application/json' -H 'X-Runner-Secret: {secret}' \\
+    -d '{{\"prompt\": \"Write a haiku about home servers\"}}'
+
+  curl -s http://{addr}/health
+Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both.",
+        id = state.agent_id,
+        secret = state.runner_secret,
+        keys_path = root.join("up.json").display(),
+    );
+    let result = crate::serve_agent(agent_cfg, crate::shutdown_signal()).await;
+    let _ = stop_tx.send(true);
+    let _ = edge_task.await;
+    result
+}
