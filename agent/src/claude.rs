@@ -274,7 +274,7 @@ mod tests {
         let r = result(&t, Ending::Exited(Some(139)), "core dumped", 1);
         assert!(!r.success);
         let e = r.error.unwrap();
-        assert!(e.contains("139") && e.contains("Segmentation fault") && e.contains("core dumped"), "{e}");
+        assert!(e.contains("139") && e.contains("no_type") && e.contains("core dumped"), "{e}");
     }
 
     #[test]

@@ -1,0 +1,110 @@
+//! The Worker's fetch handler. It decides nothing about the request itself: it only finds
+//! the pool — `/pool/{name}/…` names one, anything else is the `default` pool — and hands
+//! the request, with that prefix stripped, to the pool's Durable Object. One object per
+//! pool is what gives a pool one queue, one set of agent sessions and one order of events.
+
+use crate::exchange;
+use shared::contract::{ApiError, ErrorCode};
+use worker::wasm_bindgen::JsValue;
+use worker::{console_error, event, web_sys, Context, Env, Request, Response};
+
+/// The Durable Object namespace binding in wrangler.toml.
+pub const BINDING: &str = "EDGE";
+/// The pool of requests without a `/pool/{name}` prefix.
+pub const DEFAULT_POOL: &str = "default";
+const MAX_POOL_NAME: usize = 64;
+
+/// Splits `/pool/{name}/rest` into the pool's name and the path its object sees (`/rest`,
+/// or `/` when nothing follows). Any other path belongs to the default pool unchanged.
+pub fn pool_of(path: &str) -> Result<(String, String), ApiError> {
+    let rest = match path.strip_prefix("/pool") {
+        Some("") => "",
+        Some(rest) if rest.starts_with('/') => &rest[1..],
+        _ => return Ok((DEFAULT_POOL.to_string(), path.to_string())),
+    };
+    let (name, inner) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let valid = (1..=MAX_POOL_NAME).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !valid {
+        return Err(ApiError::invalid(format!(
+            "bad pool name in {path}: a pool name is 1-{MAX_POOL_NAME} characters of A-Z, a-z, 0-9, _ and - \
+             (e.g. /pool/spark/execute); leave the prefix out to use the default pool"
+        )));
+    }
+    Ok((name.to_string(), inner.to_string()))
+}
+
+#[event(fetch)]
+async fn route(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
+    let url = match req.url() {
+        Ok(url) => url,
+        Err(e) => return exchange::error(&ApiError::invalid(format!("unreadable request URL: {e}"))),
+    };
+    let (pool, path) = match pool_of(url.path()) {
+        Ok(p) => p,
+        Err(e) => return exchange::error(&e),
+    };
+    match forward(&req, url, &env, &pool, &path).await {
+        Ok(response) => Ok(response),
+        Err(e) => {
+            console_error!("pool={pool} path={path} could not reach the pool's Durable Object: {e}");
+            exchange::error(&ApiError::new(
+                ErrorCode::InternalError,
+                format!(
+                    "the edge could not reach its Durable Object ({e}); retry, and check the `{BINDING}` \
+                     binding and migrations in wrangler.toml"
+                ),
+            ))
+        }
+    }
+}
+
+/// Sends the request on to the pool's object: same method, headers and body (a stream,
+/// not read here), the path without the pool prefix.
+async fn forward(req: &Request, mut url: worker::Url, env: &Env, pool: &str, path: &str) -> worker::Result<Response> {
+    url.set_path(path);
+    let original = req.inner();
+    let init = web_sys::RequestInit::new();
+    init.set_method(&original.method());
+    init.set_headers(original.headers().as_ref());
+    if let Some(body) = original.body() {
+        init.set_body(&JsValue::from(body));
+    }
+    let forwarded = web_sys::Request::new_with_str_and_init(url.as_str(), &init)?;
+    let stub = env.durable_object(BINDING)?.id_from_name(pool)?.get_stub()?;
+    stub.fetch_with_request(forwarded.into()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_without_a_prefix_go_to_the_default_pool() {
+        assert_eq!(pool_of("/execute").unwrap(), ("default".into(), "/execute".into()));
+        assert_eq!(pool_of("/").unwrap(), ("default".into(), "/".into()));
+        assert_eq!(pool_of("/poolside/x").unwrap(), ("default".into(), "/poolside/x".into()));
+    }
+
+    #[test]
+    fn a_prefix_names_the_pool_and_is_stripped() {
+        assert_eq!(pool_of("/pool/spark/execute").unwrap(), ("spark".into(), "/execute".into()));
+        assert_eq!(pool_of("/pool/a_b-9/jobs/1").unwrap(), ("a_b-9".into(), "/jobs/1".into()));
+        assert_eq!(pool_of("/pool/spark").unwrap(), ("spark".into(), "/".into()));
+        assert_eq!(pool_of("/pool/spark/").unwrap(), ("spark".into(), "/".into()));
+        assert_eq!(pool_of(&format!("/pool/{}/health", "x".repeat(64))).unwrap().1, "/health");
+    }
+
+    #[test]
+    fn bad_pool_names_are_400() {
+        for path in ["/pool", "/pool/", "/pool//execute", "/pool/a.b/execute", "/pool/%20/x", "/pool/ü/x"] {
+            let err = pool_of(path).unwrap_err();
+            assert_eq!(err.status, 400, "{path}");
+            assert_eq!(err.body.error_code, ErrorCode::InvalidRequest);
+        }
+        assert!(pool_of(&format!("/pool/{}/health", "x".repeat(65))).is_err());
+    }
+}

@@ -1,0 +1,262 @@
+//! The agents' WebSockets, accepted with the hibernation API so the object can leave
+//! memory while they stay open. Each socket carries its session id as its tag (how an
+//! effect for a session finds its socket, in this instance or a later one) and the
+//! session's record as its attachment (how a rebuilt machine gets its sessions back: the
+//! record lives exactly as long as the connection).
+//!
+//! The attachment is the record's JSON text rather than a structured-clone object: JSON
+//! keeps every `u64` exact and reads back with the same serde code as everywhere else.
+//! Attachments are limited to 2,048 bytes, so a record too long for that loses the
+//! agent's free-text fields (version, login problem) before it is stored.
+
+use edge_core::session::Session;
+use worker::wasm_bindgen::JsValue;
+use worker::{console_error, console_warn, State, WebSocket};
+
+/// The attachment of a socket the edge has closed: a rebuild skips it even if the runtime
+/// still lists it while the close handshake finishes.
+const CLOSED: &str = "closed";
+/// Serialized attachments may not exceed 2,048 bytes; keep a margin for the framing.
+const ATTACHMENT_BUDGET: usize = 2_000;
+/// WebSocket close reasons are limited to 123 bytes of UTF-8.
+const MAX_CLOSE_REASON: usize = 123;
+
+/// Close code for a socket whose session the edge lost (an unreadable attachment) or
+/// that spoke outside the protocol (binary frames): the agent should reconnect.
+pub use shared::protocol::close::PROTOCOL_ERROR;
+/// Close code when the edge cannot run at all (a setting is wrong).
+pub const INTERNAL_ERROR: u16 = 1011;
+
+pub struct Sockets<'a> {
+    state: &'a State,
+}
+
+/// A socket already in hand (the one an event arrived on, or the one being accepted), so
+/// effects for its session need no lookup.
+pub type AtHand<'a> = Option<(&'a str, &'a WebSocket)>;
+
+impl<'a> Sockets<'a> {
+    pub fn new(state: &'a State) -> Sockets<'a> {
+        Sockets { state }
+    }
+
+    /// Accepts a new agent connection for hibernation, tagged with its session id.
+    pub fn accept(&self, ws: &WebSocket, session_id: &str) -> Result<(), String> {
+        self.state
+            .as_raw()
+            .accept_websocket_with_tags(ws.as_ref(), vec![JsValue::from_str(session_id)])
+            .map_err(js_text)
+    }
+
+    /// The session id a socket was tagged with.
+    pub fn session_id(&self, ws: &WebSocket) -> Option<String> {
+        self.state.as_raw().get_tags(ws.as_ref()).ok()?.into_iter().next()
+    }
+
+    fn find(&self, session_id: &str, at_hand: AtHand<'_>) -> Option<WebSocket> {
+        if let Some((id, ws)) = at_hand {
+            if id == session_id {
+                return Some(ws.clone());
+            }
+        }
+        let found = self.state.as_raw().get_websockets_with_tag(session_id).ok()?;
+        found.into_iter().next().map(WebSocket::from)
+    }
+
+    pub fn send(&self, session_id: &str, text: &str, at_hand: AtHand<'_>) {
+        match self.find(session_id, at_hand) {
+            Some(ws) => {
+                if let Err(e) = ws.send_with_str(text) {
+                    console_warn!("session={session_id} send failed: {e}");
+                }
+            }
+            None => console_warn!("session={session_id} has no open socket; message dropped"),
+        }
+    }
+
+    pub fn close(&self, session_id: &str, code: u16, reason: &str, at_hand: AtHand<'_>) {
+        if let Some(ws) = self.find(session_id, at_hand) {
+            close_socket(&ws, code, reason);
+        }
+    }
+
+    /// Keeps the session's record in its socket's attachment.
+    pub fn save_session(&self, session: &Session, at_hand: AtHand<'_>) {
+        let Some(ws) = self.find(&session.id, at_hand) else {
+            console_warn!("session={} has no open socket; record not kept", session.id);
+            return;
+        };
+        let stored = encode_session(session).and_then(|text| ws.serialize_attachment(text).map_err(|e| e.to_string()));
+        if let Err(e) = stored {
+            // The machine still has it; only a rebuild would see the older record.
+            console_error!("session={} record not kept in its attachment: {e}", session.id);
+        }
+    }
+
+    /// The sessions of the sockets still open, for rebuilding the machine. A socket whose
+    /// record is missing or unreadable cannot be served: it is closed so its agent
+    /// reconnects and proves itself again.
+    pub fn restore(&self) -> Vec<Session> {
+        let sockets = match self.state.as_raw().get_websockets() {
+            Ok(s) => s,
+            Err(e) => {
+                console_error!("listing the object's WebSockets failed: {}", js_text(e));
+                return Vec::new();
+            }
+        };
+        let mut sessions = Vec::new();
+        for ws in sockets.into_iter().map(WebSocket::from) {
+            let tag = self.session_id(&ws);
+            match read_attachment(&ws, tag.as_deref()) {
+                Restored::Session(session) => sessions.push(*session),
+                Restored::Closed => {}
+                Restored::Unreadable(why) => {
+                    console_warn!("session={} closed on restore: {why}", tag.as_deref().unwrap_or("?"));
+                    close_socket(&ws, PROTOCOL_ERROR, "the edge lost this connection's record; reconnect");
+                }
+            }
+        }
+        sessions
+    }
+}
+
+enum Restored {
+    Session(Box<Session>),
+    Closed,
+    Unreadable(String),
+}
+
+fn read_attachment(ws: &WebSocket, tag: Option<&str>) -> Restored {
+    let text = match ws.deserialize_attachment::<String>() {
+        Ok(Some(text)) => text,
+        Ok(None) => return Restored::Unreadable("it has no attachment".into()),
+        Err(e) => return Restored::Unreadable(format!("its attachment is not a record: {e}")),
+    };
+    if text == CLOSED {
+        return Restored::Closed;
+    }
+    match decode_session(&text, tag) {
+        Ok(session) => Restored::Session(Box::new(session)),
+        Err(why) => Restored::Unreadable(why),
+    }
+}
+
+/// Closes a socket, marking it closed first (see [`CLOSED`]). Errors — the socket may be
+/// closed already — are of no consequence.
+pub fn close_socket(ws: &WebSocket, code: u16, reason: &str) {
+    let _ = ws.serialize_attachment(CLOSED);
+    let reason = truncate(reason, MAX_CLOSE_REASON);
+    if ws.close(Some(code), Some(reason)).is_err() {
+        let _ = ws.close(None, None::<&str>);
+    }
+}
+
+/// The session record as attachment text, within the attachment budget.
+pub fn encode_session(session: &Session) -> Result<String, String> {
+    let text = serde_json::to_string(session).map_err(|e| e.to_string())?;
+    if attachment_cost(&text) <= ATTACHMENT_BUDGET {
+        return Ok(text);
+    }
+    let mut shorter = session.clone();
+    if let Some(agent) = shorter.agent_mut() {
+        agent.version = truncate(&agent.version, 64).to_string();
+        agent.oauth.subscription_type = agent.oauth.subscription_type.as_deref().map(|s| truncate(s, 64).to_string());
+        agent.oauth.problem = agent.oauth.problem.as_deref().map(|s| truncate(s, 300).to_string());
+    }
+    let text = serde_json::to_string(&shorter).map_err(|e| e.to_string())?;
+    if attachment_cost(&text) <= ATTACHMENT_BUDGET {
+        Ok(text)
+    } else {
+        Err(format!("the record is {} bytes, over the 2,048-byte attachment limit", text.len()))
+    }
+}
+
+/// Reads a record back, checking it belongs to the socket's tag.
+pub fn decode_session(text: &str, tag: Option<&str>) -> Result<Session, String> {
+    let session: Session = serde_json::from_str(text).map_err(|e| format!("its record does not read ({e})"))?;
+    if tag != Some(session.id.as_str()) {
+        return Err(format!("its record is for session {} but it is tagged {}", session.id, tag.unwrap_or("(none)")));
+    }
+    Ok(session)
+}
+
+/// Bytes the runtime's serializer uses for this string: one per character when all are
+/// Latin-1, else two per UTF-16 unit.
+fn attachment_cost(text: &str) -> usize {
+    if text.chars().all(|c| (c as u32) < 256) {
+        text.chars().count()
+    } else {
+        text.encode_utf16().count() * 2
+    }
+}
+
+/// At most `max` bytes of `text`, cut on a character boundary.
+pub fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &text[..cut]
+}
+
+fn js_text(value: JsValue) -> String {
+    value.as_string().unwrap_or_else(|| format!("{value:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edge_core::session::{Agent, Phase};
+    use shared::oauth::OAuthReport;
+
+    fn ready(problem: &str) -> Session {
+        Session {
+            id: "0011223344556677".into(),
+            connected_at: u64::MAX - 1,
+            last_seen: 1_700_000_000_000,
+            phase: Phase::Ready(Agent {
+                agent_id: "spark".into(),
+                version: "1.2.3".into(),
+                capacity: 2,
+                credits: 1,
+                oauth: OAuthReport { problem: Some(problem.into()), ..OAuthReport::unconfigured(5) },
+            }),
+        }
+    }
+
+    #[test]
+    fn records_round_trip_exactly() {
+        let session = ready("none");
+        let text = encode_session(&session).unwrap();
+        assert_eq!(decode_session(&text, Some("0011223344556677")).unwrap(), session);
+    }
+
+    #[test]
+    fn a_record_must_match_its_tag() {
+        let text = encode_session(&ready("x")).unwrap();
+        assert!(decode_session(&text, Some("ffff")).is_err());
+        assert!(decode_session(&text, None).is_err());
+        assert!(decode_session("{\"not\":1}", Some("0011223344556677")).is_err());
+        assert!(decode_session(CLOSED, Some("0011223344556677")).is_err());
+    }
+
+    #[test]
+    fn long_free_text_is_shortened_to_fit() {
+        let text = encode_session(&ready(&"é".repeat(5000))).unwrap();
+        assert!(attachment_cost(&text) <= ATTACHMENT_BUDGET);
+        let back = decode_session(&text, Some("0011223344556677")).unwrap();
+        assert_eq!(back.agent().unwrap().oauth.problem.as_ref().unwrap().len(), 300);
+        let text = encode_session(&ready(&"😀".repeat(5000))).unwrap();
+        assert!(attachment_cost(&text) <= ATTACHMENT_BUDGET);
+    }
+
+    #[test]
+    fn truncation_keeps_characters_whole() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("héllo", 3), "hé");
+        assert_eq!(truncate("abc", 123), "abc");
+    }
+}

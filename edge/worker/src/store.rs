@@ -1,0 +1,157 @@
+//! Job records in the Durable Object's SQLite storage: the only part of the machine's
+//! state that must outlive the object's memory (sessions live in socket attachments).
+//! Workerd evicts an idle object within seconds, so every event may start with
+//! [`Store::load`]; every `Effect::Save` / `Effect::Forget` lands here.
+//!
+//! A record is the JSON of [`edge_core::job::Job`] in `jobs.record`. SQLite in a Durable
+//! Object refuses strings over 2 MB, and a result (Claude's output plus a diff) may be
+//! larger, so a long record continues in `job_parts`; a job whose result could not be
+//! stored would come back as "running" after an eviction and end as lost.
+//!
+//! Writes made in one event without an `await` between them are committed together by
+//! the runtime, so a record and its parts never disagree.
+
+use edge_core::job::Job;
+use serde::Deserialize;
+use std::collections::HashMap;
+use worker::{SqlStorage, SqlStorageValue};
+
+/// Bytes per stored piece of a record: well under the 2 MB limit of a string.
+const PART_BYTES: usize = 1_000_000;
+
+pub struct Store {
+    sql: SqlStorage,
+}
+
+#[derive(Deserialize)]
+struct JobRow {
+    id: String,
+    record: String,
+}
+
+#[derive(Deserialize)]
+struct PartRow {
+    id: String,
+    text: String,
+}
+
+impl Store {
+    pub fn new(sql: SqlStorage) -> Store {
+        Store { sql }
+    }
+
+    /// Creates the tables if this object never had them.
+    pub fn open(&self) -> Result<(), String> {
+        self.exec("CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, record TEXT NOT NULL)", vec![])?;
+        self.exec(
+            "CREATE TABLE IF NOT EXISTS job_parts (id TEXT NOT NULL, part INTEGER NOT NULL, text TEXT NOT NULL, \
+             PRIMARY KEY (id, part))",
+            vec![],
+        )?;
+        Ok(())
+    }
+
+    /// Every stored job. A record that no longer reads as a job (e.g. written by an
+    /// incompatible release) is skipped and reported, not fatal: the others still load.
+    pub fn load(&self) -> Result<(Vec<Job>, Vec<String>), String> {
+        let mut parts: HashMap<String, Vec<String>> = HashMap::new();
+        let cursor = self.exec("SELECT id, text FROM job_parts ORDER BY id, part", vec![])?;
+        for row in cursor.next::<PartRow>() {
+            let row = row.map_err(|e| format!("reading job_parts: {e}"))?;
+            parts.entry(row.id).or_default().push(row.text);
+        }
+        let mut jobs = Vec::new();
+        let mut problems = Vec::new();
+        let cursor = self.exec("SELECT id, record FROM jobs", vec![])?;
+        for row in cursor.next::<JobRow>() {
+            let row = row.map_err(|e| format!("reading jobs: {e}"))?;
+            let record = join_record(row.record, parts.remove(&row.id).unwrap_or_default());
+            match serde_json::from_str::<Job>(&record) {
+                Ok(job) => jobs.push(job),
+                Err(e) => problems.push(format!("job {} has an unreadable record ({e}); it was skipped", row.id)),
+            }
+        }
+        Ok((jobs, problems))
+    }
+
+    /// Inserts or replaces a job's record.
+    pub fn save(&self, job: &Job) -> Result<(), String> {
+        let record = serde_json::to_string(job).map_err(|e| format!("encoding job {}: {e}", job.id))?;
+        let pieces = split_record(&record, PART_BYTES);
+        self.exec(
+            "INSERT INTO jobs (id, record) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET record = excluded.record",
+            vec![job.id.as_str().into(), pieces[0].into()],
+        )?;
+        self.exec("DELETE FROM job_parts WHERE id = ?", vec![job.id.as_str().into()])?;
+        for (part, text) in pieces.iter().enumerate().skip(1) {
+            self.exec(
+                "INSERT INTO job_parts (id, part, text) VALUES (?, ?, ?)",
+                vec![job.id.as_str().into(), (part as i64).into(), (*text).into()],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a job whose retention is over.
+    pub fn forget(&self, job_id: &str) -> Result<(), String> {
+        self.exec("DELETE FROM jobs WHERE id = ?", vec![job_id.into()])?;
+        self.exec("DELETE FROM job_parts WHERE id = ?", vec![job_id.into()])?;
+        Ok(())
+    }
+
+    fn exec(&self, query: &str, bindings: Vec<SqlStorageValue>) -> Result<worker::SqlCursor, String> {
+        self.sql.exec(query, bindings).map_err(|e| format!("SQL storage: {e}"))
+    }
+}
+
+/// Cuts a record into pieces of at most `max` bytes, on character boundaries. Always at
+/// least one piece (possibly empty).
+pub fn split_record(record: &str, max: usize) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut rest = record;
+    while rest.len() > max {
+        let mut cut = max;
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        if cut == 0 {
+            // `max` is smaller than this one character: it goes alone.
+            cut = rest.chars().next().map_or(rest.len(), char::len_utf8);
+        }
+        let (head, tail) = rest.split_at(cut);
+        pieces.push(head);
+        rest = tail;
+    }
+    pieces.push(rest);
+    pieces
+}
+
+fn join_record(first: String, rest: Vec<String>) -> String {
+    if rest.is_empty() {
+        return first;
+    }
+    let mut record = first;
+    for piece in rest {
+        record.push_str(&piece);
+    }
+    record
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_split_on_char_boundaries_and_join_back() {
+        let record = "aé€😀".repeat(1000);
+        for max in [4, 5, 7, 100, 10_000] {
+            let pieces = split_record(&record, max);
+            assert!(pieces.iter().all(|p| p.len() <= max), "max {max}");
+            let joined = join_record(pieces[0].to_string(), pieces[1..].iter().map(|p| p.to_string()).collect());
+            assert_eq!(joined, record);
+        }
+        assert_eq!(split_record("", 4), vec![""]);
+        assert_eq!(split_record("abcd", 4), vec!["abcd"]);
+        assert_eq!(split_record("😀😀", 2), vec!["😀", "😀"]);
+    }
+}

@@ -1,0 +1,100 @@
+//! A scripted stand-in for the Claude Code CLI, for tests and benchmarks. It reads the
+//! prompt on stdin like `claude -p` does and prints stream-json shaped like the real
+//! CLI's (system/init, assistant, result). Directives in the prompt script its behaviour:
+//!
+//! `@sleep=MS` wait before answering · `@exit=N` exit code · `@is_error` report an error ·
+//! `@auth_error` report a 401 · `@garbage` print non-JSON and no result ·
+//! `@spawn_child=PIDFILE` start a long-lived child in the same process group and write its
+//! pid to PIDFILE · `@megabytes=N` stream N MiB of assistant text first ·
+//! `@print_env=VAR` answer with the value of VAR · `@no_result` end without a result line ·
+//! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it).
+//!
+//! With `STANDIN_LOG` set, every invocation appends one JSON line (argv, cwd, prompt).
+
+use std::io::{Read, Write};
+
+fn directive<'a>(prompt: &'a str, name: &str) -> Option<&'a str> {
+    prompt.split_whitespace().find_map(|w| {
+        let w = w.strip_prefix('@')?;
+        match w.split_once('=') {
+            Some((k, v)) if k == name => Some(v),
+            None if w == name => Some(""),
+            _ => None,
+        }
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--version") {
+        println!("0.0.0 (Claude Code stand-in)");
+        return;
+    }
+    let mut prompt = String::new();
+    let _ = std::io::stdin().read_to_string(&mut prompt);
+    if let Ok(path) = std::env::var("STANDIN_LOG") {
+        let line = serde_json::json!({
+            "argv": args,
+            "cwd": std::env::current_dir().ok(),
+            "prompt": prompt,
+            "claude_config_dir": std::env::var("CLAUDE_CONFIG_DIR").ok(),
+        });
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+    if directive(&prompt, "ignore_term").is_some() {
+        // SAFETY: installing SIG_IGN for SIGTERM has no memory effects.
+        unsafe {
+            libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        }
+    }
+    let session = format!("standin-{}", std::process::id());
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    let emit = |out: &mut std::io::StdoutLock, v: serde_json::Value| {
+        let _ = writeln!(out, "{v}");
+        let _ = out.flush();
+    };
+    if directive(&prompt, "garbage").is_some() {
+        let _ = writeln!(out, "Segmentation fault (this is not JSON)");
+        let _ = out.flush();
+        std::process::exit(directive(&prompt, "exit").and_then(|c| c.parse().ok()).unwrap_or(2));
+    }
+    emit(&mut out, serde_json::json!({"type":"system","subtype":"init","session_id":session,"cwd":std::env::current_dir().ok(),"tools":["Read","Bash"],"model":"stand-in","permissionMode":"default"}));
+    if let Some(pidfile) = directive(&prompt, "spawn_child") {
+        let child = std::process::Command::new("sleep").arg("300").spawn().expect("sleep starts");
+        std::fs::write(pidfile, child.id().to_string()).expect("pid file writes");
+        std::mem::forget(child);
+    }
+    if let Some(mb) = directive(&prompt, "megabytes").and_then(|v| v.parse::<usize>().ok()) {
+        let chunk = "x".repeat(64 * 1024);
+        for _ in 0..mb * 16 {
+            emit(&mut out, serde_json::json!({"type":"assistant","session_id":session,"message":{"content":[{"type":"text","text":chunk}]}}));
+        }
+    }
+    if let Some(ms) = directive(&prompt, "sleep").and_then(|v| v.parse::<u64>().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+    let text = match directive(&prompt, "print_env") {
+        Some(var) => format!("the value is {}", std::env::var(var).unwrap_or_default()),
+        None => format!("stand-in answer to: {}", prompt.trim()),
+    };
+    emit(&mut out, serde_json::json!({"type":"assistant","session_id":session,"message":{"content":[{"type":"text","text":text}]}}));
+    if directive(&prompt, "no_result").is_some() {
+        std::process::exit(directive(&prompt, "exit").and_then(|c| c.parse().ok()).unwrap_or(0));
+    }
+    let (is_error, result, status) = if directive(&prompt, "auth_error").is_some() {
+        (true, "Failed to authenticate. API Error: 401 {\"type\":\"error\",\"error\":{\"type\":\"authentication_error\",\"message\":\"Invalid bearer token\"}}".to_string(), Some(401))
+    } else if directive(&prompt, "is_error").is_some() {
+        (true, "API Error: 500 Internal server error".to_string(), Some(500))
+    } else {
+        (false, text, None)
+    };
+    emit(&mut out, serde_json::json!({
+        "type":"result","subtype":"success","is_error":is_error,"result":result,"session_id":session,
+        "num_turns":1,"total_cost_usd":0.0123,"duration_ms":5,"api_error_status":status,
+    }));
+    let code = directive(&prompt, "exit").and_then(|c| c.parse().ok()).unwrap_or(if is_error { 1 } else { 0 });
+    std::process::exit(code);
+}

@@ -1,0 +1,440 @@
+//! The end-to-end harness: starts the real `claude-runner-edge` (or the Worker under
+//! Miniflare) and `claude-runner agent` binaries on loopback, with the stand-in for
+//! `claude` (`src/bin/claude-standin.rs`), and talks to them over HTTP.
+//!
+//! The binaries are found next to the test executable (`target/<profile>/`); the test
+//! command (`tests/run`) builds them first.
+
+use ed25519_dalek::SigningKey;
+use serde_json::Value;
+use shared::keys::{encode_signing, encode_verifying};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use serde_json::json;
+
+pub const SECRET: &str = "test-runner-secret-0123456789";
+
+/// Where the workspace's binaries are.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CLAUDE_RUNNER_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("the test knows its path");
+    let mut dir = exe.parent().expect("exe has a folder").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`, or run the README's test command `tests/run`)",
+        path.display()
+    );
+    path
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repo").to_path_buf()
+}
+
+/// A folder removed when dropped (kept if `KEEP_TEST_DIRS` is set, for post-mortems).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir()
+            .join("claude-runner-tests")
+            .join(format!("{name}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub fn random_key() -> SigningKey {
+    let mut seed = [0u8; 32];
+    getrandom(&mut seed);
+    SigningKey::from_bytes(&seed)
+}
+
+fn getrandom(buf: &mut [u8]) {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf)).expect("urandom");
+}
+
+/// A port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Key material for one edge and its agents.
+#[derive(Clone)]
+pub struct Keys {
+    pub edge: SigningKey,
+    pub agents: Vec<(String, SigningKey)>,
+}
+
+impl Keys {
+    pub fn new(agent_ids: &[&str]) -> Keys {
+        Keys { edge: random_key(), agents: agent_ids.iter().map(|id| (id.to_string(), random_key())).collect() }
+    }
+    pub fn agent(&self, id: &str) -> &SigningKey {
+        &self.agents.iter().find(|(a, _)| a == id).expect("known agent").1
+    }
+    pub fn agent_public_keys(&self) -> String {
+        self.agents.iter().map(|(id, k)| format!("{id}={}", encode_verifying(&k.verifying_key()))).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// Which edge host a contract test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EdgeKind {
+    Native,
+    Worker,
+}
+
+/// A running edge process on loopback.
+pub struct EdgeServer {
+    pub kind: EdgeKind,
+    pub port: u16,
+    pub keys: Keys,
+    pub env: HashMap<String, String>,
+    pub data: TempDir,
+    child: Option<Child>,
+}
+
+impl EdgeServer {
+    pub fn start(kind: EdgeKind, keys: &Keys, settings: &[(&str, &str)]) -> EdgeServer {
+        let mut env: HashMap<String, String> = HashMap::new();
+        env.insert("RUNNER_SECRET".into(), SECRET.into());
+        env.insert("EDGE_SIGNING_KEY".into(), encode_signing(&keys.edge));
+        env.insert("AGENT_PUBLIC_KEYS".into(), keys.agent_public_keys());
+        env.insert("HEARTBEAT_INTERVAL_MS".into(), "1000".into());
+        env.insert("LOST_AFTER_MS".into(), "5000".into());
+        for (k, v) in settings {
+            env.insert(k.to_string(), v.to_string());
+        }
+        let mut edge = EdgeServer { kind, port: free_port(), keys: keys.clone(), env, data: TempDir::new("edge"), child: None };
+        edge.spawn();
+        edge
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data.path().join("edge.log")).unwrap();
+        let mut cmd = match self.kind {
+            EdgeKind::Native => {
+                let mut c = Command::new(bin("claude-runner-edge"));
+                c.env("LISTEN", format!("127.0.0.1:{}", self.port)).env("DATA_DIR", self.data.path().join("db"));
+                c
+            }
+            EdgeKind::Worker => {
+                let mut c = Command::new("node");
+                c.arg(repo_root().join("edge/worker/miniflare-host.mjs"))
+                    .env("PORT", self.port.to_string())
+                    .env("PERSIST_DIR", self.data.path().join("do"))
+                    .env("WORKER_BINDINGS_JSON", serde_json::to_string(&self.env).unwrap());
+                c
+            }
+        };
+        cmd.envs(&self.env).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        self.child = Some(cmd.spawn().expect("edge starts"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "edge did not listen within 30 s; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("edge.log")).unwrap_or_default()
+    }
+
+    /// Stops the process (SIGTERM, then SIGKILL) and keeps its storage.
+    pub fn stop(&mut self) {
+        if let Some(child) = self.child.take() {
+            stop_child(child);
+        }
+    }
+
+    /// Same port, same storage, new process.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for EdgeServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn stop_child(mut child: Child) {
+    // SAFETY: signalling a child we own.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A running `claude-runner agent`.
+pub struct AgentProc {
+    pub id: String,
+    pub data: TempDir,
+    child: Option<Child>,
+    args: Vec<(String, String)>,
+}
+
+pub struct AgentOpts<'a> {
+    pub id: &'a str,
+    pub key: SigningKey,
+    pub edge_public: String,
+    pub edge_ws: String,
+    pub claude_bin: PathBuf,
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl<'a> AgentOpts<'a> {
+    /// An agent of `edge` named `id`, running the stand-in.
+    pub fn for_edge(edge: &EdgeServer, id: &'a str) -> AgentOpts<'a> {
+        AgentOpts {
+            id,
+            key: edge.keys.agent(id).clone(),
+            edge_public: encode_verifying(&edge.keys.edge.verifying_key()),
+            edge_ws: edge.ws_url(),
+            claude_bin: bin("claude-standin"),
+            extra_env: Vec::new(),
+        }
+    }
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.extra_env.push((k.into(), v.into()));
+        self
+    }
+}
+
+impl AgentProc {
+    pub fn start(opts: AgentOpts) -> AgentProc {
+        let data = TempDir::new("agent");
+        std::fs::create_dir_all(data.path().join("claude-config")).unwrap();
+        let mut args: Vec<(String, String)> = vec![
+            ("EDGE_URL".into(), opts.edge_ws.clone()),
+            ("AGENT_ID".into(), opts.id.into()),
+            ("AGENT_SIGNING_KEY".into(), encode_signing(&opts.key)),
+            ("EDGE_PUBLIC_KEY".into(), opts.edge_public.clone()),
+            ("CLAUDE_BIN".into(), opts.claude_bin.display().to_string()),
+            ("CLAUDE_CONFIG_DIR".into(), data.path().join("claude-config").display().to_string()),
+            ("DATA_DIR".into(), data.path().join("data").display().to_string()),
+            ("CLAUDE_CODE_OAUTH_TOKEN".into(), "sk-ant-oat01-test-token-not-real-0123456789".into()),
+            ("STANDIN_LOG".into(), data.path().join("standin.log").display().to_string()),
+        ];
+        args.extend(opts.extra_env);
+        let mut agent = AgentProc { id: opts.id.into(), data, child: None, args };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data.path().join("agent.log")).unwrap();
+        let mut cmd = Command::new(bin("claude-runner"));
+        cmd.arg("agent")
+            .env_remove("ANTHROPIC_API_KEY")
+            .envs(self.args.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.child = Some(cmd.spawn().expect("agent starts"));
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// Every stand-in invocation so far (argv, cwd, prompt).
+    pub fn claude_runs(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.data.path().join("standin.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(child) = self.child.take() {
+            stop_child(child);
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An HTTP answer: status and JSON body (Null if not JSON).
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+    pub text: String,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    pub base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Client {
+        Client { base: base.to_string(), http: reqwest::Client::builder().no_proxy().build().unwrap() }
+    }
+
+    pub async fn send(&self, method: &str, path: &str, secret: Option<&str>, body: Option<Vec<u8>>) -> Answer {
+        let mut req = self.http.request(method.parse().unwrap(), format!("{}{path}", self.base));
+        if let Some(s) = secret {
+            req = req.header("X-Runner-Secret", s);
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let resp = req.send().await.expect("the edge answers");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        Answer { status, body: serde_json::from_str(&text).unwrap_or(Value::Null), text }
+    }
+
+    pub async fn execute(&self, body: Value) -> Answer {
+        self.send("POST", "/execute", Some(SECRET), Some(body.to_string().into_bytes())).await
+    }
+
+    pub async fn submit(&self, body: Value) -> Answer {
+        self.send("POST", "/jobs", Some(SECRET), Some(body.to_string().into_bytes())).await
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.send("GET", path, Some(SECRET), None).await
+    }
+
+    pub async fn health(&self) -> Answer {
+        self.send("GET", "/health", None, None).await
+    }
+
+    /// Polls until `/health` says 200 (an agent is connected and its login usable).
+    pub async fn wait_online(&self) {
+        self.wait_health(200).await
+    }
+
+    pub async fn wait_health(&self, status: u16) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let h = self.health().await;
+            if h.status == status {
+                return;
+            }
+            assert!(Instant::now() < deadline, "health never became {status}; last: {} {}", h.status, h.text);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls a job until it is in a terminal state.
+    pub async fn wait_job(&self, job_id: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let a = self.get(&format!("/jobs/{job_id}")).await;
+            let state = a.body["state"].as_str().unwrap_or("").to_string();
+            if !["queued", "dispatched", "running", ""].contains(&state.as_str()) {
+                return a.body;
+            }
+            assert!(Instant::now() < deadline, "job {job_id} did not end; last: {}", a.text);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Whether a process is alive (and not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Waits up to `within` for `cond`.
+pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cond()
+}
+
+/// Whether the Worker variants of the contract suite run: `tests/run` sets
+/// `CLAUDE_RUNNER_WORKER_TESTS=1` after building the Worker, and then a missing bundle is
+/// a failure, not a skip.
+pub fn worker_tests_enabled() -> bool {
+    let wanted = std::env::var("CLAUDE_RUNNER_WORKER_TESTS").is_ok_and(|v| v == "1");
+    if wanted {
+        let bundle = repo_root().join("edge/worker/build/index.js");
+        assert!(bundle.exists(), "CLAUDE_RUNNER_WORKER_TESTS=1 but {} is missing: run edge/worker/build.sh", bundle.display());
+    } else {
+        eprintln!("Worker variant not run: set CLAUDE_RUNNER_WORKER_TESTS=1 (tests/run does) after edge/worker/build.sh");
+    }
+    wanted
+}

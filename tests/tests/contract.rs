@@ -1,0 +1,382 @@
+//! The HTTP contract of DESIGN.md, run against each edge host with the real agent binary
+//! and the stand-in for `claude`. Each test is written once and instantiated per host by
+//! `contract!`; the Worker variants run when `tests/run` has built the Worker
+//! (`CLAUDE_RUNNER_WORKER_TESTS=1`).
+
+use harness::*;
+use std::time::{Duration, Instant};
+
+/// An edge with one connected agent `spark`.
+struct Setup {
+    edge: EdgeServer,
+    agent: AgentProc,
+    client: Client,
+}
+
+async fn setup(kind: EdgeKind, edge_settings: &[(&str, &str)], agent_env: &[(&str, &str)]) -> Setup {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, edge_settings);
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    for (k, v) in agent_env {
+        opts = opts.env(k, v);
+    }
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    Setup { edge, agent, client }
+}
+
+async fn a_job_returns_every_response_field(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let a = s.client.execute(json!({"prompt": "say hello", "timeout_ms": 20000})).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let b = &a.body;
+    assert_eq!(b["success"], true);
+    assert_eq!(b["output"], "stand-in answer to: say hello");
+    assert!(b["error"].is_null());
+    assert_eq!(b["exit_code"], 0);
+    assert!(b["duration_ms"].as_u64().is_some());
+    assert!(b["job_id"].as_str().is_some_and(|j| !j.is_empty()));
+    assert_eq!(b["agent_id"], "spark");
+    assert!(b["session_id"].as_str().unwrap().starts_with("standin-"));
+    assert_eq!(b["num_turns"], 1);
+    assert_eq!(b["cost_usd"], 0.0123);
+    assert!(b["error_code"].is_null());
+    // The job stays readable.
+    let job = s.client.get(&format!("/jobs/{}", b["job_id"].as_str().unwrap())).await;
+    assert_eq!(job.body["state"], "succeeded");
+    assert_eq!(job.body["result"]["output"], b["output"]);
+}
+
+async fn task_is_an_alias_of_prompt(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let a = s.client.execute(json!({"task": "via task"})).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["output"], "stand-in answer to: via task");
+}
+
+async fn request_options_reach_claude_as_flags(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let a = s
+        .client
+        .execute(json!({
+            "prompt": "--help is not a flag here", "model": "claude-test-model", "max_turns": 4,
+            "allowed_tools": ["Read", "Bash(git log:*)"], "disallowed_tools": ["Write"],
+            "permission_mode": "acceptEdits", "append_system_prompt": "be terse",
+            "session_id": "0b7c1c7e-0000-4000-8000-000000000000", "working_dir": "sub/dir"
+        }))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let runs = s.agent.claude_runs();
+    assert_eq!(runs.len(), 1);
+    let argv: Vec<String> = serde_json::from_value(runs[0]["argv"].clone()).unwrap();
+    for flag in [
+        "-p", "--output-format", "stream-json", "--verbose", "--model=claude-test-model", "--max-turns=4",
+        "--allowedTools=Read", "--allowedTools=Bash(git log:*)", "--disallowedTools=Write",
+        "--permission-mode=acceptEdits", "--append-system-prompt=be terse",
+        "--resume=0b7c1c7e-0000-4000-8000-000000000000",
+    ] {
+        assert!(argv.contains(&flag.to_string()), "{flag} missing from {argv:?}");
+    }
+    assert_eq!(runs[0]["prompt"], "--help is not a flag here", "the prompt arrives on stdin");
+    assert!(runs[0]["cwd"].as_str().unwrap().ends_with("sub/dir"));
+}
+
+async fn offline_is_answered_at_once_with_fallback(kind: EdgeKind) {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    let client = Client::new(&edge.url());
+    let started = Instant::now();
+    let a = client.execute(json!({"prompt": "anyone?"})).await;
+    // "At once" means no waiting for an agent or a timeout (300 s by default).
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(a.status, 503, "{}", a.text);
+    assert_eq!(a.body["success"], false);
+    assert_eq!(a.body["error_code"], "RUNNER_OFFLINE");
+    assert_eq!(a.body["fallback"], true);
+    assert!(a.body["error"].as_str().unwrap().len() > 20);
+    let h = client.health().await;
+    assert_eq!(h.status, 503);
+    assert_eq!(h.body["status"], "offline");
+    assert_eq!(h.body["service"], "claude-runner");
+}
+
+async fn health_follows_the_agent(kind: EdgeKind) {
+    let mut s = setup(kind, &[], &[]).await;
+    let h = s.client.health().await;
+    assert_eq!(h.status, 200);
+    assert_eq!(h.body["status"], "healthy");
+    assert_eq!(h.body["agent"]["connected"], true);
+    assert_eq!(h.body["agent"]["agent_id"], "spark");
+    assert_eq!(h.body["agent"]["capacity"], 1);
+    assert_eq!(h.body["oauth"]["configured"], true);
+    assert!(h.body["timestamp"].as_str().unwrap().ends_with('Z'));
+    s.agent.stop();
+    s.client.wait_health(503).await;
+    assert_eq!(s.client.health().await.body["status"], "offline");
+    s.agent.restart();
+    s.client.wait_health(200).await;
+}
+
+async fn secrets_are_checked(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let body = Some(json!({"prompt": "x"}).to_string().into_bytes());
+    for secret in [None, Some("wrong-secret"), Some("")] {
+        let a = s.client.send("POST", "/execute", secret, body.clone()).await;
+        assert_eq!(a.status, 403, "{secret:?}");
+        assert_eq!(a.body["error_code"], "UNAUTHORIZED");
+        assert_eq!(a.body["success"], false);
+    }
+    for path in ["/oauth/status", "/jobs/x"] {
+        assert_eq!(s.client.send("GET", path, None, None).await.status, 403, "{path}");
+    }
+    assert!(s.agent.claude_runs().is_empty(), "nothing ran");
+    // Bearer works too.
+    let resp = reqwest::Client::new()
+        .get(format!("{}/oauth/status", s.edge.url()))
+        .header("Authorization", format!("Bearer {SECRET}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let o: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(o["source"], "oauth_token_env");
+    assert_eq!(o["needs_login"], false);
+}
+
+async fn bad_requests_are_400(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let cases: Vec<Vec<u8>> = vec![
+        b"{not json".to_vec(),
+        b"".to_vec(),
+        json!({}).to_string().into_bytes(),
+        json!({"prompt": ""}).to_string().into_bytes(),
+        json!({"prompt": 42}).to_string().into_bytes(),
+        json!({"prompt": "x", "timeout_ms": "soon"}).to_string().into_bytes(),
+        json!({"prompt": "x", "allowed_tools": "Read"}).to_string().into_bytes(),
+        json!({"prompt": "x", "working_dir": "../../etc"}).to_string().into_bytes(),
+        json!({"prompt": "x", "working_dir": "/etc"}).to_string().into_bytes(),
+        json!({"prompt": "x", "model": "--dangerously-skip-permissions"}).to_string().into_bytes(),
+        json!({"prompt": "x", "repo_url": "file:///etc"}).to_string().into_bytes(),
+    ];
+    for body in cases {
+        let a = s.client.send("POST", "/execute", Some(SECRET), Some(body.clone())).await;
+        assert_eq!(a.status, 400, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(a.body["error_code"], "INVALID_REQUEST");
+        assert_eq!(a.body["success"], false);
+        assert!(a.body["error"].as_str().unwrap().len() > 10);
+    }
+    assert!(s.agent.claude_runs().is_empty(), "nothing ran");
+}
+
+async fn oversized_bodies_are_413(kind: EdgeKind) {
+    let s = setup(kind, &[("MAX_BODY_BYTES", "4096")], &[]).await;
+    let big = json!({"prompt": "x".repeat(5000)}).to_string().into_bytes();
+    let a = s.client.send("POST", "/execute", Some(SECRET), Some(big)).await;
+    assert_eq!(a.status, 413, "{}", a.text);
+    assert_eq!(a.body["error_code"], "PAYLOAD_TOO_LARGE");
+    let ok = json!({"prompt": "x".repeat(3000)}).to_string().into_bytes();
+    assert_eq!(s.client.send("POST", "/execute", Some(SECRET), Some(ok)).await.status, 200);
+}
+
+async fn a_timeout_kills_claude_and_its_children(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let pidfile = s.agent.data.path().join("child.pid");
+    let prompt = format!("@spawn_child={} @sleep=60000 @ignore_term", pidfile.display());
+    let a = s.client.execute(json!({"prompt": prompt, "timeout_ms": 1500})).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["success"], false);
+    assert_eq!(a.body["error_code"], "TIMEOUT");
+    let child: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert!(eventually(Duration::from_secs(5), || !alive(child)).await, "the child {child} outlived the timeout");
+    let job = s.client.get(&format!("/jobs/{}", a.body["job_id"].as_str().unwrap())).await;
+    assert_eq!(job.body["state"], "timed_out");
+}
+
+async fn claude_errors_are_failures(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let a = s.client.execute(json!({"prompt": "@is_error @exit=0"})).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body["success"], false, "is_error decides, not the exit code");
+    assert_eq!(a.body["error_code"], "CLAUDE_ERROR");
+    assert!(a.body["error"].as_str().unwrap().contains("API Error: 500"));
+
+    let a = s.client.execute(json!({"prompt": "@exit=3"})).await;
+    assert_eq!(a.body["success"], true, "a result without is_error succeeds even with exit 3");
+    assert_eq!(a.body["exit_code"], 3);
+
+    let a = s.client.execute(json!({"prompt": "@garbage @exit=2"})).await;
+    assert_eq!(a.body["success"], false);
+    assert_eq!(a.body["error_code"], "CLAUDE_ERROR");
+    assert!(a.body["error"].as_str().unwrap().contains("Segmentation fault"), "{}", a.text);
+
+    let a = s.client.execute(json!({"prompt": "@no_result @exit=0"})).await;
+    assert_eq!(a.body["success"], false);
+    assert!(a.body["error"].as_str().unwrap().contains("without a result"));
+}
+
+async fn an_auth_failure_says_log_in_again(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let a = s.client.execute(json!({"prompt": "@auth_error"})).await;
+    assert_eq!(a.body["error_code"], "RUNNER_OAUTH_ERROR", "{}", a.text);
+    assert!(a.body["error"].as_str().unwrap().contains("log in"));
+    // The next heartbeat tells the edge; health turns unhealthy (503).
+    s.client.wait_health(503).await;
+    let h = s.client.health().await;
+    assert_eq!(h.body["status"], "unhealthy");
+    assert_eq!(h.body["oauth"]["needs_login"], true);
+    // A later success clears it.
+    assert_eq!(s.client.execute(json!({"prompt": "fine now"})).await.body["success"], true);
+    s.client.wait_health(200).await;
+}
+
+async fn megabytes_of_output_do_not_hang(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let a = s.client.execute(json!({"prompt": "@megabytes=8", "timeout_ms": 60000})).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["success"], true);
+}
+
+async fn a_missing_claude_binary_is_a_clear_failure(kind: EdgeKind) {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    opts.claude_bin = "/nonexistent/claude".into();
+    let _agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let a = client.execute(json!({"prompt": "x"})).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body["success"], false);
+    assert_eq!(a.body["error_code"], "CLAUDE_ERROR");
+    assert!(a.body["error"].as_str().unwrap().contains("CLAUDE_BIN"), "{}", a.text);
+}
+
+async fn tokens_never_leave_the_machine(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let a = s.client.execute(json!({"prompt": "@print_env=CLAUDE_CODE_OAUTH_TOKEN"})).await;
+    assert_eq!(a.status, 200);
+    assert!(!a.text.contains("test-token-not-real"), "token leaked: {}", a.text);
+    assert!(a.text.contains("[REDACTED]"));
+}
+
+async fn the_agent_reconnects_after_an_edge_restart(kind: EdgeKind) {
+    let mut s = setup(kind, &[], &[]).await;
+    let done = s.client.execute(json!({"prompt": "before restart"})).await;
+    let job_id = done.body["job_id"].as_str().unwrap().to_string();
+    s.edge.restart();
+    // A finished job is still readable after the restart.
+    let job = s.client.get(&format!("/jobs/{job_id}")).await;
+    assert_eq!(job.status, 200, "{}", job.text);
+    assert_eq!(job.body["state"], "succeeded");
+    assert_eq!(job.body["result"]["output"], "stand-in answer to: before restart");
+    // The agent comes back by itself and work flows again.
+    s.client.wait_online().await;
+    assert_eq!(s.client.execute(json!({"prompt": "after restart"})).await.body["success"], true);
+}
+
+async fn a_job_in_flight_survives_an_edge_restart(kind: EdgeKind) {
+    let mut s = setup(kind, &[], &[]).await;
+    let a = s.client.submit(json!({"prompt": "@sleep=2500 slow one"})).await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(10), || !s.agent.claude_runs().is_empty()).await);
+    s.edge.restart();
+    let job = s.client.wait_job(&job_id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["result"]["output"], "stand-in answer to: @sleep=2500 slow one");
+    assert_eq!(s.agent.claude_runs().len(), 1, "it ran once");
+}
+
+async fn a_vanished_agent_makes_the_job_lost(kind: EdgeKind) {
+    let mut s = setup(kind, &[("LOST_AFTER_MS", "1500")], &[]).await;
+    let client = s.client.clone();
+    let waiter = tokio::spawn(async move { client.execute(json!({"prompt": "@sleep=30000"})).await });
+    assert!(eventually(Duration::from_secs(10), || !s.agent.claude_runs().is_empty()).await);
+    s.agent.kill();
+    let a = waiter.await.unwrap();
+    assert_eq!(a.status, 502, "{}", a.text);
+    assert_eq!(a.body["error_code"], "RUNNER_LOST");
+    assert_eq!(a.body["fallback"], true);
+}
+
+async fn an_unknown_agent_is_refused(kind: EdgeKind) {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    opts.key = random_key(); // not the key the edge knows
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    assert!(eventually(Duration::from_secs(10), || agent.log().contains("refused")).await, "{}", agent.log());
+    assert!(agent.log().contains("AGENT_PUBLIC_KEYS"), "the reason says what to fix: {}", agent.log());
+    assert_eq!(client.health().await.status, 503);
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    opts.id = "stranger";
+    let agent = AgentProc::start(opts);
+    assert!(eventually(Duration::from_secs(10), || agent.log().contains("unknown agent")).await, "{}", agent.log());
+}
+
+async fn idempotent_submits_run_once(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let body = json!({"prompt": "once", "idempotency_key": "k-1"});
+    let a = s.client.submit(body.clone()).await;
+    let b = s.client.submit(body.clone()).await;
+    assert_eq!(a.body["job_id"], b.body["job_id"]);
+    s.client.wait_job(a.body["job_id"].as_str().unwrap(), Duration::from_secs(20)).await;
+    let c = s.client.execute(body).await;
+    assert_eq!(c.body["job_id"], a.body["job_id"]);
+    assert_eq!(s.agent.claude_runs().len(), 1);
+}
+
+async fn unknown_jobs_and_routes_are_404(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    assert_eq!(s.client.get("/jobs/does-not-exist").await.status, 404);
+    assert_eq!(s.client.get("/nope").await.status, 404);
+}
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod native {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(harness::EdgeKind::Native).await
+                }
+            )*
+        }
+        mod worker {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if !harness::worker_tests_enabled() {
+                        return;
+                    }
+                    super::$name(harness::EdgeKind::Worker).await
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    a_job_returns_every_response_field,
+    task_is_an_alias_of_prompt,
+    request_options_reach_claude_as_flags,
+    offline_is_answered_at_once_with_fallback,
+    health_follows_the_agent,
+    secrets_are_checked,
+    bad_requests_are_400,
+    oversized_bodies_are_413,
+    a_timeout_kills_claude_and_its_children,
+    claude_errors_are_failures,
+    an_auth_failure_says_log_in_again,
+    megabytes_of_output_do_not_hang,
+    a_missing_claude_binary_is_a_clear_failure,
+    tokens_never_leave_the_machine,
+    the_agent_reconnects_after_an_edge_restart,
+    a_job_in_flight_survives_an_edge_restart,
+    a_vanished_agent_makes_the_job_lost,
+    an_unknown_agent_is_refused,
+    idempotent_submits_run_once,
+    unknown_jobs_and_routes_are_404,
+);
