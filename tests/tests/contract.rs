@@ -334,6 +334,47 @@ async fn unknown_jobs_and_routes_are_404(kind: EdgeKind) {
     assert_eq!(s.client.get("/nope").await.status, 404);
 }
 
+/// A hand-driven agent: proves its identity, then says nothing more while keeping the
+/// TCP connection open — a half-open agent, as after a network cut.
+async fn a_silent_agent_is_reported_offline_within_two_heartbeats(kind: EdgeKind) {
+    use futures_util::{SinkExt, StreamExt};
+    use shared::envelope::{Domain, Envelope};
+    use shared::protocol::{AgentMessage, EdgeMessage, Hello, PROTOCOL_VERSION};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[("HEARTBEAT_INTERVAL_MS", "1000")]);
+    let client = Client::new(&edge.url());
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/agent/connect", edge.ws_url())).await.unwrap();
+    let Some(Ok(Message::Text(text))) = ws.next().await else { panic!("a challenge") };
+    let EdgeMessage::Challenge { nonce, .. } = serde_json::from_str(&text).unwrap() else { panic!("a challenge") };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_id: "spark".into(),
+        agent_version: "hand".into(),
+        challenge: nonce,
+        agent_nonce: "n".into(),
+        issued_at: now,
+        capacity: 1,
+        running: vec![],
+        finished: vec![],
+        oauth: shared::oauth::OAuthReport { source: shared::oauth::OAuthSource::ApiKey, ..shared::oauth::OAuthReport::unconfigured(now) },
+    };
+    let envelope = Envelope::seal(Domain::Hello, &hello, keys.agent("spark"));
+    let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope };
+    ws.send(Message::Text(msg.to_text().into())).await.unwrap();
+    client.wait_online().await;
+    let online_at = Instant::now();
+    // Stop reading and writing; keep the socket.
+    client.wait_health(503).await;
+    let took = online_at.elapsed();
+    assert!(took >= Duration::from_millis(900), "dropped too early ({took:?}): silence shorter than two intervals is allowed");
+    assert!(took < Duration::from_secs(2 * 1 + 3), "noticed late ({took:?})");
+    assert_eq!(client.execute(json!({"prompt": "x"})).await.status, 503);
+    drop(ws);
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod native {
@@ -379,4 +420,5 @@ contract!(
     an_unknown_agent_is_refused,
     idempotent_submits_run_once,
     unknown_jobs_and_routes_are_404,
+    a_silent_agent_is_reported_offline_within_two_heartbeats,
 );

@@ -122,7 +122,9 @@ pub fn split_record(record: &str, max: usize) -> Vec<&str> {
         pieces.push(head);
         rest = tail;
     }
-    pieces.push(rest);
+    if !rest.is_empty() || pieces.is_empty() {
+        pieces.push(rest);
+    }
     pieces
 }
 

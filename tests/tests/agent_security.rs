@@ -1,0 +1,283 @@
+//! The agent against an edge the test controls: it speaks the real protocol, then tries
+//! to make the agent run what it must not — orders signed by another key, tampered,
+//! addressed to another agent, expired, from the future, replayed — and checks each is
+//! refused with a reason and never reaches `claude`. Also: an edge that cannot prove its
+//! identity, another protocol version, and a silent (half-open) edge.
+
+use ed25519_dalek::SigningKey;
+use futures_util::{SinkExt, StreamExt};
+use harness::*;
+use shared::envelope::{Domain, Envelope, OrderHeader};
+use shared::job::JobSpec;
+use shared::keys::encode_verifying;
+use shared::protocol::{AgentMessage, EdgeMessage, Hello, JobOrder, Welcome, PROTOCOL_VERSION};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A scripted edge on a loopback port.
+struct FakeEdge {
+    listener: TcpListener,
+    edge_key: SigningKey,
+    agent_key: SigningKey,
+}
+
+impl FakeEdge {
+    async fn new() -> FakeEdge {
+        FakeEdge { listener: TcpListener::bind("127.0.0.1:0").await.unwrap(), edge_key: random_key(), agent_key: random_key() }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}", self.listener.local_addr().unwrap())
+    }
+
+    fn start_agent(&self) -> AgentProc {
+        let opts = AgentOpts {
+            id: "spark",
+            key: self.agent_key.clone(),
+            edge_public: encode_verifying(&self.edge_key.verifying_key()),
+            edge_ws: self.url(),
+            claude_bin: bin("claude-standin"),
+            extra_env: Vec::new(),
+        };
+        AgentProc::start(opts)
+    }
+
+    async fn accept(&self) -> Ws {
+        let (tcp, _) = tokio::time::timeout(Duration::from_secs(20), self.listener.accept()).await.expect("the agent dials").unwrap();
+        tokio_tungstenite::accept_async(tcp).await.unwrap()
+    }
+
+    /// Accepts a connection and runs the handshake; `welcome_key` signs the welcome.
+    async fn handshake(&self, welcome_key: &SigningKey, protocol: u32) -> (Ws, Option<Hello>) {
+        let mut ws = self.accept().await;
+        let challenge = EdgeMessage::Challenge { protocol, nonce: "fake-nonce".into(), edge_version: "fake".into(), server_time: now() };
+        ws.send(Message::Text(challenge.to_text().into())).await.unwrap();
+        let hello = match recv(&mut ws).await {
+            Some(AgentMessage::Hello { envelope, .. }) => envelope.open::<Hello>(Domain::Hello, &self.agent_key.verifying_key()).unwrap(),
+            _ => return (ws, None),
+        };
+        assert_eq!(hello.challenge, "fake-nonce");
+        let welcome = Welcome {
+            protocol: PROTOCOL_VERSION,
+            agent_id: hello.agent_id.clone(),
+            agent_nonce: hello.agent_nonce.clone(),
+            session_id: "s1".into(),
+            heartbeat_interval_ms: 500,
+            issued_at: now(),
+        };
+        let envelope = Envelope::seal(Domain::Welcome, &welcome, welcome_key);
+        ws.send(Message::Text(EdgeMessage::Welcome { envelope }.to_text().into())).await.unwrap();
+        (ws, Some(hello))
+    }
+}
+
+/// The next agent message, skipping heartbeats; None when the socket ends or 10 s pass.
+async fn recv(ws: &mut Ws) -> Option<AgentMessage> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.ok()??;
+        match frame {
+            Ok(Message::Text(t)) => match serde_json::from_str::<AgentMessage>(&t).ok()? {
+                AgentMessage::Heartbeat { .. } => continue,
+                m => return Some(m),
+            },
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+fn spec(prompt: &str) -> JobSpec {
+    JobSpec {
+        prompt: prompt.into(),
+        repo_url: None,
+        branch: None,
+        working_dir: None,
+        timeout_ms: 10_000,
+        allowed_tools: vec![],
+        disallowed_tools: vec![],
+        max_turns: None,
+        model: None,
+        permission_mode: None,
+        append_system_prompt: None,
+        session_id: None,
+        include_diff: false,
+    }
+}
+
+fn order(job_id: &str, agent: &str, issued_at: u64, expires_at: u64, prompt: &str) -> JobOrder {
+    JobOrder {
+        header: OrderHeader { job_id: job_id.into(), agent_id: agent.into(), issued_at, expires_at, nonce: format!("{job_id}:1") },
+        spec: spec(prompt),
+    }
+}
+
+async fn send_job(ws: &mut Ws, envelope: Envelope) {
+    ws.send(Message::Text(EdgeMessage::Job { envelope }.to_text().into())).await.unwrap();
+}
+
+/// Sends a job and returns the agent's answer to it (Rejected or Accepted…Result).
+async fn answer(ws: &mut Ws, envelope: Envelope) -> AgentMessage {
+    send_job(ws, envelope).await;
+    loop {
+        match recv(ws).await.expect("the agent answers") {
+            // Credits, progress and results of earlier jobs are not the answer to this one.
+            AgentMessage::Credit { .. } | AgentMessage::Event { .. } | AgentMessage::Result { .. } => continue,
+            m => return m,
+        }
+    }
+}
+
+fn rejected(m: &AgentMessage) -> String {
+    match m {
+        AgentMessage::Rejected { reason, .. } => reason.clone(),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    let t = now();
+
+    // Signed by a key that is not the edge's.
+    let forged = Envelope::seal(Domain::Job, &order("forged", "spark", t, t + 60_000, "@forged"), &random_key());
+    assert!(rejected(&answer(&mut ws, forged).await).contains("signature"));
+
+    // The edge's signature, but the payload changed after signing.
+    let mut tampered = Envelope::seal(Domain::Job, &order("tampered", "spark", t, t + 60_000, "harmless"), &edge.edge_key);
+    tampered.payload = tampered.payload.replace("harmless", "@tampered");
+    assert!(rejected(&answer(&mut ws, tampered).await).contains("signature"));
+
+    // A signature made for another kind of message (a cancel) presented as a job.
+    let cross = Envelope::seal(Domain::Cancel, &order("cross", "spark", t, t + 60_000, "@cross"), &edge.edge_key);
+    assert!(rejected(&answer(&mut ws, cross).await).contains("signature"));
+
+    // For another agent.
+    let other = Envelope::seal(Domain::Job, &order("other", "laptop", t, t + 60_000, "@other"), &edge.edge_key);
+    assert!(rejected(&answer(&mut ws, other).await).contains("laptop"));
+
+    // Expired beyond the 60 s skew allowance.
+    let expired = Envelope::seal(Domain::Job, &order("expired", "spark", t - 200_000, t - 130_000, "@expired"), &edge.edge_key);
+    assert!(rejected(&answer(&mut ws, expired).await).contains("expired"));
+
+    // Issued in the future beyond the allowance.
+    let future = Envelope::seal(Domain::Job, &order("future", "spark", t + 120_000, t + 180_000, "@future"), &edge.edge_key);
+    assert!(rejected(&answer(&mut ws, future).await).contains("future"));
+
+    // Not even an envelope.
+    let junk = Envelope { payload: "{}".into(), sig: "not base64!".into() };
+    assert!(!rejected(&answer(&mut ws, junk).await).is_empty());
+
+    // A good job runs…
+    let good = Envelope::seal(Domain::Job, &order("good", "spark", t, t + 60_000, "legit"), &edge.edge_key);
+    assert!(matches!(answer(&mut ws, good.clone()).await, AgentMessage::Accepted { .. }));
+    loop {
+        match recv(&mut ws).await.expect("a result") {
+            AgentMessage::Result { job_id, result } => {
+                assert_eq!(job_id, "good");
+                assert!(result.success);
+                break;
+            }
+            _ => continue,
+        }
+    }
+    // …once: the same envelope again is a replay.
+    assert!(rejected(&answer(&mut ws, good.clone()).await).contains("replay"));
+
+    let runs = agent.claude_runs();
+    assert_eq!(runs.len(), 1, "only the legitimate job ran: {runs:?}");
+    assert_eq!(runs[0]["prompt"], "legit");
+    drop(ws);
+
+    // The agent remembers nonces across a restart.
+    let mut agent = agent;
+    agent.restart();
+    let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(rejected(&answer(&mut ws, good).await).contains("replay"));
+    assert_eq!(agent.claude_runs().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_cannot_prove_its_identity_gets_no_service() {
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let (mut ws, _) = edge.handshake(&random_key(), PROTOCOL_VERSION).await;
+    // The agent closes instead of granting credit.
+    assert!(recv(&mut ws).await.is_none(), "the agent must hang up");
+    assert!(eventually(Duration::from_secs(5), || agent.log().contains("EDGE_PUBLIC_KEY")).await, "{}", agent.log());
+    // Even a correctly signed job sent now goes nowhere.
+    let t = now();
+    let job = Envelope::seal(Domain::Job, &order("j", "spark", t, t + 60_000, "x"), &edge.edge_key);
+    let _ = ws.send(Message::Text(EdgeMessage::Job { envelope: job }.to_text().into())).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(agent.claude_runs().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_protocol_version_is_refused_by_name() {
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let (_ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION + 1).await;
+    assert!(hello.is_none(), "no hello to an edge of another version");
+    assert!(
+        eventually(Duration::from_secs(5), || agent.log().contains("protocol version mismatch")).await,
+        "{}",
+        agent.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_edge_is_left_within_two_heartbeats_and_redialed() {
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let (ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    // Keep the TCP connection open but never answer: a half-open edge (heartbeat 500 ms).
+    let started = std::time::Instant::now();
+    let (_ws2, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some());
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900), "left too early ({took:?}): the edge was only quiet, not gone");
+    assert!(agent.log().contains("two heartbeat intervals"), "{}", agent.log());
+    drop(ws);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_waits_on_disk_until_the_edge_acknowledges_it() {
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    let t = now();
+    let job = Envelope::seal(Domain::Job, &order("keep", "spark", t, t + 60_000, "remember me"), &edge.edge_key);
+    send_job(&mut ws, job).await;
+    loop {
+        if let Some(AgentMessage::Result { .. }) = recv(&mut ws).await {
+            break;
+        }
+    }
+    // No acknowledgement; the connection drops. The next hello names the result and the
+    // agent sends it again.
+    drop(ws);
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert_eq!(hello.unwrap().finished, vec!["keep".to_string()]);
+    let again = loop {
+        match recv(&mut ws).await.expect("the result again") {
+            AgentMessage::Result { job_id, result } => break (job_id, result),
+            _ => continue,
+        }
+    };
+    assert_eq!(again.0, "keep");
+    assert_eq!(again.1.output, "stand-in answer to: remember me");
+    ws.send(Message::Text(EdgeMessage::ResultAck { job_id: "keep".into() }.to_text().into())).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || !agent.data.path().join("data/spool/keep.json").exists()).await);
+    assert_eq!(agent.claude_runs().len(), 1, "ran once");
+}
