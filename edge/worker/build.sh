@@ -19,6 +19,8 @@
 #   WORKER_TARGET_DIR   cargo target dir for the wasm build (default: <repo>/target/worker)
 #   WORKER_TOOLCHAIN    auto (default) | native | debian   - force the toolchain route
 #   WASM_BINDGEN_VERSION  override the wasm-bindgen CLI version (default: the one in Cargo.lock)
+#   CARGO_PROFILE_RELEASE_{DEBUG,LTO,CODEGEN_UNITS}  default 0 / true / 1 for the wasm build only
+#     (the workspace's release profile keeps debug info, which wasm-bindgen drops anyway)
 set -Eeuo pipefail
 
 WORKER_BUILD_VERSION=0.8.7
@@ -27,6 +29,7 @@ ESBUILD_VERSION=0.28.2
 WRANGLER_VERSION=4.86.0
 DEBIAN_PACKAGES=(rustc-web cargo-web rust-web-src rust-web-llvm lld-22)
 WASM_TARGET=wasm32-unknown-unknown
+DEFAULT_WASM_BINDGEN_VERSION=0.2.130  # only for --tools-only without a crate
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$SCRIPT_DIR/../.." && pwd)
@@ -60,13 +63,18 @@ PASSTHRU=()
 for arg in "$@"; do
   case "$arg" in
     --tools-only) TOOLS_ONLY=1 ;;
-    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) PASSTHRU+=("$arg") ;;
   esac
 done
 
-[[ -f "$CRATE_DIR/Cargo.toml" ]] || die "no Cargo.toml in crate dir $CRATE_DIR" "set WORKER_CRATE_DIR to the worker crate"
-CRATE_DIR=$(cd "$CRATE_DIR" && pwd)
+HAVE_CRATE=1
+if [[ ! -f "$CRATE_DIR/Cargo.toml" ]]; then
+  ((TOOLS_ONLY)) || die "no Cargo.toml in crate dir $CRATE_DIR" "set WORKER_CRATE_DIR to the worker crate"
+  HAVE_CRATE=0
+else
+  CRATE_DIR=$(cd "$CRATE_DIR" && pwd -P)
+fi
 mkdir -p "$TOOLS/logs" "$TOOLS/bin"
 TOOLS=$(cd "$TOOLS" && pwd)
 
@@ -181,6 +189,11 @@ EOF
   rm -rf "$SYSROOT"
   mv "$tmp" "$SYSROOT"
   rm -rf "$sb"
+  # drop sysroots of older rustc-web versions
+  local old
+  for old in "$TOOLS"/sysroot/rustc-*; do
+    [[ "$old" == "$SYSROOT" || ! -d "$old" ]] || rm -rf "$old"
+  done
 }
 
 setup_debian_toolchain() {
@@ -277,6 +290,8 @@ lock_wasm_bindgen_version() {
 }
 if [[ -n "${WASM_BINDGEN_VERSION:-}" ]]; then
   WB_VERSION=$WASM_BINDGEN_VERSION
+elif ((HAVE_CRATE == 0)); then
+  WB_VERSION=$DEFAULT_WASM_BINDGEN_VERSION
 else
   WB_VERSION=$(lock_wasm_bindgen_version)
   [[ -n "$WB_VERSION" ]] || die "the crate does not depend on wasm-bindgen" \
@@ -325,7 +340,6 @@ fi
 export WASM_BINDGEN_BIN
 export WASM_OPT_BIN="$NODE_DIR/node_modules/.bin/wasm-opt"
 export ESBUILD_BIN="$NODE_DIR/node_modules/.bin/esbuild"
-export MINIFLARE_PATH="$NODE_DIR/node_modules/miniflare"
 "$ESBUILD_BIN" --version >/dev/null 2>&1 || die "esbuild at $ESBUILD_BIN does not run" "remove $NODE_DIR/node_modules and rerun"
 say "tools: worker-build $WORKER_BUILD_VERSION ($WORKER_BUILD_BIN), wasm-bindgen $WB_VERSION, wasm-opt (binaryen $BINARYEN_VERSION), esbuild $ESBUILD_VERSION, wrangler $WRANGLER_VERSION"
 
@@ -337,6 +351,9 @@ fi
 # ---------------------------------------------------------------- build
 export CARGO_TARGET_DIR="$TARGET_DIR"
 unset CARGO_BUILD_TARGET_DIR
+export CARGO_PROFILE_RELEASE_DEBUG=${CARGO_PROFILE_RELEASE_DEBUG:-0}
+export CARGO_PROFILE_RELEASE_LTO=${CARGO_PROFILE_RELEASE_LTO:-true}
+export CARGO_PROFILE_RELEASE_CODEGEN_UNITS=${CARGO_PROFILE_RELEASE_CODEGEN_UNITS:-1}
 export WRANGLER_SEND_METRICS=false
 OUT_DIR="$CRATE_DIR/build"
 say "building $CRATE_DIR -> $OUT_DIR (cargo target dir $CARGO_TARGET_DIR)"
@@ -346,7 +363,8 @@ if ! (cd "$CRATE_DIR" && "$WORKER_BUILD_BIN" --release "${PASSTHRU[@]}") >"$BUIL
   grep -v '^\s*Compiling ' "$BUILD_LOG" | tail -n 60 >&2
   die "worker-build failed (full log: $BUILD_LOG)"
 fi
-grep -E '^(warning|error)' "$BUILD_LOG" | sort | uniq -c | head -n 5 || true
+WARNINGS=$(grep -c '^warning' "$BUILD_LOG" || true)
+((WARNINGS == 0)) || say "$WARNINGS compiler warning line(s); see $BUILD_LOG"
 
 [[ -s "$OUT_DIR/index.js" ]] || die "worker-build finished but $OUT_DIR/index.js is missing (log: $BUILD_LOG)"
 WASM_FILE=$(ls "$OUT_DIR"/*.wasm 2>/dev/null | head -n 1)
@@ -362,4 +380,4 @@ say "wasm built in $(( $(date +%s) - BUILD_T0 )) s"
 say "  $OUT_DIR/index.js  $(size_of "$OUT_DIR/index.js") B (gzip $(gz_of "$OUT_DIR/index.js") B)"
 say "  $WASM_FILE  $(size_of "$WASM_FILE") B (gzip $(gz_of "$WASM_FILE") B)"
 [[ -n "$EXPORTS" ]] && say "  exports: $EXPORTS"
-say "done in $(( $(date +%s) - START_TS )) s"
+say "done in $(( $(date +%s) - START_TS )) s; run it: MINIFLARE_PATH=$NODE_DIR/node_modules/miniflare node $SCRIPT_DIR/miniflare-host.mjs --script $OUT_DIR/index.js --port 8787"
