@@ -134,17 +134,23 @@ impl EdgeServer {
         for (k, v) in settings {
             env.insert(k.to_string(), v.to_string());
         }
-        let mut edge = EdgeServer { kind, port: free_port(), keys: keys.clone(), env, data: TempDir::new("edge"), child: None };
+        let mut edge = EdgeServer { kind, port: 0, keys: keys.clone(), env, data: TempDir::new("edge"), child: None };
         edge.spawn();
         edge
     }
 
+    /// Starts the process on `self.port` (0 the first time: the OS picks a free port, and
+    /// the edge's own "ready" line says which, so no two tests can race for one).
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data.path().join("edge.log")).unwrap();
+        let log_path = self.data.path().join("edge.log");
+        let logged_before = std::fs::read_to_string(&log_path).map(|l| l.len()).unwrap_or(0);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
         let mut cmd = match self.kind {
             EdgeKind::Native => {
                 let mut c = Command::new(bin("claude-runner-edge"));
-                c.env("LISTEN", format!("127.0.0.1:{}", self.port)).env("DATA_DIR", self.data.path().join("db"));
+                c.env("LISTEN", format!("127.0.0.1:{}", self.port))
+                    .env("DATA_DIR", self.data.path().join("db"))
+                    .env("LOG_FORMAT", "json");
                 c
             }
             EdgeKind::Worker => {
@@ -159,9 +165,17 @@ impl EdgeServer {
         cmd.envs(&self.env).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
         self.child = Some(cmd.spawn().expect("edge starts"));
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "edge did not listen within 30 s; log:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
+        loop {
+            let log = self.log();
+            if let Some(port) = ready_port(&log[logged_before.min(log.len())..]) {
+                self.port = port;
+                break;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("the edge exited ({status}) before it was ready; log:\n{log}");
+            }
+            assert!(Instant::now() < deadline, "the edge was not ready within 30 s; log:\n{log}");
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -195,6 +209,21 @@ impl Drop for EdgeServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The port in an edge's "ready" line: the native edge's JSON log (`"listen":"…"`) or the
+/// Miniflare host's `READY http://127.0.0.1:PORT`.
+fn ready_port(log: &str) -> Option<u16> {
+    log.lines().find_map(|line| {
+        if let Some(url) = line.strip_prefix("READY ") {
+            return url.trim().rsplit(':').next()?.trim_end_matches('/').parse().ok();
+        }
+        let v: Value = serde_json::from_str(line).ok()?;
+        if v["fields"]["message"] != "edge ready" {
+            return None;
+        }
+        v["fields"]["listen"].as_str()?.rsplit(':').next()?.parse().ok()
+    })
 }
 
 fn stop_child(mut child: Child) {
@@ -425,16 +454,30 @@ pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> boo
     cond()
 }
 
-/// Whether the Worker variants of the contract suite run: `tests/run` sets
-/// `CLAUDE_RUNNER_WORKER_TESTS=1` after building the Worker, and then a missing bundle is
-/// a failure, not a skip.
-pub fn worker_tests_enabled() -> bool {
-    let wanted = std::env::var("CLAUDE_RUNNER_WORKER_TESTS").is_ok_and(|v| v == "1");
-    if wanted {
-        let bundle = repo_root().join("edge/worker/build/index.js");
-        assert!(bundle.exists(), "CLAUDE_RUNNER_WORKER_TESTS=1 but {} is missing: run edge/worker/build.sh", bundle.display());
-    } else {
-        eprintln!("Worker variant not run: set CLAUDE_RUNNER_WORKER_TESTS=1 (tests/run does) after edge/worker/build.sh");
+/// The Worker variants need the bundle `edge/worker/build.sh` makes; fail clearly without it.
+pub fn require_worker_bundle() {
+    let bundle = repo_root().join("edge/worker/build/index.js");
+    assert!(bundle.exists(), "{} is missing: run edge/worker/build.sh (tests/run does)", bundle.display());
+}
+
+// Helpers for the benchmark (`src/bin/bench.rs`).
+
+impl EdgeServer {
+    /// The edge's process id (for the Worker: node running the Miniflare host, with
+    /// workerd as its child).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
-    wanted
+}
+
+/// A `/proc/PID/status` figure in KiB, e.g. `VmRSS` (resident memory) or `VmHWM` (its peak).
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.split(':').next() == Some(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Resident memory of a process in KiB (`VmRSS`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmRSS")
 }

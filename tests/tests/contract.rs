@@ -1,7 +1,8 @@
 //! The HTTP contract of DESIGN.md, run against each edge host with the real agent binary
 //! and the stand-in for `claude`. Each test is written once and instantiated per host by
 //! `contract!`; the Worker variants run when `tests/run` has built the Worker
-//! (`CLAUDE_RUNNER_WORKER_TESTS=1`).
+//! (`CLAUDE_RUNNER_WORKER_TESTS=1` at build time, see tests/build.rs), else they show as
+//! ignored.
 
 use harness::*;
 use std::time::{Duration, Instant};
@@ -388,10 +389,9 @@ macro_rules! contract {
         mod worker {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[cfg_attr(not(worker_tests), ignore = "needs the built Worker: run tests/run (it sets CLAUDE_RUNNER_WORKER_TESTS=1)")]
                 async fn $name() {
-                    if !harness::worker_tests_enabled() {
-                        return;
-                    }
+                    harness::require_worker_bundle();
                     super::$name(harness::EdgeKind::Worker).await
                 }
             )*

@@ -32,7 +32,7 @@ fn up_without_claude_says_how_to_install_it() {
         .arg("up")
         .env("CLAUDE_BIN", "claude-that-does-not-exist")
         .env("DATA_DIR", data.path())
-        .env("LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("LISTEN", "127.0.0.1:0")
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -42,33 +42,46 @@ fn up_without_claude_says_how_to_install_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_runs_an_edge_and_a_connected_agent() {
+    use std::io::BufRead;
     let data = TempDir::new("up");
-    let port = free_port();
     let log = std::fs::File::create(data.path().join("up.log")).unwrap();
     let mut child = Command::new(bin("claude-runner"))
         .arg("up")
         .env("CLAUDE_BIN", bin("claude-standin"))
         .env("DATA_DIR", data.path())
-        .env("LISTEN", format!("127.0.0.1:{port}"))
+        .env("LISTEN", "127.0.0.1:0")
         .env("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-up-test-token")
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
         .unwrap();
-    let client = Client::new(&format!("http://127.0.0.1:{port}"));
-    assert!(eventually(Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await);
+    // Everything `up` prints, line by line, as it prints it.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let first = rx.recv_timeout(Duration::from_secs(20)).expect("up prints where it listens");
+    let base = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL in `{first}`"))
+        .trim_end_matches(',')
+        .to_string();
+    let client = Client::new(&base);
     client.wait_online().await;
     // The secret it made is the one it printed in the curl line.
     let state: serde_json::Value = serde_json::from_slice(&std::fs::read(data.path().join("up/up.json")).unwrap()).unwrap();
     let secret = state["runner_secret"].as_str().unwrap();
+    let printed: Vec<String> = rx.try_iter().collect();
+    assert!(printed.iter().any(|l| l.contains(&format!("X-Runner-Secret: {secret}"))), "{printed:?}");
     let a = client.send("POST", "/execute", Some(secret), Some(json!({"prompt": "hello from up"}).to_string().into_bytes())).await;
     assert_eq!(a.status, 200, "{}", a.text);
     assert_eq!(a.body["output"], "stand-in answer to: hello from up");
+    // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
-    let mut out = String::new();
-    use std::io::Read;
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    assert!(out.contains(&format!("X-Runner-Secret: {secret}")), "{out}");
     assert!(status.success(), "up stops cleanly on SIGTERM");
 }
