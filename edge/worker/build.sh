@@ -359,7 +359,8 @@ OUT_DIR="$CRATE_DIR/build"
 say "building $CRATE_DIR -> $OUT_DIR (cargo target dir $CARGO_TARGET_DIR)"
 BUILD_T0=$(date +%s)
 BUILD_LOG="$TOOLS/logs/worker-build.log"
-if ! (cd "$CRATE_DIR" && "$WORKER_BUILD_BIN" --release "${PASSTHRU[@]}") >"$BUILD_LOG" 2>&1; then
+# (RUST_LIB_BACKTRACE=0: no anyhow backtrace under a build error)
+if ! (cd "$CRATE_DIR" && RUST_LIB_BACKTRACE=0 "$WORKER_BUILD_BIN" --release "${PASSTHRU[@]}") >"$BUILD_LOG" 2>&1; then
   grep -v '^\s*Compiling ' "$BUILD_LOG" | tail -n 60 >&2
   die "worker-build failed (full log: $BUILD_LOG)"
 fi

@@ -47,7 +47,9 @@ for (let i = 0; i < argv.length; i++) {
   const a = argv[i];
   if (a === "-h" || a === "--help") {
     const src = fs.readFileSync(fileURLToPath(import.meta.url), "utf8").split("\n");
-    process.stderr.write(src.slice(1, 26).map((l) => l.replace(/^\/\/ ?/, "")).join("\n") + "\n");
+    const head = [];
+    for (const l of src.slice(1)) { if (!l.startsWith("//")) break; head.push(l.replace(/^\/\/ ?/, "")); }
+    process.stderr.write(head.join("\n") + "\n");
     process.exit(0);
   }
   if (!a.startsWith("--")) fail(`unexpected argument ${JSON.stringify(a)} (see --help)`);
@@ -144,6 +146,8 @@ const options = {
   name: workerName,
   scriptPath,
   modules: true,
+  // Module names are paths relative to modulesRoot (default: the cwd); workerd refuses "..".
+  modulesRoot: path.dirname(scriptPath),
   modulesRules: [
     { type: "ESModule", include: ["**/*.js", "**/*.mjs"] },
     { type: "CompiledWasm", include: ["**/*.wasm"] },

@@ -17,6 +17,7 @@ Scenarios (--mode, or env FAKE_ANTHROPIC_MODE):
   tool_use      the first message request of a conversation (no tool_result in it yet)
                 gets a tool_use block (--tool / FAKE_ANTHROPIC_TOOL, JSON {"name","input"};
                 default Read of /etc/hostname), later ones the text answer
+  stall         message requests get no answer at all (for timeouts)
 
 Every request is appended as one JSON line to --log (env FAKE_ANTHROPIC_LOG): method, path,
 the headers that matter (credentials only as "present"), and the parsed JSON body.
@@ -31,6 +32,7 @@ import json
 import os
 import sys
 import threading
+import time
 import uuid
 
 DEFAULT_TEXT = "Hello from the fake Anthropic API."
@@ -121,6 +123,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if opts.mode == "unauthorized":
             self.send_error_json(401, "authentication_error", "invalid x-api-key")
             return
+        if opts.mode == "stall":
+            time.sleep(3600)
+            return
         model = body.get("model") or "claude-fake"
         tool = opts.mode == "tool_use" and not has_tool_result(body.get("messages") or [])
         if tool:
@@ -169,7 +174,7 @@ def main():
     p.add_argument("--port", type=int, default=int(os.environ.get("FAKE_ANTHROPIC_PORT", "0")))
     p.add_argument("--port-file", default=os.environ.get("FAKE_ANTHROPIC_PORT_FILE"))
     p.add_argument("--log", default=os.environ.get("FAKE_ANTHROPIC_LOG"))
-    p.add_argument("--mode", choices=["ok", "unauthorized", "tool_use"], default=os.environ.get("FAKE_ANTHROPIC_MODE", "ok"))
+    p.add_argument("--mode", choices=["ok", "unauthorized", "tool_use", "stall"], default=os.environ.get("FAKE_ANTHROPIC_MODE", "ok"))
     p.add_argument("--tool", default=os.environ.get("FAKE_ANTHROPIC_TOOL", '{"name": "Read", "input": {"file_path": "/etc/hostname"}}'))
     p.add_argument("--text", default=os.environ.get("FAKE_ANTHROPIC_TEXT", DEFAULT_TEXT))
     opts = p.parse_args()

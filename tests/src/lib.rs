@@ -156,8 +156,8 @@ impl EdgeServer {
             EdgeKind::Worker => {
                 let mut c = Command::new("node");
                 c.arg(repo_root().join("edge/worker/miniflare-host.mjs"))
-                    .env("PORT", self.port.to_string())
-                    .env("PERSIST_DIR", self.data.path().join("do"))
+                    .env("WORKER_PORT", self.port.to_string())
+                    .env("WORKER_PERSIST_DIR", self.data.path().join("do"))
                     .env("WORKER_BINDINGS_JSON", serde_json::to_string(&self.env).unwrap());
                 c
             }

@@ -1,6 +1,6 @@
 //! Worker requests and responses ⇄ the core's HTTP types. The core decides every status
-//! and body; this module reads what it needs from a request (bounded: a body over
-//! `MAX_BODY_BYTES` is never held in memory) and writes its answers out.
+//! and body; this module reads what it needs from a request (bounded: no more than
+//! `MAX_BODY_BYTES` of a body is ever held in memory) and writes its answers out.
 
 use futures::StreamExt;
 use shared::contract::{ApiError, ErrorCode};
@@ -38,44 +38,28 @@ pub fn upgrade_required() -> worker::Result<Response> {
     error(&err)
 }
 
-/// Whether a declared `Content-Length` already exceeds the limit (the body need not be read).
-pub fn declared_too_large(content_length: Option<&str>, limit: usize) -> bool {
-    content_length
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .is_some_and(|len| len > limit as u64)
-}
-
-/// Reads the body up to `limit` bytes. `Ok(None)`: it is larger (reading stopped there).
+/// Reads the body, keeping at most `limit` bytes. `Ok(None)`: it is larger. An oversized
+/// body is still read to its end (and dropped chunk by chunk, never held): answering while
+/// the caller is still sending makes the runtime reset the connection, and the caller would
+/// see a network error instead of the 413 that tells it what to fix.
 pub async fn read_body(req: &mut Request, limit: usize) -> Result<Option<Vec<u8>>, String> {
-    let declared = req.headers().get("content-length").ok().flatten();
-    if declared_too_large(declared.as_deref(), limit) {
-        return Ok(None);
-    }
     if req.inner().body().is_none() {
         return Ok(Some(Vec::new()));
     }
     let mut stream = req.stream().map_err(|e| e.to_string())?;
     let mut body = Vec::new();
+    let mut too_large = false;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| e.to_string())?;
+        if too_large {
+            continue;
+        }
         if body.len() + chunk.len() > limit {
-            return Ok(None);
+            too_large = true;
+            body = Vec::new();
+            continue;
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(Some(body))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn declared_lengths() {
-        assert!(!declared_too_large(None, 10));
-        assert!(!declared_too_large(Some("10"), 10));
-        assert!(declared_too_large(Some(" 11 "), 10));
-        // Unreadable values are left to the bounded read.
-        assert!(!declared_too_large(Some("lots"), 10));
-    }
+    Ok((!too_large).then_some(body))
 }
