@@ -151,7 +151,18 @@ pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, durati
                     let is_error = res.get("is_error").and_then(Value::as_bool).unwrap_or(false);
                     let subtype = res.get("subtype").and_then(Value::as_str).unwrap_or("");
                     if is_error || (subtype != "success" && !subtype.is_empty()) {
-                        let detail = if r.output.is_empty() { subtype.to_string() } else { r.output.clone() };
+                        // Some failures (an unknown --resume, too many turns) carry no
+                        // `result` text, only an `errors` list.
+                        let errors: Vec<&str> = res
+                            .get("errors")
+                            .and_then(Value::as_array)
+                            .map(|a| a.iter().filter_map(Value::as_str).collect())
+                            .unwrap_or_default();
+                        let detail = match (r.output.is_empty(), errors.is_empty()) {
+                            (false, _) => r.output.clone(),
+                            (true, false) => format!("{subtype}: {}", errors.join("; ")),
+                            (true, true) => subtype.to_string(),
+                        };
                         if is_auth_failure(res) {
                             r.error = Some(format!("Claude could not authenticate ({detail}); log in again on the runner: `claude auth login`, or POST /oauth/login"));
                             r.error_code = Some(ErrorCode::RunnerOauthError);
@@ -255,8 +266,10 @@ mod tests {
         assert!(!r.success);
         assert_eq!(r.error_code, Some(ErrorCode::ClaudeError));
 
-        let turns = transcript(&[json!({"type":"result","subtype":"error_max_turns","is_error":false})]);
-        assert!(!result(&turns, Ending::Exited(Some(1)), "", 1).success);
+        let turns = transcript(&[json!({"type":"result","subtype":"error_max_turns","is_error":true,"errors":["Reached maximum number of turns (1)"]})]);
+        let r = result(&turns, Ending::Exited(Some(1)), "", 1);
+        assert!(!r.success);
+        assert!(r.error.unwrap().contains("error_max_turns: Reached maximum number of turns (1)"));
     }
 
     #[test]

@@ -42,6 +42,12 @@ pub async fn run(agent: Arc<Agent>, job_id: String, spec: JobSpec, cancel: onesh
             )
         }
     };
+    if let Some(session) = &spec.session_id {
+        let config = agent.cfg.claude_config_dir.clone().unwrap_or_else(|| crate::home().join(".claude"));
+        if let Err(e) = carry_session(&config, session, &cwd) {
+            warn!(job_id = %job_id, session_id = %session, error = %e, "could not carry the session over; Claude will say it is unknown");
+        }
+    }
     // While the token is stale only one job starts; see oauth::RefreshGate.
     let refresher = agent.gate.admit(&agent.login).await;
     let mut result = run_claude(&agent, &job_id, &spec, &cwd, cancel, started).await;
@@ -78,6 +84,32 @@ fn prepare(workspace: &std::path::Path, working_dir: Option<&str>) -> std::io::R
         return Err(std::io::Error::other("working_dir leaves the workspace"));
     }
     Ok(real)
+}
+
+/// Claude Code files a session under `projects/<its working directory, slugged>/<id>.jsonl`
+/// and `--resume` looks only under the current directory's folder. Every job has a fresh
+/// workspace, so a session from an earlier job is copied to where this job's Claude looks.
+fn carry_session(config_dir: &std::path::Path, session_id: &str, cwd: &std::path::Path) -> std::io::Result<()> {
+    // The edge allows only these characters; check again before building paths.
+    if session_id.is_empty() || !session_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(std::io::Error::other("unsafe session id"));
+    }
+    let projects = config_dir.join("projects");
+    let file = format!("{session_id}.jsonl");
+    let slug: String = cwd.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let target = projects.join(slug);
+    if target.join(&file).exists() {
+        return Ok(());
+    }
+    let source = std::fs::read_dir(&projects)?
+        .flatten()
+        .map(|dir| dir.path().join(&file))
+        .filter(|p| p.is_file())
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
+    let Some(source) = source else { return Ok(()) };
+    std::fs::create_dir_all(&target)?;
+    std::fs::copy(source, target.join(file))?;
+    Ok(())
 }
 
 fn kill_group(pgid: u32, signal: libc::c_int) {
@@ -269,6 +301,22 @@ mod tests {
             lines.push(String::from_utf8(buf.clone()).unwrap());
         }
         assert_eq!(lines, ["one", "", "two-l", "last"]);
+    }
+
+    #[test]
+    fn sessions_follow_the_job_to_its_new_workspace() {
+        let root = std::env::temp_dir().join(format!("cr-session-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let old = root.join("projects/-data-workspaces-job1");
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join("abc-123.jsonl"), "{\"turn\":1}\n").unwrap();
+        let cwd = std::path::Path::new("/data/workspaces/job2/sub_dir");
+        carry_session(&root, "abc-123", cwd).unwrap();
+        let copied = root.join("projects/-data-workspaces-job2-sub-dir/abc-123.jsonl");
+        assert_eq!(std::fs::read_to_string(copied).unwrap(), "{\"turn\":1}\n");
+        // Unknown sessions are left for Claude to report; hostile ids build no paths.
+        assert!(carry_session(&root, "unknown", cwd).is_ok());
+        assert!(carry_session(&root, "../../etc/passwd", cwd).is_err());
     }
 
     #[test]

@@ -179,7 +179,10 @@ async function stop(code, why) {
   // If dispose hangs, exit anyway: Miniflare's process 'exit' hook still kills workerd.
   setTimeout(() => { note("dispose timed out"); process.exit(1); }, 10_000).unref();
   try { await mf?.dispose(); } catch (e) { note(`dispose failed: ${e?.stack ?? e}`); code ||= 1; }
-  process.exit(code);
+  // dispose() deletes Miniflare's /tmp/miniflare-* dir without awaiting it: let the event
+  // loop drain instead of process.exit() at once (the unref'd timer only fires if it doesn't).
+  process.exitCode = code;
+  setTimeout(() => process.exit(code), 3_000).unref();
 }
 const onSignal = {
   SIGTERM: () => stop(0, "SIGTERM: stopping"),

@@ -105,7 +105,7 @@ impl Real {
     }
 }
 
-/// Writes the agent's `CLAUDE_BIN`: the real CLI inside `unshare -n` with the fake API.
+/// Writes the agent's `CLAUDE_BIN`: the real CLI in a new network namespace with the fake API.
 fn write_wrapper(dir: &Path, claude: &Path, mode: &str) -> PathBuf {
     let server = repo_root().join("tests/fake-anthropic/server.py");
     assert!(server.exists(), "{} is missing", server.display());
@@ -139,6 +139,8 @@ while [ ! -s "$run/port" ]; do
   fi
   sleep 0.01
 done
+# Nothing from the caller'"'"'s environment may pick another provider or credential.
+unset ANTHROPIC_API_KEY ANTHROPIC_AUTH_TOKEN CLAUDE_CODE_USE_BEDROCK CLAUDE_CODE_USE_VERTEX CLAUDECODE
 HOME=$run/home TMPDIR=$run/tmp ANTHROPIC_BASE_URL=http://127.0.0.1:$(cat "$run/port") \
 CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 DISABLE_TELEMETRY=1 DISABLE_ERROR_REPORTING=1 \
 DISABLE_AUTOUPDATER=1 CLAUDE_CODE_MAX_RETRIES=0 API_TIMEOUT_MS=30000 \
@@ -323,7 +325,6 @@ async fn a_timeout_stops_the_real_cli_and_everything_it_started() {
 /// and `--resume` only looks under the current one; every job runs in a fresh workspace
 /// (`DATA_DIR/workspaces/<job id>`), so a later job cannot find an earlier job's session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "agent bug: --resume looks only under the job's own (fresh) working directory; un-ignore once the agent carries the session file over"]
 async fn a_later_job_resumes_an_earlier_jobs_session() {
     let Some(claude) = real_claude() else { return };
     let r = Real::start(&claude, "ok").await;
