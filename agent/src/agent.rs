@@ -6,6 +6,7 @@ use crate::config::AgentConfig;
 use crate::oauth::{AuthHealth, Login, RefreshGate};
 use crate::replay::ReplayGuard;
 use crate::spool::{safe_id, Spool};
+use crate::status::StatusFile;
 use shared::envelope::{open_order, Domain, Envelope, Refusal};
 use shared::oauth::OAuthReport;
 use shared::protocol::{AgentMessage, CancelOrder, JobOrder};
@@ -20,6 +21,7 @@ pub struct Agent {
     pub gate: RefreshGate,
     pub auth: AuthHealth,
     pub spool: Spool,
+    pub status: StatusFile,
     replay: Mutex<ReplayGuard>,
     /// Running jobs and the handle that cancels each.
     running: Mutex<HashMap<String, Option<oneshot::Sender<String>>>>,
@@ -36,7 +38,9 @@ impl Agent {
         let replay = ReplayGuard::open(cfg.data_dir.join("seen-orders.json"));
         let login = Login::new(cfg.claude_config_dir.as_deref());
         let (uplink, rx) = mpsc::unbounded_channel();
+        let status = StatusFile::new(cfg.data_dir.join("status.json"), &cfg.agent_id, &cfg.connect_url);
         let agent = Agent {
+            status,
             cfg,
             login,
             gate: RefreshGate::default(),
@@ -115,6 +119,7 @@ impl Agent {
             }
             running.insert(job_id.clone(), Some(cancel_tx));
         }
+        self.status.running(self.running_ids());
         info!(job_id = %job_id, agent_id = %self.cfg.agent_id, timeout_ms = order.spec.timeout_ms, "job accepted");
         let _ = self.uplink.send(AgentMessage::Accepted { job_id: job_id.clone() });
         let agent = Arc::clone(self);
@@ -124,6 +129,7 @@ impl Agent {
                 warn!(job_id = %job_id, error = %e, "could not spool the result; sending it anyway");
             }
             agent.running.lock().expect("running lock").remove(&job_id);
+            agent.status.running(agent.running_ids());
             let _ = agent.uplink.send(AgentMessage::Result { job_id, result });
             let _ = agent.uplink.send(AgentMessage::Credit { slots: 1 });
         });

@@ -48,9 +48,15 @@ pub async fn run(agent: Arc<Agent>, mut uplink: mpsc::UnboundedReceiver<AgentMes
         let began = Instant::now();
         let end = session(&agent, &mut uplink, &mut shutdown).await;
         match &end {
-            End::Shutdown => return,
+            End::Shutdown => {
+                agent.status.disconnected("the agent stopped");
+                return;
+            }
             End::Lost(why) => warn!(agent_id = %agent.cfg.agent_id, reason = %why, "connection to the edge lost"),
             End::Refused(why) => error!(agent_id = %agent.cfg.agent_id, reason = %why, "the edge refused this agent"),
+        }
+        if let End::Lost(why) | End::Refused(why) = &end {
+            agent.status.disconnected(why);
         }
         // A connection that lasted a while was healthy: start the backoff over.
         if began.elapsed() > Duration::from_secs(60) {
@@ -176,6 +182,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
     }
     let heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms.clamp(100, 600_000));
     info!(agent_id = %cfg.agent_id, session = %welcome.session_id, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the edge");
+    agent.status.connected();
 
     // 4. Work: credit for the free slots, then every result the edge has not acknowledged.
     let free = agent.free_slots();

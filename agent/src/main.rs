@@ -10,18 +10,21 @@
 //! - [`redact`]: keeps tokens from ever leaving the machine.
 //! - [`spool`]: results on disk until the edge acknowledges them.
 //! - [`replay`]: remembered order nonces.
-//! - [`keygen`], [`up`]: operator commands.
+//! - [`status`]: the agent's state file, and `claude-runner status`.
+//! - [`keygen`], [`up`], [`doctor`]: operator commands.
 
 mod agent;
 mod claude;
 mod config;
 mod connection;
+mod doctor;
 mod job;
 mod keygen;
 mod oauth;
 mod redact;
 mod replay;
 mod spool;
+mod status;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -56,6 +59,13 @@ enum Command {
     Up(up::UpArgs),
     /// Show this machine's Claude login as the agent reports it.
     OauthStatus {
+        #[command(flatten)]
+        local: LocalArgs,
+    },
+    /// Check the claude binary, the login, the keys and the edge, with a fix for each problem.
+    Doctor(doctor::DoctorArgs),
+    /// Is the local agent running and connected, and what is it running?
+    Status {
         #[command(flatten)]
         local: LocalArgs,
     },
@@ -127,6 +137,18 @@ fn main() {
                 Ok(())
             }
             Command::Up(args) => up::run(args).await,
+            Command::Doctor(args) => {
+                if !doctor::run(args).await {
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
+            Command::Status { local } => {
+                if !status::show(&local.data_dir())? {
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
             Command::OauthStatus { local } => {
                 let login = oauth::Login::new(local.claude_config_dir.as_deref());
                 let status = login.read(now_ms()).report.status(now_ms());

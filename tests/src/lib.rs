@@ -162,7 +162,14 @@ impl EdgeServer {
                 c
             }
         };
-        cmd.envs(&self.env).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        // Its own process group: the Miniflare host starts workerd, which must go with it.
+        use std::os::unix::process::CommandExt;
+        cmd.envs(&self.env)
+            .env("RUST_LOG", "info")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
         self.child = Some(cmd.spawn().expect("edge starts"));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -226,17 +233,22 @@ fn ready_port(log: &str) -> Option<u16> {
     })
 }
 
+/// SIGTERM (a clean stop), then SIGKILL to whatever is left of its process group.
 fn stop_child(mut child: Child) {
-    // SAFETY: signalling a child we own.
+    let pid = child.id() as i32;
+    // SAFETY: signalling a child we own and the group it leads.
     unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
+        libc::kill(pid, libc::SIGTERM);
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
-            return;
+            break;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
     }
     let _ = child.kill();
     let _ = child.wait();

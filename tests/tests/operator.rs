@@ -85,3 +85,70 @@ async fn up_runs_an_edge_and_a_connected_agent() {
     let status = child.wait().unwrap();
     assert!(status.success(), "up stops cleanly on SIGTERM");
 }
+
+fn doctor(env: &[(&str, String)]) -> (bool, String) {
+    let out = Command::new(bin("claude-runner"))
+        .arg("doctor")
+        .env_remove("EDGE_URL")
+        .env_remove("AGENT_SIGNING_KEY")
+        .env_remove("EDGE_PUBLIC_KEY")
+        .env_remove("ANTHROPIC_API_KEY")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_passes_a_good_setup_and_names_the_fix_for_a_bad_one() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let claude_dir = TempDir::new("doctor-claude");
+    let good = vec![
+        ("EDGE_URL", edge.ws_url()),
+        ("AGENT_ID", "spark".to_string()),
+        ("AGENT_SIGNING_KEY", shared::keys::encode_signing(keys.agent("spark"))),
+        ("EDGE_PUBLIC_KEY", shared::keys::encode_verifying(&keys.edge.verifying_key())),
+        ("CLAUDE_BIN", bin("claude-standin").display().to_string()),
+        ("CLAUDE_CONFIG_DIR", claude_dir.path().display().to_string()),
+        ("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-doctor".to_string()),
+    ];
+    let (ok, out) = doctor(&good);
+    assert!(ok, "{out}");
+    assert!(out.contains("All checks passed"), "{out}");
+    assert!(out.contains(&format!("spark={}", shared::keys::encode_verifying(&keys.agent("spark").verifying_key()))), "{out}");
+
+    // No login, no such binary, an edge that is not there, a broken key.
+    let bad = vec![
+        ("EDGE_URL", format!("ws://127.0.0.1:{}", free_port())),
+        ("AGENT_SIGNING_KEY", "not-base64!".to_string()),
+        ("EDGE_PUBLIC_KEY", shared::keys::encode_verifying(&keys.edge.verifying_key())),
+        ("CLAUDE_BIN", "/nonexistent/claude".to_string()),
+        ("CLAUDE_CONFIG_DIR", claude_dir.path().display().to_string()),
+    ];
+    let (ok, out) = doctor(&bad);
+    assert!(!ok, "{out}");
+    for fix in ["npm install -g @anthropic-ai/claude-code", "claude auth login", "claude-runner keygen", "check EDGE_URL"] {
+        assert!(out.contains(fix), "`{fix}` missing:\n{out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_tells_whether_the_agent_runs_and_is_connected() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let mut agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    Client::new(&edge.url()).wait_online().await;
+    let data_dir = agent.data.path().join("data");
+    let status = || {
+        let out = Command::new(bin("claude-runner")).arg("status").env("DATA_DIR", &data_dir).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let mut last = (false, String::new());
+    assert!(eventually(Duration::from_secs(5), || { last = status(); last.0 }).await, "{}", last.1);
+    assert!(last.1.contains("connected since"), "{}", last.1);
+    agent.stop();
+    let (ok, out) = status();
+    assert!(!ok);
+    assert!(out.contains("not running"), "{out}");
+}

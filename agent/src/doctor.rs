@@ -1,0 +1,163 @@
+//! `claude-runner doctor`: checks what the agent needs — the Claude binary, its login,
+//! the keys, the edge — and says how to fix each problem it finds.
+
+use crate::config::{connect_url, default_agent_id, LocalArgs};
+use crate::up::{find_binary, INSTALL_CLAUDE};
+use futures_util::StreamExt;
+use shared::keys;
+use shared::protocol::{EdgeMessage, PROTOCOL_VERSION};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub struct DoctorArgs {
+    #[arg(long, env = "EDGE_URL")]
+    pub edge_url: Option<String>,
+    #[arg(long, env = "AGENT_ID")]
+    pub agent_id: Option<String>,
+    #[arg(long, env = "AGENT_SIGNING_KEY", hide_env_values = true)]
+    pub agent_signing_key: Option<String>,
+    #[arg(long, env = "AGENT_KEY_FILE")]
+    pub agent_key_file: Option<PathBuf>,
+    #[arg(long, env = "EDGE_PUBLIC_KEY")]
+    pub edge_public_key: Option<String>,
+    #[command(flatten)]
+    pub local: LocalArgs,
+}
+
+struct Report {
+    failures: usize,
+}
+
+impl Report {
+    fn ok(&self, what: &str, detail: impl AsRef<str>) {
+        println!("  ok    {what}: {}", detail.as_ref());
+    }
+    fn warn(&self, what: &str, detail: impl AsRef<str>) {
+        println!("  warn  {what}: {}", detail.as_ref());
+    }
+    fn fail(&mut self, what: &str, detail: impl AsRef<str>) {
+        self.failures += 1;
+        println!("  FAIL  {what}: {}", detail.as_ref());
+    }
+}
+
+/// Runs every check; true when none failed.
+pub async fn run(args: DoctorArgs) -> bool {
+    let mut r = Report { failures: 0 };
+    println!("claude-runner doctor");
+
+    match find_binary(&args.local.claude_bin) {
+        None => r.fail("claude binary", format!("`{}` not found.\n{INSTALL_CLAUDE}", args.local.claude_bin)),
+        Some(path) => {
+            let version = tokio::time::timeout(
+                Duration::from_secs(20),
+                tokio::process::Command::new(&path).arg("--version").kill_on_drop(true).output(),
+            )
+            .await;
+            match version {
+                Ok(Ok(out)) if out.status.success() => {
+                    r.ok("claude binary", format!("{} ({})", path.display(), String::from_utf8_lossy(&out.stdout).trim()))
+                }
+                Ok(Ok(out)) => r.fail(
+                    "claude binary",
+                    format!("{} --version failed: {}; reinstall Claude Code", path.display(), String::from_utf8_lossy(&out.stderr).trim()),
+                ),
+                Ok(Err(e)) => r.fail("claude binary", format!("{} cannot run: {e}; check its permissions", path.display())),
+                Err(_) => r.fail("claude binary", format!("{} --version did not answer within 20 s", path.display())),
+            }
+        }
+    }
+
+    let login = crate::oauth::Login::new(args.local.claude_config_dir.as_deref());
+    let reading = login.read(crate::now_ms());
+    let status = reading.report.status(crate::now_ms());
+    let source = serde_json::to_value(status.source).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    if let Some(problem) = &status.problem {
+        r.warn("login", problem);
+    }
+    if status.needs_login {
+        r.fail("login", format!("Claude is not logged in ({source}); run `claude auth login`, or set CLAUDE_CODE_OAUTH_TOKEN from `claude setup-token`"));
+    } else {
+        let expiry = match (&status.expires_at, status.refreshable) {
+            (Some(at), true) => format!(", access token until {at} (refreshed by Claude as needed)"),
+            (Some(at), false) => format!(", valid until {at}: no refresh token, log in again before then"),
+            (None, _) => String::new(),
+        };
+        r.ok("login", format!("{source}{expiry}"));
+    }
+
+    let agent_id = args.agent_id.clone().unwrap_or_else(default_agent_id);
+    let key_text = match (&args.agent_signing_key, &args.agent_key_file) {
+        (Some(k), _) => Some(k.clone()),
+        (None, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                r.fail("agent key", format!("cannot read AGENT_KEY_FILE {}: {e}", path.display()));
+                None
+            }
+        },
+        (None, None) => {
+            r.fail("agent key", "AGENT_SIGNING_KEY (or AGENT_KEY_FILE) is not set; `claude-runner keygen` makes one");
+            None
+        }
+    };
+    if let Some(text) = key_text {
+        match keys::signing_key("AGENT_SIGNING_KEY", &text) {
+            Ok(key) => r.ok(
+                "agent key",
+                format!("the edge's AGENT_PUBLIC_KEYS must contain `{agent_id}={}`", keys::encode_verifying(&key.verifying_key())),
+            ),
+            Err(e) => r.fail("agent key", e.to_string()),
+        }
+    }
+    match &args.edge_public_key {
+        None => r.fail("edge key", "EDGE_PUBLIC_KEY is not set; it is printed by `claude-runner keygen` next to EDGE_SIGNING_KEY"),
+        Some(text) => match keys::verifying_key("EDGE_PUBLIC_KEY", text) {
+            Ok(_) => r.ok("edge key", "EDGE_PUBLIC_KEY is a valid public key"),
+            Err(e) => r.fail("edge key", e.to_string()),
+        },
+    }
+
+    match &args.edge_url {
+        None => r.fail("edge", "EDGE_URL is not set; e.g. wss://claude-runner-edge.<you>.workers.dev"),
+        Some(url) => match connect_url(url) {
+            Err(e) => r.fail("edge", e.to_string()),
+            Ok(url) => match reach(&url).await {
+                Ok(detail) => r.ok("edge", detail),
+                Err(e) => r.fail("edge", e),
+            },
+        },
+    }
+    if r.failures == 0 {
+        println!("All checks passed. `claude-runner status` shows whether the running agent is connected.");
+    } else {
+        println!("{} check(s) failed; fix them and run `claude-runner doctor` again.", r.failures);
+    }
+    r.failures == 0
+}
+
+/// Dials the edge and reads its challenge. It does not answer it: proving the agent's key
+/// would replace the connection of an agent already running with this id.
+async fn reach(url: &str) -> Result<String, String> {
+    let dial = tokio_tungstenite::connect_async(url);
+    let (mut ws, _) = match tokio::time::timeout(Duration::from_secs(10), dial).await {
+        Ok(Ok(ok)) => ok,
+        Ok(Err(e)) => return Err(format!("cannot reach {url}: {e}; check EDGE_URL and that the edge is deployed")),
+        Err(_) => return Err(format!("no answer from {url} within 10 s; check EDGE_URL and the network")),
+    };
+    let first = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+    let _ = ws.close(None).await;
+    match first {
+        Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text)))) => match serde_json::from_str::<EdgeMessage>(&text) {
+            Ok(EdgeMessage::Challenge { protocol, edge_version, .. }) if protocol == PROTOCOL_VERSION => {
+                Ok(format!("{url} answers (edge {edge_version}, protocol v{protocol})"))
+            }
+            Ok(EdgeMessage::Challenge { protocol, edge_version, .. }) => Err(format!(
+                "{url} speaks protocol v{protocol} (edge {edge_version}), this agent v{PROTOCOL_VERSION}: run the same claude-runner release on both"
+            )),
+            _ => Err(format!("{url} answered, but not as a claude-runner edge; check EDGE_URL")),
+        },
+        _ => Err(format!("{url} accepted the connection but sent no challenge; check EDGE_URL points at a claude-runner edge")),
+    }
+}
