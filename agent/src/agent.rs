@@ -24,7 +24,7 @@ pub struct Agent {
     pub status: StatusFile,
     replay: Mutex<ReplayGuard>,
     /// Running jobs and the handle that cancels each.
-    running: Mutex<HashMap<String, Option<oneshot::Sender<String>>>>,
+    running: Mutex<HashMap<String, Option<oneshot::Sender<crate::job::Stop>>>>,
     /// Messages for the edge; the current connection sends them, or drops them while
     /// there is none (results are spooled, credits recomputed, events are only progress).
     pub uplink: mpsc::UnboundedSender<AgentMessage>,
@@ -35,7 +35,7 @@ impl Agent {
         let spool = Spool::open(cfg.data_dir.join("spool")).map_err(|e| {
             anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
         })?;
-        let replay = ReplayGuard::open(cfg.data_dir.join("seen-orders.json"));
+        let replay = ReplayGuard::open(cfg.data_dir.join("seen-orders.log"));
         let login = Login::new(cfg.claude_config_dir.as_deref());
         let (uplink, rx) = mpsc::unbounded_channel();
         let status = StatusFile::new(cfg.data_dir.join("status.json"), &cfg.agent_id, &cfg.connect_url);
@@ -75,7 +75,7 @@ impl Agent {
             .ok()
             .and_then(|v| v.get("job_id").and_then(|j| j.as_str()).map(str::to_string));
         warn!(job_id = job_id.as_deref().unwrap_or("?"), agent_id = %self.cfg.agent_id, reason = %refusal, "order refused");
-        let _ = self.uplink.send(AgentMessage::Rejected { job_id, reason: refusal.to_string() });
+        let _ = self.uplink.send(AgentMessage::Rejected { job_id, reason: refusal.to_string(), retry: false });
     }
 
     fn verify<T: serde::de::DeserializeOwned + shared::envelope::HasHeader>(&self, envelope: &Envelope, domain: Domain) -> Option<T> {
@@ -101,20 +101,22 @@ impl Agent {
         let Some(order) = self.verify::<JobOrder>(envelope, Domain::Job) else { return };
         let job_id = order.header.job_id.clone();
         if !safe_id(&job_id) {
-            let _ = self.uplink.send(AgentMessage::Rejected { job_id: None, reason: "job id has unsafe characters".into() });
+            let reason = "the job id has characters the agent does not accept as a file name".into();
+            let _ = self.uplink.send(AgentMessage::Rejected { job_id: Some(job_id), reason, retry: false });
             return;
         }
         let (cancel_tx, cancel_rx) = oneshot::channel();
         {
             let mut running = self.running.lock().expect("running lock");
-            if running.contains_key(&job_id) || self.spool.all().iter().any(|(id, _)| id == &job_id) {
+            if running.contains_key(&job_id) || self.spool.has(&job_id) {
                 warn!(job_id = %job_id, "job already here; not starting it twice");
                 return;
             }
             if running.len() as u32 >= self.cfg.max_concurrent_jobs {
                 drop(running);
                 let reason = "no free slot: the edge sent more jobs than the agent granted".to_string();
-                let _ = self.uplink.send(AgentMessage::Rejected { job_id: Some(job_id), reason });
+                // Nothing wrong with the order itself: the edge may send it again later.
+                let _ = self.uplink.send(AgentMessage::Rejected { job_id: Some(job_id), reason, retry: true });
                 return;
             }
             running.insert(job_id.clone(), Some(cancel_tx));
@@ -124,7 +126,17 @@ impl Agent {
         let _ = self.uplink.send(AgentMessage::Accepted { job_id: job_id.clone() });
         let agent = Arc::clone(self);
         tokio::spawn(async move {
-            let result = crate::job::run(Arc::clone(&agent), job_id.clone(), order.spec, cancel_rx).await;
+            // A bug in the runner must not leave the slot taken and the caller waiting:
+            // a panicked job still ends, as a failure.
+            let run = tokio::spawn(crate::job::run(Arc::clone(&agent), job_id.clone(), order.spec, cancel_rx));
+            let result = run.await.unwrap_or_else(|e| {
+                tracing::error!(job_id = %job_id, error = %e, "the job runner failed");
+                shared::job::JobResult::failure(
+                    shared::contract::ErrorCode::InternalError,
+                    "the agent failed while running this job (see its log); retry",
+                    0,
+                )
+            });
             if let Err(e) = agent.spool.put(&job_id, &result) {
                 warn!(job_id = %job_id, error = %e, "could not spool the result; sending it anyway");
             }
@@ -142,16 +154,16 @@ impl Agent {
         match handle {
             Some(cancel) => {
                 info!(job_id = %order.header.job_id, reason = %order.reason, "cancelling job");
-                let _ = cancel.send(order.reason);
+                let _ = cancel.send(crate::job::Stop::Cancelled(order.reason));
             }
             None => info!(job_id = %order.header.job_id, "cancel for a job not running here"),
         }
     }
 
     /// Stops every running job (the agent is shutting down); their results are spooled.
-    pub fn cancel_all(&self, reason: &str) {
+    pub fn stop_all(&self) {
         for cancel in self.running.lock().expect("running lock").values_mut().filter_map(Option::take) {
-            let _ = cancel.send(reason.to_string());
+            let _ = cancel.send(crate::job::Stop::AgentStopping);
         }
     }
 }

@@ -81,6 +81,8 @@ pub enum Ending {
     Exited(Option<i32>),
     TimedOut { after_ms: u64 },
     Cancelled { reason: String },
+    /// The agent itself is shutting down: the caller should fall back, not give up.
+    AgentStopping,
     SpawnFailed(String),
 }
 
@@ -127,6 +129,8 @@ pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, durati
             r.session_id = Some(id.to_string());
         }
     }
+    // Claude's session ids are UUIDs; anything else long is not one worth carrying.
+    r.session_id = r.session_id.filter(|id| id.len() <= 128);
     let stderr_hint = || {
         let t = stderr_tail.trim();
         if t.is_empty() { String::new() } else { format!("; stderr: {}", t.chars().rev().take(500).collect::<String>().chars().rev().collect::<String>()) }
@@ -139,6 +143,10 @@ pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, durati
         Ending::Cancelled { reason } => {
             r.error = Some(format!("cancelled: {reason}"));
             r.error_code = Some(ErrorCode::Cancelled);
+        }
+        Ending::AgentStopping => {
+            r.error = Some("the agent on the runner machine stopped while Claude was running; run the task again or elsewhere".into());
+            r.error_code = Some(ErrorCode::RunnerLost);
         }
         Ending::SpawnFailed(e) => {
             r.error = Some(e);
@@ -164,7 +172,7 @@ pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, durati
                             (true, true) => subtype.to_string(),
                         };
                         if is_auth_failure(res) {
-                            r.error = Some(format!("Claude could not authenticate ({detail}); log in again on the runner: `claude auth login`, or POST /oauth/login"));
+                            r.error = Some(format!("Claude could not authenticate ({detail}); log in again on the runner machine with `claude auth login` (or renew CLAUDE_CODE_OAUTH_TOKEN)"));
                             r.error_code = Some(ErrorCode::RunnerOauthError);
                         } else {
                             r.error = Some(format!("Claude reported an error: {detail}"));

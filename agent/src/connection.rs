@@ -118,7 +118,9 @@ fn nonce() -> String {
 async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentMessage>, shutdown: &mut watch::Receiver<bool>) -> End {
     let cfg = &agent.cfg;
     let ws_config = WebSocketConfig::default().max_message_size(Some(protocol::MAX_FRAME_BYTES)).max_frame_size(Some(protocol::MAX_FRAME_BYTES));
-    let dial = tokio_tungstenite::connect_async_with_config(cfg.connect_url.as_str(), Some(ws_config), false);
+    // TCP_NODELAY: frames are small and latency-bound; Nagle with delayed ACKs would add
+    // ~40 ms to a job's round trip.
+    let dial = tokio_tungstenite::connect_async_with_config(cfg.connect_url.as_str(), Some(ws_config), true);
     let mut ws = match timeout(HANDSHAKE_TIMEOUT, dial).await {
         Ok(Ok((ws, _))) => ws,
         Ok(Err(e)) => return End::Lost(format!("cannot reach the edge at {}: {e}", cfg.connect_url)),
@@ -223,8 +225,13 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
                 }
             }
             Some(msg) = uplink.recv() => {
-                if let Err(end) = send(&mut ws, &msg).await {
-                    return end;
+                // A send into a half-open connection blocks once the socket buffer is
+                // full; bounding it keeps the silence watchdog meaningful. Results are on
+                // disk and go out again after the reconnect.
+                match timeout(heartbeat, send(&mut ws, &msg)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(end)) => return end,
+                    Err(_) => return End::Lost("could not send to the edge for a heartbeat interval: the connection is stuck".into()),
                 }
             }
             _ = ticker.tick() => {

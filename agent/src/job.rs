@@ -22,14 +22,34 @@ pub const KILL_GRACE: Duration = Duration::from_secs(5);
 /// After Claude exits, how long stray children may keep its stdout open.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// Longest stdout line read whole; longer ones are cut (a result that long is not JSON
-/// anyone can use).
-const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
+/// anyone can use, and results are capped at 1 MiB anyway).
+const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
+/// How often the redactor re-reads the login: Claude may rotate the tokens mid-job.
+const REDACTOR_REFRESH: Duration = Duration::from_secs(2);
+
+/// Why a job is stopped before Claude ends by itself.
+#[derive(Debug)]
+pub enum Stop {
+    /// The caller (or the edge) cancelled it.
+    Cancelled(String),
+    /// The agent is shutting down.
+    AgentStopping,
+}
+
+impl Stop {
+    fn ending(stop: Result<Stop, oneshot::error::RecvError>) -> Ending {
+        match stop {
+            Ok(Stop::Cancelled(reason)) => Ending::Cancelled { reason },
+            Ok(Stop::AgentStopping) | Err(_) => Ending::AgentStopping,
+        }
+    }
+}
 /// Largest progress event forwarded; bigger ones are summarised.
 const MAX_EVENT_BYTES: usize = 256 * 1024;
 const STDERR_TAIL_BYTES: usize = 8 * 1024;
 
 /// Runs the job to its end and returns its (redacted) result.
-pub async fn run(agent: Arc<Agent>, job_id: String, spec: JobSpec, cancel: oneshot::Receiver<String>) -> JobResult {
+pub async fn run(agent: Arc<Agent>, job_id: String, spec: JobSpec, mut cancel: oneshot::Receiver<Stop>) -> JobResult {
     let started = Instant::now();
     let workspace = agent.cfg.data_dir.join("workspaces").join(&job_id);
     let cwd = match prepare(&workspace, spec.working_dir.as_deref()) {
@@ -48,10 +68,25 @@ pub async fn run(agent: Arc<Agent>, job_id: String, spec: JobSpec, cancel: onesh
             warn!(job_id = %job_id, session_id = %session, error = %e, "could not carry the session over; Claude will say it is unknown");
         }
     }
-    // While the token is stale only one job starts; see oauth::RefreshGate.
-    let refresher = agent.gate.admit(&agent.login).await;
-    let mut result = run_claude(&agent, &job_id, &spec, &cwd, cancel, started).await;
-    drop(refresher);
+    // While the token is stale only one job starts; see oauth::RefreshGate. Waiting there
+    // counts against the job's timeout, and a cancel ends the wait.
+    let deadline = deadline_of(started, spec.timeout_ms);
+    let admitted = tokio::select! {
+        refresher = agent.gate.admit(&agent.login) => Ok(refresher),
+        stop = &mut cancel => Err(Stop::ending(stop)),
+        _ = tokio::time::sleep_until(deadline) => Err(Ending::TimedOut { after_ms: spec.timeout_ms }),
+    };
+    let mut result = match admitted {
+        Ok(refresher) => {
+            let result = run_claude(&agent, &job_id, &spec, &cwd, cancel, started).await;
+            drop(refresher);
+            result
+        }
+        Err(ending) => {
+            info!(job_id = %job_id, agent_id = %agent.cfg.agent_id, ending = ?ending, "job ended while waiting for the login refresh");
+            claude::result(&Transcript::default(), ending, "", started.elapsed().as_millis() as u64)
+        }
+    };
     let redactor = agent.login.redactor(crate::now_ms());
     result.output = redactor.redact(&result.output);
     result.error = result.error.map(|e| redactor.redact(&e));
@@ -112,7 +147,17 @@ fn carry_session(config_dir: &std::path::Path, session_id: &str, cwd: &std::path
     Ok(())
 }
 
+/// When a job that started at `started` must be stopped (far future if it overflows).
+fn deadline_of(started: Instant, timeout_ms: u64) -> tokio::time::Instant {
+    let at = started.checked_add(Duration::from_millis(timeout_ms)).unwrap_or(started + Duration::from_secs(365 * 86_400));
+    tokio::time::Instant::from_std(at)
+}
+
 fn kill_group(pgid: u32, signal: libc::c_int) {
+    // Group 0 would be the agent's own.
+    if pgid == 0 {
+        return;
+    }
     // SAFETY: kill(2) with a negative pid signals the process group; no memory involved.
     unsafe {
         libc::kill(-(pgid as libc::pid_t), signal);
@@ -124,7 +169,7 @@ async fn run_claude(
     job_id: &str,
     spec: &JobSpec,
     cwd: &std::path::Path,
-    mut cancel: oneshot::Receiver<String>,
+    mut cancel: oneshot::Receiver<Stop>,
     started: Instant,
 ) -> JobResult {
     let cfg = &agent.cfg;
@@ -191,10 +236,11 @@ async fn run_claude(
     });
     let mut stdout = BufReader::with_capacity(64 * 1024, child.stdout.take().expect("stdout is piped"));
 
-    let redactor = agent.login.redactor(crate::now_ms());
+    let mut redactor = agent.login.redactor(crate::now_ms());
+    let mut redactor_read = Instant::now();
     let mut transcript = Transcript::default();
     let mut seq = 0u64;
-    let deadline = tokio::time::Instant::from_std(started) + Duration::from_millis(spec.timeout_ms);
+    let deadline = deadline_of(started, spec.timeout_ms);
     let mut exit: Option<Option<i32>> = None;
     let mut stdout_open = true;
     let mut drain_until: Option<tokio::time::Instant> = None;
@@ -208,6 +254,10 @@ async fn run_claude(
                 match read {
                     Ok(0) | Err(_) => stdout_open = false,
                     Ok(_) => {
+                        if redactor_read.elapsed() > REDACTOR_REFRESH {
+                            redactor = agent.login.redactor(crate::now_ms());
+                            redactor_read = Instant::now();
+                        }
                         let text = redactor.redact(&String::from_utf8_lossy(&line));
                         if let Some(event) = transcript.line(&text) {
                             seq += 1;
@@ -232,8 +282,8 @@ async fn run_claude(
             _ = tokio::time::sleep_until(deadline) => {
                 break Some(Ending::TimedOut { after_ms: spec.timeout_ms });
             }
-            reason = &mut cancel => {
-                break Some(Ending::Cancelled { reason: reason.unwrap_or_else(|_| "the agent is stopping".into()) });
+            stop = &mut cancel => {
+                break Some(Stop::ending(stop));
             }
         }
     };
@@ -255,6 +305,8 @@ async fn run_claude(
         Some(t) => tokio::time::timeout(Duration::from_secs(1), t).await.ok().and_then(Result::ok).unwrap_or_default(),
         None => String::new(),
     };
+    // Re-read: the tokens may have been rotated while Claude ran.
+    let redactor = agent.login.redactor(crate::now_ms());
     let stderr = redactor.redact(&stderr);
     let duration_ms = started.elapsed().as_millis() as u64;
     let result = claude::result(&transcript, ending, &stderr, duration_ms);

@@ -111,7 +111,7 @@ pub async fn serve_agent(cfg: AgentConfig, stop: impl std::future::Future<Output
     let connection = tokio::spawn(connection::run(agent.clone(), uplink, shutdown_rx));
     stop.await;
     tracing::info!("agent stopping");
-    agent.cancel_all("the agent is shutting down");
+    agent.stop_all();
     let deadline = tokio::time::Instant::now() + job::KILL_GRACE + Duration::from_secs(2);
     while !agent.running_ids().is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

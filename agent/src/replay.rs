@@ -1,30 +1,38 @@
 //! Memory of order nonces, so a captured order replayed later is refused. A nonce is
 //! kept until its order could no longer pass the expiry check anyway (expiry plus the
-//! clock-skew allowance); the memory is on disk so an agent restart does not forget.
+//! clock-skew allowance). The memory is an append-only file (one `nonce expiry` line per
+//! order, compacted now and then) so an agent restart does not forget, and recording a
+//! nonce costs one small write, not a rewrite.
 
-use crate::spool::write_atomically;
 use shared::envelope::CLOCK_SKEW_MS;
 use shared::Millis;
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::PathBuf;
 
 pub struct ReplayGuard {
     path: PathBuf,
     seen: HashMap<String, Millis>,
+    /// Lines in the file, live or not: compaction is due when most are dead.
+    lines: usize,
 }
 
 impl ReplayGuard {
     pub fn open(path: PathBuf) -> ReplayGuard {
         // A missing or damaged file is an empty memory: expiry still bounds replays to
-        // the skew window, and this is logged.
-        let seen = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                tracing::warn!(path = %path.display(), error = %e, "replay memory unreadable; starting empty");
-                HashMap::new()
-            }),
-            Err(_) => HashMap::new(),
-        };
-        ReplayGuard { path, seen }
+        // the skew window. Damaged lines are skipped.
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut seen = HashMap::new();
+        let mut lines = 0;
+        for line in text.lines() {
+            lines += 1;
+            if let Some((nonce, expiry)) = line.rsplit_once(' ') {
+                if let Ok(expiry) = expiry.parse() {
+                    seen.insert(nonce.to_string(), expiry);
+                }
+            }
+        }
+        ReplayGuard { path, seen, lines }
     }
 
     /// Records a nonce. False if it was seen before (a replay).
@@ -34,10 +42,25 @@ impl ReplayGuard {
             return false;
         }
         self.seen.insert(nonce.to_string(), expires_at);
-        if let Err(e) = serde_json::to_vec(&self.seen).map_err(std::io::Error::other).and_then(|b| write_atomically(&self.path, &b)) {
-            tracing::warn!(path = %self.path.display(), error = %e, "could not save replay memory");
+        // Nonces are the edge's `id:attempt` text; a newline would break the file format.
+        let line = format!("{} {expires_at}\n", nonce.replace(['\n', '\r'], "_"));
+        let written = if self.lines > 1024 && self.lines > 2 * self.seen.len() {
+            self.compact()
+        } else {
+            std::fs::OpenOptions::new().create(true).append(true).open(&self.path).and_then(|mut f| f.write_all(line.as_bytes()))
+        };
+        match written {
+            Ok(()) => self.lines += 1,
+            Err(e) => tracing::warn!(path = %self.path.display(), error = %e, "could not save replay memory"),
         }
         true
+    }
+
+    fn compact(&mut self) -> std::io::Result<()> {
+        let text: String = self.seen.iter().map(|(n, e)| format!("{n} {e}\n")).collect();
+        crate::spool::write_atomically(&self.path, text.as_bytes(), false)?;
+        self.lines = self.seen.len().saturating_sub(1);
+        Ok(())
     }
 }
 
@@ -45,10 +68,15 @@ impl ReplayGuard {
 mod tests {
     use super::*;
 
+    fn path(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("cr-replay-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
     #[test]
     fn refuses_a_nonce_twice_even_after_a_restart() {
-        let path = std::env::temp_dir().join(format!("cr-replay-{}.json", std::process::id()));
-        let _ = std::fs::remove_file(&path);
+        let path = path("restart");
         let mut g = ReplayGuard::open(path.clone());
         assert!(g.admit("n1", 1_000, 0));
         assert!(!g.admit("n1", 1_000, 10));
@@ -56,5 +84,28 @@ mod tests {
         assert!(!g.admit("n1", 1_000, 20), "remembered across restarts");
         // Past expiry + skew the memory is pruned (the expiry check refuses it by then).
         assert!(g.admit("n1", 1_000, 1_000 + CLOCK_SKEW_MS + 1));
+    }
+
+    #[test]
+    fn compacts_without_forgetting_live_nonces() {
+        let path = path("compact");
+        let mut g = ReplayGuard::open(path.clone());
+        for i in 0..3000u64 {
+            // Each nonce lives 10 ms past the skew window: most are dead by the end.
+            assert!(g.admit(&format!("n{i}"), i, i + CLOCK_SKEW_MS - 5));
+        }
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert!(lines < 3000, "compacted: {lines} lines");
+        let mut g = ReplayGuard::open(path.clone());
+        assert!(!g.admit("n2999", 2999, 2999 + CLOCK_SKEW_MS - 5), "the newest nonce survived compaction");
+    }
+
+    #[test]
+    fn a_damaged_file_is_read_as_far_as_it_goes() {
+        let path = path("damaged");
+        std::fs::write(&path, "good 99999999999999\ngarbage\n\u{0}\u{1}\n").unwrap();
+        let mut g = ReplayGuard::open(path);
+        assert!(!g.admit("good", 1, 0));
+        assert!(g.admit("garbage", 1, 0));
     }
 }

@@ -14,14 +14,19 @@ pub fn safe_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// Writes a file so that a crash leaves either the old or the new content, never half.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes a file so that a crash leaves either the old or the new content, never half,
+/// and (with `durable`) so that it survives a power cut too, at the cost of an fsync.
+/// Readable by the owner only: these files hold keys, results and job ids.
+pub fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
         use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
     }
     std::fs::rename(&tmp, path)
 }
@@ -38,7 +43,12 @@ impl Spool {
 
     pub fn put(&self, job_id: &str, result: &JobResult) -> std::io::Result<()> {
         let path = self.path(job_id).ok_or_else(|| std::io::Error::other("unsafe job id"))?;
-        write_atomically(&path, &serde_json::to_vec(result)?)
+        // A result is the one thing that must outlive anything: fsync it.
+        write_atomically(&path, &serde_json::to_vec(result)?, true)
+    }
+
+    pub fn has(&self, job_id: &str) -> bool {
+        self.path(job_id).is_some_and(|p| p.exists())
     }
 
     pub fn remove(&self, job_id: &str) {

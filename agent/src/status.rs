@@ -45,7 +45,7 @@ impl StatusFile {
         change(&mut status);
         status.updated_at = shared::time::rfc3339(crate::now_ms());
         let bytes = serde_json::to_vec_pretty(&*status).expect("status serialises");
-        if let Err(e) = write_atomically(&self.path, &bytes) {
+        if let Err(e) = write_atomically(&self.path, &bytes, false) {
             tracing::debug!(path = %self.path.display(), error = %e, "could not write the status file");
         }
     }

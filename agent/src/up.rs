@@ -54,9 +54,8 @@ fn load_or_create(dir: &Path) -> anyhow::Result<UpState> {
     }
     std::fs::create_dir_all(dir)?;
     let state = UpState { keys: KeySet::generate(), runner_secret: runner_secret(), agent_id: default_agent_id() };
-    write_atomically(&path, &serde_json::to_vec_pretty(&state)?)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    // Created owner-only: it holds both signing keys.
+    write_atomically(&path, &serde_json::to_vec_pretty(&state)?, true)?;
     Ok(state)
 }
 

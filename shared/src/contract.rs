@@ -125,7 +125,14 @@ impl ApiError {
     }
 
     pub fn not_found(what: &str) -> Self {
-        Self::new(ErrorCode::NotFound, format!("{what} not found"))
+        Self::new(ErrorCode::NotFound, format!("{what} not found; check the URL (routes: /execute, /health, /oauth/status, /jobs)"))
+    }
+
+    pub fn job_not_found(job_id: &str) -> Self {
+        Self::new(
+            ErrorCode::NotFound,
+            format!("job `{job_id}` not found: no such job, or it finished longer ago than JOB_RETENTION_MS"),
+        )
     }
 
     pub fn to_json(&self) -> String {
@@ -198,7 +205,8 @@ impl ExecuteRequest {
             }
         }
         let working_dir = self.working_dir.map(|d| checked_working_dir(&d)).transpose()?;
-        let timeout_ms = self.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+        // An edge whose MAX_TIMEOUT_MS is below the default still takes requests that name none.
+        let timeout_ms = self.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS.min(limits.max_timeout_ms));
         if !(MIN_TIMEOUT_MS..=limits.max_timeout_ms).contains(&timeout_ms) {
             return Err(ApiError::invalid(format!(
                 "`timeout_ms` must be between {MIN_TIMEOUT_MS} and {} (MAX_TIMEOUT_MS)",

@@ -81,8 +81,14 @@ pub enum AgentMessage {
     /// The job verified and is starting.
     Accepted { job_id: String },
     /// The order was refused and nothing ran. `job_id` is absent when the order could not
-    /// be read at all.
-    Rejected { job_id: Option<String>, reason: String },
+    /// be read at all. `retry`: the refusal was about this moment (no free slot), not the
+    /// order, so the edge may queue the job again.
+    Rejected {
+        job_id: Option<String>,
+        reason: String,
+        #[serde(default)]
+        retry: bool,
+    },
     /// A progress event of a running job (one of Claude's stream-json lines, redacted).
     Event { job_id: String, seq: u64, event: serde_json::Value },
     Result { job_id: String, result: JobResult },

@@ -178,6 +178,14 @@ async fn oversized_bodies_are_413(kind: EdgeKind) {
     assert_eq!(a.body["error_code"], "PAYLOAD_TOO_LARGE");
     let ok = json!({"prompt": "x".repeat(3000)}).to_string().into_bytes();
     assert_eq!(s.client.send("POST", "/execute", Some(SECRET), Some(ok)).await.status, 200);
+    // Far over the limit: still a readable 413, not a reset connection…
+    let huge = vec![b' '; 2 * 1024 * 1024];
+    let a = s.client.send("POST", "/execute", Some(SECRET), Some(huge.clone())).await;
+    assert_eq!(a.status, 413, "{}", a.text);
+    assert_eq!(a.body["error_code"], "PAYLOAD_TOO_LARGE");
+    // …and without the secret the body is not even read: 403.
+    let a = s.client.send("POST", "/execute", Some("wrong"), Some(huge)).await;
+    assert_eq!(a.status, 403, "{}", a.text);
 }
 
 async fn a_timeout_kills_claude_and_its_children(kind: EdgeKind) {
@@ -254,11 +262,36 @@ async fn a_missing_claude_binary_is_a_clear_failure(kind: EdgeKind) {
 }
 
 async fn tokens_never_leave_the_machine(kind: EdgeKind) {
+    use base64::Engine;
     let s = setup(kind, &[], &[]).await;
     let a = s.client.execute(json!({"prompt": "@print_env=CLAUDE_CODE_OAUTH_TOKEN"})).await;
     assert_eq!(a.status, 200);
     assert!(!a.text.contains("test-token-not-real"), "token leaked: {}", a.text);
     assert!(a.text.contains("[REDACTED]"));
+
+    // The login file, printed whole in base64 (as `base64 ~/.claude/.credentials.json`
+    // would), with tokens that do not even look like Anthropic's.
+    let creds = s.agent.data.path().join("claude-config/.credentials.json");
+    let access = "opaque-access-value-0123456789abcdef";
+    let refresh = "opaque-refresh-value-fedcba9876543210";
+    let file = json!({"claudeAiOauth": {"accessToken": access, "refreshToken": refresh,
+        "expiresAt": 4_102_444_800_000u64, "scopes": ["user:inference"], "subscriptionType": "max"}});
+    std::fs::write(&creds, file.to_string()).unwrap();
+    let a = s.client.execute(json!({"prompt": format!("@print_file_b64={}", creds.display())})).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let printed = a.body["output"].as_str().unwrap().trim_start_matches("the file is ").replace("[REDACTED]", "");
+    let engine = base64::engine::general_purpose::STANDARD;
+    for secret in [access, refresh] {
+        // Whatever survived, decoded at any alignment, does not hold the token.
+        for skip in 0..4 {
+            let tail: String = printed.chars().skip(skip).collect();
+            let usable = tail.len() / 4 * 4;
+            let decoded = String::from_utf8_lossy(&engine.decode(&tail[..usable]).unwrap_or_default()).into_owned();
+            assert!(!decoded.contains(&secret[4..secret.len() - 4]), "{secret} leaked in base64: {decoded}");
+        }
+        assert!(!a.text.contains(secret));
+    }
+    assert!(a.text.contains("[REDACTED]"), "{}", a.text);
 }
 
 async fn the_agent_reconnects_after_an_edge_restart(kind: EdgeKind) {
@@ -299,6 +332,27 @@ async fn a_vanished_agent_makes_the_job_lost(kind: EdgeKind) {
     assert_eq!(a.status, 502, "{}", a.text);
     assert_eq!(a.body["error_code"], "RUNNER_LOST");
     assert_eq!(a.body["fallback"], true);
+}
+
+async fn an_agent_that_stops_mid_job_tells_the_caller_to_fall_back(kind: EdgeKind) {
+    let mut s = setup(kind, &[], &[]).await;
+    let client = s.client.clone();
+    let waiter = tokio::spawn(async move { client.execute(json!({"prompt": "@sleep=30000"})).await });
+    assert!(eventually(Duration::from_secs(10), || !s.agent.claude_runs().is_empty()).await);
+    s.agent.stop(); // SIGTERM: a clean stop, as systemd or docker would do
+    let a = waiter.await.unwrap();
+    assert_eq!(a.status, 502, "{}", a.text);
+    assert_eq!(a.body["error_code"], "RUNNER_LOST");
+    assert_eq!(a.body["fallback"], true);
+    assert!(a.body["error"].as_str().unwrap().contains("agent"), "{}", a.text);
+}
+
+async fn a_low_max_timeout_still_accepts_requests_without_timeout_ms(kind: EdgeKind) {
+    let s = setup(kind, &[("MAX_TIMEOUT_MS", "60000")], &[]).await;
+    let a = s.client.execute(json!({"prompt": "x"})).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let a = s.client.execute(json!({"prompt": "x", "timeout_ms": 60001})).await;
+    assert_eq!(a.status, 400, "{}", a.text);
 }
 
 async fn an_unknown_agent_is_refused(kind: EdgeKind) {
@@ -421,4 +475,6 @@ contract!(
     idempotent_submits_run_once,
     unknown_jobs_and_routes_are_404,
     a_silent_agent_is_reported_offline_within_two_heartbeats,
+    an_agent_that_stops_mid_job_tells_the_caller_to_fall_back,
+    a_low_max_timeout_still_accepts_requests_without_timeout_ms,
 );

@@ -48,7 +48,12 @@ pub enum ConfigError {
     Key(#[from] keys::KeyError),
     #[error("RUNNER_SECRET is too short ({0} characters): use at least 16, e.g. `openssl rand -hex 32`")]
     WeakSecret(usize),
+    #[error("{name} is {value}, over the most this edge supports ({max}); lower it")]
+    TooLarge { name: &'static str, value: u64, max: u64 },
 }
+
+const DAY_MS: u64 = 24 * 3_600_000;
+const WEEK_MS: u64 = 7 * DAY_MS;
 
 pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 15_000;
 pub const DEFAULT_LOST_AFTER_MS: u64 = 120_000;
@@ -69,6 +74,14 @@ impl Config {
                 Some(v) => v.parse().map_err(|_| ConfigError::Number { name, unit, value: v }),
             }
         };
+        // Bounds keep every deadline sum far from overflow.
+        let bounded = |name: &'static str, unit: &'static str, default: u64, max: u64| -> Result<u64, ConfigError> {
+            let value = number(name, unit, default)?;
+            if value > max {
+                return Err(ConfigError::TooLarge { name, value, max });
+            }
+            Ok(value)
+        };
         let runner_secret = required("RUNNER_SECRET")?;
         if runner_secret.len() < 16 {
             return Err(ConfigError::WeakSecret(runner_secret.len()));
@@ -77,15 +90,46 @@ impl Config {
             signing_key: keys::signing_key("EDGE_SIGNING_KEY", &required("EDGE_SIGNING_KEY")?)?,
             agents: Keyring::parse(&required("AGENT_PUBLIC_KEYS")?)?,
             runner_secret,
-            heartbeat_interval_ms: number("HEARTBEAT_INTERVAL_MS", "milliseconds", DEFAULT_HEARTBEAT_INTERVAL_MS)?.max(100),
-            lost_after_ms: number("LOST_AFTER_MS", "milliseconds", DEFAULT_LOST_AFTER_MS)?,
-            max_timeout_ms: number("MAX_TIMEOUT_MS", "milliseconds", DEFAULT_MAX_TIMEOUT_MS)?,
-            max_body_bytes: number("MAX_BODY_BYTES", "bytes", DEFAULT_MAX_BODY_BYTES as u64)? as usize,
-            job_retention_ms: number("JOB_RETENTION_MS", "milliseconds", DEFAULT_JOB_RETENTION_MS)?,
-            queue_ttl_ms: number("QUEUE_TTL_MS", "milliseconds", DEFAULT_QUEUE_TTL_MS)?,
-            max_queued_jobs: number("MAX_QUEUED_JOBS", "jobs", DEFAULT_MAX_QUEUED_JOBS as u64)? as usize,
-            timeout_margin_ms: number("TIMEOUT_MARGIN_MS", "milliseconds", DEFAULT_TIMEOUT_MARGIN_MS)?,
+            heartbeat_interval_ms: bounded("HEARTBEAT_INTERVAL_MS", "milliseconds", DEFAULT_HEARTBEAT_INTERVAL_MS, DAY_MS)?.max(100),
+            lost_after_ms: bounded("LOST_AFTER_MS", "milliseconds", DEFAULT_LOST_AFTER_MS, WEEK_MS)?,
+            max_timeout_ms: bounded("MAX_TIMEOUT_MS", "milliseconds", DEFAULT_MAX_TIMEOUT_MS, WEEK_MS)?.max(1_000),
+            max_body_bytes: bounded("MAX_BODY_BYTES", "bytes", DEFAULT_MAX_BODY_BYTES as u64, 64 * 1024 * 1024)? as usize,
+            job_retention_ms: bounded("JOB_RETENTION_MS", "milliseconds", DEFAULT_JOB_RETENTION_MS, 30 * DAY_MS)?,
+            queue_ttl_ms: bounded("QUEUE_TTL_MS", "milliseconds", DEFAULT_QUEUE_TTL_MS, WEEK_MS)?,
+            max_queued_jobs: bounded("MAX_QUEUED_JOBS", "jobs", DEFAULT_MAX_QUEUED_JOBS as u64, 100_000)? as usize,
+            timeout_margin_ms: bounded("TIMEOUT_MARGIN_MS", "milliseconds", DEFAULT_TIMEOUT_MARGIN_MS, DAY_MS)?,
             edge_version: env!("CARGO_PKG_VERSION").to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(extra: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name| {
+            let base = [
+                ("RUNNER_SECRET", "0123456789abcdef0123"),
+                ("EDGE_SIGNING_KEY", "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk="),
+                ("AGENT_PUBLIC_KEYS", "spark=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
+            ];
+            extra.iter().chain(base.iter()).find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn reads_defaults_and_refuses_bad_values_with_the_name() {
+        let cfg = Config::from_lookup(lookup(&[])).unwrap();
+        assert_eq!(cfg.heartbeat_interval_ms, DEFAULT_HEARTBEAT_INTERVAL_MS);
+        assert_eq!(cfg.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        let err = Config::from_lookup(lookup(&[("MAX_TIMEOUT_MS", "18446744073709551615")])).unwrap_err();
+        assert!(err.to_string().contains("MAX_TIMEOUT_MS"), "{err}");
+        let err = Config::from_lookup(lookup(&[("LOST_AFTER_MS", "soon")])).unwrap_err();
+        assert!(err.to_string().contains("LOST_AFTER_MS"), "{err}");
+        let err = Config::from_lookup(lookup(&[("RUNNER_SECRET", "short")])).unwrap_err();
+        assert!(err.to_string().contains("at least 16"), "{err}");
+        let err = Config::from_lookup(|_| None).unwrap_err();
+        assert!(err.to_string().contains("keygen"), "{err}");
     }
 }

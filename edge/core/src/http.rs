@@ -5,6 +5,7 @@
 
 use crate::job::Mode;
 use crate::machine::{hex, Edge, Effect};
+use crate::Config;
 use shared::contract::{Accepted, ApiError, ErrorCode, ExecuteRequest, Limits};
 use shared::Millis;
 use subtle::ConstantTimeEq;
@@ -65,6 +66,39 @@ pub fn authorized(secret: &str, req: &Request) -> bool {
         .any(|given| bool::from(given.trim().as_bytes().ct_eq(secret.as_bytes())))
 }
 
+/// The answer a request gets before its body is read, if that answer is a refusal: an
+/// unknown route (404) or a missing or wrong secret (403). Hosts call it first so nobody
+/// can make the edge read a large body without the secret; [`handle`] calls it too.
+pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Option<&str>, authorization: Option<&str>) -> Option<Response> {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    // The agents' WebSocket proves itself inside the protocol, not with the secret.
+    let open = matches!((method, segments.as_slice()), ("GET" | "HEAD", ["health"] | [""] | []) | (_, ["agent", "connect"]));
+    if open {
+        return None;
+    }
+    let known = matches!(segments.as_slice(), ["execute"] | ["oauth", "status"] | ["jobs"] | ["jobs", _] | ["metrics"]);
+    if !known {
+        return Some(Response::error(ApiError::not_found(&format!("route {method} {path}"))));
+    }
+    let probe = Request { method, path, secret_header, authorization, idempotency_key: None, body: Body::Bytes(&[]) };
+    if !authorized(&config.runner_secret, &probe) {
+        return Some(Response::error(ApiError::unauthorized()));
+    }
+    None
+}
+
+/// The answer to a caller still waiting on a job when the edge stops: the job is kept
+/// (and its agent's result will be stored), so say where to find it.
+pub fn edge_stopping(job_id: &str) -> Response {
+    Response::error(
+        ApiError::new(
+            ErrorCode::RunnerOffline,
+            format!("the edge is restarting; the job is kept: follow it with GET /jobs/{job_id}, or run the task elsewhere"),
+        )
+        .with_job(job_id),
+    )
+}
+
 /// Routes one request. `entropy` makes the id of a new job.
 pub fn handle(edge: &mut Edge, now: Millis, entropy: [u8; 16], req: Request) -> (Outcome, Vec<Effect>) {
     let respond = |r: Response| (Outcome::Respond(r), Vec::new());
@@ -88,12 +122,8 @@ pub fn handle(edge: &mut Edge, now: Millis, entropy: [u8; 16], req: Request) -> 
         }
         _ => {}
     }
-    let known = matches!(segments.as_slice(), ["execute"] | ["oauth", "status"] | ["jobs"] | ["jobs", _] | ["metrics"]);
-    if !known {
-        return respond(Response::error(ApiError::not_found(&format!("route {method} {}", req.path))));
-    }
-    if !authorized(&edge.config().runner_secret, &req) {
-        return respond(Response::error(ApiError::unauthorized()));
+    if let Some(refused) = preflight(edge.config(), method, req.path, req.secret_header, req.authorization) {
+        return respond(refused);
     }
     let body = match req.body {
         Body::Bytes(b) if b.len() <= edge.config().max_body_bytes => b,
@@ -115,7 +145,11 @@ pub fn handle(edge: &mut Edge, now: Millis, entropy: [u8; 16], req: Request) -> 
                     }
                     let cfg = edge.config();
                     // The machine ends the job by then; this bound only guards the host.
-                    let max_wait_ms = 2 * timeout_ms + cfg.timeout_margin_ms + cfg.lost_after_ms + 60_000;
+                    let max_wait_ms = timeout_ms
+                        .saturating_mul(2)
+                        .saturating_add(cfg.timeout_margin_ms)
+                        .saturating_add(cfg.lost_after_ms)
+                        .saturating_add(60_000);
                     (Outcome::Wait { job_id: s.job_id, max_wait_ms }, s.effects)
                 }
             }
@@ -137,7 +171,7 @@ pub fn handle(edge: &mut Edge, now: Millis, entropy: [u8; 16], req: Request) -> 
         }
         ("GET", ["jobs", id]) => match edge.job(id) {
             Some(job) => respond(Response::json(200, to_json(&job.view()))),
-            None => respond(Response::error(ApiError::not_found("job"))),
+            None => respond(Response::error(ApiError::job_not_found(id))),
         },
         ("DELETE", ["jobs", id]) => match edge.cancel(now, id) {
             Ok(effects) => {

@@ -63,10 +63,14 @@ impl Job {
     /// When the edge must act on this job if nothing else happens first.
     pub fn deadline(&self, lost_after_ms: u64, queue_ttl_ms: u64, margin_ms: u64) -> Option<Millis> {
         match self.state {
-            JobState::Queued => Some(self.created_at + self.queue_wait(queue_ttl_ms)),
+            JobState::Queued => Some(self.created_at.saturating_add(self.queue_wait(queue_ttl_ms))),
             JobState::Dispatched | JobState::Running => {
-                let timeout = self.dispatched_at.unwrap_or(self.created_at) + self.spec.timeout_ms + margin_ms;
-                let lost = self.orphaned_at.map(|t| t + lost_after_ms);
+                let timeout = self
+                    .dispatched_at
+                    .unwrap_or(self.created_at)
+                    .saturating_add(self.spec.timeout_ms)
+                    .saturating_add(margin_ms);
+                let lost = self.orphaned_at.map(|t| t.saturating_add(lost_after_ms));
                 Some(lost.map_or(timeout, |l| l.min(timeout)))
             }
             _ => None,

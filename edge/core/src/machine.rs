@@ -22,6 +22,9 @@ use shared::Millis;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use tracing::{debug, info, warn};
 
+/// Connections that have not answered their challenge yet, at most.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+
 /// What the host must do, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
@@ -75,6 +78,8 @@ pub struct Edge {
     last_oauth: Option<(String, OAuthReport)>,
     /// Since when no agent is connected (None while one is).
     offline_since: Option<Millis>,
+    /// Makes each cancel order's nonce unique, even two in the same millisecond.
+    orders_sent: u64,
     pub stats: Stats,
 }
 
@@ -90,6 +95,7 @@ impl Edge {
             idempotency: HashMap::new(),
             last_oauth: None,
             offline_since: Some(now),
+            orders_sent: 0,
             stats: Stats::default(),
         }
     }
@@ -162,6 +168,14 @@ impl Edge {
     /// challenge nonce.
     pub fn connect(&mut self, now: Millis, entropy: [u8; 32]) -> (String, Vec<Effect>) {
         let id = hex(&entropy[..8]);
+        // Anyone can open a connection; only so many may sit unproven at once.
+        let pending = self.sessions.values().filter(|s| s.agent().is_none()).count();
+        if pending >= MAX_PENDING_HANDSHAKES {
+            warn!(session = %id, pending, "too many unproven agent connections; refusing one");
+            let reason = "too many connections are waiting to prove themselves; retry shortly".to_string();
+            let effects = vec![Effect::Close { session: id.clone(), code: close::PROTOCOL_ERROR, reason }];
+            return (id, effects);
+        }
         let nonce = keys::encode(&entropy[8..]);
         let session = Session { id: id.clone(), connected_at: now, last_seen: now, phase: Phase::Challenged { nonce: nonce.clone() } };
         let challenge = EdgeMessage::Challenge {
@@ -359,8 +373,15 @@ impl Edge {
                 effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
             }
             AgentMessage::Credit { slots } => {
-                // A trusted agent, but a bug must not make the edge flood it.
-                agent.credits = agent.credits.saturating_add(slots).min(agent.capacity.max(1) * 4);
+                // Never more than the free slots the edge can see: a credit that crossed a
+                // reconnect, or a buggy agent, must not make the edge send more jobs than
+                // the agent can run.
+                let busy = self
+                    .active
+                    .iter()
+                    .filter(|id| self.jobs[*id].session_id.as_deref() == Some(session_id))
+                    .count() as u32;
+                agent.credits = agent.credits.saturating_add(slots).min(agent.capacity.saturating_sub(busy));
                 effects.push(Effect::SaveSession(Box::new(session.clone())));
                 self.dispatch(now, effects);
             }
@@ -374,18 +395,32 @@ impl Edge {
                     }
                 }
             }
-            AgentMessage::Rejected { job_id, reason } => {
+            AgentMessage::Rejected { job_id, reason, retry } => {
                 self.stats.rejected_orders += 1;
-                warn!(job_id = job_id.as_deref().unwrap_or("?"), agent_id = %agent_id, reason = %reason, "agent refused an order");
-                if let Some(id) = job_id {
-                    if self.own_active_job(&id, &agent_id).is_some_and(|j| j.state == JobState::Dispatched) {
-                        let result = JobResult::failure(
-                            ErrorCode::JobRejected,
-                            format!("the agent refused the job: {reason}"),
-                            0,
-                        );
-                        self.finish(now, &id, result, effects);
-                    }
+                warn!(job_id = job_id.as_deref().unwrap_or("?"), agent_id = %agent_id, reason = %reason, retry, "agent refused an order");
+                let Some(id) = job_id else { return };
+                let Some(job) = self.own_active_job(&id, &agent_id).filter(|j| j.state == JobState::Dispatched) else {
+                    return;
+                };
+                if retry {
+                    // Nothing ran: the job goes back to the head of the queue.
+                    job.state = JobState::Queued;
+                    job.agent_id = None;
+                    job.session_id = None;
+                    job.dispatched_at = None;
+                    effects.push(Effect::Save(Box::new(job.clone())));
+                    self.active.remove(&id);
+                    self.queue.push_front(id);
+                    self.dispatch(now, effects);
+                } else {
+                    let result = JobResult::failure(
+                        ErrorCode::JobRejected,
+                        format!(
+                            "the agent refused the job: {reason}. Check that the agent's EDGE_PUBLIC_KEY matches this edge's EDGE_SIGNING_KEY and that both clocks are right, then retry"
+                        ),
+                        0,
+                    );
+                    self.finish(now, &id, result, effects);
                 }
             }
             AgentMessage::Event { job_id, seq: _, event } => {
@@ -497,17 +532,18 @@ impl Edge {
         }
     }
 
-    fn send_cancel(&self, now: Millis, session_id: &str, agent_id: &str, job_id: &str, reason: &str, effects: &mut Vec<Effect>) {
+    fn send_cancel(&mut self, now: Millis, session_id: &str, agent_id: &str, job_id: &str, reason: &str, effects: &mut Vec<Effect>) {
         let order = CancelOrder {
             header: OrderHeader {
                 job_id: job_id.to_string(),
                 agent_id: agent_id.to_string(),
                 issued_at: now,
                 expires_at: now + ORDER_TTL_MS,
-                nonce: format!("{job_id}:cancel:{now}"),
+                nonce: format!("{job_id}:cancel:{now}:{}", self.orders_sent),
             },
             reason: reason.to_string(),
         };
+        self.orders_sent += 1;
         let envelope = Envelope::seal(Domain::Cancel, &order, &self.cfg.signing_key);
         effects.push(Effect::Send { session: session_id.to_string(), text: EdgeMessage::Cancel { envelope }.to_text() });
     }
@@ -515,7 +551,7 @@ impl Edge {
     /// `DELETE /jobs/{id}`. A queued job ends at once; a running one is stopped by its
     /// agent, which reports it `cancelled`.
     pub fn cancel(&mut self, now: Millis, job_id: &str) -> Result<Vec<Effect>, ApiError> {
-        let job = self.jobs.get(job_id).ok_or_else(|| ApiError::not_found("job"))?;
+        let job = self.jobs.get(job_id).ok_or_else(|| ApiError::job_not_found(job_id))?;
         let mut effects = Vec::new();
         match job.state {
             JobState::Queued => {
@@ -539,8 +575,11 @@ impl Edge {
                 }
             }
             _ => {
-                return Err(ApiError::new(ErrorCode::Conflict, format!("the job already ended ({})", job.state.as_str()))
-                    .with_job(job_id))
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!("the job already ended ({}); read its result with GET /jobs/{job_id}", job.state.as_str()),
+                )
+                .with_job(job_id))
             }
         }
         Ok(effects)
@@ -621,12 +660,12 @@ impl Edge {
         for id in expired {
             let job = &self.jobs[&id];
             let result = if !self.is_online() && job.mode == Mode::Wait {
-                JobResult::failure(ErrorCode::RunnerOffline, ApiError::offline().body.error, now - job.created_at)
+                JobResult::failure(ErrorCode::RunnerOffline, ApiError::offline().body.error, now.saturating_sub(job.created_at))
             } else {
                 JobResult::failure(
                     ErrorCode::Timeout,
                     format!("no agent took the job within {} ms; retry later", job.queue_wait(self.cfg.queue_ttl_ms)),
-                    now - job.created_at,
+                    now.saturating_sub(job.created_at),
                 )
             };
             self.finish(now, &id, result, &mut effects);

@@ -76,6 +76,10 @@ fn closed(effects: &[Effect]) -> Option<(u16, String)> {
 
 /// Connects and authenticates an agent; returns its session id.
 fn join(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: Vec<String>, seed: u8) -> (String, Vec<Effect>) {
+    join_with(edge, now, agent, key, running, seed, 1)
+}
+
+fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: Vec<String>, seed: u8, capacity: u32) -> (String, Vec<Effect>) {
     let (sid, effects) = edge.connect(now, [seed; 32]);
     let EdgeMessage::Challenge { nonce, protocol, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     assert_eq!(*protocol, PROTOCOL_VERSION);
@@ -86,7 +90,7 @@ fn join(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: Vec<S
         challenge: nonce.clone(),
         agent_nonce: "agent-nonce".into(),
         issued_at: now,
-        capacity: 1,
+        capacity,
         running,
         finished: vec![],
         oauth: oauth(),
@@ -177,6 +181,11 @@ fn never_sends_more_jobs_than_credits() {
         orders += sent(&s.effects, &sid).len();
     }
     assert_eq!(orders, 1);
+    // A stray credit while the one slot is busy (one that crossed a reconnect, say) sends
+    // nothing more.
+    let effects = say(&mut edge, 2, &sid, AgentMessage::Credit { slots: 1 });
+    assert!(sent(&effects, &sid).is_empty(), "over capacity: {effects:?}");
+    say(&mut edge, 2, &sid, AgentMessage::Result { job_id: "j0".into(), result: ok_result() });
     let effects = say(&mut edge, 2, &sid, AgentMessage::Credit { slots: 1 });
     assert_eq!(order_of(&effects, &sid, "spark", 2).header.job_id, "j1", "queue order is kept");
     // The queue is full at three waiting jobs.
@@ -184,6 +193,46 @@ fn never_sends_more_jobs_than_credits() {
     edge.submit(3, "j4".into(), submission("x", 10_000, None), Mode::Wait).unwrap();
     let err = edge.submit(3, "j5".into(), submission("x", 10_000, None), Mode::Wait).unwrap_err();
     assert_eq!(err.status, 429);
+}
+
+#[test]
+fn a_job_refused_for_want_of_a_slot_goes_back_to_the_queue() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    edge.submit(0, "j1".into(), submission("x", 10_000, None), Mode::Wait).unwrap();
+    let reason = "no free slot".to_string();
+    let effects = say(&mut edge, 1, &sid, AgentMessage::Rejected { job_id: Some("j1".into()), reason, retry: true });
+    assert!(finished(&effects).is_empty());
+    assert_eq!(edge.job("j1").unwrap().state, JobState::Queued);
+    let effects = say(&mut edge, 2, &sid, AgentMessage::Credit { slots: 1 });
+    assert_eq!(order_of(&effects, &sid, "spark", 2).header.nonce, "j1:2");
+    // A refusal of the order itself ends the job, with what to check.
+    let reason = "bad signature".to_string();
+    let done = finished(&say(&mut edge, 3, &sid, AgentMessage::Rejected { job_id: Some("j1".into()), reason, retry: false }));
+    assert_eq!(done[0].2["error_code"], "JOB_REJECTED");
+    assert!(done[0].2["error"].as_str().unwrap().contains("EDGE_PUBLIC_KEY"));
+}
+
+#[test]
+fn unproven_connections_are_limited() {
+    let mut edge = Edge::new(config(), 0);
+    for i in 0..crate::machine::MAX_PENDING_HANDSHAKES {
+        let (_, effects) = edge.connect(0, [i as u8; 32]);
+        assert!(closed(&effects).is_none());
+    }
+    let (_, effects) = edge.connect(0, [255; 32]);
+    assert!(closed(&effects).is_some());
+}
+
+#[test]
+fn a_clock_that_steps_back_does_not_panic() {
+    let mut edge = Edge::new(config(), 0);
+    edge.submit(10_000, "j1".into(), submission("x", 1_000, None), Mode::Wait).ok();
+    edge.submit(10_000, "j2".into(), submission("x", 1_000, None), Mode::Detached).unwrap();
+    let _ = edge.tick(5_000);
+    let _ = edge.tick(10_000 + 30_000 + 1);
+    assert_eq!(edge.job("j2").unwrap().state, JobState::TimedOut);
 }
 
 #[test]
@@ -274,7 +323,7 @@ fn a_job_survives_a_reconnect_and_its_result_arrives() {
 #[test]
 fn an_agent_that_restarted_without_the_job_settles_it() {
     let mut edge = Edge::new(config(), 0);
-    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let (sid, _) = join_with(&mut edge, 0, "spark", &agent_key(1), vec![], 1, 2);
     say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 2 });
     edge.submit(0, "run".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
     edge.submit(0, "sent".into(), submission("x", 60_000, None), Mode::Wait).unwrap();

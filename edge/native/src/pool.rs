@@ -128,6 +128,12 @@ impl Pool {
                 self.apply(effects);
             }
             Command::Shutdown { done } => {
+                for (job_id, waiters) in self.waiters.drain() {
+                    let answer = http::edge_stopping(&job_id);
+                    for waiter in waiters {
+                        let _ = waiter.send((answer.status, answer.body.clone()));
+                    }
+                }
                 for (_, outbox) in self.outboxes.drain() {
                     let _ = outbox.send(Outbound::Close(
                         shared::protocol::close::SHUTTING_DOWN,

@@ -23,8 +23,12 @@ use tracing::{info, warn};
 #[derive(Clone)]
 struct Shared {
     pool: mpsc::Sender<Command>,
-    max_body_bytes: usize,
+    config: std::sync::Arc<Config>,
 }
+
+/// How much of an oversized body is read (and dropped) so the caller can read its 413
+/// instead of a reset connection; past this the connection is simply closed.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
 
 pub struct EdgeOptions {
     pub config: Config,
@@ -47,7 +51,7 @@ impl Edge {
         let store = Store::open(&opts.data_dir)?;
         let jobs = store.load()?;
         let restored = jobs.len();
-        let max_body_bytes = opts.config.max_body_bytes;
+        let config = std::sync::Arc::new(opts.config.clone());
         let (machine, startup) = edge_core::Edge::restore(opts.config, jobs, Vec::new(), now_ms());
         let listener = TcpListener::bind(opts.listen).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on {}: {e}; is another edge running there? set LISTEN to a free address", opts.listen)
@@ -56,7 +60,7 @@ impl Edge {
         let (tx, commands) = mpsc::channel(1024);
         Ok(Edge {
             listener,
-            shared: Shared { pool: tx, max_body_bytes },
+            shared: Shared { pool: tx, config },
             pool: Pool::new(machine, store),
             commands,
             startup,
@@ -67,15 +71,16 @@ impl Edge {
         self.listener.local_addr().expect("bound listeners have an address")
     }
 
-    /// Serves until `shutdown` resolves, then closes agent connections and stops.
+    /// Serves until `shutdown` resolves; then answers waiting callers, closes agent
+    /// connections and stops. Ends with an error if the state machine's task dies.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let Edge { listener, shared, pool, commands, startup } = self;
-        let pool_task = tokio::spawn(pool.run(commands, startup));
+        let mut pool_task = tokio::spawn(pool.run(commands, startup));
         let app = Router::new()
             .route("/agent/connect", any(agent_connect))
             .fallback(any(api))
             .with_state(shared.clone());
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
         let pool_tx = shared.pool.clone();
         tokio::spawn(async move {
             shutdown.await;
@@ -83,17 +88,34 @@ impl Edge {
             if pool_tx.send(Command::Shutdown { done }).await.is_ok() {
                 let _ = wait.await;
             }
-            // Give writers a moment to send the close frames.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let _ = stop_tx.send(());
+            let _ = stopped_tx.send(true);
         });
-        let server = axum::serve(listener, app.into_make_service());
-        tokio::select! {
-            r = server => r?,
-            _ = stop_rx => info!("edge stopped"),
-        }
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        // Graceful: in-flight answers (the waiters just told the edge is stopping) go out;
+        // the bound covers connections that never close (an agent that does not answer
+        // the close).
+        // TCP_NODELAY on every connection: agent frames and answers are small and
+        // latency-bound; Nagle with delayed ACKs would add ~40 ms per job.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let server = axum::serve(listener, app.into_make_service()).with_graceful_shutdown(stopped(stopped_rx.clone()));
+        let bound = async {
+            stopped(stopped_rx).await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        };
+        let result = tokio::select! {
+            r = server => r.map_err(anyhow::Error::from),
+            _ = bound => Ok(()),
+            r = &mut pool_task => Err(anyhow::anyhow!("the edge's state machine stopped unexpectedly ({r:?}); restart the edge")),
+        };
         pool_task.abort();
-        Ok(())
+        if result.is_ok() {
+            info!("edge stopped");
+        }
+        result
     }
 }
 
@@ -103,12 +125,20 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
 
 async fn api(State(shared): State<Shared>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let bytes = axum::body::to_bytes(body, shared.max_body_bytes).await.ok().map(|b| b.to_vec());
+    let secret = header(&parts.headers, "x-runner-secret");
+    let authorization = header(&parts.headers, "authorization");
+    // Route and secret first: no body is read for a caller without the secret.
+    if let Some(refused) =
+        edge_core::http::preflight(&shared.config, parts.method.as_str(), parts.uri.path(), secret.as_deref(), authorization.as_deref())
+    {
+        return into_response(refused);
+    }
+    let bytes = read_body(body, shared.config.max_body_bytes).await;
     let req = HttpRequest {
         method: parts.method.as_str().to_string(),
         path: parts.uri.path().to_string(),
-        secret_header: header(&parts.headers, "x-runner-secret"),
-        authorization: header(&parts.headers, "authorization"),
+        secret_header: secret,
+        authorization,
         idempotency_key: header(&parts.headers, "idempotency-key"),
         body: bytes,
     };
@@ -133,10 +163,35 @@ async fn api(State(shared): State<Shared>, request: Request) -> Response {
             }
         }
     };
+    into_response(response)
+}
+
+fn into_response(response: edge_core::http::Response) -> Response {
     let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut out = (status, response.body).into_response();
     out.headers_mut().insert("content-type", response.content_type.parse().expect("static content types parse"));
     out
+}
+
+/// The body, or `None` when it is over `limit`. An oversized body is read on (and
+/// dropped) up to [`DRAIN_LIMIT`], so the caller is still listening for the 413.
+async fn read_body(body: Body, limit: usize) -> Option<Vec<u8>> {
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else { return None };
+        seen += chunk.len();
+        if seen > limit {
+            if seen > DRAIN_LIMIT {
+                return None;
+            }
+            bytes = Vec::new();
+            continue;
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    (seen <= limit).then_some(bytes)
 }
 
 fn stopping() -> Response {
@@ -152,12 +207,11 @@ async fn agent_connect(State(shared): State<Shared>, request: Request) -> Respon
     let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
         Ok(u) => u,
         Err(_) => {
-            let err = shared::contract::ApiError::invalid(
+            let mut err = shared::contract::ApiError::invalid(
                 "/agent/connect is the agent's WebSocket; run `claude-runner agent` with EDGE_URL pointing here",
             );
-            let mut r = Response::new(Body::from(err.to_json()));
-            *r.status_mut() = StatusCode::UPGRADE_REQUIRED;
-            return r;
+            err.status = 426;
+            return into_response(edge_core::http::Response::error(err));
         }
     };
     upgrade

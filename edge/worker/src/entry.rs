@@ -1,7 +1,8 @@
-//! The Worker's fetch handler. It decides nothing about the request itself: it only finds
-//! the pool — `/pool/{name}/…` names one, anything else is the `default` pool — and hands
-//! the request, with that prefix stripped, to the pool's Durable Object. One object per
-//! pool is what gives a pool one queue, one set of agent sessions and one order of events.
+//! The Worker's fetch handler. It finds the pool — `/pool/{name}/…` names one, anything
+//! else is the `default` pool — and hands the request, with that prefix stripped, to the
+//! pool's Durable Object. One object per pool is what gives a pool one queue, one set of
+//! agent sessions and one order of events. Requests the core's `preflight` refuses (an
+//! unknown route, a missing secret) are answered here, so they never occupy the object.
 
 use crate::exchange;
 use shared::contract::{ApiError, ErrorCode};
@@ -38,7 +39,7 @@ pub fn pool_of(path: &str) -> Result<(String, String), ApiError> {
 }
 
 #[event(fetch)]
-async fn route(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
+async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
     let url = match req.url() {
         Ok(url) => url,
         Err(e) => return exchange::error(&ApiError::invalid(format!("unreadable request URL: {e}"))),
@@ -47,6 +48,18 @@ async fn route(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
         Ok(p) => p,
         Err(e) => return exchange::error(&e),
     };
+    // With a broken configuration the object answers (it says which setting to fix).
+    if let Ok(config) = edge_core::Config::from_lookup(|name| crate::object::setting(&env, name)) {
+        let header = |name: &str| req.headers().get(name).ok().flatten();
+        let (secret, authorization) = (header("x-runner-secret"), header("authorization"));
+        let method = req.inner().method();
+        if let Some(refused) = edge_core::http::preflight(&config, &method, &path, secret.as_deref(), authorization.as_deref()) {
+            // Read the body (dropping it) first: answering while the caller still sends
+            // makes the runtime reset the connection, and the caller would never see why.
+            let _ = exchange::read_body(&mut req, 0).await;
+            return exchange::respond(refused);
+        }
+    }
     match forward(&req, url, &env, &pool, &path).await {
         Ok(response) => Ok(response),
         Err(e) => {

@@ -38,6 +38,9 @@ pub fn upgrade_required() -> worker::Result<Response> {
     error(&err)
 }
 
+/// How much of an oversized body is read (and dropped) before giving up on the caller.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+
 /// Reads the body, keeping at most `limit` bytes. `Ok(None)`: it is larger. An oversized
 /// body is still read to its end (and dropped chunk by chunk, never held): answering while
 /// the caller is still sending makes the runtime reset the connection, and the caller would
@@ -49,9 +52,15 @@ pub async fn read_body(req: &mut Request, limit: usize) -> Result<Option<Vec<u8>
     let mut stream = req.stream().map_err(|e| e.to_string())?;
     let mut body = Vec::new();
     let mut too_large = false;
+    let mut seen = 0usize;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| e.to_string())?;
+        seen += chunk.len();
         if too_large {
+            // Drained up to a bound; past it the caller is just cut off.
+            if seen > DRAIN_LIMIT {
+                break;
+            }
             continue;
         }
         if body.len() + chunk.len() > limit {

@@ -281,6 +281,10 @@ impl EdgeDurableObject {
 
     /// Every other request: the core routes it; `/execute` may wait for its job.
     async fn serve(&self, mut req: Request, path: &str) -> worker::Result<Response> {
+        let header = |name: &str| req.headers().get(name).ok().flatten();
+        let (secret, authorization, idempotency_key) =
+            (header("x-runner-secret"), header("authorization"), header("idempotency-key"));
+        let method = req.inner().method();
         let limit = self.with_edge(|edge| edge.config().max_body_bytes).unwrap_or(0);
         let body = match exchange::read_body(&mut req, limit).await {
             Ok(body) => body,
@@ -290,10 +294,6 @@ impl EdgeDurableObject {
             Ok(seed) => seed,
             Err(e) => return exchange::error(&ApiError::new(ErrorCode::InternalError, e)),
         };
-        let header = |name: &str| req.headers().get(name).ok().flatten();
-        let (secret, authorization, idempotency_key) =
-            (header("x-runner-secret"), header("authorization"), header("idempotency-key"));
-        let method = req.inner().method();
         let request = http::Request {
             method: &method,
             path,
@@ -373,7 +373,7 @@ impl EdgeDurableObject {
 
 /// A Worker setting by name: a secret or a var. Vars written as TOML numbers arrive as
 /// JS numbers; they count too.
-fn setting(env: &Env, name: &str) -> Option<String> {
+pub(crate) fn setting(env: &Env, name: &str) -> Option<String> {
     let env: &JsValue = env.as_ref();
     let value = worker::js_sys::Reflect::get(env, &JsValue::from_str(name)).ok()?;
     if let Some(text) = value.as_string() {

@@ -109,10 +109,8 @@ fn parse_args() -> Result<Opts, String> {
 /// The binaries must be there before anything starts; the harness would panic.
 fn check_binaries(opts: &Opts) -> Result<(), String> {
     let dir = harness::bin_dir();
-    let missing: Vec<&str> = ["claude-runner-edge", "claude-runner", "claude-standin"]
-        .into_iter()
-        .filter(|name| !dir.join(name).exists())
-        .collect();
+    let missing: Vec<&str> =
+        ["claude-runner-edge", "claude-runner", "claude-standin"].into_iter().filter(|name| !dir.join(name).exists()).collect();
     if !missing.is_empty() {
         return Err(format!(
             "missing in {}: {}\nbuild them first:  cargo build --release --bins\nthen:              cargo run --release -p claude-runner-tests --bin bench",
@@ -129,10 +127,7 @@ fn check_binaries(opts: &Opts) -> Result<(), String> {
         }
     }
     if !dir.ends_with("release") {
-        eprintln!(
-            "warning: the binaries in {} are not a release build; figures will not be representative (use --release)",
-            dir.display()
-        );
+        eprintln!("warning: the binaries in {} are not a release build; figures will not be representative (use --release)", dir.display());
     }
     Ok(())
 }
@@ -207,7 +202,6 @@ fn ms(v: &Value) -> f64 {
 
 // ------------------------------------------------------------------------------ processes
 
-
 /// A process and all its descendants (the Worker host is node plus workerd).
 fn process_tree(root: u32) -> Vec<u32> {
     let mut parents: Vec<(u32, u32)> = Vec::new();
@@ -268,10 +262,9 @@ fn machine() -> Value {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let cpuinfo = read("/proc/cpuinfo");
     let model = cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, m)| m.trim().to_string());
-    let os = read("/etc/os-release")
-        .lines()
-        .find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()));
-    let mem_kib: Option<u64> = read("/proc/meminfo").lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
+    let os = read("/etc/os-release").lines().find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()));
+    let mem_kib: Option<u64> =
+        read("/proc/meminfo").lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
     json!({
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "cpu_model": model,
@@ -285,9 +278,17 @@ fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
 
+/// The commit measured, with "+changes" when the code of the binaries differs from it
+/// (the benchmark's own source aside).
 fn git_commit() -> Option<String> {
-    let out = std::process::Command::new("git").arg("-C").arg(harness::repo_root()).args(["rev-parse", "--short", "HEAD"]).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git").arg("-C").arg(harness::repo_root()).args(args).output().ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"])?;
+    let changed = git(&["status", "--porcelain", "--", "Cargo.lock", "shared", "edge", "agent", "tests/src", ":!tests/src/bin/bench.rs"])
+        .is_some_and(|s| !s.is_empty());
+    Some(if changed { commit + "+changes" } else { commit })
 }
 
 // ------------------------------------------------------------------------------ direct runs
@@ -368,7 +369,10 @@ struct Batch {
     wall: Duration,
 }
 
-async fn collect<T: Into<Sample>>(workers: Vec<tokio::task::JoinHandle<anyhow::Result<Vec<(usize, T)>>>>, started: Instant) -> anyhow::Result<Batch> {
+/// A client task's samples, each with its job number.
+type Worker<T> = tokio::task::JoinHandle<anyhow::Result<Vec<(usize, T)>>>;
+
+async fn collect<T: Into<Sample>>(workers: Vec<Worker<T>>, started: Instant) -> anyhow::Result<Batch> {
     let mut batch = Batch { latencies: Vec::new(), agent_ms: Vec::new(), wall: Duration::ZERO };
     for w in workers {
         for (i, s) in w.await?? {
@@ -410,13 +414,7 @@ fn http_client() -> reqwest::Client {
 async fn execute_once(http: &reqwest::Client, url: &str, i: usize) -> anyhow::Result<Sample> {
     let body = json!({ "prompt": prompt(i), "timeout_ms": 60_000 }).to_string();
     let started = Instant::now();
-    let resp = http
-        .post(url)
-        .header("X-Runner-Secret", SECRET)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await?;
+    let resp = http.post(url).header("X-Runner-Secret", SECRET).header("content-type", "application/json").body(body).send().await?;
     let status = resp.status().as_u16();
     let bytes = resp.bytes().await?;
     let latency = started.elapsed();
@@ -464,7 +462,14 @@ struct Paired {
     edge_wall: Duration,
 }
 
-async fn paired(direct: &Arc<Direct>, through: &Arc<Through>, jobs: usize, clients: usize, block: usize, label: &str) -> anyhow::Result<Paired> {
+async fn paired(
+    direct: &Arc<Direct>,
+    through: &Arc<Through>,
+    jobs: usize,
+    clients: usize,
+    block: usize,
+    label: &str,
+) -> anyhow::Result<Paired> {
     // Warm both paths (page cache, connection pools, the agent's first job).
     direct.run(0, WARMUP.max(clients), clients).await?;
     through.run(0, WARMUP.max(clients), clients).await?;
@@ -497,11 +502,7 @@ async fn paired(direct: &Arc<Direct>, through: &Arc<Through>, jobs: usize, clien
     d.sort_by_key(|(i, _)| *i);
     e.sort_by_key(|(i, _)| *i);
     agent.sort_by_key(|(i, _)| *i);
-    let outside_agent = e
-        .iter()
-        .zip(&agent)
-        .map(|((_, lat), (_, a))| lat.saturating_sub(Duration::from_millis(*a)))
-        .collect();
+    let outside_agent = e.iter().zip(&agent).map(|((_, lat), (_, a))| lat.saturating_sub(Duration::from_millis(*a))).collect();
     Ok(Paired {
         direct: d.into_iter().map(|(_, l)| l).collect(),
         edge: e.into_iter().map(|(_, l)| l).collect(),

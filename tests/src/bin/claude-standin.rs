@@ -6,7 +6,8 @@
 //! `@auth_error` report a 401 · `@garbage` print non-JSON and no result ·
 //! `@spawn_child=PIDFILE` start a long-lived child in the same process group and write its
 //! pid to PIDFILE · `@megabytes=N` stream N MiB of assistant text first ·
-//! `@print_env=VAR` answer with the value of VAR · `@no_result` end without a result line ·
+//! `@print_env=VAR` answer with the value of VAR · `@print_file_b64=PATH` answer with
+//! the base64 of a file (as `base64 FILE` would) · `@no_result` end without a result line ·
 //! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it).
 //!
 //! With `STANDIN_LOG` set, every invocation appends one JSON line (argv, cwd, prompt).
@@ -76,9 +77,14 @@ fn main() {
     if let Some(ms) = directive(&prompt, "sleep").and_then(|v| v.parse::<u64>().ok()) {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
-    let text = match directive(&prompt, "print_env") {
-        Some(var) => format!("the value is {}", std::env::var(var).unwrap_or_default()),
-        None => format!("stand-in answer to: {}", prompt.trim()),
+    let text = match (directive(&prompt, "print_env"), directive(&prompt, "print_file_b64")) {
+        (Some(var), _) => format!("the value is {}", std::env::var(var).unwrap_or_default()),
+        (None, Some(path)) => {
+            use base64::Engine;
+            let bytes = std::fs::read(path).unwrap_or_default();
+            format!("the file is {}", base64::engine::general_purpose::STANDARD.encode(bytes))
+        }
+        (None, None) => format!("stand-in answer to: {}", prompt.trim()),
     };
     emit(&mut out, serde_json::json!({"type":"assistant","session_id":session,"message":{"content":[{"type":"text","text":text}]}}));
     if directive(&prompt, "no_result").is_some() {
