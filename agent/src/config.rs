@@ -10,7 +10,7 @@ use std::path::PathBuf;
 pub struct AgentArgs {
     /// The edge to dial: ws://host:port or wss://host (http/https are accepted too).
     #[arg(long, env = "EDGE_URL")]
-    pub edge_url: String,
+    pub edge_url: Option<String>,
     /// This agent's id, as listed in the edge's AGENT_PUBLIC_KEYS (default: hostname).
     #[arg(long, env = "AGENT_ID")]
     pub agent_id: Option<String>,
@@ -22,7 +22,7 @@ pub struct AgentArgs {
     pub agent_key_file: Option<PathBuf>,
     /// base64 public key of the edge: only jobs it signed run.
     #[arg(long, env = "EDGE_PUBLIC_KEY")]
-    pub edge_public_key: String,
+    pub edge_public_key: Option<String>,
     #[command(flatten)]
     pub local: LocalArgs,
     /// Jobs run at once.
@@ -96,25 +96,40 @@ pub fn default_agent_id() -> String {
 }
 
 impl AgentArgs {
-    pub fn resolve(self) -> anyhow::Result<AgentConfig> {
-        let key_text = match (&self.agent_signing_key, &self.agent_key_file) {
-            (Some(k), _) => k.clone(),
+    pub fn agent_id(&self) -> String {
+        self.agent_id.clone().unwrap_or_else(default_agent_id)
+    }
+
+    /// The text of the agent's signing key, from AGENT_SIGNING_KEY or AGENT_KEY_FILE.
+    pub fn signing_key_text(&self) -> anyhow::Result<String> {
+        match (&self.agent_signing_key, &self.agent_key_file) {
+            (Some(k), _) => Ok(k.clone()),
             (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("cannot read AGENT_KEY_FILE {}: {e}", path.display()))?,
+                .map_err(|e| anyhow::anyhow!("cannot read AGENT_KEY_FILE {}: {e}", path.display())),
             (None, None) => anyhow::bail!("set AGENT_SIGNING_KEY or AGENT_KEY_FILE (`claude-runner keygen` makes one)"),
-        };
-        let agent_id = self.agent_id.unwrap_or_else(default_agent_id);
+        }
+    }
+
+    pub fn resolve(self) -> anyhow::Result<AgentConfig> {
+        let key_text = self.signing_key_text()?;
+        let agent_id = self.agent_id();
         if !keys::valid_agent_id(&agent_id) {
             anyhow::bail!("AGENT_ID `{agent_id}` is not valid: use 1-64 letters, digits, `-`, `_` or `.`");
         }
         if self.max_concurrent_jobs == 0 || self.max_concurrent_jobs > 64 {
             anyhow::bail!("MAX_CONCURRENT_JOBS must be between 1 and 64");
         }
+        let edge_url = self.edge_url.as_deref().ok_or_else(|| {
+            anyhow::anyhow!("set EDGE_URL to the edge, e.g. wss://claude-runner-edge.<you>.workers.dev")
+        })?;
+        let edge_public_key = self.edge_public_key.as_deref().ok_or_else(|| {
+            anyhow::anyhow!("set EDGE_PUBLIC_KEY (printed by `claude-runner keygen` next to EDGE_SIGNING_KEY)")
+        })?;
         Ok(AgentConfig {
-            connect_url: connect_url(&self.edge_url)?,
+            connect_url: connect_url(edge_url)?,
             agent_id,
             signing_key: keys::signing_key("AGENT_SIGNING_KEY", &key_text)?,
-            edge_public_key: keys::verifying_key("EDGE_PUBLIC_KEY", &self.edge_public_key)?,
+            edge_public_key: keys::verifying_key("EDGE_PUBLIC_KEY", edge_public_key)?,
             data_dir: self.local.data_dir(),
             claude_bin: self.local.claude_bin,
             claude_config_dir: self.local.claude_config_dir,

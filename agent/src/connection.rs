@@ -109,9 +109,7 @@ async fn refuse(ws: &mut Socket, code: u16, reason: String) -> End {
 
 /// The agent's nonce for the edge to sign back.
 fn nonce() -> String {
-    let mut bytes = [0u8; 24];
-    getrandom::fill(&mut bytes).expect("the OS random source works");
-    shared::keys::encode(&bytes)
+    shared::keys::encode(&edge_native::entropy::<24>())
 }
 
 /// One connection, from dial to end.

@@ -1,29 +1,12 @@
 //! `claude-runner doctor`: checks what the agent needs — the Claude binary, its login,
 //! the keys, the edge — and says how to fix each problem it finds.
 
-use crate::config::{connect_url, default_agent_id, LocalArgs};
+use crate::config::{connect_url, AgentArgs};
 use crate::up::{find_binary, INSTALL_CLAUDE};
 use futures_util::StreamExt;
 use shared::keys;
 use shared::protocol::{EdgeMessage, PROTOCOL_VERSION};
-use std::path::PathBuf;
 use std::time::Duration;
-
-#[derive(Debug, clap::Args)]
-pub struct DoctorArgs {
-    #[arg(long, env = "EDGE_URL")]
-    pub edge_url: Option<String>,
-    #[arg(long, env = "AGENT_ID")]
-    pub agent_id: Option<String>,
-    #[arg(long, env = "AGENT_SIGNING_KEY", hide_env_values = true)]
-    pub agent_signing_key: Option<String>,
-    #[arg(long, env = "AGENT_KEY_FILE")]
-    pub agent_key_file: Option<PathBuf>,
-    #[arg(long, env = "EDGE_PUBLIC_KEY")]
-    pub edge_public_key: Option<String>,
-    #[command(flatten)]
-    pub local: LocalArgs,
-}
 
 struct Report {
     failures: usize,
@@ -43,7 +26,7 @@ impl Report {
 }
 
 /// Runs every check; true when none failed.
-pub async fn run(args: DoctorArgs) -> bool {
+pub async fn run(args: AgentArgs) -> bool {
     let mut r = Report { failures: 0 };
     println!("claude-runner doctor");
 
@@ -87,29 +70,16 @@ pub async fn run(args: DoctorArgs) -> bool {
         r.ok("login", format!("{source}{expiry}"));
     }
 
-    let agent_id = args.agent_id.clone().unwrap_or_else(default_agent_id);
-    let key_text = match (&args.agent_signing_key, &args.agent_key_file) {
-        (Some(k), _) => Some(k.clone()),
-        (None, Some(path)) => match std::fs::read_to_string(path) {
-            Ok(k) => Some(k),
-            Err(e) => {
-                r.fail("agent key", format!("cannot read AGENT_KEY_FILE {}: {e}", path.display()));
-                None
-            }
-        },
-        (None, None) => {
-            r.fail("agent key", "AGENT_SIGNING_KEY (or AGENT_KEY_FILE) is not set; `claude-runner keygen` makes one");
-            None
-        }
-    };
-    if let Some(text) = key_text {
-        match keys::signing_key("AGENT_SIGNING_KEY", &text) {
+    let agent_id = args.agent_id();
+    match args.signing_key_text() {
+        Err(e) => r.fail("agent key", e.to_string()),
+        Ok(text) => match keys::signing_key("AGENT_SIGNING_KEY", &text) {
             Ok(key) => r.ok(
                 "agent key",
                 format!("the edge's AGENT_PUBLIC_KEYS must contain `{agent_id}={}`", keys::encode_verifying(&key.verifying_key())),
             ),
             Err(e) => r.fail("agent key", e.to_string()),
-        }
+        },
     }
     match &args.edge_public_key {
         None => r.fail("edge key", "EDGE_PUBLIC_KEY is not set; it is printed by `claude-runner keygen` next to EDGE_SIGNING_KEY"),

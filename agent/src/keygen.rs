@@ -13,11 +13,7 @@ pub struct KeySet {
     pub agent_public_key: String,
 }
 
-pub fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    getrandom::fill(&mut b).expect("the OS random source works");
-    b
-}
+pub use edge_native::entropy as random_bytes;
 
 pub fn runner_secret() -> String {
     random_bytes::<32>().iter().map(|b| format!("{b:02x}")).collect()

@@ -63,7 +63,7 @@ enum Command {
         local: LocalArgs,
     },
     /// Check the claude binary, the login, the keys and the edge, with a fix for each problem.
-    Doctor(doctor::DoctorArgs),
+    Doctor(AgentArgs),
     /// Is the local agent running and connected, and what is it running?
     Status {
         #[command(flatten)]
@@ -71,36 +71,14 @@ enum Command {
     },
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+/// The one clock the agent reads (the same as the native edge's).
+pub use edge_native::now_ms;
 
 pub fn home() -> PathBuf {
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handlers install");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
+pub use edge_native::shutdown_signal;
 
 /// Runs the agent until `stop`; then stops running jobs, lets their results go out (or
 /// stay spooled) and closes the connection.
@@ -123,7 +101,7 @@ pub async fn serve_agent(cfg: AgentConfig, stop: impl std::future::Future<Output
 
 fn main() {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    edge_native::init_logging(&cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio starts");
     let result = runtime.block_on(async move {

@@ -425,7 +425,8 @@ async fn a_silent_agent_is_reported_offline_within_two_heartbeats(kind: EdgeKind
     client.wait_health(503).await;
     let took = online_at.elapsed();
     assert!(took >= Duration::from_millis(900), "dropped too early ({took:?}): silence shorter than two intervals is allowed");
-    assert!(took < Duration::from_secs(2 * 1 + 3), "noticed late ({took:?})");
+    // Two intervals (2 s) plus generous slack for a loaded machine.
+    assert!(took < Duration::from_secs(5), "noticed late ({took:?})");
     assert_eq!(client.execute(json!({"prompt": "x"})).await.status, 503);
     drop(ws);
 }

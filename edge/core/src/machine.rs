@@ -242,7 +242,7 @@ impl Edge {
         let msg = match protocol::decode::<AgentMessage>(text) {
             Ok(m) => m,
             Err(e) => {
-                warn!(session = session_id, error = %e, "unreadable frame from agent");
+                warn!(session = session_id, agent_id = session.agent_id().unwrap_or("-"), error = %e, "unreadable frame from agent");
                 self.close(now, session_id, Refused { code: close::PROTOCOL_ERROR, reason: e }, &mut effects);
                 return effects;
             }
@@ -323,6 +323,7 @@ impl Edge {
             let has_it = hello.running.contains(&id) || hello.finished.contains(&id);
             let job = self.jobs.get_mut(&id).expect("active jobs exist");
             if has_it {
+                info!(job_id = %id, agent_id = %agent_id, "job taken over by the reconnected agent");
                 job.session_id = Some(session_id.to_string());
                 job.orphaned_at = None;
                 if job.state == JobState::Dispatched {
@@ -333,14 +334,7 @@ impl Edge {
             } else if job.state == JobState::Dispatched {
                 // Sent, but the agent never got it: nothing ran, so it may be sent again.
                 info!(job_id = %id, agent_id = %agent_id, "requeueing a job the agent never received");
-                job.state = JobState::Queued;
-                job.agent_id = None;
-                job.session_id = None;
-                job.dispatched_at = None;
-                job.orphaned_at = None;
-                effects.push(Effect::Save(Box::new(job.clone())));
-                self.active.remove(&id);
-                self.queue.push_front(id);
+                self.requeue(&id, effects);
             } else {
                 let result = JobResult::failure(
                     ErrorCode::RunnerLost,
@@ -399,18 +393,11 @@ impl Edge {
                 self.stats.rejected_orders += 1;
                 warn!(job_id = job_id.as_deref().unwrap_or("?"), agent_id = %agent_id, reason = %reason, retry, "agent refused an order");
                 let Some(id) = job_id else { return };
-                let Some(job) = self.own_active_job(&id, &agent_id).filter(|j| j.state == JobState::Dispatched) else {
+                if !self.own_active_job(&id, &agent_id).is_some_and(|j| j.state == JobState::Dispatched) {
                     return;
-                };
+                }
                 if retry {
-                    // Nothing ran: the job goes back to the head of the queue.
-                    job.state = JobState::Queued;
-                    job.agent_id = None;
-                    job.session_id = None;
-                    job.dispatched_at = None;
-                    effects.push(Effect::Save(Box::new(job.clone())));
-                    self.active.remove(&id);
-                    self.queue.push_front(id);
+                    self.requeue(&id, effects);
                     self.dispatch(now, effects);
                 } else {
                     let result = JobResult::failure(
@@ -451,6 +438,20 @@ impl Edge {
                 self.close(now, session_id, refused, effects);
             }
         }
+    }
+
+    /// A dispatched job that never ran goes back to the head of the queue, to be sent
+    /// again (with a new nonce).
+    fn requeue(&mut self, job_id: &str, effects: &mut Vec<Effect>) {
+        let job = self.jobs.get_mut(job_id).expect("requeued jobs exist");
+        job.state = JobState::Queued;
+        job.agent_id = None;
+        job.session_id = None;
+        job.dispatched_at = None;
+        job.orphaned_at = None;
+        effects.push(Effect::Save(Box::new(job.clone())));
+        self.active.remove(job_id);
+        self.queue.push_front(job_id.to_string());
     }
 
     fn own_active_job(&mut self, job_id: &str, agent_id: &str) -> Option<&mut Job> {

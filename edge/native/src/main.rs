@@ -29,22 +29,10 @@ fn main() {
         println!("claude-runner-edge {}", env!("CARGO_PKG_VERSION"));
         return;
     }
-    init_logging();
+    edge_native::init_logging(&std::env::var("LOG_FORMAT").unwrap_or_default());
     if let Err(e) = run() {
         eprintln!("claude-runner-edge: {e:#}");
         std::process::exit(1);
-    }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 
@@ -61,14 +49,6 @@ fn run() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let edge = Edge::bind(EdgeOptions { config, listen, data_dir }).await?;
-        edge.serve(shutdown_signal()).await
+        edge.serve(edge_native::shutdown_signal()).await
     })
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handlers install");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
