@@ -588,7 +588,7 @@ async fn bench_edge(kind: EdgeKind, opts: &Opts, direct: &Arc<Direct>) -> anyhow
     let seq = paired(direct, &through, opts.jobs, 1, opts.block, &format!("[{name}] sequential")).await?;
     let par = paired(direct, &through, opts.jobs, opts.clients, opts.block * 2, &format!("[{name}] {} clients", opts.clients)).await?;
     let (edge_cpu1, agent_cpu1, self_cpu1) = (cpu_of_tree(edge_pid), cpu_of(agent_pid), self_cpu());
-    let edge_jobs = (seq.edge.len() + par.edge.len() + 2 * WARMUP.max(opts.clients)) as f64;
+    let edge_jobs = (seq.edge.len() + par.edge.len() + WARMUP + WARMUP.max(opts.clients)) as f64;
     let per_job = |s: f64| round3(s * 1000.0 / edge_jobs);
     let cpu = json!({
         "edge_ms_per_job": per_job(edge_cpu1.own - edge_cpu0.own),
