@@ -465,6 +465,14 @@ impl Edge {
     /// Takes a validated submission. `job_id` is a fresh id the host made.
     pub fn submit(&mut self, now: Millis, job_id: String, submission: Submission, mode: Mode) -> Result<Submitted, ApiError> {
         if let Some(existing) = submission.idempotency_key.as_ref().and_then(|k| self.idempotency.get(k)) {
+            // The same key for a different task is a caller's mistake, not a repeat.
+            if self.jobs.get(existing).is_some_and(|j| j.spec != submission.spec) {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    "this idempotency key was already used for a different task; use a new key for a new task",
+                )
+                .with_job(existing));
+            }
             return Ok(Submitted { job_id: existing.clone(), existing: true, effects: Vec::new() });
         }
         if mode == Mode::Wait && !self.is_online() {

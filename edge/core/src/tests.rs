@@ -396,6 +396,10 @@ fn idempotency_keys_return_the_same_job() {
     assert_eq!(b.job_id, a.job_id);
     assert!(b.existing);
     assert!(edge.job("j2").is_none());
+    // The same key for another task is refused, naming the job it belongs to.
+    let err = edge.submit(0, "j3".into(), submission("something else", 1000, Some("k")), Mode::Detached).unwrap_err();
+    assert_eq!(err.status, 409);
+    assert_eq!(err.body.job_id.as_deref(), Some("j1"));
 }
 
 #[test]
