@@ -446,7 +446,7 @@ fn restore_keeps_jobs_and_starts_the_lost_clock() {
     let (mut edge, _) = Edge::restore(config(), saved.into_values().collect(), vec![], 1_000);
     assert_eq!(edge.job("done").unwrap().state, JobState::Succeeded);
     assert_eq!(edge.job("queued").unwrap().state, JobState::Queued);
-    assert!(edge.submit(3, "dup".into(), submission("x", 1_000, Some("k")), Mode::Detached).unwrap().existing);
+    assert!(edge.submit(3, "dup".into(), submission("x", 60_000, Some("k")), Mode::Detached).unwrap().existing);
     let done = finished(&edge.tick(1_000 + LOST));
     assert_eq!(done[0].0, "run");
     assert_eq!(done[0].2["error_code"], "RUNNER_LOST");
