@@ -431,6 +431,36 @@ impl Client {
         }
     }
 
+    /// Follows `GET /jobs/{id}/events` to its end: the status, content type and every
+    /// SSE event as (event name, data).
+    pub async fn follow(&self, job_id: &str) -> (u16, String, Vec<(String, String)>) {
+        use futures_util::StreamExt;
+        let resp = self
+            .http
+            .get(format!("{}/jobs/{job_id}/events", self.base))
+            .header("X-Runner-Secret", SECRET)
+            .send()
+            .await
+            .expect("the edge answers");
+        let status = resp.status().as_u16();
+        let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let mut text = String::new();
+        let mut body = resp.bytes_stream();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline.into(), body.next()).await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        let events = text
+            .split("\n\n")
+            .filter_map(|block| {
+                let name = block.lines().find_map(|l| l.strip_prefix("event: "))?;
+                let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
+                Some((name.to_string(), data.to_string()))
+            })
+            .collect();
+        (status, content_type, events)
+    }
+
     /// Polls a job until it is in a terminal state.
     pub async fn wait_job(&self, job_id: &str, within: Duration) -> Value {
         let deadline = Instant::now() + within;

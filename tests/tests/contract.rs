@@ -383,6 +383,30 @@ async fn idempotent_submits_run_once(kind: EdgeKind) {
     assert_eq!(s.agent.claude_runs().len(), 1);
 }
 
+async fn progress_streams_as_server_sent_events(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let a = s.client.submit(json!({"prompt": "@sleep=1500 stream me"})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    let (status, content_type, events) = s.client.follow(&job_id).await;
+    assert_eq!(status, 200);
+    assert!(content_type.starts_with("text/event-stream"), "{content_type}");
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(kinds.len() >= 3, "{events:?}");
+    assert_eq!(kinds.last(), Some(&"result"), "{events:?}");
+    let progress: Vec<serde_json::Value> =
+        events.iter().filter(|(k, _)| k == "progress").map(|(_, d)| serde_json::from_str(d).unwrap()).collect();
+    assert_eq!(progress[0]["type"], "system", "Claude's stream-json, as it came");
+    assert!(progress.iter().any(|e| e["type"] == "assistant"));
+    let result: serde_json::Value = serde_json::from_str(&events.last().unwrap().1).unwrap();
+    assert_eq!(result["success"], true);
+    assert_eq!(result["output"], "stand-in answer to: @sleep=1500 stream me");
+    // Following a finished job gives its result at once.
+    let (_, _, events) = s.client.follow(&job_id).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].0, "result");
+    assert_eq!(s.client.get("/jobs/nope/events").await.status, 404);
+}
+
 async fn unknown_jobs_and_routes_are_404(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     assert_eq!(s.client.get("/jobs/does-not-exist").await.status, 404);
@@ -478,4 +502,5 @@ contract!(
     a_silent_agent_is_reported_offline_within_two_heartbeats,
     an_agent_that_stops_mid_job_tells_the_caller_to_fall_back,
     a_low_max_timeout_still_accepts_requests_without_timeout_ms,
+    progress_streams_as_server_sent_events,
 );

@@ -53,6 +53,12 @@ pub enum Outcome {
     /// Hold the request open until `Effect::Finished` for this job (the machine ends
     /// every job by its deadline); answer [`waited_too_long`] if `max_wait_ms` passes.
     Wait { job_id: String, max_wait_ms: u64 },
+    /// Answer 200 `text/event-stream`: write `follow.backlog`, then each
+    /// `Effect::Progress` chunk of the job, then [`sse_result`] of its `Finished` body,
+    /// and close (or write `follow.end` at once and close, when the job is over). While
+    /// nothing happens, write [`SSE_KEEPALIVE`] every [`SSE_KEEPALIVE_MS`] so proxies
+    /// (a Cloudflare Tunnel cuts a silent response at ~100 s) keep the stream open.
+    Follow { job_id: String, follow: crate::machine::Follow },
 }
 
 /// Whether the request carries the runner secret, compared in constant time.
@@ -66,6 +72,21 @@ pub fn authorized(secret: &str, req: &Request) -> bool {
         .any(|given| bool::from(given.trim().as_bytes().ct_eq(secret.as_bytes())))
 }
 
+pub const SSE_CONTENT_TYPE: &str = "text/event-stream";
+pub const SSE_KEEPALIVE: &str = ": keep-alive\n\n";
+pub const SSE_KEEPALIVE_MS: u64 = 15_000;
+
+/// One progress event (one of Claude's stream-json lines) as an SSE chunk.
+pub fn sse_progress(seq: u64, event: &serde_json::Value) -> String {
+    format!("id: {seq}\nevent: progress\ndata: {event}\n\n")
+}
+
+/// The last chunk of a job's stream: its `/execute` answer body.
+pub fn sse_result(body: &str) -> String {
+    // `data:` lines cannot hold a newline; the bodies are single-line JSON already.
+    format!("event: result\ndata: {}\n\n", body.replace('\n', " "))
+}
+
 /// The answer a request gets before its body is read, if that answer is a refusal: an
 /// unknown route (404) or a missing or wrong secret (403). Hosts call it first so nobody
 /// can make the edge read a large body without the secret; [`handle`] calls it too.
@@ -76,7 +97,10 @@ pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Optio
     if open {
         return None;
     }
-    let known = matches!(segments.as_slice(), ["execute"] | ["oauth", "status"] | ["jobs"] | ["jobs", _] | ["metrics"]);
+    let known = matches!(
+        segments.as_slice(),
+        ["execute"] | ["oauth", "status"] | ["jobs"] | ["jobs", _] | ["jobs", _, "events"] | ["metrics"]
+    );
     if !known {
         return Some(Response::error(ApiError::not_found(&format!("route {method} {path}"))));
     }
@@ -169,6 +193,10 @@ pub fn handle(edge: &mut Edge, now: Millis, entropy: [u8; 16], req: Request) -> 
                 }
             }
         }
+        ("GET", ["jobs", id, "events"]) => match edge.follow(id) {
+            Some(follow) => (Outcome::Follow { job_id: id.to_string(), follow }, Vec::new()),
+            None => respond(Response::error(ApiError::job_not_found(id))),
+        },
         ("GET", ["jobs", id]) => match edge.job(id) {
             Some(job) => respond(Response::json(200, to_json(&job.view()))),
             None => respond(Response::error(ApiError::job_not_found(id))),

@@ -22,6 +22,27 @@ use shared::Millis;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use tracing::{debug, info, warn};
 
+/// Progress kept per running job for followers who join late: the newest events, up to
+/// these bounds (the older ones are dropped, and the stream says how many).
+pub const MAX_BACKLOG_EVENTS: usize = 1_000;
+pub const MAX_BACKLOG_BYTES: usize = 2 * 1024 * 1024;
+
+/// A running job's recent progress.
+#[derive(Debug, Default)]
+struct Backlog {
+    chunks: VecDeque<String>,
+    bytes: usize,
+    dropped: u64,
+}
+
+/// What a new follower of a job gets: the progress so far, and the end if there is one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Follow {
+    pub backlog: Vec<String>,
+    /// The final chunk, when the job is already over: write it and close.
+    pub end: Option<String>,
+}
+
 /// Connections that have not answered their challenge yet, at most.
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
 
@@ -41,8 +62,10 @@ pub enum Effect {
     SaveSession(Box<Session>),
     /// The job is over: answer whoever waits on it with this status and JSON body.
     Finished { job_id: String, status: u16, body: String },
-    /// A progress event of a running job, for live followers.
-    Progress { job_id: String, event: serde_json::Value },
+    /// A progress event of a running job, as a Server-Sent Events chunk for its followers
+    /// (`GET /jobs/{id}/events`). When the job ends, followers get
+    /// [`crate::http::sse_result`] of the `Finished` body and the stream closes.
+    Progress { job_id: String, chunk: String },
 }
 
 /// Counters for `/metrics`.
@@ -80,6 +103,8 @@ pub struct Edge {
     offline_since: Option<Millis>,
     /// Makes each cancel order's nonce unique, even two in the same millisecond.
     orders_sent: u64,
+    /// Recent progress of running jobs.
+    progress: HashMap<String, Backlog>,
     pub stats: Stats,
 }
 
@@ -96,6 +121,7 @@ impl Edge {
             last_oauth: None,
             offline_since: Some(now),
             orders_sent: 0,
+            progress: HashMap::new(),
             stats: Stats::default(),
         }
     }
@@ -410,9 +436,18 @@ impl Edge {
                     self.finish(now, &id, result, effects);
                 }
             }
-            AgentMessage::Event { job_id, seq: _, event } => {
+            AgentMessage::Event { job_id, seq, event } => {
                 if self.own_active_job(&job_id, &agent_id).is_some() {
-                    effects.push(Effect::Progress { job_id, event });
+                    let chunk = crate::http::sse_progress(seq, &event);
+                    let backlog = self.progress.entry(job_id.clone()).or_default();
+                    backlog.bytes += chunk.len();
+                    backlog.chunks.push_back(chunk.clone());
+                    while backlog.chunks.len() > MAX_BACKLOG_EVENTS || backlog.bytes > MAX_BACKLOG_BYTES {
+                        let Some(old) = backlog.chunks.pop_front() else { break };
+                        backlog.bytes -= old.len();
+                        backlog.dropped += 1;
+                    }
+                    effects.push(Effect::Progress { job_id, chunk });
                 }
             }
             AgentMessage::Result { job_id, result } => {
@@ -601,6 +636,7 @@ impl Edge {
         }
         self.active.remove(job_id);
         self.queue.retain(|id| id != job_id);
+        self.progress.remove(job_id);
         self.retained.push_back((now, job_id.to_string()));
         *self.stats.finished.entry(job.state.as_str()).or_default() += 1;
         info!(
@@ -774,6 +810,22 @@ impl Edge {
     /// The best connected agent's login, else the last one reported.
     pub fn oauth_status(&self, now: Millis) -> Option<OAuthStatus> {
         self.health(now).oauth
+    }
+
+    /// `GET /jobs/{id}/events`: what a new follower gets first.
+    pub fn follow(&self, job_id: &str) -> Option<Follow> {
+        let job = self.jobs.get(job_id)?;
+        if let Some((_, body)) = job.answer() {
+            return Some(Follow { backlog: Vec::new(), end: Some(crate::http::sse_result(&body)) });
+        }
+        let mut backlog = Vec::new();
+        if let Some(b) = self.progress.get(job_id) {
+            if b.dropped > 0 {
+                backlog.push(format!(": {} earlier progress events are no longer kept\n\n", b.dropped));
+            }
+            backlog.extend(b.chunks.iter().cloned());
+        }
+        Some(Follow { backlog, end: None })
     }
 
     pub fn active_jobs(&self) -> usize {

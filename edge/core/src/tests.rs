@@ -485,7 +485,7 @@ fn http_routes_check_the_secret_size_and_methods() {
     };
     let status = |edge: &mut Edge, r: Request| match http::handle(edge, 0, [0; 16], r).0 {
         Outcome::Respond(r) => r.status,
-        Outcome::Wait { .. } => 0,
+        Outcome::Wait { .. } | Outcome::Follow { .. } => 0,
     };
     assert_eq!(status(&mut edge, req("GET", "/health", None, b"")), 503);
     assert_eq!(status(&mut edge, req("POST", "/execute", None, b"{}")), 403);
@@ -504,4 +504,36 @@ fn http_routes_check_the_secret_size_and_methods() {
         http::handle(&mut edge, 0, [1; 16], req("POST", "/execute", Some(SECRET), br#"{"prompt":"x"}"#)).0,
         Outcome::Wait { .. }
     ));
+}
+
+#[test]
+fn followers_get_the_progress_so_far_then_the_result() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    assert_eq!(edge.follow("j1").unwrap().backlog.len(), 0);
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    let effects = say(&mut edge, 2, &sid, AgentMessage::Event { job_id: "j1".into(), seq: 1, event: json!({"type": "system"}) });
+    let chunk = effects.iter().find_map(|e| match e {
+        Effect::Progress { chunk, .. } => Some(chunk.clone()),
+        _ => None,
+    });
+    assert_eq!(chunk.as_deref(), Some("id: 1\nevent: progress\ndata: {\"type\":\"system\"}\n\n"));
+    // Events for a job that is not this agent's are dropped.
+    let effects = say(&mut edge, 2, &sid, AgentMessage::Event { job_id: "other".into(), seq: 1, event: json!({}) });
+    assert!(effects.iter().all(|e| !matches!(e, Effect::Progress { .. })));
+    for seq in 2..=(crate::machine::MAX_BACKLOG_EVENTS as u64 + 5) {
+        say(&mut edge, 3, &sid, AgentMessage::Event { job_id: "j1".into(), seq, event: json!({"type": "assistant"}) });
+    }
+    let follow = edge.follow("j1").unwrap();
+    assert!(follow.end.is_none());
+    assert!(follow.backlog[0].contains("5 earlier progress events"), "{}", follow.backlog[0]);
+    assert_eq!(follow.backlog.len(), crate::machine::MAX_BACKLOG_EVENTS + 1);
+    say(&mut edge, 4, &sid, AgentMessage::Result { job_id: "j1".into(), result: ok_result() });
+    let follow = edge.follow("j1").unwrap();
+    assert!(follow.backlog.is_empty());
+    let end = follow.end.unwrap();
+    assert!(end.starts_with("event: result\ndata: {") && end.contains("\"output\":\"done\""), "{end}");
+    assert!(edge.follow("nope").is_none());
 }

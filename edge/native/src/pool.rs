@@ -35,6 +35,8 @@ pub enum Reply {
     Now(Response),
     /// The job's answer arrives on the receiver; the caller bounds the wait.
     Later { job_id: String, max_wait_ms: u64, answer: oneshot::Receiver<(u16, String)> },
+    /// Server-Sent Events: chunks until the channel closes (the job ended).
+    Stream { chunks: mpsc::UnboundedReceiver<String> },
 }
 
 pub enum Command {
@@ -52,11 +54,13 @@ pub struct Pool {
     store: Store,
     outboxes: HashMap<String, mpsc::UnboundedSender<Outbound>>,
     waiters: HashMap<String, Vec<oneshot::Sender<(u16, String)>>>,
+    /// `GET /jobs/{id}/events` streams, by job.
+    followers: HashMap<String, Vec<mpsc::UnboundedSender<String>>>,
 }
 
 impl Pool {
     pub fn new(edge: Edge, store: Store) -> Pool {
-        Pool { edge, store, outboxes: HashMap::new(), waiters: HashMap::new() }
+        Pool { edge, store, outboxes: HashMap::new(), waiters: HashMap::new(), followers: HashMap::new() }
     }
 
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, startup: Vec<Effect>) {
@@ -105,6 +109,20 @@ impl Pool {
                         self.waiters.entry(job_id.clone()).or_default().push(tx);
                         Reply::Later { job_id, max_wait_ms, answer: rx }
                     }
+                    Outcome::Follow { job_id, follow } => {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        for chunk in follow.backlog {
+                            let _ = tx.send(chunk);
+                        }
+                        match follow.end {
+                            // Over already: the stream is that one chunk.
+                            Some(end) => {
+                                let _ = tx.send(end);
+                            }
+                            None => self.followers.entry(job_id).or_default().push(tx),
+                        }
+                        Reply::Stream { chunks: rx }
+                    }
                 };
                 self.apply(effects);
                 let _ = reply.send(answer);
@@ -134,6 +152,8 @@ impl Pool {
                         let _ = waiter.send((answer.status, answer.body.clone()));
                     }
                 }
+                // Followers' streams end; they can reconnect to the restarted edge.
+                self.followers.clear();
                 for (_, outbox) in self.outboxes.drain() {
                     let _ = outbox.send(Outbound::Close(
                         shared::protocol::close::SHUTTING_DOWN,
@@ -178,12 +198,22 @@ impl Pool {
                     }
                 }
                 Effect::Finished { job_id, status, body } => {
+                    if let Some(followers) = self.followers.remove(&job_id) {
+                        let end = http::sse_result(&body);
+                        for follower in followers {
+                            let _ = follower.send(end.clone());
+                        }
+                    }
                     for waiter in self.waiters.remove(&job_id).unwrap_or_default() {
                         let _ = waiter.send((status, body.clone()));
                     }
                 }
+                Effect::Progress { job_id, chunk } => {
+                    if let Some(followers) = self.followers.get_mut(&job_id) {
+                        followers.retain(|f| f.send(chunk.clone()).is_ok());
+                    }
+                }
                 Effect::Save(_) | Effect::Forget { .. } | Effect::SaveSession(_) => {}
-                Effect::Progress { .. } => {}
             }
         }
         if self.waiters.len() > 10_000 {

@@ -149,6 +149,7 @@ async fn api(State(shared): State<Shared>, request: Request) -> Response {
     let Ok(reply) = rx.await else { return stopping() };
     let response = match reply {
         Reply::Now(r) => r,
+        Reply::Stream { chunks } => return event_stream(chunks),
         Reply::Later { job_id, max_wait_ms, answer } => {
             match tokio::time::timeout(Duration::from_millis(max_wait_ms), answer).await {
                 Ok(Ok((status, body))) => edge_core::http::Response::json(status, body),
@@ -164,6 +165,25 @@ async fn api(State(shared): State<Shared>, request: Request) -> Response {
         }
     };
     into_response(response)
+}
+
+/// A `text/event-stream` answer: the pool's chunks as they come, with a keep-alive comment
+/// whenever the job is quiet, until the pool closes the channel.
+fn event_stream(chunks: mpsc::UnboundedReceiver<String>) -> Response {
+    use edge_core::http::{SSE_CONTENT_TYPE, SSE_KEEPALIVE, SSE_KEEPALIVE_MS};
+    let keepalive = Duration::from_millis(SSE_KEEPALIVE_MS);
+    let stream = futures_util::stream::unfold(chunks, move |mut chunks| async move {
+        let chunk = match tokio::time::timeout(keepalive, chunks.recv()).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => return None,
+            Err(_) => SSE_KEEPALIVE.to_string(),
+        };
+        Some((Ok::<_, std::convert::Infallible>(chunk), chunks))
+    });
+    let mut out = Response::new(Body::from_stream(stream));
+    out.headers_mut().insert("content-type", SSE_CONTENT_TYPE.parse().expect("static content types parse"));
+    out.headers_mut().insert("cache-control", "no-cache".parse().expect("static header parses"));
+    out
 }
 
 fn into_response(response: edge_core::http::Response) -> Response {

@@ -14,6 +14,17 @@ pub fn respond(answer: edge_core::http::Response) -> worker::Result<Response> {
         .fixed(answer.body.into_bytes()))
 }
 
+/// A `text/event-stream` answer carrying the chunks until the sender side is dropped
+/// (the job ended). Unlike the native host it sends no keep-alive comments: a Worker's
+/// response is not cut for silence the way an origin behind a Tunnel is.
+pub fn event_stream(chunks: futures::channel::mpsc::UnboundedReceiver<String>) -> worker::Result<Response> {
+    let stream = chunks.map(|chunk| Ok::<Vec<u8>, worker::Error>(chunk.into_bytes()));
+    let mut response = Response::from_stream(stream)?;
+    response.headers_mut().set("content-type", edge_core::http::SSE_CONTENT_TYPE)?;
+    response.headers_mut().set("cache-control", "no-cache")?;
+    Ok(response)
+}
+
 /// An error answer with the contract's JSON body.
 pub fn error(err: &ApiError) -> worker::Result<Response> {
     respond(edge_core::http::Response::error(err.clone()))

@@ -47,6 +47,8 @@ pub struct EdgeDurableObject {
     machine: RefCell<Machine>,
     /// `/execute` callers waiting for their job's `Effect::Finished`.
     waiters: RefCell<HashMap<String, Vec<oneshot::Sender<Answer>>>>,
+    /// `GET /jobs/{id}/events` streams, by job.
+    followers: RefCell<HashMap<String, Vec<futures::channel::mpsc::UnboundedSender<String>>>>,
     /// The deadline the alarm was last set to by this instance (skips rewriting it).
     alarm_at: Cell<Option<Millis>>,
 }
@@ -58,6 +60,7 @@ impl DurableObject for EdgeDurableObject {
             env,
             machine: RefCell::new(Machine::Unloaded),
             waiters: RefCell::new(HashMap::new()),
+            followers: RefCell::new(HashMap::new()),
             alarm_at: Cell::new(None),
         }
     }
@@ -223,13 +226,21 @@ impl EdgeDurableObject {
                 }
                 Effect::SaveSession(session) => sockets.save_session(&session, at_hand),
                 Effect::Finished { job_id, status, body } => {
+                    let followers = self.followers.borrow_mut().remove(&job_id).unwrap_or_default();
+                    let end = http::sse_result(&body);
+                    for follower in followers {
+                        let _ = follower.unbounded_send(end.clone());
+                    }
                     let waiting = self.waiters.borrow_mut().remove(&job_id).unwrap_or_default();
                     for waiter in waiting {
                         let _ = waiter.send((status, body.clone()));
                     }
                 }
-                // Live progress (SSE) is not served by this host yet.
-                Effect::Progress { .. } => {}
+                Effect::Progress { job_id, chunk } => {
+                    if let Some(followers) = self.followers.borrow_mut().get_mut(&job_id) {
+                        followers.retain(|f| f.unbounded_send(chunk.clone()).is_ok());
+                    }
+                }
             }
         }
     }
@@ -312,6 +323,20 @@ impl EdgeDurableObject {
         // The waiter goes in before the effects run: they may end the job.
         let waiting = match outcome {
             Outcome::Respond(answer) => Err(answer),
+            Outcome::Follow { job_id, follow } => {
+                let (tx, rx) = futures::channel::mpsc::unbounded::<String>();
+                for chunk in follow.backlog {
+                    let _ = tx.unbounded_send(chunk);
+                }
+                match follow.end {
+                    Some(end) => {
+                        let _ = tx.unbounded_send(end);
+                    }
+                    None => self.followers.borrow_mut().entry(job_id).or_default().push(tx),
+                }
+                self.apply(effects, None);
+                return exchange::event_stream(rx);
+            }
             Outcome::Wait { job_id, max_wait_ms } => {
                 let (tx, rx) = oneshot::channel();
                 self.waiters.borrow_mut().entry(job_id.clone()).or_default().push(tx);
