@@ -11,7 +11,7 @@
 //! - [`spool`]: results on disk until the edge acknowledges them.
 //! - [`replay`]: remembered order nonces.
 //! - [`status`]: the agent's state file, and `claude-runner status`.
-//! - [`keygen`], [`up`], [`doctor`]: operator commands.
+//! - [`keygen`], [`up`], [`doctor`], [`submit`]: operator commands.
 
 mod agent;
 mod claude;
@@ -25,6 +25,7 @@ mod redact;
 mod replay;
 mod spool;
 mod status;
+mod submit;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -64,6 +65,8 @@ enum Command {
     },
     /// Check the claude binary, the login, the keys and the edge, with a fix for each problem.
     Doctor(AgentArgs),
+    /// Send a task to an edge, show its progress live, print the result.
+    Submit(submit::SubmitArgs),
     /// Is the local agent running and connected, and what is it running?
     Status {
         #[command(flatten)]
@@ -120,6 +123,10 @@ fn main() {
                     std::process::exit(1);
                 }
                 Ok(())
+            }
+            Command::Submit(args) => {
+                let code = submit::run(args).await?;
+                std::process::exit(code);
             }
             Command::Status { local } => {
                 if !status::show(&local.data_dir())? {

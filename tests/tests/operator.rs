@@ -152,3 +152,46 @@ async fn status_tells_whether_the_agent_runs_and_is_connected() {
     assert!(!ok);
     assert!(out.contains("not running"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_shows_progress_and_prints_the_result() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let _agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    Client::new(&edge.url()).wait_online().await;
+    let submit = |args: &[&str], stdin: &str| {
+        use std::io::Write;
+        let mut child = Command::new(bin("claude-runner"))
+            .arg("submit")
+            .args(args)
+            .env("CLAUDE_RUNNER_URL", edge.url())
+            .env("RUNNER_SECRET", SECRET)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, out, err) = submit(&["@sleep=500 hello there", "--model", "claude-test"], "");
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!(out.trim(), "stand-in answer to: @sleep=500 hello there");
+    assert!(err.contains("· job "), "{err}");
+    assert!(err.contains("· session standin-"), "progress was shown: {err}");
+
+    // The prompt from stdin, the result as JSON.
+    let (code, out, _) = submit(&["-", "--json", "--quiet"], "from stdin");
+    assert_eq!(code, Some(0));
+    let result: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(result["output"], "stand-in answer to: from stdin");
+
+    let (code, _, err) = submit(&["@is_error"], "");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("CLAUDE_ERROR"), "{err}");
+
+    let (code, _, err) = submit(&["x", "--secret", "wrong"], "");
+    assert_eq!(code, Some(2));
+    assert!(err.contains("403"), "{err}");
+}

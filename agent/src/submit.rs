@@ -1,0 +1,174 @@
+//! `claude-runner submit`: send a task to an edge, show Claude's progress live (from
+//! `GET /jobs/{id}/events`), then print the result. Exit status: 0 when the task
+//! succeeded, 1 when it ran and failed, 2 when the edge could not take it.
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+
+#[derive(Debug, clap::Args)]
+pub struct SubmitArgs {
+    /// What Claude should do; `-` or nothing reads it from stdin.
+    pub prompt: Option<String>,
+    /// The edge's HTTP(S) URL, e.g. https://claude-runner-edge.<you>.workers.dev
+    #[arg(long, env = "CLAUDE_RUNNER_URL")]
+    pub edge: String,
+    #[arg(long, env = "RUNNER_SECRET", hide_env_values = true)]
+    pub secret: String,
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long)]
+    pub max_turns: Option<u32>,
+    /// A tool Claude may use without asking; repeat for more.
+    #[arg(long = "allowed-tool")]
+    pub allowed_tools: Vec<String>,
+    /// A tool Claude must not use; repeat for more.
+    #[arg(long = "disallowed-tool")]
+    pub disallowed_tools: Vec<String>,
+    #[arg(long)]
+    pub permission_mode: Option<String>,
+    #[arg(long)]
+    pub append_system_prompt: Option<String>,
+    /// Continue an earlier result's session.
+    #[arg(long)]
+    pub session_id: Option<String>,
+    #[arg(long)]
+    pub working_dir: Option<String>,
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Print the whole result as JSON instead of Claude's final text.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not show progress on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+fn fail(message: String) -> anyhow::Result<i32> {
+    eprintln!("claude-runner submit: {message}");
+    Ok(2)
+}
+
+/// One progress event as a line for a person, if it says something worth showing.
+fn describe(event: &Value) -> Option<String> {
+    match event["type"].as_str()? {
+        "system" if event["subtype"] == "init" => Some(format!("· session {} ({})", event["session_id"].as_str()?, event["model"].as_str().unwrap_or("?"))),
+        "assistant" => {
+            let parts: Vec<String> = event["message"]["content"]
+                .as_array()?
+                .iter()
+                .filter_map(|c| match c["type"].as_str()? {
+                    "text" => Some(c["text"].as_str()?.trim().to_string()),
+                    "tool_use" => Some(format!("→ {} {}", c["name"].as_str()?, c["input"].to_string().chars().take(120).collect::<String>())),
+                    _ => None,
+                })
+                .filter(|p| !p.is_empty())
+                .collect();
+            (!parts.is_empty()).then(|| parts.join("\n"))
+        }
+        "system" if event["subtype"] == "api_retry" => Some(format!("· API retry {}", event["attempt"])),
+        _ => None,
+    }
+}
+
+pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
+    let prompt = match args.prompt.as_deref() {
+        Some(p) if p != "-" => p.to_string(),
+        _ => {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text)?;
+            text
+        }
+    };
+    let mut body = json!({"prompt": prompt});
+    let fields = [
+        ("timeout_ms", args.timeout_ms.map(Value::from)),
+        ("model", args.model.clone().map(Value::from)),
+        ("max_turns", args.max_turns.map(Value::from)),
+        ("permission_mode", args.permission_mode.clone().map(Value::from)),
+        ("append_system_prompt", args.append_system_prompt.clone().map(Value::from)),
+        ("session_id", args.session_id.clone().map(Value::from)),
+        ("working_dir", args.working_dir.clone().map(Value::from)),
+        ("idempotency_key", args.idempotency_key.clone().map(Value::from)),
+    ];
+    for (name, value) in fields {
+        if let Some(v) = value {
+            body[name] = v;
+        }
+    }
+    if !args.allowed_tools.is_empty() {
+        body["allowed_tools"] = json!(args.allowed_tools);
+    }
+    if !args.disallowed_tools.is_empty() {
+        body["disallowed_tools"] = json!(args.disallowed_tools);
+    }
+    let base = args.edge.trim_end_matches('/');
+    let http = reqwest::Client::new();
+    let accepted = match http.post(format!("{base}/jobs")).header("X-Runner-Secret", &args.secret).json(&body).send().await {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot reach the edge at {base}: {e}; check --edge (CLAUDE_RUNNER_URL)")),
+    };
+    let status = accepted.status();
+    let answer: Value = accepted.json().await.unwrap_or(Value::Null);
+    let Some(job_id) = answer["job_id"].as_str().filter(|_| status.is_success()).map(str::to_string) else {
+        let error = answer["error"].as_str().unwrap_or("no readable answer");
+        return fail(format!("the edge refused the task ({status}): {error}"));
+    };
+    if !args.quiet {
+        eprintln!("· job {job_id} ({})", answer["state"].as_str().unwrap_or("queued"));
+    }
+    // Follow until the result; if the stream breaks (an edge restart), follow again: the
+    // job is kept, and a finished one answers with its result at once.
+    for attempt in 0..10 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        }
+        let resp = match http.get(format!("{base}/jobs/{job_id}/events")).header("X-Runner-Secret", &args.secret).send().await {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) => return fail(format!("following job {job_id} failed ({}); read it with GET /jobs/{job_id}", r.status())),
+            Err(_) => continue,
+        };
+        let mut stream = resp.bytes_stream();
+        let mut buffer = String::new();
+        while let Some(Ok(chunk)) = stream.next().await {
+            buffer.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buffer.find("\n\n") {
+                let block: String = buffer.drain(..end + 2).collect();
+                let name = block.lines().find_map(|l| l.strip_prefix("event: "));
+                let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) else { continue };
+                let Ok(value) = serde_json::from_str::<Value>(data) else { continue };
+                match name {
+                    Some("progress") if !args.quiet => {
+                        if let Some(line) = describe(&value) {
+                            eprintln!("{line}");
+                        }
+                    }
+                    Some("result") => return Ok(finish(&value, args.json)),
+                    _ => {}
+                }
+            }
+        }
+    }
+    fail(format!("lost the edge while following job {job_id}; read it later with GET /jobs/{job_id}"))
+}
+
+fn finish(result: &Value, as_json: bool) -> i32 {
+    let mut out = std::io::stdout().lock();
+    if as_json {
+        let _ = writeln!(out, "{}", serde_json::to_string_pretty(result).unwrap_or_default());
+    } else if let Some(text) = result["output"].as_str().filter(|t| !t.is_empty()) {
+        let _ = writeln!(out, "{text}");
+    }
+    let _ = out.flush();
+    if result["success"] == true {
+        return 0;
+    }
+    eprintln!(
+        "claude-runner submit: the task failed ({}): {}",
+        result["error_code"].as_str().unwrap_or("?"),
+        result["error"].as_str().unwrap_or("no error text")
+    );
+    if result["fallback"] == true { 2 } else { 1 }
+}
