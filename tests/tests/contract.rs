@@ -407,6 +407,32 @@ async fn progress_streams_as_server_sent_events(kind: EdgeKind) {
     assert_eq!(s.client.get("/jobs/nope/events").await.status, 404);
 }
 
+async fn a_running_job_can_be_cancelled(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let pidfile = s.agent.data.path().join("cancel-child.pid");
+    let a = s.client.submit(json!({"prompt": format!("@spawn_child={} @sleep=30000", pidfile.display())})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(10), || pidfile.exists()).await);
+    let d = s.client.send("DELETE", &format!("/jobs/{job_id}"), Some(SECRET), None).await;
+    assert_eq!(d.status, 202, "{}", d.text);
+    let job = s.client.wait_job(&job_id, Duration::from_secs(20)).await;
+    assert_eq!(job["state"], "cancelled", "{job}");
+    assert_eq!(job["result"]["error_code"], "CANCELLED");
+    let child: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert!(eventually(Duration::from_secs(5), || !alive(child)).await, "Claude's child outlived the cancel");
+    // Cancelling again is a conflict that says where the result is.
+    let again = s.client.send("DELETE", &format!("/jobs/{job_id}"), Some(SECRET), None).await;
+    assert_eq!(again.status, 409);
+    // A queued job (no agent free) is cancelled at once.
+    let busy = s.client.submit(json!({"prompt": "@sleep=3000"})).await;
+    let queued = s.client.submit(json!({"prompt": "never runs"})).await;
+    let queued_id = queued.body["job_id"].as_str().unwrap();
+    let d = s.client.send("DELETE", &format!("/jobs/{queued_id}"), Some(SECRET), None).await;
+    assert_eq!(d.body["state"], "cancelled", "{}", d.text);
+    s.client.wait_job(busy.body["job_id"].as_str().unwrap(), Duration::from_secs(20)).await;
+    assert!(s.agent.claude_runs().iter().all(|r| r["prompt"] != "never runs"));
+}
+
 async fn unknown_jobs_and_routes_are_404(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     assert_eq!(s.client.get("/jobs/does-not-exist").await.status, 404);
@@ -503,4 +529,5 @@ contract!(
     an_agent_that_stops_mid_job_tells_the_caller_to_fall_back,
     a_low_max_timeout_still_accepts_requests_without_timeout_ms,
     progress_streams_as_server_sent_events,
+    a_running_job_can_be_cancelled,
 );
