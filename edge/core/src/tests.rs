@@ -100,6 +100,14 @@ fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: 
     (sid, effects)
 }
 
+/// An edge with agent `spark` connected and one credit granted.
+fn ready_edge() -> (Edge, String) {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    (edge, sid)
+}
+
 fn submission(prompt: &str, timeout_ms: u64, key: Option<&str>) -> Submission {
     let body = json!({"prompt": prompt, "timeout_ms": timeout_ms}).to_string();
     ExecuteRequest::parse(body.as_bytes(), key, Limits { max_timeout_ms: 3_600_000 }).unwrap()
@@ -172,9 +180,7 @@ fn a_job_flows_to_a_proven_agent_and_back() {
 
 #[test]
 fn never_sends_more_jobs_than_credits() {
-    let mut edge = Edge::new(config(), 0);
-    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
-    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    let (mut edge, sid) = ready_edge();
     let mut orders = 0;
     for i in 0..3 {
         let s = edge.submit(1, format!("j{i}"), submission("x", 10_000, None), Mode::Wait).unwrap();
@@ -197,9 +203,7 @@ fn never_sends_more_jobs_than_credits() {
 
 #[test]
 fn a_job_refused_for_want_of_a_slot_goes_back_to_the_queue() {
-    let mut edge = Edge::new(config(), 0);
-    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
-    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    let (mut edge, sid) = ready_edge();
     edge.submit(0, "j1".into(), submission("x", 10_000, None), Mode::Wait).unwrap();
     let reason = "no free slot".to_string();
     let effects = say(&mut edge, 1, &sid, AgentMessage::Rejected { job_id: Some("j1".into()), reason, retry: true });
@@ -287,9 +291,7 @@ fn garbage_frames_close_the_connection_without_panicking() {
 
 #[test]
 fn a_job_waits_for_its_agent_then_is_lost() {
-    let mut edge = Edge::new(config(), 0);
-    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
-    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    let (mut edge, sid) = ready_edge();
     edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
     edge.disconnect(100, &sid);
@@ -304,9 +306,7 @@ fn a_job_waits_for_its_agent_then_is_lost() {
 
 #[test]
 fn a_job_survives_a_reconnect_and_its_result_arrives() {
-    let mut edge = Edge::new(config(), 0);
-    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
-    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    let (mut edge, sid) = ready_edge();
     edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
     edge.disconnect(100, &sid);
@@ -365,9 +365,7 @@ fn an_unfinished_handshake_is_dropped() {
 
 #[test]
 fn the_edge_times_a_job_out_and_tells_the_agent() {
-    let mut edge = Edge::new(config(), 0);
-    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
-    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    let (mut edge, sid) = ready_edge();
     edge.submit(0, "j1".into(), submission("x", 2_000, None), Mode::Wait).unwrap();
     // Keep the connection alive meanwhile.
     say(&mut edge, 1_500, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth() });
@@ -426,9 +424,7 @@ fn cancel_ends_a_queued_job_and_asks_the_agent_for_a_running_one() {
 
 #[test]
 fn restore_keeps_jobs_and_starts_the_lost_clock() {
-    let mut edge = Edge::new(config(), 0);
-    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
-    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    let (mut edge, sid) = ready_edge();
     let mut saved = std::collections::HashMap::new();
     let mut keep = |effects: Vec<Effect>| {
         for e in effects {
@@ -508,9 +504,7 @@ fn http_routes_check_the_secret_size_and_methods() {
 
 #[test]
 fn followers_get_the_progress_so_far_then_the_result() {
-    let mut edge = Edge::new(config(), 0);
-    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
-    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    let (mut edge, sid) = ready_edge();
     edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
     assert_eq!(edge.follow("j1").unwrap().backlog.len(), 0);
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
