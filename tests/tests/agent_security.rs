@@ -208,6 +208,44 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_edge_can_cancel_a_job() {
+    use shared::protocol::CancelOrder;
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    let t = now();
+    let job = Envelope::seal(Domain::Job, &order("long", "spark", t, t + 60_000, "@sleep=400 long"), &edge.edge_key);
+    assert!(matches!(answer(&mut ws, job).await, AgentMessage::Accepted { .. }));
+    let cancel = |key: &SigningKey, nonce: &str| {
+        let order = CancelOrder {
+            header: OrderHeader { job_id: "long".into(), agent_id: "spark".into(), issued_at: t, expires_at: t + 60_000, nonce: nonce.into() },
+            reason: "stop".into(),
+        };
+        let envelope = Envelope::seal(Domain::Cancel, &order, key);
+        EdgeMessage::Cancel { envelope }.to_text()
+    };
+    // A cancel signed by someone else is refused; a job order's signature is not a cancel's.
+    ws.send(Message::Text(cancel(&random_key(), "c1").into())).await.unwrap();
+    let refusal = loop {
+        match recv(&mut ws).await.expect("a refusal") {
+            AgentMessage::Rejected { reason, .. } => break reason,
+            _ => continue,
+        }
+    };
+    assert!(refusal.contains("signature"), "{refusal}");
+    // The job runs to its end untouched. (This fake edge never acknowledges heartbeats, so
+    // the job is kept short: the agent leaves a silent edge after two 500 ms intervals.)
+    let result = loop {
+        match recv(&mut ws).await.expect("the result") {
+            AgentMessage::Result { result, .. } => break result,
+            _ => continue,
+        }
+    };
+    assert!(result.success, "{result:?}");
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_that_cannot_prove_its_identity_gets_no_service() {
     let edge = FakeEdge::new().await;
     let agent = edge.start_agent();

@@ -292,6 +292,17 @@ async fn tokens_never_leave_the_machine(kind: EdgeKind) {
         assert!(!a.text.contains(secret));
     }
     assert!(a.text.contains("[REDACTED]"), "{}", a.text);
+
+    // Nor in the progress events, nor in the agent's log.
+    let job = s.client.submit(json!({"prompt": "@print_env=CLAUDE_CODE_OAUTH_TOKEN"})).await;
+    let (_, _, events) = s.client.follow(job.body["job_id"].as_str().unwrap()).await;
+    assert!(events.len() >= 3, "{events:?}");
+    for (_, data) in &events {
+        assert!(!data.contains("test-token-not-real"), "token leaked in an event: {data}");
+    }
+    assert!(events.iter().any(|(_, d)| d.contains("[REDACTED]")));
+    assert!(!s.agent.log().contains("test-token-not-real"));
+    assert!(!s.agent.log().contains(access));
 }
 
 async fn the_agent_reconnects_after_an_edge_restart(kind: EdgeKind) {
