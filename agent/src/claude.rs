@@ -102,16 +102,9 @@ pub fn cap(text: String, max: usize) -> String {
     if text.len() <= max {
         return text;
     }
-    let keep = max / 2;
-    let mut head = keep;
-    while !text.is_char_boundary(head) {
-        head -= 1;
-    }
-    let mut tail = text.len() - keep;
-    while !text.is_char_boundary(tail) {
-        tail += 1;
-    }
-    format!("{}\n[… {} bytes cut by claude-runner …]\n{}", &text[..head], tail - head, &text[tail..])
+    let (head, tail) = (shared::text::truncate(&text, max / 2), shared::text::tail(&text, max / 2));
+    let cut = text.len() - head.len() - tail.len();
+    format!("{head}\n[… {cut} bytes cut by claude-runner …]\n{tail}")
 }
 
 /// Largest `output` or `error` a result carries.
@@ -133,7 +126,7 @@ pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, durati
     r.session_id = r.session_id.filter(|id| id.len() <= 128);
     let stderr_hint = || {
         let t = stderr_tail.trim();
-        if t.is_empty() { String::new() } else { format!("; stderr: {}", t.chars().rev().take(500).collect::<String>().chars().rev().collect::<String>()) }
+        if t.is_empty() { String::new() } else { format!("; stderr: {}", shared::text::tail(t, 500)) }
     };
     match ending {
         Ending::TimedOut { after_ms } => {

@@ -3,7 +3,6 @@
 
 use crate::job::{JobResult, JobSpec, JobState};
 use crate::oauth::OAuthStatus;
-use crate::Millis;
 use serde::{Deserialize, Serialize};
 
 /// Every error code a caller can see, in bodies of errors and of failed results.
@@ -397,10 +396,6 @@ pub struct AgentInfo {
     pub capacity: u32,
 }
 
-/// The edge's time for a timestamp field of a response.
-pub fn stamp(ms: Millis) -> String {
-    crate::time::rfc3339(ms)
-}
 
 #[cfg(test)]
 mod tests {

@@ -10,6 +10,7 @@
 //! - [`protocol`]: the versioned messages of the agent ⇄ edge WebSocket.
 //! - [`envelope`]: ed25519-signed envelopes with domain separation (jobs, cancels, hello).
 //! - [`keys`]: base64 key encoding and the `AGENT_PUBLIC_KEYS` keyring.
+//! - [`text`]: cutting text to a byte budget on character boundaries.
 //! - [`time`]: milliseconds since the epoch ⇄ RFC 3339 text.
 
 pub mod contract;
@@ -18,6 +19,7 @@ pub mod job;
 pub mod keys;
 pub mod oauth;
 pub mod protocol;
+pub mod text;
 pub mod time;
 
 /// Milliseconds since the Unix epoch. Every timestamp in the system is one of these; the

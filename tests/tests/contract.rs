@@ -444,6 +444,24 @@ async fn a_running_job_can_be_cancelled(kind: EdgeKind) {
     assert!(s.agent.claude_runs().iter().all(|r| r["prompt"] != "never runs"));
 }
 
+async fn a_binary_frame_closes_the_connection_with_a_reason(kind: EdgeKind) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/agent/connect", edge.ws_url())).await.unwrap();
+    let _challenge = ws.next().await;
+    ws.send(Message::Binary(vec![0u8, 1, 2].into())).await.unwrap();
+    let mut close_code = None;
+    while let Ok(Some(frame)) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+        if let Ok(Message::Close(Some(frame))) = frame {
+            close_code = Some(u16::from(frame.code));
+            break;
+        }
+    }
+    assert_eq!(close_code, Some(shared::protocol::close::PROTOCOL_ERROR));
+}
+
 async fn unknown_jobs_and_routes_are_404(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     assert_eq!(s.client.get("/jobs/does-not-exist").await.status, 404);
@@ -541,4 +559,5 @@ contract!(
     a_low_max_timeout_still_accepts_requests_without_timeout_ms,
     progress_streams_as_server_sent_events,
     a_running_job_can_be_cancelled,
+    a_binary_frame_closes_the_connection_with_a_reason,
 );

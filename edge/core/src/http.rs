@@ -111,6 +111,17 @@ pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Optio
     None
 }
 
+/// The answer while the edge cannot run at all (a setting is wrong, storage failed):
+/// 500 `INTERNAL_ERROR` saying what to fix, but 503 on `/health`, so health checks read it
+/// as "not usable" like any other outage.
+pub fn unavailable(path: &str, message: &str) -> Response {
+    let mut err = ApiError::new(ErrorCode::InternalError, message);
+    if path.trim_end_matches('/') == "/health" {
+        err.status = 503;
+    }
+    Response::error(err)
+}
+
 /// The answer to a caller still waiting on a job when the edge stops: the job is kept
 /// (and its agent's result will be stored), so say where to find it.
 pub fn edge_stopping(job_id: &str) -> Response {

@@ -245,17 +245,24 @@ impl Edge {
         let goodbye = EdgeMessage::Goodbye { code: refused.code, reason: refused.reason.clone() };
         effects.push(Effect::Send { session: session_id.to_string(), text: goodbye.to_text() });
         // Close frames carry at most 123 bytes of reason; the goodbye above has it whole.
-        let mut reason = refused.reason;
-        if reason.len() > 120 {
-            let mut cut = 117;
-            while !reason.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            reason.truncate(cut);
-            reason.push_str("...");
-        }
+        let reason = match refused.reason.len() {
+            0..=120 => refused.reason,
+            _ => format!("{}...", shared::text::truncate(&refused.reason, 117)),
+        };
         effects.push(Effect::Close { session: session_id.to_string(), code: refused.code, reason });
         self.drop_session(now, session_id, effects);
+    }
+
+    /// A binary frame from an agent connection: not part of the protocol, so the
+    /// connection is closed like any other protocol error.
+    pub fn binary_frame(&mut self, now: Millis, session_id: &str) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        if self.sessions.contains_key(session_id) {
+            warn!(session = session_id, "binary frame from agent");
+            let reason = "binary frames are not part of the protocol; send JSON text frames".to_string();
+            self.close(now, session_id, Refused { code: close::PROTOCOL_ERROR, reason }, &mut effects);
+        }
+        effects
     }
 
     /// A text frame from an agent connection.
@@ -832,9 +839,6 @@ impl Edge {
         self.active.len()
     }
 
-    pub fn retained_jobs(&self) -> usize {
-        self.retained.len()
-    }
 }
 
 pub fn hex(bytes: &[u8]) -> String {

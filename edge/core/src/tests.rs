@@ -287,6 +287,12 @@ fn garbage_frames_close_the_connection_without_panicking() {
         assert_eq!(closed(&effects).unwrap().0, close::PROTOCOL_ERROR, "{text}");
         assert!(!edge.is_online());
     }
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let (code, reason) = closed(&edge.binary_frame(0, &sid)).unwrap();
+    assert_eq!(code, close::PROTOCOL_ERROR);
+    assert!(reason.contains("JSON text"), "{reason}");
+    assert!(!edge.is_online());
 }
 
 #[test]

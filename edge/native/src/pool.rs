@@ -44,6 +44,7 @@ pub enum Command {
     WaitExpired { job_id: String, reply: oneshot::Sender<Response> },
     Connect { outbox: mpsc::UnboundedSender<Outbound>, reply: oneshot::Sender<String> },
     Frame { session: String, text: String },
+    BinaryFrame { session: String },
     Disconnect { session: String },
     /// Close every agent connection (the edge is stopping).
     Shutdown { done: oneshot::Sender<()> },
@@ -138,6 +139,10 @@ impl Pool {
             }
             Command::Frame { session, text } => {
                 let effects = self.edge.message(now, &session, &text);
+                self.apply(effects);
+            }
+            Command::BinaryFrame { session } => {
+                let effects = self.edge.binary_frame(now, &session);
                 self.apply(effects);
             }
             Command::Disconnect { session } => {

@@ -274,9 +274,7 @@ async fn agent_socket(shared: Shared, socket: WebSocket) {
                 }
             }
             Ok(Message::Binary(_)) => {
-                // The protocol is JSON text; treat binary as a protocol error.
-                let cmd = Command::Frame { session: session.clone(), text: "<binary frame>".into() };
-                let _ = shared.pool.send(cmd).await;
+                let _ = shared.pool.send(Command::BinaryFrame { session: session.clone() }).await;
             }
             Ok(Message::Close(_)) | Err(_) => break,
             Ok(_) => {}

@@ -3,7 +3,7 @@
 //! `MAX_BODY_BYTES` of a body is ever held in memory) and writes its answers out.
 
 use futures::StreamExt;
-use shared::contract::{ApiError, ErrorCode};
+use shared::contract::ApiError;
 use worker::{Request, Response};
 
 /// A core answer as a worker response.
@@ -33,11 +33,7 @@ pub fn error(err: &ApiError) -> worker::Result<Response> {
 /// The answer while the edge cannot run (a setting is wrong, or storage failed): 500 with
 /// `INTERNAL_ERROR`, or 503 on `/health` so health checks read it as "not usable".
 pub fn unavailable(path: &str, message: &str) -> worker::Result<Response> {
-    let mut err = ApiError::new(ErrorCode::InternalError, message);
-    if path.trim_end_matches('/') == "/health" {
-        err.status = 503;
-    }
-    error(&err)
+    respond(edge_core::http::unavailable(path, message))
 }
 
 /// `/agent/connect` without a WebSocket upgrade.

@@ -119,10 +119,8 @@ impl DurableObject for EdgeDurableObject {
             WebSocketIncomingMessage::String(text) => {
                 self.with_edge(|edge| edge.message(now, &session_id, &text)).unwrap_or_default()
             }
-            WebSocketIncomingMessage::Binary(bytes) => {
-                console_warn!("session={session_id} sent a binary frame ({} bytes); closing", bytes.len());
-                close_socket(&ws, sockets::PROTOCOL_ERROR, "binary frames are not part of the protocol; send JSON text frames");
-                self.with_edge(|edge| edge.disconnect(now, &session_id)).unwrap_or_default()
+            WebSocketIncomingMessage::Binary(_) => {
+                self.with_edge(|edge| edge.binary_frame(now, &session_id)).unwrap_or_default()
             }
         };
         self.apply(effects, Some((&session_id, &ws)));

@@ -190,17 +190,7 @@ fn attachment_cost(text: &str) -> usize {
     }
 }
 
-/// At most `max` bytes of `text`, cut on a character boundary.
-pub fn truncate(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut cut = max;
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    &text[..cut]
-}
+pub use shared::text::truncate;
 
 fn js_text(value: JsValue) -> String {
     value.as_string().unwrap_or_else(|| format!("{value:?}"))

@@ -110,10 +110,7 @@ pub fn split_record(record: &str, max: usize) -> Vec<&str> {
     let mut pieces = Vec::new();
     let mut rest = record;
     while rest.len() > max {
-        let mut cut = max;
-        while !rest.is_char_boundary(cut) {
-            cut -= 1;
-        }
+        let mut cut = shared::text::truncate(rest, max).len();
         if cut == 0 {
             // `max` is smaller than this one character: it goes alone.
             cut = rest.chars().next().map_or(rest.len(), char::len_utf8);
