@@ -113,7 +113,7 @@ impl AgentArgs {
     pub fn resolve(self) -> anyhow::Result<AgentConfig> {
         let key_text = self.signing_key_text()?;
         let agent_id = self.agent_id();
-        if !keys::valid_agent_id(&agent_id) {
+        if !shared::ids::valid_agent_id(&agent_id) {
             anyhow::bail!("AGENT_ID `{agent_id}` is not valid: use 1-64 letters, digits, `-`, `_` or `.`");
         }
         if self.max_concurrent_jobs == 0 || self.max_concurrent_jobs > 64 {

@@ -61,14 +61,7 @@ pub fn encode_verifying(key: &VerifyingKey) -> String {
     encode(key.as_bytes())
 }
 
-/// Agent ids travel in URLs, logs and job envelopes: keep them short and plain.
-pub fn valid_agent_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-}
+use crate::ids::valid_agent_id;
 
 /// The agents an edge accepts: `AGENT_PUBLIC_KEYS`.
 #[derive(Debug, Clone)]

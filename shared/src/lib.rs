@@ -9,12 +9,14 @@
 //! - [`oauth`]: the agent's report of its Claude login, and how the edge judges it.
 //! - [`protocol`]: the versioned messages of the agent ⇄ edge WebSocket.
 //! - [`envelope`]: ed25519-signed envelopes with domain separation (jobs, cancels, hello).
+//! - [`ids`]: agent ids, plain ids and hex, checked and made the same way everywhere.
 //! - [`keys`]: base64 key encoding and the `AGENT_PUBLIC_KEYS` keyring.
 //! - [`text`]: cutting text to a byte budget on character boundaries.
 //! - [`time`]: milliseconds since the epoch ⇄ RFC 3339 text.
 
 pub mod contract;
 pub mod envelope;
+pub mod ids;
 pub mod job;
 pub mod keys;
 pub mod oauth;

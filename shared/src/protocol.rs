@@ -26,14 +26,41 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest frame either side accepts. Results are capped well below this by the agent.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 
-/// Close codes (4000–4999 are application codes in RFC 6455).
+/// How long either side waits for each step of the handshake (challenge, hello,
+/// welcome) before giving the connection up.
+pub const HANDSHAKE_TIMEOUT_MS: crate::Millis = 10_000;
+
+/// Close codes (4000–4999 are application codes in RFC 6455) and close reasons.
 pub mod close {
+    /// RFC 6455 "internal error": the closing side cannot go on (misconfigured, no storage).
+    pub const INTERNAL_ERROR: u16 = 1011;
     pub const VERSION_MISMATCH: u16 = 4000;
     pub const UNAUTHORIZED: u16 = 4001;
     pub const PROTOCOL_ERROR: u16 = 4002;
     pub const REPLACED: u16 = 4003;
     pub const SILENT: u16 = 4004;
     pub const SHUTTING_DOWN: u16 = 4005;
+
+    /// A close frame carries at most 123 bytes of reason (RFC 6455); a longer one is cut
+    /// on a character boundary and marked. The whole reason travels in a `Goodbye` first.
+    pub fn reason(text: &str) -> String {
+        const MAX: usize = 123;
+        if text.len() <= MAX {
+            return text.to_string();
+        }
+        format!("{}...", crate::text::truncate(text, MAX - 3))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn reasons_fit_a_close_frame() {
+            assert_eq!(super::reason("short"), "short");
+            let long = "é".repeat(100);
+            let cut = super::reason(&long);
+            assert!(cut.len() <= 123 && cut.ends_with("..."), "{cut}");
+        }
+    }
 }
 
 /// Edge → agent.

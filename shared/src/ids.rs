@@ -1,0 +1,42 @@
+//! Identifiers both sides make, check or print: agent ids, plain ids (jobs, sessions,
+//! pools) and hex. One definition each, so the edge, the Worker and the agent accept and
+//! refuse exactly the same names.
+
+/// Agent ids travel in URLs, logs and job envelopes: keep them short and plain.
+pub fn valid_agent_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A plain id of at most `max` bytes: letters, digits, `-` and `_`. Job ids (which
+/// become file names on the agent), Claude session ids and pool names are plain ids.
+pub fn plain_id(id: &str, max: usize) -> bool {
+    !id.is_empty() && id.len() <= max && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+}
+
+/// Longest job id anyone accepts.
+pub const MAX_JOB_ID: usize = 128;
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(valid_agent_id("spark-1.home_a"));
+        assert!(!valid_agent_id("") && !valid_agent_id("a b") && !valid_agent_id(&"x".repeat(65)));
+        assert!(plain_id("0190abc-def_1", MAX_JOB_ID));
+        assert!(!plain_id("../x", MAX_JOB_ID) && !plain_id("a.b", 10) && !plain_id("abc", 2) && !plain_id("", 5));
+        assert_eq!(hex(&[0, 1, 0xab, 0xff]), "0001abff");
+    }
+}
