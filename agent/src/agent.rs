@@ -59,6 +59,11 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> anyhow::Result<(Arc<Agent>, Queues)> {
+        // Owner-only: a new DATA_DIR and the folders in it. An existing DATA_DIR keeps its
+        // mode (it may be a shared folder); what the agent keeps in it is private anyway.
+        crate::files::private_dir(&cfg.data_dir.join("workspaces")).map_err(|e| {
+            anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
+        })?;
         let spool = Spool::open(cfg.data_dir.join("spool")).map_err(|e| {
             anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
         })?;

@@ -1,7 +1,8 @@
 //! `claude-runner doctor`: checks what the agent needs — the Claude binary, its login,
 //! the keys, the edge — and says how to fix each problem it finds.
 
-use crate::config::{connect_url, AgentArgs};
+use crate::config::AgentArgs;
+use crate::edge_url::connect_url;
 use crate::process::{find_binary, INSTALL_CLAUDE};
 use futures_util::StreamExt;
 use shared::keys;
@@ -91,7 +92,7 @@ pub async fn run(args: AgentArgs) -> bool {
 
     match &args.edge_url {
         None => r.fail("edge", "EDGE_URL is not set; e.g. wss://claude-runner-edge.<you>.workers.dev"),
-        Some(url) => match connect_url(url) {
+        Some(url) => match connect_url(url, args.allow_insecure_edge) {
             Err(e) => r.fail("edge", e.to_string()),
             Ok(url) => match reach(&url).await {
                 Ok(detail) => r.ok("edge", detail),

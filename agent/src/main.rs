@@ -1,5 +1,7 @@
 //! `claude-runner`: the agent that runs Claude Code on Spark for an edge, and the
-//! operator's commands. Laid out by role, like the Buildkite agent:
+//! operator's commands. Laid out by role, like the Buildkite agent; the pure pieces
+//! (Claude's stream-json, redaction, the credentials file, SSE, `EDGE_URL`) are the
+//! `agent_core` library (`lib.rs`), which the fuzzers drive too:
 //!
 //! - [`serve`]: the agent's life: connection, job tasks, graceful stop.
 //! - [`connection`]: the outbound WebSocket: handshake, heartbeats, reconnects.
@@ -7,9 +9,7 @@
 //! - [`runner`]: one job's life, given a narrow [`runner::JobContext`].
 //! - [`workspace`]: a job's fresh folder, its working directory, a carried-over session.
 //! - [`process`]: Claude's process group: start, read, stop (TERM, then KILL).
-//! - [`claude`]: Claude Code's command line and its stream-json, as pure functions.
 //! - [`oauth`]: the login on this machine and the refresh gate.
-//! - [`redact`]: keeps tokens from ever leaving the machine.
 //! - [`spool`]: results on disk until the edge acknowledges them.
 //! - [`replay`]: remembered order nonces.
 //! - [`files`]: atomic, owner-only files.
@@ -18,7 +18,6 @@
 //!   default `up` feature: it runs a native edge in the same process).
 
 mod agent;
-mod claude;
 mod config;
 mod connection;
 mod doctor;
@@ -26,7 +25,6 @@ mod files;
 mod keygen;
 mod oauth;
 mod process;
-mod redact;
 mod replay;
 mod runner;
 mod serve;
@@ -37,6 +35,7 @@ mod submit;
 mod up;
 mod workspace;
 
+use agent_core::{claude, credentials, edge_url, redact, sse};
 use clap::{Parser, Subcommand};
 use config::{AgentArgs, LocalArgs};
 use std::path::PathBuf;
@@ -98,6 +97,7 @@ fn main() {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Agent(args) => {
+                process::harden_agent();
                 let cfg = args.resolve()?;
                 serve::serve(cfg, runtime::shutdown_signal()).await
             }
@@ -106,7 +106,10 @@ fn main() {
                 Ok(())
             }
             #[cfg(feature = "up")]
-            Command::Up(args) => up::run(args).await,
+            Command::Up(args) => {
+                process::harden_agent();
+                up::run(args).await
+            }
             Command::Doctor(args) => {
                 if !doctor::run(args).await {
                     std::process::exit(1);

@@ -69,7 +69,7 @@ pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: onesho
         }
     };
     // Re-read: the tokens may have been rotated while Claude ran.
-    let redactor = ctx.login.redactor(crate::now_ms());
+    let redactor = ctx.login.redactor(crate::now_ms(), &ctx.cfg.secrets);
     result.output = redactor.redact(&result.output);
     result.error = result.error.map(|e| redactor.redact(&e));
     if std::env::var_os("CLAUDE_RUNNER_KEEP_WORKSPACES").is_none() {
@@ -94,24 +94,19 @@ async fn run_claude(
     started: Instant,
 ) -> JobResult {
     let cfg = &ctx.cfg;
-    let mut env = Vec::new();
+    let mut job_env = Vec::new();
     if let Some(dir) = &cfg.claude_config_dir {
-        env.push(("CLAUDE_CONFIG_DIR", dir.clone().into_os_string()));
+        job_env.push(("CLAUDE_CONFIG_DIR".to_string(), dir.clone().into_os_string()));
     }
-    let launch = Launch {
-        program: &cfg.claude_bin,
-        args: claude::args(spec, cfg.claude_model.as_deref()),
-        cwd,
-        env,
-        stdin: spec.prompt.clone(),
-    };
-    let mut redactor = ctx.login.redactor(crate::now_ms());
+    let env = process::claude_environment(std::env::vars_os(), &cfg.job_env_allow, ctx.login.claude_env(crate::now_ms()), job_env);
+    let launch = Launch { program: &cfg.claude_bin, args: claude::args(spec, cfg.claude_model.as_deref()), cwd, env, stdin: spec.prompt.clone() };
+    let mut redactor = ctx.login.redactor(crate::now_ms(), &cfg.secrets);
     let mut redactor_read = Instant::now();
     let mut transcript = Transcript::default();
     let mut seq = 0u64;
     let on_line = |line: &[u8]| {
         if redactor_read.elapsed() > REDACTOR_REFRESH {
-            redactor = ctx.login.redactor(crate::now_ms());
+            redactor = ctx.login.redactor(crate::now_ms(), &cfg.secrets);
             redactor_read = Instant::now();
         }
         let text = redactor.redact(&String::from_utf8_lossy(line));
@@ -126,7 +121,7 @@ async fn run_claude(
         }
     };
     let finished = process::run(launch, job_id, deadline, spec.timeout_ms, &mut stop, on_line).await;
-    let stderr = ctx.login.redactor(crate::now_ms()).redact(&finished.stderr);
+    let stderr = ctx.login.redactor(crate::now_ms(), &cfg.secrets).redact(&finished.stderr);
     let duration_ms = started.elapsed().as_millis() as u64;
     let result = claude::result(&transcript, finished.ending, &stderr, duration_ms);
     info!(job_id, agent_id = %cfg.agent_id, success = result.success, error_code = ?result.error_code, duration_ms, lines = transcript.lines, "claude finished");

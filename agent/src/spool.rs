@@ -17,7 +17,7 @@ fn safe_id(id: &str) -> bool {
 
 impl Spool {
     pub fn open(dir: PathBuf) -> std::io::Result<Spool> {
-        std::fs::create_dir_all(&dir)?;
+        crate::files::private_dir(&dir)?;
         Ok(Spool { dir })
     }
 

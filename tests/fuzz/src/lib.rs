@@ -1,0 +1,420 @@
+//! Fuzz targets: every decoder that takes bytes from outside, driven through the same
+//! functions the binaries use. Each target takes arbitrary bytes and must neither panic
+//! nor hang, whatever they are; where a property is cheap to state it is asserted too.
+//!
+//! - [`http`]: the edge's HTTP contract — body parsing and validation
+//!   (`shared::contract`), auth and routing (`edge_core::http`).
+//! - [`agent_frames`]: frames an agent connection sends the edge, before and after a
+//!   valid handshake, with a job to report on.
+//! - [`wire`]: `shared::protocol::decode` of both message kinds, and their round trip.
+//! - [`edge_orders`]: frames the edge sends the agent: signed envelopes and
+//!   `open_order`, with forged and with valid signatures.
+//! - [`credentials`]: Claude's `.credentials.json`.
+//! - [`claude_stream`]: Claude's stream-json lines through redaction, `Transcript` and
+//!   the result.
+//! - [`redaction`]: the redactor on arbitrary text: no panic, no secret out.
+//! - [`sse`]: Server-Sent Events framing, whatever the chunking.
+//! - [`config`]: the edge's settings, keys, the keyring and `EDGE_URL`.
+//!
+//! `tests/fuzz/run` runs them under libFuzzer (coverage-guided); `cargo test -p
+//! claude-runner-fuzz` runs them on the committed seeds and on random inputs (proptest),
+//! which is the fallback where libFuzzer cannot be built.
+
+use agent_core::claude::{self, Ending, Transcript};
+use agent_core::redact::Redactor;
+use ed25519_dalek::SigningKey;
+use edge_core::http::{self, Body, Outcome, Request};
+use edge_core::job::Mode;
+use edge_core::{Config, Edge, Effect};
+use shared::contract::{ExecuteRequest, Limits};
+use shared::envelope::{open_order, Domain, Envelope, OrderHeader};
+use shared::protocol::{AgentMessage, CancelOrder, EdgeMessage, Hello, JobOrder, Welcome, PROTOCOL_VERSION};
+use std::sync::OnceLock;
+
+/// Every target by name, for the libFuzzer binary and the runner script.
+pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+    ("http", http),
+    ("agent_frames", agent_frames),
+    ("wire", wire),
+    ("edge_orders", edge_orders),
+    ("credentials", credentials),
+    ("claude_stream", claude_stream),
+    ("redaction", redaction),
+    ("sse", sse),
+    ("config", config),
+];
+
+pub fn target(name: &str) -> Option<fn(&[u8])> {
+    TARGETS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
+}
+
+const NOW: u64 = 1_800_000_000_000;
+const SECRET: &str = "fuzz-runner-secret-0123456789";
+const AGENT: &str = "spark";
+
+// Keys and settings are made once: deriving a key costs more than most inputs.
+fn edge_key() -> &'static SigningKey {
+    static KEY: OnceLock<SigningKey> = OnceLock::new();
+    KEY.get_or_init(|| SigningKey::from_bytes(&[7; 32]))
+}
+
+fn agent_key() -> &'static SigningKey {
+    static KEY: OnceLock<SigningKey> = OnceLock::new();
+    KEY.get_or_init(|| SigningKey::from_bytes(&[9; 32]))
+}
+
+fn edge_config() -> Config {
+    static CONFIG: OnceLock<Config> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let agents = format!("{AGENT}={}", shared::keys::encode_verifying(&agent_key().verifying_key()));
+            let edge = shared::keys::encode_signing(edge_key());
+            Config::from_lookup(|name| match name {
+                "RUNNER_SECRET" => Some(SECRET.to_string()),
+                "EDGE_SIGNING_KEY" => Some(edge.clone()),
+                "AGENT_PUBLIC_KEYS" => Some(agents.clone()),
+                _ => None,
+            })
+            .expect("the fuzz edge's settings are valid")
+        })
+        .clone()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// An HTTP request: `flags, method selector` then NUL-separated path, secret,
+/// authorization, idempotency key and body.
+pub fn http(data: &[u8]) {
+    let (head, rest) = data.split_at(data.len().min(2));
+    let mut parts = rest.splitn(5, |b| *b == 0);
+    // Hosts hand over paths as they come in a request line: starting with `/`.
+    let path = format!("/{}", text(parts.next().unwrap_or_default()).trim_start_matches('/'));
+    let secret = parts.next().map(text);
+    let authorization = parts.next().map(text);
+    let idempotency_key = parts.next().map(text);
+    let body = parts.next().unwrap_or_default();
+    let flags = head.first().copied().unwrap_or(0);
+    let method = ["GET", "POST", "DELETE", "PUT", "HEAD", "PATCH"][head.get(1).copied().unwrap_or(0) as usize % 6];
+    let limits = Limits { max_timeout_ms: 3_600_000 };
+    if let Ok(submission) = ExecuteRequest::parse(body, idempotency_key.as_deref(), limits) {
+        // What validation let through is what the agent will run: it must hold there too.
+        if let Some(dir) = &submission.spec.working_dir {
+            assert!(shared::contract::checked_working_dir(dir).is_ok(), "{dir:?}");
+        }
+        let _ = claude::args(&submission.spec, None);
+    }
+    let secret = if flags & 1 == 1 { Some(SECRET.to_string()) } else { secret };
+    let mut edge = Edge::new(edge_config(), NOW);
+    if flags & 2 == 2 {
+        let _ = edge.connect(NOW, [3; 32]);
+    }
+    let req = Request {
+        method,
+        path: &path,
+        secret_header: secret.as_deref(),
+        authorization: authorization.as_deref(),
+        idempotency_key: idempotency_key.as_deref(),
+        body: if flags & 4 == 4 { Body::TooLarge } else { Body::Bytes(body) },
+    };
+    let authorized = http::authorized(SECRET, &req);
+    let (outcome, _) = http::handle(&mut edge, NOW, [1; 16], req);
+    if !authorized {
+        // Without the secret nothing but the open routes (DESIGN.md: the page, /health,
+        // the agents' socket) answers with content.
+        let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+        let open = matches!(segments.as_slice(), [] | [""] | ["health"] | ["agent", "connect"]);
+        match outcome {
+            Outcome::Respond(r) => assert!(!(200..300).contains(&r.status) || open, "{method} {path:?} answered {} without the secret", r.status),
+            other => panic!("{method} {path:?} without the secret got {other:?}"),
+        }
+    }
+}
+
+/// The challenge nonce the edge sent on a new connection.
+fn challenge_nonce(effects: &[Effect]) -> Option<String> {
+    effects.iter().find_map(|e| match e {
+        Effect::Send { text, .. } => match shared::protocol::decode::<EdgeMessage>(text) {
+            Ok(EdgeMessage::Challenge { nonce, .. }) => Some(nonce),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
+/// Frames from one agent connection, `0xff`-separated after a flags byte: bit 0 runs a
+/// valid handshake first (so the frames reach a ready session), bit 1 queues a job `j1`.
+pub fn agent_frames(data: &[u8]) {
+    let (flags, frames) = match data.split_first() {
+        Some((f, rest)) => (*f, rest),
+        None => (0, data),
+    };
+    let mut edge = Edge::new(edge_config(), NOW);
+    let mut now = NOW;
+    if flags & 2 == 2 {
+        let submission = ExecuteRequest::parse(br#"{"prompt":"fuzz","timeout_ms":60000}"#, None, Limits { max_timeout_ms: 3_600_000 })
+            .expect("a valid body");
+        let _ = edge.submit(now, "j1".into(), submission, Mode::Detached);
+    }
+    let (session, effects) = edge.connect(now, [3; 32]);
+    if flags & 1 == 1 {
+        // The connection's entropy is fixed, so is its challenge: sign the hello once.
+        static HELLO: OnceLock<String> = OnceLock::new();
+        let frame = HELLO.get_or_init(|| {
+            let hello = Hello {
+                protocol: PROTOCOL_VERSION,
+                agent_id: AGENT.into(),
+                agent_version: "fuzz".into(),
+                challenge: challenge_nonce(&effects).expect("a challenge"),
+                agent_nonce: "agent-nonce".into(),
+                issued_at: NOW,
+                capacity: 2,
+                running: vec![],
+                finished: vec![],
+                oauth: shared::oauth::OAuthReport::unconfigured(NOW),
+            };
+            let envelope = Envelope::seal(Domain::Hello, &hello, agent_key());
+            AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: AGENT.into(), envelope }.to_text()
+        });
+        let _ = edge.message(now, &session, frame);
+    }
+    for frame in frames.split(|b| *b == 0xff) {
+        now += 1_000;
+        let _ = edge.message(now, &session, &text(frame));
+    }
+    let _ = edge.health(now);
+    let _ = edge.tick(now + 3_600_000);
+}
+
+/// One frame, decoded as each side would; what decodes re-encodes to the same message.
+pub fn wire(data: &[u8]) {
+    let frame = text(data);
+    if let Ok(m) = shared::protocol::decode::<AgentMessage>(&frame) {
+        assert_eq!(shared::protocol::decode::<AgentMessage>(&m.to_text()).as_ref(), Ok(&m));
+    }
+    if let Ok(m) = shared::protocol::decode::<EdgeMessage>(&frame) {
+        assert_eq!(shared::protocol::decode::<EdgeMessage>(&m.to_text()).as_ref(), Ok(&m));
+    }
+}
+
+/// What the agent does with an edge frame: decode it, open the envelope. With the first
+/// byte odd, the rest is signed by the edge's key as a job, a cancel or a welcome payload,
+/// so what follows a valid signature is fuzzed too.
+pub fn edge_orders(data: &[u8]) {
+    let key = edge_key().verifying_key();
+    let (flags, rest) = match data.split_first() {
+        Some((f, rest)) => (*f, rest),
+        None => (0, data),
+    };
+    let payload = text(rest);
+    if flags & 1 == 0 {
+        match shared::protocol::decode::<EdgeMessage>(&payload) {
+            Ok(EdgeMessage::Job { envelope }) => run_order(open_order::<JobOrder>(&envelope, Domain::Job, &key, AGENT, NOW)),
+            Ok(EdgeMessage::Cancel { envelope }) => {
+                let _ = open_order::<CancelOrder>(&envelope, Domain::Cancel, &key, AGENT, NOW);
+            }
+            Ok(EdgeMessage::Welcome { envelope }) => {
+                let _ = envelope.open::<Welcome>(Domain::Welcome, &key);
+            }
+            _ => {}
+        }
+        return;
+    }
+    let domain = [Domain::Job, Domain::Cancel, Domain::Welcome][(flags >> 1) as usize % 3];
+    let sig = ed25519_dalek::Signer::sign(edge_key(), &[domain.prefix(), payload.as_bytes()].concat());
+    let envelope = Envelope { payload, sig: shared::keys::encode(&sig.to_bytes()) };
+    match domain {
+        Domain::Job => run_order(open_order::<JobOrder>(&envelope, domain, &key, AGENT, NOW)),
+        Domain::Cancel => {
+            if let Ok(order) = open_order::<CancelOrder>(&envelope, domain, &key, AGENT, NOW) {
+                assert_eq!(order.header.agent_id, AGENT);
+            }
+        }
+        _ => {
+            let _ = envelope.open::<Welcome>(domain, &key);
+        }
+    }
+}
+
+/// What the agent derives from an order that verified.
+fn run_order(order: Result<JobOrder, shared::envelope::Refusal>) {
+    let Ok(order) = order else { return };
+    let OrderHeader { agent_id, expires_at, .. } = &order.header;
+    assert_eq!(agent_id, AGENT);
+    assert!(NOW <= expires_at.saturating_add(shared::envelope::CLOCK_SKEW_MS));
+    let _ = claude::args(&order.spec, Some("model"));
+    if let Some(dir) = &order.spec.working_dir {
+        let _ = shared::contract::checked_working_dir(dir);
+    }
+}
+
+pub fn credentials(data: &[u8]) {
+    if let Ok(c) = agent_core::credentials::parse(data) {
+        assert!(!c.access_token.is_empty());
+    }
+}
+
+/// Secrets the stream targets hide; none may come out whole.
+const SECRETS: &[&str] = &["sk-ant-oat01-fuzzaccesstoken0123456789abcdef", "opaque-refresh-value-fedcba9876543210", "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo="];
+
+/// Claude's stdout, line by line, as the job runner handles it.
+fn redactor() -> &'static Redactor {
+    static REDACTOR: OnceLock<Redactor> = OnceLock::new();
+    REDACTOR.get_or_init(|| Redactor::new(SECRETS.iter().map(|s| s.to_string())))
+}
+
+pub fn claude_stream(data: &[u8]) {
+    let redactor = redactor();
+    let mut transcript = Transcript::default();
+    for line in data.split(|b| *b == b'\n') {
+        let redacted = redactor.redact(&text(line));
+        if let Some(event) = transcript.line(&redacted) {
+            let shown = event.to_string();
+            for s in SECRETS {
+                assert!(!shown.contains(s), "{s} in {shown}");
+            }
+        }
+    }
+    let endings = [
+        Ending::Exited(Some(0)),
+        Ending::Exited(None),
+        Ending::TimedOut { after_ms: 5 },
+        Ending::Cancelled { reason: "fuzz".into() },
+        Ending::AgentStopping,
+        Ending::SpawnFailed("fuzz".into()),
+    ];
+    for ending in endings {
+        let r = claude::result(&transcript, ending, &text(data), 1);
+        assert!(r.output.len() <= claude::MAX_OUTPUT_BYTES + 100);
+        assert_eq!(r.success, r.error_code.is_none());
+    }
+}
+
+pub fn redaction(data: &[u8]) {
+    let redactor = redactor();
+    let out = redactor.redact(&text(data));
+    for s in SECRETS {
+        assert!(!out.contains(s), "{s} in {out}");
+    }
+}
+
+/// The same bytes cut in two anywhere give the same events as in one piece.
+pub fn sse(data: &[u8]) {
+    let (cut, rest) = match data.split_first() {
+        Some((c, rest)) => (*c as usize, rest),
+        None => (0, data),
+    };
+    let whole = agent_core::sse::EventStream::default().push(rest);
+    let at = if rest.is_empty() { 0 } else { cut % (rest.len() + 1) };
+    let mut stream = agent_core::sse::EventStream::default();
+    let mut parts = stream.push(&rest[..at]);
+    parts.extend(stream.push(&rest[at..]));
+    assert_eq!(whole, parts);
+}
+
+/// Settings as text: the edge's (NUL-separated values, in order), keys, the keyring and
+/// `EDGE_URL`.
+pub fn config(data: &[u8]) {
+    const NAMES: &[&str] = &[
+        "RUNNER_SECRET",
+        "EDGE_SIGNING_KEY",
+        "AGENT_PUBLIC_KEYS",
+        "HEARTBEAT_INTERVAL_MS",
+        "LOST_AFTER_MS",
+        "MAX_TIMEOUT_MS",
+        "MAX_BODY_BYTES",
+        "JOB_RETENTION_MS",
+        "QUEUE_TTL_MS",
+        "MAX_QUEUED_JOBS",
+        "TIMEOUT_MARGIN_MS",
+    ];
+    let values: Vec<String> = data.split(|b| *b == 0).map(text).collect();
+    let lookup = |name: &str| NAMES.iter().position(|n| *n == name).and_then(|i| values.get(i).cloned());
+    if let Ok(cfg) = Config::from_lookup(lookup) {
+        assert!(cfg.runner_secret.len() >= 16);
+        let _ = Edge::new(cfg, NOW).health(NOW);
+    }
+    for v in &values {
+        let _ = shared::keys::signing_key("fuzz", v);
+        let _ = shared::keys::verifying_key("fuzz", v);
+        let _ = shared::keys::Keyring::parse(v);
+        for allow in [false, true] {
+            if let Ok(url) = agent_core::edge_url::connect_url(v, allow) {
+                assert!(url.ends_with("/agent/connect"));
+                assert!(allow || url.starts_with("wss://") || url.starts_with("ws://"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The committed seeds of a target (`tests/fuzz/seeds/<target>/`).
+    fn seeds(target: &str) -> Vec<Vec<u8>> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds").join(target);
+        let mut files: Vec<_> = std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        files.sort();
+        files.iter().map(|p| std::fs::read(p).unwrap()).collect()
+    }
+
+    #[test]
+    fn every_target_has_seeds_and_takes_them() {
+        for (name, run) in TARGETS {
+            let seeds = seeds(name);
+            assert!(!seeds.is_empty(), "tests/fuzz/seeds/{name}/ has no seeds");
+            for seed in seeds {
+                run(&seed);
+            }
+        }
+    }
+
+    /// A seed with bytes changed, cut or repeated: random inputs near the valid ones.
+    fn mutated(target: &'static str) -> impl Strategy<Value = Vec<u8>> {
+        let seeds = seeds(target);
+        (0..seeds.len(), proptest::collection::vec((any::<u16>(), any::<u8>(), 0u8..4), 0..8)).prop_map(move |(i, edits)| {
+            let mut bytes = seeds[i].clone();
+            for (at, byte, kind) in edits {
+                let at = at as usize % (bytes.len() + 1);
+                match kind {
+                    0 if at < bytes.len() => bytes[at] = byte,
+                    1 => bytes.insert(at, byte),
+                    2 => bytes.truncate(at),
+                    _ => bytes.extend_from_within(at..),
+                }
+            }
+            bytes
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn targets_take_random_bytes(target in 0..TARGETS.len(), data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            (TARGETS[target].1)(&data);
+        }
+
+        #[test]
+        fn http_takes_mutated_requests(data in mutated("http")) { http(&data) }
+        #[test]
+        fn agent_frames_take_mutated_frames(data in mutated("agent_frames")) { agent_frames(&data) }
+        #[test]
+        fn wire_takes_mutated_frames(data in mutated("wire")) { wire(&data) }
+        #[test]
+        fn edge_orders_take_mutated_orders(data in mutated("edge_orders")) { edge_orders(&data) }
+        #[test]
+        fn credentials_take_mutated_files(data in mutated("credentials")) { credentials(&data) }
+        #[test]
+        fn claude_stream_takes_mutated_lines(data in mutated("claude_stream")) { claude_stream(&data) }
+        #[test]
+        fn redaction_takes_mutated_text(data in mutated("redaction")) { redaction(&data) }
+        #[test]
+        fn sse_takes_mutated_streams(data in mutated("sse")) { sse(&data) }
+        #[test]
+        fn config_takes_mutated_settings(data in mutated("config")) { config(&data) }
+    }
+}
