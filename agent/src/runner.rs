@@ -7,6 +7,7 @@ use crate::claude::{self, Ending, Transcript};
 use crate::config::AgentConfig;
 use crate::oauth::{Login, RefreshGate};
 use crate::process::{self, Launch, Stop};
+use crate::redact::Carry;
 use crate::workspace;
 use shared::job::{JobResult, JobSpec};
 use shared::protocol::AgentMessage;
@@ -103,17 +104,22 @@ async fn run_claude(
     let mut redactor = ctx.login.redactor(crate::now_ms(), &cfg.secrets);
     let mut redactor_read = Instant::now();
     let mut transcript = Transcript::default();
+    let mut carry = Carry::default();
     let mut seq = 0u64;
     let on_line = |line: &[u8]| {
         if redactor_read.elapsed() > REDACTOR_REFRESH {
             redactor = ctx.login.redactor(crate::now_ms(), &cfg.secrets);
             redactor_read = Instant::now();
         }
-        let text = redactor.redact(&String::from_utf8_lossy(line));
-        if let Some(event) = transcript.line(&text) {
+        // Redacted as decoded text: each JSON string unescaped, redacted, re-encoded.
+        let event = match redactor.redact_line(&String::from_utf8_lossy(line), &mut carry) {
+            Ok(value) => transcript.value(value),
+            Err(text) => transcript.text(&text),
+        };
+        if let Some(event) = event {
             seq += 1;
-            let event = if text.len() > MAX_EVENT_BYTES {
-                serde_json::json!({"type": event["type"], "truncated": true, "bytes": text.len()})
+            let event = if line.len() > MAX_EVENT_BYTES {
+                serde_json::json!({"type": event["type"], "truncated": true, "bytes": line.len()})
             } else {
                 event
             };
