@@ -112,13 +112,22 @@ impl Agent {
         report
     }
 
-    fn refuse(&self, envelope: &Envelope, refusal: &Refusal) {
-        // The job id is read without trusting it, only so the edge can settle the job.
-        let job_id = serde_json::from_str::<serde_json::Value>(&envelope.payload)
-            .ok()
-            .and_then(|v| v.get("job_id").and_then(|j| j.as_str()).map(str::to_string));
-        warn!(job_id = job_id.as_deref().unwrap_or("?"), agent_id = %self.cfg.agent_id, reason = %refusal, "order refused");
-        let _ = self.uplink.send(AgentMessage::Rejected { job_id, reason: refusal.to_string(), retry: false });
+    /// Tells the edge an order was refused. The edge settles a job on a refusal that names
+    /// it, so a name is given only when it is the edge's own: read from an order whose
+    /// signature verified, for a job order (a cancel that fails changes nothing about its
+    /// job), and not for a replay (the first copy of that order was handled already).
+    /// Anything else — garbage, a forgery, a tampered frame — names no job: whoever sent it
+    /// cannot make the edge fail a job by it.
+    fn refuse(&self, domain: Domain, job_id: Option<&str>, refusal: &Refusal) {
+        let named = match refusal {
+            _ if domain != Domain::Job => None,
+            Refusal::Signature(_) | Refusal::Replay { .. } => None,
+            Refusal::WrongAgent { .. } | Refusal::Expired { .. } | Refusal::FromTheFuture { .. } => job_id,
+        };
+        // Logged only when it is a plain id: a log line is no place for arbitrary text.
+        let logged = named.filter(|id| shared::ids::plain_id(id, shared::ids::MAX_JOB_ID)).unwrap_or("-");
+        warn!(job_id = logged, agent_id = %self.cfg.agent_id, reason = %refusal, "order refused");
+        let _ = self.uplink.send(AgentMessage::Rejected { job_id: named.map(str::to_string), reason: refusal.to_string(), retry: false });
     }
 
     fn verify<T: serde::de::DeserializeOwned + shared::envelope::HasHeader>(&self, envelope: &Envelope, domain: Domain) -> Option<T> {
@@ -126,13 +135,19 @@ impl Agent {
         let order: T = match open_order(envelope, domain, &self.cfg.edge_public_key, &self.cfg.agent_id, now) {
             Ok(o) => o,
             Err(refusal) => {
-                self.refuse(envelope, &refusal);
+                // Only a refusal after the signature verified has a job id worth reading,
+                // and then from the verified payload.
+                let job_id = match &refusal {
+                    Refusal::Signature(_) => None,
+                    _ => serde_json::from_str::<shared::envelope::OrderHeader>(&envelope.payload).ok().map(|h| h.job_id),
+                };
+                self.refuse(domain, job_id.as_deref(), &refusal);
                 return None;
             }
         };
         let header = order.header();
         if !self.replay.lock().expect("replay lock").admit(&header.nonce, header.expires_at, now) {
-            self.refuse(envelope, &Refusal::Replay { nonce: header.nonce.clone() });
+            self.refuse(domain, Some(&header.job_id), &Refusal::Replay { nonce: header.nonce.clone() });
             return None;
         }
         Some(order)
@@ -144,7 +159,9 @@ impl Agent {
         let Some(order) = self.verify::<JobOrder>(envelope, Domain::Job) else { return };
         let job_id = order.header.job_id.clone();
         if !shared::ids::plain_id(&job_id, shared::ids::MAX_JOB_ID) {
+            // Signed by the edge, so its own id, but not one for a log line or a file name.
             let reason = "the job id has characters the agent does not accept as a file name".into();
+            warn!(agent_id = %self.cfg.agent_id, "order refused: a job id that is not a plain id");
             let _ = self.uplink.send(AgentMessage::Rejected { job_id: Some(job_id), reason, retry: false });
             return;
         }

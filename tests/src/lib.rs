@@ -260,6 +260,7 @@ pub struct AgentProc {
     pub data: TempDir,
     child: Option<Child>,
     args: Vec<(String, String)>,
+    wrapper: Vec<String>,
 }
 
 pub struct AgentOpts<'a> {
@@ -269,6 +270,8 @@ pub struct AgentOpts<'a> {
     pub edge_ws: String,
     pub claude_bin: PathBuf,
     pub extra_env: Vec<(String, String)>,
+    /// A command the agent is started under (e.g. `setpriv …`), before its own argv.
+    pub wrapper: Vec<String>,
 }
 
 impl<'a> AgentOpts<'a> {
@@ -281,6 +284,7 @@ impl<'a> AgentOpts<'a> {
             edge_ws: edge.ws_url(),
             claude_bin: bin("claude-standin"),
             extra_env: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
     pub fn env(mut self, k: &str, v: &str) -> Self {
@@ -303,16 +307,26 @@ impl AgentProc {
             ("DATA_DIR".into(), data.path().join("data").display().to_string()),
             ("CLAUDE_CODE_OAUTH_TOKEN".into(), "sk-ant-oat01-test-token-not-real-0123456789".into()),
             ("STANDIN_LOG".into(), data.path().join("standin.log").display().to_string()),
+            // Claude gets an allow-listed environment; the stand-in's log is the test's.
+            ("JOB_ENV_ALLOW".into(), "STANDIN_LOG".into()),
         ];
         args.extend(opts.extra_env);
-        let mut agent = AgentProc { id: opts.id.into(), data, child: None, args };
+        let mut agent = AgentProc { id: opts.id.into(), data, child: None, args, wrapper: opts.wrapper };
         agent.spawn();
         agent
     }
 
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data.path().join("agent.log")).unwrap();
-        let mut cmd = Command::new(bin("claude-runner"));
+        let agent = bin("claude-runner");
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(agent);
+                c
+            }
+            None => Command::new(agent),
+        };
         cmd.arg("agent")
             .env_remove("ANTHROPIC_API_KEY")
             .envs(self.args.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -325,6 +339,11 @@ impl AgentProc {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// The value the agent was started with for `name`.
+    pub fn env_value(&self, name: &str) -> Option<String> {
+        self.args.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone())
     }
 
     /// Every stand-in invocation so far (argv, cwd, prompt).
