@@ -176,7 +176,7 @@ impl Redactor {
         // too (only when there is one: a `%` or `\` right before a secret must not hide
         // it from the first).
         let plain = decode(before, text, false);
-        let escaped = (text.contains('%') || text.contains('\\')).then(|| decode(before, text, true));
+        let escaped = has_escapes(text).then(|| decode(before, text, true));
         let mut spans = Vec::new();
         for decoded in std::iter::once(&plain).chain(escaped.as_ref()) {
             let mut found = Vec::new();
@@ -349,6 +349,17 @@ fn decode(before: &[u8], text: &str, escapes: bool) -> Decoded {
         i += unit;
     }
     Decoded { bytes, from }
+}
+
+/// Whether `text` holds anything [`decode`] would unescape (most text does not, and is
+/// then read once).
+fn has_escapes(text: &str) -> bool {
+    let t = text.as_bytes();
+    t.iter().enumerate().any(|(i, &b)| match b {
+        b'%' => t.get(i + 1..i + 3).and_then(hex_byte).is_some(),
+        b'\\' => matches!(t.get(i + 1), Some(b'n' | b'r' | b't' | b'/' | b'\\' | b'"' | b'\'' | b'x' | b'u')),
+        _ => false,
+    })
 }
 
 /// `\uXXXX` (or a surrogate pair `\uD8XX\uDCXX`) at the start of `t`: its length and
