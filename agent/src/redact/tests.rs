@@ -137,7 +137,7 @@ fn xxd(bytes: &[u8]) -> String {
     let mut out = String::new();
     for (n, line) in bytes.chunks(16).enumerate() {
         out.push_str(&format!("{:08x}: ", n * 16));
-        let hex: Vec<String> = line.chunks(2).map(|p| shared::ids::hex(p)).collect();
+        let hex: Vec<String> = line.chunks(2).map(shared::ids::hex).collect();
         out.push_str(&format!("{:<40}", hex.join(" ")));
         out.push(' ');
         out.extend(line.iter().map(|&b| if (0x20..0x7f).contains(&b) { b as char } else { '.' }));
@@ -353,7 +353,7 @@ fn masks_never_split_a_character() {
     // A secret with multi-byte characters, found through a form that starts mid-character.
     let secret = "ééééééééééééé-secret";
     let r = Redactor::new([secret.to_string()]);
-    for text in [format!("x{secret}y"), format!("{}", &secret[2..]), secret.chars().rev().collect()] {
+    for text in [format!("x{secret}y"), secret[2..].to_string(), secret.chars().rev().collect()] {
         let out = r.redact(&text);
         assert!(!out.contains("ééééééé"), "{out}");
     }

@@ -31,8 +31,11 @@ use shared::envelope::{open_order, Domain, Envelope, OrderHeader};
 use shared::protocol::{AgentMessage, CancelOrder, EdgeMessage, Hello, JobOrder, Welcome, PROTOCOL_VERSION};
 use std::sync::OnceLock;
 
+/// A fuzz target: takes any bytes, must not panic or hang.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, for the libFuzzer binary and the runner script.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("http", http),
     ("agent_frames", agent_frames),
     ("wire", wire),
@@ -44,7 +47,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("config", config),
 ];
 
-pub fn target(name: &str) -> Option<fn(&[u8])> {
+pub fn target(name: &str) -> Option<Target> {
     TARGETS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
 }
 
