@@ -391,26 +391,29 @@ mod tests {
         }
     }
 
-    /// A seed with bytes changed, cut or repeated: random inputs near the valid ones.
-    fn mutated(target: &'static str) -> impl Strategy<Value = Vec<u8>> {
-        let seeds = seeds(target);
-        (0..seeds.len(), proptest::collection::vec((any::<u16>(), any::<u8>(), 0u8..4), 0..8)).prop_map(move |(i, edits)| {
-            let mut bytes = seeds[i].clone();
-            for (at, byte, kind) in edits {
-                let at = at as usize % (bytes.len() + 1);
-                match kind {
-                    0 if at < bytes.len() => bytes[at] = byte,
-                    1 => bytes.insert(at, byte),
-                    2 => bytes.truncate(at),
-                    _ => bytes.extend_from_within(at..),
+    /// A target and one of its seeds with bytes changed, cut or repeated: random inputs
+    /// near the valid ones.
+    fn mutated() -> impl Strategy<Value = (usize, Vec<u8>)> {
+        (0..TARGETS.len()).prop_flat_map(|t| {
+            let seeds = seeds(TARGETS[t].0);
+            (Just(t), 0..seeds.len(), proptest::collection::vec((any::<u16>(), any::<u8>(), 0u8..4), 0..8)).prop_map(move |(t, i, edits)| {
+                let mut bytes = seeds[i].clone();
+                for (at, byte, kind) in edits {
+                    let at = at as usize % (bytes.len() + 1);
+                    match kind {
+                        0 if at < bytes.len() => bytes[at] = byte,
+                        1 => bytes.insert(at, byte),
+                        2 => bytes.truncate(at),
+                        _ => bytes.extend_from_within(at..),
+                    }
                 }
-            }
-            bytes
+                (t, bytes)
+            })
         })
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 2048, failure_persistence: None, ..ProptestConfig::default() })]
 
         #[test]
         fn targets_take_random_bytes(target in 0..TARGETS.len(), data in proptest::collection::vec(any::<u8>(), 0..2048)) {
@@ -418,22 +421,8 @@ mod tests {
         }
 
         #[test]
-        fn http_takes_mutated_requests(data in mutated("http")) { http(&data) }
-        #[test]
-        fn agent_frames_take_mutated_frames(data in mutated("agent_frames")) { agent_frames(&data) }
-        #[test]
-        fn wire_takes_mutated_frames(data in mutated("wire")) { wire(&data) }
-        #[test]
-        fn edge_orders_take_mutated_orders(data in mutated("edge_orders")) { edge_orders(&data) }
-        #[test]
-        fn credentials_take_mutated_files(data in mutated("credentials")) { credentials(&data) }
-        #[test]
-        fn claude_stream_takes_mutated_lines(data in mutated("claude_stream")) { claude_stream(&data) }
-        #[test]
-        fn redaction_takes_mutated_text(data in mutated("redaction")) { redaction(&data) }
-        #[test]
-        fn sse_takes_mutated_streams(data in mutated("sse")) { sse(&data) }
-        #[test]
-        fn config_takes_mutated_settings(data in mutated("config")) { config(&data) }
+        fn targets_take_mutated_seeds((target, data) in mutated()) {
+            (TARGETS[target].1)(&data);
+        }
     }
 }
