@@ -55,6 +55,18 @@ pub fn output() -> Vec<String> {
     lines
 }
 
+/// The texts the lines carry, decoded and joined: what a result's `output` looks like.
+pub fn texts(lines: &[String]) -> String {
+    let mut out = String::new();
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(line).expect("the lines are JSON");
+        let content = &v["message"]["content"][0];
+        out.push_str(content["text"].as_str().or(content["content"].as_str()).unwrap_or_default());
+        out.push('\n');
+    }
+    out
+}
+
 fn tool_result(text: &str) -> serde_json::Value {
     serde_json::json!({"type":"user","message":{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_01","content":text}]}})
 }

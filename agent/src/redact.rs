@@ -122,10 +122,21 @@ pub struct Redactor {
 }
 
 /// Text in the middle of being redacted: the decoded bytes and, for each, the stretch of
-/// the original text it came from.
+/// the original text it came from (one byte, unless escapes were decoded).
 struct Decoded {
     bytes: Vec<u8>,
-    from: Vec<(u32, u32)>,
+    starts: Vec<u32>,
+    ends: Option<Vec<u32>>,
+}
+
+impl Decoded {
+    fn start(&self, k: usize) -> usize {
+        self.starts[k] as usize
+    }
+
+    fn end(&self, k: usize) -> usize {
+        self.ends.as_ref().map_or(self.starts[k] as usize + 1, |ends| ends[k] as usize)
+    }
 }
 
 impl Redactor {
@@ -188,7 +199,7 @@ impl Redactor {
             // Back to the original text, leaving out what belonged to the earlier line.
             spans.extend(found.iter().filter(|(_, end)| *end > before.len()).map(|&(start, end)| {
                 let start = start.max(before.len());
-                (decoded.from[start].0 as usize, decoded.from[end - 1].1 as usize)
+                (decoded.start(start), decoded.end(end - 1))
             }));
         }
         spans.sort_unstable();
@@ -302,14 +313,24 @@ fn hex_byte(pair: &[u8]) -> Option<u8> {
 fn decode(before: &[u8], text: &str, escapes: bool) -> Decoded {
     let t = text.as_bytes();
     let mut bytes = Vec::with_capacity(before.len() + t.len());
-    let mut from = Vec::with_capacity(before.len() + t.len());
+    let mut starts = Vec::with_capacity(before.len() + t.len());
     bytes.extend_from_slice(before);
-    from.resize(before.len(), (0, 0));
+    starts.resize(before.len(), 0);
+    let space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c);
+    if !escapes {
+        for (i, &b) in t.iter().enumerate() {
+            if !space(b) {
+                bytes.push(b);
+                starts.push(i as u32);
+            }
+        }
+        return Decoded { bytes, starts, ends: None };
+    }
+    let mut ends = vec![0; before.len()];
     let mut i = 0;
     while i < t.len() {
         let (unit, out): (usize, Option<u32>) = match t[i] {
-            b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c => (1, None),
-            b if !escapes => (1, Some(b as u32)),
+            b if space(b) => (1, None),
             b'%' => match t.get(i + 1..i + 3).and_then(hex_byte) {
                 Some(b) => (3, Some(b as u32)),
                 None => (1, Some(b'%' as u32)),
@@ -329,26 +350,24 @@ fn decode(before: &[u8], text: &str, escapes: bool) -> Decoded {
             },
             b => (1, Some(b as u32)),
         };
-        let span = (i as u32, (i + unit) as u32);
+        let (start, end) = (i as u32, (i + unit) as u32);
+        let mut push = |b: u8| {
+            bytes.push(b);
+            starts.push(start);
+            ends.push(end);
+        };
         match out {
             None => {}
             // A decoded character: its UTF-8 bytes.
             Some(c) if c & 0x8000_0000 != 0 => {
                 let ch = char::from_u32(c & 0x7fff_ffff).unwrap_or(char::REPLACEMENT_CHARACTER);
-                let mut buf = [0u8; 4];
-                for b in ch.encode_utf8(&mut buf).bytes() {
-                    bytes.push(b);
-                    from.push(span);
-                }
+                ch.encode_utf8(&mut [0u8; 4]).bytes().for_each(&mut push);
             }
-            Some(b) => {
-                bytes.push(b as u8);
-                from.push(span);
-            }
+            Some(b) => push(b as u8),
         }
         i += unit;
     }
-    Decoded { bytes, from }
+    Decoded { bytes, starts, ends: Some(ends) }
 }
 
 /// Whether `text` holds anything [`decode`] would unescape (most text does not, and is
