@@ -144,9 +144,10 @@ impl Redactor {
         let mut by_width: HashMap<usize, Vec<Vec<u8>>> = HashMap::new();
         for secret in secrets.into_iter().filter(|s| s.len() >= MIN_SECRET) {
             let fragment = fragment_len(secret.len());
-            for (form, chars_per_byte) in encodings(&secret) {
-                // A window spans `fragment` bytes of the secret in this form's characters.
-                let width = ((fragment as f64) * chars_per_byte).ceil() as usize;
+            for (form, chars_per_byte, slack) in encodings(&secret) {
+                // A window spans `fragment` bytes of the secret in this form's characters
+                // (less the bytes the form may lose at the edges of a piece).
+                let width = (((fragment - slack) as f64) * chars_per_byte).ceil() as usize;
                 let width = width.min(form.len());
                 if width >= MIN_SECRET {
                     by_width.entry(width).or_default().push(form);
@@ -267,19 +268,21 @@ pub struct Carry {
 }
 
 /// A secret and the forms it takes inside encoded text, each with how many characters of
-/// the form one byte of the secret takes. Percent-, `\u`- and `\x`-escapes are decoded
-/// before matching, so they need no form of their own.
-fn encodings(text: &str) -> Vec<(Vec<u8>, f64)> {
+/// the form one byte of the secret takes, and how many bytes of a piece the form may lose
+/// at its edges. Percent-, `\u`- and `\x`-escapes are decoded before matching, so they
+/// need no form of their own.
+fn encodings(text: &str) -> Vec<(Vec<u8>, f64, usize)> {
     let secret = text.as_bytes();
-    let mut forms = vec![(secret.to_vec(), 1.0), (text.chars().rev().collect::<String>().into_bytes(), 1.0)];
+    let mut forms = vec![(secret.to_vec(), 1.0, 0), (text.chars().rev().collect::<String>().into_bytes(), 1.0, 0)];
     let hex = shared::ids::hex(secret);
-    forms.push((hex.to_ascii_uppercase().into_bytes(), 2.0));
-    forms.push((hex.into_bytes(), 2.0));
+    forms.push((hex.to_ascii_uppercase().into_bytes(), 2.0, 0));
+    forms.push((hex.into_bytes(), 2.0, 0));
     // `od -x` prints little-endian 16-bit words: each pair of bytes swapped, at either
-    // parity of the secret's offset in the file.
+    // parity of the secret's offset in the file. A piece cut by the end of an `od` line
+    // may start and end in a word shared with a neighbour: up to 3 bytes lost.
     for parity in 0..2 {
         let swapped: Vec<u8> = secret[parity..].chunks_exact(2).flat_map(|p| [p[1], p[0]]).collect();
-        forms.push((shared::ids::hex(&swapped).into_bytes(), 2.0));
+        forms.push((shared::ids::hex(&swapped).into_bytes(), 2.0, 3));
     }
     // Inside a longer base64 text the secret starts at one of three byte offsets. Encode it
     // behind 0-2 filler bytes and keep only the characters that do not depend on its
@@ -292,7 +295,7 @@ fn encodings(text: &str) -> Vec<(Vec<u8>, f64)> {
         for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
             let text = engine.encode(&padded);
             if whole_groups * 4 > skip_front {
-                forms.push((text.as_bytes()[skip_front..whole_groups * 4].to_vec(), 4.0 / 3.0));
+                forms.push((text.as_bytes()[skip_front..whole_groups * 4].to_vec(), 4.0 / 3.0, 0));
             }
         }
     }
