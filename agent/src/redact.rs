@@ -274,12 +274,13 @@ pub struct Carry {
 fn encodings(text: &str) -> Vec<(Vec<u8>, f64, usize)> {
     let secret = text.as_bytes();
     let mut forms = vec![(secret.to_vec(), 1.0, 0), (text.chars().rev().collect::<String>().into_bytes(), 1.0, 0)];
+    // Hex forms share one window width (one pass over the text): that of `od -x`, which
+    // prints little-endian 16-bit words — each pair of bytes swapped, at either parity of
+    // the secret's offset in the file — so a piece cut by the end of an `od` line may start
+    // and end in a word shared with a neighbour: up to 3 bytes lost.
     let hex = shared::ids::hex(secret);
-    forms.push((hex.to_ascii_uppercase().into_bytes(), 2.0, 0));
-    forms.push((hex.into_bytes(), 2.0, 0));
-    // `od -x` prints little-endian 16-bit words: each pair of bytes swapped, at either
-    // parity of the secret's offset in the file. A piece cut by the end of an `od` line
-    // may start and end in a word shared with a neighbour: up to 3 bytes lost.
+    forms.push((hex.to_ascii_uppercase().into_bytes(), 2.0, 3));
+    forms.push((hex.into_bytes(), 2.0, 3));
     for parity in 0..2 {
         let swapped: Vec<u8> = secret[parity..].chunks_exact(2).flat_map(|p| [p[1], p[0]]).collect();
         forms.push((shared::ids::hex(&swapped).into_bytes(), 2.0, 3));
