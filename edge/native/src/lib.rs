@@ -1,18 +1,22 @@
 //! The edge as a native server (`claude-runner-edge`): the same state machine as the
 //! Durable Object, hosted on tokio and axum, with jobs kept in SQLite.
 //!
-//! - [`pool`]: the one task that owns the state machine; everything else sends it
-//!   commands and it carries out the machine's effects.
+//! - [`driver`]: the one task that owns the state machine: translates commands into its
+//!   events, and its effects into SQLite writes, socket sends and callers' answers.
+//! - [`server`]: bind, serve, stop; HTTP requests into commands, answers into responses.
+//! - [`socket`]: an agent's WebSocket: frames into commands, outbound frames out, and
+//!   the socket's end once either side closed it.
 //! - [`store`]: job records in SQLite under `DATA_DIR`, so a restart keeps queued,
 //!   running and finished jobs.
-//! - [`server`]: axum routes — `/agent/connect` (WebSocket) and everything else handed
-//!   to the machine's HTTP routing — and graceful shutdown.
+//! - [`clock`]: edge time (monotonic) and wall time for each event.
 
-pub mod pool;
+pub mod clock;
+pub mod driver;
 pub mod server;
+pub mod socket;
 pub mod store;
 
-pub use server::{Edge, EdgeOptions};
+pub use server::{Server, ServerOptions};
 
 /// Milliseconds since the epoch, from the system clock: the only clock the edge reads.
 pub fn now_ms() -> u64 {

@@ -1,7 +1,7 @@
 //! `claude-runner-edge`: the edge as a native server. Configuration comes from the
 //! environment (DESIGN.md "Configuration"); `--help` lists it.
 
-use edge_native::{Edge, EdgeOptions};
+use edge_native::{Server, ServerOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -48,7 +48,7 @@ fn run() -> anyhow::Result<()> {
     });
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
-        let edge = Edge::bind(EdgeOptions { config, listen, data_dir }).await?;
-        edge.serve(edge_native::shutdown_signal()).await
+        let server = Server::bind(ServerOptions { config, listen, data_dir }).await?;
+        server.serve(edge_native::shutdown_signal()).await
     })
 }

@@ -10,6 +10,7 @@
 //! agent's free-text fields (version, login problem) before it is stored.
 
 use edge_core::session::Session;
+use shared::text::truncate;
 use worker::wasm_bindgen::JsValue;
 use worker::{console_error, console_warn, State, WebSocket};
 
@@ -18,14 +19,7 @@ use worker::{console_error, console_warn, State, WebSocket};
 const CLOSED: &str = "closed";
 /// Serialized attachments may not exceed 2,048 bytes; keep a margin for the framing.
 const ATTACHMENT_BUDGET: usize = 2_000;
-/// WebSocket close reasons are limited to 123 bytes of UTF-8.
-const MAX_CLOSE_REASON: usize = 123;
-
-/// Close code for a socket whose session the edge lost (an unreadable attachment) or
-/// that spoke outside the protocol (binary frames): the agent should reconnect.
-pub use shared::protocol::close::PROTOCOL_ERROR;
-/// Close code when the edge cannot run at all (a setting is wrong).
-pub const INTERNAL_ERROR: u16 = 1011;
+use shared::protocol::close;
 
 pub struct Sockets<'a> {
     state: &'a State,
@@ -112,7 +106,7 @@ impl<'a> Sockets<'a> {
                 Restored::Closed => {}
                 Restored::Unreadable(why) => {
                     console_warn!("session={} closed on restore: {why}", tag.as_deref().unwrap_or("?"));
-                    close_socket(&ws, PROTOCOL_ERROR, "the edge lost this connection's record; reconnect");
+                    close_socket(&ws, close::PROTOCOL_ERROR, "the edge lost this connection's record; reconnect");
                 }
             }
         }
@@ -145,8 +139,7 @@ fn read_attachment(ws: &WebSocket, tag: Option<&str>) -> Restored {
 /// closed already — are of no consequence.
 pub fn close_socket(ws: &WebSocket, code: u16, reason: &str) {
     let _ = ws.serialize_attachment(CLOSED);
-    let reason = truncate(reason, MAX_CLOSE_REASON);
-    if ws.close(Some(code), Some(reason)).is_err() {
+    if ws.close(Some(code), Some(close::reason(reason))).is_err() {
         let _ = ws.close(None, None::<&str>);
     }
 }
@@ -189,8 +182,6 @@ fn attachment_cost(text: &str) -> usize {
         text.encode_utf16().count() * 2
     }
 }
-
-pub use shared::text::truncate;
 
 fn js_text(value: JsValue) -> String {
     value.as_string().unwrap_or_else(|| format!("{value:?}"))
@@ -241,12 +232,5 @@ mod tests {
         assert_eq!(back.agent().unwrap().oauth.problem.as_ref().unwrap().len(), 300);
         let text = encode_session(&ready(&"😀".repeat(5000))).unwrap();
         assert!(attachment_cost(&text) <= ATTACHMENT_BUDGET);
-    }
-
-    #[test]
-    fn truncation_keeps_characters_whole() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("héllo", 3), "hé");
-        assert_eq!(truncate("abc", 123), "abc");
     }
 }
