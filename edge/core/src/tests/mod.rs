@@ -1,4 +1,13 @@
 //! The machine driven with simulated time by a scripted agent.
+//!
+//! - this file: the helpers, and the flow of jobs, sessions and deadlines;
+//! - [`storage`]: failed store writes, through a host whose store can be made to fail;
+//! - [`stop`]: a clean stop and what each waiting caller is told;
+//! - [`hosts`]: the cases where the two hosts used to decide differently, and time.
+
+mod hosts;
+mod stop;
+mod storage;
 
 use crate::body::Body;
 use crate::http::{self, Reply, Request};
@@ -13,18 +22,18 @@ use shared::keys::Keyring;
 use shared::oauth::{OAuthReport, OAuthSource};
 use shared::protocol::{close, AgentMessage, EdgeMessage, Hello, JobOrder, Welcome, PROTOCOL_VERSION};
 
-const SECRET: &str = "0123456789abcdef0123";
-const HB: u64 = 1_000;
-const LOST: u64 = 5_000;
+pub(super) const SECRET: &str = "0123456789abcdef0123";
+pub(super) const HB: u64 = 1_000;
+pub(super) const LOST: u64 = 5_000;
 
-fn edge_key() -> SigningKey {
+pub(super) fn edge_key() -> SigningKey {
     SigningKey::from_bytes(&[9; 32])
 }
-fn agent_key(n: u8) -> SigningKey {
+pub(super) fn agent_key(n: u8) -> SigningKey {
     SigningKey::from_bytes(&[n; 32])
 }
 
-fn config() -> Config {
+pub(super) fn config() -> Config {
     Config {
         runner_secret: SECRET.into(),
         signing_key: edge_key(),
@@ -44,11 +53,11 @@ fn config() -> Config {
     }
 }
 
-fn oauth() -> OAuthReport {
+pub(super) fn oauth() -> OAuthReport {
     OAuthReport { source: OAuthSource::OauthTokenEnv, ..OAuthReport::unconfigured(0) }
 }
 
-fn sent(effects: &[Effect], session: &str) -> Vec<EdgeMessage> {
+pub(super) fn sent(effects: &[Effect], session: &str) -> Vec<EdgeMessage> {
     effects
         .iter()
         .filter_map(|e| match e {
@@ -60,7 +69,7 @@ fn sent(effects: &[Effect], session: &str) -> Vec<EdgeMessage> {
 
 /// The jobs these effects ended, with the answer their callers get: every job ends with
 /// the save of its terminal record.
-fn finished(effects: &[Effect]) -> Vec<(String, u16, Value)> {
+pub(super) fn finished(effects: &[Effect]) -> Vec<(String, u16, Value)> {
     effects
         .iter()
         .filter_map(|e| match e {
@@ -74,7 +83,7 @@ fn finished(effects: &[Effect]) -> Vec<(String, u16, Value)> {
 }
 
 /// What these effects answer `caller`, if anything.
-fn answer_to(effects: &[Effect], caller: CallerId) -> Option<(u16, Value)> {
+pub(super) fn answer_to(effects: &[Effect], caller: CallerId) -> Option<(u16, Value)> {
     effects.iter().find_map(|e| match e {
         Effect::Answer { caller: c, response } if *c == caller => Some((response.status, serde_json::from_str(&response.body).unwrap())),
         _ => None,
@@ -82,7 +91,7 @@ fn answer_to(effects: &[Effect], caller: CallerId) -> Option<(u16, Value)> {
 }
 
 /// The chunks these effects write on `caller`'s stream, and whether they end it.
-fn streamed(effects: &[Effect], caller: CallerId) -> (Vec<String>, bool) {
+pub(super) fn streamed(effects: &[Effect], caller: CallerId) -> (Vec<String>, bool) {
     let chunks = effects
         .iter()
         .filter_map(|e| match e {
@@ -93,7 +102,7 @@ fn streamed(effects: &[Effect], caller: CallerId) -> (Vec<String>, bool) {
     (chunks, effects.iter().any(|e| matches!(e, Effect::EndStream { caller: c } if *c == caller)))
 }
 
-fn closed(effects: &[Effect]) -> Option<(u16, String)> {
+pub(super) fn closed(effects: &[Effect]) -> Option<(u16, String)> {
     effects.iter().find_map(|e| match e {
         Effect::Close { code, reason, .. } => Some((*code, reason.clone())),
         _ => None,
@@ -101,11 +110,11 @@ fn closed(effects: &[Effect]) -> Option<(u16, String)> {
 }
 
 /// Connects and authenticates an agent; returns its session id.
-fn join(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: Vec<String>, seed: u8) -> (String, Vec<Effect>) {
+pub(super) fn join(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: Vec<String>, seed: u8) -> (String, Vec<Effect>) {
     join_with(edge, now, agent, key, running, seed, 1)
 }
 
-fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: Vec<String>, seed: u8, capacity: u32) -> (String, Vec<Effect>) {
+pub(super) fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: Vec<String>, seed: u8, capacity: u32) -> (String, Vec<Effect>) {
     let (sid, effects) = edge.connect(now, [seed; 32]);
     let EdgeMessage::Challenge { nonce, protocol, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     assert_eq!(*protocol, PROTOCOL_VERSION);
@@ -127,19 +136,19 @@ fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: 
 }
 
 /// An edge with agent `spark` connected and one credit granted.
-fn ready_edge() -> (Edge, String) {
+pub(super) fn ready_edge() -> (Edge, String) {
     let mut edge = Edge::new(config(), 0);
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
     say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
     (edge, sid)
 }
 
-fn submission(prompt: &str, timeout_ms: u64, key: Option<&str>) -> Submission {
+pub(super) fn submission(prompt: &str, timeout_ms: u64, key: Option<&str>) -> Submission {
     let body = json!({"prompt": prompt, "timeout_ms": timeout_ms}).to_string();
     ExecuteRequest::parse(body.as_bytes(), key, Limits { max_timeout_ms: 3_600_000 }).unwrap()
 }
 
-fn order_of(effects: &[Effect], sid: &str, agent: &str, now: u64) -> JobOrder {
+pub(super) fn order_of(effects: &[Effect], sid: &str, agent: &str, now: u64) -> JobOrder {
     let job = sent(effects, sid).into_iter().find_map(|m| match m {
         EdgeMessage::Job { envelope } => Some(envelope),
         _ => None,
@@ -147,11 +156,27 @@ fn order_of(effects: &[Effect], sid: &str, agent: &str, now: u64) -> JobOrder {
     open_order(&job.expect("a job was sent"), Domain::Job, &edge_key().verifying_key(), agent, now).unwrap()
 }
 
-fn say(edge: &mut Edge, now: u64, sid: &str, msg: AgentMessage) -> Vec<Effect> {
+pub(super) fn say(edge: &mut Edge, now: u64, sid: &str, msg: AgentMessage) -> Vec<Effect> {
     edge.message(now, sid, &msg.to_text())
 }
 
-fn ok_result() -> JobResult {
+/// An authorised HTTP request, handled as a host would at `now`.
+pub(super) fn call(edge: &mut Edge, now: impl Into<crate::Now>, method: &str, path: &str, body: Value) -> http::Handled {
+    let body = if body.is_null() { Vec::new() } else { body.to_string().into_bytes() };
+    let req = Request {
+        method: method.into(),
+        path: path.into(),
+        secret_header: Some(SECRET.into()),
+        authorization: None,
+        idempotency_key: None,
+        body: Body::Bytes(body),
+    };
+    static SEED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    let seed = SEED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    http::handle(edge, now, [seed; 16], req)
+}
+
+pub(super) fn ok_result() -> JobResult {
     JobResult { success: true, output: "done".into(), exit_code: Some(0), duration_ms: 5, ..Default::default() }
 }
 
