@@ -54,6 +54,17 @@ impl Intake {
         Next::Read
     }
 
+    /// What a host's body stream gave next: a chunk, or the error it broke off with.
+    pub fn take(&mut self, next: Result<&[u8], String>) -> Next {
+        match next {
+            Ok(chunk) => self.chunk(chunk),
+            Err(why) => {
+                self.failed(why);
+                Next::Stop
+            }
+        }
+    }
+
     /// The upload failed (the connection broke, the runtime refused the stream).
     pub fn failed(&mut self, why: impl Into<String>) {
         self.broken.get_or_insert_with(|| why.into());

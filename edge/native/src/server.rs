@@ -215,16 +215,8 @@ async fn read_body(body: Body, limit: usize) -> edge_core::body::Body {
     let mut intake = Intake::new(limit);
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(chunk) => {
-                if intake.chunk(&chunk) == Next::Stop {
-                    break;
-                }
-            }
-            Err(e) => {
-                intake.failed(e.to_string());
-                break;
-            }
+        if intake.take(chunk.as_deref().map_err(|e| e.to_string())) == Next::Stop {
+            break;
         }
     }
     intake.finish()

@@ -46,16 +46,8 @@ pub async fn read_body(req: &mut Request, limit: usize) -> Body {
         }
     };
     while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(chunk) => {
-                if intake.chunk(&chunk) == Next::Stop {
-                    break;
-                }
-            }
-            Err(e) => {
-                intake.failed(e.to_string());
-                break;
-            }
+        if intake.take(chunk.as_deref().map_err(|e| e.to_string())) == Next::Stop {
+            break;
         }
     }
     intake.finish()
