@@ -108,10 +108,7 @@ pub fn upgrade_required() -> Response {
 
 /// The answer to a request that arrives while the edge stops (the machine is gone).
 pub fn shutting_down() -> Response {
-    Response::error(ApiError::new(
-        ErrorCode::RunnerOffline,
-        "the edge is shutting down; retry in a moment or run the task elsewhere",
-    ))
+    Response::error(crate::machine::shutting_down())
 }
 
 /// Routes one request; it is one event of the machine. `entropy` makes the id of a new job.

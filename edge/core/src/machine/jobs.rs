@@ -37,7 +37,7 @@ impl Edge {
             return Ok(Submitted { job_id: existing.clone(), existing: true, effects });
         }
         if self.stopping {
-            return Err(stopping());
+            return Err(super::stop::shutting_down());
         }
         if mode == Mode::Wait && !self.is_online() {
             return Err(ApiError::offline());
@@ -187,9 +187,4 @@ impl Edge {
         self.active.remove(job_id);
         self.queue.push_front(job_id.to_string());
     }
-}
-
-/// The refusal of new work while the edge stops.
-pub(super) fn stopping() -> ApiError {
-    ApiError::new(ErrorCode::RunnerOffline, "the edge is shutting down; retry in a moment or run the task elsewhere")
 }

@@ -14,6 +14,7 @@ use super::{Edge, Effect};
 use crate::clock::Now;
 use crate::record::Mode;
 use crate::session::Refused;
+use shared::contract::{ApiError, ErrorCode};
 use shared::protocol::close;
 use tracing::info;
 
@@ -49,4 +50,10 @@ impl Edge {
             self.close(now, &id, refused, effects);
         }
     }
+}
+
+/// The refusal of new work while the edge stops (and, from its host, of any request once
+/// the machine is gone).
+pub fn shutting_down() -> ApiError {
+    ApiError::new(ErrorCode::RunnerOffline, "the edge is shutting down; retry in a moment or run the task elsewhere")
 }
