@@ -14,11 +14,11 @@ pub struct Clock {
 
 impl Clock {
     pub fn start() -> Clock {
-        Clock { epoch: crate::now_ms(), start: Instant::now() }
+        Clock { epoch: runtime::now_ms(), start: Instant::now() }
     }
 
     pub fn now(&self) -> Now {
-        Now { at: self.epoch.saturating_add(self.start.elapsed().as_millis() as Millis), wall: crate::now_ms() }
+        Now { at: self.epoch.saturating_add(self.start.elapsed().as_millis() as Millis), wall: runtime::now_ms() }
     }
 
     /// When, on the monotonic clock, edge time `at` comes.

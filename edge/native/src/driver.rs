@@ -5,7 +5,7 @@
 
 use crate::clock::Clock;
 use crate::store::Store;
-use crate::entropy;
+use runtime::entropy;
 use edge_core::http::{self, Reply};
 use edge_core::{split_writes, CallerId, Edge, Effect, Response};
 use std::collections::HashMap;

@@ -29,7 +29,7 @@ fn main() {
         println!("claude-runner-edge {}", env!("CARGO_PKG_VERSION"));
         return;
     }
-    edge_native::init_logging(&std::env::var("LOG_FORMAT").unwrap_or_default());
+    runtime::init_logging(&std::env::var("LOG_FORMAT").unwrap_or_default());
     if let Err(e) = run() {
         eprintln!("claude-runner-edge: {e:#}");
         std::process::exit(1);
@@ -49,6 +49,6 @@ fn run() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let server = Server::bind(ServerOptions { config, listen, data_dir }).await?;
-        server.serve(edge_native::shutdown_signal()).await
+        server.serve(runtime::shutdown_signal()).await
     })
 }
