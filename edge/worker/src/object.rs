@@ -173,12 +173,15 @@ impl EdgeDurableObject {
         for problem in problems {
             console_error!("{problem}");
         }
-        let sessions = self.sockets().restore();
+        let (sessions, unknown) = self.sockets().restore();
         let (job_count, session_count) = (jobs.len(), sessions.len());
         let (edge, effects) = Edge::restore(config, jobs, sessions, now);
         console_log!("edge rebuilt: {job_count} jobs from storage, {session_count} agent connections from sockets");
         *self.machine.borrow_mut() = Machine::Ready(Box::new(edge));
         self.apply(effects, None);
+        for (tag, ws) in unknown {
+            self.apply(Edge::unknown_connection(&tag), Some((&tag, &ws)));
+        }
         Ok(())
     }
 

@@ -87,30 +87,29 @@ impl<'a> Sockets<'a> {
         }
     }
 
-    /// The sessions of the sockets still open, for rebuilding the machine. A socket whose
-    /// record is missing or unreadable cannot be served: it is closed so its agent
-    /// reconnects and proves itself again.
-    pub fn restore(&self) -> Vec<Session> {
+    /// The sessions of the sockets still open, for rebuilding the machine, and the sockets
+    /// whose record is missing or unreadable (by tag): the machine does not know those.
+    pub fn restore(&self) -> (Vec<Session>, Vec<(String, WebSocket)>) {
         let sockets = match self.state.as_raw().get_websockets() {
             Ok(s) => s,
             Err(e) => {
                 console_error!("listing the object's WebSockets failed: {}", js_text(e));
-                return Vec::new();
+                return (Vec::new(), Vec::new());
             }
         };
-        let mut sessions = Vec::new();
+        let (mut sessions, mut unknown) = (Vec::new(), Vec::new());
         for ws in sockets.into_iter().map(WebSocket::from) {
             let tag = self.session_id(&ws);
             match read_attachment(&ws, tag.as_deref()) {
                 Restored::Session(session) => sessions.push(*session),
                 Restored::Closed => {}
                 Restored::Unreadable(why) => {
-                    console_warn!("session={} closed on restore: {why}", tag.as_deref().unwrap_or("?"));
-                    close_socket(&ws, close::PROTOCOL_ERROR, "the edge lost this connection's record; reconnect");
+                    console_warn!("session={} has no usable record: {why}", tag.as_deref().unwrap_or("?"));
+                    unknown.push((tag.unwrap_or_default(), ws));
                 }
             }
         }
-        sessions
+        (sessions, unknown)
     }
 }
 

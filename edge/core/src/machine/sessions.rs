@@ -98,8 +98,10 @@ impl Edge {
         self.drop_session(now, session_id, effects);
     }
 
-    fn unknown_session(session_id: &str) -> Vec<Effect> {
-        debug!(session = session_id, "frame on a connection the edge does not know; closing it");
+    /// What to do with a connection the machine has no record of: a frame on one, or a
+    /// socket a host finds without a readable record.
+    pub fn unknown_connection(session_id: &str) -> Vec<Effect> {
+        debug!(session = session_id, "a connection the edge does not know; closing it");
         vec![Effect::Close { session: session_id.to_string(), code: close::PROTOCOL_ERROR, reason: UNKNOWN_SESSION.into() }]
     }
 
@@ -109,7 +111,7 @@ impl Edge {
         let now = now.into();
         self.begin(Origin::Session(session_id.to_string()));
         if !self.sessions.contains_key(session_id) {
-            return Self::unknown_session(session_id);
+            return Self::unknown_connection(session_id);
         }
         let mut effects = Vec::new();
         warn!(session = session_id, "binary frame from agent");
@@ -125,7 +127,7 @@ impl Edge {
         let mut effects = Vec::new();
         // Not journaled: a later last_seen is right whatever else is undone.
         let Some(session) = self.sessions.get_mut(session_id) else {
-            return Self::unknown_session(session_id);
+            return Self::unknown_connection(session_id);
         };
         session.last_seen = now.at;
         let msg = match protocol::decode::<AgentMessage>(text) {
