@@ -80,6 +80,14 @@ async fn up_runs_an_edge_and_a_connected_agent() {
     let a = client.send("POST", "/execute", Some(secret), Some(json!({"prompt": "hello from up"}).to_string().into_bytes())).await;
     assert_eq!(a.status, 200, "{}", a.text);
     assert_eq!(a.body["output"], "stand-in answer to: hello from up");
+    // Its keys, the edge's database and the agent's files are the owner's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| std::fs::metadata(data.path().join(p)).map(|m| m.permissions().mode() & 0o777).unwrap();
+    assert_eq!(mode("up"), 0o700);
+    assert_eq!(mode("up/up.json"), 0o600);
+    for dir in ["up/edge", "up/agent", "up/agent/workspaces"] {
+        assert_eq!(mode(dir) & 0o077, 0, "{dir} is open to others");
+    }
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
