@@ -245,7 +245,7 @@ proptest! {
     }
 
     /// Any long prefix of a secret (a token cut off by a tool) is masked: from a fragment
-    /// on, plus 4 bytes for the encodings whose edge characters mix with the neighbours'.
+    /// on, plus 4 bytes for base64, whose edge characters mix with the neighbours'.
     #[test]
     fn long_prefixes_are_masked(secret in secret_strategy(), len in 0usize..200, encoding in 0..ENCODINGS) {
         let redactor = Redactor::new([secret.clone()]);
