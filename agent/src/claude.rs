@@ -216,6 +216,9 @@ mod tests {
             append_system_prompt: Some("be brief".into()),
             session_id: Some("abc".into()),
             include_diff: false,
+            allow_stale: false,
+            push_branch: None,
+            commit_message: None,
         }
     }
 

@@ -28,6 +28,8 @@ pub struct AgentArgs {
     /// Jobs run at once.
     #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 1)]
     pub max_concurrent_jobs: u32,
+    #[command(flatten)]
+    pub repos: crate::repo::settings::RepoArgs,
 }
 
 /// Settings about this machine only, shared with `oauth-status` and `doctor`.
@@ -64,6 +66,7 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub max_concurrent_jobs: u32,
     pub claude_model: Option<String>,
+    pub repos: crate::repo::settings::RepoSettings,
 }
 
 /// `ws(s)://host[:port][/prefix]` → the `/agent/connect` URL.
@@ -135,6 +138,7 @@ impl AgentArgs {
             claude_config_dir: self.local.claude_config_dir,
             max_concurrent_jobs: self.max_concurrent_jobs,
             claude_model: self.local.claude_model,
+            repos: self.repos.resolve()?,
         })
     }
 }

@@ -8,6 +8,7 @@
 //! - [`claude`]: Claude Code's command line and its stream-json, as pure functions.
 //! - [`oauth`]: the login on this machine and the refresh gate.
 //! - [`redact`]: keeps tokens from ever leaving the machine.
+//! - [`repo`]: jobs on repositories: git2 mirror cache, a checkout per job, diff and push.
 //! - [`spool`]: results on disk until the edge acknowledges them.
 //! - [`replay`]: remembered order nonces.
 //! - [`status`]: the agent's state file, and `claude-runner status`.
@@ -22,6 +23,7 @@ mod job;
 mod keygen;
 mod oauth;
 mod redact;
+mod repo;
 mod replay;
 mod spool;
 mod status;

@@ -1,0 +1,186 @@
+//! What a job changed in its checkout, and handing it back: the working tree staged as a
+//! tree (new, changed and deleted files; `.gitignore` respected), a unified diff of it
+//! against the commit Claude started from (renames found, binary files as one line,
+//! capped), the list of changed paths, and for `push_branch` a commit pushed without force.
+
+use super::error::{local, AuthSeen, RepoError, Talk};
+use super::mirror::callbacks;
+use super::settings::Token;
+use git2::{Diff, DiffFindOptions, DiffFormat, DiffOptions, Direction, IndexAddOption, Oid, PushOptions, Repository, Signature};
+use shared::job::{ChangeKind, FileChange};
+use std::cell::{Cell, RefCell};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+/// The job's changes, staged.
+pub struct Staged {
+    repo: Repository,
+    base: Oid,
+    tree: Oid,
+}
+
+/// The diff a result carries.
+#[derive(Debug, Default, PartialEq)]
+pub struct Patch {
+    pub text: String,
+    pub truncated: bool,
+    pub files: Vec<FileChange>,
+}
+
+/// Stages everything in the checkout's working tree: the tree Claude left behind.
+pub fn stage(dir: &Path, base: Oid) -> Result<Staged, RepoError> {
+    let action = "collect the job's changes";
+    let repo = Repository::open(dir).map_err(|e| local(action, e.message()))?;
+    let tree = {
+        let mut index = repo.index().map_err(|e| local(action, e.message()))?;
+        index.add_all(["*"], IndexAddOption::DEFAULT, None).map_err(|e| local(action, e.message()))?;
+        index.update_all(["*"], None).map_err(|e| local(action, e.message()))?;
+        index.write_tree().map_err(|e| local(action, e.message()))?
+    };
+    Ok(Staged { repo, base, tree })
+}
+
+impl Staged {
+    fn diff(&self) -> Result<Diff<'_>, RepoError> {
+        let action = "compute the diff";
+        let old = self.repo.find_commit(self.base).and_then(|c| c.tree()).map_err(|e| local(action, e.message()))?;
+        let new = self.repo.find_tree(self.tree).map_err(|e| local(action, e.message()))?;
+        let mut options = DiffOptions::new();
+        options.context_lines(3);
+        let mut diff = self.repo.diff_tree_to_tree(Some(&old), Some(&new), Some(&mut options)).map_err(|e| local(action, e.message()))?;
+        diff.find_similar(Some(DiffFindOptions::new().renames(true))).map_err(|e| local(action, e.message()))?;
+        Ok(diff)
+    }
+
+    /// The unified diff against the start commit, cut at `max_bytes` (on a line boundary),
+    /// and every changed path.
+    pub fn patch(&self, max_bytes: usize) -> Result<Patch, RepoError> {
+        let diff = self.diff()?;
+        let mut files = Vec::new();
+        for delta in diff.deltas() {
+            let path = |f: git2::DiffFile| f.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+            let (status, old_path) = match delta.status() {
+                git2::Delta::Added | git2::Delta::Copied => (ChangeKind::Added, None),
+                git2::Delta::Deleted => (ChangeKind::Deleted, None),
+                git2::Delta::Renamed => (ChangeKind::Renamed, Some(path(delta.old_file()))),
+                _ => (ChangeKind::Modified, None),
+            };
+            let file = if status == ChangeKind::Deleted { delta.old_file() } else { delta.new_file() };
+            files.push(FileChange { path: path(file), status, old_path });
+        }
+        let text = RefCell::new(String::new());
+        let truncated = Cell::new(false);
+        let printed = diff.print(DiffFormat::Patch, |_delta, _hunk, line| {
+            let content = String::from_utf8_lossy(line.content());
+            let prefix = matches!(line.origin(), '+' | '-' | ' ').then(|| line.origin());
+            let need = content.len() + prefix.map_or(0, |_| 1);
+            let mut text = text.borrow_mut();
+            if text.len() + need > max_bytes {
+                truncated.set(true);
+                return false;
+            }
+            if let Some(p) = prefix {
+                text.push(p);
+            }
+            text.push_str(&content);
+            true
+        });
+        if let Err(e) = printed {
+            if !truncated.get() {
+                return Err(local("compute the diff", e.message()));
+            }
+        }
+        Ok(Patch { text: text.into_inner(), truncated: truncated.get(), files })
+    }
+
+    /// Whether any line the job added holds text `is_secret` flags (the whole diff is read,
+    /// uncapped: nothing may be pushed unseen).
+    pub fn adds_secret(&self, is_secret: impl Fn(&str) -> bool) -> Result<bool, RepoError> {
+        let diff = self.diff()?;
+        let found = Cell::new(false);
+        let printed = diff.print(DiffFormat::Patch, |_d, _h, line| {
+            if line.origin() == '+' && is_secret(&String::from_utf8_lossy(line.content())) {
+                found.set(true);
+                return false;
+            }
+            true
+        });
+        match printed {
+            Err(e) if !found.get() => Err(local("compute the diff", e.message())),
+            _ => Ok(found.get()),
+        }
+    }
+
+    /// Commits the staged tree on top of what Claude left at HEAD (its own commits kept
+    /// when they follow the start commit). None when nothing changed since the start.
+    pub fn commit(&self, author_name: &str, author_email: &str, message: &str) -> Result<Option<Oid>, RepoError> {
+        let action = "commit the job's changes";
+        let err = |e: git2::Error| local(action, e.message());
+        let head = self.repo.head().and_then(|h| h.peel_to_commit()).ok().map(|c| c.id());
+        let parent = match head {
+            Some(h) if h == self.base || self.repo.graph_descendant_of(h, self.base).unwrap_or(false) => h,
+            _ => self.base,
+        };
+        let parent = self.repo.find_commit(parent).map_err(err)?;
+        if parent.tree_id() == self.tree {
+            return Ok((parent.id() != self.base).then(|| parent.id()));
+        }
+        let tree = self.repo.find_tree(self.tree).map_err(err)?;
+        let sig = Signature::now(author_name, author_email).map_err(err)?;
+        self.repo.commit(None, &sig, &sig, message, &tree, &[&parent]).map(Some).map_err(err)
+    }
+
+    /// Pushes `commit` to `branch` of `url`: never to `default_branch`, never over a
+    /// branch tip that is not an ancestor of `commit` (no force), token via callback only.
+    pub fn push(&self, push: &PushTarget, commit: Oid, abort: &AtomicBool) -> Result<(), RepoError> {
+        let action = "push the job's commit";
+        let branch = &push.branch;
+        if push.default_branch.as_deref() == Some(branch.as_str()) {
+            return Err(RepoError::PushToDefault { branch: branch.clone() });
+        }
+        const LOCAL: &str = "refs/claude-runner/push";
+        self.repo.reference(LOCAL, commit, true, "claude-runner push").map_err(|e| local(action, e.message()))?;
+        let auth = Cell::new(AuthSeen::default());
+        let fail = |e: git2::Error| {
+            Talk { url: &push.url, host: &push.host, auth: auth.get(), action, pushing: true }.error(e.code(), e.class(), e.message())
+        };
+        let mut remote = self.repo.remote_anonymous(&push.url).map_err(|e| local(action, e.message()))?;
+        let mut conn = remote.connect_auth(Direction::Push, Some(callbacks(push.token.as_ref(), &auth, abort)), None).map_err(fail)?;
+        let target = format!("refs/heads/{branch}");
+        let tip = conn.list().map_err(fail)?.iter().find(|h| h.name() == target).map(|h| h.oid());
+        if let Some(tip) = tip {
+            let ancestor = tip == commit || self.repo.graph_descendant_of(commit, tip).unwrap_or(false);
+            if !ancestor {
+                return Err(RepoError::NotFastForward { branch: branch.clone() });
+            }
+        }
+        let rejected: RefCell<Option<String>> = RefCell::new(None);
+        let mut cb = callbacks(push.token.as_ref(), &auth, abort);
+        cb.push_update_reference(|_refname, status| {
+            if let Some(message) = status {
+                *rejected.borrow_mut() = Some(message.to_string());
+            }
+            Ok(())
+        });
+        let mut options = PushOptions::new();
+        options.remote_callbacks(cb);
+        // No `+`: the server's compare-and-swap on the old tip closes the race with another push.
+        conn.remote().push(&[format!("{LOCAL}:{target}")], Some(&mut options)).map_err(fail)?;
+        drop(conn);
+        drop(options);
+        if let Some(message) = rejected.take() {
+            return Err(RepoError::PushRejected { branch: branch.clone(), message });
+        }
+        Ok(())
+    }
+}
+
+/// Where `push_branch` goes.
+pub struct PushTarget {
+    pub url: String,
+    pub host: String,
+    pub token: Option<Token>,
+    pub branch: String,
+    /// The repository's default branch, as last fetched.
+    pub default_branch: Option<String>,
+}

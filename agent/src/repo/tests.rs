@@ -1,0 +1,274 @@
+//! The repository pieces against real repositories made with the git CLI and served over
+//! `file://` (the end-to-end suite covers https, tokens and the whole job).
+
+use super::changes::{self, PushTarget};
+use super::checkout;
+use super::error::RepoError;
+use super::mirror::{MirrorCache, Source};
+use shared::job::ChangeKind;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+struct Tmp(PathBuf);
+
+impl Tmp {
+    fn new(name: &str) -> Tmp {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("cr-repo-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Tmp(dir)
+    }
+}
+
+impl Drop for Tmp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=Test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false"])
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .expect("git runs");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A bare "server" repository with `main` (2 commits), `feature`, tags `v1` (annotated)
+/// and `light`. Returns (server dir, work dir, first commit).
+fn server(root: &Path) -> (PathBuf, PathBuf, String) {
+    let (bare, work) = (root.join("server.git"), root.join("work"));
+    std::fs::create_dir_all(&work).unwrap();
+    git(root, &["init", "--bare", "-q", bare.to_str().unwrap()]);
+    git(&work, &["init", "-q"]);
+    std::fs::write(work.join("README.md"), "hello\n").unwrap();
+    std::fs::create_dir_all(work.join("src")).unwrap();
+    std::fs::write(work.join("src/lib.rs"), "fn a() {}\n").unwrap();
+    std::fs::write(work.join("old.txt"), "one\ntwo\nthree\nfour\nfive\n").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "first"]);
+    let first = git(&work, &["rev-parse", "HEAD"]);
+    git(&work, &["tag", "-a", "v1", "-m", "version 1"]);
+    git(&work, &["tag", "light"]);
+    std::fs::write(work.join("README.md"), "hello again\n").unwrap();
+    git(&work, &["commit", "-q", "-am", "second"]);
+    git(&work, &["branch", "feature", &first]);
+    git(&work, &["remote", "add", "origin", bare.to_str().unwrap()]);
+    git(&work, &["push", "-q", "origin", "main", "feature", "v1", "light"]);
+    (bare, work, first)
+}
+
+fn source(bare: &Path) -> Source {
+    Source { name: format!("local{}", bare.display()), url: format!("file://{}", bare.display()), host: "local".into(), token: None }
+}
+
+#[tokio::test]
+async fn mirrors_fetch_prune_and_check_out_branches_tags_and_shas() {
+    let tmp = Tmp::new("mirror");
+    let (bare, work, first) = server(&tmp.0);
+    let cache = MirrorCache::open(tmp.0.join("repos"), u64::MAX).unwrap();
+    let lease = cache.acquire(source(&bare), false).await.unwrap();
+    assert!(!lease.stale);
+    assert_eq!(super::mirror::default_branch(&lease.dir).as_deref(), Some("main"));
+    assert_eq!(cache.mirror_names(), [source(&bare).name]);
+    let url = "file://server";
+
+    let co = checkout::create(&lease.dir, &tmp.0.join("co-default"), None, url).unwrap();
+    assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), "hello again\n");
+    assert_eq!(git(&co.dir, &["rev-parse", "--abbrev-ref", "HEAD"]), "main", "a local branch, for Claude's git commands");
+    for (branch, readme) in [("feature", "hello\n"), ("v1", "hello\n"), ("light", "hello\n"), (&first[..10], "hello\n"), (&first[..], "hello\n")] {
+        let co = checkout::create(&lease.dir, &tmp.0.join(format!("co-{branch}")), Some(branch), url).unwrap();
+        assert_eq!(co.commit.to_string(), first, "{branch}");
+        assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), readme, "{branch}");
+        assert_eq!(git(&co.dir, &["status", "--porcelain"]), "", "a clean checkout of {branch}");
+    }
+    for missing in ["nope", "deadbeef00", "v2"] {
+        let err = checkout::create(&lease.dir, &tmp.0.join(format!("co-{missing}")), Some(missing), url).err().unwrap();
+        assert!(matches!(err, RepoError::BranchNotFound { .. }), "{missing}: {err}");
+    }
+    drop(lease);
+
+    // The server moves on: a new commit, a branch deleted. The next fetch follows.
+    std::fs::write(work.join("new.txt"), "new\n").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "third"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    git(&work, &["push", "-q", "origin", "--delete", "feature"]);
+    let lease = cache.acquire(source(&bare), false).await.unwrap();
+    let co = checkout::create(&lease.dir, &tmp.0.join("co-third"), None, url).unwrap();
+    assert!(co.dir.join("new.txt").exists());
+    let gone = checkout::create(&lease.dir, &tmp.0.join("co-feature-gone"), Some("feature"), url).err().unwrap();
+    assert!(matches!(gone, RepoError::BranchNotFound { .. }), "{gone}");
+    // Each checkout is its own repository: Claude's commits stay in it.
+    std::fs::write(co.dir.join("mine.txt"), "x").unwrap();
+    git(&co.dir, &["add", "-A"]);
+    git(&co.dir, &["commit", "-q", "-m", "claude"]);
+    let again = checkout::create(&lease.dir, &tmp.0.join("co-again"), None, url).unwrap();
+    assert!(!again.dir.join("mine.txt").exists());
+    assert_eq!(again.commit, co.commit);
+}
+
+#[tokio::test]
+async fn a_failed_fetch_uses_the_mirror_only_when_stale_is_allowed() {
+    let tmp = Tmp::new("stale");
+    let (bare, _, _) = server(&tmp.0);
+    let cache = MirrorCache::open(tmp.0.join("repos"), u64::MAX).unwrap();
+    drop(cache.acquire(source(&bare), false).await.unwrap());
+    std::fs::rename(&bare, tmp.0.join("moved.git")).unwrap();
+    assert!(cache.acquire(source(&bare), false).await.is_err());
+    let lease = cache.acquire(source(&bare), true).await.unwrap();
+    assert!(lease.stale);
+    // No mirror at all: stale or not, nothing to run on.
+    let other = Source { name: "local/none".into(), url: format!("file://{}/none.git", tmp.0.display()), host: "local".into(), token: None };
+    assert!(cache.acquire(other, true).await.is_err());
+}
+
+#[tokio::test]
+async fn one_fetch_at_a_time_per_repository() {
+    let tmp = Tmp::new("serial");
+    let (bare, _, _) = server(&tmp.0);
+    let cache = MirrorCache::open(tmp.0.join("repos"), u64::MAX).unwrap();
+    let jobs: Vec<_> = (0..4).map(|_| {
+        let cache = Arc::clone(&cache);
+        let src = source(&bare);
+        tokio::spawn(async move { cache.acquire(src, false).await.map(|l| l.dir.clone()) })
+    }).collect();
+    for j in jobs {
+        assert!(j.await.unwrap().is_ok());
+    }
+}
+
+#[tokio::test]
+async fn unused_mirrors_are_evicted_least_recently_used_first() {
+    let tmp = Tmp::new("evict");
+    let (bare, _, _) = server(&tmp.0);
+    let copy = tmp.0.join("copy.git");
+    git(&tmp.0, &["clone", "-q", "--bare", bare.to_str().unwrap(), copy.to_str().unwrap()]);
+    let cache = MirrorCache::open(tmp.0.join("repos"), 1).unwrap();
+    let a = cache.acquire(source(&bare), false).await.unwrap();
+    let a_dir = a.dir.clone();
+    drop(a);
+    let b = cache.acquire(source(&copy), false).await.unwrap();
+    cache.evict(crate::now_ms());
+    assert!(!a_dir.exists(), "the idle mirror went");
+    assert!(b.dir.exists(), "the one in use stays, even over the limit");
+    assert_eq!(cache.mirror_names(), [source(&copy).name]);
+    drop(b);
+    // Gone from disk, made again on the next use.
+    let a = cache.acquire(source(&bare), false).await.unwrap();
+    assert!(a.dir.exists());
+}
+
+#[tokio::test]
+async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
+    let tmp = Tmp::new("changes");
+    let (bare, work, _) = server(&tmp.0);
+    // A branch that went its own way.
+    git(&work, &["checkout", "-q", "-b", "diverged", "feature"]);
+    std::fs::write(work.join("other.txt"), "elsewhere\n").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "elsewhere"]);
+    git(&work, &["push", "-q", "origin", "diverged"]);
+    let cache = MirrorCache::open(tmp.0.join("repos"), u64::MAX).unwrap();
+    let lease = cache.acquire(source(&bare), false).await.unwrap();
+    let co = checkout::create(&lease.dir, &tmp.0.join("co"), None, "file://server").unwrap();
+    std::fs::write(co.dir.join("added.txt"), "brand new\n").unwrap();
+    std::fs::write(co.dir.join("src/lib.rs"), "fn a() {}\nfn b() {}\n").unwrap();
+    std::fs::remove_file(co.dir.join("README.md")).unwrap();
+    std::fs::write(co.dir.join("image.bin"), [0u8, 159, 146, 150, 0, 1, 2]).unwrap();
+    std::fs::rename(co.dir.join("old.txt"), co.dir.join("renamed.txt")).unwrap();
+    std::fs::write(co.dir.join(".gitignore"), "target/\n").unwrap();
+    std::fs::create_dir_all(co.dir.join("target")).unwrap();
+    std::fs::write(co.dir.join("target/build.o"), "ignored").unwrap();
+
+    let staged = changes::stage(&co.dir, co.commit).unwrap();
+    let patch = staged.patch(1 << 20).unwrap();
+    assert!(!patch.truncated);
+    let t = &patch.text;
+    assert!(t.contains("diff --git a/added.txt b/added.txt\nnew file mode 100644") && t.contains("+brand new"), "{t}");
+    assert!(t.contains("+fn b() {}"), "{t}");
+    assert!(t.contains("deleted file mode 100644") && t.contains("-hello again"), "{t}");
+    assert!(t.contains("Binary files /dev/null and b/image.bin differ"), "{t}");
+    assert!(t.contains("rename from old.txt\nrename to renamed.txt"), "{t}");
+    assert!(!t.contains("build.o"), "ignored files are not changes");
+    let mut files: Vec<(String, ChangeKind)> = patch.files.iter().map(|f| (f.path.clone(), f.status)).collect();
+    files.sort();
+    assert_eq!(files, [
+        (".gitignore".to_string(), ChangeKind::Added),
+        ("README.md".to_string(), ChangeKind::Deleted),
+        ("added.txt".to_string(), ChangeKind::Added),
+        ("image.bin".to_string(), ChangeKind::Added),
+        ("renamed.txt".to_string(), ChangeKind::Renamed),
+        ("src/lib.rs".to_string(), ChangeKind::Modified),
+    ]);
+    assert_eq!(patch.files.iter().find(|f| f.path == "renamed.txt").unwrap().old_path.as_deref(), Some("old.txt"));
+
+    let cut = staged.patch(200).unwrap();
+    assert!(cut.truncated && cut.text.len() <= 200 && cut.text.ends_with('\n'), "{}", cut.text);
+    assert_eq!(cut.files.len(), 6, "the file list is whole even when the diff is cut");
+
+    assert!(staged.adds_secret(|l| l.contains("brand new")).unwrap());
+    assert!(!staged.adds_secret(|l| l.contains("hello again")).unwrap(), "removed lines are not pushed");
+
+    // Push: a new branch takes it; the default branch and a diverged branch do not.
+    let commit = staged.commit("Claude Runner", "cr@localhost", "Job changes").unwrap().expect("there are changes");
+    let target = |branch: &str| PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: branch.into(), default_branch: Some("main".into()) };
+    staged.push(&target("claude/job-1"), commit, &AtomicBool::new(false)).unwrap();
+    assert_eq!(git(&bare, &["rev-parse", "refs/heads/claude/job-1"]), commit.to_string());
+    assert_eq!(git(&bare, &["log", "-1", "--format=%an <%ae> %s", "claude/job-1"]), "Claude Runner <cr@localhost> Job changes");
+    // Pushing the same commit again is a no-op fast-forward.
+    staged.push(&target("claude/job-1"), commit, &AtomicBool::new(false)).unwrap();
+    let err = staged.push(&target("main"), commit, &AtomicBool::new(false)).unwrap_err();
+    assert!(matches!(err, RepoError::PushToDefault { .. }), "{err}");
+    assert_ne!(git(&bare, &["rev-parse", "main"]), commit.to_string());
+    let err = staged.push(&target("diverged"), commit, &AtomicBool::new(false)).unwrap_err();
+    assert!(matches!(err, RepoError::NotFastForward { .. }), "{err}");
+    assert_ne!(git(&bare, &["rev-parse", "diverged"]), commit.to_string(), "a diverged branch is never forced");
+    // A branch the commit descends from moves forward.
+    staged.push(&target("feature"), commit, &AtomicBool::new(false)).unwrap();
+    assert_eq!(git(&bare, &["rev-parse", "feature"]), commit.to_string());
+}
+
+#[tokio::test]
+async fn nothing_changed_means_no_commit() {
+    let tmp = Tmp::new("unchanged");
+    let (bare, _, _) = server(&tmp.0);
+    let cache = MirrorCache::open(tmp.0.join("repos"), u64::MAX).unwrap();
+    let lease = cache.acquire(source(&bare), false).await.unwrap();
+    let co = checkout::create(&lease.dir, &tmp.0.join("co"), None, "file://server").unwrap();
+    let staged = changes::stage(&co.dir, co.commit).unwrap();
+    assert_eq!(staged.commit("a", "a@b", "m").unwrap(), None);
+    assert!(staged.patch(1000).unwrap().files.is_empty());
+}
+
+#[tokio::test]
+async fn working_dir_stays_inside_the_checkout_after_symlinks() {
+    let tmp = Tmp::new("workdir");
+    let (bare, work, _) = server(&tmp.0);
+    std::os::unix::fs::symlink("/etc", work.join("escape")).unwrap();
+    std::os::unix::fs::symlink("src", work.join("inside")).unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "links"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    let cache = MirrorCache::open(tmp.0.join("repos"), u64::MAX).unwrap();
+    let lease = cache.acquire(source(&bare), false).await.unwrap();
+    let co = checkout::create(&lease.dir, &tmp.0.join("co"), None, "file://server").unwrap();
+    assert!(co.dir.join("escape").symlink_metadata().unwrap().file_type().is_symlink());
+    let root = co.dir.canonicalize().unwrap();
+    assert_eq!(checkout::working_dir(&co.dir, Some("src")).unwrap(), root.join("src"));
+    assert_eq!(checkout::working_dir(&co.dir, Some("inside")).unwrap(), root.join("src"));
+    assert_eq!(checkout::working_dir(&co.dir, None).unwrap(), root);
+    for bad in ["escape", "missing", "README.md", ".git", "../x", "/etc"] {
+        let err = checkout::working_dir(&co.dir, Some(bad)).unwrap_err();
+        assert!(matches!(err, RepoError::WorkingDir { .. }), "{bad}: {err}");
+    }
+}
