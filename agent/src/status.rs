@@ -2,7 +2,7 @@
 //! to which edge, since when, what it runs, why the last connection ended. Kept in
 //! `DATA_DIR/status.json` (the agent has no port to ask, by design).
 
-use crate::spool::write_atomically;
+use crate::files::write_atomically;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Mutex;
