@@ -44,6 +44,8 @@ pub struct Login {
     pub credentials_path: PathBuf,
     pub oauth_token_env: Option<String>,
     pub api_key_env: Option<String>,
+    /// The machine's other secrets (the repository tokens): redacted like the login's.
+    pub other_secrets: Vec<String>,
 }
 
 /// A timestamp that should be milliseconds; seconds (a common mistake) are converted.
@@ -69,7 +71,14 @@ impl Login {
             config_dir: dir,
             oauth_token_env: std::env::var("CLAUDE_CODE_OAUTH_TOKEN").ok().filter(|v| !v.trim().is_empty()),
             api_key_env: std::env::var("ANTHROPIC_API_KEY").ok().filter(|v| !v.trim().is_empty()),
+            other_secrets: Vec::new(),
         }
+    }
+
+    /// The same login, with more secrets for its redactor.
+    pub fn with_secrets<'a>(mut self, secrets: impl IntoIterator<Item = &'a str>) -> Login {
+        self.other_secrets.extend(secrets.into_iter().map(String::from));
+        self
     }
 
     pub fn read(&self, now: Millis) -> Reading {
@@ -118,7 +127,7 @@ impl Login {
 
     pub fn redactor(&self, now: Millis) -> Redactor {
         let mut secrets = self.read(now).tokens;
-        secrets.extend(std::env::var("GITHUB_TOKEN").ok());
+        secrets.extend(self.other_secrets.iter().cloned());
         Redactor::new(secrets)
     }
 }

@@ -64,6 +64,8 @@ pub struct Launch<'a> {
     pub args: Vec<String>,
     pub cwd: &'a Path,
     pub env: Vec<(&'static str, OsString)>,
+    /// Variables of the agent's own environment Claude must not inherit.
+    pub env_remove: &'a [&'a str],
     /// Written to stdin, which is then closed.
     pub stdin: String,
 }
@@ -97,6 +99,9 @@ pub async fn run(
     mut on_line: impl FnMut(&[u8]),
 ) -> Finished {
     let mut cmd = Command::new(launch.program);
+    for name in launch.env_remove {
+        cmd.env_remove(name);
+    }
     cmd.args(&launch.args)
         .current_dir(launch.cwd)
         .envs(launch.env.iter().map(|(k, v)| (k, v)))

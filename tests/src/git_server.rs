@@ -16,7 +16,7 @@ use hyper::{Request as HttpRequest, Response, StatusCode};
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -51,7 +51,8 @@ struct State {
     root: PathBuf,
     token: Option<String>,
     log: Mutex<Vec<Logged>>,
-    stall: AtomicBool,
+    /// Requests whose path contains this are accepted and never answered.
+    stall: Mutex<Option<String>>,
     delay_ms: AtomicU64,
 }
 
@@ -86,7 +87,7 @@ impl GitServer {
             root: dir.path().join("repos"),
             token: token.map(String::from),
             log: Mutex::new(Vec::new()),
-            stall: AtomicBool::new(false),
+            stall: Mutex::new(None),
             delay_ms: AtomicU64::new(0),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -140,9 +141,10 @@ impl GitServer {
         self.state.log.lock().unwrap().clone()
     }
 
-    /// While set, requests are accepted and never answered.
-    pub fn stall(&self, on: bool) {
-        self.state.stall.store(on, Ordering::SeqCst);
+    /// From now on, requests for repository `name` are accepted and never answered
+    /// (None: answer all again).
+    pub fn stall(&self, name: Option<&str>) {
+        *self.state.stall.lock().unwrap() = name.map(|n| format!("/{n}.git/"));
     }
 
     /// Every request waits this long before it is served.
@@ -245,7 +247,8 @@ async fn handle(state: Arc<State>, req: HttpRequest<hyper::body::Incoming>) -> R
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(String::from);
     let authorization = header("authorization");
     let (content_type, encoding, protocol) = (header("content-type"), header("content-encoding"), header("git-protocol"));
-    if state.stall.load(Ordering::SeqCst) {
+    let stalled = state.stall.lock().unwrap().as_ref().is_some_and(|p| path.contains(p.as_str()));
+    if stalled {
         std::future::pending::<()>().await;
     }
     let delay = state.delay_ms.load(Ordering::SeqCst);

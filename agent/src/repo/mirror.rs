@@ -30,7 +30,7 @@ const REFSPECS: [&str; 2] = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/ta
 /// libgit2 gives up on a server that accepts no connection, or sends nothing, this long.
 /// A job's own timeout ends its wait sooner; this bounds the fetch thread left behind.
 const CONNECT_TIMEOUT_MS: i32 = 15_000;
-const READ_TIMEOUT_MS: i32 = 60_000;
+const READ_TIMEOUT_MS: i32 = 30_000;
 
 /// Where a repository comes from, as a fetch needs it.
 #[derive(Debug, Clone)]
