@@ -197,13 +197,20 @@ mod tests {
 
     fn login_with(dir: &Path, body: &str) -> Login {
         std::fs::write(dir.join(".credentials.json"), body).unwrap();
-        Login { config_dir: dir.to_path_buf(), credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None }
+        Login { config_dir: dir.to_path_buf(), credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None, other_secrets: Vec::new() }
     }
 
     fn tempdir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("cr-oauth-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn the_machines_other_secrets_are_redacted_too() {
+        let d = tempdir("other");
+        let login = login_with(&d, "{}").with_secrets(["ghp_repository_token_123"]);
+        assert_eq!(login.redactor(0).redact("push with ghp_repository_token_123"), "push with [REDACTED]");
     }
 
     #[test]
@@ -240,7 +247,7 @@ mod tests {
             assert_eq!(r.report.source, OAuthSource::None, "{body}");
             assert!(r.report.problem.is_some(), "{body}");
         }
-        let missing = Login { config_dir: d.clone(), credentials_path: d.join("nope.json"), oauth_token_env: Some("tok-123456789".into()), api_key_env: None };
+        let missing = Login { config_dir: d.clone(), credentials_path: d.join("nope.json"), oauth_token_env: Some("tok-123456789".into()), api_key_env: None, other_secrets: Vec::new() };
         assert_eq!(missing.read(0).report.source, OAuthSource::OauthTokenEnv);
     }
 

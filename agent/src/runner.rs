@@ -39,6 +39,8 @@ pub struct JobContext {
 /// After Claude, the diff and the push get the rest of the job's time and this much more
 /// (the edge waits `TIMEOUT_MARGIN_MS`, 30 s by default, beyond `timeout_ms`).
 const FINISH_GRACE: Duration = Duration::from_secs(20);
+/// The largest result JSON: one WebSocket frame, less room for the message around it.
+const MAX_RESULT_BYTES: usize = shared::protocol::MAX_FRAME_BYTES - 64 * 1024;
 
 /// Runs the job to its end and returns its (redacted) result.
 pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot::Receiver<Stop>) -> JobResult {
@@ -115,6 +117,7 @@ pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: onesho
     if let Some(prepared) = repo {
         hand_back(ctx, job_id, &spec, prepared, redactor, deadline, &mut result).await;
         result.duration_ms = started.elapsed().as_millis() as u64;
+        crate::repo::fit_result(&mut result, MAX_RESULT_BYTES);
     }
     clean_up(ctx, &workspace, &result).await;
     result

@@ -24,7 +24,7 @@ use checkout::Checkout;
 use error::{local, RepoError};
 use mirror::{Lease, MirrorCache, Source};
 use settings::RepoSettings;
-use shared::job::JobSpec;
+use shared::job::{JobResult, JobSpec};
 use shared::repo::RepoUrl;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -156,6 +156,35 @@ impl Prepared {
         })
         .await
         .unwrap_or_else(|e| Err(local("collect the job's changes", e)))
+    }
+}
+
+/// Shrinks a result whose JSON would not fit in `max_bytes` (a WebSocket frame, with room
+/// for the message around it): the diff is cut further (`diff_truncated`), then the file
+/// list. JSON escaping can make a diff under `MAX_DIFF_BYTES` larger than the frame.
+pub fn fit_result(result: &mut JobResult, max_bytes: usize) {
+    for _ in 0..8 {
+        let size = serde_json::to_vec(result).map(|v| v.len()).unwrap_or(usize::MAX);
+        if size <= max_bytes {
+            return;
+        }
+        let over = size - max_bytes;
+        match &mut result.diff {
+            Some(diff) if !diff.is_empty() => {
+                let keep = diff.len().saturating_sub(over + 1024);
+                let cut = shared::text::truncate(diff, keep);
+                // On a line boundary, as MAX_DIFF_BYTES cuts.
+                let cut = cut.rfind('\n').map_or("", |i| &cut[..=i]);
+                *diff = cut.to_string();
+                result.diff_truncated = Some(true);
+            }
+            _ => match &mut result.files_changed {
+                Some(files) if !files.is_empty() => {
+                    files.truncate(files.len() / 2);
+                }
+                _ => return,
+            },
+        }
     }
 }
 

@@ -272,3 +272,21 @@ async fn working_dir_stays_inside_the_checkout_after_symlinks() {
         assert!(matches!(err, RepoError::WorkingDir { .. }), "{bad}: {err}");
     }
 }
+
+#[test]
+fn results_are_shrunk_to_fit_a_frame() {
+    use shared::job::{FileChange, JobResult};
+    // Control characters escape to six bytes each in JSON: 1 MB of them is 6 MB of frame.
+    let diff: String = "+\u{1}\u{2}\u{3}\n".repeat(250_000);
+    let files = (0..50_000).map(|i| FileChange { path: format!("some/long/path/file-{i}.txt"), status: ChangeKind::Added, old_path: None }).collect();
+    let mut r = JobResult { success: true, diff: Some(diff), diff_truncated: Some(false), files_changed: Some(files), ..JobResult::default() };
+    super::fit_result(&mut r, 2_000_000);
+    assert!(serde_json::to_vec(&r).unwrap().len() <= 2_000_000);
+    assert_eq!(r.diff_truncated, Some(true));
+    assert!(r.diff.as_deref().unwrap().ends_with('\n') || r.diff.as_deref() == Some(""));
+    // A result that fits is left alone.
+    let mut small = JobResult { diff: Some("+a\n".into()), diff_truncated: Some(false), ..JobResult::default() };
+    super::fit_result(&mut small, 2_000_000);
+    assert_eq!(small.diff.as_deref(), Some("+a\n"));
+    assert_eq!(small.diff_truncated, Some(false));
+}
