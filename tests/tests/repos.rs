@@ -426,3 +426,19 @@ async fn a_failed_fetch_runs_on_the_last_fetched_state_only_with_allow_stale() {
     let e = repo_error(&s.run(json!({"prompt": "x", "repo_url": s.git.url("never-fetched"), "allow_stale": true})).await);
     assert!(e.contains("was not found"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_checkouts_are_kept_only_with_keep_failed_workspaces() {
+    let s = setup(None, &[("KEEP_FAILED_WORKSPACES", "1")]).await;
+    demo(&s.git);
+    let url = s.git.url("demo");
+    let failed = s.run(json!({"prompt": "@write=half-done.txt @is_error", "repo_url": url})).await;
+    assert_eq!(failed["error_code"], "CLAUDE_ERROR");
+    let ok_job = s.run(json!({"prompt": "@write=done.txt", "repo_url": url})).await;
+    ok(&ok_job);
+    let workspaces = s.agent.data.path().join("data/workspaces");
+    let kept = workspaces.join(failed["job_id"].as_str().unwrap());
+    assert!(kept.join("half-done.txt").exists() && kept.join("README.md").exists(), "the failed checkout is kept for a post-mortem");
+    assert!(!workspaces.join(ok_job["job_id"].as_str().unwrap()).exists(), "a successful one is not");
+    assert!(s.agent.log().contains("workspace kept"));
+}

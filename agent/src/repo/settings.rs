@@ -30,7 +30,8 @@ pub struct RepoArgs {
     #[arg(long, env = "REPO_CACHE_MAX_BYTES", default_value_t = DEFAULT_CACHE_MAX_BYTES)]
     pub repo_cache_max_bytes: u64,
     /// Keep a failed job's checkout under DATA_DIR/workspaces for a post-mortem.
-    #[arg(long, env = "KEEP_FAILED_WORKSPACES")]
+    /// (`1`, `true`, `yes` or `on`).
+    #[arg(long, env = "KEEP_FAILED_WORKSPACES", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     pub keep_failed_workspaces: bool,
     /// Largest `diff` a result carries; longer ones are cut (`diff_truncated`).
     #[arg(long, env = "MAX_DIFF_BYTES", default_value_t = DEFAULT_MAX_DIFF_BYTES)]
