@@ -147,19 +147,6 @@ fn parse_tokens(text: &str, github_token: Option<&str>) -> anyhow::Result<HashMa
 }
 
 #[cfg(test)]
-pub fn for_tests() -> RepoSettings {
-    RepoSettings {
-        allowed_hosts: vec![GITHUB.into()],
-        tokens: HashMap::new(),
-        cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
-        keep_failed_workspaces: false,
-        max_diff_bytes: DEFAULT_MAX_DIFF_BYTES,
-        author_name: "Claude Runner".into(),
-        author_email: "claude-runner@localhost".into(),
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
 

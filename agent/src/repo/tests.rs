@@ -7,41 +7,10 @@ use super::error::RepoError;
 use super::mirror::{MirrorCache, Source};
 use shared::job::ChangeKind;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use harness::git_server::git;
+use harness::TempDir;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-
-struct Tmp(PathBuf);
-
-impl Tmp {
-    fn new(name: &str) -> Tmp {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("cr-repo-{name}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Tmp(dir)
-    }
-}
-
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(["-c", "user.name=Test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false"])
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .output()
-        .expect("git runs");
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 /// A bare "server" repository with `main` (2 commits), `feature`, tags `v1` (annotated)
 /// and `light`. Returns (server dir, work dir, first commit).
@@ -73,26 +42,26 @@ fn source(bare: &Path) -> Source {
 
 #[tokio::test]
 async fn mirrors_fetch_prune_and_check_out_branches_tags_and_shas() {
-    let tmp = Tmp::new("mirror");
-    let (bare, work, first) = server(&tmp.0);
-    let cache = MirrorCache::open(tmp.0.join("repos"), u64::MAX).unwrap();
+    let tmp = TempDir::new("mirror");
+    let (bare, work, first) = server(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let lease = cache.acquire(source(&bare), false).await.unwrap();
     assert!(!lease.stale);
     assert_eq!(super::mirror::default_branch(&lease.dir).as_deref(), Some("main"));
     assert_eq!(cache.mirror_names(), [source(&bare).name]);
     let url = "file://server";
 
-    let co = checkout::create(&lease.dir, &tmp.0.join("co-default"), None, url).unwrap();
+    let co = checkout::create(&lease.dir, &tmp.path().join("co-default"), None, url).unwrap();
     assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), "hello again\n");
     assert_eq!(git(&co.dir, &["rev-parse", "--abbrev-ref", "HEAD"]), "main", "a local branch, for Claude's git commands");
     for (branch, readme) in [("feature", "hello\n"), ("v1", "hello\n"), ("light", "hello\n"), (&first[..10], "hello\n"), (&first[..], "hello\n")] {
-        let co = checkout::create(&lease.dir, &tmp.0.join(format!("co-{branch}")), Some(branch), url).unwrap();
+        let co = checkout::create(&lease.dir, &tmp.path().join(format!("co-{branch}")), Some(branch), url).unwrap();
         assert_eq!(co.commit.to_string(), first, "{branch}");
         assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), readme, "{branch}");
         assert_eq!(git(&co.dir, &["status", "--porcelain"]), "", "a clean checkout of {branch}");
     }
     for missing in ["nope", "deadbeef00", "v2"] {
-        let err = checkout::create(&lease.dir, &tmp.0.join(format!("co-{missing}")), Some(missing), url).err().unwrap();
+        let err = checkout::create(&lease.dir, &tmp.path().join(format!("co-{missing}")), Some(missing), url).err().unwrap();
         assert!(matches!(err, RepoError::BranchNotFound { .. }), "{missing}: {err}");
     }
     drop(lease);
@@ -104,39 +73,39 @@ async fn mirrors_fetch_prune_and_check_out_branches_tags_and_shas() {
     git(&work, &["push", "-q", "origin", "main"]);
     git(&work, &["push", "-q", "origin", "--delete", "feature"]);
     let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, &tmp.0.join("co-third"), None, url).unwrap();
+    let co = checkout::create(&lease.dir, &tmp.path().join("co-third"), None, url).unwrap();
     assert!(co.dir.join("new.txt").exists());
-    let gone = checkout::create(&lease.dir, &tmp.0.join("co-feature-gone"), Some("feature"), url).err().unwrap();
+    let gone = checkout::create(&lease.dir, &tmp.path().join("co-feature-gone"), Some("feature"), url).err().unwrap();
     assert!(matches!(gone, RepoError::BranchNotFound { .. }), "{gone}");
     // Each checkout is its own repository: Claude's commits stay in it.
     std::fs::write(co.dir.join("mine.txt"), "x").unwrap();
     git(&co.dir, &["add", "-A"]);
     git(&co.dir, &["commit", "-q", "-m", "claude"]);
-    let again = checkout::create(&lease.dir, &tmp.0.join("co-again"), None, url).unwrap();
+    let again = checkout::create(&lease.dir, &tmp.path().join("co-again"), None, url).unwrap();
     assert!(!again.dir.join("mine.txt").exists());
     assert_eq!(again.commit, co.commit);
 }
 
 #[tokio::test]
 async fn a_failed_fetch_uses_the_mirror_only_when_stale_is_allowed() {
-    let tmp = Tmp::new("stale");
-    let (bare, _, _) = server(&tmp.0);
-    let cache = MirrorCache::open(tmp.0.join("repos"), u64::MAX).unwrap();
+    let tmp = TempDir::new("stale");
+    let (bare, _, _) = server(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     drop(cache.acquire(source(&bare), false).await.unwrap());
-    std::fs::rename(&bare, tmp.0.join("moved.git")).unwrap();
+    std::fs::rename(&bare, tmp.path().join("moved.git")).unwrap();
     assert!(cache.acquire(source(&bare), false).await.is_err());
     let lease = cache.acquire(source(&bare), true).await.unwrap();
     assert!(lease.stale);
     // No mirror at all: stale or not, nothing to run on.
-    let other = Source { name: "local/none".into(), url: format!("file://{}/none.git", tmp.0.display()), host: "local".into(), token: None };
+    let other = Source { name: "local/none".into(), url: format!("file://{}/none.git", tmp.path().display()), host: "local".into(), token: None };
     assert!(cache.acquire(other, true).await.is_err());
 }
 
 #[tokio::test]
 async fn one_fetch_at_a_time_per_repository() {
-    let tmp = Tmp::new("serial");
-    let (bare, _, _) = server(&tmp.0);
-    let cache = MirrorCache::open(tmp.0.join("repos"), u64::MAX).unwrap();
+    let tmp = TempDir::new("serial");
+    let (bare, _, _) = server(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let jobs: Vec<_> = (0..4).map(|_| {
         let cache = Arc::clone(&cache);
         let src = source(&bare);
@@ -149,11 +118,11 @@ async fn one_fetch_at_a_time_per_repository() {
 
 #[tokio::test]
 async fn unused_mirrors_are_evicted_least_recently_used_first() {
-    let tmp = Tmp::new("evict");
-    let (bare, _, _) = server(&tmp.0);
-    let copy = tmp.0.join("copy.git");
-    git(&tmp.0, &["clone", "-q", "--bare", bare.to_str().unwrap(), copy.to_str().unwrap()]);
-    let cache = MirrorCache::open(tmp.0.join("repos"), 1).unwrap();
+    let tmp = TempDir::new("evict");
+    let (bare, _, _) = server(tmp.path());
+    let copy = tmp.path().join("copy.git");
+    git(tmp.path(), &["clone", "-q", "--bare", bare.to_str().unwrap(), copy.to_str().unwrap()]);
+    let cache = MirrorCache::open(tmp.path().join("repos"), 1).unwrap();
     let a = cache.acquire(source(&bare), false).await.unwrap();
     let a_dir = a.dir.clone();
     drop(a);
@@ -170,17 +139,17 @@ async fn unused_mirrors_are_evicted_least_recently_used_first() {
 
 #[tokio::test]
 async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
-    let tmp = Tmp::new("changes");
-    let (bare, work, _) = server(&tmp.0);
+    let tmp = TempDir::new("changes");
+    let (bare, work, _) = server(tmp.path());
     // A branch that went its own way.
     git(&work, &["checkout", "-q", "-b", "diverged", "feature"]);
     std::fs::write(work.join("other.txt"), "elsewhere\n").unwrap();
     git(&work, &["add", "-A"]);
     git(&work, &["commit", "-q", "-m", "elsewhere"]);
     git(&work, &["push", "-q", "origin", "diverged"]);
-    let cache = MirrorCache::open(tmp.0.join("repos"), u64::MAX).unwrap();
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, &tmp.0.join("co"), None, "file://server").unwrap();
+    let co = checkout::create(&lease.dir, &tmp.path().join("co"), None, "file://server").unwrap();
     std::fs::write(co.dir.join("added.txt"), "brand new\n").unwrap();
     std::fs::write(co.dir.join("src/lib.rs"), "fn a() {}\nfn b() {}\n").unwrap();
     std::fs::remove_file(co.dir.join("README.md")).unwrap();
@@ -240,11 +209,11 @@ async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
 
 #[tokio::test]
 async fn nothing_changed_means_no_commit() {
-    let tmp = Tmp::new("unchanged");
-    let (bare, _, _) = server(&tmp.0);
-    let cache = MirrorCache::open(tmp.0.join("repos"), u64::MAX).unwrap();
+    let tmp = TempDir::new("unchanged");
+    let (bare, _, _) = server(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, &tmp.0.join("co"), None, "file://server").unwrap();
+    let co = checkout::create(&lease.dir, &tmp.path().join("co"), None, "file://server").unwrap();
     let staged = changes::stage(&co.dir, co.commit).unwrap();
     assert_eq!(staged.commit("a", "a@b", "m").unwrap(), None);
     assert!(staged.patch(1000).unwrap().files.is_empty());
@@ -252,16 +221,16 @@ async fn nothing_changed_means_no_commit() {
 
 #[tokio::test]
 async fn working_dir_stays_inside_the_checkout_after_symlinks() {
-    let tmp = Tmp::new("workdir");
-    let (bare, work, _) = server(&tmp.0);
+    let tmp = TempDir::new("workdir");
+    let (bare, work, _) = server(tmp.path());
     std::os::unix::fs::symlink("/etc", work.join("escape")).unwrap();
     std::os::unix::fs::symlink("src", work.join("inside")).unwrap();
     git(&work, &["add", "-A"]);
     git(&work, &["commit", "-q", "-m", "links"]);
     git(&work, &["push", "-q", "origin", "main"]);
-    let cache = MirrorCache::open(tmp.0.join("repos"), u64::MAX).unwrap();
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, &tmp.0.join("co"), None, "file://server").unwrap();
+    let co = checkout::create(&lease.dir, &tmp.path().join("co"), None, "file://server").unwrap();
     assert!(co.dir.join("escape").symlink_metadata().unwrap().file_type().is_symlink());
     let root = co.dir.canonicalize().unwrap();
     assert_eq!(checkout::working_dir(&co.dir, Some("src")).unwrap(), root.join("src"));
