@@ -96,6 +96,8 @@ fn main() {
     let cli = Cli::parse();
     runtime::init_logging(&cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Before any thread starts: libgit2's set-up writes the process environment.
+    repo::init_libgit2();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio starts");
     let result = runtime.block_on(async move {
         match cli.command {

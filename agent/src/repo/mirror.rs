@@ -112,12 +112,7 @@ impl MirrorCache {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
-        // SAFETY: these set process-wide libgit2 options; the agent sets them once, before
-        // any git2 operation runs.
-        unsafe {
-            let _ = git2::opts::set_server_connect_timeout_in_milliseconds(CONNECT_TIMEOUT_MS);
-            let _ = git2::opts::set_server_timeout_in_milliseconds(READ_TIMEOUT_MS);
-        }
+        set_timeouts();
         Ok(Arc::new(MirrorCache { root, max_bytes, entries: Mutex::new(HashMap::new()), evicting: Mutex::new(()) }))
     }
 
@@ -148,8 +143,13 @@ impl MirrorCache {
             let (mut guard, _hold) = (guard, fetch_hold);
             let started = Instant::now();
             let result = fetch(&dir, &fetching, &abort);
-            if result.is_ok() {
-                guard.fetched_from = Some(started);
+            match &result {
+                Ok(()) => guard.fetched_from = Some(started),
+                // A first fetch that failed leaves nothing worth keeping (or listing).
+                Err(_) if !usable(&dir) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                Err(_) => {}
             }
             result
         })
@@ -224,6 +224,16 @@ impl MirrorCache {
             info!(repo = %name.trim(), bytes = sizes.get(&folder).copied().unwrap_or(0), max_bytes = self.max_bytes, "mirror evicted (REPO_CACHE_MAX_BYTES)");
         }
     }
+}
+
+/// libgit2's process-wide timeouts for servers that accept nothing or send nothing.
+pub fn set_timeouts() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: these set process-wide libgit2 options, once, before fetches use them.
+    ONCE.call_once(|| unsafe {
+        let _ = git2::opts::set_server_connect_timeout_in_milliseconds(CONNECT_TIMEOUT_MS);
+        let _ = git2::opts::set_server_timeout_in_milliseconds(READ_TIMEOUT_MS);
+    });
 }
 
 /// Bytes a folder takes on disk.

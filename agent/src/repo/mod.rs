@@ -30,6 +30,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+/// Sets libgit2 up for the whole process. Call it before any other thread starts: its
+/// TLS set-up writes `SSL_CERT_FILE`/`SSL_CERT_DIR` into the environment when unset.
+pub fn init_libgit2() {
+    mirror::set_timeouts();
+}
+
 pub struct Repos {
     pub settings: RepoSettings,
     cache: Arc<MirrorCache>,

@@ -99,6 +99,7 @@ async fn a_failed_fetch_uses_the_mirror_only_when_stale_is_allowed() {
     // No mirror at all: stale or not, nothing to run on.
     let other = Source { name: "local/none".into(), url: format!("file://{}/none.git", tmp.path().display()), host: "local".into(), token: None };
     assert!(cache.acquire(other, true).await.is_err());
+    assert_eq!(cache.mirror_names(), [source(&bare).name], "a failed first fetch leaves no mirror behind");
 }
 
 #[tokio::test]
