@@ -54,6 +54,8 @@ struct State {
     /// Requests whose path contains this are accepted and never answered.
     stall: Mutex<Option<String>>,
     delay_ms: AtomicU64,
+    /// Every request is answered with a redirect to this base URL.
+    redirect: Mutex<Option<String>>,
 }
 
 pub struct GitServer {
@@ -71,16 +73,22 @@ impl GitServer {
     pub fn start(token: Option<&str>) -> GitServer {
         let dir = TempDir::new("git-server");
         std::fs::create_dir_all(dir.path().join("repos")).unwrap();
-        let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()]).expect("a certificate");
+        // Its own name: OpenSSL finds a trusted certificate by its subject, so two servers
+        // in one bundle must not share one.
+        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).expect("names");
+        let name = format!("claude-runner test git server {}", dir.path().display());
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let signing_key = rcgen::KeyPair::generate().expect("a key");
+        let cert = params.self_signed(&signing_key).expect("a certificate");
         let cert_file = dir.path().join("cert.pem");
-        std::fs::write(&cert_file, certified.cert.pem()).unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(signing_key.serialize_der().into());
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
-            .with_single_cert(vec![certified.cert.der().clone()], key)
+            .with_single_cert(vec![cert.der().clone()], key)
             .expect("the certificate suits rustls");
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let state = Arc::new(State {
@@ -89,6 +97,7 @@ impl GitServer {
             log: Mutex::new(Vec::new()),
             stall: Mutex::new(None),
             delay_ms: AtomicU64::new(0),
+            redirect: Mutex::new(None),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -150,6 +159,11 @@ impl GitServer {
     /// Every request waits this long before it is served.
     pub fn delay(&self, d: Duration) {
         self.state.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// From now on, every request is redirected (302) to the same path on `base`.
+    pub fn redirect(&self, base: Option<&str>) {
+        *self.state.redirect.lock().unwrap() = base.map(String::from);
     }
 
     /// A new repository `name` whose `main` holds `files`; returns its seed (a work tree).
@@ -265,7 +279,11 @@ async fn handle(state: Arc<State>, req: HttpRequest<hyper::body::Incoming>) -> R
             .and_then(|d| String::from_utf8(d).ok())
             .is_some_and(|d| d.split_once(':').is_some_and(|(_, pass)| pass == token)),
     };
-    let response = if !authorized {
+    let redirect = state.redirect.lock().unwrap().clone();
+    let response = if let Some(base) = redirect {
+        let to = if query.is_empty() { format!("{base}{path}") } else { format!("{base}{path}?{query}") };
+        respond(302, &[("location", to.as_str())], Vec::new())
+    } else if !authorized {
         respond(401, &[("www-authenticate", "Basic realm=\"git\"")], b"token required\n".to_vec())
     } else {
         cgi(&state.root, &method, &path, &query, content_type, encoding, protocol, body).await

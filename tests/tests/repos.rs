@@ -442,3 +442,25 @@ async fn failed_checkouts_are_kept_only_with_keep_failed_workspaces() {
     assert!(!workspaces.join(ok_job["job_id"].as_str().unwrap()).exists(), "a successful one is not");
     assert!(s.agent.log().contains("workspace kept"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_not_followed_and_tokens_stay_with_their_host() {
+    // The allowed host sends the runner to another server: neither the fetch nor the token
+    // may follow.
+    let elsewhere = GitServer::start(None);
+    elsewhere.seed("demo", &[("README.md", b"elsewhere\n")]);
+    let git = GitServer::start(Some(TOKEN));
+    git.seed("demo", &[("README.md", b"home\n")]);
+    let tokens = format!("{}={TOKEN}", git.host());
+    // The agent trusts both servers: only the redirect policy stands in the way.
+    let bundle = elsewhere.dir.path().join("both.pem");
+    let pems = [&git.cert_file, &elsewhere.cert_file].map(|p| std::fs::read_to_string(p).unwrap());
+    std::fs::write(&bundle, pems.concat()).unwrap();
+    let s = setup_with_git(git, &[("REPO_TOKENS", &tokens), ("SSL_CERT_FILE", &bundle.display().to_string())]).await;
+    // Another host name (libgit2 refuses redirects to other hosts; a port is not one).
+    s.git.redirect(Some(&format!("https://localhost:{}", elsewhere.port)));
+    let e = repo_error(&s.run(json!({"prompt": "x", "repo_url": s.git.url("demo")})).await);
+    assert!(e.contains("redirect"), "{e}");
+    assert!(elsewhere.requests().is_empty(), "nothing went to the other server: {:?}", elsewhere.requests());
+    assert!(s.agent.claude_runs().is_empty());
+}

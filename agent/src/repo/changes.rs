@@ -6,7 +6,7 @@
 use super::error::{local, AuthSeen, RepoError, Talk};
 use super::mirror::callbacks;
 use super::settings::Token;
-use git2::{Diff, DiffFindOptions, DiffFormat, DiffOptions, Direction, IndexAddOption, Oid, PushOptions, Repository, Signature};
+use git2::{Diff, DiffFindOptions, DiffFormat, DiffOptions, ErrorCode, IndexAddOption, Oid, PushOptions, RemoteRedirect, Repository, Signature};
 use shared::job::{ChangeKind, FileChange};
 use std::cell::{Cell, RefCell};
 use std::path::Path;
@@ -131,7 +131,8 @@ impl Staged {
     }
 
     /// Pushes `commit` to `branch` of `url`: never to `default_branch`, never over a
-    /// branch tip that is not an ancestor of `commit` (no force), token via callback only.
+    /// branch tip that is not an ancestor of `commit` (no force), token via callback only,
+    /// no redirects followed.
     pub fn push(&self, push: &PushTarget, commit: Oid, abort: &AtomicBool) -> Result<(), RepoError> {
         let action = "push the job's commit";
         let branch = &push.branch;
@@ -145,17 +146,8 @@ impl Staged {
             Talk { url: &push.url, host: &push.host, auth: auth.get(), action, pushing: true }.error(e.code(), e.class(), e.message())
         };
         let mut remote = self.repo.remote_anonymous(&push.url).map_err(|e| local(action, e.message()))?;
-        let mut conn = remote.connect_auth(Direction::Push, Some(callbacks(push.token.as_ref(), &auth, abort)), None).map_err(fail)?;
-        let target = format!("refs/heads/{branch}");
-        let tip = conn.list().map_err(fail)?.iter().find(|h| h.name() == target).map(|h| h.oid());
-        if let Some(tip) = tip {
-            let ancestor = tip == commit || self.repo.graph_descendant_of(commit, tip).unwrap_or(false);
-            if !ancestor {
-                return Err(RepoError::NotFastForward { branch: branch.clone() });
-            }
-        }
         let rejected: RefCell<Option<String>> = RefCell::new(None);
-        let mut cb = callbacks(push.token.as_ref(), &auth, abort);
+        let mut cb = callbacks(push.token.as_ref(), &push.host, &auth, abort);
         cb.push_update_reference(|_refname, status| {
             if let Some(message) = status {
                 *rejected.borrow_mut() = Some(message.to_string());
@@ -163,11 +155,19 @@ impl Staged {
             Ok(())
         });
         let mut options = PushOptions::new();
-        options.remote_callbacks(cb);
-        // No `+`: the server's compare-and-swap on the old tip closes the race with another push.
-        conn.remote().push(&[format!("{LOCAL}:{target}")], Some(&mut options)).map_err(fail)?;
-        drop(conn);
+        options.remote_callbacks(cb).follow_redirects(RemoteRedirect::None);
+        // No `+`: libgit2 refuses a branch tip that is not an ancestor of the commit, and the
+        // server's compare-and-swap on the old tip closes the race with another push.
+        let pushed = remote.push(&[format!("{LOCAL}:refs/heads/{branch}")], Some(&mut options));
         drop(options);
+        drop(remote);
+        if let Err(e) = pushed {
+            let lower = e.message().to_ascii_lowercase();
+            if e.code() == ErrorCode::NotFastForward || lower.contains("non-fastforward") || lower.contains("not present locally") {
+                return Err(RepoError::NotFastForward { branch: branch.clone() });
+            }
+            return Err(fail(e));
+        }
         if let Some(message) = rejected.take() {
             return Err(RepoError::PushRejected { branch: branch.clone(), message });
         }

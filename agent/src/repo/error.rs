@@ -19,6 +19,8 @@ pub enum RepoError {
     Empty { url: String },
     #[error("could not reach {url} ({detail}): check the runner machine's network and `repo_url`, then retry; send \"allow_stale\": true to run on the last fetched state while the server is unreachable")]
     Network { url: String, detail: String },
+    #[error("{url} answered with a redirect, and the runner follows none (it could lead off ALLOWED_REPO_HOSTS): use the repository's current address in `repo_url`")]
+    Redirected { url: String },
     #[error("the TLS certificate of {url} is not trusted ({detail}): install the server's CA on the runner machine (system trust store, or SSL_CERT_FILE)")]
     Tls { url: String, detail: String },
     #[error("the disk holding DATA_DIR is full ({detail}): free space on the runner machine or lower REPO_CACHE_MAX_BYTES, then retry")]
@@ -64,6 +66,9 @@ impl Talk<'_> {
         let url = self.url.to_string();
         let host = self.host.to_string();
         let lower = message.to_ascii_lowercase();
+        if lower.contains("redirect") || lower.contains("another host") || lower.contains("status code: 30") {
+            return RepoError::Redirected { url };
+        }
         if self.auth.token_refused {
             let access = if self.pushing { "push to" } else { "read" };
             return RepoError::TokenRefused { url, host, access };

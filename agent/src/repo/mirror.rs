@@ -16,7 +16,7 @@
 use super::error::{local, AuthSeen, RepoError, Talk};
 use super::layout::{self, MirrorUse, NAME_FILE, USED_FILE};
 use super::settings::Token;
-use git2::{AutotagOption, Cred, CredentialType, Direction, FetchOptions, Oid, RemoteCallbacks, Repository};
+use git2::{AutotagOption, Cred, CredentialType, FetchOptions, Oid, RemoteCallbacks, RemoteRedirect, Repository};
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -274,14 +274,22 @@ fn open_or_create(dir: &Path, name: &str) -> Result<Repository, RepoError> {
     Repository::init_bare(dir).map_err(|e| local("create the mirror", e.message()))
 }
 
-/// Callbacks for one conversation with a git server: the token (once; asked again means
-/// refused), and an abort switch checked as data arrives.
-pub fn callbacks<'a>(token: Option<&'a Token>, auth: &'a Cell<AuthSeen>, abort: &'a AtomicBool) -> RemoteCallbacks<'a> {
+/// Whether `url` (as libgit2 is about to send credentials to it) is on `host`.
+fn on_host(url: &str, host: &str) -> bool {
+    shared::repo::RepoUrl::parse(url).is_ok_and(|u| u.host() == host)
+}
+
+/// Callbacks for one conversation with a git server on `host`: the token (once; asked
+/// again means refused; never for another host), and an abort switch checked as data arrives.
+pub fn callbacks<'a>(token: Option<&'a Token>, host: &'a str, auth: &'a Cell<AuthSeen>, abort: &'a AtomicBool) -> RemoteCallbacks<'a> {
     let mut cb = RemoteCallbacks::new();
     let offered = Cell::new(false);
-    cb.credentials(move |_url, _user, allowed| {
+    cb.credentials(move |url, _user, allowed| {
         let mut seen = auth.get();
         let result = match token {
+            // Redirects are not followed; should one be, the token still goes to its own
+            // host only.
+            Some(_) if !on_host(url, host) => Err(git2::Error::from_str("the server sent the runner to another host")),
             Some(t) if !offered.get() && allowed.contains(CredentialType::USER_PASS_PLAINTEXT) => {
                 offered.set(true);
                 // GitHub's name for a token login; other servers take any user name.
@@ -315,26 +323,27 @@ fn fetch(dir: &Path, source: &Source, abort: &AtomicBool) -> Result<(), RepoErro
         Talk { url: &source.url, host: &source.host, auth: auth.get(), action, pushing: false }.error(e.code(), e.class(), e.message())
     };
     let mut remote = repo.remote_anonymous(&source.url).map_err(|e| local(action, e.message()))?;
-    let mut conn = remote.connect_auth(Direction::Fetch, Some(callbacks(source.token.as_ref(), &auth, abort)), None).map_err(fail)?;
-    let advertised: Vec<(String, Oid)> = conn
+    let mut options = FetchOptions::new();
+    options
+        .remote_callbacks(callbacks(source.token.as_ref(), &source.host, &auth, abort))
+        .download_tags(AutotagOption::None)
+        .update_fetchhead(false)
+        // A redirect could lead off ALLOWED_REPO_HOSTS.
+        .follow_redirects(RemoteRedirect::None);
+    // Downloads only what the mirror lacks; nothing at all when it is up to date.
+    remote.fetch(&REFSPECS, Some(&mut options), Some("claude-runner fetch")).map_err(fail)?;
+    let advertised: Vec<(String, Oid)> = remote
         .list()
         .map_err(fail)?
         .iter()
         .map(|h| (h.name().to_string(), h.oid()))
         .filter(|(name, _)| (name.starts_with("refs/heads/") || name.starts_with("refs/tags/")) && !name.ends_with("^{}"))
         .collect();
-    let default_branch = conn.default_branch().ok().and_then(|b| b.as_str().ok().map(str::to_string));
+    let default_branch = remote.default_branch().ok().and_then(|b| b.as_str().ok().map(str::to_string));
+    drop(remote);
     if advertised.is_empty() {
         return Err(RepoError::Empty { url: source.url.clone() });
     }
-    let odb = repo.odb().map_err(|e| local(action, e.message()))?;
-    let missing = advertised.iter().filter(|(_, oid)| !odb.exists(*oid)).count();
-    if missing > 0 {
-        let mut options = FetchOptions::new();
-        options.remote_callbacks(callbacks(source.token.as_ref(), &auth, abort)).download_tags(AutotagOption::None);
-        conn.remote().download(&REFSPECS, Some(&mut options)).map_err(fail)?;
-    }
-    drop(conn);
     let wanted: HashSet<&str> = advertised.iter().map(|(n, _)| n.as_str()).collect();
     for (name, oid) in &advertised {
         repo.reference(name, *oid, true, "claude-runner fetch").map_err(|e| local(action, e.message()))?;
@@ -362,7 +371,7 @@ fn fetch(dir: &Path, source: &Source, abort: &AtomicBool) -> Result<(), RepoErro
         Some(head) => repo.set_head(&head).map_err(|e| local(action, e.message()))?,
         None => return Err(RepoError::Empty { url: source.url.clone() }),
     }
-    info!(repo = %source.name, refs = advertised.len(), downloaded = missing > 0, ms = started.elapsed().as_millis() as u64, "mirror fetched");
+    info!(repo = %source.name, refs = advertised.len(), ms = started.elapsed().as_millis() as u64, "mirror fetched");
     Ok(())
 }
 
@@ -371,4 +380,16 @@ pub fn default_branch(dir: &Path) -> Option<String> {
     let repo = Repository::open_bare(dir).ok()?;
     let head = repo.find_reference("HEAD").ok()?;
     head.symbolic_target().ok()??.strip_prefix("refs/heads/").map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tokens_go_to_their_own_host_only() {
+        assert!(super::on_host("https://github.com/a/b", "github.com"));
+        assert!(super::on_host("https://git.example.com:8443/a/b.git", "git.example.com:8443"));
+        assert!(!super::on_host("https://git.example.com:9999/a/b.git", "git.example.com:8443"), "another port");
+        assert!(!super::on_host("https://evil.example/a/b.git", "github.com"));
+        assert!(!super::on_host("http://github.com/a/b", "github.com"), "not over plain http");
+    }
 }
