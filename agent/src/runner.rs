@@ -70,7 +70,7 @@ pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: onesho
             };
             match prepared {
                 Ok(p) => {
-                    info!(job_id, agent_id = %ctx.cfg.agent_id, commit = %p.commit(), stale = p.stale(), ms = started.elapsed().as_millis() as u64, "repository checked out");
+                    info!(job_id, agent_id = %ctx.cfg.agent_id, commit = %p.commit(), stale = p.stale(), fetch_ms = p.fetch_ms(), ms = started.elapsed().as_millis() as u64, "repository checked out");
                     (p.cwd.clone(), Some(p))
                 }
                 Err(ended) => {

@@ -19,6 +19,11 @@ pub struct Staged {
     tree: Oid,
 }
 
+/// Objects staging writes (blobs of changed files, trees, the commit) are kept in memory:
+/// on a slow disk, a thousand loose-object files cost more than the diff itself. A push
+/// reads them from there too.
+const IN_MEMORY_PRIORITY: i32 = 1000;
+
 /// The diff a result carries.
 #[derive(Debug, Default, PartialEq)]
 pub struct Patch {
@@ -31,6 +36,7 @@ pub struct Patch {
 pub fn stage(dir: &Path, base: Oid) -> Result<Staged, RepoError> {
     let action = "collect the job's changes";
     let repo = Repository::open(dir).map_err(|e| local(action, e.message()))?;
+    repo.odb().and_then(|odb| odb.add_new_mempack_backend(IN_MEMORY_PRIORITY).map(drop)).map_err(|e| local(action, e.message()))?;
     let tree = {
         let mut index = repo.index().map_err(|e| local(action, e.message()))?;
         index.add_all(["*"], IndexAddOption::DEFAULT, None).map_err(|e| local(action, e.message()))?;

@@ -85,6 +85,8 @@ pub struct Lease {
     pub dir: PathBuf,
     /// The fetch failed and the job runs on the last fetched state (`allow_stale`).
     pub stale: bool,
+    /// How long bringing the mirror up to date took (waiting for another job's fetch included).
+    pub fetch_ms: u64,
 }
 
 impl Drop for Lease {
@@ -128,10 +130,11 @@ impl MirrorCache {
     pub async fn acquire(self: &Arc<Self>, source: Source, allow_stale: bool) -> Result<Lease, RepoError> {
         let folder = layout::folder(&source.name);
         let (hold, lock) = self.hold(&folder);
-        let lease = Lease { _hold: hold, dir: self.root.join(&folder), stale: false };
         let asked = Instant::now();
+        let mut lease = Lease { _hold: hold, dir: self.root.join(&folder), stale: false, fetch_ms: 0 };
         let guard = lock.lock_owned().await;
         if guard.fetched_from.is_some_and(|t| t >= asked) {
+            lease.fetch_ms = asked.elapsed().as_millis() as u64;
             return Ok(lease);
         }
         let abort = Arc::new(AtomicBool::new(false));
@@ -155,7 +158,7 @@ impl MirrorCache {
         })
         .await
         .unwrap_or_else(|e| Err(local("fetch the repository", e)));
-        let mut lease = lease;
+        lease.fetch_ms = asked.elapsed().as_millis() as u64;
         if let Err(e) = fetched {
             if !(allow_stale && usable(&lease.dir)) {
                 return Err(e);

@@ -118,6 +118,11 @@ impl Prepared {
         self.lease.stale
     }
 
+    /// How long bringing the mirror up to date took.
+    pub fn fetch_ms(&self) -> u64 {
+        self.lease.fetch_ms
+    }
+
     /// After Claude: the diff (`include_diff`) and the push (`push_branch`). `redactor`
     /// masks the diff and refuses to push changes that hold a token.
     pub async fn finish(self, repos: &Repos, spec: &JobSpec, job_id: &str, redactor: Redactor) -> Result<Outcome, RepoError> {

@@ -163,6 +163,8 @@ async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
     let staged = changes::stage(&co.dir, co.commit).unwrap();
     let patch = staged.patch(1 << 20).unwrap();
     assert!(!patch.truncated);
+    let loose = std::fs::read_dir(co.dir.join(".git/objects")).unwrap().flatten().filter(|e| e.file_name().len() == 2).count();
+    assert_eq!(loose, 0, "staging writes no object files into the checkout");
     let t = &patch.text;
     assert!(t.contains("diff --git a/added.txt b/added.txt\nnew file mode 100644") && t.contains("+brand new"), "{t}");
     assert!(t.contains("+fn b() {}"), "{t}");

@@ -68,6 +68,7 @@ usage: cargo run --release -p claude-runner-tests --bin bench -- [options]
   --repo-runs N        jobs of each kind (default 10)
   --repo-mb N          size of the generated repository in MiB (default 50)
   --repo-commits N     its commits (default 5000)
+  --repo-files N       files in its working tree (default 500)
   --diff-files N       new files in the include_diff job (default 1000)
 
 Build the binaries first: cargo build --release --bins";
@@ -109,6 +110,7 @@ fn parse_args() -> Result<Opts, String> {
             "--repo-runs" => opts.repo.get_or_insert_with(Default::default).runs = number(value()?)?,
             "--repo-mb" => opts.repo.get_or_insert_with(Default::default).mb = number(value()?)?,
             "--repo-commits" => opts.repo.get_or_insert_with(Default::default).commits = number(value()?)?,
+            "--repo-files" => opts.repo.get_or_insert_with(Default::default).files = number(value()?)?,
             "--diff-files" => opts.repo.get_or_insert_with(Default::default).diff_files = number(value()?)?,
             "--edge" => {
                 opts.edges = match value()?.as_str() {
