@@ -82,7 +82,7 @@ pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: onesho
                             JobResult::failure(ErrorCode::RepoError, e.to_string(), ms)
                         }
                     };
-                    clean_up(ctx, &workspace, &result).await;
+                    clean_up(ctx, job_id, &workspace, &result).await;
                     return result;
                 }
             }
@@ -119,7 +119,7 @@ pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: onesho
         result.duration_ms = started.elapsed().as_millis() as u64;
         crate::repo::fit_result(&mut result, MAX_RESULT_BYTES);
     }
-    clean_up(ctx, &workspace, &result).await;
+    clean_up(ctx, job_id, &workspace, &result).await;
     result
 }
 
@@ -172,10 +172,10 @@ async fn hand_back(
 }
 
 /// Removes the job's workspace, unless it failed and `KEEP_FAILED_WORKSPACES` is set.
-async fn clean_up(ctx: &JobContext, workspace: &std::path::Path, result: &JobResult) {
+async fn clean_up(ctx: &JobContext, job_id: &str, workspace: &std::path::Path, result: &JobResult) {
     let keep = std::env::var_os("CLAUDE_RUNNER_KEEP_WORKSPACES").is_some() || (!result.success && ctx.cfg.repos.keep_failed_workspaces);
     if keep {
-        info!(workspace = %workspace.display(), "workspace kept");
+        info!(job_id, agent_id = %ctx.cfg.agent_id, workspace = %workspace.display(), "workspace kept");
     } else {
         let _ = tokio::fs::remove_dir_all(workspace).await;
     }
