@@ -182,7 +182,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
     }
     let heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms.clamp(100, 600_000));
     info!(agent_id = %cfg.agent_id, session = %welcome.session_id, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the edge");
-    agent.status.connected();
+    agent.status.connected(heartbeat.as_millis() as u64);
 
     // 4. Work: credit for the free slots, then every result the edge has not acknowledged.
     let free = agent.free_slots();
@@ -240,7 +240,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
                 };
                 // A send into a dead (half-open) connection may hang; bound it.
                 match timeout(heartbeat, send(&mut ws, &beat)).await {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(())) => agent.status.beat(),
                     Ok(Err(end)) => return end,
                     Err(_) => return End::Lost("could not send a heartbeat: the connection is stuck".into()),
                 }

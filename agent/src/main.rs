@@ -71,6 +71,10 @@ enum Command {
     Status {
         #[command(flatten)]
         local: LocalArgs,
+        /// Print one line and exit 0 only if the agent runs, is connected and not stuck
+        /// (a health check that needs no port).
+        #[arg(long)]
+        check: bool,
     },
 }
 
@@ -128,8 +132,9 @@ fn main() {
                 let code = submit::run(args).await?;
                 std::process::exit(code);
             }
-            Command::Status { local } => {
-                if !status::show(&local.data_dir())? {
+            Command::Status { local, check } => {
+                let healthy = if check { status::check(&local.data_dir())? } else { status::show(&local.data_dir())? };
+                if !healthy {
                     std::process::exit(1);
                 }
                 Ok(())

@@ -144,13 +144,36 @@ async fn status_tells_whether_the_agent_runs_and_is_connected() {
         let out = Command::new(bin("claude-runner")).arg("status").env("DATA_DIR", &data_dir).output().unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
     };
+    // `status --check`, the container's health check: one line, the verdict in the exit code.
+    let check = || {
+        let out = Command::new(bin("claude-runner")).args(["status", "--check"]).env("DATA_DIR", &data_dir).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
     let mut last = (false, String::new());
     assert!(eventually(Duration::from_secs(5), || { last = status(); last.0 }).await, "{}", last.1);
     assert!(last.1.contains("connected since"), "{}", last.1);
+    let (ok, out) = check();
+    assert!(ok, "{out}");
+    assert!(out.starts_with("healthy: agent spark is connected"), "{out}");
+    // The file is rewritten at every heartbeat (1 s here), not only on changes.
+    let written = || std::fs::metadata(data_dir.join("status.json")).unwrap().modified().unwrap();
+    let before = written();
+    assert!(eventually(Duration::from_secs(5), || written() > before).await, "status.json is refreshed by heartbeats");
     agent.stop();
     let (ok, out) = status();
     assert!(!ok);
     assert!(out.contains("not running"), "{out}");
+    let (ok, out) = check();
+    assert!(!ok, "{out}");
+    assert!(out.starts_with("unhealthy: agent spark (pid"), "{out}");
+}
+
+#[test]
+fn status_check_without_an_agent_is_unhealthy() {
+    let data = TempDir::new("status-none");
+    let out = Command::new(bin("claude-runner")).args(["status", "--check"]).env("DATA_DIR", data.path()).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("No agent has run"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
