@@ -66,6 +66,26 @@ pub struct AgentConfig {
     pub claude_model: Option<String>,
 }
 
+/// Makes a setting set to an empty value (`CLAUDE_MODEL=` in an `.env` file or a systemd
+/// `EnvironmentFile`) count as unset, as people writing those files expect; clap would
+/// take it as an empty value and refuse it. Every variable a flag of `cli` reads is
+/// covered. Call it before any thread starts (it changes the environment).
+pub fn forget_empty_settings(cli: &clap::Command) {
+    fn names(cmd: &clap::Command, out: &mut Vec<std::ffi::OsString>) {
+        out.extend(cmd.get_arguments().filter_map(|a| a.get_env().map(|e| e.to_os_string())));
+        for sub in cmd.get_subcommands() {
+            names(sub, out);
+        }
+    }
+    let mut settings = Vec::new();
+    names(cli, &mut settings);
+    for name in settings {
+        if std::env::var_os(&name).is_some_and(|v| v.is_empty()) {
+            std::env::remove_var(&name);
+        }
+    }
+}
+
 /// `ws(s)://host[:port][/prefix]` → the `/agent/connect` URL.
 pub fn connect_url(edge_url: &str) -> anyhow::Result<String> {
     let url = edge_url.trim().trim_end_matches('/');

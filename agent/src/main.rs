@@ -50,8 +50,11 @@ enum Command {
     /// Make the edge and agent key pairs and print where each goes.
     Keygen {
         /// Print {"edge_signing_key","edge_public_key","agent_signing_key","agent_public_key"}.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "env")]
         json: bool,
+        /// Print NAME=value lines to append to docker-compose's .env.
+        #[arg(long)]
+        env: bool,
         /// The agent id to print in AGENT_PUBLIC_KEYS.
         #[arg(long, env = "AGENT_ID")]
         agent_id: Option<String>,
@@ -107,6 +110,7 @@ pub async fn serve_agent(cfg: AgentConfig, stop: impl std::future::Future<Output
 }
 
 fn main() {
+    config::forget_empty_settings(&<Cli as clap::CommandFactory>::command());
     let cli = Cli::parse();
     edge_native::init_logging(&cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -117,8 +121,13 @@ fn main() {
                 let cfg = args.resolve()?;
                 serve_agent(cfg, shutdown_signal()).await
             }
-            Command::Keygen { json, agent_id } => {
-                keygen::print(&keygen::KeySet::generate(), &agent_id.unwrap_or_else(config::default_agent_id), json);
+            Command::Keygen { json, env, agent_id } => {
+                let format = match (json, env) {
+                    (true, _) => keygen::Format::Json,
+                    (_, true) => keygen::Format::Env,
+                    _ => keygen::Format::Text,
+                };
+                keygen::print(&keygen::KeySet::generate(), &agent_id.unwrap_or_else(config::default_agent_id), format);
                 Ok(())
             }
             Command::Up(args) => up::run(args).await,

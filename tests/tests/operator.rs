@@ -26,6 +26,22 @@ fn keygen_says_where_each_key_goes() {
 }
 
 #[test]
+fn keygen_env_prints_matching_settings_for_an_env_file() {
+    let out = Command::new(bin("claude-runner")).args(["keygen", "--env", "--agent-id", "spark"]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let settings: std::collections::HashMap<&str, &str> =
+        text.lines().filter(|l| !l.starts_with('#')).map(|l| l.split_once('=').expect("NAME=value lines only")).collect();
+    assert_eq!(settings.len(), 6, "{text}");
+    assert_eq!(settings["AGENT_ID"], "spark");
+    assert_eq!(settings["RUNNER_SECRET"].len(), 64);
+    let edge = shared::keys::signing_key("edge", settings["EDGE_SIGNING_KEY"]).unwrap();
+    let agent = shared::keys::signing_key("agent", settings["AGENT_SIGNING_KEY"]).unwrap();
+    assert_eq!(shared::keys::encode_verifying(&edge.verifying_key()), settings["EDGE_PUBLIC_KEY"]);
+    assert_eq!(format!("spark={}", shared::keys::encode_verifying(&agent.verifying_key())), settings["AGENT_PUBLIC_KEYS"]);
+}
+
+#[test]
 fn up_without_claude_says_how_to_install_it() {
     let data = TempDir::new("up-noclaude");
     let out = Command::new(bin("claude-runner"))
@@ -217,4 +233,22 @@ async fn submit_shows_progress_and_prints_the_result() {
     let (code, _, err) = submit(&["x", "--secret", "wrong"], "");
     assert_eq!(code, Some(2));
     assert!(err.contains("403"), "{err}");
+}
+
+#[test]
+fn empty_settings_count_as_unset() {
+    // As an .env file or a systemd EnvironmentFile leaves them: `CLAUDE_MODEL=`.
+    let claude_dir = TempDir::new("empty-settings");
+    let out = Command::new(bin("claude-runner"))
+        .arg("oauth-status")
+        .env("HOME", claude_dir.path())
+        .env("CLAUDE_CONFIG_DIR", "")
+        .env("CLAUDE_MODEL", "")
+        .env("DATA_DIR", "")
+        .env("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-empty-settings")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("oauth_token_env"), "{text}");
 }
