@@ -68,6 +68,9 @@ CMD ["claude-runner-edge"]
 # ---- the agent (default target) -------------------------------------------------------------
 FROM ${NODE_IMAGE} AS agent
 ARG CLAUDE_CODE_VERSION=2.1.197
+# Behind a TLS-inspecting proxy, npm needs its CA: mount the bundle into the build
+# (`podman build -v bundle:/run/ca.crt:ro`, or a BuildKit secret) and name it here.
+ARG NODE_EXTRA_CA_CERTS
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates git tini \

@@ -22,6 +22,8 @@ pub struct Agent {
     pub auth: AuthHealth,
     pub spool: Spool,
     pub status: StatusFile,
+    /// The Claude Code CLI's version, for the edge's `/health`.
+    pub cli: crate::cli_version::CliVersion,
     replay: Mutex<ReplayGuard>,
     /// Running jobs and the handle that cancels each.
     running: Mutex<HashMap<String, Option<oneshot::Sender<crate::job::Stop>>>>,
@@ -41,6 +43,7 @@ impl Agent {
         let status = StatusFile::new(cfg.data_dir.join("status.json"), &cfg.agent_id, &cfg.connect_url);
         let agent = Agent {
             status,
+            cli: Default::default(),
             cfg,
             login,
             gate: RefreshGate::default(),

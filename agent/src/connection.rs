@@ -154,6 +154,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
         running: agent.running_ids(),
         finished: agent.spool.all().into_iter().map(|(id, _)| id).collect(),
         oauth: agent.oauth_report(),
+        claude_version: agent.cli.current(),
     };
     let envelope = Envelope::seal(Domain::Hello, &hello, &cfg.signing_key);
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: cfg.agent_id.clone(), envelope };
@@ -237,6 +238,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
                     running: agent.running_ids(),
                     capacity: cfg.max_concurrent_jobs,
                     oauth: agent.oauth_report(),
+                    claude_version: agent.cli.current(),
                 };
                 // A send into a dead (half-open) connection may hang; bound it.
                 match timeout(heartbeat, send(&mut ws, &beat)).await {

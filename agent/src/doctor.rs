@@ -32,24 +32,10 @@ pub async fn run(args: AgentArgs) -> bool {
 
     match find_binary(&args.local.claude_bin) {
         None => r.fail("claude binary", format!("`{}` not found.\n{INSTALL_CLAUDE}", args.local.claude_bin)),
-        Some(path) => {
-            let version = tokio::time::timeout(
-                Duration::from_secs(20),
-                tokio::process::Command::new(&path).arg("--version").kill_on_drop(true).output(),
-            )
-            .await;
-            match version {
-                Ok(Ok(out)) if out.status.success() => {
-                    r.ok("claude binary", format!("{} ({})", path.display(), String::from_utf8_lossy(&out.stdout).trim()))
-                }
-                Ok(Ok(out)) => r.fail(
-                    "claude binary",
-                    format!("{} --version failed: {}; reinstall Claude Code", path.display(), String::from_utf8_lossy(&out.stderr).trim()),
-                ),
-                Ok(Err(e)) => r.fail("claude binary", format!("{} cannot run: {e}; check its permissions", path.display())),
-                Err(_) => r.fail("claude binary", format!("{} --version did not answer within 20 s", path.display())),
-            }
-        }
+        Some(path) => match crate::cli_version::probe(&path).await {
+            Ok(version) => r.ok("claude binary", format!("{} ({version})", path.display())),
+            Err(e) => r.fail("claude binary", e),
+        },
     }
 
     let login = crate::oauth::Login::new(args.local.claude_config_dir.as_deref());

@@ -6,6 +6,7 @@
 //! - [`agent`]: state that outlives connections; verifying and starting orders.
 //! - [`job`]: one job's run: workspace, Claude's process group, timeout, result.
 //! - [`claude`]: Claude Code's command line and its stream-json, as pure functions.
+//! - [`cli_version`]: which Claude Code CLI runs here, reported in `/health`.
 //! - [`oauth`]: the login on this machine and the refresh gate.
 //! - [`redact`]: keeps tokens from ever leaving the machine.
 //! - [`spool`]: results on disk until the edge acknowledges them.
@@ -15,6 +16,7 @@
 
 mod agent;
 mod claude;
+mod cli_version;
 mod config;
 mod connection;
 mod doctor;
@@ -95,6 +97,17 @@ pub use edge_native::shutdown_signal;
 pub async fn serve_agent(cfg: AgentConfig, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     tracing::info!(agent_id = %cfg.agent_id, edge = %cfg.connect_url, capacity = cfg.max_concurrent_jobs, claude = %cfg.claude_bin, "agent starting");
     let (agent, uplink) = agent::Agent::new(cfg)?;
+    // Known before the first hello; then noticed within a minute of an upgrade.
+    agent.cli.refresh(&agent.cfg.claude_bin).await;
+    let cli_watch = tokio::spawn({
+        let agent = agent.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                agent.cli.refresh(&agent.cfg.claude_bin).await;
+            }
+        }
+    });
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let connection = tokio::spawn(connection::run(agent.clone(), uplink, shutdown_rx));
     stop.await;
@@ -106,6 +119,7 @@ pub async fn serve_agent(cfg: AgentConfig, stop: impl std::future::Future<Output
     }
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(3), connection).await;
+    cli_watch.abort();
     Ok(())
 }
 

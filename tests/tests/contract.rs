@@ -110,6 +110,8 @@ async fn health_follows_the_agent(kind: EdgeKind) {
     assert_eq!(h.body["agent"]["connected"], true);
     assert_eq!(h.body["agent"]["agent_id"], "spark");
     assert_eq!(h.body["agent"]["capacity"], 1);
+    // The agent's `claude --version`, read before its first hello.
+    assert_eq!(h.body["agent"]["claude_version"], "0.0.0 (Claude Code stand-in)");
     assert_eq!(h.body["oauth"]["configured"], true);
     assert!(h.body["timestamp"].as_str().unwrap().ends_with('Z'));
     s.agent.stop();
@@ -494,6 +496,7 @@ async fn a_silent_agent_is_reported_offline_within_two_heartbeats(kind: EdgeKind
         running: vec![],
         finished: vec![],
         oauth: shared::oauth::OAuthReport { source: shared::oauth::OAuthSource::ApiKey, ..shared::oauth::OAuthReport::unconfigured(now) },
+        claude_version: None,
     };
     let envelope = Envelope::seal(Domain::Hello, &hello, keys.agent("spark"));
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope };

@@ -323,6 +323,7 @@ impl Edge {
             capacity: hello.capacity,
             credits: 0,
             oauth: hello.oauth.clone(),
+            claude_version: hello.claude_version.as_deref().map(claude_version),
         });
         let welcome = Welcome {
             protocol: PROTOCOL_VERSION,
@@ -391,9 +392,12 @@ impl Edge {
         let agent = session.agent_mut().expect("ready session");
         let agent_id = agent.agent_id.clone();
         match msg {
-            AgentMessage::Heartbeat { running: _, capacity, oauth } => {
+            AgentMessage::Heartbeat { running: _, capacity, oauth, claude_version: version } => {
                 agent.capacity = capacity;
                 agent.oauth = oauth.clone();
+                if let Some(v) = version {
+                    agent.claude_version = Some(claude_version(&v));
+                }
                 effects.push(Effect::SaveSession(Box::new(session.clone())));
                 self.last_oauth = Some((agent_id, oauth));
                 let ack = EdgeMessage::HeartbeatAck { server_time: now };
@@ -792,6 +796,7 @@ impl Edge {
             last_seen: rfc3339(self.sessions[*sid].last_seen),
             running_jobs: running(sid),
             capacity: a.capacity,
+            claude_version: a.claude_version.clone(),
         };
         let status = match best {
             None => HealthStatus::Offline,
@@ -843,4 +848,10 @@ impl Edge {
 
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An agent's CLI version as the edge keeps and shows it: one bounded line.
+fn claude_version(reported: &str) -> String {
+    let line = reported.lines().next().unwrap_or_default().trim();
+    shared::text::truncate(line, shared::protocol::MAX_CLAUDE_VERSION_BYTES).to_string()
 }
