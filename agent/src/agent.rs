@@ -1,22 +1,49 @@
-//! The agent's shared state and its handling of edge orders: verifying a job (signature,
-//! audience, expiry, replay), starting it, cancelling it, and keeping its result until
-//! the edge has it. Connections come and go ([`crate::connection`]); this outlives them.
+//! The agent's state that outlives connections, and its handling of the edge's orders:
+//! verifying a job (signature, audience, expiry, replay), registering and starting it,
+//! cancelling it, and keeping its result until the edge has it. Connections come and go
+//! ([`crate::connection`]); job tasks are owned by the serve loop ([`crate::serve`]).
 
 use crate::config::AgentConfig;
 use crate::oauth::{AuthHealth, Login, RefreshGate};
+use crate::process::Stop;
 use crate::replay::ReplayGuard;
-use crate::spool::{safe_id, Spool};
+use crate::runner::{self, JobContext};
+use crate::spool::Spool;
 use crate::status::StatusFile;
+use futures_util::FutureExt;
+use shared::contract::ErrorCode;
 use shared::envelope::{open_order, Domain, Envelope, Refusal};
+use shared::job::JobResult;
 use shared::oauth::OAuthReport;
 use shared::protocol::{AgentMessage, CancelOrder, JobOrder};
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
+
+/// One job's whole task, from start to its result on the uplink; the serve loop runs it.
+pub type JobTask = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The ends of the agent's queues that its tasks read.
+pub struct Queues {
+    /// Messages for the edge: the connection sends them.
+    pub uplink: mpsc::UnboundedReceiver<AgentMessage>,
+    /// Job tasks to run: the serve loop spawns them.
+    pub jobs: mpsc::UnboundedReceiver<JobTask>,
+}
+
+/// Jobs on this agent: each running one has the handle that stops it.
+#[derive(Default)]
+struct Running {
+    jobs: HashMap<String, Option<oneshot::Sender<Stop>>>,
+    /// The agent is stopping: no new job starts.
+    closed: bool,
+}
 
 pub struct Agent {
-    pub cfg: AgentConfig,
+    pub cfg: Arc<AgentConfig>,
     pub login: Login,
     pub gate: RefreshGate,
     pub auth: AuthHealth,
@@ -25,45 +52,56 @@ pub struct Agent {
     /// The Claude Code CLI's version, for the edge's `/health`.
     pub cli: crate::cli_version::CliVersion,
     replay: Mutex<ReplayGuard>,
-    /// Running jobs and the handle that cancels each.
-    running: Mutex<HashMap<String, Option<oneshot::Sender<crate::job::Stop>>>>,
+    running: Mutex<Running>,
     /// Messages for the edge; the current connection sends them, or drops them while
     /// there is none (results are spooled, credits recomputed, events are only progress).
     pub uplink: mpsc::UnboundedSender<AgentMessage>,
+    jobs: mpsc::UnboundedSender<JobTask>,
 }
 
 impl Agent {
-    pub fn new(cfg: AgentConfig) -> anyhow::Result<(Arc<Agent>, mpsc::UnboundedReceiver<AgentMessage>)> {
+    pub fn new(cfg: AgentConfig) -> anyhow::Result<(Arc<Agent>, Queues)> {
         let spool = Spool::open(cfg.data_dir.join("spool")).map_err(|e| {
             anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
         })?;
         let replay = ReplayGuard::open(cfg.data_dir.join("seen-orders.log"));
         let login = Login::new(cfg.claude_config_dir.as_deref());
-        let (uplink, rx) = mpsc::unbounded_channel();
+        let (uplink, uplink_rx) = mpsc::unbounded_channel();
+        let (jobs, jobs_rx) = mpsc::unbounded_channel();
         let status = StatusFile::new(cfg.data_dir.join("status.json"), &cfg.agent_id, &cfg.connect_url);
         let agent = Agent {
             status,
             cli: Default::default(),
-            cfg,
+            cfg: Arc::new(cfg),
             login,
             gate: RefreshGate::default(),
             auth: AuthHealth::default(),
             spool,
             replay: Mutex::new(replay),
-            running: Mutex::new(HashMap::new()),
+            running: Mutex::new(Running::default()),
             uplink,
+            jobs,
         };
-        Ok((Arc::new(agent), rx))
+        Ok((Arc::new(agent), Queues { uplink: uplink_rx, jobs: jobs_rx }))
+    }
+
+    /// What a job runner gets to see.
+    fn job_context(&self) -> JobContext {
+        JobContext { cfg: Arc::clone(&self.cfg), login: self.login.clone(), gate: self.gate.clone(), uplink: self.uplink.clone() }
     }
 
     pub fn running_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.running.lock().expect("running lock").keys().cloned().collect();
+        let mut ids: Vec<String> = self.running.lock().expect("running lock").jobs.keys().cloned().collect();
         ids.sort();
         ids
     }
 
     pub fn free_slots(&self) -> u32 {
-        self.cfg.max_concurrent_jobs.saturating_sub(self.running.lock().expect("running lock").len() as u32)
+        let running = self.running.lock().expect("running lock");
+        if running.closed {
+            return 0;
+        }
+        self.cfg.max_concurrent_jobs.saturating_sub(running.jobs.len() as u32)
     }
 
     pub fn oauth_report(&self) -> OAuthReport {
@@ -103,70 +141,91 @@ impl Agent {
     pub fn on_job(self: &Arc<Self>, envelope: &Envelope) {
         let Some(order) = self.verify::<JobOrder>(envelope, Domain::Job) else { return };
         let job_id = order.header.job_id.clone();
-        if !safe_id(&job_id) {
+        if !shared::ids::plain_id(&job_id, shared::ids::MAX_JOB_ID) {
             let reason = "the job id has characters the agent does not accept as a file name".into();
             let _ = self.uplink.send(AgentMessage::Rejected { job_id: Some(job_id), reason, retry: false });
             return;
         }
-        let (cancel_tx, cancel_rx) = oneshot::channel();
-        {
-            let mut running = self.running.lock().expect("running lock");
-            if running.contains_key(&job_id) || self.spool.has(&job_id) {
-                warn!(job_id = %job_id, "job already here; not starting it twice");
-                return;
-            }
-            if running.len() as u32 >= self.cfg.max_concurrent_jobs {
-                drop(running);
-                let reason = "no free slot: the edge sent more jobs than the agent granted".to_string();
-                // Nothing wrong with the order itself: the edge may send it again later.
-                let _ = self.uplink.send(AgentMessage::Rejected { job_id: Some(job_id), reason, retry: true });
-                return;
-            }
-            running.insert(job_id.clone(), Some(cancel_tx));
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let mut running = self.running.lock().expect("running lock");
+        if running.jobs.contains_key(&job_id) || self.spool.has(&job_id) {
+            warn!(job_id = %job_id, "job already here; not starting it twice");
+            return;
         }
-        self.status.running(self.running_ids());
+        if running.closed || running.jobs.len() as u32 >= self.cfg.max_concurrent_jobs {
+            drop(running);
+            let reason = "no free slot: the agent is full or stopping".to_string();
+            // Nothing wrong with the order itself: the edge may send it again later.
+            let _ = self.uplink.send(AgentMessage::Rejected { job_id: Some(job_id), reason, retry: true });
+            return;
+        }
+        running.jobs.insert(job_id.clone(), Some(stop_tx));
         info!(job_id = %job_id, agent_id = %self.cfg.agent_id, timeout_ms = order.spec.timeout_ms, "job accepted");
         let _ = self.uplink.send(AgentMessage::Accepted { job_id: job_id.clone() });
+        // Handed over while the lock is held, so a stop that closes the registry finds
+        // every registered job's task in the queue.
         let agent = Arc::clone(self);
-        tokio::spawn(async move {
+        let id = job_id.clone();
+        let task = async move {
+            let job_id = id;
+            let ctx = agent.job_context();
             // A bug in the runner must not leave the slot taken and the caller waiting:
             // a panicked job still ends, as a failure.
-            let run = tokio::spawn(crate::job::run(Arc::clone(&agent), job_id.clone(), order.spec, cancel_rx));
-            let result = run.await.unwrap_or_else(|e| {
-                tracing::error!(job_id = %job_id, error = %e, "the job runner failed");
-                shared::job::JobResult::failure(
-                    shared::contract::ErrorCode::InternalError,
-                    "the agent failed while running this job (see its log); retry",
-                    0,
-                )
+            let run = std::panic::AssertUnwindSafe(runner::run(&ctx, &job_id, order.spec, stop_rx)).catch_unwind();
+            let result = run.await.unwrap_or_else(|_| {
+                error!(job_id = %job_id, agent_id = %agent.cfg.agent_id, "the job runner panicked");
+                JobResult::failure(ErrorCode::InternalError, "the agent failed while running this job (see its log); retry", 0)
             });
-            if let Err(e) = agent.spool.put(&job_id, &result) {
-                warn!(job_id = %job_id, error = %e, "could not spool the result; sending it anyway");
-            }
-            agent.running.lock().expect("running lock").remove(&job_id);
-            agent.status.running(agent.running_ids());
-            let _ = agent.uplink.send(AgentMessage::Result { job_id, result });
-            let _ = agent.uplink.send(AgentMessage::Credit { slots: 1 });
-        });
+            agent.finish(&job_id, result);
+        };
+        if self.jobs.send(Box::pin(task)).is_err() {
+            // The serve loop is gone: the agent is exiting.
+            running.jobs.remove(&job_id);
+        }
+        drop(running);
+        self.status.running(self.running_ids());
+    }
+
+    /// A job ended: remember its login outcome, keep its result until the edge has it,
+    /// free its slot, and tell the edge.
+    fn finish(&self, job_id: &str, result: JobResult) {
+        match result.error_code {
+            Some(ErrorCode::RunnerOauthError) => self.auth.set_failed(true),
+            None => self.auth.set_failed(false),
+            _ => {}
+        }
+        if let Err(e) = self.spool.put(job_id, &result) {
+            warn!(job_id, agent_id = %self.cfg.agent_id, error = %e, "could not spool the result; sending it anyway");
+        }
+        self.running.lock().expect("running lock").jobs.remove(job_id);
+        self.status.running(self.running_ids());
+        let _ = self.uplink.send(AgentMessage::Result { job_id: job_id.to_string(), result });
+        let _ = self.uplink.send(AgentMessage::Credit { slots: 1 });
     }
 
     pub fn on_cancel(&self, envelope: &Envelope) {
         let Some(order) = self.verify::<CancelOrder>(envelope, Domain::Cancel) else { return };
         // The id stays listed as running until the job task ends and removes it.
-        let handle = self.running.lock().expect("running lock").get_mut(&order.header.job_id).and_then(Option::take);
+        let handle = self.running.lock().expect("running lock").jobs.get_mut(&order.header.job_id).and_then(Option::take);
         match handle {
-            Some(cancel) => {
-                info!(job_id = %order.header.job_id, reason = %order.reason, "cancelling job");
-                let _ = cancel.send(crate::job::Stop::Cancelled(order.reason));
+            Some(stop) => {
+                info!(job_id = %order.header.job_id, agent_id = %self.cfg.agent_id, reason = %order.reason, "cancelling job");
+                let _ = stop.send(Stop::Cancelled(order.reason));
             }
-            None => info!(job_id = %order.header.job_id, "cancel for a job not running here"),
+            None => info!(job_id = %order.header.job_id, agent_id = %self.cfg.agent_id, "cancel for a job not running here"),
         }
+    }
+
+    /// No new job starts from now on; the running ones go on.
+    pub fn close(&self) {
+        self.running.lock().expect("running lock").closed = true;
     }
 
     /// Stops every running job (the agent is shutting down); their results are spooled.
     pub fn stop_all(&self) {
-        for cancel in self.running.lock().expect("running lock").values_mut().filter_map(Option::take) {
-            let _ = cancel.send(crate::job::Stop::AgentStopping);
+        let mut running = self.running.lock().expect("running lock");
+        for stop in running.jobs.values_mut().filter_map(Option::take) {
+            let _ = stop.send(Stop::AgentStopping);
         }
     }
 }

@@ -43,7 +43,7 @@ impl CliVersion {
 
     /// Reads the version again if the binary `name` resolves to is not the one read last.
     pub async fn refresh(&self, name: &str) {
-        let Some(path) = crate::up::find_binary(name) else { return };
+        let Some(path) = crate::process::find_binary(name) else { return };
         // Change is noticed on the file itself (npm's `claude` is a symlink into the package).
         let real = path.canonicalize().unwrap_or_else(|_| path.clone());
         let modified = std::fs::metadata(&real).and_then(|m| m.modified()).ok();

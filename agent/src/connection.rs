@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{error, info, warn};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(protocol::HANDSHAKE_TIMEOUT_MS);
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -102,14 +102,14 @@ async fn send(ws: &mut Socket, msg: &AgentMessage) -> Result<(), End> {
 }
 
 async fn refuse(ws: &mut Socket, code: u16, reason: String) -> End {
-    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.chars().take(120).collect::<String>().into() };
+    let frame = CloseFrame { code: CloseCode::from(code), reason: close::reason(&reason).into() };
     let _ = ws.close(Some(frame)).await;
     End::Refused(reason)
 }
 
 /// The agent's nonce for the edge to sign back.
 fn nonce() -> String {
-    shared::keys::encode(&edge_native::entropy::<24>())
+    shared::keys::encode(&runtime::entropy::<24>())
 }
 
 /// One connection, from dial to end.
@@ -122,14 +122,14 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
     let mut ws = match timeout(HANDSHAKE_TIMEOUT, dial).await {
         Ok(Ok((ws, _))) => ws,
         Ok(Err(e)) => return End::Lost(format!("cannot reach the edge at {}: {e}", cfg.connect_url)),
-        Err(_) => return End::Lost(format!("no answer from the edge at {} within 10 s", cfg.connect_url)),
+        Err(_) => return End::Lost(format!("no answer from the edge at {} within {} s", cfg.connect_url, HANDSHAKE_TIMEOUT.as_secs())),
     };
 
     // 1. The edge's challenge.
     let challenge = match timeout(HANDSHAKE_TIMEOUT, next_edge_message(&mut ws)).await {
         Ok(Ok(m)) => m,
         Ok(Err(end)) => return end,
-        Err(_) => return End::Lost("the edge sent no challenge within 10 s".into()),
+        Err(_) => return End::Lost(format!("the edge sent no challenge within {} s", HANDSHAKE_TIMEOUT.as_secs())),
     };
     let EdgeMessage::Challenge { protocol, nonce: challenge, edge_version, .. } = challenge else {
         return refuse(&mut ws, close::PROTOCOL_ERROR, "expected a challenge from the edge".into()).await;
@@ -169,7 +169,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
         Ok(Ok(_)) => return refuse(&mut ws, close::PROTOCOL_ERROR, "expected a welcome from the edge".into()).await,
         Ok(Err(End::Lost(why))) => return End::Refused(why),
         Ok(Err(end)) => return end,
-        Err(_) => return End::Lost("the edge did not answer the hello within 10 s".into()),
+        Err(_) => return End::Lost(format!("the edge did not answer the hello within {} s", HANDSHAKE_TIMEOUT.as_secs())),
     };
     let welcome: Welcome = match welcome.open(Domain::Welcome, &cfg.edge_public_key) {
         Ok(w) => w,

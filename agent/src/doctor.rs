@@ -2,7 +2,7 @@
 //! the keys, the edge — and says how to fix each problem it finds.
 
 use crate::config::{connect_url, AgentArgs};
-use crate::up::{find_binary, INSTALL_CLAUDE};
+use crate::process::{find_binary, INSTALL_CLAUDE};
 use futures_util::StreamExt;
 use shared::keys;
 use shared::protocol::{EdgeMessage, PROTOCOL_VERSION};
@@ -95,14 +95,16 @@ pub async fn run(args: AgentArgs) -> bool {
 
 /// Dials the edge and reads its challenge. It does not answer it: proving the agent's key
 /// would replace the connection of an agent already running with this id.
+const HANDSHAKE: Duration = Duration::from_millis(shared::protocol::HANDSHAKE_TIMEOUT_MS);
+
 async fn reach(url: &str) -> Result<String, String> {
     let dial = tokio_tungstenite::connect_async(url);
-    let (mut ws, _) = match tokio::time::timeout(Duration::from_secs(10), dial).await {
+    let (mut ws, _) = match tokio::time::timeout(HANDSHAKE, dial).await {
         Ok(Ok(ok)) => ok,
         Ok(Err(e)) => return Err(format!("cannot reach {url}: {e}; check EDGE_URL and that the edge is deployed")),
-        Err(_) => return Err(format!("no answer from {url} within 10 s; check EDGE_URL and the network")),
+        Err(_) => return Err(format!("no answer from {url} within {} s; check EDGE_URL and the network", HANDSHAKE.as_secs())),
     };
-    let first = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+    let first = tokio::time::timeout(HANDSHAKE, ws.next()).await;
     let _ = ws.close(None).await;
     match first {
         Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text)))) => match serde_json::from_str::<EdgeMessage>(&text) {

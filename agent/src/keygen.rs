@@ -13,7 +13,7 @@ pub struct KeySet {
     pub agent_public_key: String,
 }
 
-pub use edge_native::entropy as random_bytes;
+pub use runtime::entropy as random_bytes;
 
 pub fn runner_secret() -> String {
     random_bytes::<32>().iter().map(|b| format!("{b:02x}")).collect()

@@ -1,18 +1,22 @@
 //! `claude-runner`: the agent that runs Claude Code on Spark for an edge, and the
-//! operator's commands.
+//! operator's commands. Laid out by role, like the Buildkite agent:
 //!
-//! - [`config`]: settings from flags and environment.
+//! - [`serve`]: the agent's life: connection, job tasks, graceful stop.
 //! - [`connection`]: the outbound WebSocket: handshake, heartbeats, reconnects.
-//! - [`agent`]: state that outlives connections; verifying and starting orders.
-//! - [`job`]: one job's run: workspace, Claude's process group, timeout, result.
+//! - [`agent`]: state that outlives connections; verifying, starting and cancelling orders.
+//! - [`runner`]: one job's life, given a narrow [`runner::JobContext`].
+//! - [`workspace`]: a job's fresh folder, its working directory, a carried-over session.
+//! - [`process`]: Claude's process group: start, read, stop (TERM, then KILL).
 //! - [`claude`]: Claude Code's command line and its stream-json, as pure functions.
 //! - [`cli_version`]: which Claude Code CLI runs here, reported in `/health`.
 //! - [`oauth`]: the login on this machine and the refresh gate.
 //! - [`redact`]: keeps tokens from ever leaving the machine.
 //! - [`spool`]: results on disk until the edge acknowledges them.
 //! - [`replay`]: remembered order nonces.
+//! - [`files`]: atomic, owner-only files.
 //! - [`status`]: the agent's state file, and `claude-runner status`.
-//! - [`keygen`], [`up`], [`doctor`], [`submit`]: operator commands.
+//! - [`keygen`], [`up`], [`doctor`], [`submit`]: operator commands (`up` needs the
+//!   default `up` feature: it runs a native edge in the same process).
 
 mod agent;
 mod claude;
@@ -20,20 +24,24 @@ mod cli_version;
 mod config;
 mod connection;
 mod doctor;
-mod job;
+mod files;
 mod keygen;
 mod oauth;
+mod process;
 mod redact;
 mod replay;
+mod runner;
+mod serve;
 mod spool;
 mod status;
 mod submit;
+#[cfg(feature = "up")]
 mod up;
+mod workspace;
 
 use clap::{Parser, Subcommand};
-use config::{AgentArgs, AgentConfig, LocalArgs};
+use config::{AgentArgs, LocalArgs};
 use std::path::PathBuf;
-use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "claude-runner", version, about = "Run Claude Code on your own machine for cloud callers")]
@@ -62,6 +70,7 @@ enum Command {
         agent_id: Option<String>,
     },
     /// A local edge on 127.0.0.1 plus an agent connected to it: try it in one command.
+    #[cfg(feature = "up")]
     Up(up::UpArgs),
     /// Show this machine's Claude login as the agent reports it.
     OauthStatus {
@@ -83,57 +92,24 @@ enum Command {
     },
 }
 
-/// The one clock the agent reads (the same as the native edge's).
-pub use edge_native::now_ms;
+/// The one wall clock the agent reads (durations use `Instant`).
+pub use runtime::now_ms;
 
 pub fn home() -> PathBuf {
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
 }
 
-pub use edge_native::shutdown_signal;
-
-/// Runs the agent until `stop`; then stops running jobs, lets their results go out (or
-/// stay spooled) and closes the connection.
-pub async fn serve_agent(cfg: AgentConfig, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-    tracing::info!(agent_id = %cfg.agent_id, edge = %cfg.connect_url, capacity = cfg.max_concurrent_jobs, claude = %cfg.claude_bin, "agent starting");
-    let (agent, uplink) = agent::Agent::new(cfg)?;
-    // Known before the first hello; then noticed within a minute of an upgrade.
-    agent.cli.refresh(&agent.cfg.claude_bin).await;
-    let cli_watch = tokio::spawn({
-        let agent = agent.clone();
-        async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(60)).await;
-                agent.cli.refresh(&agent.cfg.claude_bin).await;
-            }
-        }
-    });
-    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let connection = tokio::spawn(connection::run(agent.clone(), uplink, shutdown_rx));
-    stop.await;
-    tracing::info!("agent stopping");
-    agent.stop_all();
-    let deadline = tokio::time::Instant::now() + job::KILL_GRACE + Duration::from_secs(2);
-    while !agent.running_ids().is_empty() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = shutdown_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(3), connection).await;
-    cli_watch.abort();
-    Ok(())
-}
-
 fn main() {
     config::forget_empty_settings(&<Cli as clap::CommandFactory>::command());
     let cli = Cli::parse();
-    edge_native::init_logging(&cli.log_format);
+    runtime::init_logging(&cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio starts");
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Agent(args) => {
                 let cfg = args.resolve()?;
-                serve_agent(cfg, shutdown_signal()).await
+                serve::serve(cfg, runtime::shutdown_signal()).await
             }
             Command::Keygen { json, env, agent_id } => {
                 let format = match (json, env) {
@@ -144,6 +120,7 @@ fn main() {
                 keygen::print(&keygen::KeySet::generate(), &agent_id.unwrap_or_else(config::default_agent_id), format);
                 Ok(())
             }
+            #[cfg(feature = "up")]
             Command::Up(args) => up::run(args).await,
             Command::Doctor(args) => {
                 if !doctor::run(args).await {

@@ -39,6 +39,8 @@ struct OAuthEntry {
 /// Where the agent looks for Claude's login.
 #[derive(Debug, Clone)]
 pub struct Login {
+    /// Claude's config folder: `CLAUDE_CONFIG_DIR`, else `~/.claude`.
+    pub config_dir: PathBuf,
     pub credentials_path: PathBuf,
     pub oauth_token_env: Option<String>,
     pub api_key_env: Option<String>,
@@ -64,6 +66,7 @@ impl Login {
         let dir = config_dir.map(Path::to_path_buf).unwrap_or_else(|| crate::home().join(".claude"));
         Login {
             credentials_path: dir.join(".credentials.json"),
+            config_dir: dir,
             oauth_token_env: std::env::var("CLAUDE_CODE_OAUTH_TOKEN").ok().filter(|v| !v.trim().is_empty()),
             api_key_env: std::env::var("ANTHROPIC_API_KEY").ok().filter(|v| !v.trim().is_empty()),
         }
@@ -185,7 +188,7 @@ mod tests {
 
     fn login_with(dir: &Path, body: &str) -> Login {
         std::fs::write(dir.join(".credentials.json"), body).unwrap();
-        Login { credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None }
+        Login { config_dir: dir.to_path_buf(), credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None }
     }
 
     fn tempdir(name: &str) -> PathBuf {
@@ -228,7 +231,7 @@ mod tests {
             assert_eq!(r.report.source, OAuthSource::None, "{body}");
             assert!(r.report.problem.is_some(), "{body}");
         }
-        let missing = Login { credentials_path: d.join("nope.json"), oauth_token_env: Some("tok-123456789".into()), api_key_env: None };
+        let missing = Login { config_dir: d.clone(), credentials_path: d.join("nope.json"), oauth_token_env: Some("tok-123456789".into()), api_key_env: None };
         assert_eq!(missing.read(0).report.source, OAuthSource::OauthTokenEnv);
     }
 

@@ -49,8 +49,8 @@ fn encodings(secret: &str) -> Vec<String> {
     let mut forms = vec![
         secret.to_string(),
         secret.chars().rev().collect(),
-        bytes.iter().map(|b| format!("{b:02x}")).collect(),
-        bytes.iter().map(|b| format!("{b:02X}")).collect(),
+        shared::ids::hex(bytes),
+        shared::ids::hex(bytes).to_ascii_uppercase(),
     ];
     // Inside a longer base64 text the secret starts at one of three byte offsets. Encode it
     // behind 0-2 filler bytes and keep only the characters that do not depend on its

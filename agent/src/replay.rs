@@ -58,7 +58,7 @@ impl ReplayGuard {
 
     fn compact(&mut self) -> std::io::Result<()> {
         let text: String = self.seen.iter().map(|(n, e)| format!("{n} {e}\n")).collect();
-        crate::spool::write_atomically(&self.path, text.as_bytes(), false)?;
+        crate::files::write_atomically(&self.path, text.as_bytes(), false)?;
         self.lines = self.seen.len().saturating_sub(1);
         Ok(())
     }

@@ -3,32 +3,16 @@
 //! reconnecting the agent names the spooled jobs in its hello and sends them again.
 
 use shared::job::JobResult;
-use std::path::{Path, PathBuf};
+use crate::files::write_atomically;
+use std::path::PathBuf;
 
 pub struct Spool {
     dir: PathBuf,
 }
 
-/// Job ids become file names: only plain characters are allowed.
-pub fn safe_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
-/// Writes a file so that a crash leaves either the old or the new content, never half,
-/// and (with `durable`) so that it survives a power cut too, at the cost of an fsync.
-/// Readable by the owner only: these files hold keys, results and job ids.
-pub fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        f.write_all(bytes)?;
-        if durable {
-            f.sync_all()?;
-        }
-    }
-    std::fs::rename(&tmp, path)
+/// Job ids become file names: only plain ids are allowed.
+fn safe_id(id: &str) -> bool {
+    shared::ids::plain_id(id, shared::ids::MAX_JOB_ID)
 }
 
 impl Spool {

@@ -4,7 +4,7 @@
 //! heartbeat so `status --check` (the container's HEALTHCHECK) can tell a stuck agent
 //! from a quiet one.
 
-use crate::spool::write_atomically;
+use crate::files::write_atomically;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Mutex;

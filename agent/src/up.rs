@@ -4,11 +4,11 @@
 
 use crate::config::{default_agent_id, AgentConfig, LocalArgs};
 use crate::keygen::{runner_secret, KeySet};
-use crate::spool::write_atomically;
+use crate::files::write_atomically;
 use serde::{Deserialize, Serialize};
 use shared::keys;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
@@ -29,23 +29,6 @@ struct UpState {
     agent_id: String,
 }
 
-/// Where `name` resolves on PATH, or the path itself if it has a slash.
-pub fn find_binary(name: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let executable = |p: &Path| p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false);
-    if name.contains('/') {
-        let p = PathBuf::from(name);
-        return executable(&p).then_some(p);
-    }
-    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| executable(p))
-}
-
-pub const INSTALL_CLAUDE: &str = "Claude Code is not installed (no `claude` on PATH).
-Install it and log in, then run this again:
-    npm install -g @anthropic-ai/claude-code
-    claude auth login          # or: export CLAUDE_CODE_OAUTH_TOKEN=... from `claude setup-token`
-Or point CLAUDE_BIN at the binary.";
-
 fn load_or_create(dir: &Path) -> anyhow::Result<UpState> {
     let path = dir.join("up.json");
     if let Ok(bytes) = std::fs::read(&path) {
@@ -60,8 +43,8 @@ fn load_or_create(dir: &Path) -> anyhow::Result<UpState> {
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    if find_binary(&args.local.claude_bin).is_none() {
-        eprintln!("{INSTALL_CLAUDE}");
+    if crate::process::find_binary(&args.local.claude_bin).is_none() {
+        eprintln!("{}", crate::process::INSTALL_CLAUDE);
         std::process::exit(1);
     }
     let root = args.local.data_dir().join("up");
@@ -108,7 +91,7 @@ Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both.",
         secret = state.runner_secret,
         keys_path = root.join("up.json").display(),
     );
-    let result = crate::serve_agent(agent_cfg, crate::shutdown_signal()).await;
+    let result = crate::serve::serve(agent_cfg, runtime::shutdown_signal()).await;
     let _ = stop_tx.send(true);
     let _ = edge_task.await;
     result

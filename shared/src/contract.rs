@@ -235,10 +235,7 @@ impl ExecuteRequest {
             }
         }
         if let Some(s) = &self.session_id {
-            let ok = !s.is_empty()
-                && s.len() <= 128
-                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if !ok {
+            if !crate::ids::plain_id(s, crate::ids::MAX_JOB_ID) {
                 return Err(ApiError::invalid(
                     "`session_id` must be the session id of an earlier result (letters, digits, `-`)",
                 ));

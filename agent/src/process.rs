@@ -1,0 +1,251 @@
+//! Claude's process: found on PATH, started in its own process group with the prompt on
+//! stdin, its stdout read line by line (each line capped), stopped with the whole group
+//! (SIGTERM, then SIGKILL) on a timeout, a cancel or the agent stopping. What the lines
+//! mean is [`crate::claude`]'s business; what to do with them is the job runner's.
+
+use crate::claude::Ending;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+/// Time Claude gets to exit after SIGTERM before SIGKILL.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
+/// After Claude exits, how long stray children may keep its stdout open.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// Longest stdout line read whole; longer ones are cut (a result that long is not JSON
+/// anyone can use, and results are capped at 1 MiB anyway).
+pub const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
+const STDERR_TAIL_BYTES: usize = 8 * 1024;
+
+pub const INSTALL_CLAUDE: &str = "Claude Code is not installed (no `claude` on PATH).
+Install it and log in, then run this again:
+    npm install -g @anthropic-ai/claude-code
+    claude auth login          # or: export CLAUDE_CODE_OAUTH_TOKEN=... from `claude setup-token`
+Or point CLAUDE_BIN at the binary.";
+
+/// Where `name` resolves on PATH, or the path itself if it has a slash.
+pub fn find_binary(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false);
+    if name.contains('/') {
+        let p = PathBuf::from(name);
+        return executable(&p).then_some(p);
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| executable(p))
+}
+
+/// Why a job is stopped before Claude ends by itself.
+#[derive(Debug)]
+pub enum Stop {
+    /// The caller (or the edge) cancelled it.
+    Cancelled(String),
+    /// The agent is shutting down.
+    AgentStopping,
+}
+
+impl Stop {
+    /// How a job ends when told to stop (a dropped handle means the agent is going away).
+    pub fn ending(stop: Result<Stop, oneshot::error::RecvError>) -> Ending {
+        match stop {
+            Ok(Stop::Cancelled(reason)) => Ending::Cancelled { reason },
+            Ok(Stop::AgentStopping) | Err(_) => Ending::AgentStopping,
+        }
+    }
+}
+
+/// One run of Claude: what to start and where.
+pub struct Launch<'a> {
+    pub program: &'a str,
+    pub args: Vec<String>,
+    pub cwd: &'a Path,
+    pub env: Vec<(&'static str, OsString)>,
+    /// Written to stdin, which is then closed.
+    pub stdin: String,
+}
+
+/// How the run went, for [`crate::claude::result`].
+pub struct Finished {
+    pub ending: Ending,
+    /// The last few KiB Claude wrote to stderr.
+    pub stderr: String,
+}
+
+fn kill_group(pgid: u32, signal: libc::c_int) {
+    // Group 0 would be the agent's own.
+    if pgid == 0 {
+        return;
+    }
+    // SAFETY: kill(2) with a negative pid signals the process group; no memory involved.
+    unsafe {
+        libc::kill(-(pgid as libc::pid_t), signal);
+    }
+}
+
+/// Runs Claude until it ends, `deadline` passes or `stop` fires, handing each stdout line
+/// to `on_line`. Whatever happens, nothing of its process group is left running.
+pub async fn run(
+    launch: Launch<'_>,
+    job_id: &str,
+    deadline: tokio::time::Instant,
+    timeout_ms: u64,
+    stop: &mut oneshot::Receiver<Stop>,
+    mut on_line: impl FnMut(&[u8]),
+) -> Finished {
+    let mut cmd = Command::new(launch.program);
+    cmd.args(&launch.args)
+        .current_dir(launch.cwd)
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    // SAFETY: prctl only sets a flag on the child between fork and exec. If the agent dies,
+    // Claude dies with it instead of running on unseen (its result could not be reported,
+    // and the job might be sent again).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let hint = if e.kind() == std::io::ErrorKind::NotFound {
+                format!(
+                    "the Claude Code binary `{}` was not found: install it (`npm install -g @anthropic-ai/claude-code`) or set CLAUDE_BIN",
+                    launch.program
+                )
+            } else {
+                format!("could not start `{}`: {e}", launch.program)
+            };
+            return Finished { ending: Ending::SpawnFailed(hint), stderr: String::new() };
+        }
+    };
+    let pgid = child.id().unwrap_or(0);
+    info!(job_id, pid = pgid, "claude started");
+
+    if let Some(mut stdin) = child.stdin.take() {
+        let prompt = launch.stdin;
+        tokio::spawn(async move {
+            let _ = stdin.write_all(prompt.as_bytes()).await;
+            let _ = stdin.shutdown().await;
+        });
+    }
+    let stderr_task = child.stderr.take().map(|mut err| {
+        tokio::spawn(async move {
+            let mut tail: Vec<u8> = Vec::new();
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = err.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > STDERR_TAIL_BYTES * 2 {
+                    tail.drain(..tail.len() - STDERR_TAIL_BYTES);
+                }
+            }
+            String::from_utf8_lossy(&tail[tail.len().saturating_sub(STDERR_TAIL_BYTES)..]).into_owned()
+        })
+    });
+    let mut stdout = BufReader::with_capacity(64 * 1024, child.stdout.take().expect("stdout is piped"));
+
+    let mut exit: Option<Option<i32>> = None;
+    let mut stdout_open = true;
+    let mut drain_until: Option<tokio::time::Instant> = None;
+    let mut line = Vec::new();
+    let stopped: Option<Ending> = loop {
+        if exit.is_some() && !stdout_open {
+            break None;
+        }
+        tokio::select! {
+            read = read_line_capped(&mut stdout, &mut line, MAX_LINE_BYTES), if stdout_open => {
+                match read {
+                    Ok(0) | Err(_) => stdout_open = false,
+                    Ok(_) => on_line(&line),
+                }
+            }
+            status = child.wait(), if exit.is_none() => {
+                exit = Some(status.ok().and_then(|s| s.code()));
+                drain_until = Some(tokio::time::Instant::now() + DRAIN_GRACE);
+            }
+            _ = tokio::time::sleep_until(drain_until.unwrap_or(deadline)), if drain_until.is_some() => {
+                // Claude is gone but something it started still holds stdout.
+                break None;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                break Some(Ending::TimedOut { after_ms: timeout_ms });
+            }
+            s = &mut *stop => {
+                break Some(Stop::ending(s));
+            }
+        }
+    };
+    let ending = match stopped {
+        None => Ending::Exited(exit.flatten()),
+        Some(ending) => {
+            warn!(job_id, ending = ?ending, "stopping claude");
+            kill_group(pgid, libc::SIGTERM);
+            if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
+                kill_group(pgid, libc::SIGKILL);
+                let _ = child.wait().await;
+            }
+            ending
+        }
+    };
+    // Whatever Claude left behind in its group goes too.
+    kill_group(pgid, libc::SIGKILL);
+    let stderr = match stderr_task {
+        Some(t) => tokio::time::timeout(Duration::from_secs(1), t).await.ok().and_then(Result::ok).unwrap_or_default(),
+        None => String::new(),
+    };
+    Finished { ending, stderr }
+}
+
+/// Reads one line (without its newline) into `buf`, keeping at most `max` bytes of it and
+/// discarding the rest. Returns the bytes consumed (0 at end of input).
+async fn read_line_capped<R: AsyncBufRead + Unpin>(reader: &mut R, buf: &mut Vec<u8>, max: usize) -> std::io::Result<usize> {
+    buf.clear();
+    let mut consumed = 0;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(consumed);
+        }
+        let (chunk, done) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (&available[..i], Some(i + 1)),
+            None => (available, None),
+        };
+        let room = max.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let used = done.unwrap_or(available.len());
+        reader.consume(used);
+        consumed += used;
+        if done.is_some() {
+            return Ok(consumed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reads_lines_and_caps_long_ones() {
+        let data = b"one\n\ntwo-long-line\nlast".to_vec();
+        let mut r = BufReader::with_capacity(4, &data[..]);
+        let mut buf = Vec::new();
+        let mut lines = Vec::new();
+        while read_line_capped(&mut r, &mut buf, 5).await.unwrap() > 0 {
+            lines.push(String::from_utf8(buf.clone()).unwrap());
+        }
+        assert_eq!(lines, ["one", "", "two-l", "last"]);
+    }
+}
