@@ -200,7 +200,10 @@ impl Agent {
         self.running.lock().expect("running lock").jobs.remove(job_id);
         self.status.running(self.running_ids());
         let _ = self.uplink.send(AgentMessage::Result { job_id: job_id.to_string(), result });
-        let _ = self.uplink.send(AgentMessage::Credit { slots: 1 });
+        // A draining agent takes no more work.
+        if self.free_slots() > 0 {
+            let _ = self.uplink.send(AgentMessage::Credit { slots: 1 });
+        }
     }
 
     pub fn on_cancel(&self, envelope: &Envelope) {

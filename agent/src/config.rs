@@ -28,7 +28,14 @@ pub struct AgentArgs {
     /// Jobs run at once.
     #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 1)]
     pub max_concurrent_jobs: u32,
+    /// On a stop (SIGTERM), how long running jobs may take to finish before they are
+    /// handed back to the edge, in milliseconds.
+    #[arg(long, env = "DRAIN_TIMEOUT_MS", default_value_t = DEFAULT_DRAIN_TIMEOUT_MS)]
+    pub drain_timeout_ms: u64,
 }
+
+/// Five minutes: the default `timeout_ms` of a job.
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 300_000;
 
 /// Settings about this machine only, shared with `oauth-status` and `doctor`.
 #[derive(Debug, Clone, Args)]
@@ -64,6 +71,8 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub max_concurrent_jobs: u32,
     pub claude_model: Option<String>,
+    /// How long a stop waits for running jobs before handing them back.
+    pub drain_timeout: std::time::Duration,
 }
 
 /// Makes a setting set to an empty value (`CLAUDE_MODEL=` in an `.env` file or a systemd
@@ -155,6 +164,7 @@ impl AgentArgs {
             claude_config_dir: self.local.claude_config_dir,
             max_concurrent_jobs: self.max_concurrent_jobs,
             claude_model: self.local.claude_model,
+            drain_timeout: std::time::Duration::from_millis(self.drain_timeout_ms),
         })
     }
 }

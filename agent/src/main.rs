@@ -2,6 +2,7 @@
 //! operator's commands. Laid out by role, like the Buildkite agent:
 //!
 //! - [`serve`]: the agent's life: connection, job tasks, graceful stop.
+//! - [`drain`]: how a stop is asked for: signals, or `agent --drain` from another shell.
 //! - [`connection`]: the outbound WebSocket: handshake, heartbeats, reconnects.
 //! - [`agent`]: state that outlives connections; verifying, starting and cancelling orders.
 //! - [`runner`]: one job's life, given a narrow [`runner::JobContext`].
@@ -24,6 +25,7 @@ mod cli_version;
 mod config;
 mod connection;
 mod doctor;
+mod drain;
 mod files;
 mod keygen;
 mod oauth;
@@ -55,8 +57,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent: dial the edge and run the jobs it sends.
-    Agent(AgentArgs),
+    /// Run the agent: dial the edge and run the jobs it sends. SIGTERM drains it.
+    Agent {
+        #[command(flatten)]
+        args: AgentArgs,
+        /// Do not run one: ask the agent running with this DATA_DIR to drain (finish its
+        /// jobs, then exit) and wait until it has.
+        #[arg(long)]
+        drain: bool,
+    },
     /// Make the edge and agent key pairs and print where each goes.
     Keygen {
         /// Print {"edge_signing_key","edge_public_key","agent_signing_key","agent_public_key"}.
@@ -107,9 +116,15 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio starts");
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Agent(args) => {
+            Command::Agent { args, drain: true } => {
+                if !drain::request(&args.local.data_dir()).await? {
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
+            Command::Agent { args, drain: false } => {
                 let cfg = args.resolve()?;
-                serve::serve(cfg, runtime::shutdown_signal()).await
+                serve::serve(cfg, drain::stop_requests()).await
             }
             Command::Keygen { json, env, agent_id } => {
                 let format = match (json, env) {

@@ -27,6 +27,9 @@ pub struct Status {
     /// while connected.
     #[serde(default)]
     pub heartbeat_ms: u64,
+    /// Stopping: no new jobs, the running ones finish (see [`crate::drain`]).
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Slack on top of three missed heartbeats before a connected agent counts as stuck.
@@ -110,12 +113,21 @@ impl StatusFile {
         });
     }
 
+    /// The agent took its last job: it exits once the running ones are done.
+    pub fn draining(&self) {
+        self.update(|s| s.draining = true);
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.status.lock().expect("status lock").connected
+    }
+
     pub fn running(&self, running: Vec<String>) {
         self.update(|s| s.running = running);
     }
 }
 
-fn read(data_dir: &std::path::Path) -> anyhow::Result<Option<Status>> {
+pub fn read(data_dir: &std::path::Path) -> anyhow::Result<Option<Status>> {
     let path = data_dir.join("status.json");
     match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
@@ -127,7 +139,7 @@ fn read(data_dir: &std::path::Path) -> anyhow::Result<Option<Status>> {
 
 /// Whether `pid` is a running claude-runner (a pid from an earlier container or boot may
 /// belong to something else by now).
-fn is_agent(pid: u32) -> bool {
+pub fn is_agent(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .is_ok_and(|cmd| cmd.split(|&b| b == 0).next().is_some_and(|argv0| argv0.ends_with(b"claude-runner")))
 }
@@ -174,6 +186,9 @@ pub fn show(data_dir: &std::path::Path) -> anyhow::Result<bool> {
     } else {
         println!("state     disconnected since {}: {}", status.since, status.last_error.as_deref().unwrap_or("?"));
         println!("          (it keeps retrying; `claude-runner doctor` checks the settings)");
+    }
+    if status.draining {
+        println!("          draining: no new jobs; it exits once these are done (`claude-runner agent --drain` waits for that)");
     }
     if status.running.is_empty() {
         println!("jobs      none running");
