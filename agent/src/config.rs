@@ -124,6 +124,26 @@ pub fn default_agent_id() -> String {
     if id.is_empty() { "spark".into() } else { id }
 }
 
+impl AgentConfig {
+    /// Settings to run a job on this machine with no edge (the canary): the local ones
+    /// from `local`; the keys are fresh and never used, as nothing is dialled.
+    pub fn local_only(local: &LocalArgs, agent_id: String) -> AgentConfig {
+        let unused = SigningKey::from_bytes(&runtime::entropy());
+        AgentConfig {
+            connect_url: String::new(),
+            agent_id,
+            edge_public_key: unused.verifying_key(),
+            signing_key: unused,
+            claude_bin: local.claude_bin.clone(),
+            claude_config_dir: local.claude_config_dir.clone(),
+            data_dir: local.data_dir(),
+            max_concurrent_jobs: 1,
+            claude_model: local.claude_model.clone(),
+            drain_timeout: std::time::Duration::ZERO,
+        }
+    }
+}
+
 impl AgentArgs {
     pub fn agent_id(&self) -> String {
         self.agent_id.clone().unwrap_or_else(default_agent_id)

@@ -1,5 +1,6 @@
 //! `claude-runner doctor`: checks what the agent needs — the Claude binary, its login,
-//! the keys, the edge — and says how to fix each problem it finds.
+//! the keys, the edge — and says how to fix each problem it finds; with `--canary`, also
+//! runs one tiny real job through the CLI ([`crate::canary`]).
 
 use crate::config::{connect_url, AgentArgs};
 use crate::process::{find_binary, INSTALL_CLAUDE};
@@ -25,8 +26,8 @@ impl Report {
     }
 }
 
-/// Runs every check; true when none failed.
-pub async fn run(args: AgentArgs) -> bool {
+/// Runs every check (and the canary job if asked); true when none failed.
+pub async fn run(args: AgentArgs, canary: bool) -> bool {
     let mut r = Report { failures: 0 };
     println!("claude-runner doctor");
 
@@ -84,6 +85,16 @@ pub async fn run(args: AgentArgs) -> bool {
                 Err(e) => r.fail("edge", e),
             },
         },
+    }
+    if canary {
+        match crate::canary::run(&args.local, agent_id.clone()).await {
+            Ok(detail) => r.ok("canary", detail),
+            Err(problems) => {
+                for problem in problems {
+                    r.fail("canary", problem);
+                }
+            }
+        }
     }
     if r.failures == 0 {
         println!("All checks passed. `claude-runner status` shows whether the running agent is connected.");

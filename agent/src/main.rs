@@ -16,10 +16,11 @@
 //! - [`replay`]: remembered order nonces.
 //! - [`files`]: atomic, owner-only files.
 //! - [`status`]: the agent's state file, and `claude-runner status`.
-//! - [`keygen`], [`up`], [`doctor`], [`submit`]: operator commands (`up` needs the
+//! - [`keygen`], [`up`], [`doctor`] (and its [`canary`] job), [`submit`]: operator commands (`up` needs the
 //!   default `up` feature: it runs a native edge in the same process).
 
 mod agent;
+mod canary;
 mod claude;
 mod cli_version;
 mod config;
@@ -87,7 +88,14 @@ enum Command {
         local: LocalArgs,
     },
     /// Check the claude binary, the login, the keys and the edge, with a fix for each problem.
-    Doctor(AgentArgs),
+    Doctor {
+        #[command(flatten)]
+        args: AgentArgs,
+        /// Also run one tiny real job through the local Claude Code CLI: does this CLI
+        /// version work with the runner? (One short request on Claude's account.)
+        #[arg(long)]
+        canary: bool,
+    },
     /// Send a task to an edge, show its progress live, print the result.
     Submit(submit::SubmitArgs),
     /// Is the local agent running and connected, and what is it running?
@@ -137,8 +145,8 @@ fn main() {
             }
             #[cfg(feature = "up")]
             Command::Up(args) => up::run(args).await,
-            Command::Doctor(args) => {
-                if !doctor::run(args).await {
+            Command::Doctor { args, canary } => {
+                if !doctor::run(args, canary).await {
                     std::process::exit(1);
                 }
                 Ok(())

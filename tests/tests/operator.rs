@@ -103,8 +103,13 @@ async fn up_runs_an_edge_and_a_connected_agent() {
 }
 
 fn doctor(env: &[(&str, String)]) -> (bool, String) {
+    doctor_with(&[], env)
+}
+
+fn doctor_with(args: &[&str], env: &[(&str, String)]) -> (bool, String) {
     let out = Command::new(bin("claude-runner"))
         .arg("doctor")
+        .args(args)
         .env_remove("EDGE_URL")
         .env_remove("AGENT_SIGNING_KEY")
         .env_remove("EDGE_PUBLIC_KEY")
@@ -251,4 +256,44 @@ fn empty_settings_count_as_unset() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{text}");
     assert!(text.contains("oauth_token_env"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_canary_runs_a_job_through_the_cli_and_fails_one_that_changed_its_output() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let dir = TempDir::new("canary");
+    let log = dir.path().join("standin.log");
+    let mut env = vec![
+        ("EDGE_URL", edge.ws_url()),
+        ("AGENT_ID", "spark".to_string()),
+        ("AGENT_SIGNING_KEY", shared::keys::encode_signing(keys.agent("spark"))),
+        ("EDGE_PUBLIC_KEY", shared::keys::encode_verifying(&keys.edge.verifying_key())),
+        ("CLAUDE_BIN", bin("claude-standin").display().to_string()),
+        ("CLAUDE_CONFIG_DIR", dir.path().join("claude").display().to_string()),
+        ("DATA_DIR", dir.path().join("data").display().to_string()),
+        ("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-canary".to_string()),
+        ("STANDIN_LOG", log.display().to_string()),
+    ];
+    let (ok, out) = doctor_with(&["--canary"], &env);
+    assert!(ok, "{out}");
+    assert!(out.contains("ok    canary: a job ran end to end"), "{out}");
+    // It went through the job runner: Claude got a job's command line, in a workspace.
+    let run: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&log).unwrap().lines().next().unwrap()).unwrap();
+    assert!(run["argv"].as_array().unwrap().iter().any(|a| a == "stream-json"), "{run}");
+    assert!(run["argv"].as_array().unwrap().iter().any(|a| a == "--max-turns=1"), "{run}");
+    assert!(run["cwd"].as_str().unwrap().contains("/workspaces/canary-"), "{run}");
+    assert!(run["prompt"].as_str().unwrap().contains("health check"), "{run}");
+
+    // A CLI whose output is no longer stream-json (as a breaking release might print).
+    let changed = dir.path().join("claude-changed");
+    std::fs::write(&changed, "#!/bin/sh\ncat >/dev/null\necho 'Hello! Here is your answer: ok'\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&changed, std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.retain(|(k, _)| *k != "CLAUDE_BIN");
+    env.push(("CLAUDE_BIN", changed.display().to_string()));
+    let (ok, out) = doctor_with(&["--canary"], &env);
+    assert!(!ok, "{out}");
+    assert!(out.contains("FAIL  canary: no `system`/`init` line"), "{out}");
+    assert!(out.contains("go back to the last version that passed"), "{out}");
 }
