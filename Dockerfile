@@ -23,6 +23,8 @@ ARG BINARIES=source
 
 # ---- binaries, compiled here ------------------------------------------------------------
 FROM ${RUST_IMAGE} AS binaries-source
+# Behind a TLS-inspecting proxy, cargo needs its CA bundle (see NODE_EXTRA_CA_CERTS).
+ARG CARGO_HTTP_CAINFO
 WORKDIR /src
 COPY . .
 # The registry and target caches survive between builds (BuildKit, buildah).
