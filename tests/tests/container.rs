@@ -68,8 +68,10 @@ impl Ctr {
         args.push(image.into());
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = podman(&refs);
+        // Removed on drop even when it never started.
+        let ctr = Ctr { name };
         assert!(out.status.success(), "podman run failed: {}", text(&out));
-        Ctr { name }
+        ctr
     }
 
     fn logs(&self) -> String {
@@ -228,4 +230,100 @@ async fn the_edge_image_serves_an_agent_container() {
     let a = client.execute(json!({"prompt": "edge and agent both in containers"})).await;
     assert_eq!(a.body["success"], true, "{}\n{}\n{}", a.text, edge.logs(), agent.logs());
     assert_eq!(text(&edge.exec(&["id", "-u"])).trim(), "10001");
+}
+
+/// The systemd units as shipped, under a real systemd (PID 1 of a Debian container that
+/// shares the host's network): the hardened agent connects to a host edge and runs a job,
+/// `systemctl stop` drains it to a clean exit, and the hardened edge unit serves.
+/// (Inside a container systemd skips the sandboxing that needs namespaces it may not
+/// create, such as ProtectHostname; it says so in the journal.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_systemd_units_run_harden_and_drain() {
+    let Some(_) = images() else { return };
+    let Ok(systemd_image) = std::env::var("CLAUDE_RUNNER_CONTAINER_SYSTEMD_IMAGE") else {
+        eprintln!("systemd test not run: tests/deploy/container builds its image");
+        return;
+    };
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let client = Client::new(&edge.url());
+    let mounts: Vec<String> = [
+        (bin("claude-runner"), "/usr/local/bin/claude-runner"),
+        (bin("claude-runner-edge"), "/usr/local/bin/claude-runner-edge"),
+        (repo_root().join("agent/systemd/claude-runner-agent.service"), "/etc/systemd/system/claude-runner-agent.service"),
+        (repo_root().join("edge/native/systemd/claude-runner-edge.service"), "/etc/systemd/system/claude-runner-edge.service"),
+        (bin("claude-standin"), "/usr/local/bin/claude"),
+    ]
+    .iter()
+    .flat_map(|(from, to)| ["-v".to_string(), format!("{}:{to}:ro", from.display())])
+    .chain(["--systemd=always".to_string()])
+    .collect();
+    let host = Ctr::run(&systemd_image, &[], &mounts, "systemd");
+    let sh = |script: &str| {
+        let out = host.exec(&["sh", "-c", script]);
+        assert!(out.status.success(), "{script}\n{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let booted = eventually(Duration::from_secs(30), || {
+        let state = text(&host.exec(&["systemctl", "is-system-running"]));
+        state.contains("running") || state.contains("degraded")
+    })
+    .await;
+    assert!(booted, "systemd did not boot:\n{}", host.logs());
+
+    // The README's steps for the agent (the stand-in is the CLI).
+    let agent_env = format!(
+        "EDGE_URL={}\nAGENT_ID=spark\nAGENT_SIGNING_KEY={}\nEDGE_PUBLIC_KEY={}\nCLAUDE_CODE_OAUTH_TOKEN=sk-ant-oat01-unit-test\nCLAUDE_MODEL=\n",
+        edge.ws_url(),
+        shared::keys::encode_signing(keys.agent("spark")),
+        shared::keys::encode_verifying(&keys.edge.verifying_key()),
+    );
+    sh(&format!(
+        "set -e
+         useradd --system --home-dir /var/lib/claude-runner --create-home --shell /usr/sbin/nologin claude-runner
+         chmod 0700 /var/lib/claude-runner
+         install -d -m 0755 /etc/claude-runner
+         install -m 0600 /dev/null /etc/claude-runner/agent.env
+         printf '%s' '{agent_env}' > /etc/claude-runner/agent.env
+         systemctl daemon-reload && systemctl enable --now claude-runner-agent"
+    ));
+    client.wait_online().await;
+    let a = client.execute(json!({"prompt": "hello from a hardened unit"})).await;
+    assert_eq!(a.body["output"], "stand-in answer to: hello from a hardened unit", "{}\n{}", a.text, sh("journalctl -u claude-runner-agent -o cat --no-pager"));
+    let status = sh("su -s /bin/sh claude-runner -c 'DATA_DIR=/var/lib/claude-runner/data claude-runner status --check'");
+    assert!(status.starts_with("healthy"), "{status}");
+
+    // `systemctl stop` drains: the running job finishes, the service ends cleanly.
+    let job = client.submit(json!({"prompt": "@sleep=3000 finish under systemd", "timeout_ms": 30000})).await;
+    let job = job.body["job_id"].as_str().unwrap().to_string();
+    let started = eventually(Duration::from_secs(10), || sh("journalctl -u claude-runner-agent -o cat --no-pager").contains("claude started")).await;
+    assert!(started);
+    sh("systemctl stop claude-runner-agent");
+    assert_eq!(client.wait_job(&job, Duration::from_secs(5)).await["state"], "succeeded");
+    let shown = sh("systemctl show claude-runner-agent -p Result -p ExecMainStatus");
+    assert!(shown.contains("Result=success") && shown.contains("ExecMainStatus=0"), "{shown}");
+    assert!(sh("journalctl -u claude-runner-agent -o cat --no-pager").contains("agent draining"));
+
+    // The edge unit: a dynamic user, its state directory, serving on LISTEN.
+    let port = free_port();
+    let edge_env = format!(
+        "RUNNER_SECRET={SECRET}\nEDGE_SIGNING_KEY={}\nAGENT_PUBLIC_KEYS={}\nLISTEN=127.0.0.1:{port}\n",
+        shared::keys::encode_signing(&keys.edge),
+        keys.agent_public_keys()
+    );
+    sh(&format!(
+        "set -e
+         install -m 0600 /dev/null /etc/claude-runner/edge.env
+         printf '%s' '{edge_env}' > /etc/claude-runner/edge.env
+         systemctl enable --now claude-runner-edge"
+    ));
+    let own_edge = Client::new(&format!("http://127.0.0.1:{port}"));
+    let up = eventually(Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()).await;
+    assert!(up, "{}", sh("journalctl -u claude-runner-edge -o cat --no-pager"));
+    assert_eq!(own_edge.health().await.body["status"], "offline");
+    let user = sh("stat -c %U /proc/$(systemctl show -p MainPID --value claude-runner-edge)");
+    assert_ne!(user.trim(), "root", "the edge runs as its own user");
+    sh("systemctl stop claude-runner-edge");
+    let shown = sh("systemctl show claude-runner-edge -p Result");
+    assert!(shown.contains("Result=success"), "{shown}");
 }
