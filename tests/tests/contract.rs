@@ -270,6 +270,12 @@ async fn tokens_never_leave_the_machine(kind: EdgeKind) {
     assert_eq!(a.status, 200);
     assert!(!a.text.contains("test-token-not-real"), "token leaked: {}", a.text);
     assert!(a.text.contains("[REDACTED]"));
+    // The agent's own key is not Claude's to see: with it, whoever holds RUNNER_SECRET
+    // could pose as the agent (as a container's or a unit's environment has it).
+    let key = shared::keys::encode_signing(s.edge.keys.agent("spark"));
+    let a = s.client.execute(json!({"prompt": "@print_env=AGENT_SIGNING_KEY"})).await;
+    assert_eq!(a.body["output"], "the value is ", "{}", a.text);
+    assert!(!a.text.contains(&key));
 
     // The login file, printed whole in base64 (as `base64 ~/.claude/.credentials.json`
     // would), with tokens that do not even look like Anthropic's.
