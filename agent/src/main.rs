@@ -16,8 +16,9 @@
 //! - [`replay`]: remembered order nonces.
 //! - [`files`]: atomic, owner-only files.
 //! - [`status`]: the agent's state file, and `claude-runner status`.
-//! - [`keygen`], [`up`], [`doctor`] (and its [`canary`] job), [`submit`]: operator commands (`up` needs the
-//!   default `up` feature: it runs a native edge in the same process).
+//! - [`keygen`], [`up`], [`doctor`] (and its [`canary`] job), [`submit`]: operator
+//!   commands (`up` needs the default `up` feature: it runs a native edge in the same
+//!   process).
 
 mod agent;
 mod canary;
