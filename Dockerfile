@@ -27,10 +27,14 @@ FROM ${RUST_IMAGE} AS binaries-source
 ARG CARGO_HTTP_CAINFO
 WORKDIR /src
 COPY . .
-# The registry and target caches survive between builds (BuildKit, buildah).
+# The registry and target caches survive between builds (BuildKit, buildah), so only
+# what changed compiles again. Our own sources are touched first: COPY keeps their
+# modification times, and cargo must not take a file edited while an earlier build ran
+# for one it already compiled.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p claude-runner -p claude-runner-edge \
+    find . -path ./target -prune -o -name '*.rs' -exec touch {} + \
+ && cargo build --release --locked -p claude-runner -p claude-runner-edge \
  && mkdir /out \
  && cp target/release/claude-runner target/release/claude-runner-edge /out/
 
@@ -50,7 +54,7 @@ FROM ${DEBIAN_IMAGE} AS edge
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates tini \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --user-group --home-dir /var/lib/claude-runner-edge --create-home edge \
+ && useradd --uid 10001 --user-group --home-dir /var/lib/claude-runner-edge --create-home edge \
  && mkdir /data && chown edge:edge /data
 COPY --from=binaries /out/claude-runner-edge /usr/local/bin/claude-runner-edge
 ENV LISTEN=0.0.0.0:8787 \
