@@ -56,7 +56,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "AGENT_PUBLIC_KEYS" => Some(agent_public_keys.clone()),
         other => std::env::var(other).ok(),
     })?;
-    let edge = edge_native::Edge::bind(edge_native::EdgeOptions { config, listen: args.listen, data_dir: root.join("edge") }).await?;
+    let edge = edge_native::Server::bind(edge_native::ServerOptions { config, listen: args.listen, data_dir: root.join("edge") }).await?;
     let addr = edge.local_addr();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let edge_stop = {

@@ -18,6 +18,9 @@ pub enum ErrorCode {
     RunnerBusy,
     RunnerOffline,
     RunnerLost,
+    /// The edge is stopping while the caller's job goes on: follow it with
+    /// `GET /jobs/{id}` (never a reason to run the task elsewhere).
+    EdgeRestarting,
     ClaudeError,
     Timeout,
     Cancelled,
@@ -44,6 +47,7 @@ impl ErrorCode {
             ErrorCode::RunnerBusy => 429,
             ErrorCode::RunnerOffline => 503,
             ErrorCode::RunnerLost => 502,
+            ErrorCode::EdgeRestarting => 503,
             ErrorCode::InternalError => 500,
             ErrorCode::ClaudeError
             | ErrorCode::Timeout
