@@ -49,6 +49,8 @@ pub struct Agent {
     pub auth: AuthHealth,
     pub spool: Spool,
     pub status: StatusFile,
+    /// The Claude Code CLI's version, for the edge's `/health`.
+    pub cli: crate::cli_version::CliVersion,
     replay: Mutex<ReplayGuard>,
     /// The repository mirrors and what jobs do with them.
     pub repos: Arc<crate::repo::Repos>,
@@ -74,6 +76,7 @@ impl Agent {
         let status = StatusFile::new(cfg.data_dir.join("status.json"), &cfg.agent_id, &cfg.connect_url);
         let agent = Agent {
             status,
+            cli: Default::default(),
             cfg: Arc::new(cfg),
             login,
             gate: RefreshGate::default(),
@@ -211,7 +214,10 @@ impl Agent {
         self.status.running(self.running_ids());
         self.status.mirrors(self.repos.mirror_names());
         let _ = self.uplink.send(AgentMessage::Result { job_id: job_id.to_string(), result });
-        let _ = self.uplink.send(AgentMessage::Credit { slots: 1 });
+        // A draining agent takes no more work.
+        if self.free_slots() > 0 {
+            let _ = self.uplink.send(AgentMessage::Credit { slots: 1 });
+        }
     }
 
     pub fn on_cancel(&self, envelope: &Envelope) {

@@ -58,7 +58,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "AGENT_PUBLIC_KEYS" => Some(agent_public_keys.clone()),
         other => std::env::var(other).ok(),
     })?;
-    let edge = edge_native::Edge::bind(edge_native::EdgeOptions { config, listen: args.listen, data_dir: root.join("edge") }).await?;
+    let edge = edge_native::Server::bind(edge_native::ServerOptions { config, listen: args.listen, data_dir: root.join("edge") }).await?;
     let addr = edge.local_addr();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let edge_stop = {
@@ -80,6 +80,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         max_concurrent_jobs: args.max_concurrent_jobs,
         claude_model: args.local.claude_model.clone(),
         repos: args.repos.clone().resolve()?,
+        drain_timeout: std::time::Duration::from_millis(crate::config::DEFAULT_DRAIN_TIMEOUT_MS),
     };
     println!(
         "Claude Runner is up: edge http://{addr}, agent `{id}` connected to it.
@@ -94,7 +95,7 @@ Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both.",
         secret = state.runner_secret,
         keys_path = root.join("up.json").display(),
     );
-    let result = crate::serve::serve(agent_cfg, runtime::shutdown_signal()).await;
+    let result = crate::serve::serve(agent_cfg, crate::drain::stop_requests()).await;
     let _ = stop_tx.send(true);
     let _ = edge_task.await;
     result

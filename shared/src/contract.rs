@@ -19,6 +19,9 @@ pub enum ErrorCode {
     RunnerBusy,
     RunnerOffline,
     RunnerLost,
+    /// The edge is stopping while the caller's job goes on: follow it with
+    /// `GET /jobs/{id}` (never a reason to run the task elsewhere).
+    EdgeRestarting,
     ClaudeError,
     Timeout,
     Cancelled,
@@ -45,6 +48,7 @@ impl ErrorCode {
             ErrorCode::RunnerBusy => 429,
             ErrorCode::RunnerOffline => 503,
             ErrorCode::RunnerLost => 502,
+            ErrorCode::EdgeRestarting => 503,
             ErrorCode::InternalError => 500,
             ErrorCode::ClaudeError
             | ErrorCode::Timeout
@@ -422,6 +426,9 @@ pub struct AgentInfo {
     pub last_seen: String,
     pub running_jobs: usize,
     pub capacity: u32,
+    /// The agent's Claude Code CLI (`claude --version`), when it reported one.
+    #[serde(default)]
+    pub claude_version: Option<String>,
 }
 
 

@@ -94,6 +94,19 @@ pub struct OrderHeader {
     pub nonce: String,
 }
 
+impl OrderHeader {
+    /// An order issued at `issued_at` (the edge's wall clock), valid for [`ORDER_TTL_MS`].
+    pub fn new(job_id: &str, agent_id: &str, issued_at: Millis, nonce: String) -> OrderHeader {
+        OrderHeader {
+            job_id: job_id.to_string(),
+            agent_id: agent_id.to_string(),
+            issued_at,
+            expires_at: issued_at.saturating_add(ORDER_TTL_MS),
+            nonce,
+        }
+    }
+}
+
 /// Clock skew the agent tolerates between its clock and the edge's.
 pub const CLOCK_SKEW_MS: Millis = 60_000;
 

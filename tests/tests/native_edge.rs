@@ -1,28 +1,164 @@
-//! Behaviour only the native edge has: it is a process the operator stops and starts.
-//! (A Durable Object is reset by the platform, where in-flight requests simply end; the
+//! Behaviour only the native edge has: it is a process the operator stops and starts, it
+//! keeps its jobs in a SQLite file on a disk that can fail, and it owns its sockets. (A
+//! Durable Object is reset by the platform, where in-flight requests simply end; the
 //! contract suite covers what survives that.)
 
 use harness::*;
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stopping_the_edge_answers_waiting_callers_with_where_to_look() {
+/// A native edge with agent `spark` connected.
+async fn edge_with_agent() -> (EdgeServer, AgentProc, Client) {
     let keys = Keys::new(&["spark"]);
-    let mut edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
     let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
     let client = Client::new(&edge.url());
     client.wait_online().await;
+    (edge, agent, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_edge_answers_waiting_callers_with_where_to_look() {
+    let (mut edge, agent, client) = edge_with_agent().await;
     let c = client.clone();
     let waiter = tokio::spawn(async move { c.execute(json!({"prompt": "@sleep=4000 keep going"})).await });
     assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
     edge.stop();
     let a = waiter.await.unwrap();
+    // The job goes on: the caller is told where to follow it, and not to fall back.
     assert_eq!(a.status, 503, "{}", a.text);
-    assert_eq!(a.body["error_code"], "RUNNER_OFFLINE");
-    assert_eq!(a.body["fallback"], true);
+    assert_eq!(a.body["error_code"], "EDGE_RESTARTING");
+    assert!(a.body.get("fallback").is_none(), "{}", a.text);
     let job_id = a.body["job_id"].as_str().expect("the answer names the job").to_string();
+    assert!(a.body["error"].as_str().unwrap().contains(&format!("GET /jobs/{job_id}")), "{}", a.text);
     // The job was kept and finishes once the edge is back.
     edge.restart();
     let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
     assert_eq!(job["state"], "succeeded", "{job}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_told_to_fall_back_at_a_stop_never_has_its_job_run() {
+    let (mut edge, agent, client) = edge_with_agent().await;
+    // The agent's one slot is busy; the second /execute waits in the queue.
+    let c = client.clone();
+    let first = tokio::spawn(async move { c.execute(json!({"prompt": "@sleep=3000 first"})).await });
+    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
+    let c = client.clone();
+    let queued = tokio::spawn(async move { c.execute(json!({"prompt": "queued behind"})).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.health().await.body["queued_jobs"] != 1 {
+        assert!(Instant::now() < deadline, "the second job never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    edge.stop();
+    let q = queued.await.unwrap();
+    assert_eq!((q.status, q.body["error_code"].as_str(), q.body["fallback"].as_bool()), (503, Some("RUNNER_OFFLINE"), Some(true)), "{}", q.text);
+    let queued_id = q.body["job_id"].as_str().expect("the answer names the job").to_string();
+    let f = first.await.unwrap();
+    let first_id = f.body["job_id"].as_str().unwrap().to_string();
+
+    edge.restart();
+    assert_eq!(client.wait_job(&first_id, Duration::from_secs(30)).await["state"], "succeeded");
+    // A probe after it: had the fallen-back job survived, it would run first.
+    let probe = client.execute(json!({"prompt": "probe"})).await;
+    assert_eq!(probe.status, 200, "{}", probe.text);
+    let prompts: Vec<String> = agent.claude_runs().iter().map(|r| r["prompt"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(prompts, vec!["@sleep=3000 first".to_string(), "probe".to_string()], "the fallen-back job never ran");
+    let job = client.get(&format!("/jobs/{queued_id}")).await;
+    assert_eq!(job.body["state"], "failed", "{}", job.text);
+    assert!(job.body["started_at"].is_null(), "{}", job.text);
+    // And the caller whose job went on was not told to fall back.
+    assert_eq!(f.body["error_code"], "EDGE_RESTARTING", "{}", f.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_database_refuses_work_and_keeps_results_until_they_are_stored() {
+    let (edge, agent, client) = edge_with_agent().await;
+    let c = client.clone();
+    let running = tokio::spawn(async move { c.execute(json!({"prompt": "@sleep=1500 outlast the lock"})).await });
+    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
+
+    // Another process holds the database: every write of the edge fails (after SQLite's
+    // busy timeout).
+    let db = rusqlite::Connection::open(edge.data.path().join("db/edge.sqlite3")).unwrap();
+    db.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let refused = client.submit(json!({"prompt": "never stored"})).await;
+    assert_eq!(refused.status, 500, "{}", refused.text);
+    assert_eq!(refused.body["error_code"], "INTERNAL_ERROR");
+    assert!(refused.body["error"].as_str().unwrap().contains("nothing was done"), "{}", refused.text);
+    assert!(refused.body.get("job_id").is_none(), "no job exists: {}", refused.text);
+    // The result comes while the lock is held: it must not be acknowledged (the agent
+    // would delete it) nor answered (it is not stored).
+    let failures = |log: &str| log.matches("could not write job records").count();
+    assert!(
+        eventually(Duration::from_secs(30), || failures(&edge.log()) >= 2).await,
+        "the result's write never failed; edge log:\n{}",
+        edge.log()
+    );
+    assert!(!running.is_finished(), "the caller was answered before its result was stored");
+    db.execute_batch("ROLLBACK").unwrap();
+    drop(db);
+
+    // Storage is back: the agent's resent result is stored and the caller answered.
+    let done = tokio::time::timeout(Duration::from_secs(60), running).await.expect("the caller is answered").unwrap();
+    assert_eq!(done.status, 200, "{}", done.text);
+    assert_eq!(done.body["success"], true, "{}", done.text);
+    let job = client.get(&format!("/jobs/{}", done.body["job_id"].as_str().unwrap())).await;
+    assert_eq!(job.body["state"], "succeeded", "{}", job.text);
+    let prompts: Vec<serde_json::Value> = agent.claude_runs().iter().map(|r| r["prompt"].clone()).collect();
+    assert_eq!(prompts, vec![json!("@sleep=1500 outlast the lock")], "the refused job never ran, the other ran once");
+    let metrics = client.get("/metrics").await.text;
+    assert!(!metrics.contains("claude_runner_store_failures_total 0\n"), "{metrics}");
+}
+
+/// Opens a WebSocket to `/agent/connect` by hand and never writes again: a peer that
+/// will not answer a close.
+fn mute_agent_socket(port: u16) -> std::net::TcpStream {
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let request = format!(
+        "GET /agent/connect HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).unwrap();
+    tcp
+}
+
+/// Reads until the edge drops the connection; `None` if it is still open after `within`.
+fn read_to_end_within(mut tcp: std::net::TcpStream, within: Duration) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        tcp.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
+        match tcp.read(&mut buf) {
+            Ok(0) => return Some(seen),
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return None,
+            Err(_) => return Some(seen),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_the_edge_closed_do_not_linger() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    // Fill the edge's allowance of unproven connections…
+    let mut pending = Vec::new();
+    for _ in 0..64 {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("{}/agent/connect", edge.ws_url())).await.unwrap();
+        pending.push(ws);
+    }
+    // …so the next is refused at once; its peer never answers the close.
+    let port = edge.port;
+    let refused = tokio::task::spawn_blocking(move || read_to_end_within(mute_agent_socket(port), Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let seen = refused.expect("the refused connection was still open 20 s after the edge closed it");
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(text.contains("too many connections"), "the close frame says why: {text}");
+    drop(pending);
 }

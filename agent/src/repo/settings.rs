@@ -12,6 +12,8 @@ use std::fmt;
 pub const SECRET_ENV: &[&str] = &["GITHUB_TOKEN", "REPO_TOKENS"];
 pub const DEFAULT_CACHE_MAX_BYTES: u64 = 20 * 1024 * 1024 * 1024;
 pub const DEFAULT_MAX_DIFF_BYTES: usize = 5 * 1024 * 1024;
+pub const DEFAULT_AUTHOR_NAME: &str = "Claude Runner";
+pub const DEFAULT_AUTHOR_EMAIL: &str = "claude-runner@localhost";
 /// The largest `MAX_DIFF_BYTES`: a result must fit one WebSocket frame with room to spare.
 pub const MAX_MAX_DIFF_BYTES: usize = 6 * 1024 * 1024;
 
@@ -37,9 +39,9 @@ pub struct RepoArgs {
     #[arg(long, env = "MAX_DIFF_BYTES", default_value_t = DEFAULT_MAX_DIFF_BYTES)]
     pub max_diff_bytes: usize,
     /// Author of the commits `push_branch` makes.
-    #[arg(long, env = "GIT_AUTHOR_NAME", default_value = "Claude Runner")]
+    #[arg(long, env = "GIT_AUTHOR_NAME", default_value = DEFAULT_AUTHOR_NAME)]
     pub git_author_name: String,
-    #[arg(long, env = "GIT_AUTHOR_EMAIL", default_value = "claude-runner@localhost")]
+    #[arg(long, env = "GIT_AUTHOR_EMAIL", default_value = DEFAULT_AUTHOR_EMAIL)]
     pub git_author_email: String,
 }
 
@@ -92,6 +94,21 @@ impl RepoArgs {
             author_name: self.git_author_name,
             author_email: self.git_author_email,
         })
+    }
+}
+
+impl Default for RepoSettings {
+    /// The defaults of every setting: github.com only, no tokens.
+    fn default() -> RepoSettings {
+        RepoSettings {
+            allowed_hosts: vec![GITHUB.to_string()],
+            tokens: HashMap::new(),
+            cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
+            keep_failed_workspaces: false,
+            max_diff_bytes: DEFAULT_MAX_DIFF_BYTES,
+            author_name: DEFAULT_AUTHOR_NAME.to_string(),
+            author_email: DEFAULT_AUTHOR_EMAIL.to_string(),
+        }
     }
 }
 

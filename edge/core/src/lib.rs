@@ -4,20 +4,31 @@
 //! touches a socket or a disk, so both hosts behave the same and tests can drive it with
 //! simulated time.
 //!
-//! - [`config`]: settings, from the environment variables of DESIGN.md.
-//! - [`job`]: one job's record (what is stored) and its timers.
-//! - [`session`]: one agent connection: handshake, credits, heartbeats.
-//! - [`machine`]: the [`Edge`] itself: queue, dispatch, results, deadlines, health.
-//! - [`http`]: the HTTP contract on top of the machine: auth, routing, bodies.
+//! - [`config`]: settings, from the environment variables of the README.
+//! - [`clock`]: the time an event carries — edge time for durations, wall time for dates.
+//! - [`record`]: one job's stored record and its timers.
+//! - [`session`]: one agent connection's record and the handshake check.
+//! - [`machine`]: the [`Edge`] itself — sessions, jobs, callers, deadlines, storage
+//!   failures, stop, views — one `impl` block per concern.
+//! - [`progress`]: a running job's progress backlog and its Server-Sent Events text.
+//! - [`body`]: how a host reads a request body (limit, drain, broken uploads).
+//! - [`response`]: what a caller is answered.
+//! - [`http`]: the HTTP contract on top of the machine: auth, routing, status codes.
 
+pub mod body;
+pub mod clock;
 pub mod config;
 pub mod http;
-pub mod job;
 pub mod machine;
+pub mod progress;
+pub mod record;
+pub mod response;
 pub mod session;
 
+pub use clock::Now;
 pub use config::Config;
-pub use machine::{Edge, Effect};
+pub use machine::{split_writes, CallerId, Edge, Effect, Writes};
+pub use response::Response;
 pub use shared::Millis;
 
 #[cfg(test)]

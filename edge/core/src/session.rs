@@ -7,15 +7,13 @@ use serde::{Deserialize, Serialize};
 use shared::envelope::{Domain, Envelope, CLOCK_SKEW_MS};
 use shared::keys::Keyring;
 use shared::oauth::OAuthReport;
-use shared::protocol::{close, Hello, PROTOCOL_VERSION};
+use shared::protocol::{close, Hello, HANDSHAKE_TIMEOUT_MS, PROTOCOL_VERSION};
 use shared::Millis;
-
-/// How long a new connection may take to answer the challenge.
-pub const HANDSHAKE_TIMEOUT_MS: Millis = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Session {
     pub id: String,
+    /// Edge time ([`crate::clock::Now::at`]), like `last_seen`.
     pub connected_at: Millis,
     pub last_seen: Millis,
     pub phase: Phase,
@@ -37,6 +35,8 @@ pub struct Agent {
     /// Jobs the agent said it can take now, minus those sent since.
     pub credits: u32,
     pub oauth: OAuthReport,
+    #[serde(default)]
+    pub claude_version: Option<String>,
 }
 
 /// Why a connection is closed; the agent shows the reason to its operator.
@@ -47,7 +47,7 @@ pub struct Refused {
 }
 
 impl Refused {
-    fn new(code: u16, reason: impl Into<String>) -> Self {
+    pub fn new(code: u16, reason: impl Into<String>) -> Self {
         Refused { code, reason: reason.into() }
     }
 }
@@ -81,14 +81,15 @@ impl Session {
     }
 }
 
-/// Checks an agent's hello against the challenge this connection was given.
+/// Checks an agent's hello against the challenge this connection was given. `wall` is the
+/// edge's wall clock: the hello's `issued_at` is the agent's.
 pub fn verify_hello(
     protocol: u32,
     agent_id: &str,
     envelope: &Envelope,
     nonce: &str,
     keyring: &Keyring,
-    now: Millis,
+    wall: Millis,
 ) -> Result<Hello, Refused> {
     if protocol != PROTOCOL_VERSION {
         return Err(Refused::new(
@@ -122,12 +123,12 @@ pub fn verify_hello(
             "the hello answers another connection's challenge (a replay?); reconnect",
         ));
     }
-    if hello.issued_at.abs_diff(now) > CLOCK_SKEW_MS {
+    if hello.issued_at.abs_diff(wall) > CLOCK_SKEW_MS {
         return Err(Refused::new(
             close::UNAUTHORIZED,
             format!(
                 "the agent's clock is {} s away from the edge's; fix the clock (e.g. enable NTP)",
-                hello.issued_at.abs_diff(now) / 1000
+                hello.issued_at.abs_diff(wall) / 1000
             ),
         ));
     }

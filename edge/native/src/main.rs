@@ -1,7 +1,7 @@
 //! `claude-runner-edge`: the edge as a native server. Configuration comes from the
-//! environment (DESIGN.md "Configuration"); `--help` lists it.
+//! environment (README "Configuration"); `--help` lists it.
 
-use edge_native::{Edge, EdgeOptions};
+use edge_native::{Server, ServerOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -29,7 +29,7 @@ fn main() {
         println!("claude-runner-edge {}", env!("CARGO_PKG_VERSION"));
         return;
     }
-    edge_native::init_logging(&std::env::var("LOG_FORMAT").unwrap_or_default());
+    runtime::init_logging(&std::env::var("LOG_FORMAT").unwrap_or_default());
     if let Err(e) = run() {
         eprintln!("claude-runner-edge: {e:#}");
         std::process::exit(1);
@@ -48,7 +48,7 @@ fn run() -> anyhow::Result<()> {
     });
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
-        let edge = Edge::bind(EdgeOptions { config, listen, data_dir }).await?;
-        edge.serve(edge_native::shutdown_signal()).await
+        let server = Server::bind(ServerOptions { config, listen, data_dir }).await?;
+        server.serve(runtime::shutdown_signal()).await
     })
 }

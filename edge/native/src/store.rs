@@ -1,7 +1,8 @@
 //! Job records in SQLite. The state machine decides what to save and when; this only
 //! writes it. One table, the record as JSON: the machine's `Job` is the schema.
 
-use edge_core::job::Job;
+use edge_core::record::Job;
+use edge_core::Writes;
 use rusqlite::{params, Connection};
 use std::path::Path;
 
@@ -42,19 +43,19 @@ impl Store {
         Ok(jobs)
     }
 
-    /// Applies one event's writes in one transaction.
-    pub fn apply(&mut self, saves: &[&Job], forgets: &[&str]) -> anyhow::Result<()> {
-        if saves.is_empty() && forgets.is_empty() {
+    /// Applies one event's writes in one transaction: all of them, or none.
+    pub fn apply(&mut self, writes: &Writes) -> anyhow::Result<()> {
+        if writes.is_empty() {
             return Ok(());
         }
         let tx = self.conn.transaction()?;
         {
             let mut save = tx.prepare_cached("INSERT OR REPLACE INTO jobs (id, record) VALUES (?1, ?2)")?;
-            for job in saves {
+            for job in &writes.saves {
                 save.execute(params![job.id, serde_json::to_string(job)?])?;
             }
             let mut forget = tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?;
-            for id in forgets {
+            for id in &writes.forgets {
                 forget.execute(params![id])?;
             }
         }

@@ -27,9 +27,7 @@ pub fn pool_of(path: &str) -> Result<(String, String), ApiError> {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let valid = (1..=MAX_POOL_NAME).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if !valid {
+    if !shared::ids::plain_id(name, MAX_POOL_NAME) {
         return Err(ApiError::invalid(format!(
             "bad pool name in {path}: a pool name is 1-{MAX_POOL_NAME} characters of A-Z, a-z, 0-9, _ and - \
              (e.g. /pool/spark/execute); leave the prefix out to use the default pool"

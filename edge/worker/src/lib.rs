@@ -6,14 +6,16 @@
 //!
 //! - [`entry`]: the Worker's fetch handler: picks the pool (`/pool/{name}/…`, else
 //!   `default`) and forwards the request to that pool's Durable Object.
-//! - [`object`]: the Durable Object `EdgeDurableObject`: rebuilds the machine lazily
-//!   after every eviction, feeds it each event, carries out its effects, keeps the alarm
-//!   on its next deadline and holds `/execute` callers until their job ends.
-//! - [`store`]: job records in the object's SQLite storage (what survives eviction).
+//! - [`object`]: the Durable Object `EdgeDurableObject`: translates requests, agent
+//!   frames, socket closes and alarms into the machine's events (rebuilding it lazily
+//!   after every eviction), and its effects into storage writes, socket sends, alarms and
+//!   answers on each caller's channel.
+//! - [`store`]: job records in the object's SQLite storage (what survives eviction), one
+//!   event's writes in one transaction.
 //! - [`sockets`]: the agents' hibernatable WebSockets: tags name the session, the
 //!   attachment keeps its record, and sends and closes find the socket by tag.
-//! - [`exchange`]: worker `Request`/`Response` ⇄ the core's HTTP types: bounded body
-//!   reading and JSON answers.
+//! - [`exchange`]: worker `Request`/`Response` ⇄ the core's HTTP types: the body read as
+//!   the core's intake says, answers and event streams written out.
 //! - [`console`]: the core's `tracing` events as Workers console lines (`wrangler tail`).
 
 pub mod console;

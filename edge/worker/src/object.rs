@@ -1,35 +1,36 @@
-//! The Durable Object `EdgeDurableObject`: one per pool, the host of one [`Edge`].
+//! The Durable Object `EdgeDurableObject`: one per pool, the host of one [`Edge`]. It
+//! translates requests, agent frames, socket closes and alarms into the machine's events,
+//! and the machine's effects into storage writes, socket sends and answers on callers'
+//! channels.
 //!
-//! Every event (HTTP request, agent frame, socket close, alarm) goes the same way: rebuild
-//! the machine if this instance has none yet, feed it the event with the time, carry out
-//! the effects it returns in order, then put the alarm on its next deadline. Workerd
-//! evicts an idle instance after about ten seconds even while hibernated sockets stay
-//! open, so the rebuild — jobs from [`Store`], sessions from socket attachments — is the
-//! common path, not a recovery path.
+//! Every event goes the same way: rebuild the machine if this instance has none yet, feed
+//! it the event with the time, carry out the effects it returns (the writes first, in one
+//! transaction), then put the alarm on its next deadline. Workerd evicts an idle instance
+//! after about ten seconds even while hibernated sockets stay open, so the rebuild — jobs
+//! from [`Store`], sessions from socket attachments — is the common path, not a recovery
+//! path.
 //!
 //! Handlers take `&self` and may interleave at every `.await`; the machine sits in a
 //! `RefCell` that is borrowed only between awaits, never across one.
 
 use crate::exchange;
-use crate::sockets::{self, close_socket, AtHand, Sockets};
+use crate::sockets::{close_socket, AtHand, Sockets};
 use crate::store::Store;
 use crate::{entropy, now_ms};
-use edge_core::http::{self, Body, Outcome};
-use edge_core::{Config, Edge, Effect, Millis};
-use futures::channel::oneshot;
+use edge_core::http::{self, Reply};
+use edge_core::{split_writes, CallerId, Config, Edge, Effect, Millis, Response};
+use futures::channel::{mpsc, oneshot};
 use futures::future::{select, Either};
 use shared::contract::{ApiError, ErrorCode};
+use shared::protocol::close;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::time::Duration;
 use worker::wasm_bindgen::JsValue;
 use worker::{
-    console_error, console_log, console_warn, durable_object, Delay, DurableObject, Env, Request, Response, State,
-    WebSocket, WebSocketIncomingMessage, WebSocketPair,
+    console_error, console_log, console_warn, durable_object, Delay, DurableObject, Env, Request, State, WebSocket,
+    WebSocketIncomingMessage, WebSocketPair,
 };
-
-/// The answer for a caller waiting on a job: status and JSON body.
-type Answer = (u16, String);
 
 enum Machine {
     /// This instance has not rebuilt the machine yet.
@@ -40,15 +41,18 @@ enum Machine {
     Misconfigured(String),
 }
 
+/// A caller's channel: the machine's answers for it go here.
+enum Channel {
+    Once(oneshot::Sender<Response>),
+    Stream(mpsc::UnboundedSender<String>),
+}
+
 #[durable_object]
 pub struct EdgeDurableObject {
     state: State,
     env: Env,
     machine: RefCell<Machine>,
-    /// `/execute` callers waiting for their job's `Effect::Finished`.
-    waiters: RefCell<HashMap<String, Vec<oneshot::Sender<Answer>>>>,
-    /// `GET /jobs/{id}/events` streams, by job.
-    followers: RefCell<HashMap<String, Vec<futures::channel::mpsc::UnboundedSender<String>>>>,
+    callers: RefCell<HashMap<CallerId, Channel>>,
     /// The deadline the alarm was last set to by this instance (skips rewriting it).
     alarm_at: Cell<Option<Millis>>,
 }
@@ -59,16 +63,15 @@ impl DurableObject for EdgeDurableObject {
             state,
             env,
             machine: RefCell::new(Machine::Unloaded),
-            waiters: RefCell::new(HashMap::new()),
-            followers: RefCell::new(HashMap::new()),
+            callers: RefCell::new(HashMap::new()),
             alarm_at: Cell::new(None),
         }
     }
 
-    async fn fetch(&self, req: Request) -> worker::Result<Response> {
+    async fn fetch(&self, req: Request) -> worker::Result<worker::Response> {
         let path = req.path();
         if let Err(message) = self.load(now_ms()) {
-            return exchange::unavailable(&path, &message);
+            return exchange::respond(http::unavailable(&path, &message));
         }
         let answer = if path.trim_end_matches('/') == "/agent/connect" {
             self.accept_agent(&req).await
@@ -83,47 +86,36 @@ impl DurableObject for EdgeDurableObject {
         })
     }
 
-    async fn alarm(&self) -> worker::Result<Response> {
+    async fn alarm(&self) -> worker::Result<worker::Response> {
         // The alarm that woke us is spent.
         self.alarm_at.set(None);
         let now = now_ms();
         if let Err(message) = self.load(now) {
+            // An error makes the runtime retry the alarm (with backoff); an Ok would leave
+            // every deadline stalled until some other event came.
             console_error!("alarm: the edge cannot run: {message}");
-            return Response::ok("");
+            return Err(worker::Error::RustError(format!("the edge could not load, so the alarm will be retried: {message}")));
         }
         let effects = self.with_edge(|edge| edge.tick(now)).unwrap_or_default();
         self.apply(effects, None);
         self.schedule(now).await;
-        Response::ok("")
+        worker::Response::ok("")
     }
 
     async fn websocket_message(&self, ws: WebSocket, message: WebSocketIncomingMessage) -> worker::Result<()> {
         let now = now_ms();
-        let sockets = self.sockets();
-        let Some(session_id) = sockets.session_id(&ws) else {
-            close_socket(&ws, sockets::PROTOCOL_ERROR, "this connection has no session; reconnect");
-            return Ok(());
-        };
+        // Every socket is tagged at accept; one that is not is a session the machine does
+        // not know, and it says what to do with those.
+        let session_id = self.sockets().session_id(&ws).unwrap_or_default();
         if let Err(message) = self.load(now) {
-            close_socket(&ws, sockets::INTERNAL_ERROR, &format!("edge misconfigured: {message}"));
+            close_socket(&ws, close::INTERNAL_ERROR, &format!("edge misconfigured: {message}"));
             return Ok(());
         }
-        let known = self.with_edge(|edge| edge.session(&session_id).is_some()).unwrap_or(false);
         let effects = match message {
-            _ if !known => {
-                // Its record was lost (or the machine already closed it): it can never
-                // be served, so let the agent reconnect and prove itself again.
-                close_socket(&ws, sockets::PROTOCOL_ERROR, "the edge has no record of this connection; reconnect");
-                return Ok(());
-            }
-            WebSocketIncomingMessage::String(text) => {
-                self.with_edge(|edge| edge.message(now, &session_id, &text)).unwrap_or_default()
-            }
-            WebSocketIncomingMessage::Binary(_) => {
-                self.with_edge(|edge| edge.binary_frame(now, &session_id)).unwrap_or_default()
-            }
+            WebSocketIncomingMessage::String(text) => self.with_edge(|edge| edge.message(now, &session_id, &text)),
+            WebSocketIncomingMessage::Binary(_) => self.with_edge(|edge| edge.binary_frame(now, &session_id)),
         };
-        self.apply(effects, Some((&session_id, &ws)));
+        self.apply(effects.unwrap_or_default(), Some((&session_id, &ws)));
         self.schedule(now).await;
         Ok(())
     }
@@ -147,7 +139,7 @@ impl EdgeDurableObject {
     }
 
     fn store(&self) -> Store {
-        Store::new(self.state.storage().sql())
+        Store::new(self.state.storage())
     }
 
     /// Rebuilds the machine if this instance has none. `Err` says why the edge cannot run.
@@ -181,12 +173,15 @@ impl EdgeDurableObject {
         for problem in problems {
             console_error!("{problem}");
         }
-        let sessions = self.sockets().restore();
+        let (sessions, unknown) = self.sockets().restore();
         let (job_count, session_count) = (jobs.len(), sessions.len());
         let (edge, effects) = Edge::restore(config, jobs, sessions, now);
         console_log!("edge rebuilt: {job_count} jobs from storage, {session_count} agent connections from sockets");
         *self.machine.borrow_mut() = Machine::Ready(Box::new(edge));
         self.apply(effects, None);
+        for (tag, ws) in unknown {
+            self.apply(Edge::unknown_connection(&tag), Some((&tag, &ws)));
+        }
         Ok(())
     }
 
@@ -198,48 +193,49 @@ impl EdgeDurableObject {
         }
     }
 
-    /// Carries out the machine's effects, in order.
+    /// Stores the event's writes in one transaction, then carries out the rest in order —
+    /// or, if the store failed, what the machine decides instead.
     fn apply(&self, effects: Vec<Effect>, at_hand: AtHand<'_>) {
         if effects.is_empty() {
             return;
         }
-        let store = self.store();
+        let (writes, mut rest) = split_writes(effects);
+        if let Err(e) = self.store().apply(&writes) {
+            console_error!("job records could not be stored: {e}");
+            rest = self.with_edge(|edge| edge.store_failed(now_ms(), &e)).unwrap_or_default();
+        }
         let sockets = self.sockets();
-        for effect in effects {
+        let mut gone = Vec::new();
+        for effect in rest {
             match effect {
                 Effect::Send { session, text } => sockets.send(&session, &text, at_hand),
                 Effect::Close { session, code, reason } => {
                     console_log!("session={session} closing: {code} {reason}");
                     sockets.close(&session, code, &reason, at_hand);
                 }
-                Effect::Save(job) => {
-                    if let Err(e) = store.save(&job) {
-                        console_error!("job_id={} could not be stored: {e}", job.id);
-                    }
-                }
-                Effect::Forget { job_id } => {
-                    if let Err(e) = store.forget(&job_id) {
-                        console_error!("job_id={job_id} could not be deleted: {e}");
-                    }
-                }
                 Effect::SaveSession(session) => sockets.save_session(&session, at_hand),
-                Effect::Finished { job_id, status, body } => {
-                    let followers = self.followers.borrow_mut().remove(&job_id).unwrap_or_default();
-                    let end = http::sse_result(&body);
-                    for follower in followers {
-                        let _ = follower.unbounded_send(end.clone());
-                    }
-                    let waiting = self.waiters.borrow_mut().remove(&job_id).unwrap_or_default();
-                    for waiter in waiting {
-                        let _ = waiter.send((status, body.clone()));
+                Effect::Answer { caller, response } => {
+                    if let Some(Channel::Once(tx)) = self.callers.borrow_mut().remove(&caller) {
+                        let _ = tx.send(response);
                     }
                 }
-                Effect::Progress { job_id, chunk } => {
-                    if let Some(followers) = self.followers.borrow_mut().get_mut(&job_id) {
-                        followers.retain(|f| f.unbounded_send(chunk.clone()).is_ok());
+                Effect::Stream { caller, chunk } => {
+                    let mut callers = self.callers.borrow_mut();
+                    if let Some(Channel::Stream(tx)) = callers.get(&caller) {
+                        if tx.unbounded_send(chunk).is_err() {
+                            callers.remove(&caller);
+                            gone.push(caller);
+                        }
                     }
                 }
+                Effect::EndStream { caller } => {
+                    self.callers.borrow_mut().remove(&caller);
+                }
+                Effect::Save(_) | Effect::Forget { .. } => unreachable!("writes were split out"),
             }
+        }
+        for caller in gone {
+            self.with_edge(|edge| edge.caller_gone(caller));
         }
     }
 
@@ -259,10 +255,10 @@ impl EdgeDurableObject {
     }
 
     /// `GET /agent/connect`: accept the agent's WebSocket and send the challenge.
-    async fn accept_agent(&self, req: &Request) -> worker::Result<Response> {
+    async fn accept_agent(&self, req: &Request) -> worker::Result<worker::Response> {
         let upgrade = req.headers().get("upgrade").ok().flatten();
         if !upgrade.is_some_and(|u| u.trim().eq_ignore_ascii_case("websocket")) {
-            return exchange::upgrade_required();
+            return exchange::respond(http::upgrade_required());
         }
         let seed = match entropy::<32>() {
             Ok(seed) => seed,
@@ -271,7 +267,7 @@ impl EdgeDurableObject {
         let pair = WebSocketPair::new()?;
         let now = now_ms();
         let Some((session_id, effects)) = self.with_edge(|edge| edge.connect(now, seed)) else {
-            return exchange::unavailable("/agent/connect", "the edge is not loaded; retry");
+            return exchange::respond(http::unavailable("/agent/connect", "the edge is not loaded; retry"));
         };
         if let Err(e) = self.sockets().accept(&pair.server, &session_id) {
             let effects = self.with_edge(|edge| edge.disconnect(now, &session_id)).unwrap_or_default();
@@ -285,99 +281,67 @@ impl EdgeDurableObject {
         console_log!("session={session_id} agent connection opened");
         self.apply(effects, Some((&session_id, &pair.server)));
         self.schedule(now).await;
-        Response::from_websocket(pair.client)
+        worker::Response::from_websocket(pair.client)
     }
 
-    /// Every other request: the core routes it; `/execute` may wait for its job.
-    async fn serve(&self, mut req: Request, path: &str) -> worker::Result<Response> {
+    /// Every other request: the core routes it; its caller gets its answer (or stream)
+    /// from the effects, now or when its job ends.
+    async fn serve(&self, mut req: Request, path: &str) -> worker::Result<worker::Response> {
         let header = |name: &str| req.headers().get(name).ok().flatten();
-        let (secret, authorization, idempotency_key) =
+        let (secret_header, authorization, idempotency_key) =
             (header("x-runner-secret"), header("authorization"), header("idempotency-key"));
         let method = req.inner().method();
         let limit = self.with_edge(|edge| edge.config().max_body_bytes).unwrap_or(0);
-        let body = match exchange::read_body(&mut req, limit).await {
-            Ok(body) => body,
-            Err(e) => return exchange::error(&ApiError::invalid(format!("the request body could not be read: {e}"))),
-        };
+        let body = exchange::read_body(&mut req, limit).await;
         let seed = match entropy::<16>() {
             Ok(seed) => seed,
             Err(e) => return exchange::error(&ApiError::new(ErrorCode::InternalError, e)),
         };
-        let request = http::Request {
-            method: &method,
-            path,
-            secret_header: secret.as_deref(),
-            authorization: authorization.as_deref(),
-            idempotency_key: idempotency_key.as_deref(),
-            body: match &body {
-                Some(bytes) => Body::Bytes(bytes),
-                None => Body::TooLarge,
-            },
-        };
+        let request = http::Request { method, path: path.to_string(), secret_header, authorization, idempotency_key, body };
         let now = now_ms();
-        let Some((outcome, effects)) = self.with_edge(|edge| http::handle(edge, now, seed, request)) else {
-            return exchange::unavailable(path, "the edge is not loaded; retry");
+        let Some(handled) = self.with_edge(|edge| http::handle(edge, now, seed, request)) else {
+            return exchange::respond(http::unavailable(path, "the edge is not loaded; retry"));
         };
-        // The waiter goes in before the effects run: they may end the job.
-        let waiting = match outcome {
-            Outcome::Respond(answer) => Err(answer),
-            Outcome::Follow { job_id, follow } => {
-                let (tx, rx) = futures::channel::mpsc::unbounded::<String>();
-                for chunk in follow.backlog {
-                    let _ = tx.unbounded_send(chunk);
-                }
-                match follow.end {
-                    Some(end) => {
-                        let _ = tx.unbounded_send(end);
-                    }
-                    None => self.followers.borrow_mut().entry(job_id).or_default().push(tx),
-                }
-                self.apply(effects, None);
-                return exchange::event_stream(rx);
+        let caller = handled.caller;
+        // The caller's channel exists before the effects run: they may answer it.
+        match handled.reply {
+            Reply::Stream => {
+                let (tx, rx) = mpsc::unbounded::<String>();
+                self.callers.borrow_mut().insert(caller, Channel::Stream(tx));
+                self.apply(handled.effects, None);
+                self.schedule(now).await;
+                exchange::event_stream(rx)
             }
-            Outcome::Wait { job_id, max_wait_ms } => {
+            Reply::Once { max_wait_ms } => {
                 let (tx, rx) = oneshot::channel();
-                self.waiters.borrow_mut().entry(job_id.clone()).or_default().push(tx);
-                Ok((job_id, max_wait_ms, rx))
+                self.callers.borrow_mut().insert(caller, Channel::Once(tx));
+                self.apply(handled.effects, None);
+                self.schedule(now).await;
+                exchange::respond(self.wait(caller, max_wait_ms, rx).await)
             }
-        };
-        self.apply(effects, None);
-        self.schedule(now).await;
-        match waiting {
-            Err(answer) => exchange::respond(answer),
-            Ok((job_id, max_wait_ms, rx)) => exchange::respond(self.wait(&job_id, max_wait_ms, rx).await),
         }
     }
 
-    /// Waits for the job's answer, bounded: a caller that hangs up does not cancel this
+    /// Waits for the caller's answer, bounded: a caller that hangs up does not cancel this
     /// future, so without the bound it would pin the object in memory indefinitely.
-    async fn wait(&self, job_id: &str, max_wait_ms: u64, rx: oneshot::Receiver<Answer>) -> http::Response {
+    async fn wait(&self, caller: CallerId, max_wait_ms: u64, rx: oneshot::Receiver<Response>) -> Response {
         let delay = std::pin::pin!(Delay::from(Duration::from_millis(max_wait_ms.min(i32::MAX as u64))));
-        let answer = match select(rx, delay).await {
-            Either::Left((Ok(answer), _)) => Some(answer),
+        let rx = match select(rx, delay).await {
+            Either::Left((Ok(answer), _)) => return answer,
             Either::Left((Err(_), _)) => None,
-            Either::Right(((), rx)) => {
-                drop(rx);
-                None
-            }
+            Either::Right(((), rx)) => Some(rx),
         };
-        if let Some((status, body)) = answer {
-            return http::Response::json(status, body);
+        console_warn!("caller={} stopped waiting after {max_wait_ms} ms", caller.0);
+        let now = now_ms();
+        let effects = self.with_edge(|edge| edge.wait_expired(now, caller)).unwrap_or_default();
+        self.apply(effects, None);
+        match rx {
+            Some(mut rx) => match rx.try_recv() {
+                Ok(Some(answer)) => answer,
+                _ => http::unavailable("", "the edge lost this request while waiting; retry"),
+            },
+            None => http::unavailable("", "the edge lost this request while waiting; retry"),
         }
-        // Drop this caller's (and any other abandoned) sender.
-        {
-            let mut waiters = self.waiters.borrow_mut();
-            if let Some(list) = waiters.get_mut(job_id) {
-                list.retain(|tx| !tx.is_canceled());
-                if list.is_empty() {
-                    waiters.remove(job_id);
-                }
-            }
-        }
-        console_warn!("job_id={job_id} caller stopped waiting after {max_wait_ms} ms");
-        self.with_edge(|edge| http::waited_too_long(edge, job_id)).unwrap_or_else(|| {
-            http::Response::error(ApiError::new(ErrorCode::InternalError, "the edge lost its state while waiting; retry"))
-        })
     }
 
     /// The agent's connection is gone: its jobs wait for it to come back.

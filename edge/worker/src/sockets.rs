@@ -10,6 +10,7 @@
 //! agent's free-text fields (version, login problem) before it is stored.
 
 use edge_core::session::Session;
+use shared::text::truncate;
 use worker::wasm_bindgen::JsValue;
 use worker::{console_error, console_warn, State, WebSocket};
 
@@ -18,14 +19,7 @@ use worker::{console_error, console_warn, State, WebSocket};
 const CLOSED: &str = "closed";
 /// Serialized attachments may not exceed 2,048 bytes; keep a margin for the framing.
 const ATTACHMENT_BUDGET: usize = 2_000;
-/// WebSocket close reasons are limited to 123 bytes of UTF-8.
-const MAX_CLOSE_REASON: usize = 123;
-
-/// Close code for a socket whose session the edge lost (an unreadable attachment) or
-/// that spoke outside the protocol (binary frames): the agent should reconnect.
-pub use shared::protocol::close::PROTOCOL_ERROR;
-/// Close code when the edge cannot run at all (a setting is wrong).
-pub const INTERNAL_ERROR: u16 = 1011;
+use shared::protocol::close;
 
 pub struct Sockets<'a> {
     state: &'a State,
@@ -93,30 +87,29 @@ impl<'a> Sockets<'a> {
         }
     }
 
-    /// The sessions of the sockets still open, for rebuilding the machine. A socket whose
-    /// record is missing or unreadable cannot be served: it is closed so its agent
-    /// reconnects and proves itself again.
-    pub fn restore(&self) -> Vec<Session> {
+    /// The sessions of the sockets still open, for rebuilding the machine, and the sockets
+    /// whose record is missing or unreadable (by tag): the machine does not know those.
+    pub fn restore(&self) -> (Vec<Session>, Vec<(String, WebSocket)>) {
         let sockets = match self.state.as_raw().get_websockets() {
             Ok(s) => s,
             Err(e) => {
                 console_error!("listing the object's WebSockets failed: {}", js_text(e));
-                return Vec::new();
+                return (Vec::new(), Vec::new());
             }
         };
-        let mut sessions = Vec::new();
+        let (mut sessions, mut unknown) = (Vec::new(), Vec::new());
         for ws in sockets.into_iter().map(WebSocket::from) {
             let tag = self.session_id(&ws);
             match read_attachment(&ws, tag.as_deref()) {
                 Restored::Session(session) => sessions.push(*session),
                 Restored::Closed => {}
                 Restored::Unreadable(why) => {
-                    console_warn!("session={} closed on restore: {why}", tag.as_deref().unwrap_or("?"));
-                    close_socket(&ws, PROTOCOL_ERROR, "the edge lost this connection's record; reconnect");
+                    console_warn!("session={} has no usable record: {why}", tag.as_deref().unwrap_or("?"));
+                    unknown.push((tag.unwrap_or_default(), ws));
                 }
             }
         }
-        sessions
+        (sessions, unknown)
     }
 }
 
@@ -145,8 +138,7 @@ fn read_attachment(ws: &WebSocket, tag: Option<&str>) -> Restored {
 /// closed already — are of no consequence.
 pub fn close_socket(ws: &WebSocket, code: u16, reason: &str) {
     let _ = ws.serialize_attachment(CLOSED);
-    let reason = truncate(reason, MAX_CLOSE_REASON);
-    if ws.close(Some(code), Some(reason)).is_err() {
+    if ws.close(Some(code), Some(close::reason(reason))).is_err() {
         let _ = ws.close(None, None::<&str>);
     }
 }
@@ -190,8 +182,6 @@ fn attachment_cost(text: &str) -> usize {
     }
 }
 
-pub use shared::text::truncate;
-
 fn js_text(value: JsValue) -> String {
     value.as_string().unwrap_or_else(|| format!("{value:?}"))
 }
@@ -213,6 +203,8 @@ mod tests {
                 capacity: 2,
                 credits: 1,
                 oauth: OAuthReport { problem: Some(problem.into()), ..OAuthReport::unconfigured(5) },
+                // As long as the core lets it be, in the costliest characters.
+                claude_version: Some("😀".repeat(shared::protocol::MAX_CLAUDE_VERSION_BYTES / 4)),
             }),
         }
     }
@@ -241,12 +233,5 @@ mod tests {
         assert_eq!(back.agent().unwrap().oauth.problem.as_ref().unwrap().len(), 300);
         let text = encode_session(&ready(&"😀".repeat(5000))).unwrap();
         assert!(attachment_cost(&text) <= ATTACHMENT_BUDGET);
-    }
-
-    #[test]
-    fn truncation_keeps_characters_whole() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("héllo", 3), "hé");
-        assert_eq!(truncate("abc", 123), "abc");
     }
 }

@@ -1,26 +1,33 @@
 //! Job records in the Durable Object's SQLite storage: the only part of the machine's
 //! state that must outlive the object's memory (sessions live in socket attachments).
 //! Workerd evicts an idle object within seconds, so every event may start with
-//! [`Store::load`]; every `Effect::Save` / `Effect::Forget` lands here.
+//! [`Store::load`]; every event's `Effect::Save`s and `Effect::Forget`s land here.
 //!
 //! A record is the JSON of [`edge_core::job::Job`] in `jobs.record`. SQLite in a Durable
 //! Object refuses strings over 2 MB, and a result (Claude's output plus a diff) may be
 //! larger, so a long record continues in `job_parts`; a job whose result could not be
 //! stored would come back as "running" after an eviction and end as lost.
 //!
-//! Writes made in one event without an `await` between them are committed together by
-//! the runtime, so a record and its parts never disagree.
+//! One event's writes go in one `transactionSync`: all of them or none, so a record and its
+//! parts never disagree and a failed event leaves storage as it was.
 
-use edge_core::job::Job;
+use edge_core::record::Job;
+use edge_core::Writes;
 use serde::Deserialize;
 use std::collections::HashMap;
-use worker::{SqlStorage, SqlStorageValue};
+use worker::js_sys::{Function, Reflect};
+use worker::wasm_bindgen::closure::Closure;
+use worker::wasm_bindgen::{JsCast, JsValue};
+use worker::{SqlStorage, SqlStorageValue, Storage};
 
 /// Bytes per stored piece of a record: well under the 2 MB limit of a string.
 const PART_BYTES: usize = 1_000_000;
 
 pub struct Store {
     sql: SqlStorage,
+    /// The storage object itself, for `transactionSync` (which the `worker` crate does
+    /// not wrap).
+    storage: JsValue,
 }
 
 #[derive(Deserialize)]
@@ -36,8 +43,8 @@ struct PartRow {
 }
 
 impl Store {
-    pub fn new(sql: SqlStorage) -> Store {
-        Store { sql }
+    pub fn new(storage: Storage) -> Store {
+        Store { sql: storage.sql(), storage: AsRef::<JsValue>::as_ref(storage.as_raw()).clone() }
     }
 
     /// Creates the tables if this object never had them.
@@ -74,26 +81,58 @@ impl Store {
         Ok((jobs, problems))
     }
 
+    /// Stores one event's writes in one transaction: all of them, or none.
+    pub fn apply(&self, writes: &Writes) -> Result<(), String> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut records = Vec::with_capacity(writes.saves.len());
+        for job in &writes.saves {
+            let record = serde_json::to_string(job).map_err(|e| format!("encoding job {}: {e}", job.id))?;
+            records.push((job.id.clone(), record));
+        }
+        let forgets = writes.forgets.clone();
+        let store = Store { sql: self.sql.clone(), storage: JsValue::UNDEFINED };
+        // Thrown from inside the transaction, an error rolls it back.
+        let body = Closure::once_into_js(move || -> Result<(), JsValue> {
+            for (id, record) in &records {
+                store.save(id, record).map_err(|e| JsValue::from_str(&e))?;
+            }
+            for id in &forgets {
+                store.forget(id).map_err(|e| JsValue::from_str(&e))?;
+            }
+            Ok(())
+        });
+        let transaction: Function = Reflect::get(&self.storage, &JsValue::from_str("transactionSync"))
+            .ok()
+            .and_then(|f| f.dyn_into().ok())
+            .ok_or("this runtime's Durable Object storage has no transactionSync")?;
+        transaction.call1(&self.storage, &body).map(|_| ()).map_err(|e| {
+            e.as_string()
+                .or_else(|| Reflect::get(&e, &JsValue::from_str("message")).ok().and_then(|m| m.as_string()))
+                .unwrap_or_else(|| format!("{e:?}"))
+        })
+    }
+
     /// Inserts or replaces a job's record.
-    pub fn save(&self, job: &Job) -> Result<(), String> {
-        let record = serde_json::to_string(job).map_err(|e| format!("encoding job {}: {e}", job.id))?;
-        let pieces = split_record(&record, PART_BYTES);
+    fn save(&self, id: &str, record: &str) -> Result<(), String> {
+        let pieces = split_record(record, PART_BYTES);
         self.exec(
             "INSERT INTO jobs (id, record) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET record = excluded.record",
-            vec![job.id.as_str().into(), pieces[0].into()],
+            vec![id.into(), pieces[0].into()],
         )?;
-        self.exec("DELETE FROM job_parts WHERE id = ?", vec![job.id.as_str().into()])?;
+        self.exec("DELETE FROM job_parts WHERE id = ?", vec![id.into()])?;
         for (part, text) in pieces.iter().enumerate().skip(1) {
             self.exec(
                 "INSERT INTO job_parts (id, part, text) VALUES (?, ?, ?)",
-                vec![job.id.as_str().into(), (part as i64).into(), (*text).into()],
+                vec![id.into(), (part as i64).into(), (*text).into()],
             )?;
         }
         Ok(())
     }
 
     /// Deletes a job whose retention is over.
-    pub fn forget(&self, job_id: &str) -> Result<(), String> {
+    fn forget(&self, job_id: &str) -> Result<(), String> {
         self.exec("DELETE FROM jobs WHERE id = ?", vec![job_id.into()])?;
         self.exec("DELETE FROM job_parts WHERE id = ?", vec![job_id.into()])?;
         Ok(())

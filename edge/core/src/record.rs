@@ -1,10 +1,12 @@
-//! One job as the edge keeps it. The whole struct is the stored record: hosts save it
-//! as JSON whenever the machine says [`crate::Effect::Save`], and hand the records back to
-//! [`crate::Edge::restore`] after a restart.
+//! One job's record, as the edge keeps it. The whole struct is what is stored: hosts save
+//! it as JSON whenever the machine says [`crate::Effect::Save`], and hand the records back
+//! to [`crate::Edge::restore`] after a restart. Its times are edge time
+//! ([`crate::clock::Now::at`]).
 
 use serde::{Deserialize, Serialize};
 use shared::contract::{ApiError, ErrorCode, ExecuteResponse, JobView};
 use shared::job::{JobResult, JobSpec, JobState};
+use crate::clock::Now;
 use shared::time::rfc3339;
 use shared::Millis;
 
@@ -125,14 +127,15 @@ impl Job {
         }
     }
 
-    pub fn view(&self) -> JobView {
+    pub fn view(&self, now: Now) -> JobView {
+        let shown = |t: Millis| rfc3339(now.wall_of(t));
         JobView {
             job_id: self.id.clone(),
             state: self.state,
-            created_at: rfc3339(self.created_at),
+            created_at: shown(self.created_at),
             agent_id: self.agent_id.clone(),
-            started_at: self.started_at.map(rfc3339),
-            finished_at: self.finished_at.map(rfc3339),
+            started_at: self.started_at.map(shown),
+            finished_at: self.finished_at.map(shown),
             result: self.response(),
         }
     }

@@ -1,8 +1,18 @@
 //! The machine driven with simulated time by a scripted agent.
+//!
+//! - this file: the helpers, and the flow of jobs, sessions and deadlines;
+//! - [`storage`]: failed store writes, through a host whose store can be made to fail;
+//! - [`stop`]: a clean stop and what each waiting caller is told;
+//! - [`hosts`]: the cases where the two hosts used to decide differently, and time.
 
-use crate::http::{self, Body, Outcome, Request};
-use crate::job::Mode;
-use crate::{Config, Edge, Effect};
+mod hosts;
+mod stop;
+mod storage;
+
+use crate::body::Body;
+use crate::http::{self, Reply, Request};
+use crate::record::Mode;
+use crate::{CallerId, Config, Edge, Effect};
 use ed25519_dalek::SigningKey;
 use serde_json::{json, Value};
 use shared::contract::{ExecuteRequest, Limits, Submission};
@@ -12,18 +22,18 @@ use shared::keys::Keyring;
 use shared::oauth::{OAuthReport, OAuthSource};
 use shared::protocol::{close, AgentMessage, EdgeMessage, Hello, JobOrder, Welcome, PROTOCOL_VERSION};
 
-const SECRET: &str = "0123456789abcdef0123";
-const HB: u64 = 1_000;
-const LOST: u64 = 5_000;
+pub(super) const SECRET: &str = "0123456789abcdef0123";
+pub(super) const HB: u64 = 1_000;
+pub(super) const LOST: u64 = 5_000;
 
-fn edge_key() -> SigningKey {
+pub(super) fn edge_key() -> SigningKey {
     SigningKey::from_bytes(&[9; 32])
 }
-fn agent_key(n: u8) -> SigningKey {
+pub(super) fn agent_key(n: u8) -> SigningKey {
     SigningKey::from_bytes(&[n; 32])
 }
 
-fn config() -> Config {
+pub(super) fn config() -> Config {
     Config {
         runner_secret: SECRET.into(),
         signing_key: edge_key(),
@@ -43,11 +53,11 @@ fn config() -> Config {
     }
 }
 
-fn oauth() -> OAuthReport {
+pub(super) fn oauth() -> OAuthReport {
     OAuthReport { source: OAuthSource::OauthTokenEnv, ..OAuthReport::unconfigured(0) }
 }
 
-fn sent(effects: &[Effect], session: &str) -> Vec<EdgeMessage> {
+pub(super) fn sent(effects: &[Effect], session: &str) -> Vec<EdgeMessage> {
     effects
         .iter()
         .filter_map(|e| match e {
@@ -57,17 +67,42 @@ fn sent(effects: &[Effect], session: &str) -> Vec<EdgeMessage> {
         .collect()
 }
 
-fn finished(effects: &[Effect]) -> Vec<(String, u16, Value)> {
+/// The jobs these effects ended, with the answer their callers get: every job ends with
+/// the save of its terminal record.
+pub(super) fn finished(effects: &[Effect]) -> Vec<(String, u16, Value)> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Finished { job_id, status, body } => Some((job_id.clone(), *status, serde_json::from_str(body).unwrap())),
+            Effect::Save(job) if job.state.is_terminal() => {
+                let (status, body) = job.answer().unwrap();
+                Some((job.id.clone(), status, serde_json::from_str(&body).unwrap()))
+            }
             _ => None,
         })
         .collect()
 }
 
-fn closed(effects: &[Effect]) -> Option<(u16, String)> {
+/// What these effects answer `caller`, if anything.
+pub(super) fn answer_to(effects: &[Effect], caller: CallerId) -> Option<(u16, Value)> {
+    effects.iter().find_map(|e| match e {
+        Effect::Answer { caller: c, response } if *c == caller => Some((response.status, serde_json::from_str(&response.body).unwrap())),
+        _ => None,
+    })
+}
+
+/// The chunks these effects write on `caller`'s stream, and whether they end it.
+pub(super) fn streamed(effects: &[Effect], caller: CallerId) -> (Vec<String>, bool) {
+    let chunks = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Stream { caller: c, chunk } if *c == caller => Some(chunk.clone()),
+            _ => None,
+        })
+        .collect();
+    (chunks, effects.iter().any(|e| matches!(e, Effect::EndStream { caller: c } if *c == caller)))
+}
+
+pub(super) fn closed(effects: &[Effect]) -> Option<(u16, String)> {
     effects.iter().find_map(|e| match e {
         Effect::Close { code, reason, .. } => Some((*code, reason.clone())),
         _ => None,
@@ -75,11 +110,11 @@ fn closed(effects: &[Effect]) -> Option<(u16, String)> {
 }
 
 /// Connects and authenticates an agent; returns its session id.
-fn join(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: Vec<String>, seed: u8) -> (String, Vec<Effect>) {
+pub(super) fn join(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: Vec<String>, seed: u8) -> (String, Vec<Effect>) {
     join_with(edge, now, agent, key, running, seed, 1)
 }
 
-fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: Vec<String>, seed: u8, capacity: u32) -> (String, Vec<Effect>) {
+pub(super) fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: Vec<String>, seed: u8, capacity: u32) -> (String, Vec<Effect>) {
     let (sid, effects) = edge.connect(now, [seed; 32]);
     let EdgeMessage::Challenge { nonce, protocol, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     assert_eq!(*protocol, PROTOCOL_VERSION);
@@ -94,6 +129,7 @@ fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: 
         running,
         finished: vec![],
         oauth: oauth(),
+        claude_version: Some("2.1.197 (Claude Code)".into()),
     };
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.into(), envelope: Envelope::seal(Domain::Hello, &hello, key) };
     let effects = edge.message(now, &sid, &msg.to_text());
@@ -101,19 +137,19 @@ fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: 
 }
 
 /// An edge with agent `spark` connected and one credit granted.
-fn ready_edge() -> (Edge, String) {
+pub(super) fn ready_edge() -> (Edge, String) {
     let mut edge = Edge::new(config(), 0);
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
     say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
     (edge, sid)
 }
 
-fn submission(prompt: &str, timeout_ms: u64, key: Option<&str>) -> Submission {
+pub(super) fn submission(prompt: &str, timeout_ms: u64, key: Option<&str>) -> Submission {
     let body = json!({"prompt": prompt, "timeout_ms": timeout_ms}).to_string();
     ExecuteRequest::parse(body.as_bytes(), key, Limits { max_timeout_ms: 3_600_000 }).unwrap()
 }
 
-fn order_of(effects: &[Effect], sid: &str, agent: &str, now: u64) -> JobOrder {
+pub(super) fn order_of(effects: &[Effect], sid: &str, agent: &str, now: u64) -> JobOrder {
     let job = sent(effects, sid).into_iter().find_map(|m| match m {
         EdgeMessage::Job { envelope } => Some(envelope),
         _ => None,
@@ -121,11 +157,27 @@ fn order_of(effects: &[Effect], sid: &str, agent: &str, now: u64) -> JobOrder {
     open_order(&job.expect("a job was sent"), Domain::Job, &edge_key().verifying_key(), agent, now).unwrap()
 }
 
-fn say(edge: &mut Edge, now: u64, sid: &str, msg: AgentMessage) -> Vec<Effect> {
+pub(super) fn say(edge: &mut Edge, now: u64, sid: &str, msg: AgentMessage) -> Vec<Effect> {
     edge.message(now, sid, &msg.to_text())
 }
 
-fn ok_result() -> JobResult {
+/// An authorised HTTP request, handled as a host would at `now`.
+pub(super) fn call(edge: &mut Edge, now: impl Into<crate::Now>, method: &str, path: &str, body: Value) -> http::Handled {
+    let body = if body.is_null() { Vec::new() } else { body.to_string().into_bytes() };
+    let req = Request {
+        method: method.into(),
+        path: path.into(),
+        secret_header: Some(SECRET.into()),
+        authorization: None,
+        idempotency_key: None,
+        body: Body::Bytes(body),
+    };
+    static SEED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    let seed = SEED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    http::handle(edge, now, [seed; 16], req)
+}
+
+pub(super) fn ok_result() -> JobResult {
     JobResult { success: true, output: "done".into(), exit_code: Some(0), duration_ms: 5, ..Default::default() }
 }
 
@@ -258,6 +310,7 @@ fn refuses_unknown_forged_and_replayed_hellos() {
     let hello = Hello {
         protocol: PROTOCOL_VERSION, agent_id: "spark".into(), agent_version: "t".into(), challenge: nonce.clone(),
         agent_nonce: "n".into(), issued_at: 0, capacity: 1, running: vec![], finished: vec![], oauth: oauth(),
+        claude_version: None,
     };
     let text = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(1)) }.to_text();
     assert!(closed(&edge.message(0, &sid1, &text)).is_none());
@@ -319,7 +372,7 @@ fn a_job_survives_a_reconnect_and_its_result_arrives() {
     let (sid2, _) = join(&mut edge, 200, "spark", &agent_key(1), vec!["j1".into()], 2);
     assert!(edge.job("j1").unwrap().orphaned_at.is_none());
     for t in (1_000..=100 + LOST).step_by(1_000) {
-        say(&mut edge, t, &sid2, AgentMessage::Heartbeat { running: vec!["j1".into()], capacity: 1, oauth: oauth() });
+        say(&mut edge, t, &sid2, AgentMessage::Heartbeat { running: vec!["j1".into()], capacity: 1, oauth: oauth(), claude_version: None });
     }
     assert!(finished(&edge.tick(100 + LOST)).is_empty(), "not lost: the agent came back");
     let done = finished(&say(&mut edge, 5_500, &sid2, AgentMessage::Result { job_id: "j1".into(), result: ok_result() }));
@@ -351,7 +404,7 @@ fn an_agent_that_restarted_without_the_job_settles_it() {
 fn a_silent_agent_is_dropped_within_two_heartbeats() {
     let mut edge = Edge::new(config(), 0);
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
-    let hb = AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth() };
+    let hb = AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth(), claude_version: None };
     let effects = say(&mut edge, 500, &sid, hb);
     assert!(matches!(sent(&effects, &sid)[..], [EdgeMessage::HeartbeatAck { .. }]));
     assert_eq!(edge.next_deadline(), Some(500 + 2 * HB));
@@ -374,8 +427,8 @@ fn the_edge_times_a_job_out_and_tells_the_agent() {
     let (mut edge, sid) = ready_edge();
     edge.submit(0, "j1".into(), submission("x", 2_000, None), Mode::Wait).unwrap();
     // Keep the connection alive meanwhile.
-    say(&mut edge, 1_500, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth() });
-    say(&mut edge, 2_500, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth() });
+    say(&mut edge, 1_500, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth(), claude_version: None });
+    say(&mut edge, 2_500, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth(), claude_version: None });
     let effects = edge.tick(3_000);
     assert_eq!(finished(&effects)[0].2["error_code"], "TIMEOUT");
     assert!(sent(&effects, &sid).iter().any(|m| matches!(m, EdgeMessage::Cancel { .. })));
@@ -468,26 +521,48 @@ fn health_follows_agents_and_their_login() {
     assert_eq!(edge.health(0).status.http_status(), 200);
     assert_eq!(edge.health(0).agent.unwrap().agent_id, "spark");
     let broken = OAuthReport { auth_failed: true, ..oauth() };
-    say(&mut edge, 1, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: broken });
+    say(&mut edge, 1, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: broken, claude_version: None });
     let h = edge.health(1);
     assert_eq!(h.status.http_status(), 503);
     assert!(h.oauth.unwrap().needs_login);
 }
 
 #[test]
+fn health_shows_the_agents_claude_cli_version() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let version = |edge: &Edge| edge.health(5).agent.unwrap().claude_version;
+    assert_eq!(version(&edge).as_deref(), Some("2.1.197 (Claude Code)"), "from the hello");
+    let beat = |v: Option<String>| AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth(), claude_version: v };
+    // An upgrade under the running agent shows at the next heartbeat; a heartbeat without
+    // the field (an older agent, or a probe that failed) keeps what is known.
+    say(&mut edge, 1, &sid, beat(Some("2.1.198 (Claude Code)".into())));
+    assert_eq!(version(&edge).as_deref(), Some("2.1.198 (Claude Code)"));
+    say(&mut edge, 2, &sid, beat(None));
+    assert_eq!(version(&edge).as_deref(), Some("2.1.198 (Claude Code)"));
+    // One bounded line, whatever the agent sends.
+    say(&mut edge, 3, &sid, beat(Some(format!("{}\nsecond line", "9".repeat(500)))));
+    let shown = version(&edge).unwrap();
+    assert_eq!(shown.len(), shared::protocol::MAX_CLAUDE_VERSION_BYTES);
+    assert!(!shown.contains('\n'));
+    let json = serde_json::to_value(edge.health(5)).unwrap();
+    assert_eq!(json["agent"]["claude_version"], shown.as_str());
+}
+
+#[test]
 fn http_routes_check_the_secret_size_and_methods() {
     let mut edge = Edge::new(config(), 0);
-    let req = |method, path, secret: Option<&'static str>, body: &'static [u8]| Request {
-        method,
-        path,
-        secret_header: secret,
+    let req = |method: &str, path: &str, secret: Option<&str>, body: &[u8]| Request {
+        method: method.into(),
+        path: path.into(),
+        secret_header: secret.map(str::to_string),
         authorization: None,
         idempotency_key: None,
-        body: Body::Bytes(body),
+        body: Body::Bytes(body.to_vec()),
     };
-    let status = |edge: &mut Edge, r: Request| match http::handle(edge, 0, [0; 16], r).0 {
-        Outcome::Respond(r) => r.status,
-        Outcome::Wait { .. } | Outcome::Follow { .. } => 0,
+    let status = |edge: &mut Edge, r: Request| {
+        let handled = http::handle(edge, 0, [0; 16], r);
+        answer_to(&handled.effects, handled.caller).map_or(0, |(status, _)| status)
     };
     assert_eq!(status(&mut edge, req("GET", "/health", None, b"")), 503);
     assert_eq!(status(&mut edge, req("POST", "/execute", None, b"{}")), 403);
@@ -499,41 +574,51 @@ fn http_routes_check_the_secret_size_and_methods() {
     assert_eq!(status(&mut edge, req("GET", "/jobs/x", Some(SECRET), b"")), 404);
     let big = Request { body: Body::TooLarge, ..req("POST", "/execute", Some(SECRET), b"") };
     assert_eq!(status(&mut edge, big), 413);
-    let bearer = Request { authorization: Some("Bearer 0123456789abcdef0123"), ..req("POST", "/jobs", None, br#"{"prompt":"x"}"#) };
+    let bearer = Request { authorization: Some("Bearer 0123456789abcdef0123".into()), ..req("POST", "/jobs", None, br#"{"prompt":"x"}"#) };
     assert_eq!(status(&mut edge, bearer), 202);
     join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
-    assert!(matches!(
-        http::handle(&mut edge, 0, [1; 16], req("POST", "/execute", Some(SECRET), br#"{"prompt":"x"}"#)).0,
-        Outcome::Wait { .. }
-    ));
+    let handled = http::handle(&mut edge, 0, [1; 16], req("POST", "/execute", Some(SECRET), br#"{"prompt":"x"}"#));
+    assert!(matches!(handled.reply, Reply::Once { max_wait_ms } if max_wait_ms > 300_000));
+    assert!(answer_to(&handled.effects, handled.caller).is_none(), "the caller waits for the job");
 }
 
 #[test]
 fn followers_get_the_progress_so_far_then_the_result() {
     let (mut edge, sid) = ready_edge();
     edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
-    assert_eq!(edge.follow("j1").unwrap().backlog.len(), 0);
+    let early = edge.begin_request();
+    let mut effects = Vec::new();
+    assert!(edge.follow(early, "j1", &mut effects));
+    assert_eq!(streamed(&effects, early), (vec![], false));
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
     let effects = say(&mut edge, 2, &sid, AgentMessage::Event { job_id: "j1".into(), seq: 1, event: json!({"type": "system"}) });
-    let chunk = effects.iter().find_map(|e| match e {
-        Effect::Progress { chunk, .. } => Some(chunk.clone()),
-        _ => None,
-    });
-    assert_eq!(chunk.as_deref(), Some("id: 1\nevent: progress\ndata: {\"type\":\"system\"}\n\n"));
+    let (chunks, _) = streamed(&effects, early);
+    assert_eq!(chunks, vec!["id: 1\nevent: progress\ndata: {\"type\":\"system\"}\n\n".to_string()]);
     // Events for a job that is not this agent's are dropped.
     let effects = say(&mut edge, 2, &sid, AgentMessage::Event { job_id: "other".into(), seq: 1, event: json!({}) });
-    assert!(effects.iter().all(|e| !matches!(e, Effect::Progress { .. })));
-    for seq in 2..=(crate::machine::MAX_BACKLOG_EVENTS as u64 + 5) {
+    assert!(effects.iter().all(|e| !matches!(e, Effect::Stream { .. })));
+    for seq in 2..=(crate::progress::MAX_BACKLOG_EVENTS as u64 + 5) {
         say(&mut edge, 3, &sid, AgentMessage::Event { job_id: "j1".into(), seq, event: json!({"type": "assistant"}) });
     }
-    let follow = edge.follow("j1").unwrap();
-    assert!(follow.end.is_none());
-    assert!(follow.backlog[0].contains("5 earlier progress events"), "{}", follow.backlog[0]);
-    assert_eq!(follow.backlog.len(), crate::machine::MAX_BACKLOG_EVENTS + 1);
-    say(&mut edge, 4, &sid, AgentMessage::Result { job_id: "j1".into(), result: ok_result() });
-    let follow = edge.follow("j1").unwrap();
-    assert!(follow.backlog.is_empty());
-    let end = follow.end.unwrap();
-    assert!(end.starts_with("event: result\ndata: {") && end.contains("\"output\":\"done\""), "{end}");
-    assert!(edge.follow("nope").is_none());
+    let late = edge.begin_request();
+    let mut effects = Vec::new();
+    edge.follow(late, "j1", &mut effects);
+    let (backlog, ended) = streamed(&effects, late);
+    assert!(!ended);
+    assert!(backlog[0].contains("5 earlier progress events"), "{}", backlog[0]);
+    assert_eq!(backlog.len(), crate::progress::MAX_BACKLOG_EVENTS + 1);
+    // The result goes to both followers, and ends their streams.
+    let effects = say(&mut edge, 4, &sid, AgentMessage::Result { job_id: "j1".into(), result: ok_result() });
+    for caller in [early, late] {
+        let (chunks, ended) = streamed(&effects, caller);
+        assert!(ended);
+        assert!(chunks[0].starts_with("event: result\ndata: {") && chunks[0].contains("\"output\":\"done\""), "{chunks:?}");
+    }
+    // A follower of a job that is over gets the result at once.
+    let after = edge.begin_request();
+    let mut effects = Vec::new();
+    edge.follow(after, "j1", &mut effects);
+    let (chunks, ended) = streamed(&effects, after);
+    assert!(ended && chunks.len() == 1 && chunks[0].starts_with("event: result"), "{chunks:?}");
+    assert!(!edge.follow(after, "nope", &mut Vec::new()));
 }

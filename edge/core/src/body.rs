@@ -1,0 +1,116 @@
+//! Reading a request body: how much is kept, how much of an oversized one is read on, and
+//! what an upload that broke off means. Hosts feed the chunks they receive to an
+//! [`Intake`] and stop when it says so; the [`Body`] it ends with is what the HTTP routing
+//! answers from, so both hosts answer an oversized or broken upload the same way.
+
+/// How much of an oversized body is read (and dropped, never held) so the caller is still
+/// listening when its 413 comes: answering while the caller still sends makes the
+/// connection reset, and the caller would see a network error instead of what to fix.
+/// Past this the caller is simply cut off.
+pub const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+
+/// A request body as the edge saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Body {
+    Bytes(Vec<u8>),
+    /// Over `MAX_BODY_BYTES`: answered 413.
+    TooLarge,
+    /// The upload broke off or could not be read: answered 400, send it again.
+    Broken(String),
+}
+
+/// What the host does after feeding a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Read the next chunk.
+    Read,
+    /// Stop reading and answer now (the body is over the drain limit).
+    Stop,
+}
+
+/// One body being read.
+#[derive(Debug)]
+pub struct Intake {
+    limit: usize,
+    bytes: Vec<u8>,
+    seen: usize,
+    broken: Option<String>,
+}
+
+impl Intake {
+    /// `limit` is `MAX_BODY_BYTES`.
+    pub fn new(limit: usize) -> Intake {
+        Intake { limit, bytes: Vec::new(), seen: 0, broken: None }
+    }
+
+    pub fn chunk(&mut self, chunk: &[u8]) -> Next {
+        self.seen = self.seen.saturating_add(chunk.len());
+        if self.seen > self.limit {
+            // Over the limit: nothing more is kept, but the caller is heard out.
+            self.bytes = Vec::new();
+            return if self.seen > DRAIN_LIMIT { Next::Stop } else { Next::Read };
+        }
+        self.bytes.extend_from_slice(chunk);
+        Next::Read
+    }
+
+    /// What a host's body stream gave next: a chunk, or the error it broke off with.
+    pub fn take(&mut self, next: Result<&[u8], String>) -> Next {
+        match next {
+            Ok(chunk) => self.chunk(chunk),
+            Err(why) => {
+                self.failed(why);
+                Next::Stop
+            }
+        }
+    }
+
+    /// The upload failed (the connection broke, the runtime refused the stream).
+    pub fn failed(&mut self, why: impl Into<String>) {
+        self.broken.get_or_insert_with(|| why.into());
+    }
+
+    pub fn finish(self) -> Body {
+        // Too large wins: the caller must shorten it whatever else went wrong.
+        if self.seen > self.limit {
+            Body::TooLarge
+        } else if let Some(why) = self.broken {
+            Body::Broken(why)
+        } else {
+            Body::Bytes(self.bytes)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_a_body_within_the_limit() {
+        let mut i = Intake::new(5);
+        assert_eq!(i.chunk(b"ab"), Next::Read);
+        assert_eq!(i.chunk(b"cde"), Next::Read);
+        assert_eq!(i.finish(), Body::Bytes(b"abcde".to_vec()));
+    }
+
+    #[test]
+    fn drains_an_oversized_body_up_to_the_drain_limit() {
+        let mut i = Intake::new(5);
+        assert_eq!(i.chunk(b"abcdef"), Next::Read);
+        assert_eq!(i.chunk(&vec![0; DRAIN_LIMIT]), Next::Stop);
+        assert_eq!(i.finish(), Body::TooLarge);
+    }
+
+    #[test]
+    fn a_broken_upload_is_broken_unless_it_was_too_large_already() {
+        let mut i = Intake::new(5);
+        i.chunk(b"ab");
+        i.failed("connection reset");
+        assert_eq!(i.finish(), Body::Broken("connection reset".into()));
+        let mut i = Intake::new(1);
+        i.chunk(b"ab");
+        i.failed("connection reset");
+        assert_eq!(i.finish(), Body::TooLarge);
+    }
+}

@@ -1,0 +1,179 @@
+//! The callers the machine answers later: `/execute` callers waiting for their job's end
+//! (waiters) and `GET /jobs/{id}/events` streams (followers). Every HTTP request is given a
+//! [`CallerId`]; the host keeps one channel per id and carries out the
+//! [`Effect::Answer`] / [`Effect::Stream`] / [`Effect::EndStream`] addressed to it. The
+//! machine decides who gets what; a host never looks at a job's callers.
+
+use super::{Edge, Effect};
+use crate::clock::Now;
+use crate::progress;
+use crate::response::Response;
+use shared::contract::{ApiError, ErrorCode};
+use std::collections::HashMap;
+
+/// One HTTP caller, as the machine and its host both name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CallerId(pub u64);
+
+#[derive(Debug, Default)]
+pub(super) struct Callers {
+    next: u64,
+    /// `/execute` callers, by job.
+    pub waiters: HashMap<String, Vec<CallerId>>,
+    /// Event streams, by job.
+    pub followers: HashMap<String, Vec<CallerId>>,
+}
+
+impl Callers {
+    pub fn set(&mut self, job_id: &str, waiters: Option<Vec<CallerId>>, followers: Option<Vec<CallerId>>) {
+        match waiters {
+            Some(w) => self.waiters.insert(job_id.to_string(), w),
+            None => self.waiters.remove(job_id),
+        };
+        match followers {
+            Some(f) => self.followers.insert(job_id.to_string(), f),
+            None => self.followers.remove(job_id),
+        };
+    }
+
+    fn job_of(list: &HashMap<String, Vec<CallerId>>, caller: CallerId) -> Option<String> {
+        list.iter().find(|(_, callers)| callers.contains(&caller)).map(|(job, _)| job.clone())
+    }
+}
+
+impl Edge {
+    /// Starts the event of one HTTP request and names its caller.
+    pub fn begin_request(&mut self) -> CallerId {
+        self.callers.next += 1;
+        let caller = CallerId(self.callers.next);
+        self.begin(super::storage::Origin::Request(caller));
+        caller
+    }
+
+    /// `caller` waits for the job's end (it is answered at once if the job is over).
+    pub fn wait_for(&mut self, caller: CallerId, job_id: &str, effects: &mut Vec<Effect>) {
+        if let Some((status, body)) = self.jobs.get(job_id).and_then(|j| j.answer()) {
+            effects.push(Effect::Answer { caller, response: Response::json(status, body) });
+            return;
+        }
+        self.note_callers(job_id);
+        self.callers.waiters.entry(job_id.to_string()).or_default().push(caller);
+    }
+
+    /// `caller` follows the job's progress: what is kept so far at once, then each event,
+    /// then the result. `false`: there is no such job.
+    pub fn follow(&mut self, caller: CallerId, job_id: &str, effects: &mut Vec<Effect>) -> bool {
+        let Some(job) = self.jobs.get(job_id) else { return false };
+        if let Some((_, body)) = job.answer() {
+            effects.push(Effect::Stream { caller, chunk: progress::result_chunk(&body) });
+            effects.push(Effect::EndStream { caller });
+            return true;
+        }
+        for chunk in self.progress.get(job_id).map(|b| b.replay()).unwrap_or_default() {
+            effects.push(Effect::Stream { caller, chunk });
+        }
+        self.note_callers(job_id);
+        self.callers.followers.entry(job_id.to_string()).or_default().push(caller);
+        true
+    }
+
+    /// The host's bound on a wait passed before the job ended (the machine ends every job
+    /// by its deadline, so this guards only against a host that outlives its bound).
+    pub fn wait_expired(&mut self, now: impl Into<Now>, caller: CallerId) -> Vec<Effect> {
+        let _ = now.into();
+        self.begin(super::storage::Origin::Quiet);
+        let Some(job_id) = Callers::job_of(&self.callers.waiters, caller) else { return Vec::new() };
+        self.forget_caller(&job_id, caller);
+        let response = match self.jobs.get(&job_id).and_then(|j| j.answer()) {
+            Some((status, body)) => Response::json(status, body),
+            None => Response::error(
+                ApiError::new(ErrorCode::Timeout, format!("the job is still running; follow it with GET /jobs/{job_id}"))
+                    .with_job(&job_id),
+            ),
+        };
+        vec![Effect::Answer { caller, response }]
+    }
+
+    /// The caller hung up (or its stream could not be written): nothing more goes to it.
+    pub fn caller_gone(&mut self, caller: CallerId) {
+        self.begin(super::storage::Origin::Quiet);
+        let job = Callers::job_of(&self.callers.waiters, caller).or_else(|| Callers::job_of(&self.callers.followers, caller));
+        if let Some(job_id) = job {
+            self.forget_caller(&job_id, caller);
+        }
+    }
+
+    fn forget_caller(&mut self, job_id: &str, caller: CallerId) {
+        self.note_callers(job_id);
+        for list in [&mut self.callers.waiters, &mut self.callers.followers] {
+            if let Some(callers) = list.get_mut(job_id) {
+                callers.retain(|c| *c != caller);
+                if callers.is_empty() {
+                    list.remove(job_id);
+                }
+            }
+        }
+    }
+
+    /// The job ended: each waiter gets its answer, each follower the result and the end.
+    pub(super) fn announce_end(&mut self, job_id: &str, status: u16, body: &str, effects: &mut Vec<Effect>) {
+        self.note_callers(job_id);
+        let followers = self.callers.followers.remove(job_id).unwrap_or_default();
+        if !followers.is_empty() {
+            let chunk = progress::result_chunk(body);
+            for caller in followers {
+                effects.push(Effect::Stream { caller, chunk: chunk.clone() });
+                effects.push(Effect::EndStream { caller });
+            }
+        }
+        for caller in self.callers.waiters.remove(job_id).unwrap_or_default() {
+            effects.push(Effect::Answer { caller, response: Response::json(status, body.to_string()) });
+        }
+    }
+
+    /// A progress event of a running job: kept for late followers, sent to current ones.
+    pub(super) fn announce_progress(&mut self, job_id: &str, seq: u64, event: &serde_json::Value, effects: &mut Vec<Effect>) {
+        let chunk = progress::progress_chunk(seq, event);
+        for caller in self.callers.followers.get(job_id).into_iter().flatten() {
+            effects.push(Effect::Stream { caller: *caller, chunk: chunk.clone() });
+        }
+        self.progress.entry(job_id.to_string()).or_default().push(chunk);
+    }
+
+    /// Every caller still waiting is told where its job can be found, and every stream
+    /// ends with where to pick it up: the edge is stopping and the jobs go on.
+    pub(super) fn release_callers(&mut self, effects: &mut Vec<Effect>) {
+        let jobs: Vec<String> = self.callers.waiters.keys().chain(self.callers.followers.keys()).cloned().collect();
+        for job_id in jobs {
+            self.note_callers(&job_id);
+        }
+        let waiters: Vec<(String, Vec<CallerId>)> = self.callers.waiters.drain().collect();
+        for (job_id, callers) in waiters {
+            let response = Response::error(
+                ApiError::new(
+                    ErrorCode::EdgeRestarting,
+                    format!(
+                        "the edge is restarting; the job goes on and its result will be kept: follow it with \
+                         GET /jobs/{job_id} (do not run the task elsewhere)"
+                    ),
+                )
+                .with_job(&job_id),
+            );
+            for caller in callers {
+                effects.push(Effect::Answer { caller, response: response.clone() });
+            }
+        }
+        let followers: Vec<(String, Vec<CallerId>)> = self.callers.followers.drain().collect();
+        for (job_id, callers) in followers {
+            for caller in callers {
+                effects.push(Effect::Stream { caller, chunk: progress::restart_chunk(&job_id) });
+                effects.push(Effect::EndStream { caller });
+            }
+        }
+    }
+
+    /// Callers waiting or following, for tests and metrics.
+    pub fn callers_waiting(&self) -> usize {
+        self.callers.waiters.values().map(Vec::len).sum::<usize>() + self.callers.followers.values().map(Vec::len).sum::<usize>()
+    }
+}

@@ -1,0 +1,131 @@
+//! Time: the next moment anything is due ([`Edge::next_deadline`], where hosts set their
+//! timer or alarm) and acting on everything due ([`Edge::tick`]): silent connections,
+//! queued jobs nobody took, running jobs past their timeout or whose agent stayed away,
+//! finished jobs past retention. All on edge time ([`Now::at`]), which never jumps.
+
+use super::storage::Origin;
+use super::{Edge, Effect};
+use crate::clock::Now;
+use crate::record::{self, Job, Mode};
+use crate::session::Refused;
+use shared::contract::{ApiError, ErrorCode};
+use shared::job::JobResult;
+use shared::protocol::{close, HANDSHAKE_TIMEOUT_MS};
+use shared::Millis;
+use tracing::warn;
+
+impl Edge {
+    /// The earliest edge time [`Edge::tick`] has something to do.
+    pub fn next_deadline(&self) -> Option<Millis> {
+        let hb = self.cfg.heartbeat_interval_ms;
+        let sessions = self.sessions.values().map(|s| s.deadline(hb));
+        let queued = self.queue.iter().map(|id| self.queued_deadline(&self.jobs[id]));
+        let active = self
+            .active
+            .iter()
+            .filter_map(|id| self.jobs[id].deadline(self.cfg.lost_after_ms, self.cfg.queue_ttl_ms, self.cfg.timeout_margin_ms));
+        let retention = self.retained.front().map(|(t, _)| t.saturating_add(self.cfg.job_retention_ms));
+        let next = sessions.chain(queued).chain(active).chain(retention).min()?;
+        // After a failed write, not again before the retry time.
+        Some(self.retry_at.map_or(next, |retry| next.max(retry)))
+    }
+
+    fn queued_deadline(&self, job: &Job) -> Millis {
+        let own = job.created_at.saturating_add(job.queue_wait(self.cfg.queue_ttl_ms));
+        match (job.mode, self.offline_since) {
+            // A waiting caller should fall back rather than wait out its whole timeout
+            // for an agent that is gone.
+            (Mode::Wait, Some(since)) => own.min(since.max(job.created_at).saturating_add(self.cfg.lost_after_ms)),
+            _ => own,
+        }
+    }
+
+    /// Acts on every deadline that has passed.
+    pub fn tick(&mut self, now: impl Into<Now>) -> Vec<Effect> {
+        let now = now.into();
+        self.begin(Origin::Tick);
+        self.retry_at = None;
+        let mut effects = Vec::new();
+        let hb = self.cfg.heartbeat_interval_ms;
+        let overdue: Vec<(String, bool)> = self
+            .sessions
+            .values()
+            .filter(|s| s.deadline(hb) <= now.at)
+            .map(|s| (s.id.clone(), s.agent().is_some()))
+            .collect();
+        for (id, ready) in overdue {
+            let reason = if ready {
+                format!("no message from the agent for {} ms (two heartbeat intervals)", 2 * hb)
+            } else {
+                format!("no signed hello within {} s", HANDSHAKE_TIMEOUT_MS / 1000)
+            };
+            warn!(session = %id, reason = %reason, "closing silent connection");
+            self.close(now, &id, Refused::new(close::SILENT, reason), &mut effects);
+        }
+
+        let expired: Vec<String> = self
+            .queue
+            .iter()
+            .filter(|id| self.queued_deadline(&self.jobs[*id]) <= now.at)
+            .cloned()
+            .collect();
+        for id in expired {
+            let job = &self.jobs[&id];
+            let waited = now.at.saturating_sub(job.created_at);
+            let result = if !self.is_online() && job.mode == Mode::Wait {
+                JobResult::failure(ErrorCode::RunnerOffline, ApiError::offline().body.error, waited)
+            } else {
+                JobResult::failure(
+                    ErrorCode::Timeout,
+                    format!("no agent took the job within {} ms; retry later", job.queue_wait(self.cfg.queue_ttl_ms)),
+                    waited,
+                )
+            };
+            self.finish(now, &id, result, &mut effects);
+        }
+
+        let due: Vec<String> = self
+            .active
+            .iter()
+            .filter(|id| {
+                self.jobs[*id]
+                    .deadline(self.cfg.lost_after_ms, self.cfg.queue_ttl_ms, self.cfg.timeout_margin_ms)
+                    .is_some_and(|d| d <= now.at)
+            })
+            .cloned()
+            .collect();
+        for id in due {
+            let job = &self.jobs[&id];
+            let lost = job.orphaned_at.is_some_and(|t| t.saturating_add(self.cfg.lost_after_ms) <= now.at);
+            if lost {
+                let result = record::lost(job, now.at);
+                self.finish(now, &id, result, &mut effects);
+            } else {
+                let result = JobResult::failure(
+                    ErrorCode::Timeout,
+                    format!(
+                        "the agent did not report a result within timeout_ms ({} ms) and a {} ms margin",
+                        job.spec.timeout_ms, self.cfg.timeout_margin_ms
+                    ),
+                    job.elapsed(now.at),
+                );
+                if let (Some(session), Some(agent)) = (job.session_id.clone(), job.agent_id.clone()) {
+                    if self.sessions.contains_key(&session) {
+                        self.send_cancel(now, &session, &agent, &id, "timed out at the edge", &mut effects);
+                    }
+                }
+                self.finish(now, &id, result, &mut effects);
+            }
+        }
+
+        while let Some((finished_at, id)) = self.retained.front().cloned() {
+            if finished_at.saturating_add(self.cfg.job_retention_ms) > now.at {
+                break;
+            }
+            self.retained.pop_front();
+            self.forget_job(&id);
+            effects.push(Effect::Forget { job_id: id });
+        }
+        effects
+    }
+}

@@ -1,0 +1,190 @@
+//! Jobs: submission, dispatch to agents with credit in queue order, cancel, requeue, and
+//! [`Edge::finish`] — the one way a job ends, which stores it and tells its callers.
+
+use super::{Edge, Effect};
+use crate::clock::Now;
+use crate::record::{Job, Mode};
+use shared::contract::{ApiError, ErrorCode, Submission};
+use shared::envelope::{Domain, Envelope, OrderHeader};
+use shared::job::{JobResult, JobState};
+use shared::protocol::{CancelOrder, EdgeMessage, JobOrder};
+use tracing::info;
+
+/// Outcome of a submission.
+#[derive(Debug)]
+pub struct Submitted {
+    pub job_id: String,
+    /// The idempotency key named an earlier job; nothing new was queued.
+    pub existing: bool,
+    pub effects: Vec<Effect>,
+}
+
+impl Edge {
+    /// Takes a validated submission, within the event of its request
+    /// ([`Edge::begin_request`]). `job_id` is a fresh id the host made.
+    pub fn submit(&mut self, now: impl Into<Now>, job_id: String, submission: Submission, mode: Mode) -> Result<Submitted, ApiError> {
+        let now = now.into();
+        let mut effects = Vec::new();
+        if let Some(existing) = submission.idempotency_key.as_ref().and_then(|k| self.idempotency.get(k)) {
+            // The same key for a different task is a caller's mistake, not a repeat.
+            if self.jobs.get(existing).is_some_and(|j| j.spec != submission.spec) {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    "this idempotency key was already used for a different task; use a new key for a new task",
+                )
+                .with_job(existing));
+            }
+            return Ok(Submitted { job_id: existing.clone(), existing: true, effects });
+        }
+        if self.stopping {
+            return Err(super::stop::shutting_down());
+        }
+        if mode == Mode::Wait && !self.is_online() {
+            return Err(ApiError::offline());
+        }
+        if self.queue.len() >= self.cfg.max_queued_jobs {
+            return Err(ApiError::new(
+                ErrorCode::RunnerBusy,
+                format!("{} jobs are already waiting for the agent (MAX_QUEUED_JOBS); retry later or run the task elsewhere", self.queue.len()),
+            ));
+        }
+        if self.jobs.contains_key(&job_id) {
+            return Err(ApiError::new(ErrorCode::InternalError, "job id collision; retry"));
+        }
+        let job = Job::new(job_id.clone(), submission.spec, mode, submission.idempotency_key, now.at);
+        if let Some(key) = &job.idempotency_key {
+            self.idempotency.insert(key.clone(), job_id.clone());
+        }
+        info!(job_id = %job_id, mode = ?mode, timeout_ms = job.spec.timeout_ms, "job queued");
+        effects.push(Effect::Save(Box::new(job.clone())));
+        self.insert_job(job);
+        self.queue.push_back(job_id.clone());
+        self.stats_mut().submitted += 1;
+        self.dispatch(now, &mut effects);
+        Ok(Submitted { job_id, existing: false, effects })
+    }
+
+    /// Sends queued jobs, oldest first, to agents with credit (the one with most first).
+    pub(super) fn dispatch(&mut self, now: Now, effects: &mut Vec<Effect>) {
+        while let Some(job_id) = self.queue.front().cloned() {
+            let best = self
+                .sessions
+                .values()
+                .filter_map(|s| s.agent().filter(|a| a.credits > 0).map(|a| (s.id.clone(), a.credits)))
+                .max_by_key(|(_, credits)| *credits);
+            let Some((session_id, _)) = best else { break };
+            let session = self.session_mut(&session_id).expect("sessions with credit exist");
+            let agent = session.agent_mut().expect("ready session");
+            agent.credits -= 1;
+            let agent_id = agent.agent_id.clone();
+            let saved = Effect::SaveSession(Box::new(session.clone()));
+            self.queue.pop_front();
+            let job = self.job_mut(&job_id).expect("queued jobs exist");
+            job.state = JobState::Dispatched;
+            job.dispatched_at = Some(now.at);
+            job.agent_id = Some(agent_id.clone());
+            job.session_id = Some(session_id.clone());
+            job.attempts += 1;
+            let header = OrderHeader::new(&job_id, &agent_id, now.wall, format!("{job_id}:{}", job.attempts));
+            let order = JobOrder { header, spec: job.spec.clone() };
+            effects.push(Effect::Save(Box::new(job.clone())));
+            let envelope = Envelope::seal(Domain::Job, &order, &self.cfg.signing_key);
+            info!(job_id = %job_id, agent_id = %agent_id, "job dispatched");
+            effects.push(saved);
+            effects.push(Effect::Send { session: session_id, text: EdgeMessage::Job { envelope }.to_text() });
+            self.active.insert(job_id);
+        }
+    }
+
+    pub(super) fn send_cancel(&mut self, now: Now, session_id: &str, agent_id: &str, job_id: &str, reason: &str, effects: &mut Vec<Effect>) {
+        let nonce = format!("{job_id}:cancel:{}:{}", now.wall, self.orders_sent);
+        self.orders_sent += 1;
+        let order = CancelOrder { header: OrderHeader::new(job_id, agent_id, now.wall, nonce), reason: reason.to_string() };
+        let envelope = Envelope::seal(Domain::Cancel, &order, &self.cfg.signing_key);
+        effects.push(Effect::Send { session: session_id.to_string(), text: EdgeMessage::Cancel { envelope }.to_text() });
+    }
+
+    /// `DELETE /jobs/{id}`, within the event of its request. A queued job ends at once; a
+    /// running one is stopped by its agent, which reports it `cancelled`.
+    pub fn cancel(&mut self, now: impl Into<Now>, job_id: &str) -> Result<Vec<Effect>, ApiError> {
+        let now = now.into();
+        let mut effects = Vec::new();
+        let job = self.jobs.get(job_id).ok_or_else(|| ApiError::job_not_found(job_id))?;
+        match job.state {
+            JobState::Queued => {
+                let result = JobResult::failure(ErrorCode::Cancelled, "cancelled before it started", 0);
+                self.finish(now, job_id, result, &mut effects);
+            }
+            JobState::Dispatched | JobState::Running => {
+                let connected = job.session_id.as_ref().filter(|s| self.sessions.contains_key(*s)).cloned();
+                match (connected, job.agent_id.clone()) {
+                    (Some(session), Some(agent)) => {
+                        info!(job_id, agent_id = %agent, "cancel sent to agent");
+                        self.send_cancel(now, &session, &agent, job_id, "cancelled by the caller", &mut effects);
+                    }
+                    _ => {
+                        // The agent is away; end it here. If it comes back still running
+                        // the job, reconcile() tells it to stop.
+                        let result = JobResult::failure(ErrorCode::Cancelled, "cancelled by the caller", job.elapsed(now.at));
+                        self.finish(now, job_id, result, &mut effects);
+                    }
+                }
+            }
+            _ => {
+                return Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    format!("the job already ended ({}); read its result with GET /jobs/{job_id}", job.state.as_str()),
+                )
+                .with_job(job_id))
+            }
+        }
+        Ok(effects)
+    }
+
+    /// Ends a job: stores it, then answers its waiters and ends its followers' streams.
+    /// A job that already ended is left as it is.
+    pub(super) fn finish(&mut self, now: Now, job_id: &str, result: JobResult, effects: &mut Vec<Effect>) {
+        let Some(job) = self.job_mut(job_id) else { return };
+        if !job.finish(result, now.at) {
+            return;
+        }
+        let job = job.clone();
+        self.active.remove(job_id);
+        self.queue.retain(|id| id != job_id);
+        self.drop_backlog(job_id);
+        self.retained.push_back((now.at, job_id.to_string()));
+        *self.stats_mut().finished.entry(job.state.as_str()).or_default() += 1;
+        info!(
+            job_id,
+            agent_id = job.agent_id.as_deref().unwrap_or("-"),
+            state = job.state.as_str(),
+            error_code = ?job.result.as_ref().and_then(|r| r.error_code),
+            "job finished"
+        );
+        let (status, body) = job.answer().expect("finished jobs have results");
+        effects.push(Effect::Save(Box::new(job)));
+        self.announce_end(job_id, status, &body, effects);
+    }
+
+    /// Ends a queued job that must never start (its caller was told to run it elsewhere,
+    /// or is gone with a restart): it is not dispatched, now or after a restart.
+    pub(super) fn end_unstarted(&mut self, now: Now, job_id: &str, why: &str, effects: &mut Vec<Effect>) {
+        info!(job_id, "queued job ended before it started");
+        let result = JobResult::failure(ErrorCode::RunnerOffline, why, 0);
+        self.finish(now, job_id, result, effects);
+    }
+
+    /// A dispatched job that never ran goes back to the head of the queue, to be sent
+    /// again (with a new nonce).
+    pub(super) fn requeue(&mut self, job_id: &str, effects: &mut Vec<Effect>) {
+        let job = self.job_mut(job_id).expect("requeued jobs exist");
+        job.state = JobState::Queued;
+        job.agent_id = None;
+        job.session_id = None;
+        job.dispatched_at = None;
+        job.orphaned_at = None;
+        effects.push(Effect::Save(Box::new(job.clone())));
+        self.active.remove(job_id);
+        self.queue.push_front(job_id.to_string());
+    }
+}

@@ -1,0 +1,245 @@
+//! The edge state machine: one pool's queue, its agent sessions, its jobs, their deadlines
+//! and the callers waiting on them. Every input carries the time ([`Now`]); every output
+//! is an [`Effect`] for the host. Split by concern, each file its own `impl Edge` block:
+//!
+//! - [`sessions`]: agent connections — handshake, credits, heartbeats, results, reconnects.
+//! - [`jobs`]: submission, dispatch in queue order, cancel, requeue, and the one way a job
+//!   ends ([`Edge::finish`]).
+//! - [`callers`]: who waits on a job (`/execute`) or follows it (SSE), and what each gets.
+//! - [`deadlines`]: the next time anything is due, and acting on it.
+//! - [`storage`]: what a failed store write means: the event is undone, then decided on.
+//! - [`stop`]: a clean stop: what each waiting caller is told, and which jobs end.
+//! - [`views`]: health, login status, metrics.
+//!
+//! Guarantees kept here (and so on both hosts):
+//! - a job is sent only to an agent that granted a credit for it, in queue order;
+//! - every accepted job ends in exactly one terminal state ([`Job::finish`] refuses a
+//!   second one), which its caller can read until retention ends;
+//! - a job whose agent vanished waits `LOST_AFTER_MS` for it before it is `lost`;
+//! - `/execute` with no agent is refused at once (the caller falls back), and a caller
+//!   told to fall back never has its job started;
+//! - nothing is announced (sent, answered) before the writes it depends on are stored.
+
+mod callers;
+mod deadlines;
+mod jobs;
+mod sessions;
+mod stop;
+mod storage;
+mod views;
+
+pub use callers::CallerId;
+pub use jobs::Submitted;
+pub use sessions::MAX_PENDING_HANDSHAKES;
+pub use stop::shutting_down;
+pub use storage::{split_writes, Writes, STORE_RETRY_MS};
+
+use crate::clock::Now;
+use crate::config::Config;
+use crate::progress::Backlog;
+use crate::record::Job;
+use crate::response::Response;
+use crate::session::{Agent, Session};
+use shared::job::JobState;
+use shared::oauth::OAuthReport;
+use shared::Millis;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+/// What the host must do. Writes (`Save`, `Forget`) come first and together: see
+/// [`split_writes`] and [`Edge::store_failed`]. The rest in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Store this job record (insert or replace).
+    Save(Box<Job>),
+    /// Delete a job record: its retention is over.
+    Forget { job_id: String },
+    /// Keep this session record where it survives the host's memory (the Durable Object
+    /// stores it in the socket's attachment; the native host may ignore it).
+    SaveSession(Box<Session>),
+    /// Send a text frame on an agent connection.
+    Send { session: String, text: String },
+    /// Close an agent connection (the machine has already forgotten it).
+    Close { session: String, code: u16, reason: String },
+    /// Answer this HTTP caller; the host then forgets it.
+    Answer { caller: CallerId, response: Response },
+    /// Write this chunk on the caller's `text/event-stream`.
+    Stream { caller: CallerId, chunk: String },
+    /// End the caller's stream; the host then forgets it.
+    EndStream { caller: CallerId },
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub submitted: u64,
+    pub finished: BTreeMap<&'static str, u64>,
+    pub rejected_orders: u64,
+    pub refused_agents: u64,
+    /// Events whose writes the host could not store.
+    pub store_failures: u64,
+}
+
+pub struct Edge {
+    cfg: Config,
+    jobs: HashMap<String, Job>,
+    /// Queued job ids, oldest first.
+    queue: VecDeque<String>,
+    /// Dispatched or running job ids.
+    active: BTreeSet<String>,
+    /// Finished job ids in the order their retention ends.
+    retained: VecDeque<(Millis, String)>,
+    sessions: BTreeMap<String, Session>,
+    idempotency: HashMap<String, String>,
+    /// The newest OAuth report of any agent, kept while no agent is connected.
+    last_oauth: Option<(String, OAuthReport)>,
+    /// Since when no agent is connected (None while one is).
+    offline_since: Option<Millis>,
+    /// Makes each cancel order's nonce unique, even two in the same millisecond.
+    orders_sent: u64,
+    /// Recent progress of running jobs.
+    progress: HashMap<String, Backlog>,
+    callers: callers::Callers,
+    journal: storage::Journal,
+    /// After a tick whose writes failed: when to try again.
+    retry_at: Option<Millis>,
+    /// The edge is stopping: no new work, no new agents.
+    stopping: bool,
+    stats: Stats,
+}
+
+impl Edge {
+    pub fn new(cfg: Config, now: impl Into<Now>) -> Edge {
+        Edge {
+            cfg,
+            jobs: HashMap::new(),
+            queue: VecDeque::new(),
+            active: BTreeSet::new(),
+            retained: VecDeque::new(),
+            sessions: BTreeMap::new(),
+            idempotency: HashMap::new(),
+            last_oauth: None,
+            offline_since: Some(now.into().at),
+            orders_sent: 0,
+            progress: HashMap::new(),
+            callers: callers::Callers::default(),
+            journal: storage::Journal::default(),
+            retry_at: None,
+            stopping: false,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Rebuilds the machine from stored job records and the sessions whose connections
+    /// survived (the Durable Object's hibernated sockets; none for the native host). Jobs
+    /// whose connection did not survive start their `LOST_AFTER_MS` wait now. No caller
+    /// survives a restart, so a queued `/execute` job — whose caller is gone, and was
+    /// perhaps told to fall back — ends here without ever starting.
+    pub fn restore(cfg: Config, jobs: Vec<Job>, sessions: Vec<Session>, now: impl Into<Now>) -> (Edge, Vec<Effect>) {
+        let now = now.into();
+        let mut edge = Edge::new(cfg, now);
+        edge.begin(storage::Origin::Restore);
+        let mut effects = Vec::new();
+        for s in sessions {
+            if let Some(a) = s.agent() {
+                edge.last_oauth = Some((a.agent_id.clone(), a.oauth.clone()));
+                edge.offline_since = None;
+            }
+            edge.sessions.insert(s.id.clone(), s);
+        }
+        let mut jobs = jobs;
+        jobs.sort_by_key(|j| (j.created_at, j.id.clone()));
+        let mut callerless = Vec::new();
+        for mut job in jobs {
+            if let Some(key) = &job.idempotency_key {
+                edge.idempotency.insert(key.clone(), job.id.clone());
+            }
+            match job.state {
+                JobState::Queued if job.mode == crate::record::Mode::Wait => callerless.push(job.id.clone()),
+                JobState::Queued => {}
+                JobState::Dispatched | JobState::Running => {
+                    let connected = job.session_id.as_ref().is_some_and(|s| edge.sessions.contains_key(s));
+                    if !connected && job.orphaned_at.is_none() {
+                        job.orphaned_at = Some(now.at);
+                        effects.push(Effect::Save(Box::new(job.clone())));
+                    }
+                }
+                _ => {}
+            }
+            edge.index(&job);
+            edge.jobs.insert(job.id.clone(), job);
+        }
+        for id in callerless {
+            edge.end_unstarted(now, &id, "the edge restarted before the job started and its caller is gone; it will not run: submit it again", &mut effects);
+        }
+        (edge, effects)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn job(&self, id: &str) -> Option<&Job> {
+        self.jobs.get(id)
+    }
+
+    pub fn session(&self, id: &str) -> Option<&Session> {
+        self.sessions.get(id)
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Agent sessions that finished the handshake.
+    fn ready(&self) -> impl Iterator<Item = (&String, &Agent)> {
+        self.sessions.iter().filter_map(|(id, s)| s.agent().map(|a| (id, a)))
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.ready().next().is_some()
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn active_jobs(&self) -> usize {
+        self.active.len()
+    }
+
+    /// Puts a job into the index its state belongs to (queue, active or retained). Used
+    /// when a record arrives whole: at restore, and when a failed event is undone.
+    fn index(&mut self, job: &Job) {
+        match job.state {
+            JobState::Queued => {
+                // Oldest first; a job put back goes where its age puts it.
+                let key = (job.created_at, job.id.as_str());
+                let at = self.queue.partition_point(|id| self.jobs.get(id).is_some_and(|j| (j.created_at, j.id.as_str()) < key));
+                self.queue.insert(at, job.id.clone());
+            }
+            JobState::Dispatched | JobState::Running => {
+                self.active.insert(job.id.clone());
+            }
+            _ => {
+                let entry = (job.finished_at.unwrap_or(0), job.id.clone());
+                let at = self.retained.partition_point(|e| *e < entry);
+                self.retained.insert(at, entry);
+            }
+        }
+        if let Some(key) = &job.idempotency_key {
+            self.idempotency.insert(key.clone(), job.id.clone());
+        }
+    }
+
+    /// Takes a job out of every index (the reverse of [`Edge::index`]).
+    fn unindex(&mut self, job: &Job) {
+        self.queue.retain(|id| *id != job.id);
+        self.active.remove(&job.id);
+        self.retained.retain(|(_, id)| *id != job.id);
+        if let Some(key) = &job.idempotency_key {
+            if self.idempotency.get(key) == Some(&job.id) {
+                self.idempotency.remove(key);
+            }
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! Agent connections: the handshake, then what a proven agent says — heartbeats, credits,
+//! acceptances, progress, results — and what happens when it reconnects or goes away.
+
+use super::storage::Origin;
+use super::{Edge, Effect};
+use crate::clock::Now;
+use crate::record::Job;
+use crate::session::{self, Agent, Phase, Refused, Session};
+use shared::contract::ErrorCode;
+use shared::envelope::{Domain, Envelope};
+use shared::ids::hex;
+use shared::job::{JobResult, JobState};
+use shared::keys;
+use shared::protocol::{self, close, AgentMessage, EdgeMessage, Hello, Welcome, PROTOCOL_VERSION};
+use tracing::{debug, info, warn};
+
+/// Connections that have not answered their challenge yet, at most.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+
+/// A frame on a connection the machine does not know (it closed it, or its record was
+/// lost with the host's memory) can never be served: the agent reconnects and proves
+/// itself again.
+const UNKNOWN_SESSION: &str = "the edge has no record of this connection; reconnect";
+
+impl Edge {
+    /// A WebSocket opened on `/agent/connect`. `entropy` makes the session id and the
+    /// challenge nonce.
+    pub fn connect(&mut self, now: impl Into<Now>, entropy: [u8; 32]) -> (String, Vec<Effect>) {
+        let now = now.into();
+        let id = hex(&entropy[..8]);
+        self.begin(Origin::Session(id.clone()));
+        if self.stopping {
+            let reason = "the edge is restarting; reconnect shortly".to_string();
+            return (id.clone(), vec![Effect::Close { session: id, code: close::SHUTTING_DOWN, reason }]);
+        }
+        // Anyone can open a connection; only so many may sit unproven at once.
+        let pending = self.sessions.values().filter(|s| s.agent().is_none()).count();
+        if pending >= MAX_PENDING_HANDSHAKES {
+            warn!(session = %id, pending, "too many unproven agent connections; refusing one");
+            let reason = "too many connections are waiting to prove themselves; retry shortly".to_string();
+            let effects = vec![Effect::Close { session: id.clone(), code: close::PROTOCOL_ERROR, reason }];
+            return (id, effects);
+        }
+        let nonce = keys::encode(&entropy[8..]);
+        let session = Session { id: id.clone(), connected_at: now.at, last_seen: now.at, phase: Phase::Challenged { nonce: nonce.clone() } };
+        let challenge = EdgeMessage::Challenge {
+            protocol: PROTOCOL_VERSION,
+            nonce,
+            edge_version: self.cfg.edge_version.clone(),
+            server_time: now.wall,
+        };
+        let effects = vec![
+            Effect::SaveSession(Box::new(session.clone())),
+            Effect::Send { session: id.clone(), text: challenge.to_text() },
+        ];
+        self.insert_session(session);
+        (id, effects)
+    }
+
+    /// The connection closed (or errored). Its jobs wait for the agent to come back.
+    pub fn disconnect(&mut self, now: impl Into<Now>, session_id: &str) -> Vec<Effect> {
+        let now = now.into();
+        self.begin(Origin::Disconnect);
+        let mut effects = Vec::new();
+        self.drop_session(now, session_id, &mut effects);
+        effects
+    }
+
+    fn drop_session(&mut self, now: Now, session_id: &str, effects: &mut Vec<Effect>) {
+        let Some(session) = self.remove_session(session_id) else { return };
+        let Some(agent) = session.agent() else { return };
+        info!(agent_id = %agent.agent_id, session = session_id, "agent disconnected");
+        let orphans: Vec<String> = self
+            .active
+            .iter()
+            .filter(|id| {
+                let job = &self.jobs[*id];
+                job.session_id.as_deref() == Some(session_id) && job.orphaned_at.is_none()
+            })
+            .cloned()
+            .collect();
+        for id in orphans {
+            let job = self.job_mut(&id).expect("active jobs exist");
+            job.orphaned_at = Some(now.at);
+            effects.push(Effect::Save(Box::new(job.clone())));
+        }
+        if !self.is_online() {
+            self.offline_since = Some(now.at);
+        }
+    }
+
+    /// Says goodbye (the whole reason) and closes the connection (the reason cut to fit).
+    pub(super) fn close(&mut self, now: Now, session_id: &str, refused: Refused, effects: &mut Vec<Effect>) {
+        let goodbye = EdgeMessage::Goodbye { code: refused.code, reason: refused.reason.clone() };
+        effects.push(Effect::Send { session: session_id.to_string(), text: goodbye.to_text() });
+        let reason = close::reason(&refused.reason);
+        effects.push(Effect::Close { session: session_id.to_string(), code: refused.code, reason });
+        self.drop_session(now, session_id, effects);
+    }
+
+    /// What to do with a connection the machine has no record of: a frame on one, or a
+    /// socket a host finds without a readable record.
+    pub fn unknown_connection(session_id: &str) -> Vec<Effect> {
+        debug!(session = session_id, "a connection the edge does not know; closing it");
+        vec![Effect::Close { session: session_id.to_string(), code: close::PROTOCOL_ERROR, reason: UNKNOWN_SESSION.into() }]
+    }
+
+    /// A binary frame from an agent connection: not part of the protocol, so the
+    /// connection is closed like any other protocol error.
+    pub fn binary_frame(&mut self, now: impl Into<Now>, session_id: &str) -> Vec<Effect> {
+        let now = now.into();
+        self.begin(Origin::Session(session_id.to_string()));
+        if !self.sessions.contains_key(session_id) {
+            return Self::unknown_connection(session_id);
+        }
+        let mut effects = Vec::new();
+        warn!(session = session_id, "binary frame from agent");
+        let reason = "binary frames are not part of the protocol; send JSON text frames";
+        self.close(now, session_id, Refused::new(close::PROTOCOL_ERROR, reason), &mut effects);
+        effects
+    }
+
+    /// A text frame from an agent connection.
+    pub fn message(&mut self, now: impl Into<Now>, session_id: &str, text: &str) -> Vec<Effect> {
+        let now = now.into();
+        self.begin(Origin::Session(session_id.to_string()));
+        let mut effects = Vec::new();
+        // Not journaled: a later last_seen is right whatever else is undone.
+        let Some(session) = self.sessions.get_mut(session_id) else {
+            return Self::unknown_connection(session_id);
+        };
+        session.last_seen = now.at;
+        let msg = match protocol::decode::<AgentMessage>(text) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(session = session_id, agent_id = session.agent_id().unwrap_or("-"), error = %e, "unreadable frame from agent");
+                self.close(now, session_id, Refused::new(close::PROTOCOL_ERROR, e), &mut effects);
+                return effects;
+            }
+        };
+        let nonce = match &session.phase {
+            Phase::Challenged { nonce } => Some(nonce.clone()),
+            Phase::Ready(_) => None,
+        };
+        match (nonce, msg) {
+            (Some(nonce), AgentMessage::Hello { protocol, agent_id, envelope }) => {
+                match session::verify_hello(protocol, &agent_id, &envelope, &nonce, &self.cfg.agents, now.wall) {
+                    Ok(hello) => self.welcome(now, session_id, hello, &mut effects),
+                    Err(refused) => {
+                        self.stats_mut().refused_agents += 1;
+                        warn!(agent_id = %agent_id, session = session_id, reason = %refused.reason, "agent refused");
+                        self.close(now, session_id, refused, &mut effects);
+                    }
+                }
+            }
+            (Some(_), _) => {
+                let refused = Refused::new(close::PROTOCOL_ERROR, "the first message must be a signed hello");
+                self.close(now, session_id, refused, &mut effects);
+            }
+            (None, msg) => self.agent_message(now, session_id, msg, &mut effects),
+        }
+        effects
+    }
+
+    fn welcome(&mut self, now: Now, session_id: &str, hello: Hello, effects: &mut Vec<Effect>) {
+        let agent_id = hello.agent_id.clone();
+        // One connection per agent: a newer one means the older is dead or a duplicate.
+        let older: Vec<String> = self
+            .ready()
+            .filter(|(_, a)| a.agent_id == agent_id)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for old in older {
+            let refused = Refused::new(close::REPLACED, "replaced by a newer connection of the same agent");
+            self.close(now, &old, refused, effects);
+        }
+        let session = self.session_mut(session_id).expect("session exists");
+        session.phase = Phase::Ready(Agent {
+            agent_id: agent_id.clone(),
+            version: hello.agent_version.clone(),
+            capacity: hello.capacity,
+            credits: 0,
+            oauth: hello.oauth.clone(),
+            claude_version: hello.claude_version.as_deref().map(claude_version),
+        });
+        let saved = Effect::SaveSession(Box::new(session.clone()));
+        let welcome = Welcome {
+            protocol: PROTOCOL_VERSION,
+            agent_id: agent_id.clone(),
+            agent_nonce: hello.agent_nonce.clone(),
+            session_id: session_id.to_string(),
+            heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
+            issued_at: now.wall,
+        };
+        let envelope = Envelope::seal(Domain::Welcome, &welcome, &self.cfg.signing_key);
+        effects.push(saved);
+        effects.push(Effect::Send { session: session_id.to_string(), text: EdgeMessage::Welcome { envelope }.to_text() });
+        self.last_oauth = Some((agent_id.clone(), hello.oauth.clone()));
+        self.offline_since = None;
+        info!(agent_id = %agent_id, session = session_id, version = %hello.agent_version, capacity = hello.capacity, "agent connected");
+        self.reconcile(now, session_id, &hello, effects);
+        self.dispatch(now, effects);
+    }
+
+    /// After a reconnect: take over the jobs the agent still has, requeue those it never
+    /// received, and settle those it lost.
+    fn reconcile(&mut self, now: Now, session_id: &str, hello: &Hello, effects: &mut Vec<Effect>) {
+        let agent_id = &hello.agent_id;
+        let mine: Vec<String> = self
+            .active
+            .iter()
+            .filter(|id| self.jobs[*id].agent_id.as_deref() == Some(agent_id))
+            .cloned()
+            .collect();
+        for id in mine {
+            let has_it = hello.running.contains(&id) || hello.finished.contains(&id);
+            let job = self.job_mut(&id).expect("active jobs exist");
+            if has_it {
+                info!(job_id = %id, agent_id = %agent_id, "job taken over by the reconnected agent");
+                job.session_id = Some(session_id.to_string());
+                job.orphaned_at = None;
+                if job.state == JobState::Dispatched {
+                    job.state = JobState::Running;
+                    job.started_at = Some(now.at);
+                }
+                effects.push(Effect::Save(Box::new(job.clone())));
+            } else if job.state == JobState::Dispatched {
+                // Sent, but the agent never got it: nothing ran, so it may be sent again.
+                info!(job_id = %id, agent_id = %agent_id, "requeueing a job the agent never received");
+                self.requeue(&id, effects);
+            } else {
+                let result = JobResult::failure(
+                    ErrorCode::RunnerLost,
+                    "the agent restarted and no longer has this job; run the task again",
+                    job.elapsed(now.at),
+                );
+                self.finish(now, &id, result, effects);
+            }
+        }
+        // A job the edge already ended (cancelled, timed out, lost) that the agent still
+        // runs must stop.
+        for id in &hello.running {
+            if self.jobs.get(id).is_some_and(|j| j.state.is_terminal()) {
+                self.send_cancel(now, session_id, agent_id, id, "the edge already ended this job", effects);
+            }
+        }
+    }
+
+    fn agent_message(&mut self, now: Now, session_id: &str, msg: AgentMessage, effects: &mut Vec<Effect>) {
+        let agent_id = self.sessions[session_id].agent_id().expect("ready session").to_string();
+        match msg {
+            AgentMessage::Heartbeat { running: _, capacity, oauth, claude_version: version } => {
+                let session = self.session_mut(session_id).expect("session exists");
+                let agent = session.agent_mut().expect("ready session");
+                agent.capacity = capacity;
+                agent.oauth = oauth.clone();
+                if let Some(v) = version {
+                    agent.claude_version = Some(claude_version(&v));
+                }
+                effects.push(Effect::SaveSession(Box::new(session.clone())));
+                self.last_oauth = Some((agent_id, oauth));
+                let ack = EdgeMessage::HeartbeatAck { server_time: now.wall };
+                effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
+            }
+            AgentMessage::Credit { slots } => {
+                // Never more than the free slots the edge can see: a credit that crossed a
+                // reconnect, or a buggy agent, must not make the edge send more jobs than
+                // the agent can run.
+                let busy = self
+                    .active
+                    .iter()
+                    .filter(|id| self.jobs[*id].session_id.as_deref() == Some(session_id))
+                    .count() as u32;
+                let session = self.session_mut(session_id).expect("session exists");
+                let agent = session.agent_mut().expect("ready session");
+                agent.credits = agent.credits.saturating_add(slots).min(agent.capacity.saturating_sub(busy));
+                effects.push(Effect::SaveSession(Box::new(session.clone())));
+                self.dispatch(now, effects);
+            }
+            AgentMessage::Accepted { job_id } => {
+                if self.own_active_job(&job_id, &agent_id).is_some_and(|j| j.state == JobState::Dispatched) {
+                    let job = self.job_mut(&job_id).expect("active jobs exist");
+                    job.state = JobState::Running;
+                    job.started_at = Some(now.at);
+                    info!(job_id = %job_id, agent_id = %agent_id, "job running");
+                    effects.push(Effect::Save(Box::new(job.clone())));
+                }
+            }
+            AgentMessage::Rejected { job_id, reason, retry } => {
+                self.stats_mut().rejected_orders += 1;
+                warn!(job_id = job_id.as_deref().unwrap_or("?"), agent_id = %agent_id, reason = %reason, retry, "agent refused an order");
+                let Some(id) = job_id else { return };
+                if !self.own_active_job(&id, &agent_id).is_some_and(|j| j.state == JobState::Dispatched) {
+                    return;
+                }
+                if retry {
+                    self.requeue(&id, effects);
+                    self.dispatch(now, effects);
+                } else {
+                    let result = JobResult::failure(
+                        ErrorCode::JobRejected,
+                        format!(
+                            "the agent refused the job: {reason}. Check that the agent's EDGE_PUBLIC_KEY matches this edge's EDGE_SIGNING_KEY and that both clocks are right, then retry"
+                        ),
+                        0,
+                    );
+                    self.finish(now, &id, result, effects);
+                }
+            }
+            AgentMessage::Event { job_id, seq, event } => {
+                if self.own_active_job(&job_id, &agent_id).is_some() {
+                    self.announce_progress(&job_id, seq, &event, effects);
+                }
+            }
+            AgentMessage::Result { job_id, result } => {
+                match self.jobs.get(&job_id) {
+                    Some(job) if job.agent_id.as_deref() != Some(agent_id.as_str()) && !job.state.is_terminal() => {
+                        warn!(job_id = %job_id, agent_id = %agent_id, "result for a job of another agent ignored");
+                    }
+                    Some(job) if job.state.is_terminal() => {
+                        debug!(job_id = %job_id, agent_id = %agent_id, "duplicate result acknowledged");
+                    }
+                    Some(_) => self.finish(now, &job_id, result, effects),
+                    None => warn!(job_id = %job_id, agent_id = %agent_id, "result for an unknown job acknowledged"),
+                }
+                // Acknowledged in every case so the agent stops re-sending it — but only
+                // once the result is stored: the ack goes out after this event's writes.
+                let ack = EdgeMessage::ResultAck { job_id };
+                effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
+            }
+            AgentMessage::LoginProgress { .. } | AgentMessage::Unknown => {
+                debug!(agent_id = %agent_id, "message kind not handled by this edge ignored");
+            }
+            AgentMessage::Hello { .. } => {
+                let refused = Refused::new(close::PROTOCOL_ERROR, "hello sent twice");
+                self.close(now, session_id, refused, effects);
+            }
+        }
+    }
+
+    fn own_active_job(&self, job_id: &str, agent_id: &str) -> Option<&Job> {
+        self.jobs
+            .get(job_id)
+            .filter(|j| !j.state.is_terminal() && j.agent_id.as_deref() == Some(agent_id))
+    }
+}
+
+/// An agent's CLI version as the edge keeps and shows it: one bounded line.
+fn claude_version(reported: &str) -> String {
+    let line = reported.lines().next().unwrap_or_default().trim();
+    shared::text::truncate(line, shared::protocol::MAX_CLAUDE_VERSION_BYTES).to_string()
+}

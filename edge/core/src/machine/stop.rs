@@ -1,0 +1,59 @@
+//! A clean stop of the edge (the native server on SIGTERM). A caller must never be told to
+//! fall back while its job will still run, so each waiting caller is told the truth:
+//!
+//! - a queued `/execute` job ends here, never started (and so never dispatched after the
+//!   restart), and its caller is told to run the task elsewhere (`fallback: true`);
+//! - a caller whose job goes on (dispatched, running, or a `POST /jobs` job it waited on)
+//!   is told where to follow it — `EDGE_RESTARTING` with the job id, no `fallback`;
+//! - event streams end with where to pick them up; agents are told to reconnect shortly.
+//!
+//! From then on the machine takes no new work and no new agents.
+
+use super::storage::Origin;
+use super::{Edge, Effect};
+use crate::clock::Now;
+use crate::record::Mode;
+use crate::session::Refused;
+use shared::contract::{ApiError, ErrorCode};
+use shared::protocol::close;
+use tracing::info;
+
+impl Edge {
+    /// The edge is stopping. Hosts carry out the effects, then stop.
+    pub fn shutdown(&mut self, now: impl Into<Now>) -> Vec<Effect> {
+        let now = now.into();
+        self.begin(Origin::Shutdown);
+        self.stopping = true;
+        let mut effects = Vec::new();
+        let unstarted: Vec<String> =
+            self.queue.iter().filter(|id| self.jobs[*id].mode == Mode::Wait).cloned().collect();
+        info!(unstarted = unstarted.len(), callers = self.callers_waiting(), "edge stopping");
+        for id in unstarted {
+            self.end_unstarted(
+                now,
+                &id,
+                "the edge is restarting and the job had not started; it was ended and will not run: run the task elsewhere",
+                &mut effects,
+            );
+        }
+        self.let_go(now, &mut effects);
+        effects
+    }
+
+    /// Tells every waiting caller and stream where its job is, and every agent to
+    /// reconnect shortly.
+    pub(super) fn let_go(&mut self, now: Now, effects: &mut Vec<Effect>) {
+        self.release_callers(effects);
+        let sessions: Vec<String> = self.sessions.keys().cloned().collect();
+        for id in sessions {
+            let refused = Refused::new(close::SHUTTING_DOWN, "the edge is restarting; reconnect shortly");
+            self.close(now, &id, refused, effects);
+        }
+    }
+}
+
+/// The refusal of new work while the edge stops (and, from its host, of any request once
+/// the machine is gone).
+pub fn shutting_down() -> ApiError {
+    ApiError::new(ErrorCode::RunnerOffline, "the edge is shutting down; retry in a moment or run the task elsewhere")
+}

@@ -1,0 +1,260 @@
+//! What a failed store write means. Hosts write an event's `Save`s and `Forget`s in one
+//! transaction before they carry out anything else of it ([`split_writes`]); when that
+//! fails they carry out none of the event's other effects and call
+//! [`Edge::store_failed`]. Nothing of the event was announced, so the machine undoes it —
+//! every job, session and caller list it touched goes back to how it was — and then
+//! decides by what the event was:
+//!
+//! - a request (a submission, a cancel): its caller gets a 500 saying nothing was done and
+//!   what to do next; a job it submitted does not exist afterwards;
+//! - an agent's frame (a result, an acceptance, a credit, a hello): the connection is
+//!   closed (1011), so the agent reconnects and sends again what the edge did not
+//!   acknowledge — its spooled results;
+//! - a tick: tried again [`STORE_RETRY_MS`] later;
+//! - a stop: the callers still waiting are told where to follow their jobs (whose
+//!   records are as they were), and agents to reconnect;
+//! - a lost connection, a restore: kept — they announce nothing, and the next restore
+//!   marks the same again.
+//!
+//! The undo is a journal of first touches: before an event changes a job, a session or a
+//! job's caller lists for the first time, the version before is kept. The journal is
+//! cleared when the next event begins.
+
+use super::{CallerId, Edge, Effect};
+use crate::clock::Now;
+use crate::progress::Backlog;
+use crate::record::Job;
+use crate::response::Response;
+use crate::session::{Refused, Session};
+use shared::contract::{ApiError, ErrorCode};
+use shared::protocol::close;
+use shared::Millis;
+use std::collections::HashMap;
+use tracing::{error, warn};
+
+/// How soon a tick whose writes failed is tried again.
+pub const STORE_RETRY_MS: Millis = 1_000;
+
+/// One event's writes, to be stored in one transaction.
+#[derive(Debug, Default, PartialEq)]
+pub struct Writes {
+    pub saves: Vec<Job>,
+    pub forgets: Vec<String>,
+}
+
+impl Writes {
+    pub fn is_empty(&self) -> bool {
+        self.saves.is_empty() && self.forgets.is_empty()
+    }
+}
+
+/// Splits one event's effects into its writes (to store first, together) and the rest
+/// (to carry out afterwards, in order).
+pub fn split_writes(effects: Vec<Effect>) -> (Writes, Vec<Effect>) {
+    let mut writes = Writes::default();
+    let mut rest = Vec::with_capacity(effects.len());
+    for effect in effects {
+        match effect {
+            Effect::Save(job) => writes.saves.push(*job),
+            Effect::Forget { job_id } => writes.forgets.push(job_id),
+            other => rest.push(other),
+        }
+    }
+    (writes, rest)
+}
+
+impl Effect {
+    pub fn is_write(&self) -> bool {
+        matches!(self, Effect::Save(_) | Effect::Forget { .. })
+    }
+}
+
+/// What started the current event.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(super) enum Origin {
+    /// Nothing that writes (a caller gone, a wait bound passed).
+    #[default]
+    Quiet,
+    Request(CallerId),
+    /// A frame (or a new connection) on this agent session.
+    Session(String),
+    Disconnect,
+    Tick,
+    Shutdown,
+    Restore,
+}
+
+/// The versions before the current event changed them (`None`: it did not exist).
+#[derive(Debug, Default)]
+pub(super) struct Journal {
+    pub origin: Origin,
+    jobs: HashMap<String, Option<Job>>,
+    sessions: HashMap<String, Option<Session>>,
+    /// A job's (waiters, followers) lists.
+    callers: HashMap<String, (Option<Vec<CallerId>>, Option<Vec<CallerId>>)>,
+    backlogs: Vec<(String, Backlog)>,
+    stats: Option<super::Stats>,
+}
+
+impl Edge {
+    /// Starts an event: what it changes from now on can be undone until the next one.
+    pub(super) fn begin(&mut self, origin: Origin) {
+        self.journal = Journal { origin, ..Journal::default() };
+    }
+
+    /// A job to change, its version before noted.
+    pub(super) fn job_mut(&mut self, id: &str) -> Option<&mut Job> {
+        let job = self.jobs.get(id)?;
+        if !self.journal.jobs.contains_key(id) {
+            self.journal.jobs.insert(id.to_string(), Some(job.clone()));
+        }
+        self.jobs.get_mut(id)
+    }
+
+    pub(super) fn insert_job(&mut self, job: Job) {
+        let prior = self.jobs.get(&job.id).cloned();
+        self.journal.jobs.entry(job.id.clone()).or_insert(prior);
+        self.jobs.insert(job.id.clone(), job);
+    }
+
+    /// Removes a job whose retention is over, with its idempotency key.
+    pub(super) fn forget_job(&mut self, id: &str) {
+        let Some(job) = self.jobs.remove(id) else { return };
+        if let Some(key) = &job.idempotency_key {
+            if self.idempotency.get(key).is_some_and(|j| j == id) {
+                self.idempotency.remove(key);
+            }
+        }
+        self.journal.jobs.entry(id.to_string()).or_insert(Some(job));
+    }
+
+    /// A session to change, its version before noted.
+    pub(super) fn session_mut(&mut self, id: &str) -> Option<&mut Session> {
+        let session = self.sessions.get(id)?;
+        if !self.journal.sessions.contains_key(id) {
+            self.journal.sessions.insert(id.to_string(), Some(session.clone()));
+        }
+        self.sessions.get_mut(id)
+    }
+
+    pub(super) fn insert_session(&mut self, session: Session) {
+        let prior = self.sessions.get(&session.id).cloned();
+        self.journal.sessions.entry(session.id.clone()).or_insert(prior);
+        self.sessions.insert(session.id.clone(), session);
+    }
+
+    pub(super) fn remove_session(&mut self, id: &str) -> Option<Session> {
+        let session = self.sessions.remove(id)?;
+        self.journal.sessions.entry(id.to_string()).or_insert_with(|| Some(session.clone()));
+        Some(session)
+    }
+
+    /// Notes a job's caller lists before they change.
+    pub(super) fn note_callers(&mut self, job_id: &str) {
+        if !self.journal.callers.contains_key(job_id) {
+            let prior = (self.callers.waiters.get(job_id).cloned(), self.callers.followers.get(job_id).cloned());
+            self.journal.callers.insert(job_id.to_string(), prior);
+        }
+    }
+
+    pub(super) fn drop_backlog(&mut self, job_id: &str) {
+        if let Some(backlog) = self.progress.remove(job_id) {
+            self.journal.backlogs.push((job_id.to_string(), backlog));
+        }
+    }
+
+    pub(super) fn stats_mut(&mut self) -> &mut super::Stats {
+        if self.journal.stats.is_none() {
+            self.journal.stats = Some(self.stats.clone());
+        }
+        &mut self.stats
+    }
+
+    /// The host could not store the writes of the event just handled and carried out none
+    /// of its other effects. Returns what to do instead; it holds no writes.
+    pub fn store_failed(&mut self, now: impl Into<Now>, problem: &str) -> Vec<Effect> {
+        let now = now.into();
+        let origin = self.journal.origin.clone();
+        error!(problem, event = ?origin, "the edge could not store an event's changes; undoing it");
+        let mut effects = Vec::new();
+        match origin {
+            Origin::Quiet | Origin::Disconnect | Origin::Restore => {}
+            Origin::Request(caller) => {
+                self.undo(now);
+                let err = ApiError::new(
+                    ErrorCode::InternalError,
+                    format!(
+                        "the edge could not store this change ({problem}), so nothing was done: no job was queued or \
+                         cancelled. Retry in a moment or run the task elsewhere; the edge's operator should check its \
+                         storage (disk space, permissions, another process holding the database)"
+                    ),
+                );
+                effects.push(Effect::Answer { caller, response: Response::error(err) });
+            }
+            Origin::Session(session) => {
+                self.undo(now);
+                if self.sessions.contains_key(&session) {
+                    let refused = Refused::new(
+                        close::INTERNAL_ERROR,
+                        "the edge could not store what this connection sent; reconnect and send it again",
+                    );
+                    self.close(now, &session, refused, &mut effects);
+                }
+            }
+            Origin::Tick => {
+                self.undo(now);
+                self.retry_at = Some(now.at.saturating_add(STORE_RETRY_MS));
+            }
+            Origin::Shutdown => {
+                self.undo(now);
+                self.let_go(now, &mut effects);
+            }
+        }
+        self.stats.store_failures += 1;
+        // What is decided here is not stored (the store just failed): a restore rebuilds
+        // the same from the records as they are.
+        effects.retain(|e| !e.is_write());
+        self.begin(Origin::Quiet);
+        effects
+    }
+
+    /// Puts back every job, session, caller list and backlog the current event changed.
+    fn undo(&mut self, now: Now) {
+        let journal = std::mem::take(&mut self.journal);
+        warn!(jobs = journal.jobs.len(), sessions = journal.sessions.len(), "undoing an event that could not be stored");
+        let mut restored = Vec::new();
+        for (id, prior) in journal.jobs {
+            if let Some(current) = self.jobs.remove(&id) {
+                self.unindex(&current);
+            }
+            if let Some(job) = prior {
+                restored.push(id.clone());
+                self.jobs.insert(id, job);
+            }
+        }
+        for id in restored {
+            let job = self.jobs[&id].clone();
+            self.index(&job);
+        }
+        for (id, prior) in journal.sessions {
+            self.sessions.remove(&id);
+            if let Some(session) = prior {
+                self.sessions.insert(id, session);
+            }
+        }
+        if self.is_online() {
+            self.offline_since = None;
+        } else if self.offline_since.is_none() {
+            self.offline_since = Some(now.at);
+        }
+        for (job_id, (waiters, followers)) in journal.callers {
+            self.callers.set(&job_id, waiters, followers);
+        }
+        for (job_id, backlog) in journal.backlogs {
+            self.progress.insert(job_id, backlog);
+        }
+        if let Some(stats) = journal.stats {
+            self.stats = stats;
+        }
+    }
+}

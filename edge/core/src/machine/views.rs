@@ -1,0 +1,89 @@
+//! What the machine shows without changing: `/health`, the agents' login (`/oauth/status`)
+//! and the Prometheus text of `/metrics`. Logins are judged on the wall clock (their
+//! expiry is a date); times the edge measured are shown as wall times.
+
+use super::Edge;
+use crate::clock::Now;
+use crate::session::Agent;
+use shared::contract::{AgentInfo, Health, HealthStatus};
+use shared::oauth::{LoginHealth, OAuthStatus};
+use shared::time::rfc3339;
+
+impl Edge {
+    pub fn health(&self, now: impl Into<Now>) -> Health {
+        let now = now.into();
+        let agents: Vec<(&String, &Agent)> = self.ready().collect();
+        let running = |session_id: &str| {
+            self.active
+                .iter()
+                .filter(|id| self.jobs[*id].session_id.as_deref() == Some(session_id))
+                .count()
+        };
+        let rank = |a: &Agent| match a.oauth.health(now.wall) {
+            LoginHealth::Good => 0,
+            LoginHealth::AttentionSoon => 1,
+            LoginHealth::Broken => 2,
+        };
+        let best = agents.iter().min_by_key(|(_, a)| rank(a));
+        let info = |(sid, a): &(&String, &Agent)| AgentInfo {
+            connected: true,
+            agent_id: a.agent_id.clone(),
+            version: a.version.clone(),
+            last_seen: rfc3339(now.wall_of(self.sessions[*sid].last_seen)),
+            running_jobs: running(sid),
+            capacity: a.capacity,
+            claude_version: a.claude_version.clone(),
+        };
+        let status = match best {
+            None => HealthStatus::Offline,
+            Some((_, a)) => match a.oauth.health(now.wall) {
+                LoginHealth::Good => HealthStatus::Healthy,
+                LoginHealth::AttentionSoon => HealthStatus::Degraded,
+                LoginHealth::Broken => HealthStatus::Unhealthy,
+            },
+        };
+        Health {
+            status,
+            service: "claude-runner".into(),
+            timestamp: rfc3339(now.wall),
+            agent: best.map(info),
+            oauth: best
+                .map(|(_, a)| a.oauth.status(now.wall))
+                .or_else(|| self.last_oauth.as_ref().map(|(_, r)| r.status(now.wall))),
+            agents: agents.iter().map(info).collect(),
+            queued_jobs: self.queue.len(),
+        }
+    }
+
+    /// The best connected agent's login, else the last one reported.
+    pub fn oauth_status(&self, now: impl Into<Now>) -> Option<OAuthStatus> {
+        self.health(now).oauth
+    }
+
+    /// `/metrics`: Prometheus text.
+    pub fn metrics(&self) -> String {
+        let mut out = String::new();
+        let mut line = |name: &str, help: &str, kind: &str, samples: Vec<(String, u64)>| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            for (labels, v) in samples {
+                out.push_str(&format!("{name}{labels} {v}\n"));
+            }
+        };
+        let s = &self.stats;
+        let one = |v: u64| vec![(String::new(), v)];
+        line("claude_runner_jobs_submitted_total", "Jobs accepted.", "counter", one(s.submitted));
+        line(
+            "claude_runner_jobs_finished_total",
+            "Jobs ended, by final state.",
+            "counter",
+            s.finished.iter().map(|(k, v)| (format!("{{state=\"{k}\"}}"), *v)).collect(),
+        );
+        line("claude_runner_orders_rejected_total", "Orders the agent refused.", "counter", one(s.rejected_orders));
+        line("claude_runner_agents_refused_total", "Agent connections refused.", "counter", one(s.refused_agents));
+        line("claude_runner_store_failures_total", "Events whose changes could not be stored (and were undone).", "counter", one(s.store_failures));
+        line("claude_runner_jobs_queued", "Jobs waiting for an agent.", "gauge", one(self.queue.len() as u64));
+        line("claude_runner_jobs_active", "Jobs dispatched or running.", "gauge", one(self.active.len() as u64));
+        line("claude_runner_agents_connected", "Agents connected.", "gauge", one(self.ready().count() as u64));
+        out
+    }
+}

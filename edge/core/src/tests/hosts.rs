@@ -1,0 +1,150 @@
+//! Decisions the two hosts used to make each their own way, now the machine's: frames on
+//! connections it does not know, broken and oversized uploads, the 426 answer, who gets a
+//! job's answer; and time — a wall clock that jumps.
+
+use super::*;
+use crate::body::Intake;
+use crate::Now;
+
+#[test]
+fn a_frame_on_a_connection_the_edge_does_not_know_closes_it() {
+    let mut edge = Edge::new(config(), 0);
+    for effects in [edge.message(0, "nope", "{}"), edge.binary_frame(0, "nope")] {
+        let (code, reason) = closed(&effects).unwrap();
+        assert_eq!(code, close::PROTOCOL_ERROR);
+        assert!(reason.contains("no record") && reason.contains("reconnect"), "{reason}");
+    }
+    // The same once the edge has closed a connection and frames still arrive on it.
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    edge.binary_frame(0, &sid);
+    let hb = AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth(), claude_version: None };
+    assert_eq!(closed(&say(&mut edge, 1, &sid, hb)).unwrap().0, close::PROTOCOL_ERROR);
+    assert!(!edge.is_online());
+}
+
+#[test]
+fn a_broken_upload_is_a_400_and_an_oversized_one_a_413() {
+    let mut edge = Edge::new(config(), 0);
+    let mut handle = |body: crate::body::Body| {
+        let req = Request {
+            method: "POST".into(),
+            path: "/jobs".into(),
+            secret_header: Some(SECRET.into()),
+            authorization: None,
+            idempotency_key: None,
+            body,
+        };
+        let handled = http::handle(&mut edge, 0, [1; 16], req);
+        answer_to(&handled.effects, handled.caller).unwrap()
+    };
+    let mut broken = Intake::new(1024);
+    broken.chunk(br#"{"prompt": "x"#);
+    broken.failed("connection reset by peer");
+    let (status, body) = handle(broken.finish());
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("connection reset by peer"), "{body}");
+    let mut large = Intake::new(1024);
+    large.chunk(&[b' '; 2000]);
+    assert_eq!(handle(large.finish()).0, 413);
+    let upgrade = http::upgrade_required();
+    assert_eq!(upgrade.status, 426);
+    assert!(upgrade.body.contains("Upgrade: websocket"), "{}", upgrade.body);
+}
+
+#[test]
+fn every_caller_of_a_job_gets_its_answer_once() {
+    let (mut edge, sid) = ready_edge();
+    let body = json!({"prompt": "x", "timeout_ms": 60000, "idempotency_key": "same"});
+    let first = call(&mut edge, 0, "POST", "/execute", body.clone());
+    let job_id = order_of(&first.effects, &sid, "spark", 0).header.job_id;
+    let second = call(&mut edge, 1, "POST", "/execute", body.clone());
+    let third = call(&mut edge, 1, "POST", "/execute", body);
+    // One caller's host gave up waiting: it is told where to look, and forgotten.
+    let effects = edge.wait_expired(2, second.caller);
+    let (status, answer) = answer_to(&effects, second.caller).unwrap();
+    assert_eq!(status, 200);
+    assert!(answer["error"].as_str().unwrap().contains(&format!("GET /jobs/{job_id}")), "{answer}");
+    assert!(edge.wait_expired(2, second.caller).is_empty(), "answered once");
+    // Another hung up.
+    edge.caller_gone(third.caller);
+    let effects = say(&mut edge, 3, &sid, AgentMessage::Result { job_id, result: ok_result() });
+    assert_eq!(answer_to(&effects, first.caller).unwrap().0, 200);
+    let answers = effects.iter().filter(|e| matches!(e, Effect::Answer { .. })).count();
+    assert_eq!(answers, 1, "only the caller still waiting: {effects:?}");
+    assert_eq!(edge.callers_waiting(), 0);
+}
+
+/// Connects `agent` at `now`, its hello stamped with the wall clock (as agents do).
+fn join_at(edge: &mut Edge, now: Now, agent: &str, seed: u8, running: Vec<String>) -> String {
+    let (sid, effects) = edge.connect(now, [seed; 32]);
+    let EdgeMessage::Challenge { nonce, server_time, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
+    assert_eq!(*server_time, now.wall, "the agent is shown the wall clock");
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_id: agent.into(),
+        agent_version: "t".into(),
+        challenge: nonce.clone(),
+        agent_nonce: "n".into(),
+        issued_at: now.wall,
+        capacity: 1,
+        running,
+        finished: vec![],
+        oauth: oauth(),
+        claude_version: None,
+    };
+    let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(1)) };
+    let effects = edge.message(now, &sid, &msg.to_text());
+    assert!(closed(&effects).is_none(), "{effects:?}");
+    sid
+}
+
+#[test]
+fn a_wall_clock_jump_neither_times_out_running_jobs_nor_breaks_orders() {
+    const WALL: u64 = 1_800_000_000_000;
+    const JUMP: u64 = 2 * 3_600_000;
+    // Edge time starts where the wall clock was; then the wall clock jumps two hours ahead.
+    let at = |t: u64| Now { at: WALL + t, wall: WALL + t };
+    let jumped = |t: u64| Now { at: WALL + t, wall: WALL + t + JUMP };
+    let mut edge = Edge::new(config(), at(0));
+    let sid = join_at(&mut edge, at(0), "spark", 1, vec![]);
+    say(&mut edge, WALL, &sid, AgentMessage::Credit { slots: 1 });
+    let job = call(&mut edge, at(10), "POST", "/execute", json!({"prompt": "x", "timeout_ms": 60000}));
+    let order = order_of(&job.effects, &sid, "spark", WALL + 10);
+    assert_eq!(order.header.issued_at, WALL + 10);
+
+    for t in (1_000..=5_000).step_by(1_000) {
+        let effects = edge.message(jumped(t), &sid, &AgentMessage::Heartbeat { running: vec![order.header.job_id.clone()], capacity: 1, oauth: oauth(), claude_version: None }.to_text());
+        let ack = sent(&effects, &sid);
+        assert!(matches!(ack[..], [EdgeMessage::HeartbeatAck { server_time }] if server_time == WALL + t + JUMP));
+        assert!(edge.tick(jumped(t)).is_empty(), "nothing is due two hours early");
+    }
+    assert_eq!(edge.job(&order.header.job_id).unwrap().state, JobState::Dispatched);
+    let cfg = config();
+    let deadline = |edge: &Edge| edge.job(&order.header.job_id).unwrap().deadline(cfg.lost_after_ms, cfg.queue_ttl_ms, cfg.timeout_margin_ms);
+    assert_eq!(deadline(&edge), Some(WALL + 10 + 60_000 + cfg.timeout_margin_ms), "the deadline is on edge time");
+    // People are shown the wall clock: the job was created 4990 ms ago, by the new clock.
+    let view = edge.job(&order.header.job_id).unwrap().view(jumped(5_000));
+    assert_eq!(view.created_at, shared::time::rfc3339(WALL + 10 + JUMP));
+    assert_eq!(edge.health(jumped(5_000)).timestamp, shared::time::rfc3339(WALL + 5_000 + JUMP));
+
+    assert!(finished(&edge.tick(jumped(60_000))).is_empty());
+    assert_eq!(deadline(&edge), Some(WALL + 10 + 60_000 + cfg.timeout_margin_ms));
+
+    // An agent connecting now stamps its hello with the (new) wall clock: accepted.
+    edge.disconnect(jumped(60_000), &sid);
+    let sid2 = join_at(&mut edge, jumped(60_001), "spark", 2, vec![order.header.job_id.clone()]);
+    // A cancel order carries the wall clock too, so the agent's freshness check passes.
+    let effects = edge.cancel(jumped(60_002), &order.header.job_id).unwrap();
+    let cancel = sent(&effects, &sid2).into_iter().find_map(|m| match m {
+        EdgeMessage::Cancel { envelope } => Some(envelope),
+        _ => None,
+    });
+    let opened: shared::protocol::CancelOrder =
+        open_order(&cancel.unwrap(), Domain::Cancel, &edge_key().verifying_key(), "spark", WALL + 60_002 + JUMP).unwrap();
+    assert_eq!(opened.header.issued_at, WALL + 60_002 + JUMP);
+
+    // And once its edge time is up, it times out, though the wall clock now went back.
+    let due = WALL + 10 + 60_000 + cfg.timeout_margin_ms;
+    let effects = edge.tick(Now { at: due, wall: WALL - 3_600_000 });
+    assert_eq!(finished(&effects)[0].2["error_code"], "TIMEOUT");
+}

@@ -1,0 +1,111 @@
+//! A clean stop: no caller is told to fall back while its job will still run, and a job
+//! whose caller was told to fall back never starts, not even after the restart.
+
+use super::*;
+use crate::record::Job;
+use std::collections::HashMap;
+
+fn keep(stored: &mut HashMap<String, Job>, effects: &[Effect]) {
+    for e in effects {
+        if let Effect::Save(job) = e {
+            stored.insert(job.id.clone(), (**job).clone());
+        }
+    }
+}
+
+#[test]
+fn a_clean_stop_tells_each_caller_the_truth() {
+    let (mut edge, sid) = ready_edge();
+    let mut stored = HashMap::new();
+    // Running: its caller must be told where to follow it.
+    let running = call(&mut edge, 0, "POST", "/execute", json!({"prompt": "long", "timeout_ms": 60000}));
+    keep(&mut stored, &running.effects);
+    let running_id = order_of(&running.effects, &sid, "spark", 0).header.job_id;
+    keep(&mut stored, &say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: running_id.clone() }));
+    // Queued behind it: its caller falls back, so it must never start.
+    let queued = call(&mut edge, 2, "POST", "/execute", json!({"prompt": "next", "timeout_ms": 60000}));
+    keep(&mut stored, &queued.effects);
+    // A detached job, and an /execute caller waiting on it through its idempotency key.
+    let detached = call(&mut edge, 3, "POST", "/jobs", json!({"prompt": "later", "idempotency_key": "k"}));
+    keep(&mut stored, &detached.effects);
+    let (_, accepted) = answer_to(&detached.effects, detached.caller).unwrap();
+    let detached_id = accepted["job_id"].as_str().unwrap().to_string();
+    let rejoined = call(&mut edge, 4, "POST", "/execute", json!({"prompt": "later", "idempotency_key": "k"}));
+    // A follower of the running job.
+    let follower = call(&mut edge, 5, "GET", &format!("/jobs/{running_id}/events"), Value::Null);
+
+    let effects = edge.shutdown(10);
+    keep(&mut stored, &effects);
+
+    let (status, body) = answer_to(&effects, queued.caller).unwrap();
+    assert_eq!((status, body["error_code"].as_str(), body["fallback"].as_bool()), (503, Some("RUNNER_OFFLINE"), Some(true)), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("will not run"), "{body}");
+    let queued_id = body["job_id"].as_str().unwrap().to_string();
+    assert_eq!(stored[&queued_id].state, JobState::Failed, "ended, durably, before the answer");
+
+    for (caller, job) in [(running.caller, &running_id), (rejoined.caller, &detached_id)] {
+        let (status, body) = answer_to(&effects, caller).unwrap();
+        assert_eq!((status, body["error_code"].as_str()), (503, Some("EDGE_RESTARTING")), "{body}");
+        assert!(body.get("fallback").is_none(), "no fallback while the job goes on: {body}");
+        assert_eq!(body["job_id"], job.as_str());
+        assert!(body["error"].as_str().unwrap().contains(&format!("GET /jobs/{job}")), "{body}");
+    }
+    let (chunks, ended) = streamed(&effects, follower.caller);
+    assert!(ended && chunks.last().unwrap().contains(&format!("/jobs/{running_id}/events")), "{chunks:?}");
+    assert_eq!(closed(&effects).unwrap().0, close::SHUTTING_DOWN);
+    assert_eq!(edge.callers_waiting(), 0);
+    // No new work while stopping.
+    let late = call(&mut edge, 11, "POST", "/jobs", json!({"prompt": "too late"}));
+    assert_eq!(answer_to(&late.effects, late.caller).unwrap().0, 503);
+
+    // After the restart the agent comes back: the running job goes on, the detached one
+    // is sent, the one whose caller fell back is not.
+    let (mut edge, effects) = Edge::restore(config(), stored.into_values().collect(), vec![], 1_000);
+    assert!(finished(&effects).is_empty(), "nothing left to end: {effects:?}");
+    let (sid2, _) = join(&mut edge, 1_001, "spark", &agent_key(1), vec![running_id.clone()], 2);
+    let effects = say(&mut edge, 1_002, &sid2, AgentMessage::Credit { slots: 1 });
+    assert!(sent(&effects, &sid2).is_empty(), "the one slot is busy with the running job");
+    let effects = say(&mut edge, 1_003, &sid2, AgentMessage::Result { job_id: running_id.clone(), result: ok_result() });
+    assert_eq!(finished(&effects)[0].0, running_id);
+    let effects = say(&mut edge, 1_004, &sid2, AgentMessage::Credit { slots: 1 });
+    assert_eq!(order_of(&effects, &sid2, "spark", 1_004).header.job_id, detached_id);
+    assert_eq!(edge.job(&queued_id).unwrap().state, JobState::Failed);
+}
+
+#[test]
+fn a_restart_ends_queued_execute_jobs_whose_callers_are_gone() {
+    // The edge died without a clean stop: its /execute callers saw their connections
+    // drop and may have run the task elsewhere.
+    let mut edge = Edge::new(config(), 0);
+    let mut stored = HashMap::new();
+    join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    keep(&mut stored, &call(&mut edge, 0, "POST", "/execute", json!({"prompt": "x"})).effects);
+    keep(&mut stored, &call(&mut edge, 0, "POST", "/jobs", json!({"prompt": "y"})).effects);
+
+    let (mut edge, effects) = Edge::restore(config(), stored.into_values().collect(), vec![], 100);
+    let ended = finished(&effects);
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(ended[0].2["error_code"], "RUNNER_OFFLINE");
+    let (sid, _) = join(&mut edge, 101, "spark", &agent_key(1), vec![], 1);
+    let effects = say(&mut edge, 102, &sid, AgentMessage::Credit { slots: 1 });
+    let order = order_of(&effects, &sid, "spark", 102);
+    assert_eq!(edge.job(&order.header.job_id).unwrap().mode, Mode::Detached, "only the detached job is sent");
+    assert_eq!(edge.queued(), 0);
+}
+
+#[test]
+fn a_stop_whose_writes_fail_tells_every_caller_to_follow_its_job() {
+    let (mut edge, sid) = ready_edge();
+    let running = call(&mut edge, 0, "POST", "/execute", json!({"prompt": "a", "timeout_ms": 60000}));
+    assert!(!sent(&running.effects, &sid).is_empty());
+    let queued = call(&mut edge, 1, "POST", "/execute", json!({"prompt": "b", "timeout_ms": 60000}));
+    let _ = edge.shutdown(2);
+    // The queued job's end could not be stored: it is still queued on disk, so its caller
+    // must not be told to fall back.
+    let effects = edge.store_failed(2, "database is locked");
+    for caller in [running.caller, queued.caller] {
+        let (status, body) = answer_to(&effects, caller).unwrap();
+        assert_eq!((status, body["error_code"].as_str()), (503, Some("EDGE_RESTARTING")), "{body}");
+    }
+    assert_eq!(closed(&effects).unwrap().0, close::SHUTTING_DOWN);
+}

@@ -1,0 +1,185 @@
+//! Failed store writes: the host stores an event's writes first and, when that fails,
+//! carries out nothing else of the event and asks the machine what to do instead.
+
+use super::*;
+use crate::record::Job;
+use crate::split_writes;
+use std::collections::HashMap;
+
+/// A host as both real ones are: writes first, in one go; the rest only if they were
+/// stored. Its store can be made to fail.
+struct Host {
+    edge: Edge,
+    stored: HashMap<String, Job>,
+    failing: bool,
+}
+
+impl Host {
+    fn new(edge: Edge) -> Host {
+        Host { edge, stored: HashMap::new(), failing: false }
+    }
+
+    /// Carries out one event's effects; returns what went out (sends, answers, closes…).
+    fn carry_out(&mut self, now: u64, effects: Vec<Effect>) -> Vec<Effect> {
+        let (writes, rest) = split_writes(effects);
+        if self.failing && !writes.is_empty() {
+            let instead = self.edge.store_failed(now, "disk I/O error");
+            assert!(instead.iter().all(|e| !e.is_write()), "a failure's answer holds no writes: {instead:?}");
+            return instead;
+        }
+        for job in writes.saves {
+            self.stored.insert(job.id.clone(), job);
+        }
+        for id in writes.forgets {
+            self.stored.remove(&id);
+        }
+        rest
+    }
+
+    fn say(&mut self, now: u64, sid: &str, msg: AgentMessage) -> Vec<Effect> {
+        let effects = self.edge.message(now, sid, &msg.to_text());
+        self.carry_out(now, effects)
+    }
+
+    fn call(&mut self, now: u64, method: &str, path: &str, body: Value) -> (CallerId, Vec<Effect>) {
+        let handled = call(&mut self.edge, now, method, path, body);
+        (handled.caller, self.carry_out(now, handled.effects))
+    }
+
+    fn tick(&mut self, now: u64) -> Vec<Effect> {
+        let effects = self.edge.tick(now);
+        self.carry_out(now, effects)
+    }
+}
+
+fn ready_host() -> (Host, String) {
+    let (edge, sid) = ready_edge();
+    (Host::new(edge), sid)
+}
+
+#[test]
+fn a_submission_that_cannot_be_stored_is_refused_and_does_not_exist() {
+    let (mut host, sid) = ready_host();
+    host.failing = true;
+    let body = json!({"prompt": "x", "idempotency_key": "k1"});
+    let (caller, out) = host.call(0, "POST", "/execute", body.clone());
+    let (status, answer) = answer_to(&out, caller).expect("the caller is answered at once");
+    assert_eq!(status, 500, "{answer}");
+    assert_eq!(answer["error_code"], "INTERNAL_ERROR");
+    let error = answer["error"].as_str().unwrap();
+    assert!(error.contains("nothing was done") && error.contains("run the task elsewhere"), "{error}");
+    // The order that was to go out in the same event did not, and nothing else did either.
+    assert_eq!(out.len(), 1, "only the refusal goes out: {out:?}");
+    assert!(host.stored.is_empty());
+    assert_eq!(host.edge.queued() + host.edge.active_jobs(), 0, "the job does not exist");
+    assert_eq!(host.edge.stats().submitted, 0);
+    assert_eq!(host.edge.stats().store_failures, 1);
+
+    // Once storage works, the same task (same idempotency key) runs, on the credit the
+    // failed event had taken.
+    host.failing = false;
+    let (caller, out) = host.call(1, "POST", "/execute", body);
+    assert!(answer_to(&out, caller).is_none(), "it waits for its job");
+    let order = order_of(&out, &sid, "spark", 1);
+    assert_eq!(host.stored.len(), 1);
+    assert!(host.stored.contains_key(&order.header.job_id));
+}
+
+#[test]
+fn a_detached_submission_that_cannot_be_stored_is_refused_too() {
+    let mut host = Host::new(Edge::new(config(), 0));
+    host.failing = true;
+    let (caller, out) = host.call(0, "POST", "/jobs", json!({"prompt": "x"}));
+    assert_eq!(answer_to(&out, caller).unwrap().0, 500);
+    assert_eq!(host.edge.queued(), 0);
+}
+
+#[test]
+fn a_result_that_cannot_be_stored_is_not_acknowledged_and_comes_again() {
+    let (mut host, sid) = ready_host();
+    let (waiter, out) = host.call(0, "POST", "/execute", json!({"prompt": "x", "timeout_ms": 60000}));
+    let job_id = order_of(&out, &sid, "spark", 0).header.job_id;
+    host.say(1, &sid, AgentMessage::Accepted { job_id: job_id.clone() });
+
+    host.failing = true;
+    let out = host.say(2, &sid, AgentMessage::Result { job_id: job_id.clone(), result: ok_result() });
+    // No acknowledgement (the agent keeps its spooled result), no answer to the caller,
+    // and the connection is closed so the agent reconnects and sends it again.
+    assert!(!sent(&out, &sid).iter().any(|m| matches!(m, EdgeMessage::ResultAck { .. })), "{out:?}");
+    assert!(answer_to(&out, waiter).is_none());
+    let (code, reason) = closed(&out).expect("the session is closed");
+    assert_eq!(code, close::INTERNAL_ERROR);
+    assert!(reason.contains("reconnect"), "{reason}");
+    assert_eq!(host.edge.job(&job_id).unwrap().state, JobState::Running, "the job did not end");
+    assert_eq!(host.stored[&job_id].state, JobState::Running);
+
+    // The agent comes back with the result in its spool and sends it again.
+    host.failing = false;
+    let (sid2, out) = join(&mut host.edge, 3, "spark", &agent_key(1), vec![job_id.clone()], 2);
+    let out = host.carry_out(3, out);
+    assert!(closed(&out).is_none());
+    assert_eq!(host.edge.job(&job_id).unwrap().session_id.as_deref(), Some(sid2.as_str()), "taken over: {out:?}");
+    let out = host.say(4, &sid2, AgentMessage::Result { job_id: job_id.clone(), result: ok_result() });
+    assert!(sent(&out, &sid2).iter().any(|m| matches!(m, EdgeMessage::ResultAck { .. })));
+    let (status, answer) = answer_to(&out, waiter).expect("the caller gets the result");
+    assert_eq!((status, answer["output"].as_str()), (200, Some("done")));
+    assert_eq!(host.stored[&job_id].state, JobState::Succeeded);
+}
+
+#[test]
+fn a_hello_that_cannot_be_stored_closes_the_connection() {
+    let (mut host, sid) = ready_host();
+    let (_, out) = host.call(0, "POST", "/execute", json!({"prompt": "x", "timeout_ms": 60000}));
+    let job_id = order_of(&out, &sid, "spark", 0).header.job_id;
+    host.edge.disconnect(1, &sid);
+    host.failing = true;
+    // Taking the job over is a write: the welcome must not go out without it.
+    let (sid2, effects) = join(&mut host.edge, 2, "spark", &agent_key(1), vec![job_id.clone()], 2);
+    let out = host.carry_out(2, effects);
+    assert!(!sent(&out, &sid2).iter().any(|m| matches!(m, EdgeMessage::Welcome { .. })), "{out:?}");
+    assert_eq!(closed(&out).unwrap().0, close::INTERNAL_ERROR);
+    assert!(!host.edge.is_online());
+    assert!(host.edge.job(&job_id).unwrap().orphaned_at.is_some(), "still waiting for its agent");
+}
+
+#[test]
+fn a_tick_that_cannot_be_stored_announces_nothing_and_is_tried_again() {
+    let (mut host, sid) = ready_host();
+    let (waiter, out) = host.call(0, "POST", "/execute", json!({"prompt": "x", "timeout_ms": 2000}));
+    let job_id = order_of(&out, &sid, "spark", 0).header.job_id;
+    for t in [900, 1_800, 2_700] {
+        host.say(t, &sid, AgentMessage::Heartbeat { running: vec![job_id.clone()], capacity: 1, oauth: oauth(), claude_version: None });
+    }
+    host.failing = true;
+    let out = host.tick(3_000);
+    assert!(out.is_empty(), "nothing goes out: {out:?}");
+    assert_eq!(host.edge.job(&job_id).unwrap().state, JobState::Dispatched);
+    assert_eq!(host.edge.next_deadline(), Some(3_000 + crate::machine::STORE_RETRY_MS), "tried again a second later");
+
+    host.failing = false;
+    let out = host.tick(4_000);
+    let (status, answer) = answer_to(&out, waiter).expect("the timeout is announced once stored");
+    assert_eq!((status, answer["error_code"].as_str()), (200, Some("TIMEOUT")));
+    assert!(sent(&out, &sid).iter().any(|m| matches!(m, EdgeMessage::Cancel { .. })));
+    assert_eq!(host.stored[&job_id].state, JobState::TimedOut);
+}
+
+#[test]
+fn a_cancel_that_cannot_be_stored_leaves_the_job_queued() {
+    let mut host = Host::new(Edge::new(config(), 0));
+    let (_, out) = host.call(0, "POST", "/jobs", json!({"prompt": "x"}));
+    assert!(out.iter().any(|e| matches!(e, Effect::Answer { response, .. } if response.status == 202)));
+    let job_id = host.stored.keys().next().unwrap().clone();
+    let follower = host.edge.begin_request();
+    host.edge.follow(follower, &job_id, &mut Vec::new());
+    host.failing = true;
+    let (caller, out) = host.call(1, "DELETE", &format!("/jobs/{job_id}"), Value::Null);
+    assert_eq!(answer_to(&out, caller).unwrap().0, 500);
+    assert_eq!(streamed(&out, follower), (vec![], false), "its follower heard nothing");
+    assert_eq!(host.edge.job(&job_id).unwrap().state, JobState::Queued);
+    assert_eq!(host.edge.queued(), 1);
+    // The follower is still there when it does end.
+    host.failing = false;
+    let (_, out) = host.call(2, "DELETE", &format!("/jobs/{job_id}"), Value::Null);
+    assert!(streamed(&out, follower).1);
+}

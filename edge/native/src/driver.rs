@@ -1,0 +1,185 @@
+//! The task that drives the state machine: it translates [`Command`]s (HTTP requests,
+//! agent frames, timers) into the machine's events, and the machine's effects into SQLite
+//! writes, socket sends and answers on callers' channels. One owner means no locks and one
+//! order of events.
+
+use crate::clock::Clock;
+use crate::store::Store;
+use runtime::entropy;
+use edge_core::http::{self, Reply};
+use edge_core::{split_writes, CallerId, Edge, Effect, Response};
+use std::collections::HashMap;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{sleep_until, Duration, Instant};
+use tracing::error;
+
+/// What an agent connection's writer is told to do.
+#[derive(Debug)]
+pub enum Outbound {
+    Text(String),
+    Close(u16, String),
+}
+
+/// An HTTP caller's end of its channel.
+pub enum Opened {
+    /// One answer comes on `answer`; if not within `max_wait_ms`, send
+    /// [`Command::WaitExpired`] and keep waiting.
+    Once { caller: CallerId, max_wait_ms: u64, answer: oneshot::Receiver<Response> },
+    /// Server-Sent Events chunks until the channel closes.
+    Stream { chunks: mpsc::UnboundedReceiver<String> },
+}
+
+pub enum Command {
+    Http { req: http::Request, reply: oneshot::Sender<Opened> },
+    WaitExpired { caller: CallerId },
+    /// The HTTP client hung up.
+    CallerGone { caller: CallerId },
+    Connect { outbox: mpsc::UnboundedSender<Outbound>, reply: oneshot::Sender<String> },
+    Frame { session: String, text: String },
+    BinaryFrame { session: String },
+    Disconnect { session: String },
+    /// The edge is stopping: the machine tells callers and agents what happens next.
+    Shutdown { done: oneshot::Sender<()> },
+}
+
+/// The machine's callers, as channels.
+enum Channel {
+    Once(oneshot::Sender<Response>),
+    Stream(mpsc::UnboundedSender<String>),
+}
+
+pub struct Driver {
+    edge: Edge,
+    store: Store,
+    clock: Clock,
+    outboxes: HashMap<String, mpsc::UnboundedSender<Outbound>>,
+    callers: HashMap<CallerId, Channel>,
+}
+
+impl Driver {
+    pub fn new(edge: Edge, store: Store, clock: Clock) -> Driver {
+        Driver { edge, store, clock, outboxes: HashMap::new(), callers: HashMap::new() }
+    }
+
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, startup: Vec<Effect>) {
+        self.carry_out(startup);
+        loop {
+            let deadline = self.edge.next_deadline().map(|at| Instant::from_std(self.clock.instant_of(at)));
+            let command = tokio::select! {
+                c = commands.recv() => match c {
+                    Some(c) => c,
+                    None => return,
+                },
+                _ = sleep_until(deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))) => {
+                    let effects = self.edge.tick(self.clock.now());
+                    self.carry_out(effects);
+                    continue;
+                }
+            };
+            self.handle(command);
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        let now = self.clock.now();
+        match command {
+            Command::Http { req, reply } => {
+                let handled = http::handle(&mut self.edge, now, entropy(), req);
+                // The caller's channel exists before the effects run: they may answer it.
+                let opened = match handled.reply {
+                    Reply::Once { max_wait_ms } => {
+                        let (tx, rx) = oneshot::channel();
+                        self.callers.insert(handled.caller, Channel::Once(tx));
+                        Opened::Once { caller: handled.caller, max_wait_ms, answer: rx }
+                    }
+                    Reply::Stream => {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        self.callers.insert(handled.caller, Channel::Stream(tx));
+                        Opened::Stream { chunks: rx }
+                    }
+                };
+                self.carry_out(handled.effects);
+                let _ = reply.send(opened);
+            }
+            Command::WaitExpired { caller } => {
+                let effects = self.edge.wait_expired(now, caller);
+                self.carry_out(effects);
+            }
+            Command::CallerGone { caller } => {
+                self.callers.remove(&caller);
+                self.edge.caller_gone(caller);
+            }
+            Command::Connect { outbox, reply } => {
+                let (session, effects) = self.edge.connect(now, entropy());
+                self.outboxes.insert(session.clone(), outbox);
+                self.carry_out(effects);
+                let _ = reply.send(session);
+            }
+            Command::Frame { session, text } => {
+                let effects = self.edge.message(now, &session, &text);
+                self.carry_out(effects);
+            }
+            Command::BinaryFrame { session } => {
+                let effects = self.edge.binary_frame(now, &session);
+                self.carry_out(effects);
+            }
+            Command::Disconnect { session } => {
+                self.outboxes.remove(&session);
+                let effects = self.edge.disconnect(now, &session);
+                self.carry_out(effects);
+            }
+            Command::Shutdown { done } => {
+                let effects = self.edge.shutdown(now);
+                self.carry_out(effects);
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Stores the event's writes in one transaction, then carries out the rest in order —
+    /// or, if the store failed, what the machine decides instead.
+    fn carry_out(&mut self, effects: Vec<Effect>) {
+        let (writes, mut rest) = split_writes(effects);
+        if let Err(e) = self.store.apply(&writes) {
+            error!(error = %e, "could not write job records to SQLite; check DATA_DIR's disk space, permissions and that no other process holds the database");
+            rest = self.edge.store_failed(self.clock.now(), &e.to_string());
+        }
+        let mut gone = Vec::new();
+        for effect in rest {
+            match effect {
+                Effect::Send { session, text } => {
+                    if let Some(outbox) = self.outboxes.get(&session) {
+                        let _ = outbox.send(Outbound::Text(text));
+                    }
+                }
+                Effect::Close { session, code, reason } => {
+                    if let Some(outbox) = self.outboxes.remove(&session) {
+                        let _ = outbox.send(Outbound::Close(code, reason));
+                    }
+                }
+                Effect::Answer { caller, response } => {
+                    if let Some(Channel::Once(tx)) = self.callers.remove(&caller) {
+                        let _ = tx.send(response);
+                    }
+                }
+                Effect::Stream { caller, chunk } => {
+                    if let Some(Channel::Stream(tx)) = self.callers.get(&caller) {
+                        if tx.send(chunk).is_err() {
+                            self.callers.remove(&caller);
+                            gone.push(caller);
+                        }
+                    }
+                }
+                Effect::EndStream { caller } => {
+                    self.callers.remove(&caller);
+                }
+                // Sessions live only as long as this process; nothing to keep.
+                Effect::SaveSession(_) => {}
+                Effect::Save(_) | Effect::Forget { .. } => unreachable!("writes were split out"),
+            }
+        }
+        for caller in gone {
+            self.edge.caller_gone(caller);
+        }
+    }
+}
