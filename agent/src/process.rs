@@ -40,9 +40,10 @@ pub fn find_binary(name: &str) -> Option<PathBuf> {
 }
 
 /// Settings Claude's environment never carries (it is the agent's, less these): the
-/// agent's signing key would let whoever can send it a prompt pose as the agent, and the
-/// edge's secrets may sit in the same environment file when both run on Spark.
-const WITHHELD_FROM_CLAUDE: [&str; 3] = ["AGENT_SIGNING_KEY", "EDGE_SIGNING_KEY", "RUNNER_SECRET"];
+/// agent's signing key would let whoever can send it a prompt pose as the agent, the
+/// edge's secrets may sit in the same environment file when both run on Spark, and the
+/// repository tokens reach git servers only through the agent's git2 callback.
+const WITHHELD_FROM_CLAUDE: [&str; 5] = ["AGENT_SIGNING_KEY", "EDGE_SIGNING_KEY", "RUNNER_SECRET", "GITHUB_TOKEN", "REPO_TOKENS"];
 
 /// Why a job is stopped before Claude ends by itself.
 #[derive(Debug)]
@@ -69,8 +70,6 @@ pub struct Launch<'a> {
     pub args: Vec<String>,
     pub cwd: &'a Path,
     pub env: Vec<(&'static str, OsString)>,
-    /// Variables of the agent's own environment Claude must not inherit.
-    pub env_remove: &'a [&'a str],
     /// Written to stdin, which is then closed.
     pub stdin: String,
 }
@@ -104,9 +103,6 @@ pub async fn run(
     mut on_line: impl FnMut(&[u8]),
 ) -> Finished {
     let mut cmd = Command::new(launch.program);
-    for name in launch.env_remove {
-        cmd.env_remove(name);
-    }
     cmd.args(&launch.args)
         .current_dir(launch.cwd)
         .envs(launch.env.iter().map(|(k, v)| (k, v)))

@@ -206,7 +206,6 @@ async fn run_claude(
         args: claude::args(spec, cfg.claude_model.as_deref()),
         cwd,
         env,
-        env_remove: crate::repo::settings::SECRET_ENV,
         stdin: spec.prompt.clone(),
     };
     let mut redactor = ctx.login.redactor(crate::now_ms());

@@ -8,8 +8,6 @@ use shared::repo::{RepoUrl, GITHUB};
 use std::collections::HashMap;
 use std::fmt;
 
-/// Settings holding tokens: the agent reads them, Claude never inherits them.
-pub const SECRET_ENV: &[&str] = &["GITHUB_TOKEN", "REPO_TOKENS"];
 pub const DEFAULT_CACHE_MAX_BYTES: u64 = 20 * 1024 * 1024 * 1024;
 pub const DEFAULT_MAX_DIFF_BYTES: usize = 5 * 1024 * 1024;
 pub const DEFAULT_AUTHOR_NAME: &str = "Claude Runner";
