@@ -1,7 +1,9 @@
-//! What a job changed in its checkout, and handing it back: the working tree staged as a
-//! tree (new, changed and deleted files; `.gitignore` respected), a unified diff of it
-//! against the commit Claude started from (renames found, binary files as one line,
-//! capped), the list of changed paths, and for `push_branch` a commit pushed without force.
+//! What a job changed in its checkout, and handing it back: a unified diff of the working
+//! tree against the commit Claude started from (new, changed, deleted and renamed files,
+//! `.gitignore` respected, binary files as one line, capped) with the list of changed
+//! paths, and for `push_branch` the working tree staged, committed and pushed without force.
+//!
+//! The diff compares the working tree directly, writing nothing; only a push stages.
 
 use super::error::{local, AuthSeen, RepoError, Talk};
 use super::mirror::callbacks;
@@ -20,8 +22,8 @@ pub struct Staged {
 }
 
 /// Objects staging writes (blobs of changed files, trees, the commit) are kept in memory:
-/// on a slow disk, a thousand loose-object files cost more than the diff itself. A push
-/// reads them from there too.
+/// on a slow disk, a thousand loose-object files cost more than the rest of a push. The
+/// push reads them from there.
 const IN_MEMORY_PRIORITY: i32 = 1000;
 
 /// The diff a result carries.
@@ -32,7 +34,7 @@ pub struct Patch {
     pub files: Vec<FileChange>,
 }
 
-/// Stages everything in the checkout's working tree: the tree Claude left behind.
+/// Stages everything in the checkout's working tree: the tree Claude left behind, to push.
 pub fn stage(dir: &Path, base: Oid) -> Result<Staged, RepoError> {
     let action = "collect the job's changes";
     let repo = Repository::open(dir).map_err(|e| local(action, e.message()))?;
@@ -46,57 +48,71 @@ pub fn stage(dir: &Path, base: Oid) -> Result<Staged, RepoError> {
     Ok(Staged { repo, base, tree })
 }
 
+/// The unified diff of everything in the working tree at `dir` against `base`, cut at
+/// `max_bytes` (on a line boundary), and every changed path. Reads files; writes nothing.
+pub fn patch(dir: &Path, base: Oid, max_bytes: usize) -> Result<Patch, RepoError> {
+    let action = "compute the diff";
+    let repo = Repository::open(dir).map_err(|e| local(action, e.message()))?;
+    let old = repo.find_commit(base).and_then(|c| c.tree()).map_err(|e| local(action, e.message()))?;
+    let mut options = DiffOptions::new();
+    options.context_lines(3).include_untracked(true).recurse_untracked_dirs(true).show_untracked_content(true);
+    let mut diff = repo.diff_tree_to_workdir(Some(&old), Some(&mut options)).map_err(|e| local(action, e.message()))?;
+    diff.find_similar(Some(DiffFindOptions::new().renames(true).for_untracked(true))).map_err(|e| local(action, e.message()))?;
+    print(&diff, max_bytes)
+}
+
+fn print(diff: &Diff<'_>, max_bytes: usize) -> Result<Patch, RepoError> {
+    let mut files = Vec::new();
+    for delta in diff.deltas() {
+        let path = |f: git2::DiffFile| f.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        let (status, old_path) = match delta.status() {
+            git2::Delta::Added | git2::Delta::Copied | git2::Delta::Untracked => (ChangeKind::Added, None),
+            git2::Delta::Deleted => (ChangeKind::Deleted, None),
+            git2::Delta::Renamed => (ChangeKind::Renamed, Some(path(delta.old_file()))),
+            _ => (ChangeKind::Modified, None),
+        };
+        let file = if status == ChangeKind::Deleted { delta.old_file() } else { delta.new_file() };
+        files.push(FileChange { path: path(file), status, old_path });
+    }
+    let text = RefCell::new(String::new());
+    let truncated = Cell::new(false);
+    let printed = diff.print(DiffFormat::Patch, |_delta, _hunk, line| {
+        let content = String::from_utf8_lossy(line.content());
+        let prefix = matches!(line.origin(), '+' | '-' | ' ').then(|| line.origin());
+        let need = content.len() + prefix.map_or(0, |_| 1);
+        let mut text = text.borrow_mut();
+        if text.len() + need > max_bytes {
+            truncated.set(true);
+            return false;
+        }
+        if let Some(p) = prefix {
+            text.push(p);
+        }
+        text.push_str(&content);
+        true
+    });
+    if let Err(e) = printed {
+        if !truncated.get() {
+            return Err(local("compute the diff", e.message()));
+        }
+    }
+    Ok(Patch { text: text.into_inner(), truncated: truncated.get(), files })
+}
+
 impl Staged {
     fn diff(&self) -> Result<Diff<'_>, RepoError> {
         let action = "compute the diff";
         let old = self.repo.find_commit(self.base).and_then(|c| c.tree()).map_err(|e| local(action, e.message()))?;
         let new = self.repo.find_tree(self.tree).map_err(|e| local(action, e.message()))?;
-        let mut options = DiffOptions::new();
-        options.context_lines(3);
-        let mut diff = self.repo.diff_tree_to_tree(Some(&old), Some(&new), Some(&mut options)).map_err(|e| local(action, e.message()))?;
+        let mut diff = self.repo.diff_tree_to_tree(Some(&old), Some(&new), None).map_err(|e| local(action, e.message()))?;
         diff.find_similar(Some(DiffFindOptions::new().renames(true))).map_err(|e| local(action, e.message()))?;
         Ok(diff)
     }
 
-    /// The unified diff against the start commit, cut at `max_bytes` (on a line boundary),
-    /// and every changed path.
+    /// The diff of what would be pushed (as [`patch`] gives it for the working tree).
+    #[cfg(test)]
     pub fn patch(&self, max_bytes: usize) -> Result<Patch, RepoError> {
-        let diff = self.diff()?;
-        let mut files = Vec::new();
-        for delta in diff.deltas() {
-            let path = |f: git2::DiffFile| f.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-            let (status, old_path) = match delta.status() {
-                git2::Delta::Added | git2::Delta::Copied => (ChangeKind::Added, None),
-                git2::Delta::Deleted => (ChangeKind::Deleted, None),
-                git2::Delta::Renamed => (ChangeKind::Renamed, Some(path(delta.old_file()))),
-                _ => (ChangeKind::Modified, None),
-            };
-            let file = if status == ChangeKind::Deleted { delta.old_file() } else { delta.new_file() };
-            files.push(FileChange { path: path(file), status, old_path });
-        }
-        let text = RefCell::new(String::new());
-        let truncated = Cell::new(false);
-        let printed = diff.print(DiffFormat::Patch, |_delta, _hunk, line| {
-            let content = String::from_utf8_lossy(line.content());
-            let prefix = matches!(line.origin(), '+' | '-' | ' ').then(|| line.origin());
-            let need = content.len() + prefix.map_or(0, |_| 1);
-            let mut text = text.borrow_mut();
-            if text.len() + need > max_bytes {
-                truncated.set(true);
-                return false;
-            }
-            if let Some(p) = prefix {
-                text.push(p);
-            }
-            text.push_str(&content);
-            true
-        });
-        if let Err(e) = printed {
-            if !truncated.get() {
-                return Err(local("compute the diff", e.message()));
-            }
-        }
-        Ok(Patch { text: text.into_inner(), truncated: truncated.get(), files })
+        print(&self.diff()?, max_bytes)
     }
 
     /// Whether any line the job added holds text `is_secret` flags (the whole diff is read,

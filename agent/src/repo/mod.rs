@@ -135,10 +135,10 @@ impl Prepared {
         let message = spec.commit_message.clone().unwrap_or_else(|| format!("Changes by Claude Runner job {job_id}"));
         tokio::task::spawn_blocking(move || {
             let prepared = self;
-            let staged = changes::stage(&prepared.checkout.dir, prepared.checkout.commit)?;
+            let (dir, base) = (&prepared.checkout.dir, prepared.checkout.commit);
             let mut outcome = Outcome::default();
             if spec.include_diff {
-                let mut patch = staged.patch(settings.max_diff_bytes)?;
+                let mut patch = changes::patch(dir, base, settings.max_diff_bytes)?;
                 patch.text = redactor.redact(&patch.text);
                 for f in &mut patch.files {
                     f.path = redactor.redact(&f.path);
@@ -146,6 +146,7 @@ impl Prepared {
                 outcome.patch = Some(patch);
             }
             if let Some(branch) = spec.push_branch {
+                let staged = changes::stage(dir, base)?;
                 if staged.adds_secret(|line| redactor.redact(line) != line)? {
                     return Err(RepoError::SecretInChanges);
                 }

@@ -160,11 +160,8 @@ async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
     std::fs::create_dir_all(co.dir.join("target")).unwrap();
     std::fs::write(co.dir.join("target/build.o"), "ignored").unwrap();
 
-    let staged = changes::stage(&co.dir, co.commit).unwrap();
-    let patch = staged.patch(1 << 20).unwrap();
+    let patch = changes::patch(&co.dir, co.commit, 1 << 20).unwrap();
     assert!(!patch.truncated);
-    let loose = std::fs::read_dir(co.dir.join(".git/objects")).unwrap().flatten().filter(|e| e.file_name().len() == 2).count();
-    assert_eq!(loose, 0, "staging writes no object files into the checkout");
     let t = &patch.text;
     assert!(t.contains("diff --git a/added.txt b/added.txt\nnew file mode 100644") && t.contains("+brand new"), "{t}");
     assert!(t.contains("+fn b() {}"), "{t}");
@@ -184,10 +181,19 @@ async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
     ]);
     assert_eq!(patch.files.iter().find(|f| f.path == "renamed.txt").unwrap().old_path.as_deref(), Some("old.txt"));
 
-    let cut = staged.patch(200).unwrap();
+    let cut = changes::patch(&co.dir, co.commit, 200).unwrap();
     assert!(cut.truncated && cut.text.len() <= 200 && cut.text.ends_with('\n'), "{}", cut.text);
     assert_eq!(cut.files.len(), 6, "the file list is whole even when the diff is cut");
 
+    // What is pushed is what the diff shows.
+    let staged = changes::stage(&co.dir, co.commit).unwrap();
+    let loose = std::fs::read_dir(co.dir.join(".git/objects")).unwrap().flatten().filter(|e| e.file_name().len() == 2).count();
+    assert_eq!(loose, 0, "staging writes no object files into the checkout");
+    let mut pushed = staged.patch(1 << 20).unwrap().files;
+    let mut shown = patch.files.clone();
+    pushed.sort_by(|a, b| a.path.cmp(&b.path));
+    shown.sort_by(|a, b| a.path.cmp(&b.path));
+    assert_eq!(pushed, shown);
     assert!(staged.adds_secret(|l| l.contains("brand new")).unwrap());
     assert!(!staged.adds_secret(|l| l.contains("hello again")).unwrap(), "removed lines are not pushed");
 
@@ -219,7 +225,7 @@ async fn nothing_changed_means_no_commit() {
     let co = checkout::create(&lease.dir, &tmp.path().join("co"), None, "file://server").unwrap();
     let staged = changes::stage(&co.dir, co.commit).unwrap();
     assert_eq!(staged.commit("a", "a@b", "m").unwrap(), None);
-    assert!(staged.patch(1000).unwrap().files.is_empty());
+    assert!(changes::patch(&co.dir, co.commit, 1000).unwrap().files.is_empty());
 }
 
 #[tokio::test]
