@@ -415,7 +415,7 @@ async fn the_canary_passes_with_this_cli_and_names_a_refused_login() {
     let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
     for (mode, passes) in [("ok", true), ("unauthorized", false)] {
         let dir = TempDir::new("real-canary");
-        let wrapper = write_wrapper(dir.path(), &claude, mode);
+        let wrapper = write_wrapper(dir.path(), &claude, mode, None);
         let out = std::process::Command::new(bin("claude-runner"))
             .args(["doctor", "--canary"])
             .env_remove("ANTHROPIC_API_KEY")
