@@ -268,3 +268,27 @@ fn results_are_shrunk_to_fit_a_frame() {
     assert_eq!(small.diff.as_deref(), Some("+a\n"));
     assert_eq!(small.diff_truncated, Some(false));
 }
+
+#[tokio::test]
+async fn claudes_own_commits_are_in_the_diff_and_under_the_pushed_commit() {
+    let tmp = TempDir::new("own-commits");
+    let (bare, _, _) = server(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let lease = cache.acquire(source(&bare), false).await.unwrap();
+    let co = checkout::create(&lease.dir, &tmp.path().join("co"), None, "file://server").unwrap();
+    std::fs::write(co.dir.join("committed.txt"), "by claude\n").unwrap();
+    git(&co.dir, &["add", "-A"]);
+    git(&co.dir, &["commit", "-q", "-m", "claude's commit"]);
+    let claudes = git(&co.dir, &["rev-parse", "HEAD"]);
+    std::fs::write(co.dir.join("loose.txt"), "not committed\n").unwrap();
+    let patch = changes::patch(&co.dir, co.commit, 1 << 20).unwrap();
+    let mut paths: Vec<&str> = patch.files.iter().map(|f| f.path.as_str()).collect();
+    paths.sort();
+    assert_eq!(paths, ["committed.txt", "loose.txt"], "everything since the start commit");
+    let staged = changes::stage(&co.dir, co.commit).unwrap();
+    let commit = staged.commit("a", "a@b", "rest").unwrap().unwrap();
+    let target = PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: "claude/own".into(), default_branch: Some("main".into()) };
+    staged.push(&target, commit, &AtomicBool::new(false)).unwrap();
+    assert_eq!(git(&bare, &["rev-parse", "claude/own^"]), claudes, "Claude's commit is kept under the new one");
+    assert_eq!(git(&bare, &["show", "claude/own:loose.txt"]), "not committed");
+}
