@@ -40,6 +40,15 @@ fn source(bare: &Path) -> Source {
     Source { name: format!("local{}", bare.display()), url: format!("file://{}", bare.display()), host: "local".into(), token: None }
 }
 
+/// A mirror of the server `bare` under `root/repos`, held, and a checkout of its default
+/// branch in `root/co`.
+async fn checked_out(root: &Path, bare: &Path) -> (Arc<MirrorCache>, super::mirror::Lease, checkout::Checkout) {
+    let cache = MirrorCache::open(root.join("repos"), u64::MAX).unwrap();
+    let lease = cache.acquire(source(bare), false).await.unwrap();
+    let co = checkout::create(&lease.dir, &root.join("co"), None, "file://server").unwrap();
+    (cache, lease, co)
+}
+
 #[tokio::test]
 async fn mirrors_fetch_prune_and_check_out_branches_tags_and_shas() {
     let tmp = TempDir::new("mirror");
@@ -148,9 +157,7 @@ async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
     git(&work, &["add", "-A"]);
     git(&work, &["commit", "-q", "-m", "elsewhere"]);
     git(&work, &["push", "-q", "origin", "diverged"]);
-    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
-    let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, &tmp.path().join("co"), None, "file://server").unwrap();
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
     std::fs::write(co.dir.join("added.txt"), "brand new\n").unwrap();
     std::fs::write(co.dir.join("src/lib.rs"), "fn a() {}\nfn b() {}\n").unwrap();
     std::fs::remove_file(co.dir.join("README.md")).unwrap();
@@ -220,9 +227,7 @@ async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
 async fn nothing_changed_means_no_commit() {
     let tmp = TempDir::new("unchanged");
     let (bare, _, _) = server(tmp.path());
-    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
-    let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, &tmp.path().join("co"), None, "file://server").unwrap();
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
     let staged = changes::stage(&co.dir, co.commit).unwrap();
     assert_eq!(staged.commit("a", "a@b", "m").unwrap(), None);
     assert!(changes::patch(&co.dir, co.commit, 1000).unwrap().files.is_empty());
@@ -237,9 +242,7 @@ async fn working_dir_stays_inside_the_checkout_after_symlinks() {
     git(&work, &["add", "-A"]);
     git(&work, &["commit", "-q", "-m", "links"]);
     git(&work, &["push", "-q", "origin", "main"]);
-    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
-    let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, &tmp.path().join("co"), None, "file://server").unwrap();
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
     assert!(co.dir.join("escape").symlink_metadata().unwrap().file_type().is_symlink());
     let root = co.dir.canonicalize().unwrap();
     assert_eq!(checkout::working_dir(&co.dir, Some("src")).unwrap(), root.join("src"));
@@ -273,9 +276,7 @@ fn results_are_shrunk_to_fit_a_frame() {
 async fn claudes_own_commits_are_in_the_diff_and_under_the_pushed_commit() {
     let tmp = TempDir::new("own-commits");
     let (bare, _, _) = server(tmp.path());
-    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
-    let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, &tmp.path().join("co"), None, "file://server").unwrap();
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
     std::fs::write(co.dir.join("committed.txt"), "by claude\n").unwrap();
     git(&co.dir, &["add", "-A"]);
     git(&co.dir, &["commit", "-q", "-m", "claude's commit"]);
