@@ -49,7 +49,11 @@ pub struct Agent {
     pub auth: AuthHealth,
     pub spool: Spool,
     pub status: StatusFile,
+    /// The Claude Code CLI's version, for the edge's `/health`.
+    pub cli: crate::cli_version::CliVersion,
     replay: Mutex<ReplayGuard>,
+    /// The repository mirrors and what jobs do with them.
+    pub repos: Arc<crate::repo::Repos>,
     running: Mutex<Running>,
     /// Messages for the edge; the current connection sends them, or drops them while
     /// there is none (results are spooled, credits recomputed, events are only progress).
@@ -68,28 +72,41 @@ impl Agent {
             anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
         })?;
         let replay = ReplayGuard::open(cfg.data_dir.join("seen-orders.log"));
-        let login = Login::new(cfg.claude_config_dir.as_deref());
+        // The redactor also knows the agent's own secrets and the repository tokens.
+        let login = Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.repos.token_values()).with_secrets(cfg.secrets.iter().map(String::as_str));
+        let repos = crate::repo::Repos::open(&cfg.data_dir, cfg.repos.clone()).map_err(|e| {
+            anyhow::anyhow!("cannot keep repository mirrors in {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.join("repos").display())
+        })?;
         let (uplink, uplink_rx) = mpsc::unbounded_channel();
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
         let status = StatusFile::new(cfg.data_dir.join("status.json"), &cfg.agent_id, &cfg.connect_url);
         let agent = Agent {
             status,
+            cli: Default::default(),
             cfg: Arc::new(cfg),
             login,
             gate: RefreshGate::default(),
             auth: AuthHealth::default(),
             spool,
             replay: Mutex::new(replay),
+            repos: Arc::new(repos),
             running: Mutex::new(Running::default()),
             uplink,
             jobs,
         };
+        agent.status.mirrors(agent.repos.mirror_names());
         Ok((Arc::new(agent), Queues { uplink: uplink_rx, jobs: jobs_rx }))
     }
 
     /// What a job runner gets to see.
     fn job_context(&self) -> JobContext {
-        JobContext { cfg: Arc::clone(&self.cfg), login: self.login.clone(), gate: self.gate.clone(), uplink: self.uplink.clone() }
+        JobContext {
+            cfg: Arc::clone(&self.cfg),
+            login: self.login.clone(),
+            gate: self.gate.clone(),
+            uplink: self.uplink.clone(),
+            repos: Arc::clone(&self.repos),
+        }
     }
 
     pub fn running_ids(&self) -> Vec<String> {
@@ -218,8 +235,12 @@ impl Agent {
         }
         self.running.lock().expect("running lock").jobs.remove(job_id);
         self.status.running(self.running_ids());
+        self.status.mirrors(self.repos.mirror_names());
         let _ = self.uplink.send(AgentMessage::Result { job_id: job_id.to_string(), result });
-        let _ = self.uplink.send(AgentMessage::Credit { slots: 1 });
+        // A draining agent takes no more work.
+        if self.free_slots() > 0 {
+            let _ = self.uplink.send(AgentMessage::Credit { slots: 1 });
+        }
     }
 
     pub fn on_cancel(&self, envelope: &Envelope) {

@@ -33,11 +33,16 @@ pub struct AgentArgs {
     #[arg(long, env = "ALLOW_INSECURE_EDGE", value_parser = clap::builder::BoolishValueParser::new(),
           default_value = "false", num_args = 0..=1, default_missing_value = "true")]
     pub allow_insecure_edge: bool,
-    /// More of the agent's environment variables that Claude may see, comma-separated
-    /// (e.g. `NPM_CONFIG_REGISTRY,PIP_INDEX_URL`); see README "What a job can see".
-    #[arg(long, env = "JOB_ENV_ALLOW", default_value = "")]
-    pub job_env_allow: String,
+    #[command(flatten)]
+    pub repos: crate::repo::settings::RepoArgs,
+    /// On a stop (SIGTERM), how long running jobs may take to finish before they are
+    /// handed back to the edge, in milliseconds.
+    #[arg(long, env = "DRAIN_TIMEOUT_MS", default_value_t = DEFAULT_DRAIN_TIMEOUT_MS)]
+    pub drain_timeout_ms: u64,
 }
+
+/// Five minutes: the default `timeout_ms` of a job.
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 300_000;
 
 /// Settings about this machine only, shared with `oauth-status` and `doctor`.
 #[derive(Debug, Clone, Args)]
@@ -54,6 +59,10 @@ pub struct LocalArgs {
     /// Model for jobs that do not name one.
     #[arg(long, env = "CLAUDE_MODEL")]
     pub claude_model: Option<String>,
+    /// More of the agent's environment variables that Claude may see, comma-separated
+    /// (e.g. `NPM_CONFIG_REGISTRY,PIP_INDEX_URL`); see README "What a job can see".
+    #[arg(long, env = "JOB_ENV_ALLOW", default_value = "")]
+    pub job_env_allow: String,
 }
 
 impl LocalArgs {
@@ -78,6 +87,29 @@ pub struct AgentConfig {
     /// Secrets of the agent itself — its key, secrets of the edge or of git it was given —
     /// that the redactor masks besides the login's tokens, should a job find them anyway.
     pub secrets: Vec<String>,
+    pub repos: crate::repo::settings::RepoSettings,
+    /// How long a stop waits for running jobs before handing them back.
+    pub drain_timeout: std::time::Duration,
+}
+
+/// Makes a setting set to an empty value (`CLAUDE_MODEL=` in an `.env` file or a systemd
+/// `EnvironmentFile`) count as unset, as people writing those files expect; clap would
+/// take it as an empty value and refuse it. Every variable a flag of `cli` reads is
+/// covered. Call it before any thread starts (it changes the environment).
+pub fn forget_empty_settings(cli: &clap::Command) {
+    fn names(cmd: &clap::Command, out: &mut Vec<std::ffi::OsString>) {
+        out.extend(cmd.get_arguments().filter_map(|a| a.get_env().map(|e| e.to_os_string())));
+        for sub in cmd.get_subcommands() {
+            names(sub, out);
+        }
+    }
+    let mut settings = Vec::new();
+    names(cli, &mut settings);
+    for name in settings {
+        if std::env::var_os(&name).is_some_and(|v| v.is_empty()) {
+            std::env::remove_var(&name);
+        }
+    }
 }
 
 /// Variables that may hold a secret of the agent or of its edge, git or Anthropic account.
@@ -172,6 +204,30 @@ pub fn default_agent_id() -> String {
     if id.is_empty() { "spark".into() } else { id }
 }
 
+impl AgentConfig {
+    /// Settings to run a job on this machine with no edge (the canary): the local ones
+    /// from `local`; the keys are fresh and never used, as nothing is dialled.
+    pub fn local_only(local: &LocalArgs, agent_id: String) -> AgentConfig {
+        let unused = SigningKey::from_bytes(&runtime::entropy());
+        AgentConfig {
+            connect_url: String::new(),
+            agent_id,
+            edge_public_key: unused.verifying_key(),
+            signing_key: unused,
+            claude_bin: local.claude_bin.clone(),
+            claude_config_dir: local.claude_config_dir.clone(),
+            data_dir: local.data_dir(),
+            max_concurrent_jobs: 1,
+            claude_model: local.claude_model.clone(),
+            // `agent` refuses a bad list at start; `doctor` names it.
+            job_env_allow: job_env_allow(&local.job_env_allow).unwrap_or_default(),
+            secrets: secret_values(|name| std::env::var(name).ok()),
+            repos: crate::repo::settings::RepoSettings::default(),
+            drain_timeout: std::time::Duration::ZERO,
+        }
+    }
+}
+
 impl AgentArgs {
     pub fn agent_id(&self) -> String {
         self.agent_id.clone().unwrap_or_else(default_agent_id)
@@ -218,7 +274,7 @@ impl AgentArgs {
         secrets.extend(secret_values(|name| std::env::var(name).ok()));
         Ok(AgentConfig {
             connect_url: edge_url::connect_url(edge_url, self.allow_insecure_edge)?,
-            job_env_allow: job_env_allow(&self.job_env_allow)?,
+            job_env_allow: job_env_allow(&self.local.job_env_allow)?,
             secrets,
             agent_id,
             signing_key,
@@ -228,6 +284,8 @@ impl AgentArgs {
             claude_config_dir: self.local.claude_config_dir,
             max_concurrent_jobs: self.max_concurrent_jobs,
             claude_model: self.local.claude_model,
+            repos: self.repos.resolve()?,
+            drain_timeout: std::time::Duration::from_millis(self.drain_timeout_ms),
         })
     }
 }

@@ -17,11 +17,10 @@ pub struct UpArgs {
     pub listen: SocketAddr,
     #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 1)]
     pub max_concurrent_jobs: u32,
-    /// More of this environment's variables that Claude may see (see `agent --help`).
-    #[arg(long, env = "JOB_ENV_ALLOW", default_value = "")]
-    pub job_env_allow: String,
     #[command(flatten)]
     pub local: LocalArgs,
+    #[command(flatten)]
+    pub repos: crate::repo::settings::RepoArgs,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -89,8 +88,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         data_dir: root.join("agent"),
         max_concurrent_jobs: args.max_concurrent_jobs,
         claude_model: args.local.claude_model.clone(),
-        job_env_allow: crate::config::job_env_allow(&args.job_env_allow)?,
+        job_env_allow: crate::config::job_env_allow(&args.local.job_env_allow)?,
         secrets,
+        repos: args.repos.clone().resolve()?,
+        drain_timeout: std::time::Duration::from_millis(crate::config::DEFAULT_DRAIN_TIMEOUT_MS),
     };
     println!(
         "Claude Runner is up: edge http://{addr}, agent `{id}` connected to it.
@@ -105,7 +106,7 @@ Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both.",
         secret = state.runner_secret,
         keys_path = root.join("up.json").display(),
     );
-    let result = crate::serve::serve(agent_cfg, runtime::shutdown_signal()).await;
+    let result = crate::serve::serve(agent_cfg, crate::drain::stop_requests()).await;
     let _ = stop_tx.send(true);
     let _ = edge_task.await;
     result

@@ -21,7 +21,9 @@ use crate::oauth::OAuthReport;
 use crate::Millis;
 use serde::{Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: jobs may carry a repository (`repo_url`, `push_branch`…). An agent of version 1 would
+/// ignore those fields and run the task in an empty folder, so the versions refuse each other.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
@@ -102,6 +104,9 @@ pub enum AgentMessage {
         running: Vec<String>,
         capacity: u32,
         oauth: OAuthReport,
+        /// The Claude Code CLI's `--version` line (it can change under a running agent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        claude_version: Option<String>,
     },
     /// `slots` more jobs may be sent to this agent.
     Credit { slots: u32 },
@@ -142,7 +147,13 @@ pub struct Hello {
     /// Jobs whose results wait on the agent's disk for an acknowledgement.
     pub finished: Vec<String>,
     pub oauth: OAuthReport,
+    /// The Claude Code CLI's `--version` line, when the agent could read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claude_version: Option<String>,
 }
+
+/// The longest CLI version an edge keeps: a version line, not a document.
+pub const MAX_CLAUDE_VERSION_BYTES: usize = 100;
 
 /// What the edge signs to answer the hello.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

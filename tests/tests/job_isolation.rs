@@ -55,7 +55,7 @@ async fn a_job_sees_none_of_the_agents_secrets() {
         assert_eq!(output(&s, &format!("@print_env={var}")).await, "the value is ", "{var} reached the job");
     }
     assert_eq!(output(&s, "@print_env=EXTRA_ALLOWED").await, "the value is yes", "JOB_ENV_ALLOW passes what it names");
-    let env: Vec<String> = serde_json::from_value(s.agent.claude_runs()[0]["env"].clone()).unwrap();
+    let env: Vec<String> = s.agent.claude_runs()[0]["env"].as_object().expect("the stand-in logs its environment").keys().cloned().collect();
     for var in ["AGENT_SIGNING_KEY", "RUNNER_SECRET", "EDGE_SIGNING_KEY", "GITHUB_TOKEN", "REPO_TOKENS", "NOT_ALLOWED", "DATA_DIR", "EDGE_URL"] {
         assert!(!env.contains(&var.to_string()), "{var} in Claude's environment: {env:?}");
     }

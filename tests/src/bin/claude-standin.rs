@@ -11,10 +11,17 @@
 //! first as a tool's output · `@print_parent_environ` answer with the agent's
 //! `/proc/<ppid>/environ`, or why it cannot be read · `@print_mode=PATH` answer with a
 //! path's permission bits (octal) · `@no_result` end without a result line ·
-//! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it).
+//! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it) · `@write=PATH` write a text
+//! file (relative to the working directory; may repeat) · `@write_binary=PATH` write a few
+//! non-text bytes · `@write_env=VAR,PATH` write the value of VAR into a file ·
+//! `@delete=PATH` delete a file (may repeat) · `@exists=PATH` answer whether PATH exists.
 //!
 //! With `STANDIN_LOG` set, every invocation appends one JSON line (argv, cwd, prompt, and
-//! the names of the environment variables it got).
+//! its whole environment, so tests can see what Claude would inherit).
+//!
+//! `auth login` imitates the real CLI's login without a TTY: it prints an authorization
+//! URL, reads the pasted code from stdin and writes `.credentials.json` (mode 0600) into
+//! `$CLAUDE_CONFIG_DIR` (else `~/.claude`), with tokens derived from the code.
 
 use std::io::{Read, Write};
 
@@ -29,10 +36,19 @@ fn directive<'a>(prompt: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// Every value of a directive that may repeat.
+fn directives<'a>(prompt: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> {
+    prompt.split_whitespace().filter_map(move |w| w.strip_prefix('@')?.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--version") {
         println!("0.0.0 (Claude Code stand-in)");
+        return;
+    }
+    if args.len() >= 2 && args[0] == "auth" && args[1] == "login" {
+        auth_login();
         return;
     }
     let mut prompt = String::new();
@@ -43,7 +59,7 @@ fn main() {
             "cwd": std::env::current_dir().ok(),
             "prompt": prompt,
             "claude_config_dir": std::env::var("CLAUDE_CONFIG_DIR").ok(),
-            "env": std::env::vars_os().map(|(k, _)| k.to_string_lossy().into_owned()).collect::<std::collections::BTreeSet<_>>(),
+            "env": std::env::vars().collect::<std::collections::BTreeMap<String, String>>(),
         });
         if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
             let _ = writeln!(f, "{line}");
@@ -82,7 +98,26 @@ fn main() {
     if let Some(ms) = directive(&prompt, "sleep").and_then(|v| v.parse::<u64>().ok()) {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
-    let text = if let Some(var) = directive(&prompt, "print_env") {
+    for path in directives(&prompt, "write") {
+        let path = std::path::Path::new(path);
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        std::fs::write(path, format!("written by the stand-in: {}\n", path.display())).expect("the stand-in writes");
+    }
+    for path in directives(&prompt, "write_binary") {
+        std::fs::write(path, [0u8, 1, 2, 0, 255, 254, 0, 7]).expect("the stand-in writes");
+    }
+    for spec in directives(&prompt, "write_env") {
+        let (var, path) = spec.split_once(',').expect("@write_env=VAR,PATH");
+        std::fs::write(path, format!("{}\n", std::env::var(var).unwrap_or_default())).expect("the stand-in writes");
+    }
+    for path in directives(&prompt, "delete") {
+        std::fs::remove_file(path).expect("the stand-in deletes");
+    }
+    let text = if let Some(path) = directive(&prompt, "exists") {
+        format!("{path}: {}", if std::path::Path::new(path).exists() { "present" } else { "absent" })
+    } else if let Some(var) = directive(&prompt, "print_env") {
         format!("the value is {}", std::env::var(var).unwrap_or_default())
     } else if let Some(path) = directive(&prompt, "print_file_b64") {
         use base64::Engine;
@@ -125,4 +160,39 @@ fn main() {
     }));
     let code = directive(&prompt, "exit").and_then(|c| c.parse().ok()).unwrap_or(if is_error { 1 } else { 0 });
     std::process::exit(code);
+}
+
+fn auth_login() {
+    println!("Browse to https://claude.ai/oauth/authorize?code=true&client_id=stand-in&state=standin");
+    print!("Paste code here if prompted > ");
+    let _ = std::io::stdout().flush();
+    let mut code = String::new();
+    let _ = std::io::stdin().read_line(&mut code);
+    let code = code.trim();
+    if code.is_empty() || !code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        eprintln!("\nOAuth error: invalid code");
+        std::process::exit(1);
+    }
+    let dir = std::env::var_os("CLAUDE_CONFIG_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".claude"));
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let credentials = serde_json::json!({"claudeAiOauth": {
+        "accessToken": format!("sk-ant-oat01-standin-{code}"),
+        "refreshToken": format!("sk-ant-ort01-standin-{code}"),
+        "expiresAt": now_ms + 8 * 3_600_000,
+        "refreshTokenExpiresAt": now_ms + 30 * 86_400_000,
+        "scopes": ["user:inference"],
+        "subscriptionType": "max",
+    }});
+    use std::os::unix::fs::OpenOptionsExt;
+    let written = std::fs::create_dir_all(&dir).and_then(|()| {
+        let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(dir.join(".credentials.json"))?;
+        f.write_all(credentials.to_string().as_bytes())
+    });
+    if let Err(e) = written {
+        eprintln!("\nLogin failed: cannot write {}: {e}", dir.display());
+        std::process::exit(1);
+    }
+    println!("\nLogin successful.");
 }
