@@ -190,6 +190,7 @@ fn ready_records() -> &'static (Session, Job) {
             running: vec![],
             finished: vec![],
             oauth: shared::oauth::OAuthReport::unconfigured(NOW),
+            claude_version: Some("2.1.197 (Claude Code)".into()),
         };
         let envelope = Envelope::seal(Domain::Hello, &hello, agent_key());
         let frame = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: AGENT.into(), envelope }.to_text();
