@@ -69,7 +69,7 @@ async fn a_job_sees_none_of_the_agents_secrets() {
     let mut leaked: Vec<String> = SECRETS.iter().map(|(_, v)| v.split_once("com=").map_or(*v, |(_, t)| t).to_string()).collect();
     leaked.push(s.agent.env_value("AGENT_SIGNING_KEY").expect("the harness gives the agent its key"));
     std::fs::write(&file, leaked.join("\n")).unwrap();
-    let out = output(&s, &format!("@print_file_b64={}", file.display())).await;
+    let out = output(&s, &format!("@base64={}", file.display())).await;
     let printed: String = out.trim_start_matches("the file is").split_whitespace().collect::<String>().replace("[REDACTED]", "");
     for (i, secret) in leaked.iter().enumerate() {
         for skip in 0..4 {

@@ -7,8 +7,9 @@
 //! `@spawn_child=PIDFILE` start a long-lived child in the same process group and write its
 //! pid to PIDFILE · `@megabytes=N` stream N MiB of assistant text first ·
 //! `@print_env=VAR` answer with the value of VAR · `@print_file_b64=PATH` answer with
-//! the base64 of a file as coreutils' `base64 FILE` prints it (wrapped at 76 columns),
-//! first as a tool's output · `@print_parent_environ` answer with the agent's
+//! the base64 of a file on one line · `@base64=PATH` answer with it as coreutils'
+//! `base64 FILE` prints it (wrapped at 76 columns), first as a tool's output (a Bash
+//! tool_result) · `@print_parent_environ` answer with the agent's
 //! `/proc/<ppid>/environ`, or why it cannot be read · `@print_mode=PATH` answer with a
 //! path's permission bits (octal) · `@no_result` end without a result line ·
 //! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it) · `@write=PATH` write a text
@@ -120,6 +121,10 @@ fn main() {
     } else if let Some(var) = directive(&prompt, "print_env") {
         format!("the value is {}", std::env::var(var).unwrap_or_default())
     } else if let Some(path) = directive(&prompt, "print_file_b64") {
+        use base64::Engine;
+        let bytes = std::fs::read(path).unwrap_or_default();
+        format!("the file is {}", base64::engine::general_purpose::STANDARD.encode(bytes))
+    } else if let Some(path) = directive(&prompt, "base64") {
         use base64::Engine;
         let bytes = std::fs::read(path).unwrap_or_default();
         let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
