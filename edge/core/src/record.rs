@@ -39,6 +39,15 @@ pub struct Job {
     pub attempts: u32,
     /// Since when its agent's connection is gone; it is lost `LOST_AFTER_MS` later.
     pub orphaned_at: Option<Millis>,
+    /// Its number among the orders sent on its connection (see
+    /// [`shared::protocol::Slots`]); 0 once a reconnected agent said it holds the job.
+    #[serde(default)]
+    pub order_no: u64,
+    /// The caller cancelled it while it was with an agent. The cancel goes out again
+    /// whenever the agent reconnects, until the job ends: one sent on a connection that
+    /// turned out dead is not lost.
+    #[serde(default)]
+    pub cancel_requested: bool,
     pub result: Option<JobResult>,
 }
 
@@ -58,6 +67,8 @@ impl Job {
             session_id: None,
             attempts: 0,
             orphaned_at: None,
+            order_no: 0,
+            cancel_requested: false,
             result: None,
         }
     }
@@ -141,8 +152,17 @@ impl Job {
     }
 }
 
-/// Results the edge writes itself when the agent cannot.
+/// Results the edge writes itself when the agent cannot: its agent went away and did not
+/// come back in time. A job the caller had cancelled ends cancelled (the caller does not
+/// want it run elsewhere); any other is lost, and its caller may run it elsewhere.
 pub fn lost(job: &Job, now: Millis) -> JobResult {
+    if job.cancel_requested {
+        return JobResult::failure(
+            ErrorCode::Cancelled,
+            "cancelled by the caller; its agent went away before confirming that it stopped",
+            job.elapsed(now),
+        );
+    }
     JobResult::failure(
         ErrorCode::RunnerLost,
         "the agent running this job went away and did not come back in time (LOST_AFTER_MS); run the task elsewhere",

@@ -201,7 +201,8 @@ mod tests {
                 agent_id: "spark".into(),
                 version: "1.2.3".into(),
                 capacity: 2,
-                credits: 1,
+                slots: shared::protocol::Slots { free: 1, received: 3 },
+                sent: 4,
                 oauth: OAuthReport { problem: Some(problem.into()), ..OAuthReport::unconfigured(5) },
             }),
         }
