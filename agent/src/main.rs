@@ -6,11 +6,13 @@
 //! - [`agent`]: state that outlives connections; verifying, starting and cancelling orders.
 //! - [`runner`]: one job's life, given a narrow [`runner::JobContext`].
 //! - [`workspace`]: a job's fresh folder, its working directory, a carried-over session.
-//! - [`process`]: Claude's process group: start, read, stop (TERM, then KILL).
+//! - [`process`]: Claude's process: start, read, stop (TERM, then KILL).
+//! - [`warden`]: the small process between the agent and Claude that kills Claude's whole
+//!   tree with its job, even when the agent is killed (`claude-runner __warden`).
 //! - [`claude`]: Claude Code's command line and its stream-json, as pure functions.
 //! - [`oauth`]: the login on this machine and the refresh gate.
 //! - [`redact`]: keeps tokens from ever leaving the machine.
-//! - [`spool`]: results on disk until the edge acknowledges them.
+//! - [`spool`]: results until the edge acknowledges them; "started" markers.
 //! - [`replay`]: remembered order nonces.
 //! - [`files`]: atomic, owner-only files.
 //! - [`status`]: the agent's state file, and `claude-runner status`.
@@ -35,6 +37,7 @@ mod status;
 mod submit;
 #[cfg(feature = "up")]
 mod up;
+mod warden;
 mod workspace;
 
 use clap::{Parser, Subcommand};
@@ -91,6 +94,11 @@ pub fn home() -> PathBuf {
 }
 
 fn main() {
+    // The warden runs before anything else is set up: no logging, no runtime, no threads.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == warden::SUBCOMMAND) {
+        warden::main(&args[2..]);
+    }
     let cli = Cli::parse();
     runtime::init_logging(&cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();

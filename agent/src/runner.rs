@@ -7,6 +7,7 @@ use crate::claude::{self, Ending, Transcript};
 use crate::config::AgentConfig;
 use crate::oauth::{Login, RefreshGate};
 use crate::process::{self, Launch, Stop};
+use crate::spool::Spool;
 use crate::workspace;
 use shared::job::{JobResult, JobSpec};
 use shared::protocol::AgentMessage;
@@ -28,6 +29,8 @@ pub struct JobContext {
     pub gate: RefreshGate,
     /// Progress events go out here (dropped while the agent is offline).
     pub uplink: mpsc::UnboundedSender<AgentMessage>,
+    /// Where the job's "started" marker is written before Claude is spawned.
+    pub spool: Arc<Spool>,
 }
 
 /// Runs the job to its end and returns its (redacted) result.
@@ -125,6 +128,15 @@ async fn run_claude(
             let _ = ctx.uplink.send(AgentMessage::Event { job_id: job_id.to_string(), seq, event });
         }
     };
+    // Durably before Claude can start: if the agent dies now, its next run reports the job
+    // lost instead of letting the edge send it again (it may not have heard it started).
+    if let Err(e) = ctx.spool.started(job_id) {
+        return JobResult::failure(
+            shared::contract::ErrorCode::InternalError,
+            format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry"),
+            started.elapsed().as_millis() as u64,
+        );
+    }
     let finished = process::run(launch, job_id, deadline, spec.timeout_ms, &mut stop, on_line).await;
     let stderr = ctx.login.redactor(crate::now_ms()).redact(&finished.stderr);
     let duration_ms = started.elapsed().as_millis() as u64;
