@@ -3,7 +3,8 @@
 //! `claude` (`src/bin/claude-standin.rs`), and talks to them over HTTP.
 //!
 //! The binaries are found next to the test executable (`target/<profile>/`); the test
-//! command (`tests/run`) builds them first.
+//! command (`tests/run`) builds them first. [`proxy`] sits between agents and an edge to
+//! break their links on command.
 
 use ed25519_dalek::SigningKey;
 use serde_json::Value;
@@ -15,6 +16,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub use serde_json::json;
+
+pub mod proxy;
 
 pub const SECRET: &str = "test-runner-secret-0123456789";
 
@@ -327,13 +330,28 @@ impl AgentProc {
         std::fs::read_to_string(self.data.path().join("agent.log")).unwrap_or_default()
     }
 
-    /// Every stand-in invocation so far (argv, cwd, prompt).
+    /// Every stand-in invocation so far (argv, cwd, prompt, pid, `at`).
     pub fn claude_runs(&self) -> Vec<Value> {
+        self.standin_log().into_iter().filter(|v| v.get("end").is_none()).collect()
+    }
+
+    /// The stand-in's log: a line per start, and one (`"end": true`) per result printed.
+    pub fn standin_log(&self) -> Vec<Value> {
         std::fs::read_to_string(self.data.path().join("standin.log"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+
+    /// Sends a signal to the agent process (SIGSTOP freezes it, SIGCONT thaws it).
+    pub fn signal(&self, sig: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: signalling a child we own.
+            unsafe {
+                libc::kill(pid as i32, sig);
+            }
+        }
     }
 
     pub fn stop(&mut self) {

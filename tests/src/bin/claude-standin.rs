@@ -10,7 +10,9 @@
 //! the base64 of a file (as `base64 FILE` would) · `@no_result` end without a result line ·
 //! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it).
 //!
-//! With `STANDIN_LOG` set, every invocation appends one JSON line (argv, cwd, prompt).
+//! With `STANDIN_LOG` set, every invocation appends one JSON line (argv, cwd, prompt, its
+//! pid and start time `at` in ms), and one more (`"end": true`, `at`) when it prints its
+//! result.
 
 use std::io::{Read, Write};
 
@@ -33,17 +35,22 @@ fn main() {
     }
     let mut prompt = String::new();
     let _ = std::io::stdin().read_to_string(&mut prompt);
-    if let Ok(path) = std::env::var("STANDIN_LOG") {
-        let line = serde_json::json!({
-            "argv": args,
-            "cwd": std::env::current_dir().ok(),
-            "prompt": prompt,
-            "claude_config_dir": std::env::var("CLAUDE_CONFIG_DIR").ok(),
-        });
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = writeln!(f, "{line}");
+    let log = |line: serde_json::Value| {
+        if let Ok(path) = std::env::var("STANDIN_LOG") {
+            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                let _ = writeln!(f, "{line}");
+            }
         }
-    }
+    };
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    log(serde_json::json!({
+        "argv": args,
+        "cwd": std::env::current_dir().ok(),
+        "prompt": prompt,
+        "claude_config_dir": std::env::var("CLAUDE_CONFIG_DIR").ok(),
+        "pid": std::process::id(),
+        "at": now_ms(),
+    }));
     if directive(&prompt, "ignore_term").is_some() {
         // SAFETY: installing SIG_IGN for SIGTERM has no memory effects.
         unsafe {
@@ -97,6 +104,7 @@ fn main() {
     } else {
         (false, text, None)
     };
+    log(serde_json::json!({"end": true, "prompt": prompt, "pid": std::process::id(), "at": now_ms()}));
     emit(&mut out, serde_json::json!({
         "type":"result","subtype":"success","is_error":is_error,"result":result,"session_id":session,
         "num_turns":1,"total_cost_usd":0.0123,"duration_ms":5,"api_error_status":status,
