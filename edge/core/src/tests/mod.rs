@@ -4,9 +4,11 @@
 //! - [`storage`]: failed store writes, through a host whose store can be made to fail;
 //! - [`stop`]: a clean stop and what each waiting caller is told;
 //! - [`hosts`]: the cases where the two hosts used to decide differently, and time;
-//! - [`recovery`]: credits, cancels and heartbeats across reconnects.
+//! - [`recovery`]: credits, cancels and heartbeats across reconnects;
+//! - [`model`]: a property test of the machine against model agents.
 
 mod hosts;
+mod model;
 mod recovery;
 mod stop;
 mod storage;
