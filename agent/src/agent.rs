@@ -54,6 +54,8 @@ pub struct Agent {
     pub auth: AuthHealth,
     pub spool: Arc<Spool>,
     pub status: StatusFile,
+    /// The Claude Code CLI's version, for the edge's `/health`.
+    pub cli: crate::cli_version::CliVersion,
     replay: Mutex<ReplayGuard>,
     running: Mutex<Running>,
     /// Messages for the edge; the current connection sends them, or drops them while
@@ -64,7 +66,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> anyhow::Result<(Arc<Agent>, Queues)> {
-        let (spool, interrupted) = Spool::open(cfg.data_dir.join("spool")).map_err(|e| {
+        let (spool, interrupted) = Spool::open(cfg.data_dir.join("spool"), cfg.data_dir.join("started")).map_err(|e| {
             anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
         })?;
         if !interrupted.is_empty() {
@@ -77,6 +79,7 @@ impl Agent {
         let status = StatusFile::new(cfg.data_dir.join("status.json"), &cfg.agent_id, &cfg.connect_url);
         let agent = Agent {
             status,
+            cli: Default::default(),
             cfg: Arc::new(cfg),
             login,
             gate: RefreshGate::default(),
@@ -97,7 +100,7 @@ impl Agent {
             login: self.login.clone(),
             gate: self.gate.clone(),
             uplink: self.uplink.clone(),
-            spool: Arc::clone(&self.spool),
+            spool: Some(Arc::clone(&self.spool)),
         }
     }
 
@@ -130,7 +133,13 @@ impl Agent {
         let running = self.running.lock().expect("running lock");
         let mut ids: Vec<String> = running.jobs.keys().cloned().collect();
         ids.sort();
-        let beat = AgentMessage::Heartbeat { running: ids, capacity: self.cfg.max_concurrent_jobs, oauth, slots: self.slots(&running) };
+        let beat = AgentMessage::Heartbeat {
+            running: ids,
+            capacity: self.cfg.max_concurrent_jobs,
+            oauth,
+            slots: self.slots(&running),
+            claude_version: self.cli.current(),
+        };
         let _ = self.uplink.send(beat);
     }
 
@@ -267,7 +276,10 @@ impl Agent {
 
     /// No new job starts from now on; the running ones go on.
     pub fn close(&self) {
-        self.running.lock().expect("running lock").closed = true;
+        let mut running = self.running.lock().expect("running lock");
+        running.closed = true;
+        // No free slot from now on: the edge hears it at once.
+        let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
     }
 
     /// Stops every running job (the agent is shutting down); their results are spooled.

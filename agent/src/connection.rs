@@ -164,6 +164,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
         running: agent.running_ids(),
         finished: agent.spool.all().into_iter().map(|(id, _)| id).collect(),
         oauth: agent.oauth_report(),
+        claude_version: agent.cli.current(),
     };
     let envelope = Envelope::seal(Domain::Hello, &hello, &cfg.signing_key);
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: cfg.agent_id.clone(), envelope };
@@ -192,7 +193,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
     }
     let heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms.clamp(100, 600_000));
     info!(agent_id = %cfg.agent_id, session = %welcome.session_id, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the edge");
-    agent.status.connected();
+    agent.status.connected(heartbeat.as_millis() as u64);
 
     // Every send from here on must finish within two heartbeat intervals: the edge itself
     // drops a connection that silent.
@@ -240,6 +241,9 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
                 // Results are kept and go out again after the reconnect.
                 if let Err(end) = send(&mut ws, &msg, limit).await {
                     return end;
+                }
+                if matches!(msg, AgentMessage::Heartbeat { .. }) {
+                    agent.status.beat();
                 }
             }
             // Queued behind what the agent said before it, so the edge reads the agent's

@@ -40,6 +40,11 @@ pub fn find_binary(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| executable(p))
 }
 
+/// Settings Claude's environment never carries (it is the agent's, less these): the
+/// agent's signing key would let whoever can send it a prompt pose as the agent, and the
+/// edge's secrets may sit in the same environment file when both run on Spark.
+const WITHHELD_FROM_CLAUDE: [&str; 3] = ["AGENT_SIGNING_KEY", "EDGE_SIGNING_KEY", "RUNNER_SECRET"];
+
 /// Why a job is stopped before Claude ends by itself.
 #[derive(Debug)]
 pub enum Stop {
@@ -144,6 +149,10 @@ pub async fn run(
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        // The warden passes its environment on to Claude.
+        for name in WITHHELD_FROM_CLAUDE {
+            cmd.env_remove(name);
+        }
         // SAFETY: between fork and exec only fcntl: the warden keeps the pipe's read end.
         unsafe {
             cmd.pre_exec(move || {

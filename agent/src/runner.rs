@@ -29,8 +29,9 @@ pub struct JobContext {
     pub gate: RefreshGate,
     /// Progress events go out here (dropped while the agent is offline).
     pub uplink: mpsc::UnboundedSender<AgentMessage>,
-    /// Where the job's "started" marker is written before Claude is spawned.
-    pub spool: Arc<Spool>,
+    /// Where the job's "started" marker is written before Claude is spawned (None for a
+    /// job no edge knows of, such as `doctor --canary`'s).
+    pub spool: Option<Arc<Spool>>,
 }
 
 /// Runs the job to its end and returns its (redacted) result.
@@ -130,7 +131,7 @@ async fn run_claude(
     };
     // Durably before Claude can start: if the agent dies now, its next run reports the job
     // lost instead of letting the edge send it again (it may not have heard it started).
-    if let Err(e) = ctx.spool.started(job_id) {
+    if let Err(e) = ctx.spool.as_ref().map_or(Ok(()), |spool| spool.started(job_id)) {
         return JobResult::failure(
             shared::contract::ErrorCode::InternalError,
             format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry"),

@@ -39,11 +39,11 @@ pub fn interrupted() -> JobResult {
 }
 
 impl Spool {
-    /// Opens the spool under `dir` (results) and `dir/started` (markers), and turns every
-    /// marker a dead agent left into a spooled "lost" result. Returns the spool and the
-    /// ids of those jobs.
-    pub fn open(dir: PathBuf) -> std::io::Result<(Spool, Vec<String>)> {
-        let started = dir.join("started");
+    /// Opens the spool: results in `dir`, markers in `started`; and turns every marker a
+    /// dead agent left into a spooled "lost" result. Returns the spool and the ids of those
+    /// jobs.
+    pub fn open(dir: PathBuf, started: PathBuf) -> std::io::Result<(Spool, Vec<String>)> {
+        std::fs::create_dir_all(&dir)?;
         std::fs::create_dir_all(&started)?;
         let spool = Spool { dir, started, held: Mutex::new(BTreeMap::new()) };
         let mut interrupted_jobs = Vec::new();
@@ -143,9 +143,6 @@ impl Spool {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return out.into_iter().collect() };
         for entry in entries.flatten() {
             let path = entry.path();
-            if path.is_dir() {
-                continue;
-            }
             let Some(id) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else {
                 continue;
             };
@@ -176,7 +173,7 @@ mod tests {
     #[test]
     fn keeps_results_until_removed_and_sets_bad_files_aside() {
         let dir = dir("keep");
-        let (spool, _) = Spool::open(dir.clone()).unwrap();
+        let (spool, _) = Spool::open(dir.clone(), dir.join("started")).unwrap();
         let r = JobResult { success: true, output: "x".into(), ..Default::default() };
         spool.put("job-1", &r).unwrap();
         assert!(spool.put("../evil", &r).is_err());
@@ -193,14 +190,14 @@ mod tests {
     #[test]
     fn a_job_started_by_an_agent_that_died_is_reported_lost_not_run_again() {
         let dir = dir("started");
-        let (spool, interrupted_jobs) = Spool::open(dir.clone()).unwrap();
+        let (spool, interrupted_jobs) = Spool::open(dir.clone(), dir.join("started")).unwrap();
         assert!(interrupted_jobs.is_empty());
         spool.started("ran-half").unwrap();
         spool.started("ran-whole").unwrap();
         spool.put("ran-whole", &JobResult { success: true, ..Default::default() }).unwrap();
         drop(spool); // the agent dies here
 
-        let (spool, interrupted_jobs) = Spool::open(dir.clone()).unwrap();
+        let (spool, interrupted_jobs) = Spool::open(dir.clone(), dir.join("started")).unwrap();
         assert_eq!(interrupted_jobs, vec!["ran-half".to_string()]);
         let all = spool.all();
         assert_eq!(all.len(), 2);
@@ -208,13 +205,13 @@ mod tests {
         assert_eq!(lost.error_code, Some(ErrorCode::RunnerLost));
         assert!(spool.get("ran-whole").unwrap().success);
         // Reported once: the markers are gone.
-        assert!(Spool::open(dir).unwrap().1.is_empty());
+        assert!(Spool::open(dir.clone(), dir.join("started")).unwrap().1.is_empty());
     }
 
     #[test]
     fn a_result_the_disk_refuses_is_held_in_memory_and_written_later() {
         let dir = dir("held");
-        let (spool, _) = Spool::open(dir.clone()).unwrap();
+        let (spool, _) = Spool::open(dir.clone(), dir.join("started")).unwrap();
         // A directory where the result's file would go makes the write fail.
         std::fs::create_dir_all(dir.join("job-9.tmp")).unwrap();
         let r = JobResult { success: true, output: "kept".into(), ..Default::default() };

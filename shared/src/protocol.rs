@@ -107,6 +107,9 @@ pub enum AgentMessage {
         capacity: u32,
         oauth: OAuthReport,
         slots: Slots,
+        /// The Claude Code CLI's `--version` line (it can change under a running agent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        claude_version: Option<String>,
     },
     /// The agent's free slots now (sent after the welcome and whenever a job ends).
     Credit { slots: Slots },
@@ -161,7 +164,13 @@ pub struct Hello {
     /// Jobs whose results wait on the agent's disk for an acknowledgement.
     pub finished: Vec<String>,
     pub oauth: OAuthReport,
+    /// The Claude Code CLI's `--version` line, when the agent could read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claude_version: Option<String>,
 }
+
+/// The longest CLI version an edge keeps: a version line, not a document.
+pub const MAX_CLAUDE_VERSION_BYTES: usize = 100;
 
 /// What the edge signs to answer the hello.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

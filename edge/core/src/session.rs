@@ -37,6 +37,8 @@ pub struct Agent {
     /// Job orders sent on this connection; the last one sent is number `sent`.
     pub sent: u64,
     pub oauth: OAuthReport,
+    #[serde(default)]
+    pub claude_version: Option<String>,
 }
 
 impl Agent {

@@ -268,6 +268,7 @@ impl World {
             running: agent.running.iter().cloned().collect(),
             finished: agent.finished.keys().cloned().collect(),
             oauth: oauth(),
+            claude_version: None,
         };
         let text = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.id.into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(agent.key)) }.to_text();
         let effects = self.edge.message(self.now, &sid, &text);
@@ -336,6 +337,7 @@ impl World {
                         capacity: agent.capacity,
                         oauth: oauth(),
                         slots: agent.slots(),
+                        claude_version: None,
                     };
                     agent.up.push_back(beat);
                 }

@@ -20,6 +20,7 @@ fn rejoin(edge: &mut Edge, now: u64, running: &[&str], finished: &[&str], seed: 
         running: running.iter().map(|s| s.to_string()).collect(),
         finished: finished.iter().map(|s| s.to_string()).collect(),
         oauth: oauth(),
+        claude_version: None,
     };
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(1)) };
     let effects = edge.message(now, &sid, &msg.to_text());
@@ -85,7 +86,7 @@ fn a_statement_never_over_fills_an_agent_whatever_crossed_it() {
     // A late copy of the same statement, and a heartbeat made before the orders arrived:
     // both crossed the two orders, so nothing more goes out.
     assert!(orders(&say(&mut edge, 2, &sid, AgentMessage::Credit { slots: Slots { free: 2, received: 0 } }), &sid).is_empty());
-    let hb = AgentMessage::Heartbeat { running: vec![], capacity: 2, oauth: oauth(), slots: Slots { free: 2, received: 0 } };
+    let hb = AgentMessage::Heartbeat { running: vec![], capacity: 2, oauth: oauth(), slots: Slots { free: 2, received: 0 }, claude_version: None };
     assert!(orders(&say(&mut edge, 3, &sid, hb), &sid).is_empty());
     // An agent claiming more orders than were sent gains nothing by it.
     assert!(orders(&say(&mut edge, 4, &sid, AgentMessage::Credit { slots: Slots { free: 0, received: 99 } }), &sid).is_empty());
@@ -146,7 +147,7 @@ fn heartbeats_settle_disagreements_at_once() {
     say(&mut edge, 0, &sid, AgentMessage::Credit { slots: Slots { free: 3, received: 0 } });
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "ran".into() });
     // The agent has received two of the three orders and holds neither.
-    let hb = AgentMessage::Heartbeat { running: vec![], capacity: 3, oauth: oauth(), slots: Slots { free: 3, received: 2 } };
+    let hb = AgentMessage::Heartbeat { running: vec![], capacity: 3, oauth: oauth(), slots: Slots { free: 3, received: 2 }, claude_version: None };
     let effects = say(&mut edge, 2, &sid, hb);
     let done = finished(&effects);
     assert_eq!(done.len(), 1, "{effects:?}");
@@ -161,6 +162,7 @@ fn heartbeats_settle_disagreements_at_once() {
         capacity: 3,
         oauth: oauth(),
         slots: Slots { free: 0, received: 4 },
+        claude_version: None,
     };
     let effects = say(&mut edge, 3, &sid, hb);
     let mut stopped = cancels(&effects, &sid);
