@@ -140,7 +140,15 @@ impl Driver {
     /// or, if the store failed, what the machine decides instead.
     fn carry_out(&mut self, effects: Vec<Effect>) {
         let (writes, mut rest) = split_writes(effects);
-        if let Err(e) = self.store.apply(&writes) {
+        // SQLite blocks (a sync, a lock held by another process): on the multi-threaded
+        // runtime the other tasks (sockets, request bodies) go on meanwhile.
+        let stored = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) if !writes.is_empty() => {
+                tokio::task::block_in_place(|| self.store.apply(&writes))
+            }
+            _ => self.store.apply(&writes),
+        };
+        if let Err(e) = stored {
             error!(error = %e, "could not write job records to SQLite; check DATA_DIR's disk space, permissions and that no other process holds the database");
             rest = self.edge.store_failed(self.clock.now(), &e.to_string());
         }
