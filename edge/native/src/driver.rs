@@ -183,6 +183,11 @@ impl Driver {
                 }
                 // Sessions live only as long as this process; nothing to keep.
                 Effect::SaveSession(_) => {}
+                Effect::Deliver { caller, job_id, form } => {
+                    let record = self.store.load_one(&job_id).map_err(|e| e.to_string());
+                    let delivered = Edge::deliver(caller, form, record, self.clock.now());
+                    self.carry_out(delivered);
+                }
                 Effect::Save(_) | Effect::Forget { .. } => unreachable!("writes were split out"),
             }
         }

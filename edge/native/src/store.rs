@@ -50,6 +50,16 @@ impl Store {
         Ok(jobs)
     }
 
+    /// One job's whole record (memory keeps only the header of an ended job).
+    pub fn load_one(&self, id: &str) -> anyhow::Result<Option<Job>> {
+        let mut stmt = self.conn.prepare_cached("SELECT record FROM jobs WHERE id = ?1")?;
+        let mut rows = stmt.query(params![id])?;
+        match rows.next()? {
+            Some(row) => Ok(Some(serde_json::from_str(&row.get::<_, String>(0)?)?)),
+            None => Ok(None),
+        }
+    }
+
     /// Applies one event's writes in one transaction: all of them, or none.
     pub fn apply(&mut self, writes: &Writes) -> anyhow::Result<()> {
         if writes.is_empty() {

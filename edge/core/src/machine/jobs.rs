@@ -27,7 +27,7 @@ impl Edge {
         let mut effects = Vec::new();
         if let Some(existing) = submission.idempotency_key.as_ref().and_then(|k| self.idempotency.get(k)) {
             // The same key for a different task is a caller's mistake, not a repeat.
-            if self.jobs.get(existing).is_some_and(|j| j.spec != submission.spec) {
+            if self.jobs.get(existing).is_some_and(|j| j.digest() != crate::record::spec_digest(&submission.spec)) {
                 return Err(ApiError::new(
                     ErrorCode::Conflict,
                     "this idempotency key was already used for a different task; use a new key for a new task",
@@ -171,6 +171,28 @@ impl Edge {
         let (status, body) = job.answer().expect("finished jobs have results");
         effects.push(Effect::Save(Box::new(job)));
         self.announce_end(job_id, status, &body, effects);
+        self.to_stow.push(job_id.to_string());
+        self.keep_within_caps(effects);
+    }
+
+    /// Forgets the oldest ended jobs while more are kept than `MAX_RETAINED_JOBS` or
+    /// their records take more than `MAX_RETAINED_BYTES`.
+    pub(super) fn keep_within_caps(&mut self, effects: &mut Vec<Effect>) {
+        let mut bytes: u64 = self.retained.iter().filter_map(|(_, id)| self.jobs.get(id)).map(Job::approximate_bytes).sum();
+        while self.retained.len() > self.cfg.max_retained_jobs || bytes > self.cfg.max_retained_bytes {
+            let Some((_, id)) = self.retained.front().cloned() else { break };
+            bytes = bytes.saturating_sub(self.jobs.get(&id).map_or(0, Job::approximate_bytes));
+            info!(job_id = %id, kept = self.retained.len(), "an ended job is forgotten early: over MAX_RETAINED_JOBS or MAX_RETAINED_BYTES");
+            self.forget_oldest(effects);
+        }
+    }
+
+    /// Forgets the ended job whose retention ends first.
+    pub(super) fn forget_oldest(&mut self, effects: &mut Vec<Effect>) {
+        if let Some((_, id)) = self.retained.pop_front() {
+            self.forget_job(&id);
+            effects.push(Effect::Forget { job_id: id });
+        }
     }
 
     /// Ends a queued job that must never start (its caller was told to run it elsewhere,

@@ -37,7 +37,7 @@ pub use storage::{split_writes, Writes, STORE_RETRY_MS};
 use crate::clock::Now;
 use crate::config::Config;
 use crate::progress::Backlog;
-use crate::record::Job;
+use crate::record::{Form, Job};
 use crate::response::Response;
 use crate::session::{Agent, Session};
 use shared::job::JobState;
@@ -66,6 +66,9 @@ pub enum Effect {
     Stream { caller: CallerId, chunk: String },
     /// End the caller's stream; the host then forgets it.
     EndStream { caller: CallerId },
+    /// Read this ended job's whole record from storage (memory keeps only its header) and
+    /// carry out what [`Edge::deliver`] makes of it for `caller`.
+    Deliver { caller: CallerId, job_id: String, form: Form },
 }
 
 /// Counters for `/metrics`.
@@ -88,6 +91,9 @@ pub struct Edge {
     active: BTreeSet<String>,
     /// Finished job ids in the order their retention ends.
     retained: VecDeque<(Millis, String)>,
+    /// Jobs that ended in the current event: from the next one on, memory keeps only
+    /// their headers.
+    to_stow: Vec<String>,
     sessions: BTreeMap<String, Session>,
     idempotency: HashMap<String, String>,
     /// The newest OAuth report of any agent, kept while no agent is connected.
@@ -115,6 +121,7 @@ impl Edge {
             queue: VecDeque::new(),
             active: BTreeSet::new(),
             retained: VecDeque::new(),
+            to_stow: Vec::new(),
             sessions: BTreeMap::new(),
             idempotency: HashMap::new(),
             last_oauth: None,
@@ -153,6 +160,9 @@ impl Edge {
             if let Some(key) = &job.idempotency_key {
                 edge.idempotency.insert(key.clone(), job.id.clone());
             }
+            if job.state.is_terminal() {
+                job = job.header();
+            }
             match job.state {
                 JobState::Queued if job.mode == crate::record::Mode::Wait => callerless.push(job.id.clone()),
                 JobState::Queued => {}
@@ -171,6 +181,7 @@ impl Edge {
         for id in callerless {
             edge.end_unstarted(now, &id, "the edge restarted before the job started and its caller is gone; it will not run: submit it again", &mut effects);
         }
+        edge.keep_within_caps(&mut effects);
         (edge, effects)
     }
 

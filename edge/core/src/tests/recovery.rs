@@ -3,6 +3,7 @@
 //! `/execute` jobs whose callers are gone never sent again.
 
 use super::*;
+use crate::Config;
 
 /// Connects `agent` with a hello that names the jobs it runs and those whose results it
 /// still holds.
@@ -210,4 +211,81 @@ fn a_dispatched_execute_job_whose_caller_is_gone_is_not_sent_again() {
     let (sid3, effects) = rejoin(&mut edge, 6, &[], &[], 3);
     assert!(finished(&effects).is_empty());
     assert_eq!(orders(&say(&mut edge, 7, &sid3, credit(1, 0)), &sid3), vec![waiting_id]);
+}
+
+/// Memory keeps an ended job's header only; its whole record is read from storage when
+/// someone asks for it, in the form they asked for.
+#[test]
+fn an_ended_job_keeps_only_its_header_and_is_read_from_storage_on_demand() {
+    let (mut edge, sid) = ready_edge();
+    let body = json!({"prompt": "p".repeat(500), "timeout_ms": 60000, "idempotency_key": "k"});
+    let first = call(&mut edge, 0, "POST", "/execute", body.clone());
+    let job_id = order_of(&first.effects, &sid, "spark", 0).header.job_id;
+    let big = JobResult { output: "o".repeat(100_000), ..ok_result() };
+    let effects = say(&mut edge, 1, &sid, AgentMessage::Result { job_id: job_id.clone(), result: big });
+    let whole = effects.iter().find_map(|e| match e {
+        Effect::Save(job) if job.state.is_terminal() => Some((**job).clone()),
+        _ => None,
+    });
+    let whole = whole.expect("the whole record is stored");
+    assert_eq!(answer_to(&effects, first.caller).unwrap().1["output"].as_str().unwrap().len(), 100_000, "its caller got it all");
+    edge.tick(2);
+    let header = edge.job(&job_id).unwrap();
+    assert!(header.header_only && header.spec.prompt.is_empty() && header.result.as_ref().unwrap().output.is_empty());
+    assert!(header.bytes > 100_500, "{}", header.bytes);
+
+    let read = |edge: &mut Edge, method: &str, path: &str, body: Value| {
+        let handled = call(edge, 3, method, path, body);
+        let deliver = handled.effects.iter().find_map(|e| match e {
+            Effect::Deliver { caller, job_id, form } => Some((*caller, job_id.clone(), *form)),
+            _ => None,
+        });
+        let (caller, id, form) = deliver.expect("read from storage");
+        assert_eq!((caller, id.as_str()), (handled.caller, job_id.as_str()));
+        (caller, form, Edge::deliver(caller, form, Ok(Some(whole.clone())), 3.into()))
+    };
+    let (caller, _, effects) = read(&mut edge, "GET", &format!("/jobs/{job_id}"), Value::Null);
+    let (status, view) = answer_to(&effects, caller).unwrap();
+    assert_eq!((status, view["state"].as_str()), (200, Some("succeeded")));
+    assert_eq!(view["result"]["output"].as_str().unwrap().len(), 100_000);
+    let (caller, _, effects) = read(&mut edge, "POST", "/execute", body);
+    assert_eq!(answer_to(&effects, caller).unwrap().1["output"].as_str().unwrap().len(), 100_000, "the same key: the same answer");
+    let (caller, _, effects) = read(&mut edge, "GET", &format!("/jobs/{job_id}/events"), Value::Null);
+    let (chunks, ended) = streamed(&effects, caller);
+    assert!(ended && chunks[0].starts_with("event: result"), "{chunks:?}");
+    // The header still tells a different task under the same key.
+    let other = call(&mut edge, 4, "POST", "/execute", json!({"prompt": "another", "idempotency_key": "k"}));
+    assert_eq!(answer_to(&other.effects, other.caller).unwrap().0, 409);
+    // A record the host could not read is a clear 500.
+    let effects = Edge::deliver(caller, crate::record::Form::View, Err("disk I/O error".into()), 5.into());
+    let (status, body) = answer_to(&effects, caller).unwrap();
+    assert_eq!(status, 500);
+    assert!(body["error"].as_str().unwrap().contains("retry"), "{body}");
+}
+
+#[test]
+fn ended_jobs_are_kept_within_a_count_and_a_size() {
+    let by = |jobs: usize, bytes: u64| Config { max_retained_jobs: jobs, max_retained_bytes: bytes, ..config() };
+    let run = |cfg: Config, output: usize| {
+        let mut edge = Edge::new(cfg, 0);
+        let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+        let mut forgotten = Vec::new();
+        for i in 0..3u64 {
+            edge.submit(i * 10, format!("j{i}"), submission("x", 60_000, None), Mode::Detached).unwrap();
+            say(&mut edge, i * 10, &sid, credit(1, i));
+            let result = JobResult { output: "o".repeat(output), ..ok_result() };
+            for e in say(&mut edge, i * 10 + 1, &sid, AgentMessage::Result { job_id: format!("j{i}"), result }) {
+                if let Effect::Forget { job_id } = e {
+                    forgotten.push(job_id);
+                }
+            }
+        }
+        (edge, forgotten)
+    };
+    let (edge, forgotten) = run(by(2, 1 << 30), 10);
+    assert_eq!(forgotten, vec!["j0".to_string()], "over the count, the oldest goes");
+    assert!(edge.job("j0").is_none() && edge.job("j2").is_some());
+    // Each record is about 2.5 kB: two fit in 6 kB, three do not.
+    let (_, forgotten) = run(by(100, 6_000), 2_000);
+    assert_eq!(forgotten, vec!["j0".to_string()], "over the size, the oldest goes");
 }
