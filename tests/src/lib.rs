@@ -4,7 +4,7 @@
 //!
 //! The binaries are found next to the test executable (`target/<profile>/`); the test
 //! command (`tests/run`) builds them first. [`proxy`] sits between agents and an edge to
-//! break their links on command.
+//! break their links on command; [`chaos`] is the soak that does so at random.
 
 use ed25519_dalek::SigningKey;
 use serde_json::Value;
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::json;
 
+pub mod chaos;
 pub mod proxy;
 
 pub const SECRET: &str = "test-runner-secret-0123456789";
@@ -208,6 +209,18 @@ impl EdgeServer {
         }
     }
 
+    /// SIGKILL to the process and its group (a crash); the storage stays.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling the group of a child we own.
+            unsafe {
+                libc::kill(-(child.id() as i32), libc::SIGKILL);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Same port, same storage, new process.
     pub fn restart(&mut self) {
         self.stop();
@@ -363,6 +376,15 @@ impl AgentProc {
         self.spawn();
     }
 
+    /// Starts the agent again if it is not running (it was killed, or exited).
+    pub fn ensure_running(&mut self) {
+        let running = self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+        if !running {
+            self.child = None;
+            self.spawn();
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
@@ -423,6 +445,12 @@ impl Client {
     }
 
     pub async fn send(&self, method: &str, path: &str, secret: Option<&str>, body: Option<Vec<u8>>) -> Answer {
+        self.try_send(method, path, secret, body).await.expect("the edge answers")
+    }
+
+    /// Like [`Client::send`], but a connection that fails (the edge was killed) is an
+    /// `Err`, not a panic.
+    pub async fn try_send(&self, method: &str, path: &str, secret: Option<&str>, body: Option<Vec<u8>>) -> Result<Answer, String> {
         let mut req = self.http.request(method.parse().unwrap(), format!("{}{path}", self.base));
         if let Some(s) = secret {
             req = req.header("X-Runner-Secret", s);
@@ -430,10 +458,10 @@ impl Client {
         if let Some(b) = body {
             req = req.header("content-type", "application/json").body(b);
         }
-        let resp = req.send().await.expect("the edge answers");
+        let resp = req.send().await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        Answer { status, body: serde_json::from_str(&text).unwrap_or(Value::Null), text }
+        let text = resp.text().await.map_err(|e| e.to_string())?;
+        Ok(Answer { status, body: serde_json::from_str(&text).unwrap_or(Value::Null), text })
     }
 
     pub async fn execute(&self, body: Value) -> Answer {
