@@ -125,10 +125,17 @@ pub struct EdgeServer {
     pub env: HashMap<String, String>,
     pub data: TempDir,
     child: Option<Child>,
+    /// A command the native edge is started under, before its own path.
+    pub wrapper: Vec<String>,
 }
 
 impl EdgeServer {
     pub fn start(kind: EdgeKind, keys: &Keys, settings: &[(&str, &str)]) -> EdgeServer {
+        Self::start_wrapped(kind, keys, settings, Vec::new())
+    }
+
+    /// Like [`EdgeServer::start`], the native edge started under `wrapper` (e.g. `unshare`).
+    pub fn start_wrapped(kind: EdgeKind, keys: &Keys, settings: &[(&str, &str)], wrapper: Vec<String>) -> EdgeServer {
         let mut env: HashMap<String, String> = HashMap::new();
         env.insert("RUNNER_SECRET".into(), SECRET.into());
         env.insert("EDGE_SIGNING_KEY".into(), encode_signing(&keys.edge));
@@ -138,7 +145,7 @@ impl EdgeServer {
         for (k, v) in settings {
             env.insert(k.to_string(), v.to_string());
         }
-        let mut edge = EdgeServer { kind, port: 0, keys: keys.clone(), env, data: TempDir::new("edge"), child: None };
+        let mut edge = EdgeServer { kind, port: 0, keys: keys.clone(), env, data: TempDir::new("edge"), child: None, wrapper };
         edge.spawn();
         edge
     }
@@ -151,7 +158,14 @@ impl EdgeServer {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
         let mut cmd = match self.kind {
             EdgeKind::Native => {
-                let mut c = Command::new(bin("claude-runner-edge"));
+                let mut c = match self.wrapper.split_first() {
+                    Some((program, args)) => {
+                        let mut c = Command::new(program);
+                        c.args(args).arg(bin("claude-runner-edge"));
+                        c
+                    }
+                    None => Command::new(bin("claude-runner-edge")),
+                };
                 c.env("LISTEN", format!("127.0.0.1:{}", self.port))
                     .env("DATA_DIR", self.data.path().join("db"))
                     .env("LOG_FORMAT", "json");
@@ -276,6 +290,7 @@ pub struct AgentProc {
     pub data: TempDir,
     child: Option<Child>,
     args: Vec<(String, String)>,
+    wrapper: Vec<String>,
 }
 
 pub struct AgentOpts<'a> {
@@ -285,6 +300,8 @@ pub struct AgentOpts<'a> {
     pub edge_ws: String,
     pub claude_bin: PathBuf,
     pub extra_env: Vec<(String, String)>,
+    /// A command the agent is started under (e.g. `unshare …`), before its own argv.
+    pub wrapper: Vec<String>,
 }
 
 impl<'a> AgentOpts<'a> {
@@ -297,6 +314,7 @@ impl<'a> AgentOpts<'a> {
             edge_ws: edge.ws_url(),
             claude_bin: bin("claude-standin"),
             extra_env: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
     pub fn env(mut self, k: &str, v: &str) -> Self {
@@ -321,14 +339,22 @@ impl AgentProc {
             ("STANDIN_LOG".into(), data.path().join("standin.log").display().to_string()),
         ];
         args.extend(opts.extra_env);
-        let mut agent = AgentProc { id: opts.id.into(), data, child: None, args };
+        let mut agent = AgentProc { id: opts.id.into(), data, child: None, args, wrapper: opts.wrapper };
         agent.spawn();
         agent
     }
 
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data.path().join("agent.log")).unwrap();
-        let mut cmd = Command::new(bin("claude-runner"));
+        let agent = bin("claude-runner");
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(agent);
+                c
+            }
+            None => Command::new(agent),
+        };
         cmd.arg("agent")
             .env_remove("ANTHROPIC_API_KEY")
             .envs(self.args.iter().map(|(k, v)| (k.as_str(), v.as_str())))

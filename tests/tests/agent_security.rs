@@ -45,6 +45,7 @@ impl FakeEdge {
             edge_ws: self.url(),
             claude_bin: bin("claude-standin"),
             extra_env: Vec::new(),
+            wrapper: Vec::new(),
         };
         AgentProc::start(opts)
     }

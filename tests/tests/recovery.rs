@@ -102,3 +102,102 @@ async fn a_cancel_during_an_agent_freeze_stops_the_job() {
     assert!(eventually(Duration::from_secs(10), || !alive(claude)).await, "claude {claude} still runs");
     assert!(!agent.standin_log().iter().any(|l| l.get("end").is_some()), "the job ran to its end");
 }
+
+/// A wrapper that starts a process in a private mount namespace where `dir` (a shell
+/// expression, e.g. `$DATA_DIR/spool`) is a tmpfs of `size`: a disk the test can fill or
+/// make read-only without touching the machine's ([`remount`]).
+fn on_own_disk(dir: &str, size: &str) -> Vec<String> {
+    let script = format!("mkdir -p \"{dir}\" && mount -t tmpfs -o size={size},mode=0700 tmpfs \"{dir}\" && exec \"$0\" \"$@\"");
+    ["unshare", "-m", "--propagation", "private", "sh", "-c", &script].iter().map(|s| s.to_string()).collect()
+}
+
+/// Remounts `dir` inside the mount namespace of process `pid` (`ro` or `rw`).
+fn remount(pid: u32, dir: &std::path::Path, how: &str) {
+    let status = std::process::Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-m", "mount", "-o", &format!("remount,{how}")])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "remount {how} of {} failed", dir.display());
+}
+
+/// Issue item 6: a spool that cannot keep a result (its disk full, then read-only) must
+/// not lose it — even when the connection drops before the edge has it. The result is held
+/// in memory, named in the next hello and sent again; the trouble is logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_the_spool_cannot_keep_is_held_and_still_delivered() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let proxy = Proxy::start(edge.port).await;
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    opts.edge_ws = format!("ws://127.0.0.1:{}", proxy.port());
+    opts.wrapper = on_own_disk("$DATA_DIR/spool", "8k");
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let spool = agent.data.path().join("data/spool");
+
+    // Full: the result (it echoes a 20 kB prompt) is larger than the spool's disk.
+    let big = format!("@sleep=1500 {}", "x".repeat(20_000));
+    let read_only = "@sleep=1500 small";
+    for (round, prompt) in [big.as_str(), read_only].into_iter().enumerate() {
+        if round == 1 {
+            remount(agent.pid().unwrap(), &spool, "ro");
+        }
+        let a = client.submit(json!({"prompt": prompt})).await;
+        let job_id = a.body["job_id"].as_str().unwrap().to_string();
+        assert!(eventually(Duration::from_secs(10), || agent.claude_runs().len() > round).await);
+        // The link dies before the result can reach the edge.
+        proxy.blackhole(Direction::Up);
+        let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
+        assert_eq!(job["state"], "succeeded", "round {round}: {job}\n{}", agent.log());
+        assert!(job["result"]["output"].as_str().unwrap().ends_with(prompt.split(' ').next_back().unwrap()));
+    }
+    assert_eq!(agent.claude_runs().len(), 2, "each ran once");
+    let troubles = agent.log().matches("could not write the result to the spool").count();
+    assert!(troubles >= 2, "the trouble is reported: {}", agent.log());
+}
+
+/// Runs `script` with `sh -c` inside the mount namespace of process `pid`.
+fn inside(pid: u32, script: &str) {
+    let status = std::process::Command::new("nsenter").args(["-t", &pid.to_string(), "-m", "sh", "-c", script]).status().unwrap();
+    assert!(status.success(), "{script} failed");
+}
+
+/// A full disk under the native edge's database: new work is refused with a clear 500,
+/// what is stored stays readable, and a result that comes meanwhile is kept by its agent
+/// until the disk has room again — nothing is lost. (A read-only remount is refused by
+/// the kernel while SQLite holds the files open for writing; a locked database is
+/// `native_edge::a_locked_database_refuses_work_and_keeps_results_until_they_are_stored`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_database_refuses_work_clearly_and_loses_nothing() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start_wrapped(EdgeKind::Native, &keys, &[], on_own_disk("$DATA_DIR", "16m"));
+    let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let first = client.execute(json!({"prompt": "before"})).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    // Records large enough that the database must grow to store them.
+    let large = "y".repeat(400_000);
+    let c = client.clone();
+    let during = format!("@sleep=2500 {large}");
+    let slow = tokio::spawn(async move { c.execute(json!({"prompt": during})).await });
+    assert!(eventually(Duration::from_secs(10), || agent.claude_runs().len() == 2).await);
+
+    let db = edge.data.path().join("db");
+    inside(edge.pid().unwrap(), &format!("cat /dev/zero > '{}/filler' 2>/dev/null; true", db.display()));
+    let refused = client.submit(json!({"prompt": format!("refused {large}")})).await;
+    assert_eq!((refused.status, refused.body["error_code"].as_str()), (500, Some("INTERNAL_ERROR")), "{}", refused.text);
+    assert!(refused.body["error"].as_str().unwrap().contains("nothing was done"), "{}", refused.text);
+    let read = client.get(&format!("/jobs/{}", first.body["job_id"].as_str().unwrap())).await;
+    assert_eq!((read.status, read.body["result"]["output"].as_str()), (200, Some("stand-in answer to: before")), "{}", read.text);
+    let failures = |log: &str| log.matches("could not write job records").count();
+    assert!(eventually(Duration::from_secs(20), || failures(&edge.log()) >= 2).await, "the result's write never failed:\n{}", edge.log());
+    assert!(!slow.is_finished(), "answered before its result was stored");
+
+    inside(edge.pid().unwrap(), &format!("rm '{}/filler'", db.display()));
+    let done = tokio::time::timeout(Duration::from_secs(60), slow).await.expect("answered once the disk has room").unwrap();
+    assert_eq!((done.status, done.body["success"].as_bool()), (200, Some(true)), "{}", done.text);
+    assert_eq!(agent.claude_runs().len(), 2, "the refused job never ran");
+}
