@@ -421,33 +421,52 @@ fn cases() -> u32 {
     std::env::var("MODEL_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000)
 }
 
-static STEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// One case: the steps, then everything heals; panics on a broken promise.
+fn run_case(steps: &[Step]) {
+    let mut world = World::new();
+    for s in steps {
+        world.run(s);
+    }
+    world.settle();
+    for id in &world.jobs {
+        // Ended on disk — or, when a restore's writes failed, in memory for now (the
+        // next restore ends it the same way, on disk).
+        let ended = world.ended.contains_key(id) || world.edge.job(id).is_some_and(|j| j.state.is_terminal());
+        assert!(ended, "job {id} never ended");
+    }
+    for (id, n) in &world.starts {
+        assert!(*n <= 1, "job {id} started {n} times");
+    }
+}
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn every_job_ends_once_and_none_runs_twice(steps in proptest::collection::vec(step(), 1..80)) {
-        let mut world = World::new();
-        for s in &steps {
-            world.run(s);
-        }
-        world.settle();
-        STEPS.fetch_add(steps.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        for id in &world.jobs {
-            // Ended on disk — or, when a restore's writes failed, in memory for now (the
-            // next restore ends it the same way, on disk).
-            let ended = world.ended.contains_key(id) || world.edge.job(id).is_some_and(|j| j.state.is_terminal());
-            prop_assert!(ended, "job {} never ended", id);
-        }
-        for (id, n) in &world.starts {
-            prop_assert!(*n <= 1, "job {} started {} times", id, n);
-        }
+        run_case(&steps);
     }
 }
 
+/// The long run of BENCHMARKS.md: random cases until `MODEL_STEPS` steps (a million by
+/// default) have run; a failing case is printed whole (no shrinking).
 #[test]
-#[ignore = "prints the step count of the property test run in the same process; see BENCHMARKS.md"]
-fn model_steps_run() {
-    println!("model steps: {}", STEPS.load(std::sync::atomic::Ordering::Relaxed));
+#[ignore = "the long run: cargo test --release -p claude-runner-edge-core --lib a_million_steps -- --ignored --nocapture"]
+fn a_million_steps() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let target: u64 = std::env::var("MODEL_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let strategy = proptest::collection::vec(step(), 1..80);
+    let mut runner = TestRunner::deterministic();
+    let (mut steps, mut cases, started) = (0u64, 0u64, std::time::Instant::now());
+    while steps < target {
+        let case = strategy.new_tree(&mut runner).expect("cases generate").current();
+        if let Err(panic) = std::panic::catch_unwind(|| run_case(&case)) {
+            eprintln!("failing case after {cases} cases and {steps} steps: {case:?}");
+            std::panic::resume_unwind(panic);
+        }
+        steps += case.len() as u64;
+        cases += 1;
+    }
+    println!("model: {cases} cases, {steps} steps, {:.1} s, every promise held", started.elapsed().as_secs_f64());
 }
