@@ -201,3 +201,34 @@ async fn a_full_disk_under_the_database_refuses_work_clearly_and_loses_nothing()
     assert_eq!((done.status, done.body["success"].as_bool()), (200, Some(true)), "{}", done.text);
     assert_eq!(agent.claude_runs().len(), 2, "the refused job never ran");
 }
+
+/// The Durable Object's alarm when the edge cannot load (here: a setting broke across a
+/// redeploy while an alarm was pending): it fails, so the runtime tries it again, instead
+/// of reporting success and leaving every deadline stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(worker_tests), ignore = "needs the built Worker: run tests/run (it sets CLAUDE_RUNNER_WORKER_TESTS=1)")]
+async fn a_durable_object_alarm_that_cannot_load_is_tried_again() {
+    require_worker_bundle();
+    let keys = Keys::new(&["spark"]);
+    let mut edge = EdgeServer::start(EdgeKind::Worker, &keys, &[("QUEUE_TTL_MS", "4000")]);
+    let client = Client::new(&edge.url());
+    // A queued job: its queue deadline sets the alarm.
+    let a = client.submit(json!({"prompt": "waits for an agent"})).await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    edge.stop();
+    edge.env.insert("RUNNER_SECRET".into(), "too-short".into());
+    edge.restart();
+    let failures = |log: &str| log.matches("alarm: the edge cannot run").count();
+    assert!(
+        eventually(Duration::from_secs(40), || failures(&edge.log()) >= 2).await,
+        "the alarm was not tried again:\n{}",
+        edge.log()
+    );
+    // Fixed: the next try (or any request) runs the deadline.
+    edge.stop();
+    edge.env.insert("RUNNER_SECRET".into(), SECRET.into());
+    edge.restart();
+    let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "timed_out", "{job}");
+}
