@@ -232,3 +232,25 @@ async fn a_durable_object_alarm_that_cannot_load_is_tried_again() {
     let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
     assert_eq!(job["state"], "timed_out", "{job}");
 }
+
+/// A read-only database from the start (a read-only `DATA_DIR`): the native edge does not
+/// start half-working; it exits at once and says what to fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_database_stops_the_native_edge_with_a_clear_error() {
+    let keys = Keys::new(&["spark"]);
+    let data = TempDir::new("ro-edge");
+    let script = "mkdir -p \"$DATA_DIR\" && mount -t tmpfs -o ro tmpfs \"$DATA_DIR\" && exec \"$0\"";
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", script])
+        .arg(bin("claude-runner-edge"))
+        .env("RUNNER_SECRET", SECRET)
+        .env("EDGE_SIGNING_KEY", shared::keys::encode_signing(&keys.edge))
+        .env("AGENT_PUBLIC_KEYS", keys.agent_public_keys())
+        .env("LISTEN", "127.0.0.1:0")
+        .env("DATA_DIR", data.path().join("db"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("DATA_DIR"), "the error names what to fix: {stderr}");
+}
