@@ -43,10 +43,12 @@ fn main() {
     }
     let mut prompt = String::new();
     let _ = std::io::stdin().read_to_string(&mut prompt);
+    // One write per line: several stand-ins append to the same log at once, and a line
+    // written in pieces could interleave with another's.
     let log = |line: serde_json::Value| {
         if let Ok(path) = std::env::var("STANDIN_LOG") {
             if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-                let _ = writeln!(f, "{line}");
+                let _ = f.write_all(format!("{line}\n").as_bytes());
             }
         }
     };
