@@ -106,12 +106,20 @@ fn quiet_stdio() {
 /// Waits for Claude's exit or the agent's word; returns Claude's wait status (None if it
 /// was not seen).
 fn watch(control: RawFd, claude: libc::pid_t) -> Option<libc::c_int> {
+    // A pidfd wakes the poll the moment Claude exits (the agent waits on the warden's own
+    // exit to end the job); without one (kernels before 5.3) the poll's timeout does.
+    // SAFETY: pidfd_open on our own child; the fd is ours.
+    let exited = unsafe { libc::syscall(libc::SYS_pidfd_open, claude, 0) } as RawFd;
     let mut status = None;
     loop {
-        let mut fds = [libc::pollfd { fd: control, events: libc::POLLIN, revents: 0 }];
-        // A short poll: Claude's exit and orphans to reap are checked every round.
-        // SAFETY: one valid pollfd.
-        unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
+        let mut fds = [
+            libc::pollfd { fd: control, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: exited, events: libc::POLLIN, revents: 0 },
+        ];
+        let watched = if exited >= 0 { 2 } else { 1 };
+        // Orphans to reap are checked every round, at least every 100 ms.
+        // SAFETY: `watched` valid pollfds.
+        unsafe { libc::poll(fds.as_mut_ptr(), watched, 100) };
         reap(claude, &mut status);
         if status.is_some() {
             // Claude is done: nothing it started may outlive it.

@@ -160,6 +160,7 @@ impl Edge {
         self.queue.retain(|id| id != job_id);
         self.drop_backlog(job_id);
         self.retained.push_back((now.at, job_id.to_string()));
+        self.retained_bytes += job.approximate_bytes();
         *self.stats_mut().finished.entry(job.state.as_str()).or_default() += 1;
         info!(
             job_id,
@@ -178,10 +179,8 @@ impl Edge {
     /// Forgets the oldest ended jobs while more are kept than `MAX_RETAINED_JOBS` or
     /// their records take more than `MAX_RETAINED_BYTES`.
     pub(super) fn keep_within_caps(&mut self, effects: &mut Vec<Effect>) {
-        let mut bytes: u64 = self.retained.iter().filter_map(|(_, id)| self.jobs.get(id)).map(Job::approximate_bytes).sum();
-        while self.retained.len() > self.cfg.max_retained_jobs || bytes > self.cfg.max_retained_bytes {
+        while self.retained.len() > self.cfg.max_retained_jobs || self.retained_bytes > self.cfg.max_retained_bytes {
             let Some((_, id)) = self.retained.front().cloned() else { break };
-            bytes = bytes.saturating_sub(self.jobs.get(&id).map_or(0, Job::approximate_bytes));
             info!(job_id = %id, kept = self.retained.len(), "an ended job is forgotten early: over MAX_RETAINED_JOBS or MAX_RETAINED_BYTES");
             self.forget_oldest(effects);
         }
@@ -190,6 +189,8 @@ impl Edge {
     /// Forgets the ended job whose retention ends first.
     pub(super) fn forget_oldest(&mut self, effects: &mut Vec<Effect>) {
         if let Some((_, id)) = self.retained.pop_front() {
+            let bytes = self.jobs.get(&id).map_or(0, Job::approximate_bytes);
+            self.retained_bytes = self.retained_bytes.saturating_sub(bytes);
             self.forget_job(&id);
             effects.push(Effect::Forget { job_id: id });
         }

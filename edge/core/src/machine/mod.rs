@@ -91,6 +91,8 @@ pub struct Edge {
     active: BTreeSet<String>,
     /// Finished job ids in the order their retention ends.
     retained: VecDeque<(Millis, String)>,
+    /// The whole records of the retained jobs take about this many bytes.
+    retained_bytes: u64,
     /// Jobs that ended in the current event: from the next one on, memory keeps only
     /// their headers.
     to_stow: Vec<String>,
@@ -121,6 +123,7 @@ impl Edge {
             queue: VecDeque::new(),
             active: BTreeSet::new(),
             retained: VecDeque::new(),
+            retained_bytes: 0,
             to_stow: Vec::new(),
             sessions: BTreeMap::new(),
             idempotency: HashMap::new(),
@@ -235,6 +238,7 @@ impl Edge {
                 let entry = (job.finished_at.unwrap_or(0), job.id.clone());
                 let at = self.retained.partition_point(|e| *e < entry);
                 self.retained.insert(at, entry);
+                self.retained_bytes += job.approximate_bytes();
             }
         }
         if let Some(key) = &job.idempotency_key {
@@ -246,7 +250,11 @@ impl Edge {
     fn unindex(&mut self, job: &Job) {
         self.queue.retain(|id| *id != job.id);
         self.active.remove(&job.id);
+        let kept = self.retained.len();
         self.retained.retain(|(_, id)| *id != job.id);
+        if self.retained.len() < kept {
+            self.retained_bytes = self.retained_bytes.saturating_sub(job.approximate_bytes());
+        }
         if let Some(key) = &job.idempotency_key {
             if self.idempotency.get(key) == Some(&job.id) {
                 self.idempotency.remove(key);
