@@ -9,7 +9,7 @@
 //! - [`workspace`]: a job's fresh folder, its working directory, a carried-over session.
 //! - [`process`]: Claude's process: start, read, stop (TERM, then KILL).
 //! - [`warden`]: the small process between the agent and Claude that kills Claude's whole
-//!   tree with its job, even when the agent is killed (`claude-runner __warden`).
+//!   tree with its job, even when the agent is killed.
 //! - [`claude`]: Claude Code's command line and its stream-json, as pure functions.
 //! - [`cli_version`]: which Claude Code CLI runs here, reported in `/health`.
 //! - [`oauth`]: the login on this machine and the refresh gate.
@@ -121,11 +121,6 @@ pub fn home() -> PathBuf {
 }
 
 fn main() {
-    // The warden runs before anything else is set up: no logging, no runtime, no threads.
-    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if args.get(1).is_some_and(|a| a == warden::SUBCOMMAND) {
-        warden::main(&args[2..]);
-    }
     config::forget_empty_settings(&<Cli as clap::CommandFactory>::command());
     let cli = Cli::parse();
     runtime::init_logging(&cli.log_format);

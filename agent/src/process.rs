@@ -134,31 +134,22 @@ pub async fn run(
     };
     let spawned = Control::pipe().and_then(|(control, read)| {
         use std::os::fd::AsRawFd;
-        let warden = std::env::current_exe()?;
         let read_fd = read.as_raw_fd();
-        let mut cmd = Command::new(warden);
-        cmd.arg(crate::warden::SUBCOMMAND)
-            .arg("--control-fd")
-            .arg(read_fd.to_string())
-            .arg("--")
-            .arg(&program)
-            .args(&launch.args)
+        let mut cmd = Command::new(&program);
+        cmd.args(&launch.args)
             .current_dir(launch.cwd)
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        // The warden passes its environment on to Claude.
         for name in WITHHELD_FROM_CLAUDE {
             cmd.env_remove(name);
         }
-        // SAFETY: between fork and exec only fcntl: the warden keeps the pipe's read end.
+        // SAFETY: `split` makes only async-signal-safe calls; the child it returns in
+        // execs Claude, the one it leaves behind is the warden.
         unsafe {
-            cmd.pre_exec(move || {
-                libc::fcntl(read_fd, libc::F_SETFD, 0);
-                Ok(())
-            });
+            cmd.pre_exec(move || crate::warden::split(read_fd));
         }
         let child = cmd.spawn()?;
         drop(read);
