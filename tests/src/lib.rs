@@ -3,8 +3,13 @@
 //! `claude` (`src/bin/claude-standin.rs`), and talks to them over HTTP.
 //!
 //! The binaries are found next to the test executable (`target/<profile>/`); the test
-//! command (`tests/run`) builds them first. [`proxy`] sits between agents and an edge to
-//! break their links on command; [`chaos`] is the soak that does so at random.
+//! command (`tests/run`) builds them first.
+//!
+//! - [`git_server`]: a git server over https on 127.0.0.1 (`git http-backend` behind a
+//!   self-signed certificate), optionally demanding a token, for the repository tests.
+//!
+//! [`proxy`] sits between agents and an edge to break their links on command; [`chaos`] is
+//! the soak that does so at random.
 
 use ed25519_dalek::SigningKey;
 use serde_json::Value;
@@ -17,6 +22,7 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::json;
 
+pub mod git_server;
 pub mod chaos;
 pub mod proxy;
 
