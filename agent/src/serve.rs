@@ -1,12 +1,13 @@
 //! The agent's life: start the connection, run the jobs it receives, and on a stop
 //! request drain (see [`crate::drain`]): close the door to new jobs, let the running ones
-//! finish within `DRAIN_TIMEOUT_MS` (or stop them at once on a second request), wait for
+//! finish within `DRAIN_TIMEOUT_MS` (or stop them at once on a second SIGTERM), wait for
 //! their results to reach the edge (or stay spooled) and close the connection. Job tasks
 //! live in a `JoinSet` owned here, so a stop waits for exactly the jobs there are.
 
 use crate::agent::Agent;
 use crate::config::AgentConfig;
 use crate::connection;
+use crate::drain::{self, Request};
 use crate::process::KILL_GRACE;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -18,7 +19,7 @@ use tracing::{info, warn};
 const DELIVERY_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the agent until a stop request arrives on `stops`, then drains and returns.
-pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<()>) -> anyhow::Result<()> {
+pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<Request>) -> anyhow::Result<()> {
     info!(agent_id = %cfg.agent_id, edge = %cfg.connect_url, capacity = cfg.max_concurrent_jobs, claude = %cfg.claude_bin, "agent starting");
     let (agent, queues) = Agent::new(cfg)?;
     // Known before the first hello; then noticed within a minute of an upgrade.
@@ -61,7 +62,7 @@ pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<()>) -> 
             warn!(agent_id = %agent.cfg.agent_id, left = jobs.len(), "drain timeout: handing the running jobs back");
             false
         }
-        _ = stops.recv() => {
+        _ = drain::stop_now(&mut stops) => {
             warn!(agent_id = %agent.cfg.agent_id, left = jobs.len(), "stopped again: handing the running jobs back now");
             false
         }
@@ -78,7 +79,7 @@ pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<()>) -> 
     // The results are on disk and on their way; give the edge a moment to take them.
     let delivered = tokio::select! {
         delivered = delivery(&agent) => delivered,
-        _ = stops.recv() => false,
+        _ = drain::stop_now(&mut stops) => false,
     };
     if !delivered {
         let kept = agent.spool.all().len();

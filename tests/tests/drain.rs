@@ -127,3 +127,37 @@ async fn agent_drain_asks_the_running_agent_and_waits_for_it() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("not running"));
 }
+
+/// `agent --drain` only ever drains: run while a SIGTERM's drain is under way (someone
+/// watching a `systemctl stop`), and followed by the service manager's own SIGTERM, it
+/// never becomes the second SIGTERM that hands the running job back. (It was a SIGTERM:
+/// the job ended `lost`, its caller told to fall back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_drain_never_hands_back_what_a_drain_lets_finish() {
+    let mut s = setup(&[]).await;
+    let job = running_job(&s, "@sleep=4000 let me finish").await;
+    let data_dir = s.agent.data.path().join("data");
+    let drain = |data_dir: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || Command::new(bin("claude-runner")).args(["agent", "--drain"]).env("DATA_DIR", &data_dir).output().unwrap())
+    };
+
+    // A drain asked for from another shell, then the service manager's stop.
+    let first = drain(data_dir.clone());
+    wait_for_log(&s.agent, "agent draining").await;
+    s.agent.signal(libc::SIGTERM);
+    // And once more from another shell while it drains.
+    let second = drain(data_dir.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.client.get(&format!("/jobs/{job}")).await.body["state"], "running", "{}", s.agent.log());
+
+    let status = s.agent.wait_exit(Duration::from_secs(20)).await.expect("the drained agent exits by itself");
+    assert!(status.success(), "exit status {status}:\n{}", s.agent.log());
+    let done = s.client.wait_job(&job, Duration::from_secs(5)).await;
+    assert_eq!(done["state"], "succeeded", "{done}\n{}", s.agent.log());
+    assert_eq!(done["result"]["output"], "stand-in answer to: @sleep=4000 let me finish");
+    assert!(!s.agent.log().contains("stopped again"), "{}", s.agent.log());
+    for out in [first.await.unwrap(), second.await.unwrap()] {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success() && text.contains("has stopped"), "{text}");
+    }
+}
