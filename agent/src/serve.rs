@@ -108,14 +108,16 @@ async fn join_all(agent: &Agent, jobs: &mut JoinSet<()>) {
 }
 
 /// Waits until the edge has acknowledged every spooled result. False when it did not
-/// within [`DELIVERY_GRACE`], or there is no connection to deliver them on.
+/// within [`DELIVERY_GRACE`]. A connection that is down meanwhile (the edge restarting,
+/// a dropped link) is waited for too: the connection task keeps dialing, and sends every
+/// spooled result after its hello.
 async fn delivery(agent: &Agent) -> bool {
     let deadline = tokio::time::Instant::now() + DELIVERY_GRACE;
     loop {
         if agent.spool.all().is_empty() {
             return true;
         }
-        if !agent.status.is_connected() || tokio::time::Instant::now() >= deadline {
+        if tokio::time::Instant::now() >= deadline {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
