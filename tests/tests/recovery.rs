@@ -79,6 +79,30 @@ async fn after_an_edge_outage_across_a_job_end_the_agent_takes_work_again() {
     assert_eq!(next.body["success"], true, "the agent was left without credit: {}", next.text);
 }
 
+/// A clean stop of the edge (SIGTERM) longer than `LOST_AFTER_MS` while a job runs: the
+/// agent could not come back to an edge that was away, so at the restart the job waits for
+/// it again instead of being lost at once (it was, by the first tick after the restart:
+/// its caller was told to run it elsewhere, and the agent's run was stopped). The agent
+/// does not hear the edge go (its link is black-holed from the edge's side), so it comes
+/// back only when the test resets the link, just after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_running_across_an_edge_stop_longer_than_lost_after_ms_is_not_lost() {
+    let (mut edge, agent, client, proxy) = setup(&[("LOST_AFTER_MS", "2000"), ("HEARTBEAT_INTERVAL_MS", "10000")], true).await;
+    let proxy = proxy.unwrap();
+    let a = client.submit(json!({"prompt": "@sleep=6000 across a long stop"})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
+    assert!(eventually(Duration::from_secs(5), || edge.log().contains("job running")).await, "{}", edge.log());
+    proxy.blackhole(Direction::Down);
+    edge.stop();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    edge.restart();
+    proxy.reset();
+    let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", edge.log());
+    assert_eq!(agent.claude_runs().len(), 1);
+}
+
 /// Issue item 3: the agent is frozen (SIGSTOP) during a long job and the caller cancels it
 /// meanwhile. The job must end cancelled, with Claude stopped — not run on, not end lost
 /// while the agent still runs it.
