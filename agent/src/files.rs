@@ -33,24 +33,6 @@ pub fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> std::io::Re
     written
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A write that fails part way (a full disk, here a rename that cannot happen) leaves
-    /// nothing behind: a half-written temporary file on a full disk would hold the very
-    /// space the agent lacks, and nothing else ever removes it.
-    #[test]
-    fn a_failed_write_leaves_no_temporary_file() {
-        let dir = std::env::temp_dir().join(format!("cr-files-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("result.json/in-the-way")).unwrap();
-        assert!(write_atomically(&dir.join("result.json"), b"{}", true).is_err());
-        assert!(!dir.join("result.tmp").exists(), "the temporary file was left behind");
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-}
-
 /// Creates `dir` (and missing parents) owner-only, and makes an existing one owner-only
 /// (an older version, or another umask, may have left it open).
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
@@ -87,5 +69,18 @@ mod tests {
         write_atomically(&root.join("f.json"), b"new", false).unwrap();
         assert_eq!(std::fs::metadata(root.join("f.json")).unwrap().permissions().mode() & 0o777, 0o600);
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A write that fails part way (a full disk, here a rename that cannot happen) leaves
+    /// nothing behind: a half-written temporary file on a full disk would hold the very
+    /// space the agent lacks, and nothing else ever removes it.
+    #[test]
+    fn a_failed_write_leaves_no_temporary_file() {
+        let dir = std::env::temp_dir().join(format!("cr-files-failed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("result.json/in-the-way")).unwrap();
+        assert!(write_atomically(&dir.join("result.json"), b"{}", true).is_err());
+        assert!(!dir.join("result.tmp").exists(), "the temporary file was left behind");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
