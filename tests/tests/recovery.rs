@@ -278,3 +278,32 @@ async fn a_read_only_database_stops_the_native_edge_with_a_clear_error() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("DATA_DIR"), "the error names what to fix: {stderr}");
 }
+
+/// A restart of the native edge reads its stored jobs one at a time and keeps only the
+/// header of each ended one: the whole records of every retained job (up to
+/// `MAX_RETAINED_BYTES`, 1 GiB by default) never sit in its memory at once. (They did, at
+/// every start: a busy edge restarting after a crash needed as much memory as all the
+/// results it retained, and could be killed for it, again at each try.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_does_not_read_every_retained_record_into_memory() {
+    let keys = Keys::new(&["spark"]);
+    let mut edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_BODY_BYTES", "4194304")]);
+    let client = Client::new(&edge.url());
+    // 25 ended jobs of 4 MiB each: queued (no agent is needed) and cancelled.
+    let prompt = "z".repeat(4 * 1024 * 1024 - 1024);
+    let mut ids = Vec::new();
+    for _ in 0..25 {
+        let a = client.submit(json!({"prompt": prompt})).await;
+        assert_eq!(a.status, 202, "{}", a.text);
+        let id = a.body["job_id"].as_str().unwrap().to_string();
+        assert_eq!(client.send("DELETE", &format!("/jobs/{id}"), Some(SECRET), None).await.status, 202);
+        ids.push(id);
+    }
+    edge.restart();
+    assert_eq!(client.health().await.status, 503, "up, without an agent");
+    let peak_mib = proc_status_kib(edge.pid().unwrap(), "VmHWM").unwrap() / 1024;
+    assert!(peak_mib < 60, "the restart held {peak_mib} MiB at its peak for 100 MiB of retained records");
+    // Each is still read whole when asked for.
+    let first = client.get(&format!("/jobs/{}", ids[0])).await;
+    assert_eq!((first.status, first.body["state"].as_str()), (200, Some("cancelled")), "{}", first.text);
+}
