@@ -34,8 +34,11 @@ impl Store {
         Ok(Store { conn })
     }
 
-    /// Every stored job. A record that no longer parses is skipped with a warning rather
-    /// than stopping the edge from starting.
+    /// Every stored job, an ended one as its header: the whole records of every retained
+    /// job (up to `MAX_RETAINED_BYTES`) must not sit in memory at once — each is read,
+    /// shrunk and dropped before the next, and read whole again only when asked for
+    /// ([`Store::load_one`]). A record that no longer parses is skipped with a warning
+    /// rather than stopping the edge from starting.
     pub fn load(&self) -> anyhow::Result<Vec<Job>> {
         let mut stmt = self.conn.prepare("SELECT id, record FROM jobs")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
@@ -43,6 +46,7 @@ impl Store {
         for row in rows {
             let (id, record) = row?;
             match serde_json::from_str::<Job>(&record) {
+                Ok(job) if job.state.is_terminal() => jobs.push(job.header()),
                 Ok(job) => jobs.push(job),
                 Err(e) => tracing::warn!(job_id = %id, error = %e, "skipping unreadable job record"),
             }

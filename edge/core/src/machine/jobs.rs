@@ -152,6 +152,13 @@ impl Edge {
     /// A job that already ended is left as it is.
     pub(super) fn finish(&mut self, now: Now, job_id: &str, result: JobResult, effects: &mut Vec<Effect>) {
         let Some(job) = self.job_mut(job_id) else { return };
+        // Lost by its agent after its caller cancelled it: it ends cancelled, whoever
+        // found it lost (see `record::lost`) — `lost` would tell a waiter to run it
+        // elsewhere, against the cancel.
+        let result = match result.error_code {
+            Some(ErrorCode::RunnerLost) if job.cancel_requested => crate::record::lost(job, now.at),
+            _ => result,
+        };
         if !job.finish(result, now.at) {
             return;
         }

@@ -138,6 +138,39 @@ fn a_cancel_asked_while_the_agent_is_away_waits_for_it() {
     assert_eq!(edge.job("j1").unwrap().state, JobState::Cancelled);
 }
 
+/// A job its caller cancelled that its agent lost — the agent died running it and says so
+/// when it is back (its started marker), or comes back without it — ends cancelled, as when
+/// the agent never comes back: the caller wanted it stopped, and `lost` (with `fallback`)
+/// would tell an `/execute` waiter to run it elsewhere.
+#[test]
+fn a_cancelled_job_its_agent_lost_ends_cancelled_not_lost() {
+    let (mut edge, sid) = ready_edge();
+    let waiter = call(&mut edge, 0, "POST", "/execute", json!({"prompt": "a", "timeout_ms": 60000}));
+    let j1 = order_of(&waiter.effects, &sid, "spark", 0).header.job_id;
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: j1.clone() });
+    edge.disconnect(2, &sid);
+    edge.cancel(3, &j1).unwrap();
+    // The agent died running it: back, it holds the "lost" result its marker left.
+    let (sid2, _) = rejoin(&mut edge, 4, &[], &[&j1], 2);
+    let marker = JobResult::failure(shared::contract::ErrorCode::RunnerLost, "the agent stopped while this job ran", 0);
+    let effects = say(&mut edge, 5, &sid2, AgentMessage::Result { job_id: j1.clone(), result: marker });
+    let (status, answer) = answer_to(&effects, waiter.caller).expect("its waiter is answered");
+    assert_eq!((status, answer["error_code"].as_str()), (200, Some("CANCELLED")), "{answer}");
+    assert!(answer.get("fallback").is_none(), "{answer}");
+
+    // Another job: the agent comes back without it at all.
+    say(&mut edge, 6, &sid2, credit(1, 0));
+    edge.submit(7, "j2".into(), submission("b", 60_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 8, &sid2, AgentMessage::Accepted { job_id: "j2".into() });
+    edge.disconnect(9, &sid2);
+    edge.cancel(10, "j2").unwrap();
+    let (_, effects) = rejoin(&mut edge, 11, &[], &[], 3);
+    let done = finished(&effects);
+    assert_eq!(done.len(), 1, "{effects:?}");
+    assert_eq!(done[0].2["error_code"], "CANCELLED", "{:?}", done[0]);
+    assert_eq!(edge.job("j2").unwrap().state, JobState::Cancelled);
+}
+
 #[test]
 fn heartbeats_settle_disagreements_at_once() {
     let mut edge = Edge::new(config(), 0);
