@@ -79,6 +79,9 @@ impl Agent {
         let repos = crate::repo::Repos::open(&cfg.data_dir, cfg.repos.clone()).map_err(|e| {
             anyhow::anyhow!("cannot keep repository mirrors in {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.join("repos").display())
         })?;
+        // Like the spool's markers, the mirrors are this agent's alone: what a killed
+        // predecessor left in them goes before the first job.
+        repos.recover();
         let (uplink, uplink_rx) = mpsc::unbounded_channel();
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
         let status = StatusFile::new(cfg.data_dir.join("status.json"), &cfg.agent_id, &cfg.connect_url);

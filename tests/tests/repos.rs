@@ -464,3 +464,27 @@ async fn redirects_are_not_followed_and_tokens_stay_with_their_host() {
     assert!(elsewhere.requests().is_empty(), "nothing went to the other server: {:?}", elsewhere.requests());
     assert!(s.agent.claude_runs().is_empty());
 }
+
+/// The mirror of `s`'s only repository so far.
+fn only_mirror(s: &Setup) -> std::path::PathBuf {
+    let repos = s.agent.data.path().join("data/repos");
+    let mut mirrors: Vec<_> = std::fs::read_dir(repos).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_dir() && !p.file_name().unwrap().to_string_lossy().starts_with('.')).collect();
+    assert_eq!(mirrors.len(), 1, "{mirrors:?}");
+    mirrors.pop().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_left_by_an_agent_killed_mid_fetch_does_not_block_the_repository() {
+    let mut s = setup(None, &[]).await;
+    demo(&s.git);
+    let url = s.git.url("demo");
+    ok(&s.run(json!({"prompt": "x", "repo_url": url})).await);
+    // SIGKILL while libgit2 rewrote a ref: its lock file stays (the moment is too short to
+    // hit by chance, so the test leaves the lock where libgit2 would have).
+    s.agent.kill();
+    std::fs::write(only_mirror(&s).join("refs/heads/main.lock"), "").unwrap();
+    s.agent.ensure_running();
+    s.client.wait_online().await;
+    ok(&s.run(json!({"prompt": "x", "repo_url": url})).await);
+    assert!(s.agent.log().contains("removing a file a killed fetch left in a mirror"), "{}", s.agent.log());
+}

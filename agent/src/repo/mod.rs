@@ -64,6 +64,12 @@ impl Repos {
         Ok(Repos { settings, cache })
     }
 
+    /// Clears what an agent killed mid-fetch left in the mirrors (see
+    /// [`MirrorCache::recover`]). Only the agent calls it, once, before its first job.
+    pub fn recover(&self) {
+        self.cache.recover();
+    }
+
     /// The repositories whose mirror this agent holds (names as `shared::repo::RepoUrl::name`).
     pub fn mirror_names(&self) -> Vec<String> {
         self.cache.mirror_names()

@@ -293,3 +293,30 @@ async fn claudes_own_commits_are_in_the_diff_and_under_the_pushed_commit() {
     assert_eq!(git(&bare, &["rev-parse", "claude/own^"]), claudes, "Claude's commit is kept under the new one");
     assert_eq!(git(&bare, &["show", "claude/own:loose.txt"]), "not committed");
 }
+
+#[tokio::test]
+async fn an_agent_killed_mid_fetch_leaves_nothing_that_blocks_the_next_one() {
+    let tmp = TempDir::new("killed");
+    let (bare, _, _) = server(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let dir = cache.acquire(source(&bare), false).await.unwrap().dir.clone();
+    drop(cache);
+    // What a SIGKILL can leave: libgit2's lock files (a ref, HEAD, the packed refs) and the
+    // pack it was receiving; and a mirror whose first fetch never finished.
+    for lock in ["refs/heads/main.lock", "HEAD.lock", "packed-refs.lock", "config.lock"] {
+        std::fs::write(dir.join(lock), "").unwrap();
+    }
+    std::fs::write(dir.join("objects/pack/pack_git2_a1b2c3"), vec![0u8; 4096]).unwrap();
+    let half = tmp.path().join("repos/half.git");
+    git(tmp.path(), &["init", "-q", "--bare", half.to_str().unwrap()]);
+    std::fs::write(half.join(super::layout::NAME_FILE), "local/half").unwrap();
+
+    // The agent starts again.
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    cache.recover();
+    let lease = cache.acquire(source(&bare), false).await.expect("the mirror fetches again");
+    assert_eq!(lease.dir, dir);
+    assert!(!dir.join("objects/pack/pack_git2_a1b2c3").exists(), "the cut-short pack is gone");
+    assert!(!half.exists(), "a mirror without a commit is not kept");
+    assert_eq!(cache.mirror_names(), [source(&bare).name]);
+}
