@@ -488,3 +488,19 @@ async fn a_lock_left_by_an_agent_killed_mid_fetch_does_not_block_the_repository(
     ok(&s.run(json!({"prompt": "x", "repo_url": url})).await);
     assert!(s.agent.log().contains("removing a file a killed fetch left in a mirror"), "{}", s.agent.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_left_by_an_agent_killed_mid_job_is_removed_when_it_starts_again() {
+    let mut s = setup(None, &[]).await;
+    demo(&s.git);
+    let job = s.client.submit(json!({"prompt": "@sleep=60000", "repo_url": s.git.url("demo")})).await;
+    let job_id = job.body["job_id"].as_str().unwrap().to_string();
+    let workspace = s.agent.data.path().join("data/workspaces").join(&job_id);
+    assert!(eventually(Duration::from_secs(10), || !s.agent.claude_runs().is_empty()).await);
+    assert!(workspace.join("README.md").exists());
+    s.agent.kill();
+    s.agent.ensure_running();
+    s.client.wait_online().await;
+    assert_eq!(s.client.wait_job(&job_id, Duration::from_secs(30)).await["state"], "lost");
+    assert!(!workspace.exists(), "the lost job's checkout is gone");
+}
