@@ -2,7 +2,7 @@
 //! (a self-signed certificate made on the spot; its PEM is what the agent's
 //! `SSL_CERT_FILE` points at) in front of the real `git http-backend` (CGI). It can demand
 //! a token (HTTP Basic, any user name), stall (accept and never answer), slow every request
-//! down, and it logs every request with its start and end, so a test can see what the
+//! down (or only the answers to pushes), and it logs every request with its start and end, so a test can see what the
 //! agent sent and when.
 //!
 //! Repositories live in `<root>/repos/<name>.git`; [`GitServer::seed`] makes one with the
@@ -54,6 +54,8 @@ struct State {
     /// Requests whose path contains this are accepted and never answered.
     stall: Mutex<Option<String>>,
     delay_ms: AtomicU64,
+    /// Pushes are carried out at once, and answered this much later.
+    push_answer_delay_ms: AtomicU64,
     /// Every request is answered with a redirect to this base URL.
     redirect: Mutex<Option<String>>,
 }
@@ -97,6 +99,7 @@ impl GitServer {
             log: Mutex::new(Vec::new()),
             stall: Mutex::new(None),
             delay_ms: AtomicU64::new(0),
+            push_answer_delay_ms: AtomicU64::new(0),
             redirect: Mutex::new(None),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -159,6 +162,12 @@ impl GitServer {
     /// Every request waits this long before it is served.
     pub fn delay(&self, d: Duration) {
         self.state.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// From now on, a push updates the server's branches at once and is answered `d` later
+    /// (a slow server that already took it).
+    pub fn delay_push_answers(&self, d: Duration) {
+        self.state.push_answer_delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// From now on, every request is redirected (302) to the same path on `base`.
@@ -286,7 +295,12 @@ async fn handle(state: Arc<State>, req: HttpRequest<hyper::body::Incoming>) -> R
     } else if !authorized {
         respond(401, &[("www-authenticate", "Basic realm=\"git\"")], b"token required\n".to_vec())
     } else {
-        cgi(&state.root, &method, &path, &query, content_type, encoding, protocol, body).await
+        let answer = cgi(&state.root, &method, &path, &query, content_type, encoding, protocol, body).await;
+        let push_delay = state.push_answer_delay_ms.load(Ordering::SeqCst);
+        if method == "POST" && path.ends_with("/git-receive-pack") && push_delay > 0 {
+            tokio::time::sleep(Duration::from_millis(push_delay)).await;
+        }
+        answer
     };
     state.log.lock().unwrap().push(Logged {
         method,

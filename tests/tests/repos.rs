@@ -504,3 +504,19 @@ async fn a_checkout_left_by_an_agent_killed_mid_job_is_removed_when_it_starts_ag
     assert_eq!(s.client.wait_job(&job_id, Duration::from_secs(30)).await["state"], "lost");
     assert!(!workspace.exists(), "the lost job's checkout is gone");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_that_outlasts_the_job_is_reported_as_it_ended_on_the_server() {
+    let s = setup(None, &[]).await;
+    let (seed, _, _) = demo(&s.git);
+    // The server takes the push at once and answers after the job's timeout plus the
+    // agent's grace for handing changes back (20 s).
+    s.git.delay_push_answers(Duration::from_secs(23));
+    let b = s.run(json!({"prompt": "@write=late.txt", "repo_url": s.git.url("demo"), "push_branch": "claude/late", "timeout_ms": 1000})).await;
+    let on_server = std::process::Command::new("git").args(["rev-parse", "--verify", "-q", "refs/heads/claude/late"]).current_dir(&seed.bare).output().unwrap();
+    let on_server = String::from_utf8_lossy(&on_server.stdout).trim().to_string();
+    assert!(!on_server.is_empty(), "the server took the push");
+    // The answer says what happened: the branch moved, so it is not "nothing pushed".
+    assert_eq!(b["pushed_commit"], on_server.as_str(), "{b:#}");
+    ok(&b);
+}

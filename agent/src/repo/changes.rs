@@ -12,7 +12,7 @@ use git2::{Diff, DiffFindOptions, DiffFormat, DiffOptions, ErrorCode, IndexAddOp
 use shared::job::{ChangeKind, FileChange};
 use std::cell::{Cell, RefCell};
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The job's changes, staged.
 pub struct Staged {
@@ -35,13 +35,15 @@ pub struct Patch {
 }
 
 /// Stages everything in the checkout's working tree: the tree Claude left behind, to push.
-pub fn stage(dir: &Path, base: Oid) -> Result<Staged, RepoError> {
+/// `abort` stops it between two files.
+pub fn stage(dir: &Path, base: Oid, abort: &AtomicBool) -> Result<Staged, RepoError> {
     let action = "collect the job's changes";
     let repo = Repository::open(dir).map_err(|e| local(action, e.message()))?;
     repo.odb().and_then(|odb| odb.add_new_mempack_backend(IN_MEMORY_PRIORITY).map(drop)).map_err(|e| local(action, e.message()))?;
     let tree = {
         let mut index = repo.index().map_err(|e| local(action, e.message()))?;
-        index.add_all(["*"], IndexAddOption::DEFAULT, None).map_err(|e| local(action, e.message()))?;
+        let mut each = |_: &Path, _: &[u8]| if abort.load(Ordering::SeqCst) { -1 } else { 0 };
+        index.add_all(["*"], IndexAddOption::DEFAULT, Some(&mut each)).map_err(|e| local(action, e.message()))?;
         index.update_all(["*"], None).map_err(|e| local(action, e.message()))?;
         index.write_tree().map_err(|e| local(action, e.message()))?
     };
@@ -171,6 +173,11 @@ impl Staged {
         let mut remote = self.repo.remote_anonymous(&push.url).map_err(|e| local(action, e.message()))?;
         let rejected: RefCell<Option<String>> = RefCell::new(None);
         let mut cb = callbacks(push.token.as_ref(), &push.host, &auth, abort);
+        // The last moment to stop: after it the pack goes out and the server may take it.
+        cb.push_negotiation(|_| match abort.load(Ordering::SeqCst) {
+            true => Err(git2::Error::from_str("the push was given up before it started")),
+            false => Ok(()),
+        });
         cb.push_update_reference(|_refname, status| {
             if let Some(message) = status {
                 *rejected.borrow_mut() = Some(message.to_string());

@@ -35,6 +35,8 @@ pub enum RepoError {
     NotFastForward { branch: String },
     #[error("the git server refused the push to `{branch}`: {message}; check the branch's protection rules and the token's write access")]
     PushRejected { branch: String, message: String },
+    #[error("handing back the job's changes ({url}) took longer than its timeout_ms plus the grace for it, so nothing was pushed: raise timeout_ms, or check the git server's speed")]
+    HandBackTooSlow { url: String },
     #[error("the changes contain a secret of the runner machine (a token), so nothing was pushed: ask Claude not to write credentials into the repository")]
     SecretInChanges,
     #[error("could not {action}: {detail}")]

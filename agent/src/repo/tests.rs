@@ -193,7 +193,7 @@ async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
     assert_eq!(cut.files.len(), 6, "the file list is whole even when the diff is cut");
 
     // What is pushed is what the diff shows.
-    let staged = changes::stage(&co.dir, co.commit).unwrap();
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
     let loose = std::fs::read_dir(co.dir.join(".git/objects")).unwrap().flatten().filter(|e| e.file_name().len() == 2).count();
     assert_eq!(loose, 0, "staging writes no object files into the checkout");
     let mut pushed = staged.patch(1 << 20).unwrap().files;
@@ -207,6 +207,10 @@ async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
     // Push: a new branch takes it; the default branch and a diverged branch do not.
     let commit = staged.commit("Claude Runner", "cr@localhost", "Job changes").unwrap().expect("there are changes");
     let target = |branch: &str| PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: branch.into(), default_branch: Some("main".into()) };
+    // Given up (the job's time is over): nothing goes out, and staging stops too.
+    assert!(staged.push(&target("claude/given-up"), commit, &AtomicBool::new(true)).is_err());
+    assert!(std::process::Command::new("git").args(["rev-parse", "--verify", "-q", "claude/given-up"]).current_dir(&bare).status().is_ok_and(|s| !s.success()));
+    assert!(changes::stage(&co.dir, co.commit, &AtomicBool::new(true)).is_err());
     staged.push(&target("claude/job-1"), commit, &AtomicBool::new(false)).unwrap();
     assert_eq!(git(&bare, &["rev-parse", "refs/heads/claude/job-1"]), commit.to_string());
     assert_eq!(git(&bare, &["log", "-1", "--format=%an <%ae> %s", "claude/job-1"]), "Claude Runner <cr@localhost> Job changes");
@@ -228,7 +232,7 @@ async fn nothing_changed_means_no_commit() {
     let tmp = TempDir::new("unchanged");
     let (bare, _, _) = server(tmp.path());
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
-    let staged = changes::stage(&co.dir, co.commit).unwrap();
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
     assert_eq!(staged.commit("a", "a@b", "m").unwrap(), None);
     assert!(changes::patch(&co.dir, co.commit, 1000).unwrap().files.is_empty());
 }
@@ -286,7 +290,7 @@ async fn claudes_own_commits_are_in_the_diff_and_under_the_pushed_commit() {
     let mut paths: Vec<&str> = patch.files.iter().map(|f| f.path.as_str()).collect();
     paths.sort();
     assert_eq!(paths, ["committed.txt", "loose.txt"], "everything since the start commit");
-    let staged = changes::stage(&co.dir, co.commit).unwrap();
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
     let commit = staged.commit("a", "a@b", "rest").unwrap().unwrap();
     let target = PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: "claude/own".into(), default_branch: Some("main".into()) };
     staged.push(&target, commit, &AtomicBool::new(false)).unwrap();
