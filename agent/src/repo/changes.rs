@@ -118,22 +118,40 @@ impl Staged {
         print(&self.diff()?, max_bytes)
     }
 
-    /// Whether any line the job added holds text `is_secret` flags (the whole diff is read,
-    /// uncapped: nothing may be pushed unseen).
+    /// Whether anything the push would carry holds text `is_secret` flags: a line the job
+    /// added, and in Claude's own commits each one's added lines and message — a token
+    /// committed and taken out again by a later commit still travels in the history. The
+    /// whole diffs are read, uncapped: nothing may be pushed unseen.
     pub fn adds_secret(&self, is_secret: impl Fn(&str) -> bool) -> Result<bool, RepoError> {
-        let diff = self.diff()?;
-        let found = Cell::new(false);
-        let printed = diff.print(DiffFormat::Patch, |_d, _h, line| {
-            if line.origin() == '+' && is_secret(&String::from_utf8_lossy(line.content())) {
-                found.set(true);
-                return false;
-            }
-            true
-        });
-        match printed {
-            Err(e) if !found.get() => Err(local("compute the diff", e.message())),
-            _ => Ok(found.get()),
+        let err = |e: git2::Error| local("compute the diff", e.message());
+        if added_lines_hold(&self.diff()?, &is_secret)? {
+            return Ok(true);
         }
+        let Some(head) = self.claudes_head().filter(|h| *h != self.base) else { return Ok(false) };
+        let mut walk = self.repo.revwalk().map_err(err)?;
+        walk.push(head).map_err(err)?;
+        walk.hide(self.base).map_err(err)?;
+        for id in walk {
+            let commit = self.repo.find_commit(id.map_err(err)?).map_err(err)?;
+            let (author, committer) = (commit.author(), commit.committer());
+            let said = [commit.message_bytes(), author.name_bytes(), author.email_bytes(), committer.name_bytes(), committer.email_bytes()];
+            if said.iter().any(|text| is_secret(&String::from_utf8_lossy(text))) {
+                return Ok(true);
+            }
+            let parent = commit.parents().next().map(|p| p.tree()).transpose().map_err(err)?;
+            let diff = self.repo.diff_tree_to_tree(parent.as_ref(), Some(&commit.tree().map_err(err)?), None).map_err(err)?;
+            if added_lines_hold(&diff, &is_secret)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// What Claude left at HEAD, when it is the start commit or follows it (its own
+    /// commits, which the push keeps).
+    fn claudes_head(&self) -> Option<Oid> {
+        let head = self.repo.head().and_then(|h| h.peel_to_commit()).ok()?.id();
+        (head == self.base || self.repo.graph_descendant_of(head, self.base).unwrap_or(false)).then_some(head)
     }
 
     /// Commits the staged tree on top of what Claude left at HEAD (its own commits kept
@@ -141,11 +159,7 @@ impl Staged {
     pub fn commit(&self, author_name: &str, author_email: &str, message: &str) -> Result<Option<Oid>, RepoError> {
         let action = "commit the job's changes";
         let err = |e: git2::Error| local(action, e.message());
-        let head = self.repo.head().and_then(|h| h.peel_to_commit()).ok().map(|c| c.id());
-        let parent = match head {
-            Some(h) if h == self.base || self.repo.graph_descendant_of(h, self.base).unwrap_or(false) => h,
-            _ => self.base,
-        };
+        let parent = self.claudes_head().unwrap_or(self.base);
         let parent = self.repo.find_commit(parent).map_err(err)?;
         if parent.tree_id() == self.tree {
             return Ok((parent.id() != self.base).then(|| parent.id()));
@@ -202,6 +216,22 @@ impl Staged {
             return Err(RepoError::PushRejected { branch: branch.clone(), message });
         }
         Ok(())
+    }
+}
+
+/// Whether a line `diff` adds holds text `is_secret` flags.
+fn added_lines_hold(diff: &Diff<'_>, is_secret: &impl Fn(&str) -> bool) -> Result<bool, RepoError> {
+    let found = Cell::new(false);
+    let printed = diff.print(DiffFormat::Patch, |_d, _h, line| {
+        if line.origin() == '+' && is_secret(&String::from_utf8_lossy(line.content())) {
+            found.set(true);
+            return false;
+        }
+        true
+    });
+    match printed {
+        Err(e) if !found.get() => Err(local("compute the diff", e.message())),
+        _ => Ok(found.get()),
     }
 }
 

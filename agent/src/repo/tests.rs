@@ -324,3 +324,34 @@ async fn an_agent_killed_mid_fetch_leaves_nothing_that_blocks_the_next_one() {
     assert!(!half.exists(), "a mirror without a commit is not kept");
     assert_eq!(cache.mirror_names(), [source(&bare).name]);
 }
+
+#[tokio::test]
+async fn a_secret_in_claudes_own_history_is_found_even_when_a_later_commit_removed_it() {
+    let tmp = TempDir::new("secret-history");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let secret = |l: &str| l.contains("tok-0123456789");
+    // Claude commits a token, then takes it out again: the final tree is clean, the
+    // history that a push would carry is not.
+    std::fs::write(co.dir.join(".env"), "TOKEN=tok-0123456789\n").unwrap();
+    git(&co.dir, &["add", "-A"]);
+    git(&co.dir, &["commit", "-q", "-m", "config"]);
+    std::fs::remove_file(co.dir.join(".env")).unwrap();
+    git(&co.dir, &["add", "-A"]);
+    git(&co.dir, &["commit", "-q", "-m", "oops"]);
+    std::fs::write(co.dir.join("clean.txt"), "nothing to see\n").unwrap();
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    assert!(staged.adds_secret(secret).unwrap(), "the token in an earlier commit is found");
+
+    // In a commit message too.
+    let (_cache2, _lease2, co) = {
+        let root = tmp.path().join("second");
+        std::fs::create_dir_all(&root).unwrap();
+        checked_out(&root, &bare).await
+    };
+    std::fs::write(co.dir.join("a.txt"), "a\n").unwrap();
+    git(&co.dir, &["add", "-A"]);
+    git(&co.dir, &["commit", "-q", "-m", "use tok-0123456789"]);
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    assert!(staged.adds_secret(secret).unwrap(), "the token in a commit message is found");
+}
