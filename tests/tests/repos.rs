@@ -520,3 +520,27 @@ async fn a_push_that_outlasts_the_job_is_reported_as_it_ended_on_the_server() {
     assert_eq!(b["pushed_commit"], on_server.as_str(), "{b:#}");
     ok(&b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_files_are_not_pushed_and_pushes_do_not_hold_them_in_memory() {
+    let s = setup(None, &[]).await;
+    let (seed, _, _) = demo(&s.git);
+    let url = s.git.url("demo");
+    ok(&s.run(json!({"prompt": "x", "repo_url": url})).await);
+    let pid = s.agent.pid().unwrap();
+    let before = proc_status_kib(pid, "VmHWM").unwrap();
+    // Six files of 15 MiB: pushed, without the agent holding them all in memory at once.
+    let prompt: String = (0..6).map(|i| format!("@write_random=data{i}.bin,15 ")).collect();
+    let b = s.run(json!({"prompt": prompt, "repo_url": url, "push_branch": "claude/data", "timeout_ms": 120000})).await;
+    ok(&b);
+    assert_eq!(seed.server_git(&["rev-parse", "refs/heads/claude/data"]), b["pushed_commit"].as_str().unwrap());
+    let grown_mib = (proc_status_kib(pid, "VmHWM").unwrap().saturating_sub(before)) / 1024;
+    assert!(grown_mib < 60, "pushing 90 MiB of new files took {grown_mib} MiB more memory");
+    // One file over what git servers take (GitHub: 100 MiB): refused before anything is
+    // read, with what to do.
+    let b = s.run(json!({"prompt": "@write_random=dump.bin,101 @write=notes.txt", "repo_url": url, "push_branch": "claude/dump", "timeout_ms": 120000})).await;
+    let e = repo_error(&b);
+    assert!(e.contains("dump.bin") && e.contains("100 MiB") && e.contains(".gitignore"), "{e}");
+    assert!(b["pushed_commit"].is_null());
+    assert!(std::process::Command::new("git").args(["rev-parse", "--verify", "-q", "refs/heads/claude/dump"]).current_dir(&seed.bare).status().is_ok_and(|st| !st.success()));
+}

@@ -37,6 +37,8 @@ pub enum RepoError {
     PushRejected { branch: String, message: String },
     #[error("handing back the job's changes ({url}) took longer than its timeout_ms plus the grace for it, so nothing was pushed: raise timeout_ms, or check the git server's speed")]
     HandBackTooSlow { url: String },
+    #[error("`{path}` is {mib} MiB, more than the {max_mib} MiB a push carries (git servers such as GitHub refuse bigger files), so nothing was pushed: have Claude leave it out of the repository (delete it, or list it in .gitignore)")]
+    FileTooBig { path: String, mib: u64, max_mib: u64 },
     #[error("the changes contain a secret of the runner machine (a token), so nothing was pushed: ask Claude not to write credentials into the repository")]
     SecretInChanges,
     #[error("could not {action}: {detail}")]

@@ -355,3 +355,29 @@ async fn a_secret_in_claudes_own_history_is_found_even_when_a_later_commit_remov
     let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
     assert!(staged.adds_secret(secret).unwrap(), "the token in a commit message is found");
 }
+
+#[tokio::test]
+async fn a_file_too_big_for_a_push_is_refused_in_claudes_commits_too() {
+    let tmp = TempDir::new("too-big");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    // Sparse: 101 MiB to git, a few KiB on disk.
+    let big = std::fs::File::create(co.dir.join("huge.img")).unwrap();
+    big.set_len((changes::MAX_PUSH_FILE_BYTES) + (1 << 20)).unwrap();
+    drop(big);
+    git(&co.dir, &["add", "-A"]);
+    git(&co.dir, &["commit", "-q", "-m", "an image"]);
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    let commit = staged.commit("a", "a@b", "m").unwrap().unwrap();
+    let target = PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: "claude/big".into(), default_branch: Some("main".into()) };
+    let err = staged.push(&target, commit, &AtomicBool::new(false)).unwrap_err();
+    assert!(matches!(&err, RepoError::FileTooBig { path, mib: 101, .. } if path == "huge.img"), "{err}");
+    // Staged by Claude's `git add` but not committed: refused before staging.
+    let root = tmp.path().join("second");
+    std::fs::create_dir_all(&root).unwrap();
+    let (_cache, _lease, co) = checked_out(&root, &bare).await;
+    std::fs::File::create(co.dir.join("huge.img")).unwrap().set_len(changes::MAX_PUSH_FILE_BYTES + 1).unwrap();
+    git(&co.dir, &["add", "huge.img"]);
+    let err = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).err().unwrap();
+    assert!(matches!(&err, RepoError::FileTooBig { .. }), "{err}");
+}
