@@ -544,3 +544,15 @@ async fn big_files_are_not_pushed_and_pushes_do_not_hold_them_in_memory() {
     assert!(b["pushed_commit"].is_null());
     assert!(std::process::Command::new("git").args(["rev-parse", "--verify", "-q", "refs/heads/claude/dump"]).current_dir(&seed.bare).status().is_ok_and(|st| !st.success()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_servers_words_cannot_forge_log_lines() {
+    let s = setup(None, &[]).await;
+    demo(&s.git);
+    let forged = "2026-01-01T00:00:00.000000Z  INFO claude_runner::runner: pushed job_id=forged";
+    s.git.refuse_fetches(Some(&format!("repository disabled\n{forged}\r\x1b[2Kstill the server")));
+    let e = repo_error(&s.run(json!({"prompt": "x", "repo_url": s.git.url("demo")})).await);
+    assert!(e.contains("repository disabled"), "{e}");
+    assert!(!e.contains(['\n', '\r', '\x1b']), "the error is one line: {e:?}");
+    assert!(s.agent.log().lines().all(|l| !l.starts_with(forged)), "a forged line in the log:\n{}", s.agent.log());
+}

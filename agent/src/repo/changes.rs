@@ -5,7 +5,7 @@
 //!
 //! The diff compares the working tree directly, writing nothing; only a push stages.
 
-use super::error::{local, AuthSeen, RepoError, Talk};
+use super::error::{local, one_line, AuthSeen, RepoError, Talk};
 use super::mirror::callbacks;
 use super::settings::Token;
 use git2::{Diff, DiffFindOptions, DiffFormat, DiffOptions, ErrorCode, IndexAddOption, Oid, PushOptions, RemoteRedirect, Repository, Signature, Status, StatusOptions};
@@ -84,7 +84,7 @@ fn changed_bytes(repo: &Repository) -> Result<u64, RepoError> {
 
 fn too_big(path: &str, bytes: u64) -> Result<(), RepoError> {
     match bytes > MAX_PUSH_FILE_BYTES {
-        true => Err(RepoError::FileTooBig { path: path.to_string(), mib: bytes.div_ceil(1 << 20), max_mib: MAX_PUSH_FILE_BYTES >> 20 }),
+        true => Err(RepoError::FileTooBig { path: one_line(path), mib: bytes.div_ceil(1 << 20), max_mib: MAX_PUSH_FILE_BYTES >> 20 }),
         false => Ok(()),
     }
 }
@@ -278,7 +278,7 @@ impl Staged {
             return Err(fail(e));
         }
         if let Some(message) = rejected.take() {
-            return Err(RepoError::PushRejected { branch: branch.clone(), message });
+            return Err(RepoError::PushRejected { branch: branch.clone(), message: one_line(&message) });
         }
         Ok(())
     }

@@ -67,6 +67,7 @@ pub struct Talk<'a> {
 impl Talk<'_> {
     /// Turns a libgit2 error from a fetch or a push into the sentence a caller sees.
     pub fn error(&self, code: ErrorCode, class: ErrorClass, message: &str) -> RepoError {
+        let message = &one_line(message);
         let url = self.url.to_string();
         let host = self.host.to_string();
         let lower = message.to_ascii_lowercase();
@@ -111,9 +112,16 @@ pub fn disk_full(message: &str) -> Option<RepoError> {
         .then(|| RepoError::DiskFull { detail: message.to_string() })
 }
 
+/// Text from outside (a git server's words, a path Claude chose) as one line: control
+/// characters escaped, so it can neither end the log line it is written in and forge the
+/// next one, nor drive a terminal.
+pub fn one_line(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
 /// A local git or file-system step that failed (no server involved).
 pub fn local(action: &'static str, message: impl ToString) -> RepoError {
-    let message = message.to_string();
+    let message = one_line(&message.to_string());
     disk_full(&message).unwrap_or(RepoError::Git { action, detail: message })
 }
 
@@ -150,6 +158,14 @@ mod tests {
         let none = talk(AuthSeen { needed_without_token: true, ..Default::default() });
         let e = none.error(ErrorCode::User, ErrorClass::Callback, "no token");
         assert!(e.to_string().contains("REPO_TOKENS=`git.example.com=<token>`"), "{e}");
+    }
+
+    #[test]
+    fn outside_words_stay_on_one_line() {
+        let e = talk(AuthSeen::default()).error(ErrorCode::GenericError, ErrorClass::Net, "remote error: no\nINFO forged\r\x1b[2K");
+        assert!(!e.to_string().contains(['\n', '\r', '\x1b']), "{e}");
+        assert!(e.to_string().contains("remote error: no\\nINFO forged\\r\\u{1b}[2K"), "{e}");
+        assert_eq!(one_line("déjà vu"), "déjà vu");
     }
 
     #[test]
