@@ -202,12 +202,18 @@ async fn push_branch_pushes_a_commit_but_never_to_the_default_branch() {
     ok(&b);
     assert!(b["pushed_commit"].is_null(), "{b}");
     assert_eq!(b["pushed_branch"], "claude/empty");
-    assert!(std::process::Command::new("git").args(["rev-parse", "--verify", "-q", "refs/heads/claude/empty"]).current_dir(&seed.bare).status().is_ok_and(|st| !st.success()));
+    assert_eq!(on_server(&seed, "claude/empty"), None);
 
     // A failed job pushes nothing.
     let b = s.run(json!({"prompt": "@write=y.txt @is_error", "repo_url": url, "push_branch": "claude/failed"})).await;
     assert_eq!(b["error_code"], "CLAUDE_ERROR");
     assert!(b["pushed_commit"].is_null());
+}
+
+/// The commit the server's `branch` points at, if it has that branch.
+fn on_server(seed: &Seed, branch: &str) -> Option<String> {
+    let out = std::process::Command::new("git").args(["rev-parse", "--verify", "-q", &format!("refs/heads/{branch}")]).current_dir(&seed.bare).output().unwrap();
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// Every file under `dir` that holds `needle`.
@@ -513,9 +519,7 @@ async fn a_push_that_outlasts_the_job_is_reported_as_it_ended_on_the_server() {
     // agent's grace for handing changes back (20 s).
     s.git.delay_push_answers(Duration::from_secs(23));
     let b = s.run(json!({"prompt": "@write=late.txt", "repo_url": s.git.url("demo"), "push_branch": "claude/late", "timeout_ms": 1000})).await;
-    let on_server = std::process::Command::new("git").args(["rev-parse", "--verify", "-q", "refs/heads/claude/late"]).current_dir(&seed.bare).output().unwrap();
-    let on_server = String::from_utf8_lossy(&on_server.stdout).trim().to_string();
-    assert!(!on_server.is_empty(), "the server took the push");
+    let on_server = on_server(&seed, "claude/late").expect("the server took the push");
     // The answer says what happened: the branch moved, so it is not "nothing pushed".
     assert_eq!(b["pushed_commit"], on_server.as_str(), "{b:#}");
     ok(&b);
@@ -542,7 +546,7 @@ async fn big_files_are_not_pushed_and_pushes_do_not_hold_them_in_memory() {
     let e = repo_error(&b);
     assert!(e.contains("dump.bin") && e.contains("100 MiB") && e.contains(".gitignore"), "{e}");
     assert!(b["pushed_commit"].is_null());
-    assert!(std::process::Command::new("git").args(["rev-parse", "--verify", "-q", "refs/heads/claude/dump"]).current_dir(&seed.bare).status().is_ok_and(|st| !st.success()));
+    assert_eq!(on_server(&seed, "claude/dump"), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
