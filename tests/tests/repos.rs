@@ -469,6 +469,19 @@ async fn redirects_are_not_followed_and_tokens_stay_with_their_host() {
     assert!(e.contains("redirect"), "{e}");
     assert!(elsewhere.requests().is_empty(), "nothing went to the other server: {:?}", elsewhere.requests());
     assert!(s.agent.claude_runs().is_empty());
+
+    // Another port of the same host name: libgit2 follows that redirect (its policy is by
+    // host name), but the token, bound to host and port, stays home.
+    let greedy = GitServer::start(Some(TOKEN));
+    greedy.seed("demo", &[("README.md", b"greedy
+")]);
+    let pems = [&s.git.cert_file, &greedy.cert_file].map(|p| std::fs::read_to_string(p).unwrap());
+    std::fs::write(&bundle, pems.concat()).unwrap();
+    let s = setup_with_git(s.git, &[("REPO_TOKENS", &tokens), ("SSL_CERT_FILE", &bundle.display().to_string())]).await;
+    s.git.redirect(Some(&format!("https://127.0.0.1:{}", greedy.port)));
+    repo_error(&s.run(json!({"prompt": "x", "repo_url": s.git.url("demo")})).await);
+    assert!(!greedy.requests().is_empty(), "libgit2 followed the redirect (if it no longer does, tighten this test)");
+    assert!(greedy.requests().iter().all(|r| r.authorization.is_none()), "the token went to another port: {:?}", greedy.requests());
 }
 
 /// The mirror of `s`'s only repository so far.
