@@ -144,11 +144,9 @@ async fn hand_back(
     if !result.success {
         wanted.push_branch = None;
     }
-    let url = spec.repo_url.clone().unwrap_or_default();
     let handing = Instant::now();
-    let finished = tokio::time::timeout_at(deadline.max(tokio::time::Instant::now()) + FINISH_GRACE, prepared.finish(&ctx.repos, &wanted, job_id, redactor))
-        .await
-        .unwrap_or_else(|_| Err(RepoError::Git { action: "hand back the job's changes in time", detail: format!("the diff or the push to {url} took longer than timeout_ms plus {} s", FINISH_GRACE.as_secs()) }));
+    let give_up_at = deadline.max(tokio::time::Instant::now()) + FINISH_GRACE;
+    let finished = prepared.finish(&ctx.repos, &wanted, job_id, redactor, give_up_at).await;
     if wanted.include_diff || wanted.push_branch.is_some() {
         info!(job_id, agent_id = %ctx.cfg.agent_id, ok = finished.is_ok(), ms = handing.elapsed().as_millis() as u64, "changes handed back");
     }

@@ -15,6 +15,7 @@
 //! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it) · `@write=PATH` write a text
 //! file (relative to the working directory; may repeat) · `@write_binary=PATH` write a few
 //! non-text bytes · `@write_env=VAR,PATH` write the value of VAR into a file ·
+//! `@write_random=PATH,MIB` write MIB mebibytes of incompressible bytes ·
 //! `@delete=PATH` delete a file (may repeat) · `@exists=PATH` answer whether PATH exists.
 //!
 //! With `STANDIN_LOG` set, every invocation appends one JSON line (argv, cwd, prompt, its
@@ -116,6 +117,25 @@ fn main() {
     }
     for path in directives(&prompt, "write_binary") {
         std::fs::write(path, [0u8, 1, 2, 0, 255, 254, 0, 7]).expect("the stand-in writes");
+    }
+    for spec in directives(&prompt, "write_random") {
+        let (path, mib) = spec.split_once(',').expect("@write_random=PATH,MIB");
+        let mib: usize = mib.parse().expect("@write_random=PATH,MIB");
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("the stand-in writes"));
+        // xorshift: incompressible bytes, as a build artifact or a data set would be.
+        // Seeded by the path, so two files never share their bytes.
+        let mut x = path.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3)) | 1;
+        let mut block = vec![0u8; 1 << 20];
+        for _ in 0..mib {
+            for chunk in block.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+            }
+            f.write_all(&block).expect("the stand-in writes");
+        }
+        f.flush().expect("the stand-in writes");
     }
     for spec in directives(&prompt, "write_env") {
         let (var, path) = spec.split_once(',').expect("@write_env=VAR,PATH");
