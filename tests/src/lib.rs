@@ -410,8 +410,14 @@ impl Client {
         self.send("GET", path, Some(SECRET), None).await
     }
 
+    /// `/health` as anyone may read it: the status code and `{"status"}` alone.
     pub async fn health(&self) -> Answer {
         self.send("GET", "/health", None, None).await
+    }
+
+    /// `/health` with the secret: the whole body (agents, login, queue).
+    pub async fn health_full(&self) -> Answer {
+        self.send("GET", "/health", Some(SECRET), None).await
     }
 
     /// Polls until `/health` says 200 (an agent is connected and its login usable).
@@ -474,6 +480,29 @@ impl Client {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Sends `head` — a request line and headers, ending with the blank line — on a raw
+/// connection and never anything more (whatever body the head announces), then returns
+/// the status line the edge answers within `within`, or `None` if it answered nothing:
+/// whether an edge answers without waiting for a body.
+pub fn answer_to_head(port: u16, head: &str, within: Duration) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the edge listens");
+    tcp.write_all(head.as_bytes()).expect("the head is sent");
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(2).any(|w| w == b"\r\n") {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        tcp.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
+        match tcp.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&seen).into_owned();
+    text.lines().next().filter(|l| !l.is_empty()).map(str::to_string)
 }
 
 /// Whether a process is alive (and not a zombie).

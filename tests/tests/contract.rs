@@ -104,7 +104,7 @@ async fn offline_is_answered_at_once_with_fallback(kind: EdgeKind) {
 
 async fn health_follows_the_agent(kind: EdgeKind) {
     let mut s = setup(kind, &[], &[]).await;
-    let h = s.client.health().await;
+    let h = s.client.health_full().await;
     assert_eq!(h.status, 200);
     assert_eq!(h.body["status"], "healthy");
     assert_eq!(h.body["agent"]["connected"], true);
@@ -145,6 +145,43 @@ async fn secrets_are_checked(kind: EdgeKind) {
     assert_eq!(o["needs_login"], false);
 }
 
+async fn health_without_the_secret_says_only_its_status(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let open = s.client.health().await;
+    assert_eq!(open.status, 200);
+    assert_eq!(open.body, json!({"status": "healthy"}), "{}", open.text);
+    let wrong = s.client.send("GET", "/health", Some("not-the-secret-0000"), None).await;
+    assert_eq!(wrong.body, json!({"status": "healthy"}), "{}", wrong.text);
+    let full = s.client.health_full().await;
+    assert_eq!(full.body["agent"]["agent_id"], "spark", "{}", full.text);
+    assert_eq!(full.body["oauth"]["configured"], true, "{}", full.text);
+}
+
+/// Requests announcing a body of 64 MiB that never comes: an edge that read (or drained)
+/// before refusing would still be waiting.
+async fn no_body_is_read_before_auth(kind: EdgeKind) {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    let port = edge.port;
+    let cases = [
+        ("POST /execute HTTP/1.1", "", "403"),
+        ("POST /execute HTTP/1.1", "X-Runner-Secret: wrong-secret-000000\r\n", "403"),
+        ("POST /jobs/x/events HTTP/1.1", "", "403"),
+        ("POST /somewhere HTTP/1.1", "", "404"),
+        ("POST /agent/connect/ HTTP/1.1", "", "426"),
+        ("POST /agent/connect HTTP/1.1", "", "426"),
+        ("GET /health HTTP/1.1", "", "503"),
+    ];
+    for (line, extra, want) in cases {
+        let head = format!(
+            "{line}\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{extra}Content-Length: 67108864\r\n\r\n"
+        );
+        let status = tokio::task::spawn_blocking(move || answer_to_head(port, &head, Duration::from_secs(10))).await.unwrap();
+        let status = status.unwrap_or_else(|| panic!("{line}: no answer within 10 s: the edge waits for the body"));
+        assert!(status.contains(want), "{line}: {status}");
+    }
+}
+
 async fn bad_requests_are_400(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     let cases: Vec<Vec<u8>> = vec![
@@ -180,12 +217,10 @@ async fn oversized_bodies_are_413(kind: EdgeKind) {
     assert_eq!(s.client.send("POST", "/execute", Some(SECRET), Some(ok)).await.status, 200);
     // Far over the limit: still a readable 413, not a reset connection…
     let huge = vec![b' '; 2 * 1024 * 1024];
-    let a = s.client.send("POST", "/execute", Some(SECRET), Some(huge.clone())).await;
+    let a = s.client.send("POST", "/execute", Some(SECRET), Some(huge)).await;
     assert_eq!(a.status, 413, "{}", a.text);
     assert_eq!(a.body["error_code"], "PAYLOAD_TOO_LARGE");
-    // …and without the secret the body is not even read: 403.
-    let a = s.client.send("POST", "/execute", Some("wrong"), Some(huge)).await;
-    assert_eq!(a.status, 403, "{}", a.text);
+    // (Without the secret the body is not even read: see no_body_is_read_before_auth.)
 }
 
 async fn a_timeout_kills_claude_and_its_children(kind: EdgeKind) {
@@ -231,7 +266,7 @@ async fn an_auth_failure_says_log_in_again(kind: EdgeKind) {
     assert!(a.body["error"].as_str().unwrap().contains("log in"));
     // The next heartbeat tells the edge; health turns unhealthy (503).
     s.client.wait_health(503).await;
-    let h = s.client.health().await;
+    let h = s.client.health_full().await;
     assert_eq!(h.body["status"], "unhealthy");
     assert_eq!(h.body["oauth"]["needs_login"], true);
     // A later success clears it.
@@ -539,6 +574,8 @@ contract!(
     request_options_reach_claude_as_flags,
     offline_is_answered_at_once_with_fallback,
     health_follows_the_agent,
+    health_without_the_secret_says_only_its_status,
+    no_body_is_read_before_auth,
     secrets_are_checked,
     bad_requests_are_400,
     oversized_bodies_are_413,

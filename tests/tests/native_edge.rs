@@ -47,7 +47,7 @@ async fn a_caller_told_to_fall_back_at_a_stop_never_has_its_job_run() {
     let c = client.clone();
     let queued = tokio::spawn(async move { c.execute(json!({"prompt": "queued behind"})).await });
     let deadline = Instant::now() + Duration::from_secs(10);
-    while client.health().await.body["queued_jobs"] != 1 {
+    while client.health_full().await.body["queued_jobs"] != 1 {
         assert!(Instant::now() < deadline, "the second job never queued");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
 use edge_core::body::{Intake, Next};
+use edge_core::http::Gate;
 use edge_core::progress::{SSE_CONTENT_TYPE, SSE_KEEPALIVE, SSE_KEEPALIVE_MS};
 use edge_core::{CallerId, Config};
 use futures_util::StreamExt;
@@ -79,10 +80,9 @@ impl Server {
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let Server { listener, state, driver, commands, startup } = self;
         let mut driver_task = tokio::spawn(driver.run(commands, startup));
-        let app = Router::new()
-            .route("/agent/connect", any(socket::agent_connect))
-            .fallback(any(api))
-            .with_state(state.clone());
+        // One handler: the core's gate decides what a request is (the agents' socket
+        // included) before anything of its body is read.
+        let app = Router::new().fallback(any(api)).with_state(state.clone());
         let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
         let driver_tx = state.driver.clone();
         tokio::spawn(async move {
@@ -145,19 +145,21 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let secret = header(&parts.headers, "x-runner-secret");
     let authorization = header(&parts.headers, "authorization");
-    // Route and secret first: no body is read for a caller without the secret.
-    if let Some(refused) =
-        edge_core::http::preflight(&state.config, parts.method.as_str(), parts.uri.path(), secret.as_deref(), authorization.as_deref())
-    {
-        return into_response(refused);
-    }
+    // Route and secret first: no body is read for a caller without the secret, nor for a
+    // route that takes none.
+    let gate = edge_core::http::preflight(&state.config, parts.method.as_str(), parts.uri.path(), secret.as_deref(), authorization.as_deref());
+    let read = match gate {
+        Gate::Answer(refused) => return into_response(refused),
+        Gate::AgentSocket => return socket::agent_connect(state, Request::from_parts(parts, body)).await,
+        Gate::Handle { read_body } => read_body,
+    };
     let req = edge_core::http::Request {
         method: parts.method.as_str().to_string(),
         path: parts.uri.path().to_string(),
         secret_header: secret,
         authorization,
         idempotency_key: header(&parts.headers, "idempotency-key"),
-        body: read_body(body, state.config.max_body_bytes).await,
+        body: if read { read_body(body, state.config.max_body_bytes).await } else { edge_core::body::Body::Bytes(Vec::new()) },
     };
     let (tx, rx) = oneshot::channel();
     if state.driver.send(Command::Http { req, reply: tx }).await.is_err() {

@@ -6,7 +6,7 @@
 use crate::driver::{Command, Outbound};
 use crate::server::{into_response, AppState};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{FromRequestParts, Request};
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
 use shared::protocol::MAX_FRAME_BYTES;
@@ -17,7 +17,8 @@ use tracing::warn;
 /// How long a closed connection waits for the peer's close frame.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-pub(crate) async fn agent_connect(State(state): State<AppState>, request: Request) -> Response {
+/// `/agent/connect`, as the core's gate named it.
+pub(crate) async fn agent_connect(state: AppState, request: Request) -> Response {
     let (mut parts, _body) = request.into_parts();
     let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
         Ok(u) => u,

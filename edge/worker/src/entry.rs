@@ -5,6 +5,7 @@
 //! unknown route, a missing secret) are answered here, so they never occupy the object.
 
 use crate::exchange;
+use edge_core::http::Gate;
 use shared::contract::{ApiError, ErrorCode};
 use worker::wasm_bindgen::JsValue;
 use worker::{console_error, event, web_sys, Context, Env, Request, Response};
@@ -37,7 +38,7 @@ pub fn pool_of(path: &str) -> Result<(String, String), ApiError> {
 }
 
 #[event(fetch)]
-async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
+async fn route(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
     let url = match req.url() {
         Ok(url) => url,
         Err(e) => return exchange::error(&ApiError::invalid(format!("unreadable request URL: {e}"))),
@@ -51,10 +52,9 @@ async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
         let header = |name: &str| req.headers().get(name).ok().flatten();
         let (secret, authorization) = (header("x-runner-secret"), header("authorization"));
         let method = req.inner().method();
-        if let Some(refused) = edge_core::http::preflight(&config, &method, &path, secret.as_deref(), authorization.as_deref()) {
-            // Read the body (dropping it) first: answering while the caller still sends
-            // makes the runtime reset the connection, and the caller would never see why.
-            let _ = exchange::read_body(&mut req, 0).await;
+        // Refused at once, with nothing of the body read: a caller without the secret cannot
+        // make the edge read (or wait for) a single byte it sends.
+        if let Gate::Answer(refused) = edge_core::http::preflight(&config, &method, &path, secret.as_deref(), authorization.as_deref()) {
             return exchange::respond(refused);
         }
     }

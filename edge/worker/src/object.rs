@@ -17,7 +17,7 @@ use crate::exchange;
 use crate::sockets::{close_socket, AtHand, Sockets};
 use crate::store::Store;
 use crate::{entropy, now_ms};
-use edge_core::http::{self, Reply};
+use edge_core::http::{self, Gate, Reply};
 use edge_core::{split_writes, CallerId, Config, Edge, Effect, Millis, Response};
 use futures::channel::{mpsc, oneshot};
 use futures::future::{select, Either};
@@ -73,10 +73,15 @@ impl DurableObject for EdgeDurableObject {
         if let Err(message) = self.load(now_ms()) {
             return exchange::respond(http::unavailable(&path, &message));
         }
-        let answer = if path.trim_end_matches('/') == "/agent/connect" {
-            self.accept_agent(&req).await
-        } else {
-            self.serve(req, &path).await
+        let header = |name: &str| req.headers().get(name).ok().flatten();
+        let (secret, authorization) = (header("x-runner-secret"), header("authorization"));
+        let method = req.inner().method();
+        let gate = self.with_edge(|edge| http::preflight(edge.config(), &method, &path, secret.as_deref(), authorization.as_deref()));
+        let answer = match gate {
+            Some(Gate::Answer(refused)) => exchange::respond(refused),
+            Some(Gate::AgentSocket) => self.accept_agent(&req).await,
+            Some(Gate::Handle { read_body }) => self.serve(req, &path, read_body).await,
+            None => exchange::respond(http::unavailable(&path, "the edge is not loaded; retry")),
         };
         // An error here is the host's own (the runtime refused something), never the
         // caller's: answer it in the contract's shape rather than workerd's bare 500.
@@ -284,15 +289,19 @@ impl EdgeDurableObject {
         worker::Response::from_websocket(pair.client)
     }
 
-    /// Every other request: the core routes it; its caller gets its answer (or stream)
+    /// Every other request the gate let through: the core routes it; its caller gets its answer (or stream)
     /// from the effects, now or when its job ends.
-    async fn serve(&self, mut req: Request, path: &str) -> worker::Result<worker::Response> {
+    async fn serve(&self, mut req: Request, path: &str, read_body: bool) -> worker::Result<worker::Response> {
         let header = |name: &str| req.headers().get(name).ok().flatten();
         let (secret_header, authorization, idempotency_key) =
             (header("x-runner-secret"), header("authorization"), header("idempotency-key"));
         let method = req.inner().method();
-        let limit = self.with_edge(|edge| edge.config().max_body_bytes).unwrap_or(0);
-        let body = exchange::read_body(&mut req, limit).await;
+        let body = if read_body {
+            let limit = self.with_edge(|edge| edge.config().max_body_bytes).unwrap_or(0);
+            exchange::read_body(&mut req, limit).await
+        } else {
+            edge_core::body::Body::Bytes(Vec::new())
+        };
         let seed = match entropy::<16>() {
             Ok(seed) => seed,
             Err(e) => return exchange::error(&ApiError::new(ErrorCode::InternalError, e)),

@@ -4,7 +4,9 @@
 //! - [`storage`]: failed store writes, through a host whose store can be made to fail;
 //! - [`stop`]: a clean stop and what each waiting caller is told;
 //! - [`hosts`]: the cases where the two hosts used to decide differently, and time.
+//! - [`hostile`]: callers and peers without the secret or a key, and a forging path.
 
+mod hostile;
 mod hosts;
 mod stop;
 mod storage;
