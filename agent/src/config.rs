@@ -1,4 +1,4 @@
-//! The agent's settings: each is an environment variable and a `--flag` (DESIGN.md
+//! The agent's settings: each is an environment variable and a `--flag` (README
 //! "Configuration"), checked once at start with errors that say what to fix.
 
 use clap::Args;

@@ -1,4 +1,4 @@
-//! The HTTP contract of DESIGN.md, run against each edge host with the real agent binary
+//! The HTTP contract (README "Using the edge"), run against each edge host with the real agent binary
 //! and the stand-in for `claude`. Each test is written once and instantiated per host by
 //! `contract!`; the Worker variants run when `tests/run` has built the Worker
 //! (`CLAUDE_RUNNER_WORKER_TESTS=1` at build time, see tests/build.rs), else they show as
