@@ -16,6 +16,17 @@ pub fn plain_id(id: &str, max: usize) -> bool {
 /// Longest job id anyone accepts.
 pub const MAX_JOB_ID: usize = 128;
 
+/// A job id as a log line or an answer may show it: itself if it is a plain id, else `-`.
+/// What a peer sent in place of an id (newlines, control characters, megabytes) never
+/// reaches a log.
+pub fn shown_job_id(id: &str) -> &str {
+    if plain_id(id, MAX_JOB_ID) {
+        id
+    } else {
+        "-"
+    }
+}
+
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -38,5 +49,7 @@ mod tests {
         assert!(plain_id("0190abc-def_1", MAX_JOB_ID));
         assert!(!plain_id("../x", MAX_JOB_ID) && !plain_id("a.b", 10) && !plain_id("abc", 2) && !plain_id("", 5));
         assert_eq!(hex(&[0, 1, 0xab, 0xff]), "0001abff");
+        assert_eq!(shown_job_id("0190abc-def_1"), "0190abc-def_1");
+        assert_eq!(shown_job_id("j1\n2026-01-01 INFO forged"), "-");
     }
 }

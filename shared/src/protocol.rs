@@ -26,6 +26,11 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest frame either side accepts. Results are capped well below this by the agent.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 
+/// Largest frame a connection may send before its hello is verified. Anyone can open a
+/// connection, so until it proves itself it may not make the edge hold more than this. A
+/// hello lists the agent's running and unacknowledged jobs: this holds about 1,900.
+pub const MAX_HELLO_BYTES: usize = 64 * 1024;
+
 /// How long either side waits for each step of the handshake (challenge, hello,
 /// welcome) before giving the connection up.
 pub const HANDSHAKE_TIMEOUT_MS: crate::Millis = 10_000;

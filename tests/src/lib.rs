@@ -505,6 +505,55 @@ pub fn answer_to_head(port: u16, head: &str, within: Duration) -> Option<String>
     text.lines().next().filter(|l| !l.is_empty()).map(str::to_string)
 }
 
+/// Connections to an edge's `/agent/connect` that never say a word — what anyone can
+/// open without a key: `n` of them, each dropped and opened again every `period`, until
+/// the crowd is dropped.
+pub struct SilentCrowd {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    opened: std::sync::Arc<AtomicU32>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SilentCrowd {
+    pub fn start(connect_url: &str, n: usize, period: Duration) -> SilentCrowd {
+        use futures_util::StreamExt;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let opened = std::sync::Arc::new(AtomicU32::new(0));
+        let tasks = (0..n)
+            .map(|i| {
+                let (url, stop, opened) = (connect_url.to_string(), stop.clone(), opened.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(5 * i as u64)).await;
+                    while !stop.load(Ordering::SeqCst) {
+                        let renew = tokio::time::Instant::now() + period;
+                        if let Ok(Ok((mut ws, _))) = tokio::time::timeout(period, tokio_tungstenite::connect_async(url.as_str())).await {
+                            opened.fetch_add(1, Ordering::SeqCst);
+                            // Read (the challenge, a close) but never answer, until renewal.
+                            while let Ok(Some(Ok(_))) = tokio::time::timeout_at(renew, ws.next()).await {}
+                        }
+                        tokio::time::sleep_until(renew).await;
+                    }
+                })
+            })
+            .collect();
+        SilentCrowd { stop, opened, tasks }
+    }
+
+    /// Connections opened so far.
+    pub fn opened(&self) -> u32 {
+        self.opened.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for SilentCrowd {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
 /// Whether a process is alive (and not a zombie).
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -545,6 +545,68 @@ async fn a_silent_agent_is_reported_offline_within_two_heartbeats(kind: EdgeKind
     drop(ws);
 }
 
+/// Anyone can open connections to `/agent/connect`; 80 that never prove themselves,
+/// renewed every 9 s (so none ever times out), must not keep the real agent out.
+async fn silent_sockets_cannot_lock_the_agent_out(kind: EdgeKind) {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    let crowd = SilentCrowd::start(&format!("{}/agent/connect", edge.ws_url()), 80, Duration::from_secs(9));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while crowd.opened() < 80 {
+        assert!(Instant::now() < deadline, "only {} silent connections opened", crowd.opened());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    let client = Client::new(&edge.url());
+    let online = tokio::time::timeout(Duration::from_secs(30), client.wait_online()).await;
+    assert!(online.is_ok(), "the agent never got in past the silent crowd; agent log:\n{}", agent.log());
+    let a = client.execute(json!({"prompt": "still served"})).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["success"], true, "{}", a.text);
+    drop(crowd);
+}
+
+/// Before its hello is verified a connection may send a hello's worth, and what it calls
+/// itself reaches no log line unchecked.
+async fn unproven_connections_are_held_to_a_hello(kind: EdgeKind) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    async fn closed_with(ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>) -> Option<(u16, String)> {
+        while let Ok(Some(frame)) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            if let Ok(Message::Close(Some(frame))) = frame {
+                return Some((u16::from(frame.code), frame.reason.to_string()));
+            }
+            frame.ok()?;
+        }
+        None
+    }
+    // A frame just over the hello limit (but within what a host reads of an unproven
+    // connection): refused with the reason.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/agent/connect", edge.ws_url())).await.unwrap();
+    let _challenge = ws.next().await;
+    let big = format!(r#"{{"type":"hello","pad":"{}"}}"#, "x".repeat(shared::protocol::MAX_HELLO_BYTES));
+    ws.send(Message::Text(big.into())).await.unwrap();
+    let (code, reason) = closed_with(&mut ws).await.expect("closed with a reason");
+    assert_eq!(code, shared::protocol::close::PROTOCOL_ERROR, "{reason}");
+    assert!(reason.contains("limit"), "{reason}");
+    // An agent id that would forge a log line: refused without echoing it.
+    let forged = "spark\nINFO agent connected agent_id=mallory";
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/agent/connect", edge.ws_url())).await.unwrap();
+    let _challenge = ws.next().await;
+    let envelope = shared::envelope::Envelope { payload: "{}".into(), sig: String::new() };
+    let hello = shared::protocol::AgentMessage::Hello { protocol: shared::protocol::PROTOCOL_VERSION, agent_id: forged.into(), envelope };
+    ws.send(Message::Text(hello.to_text().into())).await.unwrap();
+    let (code, reason) = closed_with(&mut ws).await.expect("closed with a reason");
+    assert_eq!(code, shared::protocol::close::UNAUTHORIZED, "{reason}");
+    assert!(!reason.contains("mallory"), "{reason}");
+    assert!(eventually(Duration::from_secs(5), || edge.log().contains("agent refused")).await, "{}", edge.log());
+    for line in edge.log().lines() {
+        assert!(!line.contains("mallory"), "the peer's unchecked words in a log line: {line}");
+    }
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod native {
@@ -597,4 +659,6 @@ contract!(
     progress_streams_as_server_sent_events,
     a_running_job_can_be_cancelled,
     a_binary_frame_closes_the_connection_with_a_reason,
+    silent_sockets_cannot_lock_the_agent_out,
+    unproven_connections_are_held_to_a_hello,
 );

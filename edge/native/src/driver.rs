@@ -9,6 +9,8 @@ use runtime::entropy;
 use edge_core::http::{self, Reply};
 use edge_core::{split_writes, CallerId, Edge, Effect, Response};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Duration, Instant};
 use tracing::error;
@@ -34,7 +36,9 @@ pub enum Command {
     WaitExpired { caller: CallerId },
     /// The HTTP client hung up.
     CallerGone { caller: CallerId },
-    Connect { outbox: mpsc::UnboundedSender<Outbound>, reply: oneshot::Sender<String> },
+    /// An agent connection from `peer` (its address); `budget` is what its socket may
+    /// still read before it proves itself.
+    Connect { outbox: mpsc::UnboundedSender<Outbound>, budget: Arc<AtomicUsize>, peer: String, reply: oneshot::Sender<String> },
     Frame { session: String, text: String },
     BinaryFrame { session: String },
     Disconnect { session: String },
@@ -53,12 +57,14 @@ pub struct Driver {
     store: Store,
     clock: Clock,
     outboxes: HashMap<String, mpsc::UnboundedSender<Outbound>>,
+    /// Each connection's read budget, set from its session record.
+    budgets: HashMap<String, Arc<AtomicUsize>>,
     callers: HashMap<CallerId, Channel>,
 }
 
 impl Driver {
     pub fn new(edge: Edge, store: Store, clock: Clock) -> Driver {
-        Driver { edge, store, clock, outboxes: HashMap::new(), callers: HashMap::new() }
+        Driver { edge, store, clock, outboxes: HashMap::new(), budgets: HashMap::new(), callers: HashMap::new() }
     }
 
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, startup: Vec<Effect>) {
@@ -109,9 +115,10 @@ impl Driver {
                 self.callers.remove(&caller);
                 self.edge.caller_gone(caller);
             }
-            Command::Connect { outbox, reply } => {
-                let (session, effects) = self.edge.connect(now, entropy());
+            Command::Connect { outbox, budget, peer, reply } => {
+                let (session, effects) = self.edge.connect(now, entropy(), &peer);
                 self.outboxes.insert(session.clone(), outbox);
+                self.budgets.insert(session.clone(), budget);
                 self.carry_out(effects);
                 let _ = reply.send(session);
             }
@@ -125,6 +132,7 @@ impl Driver {
             }
             Command::Disconnect { session } => {
                 self.outboxes.remove(&session);
+                self.budgets.remove(&session);
                 let effects = self.edge.disconnect(now, &session);
                 self.carry_out(effects);
             }
@@ -153,6 +161,7 @@ impl Driver {
                     }
                 }
                 Effect::Close { session, code, reason } => {
+                    self.budgets.remove(&session);
                     if let Some(outbox) = self.outboxes.remove(&session) {
                         let _ = outbox.send(Outbound::Close(code, reason));
                     }
@@ -173,8 +182,13 @@ impl Driver {
                 Effect::EndStream { caller } => {
                     self.callers.remove(&caller);
                 }
-                // Sessions live only as long as this process; nothing to keep.
-                Effect::SaveSession(_) => {}
+                // Sessions live only as long as this process; nothing to keep but what the
+                // record says the socket may read.
+                Effect::SaveSession(session) => {
+                    if let Some(budget) = self.budgets.get(&session.id) {
+                        budget.store(session.read_budget().unwrap_or(usize::MAX), Ordering::Relaxed);
+                    }
+                }
                 Effect::Save(_) | Effect::Forget { .. } => unreachable!("writes were split out"),
             }
         }

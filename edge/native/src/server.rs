@@ -103,7 +103,9 @@ impl Server {
         });
         // Graceful: the answers the machine just gave go out; the bound covers
         // connections that never close.
-        let server = axum::serve(listener, app.into_make_service()).with_graceful_shutdown(stopped(stopped_rx.clone()));
+        // With each connection's peer address: unproven agent connections are bounded per source.
+        let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(stopped(stopped_rx.clone()));
         let bound = async {
             stopped(stopped_rx).await;
             tokio::time::sleep(Duration::from_secs(3)).await;

@@ -271,7 +271,10 @@ impl EdgeDurableObject {
         };
         let pair = WebSocketPair::new()?;
         let now = now_ms();
-        let Some((session_id, effects)) = self.with_edge(|edge| edge.connect(now, seed)) else {
+        // Cloudflare sets the caller's address here (a client cannot): unproven connections
+        // are bounded per source.
+        let peer = req.headers().get("cf-connecting-ip").ok().flatten().unwrap_or_default();
+        let Some((session_id, effects)) = self.with_edge(|edge| edge.connect(now, seed, &peer)) else {
             return exchange::respond(http::unavailable("/agent/connect", "the edge is not loaded; retry"));
         };
         if let Err(e) = self.sockets().accept(&pair.server, &session_id) {

@@ -30,7 +30,7 @@ mod views;
 
 pub use callers::CallerId;
 pub use jobs::Submitted;
-pub use sessions::MAX_PENDING_HANDSHAKES;
+pub use sessions::{MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE};
 pub use stop::shutting_down;
 pub use storage::{split_writes, Writes, STORE_RETRY_MS};
 

@@ -67,3 +67,146 @@ fn health_without_the_secret_is_the_verdict_alone() {
     let mut offline = Edge::new(config(), 0);
     assert_eq!(health(&mut offline, None), (503, json!({"status": "offline"})));
 }
+
+/// Entropy making session `n`.
+fn seed(n: u64) -> [u8; 32] {
+    let mut e = [7u8; 32];
+    e[..8].copy_from_slice(&n.to_be_bytes());
+    e
+}
+
+fn pending(edge: &Edge) -> usize {
+    edge.unproven_connections()
+}
+
+/// Answers the challenge in `effects` with `spark`'s signed hello.
+fn prove(edge: &mut Edge, now: u64, sid: &str, effects: &[Effect]) -> Vec<Effect> {
+    let nonce = sent(effects, sid)
+        .into_iter()
+        .find_map(|m| match m {
+            EdgeMessage::Challenge { nonce, .. } => Some(nonce),
+            _ => None,
+        })
+        .expect("a challenge");
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_id: "spark".into(),
+        agent_version: "t".into(),
+        challenge: nonce,
+        agent_nonce: "n".into(),
+        issued_at: now,
+        capacity: 1,
+        running: vec![],
+        finished: vec![],
+        oauth: oauth(),
+    };
+    let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(1)) };
+    edge.message(now, sid, &msg.to_text())
+}
+
+/// The ids of the sessions these effects close.
+fn closes(effects: &[Effect]) -> Vec<String> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Close { session, .. } => Some(session.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn silent_connections_cannot_lock_the_agent_out() {
+    use crate::machine::{MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE};
+    let mut edge = Edge::new(config(), 0);
+    // An attacker spread over many addresses fills every unproven slot…
+    let mut n = 0;
+    for i in 0..MAX_PENDING_HANDSHAKES {
+        n += 1;
+        let (_, effects) = edge.connect(i as u64, seed(n), &format!("198.51.100.{}", i % 8));
+        assert!(closes(&effects).is_empty());
+    }
+    assert_eq!(pending(&edge), MAX_PENDING_HANDSHAKES);
+    // …and renews them: each new one closes the oldest of the most crowded source.
+    for i in 0..200u64 {
+        n += 1;
+        let (_, effects) = edge.connect(100 + i, seed(n), &format!("198.51.100.{}", i % 8));
+        assert_eq!(closes(&effects).len(), 1);
+        assert_eq!(pending(&edge), MAX_PENDING_HANDSHAKES);
+    }
+    // The agent, from its own address or from one of the attacker's, still gets in.
+    for (i, peer) in ["203.0.113.9", "198.51.100.3"].into_iter().enumerate() {
+        n += 1;
+        let (sid, effects) = edge.connect(1_000, seed(n), peer);
+        assert_eq!(closes(&effects).len(), 1, "room is made for it");
+        let effects = prove(&mut edge, 1_000, &sid, &effects);
+        assert!(closed(&effects).is_none(), "{peer}: {effects:?}");
+        assert!(edge.session(&sid).unwrap().agent().is_some());
+        edge.disconnect(1_000 + i as u64, &sid);
+        n += 1;
+        edge.connect(1_000, seed(n), "198.51.100.0");
+    }
+    // The evicted are told why.
+    let (_, effects) = edge.connect(2_000, seed(10_000), "198.51.100.1");
+    let (code, reason) = closed(&effects).unwrap();
+    assert_eq!(code, close::SILENT);
+    assert!(reason.contains("waited longest"), "{reason}");
+    let goodbye = effects.iter().any(|e| matches!(e, Effect::Send { text, .. } if text.contains("goodbye")));
+    assert!(goodbye, "{effects:?}");
+
+    // One source alone cannot hold more than its share: its own oldest goes first.
+    let mut edge = Edge::new(config(), 0);
+    let (other, _) = edge.connect(0, seed(1), "203.0.113.1");
+    let mut flood = Vec::new();
+    for i in 0..MAX_PENDING_PER_SOURCE as u64 {
+        flood.push(edge.connect(1 + i, seed(2 + i), "2001:db8:1:2::1").0);
+    }
+    let (_, effects) = edge.connect(100, seed(500), "2001:db8:1:2::ffff");
+    assert_eq!(closes(&effects), vec![flood[0].clone()], "the same /64 is one source");
+    assert!(edge.session(&other).is_some());
+}
+
+#[test]
+fn a_frame_before_the_hello_is_verified_is_small() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = edge.connect(0, seed(1), PEER);
+    let big = format!(r#"{{"type":"hello","pad":"{}"}}"#, "x".repeat(shared::protocol::MAX_HELLO_BYTES));
+    let (code, reason) = closed(&edge.message(1, &sid, &big)).unwrap();
+    assert_eq!(code, close::PROTOCOL_ERROR);
+    assert!(reason.contains("limit"), "{reason}");
+    // Once proven, frames up to the protocol's limit are fine.
+    let (mut edge, sid) = ready_edge();
+    let event = json!({"type": "heartbeat", "running": [], "capacity": 1, "oauth": oauth(), "pad": "x".repeat(200_000)});
+    assert!(closed(&edge.message(1, &sid, &event.to_string())).is_none());
+}
+
+#[test]
+fn ids_from_unproven_peers_are_neither_echoed_nor_logged() {
+    let mut edge = Edge::new(config(), 0);
+    for bad in ["spark\n2026-01-01T00:00:00Z INFO agent connected agent_id=spark", &"a".repeat(100), "", "sp ark"] {
+        let (sid, effects) = edge.connect(0, seed(1), PEER);
+        let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge") };
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            agent_id: bad.into(),
+            agent_version: "t".into(),
+            challenge: nonce.clone(),
+            agent_nonce: "n".into(),
+            issued_at: 0,
+            capacity: 1,
+            running: vec![],
+            finished: vec![],
+            oauth: oauth(),
+        };
+        let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: bad.into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(1)) };
+        let effects = edge.message(0, &sid, &msg.to_text());
+        let (code, reason) = closed(&effects).unwrap();
+        assert_eq!(code, close::UNAUTHORIZED);
+        assert!(!bad.is_empty() && !reason.contains(bad) || bad.is_empty(), "{reason}");
+        for m in sent(&effects, &sid) {
+            if let EdgeMessage::Goodbye { reason, .. } = m {
+                assert!(!reason.contains('\n') && !reason.contains("aaaaaaaa"), "{reason}");
+            }
+        }
+    }
+}
