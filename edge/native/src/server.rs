@@ -151,7 +151,13 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
     // route that takes none.
     let gate = edge_core::http::preflight(&state.config, parts.method.as_str(), parts.uri.path(), secret.as_deref(), authorization.as_deref());
     let read = match gate {
-        Gate::Answer(refused) => return into_response(refused),
+        Gate::Answer(refused) => {
+            // A little of the body is heard out (bounded, nothing kept) so the caller reads
+            // its refusal rather than a reset connection.
+            let drain = Duration::from_millis(edge_core::body::REFUSAL_DRAIN_MS);
+            let _ = tokio::time::timeout(drain, read_body(body, Intake::refused())).await;
+            return into_response(refused);
+        }
         Gate::AgentSocket => return socket::agent_connect(state, Request::from_parts(parts, body)).await,
         Gate::Handle { read_body } => read_body,
     };
@@ -161,7 +167,7 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
         secret_header: secret,
         authorization,
         idempotency_key: header(&parts.headers, "idempotency-key"),
-        body: if read { read_body(body, state.config.max_body_bytes).await } else { edge_core::body::Body::Bytes(Vec::new()) },
+        body: if read { read_body(body, Intake::new(state.config.max_body_bytes)).await } else { edge_core::body::Body::Bytes(Vec::new()) },
     };
     let (tx, rx) = oneshot::channel();
     if state.driver.send(Command::Http { req, reply: tx }).await.is_err() {
@@ -215,8 +221,7 @@ pub(crate) fn into_response(response: edge_core::Response) -> Response {
 }
 
 /// Reads the body as the core's [`Intake`] says: kept up to the limit, drained past it.
-async fn read_body(body: Body, limit: usize) -> edge_core::body::Body {
-    let mut intake = Intake::new(limit);
+async fn read_body(body: Body, mut intake: Intake) -> edge_core::body::Body {
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         if intake.take(chunk.as_deref().map_err(|e| e.to_string())) == Next::Stop {

@@ -38,7 +38,7 @@ pub fn pool_of(path: &str) -> Result<(String, String), ApiError> {
 }
 
 #[event(fetch)]
-async fn route(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
+async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
     let url = match req.url() {
         Ok(url) => url,
         Err(e) => return exchange::error(&ApiError::invalid(format!("unreadable request URL: {e}"))),
@@ -48,17 +48,23 @@ async fn route(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
         Err(e) => return exchange::error(&e),
     };
     // With a broken configuration the object answers (it says which setting to fix).
+    let mut with_body = false;
     if let Ok(config) = edge_core::Config::from_lookup(|name| crate::object::setting(&env, name)) {
         let header = |name: &str| req.headers().get(name).ok().flatten();
         let (secret, authorization) = (header("x-runner-secret"), header("authorization"));
         let method = req.inner().method();
-        // Refused at once, with nothing of the body read: a caller without the secret cannot
-        // make the edge read (or wait for) a single byte it sends.
-        if let Gate::Answer(refused) = edge_core::http::preflight(&config, &method, &path, secret.as_deref(), authorization.as_deref()) {
-            return exchange::respond(refused);
+        match edge_core::http::preflight(&config, &method, &path, secret.as_deref(), authorization.as_deref()) {
+            // Refused at once, with at most a few KiB of the body heard out (for at most a
+            // second): a caller without the secret cannot make the edge read or wait.
+            Gate::Answer(refused) => {
+                exchange::drain_refused(&mut req).await;
+                return exchange::respond(refused);
+            }
+            Gate::Handle { read_body } => with_body = read_body,
+            Gate::AgentSocket => {}
         }
     }
-    match forward(&req, url, &env, &pool, &path).await {
+    match forward(&req, url, &env, &pool, &path, with_body).await {
         Ok(response) => Ok(response),
         Err(e) => {
             console_error!("pool={pool} path={path} could not reach the pool's Durable Object: {e}");
@@ -73,17 +79,23 @@ async fn route(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
     }
 }
 
-/// Sends the request on to the pool's object: same method, headers and body (a stream,
-/// not read here), the path without the pool prefix.
-async fn forward(req: &Request, mut url: worker::Url, env: &Env, pool: &str, path: &str) -> worker::Result<Response> {
+/// Sends the request on to the pool's object: same method and headers, the path without
+/// the pool prefix, and the body (a stream, not read here) only where the gate said the
+/// route takes one.
+async fn forward(req: &Request, mut url: worker::Url, env: &Env, pool: &str, path: &str, with_body: bool) -> worker::Result<Response> {
     url.set_path(path);
     let original = req.inner();
     let init = web_sys::RequestInit::new();
     init.set_method(&original.method());
-    init.set_headers(original.headers().as_ref());
-    if let Some(body) = original.body() {
-        init.set_body(&JsValue::from(body));
+    let headers = web_sys::Headers::new_with_headers(&original.headers())?;
+    match original.body() {
+        Some(body) if with_body => init.set_body(&JsValue::from(body)),
+        _ => {
+            headers.delete("content-length")?;
+            headers.delete("transfer-encoding")?;
+        }
     }
+    init.set_headers(headers.as_ref());
     let forwarded = web_sys::Request::new_with_str_and_init(url.as_str(), &init)?;
     let stub = env.durable_object(BINDING)?.id_from_name(pool)?.get_stub()?;
     stub.fetch_with_request(forwarded.into()).await

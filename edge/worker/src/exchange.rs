@@ -31,10 +31,18 @@ pub fn error(err: &ApiError) -> worker::Result<Response> {
     respond(edge_core::Response::error(err.clone()))
 }
 
-/// Reads the body as the core's [`Intake`] says: kept up to `limit`, drained past it
+/// Hears out a little of a refused request's body ([`Intake::refused`], for at most
+/// [`edge_core::body::REFUSAL_DRAIN_MS`]) so its caller reads the refusal rather than a
+/// reset connection; nothing is kept.
+pub async fn drain_refused(req: &mut Request) {
+    let drain = std::pin::pin!(read_body(req, Intake::refused()));
+    let bound = std::pin::pin!(worker::Delay::from(std::time::Duration::from_millis(edge_core::body::REFUSAL_DRAIN_MS)));
+    let _ = futures::future::select(drain, bound).await;
+}
+
+/// Reads the body as the core's [`Intake`] says: kept up to its limit, drained past it
 /// (never held), a broken upload reported as such.
-pub async fn read_body(req: &mut Request, limit: usize) -> Body {
-    let mut intake = Intake::new(limit);
+pub async fn read_body(req: &mut Request, mut intake: Intake) -> Body {
     if req.inner().body().is_none() {
         return intake.finish();
     }

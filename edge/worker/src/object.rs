@@ -78,7 +78,11 @@ impl DurableObject for EdgeDurableObject {
         let method = req.inner().method();
         let gate = self.with_edge(|edge| http::preflight(edge.config(), &method, &path, secret.as_deref(), authorization.as_deref()));
         let answer = match gate {
-            Some(Gate::Answer(refused)) => exchange::respond(refused),
+            Some(Gate::Answer(refused)) => {
+                let mut req = req;
+                exchange::drain_refused(&mut req).await;
+                exchange::respond(refused)
+            }
             Some(Gate::AgentSocket) => self.accept_agent(&req).await,
             Some(Gate::Handle { read_body }) => self.serve(req, &path, read_body).await,
             None => exchange::respond(http::unavailable(&path, "the edge is not loaded; retry")),
@@ -301,7 +305,7 @@ impl EdgeDurableObject {
         let method = req.inner().method();
         let body = if read_body {
             let limit = self.with_edge(|edge| edge.config().max_body_bytes).unwrap_or(0);
-            exchange::read_body(&mut req, limit).await
+            exchange::read_body(&mut req, edge_core::body::Intake::new(limit)).await
         } else {
             edge_core::body::Body::Bytes(Vec::new())
         };
