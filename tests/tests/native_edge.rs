@@ -116,6 +116,25 @@ async fn a_locked_database_refuses_work_and_keeps_results_until_they_are_stored(
 /// (`edge_core::machine::MAX_PENDING_PER_SOURCE`).
 const MAX_PENDING_PER_SOURCE: usize = 16;
 
+/// The job store holds prompts and results: owner-only, the folder the edge made, the
+/// database and its journal files, even a database that was readable by others before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_store_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let (mut edge, _agent, client) = edge_with_agent().await;
+    assert_eq!(client.execute(json!({"prompt": "a secret plan"})).await.status, 200);
+    let db = edge.data.path().join("db");
+    let mode = |name: &str| std::fs::metadata(db.join(name)).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+    assert_eq!(mode(""), 0o700, "DATA_DIR");
+    for file in ["edge.sqlite3", "edge.sqlite3-wal", "edge.sqlite3-shm"] {
+        assert_eq!(mode(file), 0o600, "{file}");
+    }
+    edge.stop();
+    std::fs::set_permissions(db.join("edge.sqlite3"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    edge.restart();
+    assert_eq!(mode("edge.sqlite3"), 0o600, "a database readable by others is made private again");
+}
+
 /// Opens a WebSocket to `/agent/connect` by hand and never writes again: a peer that
 /// will not answer a close.
 fn mute_agent_socket(port: u16) -> std::net::TcpStream {
