@@ -440,31 +440,20 @@ impl Client {
     /// Follows `GET /jobs/{id}/events` to its end: the status, content type and every
     /// SSE event as (event name, data).
     pub async fn follow(&self, job_id: &str) -> (u16, String, Vec<(String, String)>) {
-        use futures_util::StreamExt;
-        let resp = self
-            .http
+        let resp = self.open_events(job_id).await;
+        let status = resp.status().as_u16();
+        let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        (status, content_type, read_events(resp).await)
+    }
+
+    /// `GET /jobs/{id}/events`, answered (the stream is open) but not read yet.
+    pub async fn open_events(&self, job_id: &str) -> reqwest::Response {
+        self.http
             .get(format!("{}/jobs/{job_id}/events", self.base))
             .header("X-Runner-Secret", SECRET)
             .send()
             .await
-            .expect("the edge answers");
-        let status = resp.status().as_u16();
-        let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-        let mut text = String::new();
-        let mut body = resp.bytes_stream();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline.into(), body.next()).await {
-            text.push_str(&String::from_utf8_lossy(&chunk));
-        }
-        let events = text
-            .split("\n\n")
-            .filter_map(|block| {
-                let name = block.lines().find_map(|l| l.strip_prefix("event: "))?;
-                let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
-                Some((name.to_string(), data.to_string()))
-            })
-            .collect();
-        (status, content_type, events)
+            .expect("the edge answers")
     }
 
     /// Polls a job until it is in a terminal state.
@@ -554,6 +543,25 @@ impl Drop for SilentCrowd {
     }
 }
 
+/// Reads an event stream to its end (at most a minute): every SSE event as (event name,
+/// data).
+pub async fn read_events(resp: reqwest::Response) -> Vec<(String, String)> {
+    use futures_util::StreamExt;
+    let mut text = String::new();
+    let mut body = resp.bytes_stream();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline.into(), body.next()).await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text.split("\n\n")
+        .filter_map(|block| {
+            let name = block.lines().find_map(|l| l.strip_prefix("event: "))?;
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
+            Some((name.to_string(), data.to_string()))
+        })
+        .collect()
+}
+
 /// Whether a process is alive (and not a zombie).
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -595,6 +603,37 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.split(':').next() == Some(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A process and all its descendants (the Worker host is node plus workerd).
+pub fn process_tree(root: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                if let Some(ppid) = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).and_then(|p| p.parse().ok()) {
+                    parents.push((pid, ppid));
+                }
+            }
+        }
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree
+}
+
+impl EdgeServer {
+    /// The peak resident memory of the edge so far in KiB (`VmHWM`): the native
+    /// process, or node and workerd.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.pid().map_or(0, |pid| process_tree(pid).into_iter().filter_map(|p| proc_status_kib(p, "VmHWM")).sum())
+    }
 }
 
 /// Resident memory of a process in KiB (`VmRSS`).

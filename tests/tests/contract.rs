@@ -607,6 +607,75 @@ async fn unproven_connections_are_held_to_a_hello(kind: EdgeKind) {
     }
 }
 
+/// 200 followers of one job that never read past the status line: only so many are
+/// taken (429 for the rest), those that stall are dropped, the edge's memory stays
+/// bounded while megabytes of progress go by, and a follower that reads gets it all.
+async fn followers_are_capped_and_those_that_stop_reading_are_dropped(kind: EdgeKind) {
+    use std::io::{Read, Write};
+    const PER_JOB: usize = 16; // edge_core::progress::MAX_FOLLOWERS_PER_JOB
+    let s = setup(kind, &[], &[]).await;
+    let blocker = s.client.submit(json!({"prompt": "@sleep=4000 blocker"})).await;
+    let flood = s.client.submit(json!({"prompt": "@megabytes=32 @sleep=300 flood"})).await;
+    let job_id = flood.body["job_id"].as_str().unwrap().to_string();
+    assert_eq!(flood.body["state"], "queued", "{}", flood.text);
+    // A follower that reads, first (its answer means it is registered).
+    let stream = s.client.open_events(&job_id).await;
+    assert_eq!(stream.status(), 200);
+    let reader = tokio::spawn(read_events(stream));
+    let peak_before = s.edge.peak_rss_kib();
+    let port = s.edge.port;
+    let path = format!("/jobs/{job_id}/events");
+    let (stalled, refused) = tokio::task::spawn_blocking(move || {
+        let (mut stalled, mut refused) = (Vec::new(), 0);
+        for _ in 0..200 {
+            let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let head = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Runner-Secret: {SECRET}\r\n\r\n");
+            tcp.write_all(head.as_bytes()).unwrap();
+            // The status line, and never another byte.
+            let mut line = [0u8; 12];
+            tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            tcp.read_exact(&mut line).unwrap();
+            match &line[9..12] {
+                b"200" => stalled.push(tcp),
+                b"429" => refused += 1,
+                other => panic!("{}", String::from_utf8_lossy(other)),
+            }
+        }
+        (stalled, refused)
+    })
+    .await
+    .unwrap();
+    assert_eq!(stalled.len(), PER_JOB - 1, "the reader and {} more are taken", PER_JOB - 1);
+    assert_eq!(refused, 200 - (PER_JOB - 1));
+
+    // The reader's stream ends with the job.
+    let events = reader.await.unwrap();
+    let done = s.client.get(&format!("/jobs/{job_id}")).await;
+    assert_eq!(done.body["state"], "succeeded", "{}", done.text);
+    // 15 stalled followers of 32 MiB of progress: unbounded queues would hold ~480 MiB.
+    let grown_mib = s.edge.peak_rss_kib().saturating_sub(peak_before) / 1024;
+    assert!(grown_mib < 120, "the edge's peak memory grew by {grown_mib} MiB");
+    assert_eq!(events.iter().filter(|(k, _)| k == "progress").count(), 1 + 32 * 16 + 2, "the reader got every event (init, the flood, the answer, the result line)");
+    assert_eq!(events.last().map(|(k, _)| k.as_str()), Some("result"));
+    // The stalled ones were dropped before the end: cut off (no wait for the 20 s
+    // timeout), and none of them got the result.
+    let kept = tokio::task::spawn_blocking(move || {
+        stalled
+            .into_iter()
+            .filter(|mut tcp| {
+                tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut all = Vec::new();
+                let still_open = matches!(tcp.read_to_end(&mut all), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+                still_open || String::from_utf8_lossy(&all).contains("event: result")
+            })
+            .count()
+    })
+    .await
+    .unwrap();
+    assert_eq!(kept, 0, "stalled followers were kept to the end, or kept open");
+    s.client.wait_job(blocker.body["job_id"].as_str().unwrap(), Duration::from_secs(20)).await;
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod native {
@@ -661,4 +730,5 @@ contract!(
     a_binary_frame_closes_the_connection_with_a_reason,
     silent_sockets_cannot_lock_the_agent_out,
     unproven_connections_are_held_to_a_hello,
+    followers_are_capped_and_those_that_stop_reading_are_dropped,
 );

@@ -220,10 +220,9 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
         }
         ("GET", ["jobs", id, "events"]) => {
             let mut effects = Vec::new();
-            if edge.follow(caller, id, &mut effects) {
-                Handled { caller, reply: Reply::Stream, effects }
-            } else {
-                answer(Response::error(ApiError::job_not_found(id)), effects)
+            match edge.follow(caller, id, &mut effects) {
+                Ok(()) => Handled { caller, reply: Reply::Stream, effects },
+                Err(refused) => answer(Response::error(refused), effects),
             }
         }
         ("GET", ["jobs", id]) => match edge.job(id) {

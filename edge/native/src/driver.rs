@@ -7,6 +7,7 @@ use crate::clock::Clock;
 use crate::store::Store;
 use runtime::entropy;
 use edge_core::http::{self, Reply};
+use edge_core::progress::{Chunk, Lag};
 use edge_core::{split_writes, CallerId, Edge, Effect, Response};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,8 +28,9 @@ pub enum Opened {
     /// One answer comes on `answer`; if not within `max_wait_ms`, send
     /// [`Command::WaitExpired`] and keep waiting.
     Once { caller: CallerId, max_wait_ms: u64, answer: oneshot::Receiver<Response> },
-    /// Server-Sent Events chunks until the channel closes.
-    Stream { chunks: mpsc::UnboundedReceiver<String> },
+    /// Server-Sent Events chunks until the channel closes; each one taken is counted off
+    /// `lag`.
+    Stream { chunks: mpsc::UnboundedReceiver<Chunk>, lag: Lag },
 }
 
 pub enum Command {
@@ -49,7 +51,7 @@ pub enum Command {
 /// The machine's callers, as channels.
 enum Channel {
     Once(oneshot::Sender<Response>),
-    Stream(mpsc::UnboundedSender<String>),
+    Stream(mpsc::UnboundedSender<Chunk>, Lag),
 }
 
 pub struct Driver {
@@ -100,8 +102,9 @@ impl Driver {
                     }
                     Reply::Stream => {
                         let (tx, rx) = mpsc::unbounded_channel();
-                        self.callers.insert(handled.caller, Channel::Stream(tx));
-                        Opened::Stream { chunks: rx }
+                        let lag = Lag::default();
+                        self.callers.insert(handled.caller, Channel::Stream(tx, lag.clone()));
+                        Opened::Stream { chunks: rx, lag }
                     }
                 };
                 self.carry_out(handled.effects);
@@ -172,8 +175,9 @@ impl Driver {
                     }
                 }
                 Effect::Stream { caller, chunk } => {
-                    if let Some(Channel::Stream(tx)) = self.callers.get(&caller) {
-                        if tx.send(chunk).is_err() {
+                    if let Some(Channel::Stream(tx, lag)) = self.callers.get(&caller) {
+                        // A follower that stopped reading is dropped: its stream ends.
+                        if !lag.queued(chunk.len()) || tx.send(chunk).is_err() {
                             self.callers.remove(&caller);
                             gone.push(caller);
                         }

@@ -13,7 +13,7 @@ use axum::routing::any;
 use axum::Router;
 use edge_core::body::{Intake, Next};
 use edge_core::http::Gate;
-use edge_core::progress::{SSE_CONTENT_TYPE, SSE_KEEPALIVE, SSE_KEEPALIVE_MS};
+use edge_core::progress::{Chunk, Lag, SSE_CONTENT_TYPE, SSE_KEEPALIVE, SSE_KEEPALIVE_MS};
 use edge_core::{CallerId, Config};
 use futures_util::StreamExt;
 use std::net::SocketAddr;
@@ -175,7 +175,7 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
     }
     let Ok(opened) = rx.await else { return into_response(edge_core::http::shutting_down()) };
     match opened {
-        Opened::Stream { chunks } => event_stream(chunks),
+        Opened::Stream { chunks, lag } => event_stream(chunks, lag),
         Opened::Once { caller, max_wait_ms, mut answer } => {
             let mut hang_up = HangUp { caller: Some(caller), driver: state.driver.clone() };
             let answered = match tokio::time::timeout(Duration::from_millis(max_wait_ms), &mut answer).await {
@@ -195,17 +195,27 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
     }
 }
 
-/// A `text/event-stream` answer: the chunks as they come, with a keep-alive comment
-/// whenever the job is quiet, until the driver closes the channel.
-fn event_stream(chunks: mpsc::UnboundedReceiver<String>) -> Response {
+/// A `text/event-stream` answer: the chunks as the connection takes them (each counted
+/// off `lag`), with a keep-alive comment whenever the job is quiet, until the driver
+/// closes the channel.
+fn event_stream(chunks: mpsc::UnboundedReceiver<Chunk>, lag: Lag) -> Response {
     let keepalive = Duration::from_millis(SSE_KEEPALIVE_MS);
-    let stream = futures_util::stream::unfold(chunks, move |mut chunks| async move {
-        let chunk = match tokio::time::timeout(keepalive, chunks.recv()).await {
-            Ok(Some(chunk)) => chunk,
-            Ok(None) => return None,
-            Err(_) => SSE_KEEPALIVE.to_string(),
-        };
-        Some((Ok::<_, std::convert::Infallible>(chunk), chunks))
+    let stream = futures_util::stream::unfold(Some(chunks), move |chunks| {
+        let lag = lag.clone();
+        async move {
+            let mut chunks = chunks?;
+            let chunk = match tokio::time::timeout(keepalive, chunks.recv()).await {
+                Ok(Some(chunk)) => {
+                    lag.taken(chunk.len());
+                    chunk.to_string()
+                }
+                // Dropped for falling behind: an error aborts the connection.
+                Ok(None) if lag.cut() => return Some((Err(std::io::Error::other("the follower fell too far behind")), None)),
+                Ok(None) => return None,
+                Err(_) => SSE_KEEPALIVE.to_string(),
+            };
+            Some((Ok(chunk), Some(chunks)))
+        }
     });
     let mut out = Response::new(Body::from_stream(stream));
     out.headers_mut().insert("content-type", SSE_CONTENT_TYPE.parse().expect("static content types parse"));

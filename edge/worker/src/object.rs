@@ -18,6 +18,7 @@ use crate::sockets::{close_socket, AtHand, Sockets};
 use crate::store::Store;
 use crate::{entropy, now_ms};
 use edge_core::http::{self, Gate, Reply};
+use edge_core::progress::{Chunk, Lag};
 use edge_core::{split_writes, CallerId, Config, Edge, Effect, Millis, Response};
 use futures::channel::{mpsc, oneshot};
 use futures::future::{select, Either};
@@ -44,7 +45,7 @@ enum Machine {
 /// A caller's channel: the machine's answers for it go here.
 enum Channel {
     Once(oneshot::Sender<Response>),
-    Stream(mpsc::UnboundedSender<String>),
+    Stream(mpsc::UnboundedSender<Chunk>, Lag),
 }
 
 #[durable_object]
@@ -230,8 +231,9 @@ impl EdgeDurableObject {
                 }
                 Effect::Stream { caller, chunk } => {
                     let mut callers = self.callers.borrow_mut();
-                    if let Some(Channel::Stream(tx)) = callers.get(&caller) {
-                        if tx.unbounded_send(chunk).is_err() {
+                    if let Some(Channel::Stream(tx, lag)) = callers.get(&caller) {
+                        // A follower that stopped reading is dropped: its stream ends.
+                        if !lag.queued(chunk.len()) || tx.unbounded_send(chunk).is_err() {
                             callers.remove(&caller);
                             gone.push(caller);
                         }
@@ -322,11 +324,12 @@ impl EdgeDurableObject {
         // The caller's channel exists before the effects run: they may answer it.
         match handled.reply {
             Reply::Stream => {
-                let (tx, rx) = mpsc::unbounded::<String>();
-                self.callers.borrow_mut().insert(caller, Channel::Stream(tx));
+                let (tx, rx) = mpsc::unbounded::<Chunk>();
+                let lag = Lag::default();
+                self.callers.borrow_mut().insert(caller, Channel::Stream(tx, lag.clone()));
                 self.apply(handled.effects, None);
                 self.schedule(now).await;
-                exchange::event_stream(rx)
+                exchange::event_stream(rx, lag)
             }
             Reply::Once { max_wait_ms } => {
                 let (tx, rx) = oneshot::channel();

@@ -210,3 +210,38 @@ fn ids_from_unproven_peers_are_neither_echoed_nor_logged() {
         }
     }
 }
+
+#[test]
+fn followers_are_capped_per_job_and_in_all() {
+    use crate::progress::{MAX_FOLLOWERS, MAX_FOLLOWERS_PER_JOB};
+    let mut edge = Edge::new(Config { max_queued_jobs: 10, ..config() }, 0);
+    let jobs = MAX_FOLLOWERS / MAX_FOLLOWERS_PER_JOB + 1;
+    for j in 0..jobs {
+        edge.submit(0, format!("j{j}"), submission("x", 60_000, None), Mode::Detached).unwrap();
+    }
+    let mut follow = |edge: &mut Edge, job: &str| {
+        let caller = edge.begin_request();
+        edge.follow(caller, job, &mut Vec::new()).map(|()| caller)
+    };
+    let first = follow(&mut edge, "j0").unwrap();
+    for _ in 1..MAX_FOLLOWERS_PER_JOB {
+        follow(&mut edge, "j0").unwrap();
+    }
+    let refused = follow(&mut edge, "j0").unwrap_err();
+    assert_eq!(refused.status, 429);
+    assert!(refused.body.error.contains("GET /jobs/j0"), "{}", refused.body.error);
+    // One that leaves makes room.
+    edge.caller_gone(first);
+    follow(&mut edge, "j0").unwrap();
+    for j in 1..jobs - 1 {
+        for _ in 0..MAX_FOLLOWERS_PER_JOB {
+            follow(&mut edge, &format!("j{j}")).unwrap();
+        }
+    }
+    assert_eq!(edge.callers_waiting(), MAX_FOLLOWERS);
+    assert_eq!(follow(&mut edge, &format!("j{}", jobs - 1)).unwrap_err().status, 429, "the edge's bound");
+    // Through HTTP: the 429 in the contract's shape.
+    let handled = call(&mut edge, 0, "GET", &format!("/jobs/j{}/events", jobs - 1), Value::Null);
+    let (status, body) = answer_to(&handled.effects, handled.caller).unwrap();
+    assert_eq!((status, body["error_code"].as_str()), (429, Some("RUNNER_BUSY")));
+}

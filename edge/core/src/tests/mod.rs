@@ -99,7 +99,7 @@ pub(super) fn streamed(effects: &[Effect], caller: CallerId) -> (Vec<String>, bo
     let chunks = effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Stream { caller: c, chunk } if *c == caller => Some(chunk.clone()),
+            Effect::Stream { caller: c, chunk } if *c == caller => Some(chunk.to_string()),
             _ => None,
         })
         .collect();
@@ -557,7 +557,7 @@ fn followers_get_the_progress_so_far_then_the_result() {
     edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
     let early = edge.begin_request();
     let mut effects = Vec::new();
-    assert!(edge.follow(early, "j1", &mut effects));
+    assert!(edge.follow(early, "j1", &mut effects).is_ok());
     assert_eq!(streamed(&effects, early), (vec![], false));
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
     let effects = say(&mut edge, 2, &sid, AgentMessage::Event { job_id: "j1".into(), seq: 1, event: json!({"type": "system"}) });
@@ -571,7 +571,7 @@ fn followers_get_the_progress_so_far_then_the_result() {
     }
     let late = edge.begin_request();
     let mut effects = Vec::new();
-    edge.follow(late, "j1", &mut effects);
+    edge.follow(late, "j1", &mut effects).unwrap();
     let (backlog, ended) = streamed(&effects, late);
     assert!(!ended);
     assert!(backlog[0].contains("5 earlier progress events"), "{}", backlog[0]);
@@ -586,8 +586,8 @@ fn followers_get_the_progress_so_far_then_the_result() {
     // A follower of a job that is over gets the result at once.
     let after = edge.begin_request();
     let mut effects = Vec::new();
-    edge.follow(after, "j1", &mut effects);
+    edge.follow(after, "j1", &mut effects).unwrap();
     let (chunks, ended) = streamed(&effects, after);
     assert!(ended && chunks.len() == 1 && chunks[0].starts_with("event: result"), "{chunks:?}");
-    assert!(!edge.follow(after, "nope", &mut Vec::new()));
+    assert_eq!(edge.follow(after, "nope", &mut Vec::new()).unwrap_err().status, 404);
 }
