@@ -110,6 +110,8 @@ async fn health_follows_the_agent(kind: EdgeKind) {
     assert_eq!(h.body["agent"]["connected"], true);
     assert_eq!(h.body["agent"]["agent_id"], "spark");
     assert_eq!(h.body["agent"]["capacity"], 1);
+    // The agent's `claude --version`, read before its first hello.
+    assert_eq!(h.body["agent"]["claude_version"], "0.0.0 (Claude Code stand-in)");
     assert_eq!(h.body["oauth"]["configured"], true);
     assert!(h.body["timestamp"].as_str().unwrap().ends_with('Z'));
     s.agent.stop();
@@ -303,6 +305,12 @@ async fn tokens_never_leave_the_machine(kind: EdgeKind) {
     assert_eq!(a.status, 200);
     assert!(!a.text.contains("test-token-not-real"), "token leaked: {}", a.text);
     assert!(a.text.contains("[REDACTED]"));
+    // The agent's own key is not Claude's to see: with it, whoever holds RUNNER_SECRET
+    // could pose as the agent (as a container's or a unit's environment has it).
+    let key = shared::keys::encode_signing(s.edge.keys.agent("spark"));
+    let a = s.client.execute(json!({"prompt": "@print_env=AGENT_SIGNING_KEY"})).await;
+    assert_eq!(a.body["output"], "the value is ", "{}", a.text);
+    assert!(!a.text.contains(&key));
 
     // The login file, printed whole in base64 (as `base64 ~/.claude/.credentials.json`
     // would), with tokens that do not even look like Anthropic's.
@@ -529,6 +537,7 @@ async fn a_silent_agent_is_reported_offline_within_two_heartbeats(kind: EdgeKind
         running: vec![],
         finished: vec![],
         oauth: shared::oauth::OAuthReport { source: shared::oauth::OAuthSource::ApiKey, ..shared::oauth::OAuthReport::unconfigured(now) },
+        claude_version: None,
     };
     let envelope = Envelope::seal(Domain::Hello, &hello, keys.agent("spark"));
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope };

@@ -40,6 +40,8 @@ pub struct Agent {
     /// Jobs the agent said it can take now, minus those sent since.
     pub credits: u32,
     pub oauth: OAuthReport,
+    #[serde(default)]
+    pub claude_version: Option<String>,
 }
 
 /// Why a connection is closed; the agent shows the reason to its operator.

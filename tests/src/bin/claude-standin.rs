@@ -11,6 +11,10 @@
 //! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it).
 //!
 //! With `STANDIN_LOG` set, every invocation appends one JSON line (argv, cwd, prompt).
+//!
+//! `auth login` imitates the real CLI's login without a TTY: it prints an authorization
+//! URL, reads the pasted code from stdin and writes `.credentials.json` (mode 0600) into
+//! `$CLAUDE_CONFIG_DIR` (else `~/.claude`), with tokens derived from the code.
 
 use std::io::{Read, Write};
 
@@ -29,6 +33,10 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--version") {
         println!("0.0.0 (Claude Code stand-in)");
+        return;
+    }
+    if args.len() >= 2 && args[0] == "auth" && args[1] == "login" {
+        auth_login();
         return;
     }
     let mut prompt = String::new();
@@ -103,4 +111,39 @@ fn main() {
     }));
     let code = directive(&prompt, "exit").and_then(|c| c.parse().ok()).unwrap_or(if is_error { 1 } else { 0 });
     std::process::exit(code);
+}
+
+fn auth_login() {
+    println!("Browse to https://claude.ai/oauth/authorize?code=true&client_id=stand-in&state=standin");
+    print!("Paste code here if prompted > ");
+    let _ = std::io::stdout().flush();
+    let mut code = String::new();
+    let _ = std::io::stdin().read_line(&mut code);
+    let code = code.trim();
+    if code.is_empty() || !code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        eprintln!("\nOAuth error: invalid code");
+        std::process::exit(1);
+    }
+    let dir = std::env::var_os("CLAUDE_CONFIG_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".claude"));
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let credentials = serde_json::json!({"claudeAiOauth": {
+        "accessToken": format!("sk-ant-oat01-standin-{code}"),
+        "refreshToken": format!("sk-ant-ort01-standin-{code}"),
+        "expiresAt": now_ms + 8 * 3_600_000,
+        "refreshTokenExpiresAt": now_ms + 30 * 86_400_000,
+        "scopes": ["user:inference"],
+        "subscriptionType": "max",
+    }});
+    use std::os::unix::fs::OpenOptionsExt;
+    let written = std::fs::create_dir_all(&dir).and_then(|()| {
+        let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(dir.join(".credentials.json"))?;
+        f.write_all(credentials.to_string().as_bytes())
+    });
+    if let Err(e) = written {
+        eprintln!("\nLogin failed: cannot write {}: {e}", dir.display());
+        std::process::exit(1);
+    }
+    println!("\nLogin successful.");
 }

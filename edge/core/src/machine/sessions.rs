@@ -237,6 +237,7 @@ impl Edge {
             capacity: hello.capacity,
             credits: 0,
             oauth: hello.oauth.clone(),
+            claude_version: hello.claude_version.as_deref().map(claude_version),
         });
         let saved = Effect::SaveSession(Box::new(session.clone()));
         let welcome = Welcome {
@@ -304,11 +305,14 @@ impl Edge {
     fn agent_message(&mut self, now: Now, session_id: &str, msg: AgentMessage, effects: &mut Vec<Effect>) {
         let agent_id = self.sessions[session_id].agent_id().expect("ready session").to_string();
         match msg {
-            AgentMessage::Heartbeat { running: _, capacity, oauth } => {
+            AgentMessage::Heartbeat { running: _, capacity, oauth, claude_version: version } => {
                 let session = self.session_mut(session_id).expect("session exists");
                 let agent = session.agent_mut().expect("ready session");
                 agent.capacity = capacity;
                 agent.oauth = oauth.clone();
+                if let Some(v) = version {
+                    agent.claude_version = Some(claude_version(&v));
+                }
                 effects.push(Effect::SaveSession(Box::new(session.clone())));
                 self.last_oauth = Some((agent_id, oauth));
                 let ack = EdgeMessage::HeartbeatAck { server_time: now.wall };
@@ -395,4 +399,10 @@ impl Edge {
             .get(job_id)
             .filter(|j| !j.state.is_terminal() && j.agent_id.as_deref() == Some(agent_id))
     }
+}
+
+/// An agent's CLI version as the edge keeps and shows it: one bounded line.
+fn claude_version(reported: &str) -> String {
+    let line = reported.lines().next().unwrap_or_default().trim();
+    shared::text::truncate(line, shared::protocol::MAX_CLAUDE_VERSION_BYTES).to_string()
 }
