@@ -12,7 +12,7 @@ use crate::spool::Spool;
 use crate::status::StatusFile;
 use futures_util::FutureExt;
 use shared::contract::ErrorCode;
-use shared::envelope::{open_order, Domain, Envelope, Refusal};
+use shared::envelope::{open_order, Audience, Domain, Envelope, Refusal};
 use shared::job::JobResult;
 use shared::oauth::OAuthReport;
 use shared::protocol::{AgentMessage, CancelOrder, JobOrder};
@@ -121,7 +121,8 @@ impl Agent {
 
     fn verify<T: serde::de::DeserializeOwned + shared::envelope::HasHeader>(&self, envelope: &Envelope, domain: Domain) -> Option<T> {
         let now = crate::now_ms();
-        let order: T = match open_order(envelope, domain, &self.cfg.edge_public_key, &self.cfg.agent_id, now) {
+        let me = Audience { agent_id: &self.cfg.agent_id, pool: &self.cfg.pool };
+        let order: T = match open_order(envelope, domain, &self.cfg.edge_public_key, me, now) {
             Ok(o) => o,
             Err(refusal) => {
                 self.refuse(envelope, &refusal);

@@ -13,6 +13,12 @@ pub fn plain_id(id: &str, max: usize) -> bool {
     !id.is_empty() && id.len() <= max && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
 }
 
+/// The pool of an edge's requests that name none, and of agents that name none
+/// (`EDGE_POOL`).
+pub const DEFAULT_POOL: &str = "default";
+/// Longest pool name; a pool name is a plain id.
+pub const MAX_POOL_NAME: usize = 64;
+
 /// Longest job id anyone accepts.
 pub const MAX_JOB_ID: usize = 128;
 

@@ -21,7 +21,8 @@ use crate::oauth::OAuthReport;
 use crate::Millis;
 use serde::{Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: pools signed into welcomes and orders; progress and results signed by the agent.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
@@ -163,6 +164,8 @@ pub const MAX_CLAUDE_VERSION_BYTES: usize = 100;
 pub struct Welcome {
     pub protocol: u32,
     pub agent_id: String,
+    /// The pool the agent joined: it must be the one the agent serves (`EDGE_POOL`).
+    pub pool: String,
     pub agent_nonce: String,
     pub session_id: String,
     pub heartbeat_interval_ms: u64,

@@ -56,6 +56,11 @@ impl FakeEdge {
 
     /// Accepts a connection and runs the handshake; `welcome_key` signs the welcome.
     async fn handshake(&self, welcome_key: &SigningKey, protocol: u32) -> (Ws, Option<Hello>) {
+        self.handshake_into(welcome_key, protocol, "default").await
+    }
+
+    /// The handshake, welcoming the agent into `pool`.
+    async fn handshake_into(&self, welcome_key: &SigningKey, protocol: u32, pool: &str) -> (Ws, Option<Hello>) {
         let mut ws = self.accept().await;
         let challenge = EdgeMessage::Challenge { protocol, nonce: "fake-nonce".into(), edge_version: "fake".into(), server_time: now() };
         ws.send(Message::Text(challenge.to_text().into())).await.unwrap();
@@ -67,6 +72,7 @@ impl FakeEdge {
         let welcome = Welcome {
             protocol: PROTOCOL_VERSION,
             agent_id: hello.agent_id.clone(),
+            pool: pool.into(),
             agent_nonce: hello.agent_nonce.clone(),
             session_id: "s1".into(),
             heartbeat_interval_ms: 500,
@@ -113,7 +119,14 @@ fn spec(prompt: &str) -> JobSpec {
 
 fn order(job_id: &str, agent: &str, issued_at: u64, expires_at: u64, prompt: &str) -> JobOrder {
     JobOrder {
-        header: OrderHeader { job_id: job_id.into(), agent_id: agent.into(), issued_at, expires_at, nonce: format!("{job_id}:1") },
+        header: OrderHeader {
+            job_id: job_id.into(),
+            agent_id: agent.into(),
+            pool: "default".into(),
+            issued_at,
+            expires_at,
+            nonce: format!("{job_id}:1"),
+        },
         spec: spec(prompt),
     }
 }
@@ -165,6 +178,12 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
     // For another agent.
     let other = Envelope::seal(Domain::Job, &order("other", "laptop", t, t + 60_000, "@other"), &edge.edge_key);
     assert!(rejected(&answer(&mut ws, other).await).contains("laptop"));
+
+    // From another pool of the same edge (signed with the edge's key all the same).
+    let mut elsewhere = order("elsewhere", "spark", t, t + 60_000, "@elsewhere");
+    elsewhere.header.pool = "gpu".into();
+    let elsewhere = Envelope::seal(Domain::Job, &elsewhere, &edge.edge_key);
+    assert!(rejected(&answer(&mut ws, elsewhere).await).contains("pool `gpu`"));
 
     // Expired beyond the 60 s skew allowance.
     let expired = Envelope::seal(Domain::Job, &order("expired", "spark", t - 200_000, t - 130_000, "@expired"), &edge.edge_key);
@@ -218,7 +237,14 @@ async fn only_the_edge_can_cancel_a_job() {
     assert!(matches!(answer(&mut ws, job).await, AgentMessage::Accepted { .. }));
     let cancel = |key: &SigningKey, nonce: &str| {
         let order = CancelOrder {
-            header: OrderHeader { job_id: "long".into(), agent_id: "spark".into(), issued_at: t, expires_at: t + 60_000, nonce: nonce.into() },
+            header: OrderHeader {
+                job_id: "long".into(),
+                agent_id: "spark".into(),
+                pool: "default".into(),
+                issued_at: t,
+                expires_at: t + 60_000,
+                nonce: nonce.into(),
+            },
             reason: "stop".into(),
         };
         let envelope = Envelope::seal(Domain::Cancel, &order, key);
@@ -254,6 +280,24 @@ async fn an_edge_that_cannot_prove_its_identity_gets_no_service() {
     assert!(recv(&mut ws).await.is_none(), "the agent must hang up");
     assert!(eventually(Duration::from_secs(5), || agent.log().contains("EDGE_PUBLIC_KEY")).await, "{}", agent.log());
     // Even a correctly signed job sent now goes nowhere.
+    let t = now();
+    let job = Envelope::seal(Domain::Job, &order("j", "spark", t, t + 60_000, "x"), &edge.edge_key);
+    let _ = ws.send(Message::Text(EdgeMessage::Job { envelope: job }.to_text().into())).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(agent.claude_runs().is_empty());
+}
+
+/// An agent of the default pool welcomed into another pool of the same edge (as when the
+/// same agent id and key are listed in two pools) hangs up: its orders would be another
+/// pool's callers' work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_welcomed_into_another_pool_hangs_up() {
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let (mut ws, hello) = edge.handshake_into(&edge.edge_key, PROTOCOL_VERSION, "other").await;
+    assert!(hello.is_some());
+    assert!(recv(&mut ws).await.is_none(), "the agent must hang up");
+    assert!(eventually(Duration::from_secs(5), || agent.log().contains("EDGE_POOL")).await, "{}", agent.log());
     let t = now();
     let job = Envelope::seal(Domain::Job, &order("j", "spark", t, t + 60_000, "x"), &edge.edge_key);
     let _ = ws.send(Message::Text(EdgeMessage::Job { envelope: job }.to_text().into())).await;

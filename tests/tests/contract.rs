@@ -96,7 +96,7 @@ async fn offline_is_answered_at_once_with_fallback(kind: EdgeKind) {
     assert_eq!(a.body["error_code"], "RUNNER_OFFLINE");
     assert_eq!(a.body["fallback"], true);
     assert!(a.body["error"].as_str().unwrap().len() > 20);
-    let h = client.health().await;
+    let h = client.health_full().await;
     assert_eq!(h.status, 503);
     assert_eq!(h.body["status"], "offline");
     assert_eq!(h.body["service"], "claude-runner");
@@ -741,3 +741,71 @@ contract!(
     unproven_connections_are_held_to_a_hello,
     followers_are_capped_and_those_that_stop_reading_are_dropped,
 );
+
+/// The Worker's pools (`POOLS`): each with its own secret and agents, none that is not
+/// configured, and the pool signed into what the agent accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(worker_tests), ignore = "needs the built Worker: run tests/run (it sets CLAUDE_RUNNER_WORKER_TESTS=1)")]
+async fn worker_pools_are_isolated() {
+    harness::require_worker_bundle();
+    const GPU_SECRET: &str = "gpu-pool-secret-0123456789";
+    let keys = Keys::new(&["spark", "rig"]);
+    // `spark` serves the default pool; `rig` and — with the same key — `spark` are listed in `gpu`.
+    let gpu_keys = format!(
+        "rig={},spark={}",
+        shared::keys::encode_verifying(&keys.agent("rig").verifying_key()),
+        shared::keys::encode_verifying(&keys.agent("spark").verifying_key())
+    );
+    let default_keys = format!("spark={}", shared::keys::encode_verifying(&keys.agent("spark").verifying_key()));
+    let edge = EdgeServer::start(
+        EdgeKind::Worker,
+        &keys,
+        &[("AGENT_PUBLIC_KEYS", &default_keys), ("POOLS", "gpu"), ("RUNNER_SECRET_GPU", GPU_SECRET), ("AGENT_PUBLIC_KEYS_GPU", &gpu_keys)],
+    );
+    let stored = |edge: &EdgeServer| {
+        fn count(dir: &std::path::Path) -> usize {
+            std::fs::read_dir(dir).map(|d| d.flatten().map(|e| if e.path().is_dir() { count(&e.path()) } else { 1 }).sum()).unwrap_or(0)
+        }
+        count(&edge.data.path().join("do"))
+    };
+    let default = Client::new(&edge.url());
+    let gpu = Client::new(&format!("{}/pool/gpu", edge.url()));
+    let nowhere = Client::new(&format!("{}/pool/nowhere", edge.url()));
+
+    // A pool nobody configured does not exist, and asking for it stores nothing.
+    default.health().await;
+    let before = stored(&edge);
+    for path in ["/health", "/execute", "/agent/connect", "/jobs/x"] {
+        let a = nowhere.send("GET", path, Some(SECRET), None).await;
+        assert_eq!(a.status, 404, "{path}: {}", a.text);
+        assert_eq!(a.body["error_code"], "NOT_FOUND");
+    }
+    assert_eq!(stored(&edge), before, "a Durable Object was made for a pool nobody configured");
+
+    // Each pool has its own secret.
+    let body = Some(json!({"prompt": "x"}).to_string().into_bytes());
+    assert_eq!(gpu.send("POST", "/jobs", Some(SECRET), body.clone()).await.status, 403, "the default secret on gpu");
+    assert_eq!(default.send("POST", "/jobs", Some(GPU_SECRET), body.clone()).await.status, 403, "gpu's secret on default");
+
+    // And its own agents: `rig`, listed in gpu only, is unknown to the default pool.
+    let mut opts = AgentOpts::for_edge(&edge, "rig");
+    opts.edge_ws = format!("{}/pool/gpu", edge.ws_url());
+    let rig_elsewhere = AgentProc::start(AgentOpts { edge_ws: edge.ws_url(), ..AgentOpts::for_edge(&edge, "rig") });
+    assert!(eventually(Duration::from_secs(10), || rig_elsewhere.log().contains("unknown agent")).await, "{}", rig_elsewhere.log());
+    drop(rig_elsewhere);
+    let _rig = AgentProc::start(opts.env("EDGE_POOL", "gpu"));
+    gpu.wait_online().await;
+    assert_eq!(default.health().await.status, 503, "gpu's agent does not serve the default pool");
+    let a = gpu.send("POST", "/execute", Some(GPU_SECRET), body.clone()).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["agent_id"], "rig");
+    assert_eq!(default.execute(json!({"prompt": "x"})).await.status, 503);
+
+    // `spark` is listed in gpu with its key too, but it serves the default pool: welcomed
+    // into gpu, it hangs up rather than take gpu's work.
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    opts.edge_ws = format!("{}/pool/gpu", edge.ws_url());
+    let spark = AgentProc::start(opts);
+    assert!(eventually(Duration::from_secs(10), || spark.log().contains("EDGE_POOL")).await, "{}", spark.log());
+    assert!(spark.claude_runs().is_empty());
+}

@@ -1,10 +1,13 @@
 //! The Worker's fetch handler. It finds the pool — `/pool/{name}/…` names one, anything
 //! else is the `default` pool — and hands the request, with that prefix stripped, to the
 //! pool's Durable Object. One object per pool is what gives a pool one queue, one set of
-//! agent sessions and one order of events. Requests the core's `preflight` refuses (an
-//! unknown route, a missing secret) are answered here, so they never occupy the object.
+//! agent sessions and one order of events. A pool the settings do not list does not exist:
+//! it is a 404 here, and no object is ever made for it. Requests the core's `preflight`
+//! refuses (an unknown route, a missing secret) are answered here too, so they never
+//! occupy the object.
 
 use crate::exchange;
+use edge_core::config::ConfigError;
 use edge_core::http::Gate;
 use shared::contract::{ApiError, ErrorCode};
 use worker::wasm_bindgen::JsValue;
@@ -12,9 +15,10 @@ use worker::{console_error, event, web_sys, Context, Env, Request, Response};
 
 /// The Durable Object namespace binding in wrangler.toml.
 pub const BINDING: &str = "EDGE";
-/// The pool of requests without a `/pool/{name}` prefix.
-pub const DEFAULT_POOL: &str = "default";
-const MAX_POOL_NAME: usize = 64;
+/// The header that tells a pool's object its name. Set here, on every request forwarded
+/// (whatever the caller sent in it): an object cannot learn the name it was made from.
+pub const POOL_HEADER: &str = "x-claude-runner-pool";
+use shared::ids::{DEFAULT_POOL, MAX_POOL_NAME};
 
 /// Splits `/pool/{name}/rest` into the pool's name and the path its object sees (`/rest`,
 /// or `/` when nothing follows). Any other path belongs to the default pool unchanged.
@@ -47,23 +51,28 @@ async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
         Ok(p) => p,
         Err(e) => return exchange::error(&e),
     };
-    // With a broken configuration the object answers (it says which setting to fix).
-    let mut with_body = false;
-    if let Ok(config) = edge_core::Config::from_lookup(|name| crate::object::setting(&env, name)) {
-        let header = |name: &str| req.headers().get(name).ok().flatten();
-        let (secret, authorization) = (header("x-runner-secret"), header("authorization"));
-        let method = req.inner().method();
-        match edge_core::http::preflight(&config, &method, &path, secret.as_deref(), authorization.as_deref()) {
-            // Refused at once, with at most a few KiB of the body heard out (for at most a
-            // second): a caller without the secret cannot make the edge read or wait.
-            Gate::Answer(refused) => {
-                exchange::drain_refused(&mut req).await;
-                return exchange::respond(refused);
-            }
-            Gate::Handle { read_body } => with_body = read_body,
-            Gate::AgentSocket => {}
+    let config = match edge_core::Config::for_pool(|name| crate::object::setting(&env, name), &pool) {
+        Ok(config) => config,
+        Err(ConfigError::UnknownPool(_)) => {
+            exchange::drain_refused(&mut req).await;
+            return exchange::error(&ApiError::not_found(&format!("pool `{pool}`")));
         }
-    }
+        // Answered here too: no object is touched until the settings say which exist.
+        Err(e) => return exchange::respond(edge_core::http::unavailable(&path, &crate::object::misconfigured(&e))),
+    };
+    let header = |name: &str| req.headers().get(name).ok().flatten();
+    let (secret, authorization) = (header("x-runner-secret"), header("authorization"));
+    let method = req.inner().method();
+    let with_body = match edge_core::http::preflight(&config, &method, &path, secret.as_deref(), authorization.as_deref()) {
+        // Refused at once, with at most a few KiB of the body heard out (for at most a
+        // second): a caller without the secret cannot make the edge read or wait.
+        Gate::Answer(refused) => {
+            exchange::drain_refused(&mut req).await;
+            return exchange::respond(refused);
+        }
+        Gate::Handle { read_body } => read_body,
+        Gate::AgentSocket => false,
+    };
     match forward(&req, url, &env, &pool, &path, with_body).await {
         Ok(response) => Ok(response),
         Err(e) => {
@@ -88,6 +97,7 @@ async fn forward(req: &Request, mut url: worker::Url, env: &Env, pool: &str, pat
     let init = web_sys::RequestInit::new();
     init.set_method(&original.method());
     let headers = web_sys::Headers::new_with_headers(&original.headers())?;
+    headers.set(POOL_HEADER, pool)?;
     match original.body() {
         Some(body) if with_body => init.set_body(&JsValue::from(body)),
         _ => {

@@ -18,6 +18,7 @@ use crate::sockets::{close_socket, AtHand, Sockets};
 use crate::store::Store;
 use crate::{entropy, now_ms};
 use edge_core::http::{self, Gate, Reply};
+use edge_core::config::ConfigError;
 use edge_core::progress::{Chunk, Lag};
 use edge_core::{split_writes, CallerId, Config, Edge, Effect, Millis, Response};
 use futures::channel::{mpsc, oneshot};
@@ -53,6 +54,8 @@ pub struct EdgeDurableObject {
     state: State,
     env: Env,
     machine: RefCell<Machine>,
+    /// The pool this object serves, once a request or its storage said.
+    pool: RefCell<Option<String>>,
     callers: RefCell<HashMap<CallerId, Channel>>,
     /// The deadline the alarm was last set to by this instance (skips rewriting it).
     alarm_at: Cell<Option<Millis>>,
@@ -64,6 +67,7 @@ impl DurableObject for EdgeDurableObject {
             state,
             env,
             machine: RefCell::new(Machine::Unloaded),
+            pool: RefCell::new(None),
             callers: RefCell::new(HashMap::new()),
             alarm_at: Cell::new(None),
         }
@@ -71,6 +75,9 @@ impl DurableObject for EdgeDurableObject {
 
     async fn fetch(&self, req: Request) -> worker::Result<worker::Response> {
         let path = req.path();
+        if self.pool.borrow().is_none() {
+            *self.pool.borrow_mut() = req.headers().get(crate::entry::POOL_HEADER).ok().flatten();
+        }
         if let Err(message) = self.load(now_ms()) {
             return exchange::respond(http::unavailable(&path, &message));
         }
@@ -159,20 +166,29 @@ impl EdgeDurableObject {
             Machine::Misconfigured(message) => return Err(message.clone()),
             Machine::Unloaded => {}
         }
-        let config = match Config::from_lookup(|name| setting(&self.env, name)) {
+        let store = self.store();
+        // Which pool: from the request that woke the object (kept in storage for the
+        // events that carry none: alarms, agents' frames).
+        let known = self.pool.borrow().clone();
+        let pool = match store.open().and_then(|()| store.pool(known.as_deref())) {
+            Ok(Some(pool)) => pool,
+            Ok(None) => return Err("this object has not been told its pool yet; retry".into()),
+            Err(e) => {
+                console_error!("reading the pool's name failed: {e}");
+                return Err(format!("the edge could not read its storage ({e}); retry"));
+            }
+        };
+        *self.pool.borrow_mut() = Some(pool.clone());
+        let config = match Config::for_pool(|name| setting(&self.env, name), &pool) {
             Ok(config) => config,
             Err(e) => {
-                let message = format!(
-                    "the edge is misconfigured: {e}. Set secrets with `wrangler secret put <NAME>` and settings in \
-                     wrangler.toml [vars], then deploy again"
-                );
-                console_error!("{message}");
+                let message = misconfigured(&e);
+                console_error!("pool={pool} {message}");
                 *self.machine.borrow_mut() = Machine::Misconfigured(message.clone());
                 return Err(message);
             }
         };
-        let store = self.store();
-        let (jobs, problems) = match store.open().and_then(|()| store.load()) {
+        let (jobs, problems) = match store.load() {
             Ok(loaded) => loaded,
             Err(e) => {
                 // Not kept: storage may work on the next event.
@@ -375,6 +391,14 @@ impl EdgeDurableObject {
         self.apply(effects, Some((&session_id, ws)));
         self.schedule(now).await;
     }
+}
+
+/// What is said while a setting is wrong (by the entry and by an object).
+pub(crate) fn misconfigured(e: &ConfigError) -> String {
+    format!(
+        "the edge is misconfigured: {e}. Set secrets with `wrangler secret put <NAME>` and settings in \
+         wrangler.toml [vars], then deploy again"
+    )
 }
 
 /// A Worker setting by name: a secret or a var. Vars written as TOML numbers arrive as

@@ -243,6 +243,7 @@ impl Edge {
         let welcome = Welcome {
             protocol: PROTOCOL_VERSION,
             agent_id: agent_id.clone(),
+            pool: self.cfg.pool.clone(),
             agent_nonce: hello.agent_nonce.clone(),
             session_id: session_id.to_string(),
             heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,

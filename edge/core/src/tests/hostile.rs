@@ -92,6 +92,7 @@ fn prove(edge: &mut Edge, now: u64, sid: &str, effects: &[Effect]) -> Vec<Effect
         protocol: PROTOCOL_VERSION,
         agent_id: "spark".into(),
         agent_version: "t".into(),
+        claude_version: None,
         challenge: nonce,
         agent_nonce: "n".into(),
         issued_at: now,
@@ -190,6 +191,7 @@ fn ids_from_unproven_peers_are_neither_echoed_nor_logged() {
             protocol: PROTOCOL_VERSION,
             agent_id: bad.into(),
             agent_version: "t".into(),
+        claude_version: None,
             challenge: nonce.clone(),
             agent_nonce: "n".into(),
             issued_at: 0,
@@ -219,7 +221,7 @@ fn followers_are_capped_per_job_and_in_all() {
     for j in 0..jobs {
         edge.submit(0, format!("j{j}"), submission("x", 60_000, None), Mode::Detached).unwrap();
     }
-    let mut follow = |edge: &mut Edge, job: &str| {
+    let follow = |edge: &mut Edge, job: &str| {
         let caller = edge.begin_request();
         edge.follow(caller, job, &mut Vec::new()).map(|()| caller)
     };
@@ -244,4 +246,31 @@ fn followers_are_capped_per_job_and_in_all() {
     let handled = call(&mut edge, 0, "GET", &format!("/jobs/j{}/events", jobs - 1), Value::Null);
     let (status, body) = answer_to(&handled.effects, handled.caller).unwrap();
     assert_eq!((status, body["error_code"].as_str()), (429, Some("RUNNER_BUSY")));
+}
+
+#[test]
+fn the_pool_is_signed_into_the_welcome_and_every_order() {
+    let mut edge = Edge::new(Config { pool: "gpu".into(), ..config() }, 0);
+    let (sid, effects) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let EdgeMessage::Welcome { envelope } = &sent(&effects, &sid)[0] else { panic!("welcome") };
+    let welcome: Welcome = envelope.open(Domain::Welcome, &edge_key().verifying_key()).unwrap();
+    assert_eq!(welcome.pool, "gpu");
+    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    let effects = edge.submit(1, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap().effects;
+    let job = sent(&effects, &sid).into_iter().find_map(|m| match m {
+        EdgeMessage::Job { envelope } => Some(envelope),
+        _ => None,
+    });
+    let gpu = shared::envelope::Audience { agent_id: "spark", pool: "gpu" };
+    let order: JobOrder = open_order(&job.clone().unwrap(), Domain::Job, &edge_key().verifying_key(), gpu, 1).unwrap();
+    assert_eq!(order.header.pool, "gpu");
+    let refused = open_order::<JobOrder>(&job.unwrap(), Domain::Job, &edge_key().verifying_key(), SPARK, 1).unwrap_err();
+    assert!(matches!(refused, shared::envelope::Refusal::WrongPool { .. }), "{refused:?}");
+    let effects = edge.cancel(2, "j1").unwrap();
+    let cancel = sent(&effects, &sid).into_iter().find_map(|m| match m {
+        EdgeMessage::Cancel { envelope } => Some(envelope),
+        _ => None,
+    });
+    let order: shared::protocol::CancelOrder = open_order(&cancel.unwrap(), Domain::Cancel, &edge_key().verifying_key(), gpu, 2).unwrap();
+    assert_eq!(order.header.pool, "gpu");
 }

@@ -140,7 +140,7 @@ fn a_wall_clock_jump_neither_times_out_running_jobs_nor_breaks_orders() {
         _ => None,
     });
     let opened: shared::protocol::CancelOrder =
-        open_order(&cancel.unwrap(), Domain::Cancel, &edge_key().verifying_key(), "spark", WALL + 60_002 + JUMP).unwrap();
+        open_order(&cancel.unwrap(), Domain::Cancel, &edge_key().verifying_key(), SPARK, WALL + 60_002 + JUMP).unwrap();
     assert_eq!(opened.header.issued_at, WALL + 60_002 + JUMP);
 
     // And once its edge time is up, it times out, though the wall clock now went back.

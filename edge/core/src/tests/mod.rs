@@ -18,7 +18,7 @@ use crate::{CallerId, Config, Edge, Effect};
 use ed25519_dalek::SigningKey;
 use serde_json::{json, Value};
 use shared::contract::{ExecuteRequest, Limits, Submission};
-use shared::envelope::{open_order, Domain, Envelope};
+use shared::envelope::{open_order, Audience, Domain, Envelope};
 use shared::job::{JobResult, JobState};
 use shared::keys::Keyring;
 use shared::oauth::{OAuthReport, OAuthSource};
@@ -29,6 +29,8 @@ pub(super) const HB: u64 = 1_000;
 pub(super) const LOST: u64 = 5_000;
 /// The address the scripted agent connects from.
 pub(super) const PEER: &str = "192.0.2.1";
+/// Orders for `spark` in the default pool.
+pub(super) const SPARK: Audience<'static> = Audience { agent_id: "spark", pool: "default" };
 
 pub(super) fn edge_key() -> SigningKey {
     SigningKey::from_bytes(&[9; 32])
@@ -39,6 +41,7 @@ pub(super) fn agent_key(n: u8) -> SigningKey {
 
 pub(super) fn config() -> Config {
     Config {
+        pool: "default".into(),
         runner_secret: SECRET.into(),
         signing_key: edge_key(),
         agents: Keyring::from_keys([
@@ -158,7 +161,7 @@ pub(super) fn order_of(effects: &[Effect], sid: &str, agent: &str, now: u64) -> 
         EdgeMessage::Job { envelope } => Some(envelope),
         _ => None,
     });
-    open_order(&job.expect("a job was sent"), Domain::Job, &edge_key().verifying_key(), agent, now).unwrap()
+    open_order(&job.expect("a job was sent"), Domain::Job, &edge_key().verifying_key(), Audience { agent_id: agent, pool: "default" }, now).unwrap()
 }
 
 pub(super) fn say(edge: &mut Edge, now: u64, sid: &str, msg: AgentMessage) -> Vec<Effect> {
@@ -470,7 +473,7 @@ fn cancel_ends_a_queued_job_and_asks_the_agent_for_a_running_one() {
         _ => None,
     });
     let order: shared::protocol::CancelOrder =
-        open_order(&cancel.unwrap(), Domain::Cancel, &edge_key().verifying_key(), "spark", 5).unwrap();
+        open_order(&cancel.unwrap(), Domain::Cancel, &edge_key().verifying_key(), SPARK, 5).unwrap();
     assert_eq!(order.header.job_id, "r");
 }
 
