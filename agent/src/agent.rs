@@ -86,8 +86,14 @@ impl Agent {
     }
 
     /// What a job runner gets to see.
-    fn job_context(&self) -> JobContext {
-        JobContext { cfg: Arc::clone(&self.cfg), login: self.login.clone(), gate: self.gate.clone(), uplink: self.uplink.clone() }
+    fn job_context(&self, order_nonce: &str) -> JobContext {
+        JobContext {
+            cfg: Arc::clone(&self.cfg),
+            login: self.login.clone(),
+            gate: self.gate.clone(),
+            uplink: self.uplink.clone(),
+            order_nonce: order_nonce.to_string(),
+        }
     }
 
     pub fn running_ids(&self) -> Vec<String> {
@@ -169,7 +175,7 @@ impl Agent {
         let id = job_id.clone();
         let task = async move {
             let job_id = id;
-            let ctx = agent.job_context();
+            let ctx = agent.job_context(&order.header.nonce);
             // A bug in the runner must not leave the slot taken and the caller waiting:
             // a panicked job still ends, as a failure.
             let run = std::panic::AssertUnwindSafe(runner::run(&ctx, &job_id, order.spec, stop_rx)).catch_unwind();
@@ -177,7 +183,7 @@ impl Agent {
                 error!(job_id = %job_id, agent_id = %agent.cfg.agent_id, "the job runner panicked");
                 JobResult::failure(ErrorCode::InternalError, "the agent failed while running this job (see its log); retry", 0)
             });
-            agent.finish(&job_id, result);
+            agent.finish(&job_id, &ctx.order_nonce, result);
         };
         if self.jobs.send(Box::pin(task)).is_err() {
             // The serve loop is gone: the agent is exiting.
@@ -187,20 +193,23 @@ impl Agent {
         self.status.running(self.running_ids());
     }
 
-    /// A job ended: remember its login outcome, keep its result until the edge has it,
-    /// free its slot, and tell the edge.
-    fn finish(&self, job_id: &str, result: JobResult) {
+    /// A job ended: remember its login outcome, keep its result — signed, bound to the
+    /// order it answers — until the edge has it, free its slot, and tell the edge.
+    fn finish(&self, job_id: &str, order_nonce: &str, result: JobResult) {
         match result.error_code {
             Some(ErrorCode::RunnerOauthError) => self.auth.set_failed(true),
             None => self.auth.set_failed(false),
             _ => {}
         }
-        if let Err(e) = self.spool.put(job_id, &result) {
-            warn!(job_id, agent_id = %self.cfg.agent_id, error = %e, "could not spool the result; sending it anyway");
+        let report = AgentMessage::result(job_id, order_nonce, result, &self.cfg.signing_key);
+        if let AgentMessage::Result { envelope } = &report {
+            if let Err(e) = self.spool.put(job_id, envelope) {
+                warn!(job_id, agent_id = %self.cfg.agent_id, error = %e, "could not spool the result; sending it anyway");
+            }
         }
         self.running.lock().expect("running lock").jobs.remove(job_id);
         self.status.running(self.running_ids());
-        let _ = self.uplink.send(AgentMessage::Result { job_id: job_id.to_string(), result });
+        let _ = self.uplink.send(report);
         // A draining agent takes no more work.
         if self.free_slots() > 0 {
             let _ = self.uplink.send(AgentMessage::Credit { slots: 1 });

@@ -201,8 +201,8 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
             return end;
         }
     }
-    for (job_id, result) in agent.spool.all() {
-        if let Err(end) = send(&mut ws, &AgentMessage::Result { job_id, result }).await {
+    for (_, envelope) in agent.spool.all() {
+        if let Err(end) = send(&mut ws, &AgentMessage::Result { envelope }).await {
             return end;
         }
     }

@@ -28,6 +28,8 @@ pub struct JobContext {
     pub gate: RefreshGate,
     /// Progress events go out here (dropped while the agent is offline).
     pub uplink: mpsc::UnboundedSender<AgentMessage>,
+    /// The nonce of the job's order: every progress event is signed bound to it.
+    pub order_nonce: String,
 }
 
 /// Runs the job to its end and returns its (redacted) result.
@@ -122,7 +124,7 @@ async fn run_claude(
             } else {
                 event
             };
-            let _ = ctx.uplink.send(AgentMessage::Event { job_id: job_id.to_string(), seq, event });
+            let _ = ctx.uplink.send(AgentMessage::progress(job_id, &ctx.order_nonce, seq, event, &cfg.signing_key));
         }
     };
     let finished = process::run(launch, job_id, deadline, spec.timeout_ms, &mut stop, on_line).await;

@@ -1,8 +1,9 @@
 //! Results kept on disk until the edge acknowledges them. A job's result is written here
-//! before it is sent, so a dropped connection or an agent restart loses nothing: after
-//! reconnecting the agent names the spooled jobs in its hello and sends them again.
+//! — signed, as it is sent — before it is sent, so a dropped connection or an agent
+//! restart loses nothing: after reconnecting the agent names the spooled jobs in its hello
+//! and sends them again, the same bytes.
 
-use shared::job::JobResult;
+use shared::envelope::Envelope;
 use crate::files::write_atomically;
 use std::path::PathBuf;
 
@@ -25,7 +26,7 @@ impl Spool {
         safe_id(job_id).then(|| self.dir.join(format!("{job_id}.json")))
     }
 
-    pub fn put(&self, job_id: &str, result: &JobResult) -> std::io::Result<()> {
+    pub fn put(&self, job_id: &str, result: &Envelope) -> std::io::Result<()> {
         let path = self.path(job_id).ok_or_else(|| std::io::Error::other("unsafe job id"))?;
         // A result is the one thing that must outlive anything: fsync it.
         write_atomically(&path, &serde_json::to_vec(result)?, true)
@@ -42,7 +43,7 @@ impl Spool {
     }
 
     /// Every spooled result. Unreadable files are moved aside rather than resent forever.
-    pub fn all(&self) -> Vec<(String, JobResult)> {
+    pub fn all(&self) -> Vec<(String, Envelope)> {
         let mut out = Vec::new();
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return out };
         for entry in entries.flatten() {
@@ -50,7 +51,7 @@ impl Spool {
             let Some(id) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else {
                 continue;
             };
-            match std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<JobResult>(&b).ok()) {
+            match std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Envelope>(&b).ok()) {
                 Some(r) if safe_id(id) => out.push((id.to_string(), r)),
                 _ => {
                     tracing::warn!(path = %path.display(), "unreadable spooled result moved aside");
@@ -72,7 +73,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cr-spool-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let spool = Spool::open(dir.clone()).unwrap();
-        let r = JobResult { success: true, output: "x".into(), ..Default::default() };
+        let r = Envelope { payload: "{\"job_id\":\"job-1\"}".into(), sig: "c2ln".into() };
         spool.put("job-1", &r).unwrap();
         assert!(spool.put("../evil", &r).is_err());
         std::fs::write(dir.join("junk.json"), "{").unwrap();

@@ -23,6 +23,10 @@ pub enum Domain {
     Hello,
     /// Edge → agent: answer to the agent's nonce, proving the edge holds its key.
     Welcome,
+    /// Agent → edge: a running job's progress event.
+    Progress,
+    /// Agent → edge: a job's result.
+    Result,
 }
 
 impl Domain {
@@ -33,6 +37,8 @@ impl Domain {
             Domain::Login => b"claude-runner/v1/login\n",
             Domain::Hello => b"claude-runner/v1/agent-hello\n",
             Domain::Welcome => b"claude-runner/v1/edge-welcome\n",
+            Domain::Progress => b"claude-runner/v1/agent-progress\n",
+            Domain::Result => b"claude-runner/v1/agent-result\n",
         }
     }
 }

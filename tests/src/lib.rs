@@ -591,6 +591,66 @@ pub async fn read_events(resp: reqwest::Response) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Whoever sits on the path between an agent and its edge: a WebSocket relay on loopback
+/// that passes every frame both ways and can slip frames of its own towards the edge.
+/// Point the agent's `EDGE_URL` at [`PathRelay::ws_url`].
+pub struct PathRelay {
+    port: u16,
+    inject: tokio::sync::mpsc::UnboundedSender<String>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PathRelay {
+    /// Relays one agent connection at a time to `edge_ws` (`ws://host:port[/pool/x]`).
+    pub async fn start(edge_ws: &str) -> PathRelay {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (inject, mut injected) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let edge = format!("{edge_ws}/agent/connect");
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(agent) = tokio_tungstenite::accept_async(tcp).await else { continue };
+                let Ok((upstream, _)) = tokio_tungstenite::connect_async(edge.as_str()).await else { continue };
+                let (mut to_agent, mut from_agent) = agent.split();
+                let (mut to_edge, mut from_edge) = upstream.split();
+                loop {
+                    tokio::select! {
+                        m = from_agent.next() => match m {
+                            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => if to_edge.send(m).await.is_err() { break },
+                            Some(Ok(_)) => {}
+                            _ => break,
+                        },
+                        m = from_edge.next() => match m {
+                            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => if to_agent.send(m).await.is_err() { break },
+                            Some(Ok(_)) => {}
+                            _ => break,
+                        },
+                        Some(text) = injected.recv() => if to_edge.send(Message::Text(text.into())).await.is_err() { break },
+                    }
+                }
+            }
+        });
+        PathRelay { port, inject, task }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends `frame` to the edge as if the agent had.
+    pub fn inject(&self, frame: String) {
+        let _ = self.inject.send(frame);
+    }
+}
+
+impl Drop for PathRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Whether a process is alive (and not a zombie).
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -10,7 +10,7 @@ use harness::*;
 use shared::envelope::{Domain, Envelope, OrderHeader};
 use shared::job::JobSpec;
 use shared::keys::encode_verifying;
-use shared::protocol::{AgentMessage, EdgeMessage, Hello, JobOrder, Welcome, PROTOCOL_VERSION};
+use shared::protocol::{AgentMessage, EdgeMessage, Hello, JobOrder, ProgressReport, ResultReport, Welcome, PROTOCOL_VERSION};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
@@ -52,6 +52,11 @@ impl FakeEdge {
     async fn accept(&self) -> Ws {
         let (tcp, _) = tokio::time::timeout(Duration::from_secs(20), self.listener.accept()).await.expect("the agent dials").unwrap();
         tokio_tungstenite::accept_async(tcp).await.unwrap()
+    }
+
+    /// A result as the agent signed it (the test fails if it did not).
+    fn report(&self, envelope: &Envelope) -> ResultReport {
+        envelope.open(Domain::Result, &self.agent_key.verifying_key()).expect("a result signed by the agent")
     }
 
     /// Accepts a connection and runs the handshake; `welcome_key` signs the welcome.
@@ -197,19 +202,30 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
     let junk = Envelope { payload: "{}".into(), sig: "not base64!".into() };
     assert!(!rejected(&answer(&mut ws, junk).await).is_empty());
 
-    // A good job runs…
+    // A good job runs, and its progress and result come signed by the agent's key, bound
+    // to the order they answer.
     let good = Envelope::seal(Domain::Job, &order("good", "spark", t, t + 60_000, "legit"), &edge.edge_key);
     assert!(matches!(answer(&mut ws, good.clone()).await, AgentMessage::Accepted { .. }));
+    let agent_key = edge.agent_key.verifying_key();
+    let mut progress = 0;
     loop {
         match recv(&mut ws).await.expect("a result") {
-            AgentMessage::Result { job_id, result } => {
-                assert_eq!(job_id, "good");
-                assert!(result.success);
+            AgentMessage::Event { envelope } => {
+                let report: ProgressReport = envelope.open(Domain::Progress, &agent_key).expect("signed by the agent");
+                assert_eq!((report.job_id.as_str(), report.order_nonce.as_str()), ("good", "good:1"));
+                progress += 1;
+            }
+            AgentMessage::Result { envelope } => {
+                assert!(envelope.open::<ResultReport>(Domain::Result, &random_key().verifying_key()).is_err());
+                let report: ResultReport = envelope.open(Domain::Result, &agent_key).expect("signed by the agent");
+                assert_eq!((report.job_id.as_str(), report.order_nonce.as_str()), ("good", "good:1"));
+                assert!(report.result.success);
                 break;
             }
             _ => continue,
         }
     }
+    assert!(progress >= 3, "init, the answer, the result line");
     // …once: the same envelope again is a replay.
     assert!(rejected(&answer(&mut ws, good.clone()).await).contains("replay"));
 
@@ -263,7 +279,7 @@ async fn only_the_edge_can_cancel_a_job() {
     // the job is kept short: the agent leaves a silent edge after two 500 ms intervals.)
     let result = loop {
         match recv(&mut ws).await.expect("the result") {
-            AgentMessage::Result { result, .. } => break result,
+            AgentMessage::Result { envelope } => break edge.report(&envelope).result,
             _ => continue,
         }
     };
@@ -353,12 +369,12 @@ async fn a_result_waits_on_disk_until_the_edge_acknowledges_it() {
     assert_eq!(hello.unwrap().finished, vec!["keep".to_string()]);
     let again = loop {
         match recv(&mut ws).await.expect("the result again") {
-            AgentMessage::Result { job_id, result } => break (job_id, result),
+            AgentMessage::Result { envelope } => break edge.report(&envelope),
             _ => continue,
         }
     };
-    assert_eq!(again.0, "keep");
-    assert_eq!(again.1.output, "stand-in answer to: remember me");
+    assert_eq!((again.job_id.as_str(), again.order_nonce.as_str()), ("keep", "keep:1"));
+    assert_eq!(again.result.output, "stand-in answer to: remember me");
     ws.send(Message::Text(EdgeMessage::ResultAck { job_id: "keep".into() }.to_text().into())).await.unwrap();
     assert!(eventually(Duration::from_secs(5), || !agent.data.path().join("data/spool/keep.json").exists()).await);
     assert_eq!(agent.claude_runs().len(), 1, "ran once");

@@ -685,6 +685,41 @@ async fn followers_are_capped_and_those_that_stop_reading_are_dropped(kind: Edge
     s.client.wait_job(blocker.body["job_id"].as_str().unwrap(), Duration::from_secs(20)).await;
 }
 
+/// Whoever controls the path between agent and edge makes up a result and a progress
+/// event for a running job: the edge refuses both (they are not signed by the agent),
+/// says so in its log and metrics, and the job ends with the agent's own result.
+async fn a_forged_result_from_the_path_is_refused(kind: EdgeKind) {
+    use shared::protocol::AgentMessage;
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    let relay = PathRelay::start(&edge.ws_url()).await;
+    let agent = AgentProc::start(AgentOpts { edge_ws: relay.ws_url(), ..AgentOpts::for_edge(&edge, "spark") });
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let a = client.submit(json!({"prompt": "@sleep=2500 the real one"})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    let stream = client.open_events(&job_id).await;
+    let follower = tokio::spawn(read_events(stream));
+    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
+    let forger = random_key();
+    let fake = shared::job::JobResult { success: true, output: "FORGED".into(), ..Default::default() };
+    let nonce = format!("{job_id}:1");
+    relay.inject(AgentMessage::progress(&job_id, &nonce, 99, json!({"type": "assistant", "text": "FORGED"}), &forger).to_text());
+    relay.inject(AgentMessage::result(&job_id, &nonce, fake, &forger).to_text());
+    let refused = |log: &str| log.contains("a report not signed by the agent refused");
+    assert!(eventually(Duration::from_secs(10), || refused(&edge.log())).await, "{}", edge.log());
+    assert_eq!(client.get(&format!("/jobs/{job_id}")).await.body["state"], "running", "the job is unaffected");
+
+    let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["result"]["output"], "stand-in answer to: @sleep=2500 the real one");
+    let events = follower.await.unwrap();
+    assert!(events.iter().all(|(_, data)| !data.contains("FORGED")), "{events:?}");
+    assert_eq!(events.last().map(|(k, _)| k.as_str()), Some("result"));
+    let metrics = client.get("/metrics").await.text;
+    assert!(metrics.contains("claude_runner_reports_refused_total 2"), "{metrics}");
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod native {
@@ -740,6 +775,7 @@ contract!(
     silent_sockets_cannot_lock_the_agent_out,
     unproven_connections_are_held_to_a_hello,
     followers_are_capped_and_those_that_stop_reading_are_dropped,
+    a_forged_result_from_the_path_is_refused,
 );
 
 /// The Worker's pools (`POOLS`): each with its own secret and agents, none that is not

@@ -77,6 +77,8 @@ pub struct Stats {
     pub finished: BTreeMap<&'static str, u64>,
     pub rejected_orders: u64,
     pub refused_agents: u64,
+    /// Progress and results whose signature was not their agent's.
+    pub refused_reports: u64,
     /// Events whose writes the host could not store.
     pub store_failures: u64,
 }

@@ -6,13 +6,13 @@ use super::{Edge, Effect};
 use crate::clock::Now;
 use crate::record::Job;
 use crate::session::{self, Agent, Phase, Refused, Session};
-use std::collections::BTreeMap;
 use shared::contract::ErrorCode;
 use shared::envelope::{Domain, Envelope};
 use shared::ids::{hex, shown_job_id};
 use shared::job::{JobResult, JobState};
 use shared::keys;
-use shared::protocol::{self, close, AgentMessage, EdgeMessage, Hello, Welcome, PROTOCOL_VERSION};
+use shared::protocol::{self, close, AgentMessage, EdgeMessage, Hello, ProgressReport, ResultReport, Welcome, PROTOCOL_VERSION};
+use std::collections::BTreeMap;
 use tracing::{debug, info, warn};
 
 /// Connections that have not answered their challenge yet, at most. Past it a new one is
@@ -364,21 +364,30 @@ impl Edge {
                     self.finish(now, &id, result, effects);
                 }
             }
-            AgentMessage::Event { job_id, seq, event } => {
-                if self.own_active_job(&job_id, &agent_id).is_some() {
-                    self.announce_progress(&job_id, seq, &event, effects);
+            AgentMessage::Event { envelope } => {
+                let Some(report) = self.open_report::<ProgressReport>(session_id, &agent_id, &envelope, Domain::Progress) else { return };
+                let job_id = report.job_id;
+                if self.own_active_job(&job_id, &agent_id).is_some_and(|j| j.issued(&report.order_nonce)) {
+                    self.announce_progress(&job_id, report.seq, &report.event, effects);
                 }
             }
-            AgentMessage::Result { job_id, result } => {
+            AgentMessage::Result { envelope } => {
+                // Nothing is done with, nor acknowledged for, a result the agent did not sign.
+                let Some(report) = self.open_report::<ResultReport>(session_id, &agent_id, &envelope, Domain::Result) else { return };
+                let (job_id, result) = (report.job_id, report.result);
+                let shown = shown_job_id(&job_id);
                 match self.jobs.get(&job_id) {
                     Some(job) if job.agent_id.as_deref() != Some(agent_id.as_str()) && !job.state.is_terminal() => {
-                        warn!(job_id = %job_id, agent_id = %agent_id, "result for a job of another agent ignored");
+                        warn!(job_id = shown, agent_id = %agent_id, "result for a job of another agent ignored");
+                    }
+                    Some(job) if !job.issued(&report.order_nonce) => {
+                        warn!(job_id = shown, agent_id = %agent_id, "result for an order this edge never sent ignored");
                     }
                     Some(job) if job.state.is_terminal() => {
-                        debug!(job_id = %job_id, agent_id = %agent_id, "duplicate result acknowledged");
+                        debug!(job_id = shown, agent_id = %agent_id, "duplicate result acknowledged");
                     }
                     Some(_) => self.finish(now, &job_id, result, effects),
-                    None => warn!(job_id = shown_job_id(&job_id), agent_id = %agent_id, "result for an unknown job acknowledged"),
+                    None => warn!(job_id = shown, agent_id = %agent_id, "result for an unknown job acknowledged"),
                 }
                 // Acknowledged in every case so the agent stops re-sending it — but only
                 // once the result is stored: the ack goes out after this event's writes.
@@ -391,6 +400,25 @@ impl Edge {
             AgentMessage::Hello { .. } => {
                 let refused = Refused::new(close::PROTOCOL_ERROR, "hello sent twice");
                 self.close(now, session_id, refused, effects);
+            }
+        }
+    }
+
+    /// A report (progress, a result) as its agent signed it, or `None` — counted and
+    /// logged — when the signature is not that agent's: made up, or altered on the way.
+    /// The connection stays: whoever forged it is on the path, not the agent, and the
+    /// agent's own reports still count.
+    fn open_report<T: serde::de::DeserializeOwned>(&mut self, session_id: &str, agent_id: &str, envelope: &Envelope, domain: Domain) -> Option<T> {
+        let opened = match self.cfg.agents.get(agent_id) {
+            Some(key) => envelope.open::<T>(domain, key).map_err(|e| e.to_string()),
+            None => Err("the agent is no longer in AGENT_PUBLIC_KEYS".to_string()),
+        };
+        match opened {
+            Ok(report) => Some(report),
+            Err(why) => {
+                self.stats_mut().refused_reports += 1;
+                warn!(agent_id = %agent_id, session = session_id, kind = ?domain, error = %why, "a report not signed by the agent refused (forged or altered on the way)");
+                None
             }
         }
     }

@@ -274,3 +274,62 @@ fn the_pool_is_signed_into_the_welcome_and_every_order() {
     let order: shared::protocol::CancelOrder = open_order(&cancel.unwrap(), Domain::Cancel, &edge_key().verifying_key(), gpu, 2).unwrap();
     assert_eq!(order.header.pool, "gpu");
 }
+
+#[test]
+fn forged_results_and_progress_from_the_path_are_refused_and_change_nothing() {
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    let follower = edge.begin_request();
+    edge.follow(follower, "j1", &mut Vec::new()).unwrap();
+    let forger = agent_key(77);
+    let fake = JobResult { success: true, output: "forged".into(), ..Default::default() };
+
+    // Made up by whoever sits between agent and edge: another key.
+    for forged in [
+        AgentMessage::result("j1", "j1:1", fake.clone(), &forger),
+        AgentMessage::progress("j1", "j1:1", 1, json!({"type": "assistant", "forged": true}), &forger),
+    ] {
+        let effects = say(&mut edge, 2, &sid, forged);
+        assert!(effects.is_empty(), "nothing done, nothing acknowledged: {effects:?}");
+    }
+    // The agent's own report, altered on the way.
+    let AgentMessage::Result { mut envelope } = result_msg(&edge, "j1", ok_result()) else { panic!("a result") };
+    envelope.payload = envelope.payload.replace("done", "evil");
+    assert!(say(&mut edge, 2, &sid, AgentMessage::Result { envelope }).is_empty());
+    assert_eq!(edge.job("j1").unwrap().state, JobState::Running, "the job is unaffected");
+    assert!(edge.metrics().contains("claude_runner_reports_refused_total 3\n"), "{}", edge.metrics());
+    assert_eq!(edge.stats().refused_reports, 3);
+
+    // Signed by the agent but for an order this edge never sent: acknowledged (so it is not
+    // sent forever), not applied.
+    let stray = AgentMessage::result("j1", "j1:9", fake, &agent_key(1));
+    let effects = say(&mut edge, 3, &sid, stray);
+    assert!(finished(&effects).is_empty());
+    assert!(matches!(sent(&effects, &sid)[..], [EdgeMessage::ResultAck { .. }]));
+
+    // The agent's real progress and result go through.
+    let (chunks, _) = streamed(&progress(&mut edge, 4, &sid, "j1", 1, json!({"type": "system"})), follower);
+    assert_eq!(chunks.len(), 1);
+    let done = finished(&report(&mut edge, 5, &sid, "j1", ok_result()));
+    assert_eq!(done[0].2["output"], "done");
+}
+
+#[test]
+fn orders_and_reports_share_one_nonce_per_attempt() {
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    let job = edge.job("j1").unwrap();
+    assert_eq!(job.order_nonce(), "j1:1");
+    assert!(job.issued("j1:1"));
+    for never in ["j1:0", "j1:2", "j1:01", "j1:+1", "j2:1", "j1", "j1:1:1", ""] {
+        assert!(!job.issued(never), "{never}");
+    }
+    // Sent again after a refusal for want of a slot: both orders are the edge's.
+    let reason = "no free slot".to_string();
+    say(&mut edge, 1, &sid, AgentMessage::Rejected { job_id: Some("j1".into()), reason, retry: true });
+    say(&mut edge, 2, &sid, AgentMessage::Credit { slots: 1 });
+    let job = edge.job("j1").unwrap();
+    assert_eq!(job.order_nonce(), "j1:2");
+    assert!(job.issued("j1:1") && job.issued("j1:2") && !job.issued("j1:3"));
+}

@@ -67,7 +67,7 @@ fn every_caller_of_a_job_gets_its_answer_once() {
     assert!(edge.wait_expired(2, second.caller).is_empty(), "answered once");
     // Another hung up.
     edge.caller_gone(third.caller);
-    let effects = say(&mut edge, 3, &sid, AgentMessage::Result { job_id, result: ok_result() });
+    let effects = report(&mut edge, 3, &sid, &job_id, ok_result());
     assert_eq!(answer_to(&effects, first.caller).unwrap().0, 200);
     let answers = effects.iter().filter(|e| matches!(e, Effect::Answer { .. })).count();
     assert_eq!(answers, 1, "only the caller still waiting: {effects:?}");

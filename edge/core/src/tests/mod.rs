@@ -184,6 +184,30 @@ pub(super) fn call(edge: &mut Edge, now: impl Into<crate::Now>, method: &str, pa
     http::handle(edge, now, [seed; 16], req)
 }
 
+/// `spark`'s signed result for the job's latest order.
+pub(super) fn result_msg(edge: &Edge, job_id: &str, result: JobResult) -> AgentMessage {
+    let nonce = edge.job(job_id).map_or(format!("{job_id}:1"), |j| j.order_nonce());
+    AgentMessage::result(job_id, &nonce, result, &agent_key(1))
+}
+
+/// `spark`'s signed progress event for the job's latest order.
+pub(super) fn progress_msg(edge: &Edge, job_id: &str, seq: u64, event: Value) -> AgentMessage {
+    let nonce = edge.job(job_id).map_or(format!("{job_id}:1"), |j| j.order_nonce());
+    AgentMessage::progress(job_id, &nonce, seq, event, &agent_key(1))
+}
+
+/// `spark` reports the job's result, signed and bound to the job's latest order.
+pub(super) fn report(edge: &mut Edge, now: u64, sid: &str, job_id: &str, result: JobResult) -> Vec<Effect> {
+    let msg = result_msg(edge, job_id, result);
+    say(edge, now, sid, msg)
+}
+
+/// `spark` reports a progress event of the job, signed and bound to its latest order.
+pub(super) fn progress(edge: &mut Edge, now: u64, sid: &str, job_id: &str, seq: u64, event: Value) -> Vec<Effect> {
+    let msg = progress_msg(edge, job_id, seq, event);
+    say(edge, now, sid, msg)
+}
+
 pub(super) fn ok_result() -> JobResult {
     JobResult { success: true, output: "done".into(), exit_code: Some(0), duration_ms: 5, ..Default::default() }
 }
@@ -223,7 +247,7 @@ fn a_job_flows_to_a_proven_agent_and_back() {
 
     say(&mut edge, 40, &sid, AgentMessage::Accepted { job_id: "j1".into() });
     assert_eq!(edge.job("j1").unwrap().state, JobState::Running);
-    let effects = say(&mut edge, 50, &sid, AgentMessage::Result { job_id: "j1".into(), result: ok_result() });
+    let effects = report(&mut edge, 50, &sid, "j1", ok_result());
     let done = finished(&effects);
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].1, 200);
@@ -232,7 +256,7 @@ fn a_job_flows_to_a_proven_agent_and_back() {
     assert_eq!(done[0].2["job_id"], "j1");
     assert!(matches!(sent(&effects, &sid)[..], [EdgeMessage::ResultAck { .. }]));
     // A resent result is acknowledged and changes nothing.
-    let effects = say(&mut edge, 60, &sid, AgentMessage::Result { job_id: "j1".into(), result: JobResult::default() });
+    let effects = report(&mut edge, 60, &sid, "j1", JobResult::default());
     assert!(finished(&effects).is_empty());
     assert_eq!(edge.job("j1").unwrap().state, JobState::Succeeded);
 }
@@ -250,7 +274,7 @@ fn never_sends_more_jobs_than_credits() {
     // nothing more.
     let effects = say(&mut edge, 2, &sid, AgentMessage::Credit { slots: 1 });
     assert!(sent(&effects, &sid).is_empty(), "over capacity: {effects:?}");
-    say(&mut edge, 2, &sid, AgentMessage::Result { job_id: "j0".into(), result: ok_result() });
+    report(&mut edge, 2, &sid, "j0", ok_result());
     let effects = say(&mut edge, 2, &sid, AgentMessage::Credit { slots: 1 });
     assert_eq!(order_of(&effects, &sid, "spark", 2).header.job_id, "j1", "queue order is kept");
     // The queue is full at three waiting jobs.
@@ -371,7 +395,7 @@ fn a_job_survives_a_reconnect_and_its_result_arrives() {
         say(&mut edge, t, &sid2, AgentMessage::Heartbeat { running: vec!["j1".into()], capacity: 1, oauth: oauth(), claude_version: None });
     }
     assert!(finished(&edge.tick(100 + LOST)).is_empty(), "not lost: the agent came back");
-    let done = finished(&say(&mut edge, 5_500, &sid2, AgentMessage::Result { job_id: "j1".into(), result: ok_result() }));
+    let done = finished(&report(&mut edge, 5_500, &sid2, "j1", ok_result()));
     assert_eq!(done[0].1, 200);
 }
 
@@ -489,7 +513,7 @@ fn restore_keeps_jobs_and_starts_the_lost_clock() {
         }
     };
     keep(edge.submit(0, "done".into(), submission("x", 60_000, Some("k")), Mode::Wait).unwrap().effects);
-    keep(say(&mut edge, 1, &sid, AgentMessage::Result { job_id: "done".into(), result: ok_result() }));
+    keep(report(&mut edge, 1, &sid, "done", ok_result()));
     say(&mut edge, 1, &sid, AgentMessage::Credit { slots: 1 });
     keep(edge.submit(2, "run".into(), submission("x", 60_000, None), Mode::Wait).unwrap().effects);
     keep(edge.submit(2, "queued".into(), submission("x", 60_000, None), Mode::Detached).unwrap().effects);
@@ -587,14 +611,14 @@ fn followers_get_the_progress_so_far_then_the_result() {
     assert!(edge.follow(early, "j1", &mut effects).is_ok());
     assert_eq!(streamed(&effects, early), (vec![], false));
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
-    let effects = say(&mut edge, 2, &sid, AgentMessage::Event { job_id: "j1".into(), seq: 1, event: json!({"type": "system"}) });
+    let effects = progress(&mut edge, 2, &sid, "j1", 1, json!({"type": "system"}));
     let (chunks, _) = streamed(&effects, early);
     assert_eq!(chunks, vec!["id: 1\nevent: progress\ndata: {\"type\":\"system\"}\n\n".to_string()]);
     // Events for a job that is not this agent's are dropped.
-    let effects = say(&mut edge, 2, &sid, AgentMessage::Event { job_id: "other".into(), seq: 1, event: json!({}) });
+    let effects = progress(&mut edge, 2, &sid, "other", 1, json!({}));
     assert!(effects.iter().all(|e| !matches!(e, Effect::Stream { .. })));
     for seq in 2..=(crate::progress::MAX_BACKLOG_EVENTS as u64 + 5) {
-        say(&mut edge, 3, &sid, AgentMessage::Event { job_id: "j1".into(), seq, event: json!({"type": "assistant"}) });
+        progress(&mut edge, 3, &sid, "j1", seq, json!({"type": "assistant"}));
     }
     let late = edge.begin_request();
     let mut effects = Vec::new();
@@ -604,7 +628,7 @@ fn followers_get_the_progress_so_far_then_the_result() {
     assert!(backlog[0].contains("5 earlier progress events"), "{}", backlog[0]);
     assert_eq!(backlog.len(), crate::progress::MAX_BACKLOG_EVENTS + 1);
     // The result goes to both followers, and ends their streams.
-    let effects = say(&mut edge, 4, &sid, AgentMessage::Result { job_id: "j1".into(), result: ok_result() });
+    let effects = report(&mut edge, 4, &sid, "j1", ok_result());
     for caller in [early, late] {
         let (chunks, ended) = streamed(&effects, caller);
         assert!(ended);
