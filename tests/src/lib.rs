@@ -410,7 +410,10 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str) -> Client {
-        Client { base: base.to_string(), http: reqwest::Client::builder().no_proxy().build().unwrap() }
+        // workerd (the Worker's local host) closes a keep-alive connection after about 5 s
+        // idle, and a request sent on it just then is reset: never reuse one idle that long.
+        let http = reqwest::Client::builder().no_proxy().pool_idle_timeout(Duration::from_secs(2)).build().unwrap();
+        Client { base: base.to_string(), http }
     }
 
     pub async fn send(&self, method: &str, path: &str, secret: Option<&str>, body: Option<Vec<u8>>) -> Answer {

@@ -624,7 +624,9 @@ async fn followers_are_capped_and_those_that_stop_reading_are_dropped(kind: Edge
     const PER_JOB: usize = 16; // edge_core::progress::MAX_FOLLOWERS_PER_JOB
     let s = setup(kind, &[], &[]).await;
     let blocker = s.client.submit(json!({"prompt": "@sleep=4000 blocker"})).await;
-    let flood = s.client.submit(json!({"prompt": "@megabytes=32 @sleep=300 flood"})).await;
+    // 32 MiB of progress over about 5 s: a follower that reads keeps up, one that does
+    // not falls ever further behind.
+    let flood = s.client.submit(json!({"prompt": "@megabytes=32 @gap_ms=10 @sleep=300 flood"})).await;
     let job_id = flood.body["job_id"].as_str().unwrap().to_string();
     assert_eq!(flood.body["state"], "queued", "{}", flood.text);
     // A follower that reads, first (its answer means it is registered).
