@@ -88,21 +88,7 @@ fn prove(edge: &mut Edge, now: u64, sid: &str, effects: &[Effect]) -> Vec<Effect
             _ => None,
         })
         .expect("a challenge");
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        agent_id: "spark".into(),
-        agent_version: "t".into(),
-        claude_version: None,
-        challenge: nonce,
-        agent_nonce: "n".into(),
-        issued_at: now,
-        capacity: 1,
-        running: vec![],
-        finished: vec![],
-        oauth: oauth(),
-    };
-    let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(1)) };
-    edge.message(now, sid, &msg.to_text())
+    edge.message(now, sid, &hello_frame("spark", &nonce, now, &agent_key(1)))
 }
 
 /// The ids of the sessions these effects close.
@@ -187,21 +173,7 @@ fn ids_from_unproven_peers_are_neither_echoed_nor_logged() {
     for bad in ["spark\n2026-01-01T00:00:00Z INFO agent connected agent_id=spark", &"a".repeat(100), "", "sp ark"] {
         let (sid, effects) = edge.connect(0, seed(1), PEER);
         let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge") };
-        let hello = Hello {
-            protocol: PROTOCOL_VERSION,
-            agent_id: bad.into(),
-            agent_version: "t".into(),
-        claude_version: None,
-            challenge: nonce.clone(),
-            agent_nonce: "n".into(),
-            issued_at: 0,
-            capacity: 1,
-            running: vec![],
-            finished: vec![],
-            oauth: oauth(),
-        };
-        let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: bad.into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(1)) };
-        let effects = edge.message(0, &sid, &msg.to_text());
+        let effects = edge.message(0, &sid, &hello_frame(bad, nonce, 0, &agent_key(1)));
         let (code, reason) = closed(&effects).unwrap();
         assert_eq!(code, close::UNAUTHORIZED);
         assert!(!bad.is_empty() && !reason.contains(bad) || bad.is_empty(), "{reason}");

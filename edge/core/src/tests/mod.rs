@@ -143,6 +143,24 @@ pub(super) fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey
     (sid, effects)
 }
 
+/// A hello from `agent` answering `nonce`, signed with `key`.
+pub(super) fn hello_frame(agent: &str, nonce: &str, now: u64, key: &SigningKey) -> String {
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_id: agent.into(),
+        agent_version: "t".into(),
+        claude_version: None,
+        challenge: nonce.into(),
+        agent_nonce: "n".into(),
+        issued_at: now,
+        capacity: 1,
+        running: vec![],
+        finished: vec![],
+        oauth: oauth(),
+    };
+    AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.into(), envelope: Envelope::seal(Domain::Hello, &hello, key) }.to_text()
+}
+
 /// An edge with agent `spark` connected and one credit granted.
 pub(super) fn ready_edge() -> (Edge, String) {
     let mut edge = Edge::new(config(), 0);
