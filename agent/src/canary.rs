@@ -37,10 +37,13 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
     let cfg = AgentConfig::local_only(local, agent_id);
     let (uplink, mut events) = mpsc::unbounded_channel();
     let own = cfg.signing_key.verifying_key();
+    let repos = crate::repo::Repos::open(&cfg.data_dir, cfg.repos.clone())
+        .map_err(|e| vec![format!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())])?;
     let ctx = JobContext {
         login: Login::new(cfg.claude_config_dir.as_deref()),
         gate: RefreshGate::default(),
         uplink,
+        repos: Arc::new(repos),
         cfg: Arc::new(cfg),
         order_nonce: "canary:1".into(),
     };

@@ -12,6 +12,7 @@
 //! - [`cli_version`]: which Claude Code CLI runs here, reported in `/health`.
 //! - [`oauth`]: the login on this machine and the refresh gate.
 //! - [`redact`]: keeps tokens from ever leaving the machine.
+//! - [`repo`]: jobs on repositories: git2 mirror cache, a checkout per job, diff and push.
 //! - [`spool`]: results on disk until the edge acknowledges them.
 //! - [`replay`]: remembered order nonces.
 //! - [`files`]: atomic, owner-only files.
@@ -33,6 +34,7 @@ mod keygen;
 mod oauth;
 mod process;
 mod redact;
+mod repo;
 mod replay;
 mod runner;
 mod serve;
@@ -122,6 +124,8 @@ fn main() {
     let cli = Cli::parse();
     runtime::init_logging(&cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Before any thread starts: libgit2's set-up writes the process environment.
+    repo::init_libgit2();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio starts");
     let result = runtime.block_on(async move {
         match cli.command {
