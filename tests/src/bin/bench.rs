@@ -418,6 +418,9 @@ fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(4)
+        // workerd (the Worker's local host) closes a connection idle for about 5 s, and a
+        // request sent on it just then is reset: never reuse one idle for 2 s.
+        .pool_idle_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .timeout(Duration::from_secs(120))
         .build()
