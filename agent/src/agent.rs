@@ -15,7 +15,7 @@ use shared::contract::ErrorCode;
 use shared::envelope::{open_order, Audience, Domain, Envelope, Refusal};
 use shared::job::JobResult;
 use shared::oauth::OAuthReport;
-use shared::protocol::{AgentMessage, CancelOrder, JobOrder};
+use shared::protocol::{AgentMessage, CancelOrder, JobOrder, Slots};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -34,12 +34,17 @@ pub struct Queues {
     pub jobs: mpsc::UnboundedReceiver<JobTask>,
 }
 
-/// Jobs on this agent: each running one has the handle that stops it.
+/// Jobs on this agent: each running one has the handle that stops it. Whatever the agent
+/// tells the edge about its jobs and slots (acceptances, refusals, results, statements of
+/// its slots, heartbeats) is decided and queued while this is locked, so the edge hears
+/// the agent's states in the order they happened (see [`shared::protocol::Slots`]).
 #[derive(Default)]
 struct Running {
     jobs: HashMap<String, Option<oneshot::Sender<Stop>>>,
     /// The agent is stopping: no new job starts.
     closed: bool,
+    /// Job orders received on the current connection.
+    received: u64,
 }
 
 pub struct Agent {
@@ -47,7 +52,7 @@ pub struct Agent {
     pub login: Login,
     pub gate: RefreshGate,
     pub auth: AuthHealth,
-    pub spool: Spool,
+    pub spool: Arc<Spool>,
     pub status: StatusFile,
     /// The Claude Code CLI's version, for the edge's `/health`.
     pub cli: crate::cli_version::CliVersion,
@@ -63,11 +68,29 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> anyhow::Result<(Arc<Agent>, Queues)> {
-        let spool = Spool::open(cfg.data_dir.join("spool")).map_err(|e| {
+        // Owner-only: a new DATA_DIR and the folders in it. An existing DATA_DIR keeps its
+        // mode (it may be a shared folder); what the agent keeps in it is private anyway.
+        crate::files::private_dir(&cfg.data_dir.join("workspaces")).map_err(|e| {
             anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
         })?;
+        let (spool, interrupted) = Spool::open(cfg.data_dir.join("spool"), cfg.data_dir.join("started")).map_err(|e| {
+            anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
+        })?;
+        if !interrupted.is_empty() {
+            let jobs: Vec<&str> = interrupted.iter().map(|j| j.job_id.as_str()).collect();
+            warn!(agent_id = %cfg.agent_id, jobs = ?jobs, "jobs that were running when the agent last stopped are reported lost");
+        }
+        // Reported like any result: signed, bound to the order the marker kept.
+        for job in interrupted {
+            if let AgentMessage::Result { envelope } = AgentMessage::result(&job.job_id, &job.order_nonce, crate::spool::interrupted(), &cfg.signing_key) {
+                spool.put(&job.job_id, &envelope).map_err(|e| {
+                    anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
+                })?;
+            }
+        }
         let replay = ReplayGuard::open(cfg.data_dir.join("seen-orders.log"));
-        let login = Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.repos.token_values());
+        // The redactor also knows the agent's own secrets and the repository tokens.
+        let login = Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.repos.token_values()).with_secrets(cfg.secrets.iter().map(String::as_str));
         let repos = crate::repo::Repos::open(&cfg.data_dir, cfg.repos.clone()).map_err(|e| {
             anyhow::anyhow!("cannot keep repository mirrors in {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.join("repos").display())
         })?;
@@ -81,7 +104,7 @@ impl Agent {
             login,
             gate: RefreshGate::default(),
             auth: AuthHealth::default(),
-            spool,
+            spool: Arc::new(spool),
             replay: Mutex::new(replay),
             repos: Arc::new(repos),
             running: Mutex::new(Running::default()),
@@ -100,6 +123,7 @@ impl Agent {
             gate: self.gate.clone(),
             uplink: self.uplink.clone(),
             order_nonce: order_nonce.to_string(),
+            spool: Some(Arc::clone(&self.spool)),
             repos: Arc::clone(&self.repos),
         }
     }
@@ -110,12 +134,37 @@ impl Agent {
         ids
     }
 
-    pub fn free_slots(&self) -> u32 {
+
+    fn slots(&self, running: &Running) -> Slots {
+        let free = if running.closed { 0 } else { self.cfg.max_concurrent_jobs.saturating_sub(running.jobs.len() as u32) };
+        Slots { free, received: running.received }
+    }
+
+    /// A new connection to the edge: orders are counted from zero on it.
+    pub fn begin_session(&self) {
+        self.running.lock().expect("running lock").received = 0;
+    }
+
+    /// Tells the edge how many jobs it may send now.
+    pub fn state_slots(&self) {
         let running = self.running.lock().expect("running lock");
-        if running.closed {
-            return 0;
-        }
-        self.cfg.max_concurrent_jobs.saturating_sub(running.jobs.len() as u32)
+        let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
+    }
+
+    /// Queues a heartbeat: the login, the jobs held and the slots, as of one moment.
+    pub fn heartbeat(&self) {
+        let oauth = self.oauth_report();
+        let running = self.running.lock().expect("running lock");
+        let mut ids: Vec<String> = running.jobs.keys().cloned().collect();
+        ids.sort();
+        let beat = AgentMessage::Heartbeat {
+            running: ids,
+            capacity: self.cfg.max_concurrent_jobs,
+            oauth,
+            slots: self.slots(&running),
+            claude_version: self.cli.current(),
+        };
+        let _ = self.uplink.send(beat);
     }
 
     pub fn oauth_report(&self) -> OAuthReport {
@@ -124,13 +173,22 @@ impl Agent {
         report
     }
 
-    fn refuse(&self, envelope: &Envelope, refusal: &Refusal) {
-        // The job id is read without trusting it, only so the edge can settle the job.
-        let job_id = serde_json::from_str::<serde_json::Value>(&envelope.payload)
-            .ok()
-            .and_then(|v| v.get("job_id").and_then(|j| j.as_str()).map(str::to_string));
-        warn!(job_id = job_id.as_deref().unwrap_or("?"), agent_id = %self.cfg.agent_id, reason = %refusal, "order refused");
-        let _ = self.uplink.send(AgentMessage::Rejected { job_id, reason: refusal.to_string(), retry: false });
+    /// Tells the edge an order was refused. The edge settles a job on a refusal that names
+    /// it, so a name is given only when it is the edge's own: read from an order whose
+    /// signature verified, for a job order (a cancel that fails changes nothing about its
+    /// job), and not for a replay (the first copy of that order was handled already).
+    /// Anything else — garbage, a forgery, a tampered frame — names no job: whoever sent it
+    /// cannot make the edge fail a job by it.
+    fn refuse(&self, domain: Domain, job_id: Option<&str>, refusal: &Refusal) {
+        let named = match refusal {
+            _ if domain != Domain::Job => None,
+            Refusal::Signature(_) | Refusal::Replay { .. } => None,
+            Refusal::WrongAgent { .. } | Refusal::WrongPool { .. } | Refusal::Expired { .. } | Refusal::FromTheFuture { .. } => job_id,
+        };
+        // Logged only when it is a plain id: a log line is no place for arbitrary text.
+        let logged = named.filter(|id| shared::ids::plain_id(id, shared::ids::MAX_JOB_ID)).unwrap_or("-");
+        warn!(job_id = logged, agent_id = %self.cfg.agent_id, reason = %refusal, "order refused");
+        let _ = self.uplink.send(AgentMessage::Rejected { job_id: named.map(str::to_string), reason: refusal.to_string(), retry: false });
     }
 
     fn verify<T: serde::de::DeserializeOwned + shared::envelope::HasHeader>(&self, envelope: &Envelope, domain: Domain) -> Option<T> {
@@ -139,41 +197,57 @@ impl Agent {
         let order: T = match open_order(envelope, domain, &self.cfg.edge_public_key, me, now) {
             Ok(o) => o,
             Err(refusal) => {
-                self.refuse(envelope, &refusal);
+                // Only a refusal after the signature verified has a job id worth reading,
+                // and then from the verified payload.
+                let job_id = match &refusal {
+                    Refusal::Signature(_) => None,
+                    _ => serde_json::from_str::<shared::envelope::OrderHeader>(&envelope.payload).ok().map(|h| h.job_id),
+                };
+                self.refuse(domain, job_id.as_deref(), &refusal);
                 return None;
             }
         };
         let header = order.header();
         if !self.replay.lock().expect("replay lock").admit(&header.nonce, header.expires_at, now) {
-            self.refuse(envelope, &Refusal::Replay { nonce: header.nonce.clone() });
+            self.refuse(domain, Some(&header.job_id), &Refusal::Replay { nonce: header.nonce.clone() });
             return None;
         }
         Some(order)
     }
 
     /// A signed job arrived: verify it and start it, or refuse it. Nothing runs unless
-    /// every check passes.
+    /// every check passes. An order for a job already here is answered with what the
+    /// agent has of it (it runs: `Accepted`; it ended: its result), never dropped.
     pub fn on_job(self: &Arc<Self>, envelope: &Envelope) {
+        let mut running = self.running.lock().expect("running lock");
+        // Every order the edge sent counts, whatever becomes of it (see Slots).
+        running.received += 1;
         let Some(order) = self.verify::<JobOrder>(envelope, Domain::Job) else { return };
         let job_id = order.header.job_id.clone();
         if !shared::ids::plain_id(&job_id, shared::ids::MAX_JOB_ID) {
+            // Signed by the edge, so its own id, but not one for a log line or a file name.
             let reason = "the job id has characters the agent does not accept as a file name".into();
+            warn!(agent_id = %self.cfg.agent_id, "order refused: a job id that is not a plain id");
             let _ = self.uplink.send(AgentMessage::Rejected { job_id: Some(job_id), reason, retry: false });
             return;
         }
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let mut running = self.running.lock().expect("running lock");
-        if running.jobs.contains_key(&job_id) || self.spool.has(&job_id) {
-            warn!(job_id = %job_id, "job already here; not starting it twice");
+        if running.jobs.contains_key(&job_id) {
+            warn!(job_id = %job_id, agent_id = %self.cfg.agent_id, "sent a job that runs here already; telling the edge");
+            let _ = self.uplink.send(AgentMessage::Accepted { job_id });
+            return;
+        }
+        if let Some(result) = self.spool.get(&job_id) {
+            warn!(job_id = %job_id, agent_id = %self.cfg.agent_id, "sent a job that ended here already; sending its result again");
+            let _ = self.uplink.send(AgentMessage::Result { envelope: result });
             return;
         }
         if running.closed || running.jobs.len() as u32 >= self.cfg.max_concurrent_jobs {
-            drop(running);
             let reason = "no free slot: the agent is full or stopping".to_string();
             // Nothing wrong with the order itself: the edge may send it again later.
             let _ = self.uplink.send(AgentMessage::Rejected { job_id: Some(job_id), reason, retry: true });
             return;
         }
+        let (stop_tx, stop_rx) = oneshot::channel();
         running.jobs.insert(job_id.clone(), Some(stop_tx));
         info!(job_id = %job_id, agent_id = %self.cfg.agent_id, timeout_ms = order.spec.timeout_ms, "job accepted");
         let _ = self.uplink.send(AgentMessage::Accepted { job_id: job_id.clone() });
@@ -197,8 +271,13 @@ impl Agent {
             // The serve loop is gone: the agent is exiting.
             running.jobs.remove(&job_id);
         }
+        let ids = {
+            let mut ids: Vec<String> = running.jobs.keys().cloned().collect();
+            ids.sort();
+            ids
+        };
         drop(running);
-        self.status.running(self.running_ids());
+        self.status.running(ids);
     }
 
     /// A job ended: remember its login outcome, keep its result — signed, bound to the
@@ -212,17 +291,20 @@ impl Agent {
         let report = AgentMessage::result(job_id, order_nonce, result, &self.cfg.signing_key);
         if let AgentMessage::Result { envelope } = &report {
             if let Err(e) = self.spool.put(job_id, envelope) {
-                warn!(job_id, agent_id = %self.cfg.agent_id, error = %e, "could not spool the result; sending it anyway");
+                error!(
+                    job_id, agent_id = %self.cfg.agent_id, error = %e, held = self.spool.held(),
+                    "could not write the result to the spool: it is kept in memory and sent until the edge has it, but \
+                     a restart of the agent now would lose it; free space in DATA_DIR or fix its permissions"
+                );
             }
         }
-        self.running.lock().expect("running lock").jobs.remove(job_id);
-        self.status.running(self.running_ids());
+        let mut running = self.running.lock().expect("running lock");
+        running.jobs.remove(job_id);
         self.status.mirrors(self.repos.mirror_names());
         let _ = self.uplink.send(report);
-        // A draining agent takes no more work.
-        if self.free_slots() > 0 {
-            let _ = self.uplink.send(AgentMessage::Credit { slots: 1 });
-        }
+        let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
+        drop(running);
+        self.status.running(self.running_ids());
     }
 
     pub fn on_cancel(&self, envelope: &Envelope) {
@@ -240,7 +322,10 @@ impl Agent {
 
     /// No new job starts from now on; the running ones go on.
     pub fn close(&self) {
-        self.running.lock().expect("running lock").closed = true;
+        let mut running = self.running.lock().expect("running lock");
+        running.closed = true;
+        // No free slot from now on: the edge hears it at once.
+        let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
     }
 
     /// Stops every running job (the agent is shutting down); their results are spooled.

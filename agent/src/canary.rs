@@ -40,12 +40,13 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
     let repos = crate::repo::Repos::open(&cfg.data_dir, cfg.repos.clone())
         .map_err(|e| vec![format!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())])?;
     let ctx = JobContext {
-        login: Login::new(cfg.claude_config_dir.as_deref()),
+        login: Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.secrets.iter().map(String::as_str)),
         gate: RefreshGate::default(),
         uplink,
         repos: Arc::new(repos),
         cfg: Arc::new(cfg),
         order_nonce: "canary:1".into(),
+        spool: None,
     };
     let spec: JobSpec = serde_json::from_value(json!({"prompt": PROMPT, "timeout_ms": TIMEOUT.as_millis() as u64, "max_turns": 1}))
         .expect("the canary's spec is valid");

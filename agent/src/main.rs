@@ -1,5 +1,7 @@
 //! `claude-runner`: the agent that runs Claude Code on Spark for an edge, and the
-//! operator's commands. Laid out by role, like the Buildkite agent:
+//! operator's commands. Laid out by role, like the Buildkite agent; the pure pieces
+//! (Claude's stream-json, redaction, the credentials file, SSE, `EDGE_URL`) are the
+//! `agent_core` library (`lib.rs`), which the fuzzers drive too:
 //!
 //! - [`serve`]: the agent's life: connection, job tasks, graceful stop.
 //! - [`drain`]: how a stop is asked for: signals, or `agent --drain` from another shell.
@@ -7,13 +9,13 @@
 //! - [`agent`]: state that outlives connections; verifying, starting and cancelling orders.
 //! - [`runner`]: one job's life, given a narrow [`runner::JobContext`].
 //! - [`workspace`]: a job's fresh folder, its working directory, a carried-over session.
-//! - [`process`]: Claude's process group: start, read, stop (TERM, then KILL).
-//! - [`claude`]: Claude Code's command line and its stream-json, as pure functions.
+//! - [`process`]: Claude's process: start, read, stop (TERM, then KILL).
+//! - [`warden`]: the small process between the agent and Claude that kills Claude's whole
+//!   tree with its job, even when the agent is killed.
 //! - [`cli_version`]: which Claude Code CLI runs here, reported in `/health`.
 //! - [`oauth`]: the login on this machine and the refresh gate.
-//! - [`redact`]: keeps tokens from ever leaving the machine.
 //! - [`repo`]: jobs on repositories: git2 mirror cache, a checkout per job, diff and push.
-//! - [`spool`]: results on disk until the edge acknowledges them.
+//! - [`spool`]: results until the edge acknowledges them; "started" markers.
 //! - [`replay`]: remembered order nonces.
 //! - [`files`]: atomic, owner-only files.
 //! - [`status`]: the agent's state file, and `claude-runner status`.
@@ -23,7 +25,6 @@
 
 mod agent;
 mod canary;
-mod claude;
 mod cli_version;
 mod config;
 mod connection;
@@ -33,7 +34,6 @@ mod files;
 mod keygen;
 mod oauth;
 mod process;
-mod redact;
 mod repo;
 mod replay;
 mod runner;
@@ -43,8 +43,10 @@ mod status;
 mod submit;
 #[cfg(feature = "up")]
 mod up;
+mod warden;
 mod workspace;
 
+use agent_core::{claude, credentials, edge_url, redact, sse};
 use clap::{Parser, Subcommand};
 use config::{AgentArgs, LocalArgs};
 use std::path::PathBuf;
@@ -136,6 +138,7 @@ fn main() {
                 Ok(())
             }
             Command::Agent { args, drain: false } => {
+                process::harden_agent();
                 let cfg = args.resolve()?;
                 serve::serve(cfg, drain::stop_requests()).await
             }
@@ -149,7 +152,10 @@ fn main() {
                 Ok(())
             }
             #[cfg(feature = "up")]
-            Command::Up(args) => up::run(args).await,
+            Command::Up(args) => {
+                process::harden_agent();
+                up::run(args).await
+            }
             Command::Doctor { args, canary } => {
                 if !doctor::run(args, canary).await {
                     std::process::exit(1);

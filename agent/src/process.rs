@@ -1,7 +1,13 @@
-//! Claude's process: found on PATH, started in its own process group with the prompt on
-//! stdin, its stdout read line by line (each line capped), stopped with the whole group
-//! (SIGTERM, then SIGKILL) on a timeout, a cancel or the agent stopping. What the lines
-//! mean is [`crate::claude`]'s business; what to do with them is the job runner's.
+//! Claude's process: found on PATH, started through a [`crate::warden`] (which keeps its
+//! whole tree in reach, even if the agent is killed) with the prompt on stdin, its stdout
+//! read line by line (each line capped), stopped with its whole tree (SIGTERM, then
+//! SIGKILL) on a timeout, a cancel or the agent stopping. What the lines mean is
+//! [`crate::claude`]'s business; what to do with them is the job runner's.
+//!
+//! Claude runs whatever a prompt asks, as the agent's user, so it gets an environment built
+//! from an allow-list ([`claude_environment`]), never the agent's own, and the agent makes
+//! itself non-dumpable ([`harden_agent`]) so Claude cannot read the agent's memory or
+//! `/proc/<agent>/environ` either. README "What a job can see" is the user's account.
 
 use crate::claude::Ending;
 use std::ffi::OsString;
@@ -39,11 +45,6 @@ pub fn find_binary(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| executable(p))
 }
 
-/// Settings Claude's environment never carries (it is the agent's, less these): the
-/// agent's signing key would let whoever can send it a prompt pose as the agent, the
-/// edge's secrets may sit in the same environment file when both run on Spark, and the
-/// repository tokens reach git servers only through the agent's git2 callback.
-const WITHHELD_FROM_CLAUDE: [&str; 5] = ["AGENT_SIGNING_KEY", "EDGE_SIGNING_KEY", "RUNNER_SECRET", "GITHUB_TOKEN", "REPO_TOKENS"];
 
 /// Why a job is stopped before Claude ends by itself.
 #[derive(Debug)]
@@ -64,12 +65,66 @@ impl Stop {
     }
 }
 
+/// Closes the agent to the jobs it runs, as far as one user can: not dumpable (a process
+/// of the same user can then neither ptrace it nor read its `/proc/<pid>/environ`, `mem`
+/// or `fd/`; only root, or a holder of CAP_SYS_PTRACE, can), and everything it creates
+/// owner-only (umask 077; Claude inherits it, so workspaces stay private too).
+pub fn harden_agent() {
+    // SAFETY: prctl and umask change process attributes only; no memory is involved.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        libc::umask(0o077);
+    }
+}
+
+/// Variables Claude may inherit from the agent, by exact name: what a shell and Node need
+/// to run (home, path, locale, terminal, temp folder, user, time zone), TLS trust and
+/// proxies to reach the API, and Claude Code's documented settings.
+const PASSED: &[&str] = &[
+    "HOME", "PATH", "LANG", "LANGUAGE", "TERM", "TMPDIR", "TZ", "USER", "LOGNAME", "SHELL",
+    "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_RUNTIME_DIR",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS",
+    "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy",
+    "ANTHROPIC_BASE_URL", "ANTHROPIC_MODEL", "ANTHROPIC_SMALL_FAST_MODEL",
+    "API_TIMEOUT_MS", "MAX_THINKING_TOKENS", "MAX_MCP_OUTPUT_TOKENS", "MCP_TIMEOUT", "MCP_TOOL_TIMEOUT",
+    "BASH_DEFAULT_TIMEOUT_MS", "BASH_MAX_TIMEOUT_MS", "BASH_MAX_OUTPUT_LENGTH", "IS_SANDBOX",
+];
+/// …and by prefix: locale categories and Claude Code's own knobs.
+const PASSED_PREFIXES: &[&str] = &["LC_", "CLAUDE_CODE_", "DISABLE_", "ANTHROPIC_DEFAULT_"];
+
+/// The whole environment of one Claude run: the allow-listed variables of `inherited`
+/// (the agent's environment), the operator's `allow` list (`JOB_ENV_ALLOW`), then how
+/// Claude logs in (`login`, from [`crate::oauth::Login::claude_env`]) and what this job
+/// needs (`job`: e.g. `CLAUDE_CONFIG_DIR`, a repository's settings). The agent's secrets
+/// ([`crate::config::SECRET_VARS`]) are never inherited, whatever the lists say; only
+/// `login` and `job` can set one, on purpose.
+pub fn claude_environment(
+    inherited: impl IntoIterator<Item = (OsString, OsString)>,
+    allow: &[String],
+    login: Vec<(&'static str, String)>,
+    job: Vec<(String, OsString)>,
+) -> Vec<(OsString, OsString)> {
+    let passed = |name: &str| {
+        !crate::config::SECRET_VARS.contains(&name)
+            && (PASSED.contains(&name) || PASSED_PREFIXES.iter().any(|p| name.starts_with(p)) || allow.iter().any(|a| a == name))
+    };
+    let mut env: Vec<(OsString, OsString)> =
+        inherited.into_iter().filter(|(name, _)| name.to_str().is_some_and(passed)).collect();
+    let set = login.into_iter().map(|(k, v)| (OsString::from(k), OsString::from(v))).chain(job.into_iter().map(|(k, v)| (OsString::from(k), v)));
+    for (name, value) in set {
+        env.retain(|(n, _)| *n != name);
+        env.push((name, value));
+    }
+    env
+}
+
 /// One run of Claude: what to start and where.
 pub struct Launch<'a> {
     pub program: &'a str,
     pub args: Vec<String>,
     pub cwd: &'a Path,
-    pub env: Vec<(&'static str, OsString)>,
+    /// Claude's whole environment (see [`claude_environment`]); nothing else is inherited.
+    pub env: Vec<(OsString, OsString)>,
     /// Written to stdin, which is then closed.
     pub stdin: String,
 }
@@ -81,14 +136,35 @@ pub struct Finished {
     pub stderr: String,
 }
 
-fn kill_group(pgid: u32, signal: libc::c_int) {
-    // Group 0 would be the agent's own.
-    if pgid == 0 {
-        return;
+/// The agent's end of a warden's control pipe (see [`crate::warden`]): a byte asks for a
+/// gentle stop, closing it kills the whole tree.
+struct Control(Option<std::os::fd::OwnedFd>);
+
+impl Control {
+    /// A pipe whose read end the warden inherits (its number is passed on the command
+    /// line); both ends are close-on-exec here, so no other child inherits either.
+    fn pipe() -> std::io::Result<(Control, std::os::fd::OwnedFd)> {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two fds we then own.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: both fds were just created and are owned by nothing else.
+        let (read, write) = unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])) };
+        Ok((Control(Some(write)), read))
     }
-    // SAFETY: kill(2) with a negative pid signals the process group; no memory involved.
-    unsafe {
-        libc::kill(-(pgid as libc::pid_t), signal);
+
+    fn stop(&self) {
+        use std::os::fd::AsRawFd;
+        if let Some(fd) = &self.0 {
+            // SAFETY: a one-byte write on a pipe we own; a full or closed pipe is fine.
+            unsafe { libc::write(fd.as_raw_fd(), [crate::warden::STOP].as_ptr().cast(), 1) };
+        }
+    }
+
+    fn kill(&mut self) {
+        self.0 = None;
     }
 }
 
@@ -102,43 +178,45 @@ pub async fn run(
     stop: &mut oneshot::Receiver<Stop>,
     mut on_line: impl FnMut(&[u8]),
 ) -> Finished {
-    let mut cmd = Command::new(launch.program);
-    cmd.args(&launch.args)
-        .current_dir(launch.cwd)
-        .envs(launch.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    for name in WITHHELD_FROM_CLAUDE {
-        cmd.env_remove(name);
-    }
-    // SAFETY: prctl only sets a flag on the child between fork and exec. If the agent dies,
-    // Claude dies with it instead of running on unseen (its result could not be reported,
-    // and the job might be sent again).
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    let not_found = || {
+        format!(
+            "the Claude Code binary `{}` was not found: install it (`npm install -g @anthropic-ai/claude-code`) or set CLAUDE_BIN",
+            launch.program
+        )
+    };
+    let Some(program) = find_binary(launch.program) else {
+        return Finished { ending: Ending::SpawnFailed(not_found()), stderr: String::new() };
+    };
+    let spawned = Control::pipe().and_then(|(control, read)| {
+        use std::os::fd::AsRawFd;
+        let read_fd = read.as_raw_fd();
+        let mut cmd = Command::new(&program);
+        cmd.args(&launch.args)
+            .current_dir(launch.cwd)
+            .env_clear()
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        // SAFETY: `split` makes only async-signal-safe calls; the child it returns in
+        // execs Claude, the one it leaves behind is the warden.
+        unsafe {
+            cmd.pre_exec(move || crate::warden::split(read_fd));
+        }
+        let child = cmd.spawn()?;
+        drop(read);
+        Ok((child, control))
+    });
+    let (mut child, mut control) = match spawned {
+        Ok(spawned) => spawned,
         Err(e) => {
-            let hint = if e.kind() == std::io::ErrorKind::NotFound {
-                format!(
-                    "the Claude Code binary `{}` was not found: install it (`npm install -g @anthropic-ai/claude-code`) or set CLAUDE_BIN",
-                    launch.program
-                )
-            } else {
-                format!("could not start `{}`: {e}", launch.program)
-            };
+            let hint = if e.kind() == std::io::ErrorKind::NotFound { not_found() } else { format!("could not start `{}`: {e}", launch.program) };
             return Finished { ending: Ending::SpawnFailed(hint), stderr: String::new() };
         }
     };
-    let pgid = child.id().unwrap_or(0);
-    info!(job_id, pid = pgid, "claude started");
+    let pid = child.id().unwrap_or(0);
+    info!(job_id, pid, "claude started");
 
     if let Some(mut stdin) = child.stdin.take() {
         let prompt = launch.stdin;
@@ -203,16 +281,20 @@ pub async fn run(
         None => Ending::Exited(exit.flatten()),
         Some(ending) => {
             warn!(job_id, ending = ?ending, "stopping claude");
-            kill_group(pgid, libc::SIGTERM);
+            control.stop();
             if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
-                kill_group(pgid, libc::SIGKILL);
-                let _ = child.wait().await;
+                control.kill();
+                if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
+                    // The warden itself is stuck: it goes, and Claude with it.
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                }
             }
             ending
         }
     };
-    // Whatever Claude left behind in its group goes too.
-    kill_group(pgid, libc::SIGKILL);
+    // Whatever Claude left behind goes too (the warden has done so if Claude exited).
+    control.kill();
     let stderr = match stderr_task {
         Some(t) => tokio::time::timeout(Duration::from_secs(1), t).await.ok().and_then(Result::ok).unwrap_or_default(),
         None => String::new(),
@@ -258,6 +340,33 @@ async fn read_line_capped<R: AsyncBufRead + Unpin>(reader: &mut R, line: &mut Li
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claude_sees_only_allowed_variables_and_never_a_secret() {
+        let inherited = [
+            ("HOME", "/home/spark"), ("PATH", "/usr/bin"), ("LC_ALL", "C.UTF-8"), ("CLAUDE_CODE_MAX_RETRIES", "2"),
+            ("DISABLE_TELEMETRY", "1"), ("ANTHROPIC_BASE_URL", "http://127.0.0.1:9"), ("NPM_CONFIG_REGISTRY", "r"),
+            ("AGENT_SIGNING_KEY", "k"), ("RUNNER_SECRET", "s"), ("GITHUB_TOKEN", "g"), ("REPO_TOKENS", "h=t"),
+            ("EDGE_SIGNING_KEY", "e"), ("CLAUDE_CODE_OAUTH_TOKEN", "inherited-token"), ("ANTHROPIC_API_KEY", "a"),
+            ("AGENT_KEY_FILE", "/k"), ("AWS_SECRET_ACCESS_KEY", "x"), ("RANDOM_THING", "y"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        let allow = vec!["NPM_CONFIG_REGISTRY".to_string(), "RUNNER_SECRET".to_string()];
+        let login = vec![("CLAUDE_CODE_OAUTH_TOKEN", "login-token".to_string())];
+        let job = vec![("CLAUDE_CONFIG_DIR".to_string(), OsString::from("/cfg")), ("HOME".to_string(), OsString::from("/job-home"))];
+        let env: std::collections::HashMap<String, String> = claude_environment(inherited, &allow, login, job)
+            .into_iter()
+            .map(|(k, v)| (k.into_string().unwrap(), v.into_string().unwrap()))
+            .collect();
+        let mut names: Vec<&str> = env.keys().map(String::as_str).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["ANTHROPIC_BASE_URL", "CLAUDE_CODE_MAX_RETRIES", "CLAUDE_CODE_OAUTH_TOKEN", "CLAUDE_CONFIG_DIR", "DISABLE_TELEMETRY", "HOME", "LC_ALL", "NPM_CONFIG_REGISTRY", "PATH"]
+        );
+        assert_eq!(env["CLAUDE_CODE_OAUTH_TOKEN"], "login-token", "the login's token, not an inherited one");
+        assert_eq!(env["HOME"], "/job-home", "the job's settings win");
+    }
 
     #[tokio::test]
     async fn reads_lines_and_caps_long_ones() {

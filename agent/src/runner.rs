@@ -8,6 +8,8 @@ use crate::claude::{self, Ending, Transcript};
 use crate::config::AgentConfig;
 use crate::oauth::{Login, RefreshGate};
 use crate::process::{self, Launch, Stop};
+use crate::redact::Carry;
+use crate::spool::Spool;
 use crate::repo::error::RepoError;
 use crate::repo::Repos;
 use crate::workspace;
@@ -32,6 +34,9 @@ pub struct JobContext {
     pub gate: RefreshGate,
     /// Progress events go out here (dropped while the agent is offline).
     pub uplink: mpsc::UnboundedSender<AgentMessage>,
+    /// Where the job's "started" marker is written before Claude is spawned (None for a
+    /// job no edge knows of, such as `doctor --canary`'s).
+    pub spool: Option<Arc<Spool>>,
     /// Repository mirrors, for jobs with a `repo_url`.
     pub repos: Arc<Repos>,
     /// The nonce of the job's order: every progress event is signed bound to it.
@@ -199,37 +204,46 @@ async fn run_claude(
     started: Instant,
 ) -> JobResult {
     let cfg = &ctx.cfg;
-    let mut env = Vec::new();
+    let mut job_env = Vec::new();
     if let Some(dir) = &cfg.claude_config_dir {
-        env.push(("CLAUDE_CONFIG_DIR", dir.clone().into_os_string()));
+        job_env.push(("CLAUDE_CONFIG_DIR".to_string(), dir.clone().into_os_string()));
     }
-    let launch = Launch {
-        program: &cfg.claude_bin,
-        args: claude::args(spec, cfg.claude_model.as_deref()),
-        cwd,
-        env,
-        stdin: spec.prompt.clone(),
-    };
+    let env = process::claude_environment(std::env::vars_os(), &cfg.job_env_allow, ctx.login.claude_env(crate::now_ms()), job_env);
+    let launch = Launch { program: &cfg.claude_bin, args: claude::args(spec, cfg.claude_model.as_deref()), cwd, env, stdin: spec.prompt.clone() };
     let mut redactor = ctx.login.redactor(crate::now_ms());
     let mut redactor_read = Instant::now();
     let mut transcript = Transcript::default();
+    let mut carry = Carry::default();
     let mut seq = 0u64;
     let on_line = |line: &[u8]| {
         if redactor_read.elapsed() > REDACTOR_REFRESH {
             redactor = ctx.login.redactor(crate::now_ms());
             redactor_read = Instant::now();
         }
-        let text = redactor.redact(&String::from_utf8_lossy(line));
-        if let Some(event) = transcript.line(&text) {
+        // Redacted as decoded text: each JSON string unescaped, redacted, re-encoded.
+        let event = match redactor.redact_line(&String::from_utf8_lossy(line), &mut carry) {
+            Ok(value) => transcript.value(value),
+            Err(text) => transcript.text(&text),
+        };
+        if let Some(event) = event {
             seq += 1;
-            let event = if text.len() > MAX_EVENT_BYTES {
-                serde_json::json!({"type": event["type"], "truncated": true, "bytes": text.len()})
+            let event = if line.len() > MAX_EVENT_BYTES {
+                serde_json::json!({"type": event["type"], "truncated": true, "bytes": line.len()})
             } else {
                 event
             };
             let _ = ctx.uplink.send(AgentMessage::progress(job_id, &ctx.order_nonce, seq, event, &cfg.signing_key));
         }
     };
+    // Durably before Claude can start: if the agent dies now, its next run reports the job
+    // lost instead of letting the edge send it again (it may not have heard it started).
+    if let Err(e) = ctx.spool.as_ref().map_or(Ok(()), |spool| spool.started(job_id, &ctx.order_nonce)) {
+        return JobResult::failure(
+            shared::contract::ErrorCode::InternalError,
+            format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry"),
+            started.elapsed().as_millis() as u64,
+        );
+    }
     let finished = process::run(launch, job_id, deadline, spec.timeout_ms, &mut stop, on_line).await;
     let stderr = ctx.login.redactor(crate::now_ms()).redact(&finished.stderr);
     let duration_ms = started.elapsed().as_millis() as u64;

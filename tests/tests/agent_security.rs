@@ -50,6 +50,7 @@ impl FakeEdge {
             edge_ws: self.url(),
             claude_bin: bin("claude-standin"),
             extra_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            wrapper: Vec::new(),
         };
         AgentProc::start(opts)
     }
@@ -175,9 +176,12 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
     assert!(hello.is_some(), "{}", agent.log());
     let t = now();
 
-    // Signed by a key that is not the edge's.
+    // Signed by a key that is not the edge's. The refusal names no job: the id inside is
+    // the forger's word, and the edge settles a job its agent refuses by name.
     let forged = Envelope::seal(Domain::Job, &order("forged", "spark", t, t + 60_000, "@forged"), &random_key());
-    assert!(rejected(&answer(&mut ws, forged).await).contains("signature"));
+    let refusal = answer(&mut ws, forged).await;
+    assert!(rejected(&refusal).contains("signature"));
+    assert!(matches!(refusal, AgentMessage::Rejected { job_id: None, .. }), "{refusal:?}");
 
     // The edge's signature, but the payload changed after signing.
     let mut tampered = Envelope::seal(Domain::Job, &order("tampered", "spark", t, t + 60_000, "harmless"), &edge.edge_key);
@@ -188,9 +192,11 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
     let cross = Envelope::seal(Domain::Cancel, &order("cross", "spark", t, t + 60_000, "@cross"), &edge.edge_key);
     assert!(rejected(&answer(&mut ws, cross).await).contains("signature"));
 
-    // For another agent.
+    // For another agent: signed by the edge, so the id is the edge's own and is named.
     let other = Envelope::seal(Domain::Job, &order("other", "laptop", t, t + 60_000, "@other"), &edge.edge_key);
-    assert!(rejected(&answer(&mut ws, other).await).contains("laptop"));
+    let refusal = answer(&mut ws, other).await;
+    assert!(rejected(&refusal).contains("laptop"));
+    assert!(matches!(&refusal, AgentMessage::Rejected { job_id: Some(id), .. } if id == "other"), "{refusal:?}");
 
     // From another pool of the same edge (signed with the edge's key all the same).
     let mut elsewhere = order("elsewhere", "spark", t, t + 60_000, "@elsewhere");
@@ -234,8 +240,11 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
         }
     }
     assert!(progress >= 3, "init, the answer, the result line");
-    // …once: the same envelope again is a replay.
-    assert!(rejected(&answer(&mut ws, good.clone()).await).contains("replay"));
+    // …once: the same envelope again is a replay, which names no job (its first copy is
+    // the one that counts; a replay must not settle it).
+    let refusal = answer(&mut ws, good.clone()).await;
+    assert!(rejected(&refusal).contains("replay"));
+    assert!(matches!(refusal, AgentMessage::Rejected { job_id: None, .. }), "{refusal:?}");
 
     let runs = agent.claude_runs();
     assert_eq!(runs.len(), 1, "only the legitimate job ran: {runs:?}");
@@ -326,15 +335,17 @@ async fn only_the_edge_can_cancel_a_job() {
         let envelope = Envelope::seal(Domain::Cancel, &order, key);
         EdgeMessage::Cancel { envelope }.to_text()
     };
-    // A cancel signed by someone else is refused; a job order's signature is not a cancel's.
+    // A cancel signed by someone else is refused, and the refusal names no job: a garbage
+    // cancel must not fail the job it names.
     ws.send(Message::Text(cancel(&random_key(), "c1").into())).await.unwrap();
-    let refusal = loop {
+    let (refusal, named) = loop {
         match recv(&mut ws).await.expect("a refusal") {
-            AgentMessage::Rejected { reason, .. } => break reason,
+            AgentMessage::Rejected { reason, job_id, .. } => break (reason, job_id),
             _ => continue,
         }
     };
     assert!(refusal.contains("signature"), "{refusal}");
+    assert_eq!(named, None, "a refusal of an unverified cancel named a job");
     // The job runs to its end untouched. (This fake edge never acknowledges heartbeats, so
     // the job is kept short: the agent leaves a silent edge after two 500 ms intervals.)
     let result = loop {
@@ -437,5 +448,72 @@ async fn a_result_waits_on_disk_until_the_edge_acknowledges_it() {
     assert_eq!(again.result.output, "stand-in answer to: remember me");
     ws.send(Message::Text(EdgeMessage::ResultAck { job_id: "keep".into() }.to_text().into())).await.unwrap();
     assert!(eventually(Duration::from_secs(5), || !agent.data.path().join("data/spool/keep.json").exists()).await);
+    assert_eq!(agent.claude_runs().len(), 1, "ran once");
+}
+
+/// A link that goes half-open right after the welcome, while the agent is sending the
+/// results it kept: every send is bounded, so the agent gives the link up and dials again
+/// instead of hanging until the kernel gives up (~15 min).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_link_right_after_the_welcome_does_not_hang_the_agent() {
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    // Results waiting in the spool: far more than the socket buffers hold.
+    let spool = agent.data.path().join("data/spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let big = shared::job::JobResult { success: true, output: "x".repeat(1024 * 1024), ..Default::default() };
+    for i in 0..32 {
+        std::fs::write(spool.join(format!("kept-{i:02}.json")), serde_json::to_vec(&big).unwrap()).unwrap();
+    }
+    // The welcome goes out, then this edge never reads again.
+    let (_stuck, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert_eq!(hello.unwrap().finished.len(), 32);
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "the agent dialled again: {}", agent.log());
+    assert!(agent.log().contains("connection is stuck"), "{}", agent.log());
+    // On a link that works, the results come through.
+    let mut results = 0;
+    while results < 32 {
+        match recv(&mut ws).await.expect("the kept results") {
+            AgentMessage::Result { .. } => results += 1,
+            _ => continue,
+        }
+    }
+}
+
+/// An order for a job the agent already has is answered, not dropped: the edge learns at
+/// once that it runs (or how it ended), and it never starts twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_for_a_job_already_here_is_answered_and_never_runs_twice() {
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    let t = now();
+    let attempt = |n: u32| {
+        let mut o = order("twice", "spark", t, t + 60_000, "@sleep=300 once");
+        o.header.nonce = format!("twice:{n}");
+        Envelope::seal(Domain::Job, &o, &edge.edge_key)
+    };
+    assert!(matches!(answer(&mut ws, attempt(1)).await, AgentMessage::Accepted { .. }));
+    // Sent again while it runs: it runs here.
+    assert!(matches!(answer(&mut ws, attempt(2)).await, AgentMessage::Accepted { job_id } if job_id == "twice"));
+    let first = loop {
+        match recv(&mut ws).await.expect("the result") {
+            AgentMessage::Result { envelope } => break edge.report(&envelope),
+            _ => continue,
+        }
+    };
+    // Sent again once it ended (its result not yet acknowledged): the result again.
+    send_job(&mut ws, attempt(3)).await;
+    let again = loop {
+        match recv(&mut ws).await.expect("the result again") {
+            AgentMessage::Result { envelope } => break edge.report(&envelope),
+            AgentMessage::Accepted { .. } => panic!("started again"),
+            _ => continue,
+        }
+    };
+    // The same signed result, bound to the order that ran it.
+    assert_eq!(again, first);
+    assert_eq!(again.order_nonce, "twice:1");
     assert_eq!(agent.claude_runs().len(), 1, "ran once");
 }

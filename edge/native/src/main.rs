@@ -14,7 +14,8 @@ Environment:
   LISTEN                 address to serve on             (default 127.0.0.1:8787)
   DATA_DIR               where jobs are stored  (default ~/.local/share/claude-runner/edge)
   HEARTBEAT_INTERVAL_MS, LOST_AFTER_MS, MAX_TIMEOUT_MS, MAX_BODY_BYTES,
-  JOB_RETENTION_MS, QUEUE_TTL_MS, MAX_QUEUED_JOBS     limits (see README)
+  JOB_RETENTION_MS, QUEUE_TTL_MS, MAX_QUEUED_JOBS,
+  MAX_RETAINED_JOBS, MAX_RETAINED_BYTES               limits (see README)
   LOG_FORMAT             text | json                                (default text)
   RUST_LOG               log filter                                 (default info)
 

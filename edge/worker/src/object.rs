@@ -258,6 +258,10 @@ impl EdgeDurableObject {
                 Effect::EndStream { caller } => {
                     self.callers.borrow_mut().remove(&caller);
                 }
+                Effect::Deliver { caller, job_id, form } => {
+                    let record = self.store().load_one(&job_id);
+                    self.apply(Edge::deliver(caller, form, record, now_ms().into()), at_hand);
+                }
                 Effect::Save(_) | Effect::Forget { .. } => unreachable!("writes were split out"),
             }
         }

@@ -8,14 +8,19 @@
 //! pid to PIDFILE · `@megabytes=N` stream N MiB of assistant text first (in 64 KiB
 //! events, `@gap_ms=MS` apart) ·
 //! `@print_env=VAR` answer with the value of VAR · `@print_file_b64=PATH` answer with
-//! the base64 of a file (as `base64 FILE` would) · `@no_result` end without a result line ·
+//! the base64 of a file on one line · `@base64=PATH` answer with it as coreutils'
+//! `base64 FILE` prints it (wrapped at 76 columns), first as a tool's output (a Bash
+//! tool_result) · `@print_parent_environ` answer with the agent's
+//! `/proc/<ppid>/environ`, or why it cannot be read · `@print_mode=PATH` answer with a
+//! path's permission bits (octal) · `@no_result` end without a result line ·
 //! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it) · `@write=PATH` write a text
 //! file (relative to the working directory; may repeat) · `@write_binary=PATH` write a few
 //! non-text bytes · `@write_env=VAR,PATH` write the value of VAR into a file ·
 //! `@delete=PATH` delete a file (may repeat) · `@exists=PATH` answer whether PATH exists.
 //!
-//! With `STANDIN_LOG` set, every invocation appends one JSON line (argv, cwd, prompt, and
-//! its whole environment, so tests can see what Claude would inherit).
+//! With `STANDIN_LOG` set, every invocation appends one JSON line (argv, cwd, prompt, its
+//! whole environment, so tests can see what Claude would inherit, its pid and start time
+//! `at` in ms), and one more (`"end": true`, `at`) when it prints its result.
 //!
 //! `auth login` imitates the real CLI's login without a TTY: it prints an authorization
 //! URL, reads the pasted code from stdin and writes `.credentials.json` (mode 0600) into
@@ -51,18 +56,25 @@ fn main() {
     }
     let mut prompt = String::new();
     let _ = std::io::stdin().read_to_string(&mut prompt);
-    if let Ok(path) = std::env::var("STANDIN_LOG") {
-        let line = serde_json::json!({
-            "argv": args,
-            "cwd": std::env::current_dir().ok(),
-            "prompt": prompt,
-            "claude_config_dir": std::env::var("CLAUDE_CONFIG_DIR").ok(),
-            "env": std::env::vars().collect::<std::collections::BTreeMap<String, String>>(),
-        });
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = writeln!(f, "{line}");
+    // One write per line: several stand-ins append to the same log at once, and a line
+    // written in pieces could interleave with another's.
+    let log = |line: serde_json::Value| {
+        if let Ok(path) = std::env::var("STANDIN_LOG") {
+            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                let _ = f.write_all(format!("{line}\n").as_bytes());
+            }
         }
-    }
+    };
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    log(serde_json::json!({
+        "argv": args,
+        "cwd": std::env::current_dir().ok(),
+        "prompt": prompt,
+        "claude_config_dir": std::env::var("CLAUDE_CONFIG_DIR").ok(),
+        "env": std::env::vars().collect::<std::collections::BTreeMap<String, String>>(),
+        "pid": std::process::id(),
+        "at": now_ms(),
+    }));
     if directive(&prompt, "ignore_term").is_some() {
         // SAFETY: installing SIG_IGN for SIGTERM has no memory effects.
         unsafe {
@@ -115,18 +127,37 @@ fn main() {
     for path in directives(&prompt, "delete") {
         std::fs::remove_file(path).expect("the stand-in deletes");
     }
-    let text = match (directive(&prompt, "print_env"), directive(&prompt, "print_file_b64")) {
-        _ if directive(&prompt, "exists").is_some() => {
-            let path = directive(&prompt, "exists").unwrap_or_default();
-            format!("{path}: {}", if std::path::Path::new(path).exists() { "present" } else { "absent" })
+    let text = if let Some(path) = directive(&prompt, "exists") {
+        format!("{path}: {}", if std::path::Path::new(path).exists() { "present" } else { "absent" })
+    } else if let Some(var) = directive(&prompt, "print_env") {
+        format!("the value is {}", std::env::var(var).unwrap_or_default())
+    } else if let Some(path) = directive(&prompt, "print_file_b64") {
+        use base64::Engine;
+        let bytes = std::fs::read(path).unwrap_or_default();
+        format!("the file is {}", base64::engine::general_purpose::STANDARD.encode(bytes))
+    } else if let Some(path) = directive(&prompt, "base64") {
+        use base64::Engine;
+        let bytes = std::fs::read(path).unwrap_or_default();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+        let wrapped: Vec<&str> = b64.as_bytes().chunks(76).map(|c| std::str::from_utf8(c).expect("base64 is ASCII")).collect();
+        let text = format!("the file is\n{}\n", wrapped.join("\n"));
+        // As Claude Code shows a Bash tool's output: a user message with a tool_result.
+        emit(&mut out, serde_json::json!({"type":"user","session_id":session,"message":{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_standin","content":text}]}}));
+        text
+    } else if directive(&prompt, "print_parent_environ").is_some() {
+        let ppid = std::os::unix::process::parent_id();
+        match std::fs::read(format!("/proc/{ppid}/environ")) {
+            Ok(bytes) => format!("parent environ: {}", String::from_utf8_lossy(&bytes).replace('\0', " ")),
+            Err(e) => format!("parent environ unreadable: {e}"),
         }
-        (Some(var), _) => format!("the value is {}", std::env::var(var).unwrap_or_default()),
-        (None, Some(path)) => {
-            use base64::Engine;
-            let bytes = std::fs::read(path).unwrap_or_default();
-            format!("the file is {}", base64::engine::general_purpose::STANDARD.encode(bytes))
+    } else if let Some(path) = directive(&prompt, "print_mode") {
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::metadata(path) {
+            Ok(m) => format!("mode {:o}", m.permissions().mode() & 0o777),
+            Err(e) => format!("no mode: {e}"),
         }
-        (None, None) => format!("stand-in answer to: {}", prompt.trim()),
+    } else {
+        format!("stand-in answer to: {}", prompt.trim())
     };
     emit(&mut out, serde_json::json!({"type":"assistant","session_id":session,"message":{"content":[{"type":"text","text":text}]}}));
     if directive(&prompt, "no_result").is_some() {
@@ -139,6 +170,7 @@ fn main() {
     } else {
         (false, text, None)
     };
+    log(serde_json::json!({"end": true, "prompt": prompt, "pid": std::process::id(), "at": now_ms()}));
     emit(&mut out, serde_json::json!({
         "type":"result","subtype":"success","is_error":is_error,"result":result,"session_id":session,
         "num_turns":1,"total_cost_usd":0.0123,"duration_ms":5,"api_error_status":status,

@@ -37,7 +37,7 @@ pub use storage::{split_writes, Writes, STORE_RETRY_MS};
 use crate::clock::Now;
 use crate::config::Config;
 use crate::progress::Backlog;
-use crate::record::Job;
+use crate::record::{Form, Job};
 use crate::response::Response;
 use crate::session::{Agent, Session};
 use shared::job::JobState;
@@ -68,6 +68,9 @@ pub enum Effect {
     Stream { caller: CallerId, chunk: crate::progress::Chunk },
     /// End the caller's stream; the host then forgets it.
     EndStream { caller: CallerId },
+    /// Read this ended job's whole record from storage (memory keeps only its header) and
+    /// carry out what [`Edge::deliver`] makes of it for `caller`.
+    Deliver { caller: CallerId, job_id: String, form: Form },
 }
 
 /// Counters for `/metrics`.
@@ -92,6 +95,11 @@ pub struct Edge {
     active: BTreeSet<String>,
     /// Finished job ids in the order their retention ends.
     retained: VecDeque<(Millis, String)>,
+    /// The whole records of the retained jobs take about this many bytes.
+    retained_bytes: u64,
+    /// Jobs that ended in the current event: from the next one on, memory keeps only
+    /// their headers.
+    to_stow: Vec<String>,
     sessions: BTreeMap<String, Session>,
     idempotency: HashMap<String, String>,
     /// The newest OAuth report of any agent, kept while no agent is connected.
@@ -119,6 +127,8 @@ impl Edge {
             queue: VecDeque::new(),
             active: BTreeSet::new(),
             retained: VecDeque::new(),
+            retained_bytes: 0,
+            to_stow: Vec::new(),
             sessions: BTreeMap::new(),
             idempotency: HashMap::new(),
             last_oauth: None,
@@ -157,6 +167,9 @@ impl Edge {
             if let Some(key) = &job.idempotency_key {
                 edge.idempotency.insert(key.clone(), job.id.clone());
             }
+            if job.state.is_terminal() {
+                job = job.header();
+            }
             match job.state {
                 JobState::Queued if job.mode == crate::record::Mode::Wait => callerless.push(job.id.clone()),
                 JobState::Queued => {}
@@ -175,6 +188,7 @@ impl Edge {
         for id in callerless {
             edge.end_unstarted(now, &id, "the edge restarted before the job started and its caller is gone; it will not run: submit it again", &mut effects);
         }
+        edge.keep_within_caps(&mut effects);
         (edge, effects)
     }
 
@@ -228,6 +242,7 @@ impl Edge {
                 let entry = (job.finished_at.unwrap_or(0), job.id.clone());
                 let at = self.retained.partition_point(|e| *e < entry);
                 self.retained.insert(at, entry);
+                self.retained_bytes += job.approximate_bytes();
             }
         }
         if let Some(key) = &job.idempotency_key {
@@ -239,7 +254,11 @@ impl Edge {
     fn unindex(&mut self, job: &Job) {
         self.queue.retain(|id| *id != job.id);
         self.active.remove(&job.id);
+        let kept = self.retained.len();
         self.retained.retain(|(_, id)| *id != job.id);
+        if self.retained.len() < kept {
+            self.retained_bytes = self.retained_bytes.saturating_sub(job.approximate_bytes());
+        }
         if let Some(key) = &job.idempotency_key {
             if self.idempotency.get(key) == Some(&job.id) {
                 self.idempotency.remove(key);

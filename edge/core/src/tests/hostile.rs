@@ -163,7 +163,8 @@ fn a_frame_before_the_hello_is_verified_is_small() {
     assert!(reason.contains("limit"), "{reason}");
     // Once proven, frames up to the protocol's limit are fine.
     let (mut edge, sid) = ready_edge();
-    let event = json!({"type": "heartbeat", "running": [], "capacity": 1, "oauth": oauth(), "pad": "x".repeat(200_000)});
+    let mut event = serde_json::to_value(beat(&[], 1, 0)).unwrap();
+    event["pad"] = json!("x".repeat(200_000));
     assert!(closed(&edge.message(1, &sid, &event.to_string())).is_none());
 }
 
@@ -227,7 +228,7 @@ fn the_pool_is_signed_into_the_welcome_and_every_order() {
     let EdgeMessage::Welcome { envelope } = &sent(&effects, &sid)[0] else { panic!("welcome") };
     let welcome: Welcome = envelope.open(Domain::Welcome, &edge_key().verifying_key()).unwrap();
     assert_eq!(welcome.pool, "gpu");
-    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    say(&mut edge, 0, &sid, credit(1, 0));
     let effects = edge.submit(1, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap().effects;
     let job = sent(&effects, &sid).into_iter().find_map(|m| match m {
         EdgeMessage::Job { envelope } => Some(envelope),
@@ -300,7 +301,7 @@ fn orders_and_reports_share_one_nonce_per_attempt() {
     // Sent again after a refusal for want of a slot: both orders are the edge's.
     let reason = "no free slot".to_string();
     say(&mut edge, 1, &sid, AgentMessage::Rejected { job_id: Some("j1".into()), reason, retry: true });
-    say(&mut edge, 2, &sid, AgentMessage::Credit { slots: 1 });
+    say(&mut edge, 2, &sid, credit(1, 1));
     let job = edge.job("j1").unwrap();
     assert_eq!(job.order_nonce(), "j1:2");
     assert!(job.issued("j1:1") && job.issued("j1:2") && !job.issued("j1:3"));
