@@ -273,7 +273,8 @@ pub fn connections(data: &[u8]) {
     use edge_core::machine::{MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE};
     let mut edge = Edge::new(edge_config(), NOW);
     let mut now = NOW;
-    let mut per_source: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    // The unproven connections, and where each comes from, as the effects tell.
+    let mut unproven: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     // A few hundred connections show every bound; more would only slow the fuzzer.
     for (i, peer) in data.split(|b| *b == 0).take(300).enumerate() {
         now += 1;
@@ -283,7 +284,19 @@ pub fn connections(data: &[u8]) {
         let mut entropy = [0u8; 32];
         entropy[..8].copy_from_slice(&(i as u64).to_be_bytes());
         let (session, effects) = edge.connect(now, entropy, &peer);
-        assert!(edge.unproven_connections() <= MAX_PENDING_HANDSHAKES);
+        for effect in &effects {
+            if let Effect::Close { session, .. } = effect {
+                unproven.remove(session);
+            }
+        }
+        unproven.insert(session.clone(), source);
+        assert_eq!(unproven.len(), edge.unproven_connections());
+        assert!(unproven.len() <= MAX_PENDING_HANDSHAKES);
+        let mut per_source: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for source in unproven.values() {
+            *per_source.entry(source).or_default() += 1;
+        }
+        assert!(per_source.values().all(|n| *n <= MAX_PENDING_PER_SOURCE), "{per_source:?}");
         if i % 7 == 3 {
             // The agent, from this peer: its hello right after its challenge gets it in.
             let nonce = challenge_nonce(&effects).expect("a challenge");
@@ -303,15 +316,9 @@ pub fn connections(data: &[u8]) {
             let frame = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: AGENT.into(), envelope: Envelope::seal(Domain::Hello, &hello, agent_key()) }.to_text();
             let _ = edge.message(now, &session, &frame);
             assert!(edge.session(&session).and_then(|s| s.agent()).is_some(), "the agent was kept out");
+            unproven.remove(&session);
             let _ = edge.disconnect(now, &session);
         }
-        per_source.clear();
-        for s in (0..=i as u64).filter_map(|n| edge.session(&shared::ids::hex(&n.to_be_bytes()))) {
-            if s.agent().is_none() {
-                *per_source.entry(s.source.clone()).or_default() += 1;
-            }
-        }
-        assert!(per_source.values().all(|n| *n <= MAX_PENDING_PER_SOURCE), "{per_source:?}");
     }
 }
 
