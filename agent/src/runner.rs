@@ -39,6 +39,8 @@ pub struct JobContext {
     pub spool: Option<Arc<Spool>>,
     /// Repository mirrors, for jobs with a `repo_url`.
     pub repos: Arc<Repos>,
+    /// The nonce of the job's order: every progress event is signed bound to it.
+    pub order_nonce: String,
 }
 
 /// After Claude, the diff and the push get the rest of the job's time and this much more
@@ -228,12 +230,12 @@ async fn run_claude(
             } else {
                 event
             };
-            let _ = ctx.uplink.send(AgentMessage::Event { job_id: job_id.to_string(), seq, event });
+            let _ = ctx.uplink.send(AgentMessage::progress(job_id, &ctx.order_nonce, seq, event, &cfg.signing_key));
         }
     };
     // Durably before Claude can start: if the agent dies now, its next run reports the job
     // lost instead of letting the edge send it again (it may not have heard it started).
-    if let Err(e) = ctx.spool.as_ref().map_or(Ok(()), |spool| spool.started(job_id)) {
+    if let Err(e) = ctx.spool.as_ref().map_or(Ok(()), |spool| spool.started(job_id, &ctx.order_nonce)) {
         return JobResult::failure(
             shared::contract::ErrorCode::InternalError,
             format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry"),

@@ -4,6 +4,7 @@
 use edge_core::record::Job;
 use edge_core::Writes;
 use rusqlite::{params, Connection};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 pub struct Store {
@@ -18,11 +19,27 @@ pub struct Store {
 pub const BUSY_TIMEOUT_MS: u64 = 250;
 
 impl Store {
+    /// Opens (or creates) the store in `dir`. The records hold callers' prompts and
+    /// Claude's results, so they are the edge user's alone: a folder the edge creates is
+    /// owner-only (an existing one keeps its mode: it may be shared), and the database and
+    /// its journal files are owner-only whatever they were.
     pub fn open(dir: &Path) -> anyhow::Result<Store> {
-        std::fs::create_dir_all(dir).map_err(|e| {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| {
             anyhow::anyhow!("cannot create DATA_DIR {}: {e}; set DATA_DIR to a writable folder", dir.display())
         })?;
         let path = dir.join("edge.sqlite3");
+        let private = |path: &Path| -> anyhow::Result<()> {
+            // Created owner-only; SQLite gives its -wal and -shm files the database's mode.
+            let file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path);
+            file.and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(0o600)))
+                .map_err(|e| anyhow::anyhow!("cannot make {} owner-only: {e}; check DATA_DIR's permissions", path.display()))
+        };
+        private(&path)?;
+        for journal in ["edge.sqlite3-wal", "edge.sqlite3-shm"] {
+            if dir.join(journal).exists() {
+                private(&dir.join(journal))?;
+            }
+        }
         let conn = Connection::open(&path)
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}; check DATA_DIR's permissions", path.display()))?;
         // WAL + NORMAL: a commit survives a process crash; only a power cut may lose the

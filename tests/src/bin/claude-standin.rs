@@ -5,7 +5,8 @@
 //! `@sleep=MS` wait before answering · `@exit=N` exit code · `@is_error` report an error ·
 //! `@auth_error` report a 401 · `@garbage` print non-JSON and no result ·
 //! `@spawn_child=PIDFILE` start a long-lived child in the same process group and write its
-//! pid to PIDFILE · `@megabytes=N` stream N MiB of assistant text first ·
+//! pid to PIDFILE · `@megabytes=N` stream N MiB of assistant text first (in 64 KiB
+//! events, `@gap_ms=MS` apart) ·
 //! `@print_env=VAR` answer with the value of VAR · `@print_file_b64=PATH` answer with
 //! the base64 of a file on one line · `@base64=PATH` answer with it as coreutils'
 //! `base64 FILE` prints it (wrapped at 76 columns), first as a tool's output (a Bash
@@ -101,8 +102,10 @@ fn main() {
     }
     if let Some(mb) = directive(&prompt, "megabytes").and_then(|v| v.parse::<usize>().ok()) {
         let chunk = "x".repeat(64 * 1024);
+        let gap = directive(&prompt, "gap_ms").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         for _ in 0..mb * 16 {
             emit(&mut out, serde_json::json!({"type":"assistant","session_id":session,"message":{"content":[{"type":"text","text":chunk}]}}));
+            std::thread::sleep(std::time::Duration::from_millis(gap));
         }
     }
     if let Some(ms) = directive(&prompt, "sleep").and_then(|v| v.parse::<u64>().ok()) {

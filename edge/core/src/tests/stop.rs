@@ -65,7 +65,7 @@ fn a_clean_stop_tells_each_caller_the_truth() {
     let (sid2, _) = join(&mut edge, 1_001, "spark", &agent_key(1), vec![running_id.clone()], 2);
     let effects = say(&mut edge, 1_002, &sid2, credit(0, 0));
     assert!(sent(&effects, &sid2).is_empty(), "the one slot is busy with the running job");
-    let effects = say(&mut edge, 1_003, &sid2, AgentMessage::Result { job_id: running_id.clone(), result: ok_result() });
+    let effects = report(&mut edge, 1_003, &sid2, &running_id, ok_result());
     assert_eq!(finished(&effects)[0].0, running_id);
     let effects = say(&mut edge, 1_004, &sid2, credit(1, 0));
     assert_eq!(order_of(&effects, &sid2, "spark", 1_004).header.job_id, detached_id);

@@ -102,7 +102,8 @@ fn a_result_that_cannot_be_stored_is_not_acknowledged_and_comes_again() {
     host.say(1, &sid, AgentMessage::Accepted { job_id: job_id.clone() });
 
     host.failing = true;
-    let out = host.say(2, &sid, AgentMessage::Result { job_id: job_id.clone(), result: ok_result() });
+    let done = result_msg(&host.edge, &job_id, ok_result());
+    let out = host.say(2, &sid, done);
     // No acknowledgement (the agent keeps its spooled result), no answer to the caller,
     // and the connection is closed so the agent reconnects and sends it again.
     assert!(!sent(&out, &sid).iter().any(|m| matches!(m, EdgeMessage::ResultAck { .. })), "{out:?}");
@@ -119,7 +120,8 @@ fn a_result_that_cannot_be_stored_is_not_acknowledged_and_comes_again() {
     let out = host.carry_out(3, out);
     assert!(closed(&out).is_none());
     assert_eq!(host.edge.job(&job_id).unwrap().session_id.as_deref(), Some(sid2.as_str()), "taken over: {out:?}");
-    let out = host.say(4, &sid2, AgentMessage::Result { job_id: job_id.clone(), result: ok_result() });
+    let done = result_msg(&host.edge, &job_id, ok_result());
+    let out = host.say(4, &sid2, done);
     assert!(sent(&out, &sid2).iter().any(|m| matches!(m, EdgeMessage::ResultAck { .. })));
     let (status, answer) = answer_to(&out, waiter).expect("the caller gets the result");
     assert_eq!((status, answer["output"].as_str()), (200, Some("done")));
@@ -171,7 +173,7 @@ fn a_cancel_that_cannot_be_stored_leaves_the_job_queued() {
     assert!(out.iter().any(|e| matches!(e, Effect::Answer { response, .. } if response.status == 202)));
     let job_id = host.stored.keys().next().unwrap().clone();
     let follower = host.edge.begin_request();
-    host.edge.follow(follower, &job_id, &mut Vec::new());
+    host.edge.follow(follower, &job_id, &mut Vec::new()).unwrap();
     host.failing = true;
     let (caller, out) = host.call(1, "DELETE", &format!("/jobs/{job_id}"), Value::Null);
     assert_eq!(answer_to(&out, caller).unwrap().0, 500);
