@@ -45,6 +45,8 @@ struct Running {
     closed: bool,
     /// Job orders received on the current connection.
     received: u64,
+    /// The mirror names the edge was last told of (in a hello or a `Mirrors`).
+    mirrors_told: Vec<String>,
 }
 
 pub struct Agent {
@@ -152,6 +154,13 @@ impl Agent {
         self.running.lock().expect("running lock").received = 0;
     }
 
+    /// The mirror names for a hello, remembered as what the edge knows.
+    pub fn mirrors_for_hello(&self) -> Vec<String> {
+        let names = self.repos.mirror_names();
+        self.running.lock().expect("running lock").mirrors_told = names.clone();
+        names
+    }
+
     /// Tells the edge how many jobs it may send now.
     pub fn state_slots(&self) {
         let running = self.running.lock().expect("running lock");
@@ -256,6 +265,10 @@ impl Agent {
         }
         let (stop_tx, stop_rx) = oneshot::channel();
         running.jobs.insert(job_id.clone(), Some(stop_tx));
+        if self.cfg.one_job {
+            // `--one-job`: this is the job; the slots say so from the next statement on.
+            running.closed = true;
+        }
         info!(job_id = %job_id, agent_id = %self.cfg.agent_id, timeout_ms = order.spec.timeout_ms, "job accepted");
         let _ = self.uplink.send(AgentMessage::Accepted { job_id: job_id.clone() });
         // Handed over while the lock is held, so a stop that closes the registry finds
@@ -307,8 +320,14 @@ impl Agent {
         }
         let mut running = self.running.lock().expect("running lock");
         running.jobs.remove(job_id);
-        self.status.mirrors(self.repos.mirror_names());
+        let mirrors = self.repos.mirror_names();
+        self.status.mirrors(mirrors.clone());
         let _ = self.uplink.send(report);
+        if mirrors != running.mirrors_told {
+            // The edge routes a repository's jobs to agents holding its mirror.
+            running.mirrors_told = mirrors.clone();
+            let _ = self.uplink.send(AgentMessage::Mirrors { names: mirrors });
+        }
         let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
         drop(running);
         self.status.running(self.running_ids());

@@ -43,6 +43,12 @@ pub struct AgentArgs {
     /// handed back to the edge, in milliseconds.
     #[arg(long, env = "DRAIN_TIMEOUT_MS", default_value_t = DEFAULT_DRAIN_TIMEOUT_MS)]
     pub drain_timeout_ms: u64,
+    /// Labels jobs may ask for, `key=value,…` (e.g. `model=opus,gpu=none,os=linux`).
+    #[arg(long, env = "AGENT_LABELS", default_value = "")]
+    pub agent_labels: String,
+    /// Take one job, then exit once its result is delivered (an ephemeral worker).
+    #[arg(long)]
+    pub one_job: bool,
 }
 
 /// Five minutes: the default `timeout_ms` of a job.
@@ -96,6 +102,10 @@ pub struct AgentConfig {
     pub repos: crate::repo::settings::RepoSettings,
     /// How long a stop waits for running jobs before handing them back.
     pub drain_timeout: std::time::Duration,
+    /// Labels offered to jobs (`AGENT_LABELS`).
+    pub labels: shared::placement::Labels,
+    /// Exit after one job (`--one-job`).
+    pub one_job: bool,
 }
 
 /// Makes a setting set to an empty value (`CLAUDE_MODEL=` in an `.env` file or a systemd
@@ -231,6 +241,8 @@ impl AgentConfig {
             secrets: secret_values(|name| std::env::var(name).ok()),
             repos: crate::repo::settings::RepoSettings::default(),
             drain_timeout: std::time::Duration::ZERO,
+            labels: Default::default(),
+            one_job: false,
         }
     }
 }
@@ -283,6 +295,8 @@ impl AgentArgs {
                 shared::ids::MAX_POOL_NAME
             );
         }
+        let labels = shared::placement::parse_labels(&self.agent_labels)
+            .map_err(|e| anyhow::anyhow!("AGENT_LABELS: {e}; write them like `model=opus,gpu=none`"))?;
         let signing_key = keys::signing_key("AGENT_SIGNING_KEY", &key_text)?;
         let mut secrets = key_forms(&key_text, &signing_key);
         secrets.extend(secret_values(|name| std::env::var(name).ok()));
@@ -301,6 +315,8 @@ impl AgentArgs {
             claude_model: self.local.claude_model,
             repos: self.repos.resolve()?,
             drain_timeout: std::time::Duration::from_millis(self.drain_timeout_ms),
+            labels,
+            one_job: self.one_job,
         })
     }
 }

@@ -165,6 +165,8 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
         finished: agent.spool.all().into_iter().map(|(id, _)| id).collect(),
         oauth: agent.oauth_report(),
         claude_version: agent.cli.current(),
+        labels: cfg.labels.clone(),
+        mirrors: agent.mirrors_for_hello(),
     };
     let envelope = Envelope::seal(Domain::Hello, &hello, &cfg.signing_key);
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: cfg.agent_id.clone(), envelope };

@@ -42,6 +42,10 @@ pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<Request>
             _ = stops.recv() => break,
             Some(task) = launches.recv() => {
                 jobs.spawn(task);
+                if agent.cfg.one_job {
+                    info!(agent_id = %agent.cfg.agent_id, "--one-job: the job started; the agent exits once its result is delivered");
+                    break;
+                }
             }
             Some(joined) = jobs.join_next(), if !jobs.is_empty() => log_abnormal(&agent, joined),
         }

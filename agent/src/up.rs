@@ -93,6 +93,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         secrets,
         repos: args.repos.clone().resolve()?,
         drain_timeout: std::time::Duration::from_millis(crate::config::DEFAULT_DRAIN_TIMEOUT_MS),
+        labels: Default::default(),
+        one_job: false,
     };
     println!(
         "Claude Runner is up: edge http://{addr}, agent `{id}` connected to it.

@@ -3,6 +3,7 @@
 
 use crate::job::{JobResult, JobSpec, JobState};
 use crate::oauth::OAuthStatus;
+use crate::placement::Placement;
 use crate::repo::{RepoUrl, MAX_COMMIT_MESSAGE};
 use serde::{Deserialize, Serialize};
 
@@ -183,6 +184,23 @@ pub struct ExecuteRequest {
     pub push_branch: Option<String>,
     pub commit_message: Option<String>,
     pub idempotency_key: Option<String>,
+    /// Labels the agent must offer (all of them): `{"gpu": "a100"}` or `"gpu=a100,os=linux"`.
+    pub labels: Option<LabelsField>,
+    /// Only this agent may run the job.
+    pub agent_id: Option<String>,
+    /// Who sends the job: callers take turns in the queue. A caller with its own secret
+    /// (`RUNNER_SECRETS`) is named by it.
+    pub caller: Option<String>,
+    /// 0-9 (default 0); higher runs first among this caller's queued jobs.
+    pub priority: Option<u8>,
+}
+
+/// `labels` as a map or as `key=value,…` text.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum LabelsField {
+    Map(crate::placement::Labels),
+    Text(String),
 }
 
 /// A validated submission: what to run and how to recognise a repeat of it.
@@ -190,6 +208,8 @@ pub struct ExecuteRequest {
 pub struct Submission {
     pub spec: JobSpec,
     pub idempotency_key: Option<String>,
+    /// Where it may run, whose it is, its priority.
+    pub placement: Placement,
 }
 
 impl ExecuteRequest {
@@ -202,6 +222,7 @@ impl ExecuteRequest {
     }
 
     pub fn validate(self, header_key: Option<&str>, limits: Limits) -> Result<Submission, ApiError> {
+        let placement = self.placement()?;
         let prompt = self.prompt.or(self.task).unwrap_or_default();
         if prompt.trim().is_empty() {
             return Err(ApiError::invalid("`prompt` is required: say what Claude should do"));
@@ -274,6 +295,7 @@ impl ExecuteRequest {
             }
         }
         Ok(Submission {
+            placement,
             spec: JobSpec {
                 prompt,
                 repo_url: repo_url.map(|u| u.url()),
@@ -294,6 +316,35 @@ impl ExecuteRequest {
             },
             idempotency_key,
         })
+    }
+}
+
+impl ExecuteRequest {
+    /// The request's `labels`, `agent_id`, `caller` and `priority`, checked.
+    fn placement(&self) -> Result<Placement, ApiError> {
+        let labels = match &self.labels {
+            None => Default::default(),
+            Some(LabelsField::Text(text)) => crate::placement::parse_labels(text).map_err(|e| ApiError::invalid(format!("`labels`: {e}")))?,
+            Some(LabelsField::Map(map)) => {
+                crate::placement::check_labels(map).map_err(|e| ApiError::invalid(format!("`labels`: {e}")))?;
+                map.clone()
+            }
+        };
+        if let Some(id) = &self.agent_id {
+            if !crate::ids::valid_agent_id(id) {
+                return Err(ApiError::invalid("`agent_id` must be an agent id of the pool (1-64 letters, digits, `-`, `_` or `.`)"));
+            }
+        }
+        if let Some(c) = &self.caller {
+            if !crate::placement::valid_caller(c) {
+                return Err(ApiError::invalid("`caller` must be 1-64 letters, digits, `-` or `_`"));
+            }
+        }
+        let priority = self.priority.unwrap_or(0);
+        if priority > crate::placement::MAX_PRIORITY {
+            return Err(ApiError::invalid(format!("`priority` must be between 0 and {}", crate::placement::MAX_PRIORITY)));
+        }
+        Ok(Placement { labels, agent_id: self.agent_id.clone(), caller: self.caller.clone(), priority })
     }
 }
 
@@ -396,6 +447,25 @@ pub struct Health {
     /// Every connected agent of the pool (the `agent` above is the best of them).
     pub agents: Vec<AgentInfo>,
     pub queued_jobs: usize,
+    /// Agents connected that can take work now (not paused, login usable).
+    #[serde(default)]
+    pub agents_taking_work: usize,
+}
+
+/// One pool in `GET /pools`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolSummary {
+    pub pool: String,
+    pub status: HealthStatus,
+    pub agents_online: usize,
+    pub agents_taking_work: usize,
+    pub queued_jobs: usize,
+}
+
+/// `GET /pools` (admin secret).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolList {
+    pub pools: Vec<PoolSummary>,
 }
 
 /// `GET /health` without the secret: the verdict alone (its status code says the same).
@@ -435,6 +505,19 @@ pub struct AgentInfo {
     /// The agent's Claude Code CLI (`claude --version`), when it reported one.
     #[serde(default)]
     pub claude_version: Option<String>,
+    /// The labels it offers (`AGENT_LABELS`).
+    #[serde(default)]
+    pub labels: crate::placement::Labels,
+    /// An operator paused it: it finishes its jobs and takes no new ones.
+    #[serde(default)]
+    pub paused: bool,
+    /// Whether it can take a job now (connected, not paused, its login usable), free slot
+    /// or not.
+    #[serde(default)]
+    pub takes_work: bool,
+    /// Its login as the edge judges it: `good`, `attention_soon` or `broken`.
+    #[serde(default)]
+    pub login: String,
 }
 
 

@@ -8,6 +8,7 @@
 //!   its lifecycle states.
 //! - [`oauth`]: the agent's report of its Claude login, and how the edge judges it.
 //! - [`repo`]: repository addresses (`repo_url`), git names, and mirror names.
+//! - [`placement`]: agent labels, and where a job may run, whose it is, its priority.
 //! - [`protocol`]: the versioned messages of the agent ⇄ edge WebSocket.
 //! - [`envelope`]: ed25519-signed envelopes with domain separation (jobs, cancels, hello).
 //! - [`ids`]: agent ids, plain ids and hex, checked and made the same way everywhere.
@@ -21,6 +22,7 @@ pub mod ids;
 pub mod job;
 pub mod keys;
 pub mod oauth;
+pub mod placement;
 pub mod protocol;
 pub mod repo;
 pub mod text;

@@ -123,6 +123,10 @@ pub enum AgentMessage {
     },
     /// The agent's free slots now (sent after the welcome and whenever a job ends).
     Credit { slots: Slots },
+    /// The repositories the agent holds a mirror of now (names only), sent when a job
+    /// ended: the edge prefers an agent holding a job's repository. An edge that does
+    /// not route by it ignores the message.
+    Mirrors { names: Vec<String> },
     /// The job verified and is starting.
     Accepted { job_id: String },
     /// The order was refused and nothing ran. `job_id` is absent when the order could not
@@ -178,6 +182,12 @@ pub struct Hello {
     /// The Claude Code CLI's `--version` line, when the agent could read it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claude_version: Option<String>,
+    /// The agent's labels (`AGENT_LABELS`): jobs may ask for them.
+    #[serde(default, skip_serializing_if = "crate::placement::Labels::is_empty")]
+    pub labels: crate::placement::Labels,
+    /// The repositories it holds a mirror of (names, [`crate::repo::RepoUrl::name`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<String>,
 }
 
 /// The longest CLI version an edge keeps: a version line, not a document.

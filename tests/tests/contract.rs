@@ -550,6 +550,8 @@ async fn a_silent_agent_is_reported_offline_within_two_heartbeats(kind: EdgeKind
         finished: vec![],
         oauth: shared::oauth::OAuthReport { source: shared::oauth::OAuthSource::ApiKey, ..shared::oauth::OAuthReport::unconfigured(now) },
         claude_version: None,
+        labels: Default::default(),
+        mirrors: Vec::new(),
     };
     let envelope = Envelope::seal(Domain::Hello, &hello, keys.agent("spark"));
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope };

@@ -7,6 +7,12 @@
 //! agents (`RUNNER_SECRET_<POOL>`, `AGENT_PUBLIC_KEYS_<POOL>`, see [`pool_suffix`]).
 //! [`Pools`] is that whole list, parsed once; a [`Config`] is one pool's settings with the
 //! edge's shared ones. A pool that is not listed does not exist.
+//!
+//! Callers: besides the pool's `RUNNER_SECRET`, `RUNNER_SECRETS` (`name=secret,…`;
+//! `RUNNER_SECRETS_<POOL>` for a listed pool) gives named callers their own secrets — the
+//! name is then who the caller is, for its turn in the queue and its queue cap. A pool's
+//! limits may be set for it alone: `MAX_QUEUED_JOBS_<POOL>` over `MAX_QUEUED_JOBS`, and so
+//! for every number setting.
 
 use ed25519_dalek::SigningKey;
 use shared::keys::{self, Keyring};
@@ -16,6 +22,12 @@ pub struct Config {
     /// The pool this machine serves; signed into every welcome and order.
     pub pool: String,
     pub runner_secret: String,
+    /// Named callers and their own secrets (`RUNNER_SECRETS`).
+    pub caller_secrets: Vec<(String, String)>,
+    /// Jobs one caller may have waiting before its submissions get 429.
+    pub max_queued_per_caller: usize,
+    /// The secret of `GET /pools` (`ADMIN_SECRET`); without it the route is closed.
+    pub admin_secret: Option<String>,
     pub signing_key: SigningKey,
     pub agents: Keyring,
     pub heartbeat_interval_ms: u64,
@@ -74,6 +86,8 @@ pub enum ConfigError {
     PoolName(String),
     #[error("POOLS names `{0}` and `{1}`, whose settings would have the same names; rename one")]
     PoolClash(String, String),
+    #[error("{name}: {error}; write it like `ci=<secret>,nightly=<secret>` (names of letters, digits, `-`, `_`; secrets of at least 16 characters)")]
+    CallerSecrets { name: String, error: String },
     #[error("there is no pool `{0}` on this edge: list it in POOLS and set RUNNER_SECRET_<POOL> and AGENT_PUBLIC_KEYS_<POOL>")]
     UnknownPool(String),
 }
@@ -86,6 +100,8 @@ pub struct Pool {
     pub name: String,
     pub runner_secret: String,
     pub agents: Keyring,
+    /// Named callers' secrets (`RUNNER_SECRETS[_<POOL>]`).
+    pub caller_secrets: Vec<(String, String)>,
 }
 
 /// Every pool this edge serves, the default one first.
@@ -107,7 +123,8 @@ impl Pools {
             return Err(ConfigError::WeakSecret(runner_secret.len()));
         }
         let agents = Keyring::parse(&get("AGENT_PUBLIC_KEYS").ok_or(ConfigError::Missing("AGENT_PUBLIC_KEYS"))?)?;
-        let mut pools = vec![Pool { name: DEFAULT_POOL.to_string(), runner_secret, agents }];
+        let caller_secrets = parse_caller_secrets("RUNNER_SECRETS", get("RUNNER_SECRETS"))?;
+        let mut pools = vec![Pool { name: DEFAULT_POOL.to_string(), runner_secret, agents, caller_secrets }];
         let listed = get("POOLS").unwrap_or_default();
         let names: Vec<&str> = listed.split([',', ' ', '\n']).map(str::trim).filter(|n| !n.is_empty()).collect();
         for (i, name) in names.iter().enumerate() {
@@ -127,7 +144,9 @@ impl Pools {
             }
             let keys = get(&keys_name).ok_or_else(|| ConfigError::PoolMissing(keys_name.clone()))?;
             let agents = Keyring::parse(&keys).map_err(|error| ConfigError::PoolKeys { name: keys_name, error })?;
-            pools.push(Pool { name: name.to_string(), runner_secret, agents });
+            let secrets_name = format!("RUNNER_SECRETS_{suffix}");
+            let caller_secrets = parse_caller_secrets(&secrets_name, get(&secrets_name))?;
+            pools.push(Pool { name: name.to_string(), runner_secret, agents, caller_secrets });
         }
         Ok(Pools(pools))
     }
@@ -140,6 +159,30 @@ impl Pools {
     pub fn iter(&self) -> impl Iterator<Item = &Pool> {
         self.0.iter()
     }
+}
+
+/// Parses `name=secret,…`: names are caller names, secrets at least 16 characters, each
+/// name and each secret once.
+fn parse_caller_secrets(setting: &str, text: Option<String>) -> Result<Vec<(String, String)>, ConfigError> {
+    let refuse = |error: String| ConfigError::CallerSecrets { name: setting.to_string(), error };
+    let mut out: Vec<(String, String)> = Vec::new();
+    for part in text.unwrap_or_default().split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((name, secret)) = part.split_once('=') else {
+            return Err(refuse("an entry is not `name=secret`".into()));
+        };
+        let (name, secret) = (name.trim(), secret.trim());
+        if !shared::placement::valid_caller(name) {
+            return Err(refuse(format!("`{}` is not a caller name", shared::text::truncate(name, 40))));
+        }
+        if secret.len() < 16 {
+            return Err(refuse(format!("the secret of `{name}` is shorter than 16 characters")));
+        }
+        if out.iter().any(|(n, s)| n == name || s == secret) {
+            return Err(refuse(format!("`{name}` or its secret is given twice")));
+        }
+        out.push((name.to_string(), secret.to_string()));
+    }
+    Ok(out)
 }
 
 const DAY_MS: u64 = 24 * 3_600_000;
@@ -168,12 +211,17 @@ impl Config {
 
     /// One pool's settings; [`ConfigError::UnknownPool`] if `POOLS` does not list it.
     pub fn for_pool(get: impl Fn(&str) -> Option<String>, pool: &str) -> Result<Config, ConfigError> {
-        let Pool { name, runner_secret, agents } =
+        let Pool { name, runner_secret, agents, caller_secrets } =
             Pools::from_lookup(&get)?.get(pool).cloned().ok_or_else(|| ConfigError::UnknownPool(shared::text::truncate(pool, 80).to_string()))?;
         let get = |name: &str| get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
         let required = |name: &'static str| get(name).ok_or(ConfigError::Missing(name));
+        // A listed pool's own value (`MAX_QUEUED_JOBS_GPU`) before the edge's.
+        let own = |name: &str| match name {
+            _ if pool == DEFAULT_POOL => get(name),
+            _ => get(&format!("{name}_{}", pool_suffix(pool))).or_else(|| get(name)),
+        };
         let number = |name: &'static str, unit: &'static str, default: u64| -> Result<u64, ConfigError> {
-            match get(name) {
+            match own(name) {
                 None => Ok(default),
                 Some(v) => v.parse().map_err(|_| ConfigError::Number { name, unit, value: v }),
             }
@@ -186,7 +234,15 @@ impl Config {
             }
             Ok(value)
         };
+        let admin_secret = get("ADMIN_SECRET");
+        if let Some(len) = admin_secret.as_ref().map(String::len).filter(|l| *l < 16) {
+            return Err(ConfigError::PoolWeakSecret { name: "ADMIN_SECRET".into(), len });
+        }
+        let max_queued_jobs = bounded("MAX_QUEUED_JOBS", "jobs", DEFAULT_MAX_QUEUED_JOBS as u64, 100_000)? as usize;
         Ok(Config {
+            max_queued_per_caller: bounded("MAX_QUEUED_PER_CALLER", "jobs", max_queued_jobs as u64, 100_000)?.max(1) as usize,
+            admin_secret,
+            caller_secrets,
             pool: name,
             signing_key: keys::signing_key("EDGE_SIGNING_KEY", &required("EDGE_SIGNING_KEY")?)?,
             agents,
@@ -197,7 +253,7 @@ impl Config {
             max_body_bytes: bounded("MAX_BODY_BYTES", "bytes", DEFAULT_MAX_BODY_BYTES as u64, 64 * 1024 * 1024)? as usize,
             job_retention_ms: bounded("JOB_RETENTION_MS", "milliseconds", DEFAULT_JOB_RETENTION_MS, 30 * DAY_MS)?,
             queue_ttl_ms: bounded("QUEUE_TTL_MS", "milliseconds", DEFAULT_QUEUE_TTL_MS, WEEK_MS)?,
-            max_queued_jobs: bounded("MAX_QUEUED_JOBS", "jobs", DEFAULT_MAX_QUEUED_JOBS as u64, 100_000)? as usize,
+            max_queued_jobs,
             timeout_margin_ms: bounded("TIMEOUT_MARGIN_MS", "milliseconds", DEFAULT_TIMEOUT_MARGIN_MS, DAY_MS)?,
             max_retained_jobs: bounded("MAX_RETAINED_JOBS", "jobs", DEFAULT_MAX_RETAINED_JOBS as u64, 1_000_000)?.max(1) as usize,
             max_retained_bytes: bounded("MAX_RETAINED_BYTES", "bytes", DEFAULT_MAX_RETAINED_BYTES, 1 << 40)?.max(1 << 20),

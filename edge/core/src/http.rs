@@ -54,13 +54,39 @@ pub enum Reply {
     Stream,
 }
 
-/// Whether the request carries the runner secret, compared in constant time.
+/// Whether the request carries `secret`, compared in constant time.
 fn authorized(secret: &str, secret_header: Option<&str>, authorization: Option<&str>) -> bool {
     let bearer = authorization.and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")));
     [secret_header, bearer]
         .into_iter()
         .flatten()
         .any(|given| bool::from(given.trim().as_bytes().ct_eq(secret.as_bytes())))
+}
+
+/// Who a request is from, by the secret it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Who {
+    /// The pool's `RUNNER_SECRET`: the operator, or a caller that names itself (or not)
+    /// with the `caller` field.
+    Pool,
+    /// A named caller's own secret (`RUNNER_SECRETS`): it is that caller.
+    Caller(String),
+}
+
+/// Who carries one of the pool's secrets; every secret is compared, each in constant time.
+pub fn who(config: &Config, secret_header: Option<&str>, authorization: Option<&str>) -> Option<Who> {
+    let mut found = authorized(&config.runner_secret, secret_header, authorization).then_some(Who::Pool);
+    for (name, secret) in &config.caller_secrets {
+        if authorized(secret, secret_header, authorization) && found.is_none() {
+            found = Some(Who::Caller(name.clone()));
+        }
+    }
+    found
+}
+
+/// The admin secret of `GET /pools`.
+pub fn admin(config: &Config, secret_header: Option<&str>, authorization: Option<&str>) -> bool {
+    config.admin_secret.as_deref().is_some_and(|s| authorized(s, secret_header, authorization))
 }
 
 /// What a host does with a request before it reads anything of its body. Nothing is read
@@ -89,15 +115,30 @@ pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Optio
         ("GET" | "HEAD", ["health"] | [""] | []) => return Gate::Handle { read_body: false },
         _ => {}
     }
-    let known = matches!(
-        segments.as_slice(),
-        ["execute"] | ["oauth", "status"] | ["jobs"] | ["jobs", _] | ["jobs", _, "events"] | ["metrics"]
-    );
+    if segments.as_slice() == ["pools"] {
+        return match admin(config, secret_header, authorization) {
+            true => Gate::Handle { read_body: false },
+            false => Gate::Answer(Response::error(ApiError::unauthorized())),
+        };
+    }
+    let operator = matches!(segments.as_slice(), ["agents", _, "pause" | "resume"]);
+    let known = operator
+        || matches!(
+            segments.as_slice(),
+            ["execute"] | ["oauth", "status"] | ["jobs"] | ["jobs", _] | ["jobs", _, "events"] | ["metrics"]
+        );
     if !known {
         return Gate::Answer(Response::error(ApiError::not_found(&format!("route {method} {}", shown_path(path)))));
     }
-    if !authorized(&config.runner_secret, secret_header, authorization) {
-        return Gate::Answer(Response::error(ApiError::unauthorized()));
+    match who(config, secret_header, authorization) {
+        None => return Gate::Answer(Response::error(ApiError::unauthorized())),
+        // Pausing agents is the operator's, not a named caller's.
+        Some(Who::Caller(_)) if operator => {
+            let mut refused = ApiError::unauthorized();
+            refused.body.error = "pausing and resuming agents needs the pool's RUNNER_SECRET, not a caller's own secret".into();
+            return Gate::Answer(Response::error(refused));
+        }
+        Some(_) => {}
     }
     Gate::Handle { read_body: matches!((method, segments.as_slice()), ("POST", ["execute"] | ["jobs"])) }
 }
@@ -157,7 +198,7 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
             let status = health.status.http_status();
             // Without the secret only the verdict: which agents, versions, jobs and login
             // details an edge has is nobody else's business.
-            let body = if authorized(&edge.config().runner_secret, req.secret_header.as_deref(), req.authorization.as_deref()) {
+            let body = if who(edge.config(), req.secret_header.as_deref(), req.authorization.as_deref()).is_some() {
                 to_json(&health)
             } else {
                 to_json(&PublicHealth { status: health.status })
@@ -180,9 +221,11 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
     };
     let limits = Limits { max_timeout_ms: edge.config().max_timeout_ms };
     let key = req.idempotency_key.as_deref();
+    let who = who(edge.config(), req.secret_header.as_deref(), req.authorization.as_deref());
+    let parse = |body: &[u8]| ExecuteRequest::parse(body, key, limits).and_then(|s| with_caller(s, who.as_ref()));
     match (method, segments.as_slice()) {
         ("POST", ["execute"]) => {
-            let submission = match ExecuteRequest::parse(body, key, limits) {
+            let submission = match parse(body) {
                 Ok(s) => s,
                 Err(e) => return answer(Response::error(e), Vec::new()),
             };
@@ -204,7 +247,7 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
             }
         }
         ("POST", ["jobs"]) => {
-            let submission = match ExecuteRequest::parse(body, key, limits) {
+            let submission = match parse(body) {
                 Ok(s) => s,
                 Err(e) => return answer(Response::error(e), Vec::new()),
             };
@@ -251,12 +294,37 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
                 Vec::new(),
             ),
         },
+        ("POST", ["agents", id, action @ ("pause" | "resume")]) => match edge.pause(now, id, *action == "pause") {
+            Ok((view, effects)) => answer(Response::json(200, to_json(&view)), effects),
+            Err(e) => answer(Response::error(e), Vec::new()),
+        },
+        ("GET", ["pools"]) => {
+            let list = shared::contract::PoolList { pools: vec![edge.pool_summary(now)] };
+            answer(Response::json(200, to_json(&list)), Vec::new())
+        }
         ("GET", ["metrics"]) => answer(Response::text(200, "text/plain; version=0.0.4", edge.metrics()), Vec::new()),
         _ => answer(
             Response::error(ApiError::new(ErrorCode::MethodNotAllowed, format!("{method} is not allowed on {}", shown_path(&req.path)))),
             Vec::new(),
         ),
     }
+}
+
+/// A submission with its caller settled: a named caller's secret names it (a `caller`
+/// field naming another is refused: a secret is one caller); the pool's secret leaves the
+/// field as sent.
+fn with_caller(mut submission: shared::contract::Submission, who: Option<&Who>) -> Result<shared::contract::Submission, ApiError> {
+    if let Some(Who::Caller(name)) = who {
+        match &submission.placement.caller {
+            Some(said) if said != name => {
+                return Err(ApiError::invalid(format!(
+                    "this secret is caller `{name}`'s; leave `caller` out or send `{name}`"
+                )))
+            }
+            _ => submission.placement.caller = Some(name.clone()),
+        }
+    }
+    Ok(submission)
 }
 
 /// Job ids sort by creation time: 12 hex digits of milliseconds, then 16 of entropy.

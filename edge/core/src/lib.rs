@@ -10,6 +10,8 @@
 //! - [`session`]: one agent connection's record and the handshake check.
 //! - [`machine`]: the [`Edge`] itself — sessions, jobs, callers, deadlines, storage
 //!   failures, stop, views — one `impl` block per concern.
+//! - [`queue`]: the pool's queue, fair between callers (turns, priorities).
+//! - [`routing`]: which agent takes a job: fit (labels, `agent_id`), credit, mirror, load.
 //! - [`progress`]: a running job's progress backlog and its Server-Sent Events text.
 //! - [`body`]: how a host reads a request body (limit, drain, broken uploads).
 //! - [`response`]: what a caller is answered.
@@ -21,8 +23,10 @@ pub mod config;
 pub mod http;
 pub mod machine;
 pub mod progress;
+pub mod queue;
 pub mod record;
 pub mod response;
+pub mod routing;
 pub mod session;
 
 pub use clock::Now;

@@ -65,6 +65,9 @@ pub struct Job {
     /// The size of the whole record, about (set on headers): what retention counts.
     #[serde(default)]
     pub bytes: u64,
+    /// Which agents may take it, whose it is, its priority among that caller's jobs.
+    #[serde(default)]
+    pub placement: shared::placement::Placement,
 }
 
 /// What a caller is given from a job's whole record, read from storage.
@@ -110,7 +113,14 @@ impl Job {
             spec,
             header_only: false,
             bytes: 0,
+            placement: Default::default(),
         }
+    }
+
+    /// The name of the repository it works on, as agents name their mirrors.
+    pub fn repo_name(&self) -> Option<String> {
+        let url = self.spec.repo_url.as_deref()?;
+        shared::repo::RepoUrl::parse(url).ok().map(|u| u.name())
     }
 
     /// The nonce of the job's latest order: its id and how many times it was sent. The

@@ -44,6 +44,16 @@ pub struct Agent {
     pub oauth: OAuthReport,
     #[serde(default)]
     pub claude_version: Option<String>,
+    /// Its labels (`AGENT_LABELS`), from its signed hello.
+    #[serde(default, skip_serializing_if = "shared::placement::Labels::is_empty")]
+    pub labels: shared::placement::Labels,
+    /// The repositories it holds a mirror of (a routing preference; a host short of room
+    /// for the record may drop them until the agent's next report).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub mirrors: std::collections::BTreeSet<String>,
+    /// An operator paused it (`POST /agents/{id}/pause`): no new jobs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 impl Agent {

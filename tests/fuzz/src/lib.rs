@@ -200,6 +200,8 @@ fn ready_records() -> &'static (Session, Job) {
             finished: vec![],
             oauth: shared::oauth::OAuthReport::unconfigured(NOW),
             claude_version: Some("2.1.197 (Claude Code)".into()),
+            labels: Default::default(),
+            mirrors: Vec::new(),
         };
         let envelope = Envelope::seal(Domain::Hello, &hello, agent_key());
         let frame = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: AGENT.into(), envelope }.to_text();
@@ -312,6 +314,8 @@ pub fn connections(data: &[u8]) {
                 finished: vec![],
                 oauth: shared::oauth::OAuthReport::unconfigured(now),
                 claude_version: None,
+                labels: Default::default(),
+                mirrors: Vec::new(),
             };
             let frame = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: AGENT.into(), envelope: Envelope::seal(Domain::Hello, &hello, agent_key()) }.to_text();
             let _ = edge.message(now, &session, &frame);

@@ -19,7 +19,7 @@ impl Edge {
     pub fn next_deadline(&self) -> Option<Millis> {
         let hb = self.cfg.heartbeat_interval_ms;
         let sessions = self.sessions.values().map(|s| s.deadline(hb));
-        let queued = self.queue.iter().map(|id| self.queued_deadline(&self.jobs[id]));
+        let queued = self.queue.ids().map(|id| self.queued_deadline(&self.jobs[id]));
         let active = self
             .active
             .iter()
@@ -65,7 +65,7 @@ impl Edge {
 
         let expired: Vec<String> = self
             .queue
-            .iter()
+            .ids()
             .filter(|id| self.queued_deadline(&self.jobs[*id]) <= now.at)
             .cloned()
             .collect();

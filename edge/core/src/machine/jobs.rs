@@ -4,6 +4,10 @@
 use super::{Edge, Effect};
 use crate::clock::Now;
 use crate::record::{Job, Mode};
+use crate::routing::{self, Candidate};
+use crate::session::Agent;
+use shared::placement::Labels;
+use std::collections::HashSet;
 use shared::contract::{ApiError, ErrorCode, Submission};
 use shared::envelope::{Audience, Domain, Envelope, OrderHeader};
 use shared::job::{JobResult, JobState};
@@ -42,64 +46,159 @@ impl Edge {
         if mode == Mode::Wait && !self.is_online() {
             return Err(ApiError::offline());
         }
+        if mode == Mode::Wait {
+            if let Some(refused) = self.unplaceable(&submission.placement) {
+                return Err(refused);
+            }
+        }
         if self.queue.len() >= self.cfg.max_queued_jobs {
             return Err(ApiError::new(
                 ErrorCode::RunnerBusy,
                 format!("{} jobs are already waiting for the agent (MAX_QUEUED_JOBS); retry later or run the task elsewhere", self.queue.len()),
             ));
         }
+        let caller = submission.placement.caller();
+        if self.queue.len_of(caller) >= self.cfg.max_queued_per_caller {
+            return Err(ApiError::new(
+                ErrorCode::RunnerBusy,
+                format!(
+                    "caller `{caller}` has {} jobs waiting already (MAX_QUEUED_PER_CALLER); retry when some have started",
+                    self.queue.len_of(caller)
+                ),
+            ));
+        }
         if self.jobs.contains_key(&job_id) {
             return Err(ApiError::new(ErrorCode::InternalError, "job id collision; retry"));
         }
-        let job = Job::new(job_id.clone(), submission.spec, mode, submission.idempotency_key, now.at);
+        let mut job = Job::new(job_id.clone(), submission.spec, mode, submission.idempotency_key, now.at);
+        job.placement = submission.placement;
         if let Some(key) = &job.idempotency_key {
             self.idempotency.insert(key.clone(), job_id.clone());
         }
-        info!(job_id = %job_id, mode = ?mode, timeout_ms = job.spec.timeout_ms, "job queued");
+        info!(job_id = %job_id, mode = ?mode, timeout_ms = job.spec.timeout_ms, caller = job.placement.caller(), priority = job.placement.priority, "job queued");
         effects.push(Effect::Save(Box::new(job.clone())));
+        self.enqueue(&job);
         self.insert_job(job);
-        self.queue.push_back(job_id.clone());
         self.stats_mut().submitted += 1;
         self.dispatch(now, &mut effects);
         Ok(Submitted { job_id, existing: false, effects })
     }
 
-    /// Sends queued jobs, oldest first, to agents with credit (the one with most first).
+    /// Sends queued jobs while an agent can take one. The next job is found by
+    /// [`Edge::next_order`]: callers take turns, each caller's jobs go by priority then
+    /// age, and a job no free agent fits waits without holding up the jobs behind it.
     /// An agent's credit is what it last stated free less the orders on their way to it
     /// ([`crate::session::Agent::credits`]); each order is numbered on its connection.
     pub(super) fn dispatch(&mut self, now: Now, effects: &mut Vec<Effect>) {
-        while let Some(job_id) = self.queue.front().cloned() {
-            let best = self
-                .sessions
-                .values()
-                .filter_map(|s| s.agent().map(|a| (s.id.clone(), a.credits())))
-                .filter(|(_, credits)| *credits > 0)
-                .max_by_key(|(_, credits)| *credits);
-            let Some((session_id, _)) = best else { break };
-            let session = self.session_mut(&session_id).expect("sessions with credit exist");
-            let agent = session.agent_mut().expect("ready session");
-            agent.sent += 1;
-            let order_no = agent.sent;
-            let agent_id = agent.agent_id.clone();
-            let saved = Effect::SaveSession(Box::new(session.clone()));
-            self.queue.pop_front();
-            let job = self.job_mut(&job_id).expect("queued jobs exist");
-            job.state = JobState::Dispatched;
-            job.dispatched_at = Some(now.at);
-            job.agent_id = Some(agent_id.clone());
-            job.session_id = Some(session_id.clone());
-            job.order_no = order_no;
-            job.attempts += 1;
-            let (nonce, spec) = (job.order_nonce(), job.spec.clone());
-            effects.push(Effect::Save(Box::new(job.clone())));
-            let to = Audience { agent_id: &agent_id, pool: &self.cfg.pool };
-            let order = JobOrder { header: OrderHeader::new(&job_id, to, now.wall, nonce), spec };
-            let envelope = Envelope::seal(Domain::Job, &order, &self.cfg.signing_key);
-            info!(job_id = %job_id, agent_id = %agent_id, order_no, "job dispatched");
-            effects.push(saved);
-            effects.push(Effect::Send { session: session_id, text: EdgeMessage::Job { envelope }.to_text() });
-            self.active.insert(job_id);
+        while !self.queue.is_empty() {
+            let Some((caller, job_id, session_id)) = self.next_order(now) else { break };
+            self.queue.remove(&job_id);
+            self.queue.served(&caller);
+            self.send_job(now, &job_id, &session_id, effects);
         }
+    }
+
+    /// The agents that can take a job now: ready, not paused, with a credit.
+    fn candidates(&self, _now: Now) -> Vec<Candidate<'_>> {
+        self.sessions
+            .values()
+            .filter_map(|s| {
+                let a = s.agent()?;
+                let credits = a.credits();
+                (credits > 0 && !a.paused).then_some(Candidate {
+                    session: &s.id,
+                    agent_id: &a.agent_id,
+                    labels: &a.labels,
+                    mirrors: &a.mirrors,
+                    credits,
+                })
+            })
+            .collect()
+    }
+
+    /// The next job to send and the session to send it on, with the job's caller: the
+    /// callers in turn, each caller's jobs in lane order, the first job one of the
+    /// [`Edge::candidates`] fits ([`routing::choose`]).
+    fn next_order(&self, now: Now) -> Option<(String, String, String)> {
+        let candidates = self.candidates(now);
+        if candidates.is_empty() {
+            return None;
+        }
+        // What no candidate fits now need not be tried again for the next job asking it.
+        let mut unfit: HashSet<(&Labels, Option<&str>)> = HashSet::new();
+        for (caller, ids) in self.queue.in_turn() {
+            for id in ids {
+                let job = &self.jobs[id];
+                let need = (&job.placement.labels, job.placement.agent_id.as_deref());
+                if unfit.contains(&need) {
+                    continue;
+                }
+                match routing::choose(&job.placement, job.repo_name().as_deref(), &candidates) {
+                    Some(i) => return Some((caller.to_string(), id.to_string(), candidates[i].session.to_string())),
+                    None => {
+                        unfit.insert(need);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Sends one queued job on a session whose agent has a credit for it.
+    fn send_job(&mut self, now: Now, job_id: &str, session_id: &str, effects: &mut Vec<Effect>) {
+        let session = self.session_mut(session_id).expect("candidates are sessions");
+        let agent = session.agent_mut().expect("ready session");
+        agent.sent += 1;
+        let order_no = agent.sent;
+        let agent_id = agent.agent_id.clone();
+        let saved = Effect::SaveSession(Box::new(session.clone()));
+        let job = self.job_mut(job_id).expect("queued jobs exist");
+        job.state = JobState::Dispatched;
+        job.dispatched_at = Some(now.at);
+        job.agent_id = Some(agent_id.clone());
+        job.session_id = Some(session_id.to_string());
+        job.order_no = order_no;
+        job.attempts += 1;
+        let (nonce, spec) = (job.order_nonce(), job.spec.clone());
+        effects.push(Effect::Save(Box::new(job.clone())));
+        let to = Audience { agent_id: &agent_id, pool: &self.cfg.pool };
+        let order = JobOrder { header: OrderHeader::new(job_id, to, now.wall, nonce), spec };
+        let envelope = Envelope::seal(Domain::Job, &order, &self.cfg.signing_key);
+        info!(job_id = %job_id, agent_id = %agent_id, order_no, "job dispatched");
+        effects.push(saved);
+        effects.push(Effect::Send { session: session_id.to_string(), text: EdgeMessage::Job { envelope }.to_text() });
+        self.active.insert(job_id.to_string());
+    }
+
+    /// Why an `/execute` job cannot be placed now, if it cannot: no connected agent fits
+    /// its `agent_id` and labels, or every one that does is paused. Its caller falls back
+    /// at once rather than wait for an agent that may never come.
+    fn unplaceable(&self, placement: &shared::placement::Placement) -> Option<ApiError> {
+        if placement.agent_id.is_none() && placement.labels.is_empty() {
+            return None;
+        }
+        let fitting: Vec<&Agent> = self.ready().map(|(_, a)| a).filter(|a| placement.fits(&a.agent_id, &a.labels)).collect();
+        if fitting.iter().any(|a| !a.paused) {
+            return None;
+        }
+        let offered: Vec<String> = self
+            .ready()
+            .map(|(_, a)| match a.labels.is_empty() {
+                true => a.agent_id.clone(),
+                false => format!("{} ({})", a.agent_id, shared::placement::show_labels(&a.labels)),
+            })
+            .collect();
+        let why = match fitting.is_empty() {
+            true => format!("no connected agent offers {}", placement.needs()),
+            false => format!("every agent that offers {} is paused", placement.needs()),
+        };
+        Some(ApiError::new(
+            ErrorCode::RunnerOffline,
+            format!(
+                "{why} (connected: {}); run the task elsewhere, or submit it with POST /jobs to wait for such an agent",
+                offered.join(", ")
+            ),
+        ))
     }
 
     pub(super) fn send_cancel(&mut self, now: Now, session_id: &str, agent_id: &str, job_id: &str, reason: &str, effects: &mut Vec<Effect>) {
@@ -166,7 +265,7 @@ impl Edge {
         }
         let job = job.clone();
         self.active.remove(job_id);
-        self.queue.retain(|id| id != job_id);
+        self.queue.remove(job_id);
         self.drop_backlog(job_id);
         self.retained.push_back((now.at, job_id.to_string()));
         self.retained_bytes += job.approximate_bytes();
@@ -233,8 +332,8 @@ impl Edge {
         }
     }
 
-    /// Puts a dispatched job back at the head of the queue, to be sent again (with a new
-    /// nonce).
+    /// Puts a dispatched job back in the queue where its priority and age put it (ahead
+    /// of what came after it), to be sent again (with a new nonce).
     fn requeue(&mut self, job_id: &str, effects: &mut Vec<Effect>) {
         let job = self.job_mut(job_id).expect("requeued jobs exist");
         job.state = JobState::Queued;
@@ -243,8 +342,9 @@ impl Edge {
         job.dispatched_at = None;
         job.orphaned_at = None;
         job.order_no = 0;
+        let job = job.clone();
         effects.push(Effect::Save(Box::new(job.clone())));
         self.active.remove(job_id);
-        self.queue.push_front(job_id.to_string());
+        self.enqueue(&job);
     }
 }

@@ -9,10 +9,13 @@
 //! - [`deadlines`]: the next time anything is due, and acting on it.
 //! - [`storage`]: what a failed store write means: the event is undone, then decided on.
 //! - [`stop`]: a clean stop: what each waiting caller is told, and which jobs end.
-//! - [`views`]: health, login status, metrics.
+//! - [`operator`]: pausing and resuming agents.
+//! - [`views`]: health, login status, metrics, the pool's summary for `GET /pools`.
 //!
 //! Guarantees kept here (and so on both hosts):
-//! - a job is sent only to an agent that granted a credit for it, in queue order;
+//! - a job is sent only to an agent that granted a credit for it, fits its `agent_id` and
+//!   labels, and is not paused; callers take turns, each caller's jobs go by priority then
+//!   age, and among the agents that fit, one holding the job's repository goes first;
 //! - every accepted job ends in exactly one terminal state ([`Job::finish`] refuses a
 //!   second one), which its caller can read until retention ends;
 //! - a job whose agent vanished waits `LOST_AFTER_MS` for it before it is `lost`;
@@ -23,6 +26,7 @@
 mod callers;
 mod deadlines;
 mod jobs;
+mod operator;
 mod sessions;
 mod stop;
 mod storage;
@@ -30,6 +34,7 @@ mod views;
 
 pub use callers::CallerId;
 pub use jobs::Submitted;
+pub use operator::AgentControl;
 pub use sessions::{MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE};
 pub use stop::shutting_down;
 pub use storage::{split_writes, Writes, STORE_RETRY_MS};
@@ -43,7 +48,11 @@ use crate::session::{Agent, Session};
 use shared::job::JobState;
 use shared::oauth::OAuthReport;
 use shared::Millis;
+use crate::queue::FairQueue;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+/// How long `/health` shows an agent that went away as down (and the pool `degraded`).
+pub const DOWN_SHOWN_MS: Millis = 3_600_000;
 
 /// What the host must do. Writes (`Save`, `Forget`) come first and together: see
 /// [`split_writes`] and [`Edge::store_failed`]. The rest in order.
@@ -89,8 +98,13 @@ pub struct Stats {
 pub struct Edge {
     cfg: Config,
     jobs: HashMap<String, Job>,
-    /// Queued job ids, oldest first.
-    queue: VecDeque<String>,
+    /// Queued jobs: a lane per caller, callers in turn.
+    queue: FairQueue,
+    /// Agents an operator paused (by id: a pause outlasts the agent's reconnects).
+    paused: BTreeSet<String>,
+    /// Agents that were connected and are gone, since when (edge time): `/health` lists
+    /// them as down for [`DOWN_SHOWN_MS`].
+    departed: BTreeMap<String, Millis>,
     /// Dispatched or running job ids.
     active: BTreeSet<String>,
     /// Finished job ids in the order their retention ends.
@@ -124,7 +138,9 @@ impl Edge {
         Edge {
             cfg,
             jobs: HashMap::new(),
-            queue: VecDeque::new(),
+            queue: FairQueue::default(),
+            paused: BTreeSet::new(),
+            departed: BTreeMap::new(),
             active: BTreeSet::new(),
             retained: VecDeque::new(),
             retained_bytes: 0,
@@ -157,6 +173,9 @@ impl Edge {
             if let Some(a) = s.agent() {
                 edge.last_oauth = Some((a.agent_id.clone(), a.oauth.clone()));
                 edge.offline_since = None;
+                if a.paused {
+                    edge.paused.insert(a.agent_id.clone());
+                }
             }
             edge.sessions.insert(s.id.clone(), s);
         }
@@ -229,12 +248,7 @@ impl Edge {
     /// when a record arrives whole: at restore, and when a failed event is undone.
     fn index(&mut self, job: &Job) {
         match job.state {
-            JobState::Queued => {
-                // Oldest first; a job put back goes where its age puts it.
-                let key = (job.created_at, job.id.as_str());
-                let at = self.queue.partition_point(|id| self.jobs.get(id).is_some_and(|j| (j.created_at, j.id.as_str()) < key));
-                self.queue.insert(at, job.id.clone());
-            }
+            JobState::Queued => self.enqueue(job),
             JobState::Dispatched | JobState::Running => {
                 self.active.insert(job.id.clone());
             }
@@ -250,9 +264,14 @@ impl Edge {
         }
     }
 
+    /// Queues a job in its caller's lane, where its priority and age put it.
+    fn enqueue(&mut self, job: &Job) {
+        self.queue.push(&job.id, job.placement.caller(), job.placement.priority, job.created_at);
+    }
+
     /// Takes a job out of every index (the reverse of [`Edge::index`]).
     fn unindex(&mut self, job: &Job) {
-        self.queue.retain(|id| *id != job.id);
+        self.queue.remove(&job.id);
         self.active.remove(&job.id);
         let kept = self.retained.len();
         self.retained.retain(|(_, id)| *id != job.id);

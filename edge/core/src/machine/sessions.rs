@@ -116,6 +116,10 @@ impl Edge {
         let Some(session) = self.remove_session(session_id) else { return };
         let Some(agent) = session.agent() else { return };
         info!(agent_id = %agent.agent_id, session = session_id, "agent disconnected");
+        let agent_id = agent.agent_id.clone();
+        if !self.ready().any(|(_, a)| a.agent_id == agent_id) {
+            self.departed.insert(agent_id, now.at);
+        }
         let orphans: Vec<String> = self
             .active
             .iter()
@@ -220,6 +224,15 @@ impl Edge {
 
     fn welcome(&mut self, now: Now, session_id: &str, hello: Hello, effects: &mut Vec<Effect>) {
         let agent_id = hello.agent_id.clone();
+        // Signed by the agent, so its own words, but checked like a caller's: they go
+        // into records, answers and logs.
+        if let Err(e) = shared::placement::check_labels(&hello.labels) {
+            let refused = Refused::new(close::PROTOCOL_ERROR, format!("AGENT_LABELS refused: {e}; fix AGENT_LABELS on the agent"));
+            self.close(now, session_id, refused, effects);
+            return;
+        }
+        self.departed.remove(&agent_id);
+        let paused = self.paused.contains(&agent_id);
         // One connection per agent: a newer one means the older is dead or a duplicate.
         let older: Vec<String> = self
             .ready()
@@ -239,6 +252,9 @@ impl Edge {
             sent: 0,
             oauth: hello.oauth.clone(),
             claude_version: hello.claude_version.as_deref().map(claude_version),
+            labels: hello.labels.clone(),
+            mirrors: mirror_names(&hello.mirrors),
+            paused,
         });
         let saved = Effect::SaveSession(Box::new(session.clone()));
         let welcome = Welcome {
@@ -430,6 +446,11 @@ impl Edge {
                 let ack = EdgeMessage::ResultAck { job_id };
                 effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
             }
+            AgentMessage::Mirrors { names } => {
+                let session = self.session_mut(session_id).expect("session exists");
+                session.agent_mut().expect("ready session").mirrors = mirror_names(&names);
+                effects.push(Effect::SaveSession(Box::new(session.clone())));
+            }
             AgentMessage::LoginProgress { .. } | AgentMessage::Unknown => {
                 debug!(agent_id = %agent_id, "message kind not handled by this edge ignored");
             }
@@ -470,6 +491,18 @@ impl Edge {
             .get(job_id)
             .filter(|j| !j.state.is_terminal() && j.agent_id.as_deref() == Some(agent_id))
     }
+}
+
+/// The mirror names an agent reported, as the edge keeps them: at most
+/// [`shared::placement::MAX_MIRRORS`], each a plausible repository name (longer or odd
+/// ones can match no job's repository anyway).
+fn mirror_names(names: &[String]) -> BTreeSet<String> {
+    names
+        .iter()
+        .filter(|n| n.len() <= shared::repo::MAX_REPO_URL && !n.chars().any(|c| c.is_whitespace() || c.is_control()))
+        .take(shared::placement::MAX_MIRRORS)
+        .cloned()
+        .collect()
 }
 
 /// An agent's CLI version as the edge keeps and shows it: one bounded line.

@@ -27,7 +27,7 @@ impl Edge {
         self.stopping = true;
         let mut effects = Vec::new();
         let unstarted: Vec<String> =
-            self.queue.iter().filter(|id| self.jobs[*id].mode == Mode::Wait).cloned().collect();
+            self.queue.ids().filter(|id| self.jobs[*id].mode == Mode::Wait).cloned().collect();
         info!(unstarted = unstarted.len(), callers = self.callers_waiting(), "edge stopping");
         for id in unstarted {
             self.end_unstarted(

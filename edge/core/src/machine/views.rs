@@ -2,14 +2,29 @@
 //! and the Prometheus text of `/metrics`. Logins are judged on the wall clock (their
 //! expiry is a date); times the edge measured are shown as wall times.
 
-use super::Edge;
+use super::{Edge, DOWN_SHOWN_MS};
 use crate::clock::Now;
 use crate::session::Agent;
-use shared::contract::{AgentInfo, Health, HealthStatus};
+use shared::contract::{AgentInfo, Health, HealthStatus, PoolSummary};
 use shared::oauth::{LoginHealth, OAuthStatus};
 use shared::time::rfc3339;
+use shared::Millis;
+
+/// A login's health as `/health` words it per agent.
+fn login_word(health: LoginHealth) -> &'static str {
+    match health {
+        LoginHealth::Good => "good",
+        LoginHealth::AttentionSoon => "attention_soon",
+        LoginHealth::Broken => "broken",
+    }
+}
 
 impl Edge {
+    /// `/health`: 200 while at least one agent can take work (connected, not paused, its
+    /// login usable), `degraded` when it can but something needs a look — the best
+    /// agent's login soon, or an agent that is down (gone within [`DOWN_SHOWN_MS`], or
+    /// connected with a login that does not work). Every agent is listed with its labels,
+    /// load and login.
     pub fn health(&self, now: impl Into<Now>) -> Health {
         let now = now.into();
         let agents: Vec<(&String, &Agent)> = self.ready().collect();
@@ -24,7 +39,9 @@ impl Edge {
             LoginHealth::AttentionSoon => 1,
             LoginHealth::Broken => 2,
         };
-        let best = agents.iter().min_by_key(|(_, a)| rank(a));
+        let takes_work = |a: &Agent| !a.paused && a.oauth.health(now.wall) != LoginHealth::Broken;
+        let working = agents.iter().filter(|(_, a)| takes_work(a)).count();
+        let best = agents.iter().filter(|(_, a)| takes_work(a)).min_by_key(|(_, a)| rank(a)).or_else(|| agents.iter().min_by_key(|(_, a)| rank(a)));
         let info = |(sid, a): &(&String, &Agent)| AgentInfo {
             connected: true,
             agent_id: a.agent_id.clone(),
@@ -33,15 +50,36 @@ impl Edge {
             running_jobs: running(sid),
             capacity: a.capacity,
             claude_version: a.claude_version.clone(),
+            labels: a.labels.clone(),
+            paused: a.paused,
+            takes_work: takes_work(a),
+            login: login_word(a.oauth.health(now.wall)).into(),
         };
+        let down: Vec<(&String, &Millis)> = self.departed.iter().filter(|(_, t)| t.saturating_add(DOWN_SHOWN_MS) > now.at).collect();
+        let some_down = !down.is_empty() || agents.iter().any(|(_, a)| a.oauth.health(now.wall) == LoginHealth::Broken);
         let status = match best {
             None => HealthStatus::Offline,
+            Some(_) if working == 0 => HealthStatus::Unhealthy,
             Some((_, a)) => match a.oauth.health(now.wall) {
+                LoginHealth::Good if some_down => HealthStatus::Degraded,
                 LoginHealth::Good => HealthStatus::Healthy,
                 LoginHealth::AttentionSoon => HealthStatus::Degraded,
                 LoginHealth::Broken => HealthStatus::Unhealthy,
             },
         };
+        let gone = down.into_iter().map(|(id, t)| AgentInfo {
+            connected: false,
+            agent_id: id.clone(),
+            version: String::new(),
+            last_seen: rfc3339(now.wall_of(*t)),
+            running_jobs: 0,
+            capacity: 0,
+            claude_version: None,
+            labels: Default::default(),
+            paused: self.paused.contains(id),
+            takes_work: false,
+            login: String::new(),
+        });
         Health {
             status,
             service: "claude-runner".into(),
@@ -50,7 +88,20 @@ impl Edge {
             oauth: best
                 .map(|(_, a)| a.oauth.status(now.wall))
                 .or_else(|| self.last_oauth.as_ref().map(|(_, r)| r.status(now.wall))),
-            agents: agents.iter().map(info).collect(),
+            agents: agents.iter().map(info).chain(gone).collect(),
+            queued_jobs: self.queue.len(),
+            agents_taking_work: working,
+        }
+    }
+
+    /// This pool in `GET /pools`.
+    pub fn pool_summary(&self, now: impl Into<Now>) -> PoolSummary {
+        let health = self.health(now);
+        PoolSummary {
+            pool: self.cfg.pool.clone(),
+            status: health.status,
+            agents_online: self.ready().count(),
+            agents_taking_work: health.agents_taking_work,
             queued_jobs: self.queue.len(),
         }
     }

@@ -90,6 +90,8 @@ fn join_at(edge: &mut Edge, now: Now, agent: &str, seed: u8, running: Vec<String
         finished: vec![],
         oauth: oauth(),
         claude_version: None,
+        labels: Default::default(),
+        mirrors: Vec::new(),
     };
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(1)) };
     let effects = edge.message(now, &sid, &msg.to_text());

@@ -47,6 +47,9 @@ pub(super) fn config() -> Config {
     Config {
         pool: "default".into(),
         runner_secret: SECRET.into(),
+        caller_secrets: Vec::new(),
+        max_queued_per_caller: 1_000,
+        admin_secret: None,
         signing_key: edge_key(),
         agents: Keyring::from_keys([
             ("spark".to_string(), agent_key(1).verifying_key()),
@@ -143,6 +146,8 @@ pub(super) fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey
         finished: vec![],
         oauth: oauth(),
         claude_version: Some("2.1.197 (Claude Code)".into()),
+        labels: Default::default(),
+        mirrors: Vec::new(),
     };
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.into(), envelope: Envelope::seal(Domain::Hello, &hello, key) };
     let effects = edge.message(now, &sid, &msg.to_text());
@@ -163,6 +168,8 @@ pub(super) fn hello_frame(agent: &str, nonce: &str, now: u64, key: &SigningKey) 
         running: vec![],
         finished: vec![],
         oauth: oauth(),
+        labels: Default::default(),
+        mirrors: Vec::new(),
     };
     AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.into(), envelope: Envelope::seal(Domain::Hello, &hello, key) }.to_text()
 }
@@ -370,6 +377,8 @@ fn refuses_unknown_forged_and_replayed_hellos() {
         protocol: PROTOCOL_VERSION, agent_id: "spark".into(), agent_version: "t".into(), challenge: nonce.clone(),
         agent_nonce: "n".into(), issued_at: 0, capacity: 1, running: vec![], finished: vec![], oauth: oauth(),
         claude_version: None,
+        labels: Default::default(),
+        mirrors: Vec::new(),
     };
     let text = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(1)) }.to_text();
     assert!(closed(&edge.message(0, &sid1, &text)).is_none());

@@ -281,6 +281,8 @@ impl World {
             finished: agent.finished.keys().cloned().collect(),
             oauth: oauth(),
             claude_version: None,
+            labels: Default::default(),
+            mirrors: Vec::new(),
         };
         let text = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.id.into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(agent.key)) }.to_text();
         let effects = self.edge.message(self.now, &sid, &text);

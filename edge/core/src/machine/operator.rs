@@ -1,0 +1,49 @@
+//! The operator's hand on the pool's agents: pause one (it finishes what it runs and takes
+//! nothing new) and resume it. A pause is kept by agent id, so it outlasts the agent's
+//! reconnects; the session record carries it too, so a host that rebuilds the machine from
+//! its sessions (the Durable Object) keeps it.
+
+use super::{Edge, Effect};
+use crate::clock::Now;
+use serde::Serialize;
+use shared::contract::ApiError;
+use tracing::info;
+
+/// The answer of `POST /agents/{id}/pause` and `/resume`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentControl {
+    pub agent_id: String,
+    pub paused: bool,
+    pub connected: bool,
+    pub running_jobs: usize,
+}
+
+impl Edge {
+    /// Pauses (`pause`) or resumes an agent of the pool, within the event of its request.
+    /// A resumed agent is sent queued work at once.
+    pub fn pause(&mut self, now: impl Into<Now>, agent_id: &str, pause: bool) -> Result<(AgentControl, Vec<Effect>), ApiError> {
+        let now = now.into();
+        if self.cfg.agents.get(agent_id).is_none() {
+            let shown = shared::text::truncate(agent_id, 64);
+            return Err(ApiError::not_found(&format!("agent `{shown}` (it is not in this pool's AGENT_PUBLIC_KEYS)")));
+        }
+        let mut effects = Vec::new();
+        if pause {
+            self.paused.insert(agent_id.to_string());
+        } else {
+            self.paused.remove(agent_id);
+        }
+        let sessions: Vec<String> = self.ready().filter(|(_, a)| a.agent_id == agent_id).map(|(id, _)| id.clone()).collect();
+        for id in &sessions {
+            let session = self.session_mut(id).expect("ready sessions exist");
+            session.agent_mut().expect("ready session").paused = pause;
+            effects.push(Effect::SaveSession(Box::new(session.clone())));
+        }
+        info!(agent_id, paused = pause, connected = !sessions.is_empty(), "agent {}", if pause { "paused" } else { "resumed" });
+        if !pause {
+            self.dispatch(now, &mut effects);
+        }
+        let running_jobs = self.active.iter().filter(|id| self.jobs[*id].agent_id.as_deref() == Some(agent_id)).count();
+        Ok((AgentControl { agent_id: agent_id.to_string(), paused: pause, connected: !sessions.is_empty(), running_jobs }, effects))
+    }
+}
