@@ -1,11 +1,13 @@
 //! One pool's queue, fair between callers: a lane per caller, each lane ordered by
-//! `priority` (higher first), then age (then the order they came); callers with queued jobs take turns, so
-//! one caller's burst of 500 jobs waits behind — not in front of — another caller's one.
+//! `priority` (higher first), then age (then the order they came). Callers with queued
+//! jobs take turns, the one served least recently first (a caller new to the queue before
+//! any served one), so one caller's burst of 500 jobs waits behind — not in front of —
+//! another caller's single job.
 //! Pure bookkeeping: which job may go where is [`crate::machine`]'s dispatch.
 
 use shared::Millis;
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 
 /// A queued job's place in its lane.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -20,8 +22,18 @@ struct Place {
 #[derive(Debug, Default, Clone)]
 pub struct FairQueue {
     lanes: HashMap<String, BTreeSet<Place>>,
-    /// Callers with queued jobs, whose turn is next first.
-    turns: VecDeque<String>,
+    /// Callers with queued jobs by (when last served, when they came, name): whose turn
+    /// is next first.
+    turns: BTreeSet<(u64, u64, String)>,
+    /// Each waiting caller's key in `turns`.
+    turn_of: HashMap<String, (u64, u64)>,
+    /// Counts serves and arrivals: the stamps of `turns`.
+    clock: u64,
+    /// When each caller was last served, also while it has nothing queued: a caller whose
+    /// jobs are taken as fast as it sends them must not count as new at each one. Stamps
+    /// older than every waiting caller's mean "before everyone" like none, so they are
+    /// dropped once there are many ([`FairQueue::forget_old_turns`]).
+    last_served: HashMap<String, u64>,
     /// Each queued job's caller and place.
     places: HashMap<String, (String, Place)>,
     pushed: u64,
@@ -56,7 +68,10 @@ impl FairQueue {
         let place = Place { priority: Reverse(priority), created_at, seq: self.pushed, id: id.to_string() };
         let lane = self.lanes.entry(caller.to_string()).or_default();
         if lane.is_empty() {
-            self.turns.push_back(caller.to_string());
+            self.clock += 1;
+            let served = self.last_served.get(caller).copied().unwrap_or(0);
+            self.turns.insert((served, self.clock, caller.to_string()));
+            self.turn_of.insert(caller.to_string(), (served, self.clock));
         }
         lane.insert(place.clone());
         self.places.insert(id.to_string(), (caller.to_string(), place));
@@ -69,23 +84,39 @@ impl FairQueue {
         lane.remove(&place);
         if lane.is_empty() {
             self.lanes.remove(&caller);
-            self.turns.retain(|c| *c != caller);
+            if let Some((served, came)) = self.turn_of.remove(&caller) {
+                self.turns.remove(&(served, came, caller));
+            }
         }
         true
     }
 
     /// `caller` was just served: its next turn comes after every other waiting caller's.
     pub fn served(&mut self, caller: &str) {
-        if let Some(at) = self.turns.iter().position(|c| c == caller) {
-            let c = self.turns.remove(at).expect("position is in range");
-            self.turns.push_back(c);
+        self.clock += 1;
+        self.last_served.insert(caller.to_string(), self.clock);
+        if let Some(key) = self.turn_of.get_mut(caller) {
+            self.turns.remove(&(key.0, key.1, caller.to_string()));
+            key.0 = self.clock;
+            self.turns.insert((key.0, key.1, caller.to_string()));
         }
+        if self.last_served.len() > 2 * self.turn_of.len() + 64 {
+            self.forget_old_turns();
+        }
+    }
+
+    /// Drops the serve stamps older than every waiting caller's: such a caller, back in
+    /// the queue, goes before all of them either way.
+    fn forget_old_turns(&mut self) {
+        let oldest = self.turns.first().map_or(u64::MAX, |(served, _, _)| *served);
+        let waiting = &self.turn_of;
+        self.last_served.retain(|c, served| *served >= oldest || waiting.contains_key(c));
     }
 
     /// The callers in turn order, each with its jobs in lane order: the order dispatch
     /// looks for a job an agent can take.
     pub fn in_turn(&self) -> impl Iterator<Item = (&str, impl Iterator<Item = &str>)> {
-        self.turns.iter().map(|c| (c.as_str(), self.lanes[c].iter().map(|p| p.id.as_str())))
+        self.turns.iter().map(|(_, _, c)| (c.as_str(), self.lanes[c].iter().map(|p| p.id.as_str())))
     }
 
     /// Every queued job id, in no particular order.
@@ -113,6 +144,11 @@ mod tests {
         assert_eq!(order(&q), [("a".into(), vec!["a3".into(), "a1".into(), "a2".into()]), ("b".into(), vec!["b1".into()])]);
         q.served("a");
         assert_eq!(order(&q)[0].0, "b");
+        // A caller arriving after others were served has its turn before them.
+        q.served("b");
+        q.push("c1", "c", 0, 5);
+        assert_eq!(order(&q).iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(), ["c", "a", "b"]);
+        q.remove("c1");
         assert!(q.remove("b1") && !q.remove("b1"));
         assert_eq!(order(&q).len(), 1);
         assert_eq!((q.len(), q.len_of("a"), q.len_of("b")), (3, 3, 0));
@@ -134,7 +170,7 @@ mod tests {
                     _ => {
                         q.served(&caller);
                         if q.len_of(&caller) > 0 {
-                            prop_assert_eq!(q.turns.back(), Some(&caller));
+                            prop_assert_eq!(q.in_turn().last().map(|(c, _)| c), Some(caller.as_str()), "served last goes last");
                         }
                     }
                 }

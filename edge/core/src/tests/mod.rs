@@ -6,12 +6,14 @@
 //! - [`hosts`]: the cases where the two hosts used to decide differently, and time;
 //! - [`recovery`]: credits, cancels and heartbeats across reconnects;
 //! - [`model`]: a property test of the machine against model agents;
-//! - [`hostile`]: callers and peers without the secret or a key, and a forging path.
+//! - [`hostile`]: callers and peers without the secret or a key, and a forging path;
+//! - [`routing`]: many agents: labels, affinity, callers' turns, pause, health.
 
 mod hostile;
 mod hosts;
 mod model;
 mod recovery;
+mod routing;
 mod stop;
 mod storage;
 

@@ -1,0 +1,324 @@
+//! Many agents: labels and `agent_id`, repository affinity, callers taking turns,
+//! priorities, pause and resume, `/health` for many, and a property test that none of it
+//! ever sends a job past an agent's credit or to an agent it does not fit.
+
+use super::*;
+use crate::http::Handled;
+use proptest::prelude::*;
+use shared::placement::parse_labels;
+
+const A_SECRET: &str = "caller-a-secret-0123456789";
+const B_SECRET: &str = "caller-b-secret-0123456789";
+
+fn pool_config() -> Config {
+    Config {
+        caller_secrets: vec![("a".into(), A_SECRET.into()), ("b".into(), B_SECRET.into())],
+        max_queued_jobs: 1_000,
+        max_queued_per_caller: 600,
+        ..config()
+    }
+}
+
+/// Agent `agent` (key `key`) joins with `capacity` slots, these labels and mirrors, and
+/// states its slots free.
+fn enter(edge: &mut Edge, now: u64, agent: &str, key: u8, capacity: u32, labels: &str, mirrors: &[&str]) -> String {
+    let (sid, effects) = edge.connect(now, [key + 100; 32], PEER);
+    let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_id: agent.into(),
+        agent_version: "t".into(),
+        challenge: nonce.clone(),
+        agent_nonce: "n".into(),
+        issued_at: now,
+        capacity,
+        running: vec![],
+        finished: vec![],
+        oauth: oauth(),
+        claude_version: None,
+        labels: parse_labels(labels).unwrap(),
+        mirrors: mirrors.iter().map(|m| m.to_string()).collect(),
+    };
+    let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(key)) };
+    let effects = edge.message(now, &sid, &msg.to_text());
+    assert!(closed(&effects).is_none(), "{effects:?}");
+    say(edge, now, &sid, credit(capacity, 0));
+    sid
+}
+
+fn three_agents() -> Config {
+    Config {
+        agents: Keyring::from_keys([
+            ("spark".to_string(), agent_key(1).verifying_key()),
+            ("laptop".to_string(), agent_key(2).verifying_key()),
+            ("gpu".to_string(), agent_key(3).verifying_key()),
+        ]),
+        ..pool_config()
+    }
+}
+
+fn request(edge: &mut Edge, now: u64, secret: &str, method: &str, path: &str, body: Value) -> Handled {
+    let req = Request {
+        method: method.into(),
+        path: path.into(),
+        secret_header: Some(secret.into()),
+        authorization: None,
+        idempotency_key: None,
+        body: Body::Bytes(if body.is_null() { Vec::new() } else { body.to_string().into_bytes() }),
+    };
+    http::handle(edge, now, [now as u8; 16], req)
+}
+
+fn answer(h: &Handled) -> (u16, Value) {
+    answer_to(&h.effects, h.caller).expect("answered")
+}
+
+fn submit(edge: &mut Edge, now: u64, secret: &str, body: Value) -> String {
+    let h = request(edge, now, secret, "POST", "/jobs", body);
+    let (status, body) = answer(&h);
+    assert_eq!(status, 202, "{body}");
+    body["job_id"].as_str().unwrap().to_string()
+}
+
+fn agent_of(edge: &Edge, job: &str) -> Option<String> {
+    edge.job(job).and_then(|j| j.agent_id.clone())
+}
+
+#[test]
+fn labels_and_agent_id_choose_the_agent_and_execute_refuses_what_nobody_offers() {
+    let mut edge = Edge::new(three_agents(), 0);
+    enter(&mut edge, 0, "spark", 1, 4, "os=linux,gpu=none", &[]);
+    enter(&mut edge, 0, "laptop", 2, 1, "os=mac,gpu=none", &[]);
+    let mac = submit(&mut edge, 1, SECRET, json!({"prompt": "x", "labels": {"os": "mac"}}));
+    assert_eq!(agent_of(&edge, &mac).as_deref(), Some("laptop"), "the only agent offering os=mac, though spark has more slots");
+    let pinned = submit(&mut edge, 2, SECRET, json!({"prompt": "x", "agent_id": "spark", "labels": "gpu=none"}));
+    assert_eq!(agent_of(&edge, &pinned).as_deref(), Some("spark"));
+    // Nobody offers gpu=a100: /execute falls back at once, naming it; POST /jobs waits.
+    let h = request(&mut edge, 3, SECRET, "POST", "/execute", json!({"prompt": "x", "labels": "gpu=a100"}));
+    let (status, body) = answer(&h);
+    assert_eq!((status, body["error_code"].as_str(), body["fallback"].as_bool()), (503, Some("RUNNER_OFFLINE"), Some(true)), "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("gpu=a100") && error.contains("laptop (gpu=none,os=mac)"), "{error}");
+    let waits = submit(&mut edge, 4, SECRET, json!({"prompt": "x", "labels": "gpu=a100"}));
+    assert_eq!(edge.job(&waits).unwrap().state, JobState::Queued);
+    // A later job that fits passes it: a job nobody fits holds up nothing behind it.
+    let next = submit(&mut edge, 5, SECRET, json!({"prompt": "x"}));
+    assert_eq!(agent_of(&edge, &next).as_deref(), Some("spark"));
+    // The agent offering it arrives: the waiting job goes to it.
+    enter(&mut edge, 6, "gpu", 3, 1, "gpu=a100", &[]);
+    assert_eq!(agent_of(&edge, &waits).as_deref(), Some("gpu"));
+    // A job for an agent of another pool, or with bad labels, is a caller's mistake.
+    for bad in [json!({"prompt": "x", "labels": "gpu"}), json!({"prompt": "x", "agent_id": "a b"}), json!({"prompt": "x", "priority": 10})] {
+        let h = request(&mut edge, 7, SECRET, "POST", "/jobs", bad.clone());
+        assert_eq!(answer(&h).0, 400, "{bad}");
+    }
+}
+
+#[test]
+fn a_repository_job_goes_to_a_free_agent_holding_its_mirror() {
+    let mut edge = Edge::new(three_agents(), 0);
+    let spark = enter(&mut edge, 0, "spark", 1, 4, "", &[]);
+    enter(&mut edge, 0, "laptop", 2, 1, "", &["github.com/acme/api"]);
+    let first = submit(&mut edge, 1, SECRET, json!({"prompt": "x", "repo_url": "acme/api"}));
+    assert_eq!(agent_of(&edge, &first).as_deref(), Some("laptop"), "the mirror's holder, though spark has more slots");
+    // The holder is full: any free agent takes the next.
+    let second = submit(&mut edge, 2, SECRET, json!({"prompt": "x", "repo_url": "https://github.com/acme/api.git"}));
+    assert_eq!(agent_of(&edge, &second).as_deref(), Some("spark"));
+    // Spark reports the mirror it now holds; the next job of that repository prefers it
+    // over a free agent without it.
+    say(&mut edge, 3, &spark, AgentMessage::Mirrors { names: vec!["github.com/acme/web".into()] });
+    enter(&mut edge, 4, "gpu", 3, 8, "", &[]);
+    let third = submit(&mut edge, 5, SECRET, json!({"prompt": "x", "repo_url": "acme/web"}));
+    assert_eq!(agent_of(&edge, &third).as_deref(), Some("spark"));
+}
+
+#[test]
+fn a_burst_from_one_caller_does_not_starve_another() {
+    let mut edge = Edge::new(pool_config(), 0);
+    let sid = enter(&mut edge, 0, "spark", 1, 2, "", &[]);
+    let burst: Vec<String> = (0..500).map(|i| submit(&mut edge, 1 + i, A_SECRET, json!({"prompt": "burst"}))).collect();
+    let single = submit(&mut edge, 600, B_SECRET, json!({"prompt": "one"}));
+    assert_eq!(edge.job(&single).unwrap().placement.caller.as_deref(), Some("b"));
+    // Two of A's run; the first slot that frees goes to B.
+    assert_eq!(burst.iter().filter(|j| edge.job(j).unwrap().state != JobState::Queued).count(), 2);
+    say(&mut edge, 601, &sid, AgentMessage::Accepted { job_id: burst[0].clone() });
+    report(&mut edge, 602, &sid, &burst[0], ok_result());
+    say(&mut edge, 602, &sid, credit(1, 2));
+    assert_eq!(edge.job(&single).unwrap().state, JobState::Dispatched, "B's job went within agents x slots dispatches");
+    // A caller's cap: A may not queue more than MAX_QUEUED_PER_CALLER, B still may.
+    let mut capped = Edge::new(Config { max_queued_per_caller: 3, ..pool_config() }, 0);
+    for i in 0..3 {
+        submit(&mut capped, i, A_SECRET, json!({"prompt": "x"}));
+    }
+    let h = request(&mut capped, 4, A_SECRET, "POST", "/jobs", json!({"prompt": "x"}));
+    let (status, body) = answer(&h);
+    assert_eq!(status, 429, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("MAX_QUEUED_PER_CALLER"), "{body}");
+    submit(&mut capped, 5, B_SECRET, json!({"prompt": "x"}));
+}
+
+#[test]
+fn callers_are_named_by_their_secret_or_field_and_priority_orders_their_jobs() {
+    let mut edge = Edge::new(pool_config(), 0);
+    let low = submit(&mut edge, 0, SECRET, json!({"prompt": "x", "caller": "nightly"}));
+    let high = submit(&mut edge, 1, SECRET, json!({"prompt": "x", "caller": "nightly", "priority": 9}));
+    assert_eq!(edge.job(&low).unwrap().placement.caller(), "nightly");
+    let h = request(&mut edge, 2, A_SECRET, "POST", "/jobs", json!({"prompt": "x", "caller": "b"}));
+    assert_eq!(answer(&h).0, 400, "a caller's secret cannot queue as another caller");
+    let sid = enter(&mut edge, 3, "spark", 1, 1, "", &[]);
+    assert_eq!(edge.job(&high).unwrap().state, JobState::Dispatched, "priority 9 first");
+    assert_eq!(edge.job(&low).unwrap().state, JobState::Queued);
+    let _ = sid;
+    // Pausing agents is the operator's: a caller's own secret may not.
+    let h = request(&mut edge, 4, A_SECRET, "POST", "/agents/spark/pause", Value::Null);
+    assert_eq!(answer(&h).0, 403);
+    let h = request(&mut edge, 4, "not-a-secret-at-all-0000", "POST", "/jobs", json!({"prompt": "x"}));
+    assert_eq!(answer(&h).0, 403);
+}
+
+#[test]
+fn a_paused_agent_finishes_its_jobs_takes_no_new_ones_and_shows_it() {
+    let mut edge = Edge::new(three_agents(), 0);
+    let spark = enter(&mut edge, 0, "spark", 1, 2, "", &[]);
+    let running = submit(&mut edge, 1, SECRET, json!({"prompt": "x"}));
+    say(&mut edge, 2, &spark, AgentMessage::Accepted { job_id: running.clone() });
+    let h = request(&mut edge, 3, SECRET, "POST", "/agents/spark/pause", Value::Null);
+    let (status, body) = answer(&h);
+    assert_eq!((status, body["paused"].as_bool(), body["running_jobs"].as_u64()), (200, Some(true), Some(1)), "{body}");
+    let waiting = submit(&mut edge, 4, SECRET, json!({"prompt": "x"}));
+    assert_eq!(edge.job(&waiting).unwrap().state, JobState::Queued, "a paused agent takes nothing new");
+    let h = request(&mut edge, 5, SECRET, "POST", "/execute", json!({"prompt": "x", "agent_id": "spark"}));
+    let (status, body) = answer(&h);
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("paused"), "{body}");
+    // Its running job finishes as ever.
+    report(&mut edge, 6, &spark, &running, ok_result());
+    assert_eq!(edge.job(&running).unwrap().state, JobState::Succeeded);
+    let health = edge.health(7);
+    assert_eq!(health.status, shared::contract::HealthStatus::Unhealthy, "no agent can take work");
+    assert!(health.agents[0].paused && !health.agents[0].takes_work);
+    // A pause outlasts a reconnect; a resume sends the queued work at once.
+    edge.disconnect(8, &spark);
+    let spark = enter(&mut edge, 9, "spark", 1, 2, "", &[]);
+    assert_eq!(edge.job(&waiting).unwrap().state, JobState::Queued);
+    let h = request(&mut edge, 10, SECRET, "POST", "/agents/spark/resume", Value::Null);
+    assert_eq!(answer(&h).0, 200);
+    assert_eq!(edge.job(&waiting).unwrap().state, JobState::Dispatched);
+    assert_eq!(edge.job(&waiting).unwrap().session_id.as_deref(), Some(spark.as_str()));
+    let h = request(&mut edge, 11, SECRET, "POST", "/agents/nobody/pause", Value::Null);
+    assert_eq!(answer(&h).0, 404);
+}
+
+#[test]
+fn health_lists_every_agent_and_is_degraded_while_one_is_down() {
+    let mut edge = Edge::new(three_agents(), 0);
+    let spark = enter(&mut edge, 0, "spark", 1, 2, "os=linux", &[]);
+    enter(&mut edge, 0, "laptop", 2, 1, "os=mac", &[]);
+    let health = edge.health(1);
+    assert_eq!((health.status, health.agents_taking_work), (shared::contract::HealthStatus::Healthy, 2));
+    assert_eq!(health.agents[0].labels, parse_labels("os=linux").unwrap());
+    assert_eq!(health.agents[0].login, "good");
+    edge.disconnect(2, &spark);
+    let health = edge.health(3);
+    assert_eq!(health.status, shared::contract::HealthStatus::Degraded);
+    assert_eq!(health.status.http_status(), 200, "one agent can still take work");
+    let gone = health.agents.iter().find(|a| a.agent_id == "spark").expect("listed while down");
+    assert!(!gone.connected);
+    enter(&mut edge, 4, "spark", 1, 2, "os=linux", &[]);
+    assert_eq!(edge.health(5).status, shared::contract::HealthStatus::Healthy);
+    let summary = edge.pool_summary(5);
+    assert_eq!((summary.pool.as_str(), summary.agents_online, summary.queued_jobs), ("default", 2, 0));
+}
+
+#[test]
+fn pools_needs_the_admin_secret() {
+    let admin = "admin-secret-0123456789";
+    let mut edge = Edge::new(Config { admin_secret: Some(admin.into()), ..pool_config() }, 0);
+    let h = request(&mut edge, 0, SECRET, "GET", "/pools", Value::Null);
+    assert_eq!(answer(&h).0, 403, "the pool's secret is not the admin's");
+    let h = request(&mut edge, 0, admin, "GET", "/pools", Value::Null);
+    let (status, body) = answer(&h);
+    assert_eq!((status, body["pools"][0]["pool"].as_str()), (200, Some("default")), "{body}");
+    let mut closed_edge = Edge::new(pool_config(), 0);
+    let h = request(&mut closed_edge, 0, SECRET, "GET", "/pools", Value::Null);
+    assert_eq!(answer(&h).0, 403, "no ADMIN_SECRET: closed");
+}
+
+/// One step of the property test below.
+#[derive(Debug, Clone)]
+enum Step {
+    /// A job from caller `caller` needing label value `need` (none when 3), priority `p`.
+    Submit { caller: u8, need: u8, priority: u8, repo: bool },
+    /// Agent `a` finishes its oldest job and states its slots.
+    Finish { a: usize },
+    Pause { a: usize, pause: bool },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (0u8..3, 0u8..4, 0u8..10, any::<bool>()).prop_map(|(caller, need, priority, repo)| Step::Submit { caller, need, priority, repo }),
+        2 => (0usize..3).prop_map(|a| Step::Finish { a }),
+        1 => (0usize..3, any::<bool>()).prop_map(|(a, pause)| Step::Pause { a, pause }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    /// Whatever mix of callers, labels, priorities, mirrors and pauses: no agent ever has
+    /// more orders than its stated slots, and no job goes to an agent it does not fit or
+    /// that is paused. (Turns are the queue's own property test.)
+    #[test]
+    fn dispatch_keeps_credits_labels_pauses_and_turns(steps in proptest::collection::vec(step(), 1..120)) {
+        let mut edge = Edge::new(three_agents(), 0);
+        let names = ["spark", "laptop", "gpu"];
+        let caps = [2u32, 1, 3];
+        let labels = ["k=0", "k=1", "k=2"];
+        let mut sids = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            sids.push(enter(&mut edge, 0, name, i as u8 + 1, caps[i], labels[i], if i == 1 { &["github.com/o/r"] } else { &[] }));
+        }
+        let mut held: Vec<Vec<String>> = vec![Vec::new(); 3];
+        let mut received = [0u64; 3];
+        let mut paused = [false; 3];
+        let mut now = 1;
+        for step in steps {
+            now += 1;
+            let mut out: Vec<Effect> = Vec::new();
+            match step {
+                Step::Submit { caller, need, priority, repo } => {
+                    let mut body = json!({"prompt": "x", "caller": format!("c{caller}"), "priority": priority});
+                    if need < 3 { body["labels"] = json!(format!("k={need}")); }
+                    if repo { body["repo_url"] = json!("o/r"); }
+                    out.extend(request(&mut edge, now, SECRET, "POST", "/jobs", body).effects);
+                }
+                Step::Finish { a } => {
+                    if !held[a].is_empty() {
+                        let job = held[a].remove(0);
+                        out.extend(say(&mut edge, now, &sids[a], AgentMessage::Accepted { job_id: job.clone() }));
+                        let msg = AgentMessage::result(&job, &edge.job(&job).unwrap().order_nonce(), ok_result(), &agent_key(a as u8 + 1));
+                        out.extend(say(&mut edge, now, &sids[a], msg));
+                        out.extend(say(&mut edge, now, &sids[a], credit(caps[a] - held[a].len() as u32, received[a])));
+                    }
+                }
+                Step::Pause { a, pause } => {
+                    paused[a] = pause;
+                    let action = if pause { "pause" } else { "resume" };
+                    out.extend(request(&mut edge, now, SECRET, "POST", &format!("/agents/{}/{action}", names[a]), Value::Null).effects);
+                }
+            }
+            // What went out in this step, agent by agent.
+            for (a, name) in names.iter().enumerate() {
+                for msg in sent(&out, &sids[a]) {
+                    let EdgeMessage::Job { envelope } = msg else { continue };
+                    let order: JobOrder = open_order(&envelope, Domain::Job, &edge_key().verifying_key(), Audience { agent_id: name, pool: "default" }, now).unwrap();
+                    let job = edge.job(&order.header.job_id).unwrap();
+                    prop_assert!(!paused[a], "job sent to paused {}", name);
+                    prop_assert!(job.placement.fits(name, &parse_labels(labels[a]).unwrap()), "{} does not fit {}", job.id, name);
+                    held[a].push(job.id.clone());
+                    received[a] += 1;
+                }
+                prop_assert!(held[a].len() as u32 <= caps[a], "{} holds {} orders with {} slots", name, held[a].len(), caps[a]);
+            }
+        }
+    }
+}
