@@ -15,6 +15,9 @@ pub const MAX_LABELS: usize = 16;
 pub const MAX_LABEL_KEY: usize = 32;
 /// Longest label value.
 pub const MAX_LABEL_VALUE: usize = 64;
+/// Most bytes of label keys and values together (an agent's labels travel in every
+/// record of its connection, which the Worker keeps in 2 KiB).
+pub const MAX_LABELS_BYTES: usize = 512;
 /// Highest `priority` (0 is the default and the lowest; higher runs first).
 pub const MAX_PRIORITY: u8 = 9;
 /// The caller of a request made with the pool's own `RUNNER_SECRET` and no `caller` field.
@@ -40,6 +43,9 @@ fn word_ok(word: &str, max: usize) -> bool {
 pub fn check_labels(labels: &Labels) -> Result<(), LabelError> {
     if labels.len() > MAX_LABELS {
         return Err(LabelError(format!("at most {MAX_LABELS} labels")));
+    }
+    if labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() > MAX_LABELS_BYTES {
+        return Err(LabelError(format!("at most {MAX_LABELS_BYTES} bytes of keys and values in all")));
     }
     for (k, v) in labels {
         if !word_ok(k, MAX_LABEL_KEY) {

@@ -297,6 +297,8 @@ pub struct AgentProc {
     child: Option<Child>,
     args: Vec<(String, String)>,
     wrapper: Vec<String>,
+    /// Flags after `agent` (e.g. `--one-job`).
+    flags: Vec<String>,
 }
 
 pub struct AgentOpts<'a> {
@@ -331,6 +333,11 @@ impl<'a> AgentOpts<'a> {
 
 impl AgentProc {
     pub fn start(opts: AgentOpts) -> AgentProc {
+        AgentProc::start_with_flags(opts, &[])
+    }
+
+    /// Like [`AgentProc::start`], with these flags after `agent`.
+    pub fn start_with_flags(opts: AgentOpts, flags: &[&str]) -> AgentProc {
         let data = TempDir::new("agent");
         std::fs::create_dir_all(data.path().join("claude-config")).unwrap();
         let mut args: Vec<(String, String)> = vec![
@@ -347,7 +354,8 @@ impl AgentProc {
             ("JOB_ENV_ALLOW".into(), "STANDIN_LOG".into()),
         ];
         args.extend(opts.extra_env);
-        let mut agent = AgentProc { id: opts.id.into(), data, child: None, args, wrapper: opts.wrapper };
+        let flags = flags.iter().map(|f| f.to_string()).collect();
+        let mut agent = AgentProc { id: opts.id.into(), data, child: None, args, wrapper: opts.wrapper, flags };
         agent.spawn();
         agent
     }
@@ -364,6 +372,7 @@ impl AgentProc {
             None => Command::new(agent),
         };
         cmd.arg("agent")
+            .args(&self.flags)
             .env_remove("ANTHROPIC_API_KEY")
             .envs(self.args.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")

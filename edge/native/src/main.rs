@@ -11,10 +11,13 @@ Environment:
   RUNNER_SECRET          callers' shared secret (X-Runner-Secret)            required
   EDGE_SIGNING_KEY       base64 ed25519 seed that signs jobs                 required
   AGENT_PUBLIC_KEYS      id=base64key,... agents allowed to connect          required
+  RUNNER_SECRETS         name=secret,... named callers with their own secrets
+  ADMIN_SECRET           the secret of GET /pools (16+ chars; unset: closed)
   LISTEN                 address to serve on             (default 127.0.0.1:8787)
   DATA_DIR               where jobs are stored  (default ~/.local/share/claude-runner/edge)
   HEARTBEAT_INTERVAL_MS, LOST_AFTER_MS, MAX_TIMEOUT_MS, MAX_BODY_BYTES,
-  JOB_RETENTION_MS, QUEUE_TTL_MS, MAX_QUEUED_JOBS, TIMEOUT_MARGIN_MS,
+  JOB_RETENTION_MS, QUEUE_TTL_MS, MAX_QUEUED_JOBS, MAX_QUEUED_PER_CALLER,
+  TIMEOUT_MARGIN_MS,
   MAX_RETAINED_JOBS, MAX_RETAINED_BYTES               limits (see README)
   LOG_FORMAT             text | json                                (default text)
   RUST_LOG               log filter                                 (default info)

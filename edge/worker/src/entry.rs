@@ -5,11 +5,14 @@
 //! it is a 404 here, and no object is ever made for it. Requests the core's `preflight`
 //! refuses (an unknown route, a missing secret) are answered here too, so they never
 //! occupy the object.
+//!
+//! `GET /pools` (the admin secret, `ADMIN_SECRET`) is the one route no single object can
+//! answer: it asks each pool's object for its `/health` and lists what they say.
 
 use crate::exchange;
 use edge_core::config::ConfigError;
 use edge_core::http::Gate;
-use shared::contract::{ApiError, ErrorCode};
+use shared::contract::{ApiError, ErrorCode, Health, HealthStatus, PoolList, PoolSummary};
 use worker::wasm_bindgen::JsValue;
 use worker::{console_error, event, web_sys, Context, Env, Request, Response};
 
@@ -73,6 +76,9 @@ async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
         Gate::Handle { read_body } => read_body,
         Gate::AgentSocket => false,
     };
+    if pool == DEFAULT_POOL && method == "GET" && path.trim_end_matches('/') == "/pools" {
+        return pools(&env).await;
+    }
     match forward(&req, url, &env, &pool, &path, with_body).await {
         Ok(response) => Ok(response),
         Err(e) => {
@@ -86,6 +92,46 @@ async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
             ))
         }
     }
+}
+
+/// `GET /pools`, once the gate checked the admin secret: every pool's summary from its
+/// object's `/health` (asked with that pool's own secret). A pool whose object does not
+/// answer is listed `offline`.
+async fn pools(env: &Env) -> worker::Result<Response> {
+    let all = match edge_core::config::Pools::from_lookup(|name| crate::object::setting(env, name)) {
+        Ok(all) => all,
+        Err(e) => return exchange::respond(edge_core::http::unavailable("/pools", &crate::object::misconfigured(&e))),
+    };
+    let mut list = Vec::new();
+    for pool in all.iter() {
+        let summary = match pool_health(env, &pool.name, &pool.runner_secret).await {
+            Ok(health) => PoolSummary {
+                pool: pool.name.clone(),
+                status: health.status,
+                agents_online: health.agents.iter().filter(|a| a.connected).count(),
+                agents_taking_work: health.agents_taking_work,
+                queued_jobs: health.queued_jobs,
+            },
+            Err(e) => {
+                console_error!("pool={} its object did not answer /health: {e}", pool.name);
+                PoolSummary { pool: pool.name.clone(), status: HealthStatus::Offline, agents_online: 0, agents_taking_work: 0, queued_jobs: 0 }
+            }
+        };
+        list.push(summary);
+    }
+    let body = serde_json::to_string(&PoolList { pools: list }).expect("pool lists serialise");
+    exchange::respond(edge_core::Response::json(200, body))
+}
+
+async fn pool_health(env: &Env, pool: &str, secret: &str) -> worker::Result<Health> {
+    let headers = worker::Headers::new();
+    headers.set("x-runner-secret", secret)?;
+    headers.set(POOL_HEADER, pool)?;
+    let mut init = worker::RequestInit::new();
+    init.with_method(worker::Method::Get).with_headers(headers);
+    let req = Request::new_with_init("https://edge/health", &init)?;
+    let stub = env.durable_object(BINDING)?.id_from_name(pool)?.get_stub()?;
+    stub.fetch_with_request(req).await?.json::<Health>().await
 }
 
 /// Sends the request on to the pool's object: same method and headers, the path without

@@ -151,6 +151,8 @@ pub fn encode_session(session: &Session) -> Result<String, String> {
     }
     let mut shorter = session.clone();
     if let Some(agent) = shorter.agent_mut() {
+        // A routing preference: the agent's next report after a job brings them back.
+        agent.mirrors.clear();
         agent.version = truncate(&agent.version, 64).to_string();
         agent.oauth.subscription_type = agent.oauth.subscription_type.as_deref().map(|s| truncate(s, 64).to_string());
         agent.oauth.problem = agent.oauth.problem.as_deref().map(|s| truncate(s, 300).to_string());

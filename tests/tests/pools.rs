@@ -1,0 +1,297 @@
+//! Many agents on one pool (issue 11), end to end: real agents with the stand-in for
+//! `claude` on the native edge — labels and `agent_id`, repository affinity, callers taking
+//! turns, pause and resume, `--one-job`, an agent killed with jobs (its running job ends
+//! lost, queued work goes on at the others) — and on the Worker
+//! under Miniflare: `/pool/<name>` reaching that pool's agents and `GET /pools`.
+
+use harness::git_server::GitServer;
+use harness::*;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+const ADMIN: &str = "admin-secret-0123456789abcdef";
+const CALLER_A: &str = "caller-a-secret-0123456789";
+const CALLER_B: &str = "caller-b-secret-0123456789";
+
+struct Pool {
+    edge: EdgeServer,
+    agents: Vec<AgentProc>,
+    client: Client,
+}
+
+/// A native edge and one agent per `(id, settings)`, each connected.
+async fn pool(kind: EdgeKind, agents: &[(&str, &[(&str, &str)])], edge_settings: &[(&str, &str)]) -> Pool {
+    let ids: Vec<&str> = agents.iter().map(|(id, _)| *id).collect();
+    let keys = Keys::new(&ids);
+    let mut settings = vec![("ADMIN_SECRET", ADMIN)];
+    settings.extend_from_slice(edge_settings);
+    let edge = EdgeServer::start(kind, &keys, &settings);
+    let procs = agents
+        .iter()
+        .map(|(id, env)| {
+            let mut opts = AgentOpts::for_edge(&edge, id);
+            for (k, v) in env.iter() {
+                opts = opts.env(k, v);
+            }
+            AgentProc::start(opts)
+        })
+        .collect();
+    let client = Client::new(&edge.url());
+    let p = Pool { edge, agents: procs, client };
+    p.wait_agents(ids.len()).await;
+    p
+}
+
+impl Pool {
+    /// Waits until `n` agents are connected.
+    async fn wait_agents(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let h = self.client.health_full().await;
+            let online = h.body["agents"].as_array().map_or(0, |a| a.iter().filter(|a| a["connected"] == true).count());
+            if online == n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{n} agents never connected: {}\n{}", h.text, self.edge.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn agent(&self, id: &str) -> &AgentProc {
+        self.agents.iter().find(|a| a.id == id).expect("a known agent")
+    }
+
+    /// Which agent's stand-in ran `prompt`.
+    fn ran_on(&self, prompt: &str) -> Vec<String> {
+        self.agents.iter().filter(|a| a.claude_runs().iter().any(|r| r["prompt"] == prompt)).map(|a| a.id.clone()).collect()
+    }
+}
+
+async fn submit_as(client: &Client, secret: &str, body: Value) -> Answer {
+    client.send("POST", "/jobs", Some(secret), Some(body.to_string().into_bytes())).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_and_agent_id_route_jobs_between_agents() {
+    let p = pool(
+        EdgeKind::Native,
+        &[("spark", &[("AGENT_LABELS", "os=linux,model=opus")]), ("laptop", &[("AGENT_LABELS", "os=mac,model=opus")])],
+        &[],
+    )
+    .await;
+    let a = p.client.execute(json!({"prompt": "on a mac", "labels": {"os": "mac"}})).await;
+    assert_eq!((a.status, a.body["agent_id"].as_str()), (200, Some("laptop")), "{}", a.text);
+    assert_eq!(p.ran_on("on a mac"), ["laptop"]);
+    let a = p.client.execute(json!({"prompt": "pinned", "agent_id": "spark", "labels": "model=opus"})).await;
+    assert_eq!((a.status, a.body["agent_id"].as_str()), (200, Some("spark")), "{}", a.text);
+    // Labels nobody offers: /execute falls back at once, naming them; POST /jobs waits.
+    let started = Instant::now();
+    let a = p.client.execute(json!({"prompt": "on a gpu", "labels": "gpu=a100"})).await;
+    assert_eq!((a.status, a.body["error_code"].as_str(), a.body["fallback"].as_bool()), (503, Some("RUNNER_OFFLINE"), Some(true)), "{}", a.text);
+    assert!(a.body["error"].as_str().unwrap().contains("gpu=a100"), "{}", a.text);
+    assert!(started.elapsed() < Duration::from_secs(5), "answered at once");
+    let waiting = p.client.submit(json!({"prompt": "on a gpu later", "labels": "gpu=a100"})).await;
+    assert_eq!(waiting.status, 202, "{}", waiting.text);
+    let id = waiting.body["job_id"].as_str().unwrap();
+    // Other work goes on around it.
+    let a = p.client.execute(json!({"prompt": "anywhere"})).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(p.client.get(&format!("/jobs/{id}")).await.body["state"], "queued");
+    // /health lists both agents with their labels, load and login.
+    let h = p.client.health_full().await;
+    let agents = h.body["agents"].as_array().unwrap();
+    let laptop = agents.iter().find(|a| a["agent_id"] == "laptop").unwrap();
+    assert_eq!((laptop["labels"]["os"].as_str(), laptop["login"].as_str(), laptop["capacity"].as_u64()), (Some("mac"), Some("good"), Some(1)), "{}", h.text);
+    assert_eq!(h.body["agents_taking_work"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_job_goes_to_the_agent_holding_its_mirror() {
+    let git = GitServer::start(None);
+    git.seed("alpha", &[("README.md", b"alpha\n")]);
+    git.seed("beta", &[("README.md", b"beta\n")]);
+    let allowed = format!("github.com,{}", git.host());
+    let cert = git.cert_file.display().to_string();
+    let env: &[(&str, &str)] = &[("ALLOWED_REPO_HOSTS", &allowed), ("SSL_CERT_FILE", &cert)];
+    let p = pool(EdgeKind::Native, &[("spark", env), ("laptop", env)], &[]).await;
+    // The first job of each repository is pinned, so the mirrors are on different agents.
+    for (repo, agent) in [("alpha", "spark"), ("beta", "laptop")] {
+        let a = p.client.execute(json!({"prompt": format!("first on {repo}"), "repo_url": git.url(repo), "agent_id": agent})).await;
+        assert_eq!((a.status, a.body["success"].as_bool()), (200, Some(true)), "{}", a.text);
+    }
+    // Every later job of a repository, sent while both agents are free, goes where its
+    // mirror is — whichever agent load alone would pick.
+    let holder = std::collections::BTreeMap::from([("alpha", "spark"), ("beta", "laptop")]);
+    for i in 0..8 {
+        let repo = if i % 2 == 0 { "alpha" } else { "beta" };
+        let a = p.client.execute(json!({"prompt": format!("job {i} on {repo}"), "repo_url": git.url(repo)})).await;
+        assert_eq!((a.status, a.body["success"].as_bool()), (200, Some(true)), "{}", a.text);
+        assert_eq!(a.body["agent_id"].as_str(), Some(holder[repo]), "job {i} of {repo} went elsewhere than its mirror");
+    }
+    // Each agent reports what it holds: the mirrors are where the jobs went.
+    for (repo, agent) in &holder {
+        let mirrors = std::fs::read_dir(p.agent(agent).data.path().join("data/repos")).unwrap();
+        let names: Vec<String> = mirrors.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        assert!(names.iter().any(|n| n.contains(repo)), "{agent} holds no mirror of {repo}: {names:?}");
+        let other = if *agent == "spark" { "laptop" } else { "spark" };
+        let theirs = std::fs::read_dir(p.agent(other).data.path().join("data/repos")).unwrap();
+        assert!(!theirs.flatten().any(|e| e.file_name().to_string_lossy().contains(repo)), "{other} cloned {repo} too");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_from_one_caller_does_not_starve_another_caller() {
+    let settings: &[(&str, &str)] = &[("RUNNER_SECRETS", &format!("a={CALLER_A},b={CALLER_B}")), ("MAX_QUEUED_JOBS", "200")];
+    let p = pool(EdgeKind::Native, &[("spark", &[]), ("laptop", &[])], settings).await;
+    let (agents, slots) = (2, 1);
+    // Caller A queues a burst of 30 jobs, 400 ms each; then B queues one.
+    let mut burst = Vec::new();
+    for i in 0..30 {
+        let a = submit_as(&p.client, CALLER_A, json!({"prompt": format!("@sleep=400 burst {i}")})).await;
+        assert_eq!(a.status, 202, "{}", a.text);
+        burst.push(a.body["job_id"].as_str().unwrap().to_string());
+    }
+    let b_submitted = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let b = submit_as(&p.client, CALLER_B, json!({"prompt": "@sleep=10 the single job"})).await;
+    let b_id = b.body["job_id"].as_str().unwrap().to_string();
+    let done = p.client.wait_job(&b_id, Duration::from_secs(30)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    // Count A's jobs that started after B's was queued and before it started.
+    let b_started = p.agents.iter().flat_map(|a| a.claude_runs()).find(|r| r["prompt"] == "@sleep=10 the single job").unwrap()["at"].as_u64().unwrap();
+    let overtook = p
+        .agents
+        .iter()
+        .flat_map(|a| a.claude_runs())
+        .filter(|r| r["prompt"].as_str().unwrap().starts_with("@sleep=400 burst"))
+        .filter(|r| (b_submitted..b_started).contains(&r["at"].as_u64().unwrap()))
+        .count();
+    assert!(overtook < agents * slots, "{overtook} of A's jobs started before B's single one");
+    // A named caller's secret is that caller: it cannot queue as another.
+    let a = submit_as(&p.client, CALLER_A, json!({"prompt": "x", "caller": "b"})).await;
+    assert_eq!(a.status, 400, "{}", a.text);
+    for id in burst {
+        p.client.send("DELETE", &format!("/jobs/{id}"), Some(SECRET), None).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_agent_finishes_its_job_and_takes_no_new_ones_until_resumed() {
+    let p = pool(EdgeKind::Native, &[("spark", &[]), ("laptop", &[])], &[]).await;
+    let running = p.client.submit(json!({"prompt": "@sleep=1500 long one", "agent_id": "spark"})).await;
+    let running = running.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(10), || !p.ran_on("@sleep=1500 long one").is_empty()).await);
+    let a = p.client.send("POST", "/agents/spark/pause", Some(SECRET), None).await;
+    assert_eq!((a.status, a.body["paused"].as_bool()), (200, Some(true)), "{}", a.text);
+    let h = p.client.health_full().await;
+    let spark = h.body["agents"].as_array().unwrap().iter().find(|a| a["agent_id"] == "spark").unwrap().clone();
+    assert_eq!((spark["paused"].as_bool(), spark["takes_work"].as_bool()), (Some(true), Some(false)), "{}", h.text);
+    assert_eq!(h.status, 200, "laptop still takes work");
+    // New work goes to laptop only; spark's running job ends as usual.
+    for i in 0..3 {
+        let a = p.client.execute(json!({"prompt": format!("while paused {i}")})).await;
+        assert_eq!((a.status, a.body["agent_id"].as_str()), (200, Some("laptop")), "{}", a.text);
+    }
+    assert_eq!(p.client.wait_job(&running, Duration::from_secs(10)).await["state"], "succeeded");
+    let pinned = p.client.execute(json!({"prompt": "x", "agent_id": "spark"})).await;
+    assert_eq!(pinned.status, 503, "{}", pinned.text);
+    assert!(pinned.body["error"].as_str().unwrap().contains("paused"), "{}", pinned.text);
+    // The status page shows it.
+    let page = p.client.send("GET", "/", None, None).await;
+    assert_eq!(page.status, 200);
+    let a = p.client.send("POST", "/agents/spark/resume", Some(SECRET), None).await;
+    assert_eq!((a.status, a.body["paused"].as_bool()), (200, Some(false)), "{}", a.text);
+    let a = p.client.execute(json!({"prompt": "after resume", "agent_id": "spark"})).await;
+    assert_eq!((a.status, a.body["agent_id"].as_str()), (200, Some("spark")), "{}", a.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_with_jobs_leaves_the_others_serving() {
+    let p = pool(
+        EdgeKind::Native,
+        &[("spark", &[]), ("laptop", &[]), ("desk", &[])],
+        &[("LOST_AFTER_MS", "1500"), ("HEARTBEAT_INTERVAL_MS", "500")],
+    )
+    .await;
+    let mut p = p;
+    // A job runs on spark; laptop and desk are busy too, so one more job waits in the queue.
+    let running = p.client.submit(json!({"prompt": "@sleep=60000 on spark", "agent_id": "spark"})).await;
+    let running = running.body["job_id"].as_str().unwrap().to_string();
+    for agent in ["laptop", "desk"] {
+        p.client.submit(json!({"prompt": format!("@sleep=1500 on {agent}"), "agent_id": agent})).await;
+    }
+    assert!(eventually(Duration::from_secs(10), || p.ran_on("@sleep=60000 on spark").len() + p.ran_on("@sleep=1500 on laptop").len() + p.ran_on("@sleep=1500 on desk").len() == 3).await);
+    let queued = p.client.submit(json!({"prompt": "waiting for a slot"})).await;
+    let queued = queued.body["job_id"].as_str().unwrap().to_string();
+    assert_eq!(p.client.get(&format!("/jobs/{queued}")).await.body["state"], "queued");
+    p.agents.iter_mut().find(|a| a.id == "spark").unwrap().kill();
+    // Its running job ends lost; the waiting job runs on another agent.
+    let lost = p.client.wait_job(&running, Duration::from_secs(15)).await;
+    assert_eq!((lost["state"].as_str(), lost["result"]["error_code"].as_str()), (Some("lost"), Some("RUNNER_LOST")), "{lost}");
+    let moved = p.client.wait_job(&queued, Duration::from_secs(15)).await;
+    assert_eq!(moved["state"], "succeeded", "{moved}");
+    assert_ne!(moved["agent_id"], "spark");
+    // The others keep serving; /health is degraded (an agent is down) but 200.
+    for i in 0..4 {
+        let a = p.client.execute(json!({"prompt": format!("after the kill {i}")})).await;
+        assert_eq!((a.status, a.body["success"].as_bool()), (200, Some(true)), "{}", a.text);
+    }
+    let h = p.client.health_full().await;
+    assert_eq!((h.status, h.body["status"].as_str()), (200, Some("degraded")), "{}", h.text);
+    let spark = h.body["agents"].as_array().unwrap().iter().find(|a| a["agent_id"] == "spark").unwrap().clone();
+    assert_eq!(spark["connected"], false, "{}", h.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_job_agent_exits_after_its_job() {
+    let mut p = pool(EdgeKind::Native, &[("spark", &[])], &[]).await;
+    // Restart spark as an ephemeral worker.
+    p.agents[0].kill();
+    let opts = AgentOpts::for_edge(&p.edge, "spark").env("MAX_CONCURRENT_JOBS", "2");
+    let mut eph = AgentProc::start_with_flags(opts, &["--one-job"]);
+    p.client.wait_online().await;
+    let first = p.client.submit(json!({"prompt": "@sleep=300 the one"})).await.body["job_id"].as_str().unwrap().to_string();
+    let second = p.client.submit(json!({"prompt": "the next"})).await.body["job_id"].as_str().unwrap().to_string();
+    let status = eph.wait_exit(Duration::from_secs(20)).await.expect("the agent exits after its job");
+    assert!(status.success(), "{status}:\n{}", eph.log());
+    assert_eq!(p.client.wait_job(&first, Duration::from_secs(5)).await["state"], "succeeded");
+    assert_eq!(p.client.get(&format!("/jobs/{second}")).await.body["state"], "queued", "one job only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_routes_each_pool_to_its_agents_and_lists_pools() {
+    require_worker_bundle();
+    let keys = Keys::new(&["spark", "rig"]);
+    let gpu_secret = "gpu-pool-secret-0123456789";
+    let key_of = |id: &str| format!("{id}={}", shared::keys::encode_verifying(&keys.agent(id).verifying_key()));
+    let settings: Vec<(&str, String)> = vec![
+        ("ADMIN_SECRET", ADMIN.to_string()),
+        ("AGENT_PUBLIC_KEYS", key_of("spark")),
+        ("POOLS", "gpu".to_string()),
+        ("RUNNER_SECRET_GPU", gpu_secret.to_string()),
+        ("AGENT_PUBLIC_KEYS_GPU", key_of("rig")),
+    ];
+    let refs: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let edge = EdgeServer::start(EdgeKind::Worker, &keys, &refs);
+    let _spark = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    let mut rig_opts = AgentOpts::for_edge(&edge, "rig").env("EDGE_POOL", "gpu");
+    rig_opts.edge_ws = format!("{}/pool/gpu", edge.ws_url());
+    let rig = AgentProc::start(rig_opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let gpu = Client::new(&format!("{}/pool/gpu", edge.url()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gpu.send("GET", "/health", None, None).await.status != 200 {
+        assert!(Instant::now() < deadline, "the gpu pool's agent never connected:\n{}", rig.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let a = gpu.send("POST", "/execute", Some(gpu_secret), Some(json!({"prompt": "on the rig"}).to_string().into_bytes())).await;
+    assert_eq!((a.status, a.body["agent_id"].as_str()), (200, Some("rig")), "{}", a.text);
+    let a = client.send("GET", "/pools", Some(SECRET), None).await;
+    assert_eq!(a.status, 403, "the pool's secret is not the admin's");
+    let a = client.send("GET", "/pools", Some(ADMIN), None).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let pools = a.body["pools"].as_array().unwrap();
+    let names: Vec<&str> = pools.iter().map(|p| p["pool"].as_str().unwrap()).collect();
+    assert_eq!(names, ["default", "gpu"], "{}", a.text);
+    assert!(pools.iter().all(|p| p["agents_online"] == 1 && p["queued_jobs"] == 0), "{}", a.text);
+}
