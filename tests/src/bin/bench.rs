@@ -24,9 +24,15 @@
 //!
 //! `--repo` measures repository jobs instead (see [`repos`]): cold clone against cached
 //! mirror, and the cost of `include_diff`.
+//!
+//! `--scale` measures one pool with many agents instead (see [`scale`]): 10 to 200 light
+//! in-process agents speaking the real protocol, dispatch throughput, queue-to-dispatch
+//! latency and the edge's memory.
 
 #[path = "bench/repos.rs"]
 mod repos;
+#[path = "bench/scale.rs"]
+mod scale;
 
 use harness::{AgentOpts, AgentProc, EdgeKind, EdgeServer, Keys, TempDir, SECRET};
 use serde_json::{json, Value};
@@ -70,6 +76,13 @@ usage: cargo run --release -p claude-runner-tests --bin bench -- [options]
   --repo-commits N     its commits (default 5000)
   --repo-files N       files in its working tree (default 500)
   --diff-files N       new files in the include_diff job (default 1000)
+  --scale              measure one pool with many light in-process agents instead:
+                       dispatch throughput, queue-to-dispatch latency, edge memory
+  --scale-agents LIST  agent counts, comma-separated (default 10,50,100,200)
+  --scale-slots N      slots per agent (default 4)
+  --scale-jobs N       jobs queued, then drained (default 20000)
+  --scale-rate N       jobs per second in the latency run (default 1000)
+  --scale-seconds N    length of the latency run (default 5)
 
 Build the binaries first: cargo build --release --bins";
 
@@ -82,10 +95,11 @@ struct Opts {
     edges: Vec<EdgeKind>,
     json: Option<PathBuf>,
     repo: Option<repos::RepoOpts>,
+    scale: Option<scale::ScaleOpts>,
 }
 
 fn parse_args() -> Result<Opts, String> {
-    let mut opts = Opts { jobs: 1000, clients: 8, offline: 1000, block: 100, edges: vec![EdgeKind::Native], json: None, repo: None };
+    let mut opts = Opts { jobs: 1000, clients: 8, offline: 1000, block: 100, edges: vec![EdgeKind::Native], json: None, repo: None, scale: None };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -111,6 +125,16 @@ fn parse_args() -> Result<Opts, String> {
             "--repo-mb" => opts.repo.get_or_insert_with(Default::default).mb = number(value()?)?,
             "--repo-commits" => opts.repo.get_or_insert_with(Default::default).commits = number(value()?)?,
             "--repo-files" => opts.repo.get_or_insert_with(Default::default).files = number(value()?)?,
+            "--scale" => opts.scale = Some(opts.scale.take().unwrap_or_default()),
+            "--scale-slots" => opts.scale.get_or_insert_with(Default::default).slots = number(value()?)? as u32,
+            "--scale-jobs" => opts.scale.get_or_insert_with(Default::default).jobs = number(value()?)?,
+            "--scale-rate" => opts.scale.get_or_insert_with(Default::default).rate = number(value()?)?,
+            "--scale-seconds" => opts.scale.get_or_insert_with(Default::default).seconds = number(value()?)? as u64,
+            "--scale-agents" => {
+                let list = value()?;
+                let counts: Result<Vec<usize>, String> = list.split(',').map(|n| number(n.trim().to_string())).collect();
+                opts.scale.get_or_insert_with(Default::default).agents = counts?;
+            }
             "--diff-files" => opts.repo.get_or_insert_with(Default::default).diff_files = number(value()?)?,
             "--edge" => {
                 opts.edges = match value()?.as_str() {
@@ -165,7 +189,17 @@ fn main() {
         std::process::exit(2);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio starts");
-    let report = match opts.repo.clone() {
+    let report = match (opts.repo.clone(), opts.scale.clone()) {
+        (None, Some(scale)) => {
+            let load_start = loadavg();
+            let mut report = runtime.block_on(scale::run(scale, &opts.edges));
+            report["git_commit"] = json!(git_commit());
+            report["machine"] = machine();
+            report["load_average"] = json!([load_start, loadavg()]);
+            println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+            report
+        }
+        (repo, _) => match repo {
         Some(repo) => {
             let load_start = loadavg();
             let mut report = runtime.block_on(repos::run(repo)).unwrap_or_else(|e| {
@@ -183,6 +217,7 @@ fn main() {
             print_report(&report, &opts);
             report
         }
+        },
     };
     if let Some(path) = &opts.json {
         let text = serde_json::to_string_pretty(&report).expect("report serialises");
