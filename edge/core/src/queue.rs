@@ -34,8 +34,11 @@ pub struct FairQueue {
     /// older than every waiting caller's mean "before everyone" like none, so they are
     /// dropped once there are many ([`FairQueue::forget_old_turns`]).
     last_served: HashMap<String, u64>,
-    /// Each queued job's caller and place.
-    places: HashMap<String, (String, Place)>,
+    /// Each queued job's caller, place and the time it gives up waiting.
+    places: HashMap<String, (String, Place, Millis)>,
+    /// Queued jobs by the time they give up waiting: the next deadline of the queue
+    /// without a walk through it.
+    expiries: BTreeSet<(Millis, String)>,
     pushed: u64,
 }
 
@@ -60,7 +63,7 @@ impl FairQueue {
     /// Queues a job in its caller's lane, where its priority and age put it (a job put
     /// back after a dispatch that never ran goes back where it was). A caller new to the
     /// queue has its turn after those already waiting.
-    pub fn push(&mut self, id: &str, caller: &str, priority: u8, created_at: Millis) {
+    pub fn push(&mut self, id: &str, caller: &str, priority: u8, created_at: Millis, expires_at: Millis) {
         if self.places.contains_key(id) {
             return;
         }
@@ -74,12 +77,14 @@ impl FairQueue {
             self.turn_of.insert(caller.to_string(), (served, self.clock));
         }
         lane.insert(place.clone());
-        self.places.insert(id.to_string(), (caller.to_string(), place));
+        self.places.insert(id.to_string(), (caller.to_string(), place, expires_at));
+        self.expiries.insert((expires_at, id.to_string()));
     }
 
     /// Takes a job out of the queue; false if it was not in it.
     pub fn remove(&mut self, id: &str) -> bool {
-        let Some((caller, place)) = self.places.remove(id) else { return false };
+        let Some((caller, place, expires_at)) = self.places.remove(id) else { return false };
+        self.expiries.remove(&(expires_at, id.to_string()));
         let lane = self.lanes.get_mut(&caller).expect("a queued job's lane exists");
         lane.remove(&place);
         if lane.is_empty() {
@@ -119,6 +124,16 @@ impl FairQueue {
         self.turns.iter().map(|(_, _, c)| (c.as_str(), self.lanes[c].iter().map(|p| p.id.as_str())))
     }
 
+    /// The earliest time a queued job gives up waiting.
+    pub fn first_expiry(&self) -> Option<Millis> {
+        self.expiries.first().map(|(t, _)| *t)
+    }
+
+    /// The queued jobs whose waiting time is over at `now`.
+    pub fn expired(&self, now: Millis) -> Vec<String> {
+        self.expiries.iter().take_while(|(t, _)| *t <= now).map(|(_, id)| id.clone()).collect()
+    }
+
     /// Every queued job id, in no particular order.
     pub fn ids(&self) -> impl Iterator<Item = &String> {
         self.places.keys()
@@ -137,16 +152,17 @@ mod tests {
     #[test]
     fn lanes_order_by_priority_then_age_and_callers_take_turns() {
         let mut q = FairQueue::default();
-        q.push("a1", "a", 0, 1);
-        q.push("a2", "a", 0, 2);
-        q.push("b1", "b", 0, 3);
-        q.push("a3", "a", 9, 4);
+        q.push("a1", "a", 0, 1, 10);
+        q.push("a2", "a", 0, 2, 5);
+        q.push("b1", "b", 0, 3, 7);
+        q.push("a3", "a", 9, 4, 9);
+        assert_eq!((q.first_expiry(), q.expired(7)), (Some(5), vec!["a2".to_string(), "b1".to_string()]));
         assert_eq!(order(&q), [("a".into(), vec!["a3".into(), "a1".into(), "a2".into()]), ("b".into(), vec!["b1".into()])]);
         q.served("a");
         assert_eq!(order(&q)[0].0, "b");
         // A caller arriving after others were served has its turn before them.
         q.served("b");
-        q.push("c1", "c", 0, 5);
+        q.push("c1", "c", 0, 5, 50);
         assert_eq!(order(&q).iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(), ["c", "a", "b"]);
         q.remove("c1");
         assert!(q.remove("b1") && !q.remove("b1"));
@@ -165,7 +181,7 @@ mod tests {
                 let caller = format!("c{caller}");
                 let id = format!("j{job}");
                 match op {
-                    0 => q.push(&id, &caller, priority, i as u64),
+                    0 => q.push(&id, &caller, priority, i as u64, i as u64 + 7),
                     1 => { q.remove(&id); }
                     _ => {
                         q.served(&caller);
@@ -179,6 +195,7 @@ mod tests {
                 let callers: BTreeSet<&str> = q.in_turn().map(|(c, _)| c).collect();
                 prop_assert_eq!(callers.len(), q.turns.len());
                 prop_assert!(q.in_turn().all(|(c, _)| q.len_of(c) > 0));
+                prop_assert_eq!(q.expiries.len(), q.len());
             }
         }
     }

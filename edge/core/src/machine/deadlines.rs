@@ -19,7 +19,12 @@ impl Edge {
     pub fn next_deadline(&self) -> Option<Millis> {
         let hb = self.cfg.heartbeat_interval_ms;
         let sessions = self.sessions.values().map(|s| s.deadline(hb));
-        let queued = self.queue.ids().map(|id| self.queued_deadline(&self.jobs[id]));
+        // While an agent is connected each queued job waits its own time, which the queue
+        // keeps in order; only while none is does a waiting caller's deadline move.
+        let queued: Box<dyn Iterator<Item = Millis>> = match self.offline_since {
+            None => Box::new(self.queue.first_expiry().into_iter()),
+            Some(_) => Box::new(self.queue.ids().map(|id| self.queued_deadline(&self.jobs[id]))),
+        };
         let active = self
             .active
             .iter()
@@ -63,12 +68,10 @@ impl Edge {
             self.close(now, &id, Refused::new(close::SILENT, reason), &mut effects);
         }
 
-        let expired: Vec<String> = self
-            .queue
-            .ids()
-            .filter(|id| self.queued_deadline(&self.jobs[*id]) <= now.at)
-            .cloned()
-            .collect();
+        let expired: Vec<String> = match self.offline_since {
+            None => self.queue.expired(now.at),
+            Some(_) => self.queue.ids().filter(|id| self.queued_deadline(&self.jobs[*id]) <= now.at).cloned().collect(),
+        };
         for id in expired {
             let job = &self.jobs[&id];
             let waited = now.at.saturating_sub(job.created_at);

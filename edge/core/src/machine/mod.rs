@@ -266,7 +266,8 @@ impl Edge {
 
     /// Queues a job in its caller's lane, where its priority and age put it.
     fn enqueue(&mut self, job: &Job) {
-        self.queue.push(&job.id, job.placement.caller(), job.placement.priority, job.created_at);
+        let expires_at = job.created_at.saturating_add(job.queue_wait(self.cfg.queue_ttl_ms));
+        self.queue.push(&job.id, job.placement.caller(), job.placement.priority, job.created_at, expires_at);
     }
 
     /// Takes a job out of every index (the reverse of [`Edge::index`]).
