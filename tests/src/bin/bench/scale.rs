@@ -6,14 +6,14 @@
 //! bookkeeping of each job's end.
 //!
 //! For each agent count (10 … 200), on a fresh edge:
-//! 1. fill: `--scale-jobs` jobs are queued with `POST /jobs` (16 clients) while no agent
-//!    has a slot free;
-//! 2. drain: every agent states its slots free at once; dispatch throughput is the jobs
+//! 1. connect: the agents connect and prove themselves, stating no slot free;
+//! 2. fill: `--scale-jobs` jobs are queued with `POST /jobs` (16 clients);
+//! 3. drain: every agent states its slots free at once; dispatch throughput is the jobs
 //!    sent per second until the last one reached its agent;
-//! 3. latency: jobs are submitted at `--scale-rate` per second for `--scale-seconds`;
+//! 4. latency: jobs are submitted at `--scale-rate` per second for `--scale-seconds`;
 //!    queue-to-dispatch is from the moment the caller sends `POST /jobs` to the moment
 //!    the agent has the verified order (so it includes the submission itself);
-//! 4. memory: the edge's VmRSS after the fill and at the end (its peak too), and its CPU
+//! 5. memory: the edge's VmRSS after the fill and at the end (its peak too), and its CPU
 //!    time per job.
 
 use super::{dist, edge_name, memory, round3, cpu_of_tree};
@@ -118,13 +118,9 @@ async fn one(kind: EdgeKind, n: usize, opts: &ScaleOpts) -> anyhow::Result<Value
     }
     let idle_memory = memory(edge_pid, tree);
 
-    // 1. Fill the queue while no agent is connected.
-    let fill_started = Instant::now();
-    submit_many(&edge.url(), opts.jobs, 16, None).await?;
-    let fill = fill_started.elapsed();
-    let filled_memory = memory(edge_pid, tree);
-
-    // 2. Connect the agents with no slot free, then free every slot at once.
+    // 1. Connect the agents with no slot free (at most 8 handshakes at once, as agents
+    //    reconnecting with backoff and jitter would: the edge bounds unproven connections
+    //    per source address, and these all come from 127.0.0.1).
     let seen = Arc::new(Seen {
         received: AtomicUsize::new(0),
         last_at: AtomicU64::new(0),
@@ -139,14 +135,23 @@ async fn one(kind: EdgeKind, n: usize, opts: &ScaleOpts) -> anyhow::Result<Value
     let edge_public = keys.edge.verifying_key();
     let connect_started = Instant::now();
     let mut tasks = Vec::new();
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(8));
     for id in &ids {
         let sim = Sim { url: format!("{}/agent/connect", edge.ws_url()), id: id.clone(), key: keys.agent(id).clone(), edge_public, slots: opts.slots };
-        tasks.push(tokio::spawn(sim.run(seen.clone(), ready_tx.clone(), go_rx.clone(), stop_rx.clone())));
+        tasks.push(tokio::spawn(sim.run(seen.clone(), handshakes.clone(), ready_tx.clone(), go_rx.clone(), stop_rx.clone())));
     }
     for _ in 0..n {
         ready_rx.recv().await.expect("agents report")?;
     }
     let connect = connect_started.elapsed();
+
+    // 2. Fill the queue while no agent has a slot free.
+    let fill_started = Instant::now();
+    submit_many(&edge.url(), opts.jobs, 16, None).await?;
+    let fill = fill_started.elapsed();
+    let filled_memory = memory(edge_pid, tree);
+
+    // 3. Free every slot at once: the drain.
     let cpu_before = cpu_of_tree(edge_pid).own;
     let drain_started = seen.micros();
     go_tx.send(true)?;
@@ -160,7 +165,7 @@ async fn one(kind: EdgeKind, n: usize, opts: &ScaleOpts) -> anyhow::Result<Value
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cpu_drain = cpu_of_tree(edge_pid).own - cpu_before;
 
-    // 3. Latency at a steady rate.
+    // 4. Latency at a steady rate.
     let before = seen.received.load(Ordering::Relaxed);
     submit_many(&edge.url(), latency_jobs, 16, Some((opts.rate, seen.clone()))).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -234,8 +239,11 @@ struct Sim {
 }
 
 impl Sim {
-    async fn run(self, seen: Arc<Seen>, ready: tokio::sync::mpsc::Sender<anyhow::Result<()>>, mut go: watch::Receiver<bool>, mut stop: watch::Receiver<bool>) {
-        let mut ws = match self.handshake().await {
+    async fn run(self, seen: Arc<Seen>, handshakes: Arc<tokio::sync::Semaphore>, ready: tokio::sync::mpsc::Sender<anyhow::Result<()>>, mut go: watch::Receiver<bool>, mut stop: watch::Receiver<bool>) {
+        let permit = handshakes.acquire_owned().await.expect("the semaphore stays open");
+        let shaken = self.handshake().await;
+        drop(permit);
+        let mut ws = match shaken {
             Ok(ws) => {
                 let _ = ready.send(Ok(())).await;
                 ws
@@ -245,18 +253,20 @@ impl Sim {
                 return;
             }
         };
-        let _ = go.wait_for(|g| *g).await;
         let mut received: u64 = 0;
-        let credit = |received| AgentMessage::Credit { slots: Slots { free: self.slots, received } };
-        if ws.send(Message::text(credit(0).to_text())).await.is_err() {
-            return;
-        }
+        let mut free = 0;
+        let credit = |free, received| AgentMessage::Credit { slots: Slots { free, received } };
         let mut beat = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
+                Ok(()) = go.changed(), if free == 0 => {
+                    // Every slot free at once: the drain starts.
+                    free = self.slots;
+                    if ws.send(Message::text(credit(free, received).to_text())).await.is_err() { break; }
+                }
                 _ = beat.tick() => {
-                    let hb = AgentMessage::Heartbeat { running: vec![], capacity: self.slots, oauth: oauth(), slots: Slots { free: self.slots, received }, claude_version: None };
+                    let hb = AgentMessage::Heartbeat { running: vec![], capacity: self.slots, oauth: oauth(), slots: Slots { free, received }, claude_version: None };
                     if ws.send(Message::text(hb.to_text())).await.is_err() { break; }
                 }
                 frame = ws.next() => {
@@ -286,7 +296,7 @@ impl Sim {
                     seen.received.fetch_add(1, Ordering::Relaxed);
                     let job_id = order.header.job_id.clone();
                     let done = AgentMessage::result(&job_id, &order.header.nonce, shared::job::JobResult { success: true, output: "ok".into(), exit_code: Some(0), ..Default::default() }, &self.key);
-                    let replies = [AgentMessage::Accepted { job_id }, done, credit(received)];
+                    let replies = [AgentMessage::Accepted { job_id }, done, credit(free, received)];
                     let mut failed = false;
                     for m in replies {
                         failed |= ws.feed(Message::text(m.to_text())).await.is_err();
