@@ -7,6 +7,7 @@
 //! - [`job`]: a job as both sides see it: the validated spec the agent runs, its result,
 //!   its lifecycle states.
 //! - [`oauth`]: the agent's report of its Claude login, and how the edge judges it.
+//! - [`usage`]: the subscription's usage window (Claude's `rate_limit_event`s).
 //! - [`protocol`]: the versioned messages of the agent ⇄ edge WebSocket.
 //! - [`envelope`]: ed25519-signed envelopes with domain separation (jobs, cancels, hello).
 //! - [`ids`]: agent ids, plain ids and hex, checked and made the same way everywhere.
@@ -23,6 +24,7 @@ pub mod oauth;
 pub mod protocol;
 pub mod text;
 pub mod time;
+pub mod usage;
 
 /// Milliseconds since the Unix epoch. Every timestamp in the system is one of these; the
 /// host reads the clock and passes it in.

@@ -119,8 +119,18 @@ pub enum AgentMessage {
     /// A progress event of a running job (one of Claude's stream-json lines, redacted).
     Event { job_id: String, seq: u64, event: serde_json::Value },
     Result { job_id: String, result: JobResult },
-    /// Outcome of a login order.
-    LoginProgress { request_id: String, url: Option<String>, done: bool, error: Option<String> },
+    /// How a relayed `claude auth login` goes: its authorization URL once printed, then
+    /// its outcome (with the login as the agent now reads it).
+    LoginProgress {
+        login_id: String,
+        state: LoginState,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        url: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        oauth: Option<OAuthReport>,
+    },
     #[serde(other)]
     Unknown,
 }
@@ -169,8 +179,18 @@ pub struct CancelOrder {
     pub reason: String,
 }
 
+/// Where a relayed login stands, as the agent reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoginState {
+    /// `claude auth login` printed its URL and waits for the code.
+    AwaitingCode,
+    LoggedIn,
+    Failed,
+}
+
 /// Re-login relay: start `claude auth login`, or hand it the code the person pasted.
-/// `header.job_id` carries the login request's id.
+/// `header.job_id` carries the login's id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoginOrder {
     #[serde(flatten)]

@@ -75,7 +75,14 @@ pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Optio
     }
     let known = matches!(
         segments.as_slice(),
-        ["execute"] | ["oauth", "status"] | ["jobs"] | ["jobs", _] | ["jobs", _, "events"] | ["metrics"]
+        ["execute"]
+            | ["oauth", "status"]
+            | ["oauth", "login"]
+            | ["oauth", "login", "code"]
+            | ["jobs"]
+            | ["jobs", _]
+            | ["jobs", _, "events"]
+            | ["metrics"]
     );
     if !known {
         return Some(Response::error(ApiError::not_found(&format!("route {method} {path}"))));
@@ -131,10 +138,7 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
             let status = health.status.http_status();
             return answer(Response::json(status, to_json(&health)), Vec::new());
         }
-        ("GET" | "HEAD", [""] | []) => {
-            let text = "claude-runner edge: POST /execute, GET /health, GET /oauth/status, /jobs (X-Runner-Secret)\n";
-            return answer(Response::text(200, "text/plain; charset=utf-8", text.into()), Vec::new());
-        }
+        ("GET" | "HEAD", [""] | []) => return answer(crate::page::page(), Vec::new()),
         _ => {}
     }
     if let Some(refused) = preflight(edge.config(), method, &req.path, req.secret_header.as_deref(), req.authorization.as_deref()) {
@@ -158,7 +162,7 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
             };
             let timeout_ms = submission.spec.timeout_ms;
             match edge.submit(now, job_id(now.at, entropy), submission, Mode::Wait) {
-                Err(e) => answer(Response::error(e), Vec::new()),
+                Err(e) => answer(edge.refusal_response(now, e), Vec::new()),
                 Ok(submitted) => {
                     let mut effects = submitted.effects;
                     edge.wait_for(caller, &submitted.job_id, &mut effects);
@@ -179,7 +183,7 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
                 Err(e) => return answer(Response::error(e), Vec::new()),
             };
             match edge.submit(now, job_id(now.at, entropy), submission, Mode::Detached) {
-                Err(e) => answer(Response::error(e), Vec::new()),
+                Err(e) => answer(edge.refusal_response(now, e), Vec::new()),
                 Ok(submitted) => {
                     let state = edge.job(&submitted.job_id).map(|j| j.state).expect("submitted jobs exist");
                     let status = if submitted.existing { 200 } else { 202 };
@@ -187,6 +191,15 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
                     answer(Response::json(status, body), submitted.effects)
                 }
             }
+        }
+        ("GET", ["jobs"]) => answer(Response::json(200, to_json(&edge.job_list(now))), Vec::new()),
+        ("POST", ["oauth", "login"]) => {
+            let effects = edge.start_login(now, caller, entropy, body);
+            Handled { caller, reply: Reply::Once { max_wait_ms: crate::machine::LOGIN_WAIT_MS }, effects }
+        }
+        ("POST", ["oauth", "login", "code"]) => {
+            let effects = edge.send_login_code(now, caller, body);
+            Handled { caller, reply: Reply::Once { max_wait_ms: crate::machine::LOGIN_WAIT_MS }, effects }
         }
         ("GET", ["jobs", id, "events"]) => {
             let mut effects = Vec::new();

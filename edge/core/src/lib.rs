@@ -13,6 +13,7 @@
 //! - [`progress`]: a running job's progress backlog and its Server-Sent Events text.
 //! - [`body`]: how a host reads a request body (limit, drain, broken uploads).
 //! - [`response`]: what a caller is answered.
+//! - [`page`]: the phone page at `GET /` (plain HTML, CSS and JavaScript; strict CSP).
 //! - [`http`]: the HTTP contract on top of the machine: auth, routing, status codes.
 
 pub mod body;
@@ -20,6 +21,7 @@ pub mod clock;
 pub mod config;
 pub mod http;
 pub mod machine;
+pub mod page;
 pub mod progress;
 pub mod record;
 pub mod response;

@@ -40,7 +40,17 @@ pub struct Job {
     /// Since when its agent's connection is gone; it is lost `LOST_AFTER_MS` later.
     pub orphaned_at: Option<Millis>,
     pub result: Option<JobResult>,
+    /// While the usage window is used up, wait for its reset (else end at once).
+    #[serde(default = "yes")]
+    pub wait_for_usage: bool,
 }
+
+fn yes() -> bool {
+    true
+}
+
+/// How much of a prompt the jobs list shows.
+pub const PROMPT_PREVIEW_BYTES: usize = 200;
 
 impl Job {
     pub fn new(id: String, spec: JobSpec, mode: Mode, idempotency_key: Option<String>, now: Millis) -> Job {
@@ -59,6 +69,7 @@ impl Job {
             attempts: 0,
             orphaned_at: None,
             result: None,
+            wait_for_usage: true,
         }
     }
 
@@ -107,20 +118,28 @@ impl Job {
 
     pub fn response(&self) -> Option<ExecuteResponse> {
         self.result.as_ref().map(|r| ExecuteResponse {
-            result: r.clone(),
+            result: JobResult {
+                // Every failure says whether trying again may help.
+                retryable: r.retryable.or_else(|| (!r.success).then(|| r.error_code.is_some_and(|c| c.retryable()))),
+                ..r.clone()
+            },
             job_id: self.id.clone(),
             agent_id: self.agent_id.clone(),
         })
     }
 
     /// What `/execute` answers once the job is over: 200 with the result, or the error
-    /// that tells the caller to fall back.
+    /// that tells the caller to fall back — also for a job that never reached Claude
+    /// because the login needed a person or the usage window was used up.
     pub fn answer(&self) -> Option<(u16, String)> {
         let response = self.response()?;
+        let never_ran = self.dispatched_at.is_none();
         match response.result.error_code {
-            Some(code) if code.status() != 200 => {
+            Some(code) if code.status() != 200 || (never_ran && matches!(code, ErrorCode::RunnerOauthError | ErrorCode::UsageLimit)) => {
                 let error = response.result.error.clone().unwrap_or_default();
-                let err = ApiError::new(code, error).with_job(&self.id);
+                let mut err = if code.status() != 200 { ApiError::new(code, error) } else { ApiError::refused(code, error) };
+                err.body.retry_at = response.result.retry_at.clone();
+                let err = err.with_job(&self.id);
                 Some((err.status, err.to_json()))
             }
             _ => Some((200, serde_json::to_string(&response).expect("responses serialise"))),
@@ -137,6 +156,7 @@ impl Job {
             started_at: self.started_at.map(shown),
             finished_at: self.finished_at.map(shown),
             result: self.response(),
+            prompt: Some(shared::text::truncate(&self.spec.prompt, PROMPT_PREVIEW_BYTES).to_string()),
         }
     }
 }

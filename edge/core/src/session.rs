@@ -35,6 +35,56 @@ pub struct Agent {
     /// Jobs the agent said it can take now, minus those sent since.
     pub credits: u32,
     pub oauth: OAuthReport,
+    /// Until when (edge time) the agent's usage window refuses work; cleared once passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_hold_until: Option<Millis>,
+    /// The re-login relayed to this agent, while one is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<LoginRelay>,
+}
+
+/// A `claude auth login` the edge relays to an agent: started by `POST /oauth/login`,
+/// finished by `POST /oauth/login/code`. Kept in the session record (so the Worker keeps
+/// it across evictions); its URL is never logged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoginRelay {
+    pub id: String,
+    /// The authorization URL, once the agent's `claude auth login` printed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// A code was passed on and the outcome is awaited.
+    #[serde(default)]
+    pub code_sent: bool,
+    /// Edge time after which the edge gives it up (the agent kills the process by then).
+    pub expires_at: Millis,
+}
+
+impl Agent {
+    /// Takes a report from the agent at `now`: its login and usage window, and until when
+    /// (edge time) the window holds work back.
+    pub fn report(&mut self, oauth: OAuthReport, now: crate::Now) {
+        self.usage_hold_until = oauth
+            .usage
+            .as_ref()
+            .and_then(|u| u.blocked_until())
+            .filter(|t| *t > now.wall)
+            .map(|t| now.at.saturating_add(t - now.wall));
+        self.oauth = oauth;
+    }
+
+    /// Whether jobs may be sent to this agent now (credits aside): its login works, its
+    /// usage window is open and no re-login is under way.
+    pub fn takes_work(&self, now: crate::Now) -> bool {
+        !self.needs_login(now) && !self.usage_held(now) && self.login.is_none()
+    }
+
+    pub fn needs_login(&self, now: crate::Now) -> bool {
+        self.oauth.health(now.wall) == shared::oauth::LoginHealth::Broken
+    }
+
+    pub fn usage_held(&self, now: crate::Now) -> bool {
+        self.usage_hold_until.is_some_and(|t| t > now.at)
+    }
 }
 
 /// Why a connection is closed; the agent shows the reason to its operator.

@@ -207,6 +207,12 @@ pub(crate) fn into_response(response: edge_core::Response) -> Response {
     let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut out = (status, response.body).into_response();
     out.headers_mut().insert("content-type", response.content_type.parse().expect("static content types parse"));
+    for (name, value) in response.headers {
+        // The core makes these values; one that is not a valid header value is dropped.
+        if let Ok(value) = value.parse() {
+            out.headers_mut().insert(name, value);
+        }
+    }
     out
 }
 

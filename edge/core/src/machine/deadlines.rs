@@ -25,13 +25,20 @@ impl Edge {
             .iter()
             .filter_map(|id| self.jobs[id].deadline(self.cfg.lost_after_ms, self.cfg.queue_ttl_ms, self.cfg.timeout_margin_ms));
         let retention = self.retained.front().map(|(t, _)| t.saturating_add(self.cfg.job_retention_ms));
-        let next = sessions.chain(queued).chain(active).chain(retention).min()?;
+        // A usage window's reset lets held work go; a relay is given up at its expiry.
+        let holds = self.earliest_usage_hold().filter(|_| !self.queue.is_empty());
+        let logins = self.earliest_login_expiry();
+        let next = sessions.chain(queued).chain(active).chain(retention).chain(holds).chain(logins).min()?;
         // After a failed write, not again before the retry time.
         Some(self.retry_at.map_or(next, |retry| next.max(retry)))
     }
 
     fn queued_deadline(&self, job: &Job) -> Millis {
-        let own = job.created_at.saturating_add(job.queue_wait(self.cfg.queue_ttl_ms));
+        let mut own = job.created_at.saturating_add(job.queue_wait(self.cfg.queue_ttl_ms));
+        // A detached job held for the usage window waits for its reset, then QUEUE_TTL_MS.
+        if let (Mode::Detached, true, Some(hold)) = (job.mode, job.wait_for_usage, self.earliest_usage_hold()) {
+            own = own.max(hold.saturating_add(self.cfg.queue_ttl_ms));
+        }
         match (job.mode, self.offline_since) {
             // A waiting caller should fall back rather than wait out its whole timeout
             // for an agent that is gone.
@@ -75,11 +82,7 @@ impl Edge {
             let result = if !self.is_online() && job.mode == Mode::Wait {
                 JobResult::failure(ErrorCode::RunnerOffline, ApiError::offline().body.error, waited)
             } else {
-                JobResult::failure(
-                    ErrorCode::Timeout,
-                    format!("no agent took the job within {} ms; retry later", job.queue_wait(self.cfg.queue_ttl_ms)),
-                    waited,
-                )
+                self.expired_in_queue(now, waited, job.queue_wait(self.cfg.queue_ttl_ms))
             };
             self.finish(now, &id, result, &mut effects);
         }
@@ -117,6 +120,10 @@ impl Edge {
                 self.finish(now, &id, result, &mut effects);
             }
         }
+
+        self.expire_logins(now, &mut effects);
+        self.lift_usage_holds(now, &mut effects);
+        self.settle_queue(now, &mut effects);
 
         while let Some((finished_at, id)) = self.retained.front().cloned() {
             if finished_at.saturating_add(self.cfg.job_retention_ms) > now.at {

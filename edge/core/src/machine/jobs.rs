@@ -42,6 +42,9 @@ impl Edge {
         if mode == Mode::Wait && !self.is_online() {
             return Err(ApiError::offline());
         }
+        if let Some(refused) = self.refusal(now, mode, submission.wait_for_usage) {
+            return Err(refused);
+        }
         if self.queue.len() >= self.cfg.max_queued_jobs {
             return Err(ApiError::new(
                 ErrorCode::RunnerBusy,
@@ -51,7 +54,8 @@ impl Edge {
         if self.jobs.contains_key(&job_id) {
             return Err(ApiError::new(ErrorCode::InternalError, "job id collision; retry"));
         }
-        let job = Job::new(job_id.clone(), submission.spec, mode, submission.idempotency_key, now.at);
+        let mut job = Job::new(job_id.clone(), submission.spec, mode, submission.idempotency_key, now.at);
+        job.wait_for_usage = submission.wait_for_usage;
         if let Some(key) = &job.idempotency_key {
             self.idempotency.insert(key.clone(), job_id.clone());
         }
@@ -70,7 +74,7 @@ impl Edge {
             let best = self
                 .sessions
                 .values()
-                .filter_map(|s| s.agent().filter(|a| a.credits > 0).map(|a| (s.id.clone(), a.credits)))
+                .filter_map(|s| s.agent().filter(|a| a.credits > 0 && a.takes_work(now)).map(|a| (s.id.clone(), a.credits)))
                 .max_by_key(|(_, credits)| *credits);
             let Some((session_id, _)) = best else { break };
             let session = self.session_mut(&session_id).expect("sessions with credit exist");

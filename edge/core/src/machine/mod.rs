@@ -9,7 +9,9 @@
 //! - [`deadlines`]: the next time anything is due, and acting on it.
 //! - [`storage`]: what a failed store write means: the event is undone, then decided on.
 //! - [`stop`]: a clean stop: what each waiting caller is told, and which jobs end.
-//! - [`views`]: health, login status, metrics.
+//! - [`views`]: health, login status, the jobs list, metrics.
+//! - [`login`]: the re-login relay (`POST /oauth/login`, `POST /oauth/login/code`), and
+//!   when work may go to an agent at all ([`Availability`]: its login, its usage window).
 //!
 //! Guarantees kept here (and so on both hosts):
 //! - a job is sent only to an agent that granted a credit for it, in queue order;
@@ -23,6 +25,7 @@
 mod callers;
 mod deadlines;
 mod jobs;
+mod login;
 mod sessions;
 mod stop;
 mod storage;
@@ -30,6 +33,7 @@ mod views;
 
 pub use callers::CallerId;
 pub use jobs::Submitted;
+pub use login::{Availability, LOGIN_TTL_MS, LOGIN_WAIT_MS};
 pub use sessions::MAX_PENDING_HANDSHAKES;
 pub use stop::shutting_down;
 pub use storage::{split_writes, Writes, STORE_RETRY_MS};

@@ -11,6 +11,7 @@ use shared::envelope::{Domain, Envelope};
 use shared::ids::hex;
 use shared::job::{JobResult, JobState};
 use shared::keys;
+use shared::oauth::OAuthReport;
 use shared::protocol::{self, close, AgentMessage, EdgeMessage, Hello, Welcome, PROTOCOL_VERSION};
 use tracing::{debug, info, warn};
 
@@ -70,6 +71,9 @@ impl Edge {
         let Some(session) = self.remove_session(session_id) else { return };
         let Some(agent) = session.agent() else { return };
         info!(agent_id = %agent.agent_id, session = session_id, "agent disconnected");
+        if let Some(relay) = agent.login.clone() {
+            self.login_lost(&relay, effects);
+        }
         let orphans: Vec<String> = self
             .active
             .iter()
@@ -180,8 +184,11 @@ impl Edge {
             version: hello.agent_version.clone(),
             capacity: hello.capacity,
             credits: 0,
-            oauth: hello.oauth.clone(),
+            oauth: OAuthReport::unconfigured(now.wall),
+            usage_hold_until: None,
+            login: None,
         });
+        session.agent_mut().expect("just made ready").report(hello.oauth.clone(), now);
         let saved = Effect::SaveSession(Box::new(session.clone()));
         let welcome = Welcome {
             protocol: PROTOCOL_VERSION,
@@ -198,7 +205,22 @@ impl Edge {
         self.offline_since = None;
         info!(agent_id = %agent_id, session = session_id, version = %hello.agent_version, capacity = hello.capacity, "agent connected");
         self.reconcile(now, session_id, &hello, effects);
-        self.dispatch(now, effects);
+        self.settle_queue(now, effects);
+    }
+
+    /// Takes an agent's report of its login and usage window.
+    pub(super) fn take_report(&mut self, now: Now, session_id: &str, oauth: OAuthReport, effects: &mut Vec<Effect>) {
+        let session = self.session_mut(session_id).expect("session exists");
+        let agent = session.agent_mut().expect("ready session");
+        let agent_id = agent.agent_id.clone();
+        let was = (agent.needs_login(now), agent.usage_held(now));
+        agent.report(oauth.clone(), now);
+        let is = (agent.needs_login(now), agent.usage_held(now));
+        if was != is {
+            info!(agent_id = %agent_id, needs_login = is.0, usage_limited = is.1, "agent's login or usage window changed");
+        }
+        effects.push(Effect::SaveSession(Box::new(session.clone())));
+        self.last_oauth = Some((agent_id, oauth));
     }
 
     /// After a reconnect: take over the jobs the agent still has, requeue those it never
@@ -250,13 +272,13 @@ impl Edge {
         match msg {
             AgentMessage::Heartbeat { running: _, capacity, oauth } => {
                 let session = self.session_mut(session_id).expect("session exists");
-                let agent = session.agent_mut().expect("ready session");
-                agent.capacity = capacity;
-                agent.oauth = oauth.clone();
-                effects.push(Effect::SaveSession(Box::new(session.clone())));
-                self.last_oauth = Some((agent_id, oauth));
+                session.agent_mut().expect("ready session").capacity = capacity;
+                self.take_report(now, session_id, oauth, effects);
                 let ack = EdgeMessage::HeartbeatAck { server_time: now.wall };
                 effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
+                // A login that works again, or a usage window that opened, lets held work go;
+                // one that stopped working sends /execute callers elsewhere.
+                self.settle_queue(now, effects);
             }
             AgentMessage::Credit { slots } => {
                 // Never more than the free slots the edge can see: a credit that crossed a
@@ -324,7 +346,10 @@ impl Edge {
                 let ack = EdgeMessage::ResultAck { job_id };
                 effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
             }
-            AgentMessage::LoginProgress { .. } | AgentMessage::Unknown => {
+            AgentMessage::LoginProgress { login_id, state, url, error, oauth } => {
+                self.login_progress(now, session_id, &login_id, state, url, error, oauth, effects);
+            }
+            AgentMessage::Unknown => {
                 debug!(agent_id = %agent_id, "message kind not handled by this edge ignored");
             }
             AgentMessage::Hello { .. } => {

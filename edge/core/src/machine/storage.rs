@@ -94,6 +94,8 @@ pub(super) struct Journal {
     callers: HashMap<String, (Option<Vec<CallerId>>, Option<Vec<CallerId>>)>,
     backlogs: Vec<(String, Backlog)>,
     stats: Option<super::Stats>,
+    /// The relay's callers before the event changed them.
+    logins: Option<HashMap<String, Vec<CallerId>>>,
 }
 
 impl Edge {
@@ -154,6 +156,13 @@ impl Edge {
         if !self.journal.callers.contains_key(job_id) {
             let prior = (self.callers.waiters.get(job_id).cloned(), self.callers.followers.get(job_id).cloned());
             self.journal.callers.insert(job_id.to_string(), prior);
+        }
+    }
+
+    /// Notes the relay's callers before they change.
+    pub(super) fn note_logins(&mut self) {
+        if self.journal.logins.is_none() {
+            self.journal.logins = Some(self.callers.logins.clone());
         }
     }
 
@@ -255,6 +264,9 @@ impl Edge {
         }
         if let Some(stats) = journal.stats {
             self.stats = stats;
+        }
+        if let Some(logins) = journal.logins {
+            self.callers.logins = logins;
         }
     }
 }

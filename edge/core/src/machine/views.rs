@@ -5,7 +5,7 @@
 use super::Edge;
 use crate::clock::Now;
 use crate::session::Agent;
-use shared::contract::{AgentInfo, Health, HealthStatus};
+use shared::contract::{AgentInfo, Health, HealthStatus, JobList, LISTED_FINISHED_JOBS};
 use shared::oauth::{LoginHealth, OAuthStatus};
 use shared::time::rfc3339;
 
@@ -19,10 +19,11 @@ impl Edge {
                 .filter(|id| self.jobs[*id].session_id.as_deref() == Some(session_id))
                 .count()
         };
-        let rank = |a: &Agent| match a.oauth.health(now.wall) {
-            LoginHealth::Good => 0,
-            LoginHealth::AttentionSoon => 1,
-            LoginHealth::Broken => 2,
+        let rank = |a: &Agent| match (a.oauth.health(now.wall), a.usage_held(now)) {
+            (LoginHealth::Good, false) => 0,
+            (LoginHealth::AttentionSoon, false) => 1,
+            (LoginHealth::Good | LoginHealth::AttentionSoon, true) => 2,
+            (LoginHealth::Broken, _) => 3,
         };
         let best = agents.iter().min_by_key(|(_, a)| rank(a));
         let info = |(sid, a): &(&String, &Agent)| AgentInfo {
@@ -36,11 +37,16 @@ impl Edge {
         let status = match best {
             None => HealthStatus::Offline,
             Some((_, a)) => match a.oauth.health(now.wall) {
+                LoginHealth::Good if a.usage_held(now) => HealthStatus::Degraded,
                 LoginHealth::Good => HealthStatus::Healthy,
                 LoginHealth::AttentionSoon => HealthStatus::Degraded,
                 LoginHealth::Broken => HealthStatus::Unhealthy,
             },
         };
+        let usage = best
+            .and_then(|(_, a)| a.oauth.usage.as_ref())
+            .or_else(|| self.last_oauth.as_ref().and_then(|(_, r)| r.usage.as_ref()))
+            .map(|u| u.view(now.wall));
         Health {
             status,
             service: "claude-runner".into(),
@@ -51,7 +57,17 @@ impl Edge {
                 .or_else(|| self.last_oauth.as_ref().map(|(_, r)| r.status(now.wall))),
             agents: agents.iter().map(info).collect(),
             queued_jobs: self.queue.len(),
+            usage,
         }
+    }
+
+    /// `GET /jobs`: what waits or runs, oldest first, then the last finished, newest first.
+    pub fn job_list(&self, now: impl Into<Now>) -> JobList {
+        let now = now.into();
+        let mut active: Vec<&crate::record::Job> = self.queue.iter().chain(self.active.iter()).filter_map(|id| self.jobs.get(id)).collect();
+        active.sort_by_key(|j| (j.created_at, j.id.clone()));
+        let finished = self.retained.iter().rev().filter_map(|(_, id)| self.jobs.get(id)).take(LISTED_FINISHED_JOBS);
+        JobList { active: active.into_iter().map(|j| j.view(now)).collect(), finished: finished.map(|j| j.view(now)).collect() }
     }
 
     /// The best connected agent's login, else the last one reported.
