@@ -4,7 +4,9 @@
 //! ([`crate::connection`]); job tasks are owned by the serve loop ([`crate::serve`]).
 
 use crate::config::AgentConfig;
-use crate::oauth::{AuthHealth, Login, RefreshGate};
+use crate::oauth::{Login, RefreshGate};
+use crate::relogin::Relogin;
+use crate::report::Reporter;
 use crate::process::Stop;
 use crate::replay::ReplayGuard;
 use crate::runner::{self, JobContext};
@@ -15,7 +17,7 @@ use shared::contract::ErrorCode;
 use shared::envelope::{open_order, Domain, Envelope, Refusal};
 use shared::job::JobResult;
 use shared::oauth::OAuthReport;
-use shared::protocol::{AgentMessage, CancelOrder, JobOrder};
+use shared::protocol::{AgentMessage, CancelOrder, JobOrder, LoginOrder};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -46,7 +48,10 @@ pub struct Agent {
     pub cfg: Arc<AgentConfig>,
     pub login: Login,
     pub gate: RefreshGate,
-    pub auth: AuthHealth,
+    /// The login and usage window as the edge is told them, and when.
+    pub reporter: Arc<Reporter>,
+    /// A re-login relayed by the edge, while one is under way.
+    pub relogin: Relogin,
     pub spool: Spool,
     pub status: StatusFile,
     replay: Mutex<ReplayGuard>,
@@ -64,6 +69,7 @@ impl Agent {
         })?;
         let replay = ReplayGuard::open(cfg.data_dir.join("seen-orders.log"));
         let login = Login::new(cfg.claude_config_dir.as_deref());
+        let reporter = Arc::new(Reporter::new(login.clone()));
         let (uplink, uplink_rx) = mpsc::unbounded_channel();
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
         let status = StatusFile::new(cfg.data_dir.join("status.json"), &cfg.agent_id, &cfg.connect_url);
@@ -72,7 +78,8 @@ impl Agent {
             cfg: Arc::new(cfg),
             login,
             gate: RefreshGate::default(),
-            auth: AuthHealth::default(),
+            reporter,
+            relogin: Relogin::default(),
             spool,
             replay: Mutex::new(replay),
             running: Mutex::new(Running::default()),
@@ -84,7 +91,13 @@ impl Agent {
 
     /// What a job runner gets to see.
     fn job_context(&self) -> JobContext {
-        JobContext { cfg: Arc::clone(&self.cfg), login: self.login.clone(), gate: self.gate.clone(), uplink: self.uplink.clone() }
+        JobContext {
+            cfg: Arc::clone(&self.cfg),
+            login: self.login.clone(),
+            gate: self.gate.clone(),
+            uplink: self.uplink.clone(),
+            reporter: Arc::clone(&self.reporter),
+        }
     }
 
     pub fn running_ids(&self) -> Vec<String> {
@@ -102,9 +115,7 @@ impl Agent {
     }
 
     pub fn oauth_report(&self) -> OAuthReport {
-        let mut report = self.login.read(crate::now_ms()).report;
-        report.auth_failed = self.auth.failed();
-        report
+        self.reporter.report()
     }
 
     fn refuse(&self, envelope: &Envelope, refusal: &Refusal) {
@@ -186,9 +197,9 @@ impl Agent {
     /// A job ended: remember its login outcome, keep its result until the edge has it,
     /// free its slot, and tell the edge.
     fn finish(&self, job_id: &str, result: JobResult) {
-        match result.error_code {
-            Some(ErrorCode::RunnerOauthError) => self.auth.set_failed(true),
-            None => self.auth.set_failed(false),
+        match (result.success, result.error_code) {
+            (false, Some(ErrorCode::RunnerOauthError)) => self.reporter.auth_failed(true),
+            (true, _) => self.reporter.run_succeeded(),
             _ => {}
         }
         if let Err(e) = self.spool.put(job_id, &result) {
@@ -198,6 +209,12 @@ impl Agent {
         self.status.running(self.running_ids());
         let _ = self.uplink.send(AgentMessage::Result { job_id: job_id.to_string(), result });
         let _ = self.uplink.send(AgentMessage::Credit { slots: 1 });
+    }
+
+    /// A signed login order: start `claude auth login`, or pass it the code.
+    pub fn on_login(self: &Arc<Self>, envelope: &Envelope) {
+        let Some(order) = self.verify::<LoginOrder>(envelope, Domain::Login) else { return };
+        self.relogin.on_order(self, order);
     }
 
     pub fn on_cancel(&self, envelope: &Envelope) {

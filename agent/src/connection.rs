@@ -232,6 +232,19 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
                     Err(_) => return End::Lost("could not send to the edge for a heartbeat interval: the connection is stuck".into()),
                 }
             }
+            // The login or usage window changed: the edge hears it now, not at the next beat.
+            _ = agent.reporter.changed() => {
+                let beat = AgentMessage::Heartbeat {
+                    running: agent.running_ids(),
+                    capacity: cfg.max_concurrent_jobs,
+                    oauth: agent.oauth_report(),
+                };
+                match timeout(heartbeat, send(&mut ws, &beat)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(end)) => return end,
+                    Err(_) => return End::Lost("could not send a report: the connection is stuck".into()),
+                }
+            }
             _ = ticker.tick() => {
                 let beat = AgentMessage::Heartbeat {
                     running: agent.running_ids(),
@@ -268,14 +281,7 @@ fn on_edge_message(agent: &Arc<Agent>, msg: EdgeMessage) -> Option<End> {
         EdgeMessage::Cancel { envelope } => agent.on_cancel(&envelope),
         EdgeMessage::ResultAck { job_id } => agent.spool.remove(&job_id),
         EdgeMessage::HeartbeatAck { .. } => {}
-        EdgeMessage::Login { .. } => {
-            let _ = agent.uplink.send(AgentMessage::LoginProgress {
-                request_id: String::new(),
-                url: None,
-                done: true,
-                error: Some("this agent version cannot relay a login yet; run `claude auth login` on the runner".into()),
-            });
-        }
+        EdgeMessage::Login { envelope } => agent.on_login(&envelope),
         EdgeMessage::Goodbye { code, reason } => {
             warn!(agent_id = %agent.cfg.agent_id, code, reason = %reason, "the edge is closing the connection");
             if code == close::UNAUTHORIZED || code == close::VERSION_MISMATCH {

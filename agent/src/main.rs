@@ -9,6 +9,9 @@
 //! - [`process`]: Claude's process group: start, read, stop (TERM, then KILL).
 //! - [`claude`]: Claude Code's command line and its stream-json, as pure functions.
 //! - [`oauth`]: the login on this machine and the refresh gate.
+//! - [`report`]: what the edge is told of the login and usage window, and when (at once
+//!   on a change: the credentials file is watched).
+//! - [`relogin`]: `claude auth login` driven with pipes for the edge's re-login relay.
 //! - [`redact`]: keeps tokens from ever leaving the machine.
 //! - [`spool`]: results on disk until the edge acknowledges them.
 //! - [`replay`]: remembered order nonces.
@@ -27,6 +30,8 @@ mod keygen;
 mod oauth;
 mod process;
 mod redact;
+mod relogin;
+mod report;
 mod replay;
 mod runner;
 mod serve;

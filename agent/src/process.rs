@@ -75,7 +75,7 @@ pub struct Finished {
     pub stderr: String,
 }
 
-fn kill_group(pgid: u32, signal: libc::c_int) {
+pub(crate) fn kill_group(pgid: u32, signal: libc::c_int) {
     // Group 0 would be the agent's own.
     if pgid == 0 {
         return;

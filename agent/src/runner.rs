@@ -28,6 +28,8 @@ pub struct JobContext {
     pub gate: RefreshGate,
     /// Progress events go out here (dropped while the agent is offline).
     pub uplink: mpsc::UnboundedSender<AgentMessage>,
+    /// Told of the usage window as Claude reports it, mid-run.
+    pub reporter: Arc<crate::report::Reporter>,
 }
 
 /// Runs the job to its end and returns its (redacted) result.
@@ -116,6 +118,9 @@ async fn run_claude(
         }
         let text = redactor.redact(&String::from_utf8_lossy(line));
         if let Some(event) = transcript.line(&text) {
+            if let Some(window) = shared::usage::UsageWindow::from_event(&event, crate::now_ms()) {
+                ctx.reporter.saw_usage(window);
+            }
             seq += 1;
             let event = if text.len() > MAX_EVENT_BYTES {
                 serde_json::json!({"type": event["type"], "truncated": true, "bytes": text.len()})

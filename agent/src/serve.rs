@@ -18,6 +18,8 @@ pub async fn serve(cfg: AgentConfig, stop: impl Future<Output = ()>) -> anyhow::
     let (agent, queues) = Agent::new(cfg)?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let connection = tokio::spawn(connection::run(agent.clone(), queues.uplink, shutdown_rx));
+    let reporter = std::sync::Arc::clone(&agent.reporter);
+    let watcher = tokio::spawn(async move { reporter.watch().await });
     let mut launches = queues.jobs;
     let mut jobs = JoinSet::new();
     tokio::pin!(stop);
@@ -46,6 +48,7 @@ pub async fn serve(cfg: AgentConfig, stop: impl Future<Output = ()>) -> anyhow::
     if tokio::time::timeout(grace, async { while jobs.join_next().await.is_some() {} }).await.is_err() {
         warn!(agent_id = %agent.cfg.agent_id, left = jobs.len(), "jobs did not stop in time; their results will be missing");
     }
+    watcher.abort();
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(3), connection).await;
     Ok(())

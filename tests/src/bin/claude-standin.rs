@@ -8,7 +8,15 @@
 //! pid to PIDFILE · `@megabytes=N` stream N MiB of assistant text first ·
 //! `@print_env=VAR` answer with the value of VAR · `@print_file_b64=PATH` answer with
 //! the base64 of a file (as `base64 FILE` would) · `@no_result` end without a result line ·
-//! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it).
+//! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it) · `@rate_limited=SECS` end as
+//! the real CLI does when the usage window is used up (a rejected `rate_limit_event`
+//! resetting in SECS, then a 429 result) · `@usage_warning` report the window at 91 % ·
+//! `@max_turns` / `@max_budget` stop as `--max-turns` / `--max-budget-usd` do.
+//!
+//! `auth login` behaves as the real `claude auth login` does without a TTY (2.1.197): it
+//! prints an authorization URL and `Paste code here if prompted > `, reads one line, and
+//! for a code starting with `good` writes `$CLAUDE_CONFIG_DIR/.credentials.json` and
+//! prints `Login successful.`; any other code fails with `Login failed: …` (exit 1).
 //!
 //! With `STANDIN_LOG` set, every invocation appends one JSON line (argv, cwd, prompt).
 
@@ -25,10 +33,41 @@ fn directive<'a>(prompt: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+fn auth_login() {
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    let _ = writeln!(out, "Opening browser to sign in…");
+    let state: String = std::process::id().to_string();
+    let _ = writeln!(out, "If the browser didn't open, visit: https://claude.com/cai/oauth/authorize?code=true&client_id=standin&state={state}");
+    let _ = write!(out, "Paste code here if prompted > ");
+    let _ = out.flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    let code = line.trim();
+    if !code.starts_with("good") {
+        eprintln!("Login failed: Invalid authorization code");
+        std::process::exit(1);
+    }
+    let dir = std::env::var("CLAUDE_CONFIG_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| {
+        std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".claude")
+    });
+    let creds = serde_json::json!({"claudeAiOauth": {
+        "accessToken": "sk-ant-oat01-standin-fresh-access", "refreshToken": "sk-ant-ort01-standin-fresh-refresh",
+        "expiresAt": 4_102_444_800_000u64, "refreshTokenExpiresAt": 4_102_444_800_000u64,
+        "scopes": ["user:inference"], "subscriptionType": "max"}});
+    let _ = std::fs::create_dir_all(&dir);
+    std::fs::write(dir.join(".credentials.json"), creds.to_string()).expect("credentials write");
+    let _ = writeln!(out, "Login successful.");
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--version") {
         println!("0.0.0 (Claude Code stand-in)");
+        return;
+    }
+    if args.first().map(String::as_str) == Some("auth") && args.get(1).map(String::as_str) == Some("login") {
+        auth_login();
         return;
     }
     let mut prompt = String::new();
@@ -89,6 +128,22 @@ fn main() {
     emit(&mut out, serde_json::json!({"type":"assistant","session_id":session,"message":{"content":[{"type":"text","text":text}]}}));
     if directive(&prompt, "no_result").is_some() {
         std::process::exit(directive(&prompt, "exit").and_then(|c| c.parse().ok()).unwrap_or(0));
+    }
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    if let Some(secs) = directive(&prompt, "rate_limited").and_then(|v| v.parse::<u64>().ok()) {
+        let resets = now_s + secs;
+        emit(&mut out, serde_json::json!({"type":"rate_limit_event","rate_limit_info":{"status":"rejected","resetsAt":resets,"rateLimitType":"five_hour","isUsingOverage":false},"session_id":session}));
+        emit(&mut out, serde_json::json!({"type":"result","subtype":"success","is_error":true,"api_error_status":429,"result":"You've hit your session limit","session_id":session,"num_turns":1,"total_cost_usd":0}));
+        std::process::exit(1);
+    }
+    if directive(&prompt, "usage_warning").is_some() {
+        emit(&mut out, serde_json::json!({"type":"rate_limit_event","rate_limit_info":{"status":"allowed_warning","resetsAt":now_s + 3600,"rateLimitType":"five_hour","utilization":0.91},"session_id":session}));
+    }
+    for (name, subtype, error) in [("max_turns", "error_max_turns", "Reached maximum number of turns (1)"), ("max_budget", "error_max_budget_usd", "Reached maximum budget ($0.01)")] {
+        if directive(&prompt, name).is_some() {
+            emit(&mut out, serde_json::json!({"type":"result","subtype":subtype,"is_error":true,"errors":[error],"session_id":session,"num_turns":1,"total_cost_usd":0.01}));
+            std::process::exit(1);
+        }
     }
     let (is_error, result, status) = if directive(&prompt, "auth_error").is_some() {
         (true, "Failed to authenticate. API Error: 401 {\"type\":\"error\",\"error\":{\"type\":\"authentication_error\",\"message\":\"Invalid bearer token\"}}".to_string(), Some(401))
