@@ -112,11 +112,12 @@ pub fn find_url(printed: &str) -> Option<String> {
 
 /// Why a login failed, from what it printed: its last meaningful line, without the code.
 pub fn failure_reason(printed: &str, code: &str) -> String {
+    // The prompt has no newline: what follows it (its stderr) lands on the same line.
     let line = printed
         .lines()
-        .map(str::trim)
+        .map(|l| l.trim().trim_start_matches("Paste code here if prompted >").trim())
         .rev()
-        .find(|l| !l.is_empty() && !l.starts_with("Paste code") && !l.contains("https://"))
+        .find(|l| !l.is_empty() && !l.contains("https://"))
         .unwrap_or("it printed nothing");
     let line = if code.is_empty() { line.to_string() } else { line.replace(code, "[the code]") };
     shared::text::truncate(&line, 300).to_string()
@@ -274,7 +275,7 @@ mod tests {
 
     #[test]
     fn a_failure_names_the_reason_not_the_code() {
-        let printed = "If the browser didn't open, visit: https://claude.com/cai/oauth/authorize?x\nPaste code here if prompted > \nLogin failed: bad code abc123#def\n";
+        let printed = "If the browser didn't open, visit: https://claude.com/cai/oauth/authorize?x\nPaste code here if prompted > Login failed: bad code abc123#def\n";
         let why = failure_reason(printed, "abc123#def");
         assert_eq!(why, "Login failed: bad code [the code]");
         assert_eq!(failure_reason("", ""), "it printed nothing");
