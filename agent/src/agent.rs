@@ -54,6 +54,8 @@ pub struct Agent {
     pub relogin: Relogin,
     pub spool: Spool,
     pub status: StatusFile,
+    /// The Claude Code CLI's version, for the edge's `/health`.
+    pub cli: crate::cli_version::CliVersion,
     replay: Mutex<ReplayGuard>,
     running: Mutex<Running>,
     /// Messages for the edge; the current connection sends them, or drops them while
@@ -75,6 +77,7 @@ impl Agent {
         let status = StatusFile::new(cfg.data_dir.join("status.json"), &cfg.agent_id, &cfg.connect_url);
         let agent = Agent {
             status,
+            cli: Default::default(),
             cfg: Arc::new(cfg),
             login,
             gate: RefreshGate::default(),
@@ -208,7 +211,10 @@ impl Agent {
         self.running.lock().expect("running lock").jobs.remove(job_id);
         self.status.running(self.running_ids());
         let _ = self.uplink.send(AgentMessage::Result { job_id: job_id.to_string(), result });
-        let _ = self.uplink.send(AgentMessage::Credit { slots: 1 });
+        // A draining agent takes no more work.
+        if self.free_slots() > 0 {
+            let _ = self.uplink.send(AgentMessage::Credit { slots: 1 });
+        }
     }
 
     /// A signed login order: start `claude auth login`, or pass it the code.

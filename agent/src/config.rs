@@ -1,4 +1,4 @@
-//! The agent's settings: each is an environment variable and a `--flag` (DESIGN.md
+//! The agent's settings: each is an environment variable and a `--flag` (README
 //! "Configuration"), checked once at start with errors that say what to fix.
 
 use clap::Args;
@@ -28,7 +28,14 @@ pub struct AgentArgs {
     /// Jobs run at once.
     #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 1)]
     pub max_concurrent_jobs: u32,
+    /// On a stop (SIGTERM), how long running jobs may take to finish before they are
+    /// handed back to the edge, in milliseconds.
+    #[arg(long, env = "DRAIN_TIMEOUT_MS", default_value_t = DEFAULT_DRAIN_TIMEOUT_MS)]
+    pub drain_timeout_ms: u64,
 }
+
+/// Five minutes: the default `timeout_ms` of a job.
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 300_000;
 
 /// Settings about this machine only, shared with `oauth-status` and `doctor`.
 #[derive(Debug, Clone, Args)]
@@ -64,6 +71,28 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub max_concurrent_jobs: u32,
     pub claude_model: Option<String>,
+    /// How long a stop waits for running jobs before handing them back.
+    pub drain_timeout: std::time::Duration,
+}
+
+/// Makes a setting set to an empty value (`CLAUDE_MODEL=` in an `.env` file or a systemd
+/// `EnvironmentFile`) count as unset, as people writing those files expect; clap would
+/// take it as an empty value and refuse it. Every variable a flag of `cli` reads is
+/// covered. Call it before any thread starts (it changes the environment).
+pub fn forget_empty_settings(cli: &clap::Command) {
+    fn names(cmd: &clap::Command, out: &mut Vec<std::ffi::OsString>) {
+        out.extend(cmd.get_arguments().filter_map(|a| a.get_env().map(|e| e.to_os_string())));
+        for sub in cmd.get_subcommands() {
+            names(sub, out);
+        }
+    }
+    let mut settings = Vec::new();
+    names(cli, &mut settings);
+    for name in settings {
+        if std::env::var_os(&name).is_some_and(|v| v.is_empty()) {
+            std::env::remove_var(&name);
+        }
+    }
 }
 
 /// `ws(s)://host[:port][/prefix]` → the `/agent/connect` URL.
@@ -93,6 +122,26 @@ pub fn default_agent_id() -> String {
         .take(64)
         .collect();
     if id.is_empty() { "spark".into() } else { id }
+}
+
+impl AgentConfig {
+    /// Settings to run a job on this machine with no edge (the canary): the local ones
+    /// from `local`; the keys are fresh and never used, as nothing is dialled.
+    pub fn local_only(local: &LocalArgs, agent_id: String) -> AgentConfig {
+        let unused = SigningKey::from_bytes(&runtime::entropy());
+        AgentConfig {
+            connect_url: String::new(),
+            agent_id,
+            edge_public_key: unused.verifying_key(),
+            signing_key: unused,
+            claude_bin: local.claude_bin.clone(),
+            claude_config_dir: local.claude_config_dir.clone(),
+            data_dir: local.data_dir(),
+            max_concurrent_jobs: 1,
+            claude_model: local.claude_model.clone(),
+            drain_timeout: std::time::Duration::ZERO,
+        }
+    }
 }
 
 impl AgentArgs {
@@ -135,6 +184,7 @@ impl AgentArgs {
             claude_config_dir: self.local.claude_config_dir,
             max_concurrent_jobs: self.max_concurrent_jobs,
             claude_model: self.local.claude_model,
+            drain_timeout: std::time::Duration::from_millis(self.drain_timeout_ms),
         })
     }
 }

@@ -154,6 +154,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
         running: agent.running_ids(),
         finished: agent.spool.all().into_iter().map(|(id, _)| id).collect(),
         oauth: agent.oauth_report(),
+        claude_version: agent.cli.current(),
     };
     let envelope = Envelope::seal(Domain::Hello, &hello, &cfg.signing_key);
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: cfg.agent_id.clone(), envelope };
@@ -182,7 +183,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
     }
     let heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms.clamp(100, 600_000));
     info!(agent_id = %cfg.agent_id, session = %welcome.session_id, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the edge");
-    agent.status.connected();
+    agent.status.connected(heartbeat.as_millis() as u64);
 
     // 4. Work: credit for the free slots, then every result the edge has not acknowledged.
     let free = agent.free_slots();
@@ -234,26 +235,16 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
             }
             // The login or usage window changed: the edge hears it now, not at the next beat.
             _ = agent.reporter.changed() => {
-                let beat = AgentMessage::Heartbeat {
-                    running: agent.running_ids(),
-                    capacity: cfg.max_concurrent_jobs,
-                    oauth: agent.oauth_report(),
-                };
-                match timeout(heartbeat, send(&mut ws, &beat)).await {
-                    Ok(Ok(())) => {}
+                match timeout(heartbeat, send(&mut ws, &beat(agent))).await {
+                    Ok(Ok(())) => agent.status.beat(),
                     Ok(Err(end)) => return end,
                     Err(_) => return End::Lost("could not send a report: the connection is stuck".into()),
                 }
             }
             _ = ticker.tick() => {
-                let beat = AgentMessage::Heartbeat {
-                    running: agent.running_ids(),
-                    capacity: cfg.max_concurrent_jobs,
-                    oauth: agent.oauth_report(),
-                };
                 // A send into a dead (half-open) connection may hang; bound it.
-                match timeout(heartbeat, send(&mut ws, &beat)).await {
-                    Ok(Ok(())) => {}
+                match timeout(heartbeat, send(&mut ws, &beat(agent))).await {
+                    Ok(Ok(())) => agent.status.beat(),
                     Ok(Err(end)) => return end,
                     Err(_) => return End::Lost("could not send a heartbeat: the connection is stuck".into()),
                 }
@@ -271,6 +262,16 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
                 return End::Shutdown;
             }
         }
+    }
+}
+
+/// A heartbeat: what runs, and the login, usage window and CLI as of now.
+fn beat(agent: &Agent) -> AgentMessage {
+    AgentMessage::Heartbeat {
+        running: agent.running_ids(),
+        capacity: agent.cfg.max_concurrent_jobs,
+        oauth: agent.oauth_report(),
+        claude_version: agent.cli.current(),
     }
 }
 

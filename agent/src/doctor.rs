@@ -1,5 +1,6 @@
 //! `claude-runner doctor`: checks what the agent needs — the Claude binary, its login,
-//! the keys, the edge — and says how to fix each problem it finds.
+//! the keys, the edge — and says how to fix each problem it finds; with `--canary`, also
+//! runs one tiny real job through the CLI ([`crate::canary`]).
 
 use crate::config::{connect_url, AgentArgs};
 use crate::process::{find_binary, INSTALL_CLAUDE};
@@ -25,31 +26,17 @@ impl Report {
     }
 }
 
-/// Runs every check; true when none failed.
-pub async fn run(args: AgentArgs) -> bool {
+/// Runs every check (and the canary job if asked); true when none failed.
+pub async fn run(args: AgentArgs, canary: bool) -> bool {
     let mut r = Report { failures: 0 };
     println!("claude-runner doctor");
 
     match find_binary(&args.local.claude_bin) {
         None => r.fail("claude binary", format!("`{}` not found.\n{INSTALL_CLAUDE}", args.local.claude_bin)),
-        Some(path) => {
-            let version = tokio::time::timeout(
-                Duration::from_secs(20),
-                tokio::process::Command::new(&path).arg("--version").kill_on_drop(true).output(),
-            )
-            .await;
-            match version {
-                Ok(Ok(out)) if out.status.success() => {
-                    r.ok("claude binary", format!("{} ({})", path.display(), String::from_utf8_lossy(&out.stdout).trim()))
-                }
-                Ok(Ok(out)) => r.fail(
-                    "claude binary",
-                    format!("{} --version failed: {}; reinstall Claude Code", path.display(), String::from_utf8_lossy(&out.stderr).trim()),
-                ),
-                Ok(Err(e)) => r.fail("claude binary", format!("{} cannot run: {e}; check its permissions", path.display())),
-                Err(_) => r.fail("claude binary", format!("{} --version did not answer within 20 s", path.display())),
-            }
-        }
+        Some(path) => match crate::cli_version::probe(&path).await {
+            Ok(version) => r.ok("claude binary", format!("{} ({version})", path.display())),
+            Err(e) => r.fail("claude binary", e),
+        },
     }
 
     let login = crate::oauth::Login::new(args.local.claude_config_dir.as_deref());
@@ -98,6 +85,16 @@ pub async fn run(args: AgentArgs) -> bool {
                 Err(e) => r.fail("edge", e),
             },
         },
+    }
+    if canary {
+        match crate::canary::run(&args.local, agent_id.clone()).await {
+            Ok(detail) => r.ok("canary", detail),
+            Err(problems) => {
+                for problem in problems {
+                    r.fail("canary", problem);
+                }
+            }
+        }
     }
     if r.failures == 0 {
         println!("All checks passed. `claude-runner status` shows whether the running agent is connected.");

@@ -32,12 +32,40 @@ impl KeySet {
     }
 }
 
-pub fn print(keys: &KeySet, agent_id: &str, json: bool) {
-    if json {
-        println!("{}", serde_json::to_string_pretty(keys).expect("keys serialise"));
-        return;
-    }
+/// How `keygen` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Grouped by where each value goes, with the `wrangler secret put` lines.
+    Text,
+    /// The four keys as one JSON object, for scripts.
+    Json,
+    /// `NAME=value` lines to append to docker-compose's `.env` (later lines win there),
+    /// for an edge and an agent on the same machine (the compose file's tunnel mode).
+    Env,
+}
+
+pub fn print(keys: &KeySet, agent_id: &str, format: Format) {
     let secret = runner_secret();
+    match format {
+        Format::Text => {}
+        Format::Json => {
+            println!("{}", serde_json::to_string_pretty(keys).expect("keys serialise"));
+            return;
+        }
+        Format::Env => {
+            println!(
+                "# made by `claude-runner keygen --env`; keep this file private
+RUNNER_SECRET={secret}
+EDGE_SIGNING_KEY={}
+AGENT_PUBLIC_KEYS={agent_id}={}
+AGENT_ID={agent_id}
+AGENT_SIGNING_KEY={}
+EDGE_PUBLIC_KEY={}",
+                keys.edge_signing_key, keys.agent_public_key, keys.agent_signing_key, keys.edge_public_key
+            );
+            return;
+        }
+    }
     println!(
         "# ── On the edge (claude-runner-edge environment, or Worker secrets) ──
 RUNNER_SECRET={secret}

@@ -2,12 +2,14 @@
 //! operator's commands. Laid out by role, like the Buildkite agent:
 //!
 //! - [`serve`]: the agent's life: connection, job tasks, graceful stop.
+//! - [`drain`]: how a stop is asked for: signals, or `agent --drain` from another shell.
 //! - [`connection`]: the outbound WebSocket: handshake, heartbeats, reconnects.
 //! - [`agent`]: state that outlives connections; verifying, starting and cancelling orders.
 //! - [`runner`]: one job's life, given a narrow [`runner::JobContext`].
 //! - [`workspace`]: a job's fresh folder, its working directory, a carried-over session.
 //! - [`process`]: Claude's process group: start, read, stop (TERM, then KILL).
 //! - [`claude`]: Claude Code's command line and its stream-json, as pure functions.
+//! - [`cli_version`]: which Claude Code CLI runs here, reported in `/health`.
 //! - [`oauth`]: the login on this machine and the refresh gate.
 //! - [`report`]: what the edge is told of the login and usage window, and when (at once
 //!   on a change: the credentials file is watched).
@@ -17,14 +19,18 @@
 //! - [`replay`]: remembered order nonces.
 //! - [`files`]: atomic, owner-only files.
 //! - [`status`]: the agent's state file, and `claude-runner status`.
-//! - [`keygen`], [`up`], [`doctor`], [`submit`]: operator commands (`up` needs the
-//!   default `up` feature: it runs a native edge in the same process).
+//! - [`keygen`], [`up`], [`doctor`] (and its [`canary`] job), [`submit`]: operator
+//!   commands (`up` needs the default `up` feature: it runs a native edge in the same
+//!   process).
 
 mod agent;
+mod canary;
 mod claude;
+mod cli_version;
 mod config;
 mod connection;
 mod doctor;
+mod drain;
 mod files;
 mod keygen;
 mod oauth;
@@ -58,13 +64,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent: dial the edge and run the jobs it sends.
-    Agent(AgentArgs),
+    /// Run the agent: dial the edge and run the jobs it sends. SIGTERM drains it.
+    Agent {
+        #[command(flatten)]
+        args: AgentArgs,
+        /// Do not run one: ask the agent running with this DATA_DIR to drain (finish its
+        /// jobs, then exit) and wait until it has.
+        #[arg(long)]
+        drain: bool,
+    },
     /// Make the edge and agent key pairs and print where each goes.
     Keygen {
         /// Print {"edge_signing_key","edge_public_key","agent_signing_key","agent_public_key"}.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "env")]
         json: bool,
+        /// Print NAME=value lines to append to docker-compose's .env.
+        #[arg(long)]
+        env: bool,
         /// The agent id to print in AGENT_PUBLIC_KEYS.
         #[arg(long, env = "AGENT_ID")]
         agent_id: Option<String>,
@@ -78,13 +94,24 @@ enum Command {
         local: LocalArgs,
     },
     /// Check the claude binary, the login, the keys and the edge, with a fix for each problem.
-    Doctor(AgentArgs),
+    Doctor {
+        #[command(flatten)]
+        args: AgentArgs,
+        /// Also run one tiny real job through the local Claude Code CLI: does this CLI
+        /// version work with the runner? (One short request on Claude's account.)
+        #[arg(long)]
+        canary: bool,
+    },
     /// Send a task to an edge, show its progress live, print the result.
     Submit(submit::SubmitArgs),
     /// Is the local agent running and connected, and what is it running?
     Status {
         #[command(flatten)]
         local: LocalArgs,
+        /// Print one line and exit 0 only if the agent runs, is connected and not stuck
+        /// (a health check that needs no port).
+        #[arg(long)]
+        check: bool,
     },
 }
 
@@ -96,24 +123,36 @@ pub fn home() -> PathBuf {
 }
 
 fn main() {
+    config::forget_empty_settings(&<Cli as clap::CommandFactory>::command());
     let cli = Cli::parse();
     runtime::init_logging(&cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio starts");
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Agent(args) => {
-                let cfg = args.resolve()?;
-                serve::serve(cfg, runtime::shutdown_signal()).await
+            Command::Agent { args, drain: true } => {
+                if !drain::request(&args.local.data_dir()).await? {
+                    std::process::exit(1);
+                }
+                Ok(())
             }
-            Command::Keygen { json, agent_id } => {
-                keygen::print(&keygen::KeySet::generate(), &agent_id.unwrap_or_else(config::default_agent_id), json);
+            Command::Agent { args, drain: false } => {
+                let cfg = args.resolve()?;
+                serve::serve(cfg, drain::stop_requests()).await
+            }
+            Command::Keygen { json, env, agent_id } => {
+                let format = match (json, env) {
+                    (true, _) => keygen::Format::Json,
+                    (_, true) => keygen::Format::Env,
+                    _ => keygen::Format::Text,
+                };
+                keygen::print(&keygen::KeySet::generate(), &agent_id.unwrap_or_else(config::default_agent_id), format);
                 Ok(())
             }
             #[cfg(feature = "up")]
             Command::Up(args) => up::run(args).await,
-            Command::Doctor(args) => {
-                if !doctor::run(args).await {
+            Command::Doctor { args, canary } => {
+                if !doctor::run(args, canary).await {
                     std::process::exit(1);
                 }
                 Ok(())
@@ -122,8 +161,9 @@ fn main() {
                 let code = submit::run(args).await?;
                 std::process::exit(code);
             }
-            Command::Status { local } => {
-                if !status::show(&local.data_dir())? {
+            Command::Status { local, check } => {
+                let healthy = if check { status::check(&local.data_dir())? } else { status::show(&local.data_dir())? };
+                if !healthy {
                     std::process::exit(1);
                 }
                 Ok(())

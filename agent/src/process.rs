@@ -39,6 +39,11 @@ pub fn find_binary(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| executable(p))
 }
 
+/// Settings Claude's environment never carries (it is the agent's, less these): the
+/// agent's signing key would let whoever can send it a prompt pose as the agent, and the
+/// edge's secrets may sit in the same environment file when both run on Spark.
+const WITHHELD_FROM_CLAUDE: [&str; 3] = ["AGENT_SIGNING_KEY", "EDGE_SIGNING_KEY", "RUNNER_SECRET"];
+
 /// Why a job is stopped before Claude ends by itself.
 #[derive(Debug)]
 pub enum Stop {
@@ -105,6 +110,9 @@ pub async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    for name in WITHHELD_FROM_CLAUDE {
+        cmd.env_remove(name);
+    }
     // SAFETY: prctl only sets a flag on the child between fork and exec. If the agent dies,
     // Claude dies with it instead of running on unseen (its result could not be reported,
     // and the job might be sent again).

@@ -1,55 +1,125 @@
-//! The agent's life: start the connection, run the jobs it receives, and on stop close
-//! the door to new jobs, stop the running ones, wait for their results to go out (or stay
-//! spooled) and close the connection. Job tasks live in a `JoinSet` owned here, so a stop
-//! waits for exactly the jobs there are.
+//! The agent's life: start the connection, run the jobs it receives, and on a stop
+//! request drain (see [`crate::drain`]): close the door to new jobs, let the running ones
+//! finish within `DRAIN_TIMEOUT_MS` (or stop them at once on a second request), wait for
+//! their results to reach the edge (or stay spooled) and close the connection. Job tasks
+//! live in a `JoinSet` owned here, so a stop waits for exactly the jobs there are.
 
 use crate::agent::Agent;
 use crate::config::AgentConfig;
 use crate::connection;
 use crate::process::KILL_GRACE;
-use std::future::Future;
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-/// Runs the agent until `stop` resolves.
-pub async fn serve(cfg: AgentConfig, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// How long a stopping agent waits for the edge to acknowledge the last results; those
+/// not acknowledged by then stay spooled and go out on the next start.
+const DELIVERY_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs the agent until a stop request arrives on `stops`, then drains and returns.
+pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<()>) -> anyhow::Result<()> {
     info!(agent_id = %cfg.agent_id, edge = %cfg.connect_url, capacity = cfg.max_concurrent_jobs, claude = %cfg.claude_bin, "agent starting");
     let (agent, queues) = Agent::new(cfg)?;
+    // Known before the first hello; then noticed within a minute of an upgrade.
+    agent.cli.refresh(&agent.cfg.claude_bin).await;
+    let cli_watch = tokio::spawn({
+        let agent = agent.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                agent.cli.refresh(&agent.cfg.claude_bin).await;
+            }
+        }
+    });
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let connection = tokio::spawn(connection::run(agent.clone(), queues.uplink, shutdown_rx));
     let reporter = std::sync::Arc::clone(&agent.reporter);
     let watcher = tokio::spawn(async move { reporter.watch().await });
     let mut launches = queues.jobs;
     let mut jobs = JoinSet::new();
-    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = &mut stop => break,
+            _ = stops.recv() => break,
             Some(task) = launches.recv() => {
                 jobs.spawn(task);
             }
-            Some(joined) = jobs.join_next(), if !jobs.is_empty() => {
-                // Job tasks catch their own panics; this is only the runtime's word.
-                if let Err(e) = joined {
-                    warn!(agent_id = %agent.cfg.agent_id, error = %e, "a job task ended abnormally");
-                }
-            }
+            Some(joined) = jobs.join_next(), if !jobs.is_empty() => log_abnormal(&agent, joined),
         }
     }
-    info!(agent_id = %agent.cfg.agent_id, running = jobs.len(), "agent stopping");
+
+    // Draining: nothing new starts; what runs may finish.
     agent.close();
+    agent.status.draining();
     // Jobs registered before the door closed are queued already.
     while let Ok(task) = launches.try_recv() {
         jobs.spawn(task);
     }
-    agent.stop_all();
-    let grace = KILL_GRACE + Duration::from_secs(2);
-    if tokio::time::timeout(grace, async { while jobs.join_next().await.is_some() {} }).await.is_err() {
-        warn!(agent_id = %agent.cfg.agent_id, left = jobs.len(), "jobs did not stop in time; their results will be missing");
+    let drain_timeout = agent.cfg.drain_timeout;
+    info!(agent_id = %agent.cfg.agent_id, running = jobs.len(), drain_timeout_ms = drain_timeout.as_millis() as u64, "agent draining: no new jobs; stop it again to hand the running ones back now");
+    let finished = tokio::select! {
+        _ = join_all(&agent, &mut jobs) => true,
+        _ = tokio::time::sleep(drain_timeout) => {
+            warn!(agent_id = %agent.cfg.agent_id, left = jobs.len(), "drain timeout: handing the running jobs back");
+            false
+        }
+        _ = stops.recv() => {
+            warn!(agent_id = %agent.cfg.agent_id, left = jobs.len(), "stopped again: handing the running jobs back now");
+            false
+        }
+    };
+    if !finished {
+        // Each stopped job ends with a RUNNER_LOST result (its caller falls back).
+        agent.stop_all();
+        let grace = KILL_GRACE + Duration::from_secs(2);
+        if tokio::time::timeout(grace, join_all(&agent, &mut jobs)).await.is_err() {
+            warn!(agent_id = %agent.cfg.agent_id, left = jobs.len(), "jobs did not stop in time; their results will be missing");
+        }
+    }
+
+    // The results are on disk and on their way; give the edge a moment to take them.
+    let delivered = tokio::select! {
+        delivered = delivery(&agent) => delivered,
+        _ = stops.recv() => false,
+    };
+    if !delivered {
+        let kept = agent.spool.all().len();
+        if kept > 0 {
+            warn!(agent_id = %agent.cfg.agent_id, results = kept, "results not acknowledged by the edge yet: kept on disk, sent on the next start");
+        }
     }
     watcher.abort();
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(3), connection).await;
+    cli_watch.abort();
+    info!(agent_id = %agent.cfg.agent_id, "agent stopped");
     Ok(())
+}
+
+fn log_abnormal(agent: &Agent, joined: Result<(), tokio::task::JoinError>) {
+    // Job tasks catch their own panics; this is only the runtime's word.
+    if let Err(e) = joined {
+        warn!(agent_id = %agent.cfg.agent_id, error = %e, "a job task ended abnormally");
+    }
+}
+
+async fn join_all(agent: &Agent, jobs: &mut JoinSet<()>) {
+    while let Some(joined) = jobs.join_next().await {
+        log_abnormal(agent, joined);
+    }
+}
+
+/// Waits until the edge has acknowledged every spooled result. False when it did not
+/// within [`DELIVERY_GRACE`], or there is no connection to deliver them on.
+async fn delivery(agent: &Agent) -> bool {
+    let deadline = tokio::time::Instant::now() + DELIVERY_GRACE;
+    loop {
+        if agent.spool.all().is_empty() {
+            return true;
+        }
+        if !agent.status.is_connected() || tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -1,6 +1,8 @@
 //! The agent's own account of itself, for `claude-runner status`: whether it is connected,
 //! to which edge, since when, what it runs, why the last connection ended. Kept in
-//! `DATA_DIR/status.json` (the agent has no port to ask, by design).
+//! `DATA_DIR/status.json` (the agent has no port to ask, by design), rewritten at every
+//! heartbeat so `status --check` (the container's HEALTHCHECK) can tell a stuck agent
+//! from a quiet one.
 
 use crate::files::write_atomically;
 use serde::{Deserialize, Serialize};
@@ -18,6 +20,43 @@ pub struct Status {
     pub last_error: Option<String>,
     pub running: Vec<String>,
     pub updated_at: String,
+    /// `updated_at` in milliseconds, for the freshness check.
+    #[serde(default)]
+    pub updated_ms: u64,
+    /// The connection's heartbeat interval: the file is rewritten at least this often
+    /// while connected.
+    #[serde(default)]
+    pub heartbeat_ms: u64,
+    /// Stopping: no new jobs, the running ones finish (see [`crate::drain`]).
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// Slack on top of three missed heartbeats before a connected agent counts as stuck.
+const STALE_SLACK_MS: u64 = 10_000;
+
+impl Status {
+    /// Whether this status describes a working agent at `now`: running (`alive`, read
+    /// from /proc by the caller), connected, and writing its file. The reason either way.
+    pub fn health(&self, alive: bool, now: u64) -> Result<String, String> {
+        if !alive {
+            return Err(format!("agent {} (pid {}) is not running; start it with `claude-runner agent`", self.agent_id, self.pid));
+        }
+        if !self.connected {
+            let why = self.last_error.as_deref().unwrap_or("not connected yet");
+            return Err(format!("agent {} is not connected to {} since {}: {why}", self.agent_id, self.edge, self.since));
+        }
+        let silent = now.saturating_sub(self.updated_ms);
+        if self.heartbeat_ms > 0 && silent > 3 * self.heartbeat_ms + STALE_SLACK_MS {
+            return Err(format!(
+                "agent {} has not written its status for {} s (heartbeat every {} s): it looks stuck; restart it",
+                self.agent_id,
+                silent / 1000,
+                self.heartbeat_ms / 1000
+            ));
+        }
+        Ok(format!("agent {} is connected to {} since {}", self.agent_id, self.edge, self.since))
+    }
 }
 
 pub struct StatusFile {
@@ -43,18 +82,25 @@ impl StatusFile {
     fn update(&self, change: impl FnOnce(&mut Status)) {
         let mut status = self.status.lock().expect("status lock");
         change(&mut status);
-        status.updated_at = shared::time::rfc3339(crate::now_ms());
+        status.updated_ms = crate::now_ms();
+        status.updated_at = shared::time::rfc3339(status.updated_ms);
         let bytes = serde_json::to_vec_pretty(&*status).expect("status serialises");
         if let Err(e) = write_atomically(&self.path, &bytes, false) {
             tracing::debug!(path = %self.path.display(), error = %e, "could not write the status file");
         }
     }
 
-    pub fn connected(&self) {
+    pub fn connected(&self, heartbeat_ms: u64) {
         self.update(|s| {
             s.connected = true;
+            s.heartbeat_ms = heartbeat_ms;
             s.since = shared::time::rfc3339(crate::now_ms());
         });
+    }
+
+    /// A heartbeat went out: the agent is alive and not stuck.
+    pub fn beat(&self) {
+        self.update(|_| {});
     }
 
     pub fn disconnected(&self, reason: &str) {
@@ -67,24 +113,68 @@ impl StatusFile {
         });
     }
 
+    /// The agent took its last job: it exits once the running ones are done.
+    pub fn draining(&self) {
+        self.update(|s| s.draining = true);
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.status.lock().expect("status lock").connected
+    }
+
     pub fn running(&self, running: Vec<String>) {
         self.update(|s| s.running = running);
+    }
+}
+
+pub fn read(data_dir: &std::path::Path) -> anyhow::Result<Option<Status>> {
+    let path = data_dir.join("status.json");
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{} is unreadable ({e}); restart the agent to rewrite it", path.display())),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Whether `pid` is a running claude-runner (a pid from an earlier container or boot may
+/// belong to something else by now).
+pub fn is_agent(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|cmd| cmd.split(|&b| b == 0).next().is_some_and(|argv0| argv0.ends_with(b"claude-runner")))
+}
+
+fn no_agent(data_dir: &std::path::Path) -> String {
+    format!("No agent has run with DATA_DIR={} (no status.json). Start one: `claude-runner agent` (or `up`).", data_dir.display())
+}
+
+/// `claude-runner status --check`: one line, and whether the agent is healthy (running,
+/// connected, not stuck). The container's HEALTHCHECK: it needs no port.
+pub fn check(data_dir: &std::path::Path) -> anyhow::Result<bool> {
+    let Some(status) = read(data_dir)? else {
+        println!("{}", no_agent(data_dir));
+        return Ok(false);
+    };
+    match status.health(is_agent(status.pid), crate::now_ms()) {
+        Ok(line) => {
+            println!("healthy: {line}");
+            Ok(true)
+        }
+        Err(line) => {
+            println!("unhealthy: {line}");
+            Ok(false)
+        }
     }
 }
 
 /// `claude-runner status`: prints the local agent's state; exits non-zero unless it runs
 /// and is connected.
 pub fn show(data_dir: &std::path::Path) -> anyhow::Result<bool> {
-    let path = data_dir.join("status.json");
-    let status: Status = match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| anyhow::anyhow!("{} is unreadable ({e}); restart the agent to rewrite it", path.display()))?,
-        Err(_) => {
-            println!("No agent has run with DATA_DIR={} (no status.json). Start one: `claude-runner agent` (or `up`).", data_dir.display());
-            return Ok(false);
-        }
+    let Some(status) = read(data_dir)? else {
+        println!("{}", no_agent(data_dir));
+        return Ok(false);
     };
-    let alive = std::path::Path::new(&format!("/proc/{}", status.pid)).exists();
+    let alive = is_agent(status.pid);
     println!("agent     {} (pid {}, {})", status.agent_id, status.pid, if alive { "running" } else { "not running" });
     println!("edge      {}", status.edge);
     if !alive {
@@ -97,10 +187,49 @@ pub fn show(data_dir: &std::path::Path) -> anyhow::Result<bool> {
         println!("state     disconnected since {}: {}", status.since, status.last_error.as_deref().unwrap_or("?"));
         println!("          (it keeps retrying; `claude-runner doctor` checks the settings)");
     }
+    if status.draining {
+        println!("          draining: no new jobs; it exits once these are done (`claude-runner agent --drain` waits for that)");
+    }
     if status.running.is_empty() {
         println!("jobs      none running");
     } else {
         println!("jobs      {}", status.running.join(", "));
     }
     Ok(status.connected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connected_at(updated_ms: u64) -> Status {
+        Status {
+            agent_id: "spark".into(),
+            edge: "wss://edge".into(),
+            connected: true,
+            heartbeat_ms: 15_000,
+            updated_ms,
+            ..Status::default()
+        }
+    }
+
+    #[test]
+    fn healthy_only_when_running_connected_and_fresh() {
+        let now = 1_000_000;
+        assert!(connected_at(now - 20_000).health(true, now).is_ok());
+        // Three missed heartbeats and the slack: stuck.
+        let stuck = connected_at(now - 56_000).health(true, now).unwrap_err();
+        assert!(stuck.contains("looks stuck"), "{stuck}");
+        let dead = connected_at(now).health(false, now).unwrap_err();
+        assert!(dead.contains("not running"), "{dead}");
+        let mut offline = connected_at(now);
+        offline.connected = false;
+        offline.last_error = Some("cannot reach the edge".into());
+        let why = offline.health(true, now).unwrap_err();
+        assert!(why.contains("cannot reach the edge"), "{why}");
+        // A file from before this version (no heartbeat recorded) is judged on the rest.
+        let mut old = connected_at(0);
+        old.heartbeat_ms = 0;
+        assert!(old.health(true, now).is_ok());
+    }
 }

@@ -77,6 +77,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         data_dir: root.join("agent"),
         max_concurrent_jobs: args.max_concurrent_jobs,
         claude_model: args.local.claude_model.clone(),
+        drain_timeout: std::time::Duration::from_millis(crate::config::DEFAULT_DRAIN_TIMEOUT_MS),
     };
     println!(
         "Claude Runner is up: edge http://{addr}, agent `{id}` connected to it.
@@ -91,7 +92,7 @@ Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both.",
         secret = state.runner_secret,
         keys_path = root.join("up.json").display(),
     );
-    let result = crate::serve::serve(agent_cfg, runtime::shutdown_signal()).await;
+    let result = crate::serve::serve(agent_cfg, crate::drain::stop_requests()).await;
     let _ = stop_tx.send(true);
     let _ = edge_task.await;
     result

@@ -500,6 +500,9 @@ pub struct AgentInfo {
     pub last_seen: String,
     pub running_jobs: usize,
     pub capacity: u32,
+    /// The agent's Claude Code CLI (`claude --version`), when it reported one.
+    #[serde(default)]
+    pub claude_version: Option<String>,
 }
 
 

@@ -102,6 +102,9 @@ pub enum AgentMessage {
         running: Vec<String>,
         capacity: u32,
         oauth: OAuthReport,
+        /// The Claude Code CLI's `--version` line (it can change under a running agent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        claude_version: Option<String>,
     },
     /// `slots` more jobs may be sent to this agent.
     Credit { slots: u32 },
@@ -152,7 +155,13 @@ pub struct Hello {
     /// Jobs whose results wait on the agent's disk for an acknowledgement.
     pub finished: Vec<String>,
     pub oauth: OAuthReport,
+    /// The Claude Code CLI's `--version` line, when the agent could read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claude_version: Option<String>,
 }
+
+/// The longest CLI version an edge keeps: a version line, not a document.
+pub const MAX_CLAUDE_VERSION_BYTES: usize = 100;
 
 /// What the edge signs to answer the hello.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

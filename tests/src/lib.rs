@@ -357,6 +357,35 @@ impl AgentProc {
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the agent process.
+    pub fn signal(&self, signal: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: signalling a child we own.
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
+        }
+    }
+
+    /// Waits up to `within` for the agent to exit by itself; its exit status, if it did.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Starts the agent again after it exited by itself (same settings, same folders).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the agent is still running");
+        self.spawn();
+    }
 }
 
 impl Drop for AgentProc {

@@ -1,4 +1,4 @@
-//! The HTTP contract of DESIGN.md, run against each edge host with the real agent binary
+//! The HTTP contract (README "Using the edge"), run against each edge host with the real agent binary
 //! and the stand-in for `claude`. Each test is written once and instantiated per host by
 //! `contract!`; the Worker variants run when `tests/run` has built the Worker
 //! (`CLAUDE_RUNNER_WORKER_TESTS=1` at build time, see tests/build.rs), else they show as
@@ -117,6 +117,8 @@ async fn health_follows_the_agent(kind: EdgeKind) {
     assert_eq!(h.body["agent"]["connected"], true);
     assert_eq!(h.body["agent"]["agent_id"], "spark");
     assert_eq!(h.body["agent"]["capacity"], 1);
+    // The agent's `claude --version`, read before its first hello.
+    assert_eq!(h.body["agent"]["claude_version"], "0.0.0 (Claude Code stand-in)");
     assert_eq!(h.body["oauth"]["configured"], true);
     assert!(h.body["timestamp"].as_str().unwrap().ends_with('Z'));
     s.agent.stop();
@@ -328,7 +330,7 @@ async fn the_login_relay_logs_the_agent_in_again(kind: EdgeKind) {
     assert_eq!(start.body["state"], "awaiting_code");
     assert_eq!(start.body["agent_id"], "spark");
     let url = start.body["url"].as_str().unwrap().to_string();
-    assert!(url.starts_with("https://claude.com/cai/oauth/authorize?"), "{url}");
+    assert!(url.starts_with("https://claude.ai/oauth/authorize?"), "{url}");
     let login_id = start.body["login_id"].as_str().unwrap().to_string();
     // One login at a time: asking again gives the same one.
     let again = s.client.send("POST", "/oauth/login", Some(SECRET), None).await;
@@ -357,7 +359,7 @@ async fn the_login_relay_logs_the_agent_in_again(kind: EdgeKind) {
     assert_eq!(done.body["oauth"]["needs_login"], false, "{}", done.text);
     assert_eq!(done.body["oauth"]["source"], "credentials_file");
     assert_eq!(done.body["oauth"]["subscription_type"], "max");
-    assert!(!done.text.contains("standin-fresh"), "no token in the answer: {}", done.text);
+    assert!(!done.text.contains("sk-ant"), "no token in the answer: {}", done.text);
     s.client.wait_health(200).await;
     let job = s.client.wait_job(&held_id, Duration::from_secs(20)).await;
     assert_eq!(job["state"], "succeeded", "{job}");
@@ -462,6 +464,12 @@ async fn tokens_never_leave_the_machine(kind: EdgeKind) {
     assert_eq!(a.status, 200);
     assert!(!a.text.contains("test-token-not-real"), "token leaked: {}", a.text);
     assert!(a.text.contains("[REDACTED]"));
+    // The agent's own key is not Claude's to see: with it, whoever holds RUNNER_SECRET
+    // could pose as the agent (as a container's or a unit's environment has it).
+    let key = shared::keys::encode_signing(s.edge.keys.agent("spark"));
+    let a = s.client.execute(json!({"prompt": "@print_env=AGENT_SIGNING_KEY"})).await;
+    assert_eq!(a.body["output"], "the value is ", "{}", a.text);
+    assert!(!a.text.contains(&key));
 
     // The login file, printed whole in base64 (as `base64 ~/.claude/.credentials.json`
     // would), with tokens that do not even look like Anthropic's.
@@ -688,6 +696,7 @@ async fn a_silent_agent_is_reported_offline_within_two_heartbeats(kind: EdgeKind
         running: vec![],
         finished: vec![],
         oauth: shared::oauth::OAuthReport { source: shared::oauth::OAuthSource::ApiKey, ..shared::oauth::OAuthReport::unconfigured(now) },
+        claude_version: None,
     };
     let envelope = Envelope::seal(Domain::Hello, &hello, keys.agent("spark"));
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope };

@@ -26,6 +26,22 @@ fn keygen_says_where_each_key_goes() {
 }
 
 #[test]
+fn keygen_env_prints_matching_settings_for_an_env_file() {
+    let out = Command::new(bin("claude-runner")).args(["keygen", "--env", "--agent-id", "spark"]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let settings: std::collections::HashMap<&str, &str> =
+        text.lines().filter(|l| !l.starts_with('#')).map(|l| l.split_once('=').expect("NAME=value lines only")).collect();
+    assert_eq!(settings.len(), 6, "{text}");
+    assert_eq!(settings["AGENT_ID"], "spark");
+    assert_eq!(settings["RUNNER_SECRET"].len(), 64);
+    let edge = shared::keys::signing_key("edge", settings["EDGE_SIGNING_KEY"]).unwrap();
+    let agent = shared::keys::signing_key("agent", settings["AGENT_SIGNING_KEY"]).unwrap();
+    assert_eq!(shared::keys::encode_verifying(&edge.verifying_key()), settings["EDGE_PUBLIC_KEY"]);
+    assert_eq!(format!("spark={}", shared::keys::encode_verifying(&agent.verifying_key())), settings["AGENT_PUBLIC_KEYS"]);
+}
+
+#[test]
 fn up_without_claude_says_how_to_install_it() {
     let data = TempDir::new("up-noclaude");
     let out = Command::new(bin("claude-runner"))
@@ -87,8 +103,13 @@ async fn up_runs_an_edge_and_a_connected_agent() {
 }
 
 fn doctor(env: &[(&str, String)]) -> (bool, String) {
+    doctor_with(&[], env)
+}
+
+fn doctor_with(args: &[&str], env: &[(&str, String)]) -> (bool, String) {
     let out = Command::new(bin("claude-runner"))
         .arg("doctor")
+        .args(args)
         .env_remove("EDGE_URL")
         .env_remove("AGENT_SIGNING_KEY")
         .env_remove("EDGE_PUBLIC_KEY")
@@ -144,13 +165,36 @@ async fn status_tells_whether_the_agent_runs_and_is_connected() {
         let out = Command::new(bin("claude-runner")).arg("status").env("DATA_DIR", &data_dir).output().unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
     };
+    // `status --check`, the container's health check: one line, the verdict in the exit code.
+    let check = || {
+        let out = Command::new(bin("claude-runner")).args(["status", "--check"]).env("DATA_DIR", &data_dir).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
     let mut last = (false, String::new());
     assert!(eventually(Duration::from_secs(5), || { last = status(); last.0 }).await, "{}", last.1);
     assert!(last.1.contains("connected since"), "{}", last.1);
+    let (ok, out) = check();
+    assert!(ok, "{out}");
+    assert!(out.starts_with("healthy: agent spark is connected"), "{out}");
+    // The file is rewritten at every heartbeat (1 s here), not only on changes.
+    let written = || std::fs::metadata(data_dir.join("status.json")).unwrap().modified().unwrap();
+    let before = written();
+    assert!(eventually(Duration::from_secs(5), || written() > before).await, "status.json is refreshed by heartbeats");
     agent.stop();
     let (ok, out) = status();
     assert!(!ok);
     assert!(out.contains("not running"), "{out}");
+    let (ok, out) = check();
+    assert!(!ok, "{out}");
+    assert!(out.starts_with("unhealthy: agent spark (pid"), "{out}");
+}
+
+#[test]
+fn status_check_without_an_agent_is_unhealthy() {
+    let data = TempDir::new("status-none");
+    let out = Command::new(bin("claude-runner")).args(["status", "--check"]).env("DATA_DIR", data.path()).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("No agent has run"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,4 +238,62 @@ async fn submit_shows_progress_and_prints_the_result() {
     let (code, _, err) = submit(&["x", "--secret", "wrong"], "");
     assert_eq!(code, Some(2));
     assert!(err.contains("403"), "{err}");
+}
+
+#[test]
+fn empty_settings_count_as_unset() {
+    // As an .env file or a systemd EnvironmentFile leaves them: `CLAUDE_MODEL=`.
+    let claude_dir = TempDir::new("empty-settings");
+    let out = Command::new(bin("claude-runner"))
+        .arg("oauth-status")
+        .env("HOME", claude_dir.path())
+        .env("CLAUDE_CONFIG_DIR", "")
+        .env("CLAUDE_MODEL", "")
+        .env("DATA_DIR", "")
+        .env("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-empty-settings")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("oauth_token_env"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_canary_runs_a_job_through_the_cli_and_fails_one_that_changed_its_output() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let dir = TempDir::new("canary");
+    let log = dir.path().join("standin.log");
+    let mut env = vec![
+        ("EDGE_URL", edge.ws_url()),
+        ("AGENT_ID", "spark".to_string()),
+        ("AGENT_SIGNING_KEY", shared::keys::encode_signing(keys.agent("spark"))),
+        ("EDGE_PUBLIC_KEY", shared::keys::encode_verifying(&keys.edge.verifying_key())),
+        ("CLAUDE_BIN", bin("claude-standin").display().to_string()),
+        ("CLAUDE_CONFIG_DIR", dir.path().join("claude").display().to_string()),
+        ("DATA_DIR", dir.path().join("data").display().to_string()),
+        ("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-canary".to_string()),
+        ("STANDIN_LOG", log.display().to_string()),
+    ];
+    let (ok, out) = doctor_with(&["--canary"], &env);
+    assert!(ok, "{out}");
+    assert!(out.contains("ok    canary: a job ran end to end"), "{out}");
+    // It went through the job runner: Claude got a job's command line, in a workspace.
+    let run: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&log).unwrap().lines().next().unwrap()).unwrap();
+    assert!(run["argv"].as_array().unwrap().iter().any(|a| a == "stream-json"), "{run}");
+    assert!(run["argv"].as_array().unwrap().iter().any(|a| a == "--max-turns=1"), "{run}");
+    assert!(run["cwd"].as_str().unwrap().contains("/workspaces/canary-"), "{run}");
+    assert!(run["prompt"].as_str().unwrap().contains("health check"), "{run}");
+
+    // A CLI whose output is no longer stream-json (as a breaking release might print).
+    let changed = dir.path().join("claude-changed");
+    std::fs::write(&changed, "#!/bin/sh\ncat >/dev/null\necho 'Hello! Here is your answer: ok'\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&changed, std::fs::Permissions::from_mode(0o755)).unwrap();
+    env.retain(|(k, _)| *k != "CLAUDE_BIN");
+    env.push(("CLAUDE_BIN", changed.display().to_string()));
+    let (ok, out) = doctor_with(&["--canary"], &env);
+    assert!(!ok, "{out}");
+    assert!(out.contains("FAIL  canary: no `system`/`init` line"), "{out}");
+    assert!(out.contains("go back to the last version that passed"), "{out}");
 }

@@ -214,6 +214,11 @@ async fn the_real_cli_runs_a_job_with_every_option() {
     assert!(b["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{}", a.text);
     assert!(b["session_id"].as_str().is_some_and(is_uuid), "a real session id: {}", a.text);
 
+    // The agent read the CLI's version line before its first hello; /health shows it.
+    let h = r.client.health().await;
+    let version = h.body["agent"]["claude_version"].as_str().unwrap_or_default();
+    assert!(version.ends_with("(Claude Code)") && version.starts_with("2."), "{}", h.text);
+
     // What arrived at the API: the model, the system prompt addition, the prompt, the tools.
     let requests = r.message_requests();
     assert_eq!(requests.len(), 1, "one turn, one request: {requests:#?}");
@@ -353,4 +358,42 @@ async fn the_wrapper_keeps_the_cli_off_the_network() {
         .expect("unshare runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "no interface but loopback in the namespace");
+}
+
+/// `claude-runner doctor --canary` against the real CLI (in its namespace, with the fake
+/// API): this CLI version passes, and a login the API refuses is named as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_canary_passes_with_this_cli_and_names_a_refused_login() {
+    let Some(claude) = real_claude() else { return };
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    for (mode, passes) in [("ok", true), ("unauthorized", false)] {
+        let dir = TempDir::new("real-canary");
+        let wrapper = write_wrapper(dir.path(), &claude, mode);
+        let out = std::process::Command::new(bin("claude-runner"))
+            .args(["doctor", "--canary"])
+            .env_remove("ANTHROPIC_API_KEY")
+            .env("EDGE_URL", edge.ws_url())
+            .env("AGENT_ID", "spark")
+            .env("AGENT_SIGNING_KEY", shared::keys::encode_signing(keys.agent("spark")))
+            .env("EDGE_PUBLIC_KEY", shared::keys::encode_verifying(&keys.edge.verifying_key()))
+            .env("CLAUDE_BIN", &wrapper)
+            .env("CLAUDE_CONFIG_DIR", dir.path().join("claude"))
+            .env("DATA_DIR", dir.path().join("data"))
+            .env("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-test-token-not-real-0123456789")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let fake = std::fs::read_to_string(dir.path().join("requests.jsonl")).unwrap_or_default();
+        assert_eq!(out.status.success(), passes, "{mode}: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("(2.1."), "the binary line shows the CLI's version: {text}");
+        assert!(fake.contains("/v1/messages"), "{mode}: a real request reached the (fake) API");
+        if passes {
+            assert!(text.contains("ok    canary: a job ran end to end"), "{text}");
+        } else {
+            assert!(text.contains("FAIL  canary: Claude could not authenticate"), "{text}");
+            assert!(text.contains("claude auth login"), "{text}");
+            assert!(!text.contains("test-token-not-real"), "token leaked: {text}");
+        }
+    }
 }

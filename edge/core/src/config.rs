@@ -1,4 +1,4 @@
-//! Edge settings. Both hosts read the same variable names (DESIGN.md "Configuration");
+//! Edge settings. Both hosts read the same variable names (README "Configuration");
 //! [`Config::from_lookup`] takes a lookup function so the native host passes
 //! `std::env::var` and the Worker passes its vars and secrets.
 

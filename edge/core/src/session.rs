@@ -35,6 +35,8 @@ pub struct Agent {
     /// Jobs the agent said it can take now, minus those sent since.
     pub credits: u32,
     pub oauth: OAuthReport,
+    #[serde(default)]
+    pub claude_version: Option<String>,
     /// Until when (edge time) the agent's usage window refuses work; cleared once passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_hold_until: Option<Millis>,

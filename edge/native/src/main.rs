@@ -1,5 +1,5 @@
 //! `claude-runner-edge`: the edge as a native server. Configuration comes from the
-//! environment (DESIGN.md "Configuration"); `--help` lists it.
+//! environment (README "Configuration"); `--help` lists it.
 
 use edge_native::{Server, ServerOptions};
 use std::net::SocketAddr;

@@ -203,6 +203,8 @@ mod tests {
                 capacity: 2,
                 credits: 1,
                 oauth: OAuthReport { problem: Some(problem.into()), ..OAuthReport::unconfigured(5) },
+                // As long as the core lets it be, in the costliest characters.
+                claude_version: Some("😀".repeat(shared::protocol::MAX_CLAUDE_VERSION_BYTES / 4)),
             }),
         }
     }

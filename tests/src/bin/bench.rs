@@ -543,7 +543,7 @@ fn edge_name(kind: EdgeKind) -> &'static str {
 }
 
 fn edge_settings() -> Vec<(&'static str, &'static str)> {
-    // The defaults of DESIGN.md, not the harness's fast test heartbeats.
+    // The documented defaults (README "Configuration"), not the harness's fast test heartbeats.
     vec![("HEARTBEAT_INTERVAL_MS", "15000"), ("LOST_AFTER_MS", "120000")]
 }
 

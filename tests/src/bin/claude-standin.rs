@@ -13,12 +13,13 @@
 //! resetting in SECS, then a 429 result) · `@usage_warning` report the window at 91 % ·
 //! `@max_turns` / `@max_budget` stop as `--max-turns` / `--max-budget-usd` do.
 //!
-//! `auth login` behaves as the real `claude auth login` does without a TTY (2.1.197): it
-//! prints an authorization URL and `Paste code here if prompted > `, reads one line, and
-//! for a code starting with `good` writes `$CLAUDE_CONFIG_DIR/.credentials.json` and
-//! prints `Login successful.`; any other code fails with `Login failed: …` (exit 1).
-//!
 //! With `STANDIN_LOG` set, every invocation appends one JSON line (argv, cwd, prompt).
+//!
+//! `auth login` imitates the real CLI's login without a TTY (its lines as 2.1.x prints
+//! them): it prints an authorization URL and `Paste code here if prompted > `, reads the
+//! pasted code from stdin and writes `.credentials.json` (mode 0600) into
+//! `$CLAUDE_CONFIG_DIR` (else `~/.claude`), with tokens derived from the code. A code
+//! starting with `wrong` fails as a refused code does (`Login failed: …`, exit 1).
 
 use std::io::{Read, Write};
 
@@ -33,40 +34,13 @@ fn directive<'a>(prompt: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-fn auth_login() {
-    let out = std::io::stdout();
-    let mut out = out.lock();
-    let _ = writeln!(out, "Opening browser to sign in…");
-    let state: String = std::process::id().to_string();
-    let _ = writeln!(out, "If the browser didn't open, visit: https://claude.com/cai/oauth/authorize?code=true&client_id=standin&state={state}");
-    let _ = write!(out, "Paste code here if prompted > ");
-    let _ = out.flush();
-    let mut line = String::new();
-    let _ = std::io::stdin().read_line(&mut line);
-    let code = line.trim();
-    if !code.starts_with("good") {
-        eprintln!("Login failed: Invalid authorization code");
-        std::process::exit(1);
-    }
-    let dir = std::env::var("CLAUDE_CONFIG_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| {
-        std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".claude")
-    });
-    let creds = serde_json::json!({"claudeAiOauth": {
-        "accessToken": "sk-ant-oat01-standin-fresh-access", "refreshToken": "sk-ant-ort01-standin-fresh-refresh",
-        "expiresAt": 4_102_444_800_000u64, "refreshTokenExpiresAt": 4_102_444_800_000u64,
-        "scopes": ["user:inference"], "subscriptionType": "max"}});
-    let _ = std::fs::create_dir_all(&dir);
-    std::fs::write(dir.join(".credentials.json"), creds.to_string()).expect("credentials write");
-    let _ = writeln!(out, "Login successful.");
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--version") {
         println!("0.0.0 (Claude Code stand-in)");
         return;
     }
-    if args.first().map(String::as_str) == Some("auth") && args.get(1).map(String::as_str) == Some("login") {
+    if args.len() >= 2 && args[0] == "auth" && args[1] == "login" {
         auth_login();
         return;
     }
@@ -158,4 +132,40 @@ fn main() {
     }));
     let code = directive(&prompt, "exit").and_then(|c| c.parse().ok()).unwrap_or(if is_error { 1 } else { 0 });
     std::process::exit(code);
+}
+
+fn auth_login() {
+    println!("Opening browser to sign in…");
+    println!("If the browser didn't open, visit: https://claude.ai/oauth/authorize?code=true&client_id=stand-in&state=standin");
+    print!("Paste code here if prompted > ");
+    let _ = std::io::stdout().flush();
+    let mut code = String::new();
+    let _ = std::io::stdin().read_line(&mut code);
+    let code = code.trim();
+    if code.is_empty() || code.starts_with("wrong") || !code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        eprintln!("Login failed: Invalid authorization code");
+        std::process::exit(1);
+    }
+    let dir = std::env::var_os("CLAUDE_CONFIG_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".claude"));
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let credentials = serde_json::json!({"claudeAiOauth": {
+        "accessToken": format!("sk-ant-oat01-standin-{code}"),
+        "refreshToken": format!("sk-ant-ort01-standin-{code}"),
+        "expiresAt": now_ms + 8 * 3_600_000,
+        "refreshTokenExpiresAt": now_ms + 30 * 86_400_000,
+        "scopes": ["user:inference"],
+        "subscriptionType": "max",
+    }});
+    use std::os::unix::fs::OpenOptionsExt;
+    let written = std::fs::create_dir_all(&dir).and_then(|()| {
+        let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(dir.join(".credentials.json"))?;
+        f.write_all(credentials.to_string().as_bytes())
+    });
+    if let Err(e) = written {
+        eprintln!("\nLogin failed: cannot write {}: {e}", dir.display());
+        std::process::exit(1);
+    }
+    println!("\nLogin successful.");
 }

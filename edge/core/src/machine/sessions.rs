@@ -185,6 +185,7 @@ impl Edge {
             capacity: hello.capacity,
             credits: 0,
             oauth: OAuthReport::unconfigured(now.wall),
+            claude_version: hello.claude_version.as_deref().map(claude_version),
             usage_hold_until: None,
             login: None,
         });
@@ -270,9 +271,13 @@ impl Edge {
     fn agent_message(&mut self, now: Now, session_id: &str, msg: AgentMessage, effects: &mut Vec<Effect>) {
         let agent_id = self.sessions[session_id].agent_id().expect("ready session").to_string();
         match msg {
-            AgentMessage::Heartbeat { running: _, capacity, oauth } => {
+            AgentMessage::Heartbeat { running: _, capacity, oauth, claude_version: version } => {
                 let session = self.session_mut(session_id).expect("session exists");
-                session.agent_mut().expect("ready session").capacity = capacity;
+                let agent = session.agent_mut().expect("ready session");
+                agent.capacity = capacity;
+                if let Some(v) = version {
+                    agent.claude_version = Some(claude_version(&v));
+                }
                 self.take_report(now, session_id, oauth, effects);
                 let ack = EdgeMessage::HeartbeatAck { server_time: now.wall };
                 effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
@@ -364,4 +369,10 @@ impl Edge {
             .get(job_id)
             .filter(|j| !j.state.is_terminal() && j.agent_id.as_deref() == Some(agent_id))
     }
+}
+
+/// An agent's CLI version as the edge keeps and shows it: one bounded line.
+fn claude_version(reported: &str) -> String {
+    let line = reported.lines().next().unwrap_or_default().trim();
+    shared::text::truncate(line, shared::protocol::MAX_CLAUDE_VERSION_BYTES).to_string()
 }

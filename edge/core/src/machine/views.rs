@@ -33,6 +33,7 @@ impl Edge {
             last_seen: rfc3339(now.wall_of(self.sessions[*sid].last_seen)),
             running_jobs: running(sid),
             capacity: a.capacity,
+            claude_version: a.claude_version.clone(),
         };
         let status = match best {
             None => HealthStatus::Offline,

@@ -17,7 +17,7 @@ fn a_frame_on_a_connection_the_edge_does_not_know_closes_it() {
     // The same once the edge has closed a connection and frames still arrive on it.
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
     edge.binary_frame(0, &sid);
-    let hb = AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth() };
+    let hb = AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth(), claude_version: None };
     assert_eq!(closed(&say(&mut edge, 1, &sid, hb)).unwrap().0, close::PROTOCOL_ERROR);
     assert!(!edge.is_online());
 }
@@ -90,6 +90,7 @@ fn join_at(edge: &mut Edge, now: Now, agent: &str, seed: u8, running: Vec<String
         running,
         finished: vec![],
         oauth: oauth(),
+        claude_version: None,
     };
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(1)) };
     let effects = edge.message(now, &sid, &msg.to_text());
@@ -112,7 +113,7 @@ fn a_wall_clock_jump_neither_times_out_running_jobs_nor_breaks_orders() {
     assert_eq!(order.header.issued_at, WALL + 10);
 
     for t in (1_000..=5_000).step_by(1_000) {
-        let effects = edge.message(jumped(t), &sid, &AgentMessage::Heartbeat { running: vec![order.header.job_id.clone()], capacity: 1, oauth: oauth() }.to_text());
+        let effects = edge.message(jumped(t), &sid, &AgentMessage::Heartbeat { running: vec![order.header.job_id.clone()], capacity: 1, oauth: oauth(), claude_version: None }.to_text());
         let ack = sent(&effects, &sid);
         assert!(matches!(ack[..], [EdgeMessage::HeartbeatAck { server_time }] if server_time == WALL + t + JUMP));
         assert!(edge.tick(jumped(t)).is_empty(), "nothing is due two hours early");

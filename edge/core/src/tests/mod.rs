@@ -129,6 +129,7 @@ pub(super) fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey
         running,
         finished: vec![],
         oauth: oauth(),
+        claude_version: Some("2.1.197 (Claude Code)".into()),
     };
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.into(), envelope: Envelope::seal(Domain::Hello, &hello, key) };
     let effects = edge.message(now, &sid, &msg.to_text());
@@ -309,6 +310,7 @@ fn refuses_unknown_forged_and_replayed_hellos() {
     let hello = Hello {
         protocol: PROTOCOL_VERSION, agent_id: "spark".into(), agent_version: "t".into(), challenge: nonce.clone(),
         agent_nonce: "n".into(), issued_at: 0, capacity: 1, running: vec![], finished: vec![], oauth: oauth(),
+        claude_version: None,
     };
     let text = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(1)) }.to_text();
     assert!(closed(&edge.message(0, &sid1, &text)).is_none());
@@ -370,7 +372,7 @@ fn a_job_survives_a_reconnect_and_its_result_arrives() {
     let (sid2, _) = join(&mut edge, 200, "spark", &agent_key(1), vec!["j1".into()], 2);
     assert!(edge.job("j1").unwrap().orphaned_at.is_none());
     for t in (1_000..=100 + LOST).step_by(1_000) {
-        say(&mut edge, t, &sid2, AgentMessage::Heartbeat { running: vec!["j1".into()], capacity: 1, oauth: oauth() });
+        say(&mut edge, t, &sid2, AgentMessage::Heartbeat { running: vec!["j1".into()], capacity: 1, oauth: oauth(), claude_version: None });
     }
     assert!(finished(&edge.tick(100 + LOST)).is_empty(), "not lost: the agent came back");
     let done = finished(&say(&mut edge, 5_500, &sid2, AgentMessage::Result { job_id: "j1".into(), result: ok_result() }));
@@ -402,7 +404,7 @@ fn an_agent_that_restarted_without_the_job_settles_it() {
 fn a_silent_agent_is_dropped_within_two_heartbeats() {
     let mut edge = Edge::new(config(), 0);
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
-    let hb = AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth() };
+    let hb = AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth(), claude_version: None };
     let effects = say(&mut edge, 500, &sid, hb);
     assert!(matches!(sent(&effects, &sid)[..], [EdgeMessage::HeartbeatAck { .. }]));
     assert_eq!(edge.next_deadline(), Some(500 + 2 * HB));
@@ -425,8 +427,8 @@ fn the_edge_times_a_job_out_and_tells_the_agent() {
     let (mut edge, sid) = ready_edge();
     edge.submit(0, "j1".into(), submission("x", 2_000, None), Mode::Wait).unwrap();
     // Keep the connection alive meanwhile.
-    say(&mut edge, 1_500, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth() });
-    say(&mut edge, 2_500, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth() });
+    say(&mut edge, 1_500, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth(), claude_version: None });
+    say(&mut edge, 2_500, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth(), claude_version: None });
     let effects = edge.tick(3_000);
     assert_eq!(finished(&effects)[0].2["error_code"], "TIMEOUT");
     assert!(sent(&effects, &sid).iter().any(|m| matches!(m, EdgeMessage::Cancel { .. })));
@@ -519,10 +521,32 @@ fn health_follows_agents_and_their_login() {
     assert_eq!(edge.health(0).status.http_status(), 200);
     assert_eq!(edge.health(0).agent.unwrap().agent_id, "spark");
     let broken = OAuthReport { auth_failed: true, ..oauth() };
-    say(&mut edge, 1, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: broken });
+    say(&mut edge, 1, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: broken, claude_version: None });
     let h = edge.health(1);
     assert_eq!(h.status.http_status(), 503);
     assert!(h.oauth.unwrap().needs_login);
+}
+
+#[test]
+fn health_shows_the_agents_claude_cli_version() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let version = |edge: &Edge| edge.health(5).agent.unwrap().claude_version;
+    assert_eq!(version(&edge).as_deref(), Some("2.1.197 (Claude Code)"), "from the hello");
+    let beat = |v: Option<String>| AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth(), claude_version: v };
+    // An upgrade under the running agent shows at the next heartbeat; a heartbeat without
+    // the field (an older agent, or a probe that failed) keeps what is known.
+    say(&mut edge, 1, &sid, beat(Some("2.1.198 (Claude Code)".into())));
+    assert_eq!(version(&edge).as_deref(), Some("2.1.198 (Claude Code)"));
+    say(&mut edge, 2, &sid, beat(None));
+    assert_eq!(version(&edge).as_deref(), Some("2.1.198 (Claude Code)"));
+    // One bounded line, whatever the agent sends.
+    say(&mut edge, 3, &sid, beat(Some(format!("{}\nsecond line", "9".repeat(500)))));
+    let shown = version(&edge).unwrap();
+    assert_eq!(shown.len(), shared::protocol::MAX_CLAUDE_VERSION_BYTES);
+    assert!(!shown.contains('\n'));
+    let json = serde_json::to_value(edge.health(5)).unwrap();
+    assert_eq!(json["agent"]["claude_version"], shown.as_str());
 }
 
 #[test]

@@ -148,7 +148,7 @@ fn a_tick_that_cannot_be_stored_announces_nothing_and_is_tried_again() {
     let (waiter, out) = host.call(0, "POST", "/execute", json!({"prompt": "x", "timeout_ms": 2000}));
     let job_id = order_of(&out, &sid, "spark", 0).header.job_id;
     for t in [900, 1_800, 2_700] {
-        host.say(t, &sid, AgentMessage::Heartbeat { running: vec![job_id.clone()], capacity: 1, oauth: oauth() });
+        host.say(t, &sid, AgentMessage::Heartbeat { running: vec![job_id.clone()], capacity: 1, oauth: oauth(), claude_version: None });
     }
     host.failing = true;
     let out = host.tick(3_000);

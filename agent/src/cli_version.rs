@@ -1,0 +1,62 @@
+//! Which Claude Code CLI this agent runs: its `--version` line, read at start and again
+//! whenever the binary on disk changes (an upgrade under a running agent), and reported
+//! to the edge in the hello and in heartbeats so `/health` shows it.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+/// How long `claude --version` may take (the real CLI answers in well under a second).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Runs `<bin> --version` and returns its first line.
+pub async fn probe(bin: &std::path::Path) -> Result<String, String> {
+    let run = tokio::process::Command::new(bin).arg("--version").stdin(std::process::Stdio::null()).kill_on_drop(true).output();
+    match tokio::time::timeout(PROBE_TIMEOUT, run).await {
+        Ok(Ok(out)) if out.status.success() => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            match text.lines().map(str::trim).find(|l| !l.is_empty()) {
+                Some(line) => Ok(line.to_string()),
+                None => Err(format!("{} --version printed nothing; reinstall Claude Code", bin.display())),
+            }
+        }
+        Ok(Ok(out)) => Err(format!(
+            "{} --version failed: {}; reinstall Claude Code",
+            bin.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Ok(Err(e)) => Err(format!("{} cannot run: {e}; check its permissions", bin.display())),
+        Err(_) => Err(format!("{} --version did not answer within {} s", bin.display(), PROBE_TIMEOUT.as_secs())),
+    }
+}
+
+/// The version last read, and which file (and modification time) it was read from.
+#[derive(Default)]
+pub struct CliVersion {
+    known: Mutex<Option<(PathBuf, Option<SystemTime>, String)>>,
+}
+
+impl CliVersion {
+    pub fn current(&self) -> Option<String> {
+        self.known.lock().expect("version lock").as_ref().map(|(_, _, v)| v.clone())
+    }
+
+    /// Reads the version again if the binary `name` resolves to is not the one read last.
+    pub async fn refresh(&self, name: &str) {
+        let Some(path) = crate::process::find_binary(name) else { return };
+        // Change is noticed on the file itself (npm's `claude` is a symlink into the package).
+        let real = path.canonicalize().unwrap_or_else(|_| path.clone());
+        let modified = std::fs::metadata(&real).and_then(|m| m.modified()).ok();
+        let unchanged = self.known.lock().expect("version lock").as_ref().is_some_and(|(p, m, _)| *p == real && *m == modified);
+        if unchanged {
+            return;
+        }
+        match probe(&path).await {
+            Ok(version) => {
+                tracing::info!(claude = %real.display(), version = %version, "Claude Code CLI version");
+                *self.known.lock().expect("version lock") = Some((real, modified, version));
+            }
+            Err(e) => tracing::warn!(claude = %real.display(), error = %e, "could not read the Claude Code CLI's version"),
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Stopping the agent gracefully (issue 10): the first SIGTERM drains it — no new jobs,
+//! the running one finishes, its result reaches the edge, exit 0 — within
+//! `DRAIN_TIMEOUT_MS`; past that, or on a second SIGTERM, the running jobs are handed back
+//! (`RUNNER_LOST`, so callers fall back) and nothing is lost. `claude-runner agent
+//! --drain` asks for the same from another shell and waits. `docker stop` and
+//! `systemctl stop` send exactly this SIGTERM (see the Dockerfile and the units).
+
+use harness::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Setup {
+    _edge: EdgeServer,
+    agent: AgentProc,
+    client: Client,
+}
+
+async fn setup(agent_env: &[(&str, &str)]) -> Setup {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    for (k, v) in agent_env {
+        opts = opts.env(k, v);
+    }
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    Setup { _edge: edge, agent, client }
+}
+
+/// Submits `prompt` as an async job and waits until Claude (the stand-in) runs it.
+async fn running_job(s: &Setup, prompt: &str) -> String {
+    let a = s.client.submit(json!({"prompt": prompt, "timeout_ms": 120000})).await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    let id = a.body["job_id"].as_str().unwrap().to_string();
+    let started = eventually(Duration::from_secs(10), || s.agent.claude_runs().iter().any(|r| r["prompt"] == prompt)).await;
+    assert!(started, "the job never started:\n{}", s.agent.log());
+    id
+}
+
+async fn wait_for_log(agent: &AgentProc, needle: &str) {
+    let seen = eventually(Duration::from_secs(10), || agent.log().contains(needle)).await;
+    assert!(seen, "`{needle}` never logged:\n{}", agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_running_job_finish_then_exits_0() {
+    let mut s = setup(&[]).await;
+    let job = running_job(&s, "@sleep=2500 finish me").await;
+    s.agent.signal(libc::SIGTERM);
+    wait_for_log(&s.agent, "agent draining").await;
+    // A job submitted while draining is not taken: it waits in the edge's queue.
+    let later = s.client.submit(json!({"prompt": "after the drain", "timeout_ms": 120000})).await;
+    let later = later.body["job_id"].as_str().unwrap().to_string();
+
+    let status = s.agent.wait_exit(Duration::from_secs(20)).await.expect("the drained agent exits by itself");
+    assert!(status.success(), "exit status {status}:\n{}", s.agent.log());
+    let done = s.client.wait_job(&job, Duration::from_secs(5)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["result"]["output"], "stand-in answer to: @sleep=2500 finish me");
+    assert!(!s.agent.claude_runs().iter().any(|r| r["prompt"] == "after the drain"), "a draining agent took new work");
+    assert_eq!(s.client.get(&format!("/jobs/{later}")).await.body["state"], "queued");
+    // Nothing is left for the next start to re-send: the edge acknowledged the result.
+    let spool = s.agent.data.path().join("data/spool");
+    assert_eq!(std::fs::read_dir(&spool).map(|d| d.count()).unwrap_or(0), 0, "results left in {}", spool.display());
+
+    // The next agent takes the waiting job.
+    s.agent.start_again();
+    let done = s.client.wait_job(&later, Duration::from_secs(20)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_drain_timeout_the_job_is_handed_back() {
+    let mut s = setup(&[("DRAIN_TIMEOUT_MS", "500")]).await;
+    let job = running_job(&s, "@sleep=60000 too long").await;
+    let stopped = Instant::now();
+    s.agent.signal(libc::SIGTERM);
+    let status = s.agent.wait_exit(Duration::from_secs(20)).await.expect("the agent exits after the drain timeout");
+    assert!(status.success(), "exit status {status}:\n{}", s.agent.log());
+    assert!(stopped.elapsed() < Duration::from_secs(15), "handed back at the timeout, not after the job");
+    let done = s.client.wait_job(&job, Duration::from_secs(5)).await;
+    assert_eq!(done["result"]["error_code"], "RUNNER_LOST", "{done}");
+    assert!(s.agent.log().contains("drain timeout"), "{}", s.agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_hands_the_jobs_back_at_once() {
+    // The default drain timeout (5 minutes) would let the job finish.
+    let mut s = setup(&[]).await;
+    let job = running_job(&s, "@sleep=60000 long").await;
+    s.agent.signal(libc::SIGTERM);
+    wait_for_log(&s.agent, "agent draining").await;
+    assert_eq!(s.client.get(&format!("/jobs/{job}")).await.body["state"], "running", "draining lets it run");
+    s.agent.signal(libc::SIGTERM);
+    let status = s.agent.wait_exit(Duration::from_secs(15)).await.expect("a second SIGTERM stops the agent");
+    assert!(status.success(), "exit status {status}:\n{}", s.agent.log());
+    let done = s.client.wait_job(&job, Duration::from_secs(5)).await;
+    assert_eq!(done["state"], "lost", "{done}");
+    assert_eq!(done["result"]["error_code"], "RUNNER_LOST", "reported, so the caller falls back: {done}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_drain_asks_the_running_agent_and_waits_for_it() {
+    let mut s = setup(&[]).await;
+    let job = running_job(&s, "@sleep=2000 drain me").await;
+    let data_dir = s.agent.data.path().join("data");
+    let status_out = Command::new(bin("claude-runner")).arg("status").env("DATA_DIR", &data_dir).output().unwrap();
+    assert!(String::from_utf8_lossy(&status_out.stdout).contains(&job));
+
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bin("claude-runner")).args(["agent", "--drain"]).env("DATA_DIR", &data_dir).output().unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("waiting for {job}")), "{text}");
+    assert!(text.contains("has stopped"), "{text}");
+    // It returned only once the agent was gone, with the job done.
+    let status = s.agent.wait_exit(Duration::from_millis(500)).await.expect("the agent had exited");
+    assert!(status.success());
+    assert_eq!(s.client.wait_job(&job, Duration::from_secs(5)).await["state"], "succeeded");
+
+    // Nothing to drain now.
+    let out = Command::new(bin("claude-runner")).args(["agent", "--drain"]).env("DATA_DIR", s.agent.data.path().join("data")).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not running"));
+}
