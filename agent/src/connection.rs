@@ -235,16 +235,18 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
             }
             // The login or usage window changed: the edge hears it now, not at the next beat.
             _ = agent.reporter.changed() => {
-                match timeout(heartbeat, send(&mut ws, &beat(agent))).await {
-                    Ok(Ok(())) => agent.status.beat(),
+                let (beat, report) = beat(agent);
+                match timeout(heartbeat, send(&mut ws, &beat)).await {
+                    Ok(Ok(())) => agent.status.beat(&report),
                     Ok(Err(end)) => return end,
                     Err(_) => return End::Lost("could not send a report: the connection is stuck".into()),
                 }
             }
             _ = ticker.tick() => {
                 // A send into a dead (half-open) connection may hang; bound it.
-                match timeout(heartbeat, send(&mut ws, &beat(agent))).await {
-                    Ok(Ok(())) => agent.status.beat(),
+                let (beat, report) = beat(agent);
+                match timeout(heartbeat, send(&mut ws, &beat)).await {
+                    Ok(Ok(())) => agent.status.beat(&report),
                     Ok(Err(end)) => return end,
                     Err(_) => return End::Lost("could not send a heartbeat: the connection is stuck".into()),
                 }
@@ -265,14 +267,17 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
     }
 }
 
-/// A heartbeat: what runs, and the login, usage window and CLI as of now.
-fn beat(agent: &Agent) -> AgentMessage {
-    AgentMessage::Heartbeat {
+/// A heartbeat: what runs, and the login, usage window and CLI as of now (the report
+/// too, for the status file).
+fn beat(agent: &Agent) -> (AgentMessage, shared::oauth::OAuthReport) {
+    let oauth = agent.oauth_report();
+    let beat = AgentMessage::Heartbeat {
         running: agent.running_ids(),
         capacity: agent.cfg.max_concurrent_jobs,
-        oauth: agent.oauth_report(),
+        oauth: oauth.clone(),
         claude_version: agent.cli.current(),
-    }
+    };
+    (beat, oauth)
 }
 
 /// Handles one message from the edge. Returns how the connection ends, if it does.

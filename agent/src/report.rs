@@ -121,6 +121,20 @@ impl Reporter {
     }
 }
 
+/// The login as this machine reads it, with what the running agent last reported that a
+/// file cannot show: a failed authentication, the usage window. For `oauth-status` and
+/// `doctor`.
+pub fn local_report(login: &Login, data_dir: &std::path::Path) -> OAuthReport {
+    let mut report = login.read(crate::now_ms()).report;
+    let reported = crate::status::read(data_dir).ok().flatten().filter(|s| crate::status::is_agent(s.pid)).and_then(|s| s.login);
+    if let Some(last) = reported {
+        // A failure the credentials have not changed since still stands.
+        report.auth_failed = last.auth_failed && last.expires_at == report.expires_at && last.source == report.source;
+        report.usage = last.usage;
+    }
+    report
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
