@@ -4,8 +4,10 @@
 //! - [`storage`]: failed store writes, through a host whose store can be made to fail;
 //! - [`stop`]: a clean stop and what each waiting caller is told;
 //! - [`hosts`]: the cases where the two hosts used to decide differently, and time.
+//! - [`login`]: work held or refused for the login and the usage window; the re-login relay.
 
 mod hosts;
+mod login;
 mod stop;
 mod storage;
 
