@@ -256,6 +256,9 @@ pub struct ExecuteRequest {
     /// `POST /jobs` only: wait in the queue while the usage window is used up (default),
     /// or be refused at once like `/execute`.
     pub wait_for_usage: Option<bool>,
+    /// Where the edge POSTs the job's result when it ends (signed; hosts in the edge's
+    /// `CALLBACK_HOSTS` only).
+    pub callback_url: Option<String>,
 }
 
 /// A validated submission: what to run and how to recognise a repeat of it.
@@ -265,6 +268,8 @@ pub struct Submission {
     pub idempotency_key: Option<String>,
     /// See [`ExecuteRequest::wait_for_usage`].
     pub wait_for_usage: bool,
+    /// See [`ExecuteRequest::callback_url`] (its host is checked by the edge).
+    pub callback_url: Option<String>,
 }
 
 impl ExecuteRequest {
@@ -331,6 +336,11 @@ impl ExecuteRequest {
                 return Err(ApiError::invalid(format!("`max_budget_usd` must be a number above 0 and at most {MAX_BUDGET_USD}")));
             }
         }
+        if let Some(url) = &self.callback_url {
+            if url.is_empty() || url.len() > 2048 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ApiError::invalid("`callback_url` must be one URL of at most 2048 characters"));
+            }
+        }
         let idempotency_key = header_key.map(str::to_string).or(self.idempotency_key);
         if let Some(k) = &idempotency_key {
             if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY || k.chars().any(char::is_control) {
@@ -357,6 +367,7 @@ impl ExecuteRequest {
                 max_budget_usd: self.max_budget_usd,
             },
             wait_for_usage: self.wait_for_usage.unwrap_or(true),
+            callback_url: self.callback_url,
             idempotency_key,
         })
     }

@@ -435,6 +435,84 @@ async fn failures_say_which_class_and_whether_to_retry(kind: EdgeKind) {
     }
 }
 
+async fn alerts_reach_a_webhook_once_each(kind: EdgeKind) {
+    let hook = Webhook::start(vec![]);
+    let notify_url = hook.url("/runner-alerts");
+    let settings = [("NOTIFY_URL", notify_url.as_str()), ("OFFLINE_ALERT_MS", "2000"), ("OAUTH_WARN_HOURS", "24")];
+    // A login that cannot refresh itself and ends in five hours: attention needed soon.
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &settings);
+    let mut opts = AgentOpts::for_edge(&edge, "spark").env("CLAUDE_CODE_OAUTH_TOKEN", "");
+    opts.claude_bin = bin("claude-standin");
+    let mut agent = AgentProc::start(opts);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let creds = json!({"claudeAiOauth": {"accessToken": "sk-ant-oat01-alert-access-0123456789", "expiresAt": now + 5 * 3_600_000,
+        "scopes": ["user:inference"], "subscriptionType": "max"}});
+    std::fs::write(agent.data.path().join("claude-config/.credentials.json"), creds.to_string()).unwrap();
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let kinds = |hook: &Webhook| hook.received().iter().map(|h| h.headers.get("x-claude-runner-alert").cloned().unwrap_or_default()).collect::<Vec<_>>();
+    assert!(eventually(Duration::from_secs(10), || kinds(&hook).contains(&"login_soon".to_string())).await, "{:?}", kinds(&hook));
+    // The usage window is used up, then opens again two seconds later.
+    let a = client.execute(json!({"prompt": "@rate_limited=2"})).await;
+    assert_eq!(a.body["error_code"], "USAGE_LIMIT", "{}", a.text);
+    assert!(eventually(Duration::from_secs(10), || kinds(&hook).contains(&"usage_reset".to_string())).await, "{:?}", kinds(&hook));
+    client.wait_online().await;
+    // Claude fails to authenticate: log in now.
+    let a = client.execute(json!({"prompt": "@auth_error"})).await;
+    assert_eq!(a.body["error_code"], "RUNNER_OAUTH_ERROR", "{}", a.text);
+    assert!(eventually(Duration::from_secs(10), || kinds(&hook).contains(&"login_needed".to_string())).await, "{:?}", kinds(&hook));
+    // The agent goes away for longer than OFFLINE_ALERT_MS.
+    agent.stop();
+    assert!(eventually(Duration::from_secs(15), || kinds(&hook).contains(&"offline".to_string())).await, "{:?}", kinds(&hook));
+    // Nothing twice, however many heartbeats and ticks went by.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = kinds(&hook);
+    got.sort();
+    assert_eq!(got, ["login_needed", "login_soon", "offline", "usage_rejected", "usage_reset"], "{:?}", hook.received());
+    for h in hook.received() {
+        assert_eq!(h.path, "/runner-alerts");
+        assert!(h.headers.contains_key("title") && !h.body.is_empty(), "{h:?}");
+        assert!(!h.body.contains("sk-ant") && !h.body.contains("0123456789"), "a token in an alert: {h:?}");
+    }
+    let offline = hook.received().into_iter().find(|h| h.headers["x-claude-runner-alert"] == "offline").unwrap();
+    assert!(offline.body.contains("No agent has been connected"), "{}", offline.body);
+}
+
+async fn callbacks_are_signed_and_retried(kind: EdgeKind) {
+    use hmac::{Hmac, Mac};
+    // The receiver fails twice, then takes it.
+    let hook = Webhook::start(vec![500, 503]);
+    let s = setup(kind, &[("CALLBACK_HOSTS", "127.0.0.1")], &[]).await;
+    let a = s.client.submit(json!({"prompt": "call me back", "callback_url": hook.url("/result?job=1")})).await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    // Retried with backoff (2 s, then 4 s) until it is taken.
+    assert!(eventually(Duration::from_secs(30), || hook.received().len() >= 3).await, "{:?}", hook.received());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = hook.received();
+    assert_eq!(got.len(), 3, "not posted again once taken: {got:?}");
+    for h in &got {
+        assert_eq!(h.path, "/result?job=1");
+        assert_eq!(h.headers["x-runner-job-id"], job_id);
+        let timestamp = &h.headers["x-runner-timestamp"];
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+        mac.update(format!("{timestamp}.{}", h.body).as_bytes());
+        let expected: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(h.headers["x-runner-signature"], format!("sha256={expected}"), "signed with the runner secret");
+        let body: serde_json::Value = serde_json::from_str(&h.body).unwrap();
+        assert_eq!(body["job_id"], job_id.as_str());
+        assert_eq!(body["state"], "succeeded");
+        assert_eq!(body["result"]["output"], "stand-in answer to: call me back");
+    }
+    // Hosts not on CALLBACK_HOSTS, or plain http off this machine, are refused.
+    for url in ["https://elsewhere.example.com/cb", "http://example.com/cb", "https://127.0.0.1.evil.com/cb"] {
+        let a = s.client.submit(json!({"prompt": "x", "callback_url": url})).await;
+        assert_eq!(a.status, 400, "{url}: {}", a.text);
+        assert!(a.body["error"].as_str().unwrap().contains("callback_url"), "{}", a.text);
+    }
+}
+
 async fn megabytes_of_output_do_not_hang(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     let a = s.client.execute(json!({"prompt": "@megabytes=8", "timeout_ms": 60000})).await;
@@ -751,6 +829,8 @@ contract!(
     the_login_relay_logs_the_agent_in_again,
     a_used_up_usage_window_holds_work_until_its_reset,
     failures_say_which_class_and_whether_to_retry,
+    alerts_reach_a_webhook_once_each,
+    callbacks_are_signed_and_retried,
     megabytes_of_output_do_not_hang,
     a_missing_claude_binary_is_a_clear_failure,
     tokens_never_leave_the_machine,

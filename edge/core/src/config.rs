@@ -22,6 +22,16 @@ pub struct Config {
     /// Added to a job's `timeout_ms` before the edge gives up on the agent's own report.
     pub timeout_margin_ms: u64,
     pub edge_version: String,
+    /// Where alerts are posted (an ntfy topic URL, or any webhook taking a POST).
+    pub notify_url: Option<String>,
+    /// Alert when the login will need a person within this many hours.
+    pub oauth_warn_hours: f64,
+    /// Alert when no agent has been connected for this long.
+    pub offline_alert_ms: u64,
+    /// The same alert at most once per this long.
+    pub notify_min_interval_ms: u64,
+    /// Hosts a job's `callback_url` may name.
+    pub callback_hosts: Vec<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -48,6 +58,8 @@ pub enum ConfigError {
     Key(#[from] keys::KeyError),
     #[error("RUNNER_SECRET is too short ({0} characters): use at least 16, e.g. `openssl rand -hex 32`")]
     WeakSecret(usize),
+    #[error("{name} must be an http:// or https:// URL, got `{value}`")]
+    Url { name: &'static str, value: String },
     #[error("{name} is {value}, over the most this edge supports ({max}); lower it")]
     TooLarge { name: &'static str, value: u64, max: u64 },
 }
@@ -63,6 +75,9 @@ pub const DEFAULT_JOB_RETENTION_MS: u64 = 24 * 3_600_000;
 pub const DEFAULT_QUEUE_TTL_MS: u64 = 15 * 60_000;
 pub const DEFAULT_MAX_QUEUED_JOBS: usize = 100;
 pub const DEFAULT_TIMEOUT_MARGIN_MS: u64 = 30_000;
+pub const DEFAULT_OAUTH_WARN_HOURS: u64 = 24;
+pub const DEFAULT_OFFLINE_ALERT_MS: u64 = 10 * 60_000;
+pub const DEFAULT_NOTIFY_MIN_INTERVAL_MS: u64 = 3_600_000;
 
 impl Config {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
@@ -99,6 +114,17 @@ impl Config {
             max_queued_jobs: bounded("MAX_QUEUED_JOBS", "jobs", DEFAULT_MAX_QUEUED_JOBS as u64, 100_000)? as usize,
             timeout_margin_ms: bounded("TIMEOUT_MARGIN_MS", "milliseconds", DEFAULT_TIMEOUT_MARGIN_MS, DAY_MS)?,
             edge_version: env!("CARGO_PKG_VERSION").to_string(),
+            notify_url: match get("NOTIFY_URL") {
+                Some(url) if url.starts_with("https://") || url.starts_with("http://") => Some(url),
+                Some(url) => return Err(ConfigError::Url { name: "NOTIFY_URL", value: url }),
+                None => None,
+            },
+            oauth_warn_hours: bounded("OAUTH_WARN_HOURS", "hours", DEFAULT_OAUTH_WARN_HOURS, 24 * 365)? as f64,
+            offline_alert_ms: bounded("OFFLINE_ALERT_MS", "milliseconds", DEFAULT_OFFLINE_ALERT_MS, WEEK_MS)?,
+            notify_min_interval_ms: bounded("NOTIFY_MIN_INTERVAL_MS", "milliseconds", DEFAULT_NOTIFY_MIN_INTERVAL_MS, WEEK_MS)?,
+            callback_hosts: get("CALLBACK_HOSTS")
+                .map(|v| v.split(',').map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect())
+                .unwrap_or_default(),
         })
     }
 }

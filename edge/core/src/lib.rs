@@ -10,6 +10,8 @@
 //! - [`session`]: one agent connection's record and the handshake check.
 //! - [`machine`]: the [`Edge`] itself — sessions, jobs, callers, deadlines, storage
 //!   failures, stop, views — one `impl` block per concern.
+//! - [`notify`]: alerts to `NOTIFY_URL` and result callbacks — which, when, how often,
+//!   signed how.
 //! - [`progress`]: a running job's progress backlog and its Server-Sent Events text.
 //! - [`body`]: how a host reads a request body (limit, drain, broken uploads).
 //! - [`response`]: what a caller is answered.
@@ -21,6 +23,7 @@ pub mod clock;
 pub mod config;
 pub mod http;
 pub mod machine;
+pub mod notify;
 pub mod page;
 pub mod progress;
 pub mod record;

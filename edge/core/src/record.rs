@@ -43,6 +43,35 @@ pub struct Job {
     /// While the usage window is used up, wait for its reset (else end at once).
     #[serde(default = "yes")]
     pub wait_for_usage: bool,
+    /// Where its result is posted when it ends, and how that goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<Callback>,
+}
+
+/// A job's result callback: stored with the job, so a restart neither loses nor repeats it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Callback {
+    pub url: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When (edge time) to try (again), while one is due: after a failure, or when the
+    /// host never said how the last attempt went.
+    pub next_at: Option<Millis>,
+    /// It was delivered, or given up.
+    pub done: bool,
+    /// How the last attempt went, for the operator.
+    pub last_error: Option<String>,
+}
+
+impl Callback {
+    pub fn new(url: String) -> Callback {
+        Callback { url, attempts: 0, next_at: None, done: false, last_error: None }
+    }
+
+    /// Due for an attempt at or before `now` (edge time).
+    pub fn due(&self) -> Option<Millis> {
+        self.next_at.filter(|_| !self.done)
+    }
 }
 
 fn yes() -> bool {
@@ -70,6 +99,7 @@ impl Job {
             orphaned_at: None,
             result: None,
             wait_for_usage: true,
+            callback: None,
         }
     }
 

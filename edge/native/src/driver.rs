@@ -40,6 +40,8 @@ pub enum Command {
     Disconnect { session: String },
     /// The edge is stopping: the machine tells callers and agents what happens next.
     Shutdown { done: oneshot::Sender<()> },
+    /// A POST the machine asked for (an alert, a callback) went this way.
+    Delivered { id: String, outcome: edge_core::notify::Outcome },
 }
 
 /// The machine's callers, as channels.
@@ -54,11 +56,38 @@ pub struct Driver {
     clock: Clock,
     outboxes: HashMap<String, mpsc::UnboundedSender<Outbound>>,
     callers: HashMap<CallerId, Channel>,
+    /// Back to this driver, for the outcome of POSTs made in their own tasks.
+    commands: mpsc::WeakSender<Command>,
+    http: reqwest::Client,
 }
 
 impl Driver {
-    pub fn new(edge: Edge, store: Store, clock: Clock) -> Driver {
-        Driver { edge, store, clock, outboxes: HashMap::new(), callers: HashMap::new() }
+    pub fn new(edge: Edge, store: Store, clock: Clock, commands: mpsc::WeakSender<Command>) -> Driver {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(edge_core::notify::DELIVERY_TIMEOUT_MS))
+            // A callback host may not send us elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("the HTTP client builds");
+        Driver { edge, store, clock, outboxes: HashMap::new(), callers: HashMap::new(), commands, http }
+    }
+
+    /// Makes one POST in its own task; its outcome comes back as [`Command::Delivered`].
+    fn deliver(&self, delivery: edge_core::machine::Delivery) {
+        let (http, commands) = (self.http.clone(), self.commands.clone());
+        tokio::spawn(async move {
+            let mut request = http.post(&delivery.url).body(delivery.body);
+            for (name, value) in &delivery.headers {
+                request = request.header(name, value);
+            }
+            let outcome = match request.send().await {
+                Ok(resp) => Ok(resp.status().as_u16()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Some(commands) = commands.upgrade() {
+                let _ = commands.send(Command::Delivered { id: delivery.id, outcome }).await;
+            }
+        });
     }
 
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, startup: Vec<Effect>) {
@@ -128,6 +157,10 @@ impl Driver {
                 let effects = self.edge.disconnect(now, &session);
                 self.carry_out(effects);
             }
+            Command::Delivered { id, outcome } => {
+                let effects = self.edge.delivered(now, &id, outcome);
+                self.carry_out(effects);
+            }
             Command::Shutdown { done } => {
                 let effects = self.edge.shutdown(now);
                 self.carry_out(effects);
@@ -175,7 +208,8 @@ impl Driver {
                 }
                 // Sessions live only as long as this process; nothing to keep.
                 Effect::SaveSession(_) => {}
-                Effect::Save(_) | Effect::Forget { .. } => unreachable!("writes were split out"),
+                Effect::Deliver(delivery) => self.deliver(delivery),
+                Effect::Save(_) | Effect::Forget { .. } | Effect::SaveAlerts(_) => unreachable!("writes were split out"),
             }
         }
         for caller in gone {

@@ -51,19 +51,21 @@ impl Server {
     pub async fn bind(opts: ServerOptions) -> anyhow::Result<Server> {
         let store = Store::open(&opts.data_dir)?;
         let jobs = store.load()?;
+        let alerts = store.load_alerts()?;
         let restored = jobs.len();
         let config = Arc::new(opts.config.clone());
         let clock = Clock::start();
-        let (machine, startup) = edge_core::Edge::restore(opts.config, jobs, Vec::new(), clock.now());
+        let (machine, startup) = edge_core::Edge::restore(opts.config, jobs, Vec::new(), alerts, clock.now());
         let listener = TcpListener::bind(opts.listen).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on {}: {e}; is another edge running there? set LISTEN to a free address", opts.listen)
         })?;
         info!(listen = %listener.local_addr()?, restored, data_dir = %opts.data_dir.display(), "edge ready");
         let (tx, commands) = mpsc::channel(1024);
+        let driver = Driver::new(machine, store, clock, tx.downgrade());
         Ok(Server {
             listener,
             state: AppState { driver: tx, config },
-            driver: Driver::new(machine, store, clock),
+            driver,
             commands,
             startup,
         })

@@ -28,7 +28,8 @@ impl Edge {
         // A usage window's reset lets held work go; a relay is given up at its expiry.
         let holds = self.earliest_usage_hold().filter(|_| !self.queue.is_empty());
         let logins = self.earliest_login_expiry();
-        let next = sessions.chain(queued).chain(active).chain(retention).chain(holds).chain(logins).min()?;
+        let notices = self.notices_deadline();
+        let next = sessions.chain(queued).chain(active).chain(retention).chain(holds).chain(logins).chain(notices).min()?;
         // After a failed write, not again before the retry time.
         Some(self.retry_at.map_or(next, |retry| next.max(retry)))
     }
@@ -124,6 +125,8 @@ impl Edge {
         self.expire_logins(now, &mut effects);
         self.lift_usage_holds(now, &mut effects);
         self.settle_queue(now, &mut effects);
+        self.retry_notices(now, &mut effects);
+        self.observe(now, &mut effects);
 
         while let Some((finished_at, id)) = self.retained.front().cloned() {
             if finished_at.saturating_add(self.cfg.job_retention_ms) > now.at {

@@ -45,6 +45,9 @@ impl Edge {
         if let Some(refused) = self.refusal(now, mode, submission.wait_for_usage) {
             return Err(refused);
         }
+        if let Some(url) = &submission.callback_url {
+            crate::notify::check_callback(url, &self.cfg.callback_hosts).map_err(ApiError::invalid)?;
+        }
         if self.queue.len() >= self.cfg.max_queued_jobs {
             return Err(ApiError::new(
                 ErrorCode::RunnerBusy,
@@ -56,6 +59,7 @@ impl Edge {
         }
         let mut job = Job::new(job_id.clone(), submission.spec, mode, submission.idempotency_key, now.at);
         job.wait_for_usage = submission.wait_for_usage;
+        job.callback = submission.callback_url.map(crate::record::Callback::new);
         if let Some(key) = &job.idempotency_key {
             self.idempotency.insert(key.clone(), job_id.clone());
         }
@@ -168,6 +172,7 @@ impl Edge {
         let (status, body) = job.answer().expect("finished jobs have results");
         effects.push(Effect::Save(Box::new(job)));
         self.announce_end(job_id, status, &body, effects);
+        self.start_callback(now, job_id, effects);
     }
 
     /// Ends a queued job that must never start (its caller was told to run it elsewhere,

@@ -10,6 +10,7 @@
 //! - [`storage`]: what a failed store write means: the event is undone, then decided on.
 //! - [`stop`]: a clean stop: what each waiting caller is told, and which jobs end.
 //! - [`views`]: health, login status, the jobs list, metrics.
+//! - [`notices`]: alerts to `NOTIFY_URL` and result callbacks, posted and retried.
 //! - [`login`]: the re-login relay (`POST /oauth/login`, `POST /oauth/login/code`), and
 //!   when work may go to an agent at all ([`Availability`]: its login, its usage window).
 //!
@@ -26,6 +27,7 @@ mod callers;
 mod deadlines;
 mod jobs;
 mod login;
+mod notices;
 mod sessions;
 mod stop;
 mod storage;
@@ -34,6 +36,7 @@ mod views;
 pub use callers::CallerId;
 pub use jobs::Submitted;
 pub use login::{Availability, LOGIN_TTL_MS, LOGIN_WAIT_MS};
+pub use notices::Delivery;
 pub use sessions::MAX_PENDING_HANDSHAKES;
 pub use stop::shutting_down;
 pub use storage::{split_writes, Writes, STORE_RETRY_MS};
@@ -70,6 +73,11 @@ pub enum Effect {
     Stream { caller: CallerId, chunk: String },
     /// End the caller's stream; the host then forgets it.
     EndStream { caller: CallerId },
+    /// Store alerting's memory (with the event's other writes).
+    SaveAlerts(Box<crate::notify::AlertState>),
+    /// POST this (an alert, a result callback) and report how it went with
+    /// [`Edge::delivered`].
+    Deliver(Delivery),
 }
 
 /// Counters for `/metrics`.
@@ -109,6 +117,14 @@ pub struct Edge {
     /// The edge is stopping: no new work, no new agents.
     stopping: bool,
     stats: Stats,
+    /// Alerting's memory (stored).
+    alerts: crate::notify::AlertState,
+    /// Alerts being posted.
+    alert_posts: notices::AlertPosts,
+    /// Makes each post's id unique.
+    posts_made: u64,
+    /// Finished jobs whose callback is still to be delivered.
+    callback_jobs: BTreeSet<String>,
 }
 
 impl Edge {
@@ -130,6 +146,10 @@ impl Edge {
             retry_at: None,
             stopping: false,
             stats: Stats::default(),
+            alerts: crate::notify::AlertState::default(),
+            alert_posts: notices::AlertPosts::new(),
+            posts_made: 0,
+            callback_jobs: BTreeSet::new(),
         }
     }
 
@@ -138,11 +158,17 @@ impl Edge {
     /// whose connection did not survive start their `LOST_AFTER_MS` wait now. No caller
     /// survives a restart, so a queued `/execute` job — whose caller is gone, and was
     /// perhaps told to fall back — ends here without ever starting.
-    pub fn restore(cfg: Config, jobs: Vec<Job>, sessions: Vec<Session>, now: impl Into<Now>) -> (Edge, Vec<Effect>) {
+    /// `alerts` is alerting's stored memory (how long no agent has been connected
+    /// included), if any.
+    pub fn restore(cfg: Config, jobs: Vec<Job>, sessions: Vec<Session>, alerts: Option<crate::notify::AlertState>, now: impl Into<Now>) -> (Edge, Vec<Effect>) {
         let now = now.into();
         let mut edge = Edge::new(cfg, now);
         edge.begin(storage::Origin::Restore);
         let mut effects = Vec::new();
+        if let Some(alerts) = alerts {
+            edge.offline_since = alerts.offline_since.or(edge.offline_since);
+            edge.alerts = alerts;
+        }
         for s in sessions {
             if let Some(a) = s.agent() {
                 edge.last_oauth = Some((a.agent_id.clone(), a.oauth.clone()));
@@ -233,6 +259,9 @@ impl Edge {
         if let Some(key) = &job.idempotency_key {
             self.idempotency.insert(key.clone(), job.id.clone());
         }
+        if job.callback.as_ref().is_some_and(|c| c.due().is_some()) {
+            self.callback_jobs.insert(job.id.clone());
+        }
     }
 
     /// Takes a job out of every index (the reverse of [`Edge::index`]).
@@ -240,6 +269,7 @@ impl Edge {
         self.queue.retain(|id| *id != job.id);
         self.active.remove(&job.id);
         self.retained.retain(|(_, id)| *id != job.id);
+        self.callback_jobs.remove(&job.id);
         if let Some(key) = &job.idempotency_key {
             if self.idempotency.get(key) == Some(&job.id) {
                 self.idempotency.remove(key);

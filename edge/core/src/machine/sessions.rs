@@ -91,6 +91,7 @@ impl Edge {
         if !self.is_online() {
             self.offline_since = Some(now.at);
         }
+        self.observe(now, effects);
     }
 
     /// Says goodbye (the whole reason) and closes the connection (the reason cut to fit).
@@ -222,6 +223,7 @@ impl Edge {
         }
         effects.push(Effect::SaveSession(Box::new(session.clone())));
         self.last_oauth = Some((agent_id, oauth));
+        self.observe(now, effects);
     }
 
     /// After a reconnect: take over the jobs the agent still has, requeue those it never

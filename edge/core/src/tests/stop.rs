@@ -60,7 +60,7 @@ fn a_clean_stop_tells_each_caller_the_truth() {
 
     // After the restart the agent comes back: the running job goes on, the detached one
     // is sent, the one whose caller fell back is not.
-    let (mut edge, effects) = Edge::restore(config(), stored.into_values().collect(), vec![], 1_000);
+    let (mut edge, effects) = Edge::restore(config(), stored.into_values().collect(), vec![], None, 1_000);
     assert!(finished(&effects).is_empty(), "nothing left to end: {effects:?}");
     let (sid2, _) = join(&mut edge, 1_001, "spark", &agent_key(1), vec![running_id.clone()], 2);
     let effects = say(&mut edge, 1_002, &sid2, AgentMessage::Credit { slots: 1 });
@@ -82,7 +82,7 @@ fn a_restart_ends_queued_execute_jobs_whose_callers_are_gone() {
     keep(&mut stored, &call(&mut edge, 0, "POST", "/execute", json!({"prompt": "x"})).effects);
     keep(&mut stored, &call(&mut edge, 0, "POST", "/jobs", json!({"prompt": "y"})).effects);
 
-    let (mut edge, effects) = Edge::restore(config(), stored.into_values().collect(), vec![], 100);
+    let (mut edge, effects) = Edge::restore(config(), stored.into_values().collect(), vec![], None, 100);
     let ended = finished(&effects);
     assert_eq!(ended.len(), 1, "{ended:?}");
     assert_eq!(ended[0].2["error_code"], "RUNNER_OFFLINE");
