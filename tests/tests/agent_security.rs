@@ -108,6 +108,7 @@ fn spec(prompt: &str) -> JobSpec {
         append_system_prompt: None,
         session_id: None,
         include_diff: false,
+        max_budget_usd: None,
     }
 }
 
