@@ -513,6 +513,58 @@ async fn callbacks_are_signed_and_retried(kind: EdgeKind) {
     }
 }
 
+async fn every_credential_state_shows_in_health_and_oauth_status(kind: EdgeKind) {
+    // The agent reads its credentials file only (no token in its environment).
+    let s = setup_with(kind, &[("HEARTBEAT_INTERVAL_MS", "10000")], &[("CLAUDE_CODE_OAUTH_TOKEN", "")], false).await;
+    let creds = s.agent.data.path().join("claude-config/.credentials.json");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let h = 3_600_000u64;
+    let file = |access_at: u64, refresh: bool, refresh_at: Option<u64>| {
+        let mut entry = json!({"accessToken": format!("sk-ant-oat01-state-{access_at}"), "expiresAt": access_at, "scopes": ["user:inference"], "subscriptionType": "pro"});
+        if refresh {
+            entry["refreshToken"] = json!("sk-ant-ort01-state-refresh");
+        }
+        if let Some(t) = refresh_at {
+            entry["refreshTokenExpiresAt"] = json!(t);
+        }
+        json!({"claudeAiOauth": entry}).to_string()
+    };
+    // (file, /health status code, status, needs_login, source)
+    let states: Vec<(Option<String>, u16, &str, bool, &str)> = vec![
+        (None, 503, "unhealthy", true, "none"),
+        (Some(file(now + 8 * h, true, None)), 200, "healthy", false, "credentials_file"),
+        (Some(file(now - h, true, None)), 200, "healthy", false, "credentials_file"),
+        (Some(file(now + h, false, None)), 200, "degraded", false, "credentials_file"),
+        (Some(file(now - h, false, None)), 503, "unhealthy", true, "credentials_file"),
+        (Some(file(now + 8 * h, true, Some(now + 2 * h))), 200, "degraded", false, "credentials_file"),
+        (Some(file(now - h, true, Some(now - 1))), 503, "unhealthy", true, "credentials_file"),
+        (Some("{not json".to_string()), 503, "unhealthy", true, "none"),
+    ];
+    for (i, (content, code, status, needs_login, source)) in states.into_iter().enumerate() {
+        match &content {
+            Some(text) => std::fs::write(&creds, text).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(&creds);
+            }
+        }
+        // Each change is reported at once (heartbeats are 10 s apart here).
+        let client = s.client.clone();
+        let shown = eventually_async(Duration::from_secs(5), || {
+            let client = client.clone();
+            async move {
+                let h = client.health().await;
+                h.status == code && h.body["status"] == status && h.body["oauth"]["source"] == source
+            }
+        });
+        assert!(shown.await, "state {i}: {}", s.client.health().await.text);
+        let o = s.client.get("/oauth/status").await;
+        assert_eq!(o.status, 200, "{}", o.text);
+        assert_eq!((o.body["needs_login"].as_bool(), o.body["source"].as_str()), (Some(needs_login), Some(source)), "state {i}: {}", o.text);
+        assert_eq!(o.body.get("next_step").is_some(), status != "healthy", "state {i}: {}", o.text);
+        assert!(!o.text.contains("sk-ant"), "no token: {}", o.text);
+    }
+}
+
 async fn megabytes_of_output_do_not_hang(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     let a = s.client.execute(json!({"prompt": "@megabytes=8", "timeout_ms": 60000})).await;
@@ -830,6 +882,7 @@ contract!(
     a_used_up_usage_window_holds_work_until_its_reset,
     failures_say_which_class_and_whether_to_retry,
     alerts_reach_a_webhook_once_each,
+    every_credential_state_shows_in_health_and_oauth_status,
     callbacks_are_signed_and_retried,
     megabytes_of_output_do_not_hang,
     a_missing_claude_binary_is_a_clear_failure,
