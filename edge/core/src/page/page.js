@@ -80,7 +80,9 @@
 
   async function refresh() {
     try {
-      const health = await (await fetch(base + "health", { cache: "no-store", credentials: "omit" })).json();
+      // With the secret, /health answers its full body (without it an edge may say only
+      // the status).
+      const health = (await call("GET", "health")).data || {};
       const oauth = await call("GET", "oauth/status");
       if (oauth.status === 403) { secret = ""; show("unlock", true); fail("That secret was refused; enter the runner secret again."); return false; }
       renderStatus(health, oauth.status === 200 ? oauth.data : null);
