@@ -208,6 +208,7 @@ impl Edge {
         info!(agent_id = %agent_id, session = session_id, version = %hello.agent_version, capacity = hello.capacity, "agent connected");
         self.reconcile(now, session_id, &hello, effects);
         self.settle_queue(now, effects);
+        self.observe(now, effects);
     }
 
     /// Takes an agent's report of its login and usage window.

@@ -127,6 +127,7 @@ impl Edge {
     /// Removes a job whose retention is over, with its idempotency key.
     pub(super) fn forget_job(&mut self, id: &str) {
         let Some(job) = self.jobs.remove(id) else { return };
+        self.callback_jobs.remove(id);
         if let Some(key) = &job.idempotency_key {
             if self.idempotency.get(key).is_some_and(|j| j == id) {
                 self.idempotency.remove(key);

@@ -5,9 +5,11 @@
 //! - [`stop`]: a clean stop and what each waiting caller is told;
 //! - [`hosts`]: the cases where the two hosts used to decide differently, and time.
 //! - [`login`]: work held or refused for the login and the usage window; the re-login relay.
+//! - [`notices`]: alerts and result callbacks through the machine.
 
 mod hosts;
 mod login;
+mod notices;
 mod stop;
 mod storage;
 
