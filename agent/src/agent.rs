@@ -57,6 +57,8 @@ pub struct Agent {
     /// The Claude Code CLI's version, for the edge's `/health`.
     pub cli: crate::cli_version::CliVersion,
     replay: Mutex<ReplayGuard>,
+    /// The repository mirrors and what jobs do with them.
+    pub repos: Arc<crate::repo::Repos>,
     running: Mutex<Running>,
     /// Messages for the edge; the current connection sends them, or drops them while
     /// there is none (results are spooled, credits recomputed, events are only progress).
@@ -70,8 +72,11 @@ impl Agent {
             anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
         })?;
         let replay = ReplayGuard::open(cfg.data_dir.join("seen-orders.log"));
-        let login = Login::new(cfg.claude_config_dir.as_deref());
+        let login = Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.repos.token_values());
         let reporter = Arc::new(Reporter::new(login.clone()));
+        let repos = crate::repo::Repos::open(&cfg.data_dir, cfg.repos.clone()).map_err(|e| {
+            anyhow::anyhow!("cannot keep repository mirrors in {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.join("repos").display())
+        })?;
         let (uplink, uplink_rx) = mpsc::unbounded_channel();
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
         let status = StatusFile::new(cfg.data_dir.join("status.json"), &cfg.agent_id, &cfg.connect_url);
@@ -85,10 +90,12 @@ impl Agent {
             relogin: Relogin::default(),
             spool,
             replay: Mutex::new(replay),
+            repos: Arc::new(repos),
             running: Mutex::new(Running::default()),
             uplink,
             jobs,
         };
+        agent.status.mirrors(agent.repos.mirror_names());
         Ok((Arc::new(agent), Queues { uplink: uplink_rx, jobs: jobs_rx }))
     }
 
@@ -100,6 +107,7 @@ impl Agent {
             gate: self.gate.clone(),
             uplink: self.uplink.clone(),
             reporter: Arc::clone(&self.reporter),
+            repos: Arc::clone(&self.repos),
         }
     }
 
@@ -210,6 +218,7 @@ impl Agent {
         }
         self.running.lock().expect("running lock").jobs.remove(job_id);
         self.status.running(self.running_ids());
+        self.status.mirrors(self.repos.mirror_names());
         let _ = self.uplink.send(AgentMessage::Result { job_id: job_id.to_string(), result });
         // A draining agent takes no more work.
         if self.free_slots() > 0 {

@@ -35,9 +35,18 @@ const RESULT_FIELDS: [(&str, fn(&Value) -> bool); 5] = [
 pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<String>> {
     let cfg = AgentConfig::local_only(local, agent_id);
     let (uplink, mut events) = mpsc::unbounded_channel();
+    let repos = crate::repo::Repos::open(&cfg.data_dir, cfg.repos.clone())
+        .map_err(|e| vec![format!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())])?;
     let login = Login::new(cfg.claude_config_dir.as_deref());
     let reporter = Arc::new(crate::report::Reporter::new(login.clone()));
-    let ctx = JobContext { login, gate: RefreshGate::default(), uplink, reporter, cfg: Arc::new(cfg) };
+    let ctx = JobContext {
+        login,
+        gate: RefreshGate::default(),
+        uplink,
+        reporter,
+        repos: Arc::new(repos),
+        cfg: Arc::new(cfg),
+    };
     let spec: JobSpec = serde_json::from_value(json!({"prompt": PROMPT, "timeout_ms": TIMEOUT.as_millis() as u64, "max_turns": 1}))
         .expect("the canary's spec is valid");
     let job_id = format!("canary-{}", shared::ids::hex(&runtime::entropy::<8>()));

@@ -116,13 +116,14 @@ fn is_auth_failure(result: &Value) -> bool {
 }
 
 /// Caps a text at `max` bytes, keeping its head and tail, with a marker in between.
-pub fn cap(text: String, max: usize) -> String {
+/// Returns it with the number of bytes left out (0 when it fit).
+pub fn cap(text: String, max: usize) -> (String, u64) {
     if text.len() <= max {
-        return text;
+        return (text, 0);
     }
     let (head, tail) = (shared::text::truncate(&text, max / 2), shared::text::tail(&text, max / 2));
     let cut = text.len() - head.len() - tail.len();
-    format!("{head}\n[… {cut} bytes cut by claude-runner …]\n{tail}")
+    (format!("{head}\n[… {cut} bytes cut by claude-runner …]\n{tail}"), cut as u64)
 }
 
 /// Largest `output` or `error` a result carries.
@@ -229,8 +230,13 @@ pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, durati
     if !r.success {
         r.retryable = r.retryable.or(r.error_code.map(ErrorCode::retryable));
     }
-    r.output = cap(std::mem::take(&mut r.output), MAX_OUTPUT_BYTES);
-    r.error = r.error.map(|e| cap(e, 64 * 1024));
+    let (output, cut) = cap(std::mem::take(&mut r.output), MAX_OUTPUT_BYTES);
+    r.output = output;
+    if cut > 0 {
+        r.truncated = true;
+        r.truncated_bytes = Some(cut);
+    }
+    r.error = r.error.map(|e| cap(e, 64 * 1024).0);
     r
 }
 
@@ -255,6 +261,9 @@ mod tests {
             session_id: Some("abc".into()),
             include_diff: false,
             max_budget_usd: Some(0.5),
+            allow_stale: false,
+            push_branch: None,
+            commit_message: None,
         }
     }
 
@@ -379,8 +388,10 @@ mod tests {
     #[test]
     fn caps_huge_output_on_char_boundaries() {
         let big = "é".repeat(MAX_OUTPUT_BYTES);
-        let capped = cap(big, MAX_OUTPUT_BYTES);
+        let (capped, cut) = cap(big, MAX_OUTPUT_BYTES);
         assert!(capped.len() < MAX_OUTPUT_BYTES + 100);
+        assert_eq!(cut, MAX_OUTPUT_BYTES as u64, "half of the 2 MiB was left out");
+        assert_eq!(cap("short".into(), 10), ("short".to_string(), 0));
         assert!(capped.contains("bytes cut"));
     }
 }

@@ -28,6 +28,8 @@ pub struct AgentArgs {
     /// Jobs run at once.
     #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 1)]
     pub max_concurrent_jobs: u32,
+    #[command(flatten)]
+    pub repos: crate::repo::settings::RepoArgs,
     /// On a stop (SIGTERM), how long running jobs may take to finish before they are
     /// handed back to the edge, in milliseconds.
     #[arg(long, env = "DRAIN_TIMEOUT_MS", default_value_t = DEFAULT_DRAIN_TIMEOUT_MS)]
@@ -71,6 +73,7 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub max_concurrent_jobs: u32,
     pub claude_model: Option<String>,
+    pub repos: crate::repo::settings::RepoSettings,
     /// How long a stop waits for running jobs before handing them back.
     pub drain_timeout: std::time::Duration,
 }
@@ -139,6 +142,7 @@ impl AgentConfig {
             data_dir: local.data_dir(),
             max_concurrent_jobs: 1,
             claude_model: local.claude_model.clone(),
+            repos: crate::repo::settings::RepoSettings::default(),
             drain_timeout: std::time::Duration::ZERO,
         }
     }
@@ -184,6 +188,7 @@ impl AgentArgs {
             claude_config_dir: self.local.claude_config_dir,
             max_concurrent_jobs: self.max_concurrent_jobs,
             claude_model: self.local.claude_model,
+            repos: self.repos.resolve()?,
             drain_timeout: std::time::Duration::from_millis(self.drain_timeout_ms),
         })
     }

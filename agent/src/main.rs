@@ -15,6 +15,7 @@
 //!   on a change: the credentials file is watched).
 //! - [`relogin`]: `claude auth login` driven with pipes for the edge's re-login relay.
 //! - [`redact`]: keeps tokens from ever leaving the machine.
+//! - [`repo`]: jobs on repositories: git2 mirror cache, a checkout per job, diff and push.
 //! - [`spool`]: results on disk until the edge acknowledges them.
 //! - [`replay`]: remembered order nonces.
 //! - [`files`]: atomic, owner-only files.
@@ -38,6 +39,7 @@ mod oauth;
 mod process;
 mod redact;
 mod relogin;
+mod repo;
 mod report;
 mod replay;
 mod runner;
@@ -132,6 +134,8 @@ fn main() {
     let cli = Cli::parse();
     runtime::init_logging(&cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Before any thread starts: libgit2's set-up writes the process environment.
+    repo::init_libgit2();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio starts");
     let result = runtime.block_on(async move {
         match cli.command {

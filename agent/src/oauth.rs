@@ -44,6 +44,8 @@ pub struct Login {
     pub credentials_path: PathBuf,
     pub oauth_token_env: Option<String>,
     pub api_key_env: Option<String>,
+    /// The machine's other secrets (the repository tokens): redacted like the login's.
+    pub other_secrets: Vec<String>,
 }
 
 /// A timestamp that should be milliseconds; seconds (a common mistake) are converted.
@@ -69,7 +71,14 @@ impl Login {
             config_dir: dir,
             oauth_token_env: std::env::var("CLAUDE_CODE_OAUTH_TOKEN").ok().filter(|v| !v.trim().is_empty()),
             api_key_env: std::env::var("ANTHROPIC_API_KEY").ok().filter(|v| !v.trim().is_empty()),
+            other_secrets: Vec::new(),
         }
+    }
+
+    /// The same login, with more secrets for its redactor.
+    pub fn with_secrets<'a>(mut self, secrets: impl IntoIterator<Item = &'a str>) -> Login {
+        self.other_secrets.extend(secrets.into_iter().map(String::from));
+        self
     }
 
     pub fn read(&self, now: Millis) -> Reading {
@@ -118,7 +127,7 @@ impl Login {
 
     pub fn redactor(&self, now: Millis) -> Redactor {
         let mut secrets = self.read(now).tokens;
-        secrets.extend(std::env::var("GITHUB_TOKEN").ok());
+        secrets.extend(self.other_secrets.iter().cloned());
         Redactor::new(secrets)
     }
 }
@@ -172,13 +181,20 @@ mod tests {
 
     fn login_with(dir: &Path, body: &str) -> Login {
         std::fs::write(dir.join(".credentials.json"), body).unwrap();
-        Login { config_dir: dir.to_path_buf(), credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None }
+        Login { config_dir: dir.to_path_buf(), credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None, other_secrets: Vec::new() }
     }
 
     fn tempdir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("cr-oauth-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn the_machines_other_secrets_are_redacted_too() {
+        let d = tempdir("other");
+        let login = login_with(&d, "{}").with_secrets(["ghp_repository_token_123"]);
+        assert_eq!(login.redactor(0).redact("push with ghp_repository_token_123"), "push with [REDACTED]");
     }
 
     #[test]
@@ -215,7 +231,7 @@ mod tests {
             assert_eq!(r.report.source, OAuthSource::None, "{body}");
             assert!(r.report.problem.is_some(), "{body}");
         }
-        let missing = Login { config_dir: d.clone(), credentials_path: d.join("nope.json"), oauth_token_env: Some("tok-123456789".into()), api_key_env: None };
+        let missing = Login { config_dir: d.clone(), credentials_path: d.join("nope.json"), oauth_token_env: Some("tok-123456789".into()), api_key_env: None, other_secrets: Vec::new() };
         assert_eq!(missing.read(0).report.source, OAuthSource::OauthTokenEnv);
     }
 

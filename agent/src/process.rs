@@ -40,9 +40,10 @@ pub fn find_binary(name: &str) -> Option<PathBuf> {
 }
 
 /// Settings Claude's environment never carries (it is the agent's, less these): the
-/// agent's signing key would let whoever can send it a prompt pose as the agent, and the
-/// edge's secrets may sit in the same environment file when both run on Spark.
-const WITHHELD_FROM_CLAUDE: [&str; 3] = ["AGENT_SIGNING_KEY", "EDGE_SIGNING_KEY", "RUNNER_SECRET"];
+/// agent's signing key would let whoever can send it a prompt pose as the agent, the
+/// edge's secrets may sit in the same environment file when both run on Spark, and the
+/// repository tokens reach git servers only through the agent's git2 callback.
+const WITHHELD_FROM_CLAUDE: [&str; 5] = ["AGENT_SIGNING_KEY", "EDGE_SIGNING_KEY", "RUNNER_SECRET", "GITHUB_TOKEN", "REPO_TOKENS"];
 
 /// Why a job is stopped before Claude ends by itself.
 #[derive(Debug)]
@@ -167,7 +168,7 @@ pub async fn run(
     let mut exit: Option<Option<i32>> = None;
     let mut stdout_open = true;
     let mut drain_until: Option<tokio::time::Instant> = None;
-    let mut line = Vec::new();
+    let mut line = Line::default();
     let stopped: Option<Ending> = loop {
         if exit.is_some() && !stdout_open {
             break None;
@@ -175,8 +176,11 @@ pub async fn run(
         tokio::select! {
             read = read_line_capped(&mut stdout, &mut line, MAX_LINE_BYTES), if stdout_open => {
                 match read {
-                    Ok(0) | Err(_) => stdout_open = false,
-                    Ok(_) => on_line(&line),
+                    Ok(false) | Err(_) => stdout_open = false,
+                    Ok(true) => {
+                        on_line(&line.bytes);
+                        line = Line::default();
+                    }
                 }
             }
             status = child.wait(), if exit.is_none() => {
@@ -216,27 +220,37 @@ pub async fn run(
     Finished { ending, stderr }
 }
 
-/// Reads one line (without its newline) into `buf`, keeping at most `max` bytes of it and
-/// discarding the rest. Returns the bytes consumed (0 at end of input).
-async fn read_line_capped<R: AsyncBufRead + Unpin>(reader: &mut R, buf: &mut Vec<u8>, max: usize) -> std::io::Result<usize> {
-    buf.clear();
-    let mut consumed = 0;
+/// A stdout line being read. It lives across reads: the read runs inside a `select!`, and
+/// when another branch wins (Claude exits, a timeout) mid-line, the next read must go on
+/// from there, not lose what was taken.
+#[derive(Default)]
+struct Line {
+    /// The line so far, without its newline, at most `max` bytes of it.
+    bytes: Vec<u8>,
+    /// Some of it was read (an empty line has no bytes but has begun).
+    begun: bool,
+}
+
+/// Reads the rest of the current line into `line`, keeping at most `max` bytes of it and
+/// discarding the rest. Cancel-safe. True when a line is complete (its newline, or the end
+/// of input after part of one); false at the end of input with nothing pending.
+async fn read_line_capped<R: AsyncBufRead + Unpin>(reader: &mut R, line: &mut Line, max: usize) -> std::io::Result<bool> {
     loop {
         let available = reader.fill_buf().await?;
         if available.is_empty() {
-            return Ok(consumed);
+            return Ok(std::mem::take(&mut line.begun));
         }
+        line.begun = true;
         let (chunk, done) = match available.iter().position(|&b| b == b'\n') {
             Some(i) => (&available[..i], Some(i + 1)),
             None => (available, None),
         };
-        let room = max.saturating_sub(buf.len());
-        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let room = max.saturating_sub(line.bytes.len());
+        line.bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
         let used = done.unwrap_or(available.len());
         reader.consume(used);
-        consumed += used;
         if done.is_some() {
-            return Ok(consumed);
+            return Ok(true);
         }
     }
 }
@@ -249,11 +263,31 @@ mod tests {
     async fn reads_lines_and_caps_long_ones() {
         let data = b"one\n\ntwo-long-line\nlast".to_vec();
         let mut r = BufReader::with_capacity(4, &data[..]);
-        let mut buf = Vec::new();
+        let mut line = Line::default();
         let mut lines = Vec::new();
-        while read_line_capped(&mut r, &mut buf, 5).await.unwrap() > 0 {
-            lines.push(String::from_utf8(buf.clone()).unwrap());
+        while read_line_capped(&mut r, &mut line, 5).await.unwrap() {
+            lines.push(String::from_utf8(std::mem::take(&mut line).bytes).unwrap());
         }
         assert_eq!(lines, ["one", "", "two-l", "last"]);
+    }
+
+    /// A read cut short (another `select!` branch won) resumes the line where it stopped.
+    /// Before this, the line's start was lost: a long last line of Claude's output, cut when
+    /// Claude exited, lost its result.
+    #[tokio::test]
+    async fn a_read_cut_short_loses_nothing() {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let mut r = BufReader::with_capacity(8, rx);
+        let mut line = Line::default();
+        tx.write_all(b"hello wo").await.unwrap();
+        let cut = tokio::time::timeout(Duration::from_millis(50), read_line_capped(&mut r, &mut line, 100)).await;
+        assert!(cut.is_err(), "no newline yet: the read is still waiting when it is dropped");
+        tx.write_all(b"rld\nnext").await.unwrap();
+        drop(tx);
+        assert!(read_line_capped(&mut r, &mut line, 100).await.unwrap());
+        assert_eq!(std::mem::take(&mut line).bytes, b"hello world");
+        assert!(read_line_capped(&mut r, &mut line, 100).await.unwrap());
+        assert_eq!(std::mem::take(&mut line).bytes, b"next");
+        assert!(!read_line_capped(&mut r, &mut line, 100).await.unwrap());
     }
 }

@@ -1,4 +1,5 @@
-//! One job's life on Spark: a fresh workspace, the refresh gate, Claude run through
+//! One job's life on Spark: a fresh workspace (or, with `repo_url`, a fresh checkout from
+//! [`crate::repo`], and afterwards its diff and push), the refresh gate, Claude run through
 //! [`crate::process`], each stdout line redacted and forwarded as a progress event, and a
 //! result that always comes back — a missing binary, a crash or garbage output become a
 //! clear failure, never a hang. The runner sees only its [`JobContext`], not the agent.
@@ -7,7 +8,10 @@ use crate::claude::{self, Ending, Transcript};
 use crate::config::AgentConfig;
 use crate::oauth::{Login, RefreshGate};
 use crate::process::{self, Launch, Stop};
+use crate::repo::error::RepoError;
+use crate::repo::Repos;
 use crate::workspace;
+use shared::contract::ErrorCode;
 use shared::job::{JobResult, JobSpec};
 use shared::protocol::AgentMessage;
 use std::sync::Arc;
@@ -30,20 +34,60 @@ pub struct JobContext {
     pub uplink: mpsc::UnboundedSender<AgentMessage>,
     /// Told of the usage window as Claude reports it, mid-run.
     pub reporter: Arc<crate::report::Reporter>,
+    /// Repository mirrors, for jobs with a `repo_url`.
+    pub repos: Arc<Repos>,
 }
+
+/// After Claude, the diff and the push get the rest of the job's time and this much more
+/// (the edge waits `TIMEOUT_MARGIN_MS`, 30 s by default, beyond `timeout_ms`).
+const FINISH_GRACE: Duration = Duration::from_secs(20);
+/// The largest result JSON: one WebSocket frame, less room for the message around it.
+const MAX_RESULT_BYTES: usize = shared::protocol::MAX_FRAME_BYTES - 64 * 1024;
 
 /// Runs the job to its end and returns its (redacted) result.
 pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot::Receiver<Stop>) -> JobResult {
     let started = Instant::now();
     let workspace = ctx.cfg.data_dir.join("workspaces").join(job_id);
-    let cwd = match workspace::prepare(&workspace, spec.working_dir.as_deref()) {
-        Ok(dir) => dir,
-        Err(e) => {
-            return JobResult::failure(
-                shared::contract::ErrorCode::InternalError,
-                format!("could not prepare the job's workspace {}: {e}; check DATA_DIR's disk space", workspace.display()),
-                0,
-            )
+    // Every wait before Claude counts against the job's timeout, and a cancel ends it.
+    let deadline = deadline_of(started, spec.timeout_ms);
+    let (cwd, repo) = match &spec.repo_url {
+        None => match workspace::prepare(&workspace, spec.working_dir.as_deref()) {
+            Ok(dir) => (dir, None),
+            Err(e) => {
+                return JobResult::failure(
+                    ErrorCode::InternalError,
+                    format!("could not prepare the job's workspace {}: {e}; check DATA_DIR's disk space", workspace.display()),
+                    0,
+                )
+            }
+        },
+        Some(url) => {
+            let _ = tokio::fs::remove_dir_all(&workspace).await;
+            let prepared = tokio::select! {
+                prepared = ctx.repos.prepare(&spec, &workspace) => prepared.map_err(Err),
+                s = &mut stop => Err(Ok(Stop::ending(s))),
+                _ = tokio::time::sleep_until(deadline) => {
+                    Err(Err(RepoError::FetchTimedOut { url: url.clone(), timeout_ms: spec.timeout_ms }))
+                }
+            };
+            match prepared {
+                Ok(p) => {
+                    info!(job_id, agent_id = %ctx.cfg.agent_id, commit = %p.commit(), stale = p.stale(), fetch_ms = p.fetch_ms(), ms = started.elapsed().as_millis() as u64, "repository checked out");
+                    (p.cwd.clone(), Some(p))
+                }
+                Err(ended) => {
+                    let ms = started.elapsed().as_millis() as u64;
+                    let result = match ended {
+                        Ok(ending) => claude::result(&Transcript::default(), ending, "", ms),
+                        Err(e) => {
+                            warn!(job_id, agent_id = %ctx.cfg.agent_id, error = %e, "the repository could not be prepared");
+                            JobResult::failure(ErrorCode::RepoError, e.to_string(), ms)
+                        }
+                    };
+                    clean_up(ctx, job_id, &workspace, &result).await;
+                    return result;
+                }
+            }
         }
     };
     if let Some(session) = &spec.session_id {
@@ -51,9 +95,7 @@ pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: onesho
             warn!(job_id, session_id = %session, error = %e, "could not carry the session over; Claude will say it is unknown");
         }
     }
-    // While the token is stale only one job starts; see oauth::RefreshGate. Waiting there
-    // counts against the job's timeout, and a cancel ends the wait.
-    let deadline = deadline_of(started, spec.timeout_ms);
+    // While the token is stale only one job starts; see oauth::RefreshGate.
     let admitted = tokio::select! {
         refresher = ctx.gate.admit(&ctx.login) => Ok(refresher),
         s = &mut stop => Err(Stop::ending(s)),
@@ -74,10 +116,71 @@ pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: onesho
     let redactor = ctx.login.redactor(crate::now_ms());
     result.output = redactor.redact(&result.output);
     result.error = result.error.map(|e| redactor.redact(&e));
-    if std::env::var_os("CLAUDE_RUNNER_KEEP_WORKSPACES").is_none() {
-        let _ = tokio::fs::remove_dir_all(&workspace).await;
+    if let Some(prepared) = repo {
+        hand_back(ctx, job_id, &spec, prepared, redactor, deadline, &mut result).await;
+        result.duration_ms = started.elapsed().as_millis() as u64;
+        crate::repo::fit_result(&mut result, MAX_RESULT_BYTES);
     }
+    clean_up(ctx, job_id, &workspace, &result).await;
     result
+}
+
+/// Puts a repository job's commit, diff and push into its result. A diff is given even
+/// when Claude failed (it shows what was left half done); a push only when it succeeded.
+async fn hand_back(
+    ctx: &JobContext,
+    job_id: &str,
+    spec: &JobSpec,
+    prepared: crate::repo::Prepared,
+    redactor: crate::redact::Redactor,
+    deadline: tokio::time::Instant,
+    result: &mut JobResult,
+) {
+    result.commit = Some(prepared.commit());
+    let mut wanted = spec.clone();
+    if !result.success {
+        wanted.push_branch = None;
+    }
+    let url = spec.repo_url.clone().unwrap_or_default();
+    let handing = Instant::now();
+    let finished = tokio::time::timeout_at(deadline.max(tokio::time::Instant::now()) + FINISH_GRACE, prepared.finish(&ctx.repos, &wanted, job_id, redactor))
+        .await
+        .unwrap_or_else(|_| Err(RepoError::Git { action: "hand back the job's changes in time", detail: format!("the diff or the push to {url} took longer than timeout_ms plus {} s", FINISH_GRACE.as_secs()) }));
+    if wanted.include_diff || wanted.push_branch.is_some() {
+        info!(job_id, agent_id = %ctx.cfg.agent_id, ok = finished.is_ok(), ms = handing.elapsed().as_millis() as u64, "changes handed back");
+    }
+    match finished {
+        Ok(outcome) => {
+            if let Some(patch) = outcome.patch {
+                result.diff = Some(patch.text);
+                result.diff_truncated = Some(patch.truncated);
+                result.files_changed = Some(patch.files);
+            }
+            if outcome.pushed_branch.is_some() {
+                info!(job_id, agent_id = %ctx.cfg.agent_id, branch = outcome.pushed_branch.as_deref().unwrap_or(""), commit = outcome.pushed_commit.as_deref().unwrap_or("none"), "pushed");
+            }
+            result.pushed_commit = outcome.pushed_commit;
+            result.pushed_branch = outcome.pushed_branch;
+        }
+        Err(e) => {
+            warn!(job_id, agent_id = %ctx.cfg.agent_id, error = %e, "could not hand back the job's changes");
+            if result.success {
+                result.success = false;
+                result.error_code = Some(ErrorCode::RepoError);
+                result.error = Some(e.to_string());
+            }
+        }
+    }
+}
+
+/// Removes the job's workspace, unless it failed and `KEEP_FAILED_WORKSPACES` is set.
+async fn clean_up(ctx: &JobContext, job_id: &str, workspace: &std::path::Path, result: &JobResult) {
+    let keep = std::env::var_os("CLAUDE_RUNNER_KEEP_WORKSPACES").is_some() || (!result.success && ctx.cfg.repos.keep_failed_workspaces);
+    if keep {
+        info!(job_id, agent_id = %ctx.cfg.agent_id, workspace = %workspace.display(), "workspace kept");
+    } else {
+        let _ = tokio::fs::remove_dir_all(workspace).await;
+    }
 }
 
 /// When a job that started at `started` must be stopped (far future if it overflows).

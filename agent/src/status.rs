@@ -19,6 +19,9 @@ pub struct Status {
     pub since: String,
     pub last_error: Option<String>,
     pub running: Vec<String>,
+    /// The repositories whose mirror the agent holds.
+    #[serde(default)]
+    pub mirrors: Vec<String>,
     pub updated_at: String,
     /// `updated_at` in milliseconds, for the freshness check.
     #[serde(default)]
@@ -130,6 +133,10 @@ impl StatusFile {
     pub fn running(&self, running: Vec<String>) {
         self.update(|s| s.running = running);
     }
+
+    pub fn mirrors(&self, mirrors: Vec<String>) {
+        self.update(|s| s.mirrors = mirrors);
+    }
 }
 
 pub fn read(data_dir: &std::path::Path) -> anyhow::Result<Option<Status>> {
@@ -199,6 +206,9 @@ pub fn show(data_dir: &std::path::Path) -> anyhow::Result<bool> {
         println!("jobs      none running");
     } else {
         println!("jobs      {}", status.running.join(", "));
+    }
+    if !status.mirrors.is_empty() {
+        println!("mirrors   {}", status.mirrors.join(", "));
     }
     Ok(status.connected)
 }

@@ -19,6 +19,8 @@ pub struct UpArgs {
     pub max_concurrent_jobs: u32,
     #[command(flatten)]
     pub local: LocalArgs,
+    #[command(flatten)]
+    pub repos: crate::repo::settings::RepoArgs,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -77,6 +79,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         data_dir: root.join("agent"),
         max_concurrent_jobs: args.max_concurrent_jobs,
         claude_model: args.local.claude_model.clone(),
+        repos: args.repos.clone().resolve()?,
         drain_timeout: std::time::Duration::from_millis(crate::config::DEFAULT_DRAIN_TIMEOUT_MS),
     };
     println!(

@@ -3,6 +3,7 @@
 
 use crate::job::{JobResult, JobSpec, JobState};
 use crate::oauth::OAuthStatus;
+use crate::repo::{RepoUrl, MAX_COMMIT_MESSAGE};
 use serde::{Deserialize, Serialize};
 
 /// Every error code a caller can see, in bodies of errors and of failed results.
@@ -250,6 +251,11 @@ pub struct ExecuteRequest {
     pub append_system_prompt: Option<String>,
     pub session_id: Option<String>,
     pub include_diff: Option<bool>,
+    /// Run on the mirror's last fetched state when a fetch fails.
+    pub allow_stale: Option<bool>,
+    /// Commit Claude's changes and push them to this branch of `repo_url`.
+    pub push_branch: Option<String>,
+    pub commit_message: Option<String>,
     pub idempotency_key: Option<String>,
     /// Claude stops once a run has cost this much (`--max-budget-usd`).
     pub max_budget_usd: Option<f64>,
@@ -286,12 +292,27 @@ impl ExecuteRequest {
         if prompt.trim().is_empty() {
             return Err(ApiError::invalid("`prompt` is required: say what Claude should do"));
         }
-        if let Some(url) = &self.repo_url {
-            if !url.trim().is_empty() {
-                return Err(ApiError::invalid(
-                    "`repo_url` is not supported by this runner version yet: send the task without it",
-                ));
+        // An empty `repo_url` means none, as it always has.
+        let repo_url = self
+            .repo_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+            .map(RepoUrl::parse)
+            .transpose()
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
+        let branch = self.branch.map(|b| checked_ref_name("branch", b)).transpose()?;
+        let push_branch = self.push_branch.map(|b| checked_ref_name("push_branch", b)).transpose()?;
+        if let Some(m) = &self.commit_message {
+            if m.trim().is_empty() || m.len() > MAX_COMMIT_MESSAGE || m.contains('\0') {
+                return Err(ApiError::invalid(format!(
+                    "`commit_message` must be 1 to {MAX_COMMIT_MESSAGE} bytes of text without NUL"
+                )));
             }
+        }
+        if repo_url.is_none() && (push_branch.is_some() || self.commit_message.is_some()) {
+            return Err(ApiError::invalid(
+                "`push_branch` and `commit_message` need a `repo_url`: say which repository to push to",
+            ));
         }
         let working_dir = self.working_dir.map(|d| checked_working_dir(&d)).transpose()?;
         // An edge whose MAX_TIMEOUT_MS is below the default still takes requests that name none.
@@ -308,7 +329,6 @@ impl ExecuteRequest {
             return Err(ApiError::invalid("`max_turns` must be between 1 and 10000"));
         }
         let model = self.model.map(|m| checked_word("model", m)).transpose()?;
-        let branch = self.branch.map(|b| checked_word("branch", b)).transpose()?;
         if let Some(mode) = &self.permission_mode {
             if !PERMISSION_MODES.contains(&mode.as_str()) {
                 return Err(ApiError::invalid(format!(
@@ -352,7 +372,7 @@ impl ExecuteRequest {
         Ok(Submission {
             spec: JobSpec {
                 prompt,
-                repo_url: None,
+                repo_url: repo_url.map(|u| u.url()),
                 branch,
                 working_dir,
                 timeout_ms,
@@ -365,6 +385,9 @@ impl ExecuteRequest {
                 session_id: self.session_id,
                 include_diff: self.include_diff.unwrap_or(false),
                 max_budget_usd: self.max_budget_usd,
+                allow_stale: self.allow_stale.unwrap_or(false),
+                push_branch,
+                commit_message: self.commit_message,
             },
             wait_for_usage: self.wait_for_usage.unwrap_or(true),
             callback_url: self.callback_url,
@@ -415,6 +438,14 @@ fn checked_word(field: &str, value: String) -> Result<String, ApiError> {
         )));
     }
     Ok(value)
+}
+
+/// A branch, tag or commit name that git accepts and no command line misreads.
+fn checked_ref_name(field: &str, value: String) -> Result<String, ApiError> {
+    match crate::repo::ref_name_problem(&value) {
+        None => Ok(value),
+        Some(why) => Err(ApiError::invalid(format!("`{field}` {why}; give a branch, tag or commit name like `main`"))),
+    }
 }
 
 fn checked_tools(field: &str, tools: Option<Vec<String>>) -> Result<Vec<String>, ApiError> {
@@ -554,6 +585,23 @@ mod tests {
     }
 
     #[test]
+    fn repository_fields_are_checked_and_carried() {
+        let s = parse(json!({
+            "prompt": "x", "repo_url": "octo/hello", "branch": "v1.0", "include_diff": true,
+            "allow_stale": true, "push_branch": "claude/fix-1", "commit_message": "Fix it"
+        }))
+        .unwrap();
+        assert_eq!(s.spec.repo_url.as_deref(), Some("https://github.com/octo/hello"));
+        assert_eq!(s.spec.branch.as_deref(), Some("v1.0"));
+        assert!(s.spec.include_diff && s.spec.allow_stale);
+        assert_eq!(s.spec.push_branch.as_deref(), Some("claude/fix-1"));
+        assert_eq!(s.spec.commit_message.as_deref(), Some("Fix it"));
+        let s = parse(json!({"prompt": "x", "repo_url": "https://git.example.com:8443/a/b.git"})).unwrap();
+        assert_eq!(s.spec.repo_url.as_deref(), Some("https://git.example.com:8443/a/b.git"));
+        assert!(!s.spec.allow_stale && s.spec.push_branch.is_none());
+    }
+
+    #[test]
     fn header_idempotency_key_wins() {
         let body = json!({"prompt": "x", "idempotency_key": "body"}).to_string();
         let s = ExecuteRequest::parse(body.as_bytes(), Some("header"), LIMITS).unwrap();
@@ -577,7 +625,19 @@ mod tests {
             json!({"prompt": "x", "permission_mode": "yolo"}),
             json!({"prompt": "x", "session_id": "../../etc"}),
             json!({"prompt": "x", "include_diff": "yes"}),
-            json!({"prompt": "x", "repo_url": "https://github.com/a/b"}),
+            json!({"prompt": "x", "repo_url": "file:///etc"}),
+            json!({"prompt": "x", "repo_url": "/srv/repo"}),
+            json!({"prompt": "x", "repo_url": "git@github.com:a/b.git"}),
+            json!({"prompt": "x", "repo_url": "https://u:t@github.com/a/b"}),
+            json!({"prompt": "x", "repo_url": "-uhelp"}),
+            json!({"prompt": "x", "repo_url": 5}),
+            json!({"prompt": "x", "repo_url": "a/b", "branch": "--force"}),
+            json!({"prompt": "x", "repo_url": "a/b", "branch": "a..b"}),
+            json!({"prompt": "x", "repo_url": "a/b", "push_branch": "x y"}),
+            json!({"prompt": "x", "repo_url": "a/b", "commit_message": ""}),
+            json!({"prompt": "x", "repo_url": "a/b", "allow_stale": "yes"}),
+            json!({"prompt": "x", "push_branch": "feature"}),
+            json!({"prompt": "x", "commit_message": "no repo"}),
             json!({"prompt": "x", "working_dir": "../outside"}),
             json!({"prompt": "x", "working_dir": "a/../../b"}),
             json!({"prompt": "x", "working_dir": "/etc"}),

@@ -34,6 +34,12 @@ pub struct JobSpec {
     pub include_diff: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_budget_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_stale: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_branch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_message: Option<String>,
 }
 
 /// How a job ended, as the agent reports it (the edge adds `job_id` and `agent_id`).
@@ -47,8 +53,15 @@ pub struct JobResult {
     pub session_id: Option<String>,
     pub num_turns: Option<u32>,
     pub cost_usd: Option<f64>,
+    /// Everything the job changed against `commit`, as a unified diff (`include_diff`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diff: Option<String>,
+    /// Whether `diff` was cut at the agent's `MAX_DIFF_BYTES` (`include_diff`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diff_truncated: Option<bool>,
+    /// Each path the job changed (`include_diff`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_changed: Option<Vec<FileChange>>,
     pub error_code: Option<ErrorCode>,
     /// Whether the same request sent again (later, or elsewhere) may succeed; on failures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,6 +69,38 @@ pub struct JobResult {
     /// When to try again (RFC 3339), for `USAGE_LIMIT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<String>,
+    /// The commit Claude started from (jobs with a `repo_url`).
+    #[serde(default)]
+    pub commit: Option<String>,
+    /// The commit pushed to `pushed_branch` (`push_branch`; null when nothing changed).
+    #[serde(default)]
+    pub pushed_commit: Option<String>,
+    #[serde(default)]
+    pub pushed_branch: Option<String>,
+    /// Whether `output` was cut to fit the result, and how many bytes were left out.
+    #[serde(default)]
+    pub truncated: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated_bytes: Option<u64>,
+}
+
+/// One path a job changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileChange {
+    pub path: String,
+    pub status: ChangeKind,
+    /// Where a renamed file came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_path: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    Added,
+    Modified,
+    Deleted,
+    Renamed,
 }
 
 impl JobResult {

@@ -8,6 +8,7 @@
 //!   its lifecycle states.
 //! - [`oauth`]: the agent's report of its Claude login, and how the edge judges it.
 //! - [`usage`]: the subscription's usage window (Claude's `rate_limit_event`s).
+//! - [`repo`]: repository addresses (`repo_url`), git names, and mirror names.
 //! - [`protocol`]: the versioned messages of the agent ⇄ edge WebSocket.
 //! - [`envelope`]: ed25519-signed envelopes with domain separation (jobs, cancels, hello).
 //! - [`ids`]: agent ids, plain ids and hex, checked and made the same way everywhere.
@@ -22,6 +23,7 @@ pub mod job;
 pub mod keys;
 pub mod oauth;
 pub mod protocol;
+pub mod repo;
 pub mod text;
 pub mod time;
 pub mod usage;

@@ -21,7 +21,9 @@ use crate::oauth::OAuthReport;
 use crate::Millis;
 use serde::{Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: jobs may carry a repository (`repo_url`, `push_branch`…). An agent of version 1 would
+/// ignore those fields and run the task in an empty folder, so the versions refuse each other.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;

@@ -16,7 +16,10 @@ Scenarios (--mode, or env FAKE_ANTHROPIC_MODE):
   unauthorized  every message request gets 401 authentication_error
   tool_use      the first message request of a conversation (no tool_result in it yet)
                 gets a tool_use block (--tool / FAKE_ANTHROPIC_TOOL, JSON {"name","input"};
-                default Read of /etc/hostname), later ones the text answer
+                default Read of /etc/hostname), later ones the text answer. In the tool's
+                input, the text {cwd} becomes the working directory the CLI names in its
+                system prompt ("Primary working directory: …"), so a Write can target the
+                job's own checkout
   stall         message requests get no answer at all (for timeouts)
   rate_limited  message requests get 429 with the subscription's usage window rejected, the
                 way the real API answers a Claude subscription that used up its window: a
@@ -36,6 +39,7 @@ import argparse
 import http.server
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -154,7 +158,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         model = body.get("model") or "claude-fake"
         tool = opts.mode == "tool_use" and not has_tool_result(body.get("messages") or [])
         if tool:
-            call = json.loads(opts.tool)
+            call = json.loads(opts.tool.replace("{cwd}", working_directory(body) or "."))
             blocks = [{"type": "tool_use", "id": "toolu_fake_" + uuid.uuid4().hex[:12], "name": call["name"], "input": call.get("input", {})}]
             stop = "tool_use"
         else:
@@ -196,6 +200,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 "anthropic-ratelimit-unified-5h-surpassed-threshold": "0.9",
             })
         self.send_bytes(200, "text/event-stream", "".join(out).encode(), extra)
+
+
+def working_directory(body):
+    system = body.get("system") or ""
+    if isinstance(system, list):
+        system = "\n".join(b.get("text", "") for b in system if isinstance(b, dict))
+    match = re.search(r"Primary working directory: (\S+)", system)
+    return match.group(1) if match else None
 
 
 def has_tool_result(messages):

@@ -4,6 +4,9 @@
 //!
 //! The binaries are found next to the test executable (`target/<profile>/`); the test
 //! command (`tests/run`) builds them first.
+//!
+//! - [`git_server`]: a git server over https on 127.0.0.1 (`git http-backend` behind a
+//!   self-signed certificate), optionally demanding a token, for the repository tests.
 
 use ed25519_dalek::SigningKey;
 use serde_json::Value;
@@ -15,6 +18,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub use serde_json::json;
+
+pub mod git_server;
 
 pub const SECRET: &str = "test-runner-secret-0123456789";
 

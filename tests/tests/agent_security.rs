@@ -1,8 +1,9 @@
 //! The agent against an edge the test controls: it speaks the real protocol, then tries
 //! to make the agent run what it must not — orders signed by another key, tampered,
 //! addressed to another agent, expired, from the future, replayed — and checks each is
-//! refused with a reason and never reaches `claude`. Also: an edge that cannot prove its
-//! identity, another protocol version, and a silent (half-open) edge.
+//! refused with a reason and never reaches `claude`; signed jobs naming hostile
+//! repositories, which never reach git. Also: an edge that cannot prove its identity,
+//! another protocol version, and a silent (half-open) edge.
 
 use ed25519_dalek::SigningKey;
 use futures_util::{SinkExt, StreamExt};
@@ -38,13 +39,17 @@ impl FakeEdge {
     }
 
     fn start_agent(&self) -> AgentProc {
+        self.start_agent_with(&[])
+    }
+
+    fn start_agent_with(&self, env: &[(&str, &str)]) -> AgentProc {
         let opts = AgentOpts {
             id: "spark",
             key: self.agent_key.clone(),
             edge_public: encode_verifying(&self.edge_key.verifying_key()),
             edge_ws: self.url(),
             claude_bin: bin("claude-standin"),
-            extra_env: Vec::new(),
+            extra_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         AgentProc::start(opts)
     }
@@ -109,6 +114,9 @@ fn spec(prompt: &str) -> JobSpec {
         session_id: None,
         include_diff: false,
         max_budget_usd: None,
+        allow_stale: false,
+        push_branch: None,
+        commit_message: None,
     }
 }
 
@@ -206,6 +214,53 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
     let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
     assert!(rejected(&answer(&mut ws, good).await).contains("replay"));
     assert_eq!(agent.claude_runs().len(), 1);
+}
+
+/// An edge that signs whatever it is given (a bug, or an edge in the wrong hands) cannot
+/// make the agent fetch from a local path, another scheme or a host it does not allow, run
+/// git options, or leave the checkout: the agent checks the repository fields again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_jobs_with_hostile_repositories_never_reach_git_or_claude() {
+    let git = harness::git_server::GitServer::start(None);
+    git.seed("demo", &[("README.md", b"# demo\n")]);
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent_with(&[("ALLOWED_REPO_HOSTS", &git.host()), ("SSL_CERT_FILE", &git.cert_file.display().to_string())]);
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    let t = now();
+    let marker = agent.data.path().join("pwned");
+    let cases = [
+        ("file", format!("file://{}", agent.data.path().display()), None),
+        ("path", agent.data.path().display().to_string(), None),
+        ("option", format!("--upload-pack=touch {}", marker.display()), None),
+        ("ext", format!("ext::sh -c touch% {}", marker.display()), None),
+        ("ssh", "git@github.com:a/b.git".to_string(), None),
+        ("creds", "https://user:secret@github.com/a/b".to_string(), None),
+        ("host", "https://git.evil.example/a/b.git".to_string(), None),
+        ("workdir", git.url("demo"), Some("../../..")),
+        ("absolute", git.url("demo"), Some("/etc")),
+    ];
+    for (id, url, working_dir) in cases {
+        let mut o = order(id, "spark", t, t + 60_000, "@write=pwned");
+        o.spec.repo_url = Some(url.clone());
+        o.spec.working_dir = working_dir.map(String::from);
+        let envelope = Envelope::seal(Domain::Job, &o, &edge.edge_key);
+        assert!(matches!(answer(&mut ws, envelope).await, AgentMessage::Accepted { .. }), "{id}");
+        let result = loop {
+            match recv(&mut ws).await.expect("a result") {
+                AgentMessage::Result { job_id, result } if job_id == id => break result,
+                _ => continue,
+            }
+        };
+        assert!(!result.success, "{id}: {result:?}");
+        assert_eq!(result.error_code, Some(shared::contract::ErrorCode::RepoError), "{id}: {result:?}");
+        let error = result.error.unwrap_or_default();
+        assert!(error.contains("repo_url") || error.contains("ALLOWED_REPO_HOSTS") || error.contains("working_dir"), "{id}: {error}");
+    }
+    assert!(agent.claude_runs().is_empty(), "Claude never ran");
+    assert!(!marker.exists(), "no command ran");
+    let mirrors: Vec<String> = std::fs::read_dir(agent.data.path().join("data/repos")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(mirrors, [format!("127.0.0.1@{}+demo.git", git.port)], "only the allowed repository was fetched");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

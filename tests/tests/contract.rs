@@ -843,6 +843,59 @@ async fn a_silent_agent_is_reported_offline_within_two_heartbeats(kind: EdgeKind
     drop(ws);
 }
 
+async fn cut_output_says_how_much_was_left_out(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let a = s.client.execute(json!({"prompt": "@megabytes=2 say hi"})).await;
+    assert_eq!(a.body["success"], true, "{}", a.text);
+    assert_eq!(a.body["truncated"], false, "the final text is short; only the stream was long");
+    // A final text over 1 MiB: the stand-in answers with the base64 of a 1.5 MiB file.
+    let big = s.agent.data.path().join("big.bin");
+    std::fs::write(&big, vec![7u8; 1536 * 1024]).unwrap();
+    let a = s.client.execute(json!({"prompt": format!("@print_file_b64={}", big.display())})).await;
+    let b = &a.body;
+    assert_eq!(b["success"], true);
+    assert_eq!(b["truncated"], true);
+    let full = "the file is ".len() + (1536 * 1024usize).div_ceil(3) * 4;
+    let kept = b["output"].as_str().unwrap().len();
+    let cut = b["truncated_bytes"].as_u64().unwrap() as usize;
+    assert!(cut > 0 && kept < full && kept + cut > full && kept + cut < full + 100, "kept {kept} + cut {cut} ≈ {full} (plus the marker)");
+}
+
+/// The repository fields go through the edge both ways (the Worker needs no git: the
+/// agent does the git work, the edge checks the address and carries the fields).
+async fn repository_jobs_carry_their_fields(kind: EdgeKind) {
+    let git = harness::git_server::GitServer::start(None);
+    let seed = git.seed("demo", &[("README.md", b"# demo\n")]);
+    let start = seed.git(&["rev-parse", "HEAD"]);
+    let (hosts, cert) = (git.host(), git.cert_file.display().to_string());
+    let s = setup(kind, &[], &[("ALLOWED_REPO_HOSTS", &hosts), ("SSL_CERT_FILE", &cert)]).await;
+    let body = json!({
+        "prompt": "@write=NOTES.md", "repo_url": git.url("demo"), "branch": "main", "include_diff": true,
+        "push_branch": "claude/notes", "commit_message": "Notes", "allow_stale": false
+    });
+    let job = s.client.submit(body).await;
+    assert_eq!(job.status, 202, "{}", job.text);
+    let view = s.client.wait_job(job.body["job_id"].as_str().unwrap(), Duration::from_secs(60)).await;
+    let b = &view["result"];
+    assert_eq!(b["success"], true, "{view}");
+    assert_eq!(b["commit"], start.as_str());
+    assert!(b["diff"].as_str().unwrap().contains("+written by the stand-in: NOTES.md"), "{b}");
+    assert_eq!(b["diff_truncated"], false);
+    assert_eq!(b["files_changed"], json!([{"path": "NOTES.md", "status": "added"}]));
+    assert_eq!(b["pushed_branch"], "claude/notes");
+    assert_eq!(seed.server_git(&["rev-parse", "claude/notes"]), b["pushed_commit"].as_str().unwrap());
+    assert_eq!(b["truncated"], false);
+    // A refused address is a 400 at the edge, before anything is queued.
+    for bad in ["file:///etc", "git@github.com:a/b.git", "https://user:pw@github.com/a/b", "--upload-pack=x", "/srv/repo"] {
+        let a = s.client.execute(json!({"prompt": "x", "repo_url": bad})).await;
+        assert_eq!(a.status, 400, "{bad}: {}", a.text);
+        assert!(a.body["error"].as_str().unwrap().starts_with("`repo_url` "), "{}", a.text);
+    }
+    let a = s.client.execute(json!({"prompt": "x", "push_branch": "b"})).await;
+    assert_eq!(a.status, 400, "push_branch without repo_url: {}", a.text);
+    assert_eq!(s.agent.claude_runs().len(), 1);
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod native {
@@ -899,4 +952,6 @@ contract!(
     progress_streams_as_server_sent_events,
     a_running_job_can_be_cancelled,
     a_binary_frame_closes_the_connection_with_a_reason,
+    cut_output_says_how_much_was_left_out,
+    repository_jobs_carry_their_fields,
 );

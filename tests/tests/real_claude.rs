@@ -62,11 +62,19 @@ impl Real {
     /// `mode` is the fake's scenario: `ok`, `unauthorized`, `tool_use`, `stall`,
     /// `rate_limited` or `warning`.
     async fn start(claude: &Path, mode: &str) -> Real {
+        Real::start_with(claude, mode, None, &[]).await
+    }
+
+    /// With the fake's tool call (`tool_use` mode) and more agent settings.
+    async fn start_with(claude: &Path, mode: &str, tool: Option<&Value>, agent_env: &[(&str, &str)]) -> Real {
         let dir = TempDir::new("real-claude");
-        let wrapper = write_wrapper(dir.path(), claude, mode);
+        let wrapper = write_wrapper(dir.path(), claude, mode, tool);
         let keys = Keys::new(&["spark"]);
         let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
         let mut opts = AgentOpts::for_edge(&edge, "spark");
+        for (k, v) in agent_env {
+            opts = opts.env(k, v);
+        }
         opts.claude_bin = wrapper;
         let agent = AgentProc::start(opts);
         let client = Client::new(&edge.url());
@@ -107,12 +115,14 @@ impl Real {
 }
 
 /// Writes the agent's `CLAUDE_BIN`: the real CLI in a new network namespace with the fake API.
-fn write_wrapper(dir: &Path, claude: &Path, mode: &str) -> PathBuf {
+fn write_wrapper(dir: &Path, claude: &Path, mode: &str, tool: Option<&Value>) -> PathBuf {
     let server = repo_root().join("tests/fake-anthropic/server.py");
     assert!(server.exists(), "{} is missing", server.display());
     for p in [dir, claude, server.as_path()] {
         assert!(!p.display().to_string().contains('\''), "a quote in {} would break the wrapper", p.display());
     }
+    let tool = tool.map(Value::to_string).unwrap_or_else(|| r#"{"name": "Read", "input": {"file_path": "/etc/hostname"}}"#.into());
+    assert!(!tool.contains('\''), "a quote in the tool call would break the wrapper");
     let script = format!(
         r#"#!/bin/sh
 # CLAUDE_BIN for tests/tests/real_claude.rs (written by the test): the real Claude Code CLI
@@ -122,7 +132,8 @@ REAL_CLAUDE='{claude}'
 FAKE_SERVER='{server}'
 FAKE_DIR='{dir}'
 FAKE_ANTHROPIC_MODE='{mode}'
-export REAL_CLAUDE FAKE_SERVER FAKE_DIR FAKE_ANTHROPIC_MODE
+FAKE_ANTHROPIC_TOOL='{tool}'
+export REAL_CLAUDE FAKE_SERVER FAKE_DIR FAKE_ANTHROPIC_MODE FAKE_ANTHROPIC_TOOL
 exec unshare {netns} /bin/sh -c '
 PATH=$PATH:/usr/sbin:/sbin
 ip link set lo up || {{ echo "claude-in-netns: cannot bring up loopback in the new namespace" >&2; exit 97; }}
@@ -154,6 +165,7 @@ exit $rc
         claude = claude.display(),
         server = server.display(),
         dir = dir.display(),
+        tool = tool,
         netns = unshare_flags().expect("checked by real_claude()"),
     );
     let path = dir.join("claude-in-netns");
@@ -408,6 +420,40 @@ async fn a_later_job_resumes_an_earlier_jobs_session() {
     assert!(texts.iter().any(|t| t.contains("which word?")));
 }
 
+/// The whole repository path with the real CLI: the agent fetches a repository over https
+/// (outside the namespace), the CLI runs in the fresh checkout and writes a file with its
+/// Write tool, and the diff names that file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_cli_writes_a_file_in_a_repository_checked_out_over_https() {
+    let Some(claude) = real_claude() else { return };
+    let git = harness::git_server::GitServer::start(None);
+    let seed = git.seed("site", &[("README.md", b"# site\n")]);
+    let tool = json!({"name": "Write", "input": {"file_path": "{cwd}/HELLO.md", "content": "Hello from Claude\n"}});
+    let (hosts, cert) = (git.host(), git.cert_file.display().to_string());
+    let r = Real::start_with(&claude, "tool_use", Some(&tool), &[("ALLOWED_REPO_HOSTS", &hosts), ("SSL_CERT_FILE", &cert)]).await;
+    let a = r
+        .execute(json!({
+            "prompt": "add a HELLO.md", "repo_url": git.url("site"), "include_diff": true,
+            "allowed_tools": ["Write"], "permission_mode": "acceptEdits", "timeout_ms": 60000
+        }))
+        .await;
+    let b = &a.body;
+    assert_eq!(b["success"], true, "{}\n{}", a.text, r.logs());
+    assert_eq!(b["output"], FAKE_TEXT);
+    assert_eq!(b["commit"], seed.git(&["rev-parse", "HEAD"]).as_str());
+    let diff = b["diff"].as_str().unwrap();
+    assert!(diff.contains("diff --git a/HELLO.md b/HELLO.md\nnew file mode 100644"), "{diff}");
+    assert!(diff.contains("+Hello from Claude"), "{diff}");
+    assert_eq!(b["files_changed"], json!([{"path": "HELLO.md", "status": "added"}]));
+    // The CLI really used its Write tool, in the checkout: the second request carries the
+    // tool's result, and the first told the model the checkout was the working directory.
+    let requests = r.message_requests();
+    assert_eq!(requests.len(), 2, "a tool call, then the answer");
+    let second = requests[1]["body"].to_string();
+    assert!(second.contains("tool_result") && second.contains("HELLO.md"), "{second}");
+    assert!(system_text(&requests[0]["body"]).contains("/data/workspaces/"), "Claude worked in the job's checkout");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wrapper_keeps_the_cli_off_the_network() {
     let Some(_claude) = real_claude() else { return };
@@ -429,7 +475,7 @@ async fn the_canary_passes_with_this_cli_and_names_a_refused_login() {
     let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
     for (mode, passes) in [("ok", true), ("unauthorized", false)] {
         let dir = TempDir::new("real-canary");
-        let wrapper = write_wrapper(dir.path(), &claude, mode);
+        let wrapper = write_wrapper(dir.path(), &claude, mode, None);
         let out = std::process::Command::new(bin("claude-runner"))
             .args(["doctor", "--canary"])
             .env_remove("ANTHROPIC_API_KEY")

@@ -21,6 +21,12 @@
 //! `--edge worker` runs the same against the Worker under Miniflare (needs
 //! `edge/worker/build.sh` first) and adds the time from Miniflare's start to its first
 //! `/health` answer.
+//!
+//! `--repo` measures repository jobs instead (see [`repos`]): cold clone against cached
+//! mirror, and the cost of `include_diff`.
+
+#[path = "bench/repos.rs"]
+mod repos;
 
 use harness::{AgentOpts, AgentProc, EdgeKind, EdgeServer, Keys, TempDir, SECRET};
 use serde_json::{json, Value};
@@ -57,6 +63,13 @@ usage: cargo run --release -p claude-runner-tests --bin bench -- [options]
   --block N            jobs per interleaved block of direct / edge runs (default 100)
   --edge KIND          native (default), worker (the Worker under Miniflare), or both
   --json PATH          also write the figures as JSON to PATH
+  --repo               measure repository jobs instead: time to the first Claude event with
+                       a cold cache and with a cached mirror, and the cost of include_diff
+  --repo-runs N        jobs of each kind (default 10)
+  --repo-mb N          size of the generated repository in MiB (default 50)
+  --repo-commits N     its commits (default 5000)
+  --repo-files N       files in its working tree (default 500)
+  --diff-files N       new files in the include_diff job (default 1000)
 
 Build the binaries first: cargo build --release --bins";
 
@@ -68,10 +81,11 @@ struct Opts {
     block: usize,
     edges: Vec<EdgeKind>,
     json: Option<PathBuf>,
+    repo: Option<repos::RepoOpts>,
 }
 
 fn parse_args() -> Result<Opts, String> {
-    let mut opts = Opts { jobs: 1000, clients: 8, offline: 1000, block: 100, edges: vec![EdgeKind::Native], json: None };
+    let mut opts = Opts { jobs: 1000, clients: 8, offline: 1000, block: 100, edges: vec![EdgeKind::Native], json: None, repo: None };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -92,6 +106,12 @@ fn parse_args() -> Result<Opts, String> {
             "--offline" => opts.offline = number(value()?)?,
             "--block" => opts.block = number(value()?)?,
             "--json" => opts.json = Some(PathBuf::from(value()?)),
+            "--repo" => opts.repo = Some(opts.repo.take().unwrap_or_default()),
+            "--repo-runs" => opts.repo.get_or_insert_with(Default::default).runs = number(value()?)?,
+            "--repo-mb" => opts.repo.get_or_insert_with(Default::default).mb = number(value()?)?,
+            "--repo-commits" => opts.repo.get_or_insert_with(Default::default).commits = number(value()?)?,
+            "--repo-files" => opts.repo.get_or_insert_with(Default::default).files = number(value()?)?,
+            "--diff-files" => opts.repo.get_or_insert_with(Default::default).diff_files = number(value()?)?,
             "--edge" => {
                 opts.edges = match value()?.as_str() {
                     "native" => vec![EdgeKind::Native],
@@ -145,8 +165,25 @@ fn main() {
         std::process::exit(2);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio starts");
-    let report = runtime.block_on(run(opts.clone()));
-    print_report(&report, &opts);
+    let report = match opts.repo.clone() {
+        Some(repo) => {
+            let load_start = loadavg();
+            let mut report = runtime.block_on(repos::run(repo)).unwrap_or_else(|e| {
+                eprintln!("bench: the repository run failed: {e:#}");
+                std::process::exit(1);
+            });
+            report["git_commit"] = json!(git_commit());
+            report["machine"] = machine();
+            report["load_average"] = json!([load_start, loadavg()]);
+            repos::print(&report);
+            report
+        }
+        None => {
+            let report = runtime.block_on(run(opts.clone()));
+            print_report(&report, &opts);
+            report
+        }
+    };
     if let Some(path) = &opts.json {
         let text = serde_json::to_string_pretty(&report).expect("report serialises");
         match std::fs::write(path, text + "\n") {

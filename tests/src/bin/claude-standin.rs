@@ -8,12 +8,17 @@
 //! pid to PIDFILE · `@megabytes=N` stream N MiB of assistant text first ·
 //! `@print_env=VAR` answer with the value of VAR · `@print_file_b64=PATH` answer with
 //! the base64 of a file (as `base64 FILE` would) · `@no_result` end without a result line ·
-//! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it) · `@rate_limited=SECS` end as
-//! the real CLI does when the usage window is used up (a rejected `rate_limit_event`
-//! resetting in SECS, then a 429 result) · `@usage_warning` report the window at 91 % ·
-//! `@max_turns` / `@max_budget` stop as `--max-turns` / `--max-budget-usd` do.
+//! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it) · `@write=PATH` write a text
+//! file (relative to the working directory; may repeat) · `@write_binary=PATH` write a few
+//! non-text bytes · `@write_env=VAR,PATH` write the value of VAR into a file ·
+//! `@delete=PATH` delete a file (may repeat) · `@exists=PATH` answer whether PATH exists ·
+//! `@rate_limited=SECS` end as the real CLI does when the usage window is used up (a
+//! rejected `rate_limit_event` resetting in SECS, then a 429 result) · `@usage_warning`
+//! report the window at 91 % · `@max_turns` / `@max_budget` stop as `--max-turns` /
+//! `--max-budget-usd` do.
 //!
-//! With `STANDIN_LOG` set, every invocation appends one JSON line (argv, cwd, prompt).
+//! With `STANDIN_LOG` set, every invocation appends one JSON line (argv, cwd, prompt, and
+//! its whole environment, so tests can see what Claude would inherit).
 //!
 //! `auth login` imitates the real CLI's login without a TTY (its lines as 2.1.x prints
 //! them): it prints an authorization URL and `Paste code here if prompted > `, reads the
@@ -34,6 +39,11 @@ fn directive<'a>(prompt: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// Every value of a directive that may repeat.
+fn directives<'a>(prompt: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> {
+    prompt.split_whitespace().filter_map(move |w| w.strip_prefix('@')?.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--version") {
@@ -52,6 +62,7 @@ fn main() {
             "cwd": std::env::current_dir().ok(),
             "prompt": prompt,
             "claude_config_dir": std::env::var("CLAUDE_CONFIG_DIR").ok(),
+            "env": std::env::vars().collect::<std::collections::BTreeMap<String, String>>(),
         });
         if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
             let _ = writeln!(f, "{line}");
@@ -90,7 +101,28 @@ fn main() {
     if let Some(ms) = directive(&prompt, "sleep").and_then(|v| v.parse::<u64>().ok()) {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
+    for path in directives(&prompt, "write") {
+        let path = std::path::Path::new(path);
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        std::fs::write(path, format!("written by the stand-in: {}\n", path.display())).expect("the stand-in writes");
+    }
+    for path in directives(&prompt, "write_binary") {
+        std::fs::write(path, [0u8, 1, 2, 0, 255, 254, 0, 7]).expect("the stand-in writes");
+    }
+    for spec in directives(&prompt, "write_env") {
+        let (var, path) = spec.split_once(',').expect("@write_env=VAR,PATH");
+        std::fs::write(path, format!("{}\n", std::env::var(var).unwrap_or_default())).expect("the stand-in writes");
+    }
+    for path in directives(&prompt, "delete") {
+        std::fs::remove_file(path).expect("the stand-in deletes");
+    }
     let text = match (directive(&prompt, "print_env"), directive(&prompt, "print_file_b64")) {
+        _ if directive(&prompt, "exists").is_some() => {
+            let path = directive(&prompt, "exists").unwrap_or_default();
+            format!("{path}: {}", if std::path::Path::new(path).exists() { "present" } else { "absent" })
+        }
         (Some(var), _) => format!("the value is {}", std::env::var(var).unwrap_or_default()),
         (None, Some(path)) => {
             use base64::Engine;

@@ -1,0 +1,100 @@
+//! A job's own checkout: a fresh, independent repository in the job's workspace whose
+//! objects come from the mirror (`objects/info/alternates`, nothing copied), with its own
+//! HEAD, index and refs — not a worktree of the mirror, whose shared state breaks under
+//! concurrent jobs. Claude may do anything in it; no other job sees it.
+
+use super::error::{local, RepoError};
+use git2::{build::CheckoutBuilder, Oid, Repository};
+use std::path::{Path, PathBuf};
+
+pub struct Checkout {
+    pub dir: PathBuf,
+    /// The commit Claude starts from.
+    pub commit: Oid,
+}
+
+/// What `branch` named in the mirror.
+#[derive(Debug, PartialEq, Eq)]
+enum Start {
+    /// A branch: the checkout gets a local branch of that name.
+    Branch(String, Oid),
+    /// A tag or a commit: a detached HEAD.
+    Detached(Oid),
+}
+
+fn resolve(mirror: &Repository, branch: Option<&str>, url: &str) -> Result<Start, RepoError> {
+    let action = "read the mirror";
+    let Some(branch) = branch else {
+        let head = mirror.head().map_err(|e| local(action, e.message()))?;
+        let commit = head.peel_to_commit().map_err(|e| local(action, e.message()))?.id();
+        let name = head.shorthand().unwrap_or("main").to_string();
+        return Ok(Start::Branch(name, commit));
+    };
+    if let Ok(r) = mirror.find_reference(&format!("refs/heads/{branch}")) {
+        let commit = r.peel_to_commit().map_err(|e| local(action, e.message()))?.id();
+        return Ok(Start::Branch(branch.to_string(), commit));
+    }
+    if let Ok(r) = mirror.find_reference(&format!("refs/tags/{branch}")) {
+        if let Ok(commit) = r.peel_to_commit() {
+            return Ok(Start::Detached(commit.id()));
+        }
+    }
+    if shared::repo::looks_like_sha(branch) {
+        // Only hex reaches revparse, so it can mean nothing but an object id.
+        if let Ok(commit) = mirror.revparse_single(branch).and_then(|o| o.peel_to_commit()) {
+            return Ok(Start::Detached(commit.id()));
+        }
+    }
+    Err(RepoError::BranchNotFound { branch: branch.to_string(), url: url.to_string() })
+}
+
+/// Makes `dir` (which must not exist yet, or be empty) a checkout of `branch` (default:
+/// the mirror's HEAD) with the mirror's objects.
+pub fn create(mirror_dir: &Path, dir: &Path, branch: Option<&str>, url: &str) -> Result<Checkout, RepoError> {
+    let action = "check out the repository";
+    let mirror = Repository::open_bare(mirror_dir).map_err(|e| local(action, e.message()))?;
+    let start = resolve(&mirror, branch, url)?;
+    std::fs::create_dir_all(dir).map_err(|e| local(action, e))?;
+    let repo = Repository::init(dir).map_err(|e| local(action, e.message()))?;
+    let objects = mirror_dir.canonicalize().map_err(|e| local(action, e))?.join("objects");
+    std::fs::write(repo.path().join("objects/info/alternates"), format!("{}\n", objects.display())).map_err(|e| local(action, e))?;
+    // Opened again: a repository reads its alternates when opened.
+    drop(repo);
+    let repo = Repository::open(dir).map_err(|e| local(action, e.message()))?;
+    let commit = match &start {
+        Start::Branch(name, commit) => {
+            let refname = format!("refs/heads/{name}");
+            repo.reference(&refname, *commit, true, "claude-runner checkout").map_err(|e| local(action, e.message()))?;
+            repo.set_head(&refname).map_err(|e| local(action, e.message()))?;
+            *commit
+        }
+        Start::Detached(commit) => {
+            repo.set_head_detached(*commit).map_err(|e| local(action, e.message()))?;
+            *commit
+        }
+    };
+    repo.checkout_head(Some(CheckoutBuilder::new().force())).map_err(|e| local(action, e.message()))?;
+    Ok(Checkout { dir: dir.to_path_buf(), commit })
+}
+
+/// The folder Claude starts in: `working_dir` inside the checkout, after symlinks.
+pub fn working_dir(checkout: &Path, dir: Option<&str>) -> Result<PathBuf, RepoError> {
+    let Some(dir) = dir.filter(|d| !d.is_empty()) else {
+        return checkout.canonicalize().map_err(|e| local("open the checkout", e));
+    };
+    let bad = |why| RepoError::WorkingDir { dir: dir.to_string(), why };
+    // The edge checked it; the side that touches the disk checks again.
+    let rel = shared::contract::checked_working_dir(dir).map_err(|_| bad("is not a relative path inside the repository"))?;
+    let root = checkout.canonicalize().map_err(|e| local("open the checkout", e))?;
+    let real = root.join(&rel).canonicalize().map_err(|_| bad("does not exist in the repository at this branch"))?;
+    if !real.starts_with(&root) {
+        return Err(bad("leaves the checkout through a symbolic link"));
+    }
+    if real.starts_with(root.join(".git")) {
+        return Err(bad("is inside the checkout's .git folder"));
+    }
+    if !real.is_dir() {
+        return Err(bad("is not a folder"));
+    }
+    Ok(real)
+}

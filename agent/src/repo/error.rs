@@ -1,0 +1,156 @@
+//! Why a repository could not be used, each as a sentence that says what to do next (the
+//! `error` of a `REPO_ERROR` result), and how a libgit2 error becomes one of them.
+
+use git2::{ErrorClass, ErrorCode};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RepoError {
+    #[error("the repository host `{host}` is not allowed on this runner: add it to ALLOWED_REPO_HOSTS on the runner machine, or use a repository on an allowed host")]
+    HostNotAllowed { host: String },
+    #[error("the repository {url} was not found: check `repo_url`{hint}")]
+    NotFound { url: String, hint: &'static str },
+    #[error("{url} needs authentication and the runner has no token for {host}: set GITHUB_TOKEN (github.com) or REPO_TOKENS=`{host}=<token>` on the runner machine, or check that `repo_url` names an existing repository")]
+    NoToken { url: String, host: String },
+    #[error("the git server refused the runner's token for {host}: renew the token (GITHUB_TOKEN for github.com, else REPO_TOKENS) on the runner machine, and check that it can {access} {url}")]
+    TokenRefused { url: String, host: String, access: &'static str },
+    #[error("`{branch}` is neither a branch, a tag nor a commit of {url}: check `branch` (leave it out for the default branch)")]
+    BranchNotFound { branch: String, url: String },
+    #[error("{url} has no branches yet: push a first commit, or use another repository")]
+    Empty { url: String },
+    #[error("could not reach {url} ({detail}): check the runner machine's network and `repo_url`, then retry; send \"allow_stale\": true to run on the last fetched state while the server is unreachable")]
+    Network { url: String, detail: String },
+    #[error("{url} answered with a redirect, and the runner follows none (it could lead off ALLOWED_REPO_HOSTS): use the repository's current address in `repo_url`")]
+    Redirected { url: String },
+    #[error("the TLS certificate of {url} is not trusted ({detail}): install the server's CA on the runner machine (system trust store, or SSL_CERT_FILE)")]
+    Tls { url: String, detail: String },
+    #[error("the disk holding DATA_DIR is full ({detail}): free space on the runner machine or lower REPO_CACHE_MAX_BYTES, then retry")]
+    DiskFull { detail: String },
+    #[error("fetching {url} did not finish within the job's timeout_ms ({timeout_ms} ms): the git server is slow or not answering; retry, raise timeout_ms, or send \"allow_stale\": true")]
+    FetchTimedOut { url: String, timeout_ms: u64 },
+    #[error("`working_dir` `{dir}` {why}: give a folder of the repository, like `packages/api`")]
+    WorkingDir { dir: String, why: &'static str },
+    #[error("`push_branch` `{branch}` is the repository's default branch, and the runner never pushes to it: name another branch and open a pull request from it")]
+    PushToDefault { branch: String },
+    #[error("the branch `{branch}` already exists on the server and does not lead to the job's commit, and the runner never force-pushes: choose a new `push_branch`, or start the job from that branch (\"branch\": \"{branch}\")")]
+    NotFastForward { branch: String },
+    #[error("the git server refused the push to `{branch}`: {message}; check the branch's protection rules and the token's write access")]
+    PushRejected { branch: String, message: String },
+    #[error("the changes contain a secret of the runner machine (a token), so nothing was pushed: ask Claude not to write credentials into the repository")]
+    SecretInChanges,
+    #[error("could not {action}: {detail}")]
+    Git { action: &'static str, detail: String },
+}
+
+/// What the credentials callback saw during one conversation with a git server.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AuthSeen {
+    /// The server asked for credentials and the runner had none for the host.
+    pub needed_without_token: bool,
+    /// The server asked again after the token was given: it refused it.
+    pub token_refused: bool,
+}
+
+/// The context of a failed conversation with a git server.
+pub struct Talk<'a> {
+    pub url: &'a str,
+    pub host: &'a str,
+    pub auth: AuthSeen,
+    /// What the conversation tried: used in the generic sentence.
+    pub action: &'static str,
+    pub pushing: bool,
+}
+
+impl Talk<'_> {
+    /// Turns a libgit2 error from a fetch or a push into the sentence a caller sees.
+    pub fn error(&self, code: ErrorCode, class: ErrorClass, message: &str) -> RepoError {
+        let url = self.url.to_string();
+        let host = self.host.to_string();
+        let lower = message.to_ascii_lowercase();
+        if lower.contains("redirect") || lower.contains("another host") || lower.contains("status code: 30") {
+            return RepoError::Redirected { url };
+        }
+        if self.auth.token_refused {
+            let access = if self.pushing { "push to" } else { "read" };
+            return RepoError::TokenRefused { url, host, access };
+        }
+        if self.auth.needed_without_token {
+            return RepoError::NoToken { url, host };
+        }
+        if let Some(e) = disk_full(message) {
+            return e;
+        }
+        if code == ErrorCode::Auth || lower.contains("status code: 401") || lower.contains("authentication required") {
+            return RepoError::NoToken { url, host };
+        }
+        if lower.contains("status code: 404") || lower.contains("repository not found") || lower.contains("not found") && lower.contains("repository") {
+            let hint = " (a private repository the runner's token cannot see also looks like this)";
+            return RepoError::NotFound { url, hint };
+        }
+        if lower.contains("status code: 403") {
+            let access = if self.pushing { "push to" } else { "read" };
+            return RepoError::TokenRefused { url, host, access };
+        }
+        if class == ErrorClass::Ssl || code == ErrorCode::Certificate || lower.contains("certificate") {
+            return RepoError::Tls { url, detail: message.to_string() };
+        }
+        if matches!(class, ErrorClass::Net | ErrorClass::Http | ErrorClass::Os) || code == ErrorCode::Timeout {
+            return RepoError::Network { url, detail: message.to_string() };
+        }
+        RepoError::Git { action: self.action, detail: message.to_string() }
+    }
+}
+
+/// The disk-full error, if `message` is one (ENOSPC in libgit2's or the OS's words).
+pub fn disk_full(message: &str) -> Option<RepoError> {
+    let lower = message.to_ascii_lowercase();
+    (lower.contains("no space left on device") || lower.contains("disk quota exceeded"))
+        .then(|| RepoError::DiskFull { detail: message.to_string() })
+}
+
+/// A local git or file-system step that failed (no server involved).
+pub fn local(action: &'static str, message: impl ToString) -> RepoError {
+    let message = message.to_string();
+    disk_full(&message).unwrap_or(RepoError::Git { action, detail: message })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn talk(auth: AuthSeen) -> Talk<'static> {
+        Talk { url: "https://git.example.com/a/b", host: "git.example.com", auth, action: "fetch the repository", pushing: false }
+    }
+
+    #[test]
+    fn server_failures_get_their_own_sentence() {
+        let t = talk(AuthSeen::default());
+        let e = t.error(ErrorCode::GenericError, ErrorClass::Http, "unexpected http status code: 404");
+        assert!(matches!(e, RepoError::NotFound { .. }), "{e}");
+        let e = t.error(ErrorCode::GenericError, ErrorClass::Net, "failed to connect to 127.0.0.1: Connection refused");
+        assert!(matches!(e, RepoError::Network { .. }), "{e}");
+        assert!(e.to_string().contains("allow_stale"));
+        let e = t.error(ErrorCode::Certificate, ErrorClass::Ssl, "the SSL certificate is invalid");
+        assert!(matches!(e, RepoError::Tls { .. }), "{e}");
+        let e = t.error(ErrorCode::GenericError, ErrorClass::Os, "failed to write: No space left on device");
+        assert!(matches!(e, RepoError::DiskFull { .. }), "{e}");
+        assert!(e.to_string().contains("REPO_CACHE_MAX_BYTES"));
+        let e = t.error(ErrorCode::Auth, ErrorClass::Http, "authentication required but no callback set");
+        assert!(matches!(e, RepoError::NoToken { .. }), "{e}");
+    }
+
+    #[test]
+    fn what_the_credentials_callback_saw_decides_auth_failures() {
+        let refused = talk(AuthSeen { token_refused: true, ..Default::default() });
+        let e = refused.error(ErrorCode::User, ErrorClass::Callback, "the token was refused");
+        assert!(e.to_string().contains("refused the runner's token for git.example.com"), "{e}");
+        let none = talk(AuthSeen { needed_without_token: true, ..Default::default() });
+        let e = none.error(ErrorCode::User, ErrorClass::Callback, "no token");
+        assert!(e.to_string().contains("REPO_TOKENS=`git.example.com=<token>`"), "{e}");
+    }
+
+    #[test]
+    fn local_failures_recognise_a_full_disk() {
+        assert!(matches!(local("check out", "No space left on device (os error 28)"), RepoError::DiskFull { .. }));
+        assert!(matches!(local("check out", "permission denied"), RepoError::Git { .. }));
+    }
+}

@@ -1,0 +1,398 @@
+//! The mirror cache: one bare mirror per repository under `DATA_DIR/repos`, fetched with
+//! git2 (never a `git` subprocess) when a job uses it.
+//!
+//! - One fetch at a time per repository: a per-repository async lock, held by the fetch
+//!   itself (a blocking task), so even a fetch whose job gave up keeps it until libgit2
+//!   returns. Jobs on different repositories fetch in parallel.
+//! - A job that waited while another fetched *after* it asked takes that fetch's result
+//!   instead of fetching again.
+//! - A failed fetch with a usable mirror runs the job on the last fetched state only when
+//!   the job allows it (`allow_stale`).
+//! - Every job holds a [`Lease`] on its mirror until it ends; after each fetch the least
+//!   recently used mirrors without a lease go until the cache fits `REPO_CACHE_MAX_BYTES`.
+//! - Tokens reach libgit2 only through the credentials callback: no remote is ever
+//!   written into a mirror's config (fetches use anonymous remotes), no URL carries one.
+
+use super::error::{local, AuthSeen, RepoError, Talk};
+use super::layout::{self, MirrorUse, NAME_FILE, USED_FILE};
+use super::settings::Token;
+use git2::{AutotagOption, Cred, CredentialType, FetchOptions, Oid, RemoteCallbacks, RemoteRedirect, Repository};
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tracing::{info, warn};
+
+/// What a mirror keeps of its repository.
+const REFSPECS: [&str; 2] = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"];
+/// libgit2 gives up on a server that accepts no connection, or sends nothing, this long.
+/// A job's own timeout ends its wait sooner; this bounds the fetch thread left behind.
+const CONNECT_TIMEOUT_MS: i32 = 15_000;
+const READ_TIMEOUT_MS: i32 = 30_000;
+
+/// Where a repository comes from, as a fetch needs it.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// [`shared::repo::RepoUrl::name`].
+    pub name: String,
+    pub url: String,
+    /// [`shared::repo::RepoUrl::host`]: named in errors.
+    pub host: String,
+    pub token: Option<Token>,
+}
+
+pub struct MirrorCache {
+    root: PathBuf,
+    max_bytes: u64,
+    entries: Mutex<HashMap<String, Entry>>,
+    /// One eviction pass at a time.
+    evicting: Mutex<()>,
+}
+
+#[derive(Default)]
+struct Entry {
+    /// Leases and running fetches.
+    users: usize,
+    lock: Arc<tokio::sync::Mutex<FetchState>>,
+}
+
+#[derive(Default)]
+struct FetchState {
+    /// When the last successful fetch started.
+    fetched_from: Option<Instant>,
+}
+
+/// Keeps a mirror from being evicted while it lives.
+struct Hold {
+    cache: Arc<MirrorCache>,
+    folder: String,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut entries = self.cache.entries.lock().expect("mirror entries");
+        if let Some(e) = entries.get_mut(&self.folder) {
+            e.users = e.users.saturating_sub(1);
+        }
+    }
+}
+
+/// A job's hold on its repository's mirror.
+pub struct Lease {
+    _hold: Hold,
+    pub dir: PathBuf,
+    /// The fetch failed and the job runs on the last fetched state (`allow_stale`).
+    pub stale: bool,
+    /// How long bringing the mirror up to date took (waiting for another job's fetch included).
+    pub fetch_ms: u64,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // Last use, for the eviction order; losing it only makes the mirror look older.
+        let _ = std::fs::write(self.dir.join(USED_FILE), crate::now_ms().to_string());
+    }
+}
+
+/// Sets the flag when dropped: a job that stops waiting aborts its fetch's transfer.
+struct AbortOnDrop(Arc<AtomicBool>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl MirrorCache {
+    pub fn open(root: PathBuf, max_bytes: u64) -> std::io::Result<Arc<MirrorCache>> {
+        std::fs::create_dir_all(&root)?;
+        // Leftovers of an eviction cut short.
+        for entry in std::fs::read_dir(&root)?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".evicted-") {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        set_timeouts();
+        Ok(Arc::new(MirrorCache { root, max_bytes, entries: Mutex::new(HashMap::new()), evicting: Mutex::new(()) }))
+    }
+
+    fn hold(self: &Arc<Self>, folder: &str) -> (Hold, Arc<tokio::sync::Mutex<FetchState>>) {
+        let mut entries = self.entries.lock().expect("mirror entries");
+        let entry = entries.entry(folder.to_string()).or_default();
+        entry.users += 1;
+        (Hold { cache: Arc::clone(self), folder: folder.to_string() }, Arc::clone(&entry.lock))
+    }
+
+    /// Brings the repository's mirror up to date (or creates it) and holds it for a job.
+    /// Dropping the future stops the wait and aborts the transfer.
+    pub async fn acquire(self: &Arc<Self>, source: Source, allow_stale: bool) -> Result<Lease, RepoError> {
+        let folder = layout::folder(&source.name);
+        let (hold, lock) = self.hold(&folder);
+        let asked = Instant::now();
+        let mut lease = Lease { _hold: hold, dir: self.root.join(&folder), stale: false, fetch_ms: 0 };
+        let guard = lock.lock_owned().await;
+        if guard.fetched_from.is_some_and(|t| t >= asked) {
+            lease.fetch_ms = asked.elapsed().as_millis() as u64;
+            return Ok(lease);
+        }
+        let abort = Arc::new(AtomicBool::new(false));
+        let _abort = AbortOnDrop(Arc::clone(&abort));
+        let (fetch_hold, _) = self.hold(&folder);
+        let dir = lease.dir.clone();
+        let fetching = source.clone();
+        let fetched = tokio::task::spawn_blocking(move || {
+            let (mut guard, _hold) = (guard, fetch_hold);
+            let started = Instant::now();
+            let result = fetch(&dir, &fetching, &abort);
+            match &result {
+                Ok(()) => guard.fetched_from = Some(started),
+                // A first fetch that failed leaves nothing worth keeping (or listing).
+                Err(_) if !usable(&dir) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                Err(_) => {}
+            }
+            result
+        })
+        .await
+        .unwrap_or_else(|e| Err(local("fetch the repository", e)));
+        lease.fetch_ms = asked.elapsed().as_millis() as u64;
+        if let Err(e) = fetched {
+            if !(allow_stale && usable(&lease.dir)) {
+                return Err(e);
+            }
+            warn!(repo = %source.name, error = %e, "fetch failed; the job runs on the mirror's last fetched state (allow_stale)");
+            lease.stale = true;
+        }
+        let cache = Arc::clone(self);
+        tokio::task::spawn_blocking(move || cache.evict(crate::now_ms()));
+        Ok(lease)
+    }
+
+    /// The repositories this cache holds a mirror of (names only, no size walk): what an
+    /// edge routing jobs to agents that already hold a repository needs.
+    pub fn mirror_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter_map(|e| std::fs::read_to_string(e.path().join(NAME_FILE)).ok())
+            .map(|n| n.trim().to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Removes least recently used mirrors no job holds until the cache fits.
+    pub fn evict(&self, now: shared::Millis) {
+        let Ok(_one) = self.evicting.try_lock() else { return };
+        let mut mirrors = Vec::new();
+        for entry in std::fs::read_dir(&self.root).into_iter().flatten().flatten() {
+            let folder = entry.file_name().to_string_lossy().into_owned();
+            if folder.starts_with('.') || !entry.path().is_dir() {
+                continue;
+            }
+            let last_used = std::fs::read_to_string(entry.path().join(USED_FILE))
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or(now);
+            mirrors.push(MirrorUse { bytes: disk_bytes(&entry.path()), last_used, in_use: false, folder });
+        }
+        {
+            let entries = self.entries.lock().expect("mirror entries");
+            for m in &mut mirrors {
+                m.in_use = entries.get(&m.folder).is_some_and(|e| e.users > 0);
+            }
+        }
+        let sizes: HashMap<String, u64> = mirrors.iter().map(|m| (m.folder.clone(), m.bytes)).collect();
+        for folder in layout::evictions(mirrors, self.max_bytes) {
+            let dir = self.root.join(&folder);
+            let name = std::fs::read_to_string(dir.join(NAME_FILE)).unwrap_or_else(|_| folder.clone());
+            // Moved aside under the lock, so a job arriving now finds no half-deleted mirror.
+            let trash = self.root.join(format!(".evicted-{folder}-{now}"));
+            {
+                let entries = self.entries.lock().expect("mirror entries");
+                if entries.get(&folder).is_some_and(|e| e.users > 0) {
+                    continue;
+                }
+                if let Err(e) = std::fs::rename(&dir, &trash) {
+                    warn!(repo = %name.trim(), error = %e, "could not evict a mirror");
+                    continue;
+                }
+            }
+            let _ = std::fs::remove_dir_all(&trash);
+            info!(repo = %name.trim(), bytes = sizes.get(&folder).copied().unwrap_or(0), max_bytes = self.max_bytes, "mirror evicted (REPO_CACHE_MAX_BYTES)");
+        }
+    }
+}
+
+/// libgit2's process-wide timeouts for servers that accept nothing or send nothing.
+pub fn set_timeouts() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: these set process-wide libgit2 options, once, before fetches use them.
+    ONCE.call_once(|| unsafe {
+        let _ = git2::opts::set_server_connect_timeout_in_milliseconds(CONNECT_TIMEOUT_MS);
+        let _ = git2::opts::set_server_timeout_in_milliseconds(READ_TIMEOUT_MS);
+    });
+}
+
+/// Bytes a folder takes on disk.
+fn disk_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(meta) = entry.path().symlink_metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                total += meta.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+/// Whether a mirror has a commit to start from.
+fn usable(dir: &Path) -> bool {
+    Repository::open_bare(dir).is_ok_and(|r| r.head().and_then(|h| h.peel_to_commit()).is_ok())
+}
+
+fn open_or_create(dir: &Path, name: &str) -> Result<Repository, RepoError> {
+    if dir.exists() {
+        match Repository::open_bare(dir) {
+            Ok(repo) => return Ok(repo),
+            Err(e) => {
+                warn!(repo = %name, error = %e.message(), "the mirror is unreadable; making it again");
+                std::fs::remove_dir_all(dir).map_err(|e| local("remove a broken mirror", e))?;
+            }
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|e| local("create the mirror", e))?;
+    std::fs::write(dir.join(NAME_FILE), name).map_err(|e| local("create the mirror", e))?;
+    Repository::init_bare(dir).map_err(|e| local("create the mirror", e.message()))
+}
+
+/// Whether `url` (as libgit2 is about to send credentials to it) is on `host`.
+fn on_host(url: &str, host: &str) -> bool {
+    shared::repo::RepoUrl::parse(url).is_ok_and(|u| u.host() == host)
+}
+
+/// Callbacks for one conversation with a git server on `host`: the token (once; asked
+/// again means refused; never for another host), and an abort switch checked as data arrives.
+pub fn callbacks<'a>(token: Option<&'a Token>, host: &'a str, auth: &'a Cell<AuthSeen>, abort: &'a AtomicBool) -> RemoteCallbacks<'a> {
+    let mut cb = RemoteCallbacks::new();
+    let offered = Cell::new(false);
+    cb.credentials(move |url, _user, allowed| {
+        let mut seen = auth.get();
+        let result = match token {
+            // Redirects are not followed; should one be, the token still goes to its own
+            // host only.
+            Some(_) if !on_host(url, host) => Err(git2::Error::from_str("the server sent the runner to another host")),
+            Some(t) if !offered.get() && allowed.contains(CredentialType::USER_PASS_PLAINTEXT) => {
+                offered.set(true);
+                // GitHub's name for a token login; other servers take any user name.
+                Cred::userpass_plaintext("x-access-token", t.expose())
+            }
+            Some(_) => {
+                seen.token_refused = true;
+                Err(git2::Error::from_str("the server refused the token"))
+            }
+            None => {
+                seen.needed_without_token = true;
+                Err(git2::Error::from_str("the server asks for credentials and the runner has no token for it"))
+            }
+        };
+        auth.set(seen);
+        result
+    });
+    cb.transfer_progress(move |_| !abort.load(Ordering::SeqCst));
+    cb.push_transfer_progress(move |_, _, _| {});
+    cb
+}
+
+/// Fetches every branch and tag of `source` into the mirror at `dir` (creating it), prunes
+/// what the server no longer has, and points the mirror's HEAD at the server's default branch.
+fn fetch(dir: &Path, source: &Source, abort: &AtomicBool) -> Result<(), RepoError> {
+    let started = Instant::now();
+    let repo = open_or_create(dir, &source.name)?;
+    let auth = Cell::new(AuthSeen::default());
+    let action = "fetch the repository";
+    let fail = |e: git2::Error| {
+        Talk { url: &source.url, host: &source.host, auth: auth.get(), action, pushing: false }.error(e.code(), e.class(), e.message())
+    };
+    let mut remote = repo.remote_anonymous(&source.url).map_err(|e| local(action, e.message()))?;
+    let mut options = FetchOptions::new();
+    options
+        .remote_callbacks(callbacks(source.token.as_ref(), &source.host, &auth, abort))
+        .download_tags(AutotagOption::None)
+        .update_fetchhead(false)
+        // A redirect could lead off ALLOWED_REPO_HOSTS.
+        .follow_redirects(RemoteRedirect::None);
+    // Downloads only what the mirror lacks; nothing at all when it is up to date.
+    remote.fetch(&REFSPECS, Some(&mut options), Some("claude-runner fetch")).map_err(fail)?;
+    let advertised: Vec<(String, Oid)> = remote
+        .list()
+        .map_err(fail)?
+        .iter()
+        .map(|h| (h.name().to_string(), h.oid()))
+        .filter(|(name, _)| (name.starts_with("refs/heads/") || name.starts_with("refs/tags/")) && !name.ends_with("^{}"))
+        .collect();
+    let default_branch = remote.default_branch().ok().and_then(|b| b.as_str().ok().map(str::to_string));
+    drop(remote);
+    if advertised.is_empty() {
+        return Err(RepoError::Empty { url: source.url.clone() });
+    }
+    let wanted: HashSet<&str> = advertised.iter().map(|(n, _)| n.as_str()).collect();
+    for (name, oid) in &advertised {
+        repo.reference(name, *oid, true, "claude-runner fetch").map_err(|e| local(action, e.message()))?;
+    }
+    let mut stale = Vec::new();
+    for glob in ["refs/heads/*", "refs/tags/*"] {
+        for r in repo.references_glob(glob).map_err(|e| local(action, e.message()))?.flatten() {
+            if let Ok(name) = r.name() {
+                if !wanted.contains(name) {
+                    stale.push(name.to_string());
+                }
+            }
+        }
+    }
+    for name in stale {
+        if let Ok(mut r) = repo.find_reference(&name) {
+            let _ = r.delete();
+        }
+    }
+    let head = default_branch
+        .filter(|b| wanted.contains(b.as_str()))
+        .or_else(|| ["refs/heads/main", "refs/heads/master"].into_iter().find(|b| wanted.contains(b)).map(String::from))
+        .or_else(|| advertised.iter().map(|(n, _)| n.clone()).find(|n| n.starts_with("refs/heads/")));
+    match head {
+        Some(head) => repo.set_head(&head).map_err(|e| local(action, e.message()))?,
+        None => return Err(RepoError::Empty { url: source.url.clone() }),
+    }
+    info!(repo = %source.name, refs = advertised.len(), ms = started.elapsed().as_millis() as u64, "mirror fetched");
+    Ok(())
+}
+
+/// The mirror's default branch (`main` for `refs/heads/main`), as last fetched.
+pub fn default_branch(dir: &Path) -> Option<String> {
+    let repo = Repository::open_bare(dir).ok()?;
+    let head = repo.find_reference("HEAD").ok()?;
+    head.symbolic_target().ok()??.strip_prefix("refs/heads/").map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tokens_go_to_their_own_host_only() {
+        assert!(super::on_host("https://github.com/a/b", "github.com"));
+        assert!(super::on_host("https://git.example.com:8443/a/b.git", "git.example.com:8443"));
+        assert!(!super::on_host("https://git.example.com:9999/a/b.git", "git.example.com:8443"), "another port");
+        assert!(!super::on_host("https://evil.example/a/b.git", "github.com"));
+        assert!(!super::on_host("http://github.com/a/b", "github.com"), "not over plain http");
+    }
+}

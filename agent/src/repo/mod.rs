@@ -1,0 +1,204 @@
+//! Jobs on repositories (`repo_url`): a mirror per repository fetched with git2, a fresh
+//! checkout per job, and the job's changes handed back as a diff or a pushed branch.
+//!
+//! - [`settings`]: `ALLOWED_REPO_HOSTS`, the tokens, the cache limit, the diff cap, the
+//!   commit author.
+//! - [`layout`]: pure decisions of the cache — mirror folder names, what to evict.
+//! - [`error`]: every failure as a sentence that says what to do (`REPO_ERROR`).
+//! - [`mirror`]: the mirror cache (git2 fetches, per-repository locks, leases, eviction).
+//! - [`checkout`]: a job's independent checkout from a mirror; `working_dir` inside it.
+//! - [`changes`]: staging, the diff, `files_changed`, the commit and the push.
+//!
+//! URL rules live in `shared::repo`, so the edge refuses a bad address before queueing.
+
+pub mod changes;
+pub mod checkout;
+pub mod error;
+pub mod layout;
+pub mod mirror;
+pub mod settings;
+
+use crate::redact::Redactor;
+use changes::{Patch, PushTarget};
+use checkout::Checkout;
+use error::{local, RepoError};
+use mirror::{Lease, MirrorCache, Source};
+use settings::RepoSettings;
+use shared::job::{JobResult, JobSpec};
+use shared::repo::RepoUrl;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// Sets libgit2 up for the whole process. Call it before any other thread starts: its
+/// TLS set-up writes `SSL_CERT_FILE`/`SSL_CERT_DIR` into the environment when unset.
+pub fn init_libgit2() {
+    mirror::set_timeouts();
+}
+
+pub struct Repos {
+    pub settings: RepoSettings,
+    cache: Arc<MirrorCache>,
+}
+
+/// A job's repository, checked out and ready for Claude.
+pub struct Prepared {
+    lease: Lease,
+    url: RepoUrl,
+    pub checkout: Checkout,
+    /// Where Claude starts: `working_dir` inside the checkout.
+    pub cwd: PathBuf,
+}
+
+/// What the job handed back.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub patch: Option<Patch>,
+    pub pushed_commit: Option<String>,
+    pub pushed_branch: Option<String>,
+}
+
+impl Repos {
+    pub fn open(data_dir: &Path, settings: RepoSettings) -> std::io::Result<Repos> {
+        let cache = MirrorCache::open(data_dir.join("repos"), settings.cache_max_bytes)?;
+        Ok(Repos { settings, cache })
+    }
+
+    /// The repositories whose mirror this agent holds (names as `shared::repo::RepoUrl::name`).
+    pub fn mirror_names(&self) -> Vec<String> {
+        self.cache.mirror_names()
+    }
+
+    fn source(&self, url: &RepoUrl) -> Source {
+        Source {
+            name: url.name(),
+            url: url.url(),
+            host: url.host().to_string(),
+            token: self.settings.token_for(url.host()).cloned(),
+        }
+    }
+
+    /// Checks the host, brings the mirror up to date and makes the job's checkout in
+    /// `workspace` (which must be empty). Dropping the future stops the fetch.
+    pub async fn prepare(&self, spec: &JobSpec, workspace: &Path) -> Result<Prepared, RepoError> {
+        let text = spec.repo_url.as_deref().unwrap_or_default();
+        // The edge checked it; the side that fetches checks again.
+        let url = RepoUrl::parse(text).map_err(|e| local("read repo_url", e))?;
+        if !self.settings.host_allowed(&url) {
+            return Err(RepoError::HostNotAllowed { host: url.host().to_string() });
+        }
+        let lease = self.cache.acquire(self.source(&url), spec.allow_stale).await?;
+        if let Some(branch) = &spec.push_branch {
+            // Refused before Claude runs, not after it worked for nothing.
+            if mirror::default_branch(&lease.dir).as_deref() == Some(branch.as_str()) {
+                return Err(RepoError::PushToDefault { branch: branch.clone() });
+            }
+        }
+        let (mirror_dir, dir, branch, working_dir, shown) =
+            (lease.dir.clone(), workspace.to_path_buf(), spec.branch.clone(), spec.working_dir.clone(), url.url());
+        let made = tokio::task::spawn_blocking(move || {
+            let checkout = checkout::create(&mirror_dir, &dir, branch.as_deref(), &shown)?;
+            let cwd = checkout::working_dir(&checkout.dir, working_dir.as_deref())?;
+            Ok::<_, RepoError>((checkout, cwd))
+        })
+        .await
+        .unwrap_or_else(|e| Err(local("check out the repository", e)))?;
+        Ok(Prepared { lease, url, checkout: made.0, cwd: made.1 })
+    }
+}
+
+impl Prepared {
+    /// The commit Claude started from.
+    pub fn commit(&self) -> String {
+        self.checkout.commit.to_string()
+    }
+
+    /// The job ran on the mirror's last fetched state because a fetch failed.
+    pub fn stale(&self) -> bool {
+        self.lease.stale
+    }
+
+    /// How long bringing the mirror up to date took.
+    pub fn fetch_ms(&self) -> u64 {
+        self.lease.fetch_ms
+    }
+
+    /// After Claude: the diff (`include_diff`) and the push (`push_branch`). `redactor`
+    /// masks the diff and refuses to push changes that hold a token.
+    pub async fn finish(self, repos: &Repos, spec: &JobSpec, job_id: &str, redactor: Redactor) -> Result<Outcome, RepoError> {
+        if !spec.include_diff && spec.push_branch.is_none() {
+            return Ok(Outcome::default());
+        }
+        let settings = repos.settings.clone();
+        let source = repos.source(&self.url);
+        let spec = spec.clone();
+        let message = spec.commit_message.clone().unwrap_or_else(|| format!("Changes by Claude Runner job {job_id}"));
+        tokio::task::spawn_blocking(move || {
+            let prepared = self;
+            let (dir, base) = (&prepared.checkout.dir, prepared.checkout.commit);
+            let mut outcome = Outcome::default();
+            if spec.include_diff {
+                let mut patch = changes::patch(dir, base, settings.max_diff_bytes)?;
+                patch.text = redactor.redact(&patch.text);
+                for f in &mut patch.files {
+                    f.path = redactor.redact(&f.path);
+                }
+                outcome.patch = Some(patch);
+            }
+            if let Some(branch) = spec.push_branch {
+                let staged = changes::stage(dir, base)?;
+                if staged.adds_secret(|line| redactor.redact(line) != line)? {
+                    return Err(RepoError::SecretInChanges);
+                }
+                let commit = staged.commit(&settings.author_name, &settings.author_email, &message)?;
+                if let Some(commit) = commit {
+                    let target = PushTarget {
+                        url: source.url,
+                        host: source.host,
+                        token: source.token,
+                        branch: branch.clone(),
+                        default_branch: mirror::default_branch(&prepared.lease.dir),
+                    };
+                    staged.push(&target, commit, &AtomicBool::new(false))?;
+                    outcome.pushed_commit = Some(commit.to_string());
+                }
+                outcome.pushed_branch = Some(branch);
+            }
+            Ok(outcome)
+        })
+        .await
+        .unwrap_or_else(|e| Err(local("collect the job's changes", e)))
+    }
+}
+
+/// Shrinks a result whose JSON would not fit in `max_bytes` (a WebSocket frame, with room
+/// for the message around it): the diff is cut further (`diff_truncated`), then the file
+/// list. JSON escaping can make a diff under `MAX_DIFF_BYTES` larger than the frame.
+pub fn fit_result(result: &mut JobResult, max_bytes: usize) {
+    for _ in 0..8 {
+        let size = serde_json::to_vec(result).map(|v| v.len()).unwrap_or(usize::MAX);
+        if size <= max_bytes {
+            return;
+        }
+        let over = size - max_bytes;
+        match &mut result.diff {
+            Some(diff) if !diff.is_empty() => {
+                let keep = diff.len().saturating_sub(over + 1024);
+                let cut = shared::text::truncate(diff, keep);
+                // On a line boundary, as MAX_DIFF_BYTES cuts.
+                let cut = cut.rfind('\n').map_or("", |i| &cut[..=i]);
+                *diff = cut.to_string();
+                result.diff_truncated = Some(true);
+            }
+            _ => match &mut result.files_changed {
+                Some(files) if !files.is_empty() => {
+                    files.truncate(files.len() / 2);
+                }
+                _ => return,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

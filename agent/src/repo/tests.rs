@@ -1,0 +1,295 @@
+//! The repository pieces against real repositories made with the git CLI and served over
+//! `file://` (the end-to-end suite covers https, tokens and the whole job).
+
+use super::changes::{self, PushTarget};
+use super::checkout;
+use super::error::RepoError;
+use super::mirror::{MirrorCache, Source};
+use shared::job::ChangeKind;
+use std::path::{Path, PathBuf};
+use harness::git_server::git;
+use harness::TempDir;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+/// A bare "server" repository with `main` (2 commits), `feature`, tags `v1` (annotated)
+/// and `light`. Returns (server dir, work dir, first commit).
+fn server(root: &Path) -> (PathBuf, PathBuf, String) {
+    let (bare, work) = (root.join("server.git"), root.join("work"));
+    std::fs::create_dir_all(&work).unwrap();
+    git(root, &["init", "--bare", "-q", bare.to_str().unwrap()]);
+    git(&work, &["init", "-q"]);
+    std::fs::write(work.join("README.md"), "hello\n").unwrap();
+    std::fs::create_dir_all(work.join("src")).unwrap();
+    std::fs::write(work.join("src/lib.rs"), "fn a() {}\n").unwrap();
+    std::fs::write(work.join("old.txt"), "one\ntwo\nthree\nfour\nfive\n").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "first"]);
+    let first = git(&work, &["rev-parse", "HEAD"]);
+    git(&work, &["tag", "-a", "v1", "-m", "version 1"]);
+    git(&work, &["tag", "light"]);
+    std::fs::write(work.join("README.md"), "hello again\n").unwrap();
+    git(&work, &["commit", "-q", "-am", "second"]);
+    git(&work, &["branch", "feature", &first]);
+    git(&work, &["remote", "add", "origin", bare.to_str().unwrap()]);
+    git(&work, &["push", "-q", "origin", "main", "feature", "v1", "light"]);
+    (bare, work, first)
+}
+
+fn source(bare: &Path) -> Source {
+    Source { name: format!("local{}", bare.display()), url: format!("file://{}", bare.display()), host: "local".into(), token: None }
+}
+
+/// A mirror of the server `bare` under `root/repos`, held, and a checkout of its default
+/// branch in `root/co`.
+async fn checked_out(root: &Path, bare: &Path) -> (Arc<MirrorCache>, super::mirror::Lease, checkout::Checkout) {
+    let cache = MirrorCache::open(root.join("repos"), u64::MAX).unwrap();
+    let lease = cache.acquire(source(bare), false).await.unwrap();
+    let co = checkout::create(&lease.dir, &root.join("co"), None, "file://server").unwrap();
+    (cache, lease, co)
+}
+
+#[tokio::test]
+async fn mirrors_fetch_prune_and_check_out_branches_tags_and_shas() {
+    let tmp = TempDir::new("mirror");
+    let (bare, work, first) = server(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let lease = cache.acquire(source(&bare), false).await.unwrap();
+    assert!(!lease.stale);
+    assert_eq!(super::mirror::default_branch(&lease.dir).as_deref(), Some("main"));
+    assert_eq!(cache.mirror_names(), [source(&bare).name]);
+    let url = "file://server";
+
+    let co = checkout::create(&lease.dir, &tmp.path().join("co-default"), None, url).unwrap();
+    assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), "hello again\n");
+    assert_eq!(git(&co.dir, &["rev-parse", "--abbrev-ref", "HEAD"]), "main", "a local branch, for Claude's git commands");
+    for (branch, readme) in [("feature", "hello\n"), ("v1", "hello\n"), ("light", "hello\n"), (&first[..10], "hello\n"), (&first[..], "hello\n")] {
+        let co = checkout::create(&lease.dir, &tmp.path().join(format!("co-{branch}")), Some(branch), url).unwrap();
+        assert_eq!(co.commit.to_string(), first, "{branch}");
+        assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), readme, "{branch}");
+        assert_eq!(git(&co.dir, &["status", "--porcelain"]), "", "a clean checkout of {branch}");
+    }
+    for missing in ["nope", "deadbeef00", "v2"] {
+        let err = checkout::create(&lease.dir, &tmp.path().join(format!("co-{missing}")), Some(missing), url).err().unwrap();
+        assert!(matches!(err, RepoError::BranchNotFound { .. }), "{missing}: {err}");
+    }
+    drop(lease);
+
+    // The server moves on: a new commit, a branch deleted. The next fetch follows.
+    std::fs::write(work.join("new.txt"), "new\n").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "third"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    git(&work, &["push", "-q", "origin", "--delete", "feature"]);
+    let lease = cache.acquire(source(&bare), false).await.unwrap();
+    let co = checkout::create(&lease.dir, &tmp.path().join("co-third"), None, url).unwrap();
+    assert!(co.dir.join("new.txt").exists());
+    let gone = checkout::create(&lease.dir, &tmp.path().join("co-feature-gone"), Some("feature"), url).err().unwrap();
+    assert!(matches!(gone, RepoError::BranchNotFound { .. }), "{gone}");
+    // Each checkout is its own repository: Claude's commits stay in it.
+    std::fs::write(co.dir.join("mine.txt"), "x").unwrap();
+    git(&co.dir, &["add", "-A"]);
+    git(&co.dir, &["commit", "-q", "-m", "claude"]);
+    let again = checkout::create(&lease.dir, &tmp.path().join("co-again"), None, url).unwrap();
+    assert!(!again.dir.join("mine.txt").exists());
+    assert_eq!(again.commit, co.commit);
+}
+
+#[tokio::test]
+async fn a_failed_fetch_uses_the_mirror_only_when_stale_is_allowed() {
+    let tmp = TempDir::new("stale");
+    let (bare, _, _) = server(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    drop(cache.acquire(source(&bare), false).await.unwrap());
+    std::fs::rename(&bare, tmp.path().join("moved.git")).unwrap();
+    assert!(cache.acquire(source(&bare), false).await.is_err());
+    let lease = cache.acquire(source(&bare), true).await.unwrap();
+    assert!(lease.stale);
+    // No mirror at all: stale or not, nothing to run on.
+    let other = Source { name: "local/none".into(), url: format!("file://{}/none.git", tmp.path().display()), host: "local".into(), token: None };
+    assert!(cache.acquire(other, true).await.is_err());
+    assert_eq!(cache.mirror_names(), [source(&bare).name], "a failed first fetch leaves no mirror behind");
+}
+
+#[tokio::test]
+async fn one_fetch_at_a_time_per_repository() {
+    let tmp = TempDir::new("serial");
+    let (bare, _, _) = server(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let jobs: Vec<_> = (0..4).map(|_| {
+        let cache = Arc::clone(&cache);
+        let src = source(&bare);
+        tokio::spawn(async move { cache.acquire(src, false).await.map(|l| l.dir.clone()) })
+    }).collect();
+    for j in jobs {
+        assert!(j.await.unwrap().is_ok());
+    }
+}
+
+#[tokio::test]
+async fn unused_mirrors_are_evicted_least_recently_used_first() {
+    let tmp = TempDir::new("evict");
+    let (bare, _, _) = server(tmp.path());
+    let copy = tmp.path().join("copy.git");
+    git(tmp.path(), &["clone", "-q", "--bare", bare.to_str().unwrap(), copy.to_str().unwrap()]);
+    let cache = MirrorCache::open(tmp.path().join("repos"), 1).unwrap();
+    let a = cache.acquire(source(&bare), false).await.unwrap();
+    let a_dir = a.dir.clone();
+    drop(a);
+    let b = cache.acquire(source(&copy), false).await.unwrap();
+    cache.evict(crate::now_ms());
+    assert!(!a_dir.exists(), "the idle mirror went");
+    assert!(b.dir.exists(), "the one in use stays, even over the limit");
+    assert_eq!(cache.mirror_names(), [source(&copy).name]);
+    drop(b);
+    // Gone from disk, made again on the next use.
+    let a = cache.acquire(source(&bare), false).await.unwrap();
+    assert!(a.dir.exists());
+}
+
+#[tokio::test]
+async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
+    let tmp = TempDir::new("changes");
+    let (bare, work, _) = server(tmp.path());
+    // A branch that went its own way.
+    git(&work, &["checkout", "-q", "-b", "diverged", "feature"]);
+    std::fs::write(work.join("other.txt"), "elsewhere\n").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "elsewhere"]);
+    git(&work, &["push", "-q", "origin", "diverged"]);
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::write(co.dir.join("added.txt"), "brand new\n").unwrap();
+    std::fs::write(co.dir.join("src/lib.rs"), "fn a() {}\nfn b() {}\n").unwrap();
+    std::fs::remove_file(co.dir.join("README.md")).unwrap();
+    std::fs::write(co.dir.join("image.bin"), [0u8, 159, 146, 150, 0, 1, 2]).unwrap();
+    std::fs::rename(co.dir.join("old.txt"), co.dir.join("renamed.txt")).unwrap();
+    std::fs::write(co.dir.join(".gitignore"), "target/\n").unwrap();
+    std::fs::create_dir_all(co.dir.join("target")).unwrap();
+    std::fs::write(co.dir.join("target/build.o"), "ignored").unwrap();
+
+    let patch = changes::patch(&co.dir, co.commit, 1 << 20).unwrap();
+    assert!(!patch.truncated);
+    let t = &patch.text;
+    assert!(t.contains("diff --git a/added.txt b/added.txt\nnew file mode 100644") && t.contains("+brand new"), "{t}");
+    assert!(t.contains("+fn b() {}"), "{t}");
+    assert!(t.contains("deleted file mode 100644") && t.contains("-hello again"), "{t}");
+    assert!(t.contains("Binary files /dev/null and b/image.bin differ"), "{t}");
+    assert!(t.contains("rename from old.txt\nrename to renamed.txt"), "{t}");
+    assert!(!t.contains("build.o"), "ignored files are not changes");
+    let mut files: Vec<(String, ChangeKind)> = patch.files.iter().map(|f| (f.path.clone(), f.status)).collect();
+    files.sort();
+    assert_eq!(files, [
+        (".gitignore".to_string(), ChangeKind::Added),
+        ("README.md".to_string(), ChangeKind::Deleted),
+        ("added.txt".to_string(), ChangeKind::Added),
+        ("image.bin".to_string(), ChangeKind::Added),
+        ("renamed.txt".to_string(), ChangeKind::Renamed),
+        ("src/lib.rs".to_string(), ChangeKind::Modified),
+    ]);
+    assert_eq!(patch.files.iter().find(|f| f.path == "renamed.txt").unwrap().old_path.as_deref(), Some("old.txt"));
+
+    let cut = changes::patch(&co.dir, co.commit, 200).unwrap();
+    assert!(cut.truncated && cut.text.len() <= 200 && cut.text.ends_with('\n'), "{}", cut.text);
+    assert_eq!(cut.files.len(), 6, "the file list is whole even when the diff is cut");
+
+    // What is pushed is what the diff shows.
+    let staged = changes::stage(&co.dir, co.commit).unwrap();
+    let loose = std::fs::read_dir(co.dir.join(".git/objects")).unwrap().flatten().filter(|e| e.file_name().len() == 2).count();
+    assert_eq!(loose, 0, "staging writes no object files into the checkout");
+    let mut pushed = staged.patch(1 << 20).unwrap().files;
+    let mut shown = patch.files.clone();
+    pushed.sort_by(|a, b| a.path.cmp(&b.path));
+    shown.sort_by(|a, b| a.path.cmp(&b.path));
+    assert_eq!(pushed, shown);
+    assert!(staged.adds_secret(|l| l.contains("brand new")).unwrap());
+    assert!(!staged.adds_secret(|l| l.contains("hello again")).unwrap(), "removed lines are not pushed");
+
+    // Push: a new branch takes it; the default branch and a diverged branch do not.
+    let commit = staged.commit("Claude Runner", "cr@localhost", "Job changes").unwrap().expect("there are changes");
+    let target = |branch: &str| PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: branch.into(), default_branch: Some("main".into()) };
+    staged.push(&target("claude/job-1"), commit, &AtomicBool::new(false)).unwrap();
+    assert_eq!(git(&bare, &["rev-parse", "refs/heads/claude/job-1"]), commit.to_string());
+    assert_eq!(git(&bare, &["log", "-1", "--format=%an <%ae> %s", "claude/job-1"]), "Claude Runner <cr@localhost> Job changes");
+    // Pushing the same commit again is a no-op fast-forward.
+    staged.push(&target("claude/job-1"), commit, &AtomicBool::new(false)).unwrap();
+    let err = staged.push(&target("main"), commit, &AtomicBool::new(false)).unwrap_err();
+    assert!(matches!(err, RepoError::PushToDefault { .. }), "{err}");
+    assert_ne!(git(&bare, &["rev-parse", "main"]), commit.to_string());
+    let err = staged.push(&target("diverged"), commit, &AtomicBool::new(false)).unwrap_err();
+    assert!(matches!(err, RepoError::NotFastForward { .. }), "{err}");
+    assert_ne!(git(&bare, &["rev-parse", "diverged"]), commit.to_string(), "a diverged branch is never forced");
+    // A branch the commit descends from moves forward.
+    staged.push(&target("feature"), commit, &AtomicBool::new(false)).unwrap();
+    assert_eq!(git(&bare, &["rev-parse", "feature"]), commit.to_string());
+}
+
+#[tokio::test]
+async fn nothing_changed_means_no_commit() {
+    let tmp = TempDir::new("unchanged");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let staged = changes::stage(&co.dir, co.commit).unwrap();
+    assert_eq!(staged.commit("a", "a@b", "m").unwrap(), None);
+    assert!(changes::patch(&co.dir, co.commit, 1000).unwrap().files.is_empty());
+}
+
+#[tokio::test]
+async fn working_dir_stays_inside_the_checkout_after_symlinks() {
+    let tmp = TempDir::new("workdir");
+    let (bare, work, _) = server(tmp.path());
+    std::os::unix::fs::symlink("/etc", work.join("escape")).unwrap();
+    std::os::unix::fs::symlink("src", work.join("inside")).unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "links"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    assert!(co.dir.join("escape").symlink_metadata().unwrap().file_type().is_symlink());
+    let root = co.dir.canonicalize().unwrap();
+    assert_eq!(checkout::working_dir(&co.dir, Some("src")).unwrap(), root.join("src"));
+    assert_eq!(checkout::working_dir(&co.dir, Some("inside")).unwrap(), root.join("src"));
+    assert_eq!(checkout::working_dir(&co.dir, None).unwrap(), root);
+    for bad in ["escape", "missing", "README.md", ".git", "../x", "/etc"] {
+        let err = checkout::working_dir(&co.dir, Some(bad)).unwrap_err();
+        assert!(matches!(err, RepoError::WorkingDir { .. }), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn results_are_shrunk_to_fit_a_frame() {
+    use shared::job::{FileChange, JobResult};
+    // Control characters escape to six bytes each in JSON: 1 MB of them is 6 MB of frame.
+    let diff: String = "+\u{1}\u{2}\u{3}\n".repeat(250_000);
+    let files = (0..50_000).map(|i| FileChange { path: format!("some/long/path/file-{i}.txt"), status: ChangeKind::Added, old_path: None }).collect();
+    let mut r = JobResult { success: true, diff: Some(diff), diff_truncated: Some(false), files_changed: Some(files), ..JobResult::default() };
+    super::fit_result(&mut r, 2_000_000);
+    assert!(serde_json::to_vec(&r).unwrap().len() <= 2_000_000);
+    assert_eq!(r.diff_truncated, Some(true));
+    assert!(r.diff.as_deref().unwrap().ends_with('\n') || r.diff.as_deref() == Some(""));
+    // A result that fits is left alone.
+    let mut small = JobResult { diff: Some("+a\n".into()), diff_truncated: Some(false), ..JobResult::default() };
+    super::fit_result(&mut small, 2_000_000);
+    assert_eq!(small.diff.as_deref(), Some("+a\n"));
+    assert_eq!(small.diff_truncated, Some(false));
+}
+
+#[tokio::test]
+async fn claudes_own_commits_are_in_the_diff_and_under_the_pushed_commit() {
+    let tmp = TempDir::new("own-commits");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::write(co.dir.join("committed.txt"), "by claude\n").unwrap();
+    git(&co.dir, &["add", "-A"]);
+    git(&co.dir, &["commit", "-q", "-m", "claude's commit"]);
+    let claudes = git(&co.dir, &["rev-parse", "HEAD"]);
+    std::fs::write(co.dir.join("loose.txt"), "not committed\n").unwrap();
+    let patch = changes::patch(&co.dir, co.commit, 1 << 20).unwrap();
+    let mut paths: Vec<&str> = patch.files.iter().map(|f| f.path.as_str()).collect();
+    paths.sort();
+    assert_eq!(paths, ["committed.txt", "loose.txt"], "everything since the start commit");
+    let staged = changes::stage(&co.dir, co.commit).unwrap();
+    let commit = staged.commit("a", "a@b", "rest").unwrap().unwrap();
+    let target = PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: "claude/own".into(), default_branch: Some("main".into()) };
+    staged.push(&target, commit, &AtomicBool::new(false)).unwrap();
+    assert_eq!(git(&bare, &["rev-parse", "claude/own^"]), claudes, "Claude's commit is kept under the new one");
+    assert_eq!(git(&bare, &["show", "claude/own:loose.txt"]), "not committed");
+}

@@ -1,0 +1,370 @@
+//! A git server on 127.0.0.1 for the tests and the benchmark: smart HTTP over **https**
+//! (a self-signed certificate made on the spot; its PEM is what the agent's
+//! `SSL_CERT_FILE` points at) in front of the real `git http-backend` (CGI). It can demand
+//! a token (HTTP Basic, any user name), stall (accept and never answer), slow every request
+//! down, and it logs every request with its start and end, so a test can see what the
+//! agent sent and when.
+//!
+//! Repositories live in `<root>/repos/<name>.git`; [`GitServer::seed`] makes one with the
+//! git CLI and gives a work tree to commit from.
+
+use crate::TempDir;
+use base64::Engine;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Request as HttpRequest, Response, StatusCode};
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One request the server saw.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    /// The `Authorization` header as sent (tests check where a token went).
+    pub authorization: Option<String>,
+    pub status: u16,
+    pub started: Instant,
+    pub ended: Instant,
+}
+
+impl Logged {
+    /// `git-upload-pack` / `git-receive-pack` exchanges and ref listings, by service.
+    pub fn service(&self) -> &str {
+        if self.path.ends_with("/git-upload-pack") || self.query.contains("service=git-upload-pack") {
+            "upload-pack"
+        } else if self.path.ends_with("/git-receive-pack") || self.query.contains("service=git-receive-pack") {
+            "receive-pack"
+        } else {
+            "other"
+        }
+    }
+}
+
+struct State {
+    root: PathBuf,
+    token: Option<String>,
+    log: Mutex<Vec<Logged>>,
+    /// Requests whose path contains this are accepted and never answered.
+    stall: Mutex<Option<String>>,
+    delay_ms: AtomicU64,
+    /// Every request is answered with a redirect to this base URL.
+    redirect: Mutex<Option<String>>,
+}
+
+pub struct GitServer {
+    pub port: u16,
+    /// The server's certificate (PEM): the agent's `SSL_CERT_FILE`.
+    pub cert_file: PathBuf,
+    pub dir: TempDir,
+    state: Arc<State>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GitServer {
+    /// A server; with `token`, every request must carry it as the Basic password.
+    pub fn start(token: Option<&str>) -> GitServer {
+        let dir = TempDir::new("git-server");
+        std::fs::create_dir_all(dir.path().join("repos")).unwrap();
+        // Its own name: OpenSSL finds a trusted certificate by its subject, so two servers
+        // in one bundle must not share one.
+        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).expect("names");
+        let name = format!("claude-runner test git server {}", dir.path().display());
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let signing_key = rcgen::KeyPair::generate().expect("a key");
+        let cert = params.self_signed(&signing_key).expect("a certificate");
+        let cert_file = dir.path().join("cert.pem");
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(signing_key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .expect("the certificate suits rustls");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let state = Arc::new(State {
+            root: dir.path().join("repos"),
+            token: token.map(String::from),
+            log: Mutex::new(Vec::new()),
+            stall: Mutex::new(None),
+            delay_ms: AtomicU64::new(0),
+            redirect: Mutex::new(None),
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = Arc::clone(&state);
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let accept = async {
+                    loop {
+                        let Ok((tcp, _)) = listener.accept().await else { continue };
+                        let (acceptor, state) = (acceptor.clone(), Arc::clone(&served));
+                        tokio::spawn(async move {
+                            let Ok(tls) = acceptor.accept(tcp).await else { return };
+                            let service = hyper::service::service_fn(move |req| handle(Arc::clone(&state), req));
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                                .await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = accept => {}
+                    _ = stopped => {}
+                }
+            });
+            // Stalled connections die with the runtime.
+            rt.shutdown_timeout(Duration::from_millis(100));
+        });
+        GitServer { port, cert_file, dir, state, stop: Some(stop), thread: Some(thread) }
+    }
+
+    /// `127.0.0.1:PORT`: the host as ALLOWED_REPO_HOSTS and REPO_TOKENS name it.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The https URL of repository `name`.
+    pub fn url(&self, name: &str) -> String {
+        format!("https://127.0.0.1:{}/{name}.git", self.port)
+    }
+
+    pub fn bare(&self, name: &str) -> PathBuf {
+        self.state.root.join(format!("{name}.git"))
+    }
+
+    pub fn requests(&self) -> Vec<Logged> {
+        self.state.log.lock().unwrap().clone()
+    }
+
+    /// From now on, requests for repository `name` are accepted and never answered
+    /// (None: answer all again).
+    pub fn stall(&self, name: Option<&str>) {
+        *self.state.stall.lock().unwrap() = name.map(|n| format!("/{n}.git/"));
+    }
+
+    /// Every request waits this long before it is served.
+    pub fn delay(&self, d: Duration) {
+        self.state.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// From now on, every request is redirected (302) to the same path on `base`.
+    pub fn redirect(&self, base: Option<&str>) {
+        *self.state.redirect.lock().unwrap() = base.map(String::from);
+    }
+
+    /// A new repository `name` whose `main` holds `files`; returns its seed (a work tree).
+    pub fn seed(&self, name: &str, files: &[(&str, &[u8])]) -> Seed {
+        let bare = self.bare(name);
+        std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
+        git(self.dir.path(), &["init", "-q", "--bare", bare.to_str().unwrap()]);
+        git(&bare, &["config", "http.receivepack", "true"]);
+        let work = self.dir.path().join("work").join(name);
+        std::fs::create_dir_all(&work).unwrap();
+        git(&work, &["init", "-q"]);
+        git(&work, &["remote", "add", "origin", bare.to_str().unwrap()]);
+        let seed = Seed { work, bare };
+        seed.commit(files, "first");
+        seed
+    }
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A repository's work tree next to the server, to commit and push from.
+pub struct Seed {
+    pub work: PathBuf,
+    pub bare: PathBuf,
+}
+
+impl Seed {
+    /// Writes `files` (an empty content deletes the file), commits on the current branch,
+    /// pushes it, and returns the commit.
+    pub fn commit(&self, files: &[(&str, &[u8])], message: &str) -> String {
+        for (path, content) in files {
+            let p = self.work.join(path);
+            if content.is_empty() {
+                let _ = std::fs::remove_file(&p);
+            } else {
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(&p, content).unwrap();
+            }
+        }
+        git(&self.work, &["add", "-A"]);
+        git(&self.work, &["commit", "-q", "--allow-empty", "-m", message]);
+        let branch = git(&self.work, &["rev-parse", "--abbrev-ref", "HEAD"]);
+        git(&self.work, &["push", "-q", "origin", &branch]);
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
+    /// Runs git in the work tree.
+    pub fn git(&self, args: &[&str]) -> String {
+        git(&self.work, args)
+    }
+
+    /// Runs git in the server's bare repository (what the server holds).
+    pub fn server_git(&self, args: &[&str]) -> String {
+        git(&self.bare, args)
+    }
+}
+
+/// The git CLI with a fixed identity and no user or system config.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.name=Test", "-c", "user.email=test@example.com", "-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false"])
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .stdin(Stdio::null())
+        .output()
+        .expect("git runs");
+    assert!(out.status.success(), "git {args:?} in {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn respond(status: u16, headers: &[(&str, &str)], body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut r = Response::builder().status(status);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.body(Full::new(Bytes::from(body))).unwrap()
+}
+
+async fn handle(state: Arc<State>, req: HttpRequest<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let started = Instant::now();
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(String::from);
+    let authorization = header("authorization");
+    let (content_type, encoding, protocol) = (header("content-type"), header("content-encoding"), header("git-protocol"));
+    let stalled = state.stall.lock().unwrap().as_ref().is_some_and(|p| path.contains(p.as_str()));
+    if stalled {
+        std::future::pending::<()>().await;
+    }
+    let delay = state.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let authorized = match &state.token {
+        None => true,
+        Some(token) => authorization
+            .as_deref()
+            .and_then(|a| a.strip_prefix("Basic "))
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .and_then(|d| String::from_utf8(d).ok())
+            .is_some_and(|d| d.split_once(':').is_some_and(|(_, pass)| pass == token)),
+    };
+    let redirect = state.redirect.lock().unwrap().clone();
+    let response = if let Some(base) = redirect {
+        let to = if query.is_empty() { format!("{base}{path}") } else { format!("{base}{path}?{query}") };
+        respond(302, &[("location", to.as_str())], Vec::new())
+    } else if !authorized {
+        respond(401, &[("www-authenticate", "Basic realm=\"git\"")], b"token required\n".to_vec())
+    } else {
+        cgi(&state.root, &method, &path, &query, content_type, encoding, protocol, body).await
+    };
+    state.log.lock().unwrap().push(Logged {
+        method,
+        path,
+        query,
+        authorization,
+        status: response.status().as_u16(),
+        started,
+        ended: Instant::now(),
+    });
+    Ok(response)
+}
+
+/// Runs `git http-backend` for one request.
+#[allow(clippy::too_many_arguments)]
+async fn cgi(
+    root: &Path,
+    method: &str,
+    path: &str,
+    query: &str,
+    content_type: Option<String>,
+    encoding: Option<String>,
+    protocol: Option<String>,
+    body: Bytes,
+) -> Response<Full<Bytes>> {
+    let mut cmd = tokio::process::Command::new("git");
+    cmd.arg("http-backend")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("GIT_PROJECT_ROOT", root)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("REQUEST_METHOD", method)
+        .env("PATH_INFO", path)
+        .env("QUERY_STRING", query)
+        .env("REMOTE_USER", "tester")
+        .env("REMOTE_ADDR", "127.0.0.1")
+        .env("CONTENT_LENGTH", body.len().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if let Some(t) = content_type {
+        cmd.env("CONTENT_TYPE", t);
+    }
+    if let Some(e) = encoding {
+        cmd.env("HTTP_CONTENT_ENCODING", e);
+    }
+    if let Some(p) = protocol {
+        cmd.env("GIT_PROTOCOL", p);
+    }
+    let Ok(mut child) = cmd.spawn() else {
+        return respond(500, &[], b"git http-backend did not start\n".to_vec());
+    };
+    let mut stdin = child.stdin.take().unwrap();
+    // Written while the output is read: a big answer must not wait on a full pipe.
+    let writer = tokio::spawn(async move {
+        let _ = stdin.write_all(&body).await;
+    });
+    let mut out = Vec::new();
+    let _ = child.stdout.take().unwrap().read_to_end(&mut out).await;
+    let _ = writer.await;
+    let _ = child.wait().await;
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4)).or_else(|| out.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)));
+    let Some((at, gap)) = split else {
+        return respond(502, &[], b"git http-backend answered without headers\n".to_vec());
+    };
+    let head = String::from_utf8_lossy(&out[..at]).into_owned();
+    let mut status = StatusCode::OK.as_u16();
+    let mut headers = Vec::new();
+    for line in head.lines() {
+        let Some((k, v)) = line.split_once(':') else { continue };
+        if k.eq_ignore_ascii_case("status") {
+            status = v.trim().split(' ').next().and_then(|s| s.parse().ok()).unwrap_or(500);
+        } else {
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    respond(status, &refs, out[at + gap..].to_vec())
+}

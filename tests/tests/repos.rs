@@ -1,0 +1,466 @@
+//! Jobs on repositories, end to end: the real edge and agent, the stand-in for `claude`,
+//! and a git server on 127.0.0.1 over https with a certificate made by the test
+//! (`harness::git_server`), one of them demanding a token. The agent trusts that
+//! certificate through `SSL_CERT_FILE`, as a real one trusts a private CA.
+
+use harness::git_server::{GitServer, Seed};
+use harness::*;
+use serde_json::Value;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// An edge, a git server and an agent allowed to use it.
+struct Setup {
+    _edge: EdgeServer,
+    agent: AgentProc,
+    client: Client,
+    git: GitServer,
+}
+
+const TOKEN: &str = "repo-token-0123456789-abcdefghij";
+
+/// `server_token`: the git server demands it. `agent_env`: more agent settings (with
+/// `REPO_TOKENS` absent unless given here).
+async fn setup(server_token: Option<&str>, agent_env: &[(&str, &str)]) -> Setup {
+    setup_with_git(GitServer::start(server_token), agent_env).await
+}
+
+/// The usual repository: `main` with a README, a source file, a file to delete and a
+/// folder, plus a `feature` branch and a `v1` tag on the first commit.
+fn demo(git: &GitServer) -> (Seed, String, String) {
+    let seed = git.seed(
+        "demo",
+        &[("README.md", b"# demo\n"), ("src/lib.rs", b"pub fn one() -> u32 { 1 }\n"), ("old.txt", b"to be deleted\n"), ("docs/guide.md", b"guide\n")],
+    );
+    let first = seed.git(&["rev-parse", "HEAD"]);
+    seed.git(&["tag", "-a", "v1", "-m", "version 1"]);
+    seed.git(&["push", "-q", "origin", "v1"]);
+    seed.git(&["branch", "feature"]);
+    seed.git(&["push", "-q", "origin", "feature"]);
+    let second = seed.commit(&[("README.md", b"# demo, second edition\n")], "second");
+    (seed, first, second)
+}
+
+impl Setup {
+    async fn run(&self, body: Value) -> Value {
+        let a = self.client.execute(body).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        a.body
+    }
+
+    fn last_run(&self) -> Value {
+        self.agent.claude_runs().pop().expect("claude ran")
+    }
+}
+
+fn ok(b: &Value) {
+    assert_eq!(b["success"], true, "{b:#}");
+}
+
+fn repo_error(b: &Value) -> String {
+    assert_eq!(b["success"], false, "{b:#}");
+    assert_eq!(b["error_code"], "REPO_ERROR", "{b:#}");
+    b["error"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_start_from_the_default_branch_a_branch_a_tag_or_a_sha() {
+    let s = setup(None, &[]).await;
+    let (_seed, first, second) = demo(&s.git);
+    let url = s.git.url("demo");
+
+    let b = s.run(json!({"prompt": "@print_file_b64=README.md", "repo_url": url})).await;
+    ok(&b);
+    assert_eq!(b["commit"], second.as_str(), "the default branch's tip");
+    assert_eq!(b["output"], format!("the file is {}", b64(b"# demo, second edition\n")));
+    let cwd = s.last_run()["cwd"].as_str().unwrap().to_string();
+    assert!(cwd.starts_with(&s.agent.data.path().canonicalize().unwrap().display().to_string()), "{cwd}");
+
+    for branch in ["feature", "v1", &first[..12], first.as_str()] {
+        let b = s.run(json!({"prompt": "@print_file_b64=README.md", "repo_url": url, "branch": branch})).await;
+        ok(&b);
+        assert_eq!(b["commit"], first.as_str(), "{branch}");
+        assert_eq!(b["output"], format!("the file is {}", b64(b"# demo\n")), "{branch}");
+    }
+
+    let b = s.run(json!({"prompt": "x", "repo_url": url, "branch": "no-such-branch"})).await;
+    let e = repo_error(&b);
+    assert!(e.contains("`no-such-branch` is neither a branch, a tag nor a commit"), "{e}");
+    assert!(s.agent.claude_runs().iter().all(|r| r["prompt"] != "x"), "Claude does not run without its checkout");
+
+    // working_dir is a folder of the checkout.
+    let b = s.run(json!({"prompt": "@exists=guide.md", "repo_url": url, "working_dir": "docs"})).await;
+    ok(&b);
+    assert_eq!(b["output"], "guide.md: present");
+    let b = s.run(json!({"prompt": "x", "repo_url": url, "working_dir": "nowhere"})).await;
+    assert!(repo_error(&b).contains("does not exist"), "{b}");
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_job_gets_a_fresh_checkout() {
+    let s = setup(None, &[]).await;
+    demo(&s.git);
+    let url = s.git.url("demo");
+    let b = s.run(json!({"prompt": "@write=scratch.txt @delete=README.md", "repo_url": url})).await;
+    ok(&b);
+    let b = s.run(json!({"prompt": "@exists=scratch.txt", "repo_url": url})).await;
+    assert_eq!(b["output"], "scratch.txt: absent", "{b}");
+    let b = s.run(json!({"prompt": "@exists=README.md", "repo_url": url})).await;
+    assert_eq!(b["output"], "README.md: present", "{b}");
+    // And the workspaces are gone once the jobs end.
+    let workspaces = s.agent.data.path().join("data/workspaces");
+    assert!(eventually(Duration::from_secs(5), || std::fs::read_dir(&workspaces).map(|d| d.count() == 0).unwrap_or(true)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_diff_shows_new_changed_deleted_and_binary_files() {
+    let s = setup(None, &[]).await;
+    let (_seed, _, second) = demo(&s.git);
+    let b = s
+        .run(json!({
+            "prompt": "@write=src/new.rs @write=README.md @delete=old.txt @write_binary=logo.png",
+            "repo_url": s.git.url("demo"), "include_diff": true
+        }))
+        .await;
+    ok(&b);
+    assert_eq!(b["commit"], second.as_str());
+    let diff = b["diff"].as_str().unwrap();
+    assert!(diff.contains("diff --git a/src/new.rs b/src/new.rs\nnew file mode 100644"), "{diff}");
+    assert!(diff.contains("+written by the stand-in: src/new.rs"), "{diff}");
+    assert!(diff.contains("-# demo, second edition\n+written by the stand-in: README.md"), "{diff}");
+    assert!(diff.contains("diff --git a/old.txt b/old.txt\ndeleted file mode 100644") && diff.contains("-to be deleted"), "{diff}");
+    assert!(diff.contains("Binary files /dev/null and b/logo.png differ"), "{diff}");
+    assert_eq!(b["diff_truncated"], false);
+    let mut files: Vec<(String, String)> = b["files_changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["path"].as_str().unwrap().to_string(), f["status"].as_str().unwrap().to_string()))
+        .collect();
+    files.sort();
+    let expected = [("README.md", "modified"), ("logo.png", "added"), ("old.txt", "deleted"), ("src/new.rs", "added")];
+    assert_eq!(files, expected.map(|(p, k)| (p.to_string(), k.to_string())));
+    assert!(b["pushed_commit"].is_null() && b["pushed_branch"].is_null());
+
+    // Without include_diff, no diff; with a tiny MAX_DIFF_BYTES, a cut one.
+    let b = s.run(json!({"prompt": "@write=a.txt", "repo_url": s.git.url("demo")})).await;
+    assert!(b.get("diff").is_none() && b.get("files_changed").is_none(), "{b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_diff_is_cut_at_max_diff_bytes() {
+    let s = setup(None, &[("MAX_DIFF_BYTES", "300")]).await;
+    demo(&s.git);
+    let prompt: String = (0..20).map(|i| format!("@write=f{i:02}.txt ")).collect();
+    let b = s.run(json!({"prompt": prompt, "repo_url": s.git.url("demo"), "include_diff": true})).await;
+    ok(&b);
+    assert_eq!(b["diff_truncated"], true, "{b}");
+    assert!(b["diff"].as_str().unwrap().len() <= 300);
+    assert_eq!(b["files_changed"].as_array().unwrap().len(), 20, "every path is listed even when the diff is cut");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_branch_pushes_a_commit_but_never_to_the_default_branch() {
+    let s = setup(None, &[("GIT_AUTHOR_NAME", "Spark Bot"), ("GIT_AUTHOR_EMAIL", "bot@spark.example")]).await;
+    let (seed, _, second) = demo(&s.git);
+    let url = s.git.url("demo");
+    let b = s
+        .run(json!({"prompt": "@write=CHANGELOG.md", "repo_url": url, "push_branch": "claude/changelog", "commit_message": "Add a changelog"}))
+        .await;
+    ok(&b);
+    let pushed = b["pushed_commit"].as_str().expect("a commit was pushed").to_string();
+    assert_eq!(b["pushed_branch"], "claude/changelog");
+    assert_eq!(seed.server_git(&["rev-parse", "refs/heads/claude/changelog"]), pushed, "the server has it");
+    assert_eq!(seed.server_git(&["log", "-1", "--format=%an <%ae>|%s|%P", &pushed]), format!("Spark Bot <bot@spark.example>|Add a changelog|{second}"));
+    assert_eq!(seed.server_git(&["show", &format!("{pushed}:CHANGELOG.md")]), "written by the stand-in: CHANGELOG.md");
+
+    // The next job on that branch builds on it: a fast-forward. A default message names the job.
+    let b = s.run(json!({"prompt": "@write=more.txt", "repo_url": url, "branch": "claude/changelog", "push_branch": "claude/changelog"})).await;
+    ok(&b);
+    let next = b["pushed_commit"].as_str().unwrap();
+    assert_eq!(seed.server_git(&["rev-parse", "refs/heads/claude/changelog"]), next);
+    assert_eq!(seed.server_git(&["log", "-1", "--format=%s", next]), format!("Changes by Claude Runner job {}", b["job_id"].as_str().unwrap()));
+
+    // Not onto a branch that went elsewhere (no force), not onto the default branch.
+    seed.git(&["checkout", "-q", "-b", "diverged", "feature"]);
+    let diverged = seed.commit(&[("elsewhere.txt", b"elsewhere\n")], "elsewhere");
+    seed.git(&["checkout", "-q", "main"]);
+    let b = s.run(json!({"prompt": "@write=x.txt", "repo_url": url, "push_branch": "diverged"})).await;
+    assert!(repo_error(&b).contains("never force-pushes"), "{b}");
+    assert_eq!(seed.server_git(&["rev-parse", "refs/heads/diverged"]), diverged, "diverged was not forced");
+    let b = s.run(json!({"prompt": "@write=x.txt", "repo_url": url, "push_branch": "main"})).await;
+    assert!(repo_error(&b).contains("default branch"), "{b}");
+    assert_eq!(seed.server_git(&["rev-parse", "refs/heads/main"]), second, "main never moved");
+
+    // No changes: no commit.
+    let b = s.run(json!({"prompt": "nothing to do", "repo_url": url, "push_branch": "claude/empty"})).await;
+    ok(&b);
+    assert!(b["pushed_commit"].is_null(), "{b}");
+    assert_eq!(b["pushed_branch"], "claude/empty");
+    assert!(std::process::Command::new("git").args(["rev-parse", "--verify", "-q", "refs/heads/claude/empty"]).current_dir(&seed.bare).status().is_ok_and(|st| !st.success()));
+
+    // A failed job pushes nothing.
+    let b = s.run(json!({"prompt": "@write=y.txt @is_error", "repo_url": url, "push_branch": "claude/failed"})).await;
+    assert_eq!(b["error_code"], "CLAUDE_ERROR");
+    assert!(b["pushed_commit"].is_null());
+}
+
+/// Every file under `dir` that holds `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.is_dir() && !p.is_symlink() {
+                stack.push(p);
+            } else if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) {
+                found.push(p.display().to_string());
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_repository_needs_the_token_which_never_leaks() {
+    let git = GitServer::start(Some(TOKEN));
+    let seed = git.seed("private", &[("plan.md", b"plans\n")]);
+    let url = git.url("private");
+    let right = format!("{}={TOKEN}", git.host());
+    let wrong = format!("{}=wrong-token-value-0000000", git.host());
+
+    // Without a token: a clear refusal. With a wrong one: refused, and said so.
+    let s = setup_with_git(git, &[]).await;
+    let e = repo_error(&s.run(json!({"prompt": "x", "repo_url": url})).await);
+    assert!(e.contains("needs authentication and the runner has no token") && e.contains("REPO_TOKENS"), "{e}");
+    let s = setup_with_git(s.git, &[("REPO_TOKENS", &wrong)]).await;
+    let e = repo_error(&s.run(json!({"prompt": "x", "repo_url": url})).await);
+    assert!(e.contains("refused the runner's token"), "{e}");
+
+    // With it: the job runs, the diff comes back, the push goes through.
+    let s = setup_with_git(s.git, &[("REPO_TOKENS", &right)]).await;
+    let b = s
+        .run(json!({
+            "prompt": "@write=notes.md @print_env=REPO_TOKENS", "repo_url": url,
+            "include_diff": true, "push_branch": "claude/notes"
+        }))
+        .await;
+    ok(&b);
+    assert_eq!(b["output"], "the value is ", "Claude's environment has no REPO_TOKENS");
+    assert!(b["diff"].as_str().unwrap().contains("notes.md"));
+    assert_eq!(seed.server_git(&["rev-parse", "refs/heads/claude/notes"]), b["pushed_commit"].as_str().unwrap());
+    assert!(s.git.requests().iter().any(|r| r.authorization.is_some()), "the token went to the git server");
+    let mut answers = vec![b];
+
+    // Claude writes a secret of the machine (its own OAuth token) into the repository:
+    // the diff is redacted and nothing is pushed.
+    let leak = json!({"prompt": "@write_env=CLAUDE_CODE_OAUTH_TOKEN,leak.txt", "repo_url": url, "include_diff": true, "push_branch": "claude/leak"});
+    let b = s.run(leak).await;
+    let e = repo_error(&b);
+    assert!(e.contains("contain a secret"), "{e}");
+    assert!(b["pushed_commit"].is_null());
+    let b = s.run(json!({"prompt": "@write_env=CLAUDE_CODE_OAUTH_TOKEN,leak.txt", "repo_url": url, "include_diff": true})).await;
+    ok(&b);
+    assert!(b["diff"].as_str().unwrap().contains("+[REDACTED]"), "{b}");
+    answers.push(b);
+
+    // The token is nowhere: not in answers, the agent's log, what Claude inherited, the
+    // mirror's files or anything else under DATA_DIR.
+    let text = serde_json::to_string(&answers).unwrap();
+    assert!(!text.contains(TOKEN) && !text.contains("test-token-not-real"), "a token leaked into a result: {text}");
+    assert!(!s.agent.log().contains(TOKEN), "the token leaked into the agent's log");
+    for run in s.agent.claude_runs() {
+        let env = &run["env"];
+        assert!(env.get("REPO_TOKENS").is_none() && env.get("GITHUB_TOKEN").is_none(), "Claude inherited a token setting: {env}");
+        assert!(!run.to_string().contains(TOKEN), "the token reached Claude");
+    }
+    let data = s.agent.data.path().join("data");
+    assert!(data.join("repos").exists());
+    assert_eq!(files_containing(&data, TOKEN.as_bytes()), Vec::<String>::new(), "the token is in a file under DATA_DIR");
+    let mirror = std::fs::read_dir(data.join("repos")).unwrap().flatten().find(|e| e.path().is_dir()).unwrap().path();
+    let config = std::fs::read_to_string(mirror.join("config")).unwrap();
+    assert!(!config.contains("[remote") && !config.contains("url"), "a mirror's config names no remote: {config}");
+}
+
+/// An edge and an agent using `git`.
+async fn setup_with_git(git: GitServer, agent_env: &[(&str, &str)]) -> Setup {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let mut opts = AgentOpts::for_edge(&edge, "spark")
+        .env("ALLOWED_REPO_HOSTS", &format!("github.com,{}", git.host()))
+        .env("SSL_CERT_FILE", &git.cert_file.display().to_string());
+    for (k, v) in agent_env {
+        opts = opts.env(k, v);
+    }
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    Setup { _edge: edge, agent, client, git }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_repositories_and_disallowed_hosts_are_clear_repo_errors() {
+    let s = setup(None, &[]).await;
+    let e = repo_error(&s.run(json!({"prompt": "x", "repo_url": s.git.url("no-such-repo")})).await);
+    assert!(e.contains("was not found: check `repo_url`"), "{e}");
+    // A host not in ALLOWED_REPO_HOSTS: refused before any connection is made.
+    let before = s.git.requests().len();
+    let other = format!("https://localhost:{}/demo.git", s.git.port);
+    let e = repo_error(&s.run(json!({"prompt": "x", "repo_url": other})).await);
+    assert!(e.contains(&format!("`localhost:{}` is not allowed", s.git.port)) && e.contains("ALLOWED_REPO_HOSTS"), "{e}");
+    assert_eq!(s.git.requests().len(), before, "nothing was fetched from a disallowed host");
+    // Nobody listening: a network error that says what to try.
+    let closed = format!("https://127.0.0.1:{}/demo.git", free_port());
+    let s2 = setup_with_git(GitServer::start(None), &[("ALLOWED_REPO_HOSTS", &closed[8..closed.len() - 9])]).await;
+    let e = repo_error(&s2.run(json!({"prompt": "x", "repo_url": closed})).await);
+    assert!(e.contains("could not reach") && e.contains("allow_stale"), "{e}");
+    assert!(s.agent.claude_runs().is_empty() && s2.agent.claude_runs().is_empty(), "Claude never ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_working_dir_symlink_cannot_leave_the_checkout() {
+    let s = setup(None, &[]).await;
+    let (seed, _, _) = demo(&s.git);
+    std::os::unix::fs::symlink("/etc", seed.work.join("escape")).unwrap();
+    std::os::unix::fs::symlink("../../..", seed.work.join("docs/up")).unwrap();
+    std::os::unix::fs::symlink("docs", seed.work.join("manual")).unwrap();
+    seed.commit(&[], "links");
+    let url = s.git.url("demo");
+    for dir in ["escape", "docs/up", "escape/ssl"] {
+        let e = repo_error(&s.run(json!({"prompt": "x", "repo_url": url, "working_dir": dir})).await);
+        assert!(e.contains("leaves the checkout") || e.contains("does not exist"), "{dir}: {e}");
+    }
+    assert!(s.agent.claude_runs().is_empty(), "Claude never ran outside the checkout");
+    // A link that stays inside is fine.
+    let b = s.run(json!({"prompt": "@exists=guide.md", "repo_url": url, "working_dir": "manual"})).await;
+    assert_eq!(b["output"], "guide.md: present", "{b}");
+    assert!(s.last_run()["cwd"].as_str().unwrap().ends_with("/docs"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_jobs_on_one_repository_fetch_one_at_a_time_and_both_succeed() {
+    let s = setup(None, &[("MAX_CONCURRENT_JOBS", "2")]).await;
+    demo(&s.git);
+    let url = s.git.url("demo");
+    // Slow answers make overlapping fetches certain if the lock were missing.
+    s.git.delay(Duration::from_millis(300));
+    let (a, b) = tokio::join!(
+        s.client.execute(json!({"prompt": "one @sleep=200", "repo_url": url})),
+        s.client.execute(json!({"prompt": "two @sleep=200", "repo_url": url})),
+    );
+    for x in [&a, &b] {
+        assert_eq!(x.status, 200);
+        ok(&x.body);
+    }
+    let fetches: Vec<_> = s.git.requests().into_iter().filter(|r| r.service() == "upload-pack").collect();
+    assert!(fetches.len() >= 2, "{fetches:#?}");
+    for (i, x) in fetches.iter().enumerate() {
+        for y in &fetches[i + 1..] {
+            assert!(x.ended <= y.started || y.ended <= x.started, "two fetches overlapped: {x:?} and {y:?}");
+        }
+    }
+    // Both Claudes ran at once, each in its own checkout.
+    let runs = s.agent.claude_runs();
+    assert_eq!(runs.len(), 2);
+    assert_ne!(runs[0]["cwd"], runs[1]["cwd"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_mirrors_are_evicted_under_a_tiny_cache_limit() {
+    let s = setup(None, &[("REPO_CACHE_MAX_BYTES", "1")]).await;
+    demo(&s.git);
+    s.git.seed("other", &[("a.txt", b"a\n")]);
+    let repos = s.agent.data.path().join("data/repos");
+    let names = || -> Vec<String> {
+        let mut n: Vec<String> = std::fs::read_dir(&repos).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect();
+        n.sort();
+        n
+    };
+    ok(&s.run(json!({"prompt": "x", "repo_url": s.git.url("demo")})).await);
+    let first = names();
+    assert_eq!(first.len(), 1, "{first:?}");
+    ok(&s.run(json!({"prompt": "x", "repo_url": s.git.url("other")})).await);
+    assert!(eventually(Duration::from_secs(10), || { let n = names(); n.len() == 1 && n != first }).await, "the idle mirror was evicted: {:?}", names());
+    // The evicted repository comes back when used again.
+    ok(&s.run(json!({"prompt": "x", "repo_url": s.git.url("demo")})).await);
+    assert!(s.agent.log().contains("mirror evicted"), "{}", s.agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_fetch_is_bounded_by_the_job_timeout() {
+    let s = setup(None, &[("MAX_CONCURRENT_JOBS", "2")]).await;
+    demo(&s.git);
+    s.git.seed("other", &[("a.txt", b"a\n")]);
+    let url = s.git.url("demo");
+    ok(&s.run(json!({"prompt": "x", "repo_url": url})).await);
+    s.git.stall(Some("demo"));
+    let started = Instant::now();
+    let e = repo_error(&s.run(json!({"prompt": "x", "repo_url": url, "timeout_ms": 2000})).await);
+    assert!(e.contains("did not finish within the job's timeout_ms (2000 ms)"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(10), "ended at the job's timeout, not libgit2's");
+    // Another repository is not held up by the hung one.
+    ok(&s.run(json!({"prompt": "x", "repo_url": s.git.url("other"), "timeout_ms": 20000})).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fetch_runs_on_the_last_fetched_state_only_with_allow_stale() {
+    let s = setup(None, &[]).await;
+    let (seed, _, second) = demo(&s.git);
+    let url = s.git.url("demo");
+    ok(&s.run(json!({"prompt": "x", "repo_url": url})).await);
+    // The server loses the repository (a 404 from now on).
+    std::fs::rename(&seed.bare, seed.bare.with_extension("moved")).unwrap();
+    let e = repo_error(&s.run(json!({"prompt": "x", "repo_url": url})).await);
+    assert!(e.contains("was not found"), "{e}");
+    let b = s.run(json!({"prompt": "@exists=README.md", "repo_url": url, "allow_stale": true})).await;
+    ok(&b);
+    assert_eq!(b["commit"], second.as_str(), "the last fetched state");
+    assert_eq!(b["output"], "README.md: present");
+    // No mirror at all: nothing stale to run on.
+    let e = repo_error(&s.run(json!({"prompt": "x", "repo_url": s.git.url("never-fetched"), "allow_stale": true})).await);
+    assert!(e.contains("was not found"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_checkouts_are_kept_only_with_keep_failed_workspaces() {
+    let s = setup(None, &[("KEEP_FAILED_WORKSPACES", "1")]).await;
+    demo(&s.git);
+    let url = s.git.url("demo");
+    let failed = s.run(json!({"prompt": "@write=half-done.txt @is_error", "repo_url": url})).await;
+    assert_eq!(failed["error_code"], "CLAUDE_ERROR");
+    let ok_job = s.run(json!({"prompt": "@write=done.txt", "repo_url": url})).await;
+    ok(&ok_job);
+    let workspaces = s.agent.data.path().join("data/workspaces");
+    let kept = workspaces.join(failed["job_id"].as_str().unwrap());
+    assert!(kept.join("half-done.txt").exists() && kept.join("README.md").exists(), "the failed checkout is kept for a post-mortem");
+    assert!(!workspaces.join(ok_job["job_id"].as_str().unwrap()).exists(), "a successful one is not");
+    assert!(s.agent.log().contains("workspace kept"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_not_followed_and_tokens_stay_with_their_host() {
+    // The allowed host sends the runner to another server: neither the fetch nor the token
+    // may follow.
+    let elsewhere = GitServer::start(None);
+    elsewhere.seed("demo", &[("README.md", b"elsewhere\n")]);
+    let git = GitServer::start(Some(TOKEN));
+    git.seed("demo", &[("README.md", b"home\n")]);
+    let tokens = format!("{}={TOKEN}", git.host());
+    // The agent trusts both servers: only the redirect policy stands in the way.
+    let bundle = elsewhere.dir.path().join("both.pem");
+    let pems = [&git.cert_file, &elsewhere.cert_file].map(|p| std::fs::read_to_string(p).unwrap());
+    std::fs::write(&bundle, pems.concat()).unwrap();
+    let s = setup_with_git(git, &[("REPO_TOKENS", &tokens), ("SSL_CERT_FILE", &bundle.display().to_string())]).await;
+    // Another host name (libgit2 refuses redirects to other hosts; a port is not one).
+    s.git.redirect(Some(&format!("https://localhost:{}", elsewhere.port)));
+    let e = repo_error(&s.run(json!({"prompt": "x", "repo_url": s.git.url("demo")})).await);
+    assert!(e.contains("redirect"), "{e}");
+    assert!(elsewhere.requests().is_empty(), "nothing went to the other server: {:?}", elsewhere.requests());
+    assert!(s.agent.claude_runs().is_empty());
+}
