@@ -58,23 +58,30 @@ pub struct Driver {
     callers: HashMap<CallerId, Channel>,
     /// Back to this driver, for the outcome of POSTs made in their own tasks.
     commands: mpsc::WeakSender<Command>,
-    http: reqwest::Client,
+    /// Made at the first POST: an edge without alerts or callbacks never loads its TLS
+    /// roots (about 1.4 MiB of memory).
+    http: Option<reqwest::Client>,
 }
 
 impl Driver {
     pub fn new(edge: Edge, store: Store, clock: Clock, commands: mpsc::WeakSender<Command>) -> Driver {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(edge_core::notify::DELIVERY_TIMEOUT_MS))
-            // A callback host may not send us elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("the HTTP client builds");
-        Driver { edge, store, clock, outboxes: HashMap::new(), callers: HashMap::new(), commands, http }
+        Driver { edge, store, clock, outboxes: HashMap::new(), callers: HashMap::new(), commands, http: None }
     }
 
     /// Makes one POST in its own task; its outcome comes back as [`Command::Delivered`].
-    fn deliver(&self, delivery: edge_core::machine::Delivery) {
-        let (http, commands) = (self.http.clone(), self.commands.clone());
+    fn deliver(&mut self, delivery: edge_core::machine::Delivery) {
+        let http = self
+            .http
+            .get_or_insert_with(|| {
+                reqwest::Client::builder()
+                    .timeout(Duration::from_millis(edge_core::notify::DELIVERY_TIMEOUT_MS))
+                    // A callback host may not send us elsewhere.
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()
+                    .expect("the HTTP client builds")
+            })
+            .clone();
+        let commands = self.commands.clone();
         tokio::spawn(async move {
             let mut request = http.post(&delivery.url).body(delivery.body);
             for (name, value) in &delivery.headers {
