@@ -58,8 +58,7 @@ pub struct Driver {
     callers: HashMap<CallerId, Channel>,
     /// Back to this driver, for the outcome of POSTs made in their own tasks.
     commands: mpsc::WeakSender<Command>,
-    /// Made at the first POST: an edge without alerts or callbacks never loads its TLS
-    /// roots (about 1.4 MiB of memory).
+    /// Made at the first POST (an edge without alerts or callbacks never builds it).
     http: Option<reqwest::Client>,
 }
 
