@@ -51,12 +51,19 @@ pub struct Agent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoginRelay {
     pub id: String,
-    /// The authorization URL, once the agent's `claude auth login` printed it.
+    /// The authorization URL, once the agent's `claude auth login` printed it (a host
+    /// that cannot keep a record this long drops it: see `awaiting_code`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// `claude auth login` printed its URL and waits for the code.
+    #[serde(default)]
+    pub awaiting_code: bool,
     /// A code was passed on and the outcome is awaited.
     #[serde(default)]
     pub code_sent: bool,
+    /// Edge time the relay started.
+    #[serde(default)]
+    pub started_at: Millis,
     /// Edge time after which the edge gives it up (the agent kills the process by then).
     pub expires_at: Millis,
 }

@@ -38,8 +38,8 @@ pub const LOGIN_TTL_MS: Millis = 10 * 60_000 + 30_000;
 pub const LOGIN_WAIT_MS: u64 = 90_000;
 /// Longest authorization code accepted (real ones are about 100 characters).
 const MAX_CODE_BYTES: usize = 2048;
-/// Longest authorization URL passed on (real ones are about 400 characters).
-const MAX_URL_BYTES: usize = 4096;
+/// Longest authorization URL passed on (real ones are about 450 characters).
+const MAX_URL_BYTES: usize = 2048;
 
 /// Whether the pool can run work now, and if not, why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,7 +201,7 @@ impl Edge {
             return answer(caller, Response::error(err), effects);
         };
         match relay {
-            Some(LoginRelay { id, url: Some(url), code_sent: false, expires_at }) => {
+            Some(LoginRelay { id, url: Some(url), awaiting_code: true, code_sent: false, expires_at, .. }) => {
                 let body = awaiting_code(&id, &agent_id, &url, now.wall_of(expires_at));
                 answer(caller, Response::json(200, body.to_string()), effects)
             }
@@ -209,14 +209,23 @@ impl Edge {
                 let err = ApiError::new(ErrorCode::Conflict, "a login on this agent is being finished right now; wait for it and check GET /oauth/status");
                 answer(caller, Response::error(err), effects)
             }
-            Some(LoginRelay { id, .. }) => {
+            Some(LoginRelay { id, awaiting_code: false, started_at, .. }) if now.at.saturating_sub(started_at) < LOGIN_WAIT_MS => {
                 // Still starting: this caller gets the URL with the first one.
                 self.wait_for_login(caller, &id);
                 effects
             }
-            None => {
+            // None under way; or one whose start went unanswered, or whose URL its host could
+            // not keep: a new one (the agent replaces its `claude auth login` with it).
+            _ => {
                 let id = hex(&entropy[..8]);
-                let relay = LoginRelay { id: id.clone(), url: None, code_sent: false, expires_at: now.at.saturating_add(LOGIN_TTL_MS) };
+                let relay = LoginRelay {
+                    id: id.clone(),
+                    url: None,
+                    awaiting_code: false,
+                    code_sent: false,
+                    started_at: now.at,
+                    expires_at: now.at.saturating_add(LOGIN_TTL_MS),
+                };
                 self.set_relay(&session_id, Some(relay), &mut effects);
                 self.send_login_order(now, &session_id, &agent_id, &id, "start", LoginAction::Start, &mut effects);
                 info!(agent_id = %agent_id, login_id = %id, "re-login started");
@@ -247,7 +256,7 @@ impl Edge {
             );
             return answer(caller, Response::error(err), effects);
         };
-        if relay.url.is_none() || relay.code_sent {
+        if !relay.awaiting_code || relay.code_sent {
             let why = if relay.code_sent { "a code for this login was sent already; wait for its outcome" } else { "this login has not shown its URL yet; open the URL first" };
             return answer(caller, Response::error(ApiError::new(ErrorCode::Conflict, why)), effects);
         }
@@ -282,7 +291,7 @@ impl Edge {
             (LoginState::AwaitingCode, Some(url)) => {
                 info!(agent_id = %agent_id, login_id, "re-login waits for its code");
                 let body = awaiting_code(login_id, &agent_id, &url, now.wall_of(relay.expires_at));
-                self.set_relay(session_id, Some(LoginRelay { url: Some(url), ..relay }), effects);
+                self.set_relay(session_id, Some(LoginRelay { url: Some(url), awaiting_code: true, ..relay }), effects);
                 self.answer_login(login_id, Response::json(200, body.to_string()), effects);
             }
             (LoginState::LoggedIn, _) => {

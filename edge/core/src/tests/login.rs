@@ -201,3 +201,30 @@ fn progress_for_a_login_the_edge_is_not_relaying_is_ignored() {
     let effects = say(&mut edge, 3, &sid, evil);
     assert_eq!(answer_to(&effects, start.caller).unwrap().0, 502);
 }
+
+#[test]
+fn a_relay_that_lost_its_url_or_its_start_is_started_anew_and_its_code_still_goes() {
+    let (mut edge, sid) = ready_edge();
+    let start = call(&mut edge, 0, "POST", "/oauth/login", Value::Null);
+    let first = login_order(&start.effects, &sid, 0).header.job_id;
+    // No answer from the agent for longer than a caller waits: asking again starts anew.
+    let again = call(&mut edge, crate::machine::LOGIN_WAIT_MS, "POST", "/oauth/login", Value::Null);
+    let second = login_order(&again.effects, &sid, crate::machine::LOGIN_WAIT_MS).header.job_id;
+    assert_ne!(first, second);
+    let url = Some("https://claude.ai/oauth/authorize?x".to_string());
+    let t = crate::machine::LOGIN_WAIT_MS + 1;
+    say(&mut edge, t, &sid, AgentMessage::LoginProgress { login_id: second.clone(), state: LoginState::AwaitingCode, url, error: None, oauth: None });
+    // The host could not keep the URL (the Worker's attachment budget): the record comes
+    // back without it after the object left memory.
+    let mut session = edge.session(&sid).unwrap().clone();
+    session.agent_mut().unwrap().login.as_mut().unwrap().url = None;
+    let session_without_url = session.clone();
+    let (mut edge, _) = Edge::restore(config(), vec![], vec![session], None, t + 1);
+    // The code still goes to the login under way…
+    let code = call(&mut edge, t + 2, "POST", "/oauth/login/code", json!({"login_id": second, "code": "c0de"}));
+    assert_eq!(login_order(&code.effects, &sid, t + 2).action, LoginAction::Code { code: "c0de".into() });
+    // …while asking for the login again, with no URL to give, starts a new one.
+    let (mut edge, _) = Edge::restore(config(), vec![], vec![session_without_url], None, t + 3);
+    let third = call(&mut edge, t + 4, "POST", "/oauth/login", Value::Null);
+    assert_ne!(login_order(&third.effects, &sid, t + 4).header.job_id, second);
+}
