@@ -17,7 +17,7 @@ use shared::contract::ErrorCode;
 use shared::envelope::{open_order, Domain, Envelope, Refusal};
 use shared::job::JobResult;
 use shared::oauth::OAuthReport;
-use shared::protocol::{AgentMessage, CancelOrder, JobOrder, LoginOrder};
+use shared::protocol::{AgentMessage, CancelOrder, JobOrder, LoginOrder, Slots};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -36,12 +36,17 @@ pub struct Queues {
     pub jobs: mpsc::UnboundedReceiver<JobTask>,
 }
 
-/// Jobs on this agent: each running one has the handle that stops it.
+/// Jobs on this agent: each running one has the handle that stops it. Whatever the agent
+/// tells the edge about its jobs and slots (acceptances, refusals, results, statements of
+/// its slots, heartbeats) is decided and queued while this is locked, so the edge hears
+/// the agent's states in the order they happened (see [`shared::protocol::Slots`]).
 #[derive(Default)]
 struct Running {
     jobs: HashMap<String, Option<oneshot::Sender<Stop>>>,
     /// The agent is stopping: no new job starts.
     closed: bool,
+    /// Job orders received on the current connection.
+    received: u64,
 }
 
 pub struct Agent {
@@ -52,7 +57,7 @@ pub struct Agent {
     pub reporter: Arc<Reporter>,
     /// A re-login relayed by the edge, while one is under way.
     pub relogin: Relogin,
-    pub spool: Spool,
+    pub spool: Arc<Spool>,
     pub status: StatusFile,
     /// The Claude Code CLI's version, for the edge's `/health`.
     pub cli: crate::cli_version::CliVersion,
@@ -68,9 +73,12 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> anyhow::Result<(Arc<Agent>, Queues)> {
-        let spool = Spool::open(cfg.data_dir.join("spool")).map_err(|e| {
+        let (spool, interrupted) = Spool::open(cfg.data_dir.join("spool"), cfg.data_dir.join("started")).map_err(|e| {
             anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
         })?;
+        if !interrupted.is_empty() {
+            warn!(agent_id = %cfg.agent_id, jobs = ?interrupted, "jobs that were running when the agent last stopped are reported lost");
+        }
         let replay = ReplayGuard::open(cfg.data_dir.join("seen-orders.log"));
         let login = Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.repos.token_values());
         let reporter = Arc::new(Reporter::new(login.clone()));
@@ -88,7 +96,7 @@ impl Agent {
             gate: RefreshGate::default(),
             reporter,
             relogin: Relogin::default(),
-            spool,
+            spool: Arc::new(spool),
             replay: Mutex::new(replay),
             repos: Arc::new(repos),
             running: Mutex::new(Running::default()),
@@ -107,6 +115,7 @@ impl Agent {
             gate: self.gate.clone(),
             uplink: self.uplink.clone(),
             reporter: Arc::clone(&self.reporter),
+            spool: Some(Arc::clone(&self.spool)),
             repos: Arc::clone(&self.repos),
         }
     }
@@ -117,12 +126,37 @@ impl Agent {
         ids
     }
 
-    pub fn free_slots(&self) -> u32 {
+
+    fn slots(&self, running: &Running) -> Slots {
+        let free = if running.closed { 0 } else { self.cfg.max_concurrent_jobs.saturating_sub(running.jobs.len() as u32) };
+        Slots { free, received: running.received }
+    }
+
+    /// A new connection to the edge: orders are counted from zero on it.
+    pub fn begin_session(&self) {
+        self.running.lock().expect("running lock").received = 0;
+    }
+
+    /// Tells the edge how many jobs it may send now.
+    pub fn state_slots(&self) {
         let running = self.running.lock().expect("running lock");
-        if running.closed {
-            return 0;
-        }
-        self.cfg.max_concurrent_jobs.saturating_sub(running.jobs.len() as u32)
+        let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
+    }
+
+    /// Queues a heartbeat: the login, the jobs held and the slots, as of one moment.
+    pub fn heartbeat(&self) {
+        let oauth = self.oauth_report();
+        let running = self.running.lock().expect("running lock");
+        let mut ids: Vec<String> = running.jobs.keys().cloned().collect();
+        ids.sort();
+        let beat = AgentMessage::Heartbeat {
+            running: ids,
+            capacity: self.cfg.max_concurrent_jobs,
+            oauth,
+            slots: self.slots(&running),
+            claude_version: self.cli.current(),
+        };
+        let _ = self.uplink.send(beat);
     }
 
     pub fn oauth_report(&self) -> OAuthReport {
@@ -156,8 +190,12 @@ impl Agent {
     }
 
     /// A signed job arrived: verify it and start it, or refuse it. Nothing runs unless
-    /// every check passes.
+    /// every check passes. An order for a job already here is answered with what the
+    /// agent has of it (it runs: `Accepted`; it ended: its result), never dropped.
     pub fn on_job(self: &Arc<Self>, envelope: &Envelope) {
+        let mut running = self.running.lock().expect("running lock");
+        // Every order the edge sent counts, whatever becomes of it (see Slots).
+        running.received += 1;
         let Some(order) = self.verify::<JobOrder>(envelope, Domain::Job) else { return };
         let job_id = order.header.job_id.clone();
         if !shared::ids::plain_id(&job_id, shared::ids::MAX_JOB_ID) {
@@ -165,19 +203,23 @@ impl Agent {
             let _ = self.uplink.send(AgentMessage::Rejected { job_id: Some(job_id), reason, retry: false });
             return;
         }
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let mut running = self.running.lock().expect("running lock");
-        if running.jobs.contains_key(&job_id) || self.spool.has(&job_id) {
-            warn!(job_id = %job_id, "job already here; not starting it twice");
+        if running.jobs.contains_key(&job_id) {
+            warn!(job_id = %job_id, agent_id = %self.cfg.agent_id, "sent a job that runs here already; telling the edge");
+            let _ = self.uplink.send(AgentMessage::Accepted { job_id });
+            return;
+        }
+        if let Some(result) = self.spool.get(&job_id) {
+            warn!(job_id = %job_id, agent_id = %self.cfg.agent_id, "sent a job that ended here already; sending its result again");
+            let _ = self.uplink.send(AgentMessage::Result { job_id, result });
             return;
         }
         if running.closed || running.jobs.len() as u32 >= self.cfg.max_concurrent_jobs {
-            drop(running);
             let reason = "no free slot: the agent is full or stopping".to_string();
             // Nothing wrong with the order itself: the edge may send it again later.
             let _ = self.uplink.send(AgentMessage::Rejected { job_id: Some(job_id), reason, retry: true });
             return;
         }
+        let (stop_tx, stop_rx) = oneshot::channel();
         running.jobs.insert(job_id.clone(), Some(stop_tx));
         info!(job_id = %job_id, agent_id = %self.cfg.agent_id, timeout_ms = order.spec.timeout_ms, "job accepted");
         let _ = self.uplink.send(AgentMessage::Accepted { job_id: job_id.clone() });
@@ -201,8 +243,13 @@ impl Agent {
             // The serve loop is gone: the agent is exiting.
             running.jobs.remove(&job_id);
         }
+        let ids = {
+            let mut ids: Vec<String> = running.jobs.keys().cloned().collect();
+            ids.sort();
+            ids
+        };
         drop(running);
-        self.status.running(self.running_ids());
+        self.status.running(ids);
     }
 
     /// A job ended: remember its login outcome, keep its result until the edge has it,
@@ -214,16 +261,19 @@ impl Agent {
             _ => {}
         }
         if let Err(e) = self.spool.put(job_id, &result) {
-            warn!(job_id, agent_id = %self.cfg.agent_id, error = %e, "could not spool the result; sending it anyway");
+            error!(
+                job_id, agent_id = %self.cfg.agent_id, error = %e, held = self.spool.held(),
+                "could not write the result to the spool: it is kept in memory and sent until the edge has it, but \
+                 a restart of the agent now would lose it; free space in DATA_DIR or fix its permissions"
+            );
         }
-        self.running.lock().expect("running lock").jobs.remove(job_id);
-        self.status.running(self.running_ids());
+        let mut running = self.running.lock().expect("running lock");
+        running.jobs.remove(job_id);
         self.status.mirrors(self.repos.mirror_names());
         let _ = self.uplink.send(AgentMessage::Result { job_id: job_id.to_string(), result });
-        // A draining agent takes no more work.
-        if self.free_slots() > 0 {
-            let _ = self.uplink.send(AgentMessage::Credit { slots: 1 });
-        }
+        let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
+        drop(running);
+        self.status.running(self.running_ids());
     }
 
     /// A signed login order: start `claude auth login`, or pass it the code.
@@ -247,7 +297,10 @@ impl Agent {
 
     /// No new job starts from now on; the running ones go on.
     pub fn close(&self) {
-        self.running.lock().expect("running lock").closed = true;
+        let mut running = self.running.lock().expect("running lock");
+        running.closed = true;
+        // No free slot from now on: the edge hears it at once.
+        let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
     }
 
     /// Stops every running job (the agent is shutting down); their results are spooled.

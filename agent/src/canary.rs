@@ -46,6 +46,7 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
         reporter,
         repos: Arc::new(repos),
         cfg: Arc::new(cfg),
+        spool: None,
     };
     let spec: JobSpec = serde_json::from_value(json!({"prompt": PROMPT, "timeout_ms": TIMEOUT.as_millis() as u64, "max_turns": 1}))
         .expect("the canary's spec is valid");

@@ -1,7 +1,9 @@
 //! The agent's one outbound WebSocket: dial, prove who we are, check the edge proves who
 //! it is, then carry messages both ways with heartbeats until the connection ends; then
 //! dial again after an exponential, jittered backoff. A connection silent for two
-//! heartbeat intervals (half-open) is given up on.
+//! heartbeat intervals (half-open) is given up on, and so is every send that does not
+//! complete in time: a write into a half-open link blocks once the socket's buffer is
+//! full, and nothing may hang the agent.
 
 use crate::agent::Agent;
 use backoff::backoff::Backoff;
@@ -97,13 +99,21 @@ async fn next_edge_message(ws: &mut Socket) -> Result<EdgeMessage, End> {
     }
 }
 
-async fn send(ws: &mut Socket, msg: &AgentMessage) -> Result<(), End> {
-    ws.send(Message::Text(msg.to_text().into())).await.map_err(|e| End::Lost(format!("send failed: {e}")))
+/// Sends one frame, giving up after `limit`.
+async fn send(ws: &mut Socket, msg: &AgentMessage, limit: Duration) -> Result<(), End> {
+    match timeout(limit, ws.send(Message::Text(msg.to_text().into()))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(End::Lost(format!("send failed: {e}"))),
+        Err(_) => Err(End::Lost(format!(
+            "could not send to the edge within {} ms: the connection is stuck (half-open?)",
+            limit.as_millis()
+        ))),
+    }
 }
 
 async fn refuse(ws: &mut Socket, code: u16, reason: String) -> End {
     let frame = CloseFrame { code: CloseCode::from(code), reason: close::reason(&reason).into() };
-    let _ = ws.close(Some(frame)).await;
+    let _ = timeout(HANDSHAKE_TIMEOUT, ws.close(Some(frame))).await;
     End::Refused(reason)
 }
 
@@ -158,7 +168,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
     };
     let envelope = Envelope::seal(Domain::Hello, &hello, &cfg.signing_key);
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: cfg.agent_id.clone(), envelope };
-    if let Err(end) = send(&mut ws, &msg).await {
+    if let Err(end) = send(&mut ws, &msg, HANDSHAKE_TIMEOUT).await {
         return end;
     }
 
@@ -185,15 +195,19 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
     info!(agent_id = %cfg.agent_id, session = %welcome.session_id, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the edge");
     agent.status.connected(heartbeat.as_millis() as u64);
 
-    // 4. Work: credit for the free slots, then every result the edge has not acknowledged.
-    let free = agent.free_slots();
-    if free > 0 {
-        if let Err(end) = send(&mut ws, &AgentMessage::Credit { slots: free }).await {
-            return end;
-        }
-    }
+    // Every send from here on must finish within two heartbeat intervals: the edge itself
+    // drops a connection that silent.
+    let limit = 2 * heartbeat;
+
+    // 4. Work. Orders are counted from zero on this connection, and what was queued for
+    // the last one is dropped: its statements counted that connection's orders, and its
+    // results are in the spool, sent below. Then the free slots, then every result the
+    // edge has not acknowledged.
+    agent.begin_session();
+    while uplink.try_recv().is_ok() {}
+    agent.state_slots();
     for (job_id, result) in agent.spool.all() {
-        if let Err(end) = send(&mut ws, &AgentMessage::Result { job_id, result }).await {
+        if let Err(end) = send(&mut ws, &AgentMessage::Result { job_id, result }, limit).await {
             return end;
         }
     }
@@ -224,33 +238,19 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
                 }
             }
             Some(msg) = uplink.recv() => {
-                // A send into a half-open connection blocks once the socket buffer is
-                // full; bounding it keeps the silence watchdog meaningful. Results are on
-                // disk and go out again after the reconnect.
-                match timeout(heartbeat, send(&mut ws, &msg)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(end)) => return end,
-                    Err(_) => return End::Lost("could not send to the edge for a heartbeat interval: the connection is stuck".into()),
+                // Results are kept and go out again after the reconnect.
+                if let Err(end) = send(&mut ws, &msg, limit).await {
+                    return end;
+                }
+                if let AgentMessage::Heartbeat { oauth, .. } = &msg {
+                    agent.status.beat(oauth);
                 }
             }
+            // Queued behind what the agent said before it, so the edge reads the agent's
+            // states in order.
+            _ = ticker.tick() => agent.heartbeat(),
             // The login or usage window changed: the edge hears it now, not at the next beat.
-            _ = agent.reporter.changed() => {
-                let (beat, report) = beat(agent);
-                match timeout(heartbeat, send(&mut ws, &beat)).await {
-                    Ok(Ok(())) => agent.status.beat(&report),
-                    Ok(Err(end)) => return end,
-                    Err(_) => return End::Lost("could not send a report: the connection is stuck".into()),
-                }
-            }
-            _ = ticker.tick() => {
-                // A send into a dead (half-open) connection may hang; bound it.
-                let (beat, report) = beat(agent);
-                match timeout(heartbeat, send(&mut ws, &beat)).await {
-                    Ok(Ok(())) => agent.status.beat(&report),
-                    Ok(Err(end)) => return end,
-                    Err(_) => return End::Lost("could not send a heartbeat: the connection is stuck".into()),
-                }
-            }
+            _ = agent.reporter.changed() => agent.heartbeat(),
             _ = tokio::time::sleep_until(silent_at) => {
                 return End::Lost(format!("nothing from the edge for {} ms (two heartbeat intervals)", 2 * heartbeat.as_millis()));
             }
@@ -258,26 +258,15 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
                 let frame = CloseFrame { code: CloseCode::from(close::SHUTTING_DOWN), reason: "agent shutting down".into() };
                 // Send what the jobs reported while stopping, then close.
                 while let Ok(msg) = uplink.try_recv() {
-                    let _ = send(&mut ws, &msg).await;
+                    if send(&mut ws, &msg, limit).await.is_err() {
+                        break;
+                    }
                 }
                 let _ = timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
                 return End::Shutdown;
             }
         }
     }
-}
-
-/// A heartbeat: what runs, and the login, usage window and CLI as of now (the report
-/// too, for the status file).
-fn beat(agent: &Agent) -> (AgentMessage, shared::oauth::OAuthReport) {
-    let oauth = agent.oauth_report();
-    let beat = AgentMessage::Heartbeat {
-        running: agent.running_ids(),
-        capacity: agent.cfg.max_concurrent_jobs,
-        oauth: oauth.clone(),
-        claude_version: agent.cli.current(),
-    };
-    (beat, oauth)
 }
 
 /// Handles one message from the edge. Returns how the connection ends, if it does.

@@ -7,7 +7,9 @@
 //! - [`agent`]: state that outlives connections; verifying, starting and cancelling orders.
 //! - [`runner`]: one job's life, given a narrow [`runner::JobContext`].
 //! - [`workspace`]: a job's fresh folder, its working directory, a carried-over session.
-//! - [`process`]: Claude's process group: start, read, stop (TERM, then KILL).
+//! - [`process`]: Claude's process: start, read, stop (TERM, then KILL).
+//! - [`warden`]: the small process between the agent and Claude that kills Claude's whole
+//!   tree with its job, even when the agent is killed.
 //! - [`claude`]: Claude Code's command line and its stream-json, as pure functions.
 //! - [`cli_version`]: which Claude Code CLI runs here, reported in `/health`.
 //! - [`oauth`]: the login on this machine and the refresh gate.
@@ -16,7 +18,7 @@
 //! - [`relogin`]: `claude auth login` driven with pipes for the edge's re-login relay.
 //! - [`redact`]: keeps tokens from ever leaving the machine.
 //! - [`repo`]: jobs on repositories: git2 mirror cache, a checkout per job, diff and push.
-//! - [`spool`]: results on disk until the edge acknowledges them.
+//! - [`spool`]: results until the edge acknowledges them; "started" markers.
 //! - [`replay`]: remembered order nonces.
 //! - [`files`]: atomic, owner-only files.
 //! - [`status`]: the agent's state file, and `claude-runner status`.
@@ -50,6 +52,7 @@ mod status;
 mod submit;
 #[cfg(feature = "up")]
 mod up;
+mod warden;
 mod workspace;
 
 use clap::{Parser, Subcommand};

@@ -1,7 +1,8 @@
-//! Claude's process: found on PATH, started in its own process group with the prompt on
-//! stdin, its stdout read line by line (each line capped), stopped with the whole group
-//! (SIGTERM, then SIGKILL) on a timeout, a cancel or the agent stopping. What the lines
-//! mean is [`crate::claude`]'s business; what to do with them is the job runner's.
+//! Claude's process: found on PATH, started through a [`crate::warden`] (which keeps its
+//! whole tree in reach, even if the agent is killed) with the prompt on stdin, its stdout
+//! read line by line (each line capped), stopped with its whole tree (SIGTERM, then
+//! SIGKILL) on a timeout, a cancel or the agent stopping. What the lines mean is
+//! [`crate::claude`]'s business; what to do with them is the job runner's.
 
 use crate::claude::Ending;
 use std::ffi::OsString;
@@ -81,14 +82,35 @@ pub struct Finished {
     pub stderr: String,
 }
 
-pub(crate) fn kill_group(pgid: u32, signal: libc::c_int) {
-    // Group 0 would be the agent's own.
-    if pgid == 0 {
-        return;
+/// The agent's end of a warden's control pipe (see [`crate::warden`]): a byte asks for a
+/// gentle stop, closing it kills the whole tree.
+struct Control(Option<std::os::fd::OwnedFd>);
+
+impl Control {
+    /// A pipe whose read end the warden inherits (its number is passed on the command
+    /// line); both ends are close-on-exec here, so no other child inherits either.
+    fn pipe() -> std::io::Result<(Control, std::os::fd::OwnedFd)> {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two fds we then own.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: both fds were just created and are owned by nothing else.
+        let (read, write) = unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])) };
+        Ok((Control(Some(write)), read))
     }
-    // SAFETY: kill(2) with a negative pid signals the process group; no memory involved.
-    unsafe {
-        libc::kill(-(pgid as libc::pid_t), signal);
+
+    fn stop(&self) {
+        use std::os::fd::AsRawFd;
+        if let Some(fd) = &self.0 {
+            // SAFETY: a one-byte write on a pipe we own; a full or closed pipe is fine.
+            unsafe { libc::write(fd.as_raw_fd(), [crate::warden::STOP].as_ptr().cast(), 1) };
+        }
+    }
+
+    fn kill(&mut self) {
+        self.0 = None;
     }
 }
 
@@ -102,43 +124,47 @@ pub async fn run(
     stop: &mut oneshot::Receiver<Stop>,
     mut on_line: impl FnMut(&[u8]),
 ) -> Finished {
-    let mut cmd = Command::new(launch.program);
-    cmd.args(&launch.args)
-        .current_dir(launch.cwd)
-        .envs(launch.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    for name in WITHHELD_FROM_CLAUDE {
-        cmd.env_remove(name);
-    }
-    // SAFETY: prctl only sets a flag on the child between fork and exec. If the agent dies,
-    // Claude dies with it instead of running on unseen (its result could not be reported,
-    // and the job might be sent again).
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    let not_found = || {
+        format!(
+            "the Claude Code binary `{}` was not found: install it (`npm install -g @anthropic-ai/claude-code`) or set CLAUDE_BIN",
+            launch.program
+        )
+    };
+    let Some(program) = find_binary(launch.program) else {
+        return Finished { ending: Ending::SpawnFailed(not_found()), stderr: String::new() };
+    };
+    let spawned = Control::pipe().and_then(|(control, read)| {
+        use std::os::fd::AsRawFd;
+        let read_fd = read.as_raw_fd();
+        let mut cmd = Command::new(&program);
+        cmd.args(&launch.args)
+            .current_dir(launch.cwd)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        for name in WITHHELD_FROM_CLAUDE {
+            cmd.env_remove(name);
+        }
+        // SAFETY: `split` makes only async-signal-safe calls; the child it returns in
+        // execs Claude, the one it leaves behind is the warden.
+        unsafe {
+            cmd.pre_exec(move || crate::warden::split(read_fd));
+        }
+        let child = cmd.spawn()?;
+        drop(read);
+        Ok((child, control))
+    });
+    let (mut child, mut control) = match spawned {
+        Ok(spawned) => spawned,
         Err(e) => {
-            let hint = if e.kind() == std::io::ErrorKind::NotFound {
-                format!(
-                    "the Claude Code binary `{}` was not found: install it (`npm install -g @anthropic-ai/claude-code`) or set CLAUDE_BIN",
-                    launch.program
-                )
-            } else {
-                format!("could not start `{}`: {e}", launch.program)
-            };
+            let hint = if e.kind() == std::io::ErrorKind::NotFound { not_found() } else { format!("could not start `{}`: {e}", launch.program) };
             return Finished { ending: Ending::SpawnFailed(hint), stderr: String::new() };
         }
     };
-    let pgid = child.id().unwrap_or(0);
-    info!(job_id, pid = pgid, "claude started");
+    let pid = child.id().unwrap_or(0);
+    info!(job_id, pid, "claude started");
 
     if let Some(mut stdin) = child.stdin.take() {
         let prompt = launch.stdin;
@@ -203,16 +229,20 @@ pub async fn run(
         None => Ending::Exited(exit.flatten()),
         Some(ending) => {
             warn!(job_id, ending = ?ending, "stopping claude");
-            kill_group(pgid, libc::SIGTERM);
+            control.stop();
             if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
-                kill_group(pgid, libc::SIGKILL);
-                let _ = child.wait().await;
+                control.kill();
+                if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
+                    // The warden itself is stuck: it goes, and Claude with it.
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                }
             }
             ending
         }
     };
-    // Whatever Claude left behind in its group goes too.
-    kill_group(pgid, libc::SIGKILL);
+    // Whatever Claude left behind goes too (the warden has done so if Claude exited).
+    control.kill();
     let stderr = match stderr_task {
         Some(t) => tokio::time::timeout(Duration::from_secs(1), t).await.ok().and_then(Result::ok).unwrap_or_default(),
         None => String::new(),

@@ -18,7 +18,6 @@
 //! platform.claude.com`).
 
 use crate::agent::Agent;
-use crate::process::kill_group;
 use shared::oauth::LoginHealth;
 use shared::protocol::{AgentMessage, LoginAction, LoginOrder, LoginState};
 use std::process::Stdio;
@@ -121,6 +120,17 @@ pub fn failure_reason(printed: &str, code: &str) -> String {
         .unwrap_or("it printed nothing");
     let line = if code.is_empty() { line.to_string() } else { line.replace(code, "[the code]") };
     shared::text::truncate(&line, 300).to_string()
+}
+
+/// Kills `claude auth login` and anything it started (its own process group).
+fn kill_group(pgid: u32) {
+    // Group 0 would be the agent's own.
+    if pgid != 0 {
+        // SAFETY: kill(2) with a negative pid signals the process group; no memory involved.
+        unsafe {
+            libc::kill(-(pgid as libc::pid_t), libc::SIGKILL);
+        }
+    }
 }
 
 async fn run(agent: Arc<Agent>, login_id: String, code_rx: oneshot::Receiver<String>, stop_rx: oneshot::Receiver<()>) {
@@ -253,7 +263,7 @@ async fn drive(agent: &Agent, login_id: &str, code_rx: oneshot::Receiver<String>
         }
     }
     .await;
-    kill_group(pgid, libc::SIGKILL);
+    kill_group(pgid);
     let _ = child.kill().await;
     outcome
 }

@@ -8,6 +8,7 @@ use crate::claude::{self, Ending, Transcript};
 use crate::config::AgentConfig;
 use crate::oauth::{Login, RefreshGate};
 use crate::process::{self, Launch, Stop};
+use crate::spool::Spool;
 use crate::repo::error::RepoError;
 use crate::repo::Repos;
 use crate::workspace;
@@ -34,6 +35,9 @@ pub struct JobContext {
     pub uplink: mpsc::UnboundedSender<AgentMessage>,
     /// Told of the usage window as Claude reports it, mid-run.
     pub reporter: Arc<crate::report::Reporter>,
+    /// Where the job's "started" marker is written before Claude is spawned (None for a
+    /// job no edge knows of, such as `doctor --canary`'s).
+    pub spool: Option<Arc<Spool>>,
     /// Repository mirrors, for jobs with a `repo_url`.
     pub repos: Arc<Repos>,
 }
@@ -233,6 +237,15 @@ async fn run_claude(
             let _ = ctx.uplink.send(AgentMessage::Event { job_id: job_id.to_string(), seq, event });
         }
     };
+    // Durably before Claude can start: if the agent dies now, its next run reports the job
+    // lost instead of letting the edge send it again (it may not have heard it started).
+    if let Err(e) = ctx.spool.as_ref().map_or(Ok(()), |spool| spool.started(job_id)) {
+        return JobResult::failure(
+            shared::contract::ErrorCode::InternalError,
+            format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry"),
+            started.elapsed().as_millis() as u64,
+        );
+    }
     let finished = process::run(launch, job_id, deadline, spec.timeout_ms, &mut stop, on_line).await;
     let stderr = ctx.login.redactor(crate::now_ms()).redact(&finished.stderr);
     let duration_ms = started.elapsed().as_millis() as u64;

@@ -1,13 +1,27 @@
-//! Results kept on disk until the edge acknowledges them. A job's result is written here
-//! before it is sent, so a dropped connection or an agent restart loses nothing: after
-//! reconnecting the agent names the spooled jobs in its hello and sends them again.
+//! What the agent keeps on disk so that nothing is lost and nothing runs twice:
+//!
+//! - results, until the edge acknowledges them: a job's result is written here before it
+//!   is sent, so a dropped connection or an agent restart loses nothing; after
+//!   reconnecting the agent names the spooled jobs in its hello and sends them again. A
+//!   result that cannot be written (a full or read-only disk) is kept in memory instead —
+//!   named and sent the same way — and written when the disk allows;
+//! - a "started" marker per job, written (and synced) before Claude is spawned and removed
+//!   once its result is kept. A marker left by an agent that died is found at start-up:
+//!   that job is reported lost, never started again — the edge may not have heard that it
+//!   started, and would otherwise send it again.
 
-use shared::job::JobResult;
 use crate::files::write_atomically;
+use shared::contract::ErrorCode;
+use shared::job::JobResult;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 pub struct Spool {
     dir: PathBuf,
+    started: PathBuf,
+    /// Results the disk refused, until it takes them.
+    held: Mutex<BTreeMap<String, JobResult>>,
 }
 
 /// Job ids become file names: only plain ids are allowed.
@@ -15,51 +29,135 @@ fn safe_id(id: &str) -> bool {
     shared::ids::plain_id(id, shared::ids::MAX_JOB_ID)
 }
 
+/// The result of a job an earlier run of the agent started and did not finish.
+pub fn interrupted() -> JobResult {
+    JobResult::failure(
+        ErrorCode::RunnerLost,
+        "the agent stopped (it crashed or was killed) while this job ran; it was not run again: run the task again or elsewhere",
+        0,
+    )
+}
+
 impl Spool {
-    pub fn open(dir: PathBuf) -> std::io::Result<Spool> {
+    /// Opens the spool: results in `dir`, markers in `started`; and turns every marker a
+    /// dead agent left into a spooled "lost" result. Returns the spool and the ids of those
+    /// jobs.
+    pub fn open(dir: PathBuf, started: PathBuf) -> std::io::Result<(Spool, Vec<String>)> {
         std::fs::create_dir_all(&dir)?;
-        Ok(Spool { dir })
+        std::fs::create_dir_all(&started)?;
+        let spool = Spool { dir, started, held: Mutex::new(BTreeMap::new()) };
+        let mut interrupted_jobs = Vec::new();
+        for entry in std::fs::read_dir(&spool.started)?.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().filter(|id| safe_id(id)) else { continue };
+            if !spool.has(id) {
+                tracing::warn!(job_id = id, "a job was running when the agent stopped; it is reported lost, not run again");
+                spool.put(id, &interrupted())?;
+                interrupted_jobs.push(id.to_string());
+            }
+            spool.finished(id);
+        }
+        Ok((spool, interrupted_jobs))
     }
 
     fn path(&self, job_id: &str) -> Option<PathBuf> {
         safe_id(job_id).then(|| self.dir.join(format!("{job_id}.json")))
     }
 
+    /// Writes (and syncs) the marker that says this job's Claude may be running. Nothing
+    /// may start without it.
+    pub fn started(&self, job_id: &str) -> std::io::Result<()> {
+        if !safe_id(job_id) {
+            return Err(std::io::Error::other("unsafe job id"));
+        }
+        // An empty file: its name is the whole record. One fsync, like the result's (whose
+        // rename is not synced either): on ext4 (and XFS) syncing a new file commits the
+        // journal that holds its directory entry too; a second fsync of the folder cost
+        // as much again (about 4 ms on the shared test machine's disk).
+        std::fs::File::create(self.started.join(job_id))?.sync_all()
+    }
+
+    /// The job's result is kept (on disk or in memory): its marker goes.
+    fn finished(&self, job_id: &str) {
+        let _ = std::fs::remove_file(self.started.join(job_id));
+    }
+
+    /// Keeps a result until the edge acknowledges it. If the disk refuses it, it is kept
+    /// in memory (and the error returned, for the agent to report); either way it is
+    /// named in the next hello and sent again.
     pub fn put(&self, job_id: &str, result: &JobResult) -> std::io::Result<()> {
         let path = self.path(job_id).ok_or_else(|| std::io::Error::other("unsafe job id"))?;
         // A result is the one thing that must outlive anything: fsync it.
-        write_atomically(&path, &serde_json::to_vec(result)?, true)
+        let written = write_atomically(&path, &serde_json::to_vec(result)?, true);
+        if written.is_err() {
+            self.held.lock().expect("spool lock").insert(job_id.to_string(), result.clone());
+        }
+        self.finished(job_id);
+        written
     }
 
     pub fn has(&self, job_id: &str) -> bool {
-        self.path(job_id).is_some_and(|p| p.exists())
+        self.held.lock().expect("spool lock").contains_key(job_id) || self.path(job_id).is_some_and(|p| p.exists())
+    }
+
+    /// A kept result, if there is one.
+    pub fn get(&self, job_id: &str) -> Option<JobResult> {
+        if let Some(r) = self.held.lock().expect("spool lock").get(job_id) {
+            return Some(r.clone());
+        }
+        let bytes = std::fs::read(self.path(job_id)?).ok()?;
+        serde_json::from_slice(&bytes).ok()
     }
 
     pub fn remove(&self, job_id: &str) {
+        self.held.lock().expect("spool lock").remove(job_id);
         if let Some(path) = self.path(job_id) {
             let _ = std::fs::remove_file(path);
         }
     }
 
-    /// Every spooled result. Unreadable files are moved aside rather than resent forever.
+    /// Results held in memory, still waiting for the disk.
+    pub fn held(&self) -> usize {
+        self.held.lock().expect("spool lock").len()
+    }
+
+    /// Every kept result, on disk or held in memory (those are written to disk first if
+    /// it now allows). Unreadable files are moved aside rather than resent forever.
     pub fn all(&self) -> Vec<(String, JobResult)> {
-        let mut out = Vec::new();
-        let Ok(entries) = std::fs::read_dir(&self.dir) else { return out };
+        let mut out: BTreeMap<String, JobResult> = BTreeMap::new();
+        {
+            let mut held = self.held.lock().expect("spool lock");
+            let written: Vec<String> = held
+                .iter()
+                .filter(|(id, r)| {
+                    let bytes = serde_json::to_vec(r).expect("results serialise");
+                    self.path(id).is_some_and(|p| write_atomically(&p, &bytes, true).is_ok())
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in written {
+                tracing::info!(job_id = %id, "a result held in memory is now on disk");
+                held.remove(&id);
+            }
+            out.extend(held.iter().map(|(id, r)| (id.clone(), r.clone())));
+        }
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return out.into_iter().collect() };
         for entry in entries.flatten() {
             let path = entry.path();
             let Some(id) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else {
                 continue;
             };
             match std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<JobResult>(&b).ok()) {
-                Some(r) if safe_id(id) => out.push((id.to_string(), r)),
+                Some(r) if safe_id(id) => {
+                    out.insert(id.to_string(), r);
+                }
                 _ => {
                     tracing::warn!(path = %path.display(), "unreadable spooled result moved aside");
                     let _ = std::fs::rename(&path, path.with_extension("bad"));
                 }
             }
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        out.into_iter().collect()
     }
 }
 
@@ -67,11 +165,16 @@ impl Spool {
 mod tests {
     use super::*;
 
+    fn dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("cr-spool-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
     #[test]
     fn keeps_results_until_removed_and_sets_bad_files_aside() {
-        let dir = std::env::temp_dir().join(format!("cr-spool-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let spool = Spool::open(dir.clone()).unwrap();
+        let dir = dir("keep");
+        let (spool, _) = Spool::open(dir.clone(), dir.join("started")).unwrap();
         let r = JobResult { success: true, output: "x".into(), ..Default::default() };
         spool.put("job-1", &r).unwrap();
         assert!(spool.put("../evil", &r).is_err());
@@ -79,8 +182,47 @@ mod tests {
         let all = spool.all();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].1, r);
+        assert_eq!(spool.get("job-1"), Some(r));
         assert!(dir.join("junk.bad").exists());
         spool.remove("job-1");
         assert!(spool.all().is_empty());
+    }
+
+    #[test]
+    fn a_job_started_by_an_agent_that_died_is_reported_lost_not_run_again() {
+        let dir = dir("started");
+        let (spool, interrupted_jobs) = Spool::open(dir.clone(), dir.join("started")).unwrap();
+        assert!(interrupted_jobs.is_empty());
+        spool.started("ran-half").unwrap();
+        spool.started("ran-whole").unwrap();
+        spool.put("ran-whole", &JobResult { success: true, ..Default::default() }).unwrap();
+        drop(spool); // the agent dies here
+
+        let (spool, interrupted_jobs) = Spool::open(dir.clone(), dir.join("started")).unwrap();
+        assert_eq!(interrupted_jobs, vec!["ran-half".to_string()]);
+        let all = spool.all();
+        assert_eq!(all.len(), 2);
+        let lost = spool.get("ran-half").unwrap();
+        assert_eq!(lost.error_code, Some(ErrorCode::RunnerLost));
+        assert!(spool.get("ran-whole").unwrap().success);
+        // Reported once: the markers are gone.
+        assert!(Spool::open(dir.clone(), dir.join("started")).unwrap().1.is_empty());
+    }
+
+    #[test]
+    fn a_result_the_disk_refuses_is_held_in_memory_and_written_later() {
+        let dir = dir("held");
+        let (spool, _) = Spool::open(dir.clone(), dir.join("started")).unwrap();
+        // A directory where the result's file would go makes the write fail.
+        std::fs::create_dir_all(dir.join("job-9.tmp")).unwrap();
+        let r = JobResult { success: true, output: "kept".into(), ..Default::default() };
+        assert!(spool.put("job-9", &r).is_err());
+        assert!(spool.has("job-9"));
+        assert_eq!(spool.held(), 1);
+        assert_eq!(spool.all(), vec![("job-9".to_string(), r.clone())], "named and sent again while held");
+        std::fs::remove_dir(dir.join("job-9.tmp")).unwrap();
+        assert_eq!(spool.all(), vec![("job-9".to_string(), r)]);
+        assert_eq!(spool.held(), 0, "written once the disk allowed it");
+        assert!(dir.join("job-9.json").exists());
     }
 }

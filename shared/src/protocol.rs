@@ -6,10 +6,11 @@
 //!    challenge — proof of identity that cannot be replayed on another connection;
 //! 3. edge → [`EdgeMessage::Welcome`]: a [`Welcome`] signed with the edge's key over the
 //!    agent's own nonce, so the agent knows it reached the real edge;
-//! 4. then work: the agent grants [`AgentMessage::Credit`] (free slots), the edge sends
-//!    at most that many signed [`EdgeMessage::Job`]s; the agent answers `Accepted`,
-//!    streams `Event`s, and sends a `Result` it keeps on disk until the edge's `ResultAck`.
-//!    Both sides heartbeat; the agent's heartbeat carries its OAuth report.
+//! 4. then work: the agent states its free [`Slots`] (in a `Credit`, and again in every
+//!    heartbeat), the edge sends at most that many signed [`EdgeMessage::Job`]s; the agent
+//!    answers `Accepted`, streams `Event`s, and sends a `Result` it keeps on disk until
+//!    the edge's `ResultAck`. Both sides heartbeat; the agent's heartbeat carries its OAuth
+//!    report, the jobs it runs and its slots.
 //!
 //! A peer speaking another [`PROTOCOL_VERSION`] is refused with a close reason naming both
 //! versions. Message kinds a peer does not know decode as `Unknown` and are ignored, so
@@ -23,7 +24,8 @@ use serde::{Deserialize, Serialize};
 
 /// 2: jobs may carry a repository (`repo_url`, `push_branch`…). An agent of version 1 would
 /// ignore those fields and run the task in an empty folder, so the versions refuse each other.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: slots are stated absolutely (free slots and orders received), not as increments.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
@@ -100,16 +102,19 @@ pub enum AgentMessage {
     /// Signed [`Hello`]. `protocol` and `agent_id` are repeated outside the signature so
     /// the edge can pick the key to verify with and refuse another version by name.
     Hello { protocol: u32, agent_id: String, envelope: Envelope },
+    /// `running`: every job the agent holds and has not sent a result for, as of the same
+    /// moment as `slots`.
     Heartbeat {
         running: Vec<String>,
         capacity: u32,
         oauth: OAuthReport,
+        slots: Slots,
         /// The Claude Code CLI's `--version` line (it can change under a running agent).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         claude_version: Option<String>,
     },
-    /// `slots` more jobs may be sent to this agent.
-    Credit { slots: u32 },
+    /// The agent's free slots now (sent after the welcome and whenever a job ends).
+    Credit { slots: Slots },
     /// The job verified and is starting.
     Accepted { job_id: String },
     /// The order was refused and nothing ran. `job_id` is absent when the order could not
@@ -138,6 +143,20 @@ pub enum AgentMessage {
     },
     #[serde(other)]
     Unknown,
+}
+
+/// The agent's slots, stated absolutely: how many jobs it could start now, and how many
+/// job orders it had received on this connection when it said so. The edge may send
+/// `free - (orders sent - received)` more: orders still on the way are counted against
+/// the statement, so a statement that crossed an order never over-fills the agent, and
+/// a lost or late statement is made good by the next one (every heartbeat carries one).
+/// The agent makes its statements, acceptances, refusals and results under one lock and
+/// sends them in that order on one connection, so they reach the edge in the order they
+/// were made; `received` starts again at 0 on each connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slots {
+    pub free: u32,
+    pub received: u64,
 }
 
 /// What the agent signs to answer the challenge.
@@ -266,16 +285,16 @@ mod tests {
 
     #[test]
     fn malformed_frames_are_errors_not_panics() {
-        for text in ["", "{", "null", r#"{"type":"credit","slots":-1}"#, r#"{"type":"credit"}"#] {
+        for text in ["", "{", "null", r#"{"type":"credit","slots":-1}"#, r#"{"type":"credit","slots":{"free":-1,"received":0}}"#, r#"{"type":"credit"}"#] {
             assert!(decode::<AgentMessage>(text).is_err(), "{text}");
         }
-        let huge = format!(r#"{{"type":"credit","slots":1,"pad":"{}"}}"#, "x".repeat(MAX_FRAME_BYTES));
+        let huge = format!(r#"{{"type":"credit","slots":{{"free":1,"received":0}},"pad":"{}"}}"#, "x".repeat(MAX_FRAME_BYTES));
         assert!(decode::<AgentMessage>(&huge).unwrap_err().contains("limit"));
     }
 
     #[test]
     fn round_trips() {
-        let m = AgentMessage::Credit { slots: 2 };
+        let m = AgentMessage::Credit { slots: Slots { free: 2, received: 7 } };
         assert_eq!(decode::<AgentMessage>(&m.to_text()).unwrap(), m);
         let m = EdgeMessage::ResultAck { job_id: "j".into() };
         assert_eq!(decode::<EdgeMessage>(&m.to_text()).unwrap(), m);

@@ -7,6 +7,9 @@
 //!
 //! - [`git_server`]: a git server over https on 127.0.0.1 (`git http-backend` behind a
 //!   self-signed certificate), optionally demanding a token, for the repository tests.
+//!
+//! [`proxy`] sits between agents and an edge to break their links on command; [`chaos`] is
+//! the soak that does so at random.
 
 use ed25519_dalek::SigningKey;
 use serde_json::Value;
@@ -20,6 +23,8 @@ use std::time::{Duration, Instant};
 pub use serde_json::json;
 
 pub mod git_server;
+pub mod chaos;
+pub mod proxy;
 
 pub const SECRET: &str = "test-runner-secret-0123456789";
 
@@ -126,10 +131,17 @@ pub struct EdgeServer {
     pub env: HashMap<String, String>,
     pub data: TempDir,
     child: Option<Child>,
+    /// A command the native edge is started under, before its own path.
+    pub wrapper: Vec<String>,
 }
 
 impl EdgeServer {
     pub fn start(kind: EdgeKind, keys: &Keys, settings: &[(&str, &str)]) -> EdgeServer {
+        Self::start_wrapped(kind, keys, settings, Vec::new())
+    }
+
+    /// Like [`EdgeServer::start`], the native edge started under `wrapper` (e.g. `unshare`).
+    pub fn start_wrapped(kind: EdgeKind, keys: &Keys, settings: &[(&str, &str)], wrapper: Vec<String>) -> EdgeServer {
         let mut env: HashMap<String, String> = HashMap::new();
         env.insert("RUNNER_SECRET".into(), SECRET.into());
         env.insert("EDGE_SIGNING_KEY".into(), encode_signing(&keys.edge));
@@ -139,7 +151,7 @@ impl EdgeServer {
         for (k, v) in settings {
             env.insert(k.to_string(), v.to_string());
         }
-        let mut edge = EdgeServer { kind, port: 0, keys: keys.clone(), env, data: TempDir::new("edge"), child: None };
+        let mut edge = EdgeServer { kind, port: 0, keys: keys.clone(), env, data: TempDir::new("edge"), child: None, wrapper };
         edge.spawn();
         edge
     }
@@ -152,7 +164,14 @@ impl EdgeServer {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
         let mut cmd = match self.kind {
             EdgeKind::Native => {
-                let mut c = Command::new(bin("claude-runner-edge"));
+                let mut c = match self.wrapper.split_first() {
+                    Some((program, args)) => {
+                        let mut c = Command::new(program);
+                        c.args(args).arg(bin("claude-runner-edge"));
+                        c
+                    }
+                    None => Command::new(bin("claude-runner-edge")),
+                };
                 c.env("LISTEN", format!("127.0.0.1:{}", self.port))
                     .env("DATA_DIR", self.data.path().join("db"))
                     .env("LOG_FORMAT", "json");
@@ -207,6 +226,18 @@ impl EdgeServer {
     pub fn stop(&mut self) {
         if let Some(child) = self.child.take() {
             stop_child(child);
+        }
+    }
+
+    /// SIGKILL to the process and its group (a crash); the storage stays.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling the group of a child we own.
+            unsafe {
+                libc::kill(-(child.id() as i32), libc::SIGKILL);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 
@@ -265,6 +296,7 @@ pub struct AgentProc {
     pub data: TempDir,
     child: Option<Child>,
     args: Vec<(String, String)>,
+    wrapper: Vec<String>,
 }
 
 pub struct AgentOpts<'a> {
@@ -274,6 +306,8 @@ pub struct AgentOpts<'a> {
     pub edge_ws: String,
     pub claude_bin: PathBuf,
     pub extra_env: Vec<(String, String)>,
+    /// A command the agent is started under (e.g. `unshare …`), before its own argv.
+    pub wrapper: Vec<String>,
 }
 
 impl<'a> AgentOpts<'a> {
@@ -286,6 +320,7 @@ impl<'a> AgentOpts<'a> {
             edge_ws: edge.ws_url(),
             claude_bin: bin("claude-standin"),
             extra_env: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
     pub fn env(mut self, k: &str, v: &str) -> Self {
@@ -310,14 +345,22 @@ impl AgentProc {
             ("STANDIN_LOG".into(), data.path().join("standin.log").display().to_string()),
         ];
         args.extend(opts.extra_env);
-        let mut agent = AgentProc { id: opts.id.into(), data, child: None, args };
+        let mut agent = AgentProc { id: opts.id.into(), data, child: None, args, wrapper: opts.wrapper };
         agent.spawn();
         agent
     }
 
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data.path().join("agent.log")).unwrap();
-        let mut cmd = Command::new(bin("claude-runner"));
+        let agent = bin("claude-runner");
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(agent);
+                c
+            }
+            None => Command::new(agent),
+        };
         cmd.arg("agent")
             .env_remove("ANTHROPIC_API_KEY")
             .envs(self.args.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -332,14 +375,20 @@ impl AgentProc {
         std::fs::read_to_string(self.data.path().join("agent.log")).unwrap_or_default()
     }
 
-    /// Every stand-in invocation so far (argv, cwd, prompt).
+    /// Every stand-in invocation so far (argv, cwd, prompt, pid, `at`).
     pub fn claude_runs(&self) -> Vec<Value> {
+        self.standin_log().into_iter().filter(|v| v.get("end").is_none()).collect()
+    }
+
+    /// The stand-in's log: a line per start, and one (`"end": true`) per result printed.
+    pub fn standin_log(&self) -> Vec<Value> {
         std::fs::read_to_string(self.data.path().join("standin.log"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
     }
+
 
     pub fn stop(&mut self) {
         if let Some(child) = self.child.take() {
@@ -357,6 +406,15 @@ impl AgentProc {
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+    }
+
+    /// Starts the agent again if it is not running (it was killed, or exited).
+    pub fn ensure_running(&mut self) {
+        let running = self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+        if !running {
+            self.child = None;
+            self.spawn();
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -419,6 +477,12 @@ impl Client {
     }
 
     pub async fn send(&self, method: &str, path: &str, secret: Option<&str>, body: Option<Vec<u8>>) -> Answer {
+        self.try_send(method, path, secret, body).await.expect("the edge answers")
+    }
+
+    /// Like [`Client::send`], but a connection that fails (the edge was killed) is an
+    /// `Err`, not a panic.
+    pub async fn try_send(&self, method: &str, path: &str, secret: Option<&str>, body: Option<Vec<u8>>) -> Result<Answer, String> {
         let mut req = self.http.request(method.parse().unwrap(), format!("{}{path}", self.base));
         if let Some(s) = secret {
             req = req.header("X-Runner-Secret", s);
@@ -426,10 +490,10 @@ impl Client {
         if let Some(b) = body {
             req = req.header("content-type", "application/json").body(b);
         }
-        let resp = req.send().await.expect("the edge answers");
+        let resp = req.send().await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap_or_default();
-        Answer { status, body: serde_json::from_str(&text).unwrap_or(Value::Null), text }
+        let text = resp.text().await.map_err(|e| e.to_string())?;
+        Ok(Answer { status, body: serde_json::from_str(&text).unwrap_or(Value::Null), text })
     }
 
     pub async fn execute(&self, body: Value) -> Answer {

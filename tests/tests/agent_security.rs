@@ -50,6 +50,7 @@ impl FakeEdge {
             edge_ws: self.url(),
             claude_bin: bin("claude-standin"),
             extra_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            wrapper: Vec::new(),
         };
         AgentProc::start(opts)
     }
@@ -373,5 +374,70 @@ async fn a_result_waits_on_disk_until_the_edge_acknowledges_it() {
     assert_eq!(again.1.output, "stand-in answer to: remember me");
     ws.send(Message::Text(EdgeMessage::ResultAck { job_id: "keep".into() }.to_text().into())).await.unwrap();
     assert!(eventually(Duration::from_secs(5), || !agent.data.path().join("data/spool/keep.json").exists()).await);
+    assert_eq!(agent.claude_runs().len(), 1, "ran once");
+}
+
+/// A link that goes half-open right after the welcome, while the agent is sending the
+/// results it kept: every send is bounded, so the agent gives the link up and dials again
+/// instead of hanging until the kernel gives up (~15 min).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_link_right_after_the_welcome_does_not_hang_the_agent() {
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    // Results waiting in the spool: far more than the socket buffers hold.
+    let spool = agent.data.path().join("data/spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let big = shared::job::JobResult { success: true, output: "x".repeat(1024 * 1024), ..Default::default() };
+    for i in 0..32 {
+        std::fs::write(spool.join(format!("kept-{i:02}.json")), serde_json::to_vec(&big).unwrap()).unwrap();
+    }
+    // The welcome goes out, then this edge never reads again.
+    let (_stuck, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert_eq!(hello.unwrap().finished.len(), 32);
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "the agent dialled again: {}", agent.log());
+    assert!(agent.log().contains("connection is stuck"), "{}", agent.log());
+    // On a link that works, the results come through.
+    let mut results = 0;
+    while results < 32 {
+        match recv(&mut ws).await.expect("the kept results") {
+            AgentMessage::Result { .. } => results += 1,
+            _ => continue,
+        }
+    }
+}
+
+/// An order for a job the agent already has is answered, not dropped: the edge learns at
+/// once that it runs (or how it ended), and it never starts twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_for_a_job_already_here_is_answered_and_never_runs_twice() {
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    let t = now();
+    let attempt = |n: u32| {
+        let mut o = order("twice", "spark", t, t + 60_000, "@sleep=300 once");
+        o.header.nonce = format!("twice:{n}");
+        Envelope::seal(Domain::Job, &o, &edge.edge_key)
+    };
+    assert!(matches!(answer(&mut ws, attempt(1)).await, AgentMessage::Accepted { .. }));
+    // Sent again while it runs: it runs here.
+    assert!(matches!(answer(&mut ws, attempt(2)).await, AgentMessage::Accepted { job_id } if job_id == "twice"));
+    let first = loop {
+        match recv(&mut ws).await.expect("the result") {
+            AgentMessage::Result { result, .. } => break result,
+            _ => continue,
+        }
+    };
+    // Sent again once it ended (its result not yet acknowledged): the result again.
+    send_job(&mut ws, attempt(3)).await;
+    let again = loop {
+        match recv(&mut ws).await.expect("the result again") {
+            AgentMessage::Result { result, .. } => break result,
+            AgentMessage::Accepted { .. } => panic!("started again"),
+            _ => continue,
+        }
+    };
+    assert_eq!(again, first);
     assert_eq!(agent.claude_runs().len(), 1, "ran once");
 }

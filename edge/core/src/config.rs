@@ -21,6 +21,11 @@ pub struct Config {
     pub max_queued_jobs: usize,
     /// Added to a job's `timeout_ms` before the edge gives up on the agent's own report.
     pub timeout_margin_ms: u64,
+    /// Ended jobs kept readable at most (the oldest go first, even before
+    /// `JOB_RETENTION_MS`).
+    pub max_retained_jobs: usize,
+    /// …and at most this many bytes of their records, about.
+    pub max_retained_bytes: u64,
     pub edge_version: String,
     /// Where alerts are posted (an ntfy topic URL, or any webhook taking a POST).
     pub notify_url: Option<String>,
@@ -78,6 +83,12 @@ pub const DEFAULT_TIMEOUT_MARGIN_MS: u64 = 30_000;
 pub const DEFAULT_OAUTH_WARN_HOURS: u64 = 24;
 pub const DEFAULT_OFFLINE_ALERT_MS: u64 = 10 * 60_000;
 pub const DEFAULT_NOTIFY_MIN_INTERVAL_MS: u64 = 3_600_000;
+/// A Durable Object keeps every ended job's header in memory (about 1 KiB each) and its
+/// whole record in storage; 10,000 headers fit its 128 MB of memory many times over.
+pub const DEFAULT_MAX_RETAINED_JOBS: usize = 10_000;
+/// Records of up to ~2 MiB each (a result, its diff, the task): 1 GiB is 500 of the
+/// largest, and far under a Durable Object's storage.
+pub const DEFAULT_MAX_RETAINED_BYTES: u64 = 1024 * 1024 * 1024;
 
 impl Config {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
@@ -113,6 +124,8 @@ impl Config {
             queue_ttl_ms: bounded("QUEUE_TTL_MS", "milliseconds", DEFAULT_QUEUE_TTL_MS, WEEK_MS)?,
             max_queued_jobs: bounded("MAX_QUEUED_JOBS", "jobs", DEFAULT_MAX_QUEUED_JOBS as u64, 100_000)? as usize,
             timeout_margin_ms: bounded("TIMEOUT_MARGIN_MS", "milliseconds", DEFAULT_TIMEOUT_MARGIN_MS, DAY_MS)?,
+            max_retained_jobs: bounded("MAX_RETAINED_JOBS", "jobs", DEFAULT_MAX_RETAINED_JOBS as u64, 1_000_000)?.max(1) as usize,
+            max_retained_bytes: bounded("MAX_RETAINED_BYTES", "bytes", DEFAULT_MAX_RETAINED_BYTES, 1 << 40)?.max(1 << 20),
             edge_version: env!("CARGO_PKG_VERSION").to_string(),
             notify_url: match get("NOTIFY_URL") {
                 Some(url) if url.starts_with("https://") || url.starts_with("http://") => Some(url),

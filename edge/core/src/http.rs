@@ -210,6 +210,11 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
             }
         }
         ("GET", ["jobs", id]) => match edge.job(id) {
+            Some(job) if job.header_only => {
+                let mut effects = Vec::new();
+                edge.give_ended(caller, id, crate::record::Form::View, &mut effects);
+                Handled { caller, reply: once, effects }
+            }
             Some(job) => answer(Response::json(200, to_json(&job.view(now))), Vec::new()),
             None => answer(Response::error(ApiError::job_not_found(id)), Vec::new()),
         },

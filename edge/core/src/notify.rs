@@ -86,6 +86,21 @@ pub struct AlertState {
     /// Since when no agent is connected (edge time).
     #[serde(default)]
     pub offline_since: Option<Millis>,
+    /// Result callbacks not yet taken, by job (kept here, not in the job's record: an
+    /// ended job's record is written once).
+    #[serde(default)]
+    pub callbacks: BTreeMap<String, CallbackState>,
+}
+
+/// A job's result callback on its way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallbackState {
+    pub url: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When (edge time) to try again: after a failure, or when the host never said how
+    /// the last attempt went.
+    pub next_at: Millis,
 }
 
 fn key(kind: AlertKind, agent: &str) -> String {

@@ -2,6 +2,12 @@
 //! it as JSON whenever the machine says [`crate::Effect::Save`], and hand the records back
 //! to [`crate::Edge::restore`] after a restart. Its times are edge time
 //! ([`crate::clock::Now::at`]).
+//!
+//! Once a job has ended, memory keeps only its [`Job::header`] — the record without the
+//! task's text and the result's output, diff and most of its error — and the whole record
+//! lives in storage, read when someone asks for it ([`crate::Effect::Deliver`]). A host may
+//! store the header apart from the whole record so that rebuilding the machine reads
+//! headers only (the Durable Object does).
 
 use serde::{Deserialize, Serialize};
 use shared::contract::{ApiError, ErrorCode, ExecuteResponse, JobView};
@@ -39,53 +45,66 @@ pub struct Job {
     pub attempts: u32,
     /// Since when its agent's connection is gone; it is lost `LOST_AFTER_MS` later.
     pub orphaned_at: Option<Millis>,
+    /// Its number among the orders sent on its connection (see
+    /// [`shared::protocol::Slots`]); 0 once a reconnected agent said it holds the job.
+    #[serde(default)]
+    pub order_no: u64,
+    /// The caller cancelled it while it was with an agent. The cancel goes out again
+    /// whenever the agent reconnects, until the job ends: one sent on a connection that
+    /// turned out dead is not lost.
+    #[serde(default)]
+    pub cancel_requested: bool,
     pub result: Option<JobResult>,
+    /// What identifies the task for an idempotency key: the SHA-256 of its spec (kept in
+    /// the header, which drops the spec's text).
+    #[serde(default)]
+    pub spec_digest: String,
+    /// This is a header: the text of the spec and of the result are in storage only.
+    #[serde(default)]
+    pub header_only: bool,
+    /// The size of the whole record, about (set on headers): what retention counts.
+    #[serde(default)]
+    pub bytes: u64,
     /// While the usage window is used up, wait for its reset (else end at once).
     #[serde(default = "yes")]
     pub wait_for_usage: bool,
-    /// Where its result is posted when it ends, and how that goes.
+    /// Where its result is posted when it ends (see `crate::notify`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub callback: Option<Callback>,
-}
-
-/// A job's result callback: stored with the job, so a restart neither loses nor repeats it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Callback {
-    pub url: String,
-    /// Attempts made so far.
-    pub attempts: u32,
-    /// When (edge time) to try (again), while one is due: after a failure, or when the
-    /// host never said how the last attempt went.
-    pub next_at: Option<Millis>,
-    /// It was delivered, or given up.
-    pub done: bool,
-    /// How the last attempt went, for the operator.
-    pub last_error: Option<String>,
-}
-
-impl Callback {
-    pub fn new(url: String) -> Callback {
-        Callback { url, attempts: 0, next_at: None, done: false, last_error: None }
-    }
-
-    /// Due for an attempt at or before `now` (edge time).
-    pub fn due(&self) -> Option<Millis> {
-        self.next_at.filter(|_| !self.done)
-    }
+    pub callback_url: Option<String>,
 }
 
 fn yes() -> bool {
     true
 }
 
-/// How much of a prompt the jobs list shows.
+/// What a caller is given from a job's whole record, read from storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// The `/execute` answer ([`Job::answer`]).
+    Answer,
+    /// `GET /jobs/{id}` ([`Job::view`]).
+    View,
+    /// The end of an event stream: the result chunk, then the end.
+    Stream,
+}
+
+/// The digest of a spec, as kept in [`Job::spec_digest`].
+pub fn spec_digest(spec: &JobSpec) -> String {
+    use sha2::Digest;
+    let text = serde_json::to_vec(spec).expect("specs serialise");
+    shared::ids::hex(&sha2::Sha256::digest(&text))
+}
+
+/// How much of a prompt the jobs list shows (and a header keeps).
 pub const PROMPT_PREVIEW_BYTES: usize = 200;
+
+/// Most of an error kept in a header (the whole of it is in storage).
+const HEADER_ERROR_BYTES: usize = 512;
 
 impl Job {
     pub fn new(id: String, spec: JobSpec, mode: Mode, idempotency_key: Option<String>, now: Millis) -> Job {
         Job {
             id,
-            spec,
             mode,
             state: JobState::Queued,
             idempotency_key,
@@ -97,10 +116,60 @@ impl Job {
             session_id: None,
             attempts: 0,
             orphaned_at: None,
+            order_no: 0,
+            cancel_requested: false,
             result: None,
+            spec_digest: spec_digest(&spec),
+            spec,
+            header_only: false,
+            bytes: 0,
             wait_for_usage: true,
-            callback: None,
+            callback_url: None,
         }
+    }
+
+    /// The digest of its spec (computed for records stored before digests were kept).
+    pub fn digest(&self) -> String {
+        if self.spec_digest.is_empty() {
+            spec_digest(&self.spec)
+        } else {
+            self.spec_digest.clone()
+        }
+    }
+
+    /// What memory keeps of an ended job: the record without the task's text and the
+    /// result's output and diff, and with its error cut short.
+    pub fn header(&self) -> Job {
+        if self.header_only {
+            return self.clone();
+        }
+        let mut header = self.clone();
+        header.spec_digest = self.digest();
+        header.bytes = self.approximate_bytes();
+        header.header_only = true;
+        // The start of the task stays, for the jobs list (`GET /jobs`).
+        header.spec.prompt = shared::text::truncate(&self.spec.prompt, PROMPT_PREVIEW_BYTES).to_string();
+        header.spec.append_system_prompt = None;
+        if let Some(result) = &mut header.result {
+            result.output = String::new();
+            result.diff = None;
+            result.error = result.error.as_deref().map(|e| shared::text::truncate(e, HEADER_ERROR_BYTES).to_string());
+        }
+        header
+    }
+
+    /// About how many bytes the whole record takes (its long texts, and a bit for the rest).
+    pub fn approximate_bytes(&self) -> u64 {
+        if self.header_only {
+            return self.bytes;
+        }
+        let text = |s: Option<&str>| s.map_or(0, str::len) as u64;
+        let r = self.result.as_ref();
+        512 + text(Some(&self.spec.prompt))
+            + text(self.spec.append_system_prompt.as_deref())
+            + text(r.map(|r| r.output.as_str()))
+            + text(r.and_then(|r| r.diff.as_deref()))
+            + text(r.and_then(|r| r.error.as_deref()))
     }
 
     /// When the edge must act on this job if nothing else happens first.
@@ -191,8 +260,17 @@ impl Job {
     }
 }
 
-/// Results the edge writes itself when the agent cannot.
+/// Results the edge writes itself when the agent cannot: its agent went away and did not
+/// come back in time. A job the caller had cancelled ends cancelled (the caller does not
+/// want it run elsewhere); any other is lost, and its caller may run it elsewhere.
 pub fn lost(job: &Job, now: Millis) -> JobResult {
+    if job.cancel_requested {
+        return JobResult::failure(
+            ErrorCode::Cancelled,
+            "cancelled by the caller; its agent went away before confirming that it stopped",
+            job.elapsed(now),
+        );
+    }
     JobResult::failure(
         ErrorCode::RunnerLost,
         "the agent running this job went away and did not come back in time (LOST_AFTER_MS); run the task elsewhere",

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use shared::envelope::{Domain, Envelope, CLOCK_SKEW_MS};
 use shared::keys::Keyring;
 use shared::oauth::OAuthReport;
-use shared::protocol::{close, Hello, HANDSHAKE_TIMEOUT_MS, PROTOCOL_VERSION};
+use shared::protocol::{close, Hello, Slots, HANDSHAKE_TIMEOUT_MS, PROTOCOL_VERSION};
 use shared::Millis;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,8 +32,10 @@ pub struct Agent {
     pub agent_id: String,
     pub version: String,
     pub capacity: u32,
-    /// Jobs the agent said it can take now, minus those sent since.
-    pub credits: u32,
+    /// The agent's latest statement of its slots (see [`shared::protocol::Slots`]).
+    pub slots: Slots,
+    /// Job orders sent on this connection; the last one sent is number `sent`.
+    pub sent: u64,
     pub oauth: OAuthReport,
     #[serde(default)]
     pub claude_version: Option<String>,
@@ -93,6 +95,22 @@ impl Agent {
 
     pub fn usage_held(&self, now: crate::Now) -> bool {
         self.usage_hold_until.is_some_and(|t| t > now.at)
+    }
+}
+
+impl Agent {
+    /// How many more jobs may be sent now: the free slots the agent stated (never more
+    /// than its capacity), less the orders sent since that it had not received then.
+    pub fn credits(&self) -> u32 {
+        let in_flight = self.sent.saturating_sub(self.slots.received);
+        let free = u64::from(self.slots.free.min(self.capacity));
+        free.saturating_sub(in_flight) as u32
+    }
+
+    /// Takes a statement of the agent's slots. `received` cannot be more than was sent (a
+    /// confused or hostile agent would otherwise make room it does not have).
+    pub fn state(&mut self, slots: Slots) {
+        self.slots = Slots { free: slots.free, received: slots.received.min(self.sent) };
     }
 }
 

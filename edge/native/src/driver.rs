@@ -41,7 +41,7 @@ pub enum Command {
     /// The edge is stopping: the machine tells callers and agents what happens next.
     Shutdown { done: oneshot::Sender<()> },
     /// A POST the machine asked for (an alert, a callback) went this way.
-    Delivered { id: String, outcome: edge_core::notify::Outcome },
+    Posted { id: String, outcome: edge_core::notify::Outcome },
 }
 
 /// The machine's callers, as channels.
@@ -67,8 +67,8 @@ impl Driver {
         Driver { edge, store, clock, outboxes: HashMap::new(), callers: HashMap::new(), commands, http: None }
     }
 
-    /// Makes one POST in its own task; its outcome comes back as [`Command::Delivered`].
-    fn deliver(&mut self, delivery: edge_core::machine::Delivery) {
+    /// Makes one POST in its own task; its outcome comes back as [`Command::Posted`].
+    fn post(&mut self, delivery: edge_core::machine::Post) {
         let http = self
             .http
             .get_or_insert_with(|| {
@@ -91,7 +91,7 @@ impl Driver {
                 Err(e) => Err(e.to_string()),
             };
             if let Some(commands) = commands.upgrade() {
-                let _ = commands.send(Command::Delivered { id: delivery.id, outcome }).await;
+                let _ = commands.send(Command::Posted { id: delivery.id, outcome }).await;
             }
         });
     }
@@ -163,8 +163,8 @@ impl Driver {
                 let effects = self.edge.disconnect(now, &session);
                 self.carry_out(effects);
             }
-            Command::Delivered { id, outcome } => {
-                let effects = self.edge.delivered(now, &id, outcome);
+            Command::Posted { id, outcome } => {
+                let effects = self.edge.posted(now, &id, outcome);
                 self.carry_out(effects);
             }
             Command::Shutdown { done } => {
@@ -179,6 +179,9 @@ impl Driver {
     /// or, if the store failed, what the machine decides instead.
     fn carry_out(&mut self, effects: Vec<Effect>) {
         let (writes, mut rest) = split_writes(effects);
+        // On this task, not a blocking thread: the machine must wait for its writes anyway,
+        // and handing every write to another thread cost about 0.2 ms of CPU per job. What
+        // bounds a stall is SQLite's busy timeout (store::BUSY_TIMEOUT_MS).
         if let Err(e) = self.store.apply(&writes) {
             error!(error = %e, "could not write job records to SQLite; check DATA_DIR's disk space, permissions and that no other process holds the database");
             rest = self.edge.store_failed(self.clock.now(), &e.to_string());
@@ -214,7 +217,17 @@ impl Driver {
                 }
                 // Sessions live only as long as this process; nothing to keep.
                 Effect::SaveSession(_) => {}
-                Effect::Deliver(delivery) => self.deliver(delivery),
+                Effect::Deliver { caller, job_id, form } => {
+                    let record = self.store.load_one(&job_id).map_err(|e| e.to_string());
+                    let delivered = Edge::deliver(caller, form, record, self.clock.now());
+                    self.carry_out(delivered);
+                }
+                Effect::Post(post) => self.post(post),
+                Effect::Recall { job_id } => {
+                    let record = self.store.load_one(&job_id).map_err(|e| e.to_string());
+                    let effects = self.edge.recalled(self.clock.now(), &job_id, record);
+                    self.carry_out(effects);
+                }
                 Effect::Save(_) | Effect::Forget { .. } | Effect::SaveAlerts(_) => unreachable!("writes were split out"),
             }
         }

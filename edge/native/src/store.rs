@@ -11,6 +11,13 @@ pub struct Store {
     conn: Connection,
 }
 
+/// How long a write waits for another process that holds the database (a backup, an
+/// operator's query) before it fails. Every event waits for its writes, and the one task
+/// that drives the machine waits with it, so this bounds how long the whole edge can
+/// stall per failing write: short, so a locked database means quick 500s and results
+/// kept in the agents' spools, not an edge that stops answering `/health`.
+pub const BUSY_TIMEOUT_MS: u64 = 250;
+
 impl Store {
     pub fn open(dir: &Path) -> anyhow::Result<Store> {
         std::fs::create_dir_all(dir).map_err(|e| {
@@ -21,11 +28,11 @@ impl Store {
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}; check DATA_DIR's permissions", path.display()))?;
         // WAL + NORMAL: a commit survives a process crash; only a power cut may lose the
         // last instants, which is the usual trade for a job log.
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout={BUSY_TIMEOUT_MS};
              CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, record TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
-        )?;
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        ))?;
         Ok(Store { conn })
     }
 
@@ -43,6 +50,16 @@ impl Store {
             }
         }
         Ok(jobs)
+    }
+
+    /// One job's whole record (memory keeps only the header of an ended job).
+    pub fn load_one(&self, id: &str) -> anyhow::Result<Option<Job>> {
+        let mut stmt = self.conn.prepare_cached("SELECT record FROM jobs WHERE id = ?1")?;
+        let mut rows = stmt.query(params![id])?;
+        match rows.next()? {
+            Some(row) => Ok(Some(serde_json::from_str(&row.get::<_, String>(0)?)?)),
+            None => Ok(None),
+        }
     }
 
     /// Alerting's stored memory, if any (an unreadable one is dropped with a warning:
@@ -83,5 +100,35 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edge_core::record::{Job, Mode};
+
+    fn job(id: &str) -> Job {
+        let spec = serde_json::from_value(serde_json::json!({"prompt": "x", "timeout_ms": 1000})).unwrap();
+        Job::new(id.into(), spec, Mode::Detached, None, 0)
+    }
+
+    #[test]
+    fn a_write_to_a_database_another_process_holds_fails_fast_and_changes_nothing() {
+        let dir = std::env::temp_dir().join(format!("cr-store-locked-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut store = Store::open(&dir).unwrap();
+        store.apply(&Writes { saves: vec![job("a")], forgets: vec![], alerts: None }).unwrap();
+        let holder = Connection::open(dir.join("edge.sqlite3")).unwrap();
+        holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let started = std::time::Instant::now();
+        let failed = store.apply(&Writes { saves: vec![job("b")], forgets: vec!["a".into()], alerts: None });
+        let took = started.elapsed();
+        assert!(failed.is_err());
+        // It used to wait 5 s per write, the whole edge with it.
+        assert!(took < std::time::Duration::from_secs(2), "a locked database stalled the write for {took:?}");
+        holder.execute_batch("ROLLBACK").unwrap();
+        let ids: Vec<String> = store.load().unwrap().into_iter().map(|j| j.id).collect();
+        assert_eq!(ids, vec!["a".to_string()], "all of the event's writes or none");
     }
 }

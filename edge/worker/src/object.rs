@@ -18,7 +18,7 @@ use crate::sockets::{close_socket, AtHand, Sockets};
 use crate::store::Store;
 use crate::{entropy, now_ms};
 use edge_core::http::{self, Reply};
-use edge_core::machine::Delivery;
+use edge_core::machine::Post;
 use edge_core::{split_writes, CallerId, Config, Edge, Effect, Millis, Response};
 use futures::channel::{mpsc, oneshot};
 use futures::future::{select, Either};
@@ -57,7 +57,7 @@ pub struct EdgeDurableObject {
     /// The deadline the alarm was last set to by this instance (skips rewriting it).
     alarm_at: Cell<Option<Millis>>,
     /// POSTs the machine asked for (alerts, callbacks), made before the next alarm is set.
-    deliveries: RefCell<Vec<Delivery>>,
+    deliveries: RefCell<Vec<Post>>,
 }
 
 impl DurableObject for EdgeDurableObject {
@@ -237,7 +237,16 @@ impl EdgeDurableObject {
                 Effect::EndStream { caller } => {
                     self.callers.borrow_mut().remove(&caller);
                 }
-                Effect::Deliver(delivery) => self.deliveries.borrow_mut().push(delivery),
+                Effect::Deliver { caller, job_id, form } => {
+                    let record = self.store().load_one(&job_id);
+                    self.apply(Edge::deliver(caller, form, record, now_ms().into()), at_hand);
+                }
+                Effect::Post(post) => self.deliveries.borrow_mut().push(post),
+                Effect::Recall { job_id } => {
+                    let record = self.store().load_one(&job_id);
+                    let effects = self.with_edge(|edge| edge.recalled(now_ms(), &job_id, record)).unwrap_or_default();
+                    self.apply(effects, at_hand);
+                }
                 Effect::Save(_) | Effect::Forget { .. } | Effect::SaveAlerts(_) => unreachable!("writes were split out"),
             }
         }
@@ -251,13 +260,13 @@ impl EdgeDurableObject {
     /// meanwhile.
     async fn deliver(&self) {
         loop {
-            let batch: Vec<Delivery> = std::mem::take(&mut *self.deliveries.borrow_mut());
+            let batch: Vec<Post> = std::mem::take(&mut *self.deliveries.borrow_mut());
             if batch.is_empty() {
                 return;
             }
             for delivery in batch {
                 let outcome = post(&delivery).await;
-                let effects = self.with_edge(|edge| edge.delivered(now_ms(), &delivery.id, outcome)).unwrap_or_default();
+                let effects = self.with_edge(|edge| edge.posted(now_ms(), &delivery.id, outcome)).unwrap_or_default();
                 self.apply(effects, None);
             }
         }
@@ -386,7 +395,7 @@ impl EdgeDurableObject {
 }
 
 /// One POST, bounded in time; its status, or why it failed.
-async fn post(delivery: &Delivery) -> edge_core::notify::Outcome {
+async fn post(delivery: &Post) -> edge_core::notify::Outcome {
     let headers = worker::Headers::new();
     for (name, value) in &delivery.headers {
         headers.set(name, value).map_err(|e| e.to_string())?;

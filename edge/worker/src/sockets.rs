@@ -210,7 +210,8 @@ mod tests {
                 agent_id: "spark".into(),
                 version: "1.2.3".into(),
                 capacity: 2,
-                credits: 1,
+                slots: shared::protocol::Slots { free: 1, received: 3 },
+                sent: 4,
                 oauth: OAuthReport { problem: Some(problem.into()), ..OAuthReport::unconfigured(5) },
                 // As long as the core lets it be, in the costliest characters.
                 claude_version: Some("😀".repeat(shared::protocol::MAX_CLAUDE_VERSION_BYTES / 4)),

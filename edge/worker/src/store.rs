@@ -8,6 +8,11 @@
 //! larger, so a long record continues in `job_parts`; a job whose result could not be
 //! stored would come back as "running" after an eviction and end as lost.
 //!
+//! An ended job's `jobs.record` is its header ([`Job::header`]: no task text, no output)
+//! and its whole record is in `job_whole`, read only when someone asks for it
+//! ([`Store::load_one`]): the object is rebuilt after every eviction, and rebuilding reads
+//! headers only, so its memory holds headers however large the results were.
+//!
 //! One event's writes go in one `transactionSync`: all of them or none, so a record and its
 //! parts never disagree and a failed event leaves storage as it was.
 
@@ -52,6 +57,11 @@ impl Store {
         self.exec("CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, record TEXT NOT NULL)", vec![])?;
         self.exec(
             "CREATE TABLE IF NOT EXISTS job_parts (id TEXT NOT NULL, part INTEGER NOT NULL, text TEXT NOT NULL, \
+             PRIMARY KEY (id, part))",
+            vec![],
+        )?;
+        self.exec(
+            "CREATE TABLE IF NOT EXISTS job_whole (id TEXT NOT NULL, part INTEGER NOT NULL, text TEXT NOT NULL, \
              PRIMARY KEY (id, part))",
             vec![],
         )?;
@@ -101,8 +111,13 @@ impl Store {
         }
         let mut records = Vec::with_capacity(writes.saves.len());
         for job in &writes.saves {
-            let record = serde_json::to_string(job).map_err(|e| format!("encoding job {}: {e}", job.id))?;
-            records.push((job.id.clone(), record));
+            let encode = |job: &Job| serde_json::to_string(job).map_err(|e| format!("encoding job {}: {e}", job.id));
+            let record = if job.state.is_terminal() {
+                (job.id.clone(), encode(&job.header())?, Some(encode(job)?))
+            } else {
+                (job.id.clone(), encode(job)?, None)
+            };
+            records.push(record);
         }
         let forgets = writes.forgets.clone();
         let alerts = match &writes.alerts {
@@ -112,8 +127,8 @@ impl Store {
         let store = Store { sql: self.sql.clone(), storage: JsValue::UNDEFINED };
         // Thrown from inside the transaction, an error rolls it back.
         let body = Closure::once_into_js(move || -> Result<(), JsValue> {
-            for (id, record) in &records {
-                store.save(id, record).map_err(|e| JsValue::from_str(&e))?;
+            for (id, record, whole) in &records {
+                store.save(id, record, whole.as_deref()).map_err(|e| JsValue::from_str(&e))?;
             }
             for id in &forgets {
                 store.forget(id).map_err(|e| JsValue::from_str(&e))?;
@@ -136,8 +151,41 @@ impl Store {
         })
     }
 
-    /// Inserts or replaces a job's record.
-    fn save(&self, id: &str, record: &str) -> Result<(), String> {
+    /// One job's whole record: `job_whole` for an ended job, else (or for a record written
+    /// before headers were kept apart) `jobs` and its parts.
+    pub fn load_one(&self, id: &str) -> Result<Option<Job>, String> {
+        let whole = self.pieces("SELECT id, text FROM job_whole WHERE id = ? ORDER BY part", id)?;
+        let record = match whole.split_first() {
+            Some((first, rest)) => join_record(first.clone(), rest.to_vec()),
+            None => {
+                let cursor = self.exec("SELECT id, record FROM jobs WHERE id = ?", vec![id.into()])?;
+                let Some(row) = cursor.next::<JobRow>().next() else { return Ok(None) };
+                let row = row.map_err(|e| format!("reading jobs: {e}"))?;
+                join_record(row.record, self.pieces("SELECT id, text FROM job_parts WHERE id = ? ORDER BY part", id)?)
+            }
+        };
+        serde_json::from_str(&record).map(Some).map_err(|e| format!("job {id} has an unreadable record ({e})"))
+    }
+
+    fn pieces(&self, query: &str, id: &str) -> Result<Vec<String>, String> {
+        let cursor = self.exec(query, vec![id.into()])?;
+        let mut out = Vec::new();
+        for row in cursor.next::<PartRow>() {
+            out.push(row.map_err(|e| format!("reading a record's parts: {e}"))?.text);
+        }
+        Ok(out)
+    }
+
+    /// Inserts or replaces a job's record (its header, for an ended job, whose whole
+    /// record goes to `job_whole`).
+    fn save(&self, id: &str, record: &str, whole: Option<&str>) -> Result<(), String> {
+        self.exec("DELETE FROM job_whole WHERE id = ?", vec![id.into()])?;
+        for (part, text) in whole.map(|w| split_record(w, PART_BYTES)).unwrap_or_default().iter().enumerate() {
+            self.exec(
+                "INSERT INTO job_whole (id, part, text) VALUES (?, ?, ?)",
+                vec![id.into(), (part as i64).into(), (*text).into()],
+            )?;
+        }
         let pieces = split_record(record, PART_BYTES);
         self.exec(
             "INSERT INTO jobs (id, record) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET record = excluded.record",
@@ -157,6 +205,7 @@ impl Store {
     fn forget(&self, job_id: &str) -> Result<(), String> {
         self.exec("DELETE FROM jobs WHERE id = ?", vec![job_id.into()])?;
         self.exec("DELETE FROM job_parts WHERE id = ?", vec![job_id.into()])?;
+        self.exec("DELETE FROM job_whole WHERE id = ?", vec![job_id.into()])?;
         Ok(())
     }
 

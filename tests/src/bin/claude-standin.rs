@@ -17,8 +17,9 @@
 //! report the window at 91 % · `@max_turns` / `@max_budget` stop as `--max-turns` /
 //! `--max-budget-usd` do.
 //!
-//! With `STANDIN_LOG` set, every invocation appends one JSON line (argv, cwd, prompt, and
-//! its whole environment, so tests can see what Claude would inherit).
+//! With `STANDIN_LOG` set, every invocation appends one JSON line (argv, cwd, prompt, its
+//! whole environment, so tests can see what Claude would inherit, its pid and start time
+//! `at` in ms), and one more (`"end": true`, `at`) when it prints its result.
 //!
 //! `auth login` imitates the real CLI's login without a TTY (its lines as 2.1.x prints
 //! them): it prints an authorization URL and `Paste code here if prompted > `, reads the
@@ -56,18 +57,25 @@ fn main() {
     }
     let mut prompt = String::new();
     let _ = std::io::stdin().read_to_string(&mut prompt);
-    if let Ok(path) = std::env::var("STANDIN_LOG") {
-        let line = serde_json::json!({
-            "argv": args,
-            "cwd": std::env::current_dir().ok(),
-            "prompt": prompt,
-            "claude_config_dir": std::env::var("CLAUDE_CONFIG_DIR").ok(),
-            "env": std::env::vars().collect::<std::collections::BTreeMap<String, String>>(),
-        });
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = writeln!(f, "{line}");
+    // One write per line: several stand-ins append to the same log at once, and a line
+    // written in pieces could interleave with another's.
+    let log = |line: serde_json::Value| {
+        if let Ok(path) = std::env::var("STANDIN_LOG") {
+            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                let _ = f.write_all(format!("{line}\n").as_bytes());
+            }
         }
-    }
+    };
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    log(serde_json::json!({
+        "argv": args,
+        "cwd": std::env::current_dir().ok(),
+        "prompt": prompt,
+        "claude_config_dir": std::env::var("CLAUDE_CONFIG_DIR").ok(),
+        "env": std::env::vars().collect::<std::collections::BTreeMap<String, String>>(),
+        "pid": std::process::id(),
+        "at": now_ms(),
+    }));
     if directive(&prompt, "ignore_term").is_some() {
         // SAFETY: installing SIG_IGN for SIGTERM has no memory effects.
         unsafe {
@@ -158,6 +166,7 @@ fn main() {
     } else {
         (false, text, None)
     };
+    log(serde_json::json!({"end": true, "prompt": prompt, "pid": std::process::id(), "at": now_ms()}));
     emit(&mut out, serde_json::json!({
         "type":"result","subtype":"success","is_error":is_error,"result":result,"session_id":session,
         "num_turns":1,"total_cost_usd":0.0123,"duration_ms":5,"api_error_status":status,

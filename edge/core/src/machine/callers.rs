@@ -7,6 +7,7 @@
 use super::{Edge, Effect};
 use crate::clock::Now;
 use crate::progress;
+use crate::record::{Form, Job};
 use crate::response::Response;
 use shared::contract::{ApiError, ErrorCode};
 use std::collections::HashMap;
@@ -54,8 +55,7 @@ impl Edge {
 
     /// `caller` waits for the job's end (it is answered at once if the job is over).
     pub fn wait_for(&mut self, caller: CallerId, job_id: &str, effects: &mut Vec<Effect>) {
-        if let Some((status, body)) = self.jobs.get(job_id).and_then(|j| j.answer()) {
-            effects.push(Effect::Answer { caller, response: Response::json(status, body) });
+        if self.give_ended(caller, job_id, Form::Answer, effects) {
             return;
         }
         self.note_callers(job_id);
@@ -65,10 +65,10 @@ impl Edge {
     /// `caller` follows the job's progress: what is kept so far at once, then each event,
     /// then the result. `false`: there is no such job.
     pub fn follow(&mut self, caller: CallerId, job_id: &str, effects: &mut Vec<Effect>) -> bool {
-        let Some(job) = self.jobs.get(job_id) else { return false };
-        if let Some((_, body)) = job.answer() {
-            effects.push(Effect::Stream { caller, chunk: progress::result_chunk(&body) });
-            effects.push(Effect::EndStream { caller });
+        if !self.jobs.contains_key(job_id) {
+            return false;
+        }
+        if self.give_ended(caller, job_id, Form::Stream, effects) {
             return true;
         }
         for chunk in self.progress.get(job_id).map(|b| b.replay()).unwrap_or_default() {
@@ -89,14 +89,61 @@ impl Edge {
         }
         let Some(job_id) = Callers::job_of(&self.callers.waiters, caller) else { return Vec::new() };
         self.forget_caller(&job_id, caller);
-        let response = match self.jobs.get(&job_id).and_then(|j| j.answer()) {
-            Some((status, body)) => Response::json(status, body),
-            None => Response::error(
+        let mut effects = Vec::new();
+        if !self.give_ended(caller, &job_id, Form::Answer, &mut effects) {
+            let response = Response::error(
                 ApiError::new(ErrorCode::Timeout, format!("the job is still running; follow it with GET /jobs/{job_id}"))
                     .with_job(&job_id),
-            ),
+            );
+            effects.push(Effect::Answer { caller, response });
+        }
+        effects
+    }
+
+    /// If the job has ended, gives `caller` its end in `form` — from memory if the whole
+    /// record is still there, else from storage ([`Effect::Deliver`]) — and returns true.
+    pub(crate) fn give_ended(&self, caller: CallerId, job_id: &str, form: Form, effects: &mut Vec<Effect>) -> bool {
+        let Some(job) = self.jobs.get(job_id).filter(|j| j.state.is_terminal()) else { return false };
+        if job.header_only {
+            effects.push(Effect::Deliver { caller, job_id: job_id.to_string(), form });
+        } else {
+            effects.extend(Edge::deliver(caller, form, Ok(Some(job.clone())), crate::clock::Now::from(0)));
+        }
+        true
+    }
+
+    /// What `caller` is given from a job's whole record (`record`: what the host read from
+    /// storage). A record the host could not read is a 500 (or, on a stream, a comment
+    /// saying so) that says to retry.
+    pub fn deliver(caller: CallerId, form: Form, record: Result<Option<Job>, String>, now: crate::clock::Now) -> Vec<Effect> {
+        let job = match record {
+            Ok(Some(job)) => job,
+            Ok(None) => {
+                let response = Response::error(ApiError::new(ErrorCode::NotFound, "the job is no longer kept (its retention ended)"));
+                return match form {
+                    Form::Stream => vec![Effect::EndStream { caller }],
+                    _ => vec![Effect::Answer { caller, response }],
+                };
+            }
+            Err(problem) => {
+                let text = format!("the edge could not read the job's record ({problem}); retry");
+                return match form {
+                    Form::Stream => vec![Effect::Stream { caller, chunk: format!(": {text}\n\n") }, Effect::EndStream { caller }],
+                    _ => vec![Effect::Answer { caller, response: Response::error(ApiError::new(ErrorCode::InternalError, text)) }],
+                };
+            }
         };
-        vec![Effect::Answer { caller, response }]
+        match (form, job.answer()) {
+            (Form::View, _) => {
+                let body = serde_json::to_string(&job.view(now)).expect("views serialise");
+                vec![Effect::Answer { caller, response: Response::json(200, body) }]
+            }
+            (Form::Answer, Some((status, body))) => vec![Effect::Answer { caller, response: Response::json(status, body) }],
+            (Form::Stream, Some((_, body))) => {
+                vec![Effect::Stream { caller, chunk: progress::result_chunk(&body) }, Effect::EndStream { caller }]
+            }
+            (_, None) => Edge::deliver(caller, form, Err("the record has no result".into()), now),
+        }
     }
 
     /// The caller hung up (or its stream could not be written): nothing more goes to it.

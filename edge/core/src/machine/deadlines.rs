@@ -128,13 +128,11 @@ impl Edge {
         self.retry_notices(now, &mut effects);
         self.observe(now, &mut effects);
 
-        while let Some((finished_at, id)) = self.retained.front().cloned() {
+        while let Some((finished_at, _)) = self.retained.front() {
             if finished_at.saturating_add(self.cfg.job_retention_ms) > now.at {
                 break;
             }
-            self.retained.pop_front();
-            self.forget_job(&id);
-            effects.push(Effect::Forget { job_id: id });
+            self.forget_oldest(&mut effects);
         }
         effects
     }

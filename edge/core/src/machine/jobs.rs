@@ -27,7 +27,7 @@ impl Edge {
         let mut effects = Vec::new();
         if let Some(existing) = submission.idempotency_key.as_ref().and_then(|k| self.idempotency.get(k)) {
             // The same key for a different task is a caller's mistake, not a repeat.
-            if self.jobs.get(existing).is_some_and(|j| j.spec != submission.spec) {
+            if self.jobs.get(existing).is_some_and(|j| j.digest() != crate::record::spec_digest(&submission.spec)) {
                 return Err(ApiError::new(
                     ErrorCode::Conflict,
                     "this idempotency key was already used for a different task; use a new key for a new task",
@@ -59,7 +59,7 @@ impl Edge {
         }
         let mut job = Job::new(job_id.clone(), submission.spec, mode, submission.idempotency_key, now.at);
         job.wait_for_usage = submission.wait_for_usage;
-        job.callback = submission.callback_url.map(crate::record::Callback::new);
+        job.callback_url = submission.callback_url;
         if let Some(key) = &job.idempotency_key {
             self.idempotency.insert(key.clone(), job_id.clone());
         }
@@ -73,17 +73,21 @@ impl Edge {
     }
 
     /// Sends queued jobs, oldest first, to agents with credit (the one with most first).
+    /// An agent's credit is what it last stated free less the orders on their way to it
+    /// ([`crate::session::Agent::credits`]); each order is numbered on its connection.
     pub(super) fn dispatch(&mut self, now: Now, effects: &mut Vec<Effect>) {
         while let Some(job_id) = self.queue.front().cloned() {
             let best = self
                 .sessions
                 .values()
-                .filter_map(|s| s.agent().filter(|a| a.credits > 0 && a.takes_work(now)).map(|a| (s.id.clone(), a.credits)))
+                .filter_map(|s| s.agent().filter(|a| a.takes_work(now)).map(|a| (s.id.clone(), a.credits())))
+                .filter(|(_, credits)| *credits > 0)
                 .max_by_key(|(_, credits)| *credits);
             let Some((session_id, _)) = best else { break };
             let session = self.session_mut(&session_id).expect("sessions with credit exist");
             let agent = session.agent_mut().expect("ready session");
-            agent.credits -= 1;
+            agent.sent += 1;
+            let order_no = agent.sent;
             let agent_id = agent.agent_id.clone();
             let saved = Effect::SaveSession(Box::new(session.clone()));
             self.queue.pop_front();
@@ -92,12 +96,13 @@ impl Edge {
             job.dispatched_at = Some(now.at);
             job.agent_id = Some(agent_id.clone());
             job.session_id = Some(session_id.clone());
+            job.order_no = order_no;
             job.attempts += 1;
             let header = OrderHeader::new(&job_id, &agent_id, now.wall, format!("{job_id}:{}", job.attempts));
             let order = JobOrder { header, spec: job.spec.clone() };
             effects.push(Effect::Save(Box::new(job.clone())));
             let envelope = Envelope::seal(Domain::Job, &order, &self.cfg.signing_key);
-            info!(job_id = %job_id, agent_id = %agent_id, "job dispatched");
+            info!(job_id = %job_id, agent_id = %agent_id, order_no, "job dispatched");
             effects.push(saved);
             effects.push(Effect::Send { session: session_id, text: EdgeMessage::Job { envelope }.to_text() });
             self.active.insert(job_id);
@@ -124,18 +129,20 @@ impl Edge {
                 self.finish(now, job_id, result, &mut effects);
             }
             JobState::Dispatched | JobState::Running => {
+                // Kept on the job, so it is sent again at the agent's reconnect: a cancel
+                // sent on a connection that turns out to be dead is not lost, and one
+                // asked for while the agent is away is acted on when it is back.
                 let connected = job.session_id.as_ref().filter(|s| self.sessions.contains_key(*s)).cloned();
-                match (connected, job.agent_id.clone()) {
+                let agent = job.agent_id.clone();
+                let job = self.job_mut(job_id).expect("the job exists");
+                job.cancel_requested = true;
+                effects.push(Effect::Save(Box::new(job.clone())));
+                match (connected, agent) {
                     (Some(session), Some(agent)) => {
                         info!(job_id, agent_id = %agent, "cancel sent to agent");
                         self.send_cancel(now, &session, &agent, job_id, "cancelled by the caller", &mut effects);
                     }
-                    _ => {
-                        // The agent is away; end it here. If it comes back still running
-                        // the job, reconcile() tells it to stop.
-                        let result = JobResult::failure(ErrorCode::Cancelled, "cancelled by the caller", job.elapsed(now.at));
-                        self.finish(now, job_id, result, &mut effects);
-                    }
+                    _ => info!(job_id, "cancel kept for when the job's agent is back"),
                 }
             }
             _ => {
@@ -161,6 +168,7 @@ impl Edge {
         self.queue.retain(|id| id != job_id);
         self.drop_backlog(job_id);
         self.retained.push_back((now.at, job_id.to_string()));
+        self.retained_bytes += job.approximate_bytes();
         *self.stats_mut().finished.entry(job.state.as_str()).or_default() += 1;
         info!(
             job_id,
@@ -173,6 +181,28 @@ impl Edge {
         effects.push(Effect::Save(Box::new(job)));
         self.announce_end(job_id, status, &body, effects);
         self.start_callback(now, job_id, effects);
+        self.to_stow.push(job_id.to_string());
+        self.keep_within_caps(effects);
+    }
+
+    /// Forgets the oldest ended jobs while more are kept than `MAX_RETAINED_JOBS` or
+    /// their records take more than `MAX_RETAINED_BYTES`.
+    pub(super) fn keep_within_caps(&mut self, effects: &mut Vec<Effect>) {
+        while self.retained.len() > self.cfg.max_retained_jobs || self.retained_bytes > self.cfg.max_retained_bytes {
+            let Some((_, id)) = self.retained.front().cloned() else { break };
+            info!(job_id = %id, kept = self.retained.len(), "an ended job is forgotten early: over MAX_RETAINED_JOBS or MAX_RETAINED_BYTES");
+            self.forget_oldest(effects);
+        }
+    }
+
+    /// Forgets the ended job whose retention ends first.
+    pub(super) fn forget_oldest(&mut self, effects: &mut Vec<Effect>) {
+        if let Some((_, id)) = self.retained.pop_front() {
+            let bytes = self.jobs.get(&id).map_or(0, Job::approximate_bytes);
+            self.retained_bytes = self.retained_bytes.saturating_sub(bytes);
+            self.forget_job(&id);
+            effects.push(Effect::Forget { job_id: id });
+        }
     }
 
     /// Ends a queued job that must never start (its caller was told to run it elsewhere,
@@ -183,15 +213,36 @@ impl Edge {
         self.finish(now, job_id, result, effects);
     }
 
-    /// A dispatched job that never ran goes back to the head of the queue, to be sent
-    /// again (with a new nonce).
-    pub(super) fn requeue(&mut self, job_id: &str, effects: &mut Vec<Effect>) {
+    /// A dispatched job that never ran (its agent refused it for want of a slot, or never
+    /// received it) goes back to the head of the queue — unless it is an `/execute` job
+    /// whose caller is gone: that caller may have run the task elsewhere, so it never
+    /// starts — or one its caller cancelled meanwhile, which ends cancelled.
+    pub(super) fn send_again(&mut self, now: Now, job_id: &str, effects: &mut Vec<Effect>) {
+        let Some(job) = self.jobs.get(job_id) else { return };
+        let waited_on = self.callers.waiters.get(job_id).is_some_and(|w| !w.is_empty());
+        if job.cancel_requested {
+            let result = JobResult::failure(ErrorCode::Cancelled, "cancelled before it started", 0);
+            self.finish(now, job_id, result, effects);
+        } else if job.mode == Mode::Wait && !waited_on {
+            let why = "the job never reached its agent and its caller is gone (it may have run the task elsewhere); \
+                       it will not run: submit it again";
+            self.end_unstarted(now, job_id, why, effects);
+        } else {
+            info!(job_id, "job queued again: it never ran");
+            self.requeue(job_id, effects);
+        }
+    }
+
+    /// Puts a dispatched job back at the head of the queue, to be sent again (with a new
+    /// nonce).
+    fn requeue(&mut self, job_id: &str, effects: &mut Vec<Effect>) {
         let job = self.job_mut(job_id).expect("requeued jobs exist");
         job.state = JobState::Queued;
         job.agent_id = None;
         job.session_id = None;
         job.dispatched_at = None;
         job.orphaned_at = None;
+        job.order_no = 0;
         effects.push(Effect::Save(Box::new(job.clone())));
         self.active.remove(job_id);
         self.queue.push_front(job_id.to_string());

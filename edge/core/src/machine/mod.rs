@@ -36,7 +36,7 @@ mod views;
 pub use callers::CallerId;
 pub use jobs::Submitted;
 pub use login::{Availability, LOGIN_TTL_MS, LOGIN_WAIT_MS};
-pub use notices::Delivery;
+pub use notices::Post;
 pub use sessions::MAX_PENDING_HANDSHAKES;
 pub use stop::shutting_down;
 pub use storage::{split_writes, Writes, STORE_RETRY_MS};
@@ -44,7 +44,7 @@ pub use storage::{split_writes, Writes, STORE_RETRY_MS};
 use crate::clock::Now;
 use crate::config::Config;
 use crate::progress::Backlog;
-use crate::record::Job;
+use crate::record::{Form, Job};
 use crate::response::Response;
 use crate::session::{Agent, Session};
 use shared::job::JobState;
@@ -73,11 +73,17 @@ pub enum Effect {
     Stream { caller: CallerId, chunk: String },
     /// End the caller's stream; the host then forgets it.
     EndStream { caller: CallerId },
-    /// Store alerting's memory (with the event's other writes).
+    /// Read this ended job's whole record from storage (memory keeps only its header) and
+    /// carry out what [`Edge::deliver`] makes of it for `caller`.
+    Deliver { caller: CallerId, job_id: String, form: Form },
+    /// Store alerting's and callbacks' memory (with the event's other writes).
     SaveAlerts(Box<crate::notify::AlertState>),
     /// POST this (an alert, a result callback) and report how it went with
-    /// [`Edge::delivered`].
-    Deliver(Delivery),
+    /// [`Edge::posted`].
+    Post(Post),
+    /// Read this ended job's whole record from storage and hand it to [`Edge::recalled`]
+    /// (a callback to post again).
+    Recall { job_id: String },
 }
 
 /// Counters for `/metrics`.
@@ -100,6 +106,11 @@ pub struct Edge {
     active: BTreeSet<String>,
     /// Finished job ids in the order their retention ends.
     retained: VecDeque<(Millis, String)>,
+    /// The whole records of the retained jobs take about this many bytes.
+    retained_bytes: u64,
+    /// Jobs that ended in the current event: from the next one on, memory keeps only
+    /// their headers.
+    to_stow: Vec<String>,
     sessions: BTreeMap<String, Session>,
     idempotency: HashMap<String, String>,
     /// The newest OAuth report of any agent, kept while no agent is connected.
@@ -123,8 +134,6 @@ pub struct Edge {
     alert_posts: notices::AlertPosts,
     /// Makes each post's id unique.
     posts_made: u64,
-    /// Finished jobs whose callback is still to be delivered.
-    callback_jobs: BTreeSet<String>,
 }
 
 impl Edge {
@@ -135,6 +144,8 @@ impl Edge {
             queue: VecDeque::new(),
             active: BTreeSet::new(),
             retained: VecDeque::new(),
+            retained_bytes: 0,
+            to_stow: Vec::new(),
             sessions: BTreeMap::new(),
             idempotency: HashMap::new(),
             last_oauth: None,
@@ -149,7 +160,6 @@ impl Edge {
             alerts: crate::notify::AlertState::default(),
             alert_posts: notices::AlertPosts::new(),
             posts_made: 0,
-            callback_jobs: BTreeSet::new(),
         }
     }
 
@@ -183,6 +193,9 @@ impl Edge {
             if let Some(key) = &job.idempotency_key {
                 edge.idempotency.insert(key.clone(), job.id.clone());
             }
+            if job.state.is_terminal() {
+                job = job.header();
+            }
             match job.state {
                 JobState::Queued if job.mode == crate::record::Mode::Wait => callerless.push(job.id.clone()),
                 JobState::Queued => {}
@@ -201,6 +214,7 @@ impl Edge {
         for id in callerless {
             edge.end_unstarted(now, &id, "the edge restarted before the job started and its caller is gone; it will not run: submit it again", &mut effects);
         }
+        edge.keep_within_caps(&mut effects);
         (edge, effects)
     }
 
@@ -254,13 +268,11 @@ impl Edge {
                 let entry = (job.finished_at.unwrap_or(0), job.id.clone());
                 let at = self.retained.partition_point(|e| *e < entry);
                 self.retained.insert(at, entry);
+                self.retained_bytes += job.approximate_bytes();
             }
         }
         if let Some(key) = &job.idempotency_key {
             self.idempotency.insert(key.clone(), job.id.clone());
-        }
-        if job.callback.as_ref().is_some_and(|c| c.due().is_some()) {
-            self.callback_jobs.insert(job.id.clone());
         }
     }
 
@@ -268,8 +280,11 @@ impl Edge {
     fn unindex(&mut self, job: &Job) {
         self.queue.retain(|id| *id != job.id);
         self.active.remove(&job.id);
+        let kept = self.retained.len();
         self.retained.retain(|(_, id)| *id != job.id);
-        self.callback_jobs.remove(&job.id);
+        if self.retained.len() < kept {
+            self.retained_bytes = self.retained_bytes.saturating_sub(job.approximate_bytes());
+        }
         if let Some(key) = &job.idempotency_key {
             if self.idempotency.get(key) == Some(&job.id) {
                 self.idempotency.remove(key);

@@ -1,24 +1,26 @@
 //! What the machine posts: alerts to `NOTIFY_URL` when a login needs attention, a usage
 //! window is used up or opens, or no agent is connected for `OFFLINE_ALERT_MS`; and each
 //! job's result to its `callback_url`. The decisions are [`crate::notify`]'s; here the
-//! machine observes, asks the host to post ([`Effect::Deliver`]), hears how it went
-//! ([`Edge::delivered`]) and tries again with backoff. Callbacks live in their job's record
-//! (a restart neither loses nor repeats one); alerting's memory is stored too
-//! ([`Effect::SaveAlerts`]).
+//! machine observes, asks the host to post ([`Effect::Post`]), hears how it went
+//! ([`Edge::posted`]) and tries again with backoff. What is still to be posted back is
+//! stored with alerting's memory ([`Effect::SaveAlerts`]), so a restart neither loses nor
+//! repeats a callback; a retry reads the job's whole record back from storage
+//! ([`Effect::Recall`], [`Edge::recalled`]), since memory keeps only an ended job's header.
 
 use super::{Edge, Effect};
 use crate::clock::Now;
 use crate::notify::{self, AlertKind, Observation, Outcome};
-use crate::record::Callback;
+use crate::notify::CallbackState;
+use crate::record::Job;
 use shared::oauth::OAuthSource;
 use shared::time::rfc3339;
 use shared::Millis;
 use std::collections::BTreeMap;
 use tracing::{info, warn};
 
-/// One POST for the host to make, then report with [`Edge::delivered`].
+/// One POST for the host to make, then report with [`Edge::posted`].
 #[derive(Debug, Clone, PartialEq)]
-pub struct Delivery {
+pub struct Post {
     pub id: String,
     pub url: String,
     pub body: String,
@@ -28,7 +30,7 @@ pub struct Delivery {
 /// An alert being posted (kept in memory: alerts are notices, their memory is stored).
 #[derive(Debug, Clone)]
 pub(super) struct AlertPost {
-    delivery: Delivery,
+    delivery: Post,
     attempts: u32,
     next_at: Millis,
 }
@@ -46,9 +48,9 @@ impl Edge {
                 let (body, headers) = notify::alert_request(&alert);
                 self.posts_made += 1;
                 let id = format!("alert:{}:{}", alert.kind.as_str(), self.posts_made);
-                let delivery = Delivery { id: id.clone(), url: url.clone(), body, headers };
+                let delivery = Post { id: id.clone(), url: url.clone(), body, headers };
                 self.alert_posts.insert(id, AlertPost { delivery: delivery.clone(), attempts: 1, next_at: now.at + notify::DELIVERY_TIMEOUT_MS });
-                effects.push(Effect::Deliver(delivery));
+                effects.push(Effect::Post(delivery));
             }
         }
         if self.alerts != before {
@@ -118,54 +120,78 @@ impl Edge {
             _ => None,
         };
         let posts = self.alert_posts.values().map(|p| p.next_at).min();
-        let callbacks = self.callback_jobs.iter().filter_map(|id| self.jobs.get(id)?.callback.as_ref()?.due()).min();
+        let callbacks = self.alerts.callbacks.values().map(|c| c.next_at).min();
         [offline, posts, callbacks].into_iter().flatten().min()
     }
 
-    /// A job ended: its result goes to its callback, if it has one.
+    /// A job ended (its whole record at hand): its result goes to its callback, if any.
     pub(super) fn start_callback(&mut self, now: Now, job_id: &str, effects: &mut Vec<Effect>) {
-        if self.jobs.get(job_id).is_some_and(|j| j.callback.as_ref().is_some_and(|c| !c.done && c.attempts == 0)) {
-            self.attempt_callback(now, job_id, effects);
-        }
+        let Some(url) = self.jobs.get(job_id).and_then(|j| j.callback_url.clone()) else { return };
+        let before = self.alerts.clone();
+        self.alerts.callbacks.insert(job_id.to_string(), CallbackState { url, attempts: 0, next_at: now.at });
+        self.note_alerts(before);
+        let job = self.jobs[job_id].clone();
+        self.attempt_callback(now, &job, effects);
     }
 
-    fn attempt_callback(&mut self, now: Now, job_id: &str, effects: &mut Vec<Effect>) {
-        let Some(job) = self.jobs.get(job_id) else { return };
-        let body = serde_json::to_string(&job.view(now)).expect("views serialise");
-        let timestamp = now.wall;
-        let signature = notify::signature(&self.cfg.runner_secret, timestamp, &body);
-        let job = self.job_mut(job_id).expect("checked above");
-        let callback = job.callback.as_mut().expect("callback jobs have one");
+    /// Posts the job's result (its whole record) to its callback, counting the attempt.
+    fn attempt_callback(&mut self, now: Now, job: &Job, effects: &mut Vec<Effect>) {
+        let before = self.alerts.clone();
+        let Some(callback) = self.alerts.callbacks.get_mut(&job.id) else { return };
         callback.attempts += 1;
         // If the host never says how it went, try again after the timeout.
-        callback.next_at = Some(now.at.saturating_add(notify::DELIVERY_TIMEOUT_MS));
+        callback.next_at = now.at.saturating_add(notify::DELIVERY_TIMEOUT_MS);
+        let (url, attempt) = (callback.url.clone(), callback.attempts);
+        self.note_alerts(before);
+        let body = serde_json::to_string(&job.view(now)).expect("views serialise");
+        let timestamp = now.wall;
         let headers = vec![
             ("content-type".to_string(), "application/json".to_string()),
-            ("x-runner-job-id".to_string(), job_id.to_string()),
+            ("x-runner-job-id".to_string(), job.id.clone()),
             ("x-runner-timestamp".to_string(), timestamp.to_string()),
-            ("x-runner-signature".to_string(), signature),
+            ("x-runner-signature".to_string(), notify::signature(&self.cfg.runner_secret, timestamp, &body)),
         ];
-        let delivery = Delivery { id: format!("callback:{job_id}:{}", callback.attempts), url: callback.url.clone(), body, headers };
-        info!(job_id, attempt = callback.attempts, "posting the job's result to its callback");
-        effects.push(Effect::Save(Box::new(job.clone())));
-        self.callback_jobs.insert(job_id.to_string());
-        effects.push(Effect::Deliver(delivery));
+        info!(job_id = %job.id, attempt, "posting the job's result to its callback");
+        effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
+        effects.push(Effect::Post(Post { id: format!("callback:{}:{attempt}", job.id), url, body, headers }));
+    }
+
+    /// The whole record of a job whose callback is due, read back from storage.
+    pub fn recalled(&mut self, now: impl Into<Now>, job_id: &str, record: Result<Option<Job>, String>) -> Vec<Effect> {
+        let now = now.into();
+        self.begin(super::storage::Origin::Tick);
+        let mut effects = Vec::new();
+        match record {
+            Ok(Some(job)) if !job.header_only => self.attempt_callback(now, &job, &mut effects),
+            Ok(_) => self.give_up_callback(job_id, "its record is no longer kept", &mut effects),
+            // Storage could not be read now: the callback stays due and is tried again.
+            Err(e) => warn!(job_id, error = %e, "could not read a job's record for its callback; trying again later"),
+        }
+        effects
     }
 
     /// Retries what is due: callbacks and alerts whose last attempt failed or went unheard.
     pub(super) fn retry_notices(&mut self, now: Now, effects: &mut Vec<Effect>) {
-        let due: Vec<String> = self
-            .callback_jobs
-            .iter()
-            .filter(|id| self.jobs.get(*id).and_then(|j| j.callback.as_ref()?.due()).is_some_and(|t| t <= now.at))
-            .cloned()
-            .collect();
-        for id in due {
-            let attempts = self.jobs[&id].callback.as_ref().map_or(0, |c| c.attempts);
+        let due: Vec<(String, u32)> =
+            self.alerts.callbacks.iter().filter(|(_, c)| c.next_at <= now.at).map(|(id, c)| (id.clone(), c.attempts)).collect();
+        for (id, attempts) in due {
             if attempts >= notify::MAX_ATTEMPTS {
                 self.give_up_callback(&id, "no answer", effects);
-            } else {
-                self.attempt_callback(now, &id, effects);
+                continue;
+            }
+            // Not again before the host has read the record back.
+            let before = self.alerts.clone();
+            if let Some(c) = self.alerts.callbacks.get_mut(&id) {
+                c.next_at = now.at.saturating_add(notify::DELIVERY_TIMEOUT_MS);
+            }
+            self.note_alerts(before);
+            match self.jobs.get(&id) {
+                Some(job) if !job.header_only => {
+                    let job = job.clone();
+                    self.attempt_callback(now, &job, effects);
+                }
+                Some(_) => effects.push(Effect::Recall { job_id: id }),
+                None => self.give_up_callback(&id, "the job is no longer kept", effects),
             }
         }
         let posts: Vec<String> = self.alert_posts.iter().filter(|(_, p)| p.next_at <= now.at).map(|(id, _)| id.clone()).collect();
@@ -178,56 +204,59 @@ impl Edge {
             }
             post.attempts += 1;
             post.next_at = now.at + notify::DELIVERY_TIMEOUT_MS;
-            effects.push(Effect::Deliver(post.delivery.clone()));
+            effects.push(Effect::Post(post.delivery.clone()));
         }
     }
 
     fn give_up_callback(&mut self, job_id: &str, why: &str, effects: &mut Vec<Effect>) {
-        let Some(job) = self.job_mut(job_id) else { return };
-        let Some(callback) = job.callback.as_mut() else { return };
-        warn!(job_id, attempts = callback.attempts, reason = why, "callback given up");
-        callback.done = true;
-        callback.next_at = None;
-        callback.last_error = Some(why.to_string());
-        effects.push(Effect::Save(Box::new(job.clone())));
-        self.callback_jobs.remove(job_id);
+        let before = self.alerts.clone();
+        if let Some(callback) = self.alerts.callbacks.remove(job_id) {
+            warn!(job_id, attempts = callback.attempts, reason = why, "callback given up");
+            self.note_alerts(before);
+            effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
+        }
     }
 
     /// The host's word on one POST.
-    pub fn delivered(&mut self, now: impl Into<Now>, id: &str, outcome: Outcome) -> Vec<Effect> {
+    pub fn posted(&mut self, now: impl Into<Now>, id: &str, outcome: Outcome) -> Vec<Effect> {
         let now = now.into();
         self.begin(super::storage::Origin::Tick);
         let mut effects = Vec::new();
         let retry = notify::retry_after(&outcome);
+        let taken = outcome.as_ref().is_ok_and(|s| (200..300).contains(s));
         let what = match &outcome {
             Ok(status) => format!("HTTP {status}"),
             Err(e) => shared::text::truncate(e, 200).to_string(),
         };
         if let Some(rest) = id.strip_prefix("callback:") {
             let Some((job_id, attempt)) = rest.rsplit_once(':') else { return effects };
-            let current = self.jobs.get(job_id).and_then(|j| j.callback.as_ref()).filter(|c| !c.done && c.attempts.to_string() == attempt);
-            let Some(callback) = current.cloned() else { return effects };
-            if !retry && outcome.as_ref().is_ok_and(|s| (200..300).contains(s)) {
+            let Some(callback) = self.alerts.callbacks.get(job_id).filter(|c| c.attempts.to_string() == attempt).cloned() else {
+                return effects;
+            };
+            if taken {
                 info!(job_id, attempt, "callback delivered");
-                let job = self.job_mut(job_id).expect("found above");
-                job.callback = Some(Callback { done: true, next_at: None, last_error: None, ..callback });
-                effects.push(Effect::Save(Box::new(job.clone())));
-                self.callback_jobs.remove(job_id);
+                let before = self.alerts.clone();
+                self.alerts.callbacks.remove(job_id);
+                self.note_alerts(before);
+                effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
             } else if !retry || callback.attempts >= notify::MAX_ATTEMPTS {
                 self.give_up_callback(job_id, &what, &mut effects);
             } else {
                 let wait = notify::backoff(callback.attempts);
                 warn!(job_id, attempt, outcome = %what, retry_in_ms = wait, "callback failed; trying again");
-                let job = self.job_mut(job_id).expect("found above");
-                job.callback = Some(Callback { next_at: Some(now.at.saturating_add(wait)), last_error: Some(what), ..callback });
-                effects.push(Effect::Save(Box::new(job.clone())));
+                let before = self.alerts.clone();
+                if let Some(c) = self.alerts.callbacks.get_mut(job_id) {
+                    c.next_at = now.at.saturating_add(wait);
+                }
+                self.note_alerts(before);
+                effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
             }
         } else if let Some(post) = self.alert_posts.get_mut(id) {
             if retry && post.attempts < notify::MAX_ATTEMPTS {
                 post.next_at = now.at + notify::backoff(post.attempts);
                 warn!(delivery = id, outcome = %what, "alert post failed; trying again");
             } else {
-                if retry || outcome.as_ref().is_ok_and(|s| !(200..300).contains(s)) {
+                if !taken {
                     warn!(delivery = id, outcome = %what, "alert given up");
                 }
                 self.alert_posts.remove(id);

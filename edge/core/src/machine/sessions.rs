@@ -12,7 +12,8 @@ use shared::ids::hex;
 use shared::job::{JobResult, JobState};
 use shared::keys;
 use shared::oauth::OAuthReport;
-use shared::protocol::{self, close, AgentMessage, EdgeMessage, Hello, Welcome, PROTOCOL_VERSION};
+use shared::protocol::{self, close, AgentMessage, EdgeMessage, Hello, Slots, Welcome, PROTOCOL_VERSION};
+use std::collections::BTreeSet;
 use tracing::{debug, info, warn};
 
 /// Connections that have not answered their challenge yet, at most.
@@ -184,7 +185,8 @@ impl Edge {
             agent_id: agent_id.clone(),
             version: hello.agent_version.clone(),
             capacity: hello.capacity,
-            credits: 0,
+            slots: Slots::default(),
+            sent: 0,
             oauth: OAuthReport::unconfigured(now.wall),
             claude_version: hello.claude_version.as_deref().map(claude_version),
             usage_hold_until: None,
@@ -206,7 +208,9 @@ impl Edge {
         self.last_oauth = Some((agent_id.clone(), hello.oauth.clone()));
         self.offline_since = None;
         info!(agent_id = %agent_id, session = session_id, version = %hello.agent_version, capacity = hello.capacity, "agent connected");
-        self.reconcile(now, session_id, &hello, effects);
+        let held: BTreeSet<&str> = hello.running.iter().chain(&hello.finished).map(String::as_str).collect();
+        self.reconcile(now, session_id, &agent_id, &held, None, effects);
+        self.stop_ended(now, session_id, &agent_id, &hello.running, effects);
         self.settle_queue(now, effects);
         self.observe(now, effects);
     }
@@ -227,10 +231,20 @@ impl Edge {
         self.observe(now, effects);
     }
 
-    /// After a reconnect: take over the jobs the agent still has, requeue those it never
-    /// received, and settle those it lost.
-    fn reconcile(&mut self, now: Now, session_id: &str, hello: &Hello, effects: &mut Vec<Effect>) {
-        let agent_id = &hello.agent_id;
+    /// What the agent says it holds (`held`: jobs it runs, or whose result it still has to
+    /// send), against what the edge has it doing; disagreements are settled at once:
+    ///
+    /// - a job it holds is its, on this connection (taken over after a reconnect, with
+    ///   the caller's cancel sent again if there was one);
+    /// - a job it should hold but does not: if it never started it is sent again (or
+    ///   ended, see [`Edge::send_again`]); if it ran, it is lost — the agent restarted.
+    ///
+    /// At a hello (`received` is `None`) every job of the agent's is accounted for: the
+    /// hello is made after its earlier connection ended. In a heartbeat only orders
+    /// numbered up to `received` on this connection had reached the agent; since the agent
+    /// sends its results, refusals and statements in the order it makes them, a job the
+    /// statement leaves out was neither running nor finished then.
+    fn reconcile(&mut self, now: Now, session_id: &str, agent_id: &str, held: &BTreeSet<&str>, received: Option<u64>, effects: &mut Vec<Effect>) {
         let mine: Vec<String> = self
             .active
             .iter()
@@ -238,22 +252,43 @@ impl Edge {
             .cloned()
             .collect();
         for id in mine {
-            let has_it = hello.running.contains(&id) || hello.finished.contains(&id);
-            let job = self.job_mut(&id).expect("active jobs exist");
-            if has_it {
-                info!(job_id = %id, agent_id = %agent_id, "job taken over by the reconnected agent");
-                job.session_id = Some(session_id.to_string());
-                job.orphaned_at = None;
+            let job = &self.jobs[&id];
+            let here = job.session_id.as_deref() == Some(session_id);
+            if held.contains(id.as_str()) {
+                if here && job.state == JobState::Running {
+                    continue;
+                }
+                info!(job_id = %id, agent_id, session = session_id, "the agent holds this job");
+                let resend_cancel = !here && job.cancel_requested;
+                let job = self.job_mut(&id).expect("active jobs exist");
+                if !here {
+                    job.session_id = Some(session_id.to_string());
+                    job.orphaned_at = None;
+                    job.order_no = 0;
+                }
                 if job.state == JobState::Dispatched {
                     job.state = JobState::Running;
                     job.started_at = Some(now.at);
                 }
                 effects.push(Effect::Save(Box::new(job.clone())));
-            } else if job.state == JobState::Dispatched {
-                // Sent, but the agent never got it: nothing ran, so it may be sent again.
-                info!(job_id = %id, agent_id = %agent_id, "requeueing a job the agent never received");
-                self.requeue(&id, effects);
+                if resend_cancel {
+                    self.send_cancel(now, session_id, agent_id, &id, "cancelled by the caller", effects);
+                }
+                continue;
+            }
+            let missing = match received {
+                None => true,
+                Some(received) => here && job.order_no <= received,
+            };
+            if !missing {
+                continue;
+            }
+            if job.state == JobState::Dispatched {
+                // Sent, but the agent never got it (or refused it): nothing ran.
+                info!(job_id = %id, agent_id, "the agent does not have a job it was sent");
+                self.send_again(now, &id, effects);
             } else {
+                warn!(job_id = %id, agent_id, "the agent no longer has a job it ran");
                 let result = JobResult::failure(
                     ErrorCode::RunnerLost,
                     "the agent restarted and no longer has this job; run the task again",
@@ -262,44 +297,45 @@ impl Edge {
                 self.finish(now, &id, result, effects);
             }
         }
-        // A job the edge already ended (cancelled, timed out, lost) that the agent still
-        // runs must stop.
-        for id in &hello.running {
-            if self.jobs.get(id).is_some_and(|j| j.state.is_terminal()) {
-                self.send_cancel(now, session_id, agent_id, id, "the edge already ended this job", effects);
-            }
+    }
+
+    /// Jobs the agent runs that the edge already ended (cancelled, timed out, lost) or has
+    /// no record of must stop: nobody can receive their result.
+    fn stop_ended(&mut self, now: Now, session_id: &str, agent_id: &str, running: &[String], effects: &mut Vec<Effect>) {
+        for id in running {
+            let reason = match self.jobs.get(id) {
+                Some(job) if job.state.is_terminal() => "the edge already ended this job",
+                Some(_) => continue,
+                None => "the edge has no record of this job",
+            };
+            self.send_cancel(now, session_id, agent_id, id, reason, effects);
         }
     }
 
     fn agent_message(&mut self, now: Now, session_id: &str, msg: AgentMessage, effects: &mut Vec<Effect>) {
         let agent_id = self.sessions[session_id].agent_id().expect("ready session").to_string();
         match msg {
-            AgentMessage::Heartbeat { running: _, capacity, oauth, claude_version: version } => {
+            AgentMessage::Heartbeat { running, capacity, oauth, slots, claude_version: version } => {
                 let session = self.session_mut(session_id).expect("session exists");
                 let agent = session.agent_mut().expect("ready session");
                 agent.capacity = capacity;
+                agent.state(slots);
                 if let Some(v) = version {
                     agent.claude_version = Some(claude_version(&v));
                 }
                 self.take_report(now, session_id, oauth, effects);
                 let ack = EdgeMessage::HeartbeatAck { server_time: now.wall };
                 effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
+                let held: BTreeSet<&str> = running.iter().map(String::as_str).collect();
+                self.reconcile(now, session_id, &agent_id, &held, Some(slots.received), effects);
+                self.stop_ended(now, session_id, &agent_id, &running, effects);
                 // A login that works again, or a usage window that opened, lets held work go;
                 // one that stopped working sends /execute callers elsewhere.
                 self.settle_queue(now, effects);
             }
             AgentMessage::Credit { slots } => {
-                // Never more than the free slots the edge can see: a credit that crossed a
-                // reconnect, or a buggy agent, must not make the edge send more jobs than
-                // the agent can run.
-                let busy = self
-                    .active
-                    .iter()
-                    .filter(|id| self.jobs[*id].session_id.as_deref() == Some(session_id))
-                    .count() as u32;
                 let session = self.session_mut(session_id).expect("session exists");
-                let agent = session.agent_mut().expect("ready session");
-                agent.credits = agent.credits.saturating_add(slots).min(agent.capacity.saturating_sub(busy));
+                session.agent_mut().expect("ready session").state(slots);
                 effects.push(Effect::SaveSession(Box::new(session.clone())));
                 self.dispatch(now, effects);
             }
@@ -320,7 +356,7 @@ impl Edge {
                     return;
                 }
                 if retry {
-                    self.requeue(&id, effects);
+                    self.send_again(now, &id, effects);
                     self.dispatch(now, effects);
                 } else {
                     let result = JobResult::failure(

@@ -107,6 +107,13 @@ impl Edge {
     /// Starts an event: what it changes from now on can be undone until the next one.
     pub(super) fn begin(&mut self, origin: Origin) {
         self.journal = Journal { origin, ..Journal::default() };
+        // Jobs that ended in the last event (and stayed ended: it was stored) shrink to
+        // their headers; the whole record is in storage.
+        for id in std::mem::take(&mut self.to_stow) {
+            if let Some(job) = self.jobs.get_mut(&id).filter(|j| j.state.is_terminal()) {
+                *job = job.header();
+            }
+        }
     }
 
     /// A job to change, its version before noted.
@@ -127,7 +134,6 @@ impl Edge {
     /// Removes a job whose retention is over, with its idempotency key.
     pub(super) fn forget_job(&mut self, id: &str) {
         let Some(job) = self.jobs.remove(id) else { return };
-        self.callback_jobs.remove(id);
         if let Some(key) = &job.idempotency_key {
             if self.idempotency.get(key).is_some_and(|j| j == id) {
                 self.idempotency.remove(key);

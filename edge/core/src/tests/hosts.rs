@@ -17,8 +17,7 @@ fn a_frame_on_a_connection_the_edge_does_not_know_closes_it() {
     // The same once the edge has closed a connection and frames still arrive on it.
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
     edge.binary_frame(0, &sid);
-    let hb = AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth(), claude_version: None };
-    assert_eq!(closed(&say(&mut edge, 1, &sid, hb)).unwrap().0, close::PROTOCOL_ERROR);
+    assert_eq!(closed(&say(&mut edge, 1, &sid, beat(&[], 1, 0))).unwrap().0, close::PROTOCOL_ERROR);
     assert!(!edge.is_online());
 }
 
@@ -107,18 +106,18 @@ fn a_wall_clock_jump_neither_times_out_running_jobs_nor_breaks_orders() {
     let jumped = |t: u64| Now { at: WALL + t, wall: WALL + t + JUMP };
     let mut edge = Edge::new(config(), at(0));
     let sid = join_at(&mut edge, at(0), "spark", 1, vec![]);
-    say(&mut edge, WALL, &sid, AgentMessage::Credit { slots: 1 });
+    say(&mut edge, WALL, &sid, credit(1, 0));
     let job = call(&mut edge, at(10), "POST", "/execute", json!({"prompt": "x", "timeout_ms": 60000}));
     let order = order_of(&job.effects, &sid, "spark", WALL + 10);
     assert_eq!(order.header.issued_at, WALL + 10);
 
     for t in (1_000..=5_000).step_by(1_000) {
-        let effects = edge.message(jumped(t), &sid, &AgentMessage::Heartbeat { running: vec![order.header.job_id.clone()], capacity: 1, oauth: oauth(), claude_version: None }.to_text());
+        let effects = edge.message(jumped(t), &sid, &beat(&[&order.header.job_id], 0, 1).to_text());
         let ack = sent(&effects, &sid);
         assert!(matches!(ack[..], [EdgeMessage::HeartbeatAck { server_time }] if server_time == WALL + t + JUMP));
         assert!(edge.tick(jumped(t)).is_empty(), "nothing is due two hours early");
     }
-    assert_eq!(edge.job(&order.header.job_id).unwrap().state, JobState::Dispatched);
+    assert_eq!(edge.job(&order.header.job_id).unwrap().state, JobState::Running, "the heartbeat says it runs");
     let cfg = config();
     let deadline = |edge: &Edge| edge.job(&order.header.job_id).unwrap().deadline(cfg.lost_after_ms, cfg.queue_ttl_ms, cfg.timeout_margin_ms);
     assert_eq!(deadline(&edge), Some(WALL + 10 + 60_000 + cfg.timeout_margin_ms), "the deadline is on edge time");

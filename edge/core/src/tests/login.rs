@@ -4,7 +4,7 @@
 use super::*;
 use crate::machine::LOGIN_TTL_MS;
 use shared::contract::ErrorCode;
-use shared::protocol::{LoginAction, LoginOrder, LoginState};
+use shared::protocol::{LoginAction, LoginOrder, LoginState, Slots};
 use shared::usage::{UsageStatus, UsageWindow};
 
 fn broken() -> OAuthReport {
@@ -16,8 +16,16 @@ fn rejected(resets_at: u64) -> OAuthReport {
     OAuthReport { usage: Some(usage), ..oauth() }
 }
 
+/// A heartbeat of an idle capacity-1 agent that received `received` orders, with its login.
 fn beat(edge: &mut Edge, now: u64, sid: &str, oauth: OAuthReport) -> Vec<Effect> {
-    say(edge, now, sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth, claude_version: None })
+    report(edge, now, sid, oauth, &[], 0)
+}
+
+/// A heartbeat with the login, holding `running` having received `received` orders.
+fn report(edge: &mut Edge, now: u64, sid: &str, oauth: OAuthReport, running: &[&str], received: u64) -> Vec<Effect> {
+    let free = 1 - running.len() as u32;
+    let running = running.iter().map(|s| s.to_string()).collect();
+    say(edge, now, sid, AgentMessage::Heartbeat { running, capacity: 1, oauth, slots: Slots { free, received }, claude_version: None })
 }
 
 fn login_order(effects: &[Effect], sid: &str, now: u64) -> LoginOrder {
@@ -37,7 +45,7 @@ fn a_broken_login_sends_execute_callers_elsewhere_and_holds_detached_jobs() {
     // A queued /execute job (the one slot is busy) falls back as soon as the login breaks.
     edge.submit(0, "busy".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
     edge.submit(0, "waiting".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
-    let effects = beat(&mut edge, 10, &sid, broken());
+    let effects = report(&mut edge, 10, &sid, broken(), &["busy"], 1);
     let done = finished(&effects);
     assert_eq!(done.len(), 1);
     assert_eq!((done[0].0.as_str(), done[0].1), ("waiting", 503));
@@ -49,10 +57,10 @@ fn a_broken_login_sends_execute_callers_elsewhere_and_holds_detached_jobs() {
     assert!(err.body.error.contains("OAuth"));
     edge.submit(20, "later".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
     say(&mut edge, 30, &sid, AgentMessage::Result { job_id: "busy".into(), result: ok_result() });
-    let effects = say(&mut edge, 30, &sid, AgentMessage::Credit { slots: 1 });
+    let effects = say(&mut edge, 30, &sid, credit(1, 1));
     assert!(sent(&effects, &sid).is_empty(), "nothing is sent to an agent that cannot log in");
     // The login works again: the held job goes.
-    let effects = beat(&mut edge, 40, &sid, oauth());
+    let effects = report(&mut edge, 40, &sid, oauth(), &[], 1);
     assert_eq!(order_of(&effects, &sid, "spark", 40).header.job_id, "later");
 }
 

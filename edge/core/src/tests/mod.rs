@@ -3,13 +3,17 @@
 //! - this file: the helpers, and the flow of jobs, sessions and deadlines;
 //! - [`storage`]: failed store writes, through a host whose store can be made to fail;
 //! - [`stop`]: a clean stop and what each waiting caller is told;
-//! - [`hosts`]: the cases where the two hosts used to decide differently, and time.
-//! - [`login`]: work held or refused for the login and the usage window; the re-login relay.
+//! - [`hosts`]: the cases where the two hosts used to decide differently, and time;
+//! - [`recovery`]: credits, cancels and heartbeats across reconnects;
+//! - [`model`]: a property test of the machine against model agents;
+//! - [`login`]: work held or refused for the login and the usage window; the re-login relay;
 //! - [`notices`]: alerts and result callbacks through the machine.
 
 mod hosts;
 mod login;
+mod model;
 mod notices;
+mod recovery;
 mod stop;
 mod storage;
 
@@ -24,7 +28,7 @@ use shared::envelope::{open_order, Domain, Envelope};
 use shared::job::{JobResult, JobState};
 use shared::keys::Keyring;
 use shared::oauth::{OAuthReport, OAuthSource};
-use shared::protocol::{close, AgentMessage, EdgeMessage, Hello, JobOrder, Welcome, PROTOCOL_VERSION};
+use shared::protocol::{close, AgentMessage, EdgeMessage, Hello, JobOrder, Slots, Welcome, PROTOCOL_VERSION};
 
 pub(super) const SECRET: &str = "0123456789abcdef0123";
 pub(super) const HB: u64 = 1_000;
@@ -53,6 +57,8 @@ pub(super) fn config() -> Config {
         queue_ttl_ms: 30_000,
         max_queued_jobs: 3,
         timeout_margin_ms: 1_000,
+        max_retained_jobs: 1_000,
+        max_retained_bytes: 64 * 1024 * 1024,
         edge_version: "test".into(),
         notify_url: None,
         oauth_warn_hours: 24.0,
@@ -149,8 +155,24 @@ pub(super) fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey
 pub(super) fn ready_edge() -> (Edge, String) {
     let mut edge = Edge::new(config(), 0);
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
-    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    say(&mut edge, 0, &sid, credit(1, 0));
     (edge, sid)
+}
+
+/// The agent states `free` slots, having received `received` orders on this connection.
+pub(super) fn credit(free: u32, received: u64) -> AgentMessage {
+    AgentMessage::Credit { slots: Slots { free, received } }
+}
+
+/// A heartbeat of a capacity-1 agent holding `running`, with its statement of slots.
+pub(super) fn beat(running: &[&str], free: u32, received: u64) -> AgentMessage {
+    AgentMessage::Heartbeat {
+        running: running.iter().map(|s| s.to_string()).collect(),
+        capacity: 1,
+        oauth: oauth(),
+        slots: Slots { free, received },
+        claude_version: None,
+    }
 }
 
 pub(super) fn submission(prompt: &str, timeout_ms: u64, key: Option<&str>) -> Submission {
@@ -214,7 +236,7 @@ fn a_job_flows_to_a_proven_agent_and_back() {
     let s = edge.submit(20, "j1".into(), submission("hi", 10_000, None), Mode::Wait).unwrap();
     assert!(sent(&s.effects, &sid).is_empty());
     assert_eq!(edge.job("j1").unwrap().state, JobState::Queued);
-    let effects = say(&mut edge, 30, &sid, AgentMessage::Credit { slots: 1 });
+    let effects = say(&mut edge, 30, &sid, credit(1, 0));
     let order = order_of(&effects, &sid, "spark", 30);
     assert_eq!(order.header.job_id, "j1");
     assert_eq!(order.spec.prompt, "hi");
@@ -248,12 +270,11 @@ fn never_sends_more_jobs_than_credits() {
         orders += sent(&s.effects, &sid).len();
     }
     assert_eq!(orders, 1);
-    // A stray credit while the one slot is busy (one that crossed a reconnect, say) sends
-    // nothing more.
-    let effects = say(&mut edge, 2, &sid, AgentMessage::Credit { slots: 1 });
+    // A statement made before the order arrived (it crossed the order) sends nothing more.
+    let effects = say(&mut edge, 2, &sid, credit(1, 0));
     assert!(sent(&effects, &sid).is_empty(), "over capacity: {effects:?}");
     say(&mut edge, 2, &sid, AgentMessage::Result { job_id: "j0".into(), result: ok_result() });
-    let effects = say(&mut edge, 2, &sid, AgentMessage::Credit { slots: 1 });
+    let effects = say(&mut edge, 2, &sid, credit(1, 1));
     assert_eq!(order_of(&effects, &sid, "spark", 2).header.job_id, "j1", "queue order is kept");
     // The queue is full at three waiting jobs.
     edge.submit(3, "j3".into(), submission("x", 10_000, None), Mode::Wait).unwrap();
@@ -265,12 +286,12 @@ fn never_sends_more_jobs_than_credits() {
 #[test]
 fn a_job_refused_for_want_of_a_slot_goes_back_to_the_queue() {
     let (mut edge, sid) = ready_edge();
-    edge.submit(0, "j1".into(), submission("x", 10_000, None), Mode::Wait).unwrap();
+    edge.submit(0, "j1".into(), submission("x", 10_000, None), Mode::Detached).unwrap();
     let reason = "no free slot".to_string();
     let effects = say(&mut edge, 1, &sid, AgentMessage::Rejected { job_id: Some("j1".into()), reason, retry: true });
     assert!(finished(&effects).is_empty());
     assert_eq!(edge.job("j1").unwrap().state, JobState::Queued);
-    let effects = say(&mut edge, 2, &sid, AgentMessage::Credit { slots: 1 });
+    let effects = say(&mut edge, 2, &sid, credit(1, 1));
     assert_eq!(order_of(&effects, &sid, "spark", 2).header.nonce, "j1:2");
     // A refusal of the order itself ends the job, with what to check.
     let reason = "bad signature".to_string();
@@ -381,7 +402,7 @@ fn a_job_survives_a_reconnect_and_its_result_arrives() {
     let (sid2, _) = join(&mut edge, 200, "spark", &agent_key(1), vec!["j1".into()], 2);
     assert!(edge.job("j1").unwrap().orphaned_at.is_none());
     for t in (1_000..=100 + LOST).step_by(1_000) {
-        say(&mut edge, t, &sid2, AgentMessage::Heartbeat { running: vec!["j1".into()], capacity: 1, oauth: oauth(), claude_version: None });
+        say(&mut edge, t, &sid2, beat(&["j1"], 0, 0));
     }
     assert!(finished(&edge.tick(100 + LOST)).is_empty(), "not lost: the agent came back");
     let done = finished(&say(&mut edge, 5_500, &sid2, AgentMessage::Result { job_id: "j1".into(), result: ok_result() }));
@@ -392,9 +413,9 @@ fn a_job_survives_a_reconnect_and_its_result_arrives() {
 fn an_agent_that_restarted_without_the_job_settles_it() {
     let mut edge = Edge::new(config(), 0);
     let (sid, _) = join_with(&mut edge, 0, "spark", &agent_key(1), vec![], 1, 2);
-    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 2 });
+    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: Slots { free: 2, received: 0 } });
     edge.submit(0, "run".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
-    edge.submit(0, "sent".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
+    edge.submit(0, "sent".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "run".into() });
     edge.disconnect(2, &sid);
     let (sid2, effects) = join(&mut edge, 3, "spark", &agent_key(1), vec![], 2);
@@ -403,7 +424,7 @@ fn an_agent_that_restarted_without_the_job_settles_it() {
     assert_eq!(done[0].0, "run");
     assert_eq!(done[0].1, 502);
     // The job it never received goes out again, with a new nonce.
-    let effects = say(&mut edge, 4, &sid2, AgentMessage::Credit { slots: 1 });
+    let effects = say(&mut edge, 4, &sid2, credit(1, 0));
     let order = order_of(&effects, &sid2, "spark", 4);
     assert_eq!(order.header.job_id, "sent");
     assert_eq!(order.header.nonce, "sent:2");
@@ -413,8 +434,7 @@ fn an_agent_that_restarted_without_the_job_settles_it() {
 fn a_silent_agent_is_dropped_within_two_heartbeats() {
     let mut edge = Edge::new(config(), 0);
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
-    let hb = AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth(), claude_version: None };
-    let effects = say(&mut edge, 500, &sid, hb);
+    let effects = say(&mut edge, 500, &sid, beat(&[], 1, 0));
     assert!(matches!(sent(&effects, &sid)[..], [EdgeMessage::HeartbeatAck { .. }]));
     assert_eq!(edge.next_deadline(), Some(500 + 2 * HB));
     assert!(closed(&edge.tick(500 + 2 * HB - 1)).is_none());
@@ -436,8 +456,8 @@ fn the_edge_times_a_job_out_and_tells_the_agent() {
     let (mut edge, sid) = ready_edge();
     edge.submit(0, "j1".into(), submission("x", 2_000, None), Mode::Wait).unwrap();
     // Keep the connection alive meanwhile.
-    say(&mut edge, 1_500, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth(), claude_version: None });
-    say(&mut edge, 2_500, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth(), claude_version: None });
+    say(&mut edge, 1_500, &sid, beat(&[], 1, 0));
+    say(&mut edge, 2_500, &sid, beat(&[], 1, 0));
     let effects = edge.tick(3_000);
     assert_eq!(finished(&effects)[0].2["error_code"], "TIMEOUT");
     assert!(sent(&effects, &sid).iter().any(|m| matches!(m, EdgeMessage::Cancel { .. })));
@@ -478,7 +498,7 @@ fn cancel_ends_a_queued_job_and_asks_the_agent_for_a_running_one() {
     assert_eq!(edge.cancel(2, "nope").unwrap_err().status, 404);
 
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
-    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: 1 });
+    say(&mut edge, 0, &sid, credit(1, 0));
     edge.submit(0, "r".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
     let effects = edge.cancel(5, "r").unwrap();
     let cancel = sent(&effects, &sid).into_iter().find_map(|m| match m {
@@ -503,7 +523,7 @@ fn restore_keeps_jobs_and_starts_the_lost_clock() {
     };
     keep(edge.submit(0, "done".into(), submission("x", 60_000, Some("k")), Mode::Wait).unwrap().effects);
     keep(say(&mut edge, 1, &sid, AgentMessage::Result { job_id: "done".into(), result: ok_result() }));
-    say(&mut edge, 1, &sid, AgentMessage::Credit { slots: 1 });
+    say(&mut edge, 1, &sid, credit(1, 1));
     keep(edge.submit(2, "run".into(), submission("x", 60_000, None), Mode::Wait).unwrap().effects);
     keep(edge.submit(2, "queued".into(), submission("x", 60_000, None), Mode::Detached).unwrap().effects);
 
@@ -530,7 +550,7 @@ fn health_follows_agents_and_their_login() {
     assert_eq!(edge.health(0).status.http_status(), 200);
     assert_eq!(edge.health(0).agent.unwrap().agent_id, "spark");
     let broken = OAuthReport { auth_failed: true, ..oauth() };
-    say(&mut edge, 1, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: broken, claude_version: None });
+    say(&mut edge, 1, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: broken, slots: Slots { free: 1, received: 0 }, claude_version: None });
     let h = edge.health(1);
     assert_eq!(h.status.http_status(), 503);
     assert!(h.oauth.unwrap().needs_login);
@@ -542,7 +562,7 @@ fn health_shows_the_agents_claude_cli_version() {
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
     let version = |edge: &Edge| edge.health(5).agent.unwrap().claude_version;
     assert_eq!(version(&edge).as_deref(), Some("2.1.197 (Claude Code)"), "from the hello");
-    let beat = |v: Option<String>| AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth(), claude_version: v };
+    let beat = |v: Option<String>| AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth(), slots: Slots { free: 1, received: 0 }, claude_version: v };
     // An upgrade under the running agent shows at the next heartbeat; a heartbeat without
     // the field (an older agent, or a probe that failed) keeps what is known.
     say(&mut edge, 1, &sid, beat(Some("2.1.198 (Claude Code)".into())));
@@ -623,11 +643,10 @@ fn followers_get_the_progress_so_far_then_the_result() {
         assert!(ended);
         assert!(chunks[0].starts_with("event: result\ndata: {") && chunks[0].contains("\"output\":\"done\""), "{chunks:?}");
     }
-    // A follower of a job that is over gets the result at once.
+    // A follower of a job that is over gets the result at once, read from storage.
     let after = edge.begin_request();
     let mut effects = Vec::new();
     edge.follow(after, "j1", &mut effects);
-    let (chunks, ended) = streamed(&effects, after);
-    assert!(ended && chunks.len() == 1 && chunks[0].starts_with("event: result"), "{chunks:?}");
+    assert!(matches!(&effects[..], [Effect::Deliver { form: crate::record::Form::Stream, .. }]), "{effects:?}");
     assert!(!edge.follow(after, "nope", &mut Vec::new()));
 }

@@ -2,18 +2,19 @@
 //! restart.
 
 use super::*;
-use crate::machine::Delivery;
+use crate::machine::Post;
+use shared::protocol::Slots;
 use crate::notify::AlertState;
 
 fn notifying() -> Config {
     Config { notify_url: Some("https://ntfy.example/topic".into()), offline_alert_ms: 10_000, ..config() }
 }
 
-fn posts(effects: &[Effect]) -> Vec<Delivery> {
+fn posts(effects: &[Effect]) -> Vec<Post> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Deliver(d) => Some(d.clone()),
+            Effect::Post(d) => Some(d.clone()),
             _ => None,
         })
         .collect()
@@ -62,10 +63,10 @@ fn an_agent_away_for_offline_alert_ms_is_alerted_once_even_across_a_restart() {
     let mut edge2 = Edge::new(notifying(), 0);
     let effects = edge2.tick(10_000);
     let id2 = posts(&effects)[0].id.clone();
-    assert!(edge2.delivered(10_100, &id2, Err("connection refused".into())).is_empty());
+    assert!(edge2.posted(10_100, &id2, Err("connection refused".into())).is_empty());
     assert!(posts(&edge2.tick(10_100 + 1_999)).is_empty());
     assert_eq!(posts(&edge2.tick(10_100 + 2_000)).len(), 1, "retried after 2 s");
-    edge2.delivered(12_200, &id2, Ok(200));
+    edge2.posted(12_200, &id2, Ok(200));
     assert_eq!(edge2.alert_posts_pending(), 0);
 }
 
@@ -73,7 +74,7 @@ fn an_agent_away_for_offline_alert_ms_is_alerted_once_even_across_a_restart() {
 fn login_and_usage_alerts_follow_the_reports() {
     let mut edge = Edge::new(notifying(), 0);
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
-    let beat = |edge: &mut Edge, t: u64, oauth: OAuthReport| say(edge, t, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth, claude_version: None });
+    let beat = |edge: &mut Edge, t: u64, oauth: OAuthReport| say(edge, t, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth, slots: Slots { free: 1, received: 0 }, claude_version: None });
     let broken = OAuthReport { auth_failed: true, ..oauth() };
     assert_eq!(alert_kinds(&beat(&mut edge, 100, broken.clone())), vec!["login_needed"]);
     assert!(alert_kinds(&beat(&mut edge, 200, broken)).is_empty());
@@ -101,7 +102,13 @@ fn a_callback_is_retried_with_backoff_until_taken_and_survives_a_restart() {
     let body = json!({"prompt": "x", "callback_url": "https://hooks.example.com/r"}).to_string();
     let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
     edge.submit(0, "j".into(), submission, Mode::Detached).unwrap();
+    let mut stored_jobs = std::collections::HashMap::new();
     let effects = say(&mut edge, 10, &sid, AgentMessage::Result { job_id: "j".into(), result: ok_result() });
+    for e in &effects {
+        if let Effect::Save(j) = e {
+            stored_jobs.insert(j.id.clone(), (**j).clone());
+        }
+    }
     let first = posts(&effects);
     assert_eq!(first.len(), 1);
     let d = &first[0];
@@ -110,26 +117,27 @@ fn a_callback_is_retried_with_backoff_until_taken_and_survives_a_restart() {
     let ts: u64 = header("x-runner-timestamp").parse().unwrap();
     assert_eq!(header("x-runner-signature"), crate::notify::signature(SECRET, ts, &d.body));
     let view: Value = serde_json::from_str(&d.body).unwrap();
-    assert_eq!((view["job_id"].as_str(), view["state"].as_str()), (Some("j"), Some("succeeded")));
-    // The attempt is in the job's record before it goes out.
-    let record = effects.iter().rev().find_map(|e| match e {
-        Effect::Save(j) if j.id == "j" => Some(j.clone()),
-        _ => None,
-    });
-    assert_eq!(record.unwrap().callback.unwrap().attempts, 1);
+    assert_eq!((view["job_id"].as_str(), view["state"].as_str(), view["result"]["output"].as_str()), (Some("j"), Some("succeeded"), Some("done")));
+    // The attempt is stored before it goes out.
+    assert_eq!(saved_alerts(&effects).unwrap().callbacks["j"].attempts, 1);
     // A 500: again after 2 s. A restart in between keeps it due.
-    edge.delivered(20, &d.id, Ok(500));
-    let saved = edge.job("j").unwrap().clone();
-    assert_eq!(saved.callback.as_ref().unwrap().next_at, Some(2_020));
-    let (mut edge, _) = Edge::restore(config(), vec![saved], vec![], None, 100);
+    let stored = saved_alerts(&edge.posted(20, &d.id, Ok(500))).unwrap();
+    assert_eq!(stored.callbacks["j"].next_at, 2_020);
+    let record = stored_jobs["j"].clone();
+    let (mut edge, _) = Edge::restore(config(), vec![record.clone()], vec![], Some(stored), 100);
     assert!(posts(&edge.tick(2_019)).is_empty());
-    let again = posts(&edge.tick(2_020));
+    // Memory keeps only the ended job's header: the machine asks for the whole record back.
+    let effects = edge.tick(2_020);
+    assert!(effects.iter().any(|e| matches!(e, Effect::Recall { job_id } if job_id == "j")), "{effects:?}");
+    let again = posts(&edge.recalled(2_021, "j", Ok(Some(record))));
     assert_eq!(again.len(), 1);
     assert!(again[0].id.ends_with(":2"));
+    let view: Value = serde_json::from_str(&again[0].body).unwrap();
+    assert_eq!(view["result"]["output"], "done", "the whole result, read back");
     // A stale report about the first attempt changes nothing; the second is taken.
-    assert!(edge.delivered(2_030, &d.id, Ok(200)).is_empty());
-    let effects = edge.delivered(2_040, &again[0].id, Ok(204));
-    assert!(effects.iter().any(|e| matches!(e, Effect::Save(j) if j.callback.as_ref().unwrap().done)));
+    assert!(edge.posted(2_030, &d.id, Ok(200)).is_empty());
+    let stored = saved_alerts(&edge.posted(2_040, &again[0].id, Ok(204))).unwrap();
+    assert!(stored.callbacks.is_empty());
     assert_eq!(edge.next_deadline(), Some(10 + 60_000), "nothing more due but the retention");
 }
 
@@ -140,9 +148,10 @@ fn a_callback_refused_for_good_is_given_up() {
     let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
     edge.submit(0, "j".into(), submission, Mode::Detached).unwrap();
     let d = posts(&say(&mut edge, 10, &sid, AgentMessage::Result { job_id: "j".into(), result: ok_result() }))[0].clone();
-    edge.delivered(20, &d.id, Ok(404));
-    let cb = edge.job("j").unwrap().callback.clone().unwrap();
-    assert!(cb.done && cb.last_error.as_deref() == Some("HTTP 404"), "{cb:?}");
+    let stored = saved_alerts(&edge.posted(20, &d.id, Ok(404))).unwrap();
+    assert!(stored.callbacks.is_empty(), "a 404 will not change: given up");
+    // A record gone from storage is given up too.
+    assert!(edge.recalled(30, "j", Ok(None)).is_empty(), "nothing pending any more");
     // And a host not on CALLBACK_HOSTS is refused at submission.
     let body = json!({"prompt": "x", "callback_url": "https://evil.example.com/r"}).to_string();
     let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();

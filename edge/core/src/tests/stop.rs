@@ -63,11 +63,11 @@ fn a_clean_stop_tells_each_caller_the_truth() {
     let (mut edge, effects) = Edge::restore(config(), stored.into_values().collect(), vec![], None, 1_000);
     assert!(finished(&effects).is_empty(), "nothing left to end: {effects:?}");
     let (sid2, _) = join(&mut edge, 1_001, "spark", &agent_key(1), vec![running_id.clone()], 2);
-    let effects = say(&mut edge, 1_002, &sid2, AgentMessage::Credit { slots: 1 });
+    let effects = say(&mut edge, 1_002, &sid2, credit(0, 0));
     assert!(sent(&effects, &sid2).is_empty(), "the one slot is busy with the running job");
     let effects = say(&mut edge, 1_003, &sid2, AgentMessage::Result { job_id: running_id.clone(), result: ok_result() });
     assert_eq!(finished(&effects)[0].0, running_id);
-    let effects = say(&mut edge, 1_004, &sid2, AgentMessage::Credit { slots: 1 });
+    let effects = say(&mut edge, 1_004, &sid2, credit(1, 0));
     assert_eq!(order_of(&effects, &sid2, "spark", 1_004).header.job_id, detached_id);
     assert_eq!(edge.job(&queued_id).unwrap().state, JobState::Failed);
 }
@@ -87,7 +87,7 @@ fn a_restart_ends_queued_execute_jobs_whose_callers_are_gone() {
     assert_eq!(ended.len(), 1, "{ended:?}");
     assert_eq!(ended[0].2["error_code"], "RUNNER_OFFLINE");
     let (sid, _) = join(&mut edge, 101, "spark", &agent_key(1), vec![], 1);
-    let effects = say(&mut edge, 102, &sid, AgentMessage::Credit { slots: 1 });
+    let effects = say(&mut edge, 102, &sid, credit(1, 0));
     let order = order_of(&effects, &sid, "spark", 102);
     assert_eq!(edge.job(&order.header.job_id).unwrap().mode, Mode::Detached, "only the detached job is sent");
     assert_eq!(edge.queued(), 0);

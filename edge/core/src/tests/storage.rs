@@ -148,12 +148,12 @@ fn a_tick_that_cannot_be_stored_announces_nothing_and_is_tried_again() {
     let (waiter, out) = host.call(0, "POST", "/execute", json!({"prompt": "x", "timeout_ms": 2000}));
     let job_id = order_of(&out, &sid, "spark", 0).header.job_id;
     for t in [900, 1_800, 2_700] {
-        host.say(t, &sid, AgentMessage::Heartbeat { running: vec![job_id.clone()], capacity: 1, oauth: oauth(), claude_version: None });
+        host.say(t, &sid, beat(&[&job_id], 0, 1));
     }
     host.failing = true;
     let out = host.tick(3_000);
     assert!(out.is_empty(), "nothing goes out: {out:?}");
-    assert_eq!(host.edge.job(&job_id).unwrap().state, JobState::Dispatched);
+    assert_eq!(host.edge.job(&job_id).unwrap().state, JobState::Running);
     assert_eq!(host.edge.next_deadline(), Some(3_000 + crate::machine::STORE_RETRY_MS), "tried again a second later");
 
     host.failing = false;

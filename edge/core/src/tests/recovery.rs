@@ -1,0 +1,293 @@
+//! Recovery: credits that converge whatever the order of statements and orders, cancels
+//! that survive a dead connection, heartbeats that settle disagreements at once, and
+//! `/execute` jobs whose callers are gone never sent again.
+
+use super::*;
+use crate::Config;
+
+/// Connects `agent` with a hello that names the jobs it runs and those whose results it
+/// still holds.
+fn rejoin(edge: &mut Edge, now: u64, running: &[&str], finished: &[&str], seed: u8) -> (String, Vec<Effect>) {
+    let (sid, effects) = edge.connect(now, [seed; 32]);
+    let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_id: "spark".into(),
+        agent_version: "t".into(),
+        challenge: nonce.clone(),
+        agent_nonce: "n".into(),
+        issued_at: now,
+        capacity: 1,
+        running: running.iter().map(|s| s.to_string()).collect(),
+        finished: finished.iter().map(|s| s.to_string()).collect(),
+        oauth: oauth(),
+        claude_version: None,
+    };
+    let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(1)) };
+    let effects = edge.message(now, &sid, &msg.to_text());
+    assert!(closed(&effects).is_none(), "{effects:?}");
+    (sid, effects)
+}
+
+fn cancels(effects: &[Effect], sid: &str) -> Vec<String> {
+    sent(effects, sid)
+        .into_iter()
+        .filter_map(|m| match m {
+            EdgeMessage::Cancel { envelope } => {
+                let order: shared::protocol::CancelOrder =
+                    open_order(&envelope, Domain::Cancel, &edge_key().verifying_key(), "spark", 0).ok()?;
+                Some(order.header.job_id)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn orders(effects: &[Effect], sid: &str) -> Vec<String> {
+    sent(effects, sid)
+        .into_iter()
+        .filter_map(|m| match m {
+            EdgeMessage::Job { envelope } => {
+                let order: JobOrder = open_order(&envelope, Domain::Job, &edge_key().verifying_key(), "spark", 0).ok()?;
+                Some(order.header.job_id)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The scenario: a job ends while its agent is away, so the credit it would have
+/// sent is lost; the agent comes back and states its free slot before it re-sends the
+/// result. The next job must go out then, not never.
+#[test]
+fn a_job_that_ended_while_the_agent_was_away_does_not_leave_it_idle() {
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    edge.disconnect(2, &sid);
+    edge.submit(3, "j2".into(), submission("y", 60_000, None), Mode::Detached).unwrap();
+    // Back, with j1's result spooled: one free slot, stated before the result is re-sent.
+    let (sid2, effects) = rejoin(&mut edge, 4, &[], &["j1"], 2);
+    assert!(finished(&effects).is_empty(), "j1's result is on its way: {effects:?}");
+    let effects = say(&mut edge, 5, &sid2, credit(1, 0));
+    assert_eq!(orders(&effects, &sid2), vec!["j2".to_string()], "the free slot is used");
+    let effects = say(&mut edge, 6, &sid2, AgentMessage::Result { job_id: "j1".into(), result: ok_result() });
+    assert_eq!(finished(&effects)[0].0, "j1");
+    assert!(orders(&effects, &sid2).is_empty(), "and never more than it has");
+}
+
+#[test]
+fn a_statement_never_over_fills_an_agent_whatever_crossed_it() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join_with(&mut edge, 0, "spark", &agent_key(1), vec![], 1, 2);
+    for i in 0..3 {
+        edge.submit(0, format!("j{i}"), submission("x", 60_000, None), Mode::Detached).unwrap();
+    }
+    assert_eq!(orders(&say(&mut edge, 1, &sid, AgentMessage::Credit { slots: Slots { free: 2, received: 0 } }), &sid).len(), 2);
+    // A late copy of the same statement, and a heartbeat made before the orders arrived:
+    // both crossed the two orders, so nothing more goes out.
+    assert!(orders(&say(&mut edge, 2, &sid, AgentMessage::Credit { slots: Slots { free: 2, received: 0 } }), &sid).is_empty());
+    let hb = AgentMessage::Heartbeat { running: vec![], capacity: 2, oauth: oauth(), slots: Slots { free: 2, received: 0 }, claude_version: None };
+    assert!(orders(&say(&mut edge, 3, &sid, hb), &sid).is_empty());
+    // An agent claiming more orders than were sent gains nothing by it.
+    assert!(orders(&say(&mut edge, 4, &sid, AgentMessage::Credit { slots: Slots { free: 0, received: 99 } }), &sid).is_empty());
+    // One ended: the agent says so, and one more goes.
+    say(&mut edge, 5, &sid, AgentMessage::Result { job_id: "j0".into(), result: ok_result() });
+    let effects = say(&mut edge, 5, &sid, AgentMessage::Credit { slots: Slots { free: 1, received: 2 } });
+    assert_eq!(orders(&effects, &sid), vec!["j2".to_string()]);
+}
+
+/// A cancel sent while the edge still thought the connection alive (it was half-open) is
+/// sent again when the agent comes back still running the job.
+#[test]
+fn a_cancel_sent_on_a_dead_connection_is_sent_again_at_the_reconnect() {
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    let effects = edge.cancel(2, "j1").unwrap();
+    assert_eq!(cancels(&effects, &sid), vec!["j1".to_string()]);
+    edge.disconnect(3, &sid);
+    let (sid2, effects) = rejoin(&mut edge, 4, &["j1"], &[], 2);
+    assert_eq!(cancels(&effects, &sid2), vec!["j1".to_string()], "the cancel goes out again: {effects:?}");
+    let stopped = JobResult::failure(shared::contract::ErrorCode::Cancelled, "cancelled: by the caller", 9);
+    let done = finished(&say(&mut edge, 5, &sid2, AgentMessage::Result { job_id: "j1".into(), result: stopped }));
+    assert_eq!(done[0].2["error_code"], "CANCELLED");
+}
+
+/// A cancel asked for while the agent is away is kept (the caller got 202) and acted on
+/// when the agent is back; if it never comes back, the job ends cancelled, not lost (its
+/// caller does not want it run elsewhere).
+#[test]
+fn a_cancel_asked_while_the_agent_is_away_waits_for_it() {
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    edge.submit(0, "j2".into(), submission("y", 60_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    edge.disconnect(2, &sid);
+    let effects = edge.cancel(3, "j1").unwrap();
+    assert!(finished(&effects).is_empty(), "not ended while its agent may still run it");
+    assert_eq!(edge.job("j1").unwrap().state, JobState::Running);
+    let (sid2, effects) = rejoin(&mut edge, 4, &["j1"], &[], 2);
+    assert_eq!(cancels(&effects, &sid2), vec!["j1".to_string()]);
+
+    // Another time the agent does not come back.
+    edge.disconnect(5, &sid2);
+    let done = finished(&edge.tick(5 + LOST));
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].2["error_code"], "CANCELLED", "{:?}", done[0]);
+    assert_eq!(edge.job("j1").unwrap().state, JobState::Cancelled);
+}
+
+#[test]
+fn heartbeats_settle_disagreements_at_once() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join_with(&mut edge, 0, "spark", &agent_key(1), vec![], 1, 3);
+    for id in ["ran", "sent", "late"] {
+        edge.submit(0, id.into(), submission(id, 600_000, None), Mode::Detached).unwrap();
+    }
+    say(&mut edge, 0, &sid, AgentMessage::Credit { slots: Slots { free: 3, received: 0 } });
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "ran".into() });
+    // The agent has received two of the three orders and holds neither.
+    let hb = AgentMessage::Heartbeat { running: vec![], capacity: 3, oauth: oauth(), slots: Slots { free: 3, received: 2 }, claude_version: None };
+    let effects = say(&mut edge, 2, &sid, hb);
+    let done = finished(&effects);
+    assert_eq!(done.len(), 1, "{effects:?}");
+    assert_eq!((done[0].0.as_str(), done[0].2["error_code"].as_str()), ("ran", Some("RUNNER_LOST")), "lost at once, not at its timeout");
+    // The one it never started goes out again; the third is still on its way.
+    assert_eq!(orders(&effects, &sid), vec!["sent".to_string()]);
+    assert_eq!(edge.job("sent").unwrap().attempts, 2);
+    assert_eq!(edge.job("late").unwrap().state, JobState::Dispatched);
+    // The agent runs a job the edge ended, and one it never heard of: both are stopped.
+    let hb = AgentMessage::Heartbeat {
+        running: vec!["ran".into(), "late".into(), "stranger".into()],
+        capacity: 3,
+        oauth: oauth(),
+        slots: Slots { free: 0, received: 4 },
+        claude_version: None,
+    };
+    let effects = say(&mut edge, 3, &sid, hb);
+    let mut stopped = cancels(&effects, &sid);
+    stopped.sort();
+    assert_eq!(stopped, vec!["ran".to_string(), "stranger".to_string()]);
+    assert_eq!(edge.job("late").unwrap().state, JobState::Running, "a heartbeat that lists it says it started");
+}
+
+/// The SIGSTOP scenario: the agent froze long enough for the edge to drop its connection;
+/// a job is not lost while the agent, back on a new connection, says it runs it.
+#[test]
+fn a_job_is_not_lost_while_its_agent_says_it_runs_it() {
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 600_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    assert!(closed(&edge.tick(1 + 2 * HB)).is_some(), "dropped as silent");
+    let (sid2, _) = rejoin(&mut edge, 2 * HB + 500, &["j1"], &[], 2);
+    for t in (3 * HB..=4 * LOST).step_by(HB as usize) {
+        say(&mut edge, t, &sid2, beat(&["j1"], 0, 0));
+        assert!(finished(&edge.tick(t)).is_empty(), "ended at {t} while its agent runs it");
+    }
+    assert_eq!(edge.job("j1").unwrap().state, JobState::Running);
+}
+
+/// An `/execute` job sent to an agent that never received it, whose caller has hung up
+/// meanwhile, is not sent again: the caller may have run the task elsewhere.
+#[test]
+fn a_dispatched_execute_job_whose_caller_is_gone_is_not_sent_again() {
+    let (mut edge, sid) = ready_edge();
+    let gone = call(&mut edge, 0, "POST", "/execute", json!({"prompt": "a", "timeout_ms": 60000}));
+    let gone_id = order_of(&gone.effects, &sid, "spark", 0).header.job_id;
+    edge.caller_gone(gone.caller);
+    edge.disconnect(1, &sid);
+    let (sid2, effects) = rejoin(&mut edge, 2, &[], &[], 2);
+    let done = finished(&effects);
+    assert_eq!(done.len(), 1, "{effects:?}");
+    assert_eq!(done[0].0, gone_id);
+    assert!(edge.job(&gone_id).unwrap().started_at.is_none());
+    assert!(orders(&say(&mut edge, 3, &sid2, credit(1, 0)), &sid2).is_empty(), "never sent again");
+
+    // One whose caller still waits is sent again.
+    let waiting = call(&mut edge, 4, "POST", "/execute", json!({"prompt": "b", "timeout_ms": 60000}));
+    let waiting_id = order_of(&waiting.effects, &sid2, "spark", 4).header.job_id;
+    edge.disconnect(5, &sid2);
+    let (sid3, effects) = rejoin(&mut edge, 6, &[], &[], 3);
+    assert!(finished(&effects).is_empty());
+    assert_eq!(orders(&say(&mut edge, 7, &sid3, credit(1, 0)), &sid3), vec![waiting_id]);
+}
+
+/// Memory keeps an ended job's header only; its whole record is read from storage when
+/// someone asks for it, in the form they asked for.
+#[test]
+fn an_ended_job_keeps_only_its_header_and_is_read_from_storage_on_demand() {
+    let (mut edge, sid) = ready_edge();
+    let body = json!({"prompt": "p".repeat(500), "timeout_ms": 60000, "idempotency_key": "k"});
+    let first = call(&mut edge, 0, "POST", "/execute", body.clone());
+    let job_id = order_of(&first.effects, &sid, "spark", 0).header.job_id;
+    let big = JobResult { output: "o".repeat(100_000), ..ok_result() };
+    let effects = say(&mut edge, 1, &sid, AgentMessage::Result { job_id: job_id.clone(), result: big });
+    let whole = effects.iter().find_map(|e| match e {
+        Effect::Save(job) if job.state.is_terminal() => Some((**job).clone()),
+        _ => None,
+    });
+    let whole = whole.expect("the whole record is stored");
+    assert_eq!(answer_to(&effects, first.caller).unwrap().1["output"].as_str().unwrap().len(), 100_000, "its caller got it all");
+    edge.tick(2);
+    let header = edge.job(&job_id).unwrap();
+    // Of the task only its start stays (for the jobs list).
+    let kept = crate::record::PROMPT_PREVIEW_BYTES;
+    assert!(header.header_only && header.spec.prompt.len() <= kept && header.result.as_ref().unwrap().output.is_empty());
+    assert!(header.bytes > 100_500, "{}", header.bytes);
+
+    let read = |edge: &mut Edge, method: &str, path: &str, body: Value| {
+        let handled = call(edge, 3, method, path, body);
+        let deliver = handled.effects.iter().find_map(|e| match e {
+            Effect::Deliver { caller, job_id, form } => Some((*caller, job_id.clone(), *form)),
+            _ => None,
+        });
+        let (caller, id, form) = deliver.expect("read from storage");
+        assert_eq!((caller, id.as_str()), (handled.caller, job_id.as_str()));
+        (caller, form, Edge::deliver(caller, form, Ok(Some(whole.clone())), 3.into()))
+    };
+    let (caller, _, effects) = read(&mut edge, "GET", &format!("/jobs/{job_id}"), Value::Null);
+    let (status, view) = answer_to(&effects, caller).unwrap();
+    assert_eq!((status, view["state"].as_str()), (200, Some("succeeded")));
+    assert_eq!(view["result"]["output"].as_str().unwrap().len(), 100_000);
+    let (caller, _, effects) = read(&mut edge, "POST", "/execute", body);
+    assert_eq!(answer_to(&effects, caller).unwrap().1["output"].as_str().unwrap().len(), 100_000, "the same key: the same answer");
+    let (caller, _, effects) = read(&mut edge, "GET", &format!("/jobs/{job_id}/events"), Value::Null);
+    let (chunks, ended) = streamed(&effects, caller);
+    assert!(ended && chunks[0].starts_with("event: result"), "{chunks:?}");
+    // The header still tells a different task under the same key.
+    let other = call(&mut edge, 4, "POST", "/execute", json!({"prompt": "another", "idempotency_key": "k"}));
+    assert_eq!(answer_to(&other.effects, other.caller).unwrap().0, 409);
+    // A record the host could not read is a clear 500.
+    let effects = Edge::deliver(caller, crate::record::Form::View, Err("disk I/O error".into()), 5.into());
+    let (status, body) = answer_to(&effects, caller).unwrap();
+    assert_eq!(status, 500);
+    assert!(body["error"].as_str().unwrap().contains("retry"), "{body}");
+}
+
+#[test]
+fn ended_jobs_are_kept_within_a_count_and_a_size() {
+    let by = |jobs: usize, bytes: u64| Config { max_retained_jobs: jobs, max_retained_bytes: bytes, ..config() };
+    let run = |cfg: Config, output: usize| {
+        let mut edge = Edge::new(cfg, 0);
+        let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+        let mut forgotten = Vec::new();
+        for i in 0..3u64 {
+            edge.submit(i * 10, format!("j{i}"), submission("x", 60_000, None), Mode::Detached).unwrap();
+            say(&mut edge, i * 10, &sid, credit(1, i));
+            let result = JobResult { output: "o".repeat(output), ..ok_result() };
+            for e in say(&mut edge, i * 10 + 1, &sid, AgentMessage::Result { job_id: format!("j{i}"), result }) {
+                if let Effect::Forget { job_id } = e {
+                    forgotten.push(job_id);
+                }
+            }
+        }
+        (edge, forgotten)
+    };
+    let (edge, forgotten) = run(by(2, 1 << 30), 10);
+    assert_eq!(forgotten, vec!["j0".to_string()], "over the count, the oldest goes");
+    assert!(edge.job("j0").is_none() && edge.job("j2").is_some());
+    // Each record is about 2.5 kB: two fit in 6 kB, three do not.
+    let (_, forgotten) = run(by(100, 6_000), 2_000);
+    assert_eq!(forgotten, vec!["j0".to_string()], "over the size, the oldest goes");
+}

@@ -1,0 +1,256 @@
+//! Recovery end to end, on the native edge with the real agent: the issue's scenarios of
+//! a job left behind, run twice or never stopped. Each failed on the code before its fix.
+
+use harness::proxy::{Direction, Proxy};
+use harness::*;
+use std::time::{Duration, Instant};
+
+/// A native edge with agent `spark` connected (through `proxy`, if given).
+async fn setup(edge_settings: &[(&str, &str)], proxy: bool) -> (EdgeServer, AgentProc, Client, Option<Proxy>) {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, edge_settings);
+    let proxy = if proxy { Some(Proxy::start(edge.port).await) } else { None };
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    if let Some(p) = &proxy {
+        opts.edge_ws = format!("ws://127.0.0.1:{}", p.port());
+    }
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    (edge, agent, client, proxy)
+}
+
+/// Issue item 9: a child of Claude outlived the agent's SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_agent_kills_claudes_whole_tree() {
+    let (_edge, mut agent, client, _) = setup(&[], false).await;
+    let pidfile = agent.data.path().join("child.pid");
+    let a = client.submit(json!({"prompt": format!("@spawn_child={} @sleep=60000", pidfile.display())})).await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    assert!(eventually(Duration::from_secs(10), || pidfile.exists()).await, "{}", agent.log());
+    let child: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let claude = agent.claude_runs()[0]["pid"].as_i64().unwrap() as i32;
+    assert!(alive(child) && alive(claude));
+    agent.kill();
+    assert!(eventually(Duration::from_secs(5), || !alive(claude)).await, "claude {claude} outlived the agent");
+    assert!(eventually(Duration::from_secs(5), || !alive(child)).await, "claude's child {child} outlived the agent");
+}
+
+/// Issue item 4: the agent dies after Claude started and before the edge saw `Accepted`
+/// (here the agent's messages are black-holed from the moment the job is sent). After the
+/// agent's restart the job is reported lost; it never runs a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_started_before_the_agent_died_is_lost_not_run_again() {
+    // Long heartbeats: the agent does not give the muted link up before it is killed.
+    let (_edge, mut agent, client, proxy) = setup(&[("LOST_AFTER_MS", "30000"), ("HEARTBEAT_INTERVAL_MS", "5000")], true).await;
+    let proxy = proxy.unwrap();
+    proxy.blackhole(Direction::Up);
+    let a = client.submit(json!({"prompt": "@sleep=60000 once only"})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await, "{}", agent.log());
+    assert_eq!(client.get(&format!("/jobs/{job_id}")).await.body["state"], "dispatched", "the edge never heard it started");
+    agent.kill();
+    agent.restart();
+    let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "lost", "{job}");
+    // It is not sent again: a probe runs next, and the job ran once.
+    let probe = client.execute(json!({"prompt": "probe", "timeout_ms": 20000})).await;
+    assert_eq!(probe.status, 200, "{}", probe.text);
+    let prompts: Vec<String> = agent.claude_runs().iter().map(|r| r["prompt"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(prompts, vec!["@sleep=60000 once only".to_string(), "probe".to_string()]);
+}
+
+/// Issue item 1, from outside: the edge is down while a job ends, so the agent's credit for
+/// it is lost; once the edge is back the next job must run, not wait forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_edge_outage_across_a_job_end_the_agent_takes_work_again() {
+    let (mut edge, agent, client, _) = setup(&[], false).await;
+    let a = client.submit(json!({"prompt": "@sleep=1500 across the outage"})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
+    edge.stop();
+    // The job ends while the edge is away.
+    assert!(eventually(Duration::from_secs(10), || agent.standin_log().iter().any(|l| l.get("end").is_some())).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    edge.restart();
+    assert_eq!(client.wait_job(&job_id, Duration::from_secs(30)).await["state"], "succeeded");
+    let next = client.execute(json!({"prompt": "next", "timeout_ms": 15000})).await;
+    assert_eq!(next.status, 200, "{}", next.text);
+    assert_eq!(next.body["success"], true, "the agent was left without credit: {}", next.text);
+}
+
+/// Issue item 3: the agent is frozen (SIGSTOP) during a long job and the caller cancels it
+/// meanwhile. The job must end cancelled, with Claude stopped — not run on, not end lost
+/// while the agent still runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_during_an_agent_freeze_stops_the_job() {
+    let (_edge, agent, client, _) = setup(&[], false).await;
+    let a = client.submit(json!({"prompt": "@sleep=20000 frozen"})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
+    let claude = agent.claude_runs()[0]["pid"].as_i64().unwrap() as i32;
+    agent.signal(libc::SIGSTOP);
+    let cancelled = client.send("DELETE", &format!("/jobs/{job_id}"), Some(SECRET), None).await;
+    assert_eq!(cancelled.status, 202, "{}", cancelled.text);
+    // Frozen past two heartbeat intervals: the edge drops the connection meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    agent.signal(libc::SIGCONT);
+    let started = Instant::now();
+    let job = client.wait_job(&job_id, Duration::from_secs(15)).await;
+    assert_eq!(job["state"], "cancelled", "{job}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(eventually(Duration::from_secs(10), || !alive(claude)).await, "claude {claude} still runs");
+    assert!(!agent.standin_log().iter().any(|l| l.get("end").is_some()), "the job ran to its end");
+}
+
+/// A wrapper that starts a process in a private mount namespace where `dir` (a shell
+/// expression, e.g. `$DATA_DIR/spool`) is a tmpfs of `size`: a disk the test can fill or
+/// make read-only without touching the machine's ([`remount`]).
+fn on_own_disk(dir: &str, size: &str) -> Vec<String> {
+    let script = format!("mkdir -p \"{dir}\" && mount -t tmpfs -o size={size},mode=0700 tmpfs \"{dir}\" && exec \"$0\" \"$@\"");
+    ["unshare", "-m", "--propagation", "private", "sh", "-c", &script].iter().map(|s| s.to_string()).collect()
+}
+
+/// Remounts `dir` inside the mount namespace of process `pid` (`ro` or `rw`).
+fn remount(pid: u32, dir: &std::path::Path, how: &str) {
+    let status = std::process::Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-m", "mount", "-o", &format!("remount,{how}")])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "remount {how} of {} failed", dir.display());
+}
+
+/// Issue item 6: a spool that cannot keep a result (its disk full, then read-only) must
+/// not lose it — even when the connection drops before the edge has it. The result is held
+/// in memory, named in the next hello and sent again; the trouble is logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_the_spool_cannot_keep_is_held_and_still_delivered() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let proxy = Proxy::start(edge.port).await;
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    opts.edge_ws = format!("ws://127.0.0.1:{}", proxy.port());
+    opts.wrapper = on_own_disk("$DATA_DIR/spool", "8k");
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let spool = agent.data.path().join("data/spool");
+
+    // Full: the result (it echoes a 20 kB prompt) is larger than the spool's disk.
+    let big = format!("@sleep=1500 {}", "x".repeat(20_000));
+    let read_only = "@sleep=1500 small";
+    for (round, prompt) in [big.as_str(), read_only].into_iter().enumerate() {
+        if round == 1 {
+            remount(agent.pid().unwrap(), &spool, "ro");
+        }
+        let a = client.submit(json!({"prompt": prompt})).await;
+        let job_id = a.body["job_id"].as_str().unwrap().to_string();
+        assert!(eventually(Duration::from_secs(10), || agent.claude_runs().len() > round).await);
+        // The link dies before the result can reach the edge.
+        proxy.blackhole(Direction::Up);
+        let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
+        assert_eq!(job["state"], "succeeded", "round {round}: {job}\n{}", agent.log());
+        assert!(job["result"]["output"].as_str().unwrap().ends_with(prompt.split(' ').next_back().unwrap()));
+    }
+    assert_eq!(agent.claude_runs().len(), 2, "each ran once");
+    let troubles = agent.log().matches("could not write the result to the spool").count();
+    assert!(troubles >= 2, "the trouble is reported: {}", agent.log());
+}
+
+/// Runs `script` with `sh -c` inside the mount namespace of process `pid`.
+fn inside(pid: u32, script: &str) {
+    let status = std::process::Command::new("nsenter").args(["-t", &pid.to_string(), "-m", "sh", "-c", script]).status().unwrap();
+    assert!(status.success(), "{script} failed");
+}
+
+/// A full disk under the native edge's database: new work is refused with a clear 500,
+/// what is stored stays readable, and a result that comes meanwhile is kept by its agent
+/// until the disk has room again — nothing is lost. (A read-only remount is refused by
+/// the kernel while SQLite holds the files open for writing; a locked database is
+/// `native_edge::a_locked_database_refuses_work_and_keeps_results_until_they_are_stored`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_database_refuses_work_clearly_and_loses_nothing() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start_wrapped(EdgeKind::Native, &keys, &[], on_own_disk("$DATA_DIR", "16m"));
+    let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let first = client.execute(json!({"prompt": "before"})).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    // Records large enough that the database must grow to store them.
+    let large = "y".repeat(400_000);
+    let c = client.clone();
+    let during = format!("@sleep=2500 {large}");
+    let slow = tokio::spawn(async move { c.execute(json!({"prompt": during})).await });
+    assert!(eventually(Duration::from_secs(10), || agent.claude_runs().len() == 2).await);
+
+    let db = edge.data.path().join("db");
+    inside(edge.pid().unwrap(), &format!("cat /dev/zero > '{}/filler' 2>/dev/null; true", db.display()));
+    let refused = client.submit(json!({"prompt": format!("refused {large}")})).await;
+    assert_eq!((refused.status, refused.body["error_code"].as_str()), (500, Some("INTERNAL_ERROR")), "{}", refused.text);
+    assert!(refused.body["error"].as_str().unwrap().contains("nothing was done"), "{}", refused.text);
+    let read = client.get(&format!("/jobs/{}", first.body["job_id"].as_str().unwrap())).await;
+    assert_eq!((read.status, read.body["result"]["output"].as_str()), (200, Some("stand-in answer to: before")), "{}", read.text);
+    let failures = |log: &str| log.matches("could not write job records").count();
+    assert!(eventually(Duration::from_secs(20), || failures(&edge.log()) >= 2).await, "the result's write never failed:\n{}", edge.log());
+    assert!(!slow.is_finished(), "answered before its result was stored");
+
+    inside(edge.pid().unwrap(), &format!("rm '{}/filler'", db.display()));
+    let done = tokio::time::timeout(Duration::from_secs(60), slow).await.expect("answered once the disk has room").unwrap();
+    assert_eq!((done.status, done.body["success"].as_bool()), (200, Some(true)), "{}", done.text);
+    assert_eq!(agent.claude_runs().len(), 2, "the refused job never ran");
+}
+
+/// The Durable Object's alarm when the edge cannot load (here: a setting broke across a
+/// redeploy while an alarm was pending): it fails, so the runtime tries it again, instead
+/// of reporting success and leaving every deadline stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(worker_tests), ignore = "needs the built Worker: run tests/run (it sets CLAUDE_RUNNER_WORKER_TESTS=1)")]
+async fn a_durable_object_alarm_that_cannot_load_is_tried_again() {
+    require_worker_bundle();
+    let keys = Keys::new(&["spark"]);
+    let mut edge = EdgeServer::start(EdgeKind::Worker, &keys, &[("QUEUE_TTL_MS", "4000")]);
+    let client = Client::new(&edge.url());
+    // A queued job: its queue deadline sets the alarm.
+    let a = client.submit(json!({"prompt": "waits for an agent"})).await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    edge.stop();
+    edge.env.insert("RUNNER_SECRET".into(), "too-short".into());
+    edge.restart();
+    let failures = |log: &str| log.matches("alarm: the edge cannot run").count();
+    assert!(
+        eventually(Duration::from_secs(40), || failures(&edge.log()) >= 2).await,
+        "the alarm was not tried again:\n{}",
+        edge.log()
+    );
+    // Fixed: the next try (or any request) runs the deadline.
+    edge.stop();
+    edge.env.insert("RUNNER_SECRET".into(), SECRET.into());
+    edge.restart();
+    let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "timed_out", "{job}");
+}
+
+/// A read-only database from the start (a read-only `DATA_DIR`): the native edge does not
+/// start half-working; it exits at once and says what to fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_database_stops_the_native_edge_with_a_clear_error() {
+    let keys = Keys::new(&["spark"]);
+    let data = TempDir::new("ro-edge");
+    let script = "mkdir -p \"$DATA_DIR\" && mount -t tmpfs -o ro tmpfs \"$DATA_DIR\" && exec \"$0\"";
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", script])
+        .arg(bin("claude-runner-edge"))
+        .env("RUNNER_SECRET", SECRET)
+        .env("EDGE_SIGNING_KEY", shared::keys::encode_signing(&keys.edge))
+        .env("AGENT_PUBLIC_KEYS", keys.agent_public_keys())
+        .env("LISTEN", "127.0.0.1:0")
+        .env("DATA_DIR", data.path().join("db"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("DATA_DIR"), "the error names what to fix: {stderr}");
+}
