@@ -73,6 +73,11 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(cfg: AgentConfig) -> anyhow::Result<(Arc<Agent>, Queues)> {
+        // Owner-only: a new DATA_DIR and the folders in it. An existing DATA_DIR keeps its
+        // mode (it may be a shared folder); what the agent keeps in it is private anyway.
+        crate::files::private_dir(&cfg.data_dir.join("workspaces")).map_err(|e| {
+            anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
+        })?;
         let (spool, interrupted) = Spool::open(cfg.data_dir.join("spool"), cfg.data_dir.join("started")).map_err(|e| {
             anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
         })?;
@@ -80,7 +85,8 @@ impl Agent {
             warn!(agent_id = %cfg.agent_id, jobs = ?interrupted, "jobs that were running when the agent last stopped are reported lost");
         }
         let replay = ReplayGuard::open(cfg.data_dir.join("seen-orders.log"));
-        let login = Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.repos.token_values());
+        // The redactor also knows the agent's own secrets and the repository tokens.
+        let login = Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.repos.token_values()).with_secrets(cfg.secrets.iter().map(String::as_str));
         let reporter = Arc::new(Reporter::new(login.clone()));
         let repos = crate::repo::Repos::open(&cfg.data_dir, cfg.repos.clone()).map_err(|e| {
             anyhow::anyhow!("cannot keep repository mirrors in {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.join("repos").display())
@@ -163,13 +169,22 @@ impl Agent {
         self.reporter.report()
     }
 
-    fn refuse(&self, envelope: &Envelope, refusal: &Refusal) {
-        // The job id is read without trusting it, only so the edge can settle the job.
-        let job_id = serde_json::from_str::<serde_json::Value>(&envelope.payload)
-            .ok()
-            .and_then(|v| v.get("job_id").and_then(|j| j.as_str()).map(str::to_string));
-        warn!(job_id = job_id.as_deref().unwrap_or("?"), agent_id = %self.cfg.agent_id, reason = %refusal, "order refused");
-        let _ = self.uplink.send(AgentMessage::Rejected { job_id, reason: refusal.to_string(), retry: false });
+    /// Tells the edge an order was refused. The edge settles a job on a refusal that names
+    /// it, so a name is given only when it is the edge's own: read from an order whose
+    /// signature verified, for a job order (a cancel that fails changes nothing about its
+    /// job), and not for a replay (the first copy of that order was handled already).
+    /// Anything else — garbage, a forgery, a tampered frame — names no job: whoever sent it
+    /// cannot make the edge fail a job by it.
+    fn refuse(&self, domain: Domain, job_id: Option<&str>, refusal: &Refusal) {
+        let named = match refusal {
+            _ if domain != Domain::Job => None,
+            Refusal::Signature(_) | Refusal::Replay { .. } => None,
+            Refusal::WrongAgent { .. } | Refusal::Expired { .. } | Refusal::FromTheFuture { .. } => job_id,
+        };
+        // Logged only when it is a plain id: a log line is no place for arbitrary text.
+        let logged = named.filter(|id| shared::ids::plain_id(id, shared::ids::MAX_JOB_ID)).unwrap_or("-");
+        warn!(job_id = logged, agent_id = %self.cfg.agent_id, reason = %refusal, "order refused");
+        let _ = self.uplink.send(AgentMessage::Rejected { job_id: named.map(str::to_string), reason: refusal.to_string(), retry: false });
     }
 
     fn verify<T: serde::de::DeserializeOwned + shared::envelope::HasHeader>(&self, envelope: &Envelope, domain: Domain) -> Option<T> {
@@ -177,13 +192,19 @@ impl Agent {
         let order: T = match open_order(envelope, domain, &self.cfg.edge_public_key, &self.cfg.agent_id, now) {
             Ok(o) => o,
             Err(refusal) => {
-                self.refuse(envelope, &refusal);
+                // Only a refusal after the signature verified has a job id worth reading,
+                // and then from the verified payload.
+                let job_id = match &refusal {
+                    Refusal::Signature(_) => None,
+                    _ => serde_json::from_str::<shared::envelope::OrderHeader>(&envelope.payload).ok().map(|h| h.job_id),
+                };
+                self.refuse(domain, job_id.as_deref(), &refusal);
                 return None;
             }
         };
         let header = order.header();
         if !self.replay.lock().expect("replay lock").admit(&header.nonce, header.expires_at, now) {
-            self.refuse(envelope, &Refusal::Replay { nonce: header.nonce.clone() });
+            self.refuse(domain, Some(&header.job_id), &Refusal::Replay { nonce: header.nonce.clone() });
             return None;
         }
         Some(order)
@@ -199,7 +220,9 @@ impl Agent {
         let Some(order) = self.verify::<JobOrder>(envelope, Domain::Job) else { return };
         let job_id = order.header.job_id.clone();
         if !shared::ids::plain_id(&job_id, shared::ids::MAX_JOB_ID) {
+            // Signed by the edge, so its own id, but not one for a log line or a file name.
             let reason = "the job id has characters the agent does not accept as a file name".into();
+            warn!(agent_id = %self.cfg.agent_id, "order refused: a job id that is not a plain id");
             let _ = self.uplink.send(AgentMessage::Rejected { job_id: Some(job_id), reason, retry: false });
             return;
         }

@@ -37,7 +37,7 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
     let (uplink, mut events) = mpsc::unbounded_channel();
     let repos = crate::repo::Repos::open(&cfg.data_dir, cfg.repos.clone())
         .map_err(|e| vec![format!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())])?;
-    let login = Login::new(cfg.claude_config_dir.as_deref());
+    let login = Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.secrets.iter().map(String::as_str));
     let reporter = Arc::new(crate::report::Reporter::new(login.clone()));
     let ctx = JobContext {
         login,

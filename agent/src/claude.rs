@@ -58,26 +58,44 @@ pub struct Transcript {
 impl Transcript {
     /// Takes one stdout line (already redacted). Returns the event to forward, if any.
     pub fn line(&mut self, line: &str) -> Option<Value> {
+        match serde_json::from_str::<Value>(line.trim()) {
+            Ok(value) => self.value(value),
+            Err(_) => self.text(line),
+        }
+    }
+
+    /// Takes one stdout line that is not JSON (already redacted).
+    pub fn text(&mut self, line: &str) -> Option<Value> {
         self.lines += 1;
         let trimmed = line.trim();
-        if trimmed.is_empty() {
+        if !trimmed.is_empty() {
+            self.garbage(trimmed.chars().take(300).collect());
+        }
+        None
+    }
+
+    fn garbage(&mut self, sample: String) {
+        self.garbage_lines += 1;
+        self.last_garbage = Some(sample);
+    }
+
+    /// Takes one stdout line that is JSON (already redacted). Returns the event to forward,
+    /// if it is one (an object with a `type`).
+    pub fn value(&mut self, value: Value) -> Option<Value> {
+        self.lines += 1;
+        if value.get("type").and_then(Value::as_str).is_none() {
+            self.garbage(value.to_string().chars().take(300).collect());
             return None;
         }
-        let value: Value = match serde_json::from_str(trimmed) {
-            Ok(v @ Value::Object(_)) if v.get("type").and_then(Value::as_str).is_some() => v,
-            _ => {
-                self.garbage_lines += 1;
-                self.last_garbage = Some(trimmed.chars().take(300).collect());
-                return None;
-            }
-        };
         if let Some(id) = value.get("session_id").and_then(Value::as_str) {
             self.session_id = Some(id.to_string());
         }
         if value["type"] == "result" {
             self.result = Some(value.clone());
         }
-        if let Some(window) = UsageWindow::from_event(&value, crate::now_ms()) {
+        // (Pure code has no clock: `seen_at` stays 0; the runner reports the window with
+        // the time to the edge.)
+        if let Some(window) = UsageWindow::from_event(&value, 0) {
             self.usage = Some(window);
         }
         Some(value)
@@ -89,7 +107,8 @@ impl Transcript {
     fn usage_limit(&self, result: &Value) -> Option<Option<shared::Millis>> {
         let rejected = self.usage.as_ref().filter(|u| u.status == UsageStatus::Rejected);
         let said = result.get("api_error").and_then(Value::as_str) == Some("usage_limit_reached");
-        (rejected.is_some() || said).then(|| rejected.and_then(|u| u.blocked_until()))
+        // The reset the API named, when it named one.
+        (rejected.is_some() || said).then(|| rejected.and_then(|u| u.resets_at))
     }
 }
 

@@ -1,10 +1,11 @@
 //! The agent's settings: each is an environment variable and a `--flag` (README
 //! "Configuration"), checked once at start with errors that say what to fix.
 
+use crate::edge_url;
 use clap::Args;
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use shared::keys;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Args)]
 pub struct AgentArgs {
@@ -28,6 +29,10 @@ pub struct AgentArgs {
     /// Jobs run at once.
     #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 1)]
     pub max_concurrent_jobs: u32,
+    /// Accept plaintext ws:// to a host that is not this machine (only on a private path).
+    #[arg(long, env = "ALLOW_INSECURE_EDGE", value_parser = clap::builder::BoolishValueParser::new(),
+          default_value = "false", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_insecure_edge: bool,
     #[command(flatten)]
     pub repos: crate::repo::settings::RepoArgs,
     /// On a stop (SIGTERM), how long running jobs may take to finish before they are
@@ -54,6 +59,10 @@ pub struct LocalArgs {
     /// Model for jobs that do not name one.
     #[arg(long, env = "CLAUDE_MODEL")]
     pub claude_model: Option<String>,
+    /// More of the agent's environment variables that Claude may see, comma-separated
+    /// (e.g. `NPM_CONFIG_REGISTRY,PIP_INDEX_URL`); see README "What a job can see".
+    #[arg(long, env = "JOB_ENV_ALLOW", default_value = "")]
+    pub job_env_allow: String,
 }
 
 impl LocalArgs {
@@ -73,6 +82,11 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     pub max_concurrent_jobs: u32,
     pub claude_model: Option<String>,
+    /// The operator's extra variables passed to Claude (`JOB_ENV_ALLOW`).
+    pub job_env_allow: Vec<String>,
+    /// Secrets of the agent itself — its key, secrets of the edge or of git it was given —
+    /// that the redactor masks besides the login's tokens, should a job find them anyway.
+    pub secrets: Vec<String>,
     pub repos: crate::repo::settings::RepoSettings,
     /// How long a stop waits for running jobs before handing them back.
     pub drain_timeout: std::time::Duration,
@@ -98,19 +112,82 @@ pub fn forget_empty_settings(cli: &clap::Command) {
     }
 }
 
-/// `ws(s)://host[:port][/prefix]` → the `/agent/connect` URL.
-pub fn connect_url(edge_url: &str) -> anyhow::Result<String> {
-    let url = edge_url.trim().trim_end_matches('/');
-    let url = if let Some(rest) = url.strip_prefix("https://") {
-        format!("wss://{rest}")
-    } else if let Some(rest) = url.strip_prefix("http://") {
-        format!("ws://{rest}")
-    } else if url.starts_with("ws://") || url.starts_with("wss://") {
-        url.to_string()
-    } else {
-        anyhow::bail!("EDGE_URL must start with wss:// (or ws:// for a local edge), got `{edge_url}`");
-    };
-    Ok(if url.ends_with("/agent/connect") { url } else { format!("{url}/agent/connect") })
+/// Variables that may hold a secret of the agent or of its edge, git or Anthropic account.
+/// None is passed to Claude (not even through `JOB_ENV_ALLOW`); each value is redacted.
+pub const SECRET_VARS: &[&str] = &[
+    "AGENT_SIGNING_KEY",
+    "RUNNER_SECRET",
+    "EDGE_SIGNING_KEY",
+    "GITHUB_TOKEN",
+    "REPO_TOKENS",
+    "ANTHROPIC_AUTH_TOKEN",
+    "CLAUDE_CODE_OAUTH_TOKEN",
+    "ANTHROPIC_API_KEY",
+];
+
+/// The values of [`SECRET_VARS`] in `lookup`, with `REPO_TOKENS` (`host=token,…`) split
+/// into its tokens.
+pub fn secret_values(lookup: impl Fn(&str) -> Option<String>) -> Vec<String> {
+    let mut secrets = Vec::new();
+    for name in SECRET_VARS {
+        let Some(value) = lookup(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) else { continue };
+        if *name == "REPO_TOKENS" {
+            secrets.extend(value.split(',').filter_map(|entry| entry.split_once('=')).map(|(_, token)| token.trim().to_string()));
+        }
+        secrets.push(value);
+    }
+    secrets
+}
+
+/// The forms of an agent key worth masking: as written, and the seed in standard base64
+/// and hex (should a job print it decoded).
+pub fn key_forms(text: &str, key: &SigningKey) -> Vec<String> {
+    vec![text.trim().to_string(), keys::encode_signing(key), shared::ids::hex(&key.to_bytes())]
+}
+
+/// `JOB_ENV_ALLOW` → names, refusing the agent's secrets and names that are not names.
+pub fn job_env_allow(list: &str) -> anyhow::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        if SECRET_VARS.contains(&name) || name == "AGENT_KEY_FILE" {
+            anyhow::bail!(
+                "JOB_ENV_ALLOW names {name}, a secret of the agent: a job must never see it (Claude's login is passed to it by the agent when it needs one); remove it from JOB_ENV_ALLOW"
+            );
+        }
+        if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') || name.as_bytes()[0].is_ascii_digit() {
+            anyhow::bail!("JOB_ENV_ALLOW entry `{name}` is not a variable name; list names like `NPM_CONFIG_REGISTRY,PIP_INDEX_URL`");
+        }
+        names.push(name.to_string());
+    }
+    Ok(names)
+}
+
+/// Why a key file may not be used, if it may not: readable by others (any user could
+/// become this agent), or inside `DATA_DIR`, where the jobs' workspaces are.
+pub fn key_file_problem(path: &Path, mode: u32, data_dir: &Path) -> Option<String> {
+    if mode & 0o077 != 0 {
+        return Some(format!(
+            "AGENT_KEY_FILE {} can be read or changed by other users (mode {:o}): anyone who reads it can act as this agent. Fix it with `chmod 600 {}`",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        ));
+    }
+    let real = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    if real(path).starts_with(real(data_dir)) {
+        return Some(format!(
+            "AGENT_KEY_FILE {} is inside DATA_DIR {}, beside the jobs' workspaces; move it outside (e.g. /etc/claude-runner/agent.key, mode 600, owned by the agent's user)",
+            path.display(),
+            data_dir.display()
+        ));
+    }
+    None
+}
+
+/// Whether the agent's key was given as a command-line flag: every local user (and every
+/// job) can read a process's command line in /proc, so that is refused.
+pub fn key_on_command_line(args: impl IntoIterator<Item = std::ffi::OsString>) -> bool {
+    args.into_iter().any(|a| a.to_str().is_some_and(|a| a == "--agent-signing-key" || a.starts_with("--agent-signing-key=")))
 }
 
 /// The machine's hostname, made into a valid agent id.
@@ -142,6 +219,9 @@ impl AgentConfig {
             data_dir: local.data_dir(),
             max_concurrent_jobs: 1,
             claude_model: local.claude_model.clone(),
+            // `agent` refuses a bad list at start; `doctor` names it.
+            job_env_allow: job_env_allow(&local.job_env_allow).unwrap_or_default(),
+            secrets: secret_values(|name| std::env::var(name).ok()),
             repos: crate::repo::settings::RepoSettings::default(),
             drain_timeout: std::time::Duration::ZERO,
         }
@@ -155,10 +235,21 @@ impl AgentArgs {
 
     /// The text of the agent's signing key, from AGENT_SIGNING_KEY or AGENT_KEY_FILE.
     pub fn signing_key_text(&self) -> anyhow::Result<String> {
+        if key_on_command_line(std::env::args_os()) {
+            anyhow::bail!(
+                "--agent-signing-key puts the key in the process's command line, which every local user (and every job) can read: set AGENT_SIGNING_KEY in the environment or use AGENT_KEY_FILE"
+            );
+        }
         match (&self.agent_signing_key, &self.agent_key_file) {
             (Some(k), _) => Ok(k.clone()),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("cannot read AGENT_KEY_FILE {}: {e}", path.display())),
+            (None, Some(path)) => {
+                use std::os::unix::fs::PermissionsExt;
+                let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("cannot read AGENT_KEY_FILE {}: {e}", path.display()))?;
+                if let Some(problem) = key_file_problem(path, meta.permissions().mode(), &self.local.data_dir()) {
+                    anyhow::bail!(problem);
+                }
+                std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read AGENT_KEY_FILE {}: {e}", path.display()))
+            }
             (None, None) => anyhow::bail!("set AGENT_SIGNING_KEY or AGENT_KEY_FILE (`claude-runner keygen` makes one)"),
         }
     }
@@ -178,10 +269,15 @@ impl AgentArgs {
         let edge_public_key = self.edge_public_key.as_deref().ok_or_else(|| {
             anyhow::anyhow!("set EDGE_PUBLIC_KEY (printed by `claude-runner keygen` next to EDGE_SIGNING_KEY)")
         })?;
+        let signing_key = keys::signing_key("AGENT_SIGNING_KEY", &key_text)?;
+        let mut secrets = key_forms(&key_text, &signing_key);
+        secrets.extend(secret_values(|name| std::env::var(name).ok()));
         Ok(AgentConfig {
-            connect_url: connect_url(edge_url)?,
+            connect_url: edge_url::connect_url(edge_url, self.allow_insecure_edge)?,
+            job_env_allow: job_env_allow(&self.local.job_env_allow)?,
+            secrets,
             agent_id,
-            signing_key: keys::signing_key("AGENT_SIGNING_KEY", &key_text)?,
+            signing_key,
             edge_public_key: keys::verifying_key("EDGE_PUBLIC_KEY", edge_public_key)?,
             data_dir: self.local.data_dir(),
             claude_bin: self.local.claude_bin,
@@ -199,11 +295,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn builds_the_connect_url() {
-        assert_eq!(connect_url("wss://edge.example.com").unwrap(), "wss://edge.example.com/agent/connect");
-        assert_eq!(connect_url("https://e.x/").unwrap(), "wss://e.x/agent/connect");
-        assert_eq!(connect_url("ws://127.0.0.1:8787/agent/connect").unwrap(), "ws://127.0.0.1:8787/agent/connect");
-        assert!(connect_url("ftp://x").is_err());
-        assert!(connect_url("127.0.0.1:8787").is_err());
+    fn key_files_must_be_private_and_outside_the_jobs_reach() {
+        let data = Path::new("/srv/runner");
+        let key = Path::new("/etc/claude-runner/agent.key");
+        assert_eq!(key_file_problem(key, 0o100600, data), None);
+        for mode in [0o644, 0o640, 0o604, 0o660] {
+            let problem = key_file_problem(key, 0o100000 | mode, data).expect("refused");
+            assert!(problem.contains("chmod 600 /etc/claude-runner/agent.key"), "{problem}");
+        }
+        let inside = key_file_problem(Path::new("/srv/runner/workspaces/agent.key"), 0o600, data).expect("refused");
+        assert!(inside.contains("inside DATA_DIR"), "{inside}");
+    }
+
+    #[test]
+    fn secrets_are_never_passed_on_and_always_redacted() {
+        assert_eq!(job_env_allow(" NPM_CONFIG_REGISTRY, PIP_INDEX_URL,,").unwrap(), ["NPM_CONFIG_REGISTRY", "PIP_INDEX_URL"]);
+        for bad in ["AGENT_SIGNING_KEY", "X,RUNNER_SECRET", "GITHUB_TOKEN", "AGENT_KEY_FILE", "A-B", "1X", "A=B"] {
+            assert!(job_env_allow(bad).is_err(), "{bad}");
+        }
+        let env = |name: &str| match name {
+            "RUNNER_SECRET" => Some("runner-secret-0123456789".to_string()),
+            "REPO_TOKENS" => Some("git.example.com=tok-aaaaaaaaaaaa, other.host=tok-bbbbbbbbbbbb".to_string()),
+            "GITHUB_TOKEN" => Some("  ".to_string()),
+            _ => None,
+        };
+        let secrets = secret_values(env);
+        for s in ["runner-secret-0123456789", "tok-aaaaaaaaaaaa", "tok-bbbbbbbbbbbb"] {
+            assert!(secrets.iter().any(|x| x == s), "{s} in {secrets:?}");
+        }
+        assert!(!secrets.iter().any(|s| s.trim().is_empty()));
+    }
+
+    #[test]
+    fn a_key_flag_on_the_command_line_is_noticed() {
+        let argv = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        assert!(key_on_command_line(argv(&["claude-runner", "agent", "--agent-signing-key", "x"])));
+        assert!(key_on_command_line(argv(&["claude-runner", "agent", "--agent-signing-key=x"])));
+        assert!(!key_on_command_line(argv(&["claude-runner", "agent", "--agent-key-file", "/k"])));
     }
 }

@@ -2,7 +2,8 @@
 //! the keys, the edge — and says how to fix each problem it finds; with `--canary`, also
 //! runs one tiny real job through the CLI ([`crate::canary`]).
 
-use crate::config::{connect_url, AgentArgs};
+use crate::config::AgentArgs;
+use crate::edge_url::connect_url;
 use crate::process::{find_binary, INSTALL_CLAUDE};
 use futures_util::StreamExt;
 use shared::keys;
@@ -73,6 +74,9 @@ pub async fn run(args: AgentArgs, canary: bool) -> bool {
         None => r.ok("usage", "no usage limit reported by the running agent"),
     }
 
+    if let Err(e) = crate::config::job_env_allow(&args.local.job_env_allow) {
+        r.fail("JOB_ENV_ALLOW", e.to_string());
+    }
     let agent_id = args.agent_id();
     match args.signing_key_text() {
         Err(e) => r.fail("agent key", e.to_string()),
@@ -94,7 +98,7 @@ pub async fn run(args: AgentArgs, canary: bool) -> bool {
 
     match &args.edge_url {
         None => r.fail("edge", "EDGE_URL is not set; e.g. wss://claude-runner-edge.<you>.workers.dev"),
-        Some(url) => match connect_url(url) {
+        Some(url) => match connect_url(url, args.allow_insecure_edge) {
             Err(e) => r.fail("edge", e.to_string()),
             Ok(url) => match reach(&url).await {
                 Ok(detail) => r.ok("edge", detail),

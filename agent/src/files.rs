@@ -1,21 +1,67 @@
-//! Files the agent keeps (results, status, replay memory, `up`'s keys): written so a
-//! crash leaves the old or the new content, never half, and readable by the owner only.
+//! Files and folders the agent keeps (results, status, replay memory, workspaces, `up`'s
+//! keys): written so a crash leaves the old or the new content, never half, and readable
+//! by the owner only — they hold keys, prompts, results and job ids.
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
+
+/// Owner-only modes.
+pub const PRIVATE_FILE: u32 = 0o600;
+pub const PRIVATE_DIR: u32 = 0o700;
 
 /// Writes a file so that a crash leaves either the old or the new content, never half,
 /// and (with `durable`) so that it survives a power cut too, at the cost of an fsync.
-/// Readable by the owner only: these files hold keys, results and job ids.
 pub fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(PRIVATE_FILE).open(&tmp)?;
+        // `mode` applies only to a file it creates; a leftover tmp file keeps its own.
+        f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE))?;
         f.write_all(bytes)?;
         if durable {
             f.sync_all()?;
         }
     }
     std::fs::rename(&tmp, path)
+}
+
+/// Creates `dir` (and missing parents) owner-only, and makes an existing one owner-only
+/// (an older version, or another umask, may have left it open).
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(PRIVATE_DIR).create(dir)?;
+    restrict(dir, PRIVATE_DIR)
+}
+
+/// Takes group and other permissions off `path` if it has any. Returns whether it had.
+pub fn restrict(path: &Path, mode: u32) -> std::io::Result<()> {
+    let current = std::fs::metadata(path)?.permissions().mode();
+    if current & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folders_and_files_are_owner_only_even_if_they_existed_open() {
+        let root = std::env::temp_dir().join(format!("cr-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&root.join("a/b")).unwrap();
+        private_dir(&root).unwrap();
+        for dir in [root.clone(), root.join("a"), root.join("a/b")] {
+            assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700, "{}", dir.display());
+        }
+        std::fs::write(root.join("f.tmp"), "old").unwrap();
+        std::fs::set_permissions(root.join("f.tmp"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_atomically(&root.join("f.json"), b"new", false).unwrap();
+        assert_eq!(std::fs::metadata(root.join("f.json")).unwrap().permissions().mode() & 0o777, 0o600);
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

@@ -1,5 +1,7 @@
 //! `claude-runner`: the agent that runs Claude Code on Spark for an edge, and the
-//! operator's commands. Laid out by role, like the Buildkite agent:
+//! operator's commands. Laid out by role, like the Buildkite agent; the pure pieces
+//! (Claude's stream-json, redaction, the credentials file, SSE, `EDGE_URL`) are the
+//! `agent_core` library (`lib.rs`), which the fuzzers drive too:
 //!
 //! - [`serve`]: the agent's life: connection, job tasks, graceful stop.
 //! - [`drain`]: how a stop is asked for: signals, or `agent --drain` from another shell.
@@ -10,13 +12,11 @@
 //! - [`process`]: Claude's process: start, read, stop (TERM, then KILL).
 //! - [`warden`]: the small process between the agent and Claude that kills Claude's whole
 //!   tree with its job, even when the agent is killed.
-//! - [`claude`]: Claude Code's command line and its stream-json, as pure functions.
 //! - [`cli_version`]: which Claude Code CLI runs here, reported in `/health`.
 //! - [`oauth`]: the login on this machine and the refresh gate.
 //! - [`report`]: what the edge is told of the login and usage window, and when (at once
 //!   on a change: the credentials file is watched).
 //! - [`relogin`]: `claude auth login` driven with pipes for the edge's re-login relay.
-//! - [`redact`]: keeps tokens from ever leaving the machine.
 //! - [`repo`]: jobs on repositories: git2 mirror cache, a checkout per job, diff and push.
 //! - [`spool`]: results until the edge acknowledges them; "started" markers.
 //! - [`replay`]: remembered order nonces.
@@ -29,7 +29,6 @@
 
 mod agent;
 mod canary;
-mod claude;
 mod cli_version;
 mod config;
 mod connection;
@@ -39,7 +38,6 @@ mod files;
 mod keygen;
 mod oauth;
 mod process;
-mod redact;
 mod relogin;
 mod repo;
 mod report;
@@ -55,6 +53,7 @@ mod up;
 mod warden;
 mod workspace;
 
+use agent_core::{claude, credentials, edge_url, redact, sse};
 use clap::{Parser, Subcommand};
 use config::{AgentArgs, LocalArgs};
 use std::path::PathBuf;
@@ -149,6 +148,7 @@ fn main() {
                 Ok(())
             }
             Command::Agent { args, drain: false } => {
+                process::harden_agent();
                 let cfg = args.resolve()?;
                 serve::serve(cfg, drain::stop_requests()).await
             }
@@ -162,7 +162,10 @@ fn main() {
                 Ok(())
             }
             #[cfg(feature = "up")]
-            Command::Up(args) => up::run(args).await,
+            Command::Up(args) => {
+                process::harden_agent();
+                up::run(args).await
+            }
             Command::Doctor { args, canary } => {
                 if !doctor::run(args, canary).await {
                     std::process::exit(1);

@@ -7,8 +7,8 @@
 //! (or about to be) only one job may start; the others wait until the credentials file
 //! shows a fresh token or that job ends.
 
+use crate::credentials;
 use crate::redact::Redactor;
-use serde::Deserialize;
 use shared::oauth::{OAuthReport, OAuthSource};
 use shared::Millis;
 use std::path::{Path, PathBuf};
@@ -20,22 +20,6 @@ use tokio::sync::Notify;
 /// A token closer than this to expiry counts as expiring: the job would refresh it.
 pub const NEAR_EXPIRY_MS: Millis = 5 * 60_000;
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct CredentialsFile {
-    claude_ai_oauth: Option<OAuthEntry>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct OAuthEntry {
-    access_token: Option<String>,
-    refresh_token: Option<String>,
-    expires_at: Option<serde_json::Value>,
-    refresh_token_expires_at: Option<serde_json::Value>,
-    subscription_type: Option<String>,
-}
-
 /// Where the agent looks for Claude's login.
 #[derive(Debug, Clone)]
 pub struct Login {
@@ -46,15 +30,6 @@ pub struct Login {
     pub api_key_env: Option<String>,
     /// The machine's other secrets (the repository tokens): redacted like the login's.
     pub other_secrets: Vec<String>,
-}
-
-/// A timestamp that should be milliseconds; seconds (a common mistake) are converted.
-fn millis(v: &Option<serde_json::Value>) -> Option<Millis> {
-    let n = v.as_ref()?.as_f64()?;
-    if !(n.is_finite() && n > 0.0) {
-        return None;
-    }
-    Some(if n < 100_000_000_000.0 { (n * 1000.0) as Millis } else { n as Millis })
 }
 
 /// What was read, with the tokens (kept on this machine, for redaction only).
@@ -84,38 +59,28 @@ impl Login {
     pub fn read(&self, now: Millis) -> Reading {
         let mut report = OAuthReport::unconfigured(now);
         let mut tokens: Vec<String> = self.oauth_token_env.iter().chain(&self.api_key_env).cloned().collect();
-        match std::fs::read(&self.credentials_path) {
-            Ok(bytes) if bytes.len() > 1024 * 1024 => {
-                report.problem = Some(format!("{} is over 1 MiB; it is not a credentials file", self.credentials_path.display()));
-            }
-            Ok(bytes) => match serde_json::from_slice::<CredentialsFile>(&bytes) {
-                Ok(CredentialsFile { claude_ai_oauth: Some(entry) }) if entry.access_token.is_some() => {
+        let file = &self.credentials_path;
+        match std::fs::File::open(file).and_then(|f| {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            // One byte past the limit is enough to know it is too large.
+            f.take(credentials::MAX_BYTES as u64 + 1).read_to_end(&mut bytes).map(|_| bytes)
+        }) {
+            Ok(bytes) => match credentials::parse(&bytes) {
+                Ok(login) => {
                     report.source = OAuthSource::CredentialsFile;
-                    report.expires_at = millis(&entry.expires_at);
-                    report.refreshable = entry.refresh_token.as_deref().is_some_and(|t| !t.is_empty());
-                    report.refresh_expires_at = millis(&entry.refresh_token_expires_at);
-                    report.subscription_type = entry.subscription_type.clone();
-                    tokens.extend(entry.access_token);
-                    tokens.extend(entry.refresh_token);
+                    report.expires_at = login.expires_at;
+                    report.refreshable = login.refresh_token.is_some();
+                    report.refresh_expires_at = login.refresh_expires_at;
+                    report.subscription_type = login.subscription_type;
+                    tokens.push(login.access_token);
+                    tokens.extend(login.refresh_token);
                     return Reading { report, tokens };
                 }
-                Ok(_) => {
-                    report.problem = Some(format!(
-                        "{} has no claudeAiOauth login; run `claude auth login`",
-                        self.credentials_path.display()
-                    ));
-                }
-                Err(e) => {
-                    report.problem = Some(format!(
-                        "{} is not valid JSON ({e}); run `claude auth login` to rewrite it",
-                        self.credentials_path.display()
-                    ));
-                }
+                Err(e) => report.problem = Some(format!("{}: {e}", file.display())),
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                report.problem = Some(format!("cannot read {}: {e}", self.credentials_path.display()));
-            }
+            Err(e) => report.problem = Some(format!("cannot read {}: {e}", file.display())),
         }
         if self.oauth_token_env.is_some() {
             report.source = OAuthSource::OauthTokenEnv;
@@ -123,6 +88,17 @@ impl Login {
             report.source = OAuthSource::ApiKey;
         }
         Reading { report, tokens }
+    }
+
+    /// How Claude logs in, as environment variables: the token variable the agent read,
+    /// only when that is the login in use (with a credentials file Claude needs none, and
+    /// gets none).
+    pub fn claude_env(&self, now: Millis) -> Vec<(&'static str, String)> {
+        match self.read(now).report.source {
+            OAuthSource::OauthTokenEnv => self.oauth_token_env.iter().map(|t| ("CLAUDE_CODE_OAUTH_TOKEN", t.clone())).collect(),
+            OAuthSource::ApiKey => self.api_key_env.iter().map(|k| ("ANTHROPIC_API_KEY", k.clone())).collect(),
+            OAuthSource::CredentialsFile | OAuthSource::None => Vec::new(),
+        }
     }
 
     pub fn redactor(&self, now: Millis) -> Redactor {
@@ -229,10 +205,25 @@ mod tests {
         for body in ["{", "[]", r#"{"claudeAiOauth":null}"#, r#"{"claudeAiOauth":{"expiresAt":"soon"}}"#] {
             let r = login_with(&d, body).read(0);
             assert_eq!(r.report.source, OAuthSource::None, "{body}");
-            assert!(r.report.problem.is_some(), "{body}");
+            assert!(r.report.problem.as_deref().is_some_and(|p| p.contains("claude auth login")), "{body}");
         }
+        assert!(login_with(&d, &" ".repeat(credentials::MAX_BYTES + 10)).read(0).report.problem.unwrap().contains("over 1 MiB"));
         let missing = Login { config_dir: d.clone(), credentials_path: d.join("nope.json"), oauth_token_env: Some("tok-123456789".into()), api_key_env: None, other_secrets: Vec::new() };
         assert_eq!(missing.read(0).report.source, OAuthSource::OauthTokenEnv);
+        assert_eq!(missing.claude_env(0), [("CLAUDE_CODE_OAUTH_TOKEN", "tok-123456789".to_string())]);
+    }
+
+    #[test]
+    fn claude_gets_only_the_login_in_use() {
+        let d = tempdir("env");
+        let mut login = login_with(&d, r#"{"claudeAiOauth":{"accessToken":"a","refreshToken":"r","expiresAt":4102444800000}}"#);
+        login.oauth_token_env = Some("env-token-123456789".into());
+        login.api_key_env = Some("api-key-123456789".into());
+        assert!(login.claude_env(0).is_empty(), "the credentials file is in use: no token variable");
+        login.credentials_path = d.join("absent.json");
+        assert_eq!(login.claude_env(0), [("CLAUDE_CODE_OAUTH_TOKEN", "env-token-123456789".to_string())]);
+        login.oauth_token_env = None;
+        assert_eq!(login.claude_env(0), [("ANTHROPIC_API_KEY", "api-key-123456789".to_string())]);
     }
 
     #[tokio::test]

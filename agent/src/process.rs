@@ -3,6 +3,11 @@
 //! read line by line (each line capped), stopped with its whole tree (SIGTERM, then
 //! SIGKILL) on a timeout, a cancel or the agent stopping. What the lines mean is
 //! [`crate::claude`]'s business; what to do with them is the job runner's.
+//!
+//! Claude runs whatever a prompt asks, as the agent's user, so it gets an environment built
+//! from an allow-list ([`claude_environment`]), never the agent's own, and the agent makes
+//! itself non-dumpable ([`harden_agent`]) so Claude cannot read the agent's memory or
+//! `/proc/<agent>/environ` either. README "What a job can see" is the user's account.
 
 use crate::claude::Ending;
 use std::ffi::OsString;
@@ -40,11 +45,6 @@ pub fn find_binary(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| executable(p))
 }
 
-/// Settings Claude's environment never carries (it is the agent's, less these): the
-/// agent's signing key would let whoever can send it a prompt pose as the agent, the
-/// edge's secrets may sit in the same environment file when both run on Spark, and the
-/// repository tokens reach git servers only through the agent's git2 callback.
-const WITHHELD_FROM_CLAUDE: [&str; 5] = ["AGENT_SIGNING_KEY", "EDGE_SIGNING_KEY", "RUNNER_SECRET", "GITHUB_TOKEN", "REPO_TOKENS"];
 
 /// Why a job is stopped before Claude ends by itself.
 #[derive(Debug)]
@@ -65,12 +65,66 @@ impl Stop {
     }
 }
 
+/// Closes the agent to the jobs it runs, as far as one user can: not dumpable (a process
+/// of the same user can then neither ptrace it nor read its `/proc/<pid>/environ`, `mem`
+/// or `fd/`; only root, or a holder of CAP_SYS_PTRACE, can), and everything it creates
+/// owner-only (umask 077; Claude inherits it, so workspaces stay private too).
+pub fn harden_agent() {
+    // SAFETY: prctl and umask change process attributes only; no memory is involved.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        libc::umask(0o077);
+    }
+}
+
+/// Variables Claude may inherit from the agent, by exact name: what a shell and Node need
+/// to run (home, path, locale, terminal, temp folder, user, time zone), TLS trust and
+/// proxies to reach the API, and Claude Code's documented settings.
+const PASSED: &[&str] = &[
+    "HOME", "PATH", "LANG", "LANGUAGE", "TERM", "TMPDIR", "TZ", "USER", "LOGNAME", "SHELL",
+    "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_RUNTIME_DIR",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS",
+    "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy",
+    "ANTHROPIC_BASE_URL", "ANTHROPIC_MODEL", "ANTHROPIC_SMALL_FAST_MODEL",
+    "API_TIMEOUT_MS", "MAX_THINKING_TOKENS", "MAX_MCP_OUTPUT_TOKENS", "MCP_TIMEOUT", "MCP_TOOL_TIMEOUT",
+    "BASH_DEFAULT_TIMEOUT_MS", "BASH_MAX_TIMEOUT_MS", "BASH_MAX_OUTPUT_LENGTH", "IS_SANDBOX",
+];
+/// …and by prefix: locale categories and Claude Code's own knobs.
+const PASSED_PREFIXES: &[&str] = &["LC_", "CLAUDE_CODE_", "DISABLE_", "ANTHROPIC_DEFAULT_"];
+
+/// The whole environment of one Claude run: the allow-listed variables of `inherited`
+/// (the agent's environment), the operator's `allow` list (`JOB_ENV_ALLOW`), then how
+/// Claude logs in (`login`, from [`crate::oauth::Login::claude_env`]) and what this job
+/// needs (`job`: e.g. `CLAUDE_CONFIG_DIR`, a repository's settings). The agent's secrets
+/// ([`crate::config::SECRET_VARS`]) are never inherited, whatever the lists say; only
+/// `login` and `job` can set one, on purpose.
+pub fn claude_environment(
+    inherited: impl IntoIterator<Item = (OsString, OsString)>,
+    allow: &[String],
+    login: Vec<(&'static str, String)>,
+    job: Vec<(String, OsString)>,
+) -> Vec<(OsString, OsString)> {
+    let passed = |name: &str| {
+        !crate::config::SECRET_VARS.contains(&name)
+            && (PASSED.contains(&name) || PASSED_PREFIXES.iter().any(|p| name.starts_with(p)) || allow.iter().any(|a| a == name))
+    };
+    let mut env: Vec<(OsString, OsString)> =
+        inherited.into_iter().filter(|(name, _)| name.to_str().is_some_and(passed)).collect();
+    let set = login.into_iter().map(|(k, v)| (OsString::from(k), OsString::from(v))).chain(job.into_iter().map(|(k, v)| (OsString::from(k), v)));
+    for (name, value) in set {
+        env.retain(|(n, _)| *n != name);
+        env.push((name, value));
+    }
+    env
+}
+
 /// One run of Claude: what to start and where.
 pub struct Launch<'a> {
     pub program: &'a str,
     pub args: Vec<String>,
     pub cwd: &'a Path,
-    pub env: Vec<(&'static str, OsString)>,
+    /// Claude's whole environment (see [`claude_environment`]); nothing else is inherited.
+    pub env: Vec<(OsString, OsString)>,
     /// Written to stdin, which is then closed.
     pub stdin: String,
 }
@@ -139,14 +193,12 @@ pub async fn run(
         let mut cmd = Command::new(&program);
         cmd.args(&launch.args)
             .current_dir(launch.cwd)
+            .env_clear()
             .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        for name in WITHHELD_FROM_CLAUDE {
-            cmd.env_remove(name);
-        }
         // SAFETY: `split` makes only async-signal-safe calls; the child it returns in
         // execs Claude, the one it leaves behind is the warden.
         unsafe {
@@ -288,6 +340,33 @@ async fn read_line_capped<R: AsyncBufRead + Unpin>(reader: &mut R, line: &mut Li
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claude_sees_only_allowed_variables_and_never_a_secret() {
+        let inherited = [
+            ("HOME", "/home/spark"), ("PATH", "/usr/bin"), ("LC_ALL", "C.UTF-8"), ("CLAUDE_CODE_MAX_RETRIES", "2"),
+            ("DISABLE_TELEMETRY", "1"), ("ANTHROPIC_BASE_URL", "http://127.0.0.1:9"), ("NPM_CONFIG_REGISTRY", "r"),
+            ("AGENT_SIGNING_KEY", "k"), ("RUNNER_SECRET", "s"), ("GITHUB_TOKEN", "g"), ("REPO_TOKENS", "h=t"),
+            ("EDGE_SIGNING_KEY", "e"), ("CLAUDE_CODE_OAUTH_TOKEN", "inherited-token"), ("ANTHROPIC_API_KEY", "a"),
+            ("AGENT_KEY_FILE", "/k"), ("AWS_SECRET_ACCESS_KEY", "x"), ("RANDOM_THING", "y"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        let allow = vec!["NPM_CONFIG_REGISTRY".to_string(), "RUNNER_SECRET".to_string()];
+        let login = vec![("CLAUDE_CODE_OAUTH_TOKEN", "login-token".to_string())];
+        let job = vec![("CLAUDE_CONFIG_DIR".to_string(), OsString::from("/cfg")), ("HOME".to_string(), OsString::from("/job-home"))];
+        let env: std::collections::HashMap<String, String> = claude_environment(inherited, &allow, login, job)
+            .into_iter()
+            .map(|(k, v)| (k.into_string().unwrap(), v.into_string().unwrap()))
+            .collect();
+        let mut names: Vec<&str> = env.keys().map(String::as_str).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["ANTHROPIC_BASE_URL", "CLAUDE_CODE_MAX_RETRIES", "CLAUDE_CODE_OAUTH_TOKEN", "CLAUDE_CONFIG_DIR", "DISABLE_TELEMETRY", "HOME", "LC_ALL", "NPM_CONFIG_REGISTRY", "PATH"]
+        );
+        assert_eq!(env["CLAUDE_CODE_OAUTH_TOKEN"], "login-token", "the login's token, not an inherited one");
+        assert_eq!(env["HOME"], "/job-home", "the job's settings win");
+    }
 
     #[tokio::test]
     async fn reads_lines_and_caps_long_ones() {

@@ -22,6 +22,8 @@ impl ReplayGuard {
         // A missing or damaged file is an empty memory: expiry still bounds replays to
         // the skew window. Damaged lines are skipped.
         let text = std::fs::read_to_string(&path).unwrap_or_default();
+        // Nonces say which jobs ran when: owner-only, like every file of the agent.
+        let _ = crate::files::restrict(&path, crate::files::PRIVATE_FILE);
         let mut seen = HashMap::new();
         let mut lines = 0;
         for line in text.lines() {
@@ -47,7 +49,9 @@ impl ReplayGuard {
         let written = if self.lines > 1024 && self.lines > 2 * self.seen.len() {
             self.compact()
         } else {
-            std::fs::OpenOptions::new().create(true).append(true).open(&self.path).and_then(|mut f| f.write_all(line.as_bytes()))
+            use std::os::unix::fs::OpenOptionsExt;
+            let mode = crate::files::PRIVATE_FILE;
+            std::fs::OpenOptions::new().create(true).append(true).mode(mode).open(&self.path).and_then(|mut f| f.write_all(line.as_bytes()))
         };
         match written {
             Ok(()) => self.lines += 1,

@@ -8,6 +8,7 @@ use crate::claude::{self, Ending, Transcript};
 use crate::config::AgentConfig;
 use crate::oauth::{Login, RefreshGate};
 use crate::process::{self, Launch, Stop};
+use crate::redact::Carry;
 use crate::spool::Spool;
 use crate::repo::error::RepoError;
 use crate::repo::Repos;
@@ -203,34 +204,34 @@ async fn run_claude(
     started: Instant,
 ) -> JobResult {
     let cfg = &ctx.cfg;
-    let mut env = Vec::new();
+    let mut job_env = Vec::new();
     if let Some(dir) = &cfg.claude_config_dir {
-        env.push(("CLAUDE_CONFIG_DIR", dir.clone().into_os_string()));
+        job_env.push(("CLAUDE_CONFIG_DIR".to_string(), dir.clone().into_os_string()));
     }
-    let launch = Launch {
-        program: &cfg.claude_bin,
-        args: claude::args(spec, cfg.claude_model.as_deref()),
-        cwd,
-        env,
-        stdin: spec.prompt.clone(),
-    };
+    let env = process::claude_environment(std::env::vars_os(), &cfg.job_env_allow, ctx.login.claude_env(crate::now_ms()), job_env);
+    let launch = Launch { program: &cfg.claude_bin, args: claude::args(spec, cfg.claude_model.as_deref()), cwd, env, stdin: spec.prompt.clone() };
     let mut redactor = ctx.login.redactor(crate::now_ms());
     let mut redactor_read = Instant::now();
     let mut transcript = Transcript::default();
+    let mut carry = Carry::default();
     let mut seq = 0u64;
     let on_line = |line: &[u8]| {
         if redactor_read.elapsed() > REDACTOR_REFRESH {
             redactor = ctx.login.redactor(crate::now_ms());
             redactor_read = Instant::now();
         }
-        let text = redactor.redact(&String::from_utf8_lossy(line));
-        if let Some(event) = transcript.line(&text) {
+        // Redacted as decoded text: each JSON string unescaped, redacted, re-encoded.
+        let event = match redactor.redact_line(&String::from_utf8_lossy(line), &mut carry) {
+            Ok(value) => transcript.value(value),
+            Err(text) => transcript.text(&text),
+        };
+        if let Some(event) = event {
             if let Some(window) = shared::usage::UsageWindow::from_event(&event, crate::now_ms()) {
                 ctx.reporter.saw_usage(window);
             }
             seq += 1;
-            let event = if text.len() > MAX_EVENT_BYTES {
-                serde_json::json!({"type": event["type"], "truncated": true, "bytes": text.len()})
+            let event = if line.len() > MAX_EVENT_BYTES {
+                serde_json::json!({"type": event["type"], "truncated": true, "bytes": line.len()})
             } else {
                 event
             };

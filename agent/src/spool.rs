@@ -43,8 +43,8 @@ impl Spool {
     /// dead agent left into a spooled "lost" result. Returns the spool and the ids of those
     /// jobs.
     pub fn open(dir: PathBuf, started: PathBuf) -> std::io::Result<(Spool, Vec<String>)> {
-        std::fs::create_dir_all(&dir)?;
-        std::fs::create_dir_all(&started)?;
+        crate::files::private_dir(&dir)?;
+        crate::files::private_dir(&started)?;
         let spool = Spool { dir, started, held: Mutex::new(BTreeMap::new()) };
         let mut interrupted_jobs = Vec::new();
         for entry in std::fs::read_dir(&spool.started)?.flatten() {

@@ -131,15 +131,11 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
             Err(_) => continue,
         };
         let mut stream = resp.bytes_stream();
-        let mut buffer = String::new();
+        let mut events = crate::sse::EventStream::default();
         while let Some(Ok(chunk)) = stream.next().await {
-            buffer.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buffer.find("\n\n") {
-                let block: String = buffer.drain(..end + 2).collect();
-                let name = block.lines().find_map(|l| l.strip_prefix("event: "));
-                let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) else { continue };
-                let Ok(value) = serde_json::from_str::<Value>(data) else { continue };
-                match name {
+            for event in events.push(&chunk) {
+                let Ok(value) = serde_json::from_str::<Value>(&event.data) else { continue };
+                match event.name.as_deref() {
                     Some("progress") if !args.quiet => {
                         if let Some(line) = describe(&value) {
                             eprintln!("{line}");

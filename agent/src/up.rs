@@ -4,7 +4,7 @@
 
 use crate::config::{default_agent_id, AgentConfig, LocalArgs};
 use crate::keygen::{runner_secret, KeySet};
-use crate::files::write_atomically;
+use crate::files::{private_dir, restrict, write_atomically, PRIVATE_FILE};
 use serde::{Deserialize, Serialize};
 use shared::keys;
 use std::net::SocketAddr;
@@ -33,11 +33,15 @@ struct UpState {
 
 fn load_or_create(dir: &Path) -> anyhow::Result<UpState> {
     let path = dir.join("up.json");
+    // Owner-only, folder and file: they hold both signing keys and the runner secret. One
+    // left open by an older version is closed now rather than refused: `up` is the
+    // newcomer's command.
+    private_dir(dir)?;
     if let Ok(bytes) = std::fs::read(&path) {
+        restrict(&path, PRIVATE_FILE)?;
         return serde_json::from_slice(&bytes)
             .map_err(|e| anyhow::anyhow!("{} is damaged ({e}); delete it to make new keys", path.display()));
     }
-    std::fs::create_dir_all(dir)?;
     let state = UpState { keys: KeySet::generate(), runner_secret: runner_secret(), agent_id: default_agent_id() };
     // Created owner-only: it holds both signing keys.
     write_atomically(&path, &serde_json::to_vec_pretty(&state)?, true)?;
@@ -69,16 +73,23 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     let edge_task = tokio::spawn(edge.serve(edge_stop));
 
+    let agent_key = keys::signing_key("agent key", &state.keys.agent_signing_key)?;
+    // Everything `up` holds is a secret a job must not print.
+    let mut secrets = crate::config::key_forms(&state.keys.agent_signing_key, &agent_key);
+    secrets.extend([state.runner_secret.clone(), state.keys.edge_signing_key.clone()]);
+    secrets.extend(crate::config::secret_values(|name| std::env::var(name).ok()));
     let agent_cfg = AgentConfig {
         connect_url: format!("ws://{addr}/agent/connect"),
         agent_id: state.agent_id.clone(),
-        signing_key: keys::signing_key("agent key", &state.keys.agent_signing_key)?,
+        signing_key: agent_key,
         edge_public_key: keys::verifying_key("edge key", &state.keys.edge_public_key)?,
         claude_bin: args.local.claude_bin.clone(),
         claude_config_dir: args.local.claude_config_dir.clone(),
         data_dir: root.join("agent"),
         max_concurrent_jobs: args.max_concurrent_jobs,
         claude_model: args.local.claude_model.clone(),
+        job_env_allow: crate::config::job_env_allow(&args.local.job_env_allow)?,
+        secrets,
         repos: args.repos.clone().resolve()?,
         drain_timeout: std::time::Duration::from_millis(crate::config::DEFAULT_DRAIN_TIMEOUT_MS),
     };

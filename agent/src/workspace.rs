@@ -10,7 +10,7 @@ pub fn prepare(workspace: &Path, working_dir: Option<&str>) -> std::io::Result<P
     if workspace.exists() {
         std::fs::remove_dir_all(workspace)?;
     }
-    std::fs::create_dir_all(workspace)?;
+    crate::files::private_dir(workspace)?;
     // The edge validated it; check again here, the side that touches the disk.
     let dir = match working_dir {
         Some(d) => shared::contract::checked_working_dir(d).map_err(|e| std::io::Error::other(e.body.error))?,

@@ -306,7 +306,7 @@ pub struct AgentOpts<'a> {
     pub edge_ws: String,
     pub claude_bin: PathBuf,
     pub extra_env: Vec<(String, String)>,
-    /// A command the agent is started under (e.g. `unshare …`), before its own argv.
+    /// A command the agent is started under (e.g. `setpriv …`, `unshare …`), before its own argv.
     pub wrapper: Vec<String>,
 }
 
@@ -343,6 +343,8 @@ impl AgentProc {
             ("DATA_DIR".into(), data.path().join("data").display().to_string()),
             ("CLAUDE_CODE_OAUTH_TOKEN".into(), "sk-ant-oat01-test-token-not-real-0123456789".into()),
             ("STANDIN_LOG".into(), data.path().join("standin.log").display().to_string()),
+            // Claude gets an allow-listed environment; the stand-in's log is the test's.
+            ("JOB_ENV_ALLOW".into(), "STANDIN_LOG".into()),
         ];
         args.extend(opts.extra_env);
         let mut agent = AgentProc { id: opts.id.into(), data, child: None, args, wrapper: opts.wrapper };
@@ -373,6 +375,11 @@ impl AgentProc {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// The value the agent was started with for `name`.
+    pub fn env_value(&self, name: &str) -> Option<String> {
+        self.args.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone())
     }
 
     /// Every stand-in invocation so far (argv, cwd, prompt, pid, `at`).

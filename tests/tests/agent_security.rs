@@ -159,9 +159,12 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
     assert!(hello.is_some(), "{}", agent.log());
     let t = now();
 
-    // Signed by a key that is not the edge's.
+    // Signed by a key that is not the edge's. The refusal names no job: the id inside is
+    // the forger's word, and the edge settles a job its agent refuses by name.
     let forged = Envelope::seal(Domain::Job, &order("forged", "spark", t, t + 60_000, "@forged"), &random_key());
-    assert!(rejected(&answer(&mut ws, forged).await).contains("signature"));
+    let refusal = answer(&mut ws, forged).await;
+    assert!(rejected(&refusal).contains("signature"));
+    assert!(matches!(refusal, AgentMessage::Rejected { job_id: None, .. }), "{refusal:?}");
 
     // The edge's signature, but the payload changed after signing.
     let mut tampered = Envelope::seal(Domain::Job, &order("tampered", "spark", t, t + 60_000, "harmless"), &edge.edge_key);
@@ -172,9 +175,11 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
     let cross = Envelope::seal(Domain::Cancel, &order("cross", "spark", t, t + 60_000, "@cross"), &edge.edge_key);
     assert!(rejected(&answer(&mut ws, cross).await).contains("signature"));
 
-    // For another agent.
+    // For another agent: signed by the edge, so the id is the edge's own and is named.
     let other = Envelope::seal(Domain::Job, &order("other", "laptop", t, t + 60_000, "@other"), &edge.edge_key);
-    assert!(rejected(&answer(&mut ws, other).await).contains("laptop"));
+    let refusal = answer(&mut ws, other).await;
+    assert!(rejected(&refusal).contains("laptop"));
+    assert!(matches!(&refusal, AgentMessage::Rejected { job_id: Some(id), .. } if id == "other"), "{refusal:?}");
 
     // Expired beyond the 60 s skew allowance.
     let expired = Envelope::seal(Domain::Job, &order("expired", "spark", t - 200_000, t - 130_000, "@expired"), &edge.edge_key);
@@ -201,8 +206,11 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
             _ => continue,
         }
     }
-    // …once: the same envelope again is a replay.
-    assert!(rejected(&answer(&mut ws, good.clone()).await).contains("replay"));
+    // …once: the same envelope again is a replay, which names no job (its first copy is
+    // the one that counts; a replay must not settle it).
+    let refusal = answer(&mut ws, good.clone()).await;
+    assert!(rejected(&refusal).contains("replay"));
+    assert!(matches!(refusal, AgentMessage::Rejected { job_id: None, .. }), "{refusal:?}");
 
     let runs = agent.claude_runs();
     assert_eq!(runs.len(), 1, "only the legitimate job ran: {runs:?}");
@@ -281,15 +289,17 @@ async fn only_the_edge_can_cancel_a_job() {
         let envelope = Envelope::seal(Domain::Cancel, &order, key);
         EdgeMessage::Cancel { envelope }.to_text()
     };
-    // A cancel signed by someone else is refused; a job order's signature is not a cancel's.
+    // A cancel signed by someone else is refused, and the refusal names no job: a garbage
+    // cancel must not fail the job it names.
     ws.send(Message::Text(cancel(&random_key(), "c1").into())).await.unwrap();
-    let refusal = loop {
+    let (refusal, named) = loop {
         match recv(&mut ws).await.expect("a refusal") {
-            AgentMessage::Rejected { reason, .. } => break reason,
+            AgentMessage::Rejected { reason, job_id, .. } => break (reason, job_id),
             _ => continue,
         }
     };
     assert!(refusal.contains("signature"), "{refusal}");
+    assert_eq!(named, None, "a refusal of an unverified cancel named a job");
     // The job runs to its end untouched. (This fake edge never acknowledges heartbeats, so
     // the job is kept short: the agent leaves a silent edge after two 500 ms intervals.)
     let result = loop {

@@ -96,6 +96,14 @@ async fn up_runs_an_edge_and_a_connected_agent() {
     let a = client.send("POST", "/execute", Some(secret), Some(json!({"prompt": "hello from up"}).to_string().into_bytes())).await;
     assert_eq!(a.status, 200, "{}", a.text);
     assert_eq!(a.body["output"], "stand-in answer to: hello from up");
+    // Its keys, the edge's database and the agent's files are the owner's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| std::fs::metadata(data.path().join(p)).map(|m| m.permissions().mode() & 0o777).unwrap();
+    assert_eq!(mode("up"), 0o700);
+    assert_eq!(mode("up/up.json"), 0o600);
+    for dir in ["up/edge", "up/agent", "up/agent/workspaces"] {
+        assert_eq!(mode(dir) & 0o077, 0, "{dir} is open to others");
+    }
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
@@ -274,6 +282,8 @@ async fn the_canary_runs_a_job_through_the_cli_and_fails_one_that_changed_its_ou
         ("DATA_DIR", dir.path().join("data").display().to_string()),
         ("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-canary".to_string()),
         ("STANDIN_LOG", log.display().to_string()),
+        // Claude gets an allow-listed environment; the stand-in's log is the test's.
+        ("JOB_ENV_ALLOW", "STANDIN_LOG".to_string()),
     ];
     let (ok, out) = doctor_with(&["--canary"], &env);
     assert!(ok, "{out}");

@@ -7,7 +7,11 @@
 //! `@spawn_child=PIDFILE` start a long-lived child in the same process group and write its
 //! pid to PIDFILE · `@megabytes=N` stream N MiB of assistant text first ·
 //! `@print_env=VAR` answer with the value of VAR · `@print_file_b64=PATH` answer with
-//! the base64 of a file (as `base64 FILE` would) · `@no_result` end without a result line ·
+//! the base64 of a file on one line · `@base64=PATH` answer with it as coreutils'
+//! `base64 FILE` prints it (wrapped at 76 columns), first as a tool's output (a Bash
+//! tool_result) · `@print_parent_environ` answer with the agent's
+//! `/proc/<ppid>/environ`, or why it cannot be read · `@print_mode=PATH` answer with a
+//! path's permission bits (octal) · `@no_result` end without a result line ·
 //! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it) · `@write=PATH` write a text
 //! file (relative to the working directory; may repeat) · `@write_binary=PATH` write a few
 //! non-text bytes · `@write_env=VAR,PATH` write the value of VAR into a file ·
@@ -126,18 +130,37 @@ fn main() {
     for path in directives(&prompt, "delete") {
         std::fs::remove_file(path).expect("the stand-in deletes");
     }
-    let text = match (directive(&prompt, "print_env"), directive(&prompt, "print_file_b64")) {
-        _ if directive(&prompt, "exists").is_some() => {
-            let path = directive(&prompt, "exists").unwrap_or_default();
-            format!("{path}: {}", if std::path::Path::new(path).exists() { "present" } else { "absent" })
+    let text = if let Some(path) = directive(&prompt, "exists") {
+        format!("{path}: {}", if std::path::Path::new(path).exists() { "present" } else { "absent" })
+    } else if let Some(var) = directive(&prompt, "print_env") {
+        format!("the value is {}", std::env::var(var).unwrap_or_default())
+    } else if let Some(path) = directive(&prompt, "print_file_b64") {
+        use base64::Engine;
+        let bytes = std::fs::read(path).unwrap_or_default();
+        format!("the file is {}", base64::engine::general_purpose::STANDARD.encode(bytes))
+    } else if let Some(path) = directive(&prompt, "base64") {
+        use base64::Engine;
+        let bytes = std::fs::read(path).unwrap_or_default();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+        let wrapped: Vec<&str> = b64.as_bytes().chunks(76).map(|c| std::str::from_utf8(c).expect("base64 is ASCII")).collect();
+        let text = format!("the file is\n{}\n", wrapped.join("\n"));
+        // As Claude Code shows a Bash tool's output: a user message with a tool_result.
+        emit(&mut out, serde_json::json!({"type":"user","session_id":session,"message":{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_standin","content":text}]}}));
+        text
+    } else if directive(&prompt, "print_parent_environ").is_some() {
+        let ppid = std::os::unix::process::parent_id();
+        match std::fs::read(format!("/proc/{ppid}/environ")) {
+            Ok(bytes) => format!("parent environ: {}", String::from_utf8_lossy(&bytes).replace('\0', " ")),
+            Err(e) => format!("parent environ unreadable: {e}"),
         }
-        (Some(var), _) => format!("the value is {}", std::env::var(var).unwrap_or_default()),
-        (None, Some(path)) => {
-            use base64::Engine;
-            let bytes = std::fs::read(path).unwrap_or_default();
-            format!("the file is {}", base64::engine::general_purpose::STANDARD.encode(bytes))
+    } else if let Some(path) = directive(&prompt, "print_mode") {
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::metadata(path) {
+            Ok(m) => format!("mode {:o}", m.permissions().mode() & 0o777),
+            Err(e) => format!("no mode: {e}"),
         }
-        (None, None) => format!("stand-in answer to: {}", prompt.trim()),
+    } else {
+        format!("stand-in answer to: {}", prompt.trim())
     };
     emit(&mut out, serde_json::json!({"type":"assistant","session_id":session,"message":{"content":[{"type":"text","text":text}]}}));
     if directive(&prompt, "no_result").is_some() {

@@ -1,0 +1,98 @@
+//! `EDGE_URL` → the URL the agent dials. Plaintext `ws://` carries the agent's session
+//! (every job's prompt and result) readable and forgeable on the way, so it is accepted
+//! only to a loopback host, or when the operator says `ALLOW_INSECURE_EDGE=1`.
+
+use std::net::IpAddr;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EdgeUrlError {
+    #[error("EDGE_URL must start with wss:// (or ws:// for a local edge), got `{0}`")]
+    Scheme(String),
+    #[error("EDGE_URL `{0}` has no host")]
+    NoHost(String),
+    #[error(
+        "EDGE_URL `{url}` is plaintext ws:// to `{host}`, which is not this machine: jobs, results and the agent's session would cross the network unencrypted. \
+         Use wss:// (e.g. wss://claude-runner-edge.<you>.workers.dev, or TLS in front of a native edge), or set ALLOW_INSECURE_EDGE=1 if the path is private (a VPN, an SSH tunnel)"
+    )]
+    Insecure { url: String, host: String },
+}
+
+/// `ws(s)://host[:port][/prefix]` (or http/https) → the `/agent/connect` URL.
+/// `allow_insecure` is `ALLOW_INSECURE_EDGE=1`.
+pub fn connect_url(edge_url: &str, allow_insecure: bool) -> Result<String, EdgeUrlError> {
+    let url = edge_url.trim().trim_end_matches('/');
+    let (secure, rest) = if let Some(rest) = url.strip_prefix("https://").or_else(|| url.strip_prefix("wss://")) {
+        (true, rest)
+    } else if let Some(rest) = url.strip_prefix("http://").or_else(|| url.strip_prefix("ws://")) {
+        (false, rest)
+    } else {
+        return Err(EdgeUrlError::Scheme(edge_url.to_string()));
+    };
+    let host = host_of(rest).ok_or_else(|| EdgeUrlError::NoHost(edge_url.to_string()))?;
+    if !secure && !allow_insecure && !is_loopback(host) {
+        return Err(EdgeUrlError::Insecure { url: edge_url.to_string(), host: host.to_string() });
+    }
+    let scheme = if secure { "wss" } else { "ws" };
+    Ok(if rest.ends_with("/agent/connect") { format!("{scheme}://{rest}") } else { format!("{scheme}://{rest}/agent/connect") })
+}
+
+/// The host of `authority[/path]`: without user info, port or IPv6 brackets.
+fn host_of(rest: &str) -> Option<&str> {
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split_once(']')?.0
+    } else {
+        authority.split(':').next()?
+    };
+    (!host.is_empty()).then_some(host)
+}
+
+/// `localhost`, 127.0.0.0/8 and ::1 (also as an IPv4-mapped address). Other names are not
+/// trusted to resolve to this machine.
+pub fn is_loopback(host: &str) -> bool {
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => ip.is_loopback(),
+        Ok(IpAddr::V6(ip)) => ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_the_connect_url() {
+        assert_eq!(connect_url("wss://edge.example.com", false).unwrap(), "wss://edge.example.com/agent/connect");
+        assert_eq!(connect_url("https://e.x/", false).unwrap(), "wss://e.x/agent/connect");
+        assert_eq!(connect_url("ws://127.0.0.1:8787/agent/connect", false).unwrap(), "ws://127.0.0.1:8787/agent/connect");
+        assert!(matches!(connect_url("ftp://x", false), Err(EdgeUrlError::Scheme(_))));
+        assert!(matches!(connect_url("127.0.0.1:8787", false), Err(EdgeUrlError::Scheme(_))));
+        assert!(matches!(connect_url("wss://:443/x", false), Err(EdgeUrlError::NoHost(_))));
+    }
+
+    #[test]
+    fn plaintext_only_to_loopback_unless_allowed() {
+        for ok in ["ws://localhost:8787", "ws://127.0.0.1", "ws://127.8.9.10:1/x", "http://[::1]:8787", "ws://[::ffff:127.0.0.1]:1", "ws://u:p@127.0.0.1"] {
+            assert!(connect_url(ok, false).is_ok(), "{ok}");
+        }
+        for bad in [
+            "ws://10.0.0.1",
+            "ws://10.0.0.1:8787/agent/connect",
+            "http://edge.example.com",
+            "ws://localhost.evil.com",
+            "ws://127.0.0.1@evil.com",
+            "ws://0.0.0.0:8787",
+            "ws://[::2]:1",
+        ] {
+            let err = connect_url(bad, false).unwrap_err();
+            assert!(matches!(err, EdgeUrlError::Insecure { .. }), "{bad}: {err}");
+            assert!(err.to_string().contains("ALLOW_INSECURE_EDGE=1"));
+            assert!(connect_url(bad, true).is_ok(), "{bad} with ALLOW_INSECURE_EDGE=1");
+        }
+    }
+}

@@ -1,0 +1,372 @@
+use super::*;
+use base64::engine::general_purpose::STANDARD;
+use proptest::prelude::*;
+
+/// The longest piece of a secret allowed through, in any form: shorter than a fragment.
+fn fragment(secret: &str) -> usize {
+    super::fragment_len(secret.len())
+}
+
+/// A stream-json line carrying `text` as a tool's output, as Claude prints it.
+fn tool_line(text: &str) -> String {
+    json_line("user", text)
+}
+
+fn json_line(kind: &str, text: &str) -> String {
+    serde_json::json!({"type": kind, "message": {"content": [{"type": "tool_result", "content": text}]}}).to_string()
+}
+
+/// Runs lines through the redactor as the job runner does; returns each line's text.
+fn through(redactor: &Redactor, lines: &[String]) -> Vec<String> {
+    let mut carry = Carry::default();
+    lines
+        .iter()
+        .map(|line| match redactor.redact_line(line, &mut carry) {
+            Ok(v) => v["message"]["content"][0]["content"].as_str().unwrap_or_default().to_string(),
+            Err(text) => text,
+        })
+        .collect()
+}
+
+// ----- decoders: every way a reader could turn what left the machine back into bytes ----
+
+fn runs(text: &str, keep: impl Fn(u8) -> bool) -> Vec<Vec<u8>> {
+    text.as_bytes().split(|b| !keep(*b)).filter(|r| !r.is_empty()).map(<[u8]>::to_vec).collect()
+}
+
+fn no_space(text: &str) -> String {
+    text.chars().filter(|c| !c.is_whitespace()).collect()
+}
+
+fn from_base64(text: &str) -> Vec<Vec<u8>> {
+    let text = no_space(text);
+    let mut out = Vec::new();
+    for run in runs(&text, |b| b.is_ascii_alphanumeric() || b"+/-_".contains(&b)) {
+        let run = String::from_utf8(run).unwrap().replace('-', "+").replace('_', "/");
+        for skip in 0..4.min(run.len()) {
+            let usable = (run.len() - skip) / 4 * 4;
+            out.extend(STANDARD.decode(&run[skip..skip + usable]).ok());
+        }
+    }
+    out
+}
+
+fn from_hex(text: &str) -> Vec<Vec<u8>> {
+    let text = no_space(text);
+    let mut out = Vec::new();
+    for run in runs(&text, |b| b.is_ascii_hexdigit()) {
+        for skip in 0..2.min(run.len()) {
+            let bytes: Vec<u8> = run[skip..].chunks_exact(2).filter_map(super::hex_byte).collect();
+            // `od -x` words, swapped back, at both parities.
+            for parity in 0..2.min(bytes.len()) {
+                out.push(bytes[parity..].chunks_exact(2).flat_map(|p| [p[1], p[0]]).collect());
+            }
+            out.push(bytes);
+        }
+    }
+    out
+}
+
+fn from_percent(text: &str) -> Vec<u8> {
+    let t = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < t.len() {
+        match (t[i], t.get(i + 1..i + 3).and_then(super::hex_byte)) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+fn from_json_escapes(text: &str) -> Vec<u8> {
+    serde_json::from_str::<String>(&format!("\"{}\"", text.replace('"', "'"))).map(String::into_bytes).unwrap_or_default()
+}
+
+/// Every decoding of every unmasked piece of `out`.
+fn readings(out: &str) -> Vec<Vec<u8>> {
+    let mut all = Vec::new();
+    for piece in out.split(MASK) {
+        all.push(piece.as_bytes().to_vec());
+        all.push(no_space(piece).into_bytes());
+        all.push(piece.bytes().rev().collect());
+        all.push(from_percent(piece));
+        all.push(from_json_escapes(piece));
+        all.extend(from_base64(piece));
+        all.extend(from_hex(piece));
+    }
+    all
+}
+
+/// Fails if any reading of `out` holds a fragment-long piece of `secret`.
+fn assert_no_copy(secret: &str, out: &str, what: &str) {
+    assert_no_piece(secret, fragment(secret), out, what)
+}
+
+fn assert_no_piece(secret: &str, f: usize, out: &str, what: &str) {
+    for reading in readings(out) {
+        for window in secret.as_bytes().windows(f) {
+            assert!(
+                !reading.windows(f).any(|w| w == window),
+                "{what}: `{}` of the secret is readable in `{}`\nfrom output: {out}",
+                String::from_utf8_lossy(window),
+                String::from_utf8_lossy(&reading)
+            );
+        }
+    }
+}
+
+// ----- encoders: how tools print a file ---------------------------------------------------
+
+fn base64_wrapped(bytes: &[u8], width: usize) -> String {
+    let b64 = STANDARD.encode(bytes);
+    if width == 0 {
+        return b64;
+    }
+    b64.as_bytes().chunks(width).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join("\n") + "\n"
+}
+
+fn xxd(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for (n, line) in bytes.chunks(16).enumerate() {
+        out.push_str(&format!("{:08x}: ", n * 16));
+        let hex: Vec<String> = line.chunks(2).map(shared::ids::hex).collect();
+        out.push_str(&format!("{:<40}", hex.join(" ")));
+        out.push(' ');
+        out.extend(line.iter().map(|&b| if (0x20..0x7f).contains(&b) { b as char } else { '.' }));
+        out.push('\n');
+    }
+    out
+}
+
+fn od_x(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for (n, line) in bytes.chunks(16).enumerate() {
+        out.push_str(&format!("{:07o}", n * 16));
+        for pair in line.chunks(2) {
+            let word = pair[0] as u16 | (*pair.get(1).unwrap_or(&0) as u16) << 8;
+            out.push_str(&format!(" {word:04x}"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn hexdump_c(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for (n, line) in bytes.chunks(16).enumerate() {
+        let hex: Vec<String> = line.iter().map(|b| format!("{b:02x}")).collect();
+        let ascii: String = line.iter().map(|&b| if (0x20..0x7f).contains(&b) { b as char } else { '.' }).collect();
+        out.push_str(&format!("{:08x}  {:<48} |{ascii}|\n", n * 16, hex.join(" ")));
+    }
+    out
+}
+
+fn percent_all(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("%{b:02X}")).collect()
+}
+
+fn percent_reserved(bytes: &[u8]) -> String {
+    bytes.iter().map(|&b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02x}") }).collect()
+}
+
+fn json_escaped(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("\\u{:04x}", b)).collect()
+}
+
+/// How a tool prints `file`, as the stream-json lines that carry it.
+fn encoded_lines(encoding: usize, file: &[u8], split_at: usize) -> (String, Vec<String>) {
+    let one = |name: &str, text: String| (name.to_string(), vec![tool_line(&text)]);
+    match encoding {
+        0 => one("plain", String::from_utf8_lossy(file).into_owned()),
+        1 => one("base64", base64_wrapped(file, 0)),
+        2 => one("base64 wrapped at 76 (coreutils)", base64_wrapped(file, 76)),
+        3 => one("base64 wrapped at 64 (openssl)", base64_wrapped(file, 64)),
+        4 => one("hex", shared::ids::hex(file)),
+        5 => one("xxd -p", shared::ids::hex(file).as_bytes().chunks(60).map(|c| String::from_utf8_lossy(c).into_owned() + "\n").collect()),
+        6 => one("xxd", xxd(file)),
+        7 => one("od -x", od_x(file)),
+        8 => one("hexdump -C", hexdump_c(file)),
+        9 => one("URL-encoded, every byte", percent_all(file)),
+        10 => one("URL-encoded, reserved bytes", percent_reserved(file)),
+        11 => one("JSON \\u escapes", json_escaped(file)),
+        12 => one("reversed", String::from_utf8_lossy(file).chars().rev().collect()),
+        _ => {
+            let text = String::from_utf8_lossy(file).into_owned();
+            let mut at = split_at % (text.len() + 1);
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            ("split across two stream lines".into(), vec![json_line("assistant", &text[..at]), json_line("assistant", &text[at..])])
+        }
+    }
+}
+
+const ENCODINGS: usize = 14;
+
+fn secret_strategy() -> impl Strategy<Value = String> {
+    let token: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let base64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=";
+    (any::<bool>(), proptest::collection::vec(0usize..65, 16..120)).prop_map(move |(b64, idx)| {
+        let alphabet = if b64 { base64 } else { token };
+        idx.into_iter().map(|i| alphabet[i % alphabet.len()] as char).collect()
+    })
+}
+
+proptest! {
+    // PROPTEST_CASES=100000 for a long run.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// For each secret and each encoding, no decodable copy of the secret leaves.
+    #[test]
+    fn no_encoding_carries_a_secret_out(
+        secret in secret_strategy(),
+        encoding in 0..ENCODINGS,
+        before in "[ -~]{0,40}",
+        after in "[ -~]{0,40}",
+        split_at in any::<usize>(),
+    ) {
+        let redactor = Redactor::new([secret.clone(), "another-secret-value-0123".to_string()]);
+        let file = format!("{before}{secret}{after}");
+        let (name, lines) = encoded_lines(encoding, file.as_bytes(), split_at);
+        let out = through(&redactor, &lines).concat();
+        assert_no_copy(&secret, &out, &name);
+    }
+
+    /// Any long prefix of a secret (a token cut off by a tool) is masked: from a fragment
+    /// on, plus 4 bytes for base64, whose edge characters mix with the neighbours'.
+    #[test]
+    fn long_prefixes_are_masked(secret in secret_strategy(), len in 0usize..200, encoding in 0..ENCODINGS) {
+        let redactor = Redactor::new([secret.clone()]);
+        let f = fragment(&secret);
+        let slack = if (1..=3).contains(&encoding) { 4 } else { 0 };
+        prop_assume!(secret.len() >= f + slack);
+        let prefix = &secret[..f + slack + len % (secret.len() - f - slack + 1)];
+        let (name, lines) = encoded_lines(encoding, format!("x {prefix}").as_bytes(), 7);
+        let out = through(&redactor, &lines).concat();
+        assert_no_piece(prefix, f, &out, &name);
+    }
+
+    /// Text without secrets passes unchanged, whatever it holds.
+    #[test]
+    fn other_text_is_left_alone(text in "\\PC{0,200}") {
+        let redactor = Redactor::new(["sk-live-0123456789abcdefghij".to_string()]);
+        prop_assume!(!text.contains("sk-ant-"));
+        prop_assert_eq!(redactor.redact(&text), text);
+    }
+}
+
+#[test]
+fn masks_known_secrets_and_token_shapes() {
+    let r = Redactor::new(["my-very-secret-api-key".to_string(), "short".to_string()]);
+    let text = "key=my-very-secret-api-key tok=sk-ant-oat01-AbC_d-9 end; short stays";
+    assert_eq!(r.redact(text), "key=[REDACTED] tok=[REDACTED] end; short stays");
+}
+
+#[test]
+fn masks_tokens_inside_json_strings() {
+    let r = Redactor::default();
+    let line = r#"{"text":"here: sk-ant-ort01-xyz123\n"}"#;
+    assert_eq!(r.redact(line), r#"{"text":"here: [REDACTED]\n"}"#);
+    let mut carry = Carry::default();
+    assert_eq!(r.redact_line(line, &mut carry).unwrap()["text"], "here: [REDACTED]\n");
+}
+
+#[test]
+fn the_coreutils_base64_of_the_credentials_file_decodes_to_nothing() {
+    // `base64 ~/.claude/.credentials.json`, wrapped at 76 columns: each line break is a
+    // `\n` inside the stream-json string, so the encoded tokens are never contiguous there.
+    let (access, refresh) = ("sk-ant-oat01-abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOP", "opaque-refresh-value-fedcba9876543210");
+    let file = format!(r#"{{"claudeAiOauth":{{"accessToken":"{access}","refreshToken":"{refresh}","expiresAt":1900000000000,"scopes":["user:inference"]}}}}"#);
+    let line = tool_line(&base64_wrapped(file.as_bytes(), 76));
+    assert!(line.contains("\\n"), "the wrapped lines are escaped in the stream line");
+    let r = Redactor::new([access.to_string(), refresh.to_string()]);
+    let out = through(&r, &[line]).concat();
+    assert_no_copy(access, &out, "access token");
+    assert_no_copy(refresh, &out, "refresh token");
+    // And what is left still decodes to the file around the tokens.
+    assert!(out.starts_with("eyJjbGF1ZGVBaU9hdXRoIjp7ImFjY2Vzc1Rva2VuIjoi"), "{out}");
+}
+
+#[test]
+fn a_secret_split_between_two_lines_is_masked_on_both() {
+    let secret = "opaque-refresh-value-fedcba9876543210";
+    let r = Redactor::new([secret.to_string()]);
+    // The first line ends with a long prefix (masked there); the second starts with the
+    // short rest, found only with the first line's end carried over.
+    let lines = [json_line("assistant", &format!("token: {}", &secret[..30])), json_line("assistant", &format!("{} done", &secret[30..]))];
+    let out = through(&r, &lines);
+    assert_eq!(out, ["token: [REDACTED]", "[REDACTED] done"]);
+    // A short head cannot be masked before the rest comes; the rest is.
+    let lines = [json_line("assistant", &format!("token: {}", &secret[..5])), json_line("assistant", &format!("{} done", &secret[5..]))];
+    assert_eq!(through(&r, &lines), ["token: opaqu", "[REDACTED] done"]);
+}
+
+#[test]
+fn hex_dumps_and_escapes_are_masked() {
+    let secret = "sk-live-0123456789abcdefghij";
+    let r = Redactor::new([secret.to_string()]);
+    for (name, text) in [
+        ("xxd", xxd(format!("prefix: {secret}\n").as_bytes())),
+        ("od -x", od_x(format!("p{secret}").as_bytes())),
+        ("hexdump -C", hexdump_c(secret.as_bytes())),
+        ("percent", percent_all(secret.as_bytes())),
+        ("\\u", json_escaped(secret.as_bytes())),
+        ("\\x", secret.bytes().map(|b| format!("\\x{b:02x}")).collect()),
+    ] {
+        let out = r.redact(&text);
+        assert!(out.contains(MASK), "{name}: {out}");
+        assert_no_copy(secret, &out, name);
+    }
+}
+
+#[test]
+fn json_escaped_slashes_are_read_through() {
+    let key = "Qk9CL2FsaWNlL2tleS8xMjM0NTY3OA==";
+    let r = Redactor::new([key.to_string()]);
+    let out = r.redact(&format!("{{\"key\":\"{}\"}}", key.replace('/', "\\/")));
+    assert_eq!(out, "{\"key\":\"[REDACTED]\"}");
+}
+
+#[test]
+fn leaves_ordinary_text_alone() {
+    let r = Redactor::new(["abcdefghij".to_string()]);
+    assert_eq!(r.redact("nothing to see — ünïcode %zz \\u12 \\x"), "nothing to see — ünïcode %zz \\u12 \\x");
+    let mut carry = Carry::default();
+    let line = r#"{"type":"assistant","n":1.5,"ok":true,"list":[null,"x"]}"#;
+    assert_eq!(r.redact_line(line, &mut carry).unwrap(), serde_json::from_str::<Value>(line).unwrap());
+    assert_eq!(r.redact_line("Segmentation fault", &mut carry), Err("Segmentation fault".to_string()));
+}
+
+#[test]
+fn masks_never_split_a_character() {
+    // A secret with multi-byte characters, found through a form that starts mid-character.
+    let secret = "ééééééééééééé-secret";
+    let r = Redactor::new([secret.to_string()]);
+    for text in [format!("x{secret}y"), secret[2..].to_string(), secret.chars().rev().collect()] {
+        let out = r.redact(&text);
+        assert!(!out.contains("ééééééé"), "{out}");
+    }
+}
+
+
+#[test]
+fn od_words_cut_by_a_line_end_are_masked() {
+    // Found by the property test: a secret at an odd offset whose 18 bytes `od -x` splits
+    // 9/9 over two lines, each half in words shared with a neighbour at both ends.
+    let secret = "MiLXiv19_nfyzL0m9D";
+    let file = format!("+6=`/$({{':Xj#%\"&</D*<$${secret}\"p:$?:<\"@${{<*\"Jel(io'/|");
+    let out = Redactor::new([secret.to_string()]).redact(&od_x(file.as_bytes()));
+    assert_no_copy(secret, &out, "od -x");
+}

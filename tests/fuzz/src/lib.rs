@@ -1,0 +1,470 @@
+//! Fuzz targets: every decoder that takes bytes from outside, driven through the same
+//! functions the binaries use. Each target takes arbitrary bytes and must neither panic
+//! nor hang, whatever they are; where a property is cheap to state it is asserted too.
+//!
+//! - [`http`]: the edge's HTTP contract — body parsing and validation
+//!   (`shared::contract`), auth and routing (`edge_core::http`).
+//! - [`agent_frames`]: frames an agent connection sends the edge, before and after a
+//!   valid handshake, with a job to report on.
+//! - [`wire`]: `shared::protocol::decode` of both message kinds, and their round trip.
+//! - [`edge_orders`]: frames the edge sends the agent: signed envelopes and
+//!   `open_order`, with forged and with valid signatures.
+//! - [`credentials`]: Claude's `.credentials.json`.
+//! - [`claude_stream`]: Claude's stream-json lines through redaction, `Transcript` and
+//!   the result.
+//! - [`redaction`]: the redactor on arbitrary text: no panic, no secret out.
+//! - [`sse`]: Server-Sent Events framing, whatever the chunking.
+//! - [`config`]: the edge's settings, keys, the keyring and `EDGE_URL`.
+//!
+//! `tests/fuzz/run` runs them under libFuzzer (coverage-guided); `cargo test -p
+//! claude-runner-fuzz` runs them on the committed seeds and on random inputs (proptest),
+//! which is the fallback where libFuzzer cannot be built.
+
+use agent_core::claude::{self, Ending, Transcript};
+use agent_core::redact::Redactor;
+use ed25519_dalek::SigningKey;
+use edge_core::body::Body;
+use edge_core::http::{self, Reply, Request};
+use edge_core::record::{Job, Mode};
+use edge_core::session::Session;
+use edge_core::{Config, Edge, Effect};
+use shared::contract::{ExecuteRequest, Limits};
+use shared::envelope::{open_order, Domain, Envelope, OrderHeader};
+use shared::protocol::{AgentMessage, CancelOrder, EdgeMessage, Hello, JobOrder, Welcome, PROTOCOL_VERSION};
+use std::sync::OnceLock;
+
+/// A fuzz target: takes any bytes, must not panic or hang.
+pub type Target = fn(&[u8]);
+
+/// Every target by name, for the libFuzzer binary and the runner script.
+pub const TARGETS: &[(&str, Target)] = &[
+    ("http", http),
+    ("agent_frames", agent_frames),
+    ("wire", wire),
+    ("edge_orders", edge_orders),
+    ("credentials", credentials),
+    ("claude_stream", claude_stream),
+    ("redaction", redaction),
+    ("sse", sse),
+    ("config", config),
+];
+
+pub fn target(name: &str) -> Option<Target> {
+    TARGETS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
+}
+
+const NOW: u64 = 1_800_000_000_000;
+const SECRET: &str = "fuzz-runner-secret-0123456789";
+const AGENT: &str = "spark";
+
+// Keys and settings are made once: deriving a key costs more than most inputs.
+fn edge_key() -> &'static SigningKey {
+    static KEY: OnceLock<SigningKey> = OnceLock::new();
+    KEY.get_or_init(|| SigningKey::from_bytes(&[7; 32]))
+}
+
+fn agent_key() -> &'static SigningKey {
+    static KEY: OnceLock<SigningKey> = OnceLock::new();
+    KEY.get_or_init(|| SigningKey::from_bytes(&[9; 32]))
+}
+
+fn edge_config() -> Config {
+    static CONFIG: OnceLock<Config> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let agents = format!("{AGENT}={}", shared::keys::encode_verifying(&agent_key().verifying_key()));
+            let edge = shared::keys::encode_signing(edge_key());
+            Config::from_lookup(|name| match name {
+                "RUNNER_SECRET" => Some(SECRET.to_string()),
+                "EDGE_SIGNING_KEY" => Some(edge.clone()),
+                "AGENT_PUBLIC_KEYS" => Some(agents.clone()),
+                _ => None,
+            })
+            .expect("the fuzz edge's settings are valid")
+        })
+        .clone()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// An HTTP request: `flags, method selector` then NUL-separated path, secret,
+/// authorization, idempotency key and body.
+pub fn http(data: &[u8]) {
+    let (head, rest) = data.split_at(data.len().min(2));
+    let mut parts = rest.splitn(5, |b| *b == 0);
+    // Hosts hand over paths as they come in a request line: starting with `/`.
+    let path = format!("/{}", text(parts.next().unwrap_or_default()).trim_start_matches('/'));
+    let secret = parts.next().map(text);
+    let authorization = parts.next().map(text);
+    let idempotency_key = parts.next().map(text);
+    let body = parts.next().unwrap_or_default();
+    let flags = head.first().copied().unwrap_or(0);
+    let method = ["GET", "POST", "DELETE", "PUT", "HEAD", "PATCH"][head.get(1).copied().unwrap_or(0) as usize % 6];
+    let limits = Limits { max_timeout_ms: 3_600_000 };
+    if let Ok(submission) = ExecuteRequest::parse(body, idempotency_key.as_deref(), limits) {
+        // What validation let through is what the agent will run: it must hold there too.
+        if let Some(dir) = &submission.spec.working_dir {
+            assert!(shared::contract::checked_working_dir(dir).is_ok(), "{dir:?}");
+        }
+        let _ = claude::args(&submission.spec, None);
+    }
+    let secret = if flags & 1 == 1 { Some(SECRET.to_string()) } else { secret };
+    let mut edge = Edge::new(edge_config(), NOW);
+    if flags & 2 == 2 {
+        let _ = edge.connect(NOW, [3; 32]);
+    }
+    // The contract's rule, stated apart from the code under test: the secret in
+    // `X-Runner-Secret`, or as `Authorization: Bearer`.
+    let bearer = authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")));
+    let authorized = [secret.as_deref(), bearer].into_iter().flatten().any(|given| given.trim() == SECRET);
+    let req = Request {
+        method: method.to_string(),
+        path: path.clone(),
+        secret_header: secret,
+        authorization,
+        idempotency_key,
+        body: match flags & 12 {
+            4 => Body::TooLarge,
+            8 => Body::Broken("the upload broke off".into()),
+            _ => Body::Bytes(body.to_vec()),
+        },
+    };
+    let handled = http::handle(&mut edge, NOW, [1; 16], req);
+    if !authorized {
+        // Without the secret nothing but the open routes (README: the page, /health,
+        // the agents' socket) answers with content.
+        let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+        let open = matches!(segments.as_slice(), [] | [""] | ["health"] | ["agent", "connect"]);
+        assert_eq!(handled.reply, Reply::Once { max_wait_ms: 60_000 }, "{method} {path:?} without the secret got a stream");
+        for effect in &handled.effects {
+            match effect {
+                Effect::Answer { caller, response } if *caller == handled.caller => {
+                    let status = response.status;
+                    assert!(!(200..300).contains(&status) || open, "{method} {path:?} answered {status} without the secret");
+                }
+                Effect::Answer { .. } | Effect::Send { .. } | Effect::Close { .. } | Effect::SaveSession(_) => {}
+                other => panic!("{method} {path:?} without the secret changed something: {other:?}"),
+            }
+        }
+    }
+}
+
+/// The challenge nonce the edge sent on a new connection.
+fn challenge_nonce(effects: &[Effect]) -> Option<String> {
+    effects.iter().find_map(|e| match e {
+        Effect::Send { text, .. } => match shared::protocol::decode::<EdgeMessage>(text) {
+            Ok(EdgeMessage::Challenge { nonce, .. }) => Some(nonce),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
+/// A connection that passed the handshake (and the job `j1`, queued before it), made
+/// once: verifying a hello costs more than most inputs, so later inputs start from the
+/// saved records, as a restarted host does.
+fn ready_records() -> &'static (Session, Job) {
+    static READY: OnceLock<(Session, Job)> = OnceLock::new();
+    READY.get_or_init(|| {
+        let mut edge = Edge::new(edge_config(), NOW);
+        let submission = ExecuteRequest::parse(br#"{"prompt":"fuzz","timeout_ms":60000}"#, None, Limits { max_timeout_ms: 3_600_000 })
+            .expect("a valid body");
+        let job = match edge.submit(NOW, "j1".into(), submission, Mode::Detached) {
+            Ok(submitted) => submitted.effects.into_iter().find_map(|e| match e {
+                Effect::Save(job) => Some(*job),
+                _ => None,
+            }),
+            Err(e) => panic!("{e:?}"),
+        };
+        let (session, effects) = edge.connect(NOW, [3; 32]);
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            agent_id: AGENT.into(),
+            agent_version: "fuzz".into(),
+            challenge: challenge_nonce(&effects).expect("a challenge"),
+            agent_nonce: "agent-nonce".into(),
+            issued_at: NOW,
+            capacity: 2,
+            running: vec![],
+            finished: vec![],
+            oauth: shared::oauth::OAuthReport::unconfigured(NOW),
+            claude_version: Some("2.1.197 (Claude Code)".into()),
+        };
+        let envelope = Envelope::seal(Domain::Hello, &hello, agent_key());
+        let frame = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: AGENT.into(), envelope }.to_text();
+        let ready = edge.message(NOW, &session, &frame).into_iter().rev().find_map(|e| match e {
+            Effect::SaveSession(s) if s.agent().is_some() => Some(*s),
+            _ => None,
+        });
+        (ready.expect("the handshake passes"), job.expect("the job is saved"))
+    })
+}
+
+/// Frames from one agent connection, `0xff`-separated after a flags byte: bit 0 starts
+/// from a connection past a valid handshake, bit 1 with a job `j1` queued.
+pub fn agent_frames(data: &[u8]) {
+    let (flags, frames) = match data.split_first() {
+        Some((f, rest)) => (*f, rest),
+        None => (0, data),
+    };
+    let mut now = NOW;
+    let (mut edge, session) = if flags & 1 == 1 {
+        let (session, job) = ready_records().clone();
+        let jobs = if flags & 2 == 2 { vec![job] } else { vec![] };
+        let id = session.id.clone();
+        (Edge::restore(edge_config(), jobs, vec![session], None, now).0, id)
+    } else {
+        let mut edge = Edge::new(edge_config(), now);
+        if flags & 2 == 2 {
+            let (_, job) = ready_records().clone();
+            edge = Edge::restore(edge_config(), vec![job], vec![], None, now).0;
+        }
+        let (session, _) = edge.connect(now, [3; 32]);
+        (edge, session)
+    };
+    for frame in frames.split(|b| *b == 0xff) {
+        now += 1_000;
+        let _ = edge.message(now, &session, &text(frame));
+    }
+    let _ = edge.health(now);
+    let _ = edge.tick(now + 3_600_000);
+}
+
+/// One frame, decoded as each side would; what decodes re-encodes to the same message.
+pub fn wire(data: &[u8]) {
+    let frame = text(data);
+    if let Ok(m) = shared::protocol::decode::<AgentMessage>(&frame) {
+        assert_eq!(shared::protocol::decode::<AgentMessage>(&m.to_text()).as_ref(), Ok(&m));
+    }
+    if let Ok(m) = shared::protocol::decode::<EdgeMessage>(&frame) {
+        assert_eq!(shared::protocol::decode::<EdgeMessage>(&m.to_text()).as_ref(), Ok(&m));
+    }
+}
+
+/// What the agent does with an edge frame: decode it, open the envelope. With the first
+/// byte odd, the rest is signed by the edge's key as a job, a cancel or a welcome payload,
+/// so what follows a valid signature is fuzzed too.
+pub fn edge_orders(data: &[u8]) {
+    let key = edge_key().verifying_key();
+    let (flags, rest) = match data.split_first() {
+        Some((f, rest)) => (*f, rest),
+        None => (0, data),
+    };
+    let payload = text(rest);
+    if flags & 1 == 0 {
+        match shared::protocol::decode::<EdgeMessage>(&payload) {
+            Ok(EdgeMessage::Job { envelope }) => run_order(open_order::<JobOrder>(&envelope, Domain::Job, &key, AGENT, NOW)),
+            Ok(EdgeMessage::Cancel { envelope }) => {
+                let _ = open_order::<CancelOrder>(&envelope, Domain::Cancel, &key, AGENT, NOW);
+            }
+            Ok(EdgeMessage::Welcome { envelope }) => {
+                let _ = envelope.open::<Welcome>(Domain::Welcome, &key);
+            }
+            _ => {}
+        }
+        return;
+    }
+    let domain = [Domain::Job, Domain::Cancel, Domain::Welcome][(flags >> 1) as usize % 3];
+    let sig = ed25519_dalek::Signer::sign(edge_key(), &[domain.prefix(), payload.as_bytes()].concat());
+    let envelope = Envelope { payload, sig: shared::keys::encode(&sig.to_bytes()) };
+    match domain {
+        Domain::Job => run_order(open_order::<JobOrder>(&envelope, domain, &key, AGENT, NOW)),
+        Domain::Cancel => {
+            if let Ok(order) = open_order::<CancelOrder>(&envelope, domain, &key, AGENT, NOW) {
+                assert_eq!(order.header.agent_id, AGENT);
+            }
+        }
+        _ => {
+            let _ = envelope.open::<Welcome>(domain, &key);
+        }
+    }
+}
+
+/// What the agent derives from an order that verified.
+fn run_order(order: Result<JobOrder, shared::envelope::Refusal>) {
+    let Ok(order) = order else { return };
+    let OrderHeader { agent_id, expires_at, .. } = &order.header;
+    assert_eq!(agent_id, AGENT);
+    assert!(NOW <= expires_at.saturating_add(shared::envelope::CLOCK_SKEW_MS));
+    let _ = claude::args(&order.spec, Some("model"));
+    if let Some(dir) = &order.spec.working_dir {
+        let _ = shared::contract::checked_working_dir(dir);
+    }
+}
+
+pub fn credentials(data: &[u8]) {
+    if let Ok(c) = agent_core::credentials::parse(data) {
+        assert!(!c.access_token.is_empty());
+    }
+}
+
+/// Secrets the stream targets hide; none may come out whole.
+const SECRETS: &[&str] = &["sk-ant-oat01-fuzzaccesstoken0123456789abcdef", "opaque-refresh-value-fedcba9876543210", "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo="];
+
+/// Claude's stdout, line by line, as the job runner handles it.
+fn redactor() -> &'static Redactor {
+    static REDACTOR: OnceLock<Redactor> = OnceLock::new();
+    REDACTOR.get_or_init(|| Redactor::new(SECRETS.iter().map(|s| s.to_string())))
+}
+
+pub fn claude_stream(data: &[u8]) {
+    let redactor = redactor();
+    let mut transcript = Transcript::default();
+    let mut carry = agent_core::redact::Carry::default();
+    for line in data.split(|b| *b == b'\n') {
+        let event = match redactor.redact_line(&text(line), &mut carry) {
+            Ok(value) => transcript.value(value),
+            Err(raw) => transcript.text(&raw),
+        };
+        if let Some(event) = event {
+            let shown = event.to_string();
+            for s in SECRETS {
+                assert!(!shown.contains(s), "{s} in {shown}");
+            }
+        }
+    }
+    let endings = [
+        Ending::Exited(Some(0)),
+        Ending::Exited(None),
+        Ending::TimedOut { after_ms: 5 },
+        Ending::Cancelled { reason: "fuzz".into() },
+        Ending::AgentStopping,
+        Ending::SpawnFailed("fuzz".into()),
+    ];
+    for ending in endings {
+        let r = claude::result(&transcript, ending, &text(data), 1);
+        assert!(r.output.len() <= claude::MAX_OUTPUT_BYTES + 100);
+        assert_eq!(r.success, r.error_code.is_none());
+    }
+}
+
+/// Arbitrary text, alone and as lines of a stream: no panic (masks land on character
+/// boundaries), no secret out whole.
+pub fn redaction(data: &[u8]) {
+    let redactor = redactor();
+    let input = text(data);
+    let mut outputs = vec![redactor.redact(&input)];
+    let mut carry = agent_core::redact::Carry::default();
+    for line in input.split('\n') {
+        outputs.push(match redactor.redact_line(line, &mut carry) {
+            Ok(value) => value.to_string(),
+            Err(raw) => raw,
+        });
+    }
+    for out in &outputs {
+        for s in SECRETS {
+            assert!(!out.contains(s), "{s} in {out}");
+        }
+    }
+}
+
+/// The same bytes cut in two anywhere give the same events as in one piece.
+pub fn sse(data: &[u8]) {
+    let (cut, rest) = match data.split_first() {
+        Some((c, rest)) => (*c as usize, rest),
+        None => (0, data),
+    };
+    let whole = agent_core::sse::EventStream::default().push(rest);
+    let at = if rest.is_empty() { 0 } else { cut % (rest.len() + 1) };
+    let mut stream = agent_core::sse::EventStream::default();
+    let mut parts = stream.push(&rest[..at]);
+    parts.extend(stream.push(&rest[at..]));
+    assert_eq!(whole, parts);
+}
+
+/// Settings as text: the edge's (NUL-separated values, in order), keys, the keyring and
+/// `EDGE_URL`.
+pub fn config(data: &[u8]) {
+    const NAMES: &[&str] = &[
+        "RUNNER_SECRET",
+        "EDGE_SIGNING_KEY",
+        "AGENT_PUBLIC_KEYS",
+        "HEARTBEAT_INTERVAL_MS",
+        "LOST_AFTER_MS",
+        "MAX_TIMEOUT_MS",
+        "MAX_BODY_BYTES",
+        "JOB_RETENTION_MS",
+        "QUEUE_TTL_MS",
+        "MAX_QUEUED_JOBS",
+        "TIMEOUT_MARGIN_MS",
+    ];
+    let values: Vec<String> = data.split(|b| *b == 0).map(text).collect();
+    let lookup = |name: &str| NAMES.iter().position(|n| *n == name).and_then(|i| values.get(i).cloned());
+    if let Ok(cfg) = Config::from_lookup(lookup) {
+        assert!(cfg.runner_secret.len() >= 16);
+        let _ = Edge::new(cfg, NOW).health(NOW);
+    }
+    for v in &values {
+        let _ = shared::keys::signing_key("fuzz", v);
+        let _ = shared::keys::verifying_key("fuzz", v);
+        let _ = shared::keys::Keyring::parse(v);
+        for allow in [false, true] {
+            if let Ok(url) = agent_core::edge_url::connect_url(v, allow) {
+                assert!(url.ends_with("/agent/connect"));
+                assert!(allow || url.starts_with("wss://") || url.starts_with("ws://"));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The committed seeds of a target (`tests/fuzz/seeds/<target>/`).
+    fn seeds(target: &str) -> Vec<Vec<u8>> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds").join(target);
+        let mut files: Vec<_> = std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+        files.sort();
+        files.iter().map(|p| std::fs::read(p).unwrap()).collect()
+    }
+
+    #[test]
+    fn every_target_has_seeds_and_takes_them() {
+        for (name, run) in TARGETS {
+            let seeds = seeds(name);
+            assert!(!seeds.is_empty(), "tests/fuzz/seeds/{name}/ has no seeds");
+            for seed in seeds {
+                run(&seed);
+            }
+        }
+    }
+
+    /// A target and one of its seeds with bytes changed, cut or repeated: random inputs
+    /// near the valid ones.
+    fn mutated() -> impl Strategy<Value = (usize, Vec<u8>)> {
+        (0..TARGETS.len()).prop_flat_map(|t| {
+            let seeds = seeds(TARGETS[t].0);
+            (Just(t), 0..seeds.len(), proptest::collection::vec((any::<u16>(), any::<u8>(), 0u8..4), 0..8)).prop_map(move |(t, i, edits)| {
+                let mut bytes = seeds[i].clone();
+                for (at, byte, kind) in edits {
+                    let at = at as usize % (bytes.len() + 1);
+                    match kind {
+                        0 if at < bytes.len() => bytes[at] = byte,
+                        1 => bytes.insert(at, byte),
+                        2 => bytes.truncate(at),
+                        _ => bytes.extend_from_within(at..),
+                    }
+                }
+                (t, bytes)
+            })
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2048, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn targets_take_random_bytes(target in 0..TARGETS.len(), data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            (TARGETS[target].1)(&data);
+        }
+
+        #[test]
+        fn targets_take_mutated_seeds((target, data) in mutated()) {
+            (TARGETS[target].1)(&data);
+        }
+    }
+}

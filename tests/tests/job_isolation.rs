@@ -1,0 +1,192 @@
+//! What a job can reach of the agent that runs it, tried the way a hostile prompt would:
+//! the agent's secrets in Claude's environment, the agent's own `/proc/<pid>/environ`, its
+//! key printed from a file, its files and folders. And the agent's refusals at start: a
+//! key file others can read or one inside DATA_DIR, a key on the command line, plaintext
+//! `ws://` to a host that is not this machine. Real binaries, the stand-in for `claude`.
+
+use base64::Engine;
+use harness::*;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Setup {
+    _edge: EdgeServer,
+    agent: AgentProc,
+    client: Client,
+}
+
+async fn setup(agent_env: &[(&str, &str)], wrapper: Vec<String>) -> Setup {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    for (k, v) in agent_env {
+        opts = opts.env(k, v);
+    }
+    opts.wrapper = wrapper;
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    Setup { _edge: edge, agent, client }
+}
+
+async fn output(s: &Setup, prompt: &str) -> String {
+    let a = s.client.execute(json!({"prompt": prompt, "timeout_ms": 20000})).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["success"], true, "{}\n{}", a.text, s.agent.log());
+    a.body["output"].as_str().unwrap_or_default().to_string()
+}
+
+const SECRETS: &[(&str, &str)] = &[
+    ("RUNNER_SECRET", "runner-secret-in-the-agents-env-0123456789"),
+    ("EDGE_SIGNING_KEY", "ZWRnZS1zaWduaW5nLWtleS1pbi10aGUtYWdlbnRzLWVudg=="),
+    ("GITHUB_TOKEN", "ghp_githubtokenintheagentsenv0123456789"),
+    ("REPO_TOKENS", "git.example.com=repotokenintheagentsenv0123456789"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_sees_none_of_the_agents_secrets() {
+    let mut env: Vec<(&str, &str)> = SECRETS.to_vec();
+    env.extend([("JOB_ENV_ALLOW", "STANDIN_LOG,EXTRA_ALLOWED"), ("EXTRA_ALLOWED", "yes"), ("NOT_ALLOWED", "no")]);
+    let s = setup(&env, Vec::new()).await;
+
+    // `printenv` for each: nothing there, not even masked.
+    for var in ["AGENT_SIGNING_KEY", "RUNNER_SECRET", "EDGE_SIGNING_KEY", "GITHUB_TOKEN", "REPO_TOKENS", "NOT_ALLOWED"] {
+        assert_eq!(output(&s, &format!("@print_env={var}")).await, "the value is ", "{var} reached the job");
+    }
+    assert_eq!(output(&s, "@print_env=EXTRA_ALLOWED").await, "the value is yes", "JOB_ENV_ALLOW passes what it names");
+    let env: Vec<String> = s.agent.claude_runs()[0]["env"].as_object().expect("the stand-in logs its environment").keys().cloned().collect();
+    for var in ["AGENT_SIGNING_KEY", "RUNNER_SECRET", "EDGE_SIGNING_KEY", "GITHUB_TOKEN", "REPO_TOKENS", "NOT_ALLOWED", "DATA_DIR", "EDGE_URL"] {
+        assert!(!env.contains(&var.to_string()), "{var} in Claude's environment: {env:?}");
+    }
+    for var in ["HOME", "PATH", "CLAUDE_CONFIG_DIR", "CLAUDE_CODE_OAUTH_TOKEN", "EXTRA_ALLOWED"] {
+        assert!(env.contains(&var.to_string()), "{var} missing from Claude's environment: {env:?}");
+    }
+
+    // Found some other way (here: copies in a file the job can read), each is still masked.
+    let file = s.agent.data.path().join("leaked.txt");
+    // REPO_TOKENS' value is `host=token`: the token is the secret.
+    let mut leaked: Vec<String> = SECRETS.iter().map(|(_, v)| v.split_once("com=").map_or(*v, |(_, t)| t).to_string()).collect();
+    leaked.push(s.agent.env_value("AGENT_SIGNING_KEY").expect("the harness gives the agent its key"));
+    std::fs::write(&file, leaked.join("\n")).unwrap();
+    let out = output(&s, &format!("@base64={}", file.display())).await;
+    let printed: String = out.trim_start_matches("the file is").split_whitespace().collect::<String>().replace("[REDACTED]", "");
+    for (i, secret) in leaked.iter().enumerate() {
+        for skip in 0..4 {
+            let tail = &printed[skip.min(printed.len())..];
+            let decoded = base64::engine::general_purpose::STANDARD.decode(&tail[..tail.len() / 4 * 4]).unwrap_or_default();
+            let decoded = String::from_utf8_lossy(&decoded);
+            assert!(!decoded.contains(&secret[..secret.len().min(16)]), "secret {i} readable in the job's output: {decoded}");
+        }
+    }
+    assert!(out.contains("[REDACTED]"), "{out}");
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cannot_read_the_agents_process() {
+    // Root holds CAP_SYS_PTRACE (and CAP_SYS_ADMIN and CAP_PERFMON, either of which also
+    // lets this kernel read a non-dumpable process), which read any process whatever it
+    // says. The protection is for the user the agent runs as, so as root the test drops
+    // those capabilities from the agent and everything it starts.
+    let wrapper = if is_root() { vec!["setpriv".to_string(), "--bounding-set=-sys_ptrace,-sys_admin,-perfmon".to_string()] } else { Vec::new() };
+    let s = setup(&[], wrapper).await;
+    let out = output(&s, "@print_parent_environ").await;
+    assert!(out.starts_with("parent environ unreadable"), "the job read the agent's environment: {out}");
+    assert!(!out.contains("AGENT_SIGNING_KEY"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_files_and_folders_are_owner_only() {
+    let s = setup(&[], Vec::new()).await;
+    assert_eq!(output(&s, "@print_mode=.").await, "mode 700", "the job's workspace");
+    let data = s.agent.data.path().join("data");
+    let mode = |p: &str| std::fs::metadata(data.join(p)).map(|m| m.permissions().mode() & 0o777).unwrap_or_else(|e| panic!("{p}: {e}"));
+    for dir in ["", "workspaces", "spool"] {
+        assert_eq!(mode(dir), 0o700, "DATA_DIR/{dir}");
+    }
+    assert!(eventually(Duration::from_secs(5), || data.join("seen-orders.log").exists()).await);
+    for file in ["status.json", "seen-orders.log"] {
+        assert_eq!(mode(file), 0o600, "DATA_DIR/{file}");
+    }
+}
+
+/// Runs `claude-runner agent` with `env` (and `args`) inside a network namespace of its
+/// own, so nothing it dials can leave even if a check failed; returns its exit status
+/// (None if it kept running for 10 s) and what it printed.
+fn start_refused(env: &[(&str, String)], args: &[&str]) -> (Option<bool>, String) {
+    let netns = if is_root() { "-n" } else { "-rn" };
+    let mut cmd = Command::new("unshare");
+    cmd.arg(netns).arg(bin("claude-runner")).arg("agent").args(args);
+    for var in ["AGENT_SIGNING_KEY", "AGENT_KEY_FILE", "EDGE_URL", "EDGE_PUBLIC_KEY", "DATA_DIR", "ALLOW_INSECURE_EDGE"] {
+        cmd.env_remove(var);
+    }
+    let mut child = cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str()))).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status.success());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    (status, format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn base_env(data: &TempDir) -> Vec<(&'static str, String)> {
+    vec![
+        ("EDGE_URL", "ws://127.0.0.1:9".to_string()),
+        ("EDGE_PUBLIC_KEY", shared::keys::encode_verifying(&random_key().verifying_key())),
+        ("DATA_DIR", data.path().join("data").display().to_string()),
+        ("CLAUDE_BIN", bin("claude-standin").display().to_string()),
+    ]
+}
+
+#[test]
+fn a_key_file_others_can_read_or_inside_data_dir_is_refused() {
+    let data = TempDir::new("keyfile");
+    let key = data.path().join("agent.key");
+    std::fs::write(&key, shared::keys::encode_signing(&random_key())).unwrap();
+    for mode in [0o644, 0o640, 0o604] {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let mut env = base_env(&data);
+        env.push(("AGENT_KEY_FILE", key.display().to_string()));
+        let (status, out) = start_refused(&env, &[]);
+        assert_eq!(status, Some(false), "mode {mode:o} accepted: {out}");
+        assert!(out.contains(&format!("chmod 600 {}", key.display())), "{out}");
+    }
+    // Private, but where the jobs are.
+    let inside = data.path().join("data/agent.key");
+    std::fs::create_dir_all(inside.parent().unwrap()).unwrap();
+    std::fs::write(&inside, shared::keys::encode_signing(&random_key())).unwrap();
+    std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut env = base_env(&data);
+    env.push(("AGENT_KEY_FILE", inside.display().to_string()));
+    let (status, out) = start_refused(&env, &[]);
+    assert_eq!(status, Some(false), "{out}");
+    assert!(out.contains("inside DATA_DIR"), "{out}");
+    // On the command line, where every local user can read it.
+    let (status, out) = start_refused(&base_env(&data), &["--agent-signing-key", &shared::keys::encode_signing(&random_key())]);
+    assert_eq!(status, Some(false), "{out}");
+    assert!(out.contains("command line") && out.contains("AGENT_KEY_FILE"), "{out}");
+}
+
+#[test]
+fn plaintext_to_a_host_beyond_loopback_is_refused() {
+    let data = TempDir::new("insecure");
+    let mut env = base_env(&data);
+    env.retain(|(k, _)| *k != "EDGE_URL");
+    env.push(("EDGE_URL", "ws://10.0.0.1:8787".to_string()));
+    env.push(("AGENT_SIGNING_KEY", shared::keys::encode_signing(&random_key())));
+    let (status, out) = start_refused(&env, &[]);
+    assert_eq!(status, Some(false), "{out}");
+    assert!(out.contains("ALLOW_INSECURE_EDGE=1") && out.contains("wss://"), "{out}");
+}
