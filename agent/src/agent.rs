@@ -14,7 +14,7 @@ use crate::spool::Spool;
 use crate::status::StatusFile;
 use futures_util::FutureExt;
 use shared::contract::ErrorCode;
-use shared::envelope::{open_order, Domain, Envelope, Refusal};
+use shared::envelope::{open_order, Audience, Domain, Envelope, Refusal};
 use shared::job::JobResult;
 use shared::oauth::OAuthReport;
 use shared::protocol::{AgentMessage, CancelOrder, JobOrder, LoginOrder, Slots};
@@ -82,7 +82,16 @@ impl Agent {
             anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
         })?;
         if !interrupted.is_empty() {
-            warn!(agent_id = %cfg.agent_id, jobs = ?interrupted, "jobs that were running when the agent last stopped are reported lost");
+            let jobs: Vec<&str> = interrupted.iter().map(|j| j.job_id.as_str()).collect();
+            warn!(agent_id = %cfg.agent_id, jobs = ?jobs, "jobs that were running when the agent last stopped are reported lost");
+        }
+        // Reported like any result: signed, bound to the order the marker kept.
+        for job in interrupted {
+            if let AgentMessage::Result { envelope } = AgentMessage::result(&job.job_id, &job.order_nonce, crate::spool::interrupted(), &cfg.signing_key) {
+                spool.put(&job.job_id, &envelope).map_err(|e| {
+                    anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
+                })?;
+            }
         }
         let replay = ReplayGuard::open(cfg.data_dir.join("seen-orders.log"));
         // The redactor also knows the agent's own secrets and the repository tokens.
@@ -91,6 +100,13 @@ impl Agent {
         let repos = crate::repo::Repos::open(&cfg.data_dir, cfg.repos.clone()).map_err(|e| {
             anyhow::anyhow!("cannot keep repository mirrors in {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.join("repos").display())
         })?;
+        // Like the spool's markers, the mirrors and workspaces are this agent's alone: what
+        // a killed predecessor left in them goes before the first job.
+        repos.recover();
+        let leftovers = crate::workspace::clear_leftovers(&cfg.data_dir.join("workspaces"), cfg.repos.keep_failed_workspaces);
+        if leftovers > 0 {
+            info!(agent_id = %cfg.agent_id, workspaces = leftovers, "removed the workspaces of jobs the agent was running when it last stopped");
+        }
         let (uplink, uplink_rx) = mpsc::unbounded_channel();
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
         let status = StatusFile::new(cfg.data_dir.join("status.json"), &cfg.agent_id, &cfg.connect_url);
@@ -114,13 +130,14 @@ impl Agent {
     }
 
     /// What a job runner gets to see.
-    fn job_context(&self) -> JobContext {
+    fn job_context(&self, order_nonce: &str) -> JobContext {
         JobContext {
             cfg: Arc::clone(&self.cfg),
             login: self.login.clone(),
             gate: self.gate.clone(),
             uplink: self.uplink.clone(),
             reporter: Arc::clone(&self.reporter),
+            order_nonce: order_nonce.to_string(),
             spool: Some(Arc::clone(&self.spool)),
             repos: Arc::clone(&self.repos),
         }
@@ -179,7 +196,7 @@ impl Agent {
         let named = match refusal {
             _ if domain != Domain::Job => None,
             Refusal::Signature(_) | Refusal::Replay { .. } => None,
-            Refusal::WrongAgent { .. } | Refusal::Expired { .. } | Refusal::FromTheFuture { .. } => job_id,
+            Refusal::WrongAgent { .. } | Refusal::WrongPool { .. } | Refusal::Expired { .. } | Refusal::FromTheFuture { .. } => job_id,
         };
         // Logged only when it is a plain id: a log line is no place for arbitrary text.
         let logged = named.filter(|id| shared::ids::plain_id(id, shared::ids::MAX_JOB_ID)).unwrap_or("-");
@@ -189,7 +206,8 @@ impl Agent {
 
     fn verify<T: serde::de::DeserializeOwned + shared::envelope::HasHeader>(&self, envelope: &Envelope, domain: Domain) -> Option<T> {
         let now = crate::now_ms();
-        let order: T = match open_order(envelope, domain, &self.cfg.edge_public_key, &self.cfg.agent_id, now) {
+        let me = Audience { agent_id: &self.cfg.agent_id, pool: &self.cfg.pool };
+        let order: T = match open_order(envelope, domain, &self.cfg.edge_public_key, me, now) {
             Ok(o) => o,
             Err(refusal) => {
                 // Only a refusal after the signature verified has a job id worth reading,
@@ -233,7 +251,7 @@ impl Agent {
         }
         if let Some(result) = self.spool.get(&job_id) {
             warn!(job_id = %job_id, agent_id = %self.cfg.agent_id, "sent a job that ended here already; sending its result again");
-            let _ = self.uplink.send(AgentMessage::Result { job_id, result });
+            let _ = self.uplink.send(AgentMessage::Result { envelope: result });
             return;
         }
         if running.closed || running.jobs.len() as u32 >= self.cfg.max_concurrent_jobs {
@@ -252,7 +270,7 @@ impl Agent {
         let id = job_id.clone();
         let task = async move {
             let job_id = id;
-            let ctx = agent.job_context();
+            let ctx = agent.job_context(&order.header.nonce);
             // A bug in the runner must not leave the slot taken and the caller waiting:
             // a panicked job still ends, as a failure.
             let run = std::panic::AssertUnwindSafe(runner::run(&ctx, &job_id, order.spec, stop_rx)).catch_unwind();
@@ -260,7 +278,7 @@ impl Agent {
                 error!(job_id = %job_id, agent_id = %agent.cfg.agent_id, "the job runner panicked");
                 JobResult::failure(ErrorCode::InternalError, "the agent failed while running this job (see its log); retry", 0)
             });
-            agent.finish(&job_id, result);
+            agent.finish(&job_id, &ctx.order_nonce, result);
         };
         if self.jobs.send(Box::pin(task)).is_err() {
             // The serve loop is gone: the agent is exiting.
@@ -275,25 +293,28 @@ impl Agent {
         self.status.running(ids);
     }
 
-    /// A job ended: remember its login outcome, keep its result until the edge has it,
-    /// free its slot, and tell the edge.
-    fn finish(&self, job_id: &str, result: JobResult) {
+    /// A job ended: remember its login outcome, keep its result — signed, bound to the
+    /// order it answers — until the edge has it, free its slot, and tell the edge.
+    fn finish(&self, job_id: &str, order_nonce: &str, result: JobResult) {
         match (result.success, result.error_code) {
             (false, Some(ErrorCode::RunnerOauthError)) => self.reporter.auth_failed(true),
             (true, _) => self.reporter.run_succeeded(),
             _ => {}
         }
-        if let Err(e) = self.spool.put(job_id, &result) {
-            error!(
-                job_id, agent_id = %self.cfg.agent_id, error = %e, held = self.spool.held(),
-                "could not write the result to the spool: it is kept in memory and sent until the edge has it, but \
-                 a restart of the agent now would lose it; free space in DATA_DIR or fix its permissions"
-            );
+        let report = AgentMessage::result(job_id, order_nonce, result, &self.cfg.signing_key);
+        if let AgentMessage::Result { envelope } = &report {
+            if let Err(e) = self.spool.put(job_id, envelope) {
+                error!(
+                    job_id, agent_id = %self.cfg.agent_id, error = %e, held = self.spool.held(),
+                    "could not write the result to the spool: it is kept in memory and sent until the edge has it, but \
+                     a restart of the agent now would lose it; free space in DATA_DIR or fix its permissions"
+                );
+            }
         }
         let mut running = self.running.lock().expect("running lock");
         running.jobs.remove(job_id);
         self.status.mirrors(self.repos.mirror_names());
-        let _ = self.uplink.send(AgentMessage::Result { job_id: job_id.to_string(), result });
+        let _ = self.uplink.send(report);
         let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
         drop(running);
         self.status.running(self.running_ids());

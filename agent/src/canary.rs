@@ -11,7 +11,8 @@ use crate::runner::{self, JobContext};
 use serde_json::{json, Value};
 use shared::contract::ErrorCode;
 use shared::job::{JobResult, JobSpec};
-use shared::protocol::AgentMessage;
+use shared::envelope::Domain;
+use shared::protocol::{AgentMessage, ProgressReport};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -35,6 +36,7 @@ const RESULT_FIELDS: [(&str, fn(&Value) -> bool); 5] = [
 pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<String>> {
     let cfg = AgentConfig::local_only(local, agent_id);
     let (uplink, mut events) = mpsc::unbounded_channel();
+    let own = cfg.signing_key.verifying_key();
     let repos = crate::repo::Repos::open(&cfg.data_dir, cfg.repos.clone())
         .map_err(|e| vec![format!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())])?;
     let login = Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.secrets.iter().map(String::as_str));
@@ -46,6 +48,7 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
         reporter,
         repos: Arc::new(repos),
         cfg: Arc::new(cfg),
+        order_nonce: "canary:1".into(),
         spool: None,
     };
     let spec: JobSpec = serde_json::from_value(json!({"prompt": PROMPT, "timeout_ms": TIMEOUT.as_millis() as u64, "max_turns": 1}))
@@ -57,8 +60,10 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
     drop(ctx);
     let mut lines = Vec::new();
     while let Ok(message) = events.try_recv() {
-        if let AgentMessage::Event { event, .. } = message {
-            lines.push(event);
+        if let AgentMessage::Event { envelope } = message {
+            if let Ok(report) = envelope.open::<ProgressReport>(Domain::Progress, &own) {
+                lines.push(report.event);
+            }
         }
     }
     judge(&lines, &result)

@@ -24,6 +24,10 @@ pub struct AgentArgs {
     /// base64 public key of the edge: only jobs it signed run.
     #[arg(long, env = "EDGE_PUBLIC_KEY")]
     pub edge_public_key: Option<String>,
+    /// The edge pool this agent serves (its EDGE_URL ends in /pool/<name> for any other
+    /// than `default`): orders and welcomes from another pool are refused.
+    #[arg(long, env = "EDGE_POOL", default_value = shared::ids::DEFAULT_POOL)]
+    pub edge_pool: String,
     #[command(flatten)]
     pub local: LocalArgs,
     /// Jobs run at once.
@@ -75,6 +79,8 @@ impl LocalArgs {
 pub struct AgentConfig {
     pub connect_url: String,
     pub agent_id: String,
+    /// The pool this agent serves (`EDGE_POOL`).
+    pub pool: String,
     pub signing_key: SigningKey,
     pub edge_public_key: VerifyingKey,
     pub claude_bin: String,
@@ -212,6 +218,7 @@ impl AgentConfig {
         AgentConfig {
             connect_url: String::new(),
             agent_id,
+            pool: shared::ids::DEFAULT_POOL.to_string(),
             edge_public_key: unused.verifying_key(),
             signing_key: unused,
             claude_bin: local.claude_bin.clone(),
@@ -269,6 +276,13 @@ impl AgentArgs {
         let edge_public_key = self.edge_public_key.as_deref().ok_or_else(|| {
             anyhow::anyhow!("set EDGE_PUBLIC_KEY (printed by `claude-runner keygen` next to EDGE_SIGNING_KEY)")
         })?;
+        if !shared::ids::plain_id(&self.edge_pool, shared::ids::MAX_POOL_NAME) {
+            anyhow::bail!(
+                "EDGE_POOL `{}` is not a pool name: 1-{} letters, digits, `-` and `_`",
+                shared::text::truncate(&self.edge_pool, 80),
+                shared::ids::MAX_POOL_NAME
+            );
+        }
         let signing_key = keys::signing_key("AGENT_SIGNING_KEY", &key_text)?;
         let mut secrets = key_forms(&key_text, &signing_key);
         secrets.extend(secret_values(|name| std::env::var(name).ok()));
@@ -277,6 +291,7 @@ impl AgentArgs {
             job_env_allow: job_env_allow(&self.local.job_env_allow)?,
             secrets,
             agent_id,
+            pool: self.edge_pool,
             signing_key,
             edge_public_key: keys::verifying_key("EDGE_PUBLIC_KEY", edge_public_key)?,
             data_dir: self.local.data_dir(),

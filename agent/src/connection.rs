@@ -191,6 +191,15 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
     if welcome.agent_nonce != agent_nonce || welcome.agent_id != cfg.agent_id {
         return refuse(&mut ws, close::UNAUTHORIZED, "the edge's welcome answers another connection".into()).await;
     }
+    if welcome.pool != cfg.pool {
+        let reason = format!(
+            "the edge welcomed this agent into pool `{}`, but it serves pool `{}`: point EDGE_URL at .../pool/{} (or set EDGE_POOL to the pool it dials)",
+            shared::text::truncate(&welcome.pool, 64),
+            cfg.pool,
+            cfg.pool
+        );
+        return refuse(&mut ws, close::UNAUTHORIZED, reason).await;
+    }
     let heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms.clamp(100, 600_000));
     info!(agent_id = %cfg.agent_id, session = %welcome.session_id, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the edge");
     agent.status.connected(heartbeat.as_millis() as u64);
@@ -206,8 +215,8 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
     agent.begin_session();
     while uplink.try_recv().is_ok() {}
     agent.state_slots();
-    for (job_id, result) in agent.spool.all() {
-        if let Err(end) = send(&mut ws, &AgentMessage::Result { job_id, result }, limit).await {
+    for (_, envelope) in agent.spool.all() {
+        if let Err(end) = send(&mut ws, &AgentMessage::Result { envelope }, limit).await {
             return end;
         }
     }

@@ -2,7 +2,12 @@
 //! the running ones may finish within `DRAIN_TIMEOUT_MS`, their results go out, then it
 //! exits 0. A second one stops the running jobs at once; they are reported to the edge
 //! as handed back (`RUNNER_LOST`, so callers fall back), never lost. [`crate::serve`]
-//! carries this out; `claude-runner agent --drain` asks for it from another shell.
+//! carries this out.
+//!
+//! `claude-runner agent --drain` asks for a drain from another shell with SIGUSR1, which
+//! only ever drains: sent while a drain is under way (a `systemctl stop` waiting for a
+//! job, another `--drain`), or followed by the service manager's SIGTERM, it never turns
+//! into the second SIGTERM that hands the running jobs back.
 
 use crate::status;
 use std::path::Path;
@@ -10,18 +15,30 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
-/// One message per SIGTERM or SIGINT received, for as long as the receiver lives.
-pub fn stop_requests() -> mpsc::UnboundedReceiver<()> {
+/// What a stop request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Drain: the first SIGTERM or SIGINT, and every SIGUSR1 (`agent --drain`).
+    Drain,
+    /// Hand the running jobs back now: every later SIGTERM or SIGINT.
+    Now,
+}
+
+/// One request per signal received, for as long as the receiver lives.
+pub fn stop_requests() -> mpsc::UnboundedReceiver<Request> {
     let (tx, rx) = mpsc::unbounded_channel();
     let mut term = signal(SignalKind::terminate()).expect("signal handlers install");
     let mut int = signal(SignalKind::interrupt()).expect("signal handlers install");
+    let mut usr1 = signal(SignalKind::user_defined1()).expect("signal handlers install");
     tokio::spawn(async move {
+        let mut stops = 0u32;
         loop {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            if tx.send(()).is_err() {
+            let request = tokio::select! {
+                _ = term.recv() => stop(&mut stops),
+                _ = int.recv() => stop(&mut stops),
+                _ = usr1.recv() => Request::Drain,
+            };
+            if tx.send(request).is_err() {
                 return;
             }
         }
@@ -29,8 +46,41 @@ pub fn stop_requests() -> mpsc::UnboundedReceiver<()> {
     rx
 }
 
-/// `claude-runner agent --drain`: SIGTERM to the agent that runs with `data_dir`, then
-/// wait until it has exited, saying what it is still running. False if none runs.
+/// The `n`th SIGTERM or SIGINT: the first drains, the others stop at once.
+fn stop(stops: &mut u32) -> Request {
+    *stops += 1;
+    if *stops == 1 { Request::Drain } else { Request::Now }
+}
+
+/// Waits for a request to stop at once, passing over drain requests (the agent drains
+/// already). Never returns once no more requests can come.
+pub async fn stop_now(stops: &mut mpsc::UnboundedReceiver<Request>) {
+    loop {
+        match stops.recv().await {
+            Some(Request::Now) => return,
+            Some(Request::Drain) => {}
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Whether the process `pid` catches SIGUSR1 (its `SigCgt` in /proc). An agent from
+/// before `--drain` used SIGUSR1 does not, and would die of it: it gets SIGTERM instead.
+fn catches_usr1(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| caught_in(&status, libc::SIGUSR1))
+}
+
+/// Whether `signal` is in the `SigCgt:` mask of a /proc/<pid>/status text.
+fn caught_in(status: &str, signal: i32) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1u64 << (signal - 1)) != 0)
+}
+
+/// `claude-runner agent --drain`: asks the agent that runs with `data_dir` to drain, then
+/// waits until it has exited, saying what it is still running. False if none runs.
 pub async fn request(data_dir: &Path) -> anyhow::Result<bool> {
     let Some(agent) = status::read(data_dir)? else {
         println!("No agent has run with DATA_DIR={} (no status.json); nothing to drain.", data_dir.display());
@@ -40,10 +90,19 @@ pub async fn request(data_dir: &Path) -> anyhow::Result<bool> {
         println!("Agent {} (pid {}) is not running; nothing to drain.", agent.agent_id, agent.pid);
         return Ok(false);
     }
+    // An older agent knows only SIGTERM; to it a second one means "hand the jobs back",
+    // so it gets none while it drains already.
+    let signal = match (catches_usr1(agent.pid), agent.draining) {
+        (true, _) => Some(libc::SIGUSR1),
+        (false, false) => Some(libc::SIGTERM),
+        (false, true) => None,
+    };
     // SAFETY: kill(2) sends a signal; the pid was just checked to be a claude-runner.
-    if unsafe { libc::kill(agent.pid as libc::pid_t, libc::SIGTERM) } != 0 {
-        let e = std::io::Error::last_os_error();
-        anyhow::bail!("cannot signal agent {} (pid {}): {e}; run this as the user the agent runs as", agent.agent_id, agent.pid);
+    if let Some(signal) = signal {
+        if unsafe { libc::kill(agent.pid as libc::pid_t, signal) } != 0 {
+            let e = std::io::Error::last_os_error();
+            anyhow::bail!("cannot signal agent {} (pid {}): {e}; run this as the user the agent runs as", agent.agent_id, agent.pid);
+        }
     }
     println!("Draining agent {} (pid {}): it takes no new jobs and exits once its jobs are done.", agent.agent_id, agent.pid);
     let mut said = None;
@@ -61,4 +120,27 @@ pub async fn request(data_dir: &Path) -> anyhow::Result<bool> {
     }
     println!("Agent {} has stopped.", agent.agent_id);
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_sigterm_drains_and_the_next_ones_stop_at_once() {
+        let mut stops = 0;
+        assert_eq!([stop(&mut stops), stop(&mut stops), stop(&mut stops)], [Request::Drain, Request::Now, Request::Now]);
+    }
+
+    #[test]
+    fn reads_whether_a_process_catches_a_signal() {
+        // SIGUSR1 is bit 9 (signal 10), SIGTERM bit 14.
+        let status = "Name:\tclaude-runner\nSigIgn:\t0000000000001000\nSigCgt:\t0000000180004a00\n";
+        assert!(caught_in(status, libc::SIGUSR1));
+        assert!(caught_in(status, libc::SIGTERM));
+        assert!(!caught_in(status, libc::SIGHUP));
+        assert!(!caught_in("Name:\tx\n", libc::SIGUSR1));
+        // This very process: the test harness catches no SIGUSR1.
+        assert!(!catches_usr1(std::process::id()));
+    }
 }

@@ -13,7 +13,7 @@ pub const PRIVATE_DIR: u32 = 0o700;
 /// and (with `durable`) so that it survives a power cut too, at the cost of an fsync.
 pub fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    {
+    let written = (|| {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(PRIVATE_FILE).open(&tmp)?;
@@ -23,8 +23,14 @@ pub fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> std::io::Re
         if durable {
             f.sync_all()?;
         }
+        drop(f);
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        // Half a file on a full disk holds the space that was lacking.
+        let _ = std::fs::remove_file(&tmp);
     }
-    std::fs::rename(&tmp, path)
+    written
 }
 
 /// Creates `dir` (and missing parents) owner-only, and makes an existing one owner-only
@@ -63,5 +69,18 @@ mod tests {
         write_atomically(&root.join("f.json"), b"new", false).unwrap();
         assert_eq!(std::fs::metadata(root.join("f.json")).unwrap().permissions().mode() & 0o777, 0o600);
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A write that fails part way (a full disk, here a rename that cannot happen) leaves
+    /// nothing behind: a half-written temporary file on a full disk would hold the very
+    /// space the agent lacks, and nothing else ever removes it.
+    #[test]
+    fn a_failed_write_leaves_no_temporary_file() {
+        let dir = std::env::temp_dir().join(format!("cr-files-failed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("result.json/in-the-way")).unwrap();
+        assert!(write_atomically(&dir.join("result.json"), b"{}", true).is_err());
+        assert!(!dir.join("result.tmp").exists(), "the temporary file was left behind");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

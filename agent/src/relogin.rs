@@ -19,7 +19,7 @@
 
 use crate::agent::Agent;
 use shared::oauth::LoginHealth;
-use shared::protocol::{AgentMessage, LoginAction, LoginOrder, LoginState};
+use shared::protocol::{AgentMessage, LoginAction, LoginOrder, LoginReport, LoginState};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,7 +52,8 @@ pub struct Relogin {
 
 struct Current {
     login_id: String,
-    code: Option<oneshot::Sender<String>>,
+    /// The code, with the nonce of the order that brought it.
+    code: Option<oneshot::Sender<(String, String)>>,
     /// Dropped to stop the login (a newer one replaces it).
     _stop: oneshot::Sender<()>,
 }
@@ -61,6 +62,7 @@ impl Relogin {
     /// Carries out a verified order.
     pub fn on_order(&self, agent: &Arc<Agent>, order: LoginOrder) {
         let login_id = order.header.job_id.clone();
+        let nonce = order.header.nonce.clone();
         match order.action {
             LoginAction::Start => {
                 let (code_tx, code_rx) = oneshot::channel();
@@ -70,16 +72,16 @@ impl Relogin {
                     info!(agent_id = %agent.cfg.agent_id, login_id = %old.login_id, "login replaced by a newer one");
                 }
                 info!(agent_id = %agent.cfg.agent_id, login_id = %login_id, "starting `claude auth login`");
-                tokio::spawn(run(Arc::clone(agent), login_id, code_rx, stop_rx));
+                tokio::spawn(run(Arc::clone(agent), login_id, nonce, code_rx, stop_rx));
             }
             LoginAction::Code { code } => {
                 let sender = {
                     let mut current = self.current.lock().expect("relogin lock");
                     current.as_mut().filter(|c| c.login_id == login_id).and_then(|c| c.code.take())
                 };
-                match sender.map(|tx| tx.send(code)) {
+                match sender.map(|tx| tx.send((code, nonce.clone()))) {
                     Some(Ok(())) => info!(agent_id = %agent.cfg.agent_id, login_id = %login_id, "login code received"),
-                    _ => progress(agent, &login_id, LoginState::Failed, None, Some("no login with this id is waiting for a code on the agent (it ended or was replaced)".into())),
+                    _ => progress(agent, &login_id, &nonce, LoginState::Failed, None, Some("no login with this id is waiting for a code on the agent (it ended or was replaced)".into())),
                 }
             }
         }
@@ -94,9 +96,12 @@ impl Relogin {
     }
 }
 
-fn progress(agent: &Agent, login_id: &str, state: LoginState, url: Option<String>, error: Option<String>) {
+/// Tells the edge how the login goes, signed and bound to the order `order_nonce` it
+/// answers (the edge lets held work go on a `LoggedIn`: nobody on the path may forge one).
+fn progress(agent: &Agent, login_id: &str, order_nonce: &str, state: LoginState, url: Option<String>, error: Option<String>) {
     let oauth = (state == LoginState::LoggedIn).then(|| agent.reporter.report());
-    let _ = agent.uplink.send(AgentMessage::LoginProgress { login_id: login_id.to_string(), state, url, error, oauth });
+    let report = LoginReport { login_id: login_id.to_string(), order_nonce: order_nonce.to_string(), state, url, error, oauth };
+    let _ = agent.uplink.send(AgentMessage::login(&report, &agent.cfg.signing_key));
 }
 
 /// The authorization URL in what `claude auth login` printed so far: the first `https://`
@@ -133,8 +138,10 @@ fn kill_group(pgid: u32) {
     }
 }
 
-async fn run(agent: Arc<Agent>, login_id: String, code_rx: oneshot::Receiver<String>, stop_rx: oneshot::Receiver<()>) {
-    let outcome = drive(&agent, &login_id, code_rx, stop_rx).await;
+async fn run(agent: Arc<Agent>, login_id: String, start_nonce: String, code_rx: oneshot::Receiver<(String, String)>, stop_rx: oneshot::Receiver<()>) {
+    // The outcome answers the newest order of this login: its start, then its code.
+    let mut answering = start_nonce;
+    let outcome = drive(&agent, &login_id, &mut answering, code_rx, stop_rx).await;
     agent.relogin.ended(&login_id);
     match outcome {
         Ok(()) => {
@@ -144,15 +151,15 @@ async fn run(agent: Arc<Agent>, login_id: String, code_rx: oneshot::Receiver<Str
             if report.health(crate::now_ms()) == LoginHealth::Broken {
                 let why = "`claude auth login` ended, but the agent still reads no usable login".to_string();
                 warn!(agent_id = %agent.cfg.agent_id, login_id = %login_id, "login ended without a usable login");
-                progress(&agent, &login_id, LoginState::Failed, None, Some(why));
+                progress(&agent, &login_id, &answering, LoginState::Failed, None, Some(why));
             } else {
                 info!(agent_id = %agent.cfg.agent_id, login_id = %login_id, "login succeeded");
-                progress(&agent, &login_id, LoginState::LoggedIn, None, None);
+                progress(&agent, &login_id, &answering, LoginState::LoggedIn, None, None);
             }
         }
         Err(Some(why)) => {
             warn!(agent_id = %agent.cfg.agent_id, login_id = %login_id, reason = %why, "login failed");
-            progress(&agent, &login_id, LoginState::Failed, None, Some(why));
+            progress(&agent, &login_id, &answering, LoginState::Failed, None, Some(why));
         }
         // Replaced by a newer login: that one reports.
         Err(None) => {}
@@ -180,7 +187,13 @@ fn collect(mut pipe: impl AsyncRead + Unpin + Send + 'static, into: Arc<Mutex<St
 }
 
 /// Runs one login to its end. `Err(None)`: it was replaced.
-async fn drive(agent: &Agent, login_id: &str, code_rx: oneshot::Receiver<String>, mut stop_rx: oneshot::Receiver<()>) -> Result<(), Option<String>> {
+async fn drive(
+    agent: &Agent,
+    login_id: &str,
+    answering: &mut String,
+    code_rx: oneshot::Receiver<(String, String)>,
+    mut stop_rx: oneshot::Receiver<()>,
+) -> Result<(), Option<String>> {
     let cfg = &agent.cfg;
     let mut cmd = Command::new(&cfg.claude_bin);
     cmd.args(["auth", "login"]).env_clear();
@@ -238,10 +251,14 @@ async fn drive(agent: &Agent, login_id: &str, code_rx: oneshot::Receiver<String>
             }
         };
         info!(agent_id = %cfg.agent_id, login_id, "login waits for its code");
-        progress(agent, login_id, LoginState::AwaitingCode, Some(url), None);
+        progress(agent, login_id, answering, LoginState::AwaitingCode, Some(url), None);
         // 2. The code.
         let code = tokio::select! {
-            code = code_rx => code.map_err(|_| None)?,
+            code = code_rx => {
+                let (code, nonce) = code.map_err(|_| None)?;
+                *answering = nonce;
+                code
+            }
             _ = tokio::time::sleep(CODE_WAIT) => return Err(Some(format!("no code came within {} minutes; start again", CODE_WAIT.as_secs() / 60))),
             _ = &mut stop_rx => return Err(None),
             status = child.wait() => return Err(Some(format!("`claude auth login` ended ({status:?}) before the code came: {}", failure_reason(&printed.lock().expect("output lock"), "")))),

@@ -41,6 +41,8 @@ pub struct JobContext {
     pub spool: Option<Arc<Spool>>,
     /// Repository mirrors, for jobs with a `repo_url`.
     pub repos: Arc<Repos>,
+    /// The nonce of the job's order: every progress event is signed bound to it.
+    pub order_nonce: String,
 }
 
 /// After Claude, the diff and the push get the rest of the job's time and this much more
@@ -146,11 +148,9 @@ async fn hand_back(
     if !result.success {
         wanted.push_branch = None;
     }
-    let url = spec.repo_url.clone().unwrap_or_default();
     let handing = Instant::now();
-    let finished = tokio::time::timeout_at(deadline.max(tokio::time::Instant::now()) + FINISH_GRACE, prepared.finish(&ctx.repos, &wanted, job_id, redactor))
-        .await
-        .unwrap_or_else(|_| Err(RepoError::Git { action: "hand back the job's changes in time", detail: format!("the diff or the push to {url} took longer than timeout_ms plus {} s", FINISH_GRACE.as_secs()) }));
+    let give_up_at = deadline.max(tokio::time::Instant::now()) + FINISH_GRACE;
+    let finished = prepared.finish(&ctx.repos, &wanted, job_id, redactor, give_up_at).await;
     if wanted.include_diff || wanted.push_branch.is_some() {
         info!(job_id, agent_id = %ctx.cfg.agent_id, ok = finished.is_ok(), ms = handing.elapsed().as_millis() as u64, "changes handed back");
     }
@@ -235,12 +235,12 @@ async fn run_claude(
             } else {
                 event
             };
-            let _ = ctx.uplink.send(AgentMessage::Event { job_id: job_id.to_string(), seq, event });
+            let _ = ctx.uplink.send(AgentMessage::progress(job_id, &ctx.order_nonce, seq, event, &cfg.signing_key));
         }
     };
     // Durably before Claude can start: if the agent dies now, its next run reports the job
     // lost instead of letting the edge send it again (it may not have heard it started).
-    if let Err(e) = ctx.spool.as_ref().map_or(Ok(()), |spool| spool.started(job_id)) {
+    if let Err(e) = ctx.spool.as_ref().map_or(Ok(()), |spool| spool.started(job_id, &ctx.order_nonce)) {
         return JobResult::failure(
             shared::contract::ErrorCode::InternalError,
             format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry"),

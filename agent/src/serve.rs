@@ -1,12 +1,13 @@
 //! The agent's life: start the connection, run the jobs it receives, and on a stop
 //! request drain (see [`crate::drain`]): close the door to new jobs, let the running ones
-//! finish within `DRAIN_TIMEOUT_MS` (or stop them at once on a second request), wait for
+//! finish within `DRAIN_TIMEOUT_MS` (or stop them at once on a second SIGTERM), wait for
 //! their results to reach the edge (or stay spooled) and close the connection. Job tasks
 //! live in a `JoinSet` owned here, so a stop waits for exactly the jobs there are.
 
 use crate::agent::Agent;
 use crate::config::AgentConfig;
 use crate::connection;
+use crate::drain::{self, Request};
 use crate::process::KILL_GRACE;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -18,7 +19,7 @@ use tracing::{info, warn};
 const DELIVERY_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the agent until a stop request arrives on `stops`, then drains and returns.
-pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<()>) -> anyhow::Result<()> {
+pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<Request>) -> anyhow::Result<()> {
     info!(agent_id = %cfg.agent_id, edge = %cfg.connect_url, capacity = cfg.max_concurrent_jobs, claude = %cfg.claude_bin, "agent starting");
     let (agent, queues) = Agent::new(cfg)?;
     // Known before the first hello; then noticed within a minute of an upgrade.
@@ -63,7 +64,7 @@ pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<()>) -> 
             warn!(agent_id = %agent.cfg.agent_id, left = jobs.len(), "drain timeout: handing the running jobs back");
             false
         }
-        _ = stops.recv() => {
+        _ = drain::stop_now(&mut stops) => {
             warn!(agent_id = %agent.cfg.agent_id, left = jobs.len(), "stopped again: handing the running jobs back now");
             false
         }
@@ -80,7 +81,7 @@ pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<()>) -> 
     // The results are on disk and on their way; give the edge a moment to take them.
     let delivered = tokio::select! {
         delivered = delivery(&agent) => delivered,
-        _ = stops.recv() => false,
+        _ = drain::stop_now(&mut stops) => false,
     };
     if !delivered {
         let kept = agent.spool.all().len();
@@ -110,14 +111,16 @@ async fn join_all(agent: &Agent, jobs: &mut JoinSet<()>) {
 }
 
 /// Waits until the edge has acknowledged every spooled result. False when it did not
-/// within [`DELIVERY_GRACE`], or there is no connection to deliver them on.
+/// within [`DELIVERY_GRACE`]. A connection that is down meanwhile (the edge restarting,
+/// a dropped link) is waited for too: the connection task keeps dialing, and sends every
+/// spooled result after its hello.
 async fn delivery(agent: &Agent) -> bool {
     let deadline = tokio::time::Instant::now() + DELIVERY_GRACE;
     loop {
         if agent.spool.all().is_empty() {
             return true;
         }
-        if !agent.status.is_connected() || tokio::time::Instant::now() >= deadline {
+        if tokio::time::Instant::now() >= deadline {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

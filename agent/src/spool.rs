@@ -1,17 +1,20 @@
 //! What the agent keeps on disk so that nothing is lost and nothing runs twice:
 //!
-//! - results, until the edge acknowledges them: a job's result is written here before it
-//!   is sent, so a dropped connection or an agent restart loses nothing; after
+//! - results, until the edge acknowledges them: a job's result is written here — signed,
+//!   as it is sent — before it is sent, so a dropped connection or an agent restart loses
+//!   nothing; after
 //!   reconnecting the agent names the spooled jobs in its hello and sends them again. A
 //!   result that cannot be written (a full or read-only disk) is kept in memory instead —
 //!   named and sent the same way — and written when the disk allows;
-//! - a "started" marker per job, written (and synced) before Claude is spawned and removed
-//!   once its result is kept. A marker left by an agent that died is found at start-up:
-//!   that job is reported lost, never started again — the edge may not have heard that it
+//! - a "started" marker per job, holding its order's nonce, written (and synced) before
+//!   Claude is spawned and removed once its result is kept. A marker left by an agent that
+//!   died is found at start-up: that job is reported lost (a result signed bound to the
+//!   nonce the marker kept), never started again — the edge may not have heard that it
 //!   started, and would otherwise send it again.
 
 use crate::files::write_atomically;
 use shared::contract::ErrorCode;
+use shared::envelope::Envelope;
 use shared::job::JobResult;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -21,7 +24,15 @@ pub struct Spool {
     dir: PathBuf,
     started: PathBuf,
     /// Results the disk refused, until it takes them.
-    held: Mutex<BTreeMap<String, JobResult>>,
+    held: Mutex<BTreeMap<String, Envelope>>,
+}
+
+/// A job an earlier run of the agent started and did not finish: its id and the nonce of
+/// its order, which the "lost" result that reports it is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interrupted {
+    pub job_id: String,
+    pub order_nonce: String,
 }
 
 /// Job ids become file names: only plain ids are allowed.
@@ -39,10 +50,10 @@ pub fn interrupted() -> JobResult {
 }
 
 impl Spool {
-    /// Opens the spool: results in `dir`, markers in `started`; and turns every marker a
-    /// dead agent left into a spooled "lost" result. Returns the spool and the ids of those
-    /// jobs.
-    pub fn open(dir: PathBuf, started: PathBuf) -> std::io::Result<(Spool, Vec<String>)> {
+    /// Opens the spool: results in `dir`, markers in `started`. Returns the spool and the
+    /// jobs whose markers a dead agent left without a result: the agent reports each lost
+    /// ([`interrupted`], signed, [`Spool::put`], which removes the marker).
+    pub fn open(dir: PathBuf, started: PathBuf) -> std::io::Result<(Spool, Vec<Interrupted>)> {
         crate::files::private_dir(&dir)?;
         crate::files::private_dir(&started)?;
         let spool = Spool { dir, started, held: Mutex::new(BTreeMap::new()) };
@@ -50,12 +61,15 @@ impl Spool {
         for entry in std::fs::read_dir(&spool.started)?.flatten() {
             let name = entry.file_name();
             let Some(id) = name.to_str().filter(|id| safe_id(id)) else { continue };
-            if !spool.has(id) {
-                tracing::warn!(job_id = id, "a job was running when the agent stopped; it is reported lost, not run again");
-                spool.put(id, &interrupted())?;
-                interrupted_jobs.push(id.to_string());
+            if spool.has(id) {
+                spool.finished(id);
+                continue;
             }
-            spool.finished(id);
+            tracing::warn!(job_id = id, "a job was running when the agent stopped; it is reported lost, not run again");
+            // Written by this agent: its order's nonce, a short plain line.
+            let nonce = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let nonce = shared::text::truncate(nonce.trim(), shared::ids::MAX_JOB_ID + 16).to_string();
+            interrupted_jobs.push(Interrupted { job_id: id.to_string(), order_nonce: nonce });
         }
         Ok((spool, interrupted_jobs))
     }
@@ -64,17 +78,19 @@ impl Spool {
         safe_id(job_id).then(|| self.dir.join(format!("{job_id}.json")))
     }
 
-    /// Writes (and syncs) the marker that says this job's Claude may be running. Nothing
-    /// may start without it.
-    pub fn started(&self, job_id: &str) -> std::io::Result<()> {
+    /// Writes (and syncs) the marker that says this job's Claude may be running, holding
+    /// its order's nonce. Nothing may start without it.
+    pub fn started(&self, job_id: &str, order_nonce: &str) -> std::io::Result<()> {
         if !safe_id(job_id) {
             return Err(std::io::Error::other("unsafe job id"));
         }
-        // An empty file: its name is the whole record. One fsync, like the result's (whose
+        // Its name and the nonce are the whole record. One fsync, like the result's (whose
         // rename is not synced either): on ext4 (and XFS) syncing a new file commits the
         // journal that holds its directory entry too; a second fsync of the folder cost
         // as much again (about 4 ms on the shared test machine's disk).
-        std::fs::File::create(self.started.join(job_id))?.sync_all()
+        let mut file = std::fs::File::create(self.started.join(job_id))?;
+        std::io::Write::write_all(&mut file, order_nonce.as_bytes())?;
+        file.sync_all()
     }
 
     /// The job's result is kept (on disk or in memory): its marker goes.
@@ -85,7 +101,7 @@ impl Spool {
     /// Keeps a result until the edge acknowledges it. If the disk refuses it, it is kept
     /// in memory (and the error returned, for the agent to report); either way it is
     /// named in the next hello and sent again.
-    pub fn put(&self, job_id: &str, result: &JobResult) -> std::io::Result<()> {
+    pub fn put(&self, job_id: &str, result: &Envelope) -> std::io::Result<()> {
         let path = self.path(job_id).ok_or_else(|| std::io::Error::other("unsafe job id"))?;
         // A result is the one thing that must outlive anything: fsync it.
         let written = write_atomically(&path, &serde_json::to_vec(result)?, true);
@@ -101,7 +117,7 @@ impl Spool {
     }
 
     /// A kept result, if there is one.
-    pub fn get(&self, job_id: &str) -> Option<JobResult> {
+    pub fn get(&self, job_id: &str) -> Option<Envelope> {
         if let Some(r) = self.held.lock().expect("spool lock").get(job_id) {
             return Some(r.clone());
         }
@@ -123,8 +139,8 @@ impl Spool {
 
     /// Every kept result, on disk or held in memory (those are written to disk first if
     /// it now allows). Unreadable files are moved aside rather than resent forever.
-    pub fn all(&self) -> Vec<(String, JobResult)> {
-        let mut out: BTreeMap<String, JobResult> = BTreeMap::new();
+    pub fn all(&self) -> Vec<(String, Envelope)> {
+        let mut out: BTreeMap<String, Envelope> = BTreeMap::new();
         {
             let mut held = self.held.lock().expect("spool lock");
             let written: Vec<String> = held
@@ -147,7 +163,7 @@ impl Spool {
             let Some(id) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else {
                 continue;
             };
-            match std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<JobResult>(&b).ok()) {
+            match std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Envelope>(&b).ok()) {
                 Some(r) if safe_id(id) => {
                     out.insert(id.to_string(), r);
                 }
@@ -165,6 +181,21 @@ impl Spool {
 mod tests {
     use super::*;
 
+    use shared::protocol::{AgentMessage, ResultReport};
+
+    /// A result as the agent keeps it: signed.
+    fn signed(job_id: &str, result: JobResult) -> Envelope {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        match AgentMessage::result(job_id, &format!("{job_id}:1"), result, &key) {
+            AgentMessage::Result { envelope } => envelope,
+            _ => unreachable!("a result"),
+        }
+    }
+
+    fn opened(envelope: &Envelope) -> ResultReport {
+        serde_json::from_str(&envelope.payload).unwrap()
+    }
+
     fn dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("cr-spool-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -175,7 +206,7 @@ mod tests {
     fn keeps_results_until_removed_and_sets_bad_files_aside() {
         let dir = dir("keep");
         let (spool, _) = Spool::open(dir.clone(), dir.join("started")).unwrap();
-        let r = JobResult { success: true, output: "x".into(), ..Default::default() };
+        let r = signed("job-1", JobResult { success: true, output: "x".into(), ..Default::default() });
         spool.put("job-1", &r).unwrap();
         assert!(spool.put("../evil", &r).is_err());
         std::fs::write(dir.join("junk.json"), "{").unwrap();
@@ -193,18 +224,20 @@ mod tests {
         let dir = dir("started");
         let (spool, interrupted_jobs) = Spool::open(dir.clone(), dir.join("started")).unwrap();
         assert!(interrupted_jobs.is_empty());
-        spool.started("ran-half").unwrap();
-        spool.started("ran-whole").unwrap();
-        spool.put("ran-whole", &JobResult { success: true, ..Default::default() }).unwrap();
+        spool.started("ran-half", "ran-half:3").unwrap();
+        spool.started("ran-whole", "ran-whole:1").unwrap();
+        spool.put("ran-whole", &signed("ran-whole", JobResult { success: true, ..Default::default() })).unwrap();
         drop(spool); // the agent dies here
 
         let (spool, interrupted_jobs) = Spool::open(dir.clone(), dir.join("started")).unwrap();
-        assert_eq!(interrupted_jobs, vec!["ran-half".to_string()]);
+        assert_eq!(interrupted_jobs, vec![Interrupted { job_id: "ran-half".into(), order_nonce: "ran-half:3".into() }]);
+        // The agent reports it lost (as it does at start-up).
+        spool.put("ran-half", &signed("ran-half", interrupted())).unwrap();
         let all = spool.all();
         assert_eq!(all.len(), 2);
-        let lost = spool.get("ran-half").unwrap();
+        let lost = opened(&spool.get("ran-half").unwrap()).result;
         assert_eq!(lost.error_code, Some(ErrorCode::RunnerLost));
-        assert!(spool.get("ran-whole").unwrap().success);
+        assert!(opened(&spool.get("ran-whole").unwrap()).result.success);
         // Reported once: the markers are gone.
         assert!(Spool::open(dir.clone(), dir.join("started")).unwrap().1.is_empty());
     }
@@ -215,7 +248,7 @@ mod tests {
         let (spool, _) = Spool::open(dir.clone(), dir.join("started")).unwrap();
         // A directory where the result's file would go makes the write fail.
         std::fs::create_dir_all(dir.join("job-9.tmp")).unwrap();
-        let r = JobResult { success: true, output: "kept".into(), ..Default::default() };
+        let r = signed("job-9", JobResult { success: true, output: "kept".into(), ..Default::default() });
         assert!(spool.put("job-9", &r).is_err());
         assert!(spool.has("job-9"));
         assert_eq!(spool.held(), 1);

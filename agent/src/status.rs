@@ -126,10 +126,6 @@ impl StatusFile {
         self.update(|s| s.draining = true);
     }
 
-    pub fn is_connected(&self) -> bool {
-        self.status.lock().expect("status lock").connected
-    }
-
     pub fn running(&self, running: Vec<String>) {
         self.update(|s| s.running = running);
     }

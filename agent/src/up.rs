@@ -81,6 +81,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let agent_cfg = AgentConfig {
         connect_url: format!("ws://{addr}/agent/connect"),
         agent_id: state.agent_id.clone(),
+        pool: shared::ids::DEFAULT_POOL.to_string(),
         signing_key: agent_key,
         edge_public_key: keys::verifying_key("edge key", &state.keys.edge_public_key)?,
         claude_bin: args.local.claude_bin.clone(),
@@ -100,7 +101,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     -H 'Content-Type: application/json' -H 'X-Runner-Secret: {secret}' \\
     -d '{{\"prompt\": \"Write a haiku about home servers\"}}'
 
-  curl -s http://{addr}/health
+  curl -s -H 'X-Runner-Secret: {secret}' http://{addr}/health
 Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both.",
         id = state.agent_id,
         secret = state.runner_secret,

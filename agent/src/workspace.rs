@@ -25,6 +25,23 @@ pub fn prepare(workspace: &Path, working_dir: Option<&str>) -> std::io::Result<P
     Ok(real)
 }
 
+/// At the agent's start, every workspace under `root` is a leftover: its job was running
+/// when the agent was killed (it is reported lost), and a checkout can be gigabytes that
+/// nothing else would ever remove. Kept, like a failed job's, when `keep` is set
+/// (`KEEP_FAILED_WORKSPACES`). Returns how many were removed.
+pub fn clear_leftovers(root: &Path, keep: bool) -> usize {
+    if keep {
+        return 0;
+    }
+    let mut removed = 0;
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        if std::fs::remove_dir_all(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Claude Code files a session under `projects/<its working directory, slugged>/<id>.jsonl`
 /// and `--resume` looks only under the current directory's folder. Every job has a fresh
 /// workspace, so a session from an earlier job is copied to where this job's Claude looks.
@@ -69,6 +86,19 @@ mod tests {
         // Unknown sessions are left for Claude to report; hostile ids build no paths.
         assert!(carry_session(&root, "unknown", cwd).is_ok());
         assert!(carry_session(&root, "../../etc/passwd", cwd).is_err());
+    }
+
+    #[test]
+    fn leftover_workspaces_go_unless_failed_ones_are_kept() {
+        let root = std::env::temp_dir().join(format!("cr-leftovers-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("job-a/src")).unwrap();
+        std::fs::create_dir_all(root.join("job-b")).unwrap();
+        assert_eq!(clear_leftovers(&root, true), 0);
+        assert!(root.join("job-a/src").exists(), "KEEP_FAILED_WORKSPACES keeps them");
+        assert_eq!(clear_leftovers(&root, false), 2);
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+        assert_eq!(clear_leftovers(&root.join("missing"), false), 0);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

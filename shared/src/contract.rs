@@ -514,6 +514,12 @@ pub struct Health {
     pub usage: Option<crate::usage::UsageView>,
 }
 
+/// `GET /health` without the secret: the verdict alone (its status code says the same).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublicHealth {
+    pub status: HealthStatus,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HealthStatus {

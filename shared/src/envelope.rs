@@ -23,6 +23,12 @@ pub enum Domain {
     Hello,
     /// Edge → agent: answer to the agent's nonce, proving the edge holds its key.
     Welcome,
+    /// Agent → edge: a running job's progress event.
+    Progress,
+    /// Agent → edge: a job's result.
+    Result,
+    /// Agent → edge: how a relayed `claude auth login` goes.
+    LoginReport,
 }
 
 impl Domain {
@@ -33,6 +39,9 @@ impl Domain {
             Domain::Login => b"claude-runner/v1/login\n",
             Domain::Hello => b"claude-runner/v1/agent-hello\n",
             Domain::Welcome => b"claude-runner/v1/edge-welcome\n",
+            Domain::Progress => b"claude-runner/v1/agent-progress\n",
+            Domain::Result => b"claude-runner/v1/agent-result\n",
+            Domain::LoginReport => b"claude-runner/v1/agent-login\n",
         }
     }
 }
@@ -88,6 +97,8 @@ pub struct OrderHeader {
     pub job_id: String,
     /// The agent this order is for; any other agent must refuse it.
     pub agent_id: String,
+    /// The pool it comes from: an agent serves one pool (`EDGE_POOL`) and refuses another's.
+    pub pool: String,
     pub issued_at: Millis,
     pub expires_at: Millis,
     /// Unique per envelope: the agent remembers nonces until they expire to refuse replays.
@@ -96,15 +107,23 @@ pub struct OrderHeader {
 
 impl OrderHeader {
     /// An order issued at `issued_at` (the edge's wall clock), valid for [`ORDER_TTL_MS`].
-    pub fn new(job_id: &str, agent_id: &str, issued_at: Millis, nonce: String) -> OrderHeader {
+    pub fn new(job_id: &str, to: Audience<'_>, issued_at: Millis, nonce: String) -> OrderHeader {
         OrderHeader {
             job_id: job_id.to_string(),
-            agent_id: agent_id.to_string(),
+            agent_id: to.agent_id.to_string(),
+            pool: to.pool.to_string(),
             issued_at,
             expires_at: issued_at.saturating_add(ORDER_TTL_MS),
             nonce,
         }
     }
+}
+
+/// Whom an order is for: one agent, serving one pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Audience<'a> {
+    pub agent_id: &'a str,
+    pub pool: &'a str,
 }
 
 /// Clock skew the agent tolerates between its clock and the edge's.
@@ -120,6 +139,8 @@ pub enum Refusal {
     Signature(EnvelopeError),
     #[error("the order is for agent `{for_agent}`, not this agent `{me}`")]
     WrongAgent { for_agent: String, me: String },
+    #[error("the order comes from pool `{from_pool}`, but this agent serves pool `{mine}` (EDGE_POOL)")]
+    WrongPool { from_pool: String, mine: String },
     #[error("the order expired at {expires_at} ms; the agent's clock says {now} ms (check both clocks)")]
     Expired { expires_at: Millis, now: Millis },
     #[error("the order was issued at {issued_at} ms, in the future of the agent's clock {now} ms (check both clocks)")]
@@ -134,13 +155,16 @@ pub fn open_order<T: DeserializeOwned + HasHeader>(
     envelope: &Envelope,
     domain: Domain,
     edge_key: &VerifyingKey,
-    me: &str,
+    me: Audience<'_>,
     now: Millis,
 ) -> Result<T, Refusal> {
     let order: T = envelope.open(domain, edge_key).map_err(Refusal::Signature)?;
     let h = order.header();
-    if h.agent_id != me {
-        return Err(Refusal::WrongAgent { for_agent: h.agent_id.clone(), me: me.to_string() });
+    if h.agent_id != me.agent_id {
+        return Err(Refusal::WrongAgent { for_agent: h.agent_id.clone(), me: me.agent_id.to_string() });
+    }
+    if h.pool != me.pool {
+        return Err(Refusal::WrongPool { from_pool: h.pool.clone(), mine: me.pool.to_string() });
     }
     if now > h.expires_at.saturating_add(CLOCK_SKEW_MS) {
         return Err(Refusal::Expired { expires_at: h.expires_at, now });
@@ -159,6 +183,8 @@ pub trait HasHeader {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    const SPARK: Audience<'static> = Audience { agent_id: "spark", pool: "default" };
 
     fn key(seed: u8) -> SigningKey {
         SigningKey::from_bytes(&[seed; 32])
@@ -181,6 +207,7 @@ mod tests {
             header: OrderHeader {
                 job_id: "j1".into(),
                 agent_id: agent.into(),
+                pool: "default".into(),
                 issued_at,
                 expires_at: issued_at + ORDER_TTL_MS,
                 nonce: "n1".into(),
@@ -193,14 +220,14 @@ mod tests {
     fn opens_what_was_sealed() {
         let k = key(1);
         let env = Envelope::seal(Domain::Job, &order("spark", 1000), &k);
-        let o: Order = open_order(&env, Domain::Job, &k.verifying_key(), "spark", 2000).unwrap();
+        let o: Order = open_order(&env, Domain::Job, &k.verifying_key(), SPARK, 2000).unwrap();
         assert_eq!(o.what, "run");
     }
 
     #[test]
     fn refuses_another_key() {
         let env = Envelope::seal(Domain::Job, &order("spark", 1000), &key(2));
-        let err = open_order::<Order>(&env, Domain::Job, &key(1).verifying_key(), "spark", 2000).unwrap_err();
+        let err = open_order::<Order>(&env, Domain::Job, &key(1).verifying_key(), SPARK, 2000).unwrap_err();
         assert_eq!(err, Refusal::Signature(EnvelopeError::BadSignature));
     }
 
@@ -209,20 +236,20 @@ mod tests {
         let k = key(1);
         let mut env = Envelope::seal(Domain::Job, &order("spark", 1000), &k);
         env.payload = env.payload.replace("run", "rm!");
-        let err = open_order::<Order>(&env, Domain::Job, &k.verifying_key(), "spark", 2000).unwrap_err();
+        let err = open_order::<Order>(&env, Domain::Job, &k.verifying_key(), SPARK, 2000).unwrap_err();
         assert_eq!(err, Refusal::Signature(EnvelopeError::BadSignature));
         // Even re-serialising the same value differently (whitespace) breaks the signature:
         // the signed bytes are the sent bytes.
         let mut env = Envelope::seal(Domain::Job, &order("spark", 1000), &k);
         env.payload = env.payload.replace(",", ", ");
-        assert!(open_order::<Order>(&env, Domain::Job, &k.verifying_key(), "spark", 2000).is_err());
+        assert!(open_order::<Order>(&env, Domain::Job, &k.verifying_key(), SPARK, 2000).is_err());
     }
 
     #[test]
     fn refuses_a_signature_from_another_domain() {
         let k = key(1);
         let env = Envelope::seal(Domain::Cancel, &order("spark", 1000), &k);
-        let err = open_order::<Order>(&env, Domain::Job, &k.verifying_key(), "spark", 2000).unwrap_err();
+        let err = open_order::<Order>(&env, Domain::Job, &k.verifying_key(), SPARK, 2000).unwrap_err();
         assert_eq!(err, Refusal::Signature(EnvelopeError::BadSignature));
     }
 
@@ -230,15 +257,24 @@ mod tests {
     fn refuses_another_agents_order() {
         let k = key(1);
         let env = Envelope::seal(Domain::Job, &order("laptop", 1000), &k);
-        let err = open_order::<Order>(&env, Domain::Job, &k.verifying_key(), "spark", 2000).unwrap_err();
+        let err = open_order::<Order>(&env, Domain::Job, &k.verifying_key(), SPARK, 2000).unwrap_err();
         assert!(matches!(err, Refusal::WrongAgent { .. }));
+    }
+
+    #[test]
+    fn refuses_another_pools_order() {
+        let k = key(1);
+        let env = Envelope::seal(Domain::Job, &order("spark", 1000), &k);
+        let other = Audience { agent_id: "spark", pool: "gpu" };
+        let err = open_order::<Order>(&env, Domain::Job, &k.verifying_key(), other, 2000).unwrap_err();
+        assert_eq!(err, Refusal::WrongPool { from_pool: "default".into(), mine: "gpu".into() });
     }
 
     #[test]
     fn applies_clock_skew_both_ways() {
         let k = key(1);
         let env = Envelope::seal(Domain::Job, &order("spark", 1_000_000), &k);
-        let open = |now| open_order::<Order>(&env, Domain::Job, &k.verifying_key(), "spark", now);
+        let open = |now| open_order::<Order>(&env, Domain::Job, &k.verifying_key(), SPARK, now);
         let expires = 1_000_000 + ORDER_TTL_MS;
         assert!(open(expires + CLOCK_SKEW_MS).is_ok());
         assert!(matches!(open(expires + CLOCK_SKEW_MS + 1), Err(Refusal::Expired { .. })));

@@ -13,8 +13,25 @@ pub fn plain_id(id: &str, max: usize) -> bool {
     !id.is_empty() && id.len() <= max && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
 }
 
+/// The pool of an edge's requests that name none, and of agents that name none
+/// (`EDGE_POOL`).
+pub const DEFAULT_POOL: &str = "default";
+/// Longest pool name; a pool name is a plain id.
+pub const MAX_POOL_NAME: usize = 64;
+
 /// Longest job id anyone accepts.
 pub const MAX_JOB_ID: usize = 128;
+
+/// A job id as a log line or an answer may show it: itself if it is a plain id, else `-`.
+/// What a peer sent in place of an id (newlines, control characters, megabytes) never
+/// reaches a log.
+pub fn shown_job_id(id: &str) -> &str {
+    if plain_id(id, MAX_JOB_ID) {
+        id
+    } else {
+        "-"
+    }
+}
 
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
@@ -38,5 +55,7 @@ mod tests {
         assert!(plain_id("0190abc-def_1", MAX_JOB_ID));
         assert!(!plain_id("../x", MAX_JOB_ID) && !plain_id("a.b", 10) && !plain_id("abc", 2) && !plain_id("", 5));
         assert_eq!(hex(&[0, 1, 0xab, 0xff]), "0001abff");
+        assert_eq!(shown_job_id("0190abc-def_1"), "0190abc-def_1");
+        assert_eq!(shown_job_id("j1\n2026-01-01 INFO forged"), "-");
     }
 }

@@ -16,7 +16,8 @@
 //! versions. Message kinds a peer does not know decode as `Unknown` and are ignored, so
 //! new kinds can be added without breaking older peers.
 
-use crate::envelope::{Envelope, HasHeader, OrderHeader};
+use crate::envelope::{Domain, Envelope, HasHeader, OrderHeader};
+use ed25519_dalek::SigningKey;
 use crate::job::{JobResult, JobSpec};
 use crate::oauth::OAuthReport;
 use crate::Millis;
@@ -25,10 +26,18 @@ use serde::{Deserialize, Serialize};
 /// 2: jobs may carry a repository (`repo_url`, `push_branch`…). An agent of version 1 would
 /// ignore those fields and run the task in an empty folder, so the versions refuse each other.
 /// 3: slots are stated absolutely (free slots and orders received), not as increments.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: pools signed into welcomes and orders; progress, results and the re-login relay's
+/// reports signed by the agent, bound to the order they answer; the usage window in the
+/// login report.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
+
+/// Largest frame a connection may send before its hello is verified. Anyone can open a
+/// connection, so until it proves itself it may not make the edge hold more than this. A
+/// hello lists the agent's running and unacknowledged jobs: this holds about 1,900.
+pub const MAX_HELLO_BYTES: usize = 64 * 1024;
 
 /// How long either side waits for each step of the handshake (challenge, hello,
 /// welcome) before giving the connection up.
@@ -126,21 +135,12 @@ pub enum AgentMessage {
         #[serde(default)]
         retry: bool,
     },
-    /// A progress event of a running job (one of Claude's stream-json lines, redacted).
-    Event { job_id: String, seq: u64, event: serde_json::Value },
-    Result { job_id: String, result: JobResult },
-    /// How a relayed `claude auth login` goes: its authorization URL once printed, then
-    /// its outcome (with the login as the agent now reads it).
-    LoginProgress {
-        login_id: String,
-        state: LoginState,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        url: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        error: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        oauth: Option<OAuthReport>,
-    },
+    /// A progress event of a running job: a signed [`ProgressReport`].
+    Event { envelope: Envelope },
+    /// A job's result: a signed [`ResultReport`].
+    Result { envelope: Envelope },
+    /// How a relayed `claude auth login` goes: a signed [`LoginReport`].
+    LoginProgress { envelope: Envelope },
     #[serde(other)]
     Unknown,
 }
@@ -184,11 +184,53 @@ pub struct Hello {
 /// The longest CLI version an edge keeps: a version line, not a document.
 pub const MAX_CLAUDE_VERSION_BYTES: usize = 100;
 
+/// A progress event (one of Claude's stream-json lines, redacted), signed by the agent
+/// ([`crate::envelope::Domain::Progress`]) and bound to the order it answers: whoever sits
+/// on the path between agent and edge cannot make one up or move one to another job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressReport {
+    pub job_id: String,
+    /// The nonce of the job's order ([`OrderHeader::nonce`]).
+    pub order_nonce: String,
+    pub seq: u64,
+    pub event: serde_json::Value,
+}
+
+/// A job's result, signed by the agent ([`crate::envelope::Domain::Result`]) and bound to
+/// the order it answers. The agent keeps it, signed, until the edge acknowledges it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultReport {
+    pub job_id: String,
+    pub order_nonce: String,
+    pub result: JobResult,
+}
+
+/// How a relayed `claude auth login` goes — its authorization URL once printed, then its
+/// outcome with the login as the agent now reads it — signed by the agent
+/// ([`crate::envelope::Domain::LoginReport`]) and bound to the login order it answers: it
+/// tells the edge the agent is logged in again (work is let go on it), so whoever sits on
+/// the path may not make one up, nor replay one from another login.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoginReport {
+    pub login_id: String,
+    /// The nonce of the login order it answers ([`OrderHeader::nonce`]).
+    pub order_nonce: String,
+    pub state: LoginState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<OAuthReport>,
+}
+
 /// What the edge signs to answer the hello.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Welcome {
     pub protocol: u32,
     pub agent_id: String,
+    /// The pool the agent joined: it must be the one the agent serves (`EDGE_POOL`).
+    pub pool: String,
     pub agent_nonce: String,
     pub session_id: String,
     pub heartbeat_interval_ms: u64,
@@ -261,6 +303,24 @@ impl AgentMessage {
     pub fn to_text(&self) -> String {
         serde_json::to_string(self).expect("agent messages serialise")
     }
+
+    /// A progress event of the job `order_nonce` ordered, signed with the agent's key.
+    pub fn progress(job_id: &str, order_nonce: &str, seq: u64, event: serde_json::Value, key: &SigningKey) -> AgentMessage {
+        let report = ProgressReport { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), seq, event };
+        AgentMessage::Event { envelope: Envelope::seal(Domain::Progress, &report, key) }
+    }
+
+    /// A report on the relayed login the order `report.order_nonce` asked for, signed with
+    /// the agent's key.
+    pub fn login(report: &LoginReport, key: &SigningKey) -> AgentMessage {
+        AgentMessage::LoginProgress { envelope: Envelope::seal(Domain::LoginReport, report, key) }
+    }
+
+    /// The result of the job `order_nonce` ordered, signed with the agent's key.
+    pub fn result(job_id: &str, order_nonce: &str, result: JobResult, key: &SigningKey) -> AgentMessage {
+        let report = ResultReport { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), result };
+        AgentMessage::Result { envelope: Envelope::seal(Domain::Result, &report, key) }
+    }
 }
 
 /// Decodes a frame, refusing oversized ones before parsing them.
@@ -296,6 +356,16 @@ mod tests {
     fn round_trips() {
         let m = AgentMessage::Credit { slots: Slots { free: 2, received: 7 } };
         assert_eq!(decode::<AgentMessage>(&m.to_text()).unwrap(), m);
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let m = AgentMessage::result("j1", "j1:1", JobResult::default(), &key);
+        let AgentMessage::Result { envelope } = decode::<AgentMessage>(&m.to_text()).unwrap() else { panic!("a result") };
+        let report: ResultReport = envelope.open(Domain::Result, &key.verifying_key()).unwrap();
+        assert_eq!((report.job_id.as_str(), report.order_nonce.as_str()), ("j1", "j1:1"));
+        assert!(envelope.open::<ResultReport>(Domain::Progress, &key.verifying_key()).is_err(), "a result is not progress");
+        let login = LoginReport { login_id: "l1".into(), order_nonce: "l1:start".into(), state: LoginState::AwaitingCode, url: None, error: None, oauth: None };
+        let AgentMessage::LoginProgress { envelope } = decode::<AgentMessage>(&AgentMessage::login(&login, &key).to_text()).unwrap() else { panic!("a login report") };
+        assert_eq!(envelope.open::<LoginReport>(Domain::LoginReport, &key.verifying_key()).unwrap(), login);
+        assert!(envelope.open::<LoginReport>(Domain::Result, &key.verifying_key()).is_err(), "a login report is not a result");
         let m = EdgeMessage::ResultAck { job_id: "j".into() };
         assert_eq!(decode::<EdgeMessage>(&m.to_text()).unwrap(), m);
     }

@@ -2,7 +2,7 @@
 //! (a self-signed certificate made on the spot; its PEM is what the agent's
 //! `SSL_CERT_FILE` points at) in front of the real `git http-backend` (CGI). It can demand
 //! a token (HTTP Basic, any user name), stall (accept and never answer), slow every request
-//! down, and it logs every request with its start and end, so a test can see what the
+//! down (or only the answers to pushes), refuse fetches with a message of its own, and it logs every request with its start and end, so a test can see what the
 //! agent sent and when.
 //!
 //! Repositories live in `<root>/repos/<name>.git`; [`GitServer::seed`] makes one with the
@@ -54,8 +54,12 @@ struct State {
     /// Requests whose path contains this are accepted and never answered.
     stall: Mutex<Option<String>>,
     delay_ms: AtomicU64,
+    /// Pushes are carried out at once, and answered this much later.
+    push_answer_delay_ms: AtomicU64,
     /// Every request is answered with a redirect to this base URL.
     redirect: Mutex<Option<String>>,
+    /// Fetches are refused with this message (a pkt-line `ERR`), as a hostile server may.
+    refusal: Mutex<Option<String>>,
 }
 
 pub struct GitServer {
@@ -97,7 +101,9 @@ impl GitServer {
             log: Mutex::new(Vec::new()),
             stall: Mutex::new(None),
             delay_ms: AtomicU64::new(0),
+            push_answer_delay_ms: AtomicU64::new(0),
             redirect: Mutex::new(None),
+            refusal: Mutex::new(None),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -159,6 +165,18 @@ impl GitServer {
     /// Every request waits this long before it is served.
     pub fn delay(&self, d: Duration) {
         self.state.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// From now on, a push updates the server's branches at once and is answered `d` later
+    /// (a slow server that already took it).
+    pub fn delay_push_answers(&self, d: Duration) {
+        self.state.push_answer_delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// From now on, fetches are refused with `message` in an `ERR` packet, sent as it is
+    /// (newlines and all: what a hostile server says).
+    pub fn refuse_fetches(&self, message: Option<&str>) {
+        *self.state.refusal.lock().unwrap() = message.map(String::from);
     }
 
     /// From now on, every request is redirected (302) to the same path on `base`.
@@ -280,13 +298,23 @@ async fn handle(state: Arc<State>, req: HttpRequest<hyper::body::Incoming>) -> R
             .is_some_and(|d| d.split_once(':').is_some_and(|(_, pass)| pass == token)),
     };
     let redirect = state.redirect.lock().unwrap().clone();
-    let response = if let Some(base) = redirect {
+    let refusal = state.refusal.lock().unwrap().clone().filter(|_| query.contains("service=git-upload-pack"));
+    let response = if let Some(message) = refusal {
+        let pkt = |text: &str| format!("{:04x}{text}", text.len() + 4);
+        let body = format!("{}0000{}", pkt("# service=git-upload-pack\n"), pkt(&format!("ERR {message}")));
+        respond(200, &[("content-type", "application/x-git-upload-pack-advertisement")], body.into_bytes())
+    } else if let Some(base) = redirect {
         let to = if query.is_empty() { format!("{base}{path}") } else { format!("{base}{path}?{query}") };
         respond(302, &[("location", to.as_str())], Vec::new())
     } else if !authorized {
         respond(401, &[("www-authenticate", "Basic realm=\"git\"")], b"token required\n".to_vec())
     } else {
-        cgi(&state.root, &method, &path, &query, content_type, encoding, protocol, body).await
+        let answer = cgi(&state.root, &method, &path, &query, content_type, encoding, protocol, body).await;
+        let push_delay = state.push_answer_delay_ms.load(Ordering::SeqCst);
+        if method == "POST" && path.ends_with("/git-receive-pack") && push_delay > 0 {
+            tokio::time::sleep(Duration::from_millis(push_delay)).await;
+        }
+        answer
     };
     state.log.lock().unwrap().push(Logged {
         method,

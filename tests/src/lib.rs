@@ -480,7 +480,10 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str) -> Client {
-        Client { base: base.to_string(), http: reqwest::Client::builder().no_proxy().build().unwrap() }
+        // workerd (the Worker's local host) closes a keep-alive connection after about 5 s
+        // idle, and a request sent on it just then is reset: never reuse one idle that long.
+        let http = reqwest::Client::builder().no_proxy().pool_idle_timeout(Duration::from_secs(2)).build().unwrap();
+        Client { base: base.to_string(), http }
     }
 
     pub async fn send(&self, method: &str, path: &str, secret: Option<&str>, body: Option<Vec<u8>>) -> Answer {
@@ -515,8 +518,14 @@ impl Client {
         self.send("GET", path, Some(SECRET), None).await
     }
 
+    /// `/health` as anyone may read it: the status code and `{"status"}` alone.
     pub async fn health(&self) -> Answer {
         self.send("GET", "/health", None, None).await
+    }
+
+    /// `/health` with the secret: the whole body (agents, login, queue).
+    pub async fn health_full(&self) -> Answer {
+        self.send("GET", "/health", Some(SECRET), None).await
     }
 
     /// Polls until `/health` says 200 (an agent is connected and its login usable).
@@ -539,31 +548,20 @@ impl Client {
     /// Follows `GET /jobs/{id}/events` to its end: the status, content type and every
     /// SSE event as (event name, data).
     pub async fn follow(&self, job_id: &str) -> (u16, String, Vec<(String, String)>) {
-        use futures_util::StreamExt;
-        let resp = self
-            .http
+        let resp = self.open_events(job_id).await;
+        let status = resp.status().as_u16();
+        let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        (status, content_type, read_events(resp).await)
+    }
+
+    /// `GET /jobs/{id}/events`, answered (the stream is open) but not read yet.
+    pub async fn open_events(&self, job_id: &str) -> reqwest::Response {
+        self.http
             .get(format!("{}/jobs/{job_id}/events", self.base))
             .header("X-Runner-Secret", SECRET)
             .send()
             .await
-            .expect("the edge answers");
-        let status = resp.status().as_u16();
-        let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-        let mut text = String::new();
-        let mut body = resp.bytes_stream();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline.into(), body.next()).await {
-            text.push_str(&String::from_utf8_lossy(&chunk));
-        }
-        let events = text
-            .split("\n\n")
-            .filter_map(|block| {
-                let name = block.lines().find_map(|l| l.strip_prefix("event: "))?;
-                let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
-                Some((name.to_string(), data.to_string()))
-            })
-            .collect();
-        (status, content_type, events)
+            .expect("the edge answers")
     }
 
     /// Polls a job until it is in a terminal state.
@@ -578,6 +576,157 @@ impl Client {
             assert!(Instant::now() < deadline, "job {job_id} did not end; last: {}", a.text);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// Sends `head` — a request line and headers, ending with the blank line — on a raw
+/// connection and never anything more (whatever body the head announces), then returns
+/// the status line the edge answers within `within`, or `None` if it answered nothing:
+/// whether an edge answers without waiting for a body.
+pub fn answer_to_head(port: u16, head: &str, within: Duration) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the edge listens");
+    tcp.write_all(head.as_bytes()).expect("the head is sent");
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(2).any(|w| w == b"\r\n") {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        tcp.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
+        match tcp.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&seen).into_owned();
+    text.lines().next().filter(|l| !l.is_empty()).map(str::to_string)
+}
+
+/// Connections to an edge's `/agent/connect` that never say a word — what anyone can
+/// open without a key: `n` of them, each dropped and opened again every `period`, until
+/// the crowd is dropped.
+pub struct SilentCrowd {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    opened: std::sync::Arc<AtomicU32>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl SilentCrowd {
+    pub fn start(connect_url: &str, n: usize, period: Duration) -> SilentCrowd {
+        use futures_util::StreamExt;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let opened = std::sync::Arc::new(AtomicU32::new(0));
+        let tasks = (0..n)
+            .map(|i| {
+                let (url, stop, opened) = (connect_url.to_string(), stop.clone(), opened.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(5 * i as u64)).await;
+                    while !stop.load(Ordering::SeqCst) {
+                        let renew = tokio::time::Instant::now() + period;
+                        if let Ok(Ok((mut ws, _))) = tokio::time::timeout(period, tokio_tungstenite::connect_async(url.as_str())).await {
+                            opened.fetch_add(1, Ordering::SeqCst);
+                            // Read (the challenge, a close) but never answer, until renewal.
+                            while let Ok(Some(Ok(_))) = tokio::time::timeout_at(renew, ws.next()).await {}
+                        }
+                        tokio::time::sleep_until(renew).await;
+                    }
+                })
+            })
+            .collect();
+        SilentCrowd { stop, opened, tasks }
+    }
+
+    /// Connections opened so far.
+    pub fn opened(&self) -> u32 {
+        self.opened.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for SilentCrowd {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Reads an event stream to its end (at most a minute): every SSE event as (event name,
+/// data).
+pub async fn read_events(resp: reqwest::Response) -> Vec<(String, String)> {
+    use futures_util::StreamExt;
+    let mut text = String::new();
+    let mut body = resp.bytes_stream();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline.into(), body.next()).await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text.split("\n\n")
+        .filter_map(|block| {
+            let name = block.lines().find_map(|l| l.strip_prefix("event: "))?;
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
+            Some((name.to_string(), data.to_string()))
+        })
+        .collect()
+}
+
+/// Whoever sits on the path between an agent and its edge: a WebSocket relay on loopback
+/// that passes every frame both ways and can slip frames of its own towards the edge.
+/// Point the agent's `EDGE_URL` at [`PathRelay::ws_url`].
+pub struct PathRelay {
+    port: u16,
+    inject: tokio::sync::mpsc::UnboundedSender<String>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PathRelay {
+    /// Relays one agent connection at a time to `edge_ws` (`ws://host:port[/pool/x]`).
+    pub async fn start(edge_ws: &str) -> PathRelay {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (inject, mut injected) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let edge = format!("{edge_ws}/agent/connect");
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(agent) = tokio_tungstenite::accept_async(tcp).await else { continue };
+                let Ok((upstream, _)) = tokio_tungstenite::connect_async(edge.as_str()).await else { continue };
+                let (mut to_agent, mut from_agent) = agent.split();
+                let (mut to_edge, mut from_edge) = upstream.split();
+                loop {
+                    tokio::select! {
+                        m = from_agent.next() => match m {
+                            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => if to_edge.send(m).await.is_err() { break },
+                            Some(Ok(_)) => {}
+                            _ => break,
+                        },
+                        m = from_edge.next() => match m {
+                            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => if to_agent.send(m).await.is_err() { break },
+                            Some(Ok(_)) => {}
+                            _ => break,
+                        },
+                        Some(text) = injected.recv() => if to_edge.send(Message::Text(text.into())).await.is_err() { break },
+                    }
+                }
+            }
+        });
+        PathRelay { port, inject, task }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends `frame` to the edge as if the agent had.
+    pub fn inject(&self, frame: String) {
+        let _ = self.inject.send(frame);
+    }
+}
+
+impl Drop for PathRelay {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -622,6 +771,37 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.split(':').next() == Some(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A process and all its descendants (the Worker host is node plus workerd).
+pub fn process_tree(root: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                if let Some(ppid) = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).and_then(|p| p.parse().ok()) {
+                    parents.push((pid, ppid));
+                }
+            }
+        }
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree
+}
+
+impl EdgeServer {
+    /// The peak resident memory of the edge so far in KiB (`VmHWM`): the native
+    /// process, or node and workerd.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.pid().map_or(0, |pid| process_tree(pid).into_iter().filter_map(|p| proc_status_kib(p, "VmHWM")).sum())
+    }
 }
 
 /// Resident memory of a process in KiB (`VmRSS`).

@@ -11,7 +11,7 @@ use harness::*;
 use shared::envelope::{Domain, Envelope, OrderHeader};
 use shared::job::JobSpec;
 use shared::keys::encode_verifying;
-use shared::protocol::{AgentMessage, EdgeMessage, Hello, JobOrder, Welcome, PROTOCOL_VERSION};
+use shared::protocol::{AgentMessage, EdgeMessage, Hello, JobOrder, ProgressReport, ResultReport, Welcome, PROTOCOL_VERSION};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
@@ -60,8 +60,18 @@ impl FakeEdge {
         tokio_tungstenite::accept_async(tcp).await.unwrap()
     }
 
+    /// A result as the agent signed it (the test fails if it did not).
+    fn report(&self, envelope: &Envelope) -> ResultReport {
+        envelope.open(Domain::Result, &self.agent_key.verifying_key()).expect("a result signed by the agent")
+    }
+
     /// Accepts a connection and runs the handshake; `welcome_key` signs the welcome.
     async fn handshake(&self, welcome_key: &SigningKey, protocol: u32) -> (Ws, Option<Hello>) {
+        self.handshake_into(welcome_key, protocol, "default").await
+    }
+
+    /// The handshake, welcoming the agent into `pool`.
+    async fn handshake_into(&self, welcome_key: &SigningKey, protocol: u32, pool: &str) -> (Ws, Option<Hello>) {
         let mut ws = self.accept().await;
         let challenge = EdgeMessage::Challenge { protocol, nonce: "fake-nonce".into(), edge_version: "fake".into(), server_time: now() };
         ws.send(Message::Text(challenge.to_text().into())).await.unwrap();
@@ -73,6 +83,7 @@ impl FakeEdge {
         let welcome = Welcome {
             protocol: PROTOCOL_VERSION,
             agent_id: hello.agent_id.clone(),
+            pool: pool.into(),
             agent_nonce: hello.agent_nonce.clone(),
             session_id: "s1".into(),
             heartbeat_interval_ms: 500,
@@ -123,7 +134,14 @@ fn spec(prompt: &str) -> JobSpec {
 
 fn order(job_id: &str, agent: &str, issued_at: u64, expires_at: u64, prompt: &str) -> JobOrder {
     JobOrder {
-        header: OrderHeader { job_id: job_id.into(), agent_id: agent.into(), issued_at, expires_at, nonce: format!("{job_id}:1") },
+        header: OrderHeader {
+            job_id: job_id.into(),
+            agent_id: agent.into(),
+            pool: "default".into(),
+            issued_at,
+            expires_at,
+            nonce: format!("{job_id}:1"),
+        },
         spec: spec(prompt),
     }
 }
@@ -181,6 +199,12 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
     assert!(rejected(&refusal).contains("laptop"));
     assert!(matches!(&refusal, AgentMessage::Rejected { job_id: Some(id), .. } if id == "other"), "{refusal:?}");
 
+    // From another pool of the same edge (signed with the edge's key all the same).
+    let mut elsewhere = order("elsewhere", "spark", t, t + 60_000, "@elsewhere");
+    elsewhere.header.pool = "gpu".into();
+    let elsewhere = Envelope::seal(Domain::Job, &elsewhere, &edge.edge_key);
+    assert!(rejected(&answer(&mut ws, elsewhere).await).contains("pool `gpu`"));
+
     // Expired beyond the 60 s skew allowance.
     let expired = Envelope::seal(Domain::Job, &order("expired", "spark", t - 200_000, t - 130_000, "@expired"), &edge.edge_key);
     assert!(rejected(&answer(&mut ws, expired).await).contains("expired"));
@@ -193,19 +217,30 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
     let junk = Envelope { payload: "{}".into(), sig: "not base64!".into() };
     assert!(!rejected(&answer(&mut ws, junk).await).is_empty());
 
-    // A good job runs…
+    // A good job runs, and its progress and result come signed by the agent's key, bound
+    // to the order they answer.
     let good = Envelope::seal(Domain::Job, &order("good", "spark", t, t + 60_000, "legit"), &edge.edge_key);
     assert!(matches!(answer(&mut ws, good.clone()).await, AgentMessage::Accepted { .. }));
+    let agent_key = edge.agent_key.verifying_key();
+    let mut progress = 0;
     loop {
         match recv(&mut ws).await.expect("a result") {
-            AgentMessage::Result { job_id, result } => {
-                assert_eq!(job_id, "good");
-                assert!(result.success);
+            AgentMessage::Event { envelope } => {
+                let report: ProgressReport = envelope.open(Domain::Progress, &agent_key).expect("signed by the agent");
+                assert_eq!((report.job_id.as_str(), report.order_nonce.as_str()), ("good", "good:1"));
+                progress += 1;
+            }
+            AgentMessage::Result { envelope } => {
+                assert!(envelope.open::<ResultReport>(Domain::Result, &random_key().verifying_key()).is_err());
+                let report: ResultReport = envelope.open(Domain::Result, &agent_key).expect("signed by the agent");
+                assert_eq!((report.job_id.as_str(), report.order_nonce.as_str()), ("good", "good:1"));
+                assert!(report.result.success);
                 break;
             }
             _ => continue,
         }
     }
+    assert!(progress >= 3, "init, the answer, the result line");
     // …once: the same envelope again is a replay, which names no job (its first copy is
     // the one that counts; a replay must not settle it).
     let refusal = answer(&mut ws, good.clone()).await;
@@ -257,7 +292,12 @@ async fn signed_jobs_with_hostile_repositories_never_reach_git_or_claude() {
         assert!(matches!(answer(&mut ws, envelope).await, AgentMessage::Accepted { .. }), "{id}");
         let result = loop {
             match recv(&mut ws).await.expect("a result") {
-                AgentMessage::Result { job_id, result } if job_id == id => break result,
+                AgentMessage::Result { envelope } => {
+                    let report = edge.report(&envelope);
+                    if report.job_id == id {
+                        break report.result;
+                    }
+                }
                 _ => continue,
             }
         };
@@ -283,7 +323,14 @@ async fn only_the_edge_can_cancel_a_job() {
     assert!(matches!(answer(&mut ws, job).await, AgentMessage::Accepted { .. }));
     let cancel = |key: &SigningKey, nonce: &str| {
         let order = CancelOrder {
-            header: OrderHeader { job_id: "long".into(), agent_id: "spark".into(), issued_at: t, expires_at: t + 60_000, nonce: nonce.into() },
+            header: OrderHeader {
+                job_id: "long".into(),
+                agent_id: "spark".into(),
+                pool: "default".into(),
+                issued_at: t,
+                expires_at: t + 60_000,
+                nonce: nonce.into(),
+            },
             reason: "stop".into(),
         };
         let envelope = Envelope::seal(Domain::Cancel, &order, key);
@@ -304,7 +351,7 @@ async fn only_the_edge_can_cancel_a_job() {
     // the job is kept short: the agent leaves a silent edge after two 500 ms intervals.)
     let result = loop {
         match recv(&mut ws).await.expect("the result") {
-            AgentMessage::Result { result, .. } => break result,
+            AgentMessage::Result { envelope } => break edge.report(&envelope).result,
             _ => continue,
         }
     };
@@ -321,6 +368,24 @@ async fn an_edge_that_cannot_prove_its_identity_gets_no_service() {
     assert!(recv(&mut ws).await.is_none(), "the agent must hang up");
     assert!(eventually(Duration::from_secs(5), || agent.log().contains("EDGE_PUBLIC_KEY")).await, "{}", agent.log());
     // Even a correctly signed job sent now goes nowhere.
+    let t = now();
+    let job = Envelope::seal(Domain::Job, &order("j", "spark", t, t + 60_000, "x"), &edge.edge_key);
+    let _ = ws.send(Message::Text(EdgeMessage::Job { envelope: job }.to_text().into())).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(agent.claude_runs().is_empty());
+}
+
+/// An agent of the default pool welcomed into another pool of the same edge (as when the
+/// same agent id and key are listed in two pools) hangs up: its orders would be another
+/// pool's callers' work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_welcomed_into_another_pool_hangs_up() {
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let (mut ws, hello) = edge.handshake_into(&edge.edge_key, PROTOCOL_VERSION, "other").await;
+    assert!(hello.is_some());
+    assert!(recv(&mut ws).await.is_none(), "the agent must hang up");
+    assert!(eventually(Duration::from_secs(5), || agent.log().contains("EDGE_POOL")).await, "{}", agent.log());
     let t = now();
     let job = Envelope::seal(Domain::Job, &order("j", "spark", t, t + 60_000, "x"), &edge.edge_key);
     let _ = ws.send(Message::Text(EdgeMessage::Job { envelope: job }.to_text().into())).await;
@@ -376,12 +441,12 @@ async fn a_result_waits_on_disk_until_the_edge_acknowledges_it() {
     assert_eq!(hello.unwrap().finished, vec!["keep".to_string()]);
     let again = loop {
         match recv(&mut ws).await.expect("the result again") {
-            AgentMessage::Result { job_id, result } => break (job_id, result),
+            AgentMessage::Result { envelope } => break edge.report(&envelope),
             _ => continue,
         }
     };
-    assert_eq!(again.0, "keep");
-    assert_eq!(again.1.output, "stand-in answer to: remember me");
+    assert_eq!((again.job_id.as_str(), again.order_nonce.as_str()), ("keep", "keep:1"));
+    assert_eq!(again.result.output, "stand-in answer to: remember me");
     ws.send(Message::Text(EdgeMessage::ResultAck { job_id: "keep".into() }.to_text().into())).await.unwrap();
     assert!(eventually(Duration::from_secs(5), || !agent.data.path().join("data/spool/keep.json").exists()).await);
     assert_eq!(agent.claude_runs().len(), 1, "ran once");
@@ -435,7 +500,7 @@ async fn an_order_for_a_job_already_here_is_answered_and_never_runs_twice() {
     assert!(matches!(answer(&mut ws, attempt(2)).await, AgentMessage::Accepted { job_id } if job_id == "twice"));
     let first = loop {
         match recv(&mut ws).await.expect("the result") {
-            AgentMessage::Result { result, .. } => break result,
+            AgentMessage::Result { envelope } => break edge.report(&envelope),
             _ => continue,
         }
     };
@@ -443,11 +508,13 @@ async fn an_order_for_a_job_already_here_is_answered_and_never_runs_twice() {
     send_job(&mut ws, attempt(3)).await;
     let again = loop {
         match recv(&mut ws).await.expect("the result again") {
-            AgentMessage::Result { result, .. } => break result,
+            AgentMessage::Result { envelope } => break edge.report(&envelope),
             AgentMessage::Accepted { .. } => panic!("started again"),
             _ => continue,
         }
     };
+    // The same signed result, bound to the order that ran it.
     assert_eq!(again, first);
+    assert_eq!(again.order_nonce, "twice:1");
     assert_eq!(agent.claude_runs().len(), 1, "ran once");
 }

@@ -141,7 +141,7 @@ async fn the_agent_image_runs_a_job_for_a_host_edge_turns_healthy_and_drains_on_
     assert_eq!(a.status, 200, "{}\n{}", a.text, agent.logs());
     assert_eq!(a.body["success"], true, "{}", a.text);
     assert_eq!(a.body["output"], "stand-in answer to: hello from a container");
-    let h = client.health().await;
+    let h = client.health_full().await;
     assert_eq!(h.body["agent"]["claude_version"], "0.0.0 (Claude Code stand-in)", "{}", h.text);
 
     // The HEALTHCHECK (`claude-runner status --check`) passes, with no port to ask.

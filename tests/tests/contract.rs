@@ -103,7 +103,7 @@ async fn offline_is_answered_at_once_with_fallback(kind: EdgeKind) {
     assert_eq!(a.body["error_code"], "RUNNER_OFFLINE");
     assert_eq!(a.body["fallback"], true);
     assert!(a.body["error"].as_str().unwrap().len() > 20);
-    let h = client.health().await;
+    let h = client.health_full().await;
     assert_eq!(h.status, 503);
     assert_eq!(h.body["status"], "offline");
     assert_eq!(h.body["service"], "claude-runner");
@@ -111,7 +111,7 @@ async fn offline_is_answered_at_once_with_fallback(kind: EdgeKind) {
 
 async fn health_follows_the_agent(kind: EdgeKind) {
     let mut s = setup(kind, &[], &[]).await;
-    let h = s.client.health().await;
+    let h = s.client.health_full().await;
     assert_eq!(h.status, 200);
     assert_eq!(h.body["status"], "healthy");
     assert_eq!(h.body["agent"]["connected"], true);
@@ -154,6 +154,43 @@ async fn secrets_are_checked(kind: EdgeKind) {
     assert_eq!(o["needs_login"], false);
 }
 
+async fn health_without_the_secret_says_only_its_status(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let open = s.client.health().await;
+    assert_eq!(open.status, 200);
+    assert_eq!(open.body, json!({"status": "healthy"}), "{}", open.text);
+    let wrong = s.client.send("GET", "/health", Some("not-the-secret-0000"), None).await;
+    assert_eq!(wrong.body, json!({"status": "healthy"}), "{}", wrong.text);
+    let full = s.client.health_full().await;
+    assert_eq!(full.body["agent"]["agent_id"], "spark", "{}", full.text);
+    assert_eq!(full.body["oauth"]["configured"], true, "{}", full.text);
+}
+
+/// Requests announcing a body of 64 MiB that never comes: an edge that read (or drained)
+/// before refusing would still be waiting.
+async fn no_body_is_read_before_auth(kind: EdgeKind) {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    let port = edge.port;
+    let cases = [
+        ("POST /execute HTTP/1.1", "", "403"),
+        ("POST /execute HTTP/1.1", "X-Runner-Secret: wrong-secret-000000\r\n", "403"),
+        ("POST /jobs/x/events HTTP/1.1", "", "403"),
+        ("POST /somewhere HTTP/1.1", "", "404"),
+        ("POST /agent/connect/ HTTP/1.1", "", "426"),
+        ("POST /agent/connect HTTP/1.1", "", "426"),
+        ("GET /health HTTP/1.1", "", "503"),
+    ];
+    for (line, extra, want) in cases {
+        let head = format!(
+            "{line}\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{extra}Content-Length: 67108864\r\n\r\n"
+        );
+        let status = tokio::task::spawn_blocking(move || answer_to_head(port, &head, Duration::from_secs(10))).await.unwrap();
+        let status = status.unwrap_or_else(|| panic!("{line}: no answer within 10 s: the edge waits for the body"));
+        assert!(status.contains(want), "{line}: {status}");
+    }
+}
+
 async fn bad_requests_are_400(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     let cases: Vec<Vec<u8>> = vec![
@@ -189,12 +226,10 @@ async fn oversized_bodies_are_413(kind: EdgeKind) {
     assert_eq!(s.client.send("POST", "/execute", Some(SECRET), Some(ok)).await.status, 200);
     // Far over the limit: still a readable 413, not a reset connection…
     let huge = vec![b' '; 2 * 1024 * 1024];
-    let a = s.client.send("POST", "/execute", Some(SECRET), Some(huge.clone())).await;
+    let a = s.client.send("POST", "/execute", Some(SECRET), Some(huge)).await;
     assert_eq!(a.status, 413, "{}", a.text);
     assert_eq!(a.body["error_code"], "PAYLOAD_TOO_LARGE");
-    // …and without the secret the body is not even read: 403.
-    let a = s.client.send("POST", "/execute", Some("wrong"), Some(huge)).await;
-    assert_eq!(a.status, 403, "{}", a.text);
+    // (Without the secret the body is not even read: see no_body_is_read_before_auth.)
 }
 
 async fn a_timeout_kills_claude_and_its_children(kind: EdgeKind) {
@@ -271,7 +306,7 @@ async fn an_auth_failure_says_log_in_again(kind: EdgeKind) {
     assert!(error.contains("log in") && error.contains("OAuth"), "callers look for `OAuth`: {error}");
     // The agent reports it at once (not with the next heartbeat): health turns unhealthy.
     assert!(health_after(&s.client, 503, Duration::from_secs(3)).await.is_some(), "the auth failure was not reported at once");
-    let h = s.client.health().await;
+    let h = s.client.health_full().await;
     assert_eq!(h.body["status"], "unhealthy");
     assert_eq!(h.body["oauth"]["needs_login"], true);
     assert!(h.body["oauth"]["next_step"].as_str().unwrap().contains("log in again"), "{}", h.text);
@@ -312,10 +347,10 @@ async fn the_login_relay_logs_the_agent_in_again(kind: EdgeKind) {
     let client = s.client.clone();
     let connected = eventually_async(Duration::from_secs(30), || {
         let client = client.clone();
-        async move { client.health().await.body["agent"]["connected"] == true }
+        async move { client.health_full().await.body["agent"]["connected"] == true }
     });
     assert!(connected.await, "the agent never connected");
-    let h = s.client.health().await;
+    let h = s.client.health_full().await;
     assert_eq!((h.status, &h.body["status"], &h.body["oauth"]["needs_login"]), (503, &json!("unhealthy"), &json!(true)), "{}", h.text);
     let a = s.client.execute(json!({"prompt": "x"})).await;
     assert_eq!((a.status, a.body["error_code"].as_str()), (503, Some("RUNNER_OAUTH_ERROR")), "{}", a.text);
@@ -380,7 +415,7 @@ async fn a_used_up_usage_window_holds_work_until_its_reset(kind: EdgeKind) {
     assert_eq!(a.body["retryable"], true);
     let retry_at = a.body["retry_at"].as_str().expect("retry_at").to_string();
     // /health: degraded (still 200: the agent and its login are fine) with the window.
-    let h = s.client.health().await;
+    let h = s.client.health_full().await;
     assert_eq!(h.status, 200, "{}", h.text);
     assert_eq!(h.body["status"], "degraded", "{}", h.text);
     assert_eq!(h.body["usage"]["status"], "rejected");
@@ -552,11 +587,11 @@ async fn every_credential_state_shows_in_health_and_oauth_status(kind: EdgeKind)
         let shown = eventually_async(Duration::from_secs(5), || {
             let client = client.clone();
             async move {
-                let h = client.health().await;
+                let h = client.health_full().await;
                 h.status == code && h.body["status"] == status && h.body["oauth"]["source"] == source
             }
         });
-        assert!(shown.await, "state {i}: {}", s.client.health().await.text);
+        assert!(shown.await, "state {i}: {}", s.client.health_full().await.text);
         let o = s.client.get("/oauth/status").await;
         assert_eq!(o.status, 200, "{}", o.text);
         assert_eq!((o.body["needs_login"].as_bool(), o.body["source"].as_str()), (Some(needs_login), Some(source)), "state {i}: {}", o.text);
@@ -855,6 +890,174 @@ async fn a_silent_agent_is_reported_offline_within_two_heartbeats(kind: EdgeKind
     drop(ws);
 }
 
+/// Anyone can open connections to `/agent/connect`; 80 that never prove themselves,
+/// renewed every 9 s (so none ever times out), must not keep the real agent out.
+async fn silent_sockets_cannot_lock_the_agent_out(kind: EdgeKind) {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    let crowd = SilentCrowd::start(&format!("{}/agent/connect", edge.ws_url()), 80, Duration::from_secs(9));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while crowd.opened() < 80 {
+        assert!(Instant::now() < deadline, "only {} silent connections opened", crowd.opened());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    let client = Client::new(&edge.url());
+    let online = tokio::time::timeout(Duration::from_secs(30), client.wait_online()).await;
+    assert!(online.is_ok(), "the agent never got in past the silent crowd; agent log:\n{}", agent.log());
+    let a = client.execute(json!({"prompt": "still served"})).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["success"], true, "{}", a.text);
+    drop(crowd);
+}
+
+/// Before its hello is verified a connection may send a hello's worth, and what it calls
+/// itself reaches no log line unchecked.
+async fn unproven_connections_are_held_to_a_hello(kind: EdgeKind) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    async fn closed_with(ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>) -> Option<(u16, String)> {
+        while let Ok(Some(frame)) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            if let Ok(Message::Close(Some(frame))) = frame {
+                return Some((u16::from(frame.code), frame.reason.to_string()));
+            }
+            frame.ok()?;
+        }
+        None
+    }
+    // A frame just over the hello limit (but within what a host reads of an unproven
+    // connection): refused with the reason.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/agent/connect", edge.ws_url())).await.unwrap();
+    let _challenge = ws.next().await;
+    let big = format!(r#"{{"type":"hello","pad":"{}"}}"#, "x".repeat(shared::protocol::MAX_HELLO_BYTES));
+    ws.send(Message::Text(big.into())).await.unwrap();
+    let (code, reason) = closed_with(&mut ws).await.expect("closed with a reason");
+    assert_eq!(code, shared::protocol::close::PROTOCOL_ERROR, "{reason}");
+    assert!(reason.contains("limit"), "{reason}");
+    // An agent id that would forge a log line: refused without echoing it.
+    let forged = "spark\nINFO agent connected agent_id=mallory";
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/agent/connect", edge.ws_url())).await.unwrap();
+    let _challenge = ws.next().await;
+    let envelope = shared::envelope::Envelope { payload: "{}".into(), sig: String::new() };
+    let hello = shared::protocol::AgentMessage::Hello { protocol: shared::protocol::PROTOCOL_VERSION, agent_id: forged.into(), envelope };
+    ws.send(Message::Text(hello.to_text().into())).await.unwrap();
+    let (code, reason) = closed_with(&mut ws).await.expect("closed with a reason");
+    assert_eq!(code, shared::protocol::close::UNAUTHORIZED, "{reason}");
+    assert!(!reason.contains("mallory"), "{reason}");
+    assert!(eventually(Duration::from_secs(5), || edge.log().contains("agent refused")).await, "{}", edge.log());
+    for line in edge.log().lines() {
+        assert!(!line.contains("mallory"), "the peer's unchecked words in a log line: {line}");
+    }
+}
+
+/// 200 followers of one job that never read past the status line: only so many are
+/// taken (429 for the rest), those that stall are dropped, the edge's memory stays
+/// bounded while megabytes of progress go by, and a follower that reads gets it all.
+async fn followers_are_capped_and_those_that_stop_reading_are_dropped(kind: EdgeKind) {
+    use std::io::{Read, Write};
+    const PER_JOB: usize = 16; // edge_core::progress::MAX_FOLLOWERS_PER_JOB
+    let s = setup(kind, &[], &[]).await;
+    let blocker = s.client.submit(json!({"prompt": "@sleep=4000 blocker"})).await;
+    // 32 MiB of progress over about 5 s: a follower that reads keeps up, one that does
+    // not falls ever further behind.
+    let flood = s.client.submit(json!({"prompt": "@megabytes=32 @gap_ms=10 @sleep=300 flood"})).await;
+    let job_id = flood.body["job_id"].as_str().unwrap().to_string();
+    assert_eq!(flood.body["state"], "queued", "{}", flood.text);
+    // A follower that reads, first (its answer means it is registered).
+    let stream = s.client.open_events(&job_id).await;
+    assert_eq!(stream.status(), 200);
+    let reader = tokio::spawn(read_events(stream));
+    let peak_before = s.edge.peak_rss_kib();
+    let port = s.edge.port;
+    let path = format!("/jobs/{job_id}/events");
+    let (stalled, refused) = tokio::task::spawn_blocking(move || {
+        let (mut stalled, mut refused) = (Vec::new(), 0);
+        for _ in 0..200 {
+            let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let head = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Runner-Secret: {SECRET}\r\n\r\n");
+            tcp.write_all(head.as_bytes()).unwrap();
+            // The status line, and never another byte.
+            let mut line = [0u8; 12];
+            tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            tcp.read_exact(&mut line).unwrap();
+            match &line[9..12] {
+                b"200" => stalled.push(tcp),
+                b"429" => refused += 1,
+                other => panic!("{}", String::from_utf8_lossy(other)),
+            }
+        }
+        (stalled, refused)
+    })
+    .await
+    .unwrap();
+    assert_eq!(stalled.len(), PER_JOB - 1, "the reader and {} more are taken", PER_JOB - 1);
+    assert_eq!(refused, 200 - (PER_JOB - 1));
+
+    // The reader's stream ends with the job.
+    let events = reader.await.unwrap();
+    let done = s.client.get(&format!("/jobs/{job_id}")).await;
+    assert_eq!(done.body["state"], "succeeded", "{}", done.text);
+    // 15 stalled followers of 32 MiB of progress: unbounded queues would hold ~480 MiB.
+    let grown_mib = s.edge.peak_rss_kib().saturating_sub(peak_before) / 1024;
+    assert!(grown_mib < 120, "the edge's peak memory grew by {grown_mib} MiB");
+    assert_eq!(events.iter().filter(|(k, _)| k == "progress").count(), 1 + 32 * 16 + 2, "the reader got every event (init, the flood, the answer, the result line)");
+    assert_eq!(events.last().map(|(k, _)| k.as_str()), Some("result"));
+    // The stalled ones were dropped before the end: cut off (no wait for the 20 s
+    // timeout), and none of them got the result.
+    let kept = tokio::task::spawn_blocking(move || {
+        stalled
+            .into_iter()
+            .filter(|mut tcp| {
+                tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut all = Vec::new();
+                let still_open = matches!(tcp.read_to_end(&mut all), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+                still_open || String::from_utf8_lossy(&all).contains("event: result")
+            })
+            .count()
+    })
+    .await
+    .unwrap();
+    assert_eq!(kept, 0, "stalled followers were kept to the end, or kept open");
+    s.client.wait_job(blocker.body["job_id"].as_str().unwrap(), Duration::from_secs(20)).await;
+}
+
+/// Whoever controls the path between agent and edge makes up a result and a progress
+/// event for a running job: the edge refuses both (they are not signed by the agent),
+/// says so in its log and metrics, and the job ends with the agent's own result.
+async fn a_forged_result_from_the_path_is_refused(kind: EdgeKind) {
+    use shared::protocol::AgentMessage;
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    let relay = PathRelay::start(&edge.ws_url()).await;
+    let agent = AgentProc::start(AgentOpts { edge_ws: relay.ws_url(), ..AgentOpts::for_edge(&edge, "spark") });
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let a = client.submit(json!({"prompt": "@sleep=2500 the real one"})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    let stream = client.open_events(&job_id).await;
+    let follower = tokio::spawn(read_events(stream));
+    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
+    let forger = random_key();
+    let fake = shared::job::JobResult { success: true, output: "FORGED".into(), ..Default::default() };
+    let nonce = format!("{job_id}:1");
+    relay.inject(AgentMessage::progress(&job_id, &nonce, 99, json!({"type": "assistant", "text": "FORGED"}), &forger).to_text());
+    relay.inject(AgentMessage::result(&job_id, &nonce, fake, &forger).to_text());
+    let refused = |log: &str| log.contains("a report not signed by the agent refused");
+    assert!(eventually(Duration::from_secs(10), || refused(&edge.log())).await, "{}", edge.log());
+    assert_eq!(client.get(&format!("/jobs/{job_id}")).await.body["state"], "running", "the job is unaffected");
+
+    let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["result"]["output"], "stand-in answer to: @sleep=2500 the real one");
+    let events = follower.await.unwrap();
+    assert!(events.iter().all(|(_, data)| !data.contains("FORGED")), "{events:?}");
+    assert_eq!(events.last().map(|(k, _)| k.as_str()), Some("result"));
+    let metrics = client.get("/metrics").await.text;
+    assert!(metrics.contains("claude_runner_reports_refused_total 2"), "{metrics}");
+}
+
 async fn cut_output_says_how_much_was_left_out(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     let a = s.client.execute(json!({"prompt": "@megabytes=2 say hi"})).await;
@@ -937,6 +1140,8 @@ contract!(
     request_options_reach_claude_as_flags,
     offline_is_answered_at_once_with_fallback,
     health_follows_the_agent,
+    health_without_the_secret_says_only_its_status,
+    no_body_is_read_before_auth,
     secrets_are_checked,
     bad_requests_are_400,
     oversized_bodies_are_413,
@@ -964,6 +1169,78 @@ contract!(
     progress_streams_as_server_sent_events,
     a_running_job_can_be_cancelled,
     a_binary_frame_closes_the_connection_with_a_reason,
+    silent_sockets_cannot_lock_the_agent_out,
+    unproven_connections_are_held_to_a_hello,
+    followers_are_capped_and_those_that_stop_reading_are_dropped,
+    a_forged_result_from_the_path_is_refused,
     cut_output_says_how_much_was_left_out,
     repository_jobs_carry_their_fields,
 );
+
+/// The Worker's pools (`POOLS`): each with its own secret and agents, none that is not
+/// configured, and the pool signed into what the agent accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(worker_tests), ignore = "needs the built Worker: run tests/run (it sets CLAUDE_RUNNER_WORKER_TESTS=1)")]
+async fn worker_pools_are_isolated() {
+    harness::require_worker_bundle();
+    const GPU_SECRET: &str = "gpu-pool-secret-0123456789";
+    let keys = Keys::new(&["spark", "rig"]);
+    // `spark` serves the default pool; `rig` and — with the same key — `spark` are listed in `gpu`.
+    let gpu_keys = format!(
+        "rig={},spark={}",
+        shared::keys::encode_verifying(&keys.agent("rig").verifying_key()),
+        shared::keys::encode_verifying(&keys.agent("spark").verifying_key())
+    );
+    let default_keys = format!("spark={}", shared::keys::encode_verifying(&keys.agent("spark").verifying_key()));
+    let edge = EdgeServer::start(
+        EdgeKind::Worker,
+        &keys,
+        &[("AGENT_PUBLIC_KEYS", &default_keys), ("POOLS", "gpu"), ("RUNNER_SECRET_GPU", GPU_SECRET), ("AGENT_PUBLIC_KEYS_GPU", &gpu_keys)],
+    );
+    let stored = |edge: &EdgeServer| {
+        fn count(dir: &std::path::Path) -> usize {
+            std::fs::read_dir(dir).map(|d| d.flatten().map(|e| if e.path().is_dir() { count(&e.path()) } else { 1 }).sum()).unwrap_or(0)
+        }
+        count(&edge.data.path().join("do"))
+    };
+    let default = Client::new(&edge.url());
+    let gpu = Client::new(&format!("{}/pool/gpu", edge.url()));
+    let nowhere = Client::new(&format!("{}/pool/nowhere", edge.url()));
+
+    // A pool nobody configured does not exist, and asking for it stores nothing.
+    default.health().await;
+    let before = stored(&edge);
+    for path in ["/health", "/execute", "/agent/connect", "/jobs/x"] {
+        let a = nowhere.send("GET", path, Some(SECRET), None).await;
+        assert_eq!(a.status, 404, "{path}: {}", a.text);
+        assert_eq!(a.body["error_code"], "NOT_FOUND");
+    }
+    assert_eq!(stored(&edge), before, "a Durable Object was made for a pool nobody configured");
+
+    // Each pool has its own secret.
+    let body = Some(json!({"prompt": "x"}).to_string().into_bytes());
+    assert_eq!(gpu.send("POST", "/jobs", Some(SECRET), body.clone()).await.status, 403, "the default secret on gpu");
+    assert_eq!(default.send("POST", "/jobs", Some(GPU_SECRET), body.clone()).await.status, 403, "gpu's secret on default");
+
+    // And its own agents: `rig`, listed in gpu only, is unknown to the default pool.
+    let mut opts = AgentOpts::for_edge(&edge, "rig");
+    opts.edge_ws = format!("{}/pool/gpu", edge.ws_url());
+    let rig_elsewhere = AgentProc::start(AgentOpts { edge_ws: edge.ws_url(), ..AgentOpts::for_edge(&edge, "rig") });
+    assert!(eventually(Duration::from_secs(10), || rig_elsewhere.log().contains("unknown agent")).await, "{}", rig_elsewhere.log());
+    drop(rig_elsewhere);
+    let _rig = AgentProc::start(opts.env("EDGE_POOL", "gpu"));
+    gpu.wait_online().await;
+    assert_eq!(default.health().await.status, 503, "gpu's agent does not serve the default pool");
+    let a = gpu.send("POST", "/execute", Some(GPU_SECRET), body.clone()).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["agent_id"], "rig");
+    assert_eq!(default.execute(json!({"prompt": "x"})).await.status, 503);
+
+    // `spark` is listed in gpu with its key too, but it serves the default pool: welcomed
+    // into gpu, it hangs up rather than take gpu's work.
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    opts.edge_ws = format!("{}/pool/gpu", edge.ws_url());
+    let spark = AgentProc::start(opts);
+    assert!(eventually(Duration::from_secs(10), || spark.log().contains("EDGE_POOL")).await, "{}", spark.log());
+    assert!(spark.claude_runs().is_empty());
+}

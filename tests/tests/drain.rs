@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 struct Setup {
-    _edge: EdgeServer,
+    edge: EdgeServer,
     agent: AgentProc,
     client: Client,
 }
@@ -25,7 +25,7 @@ async fn setup(agent_env: &[(&str, &str)]) -> Setup {
     let agent = AgentProc::start(opts);
     let client = Client::new(&edge.url());
     client.wait_online().await;
-    Setup { _edge: edge, agent, client }
+    Setup { edge, agent, client }
 }
 
 /// Submits `prompt` as an async job and waits until Claude (the stand-in) runs it.
@@ -126,4 +126,64 @@ async fn agent_drain_asks_the_running_agent_and_waits_for_it() {
     let out = Command::new(bin("claude-runner")).args(["agent", "--drain"]).env("DATA_DIR", s.agent.data.path().join("data")).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("not running"));
+}
+
+/// `agent --drain` only ever drains: run while a SIGTERM's drain is under way (someone
+/// watching a `systemctl stop`), and followed by the service manager's own SIGTERM, it
+/// never becomes the second SIGTERM that hands the running job back. (It was a SIGTERM:
+/// the job ended `lost`, its caller told to fall back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_drain_never_hands_back_what_a_drain_lets_finish() {
+    let mut s = setup(&[]).await;
+    let job = running_job(&s, "@sleep=4000 let me finish").await;
+    let data_dir = s.agent.data.path().join("data");
+    let drain = |data_dir: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || Command::new(bin("claude-runner")).args(["agent", "--drain"]).env("DATA_DIR", &data_dir).output().unwrap())
+    };
+
+    // A drain asked for from another shell, then the service manager's stop.
+    let first = drain(data_dir.clone());
+    wait_for_log(&s.agent, "agent draining").await;
+    s.agent.signal(libc::SIGTERM);
+    // And once more from another shell while it drains.
+    let second = drain(data_dir.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.client.get(&format!("/jobs/{job}")).await.body["state"], "running", "{}", s.agent.log());
+
+    let status = s.agent.wait_exit(Duration::from_secs(20)).await.expect("the drained agent exits by itself");
+    assert!(status.success(), "exit status {status}:\n{}", s.agent.log());
+    let done = s.client.wait_job(&job, Duration::from_secs(5)).await;
+    assert_eq!(done["state"], "succeeded", "{done}\n{}", s.agent.log());
+    assert_eq!(done["result"]["output"], "stand-in answer to: @sleep=4000 let me finish");
+    assert!(!s.agent.log().contains("stopped again"), "{}", s.agent.log());
+    for out in [first.await.unwrap(), second.await.unwrap()] {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success() && text.contains("has stopped"), "{text}");
+    }
+}
+
+/// A drain whose job ends while the edge is briefly away (restarting, a dropped link)
+/// waits for the agent to reconnect and deliver the result before it exits. (It exited
+/// at once with the result left in the spool: the edge, hearing nothing, ended the job
+/// `lost` after LOST_AFTER_MS and its caller was told to fall back — though it ran.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_delivers_a_result_across_a_brief_edge_outage() {
+    let mut s = setup(&[]).await;
+    let prompt = "@sleep=1500 finish while the edge is away";
+    let job = running_job(&s, prompt).await;
+    s.agent.signal(libc::SIGTERM);
+    wait_for_log(&s.agent, "agent draining").await;
+    s.edge.stop();
+    let ended = eventually(Duration::from_secs(10), || s.agent.standin_log().iter().any(|l| l["end"] == true && l["prompt"] == prompt)).await;
+    assert!(ended, "{}", s.agent.log());
+    // The result is made and spooled while the edge is down; it is back a moment later.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.edge.restart();
+
+    let status = s.agent.wait_exit(Duration::from_secs(20)).await.expect("the drained agent exits by itself");
+    assert!(status.success(), "exit status {status}:\n{}", s.agent.log());
+    let done = s.client.get(&format!("/jobs/{job}")).await.body;
+    assert_eq!(done["state"], "succeeded", "delivered before the agent exited: {done}\n{}", s.agent.log());
+    let spool = s.agent.data.path().join("data/spool");
+    assert_eq!(std::fs::read_dir(&spool).map(|d| d.count()).unwrap_or(0), 0, "results left in {}", spool.display());
 }

@@ -47,7 +47,7 @@ async fn a_caller_told_to_fall_back_at_a_stop_never_has_its_job_run() {
     let c = client.clone();
     let queued = tokio::spawn(async move { c.execute(json!({"prompt": "queued behind"})).await });
     let deadline = Instant::now() + Duration::from_secs(10);
-    while client.health().await.body["queued_jobs"] != 1 {
+    while client.health_full().await.body["queued_jobs"] != 1 {
         assert!(Instant::now() < deadline, "the second job never queued");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -112,6 +112,29 @@ async fn a_locked_database_refuses_work_and_keeps_results_until_they_are_stored(
     assert!(!metrics.contains("claude_runner_store_failures_total 0\n"), "{metrics}");
 }
 
+/// The edge's bound on unproven connections from one source
+/// (`edge_core::machine::MAX_PENDING_PER_SOURCE`).
+const MAX_PENDING_PER_SOURCE: usize = 16;
+
+/// The job store holds prompts and results: owner-only, the folder the edge made, the
+/// database and its journal files, even a database that was readable by others before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_store_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let (mut edge, _agent, client) = edge_with_agent().await;
+    assert_eq!(client.execute(json!({"prompt": "a secret plan"})).await.status, 200);
+    let db = edge.data.path().join("db");
+    let mode = |name: &str| std::fs::metadata(db.join(name)).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+    assert_eq!(mode(""), 0o700, "DATA_DIR");
+    for file in ["edge.sqlite3", "edge.sqlite3-wal", "edge.sqlite3-shm"] {
+        assert_eq!(mode(file), 0o600, "{file}");
+    }
+    edge.stop();
+    std::fs::set_permissions(db.join("edge.sqlite3"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    edge.restart();
+    assert_eq!(mode("edge.sqlite3"), 0o600, "a database readable by others is made private again");
+}
+
 /// Opens a WebSocket to `/agent/connect` by hand and never writes again: a peer that
 /// will not answer a close.
 fn mute_agent_socket(port: u16) -> std::net::TcpStream {
@@ -145,20 +168,59 @@ fn read_to_end_within(mut tcp: std::net::TcpStream, within: Duration) -> Option<
 async fn sockets_the_edge_closed_do_not_linger() {
     let keys = Keys::new(&["spark"]);
     let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
-    // Fill the edge's allowance of unproven connections…
+    // An unproven connection whose peer never answers a close…
+    let port = edge.port;
+    let mute = tokio::task::spawn_blocking(move || {
+        let tcp = mute_agent_socket(port);
+        std::thread::sleep(Duration::from_millis(300));
+        tcp
+    })
+    .await
+    .unwrap();
+    // …is the oldest of its source when more come, and is closed to make room.
     let mut pending = Vec::new();
-    for _ in 0..64 {
+    for _ in 0..MAX_PENDING_PER_SOURCE {
         let (ws, _) = tokio_tungstenite::connect_async(format!("{}/agent/connect", edge.ws_url())).await.unwrap();
         pending.push(ws);
     }
-    // …so the next is refused at once; its peer never answers the close.
-    let port = edge.port;
-    let refused = tokio::task::spawn_blocking(move || read_to_end_within(mute_agent_socket(port), Duration::from_secs(20)))
-        .await
-        .unwrap();
-    let seen = refused.expect("the refused connection was still open 20 s after the edge closed it");
+    let closed = tokio::task::spawn_blocking(move || read_to_end_within(mute, Duration::from_secs(20))).await.unwrap();
+    let seen = closed.expect("the closed connection was still open 20 s after the edge closed it");
     let text = String::from_utf8_lossy(&seen);
     assert!(text.starts_with("HTTP/1.1 101"), "{text}");
-    assert!(text.contains("too many connections"), "the close frame says why: {text}");
+    assert!(text.contains("waited longest"), "the close frame says why: {text}");
     drop(pending);
+}
+
+/// A frame header announcing a megabyte, and the start of it: an unproven connection may
+/// not make the edge read (and hold) more than a hello, so it is cut at once rather than
+/// when its handshake times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unproven_connection_is_cut_once_it_sends_more_than_a_hello() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let port = edge.port;
+    let cut = tokio::task::spawn_blocking(move || {
+        let mut tcp = mute_agent_socket(port);
+        let mut head = [0u8; 1024];
+        let _ = tcp.read(&mut head);
+        // A masked text frame of 1 MiB (RFC 6455: FIN|text, MASK|127, 64-bit length, key).
+        let mut frame = vec![0x81, 0xff];
+        frame.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        frame.extend_from_slice(&[1, 2, 3, 4]);
+        let started = Instant::now();
+        let chunk = vec![b'x'; 16 * 1024];
+        tcp.write_all(&frame).unwrap();
+        for _ in 0..16 {
+            if tcp.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        (read_to_end_within(tcp, Duration::from_secs(20)).is_some(), started.elapsed())
+    })
+    .await
+    .unwrap();
+    let (dropped, took) = cut;
+    assert!(dropped, "the connection was kept open");
+    // At once, not after the 10 s handshake timeout and its 5 s grace.
+    assert!(took < Duration::from_secs(8), "cut only after {took:?}");
 }

@@ -408,7 +408,7 @@ async fn login_from_a_terminal_relays_the_url_and_the_code() {
     let client = Client::new(&edge.url());
     let mut reported = false;
     for _ in 0..600 {
-        if client.health().await.body["oauth"]["needs_login"] == true {
+        if client.health_full().await.body["oauth"]["needs_login"] == true {
             reported = true;
             break;
         }

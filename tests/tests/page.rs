@@ -57,7 +57,7 @@ async fn the_page_shows_an_offline_agent_and_walks_a_relogin(kind: EdgeKind) {
     let client = Client::new(&edge.url());
     let mut reported = false;
     for _ in 0..600 {
-        if client.health().await.body["oauth"]["needs_login"] == true {
+        if client.health_full().await.body["oauth"]["needs_login"] == true {
             reported = true;
             break;
         }

@@ -228,7 +228,7 @@ async fn the_real_cli_runs_a_job_with_every_option() {
     assert!(b["session_id"].as_str().is_some_and(is_uuid), "a real session id: {}", a.text);
 
     // The agent read the CLI's version line before its first hello; /health shows it.
-    let h = r.client.health().await;
+    let h = r.client.health_full().await;
     let version = h.body["agent"]["claude_version"].as_str().unwrap_or_default();
     assert!(version.ends_with("(Claude Code)") && version.starts_with("2."), "{}", h.text);
 
@@ -269,7 +269,7 @@ async fn a_real_401_is_a_runner_oauth_error() {
     assert!(!a.text.contains("test-token-not-real"), "token leaked: {}", a.text);
     // The next heartbeat tells the edge; health turns unhealthy (503).
     r.client.wait_health(503).await;
-    let h = r.client.health().await;
+    let h = r.client.health_full().await;
     assert_eq!(h.body["status"], "unhealthy", "{}", h.text);
     assert_eq!(h.body["oauth"]["needs_login"], true, "{}", h.text);
 }
@@ -297,7 +297,7 @@ async fn a_used_up_subscription_window_is_a_usage_limit_with_its_reset() {
     assert!(retry_at >= expected && retry_at <= later, "retry_at {retry_at}, expected between {expected} and {later}");
     assert_eq!(r.message_requests().len(), 1, "no retries on a used-up window");
     // The edge knows at once: degraded, with the window; new work falls back.
-    let h = r.client.health().await;
+    let h = r.client.health_full().await;
     assert_eq!(h.body["status"], "degraded", "{}", h.text);
     assert_eq!(h.body["usage"]["status"], "rejected", "{}", h.text);
     assert_eq!(h.body["usage"]["type"], "five_hour", "{}", h.text);

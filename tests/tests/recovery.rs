@@ -79,6 +79,30 @@ async fn after_an_edge_outage_across_a_job_end_the_agent_takes_work_again() {
     assert_eq!(next.body["success"], true, "the agent was left without credit: {}", next.text);
 }
 
+/// A clean stop of the edge (SIGTERM) longer than `LOST_AFTER_MS` while a job runs: the
+/// agent could not come back to an edge that was away, so at the restart the job waits for
+/// it again instead of being lost at once (it was, by the first tick after the restart:
+/// its caller was told to run it elsewhere, and the agent's run was stopped). The agent
+/// does not hear the edge go (its link is black-holed from the edge's side), so it comes
+/// back only when the test resets the link, just after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_running_across_an_edge_stop_longer_than_lost_after_ms_is_not_lost() {
+    let (mut edge, agent, client, proxy) = setup(&[("LOST_AFTER_MS", "2000"), ("HEARTBEAT_INTERVAL_MS", "10000")], true).await;
+    let proxy = proxy.unwrap();
+    let a = client.submit(json!({"prompt": "@sleep=6000 across a long stop"})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
+    assert!(eventually(Duration::from_secs(5), || edge.log().contains("job running")).await, "{}", edge.log());
+    proxy.blackhole(Direction::Down);
+    edge.stop();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    edge.restart();
+    proxy.reset();
+    let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", edge.log());
+    assert_eq!(agent.claude_runs().len(), 1);
+}
+
 /// Issue item 3: the agent is frozen (SIGSTOP) during a long job and the caller cancels it
 /// meanwhile. The job must end cancelled, with Claude stopped — not run on, not end lost
 /// while the agent still runs it.
@@ -253,4 +277,33 @@ async fn a_read_only_database_stops_the_native_edge_with_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("DATA_DIR"), "the error names what to fix: {stderr}");
+}
+
+/// A restart of the native edge reads its stored jobs one at a time and keeps only the
+/// header of each ended one: the whole records of every retained job (up to
+/// `MAX_RETAINED_BYTES`, 1 GiB by default) never sit in its memory at once. (They did, at
+/// every start: a busy edge restarting after a crash needed as much memory as all the
+/// results it retained, and could be killed for it, again at each try.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_does_not_read_every_retained_record_into_memory() {
+    let keys = Keys::new(&["spark"]);
+    let mut edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_BODY_BYTES", "4194304")]);
+    let client = Client::new(&edge.url());
+    // 25 ended jobs of 4 MiB each: queued (no agent is needed) and cancelled.
+    let prompt = "z".repeat(4 * 1024 * 1024 - 1024);
+    let mut ids = Vec::new();
+    for _ in 0..25 {
+        let a = client.submit(json!({"prompt": prompt})).await;
+        assert_eq!(a.status, 202, "{}", a.text);
+        let id = a.body["job_id"].as_str().unwrap().to_string();
+        assert_eq!(client.send("DELETE", &format!("/jobs/{id}"), Some(SECRET), None).await.status, 202);
+        ids.push(id);
+    }
+    edge.restart();
+    assert_eq!(client.health().await.status, 503, "up, without an agent");
+    let peak_mib = proc_status_kib(edge.pid().unwrap(), "VmHWM").unwrap() / 1024;
+    assert!(peak_mib < 60, "the restart held {peak_mib} MiB at its peak for 100 MiB of retained records");
+    // Each is still read whole when asked for.
+    let first = client.get(&format!("/jobs/{}", ids[0])).await;
+    assert_eq!((first.status, first.body["state"].as_str()), (200, Some("cancelled")), "{}", first.text);
 }

@@ -202,12 +202,18 @@ async fn push_branch_pushes_a_commit_but_never_to_the_default_branch() {
     ok(&b);
     assert!(b["pushed_commit"].is_null(), "{b}");
     assert_eq!(b["pushed_branch"], "claude/empty");
-    assert!(std::process::Command::new("git").args(["rev-parse", "--verify", "-q", "refs/heads/claude/empty"]).current_dir(&seed.bare).status().is_ok_and(|st| !st.success()));
+    assert_eq!(on_server(&seed, "claude/empty"), None);
 
     // A failed job pushes nothing.
     let b = s.run(json!({"prompt": "@write=y.txt @is_error", "repo_url": url, "push_branch": "claude/failed"})).await;
     assert_eq!(b["error_code"], "CLAUDE_ERROR");
     assert!(b["pushed_commit"].is_null());
+}
+
+/// The commit the server's `branch` points at, if it has that branch.
+fn on_server(seed: &Seed, branch: &str) -> Option<String> {
+    let out = std::process::Command::new("git").args(["rev-parse", "--verify", "-q", &format!("refs/heads/{branch}")]).current_dir(&seed.bare).output().unwrap();
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// Every file under `dir` that holds `needle`.
@@ -463,4 +469,107 @@ async fn redirects_are_not_followed_and_tokens_stay_with_their_host() {
     assert!(e.contains("redirect"), "{e}");
     assert!(elsewhere.requests().is_empty(), "nothing went to the other server: {:?}", elsewhere.requests());
     assert!(s.agent.claude_runs().is_empty());
+
+    // Another port of the same host name: libgit2 follows that redirect (its policy is by
+    // host name), but the token, bound to host and port, stays home.
+    let greedy = GitServer::start(Some(TOKEN));
+    greedy.seed("demo", &[("README.md", b"greedy
+")]);
+    let pems = [&s.git.cert_file, &greedy.cert_file].map(|p| std::fs::read_to_string(p).unwrap());
+    std::fs::write(&bundle, pems.concat()).unwrap();
+    let s = setup_with_git(s.git, &[("REPO_TOKENS", &tokens), ("SSL_CERT_FILE", &bundle.display().to_string())]).await;
+    s.git.redirect(Some(&format!("https://127.0.0.1:{}", greedy.port)));
+    repo_error(&s.run(json!({"prompt": "x", "repo_url": s.git.url("demo")})).await);
+    assert!(!greedy.requests().is_empty(), "libgit2 followed the redirect (if it no longer does, tighten this test)");
+    assert!(greedy.requests().iter().all(|r| r.authorization.is_none()), "the token went to another port: {:?}", greedy.requests());
+}
+
+/// The mirror of `s`'s only repository so far.
+fn only_mirror(s: &Setup) -> std::path::PathBuf {
+    let repos = s.agent.data.path().join("data/repos");
+    let mut mirrors: Vec<_> = std::fs::read_dir(repos).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_dir() && !p.file_name().unwrap().to_string_lossy().starts_with('.')).collect();
+    assert_eq!(mirrors.len(), 1, "{mirrors:?}");
+    mirrors.pop().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_left_by_an_agent_killed_mid_fetch_does_not_block_the_repository() {
+    let mut s = setup(None, &[]).await;
+    demo(&s.git);
+    let url = s.git.url("demo");
+    ok(&s.run(json!({"prompt": "x", "repo_url": url})).await);
+    // SIGKILL while libgit2 rewrote a ref: its lock file stays (the moment is too short to
+    // hit by chance, so the test leaves the lock where libgit2 would have).
+    s.agent.kill();
+    std::fs::write(only_mirror(&s).join("refs/heads/main.lock"), "").unwrap();
+    s.agent.ensure_running();
+    s.client.wait_online().await;
+    ok(&s.run(json!({"prompt": "x", "repo_url": url})).await);
+    assert!(s.agent.log().contains("removing a file a killed fetch left in a mirror"), "{}", s.agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_left_by_an_agent_killed_mid_job_is_removed_when_it_starts_again() {
+    let mut s = setup(None, &[]).await;
+    demo(&s.git);
+    let job = s.client.submit(json!({"prompt": "@sleep=60000", "repo_url": s.git.url("demo")})).await;
+    let job_id = job.body["job_id"].as_str().unwrap().to_string();
+    let workspace = s.agent.data.path().join("data/workspaces").join(&job_id);
+    assert!(eventually(Duration::from_secs(10), || !s.agent.claude_runs().is_empty()).await);
+    assert!(workspace.join("README.md").exists());
+    s.agent.kill();
+    s.agent.ensure_running();
+    s.client.wait_online().await;
+    assert_eq!(s.client.wait_job(&job_id, Duration::from_secs(30)).await["state"], "lost");
+    assert!(!workspace.exists(), "the lost job's checkout is gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_that_outlasts_the_job_is_reported_as_it_ended_on_the_server() {
+    let s = setup(None, &[]).await;
+    let (seed, _, _) = demo(&s.git);
+    // The server takes the push at once and answers after the job's timeout plus the
+    // agent's grace for handing changes back (20 s).
+    s.git.delay_push_answers(Duration::from_secs(23));
+    let b = s.run(json!({"prompt": "@write=late.txt", "repo_url": s.git.url("demo"), "push_branch": "claude/late", "timeout_ms": 1000})).await;
+    let on_server = on_server(&seed, "claude/late").expect("the server took the push");
+    // The answer says what happened: the branch moved, so it is not "nothing pushed".
+    assert_eq!(b["pushed_commit"], on_server.as_str(), "{b:#}");
+    ok(&b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_files_are_not_pushed_and_pushes_do_not_hold_them_in_memory() {
+    let s = setup(None, &[]).await;
+    let (seed, _, _) = demo(&s.git);
+    let url = s.git.url("demo");
+    ok(&s.run(json!({"prompt": "x", "repo_url": url})).await);
+    let pid = s.agent.pid().unwrap();
+    let before = proc_status_kib(pid, "VmHWM").unwrap();
+    // Six files of 15 MiB: pushed, without the agent holding them all in memory at once.
+    let prompt: String = (0..6).map(|i| format!("@write_random=data{i}.bin,15 ")).collect();
+    let b = s.run(json!({"prompt": prompt, "repo_url": url, "push_branch": "claude/data", "timeout_ms": 120000})).await;
+    ok(&b);
+    assert_eq!(seed.server_git(&["rev-parse", "refs/heads/claude/data"]), b["pushed_commit"].as_str().unwrap());
+    let grown_mib = (proc_status_kib(pid, "VmHWM").unwrap().saturating_sub(before)) / 1024;
+    assert!(grown_mib < 60, "pushing 90 MiB of new files took {grown_mib} MiB more memory");
+    // One file over what git servers take (GitHub: 100 MiB): refused before anything is
+    // read, with what to do.
+    let b = s.run(json!({"prompt": "@write_random=dump.bin,101 @write=notes.txt", "repo_url": url, "push_branch": "claude/dump", "timeout_ms": 120000})).await;
+    let e = repo_error(&b);
+    assert!(e.contains("dump.bin") && e.contains("100 MiB") && e.contains(".gitignore"), "{e}");
+    assert!(b["pushed_commit"].is_null());
+    assert_eq!(on_server(&seed, "claude/dump"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_servers_words_cannot_forge_log_lines() {
+    let s = setup(None, &[]).await;
+    demo(&s.git);
+    let forged = "2026-01-01T00:00:00.000000Z  INFO claude_runner::runner: pushed job_id=forged";
+    s.git.refuse_fetches(Some(&format!("repository disabled\n{forged}\r\x1b[2Kstill the server")));
+    let e = repo_error(&s.run(json!({"prompt": "x", "repo_url": s.git.url("demo")})).await);
+    assert!(e.contains("repository disabled"), "{e}");
+    assert!(!e.contains(['\n', '\r', '\x1b']), "the error is one line: {e:?}");
+    assert!(s.agent.log().lines().all(|l| !l.starts_with(forged)), "a forged line in the log:\n{}", s.agent.log());
 }

@@ -5,14 +5,14 @@
 //!
 //! The diff compares the working tree directly, writing nothing; only a push stages.
 
-use super::error::{local, AuthSeen, RepoError, Talk};
+use super::error::{local, one_line, AuthSeen, RepoError, Talk};
 use super::mirror::callbacks;
 use super::settings::Token;
-use git2::{Diff, DiffFindOptions, DiffFormat, DiffOptions, ErrorCode, IndexAddOption, Oid, PushOptions, RemoteRedirect, Repository, Signature};
+use git2::{Diff, DiffFindOptions, DiffFormat, DiffOptions, ErrorCode, IndexAddOption, Oid, PushOptions, RemoteRedirect, Repository, Signature, Status, StatusOptions};
 use shared::job::{ChangeKind, FileChange};
 use std::cell::{Cell, RefCell};
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The job's changes, staged.
 pub struct Staged {
@@ -21,10 +21,19 @@ pub struct Staged {
     tree: Oid,
 }
 
-/// Objects staging writes (blobs of changed files, trees, the commit) are kept in memory:
-/// on a slow disk, a thousand loose-object files cost more than the rest of a push. The
-/// push reads them from there.
+/// Objects staging writes (blobs of changed files, trees, the commit) are kept in memory
+/// when the changed files are small together: on a slow disk, a thousand loose-object
+/// files cost more than the rest of a push. The push reads them from there.
 const IN_MEMORY_PRIORITY: i32 = 1000;
+const IN_MEMORY_MAX_BYTES: u64 = 64 << 20;
+/// The largest file a push carries: git servers refuse bigger ones (GitHub: 100 MiB), and
+/// a push holds a file in memory about twice over.
+pub const MAX_PUSH_FILE_BYTES: u64 = 100 << 20;
+/// libgit2's delta search keeps whole objects in memory; above this size an object is
+/// sent as it is. (libgit2 1.9 reads this limit from `pack.deltaCacheSize`, later ones
+/// may read `core.bigFileThreshold`; both are set.)
+const DELTA_MAX_OBJECT_BYTES: i64 = 8 << 20;
+const DELTA_WINDOW_BYTES: i64 = 32 << 20;
 
 /// The diff a result carries.
 #[derive(Debug, Default, PartialEq)]
@@ -35,17 +44,49 @@ pub struct Patch {
 }
 
 /// Stages everything in the checkout's working tree: the tree Claude left behind, to push.
-pub fn stage(dir: &Path, base: Oid) -> Result<Staged, RepoError> {
+/// `abort` stops it between two files.
+pub fn stage(dir: &Path, base: Oid, abort: &AtomicBool) -> Result<Staged, RepoError> {
     let action = "collect the job's changes";
     let repo = Repository::open(dir).map_err(|e| local(action, e.message()))?;
-    repo.odb().and_then(|odb| odb.add_new_mempack_backend(IN_MEMORY_PRIORITY).map(drop)).map_err(|e| local(action, e.message()))?;
+    // Sizes first, from the file system: nothing too big is ever read.
+    if changed_bytes(&repo)? <= IN_MEMORY_MAX_BYTES {
+        repo.odb().and_then(|odb| odb.add_new_mempack_backend(IN_MEMORY_PRIORITY).map(drop)).map_err(|e| local(action, e.message()))?;
+    }
     let tree = {
         let mut index = repo.index().map_err(|e| local(action, e.message()))?;
-        index.add_all(["*"], IndexAddOption::DEFAULT, None).map_err(|e| local(action, e.message()))?;
+        let mut each = |_: &Path, _: &[u8]| if abort.load(Ordering::SeqCst) { -1 } else { 0 };
+        index.add_all(["*"], IndexAddOption::DEFAULT, Some(&mut each)).map_err(|e| local(action, e.message()))?;
         index.update_all(["*"], None).map_err(|e| local(action, e.message()))?;
         index.write_tree().map_err(|e| local(action, e.message()))?
     };
     Ok(Staged { repo, base, tree })
+}
+
+/// The bytes of the files Claude added or changed in the working tree; a file over
+/// [`MAX_PUSH_FILE_BYTES`] is an error.
+fn changed_bytes(repo: &Repository) -> Result<u64, RepoError> {
+    let err = |e: git2::Error| local("collect the job's changes", e.message());
+    let workdir = repo.workdir().ok_or_else(|| local("collect the job's changes", "the checkout has no working tree"))?;
+    let mut options = StatusOptions::new();
+    options.include_untracked(true).recurse_untracked_dirs(true).exclude_submodules(true);
+    // Changed in the working tree, or staged by Claude's own `git add`.
+    let changed = Status::WT_NEW | Status::WT_MODIFIED | Status::WT_TYPECHANGE | Status::WT_RENAMED
+        | Status::INDEX_NEW | Status::INDEX_MODIFIED | Status::INDEX_TYPECHANGE | Status::INDEX_RENAMED;
+    let mut total = 0;
+    for entry in repo.statuses(Some(&mut options)).map_err(err)?.iter().filter(|e| e.status().intersects(changed)) {
+        let path = String::from_utf8_lossy(entry.path_bytes()).into_owned();
+        let bytes = workdir.join(&path).symlink_metadata().map_or(0, |m| m.len());
+        too_big(&path, bytes)?;
+        total += bytes;
+    }
+    Ok(total)
+}
+
+fn too_big(path: &str, bytes: u64) -> Result<(), RepoError> {
+    match bytes > MAX_PUSH_FILE_BYTES {
+        true => Err(RepoError::FileTooBig { path: one_line(path), mib: bytes.div_ceil(1 << 20), max_mib: MAX_PUSH_FILE_BYTES >> 20 }),
+        false => Ok(()),
+    }
 }
 
 /// The unified diff of everything in the working tree at `dir` against `base`, cut at
@@ -116,22 +157,60 @@ impl Staged {
         print(&self.diff()?, max_bytes)
     }
 
-    /// Whether any line the job added holds text `is_secret` flags (the whole diff is read,
-    /// uncapped: nothing may be pushed unseen).
+    /// Whether anything the push would carry holds text `is_secret` flags: a line the job
+    /// added, and in Claude's own commits each one's added lines and message — a token
+    /// committed and taken out again by a later commit still travels in the history. The
+    /// whole diffs are read, uncapped: nothing may be pushed unseen.
     pub fn adds_secret(&self, is_secret: impl Fn(&str) -> bool) -> Result<bool, RepoError> {
-        let diff = self.diff()?;
-        let found = Cell::new(false);
-        let printed = diff.print(DiffFormat::Patch, |_d, _h, line| {
-            if line.origin() == '+' && is_secret(&String::from_utf8_lossy(line.content())) {
-                found.set(true);
-                return false;
-            }
-            true
-        });
-        match printed {
-            Err(e) if !found.get() => Err(local("compute the diff", e.message())),
-            _ => Ok(found.get()),
+        if added_lines_hold(&self.diff()?, &is_secret)? {
+            return Ok(true);
         }
+        for (commit, diff) in self.own_commits()? {
+            let (author, committer) = (commit.author(), commit.committer());
+            let said = [commit.message_bytes(), author.name_bytes(), author.email_bytes(), committer.name_bytes(), committer.email_bytes()];
+            if said.iter().any(|text| is_secret(&String::from_utf8_lossy(text))) || added_lines_hold(&diff, &is_secret)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Claude's own commits that the push carries, each with its diff against its first
+    /// parent (a first commit: against nothing).
+    fn own_commits(&self) -> Result<Vec<(git2::Commit<'_>, Diff<'_>)>, RepoError> {
+        let err = |e: git2::Error| local("compute the diff", e.message());
+        let Some(head) = self.claudes_head().filter(|h| *h != self.base) else { return Ok(Vec::new()) };
+        let mut walk = self.repo.revwalk().map_err(err)?;
+        walk.push(head).map_err(err)?;
+        walk.hide(self.base).map_err(err)?;
+        let mut out = Vec::new();
+        for id in walk {
+            let commit = self.repo.find_commit(id.map_err(err)?).map_err(err)?;
+            let parent = commit.parents().next().map(|p| p.tree()).transpose().map_err(err)?;
+            let diff = self.repo.diff_tree_to_tree(parent.as_ref(), Some(&commit.tree().map_err(err)?), None).map_err(err)?;
+            out.push((commit, diff));
+        }
+        Ok(out)
+    }
+
+    /// Files in Claude's own commits over [`MAX_PUSH_FILE_BYTES`] are an error, as in the
+    /// working tree (sizes from the object headers; nothing big is read).
+    fn check_own_commit_sizes(&self) -> Result<(), RepoError> {
+        let odb = self.repo.odb().map_err(|e| local("collect the job's changes", e.message()))?;
+        for (_, diff) in self.own_commits()? {
+            for delta in diff.deltas().filter(|d| !d.new_file().id().is_zero() && d.status() != git2::Delta::Deleted) {
+                let bytes = odb.read_header(delta.new_file().id()).map_or(0, |(size, _)| size as u64);
+                too_big(&delta.new_file().path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default(), bytes)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What Claude left at HEAD, when it is the start commit or follows it (its own
+    /// commits, which the push keeps).
+    fn claudes_head(&self) -> Option<Oid> {
+        let head = self.repo.head().and_then(|h| h.peel_to_commit()).ok()?.id();
+        (head == self.base || self.repo.graph_descendant_of(head, self.base).unwrap_or(false)).then_some(head)
     }
 
     /// Commits the staged tree on top of what Claude left at HEAD (its own commits kept
@@ -139,11 +218,7 @@ impl Staged {
     pub fn commit(&self, author_name: &str, author_email: &str, message: &str) -> Result<Option<Oid>, RepoError> {
         let action = "commit the job's changes";
         let err = |e: git2::Error| local(action, e.message());
-        let head = self.repo.head().and_then(|h| h.peel_to_commit()).ok().map(|c| c.id());
-        let parent = match head {
-            Some(h) if h == self.base || self.repo.graph_descendant_of(h, self.base).unwrap_or(false) => h,
-            _ => self.base,
-        };
+        let parent = self.claudes_head().unwrap_or(self.base);
         let parent = self.repo.find_commit(parent).map_err(err)?;
         if parent.tree_id() == self.tree {
             return Ok((parent.id() != self.base).then(|| parent.id()));
@@ -168,9 +243,20 @@ impl Staged {
         let fail = |e: git2::Error| {
             Talk { url: &push.url, host: &push.host, auth: auth.get(), action, pushing: true }.error(e.code(), e.class(), e.message())
         };
+        self.check_own_commit_sizes()?;
+        if let Ok(mut config) = self.repo.config() {
+            for (key, value) in [("pack.deltaCacheSize", DELTA_MAX_OBJECT_BYTES), ("core.bigFileThreshold", DELTA_MAX_OBJECT_BYTES), ("pack.windowMemory", DELTA_WINDOW_BYTES)] {
+                config.set_i64(key, value).map_err(|e| local(action, e.message()))?;
+            }
+        }
         let mut remote = self.repo.remote_anonymous(&push.url).map_err(|e| local(action, e.message()))?;
         let rejected: RefCell<Option<String>> = RefCell::new(None);
         let mut cb = callbacks(push.token.as_ref(), &push.host, &auth, abort);
+        // The last moment to stop: after it the pack goes out and the server may take it.
+        cb.push_negotiation(|_| match abort.load(Ordering::SeqCst) {
+            true => Err(git2::Error::from_str("the push was given up before it started")),
+            false => Ok(()),
+        });
         cb.push_update_reference(|_refname, status| {
             if let Some(message) = status {
                 *rejected.borrow_mut() = Some(message.to_string());
@@ -192,9 +278,25 @@ impl Staged {
             return Err(fail(e));
         }
         if let Some(message) = rejected.take() {
-            return Err(RepoError::PushRejected { branch: branch.clone(), message });
+            return Err(RepoError::PushRejected { branch: branch.clone(), message: one_line(&message) });
         }
         Ok(())
+    }
+}
+
+/// Whether a line `diff` adds holds text `is_secret` flags.
+fn added_lines_hold(diff: &Diff<'_>, is_secret: &impl Fn(&str) -> bool) -> Result<bool, RepoError> {
+    let found = Cell::new(false);
+    let printed = diff.print(DiffFormat::Patch, |_d, _h, line| {
+        if line.origin() == '+' && is_secret(&String::from_utf8_lossy(line.content())) {
+            found.set(true);
+            return false;
+        }
+        true
+    });
+    match printed {
+        Err(e) if !found.get() => Err(local("compute the diff", e.message())),
+        _ => Ok(found.get()),
     }
 }
 

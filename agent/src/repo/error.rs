@@ -35,6 +35,10 @@ pub enum RepoError {
     NotFastForward { branch: String },
     #[error("the git server refused the push to `{branch}`: {message}; check the branch's protection rules and the token's write access")]
     PushRejected { branch: String, message: String },
+    #[error("handing back the job's changes ({url}) took longer than its timeout_ms plus the grace for it, so nothing was pushed: raise timeout_ms, or check the git server's speed")]
+    HandBackTooSlow { url: String },
+    #[error("`{path}` is {mib} MiB, more than the {max_mib} MiB a push carries (git servers such as GitHub refuse bigger files), so nothing was pushed: have Claude leave it out of the repository (delete it, or list it in .gitignore)")]
+    FileTooBig { path: String, mib: u64, max_mib: u64 },
     #[error("the changes contain a secret of the runner machine (a token), so nothing was pushed: ask Claude not to write credentials into the repository")]
     SecretInChanges,
     #[error("could not {action}: {detail}")]
@@ -63,6 +67,7 @@ pub struct Talk<'a> {
 impl Talk<'_> {
     /// Turns a libgit2 error from a fetch or a push into the sentence a caller sees.
     pub fn error(&self, code: ErrorCode, class: ErrorClass, message: &str) -> RepoError {
+        let message = &one_line(message);
         let url = self.url.to_string();
         let host = self.host.to_string();
         let lower = message.to_ascii_lowercase();
@@ -107,9 +112,16 @@ pub fn disk_full(message: &str) -> Option<RepoError> {
         .then(|| RepoError::DiskFull { detail: message.to_string() })
 }
 
+/// Text from outside (a git server's words, a path Claude chose) as one line: control
+/// characters escaped, so it can neither end the log line it is written in and forge the
+/// next one, nor drive a terminal.
+pub fn one_line(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
 /// A local git or file-system step that failed (no server involved).
 pub fn local(action: &'static str, message: impl ToString) -> RepoError {
-    let message = message.to_string();
+    let message = one_line(&message.to_string());
     disk_full(&message).unwrap_or(RepoError::Git { action, detail: message })
 }
 
@@ -146,6 +158,14 @@ mod tests {
         let none = talk(AuthSeen { needed_without_token: true, ..Default::default() });
         let e = none.error(ErrorCode::User, ErrorClass::Callback, "no token");
         assert!(e.to_string().contains("REPO_TOKENS=`git.example.com=<token>`"), "{e}");
+    }
+
+    #[test]
+    fn outside_words_stay_on_one_line() {
+        let e = talk(AuthSeen::default()).error(ErrorCode::GenericError, ErrorClass::Net, "remote error: no\nINFO forged\r\x1b[2K");
+        assert!(!e.to_string().contains(['\n', '\r', '\x1b']), "{e}");
+        assert!(e.to_string().contains("remote error: no\\nINFO forged\\r\\u{1b}[2K"), "{e}");
+        assert_eq!(one_line("déjà vu"), "déjà vu");
     }
 
     #[test]

@@ -118,6 +118,38 @@ impl MirrorCache {
         Ok(Arc::new(MirrorCache { root, max_bytes, entries: Mutex::new(HashMap::new()), evicting: Mutex::new(()) }))
     }
 
+    /// After a restart: what a killed agent left in its mirrors goes. libgit2's lock files
+    /// (`*.lock`) would make every later fetch of the repository fail ("failed to lock
+    /// file"), its temporary files (`*_git2_*`, such as a pack being received) only take
+    /// space, and a mirror whose first fetch never finished has nothing to run on. Only for
+    /// the agent itself, at start: no fetch of this cache runs yet, and no other process
+    /// fetches into it.
+    pub fn recover(&self) {
+        for entry in std::fs::read_dir(&self.root).into_iter().flatten().flatten() {
+            let dir = entry.path();
+            if entry.file_name().to_string_lossy().starts_with('.') || !dir.is_dir() {
+                continue;
+            }
+            if !usable(&dir) {
+                warn!(mirror = %dir.display(), "removing a mirror whose first fetch never finished");
+                let _ = std::fs::remove_dir_all(&dir);
+                continue;
+            }
+            let mut stack = vec![dir];
+            while let Some(d) = stack.pop() {
+                for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                    let (path, name) = (entry.path(), entry.file_name().to_string_lossy().into_owned());
+                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        stack.push(path);
+                    } else if name.ends_with(".lock") || name.contains("_git2_") {
+                        info!(file = %path.display(), "removing a file a killed fetch left in a mirror");
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
+        }
+    }
+
     fn hold(self: &Arc<Self>, folder: &str) -> (Hold, Arc<tokio::sync::Mutex<FetchState>>) {
         let mut entries = self.entries.lock().expect("mirror entries");
         let entry = entries.entry(folder.to_string()).or_default();

@@ -27,7 +27,7 @@ use settings::RepoSettings;
 use shared::job::{JobResult, JobSpec};
 use shared::repo::RepoUrl;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Sets libgit2 up for the whole process. Call it before any other thread starts: its
@@ -62,6 +62,12 @@ impl Repos {
     pub fn open(data_dir: &Path, settings: RepoSettings) -> std::io::Result<Repos> {
         let cache = MirrorCache::open(data_dir.join("repos"), settings.cache_max_bytes)?;
         Ok(Repos { settings, cache })
+    }
+
+    /// Clears what an agent killed mid-fetch left in the mirrors (see
+    /// [`MirrorCache::recover`]). Only the agent calls it, once, before its first job.
+    pub fn recover(&self) {
+        self.cache.recover();
     }
 
     /// The repositories whose mirror this agent holds (names as `shared::repo::RepoUrl::name`).
@@ -125,7 +131,11 @@ impl Prepared {
 
     /// After Claude: the diff (`include_diff`) and the push (`push_branch`). `redactor`
     /// masks the diff and refuses to push changes that hold a token.
-    pub async fn finish(self, repos: &Repos, spec: &JobSpec, job_id: &str, redactor: Redactor) -> Result<Outcome, RepoError> {
+    ///
+    /// At `give_up_at` the work is told to stop at its next step (a push not yet under
+    /// way never starts) and is then waited for: a push the server is already taking ends
+    /// first, so the answer says what happened, and nothing lands after it.
+    pub async fn finish(self, repos: &Repos, spec: &JobSpec, job_id: &str, redactor: Redactor, give_up_at: tokio::time::Instant) -> Result<Outcome, RepoError> {
         if !spec.include_diff && spec.push_branch.is_none() {
             return Ok(Outcome::default());
         }
@@ -133,9 +143,13 @@ impl Prepared {
         let source = repos.source(&self.url);
         let spec = spec.clone();
         let message = spec.commit_message.clone().unwrap_or_else(|| format!("Changes by Claude Runner job {job_id}"));
-        tokio::task::spawn_blocking(move || {
+        let abort = Arc::new(AtomicBool::new(false));
+        let stop = Arc::clone(&abort);
+        let mut work = tokio::task::spawn_blocking(move || {
             let prepared = self;
             let (dir, base) = (&prepared.checkout.dir, prepared.checkout.commit);
+            let too_slow = || RepoError::HandBackTooSlow { url: source.url.clone() };
+            let given_up = || abort.load(Ordering::SeqCst);
             let mut outcome = Outcome::default();
             if spec.include_diff {
                 let mut patch = changes::patch(dir, base, settings.max_diff_bytes)?;
@@ -146,28 +160,40 @@ impl Prepared {
                 outcome.patch = Some(patch);
             }
             if let Some(branch) = spec.push_branch {
-                let staged = changes::stage(dir, base)?;
+                if given_up() {
+                    return Err(too_slow());
+                }
+                let staged = changes::stage(dir, base, &abort).map_err(|e| if given_up() { too_slow() } else { e })?;
                 if staged.adds_secret(|line| redactor.redact(line) != line)? {
                     return Err(RepoError::SecretInChanges);
                 }
                 let commit = staged.commit(&settings.author_name, &settings.author_email, &message)?;
                 if let Some(commit) = commit {
+                    if given_up() {
+                        return Err(too_slow());
+                    }
                     let target = PushTarget {
-                        url: source.url,
-                        host: source.host,
-                        token: source.token,
+                        url: source.url.clone(),
+                        host: source.host.clone(),
+                        token: source.token.clone(),
                         branch: branch.clone(),
                         default_branch: mirror::default_branch(&prepared.lease.dir),
                     };
-                    staged.push(&target, commit, &AtomicBool::new(false))?;
+                    staged.push(&target, commit, &abort).map_err(|e| if given_up() { too_slow() } else { e })?;
                     outcome.pushed_commit = Some(commit.to_string());
                 }
                 outcome.pushed_branch = Some(branch);
             }
             Ok(outcome)
-        })
-        .await
-        .unwrap_or_else(|e| Err(local("collect the job's changes", e)))
+        });
+        let done = tokio::select! {
+            done = &mut work => done,
+            _ = tokio::time::sleep_until(give_up_at) => {
+                stop.store(true, Ordering::SeqCst);
+                work.await
+            }
+        };
+        done.unwrap_or_else(|e| Err(local("collect the job's changes", e)))
     }
 }
 

@@ -193,7 +193,7 @@ async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
     assert_eq!(cut.files.len(), 6, "the file list is whole even when the diff is cut");
 
     // What is pushed is what the diff shows.
-    let staged = changes::stage(&co.dir, co.commit).unwrap();
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
     let loose = std::fs::read_dir(co.dir.join(".git/objects")).unwrap().flatten().filter(|e| e.file_name().len() == 2).count();
     assert_eq!(loose, 0, "staging writes no object files into the checkout");
     let mut pushed = staged.patch(1 << 20).unwrap().files;
@@ -207,6 +207,10 @@ async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
     // Push: a new branch takes it; the default branch and a diverged branch do not.
     let commit = staged.commit("Claude Runner", "cr@localhost", "Job changes").unwrap().expect("there are changes");
     let target = |branch: &str| PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: branch.into(), default_branch: Some("main".into()) };
+    // Given up (the job's time is over): nothing goes out, and staging stops too.
+    assert!(staged.push(&target("claude/given-up"), commit, &AtomicBool::new(true)).is_err());
+    assert!(std::process::Command::new("git").args(["rev-parse", "--verify", "-q", "claude/given-up"]).current_dir(&bare).status().is_ok_and(|s| !s.success()));
+    assert!(changes::stage(&co.dir, co.commit, &AtomicBool::new(true)).is_err());
     staged.push(&target("claude/job-1"), commit, &AtomicBool::new(false)).unwrap();
     assert_eq!(git(&bare, &["rev-parse", "refs/heads/claude/job-1"]), commit.to_string());
     assert_eq!(git(&bare, &["log", "-1", "--format=%an <%ae> %s", "claude/job-1"]), "Claude Runner <cr@localhost> Job changes");
@@ -228,7 +232,7 @@ async fn nothing_changed_means_no_commit() {
     let tmp = TempDir::new("unchanged");
     let (bare, _, _) = server(tmp.path());
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
-    let staged = changes::stage(&co.dir, co.commit).unwrap();
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
     assert_eq!(staged.commit("a", "a@b", "m").unwrap(), None);
     assert!(changes::patch(&co.dir, co.commit, 1000).unwrap().files.is_empty());
 }
@@ -286,10 +290,94 @@ async fn claudes_own_commits_are_in_the_diff_and_under_the_pushed_commit() {
     let mut paths: Vec<&str> = patch.files.iter().map(|f| f.path.as_str()).collect();
     paths.sort();
     assert_eq!(paths, ["committed.txt", "loose.txt"], "everything since the start commit");
-    let staged = changes::stage(&co.dir, co.commit).unwrap();
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
     let commit = staged.commit("a", "a@b", "rest").unwrap().unwrap();
     let target = PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: "claude/own".into(), default_branch: Some("main".into()) };
     staged.push(&target, commit, &AtomicBool::new(false)).unwrap();
     assert_eq!(git(&bare, &["rev-parse", "claude/own^"]), claudes, "Claude's commit is kept under the new one");
     assert_eq!(git(&bare, &["show", "claude/own:loose.txt"]), "not committed");
+}
+
+#[tokio::test]
+async fn an_agent_killed_mid_fetch_leaves_nothing_that_blocks_the_next_one() {
+    let tmp = TempDir::new("killed");
+    let (bare, _, _) = server(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let dir = cache.acquire(source(&bare), false).await.unwrap().dir.clone();
+    drop(cache);
+    // What a SIGKILL can leave: libgit2's lock files (a ref, HEAD, the packed refs) and the
+    // pack it was receiving; and a mirror whose first fetch never finished.
+    for lock in ["refs/heads/main.lock", "HEAD.lock", "packed-refs.lock", "config.lock"] {
+        std::fs::write(dir.join(lock), "").unwrap();
+    }
+    std::fs::write(dir.join("objects/pack/pack_git2_a1b2c3"), vec![0u8; 4096]).unwrap();
+    let half = tmp.path().join("repos/half.git");
+    git(tmp.path(), &["init", "-q", "--bare", half.to_str().unwrap()]);
+    std::fs::write(half.join(super::layout::NAME_FILE), "local/half").unwrap();
+
+    // The agent starts again.
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    cache.recover();
+    let lease = cache.acquire(source(&bare), false).await.expect("the mirror fetches again");
+    assert_eq!(lease.dir, dir);
+    assert!(!dir.join("objects/pack/pack_git2_a1b2c3").exists(), "the cut-short pack is gone");
+    assert!(!half.exists(), "a mirror without a commit is not kept");
+    assert_eq!(cache.mirror_names(), [source(&bare).name]);
+}
+
+#[tokio::test]
+async fn a_secret_in_claudes_own_history_is_found_even_when_a_later_commit_removed_it() {
+    let tmp = TempDir::new("secret-history");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let secret = |l: &str| l.contains("tok-0123456789");
+    // Claude commits a token, then takes it out again: the final tree is clean, the
+    // history that a push would carry is not.
+    std::fs::write(co.dir.join(".env"), "TOKEN=tok-0123456789\n").unwrap();
+    git(&co.dir, &["add", "-A"]);
+    git(&co.dir, &["commit", "-q", "-m", "config"]);
+    std::fs::remove_file(co.dir.join(".env")).unwrap();
+    git(&co.dir, &["add", "-A"]);
+    git(&co.dir, &["commit", "-q", "-m", "oops"]);
+    std::fs::write(co.dir.join("clean.txt"), "nothing to see\n").unwrap();
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    assert!(staged.adds_secret(secret).unwrap(), "the token in an earlier commit is found");
+
+    // In a commit message too.
+    let (_cache2, _lease2, co) = {
+        let root = tmp.path().join("second");
+        std::fs::create_dir_all(&root).unwrap();
+        checked_out(&root, &bare).await
+    };
+    std::fs::write(co.dir.join("a.txt"), "a\n").unwrap();
+    git(&co.dir, &["add", "-A"]);
+    git(&co.dir, &["commit", "-q", "-m", "use tok-0123456789"]);
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    assert!(staged.adds_secret(secret).unwrap(), "the token in a commit message is found");
+}
+
+#[tokio::test]
+async fn a_file_too_big_for_a_push_is_refused_in_claudes_commits_too() {
+    let tmp = TempDir::new("too-big");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    // Sparse: 101 MiB to git, a few KiB on disk.
+    let big = std::fs::File::create(co.dir.join("huge.img")).unwrap();
+    big.set_len((changes::MAX_PUSH_FILE_BYTES) + (1 << 20)).unwrap();
+    drop(big);
+    git(&co.dir, &["add", "-A"]);
+    git(&co.dir, &["commit", "-q", "-m", "an image"]);
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    let commit = staged.commit("a", "a@b", "m").unwrap().unwrap();
+    let target = PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: "claude/big".into(), default_branch: Some("main".into()) };
+    let err = staged.push(&target, commit, &AtomicBool::new(false)).unwrap_err();
+    assert!(matches!(&err, RepoError::FileTooBig { path, mib: 101, .. } if path == "huge.img"), "{err}");
+    // Staged by Claude's `git add` but not committed: refused before staging.
+    let root = tmp.path().join("second");
+    std::fs::create_dir_all(&root).unwrap();
+    let (_cache, _lease, co) = checked_out(&root, &bare).await;
+    std::fs::File::create(co.dir.join("huge.img")).unwrap().set_len(changes::MAX_PUSH_FILE_BYTES + 1).unwrap();
+    git(&co.dir, &["add", "huge.img"]);
+    let err = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).err().unwrap();
+    assert!(matches!(&err, RepoError::FileTooBig { .. }), "{err}");
 }

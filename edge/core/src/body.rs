@@ -9,6 +9,14 @@
 /// Past this the caller is simply cut off.
 pub const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
 
+/// How much of a refused request's body (no secret, unknown route) is read, and for how
+/// long, before the refusal is answered. Nothing is kept; the bound is small so a caller
+/// without the secret cannot make the edge read or wait, yet large enough that a caller
+/// that sent an ordinary small request with a wrong secret reads its 403 rather than a
+/// reset connection (a runtime that answers while request bytes sit unread may reset it).
+pub const REFUSAL_DRAIN_LIMIT: usize = 16 * 1024;
+pub const REFUSAL_DRAIN_MS: u64 = 1_000;
+
 /// A request body as the edge saw it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Body {
@@ -32,6 +40,7 @@ pub enum Next {
 #[derive(Debug)]
 pub struct Intake {
     limit: usize,
+    drain: usize,
     bytes: Vec<u8>,
     seen: usize,
     broken: Option<String>,
@@ -40,7 +49,13 @@ pub struct Intake {
 impl Intake {
     /// `limit` is `MAX_BODY_BYTES`.
     pub fn new(limit: usize) -> Intake {
-        Intake { limit, bytes: Vec::new(), seen: 0, broken: None }
+        Intake { limit, drain: DRAIN_LIMIT, bytes: Vec::new(), seen: 0, broken: None }
+    }
+
+    /// The body of a request about to be refused: nothing kept, at most
+    /// [`REFUSAL_DRAIN_LIMIT`] read (hosts also stop after [`REFUSAL_DRAIN_MS`]).
+    pub fn refused() -> Intake {
+        Intake { limit: 0, drain: REFUSAL_DRAIN_LIMIT, bytes: Vec::new(), seen: 0, broken: None }
     }
 
     pub fn chunk(&mut self, chunk: &[u8]) -> Next {
@@ -48,7 +63,7 @@ impl Intake {
         if self.seen > self.limit {
             // Over the limit: nothing more is kept, but the caller is heard out.
             self.bytes = Vec::new();
-            return if self.seen > DRAIN_LIMIT { Next::Stop } else { Next::Read };
+            return if self.seen > self.drain { Next::Stop } else { Next::Read };
         }
         self.bytes.extend_from_slice(chunk);
         Next::Read
@@ -100,6 +115,13 @@ mod tests {
         assert_eq!(i.chunk(b"abcdef"), Next::Read);
         assert_eq!(i.chunk(&vec![0; DRAIN_LIMIT]), Next::Stop);
         assert_eq!(i.finish(), Body::TooLarge);
+    }
+
+    #[test]
+    fn a_refused_request_is_read_only_a_little() {
+        let mut i = Intake::refused();
+        assert_eq!(i.chunk(b"{\"prompt\":\"x\"}"), Next::Read, "a small body is heard out");
+        assert_eq!(i.chunk(&vec![0; REFUSAL_DRAIN_LIMIT]), Next::Stop);
     }
 
     #[test]

@@ -1,12 +1,20 @@
 //! Edge settings. Both hosts read the same variable names (README "Configuration");
 //! [`Config::from_lookup`] takes a lookup function so the native host passes
 //! `std::env::var` and the Worker passes its vars and secrets.
+//!
+//! Pools: the edge serves the `default` pool (callers' secret `RUNNER_SECRET`, agents
+//! `AGENT_PUBLIC_KEYS`) and each pool named in `POOLS`, every one with its own secret and
+//! agents (`RUNNER_SECRET_<POOL>`, `AGENT_PUBLIC_KEYS_<POOL>`, see [`pool_suffix`]).
+//! [`Pools`] is that whole list, parsed once; a [`Config`] is one pool's settings with the
+//! edge's shared ones. A pool that is not listed does not exist.
 
 use ed25519_dalek::SigningKey;
 use shared::keys::{self, Keyring};
 
 #[derive(Clone)]
 pub struct Config {
+    /// The pool this machine serves; signed into every welcome and order.
+    pub pool: String,
     pub runner_secret: String,
     pub signing_key: SigningKey,
     pub agents: Keyring,
@@ -43,6 +51,7 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Secrets stay out of logs.
         f.debug_struct("Config")
+            .field("pool", &self.pool)
             .field("agents", &self.agents.len())
             .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
             .field("lost_after_ms", &self.lost_after_ms)
@@ -67,6 +76,82 @@ pub enum ConfigError {
     Url { name: &'static str, value: String },
     #[error("{name} is {value}, over the most this edge supports ({max}); lower it")]
     TooLarge { name: &'static str, value: u64, max: u64 },
+    #[error("{name}: {error}")]
+    PoolKeys { name: String, error: keys::KeyError },
+    #[error("{0} is not set: every pool in POOLS needs its own callers' secret and agents; set it (e.g. with `wrangler secret put {0}`)")]
+    PoolMissing(String),
+    #[error("{name} is too short ({len} characters): use at least 16, e.g. `openssl rand -hex 32`")]
+    PoolWeakSecret { name: String, len: usize },
+    #[error("POOLS entry `{0}` is not a pool name: 1-64 letters, digits, `-` and `_` (the `default` pool is always served and is not listed)")]
+    PoolName(String),
+    #[error("POOLS names `{0}` and `{1}`, whose settings would have the same names; rename one")]
+    PoolClash(String, String),
+    #[error("there is no pool `{0}` on this edge: list it in POOLS and set RUNNER_SECRET_<POOL> and AGENT_PUBLIC_KEYS_<POOL>")]
+    UnknownPool(String),
+}
+
+pub use shared::ids::{DEFAULT_POOL, MAX_POOL_NAME};
+
+/// One pool: who may call it, and which agents may serve it.
+#[derive(Clone)]
+pub struct Pool {
+    pub name: String,
+    pub runner_secret: String,
+    pub agents: Keyring,
+}
+
+/// Every pool this edge serves, the default one first.
+#[derive(Clone)]
+pub struct Pools(Vec<Pool>);
+
+/// The suffix of a pool's settings: its name in upper case, `-` as `_` (`team-b` →
+/// `RUNNER_SECRET_TEAM_B`).
+pub fn pool_suffix(name: &str) -> String {
+    name.to_ascii_uppercase().replace('-', "_")
+}
+
+impl Pools {
+    /// `RUNNER_SECRET`, `AGENT_PUBLIC_KEYS`, `POOLS` and each listed pool's two settings.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Pools, ConfigError> {
+        let get = |name: &str| get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let runner_secret = get("RUNNER_SECRET").ok_or(ConfigError::Missing("RUNNER_SECRET"))?;
+        if runner_secret.len() < 16 {
+            return Err(ConfigError::WeakSecret(runner_secret.len()));
+        }
+        let agents = Keyring::parse(&get("AGENT_PUBLIC_KEYS").ok_or(ConfigError::Missing("AGENT_PUBLIC_KEYS"))?)?;
+        let mut pools = vec![Pool { name: DEFAULT_POOL.to_string(), runner_secret, agents }];
+        let listed = get("POOLS").unwrap_or_default();
+        let names: Vec<&str> = listed.split([',', ' ', '\n']).map(str::trim).filter(|n| !n.is_empty()).collect();
+        for (i, name) in names.iter().enumerate() {
+            if !shared::ids::plain_id(name, MAX_POOL_NAME) || *name == DEFAULT_POOL {
+                return Err(ConfigError::PoolName(shared::text::truncate(name, 80).to_string()));
+            }
+            if let Some(other) = names[..i].iter().find(|n| pool_suffix(n) == pool_suffix(name)) {
+                return Err(ConfigError::PoolClash(other.to_string(), name.to_string()));
+            }
+        }
+        for name in names {
+            let suffix = pool_suffix(name);
+            let (secret_name, keys_name) = (format!("RUNNER_SECRET_{suffix}"), format!("AGENT_PUBLIC_KEYS_{suffix}"));
+            let runner_secret = get(&secret_name).ok_or_else(|| ConfigError::PoolMissing(secret_name.clone()))?;
+            if runner_secret.len() < 16 {
+                return Err(ConfigError::PoolWeakSecret { name: secret_name, len: runner_secret.len() });
+            }
+            let keys = get(&keys_name).ok_or_else(|| ConfigError::PoolMissing(keys_name.clone()))?;
+            let agents = Keyring::parse(&keys).map_err(|error| ConfigError::PoolKeys { name: keys_name, error })?;
+            pools.push(Pool { name: name.to_string(), runner_secret, agents });
+        }
+        Ok(Pools(pools))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Pool> {
+        self.0.iter().find(|p| p.name == name)
+    }
+
+    /// The pools, the default one first.
+    pub fn iter(&self) -> impl Iterator<Item = &Pool> {
+        self.0.iter()
+    }
 }
 
 const DAY_MS: u64 = 24 * 3_600_000;
@@ -91,7 +176,15 @@ pub const DEFAULT_MAX_RETAINED_JOBS: usize = 10_000;
 pub const DEFAULT_MAX_RETAINED_BYTES: u64 = 1024 * 1024 * 1024;
 
 impl Config {
+    /// The default pool's settings (the native edge serves that pool alone).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        Config::for_pool(get, DEFAULT_POOL)
+    }
+
+    /// One pool's settings; [`ConfigError::UnknownPool`] if `POOLS` does not list it.
+    pub fn for_pool(get: impl Fn(&str) -> Option<String>, pool: &str) -> Result<Config, ConfigError> {
+        let Pool { name, runner_secret, agents } =
+            Pools::from_lookup(&get)?.get(pool).cloned().ok_or_else(|| ConfigError::UnknownPool(shared::text::truncate(pool, 80).to_string()))?;
         let get = |name: &str| get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
         let required = |name: &'static str| get(name).ok_or(ConfigError::Missing(name));
         let number = |name: &'static str, unit: &'static str, default: u64| -> Result<u64, ConfigError> {
@@ -108,13 +201,10 @@ impl Config {
             }
             Ok(value)
         };
-        let runner_secret = required("RUNNER_SECRET")?;
-        if runner_secret.len() < 16 {
-            return Err(ConfigError::WeakSecret(runner_secret.len()));
-        }
         Ok(Config {
+            pool: name,
             signing_key: keys::signing_key("EDGE_SIGNING_KEY", &required("EDGE_SIGNING_KEY")?)?,
-            agents: Keyring::parse(&required("AGENT_PUBLIC_KEYS")?)?,
+            agents,
             runner_secret,
             heartbeat_interval_ms: bounded("HEARTBEAT_INTERVAL_MS", "milliseconds", DEFAULT_HEARTBEAT_INTERVAL_MS, DAY_MS)?.max(100),
             lost_after_ms: bounded("LOST_AFTER_MS", "milliseconds", DEFAULT_LOST_AFTER_MS, WEEK_MS)?,
@@ -170,5 +260,36 @@ mod tests {
         assert!(err.to_string().contains("at least 16"), "{err}");
         let err = Config::from_lookup(|_| None).unwrap_err();
         assert!(err.to_string().contains("keygen"), "{err}");
+    }
+
+    #[test]
+    fn each_pool_has_its_own_secret_and_agents_and_unlisted_pools_do_not_exist() {
+        const OTHER_KEY: &str = "spark=lIeDBBIBzPaGl6mDciZ/XY8hQojwsT8YaVsczgB1MHo=";
+        let pools = &[
+            ("POOLS", "gpu, team-b"),
+            ("RUNNER_SECRET_GPU", "gpu-secret-0123456789"),
+            ("AGENT_PUBLIC_KEYS_GPU", OTHER_KEY),
+            ("RUNNER_SECRET_TEAM_B", "team-b-secret-0123456789"),
+            ("AGENT_PUBLIC_KEYS_TEAM_B", "laptop=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
+        ];
+        let default = Config::from_lookup(lookup(pools)).unwrap();
+        assert_eq!((default.pool.as_str(), default.runner_secret.as_str()), ("default", "0123456789abcdef0123"));
+        let gpu = Config::for_pool(lookup(pools), "gpu").unwrap();
+        assert_eq!(gpu.runner_secret, "gpu-secret-0123456789");
+        assert_ne!(gpu.agents.get("spark").unwrap(), default.agents.get("spark").unwrap());
+        let team = Config::for_pool(lookup(pools), "team-b").unwrap();
+        assert!(team.agents.get("spark").is_none() && team.agents.get("laptop").is_some());
+        for unknown in ["other", "GPU", "team_b", ""] {
+            assert!(matches!(Config::for_pool(lookup(pools), unknown), Err(ConfigError::UnknownPool(_))), "{unknown}");
+        }
+        // A listed pool without its settings, a bad or clashing name: the edge says which.
+        let err = Config::from_lookup(lookup(&[("POOLS", "gpu")])).unwrap_err();
+        assert!(err.to_string().contains("RUNNER_SECRET_GPU"), "{err}");
+        let err = Config::from_lookup(lookup(&[("POOLS", "gpu"), ("RUNNER_SECRET_GPU", "gpu-secret-0123456789"), ("AGENT_PUBLIC_KEYS_GPU", "nope")])).unwrap_err();
+        assert!(err.to_string().contains("AGENT_PUBLIC_KEYS_GPU"), "{err}");
+        for bad in [&[("POOLS", "default")], &[("POOLS", "a.b")], &[("POOLS", "../x")]] {
+            assert!(matches!(Config::from_lookup(lookup(bad)), Err(ConfigError::PoolName(_))), "{bad:?}");
+        }
+        assert!(matches!(Config::from_lookup(lookup(&[("POOLS", "a-b,a_b")])), Err(ConfigError::PoolClash(..))));
     }
 }

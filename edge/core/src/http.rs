@@ -12,7 +12,7 @@ use crate::machine::{CallerId, Edge, Effect};
 use crate::record::Mode;
 use crate::response::Response;
 use crate::Config;
-use shared::contract::{Accepted, ApiError, ErrorCode, ExecuteRequest, Limits};
+use shared::contract::{Accepted, ApiError, ErrorCode, ExecuteRequest, Limits, PublicHealth};
 use shared::ids::hex;
 use shared::Millis;
 use subtle::ConstantTimeEq;
@@ -63,15 +63,32 @@ fn authorized(secret: &str, secret_header: Option<&str>, authorization: Option<&
         .any(|given| bool::from(given.trim().as_bytes().ct_eq(secret.as_bytes())))
 }
 
-/// The answer a request gets before its body is read, if that answer is a refusal: an
-/// unknown route (404) or a missing or wrong secret (403). Hosts call it first so nobody
-/// can make the edge read a large body without the secret; [`handle`] calls it too.
-pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Option<&str>, authorization: Option<&str>) -> Option<Response> {
+/// What a host does with a request before it reads anything of its body. Nothing is read
+/// for a caller without the secret, nor for a route that takes no body: a body is only
+/// ever read for an authorised `POST` to a route that takes one (`/execute`, `/jobs`,
+/// `/oauth/login`, `/oauth/login/code`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Gate {
+    /// Answer this at once; the body is not read.
+    Answer(Response),
+    /// `/agent/connect` (with or without a trailing `/`): the agents' WebSocket, which
+    /// proves itself inside the protocol, not with the secret. Upgrade it, else
+    /// [`upgrade_required`].
+    AgentSocket,
+    /// Hand the request to [`handle`], with its body read first if `read_body` (through a
+    /// [`crate::body::Intake`]), else with an empty one.
+    Handle { read_body: bool },
+}
+
+/// Decides a request's fate from its method, path and auth headers alone. Hosts call it
+/// first, before touching the body; [`handle`] calls it too.
+pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Option<&str>, authorization: Option<&str>) -> Gate {
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    // The agents' WebSocket proves itself inside the protocol, not with the secret.
-    let open = matches!((method, segments.as_slice()), ("GET" | "HEAD", ["health"] | [""] | []) | (_, ["agent", "connect"]));
-    if open {
-        return None;
+    match (method, segments.as_slice()) {
+        (_, ["agent", "connect"]) => return Gate::AgentSocket,
+        // Open to anyone; `/health` says more to a caller with the secret.
+        ("GET" | "HEAD", ["health"] | [""] | []) => return Gate::Handle { read_body: false },
+        _ => {}
     }
     let known = matches!(
         segments.as_slice(),
@@ -85,12 +102,18 @@ pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Optio
             | ["metrics"]
     );
     if !known {
-        return Some(Response::error(ApiError::not_found(&format!("route {method} {path}"))));
+        return Gate::Answer(Response::error(ApiError::not_found(&format!("route {method} {}", shown_path(path)))));
     }
     if !authorized(&config.runner_secret, secret_header, authorization) {
-        return Some(Response::error(ApiError::unauthorized()));
+        return Gate::Answer(Response::error(ApiError::unauthorized()));
     }
-    None
+    let takes_body = matches!(segments.as_slice(), ["execute"] | ["jobs"] | ["oauth", "login"] | ["oauth", "login", "code"]);
+    Gate::Handle { read_body: method == "POST" && takes_body }
+}
+
+/// A path as echoed in an answer: at most 200 bytes of it.
+fn shown_path(path: &str) -> &str {
+    shared::text::truncate(path, 200)
 }
 
 /// The answer while the edge cannot run at all (a setting is wrong, storage failed):
@@ -131,18 +154,27 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let method = req.method.as_str();
 
-    // Routes without auth.
+    match preflight(edge.config(), method, &req.path, req.secret_header.as_deref(), req.authorization.as_deref()) {
+        Gate::Answer(refused) => return answer(refused, Vec::new()),
+        Gate::AgentSocket => return answer(upgrade_required(), Vec::new()),
+        Gate::Handle { .. } => {}
+    }
+    // Routes open to anyone.
     match (method, segments.as_slice()) {
         ("GET" | "HEAD", ["health"]) => {
             let health = edge.health(now);
             let status = health.status.http_status();
-            return answer(Response::json(status, to_json(&health)), Vec::new());
+            // Without the secret only the verdict: which agents, versions, jobs and login
+            // details an edge has is nobody else's business.
+            let body = if authorized(&edge.config().runner_secret, req.secret_header.as_deref(), req.authorization.as_deref()) {
+                to_json(&health)
+            } else {
+                to_json(&PublicHealth { status: health.status })
+            };
+            return answer(Response::json(status, body), Vec::new());
         }
         ("GET" | "HEAD", [""] | []) => return answer(crate::page::page(), Vec::new()),
         _ => {}
-    }
-    if let Some(refused) = preflight(edge.config(), method, &req.path, req.secret_header.as_deref(), req.authorization.as_deref()) {
-        return answer(refused, Vec::new());
     }
     let body = match &req.body {
         Body::Bytes(b) if b.len() <= edge.config().max_body_bytes => b.as_slice(),
@@ -203,10 +235,9 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
         }
         ("GET", ["jobs", id, "events"]) => {
             let mut effects = Vec::new();
-            if edge.follow(caller, id, &mut effects) {
-                Handled { caller, reply: Reply::Stream, effects }
-            } else {
-                answer(Response::error(ApiError::job_not_found(id)), effects)
+            match edge.follow(caller, id, &mut effects) {
+                Ok(()) => Handled { caller, reply: Reply::Stream, effects },
+                Err(refused) => answer(Response::error(refused), effects),
             }
         }
         ("GET", ["jobs", id]) => match edge.job(id) {
@@ -237,7 +268,7 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
         },
         ("GET", ["metrics"]) => answer(Response::text(200, "text/plain; version=0.0.4", edge.metrics()), Vec::new()),
         _ => answer(
-            Response::error(ApiError::new(ErrorCode::MethodNotAllowed, format!("{method} is not allowed on {}", req.path))),
+            Response::error(ApiError::new(ErrorCode::MethodNotAllowed, format!("{method} is not allowed on {}", shown_path(&req.path)))),
             Vec::new(),
         ),
     }

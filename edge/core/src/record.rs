@@ -41,7 +41,7 @@ pub struct Job {
     pub agent_id: Option<String>,
     /// The connection it was sent on, or that took it over after a reconnect.
     pub session_id: Option<String>,
-    /// How many times it was sent (the order nonce is `id:attempt`).
+    /// How many times it was sent (the order nonce is `id:attempt`, [`Job::order_nonce`]).
     pub attempts: u32,
     /// Since when its agent's connection is gone; it is lost `LOST_AFTER_MS` later.
     pub orphaned_at: Option<Millis>,
@@ -126,6 +126,21 @@ impl Job {
             wait_for_usage: true,
             callback_url: None,
         }
+    }
+
+    /// The nonce of the job's latest order: its id and how many times it was sent. The
+    /// agent binds the progress and result it signs to it.
+    pub fn order_nonce(&self) -> String {
+        format!("{}:{}", self.id, self.attempts)
+    }
+
+    /// Whether `nonce` is one of the orders the edge sent for this job (any attempt).
+    pub fn issued(&self, nonce: &str) -> bool {
+        nonce
+            .strip_prefix(self.id.as_str())
+            .and_then(|rest| rest.strip_prefix(':'))
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|n| n >= 1 && n <= self.attempts && nonce == format!("{}:{n}", self.id))
     }
 
     /// The digest of its spec (computed for records stored before digests were kept).

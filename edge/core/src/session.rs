@@ -7,12 +7,17 @@ use serde::{Deserialize, Serialize};
 use shared::envelope::{Domain, Envelope, CLOCK_SKEW_MS};
 use shared::keys::Keyring;
 use shared::oauth::OAuthReport;
-use shared::protocol::{close, Hello, Slots, HANDSHAKE_TIMEOUT_MS, PROTOCOL_VERSION};
+use shared::protocol::{close, Hello, Slots, HANDSHAKE_TIMEOUT_MS, MAX_FRAME_BYTES, MAX_HELLO_BYTES, PROTOCOL_VERSION};
 use shared::Millis;
+use std::net::IpAddr;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Session {
     pub id: String,
+    /// Where the connection comes from, as [`source_of`] names it: unproven connections
+    /// are bounded per source.
+    #[serde(default)]
+    pub source: String,
     /// Edge time ([`crate::clock::Now::at`]), like `last_seen`.
     pub connected_at: Millis,
     pub last_seen: Millis,
@@ -68,6 +73,29 @@ pub struct LoginRelay {
     pub started_at: Millis,
     /// Edge time after which the edge gives it up (the agent kills the process by then).
     pub expires_at: Millis,
+}
+
+/// The two orders of a relayed login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginStep {
+    Start,
+    Code,
+}
+
+impl LoginRelay {
+    /// The nonce of this login's order for `step`.
+    pub fn nonce(login_id: &str, step: LoginStep) -> String {
+        match step {
+            LoginStep::Start => format!("{login_id}:start"),
+            LoginStep::Code => format!("{login_id}:code"),
+        }
+    }
+
+    /// Whether `nonce` is one of the orders the edge sent for this login: its start, and
+    /// its code once sent.
+    pub fn issued(&self, nonce: &str) -> bool {
+        nonce == Self::nonce(&self.id, LoginStep::Start) || (self.code_sent && nonce == Self::nonce(&self.id, LoginStep::Code))
+    }
 }
 
 impl Agent {
@@ -146,6 +174,25 @@ impl Session {
         self.agent().map(|a| a.agent_id.as_str())
     }
 
+    /// The largest frame this connection may send now: little until it proved itself.
+    pub fn frame_limit(&self) -> usize {
+        match self.phase {
+            Phase::Challenged { .. } => MAX_HELLO_BYTES,
+            Phase::Ready(_) => MAX_FRAME_BYTES,
+        }
+    }
+
+    /// How many bytes, framing included, a host may read from this connection in all
+    /// before it proves itself; `None` once it has (frames are then bounded one by one by
+    /// [`MAX_FRAME_BYTES`]). Hosts that read the socket themselves enforce it, so the
+    /// limit holds before a whole frame is in memory.
+    pub fn read_budget(&self) -> Option<usize> {
+        match self.phase {
+            Phase::Challenged { .. } => Some(UNPROVEN_READ_BUDGET),
+            Phase::Ready(_) => None,
+        }
+    }
+
     /// When the edge must act on this connection if the agent stays silent: a handshake
     /// not finished in time, or no message for two heartbeat intervals.
     pub fn deadline(&self, heartbeat_interval_ms: u64) -> Millis {
@@ -153,6 +200,27 @@ impl Session {
             Phase::Challenged { .. } => self.connected_at + HANDSHAKE_TIMEOUT_MS,
             Phase::Ready(_) => self.last_seen + 2 * heartbeat_interval_ms,
         }
+    }
+}
+
+/// What an unproven connection may send in all: one hello, its framing, a few control
+/// frames.
+pub const UNPROVEN_READ_BUDGET: usize = MAX_HELLO_BYTES + 4096;
+
+/// The source a peer address counts as: an IPv4 address, or the /64 network of an IPv6
+/// one (one host commonly holds a whole /64, so its addresses are one source). A peer
+/// the host could not name (no address, a header that is not one) is `unknown`.
+pub fn source_of(peer: &str) -> String {
+    match peer.trim().parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => v4.to_string(),
+        Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+        Err(_) => "unknown".to_string(),
     }
 }
 
@@ -173,6 +241,13 @@ pub fn verify_hello(
                 "protocol version mismatch: the agent speaks v{protocol}, this edge speaks v{PROTOCOL_VERSION}; \
                  run the same claude-runner release on both"
             ),
+        ));
+    }
+    // Checked before the id goes into any reason or log line.
+    if !shared::ids::valid_agent_id(agent_id) {
+        return Err(Refused::new(
+            close::UNAUTHORIZED,
+            "the hello's agent id is not a valid agent id (1-64 letters, digits, `-`, `_` or `.`); set AGENT_ID to the id in AGENT_PUBLIC_KEYS",
         ));
     }
     let key = keyring.get(agent_id).ok_or_else(|| {
@@ -208,4 +283,20 @@ pub fn verify_hello(
         ));
     }
     Ok(hello)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_addresses_and_ipv6_networks() {
+        assert_eq!(source_of("203.0.113.7"), "203.0.113.7");
+        assert_eq!(source_of(" ::ffff:203.0.113.7 "), "203.0.113.7");
+        assert_eq!(source_of("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64");
+        assert_eq!(source_of("2001:db8:1:2:ffff::1"), source_of("2001:db8:1:2::9"));
+        for odd in ["", "evil\nline", "203.0.113.7:443", "x".repeat(10_000).as_str()] {
+            assert_eq!(source_of(odd), "unknown", "{odd:?}");
+        }
+    }
 }

@@ -7,8 +7,11 @@ use crate::clock::Clock;
 use crate::store::Store;
 use runtime::entropy;
 use edge_core::http::{self, Reply};
+use edge_core::progress::{Chunk, Lag};
 use edge_core::{split_writes, CallerId, Edge, Effect, Response};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Duration, Instant};
 use tracing::error;
@@ -25,8 +28,9 @@ pub enum Opened {
     /// One answer comes on `answer`; if not within `max_wait_ms`, send
     /// [`Command::WaitExpired`] and keep waiting.
     Once { caller: CallerId, max_wait_ms: u64, answer: oneshot::Receiver<Response> },
-    /// Server-Sent Events chunks until the channel closes.
-    Stream { chunks: mpsc::UnboundedReceiver<String> },
+    /// Server-Sent Events chunks until the channel closes; each one taken is counted off
+    /// `lag`.
+    Stream { chunks: mpsc::UnboundedReceiver<Chunk>, lag: Lag },
 }
 
 pub enum Command {
@@ -34,7 +38,9 @@ pub enum Command {
     WaitExpired { caller: CallerId },
     /// The HTTP client hung up.
     CallerGone { caller: CallerId },
-    Connect { outbox: mpsc::UnboundedSender<Outbound>, reply: oneshot::Sender<String> },
+    /// An agent connection from `peer` (its address); `budget` is what its socket may
+    /// still read before it proves itself.
+    Connect { outbox: mpsc::UnboundedSender<Outbound>, budget: Arc<AtomicUsize>, peer: String, reply: oneshot::Sender<String> },
     Frame { session: String, text: String },
     BinaryFrame { session: String },
     Disconnect { session: String },
@@ -47,7 +53,7 @@ pub enum Command {
 /// The machine's callers, as channels.
 enum Channel {
     Once(oneshot::Sender<Response>),
-    Stream(mpsc::UnboundedSender<String>),
+    Stream(mpsc::UnboundedSender<Chunk>, Lag),
 }
 
 pub struct Driver {
@@ -55,6 +61,8 @@ pub struct Driver {
     store: Store,
     clock: Clock,
     outboxes: HashMap<String, mpsc::UnboundedSender<Outbound>>,
+    /// Each connection's read budget, set from its session record.
+    budgets: HashMap<String, Arc<AtomicUsize>>,
     callers: HashMap<CallerId, Channel>,
     /// Back to this driver, for the outcome of POSTs made in their own tasks.
     commands: mpsc::WeakSender<Command>,
@@ -64,7 +72,7 @@ pub struct Driver {
 
 impl Driver {
     pub fn new(edge: Edge, store: Store, clock: Clock, commands: mpsc::WeakSender<Command>) -> Driver {
-        Driver { edge, store, clock, outboxes: HashMap::new(), callers: HashMap::new(), commands, http: None }
+        Driver { edge, store, clock, outboxes: HashMap::new(), budgets: HashMap::new(), callers: HashMap::new(), commands, http: None }
     }
 
     /// Makes one POST in its own task; its outcome comes back as [`Command::Posted`].
@@ -129,8 +137,9 @@ impl Driver {
                     }
                     Reply::Stream => {
                         let (tx, rx) = mpsc::unbounded_channel();
-                        self.callers.insert(handled.caller, Channel::Stream(tx));
-                        Opened::Stream { chunks: rx }
+                        let lag = Lag::default();
+                        self.callers.insert(handled.caller, Channel::Stream(tx, lag.clone()));
+                        Opened::Stream { chunks: rx, lag }
                     }
                 };
                 self.carry_out(handled.effects);
@@ -144,9 +153,10 @@ impl Driver {
                 self.callers.remove(&caller);
                 self.edge.caller_gone(caller);
             }
-            Command::Connect { outbox, reply } => {
-                let (session, effects) = self.edge.connect(now, entropy());
+            Command::Connect { outbox, budget, peer, reply } => {
+                let (session, effects) = self.edge.connect(now, entropy(), &peer);
                 self.outboxes.insert(session.clone(), outbox);
+                self.budgets.insert(session.clone(), budget);
                 self.carry_out(effects);
                 let _ = reply.send(session);
             }
@@ -160,6 +170,7 @@ impl Driver {
             }
             Command::Disconnect { session } => {
                 self.outboxes.remove(&session);
+                self.budgets.remove(&session);
                 let effects = self.edge.disconnect(now, &session);
                 self.carry_out(effects);
             }
@@ -195,6 +206,7 @@ impl Driver {
                     }
                 }
                 Effect::Close { session, code, reason } => {
+                    self.budgets.remove(&session);
                     if let Some(outbox) = self.outboxes.remove(&session) {
                         let _ = outbox.send(Outbound::Close(code, reason));
                     }
@@ -205,8 +217,9 @@ impl Driver {
                     }
                 }
                 Effect::Stream { caller, chunk } => {
-                    if let Some(Channel::Stream(tx)) = self.callers.get(&caller) {
-                        if tx.send(chunk).is_err() {
+                    if let Some(Channel::Stream(tx, lag)) = self.callers.get(&caller) {
+                        // A follower that stopped reading is dropped: its stream ends.
+                        if !lag.queued(chunk.len()) || tx.send(chunk).is_err() {
                             self.callers.remove(&caller);
                             gone.push(caller);
                         }
@@ -215,8 +228,13 @@ impl Driver {
                 Effect::EndStream { caller } => {
                     self.callers.remove(&caller);
                 }
-                // Sessions live only as long as this process; nothing to keep.
-                Effect::SaveSession(_) => {}
+                // Sessions live only as long as this process; nothing to keep but what the
+                // record says the socket may read.
+                Effect::SaveSession(session) => {
+                    if let Some(budget) = self.budgets.get(&session.id) {
+                        budget.store(session.read_budget().unwrap_or(usize::MAX), Ordering::Relaxed);
+                    }
+                }
                 Effect::Deliver { caller, job_id, form } => {
                     let record = self.store.load_one(&job_id).map_err(|e| e.to_string());
                     let delivered = Edge::deliver(caller, form, record, self.clock.now());

@@ -14,7 +14,7 @@ Environment:
   LISTEN                 address to serve on             (default 127.0.0.1:8787)
   DATA_DIR               where jobs are stored  (default ~/.local/share/claude-runner/edge)
   HEARTBEAT_INTERVAL_MS, LOST_AFTER_MS, MAX_TIMEOUT_MS, MAX_BODY_BYTES,
-  JOB_RETENTION_MS, QUEUE_TTL_MS, MAX_QUEUED_JOBS,
+  JOB_RETENTION_MS, QUEUE_TTL_MS, MAX_QUEUED_JOBS, TIMEOUT_MARGIN_MS,
   MAX_RETAINED_JOBS, MAX_RETAINED_BYTES               limits (see README)
   NOTIFY_URL             where alerts are posted (ntfy topic or webhook)   (default none)
   OAUTH_WARN_HOURS, OFFLINE_ALERT_MS, NOTIFY_MIN_INTERVAL_MS   when to alert (see README)

@@ -12,7 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
 use edge_core::body::{Intake, Next};
-use edge_core::progress::{SSE_CONTENT_TYPE, SSE_KEEPALIVE, SSE_KEEPALIVE_MS};
+use edge_core::http::Gate;
+use edge_core::progress::{Chunk, Lag, SSE_CONTENT_TYPE, SSE_KEEPALIVE, SSE_KEEPALIVE_MS};
 use edge_core::{CallerId, Config};
 use futures_util::StreamExt;
 use std::net::SocketAddr;
@@ -81,10 +82,9 @@ impl Server {
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let Server { listener, state, driver, commands, startup } = self;
         let mut driver_task = tokio::spawn(driver.run(commands, startup));
-        let app = Router::new()
-            .route("/agent/connect", any(socket::agent_connect))
-            .fallback(any(api))
-            .with_state(state.clone());
+        // One handler: the core's gate decides what a request is (the agents' socket
+        // included) before anything of its body is read.
+        let app = Router::new().fallback(any(api)).with_state(state.clone());
         let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
         let driver_tx = state.driver.clone();
         tokio::spawn(async move {
@@ -105,7 +105,9 @@ impl Server {
         });
         // Graceful: the answers the machine just gave go out; the bound covers
         // connections that never close.
-        let server = axum::serve(listener, app.into_make_service()).with_graceful_shutdown(stopped(stopped_rx.clone()));
+        // With each connection's peer address: unproven agent connections are bounded per source.
+        let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(stopped(stopped_rx.clone()));
         let bound = async {
             stopped(stopped_rx).await;
             tokio::time::sleep(Duration::from_secs(3)).await;
@@ -147,19 +149,27 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let secret = header(&parts.headers, "x-runner-secret");
     let authorization = header(&parts.headers, "authorization");
-    // Route and secret first: no body is read for a caller without the secret.
-    if let Some(refused) =
-        edge_core::http::preflight(&state.config, parts.method.as_str(), parts.uri.path(), secret.as_deref(), authorization.as_deref())
-    {
-        return into_response(refused);
-    }
+    // Route and secret first: no body is read for a caller without the secret, nor for a
+    // route that takes none.
+    let gate = edge_core::http::preflight(&state.config, parts.method.as_str(), parts.uri.path(), secret.as_deref(), authorization.as_deref());
+    let read = match gate {
+        Gate::Answer(refused) => {
+            // A little of the body is heard out (bounded, nothing kept) so the caller reads
+            // its refusal rather than a reset connection.
+            let drain = Duration::from_millis(edge_core::body::REFUSAL_DRAIN_MS);
+            let _ = tokio::time::timeout(drain, read_body(body, Intake::refused())).await;
+            return into_response(refused);
+        }
+        Gate::AgentSocket => return socket::agent_connect(state, Request::from_parts(parts, body)).await,
+        Gate::Handle { read_body } => read_body,
+    };
     let req = edge_core::http::Request {
         method: parts.method.as_str().to_string(),
         path: parts.uri.path().to_string(),
         secret_header: secret,
         authorization,
         idempotency_key: header(&parts.headers, "idempotency-key"),
-        body: read_body(body, state.config.max_body_bytes).await,
+        body: if read { read_body(body, Intake::new(state.config.max_body_bytes)).await } else { edge_core::body::Body::Bytes(Vec::new()) },
     };
     let (tx, rx) = oneshot::channel();
     if state.driver.send(Command::Http { req, reply: tx }).await.is_err() {
@@ -167,7 +177,7 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
     }
     let Ok(opened) = rx.await else { return into_response(edge_core::http::shutting_down()) };
     match opened {
-        Opened::Stream { chunks } => event_stream(chunks),
+        Opened::Stream { chunks, lag } => event_stream(chunks, lag),
         Opened::Once { caller, max_wait_ms, mut answer } => {
             let mut hang_up = HangUp { caller: Some(caller), driver: state.driver.clone() };
             let answered = match tokio::time::timeout(Duration::from_millis(max_wait_ms), &mut answer).await {
@@ -187,17 +197,27 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
     }
 }
 
-/// A `text/event-stream` answer: the chunks as they come, with a keep-alive comment
-/// whenever the job is quiet, until the driver closes the channel.
-fn event_stream(chunks: mpsc::UnboundedReceiver<String>) -> Response {
+/// A `text/event-stream` answer: the chunks as the connection takes them (each counted
+/// off `lag`), with a keep-alive comment whenever the job is quiet, until the driver
+/// closes the channel.
+fn event_stream(chunks: mpsc::UnboundedReceiver<Chunk>, lag: Lag) -> Response {
     let keepalive = Duration::from_millis(SSE_KEEPALIVE_MS);
-    let stream = futures_util::stream::unfold(chunks, move |mut chunks| async move {
-        let chunk = match tokio::time::timeout(keepalive, chunks.recv()).await {
-            Ok(Some(chunk)) => chunk,
-            Ok(None) => return None,
-            Err(_) => SSE_KEEPALIVE.to_string(),
-        };
-        Some((Ok::<_, std::convert::Infallible>(chunk), chunks))
+    let stream = futures_util::stream::unfold(Some(chunks), move |chunks| {
+        let lag = lag.clone();
+        async move {
+            let mut chunks = chunks?;
+            let chunk = match tokio::time::timeout(keepalive, chunks.recv()).await {
+                Ok(Some(chunk)) => {
+                    lag.taken(chunk.len());
+                    chunk.to_string()
+                }
+                // Dropped for falling behind: an error aborts the connection.
+                Ok(None) if lag.cut() => return Some((Err(std::io::Error::other("the follower fell too far behind")), None)),
+                Ok(None) => return None,
+                Err(_) => SSE_KEEPALIVE.to_string(),
+            };
+            Some((Ok(chunk), Some(chunks)))
+        }
     });
     let mut out = Response::new(Body::from_stream(stream));
     out.headers_mut().insert("content-type", SSE_CONTENT_TYPE.parse().expect("static content types parse"));
@@ -219,8 +239,7 @@ pub(crate) fn into_response(response: edge_core::Response) -> Response {
 }
 
 /// Reads the body as the core's [`Intake`] says: kept up to the limit, drained past it.
-async fn read_body(body: Body, limit: usize) -> edge_core::body::Body {
-    let mut intake = Intake::new(limit);
+async fn read_body(body: Body, mut intake: Intake) -> edge_core::body::Body {
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         if intake.take(chunk.as_deref().map_err(|e| e.to_string())) == Next::Stop {

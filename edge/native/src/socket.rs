@@ -2,39 +2,91 @@
 //! the driver's [`Outbound`]s go out. Once the edge has closed a connection (or its writes
 //! failed), the peer gets [`CLOSE_GRACE`] to answer the close, then the socket is dropped:
 //! a peer that never answers cannot keep it open.
+//!
+//! The upgrade is done here rather than by axum so that the socket's reads are metered
+//! ([`Metered`]): until the connection proves itself, the peer may send no more than its
+//! session's read budget (a hello's worth), so nobody can make the edge hold megabytes for
+//! a connection that has not shown a key.
 
 use crate::driver::{Command, Outbound};
 use crate::server::{into_response, AppState};
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, Request};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
 use shared::protocol::MAX_FRAME_BYTES;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 use tracing::warn;
 
 /// How long a closed connection waits for the peer's close frame.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-pub(crate) async fn agent_connect(State(state): State<AppState>, request: Request) -> Response {
-    let (mut parts, _body) = request.into_parts();
-    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-        Ok(u) => u,
-        Err(_) => return into_response(edge_core::http::upgrade_required()),
+/// `/agent/connect`, as the core's gate named it: upgraded if it asks to be, else 426.
+pub(crate) async fn agent_connect(state: AppState, mut request: Request) -> Response {
+    let Some(accept) = accept_key(request.method(), request.headers()) else {
+        return into_response(edge_core::http::upgrade_required());
     };
-    upgrade
-        .max_message_size(MAX_FRAME_BYTES)
-        .max_frame_size(MAX_FRAME_BYTES)
-        .on_upgrade(move |socket| agent_socket(state, socket))
+    let Some(upgrade) = request.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return into_response(edge_core::http::upgrade_required());
+    };
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string()).unwrap_or_default();
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let budget = Arc::new(AtomicUsize::new(edge_core::session::UNPROVEN_READ_BUDGET));
+        let io = Metered { inner: TokioIo::new(upgraded), read: 0, budget: Arc::clone(&budget) };
+        let config = WebSocketConfig::default().max_message_size(Some(MAX_FRAME_BYTES)).max_frame_size(Some(MAX_FRAME_BYTES));
+        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        agent_socket(state, socket, peer, budget).await;
+    });
+    let mut response = Response::new(axum::body::Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    response
 }
 
+/// The `Sec-WebSocket-Accept` for a valid WebSocket upgrade request (RFC 6455 §4.2.1),
+/// or `None` if the request is not one.
+fn accept_key(method: &Method, headers: &HeaderMap) -> Option<HeaderValue> {
+    let has = |name: header::HeaderName, token: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|part| part.trim().eq_ignore_ascii_case(token)))
+    };
+    if method != Method::GET || !has(header::CONNECTION, "upgrade") || !has(header::UPGRADE, "websocket") {
+        return None;
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        return None;
+    }
+    let key = headers.get(header::SEC_WEBSOCKET_KEY)?;
+    HeaderValue::from_str(&derive_accept_key(key.as_bytes())).ok()
+}
+
+type Socket = WebSocketStream<Metered<TokioIo<hyper::upgrade::Upgraded>>>;
+
 /// One agent connection, from the upgrade to the socket's end.
-async fn agent_socket(state: AppState, socket: WebSocket) {
+async fn agent_socket(state: AppState, socket: Socket, peer: String, budget: Arc<AtomicUsize>) {
     let (mut sink, mut stream) = socket.split();
     let (outbox, mut outgoing) = mpsc::unbounded_channel();
     let (tx, rx) = oneshot::channel();
-    if state.driver.send(Command::Connect { outbox, reply: tx }).await.is_err() {
+    if state.driver.send(Command::Connect { outbox, budget, peer, reply: tx }).await.is_err() {
         return;
     }
     let Ok(session) = rx.await else { return };
@@ -43,7 +95,7 @@ async fn agent_socket(state: AppState, socket: WebSocket) {
             let result = match out {
                 Outbound::Text(text) => sink.send(Message::Text(text.into())).await,
                 Outbound::Close(code, reason) => {
-                    let frame = CloseFrame { code, reason: reason.into() };
+                    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
                     let _ = sink.send(Message::Close(Some(frame))).await;
                     break;
                 }
@@ -54,8 +106,9 @@ async fn agent_socket(state: AppState, socket: WebSocket) {
         }
         let _ = sink.close().await;
     });
-    // Frames are read until the peer closes, the link fails, or — once the writer is done
-    // (the edge closed the connection) — the grace for the peer's answer runs out.
+    // Frames are read until the peer closes, the link fails (or the peer sends more than
+    // its read budget), or — once the writer is done (the edge closed the connection) —
+    // the grace for the peer's answer runs out.
     let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         tokio::select! {
@@ -80,4 +133,49 @@ async fn agent_socket(state: AppState, socket: WebSocket) {
         warn!(session = %session, error = %e, "driver gone while disconnecting");
     }
     writer.abort();
+}
+
+/// A socket whose reads are counted against a budget the driver sets from the session's
+/// record ([`edge_core::session::Session::read_budget`]): past it, reads fail and the
+/// connection ends.
+pub(crate) struct Metered<S> {
+    inner: S,
+    read: usize,
+    budget: Arc<AtomicUsize>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &polled {
+            let got = buf.filled().len() - before;
+            self.read = self.read.saturating_add(got);
+            if self.read > self.budget.load(Ordering::Relaxed) {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "the peer sent more than an unproven connection may",
+                )));
+            }
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }

@@ -5,6 +5,7 @@
 use edge_core::record::Job;
 use edge_core::Writes;
 use rusqlite::{params, Connection};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 pub struct Store {
@@ -19,11 +20,27 @@ pub struct Store {
 pub const BUSY_TIMEOUT_MS: u64 = 250;
 
 impl Store {
+    /// Opens (or creates) the store in `dir`. The records hold callers' prompts and
+    /// Claude's results, so they are the edge user's alone: a folder the edge creates is
+    /// owner-only (an existing one keeps its mode: it may be shared), and the database and
+    /// its journal files are owner-only whatever they were.
     pub fn open(dir: &Path) -> anyhow::Result<Store> {
-        std::fs::create_dir_all(dir).map_err(|e| {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| {
             anyhow::anyhow!("cannot create DATA_DIR {}: {e}; set DATA_DIR to a writable folder", dir.display())
         })?;
         let path = dir.join("edge.sqlite3");
+        let private = |path: &Path| -> anyhow::Result<()> {
+            // Created owner-only; SQLite gives its -wal and -shm files the database's mode.
+            let file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path);
+            file.and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(0o600)))
+                .map_err(|e| anyhow::anyhow!("cannot make {} owner-only: {e}; check DATA_DIR's permissions", path.display()))
+        };
+        private(&path)?;
+        for journal in ["edge.sqlite3-wal", "edge.sqlite3-shm"] {
+            if dir.join(journal).exists() {
+                private(&dir.join(journal))?;
+            }
+        }
         let conn = Connection::open(&path)
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}; check DATA_DIR's permissions", path.display()))?;
         // WAL + NORMAL: a commit survives a process crash; only a power cut may lose the
@@ -36,8 +53,11 @@ impl Store {
         Ok(Store { conn })
     }
 
-    /// Every stored job. A record that no longer parses is skipped with a warning rather
-    /// than stopping the edge from starting.
+    /// Every stored job, an ended one as its header: the whole records of every retained
+    /// job (up to `MAX_RETAINED_BYTES`) must not sit in memory at once — each is read,
+    /// shrunk and dropped before the next, and read whole again only when asked for
+    /// ([`Store::load_one`]). A record that no longer parses is skipped with a warning
+    /// rather than stopping the edge from starting.
     pub fn load(&self) -> anyhow::Result<Vec<Job>> {
         let mut stmt = self.conn.prepare("SELECT id, record FROM jobs")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
@@ -45,6 +65,7 @@ impl Store {
         for row in rows {
             let (id, record) = row?;
             match serde_json::from_str::<Job>(&record) {
+                Ok(job) if job.state.is_terminal() => jobs.push(job.header()),
                 Ok(job) => jobs.push(job),
                 Err(e) => tracing::warn!(job_id = %id, error = %e, "skipping unreadable job record"),
             }

@@ -1,19 +1,24 @@
 //! The Worker's fetch handler. It finds the pool — `/pool/{name}/…` names one, anything
 //! else is the `default` pool — and hands the request, with that prefix stripped, to the
 //! pool's Durable Object. One object per pool is what gives a pool one queue, one set of
-//! agent sessions and one order of events. Requests the core's `preflight` refuses (an
-//! unknown route, a missing secret) are answered here, so they never occupy the object.
+//! agent sessions and one order of events. A pool the settings do not list does not exist:
+//! it is a 404 here, and no object is ever made for it. Requests the core's `preflight`
+//! refuses (an unknown route, a missing secret) are answered here too, so they never
+//! occupy the object.
 
 use crate::exchange;
+use edge_core::config::ConfigError;
+use edge_core::http::Gate;
 use shared::contract::{ApiError, ErrorCode};
 use worker::wasm_bindgen::JsValue;
 use worker::{console_error, event, web_sys, Context, Env, Request, Response};
 
 /// The Durable Object namespace binding in wrangler.toml.
 pub const BINDING: &str = "EDGE";
-/// The pool of requests without a `/pool/{name}` prefix.
-pub const DEFAULT_POOL: &str = "default";
-const MAX_POOL_NAME: usize = 64;
+/// The header that tells a pool's object its name. Set here, on every request forwarded
+/// (whatever the caller sent in it): an object cannot learn the name it was made from.
+pub const POOL_HEADER: &str = "x-claude-runner-pool";
+use shared::ids::{DEFAULT_POOL, MAX_POOL_NAME};
 
 /// Splits `/pool/{name}/rest` into the pool's name and the path its object sees (`/rest`,
 /// or `/` when nothing follows). Any other path belongs to the default pool unchanged.
@@ -46,19 +51,29 @@ async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
         Ok(p) => p,
         Err(e) => return exchange::error(&e),
     };
-    // With a broken configuration the object answers (it says which setting to fix).
-    if let Ok(config) = edge_core::Config::from_lookup(|name| crate::object::setting(&env, name)) {
-        let header = |name: &str| req.headers().get(name).ok().flatten();
-        let (secret, authorization) = (header("x-runner-secret"), header("authorization"));
-        let method = req.inner().method();
-        if let Some(refused) = edge_core::http::preflight(&config, &method, &path, secret.as_deref(), authorization.as_deref()) {
-            // Read the body (dropping it) first: answering while the caller still sends
-            // makes the runtime reset the connection, and the caller would never see why.
-            let _ = exchange::read_body(&mut req, 0).await;
+    let config = match edge_core::Config::for_pool(|name| crate::object::setting(&env, name), &pool) {
+        Ok(config) => config,
+        Err(ConfigError::UnknownPool(_)) => {
+            exchange::drain_refused(&mut req).await;
+            return exchange::error(&ApiError::not_found(&format!("pool `{pool}`")));
+        }
+        // Answered here too: no object is touched until the settings say which exist.
+        Err(e) => return exchange::respond(edge_core::http::unavailable(&path, &crate::object::misconfigured(&e))),
+    };
+    let header = |name: &str| req.headers().get(name).ok().flatten();
+    let (secret, authorization) = (header("x-runner-secret"), header("authorization"));
+    let method = req.inner().method();
+    let with_body = match edge_core::http::preflight(&config, &method, &path, secret.as_deref(), authorization.as_deref()) {
+        // Refused at once, with at most a few KiB of the body heard out (for at most a
+        // second): a caller without the secret cannot make the edge read or wait.
+        Gate::Answer(refused) => {
+            exchange::drain_refused(&mut req).await;
             return exchange::respond(refused);
         }
-    }
-    match forward(&req, url, &env, &pool, &path).await {
+        Gate::Handle { read_body } => read_body,
+        Gate::AgentSocket => false,
+    };
+    match forward(&req, url, &env, &pool, &path, with_body).await {
         Ok(response) => Ok(response),
         Err(e) => {
             console_error!("pool={pool} path={path} could not reach the pool's Durable Object: {e}");
@@ -73,17 +88,24 @@ async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
     }
 }
 
-/// Sends the request on to the pool's object: same method, headers and body (a stream,
-/// not read here), the path without the pool prefix.
-async fn forward(req: &Request, mut url: worker::Url, env: &Env, pool: &str, path: &str) -> worker::Result<Response> {
+/// Sends the request on to the pool's object: same method and headers, the path without
+/// the pool prefix, and the body (a stream, not read here) only where the gate said the
+/// route takes one.
+async fn forward(req: &Request, mut url: worker::Url, env: &Env, pool: &str, path: &str, with_body: bool) -> worker::Result<Response> {
     url.set_path(path);
     let original = req.inner();
     let init = web_sys::RequestInit::new();
     init.set_method(&original.method());
-    init.set_headers(original.headers().as_ref());
-    if let Some(body) = original.body() {
-        init.set_body(&JsValue::from(body));
+    let headers = web_sys::Headers::new_with_headers(&original.headers())?;
+    headers.set(POOL_HEADER, pool)?;
+    match original.body() {
+        Some(body) if with_body => init.set_body(&JsValue::from(body)),
+        _ => {
+            headers.delete("content-length")?;
+            headers.delete("transfer-encoding")?;
+        }
     }
+    init.set_headers(headers.as_ref());
     let forwarded = web_sys::Request::new_with_str_and_init(url.as_str(), &init)?;
     let stub = env.durable_object(BINDING)?.id_from_name(pool)?.get_stub()?;
     stub.fetch_with_request(forwarded.into()).await

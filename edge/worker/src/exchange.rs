@@ -3,6 +3,7 @@
 //! `MAX_BODY_BYTES` of a body is ever held in memory) and writes its answers out.
 
 use edge_core::body::{Body, Intake, Next};
+use edge_core::progress::{Chunk, Lag};
 use futures::StreamExt;
 use shared::contract::ApiError;
 use worker::{Request, Response};
@@ -16,11 +17,21 @@ pub fn respond(answer: edge_core::Response) -> worker::Result<Response> {
     Ok(builder.fixed(answer.body.into_bytes()))
 }
 
-/// A `text/event-stream` answer carrying the chunks until the sender side is dropped
-/// (the job ended). Unlike the native host it sends no keep-alive comments: a Worker's
+/// A `text/event-stream` answer carrying the chunks (each counted off `lag` as the
+/// runtime takes it) until the sender side is dropped (the job ended, or the follower fell
+/// too far behind). Unlike the native host it sends no keep-alive comments: a Worker's
 /// response is not cut for silence the way an origin behind a Tunnel is.
-pub fn event_stream(chunks: futures::channel::mpsc::UnboundedReceiver<String>) -> worker::Result<Response> {
-    let stream = chunks.map(|chunk| Ok::<Vec<u8>, worker::Error>(chunk.into_bytes()));
+pub fn event_stream(chunks: futures::channel::mpsc::UnboundedReceiver<Chunk>, lag: Lag) -> worker::Result<Response> {
+    let end = lag.clone();
+    let stream = chunks
+        .map(move |chunk| {
+            lag.taken(chunk.len());
+            Ok::<Vec<u8>, worker::Error>(chunk.as_bytes().to_vec())
+        })
+        // Dropped for falling behind: an error aborts the response.
+        .chain(futures::stream::iter(std::iter::from_fn(move || {
+            end.cut().then(|| Err(worker::Error::RustError("the follower fell too far behind".into())))
+        }).take(1)));
     let mut response = Response::from_stream(stream)?;
     response.headers_mut().set("content-type", edge_core::progress::SSE_CONTENT_TYPE)?;
     response.headers_mut().set("cache-control", "no-cache")?;
@@ -32,10 +43,18 @@ pub fn error(err: &ApiError) -> worker::Result<Response> {
     respond(edge_core::Response::error(err.clone()))
 }
 
-/// Reads the body as the core's [`Intake`] says: kept up to `limit`, drained past it
+/// Hears out a little of a refused request's body ([`Intake::refused`], for at most
+/// [`edge_core::body::REFUSAL_DRAIN_MS`]) so its caller reads the refusal rather than a
+/// reset connection; nothing is kept.
+pub async fn drain_refused(req: &mut Request) {
+    let drain = std::pin::pin!(read_body(req, Intake::refused()));
+    let bound = std::pin::pin!(worker::Delay::from(std::time::Duration::from_millis(edge_core::body::REFUSAL_DRAIN_MS)));
+    let _ = futures::future::select(drain, bound).await;
+}
+
+/// Reads the body as the core's [`Intake`] says: kept up to its limit, drained past it
 /// (never held), a broken upload reported as such.
-pub async fn read_body(req: &mut Request, limit: usize) -> Body {
-    let mut intake = Intake::new(limit);
+pub async fn read_body(req: &mut Request, mut intake: Intake) -> Body {
     if req.inner().body().is_none() {
         return intake.finish();
     }

@@ -17,8 +17,10 @@ use crate::exchange;
 use crate::sockets::{close_socket, AtHand, Sockets};
 use crate::store::Store;
 use crate::{entropy, now_ms};
-use edge_core::http::{self, Reply};
+use edge_core::http::{self, Gate, Reply};
+use edge_core::config::ConfigError;
 use edge_core::machine::Post;
+use edge_core::progress::{Chunk, Lag};
 use edge_core::{split_writes, CallerId, Config, Edge, Effect, Millis, Response};
 use futures::channel::{mpsc, oneshot};
 use futures::future::{select, Either};
@@ -45,7 +47,7 @@ enum Machine {
 /// A caller's channel: the machine's answers for it go here.
 enum Channel {
     Once(oneshot::Sender<Response>),
-    Stream(mpsc::UnboundedSender<String>),
+    Stream(mpsc::UnboundedSender<Chunk>, Lag),
 }
 
 #[durable_object]
@@ -53,6 +55,8 @@ pub struct EdgeDurableObject {
     state: State,
     env: Env,
     machine: RefCell<Machine>,
+    /// The pool this object serves, once a request or its storage said.
+    pool: RefCell<Option<String>>,
     callers: RefCell<HashMap<CallerId, Channel>>,
     /// The deadline the alarm was last set to by this instance (skips rewriting it).
     alarm_at: Cell<Option<Millis>>,
@@ -66,6 +70,7 @@ impl DurableObject for EdgeDurableObject {
             state,
             env,
             machine: RefCell::new(Machine::Unloaded),
+            pool: RefCell::new(None),
             callers: RefCell::new(HashMap::new()),
             alarm_at: Cell::new(None),
             deliveries: RefCell::new(Vec::new()),
@@ -74,13 +79,25 @@ impl DurableObject for EdgeDurableObject {
 
     async fn fetch(&self, req: Request) -> worker::Result<worker::Response> {
         let path = req.path();
+        if self.pool.borrow().is_none() {
+            *self.pool.borrow_mut() = req.headers().get(crate::entry::POOL_HEADER).ok().flatten();
+        }
         if let Err(message) = self.load(now_ms()) {
             return exchange::respond(http::unavailable(&path, &message));
         }
-        let answer = if path.trim_end_matches('/') == "/agent/connect" {
-            self.accept_agent(&req).await
-        } else {
-            self.serve(req, &path).await
+        let header = |name: &str| req.headers().get(name).ok().flatten();
+        let (secret, authorization) = (header("x-runner-secret"), header("authorization"));
+        let method = req.inner().method();
+        let gate = self.with_edge(|edge| http::preflight(edge.config(), &method, &path, secret.as_deref(), authorization.as_deref()));
+        let answer = match gate {
+            Some(Gate::Answer(refused)) => {
+                let mut req = req;
+                exchange::drain_refused(&mut req).await;
+                exchange::respond(refused)
+            }
+            Some(Gate::AgentSocket) => self.accept_agent(&req).await,
+            Some(Gate::Handle { read_body }) => self.serve(req, &path, read_body).await,
+            None => exchange::respond(http::unavailable(&path, "the edge is not loaded; retry")),
         };
         // An error here is the host's own (the runtime refused something), never the
         // caller's: answer it in the contract's shape rather than workerd's bare 500.
@@ -154,20 +171,29 @@ impl EdgeDurableObject {
             Machine::Misconfigured(message) => return Err(message.clone()),
             Machine::Unloaded => {}
         }
-        let config = match Config::from_lookup(|name| setting(&self.env, name)) {
+        let store = self.store();
+        // Which pool: from the request that woke the object (kept in storage for the
+        // events that carry none: alarms, agents' frames).
+        let known = self.pool.borrow().clone();
+        let pool = match store.open().and_then(|()| store.pool(known.as_deref())) {
+            Ok(Some(pool)) => pool,
+            Ok(None) => return Err("this object has not been told its pool yet; retry".into()),
+            Err(e) => {
+                console_error!("reading the pool's name failed: {e}");
+                return Err(format!("the edge could not read its storage ({e}); retry"));
+            }
+        };
+        *self.pool.borrow_mut() = Some(pool.clone());
+        let config = match Config::for_pool(|name| setting(&self.env, name), &pool) {
             Ok(config) => config,
             Err(e) => {
-                let message = format!(
-                    "the edge is misconfigured: {e}. Set secrets with `wrangler secret put <NAME>` and settings in \
-                     wrangler.toml [vars], then deploy again"
-                );
-                console_error!("{message}");
+                let message = misconfigured(&e);
+                console_error!("pool={pool} {message}");
                 *self.machine.borrow_mut() = Machine::Misconfigured(message.clone());
                 return Err(message);
             }
         };
-        let store = self.store();
-        let loaded = store.open().and_then(|()| Ok((store.load()?, store.load_alerts()?)));
+        let loaded = store.load().and_then(|jobs| Ok((jobs, store.load_alerts()?)));
         let ((jobs, problems), alerts) = match loaded {
             Ok(loaded) => loaded,
             Err(e) => {
@@ -227,8 +253,9 @@ impl EdgeDurableObject {
                 }
                 Effect::Stream { caller, chunk } => {
                     let mut callers = self.callers.borrow_mut();
-                    if let Some(Channel::Stream(tx)) = callers.get(&caller) {
-                        if tx.unbounded_send(chunk).is_err() {
+                    if let Some(Channel::Stream(tx, lag)) = callers.get(&caller) {
+                        // A follower that stopped reading is dropped: its stream ends.
+                        if !lag.queued(chunk.len()) || tx.unbounded_send(chunk).is_err() {
                             callers.remove(&caller);
                             gone.push(caller);
                         }
@@ -302,7 +329,10 @@ impl EdgeDurableObject {
         };
         let pair = WebSocketPair::new()?;
         let now = now_ms();
-        let Some((session_id, effects)) = self.with_edge(|edge| edge.connect(now, seed)) else {
+        // Cloudflare sets the caller's address here (a client cannot): unproven connections
+        // are bounded per source.
+        let peer = req.headers().get("cf-connecting-ip").ok().flatten().unwrap_or_default();
+        let Some((session_id, effects)) = self.with_edge(|edge| edge.connect(now, seed, &peer)) else {
             return exchange::respond(http::unavailable("/agent/connect", "the edge is not loaded; retry"));
         };
         if let Err(e) = self.sockets().accept(&pair.server, &session_id) {
@@ -320,15 +350,19 @@ impl EdgeDurableObject {
         worker::Response::from_websocket(pair.client)
     }
 
-    /// Every other request: the core routes it; its caller gets its answer (or stream)
+    /// Every other request the gate let through: the core routes it; its caller gets its answer (or stream)
     /// from the effects, now or when its job ends.
-    async fn serve(&self, mut req: Request, path: &str) -> worker::Result<worker::Response> {
+    async fn serve(&self, mut req: Request, path: &str, read_body: bool) -> worker::Result<worker::Response> {
         let header = |name: &str| req.headers().get(name).ok().flatten();
         let (secret_header, authorization, idempotency_key) =
             (header("x-runner-secret"), header("authorization"), header("idempotency-key"));
         let method = req.inner().method();
-        let limit = self.with_edge(|edge| edge.config().max_body_bytes).unwrap_or(0);
-        let body = exchange::read_body(&mut req, limit).await;
+        let body = if read_body {
+            let limit = self.with_edge(|edge| edge.config().max_body_bytes).unwrap_or(0);
+            exchange::read_body(&mut req, edge_core::body::Intake::new(limit)).await
+        } else {
+            edge_core::body::Body::Bytes(Vec::new())
+        };
         let seed = match entropy::<16>() {
             Ok(seed) => seed,
             Err(e) => return exchange::error(&ApiError::new(ErrorCode::InternalError, e)),
@@ -342,11 +376,12 @@ impl EdgeDurableObject {
         // The caller's channel exists before the effects run: they may answer it.
         match handled.reply {
             Reply::Stream => {
-                let (tx, rx) = mpsc::unbounded::<String>();
-                self.callers.borrow_mut().insert(caller, Channel::Stream(tx));
+                let (tx, rx) = mpsc::unbounded::<Chunk>();
+                let lag = Lag::default();
+                self.callers.borrow_mut().insert(caller, Channel::Stream(tx, lag.clone()));
                 self.apply(handled.effects, None);
                 self.schedule(now).await;
-                exchange::event_stream(rx)
+                exchange::event_stream(rx, lag)
             }
             Reply::Once { max_wait_ms } => {
                 let (tx, rx) = oneshot::channel();
@@ -414,6 +449,14 @@ async fn post(delivery: &Post) -> edge_core::notify::Outcome {
         Either::Left((Err(e), _)) => Err(e.to_string()),
         Either::Right(_) => Err(format!("no answer within {} ms", edge_core::notify::DELIVERY_TIMEOUT_MS)),
     }
+}
+
+/// What is said while a setting is wrong (by the entry and by an object).
+pub(crate) fn misconfigured(e: &ConfigError) -> String {
+    format!(
+        "the edge is misconfigured: {e}. Set secrets with `wrangler secret put <NAME>` and settings in \
+         wrangler.toml [vars], then deploy again"
+    )
 }
 
 /// A Worker setting by name: a secret or a var. Vars written as TOML numbers arrive as

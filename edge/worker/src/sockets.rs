@@ -204,6 +204,7 @@ mod tests {
     fn ready(problem: &str) -> Session {
         Session {
             id: "0011223344556677".into(),
+            source: "2001:db8:1:2::/64".into(),
             connected_at: u64::MAX - 1,
             last_seen: 1_700_000_000_000,
             phase: Phase::Ready(Agent {

@@ -54,6 +54,7 @@ impl Store {
 
     /// Creates the tables if this object never had them.
     pub fn open(&self) -> Result<(), String> {
+        self.exec("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)", vec![])?;
         self.exec("CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, record TEXT NOT NULL)", vec![])?;
         self.exec(
             "CREATE TABLE IF NOT EXISTS job_parts (id TEXT NOT NULL, part INTEGER NOT NULL, text TEXT NOT NULL, \
@@ -65,7 +66,6 @@ impl Store {
              PRIMARY KEY (id, part))",
             vec![],
         )?;
-        self.exec("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)", vec![])?;
         Ok(())
     }
 
@@ -79,6 +79,25 @@ impl Store {
         let cursor = self.exec("SELECT value FROM meta WHERE key = 'alerts'", vec![])?;
         let row = cursor.next::<Meta>().next().transpose().map_err(|e| format!("reading meta: {e}"))?;
         Ok(row.and_then(|m| serde_json::from_str(&m.value).ok()))
+    }
+
+    /// The pool this object serves: `named` (the name a request brought, kept the first
+    /// time), else the one kept before. `None`: no request has said yet.
+    pub fn pool(&self, named: Option<&str>) -> Result<Option<String>, String> {
+        #[derive(Deserialize)]
+        struct Value {
+            value: String,
+        }
+        let kept = self.exec("SELECT value FROM meta WHERE key = 'pool'", vec![])?.next::<Value>().next();
+        let kept = kept.transpose().map_err(|e| format!("reading meta: {e}"))?.map(|v| v.value);
+        match (named, kept) {
+            (Some(name), None) => {
+                self.exec("INSERT INTO meta (key, value) VALUES ('pool', ?)", vec![name.into()])?;
+                Ok(Some(name.to_string()))
+            }
+            (_, Some(kept)) => Ok(Some(kept)),
+            (None, None) => Ok(None),
+        }
     }
 
     /// Every stored job. A record that no longer reads as a job (e.g. written by an

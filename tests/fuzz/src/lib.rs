@@ -5,7 +5,11 @@
 //! - [`http`]: the edge's HTTP contract — body parsing and validation
 //!   (`shared::contract`), auth and routing (`edge_core::http`).
 //! - [`agent_frames`]: frames an agent connection sends the edge, before and after a
-//!   valid handshake, with a job to report on.
+//!   valid handshake, with a job to report on; and reports (progress, results) signed by
+//!   the agent's key, so what follows a valid signature is fuzzed too.
+//! - [`connections`]: unproven connections from arbitrary peers (the address a host
+//!   passes, `CF-Connecting-IP` on the Worker): the bounds on them hold, and the real
+//!   agent always gets in.
 //! - [`wire`]: `shared::protocol::decode` of both message kinds, and their round trip.
 //! - [`edge_orders`]: frames the edge sends the agent: signed envelopes and
 //!   `open_order`, with forged and with valid signatures.
@@ -14,7 +18,7 @@
 //!   the result.
 //! - [`redaction`]: the redactor on arbitrary text: no panic, no secret out.
 //! - [`sse`]: Server-Sent Events framing, whatever the chunking.
-//! - [`config`]: the edge's settings, keys, the keyring and `EDGE_URL`.
+//! - [`config`]: the edge's settings (pools too), keys, the keyring and `EDGE_URL`.
 //!
 //! `tests/fuzz/run` runs them under libFuzzer (coverage-guided); `cargo test -p
 //! claude-runner-fuzz` runs them on the committed seeds and on random inputs (proptest),
@@ -29,8 +33,8 @@ use edge_core::record::{Job, Mode};
 use edge_core::session::Session;
 use edge_core::{Config, Edge, Effect};
 use shared::contract::{ExecuteRequest, Limits};
-use shared::envelope::{open_order, Domain, Envelope, OrderHeader};
-use shared::protocol::{AgentMessage, CancelOrder, EdgeMessage, Hello, JobOrder, Welcome, PROTOCOL_VERSION};
+use shared::envelope::{open_order, Audience, Domain, Envelope, OrderHeader};
+use shared::protocol::{AgentMessage, CancelOrder, EdgeMessage, Hello, JobOrder, LoginOrder, Welcome, PROTOCOL_VERSION};
 use std::sync::OnceLock;
 
 /// A fuzz target: takes any bytes, must not panic or hang.
@@ -40,6 +44,7 @@ pub type Target = fn(&[u8]);
 pub const TARGETS: &[(&str, Target)] = &[
     ("http", http),
     ("agent_frames", agent_frames),
+    ("connections", connections),
     ("wire", wire),
     ("edge_orders", edge_orders),
     ("credentials", credentials),
@@ -56,6 +61,10 @@ pub fn target(name: &str) -> Option<Target> {
 const NOW: u64 = 1_800_000_000_000;
 const SECRET: &str = "fuzz-runner-secret-0123456789";
 const AGENT: &str = "spark";
+/// Orders for the fuzzed agent: `spark`, in the default pool.
+const ME: Audience<'static> = Audience { agent_id: AGENT, pool: "default" };
+/// The address the scripted agent connects from.
+const PEER: &str = "192.0.2.1";
 
 // Keys and settings are made once: deriving a key costs more than most inputs.
 fn edge_key() -> &'static SigningKey {
@@ -113,7 +122,7 @@ pub fn http(data: &[u8]) {
     let secret = if flags & 1 == 1 { Some(SECRET.to_string()) } else { secret };
     let mut edge = Edge::new(edge_config(), NOW);
     if flags & 2 == 2 {
-        let _ = edge.connect(NOW, [3; 32]);
+        let _ = edge.connect(NOW, [3; 32], PEER);
     }
     // The contract's rule, stated apart from the code under test: the secret in
     // `X-Runner-Secret`, or as `Authorization: Bearer`.
@@ -178,7 +187,7 @@ fn ready_records() -> &'static (Session, Job) {
             }),
             Err(e) => panic!("{e:?}"),
         };
-        let (session, effects) = edge.connect(NOW, [3; 32]);
+        let (session, effects) = edge.connect(NOW, [3; 32], PEER);
         let hello = Hello {
             protocol: PROTOCOL_VERSION,
             agent_id: AGENT.into(),
@@ -203,7 +212,11 @@ fn ready_records() -> &'static (Session, Job) {
 }
 
 /// Frames from one agent connection, `0xff`-separated after a flags byte: bit 0 starts
-/// from a connection past a valid handshake, bit 1 with a job `j1` queued.
+/// from a connection past a valid handshake, bit 1 with a job `j1` queued; with bit 2 each
+/// frame is instead the payload of a report the agent signed — progress, with bit 3 a
+/// result, with bit 4 a report on a relayed login — so the edge's reading of verified
+/// reports is fuzzed too. With bits 0 and 4 a relayed login is under way first (its id
+/// [`FUZZ_LOGIN_ID`], its start order's nonce `<id>:start`), so a login report can name it.
 pub fn agent_frames(data: &[u8]) {
     let (flags, frames) = match data.split_first() {
         Some((f, rest)) => (*f, rest),
@@ -221,15 +234,108 @@ pub fn agent_frames(data: &[u8]) {
             let (_, job) = ready_records().clone();
             edge = Edge::restore(edge_config(), vec![job], vec![], None, now).0;
         }
-        let (session, _) = edge.connect(now, [3; 32]);
+        let (session, _) = edge.connect(now, [3; 32], PEER);
         (edge, session)
     };
+    if flags & 7 == 7 {
+        // `j1` goes to the agent (its first order, `j1:1`), so signed reports can name it.
+        let _ = edge.message(now, &session, &AgentMessage::Credit { slots: shared::protocol::Slots { free: 1, received: 0 } }.to_text());
+    }
+    if flags & 17 == 17 {
+        let caller = edge.begin_request();
+        let _ = edge.start_login(now, caller, FUZZ_LOGIN_ENTROPY, b"");
+    }
     for frame in frames.split(|b| *b == 0xff) {
         now += 1_000;
-        let _ = edge.message(now, &session, &text(frame));
+        let frame = if flags & 4 == 4 {
+            let domain = match flags & 24 {
+                0 => Domain::Progress,
+                8 => Domain::Result,
+                _ => Domain::LoginReport,
+            };
+            let payload = text(frame);
+            let sig = ed25519_dalek::Signer::sign(agent_key(), &[domain.prefix(), payload.as_bytes()].concat());
+            let envelope = Envelope { payload, sig: shared::keys::encode(&sig.to_bytes()) };
+            match domain {
+                Domain::Result => AgentMessage::Result { envelope },
+                Domain::LoginReport => AgentMessage::LoginProgress { envelope },
+                _ => AgentMessage::Event { envelope },
+            }
+            .to_text()
+        } else {
+            text(frame)
+        };
+        let refused_before = edge.stats().refused_reports;
+        let _ = edge.message(now, &session, &frame);
+        if flags & 5 == 5 {
+            // Signed by the agent's own key: never counted as a forgery.
+            assert_eq!(edge.stats().refused_reports, refused_before);
+        }
     }
     let _ = edge.health(now);
     let _ = edge.tick(now + 3_600_000);
+}
+
+/// The entropy the `agent_frames` target starts its relayed login with, and so its id.
+const FUZZ_LOGIN_ENTROPY: [u8; 16] = [5; 16];
+/// The id of that login (the first 8 bytes of its entropy in hex).
+pub const FUZZ_LOGIN_ID: &str = "0505050505050505";
+
+/// Unproven connections from arbitrary peers, NUL-separated: each is taken (an older
+/// unproven one closed to make room), no source ever holds more than its share, no more
+/// wait than the edge's bound, and the agent — connecting at any point, from any of those
+/// peers — gets in with its hello.
+pub fn connections(data: &[u8]) {
+    use edge_core::machine::{MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE};
+    let mut edge = Edge::new(edge_config(), NOW);
+    let mut now = NOW;
+    // The unproven connections, and where each comes from, as the effects tell.
+    let mut unproven: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    // A few hundred connections show every bound; more would only slow the fuzzer.
+    for (i, peer) in data.split(|b| *b == 0).take(300).enumerate() {
+        now += 1;
+        let peer = text(peer);
+        let source = edge_core::session::source_of(&peer);
+        assert!(source == "unknown" || source.parse::<std::net::IpAddr>().is_ok() || source.ends_with("::/64"), "{source}");
+        let mut entropy = [0u8; 32];
+        entropy[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        let (session, effects) = edge.connect(now, entropy, &peer);
+        for effect in &effects {
+            if let Effect::Close { session, .. } = effect {
+                unproven.remove(session);
+            }
+        }
+        unproven.insert(session.clone(), source);
+        assert_eq!(unproven.len(), edge.unproven_connections());
+        assert!(unproven.len() <= MAX_PENDING_HANDSHAKES);
+        let mut per_source: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for source in unproven.values() {
+            *per_source.entry(source).or_default() += 1;
+        }
+        assert!(per_source.values().all(|n| *n <= MAX_PENDING_PER_SOURCE), "{per_source:?}");
+        if i % 7 == 3 {
+            // The agent, from this peer: its hello right after its challenge gets it in.
+            let nonce = challenge_nonce(&effects).expect("a challenge");
+            let hello = Hello {
+                protocol: PROTOCOL_VERSION,
+                agent_id: AGENT.into(),
+                agent_version: "fuzz".into(),
+                challenge: nonce,
+                agent_nonce: "n".into(),
+                issued_at: now,
+                capacity: 1,
+                running: vec![],
+                finished: vec![],
+                oauth: shared::oauth::OAuthReport::unconfigured(now),
+                claude_version: None,
+            };
+            let frame = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: AGENT.into(), envelope: Envelope::seal(Domain::Hello, &hello, agent_key()) }.to_text();
+            let _ = edge.message(now, &session, &frame);
+            assert!(edge.session(&session).and_then(|s| s.agent()).is_some(), "the agent was kept out");
+            unproven.remove(&session);
+            let _ = edge.disconnect(now, &session);
+        }
+    }
 }
 
 /// One frame, decoded as each side would; what decodes re-encodes to the same message.
@@ -244,7 +350,8 @@ pub fn wire(data: &[u8]) {
 }
 
 /// What the agent does with an edge frame: decode it, open the envelope. With the first
-/// byte odd, the rest is signed by the edge's key as a job, a cancel or a welcome payload,
+/// byte odd, the rest is signed by the edge's key as a job, a cancel, a welcome or a login
+/// payload,
 /// so what follows a valid signature is fuzzed too.
 pub fn edge_orders(data: &[u8]) {
     let key = edge_key().verifying_key();
@@ -255,25 +362,33 @@ pub fn edge_orders(data: &[u8]) {
     let payload = text(rest);
     if flags & 1 == 0 {
         match shared::protocol::decode::<EdgeMessage>(&payload) {
-            Ok(EdgeMessage::Job { envelope }) => run_order(open_order::<JobOrder>(&envelope, Domain::Job, &key, AGENT, NOW)),
+            Ok(EdgeMessage::Job { envelope }) => run_order(open_order::<JobOrder>(&envelope, Domain::Job, &key, ME, NOW)),
             Ok(EdgeMessage::Cancel { envelope }) => {
-                let _ = open_order::<CancelOrder>(&envelope, Domain::Cancel, &key, AGENT, NOW);
+                let _ = open_order::<CancelOrder>(&envelope, Domain::Cancel, &key, ME, NOW);
             }
             Ok(EdgeMessage::Welcome { envelope }) => {
                 let _ = envelope.open::<Welcome>(Domain::Welcome, &key);
+            }
+            Ok(EdgeMessage::Login { envelope }) => {
+                let _ = open_order::<LoginOrder>(&envelope, Domain::Login, &key, ME, NOW);
             }
             _ => {}
         }
         return;
     }
-    let domain = [Domain::Job, Domain::Cancel, Domain::Welcome][(flags >> 1) as usize % 3];
+    let domain = [Domain::Job, Domain::Cancel, Domain::Welcome, Domain::Login][(flags >> 1) as usize % 4];
     let sig = ed25519_dalek::Signer::sign(edge_key(), &[domain.prefix(), payload.as_bytes()].concat());
     let envelope = Envelope { payload, sig: shared::keys::encode(&sig.to_bytes()) };
     match domain {
-        Domain::Job => run_order(open_order::<JobOrder>(&envelope, domain, &key, AGENT, NOW)),
+        Domain::Job => run_order(open_order::<JobOrder>(&envelope, domain, &key, ME, NOW)),
         Domain::Cancel => {
-            if let Ok(order) = open_order::<CancelOrder>(&envelope, domain, &key, AGENT, NOW) {
-                assert_eq!(order.header.agent_id, AGENT);
+            if let Ok(order) = open_order::<CancelOrder>(&envelope, domain, &key, ME, NOW) {
+                assert_eq!((order.header.agent_id.as_str(), order.header.pool.as_str()), (AGENT, "default"));
+            }
+        }
+        Domain::Login => {
+            if let Ok(order) = open_order::<LoginOrder>(&envelope, domain, &key, ME, NOW) {
+                assert_eq!((order.header.agent_id.as_str(), order.header.pool.as_str()), (AGENT, "default"));
             }
         }
         _ => {
@@ -285,8 +400,8 @@ pub fn edge_orders(data: &[u8]) {
 /// What the agent derives from an order that verified.
 fn run_order(order: Result<JobOrder, shared::envelope::Refusal>) {
     let Ok(order) = order else { return };
-    let OrderHeader { agent_id, expires_at, .. } = &order.header;
-    assert_eq!(agent_id, AGENT);
+    let OrderHeader { agent_id, pool, expires_at, .. } = &order.header;
+    assert_eq!((agent_id.as_str(), pool.as_str()), (AGENT, "default"));
     assert!(NOW <= expires_at.saturating_add(shared::envelope::CLOCK_SKEW_MS));
     let _ = claude::args(&order.spec, Some("model"));
     if let Some(dir) = &order.spec.working_dir {
@@ -389,12 +504,26 @@ pub fn config(data: &[u8]) {
         "QUEUE_TTL_MS",
         "MAX_QUEUED_JOBS",
         "TIMEOUT_MARGIN_MS",
+        "POOLS",
+        "RUNNER_SECRET_GPU",
+        "AGENT_PUBLIC_KEYS_GPU",
     ];
     let values: Vec<String> = data.split(|b| *b == 0).map(text).collect();
     let lookup = |name: &str| NAMES.iter().position(|n| *n == name).and_then(|i| values.get(i).cloned());
     if let Ok(cfg) = Config::from_lookup(lookup) {
         assert!(cfg.runner_secret.len() >= 16);
+        assert_eq!(cfg.pool, "default");
         let _ = Edge::new(cfg, NOW).health(NOW);
+    }
+    if let Ok(pools) = edge_core::config::Pools::from_lookup(lookup) {
+        for pool in pools.iter() {
+            assert!(pool.runner_secret.len() >= 16 && shared::ids::plain_id(&pool.name, shared::ids::MAX_POOL_NAME));
+        }
+        // A pool exists exactly when it is listed (or the default one).
+        for name in ["default", "gpu", "other"] {
+            let found = Config::for_pool(lookup, name);
+            assert_eq!(pools.get(name).is_some(), found.is_ok() || !matches!(found, Err(edge_core::config::ConfigError::UnknownPool(_))), "{name}");
+        }
     }
     for v in &values {
         let _ = shared::keys::signing_key("fuzz", v);

@@ -239,32 +239,9 @@ fn ms(v: &Value) -> f64 {
 
 // ------------------------------------------------------------------------------ processes
 
-/// A process and all its descendants (the Worker host is node plus workerd).
-fn process_tree(root: u32) -> Vec<u32> {
-    let mut parents: Vec<(u32, u32)> = Vec::new();
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for e in entries.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-                if let Some(ppid) = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).and_then(|p| p.parse().ok()) {
-                    parents.push((pid, ppid));
-                }
-            }
-        }
-    }
-    let mut tree = vec![root];
-    let mut i = 0;
-    while i < tree.len() {
-        let p = tree[i];
-        tree.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
-        i += 1;
-    }
-    tree
-}
-
 /// VmRSS and VmHWM (peak) of a process tree, in MiB.
 fn memory(pid: u32, tree: bool) -> Value {
-    let pids = if tree { process_tree(pid) } else { vec![pid] };
+    let pids = if tree { harness::process_tree(pid) } else { vec![pid] };
     let sum = |field: &str| pids.iter().filter_map(|p| harness::proc_status_kib(*p, field)).sum::<u64>() as f64 / 1024.0;
     json!({ "rss_mib": round3(sum("VmRSS")), "peak_rss_mib": round3(sum("VmHWM")), "processes": pids.len() })
 }
@@ -288,7 +265,7 @@ fn cpu_of(pid: u32) -> Cpu {
 }
 
 fn cpu_of_tree(pid: u32) -> Cpu {
-    process_tree(pid).into_iter().map(cpu_of).fold(Cpu::default(), |a, b| Cpu { own: a.own + b.own, children: a.children + b.children })
+    harness::process_tree(pid).into_iter().map(cpu_of).fold(Cpu::default(), |a, b| Cpu { own: a.own + b.own, children: a.children + b.children })
 }
 
 fn self_cpu() -> f64 {
@@ -441,6 +418,9 @@ fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(4)
+        // workerd (the Worker's local host) closes a connection idle for about 5 s, and a
+        // request sent on it just then is reset: never reuse one idle for 2 s.
+        .pool_idle_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .timeout(Duration::from_secs(120))
         .build()

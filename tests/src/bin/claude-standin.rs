@@ -5,7 +5,8 @@
 //! `@sleep=MS` wait before answering · `@exit=N` exit code · `@is_error` report an error ·
 //! `@auth_error` report a 401 · `@garbage` print non-JSON and no result ·
 //! `@spawn_child=PIDFILE` start a long-lived child in the same process group and write its
-//! pid to PIDFILE · `@megabytes=N` stream N MiB of assistant text first ·
+//! pid to PIDFILE · `@megabytes=N` stream N MiB of assistant text first (in 64 KiB
+//! events, `@gap_ms=MS` apart) ·
 //! `@print_env=VAR` answer with the value of VAR · `@print_file_b64=PATH` answer with
 //! the base64 of a file on one line · `@base64=PATH` answer with it as coreutils'
 //! `base64 FILE` prints it (wrapped at 76 columns), first as a tool's output (a Bash
@@ -15,6 +16,7 @@
 //! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it) · `@write=PATH` write a text
 //! file (relative to the working directory; may repeat) · `@write_binary=PATH` write a few
 //! non-text bytes · `@write_env=VAR,PATH` write the value of VAR into a file ·
+//! `@write_random=PATH,MIB` write MIB mebibytes of incompressible bytes ·
 //! `@delete=PATH` delete a file (may repeat) · `@exists=PATH` answer whether PATH exists ·
 //! `@rate_limited=SECS` end as the real CLI does when the usage window is used up (a
 //! rejected `rate_limit_event` resetting in SECS, then a 429 result) · `@usage_warning`
@@ -106,8 +108,10 @@ fn main() {
     }
     if let Some(mb) = directive(&prompt, "megabytes").and_then(|v| v.parse::<usize>().ok()) {
         let chunk = "x".repeat(64 * 1024);
+        let gap = directive(&prompt, "gap_ms").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         for _ in 0..mb * 16 {
             emit(&mut out, serde_json::json!({"type":"assistant","session_id":session,"message":{"content":[{"type":"text","text":chunk}]}}));
+            std::thread::sleep(std::time::Duration::from_millis(gap));
         }
     }
     if let Some(ms) = directive(&prompt, "sleep").and_then(|v| v.parse::<u64>().ok()) {
@@ -122,6 +126,25 @@ fn main() {
     }
     for path in directives(&prompt, "write_binary") {
         std::fs::write(path, [0u8, 1, 2, 0, 255, 254, 0, 7]).expect("the stand-in writes");
+    }
+    for spec in directives(&prompt, "write_random") {
+        let (path, mib) = spec.split_once(',').expect("@write_random=PATH,MIB");
+        let mib: usize = mib.parse().expect("@write_random=PATH,MIB");
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("the stand-in writes"));
+        // xorshift: incompressible bytes, as a build artifact or a data set would be.
+        // Seeded by the path, so two files never share their bytes.
+        let mut x = path.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3)) | 1;
+        let mut block = vec![0u8; 1 << 20];
+        for _ in 0..mib {
+            for chunk in block.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+            }
+            f.write_all(&block).expect("the stand-in writes");
+        }
+        f.flush().expect("the stand-in writes");
     }
     for spec in directives(&prompt, "write_env") {
         let (var, path) = spec.split_once(',').expect("@write_env=VAR,PATH");

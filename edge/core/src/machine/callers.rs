@@ -63,20 +63,35 @@ impl Edge {
     }
 
     /// `caller` follows the job's progress: what is kept so far at once, then each event,
-    /// then the result. `false`: there is no such job.
-    pub fn follow(&mut self, caller: CallerId, job_id: &str, effects: &mut Vec<Effect>) -> bool {
+    /// then the result. Refused (404) when there is no such job, and (429) when the job, or
+    /// the edge, has as many followers as it takes.
+    pub fn follow(&mut self, caller: CallerId, job_id: &str, effects: &mut Vec<Effect>) -> Result<(), ApiError> {
         if !self.jobs.contains_key(job_id) {
-            return false;
+            return Err(ApiError::job_not_found(job_id));
         }
         if self.give_ended(caller, job_id, Form::Stream, effects) {
-            return true;
+            return Ok(());
+        }
+        let of_job = self.callers.followers.get(job_id).map_or(0, Vec::len);
+        let all: usize = self.callers.followers.values().map(Vec::len).sum();
+        if of_job >= progress::MAX_FOLLOWERS_PER_JOB || all >= progress::MAX_FOLLOWERS {
+            return Err(ApiError::new(
+                ErrorCode::RunnerBusy,
+                format!(
+                    "too many streams follow jobs already ({of_job} this one, {all} in all; at most {} per job and {} in all): \
+                     read the job with GET /jobs/{job_id}, or follow it once another stream ends",
+                    progress::MAX_FOLLOWERS_PER_JOB,
+                    progress::MAX_FOLLOWERS
+                ),
+            )
+            .with_job(job_id));
         }
         for chunk in self.progress.get(job_id).map(|b| b.replay()).unwrap_or_default() {
             effects.push(Effect::Stream { caller, chunk });
         }
         self.note_callers(job_id);
         self.callers.followers.entry(job_id.to_string()).or_default().push(caller);
-        true
+        Ok(())
     }
 
     /// The host's bound on a wait passed before the job ended (the machine ends every job
@@ -128,7 +143,7 @@ impl Edge {
             Err(problem) => {
                 let text = format!("the edge could not read the job's record ({problem}); retry");
                 return match form {
-                    Form::Stream => vec![Effect::Stream { caller, chunk: format!(": {text}\n\n") }, Effect::EndStream { caller }],
+                    Form::Stream => vec![Effect::Stream { caller, chunk: format!(": {text}\n\n").into() }, Effect::EndStream { caller }],
                     _ => vec![Effect::Answer { caller, response: Response::error(ApiError::new(ErrorCode::InternalError, text)) }],
                 };
             }
@@ -140,7 +155,7 @@ impl Edge {
             }
             (Form::Answer, Some((status, body))) => vec![Effect::Answer { caller, response: Response::json(status, body) }],
             (Form::Stream, Some((_, body))) => {
-                vec![Effect::Stream { caller, chunk: progress::result_chunk(&body) }, Effect::EndStream { caller }]
+                vec![Effect::Stream { caller, chunk: progress::result_chunk(&body).into() }, Effect::EndStream { caller }]
             }
             (_, None) => Edge::deliver(caller, form, Err("the record has no result".into()), now),
         }
@@ -179,7 +194,7 @@ impl Edge {
         self.note_callers(job_id);
         let followers = self.callers.followers.remove(job_id).unwrap_or_default();
         if !followers.is_empty() {
-            let chunk = progress::result_chunk(body);
+            let chunk: progress::Chunk = progress::result_chunk(body).into();
             for caller in followers {
                 effects.push(Effect::Stream { caller, chunk: chunk.clone() });
                 effects.push(Effect::EndStream { caller });
@@ -192,7 +207,7 @@ impl Edge {
 
     /// A progress event of a running job: kept for late followers, sent to current ones.
     pub(super) fn announce_progress(&mut self, job_id: &str, seq: u64, event: &serde_json::Value, effects: &mut Vec<Effect>) {
-        let chunk = progress::progress_chunk(seq, event);
+        let chunk: progress::Chunk = progress::progress_chunk(seq, event).into();
         for caller in self.callers.followers.get(job_id).into_iter().flatten() {
             effects.push(Effect::Stream { caller: *caller, chunk: chunk.clone() });
         }
@@ -230,7 +245,7 @@ impl Edge {
         let followers: Vec<(String, Vec<CallerId>)> = self.callers.followers.drain().collect();
         for (job_id, callers) in followers {
             for caller in callers {
-                effects.push(Effect::Stream { caller, chunk: progress::restart_chunk(&job_id) });
+                effects.push(Effect::Stream { caller, chunk: progress::restart_chunk(&job_id).into() });
                 effects.push(Effect::EndStream { caller });
             }
         }

@@ -5,7 +5,7 @@ use super::{Edge, Effect};
 use crate::clock::Now;
 use crate::record::{Job, Mode};
 use shared::contract::{ApiError, ErrorCode, Submission};
-use shared::envelope::{Domain, Envelope, OrderHeader};
+use shared::envelope::{Audience, Domain, Envelope, OrderHeader};
 use shared::job::{JobResult, JobState};
 use shared::protocol::{CancelOrder, EdgeMessage, JobOrder};
 use tracing::info;
@@ -98,9 +98,10 @@ impl Edge {
             job.session_id = Some(session_id.clone());
             job.order_no = order_no;
             job.attempts += 1;
-            let header = OrderHeader::new(&job_id, &agent_id, now.wall, format!("{job_id}:{}", job.attempts));
-            let order = JobOrder { header, spec: job.spec.clone() };
+            let (nonce, spec) = (job.order_nonce(), job.spec.clone());
             effects.push(Effect::Save(Box::new(job.clone())));
+            let to = Audience { agent_id: &agent_id, pool: &self.cfg.pool };
+            let order = JobOrder { header: OrderHeader::new(&job_id, to, now.wall, nonce), spec };
             let envelope = Envelope::seal(Domain::Job, &order, &self.cfg.signing_key);
             info!(job_id = %job_id, agent_id = %agent_id, order_no, "job dispatched");
             effects.push(saved);
@@ -112,7 +113,8 @@ impl Edge {
     pub(super) fn send_cancel(&mut self, now: Now, session_id: &str, agent_id: &str, job_id: &str, reason: &str, effects: &mut Vec<Effect>) {
         let nonce = format!("{job_id}:cancel:{}:{}", now.wall, self.orders_sent);
         self.orders_sent += 1;
-        let order = CancelOrder { header: OrderHeader::new(job_id, agent_id, now.wall, nonce), reason: reason.to_string() };
+        let to = Audience { agent_id, pool: &self.cfg.pool };
+        let order = CancelOrder { header: OrderHeader::new(job_id, to, now.wall, nonce), reason: reason.to_string() };
         let envelope = Envelope::seal(Domain::Cancel, &order, &self.cfg.signing_key);
         effects.push(Effect::Send { session: session_id.to_string(), text: EdgeMessage::Cancel { envelope }.to_text() });
     }
@@ -160,6 +162,13 @@ impl Edge {
     /// A job that already ended is left as it is.
     pub(super) fn finish(&mut self, now: Now, job_id: &str, result: JobResult, effects: &mut Vec<Effect>) {
         let Some(job) = self.job_mut(job_id) else { return };
+        // Lost by its agent after its caller cancelled it: it ends cancelled, whoever
+        // found it lost (see `record::lost`) — `lost` would tell a waiter to run it
+        // elsewhere, against the cancel.
+        let result = match result.error_code {
+            Some(ErrorCode::RunnerLost) if job.cancel_requested => crate::record::lost(job, now.at),
+            _ => result,
+        };
         if !job.finish(result, now.at) {
             return;
         }

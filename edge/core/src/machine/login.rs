@@ -19,14 +19,13 @@ use super::{CallerId, Edge, Effect};
 use crate::clock::Now;
 use crate::record::Mode;
 use crate::response::Response;
-use crate::session::{Agent, LoginRelay};
+use crate::session::{Agent, LoginRelay, LoginStep};
 use serde_json::{json, Value};
 use shared::contract::{ApiError, ErrorCode};
-use shared::envelope::{Domain, Envelope, OrderHeader};
+use shared::envelope::{Audience, Domain, Envelope, OrderHeader};
 use shared::ids::hex;
 use shared::job::JobResult;
-use shared::oauth::OAuthReport;
-use shared::protocol::{EdgeMessage, LoginAction, LoginOrder, LoginState};
+use shared::protocol::{EdgeMessage, LoginAction, LoginOrder, LoginReport, LoginState};
 use shared::time::rfc3339;
 use shared::Millis;
 use tracing::{info, warn};
@@ -227,7 +226,7 @@ impl Edge {
                     expires_at: now.at.saturating_add(LOGIN_TTL_MS),
                 };
                 self.set_relay(&session_id, Some(relay), &mut effects);
-                self.send_login_order(now, &session_id, &agent_id, &id, "start", LoginAction::Start, &mut effects);
+                self.send_login_order(now, &session_id, &agent_id, &id, LoginStep::Start, LoginAction::Start, &mut effects);
                 info!(agent_id = %agent_id, login_id = %id, "re-login started");
                 self.wait_for_login(caller, &id);
                 self.dispatch(now, &mut effects);
@@ -262,30 +261,26 @@ impl Edge {
         }
         let mut effects = effects;
         self.set_relay(&session_id, Some(LoginRelay { code_sent: true, ..relay }), &mut effects);
-        self.send_login_order(now, &session_id, &agent_id, &login_id, "code", LoginAction::Code { code }, &mut effects);
+        self.send_login_order(now, &session_id, &agent_id, &login_id, LoginStep::Code, LoginAction::Code { code }, &mut effects);
         info!(agent_id = %agent_id, login_id = %login_id, "re-login code passed on");
         self.wait_for_login(caller, &login_id);
         effects
     }
 
-    /// The agent's word on a relayed login.
-    pub(super) fn login_progress(
-        &mut self,
-        now: Now,
-        session_id: &str,
-        login_id: &str,
-        state: LoginState,
-        url: Option<String>,
-        error: Option<String>,
-        oauth: Option<OAuthReport>,
-        effects: &mut Vec<Effect>,
-    ) {
+    /// The agent's word on a relayed login (its signature checked already).
+    pub(super) fn login_progress(&mut self, now: Now, session_id: &str, report: LoginReport, effects: &mut Vec<Effect>) {
+        let LoginReport { login_id, order_nonce, state, url, error, oauth } = report;
+        let login_id = login_id.as_str();
         let agent = self.sessions.get(session_id).and_then(|s| s.agent()).expect("ready session");
         let agent_id = agent.agent_id.clone();
         let Some(relay) = agent.login.clone().filter(|l| l.id == login_id) else {
             warn!(agent_id = %agent_id, login_id, "progress of a login this edge is not relaying ignored");
             return;
         };
+        if !relay.issued(&order_nonce) {
+            warn!(agent_id = %agent_id, login_id, "login progress for an order this edge never sent ignored");
+            return;
+        }
         let url = url.filter(|u| plausible_url(u));
         match (state, url) {
             (LoginState::AwaitingCode, Some(url)) => {
@@ -369,10 +364,12 @@ impl Edge {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn send_login_order(&mut self, now: Now, session_id: &str, agent_id: &str, login_id: &str, step: &str, action: LoginAction, effects: &mut Vec<Effect>) {
-        let nonce = format!("{login_id}:{step}:{}", self.orders_sent);
-        self.orders_sent += 1;
-        let order = LoginOrder { header: OrderHeader::new(login_id, agent_id, now.wall, nonce), action };
+    fn send_login_order(&mut self, now: Now, session_id: &str, agent_id: &str, login_id: &str, step: LoginStep, action: LoginAction, effects: &mut Vec<Effect>) {
+        // One start and at most one code per login id (a new start takes a new id), so the
+        // nonce is unique and the agent's report can be bound to it (LoginRelay::issued).
+        let nonce = LoginRelay::nonce(login_id, step);
+        let to = Audience { agent_id, pool: &self.cfg.pool };
+        let order = LoginOrder { header: OrderHeader::new(login_id, to, now.wall, nonce), action };
         let envelope = Envelope::seal(Domain::Login, &order, &self.cfg.signing_key);
         effects.push(Effect::Send { session: session_id.to_string(), text: EdgeMessage::Login { envelope }.to_text() });
     }

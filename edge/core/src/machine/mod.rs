@@ -37,7 +37,7 @@ pub use callers::CallerId;
 pub use jobs::Submitted;
 pub use login::{Availability, LOGIN_TTL_MS, LOGIN_WAIT_MS};
 pub use notices::Post;
-pub use sessions::MAX_PENDING_HANDSHAKES;
+pub use sessions::{MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE};
 pub use stop::shutting_down;
 pub use storage::{split_writes, Writes, STORE_RETRY_MS};
 
@@ -69,8 +69,10 @@ pub enum Effect {
     Close { session: String, code: u16, reason: String },
     /// Answer this HTTP caller; the host then forgets it.
     Answer { caller: CallerId, response: Response },
-    /// Write this chunk on the caller's `text/event-stream`.
-    Stream { caller: CallerId, chunk: String },
+    /// Write this chunk on the caller's `text/event-stream` (counting it in the caller's
+    /// [`crate::progress::Lag`]: a follower too far behind is dropped, and the machine told
+    /// with [`Edge::caller_gone`]).
+    Stream { caller: CallerId, chunk: crate::progress::Chunk },
     /// End the caller's stream; the host then forgets it.
     EndStream { caller: CallerId },
     /// Read this ended job's whole record from storage (memory keeps only its header) and
@@ -93,6 +95,8 @@ pub struct Stats {
     pub finished: BTreeMap<&'static str, u64>,
     pub rejected_orders: u64,
     pub refused_agents: u64,
+    /// Progress and results whose signature was not their agent's.
+    pub refused_reports: u64,
     /// Events whose writes the host could not store.
     pub store_failures: u64,
 }

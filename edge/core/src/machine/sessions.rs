@@ -7,27 +7,35 @@ use crate::clock::Now;
 use crate::record::Job;
 use crate::session::{self, Agent, Phase, Refused, Session};
 use shared::contract::ErrorCode;
-use shared::envelope::{Domain, Envelope};
-use shared::ids::hex;
+use shared::envelope::{Domain, Envelope, EnvelopeError};
+use shared::ids::{hex, shown_job_id};
 use shared::job::{JobResult, JobState};
 use shared::keys;
 use shared::oauth::OAuthReport;
-use shared::protocol::{self, close, AgentMessage, EdgeMessage, Hello, Slots, Welcome, PROTOCOL_VERSION};
-use std::collections::BTreeSet;
+use shared::protocol::{self, close, AgentMessage, EdgeMessage, Hello, LoginReport, ProgressReport, ResultReport, Slots, Welcome, PROTOCOL_VERSION};
+use std::collections::{BTreeMap, BTreeSet};
 use tracing::{debug, info, warn};
 
-/// Connections that have not answered their challenge yet, at most.
+/// Connections that have not answered their challenge yet, at most. Past it a new one is
+/// still taken, and an older unproven one closed: anyone may open connections, so a
+/// bound that refused the newest would let them lock the real agent out.
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Unproven connections from one source ([`session::source_of`]), at most.
+pub const MAX_PENDING_PER_SOURCE: usize = 16;
 
 /// A frame on a connection the machine does not know (it closed it, or its record was
 /// lost with the host's memory) can never be served: the agent reconnects and proves
 /// itself again.
 const UNKNOWN_SESSION: &str = "the edge has no record of this connection; reconnect";
 
+/// Why an unproven connection was closed to make room for a newer one.
+const EVICTED: &str =
+    "too many connections were waiting to prove themselves and this one had waited longest; reconnect and send the signed hello at once";
+
 impl Edge {
-    /// A WebSocket opened on `/agent/connect`. `entropy` makes the session id and the
-    /// challenge nonce.
-    pub fn connect(&mut self, now: impl Into<Now>, entropy: [u8; 32]) -> (String, Vec<Effect>) {
+    /// A WebSocket opened on `/agent/connect` by `peer` (its address, as the host knows
+    /// it). `entropy` makes the session id and the challenge nonce.
+    pub fn connect(&mut self, now: impl Into<Now>, entropy: [u8; 32], peer: &str) -> (String, Vec<Effect>) {
         let now = now.into();
         let id = hex(&entropy[..8]);
         self.begin(Origin::Session(id.clone()));
@@ -35,28 +43,65 @@ impl Edge {
             let reason = "the edge is restarting; reconnect shortly".to_string();
             return (id.clone(), vec![Effect::Close { session: id, code: close::SHUTTING_DOWN, reason }]);
         }
-        // Anyone can open a connection; only so many may sit unproven at once.
-        let pending = self.sessions.values().filter(|s| s.agent().is_none()).count();
-        if pending >= MAX_PENDING_HANDSHAKES {
-            warn!(session = %id, pending, "too many unproven agent connections; refusing one");
-            let reason = "too many connections are waiting to prove themselves; retry shortly".to_string();
-            let effects = vec![Effect::Close { session: id.clone(), code: close::PROTOCOL_ERROR, reason }];
-            return (id, effects);
+        let source = session::source_of(peer);
+        let mut effects = Vec::new();
+        if let Some(victim) = self.pending_victim(&source) {
+            let from = self.sessions.get(&victim).map(|s| s.source.clone()).unwrap_or_default();
+            warn!(session = %victim, source = %from, "too many unproven agent connections; closing the one waiting longest");
+            self.close(now, &victim, Refused::new(close::SILENT, EVICTED), &mut effects);
         }
         let nonce = keys::encode(&entropy[8..]);
-        let session = Session { id: id.clone(), connected_at: now.at, last_seen: now.at, phase: Phase::Challenged { nonce: nonce.clone() } };
+        let session = Session {
+            id: id.clone(),
+            source,
+            connected_at: now.at,
+            last_seen: now.at,
+            phase: Phase::Challenged { nonce: nonce.clone() },
+        };
         let challenge = EdgeMessage::Challenge {
             protocol: PROTOCOL_VERSION,
             nonce,
             edge_version: self.cfg.edge_version.clone(),
             server_time: now.wall,
         };
-        let effects = vec![
-            Effect::SaveSession(Box::new(session.clone())),
-            Effect::Send { session: id.clone(), text: challenge.to_text() },
-        ];
+        effects.push(Effect::SaveSession(Box::new(session.clone())));
+        effects.push(Effect::Send { session: id.clone(), text: challenge.to_text() });
         self.insert_session(session);
         (id, effects)
+    }
+
+    /// Connections that have not proven themselves yet.
+    pub fn unproven_connections(&self) -> usize {
+        self.sessions.values().filter(|s| s.agent().is_none()).count()
+    }
+
+    /// The unproven connection to close so one more from `source` fits: the oldest of that
+    /// source once it has its fill, else — when all unproven connections together have
+    /// theirs — the oldest of the source with the most of them. Whoever floods the edge
+    /// with silent connections thus closes its own, while an agent's connection, which
+    /// proves itself within one round trip, is never the oldest for long.
+    fn pending_victim(&self, source: &str) -> Option<String> {
+        let pending: Vec<&Session> = self.sessions.values().filter(|s| s.agent().is_none()).collect();
+        let mut per_source: BTreeMap<&str, usize> = BTreeMap::new();
+        for s in &pending {
+            *per_source.entry(s.source.as_str()).or_default() += 1;
+        }
+        let oldest_of = |sources: &[&str]| {
+            pending
+                .iter()
+                .filter(|s| sources.contains(&s.source.as_str()))
+                .min_by_key(|s| (s.connected_at, s.id.as_str()))
+                .map(|s| s.id.clone())
+        };
+        if per_source.get(source).copied().unwrap_or(0) >= MAX_PENDING_PER_SOURCE {
+            return oldest_of(&[source]);
+        }
+        if pending.len() < MAX_PENDING_HANDSHAKES {
+            return None;
+        }
+        let most = per_source.values().copied().max().unwrap_or(0);
+        let crowded: Vec<&str> = per_source.iter().filter(|(_, n)| **n == most).map(|(s, _)| *s).collect();
+        oldest_of(&crowded)
     }
 
     /// The connection closed (or errored). Its jobs wait for the agent to come back.
@@ -136,6 +181,14 @@ impl Edge {
             return Self::unknown_connection(session_id);
         };
         session.last_seen = now.at;
+        if text.len() > session.frame_limit() {
+            // Before the hello is verified only a hello's worth: anyone can open connections.
+            let (limit, source) = (session.frame_limit(), session.source.clone());
+            warn!(session = session_id, source = %source, bytes = text.len(), limit, "frame over this connection's limit");
+            let reason = format!("a frame of {} bytes is over this connection's limit of {limit} bytes (before the hello is verified, only a hello fits)", text.len());
+            self.close(now, session_id, Refused::new(close::PROTOCOL_ERROR, reason), &mut effects);
+            return effects;
+        }
         let msg = match protocol::decode::<AgentMessage>(text) {
             Ok(m) => m,
             Err(e) => {
@@ -154,7 +207,9 @@ impl Edge {
                     Ok(hello) => self.welcome(now, session_id, hello, &mut effects),
                     Err(refused) => {
                         self.stats_mut().refused_agents += 1;
-                        warn!(agent_id = %agent_id, session = session_id, reason = %refused.reason, "agent refused");
+                        // The id is the peer's own words until verified: logged only if it is one.
+                        let shown = if shared::ids::valid_agent_id(&agent_id) { agent_id.as_str() } else { "-" };
+                        warn!(agent_id = shown, session = session_id, reason = %refused.reason, "agent refused");
                         self.close(now, session_id, refused, &mut effects);
                     }
                 }
@@ -197,6 +252,7 @@ impl Edge {
         let welcome = Welcome {
             protocol: PROTOCOL_VERSION,
             agent_id: agent_id.clone(),
+            pool: self.cfg.pool.clone(),
             agent_nonce: hello.agent_nonce.clone(),
             session_id: session_id.to_string(),
             heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
@@ -350,7 +406,7 @@ impl Edge {
             }
             AgentMessage::Rejected { job_id, reason, retry } => {
                 self.stats_mut().rejected_orders += 1;
-                warn!(job_id = job_id.as_deref().unwrap_or("?"), agent_id = %agent_id, reason = %reason, retry, "agent refused an order");
+                warn!(job_id = job_id.as_deref().map_or("-", shown_job_id), agent_id = %agent_id, reason = ?reason, retry, "agent refused an order");
                 let Some(id) = job_id else { return };
                 if !self.own_active_job(&id, &agent_id).is_some_and(|j| j.state == JobState::Dispatched) {
                     return;
@@ -369,29 +425,40 @@ impl Edge {
                     self.finish(now, &id, result, effects);
                 }
             }
-            AgentMessage::Event { job_id, seq, event } => {
-                if self.own_active_job(&job_id, &agent_id).is_some() {
-                    self.announce_progress(&job_id, seq, &event, effects);
+            AgentMessage::Event { envelope } => {
+                let Some(report) = self.open_report::<ProgressReport>(session_id, &agent_id, &envelope, Domain::Progress) else { return };
+                let job_id = report.job_id;
+                if self.own_active_job(&job_id, &agent_id).is_some_and(|j| j.issued(&report.order_nonce)) {
+                    self.announce_progress(&job_id, report.seq, &report.event, effects);
                 }
             }
-            AgentMessage::Result { job_id, result } => {
+            AgentMessage::Result { envelope } => {
+                // Nothing is done with, nor acknowledged for, a result the agent did not sign.
+                let Some(report) = self.open_report::<ResultReport>(session_id, &agent_id, &envelope, Domain::Result) else { return };
+                let (job_id, result) = (report.job_id, report.result);
+                let shown = shown_job_id(&job_id);
                 match self.jobs.get(&job_id) {
                     Some(job) if job.agent_id.as_deref() != Some(agent_id.as_str()) && !job.state.is_terminal() => {
-                        warn!(job_id = %job_id, agent_id = %agent_id, "result for a job of another agent ignored");
+                        warn!(job_id = shown, agent_id = %agent_id, "result for a job of another agent ignored");
+                    }
+                    Some(job) if !job.issued(&report.order_nonce) => {
+                        warn!(job_id = shown, agent_id = %agent_id, "result for an order this edge never sent ignored");
                     }
                     Some(job) if job.state.is_terminal() => {
-                        debug!(job_id = %job_id, agent_id = %agent_id, "duplicate result acknowledged");
+                        debug!(job_id = shown, agent_id = %agent_id, "duplicate result acknowledged");
                     }
                     Some(_) => self.finish(now, &job_id, result, effects),
-                    None => warn!(job_id = %job_id, agent_id = %agent_id, "result for an unknown job acknowledged"),
+                    None => warn!(job_id = shown, agent_id = %agent_id, "result for an unknown job acknowledged"),
                 }
                 // Acknowledged in every case so the agent stops re-sending it — but only
                 // once the result is stored: the ack goes out after this event's writes.
                 let ack = EdgeMessage::ResultAck { job_id };
                 effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
             }
-            AgentMessage::LoginProgress { login_id, state, url, error, oauth } => {
-                self.login_progress(now, session_id, &login_id, state, url, error, oauth, effects);
+            AgentMessage::LoginProgress { envelope } => {
+                // It can log the agent in again (and let held work go): signed, like results.
+                let Some(report) = self.open_report::<LoginReport>(session_id, &agent_id, &envelope, Domain::LoginReport) else { return };
+                self.login_progress(now, session_id, report, effects);
             }
             AgentMessage::Unknown => {
                 debug!(agent_id = %agent_id, "message kind not handled by this edge ignored");
@@ -399,6 +466,31 @@ impl Edge {
             AgentMessage::Hello { .. } => {
                 let refused = Refused::new(close::PROTOCOL_ERROR, "hello sent twice");
                 self.close(now, session_id, refused, effects);
+            }
+        }
+    }
+
+    /// A report (progress, a result, a login report) as its agent signed it, or `None` — counted and
+    /// logged — when the signature is not that agent's: made up, or altered on the way.
+    /// The connection stays: whoever forged it is on the path, not the agent, and the
+    /// agent's own reports still count.
+    fn open_report<T: serde::de::DeserializeOwned>(&mut self, session_id: &str, agent_id: &str, envelope: &Envelope, domain: Domain) -> Option<T> {
+        let Some(key) = self.cfg.agents.get(agent_id) else {
+            warn!(agent_id = %agent_id, session = session_id, "a report from an agent no longer in AGENT_PUBLIC_KEYS ignored");
+            return None;
+        };
+        match envelope.open::<T>(domain, key) {
+            Ok(report) => Some(report),
+            // The agent's own signature over something it should not have sent: its bug,
+            // not a forgery.
+            Err(EnvelopeError::MalformedPayload(why)) => {
+                warn!(agent_id = %agent_id, session = session_id, kind = ?domain, error = %why, "a report the agent signed does not read; ignored");
+                None
+            }
+            Err(e) => {
+                self.stats_mut().refused_reports += 1;
+                warn!(agent_id = %agent_id, session = session_id, kind = ?domain, error = %e, "a report not signed by the agent refused (forged or altered on the way)");
+                None
             }
         }
     }

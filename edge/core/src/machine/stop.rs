@@ -5,7 +5,8 @@
 //!   restart), and its caller is told to run the task elsewhere (`fallback: true`);
 //! - a caller whose job goes on (dispatched, running, or a `POST /jobs` job it waited on)
 //!   is told where to follow it — `EDGE_RESTARTING` with the job id, no `fallback`;
-//! - event streams end with where to pick them up; agents are told to reconnect shortly.
+//! - event streams end with where to pick them up; agents are told to reconnect shortly;
+//! - a job waiting for its agent waits again from the restart.
 //!
 //! From then on the machine takes no new work and no new agents.
 
@@ -37,6 +38,17 @@ impl Edge {
             );
         }
         self.let_go(now, &mut effects);
+        // No agent can come back to an edge that is away, so the edge's own downtime must
+        // not count against one: every job waiting for its agent (whose connection this
+        // stop just closed, or which was away already) waits again from the restart (the
+        // restore starts the wait of jobs without one). Otherwise a stop longer than
+        // LOST_AFTER_MS loses every running job at the restart, before any agent is back.
+        let waiting: Vec<String> = self.active.iter().filter(|id| self.jobs[*id].orphaned_at.is_some()).cloned().collect();
+        for id in waiting {
+            let job = self.job_mut(&id).expect("active jobs exist");
+            job.orphaned_at = None;
+            effects.push(Effect::Save(Box::new(job.clone())));
+        }
         effects
     }
 

@@ -220,6 +220,8 @@ impl Edge {
                 effects.push(Effect::Answer { caller, response: Response::error(err) });
             }
             Origin::Session(session) => {
+                // The agent proved itself on this connection (in this event or before).
+                let agent_id = self.sessions.get(&session).and_then(Session::agent_id).map(str::to_string);
                 self.undo(now);
                 if self.sessions.contains_key(&session) {
                     let refused = Refused::new(
@@ -227,6 +229,9 @@ impl Edge {
                         "the edge could not store what this connection sent; reconnect and send it again",
                     );
                     self.close(now, &session, refused, &mut effects);
+                }
+                if let Some(agent_id) = agent_id {
+                    self.agent_was_here(now, &agent_id);
                 }
             }
             Origin::Tick => {
@@ -244,6 +249,29 @@ impl Edge {
         effects.retain(|e| !e.is_write());
         self.begin(Origin::Quiet);
         effects
+    }
+
+    /// The edge closed an agent's connection only because it could not store what the
+    /// agent said: the agent did not vanish, and comes back at once. Its jobs' wait for it
+    /// (`LOST_AFTER_MS`) starts again from now; otherwise, when the store fails for longer
+    /// than that while the agent keeps coming back, the first tick that can store again
+    /// would declare lost a job the agent runs or holds the result of. Kept in memory only
+    /// (the store is failing); a restore marks such jobs again.
+    fn agent_was_here(&mut self, now: Now, agent_id: &str) {
+        let waiting: Vec<String> = self
+            .active
+            .iter()
+            .filter(|id| {
+                let job = &self.jobs[*id];
+                job.agent_id.as_deref() == Some(agent_id) && job.orphaned_at.is_some()
+            })
+            .cloned()
+            .collect();
+        for id in waiting {
+            if let Some(job) = self.jobs.get_mut(&id) {
+                job.orphaned_at = Some(now.at);
+            }
+        }
     }
 
     /// Puts back every job, session, caller list and backlog the current event changed.

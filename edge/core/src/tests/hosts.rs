@@ -66,7 +66,7 @@ fn every_caller_of_a_job_gets_its_answer_once() {
     assert!(edge.wait_expired(2, second.caller).is_empty(), "answered once");
     // Another hung up.
     edge.caller_gone(third.caller);
-    let effects = say(&mut edge, 3, &sid, AgentMessage::Result { job_id, result: ok_result() });
+    let effects = report(&mut edge, 3, &sid, &job_id, ok_result());
     assert_eq!(answer_to(&effects, first.caller).unwrap().0, 200);
     let answers = effects.iter().filter(|e| matches!(e, Effect::Answer { .. })).count();
     assert_eq!(answers, 1, "only the caller still waiting: {effects:?}");
@@ -75,7 +75,7 @@ fn every_caller_of_a_job_gets_its_answer_once() {
 
 /// Connects `agent` at `now`, its hello stamped with the wall clock (as agents do).
 fn join_at(edge: &mut Edge, now: Now, agent: &str, seed: u8, running: Vec<String>) -> String {
-    let (sid, effects) = edge.connect(now, [seed; 32]);
+    let (sid, effects) = edge.connect(now, [seed; 32], PEER);
     let EdgeMessage::Challenge { nonce, server_time, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     assert_eq!(*server_time, now.wall, "the agent is shown the wall clock");
     let hello = Hello {
@@ -139,7 +139,7 @@ fn a_wall_clock_jump_neither_times_out_running_jobs_nor_breaks_orders() {
         _ => None,
     });
     let opened: shared::protocol::CancelOrder =
-        open_order(&cancel.unwrap(), Domain::Cancel, &edge_key().verifying_key(), "spark", WALL + 60_002 + JUMP).unwrap();
+        open_order(&cancel.unwrap(), Domain::Cancel, &edge_key().verifying_key(), SPARK, WALL + 60_002 + JUMP).unwrap();
     assert_eq!(opened.header.issued_at, WALL + 60_002 + JUMP);
 
     // And once its edge time is up, it times out, though the wall clock now went back.

@@ -6,9 +6,11 @@
 //! - [`hosts`]: the cases where the two hosts used to decide differently, and time;
 //! - [`recovery`]: credits, cancels and heartbeats across reconnects;
 //! - [`model`]: a property test of the machine against model agents;
+//! - [`hostile`]: callers and peers without the secret or a key, and a forging path;
 //! - [`login`]: work held or refused for the login and the usage window; the re-login relay;
 //! - [`notices`]: alerts and result callbacks through the machine.
 
+mod hostile;
 mod hosts;
 mod login;
 mod model;
@@ -24,7 +26,7 @@ use crate::{CallerId, Config, Edge, Effect};
 use ed25519_dalek::SigningKey;
 use serde_json::{json, Value};
 use shared::contract::{ExecuteRequest, Limits, Submission};
-use shared::envelope::{open_order, Domain, Envelope};
+use shared::envelope::{open_order, Audience, Domain, Envelope};
 use shared::job::{JobResult, JobState};
 use shared::keys::Keyring;
 use shared::oauth::{OAuthReport, OAuthSource};
@@ -33,6 +35,10 @@ use shared::protocol::{close, AgentMessage, EdgeMessage, Hello, JobOrder, Slots,
 pub(super) const SECRET: &str = "0123456789abcdef0123";
 pub(super) const HB: u64 = 1_000;
 pub(super) const LOST: u64 = 5_000;
+/// The address the scripted agent connects from.
+pub(super) const PEER: &str = "192.0.2.1";
+/// Orders for `spark` in the default pool.
+pub(super) const SPARK: Audience<'static> = Audience { agent_id: "spark", pool: "default" };
 
 pub(super) fn edge_key() -> SigningKey {
     SigningKey::from_bytes(&[9; 32])
@@ -43,6 +49,7 @@ pub(super) fn agent_key(n: u8) -> SigningKey {
 
 pub(super) fn config() -> Config {
     Config {
+        pool: "default".into(),
         runner_secret: SECRET.into(),
         signing_key: edge_key(),
         agents: Keyring::from_keys([
@@ -110,7 +117,7 @@ pub(super) fn streamed(effects: &[Effect], caller: CallerId) -> (Vec<String>, bo
     let chunks = effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Stream { caller: c, chunk } if *c == caller => Some(chunk.clone()),
+            Effect::Stream { caller: c, chunk } if *c == caller => Some(chunk.to_string()),
             _ => None,
         })
         .collect();
@@ -130,7 +137,7 @@ pub(super) fn join(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, run
 }
 
 pub(super) fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: Vec<String>, seed: u8, capacity: u32) -> (String, Vec<Effect>) {
-    let (sid, effects) = edge.connect(now, [seed; 32]);
+    let (sid, effects) = edge.connect(now, [seed; 32], PEER);
     let EdgeMessage::Challenge { nonce, protocol, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     assert_eq!(*protocol, PROTOCOL_VERSION);
     let hello = Hello {
@@ -149,6 +156,24 @@ pub(super) fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.into(), envelope: Envelope::seal(Domain::Hello, &hello, key) };
     let effects = edge.message(now, &sid, &msg.to_text());
     (sid, effects)
+}
+
+/// A hello from `agent` answering `nonce`, signed with `key`.
+pub(super) fn hello_frame(agent: &str, nonce: &str, now: u64, key: &SigningKey) -> String {
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_id: agent.into(),
+        agent_version: "t".into(),
+        claude_version: None,
+        challenge: nonce.into(),
+        agent_nonce: "n".into(),
+        issued_at: now,
+        capacity: 1,
+        running: vec![],
+        finished: vec![],
+        oauth: oauth(),
+    };
+    AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.into(), envelope: Envelope::seal(Domain::Hello, &hello, key) }.to_text()
 }
 
 /// An edge with agent `spark` connected and one credit granted.
@@ -185,7 +210,7 @@ pub(super) fn order_of(effects: &[Effect], sid: &str, agent: &str, now: u64) -> 
         EdgeMessage::Job { envelope } => Some(envelope),
         _ => None,
     });
-    open_order(&job.expect("a job was sent"), Domain::Job, &edge_key().verifying_key(), agent, now).unwrap()
+    open_order(&job.expect("a job was sent"), Domain::Job, &edge_key().verifying_key(), Audience { agent_id: agent, pool: "default" }, now).unwrap()
 }
 
 pub(super) fn say(edge: &mut Edge, now: u64, sid: &str, msg: AgentMessage) -> Vec<Effect> {
@@ -206,6 +231,30 @@ pub(super) fn call(edge: &mut Edge, now: impl Into<crate::Now>, method: &str, pa
     static SEED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
     let seed = SEED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     http::handle(edge, now, [seed; 16], req)
+}
+
+/// `spark`'s signed result for the job's latest order.
+pub(super) fn result_msg(edge: &Edge, job_id: &str, result: JobResult) -> AgentMessage {
+    let nonce = edge.job(job_id).map_or(format!("{job_id}:1"), |j| j.order_nonce());
+    AgentMessage::result(job_id, &nonce, result, &agent_key(1))
+}
+
+/// `spark`'s signed progress event for the job's latest order.
+pub(super) fn progress_msg(edge: &Edge, job_id: &str, seq: u64, event: Value) -> AgentMessage {
+    let nonce = edge.job(job_id).map_or(format!("{job_id}:1"), |j| j.order_nonce());
+    AgentMessage::progress(job_id, &nonce, seq, event, &agent_key(1))
+}
+
+/// `spark` reports the job's result, signed and bound to the job's latest order.
+pub(super) fn report(edge: &mut Edge, now: u64, sid: &str, job_id: &str, result: JobResult) -> Vec<Effect> {
+    let msg = result_msg(edge, job_id, result);
+    say(edge, now, sid, msg)
+}
+
+/// `spark` reports a progress event of the job, signed and bound to its latest order.
+pub(super) fn progress(edge: &mut Edge, now: u64, sid: &str, job_id: &str, seq: u64, event: Value) -> Vec<Effect> {
+    let msg = progress_msg(edge, job_id, seq, event);
+    say(edge, now, sid, msg)
 }
 
 pub(super) fn ok_result() -> JobResult {
@@ -247,7 +296,7 @@ fn a_job_flows_to_a_proven_agent_and_back() {
 
     say(&mut edge, 40, &sid, AgentMessage::Accepted { job_id: "j1".into() });
     assert_eq!(edge.job("j1").unwrap().state, JobState::Running);
-    let effects = say(&mut edge, 50, &sid, AgentMessage::Result { job_id: "j1".into(), result: ok_result() });
+    let effects = report(&mut edge, 50, &sid, "j1", ok_result());
     let done = finished(&effects);
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].1, 200);
@@ -256,7 +305,7 @@ fn a_job_flows_to_a_proven_agent_and_back() {
     assert_eq!(done[0].2["job_id"], "j1");
     assert!(matches!(sent(&effects, &sid)[..], [EdgeMessage::ResultAck { .. }]));
     // A resent result is acknowledged and changes nothing.
-    let effects = say(&mut edge, 60, &sid, AgentMessage::Result { job_id: "j1".into(), result: JobResult::default() });
+    let effects = report(&mut edge, 60, &sid, "j1", JobResult::default());
     assert!(finished(&effects).is_empty());
     assert_eq!(edge.job("j1").unwrap().state, JobState::Succeeded);
 }
@@ -273,7 +322,7 @@ fn never_sends_more_jobs_than_credits() {
     // A statement made before the order arrived (it crossed the order) sends nothing more.
     let effects = say(&mut edge, 2, &sid, credit(1, 0));
     assert!(sent(&effects, &sid).is_empty(), "over capacity: {effects:?}");
-    say(&mut edge, 2, &sid, AgentMessage::Result { job_id: "j0".into(), result: ok_result() });
+    report(&mut edge, 2, &sid, "j0", ok_result());
     let effects = say(&mut edge, 2, &sid, credit(1, 1));
     assert_eq!(order_of(&effects, &sid, "spark", 2).header.job_id, "j1", "queue order is kept");
     // The queue is full at three waiting jobs.
@@ -301,17 +350,6 @@ fn a_job_refused_for_want_of_a_slot_goes_back_to_the_queue() {
 }
 
 #[test]
-fn unproven_connections_are_limited() {
-    let mut edge = Edge::new(config(), 0);
-    for i in 0..crate::machine::MAX_PENDING_HANDSHAKES {
-        let (_, effects) = edge.connect(0, [i as u8; 32]);
-        assert!(closed(&effects).is_none());
-    }
-    let (_, effects) = edge.connect(0, [255; 32]);
-    assert!(closed(&effects).is_some());
-}
-
-#[test]
 fn a_clock_that_steps_back_does_not_panic() {
     let mut edge = Edge::new(config(), 0);
     edge.submit(10_000, "j1".into(), submission("x", 1_000, None), Mode::Wait).ok();
@@ -335,7 +373,7 @@ fn refuses_unknown_forged_and_replayed_hellos() {
     assert!(!edge.is_online());
 
     // A hello captured from one connection, replayed on another.
-    let (sid1, effects) = edge.connect(0, [3; 32]);
+    let (sid1, effects) = edge.connect(0, [3; 32], PEER);
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid1)[0] else { panic!() };
     let hello = Hello {
         protocol: PROTOCOL_VERSION, agent_id: "spark".into(), agent_version: "t".into(), challenge: nonce.clone(),
@@ -344,7 +382,7 @@ fn refuses_unknown_forged_and_replayed_hellos() {
     };
     let text = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(1)) }.to_text();
     assert!(closed(&edge.message(0, &sid1, &text)).is_none());
-    let (sid2, _) = edge.connect(0, [4; 32]);
+    let (sid2, _) = edge.connect(0, [4; 32], PEER);
     let (code, reason) = closed(&edge.message(0, &sid2, &text)).unwrap();
     assert_eq!(code, close::UNAUTHORIZED);
     assert!(reason.contains("replay"), "{reason}");
@@ -353,7 +391,7 @@ fn refuses_unknown_forged_and_replayed_hellos() {
 #[test]
 fn refuses_another_protocol_version_by_name() {
     let mut edge = Edge::new(config(), 0);
-    let (sid, _) = edge.connect(0, [1; 32]);
+    let (sid, _) = edge.connect(0, [1; 32], PEER);
     let env = Envelope { payload: "{}".into(), sig: String::new() };
     let text = AgentMessage::Hello { protocol: 99, agent_id: "spark".into(), envelope: env }.to_text();
     let (code, reason) = closed(&edge.message(0, &sid, &text)).unwrap();
@@ -405,7 +443,7 @@ fn a_job_survives_a_reconnect_and_its_result_arrives() {
         say(&mut edge, t, &sid2, beat(&["j1"], 0, 0));
     }
     assert!(finished(&edge.tick(100 + LOST)).is_empty(), "not lost: the agent came back");
-    let done = finished(&say(&mut edge, 5_500, &sid2, AgentMessage::Result { job_id: "j1".into(), result: ok_result() }));
+    let done = finished(&report(&mut edge, 5_500, &sid2, "j1", ok_result()));
     assert_eq!(done[0].1, 200);
 }
 
@@ -446,7 +484,7 @@ fn a_silent_agent_is_dropped_within_two_heartbeats() {
 #[test]
 fn an_unfinished_handshake_is_dropped() {
     let mut edge = Edge::new(config(), 0);
-    let (_sid, _) = edge.connect(0, [1; 32]);
+    let (_sid, _) = edge.connect(0, [1; 32], PEER);
     assert_eq!(edge.next_deadline(), Some(10_000));
     assert!(closed(&edge.tick(10_000)).is_some());
 }
@@ -506,7 +544,7 @@ fn cancel_ends_a_queued_job_and_asks_the_agent_for_a_running_one() {
         _ => None,
     });
     let order: shared::protocol::CancelOrder =
-        open_order(&cancel.unwrap(), Domain::Cancel, &edge_key().verifying_key(), "spark", 5).unwrap();
+        open_order(&cancel.unwrap(), Domain::Cancel, &edge_key().verifying_key(), SPARK, 5).unwrap();
     assert_eq!(order.header.job_id, "r");
 }
 
@@ -522,7 +560,7 @@ fn restore_keeps_jobs_and_starts_the_lost_clock() {
         }
     };
     keep(edge.submit(0, "done".into(), submission("x", 60_000, Some("k")), Mode::Wait).unwrap().effects);
-    keep(say(&mut edge, 1, &sid, AgentMessage::Result { job_id: "done".into(), result: ok_result() }));
+    keep(report(&mut edge, 1, &sid, "done", ok_result()));
     say(&mut edge, 1, &sid, credit(1, 1));
     keep(edge.submit(2, "run".into(), submission("x", 60_000, None), Mode::Wait).unwrap().effects);
     keep(edge.submit(2, "queued".into(), submission("x", 60_000, None), Mode::Detached).unwrap().effects);
@@ -617,27 +655,27 @@ fn followers_get_the_progress_so_far_then_the_result() {
     edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
     let early = edge.begin_request();
     let mut effects = Vec::new();
-    assert!(edge.follow(early, "j1", &mut effects));
+    assert!(edge.follow(early, "j1", &mut effects).is_ok());
     assert_eq!(streamed(&effects, early), (vec![], false));
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
-    let effects = say(&mut edge, 2, &sid, AgentMessage::Event { job_id: "j1".into(), seq: 1, event: json!({"type": "system"}) });
+    let effects = progress(&mut edge, 2, &sid, "j1", 1, json!({"type": "system"}));
     let (chunks, _) = streamed(&effects, early);
     assert_eq!(chunks, vec!["id: 1\nevent: progress\ndata: {\"type\":\"system\"}\n\n".to_string()]);
     // Events for a job that is not this agent's are dropped.
-    let effects = say(&mut edge, 2, &sid, AgentMessage::Event { job_id: "other".into(), seq: 1, event: json!({}) });
+    let effects = progress(&mut edge, 2, &sid, "other", 1, json!({}));
     assert!(effects.iter().all(|e| !matches!(e, Effect::Stream { .. })));
     for seq in 2..=(crate::progress::MAX_BACKLOG_EVENTS as u64 + 5) {
-        say(&mut edge, 3, &sid, AgentMessage::Event { job_id: "j1".into(), seq, event: json!({"type": "assistant"}) });
+        progress(&mut edge, 3, &sid, "j1", seq, json!({"type": "assistant"}));
     }
     let late = edge.begin_request();
     let mut effects = Vec::new();
-    edge.follow(late, "j1", &mut effects);
+    edge.follow(late, "j1", &mut effects).unwrap();
     let (backlog, ended) = streamed(&effects, late);
     assert!(!ended);
     assert!(backlog[0].contains("5 earlier progress events"), "{}", backlog[0]);
     assert_eq!(backlog.len(), crate::progress::MAX_BACKLOG_EVENTS + 1);
     // The result goes to both followers, and ends their streams.
-    let effects = say(&mut edge, 4, &sid, AgentMessage::Result { job_id: "j1".into(), result: ok_result() });
+    let effects = report(&mut edge, 4, &sid, "j1", ok_result());
     for caller in [early, late] {
         let (chunks, ended) = streamed(&effects, caller);
         assert!(ended);
@@ -646,7 +684,7 @@ fn followers_get_the_progress_so_far_then_the_result() {
     // A follower of a job that is over gets the result at once, read from storage.
     let after = edge.begin_request();
     let mut effects = Vec::new();
-    edge.follow(after, "j1", &mut effects);
+    edge.follow(after, "j1", &mut effects).unwrap();
     assert!(matches!(&effects[..], [Effect::Deliver { form: crate::record::Form::Stream, .. }]), "{effects:?}");
-    assert!(!edge.follow(after, "nope", &mut Vec::new()));
+    assert_eq!(edge.follow(after, "nope", &mut Vec::new()).unwrap_err().status, 404);
 }

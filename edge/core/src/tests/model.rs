@@ -69,6 +69,8 @@ struct ModelAgent {
     running: BTreeSet<String>,
     /// Results kept until acknowledged (the spool).
     finished: BTreeMap<String, JobResult>,
+    /// The nonce of the first order of each job it took: its results are signed bound to it.
+    nonces: HashMap<String, String>,
     received: u64,
 }
 
@@ -77,10 +79,17 @@ impl ModelAgent {
         Slots { free: self.capacity - self.running.len() as u32, received: self.received }
     }
 
+    /// The job's result, signed as the agent does.
+    fn report(&self, job_id: &str, result: JobResult) -> AgentMessage {
+        let nonce = self.nonces.get(job_id).map_or("", String::as_str);
+        AgentMessage::result(job_id, nonce, result, &agent_key(self.key))
+    }
+
     fn end(&mut self, job_id: &str, result: JobResult) {
         self.running.remove(job_id);
         self.finished.insert(job_id.to_string(), result.clone());
-        self.up.push_back(AgentMessage::Result { job_id: job_id.to_string(), result });
+        let report = self.report(job_id, result);
+        self.up.push_back(report);
         self.up.push_back(AgentMessage::Credit { slots: self.slots() });
     }
 
@@ -117,6 +126,7 @@ impl World {
             up: VecDeque::new(),
             running: BTreeSet::new(),
             finished: BTreeMap::new(),
+            nonces: HashMap::new(),
             received: 0,
         };
         World {
@@ -203,10 +213,12 @@ impl World {
                 let order: JobOrder = serde_json::from_str(&envelope.payload).unwrap();
                 let id = order.header.job_id;
                 agent.received += 1;
+                agent.nonces.entry(id.clone()).or_insert(order.header.nonce);
                 if agent.running.contains(&id) {
                     agent.up.push_back(AgentMessage::Accepted { job_id: id });
                 } else if let Some(result) = agent.finished.get(&id) {
-                    agent.up.push_back(AgentMessage::Result { job_id: id, result: result.clone() });
+                    let report = agent.report(&id, result.clone());
+                    agent.up.push_back(report);
                 } else {
                     assert!(agent.running.len() < agent.capacity as usize, "{} was sent {id} with no free slot", agent.id);
                     let starts = self.starts.entry(id.clone()).or_default();
@@ -242,7 +254,7 @@ impl World {
             return;
         }
         self.seed = self.seed.wrapping_add(1);
-        let (sid, effects) = self.edge.connect(self.now, [self.seed; 32]);
+        let (sid, effects) = self.edge.connect(self.now, [self.seed; 32], PEER);
         let agent = &mut self.agents[a];
         agent.session = Some(sid.clone());
         agent.received = 0;
@@ -280,7 +292,8 @@ impl World {
             agent.up.push_back(AgentMessage::Credit { slots: agent.slots() });
             let kept: Vec<(String, JobResult)> = agent.finished.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             for (job_id, result) in kept {
-                agent.up.push_back(AgentMessage::Result { job_id, result });
+                let report = agent.report(&job_id, result);
+                agent.up.push_back(report);
             }
         }
     }

@@ -103,7 +103,8 @@ fn a_callback_is_retried_with_backoff_until_taken_and_survives_a_restart() {
     let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
     edge.submit(0, "j".into(), submission, Mode::Detached).unwrap();
     let mut stored_jobs = std::collections::HashMap::new();
-    let effects = say(&mut edge, 10, &sid, AgentMessage::Result { job_id: "j".into(), result: ok_result() });
+    let report = result_msg(&edge, "j", ok_result());
+    let effects = say(&mut edge, 10, &sid, report);
     for e in &effects {
         if let Effect::Save(j) = e {
             stored_jobs.insert(j.id.clone(), (**j).clone());
@@ -147,7 +148,8 @@ fn a_callback_refused_for_good_is_given_up() {
     let body = json!({"prompt": "x", "callback_url": "https://hooks.example.com/r"}).to_string();
     let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
     edge.submit(0, "j".into(), submission, Mode::Detached).unwrap();
-    let d = posts(&say(&mut edge, 10, &sid, AgentMessage::Result { job_id: "j".into(), result: ok_result() }))[0].clone();
+    let report = result_msg(&edge, "j", ok_result());
+    let d = posts(&say(&mut edge, 10, &sid, report))[0].clone();
     let stored = saved_alerts(&edge.posted(20, &d.id, Ok(404))).unwrap();
     assert!(stored.callbacks.is_empty(), "a 404 will not change: given up");
     // A record gone from storage is given up too.

@@ -8,7 +8,7 @@ use crate::Config;
 /// Connects `agent` with a hello that names the jobs it runs and those whose results it
 /// still holds.
 fn rejoin(edge: &mut Edge, now: u64, running: &[&str], finished: &[&str], seed: u8) -> (String, Vec<Effect>) {
-    let (sid, effects) = edge.connect(now, [seed; 32]);
+    let (sid, effects) = edge.connect(now, [seed; 32], PEER);
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
@@ -35,7 +35,7 @@ fn cancels(effects: &[Effect], sid: &str) -> Vec<String> {
         .filter_map(|m| match m {
             EdgeMessage::Cancel { envelope } => {
                 let order: shared::protocol::CancelOrder =
-                    open_order(&envelope, Domain::Cancel, &edge_key().verifying_key(), "spark", 0).ok()?;
+                    open_order(&envelope, Domain::Cancel, &edge_key().verifying_key(), SPARK, 0).ok()?;
                 Some(order.header.job_id)
             }
             _ => None,
@@ -48,7 +48,7 @@ fn orders(effects: &[Effect], sid: &str) -> Vec<String> {
         .into_iter()
         .filter_map(|m| match m {
             EdgeMessage::Job { envelope } => {
-                let order: JobOrder = open_order(&envelope, Domain::Job, &edge_key().verifying_key(), "spark", 0).ok()?;
+                let order: JobOrder = open_order(&envelope, Domain::Job, &edge_key().verifying_key(), SPARK, 0).ok()?;
                 Some(order.header.job_id)
             }
             _ => None,
@@ -71,7 +71,7 @@ fn a_job_that_ended_while_the_agent_was_away_does_not_leave_it_idle() {
     assert!(finished(&effects).is_empty(), "j1's result is on its way: {effects:?}");
     let effects = say(&mut edge, 5, &sid2, credit(1, 0));
     assert_eq!(orders(&effects, &sid2), vec!["j2".to_string()], "the free slot is used");
-    let effects = say(&mut edge, 6, &sid2, AgentMessage::Result { job_id: "j1".into(), result: ok_result() });
+    let effects = report(&mut edge, 6, &sid2, "j1", ok_result());
     assert_eq!(finished(&effects)[0].0, "j1");
     assert!(orders(&effects, &sid2).is_empty(), "and never more than it has");
 }
@@ -92,7 +92,7 @@ fn a_statement_never_over_fills_an_agent_whatever_crossed_it() {
     // An agent claiming more orders than were sent gains nothing by it.
     assert!(orders(&say(&mut edge, 4, &sid, AgentMessage::Credit { slots: Slots { free: 0, received: 99 } }), &sid).is_empty());
     // One ended: the agent says so, and one more goes.
-    say(&mut edge, 5, &sid, AgentMessage::Result { job_id: "j0".into(), result: ok_result() });
+    report(&mut edge, 5, &sid, "j0", ok_result());
     let effects = say(&mut edge, 5, &sid, AgentMessage::Credit { slots: Slots { free: 1, received: 2 } });
     assert_eq!(orders(&effects, &sid), vec!["j2".to_string()]);
 }
@@ -110,7 +110,7 @@ fn a_cancel_sent_on_a_dead_connection_is_sent_again_at_the_reconnect() {
     let (sid2, effects) = rejoin(&mut edge, 4, &["j1"], &[], 2);
     assert_eq!(cancels(&effects, &sid2), vec!["j1".to_string()], "the cancel goes out again: {effects:?}");
     let stopped = JobResult::failure(shared::contract::ErrorCode::Cancelled, "cancelled: by the caller", 9);
-    let done = finished(&say(&mut edge, 5, &sid2, AgentMessage::Result { job_id: "j1".into(), result: stopped }));
+    let done = finished(&report(&mut edge, 5, &sid2, "j1", stopped));
     assert_eq!(done[0].2["error_code"], "CANCELLED");
 }
 
@@ -136,6 +136,40 @@ fn a_cancel_asked_while_the_agent_is_away_waits_for_it() {
     assert_eq!(done.len(), 1);
     assert_eq!(done[0].2["error_code"], "CANCELLED", "{:?}", done[0]);
     assert_eq!(edge.job("j1").unwrap().state, JobState::Cancelled);
+}
+
+/// A job its caller cancelled that its agent lost — the agent died running it and says so
+/// when it is back (its started marker), or comes back without it — ends cancelled, as when
+/// the agent never comes back: the caller wanted it stopped, and `lost` (with `fallback`)
+/// would tell an `/execute` waiter to run it elsewhere.
+#[test]
+fn a_cancelled_job_its_agent_lost_ends_cancelled_not_lost() {
+    let (mut edge, sid) = ready_edge();
+    let waiter = call(&mut edge, 0, "POST", "/execute", json!({"prompt": "a", "timeout_ms": 60000}));
+    let j1 = order_of(&waiter.effects, &sid, "spark", 0).header.job_id;
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: j1.clone() });
+    edge.disconnect(2, &sid);
+    edge.cancel(3, &j1).unwrap();
+    // The agent died running it: back, it holds the "lost" result its marker left.
+    let (sid2, _) = rejoin(&mut edge, 4, &[], &[&j1], 2);
+    let marker = JobResult::failure(shared::contract::ErrorCode::RunnerLost, "the agent stopped while this job ran", 0);
+    let report = result_msg(&edge, &j1, marker);
+    let effects = say(&mut edge, 5, &sid2, report);
+    let (status, answer) = answer_to(&effects, waiter.caller).expect("its waiter is answered");
+    assert_eq!((status, answer["error_code"].as_str()), (200, Some("CANCELLED")), "{answer}");
+    assert!(answer.get("fallback").is_none(), "{answer}");
+
+    // Another job: the agent comes back without it at all.
+    say(&mut edge, 6, &sid2, credit(1, 0));
+    edge.submit(7, "j2".into(), submission("b", 60_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 8, &sid2, AgentMessage::Accepted { job_id: "j2".into() });
+    edge.disconnect(9, &sid2);
+    edge.cancel(10, "j2").unwrap();
+    let (_, effects) = rejoin(&mut edge, 11, &[], &[], 3);
+    let done = finished(&effects);
+    assert_eq!(done.len(), 1, "{effects:?}");
+    assert_eq!(done[0].2["error_code"], "CANCELLED", "{:?}", done[0]);
+    assert_eq!(edge.job("j2").unwrap().state, JobState::Cancelled);
 }
 
 #[test]
@@ -222,7 +256,7 @@ fn an_ended_job_keeps_only_its_header_and_is_read_from_storage_on_demand() {
     let first = call(&mut edge, 0, "POST", "/execute", body.clone());
     let job_id = order_of(&first.effects, &sid, "spark", 0).header.job_id;
     let big = JobResult { output: "o".repeat(100_000), ..ok_result() };
-    let effects = say(&mut edge, 1, &sid, AgentMessage::Result { job_id: job_id.clone(), result: big });
+    let effects = report(&mut edge, 1, &sid, &job_id, big);
     let whole = effects.iter().find_map(|e| match e {
         Effect::Save(job) if job.state.is_terminal() => Some((**job).clone()),
         _ => None,
@@ -276,7 +310,7 @@ fn ended_jobs_are_kept_within_a_count_and_a_size() {
             edge.submit(i * 10, format!("j{i}"), submission("x", 60_000, None), Mode::Detached).unwrap();
             say(&mut edge, i * 10, &sid, credit(1, i));
             let result = JobResult { output: "o".repeat(output), ..ok_result() };
-            for e in say(&mut edge, i * 10 + 1, &sid, AgentMessage::Result { job_id: format!("j{i}"), result }) {
+            for e in report(&mut edge, i * 10 + 1, &sid, &format!("j{i}"), result) {
                 if let Effect::Forget { job_id } = e {
                     forgotten.push(job_id);
                 }

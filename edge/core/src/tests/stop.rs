@@ -65,7 +65,7 @@ fn a_clean_stop_tells_each_caller_the_truth() {
     let (sid2, _) = join(&mut edge, 1_001, "spark", &agent_key(1), vec![running_id.clone()], 2);
     let effects = say(&mut edge, 1_002, &sid2, credit(0, 0));
     assert!(sent(&effects, &sid2).is_empty(), "the one slot is busy with the running job");
-    let effects = say(&mut edge, 1_003, &sid2, AgentMessage::Result { job_id: running_id.clone(), result: ok_result() });
+    let effects = report(&mut edge, 1_003, &sid2, &running_id, ok_result());
     assert_eq!(finished(&effects)[0].0, running_id);
     let effects = say(&mut edge, 1_004, &sid2, credit(1, 0));
     assert_eq!(order_of(&effects, &sid2, "spark", 1_004).header.job_id, detached_id);
@@ -108,4 +108,58 @@ fn a_stop_whose_writes_fail_tells_every_caller_to_follow_its_job() {
         assert_eq!((status, body["error_code"].as_str()), (503, Some("EDGE_RESTARTING")), "{body}");
     }
     assert_eq!(closed(&effects).unwrap().0, close::SHUTTING_DOWN);
+}
+
+/// The edge stays down longer than `LOST_AFTER_MS` after a clean stop (an upgrade, a
+/// reboot of its host). Its agent could not come back to an edge that was not there, so a
+/// job the agent runs is not lost at the restart: the wait for the agent starts when the
+/// edge is back. (It was lost by the first tick, before any agent could reconnect: the
+/// clean stop had stored when it closed the agent's connection, and the restore kept that
+/// time. A crash, which stores nothing, did not lose it.)
+#[test]
+fn a_job_running_across_a_long_edge_stop_waits_for_its_agent_again() {
+    let (mut edge, sid) = ready_edge();
+    let mut stored = HashMap::new();
+    keep(&mut stored, &call(&mut edge, 0, "POST", "/jobs", json!({"prompt": "long", "timeout_ms": 600000})).effects);
+    let job_id = stored.keys().next().unwrap().clone();
+    keep(&mut stored, &say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: job_id.clone() }));
+    keep(&mut stored, &edge.shutdown(10));
+    assert_eq!(stored[&job_id].orphaned_at, None, "the stop did not start the wait for the agent");
+
+    let back = 10 + 3 * LOST;
+    let (mut edge, effects) = Edge::restore(config(), stored.clone().into_values().collect(), vec![], None, back);
+    keep(&mut stored, &effects);
+    assert!(finished(&effects).is_empty());
+    let effects = edge.tick(back);
+    assert!(finished(&effects).is_empty(), "lost before its agent could come back: {effects:?}");
+    let (_, effects) = join(&mut edge, back + LOST - 1, "spark", &agent_key(1), vec![job_id.clone()], 2);
+    assert!(finished(&effects).is_empty());
+    assert_eq!(edge.job(&job_id).unwrap().state, JobState::Running, "its agent took it back");
+
+    // An agent that does not come back loses the job LOST_AFTER_MS after the restart.
+    let (mut edge, _) = Edge::restore(config(), stored.into_values().collect(), vec![], None, back);
+    assert!(finished(&edge.tick(back + LOST - 1)).is_empty());
+    let done = finished(&edge.tick(back + LOST));
+    assert_eq!((done.len(), done[0].2["error_code"].as_str()), (1, Some("RUNNER_LOST")));
+}
+
+/// The same when the agent was already away as the edge stopped: it could not come back
+/// while the edge was down either, so its wait starts again at the restart rather than
+/// running out during the edge's own downtime.
+#[test]
+fn a_job_whose_agent_was_away_when_the_edge_stopped_waits_for_it_again() {
+    let (mut edge, sid) = ready_edge();
+    let mut stored = HashMap::new();
+    keep(&mut stored, &call(&mut edge, 0, "POST", "/jobs", json!({"prompt": "long", "timeout_ms": 600000})).effects);
+    let job_id = stored.keys().next().unwrap().clone();
+    keep(&mut stored, &say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: job_id.clone() }));
+    keep(&mut stored, &edge.disconnect(100, &sid));
+    keep(&mut stored, &edge.shutdown(100 + LOST / 2));
+
+    let back = 100 + 3 * LOST;
+    let (mut edge, effects) = Edge::restore(config(), stored.into_values().collect(), vec![], None, back);
+    assert!(finished(&effects).is_empty());
+    assert!(finished(&edge.tick(back + LOST - 1)).is_empty(), "lost before its agent could come back");
+    let done = finished(&edge.tick(back + LOST));
+    assert_eq!((done.len(), done[0].2["error_code"].as_str()), (1, Some("RUNNER_LOST")));
 }

@@ -102,7 +102,8 @@ fn a_result_that_cannot_be_stored_is_not_acknowledged_and_comes_again() {
     host.say(1, &sid, AgentMessage::Accepted { job_id: job_id.clone() });
 
     host.failing = true;
-    let out = host.say(2, &sid, AgentMessage::Result { job_id: job_id.clone(), result: ok_result() });
+    let done = result_msg(&host.edge, &job_id, ok_result());
+    let out = host.say(2, &sid, done);
     // No acknowledgement (the agent keeps its spooled result), no answer to the caller,
     // and the connection is closed so the agent reconnects and sends it again.
     assert!(!sent(&out, &sid).iter().any(|m| matches!(m, EdgeMessage::ResultAck { .. })), "{out:?}");
@@ -119,7 +120,8 @@ fn a_result_that_cannot_be_stored_is_not_acknowledged_and_comes_again() {
     let out = host.carry_out(3, out);
     assert!(closed(&out).is_none());
     assert_eq!(host.edge.job(&job_id).unwrap().session_id.as_deref(), Some(sid2.as_str()), "taken over: {out:?}");
-    let out = host.say(4, &sid2, AgentMessage::Result { job_id: job_id.clone(), result: ok_result() });
+    let done = result_msg(&host.edge, &job_id, ok_result());
+    let out = host.say(4, &sid2, done);
     assert!(sent(&out, &sid2).iter().any(|m| matches!(m, EdgeMessage::ResultAck { .. })));
     let (status, answer) = answer_to(&out, waiter).expect("the caller gets the result");
     assert_eq!((status, answer["output"].as_str()), (200, Some("done")));
@@ -171,7 +173,7 @@ fn a_cancel_that_cannot_be_stored_leaves_the_job_queued() {
     assert!(out.iter().any(|e| matches!(e, Effect::Answer { response, .. } if response.status == 202)));
     let job_id = host.stored.keys().next().unwrap().clone();
     let follower = host.edge.begin_request();
-    host.edge.follow(follower, &job_id, &mut Vec::new());
+    host.edge.follow(follower, &job_id, &mut Vec::new()).unwrap();
     host.failing = true;
     let (caller, out) = host.call(1, "DELETE", &format!("/jobs/{job_id}"), Value::Null);
     assert_eq!(answer_to(&out, caller).unwrap().0, 500);
@@ -182,4 +184,47 @@ fn a_cancel_that_cannot_be_stored_leaves_the_job_queued() {
     host.failing = false;
     let (_, out) = host.call(2, "DELETE", &format!("/jobs/{job_id}"), Value::Null);
     assert!(streamed(&out, follower).1);
+}
+
+/// The store fails for longer than `LOST_AFTER_MS` while the agent, which holds the job's
+/// result, keeps reconnecting: each hello (a write: taking the job over) fails and closes
+/// its connection. The agent is plainly alive, so when the store heals the job must not be
+/// declared lost by the first tick — which beats the agent's backed-off reconnect. (It
+/// was: the wait ran from the first failure, the job ended `lost`, its caller was told to
+/// run it elsewhere, and the agent's result was then dropped as a duplicate.)
+#[test]
+fn a_job_whose_agent_keeps_coming_back_while_the_store_fails_is_not_lost() {
+    let (mut host, sid) = ready_host();
+    let (waiter, out) = host.call(0, "POST", "/execute", json!({"prompt": "x", "timeout_ms": 600000}));
+    let job_id = order_of(&out, &sid, "spark", 0).header.job_id;
+    host.say(1, &sid, AgentMessage::Accepted { job_id: job_id.clone() });
+
+    host.failing = true;
+    let report = result_msg(&host.edge, &job_id, ok_result());
+    let out = host.say(1_000, &sid, report);
+    assert!(closed(&out).is_some());
+    // The agent comes back with a growing backoff; the store still fails every time.
+    let mut now = 1_000;
+    for (seed, backoff) in [(2, 250), (3, 500), (4, 1_000), (5, 2_000), (6, 4_000)] {
+        now += backoff;
+        host.tick(now);
+        let (_, effects) = join(&mut host.edge, now, "spark", &agent_key(1), vec![job_id.clone()], seed);
+        let out = host.carry_out(now, effects);
+        assert_eq!(closed(&out).map(|c| c.0), Some(close::INTERNAL_ERROR), "{out:?}");
+    }
+    assert!(now > 1_000 + LOST, "the store failed for longer than LOST_AFTER_MS");
+
+    // The store heals; a tick comes before the agent's next reconnect.
+    host.failing = false;
+    let out = host.tick(now + 500);
+    assert!(answer_to(&out, waiter).is_none(), "the job was declared lost while its agent kept coming back: {out:?}");
+    assert_eq!(host.edge.job(&job_id).unwrap().state, JobState::Running);
+
+    let (sid2, effects) = join(&mut host.edge, now + 1_000, "spark", &agent_key(1), vec![job_id.clone()], 7);
+    assert!(closed(&host.carry_out(now + 1_000, effects)).is_none());
+    let report = result_msg(&host.edge, &job_id, ok_result());
+    let out = host.say(now + 1_001, &sid2, report);
+    let (status, answer) = answer_to(&out, waiter).expect("the caller gets the result");
+    assert_eq!((status, answer["success"].as_bool()), (200, Some(true)), "{answer}");
+    assert_eq!(host.stored[&job_id].state, JobState::Succeeded);
 }

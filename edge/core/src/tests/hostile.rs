@@ -1,0 +1,311 @@
+//! What a caller without the secret, an unproven connection or a forging path between
+//! agent and edge can make the edge do: as little as possible (issue 7).
+
+use super::*;
+use crate::http::Gate;
+
+fn gate(method: &str, path: &str, secret: Option<&str>) -> Gate {
+    http::preflight(&config(), method, path, secret, None)
+}
+
+#[test]
+fn no_body_is_read_before_auth_nor_for_a_route_that_takes_none() {
+    // The agents' socket, with or without a trailing slash, never goes to the general
+    // handler (which would read a body).
+    for path in ["/agent/connect", "/agent/connect/", "/agent/connect//"] {
+        for method in ["GET", "POST"] {
+            assert_eq!(gate(method, path, None), Gate::AgentSocket, "{method} {path}");
+        }
+    }
+    for (method, path) in [("POST", "/execute"), ("POST", "/jobs"), ("POST", "/nope"), ("POST", "/agent"), ("DELETE", "/jobs/x")] {
+        assert!(matches!(gate(method, path, None), Gate::Answer(_)), "{method} {path} without the secret");
+    }
+    for (method, path) in [("GET", "/health"), ("HEAD", "/health/"), ("GET", "/")] {
+        assert_eq!(gate(method, path, None), Gate::Handle { read_body: false }, "{method} {path}");
+    }
+    for (method, path, read) in [
+        ("POST", "/execute", true),
+        ("POST", "/jobs/", true),
+        ("GET", "/jobs/x", false),
+        ("DELETE", "/jobs/x", false),
+        ("GET", "/execute", false),
+        ("GET", "/metrics", false),
+        ("POST", "/oauth/status", false),
+        ("POST", "/oauth/login", true),
+        ("POST", "/oauth/login/code", true),
+        ("GET", "/jobs", false),
+    ] {
+        assert_eq!(gate(method, path, Some(SECRET)), Gate::Handle { read_body: read }, "{method} {path}");
+    }
+    // A long path is not echoed whole.
+    let Gate::Answer(answer) = gate("GET", &format!("/{}", "x".repeat(10_000)), None) else { panic!("404") };
+    assert_eq!(answer.status, 404);
+    assert!(answer.body.len() < 1_000, "{}", answer.body.len());
+}
+
+#[test]
+fn health_without_the_secret_is_the_verdict_alone() {
+    let (mut edge, _) = ready_edge();
+    let health = |edge: &mut Edge, secret: Option<&str>| {
+        let req = Request {
+            method: "GET".into(),
+            path: "/health".into(),
+            secret_header: secret.map(str::to_string),
+            authorization: None,
+            idempotency_key: None,
+            body: Body::Bytes(Vec::new()),
+        };
+        let handled = http::handle(edge, 0, [0; 16], req);
+        answer_to(&handled.effects, handled.caller).unwrap()
+    };
+    for secret in [None, Some("wrong-secret-0000000")] {
+        let (status, body) = health(&mut edge, secret);
+        assert_eq!(status, 200);
+        assert_eq!(body, json!({"status": "healthy"}), "{secret:?}");
+    }
+    let (status, body) = health(&mut edge, Some(SECRET));
+    assert_eq!(status, 200);
+    assert_eq!(body["agent"]["agent_id"], "spark");
+    assert_eq!(body["oauth"]["source"], "oauth_token_env");
+    let mut offline = Edge::new(config(), 0);
+    assert_eq!(health(&mut offline, None), (503, json!({"status": "offline"})));
+}
+
+/// Entropy making session `n`.
+fn seed(n: u64) -> [u8; 32] {
+    let mut e = [7u8; 32];
+    e[..8].copy_from_slice(&n.to_be_bytes());
+    e
+}
+
+fn pending(edge: &Edge) -> usize {
+    edge.unproven_connections()
+}
+
+/// Answers the challenge in `effects` with `spark`'s signed hello.
+fn prove(edge: &mut Edge, now: u64, sid: &str, effects: &[Effect]) -> Vec<Effect> {
+    let nonce = sent(effects, sid)
+        .into_iter()
+        .find_map(|m| match m {
+            EdgeMessage::Challenge { nonce, .. } => Some(nonce),
+            _ => None,
+        })
+        .expect("a challenge");
+    edge.message(now, sid, &hello_frame("spark", &nonce, now, &agent_key(1)))
+}
+
+/// The ids of the sessions these effects close.
+fn closes(effects: &[Effect]) -> Vec<String> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Close { session, .. } => Some(session.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn silent_connections_cannot_lock_the_agent_out() {
+    use crate::machine::{MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE};
+    let mut edge = Edge::new(config(), 0);
+    // An attacker spread over many addresses fills every unproven slot…
+    let mut n = 0;
+    for i in 0..MAX_PENDING_HANDSHAKES {
+        n += 1;
+        let (_, effects) = edge.connect(i as u64, seed(n), &format!("198.51.100.{}", i % 8));
+        assert!(closes(&effects).is_empty());
+    }
+    assert_eq!(pending(&edge), MAX_PENDING_HANDSHAKES);
+    // …and renews them: each new one closes the oldest of the most crowded source.
+    for i in 0..200u64 {
+        n += 1;
+        let (_, effects) = edge.connect(100 + i, seed(n), &format!("198.51.100.{}", i % 8));
+        assert_eq!(closes(&effects).len(), 1);
+        assert_eq!(pending(&edge), MAX_PENDING_HANDSHAKES);
+    }
+    // The agent, from its own address or from one of the attacker's, still gets in.
+    for (i, peer) in ["203.0.113.9", "198.51.100.3"].into_iter().enumerate() {
+        n += 1;
+        let (sid, effects) = edge.connect(1_000, seed(n), peer);
+        assert_eq!(closes(&effects).len(), 1, "room is made for it");
+        let effects = prove(&mut edge, 1_000, &sid, &effects);
+        assert!(closed(&effects).is_none(), "{peer}: {effects:?}");
+        assert!(edge.session(&sid).unwrap().agent().is_some());
+        edge.disconnect(1_000 + i as u64, &sid);
+        n += 1;
+        edge.connect(1_000, seed(n), "198.51.100.0");
+    }
+    // The evicted are told why.
+    let (_, effects) = edge.connect(2_000, seed(10_000), "198.51.100.1");
+    let (code, reason) = closed(&effects).unwrap();
+    assert_eq!(code, close::SILENT);
+    assert!(reason.contains("waited longest"), "{reason}");
+    let goodbye = effects.iter().any(|e| matches!(e, Effect::Send { text, .. } if text.contains("goodbye")));
+    assert!(goodbye, "{effects:?}");
+
+    // One source alone cannot hold more than its share: its own oldest goes first.
+    let mut edge = Edge::new(config(), 0);
+    let (other, _) = edge.connect(0, seed(1), "203.0.113.1");
+    let mut flood = Vec::new();
+    for i in 0..MAX_PENDING_PER_SOURCE as u64 {
+        flood.push(edge.connect(1 + i, seed(2 + i), "2001:db8:1:2::1").0);
+    }
+    let (_, effects) = edge.connect(100, seed(500), "2001:db8:1:2::ffff");
+    assert_eq!(closes(&effects), vec![flood[0].clone()], "the same /64 is one source");
+    assert!(edge.session(&other).is_some());
+}
+
+#[test]
+fn a_frame_before_the_hello_is_verified_is_small() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = edge.connect(0, seed(1), PEER);
+    let big = format!(r#"{{"type":"hello","pad":"{}"}}"#, "x".repeat(shared::protocol::MAX_HELLO_BYTES));
+    let (code, reason) = closed(&edge.message(1, &sid, &big)).unwrap();
+    assert_eq!(code, close::PROTOCOL_ERROR);
+    assert!(reason.contains("limit"), "{reason}");
+    // Once proven, frames up to the protocol's limit are fine.
+    let (mut edge, sid) = ready_edge();
+    let mut event = serde_json::to_value(beat(&[], 1, 0)).unwrap();
+    event["pad"] = json!("x".repeat(200_000));
+    assert!(closed(&edge.message(1, &sid, &event.to_string())).is_none());
+}
+
+#[test]
+fn ids_from_unproven_peers_are_neither_echoed_nor_logged() {
+    let mut edge = Edge::new(config(), 0);
+    for bad in ["spark\n2026-01-01T00:00:00Z INFO agent connected agent_id=spark", &"a".repeat(100), "", "sp ark"] {
+        let (sid, effects) = edge.connect(0, seed(1), PEER);
+        let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge") };
+        let effects = edge.message(0, &sid, &hello_frame(bad, nonce, 0, &agent_key(1)));
+        let (code, reason) = closed(&effects).unwrap();
+        assert_eq!(code, close::UNAUTHORIZED);
+        assert!(!bad.is_empty() && !reason.contains(bad) || bad.is_empty(), "{reason}");
+        for m in sent(&effects, &sid) {
+            if let EdgeMessage::Goodbye { reason, .. } = m {
+                assert!(!reason.contains('\n') && !reason.contains("aaaaaaaa"), "{reason}");
+            }
+        }
+    }
+}
+
+#[test]
+fn followers_are_capped_per_job_and_in_all() {
+    use crate::progress::{MAX_FOLLOWERS, MAX_FOLLOWERS_PER_JOB};
+    let mut edge = Edge::new(Config { max_queued_jobs: 10, ..config() }, 0);
+    let jobs = MAX_FOLLOWERS / MAX_FOLLOWERS_PER_JOB + 1;
+    for j in 0..jobs {
+        edge.submit(0, format!("j{j}"), submission("x", 60_000, None), Mode::Detached).unwrap();
+    }
+    let follow = |edge: &mut Edge, job: &str| {
+        let caller = edge.begin_request();
+        edge.follow(caller, job, &mut Vec::new()).map(|()| caller)
+    };
+    let first = follow(&mut edge, "j0").unwrap();
+    for _ in 1..MAX_FOLLOWERS_PER_JOB {
+        follow(&mut edge, "j0").unwrap();
+    }
+    let refused = follow(&mut edge, "j0").unwrap_err();
+    assert_eq!(refused.status, 429);
+    assert!(refused.body.error.contains("GET /jobs/j0"), "{}", refused.body.error);
+    // One that leaves makes room.
+    edge.caller_gone(first);
+    follow(&mut edge, "j0").unwrap();
+    for j in 1..jobs - 1 {
+        for _ in 0..MAX_FOLLOWERS_PER_JOB {
+            follow(&mut edge, &format!("j{j}")).unwrap();
+        }
+    }
+    assert_eq!(edge.callers_waiting(), MAX_FOLLOWERS);
+    assert_eq!(follow(&mut edge, &format!("j{}", jobs - 1)).unwrap_err().status, 429, "the edge's bound");
+    // Through HTTP: the 429 in the contract's shape.
+    let handled = call(&mut edge, 0, "GET", &format!("/jobs/j{}/events", jobs - 1), Value::Null);
+    let (status, body) = answer_to(&handled.effects, handled.caller).unwrap();
+    assert_eq!((status, body["error_code"].as_str()), (429, Some("RUNNER_BUSY")));
+}
+
+#[test]
+fn the_pool_is_signed_into_the_welcome_and_every_order() {
+    let mut edge = Edge::new(Config { pool: "gpu".into(), ..config() }, 0);
+    let (sid, effects) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let EdgeMessage::Welcome { envelope } = &sent(&effects, &sid)[0] else { panic!("welcome") };
+    let welcome: Welcome = envelope.open(Domain::Welcome, &edge_key().verifying_key()).unwrap();
+    assert_eq!(welcome.pool, "gpu");
+    say(&mut edge, 0, &sid, credit(1, 0));
+    let effects = edge.submit(1, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap().effects;
+    let job = sent(&effects, &sid).into_iter().find_map(|m| match m {
+        EdgeMessage::Job { envelope } => Some(envelope),
+        _ => None,
+    });
+    let gpu = shared::envelope::Audience { agent_id: "spark", pool: "gpu" };
+    let order: JobOrder = open_order(&job.clone().unwrap(), Domain::Job, &edge_key().verifying_key(), gpu, 1).unwrap();
+    assert_eq!(order.header.pool, "gpu");
+    let refused = open_order::<JobOrder>(&job.unwrap(), Domain::Job, &edge_key().verifying_key(), SPARK, 1).unwrap_err();
+    assert!(matches!(refused, shared::envelope::Refusal::WrongPool { .. }), "{refused:?}");
+    let effects = edge.cancel(2, "j1").unwrap();
+    let cancel = sent(&effects, &sid).into_iter().find_map(|m| match m {
+        EdgeMessage::Cancel { envelope } => Some(envelope),
+        _ => None,
+    });
+    let order: shared::protocol::CancelOrder = open_order(&cancel.unwrap(), Domain::Cancel, &edge_key().verifying_key(), gpu, 2).unwrap();
+    assert_eq!(order.header.pool, "gpu");
+}
+
+#[test]
+fn forged_results_and_progress_from_the_path_are_refused_and_change_nothing() {
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    let follower = edge.begin_request();
+    edge.follow(follower, "j1", &mut Vec::new()).unwrap();
+    let forger = agent_key(77);
+    let fake = JobResult { success: true, output: "forged".into(), ..Default::default() };
+
+    // Made up by whoever sits between agent and edge: another key.
+    for forged in [
+        AgentMessage::result("j1", "j1:1", fake.clone(), &forger),
+        AgentMessage::progress("j1", "j1:1", 1, json!({"type": "assistant", "forged": true}), &forger),
+    ] {
+        let effects = say(&mut edge, 2, &sid, forged);
+        assert!(effects.is_empty(), "nothing done, nothing acknowledged: {effects:?}");
+    }
+    // The agent's own report, altered on the way.
+    let AgentMessage::Result { mut envelope } = result_msg(&edge, "j1", ok_result()) else { panic!("a result") };
+    envelope.payload = envelope.payload.replace("done", "evil");
+    assert!(say(&mut edge, 2, &sid, AgentMessage::Result { envelope }).is_empty());
+    assert_eq!(edge.job("j1").unwrap().state, JobState::Running, "the job is unaffected");
+    assert!(edge.metrics().contains("claude_runner_reports_refused_total 3\n"), "{}", edge.metrics());
+    assert_eq!(edge.stats().refused_reports, 3);
+
+    // Signed by the agent but for an order this edge never sent: acknowledged (so it is not
+    // sent forever), not applied.
+    let stray = AgentMessage::result("j1", "j1:9", fake, &agent_key(1));
+    let effects = say(&mut edge, 3, &sid, stray);
+    assert!(finished(&effects).is_empty());
+    assert!(matches!(sent(&effects, &sid)[..], [EdgeMessage::ResultAck { .. }]));
+
+    // The agent's real progress and result go through.
+    let (chunks, _) = streamed(&progress(&mut edge, 4, &sid, "j1", 1, json!({"type": "system"})), follower);
+    assert_eq!(chunks.len(), 1);
+    let done = finished(&report(&mut edge, 5, &sid, "j1", ok_result()));
+    assert_eq!(done[0].2["output"], "done");
+}
+
+#[test]
+fn orders_and_reports_share_one_nonce_per_attempt() {
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    let job = edge.job("j1").unwrap();
+    assert_eq!(job.order_nonce(), "j1:1");
+    assert!(job.issued("j1:1"));
+    for never in ["j1:0", "j1:2", "j1:01", "j1:+1", "j2:1", "j1", "j1:1:1", ""] {
+        assert!(!job.issued(never), "{never}");
+    }
+    // Sent again after a refusal for want of a slot: both orders are the edge's.
+    let reason = "no free slot".to_string();
+    say(&mut edge, 1, &sid, AgentMessage::Rejected { job_id: Some("j1".into()), reason, retry: true });
+    say(&mut edge, 2, &sid, credit(1, 1));
+    let job = edge.job("j1").unwrap();
+    assert_eq!(job.order_nonce(), "j1:2");
+    assert!(job.issued("j1:1") && job.issued("j1:2") && !job.issued("j1:3"));
+}
