@@ -1210,7 +1210,7 @@ async fn worker_pools_are_isolated() {
     // A pool nobody configured does not exist, and asking for it stores nothing.
     default.health().await;
     let before = stored(&edge);
-    for path in ["/health", "/execute", "/agent/connect", "/jobs/x"] {
+    for path in ["/health", "/execute", "/agent/connect", "/jobs/x", "/", "/oauth/login"] {
         let a = nowhere.send("GET", path, Some(SECRET), None).await;
         assert_eq!(a.status, 404, "{path}: {}", a.text);
         assert_eq!(a.body["error_code"], "NOT_FOUND");
@@ -1235,6 +1235,19 @@ async fn worker_pools_are_isolated() {
     assert_eq!(a.status, 200, "{}", a.text);
     assert_eq!(a.body["agent_id"], "rig");
     assert_eq!(default.execute(json!({"prompt": "x"})).await.status, 503);
+
+    // The re-login relay and the page are the pool's too: gpu's secret reaches gpu's agent
+    // only, and the default pool (no agent) starts none.
+    assert_eq!(gpu.send("POST", "/oauth/login", Some(SECRET), None).await.status, 403, "the default secret on gpu's relay");
+    let start = gpu.send("POST", "/oauth/login", Some(GPU_SECRET), Some(b"{}".to_vec())).await;
+    assert_eq!((start.status, start.body["agent_id"].as_str(), start.body["state"].as_str()), (200, Some("rig"), Some("awaiting_code")), "{}", start.text);
+    let login_id = start.body["login_id"].as_str().unwrap();
+    let code = json!({"login_id": login_id, "code": "c0de"}).to_string().into_bytes();
+    let elsewhere = default.send("POST", "/oauth/login/code", Some(SECRET), Some(code)).await;
+    assert_eq!(elsewhere.status, 404, "gpu's login is unknown to the default pool: {}", elsewhere.text);
+    assert_eq!(default.send("POST", "/oauth/login", Some(SECRET), None).await.status, 503, "no agent in the default pool");
+    let page = gpu.send("GET", "/", None, None).await;
+    assert!(page.status == 200 && page.text.contains("<html"), "{} {}", page.status, page.text);
 
     // `spark` is listed in gpu with its key too, but it serves the default pool: welcomed
     // into gpu, it hangs up rather than take gpu's work.
