@@ -533,6 +533,15 @@ impl Client {
         self.wait_health(200).await
     }
 
+    /// Polls until `/health` (read with the secret) says the agent's login needs a person.
+    pub async fn wait_needs_login(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.health_full().await.body["oauth"]["needs_login"] != true {
+            assert!(Instant::now() < deadline, "the agent never reported its missing login");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn wait_health(&self, status: u16) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -406,15 +406,7 @@ async fn login_from_a_terminal_relays_the_url_and_the_code() {
     let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
     let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark").env("CLAUDE_CODE_OAUTH_TOKEN", ""));
     let client = Client::new(&edge.url());
-    let mut reported = false;
-    for _ in 0..600 {
-        if client.health_full().await.body["oauth"]["needs_login"] == true {
-            reported = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(reported, "the agent never reported its missing login");
+    client.wait_needs_login().await;
     let mut child = Command::new(bin("claude-runner"))
         .arg("login")
         .env("CLAUDE_RUNNER_URL", edge.url())

@@ -55,15 +55,7 @@ async fn the_page_shows_an_offline_agent_and_walks_a_relogin(kind: EdgeKind) {
     // An agent without a login, and a job waiting for one.
     let _agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark").env("CLAUDE_CODE_OAUTH_TOKEN", ""));
     let client = Client::new(&edge.url());
-    let mut reported = false;
-    for _ in 0..600 {
-        if client.health_full().await.body["oauth"]["needs_login"] == true {
-            reported = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(reported, "the agent never reported its missing login");
+    client.wait_needs_login().await;
     let held = client.submit(json!({"prompt": "@sleep=60000 waits for the login"})).await;
     assert_eq!(held.status, 202, "{}", held.text);
     drive(kind, &edge, "relogin", &browser).await;
