@@ -112,7 +112,12 @@ pub enum AgentMessage {
     /// the edge can pick the key to verify with and refuse another version by name.
     Hello { protocol: u32, agent_id: String, envelope: Envelope },
     /// `running`: every job the agent holds and has not sent a result for, as of the same
-    /// moment as `slots`.
+    /// moment as `slots`. The agent also sends one at once when its login or usage window
+    /// changes. Not signed, unlike progress, results and [`LoginReport`]s: those settle a
+    /// job or a relayed login the edge ordered, while a heartbeat's login report only
+    /// decides when work is sent — a forged "logged in" sends jobs to the real agent, which
+    /// fails them signed (`RUNNER_OAUTH_ERROR`), and a forged "used up" holds work back,
+    /// which whoever sits on the path can do anyway by holding the frames.
     Heartbeat {
         running: Vec<String>,
         capacity: u32,
