@@ -4,7 +4,9 @@
 //! ([`crate::connection`]); job tasks are owned by the serve loop ([`crate::serve`]).
 
 use crate::config::AgentConfig;
-use crate::oauth::{AuthHealth, Login, RefreshGate};
+use crate::oauth::{Login, RefreshGate};
+use crate::relogin::Relogin;
+use crate::report::Reporter;
 use crate::process::Stop;
 use crate::replay::ReplayGuard;
 use crate::runner::{self, JobContext};
@@ -15,7 +17,7 @@ use shared::contract::ErrorCode;
 use shared::envelope::{open_order, Audience, Domain, Envelope, Refusal};
 use shared::job::JobResult;
 use shared::oauth::OAuthReport;
-use shared::protocol::{AgentMessage, CancelOrder, JobOrder, Slots};
+use shared::protocol::{AgentMessage, CancelOrder, JobOrder, LoginOrder, Slots};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -53,7 +55,10 @@ pub struct Agent {
     pub cfg: Arc<AgentConfig>,
     pub login: Login,
     pub gate: RefreshGate,
-    pub auth: AuthHealth,
+    /// The login and usage window as the edge is told them, and when.
+    pub reporter: Arc<Reporter>,
+    /// A re-login relayed by the edge, while one is under way.
+    pub relogin: Relogin,
     pub spool: Arc<Spool>,
     pub status: StatusFile,
     /// The Claude Code CLI's version, for the edge's `/health`.
@@ -93,6 +98,7 @@ impl Agent {
         let replay = ReplayGuard::open(cfg.data_dir.join("seen-orders.log"));
         // The redactor also knows the agent's own secrets and the repository tokens.
         let login = Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.repos.token_values()).with_secrets(cfg.secrets.iter().map(String::as_str));
+        let reporter = Arc::new(Reporter::new(login.clone()));
         let repos = crate::repo::Repos::open(&cfg.data_dir, cfg.repos.clone()).map_err(|e| {
             anyhow::anyhow!("cannot keep repository mirrors in {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.join("repos").display())
         })?;
@@ -112,7 +118,8 @@ impl Agent {
             cfg: Arc::new(cfg),
             login,
             gate: RefreshGate::default(),
-            auth: AuthHealth::default(),
+            reporter,
+            relogin: Relogin::default(),
             spool: Arc::new(spool),
             replay: Mutex::new(replay),
             repos: Arc::new(repos),
@@ -131,6 +138,7 @@ impl Agent {
             login: self.login.clone(),
             gate: self.gate.clone(),
             uplink: self.uplink.clone(),
+            reporter: Arc::clone(&self.reporter),
             order_nonce: order_nonce.to_string(),
             spool: Some(Arc::clone(&self.spool)),
             repos: Arc::clone(&self.repos),
@@ -184,9 +192,7 @@ impl Agent {
     }
 
     pub fn oauth_report(&self) -> OAuthReport {
-        let mut report = self.login.read(crate::now_ms()).report;
-        report.auth_failed = self.auth.failed();
-        report
+        self.reporter.report()
     }
 
     /// Tells the edge an order was refused. The edge settles a job on a refusal that names
@@ -303,9 +309,9 @@ impl Agent {
     /// A job ended: remember its login outcome, keep its result — signed, bound to the
     /// order it answers — until the edge has it, free its slot, and tell the edge.
     fn finish(&self, job_id: &str, order_nonce: &str, result: JobResult) {
-        match result.error_code {
-            Some(ErrorCode::RunnerOauthError) => self.auth.set_failed(true),
-            None => self.auth.set_failed(false),
+        match (result.success, result.error_code) {
+            (false, Some(ErrorCode::RunnerOauthError)) => self.reporter.auth_failed(true),
+            (true, _) => self.reporter.run_succeeded(),
             _ => {}
         }
         let report = AgentMessage::result(job_id, order_nonce, result, &self.cfg.signing_key);
@@ -331,6 +337,12 @@ impl Agent {
         let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
         drop(running);
         self.status.running(self.running_ids());
+    }
+
+    /// A signed login order: start `claude auth login`, or pass it the code.
+    pub fn on_login(self: &Arc<Self>, envelope: &Envelope) {
+        let Some(order) = self.verify::<LoginOrder>(envelope, Domain::Login) else { return };
+        self.relogin.on_order(self, order);
     }
 
     pub fn on_cancel(&self, envelope: &Envelope) {

@@ -39,10 +39,13 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
     let own = cfg.signing_key.verifying_key();
     let repos = crate::repo::Repos::open(&cfg.data_dir, cfg.repos.clone())
         .map_err(|e| vec![format!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())])?;
+    let login = Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.secrets.iter().map(String::as_str));
+    let reporter = Arc::new(crate::report::Reporter::new(login.clone()));
     let ctx = JobContext {
-        login: Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.secrets.iter().map(String::as_str)),
+        login,
         gate: RefreshGate::default(),
         uplink,
+        reporter,
         repos: Arc::new(repos),
         cfg: Arc::new(cfg),
         order_nonce: "canary:1".into(),

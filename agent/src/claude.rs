@@ -8,6 +8,7 @@
 use serde_json::Value;
 use shared::contract::ErrorCode;
 use shared::job::{JobResult, JobSpec};
+use shared::usage::{UsageStatus, UsageWindow};
 
 /// Arguments for one run (after the binary).
 pub fn args(spec: &JobSpec, default_model: Option<&str>) -> Vec<String> {
@@ -33,6 +34,9 @@ pub fn args(spec: &JobSpec, default_model: Option<&str>) -> Vec<String> {
     if let Some(s) = &spec.session_id {
         args.push(format!("--resume={s}"));
     }
+    if let Some(b) = spec.max_budget_usd {
+        args.push(format!("--max-budget-usd={b}"));
+    }
     args
 }
 
@@ -47,6 +51,8 @@ pub struct Transcript {
     /// The last of those, for the error message.
     pub last_garbage: Option<String>,
     pub lines: u64,
+    /// The newest usage window Claude reported (`rate_limit_event`).
+    pub usage: Option<UsageWindow>,
 }
 
 impl Transcript {
@@ -87,7 +93,22 @@ impl Transcript {
         if value["type"] == "result" {
             self.result = Some(value.clone());
         }
+        // (Pure code has no clock: `seen_at` stays 0; the runner reports the window with
+        // the time to the edge.)
+        if let Some(window) = UsageWindow::from_event(&value, 0) {
+            self.usage = Some(window);
+        }
         Some(value)
+    }
+
+    /// The run ended because the usage window is used up: the CLI said so with a rejected
+    /// `rate_limit_event` (2.1.197 and later), or with `api_error: "usage_limit_reached"`
+    /// on its result (2.1.33x). A plain 429 without either is an ordinary API error.
+    fn usage_limit(&self, result: &Value) -> Option<Option<shared::Millis>> {
+        let rejected = self.usage.as_ref().filter(|u| u.status == UsageStatus::Rejected);
+        let said = result.get("api_error").and_then(Value::as_str) == Some("usage_limit_reached");
+        // The reset the API named, when it named one.
+        (rejected.is_some() || said).then(|| rejected.and_then(|u| u.resets_at))
     }
 }
 
@@ -181,12 +202,29 @@ pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, durati
                             (true, false) => format!("{subtype}: {}", errors.join("; ")),
                             (true, true) => subtype.to_string(),
                         };
-                        if is_auth_failure(res) {
-                            r.error = Some(format!("Claude could not authenticate ({detail}); log in again on the runner machine with `claude auth login` (or renew CLAUDE_CODE_OAUTH_TOKEN)"));
+                        let api_status = res.get("api_error_status").and_then(Value::as_u64);
+                        if let Some(retry_at) = transcript.usage_limit(res) {
+                            let until = retry_at.map(shared::time::rfc3339);
+                            r.error = Some(format!(
+                                "the Claude subscription's usage window is used up ({detail}); retry after {}, or run the task elsewhere",
+                                until.as_deref().unwrap_or("its reset")
+                            ));
+                            r.error_code = Some(ErrorCode::UsageLimit);
+                            r.retry_at = until;
+                        } else if is_auth_failure(res) {
+                            r.error = Some(format!("Claude could not authenticate (OAuth: {detail}); log in again from the edge's page, with `claude-runner login`, or `claude auth login` on the runner machine (or renew CLAUDE_CODE_OAUTH_TOKEN)"));
                             r.error_code = Some(ErrorCode::RunnerOauthError);
+                        } else if subtype == "error_max_turns" {
+                            r.error = Some(format!("Claude stopped at max_turns ({detail}); raise max_turns or split the task"));
+                            r.error_code = Some(ErrorCode::MaxTurns);
+                        } else if subtype == "error_max_budget_usd" {
+                            r.error = Some(format!("Claude stopped at max_budget_usd ({detail}); raise max_budget_usd or split the task"));
+                            r.error_code = Some(ErrorCode::BudgetExceeded);
                         } else {
                             r.error = Some(format!("Claude reported an error: {detail}"));
                             r.error_code = Some(ErrorCode::ClaudeError);
+                            // An overloaded or failing API may answer the same request later.
+                            r.retryable = Some(matches!(api_status, Some(408 | 429 | 500..=599)));
                         }
                     } else {
                         r.success = true;
@@ -207,6 +245,9 @@ pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, durati
                 }
             }
         }
+    }
+    if !r.success {
+        r.retryable = r.retryable.or(r.error_code.map(ErrorCode::retryable));
     }
     let (output, cut) = cap(std::mem::take(&mut r.output), MAX_OUTPUT_BYTES);
     r.output = output;
@@ -238,6 +279,7 @@ mod tests {
             append_system_prompt: Some("be brief".into()),
             session_id: Some("abc".into()),
             include_diff: false,
+            max_budget_usd: Some(0.5),
             allow_stale: false,
             push_branch: None,
             commit_message: None,
@@ -257,6 +299,7 @@ mod tests {
             "--permission-mode=acceptEdits",
             "--append-system-prompt=be brief",
             "--resume=abc",
+            "--max-budget-usd=0.5",
         ] {
             assert!(a.contains(&flag.to_string()), "{flag} in {a:?}");
         }
@@ -295,7 +338,52 @@ mod tests {
         let turns = transcript(&[json!({"type":"result","subtype":"error_max_turns","is_error":true,"errors":["Reached maximum number of turns (1)"]})]);
         let r = result(&turns, Ending::Exited(Some(1)), "", 1);
         assert!(!r.success);
+        assert_eq!(r.error_code, Some(ErrorCode::MaxTurns));
+        assert_eq!(r.retryable, Some(false));
         assert!(r.error.unwrap().contains("error_max_turns: Reached maximum number of turns (1)"));
+    }
+
+    #[test]
+    fn failure_classes_say_whether_a_retry_may_help() {
+        let budget = transcript(&[json!({"type":"result","subtype":"error_max_budget_usd","is_error":true,"errors":["Reached maximum budget ($0.01)"]})]);
+        let r = result(&budget, Ending::Exited(Some(1)), "", 1);
+        assert_eq!((r.error_code, r.retryable), (Some(ErrorCode::BudgetExceeded), Some(false)));
+        let overloaded = transcript(&[json!({"type":"result","subtype":"success","is_error":true,"api_error_status":529,"result":"API Error: 529 overloaded"})]);
+        let r = result(&overloaded, Ending::Exited(Some(1)), "", 1);
+        assert_eq!((r.error_code, r.retryable), (Some(ErrorCode::ClaudeError), Some(true)));
+        let unknown = transcript(&[json!({"type":"result","subtype":"error_during_execution","is_error":true,"errors":["No conversation found"]})]);
+        assert_eq!(result(&unknown, Ending::Exited(Some(1)), "", 1).retryable, Some(false));
+        assert_eq!(result(&Transcript::default(), Ending::TimedOut { after_ms: 5 }, "", 1).retryable, Some(true));
+        assert_eq!(result(&overloaded, Ending::Exited(Some(1)), "", 1).retry_at, None);
+    }
+
+    #[test]
+    fn a_used_up_usage_window_is_a_usage_limit_with_its_reset() {
+        // As the real CLI (2.1.197) prints a 429 whose unified status is rejected.
+        let lines = [
+            json!({"type":"rate_limit_event","rate_limit_info":{"status":"rejected","resetsAt":1796150081,"rateLimitType":"five_hour","isUsingOverage":false}}),
+            json!({"type":"assistant","message":{"model":"<synthetic>","content":[{"type":"text","text":"You've hit your session limit · resets 6:34pm (UTC)"}]},"error":"rate_limit"}),
+            json!({"type":"result","subtype":"success","is_error":true,"api_error_status":429,"result":"You've hit your session limit · resets 6:34pm (UTC)"}),
+        ];
+        let t = transcript(&lines);
+        let r = result(&t, Ending::Exited(Some(1)), "", 1);
+        assert_eq!(r.error_code, Some(ErrorCode::UsageLimit));
+        assert_eq!(r.retry_at.as_deref(), Some("2026-12-01T18:34:41Z"));
+        assert_eq!(r.retryable, Some(true));
+        // 2.1.33x also names it on the result line.
+        let named = transcript(&[json!({"type":"result","subtype":"success","is_error":true,"api_error_status":429,"api_error":"usage_limit_reached","result":"You've hit your 5-hour limit"})]);
+        assert_eq!(result(&named, Ending::Exited(Some(1)), "", 1).error_code, Some(ErrorCode::UsageLimit));
+        // A 429 that is not about the subscription's window (a plain rate limit) is not.
+        let plain = transcript(&[json!({"type":"result","subtype":"success","is_error":true,"api_error_status":429,"result":"API Error: 429 rate limited"})]);
+        let r = result(&plain, Ending::Exited(Some(1)), "", 1);
+        assert_eq!((r.error_code, r.retryable), (Some(ErrorCode::ClaudeError), Some(true)));
+        // A warning is kept but is no failure.
+        let warned = transcript(&[
+            json!({"type":"rate_limit_event","rate_limit_info":{"status":"allowed_warning","resetsAt":1796150108,"utilization":0.91}}),
+            json!({"type":"result","subtype":"success","is_error":false,"result":"fine"}),
+        ]);
+        assert!(result(&warned, Ending::Exited(Some(0)), "", 1).success);
+        assert_eq!(warned.usage.unwrap().utilization, Some(0.91));
     }
 
     #[test]

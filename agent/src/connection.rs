@@ -253,13 +253,15 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
                 if let Err(end) = send(&mut ws, &msg, limit).await {
                     return end;
                 }
-                if matches!(msg, AgentMessage::Heartbeat { .. }) {
-                    agent.status.beat();
+                if let AgentMessage::Heartbeat { oauth, .. } = &msg {
+                    agent.status.beat(oauth);
                 }
             }
             // Queued behind what the agent said before it, so the edge reads the agent's
             // states in order.
             _ = ticker.tick() => agent.heartbeat(),
+            // The login or usage window changed: the edge hears it now, not at the next beat.
+            _ = agent.reporter.changed() => agent.heartbeat(),
             _ = tokio::time::sleep_until(silent_at) => {
                 return End::Lost(format!("nothing from the edge for {} ms (two heartbeat intervals)", 2 * heartbeat.as_millis()));
             }
@@ -285,14 +287,7 @@ fn on_edge_message(agent: &Arc<Agent>, msg: EdgeMessage) -> Option<End> {
         EdgeMessage::Cancel { envelope } => agent.on_cancel(&envelope),
         EdgeMessage::ResultAck { job_id } => agent.spool.remove(&job_id),
         EdgeMessage::HeartbeatAck { .. } => {}
-        EdgeMessage::Login { .. } => {
-            let _ = agent.uplink.send(AgentMessage::LoginProgress {
-                request_id: String::new(),
-                url: None,
-                done: true,
-                error: Some("this agent version cannot relay a login yet; run `claude auth login` on the runner".into()),
-            });
-        }
+        EdgeMessage::Login { envelope } => agent.on_login(&envelope),
         EdgeMessage::Goodbye { code, reason } => {
             warn!(agent_id = %agent.cfg.agent_id, code, reason = %reason, "the edge is closing the connection");
             if code == close::UNAUTHORIZED || code == close::VERSION_MISMATCH {

@@ -41,14 +41,14 @@ pub async fn run(args: AgentArgs, canary: bool) -> bool {
     }
 
     let login = crate::oauth::Login::new(args.local.claude_config_dir.as_deref());
-    let reading = login.read(crate::now_ms());
-    let status = reading.report.status(crate::now_ms());
+    let status = crate::report::local_report(&login, &args.local.data_dir()).status(crate::now_ms());
     let source = serde_json::to_value(status.source).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
     if let Some(problem) = &status.problem {
         r.warn("login", problem);
     }
     if status.needs_login {
-        r.fail("login", format!("Claude is not logged in ({source}); run `claude auth login`, or set CLAUDE_CODE_OAUTH_TOKEN from `claude setup-token`"));
+        let next = status.next_step.clone().unwrap_or_default();
+        r.fail("login", format!("Claude cannot authenticate ({source}): {next}; or set CLAUDE_CODE_OAUTH_TOKEN from `claude setup-token`"));
     } else {
         let expiry = match (&status.expires_at, status.refreshable) {
             (Some(at), true) => format!(", access token until {at} (refreshed by Claude as needed)"),
@@ -56,6 +56,22 @@ pub async fn run(args: AgentArgs, canary: bool) -> bool {
             (None, _) => String::new(),
         };
         r.ok("login", format!("{source}{expiry}"));
+    }
+    match &status.usage {
+        Some(u) if u.status == shared::usage::UsageStatus::Rejected => r.warn(
+            "usage",
+            format!(
+                "the subscription's usage window{} is used up until {}: jobs wait for the reset (POST /jobs) or fall back (/execute)",
+                u.kind.as_deref().map(|k| format!(" ({k})")).unwrap_or_default(),
+                u.resets_at.as_deref().unwrap_or("its reset")
+            ),
+        ),
+        Some(u) if u.status == shared::usage::UsageStatus::AllowedWarning => r.warn(
+            "usage",
+            format!("the usage window is nearly used up{}", u.utilization.map(|x| format!(" ({:.0} %)", x * 100.0)).unwrap_or_default()),
+        ),
+        Some(_) => r.ok("usage", "the usage window is open"),
+        None => r.ok("usage", "no usage limit reported by the running agent"),
     }
 
     if let Err(e) = crate::config::job_env_allow(&args.local.job_env_allow) {

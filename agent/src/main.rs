@@ -14,11 +14,15 @@
 //!   tree with its job, even when the agent is killed.
 //! - [`cli_version`]: which Claude Code CLI runs here, reported in `/health`.
 //! - [`oauth`]: the login on this machine and the refresh gate.
+//! - [`report`]: what the edge is told of the login and usage window, and when (at once
+//!   on a change: the credentials file is watched).
+//! - [`relogin`]: `claude auth login` driven with pipes for the edge's re-login relay.
 //! - [`repo`]: jobs on repositories: git2 mirror cache, a checkout per job, diff and push.
 //! - [`spool`]: results until the edge acknowledges them; "started" markers.
 //! - [`replay`]: remembered order nonces.
 //! - [`files`]: atomic, owner-only files.
 //! - [`status`]: the agent's state file, and `claude-runner status`.
+//! - [`signin`]: `claude-runner login`, the re-login relay from a terminal.
 //! - [`keygen`], [`up`], [`doctor`] (and its [`canary`] job), [`submit`]: operator
 //!   commands (`up` needs the default `up` feature: it runs a native edge in the same
 //!   process).
@@ -34,10 +38,13 @@ mod files;
 mod keygen;
 mod oauth;
 mod process;
+mod relogin;
 mod repo;
+mod report;
 mod replay;
 mod runner;
 mod serve;
+mod signin;
 mod spool;
 mod status;
 mod submit;
@@ -103,6 +110,9 @@ enum Command {
     },
     /// Send a task to an edge, show its progress live, print the result.
     Submit(submit::SubmitArgs),
+    /// Log the runner's Claude in again from anywhere: the edge relays `claude auth login`
+    /// (prints the URL to open, reads the code it shows).
+    Login(signin::LoginArgs),
     /// Is the local agent running and connected, and what is it running?
     Status {
         #[command(flatten)]
@@ -175,13 +185,19 @@ fn main() {
             }
             Command::OauthStatus { local } => {
                 let login = oauth::Login::new(local.claude_config_dir.as_deref());
-                let status = login.read(now_ms()).report.status(now_ms());
+                let status = report::local_report(&login, &local.data_dir()).status(now_ms());
                 println!("{}", serde_json::to_string_pretty(&status)?);
+                if let Some(next) = &status.next_step {
+                    eprintln!("Next: {next}.");
+                }
                 if status.needs_login {
-                    eprintln!("Claude needs a login on this machine: run `claude auth login` (or set CLAUDE_CODE_OAUTH_TOKEN).");
                     std::process::exit(1);
                 }
                 Ok(())
+            }
+            Command::Login(args) => {
+                let code = signin::run(args).await?;
+                std::process::exit(code);
             }
         }
     });

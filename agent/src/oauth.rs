@@ -151,22 +151,6 @@ impl RefreshGate {
     }
 }
 
-/// Marks the login as failed after Claude could not authenticate, until a later run works
-/// or the credentials change.
-#[derive(Clone, Default)]
-pub struct AuthHealth {
-    failed: Arc<AtomicBool>,
-}
-
-impl AuthHealth {
-    pub fn set_failed(&self, failed: bool) {
-        self.failed.store(failed, Ordering::SeqCst);
-    }
-    pub fn failed(&self) -> bool {
-        self.failed.load(Ordering::SeqCst)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

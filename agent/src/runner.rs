@@ -34,6 +34,8 @@ pub struct JobContext {
     pub gate: RefreshGate,
     /// Progress events go out here (dropped while the agent is offline).
     pub uplink: mpsc::UnboundedSender<AgentMessage>,
+    /// Told of the usage window as Claude reports it, mid-run.
+    pub reporter: Arc<crate::report::Reporter>,
     /// Where the job's "started" marker is written before Claude is spawned (None for a
     /// job no edge knows of, such as `doctor --canary`'s).
     pub spool: Option<Arc<Spool>>,
@@ -224,6 +226,9 @@ async fn run_claude(
             Err(text) => transcript.text(&text),
         };
         if let Some(event) = event {
+            if let Some(window) = shared::usage::UsageWindow::from_event(&event, crate::now_ms()) {
+                ctx.reporter.saw_usage(window);
+            }
             seq += 1;
             let event = if line.len() > MAX_EVENT_BYTES {
                 serde_json::json!({"type": event["type"], "truncated": true, "bytes": line.len()})

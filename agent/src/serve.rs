@@ -35,6 +35,8 @@ pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<Request>
     });
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let connection = tokio::spawn(connection::run(agent.clone(), queues.uplink, shutdown_rx));
+    let reporter = std::sync::Arc::clone(&agent.reporter);
+    let watcher = tokio::spawn(async move { reporter.watch().await });
     let mut launches = queues.jobs;
     let mut jobs = JoinSet::new();
     loop {
@@ -91,6 +93,7 @@ pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<Request>
             warn!(agent_id = %agent.cfg.agent_id, results = kept, "results not acknowledged by the edge yet: kept on disk, sent on the next start");
         }
     }
+    watcher.abort();
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(3), connection).await;
     cli_watch.abort();

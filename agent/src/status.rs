@@ -33,6 +33,11 @@ pub struct Status {
     /// Stopping: no new jobs, the running ones finish (see [`crate::drain`]).
     #[serde(default)]
     pub draining: bool,
+    /// The login and usage window as the agent last reported them to the edge (what
+    /// `oauth-status` and `doctor` add to their own reading: a failed authentication,
+    /// the usage window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<shared::oauth::OAuthReport>,
 }
 
 /// Slack on top of three missed heartbeats before a connected agent counts as stuck.
@@ -101,9 +106,9 @@ impl StatusFile {
         });
     }
 
-    /// A heartbeat went out: the agent is alive and not stuck.
-    pub fn beat(&self) {
-        self.update(|_| {});
+    /// A heartbeat went out with this report: the agent is alive and not stuck.
+    pub fn beat(&self, report: &shared::oauth::OAuthReport) {
+        self.update(|s| s.login = Some(report.clone()));
     }
 
     pub fn disconnected(&self, reason: &str) {

@@ -28,6 +28,12 @@ pub enum ErrorCode {
     Cancelled,
     RepoError,
     RunnerOauthError,
+    /// The subscription's usage window is used up: retry after `retry_at`, or elsewhere.
+    UsageLimit,
+    /// Claude stopped at `max_turns`.
+    MaxTurns,
+    /// Claude stopped at `max_budget_usd`.
+    BudgetExceeded,
     /// The agent refused the signed job (bad signature, wrong audience, expired): the
     /// keys or clocks of edge and agent disagree.
     JobRejected,
@@ -56,7 +62,38 @@ impl ErrorCode {
             | ErrorCode::Cancelled
             | ErrorCode::RepoError
             | ErrorCode::RunnerOauthError
+            | ErrorCode::UsageLimit
+            | ErrorCode::MaxTurns
+            | ErrorCode::BudgetExceeded
             | ErrorCode::JobRejected => 200,
+        }
+    }
+
+    /// Whether sending the same request again (later, or to another runner) may succeed
+    /// without changing it. A job's result may say otherwise (a Claude error that was an
+    /// API overload is retryable, an unknown session is not).
+    pub fn retryable(self) -> bool {
+        match self {
+            ErrorCode::RunnerBusy
+            | ErrorCode::RunnerOffline
+            | ErrorCode::RunnerLost
+            | ErrorCode::EdgeRestarting
+            | ErrorCode::Timeout
+            | ErrorCode::RunnerOauthError
+            | ErrorCode::UsageLimit
+            | ErrorCode::InternalError => true,
+            ErrorCode::Unauthorized
+            | ErrorCode::InvalidRequest
+            | ErrorCode::PayloadTooLarge
+            | ErrorCode::NotFound
+            | ErrorCode::MethodNotAllowed
+            | ErrorCode::Conflict
+            | ErrorCode::ClaudeError
+            | ErrorCode::Cancelled
+            | ErrorCode::RepoError
+            | ErrorCode::MaxTurns
+            | ErrorCode::BudgetExceeded
+            | ErrorCode::JobRejected => false,
         }
     }
 
@@ -76,6 +113,9 @@ pub struct ErrorBody {
     pub fallback: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
+    /// When to try again (RFC 3339), for `USAGE_LIMIT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<String>,
 }
 
 /// An error answer: status and body.
@@ -95,8 +135,41 @@ impl ApiError {
                 error_code: code,
                 fallback: code.fallback().then_some(true),
                 job_id: None,
+                retry_at: None,
             },
         }
+    }
+
+    /// Work the runner cannot take now, answered at once so the caller runs it elsewhere:
+    /// 503 with `fallback: true`.
+    pub fn refused(code: ErrorCode, error: impl Into<String>) -> Self {
+        let mut err = Self::new(code, error);
+        err.status = 503;
+        err.body.fallback = Some(true);
+        err
+    }
+
+    /// The agent's Claude cannot authenticate (its OAuth login needs a person).
+    pub fn needs_login() -> Self {
+        Self::refused(
+            ErrorCode::RunnerOauthError,
+            "the runner's Claude OAuth login needs renewing, so the task was not started: run it elsewhere; \
+             the runner's owner can log in again from the edge's page (GET /), `claude-runner login`, or `claude auth login` on the runner",
+        )
+    }
+
+    /// The subscription's usage window is used up until `retry_at` (wall time, ms).
+    pub fn usage_limit(retry_at: crate::Millis) -> Self {
+        let at = crate::time::rfc3339(retry_at);
+        let mut err = Self::refused(
+            ErrorCode::UsageLimit,
+            format!(
+                "the runner's Claude subscription has used up its usage window until {at}, so the task was not started: \
+                 run it elsewhere, or retry after then (POST /jobs waits for the reset by itself)"
+            ),
+        );
+        err.body.retry_at = Some(at);
+        err
     }
 
     pub fn with_job(mut self, job_id: &str) -> Self {
@@ -157,6 +230,7 @@ pub const MAX_TOOLS: usize = 128;
 pub const MAX_SHORT_TEXT: usize = 512;
 pub const MAX_SYSTEM_PROMPT: usize = 64 * 1024;
 pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+pub const MAX_BUDGET_USD: f64 = 10_000.0;
 pub const PERMISSION_MODES: &[&str] = &["default", "acceptEdits", "plan", "bypassPermissions", "dontAsk"];
 
 /// The body of `POST /execute` and `POST /jobs`, as sent. Unknown fields are ignored;
@@ -184,6 +258,14 @@ pub struct ExecuteRequest {
     pub push_branch: Option<String>,
     pub commit_message: Option<String>,
     pub idempotency_key: Option<String>,
+    /// Claude stops once a run has cost this much (`--max-budget-usd`).
+    pub max_budget_usd: Option<f64>,
+    /// `POST /jobs` only: wait in the queue while the usage window is used up (default),
+    /// or be refused at once like `/execute`.
+    pub wait_for_usage: Option<bool>,
+    /// Where the edge POSTs the job's result when it ends (signed; hosts in the edge's
+    /// `CALLBACK_HOSTS` only).
+    pub callback_url: Option<String>,
     /// Labels the agent must offer (all of them): `{"gpu": "a100"}` or `"gpu=a100,os=linux"`.
     pub labels: Option<LabelsField>,
     /// Only this agent may run the job.
@@ -210,6 +292,10 @@ pub struct Submission {
     pub idempotency_key: Option<String>,
     /// Where it may run, whose it is, its priority.
     pub placement: Placement,
+    /// See [`ExecuteRequest::wait_for_usage`].
+    pub wait_for_usage: bool,
+    /// See [`ExecuteRequest::callback_url`] (its host is checked by the edge).
+    pub callback_url: Option<String>,
 }
 
 impl ExecuteRequest {
@@ -286,6 +372,16 @@ impl ExecuteRequest {
                 ));
             }
         }
+        if let Some(b) = self.max_budget_usd {
+            if !(b.is_finite() && b > 0.0 && b <= MAX_BUDGET_USD) {
+                return Err(ApiError::invalid(format!("`max_budget_usd` must be a number above 0 and at most {MAX_BUDGET_USD}")));
+            }
+        }
+        if let Some(url) = &self.callback_url {
+            if url.is_empty() || url.len() > 2048 || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ApiError::invalid("`callback_url` must be one URL of at most 2048 characters"));
+            }
+        }
         let idempotency_key = header_key.map(str::to_string).or(self.idempotency_key);
         if let Some(k) = &idempotency_key {
             if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY || k.chars().any(char::is_control) {
@@ -310,10 +406,13 @@ impl ExecuteRequest {
                 append_system_prompt: self.append_system_prompt,
                 session_id: self.session_id,
                 include_diff: self.include_diff.unwrap_or(false),
+                max_budget_usd: self.max_budget_usd,
                 allow_stale: self.allow_stale.unwrap_or(false),
                 push_branch,
                 commit_message: self.commit_message,
             },
+            wait_for_usage: self.wait_for_usage.unwrap_or(true),
+            callback_url: self.callback_url,
             idempotency_key,
         })
     }
@@ -434,7 +533,21 @@ pub struct JobView {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub result: Option<ExecuteResponse>,
+    /// The start of the job's prompt (the first 200 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
 }
+
+/// The answer of `GET /jobs`: jobs waiting or running (oldest first), then the most
+/// recently finished ones (newest first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobList {
+    pub active: Vec<JobView>,
+    pub finished: Vec<JobView>,
+}
+
+/// How many finished jobs `GET /jobs` lists.
+pub const LISTED_FINISHED_JOBS: usize = 20;
 
 /// `GET /health`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -450,6 +563,9 @@ pub struct Health {
     /// Agents connected that can take work now (not paused, login usable).
     #[serde(default)]
     pub agents_taking_work: usize,
+    /// The subscription's usage window, when Claude has reported one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::usage::UsageView>,
 }
 
 /// One pool in `GET /pools`.

@@ -27,6 +27,8 @@ pub enum Domain {
     Progress,
     /// Agent → edge: a job's result.
     Result,
+    /// Agent → edge: how a relayed `claude auth login` goes.
+    LoginReport,
 }
 
 impl Domain {
@@ -39,6 +41,7 @@ impl Domain {
             Domain::Welcome => b"claude-runner/v1/edge-welcome\n",
             Domain::Progress => b"claude-runner/v1/agent-progress\n",
             Domain::Result => b"claude-runner/v1/agent-result\n",
+            Domain::LoginReport => b"claude-runner/v1/agent-login\n",
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct JobSpec {
     pub session_id: Option<String>,
     #[serde(default)]
     pub include_diff: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_budget_usd: Option<f64>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_stale: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -61,6 +63,12 @@ pub struct JobResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files_changed: Option<Vec<FileChange>>,
     pub error_code: Option<ErrorCode>,
+    /// Whether the same request sent again (later, or elsewhere) may succeed; on failures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retryable: Option<bool>,
+    /// When to try again (RFC 3339), for `USAGE_LIMIT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<String>,
     /// The commit Claude started from (jobs with a `repo_url`).
     #[serde(default)]
     pub commit: Option<String>,
@@ -103,6 +111,7 @@ impl JobResult {
             success: false,
             error: Some(error.into()),
             error_code: Some(code),
+            retryable: Some(code.retryable()),
             duration_ms,
             ..JobResult::default()
         }

@@ -7,6 +7,7 @@
 //! - [`job`]: a job as both sides see it: the validated spec the agent runs, its result,
 //!   its lifecycle states.
 //! - [`oauth`]: the agent's report of its Claude login, and how the edge judges it.
+//! - [`usage`]: the subscription's usage window (Claude's `rate_limit_event`s).
 //! - [`repo`]: repository addresses (`repo_url`), git names, and mirror names.
 //! - [`placement`]: agent labels, and where a job may run, whose it is, its priority.
 //! - [`protocol`]: the versioned messages of the agent ⇄ edge WebSocket.
@@ -27,6 +28,7 @@ pub mod protocol;
 pub mod repo;
 pub mod text;
 pub mod time;
+pub mod usage;
 
 /// Milliseconds since the Unix epoch. Every timestamp in the system is one of these; the
 /// host reads the clock and passes it in.

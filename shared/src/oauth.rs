@@ -35,6 +35,9 @@ pub struct OAuthReport {
     /// Why the credentials could not be read, if they could not.
     pub problem: Option<String>,
     pub reported_at: Millis,
+    /// The subscription's usage window, as Claude last reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::usage::UsageWindow>,
 }
 
 impl OAuthReport {
@@ -48,6 +51,7 @@ impl OAuthReport {
             auth_failed: false,
             problem: None,
             reported_at: now,
+            usage: None,
         }
     }
 }
@@ -66,6 +70,12 @@ pub struct OAuthStatus {
     pub reported_at: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+    /// The subscription's usage window, when Claude has reported one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::usage::UsageView>,
+    /// What to do next, when something needs a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_step: Option<String>,
 }
 
 /// How healthy a login is, for `/health`.
@@ -103,7 +113,32 @@ impl OAuthReport {
             subscription_type: self.subscription_type.clone(),
             reported_at: crate::time::rfc3339(self.reported_at),
             problem: self.problem.clone(),
+            usage: self.usage.as_ref().map(|u| u.view(now)),
+            next_step: self.next_step(now),
         }
+    }
+
+    /// What a person should do about this login now, if anything.
+    pub fn next_step(&self, now: Millis) -> Option<String> {
+        const RELOGIN: &str = "log in again: open the edge's page (GET /) and follow \"Log in again\", run `claude-runner login` from anywhere, or `claude auth login` on the runner machine";
+        match self.health(now) {
+            LoginHealth::Broken if self.auth_failed => Some(format!("Claude's last run failed to authenticate (OAuth); {RELOGIN}")),
+            LoginHealth::Broken if self.source == OAuthSource::None => Some(format!("Claude is not logged in (OAuth); {RELOGIN}")),
+            LoginHealth::Broken => Some(format!("the OAuth login can no longer be refreshed; {RELOGIN}")),
+            LoginHealth::AttentionSoon => Some(format!("the OAuth login ends soon; {RELOGIN}")),
+            LoginHealth::Good => match self.usage.as_ref().and_then(|u| u.blocked_until().filter(|t| *t > now)) {
+                Some(t) => Some(format!(
+                    "the subscription's usage window is used up until {}; new work waits for it (or runs elsewhere)",
+                    crate::time::rfc3339(t)
+                )),
+                None => None,
+            },
+        }
+    }
+
+    /// Whether Claude cannot run now because its usage window is used up.
+    pub fn usage_blocked(&self, now: Millis) -> bool {
+        self.usage.as_ref().is_some_and(|u| u.blocks(now))
     }
 
     pub fn health(&self, now: Millis) -> LoginHealth {
@@ -147,6 +182,7 @@ mod tests {
             auth_failed: false,
             problem: None,
             reported_at: 0,
+            usage: None,
         }
     }
 

@@ -26,8 +26,9 @@ use serde::{Deserialize, Serialize};
 /// 2: jobs may carry a repository (`repo_url`, `push_branch`…). An agent of version 1 would
 /// ignore those fields and run the task in an empty folder, so the versions refuse each other.
 /// 3: slots are stated absolutely (free slots and orders received), not as increments.
-/// 4: pools signed into welcomes and orders; progress and results signed by the agent,
-/// bound to the order they answer.
+/// 4: pools signed into welcomes and orders; progress, results and the re-login relay's
+/// reports signed by the agent, bound to the order they answer; the usage window in the
+/// login report.
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
@@ -111,7 +112,12 @@ pub enum AgentMessage {
     /// the edge can pick the key to verify with and refuse another version by name.
     Hello { protocol: u32, agent_id: String, envelope: Envelope },
     /// `running`: every job the agent holds and has not sent a result for, as of the same
-    /// moment as `slots`.
+    /// moment as `slots`. The agent also sends one at once when its login or usage window
+    /// changes. Not signed, unlike progress, results and [`LoginReport`]s: those settle a
+    /// job or a relayed login the edge ordered, while a heartbeat's login report only
+    /// decides when work is sent — a forged "logged in" sends jobs to the real agent, which
+    /// fails them signed (`RUNNER_OAUTH_ERROR`), and a forged "used up" holds work back,
+    /// which whoever sits on the path can do anyway by holding the frames.
     Heartbeat {
         running: Vec<String>,
         capacity: u32,
@@ -142,8 +148,8 @@ pub enum AgentMessage {
     Event { envelope: Envelope },
     /// A job's result: a signed [`ResultReport`].
     Result { envelope: Envelope },
-    /// Outcome of a login order.
-    LoginProgress { request_id: String, url: Option<String>, done: bool, error: Option<String> },
+    /// How a relayed `claude auth login` goes: a signed [`LoginReport`].
+    LoginProgress { envelope: Envelope },
     #[serde(other)]
     Unknown,
 }
@@ -214,6 +220,25 @@ pub struct ResultReport {
     pub result: JobResult,
 }
 
+/// How a relayed `claude auth login` goes — its authorization URL once printed, then its
+/// outcome with the login as the agent now reads it — signed by the agent
+/// ([`crate::envelope::Domain::LoginReport`]) and bound to the login order it answers: it
+/// tells the edge the agent is logged in again (work is let go on it), so whoever sits on
+/// the path may not make one up, nor replay one from another login.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoginReport {
+    pub login_id: String,
+    /// The nonce of the login order it answers ([`OrderHeader::nonce`]).
+    pub order_nonce: String,
+    pub state: LoginState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth: Option<OAuthReport>,
+}
+
 /// What the edge signs to answer the hello.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Welcome {
@@ -241,8 +266,18 @@ pub struct CancelOrder {
     pub reason: String,
 }
 
+/// Where a relayed login stands, as the agent reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoginState {
+    /// `claude auth login` printed its URL and waits for the code.
+    AwaitingCode,
+    LoggedIn,
+    Failed,
+}
+
 /// Re-login relay: start `claude auth login`, or hand it the code the person pasted.
-/// `header.job_id` carries the login request's id.
+/// `header.job_id` carries the login's id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoginOrder {
     #[serde(flatten)]
@@ -288,6 +323,12 @@ impl AgentMessage {
     pub fn progress(job_id: &str, order_nonce: &str, seq: u64, event: serde_json::Value, key: &SigningKey) -> AgentMessage {
         let report = ProgressReport { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), seq, event };
         AgentMessage::Event { envelope: Envelope::seal(Domain::Progress, &report, key) }
+    }
+
+    /// A report on the relayed login the order `report.order_nonce` asked for, signed with
+    /// the agent's key.
+    pub fn login(report: &LoginReport, key: &SigningKey) -> AgentMessage {
+        AgentMessage::LoginProgress { envelope: Envelope::seal(Domain::LoginReport, report, key) }
     }
 
     /// The result of the job `order_nonce` ordered, signed with the agent's key.
@@ -336,6 +377,10 @@ mod tests {
         let report: ResultReport = envelope.open(Domain::Result, &key.verifying_key()).unwrap();
         assert_eq!((report.job_id.as_str(), report.order_nonce.as_str()), ("j1", "j1:1"));
         assert!(envelope.open::<ResultReport>(Domain::Progress, &key.verifying_key()).is_err(), "a result is not progress");
+        let login = LoginReport { login_id: "l1".into(), order_nonce: "l1:start".into(), state: LoginState::AwaitingCode, url: None, error: None, oauth: None };
+        let AgentMessage::LoginProgress { envelope } = decode::<AgentMessage>(&AgentMessage::login(&login, &key).to_text()).unwrap() else { panic!("a login report") };
+        assert_eq!(envelope.open::<LoginReport>(Domain::LoginReport, &key.verifying_key()).unwrap(), login);
+        assert!(envelope.open::<LoginReport>(Domain::Result, &key.verifying_key()).is_err(), "a login report is not a result");
         let m = EdgeMessage::ResultAck { job_id: "j".into() };
         assert_eq!(decode::<EdgeMessage>(&m.to_text()).unwrap(), m);
     }

@@ -21,6 +21,12 @@ Scenarios (--mode, or env FAKE_ANTHROPIC_MODE):
                 system prompt ("Primary working directory: …"), so a Write can target the
                 job's own checkout
   stall         message requests get no answer at all (for timeouts)
+  rate_limited  message requests get 429 with the subscription's usage window rejected, the
+                way the real API answers a Claude subscription that used up its window: a
+                rate_limit_error body and the `anthropic-ratelimit-unified-*` headers the CLI
+                reads (status, reset, representative-claim, and the per-window 5h-* ones);
+                the reset is --reset-in seconds from now (env FAKE_ANTHROPIC_RESET_IN)
+  warning       the text answer, with headers saying the window is at 91 % (allowed_warning)
 
 Every request is appended as one JSON line to --log (env FAKE_ANTHROPIC_LOG): method, path,
 the headers that matter (credentials only as "present"), and the parsed JSON body.
@@ -130,6 +136,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if opts.mode == "stall":
             time.sleep(3600)
             return
+        if opts.mode == "rate_limited":
+            reset = str(int(time.time()) + opts.reset_in)
+            headers = {
+                "anthropic-ratelimit-unified-status": "rejected",
+                "anthropic-ratelimit-unified-reset": reset,
+                "anthropic-ratelimit-unified-representative-claim": "five_hour",
+                "anthropic-ratelimit-unified-fallback": "unavailable",
+                "anthropic-ratelimit-unified-5h-status": "rejected",
+                "anthropic-ratelimit-unified-5h-reset": reset,
+                "anthropic-ratelimit-unified-5h-utilization": "1.0",
+                "anthropic-ratelimit-unified-7d-status": "allowed",
+                "anthropic-ratelimit-unified-7d-reset": str(int(time.time()) + 5 * 86400),
+                "anthropic-ratelimit-unified-7d-utilization": "0.42",
+                "anthropic-ratelimit-unified-overage-status": "rejected",
+                "anthropic-ratelimit-unified-overage-disabled-reason": "org_level_disabled",
+                "retry-after": str(opts.reset_in),
+            }
+            self.send_json(429, {"type": "error", "error": {"type": "rate_limit_error", "message": "This request would exceed your account's rate limit. Please try again later."}}, headers)
+            return
         model = body.get("model") or "claude-fake"
         tool = opts.mode == "tool_use" and not has_tool_result(body.get("messages") or [])
         if tool:
@@ -162,7 +187,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             out.append(sse("content_block_stop", {"type": "content_block_stop", "index": i}))
         out.append(sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None}, "usage": {"output_tokens": 5}}))
         out.append(sse("message_stop", {"type": "message_stop"}))
-        self.send_bytes(200, "text/event-stream", "".join(out).encode(), {"cache-control": "no-cache"})
+        extra = {"cache-control": "no-cache"}
+        if opts.mode == "warning":
+            reset = str(int(time.time()) + opts.reset_in)
+            extra.update({
+                "anthropic-ratelimit-unified-status": "allowed_warning",
+                "anthropic-ratelimit-unified-reset": reset,
+                "anthropic-ratelimit-unified-representative-claim": "five_hour",
+                "anthropic-ratelimit-unified-5h-status": "allowed_warning",
+                "anthropic-ratelimit-unified-5h-reset": reset,
+                "anthropic-ratelimit-unified-5h-utilization": "0.91",
+                "anthropic-ratelimit-unified-5h-surpassed-threshold": "0.9",
+            })
+        self.send_bytes(200, "text/event-stream", "".join(out).encode(), extra)
 
 
 def working_directory(body):
@@ -186,8 +223,9 @@ def main():
     p.add_argument("--port", type=int, default=int(os.environ.get("FAKE_ANTHROPIC_PORT", "0")))
     p.add_argument("--port-file", default=os.environ.get("FAKE_ANTHROPIC_PORT_FILE"))
     p.add_argument("--log", default=os.environ.get("FAKE_ANTHROPIC_LOG"))
-    p.add_argument("--mode", choices=["ok", "unauthorized", "tool_use", "stall"], default=os.environ.get("FAKE_ANTHROPIC_MODE", "ok"))
+    p.add_argument("--mode", choices=["ok", "unauthorized", "tool_use", "stall", "rate_limited", "warning"], default=os.environ.get("FAKE_ANTHROPIC_MODE", "ok"))
     p.add_argument("--tool", default=os.environ.get("FAKE_ANTHROPIC_TOOL", '{"name": "Read", "input": {"file_path": "/etc/hostname"}}'))
+    p.add_argument("--reset-in", type=int, default=int(os.environ.get("FAKE_ANTHROPIC_RESET_IN", "3600")))
     p.add_argument("--text", default=os.environ.get("FAKE_ANTHROPIC_TEXT", DEFAULT_TEXT))
     opts = p.parse_args()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", opts.port), Handler)

@@ -42,6 +42,9 @@ pub struct SoakOptions {
     pub faults: bool,
 }
 
+/// Faults a soak injects at least (while its time lasts).
+pub const MIN_FAULTS: u64 = 3;
+
 impl Default for SoakOptions {
     fn default() -> Self {
         SoakOptions { kind: EdgeKind::Native, jobs: 1000, callers: 6, max: Duration::from_secs(600), seed: 1, faults: true }
@@ -223,10 +226,12 @@ pub async fn soak(opts: SoakOptions) -> Report {
     let callers: Vec<_> =
         (0..opts.callers).map(|c| tokio::spawn(world.clone().caller(opts.jobs, opts.seed.wrapping_mul(31).wrapping_add(c as u64 + 7)))).collect();
 
-    // Faults until the callers are done.
     let mut faults: BTreeMap<String, u64> = BTreeMap::new();
     let mut rng = Rng(opts.seed.wrapping_mul(2654435761) | 1);
-    while opts.faults && callers.iter().any(|c| !c.is_finished()) {
+    // Until the callers are done — and at least MIN_FAULTS in all (each turn adds one), so
+    // a run whose callers finish during one slow fault (an edge restart on a loaded
+    // machine) still puts its jobs through enough chaos to mean something.
+    while opts.faults && (callers.iter().any(|c| !c.is_finished()) || faults.values().sum::<u64>() < MIN_FAULTS) {
         if started.elapsed() > opts.max {
             world.stop.store(true, Ordering::SeqCst);
         }

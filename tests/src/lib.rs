@@ -542,6 +542,15 @@ impl Client {
         self.wait_health(200).await
     }
 
+    /// Polls until `/health` (read with the secret) says the agent's login needs a person.
+    pub async fn wait_needs_login(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.health_full().await.body["oauth"]["needs_login"] != true {
+            assert!(Instant::now() < deadline, "the agent never reported its missing login");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn wait_health(&self, status: u16) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -816,4 +825,68 @@ impl EdgeServer {
 /// Resident memory of a process in KiB (`VmRSS`).
 pub fn rss_kib(pid: u32) -> Option<u64> {
     proc_status_kib(pid, "VmRSS")
+}
+
+/// One request a [`Webhook`] received.
+#[derive(Debug, Clone)]
+pub struct Hook {
+    pub path: String,
+    /// Header names in lower case.
+    pub headers: HashMap<String, String>,
+    pub body: String,
+}
+
+/// A local test webhook on 127.0.0.1: records every POST and answers each with the next
+/// status of its script (then 200).
+pub struct Webhook {
+    pub port: u16,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Hook>>>,
+}
+
+impl Webhook {
+    pub fn start(script: Vec<u16>) -> Webhook {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = std::sync::Arc::clone(&received);
+        std::thread::spawn(move || {
+            let mut script = script.into_iter();
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                let mut headers = HashMap::new();
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = h.split_once(':') {
+                        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                    }
+                }
+                let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+                let mut body = vec![0u8; len];
+                let _ = reader.read_exact(&mut body);
+                log.lock().unwrap().push(Hook { path, headers, body: String::from_utf8_lossy(&body).into_owned() });
+                let status = script.next().unwrap_or(200);
+                let _ = write!(stream, "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            }
+        });
+        Webhook { port, received }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn received(&self) -> Vec<Hook> {
+        self.received.lock().unwrap().clone()
+    }
 }

@@ -3,7 +3,7 @@
 //! agents and the edge are killed and stopped at random. Every promise is checked at the
 //! end; a broken one fails the test with the soak's report.
 
-use harness::chaos::{soak, SoakOptions};
+use harness::chaos::{soak, SoakOptions, MIN_FAULTS};
 use harness::EdgeKind;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ async fn short_soak(kind: EdgeKind, jobs: usize) {
     let text = serde_json::to_string_pretty(&report).unwrap();
     println!("{text}");
     assert!(report.problems.is_empty(), "{text}");
-    assert!(report.faults.values().sum::<u64>() >= 3, "too few faults to mean anything: {text}");
+    assert!(report.faults.values().sum::<u64>() >= MIN_FAULTS, "too few faults to mean anything: {text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,11 @@ struct Setup {
 }
 
 async fn setup(kind: EdgeKind, edge_settings: &[(&str, &str)], agent_env: &[(&str, &str)]) -> Setup {
+    setup_with(kind, edge_settings, agent_env, true).await
+}
+
+/// `online`: wait until `/health` says the agent can work.
+async fn setup_with(kind: EdgeKind, edge_settings: &[(&str, &str)], agent_env: &[(&str, &str)], online: bool) -> Setup {
     let keys = Keys::new(&["spark"]);
     let edge = EdgeServer::start(kind, &keys, edge_settings);
     let mut opts = AgentOpts::for_edge(&edge, "spark");
@@ -23,7 +28,9 @@ async fn setup(kind: EdgeKind, edge_settings: &[(&str, &str)], agent_env: &[(&st
     }
     let agent = AgentProc::start(opts);
     let client = Client::new(&edge.url());
-    client.wait_online().await;
+    if online {
+        client.wait_online().await;
+    }
     Setup { edge, agent, client }
 }
 
@@ -261,19 +268,336 @@ async fn claude_errors_are_failures(kind: EdgeKind) {
     assert!(a.body["error"].as_str().unwrap().contains("without a result"));
 }
 
+/// Waits up to `within` for an async condition.
+async fn eventually_async<F, Fut>(within: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// How long `/health` takes to reach `status`, polled until `within`.
+async fn health_after(client: &Client, status: u16, within: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if client.health().await.status == status {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    None
+}
+
 async fn an_auth_failure_says_log_in_again(kind: EdgeKind) {
-    let s = setup(kind, &[], &[]).await;
+    // Heartbeats every 10 s: what the edge learns sooner, the agent reported at once.
+    let s = setup(kind, &[("HEARTBEAT_INTERVAL_MS", "10000")], &[]).await;
     let a = s.client.execute(json!({"prompt": "@auth_error"})).await;
     assert_eq!(a.body["error_code"], "RUNNER_OAUTH_ERROR", "{}", a.text);
-    assert!(a.body["error"].as_str().unwrap().contains("log in"));
-    // The next heartbeat tells the edge; health turns unhealthy (503).
-    s.client.wait_health(503).await;
+    assert_eq!(a.body["retryable"], true, "{}", a.text);
+    let error = a.body["error"].as_str().unwrap();
+    assert!(error.contains("log in") && error.contains("OAuth"), "callers look for `OAuth`: {error}");
+    // The agent reports it at once (not with the next heartbeat): health turns unhealthy.
+    assert!(health_after(&s.client, 503, Duration::from_secs(3)).await.is_some(), "the auth failure was not reported at once");
     let h = s.client.health_full().await;
     assert_eq!(h.body["status"], "unhealthy");
     assert_eq!(h.body["oauth"]["needs_login"], true);
-    // A later success clears it.
+    assert!(h.body["oauth"]["next_step"].as_str().unwrap().contains("log in again"), "{}", h.text);
+    // New /execute calls fall back at once, without reaching Claude.
+    let runs = s.agent.claude_runs().len();
+    let started = Instant::now();
+    let a = s.client.execute(json!({"prompt": "not now"})).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(a.status, 503, "{}", a.text);
+    assert_eq!(a.body["error_code"], "RUNNER_OAUTH_ERROR");
+    assert_eq!(a.body["fallback"], true);
+    assert!(a.body["error"].as_str().unwrap().contains("OAuth"), "{}", a.text);
+    // A detached job waits for a login instead.
+    let queued = s.client.submit(json!({"prompt": "after the new login"})).await;
+    assert_eq!(queued.status, 202, "{}", queued.text);
+    let job_id = queued.body["job_id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.client.get(&format!("/jobs/{job_id}")).await.body["state"], "queued");
+    assert_eq!(s.agent.claude_runs().len(), runs, "nothing ran while the login was broken");
+    // The credentials change (someone logged in on the runner): the edge knows within
+    // about two seconds, and the held job runs by itself.
+    let creds = s.agent.data.path().join("claude-config/.credentials.json");
+    let file = json!({"claudeAiOauth": {"accessToken": "sk-ant-oat01-new-login-0123456789", "refreshToken": "sk-ant-ort01-new-login-0123456789",
+        "expiresAt": 4_102_444_800_000u64, "scopes": ["user:inference"], "subscriptionType": "max"}});
+    std::fs::write(&creds, file.to_string()).unwrap();
+    // Seen by the agent within a second and reported at once (2 s promised; a little
+    // slack for a loaded machine, far below the 10 s heartbeat).
+    let seen = health_after(&s.client, 200, Duration::from_secs(4)).await;
+    assert!(seen.is_some(), "the new login did not show within 4 s");
+    let job = s.client.wait_job(&job_id, Duration::from_secs(20)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(s.client.execute(json!({"prompt": "fine now"})).await.body["success"], true);
+}
+
+async fn the_login_relay_logs_the_agent_in_again(kind: EdgeKind) {
+    // No login at all on the agent: no credentials file, no token.
+    let s = setup_with(kind, &[], &[("CLAUDE_CODE_OAUTH_TOKEN", "")], false).await;
+    let client = s.client.clone();
+    let connected = eventually_async(Duration::from_secs(30), || {
+        let client = client.clone();
+        async move { client.health_full().await.body["agent"]["connected"] == true }
+    });
+    assert!(connected.await, "the agent never connected");
+    let h = s.client.health_full().await;
+    assert_eq!((h.status, &h.body["status"], &h.body["oauth"]["needs_login"]), (503, &json!("unhealthy"), &json!(true)), "{}", h.text);
+    let a = s.client.execute(json!({"prompt": "x"})).await;
+    assert_eq!((a.status, a.body["error_code"].as_str()), (503, Some("RUNNER_OAUTH_ERROR")), "{}", a.text);
+    let held = s.client.submit(json!({"prompt": "held for the login"})).await;
+    let held_id = held.body["job_id"].as_str().unwrap().to_string();
+
+    // Start: the agent's `claude auth login` prints its URL, which the caller gets.
+    let secretless = s.client.send("POST", "/oauth/login", None, Some(b"{}".to_vec())).await;
+    assert_eq!(secretless.status, 403);
+    let start = s.client.send("POST", "/oauth/login", Some(SECRET), Some(b"{}".to_vec())).await;
+    assert_eq!(start.status, 200, "{}", start.text);
+    assert_eq!(start.body["state"], "awaiting_code");
+    assert_eq!(start.body["agent_id"], "spark");
+    let url = start.body["url"].as_str().unwrap().to_string();
+    assert!(url.starts_with("https://claude.ai/oauth/authorize?"), "{url}");
+    let login_id = start.body["login_id"].as_str().unwrap().to_string();
+    // One login at a time: asking again gives the same one.
+    let again = s.client.send("POST", "/oauth/login", Some(SECRET), None).await;
+    assert_eq!(again.body["login_id"], login_id.as_str(), "{}", again.text);
+    let code = |login_id: &str, code: &str| json!({"login_id": login_id, "code": code}).to_string().into_bytes();
+    let unknown = s.client.send("POST", "/oauth/login/code", Some(SECRET), Some(code("nope", "good-1"))).await;
+    assert_eq!(unknown.status, 404, "{}", unknown.text);
+    for bad in [b"{}".to_vec(), b"[1]".to_vec(), code(&login_id, "two words"), code(&login_id, "")] {
+        assert_eq!(s.client.send("POST", "/oauth/login/code", Some(SECRET), Some(bad)).await.status, 400);
+    }
+    // A wrong code: the login fails with a reason, and is over.
+    let wrong = s.client.send("POST", "/oauth/login/code", Some(SECRET), Some(code(&login_id, "wrong-code-77"))).await;
+    assert_eq!(wrong.status, 502, "{}", wrong.text);
+    assert_eq!(wrong.body["error_code"], "RUNNER_OAUTH_ERROR");
+    let why = wrong.body["error"].as_str().unwrap();
+    assert!(why.contains("Invalid authorization code") && !why.contains("wrong-code-77"), "{why}");
+    assert_eq!(s.client.get(&format!("/jobs/{held_id}")).await.body["state"], "queued", "jobs wait, not fail");
+
+    // Again, with the right code: logged in, and the held job runs.
+    let start = s.client.send("POST", "/oauth/login", Some(SECRET), Some(b"{}".to_vec())).await;
+    let second_id = start.body["login_id"].as_str().unwrap().to_string();
+    assert_ne!(second_id, login_id);
+    let done = s.client.send("POST", "/oauth/login/code", Some(SECRET), Some(code(&second_id, "good-code-42"))).await;
+    assert_eq!(done.status, 200, "{}", done.text);
+    assert_eq!(done.body["state"], "logged_in");
+    assert_eq!(done.body["oauth"]["needs_login"], false, "{}", done.text);
+    assert_eq!(done.body["oauth"]["source"], "credentials_file");
+    assert_eq!(done.body["oauth"]["subscription_type"], "max");
+    assert!(!done.text.contains("sk-ant"), "no token in the answer: {}", done.text);
     s.client.wait_health(200).await;
+    let job = s.client.wait_job(&held_id, Duration::from_secs(20)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    // The code and the URL were never logged, on either side.
+    for log in [s.agent.log(), s.edge.log()] {
+        for secret in ["good-code-42", "wrong-code-77", "oauth/authorize"] {
+            assert!(!log.contains(secret), "{secret} in a log:\n{log}");
+        }
+    }
+    assert!(s.agent.log().contains("login succeeded"), "{}", s.agent.log());
+}
+
+async fn a_used_up_usage_window_holds_work_until_its_reset(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let a = s.client.execute(json!({"prompt": "@rate_limited=4"})).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["error_code"], "USAGE_LIMIT", "{}", a.text);
+    assert_eq!(a.body["retryable"], true);
+    let retry_at = a.body["retry_at"].as_str().expect("retry_at").to_string();
+    // /health: degraded (still 200: the agent and its login are fine) with the window.
+    let h = s.client.health_full().await;
+    assert_eq!(h.status, 200, "{}", h.text);
+    assert_eq!(h.body["status"], "degraded", "{}", h.text);
+    assert_eq!(h.body["usage"]["status"], "rejected");
+    assert_eq!(h.body["usage"]["type"], "five_hour");
+    assert_eq!(h.body["usage"]["resets_at"], retry_at.as_str());
+    // New /execute calls fall back at once, saying when to retry.
+    let runs = s.agent.claude_runs().len();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/execute", s.edge.url()))
+        .header("X-Runner-Secret", SECRET)
+        .body(json!({"prompt": "now?"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    let retry_after: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=5).contains(&retry_after), "Retry-After {retry_after}");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error_code"], "USAGE_LIMIT");
+    assert_eq!(body["fallback"], true);
+    assert_eq!(body["retry_at"], retry_at.as_str());
+    let impatient = s.client.submit(json!({"prompt": "not waiting", "wait_for_usage": false})).await;
+    assert_eq!((impatient.status, impatient.body["error_code"].as_str()), (503, Some("USAGE_LIMIT")), "{}", impatient.text);
+    // A detached job waits for the reset, then runs by itself.
+    let held = s.client.submit(json!({"prompt": "after the reset"})).await;
+    assert_eq!(held.status, 202, "{}", held.text);
+    let held_id = held.body["job_id"].as_str().unwrap().to_string();
+    assert_eq!(s.client.get(&format!("/jobs/{held_id}")).await.body["state"], "queued");
+    assert_eq!(s.agent.claude_runs().len(), runs, "nothing reached Claude while the window was used up");
+    let job = s.client.wait_job(&held_id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let started = job["started_at"].as_str().unwrap();
+    assert!(started >= retry_at.as_str(), "ran at {started}, before the reset at {retry_at}");
+    s.client.wait_health(200).await;
+    assert_eq!(s.client.health().await.body["status"], "healthy");
+}
+
+async fn failures_say_which_class_and_whether_to_retry(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    for (prompt, code, retryable) in [("@max_turns", "MAX_TURNS", false), ("@max_budget", "BUDGET_EXCEEDED", false), ("@is_error", "CLAUDE_ERROR", true)] {
+        let a = s.client.execute(json!({"prompt": prompt, "max_budget_usd": 0.25})).await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        assert_eq!(a.body["error_code"], code, "{}", a.text);
+        assert_eq!(a.body["retryable"], retryable, "{}", a.text);
+    }
+    let argv: Vec<String> = serde_json::from_value(s.agent.claude_runs()[0]["argv"].clone()).unwrap();
+    assert!(argv.contains(&"--max-budget-usd=0.25".to_string()), "{argv:?}");
+    let ok = s.client.execute(json!({"prompt": "fine"})).await;
+    assert!(ok.body.get("retryable").is_none(), "only failures carry it: {}", ok.text);
+    for bad in [json!({"prompt": "x", "max_budget_usd": 0}), json!({"prompt": "x", "max_budget_usd": "lots"}), json!({"prompt": "x", "max_budget_usd": -1})] {
+        assert_eq!(s.client.execute(bad).await.status, 400);
+    }
+}
+
+async fn alerts_reach_a_webhook_once_each(kind: EdgeKind) {
+    let hook = Webhook::start(vec![]);
+    let notify_url = hook.url("/runner-alerts");
+    let settings = [("NOTIFY_URL", notify_url.as_str()), ("OFFLINE_ALERT_MS", "2000"), ("OAUTH_WARN_HOURS", "24")];
+    // A login that cannot refresh itself and ends in five hours: attention needed soon.
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &settings);
+    let mut opts = AgentOpts::for_edge(&edge, "spark").env("CLAUDE_CODE_OAUTH_TOKEN", "");
+    opts.claude_bin = bin("claude-standin");
+    let mut agent = AgentProc::start(opts);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let creds = json!({"claudeAiOauth": {"accessToken": "sk-ant-oat01-alert-access-0123456789", "expiresAt": now + 5 * 3_600_000,
+        "scopes": ["user:inference"], "subscriptionType": "max"}});
+    std::fs::write(agent.data.path().join("claude-config/.credentials.json"), creds.to_string()).unwrap();
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let kinds = |hook: &Webhook| hook.received().iter().map(|h| h.headers.get("x-claude-runner-alert").cloned().unwrap_or_default()).collect::<Vec<_>>();
+    assert!(eventually(Duration::from_secs(10), || kinds(&hook).contains(&"login_soon".to_string())).await, "{:?}", kinds(&hook));
+    // The usage window is used up, then opens again two seconds later.
+    let a = client.execute(json!({"prompt": "@rate_limited=2"})).await;
+    assert_eq!(a.body["error_code"], "USAGE_LIMIT", "{}", a.text);
+    assert!(eventually(Duration::from_secs(10), || kinds(&hook).contains(&"usage_reset".to_string())).await, "{:?}", kinds(&hook));
+    client.wait_online().await;
+    // Claude fails to authenticate: log in now.
+    let a = client.execute(json!({"prompt": "@auth_error"})).await;
+    assert_eq!(a.body["error_code"], "RUNNER_OAUTH_ERROR", "{}", a.text);
+    assert!(eventually(Duration::from_secs(10), || kinds(&hook).contains(&"login_needed".to_string())).await, "{:?}", kinds(&hook));
+    // The agent goes away for longer than OFFLINE_ALERT_MS.
+    agent.stop();
+    assert!(eventually(Duration::from_secs(15), || kinds(&hook).contains(&"offline".to_string())).await, "{:?}", kinds(&hook));
+    // Nothing twice, however many heartbeats and ticks went by.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = kinds(&hook);
+    got.sort();
+    assert_eq!(got, ["login_needed", "login_soon", "offline", "usage_rejected", "usage_reset"], "{:?}", hook.received());
+    for h in hook.received() {
+        assert_eq!(h.path, "/runner-alerts");
+        assert!(h.headers.contains_key("title") && !h.body.is_empty(), "{h:?}");
+        assert!(!h.body.contains("sk-ant") && !h.body.contains("0123456789"), "a token in an alert: {h:?}");
+    }
+    let offline = hook.received().into_iter().find(|h| h.headers["x-claude-runner-alert"] == "offline").unwrap();
+    assert!(offline.body.contains("No agent has been connected"), "{}", offline.body);
+}
+
+async fn callbacks_are_signed_and_retried(kind: EdgeKind) {
+    use hmac::{Hmac, Mac};
+    // The receiver fails twice, then takes it.
+    let hook = Webhook::start(vec![500, 503]);
+    let s = setup(kind, &[("CALLBACK_HOSTS", "127.0.0.1")], &[]).await;
+    let a = s.client.submit(json!({"prompt": "call me back", "callback_url": hook.url("/result?job=1")})).await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    // Retried with backoff (2 s, then 4 s) until it is taken.
+    assert!(eventually(Duration::from_secs(30), || hook.received().len() >= 3).await, "{:?}", hook.received());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = hook.received();
+    assert_eq!(got.len(), 3, "not posted again once taken: {got:?}");
+    for h in &got {
+        assert_eq!(h.path, "/result?job=1");
+        assert_eq!(h.headers["x-runner-job-id"], job_id);
+        let timestamp = &h.headers["x-runner-timestamp"];
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+        mac.update(format!("{timestamp}.{}", h.body).as_bytes());
+        let expected: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(h.headers["x-runner-signature"], format!("sha256={expected}"), "signed with the runner secret");
+        let body: serde_json::Value = serde_json::from_str(&h.body).unwrap();
+        assert_eq!(body["job_id"], job_id.as_str());
+        assert_eq!(body["state"], "succeeded");
+        assert_eq!(body["result"]["output"], "stand-in answer to: call me back");
+    }
+    // Hosts not on CALLBACK_HOSTS, or plain http off this machine, are refused.
+    for url in ["https://elsewhere.example.com/cb", "http://example.com/cb", "https://127.0.0.1.evil.com/cb"] {
+        let a = s.client.submit(json!({"prompt": "x", "callback_url": url})).await;
+        assert_eq!(a.status, 400, "{url}: {}", a.text);
+        assert!(a.body["error"].as_str().unwrap().contains("callback_url"), "{}", a.text);
+    }
+}
+
+async fn every_credential_state_shows_in_health_and_oauth_status(kind: EdgeKind) {
+    // The agent reads its credentials file only (no token in its environment).
+    let s = setup_with(kind, &[("HEARTBEAT_INTERVAL_MS", "10000")], &[("CLAUDE_CODE_OAUTH_TOKEN", "")], false).await;
+    let creds = s.agent.data.path().join("claude-config/.credentials.json");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let h = 3_600_000u64;
+    let file = |access_at: u64, refresh: bool, refresh_at: Option<u64>| {
+        let mut entry = json!({"accessToken": format!("sk-ant-oat01-state-{access_at}"), "expiresAt": access_at, "scopes": ["user:inference"], "subscriptionType": "pro"});
+        if refresh {
+            entry["refreshToken"] = json!("sk-ant-ort01-state-refresh");
+        }
+        if let Some(t) = refresh_at {
+            entry["refreshTokenExpiresAt"] = json!(t);
+        }
+        json!({"claudeAiOauth": entry}).to_string()
+    };
+    // (file, /health status code, status, needs_login, source)
+    let states: Vec<(Option<String>, u16, &str, bool, &str)> = vec![
+        (None, 503, "unhealthy", true, "none"),
+        (Some(file(now + 8 * h, true, None)), 200, "healthy", false, "credentials_file"),
+        (Some(file(now - h, true, None)), 200, "healthy", false, "credentials_file"),
+        (Some(file(now + h, false, None)), 200, "degraded", false, "credentials_file"),
+        (Some(file(now - h, false, None)), 503, "unhealthy", true, "credentials_file"),
+        (Some(file(now + 8 * h, true, Some(now + 2 * h))), 200, "degraded", false, "credentials_file"),
+        (Some(file(now - h, true, Some(now - 1))), 503, "unhealthy", true, "credentials_file"),
+        (Some("{not json".to_string()), 503, "unhealthy", true, "none"),
+    ];
+    for (i, (content, code, status, needs_login, source)) in states.into_iter().enumerate() {
+        match &content {
+            Some(text) => std::fs::write(&creds, text).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(&creds);
+            }
+        }
+        // Each change is reported at once (heartbeats are 10 s apart here).
+        let client = s.client.clone();
+        let shown = eventually_async(Duration::from_secs(5), || {
+            let client = client.clone();
+            async move {
+                let h = client.health_full().await;
+                h.status == code && h.body["status"] == status && h.body["oauth"]["source"] == source
+            }
+        });
+        assert!(shown.await, "state {i}: {}", s.client.health_full().await.text);
+        let o = s.client.get("/oauth/status").await;
+        assert_eq!(o.status, 200, "{}", o.text);
+        assert_eq!((o.body["needs_login"].as_bool(), o.body["source"].as_str()), (Some(needs_login), Some(source)), "state {i}: {}", o.text);
+        assert_eq!(o.body.get("next_step").is_some(), status != "healthy", "state {i}: {}", o.text);
+        assert!(!o.text.contains("sk-ant"), "no token: {}", o.text);
+    }
 }
 
 async fn megabytes_of_output_do_not_hang(kind: EdgeKind) {
@@ -826,6 +1150,12 @@ contract!(
     a_timeout_kills_claude_and_its_children,
     claude_errors_are_failures,
     an_auth_failure_says_log_in_again,
+    the_login_relay_logs_the_agent_in_again,
+    a_used_up_usage_window_holds_work_until_its_reset,
+    failures_say_which_class_and_whether_to_retry,
+    alerts_reach_a_webhook_once_each,
+    every_credential_state_shows_in_health_and_oauth_status,
+    callbacks_are_signed_and_retried,
     megabytes_of_output_do_not_hang,
     a_missing_claude_binary_is_a_clear_failure,
     tokens_never_leave_the_machine,
@@ -882,7 +1212,7 @@ async fn worker_pools_are_isolated() {
     // A pool nobody configured does not exist, and asking for it stores nothing.
     default.health().await;
     let before = stored(&edge);
-    for path in ["/health", "/execute", "/agent/connect", "/jobs/x"] {
+    for path in ["/health", "/execute", "/agent/connect", "/jobs/x", "/", "/oauth/login"] {
         let a = nowhere.send("GET", path, Some(SECRET), None).await;
         assert_eq!(a.status, 404, "{path}: {}", a.text);
         assert_eq!(a.body["error_code"], "NOT_FOUND");
@@ -907,6 +1237,19 @@ async fn worker_pools_are_isolated() {
     assert_eq!(a.status, 200, "{}", a.text);
     assert_eq!(a.body["agent_id"], "rig");
     assert_eq!(default.execute(json!({"prompt": "x"})).await.status, 503);
+
+    // The re-login relay and the page are the pool's too: gpu's secret reaches gpu's agent
+    // only, and the default pool (no agent) starts none.
+    assert_eq!(gpu.send("POST", "/oauth/login", Some(SECRET), None).await.status, 403, "the default secret on gpu's relay");
+    let start = gpu.send("POST", "/oauth/login", Some(GPU_SECRET), Some(b"{}".to_vec())).await;
+    assert_eq!((start.status, start.body["agent_id"].as_str(), start.body["state"].as_str()), (200, Some("rig"), Some("awaiting_code")), "{}", start.text);
+    let login_id = start.body["login_id"].as_str().unwrap();
+    let code = json!({"login_id": login_id, "code": "c0de"}).to_string().into_bytes();
+    let elsewhere = default.send("POST", "/oauth/login/code", Some(SECRET), Some(code)).await;
+    assert_eq!(elsewhere.status, 404, "gpu's login is unknown to the default pool: {}", elsewhere.text);
+    assert_eq!(default.send("POST", "/oauth/login", Some(SECRET), None).await.status, 503, "no agent in the default pool");
+    let page = gpu.send("GET", "/", None, None).await;
+    assert!(page.status == 200 && page.text.contains("<html"), "{} {}", page.status, page.text);
 
     // `spark` is listed in gpu with its key too, but it serves the default pool: welcomed
     // into gpu, it hangs up rather than take gpu's work.

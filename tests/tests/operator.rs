@@ -307,3 +307,135 @@ async fn the_canary_runs_a_job_through_the_cli_and_fails_one_that_changed_its_ou
     assert!(out.contains("FAIL  canary: no `system`/`init` line"), "{out}");
     assert!(out.contains("go back to the last version that passed"), "{out}");
 }
+
+fn oauth_status(claude_dir: &std::path::Path, data_dir: &std::path::Path, token: Option<&str>) -> (i32, serde_json::Value, String) {
+    let mut cmd = Command::new(bin("claude-runner"));
+    cmd.arg("oauth-status")
+        .env("CLAUDE_CONFIG_DIR", claude_dir)
+        .env("DATA_DIR", data_dir)
+        .env_remove("ANTHROPIC_API_KEY")
+        .env("CLAUDE_CODE_OAUTH_TOKEN", token.unwrap_or(""));
+    let out = cmd.output().unwrap();
+    let status = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.code().unwrap_or(-1), status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn oauth_status_shows_every_credential_state_with_what_to_do() {
+    let claude = TempDir::new("oauth-states");
+    let data = TempDir::new("oauth-states-data");
+    let creds = claude.path().join(".credentials.json");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let h = 3_600_000u64;
+    let file = |access_at: u64, refresh: bool, refresh_at: Option<u64>| {
+        let mut entry = json!({"accessToken": "sk-ant-oat01-state", "expiresAt": access_at, "scopes": ["user:inference"], "subscriptionType": "pro"});
+        if refresh {
+            entry["refreshToken"] = json!("sk-ant-ort01-state");
+        }
+        if let Some(t) = refresh_at {
+            entry["refreshTokenExpiresAt"] = json!(t);
+        }
+        std::fs::write(&creds, json!({"claudeAiOauth": entry}).to_string()).unwrap();
+    };
+    // (credentials, token env) → (exit code, needs_login, source, next step mentions)
+    let cases: Vec<(Box<dyn Fn()>, Option<&str>, i32, bool, &str, Option<&str>)> = vec![
+        (Box::new(|| {}), None, 1, true, "none", Some("not logged in")),
+        (Box::new(|| {}), Some("sk-ant-oat01-env"), 0, false, "oauth_token_env", None),
+        (Box::new(|| file(now + 8 * h, true, None)), None, 0, false, "credentials_file", None),
+        (Box::new(|| file(now - h, true, None)), None, 0, false, "credentials_file", None),
+        (Box::new(|| file(now + h, false, None)), None, 0, false, "credentials_file", Some("ends soon")),
+        (Box::new(|| file(now - h, false, None)), None, 1, true, "credentials_file", Some("can no longer be refreshed")),
+        (Box::new(|| file(now + 8 * h, true, Some(now + 2 * h))), None, 0, false, "credentials_file", Some("ends soon")),
+        (Box::new(|| file(now - h, true, Some(now - 1))), None, 1, true, "credentials_file", Some("can no longer be refreshed")),
+        (Box::new(|| std::fs::write(&creds, "{not json").unwrap()), None, 1, true, "none", Some("not logged in")),
+    ];
+    for (i, (prepare, token, code, needs_login, source, next)) in cases.into_iter().enumerate() {
+        let _ = std::fs::remove_file(&creds);
+        prepare();
+        let (exit, status, stderr) = oauth_status(claude.path(), data.path(), token);
+        assert_eq!(exit, code, "case {i}: {status} {stderr}");
+        assert_eq!(status["needs_login"], needs_login, "case {i}: {status}");
+        assert_eq!(status["source"], source, "case {i}: {status}");
+        match next {
+            Some(words) => {
+                assert!(status["next_step"].as_str().unwrap_or("").contains(words), "case {i}: {status}");
+                assert!(stderr.contains("Next:") && stderr.contains("claude-runner login"), "case {i}: {stderr}");
+            }
+            None => assert!(status.get("next_step").is_none(), "case {i}: {status}"),
+        }
+        assert!(!status.to_string().contains("sk-ant"), "no token printed: {status}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth_status_and_doctor_show_the_running_agents_usage_window() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let a = client.execute(json!({"prompt": "@rate_limited=3600"})).await;
+    assert_eq!(a.body["error_code"], "USAGE_LIMIT", "{}", a.text);
+    let claude_dir = agent.data.path().join("claude-config");
+    let data_dir = agent.data.path().join("data");
+    // The status file is rewritten when the report goes out.
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..100 {
+        let (_, status, _) = oauth_status(&claude_dir, &data_dir, Some("sk-ant-oat01-test-token-not-real-0123456789"));
+        if status["usage"]["status"] == "rejected" {
+            seen = status;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen["usage"]["type"], "five_hour", "{seen}");
+    assert!(seen["next_step"].as_str().unwrap().contains("usage window is used up"), "{seen}");
+    let (_, out) = doctor(&[
+        ("CLAUDE_CONFIG_DIR", claude_dir.display().to_string()),
+        ("DATA_DIR", data_dir.display().to_string()),
+        ("CLAUDE_BIN", bin("claude-standin").display().to_string()),
+        ("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-test-token-not-real-0123456789".to_string()),
+    ]);
+    assert!(out.contains("warn  usage") && out.contains("used up until"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_from_a_terminal_relays_the_url_and_the_code() {
+    use std::io::Write;
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark").env("CLAUDE_CODE_OAUTH_TOKEN", ""));
+    let client = Client::new(&edge.url());
+    client.wait_needs_login().await;
+    let mut child = Command::new(bin("claude-runner"))
+        .arg("login")
+        .env("CLAUDE_RUNNER_URL", edge.url())
+        .env("RUNNER_SECRET", SECRET)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The URL comes on stdout; then the code goes in.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut url = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut url).unwrap();
+    assert!(url.trim().starts_with("https://claude.ai/oauth/authorize?"), "{url}");
+    child.stdin.take().unwrap().write_all(b"good-terminal-code\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("Logged in") && err.contains("credentials_file"), "{err}");
+    client.wait_online().await;
+    assert!(agent.data.path().join("claude-config/.credentials.json").exists());
+    // Without a reachable edge it says so (exit 2).
+    let out = Command::new(bin("claude-runner"))
+        .arg("login")
+        .env("CLAUDE_RUNNER_URL", format!("http://127.0.0.1:{}", free_port()))
+        .env("RUNNER_SECRET", SECRET)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the edge"));
+}

@@ -59,7 +59,8 @@ struct Real {
 }
 
 impl Real {
-    /// `mode` is the fake's scenario: `ok`, `unauthorized` or `tool_use`.
+    /// `mode` is the fake's scenario: `ok`, `unauthorized`, `tool_use`, `stall`,
+    /// `rate_limited` or `warning`.
     async fn start(claude: &Path, mode: &str) -> Real {
         Real::start_with(claude, mode, None, &[]).await
     }
@@ -273,15 +274,74 @@ async fn a_real_401_is_a_runner_oauth_error() {
     assert_eq!(h.body["oauth"]["needs_login"], true, "{}", h.text);
 }
 
+/// The fake answers as the API does for a Claude subscription whose usage window is used
+/// up: HTTP 429 with `anthropic-ratelimit-unified-status: rejected`,
+/// `anthropic-ratelimit-unified-reset: <epoch s>` (an hour from now),
+/// `anthropic-ratelimit-unified-representative-claim: five_hour` and the per-window
+/// `anthropic-ratelimit-unified-5h-*` / `-7d-*` headers — the names the CLI reads (found in
+/// its bundled code; see tests/fake-anthropic/server.py).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exceeding_max_turns_is_a_claude_error() {
+async fn a_used_up_subscription_window_is_a_usage_limit_with_its_reset() {
+    let Some(claude) = real_claude() else { return };
+    let r = Real::start(&claude, "rate_limited").await;
+    let before = now_s();
+    let a = r.execute(json!({"prompt": "say hello", "timeout_ms": 60000})).await;
+    let b = &a.body;
+    assert_eq!(b["success"], false, "{}", a.text);
+    assert_eq!(b["error_code"], "USAGE_LIMIT", "{}\n{}", a.text, r.logs());
+    assert_eq!(b["retryable"], true, "{}", a.text);
+    // retry_at is the reset the API named (not the rounded local time in the CLI's text).
+    let retry_at = b["retry_at"].as_str().expect("retry_at").to_string();
+    let expected = shared::time::rfc3339((before + 3600) * 1000);
+    let later = shared::time::rfc3339((now_s() + 3600) * 1000);
+    assert!(retry_at >= expected && retry_at <= later, "retry_at {retry_at}, expected between {expected} and {later}");
+    assert_eq!(r.message_requests().len(), 1, "no retries on a used-up window");
+    // The edge knows at once: degraded, with the window; new work falls back.
+    let h = r.client.health_full().await;
+    assert_eq!(h.body["status"], "degraded", "{}", h.text);
+    assert_eq!(h.body["usage"]["status"], "rejected", "{}", h.text);
+    assert_eq!(h.body["usage"]["type"], "five_hour", "{}", h.text);
+    assert_eq!(h.body["usage"]["resets_at"], retry_at.as_str());
+    let refused = r.client.execute(json!({"prompt": "again"})).await;
+    assert_eq!((refused.status, refused.body["error_code"].as_str()), (503, Some("USAGE_LIMIT")), "{}", refused.text);
+    assert_eq!(refused.body["retry_at"], retry_at.as_str());
+}
+
+/// `claude auth login` itself, driven by the relay: the URL the real CLI prints reaches the
+/// caller; the code goes in; offline, its token exchange fails, and the caller is told why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_drives_the_real_cli_login() {
+    let Some(claude) = real_claude() else { return };
+    let r = Real::start(&claude, "ok").await;
+    let start = r.client.send("POST", "/oauth/login", Some(SECRET), None).await;
+    assert_eq!(start.status, 200, "{}\n{}", start.text, r.logs());
+    let url = start.body["url"].as_str().unwrap();
+    assert!(url.starts_with("https://") && url.contains("/oauth/authorize?") && url.contains("code_challenge="), "{url}");
+    let code = json!({"login_id": start.body["login_id"], "code": "not-a-real-code#state"}).to_string().into_bytes();
+    let done = r.client.send("POST", "/oauth/login/code", Some(SECRET), Some(code)).await;
+    assert_eq!(done.status, 502, "{}", done.text);
+    let why = done.body["error"].as_str().unwrap();
+    // Offline the CLI cannot reach Anthropic's token endpoint: "Login failed: …".
+    assert!(why.contains("Login failed"), "{why}");
+    assert!(!why.contains("not-a-real-code"), "the code is not repeated: {why}");
+    // Work goes on with the login it had.
+    r.client.wait_online().await;
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exceeding_max_turns_is_max_turns() {
     let Some(claude) = real_claude() else { return };
     // The fake answers the first turn with a tool call, so a second turn is needed.
     let r = Real::start(&claude, "tool_use").await;
     let a = r.execute(json!({"prompt": "read a file", "max_turns": 1, "timeout_ms": 60000})).await;
     let b = &a.body;
     assert_eq!(b["success"], false, "{}", a.text);
-    assert_eq!(b["error_code"], "CLAUDE_ERROR", "{}", a.text);
+    assert_eq!(b["error_code"], "MAX_TURNS", "{}", a.text);
+    assert_eq!(b["retryable"], false, "{}", a.text);
     let error = b["error"].as_str().unwrap();
     // The result line: subtype error_max_turns, is_error true, no `result`, and
     // errors ["Reached maximum number of turns (1)"].

@@ -47,6 +47,16 @@ pub struct Config {
     /// …and at most this many bytes of their records, about.
     pub max_retained_bytes: u64,
     pub edge_version: String,
+    /// Where alerts are posted (an ntfy topic URL, or any webhook taking a POST).
+    pub notify_url: Option<String>,
+    /// Alert when the login will need a person within this many hours.
+    pub oauth_warn_hours: f64,
+    /// Alert when no agent has been connected for this long.
+    pub offline_alert_ms: u64,
+    /// The same alert at most once per this long.
+    pub notify_min_interval_ms: u64,
+    /// Hosts a job's `callback_url` may name.
+    pub callback_hosts: Vec<String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -74,6 +84,8 @@ pub enum ConfigError {
     Key(#[from] keys::KeyError),
     #[error("RUNNER_SECRET is too short ({0} characters): use at least 16, e.g. `openssl rand -hex 32`")]
     WeakSecret(usize),
+    #[error("{name} must be an http:// or https:// URL, got `{value}`")]
+    Url { name: &'static str, value: String },
     #[error("{name} is {value}, over the most this edge supports ({max}); lower it")]
     TooLarge { name: &'static str, value: u64, max: u64 },
     #[error("{name}: {error}")]
@@ -196,6 +208,9 @@ pub const DEFAULT_JOB_RETENTION_MS: u64 = 24 * 3_600_000;
 pub const DEFAULT_QUEUE_TTL_MS: u64 = 15 * 60_000;
 pub const DEFAULT_MAX_QUEUED_JOBS: usize = 100;
 pub const DEFAULT_TIMEOUT_MARGIN_MS: u64 = 30_000;
+pub const DEFAULT_OAUTH_WARN_HOURS: u64 = 24;
+pub const DEFAULT_OFFLINE_ALERT_MS: u64 = 10 * 60_000;
+pub const DEFAULT_NOTIFY_MIN_INTERVAL_MS: u64 = 3_600_000;
 /// A Durable Object keeps every ended job's header in memory (about 1 KiB each) and its
 /// whole record in storage; 10,000 headers fit its 128 MB of memory many times over.
 pub const DEFAULT_MAX_RETAINED_JOBS: usize = 10_000;
@@ -258,6 +273,17 @@ impl Config {
             max_retained_jobs: bounded("MAX_RETAINED_JOBS", "jobs", DEFAULT_MAX_RETAINED_JOBS as u64, 1_000_000)?.max(1) as usize,
             max_retained_bytes: bounded("MAX_RETAINED_BYTES", "bytes", DEFAULT_MAX_RETAINED_BYTES, 1 << 40)?.max(1 << 20),
             edge_version: env!("CARGO_PKG_VERSION").to_string(),
+            notify_url: match get("NOTIFY_URL") {
+                Some(url) if url.starts_with("https://") || url.starts_with("http://") => Some(url),
+                Some(url) => return Err(ConfigError::Url { name: "NOTIFY_URL", value: url }),
+                None => None,
+            },
+            oauth_warn_hours: bounded("OAUTH_WARN_HOURS", "hours", DEFAULT_OAUTH_WARN_HOURS, 24 * 365)? as f64,
+            offline_alert_ms: bounded("OFFLINE_ALERT_MS", "milliseconds", DEFAULT_OFFLINE_ALERT_MS, WEEK_MS)?,
+            notify_min_interval_ms: bounded("NOTIFY_MIN_INTERVAL_MS", "milliseconds", DEFAULT_NOTIFY_MIN_INTERVAL_MS, WEEK_MS)?,
+            callback_hosts: get("CALLBACK_HOSTS")
+                .map(|v| v.split(',').map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect())
+                .unwrap_or_default(),
         })
     }
 }

@@ -91,7 +91,8 @@ pub fn admin(config: &Config, secret_header: Option<&str>, authorization: Option
 
 /// What a host does with a request before it reads anything of its body. Nothing is read
 /// for a caller without the secret, nor for a route that takes no body: a body is only
-/// ever read for an authorised `POST /execute` or `POST /jobs`.
+/// ever read for an authorised `POST` to a route that takes one (`/execute`, `/jobs`,
+/// `/oauth/login`, `/oauth/login/code`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Gate {
     /// Answer this at once; the body is not read.
@@ -125,7 +126,14 @@ pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Optio
     let known = operator
         || matches!(
             segments.as_slice(),
-            ["execute"] | ["oauth", "status"] | ["jobs"] | ["jobs", _] | ["jobs", _, "events"] | ["metrics"]
+            ["execute"]
+                | ["oauth", "status"]
+                | ["oauth", "login"]
+                | ["oauth", "login", "code"]
+                | ["jobs"]
+                | ["jobs", _]
+                | ["jobs", _, "events"]
+                | ["metrics"]
         );
     if !known {
         return Gate::Answer(Response::error(ApiError::not_found(&format!("route {method} {}", shown_path(path)))));
@@ -140,7 +148,8 @@ pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Optio
         }
         Some(_) => {}
     }
-    Gate::Handle { read_body: matches!((method, segments.as_slice()), ("POST", ["execute"] | ["jobs"])) }
+    let takes_body = matches!(segments.as_slice(), ["execute"] | ["jobs"] | ["oauth", "login"] | ["oauth", "login", "code"]);
+    Gate::Handle { read_body: method == "POST" && takes_body }
 }
 
 /// A path as echoed in an answer: at most 200 bytes of it.
@@ -205,10 +214,7 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
             };
             return answer(Response::json(status, body), Vec::new());
         }
-        ("GET" | "HEAD", [""] | []) => {
-            let text = "claude-runner edge: POST /execute, GET /health, GET /oauth/status, /jobs (X-Runner-Secret)\n";
-            return answer(Response::text(200, "text/plain; charset=utf-8", text.into()), Vec::new());
-        }
+        ("GET" | "HEAD", [""] | []) => return answer(crate::page::page(), Vec::new()),
         _ => {}
     }
     let body = match &req.body {
@@ -231,7 +237,7 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
             };
             let timeout_ms = submission.spec.timeout_ms;
             match edge.submit(now, job_id(now.at, entropy), submission, Mode::Wait) {
-                Err(e) => answer(Response::error(e), Vec::new()),
+                Err(e) => answer(edge.refusal_response(now, e), Vec::new()),
                 Ok(submitted) => {
                     let mut effects = submitted.effects;
                     edge.wait_for(caller, &submitted.job_id, &mut effects);
@@ -252,7 +258,7 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
                 Err(e) => return answer(Response::error(e), Vec::new()),
             };
             match edge.submit(now, job_id(now.at, entropy), submission, Mode::Detached) {
-                Err(e) => answer(Response::error(e), Vec::new()),
+                Err(e) => answer(edge.refusal_response(now, e), Vec::new()),
                 Ok(submitted) => {
                     let state = edge.job(&submitted.job_id).map(|j| j.state).expect("submitted jobs exist");
                     let status = if submitted.existing { 200 } else { 202 };
@@ -260,6 +266,15 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
                     answer(Response::json(status, body), submitted.effects)
                 }
             }
+        }
+        ("GET", ["jobs"]) => answer(Response::json(200, to_json(&edge.job_list(now))), Vec::new()),
+        ("POST", ["oauth", "login"]) => {
+            let effects = edge.start_login(now, caller, entropy, body);
+            Handled { caller, reply: Reply::Once { max_wait_ms: crate::machine::LOGIN_WAIT_MS }, effects }
+        }
+        ("POST", ["oauth", "login", "code"]) => {
+            let effects = edge.send_login_code(now, caller, body);
+            Handled { caller, reply: Reply::Once { max_wait_ms: crate::machine::LOGIN_WAIT_MS }, effects }
         }
         ("GET", ["jobs", id, "events"]) => {
             let mut effects = Vec::new();

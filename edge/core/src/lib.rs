@@ -12,9 +12,12 @@
 //!   failures, stop, views — one `impl` block per concern.
 //! - [`queue`]: the pool's queue, fair between callers (turns, priorities).
 //! - [`routing`]: which agent takes a job: fit (labels, `agent_id`), credit, mirror, load.
+//! - [`notify`]: alerts to `NOTIFY_URL` and result callbacks — which, when, how often,
+//!   signed how.
 //! - [`progress`]: a running job's progress backlog and its Server-Sent Events text.
 //! - [`body`]: how a host reads a request body (limit, drain, broken uploads).
 //! - [`response`]: what a caller is answered.
+//! - [`page`]: the phone page at `GET /` (plain HTML, CSS and JavaScript; strict CSP).
 //! - [`http`]: the HTTP contract on top of the machine: auth, routing, status codes.
 
 pub mod body;
@@ -22,6 +25,8 @@ pub mod clock;
 pub mod config;
 pub mod http;
 pub mod machine;
+pub mod notify;
+pub mod page;
 pub mod progress;
 pub mod queue;
 pub mod record;

@@ -68,6 +68,16 @@ pub struct Job {
     /// Which agents may take it, whose it is, its priority among that caller's jobs.
     #[serde(default)]
     pub placement: shared::placement::Placement,
+    /// While the usage window is used up, wait for its reset (else end at once).
+    #[serde(default = "yes")]
+    pub wait_for_usage: bool,
+    /// Where its result is posted when it ends (see `crate::notify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What a caller is given from a job's whole record, read from storage.
@@ -87,6 +97,9 @@ pub fn spec_digest(spec: &JobSpec) -> String {
     let text = serde_json::to_vec(spec).expect("specs serialise");
     shared::ids::hex(&sha2::Sha256::digest(&text))
 }
+
+/// How much of a prompt the jobs list shows (and a header keeps).
+pub const PROMPT_PREVIEW_BYTES: usize = 200;
 
 /// Most of an error kept in a header (the whole of it is in storage).
 const HEADER_ERROR_BYTES: usize = 512;
@@ -114,6 +127,8 @@ impl Job {
             header_only: false,
             bytes: 0,
             placement: Default::default(),
+            wait_for_usage: true,
+            callback_url: None,
         }
     }
 
@@ -157,7 +172,8 @@ impl Job {
         header.spec_digest = self.digest();
         header.bytes = self.approximate_bytes();
         header.header_only = true;
-        header.spec.prompt = String::new();
+        // The start of the task stays, for the jobs list (`GET /jobs`).
+        header.spec.prompt = shared::text::truncate(&self.spec.prompt, PROMPT_PREVIEW_BYTES).to_string();
         header.spec.append_system_prompt = None;
         if let Some(result) = &mut header.result {
             result.output = String::new();
@@ -226,20 +242,28 @@ impl Job {
 
     pub fn response(&self) -> Option<ExecuteResponse> {
         self.result.as_ref().map(|r| ExecuteResponse {
-            result: r.clone(),
+            result: JobResult {
+                // Every failure says whether trying again may help.
+                retryable: r.retryable.or_else(|| (!r.success).then(|| r.error_code.is_some_and(|c| c.retryable()))),
+                ..r.clone()
+            },
             job_id: self.id.clone(),
             agent_id: self.agent_id.clone(),
         })
     }
 
     /// What `/execute` answers once the job is over: 200 with the result, or the error
-    /// that tells the caller to fall back.
+    /// that tells the caller to fall back — also for a job that never reached Claude
+    /// because the login needed a person or the usage window was used up.
     pub fn answer(&self) -> Option<(u16, String)> {
         let response = self.response()?;
+        let never_ran = self.dispatched_at.is_none();
         match response.result.error_code {
-            Some(code) if code.status() != 200 => {
+            Some(code) if code.status() != 200 || (never_ran && matches!(code, ErrorCode::RunnerOauthError | ErrorCode::UsageLimit)) => {
                 let error = response.result.error.clone().unwrap_or_default();
-                let err = ApiError::new(code, error).with_job(&self.id);
+                let mut err = if code.status() != 200 { ApiError::new(code, error) } else { ApiError::refused(code, error) };
+                err.body.retry_at = response.result.retry_at.clone();
+                let err = err.with_job(&self.id);
                 Some((err.status, err.to_json()))
             }
             _ => Some((200, serde_json::to_string(&response).expect("responses serialise"))),
@@ -256,6 +280,7 @@ impl Job {
             started_at: self.started_at.map(shown),
             finished_at: self.finished_at.map(shown),
             result: self.response(),
+            prompt: Some(shared::text::truncate(&self.spec.prompt, PROMPT_PREVIEW_BYTES).to_string()),
         }
     }
 }

@@ -54,6 +54,86 @@ pub struct Agent {
     /// An operator paused it (`POST /agents/{id}/pause`): no new jobs.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+    /// Until when (edge time) the agent's usage window refuses work; cleared once passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_hold_until: Option<Millis>,
+    /// The re-login relayed to this agent, while one is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<LoginRelay>,
+}
+
+/// A `claude auth login` the edge relays to an agent: started by `POST /oauth/login`,
+/// finished by `POST /oauth/login/code`. Kept in the session record (so the Worker keeps
+/// it across evictions); its URL is never logged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoginRelay {
+    pub id: String,
+    /// The authorization URL, once the agent's `claude auth login` printed it (a host
+    /// that cannot keep a record this long drops it: see `awaiting_code`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `claude auth login` printed its URL and waits for the code.
+    #[serde(default)]
+    pub awaiting_code: bool,
+    /// A code was passed on and the outcome is awaited.
+    #[serde(default)]
+    pub code_sent: bool,
+    /// Edge time the relay started.
+    #[serde(default)]
+    pub started_at: Millis,
+    /// Edge time after which the edge gives it up (the agent kills the process by then).
+    pub expires_at: Millis,
+}
+
+/// The two orders of a relayed login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginStep {
+    Start,
+    Code,
+}
+
+impl LoginRelay {
+    /// The nonce of this login's order for `step`.
+    pub fn nonce(login_id: &str, step: LoginStep) -> String {
+        match step {
+            LoginStep::Start => format!("{login_id}:start"),
+            LoginStep::Code => format!("{login_id}:code"),
+        }
+    }
+
+    /// Whether `nonce` is one of the orders the edge sent for this login: its start, and
+    /// its code once sent.
+    pub fn issued(&self, nonce: &str) -> bool {
+        nonce == Self::nonce(&self.id, LoginStep::Start) || (self.code_sent && nonce == Self::nonce(&self.id, LoginStep::Code))
+    }
+}
+
+impl Agent {
+    /// Takes a report from the agent at `now`: its login and usage window, and until when
+    /// (edge time) the window holds work back.
+    pub fn report(&mut self, oauth: OAuthReport, now: crate::Now) {
+        self.usage_hold_until = oauth
+            .usage
+            .as_ref()
+            .and_then(|u| u.blocked_until())
+            .filter(|t| *t > now.wall)
+            .map(|t| now.at.saturating_add(t - now.wall));
+        self.oauth = oauth;
+    }
+
+    /// Whether jobs may be sent to this agent now (credits aside): no operator paused
+    /// it, its login works, its usage window is open and no re-login is under way.
+    pub fn takes_work(&self, now: crate::Now) -> bool {
+        !self.paused && !self.needs_login(now) && !self.usage_held(now) && self.login.is_none()
+    }
+
+    pub fn needs_login(&self, now: crate::Now) -> bool {
+        self.oauth.health(now.wall) == shared::oauth::LoginHealth::Broken
+    }
+
+    pub fn usage_held(&self, now: crate::Now) -> bool {
+        self.usage_hold_until.is_some_and(|t| t > now.at)
+    }
 }
 
 impl Agent {

@@ -46,6 +46,8 @@ pub enum Command {
     Disconnect { session: String },
     /// The edge is stopping: the machine tells callers and agents what happens next.
     Shutdown { done: oneshot::Sender<()> },
+    /// A POST the machine asked for (an alert, a callback) went this way.
+    Posted { id: String, outcome: edge_core::notify::Outcome },
 }
 
 /// The machine's callers, as channels.
@@ -62,11 +64,44 @@ pub struct Driver {
     /// Each connection's read budget, set from its session record.
     budgets: HashMap<String, Arc<AtomicUsize>>,
     callers: HashMap<CallerId, Channel>,
+    /// Back to this driver, for the outcome of POSTs made in their own tasks.
+    commands: mpsc::WeakSender<Command>,
+    /// Made at the first POST (an edge without alerts or callbacks never builds it).
+    http: Option<reqwest::Client>,
 }
 
 impl Driver {
-    pub fn new(edge: Edge, store: Store, clock: Clock) -> Driver {
-        Driver { edge, store, clock, outboxes: HashMap::new(), budgets: HashMap::new(), callers: HashMap::new() }
+    pub fn new(edge: Edge, store: Store, clock: Clock, commands: mpsc::WeakSender<Command>) -> Driver {
+        Driver { edge, store, clock, outboxes: HashMap::new(), budgets: HashMap::new(), callers: HashMap::new(), commands, http: None }
+    }
+
+    /// Makes one POST in its own task; its outcome comes back as [`Command::Posted`].
+    fn post(&mut self, delivery: edge_core::machine::Post) {
+        let http = self
+            .http
+            .get_or_insert_with(|| {
+                reqwest::Client::builder()
+                    .timeout(Duration::from_millis(edge_core::notify::DELIVERY_TIMEOUT_MS))
+                    // A callback host may not send us elsewhere.
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()
+                    .expect("the HTTP client builds")
+            })
+            .clone();
+        let commands = self.commands.clone();
+        tokio::spawn(async move {
+            let mut request = http.post(&delivery.url).body(delivery.body);
+            for (name, value) in &delivery.headers {
+                request = request.header(name, value);
+            }
+            let outcome = match request.send().await {
+                Ok(resp) => Ok(resp.status().as_u16()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Some(commands) = commands.upgrade() {
+                let _ = commands.send(Command::Posted { id: delivery.id, outcome }).await;
+            }
+        });
     }
 
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, startup: Vec<Effect>) {
@@ -139,6 +174,10 @@ impl Driver {
                 let effects = self.edge.disconnect(now, &session);
                 self.carry_out(effects);
             }
+            Command::Posted { id, outcome } => {
+                let effects = self.edge.posted(now, &id, outcome);
+                self.carry_out(effects);
+            }
             Command::Shutdown { done } => {
                 let effects = self.edge.shutdown(now);
                 self.carry_out(effects);
@@ -201,7 +240,13 @@ impl Driver {
                     let delivered = Edge::deliver(caller, form, record, self.clock.now());
                     self.carry_out(delivered);
                 }
-                Effect::Save(_) | Effect::Forget { .. } => unreachable!("writes were split out"),
+                Effect::Post(post) => self.post(post),
+                Effect::Recall { job_id } => {
+                    let record = self.store.load_one(&job_id).map_err(|e| e.to_string());
+                    let effects = self.edge.recalled(self.clock.now(), &job_id, record);
+                    self.carry_out(effects);
+                }
+                Effect::Save(_) | Effect::Forget { .. } | Effect::SaveAlerts(_) => unreachable!("writes were split out"),
             }
         }
         for caller in gone {

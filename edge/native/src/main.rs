@@ -19,6 +19,9 @@ Environment:
   JOB_RETENTION_MS, QUEUE_TTL_MS, MAX_QUEUED_JOBS, MAX_QUEUED_PER_CALLER,
   TIMEOUT_MARGIN_MS,
   MAX_RETAINED_JOBS, MAX_RETAINED_BYTES               limits (see README)
+  NOTIFY_URL             where alerts are posted (ntfy topic or webhook)   (default none)
+  OAUTH_WARN_HOURS, OFFLINE_ALERT_MS, NOTIFY_MIN_INTERVAL_MS   when to alert (see README)
+  CALLBACK_HOSTS         host,host: where a job's callback_url may point   (default none)
   LOG_FORMAT             text | json                                (default text)
   RUST_LOG               log filter                                 (default info)
 

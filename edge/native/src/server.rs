@@ -52,19 +52,21 @@ impl Server {
     pub async fn bind(opts: ServerOptions) -> anyhow::Result<Server> {
         let store = Store::open(&opts.data_dir)?;
         let jobs = store.load()?;
+        let alerts = store.load_alerts()?;
         let restored = jobs.len();
         let config = Arc::new(opts.config.clone());
         let clock = Clock::start();
-        let (machine, startup) = edge_core::Edge::restore(opts.config, jobs, Vec::new(), clock.now());
+        let (machine, startup) = edge_core::Edge::restore(opts.config, jobs, Vec::new(), alerts, clock.now());
         let listener = TcpListener::bind(opts.listen).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on {}: {e}; is another edge running there? set LISTEN to a free address", opts.listen)
         })?;
         info!(listen = %listener.local_addr()?, restored, data_dir = %opts.data_dir.display(), "edge ready");
         let (tx, commands) = mpsc::channel(1024);
+        let driver = Driver::new(machine, store, clock, tx.downgrade());
         Ok(Server {
             listener,
             state: AppState { driver: tx, config },
-            driver: Driver::new(machine, store, clock),
+            driver,
             commands,
             startup,
         })
@@ -227,6 +229,12 @@ pub(crate) fn into_response(response: edge_core::Response) -> Response {
     let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut out = (status, response.body).into_response();
     out.headers_mut().insert("content-type", response.content_type.parse().expect("static content types parse"));
+    for (name, value) in response.headers {
+        // The core makes these values; one that is not a valid header value is dropped.
+        if let Ok(value) = value.parse() {
+            out.headers_mut().insert(name, value);
+        }
+    }
     out
 }
 

@@ -1,5 +1,6 @@
 //! Job records in SQLite. The state machine decides what to save and when; this only
-//! writes it. One table, the record as JSON: the machine's `Job` is the schema.
+//! writes it. One table, the record as JSON: the machine's `Job` is the schema; and
+//! alerting's memory in `meta`.
 
 use edge_core::record::Job;
 use edge_core::Writes;
@@ -46,7 +47,8 @@ impl Store {
         // last instants, which is the usual trade for a job log.
         conn.execute_batch(&format!(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout={BUSY_TIMEOUT_MS};
-             CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, record TEXT NOT NULL);"
+             CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, record TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
         ))?;
         Ok(Store { conn })
     }
@@ -81,6 +83,23 @@ impl Store {
         }
     }
 
+    /// Alerting's stored memory, if any (an unreadable one is dropped with a warning:
+    /// at worst an alert is sent again).
+    pub fn load_alerts(&self) -> anyhow::Result<Option<edge_core::notify::AlertState>> {
+        let text: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'alerts'", [], |r| r.get(0))
+            .map(Some)
+            .or_else(|e| if matches!(e, rusqlite::Error::QueryReturnedNoRows) { Ok(None) } else { Err(e) })?;
+        Ok(text.and_then(|t| match serde_json::from_str(&t) {
+            Ok(state) => Some(state),
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping unreadable alert state");
+                None
+            }
+        }))
+    }
+
     /// Applies one event's writes in one transaction: all of them, or none.
     pub fn apply(&mut self, writes: &Writes) -> anyhow::Result<()> {
         if writes.is_empty() {
@@ -95,6 +114,9 @@ impl Store {
             let mut forget = tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?;
             for id in &writes.forgets {
                 forget.execute(params![id])?;
+            }
+            if let Some(alerts) = &writes.alerts {
+                tx.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('alerts', ?1)", params![serde_json::to_string(alerts)?])?;
             }
         }
         tx.commit()?;
@@ -117,11 +139,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cr-store-locked-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut store = Store::open(&dir).unwrap();
-        store.apply(&Writes { saves: vec![job("a")], forgets: vec![] }).unwrap();
+        store.apply(&Writes { saves: vec![job("a")], forgets: vec![], alerts: None }).unwrap();
         let holder = Connection::open(dir.join("edge.sqlite3")).unwrap();
         holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
         let started = std::time::Instant::now();
-        let failed = store.apply(&Writes { saves: vec![job("b")], forgets: vec!["a".into()] });
+        let failed = store.apply(&Writes { saves: vec![job("b")], forgets: vec!["a".into()], alerts: None });
         let took = started.elapsed();
         assert!(failed.is_err());
         // It used to wait 5 s per write, the whole edge with it.

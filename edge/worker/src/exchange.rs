@@ -10,10 +10,11 @@ use worker::{Request, Response};
 
 /// A core answer as a worker response.
 pub fn respond(answer: edge_core::Response) -> worker::Result<Response> {
-    Ok(Response::builder()
-        .with_status(answer.status)
-        .with_header("content-type", answer.content_type)?
-        .fixed(answer.body.into_bytes()))
+    let mut builder = Response::builder().with_status(answer.status).with_header("content-type", answer.content_type)?;
+    for (name, value) in &answer.headers {
+        builder = builder.with_header(name, value)?;
+    }
+    Ok(builder.fixed(answer.body.into_bytes()))
 }
 
 /// A `text/event-stream` answer carrying the chunks (each counted off `lag` as the

@@ -19,6 +19,7 @@ use crate::store::Store;
 use crate::{entropy, now_ms};
 use edge_core::http::{self, Gate, Reply};
 use edge_core::config::ConfigError;
+use edge_core::machine::Post;
 use edge_core::progress::{Chunk, Lag};
 use edge_core::{split_writes, CallerId, Config, Edge, Effect, Millis, Response};
 use futures::channel::{mpsc, oneshot};
@@ -59,6 +60,8 @@ pub struct EdgeDurableObject {
     callers: RefCell<HashMap<CallerId, Channel>>,
     /// The deadline the alarm was last set to by this instance (skips rewriting it).
     alarm_at: Cell<Option<Millis>>,
+    /// POSTs the machine asked for (alerts, callbacks), made before the next alarm is set.
+    deliveries: RefCell<Vec<Post>>,
 }
 
 impl DurableObject for EdgeDurableObject {
@@ -70,6 +73,7 @@ impl DurableObject for EdgeDurableObject {
             pool: RefCell::new(None),
             callers: RefCell::new(HashMap::new()),
             alarm_at: Cell::new(None),
+            deliveries: RefCell::new(Vec::new()),
         }
     }
 
@@ -115,7 +119,8 @@ impl DurableObject for EdgeDurableObject {
         }
         let effects = self.with_edge(|edge| edge.tick(now)).unwrap_or_default();
         self.apply(effects, None);
-        self.schedule(now).await;
+        self.deliver().await;
+        self.schedule(now_ms()).await;
         worker::Response::ok("")
     }
 
@@ -188,7 +193,8 @@ impl EdgeDurableObject {
                 return Err(message);
             }
         };
-        let (jobs, problems) = match store.load() {
+        let loaded = store.load().and_then(|jobs| Ok((jobs, store.load_alerts()?)));
+        let ((jobs, problems), alerts) = match loaded {
             Ok(loaded) => loaded,
             Err(e) => {
                 // Not kept: storage may work on the next event.
@@ -201,7 +207,7 @@ impl EdgeDurableObject {
         }
         let (sessions, unknown) = self.sockets().restore();
         let (job_count, session_count) = (jobs.len(), sessions.len());
-        let (edge, effects) = Edge::restore(config, jobs, sessions, now);
+        let (edge, effects) = Edge::restore(config, jobs, sessions, alerts, now);
         console_log!("edge rebuilt: {job_count} jobs from storage, {session_count} agent connections from sockets");
         *self.machine.borrow_mut() = Machine::Ready(Box::new(edge));
         self.apply(effects, None);
@@ -262,7 +268,13 @@ impl EdgeDurableObject {
                     let record = self.store().load_one(&job_id);
                     self.apply(Edge::deliver(caller, form, record, now_ms().into()), at_hand);
                 }
-                Effect::Save(_) | Effect::Forget { .. } => unreachable!("writes were split out"),
+                Effect::Post(post) => self.deliveries.borrow_mut().push(post),
+                Effect::Recall { job_id } => {
+                    let record = self.store().load_one(&job_id);
+                    let effects = self.with_edge(|edge| edge.recalled(now_ms(), &job_id, record)).unwrap_or_default();
+                    self.apply(effects, at_hand);
+                }
+                Effect::Save(_) | Effect::Forget { .. } | Effect::SaveAlerts(_) => unreachable!("writes were split out"),
             }
         }
         for caller in gone {
@@ -270,9 +282,29 @@ impl EdgeDurableObject {
         }
     }
 
-    /// Puts the alarm on the machine's next deadline.
+    /// Makes the POSTs the machine asked for and tells it how each went (from the alarm).
+    /// Each is bounded by [`edge_core::notify::DELIVERY_TIMEOUT_MS`]; other events go on
+    /// meanwhile.
+    async fn deliver(&self) {
+        loop {
+            let batch: Vec<Post> = std::mem::take(&mut *self.deliveries.borrow_mut());
+            if batch.is_empty() {
+                return;
+            }
+            for delivery in batch {
+                let outcome = post(&delivery).await;
+                let effects = self.with_edge(|edge| edge.posted(now_ms(), &delivery.id, outcome)).unwrap_or_default();
+                self.apply(effects, None);
+            }
+        }
+    }
+
+    /// Puts the alarm on the machine's next deadline — or right away when there are POSTs
+    /// to make: the alarm makes them, so no caller's answer waits on someone else's
+    /// webhook.
     async fn schedule(&self, now: Millis) {
-        let Some(at) = self.with_edge(|edge| edge.next_deadline()).flatten() else { return };
+        let posts = (!self.deliveries.borrow().is_empty()).then_some(now);
+        let Some(at) = posts.or_else(|| self.with_edge(|edge| edge.next_deadline()).flatten()) else { return };
         if self.alarm_at.get() == Some(at) {
             return;
         }
@@ -394,6 +426,28 @@ impl EdgeDurableObject {
         let effects = self.with_edge(|edge| edge.disconnect(now, &session_id)).unwrap_or_default();
         self.apply(effects, Some((&session_id, ws)));
         self.schedule(now).await;
+    }
+}
+
+/// One POST, bounded in time; its status, or why it failed.
+async fn post(delivery: &Post) -> edge_core::notify::Outcome {
+    let headers = worker::Headers::new();
+    for (name, value) in &delivery.headers {
+        headers.set(name, value).map_err(|e| e.to_string())?;
+    }
+    let mut init = worker::RequestInit::new();
+    init.with_method(worker::Method::Post)
+        .with_headers(headers)
+        .with_redirect(worker::RequestRedirect::Manual)
+        .with_body(Some(JsValue::from_str(&delivery.body)));
+    let request = worker::Request::new_with_init(&delivery.url, &init).map_err(|e| e.to_string())?;
+    let fetcher = worker::Fetch::Request(request);
+    let fetch = std::pin::pin!(fetcher.send());
+    let limit = std::pin::pin!(Delay::from(Duration::from_millis(edge_core::notify::DELIVERY_TIMEOUT_MS)));
+    match select(fetch, limit).await {
+        Either::Left((Ok(response), _)) => Ok(response.status_code()),
+        Either::Left((Err(e), _)) => Err(e.to_string()),
+        Either::Right(_) => Err(format!("no answer within {} ms", edge_core::notify::DELIVERY_TIMEOUT_MS)),
     }
 }
 

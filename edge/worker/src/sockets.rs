@@ -159,6 +159,15 @@ pub fn encode_session(session: &Session) -> Result<String, String> {
     }
     let text = serde_json::to_string(&shorter).map_err(|e| e.to_string())?;
     if attachment_cost(&text) <= ATTACHMENT_BUDGET {
+        return Ok(text);
+    }
+    // Then a relayed login's URL: the relay goes on (the code can still be sent); asking
+    // for the login again starts a new one.
+    if let Some(login) = shorter.agent_mut().and_then(|a| a.login.as_mut()) {
+        login.url = None;
+    }
+    let text = serde_json::to_string(&shorter).map_err(|e| e.to_string())?;
+    if attachment_cost(&text) <= ATTACHMENT_BUDGET {
         Ok(text)
     } else {
         Err(format!("the record is {} bytes, over the 2,048-byte attachment limit", text.len()))
@@ -209,8 +218,51 @@ mod tests {
                 oauth: OAuthReport { problem: Some(problem.into()), ..OAuthReport::unconfigured(5) },
                 // As long as the core lets it be, in the costliest characters.
                 claude_version: Some("😀".repeat(shared::protocol::MAX_CLAUDE_VERSION_BYTES / 4)),
+                usage_hold_until: None,
+                login: None,
             }),
         }
+    }
+
+    /// A ready session in the middle of a relayed login, with a usage window reported.
+    fn relaying(claude_version: &str) -> Session {
+        let mut s = ready("none");
+        let agent = s.agent_mut().unwrap();
+        agent.claude_version = Some(claude_version.into());
+        agent.usage_hold_until = Some(u64::MAX - 1);
+        agent.oauth.usage = Some(shared::usage::UsageWindow {
+            status: shared::usage::UsageStatus::Rejected,
+            kind: Some("seven_day_overage_included".into()),
+            resets_at: Some(1_796_150_081_000),
+            utilization: Some(0.999),
+            seen_at: 1_796_150_000_000,
+        });
+        // As long as a real one (about 450 characters), and more.
+        let url = format!("https://claude.com/cai/oauth/authorize?code=true&{}", "x".repeat(600));
+        agent.login = Some(edge_core::session::LoginRelay {
+            id: "0123456789abcdef".into(),
+            url: Some(url),
+            awaiting_code: true,
+            code_sent: false,
+            started_at: u64::MAX - 1,
+            expires_at: u64::MAX - 1,
+        });
+        s
+    }
+
+    #[test]
+    fn a_relayed_login_keeps_its_url_or_at_least_its_state() {
+        let session = relaying("2.1.197 (Claude Code)");
+        let text = encode_session(&session).unwrap();
+        assert!(attachment_cost(&text) <= ATTACHMENT_BUDGET);
+        assert_eq!(decode_session(&text, Some("0011223344556677")).unwrap(), session, "a real record fits whole");
+        // With the costliest version string the URL goes, the relay stays.
+        let session = relaying(&"😀".repeat(shared::protocol::MAX_CLAUDE_VERSION_BYTES / 4));
+        let text = encode_session(&session).unwrap();
+        assert!(attachment_cost(&text) <= ATTACHMENT_BUDGET);
+        let back = decode_session(&text, Some("0011223344556677")).unwrap();
+        let login = back.agent().unwrap().login.clone().unwrap();
+        assert!(login.url.is_none() && login.awaiting_code && login.id == "0123456789abcdef");
     }
 
     #[test]

@@ -69,6 +69,18 @@ impl Store {
         Ok(())
     }
 
+    /// Alerting's stored memory, if any (an unreadable one is dropped: at worst an alert is
+    /// sent again).
+    pub fn load_alerts(&self) -> Result<Option<edge_core::notify::AlertState>, String> {
+        #[derive(Deserialize)]
+        struct Meta {
+            value: String,
+        }
+        let cursor = self.exec("SELECT value FROM meta WHERE key = 'alerts'", vec![])?;
+        let row = cursor.next::<Meta>().next().transpose().map_err(|e| format!("reading meta: {e}"))?;
+        Ok(row.and_then(|m| serde_json::from_str(&m.value).ok()))
+    }
+
     /// The pool this object serves: `named` (the name a request brought, kept the first
     /// time), else the one kept before. `None`: no request has said yet.
     pub fn pool(&self, named: Option<&str>) -> Result<Option<String>, String> {
@@ -127,6 +139,10 @@ impl Store {
             records.push(record);
         }
         let forgets = writes.forgets.clone();
+        let alerts = match &writes.alerts {
+            Some(a) => Some(serde_json::to_string(a).map_err(|e| format!("encoding the alert state: {e}"))?),
+            None => None,
+        };
         let store = Store { sql: self.sql.clone(), storage: JsValue::UNDEFINED };
         // Thrown from inside the transaction, an error rolls it back.
         let body = Closure::once_into_js(move || -> Result<(), JsValue> {
@@ -135,6 +151,11 @@ impl Store {
             }
             for id in &forgets {
                 store.forget(id).map_err(|e| JsValue::from_str(&e))?;
+            }
+            if let Some(alerts) = &alerts {
+                store
+                    .exec("INSERT INTO meta (key, value) VALUES ('alerts', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value", vec![alerts.as_str().into()])
+                    .map_err(|e| JsValue::from_str(&e))?;
             }
             Ok(())
         });

@@ -34,7 +34,7 @@ use edge_core::session::Session;
 use edge_core::{Config, Edge, Effect};
 use shared::contract::{ExecuteRequest, Limits};
 use shared::envelope::{open_order, Audience, Domain, Envelope, OrderHeader};
-use shared::protocol::{AgentMessage, CancelOrder, EdgeMessage, Hello, JobOrder, Welcome, PROTOCOL_VERSION};
+use shared::protocol::{AgentMessage, CancelOrder, EdgeMessage, Hello, JobOrder, LoginOrder, Welcome, PROTOCOL_VERSION};
 use std::sync::OnceLock;
 
 /// A fuzz target: takes any bytes, must not panic or hang.
@@ -215,8 +215,10 @@ fn ready_records() -> &'static (Session, Job) {
 
 /// Frames from one agent connection, `0xff`-separated after a flags byte: bit 0 starts
 /// from a connection past a valid handshake, bit 1 with a job `j1` queued; with bit 2 each
-/// frame is instead the payload of a report the agent signed — progress, or with bit 3 a
-/// result — so the edge's reading of verified reports is fuzzed too.
+/// frame is instead the payload of a report the agent signed — progress, with bit 3 a
+/// result, with bit 4 a report on a relayed login — so the edge's reading of verified
+/// reports is fuzzed too. With bits 0 and 4 a relayed login is under way first (its id
+/// [`FUZZ_LOGIN_ID`], its start order's nonce `<id>:start`), so a login report can name it.
 pub fn agent_frames(data: &[u8]) {
     let (flags, frames) = match data.split_first() {
         Some((f, rest)) => (*f, rest),
@@ -227,12 +229,12 @@ pub fn agent_frames(data: &[u8]) {
         let (session, job) = ready_records().clone();
         let jobs = if flags & 2 == 2 { vec![job] } else { vec![] };
         let id = session.id.clone();
-        (Edge::restore(edge_config(), jobs, vec![session], now).0, id)
+        (Edge::restore(edge_config(), jobs, vec![session], None, now).0, id)
     } else {
         let mut edge = Edge::new(edge_config(), now);
         if flags & 2 == 2 {
             let (_, job) = ready_records().clone();
-            edge = Edge::restore(edge_config(), vec![job], vec![], now).0;
+            edge = Edge::restore(edge_config(), vec![job], vec![], None, now).0;
         }
         let (session, _) = edge.connect(now, [3; 32], PEER);
         (edge, session)
@@ -241,15 +243,24 @@ pub fn agent_frames(data: &[u8]) {
         // `j1` goes to the agent (its first order, `j1:1`), so signed reports can name it.
         let _ = edge.message(now, &session, &AgentMessage::Credit { slots: shared::protocol::Slots { free: 1, received: 0 } }.to_text());
     }
+    if flags & 17 == 17 {
+        let caller = edge.begin_request();
+        let _ = edge.start_login(now, caller, FUZZ_LOGIN_ENTROPY, b"");
+    }
     for frame in frames.split(|b| *b == 0xff) {
         now += 1_000;
         let frame = if flags & 4 == 4 {
-            let domain = if flags & 8 == 8 { Domain::Result } else { Domain::Progress };
+            let domain = match flags & 24 {
+                0 => Domain::Progress,
+                8 => Domain::Result,
+                _ => Domain::LoginReport,
+            };
             let payload = text(frame);
             let sig = ed25519_dalek::Signer::sign(agent_key(), &[domain.prefix(), payload.as_bytes()].concat());
             let envelope = Envelope { payload, sig: shared::keys::encode(&sig.to_bytes()) };
             match domain {
                 Domain::Result => AgentMessage::Result { envelope },
+                Domain::LoginReport => AgentMessage::LoginProgress { envelope },
                 _ => AgentMessage::Event { envelope },
             }
             .to_text()
@@ -266,6 +277,11 @@ pub fn agent_frames(data: &[u8]) {
     let _ = edge.health(now);
     let _ = edge.tick(now + 3_600_000);
 }
+
+/// The entropy the `agent_frames` target starts its relayed login with, and so its id.
+const FUZZ_LOGIN_ENTROPY: [u8; 16] = [5; 16];
+/// The id of that login (the first 8 bytes of its entropy in hex).
+pub const FUZZ_LOGIN_ID: &str = "0505050505050505";
 
 /// Unproven connections from arbitrary peers, NUL-separated: each is taken (an older
 /// unproven one closed to make room), no source ever holds more than its share, no more
@@ -338,7 +354,8 @@ pub fn wire(data: &[u8]) {
 }
 
 /// What the agent does with an edge frame: decode it, open the envelope. With the first
-/// byte odd, the rest is signed by the edge's key as a job, a cancel or a welcome payload,
+/// byte odd, the rest is signed by the edge's key as a job, a cancel, a welcome or a login
+/// payload,
 /// so what follows a valid signature is fuzzed too.
 pub fn edge_orders(data: &[u8]) {
     let key = edge_key().verifying_key();
@@ -356,17 +373,25 @@ pub fn edge_orders(data: &[u8]) {
             Ok(EdgeMessage::Welcome { envelope }) => {
                 let _ = envelope.open::<Welcome>(Domain::Welcome, &key);
             }
+            Ok(EdgeMessage::Login { envelope }) => {
+                let _ = open_order::<LoginOrder>(&envelope, Domain::Login, &key, ME, NOW);
+            }
             _ => {}
         }
         return;
     }
-    let domain = [Domain::Job, Domain::Cancel, Domain::Welcome][(flags >> 1) as usize % 3];
+    let domain = [Domain::Job, Domain::Cancel, Domain::Welcome, Domain::Login][(flags >> 1) as usize % 4];
     let sig = ed25519_dalek::Signer::sign(edge_key(), &[domain.prefix(), payload.as_bytes()].concat());
     let envelope = Envelope { payload, sig: shared::keys::encode(&sig.to_bytes()) };
     match domain {
         Domain::Job => run_order(open_order::<JobOrder>(&envelope, domain, &key, ME, NOW)),
         Domain::Cancel => {
             if let Ok(order) = open_order::<CancelOrder>(&envelope, domain, &key, ME, NOW) {
+                assert_eq!((order.header.agent_id.as_str(), order.header.pool.as_str()), (AGENT, "default"));
+            }
+        }
+        Domain::Login => {
+            if let Ok(order) = open_order::<LoginOrder>(&envelope, domain, &key, ME, NOW) {
                 assert_eq!((order.header.agent_id.as_str(), order.header.pool.as_str()), (AGENT, "default"));
             }
         }

@@ -17,15 +17,21 @@
 //! file (relative to the working directory; may repeat) · `@write_binary=PATH` write a few
 //! non-text bytes · `@write_env=VAR,PATH` write the value of VAR into a file ·
 //! `@write_random=PATH,MIB` write MIB mebibytes of incompressible bytes ·
-//! `@delete=PATH` delete a file (may repeat) · `@exists=PATH` answer whether PATH exists.
+//! `@delete=PATH` delete a file (may repeat) · `@exists=PATH` answer whether PATH exists ·
+//! `@rate_limited=SECS` end as the real CLI does when the usage window is used up (a
+//! rejected `rate_limit_event` resetting in SECS, then a 429 result) · `@usage_warning`
+//! report the window at 91 % · `@max_turns` / `@max_budget` stop as `--max-turns` /
+//! `--max-budget-usd` do.
 //!
 //! With `STANDIN_LOG` set, every invocation appends one JSON line (argv, cwd, prompt, its
 //! whole environment, so tests can see what Claude would inherit, its pid and start time
 //! `at` in ms), and one more (`"end": true`, `at`) when it prints its result.
 //!
-//! `auth login` imitates the real CLI's login without a TTY: it prints an authorization
-//! URL, reads the pasted code from stdin and writes `.credentials.json` (mode 0600) into
-//! `$CLAUDE_CONFIG_DIR` (else `~/.claude`), with tokens derived from the code.
+//! `auth login` imitates the real CLI's login without a TTY (its lines as 2.1.x prints
+//! them): it prints an authorization URL and `Paste code here if prompted > `, reads the
+//! pasted code from stdin and writes `.credentials.json` (mode 0600) into
+//! `$CLAUDE_CONFIG_DIR` (else `~/.claude`), with tokens derived from the code. A code
+//! starting with `wrong` fails as a refused code does (`Login failed: …`, exit 1).
 
 use std::io::{Read, Write};
 
@@ -183,6 +189,22 @@ fn main() {
     if directive(&prompt, "no_result").is_some() {
         std::process::exit(directive(&prompt, "exit").and_then(|c| c.parse().ok()).unwrap_or(0));
     }
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    if let Some(secs) = directive(&prompt, "rate_limited").and_then(|v| v.parse::<u64>().ok()) {
+        let resets = now_s + secs;
+        emit(&mut out, serde_json::json!({"type":"rate_limit_event","rate_limit_info":{"status":"rejected","resetsAt":resets,"rateLimitType":"five_hour","isUsingOverage":false},"session_id":session}));
+        emit(&mut out, serde_json::json!({"type":"result","subtype":"success","is_error":true,"api_error_status":429,"result":"You've hit your session limit","session_id":session,"num_turns":1,"total_cost_usd":0}));
+        std::process::exit(1);
+    }
+    if directive(&prompt, "usage_warning").is_some() {
+        emit(&mut out, serde_json::json!({"type":"rate_limit_event","rate_limit_info":{"status":"allowed_warning","resetsAt":now_s + 3600,"rateLimitType":"five_hour","utilization":0.91},"session_id":session}));
+    }
+    for (name, subtype, error) in [("max_turns", "error_max_turns", "Reached maximum number of turns (1)"), ("max_budget", "error_max_budget_usd", "Reached maximum budget ($0.01)")] {
+        if directive(&prompt, name).is_some() {
+            emit(&mut out, serde_json::json!({"type":"result","subtype":subtype,"is_error":true,"errors":[error],"session_id":session,"num_turns":1,"total_cost_usd":0.01}));
+            std::process::exit(1);
+        }
+    }
     let (is_error, result, status) = if directive(&prompt, "auth_error").is_some() {
         (true, "Failed to authenticate. API Error: 401 {\"type\":\"error\",\"error\":{\"type\":\"authentication_error\",\"message\":\"Invalid bearer token\"}}".to_string(), Some(401))
     } else if directive(&prompt, "is_error").is_some() {
@@ -200,14 +222,15 @@ fn main() {
 }
 
 fn auth_login() {
-    println!("Browse to https://claude.ai/oauth/authorize?code=true&client_id=stand-in&state=standin");
+    println!("Opening browser to sign in…");
+    println!("If the browser didn't open, visit: https://claude.ai/oauth/authorize?code=true&client_id=stand-in&state=standin");
     print!("Paste code here if prompted > ");
     let _ = std::io::stdout().flush();
     let mut code = String::new();
     let _ = std::io::stdin().read_line(&mut code);
     let code = code.trim();
-    if code.is_empty() || !code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        eprintln!("\nOAuth error: invalid code");
+    if code.is_empty() || code.starts_with("wrong") || !code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        eprintln!("Login failed: Invalid authorization code");
         std::process::exit(1);
     }
     let dir = std::env::var_os("CLAUDE_CONFIG_DIR")

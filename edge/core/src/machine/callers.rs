@@ -23,6 +23,8 @@ pub(super) struct Callers {
     pub waiters: HashMap<String, Vec<CallerId>>,
     /// Event streams, by job.
     pub followers: HashMap<String, Vec<CallerId>>,
+    /// Callers of the re-login relay, by login id.
+    pub logins: HashMap<String, Vec<CallerId>>,
 }
 
 impl Callers {
@@ -97,6 +99,9 @@ impl Edge {
     pub fn wait_expired(&mut self, now: impl Into<Now>, caller: CallerId) -> Vec<Effect> {
         let _ = now.into();
         self.begin(super::storage::Origin::Quiet);
+        if let Some(effects) = self.login_wait_expired(caller) {
+            return effects;
+        }
         let Some(job_id) = Callers::job_of(&self.callers.waiters, caller) else { return Vec::new() };
         self.forget_caller(&job_id, caller);
         let mut effects = Vec::new();
@@ -163,6 +168,13 @@ impl Edge {
         if let Some(job_id) = job {
             self.forget_caller(&job_id, caller);
         }
+        if self.callers.logins.values().any(|c| c.contains(&caller)) {
+            self.note_logins();
+            for callers in self.callers.logins.values_mut() {
+                callers.retain(|c| *c != caller);
+            }
+            self.callers.logins.retain(|_, c| !c.is_empty());
+        }
     }
 
     fn forget_caller(&mut self, job_id: &str, caller: CallerId) {
@@ -225,6 +237,11 @@ impl Edge {
                 effects.push(Effect::Answer { caller, response: response.clone() });
             }
         }
+        self.note_logins();
+        let restarting = Response::error(crate::machine::shutting_down());
+        for caller in self.callers.logins.drain().flat_map(|(_, c)| c) {
+            effects.push(Effect::Answer { caller, response: restarting.clone() });
+        }
         let followers: Vec<(String, Vec<CallerId>)> = self.callers.followers.drain().collect();
         for (job_id, callers) in followers {
             for caller in callers {
@@ -236,6 +253,6 @@ impl Edge {
 
     /// Callers waiting or following, for tests and metrics.
     pub fn callers_waiting(&self) -> usize {
-        self.callers.waiters.values().map(Vec::len).sum::<usize>() + self.callers.followers.values().map(Vec::len).sum::<usize>()
+        [&self.callers.waiters, &self.callers.followers, &self.callers.logins].iter().flat_map(|m| m.values()).map(Vec::len).sum()
     }
 }

@@ -19,24 +19,38 @@ impl Edge {
     pub fn next_deadline(&self) -> Option<Millis> {
         let hb = self.cfg.heartbeat_interval_ms;
         let sessions = self.sessions.values().map(|s| s.deadline(hb));
-        // While an agent is connected each queued job waits its own time, which the queue
-        // keeps in order; only while none is does a waiting caller's deadline move.
-        let queued: Box<dyn Iterator<Item = Millis>> = match self.offline_since {
-            None => Box::new(self.queue.first_expiry().into_iter()),
-            Some(_) => Box::new(self.queue.ids().map(|id| self.queued_deadline(&self.jobs[id]))),
+        let queued: Box<dyn Iterator<Item = Millis>> = match self.own_waits() {
+            true => Box::new(self.queue.first_expiry().into_iter()),
+            false => Box::new(self.queue.ids().map(|id| self.queued_deadline(&self.jobs[id]))),
         };
         let active = self
             .active
             .iter()
             .filter_map(|id| self.jobs[id].deadline(self.cfg.lost_after_ms, self.cfg.queue_ttl_ms, self.cfg.timeout_margin_ms));
         let retention = self.retained.front().map(|(t, _)| t.saturating_add(self.cfg.job_retention_ms));
-        let next = sessions.chain(queued).chain(active).chain(retention).min()?;
+        // A usage window's reset lets held work go; a relay is given up at its expiry.
+        let holds = self.earliest_usage_hold().filter(|_| !self.queue.is_empty());
+        let logins = self.earliest_login_expiry();
+        let notices = self.notices_deadline();
+        let next = sessions.chain(queued).chain(active).chain(retention).chain(holds).chain(logins).chain(notices).min()?;
         // After a failed write, not again before the retry time.
         Some(self.retry_at.map_or(next, |retry| next.max(retry)))
     }
 
+    /// Whether every queued job waits its own time, which the queue keeps in order: while
+    /// an agent is connected and no usage window holds work. Otherwise a waiting caller's
+    /// deadline moves (no agent), or a held job's (the window's reset), and the queue is
+    /// walked.
+    fn own_waits(&self) -> bool {
+        self.offline_since.is_none() && self.earliest_usage_hold().is_none()
+    }
+
     fn queued_deadline(&self, job: &Job) -> Millis {
-        let own = job.created_at.saturating_add(job.queue_wait(self.cfg.queue_ttl_ms));
+        let mut own = job.created_at.saturating_add(job.queue_wait(self.cfg.queue_ttl_ms));
+        // A detached job held for the usage window waits for its reset, then QUEUE_TTL_MS.
+        if let (Mode::Detached, true, Some(hold)) = (job.mode, job.wait_for_usage, self.earliest_usage_hold()) {
+            own = own.max(hold.saturating_add(self.cfg.queue_ttl_ms));
+        }
         match (job.mode, self.offline_since) {
             // A waiting caller should fall back rather than wait out its whole timeout
             // for an agent that is gone.
@@ -68,9 +82,9 @@ impl Edge {
             self.close(now, &id, Refused::new(close::SILENT, reason), &mut effects);
         }
 
-        let expired: Vec<String> = match self.offline_since {
-            None => self.queue.expired(now.at),
-            Some(_) => self.queue.ids().filter(|id| self.queued_deadline(&self.jobs[*id]) <= now.at).cloned().collect(),
+        let expired: Vec<String> = match self.own_waits() {
+            true => self.queue.expired(now.at),
+            false => self.queue.ids().filter(|id| self.queued_deadline(&self.jobs[*id]) <= now.at).cloned().collect(),
         };
         for id in expired {
             let job = &self.jobs[&id];
@@ -78,11 +92,7 @@ impl Edge {
             let result = if !self.is_online() && job.mode == Mode::Wait {
                 JobResult::failure(ErrorCode::RunnerOffline, ApiError::offline().body.error, waited)
             } else {
-                JobResult::failure(
-                    ErrorCode::Timeout,
-                    format!("no agent took the job within {} ms; retry later", job.queue_wait(self.cfg.queue_ttl_ms)),
-                    waited,
-                )
+                self.expired_in_queue(now, waited, job.queue_wait(self.cfg.queue_ttl_ms))
             };
             self.finish(now, &id, result, &mut effects);
         }
@@ -120,6 +130,12 @@ impl Edge {
                 self.finish(now, &id, result, &mut effects);
             }
         }
+
+        self.expire_logins(now, &mut effects);
+        self.lift_usage_holds(now, &mut effects);
+        self.settle_queue(now, &mut effects);
+        self.retry_notices(now, &mut effects);
+        self.observe(now, &mut effects);
 
         while let Some((finished_at, _)) = self.retained.front() {
             if finished_at.saturating_add(self.cfg.job_retention_ms) > now.at {

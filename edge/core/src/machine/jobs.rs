@@ -51,6 +51,12 @@ impl Edge {
                 return Err(refused);
             }
         }
+        if let Some(refused) = self.refusal(now, mode, submission.wait_for_usage) {
+            return Err(refused);
+        }
+        if let Some(url) = &submission.callback_url {
+            crate::notify::check_callback(url, &self.cfg.callback_hosts).map_err(ApiError::invalid)?;
+        }
         if self.queue.len() >= self.cfg.max_queued_jobs {
             return Err(ApiError::new(
                 ErrorCode::RunnerBusy,
@@ -72,6 +78,8 @@ impl Edge {
         }
         let mut job = Job::new(job_id.clone(), submission.spec, mode, submission.idempotency_key, now.at);
         job.placement = submission.placement;
+        job.wait_for_usage = submission.wait_for_usage;
+        job.callback_url = submission.callback_url;
         if let Some(key) = &job.idempotency_key {
             self.idempotency.insert(key.clone(), job_id.clone());
         }
@@ -98,14 +106,15 @@ impl Edge {
         }
     }
 
-    /// The agents that can take a job now: ready, not paused, with a credit.
-    fn candidates(&self, _now: Now) -> Vec<Candidate<'_>> {
+    /// The agents that can take a job now: ready, with a credit, taking work (not paused,
+    /// login usable, usage window open, no re-login under way: [`Agent::takes_work`]).
+    fn candidates(&self, now: Now) -> Vec<Candidate<'_>> {
         self.sessions
             .values()
             .filter_map(|s| {
                 let a = s.agent()?;
                 let credits = a.credits();
-                (credits > 0 && !a.paused).then_some(Candidate {
+                (credits > 0 && a.takes_work(now)).then_some(Candidate {
                     session: &s.id,
                     agent_id: &a.agent_id,
                     labels: &a.labels,
@@ -174,9 +183,6 @@ impl Edge {
     /// its `agent_id` and labels, or every one that does is paused. Its caller falls back
     /// at once rather than wait for an agent that may never come.
     fn unplaceable(&self, placement: &shared::placement::Placement) -> Option<ApiError> {
-        if placement.agent_id.is_none() && placement.labels.is_empty() {
-            return None;
-        }
         let fitting: Vec<&Agent> = self.ready().map(|(_, a)| a).filter(|a| placement.fits(&a.agent_id, &a.labels)).collect();
         if fitting.iter().any(|a| !a.paused) {
             return None;
@@ -188,9 +194,10 @@ impl Edge {
                 false => format!("{} ({})", a.agent_id, shared::placement::show_labels(&a.labels)),
             })
             .collect();
-        let why = match fitting.is_empty() {
-            true => format!("no connected agent offers {}", placement.needs()),
-            false => format!("every agent that offers {} is paused", placement.needs()),
+        let why = match (fitting.is_empty(), placement.needs()) {
+            (true, needs) => format!("no connected agent offers {needs}"),
+            (false, needs) if needs.is_empty() => "every connected agent is paused (POST /agents/<id>/resume)".to_string(),
+            (false, needs) => format!("every agent that offers {needs} is paused"),
         };
         Some(ApiError::new(
             ErrorCode::RunnerOffline,
@@ -280,6 +287,7 @@ impl Edge {
         let (status, body) = job.answer().expect("finished jobs have results");
         effects.push(Effect::Save(Box::new(job)));
         self.announce_end(job_id, status, &body, effects);
+        self.start_callback(now, job_id, effects);
         self.to_stow.push(job_id.to_string());
         self.keep_within_caps(effects);
     }

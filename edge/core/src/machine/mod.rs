@@ -10,7 +10,11 @@
 //! - [`storage`]: what a failed store write means: the event is undone, then decided on.
 //! - [`stop`]: a clean stop: what each waiting caller is told, and which jobs end.
 //! - [`operator`]: pausing and resuming agents.
-//! - [`views`]: health, login status, metrics, the pool's summary for `GET /pools`.
+//! - [`views`]: health, login status, the jobs list, metrics, the pool's summary for
+//!   `GET /pools`.
+//! - [`notices`]: alerts to `NOTIFY_URL` and result callbacks, posted and retried.
+//! - [`login`]: the re-login relay (`POST /oauth/login`, `POST /oauth/login/code`), and
+//!   when work may go to an agent at all ([`Availability`]: its login, its usage window).
 //!
 //! Guarantees kept here (and so on both hosts):
 //! - a job is sent only to an agent that granted a credit for it, fits its `agent_id` and
@@ -27,6 +31,8 @@ mod callers;
 mod deadlines;
 mod jobs;
 mod operator;
+mod login;
+mod notices;
 mod sessions;
 mod stop;
 mod storage;
@@ -35,6 +41,8 @@ mod views;
 pub use callers::CallerId;
 pub use jobs::Submitted;
 pub use operator::AgentControl;
+pub use login::{Availability, LOGIN_TTL_MS, LOGIN_WAIT_MS};
+pub use notices::Post;
 pub use sessions::{MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE};
 pub use stop::shutting_down;
 pub use storage::{split_writes, Writes, STORE_RETRY_MS};
@@ -80,6 +88,14 @@ pub enum Effect {
     /// Read this ended job's whole record from storage (memory keeps only its header) and
     /// carry out what [`Edge::deliver`] makes of it for `caller`.
     Deliver { caller: CallerId, job_id: String, form: Form },
+    /// Store alerting's and callbacks' memory (with the event's other writes).
+    SaveAlerts(Box<crate::notify::AlertState>),
+    /// POST this (an alert, a result callback) and report how it went with
+    /// [`Edge::posted`].
+    Post(Post),
+    /// Read this ended job's whole record from storage and hand it to [`Edge::recalled`]
+    /// (a callback to post again).
+    Recall { job_id: String },
 }
 
 /// Counters for `/metrics`.
@@ -131,6 +147,12 @@ pub struct Edge {
     /// The edge is stopping: no new work, no new agents.
     stopping: bool,
     stats: Stats,
+    /// Alerting's memory (stored).
+    alerts: crate::notify::AlertState,
+    /// Alerts being posted.
+    alert_posts: notices::AlertPosts,
+    /// Makes each post's id unique.
+    posts_made: u64,
 }
 
 impl Edge {
@@ -156,6 +178,9 @@ impl Edge {
             retry_at: None,
             stopping: false,
             stats: Stats::default(),
+            alerts: crate::notify::AlertState::default(),
+            alert_posts: notices::AlertPosts::new(),
+            posts_made: 0,
         }
     }
 
@@ -164,11 +189,17 @@ impl Edge {
     /// whose connection did not survive start their `LOST_AFTER_MS` wait now. No caller
     /// survives a restart, so a queued `/execute` job — whose caller is gone, and was
     /// perhaps told to fall back — ends here without ever starting.
-    pub fn restore(cfg: Config, jobs: Vec<Job>, sessions: Vec<Session>, now: impl Into<Now>) -> (Edge, Vec<Effect>) {
+    /// `alerts` is alerting's stored memory (how long no agent has been connected
+    /// included), if any.
+    pub fn restore(cfg: Config, jobs: Vec<Job>, sessions: Vec<Session>, alerts: Option<crate::notify::AlertState>, now: impl Into<Now>) -> (Edge, Vec<Effect>) {
         let now = now.into();
         let mut edge = Edge::new(cfg, now);
         edge.begin(storage::Origin::Restore);
         let mut effects = Vec::new();
+        if let Some(alerts) = alerts {
+            edge.offline_since = alerts.offline_since.or(edge.offline_since);
+            edge.alerts = alerts;
+        }
         for s in sessions {
             if let Some(a) = s.agent() {
                 edge.last_oauth = Some((a.agent_id.clone(), a.oauth.clone()));

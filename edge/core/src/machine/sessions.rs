@@ -11,7 +11,8 @@ use shared::envelope::{Domain, Envelope, EnvelopeError};
 use shared::ids::{hex, shown_job_id};
 use shared::job::{JobResult, JobState};
 use shared::keys;
-use shared::protocol::{self, close, AgentMessage, EdgeMessage, Hello, ProgressReport, ResultReport, Slots, Welcome, PROTOCOL_VERSION};
+use shared::oauth::OAuthReport;
+use shared::protocol::{self, close, AgentMessage, EdgeMessage, Hello, LoginReport, ProgressReport, ResultReport, Slots, Welcome, PROTOCOL_VERSION};
 use std::collections::{BTreeMap, BTreeSet};
 use tracing::{debug, info, warn};
 
@@ -116,6 +117,9 @@ impl Edge {
         let Some(session) = self.remove_session(session_id) else { return };
         let Some(agent) = session.agent() else { return };
         info!(agent_id = %agent.agent_id, session = session_id, "agent disconnected");
+        if let Some(relay) = agent.login.clone() {
+            self.login_lost(&relay, effects);
+        }
         let agent_id = agent.agent_id.clone();
         if !self.ready().any(|(_, a)| a.agent_id == agent_id) {
             self.departed.insert(agent_id, now.at);
@@ -137,6 +141,7 @@ impl Edge {
         if !self.is_online() {
             self.offline_since = Some(now.at);
         }
+        self.observe(now, effects);
     }
 
     /// Says goodbye (the whole reason) and closes the connection (the reason cut to fit).
@@ -250,12 +255,15 @@ impl Edge {
             capacity: hello.capacity,
             slots: Slots::default(),
             sent: 0,
-            oauth: hello.oauth.clone(),
+            oauth: OAuthReport::unconfigured(now.wall),
             claude_version: hello.claude_version.as_deref().map(claude_version),
             labels: hello.labels.clone(),
             mirrors: mirror_names(&hello.mirrors),
             paused,
+            usage_hold_until: None,
+            login: None,
         });
+        session.agent_mut().expect("just made ready").report(hello.oauth.clone(), now);
         let saved = Effect::SaveSession(Box::new(session.clone()));
         let welcome = Welcome {
             protocol: PROTOCOL_VERSION,
@@ -275,7 +283,24 @@ impl Edge {
         let held: BTreeSet<&str> = hello.running.iter().chain(&hello.finished).map(String::as_str).collect();
         self.reconcile(now, session_id, &agent_id, &held, None, effects);
         self.stop_ended(now, session_id, &agent_id, &hello.running, effects);
-        self.dispatch(now, effects);
+        self.settle_queue(now, effects);
+        self.observe(now, effects);
+    }
+
+    /// Takes an agent's report of its login and usage window.
+    pub(super) fn take_report(&mut self, now: Now, session_id: &str, oauth: OAuthReport, effects: &mut Vec<Effect>) {
+        let session = self.session_mut(session_id).expect("session exists");
+        let agent = session.agent_mut().expect("ready session");
+        let agent_id = agent.agent_id.clone();
+        let was = (agent.needs_login(now), agent.usage_held(now));
+        agent.report(oauth.clone(), now);
+        let is = (agent.needs_login(now), agent.usage_held(now));
+        if was != is {
+            info!(agent_id = %agent_id, needs_login = is.0, usage_limited = is.1, "agent's login or usage window changed");
+        }
+        effects.push(Effect::SaveSession(Box::new(session.clone())));
+        self.last_oauth = Some((agent_id, oauth));
+        self.observe(now, effects);
     }
 
     /// What the agent says it holds (`held`: jobs it runs, or whose result it still has to
@@ -366,19 +391,19 @@ impl Edge {
                 let session = self.session_mut(session_id).expect("session exists");
                 let agent = session.agent_mut().expect("ready session");
                 agent.capacity = capacity;
-                agent.oauth = oauth.clone();
                 agent.state(slots);
                 if let Some(v) = version {
                     agent.claude_version = Some(claude_version(&v));
                 }
-                effects.push(Effect::SaveSession(Box::new(session.clone())));
-                self.last_oauth = Some((agent_id.clone(), oauth));
+                self.take_report(now, session_id, oauth, effects);
                 let ack = EdgeMessage::HeartbeatAck { server_time: now.wall };
                 effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
                 let held: BTreeSet<&str> = running.iter().map(String::as_str).collect();
                 self.reconcile(now, session_id, &agent_id, &held, Some(slots.received), effects);
                 self.stop_ended(now, session_id, &agent_id, &running, effects);
-                self.dispatch(now, effects);
+                // A login that works again, or a usage window that opened, lets held work go;
+                // one that stopped working sends /execute callers elsewhere.
+                self.settle_queue(now, effects);
             }
             AgentMessage::Credit { slots } => {
                 let session = self.session_mut(session_id).expect("session exists");
@@ -451,7 +476,12 @@ impl Edge {
                 session.agent_mut().expect("ready session").mirrors = mirror_names(&names);
                 effects.push(Effect::SaveSession(Box::new(session.clone())));
             }
-            AgentMessage::LoginProgress { .. } | AgentMessage::Unknown => {
+            AgentMessage::LoginProgress { envelope } => {
+                // It can log the agent in again (and let held work go): signed, like results.
+                let Some(report) = self.open_report::<LoginReport>(session_id, &agent_id, &envelope, Domain::LoginReport) else { return };
+                self.login_progress(now, session_id, report, effects);
+            }
+            AgentMessage::Unknown => {
                 debug!(agent_id = %agent_id, "message kind not handled by this edge ignored");
             }
             AgentMessage::Hello { .. } => {
@@ -461,7 +491,7 @@ impl Edge {
         }
     }
 
-    /// A report (progress, a result) as its agent signed it, or `None` — counted and
+    /// A report (progress, a result, a login report) as its agent signed it, or `None` — counted and
     /// logged — when the signature is not that agent's: made up, or altered on the way.
     /// The connection stays: whoever forged it is on the path, not the agent, and the
     /// agent's own reports still count.

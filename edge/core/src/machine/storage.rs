@@ -40,11 +40,13 @@ pub const STORE_RETRY_MS: Millis = 1_000;
 pub struct Writes {
     pub saves: Vec<Job>,
     pub forgets: Vec<String>,
+    /// Alerting's memory, when it changed.
+    pub alerts: Option<crate::notify::AlertState>,
 }
 
 impl Writes {
     pub fn is_empty(&self) -> bool {
-        self.saves.is_empty() && self.forgets.is_empty()
+        self.saves.is_empty() && self.forgets.is_empty() && self.alerts.is_none()
     }
 }
 
@@ -57,6 +59,7 @@ pub fn split_writes(effects: Vec<Effect>) -> (Writes, Vec<Effect>) {
         match effect {
             Effect::Save(job) => writes.saves.push(*job),
             Effect::Forget { job_id } => writes.forgets.push(job_id),
+            Effect::SaveAlerts(state) => writes.alerts = Some(*state),
             other => rest.push(other),
         }
     }
@@ -65,7 +68,7 @@ pub fn split_writes(effects: Vec<Effect>) -> (Writes, Vec<Effect>) {
 
 impl Effect {
     pub fn is_write(&self) -> bool {
-        matches!(self, Effect::Save(_) | Effect::Forget { .. })
+        matches!(self, Effect::Save(_) | Effect::Forget { .. } | Effect::SaveAlerts(_))
     }
 }
 
@@ -94,6 +97,10 @@ pub(super) struct Journal {
     callers: HashMap<String, (Option<Vec<CallerId>>, Option<Vec<CallerId>>)>,
     backlogs: Vec<(String, Backlog)>,
     stats: Option<super::Stats>,
+    /// The relay's callers before the event changed them.
+    logins: Option<HashMap<String, Vec<CallerId>>>,
+    /// Alerting's memory before the event changed it.
+    alerts: Option<crate::notify::AlertState>,
 }
 
 impl Edge {
@@ -161,6 +168,20 @@ impl Edge {
         if !self.journal.callers.contains_key(job_id) {
             let prior = (self.callers.waiters.get(job_id).cloned(), self.callers.followers.get(job_id).cloned());
             self.journal.callers.insert(job_id.to_string(), prior);
+        }
+    }
+
+    /// Notes alerting's memory as it was before the event changed it.
+    pub(super) fn note_alerts(&mut self, before: crate::notify::AlertState) {
+        if self.journal.alerts.is_none() {
+            self.journal.alerts = Some(before);
+        }
+    }
+
+    /// Notes the relay's callers before they change.
+    pub(super) fn note_logins(&mut self) {
+        if self.journal.logins.is_none() {
+            self.journal.logins = Some(self.callers.logins.clone());
         }
     }
 
@@ -290,6 +311,12 @@ impl Edge {
         }
         if let Some(stats) = journal.stats {
             self.stats = stats;
+        }
+        if let Some(logins) = journal.logins {
+            self.callers.logins = logins;
+        }
+        if let Some(alerts) = journal.alerts {
+            self.alerts = alerts;
         }
     }
 }

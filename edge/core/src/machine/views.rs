@@ -5,7 +5,7 @@
 use super::{Edge, DOWN_SHOWN_MS};
 use crate::clock::Now;
 use crate::session::Agent;
-use shared::contract::{AgentInfo, Health, HealthStatus, PoolSummary};
+use shared::contract::{AgentInfo, Health, HealthStatus, JobList, PoolSummary, LISTED_FINISHED_JOBS};
 use shared::oauth::{LoginHealth, OAuthStatus};
 use shared::time::rfc3339;
 use shared::Millis;
@@ -34,10 +34,11 @@ impl Edge {
                 .filter(|id| self.jobs[*id].session_id.as_deref() == Some(session_id))
                 .count()
         };
-        let rank = |a: &Agent| match a.oauth.health(now.wall) {
-            LoginHealth::Good => 0,
-            LoginHealth::AttentionSoon => 1,
-            LoginHealth::Broken => 2,
+        let rank = |a: &Agent| match (a.oauth.health(now.wall), a.usage_held(now)) {
+            (LoginHealth::Good, false) => 0,
+            (LoginHealth::AttentionSoon, false) => 1,
+            (LoginHealth::Good | LoginHealth::AttentionSoon, true) => 2,
+            (LoginHealth::Broken, _) => 3,
         };
         let takes_work = |a: &Agent| !a.paused && a.oauth.health(now.wall) != LoginHealth::Broken;
         let working = agents.iter().filter(|(_, a)| takes_work(a)).count();
@@ -61,7 +62,7 @@ impl Edge {
             None => HealthStatus::Offline,
             Some(_) if working == 0 => HealthStatus::Unhealthy,
             Some((_, a)) => match a.oauth.health(now.wall) {
-                LoginHealth::Good if some_down => HealthStatus::Degraded,
+                LoginHealth::Good if some_down || a.usage_held(now) => HealthStatus::Degraded,
                 LoginHealth::Good => HealthStatus::Healthy,
                 LoginHealth::AttentionSoon => HealthStatus::Degraded,
                 LoginHealth::Broken => HealthStatus::Unhealthy,
@@ -80,6 +81,10 @@ impl Edge {
             takes_work: false,
             login: String::new(),
         });
+        let usage = best
+            .and_then(|(_, a)| a.oauth.usage.as_ref())
+            .or_else(|| self.last_oauth.as_ref().and_then(|(_, r)| r.usage.as_ref()))
+            .map(|u| u.view(now.wall));
         Health {
             status,
             service: "claude-runner".into(),
@@ -91,6 +96,7 @@ impl Edge {
             agents: agents.iter().map(info).chain(gone).collect(),
             queued_jobs: self.queue.len(),
             agents_taking_work: working,
+            usage,
         }
     }
 
@@ -104,6 +110,15 @@ impl Edge {
             agents_taking_work: health.agents_taking_work,
             queued_jobs: self.queue.len(),
         }
+    }
+
+    /// `GET /jobs`: what waits or runs, oldest first, then the last finished, newest first.
+    pub fn job_list(&self, now: impl Into<Now>) -> JobList {
+        let now = now.into();
+        let mut active: Vec<&crate::record::Job> = self.queue.ids().chain(self.active.iter()).filter_map(|id| self.jobs.get(id)).collect();
+        active.sort_by_key(|j| (j.created_at, j.id.clone()));
+        let finished = self.retained.iter().rev().filter_map(|(_, id)| self.jobs.get(id)).take(LISTED_FINISHED_JOBS);
+        JobList { active: active.into_iter().map(|j| j.view(now)).collect(), finished: finished.map(|j| j.view(now)).collect() }
     }
 
     /// The best connected agent's login, else the last one reported.
@@ -131,7 +146,7 @@ impl Edge {
         );
         line("claude_runner_orders_rejected_total", "Orders the agent refused.", "counter", one(s.rejected_orders));
         line("claude_runner_agents_refused_total", "Agent connections refused.", "counter", one(s.refused_agents));
-        line("claude_runner_reports_refused_total", "Progress and results not signed by their agent.", "counter", one(s.refused_reports));
+        line("claude_runner_reports_refused_total", "Progress, results and login reports not signed by their agent.", "counter", one(s.refused_reports));
         line("claude_runner_store_failures_total", "Events whose changes could not be stored (and were undone).", "counter", one(s.store_failures));
         line("claude_runner_jobs_queued", "Jobs waiting for an agent.", "gauge", one(self.queue.len() as u64));
         line("claude_runner_jobs_active", "Jobs dispatched or running.", "gauge", one(self.active.len() as u64));

@@ -31,6 +31,9 @@ fn no_body_is_read_before_auth_nor_for_a_route_that_takes_none() {
         ("GET", "/execute", false),
         ("GET", "/metrics", false),
         ("POST", "/oauth/status", false),
+        ("POST", "/oauth/login", true),
+        ("POST", "/oauth/login/code", true),
+        ("GET", "/jobs", false),
     ] {
         assert_eq!(gate(method, path, Some(SECRET)), Gate::Handle { read_body: read }, "{method} {path}");
     }

@@ -7,11 +7,15 @@
 //! - [`recovery`]: credits, cancels and heartbeats across reconnects;
 //! - [`model`]: a property test of the machine against model agents;
 //! - [`hostile`]: callers and peers without the secret or a key, and a forging path;
+//! - [`login`]: work held or refused for the login and the usage window; the re-login relay;
+//! - [`notices`]: alerts and result callbacks through the machine;
 //! - [`routing`]: many agents: labels, affinity, callers' turns, pause, health.
 
 mod hostile;
 mod hosts;
+mod login;
 mod model;
+mod notices;
 mod recovery;
 mod routing;
 mod stop;
@@ -68,6 +72,11 @@ pub(super) fn config() -> Config {
         max_retained_jobs: 1_000,
         max_retained_bytes: 64 * 1024 * 1024,
         edge_version: "test".into(),
+        notify_url: None,
+        oauth_warn_hours: 24.0,
+        offline_alert_ms: 60_000,
+        notify_min_interval_ms: 3_600_000,
+        callback_hosts: vec!["127.0.0.1".into(), "hooks.example.com".into()],
     }
 }
 
@@ -567,7 +576,7 @@ fn restore_keeps_jobs_and_starts_the_lost_clock() {
     keep(edge.submit(2, "run".into(), submission("x", 60_000, None), Mode::Wait).unwrap().effects);
     keep(edge.submit(2, "queued".into(), submission("x", 60_000, None), Mode::Detached).unwrap().effects);
 
-    let (mut edge, _) = Edge::restore(config(), saved.into_values().collect(), vec![], 1_000);
+    let (mut edge, _) = Edge::restore(config(), saved.into_values().collect(), vec![], None, 1_000);
     assert_eq!(edge.job("done").unwrap().state, JobState::Succeeded);
     assert_eq!(edge.job("queued").unwrap().state, JobState::Queued);
     assert!(edge.submit(3, "dup".into(), submission("x", 60_000, Some("k")), Mode::Detached).unwrap().existing);

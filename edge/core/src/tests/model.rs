@@ -383,7 +383,7 @@ impl World {
                 }
                 self.waiting.clear();
                 let records: Vec<Job> = self.stored.values().cloned().collect();
-                let (edge, effects) = Edge::restore(config(), records, vec![], self.now);
+                let (edge, effects) = Edge::restore(config(), records, vec![], None, self.now);
                 self.edge = edge;
                 self.carry_out(effects);
             }

@@ -60,7 +60,7 @@ fn a_clean_stop_tells_each_caller_the_truth() {
 
     // After the restart the agent comes back: the running job goes on, the detached one
     // is sent, the one whose caller fell back is not.
-    let (mut edge, effects) = Edge::restore(config(), stored.into_values().collect(), vec![], 1_000);
+    let (mut edge, effects) = Edge::restore(config(), stored.into_values().collect(), vec![], None, 1_000);
     assert!(finished(&effects).is_empty(), "nothing left to end: {effects:?}");
     let (sid2, _) = join(&mut edge, 1_001, "spark", &agent_key(1), vec![running_id.clone()], 2);
     let effects = say(&mut edge, 1_002, &sid2, credit(0, 0));
@@ -82,7 +82,7 @@ fn a_restart_ends_queued_execute_jobs_whose_callers_are_gone() {
     keep(&mut stored, &call(&mut edge, 0, "POST", "/execute", json!({"prompt": "x"})).effects);
     keep(&mut stored, &call(&mut edge, 0, "POST", "/jobs", json!({"prompt": "y"})).effects);
 
-    let (mut edge, effects) = Edge::restore(config(), stored.into_values().collect(), vec![], 100);
+    let (mut edge, effects) = Edge::restore(config(), stored.into_values().collect(), vec![], None, 100);
     let ended = finished(&effects);
     assert_eq!(ended.len(), 1, "{ended:?}");
     assert_eq!(ended[0].2["error_code"], "RUNNER_OFFLINE");
@@ -127,7 +127,7 @@ fn a_job_running_across_a_long_edge_stop_waits_for_its_agent_again() {
     assert_eq!(stored[&job_id].orphaned_at, None, "the stop did not start the wait for the agent");
 
     let back = 10 + 3 * LOST;
-    let (mut edge, effects) = Edge::restore(config(), stored.clone().into_values().collect(), vec![], back);
+    let (mut edge, effects) = Edge::restore(config(), stored.clone().into_values().collect(), vec![], None, back);
     keep(&mut stored, &effects);
     assert!(finished(&effects).is_empty());
     let effects = edge.tick(back);
@@ -137,7 +137,7 @@ fn a_job_running_across_a_long_edge_stop_waits_for_its_agent_again() {
     assert_eq!(edge.job(&job_id).unwrap().state, JobState::Running, "its agent took it back");
 
     // An agent that does not come back loses the job LOST_AFTER_MS after the restart.
-    let (mut edge, _) = Edge::restore(config(), stored.into_values().collect(), vec![], back);
+    let (mut edge, _) = Edge::restore(config(), stored.into_values().collect(), vec![], None, back);
     assert!(finished(&edge.tick(back + LOST - 1)).is_empty());
     let done = finished(&edge.tick(back + LOST));
     assert_eq!((done.len(), done[0].2["error_code"].as_str()), (1, Some("RUNNER_LOST")));
@@ -157,7 +157,7 @@ fn a_job_whose_agent_was_away_when_the_edge_stopped_waits_for_it_again() {
     keep(&mut stored, &edge.shutdown(100 + LOST / 2));
 
     let back = 100 + 3 * LOST;
-    let (mut edge, effects) = Edge::restore(config(), stored.into_values().collect(), vec![], back);
+    let (mut edge, effects) = Edge::restore(config(), stored.into_values().collect(), vec![], None, back);
     assert!(finished(&effects).is_empty());
     assert!(finished(&edge.tick(back + LOST - 1)).is_empty(), "lost before its agent could come back");
     let done = finished(&edge.tick(back + LOST));

@@ -1,0 +1,310 @@
+//! The agent's side of the re-login relay: a signed order from the edge starts
+//! `claude auth login` with pipes, its authorization URL goes back to the edge, a second
+//! signed order hands it the code the person pasted, and the outcome (with the login as
+//! the agent now reads it) goes back too. One login at a time: a new start replaces the
+//! one under way. The process is killed after [`CODE_WAIT`] without a code. The URL and
+//! the code are never logged; the credentials it writes stay on this machine.
+//!
+//! What the real CLI does (checked with 2.1.197, the version the tests pin, inside
+//! `unshare -n`; 2.1.332 behaves the same but prints the URL on a line of its own):
+//! `claude auth login` (flags `--claudeai`, the default, `--console`, `--sso`, `--email`)
+//! needs no TTY. On stdout it prints `Opening browser to sign in…`, then
+//! `If the browser didn't open, visit: https://claude.com/cai/oauth/authorize?code=true&…`,
+//! then `Paste code here if prompted > ` with no newline, and reads one line from stdin.
+//! It exchanges the code at Anthropic's token endpoint (which cannot be pointed elsewhere:
+//! `CLAUDE_CODE_CUSTOM_OAUTH_URL` accepts only Anthropic's own hosts), writes
+//! `.credentials.json` and prints `Login successful.` (exit 0), or prints
+//! `Login failed: <why>` on stderr and exits 1 (offline: `getaddrinfo ECONNREFUSED
+//! platform.claude.com`).
+
+use crate::agent::Agent;
+use shared::oauth::LoginHealth;
+use shared::protocol::{AgentMessage, LoginAction, LoginOrder, LoginReport, LoginState};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+/// How long `claude auth login` may take to print its URL.
+pub const URL_WAIT: Duration = Duration::from_secs(60);
+/// How long it waits for the code before it is killed.
+pub const CODE_WAIT: Duration = Duration::from_secs(600);
+/// How long it may take to finish once it has the code.
+pub const FINISH_WAIT: Duration = Duration::from_secs(120);
+/// Output kept for reading the URL and the failure reason.
+const KEEP_BYTES: usize = 64 * 1024;
+
+/// The environment `claude auth login` gets: what it needs to find its config, reach
+/// Anthropic (proxies, certificates) and nothing of the agent's own (keys, tokens).
+const PASSED_ENV: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TMPDIR", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY",
+    "https_proxy", "http_proxy", "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS",
+];
+
+/// The login under way, if any.
+#[derive(Default)]
+pub struct Relogin {
+    current: Mutex<Option<Current>>,
+}
+
+struct Current {
+    login_id: String,
+    /// The code, with the nonce of the order that brought it.
+    code: Option<oneshot::Sender<(String, String)>>,
+    /// Dropped to stop the login (a newer one replaces it).
+    _stop: oneshot::Sender<()>,
+}
+
+impl Relogin {
+    /// Carries out a verified order.
+    pub fn on_order(&self, agent: &Arc<Agent>, order: LoginOrder) {
+        let login_id = order.header.job_id.clone();
+        let nonce = order.header.nonce.clone();
+        match order.action {
+            LoginAction::Start => {
+                let (code_tx, code_rx) = oneshot::channel();
+                let (stop_tx, stop_rx) = oneshot::channel();
+                let replaced = self.current.lock().expect("relogin lock").replace(Current { login_id: login_id.clone(), code: Some(code_tx), _stop: stop_tx });
+                if let Some(old) = replaced {
+                    info!(agent_id = %agent.cfg.agent_id, login_id = %old.login_id, "login replaced by a newer one");
+                }
+                info!(agent_id = %agent.cfg.agent_id, login_id = %login_id, "starting `claude auth login`");
+                tokio::spawn(run(Arc::clone(agent), login_id, nonce, code_rx, stop_rx));
+            }
+            LoginAction::Code { code } => {
+                let sender = {
+                    let mut current = self.current.lock().expect("relogin lock");
+                    current.as_mut().filter(|c| c.login_id == login_id).and_then(|c| c.code.take())
+                };
+                match sender.map(|tx| tx.send((code, nonce.clone()))) {
+                    Some(Ok(())) => info!(agent_id = %agent.cfg.agent_id, login_id = %login_id, "login code received"),
+                    _ => progress(agent, &login_id, &nonce, LoginState::Failed, None, Some("no login with this id is waiting for a code on the agent (it ended or was replaced)".into())),
+                }
+            }
+        }
+    }
+
+    /// The login `login_id` ended: forget it (unless a newer one replaced it).
+    fn ended(&self, login_id: &str) {
+        let mut current = self.current.lock().expect("relogin lock");
+        if current.as_ref().is_some_and(|c| c.login_id == login_id) {
+            *current = None;
+        }
+    }
+}
+
+/// Tells the edge how the login goes, signed and bound to the order `order_nonce` it
+/// answers (the edge lets held work go on a `LoggedIn`: nobody on the path may forge one).
+fn progress(agent: &Agent, login_id: &str, order_nonce: &str, state: LoginState, url: Option<String>, error: Option<String>) {
+    let oauth = (state == LoginState::LoggedIn).then(|| agent.reporter.report());
+    let report = LoginReport { login_id: login_id.to_string(), order_nonce: order_nonce.to_string(), state, url, error, oauth };
+    let _ = agent.uplink.send(AgentMessage::login(&report, &agent.cfg.signing_key));
+}
+
+/// The authorization URL in what `claude auth login` printed so far: the first `https://`
+/// word that is an OAuth authorize URL.
+pub fn find_url(printed: &str) -> Option<String> {
+    printed
+        .split(|c: char| c.is_whitespace())
+        .map(|w| w.trim_end_matches(['.', ',', ')', '>']))
+        .find(|w| w.starts_with("https://") && w.contains("/oauth/authorize") && w.len() <= 4096)
+        .map(str::to_string)
+}
+
+/// Why a login failed, from what it printed: its last meaningful line, without the code.
+pub fn failure_reason(printed: &str, code: &str) -> String {
+    // The prompt has no newline: what follows it (its stderr) lands on the same line.
+    let line = printed
+        .lines()
+        .map(|l| l.trim().trim_start_matches("Paste code here if prompted >").trim())
+        .rev()
+        .find(|l| !l.is_empty() && !l.contains("https://"))
+        .unwrap_or("it printed nothing");
+    let line = if code.is_empty() { line.to_string() } else { line.replace(code, "[the code]") };
+    shared::text::truncate(&line, 300).to_string()
+}
+
+/// Kills `claude auth login` and anything it started (its own process group).
+fn kill_group(pgid: u32) {
+    // Group 0 would be the agent's own.
+    if pgid != 0 {
+        // SAFETY: kill(2) with a negative pid signals the process group; no memory involved.
+        unsafe {
+            libc::kill(-(pgid as libc::pid_t), libc::SIGKILL);
+        }
+    }
+}
+
+async fn run(agent: Arc<Agent>, login_id: String, start_nonce: String, code_rx: oneshot::Receiver<(String, String)>, stop_rx: oneshot::Receiver<()>) {
+    // The outcome answers the newest order of this login: its start, then its code.
+    let mut answering = start_nonce;
+    let outcome = drive(&agent, &login_id, &mut answering, code_rx, stop_rx).await;
+    agent.relogin.ended(&login_id);
+    match outcome {
+        Ok(()) => {
+            // The new credentials are on disk: tell the edge at once.
+            agent.reporter.look();
+            let report = agent.reporter.report();
+            if report.health(crate::now_ms()) == LoginHealth::Broken {
+                let why = "`claude auth login` ended, but the agent still reads no usable login".to_string();
+                warn!(agent_id = %agent.cfg.agent_id, login_id = %login_id, "login ended without a usable login");
+                progress(&agent, &login_id, &answering, LoginState::Failed, None, Some(why));
+            } else {
+                info!(agent_id = %agent.cfg.agent_id, login_id = %login_id, "login succeeded");
+                progress(&agent, &login_id, &answering, LoginState::LoggedIn, None, None);
+            }
+        }
+        Err(Some(why)) => {
+            warn!(agent_id = %agent.cfg.agent_id, login_id = %login_id, reason = %why, "login failed");
+            progress(&agent, &login_id, &answering, LoginState::Failed, None, Some(why));
+        }
+        // Replaced by a newer login: that one reports.
+        Err(None) => {}
+    }
+}
+
+/// Reads a pipe into a shared buffer (the newest [`KEEP_BYTES`]) until it closes.
+fn collect(mut pipe: impl AsyncRead + Unpin + Send + 'static, into: Arc<Mutex<String>>, news: mpsc::UnboundedSender<()>) {
+    tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let mut text = into.lock().expect("output lock");
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if text.len() > KEEP_BYTES {
+                let keep = shared::text::tail(&text, KEEP_BYTES / 2).to_string();
+                *text = keep;
+            }
+            drop(text);
+            let _ = news.send(());
+        }
+    });
+}
+
+/// Runs one login to its end. `Err(None)`: it was replaced.
+async fn drive(
+    agent: &Agent,
+    login_id: &str,
+    answering: &mut String,
+    code_rx: oneshot::Receiver<(String, String)>,
+    mut stop_rx: oneshot::Receiver<()>,
+) -> Result<(), Option<String>> {
+    let cfg = &agent.cfg;
+    let mut cmd = Command::new(&cfg.claude_bin);
+    cmd.args(["auth", "login"]).env_clear();
+    for name in PASSED_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
+    // The login goes where the agent reads it (and Claude's jobs do).
+    if let Some(dir) = &cfg.claude_config_dir {
+        cmd.env("CLAUDE_CONFIG_DIR", dir);
+    }
+    // A server has no browser to open; the URL goes to the person instead.
+    cmd.env("BROWSER", "true")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    // SAFETY: prctl only sets a flag on the child between fork and exec: the login dies
+    // with the agent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| Some(format!("could not start `{} auth login`: {e}; check CLAUDE_BIN", cfg.claude_bin)))?;
+    let pgid = child.id().unwrap_or(0);
+    let printed = Arc::new(Mutex::new(String::new()));
+    let (news_tx, mut news) = mpsc::unbounded_channel();
+    collect(child.stdout.take().expect("stdout is piped"), Arc::clone(&printed), news_tx.clone());
+    collect(child.stderr.take().expect("stderr is piped"), Arc::clone(&printed), news_tx);
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let outcome = async {
+        // 1. The URL.
+        let url_by = tokio::time::Instant::now() + URL_WAIT;
+        let url = loop {
+            if let Some(url) = find_url(&printed.lock().expect("output lock")) {
+                break url;
+            }
+            tokio::select! {
+                n = news.recv() => if n.is_none() {
+                    let status = child.wait().await.ok();
+                    return Err(Some(format!("`claude auth login` exited ({status:?}) without printing a URL: {}", failure_reason(&printed.lock().expect("output lock"), ""))));
+                },
+                _ = child.wait() => {
+                    // Output may still be in the pipes.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if let Some(url) = find_url(&printed.lock().expect("output lock")) { break url; }
+                    return Err(Some(format!("`claude auth login` exited without printing a URL: {}", failure_reason(&printed.lock().expect("output lock"), ""))));
+                }
+                _ = tokio::time::sleep_until(url_by) => return Err(Some(format!("`claude auth login` printed no authorization URL within {} s", URL_WAIT.as_secs()))),
+                _ = &mut stop_rx => return Err(None),
+            }
+        };
+        info!(agent_id = %cfg.agent_id, login_id, "login waits for its code");
+        progress(agent, login_id, answering, LoginState::AwaitingCode, Some(url), None);
+        // 2. The code.
+        let code = tokio::select! {
+            code = code_rx => {
+                let (code, nonce) = code.map_err(|_| None)?;
+                *answering = nonce;
+                code
+            }
+            _ = tokio::time::sleep(CODE_WAIT) => return Err(Some(format!("no code came within {} minutes; start again", CODE_WAIT.as_secs() / 60))),
+            _ = &mut stop_rx => return Err(None),
+            status = child.wait() => return Err(Some(format!("`claude auth login` ended ({status:?}) before the code came: {}", failure_reason(&printed.lock().expect("output lock"), "")))),
+        };
+        stdin.write_all(format!("{code}\n").as_bytes()).await.map_err(|e| Some(format!("could not pass the code on: {e}")))?;
+        let _ = stdin.flush().await;
+        // 3. The outcome.
+        let status = tokio::select! {
+            status = child.wait() => status.map_err(|e| Some(format!("lost `claude auth login`: {e}")))?,
+            _ = tokio::time::sleep(FINISH_WAIT) => return Err(Some(format!("`claude auth login` did not finish within {} s of getting the code", FINISH_WAIT.as_secs()))),
+            _ = &mut stop_rx => return Err(None),
+        };
+        // Let the pipes drain so the reason is complete.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(Some(format!("`claude auth login` failed ({status}): {}", failure_reason(&printed.lock().expect("output lock"), &code))))
+        }
+    }
+    .await;
+    kill_group(pgid);
+    let _ = child.kill().await;
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_url_in_either_layout() {
+        // 2.1.197: the URL on the "visit:" line; 2.1.332: on a line of its own.
+        let old = "Opening browser to sign in…\nIf the browser didn't open, visit: https://claude.com/cai/oauth/authorize?code=true&client_id=x&state=y\nPaste code here if prompted > ";
+        let new = "Opening browser to sign in…\nIf the browser didn't open, visit:\nhttps://claude.ai/oauth/authorize?code=true&state=z\n\nPaste code here if prompted > ";
+        assert_eq!(find_url(old).as_deref(), Some("https://claude.com/cai/oauth/authorize?code=true&client_id=x&state=y"));
+        assert_eq!(find_url(new).as_deref(), Some("https://claude.ai/oauth/authorize?code=true&state=z"));
+        assert_eq!(find_url("Opening browser to sign in…\nhttps://example.com/not-this"), None);
+        assert_eq!(find_url("Opening browser"), None);
+    }
+
+    #[test]
+    fn a_failure_names_the_reason_not_the_code() {
+        let printed = "If the browser didn't open, visit: https://claude.com/cai/oauth/authorize?x\nPaste code here if prompted > Login failed: bad code abc123#def\n";
+        let why = failure_reason(printed, "abc123#def");
+        assert_eq!(why, "Login failed: bad code [the code]");
+        assert_eq!(failure_reason("", ""), "it printed nothing");
+    }
+}

@@ -1,0 +1,177 @@
+//! What the agent tells the edge about its Claude login and the subscription's usage
+//! window, and when: with every heartbeat, and at once when it changes — the credentials
+//! file changed (seen within a second: [`Reporter::watch`] polls it), a run failed to
+//! authenticate or succeeded, Claude reported its usage window, a relayed login ended.
+//!
+//! A failed authentication marks the login broken until the credentials change or a run
+//! succeeds; a used-up usage window stays so until its reset or a successful run.
+
+use crate::oauth::Login;
+use shared::oauth::OAuthReport;
+use shared::usage::{UsageStatus, UsageWindow};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tracing::info;
+
+/// How often the credentials file is looked at.
+pub const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+pub struct Reporter {
+    login: Login,
+    auth_failed: AtomicBool,
+    usage: Mutex<Option<UsageWindow>>,
+    changed: Notify,
+    /// What the credentials looked like at the last look.
+    seen: Mutex<Option<u64>>,
+}
+
+impl Reporter {
+    pub fn new(login: Login) -> Reporter {
+        let reporter = Reporter { login, auth_failed: AtomicBool::new(false), usage: Mutex::new(None), changed: Notify::new(), seen: Mutex::new(None) };
+        *reporter.seen.lock().expect("seen lock") = Some(reporter.fingerprint());
+        reporter
+    }
+
+    /// The report as of now. Never carries a token.
+    pub fn report(&self) -> OAuthReport {
+        let mut report = self.login.read(crate::now_ms()).report;
+        report.auth_failed = self.auth_failed.load(Ordering::SeqCst);
+        report.usage = self.usage.lock().expect("usage lock").clone();
+        report
+    }
+
+    /// Resolves when something worth telling the edge at once changed.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    fn tell(&self) {
+        // notify_one keeps the wake-up for the connection even if it is busy sending.
+        self.changed.notify_one();
+    }
+
+    /// Claude failed to authenticate (`true`), or authenticated (`false`).
+    pub fn auth_failed(&self, failed: bool) {
+        if self.auth_failed.swap(failed, Ordering::SeqCst) != failed {
+            info!(auth_failed = failed, "Claude's login state changed");
+            self.tell();
+        }
+    }
+
+    /// Claude reported its usage window.
+    pub fn saw_usage(&self, window: UsageWindow) {
+        let mut usage = self.usage.lock().expect("usage lock");
+        let news = usage.as_ref().is_none_or(|u| (u.status, u.resets_at, u.kind.as_deref()) != (window.status, window.resets_at, window.kind.as_deref()));
+        if news {
+            info!(status = ?window.status, kind = window.kind.as_deref().unwrap_or("-"), resets_at = window.resets_at, "usage window reported");
+        }
+        *usage = Some(window);
+        drop(usage);
+        if news {
+            self.tell();
+        }
+    }
+
+    /// A run succeeded: the login works and the usage window is open.
+    pub fn run_succeeded(&self) {
+        self.auth_failed(false);
+        let mut usage = self.usage.lock().expect("usage lock");
+        if let Some(u) = usage.as_mut().filter(|u| u.status == UsageStatus::Rejected) {
+            u.status = UsageStatus::Allowed;
+            u.seen_at = crate::now_ms();
+            drop(usage);
+            self.tell();
+        }
+    }
+
+    /// Looks at the credentials once: if they changed, a failed login is forgotten (the
+    /// person logged in again) and the edge is told at once. Returns whether they changed.
+    pub fn look(&self) -> bool {
+        let now = self.fingerprint();
+        let mut seen = self.seen.lock().expect("seen lock");
+        if *seen == Some(now) {
+            return false;
+        }
+        *seen = Some(now);
+        drop(seen);
+        info!("Claude's credentials changed");
+        self.auth_failed.store(false, Ordering::SeqCst);
+        self.tell();
+        true
+    }
+
+    /// Looks at the credentials every [`WATCH_EVERY`], forever.
+    pub async fn watch(&self) {
+        let mut tick = tokio::time::interval(WATCH_EVERY);
+        loop {
+            tick.tick().await;
+            self.look();
+        }
+    }
+
+    /// A digest of the credentials file (tokens included, so a refresh counts as a change)
+    /// and of what is reported about it. Kept in memory only.
+    fn fingerprint(&self) -> u64 {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::fs::read(&self.login.credentials_path).ok().hash(&mut h);
+        h.finish()
+    }
+}
+
+/// The login as this machine reads it, with what the running agent last reported that a
+/// file cannot show: a failed authentication, the usage window. For `oauth-status` and
+/// `doctor`.
+pub fn local_report(login: &Login, data_dir: &std::path::Path) -> OAuthReport {
+    let mut report = login.read(crate::now_ms()).report;
+    let reported = crate::status::read(data_dir).ok().flatten().filter(|s| crate::status::is_agent(s.pid)).and_then(|s| s.login);
+    if let Some(last) = reported {
+        // A failure the credentials have not changed since still stands.
+        report.auth_failed = last.auth_failed && last.expires_at == report.expires_at && last.source == report.source;
+        report.usage = last.usage;
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reporter(name: &str) -> (Reporter, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("cr-report-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let login = Login { config_dir: dir.clone(), credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None, other_secrets: Vec::new() };
+        let _ = std::fs::remove_file(&login.credentials_path);
+        (Reporter::new(login), dir)
+    }
+
+    #[tokio::test]
+    async fn an_auth_failure_lasts_until_the_credentials_change() {
+        let (r, dir) = reporter("auth");
+        r.auth_failed(true);
+        assert!(r.report().auth_failed);
+        assert!(!r.look(), "nothing changed");
+        assert!(r.report().auth_failed, "still broken until the credentials change");
+        std::fs::write(dir.join(".credentials.json"), r#"{"claudeAiOauth":{"accessToken":"a","expiresAt":4102444800000}}"#).unwrap();
+        assert!(r.look());
+        assert!(!r.report().auth_failed, "a new login clears it");
+        // Each change wakes the connection, even when nobody was waiting at that moment.
+        tokio::time::timeout(Duration::from_secs(1), r.changed()).await.expect("told");
+        r.auth_failed(true);
+        r.run_succeeded();
+        assert!(!r.report().auth_failed, "a successful run clears it too");
+    }
+
+    #[tokio::test]
+    async fn usage_is_kept_until_a_run_succeeds() {
+        let (r, _) = reporter("usage");
+        let w = UsageWindow { status: UsageStatus::Rejected, kind: Some("five_hour".into()), resets_at: Some(9_000_000_000_000), utilization: None, seen_at: 1 };
+        r.saw_usage(w.clone());
+        tokio::time::timeout(Duration::from_secs(1), r.changed()).await.expect("told");
+        assert_eq!(r.report().usage.unwrap().status, UsageStatus::Rejected);
+        r.run_succeeded();
+        assert_eq!(r.report().usage.unwrap().status, UsageStatus::Allowed);
+    }
+}

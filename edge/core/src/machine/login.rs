@@ -1,0 +1,438 @@
+//! When work may go to an agent at all, and the re-login relay.
+//!
+//! An agent takes work only while its login works, its usage window is open and no
+//! re-login is under way ([`crate::session::Agent::takes_work`]). [`Edge::availability`]
+//! sums that up for the pool: `/execute` is refused at once (503, `fallback: true`) when no
+//! agent can take work because the login needs a person (`RUNNER_OAUTH_ERROR`) or the
+//! usage window is used up (`USAGE_LIMIT`, with `retry_at`); `POST /jobs` jobs wait in the
+//! queue instead — for a login up to `QUEUE_TTL_MS`, for the usage window until its reset
+//! (and `QUEUE_TTL_MS` more) — and drain by themselves once the agent can work again.
+//!
+//! The relay: `POST /oauth/login` sends the agent a signed order to start
+//! `claude auth login`; the agent answers with the authorization URL, which the caller
+//! gets. `POST /oauth/login/code` sends the code the person pasted, in a second signed
+//! order; the agent answers with the outcome and its login as it now reads it. One relay
+//! per agent at a time, given up after [`LOGIN_TTL_MS`]. The URL and the code are never
+//! logged.
+
+use super::{CallerId, Edge, Effect};
+use crate::clock::Now;
+use crate::record::Mode;
+use crate::response::Response;
+use crate::session::{Agent, LoginRelay, LoginStep};
+use serde_json::{json, Value};
+use shared::contract::{ApiError, ErrorCode};
+use shared::envelope::{Audience, Domain, Envelope, OrderHeader};
+use shared::ids::hex;
+use shared::job::JobResult;
+use shared::protocol::{EdgeMessage, LoginAction, LoginOrder, LoginReport, LoginState};
+use shared::time::rfc3339;
+use shared::Millis;
+use tracing::{info, warn};
+
+/// How long a relayed login may wait for its code: the agent kills `claude auth login`
+/// after ten minutes without one; the edge gives the relay up a little later.
+pub const LOGIN_TTL_MS: Millis = 10 * 60_000 + 30_000;
+/// How long a caller of the relay waits for the agent's answer.
+pub const LOGIN_WAIT_MS: u64 = 90_000;
+/// Longest authorization code accepted (real ones are about 100 characters).
+const MAX_CODE_BYTES: usize = 2048;
+/// Longest authorization URL passed on (real ones are about 450 characters).
+const MAX_URL_BYTES: usize = 2048;
+
+/// Whether the pool can run work now, and if not, why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    /// An agent can take work.
+    Ready,
+    /// No agent is connected.
+    Offline,
+    /// The only agents with a usable login are being logged in again: work waits.
+    LoggingIn,
+    /// The usage window is used up until this wall time.
+    UsageLimited { until: Millis },
+    /// Claude cannot authenticate on any connected agent: a person must log in.
+    NeedsLogin,
+}
+
+impl Edge {
+    pub fn availability(&self, now: impl Into<Now>) -> Availability {
+        let now = now.into();
+        if !self.is_online() {
+            return Availability::Offline;
+        }
+        // A paused agent is the operator's choice, not its login's state: the verdict is
+        // the others'. With every agent paused work waits (and `/execute` is refused as
+        // unplaceable), whatever their logins.
+        let agents: Vec<&Agent> = self.ready().map(|(_, a)| a).filter(|a| !a.paused).collect();
+        if agents.is_empty() {
+            return Availability::Ready;
+        }
+        if agents.iter().any(|a| a.takes_work(now)) {
+            return Availability::Ready;
+        }
+        let usable = |a: &&&Agent| !a.needs_login(now);
+        if agents.iter().filter(usable).any(|a| a.login.is_some() && !a.usage_held(now)) {
+            return Availability::LoggingIn;
+        }
+        let until = agents
+            .iter()
+            .filter(usable)
+            .filter(|a| a.usage_held(now))
+            .filter_map(|a| a.oauth.usage.as_ref()?.blocked_until())
+            .min();
+        match until {
+            Some(until) => Availability::UsageLimited { until },
+            None => Availability::NeedsLogin,
+        }
+    }
+
+    /// Why a new job of this kind is refused at once, if it is.
+    pub(super) fn refusal(&self, now: Now, mode: Mode, wait_for_usage: bool) -> Option<ApiError> {
+        match (self.availability(now), mode) {
+            (Availability::NeedsLogin, Mode::Wait) => Some(ApiError::needs_login()),
+            (Availability::UsageLimited { until }, Mode::Wait) => Some(ApiError::usage_limit(until)),
+            (Availability::UsageLimited { until }, Mode::Detached) if !wait_for_usage => Some(ApiError::usage_limit(until)),
+            _ => None,
+        }
+    }
+
+    /// A refusal as answered: with `Retry-After` when it names a time.
+    pub fn refusal_response(&self, now: impl Into<Now>, err: ApiError) -> Response {
+        let now = now.into();
+        match (err.body.error_code, self.availability(now)) {
+            (ErrorCode::UsageLimit, Availability::UsageLimited { until }) => Response::retry_later(err, until, now.wall),
+            _ => Response::error(err),
+        }
+    }
+
+    /// Ends the queued jobs that must not wait for what keeps the agents from working
+    /// (an `/execute` caller falls back at once; a job that asked not to wait for the usage
+    /// window ends), then sends what can go.
+    pub(super) fn settle_queue(&mut self, now: Now, effects: &mut Vec<Effect>) {
+        let ended: Vec<(String, ApiError)> = match self.availability(now) {
+            Availability::NeedsLogin => self
+                .queue
+                .ids()
+                .filter(|id| self.jobs[*id].mode == Mode::Wait)
+                .map(|id| (id.clone(), ApiError::needs_login()))
+                .collect(),
+            Availability::UsageLimited { until } => self
+                .queue
+                .ids()
+                .filter(|id| {
+                    let job = &self.jobs[*id];
+                    job.mode == Mode::Wait || !job.wait_for_usage
+                })
+                .map(|id| (id.clone(), ApiError::usage_limit(until)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        for (id, err) in ended {
+            info!(job_id = %id, error_code = ?err.body.error_code, "queued job ended: no agent can run it now");
+            let mut result = JobResult::failure(err.body.error_code, err.body.error, 0);
+            result.retry_at = err.body.retry_at;
+            self.finish(now, &id, result, effects);
+        }
+        self.dispatch(now, effects);
+    }
+
+    /// The result of a queued job whose wait ran out: why it could not run.
+    pub(super) fn expired_in_queue(&self, now: Now, waited: u64, limit: u64) -> JobResult {
+        match self.availability(now) {
+            Availability::NeedsLogin => JobResult::failure(
+                ErrorCode::RunnerOauthError,
+                format!("no agent could run the job within {limit} ms: the runner's Claude OAuth login needs renewing (see GET /oauth/status)"),
+                waited,
+            ),
+            Availability::UsageLimited { until } => {
+                let mut r = JobResult::failure(
+                    ErrorCode::UsageLimit,
+                    format!("the runner's usage window stays used up until {}; submit the job again then", rfc3339(until)),
+                    waited,
+                );
+                r.retry_at = Some(rfc3339(until));
+                r
+            }
+            _ => JobResult::failure(ErrorCode::Timeout, format!("no agent took the job within {limit} ms; retry later"), waited),
+        }
+    }
+
+    /// Agents' usage holds that have passed are cleared (so work flows again).
+    pub(super) fn lift_usage_holds(&mut self, now: Now, effects: &mut Vec<Effect>) {
+        let lifted: Vec<String> = self
+            .ready()
+            .filter(|(_, a)| a.usage_hold_until.is_some_and(|t| t <= now.at))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in lifted {
+            let session = self.session_mut(&id).expect("ready sessions exist");
+            let agent = session.agent_mut().expect("ready session");
+            agent.usage_hold_until = None;
+            info!(agent_id = %agent.agent_id, "the usage window has reset; work flows again");
+            effects.push(Effect::SaveSession(Box::new(session.clone())));
+        }
+    }
+
+    /// The earliest edge time a usage hold ends, if any agent has one.
+    pub(super) fn earliest_usage_hold(&self) -> Option<Millis> {
+        self.ready().filter_map(|(_, a)| a.usage_hold_until).min()
+    }
+
+    /// `POST /oauth/login`: starts a relayed `claude auth login` on an agent (the one
+    /// named by `{"agent_id"}`, else the one that needs it most), or answers with the one
+    /// already under way. The caller is answered when the agent prints its URL.
+    pub fn start_login(&mut self, now: impl Into<Now>, caller: CallerId, entropy: [u8; 16], body: &[u8]) -> Vec<Effect> {
+        let now = now.into();
+        let mut effects = Vec::new();
+        let named = match parse_object(body) {
+            Ok(v) => match v.get("agent_id") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(id)) => Some(id.clone()),
+                Some(_) => return answer(caller, Response::error(ApiError::invalid("`agent_id` must be a string")), effects),
+            },
+            Err(e) => return answer(caller, Response::error(e), effects),
+        };
+        let pick = self
+            .ready()
+            .filter(|(_, a)| named.as_deref().is_none_or(|n| a.agent_id == n))
+            .max_by_key(|(_, a)| (a.login.is_some(), a.needs_login(now)))
+            .map(|(sid, a)| (sid.clone(), a.agent_id.clone(), a.login.clone()));
+        let Some((session_id, agent_id, relay)) = pick else {
+            let err = match named {
+                Some(id) => ApiError::new(ErrorCode::RunnerOffline, format!("agent `{id}` is not connected; start it, then log in again")),
+                None => ApiError::offline(),
+            };
+            return answer(caller, Response::error(err), effects);
+        };
+        match relay {
+            Some(LoginRelay { id, url: Some(url), awaiting_code: true, code_sent: false, expires_at, .. }) => {
+                let body = awaiting_code(&id, &agent_id, &url, now.wall_of(expires_at));
+                answer(caller, Response::json(200, body.to_string()), effects)
+            }
+            Some(LoginRelay { code_sent: true, .. }) => {
+                let err = ApiError::new(ErrorCode::Conflict, "a login on this agent is being finished right now; wait for it and check GET /oauth/status");
+                answer(caller, Response::error(err), effects)
+            }
+            Some(LoginRelay { id, awaiting_code: false, started_at, .. }) if now.at.saturating_sub(started_at) < LOGIN_WAIT_MS => {
+                // Still starting: this caller gets the URL with the first one.
+                self.wait_for_login(caller, &id);
+                effects
+            }
+            // None under way; or one whose start went unanswered, or whose URL its host could
+            // not keep: a new one (the agent replaces its `claude auth login` with it).
+            _ => {
+                let id = hex(&entropy[..8]);
+                let relay = LoginRelay {
+                    id: id.clone(),
+                    url: None,
+                    awaiting_code: false,
+                    code_sent: false,
+                    started_at: now.at,
+                    expires_at: now.at.saturating_add(LOGIN_TTL_MS),
+                };
+                self.set_relay(&session_id, Some(relay), &mut effects);
+                self.send_login_order(now, &session_id, &agent_id, &id, LoginStep::Start, LoginAction::Start, &mut effects);
+                info!(agent_id = %agent_id, login_id = %id, "re-login started");
+                self.wait_for_login(caller, &id);
+                self.dispatch(now, &mut effects);
+                effects
+            }
+        }
+    }
+
+    /// `POST /oauth/login/code` `{"login_id", "code"}`: passes the code to the agent's
+    /// `claude auth login`; the caller is answered with the outcome.
+    pub fn send_login_code(&mut self, now: impl Into<Now>, caller: CallerId, body: &[u8]) -> Vec<Effect> {
+        let now = now.into();
+        let effects = Vec::new();
+        let (login_id, code) = match parse_code(body) {
+            Ok(parsed) => parsed,
+            Err(e) => return answer(caller, Response::error(e), effects),
+        };
+        let found = self
+            .ready()
+            .find(|(_, a)| a.login.as_ref().is_some_and(|l| l.id == login_id))
+            .map(|(sid, a)| (sid.clone(), a.agent_id.clone(), a.login.clone().expect("found by its login")));
+        let Some((session_id, agent_id, relay)) = found else {
+            let err = ApiError::new(
+                ErrorCode::NotFound,
+                format!("no login `{login_id}` is under way (it finished, was given up after 10 minutes, or its agent reconnected): start again with POST /oauth/login"),
+            );
+            return answer(caller, Response::error(err), effects);
+        };
+        if !relay.awaiting_code || relay.code_sent {
+            let why = if relay.code_sent { "a code for this login was sent already; wait for its outcome" } else { "this login has not shown its URL yet; open the URL first" };
+            return answer(caller, Response::error(ApiError::new(ErrorCode::Conflict, why)), effects);
+        }
+        let mut effects = effects;
+        self.set_relay(&session_id, Some(LoginRelay { code_sent: true, ..relay }), &mut effects);
+        self.send_login_order(now, &session_id, &agent_id, &login_id, LoginStep::Code, LoginAction::Code { code }, &mut effects);
+        info!(agent_id = %agent_id, login_id = %login_id, "re-login code passed on");
+        self.wait_for_login(caller, &login_id);
+        effects
+    }
+
+    /// The agent's word on a relayed login (its signature checked already).
+    pub(super) fn login_progress(&mut self, now: Now, session_id: &str, report: LoginReport, effects: &mut Vec<Effect>) {
+        let LoginReport { login_id, order_nonce, state, url, error, oauth } = report;
+        let login_id = login_id.as_str();
+        let agent = self.sessions.get(session_id).and_then(|s| s.agent()).expect("ready session");
+        let agent_id = agent.agent_id.clone();
+        let Some(relay) = agent.login.clone().filter(|l| l.id == login_id) else {
+            warn!(agent_id = %agent_id, login_id, "progress of a login this edge is not relaying ignored");
+            return;
+        };
+        if !relay.issued(&order_nonce) {
+            warn!(agent_id = %agent_id, login_id, "login progress for an order this edge never sent ignored");
+            return;
+        }
+        let url = url.filter(|u| plausible_url(u));
+        match (state, url) {
+            (LoginState::AwaitingCode, Some(url)) => {
+                info!(agent_id = %agent_id, login_id, "re-login waits for its code");
+                let body = awaiting_code(login_id, &agent_id, &url, now.wall_of(relay.expires_at));
+                self.set_relay(session_id, Some(LoginRelay { url: Some(url), awaiting_code: true, ..relay }), effects);
+                self.answer_login(login_id, Response::json(200, body.to_string()), effects);
+            }
+            (LoginState::LoggedIn, _) => {
+                info!(agent_id = %agent_id, login_id, "re-login succeeded");
+                if let Some(report) = oauth {
+                    self.take_report(now, session_id, report, effects);
+                }
+                self.set_relay(session_id, None, effects);
+                let oauth = self.sessions[session_id].agent().map(|a| a.oauth.status(now.wall));
+                let body = json!({"state": "logged_in", "login_id": login_id, "agent_id": agent_id, "oauth": oauth});
+                self.answer_login(login_id, Response::json(200, body.to_string()), effects);
+                self.settle_queue(now, effects);
+            }
+            (state, _) => {
+                let why = match state {
+                    LoginState::AwaitingCode => "the agent's `claude auth login` printed no usable authorization URL".to_string(),
+                    _ => error.unwrap_or_else(|| "no reason given".into()),
+                };
+                warn!(agent_id = %agent_id, login_id, reason = %shared::text::truncate(&why, 300), "re-login failed");
+                self.set_relay(session_id, None, effects);
+                let mut err = ApiError::new(
+                    ErrorCode::RunnerOauthError,
+                    format!("the login on the runner failed: {why}. Start again with POST /oauth/login (or `claude auth login` on the runner)"),
+                );
+                err.status = 502;
+                self.answer_login(login_id, Response::error(err), effects);
+                self.settle_queue(now, effects);
+            }
+        }
+    }
+
+    /// Relays past [`LOGIN_TTL_MS`] are given up.
+    pub(super) fn expire_logins(&mut self, now: Now, effects: &mut Vec<Effect>) {
+        let expired: Vec<(String, String)> = self
+            .ready()
+            .filter_map(|(sid, a)| a.login.as_ref().filter(|l| l.expires_at <= now.at).map(|l| (sid.clone(), l.id.clone())))
+            .collect();
+        for (session_id, login_id) in expired {
+            info!(login_id = %login_id, "re-login given up: no code within 10 minutes");
+            self.set_relay(&session_id, None, effects);
+            let err = ApiError::new(ErrorCode::Timeout, "the login was given up: no code came within 10 minutes; start again with POST /oauth/login");
+            self.answer_login(&login_id, Response::error(err), effects);
+        }
+    }
+
+    /// The earliest edge time a relay is given up.
+    pub(super) fn earliest_login_expiry(&self) -> Option<Millis> {
+        self.ready().filter_map(|(_, a)| a.login.as_ref().map(|l| l.expires_at)).min()
+    }
+
+    /// The agent of a relay went away: its callers are told, the relay is over.
+    pub(super) fn login_lost(&mut self, relay: &LoginRelay, effects: &mut Vec<Effect>) {
+        let err = ApiError::new(ErrorCode::RunnerOffline, "the agent disconnected during the login; start again with POST /oauth/login once it is back");
+        self.answer_login(&relay.id, Response::error(err), effects);
+    }
+
+    /// A caller of the relay waited past its bound: it is told, and the relay is given up
+    /// so a new one can start (the agent replaces its `claude auth login` with the new one).
+    pub(super) fn login_wait_expired(&mut self, caller: CallerId) -> Option<Vec<Effect>> {
+        let login_id = self.callers.logins.iter().find(|(_, c)| c.contains(&caller)).map(|(id, _)| id.clone())?;
+        let mut effects = Vec::new();
+        let session = self.ready().find(|(_, a)| a.login.as_ref().is_some_and(|l| l.id == login_id)).map(|(sid, _)| sid.clone());
+        if let Some(session_id) = session {
+            self.set_relay(&session_id, None, &mut effects);
+        }
+        let err = ApiError::new(ErrorCode::Timeout, "the agent did not answer the login in time; try again, and check the agent's log");
+        self.answer_login(&login_id, Response::error(err), &mut effects);
+        Some(effects)
+    }
+
+    fn set_relay(&mut self, session_id: &str, relay: Option<LoginRelay>, effects: &mut Vec<Effect>) {
+        let session = self.session_mut(session_id).expect("relays live on ready sessions");
+        session.agent_mut().expect("ready session").login = relay;
+        effects.push(Effect::SaveSession(Box::new(session.clone())));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_login_order(&mut self, now: Now, session_id: &str, agent_id: &str, login_id: &str, step: LoginStep, action: LoginAction, effects: &mut Vec<Effect>) {
+        // One start and at most one code per login id (a new start takes a new id), so the
+        // nonce is unique and the agent's report can be bound to it (LoginRelay::issued).
+        let nonce = LoginRelay::nonce(login_id, step);
+        let to = Audience { agent_id, pool: &self.cfg.pool };
+        let order = LoginOrder { header: OrderHeader::new(login_id, to, now.wall, nonce), action };
+        let envelope = Envelope::seal(Domain::Login, &order, &self.cfg.signing_key);
+        effects.push(Effect::Send { session: session_id.to_string(), text: EdgeMessage::Login { envelope }.to_text() });
+    }
+
+    fn wait_for_login(&mut self, caller: CallerId, login_id: &str) {
+        self.note_logins();
+        self.callers.logins.entry(login_id.to_string()).or_default().push(caller);
+    }
+
+    fn answer_login(&mut self, login_id: &str, response: Response, effects: &mut Vec<Effect>) {
+        self.note_logins();
+        for caller in self.callers.logins.remove(login_id).unwrap_or_default() {
+            effects.push(Effect::Answer { caller, response: response.clone() });
+        }
+    }
+}
+
+fn answer(caller: CallerId, response: Response, mut effects: Vec<Effect>) -> Vec<Effect> {
+    effects.push(Effect::Answer { caller, response });
+    effects
+}
+
+fn awaiting_code(login_id: &str, agent_id: &str, url: &str, expires_at_wall: Millis) -> Value {
+    json!({
+        "state": "awaiting_code", "login_id": login_id, "agent_id": agent_id, "url": url,
+        "expires_at": rfc3339(expires_at_wall),
+        "next": "open the URL, sign in, and send the code it shows with POST /oauth/login/code {\"login_id\", \"code\"}",
+    })
+}
+
+/// An authorization URL worth passing on: https, short, one printable word.
+fn plausible_url(url: &str) -> bool {
+    url.starts_with("https://") && url.len() <= MAX_URL_BYTES && !url.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// A JSON object body, or no body at all (an empty object).
+fn parse_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(serde_json::Map::new());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        _ => Err(ApiError::invalid("the body must be a JSON object (or empty)")),
+    }
+}
+
+fn parse_code(body: &[u8]) -> Result<(String, String), ApiError> {
+    let map = parse_object(body)?;
+    let field = |name: &str| map.get(name).and_then(Value::as_str).map(str::trim).filter(|v| !v.is_empty());
+    let (Some(login_id), Some(code)) = (field("login_id"), field("code")) else {
+        return Err(ApiError::invalid("send {\"login_id\": \"…\", \"code\": \"…\"}: the login id POST /oauth/login answered and the code the sign-in page showed"));
+    };
+    if !shared::ids::plain_id(login_id, 64) {
+        return Err(ApiError::invalid("`login_id` is not a login id POST /oauth/login could have answered"));
+    }
+    if code.len() > MAX_CODE_BYTES || code.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ApiError::invalid(format!("`code` must be the code the sign-in page showed: one word of at most {MAX_CODE_BYTES} characters")));
+    }
+    Ok((login_id.to_string(), code.to_string()))
+}

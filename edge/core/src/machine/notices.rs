@@ -1,0 +1,275 @@
+//! What the machine posts: alerts to `NOTIFY_URL` when a login needs attention, a usage
+//! window is used up or opens, or no agent is connected for `OFFLINE_ALERT_MS`; and each
+//! job's result to its `callback_url`. The decisions are [`crate::notify`]'s; here the
+//! machine observes, asks the host to post ([`Effect::Post`]), hears how it went
+//! ([`Edge::posted`]) and tries again with backoff. What is still to be posted back is
+//! stored with alerting's memory ([`Effect::SaveAlerts`]), so a restart neither loses nor
+//! repeats a callback; a retry reads the job's whole record back from storage
+//! ([`Effect::Recall`], [`Edge::recalled`]), since memory keeps only an ended job's header.
+
+use super::{Edge, Effect};
+use crate::clock::Now;
+use crate::notify::{self, AlertKind, Observation, Outcome};
+use crate::notify::CallbackState;
+use crate::record::Job;
+use shared::oauth::OAuthSource;
+use shared::time::rfc3339;
+use shared::Millis;
+use std::collections::BTreeMap;
+use tracing::{info, warn};
+
+/// One POST for the host to make, then report with [`Edge::posted`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Post {
+    pub id: String,
+    pub url: String,
+    pub body: String,
+    pub headers: Vec<(String, String)>,
+}
+
+/// An alert being posted (kept in memory: alerts are notices, their memory is stored).
+#[derive(Debug, Clone)]
+pub(super) struct AlertPost {
+    delivery: Post,
+    attempts: u32,
+    next_at: Millis,
+}
+
+impl Edge {
+    /// Looks at every alert condition and posts what [`notify::decide`] says.
+    pub(super) fn observe(&mut self, now: Now, effects: &mut Vec<Effect>) {
+        let before = self.alerts.clone();
+        self.alerts.offline_since = self.offline_since;
+        if let Some(url) = self.cfg.notify_url.clone() {
+            let observed = self.observations(now);
+            let min = self.cfg.notify_min_interval_ms;
+            for alert in notify::decide(&mut self.alerts, now.at, &observed, min) {
+                info!(alert = alert.kind.as_str(), agent_id = %alert.agent, "alert posted");
+                let (body, headers) = notify::alert_request(&alert);
+                self.posts_made += 1;
+                let id = format!("alert:{}:{}", alert.kind.as_str(), self.posts_made);
+                let delivery = Post { id: id.clone(), url: url.clone(), body, headers };
+                self.alert_posts.insert(id, AlertPost { delivery: delivery.clone(), attempts: 1, next_at: now.at + notify::DELIVERY_TIMEOUT_MS });
+                effects.push(Effect::Post(delivery));
+            }
+        }
+        if self.alerts != before {
+            self.note_alerts(before);
+            effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
+        }
+    }
+
+    fn observations(&self, now: Now) -> Vec<Observation> {
+        let warn_ms = (self.cfg.oauth_warn_hours * 3_600_000.0) as Millis;
+        let mut out = Vec::new();
+        for (_, a) in self.ready() {
+            let agent = a.agent_id.clone();
+            let needs = a.needs_login(now);
+            let ends_at = match (a.oauth.source, a.oauth.refreshable) {
+                (OAuthSource::CredentialsFile, true) => a.oauth.refresh_expires_at,
+                (OAuthSource::CredentialsFile, false) => a.oauth.expires_at,
+                _ => None,
+            };
+            let soon = !needs && ends_at.is_some_and(|t| t <= now.wall.saturating_add(warn_ms));
+            let ends = ends_at.map(rfc3339).unwrap_or_default();
+            let hours = ends_at.map(|t| t.saturating_sub(now.wall) / 3_600_000).unwrap_or(0);
+            let relogin = "Log in again from the edge's page (GET /) or with `claude-runner login`.";
+            out.push(Observation {
+                kind: AlertKind::LoginSoon,
+                agent: agent.clone(),
+                active: soon,
+                message: format!("Agent `{agent}`'s Claude login ends at {ends} (in about {hours} h). {relogin}"),
+            });
+            out.push(Observation {
+                kind: AlertKind::LoginNeeded,
+                agent: agent.clone(),
+                active: needs,
+                message: format!("Agent `{agent}` cannot use Claude: its OAuth login needs renewing, and new work falls back or waits. {relogin}"),
+            });
+            let held = a.usage_held(now);
+            let usage = a.oauth.usage.as_ref();
+            let message = if held {
+                format!(
+                    "Agent `{agent}`'s Claude subscription used up its {} usage window until {}. New /execute calls fall back; POST /jobs jobs wait for the reset.",
+                    usage.and_then(|u| u.kind.clone()).unwrap_or_else(|| "current".into()),
+                    usage.and_then(|u| u.blocked_until()).map(rfc3339).unwrap_or_default()
+                )
+            } else {
+                format!("Agent `{agent}`'s Claude usage window is open again; held jobs run now.")
+            };
+            out.push(Observation { kind: AlertKind::UsageRejected, agent, active: held, message });
+        }
+        let offline_for = self.offline_since.map(|t| now.at.saturating_sub(t));
+        out.push(Observation {
+            kind: AlertKind::Offline,
+            agent: String::new(),
+            active: offline_for.is_some_and(|d| d >= self.cfg.offline_alert_ms),
+            message: format!(
+                "No agent has been connected to the edge for {} minutes (since {}). /execute calls fall back, POST /jobs jobs wait; check `claude-runner status` on the runner machine.",
+                offline_for.unwrap_or(0) / 60_000,
+                self.offline_since.map(|t| rfc3339(now.wall_of(t))).unwrap_or_default()
+            ),
+        });
+        out
+    }
+
+    /// When alerting next needs the machine: the offline alert's time, a post to retry.
+    pub(super) fn notices_deadline(&self) -> Option<Millis> {
+        let offline = match (self.cfg.notify_url.is_some(), self.offline_since) {
+            (true, Some(t)) if !self.alerts.raised.contains("offline:") => Some(t.saturating_add(self.cfg.offline_alert_ms)),
+            _ => None,
+        };
+        let posts = self.alert_posts.values().map(|p| p.next_at).min();
+        let callbacks = self.alerts.callbacks.values().map(|c| c.next_at).min();
+        [offline, posts, callbacks].into_iter().flatten().min()
+    }
+
+    /// A job ended (its whole record at hand): its result goes to its callback, if any.
+    pub(super) fn start_callback(&mut self, now: Now, job_id: &str, effects: &mut Vec<Effect>) {
+        let Some(url) = self.jobs.get(job_id).and_then(|j| j.callback_url.clone()) else { return };
+        let before = self.alerts.clone();
+        self.alerts.callbacks.insert(job_id.to_string(), CallbackState { url, attempts: 0, next_at: now.at });
+        self.note_alerts(before);
+        let job = self.jobs[job_id].clone();
+        self.attempt_callback(now, &job, effects);
+    }
+
+    /// Posts the job's result (its whole record) to its callback, counting the attempt.
+    fn attempt_callback(&mut self, now: Now, job: &Job, effects: &mut Vec<Effect>) {
+        let before = self.alerts.clone();
+        let Some(callback) = self.alerts.callbacks.get_mut(&job.id) else { return };
+        callback.attempts += 1;
+        // If the host never says how it went, try again after the timeout.
+        callback.next_at = now.at.saturating_add(notify::DELIVERY_TIMEOUT_MS);
+        let (url, attempt) = (callback.url.clone(), callback.attempts);
+        self.note_alerts(before);
+        let body = serde_json::to_string(&job.view(now)).expect("views serialise");
+        let timestamp = now.wall;
+        let headers = vec![
+            ("content-type".to_string(), "application/json".to_string()),
+            ("x-runner-job-id".to_string(), job.id.clone()),
+            ("x-runner-timestamp".to_string(), timestamp.to_string()),
+            ("x-runner-signature".to_string(), notify::signature(&self.cfg.runner_secret, timestamp, &body)),
+        ];
+        info!(job_id = %job.id, attempt, "posting the job's result to its callback");
+        effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
+        effects.push(Effect::Post(Post { id: format!("callback:{}:{attempt}", job.id), url, body, headers }));
+    }
+
+    /// The whole record of a job whose callback is due, read back from storage.
+    pub fn recalled(&mut self, now: impl Into<Now>, job_id: &str, record: Result<Option<Job>, String>) -> Vec<Effect> {
+        let now = now.into();
+        self.begin(super::storage::Origin::Tick);
+        let mut effects = Vec::new();
+        match record {
+            Ok(Some(job)) if !job.header_only => self.attempt_callback(now, &job, &mut effects),
+            Ok(_) => self.give_up_callback(job_id, "its record is no longer kept", &mut effects),
+            // Storage could not be read now: the callback stays due and is tried again.
+            Err(e) => warn!(job_id, error = %e, "could not read a job's record for its callback; trying again later"),
+        }
+        effects
+    }
+
+    /// Retries what is due: callbacks and alerts whose last attempt failed or went unheard.
+    pub(super) fn retry_notices(&mut self, now: Now, effects: &mut Vec<Effect>) {
+        let due: Vec<(String, u32)> =
+            self.alerts.callbacks.iter().filter(|(_, c)| c.next_at <= now.at).map(|(id, c)| (id.clone(), c.attempts)).collect();
+        for (id, attempts) in due {
+            if attempts >= notify::MAX_ATTEMPTS {
+                self.give_up_callback(&id, "no answer", effects);
+                continue;
+            }
+            // Not again before the host has read the record back.
+            let before = self.alerts.clone();
+            if let Some(c) = self.alerts.callbacks.get_mut(&id) {
+                c.next_at = now.at.saturating_add(notify::DELIVERY_TIMEOUT_MS);
+            }
+            self.note_alerts(before);
+            match self.jobs.get(&id) {
+                Some(job) if !job.header_only => {
+                    let job = job.clone();
+                    self.attempt_callback(now, &job, effects);
+                }
+                Some(_) => effects.push(Effect::Recall { job_id: id }),
+                None => self.give_up_callback(&id, "the job is no longer kept", effects),
+            }
+        }
+        let posts: Vec<String> = self.alert_posts.iter().filter(|(_, p)| p.next_at <= now.at).map(|(id, _)| id.clone()).collect();
+        for id in posts {
+            let post = self.alert_posts.get_mut(&id).expect("listed above");
+            if post.attempts >= notify::MAX_ATTEMPTS {
+                warn!(delivery = %id, "alert given up after {} attempts", post.attempts);
+                self.alert_posts.remove(&id);
+                continue;
+            }
+            post.attempts += 1;
+            post.next_at = now.at + notify::DELIVERY_TIMEOUT_MS;
+            effects.push(Effect::Post(post.delivery.clone()));
+        }
+    }
+
+    fn give_up_callback(&mut self, job_id: &str, why: &str, effects: &mut Vec<Effect>) {
+        let before = self.alerts.clone();
+        if let Some(callback) = self.alerts.callbacks.remove(job_id) {
+            warn!(job_id, attempts = callback.attempts, reason = why, "callback given up");
+            self.note_alerts(before);
+            effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
+        }
+    }
+
+    /// The host's word on one POST.
+    pub fn posted(&mut self, now: impl Into<Now>, id: &str, outcome: Outcome) -> Vec<Effect> {
+        let now = now.into();
+        self.begin(super::storage::Origin::Tick);
+        let mut effects = Vec::new();
+        let retry = notify::retry_after(&outcome);
+        let taken = outcome.as_ref().is_ok_and(|s| (200..300).contains(s));
+        let what = match &outcome {
+            Ok(status) => format!("HTTP {status}"),
+            Err(e) => shared::text::truncate(e, 200).to_string(),
+        };
+        if let Some(rest) = id.strip_prefix("callback:") {
+            let Some((job_id, attempt)) = rest.rsplit_once(':') else { return effects };
+            let Some(callback) = self.alerts.callbacks.get(job_id).filter(|c| c.attempts.to_string() == attempt).cloned() else {
+                return effects;
+            };
+            if taken {
+                info!(job_id, attempt, "callback delivered");
+                let before = self.alerts.clone();
+                self.alerts.callbacks.remove(job_id);
+                self.note_alerts(before);
+                effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
+            } else if !retry || callback.attempts >= notify::MAX_ATTEMPTS {
+                self.give_up_callback(job_id, &what, &mut effects);
+            } else {
+                let wait = notify::backoff(callback.attempts);
+                warn!(job_id, attempt, outcome = %what, retry_in_ms = wait, "callback failed; trying again");
+                let before = self.alerts.clone();
+                if let Some(c) = self.alerts.callbacks.get_mut(job_id) {
+                    c.next_at = now.at.saturating_add(wait);
+                }
+                self.note_alerts(before);
+                effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
+            }
+        } else if let Some(post) = self.alert_posts.get_mut(id) {
+            if retry && post.attempts < notify::MAX_ATTEMPTS {
+                post.next_at = now.at + notify::backoff(post.attempts);
+                warn!(delivery = id, outcome = %what, "alert post failed; trying again");
+            } else {
+                if !taken {
+                    warn!(delivery = id, outcome = %what, "alert given up");
+                }
+                self.alert_posts.remove(id);
+            }
+        }
+        effects
+    }
+
+    /// Alerts being posted, for tests and metrics.
+    pub fn alert_posts_pending(&self) -> usize {
+        self.alert_posts.len()
+    }
+}
+
+/// Alerts being posted, by delivery id.
+pub(super) type AlertPosts = BTreeMap<String, AlertPost>;

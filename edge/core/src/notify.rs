@@ -1,0 +1,318 @@
+//! What the edge posts to the world, decided in pure code: alerts to `NOTIFY_URL` (an
+//! ntfy topic, or any webhook taking a POST) and a job's result to its `callback_url`.
+//! The machine observes conditions and asks [`decide`] which alerts to send; it posts
+//! through the host ([`crate::Effect::Deliver`]) and retries with [`backoff`].
+//!
+//! The edge posts, not the agent: the offline alert can only come from the edge, the
+//! callback is signed with the runner secret, which only the edge holds, and the edge
+//! sees every agent's login and usage window.
+//!
+//! Alerts are edge-triggered and rate-limited: one is sent when its condition starts
+//! (not again while it lasts), and at most one per [`AlertKind`] and agent per
+//! `NOTIFY_MIN_INTERVAL_MS`. A used-up usage window that opens again sends its own
+//! alert. Alert texts are made here from the condition alone: never a token, a prompt or
+//! an output.
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use shared::Millis;
+use std::collections::{BTreeMap, BTreeSet};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    /// The login will need a person within `OAUTH_WARN_HOURS`.
+    LoginSoon,
+    /// Claude cannot authenticate: a person must log in now.
+    LoginNeeded,
+    /// The subscription's usage window is used up.
+    UsageRejected,
+    /// It opened again.
+    UsageReset,
+    /// No agent has been connected for `OFFLINE_ALERT_MS`.
+    Offline,
+}
+
+impl AlertKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertKind::LoginSoon => "login_soon",
+            AlertKind::LoginNeeded => "login_needed",
+            AlertKind::UsageRejected => "usage_rejected",
+            AlertKind::UsageReset => "usage_reset",
+            AlertKind::Offline => "offline",
+        }
+    }
+
+    /// ntfy's priority (1–5) and tags, which other webhooks may ignore.
+    fn priority(self) -> (&'static str, &'static str) {
+        match self {
+            AlertKind::LoginNeeded => ("5", "rotating_light"),
+            AlertKind::Offline => ("4", "warning"),
+            AlertKind::LoginSoon | AlertKind::UsageRejected => ("3", "hourglass"),
+            AlertKind::UsageReset => ("2", "white_check_mark"),
+        }
+    }
+}
+
+/// One condition as the machine sees it now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub kind: AlertKind,
+    /// The agent it is about (empty for the pool).
+    pub agent: String,
+    pub active: bool,
+    /// The alert's text if it is sent.
+    pub message: String,
+}
+
+/// An alert to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alert {
+    pub kind: AlertKind,
+    pub agent: String,
+    pub message: String,
+}
+
+/// What alerting remembers, stored with the edge (so a restart, or the Worker's object
+/// leaving memory, neither repeats an alert nor forgets how long the agent is away).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AlertState {
+    /// Conditions that are on and were alerted (`kind:agent`).
+    pub raised: BTreeSet<String>,
+    /// When each alert was last sent (edge time).
+    pub last_sent: BTreeMap<String, Millis>,
+    /// Since when no agent is connected (edge time).
+    #[serde(default)]
+    pub offline_since: Option<Millis>,
+    /// Result callbacks not yet taken, by job (kept here, not in the job's record: an
+    /// ended job's record is written once).
+    #[serde(default)]
+    pub callbacks: BTreeMap<String, CallbackState>,
+}
+
+/// A job's result callback on its way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallbackState {
+    pub url: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When (edge time) to try again: after a failure, or when the host never said how
+    /// the last attempt went.
+    pub next_at: Millis,
+}
+
+fn key(kind: AlertKind, agent: &str) -> String {
+    format!("{}:{agent}", kind.as_str())
+}
+
+/// Which alerts to send now, given what is observed; updates `state`. A condition not
+/// observed (its agent is away) keeps its state.
+pub fn decide(state: &mut AlertState, now: Millis, observed: &[Observation], min_interval: Millis) -> Vec<Alert> {
+    let mut out = Vec::new();
+    let mut send = |state: &mut AlertState, kind: AlertKind, agent: &str, message: &str| {
+        let k = key(kind, agent);
+        if state.last_sent.get(&k).is_some_and(|t| now.saturating_sub(*t) < min_interval) {
+            return;
+        }
+        state.last_sent.insert(k, now);
+        out.push(Alert { kind, agent: agent.to_string(), message: message.to_string() });
+    };
+    for o in observed {
+        let k = key(o.kind, &o.agent);
+        match (o.active, state.raised.contains(&k)) {
+            (true, false) => {
+                state.raised.insert(k);
+                send(state, o.kind, &o.agent, &o.message);
+            }
+            (false, true) => {
+                state.raised.remove(&k);
+                if o.kind == AlertKind::UsageRejected {
+                    send(state, AlertKind::UsageReset, &o.agent, &o.message);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The POST of one alert: a plain-text body (what ntfy shows) and ntfy's headers.
+pub fn alert_request(alert: &Alert) -> (String, Vec<(String, String)>) {
+    let (priority, tags) = alert.kind.priority();
+    let title = match alert.kind {
+        AlertKind::LoginSoon => "Claude Runner: login ends soon",
+        AlertKind::LoginNeeded => "Claude Runner: log in again",
+        AlertKind::UsageRejected => "Claude Runner: usage window used up",
+        AlertKind::UsageReset => "Claude Runner: usage window open again",
+        AlertKind::Offline => "Claude Runner: agent offline",
+    };
+    let headers = vec![
+        ("content-type".to_string(), "text/plain; charset=utf-8".to_string()),
+        ("title".to_string(), title.to_string()),
+        ("priority".to_string(), priority.to_string()),
+        ("tags".to_string(), tags.to_string()),
+        ("x-claude-runner-alert".to_string(), alert.kind.as_str().to_string()),
+    ];
+    (alert.message.clone(), headers)
+}
+
+/// Tries of one delivery, at most.
+pub const MAX_ATTEMPTS: u32 = 8;
+/// How long a host may take over one POST before the machine counts it failed.
+pub const DELIVERY_TIMEOUT_MS: Millis = 15_000;
+
+/// The wait after failed attempt number `attempt` (1, 2, …): 2 s, 4 s, 8 s, … up to five
+/// minutes.
+pub fn backoff(attempt: u32) -> Millis {
+    (1_000u64 << attempt.min(20)).min(300_000)
+}
+
+/// How an attempt went, as the host saw it.
+pub type Outcome = Result<u16, String>;
+
+/// Whether to try again after this outcome: not after a success, and not after a refusal
+/// that will not change (4xx other than 408 and 429).
+pub fn retry_after(outcome: &Outcome) -> bool {
+    match outcome {
+        Ok(status) if (200..300).contains(status) => false,
+        Ok(408 | 429) => true,
+        Ok(status) if (400..500).contains(status) => false,
+        _ => true,
+    }
+}
+
+/// `X-Runner-Signature` of a callback: `sha256=` and the hex HMAC-SHA256, keyed with the
+/// runner secret, of `{timestamp}.{body}` (the timestamp is `X-Runner-Timestamp`).
+pub fn signature(secret: &str, timestamp: Millis, body: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body.as_bytes());
+    format!("sha256={}", shared::ids::hex(&mac.finalize().into_bytes()))
+}
+
+/// Hosts whose plain `http://` a callback may use: this machine only (tests, a local
+/// receiver); anywhere else it must be `https://`.
+const LOOPBACK: &[&str] = &["127.0.0.1", "localhost", "[::1]"];
+
+/// Checks a `callback_url` against `CALLBACK_HOSTS`: `https://` (or `http://` on
+/// loopback) to a host on the list. Returns what to fix.
+pub fn check_callback(url: &str, allowed: &[String]) -> Result<(), String> {
+    let (scheme, rest) = url.split_once("://").ok_or("`callback_url` must be an https:// URL")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        return Err("`callback_url` must not carry user or password".into());
+    }
+    let host = if authority.starts_with('[') {
+        authority.split_inclusive(']').next().unwrap_or("")
+    } else {
+        authority.split(':').next().unwrap_or("")
+    }
+    .to_ascii_lowercase();
+    if host.is_empty() {
+        return Err("`callback_url` has no host".into());
+    }
+    match scheme {
+        "https" => {}
+        "http" if LOOPBACK.contains(&host.as_str()) => {}
+        _ => return Err("`callback_url` must be an https:// URL".into()),
+    }
+    if !allowed.iter().any(|a| a.eq_ignore_ascii_case(&host)) {
+        return Err(format!(
+            "`callback_url`'s host `{host}` is not allowed: the edge's CALLBACK_HOSTS lists the hosts results may be posted to"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(kind: AlertKind, active: bool) -> Observation {
+        Observation { kind, agent: "spark".into(), active, message: format!("{kind:?} {active}") }
+    }
+
+    #[test]
+    fn an_alert_goes_once_when_its_condition_starts() {
+        let mut s = AlertState::default();
+        assert_eq!(decide(&mut s, 0, &[obs(AlertKind::LoginNeeded, true)], 1_000).len(), 1);
+        for t in 1..10 {
+            assert!(decide(&mut s, t * 10_000, &[obs(AlertKind::LoginNeeded, true)], 1_000).is_empty(), "not again while it lasts");
+        }
+        // Unobserved (the agent is away): remembered, not re-sent when it comes back.
+        assert!(decide(&mut s, 200_000, &[], 1_000).is_empty());
+        assert!(decide(&mut s, 210_000, &[obs(AlertKind::LoginNeeded, true)], 1_000).is_empty());
+        // It ends and starts again: sent again.
+        assert!(decide(&mut s, 220_000, &[obs(AlertKind::LoginNeeded, false)], 1_000).is_empty());
+        assert_eq!(decide(&mut s, 230_000, &[obs(AlertKind::LoginNeeded, true)], 1_000).len(), 1);
+    }
+
+    #[test]
+    fn flapping_conditions_are_rate_limited() {
+        let mut s = AlertState::default();
+        let mut sent = 0;
+        for t in 0..100u64 {
+            sent += decide(&mut s, t * 1_000, &[obs(AlertKind::LoginNeeded, t % 2 == 0)], 60_000).len();
+        }
+        assert_eq!(sent, 2, "one per minute over 100 s");
+    }
+
+    #[test]
+    fn a_window_that_opens_again_says_so() {
+        let mut s = AlertState::default();
+        let sent = decide(&mut s, 0, &[obs(AlertKind::UsageRejected, true)], 1_000);
+        assert_eq!(sent[0].kind, AlertKind::UsageRejected);
+        let sent = decide(&mut s, 5_000, &[obs(AlertKind::UsageRejected, false)], 1_000);
+        assert_eq!(sent.iter().map(|a| a.kind).collect::<Vec<_>>(), vec![AlertKind::UsageReset]);
+        assert!(decide(&mut s, 6_000, &[obs(AlertKind::UsageRejected, false)], 1_000).is_empty());
+        let (body, headers) = alert_request(&sent[0]);
+        assert_eq!(body, "UsageRejected false");
+        assert!(headers.contains(&("x-claude-runner-alert".to_string(), "usage_reset".to_string())));
+    }
+
+    #[test]
+    fn retries_back_off_and_stop_on_refusals() {
+        assert_eq!((backoff(1), backoff(2), backoff(3)), (2_000, 4_000, 8_000));
+        assert_eq!(backoff(30), 300_000);
+        assert!(!retry_after(&Ok(204)));
+        assert!(retry_after(&Ok(500)) && retry_after(&Ok(429)) && retry_after(&Err("refused".into())));
+        assert!(!retry_after(&Ok(404)) && !retry_after(&Ok(400)));
+    }
+
+    #[test]
+    fn signatures_are_hmac_sha256_of_timestamp_and_body() {
+        // RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?".
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"Jefe").unwrap();
+        mac.update(b"what do ya want for nothing?");
+        assert_eq!(shared::ids::hex(&mac.finalize().into_bytes()), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+        let sig = signature("secret", 1_700_000_000_000, "{}");
+        assert!(sig.starts_with("sha256=") && sig.len() == 7 + 64);
+        assert_ne!(sig, signature("secret", 1_700_000_000_001, "{}"), "the timestamp is signed");
+        assert_ne!(sig, signature("other", 1_700_000_000_000, "{}"));
+    }
+
+    #[test]
+    fn callbacks_go_only_to_allowed_hosts_over_https() {
+        let allowed = vec!["hooks.example.com".to_string(), "127.0.0.1".to_string()];
+        assert!(check_callback("https://hooks.example.com/runner?x=1", &allowed).is_ok());
+        assert!(check_callback("https://HOOKS.example.com:8443/r", &allowed).is_ok());
+        assert!(check_callback("http://127.0.0.1:9999/cb", &allowed).is_ok());
+        for bad in [
+            "http://hooks.example.com/r",
+            "https://evil.example.com/r",
+            "https://hooks.example.com.evil.com/r",
+            "https://user:pw@hooks.example.com/r",
+            "https://evil.com@hooks.example.com/r",
+            "ftp://hooks.example.com/r",
+            "hooks.example.com/r",
+            "https:///r",
+            "http://127.0.0.2/cb",
+        ] {
+            assert!(check_callback(bad, &allowed).is_err(), "{bad}");
+        }
+        assert!(check_callback("https://hooks.example.com/r", &[]).is_err(), "nothing is allowed by default");
+    }
+}

@@ -1,0 +1,161 @@
+//! Alerts and result callbacks as the machine posts them: when, how often, what survives a
+//! restart.
+
+use super::*;
+use crate::machine::Post;
+use shared::protocol::Slots;
+use crate::notify::AlertState;
+
+fn notifying() -> Config {
+    Config { notify_url: Some("https://ntfy.example/topic".into()), offline_alert_ms: 10_000, ..config() }
+}
+
+fn posts(effects: &[Effect]) -> Vec<Post> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Post(d) => Some(d.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn alert_kinds(effects: &[Effect]) -> Vec<String> {
+    posts(effects)
+        .iter()
+        .filter_map(|d| d.headers.iter().find(|(n, _)| n == "x-claude-runner-alert").map(|(_, v)| v.clone()))
+        .collect()
+}
+
+fn saved_alerts(effects: &[Effect]) -> Option<AlertState> {
+    effects.iter().find_map(|e| match e {
+        Effect::SaveAlerts(s) => Some((**s).clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn an_agent_away_for_offline_alert_ms_is_alerted_once_even_across_a_restart() {
+    let mut edge = Edge::new(notifying(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let effects = edge.disconnect(1_000, &sid);
+    let stored = saved_alerts(&effects).expect("the time it went away is stored");
+    assert_eq!(stored.offline_since, Some(1_000));
+    // The alarm is set for the alert; nothing before it.
+    assert_eq!(edge.next_deadline(), Some(11_000));
+    assert!(alert_kinds(&edge.tick(10_999)).is_empty());
+    // The edge restarts in between (the Worker's object leaves memory): it still knows.
+    let (mut edge, _) = Edge::restore(notifying(), vec![], vec![], Some(stored), 5_000);
+    assert_eq!(edge.next_deadline(), Some(11_000));
+    let effects = edge.tick(11_000);
+    assert_eq!(alert_kinds(&effects), vec!["offline"]);
+    let alert = &posts(&effects)[0];
+    assert_eq!(alert.url, "https://ntfy.example/topic");
+    assert!(alert.body.contains("No agent has been connected"), "{}", alert.body);
+    let stored = saved_alerts(&effects).unwrap();
+    // Not again, however long it lasts, nor after another restart.
+    let (mut edge, _) = Edge::restore(notifying(), vec![], vec![], Some(stored), 20_000);
+    for t in (20_000..200_000).step_by(10_000) {
+        assert!(alert_kinds(&edge.tick(t)).is_empty());
+    }
+    // A failed post is tried again, with backoff; a delivered one is done.
+    assert_eq!(edge.alert_posts_pending(), 0, "restored edges start with no posts in flight");
+    let mut edge2 = Edge::new(notifying(), 0);
+    let effects = edge2.tick(10_000);
+    let id2 = posts(&effects)[0].id.clone();
+    assert!(edge2.posted(10_100, &id2, Err("connection refused".into())).is_empty());
+    assert!(posts(&edge2.tick(10_100 + 1_999)).is_empty());
+    assert_eq!(posts(&edge2.tick(10_100 + 2_000)).len(), 1, "retried after 2 s");
+    edge2.posted(12_200, &id2, Ok(200));
+    assert_eq!(edge2.alert_posts_pending(), 0);
+}
+
+#[test]
+fn login_and_usage_alerts_follow_the_reports() {
+    let mut edge = Edge::new(notifying(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let beat = |edge: &mut Edge, t: u64, oauth: OAuthReport| say(edge, t, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth, slots: Slots { free: 1, received: 0 }, claude_version: None });
+    let broken = OAuthReport { auth_failed: true, ..oauth() };
+    assert_eq!(alert_kinds(&beat(&mut edge, 100, broken.clone())), vec!["login_needed"]);
+    assert!(alert_kinds(&beat(&mut edge, 200, broken)).is_empty());
+    let usage = shared::usage::UsageWindow {
+        status: shared::usage::UsageStatus::Rejected,
+        kind: Some("five_hour".into()),
+        resets_at: Some(5_000),
+        utilization: None,
+        seen_at: 300,
+    };
+    let limited = OAuthReport { usage: Some(usage), ..oauth() };
+    let effects = beat(&mut edge, 300, limited.clone());
+    assert_eq!(alert_kinds(&effects), vec!["usage_rejected"]);
+    assert!(posts(&effects)[0].body.contains("five_hour"));
+    assert_eq!(alert_kinds(&beat(&mut edge, 5_000, limited)), vec!["usage_reset"], "the reset passed");
+    // Nothing carries a token.
+    for p in posts(&beat(&mut edge, 5_100, oauth())) {
+        assert!(!p.body.contains("sk-ant"));
+    }
+}
+
+#[test]
+fn a_callback_is_retried_with_backoff_until_taken_and_survives_a_restart() {
+    let (mut edge, sid) = ready_edge();
+    let body = json!({"prompt": "x", "callback_url": "https://hooks.example.com/r"}).to_string();
+    let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+    edge.submit(0, "j".into(), submission, Mode::Detached).unwrap();
+    let mut stored_jobs = std::collections::HashMap::new();
+    let report = result_msg(&edge, "j", ok_result());
+    let effects = say(&mut edge, 10, &sid, report);
+    for e in &effects {
+        if let Effect::Save(j) = e {
+            stored_jobs.insert(j.id.clone(), (**j).clone());
+        }
+    }
+    let first = posts(&effects);
+    assert_eq!(first.len(), 1);
+    let d = &first[0];
+    assert_eq!(d.url, "https://hooks.example.com/r");
+    let header = |name: &str| d.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap();
+    let ts: u64 = header("x-runner-timestamp").parse().unwrap();
+    assert_eq!(header("x-runner-signature"), crate::notify::signature(SECRET, ts, &d.body));
+    let view: Value = serde_json::from_str(&d.body).unwrap();
+    assert_eq!((view["job_id"].as_str(), view["state"].as_str(), view["result"]["output"].as_str()), (Some("j"), Some("succeeded"), Some("done")));
+    // The attempt is stored before it goes out.
+    assert_eq!(saved_alerts(&effects).unwrap().callbacks["j"].attempts, 1);
+    // A 500: again after 2 s. A restart in between keeps it due.
+    let stored = saved_alerts(&edge.posted(20, &d.id, Ok(500))).unwrap();
+    assert_eq!(stored.callbacks["j"].next_at, 2_020);
+    let record = stored_jobs["j"].clone();
+    let (mut edge, _) = Edge::restore(config(), vec![record.clone()], vec![], Some(stored), 100);
+    assert!(posts(&edge.tick(2_019)).is_empty());
+    // Memory keeps only the ended job's header: the machine asks for the whole record back.
+    let effects = edge.tick(2_020);
+    assert!(effects.iter().any(|e| matches!(e, Effect::Recall { job_id } if job_id == "j")), "{effects:?}");
+    let again = posts(&edge.recalled(2_021, "j", Ok(Some(record))));
+    assert_eq!(again.len(), 1);
+    assert!(again[0].id.ends_with(":2"));
+    let view: Value = serde_json::from_str(&again[0].body).unwrap();
+    assert_eq!(view["result"]["output"], "done", "the whole result, read back");
+    // A stale report about the first attempt changes nothing; the second is taken.
+    assert!(edge.posted(2_030, &d.id, Ok(200)).is_empty());
+    let stored = saved_alerts(&edge.posted(2_040, &again[0].id, Ok(204))).unwrap();
+    assert!(stored.callbacks.is_empty());
+    assert_eq!(edge.next_deadline(), Some(10 + 60_000), "nothing more due but the retention");
+}
+
+#[test]
+fn a_callback_refused_for_good_is_given_up() {
+    let (mut edge, sid) = ready_edge();
+    let body = json!({"prompt": "x", "callback_url": "https://hooks.example.com/r"}).to_string();
+    let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+    edge.submit(0, "j".into(), submission, Mode::Detached).unwrap();
+    let report = result_msg(&edge, "j", ok_result());
+    let d = posts(&say(&mut edge, 10, &sid, report))[0].clone();
+    let stored = saved_alerts(&edge.posted(20, &d.id, Ok(404))).unwrap();
+    assert!(stored.callbacks.is_empty(), "a 404 will not change: given up");
+    // A record gone from storage is given up too.
+    assert!(edge.recalled(30, "j", Ok(None)).is_empty(), "nothing pending any more");
+    // And a host not on CALLBACK_HOSTS is refused at submission.
+    let body = json!({"prompt": "x", "callback_url": "https://evil.example.com/r"}).to_string();
+    let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+    assert_eq!(edge.submit(30, "k".into(), submission, Mode::Detached).unwrap_err().status, 400);
+}

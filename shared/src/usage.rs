@@ -1,0 +1,127 @@
+//! The subscription's usage window, as Claude Code reports it. The CLI reads the
+//! `anthropic-ratelimit-unified-*` headers of every `/v1/messages` answer (`…-status`,
+//! `…-reset` in epoch seconds, `…-representative-claim`, and per window `…-5h-utilization`,
+//! `…-5h-reset`, `…-7d-*`, `…-overage-*`) and prints a stream-json line when the state
+//! changes:
+//!
+//! `{"type":"rate_limit_event","rate_limit_info":{"status":"rejected","resetsAt":1796150081,
+//! "rateLimitType":"five_hour",…}}` — `status` is `allowed`, `allowed_warning` or
+//! `rejected`; `utilization` (0–1) comes with warnings.
+//!
+//! The agent keeps the newest such state ([`UsageWindow`]) and reports it with its login;
+//! the edge holds work while a window is rejected and lets it go at `resets_at`.
+
+use crate::Millis;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageStatus {
+    Allowed,
+    AllowedWarning,
+    Rejected,
+}
+
+/// The newest usage state the agent saw.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageWindow {
+    pub status: UsageStatus,
+    /// `five_hour`, `seven_day`, … (the CLI's `rateLimitType`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// When the window resets (wall time, ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<Millis>,
+    /// How much of the window is used, 0–1, when the CLI said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization: Option<f64>,
+    /// When the agent saw it (wall time, ms).
+    pub seen_at: Millis,
+}
+
+/// A rejected window with no reset time named is assumed to last this long (the shortest
+/// window Claude subscriptions have is five hours; a later successful run clears it).
+pub const UNKNOWN_RESET_MS: Millis = 5 * 3_600_000;
+
+/// `/health`'s `usage` block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageView {
+    pub status: UsageStatus,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub resets_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization: Option<f64>,
+}
+
+impl UsageWindow {
+    /// Reads one of Claude's stream-json lines: `Some` for a `rate_limit_event` that
+    /// carries a status this code knows, `None` for anything else.
+    pub fn from_event(event: &Value, now: Millis) -> Option<UsageWindow> {
+        if event.get("type")?.as_str()? != "rate_limit_event" {
+            return None;
+        }
+        let info = event.get("rate_limit_info")?;
+        let status: UsageStatus = serde_json::from_value(info.get("status")?.clone()).ok()?;
+        let kind = info.get("rateLimitType").and_then(Value::as_str).map(|k| crate::text::truncate(k, 64).to_string());
+        // Epoch seconds in the CLI's output; a value already in ms is taken as such.
+        let resets_at = info.get("resetsAt").and_then(Value::as_f64).filter(|s| s.is_finite() && *s > 0.0).map(|s| {
+            if s < 100_000_000_000.0 { (s * 1000.0) as Millis } else { s as Millis }
+        });
+        let utilization = info.get("utilization").and_then(Value::as_f64).filter(|u| u.is_finite() && *u >= 0.0);
+        Some(UsageWindow { status, kind, resets_at, utilization, seen_at: now })
+    }
+
+    /// Until when (wall time) the window refuses work, if it does.
+    pub fn blocked_until(&self) -> Option<Millis> {
+        (self.status == UsageStatus::Rejected).then(|| self.resets_at.unwrap_or(self.seen_at.saturating_add(UNKNOWN_RESET_MS)))
+    }
+
+    /// Whether the window refuses work at wall time `now`.
+    pub fn blocks(&self, now: Millis) -> bool {
+        self.blocked_until().is_some_and(|t| t > now)
+    }
+
+    /// As shown to people at wall time `now`: a rejected window whose reset has passed
+    /// shows as allowed.
+    pub fn view(&self, now: Millis) -> UsageView {
+        let status = if self.status == UsageStatus::Rejected && !self.blocks(now) { UsageStatus::Allowed } else { self.status };
+        UsageView {
+            status,
+            kind: self.kind.clone(),
+            resets_at: self.blocked_until().or(self.resets_at).map(crate::time::rfc3339),
+            utilization: self.utilization,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_the_clis_rate_limit_events() {
+        // As 2.1.197 prints it for a 429 with the window rejected.
+        let line = json!({"type":"rate_limit_event","rate_limit_info":{"status":"rejected","resetsAt":1796150081,
+            "rateLimitType":"five_hour","overageStatus":"rejected","isUsingOverage":false},"session_id":"s"});
+        let w = UsageWindow::from_event(&line, 5).unwrap();
+        assert_eq!(w.status, UsageStatus::Rejected);
+        assert_eq!(w.resets_at, Some(1_796_150_081_000));
+        assert_eq!(w.kind.as_deref(), Some("five_hour"));
+        assert!(w.blocks(1_796_150_080_999) && !w.blocks(1_796_150_081_000));
+        assert_eq!(w.view(1_796_150_081_000).status, UsageStatus::Allowed, "after the reset it shows allowed");
+        let warn = json!({"type":"rate_limit_event","rate_limit_info":{"status":"allowed_warning","resetsAt":1796150108,
+            "rateLimitType":"five_hour","utilization":0.91}});
+        let w = UsageWindow::from_event(&warn, 0).unwrap();
+        assert_eq!(w.utilization, Some(0.91));
+        assert!(!w.blocks(0));
+        for other in [json!({"type":"assistant"}), json!({"type":"rate_limit_event"}),
+                      json!({"type":"rate_limit_event","rate_limit_info":{"status":"exploded"}}), json!(5)] {
+            assert!(UsageWindow::from_event(&other, 0).is_none(), "{other}");
+        }
+        let no_reset = UsageWindow { status: UsageStatus::Rejected, kind: None, resets_at: None, utilization: None, seen_at: 10 };
+        assert_eq!(no_reset.blocked_until(), Some(10 + UNKNOWN_RESET_MS));
+    }
+}
