@@ -146,7 +146,7 @@ mod tests {
         let l = parse_labels(" model=opus, gpu=none ,os=linux").unwrap();
         assert_eq!(show_labels(&l), "gpu=none,model=opus,os=linux");
         assert!(parse_labels("").unwrap().is_empty());
-        for bad in ["model", "a=b,a=c", "=x", "k=", "k=v w", "k=v\n", &format!("{}=v", "k".repeat(33))] {
+        for bad in ["model", "a=b,a=c", "=x", "k=", "k=v w", "k=v\nw", &format!("{}=v", "k".repeat(33))] {
             assert!(parse_labels(bad).is_err(), "{bad:?}");
         }
         let many: Vec<String> = (0..17).map(|i| format!("k{i}=v")).collect();
