@@ -162,8 +162,9 @@ async fn answer(ws: &mut Ws, envelope: Envelope) -> AgentMessage {
     send_job(ws, envelope).await;
     loop {
         match recv(ws).await.expect("the agent answers") {
-            // Credits, progress and results of earlier jobs are not the answer to this one.
-            AgentMessage::Credit { .. } | AgentMessage::Event { .. } | AgentMessage::Result { .. } => continue,
+            // Credits, progress, results and mirror reports of earlier jobs are not the
+            // answer to this one.
+            AgentMessage::Credit { .. } | AgentMessage::Event { .. } | AgentMessage::Result { .. } | AgentMessage::Mirrors { .. } => continue,
             m => return m,
         }
     }
