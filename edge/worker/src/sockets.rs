@@ -168,6 +168,16 @@ pub fn encode_session(session: &Session) -> Result<String, String> {
     }
     let text = serde_json::to_string(&shorter).map_err(|e| e.to_string())?;
     if attachment_cost(&text) <= ATTACHMENT_BUDGET {
+        return Ok(text);
+    }
+    // Last, the CLI's version (a character outside Latin-1 doubles the cost of the whole
+    // record, and the most labels an agent may offer then no longer fit): every heartbeat
+    // brings it back.
+    if let Some(agent) = shorter.agent_mut() {
+        agent.claude_version = None;
+    }
+    let text = serde_json::to_string(&shorter).map_err(|e| e.to_string())?;
+    if attachment_cost(&text) <= ATTACHMENT_BUDGET {
         Ok(text)
     } else {
         Err(format!("the record is {} bytes, over the 2,048-byte attachment limit", text.len()))
@@ -220,8 +230,35 @@ mod tests {
                 claude_version: Some("😀".repeat(shared::protocol::MAX_CLAUDE_VERSION_BYTES / 4)),
                 usage_hold_until: None,
                 login: None,
+                labels: Default::default(),
+                mirrors: Default::default(),
+                paused: false,
             }),
         }
+    }
+
+    #[test]
+    fn the_most_labels_fit_and_mirrors_go_first() {
+        // As many labels as an agent may offer (512 bytes of keys and values), a full list
+        // of mirrors, a paused agent in the middle of a relayed login, the costliest
+        // version string: the labels and the pause stay, the mirrors and the URL go.
+        let mut session = relaying(&"😀".repeat(shared::protocol::MAX_CLAUDE_VERSION_BYTES / 4));
+        let agent = session.agent_mut().unwrap();
+        agent.labels = (0..8).map(|i| (format!("key{i:02}-{}", "k".repeat(26)), "v".repeat(32))).collect();
+        shared::placement::check_labels(&agent.labels).expect("within the labels' bounds");
+        agent.mirrors = (0..shared::placement::MAX_MIRRORS).map(|i| format!("github.com/owner/repository-{i}")).collect();
+        agent.paused = true;
+        let text = encode_session(&session).expect("fits");
+        assert!(attachment_cost(&text) <= ATTACHMENT_BUDGET);
+        let back = decode_session(&text, Some("0011223344556677")).unwrap();
+        let agent = back.agent().unwrap();
+        assert_eq!(agent.labels, session.agent().unwrap().labels);
+        assert!(agent.paused && agent.mirrors.is_empty());
+        // A few mirrors fit whole.
+        let mut small = ready("none");
+        small.agent_mut().unwrap().mirrors = ["github.com/acme/api".to_string()].into();
+        let text = encode_session(&small).unwrap();
+        assert_eq!(decode_session(&text, Some("0011223344556677")).unwrap(), small);
     }
 
     /// A ready session in the middle of a relayed login, with a usage window reported.
