@@ -7,7 +7,7 @@
 //! `\uXXXX`, `\xHH`, `\/`) with line breaks and spaces ignored (wrapped base64, hex dumps,
 //! `\n` inside JSON). There it looks for the secrets in the forms a tool prints them —
 //! plain, reversed, hex (as `xxd`, `xxd -p`, `od -x`, `hexdump -C` print it), base64 at
-//! each byte alignment (standard and URL-safe) — and masks not only whole copies but any
+//! each byte alignment (standard and URL-safe), base32 likewise — and masks not only whole copies but any
 //! piece of [`MIN_FRAGMENT`] bytes or more, so a cut-off token, a prefix, or an `xxd`
 //! text column is masked too. A [`Carry`] holds the end of each field's text between
 //! stream lines, so a secret split across two lines is found as well.
@@ -300,7 +300,34 @@ fn encodings(text: &str) -> Vec<(Vec<u8>, f64, usize)> {
             }
         }
     }
+    // base32 (`base32`, `basenc --base32hex`) likewise, at each of five byte offsets in
+    // groups of five bytes to eight characters. A byte of slack gives it the hex forms'
+    // window width (one pass fewer over the text: 15 % of the throughput).
+    for offset in 0..5 {
+        let mut padded = vec![0u8; offset];
+        padded.extend_from_slice(secret);
+        let skip_front = if offset == 0 { 0 } else { 8 };
+        let whole_groups = padded.len() / 5;
+        for alphabet in [BASE32, BASE32_HEX] {
+            if whole_groups * 8 > skip_front {
+                forms.push((base32(&padded[..whole_groups * 5], alphabet)[skip_front..].to_vec(), 8.0 / 5.0, 1));
+            }
+        }
+    }
     forms
+}
+
+const BASE32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+const BASE32_HEX: &[u8; 32] = b"0123456789ABCDEFGHIJKLMNOPQRSTUV";
+
+/// Whole five-byte groups in base32, without padding.
+fn base32(bytes: &[u8], alphabet: &[u8; 32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() / 5 * 8);
+    for group in bytes.chunks_exact(5) {
+        let n = group.iter().fold(0u64, |n, &b| n << 8 | b as u64);
+        out.extend((0..8).rev().map(|i| alphabet[(n >> (5 * i) & 31) as usize]));
+    }
+    out
 }
 
 fn hex_value(b: u8) -> Option<u8> {

@@ -67,6 +67,47 @@ fn from_hex(text: &str) -> Vec<Vec<u8>> {
     out
 }
 
+/// RFC 4648 base32, either alphabet (`base32`, `basenc --base32hex`), at each alignment.
+fn from_base32(text: &str) -> Vec<Vec<u8>> {
+    let text = no_space(text);
+    let mut out = Vec::new();
+    for alphabet in [BASE32, BASE32_HEX] {
+        for run in runs(&text, |b| alphabet.contains(&b)) {
+            for skip in 0..8.min(run.len()) {
+                let (mut bytes, mut acc, mut bits) = (Vec::new(), 0u64, 0);
+                for &c in &run[skip..] {
+                    acc = acc << 5 | alphabet.iter().position(|&a| a == c).unwrap() as u64;
+                    bits += 5;
+                    if bits >= 8 {
+                        bits -= 8;
+                        bytes.push((acc >> bits) as u8);
+                    }
+                }
+                out.push(bytes);
+            }
+        }
+    }
+    out
+}
+
+const BASE32: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+const BASE32_HEX: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUV";
+
+/// `bytes` as `base32` prints them: padded, wrapped at 76 columns.
+fn base32_wrapped(bytes: &[u8], alphabet: &[u8]) -> String {
+    let mut text = String::new();
+    for group in bytes.chunks(5) {
+        let mut block = [0u8; 5];
+        block[..group.len()].copy_from_slice(group);
+        let n = block.iter().fold(0u64, |n, &b| n << 8 | b as u64);
+        let chars = (group.len() * 8).div_ceil(5);
+        for i in 0..8 {
+            text.push(if i < chars { alphabet[(n >> (35 - 5 * i) & 31) as usize] as char } else { '=' });
+        }
+    }
+    text.as_bytes().chunks(76).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join("\n") + "\n"
+}
+
 fn from_percent(text: &str) -> Vec<u8> {
     let t = text.as_bytes();
     let mut out = Vec::new();
@@ -101,6 +142,7 @@ fn readings(out: &str) -> Vec<Vec<u8>> {
         all.push(from_json_escapes(piece));
         all.extend(from_base64(piece));
         all.extend(from_hex(piece));
+        all.extend(from_base32(piece));
     }
     all
 }
@@ -198,6 +240,8 @@ fn encoded_lines(encoding: usize, file: &[u8], split_at: usize) -> (String, Vec<
         10 => one("URL-encoded, reserved bytes", percent_reserved(file)),
         11 => one("JSON \\u escapes", json_escaped(file)),
         12 => one("reversed", String::from_utf8_lossy(file).chars().rev().collect()),
+        13 => one("base32 (coreutils)", base32_wrapped(file, BASE32)),
+        14 => one("basenc --base32hex", base32_wrapped(file, BASE32_HEX)),
         _ => {
             let text = String::from_utf8_lossy(file).into_owned();
             let mut at = split_at % (text.len() + 1);
@@ -209,7 +253,7 @@ fn encoded_lines(encoding: usize, file: &[u8], split_at: usize) -> (String, Vec<
     }
 }
 
-const ENCODINGS: usize = 14;
+const ENCODINGS: usize = 16;
 
 fn secret_strategy() -> impl Strategy<Value = String> {
     let token: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -250,7 +294,11 @@ proptest! {
     fn long_prefixes_are_masked(secret in secret_strategy(), len in 0usize..200, encoding in 0..ENCODINGS) {
         let redactor = Redactor::new([secret.clone()]);
         let f = fragment(&secret);
-        let slack = if (1..=3).contains(&encoding) { 4 } else { 0 };
+        let slack = match encoding {
+            1..=3 => 4,
+            13 | 14 => 6,
+            _ => 0,
+        };
         prop_assume!(secret.len() >= f + slack);
         let prefix = &secret[..f + slack + len % (secret.len() - f - slack + 1)];
         let (name, lines) = encoded_lines(encoding, format!("x {prefix}").as_bytes(), 7);
@@ -369,4 +417,18 @@ fn od_words_cut_by_a_line_end_are_masked() {
     let file = format!("+6=`/$({{':Xj#%\"&</D*<$${secret}\"p:$?:<\"@${{<*\"Jel(io'/|");
     let out = Redactor::new([secret.to_string()]).redact(&od_x(file.as_bytes()));
     assert_no_copy(secret, &out, "od -x");
+}
+
+
+#[test]
+fn the_coreutils_base32_of_the_credentials_file_decodes_to_nothing() {
+    let (access, refresh) = ("sk-ant-oat01-AAAAbbbbCCCCddddEEEEffff0123456789", "sk-ant-ort01-ZZZZyyyyXXXXwwwwVVVVuuuu9876543210");
+    let file = format!(r#"{{"claudeAiOauth":{{"accessToken":"{access}","refreshToken":"{refresh}","expiresAt":1}}}}"#);
+    let redactor = Redactor::new([access.to_string(), refresh.to_string()]);
+    for alphabet in [BASE32, BASE32_HEX] {
+        let out = through(&redactor, &[tool_line(&base32_wrapped(file.as_bytes(), alphabet))]).concat();
+        assert!(out.contains(MASK), "{out}");
+        assert_no_copy(access, &out, "base32");
+        assert_no_copy(refresh, &out, "base32");
+    }
 }
