@@ -403,8 +403,8 @@ impl Edge {
             AgentMessage::Event { envelope } => {
                 let Some(report) = self.open_report::<ProgressReport>(session_id, &agent_id, &envelope, Domain::Progress) else { return };
                 let job_id = report.job_id;
-                if self.own_active_job(&job_id, &agent_id).is_some_and(|j| j.issued(&report.order_nonce)) {
-                    self.announce_progress(&job_id, report.seq, &report.event, effects);
+                if let Some(attempt) = self.own_active_job(&job_id, &agent_id).and_then(|j| j.attempt_of(&report.order_nonce)) {
+                    self.announce_progress(&job_id, (attempt, report.seq), &report.event, effects);
                 }
             }
             AgentMessage::Result { envelope } => {
