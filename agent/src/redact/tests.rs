@@ -57,9 +57,12 @@ fn from_hex(text: &str) -> Vec<Vec<u8>> {
     for run in runs(&text, |b| b.is_ascii_hexdigit()) {
         for skip in 0..2.min(run.len()) {
             let bytes: Vec<u8> = run[skip..].chunks_exact(2).filter_map(super::hex_byte).collect();
-            // `od -x` words, swapped back, at both parities.
+            // `od -x` words, swapped back, at both parities; `od -t x4` words at all four.
             for parity in 0..2.min(bytes.len()) {
                 out.push(bytes[parity..].chunks_exact(2).flat_map(|p| [p[1], p[0]]).collect());
+            }
+            for parity in 0..4.min(bytes.len()) {
+                out.push(bytes[parity..].chunks_exact(4).flat_map(|w| [w[3], w[2], w[1], w[0]]).collect());
             }
             out.push(bytes);
         }
@@ -85,6 +88,21 @@ fn from_base32(text: &str) -> Vec<Vec<u8>> {
                 }
                 out.push(bytes);
             }
+        }
+    }
+    out
+}
+
+/// Octal as `od -b` (three digits a byte) and `od` (six digits a little-endian word) print
+/// it, at each alignment.
+fn from_octal(text: &str) -> Vec<Vec<u8>> {
+    let text = no_space(text);
+    let mut out = Vec::new();
+    let value = |digits: &[u8]| digits.iter().fold(0u32, |n, d| n << 3 | (d - b'0') as u32);
+    for run in runs(&text, |b| (b'0'..=b'7').contains(&b)) {
+        for skip in 0..6.min(run.len()) {
+            out.push(run[skip..].chunks_exact(3).map(value).filter(|&v| v < 256).map(|v| v as u8).collect());
+            out.push(run[skip..].chunks_exact(6).map(value).filter(|&v| v < 65536).flat_map(|v| [v as u8, (v >> 8) as u8]).collect());
         }
     }
     out
@@ -143,6 +161,7 @@ fn readings(out: &str) -> Vec<Vec<u8>> {
         all.extend(from_base64(piece));
         all.extend(from_hex(piece));
         all.extend(from_base32(piece));
+        all.extend(from_octal(piece));
     }
     all
 }
@@ -201,6 +220,46 @@ fn od_x(bytes: &[u8]) -> String {
     out
 }
 
+/// `od` with no options: little-endian 16-bit words in octal, eight a line.
+fn od_o(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for (n, line) in bytes.chunks(16).enumerate() {
+        out.push_str(&format!("{:07o}", n * 16));
+        for pair in line.chunks(2) {
+            let word = pair[0] as u16 | (*pair.get(1).unwrap_or(&0) as u16) << 8;
+            out.push_str(&format!(" {word:06o}"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `od -b`: each byte in octal, sixteen a line.
+fn od_b(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for (n, line) in bytes.chunks(16).enumerate() {
+        out.push_str(&format!("{:07o}", n * 16));
+        line.iter().for_each(|b| out.push_str(&format!(" {b:03o}")));
+        out.push('\n');
+    }
+    out
+}
+
+/// `od -t x4` (and `xxd -e`, without its text column): little-endian 32-bit words in hex.
+fn od_x4(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for (n, line) in bytes.chunks(16).enumerate() {
+        out.push_str(&format!("{:07o}", n * 16));
+        for word in line.chunks(4) {
+            let mut w = [0u8; 4];
+            w[..word.len()].copy_from_slice(word);
+            out.push_str(&format!(" {:08x}", u32::from_le_bytes(w)));
+        }
+        out.push('\n');
+    }
+    out
+}
+
 fn hexdump_c(bytes: &[u8]) -> String {
     let mut out = String::new();
     for (n, line) in bytes.chunks(16).enumerate() {
@@ -242,6 +301,9 @@ fn encoded_lines(encoding: usize, file: &[u8], split_at: usize) -> (String, Vec<
         12 => one("reversed", String::from_utf8_lossy(file).chars().rev().collect()),
         13 => one("base32 (coreutils)", base32_wrapped(file, BASE32)),
         14 => one("basenc --base32hex", base32_wrapped(file, BASE32_HEX)),
+        15 => one("od (octal words)", od_o(file)),
+        16 => one("od -b", od_b(file)),
+        17 => one("od -t x4", od_x4(file)),
         _ => {
             let text = String::from_utf8_lossy(file).into_owned();
             let mut at = split_at % (text.len() + 1);
@@ -253,7 +315,7 @@ fn encoded_lines(encoding: usize, file: &[u8], split_at: usize) -> (String, Vec<
     }
 }
 
-const ENCODINGS: usize = 16;
+const ENCODINGS: usize = 19;
 
 fn secret_strategy() -> impl Strategy<Value = String> {
     let token: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -296,7 +358,7 @@ proptest! {
         let f = fragment(&secret);
         let slack = match encoding {
             1..=3 => 4,
-            13 | 14 => 6,
+            13 | 14 | 17 => 6,
             _ => 0,
         };
         prop_assume!(secret.len() >= f + slack);
@@ -430,5 +492,18 @@ fn the_coreutils_base32_of_the_credentials_file_decodes_to_nothing() {
         assert!(out.contains(MASK), "{out}");
         assert_no_copy(access, &out, "base32");
         assert_no_copy(refresh, &out, "base32");
+    }
+}
+
+#[test]
+fn od_dumps_of_the_credentials_file_decode_to_nothing() {
+    let (access, refresh) = ("sk-ant-oat01-AAAAbbbbCCCCddddEEEEffff0123456789", "sk-ant-ort01-ZZZZyyyyXXXXwwwwVVVVuuuu9876543210");
+    let file = format!(r#"{{"claudeAiOauth":{{"accessToken":"{access}","refreshToken":"{refresh}","expiresAt":1}}}}"#);
+    let redactor = Redactor::new([access.to_string(), refresh.to_string()]);
+    for (name, dump) in [("od", od_o(file.as_bytes())), ("od -b", od_b(file.as_bytes())), ("od -t x4", od_x4(file.as_bytes()))] {
+        let out = through(&redactor, &[tool_line(&dump)]).concat();
+        assert!(out.contains(MASK), "{name}: {out}");
+        assert_no_copy(access, &out, name);
+        assert_no_copy(refresh, &out, name);
     }
 }
