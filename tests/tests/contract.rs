@@ -714,7 +714,16 @@ async fn a_forged_result_from_the_path_is_refused(kind: EdgeKind) {
     let job_id = a.body["job_id"].as_str().unwrap().to_string();
     let stream = client.open_events(&job_id).await;
     let follower = tokio::spawn(read_events(stream));
+    let raw = client.open_events(&job_id).await;
+    let raw = tokio::spawn(async move { raw.text().await.unwrap_or_default() });
     assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
+    // The agent's own progress event, captured on the path and sent again: the edge has
+    // shown it already.
+    let is_event = |f: &String| f.contains(r#""type":"event""#);
+    assert!(eventually(Duration::from_secs(10), || relay.agent_frames().iter().any(is_event)).await, "no progress from the agent");
+    let first = relay.agent_frames().into_iter().find(is_event).unwrap();
+    relay.inject(first.clone());
+    relay.inject(first);
     let forger = random_key();
     let fake = shared::job::JobResult { success: true, output: "FORGED".into(), ..Default::default() };
     let nonce = format!("{job_id}:1");
@@ -730,6 +739,9 @@ async fn a_forged_result_from_the_path_is_refused(kind: EdgeKind) {
     let events = follower.await.unwrap();
     assert!(events.iter().all(|(_, data)| !data.contains("FORGED")), "{events:?}");
     assert_eq!(events.last().map(|(k, _)| k.as_str()), Some("result"));
+    let raw = raw.await.unwrap();
+    let ids: Vec<u64> = raw.lines().filter_map(|l| l.strip_prefix("id: ")).map(|n| n.parse().unwrap()).collect();
+    assert!(ids.len() > 1 && ids.windows(2).all(|w| w[0] < w[1]), "a progress event shown twice (or out of order): {ids:?}\n{raw}");
     let metrics = client.get("/metrics").await.text;
     assert!(metrics.contains("claude_runner_reports_refused_total 2"), "{metrics}");
 }
