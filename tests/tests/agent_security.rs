@@ -405,6 +405,46 @@ async fn another_protocol_version_is_refused_by_name() {
     );
 }
 
+/// Whoever answers at EDGE_URL before proving itself the edge (a man in the middle, a
+/// hijacked name) chooses the words of its challenge, goodbye and close frames: none of them
+/// may start a line of the agent's log (forging an entry) or reach it unbounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unproven_edges_words_cannot_forge_the_agents_log_lines() {
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    const FORGED: &str = "\n2026-01-01T00:00:00.000000Z ERROR claude_runner: FORGED";
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    // A challenge of another protocol version, its version a forged line and a megabyte.
+    let mut ws = edge.accept().await;
+    let edge_version = format!("9.9{FORGED}{}", "x".repeat(1 << 20));
+    let challenge = EdgeMessage::Challenge { protocol: PROTOCOL_VERSION + 1, nonce: "n".into(), edge_version, server_time: now() };
+    ws.send(Message::Text(challenge.to_text().into())).await.unwrap();
+    assert!(eventually(Duration::from_secs(10), || agent.log().contains("protocol version mismatch")).await, "{}", agent.log());
+    drop(ws);
+    // A goodbye instead of a welcome.
+    let mut ws = edge.accept().await;
+    let challenge = EdgeMessage::Challenge { protocol: PROTOCOL_VERSION, nonce: "n".into(), edge_version: "fake".into(), server_time: now() };
+    ws.send(Message::Text(challenge.to_text().into())).await.unwrap();
+    assert!(matches!(recv(&mut ws).await, Some(AgentMessage::Hello { .. })));
+    let goodbye = EdgeMessage::Goodbye { code: 4001, reason: format!("go away{FORGED}") };
+    ws.send(Message::Text(goodbye.to_text().into())).await.unwrap();
+    drop(ws);
+    // A close frame instead of a challenge.
+    let mut ws = edge.accept().await;
+    let frame = CloseFrame { code: CloseCode::from(4001), reason: "bye\nERROR FORGED".into() };
+    let _ = ws.close(Some(frame)).await;
+    drop(ws);
+    let _ws = edge.accept().await;
+    let log = agent.log();
+    assert!(log.matches("go away").count() >= 1 && log.contains("bye"), "{log}");
+    for line in log.lines() {
+        let shown = shared::text::truncate(line, 300);
+        assert!(!line.contains("FORGED") || line.contains(" WARN ") || line.contains(" ERROR claude_runner::connection"), "a line the edge wrote: {shown}");
+        assert!(!line.starts_with("2026-01-01") && !line.starts_with("ERROR FORGED"), "a line the edge wrote: {shown}");
+        assert!(line.len() < 16 * 1024, "an unproven edge's words logged unbounded ({} bytes)", line.len());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_edge_is_left_within_two_heartbeats_and_redialed() {
     let edge = FakeEdge::new().await;
