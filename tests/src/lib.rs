@@ -261,6 +261,11 @@ fn ready_port(log: &str) -> Option<u16> {
         if let Some(url) = line.strip_prefix("READY ") {
             return url.trim().rsplit(':').next()?.trim_end_matches('/').parse().ok();
         }
+        // The native edge with LOG_FORMAT=text: `… edge ready listen=127.0.0.1:8787`.
+        if line.contains("edge ready") && !line.starts_with('{') {
+            let listen = line.split_whitespace().find_map(|w| w.strip_prefix("listen="))?;
+            return listen.rsplit(':').next()?.parse().ok();
+        }
         let v: Value = serde_json::from_str(line).ok()?;
         if v["fields"]["message"] != "edge ready" {
             return None;

@@ -593,7 +593,8 @@ async fn unproven_connections_are_held_to_a_hello(kind: EdgeKind) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let keys = Keys::new(&["spark"]);
-    let edge = EdgeServer::start(kind, &keys, &[]);
+    // Logs as people read them (JSON would escape a newline by itself).
+    let edge = EdgeServer::start(kind, &keys, &[("LOG_FORMAT", "text")]);
     async fn closed_with(ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>) -> Option<(u16, String)> {
         while let Ok(Some(frame)) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
             if let Ok(Message::Close(Some(frame))) = frame {
@@ -625,6 +626,18 @@ async fn unproven_connections_are_held_to_a_hello(kind: EdgeKind) {
     assert!(eventually(Duration::from_secs(5), || edge.log().contains("agent refused")).await, "{}", edge.log());
     for line in edge.log().lines() {
         assert!(!line.contains("mallory"), "the peer's unchecked words in a log line: {line}");
+    }
+    // A frame that does not read, whose error would quote the peer's words (an unknown
+    // variant): at most quoted on the edge's own line, never a line of their own.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/agent/connect", edge.ws_url())).await.unwrap();
+    let _challenge = ws.next().await;
+    let frame = r#"{"type":"heartbeat","oauth":{"source":"x\n2026-01-01T00:00:00.000000Z  INFO claude_runner_edge: FORGEDLINE"}}"#;
+    ws.send(Message::Text(frame.into())).await.unwrap();
+    let (code, _) = closed_with(&mut ws).await.expect("closed with a reason");
+    assert_eq!(code, shared::protocol::close::PROTOCOL_ERROR);
+    assert!(eventually(Duration::from_secs(5), || edge.log().contains("FORGEDLINE")).await, "{}", edge.log());
+    for line in edge.log().lines().filter(|l| l.contains("FORGEDLINE")) {
+        assert!(line.contains("unreadable frame"), "a log line the peer wrote: {line}");
     }
 }
 
