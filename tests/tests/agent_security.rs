@@ -72,9 +72,15 @@ impl FakeEdge {
 
     /// The handshake, welcoming the agent into `pool`.
     async fn handshake_into(&self, welcome_key: &SigningKey, protocol: u32, pool: &str) -> (Ws, Option<Hello>) {
-        let mut ws = self.accept().await;
         let challenge = EdgeMessage::Challenge { protocol, nonce: "fake-nonce".into(), edge_version: "fake".into(), server_time: now() };
-        ws.send(Message::Text(challenge.to_text().into())).await.unwrap();
+        // A connection still queued from an agent process that is gone (restarted, say)
+        // breaks at once: the live agent's is the next one.
+        let mut ws = loop {
+            let mut ws = self.accept().await;
+            if ws.send(Message::Text(challenge.to_text().into())).await.is_ok() {
+                break ws;
+            }
+        };
         let hello = match recv(&mut ws).await {
             Some(AgentMessage::Hello { envelope, .. }) => envelope.open::<Hello>(Domain::Hello, &self.agent_key.verifying_key()).unwrap(),
             _ => return (ws, None),
@@ -503,7 +509,10 @@ async fn a_half_open_link_right_after_the_welcome_does_not_hang_the_agent() {
     std::fs::create_dir_all(&spool).unwrap();
     let big = shared::job::JobResult { success: true, output: "x".repeat(1024 * 1024), ..Default::default() };
     for i in 0..32 {
-        std::fs::write(spool.join(format!("kept-{i:02}.json")), serde_json::to_vec(&big).unwrap()).unwrap();
+        // Kept as the agent keeps them: signed, bound to their orders.
+        let id = format!("kept-{i:02}");
+        let AgentMessage::Result { envelope } = AgentMessage::result(&id, &format!("{id}:1"), big.clone(), &edge.agent_key) else { unreachable!() };
+        std::fs::write(spool.join(format!("{id}.json")), serde_json::to_vec(&envelope).unwrap()).unwrap();
     }
     // The welcome goes out, then this edge never reads again.
     let (_stuck, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
