@@ -296,7 +296,7 @@ fn on_edge_message(agent: &Arc<Agent>, msg: EdgeMessage) -> Option<End> {
     match msg {
         EdgeMessage::Job { envelope } => agent.on_job(&envelope),
         EdgeMessage::Cancel { envelope } => agent.on_cancel(&envelope),
-        EdgeMessage::ResultAck { job_id } => agent.spool.remove(&job_id),
+        EdgeMessage::ResultAck { envelope } => agent.on_result_ack(&envelope),
         EdgeMessage::HeartbeatAck { .. } => {}
         EdgeMessage::Login { .. } => {
             let _ = agent.uplink.send(AgentMessage::LoginProgress {

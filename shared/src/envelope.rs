@@ -27,6 +27,8 @@ pub enum Domain {
     Progress,
     /// Agent → edge: a job's result.
     Result,
+    /// Edge → agent: a result is stored; the agent may forget it.
+    ResultAck,
 }
 
 impl Domain {
@@ -39,6 +41,7 @@ impl Domain {
             Domain::Welcome => b"claude-runner/v1/edge-welcome\n",
             Domain::Progress => b"claude-runner/v1/agent-progress\n",
             Domain::Result => b"claude-runner/v1/agent-result\n",
+            Domain::ResultAck => b"claude-runner/v1/edge-result-ack\n",
         }
     }
 }

@@ -28,7 +28,9 @@ use serde::{Deserialize, Serialize};
 /// 3: slots are stated absolutely (free slots and orders received), not as increments.
 /// 4: pools signed into welcomes and orders; progress and results signed by the agent,
 /// bound to the order they answer.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: result acknowledgements signed by the edge (an agent of version 4 would take an
+/// unsigned one, which anyone on the path could make up to have it drop a result).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
@@ -93,8 +95,10 @@ pub enum EdgeMessage {
     Cancel { envelope: Envelope },
     /// Signed [`LoginOrder`].
     Login { envelope: Envelope },
-    /// The edge has stored this result; the agent may forget it.
-    ResultAck { job_id: String },
+    /// The edge has stored this result; the agent may forget it: a signed
+    /// [`Acknowledgement`], so that no one on the path can make the agent drop a result the
+    /// edge never got.
+    ResultAck { envelope: Envelope },
     HeartbeatAck { server_time: Millis },
     /// Sent just before the edge closes the socket, with the reason in full (close
     /// frames only carry 123 bytes).
@@ -267,6 +271,20 @@ impl EdgeMessage {
     pub fn to_text(&self) -> String {
         serde_json::to_string(self).expect("edge messages serialise")
     }
+
+    /// The edge stored `agent_id`'s result of `job_id`, signed with the edge's key.
+    pub fn result_ack(job_id: &str, agent_id: &str, key: &SigningKey) -> EdgeMessage {
+        let ack = Acknowledgement { job_id: job_id.to_string(), agent_id: agent_id.to_string() };
+        EdgeMessage::ResultAck { envelope: Envelope::seal(Domain::ResultAck, &ack, key) }
+    }
+}
+
+/// What a [`EdgeMessage::ResultAck`] signs: the job whose result the edge stored, and the
+/// agent it tells.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acknowledgement {
+    pub job_id: String,
+    pub agent_id: String,
 }
 
 impl AgentMessage {
@@ -326,7 +344,7 @@ mod tests {
         let report: ResultReport = envelope.open(Domain::Result, &key.verifying_key()).unwrap();
         assert_eq!((report.job_id.as_str(), report.order_nonce.as_str()), ("j1", "j1:1"));
         assert!(envelope.open::<ResultReport>(Domain::Progress, &key.verifying_key()).is_err(), "a result is not progress");
-        let m = EdgeMessage::ResultAck { job_id: "j".into() };
+        let m = EdgeMessage::result_ack("j", "spark", &SigningKey::from_bytes(&[1; 32]));
         assert_eq!(decode::<EdgeMessage>(&m.to_text()).unwrap(), m);
     }
 }

@@ -492,7 +492,14 @@ async fn a_result_waits_on_disk_until_the_edge_acknowledges_it() {
     };
     assert_eq!((again.job_id.as_str(), again.order_nonce.as_str()), ("keep", "keep:1"));
     assert_eq!(again.result.output, "stand-in answer to: remember me");
-    ws.send(Message::Text(EdgeMessage::ResultAck { job_id: "keep".into() }.to_text().into())).await.unwrap();
+    // An acknowledgement made up on the path (the edge never got the result): unsigned, or
+    // signed by another key. The result stays and goes out again after the next reconnect.
+    let kept = agent.data.path().join("data/spool/keep.json");
+    ws.send(Message::Text(r#"{"type":"result_ack","job_id":"keep"}"#.into())).await.unwrap();
+    ws.send(Message::Text(EdgeMessage::result_ack("keep", "spark", &random_key()).to_text().into())).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || agent.log().contains("acknowledgement not signed by the edge") || !kept.exists()).await, "{}", agent.log());
+    assert!(kept.exists(), "a forged acknowledgement made the agent drop its result");
+    ws.send(Message::Text(EdgeMessage::result_ack("keep", "spark", &edge.edge_key).to_text().into())).await.unwrap();
     assert!(eventually(Duration::from_secs(5), || !agent.data.path().join("data/spool/keep.json").exists()).await);
     assert_eq!(agent.claude_runs().len(), 1, "ran once");
 }

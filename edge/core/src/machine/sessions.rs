@@ -431,7 +431,7 @@ impl Edge {
                 }
                 // Acknowledged in every case so the agent stops re-sending it — but only
                 // once the result is stored: the ack goes out after this event's writes.
-                let ack = EdgeMessage::ResultAck { job_id };
+                let ack = EdgeMessage::result_ack(&job_id, &agent_id, &self.cfg.signing_key);
                 effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
             }
             AgentMessage::LoginProgress { .. } | AgentMessage::Unknown => {
