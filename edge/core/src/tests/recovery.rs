@@ -153,8 +153,7 @@ fn a_cancelled_job_its_agent_lost_ends_cancelled_not_lost() {
     // The agent died running it: back, it holds the "lost" result its marker left.
     let (sid2, _) = rejoin(&mut edge, 4, &[], &[&j1], 2);
     let marker = JobResult::failure(shared::contract::ErrorCode::RunnerLost, "the agent stopped while this job ran", 0);
-    let report = result_msg(&edge, &j1, marker);
-    let effects = say(&mut edge, 5, &sid2, report);
+    let effects = report(&mut edge, 5, &sid2, &j1, marker);
     let (status, answer) = answer_to(&effects, waiter.caller).expect("its waiter is answered");
     assert_eq!((status, answer["error_code"].as_str()), (200, Some("CANCELLED")), "{answer}");
     assert!(answer.get("fallback").is_none(), "{answer}");
@@ -265,9 +264,7 @@ fn an_ended_job_keeps_only_its_header_and_is_read_from_storage_on_demand() {
     assert_eq!(answer_to(&effects, first.caller).unwrap().1["output"].as_str().unwrap().len(), 100_000, "its caller got it all");
     edge.tick(2);
     let header = edge.job(&job_id).unwrap();
-    // Of the task only its start stays (for the jobs list).
-    let kept = crate::record::PROMPT_PREVIEW_BYTES;
-    assert!(header.header_only && header.spec.prompt.len() <= kept && header.result.as_ref().unwrap().output.is_empty());
+    assert!(header.header_only && header.spec.prompt.is_empty() && header.result.as_ref().unwrap().output.is_empty());
     assert!(header.bytes > 100_500, "{}", header.bytes);
 
     let read = |edge: &mut Edge, method: &str, path: &str, body: Value| {
