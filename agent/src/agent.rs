@@ -345,6 +345,17 @@ impl Agent {
         self.relogin.on_order(self, order);
     }
 
+    /// The edge stored a result: it is forgotten here, once the edge's signature says so
+    /// (an acknowledgement made up on the path would lose it for good). Any other is
+    /// ignored, and the result goes out again after the next reconnect.
+    pub fn on_result_ack(&self, envelope: &Envelope) {
+        match envelope.open::<shared::protocol::Acknowledgement>(Domain::ResultAck, &self.cfg.edge_public_key) {
+            Ok(ack) if ack.agent_id == self.cfg.agent_id => self.spool.remove(&ack.job_id),
+            Ok(_) => warn!(agent_id = %self.cfg.agent_id, "an acknowledgement for another agent ignored"),
+            Err(e) => warn!(agent_id = %self.cfg.agent_id, error = %e, "an acknowledgement not signed by the edge ignored; its result stays"),
+        }
+    }
+
     pub fn on_cancel(&self, envelope: &Envelope) {
         let Some(order) = self.verify::<CancelOrder>(envelope, Domain::Cancel) else { return };
         // The id stays listed as running until the job task ends and removes it.

@@ -48,7 +48,14 @@ pub async fn run(agent: Arc<Agent>, mut uplink: mpsc::UnboundedReceiver<AgentMes
     let mut policy = reconnect_policy();
     loop {
         let began = Instant::now();
-        let end = session(&agent, &mut uplink, &mut shutdown).await;
+        // Its reasons may be the words of whoever answered at EDGE_URL (a close frame, a
+        // goodbye, a version), heard before or without any proof that it is the edge: one
+        // bounded line before they reach the log or the status file.
+        let end = match session(&agent, &mut uplink, &mut shutdown).await {
+            End::Lost(why) => End::Lost(heard(&why)),
+            End::Refused(why) => End::Refused(heard(&why)),
+            End::Shutdown => End::Shutdown,
+        };
         match &end {
             End::Shutdown => {
                 agent.status.disconnected("the agent stopped");
@@ -98,6 +105,14 @@ async fn next_edge_message(ws: &mut Socket) -> Result<EdgeMessage, End> {
         }
     }
 }
+
+/// What the edge (or whoever answered for it) said, as the agent logs it: one line of at
+/// most [`MAX_HEARD_BYTES`].
+fn heard(text: &str) -> String {
+    shared::text::one_line(shared::text::truncate(text, MAX_HEARD_BYTES))
+}
+
+const MAX_HEARD_BYTES: usize = 1024;
 
 /// Sends one frame, giving up after `limit`.
 async fn send(ws: &mut Socket, msg: &AgentMessage, limit: Duration) -> Result<(), End> {
@@ -237,7 +252,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
                                 return end;
                             }
                         }
-                        Err(e) => warn!(agent_id = %cfg.agent_id, error = %e, "unreadable frame from the edge ignored"),
+                        Err(e) => warn!(agent_id = %cfg.agent_id, error = %heard(&e), "unreadable frame from the edge ignored"),
                     },
                     Some(Ok(Message::Close(frame))) => {
                         let why = frame.map(|f| f.reason.to_string()).unwrap_or_default();
@@ -285,11 +300,11 @@ fn on_edge_message(agent: &Arc<Agent>, msg: EdgeMessage) -> Option<End> {
     match msg {
         EdgeMessage::Job { envelope } => agent.on_job(&envelope),
         EdgeMessage::Cancel { envelope } => agent.on_cancel(&envelope),
-        EdgeMessage::ResultAck { job_id } => agent.spool.remove(&job_id),
+        EdgeMessage::ResultAck { envelope } => agent.on_result_ack(&envelope),
         EdgeMessage::HeartbeatAck { .. } => {}
         EdgeMessage::Login { envelope } => agent.on_login(&envelope),
         EdgeMessage::Goodbye { code, reason } => {
-            warn!(agent_id = %agent.cfg.agent_id, code, reason = %reason, "the edge is closing the connection");
+            warn!(agent_id = %agent.cfg.agent_id, code, reason = %heard(&reason), "the edge is closing the connection");
             if code == close::UNAUTHORIZED || code == close::VERSION_MISMATCH {
                 return Some(End::Refused(reason));
             }

@@ -29,6 +29,8 @@ pub enum Domain {
     Result,
     /// Agent → edge: how a relayed `claude auth login` goes.
     LoginReport,
+    /// Edge → agent: a result is stored; the agent may forget it.
+    ResultAck,
 }
 
 impl Domain {
@@ -42,6 +44,7 @@ impl Domain {
             Domain::Progress => b"claude-runner/v1/agent-progress\n",
             Domain::Result => b"claude-runner/v1/agent-result\n",
             Domain::LoginReport => b"claude-runner/v1/agent-login\n",
+            Domain::ResultAck => b"claude-runner/v1/edge-result-ack\n",
         }
     }
 }

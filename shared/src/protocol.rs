@@ -26,10 +26,13 @@ use serde::{Deserialize, Serialize};
 /// 2: jobs may carry a repository (`repo_url`, `push_branch`…). An agent of version 1 would
 /// ignore those fields and run the task in an empty folder, so the versions refuse each other.
 /// 3: slots are stated absolutely (free slots and orders received), not as increments.
-/// 4: pools signed into welcomes and orders; progress, results and the re-login relay's
-/// reports signed by the agent, bound to the order they answer; the usage window in the
-/// login report.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 4: pools signed into welcomes and orders; progress and results signed by the agent,
+/// bound to the order they answer.
+/// 5: result acknowledgements signed by the edge (an agent of version 4 would take an
+/// unsigned one, which anyone on the path could make up to have it drop a result); the
+/// re-login relay's reports signed by the agent, bound to the login order they answer;
+/// the usage window in the login report.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
@@ -94,8 +97,10 @@ pub enum EdgeMessage {
     Cancel { envelope: Envelope },
     /// Signed [`LoginOrder`].
     Login { envelope: Envelope },
-    /// The edge has stored this result; the agent may forget it.
-    ResultAck { job_id: String },
+    /// The edge has stored this result; the agent may forget it: a signed
+    /// [`Acknowledgement`], so that no one on the path can make the agent drop a result the
+    /// edge never got.
+    ResultAck { envelope: Envelope },
     HeartbeatAck { server_time: Millis },
     /// Sent just before the edge closes the socket, with the reason in full (close
     /// frames only carry 123 bytes).
@@ -312,6 +317,20 @@ impl EdgeMessage {
     pub fn to_text(&self) -> String {
         serde_json::to_string(self).expect("edge messages serialise")
     }
+
+    /// The edge stored `agent_id`'s result of `job_id`, signed with the edge's key.
+    pub fn result_ack(job_id: &str, agent_id: &str, key: &SigningKey) -> EdgeMessage {
+        let ack = Acknowledgement { job_id: job_id.to_string(), agent_id: agent_id.to_string() };
+        EdgeMessage::ResultAck { envelope: Envelope::seal(Domain::ResultAck, &ack, key) }
+    }
+}
+
+/// What a [`EdgeMessage::ResultAck`] signs: the job whose result the edge stored, and the
+/// agent it tells.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acknowledgement {
+    pub job_id: String,
+    pub agent_id: String,
 }
 
 impl AgentMessage {
@@ -381,7 +400,7 @@ mod tests {
         let AgentMessage::LoginProgress { envelope } = decode::<AgentMessage>(&AgentMessage::login(&login, &key).to_text()).unwrap() else { panic!("a login report") };
         assert_eq!(envelope.open::<LoginReport>(Domain::LoginReport, &key.verifying_key()).unwrap(), login);
         assert!(envelope.open::<LoginReport>(Domain::Result, &key.verifying_key()).is_err(), "a login report is not a result");
-        let m = EdgeMessage::ResultAck { job_id: "j".into() };
+        let m = EdgeMessage::result_ack("j", "spark", &SigningKey::from_bytes(&[1; 32]));
         assert_eq!(decode::<EdgeMessage>(&m.to_text()).unwrap(), m);
     }
 }

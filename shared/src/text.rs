@@ -1,5 +1,6 @@
-//! Cutting text to a byte budget without splitting a character. Close reasons (123
-//! bytes), socket attachments, storage rows and result caps all need it.
+//! Cutting text to a byte budget without splitting a character (close reasons of 123
+//! bytes, socket attachments, storage rows and result caps all need it), and outside text
+//! made one line for a log.
 
 /// The longest prefix of `text` of at most `max` bytes.
 pub fn truncate(text: &str, max: usize) -> &str {
@@ -23,6 +24,13 @@ pub fn tail(text: &str, max: usize) -> &str {
         cut += 1;
     }
     &text[cut..]
+}
+
+/// Text from outside (a peer's words, a path Claude chose) as one line: control characters
+/// escaped, so it can neither end the log line it is written in and forge the next one, nor
+/// drive a terminal.
+pub fn one_line(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 #[cfg(test)]

@@ -313,7 +313,7 @@ pub async fn soak(opts: SoakOptions) -> Report {
     // noticed is gone: wait until it lists two again).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while client.health().await.body["agents"].as_array().map_or(0, Vec::len) < 2 && Instant::now() < deadline {
+    while client.health_full().await.body["agents"].as_array().map_or(0, Vec::len) < 2 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let unknown: Vec<(usize, Value)> =

@@ -261,6 +261,11 @@ fn ready_port(log: &str) -> Option<u16> {
         if let Some(url) = line.strip_prefix("READY ") {
             return url.trim().rsplit(':').next()?.trim_end_matches('/').parse().ok();
         }
+        // The native edge with LOG_FORMAT=text: `… edge ready listen=127.0.0.1:8787`.
+        if line.contains("edge ready") && !line.starts_with('{') {
+            let listen = line.split_whitespace().find_map(|w| w.strip_prefix("listen="))?;
+            return listen.rsplit(':').next()?.parse().ok();
+        }
         let v: Value = serde_json::from_str(line).ok()?;
         if v["fields"]["message"] != "edge ready" {
             return None;
@@ -689,11 +694,13 @@ pub async fn read_events(resp: reqwest::Response) -> Vec<(String, String)> {
 }
 
 /// Whoever sits on the path between an agent and its edge: a WebSocket relay on loopback
-/// that passes every frame both ways and can slip frames of its own towards the edge.
+/// that passes every frame both ways, keeps a copy of the agent's text frames (to replay)
+/// and can slip frames of its own towards the edge.
 /// Point the agent's `EDGE_URL` at [`PathRelay::ws_url`].
 pub struct PathRelay {
     port: u16,
     inject: tokio::sync::mpsc::UnboundedSender<String>,
+    heard: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -706,6 +713,8 @@ impl PathRelay {
         let port = listener.local_addr().unwrap().port();
         let (inject, mut injected) = tokio::sync::mpsc::unbounded_channel::<String>();
         let edge = format!("{edge_ws}/agent/connect");
+        let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = heard.clone();
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let Ok(agent) = tokio_tungstenite::accept_async(tcp).await else { continue };
@@ -715,7 +724,14 @@ impl PathRelay {
                 loop {
                     tokio::select! {
                         m = from_agent.next() => match m {
-                            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => if to_edge.send(m).await.is_err() { break },
+                            Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
+                                if let Message::Text(text) = &m {
+                                    kept.lock().unwrap().push(text.to_string());
+                                }
+                                if to_edge.send(m).await.is_err() {
+                                    break;
+                                }
+                            }
                             Some(Ok(_)) => {}
                             _ => break,
                         },
@@ -729,7 +745,12 @@ impl PathRelay {
                 }
             }
         });
-        PathRelay { port, inject, task }
+        PathRelay { port, inject, heard, task }
+    }
+
+    /// The text frames the agent sent so far, in order.
+    pub fn agent_frames(&self) -> Vec<String> {
+        self.heard.lock().unwrap().clone()
     }
 
     pub fn ws_url(&self) -> String {

@@ -73,9 +73,8 @@ impl FakeEdge {
     /// The handshake, welcoming the agent into `pool`.
     async fn handshake_into(&self, welcome_key: &SigningKey, protocol: u32, pool: &str) -> (Ws, Option<Hello>) {
         let challenge = EdgeMessage::Challenge { protocol, nonce: "fake-nonce".into(), edge_version: "fake".into(), server_time: now() };
-        // A connection already gone by the time it is taken (a dial of an agent process the
-        // test has since stopped or restarted, left in the listener's backlog) is skipped:
-        // the agent this handshake is for dials next.
+        // A connection still queued from an agent process that is gone (restarted, say)
+        // breaks at once: the live agent's is the next one.
         let mut ws = loop {
             let mut ws = self.accept().await;
             if ws.send(Message::Text(challenge.to_text().into())).await.is_ok() {
@@ -414,6 +413,46 @@ async fn another_protocol_version_is_refused_by_name() {
     );
 }
 
+/// Whoever answers at EDGE_URL before proving itself the edge (a man in the middle, a
+/// hijacked name) chooses the words of its challenge, goodbye and close frames: none of them
+/// may start a line of the agent's log (forging an entry) or reach it unbounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unproven_edges_words_cannot_forge_the_agents_log_lines() {
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    const FORGED: &str = "\n2026-01-01T00:00:00.000000Z ERROR claude_runner: FORGED";
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    // A challenge of another protocol version, its version a forged line and a megabyte.
+    let mut ws = edge.accept().await;
+    let edge_version = format!("9.9{FORGED}{}", "x".repeat(1 << 20));
+    let challenge = EdgeMessage::Challenge { protocol: PROTOCOL_VERSION + 1, nonce: "n".into(), edge_version, server_time: now() };
+    ws.send(Message::Text(challenge.to_text().into())).await.unwrap();
+    assert!(eventually(Duration::from_secs(10), || agent.log().contains("protocol version mismatch")).await, "{}", agent.log());
+    drop(ws);
+    // A goodbye instead of a welcome.
+    let mut ws = edge.accept().await;
+    let challenge = EdgeMessage::Challenge { protocol: PROTOCOL_VERSION, nonce: "n".into(), edge_version: "fake".into(), server_time: now() };
+    ws.send(Message::Text(challenge.to_text().into())).await.unwrap();
+    assert!(matches!(recv(&mut ws).await, Some(AgentMessage::Hello { .. })));
+    let goodbye = EdgeMessage::Goodbye { code: 4001, reason: format!("go away{FORGED}") };
+    ws.send(Message::Text(goodbye.to_text().into())).await.unwrap();
+    drop(ws);
+    // A close frame instead of a challenge.
+    let mut ws = edge.accept().await;
+    let frame = CloseFrame { code: CloseCode::from(4001), reason: "bye\nERROR FORGED".into() };
+    let _ = ws.close(Some(frame)).await;
+    drop(ws);
+    let _ws = edge.accept().await;
+    let log = agent.log();
+    assert!(log.matches("go away").count() >= 1 && log.contains("bye"), "{log}");
+    for line in log.lines() {
+        let shown = shared::text::truncate(line, 300);
+        assert!(!line.contains("FORGED") || line.contains(" WARN ") || line.contains(" ERROR claude_runner::connection"), "a line the edge wrote: {shown}");
+        assert!(!line.starts_with("2026-01-01") && !line.starts_with("ERROR FORGED"), "a line the edge wrote: {shown}");
+        assert!(line.len() < 16 * 1024, "an unproven edge's words logged unbounded ({} bytes)", line.len());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_edge_is_left_within_two_heartbeats_and_redialed() {
     let edge = FakeEdge::new().await;
@@ -455,7 +494,14 @@ async fn a_result_waits_on_disk_until_the_edge_acknowledges_it() {
     };
     assert_eq!((again.job_id.as_str(), again.order_nonce.as_str()), ("keep", "keep:1"));
     assert_eq!(again.result.output, "stand-in answer to: remember me");
-    ws.send(Message::Text(EdgeMessage::ResultAck { job_id: "keep".into() }.to_text().into())).await.unwrap();
+    // An acknowledgement made up on the path (the edge never got the result): unsigned, or
+    // signed by another key. The result stays and goes out again after the next reconnect.
+    let kept = agent.data.path().join("data/spool/keep.json");
+    ws.send(Message::Text(r#"{"type":"result_ack","job_id":"keep"}"#.into())).await.unwrap();
+    ws.send(Message::Text(EdgeMessage::result_ack("keep", "spark", &random_key()).to_text().into())).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || agent.log().contains("acknowledgement not signed by the edge") || !kept.exists()).await, "{}", agent.log());
+    assert!(kept.exists(), "a forged acknowledgement made the agent drop its result");
+    ws.send(Message::Text(EdgeMessage::result_ack("keep", "spark", &edge.edge_key).to_text().into())).await.unwrap();
     assert!(eventually(Duration::from_secs(5), || !agent.data.path().join("data/spool/keep.json").exists()).await);
     assert_eq!(agent.claude_runs().len(), 1, "ran once");
 }
@@ -470,9 +516,9 @@ async fn a_half_open_link_right_after_the_welcome_does_not_hang_the_agent() {
     // Results waiting in the spool: far more than the socket buffers hold.
     let spool = agent.data.path().join("data/spool");
     std::fs::create_dir_all(&spool).unwrap();
-    // Kept as the agent keeps them: signed, bound to their orders.
     let big = shared::job::JobResult { success: true, output: "x".repeat(1024 * 1024), ..Default::default() };
     for i in 0..32 {
+        // Kept as the agent keeps them: signed, bound to their orders.
         let id = format!("kept-{i:02}");
         let AgentMessage::Result { envelope } = AgentMessage::result(&id, &format!("{id}:1"), big.clone(), &edge.agent_key) else { unreachable!() };
         std::fs::write(spool.join(format!("{id}.json")), serde_json::to_vec(&envelope).unwrap()).unwrap();

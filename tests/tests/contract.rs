@@ -919,7 +919,8 @@ async fn unproven_connections_are_held_to_a_hello(kind: EdgeKind) {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let keys = Keys::new(&["spark"]);
-    let edge = EdgeServer::start(kind, &keys, &[]);
+    // Logs as people read them (JSON would escape a newline by itself).
+    let edge = EdgeServer::start(kind, &keys, &[("LOG_FORMAT", "text")]);
     async fn closed_with(ws: &mut tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>) -> Option<(u16, String)> {
         while let Ok(Some(frame)) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
             if let Ok(Message::Close(Some(frame))) = frame {
@@ -951,6 +952,18 @@ async fn unproven_connections_are_held_to_a_hello(kind: EdgeKind) {
     assert!(eventually(Duration::from_secs(5), || edge.log().contains("agent refused")).await, "{}", edge.log());
     for line in edge.log().lines() {
         assert!(!line.contains("mallory"), "the peer's unchecked words in a log line: {line}");
+    }
+    // A frame that does not read, whose error would quote the peer's words (an unknown
+    // variant): at most quoted on the edge's own line, never a line of their own.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/agent/connect", edge.ws_url())).await.unwrap();
+    let _challenge = ws.next().await;
+    let frame = r#"{"type":"heartbeat","oauth":{"source":"x\n2026-01-01T00:00:00.000000Z  INFO claude_runner_edge: FORGEDLINE"}}"#;
+    ws.send(Message::Text(frame.into())).await.unwrap();
+    let (code, _) = closed_with(&mut ws).await.expect("closed with a reason");
+    assert_eq!(code, shared::protocol::close::PROTOCOL_ERROR);
+    assert!(eventually(Duration::from_secs(5), || edge.log().contains("FORGEDLINE")).await, "{}", edge.log());
+    for line in edge.log().lines().filter(|l| l.contains("FORGEDLINE")) {
+        assert!(line.contains("unreadable frame"), "a log line the peer wrote: {line}");
     }
 }
 
@@ -1040,7 +1053,16 @@ async fn a_forged_result_from_the_path_is_refused(kind: EdgeKind) {
     let job_id = a.body["job_id"].as_str().unwrap().to_string();
     let stream = client.open_events(&job_id).await;
     let follower = tokio::spawn(read_events(stream));
+    let raw = client.open_events(&job_id).await;
+    let raw = tokio::spawn(async move { raw.text().await.unwrap_or_default() });
     assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
+    // The agent's own progress event, captured on the path and sent again: the edge has
+    // shown it already.
+    let is_event = |f: &String| f.contains(r#""type":"event""#);
+    assert!(eventually(Duration::from_secs(10), || relay.agent_frames().iter().any(is_event)).await, "no progress from the agent");
+    let first = relay.agent_frames().into_iter().find(is_event).unwrap();
+    relay.inject(first.clone());
+    relay.inject(first);
     let forger = random_key();
     let fake = shared::job::JobResult { success: true, output: "FORGED".into(), ..Default::default() };
     let nonce = format!("{job_id}:1");
@@ -1056,6 +1078,9 @@ async fn a_forged_result_from_the_path_is_refused(kind: EdgeKind) {
     let events = follower.await.unwrap();
     assert!(events.iter().all(|(_, data)| !data.contains("FORGED")), "{events:?}");
     assert_eq!(events.last().map(|(k, _)| k.as_str()), Some("result"));
+    let raw = raw.await.unwrap();
+    let ids: Vec<u64> = raw.lines().filter_map(|l| l.strip_prefix("id: ")).map(|n| n.parse().unwrap()).collect();
+    assert!(ids.len() > 1 && ids.windows(2).all(|w| w[0] < w[1]), "a progress event shown twice (or out of order): {ids:?}\n{raw}");
     let metrics = client.get("/metrics").await.text;
     assert!(metrics.contains("claude_runner_reports_refused_total 2"), "{metrics}");
 }

@@ -205,6 +205,21 @@ fn status_check_without_an_agent_is_unhealthy() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("No agent has run"));
 }
 
+/// `claude-runner <command> <args>` started against `edge` with the secret, its standard
+/// streams piped.
+fn against_the_edge(edge: &EdgeServer, command: &str, args: &[&str]) -> std::process::Child {
+    Command::new(bin("claude-runner"))
+        .arg(command)
+        .args(args)
+        .env("CLAUDE_RUNNER_URL", edge.url())
+        .env("RUNNER_SECRET", SECRET)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_shows_progress_and_prints_the_result() {
     let keys = Keys::new(&["spark"]);
@@ -213,16 +228,7 @@ async fn submit_shows_progress_and_prints_the_result() {
     Client::new(&edge.url()).wait_online().await;
     let submit = |args: &[&str], stdin: &str| {
         use std::io::Write;
-        let mut child = Command::new(bin("claude-runner"))
-            .arg("submit")
-            .args(args)
-            .env("CLAUDE_RUNNER_URL", edge.url())
-            .env("RUNNER_SECRET", SECRET)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = against_the_edge(&edge, "submit", args);
         child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
         let out = child.wait_with_output().unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
@@ -407,15 +413,7 @@ async fn login_from_a_terminal_relays_the_url_and_the_code() {
     let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark").env("CLAUDE_CODE_OAUTH_TOKEN", ""));
     let client = Client::new(&edge.url());
     client.wait_needs_login().await;
-    let mut child = Command::new(bin("claude-runner"))
-        .arg("login")
-        .env("CLAUDE_RUNNER_URL", edge.url())
-        .env("RUNNER_SECRET", SECRET)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = against_the_edge(&edge, "login", &[]);
     // The URL comes on stdout; then the code goes in.
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut url = String::new();

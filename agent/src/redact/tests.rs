@@ -57,14 +57,73 @@ fn from_hex(text: &str) -> Vec<Vec<u8>> {
     for run in runs(&text, |b| b.is_ascii_hexdigit()) {
         for skip in 0..2.min(run.len()) {
             let bytes: Vec<u8> = run[skip..].chunks_exact(2).filter_map(super::hex_byte).collect();
-            // `od -x` words, swapped back, at both parities.
+            // `od -x` words, swapped back, at both parities; `od -t x4` words at all four.
             for parity in 0..2.min(bytes.len()) {
                 out.push(bytes[parity..].chunks_exact(2).flat_map(|p| [p[1], p[0]]).collect());
+            }
+            for parity in 0..4.min(bytes.len()) {
+                out.push(bytes[parity..].chunks_exact(4).flat_map(|w| [w[3], w[2], w[1], w[0]]).collect());
             }
             out.push(bytes);
         }
     }
     out
+}
+
+/// RFC 4648 base32, either alphabet (`base32`, `basenc --base32hex`), at each alignment.
+fn from_base32(text: &str) -> Vec<Vec<u8>> {
+    let text = no_space(text);
+    let mut out = Vec::new();
+    for alphabet in [BASE32, BASE32_HEX] {
+        for run in runs(&text, |b| alphabet.contains(&b)) {
+            for skip in 0..8.min(run.len()) {
+                let (mut bytes, mut acc, mut bits) = (Vec::new(), 0u64, 0);
+                for &c in &run[skip..] {
+                    acc = acc << 5 | alphabet.iter().position(|&a| a == c).unwrap() as u64;
+                    bits += 5;
+                    if bits >= 8 {
+                        bits -= 8;
+                        bytes.push((acc >> bits) as u8);
+                    }
+                }
+                out.push(bytes);
+            }
+        }
+    }
+    out
+}
+
+/// Octal as `od -b` (three digits a byte) and `od` (six digits a little-endian word) print
+/// it, at each alignment.
+fn from_octal(text: &str) -> Vec<Vec<u8>> {
+    let text = no_space(text);
+    let mut out = Vec::new();
+    let value = |digits: &[u8]| digits.iter().fold(0u32, |n, d| n << 3 | (d - b'0') as u32);
+    for run in runs(&text, |b| (b'0'..=b'7').contains(&b)) {
+        for skip in 0..6.min(run.len()) {
+            out.push(run[skip..].chunks_exact(3).map(value).filter(|&v| v < 256).map(|v| v as u8).collect());
+            out.push(run[skip..].chunks_exact(6).map(value).filter(|&v| v < 65536).flat_map(|v| [v as u8, (v >> 8) as u8]).collect());
+        }
+    }
+    out
+}
+
+const BASE32: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+const BASE32_HEX: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUV";
+
+/// `bytes` as `base32` prints them: padded, wrapped at 76 columns.
+fn base32_wrapped(bytes: &[u8], alphabet: &[u8]) -> String {
+    let mut text = String::new();
+    for group in bytes.chunks(5) {
+        let mut block = [0u8; 5];
+        block[..group.len()].copy_from_slice(group);
+        let n = block.iter().fold(0u64, |n, &b| n << 8 | b as u64);
+        let chars = (group.len() * 8).div_ceil(5);
+        for i in 0..8 {
+            text.push(if i < chars { alphabet[(n >> (35 - 5 * i) & 31) as usize] as char } else { '=' });
+        }
+    }
+    text.as_bytes().chunks(76).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join("\n") + "\n"
 }
 
 fn from_percent(text: &str) -> Vec<u8> {
@@ -101,6 +160,8 @@ fn readings(out: &str) -> Vec<Vec<u8>> {
         all.push(from_json_escapes(piece));
         all.extend(from_base64(piece));
         all.extend(from_hex(piece));
+        all.extend(from_base32(piece));
+        all.extend(from_octal(piece));
     }
     all
 }
@@ -159,6 +220,46 @@ fn od_x(bytes: &[u8]) -> String {
     out
 }
 
+/// `od` with no options: little-endian 16-bit words in octal, eight a line.
+fn od_o(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for (n, line) in bytes.chunks(16).enumerate() {
+        out.push_str(&format!("{:07o}", n * 16));
+        for pair in line.chunks(2) {
+            let word = pair[0] as u16 | (*pair.get(1).unwrap_or(&0) as u16) << 8;
+            out.push_str(&format!(" {word:06o}"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `od -b`: each byte in octal, sixteen a line.
+fn od_b(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for (n, line) in bytes.chunks(16).enumerate() {
+        out.push_str(&format!("{:07o}", n * 16));
+        line.iter().for_each(|b| out.push_str(&format!(" {b:03o}")));
+        out.push('\n');
+    }
+    out
+}
+
+/// `od -t x4` (and `xxd -e`, without its text column): little-endian 32-bit words in hex.
+fn od_x4(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for (n, line) in bytes.chunks(16).enumerate() {
+        out.push_str(&format!("{:07o}", n * 16));
+        for word in line.chunks(4) {
+            let mut w = [0u8; 4];
+            w[..word.len()].copy_from_slice(word);
+            out.push_str(&format!(" {:08x}", u32::from_le_bytes(w)));
+        }
+        out.push('\n');
+    }
+    out
+}
+
 fn hexdump_c(bytes: &[u8]) -> String {
     let mut out = String::new();
     for (n, line) in bytes.chunks(16).enumerate() {
@@ -198,6 +299,11 @@ fn encoded_lines(encoding: usize, file: &[u8], split_at: usize) -> (String, Vec<
         10 => one("URL-encoded, reserved bytes", percent_reserved(file)),
         11 => one("JSON \\u escapes", json_escaped(file)),
         12 => one("reversed", String::from_utf8_lossy(file).chars().rev().collect()),
+        13 => one("base32 (coreutils)", base32_wrapped(file, BASE32)),
+        14 => one("basenc --base32hex", base32_wrapped(file, BASE32_HEX)),
+        15 => one("od (octal words)", od_o(file)),
+        16 => one("od -b", od_b(file)),
+        17 => one("od -t x4", od_x4(file)),
         _ => {
             let text = String::from_utf8_lossy(file).into_owned();
             let mut at = split_at % (text.len() + 1);
@@ -209,7 +315,7 @@ fn encoded_lines(encoding: usize, file: &[u8], split_at: usize) -> (String, Vec<
     }
 }
 
-const ENCODINGS: usize = 14;
+const ENCODINGS: usize = 19;
 
 fn secret_strategy() -> impl Strategy<Value = String> {
     let token: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -250,7 +356,11 @@ proptest! {
     fn long_prefixes_are_masked(secret in secret_strategy(), len in 0usize..200, encoding in 0..ENCODINGS) {
         let redactor = Redactor::new([secret.clone()]);
         let f = fragment(&secret);
-        let slack = if (1..=3).contains(&encoding) { 4 } else { 0 };
+        let slack = match encoding {
+            1..=3 => 4,
+            13 | 14 | 17 => 6,
+            _ => 0,
+        };
         prop_assume!(secret.len() >= f + slack);
         let prefix = &secret[..f + slack + len % (secret.len() - f - slack + 1)];
         let (name, lines) = encoded_lines(encoding, format!("x {prefix}").as_bytes(), 7);
@@ -369,4 +479,31 @@ fn od_words_cut_by_a_line_end_are_masked() {
     let file = format!("+6=`/$({{':Xj#%\"&</D*<$${secret}\"p:$?:<\"@${{<*\"Jel(io'/|");
     let out = Redactor::new([secret.to_string()]).redact(&od_x(file.as_bytes()));
     assert_no_copy(secret, &out, "od -x");
+}
+
+
+#[test]
+fn the_coreutils_base32_of_the_credentials_file_decodes_to_nothing() {
+    let (access, refresh) = ("sk-ant-oat01-AAAAbbbbCCCCddddEEEEffff0123456789", "sk-ant-ort01-ZZZZyyyyXXXXwwwwVVVVuuuu9876543210");
+    let file = format!(r#"{{"claudeAiOauth":{{"accessToken":"{access}","refreshToken":"{refresh}","expiresAt":1}}}}"#);
+    let redactor = Redactor::new([access.to_string(), refresh.to_string()]);
+    for alphabet in [BASE32, BASE32_HEX] {
+        let out = through(&redactor, &[tool_line(&base32_wrapped(file.as_bytes(), alphabet))]).concat();
+        assert!(out.contains(MASK), "{out}");
+        assert_no_copy(access, &out, "base32");
+        assert_no_copy(refresh, &out, "base32");
+    }
+}
+
+#[test]
+fn od_dumps_of_the_credentials_file_decode_to_nothing() {
+    let (access, refresh) = ("sk-ant-oat01-AAAAbbbbCCCCddddEEEEffff0123456789", "sk-ant-ort01-ZZZZyyyyXXXXwwwwVVVVuuuu9876543210");
+    let file = format!(r#"{{"claudeAiOauth":{{"accessToken":"{access}","refreshToken":"{refresh}","expiresAt":1}}}}"#);
+    let redactor = Redactor::new([access.to_string(), refresh.to_string()]);
+    for (name, dump) in [("od", od_o(file.as_bytes())), ("od -b", od_b(file.as_bytes())), ("od -t x4", od_x4(file.as_bytes()))] {
+        let out = through(&redactor, &[tool_line(&dump)]).concat();
+        assert!(out.contains(MASK), "{name}: {out}");
+        assert_no_copy(access, &out, name);
+        assert_no_copy(refresh, &out, name);
+    }
 }

@@ -112,12 +112,8 @@ pub fn disk_full(message: &str) -> Option<RepoError> {
         .then(|| RepoError::DiskFull { detail: message.to_string() })
 }
 
-/// Text from outside (a git server's words, a path Claude chose) as one line: control
-/// characters escaped, so it can neither end the log line it is written in and forge the
-/// next one, nor drive a terminal.
-pub fn one_line(text: &str) -> String {
-    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
-}
+/// Text from outside (a git server's words, a path Claude chose) as one line.
+pub use shared::text::one_line;
 
 /// A local git or file-system step that failed (no server involved).
 pub fn local(action: &'static str, message: impl ToString) -> RepoError {

@@ -84,9 +84,21 @@ pub struct Backlog {
     chunks: VecDeque<Chunk>,
     bytes: usize,
     dropped: u64,
+    /// The order attempt and sequence number of the newest event taken.
+    newest: Option<(u32, u64)>,
 }
 
 impl Backlog {
+    /// Whether an event at `at` (its order's attempt, its sequence number) comes after every
+    /// one taken so far; if so it becomes the newest.
+    pub fn advance(&mut self, at: (u32, u64)) -> bool {
+        if self.newest.is_some_and(|newest| at <= newest) {
+            return false;
+        }
+        self.newest = Some(at);
+        true
+    }
+
     /// Keeps a chunk, dropping the oldest ones past the bounds.
     pub fn push(&mut self, chunk: Chunk) {
         self.bytes += chunk.len();

@@ -146,11 +146,16 @@ impl Job {
 
     /// Whether `nonce` is one of the orders the edge sent for this job (any attempt).
     pub fn issued(&self, nonce: &str) -> bool {
+        self.attempt_of(nonce).is_some()
+    }
+
+    /// Which of the orders the edge sent for this job `nonce` names (1 for the first).
+    pub fn attempt_of(&self, nonce: &str) -> Option<u32> {
         nonce
             .strip_prefix(self.id.as_str())
             .and_then(|rest| rest.strip_prefix(':'))
             .and_then(|n| n.parse::<u32>().ok())
-            .is_some_and(|n| n >= 1 && n <= self.attempts && nonce == format!("{}:{n}", self.id))
+            .filter(|&n| n >= 1 && n <= self.attempts && nonce == format!("{}:{n}", self.id))
     }
 
     /// The digest of its spec (computed for records stored before digests were kept).

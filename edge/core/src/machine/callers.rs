@@ -206,8 +206,15 @@ impl Edge {
     }
 
     /// A progress event of a running job: kept for late followers, sent to current ones.
-    pub(super) fn announce_progress(&mut self, job_id: &str, seq: u64, event: &serde_json::Value, effects: &mut Vec<Effect>) {
-        let chunk: progress::Chunk = progress::progress_chunk(seq, event).into();
+    /// `at` is the event's order attempt and sequence number: an event not newer than the
+    /// last one shown (signed by the agent, but replayed or held back on the path) is not
+    /// shown again.
+    pub(super) fn announce_progress(&mut self, job_id: &str, at: (u32, u64), event: &serde_json::Value, effects: &mut Vec<Effect>) {
+        if !self.progress.entry(job_id.to_string()).or_default().advance(at) {
+            tracing::debug!(job_id = %job_id, attempt = at.0, seq = at.1, "progress event not newer than the last one shown ignored");
+            return;
+        }
+        let chunk: progress::Chunk = progress::progress_chunk(at.1, event).into();
         for caller in self.callers.followers.get(job_id).into_iter().flatten() {
             effects.push(Effect::Stream { caller: *caller, chunk: chunk.clone() });
         }

@@ -196,8 +196,12 @@ impl Edge {
         let msg = match protocol::decode::<AgentMessage>(text) {
             Ok(m) => m,
             Err(e) => {
-                warn!(session = session_id, agent_id = session.agent_id().unwrap_or("-"), error = %e, "unreadable frame from agent");
-                self.close(now, session_id, Refused::new(close::PROTOCOL_ERROR, e), &mut effects);
+                // The error may quote the frame (an unknown variant), which anyone on the
+                // path, or any peer before its hello, chose: one bounded line, in the log
+                // and in the close reason (which a host may log too).
+                let shown = shared::text::one_line(shared::text::truncate(&e, 1024));
+                warn!(session = session_id, agent_id = session.agent_id().unwrap_or("-"), error = %shown, "unreadable frame from agent");
+                self.close(now, session_id, Refused::new(close::PROTOCOL_ERROR, shown), &mut effects);
                 return effects;
             }
         };
@@ -444,8 +448,8 @@ impl Edge {
             AgentMessage::Event { envelope } => {
                 let Some(report) = self.open_report::<ProgressReport>(session_id, &agent_id, &envelope, Domain::Progress) else { return };
                 let job_id = report.job_id;
-                if self.own_active_job(&job_id, &agent_id).is_some_and(|j| j.issued(&report.order_nonce)) {
-                    self.announce_progress(&job_id, report.seq, &report.event, effects);
+                if let Some(attempt) = self.own_active_job(&job_id, &agent_id).and_then(|j| j.attempt_of(&report.order_nonce)) {
+                    self.announce_progress(&job_id, (attempt, report.seq), &report.event, effects);
                 }
             }
             AgentMessage::Result { envelope } => {
@@ -468,7 +472,7 @@ impl Edge {
                 }
                 // Acknowledged in every case so the agent stops re-sending it — but only
                 // once the result is stored: the ack goes out after this event's writes.
-                let ack = EdgeMessage::ResultAck { job_id };
+                let ack = EdgeMessage::result_ack(&job_id, &agent_id, &self.cfg.signing_key);
                 effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
             }
             AgentMessage::Mirrors { names } => {

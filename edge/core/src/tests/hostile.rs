@@ -309,3 +309,28 @@ fn orders_and_reports_share_one_nonce_per_attempt() {
     assert_eq!(job.order_nonce(), "j1:2");
     assert!(job.issued("j1:1") && job.issued("j1:2") && !job.issued("j1:3"));
 }
+
+#[test]
+fn progress_replayed_or_reordered_on_the_path_is_shown_once_in_order() {
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    let follower = edge.begin_request();
+    edge.follow(follower, "j1", &mut Vec::new()).unwrap();
+    let event = |seq: u64| AgentMessage::progress("j1", "j1:1", seq, json!({"n": seq}), &agent_key(1));
+    for seq in [1, 2] {
+        assert_eq!(streamed(&say(&mut edge, 2, &sid, event(seq)), follower).0.len(), 1, "the agent's own event {seq}");
+    }
+    // Captured on the path and sent again, or held back and sent late: signed by the agent,
+    // but shown already (or out of order), so neither followers nor the backlog get it.
+    for seq in [2, 1, 2] {
+        let effects = say(&mut edge, 3, &sid, event(seq));
+        assert!(streamed(&effects, follower).0.is_empty(), "event {seq} shown again: {effects:?}");
+    }
+    assert_eq!(streamed(&say(&mut edge, 4, &sid, event(3)), follower).0.len(), 1, "the next one goes through");
+    let late = edge.begin_request();
+    let mut effects = Vec::new();
+    edge.follow(late, "j1", &mut effects).unwrap();
+    let ids: Vec<String> = streamed(&effects, late).0.iter().map(|c| c.lines().next().unwrap_or_default().to_string()).collect();
+    assert_eq!(ids, ["id: 1", "id: 2", "id: 3"], "a late follower reads each event once, in order");
+}

@@ -235,8 +235,9 @@ impl World {
                     agent.end(&order.header.job_id, JobResult::failure(ErrorCode::Cancelled, "cancelled", 1));
                 }
             }
-            EdgeMessage::ResultAck { job_id } => {
-                agent.finished.remove(&job_id);
+            EdgeMessage::ResultAck { envelope } => {
+                let ack: shared::protocol::Acknowledgement = envelope.open(Domain::ResultAck, &edge_key().verifying_key()).expect("signed by the edge");
+                agent.finished.remove(&ack.job_id);
             }
             _ => {}
         }

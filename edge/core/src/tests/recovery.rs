@@ -155,8 +155,7 @@ fn a_cancelled_job_its_agent_lost_ends_cancelled_not_lost() {
     // The agent died running it: back, it holds the "lost" result its marker left.
     let (sid2, _) = rejoin(&mut edge, 4, &[], &[&j1], 2);
     let marker = JobResult::failure(shared::contract::ErrorCode::RunnerLost, "the agent stopped while this job ran", 0);
-    let report = result_msg(&edge, &j1, marker);
-    let effects = say(&mut edge, 5, &sid2, report);
+    let effects = report(&mut edge, 5, &sid2, &j1, marker);
     let (status, answer) = answer_to(&effects, waiter.caller).expect("its waiter is answered");
     assert_eq!((status, answer["error_code"].as_str()), (200, Some("CANCELLED")), "{answer}");
     assert!(answer.get("fallback").is_none(), "{answer}");

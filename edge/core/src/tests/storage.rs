@@ -200,8 +200,7 @@ fn a_job_whose_agent_keeps_coming_back_while_the_store_fails_is_not_lost() {
     host.say(1, &sid, AgentMessage::Accepted { job_id: job_id.clone() });
 
     host.failing = true;
-    let report = result_msg(&host.edge, &job_id, ok_result());
-    let out = host.say(1_000, &sid, report);
+    let out = host.say(1_000, &sid, result_msg(&host.edge, &job_id, ok_result()));
     assert!(closed(&out).is_some());
     // The agent comes back with a growing backoff; the store still fails every time.
     let mut now = 1_000;
@@ -222,8 +221,7 @@ fn a_job_whose_agent_keeps_coming_back_while_the_store_fails_is_not_lost() {
 
     let (sid2, effects) = join(&mut host.edge, now + 1_000, "spark", &agent_key(1), vec![job_id.clone()], 7);
     assert!(closed(&host.carry_out(now + 1_000, effects)).is_none());
-    let report = result_msg(&host.edge, &job_id, ok_result());
-    let out = host.say(now + 1_001, &sid2, report);
+    let out = host.say(now + 1_001, &sid2, result_msg(&host.edge, &job_id, ok_result()));
     let (status, answer) = answer_to(&out, waiter).expect("the caller gets the result");
     assert_eq!((status, answer["success"].as_bool()), (200, Some(true)), "{answer}");
     assert_eq!(host.stored[&job_id].state, JobState::Succeeded);
