@@ -75,6 +75,17 @@ impl Reporter {
         }
     }
 
+    /// Takes over what this agent last reported before it stopped (its status file) that
+    /// still stands: a used-up usage window not yet reset. Without it a restart forgot the
+    /// window, the edge let its held jobs go, and each of them failed with `USAGE_LIMIT`.
+    pub fn resume(&self, last: Option<&OAuthReport>, now: shared::Millis) {
+        let window = last.and_then(|l| l.usage.clone()).filter(|u| u.blocks(now));
+        if let Some(window) = window {
+            info!(resets_at = window.resets_at, "the usage window is still used up, as reported before the restart");
+            *self.usage.lock().expect("usage lock") = Some(window);
+        }
+    }
+
     /// A run succeeded: the login works and the usage window is open.
     pub fn run_succeeded(&self) {
         self.auth_failed(false);
@@ -173,5 +184,18 @@ mod tests {
         assert_eq!(r.report().usage.unwrap().status, UsageStatus::Rejected);
         r.run_succeeded();
         assert_eq!(r.report().usage.unwrap().status, UsageStatus::Allowed);
+    }
+
+    #[tokio::test]
+    async fn a_restart_keeps_a_used_up_window_until_its_reset() {
+        let (r, _) = reporter("resume");
+        let window = |resets_at| UsageWindow { status: UsageStatus::Rejected, kind: None, resets_at: Some(resets_at), utilization: None, seen_at: 1 };
+        let last = |w| OAuthReport { usage: Some(w), ..r.report() };
+        r.resume(Some(&last(window(1_000))), 2_000);
+        assert!(r.report().usage.is_none(), "a window that has reset is not taken over");
+        r.resume(None, 2_000);
+        assert!(r.report().usage.is_none());
+        r.resume(Some(&last(window(5_000))), 2_000);
+        assert_eq!(r.report().usage.unwrap().blocked_until(), Some(5_000));
     }
 }

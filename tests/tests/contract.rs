@@ -453,6 +453,33 @@ async fn a_used_up_usage_window_holds_work_until_its_reset(kind: EdgeKind) {
     assert_eq!(s.client.health().await.body["status"], "healthy");
 }
 
+async fn a_used_up_usage_window_still_holds_work_after_the_agent_restarts(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let mut agent = s.agent;
+    let a = s.client.execute(json!({"prompt": "@rate_limited=15"})).await;
+    assert_eq!(a.body["error_code"], "USAGE_LIMIT", "{}", a.text);
+    let retry_at = a.body["retry_at"].as_str().expect("retry_at").to_string();
+    // The agent restarts while the window is used up (an upgrade, a crash, a reboot).
+    agent.restart();
+    let status = agent.data.path().join("data/status.json");
+    let reconnected = eventually(Duration::from_secs(30), || {
+        std::fs::read_to_string(&status).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()).is_some_and(|v| v["connected"] == true)
+    });
+    assert!(reconnected.await, "the restarted agent never connected");
+    // The window is still used up: the edge still knows, and work still waits.
+    let h = s.client.health_full().await;
+    assert_eq!((&h.body["status"], &h.body["usage"]["status"]), (&json!("degraded"), &json!("rejected")), "{}", h.text);
+    let runs = agent.claude_runs().len();
+    let held = s.client.submit(json!({"prompt": "after the reset"})).await;
+    let held_id = held.body["job_id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.client.get(&format!("/jobs/{held_id}")).await.body["state"], "queued");
+    assert_eq!(agent.claude_runs().len(), runs, "nothing reached Claude while the window was used up");
+    let job = s.client.wait_job(&held_id, Duration::from_secs(40)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(job["started_at"].as_str().unwrap() >= retry_at.as_str(), "ran before the reset at {retry_at}: {job}");
+}
+
 async fn failures_say_which_class_and_whether_to_retry(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     for (prompt, code, retryable) in [("@max_turns", "MAX_TURNS", false), ("@max_budget", "BUDGET_EXCEEDED", false), ("@is_error", "CLAUDE_ERROR", true)] {
@@ -1175,6 +1202,7 @@ contract!(
     an_auth_failure_says_log_in_again,
     the_login_relay_logs_the_agent_in_again,
     a_used_up_usage_window_holds_work_until_its_reset,
+    a_used_up_usage_window_still_holds_work_after_the_agent_restarts,
     failures_say_which_class_and_whether_to_retry,
     alerts_reach_a_webhook_once_each,
     every_credential_state_shows_in_health_and_oauth_status,
