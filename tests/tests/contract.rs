@@ -480,6 +480,27 @@ async fn a_used_up_usage_window_still_holds_work_after_the_agent_restarts(kind: 
     assert!(job["started_at"].as_str().unwrap() >= retry_at.as_str(), "ran before the reset at {retry_at}: {job}");
 }
 
+async fn an_auth_failure_still_stands_after_the_agent_restarts(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let mut agent = s.agent;
+    let a = s.client.execute(json!({"prompt": "@auth_error"})).await;
+    assert_eq!(a.body["error_code"], "RUNNER_OAUTH_ERROR", "{}", a.text);
+    s.client.wait_needs_login().await;
+    agent.restart();
+    let status = agent.data.path().join("data/status.json");
+    let reconnected = eventually(Duration::from_secs(30), || {
+        std::fs::read_to_string(&status).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()).is_some_and(|v| v["connected"] == true)
+    });
+    assert!(reconnected.await, "the restarted agent never connected");
+    // Nothing changed the login: callers still fall back at once, nothing reaches Claude.
+    let runs = agent.claude_runs().len();
+    let h = s.client.health_full().await;
+    assert_eq!((h.status, &h.body["oauth"]["needs_login"]), (503, &json!(true)), "{}", h.text);
+    let a = s.client.execute(json!({"prompt": "not now"})).await;
+    assert_eq!((a.status, a.body["error_code"].as_str()), (503, Some("RUNNER_OAUTH_ERROR")), "{}", a.text);
+    assert_eq!(agent.claude_runs().len(), runs);
+}
+
 async fn failures_say_which_class_and_whether_to_retry(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     for (prompt, code, retryable) in [("@max_turns", "MAX_TURNS", false), ("@max_budget", "BUDGET_EXCEEDED", false), ("@is_error", "CLAUDE_ERROR", true)] {
@@ -1203,6 +1224,7 @@ contract!(
     the_login_relay_logs_the_agent_in_again,
     a_used_up_usage_window_holds_work_until_its_reset,
     a_used_up_usage_window_still_holds_work_after_the_agent_restarts,
+    an_auth_failure_still_stands_after_the_agent_restarts,
     failures_say_which_class_and_whether_to_retry,
     alerts_reach_a_webhook_once_each,
     every_credential_state_shows_in_health_and_oauth_status,
