@@ -173,6 +173,16 @@ impl Edge {
         self.ready().filter_map(|(_, a)| a.usage_hold_until).min()
     }
 
+    /// Until when jobs waiting for the usage window wait: the connected agents' holds, or
+    /// while none is connected (a restart, a network blip) the last one reported.
+    pub(super) fn queue_usage_hold(&self) -> Option<Millis> {
+        if self.ready().next().is_some() {
+            self.earliest_usage_hold()
+        } else {
+            self.last_usage_hold
+        }
+    }
+
     /// `POST /oauth/login`: starts a relayed `claude auth login` on an agent (the one
     /// named by `{"agent_id"}`, else the one that needs it most), or answers with the one
     /// already under way. The caller is answered when the agent prints its URL.

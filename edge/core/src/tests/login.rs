@@ -121,6 +121,33 @@ fn a_used_up_window_refuses_execute_with_retry_after_and_drains_the_queue_at_its
     assert_eq!(serde_json::to_value(edge.health(reset).status).unwrap(), "healthy");
 }
 
+#[test]
+fn a_job_held_for_the_usage_window_outlasts_its_agent_going_away() {
+    let (mut edge, sid) = ready_edge();
+    let reset = 200_000;
+    beat(&mut edge, 1_000, &sid, rejected(reset));
+    edge.submit(1_000, "held".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    for t in (2_000..=60_000).step_by(1_000) {
+        beat(&mut edge, t, &sid, rejected(reset));
+    }
+    // Past QUEUE_TTL_MS (30 s here) the agent goes away for a moment (a restart, a
+    // network blip): the window it reported is still used up, and the job still waits.
+    edge.disconnect(60_500, &sid);
+    for t in (61_000..=70_000).step_by(1_000) {
+        assert!(finished(&edge.tick(t)).is_empty(), "the held job ended at {t} while its agent was away");
+    }
+    // Back, still used up (its first heartbeat grants the slot): sent at the reset.
+    let (sid, _) = join(&mut edge, 70_000, "spark", &agent_key(1), vec![], 2);
+    let effects = beat(&mut edge, 70_000, &sid, rejected(reset));
+    assert!(sent(&effects, &sid).iter().all(|m| !matches!(m, EdgeMessage::Job { .. })), "sent before the reset");
+    for t in (71_000..reset).step_by(1_000) {
+        let effects = beat(&mut edge, t, &sid, rejected(reset));
+        assert!(sent(&effects, &sid).iter().all(|m| !matches!(m, EdgeMessage::Job { .. })), "sent before the reset at {t}");
+    }
+    let effects = edge.tick(reset);
+    assert_eq!(order_of(&effects, &sid, "spark", reset).header.job_id, "held");
+}
+
 fn handled_effects(h: &http::Handled) -> Vec<Effect> {
     h.effects.clone()
 }
