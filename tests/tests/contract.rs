@@ -501,6 +501,25 @@ async fn an_auth_failure_still_stands_after_the_agent_restarts(kind: EdgeKind) {
     assert_eq!(agent.claude_runs().len(), runs);
 }
 
+/// `claude auth login` closes its output and hangs: the relay still ends at the URL wait
+/// (60 s) with the reason, and the process is killed. (Agent-side; the native edge only.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_that_closes_its_output_and_hangs_is_ended() {
+    let s = setup_with(EdgeKind::Native, &[], &[("CLAUDE_CODE_OAUTH_TOKEN", "")], false).await;
+    s.client.wait_needs_login().await;
+    let config = s.agent.data.path().join("claude-config");
+    std::fs::write(config.join("standin-login-mute"), "").unwrap();
+    let start = s.client.send("POST", "/oauth/login", Some(SECRET), Some(b"{}".to_vec())).await;
+    assert_eq!((start.status, start.body["error_code"].as_str()), (502, Some("RUNNER_OAUTH_ERROR")), "{}", start.text);
+    assert!(start.body["error"].as_str().unwrap().contains("no authorization URL"), "{}", start.text);
+    let pid: i32 = std::fs::read_to_string(config.join("standin-login.pid")).unwrap().trim().parse().unwrap();
+    let gone = eventually(Duration::from_secs(5), || {
+        // A zombie (reaped by the agent a moment later) counts as gone.
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |st| st.split(' ').nth(2) == Some("Z"))
+    });
+    assert!(gone.await, "the hung `claude auth login` ({pid}) was left running");
+}
+
 async fn failures_say_which_class_and_whether_to_retry(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     for (prompt, code, retryable) in [("@max_turns", "MAX_TURNS", false), ("@max_budget", "BUDGET_EXCEEDED", false), ("@is_error", "CLAUDE_ERROR", true)] {
