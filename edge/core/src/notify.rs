@@ -90,6 +90,12 @@ pub struct AlertState {
     /// ended job's record is written once).
     #[serde(default)]
     pub callbacks: BTreeMap<String, CallbackState>,
+    /// Until when (edge time) the last agent to report said its usage window is used up.
+    /// Jobs held for the window's reset go on waiting for it while no agent is connected
+    /// (a network blip, the agent's restart, or the edge's own: the native host restores
+    /// no connections), instead of expiring after `QUEUE_TTL_MS`.
+    #[serde(default)]
+    pub usage_hold: Option<Millis>,
 }
 
 /// A job's result callback on its way.

@@ -174,12 +174,21 @@ impl Edge {
     }
 
     /// Until when jobs waiting for the usage window wait: the connected agents' holds, or
-    /// while none is connected (a restart, a network blip) the last one reported.
+    /// while none is connected (a restart of either side, a network blip) the last one
+    /// reported, which the edge's stored memory keeps.
     pub(super) fn queue_usage_hold(&self) -> Option<Millis> {
         if self.ready().next().is_some() {
             self.earliest_usage_hold()
         } else {
-            self.last_usage_hold
+            self.alerts.usage_hold
+        }
+    }
+
+    /// Remembers the hold an agent's report set, in the stored memory when it changed.
+    pub(super) fn keep_usage_hold(&mut self, hold: Option<Millis>, effects: &mut Vec<Effect>) {
+        if self.alerts.usage_hold != hold {
+            self.alerts.usage_hold = hold;
+            effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
         }
     }
 

@@ -119,9 +119,6 @@ pub struct Edge {
     idempotency: HashMap<String, String>,
     /// The newest OAuth report of any agent, kept while no agent is connected.
     last_oauth: Option<(String, OAuthReport)>,
-    /// The usage hold (edge time) that report set, likewise kept: a job held for the
-    /// window's reset must not expire while its agent is away for a moment.
-    last_usage_hold: Option<Millis>,
     /// Since when no agent is connected (None while one is).
     offline_since: Option<Millis>,
     /// Makes each cancel order's nonce unique, even two in the same millisecond.
@@ -156,7 +153,6 @@ impl Edge {
             sessions: BTreeMap::new(),
             idempotency: HashMap::new(),
             last_oauth: None,
-            last_usage_hold: None,
             offline_since: Some(now.into().at),
             orders_sent: 0,
             progress: HashMap::new(),
@@ -190,7 +186,7 @@ impl Edge {
         for s in sessions {
             if let Some(a) = s.agent() {
                 edge.last_oauth = Some((a.agent_id.clone(), a.oauth.clone()));
-                edge.last_usage_hold = a.usage_hold_until;
+                edge.alerts.usage_hold = a.usage_hold_until;
                 edge.offline_since = None;
             }
             edge.sessions.insert(s.id.clone(), s);

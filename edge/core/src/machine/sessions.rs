@@ -267,7 +267,7 @@ impl Edge {
         effects.push(saved);
         effects.push(Effect::Send { session: session_id.to_string(), text: EdgeMessage::Welcome { envelope }.to_text() });
         self.last_oauth = Some((agent_id.clone(), hello.oauth.clone()));
-        self.last_usage_hold = hold;
+        self.keep_usage_hold(hold, effects);
         self.offline_since = None;
         info!(agent_id = %agent_id, session = session_id, version = %hello.agent_version, capacity = hello.capacity, "agent connected");
         let held: BTreeSet<&str> = hello.running.iter().chain(&hello.finished).map(String::as_str).collect();
@@ -291,7 +291,7 @@ impl Edge {
         }
         effects.push(Effect::SaveSession(Box::new(session.clone())));
         self.last_oauth = Some((agent_id, oauth));
-        self.last_usage_hold = hold;
+        self.keep_usage_hold(hold, effects);
         self.observe(now, effects);
     }
 
