@@ -346,7 +346,7 @@ impl Edge {
         for (session_id, login_id) in expired {
             info!(login_id = %login_id, "re-login given up: no code within 10 minutes");
             self.set_relay(&session_id, None, effects);
-            let err = ApiError::new(ErrorCode::Timeout, "the login was given up: no code came within 10 minutes; start again with POST /oauth/login");
+            let err = relay_timeout("the login was given up: no code came within 10 minutes; start again with POST /oauth/login");
             self.answer_login(&login_id, Response::error(err), effects);
         }
     }
@@ -371,7 +371,7 @@ impl Edge {
         if let Some(session_id) = session {
             self.set_relay(&session_id, None, &mut effects);
         }
-        let err = ApiError::new(ErrorCode::Timeout, "the agent did not answer the login in time; try again, and check the agent's log");
+        let err = relay_timeout("the agent did not answer the login in time; try again, and check the agent's log");
         self.answer_login(&login_id, Response::error(err), &mut effects);
         Some(effects)
     }
@@ -448,4 +448,10 @@ fn parse_code(body: &[u8]) -> Result<(String, String), ApiError> {
         return Err(ApiError::invalid(format!("`code` must be the code the sign-in page showed: one word of at most {MAX_CODE_BYTES} characters")));
     }
     Ok((login_id.to_string(), code.to_string()))
+}
+
+/// A relay that ran out of time. Unlike a job's TIMEOUT (a result, inside a 200), nothing
+/// here ended: the request itself went unanswered, so it is a 504.
+fn relay_timeout(reason: &str) -> ApiError {
+    ApiError { status: 504, ..ApiError::new(ErrorCode::Timeout, reason) }
 }

@@ -188,6 +188,17 @@ fn a_job_held_for_the_usage_window_outlasts_an_edge_restart() {
     assert_eq!(order_of(&effects, &sid, "spark", reset).header.job_id, "held");
 }
 
+#[test]
+fn a_relay_the_agent_never_answers_is_a_gateway_timeout() {
+    let (mut edge, sid) = ready_edge();
+    beat(&mut edge, 0, &sid, broken());
+    let start = call(&mut edge, 10, "POST", "/oauth/login", Value::Null);
+    let effects = edge.wait_expired(90_010, start.caller);
+    let (status, body) = answer_to(&effects, start.caller).expect("the caller is told");
+    assert_eq!((status, body["error_code"].as_str()), (504, Some("TIMEOUT")), "{body}");
+    assert_eq!(body["success"], false);
+}
+
 fn handled_effects(h: &http::Handled) -> Vec<Effect> {
     h.effects.clone()
 }
