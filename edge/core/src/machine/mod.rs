@@ -203,6 +203,7 @@ impl Edge {
         for s in sessions {
             if let Some(a) = s.agent() {
                 edge.last_oauth = Some((a.agent_id.clone(), a.oauth.clone()));
+                edge.alerts.usage_hold = a.usage_hold_until;
                 edge.offline_since = None;
                 if a.paused {
                     edge.paused.insert(a.agent_id.clone());
