@@ -144,13 +144,17 @@ async fn a_burst_from_one_caller_does_not_starve_another_caller() {
     let settings: &[(&str, &str)] = &[("RUNNER_SECRETS", &format!("a={CALLER_A},b={CALLER_B}")), ("MAX_QUEUED_JOBS", "200")];
     let p = pool(EdgeKind::Native, &[("spark", &[]), ("laptop", &[])], settings).await;
     let (agents, slots) = (2, 1);
-    // Caller A queues a burst of 30 jobs, 400 ms each; then B queues one.
+    // Caller A queues a burst of 12 jobs of 1.5 s each; once two of them run (every slot
+    // busy, so every later start of A's was dispatched after B's job was queued), B
+    // queues one.
     let mut burst = Vec::new();
-    for i in 0..30 {
-        let a = submit_as(&p.client, CALLER_A, json!({"prompt": format!("@sleep=400 burst {i}")})).await;
+    for i in 0..12 {
+        let a = submit_as(&p.client, CALLER_A, json!({"prompt": format!("@sleep=1500 burst {i}")})).await;
         assert_eq!(a.status, 202, "{}", a.text);
         burst.push(a.body["job_id"].as_str().unwrap().to_string());
     }
+    let a_runs = || p.agents.iter().flat_map(|a| a.claude_runs()).filter(|r| r["prompt"].as_str().unwrap().starts_with("@sleep=1500 burst")).count();
+    assert!(eventually(Duration::from_secs(10), || a_runs() == agents * slots).await, "A's first jobs did not start");
     let b_submitted = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     let b = submit_as(&p.client, CALLER_B, json!({"prompt": "@sleep=10 the single job"})).await;
     let b_id = b.body["job_id"].as_str().unwrap().to_string();
@@ -162,7 +166,7 @@ async fn a_burst_from_one_caller_does_not_starve_another_caller() {
         .agents
         .iter()
         .flat_map(|a| a.claude_runs())
-        .filter(|r| r["prompt"].as_str().unwrap().starts_with("@sleep=400 burst"))
+        .filter(|r| r["prompt"].as_str().unwrap().starts_with("@sleep=1500 burst"))
         .filter(|r| (b_submitted..b_started).contains(&r["at"].as_u64().unwrap()))
         .count();
     assert!(overtook < agents * slots, "{overtook} of A's jobs started before B's single one");
