@@ -229,6 +229,16 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
     let key = req.idempotency_key.as_deref();
     let who = who(edge.config(), req.secret_header.as_deref(), req.authorization.as_deref());
     let parse = |body: &[u8]| ExecuteRequest::parse(body, key, limits).and_then(|s| with_caller(s, who.as_ref()));
+    // A named caller's own secret reaches that caller's jobs only: another's is unknown to it.
+    let own = |job: &crate::record::Job| match &who {
+        Some(Who::Caller(name)) => job.placement.caller() == name,
+        _ => true,
+    };
+    if let ["jobs", id, ..] = segments.as_slice() {
+        if edge.job(id).is_some_and(|job| !own(job)) {
+            return answer(Response::error(ApiError::job_not_found(id)), Vec::new());
+        }
+    }
     match (method, segments.as_slice()) {
         ("POST", ["execute"]) => {
             let submission = match parse(body) {
@@ -267,7 +277,13 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
                 }
             }
         }
-        ("GET", ["jobs"]) => answer(Response::json(200, to_json(&edge.job_list(now))), Vec::new()),
+        ("GET", ["jobs"]) => {
+            let caller = match &who {
+                Some(Who::Caller(name)) => Some(name.as_str()),
+                _ => None,
+            };
+            answer(Response::json(200, to_json(&edge.job_list(now, caller))), Vec::new())
+        }
         ("POST", ["oauth", "login"]) => {
             let effects = edge.start_login(now, caller, entropy, body);
             Handled { caller, reply: Reply::Once { max_wait_ms: crate::machine::LOGIN_WAIT_MS }, effects }

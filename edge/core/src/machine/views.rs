@@ -112,12 +112,15 @@ impl Edge {
         }
     }
 
-    /// `GET /jobs`: what waits or runs, oldest first, then the last finished, newest first.
-    pub fn job_list(&self, now: impl Into<Now>) -> JobList {
+    /// `GET /jobs`: what waits or runs, oldest first, then the last finished, newest first;
+    /// with `caller`, that caller's jobs only (a named caller's own secret sees no other's).
+    pub fn job_list(&self, now: impl Into<Now>, caller: Option<&str>) -> JobList {
         let now = now.into();
-        let mut active: Vec<&crate::record::Job> = self.queue.ids().chain(self.active.iter()).filter_map(|id| self.jobs.get(id)).collect();
+        let listed = |j: &&crate::record::Job| caller.is_none_or(|c| j.placement.caller() == c);
+        let mut active: Vec<&crate::record::Job> =
+            self.queue.ids().chain(self.active.iter()).filter_map(|id| self.jobs.get(id)).filter(listed).collect();
         active.sort_by_key(|j| (j.created_at, j.id.clone()));
-        let finished = self.retained.iter().rev().filter_map(|(_, id)| self.jobs.get(id)).take(LISTED_FINISHED_JOBS);
+        let finished = self.retained.iter().rev().filter_map(|(_, id)| self.jobs.get(id)).filter(listed).take(LISTED_FINISHED_JOBS);
         JobList { active: active.into_iter().map(|j| j.view(now)).collect(), finished: finished.map(|j| j.view(now)).collect() }
     }
 

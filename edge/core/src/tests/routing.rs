@@ -322,3 +322,26 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_callers_own_secret_sees_and_cancels_only_its_own_jobs() {
+    let mut edge = Edge::new(pool_config(), 0);
+    let of_b = submit(&mut edge, 0, B_SECRET, json!({"prompt": "b's task"}));
+    let of_a = submit(&mut edge, 1, A_SECRET, json!({"prompt": "a's task"}));
+    for (method, path) in [("GET", format!("/jobs/{of_b}")), ("GET", format!("/jobs/{of_b}/events")), ("DELETE", format!("/jobs/{of_b}"))] {
+        let h = request(&mut edge, 2, A_SECRET, method, &path, Value::Null);
+        assert_eq!(answer(&h).0, 404, "{method} {path}: another caller's job is not a's to see or cancel");
+    }
+    assert_eq!(edge.job(&of_b).unwrap().state, JobState::Queued, "b's job was not cancelled");
+    let h = request(&mut edge, 2, A_SECRET, "GET", "/jobs", Value::Null);
+    let (status, list) = answer(&h);
+    let ids: Vec<&str> = list["active"].as_array().unwrap().iter().map(|j| j["job_id"].as_str().unwrap()).collect();
+    assert_eq!((status, ids), (200, vec![of_a.as_str()]), "a lists only its own jobs");
+    // Its own job it sees and cancels; the pool's secret sees and cancels any.
+    let h = request(&mut edge, 3, A_SECRET, "GET", &format!("/jobs/{of_a}"), Value::Null);
+    assert_eq!(answer(&h).0, 200);
+    let h = request(&mut edge, 3, A_SECRET, "DELETE", &format!("/jobs/{of_a}"), Value::Null);
+    assert_eq!(answer(&h).0, 202);
+    let h = request(&mut edge, 3, SECRET, "GET", &format!("/jobs/{of_b}"), Value::Null);
+    assert_eq!(answer(&h).0, 200);
+}
