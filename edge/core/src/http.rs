@@ -122,14 +122,13 @@ pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Optio
             false => Gate::Answer(Response::error(ApiError::unauthorized())),
         };
     }
-    let operator = matches!(segments.as_slice(), ["agents", _, "pause" | "resume"]);
+    // Pausing agents and logging the machine into an account are the operator's.
+    let operator = matches!(segments.as_slice(), ["agents", _, "pause" | "resume"] | ["oauth", "login"] | ["oauth", "login", "code"]);
     let known = operator
         || matches!(
             segments.as_slice(),
             ["execute"]
                 | ["oauth", "status"]
-                | ["oauth", "login"]
-                | ["oauth", "login", "code"]
                 | ["jobs"]
                 | ["jobs", _]
                 | ["jobs", _, "events"]
@@ -140,10 +139,9 @@ pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Optio
     }
     match who(config, secret_header, authorization) {
         None => return Gate::Answer(Response::error(ApiError::unauthorized())),
-        // Pausing agents is the operator's, not a named caller's.
         Some(Who::Caller(_)) if operator => {
             let mut refused = ApiError::unauthorized();
-            refused.body.error = "pausing and resuming agents needs the pool's RUNNER_SECRET, not a caller's own secret".into();
+            refused.body.error = "pausing and resuming agents and logging in again need the pool's RUNNER_SECRET, not a caller's own secret".into();
             return Gate::Answer(Response::error(refused));
         }
         Some(_) => {}

@@ -345,3 +345,13 @@ fn a_callers_own_secret_sees_and_cancels_only_its_own_jobs() {
     let h = request(&mut edge, 3, SECRET, "GET", &format!("/jobs/{of_b}"), Value::Null);
     assert_eq!(answer(&h).0, 200);
 }
+
+#[test]
+fn a_callers_own_secret_cannot_relay_a_login() {
+    let mut edge = Edge::new(pool_config(), 0);
+    // Logging the machine into an account is the operator's, like pausing it.
+    for path in ["/oauth/login", "/oauth/login/code"] {
+        let h = request(&mut edge, 4, A_SECRET, "POST", path, json!({}));
+        assert_eq!(answer(&h).0, 403, "{path} with a caller's own secret");
+    }
+}
