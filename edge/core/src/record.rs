@@ -105,6 +105,11 @@ pub const PROMPT_PREVIEW_BYTES: usize = 200;
 const HEADER_ERROR_BYTES: usize = 512;
 
 impl Job {
+    /// Where its `Idempotency-Key` is kept: under its caller, whose keys are its own.
+    pub fn idempotency_slot(&self) -> Option<(String, String)> {
+        self.idempotency_key.as_ref().map(|key| (self.placement.caller().to_string(), key.clone()))
+    }
+
     pub fn new(id: String, spec: JobSpec, mode: Mode, idempotency_key: Option<String>, now: Millis) -> Job {
         Job {
             id,

@@ -29,7 +29,8 @@ impl Edge {
     pub fn submit(&mut self, now: impl Into<Now>, job_id: String, submission: Submission, mode: Mode) -> Result<Submitted, ApiError> {
         let now = now.into();
         let mut effects = Vec::new();
-        if let Some(existing) = submission.idempotency_key.as_ref().and_then(|k| self.idempotency.get(k)) {
+        let slot = submission.idempotency_key.as_ref().map(|k| (submission.placement.caller().to_string(), k.clone()));
+        if let Some(existing) = slot.and_then(|slot| self.idempotency.get(&slot)) {
             // The same key for a different task is a caller's mistake, not a repeat.
             if self.jobs.get(existing).is_some_and(|j| j.digest() != crate::record::spec_digest(&submission.spec)) {
                 return Err(ApiError::new(
@@ -80,8 +81,8 @@ impl Edge {
         job.placement = submission.placement;
         job.wait_for_usage = submission.wait_for_usage;
         job.callback_url = submission.callback_url;
-        if let Some(key) = &job.idempotency_key {
-            self.idempotency.insert(key.clone(), job_id.clone());
+        if let Some(slot) = job.idempotency_slot() {
+            self.idempotency.insert(slot, job_id.clone());
         }
         info!(job_id = %job_id, mode = ?mode, timeout_ms = job.spec.timeout_ms, caller = job.placement.caller(), priority = job.placement.priority, "job queued");
         effects.push(Effect::Save(Box::new(job.clone())));

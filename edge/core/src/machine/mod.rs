@@ -131,7 +131,9 @@ pub struct Edge {
     /// their headers.
     to_stow: Vec<String>,
     sessions: BTreeMap<String, Session>,
-    idempotency: HashMap<String, String>,
+    /// Jobs by (caller, `Idempotency-Key`): each caller's keys are its own, so another
+    /// caller's key (guessed or shared) never finds, and never waits on, its job.
+    idempotency: HashMap<(String, String), String>,
     /// The newest OAuth report of any agent, kept while no agent is connected.
     last_oauth: Option<(String, OAuthReport)>,
     /// Since when no agent is connected (None while one is).
@@ -215,8 +217,8 @@ impl Edge {
         jobs.sort_by_key(|j| (j.created_at, j.id.clone()));
         let mut callerless = Vec::new();
         for mut job in jobs {
-            if let Some(key) = &job.idempotency_key {
-                edge.idempotency.insert(key.clone(), job.id.clone());
+            if let Some(slot) = job.idempotency_slot() {
+                edge.idempotency.insert(slot, job.id.clone());
             }
             if job.state.is_terminal() {
                 job = job.header();
@@ -291,8 +293,8 @@ impl Edge {
                 self.retained_bytes += job.approximate_bytes();
             }
         }
-        if let Some(key) = &job.idempotency_key {
-            self.idempotency.insert(key.clone(), job.id.clone());
+        if let Some(slot) = job.idempotency_slot() {
+            self.idempotency.insert(slot, job.id.clone());
         }
     }
 
@@ -311,9 +313,9 @@ impl Edge {
         if self.retained.len() < kept {
             self.retained_bytes = self.retained_bytes.saturating_sub(job.approximate_bytes());
         }
-        if let Some(key) = &job.idempotency_key {
-            if self.idempotency.get(key) == Some(&job.id) {
-                self.idempotency.remove(key);
+        if let Some(slot) = job.idempotency_slot() {
+            if self.idempotency.get(&slot) == Some(&job.id) {
+                self.idempotency.remove(&slot);
             }
         }
     }

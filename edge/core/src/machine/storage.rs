@@ -134,9 +134,9 @@ impl Edge {
     /// Removes a job whose retention is over, with its idempotency key.
     pub(super) fn forget_job(&mut self, id: &str) {
         let Some(job) = self.jobs.remove(id) else { return };
-        if let Some(key) = &job.idempotency_key {
-            if self.idempotency.get(key).is_some_and(|j| j == id) {
-                self.idempotency.remove(key);
+        if let Some(slot) = job.idempotency_slot() {
+            if self.idempotency.get(&slot).is_some_and(|j| j == id) {
+                self.idempotency.remove(&slot);
             }
         }
         self.journal.jobs.entry(id.to_string()).or_insert(Some(job));

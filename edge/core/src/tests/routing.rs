@@ -355,3 +355,33 @@ fn a_callers_own_secret_cannot_relay_a_login() {
         assert_eq!(answer(&h).0, 403, "{path} with a caller's own secret");
     }
 }
+
+#[test]
+fn an_idempotency_key_is_each_callers_own() {
+    let mut edge = Edge::new(pool_config(), 0);
+    let keyed = |edge: &mut Edge, now: u64, secret: &str, prompt: &str| {
+        let req = Request {
+            method: "POST".into(),
+            path: "/jobs".into(),
+            secret_header: Some(secret.into()),
+            authorization: None,
+            idempotency_key: Some("deploy-1".into()),
+            body: Body::Bytes(json!({"prompt": prompt}).to_string().into_bytes()),
+        };
+        answer(&http::handle(edge, now, [now as u8; 16], req))
+    };
+    let (status, of_a) = keyed(&mut edge, 0, A_SECRET, "a's task");
+    assert_eq!(status, 202);
+    // b guessing a's key and task gets a job of its own, not a's (nor its result).
+    let (status, of_b) = keyed(&mut edge, 1, B_SECRET, "a's task");
+    assert_eq!(status, 202, "{of_b}");
+    assert_ne!(of_a["job_id"], of_b["job_id"]);
+    // With another task, b's answer names no job of a's.
+    let (status, body) = keyed(&mut edge, 2, SECRET, "other");
+    assert_eq!(status, 202, "{body}");
+    let (status, again) = keyed(&mut edge, 3, A_SECRET, "a's task");
+    assert_eq!((status, &again["job_id"]), (200, &of_a["job_id"]), "a's own retry finds its job");
+    let (status, conflict) = keyed(&mut edge, 4, B_SECRET, "another task");
+    assert_eq!(status, 409);
+    assert_eq!(conflict["job_id"], of_b["job_id"], "{conflict}");
+}
