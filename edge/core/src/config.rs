@@ -135,7 +135,7 @@ impl Pools {
             return Err(ConfigError::WeakSecret(runner_secret.len()));
         }
         let agents = Keyring::parse(&get("AGENT_PUBLIC_KEYS").ok_or(ConfigError::Missing("AGENT_PUBLIC_KEYS"))?)?;
-        let caller_secrets = parse_caller_secrets("RUNNER_SECRETS", get("RUNNER_SECRETS"))?;
+        let caller_secrets = parse_caller_secrets("RUNNER_SECRETS", get("RUNNER_SECRETS"), &runner_secret)?;
         let mut pools = vec![Pool { name: DEFAULT_POOL.to_string(), runner_secret, agents, caller_secrets }];
         let listed = get("POOLS").unwrap_or_default();
         let names: Vec<&str> = listed.split([',', ' ', '\n']).map(str::trim).filter(|n| !n.is_empty()).collect();
@@ -157,7 +157,7 @@ impl Pools {
             let keys = get(&keys_name).ok_or_else(|| ConfigError::PoolMissing(keys_name.clone()))?;
             let agents = Keyring::parse(&keys).map_err(|error| ConfigError::PoolKeys { name: keys_name, error })?;
             let secrets_name = format!("RUNNER_SECRETS_{suffix}");
-            let caller_secrets = parse_caller_secrets(&secrets_name, get(&secrets_name))?;
+            let caller_secrets = parse_caller_secrets(&secrets_name, get(&secrets_name), &runner_secret)?;
             pools.push(Pool { name: name.to_string(), runner_secret, agents, caller_secrets });
         }
         Ok(Pools(pools))
@@ -174,8 +174,9 @@ impl Pools {
 }
 
 /// Parses `name=secret,…`: names are caller names, secrets at least 16 characters, each
-/// name and each secret once.
-fn parse_caller_secrets(setting: &str, text: Option<String>) -> Result<Vec<(String, String)>, ConfigError> {
+/// name and each secret once, none the pool's own `runner_secret` (that secret is the
+/// operator's, which a named caller is not).
+fn parse_caller_secrets(setting: &str, text: Option<String>, runner_secret: &str) -> Result<Vec<(String, String)>, ConfigError> {
     let refuse = |error: String| ConfigError::CallerSecrets { name: setting.to_string(), error };
     let mut out: Vec<(String, String)> = Vec::new();
     for part in text.unwrap_or_default().split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -188,6 +189,11 @@ fn parse_caller_secrets(setting: &str, text: Option<String>) -> Result<Vec<(Stri
         }
         if secret.len() < 16 {
             return Err(refuse(format!("the secret of `{name}` is shorter than 16 characters")));
+        }
+        if secret == runner_secret {
+            return Err(refuse(format!(
+                "the secret of `{name}` is the pool's RUNNER_SECRET, which would make `{name}` the operator; give it its own"
+            )));
         }
         if out.iter().any(|(n, s)| n == name || s == secret) {
             return Err(refuse(format!("`{name}` or its secret is given twice")));
@@ -347,5 +353,22 @@ mod tests {
             assert!(matches!(Config::from_lookup(lookup(bad)), Err(ConfigError::PoolName(_))), "{bad:?}");
         }
         assert!(matches!(Config::from_lookup(lookup(&[("POOLS", "a-b,a_b")])), Err(ConfigError::PoolClash(..))));
+    }
+
+    #[test]
+    fn a_callers_secret_may_not_be_the_pools_own() {
+        // It would make that caller the operator (any caller name, pause, the login relay)
+        // while the setting says it is one caller.
+        let err = Config::from_lookup(lookup(&[("RUNNER_SECRETS", "ci=0123456789abcdef0123")])).unwrap_err();
+        assert!(err.to_string().contains("RUNNER_SECRETS") && err.to_string().contains("RUNNER_SECRET"), "{err}");
+        let pools = &[
+            ("POOLS", "gpu"),
+            ("RUNNER_SECRET_GPU", "gpu-secret-0123456789"),
+            ("AGENT_PUBLIC_KEYS_GPU", "spark=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
+            ("RUNNER_SECRETS_GPU", "ci=gpu-secret-0123456789"),
+        ];
+        let err = Config::for_pool(lookup(pools), "gpu").unwrap_err();
+        assert!(err.to_string().contains("RUNNER_SECRETS_GPU"), "{err}");
+        assert!(Config::from_lookup(lookup(&[("RUNNER_SECRETS", "ci=ci-secret-0123456789")])).is_ok());
     }
 }
