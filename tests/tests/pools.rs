@@ -173,6 +173,16 @@ async fn a_burst_from_one_caller_does_not_starve_another_caller() {
     // A named caller's secret is that caller: it cannot queue as another.
     let a = submit_as(&p.client, CALLER_A, json!({"prompt": "x", "caller": "b"})).await;
     assert_eq!(a.status, 400, "{}", a.text);
+    // ... and reaches only its own jobs: B neither sees nor cancels A's.
+    let a_job = &burst[burst.len() - 1];
+    for method in ["GET", "DELETE"] {
+        let a = p.client.send(method, &format!("/jobs/{a_job}"), Some(CALLER_B), None).await;
+        assert_eq!(a.status, 404, "{method} of A's job with B's secret: {}", a.text);
+    }
+    let a = p.client.send("GET", "/jobs", Some(CALLER_B), None).await;
+    assert!(!a.text.contains(a_job.as_str()) && a.text.contains(b_id.as_str()), "{}", a.text);
+    let a = p.client.send("GET", &format!("/jobs/{a_job}"), Some(CALLER_A), None).await;
+    assert_eq!((a.status, a.body["job_id"].as_str()), (200, Some(a_job.as_str())), "{}", a.text);
     for id in burst {
         p.client.send("DELETE", &format!("/jobs/{id}"), Some(SECRET), None).await;
     }
