@@ -14,7 +14,8 @@
 //! - [`login`]: the re-login relay (`POST /oauth/login`, `POST /oauth/login/code`), and
 //!   when work may go to an agent at all ([`Availability`]: its login, its usage window).
 //!
-//! Guarantees kept here (and so on both hosts):
+//! Guarantees kept here (and so on both hosts; ARCHITECTURE.md, "Guarantees and where
+//! they are kept", lists the others):
 //! - a job is sent only to an agent that granted a credit for it, in queue order;
 //! - every accepted job ends in exactly one terminal state ([`Job::finish`] refuses a
 //!   second one), which its caller can read until retention ends;
