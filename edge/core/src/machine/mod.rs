@@ -194,12 +194,10 @@ impl Edge {
         let mut jobs = jobs;
         jobs.sort_by_key(|j| (j.created_at, j.id.clone()));
         let mut callerless = Vec::new();
-        for mut job in jobs {
+        for job in jobs {
+            let mut job = job.in_memory();
             if let Some(key) = &job.idempotency_key {
                 edge.idempotency.insert(key.clone(), job.id.clone());
-            }
-            if job.state.is_terminal() {
-                job = job.header();
             }
             match job.state {
                 JobState::Queued if job.mode == crate::record::Mode::Wait => callerless.push(job.id.clone()),
