@@ -10,6 +10,7 @@
 //! agent's free-text fields (version, login problem) before it is stored.
 
 use edge_core::session::Session;
+use shared::protocol::close;
 use shared::text::truncate;
 use worker::wasm_bindgen::JsValue;
 use worker::{console_error, console_warn, State, WebSocket};
@@ -19,7 +20,6 @@ use worker::{console_error, console_warn, State, WebSocket};
 const CLOSED: &str = "closed";
 /// Serialized attachments may not exceed 2,048 bytes; keep a margin for the framing.
 const ATTACHMENT_BUDGET: usize = 2_000;
-use shared::protocol::close;
 
 pub struct Sockets<'a> {
     state: &'a State,
