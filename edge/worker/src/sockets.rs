@@ -11,7 +11,6 @@
 
 use edge_core::session::Session;
 use shared::protocol::close;
-use shared::text::truncate;
 use worker::wasm_bindgen::JsValue;
 use worker::{console_error, console_warn, State, WebSocket};
 
@@ -143,33 +142,18 @@ pub fn close_socket(ws: &WebSocket, code: u16, reason: &str) {
     }
 }
 
-/// The session record as attachment text, within the attachment budget.
+/// The session record as attachment text, within the attachment budget: the record
+/// whole, or the first of its shorter forms ([`Session::shorter_forms`]) that fits.
 pub fn encode_session(session: &Session) -> Result<String, String> {
-    let text = serde_json::to_string(session).map_err(|e| e.to_string())?;
-    if attachment_cost(&text) <= ATTACHMENT_BUDGET {
-        return Ok(text);
+    let mut text = serde_json::to_string(session).map_err(|e| e.to_string())?;
+    let mut shorter = session.shorter_forms().into_iter();
+    while attachment_cost(&text) > ATTACHMENT_BUDGET {
+        let Some(form) = shorter.next() else {
+            return Err(format!("the record is {} bytes, over the 2,048-byte attachment limit", text.len()));
+        };
+        text = serde_json::to_string(&form).map_err(|e| e.to_string())?;
     }
-    let mut shorter = session.clone();
-    if let Some(agent) = shorter.agent_mut() {
-        agent.version = truncate(&agent.version, 64).to_string();
-        agent.oauth.subscription_type = agent.oauth.subscription_type.as_deref().map(|s| truncate(s, 64).to_string());
-        agent.oauth.problem = agent.oauth.problem.as_deref().map(|s| truncate(s, 300).to_string());
-    }
-    let text = serde_json::to_string(&shorter).map_err(|e| e.to_string())?;
-    if attachment_cost(&text) <= ATTACHMENT_BUDGET {
-        return Ok(text);
-    }
-    // Then a relayed login's URL: the relay goes on (the code can still be sent); asking
-    // for the login again starts a new one.
-    if let Some(login) = shorter.agent_mut().and_then(|a| a.login.as_mut()) {
-        login.url = None;
-    }
-    let text = serde_json::to_string(&shorter).map_err(|e| e.to_string())?;
-    if attachment_cost(&text) <= ATTACHMENT_BUDGET {
-        Ok(text)
-    } else {
-        Err(format!("the record is {} bytes, over the 2,048-byte attachment limit", text.len()))
-    }
+    Ok(text)
 }
 
 /// Reads a record back, checking it belongs to the socket's tag.
