@@ -97,6 +97,8 @@ impl Agent {
         // The redactor also knows the agent's own secrets and the repository tokens.
         let login = Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.repos.token_values()).with_secrets(cfg.secrets.iter().map(String::as_str));
         let reporter = Arc::new(Reporter::new(login.clone()));
+        // Read before the new status file replaces it.
+        reporter.resume(crate::status::read(&cfg.data_dir).ok().flatten().as_ref(), crate::now_ms());
         let repos = crate::repo::Repos::open(&cfg.data_dir, cfg.repos.clone()).map_err(|e| {
             anyhow::anyhow!("cannot keep repository mirrors in {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.join("repos").display())
         })?;

@@ -260,7 +260,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
                     return end;
                 }
                 if let AgentMessage::Heartbeat { oauth, .. } = &msg {
-                    agent.status.beat(oauth);
+                    agent.status.beat(oauth, agent.reporter.fingerprint());
                 }
             }
             // Queued behind what the agent said before it, so the edge reads the agent's

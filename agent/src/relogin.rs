@@ -231,15 +231,15 @@ async fn drive(
     let outcome = async {
         // 1. The URL.
         let url_by = tokio::time::Instant::now() + URL_WAIT;
+        // Both pipes closed: what it printed is all there is, but it may still run (and
+        // hang): its exit, the URL wait and a newer login still end it.
+        let mut closed = false;
         let url = loop {
             if let Some(url) = find_url(&printed.lock().expect("output lock")) {
                 break url;
             }
             tokio::select! {
-                n = news.recv() => if n.is_none() {
-                    let status = child.wait().await.ok();
-                    return Err(Some(format!("`claude auth login` exited ({status:?}) without printing a URL: {}", failure_reason(&printed.lock().expect("output lock"), ""))));
-                },
+                n = news.recv(), if !closed => closed = n.is_none(),
                 _ = child.wait() => {
                     // Output may still be in the pipes.
                     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -75,6 +75,23 @@ impl Reporter {
         }
     }
 
+    /// Takes over what this agent last reported before it stopped (its status file) that
+    /// still stands: a used-up usage window not yet reset, and a failed authentication
+    /// while the credentials are the ones that failed. Without it a restart forgot both:
+    /// the edge let its held jobs go, and each reached Claude to fail again (`USAGE_LIMIT`,
+    /// `RUNNER_OAUTH_ERROR`) instead of the callers falling back at once.
+    pub fn resume(&self, last: Option<&crate::status::Status>, now: shared::Millis) {
+        let Some((report, fingerprint)) = last.and_then(|s| Some((s.login.as_ref()?, s.login_fingerprint))) else { return };
+        if let Some(window) = report.usage.clone().filter(|u| u.blocks(now)) {
+            info!(resets_at = window.resets_at, "the usage window is still used up, as reported before the restart");
+            *self.usage.lock().expect("usage lock") = Some(window);
+        }
+        if report.auth_failed && fingerprint == Some(self.fingerprint()) {
+            info!("Claude still cannot authenticate with these credentials, as reported before the restart");
+            self.auth_failed.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// A run succeeded: the login works and the usage window is open.
     pub fn run_succeeded(&self) {
         self.auth_failed(false);
@@ -112,11 +129,15 @@ impl Reporter {
         }
     }
 
-    /// A digest of the credentials file (tokens included, so a refresh counts as a change)
-    /// and of what is reported about it. Kept in memory only.
-    fn fingerprint(&self) -> u64 {
+    /// A digest of the credentials: the file (tokens included, so a refresh counts as a
+    /// change) and the tokens from the environment (a restart may bring new ones). Written
+    /// to the status file, where 64 bits of it give nothing of a token away, so a restart
+    /// can tell the credentials that failed from new ones.
+    pub fn fingerprint(&self) -> u64 {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         std::fs::read(&self.login.credentials_path).ok().hash(&mut h);
+        self.login.oauth_token_env.hash(&mut h);
+        self.login.api_key_env.hash(&mut h);
         h.finish()
     }
 }
@@ -173,5 +194,34 @@ mod tests {
         assert_eq!(r.report().usage.unwrap().status, UsageStatus::Rejected);
         r.run_succeeded();
         assert_eq!(r.report().usage.unwrap().status, UsageStatus::Allowed);
+    }
+
+    #[tokio::test]
+    async fn a_restart_keeps_a_used_up_window_until_its_reset() {
+        let (r, _) = reporter("resume");
+        let window = |resets_at| UsageWindow { status: UsageStatus::Rejected, kind: None, resets_at: Some(resets_at), utilization: None, seen_at: 1 };
+        let last = |w| crate::status::Status { login: Some(OAuthReport { usage: Some(w), ..r.report() }), ..Default::default() };
+        r.resume(Some(&last(window(1_000))), 2_000);
+        assert!(r.report().usage.is_none(), "a window that has reset is not taken over");
+        r.resume(None, 2_000);
+        assert!(r.report().usage.is_none());
+        r.resume(Some(&last(window(5_000))), 2_000);
+        assert_eq!(r.report().usage.unwrap().blocked_until(), Some(5_000));
+    }
+
+    #[tokio::test]
+    async fn a_restart_keeps_an_auth_failure_only_for_the_same_credentials() {
+        let (r, dir) = reporter("resume-auth");
+        let failed = |fingerprint| crate::status::Status {
+            login: Some(OAuthReport { auth_failed: true, ..r.report() }),
+            login_fingerprint: Some(fingerprint),
+            ..Default::default()
+        };
+        let before = r.fingerprint();
+        std::fs::write(dir.join(".credentials.json"), r#"{"claudeAiOauth":{"accessToken":"new","expiresAt":4102444800000}}"#).unwrap();
+        r.resume(Some(&failed(before)), 0);
+        assert!(!r.report().auth_failed, "new credentials since the failure: try them");
+        r.resume(Some(&failed(r.fingerprint())), 0);
+        assert!(r.report().auth_failed, "the credentials that failed still fail");
     }
 }

@@ -38,6 +38,10 @@ pub struct Status {
     /// the usage window).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub login: Option<shared::oauth::OAuthReport>,
+    /// The credentials `login` was read from ([`crate::report::Reporter::fingerprint`]):
+    /// a restart keeps a failed authentication only for the same ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login_fingerprint: Option<u64>,
 }
 
 /// Slack on top of three missed heartbeats before a connected agent counts as stuck.
@@ -107,8 +111,11 @@ impl StatusFile {
     }
 
     /// A heartbeat went out with this report: the agent is alive and not stuck.
-    pub fn beat(&self, report: &shared::oauth::OAuthReport) {
-        self.update(|s| s.login = Some(report.clone()));
+    pub fn beat(&self, report: &shared::oauth::OAuthReport, fingerprint: u64) {
+        self.update(|s| {
+            s.login = Some(report.clone());
+            s.login_fingerprint = Some(fingerprint);
+        });
     }
 
     pub fn disconnected(&self, reason: &str) {

@@ -6,7 +6,8 @@
 //   node tests/page/page.mjs SCENARIO
 //
 // Environment: PAGE_URL (the edge), RUNNER_SECRET, SCREENSHOTS (a folder), CHROMIUM (the
-// browser binary), PLAYWRIGHT_CORE (the package's folder), LOGIN_CODE (relogin).
+// browser binary), PLAYWRIGHT_CORE (the package's folder), LOGIN_CODE (relogin), PAGE_PATH
+// (where to open the page, `/` unless set).
 // Scenarios:
 //   offline  the page loads under its CSP, takes the secret, and shows the agent offline
 //   relogin  the agent needs a login: the page walks through it (URL, code, outcome),
@@ -50,7 +51,9 @@ try {
   page.on("request", (r) => { if (!r.url().startsWith(origin) && !r.url().startsWith("data:")) problems.push("request elsewhere: " + r.url()); });
   const shot = async (name) => { await page.screenshot({ path: path.join(shots, name + ".png"), fullPage: true }); step("screenshot " + name); };
 
-  const resp = await page.goto(url + "/", { waitUntil: "load" });
+  // PAGE_PATH: where the page is opened (a link someone sent may name any path that
+  // serves it; its requests must still go to this edge).
+  const resp = await page.goto(url + (process.env.PAGE_PATH || "/"), { waitUntil: "load" });
   if (resp.status() !== 200) fail("GET / answered " + resp.status());
   const csp = resp.headers()["content-security-policy"] || "";
   if (!csp.startsWith("default-src 'none'")) fail("no strict CSP: " + csp);

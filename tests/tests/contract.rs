@@ -453,6 +453,73 @@ async fn a_used_up_usage_window_holds_work_until_its_reset(kind: EdgeKind) {
     assert_eq!(s.client.health().await.body["status"], "healthy");
 }
 
+async fn a_used_up_usage_window_still_holds_work_after_the_agent_restarts(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let mut agent = s.agent;
+    let a = s.client.execute(json!({"prompt": "@rate_limited=15"})).await;
+    assert_eq!(a.body["error_code"], "USAGE_LIMIT", "{}", a.text);
+    let retry_at = a.body["retry_at"].as_str().expect("retry_at").to_string();
+    // The agent restarts while the window is used up (an upgrade, a crash, a reboot).
+    agent.restart();
+    let status = agent.data.path().join("data/status.json");
+    let reconnected = eventually(Duration::from_secs(30), || {
+        std::fs::read_to_string(&status).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()).is_some_and(|v| v["connected"] == true)
+    });
+    assert!(reconnected.await, "the restarted agent never connected");
+    // The window is still used up: the edge still knows, and work still waits.
+    let h = s.client.health_full().await;
+    assert_eq!((&h.body["status"], &h.body["usage"]["status"]), (&json!("degraded"), &json!("rejected")), "{}", h.text);
+    let runs = agent.claude_runs().len();
+    let held = s.client.submit(json!({"prompt": "after the reset"})).await;
+    let held_id = held.body["job_id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.client.get(&format!("/jobs/{held_id}")).await.body["state"], "queued");
+    assert_eq!(agent.claude_runs().len(), runs, "nothing reached Claude while the window was used up");
+    let job = s.client.wait_job(&held_id, Duration::from_secs(40)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(job["started_at"].as_str().unwrap() >= retry_at.as_str(), "ran before the reset at {retry_at}: {job}");
+}
+
+async fn an_auth_failure_still_stands_after_the_agent_restarts(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let mut agent = s.agent;
+    let a = s.client.execute(json!({"prompt": "@auth_error"})).await;
+    assert_eq!(a.body["error_code"], "RUNNER_OAUTH_ERROR", "{}", a.text);
+    s.client.wait_needs_login().await;
+    agent.restart();
+    let status = agent.data.path().join("data/status.json");
+    let reconnected = eventually(Duration::from_secs(30), || {
+        std::fs::read_to_string(&status).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()).is_some_and(|v| v["connected"] == true)
+    });
+    assert!(reconnected.await, "the restarted agent never connected");
+    // Nothing changed the login: callers still fall back at once, nothing reaches Claude.
+    let runs = agent.claude_runs().len();
+    let h = s.client.health_full().await;
+    assert_eq!((h.status, &h.body["oauth"]["needs_login"]), (503, &json!(true)), "{}", h.text);
+    let a = s.client.execute(json!({"prompt": "not now"})).await;
+    assert_eq!((a.status, a.body["error_code"].as_str()), (503, Some("RUNNER_OAUTH_ERROR")), "{}", a.text);
+    assert_eq!(agent.claude_runs().len(), runs);
+}
+
+/// `claude auth login` closes its output and hangs: the relay still ends at the URL wait
+/// (60 s) with the reason, and the process is killed. (Agent-side; the native edge only.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_that_closes_its_output_and_hangs_is_ended() {
+    let s = setup_with(EdgeKind::Native, &[], &[("CLAUDE_CODE_OAUTH_TOKEN", "")], false).await;
+    s.client.wait_needs_login().await;
+    let config = s.agent.data.path().join("claude-config");
+    std::fs::write(config.join("standin-login-mute"), "").unwrap();
+    let start = s.client.send("POST", "/oauth/login", Some(SECRET), Some(b"{}".to_vec())).await;
+    assert_eq!((start.status, start.body["error_code"].as_str()), (502, Some("RUNNER_OAUTH_ERROR")), "{}", start.text);
+    assert!(start.body["error"].as_str().unwrap().contains("no authorization URL"), "{}", start.text);
+    let pid: i32 = std::fs::read_to_string(config.join("standin-login.pid")).unwrap().trim().parse().unwrap();
+    let gone = eventually(Duration::from_secs(5), || {
+        // A zombie (reaped by the agent a moment later) counts as gone.
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |st| st.split(' ').nth(2) == Some("Z"))
+    });
+    assert!(gone.await, "the hung `claude auth login` ({pid}) was left running");
+}
+
 async fn failures_say_which_class_and_whether_to_retry(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     for (prompt, code, retryable) in [("@max_turns", "MAX_TURNS", false), ("@max_budget", "BUDGET_EXCEEDED", false), ("@is_error", "CLAUDE_ERROR", true)] {
@@ -1175,6 +1242,8 @@ contract!(
     an_auth_failure_says_log_in_again,
     the_login_relay_logs_the_agent_in_again,
     a_used_up_usage_window_holds_work_until_its_reset,
+    a_used_up_usage_window_still_holds_work_after_the_agent_restarts,
+    an_auth_failure_still_stands_after_the_agent_restarts,
     failures_say_which_class_and_whether_to_retry,
     alerts_reach_a_webhook_once_each,
     every_credential_state_shows_in_health_and_oauth_status,

@@ -28,7 +28,11 @@ fn screenshots(kind: EdgeKind) -> PathBuf {
     target.join("screenshots").join(format!("page-{kind:?}").to_lowercase())
 }
 
-async fn drive(kind: EdgeKind, edge: &EdgeServer, scenario: &str, (chromium, playwright): &(String, String)) {
+async fn drive(kind: EdgeKind, edge: &EdgeServer, scenario: &str, browser: &(String, String)) {
+    drive_at(kind, edge, "/", scenario, browser).await
+}
+
+async fn drive_at(kind: EdgeKind, edge: &EdgeServer, page_path: &str, scenario: &str, (chromium, playwright): &(String, String)) {
     let script = repo_root().join("tests/page/page.mjs");
     let mut cmd = tokio::process::Command::new("node");
     cmd.arg(&script)
@@ -39,6 +43,7 @@ async fn drive(kind: EdgeKind, edge: &EdgeServer, scenario: &str, (chromium, pla
         .env("CHROMIUM", chromium)
         .env("PLAYWRIGHT_CORE", playwright)
         .env("LOGIN_CODE", "good-page-code")
+        .env("PAGE_PATH", page_path)
         .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(120), cmd.output()).await.expect("the page test ends within 2 minutes").unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -51,6 +56,9 @@ async fn the_page_shows_an_offline_agent_and_walks_a_relogin(kind: EdgeKind) {
     let keys = Keys::new(&["spark"]);
     let edge = EdgeServer::start(kind, &keys, &[]);
     drive(kind, &edge, "offline", &browser).await;
+    // Opened at `//` (the edge serves the page at any path of slashes): its requests still
+    // go to this edge, not to `//health`, a host named `health`, with the secret.
+    drive_at(kind, &edge, "//", "offline", &browser).await;
 
     // An agent without a login, and a job waiting for one.
     let _agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark").env("CLAUDE_CODE_OAUTH_TOKEN", ""));

@@ -90,6 +90,12 @@ pub struct AlertState {
     /// ended job's record is written once).
     #[serde(default)]
     pub callbacks: BTreeMap<String, CallbackState>,
+    /// Until when (edge time) the last agent to report said its usage window is used up.
+    /// Jobs held for the window's reset go on waiting for it while no agent is connected
+    /// (a network blip, the agent's restart, or the edge's own: the native host restores
+    /// no connections), instead of expiring after `QUEUE_TTL_MS`.
+    #[serde(default)]
+    pub usage_hold: Option<Millis>,
 }
 
 /// A job's result callback on its way.
@@ -211,6 +217,9 @@ pub fn check_callback(url: &str, allowed: &[String]) -> Result<(), String> {
         authority.split(':').next().unwrap_or("")
     }
     .to_ascii_lowercase();
+    // What follows the host is its port, if any (`:` and digits, checked by the URL
+    // parser that posts; here only compared).
+    let port = authority[host.len()..].strip_prefix(':').filter(|p| !p.is_empty());
     if host.is_empty() {
         return Err("`callback_url` has no host".into());
     }
@@ -219,7 +228,13 @@ pub fn check_callback(url: &str, allowed: &[String]) -> Result<(), String> {
         "http" if LOOPBACK.contains(&host.as_str()) => {}
         _ => return Err("`callback_url` must be an https:// URL".into()),
     }
-    if !allowed.iter().any(|a| a.eq_ignore_ascii_case(&host)) {
+    // An entry `host` allows any port of that host; `host:port` that port only.
+    let listed = |entry: &String| match (entry.eq_ignore_ascii_case(&host), port) {
+        (true, _) => true,
+        (false, Some(port)) => entry.eq_ignore_ascii_case(&format!("{host}:{port}")),
+        (false, None) => false,
+    };
+    if !allowed.iter().any(listed) {
         return Err(format!(
             "`callback_url`'s host `{host}` is not allowed: the edge's CALLBACK_HOSTS lists the hosts results may be posted to"
         ));
@@ -314,5 +329,16 @@ mod tests {
             assert!(check_callback(bad, &allowed).is_err(), "{bad}");
         }
         assert!(check_callback("https://hooks.example.com/r", &[]).is_err(), "nothing is allowed by default");
+    }
+
+    #[test]
+    fn a_host_port_entry_allows_that_port_only() {
+        let allowed = vec!["hooks.example.com:8443".to_string(), "[::1]:9000".to_string()];
+        assert!(check_callback("https://hooks.example.com:8443/r", &allowed).is_ok());
+        assert!(check_callback("https://HOOKS.example.com:8443/r", &allowed).is_ok());
+        assert!(check_callback("http://[::1]:9000/cb", &allowed).is_ok());
+        for bad in ["https://hooks.example.com/r", "https://hooks.example.com:9443/r", "http://[::1]:9001/cb", "http://[::1]/cb"] {
+            assert!(check_callback(bad, &allowed).is_err(), "{bad}");
+        }
     }
 }

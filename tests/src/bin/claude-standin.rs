@@ -31,7 +31,9 @@
 //! them): it prints an authorization URL and `Paste code here if prompted > `, reads the
 //! pasted code from stdin and writes `.credentials.json` (mode 0600) into
 //! `$CLAUDE_CONFIG_DIR` (else `~/.claude`), with tokens derived from the code. A code
-//! starting with `wrong` fails as a refused code does (`Login failed: …`, exit 1).
+//! starting with `wrong` fails as a refused code does (`Login failed: …`, exit 1). With a
+//! file `standin-login-mute` in that folder it closes its output and hangs instead (its
+//! pid in `standin-login.pid` there).
 
 use std::io::{Read, Write};
 
@@ -222,6 +224,20 @@ fn main() {
 }
 
 fn auth_login() {
+    let dir = std::env::var_os("CLAUDE_CONFIG_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".claude"));
+    if dir.join("standin-login-mute").exists() {
+        // A login that closes its output and hangs: its pid goes where the test finds it.
+        let _ = std::fs::write(dir.join("standin-login.pid"), std::process::id().to_string());
+        // SAFETY: closing this process's own stdout and stderr; nothing else uses them.
+        unsafe {
+            libc::close(1);
+            libc::close(2);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(600));
+        std::process::exit(0);
+    }
     println!("Opening browser to sign in…");
     println!("If the browser didn't open, visit: https://claude.ai/oauth/authorize?code=true&client_id=stand-in&state=standin");
     print!("Paste code here if prompted > ");
@@ -233,9 +249,6 @@ fn auth_login() {
         eprintln!("Login failed: Invalid authorization code");
         std::process::exit(1);
     }
-    let dir = std::env::var_os("CLAUDE_CONFIG_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".claude"));
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     let credentials = serde_json::json!({"claudeAiOauth": {
         "accessToken": format!("sk-ant-oat01-standin-{code}"),

@@ -37,7 +37,7 @@ impl Edge {
     fn queued_deadline(&self, job: &Job) -> Millis {
         let mut own = job.created_at.saturating_add(job.queue_wait(self.cfg.queue_ttl_ms));
         // A detached job held for the usage window waits for its reset, then QUEUE_TTL_MS.
-        if let (Mode::Detached, true, Some(hold)) = (job.mode, job.wait_for_usage, self.earliest_usage_hold()) {
+        if let (Mode::Detached, true, Some(hold)) = (job.mode, job.wait_for_usage, self.queue_usage_hold()) {
             own = own.max(hold.saturating_add(self.cfg.queue_ttl_ms));
         }
         match (job.mode, self.offline_since) {

@@ -173,6 +173,25 @@ impl Edge {
         self.ready().filter_map(|(_, a)| a.usage_hold_until).min()
     }
 
+    /// Until when jobs waiting for the usage window wait: the connected agents' holds, or
+    /// while none is connected (a restart of either side, a network blip) the last one
+    /// reported, which the edge's stored memory keeps.
+    pub(super) fn queue_usage_hold(&self) -> Option<Millis> {
+        if self.ready().next().is_some() {
+            self.earliest_usage_hold()
+        } else {
+            self.alerts.usage_hold
+        }
+    }
+
+    /// Remembers the hold an agent's report set, in the stored memory when it changed.
+    pub(super) fn keep_usage_hold(&mut self, hold: Option<Millis>, effects: &mut Vec<Effect>) {
+        if self.alerts.usage_hold != hold {
+            self.alerts.usage_hold = hold;
+            effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
+        }
+    }
+
     /// `POST /oauth/login`: starts a relayed `claude auth login` on an agent (the one
     /// named by `{"agent_id"}`, else the one that needs it most), or answers with the one
     /// already under way. The caller is answered when the agent prints its URL.
@@ -327,7 +346,7 @@ impl Edge {
         for (session_id, login_id) in expired {
             info!(login_id = %login_id, "re-login given up: no code within 10 minutes");
             self.set_relay(&session_id, None, effects);
-            let err = ApiError::new(ErrorCode::Timeout, "the login was given up: no code came within 10 minutes; start again with POST /oauth/login");
+            let err = relay_timeout("the login was given up: no code came within 10 minutes; start again with POST /oauth/login");
             self.answer_login(&login_id, Response::error(err), effects);
         }
     }
@@ -352,7 +371,7 @@ impl Edge {
         if let Some(session_id) = session {
             self.set_relay(&session_id, None, &mut effects);
         }
-        let err = ApiError::new(ErrorCode::Timeout, "the agent did not answer the login in time; try again, and check the agent's log");
+        let err = relay_timeout("the agent did not answer the login in time; try again, and check the agent's log");
         self.answer_login(&login_id, Response::error(err), &mut effects);
         Some(effects)
     }
@@ -429,4 +448,10 @@ fn parse_code(body: &[u8]) -> Result<(String, String), ApiError> {
         return Err(ApiError::invalid(format!("`code` must be the code the sign-in page showed: one word of at most {MAX_CODE_BYTES} characters")));
     }
     Ok((login_id.to_string(), code.to_string()))
+}
+
+/// A relay that ran out of time. Unlike a job's TIMEOUT (a result, inside a 200), nothing
+/// here ended: the request itself went unanswered, so it is a 504.
+fn relay_timeout(reason: &str) -> ApiError {
+    ApiError { status: 504, ..ApiError::new(ErrorCode::Timeout, reason) }
 }

@@ -187,6 +187,7 @@ impl Edge {
         for s in sessions {
             if let Some(a) = s.agent() {
                 edge.last_oauth = Some((a.agent_id.clone(), a.oauth.clone()));
+                edge.alerts.usage_hold = a.usage_hold_until;
                 edge.offline_since = None;
             }
             edge.sessions.insert(s.id.clone(), s);

@@ -252,6 +252,7 @@ impl Edge {
             login: None,
         });
         session.agent_mut().expect("just made ready").report(hello.oauth.clone(), now);
+        let hold = session.agent().and_then(|a| a.usage_hold_until);
         let saved = Effect::SaveSession(Box::new(session.clone()));
         let welcome = Welcome {
             protocol: PROTOCOL_VERSION,
@@ -266,6 +267,7 @@ impl Edge {
         effects.push(saved);
         effects.push(Effect::Send { session: session_id.to_string(), text: EdgeMessage::Welcome { envelope }.to_text() });
         self.last_oauth = Some((agent_id.clone(), hello.oauth.clone()));
+        self.keep_usage_hold(hold, effects);
         self.offline_since = None;
         info!(agent_id = %agent_id, session = session_id, version = %hello.agent_version, capacity = hello.capacity, "agent connected");
         let held: BTreeSet<&str> = hello.running.iter().chain(&hello.finished).map(String::as_str).collect();
@@ -283,11 +285,13 @@ impl Edge {
         let was = (agent.needs_login(now), agent.usage_held(now));
         agent.report(oauth.clone(), now);
         let is = (agent.needs_login(now), agent.usage_held(now));
+        let hold = agent.usage_hold_until;
         if was != is {
             info!(agent_id = %agent_id, needs_login = is.0, usage_limited = is.1, "agent's login or usage window changed");
         }
         effects.push(Effect::SaveSession(Box::new(session.clone())));
         self.last_oauth = Some((agent_id, oauth));
+        self.keep_usage_hold(hold, effects);
         self.observe(now, effects);
     }
 

@@ -6,7 +6,10 @@
   let loginId = null;
   let timer = null;
   // The page may sit under a pool prefix (/pool/NAME/); every route is relative to it.
-  const base = location.pathname.endsWith("/") ? location.pathname : location.pathname + "/";
+  // One leading slash, always: opened at `//` the base would make `//health` a request to
+  // a host named `health`, secret and all.
+  const path = location.pathname.split("/").filter(Boolean).join("/");
+  const base = path ? "/" + path + "/" : "/";
   const $ = (id) => document.getElementById(id);
 
   function show(id, on) { $(id).hidden = !on; }

@@ -121,6 +121,84 @@ fn a_used_up_window_refuses_execute_with_retry_after_and_drains_the_queue_at_its
     assert_eq!(serde_json::to_value(edge.health(reset).status).unwrap(), "healthy");
 }
 
+#[test]
+fn a_job_held_for_the_usage_window_outlasts_its_agent_going_away() {
+    let (mut edge, sid) = ready_edge();
+    let reset = 200_000;
+    beat(&mut edge, 1_000, &sid, rejected(reset));
+    edge.submit(1_000, "held".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    for t in (2_000..=60_000).step_by(1_000) {
+        beat(&mut edge, t, &sid, rejected(reset));
+    }
+    // Past QUEUE_TTL_MS (30 s here) the agent goes away for a moment (a restart, a
+    // network blip): the window it reported is still used up, and the job still waits.
+    edge.disconnect(60_500, &sid);
+    for t in (61_000..=70_000).step_by(1_000) {
+        assert!(finished(&edge.tick(t)).is_empty(), "the held job ended at {t} while its agent was away");
+    }
+    // Back, still used up (its first heartbeat grants the slot): sent at the reset.
+    let (sid, _) = join(&mut edge, 70_000, "spark", &agent_key(1), vec![], 2);
+    let effects = beat(&mut edge, 70_000, &sid, rejected(reset));
+    assert!(sent(&effects, &sid).iter().all(|m| !matches!(m, EdgeMessage::Job { .. })), "sent before the reset");
+    for t in (71_000..reset).step_by(1_000) {
+        let effects = beat(&mut edge, t, &sid, rejected(reset));
+        assert!(sent(&effects, &sid).iter().all(|m| !matches!(m, EdgeMessage::Job { .. })), "sent before the reset at {t}");
+    }
+    let effects = edge.tick(reset);
+    assert_eq!(order_of(&effects, &sid, "spark", reset).header.job_id, "held");
+}
+
+#[test]
+fn a_job_held_for_the_usage_window_outlasts_an_edge_restart() {
+    // What a host stores: job records and the edge's stored memory (the native host
+    // restores no sessions; the Worker none after a deploy).
+    let mut jobs = std::collections::HashMap::new();
+    let mut memory = None;
+    let mut keep = |effects: &[Effect]| {
+        for e in effects {
+            match e {
+                Effect::Save(j) => {
+                    jobs.insert(j.id.clone(), (**j).clone());
+                }
+                Effect::SaveAlerts(a) => memory = Some((**a).clone()),
+                _ => {}
+            }
+        }
+    };
+    let (mut edge, sid) = ready_edge();
+    let reset = 200_000;
+    keep(&beat(&mut edge, 1_000, &sid, rejected(reset)));
+    keep(&edge.submit(1_000, "held".into(), submission("x", 60_000, None), Mode::Detached).unwrap().effects);
+    for t in (2_000..=60_000).step_by(1_000) {
+        keep(&beat(&mut edge, t, &sid, rejected(reset)));
+    }
+    // Past QUEUE_TTL_MS (30 s here) the edge restarts; the agent is not back yet.
+    let (mut edge, _) = Edge::restore(config(), jobs.into_values().collect(), vec![], memory, 60_500);
+    for t in (61_000..=90_000).step_by(1_000) {
+        assert!(finished(&edge.tick(t)).is_empty(), "the held job ended at {t} after the edge restarted");
+    }
+    let (sid, _) = join(&mut edge, 90_000, "spark", &agent_key(1), vec![], 2);
+    let effects = beat(&mut edge, 90_000, &sid, rejected(reset));
+    assert!(sent(&effects, &sid).iter().all(|m| !matches!(m, EdgeMessage::Job { .. })), "sent before the reset");
+    for t in (91_000..reset).step_by(1_000) {
+        let effects = beat(&mut edge, t, &sid, rejected(reset));
+        assert!(sent(&effects, &sid).iter().all(|m| !matches!(m, EdgeMessage::Job { .. })), "sent before the reset at {t}");
+    }
+    let effects = edge.tick(reset);
+    assert_eq!(order_of(&effects, &sid, "spark", reset).header.job_id, "held");
+}
+
+#[test]
+fn a_relay_the_agent_never_answers_is_a_gateway_timeout() {
+    let (mut edge, sid) = ready_edge();
+    beat(&mut edge, 0, &sid, broken());
+    let start = call(&mut edge, 10, "POST", "/oauth/login", Value::Null);
+    let effects = edge.wait_expired(90_010, start.caller);
+    let (status, body) = answer_to(&effects, start.caller).expect("the caller is told");
+    assert_eq!((status, body["error_code"].as_str()), (504, Some("TIMEOUT")), "{body}");
+    assert_eq!(body["success"], false);
+}
+
 fn handled_effects(h: &http::Handled) -> Vec<Effect> {
     h.effects.clone()
 }
