@@ -10,6 +10,7 @@ use backoff::backoff::Backoff;
 use futures_util::{SinkExt, StreamExt};
 use shared::envelope::{Domain, Envelope};
 use shared::protocol::{self, close, AgentMessage, EdgeMessage, Hello, Welcome, PROTOCOL_VERSION};
+use shared::text::peer_words;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -52,8 +53,8 @@ pub async fn run(agent: Arc<Agent>, mut uplink: mpsc::UnboundedReceiver<AgentMes
         // goodbye, a version), heard before or without any proof that it is the edge: one
         // bounded line before they reach the log or the status file.
         let end = match session(&agent, &mut uplink, &mut shutdown).await {
-            End::Lost(why) => End::Lost(heard(&why)),
-            End::Refused(why) => End::Refused(heard(&why)),
+            End::Lost(why) => End::Lost(peer_words(&why)),
+            End::Refused(why) => End::Refused(peer_words(&why)),
             End::Shutdown => End::Shutdown,
         };
         match &end {
@@ -105,14 +106,6 @@ async fn next_edge_message(ws: &mut Socket) -> Result<EdgeMessage, End> {
         }
     }
 }
-
-/// What the edge (or whoever answered for it) said, as the agent logs it: one line of at
-/// most [`MAX_HEARD_BYTES`].
-fn heard(text: &str) -> String {
-    shared::text::one_line(shared::text::truncate(text, MAX_HEARD_BYTES))
-}
-
-const MAX_HEARD_BYTES: usize = 1024;
 
 /// Sends one frame, giving up after `limit`.
 async fn send(ws: &mut Socket, msg: &AgentMessage, limit: Duration) -> Result<(), End> {
@@ -252,7 +245,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
                                 return end;
                             }
                         }
-                        Err(e) => warn!(agent_id = %cfg.agent_id, error = %heard(&e), "unreadable frame from the edge ignored"),
+                        Err(e) => warn!(agent_id = %cfg.agent_id, error = %peer_words(&e), "unreadable frame from the edge ignored"),
                     },
                     Some(Ok(Message::Close(frame))) => {
                         let why = frame.map(|f| f.reason.to_string()).unwrap_or_default();
@@ -304,7 +297,7 @@ fn on_edge_message(agent: &Arc<Agent>, msg: EdgeMessage) -> Option<End> {
         EdgeMessage::HeartbeatAck { .. } => {}
         EdgeMessage::Login { envelope } => agent.on_login(&envelope),
         EdgeMessage::Goodbye { code, reason } => {
-            warn!(agent_id = %agent.cfg.agent_id, code, reason = %heard(&reason), "the edge is closing the connection");
+            warn!(agent_id = %agent.cfg.agent_id, code, reason = %peer_words(&reason), "the edge is closing the connection");
             if code == close::UNAUTHORIZED || code == close::VERSION_MISMATCH {
                 return Some(End::Refused(reason));
             }

@@ -16,7 +16,7 @@ pub struct KeySet {
 pub use runtime::entropy as random_bytes;
 
 pub fn runner_secret() -> String {
-    random_bytes::<32>().iter().map(|b| format!("{b:02x}")).collect()
+    shared::ids::hex(&random_bytes::<32>())
 }
 
 impl KeySet {

@@ -1,9 +1,11 @@
 //! `claude-runner`: the agent that runs Claude Code on Spark for an edge, and the
 //! operator's commands. Laid out by role, like the Buildkite agent; the pure pieces
 //! (Claude's stream-json, redaction, the credentials file, SSE, `EDGE_URL`) are the
-//! `agent_core` library (`lib.rs`), which the fuzzers drive too:
+//! `agent_core` library (`lib.rs`), which the fuzzers drive too (ARCHITECTURE.md, "The
+//! agent, by role"):
 //!
 //! - [`serve`]: the agent's life: connection, job tasks, graceful stop.
+//! - [`config`]: the agent's settings (environment and flags), checked once at start.
 //! - [`drain`]: how a stop is asked for: signals, or `agent --drain` from another shell.
 //! - [`connection`]: the outbound WebSocket: handshake, heartbeats, reconnects.
 //! - [`agent`]: state that outlives connections; verifying, starting and cancelling orders.

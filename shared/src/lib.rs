@@ -14,7 +14,8 @@
 //! - [`envelope`]: ed25519-signed envelopes with domain separation (jobs, cancels, hello).
 //! - [`ids`]: agent ids, plain ids and hex, checked and made the same way everywhere.
 //! - [`keys`]: base64 key encoding and the `AGENT_PUBLIC_KEYS` keyring.
-//! - [`text`]: cutting text to a byte budget on character boundaries.
+//! - [`text`]: cutting text to a byte budget on character boundaries; outside words as
+//!   one log line.
 //! - [`time`]: milliseconds since the epoch ⇄ RFC 3339 text.
 
 pub mod contract;

@@ -1,5 +1,5 @@
-//! The agent ⇄ edge WebSocket protocol. Every frame is one JSON text message with a
-//! `type`. A connection goes:
+//! The agent ⇄ edge WebSocket protocol (ARCHITECTURE.md, "Protocol"). Every frame is one
+//! JSON text message with a `type`. A connection goes:
 //!
 //! 1. edge → [`EdgeMessage::Challenge`] (protocol version, fresh nonce);
 //! 2. agent → [`AgentMessage::Hello`]: a [`Hello`] signed with the agent's key over the

@@ -2,7 +2,8 @@
 //! and the Cloudflare Durable Object — feed it events with the time (and, where an id must
 //! be made, entropy) and carry out the [`Effect`]s it returns. Nothing here reads a clock,
 //! touches a socket or a disk, so both hosts behave the same and tests can drive it with
-//! simulated time.
+//! simulated time. ARCHITECTURE.md ("The edge: one state machine, two hosts", "Life of a
+//! job") says which file does each step.
 //!
 //! - [`config`]: settings, from the environment variables of the README.
 //! - [`clock`]: the time an event carries — edge time for durations, wall time for dates.

@@ -193,6 +193,17 @@ impl Job {
         header
     }
 
+    /// What memory keeps of this job: an ended one's [`header`](Job::header) (the whole
+    /// record stays in storage, read again only when asked for), a live one whole. The
+    /// machine and the hosts' loaders use this one rule.
+    pub fn in_memory(self) -> Job {
+        if self.state.is_terminal() {
+            self.header()
+        } else {
+            self
+        }
+    }
+
     /// About how many bytes the whole record takes (its long texts, and a bit for the rest).
     pub fn approximate_bytes(&self) -> u64 {
         if self.header_only {

@@ -8,6 +8,7 @@ use shared::envelope::{Domain, Envelope, CLOCK_SKEW_MS};
 use shared::keys::Keyring;
 use shared::oauth::OAuthReport;
 use shared::protocol::{close, Hello, Slots, HANDSHAKE_TIMEOUT_MS, MAX_FRAME_BYTES, MAX_HELLO_BYTES, PROTOCOL_VERSION};
+use shared::text::truncate;
 use shared::Millis;
 use std::net::IpAddr;
 
@@ -184,6 +185,34 @@ impl Session {
         self.agent().map(|a| a.agent_id.as_str())
     }
 
+    /// Shorter forms of this record, each shorter than the one before, for a host that can
+    /// keep only so many bytes of it (the Worker's socket attachment): first the agent's
+    /// free text is cut (version, subscription, login problem) and its mirror names go (a
+    /// routing preference: its next report after a job brings them back); then a relayed
+    /// login loses its URL too (the relay goes on: the code can still be sent; asking for
+    /// the login again starts a new one); last the CLI's version (a character outside
+    /// Latin-1 doubles the cost of the whole attachment, and the most labels an agent may
+    /// offer then no longer fit; every heartbeat brings it back). What the machine decides
+    /// with — phase, credits, labels, pause, jobs, the relay's state — stays whole in each.
+    pub fn shorter_forms(&self) -> Vec<Session> {
+        let mut cut = self.clone();
+        if let Some(agent) = cut.agent_mut() {
+            agent.mirrors.clear();
+            agent.version = truncate(&agent.version, 64).to_string();
+            agent.oauth.subscription_type = agent.oauth.subscription_type.as_deref().map(|s| truncate(s, 64).to_string());
+            agent.oauth.problem = agent.oauth.problem.as_deref().map(|s| truncate(s, 300).to_string());
+        }
+        let mut without_url = cut.clone();
+        if let Some(login) = without_url.agent_mut().and_then(|a| a.login.as_mut()) {
+            login.url = None;
+        }
+        let mut without_version = without_url.clone();
+        if let Some(agent) = without_version.agent_mut() {
+            agent.claude_version = None;
+        }
+        vec![cut, without_url, without_version]
+    }
+
     /// The largest frame this connection may send now: little until it proved itself.
     pub fn frame_limit(&self) -> usize {
         match self.phase {
@@ -308,5 +337,51 @@ mod tests {
         for odd in ["", "evil\nline", "203.0.113.7:443", "x".repeat(10_000).as_str()] {
             assert_eq!(source_of(odd), "unknown", "{odd:?}");
         }
+    }
+
+    #[test]
+    fn shorter_forms_cut_free_text_and_mirrors_then_the_login_url_then_the_cli_version() {
+        let login = LoginRelay {
+            id: "0123456789abcdef".into(),
+            url: Some("https://claude.com/cai/oauth/authorize?code=true".into()),
+            awaiting_code: true,
+            code_sent: false,
+            started_at: 1,
+            expires_at: 2,
+        };
+        let session = Session {
+            id: "s".into(),
+            source: "203.0.113.7".into(),
+            connected_at: 1,
+            last_seen: 2,
+            phase: Phase::Ready(Agent {
+                agent_id: "spark".into(),
+                version: "v".repeat(500),
+                capacity: 2,
+                slots: Slots { free: 1, received: 3 },
+                sent: 4,
+                oauth: OAuthReport { problem: Some("p".repeat(5000)), subscription_type: Some("s".repeat(500)), ..OAuthReport::unconfigured(5) },
+                claude_version: Some("2.1.197".into()),
+                labels: shared::placement::parse_labels("gpu=none,os=linux").unwrap(),
+                mirrors: ["github.com/o/r".to_string()].into(),
+                paused: true,
+                usage_hold_until: None,
+                login: Some(login.clone()),
+            }),
+        };
+        let [cut, without_url, without_version] = <[Session; 3]>::try_from(session.shorter_forms()).unwrap();
+        let agent = cut.agent().unwrap();
+        assert!(agent.mirrors.is_empty(), "mirrors go first");
+        assert_eq!((&agent.labels, agent.paused), (&session.agent().unwrap().labels, true), "labels and pause stay");
+        assert_eq!((agent.version.len(), agent.oauth.subscription_type.as_ref().unwrap().len()), (64, 64));
+        assert_eq!(agent.oauth.problem.as_ref().unwrap().len(), 300);
+        assert_eq!(agent.login.as_ref(), Some(&login), "the login is whole in the first form");
+        let mut expected = cut.clone();
+        expected.agent_mut().unwrap().login.as_mut().unwrap().url = None;
+        assert_eq!(without_url, expected, "the second form differs only by the URL");
+        expected.agent_mut().unwrap().claude_version = None;
+        assert_eq!(without_version, expected, "the third differs from the second only by the CLI version");
+        let (whole, kept) = (session.agent().unwrap(), agent);
+        assert_eq!((kept.capacity, kept.slots, kept.sent, &kept.agent_id), (whole.capacity, whole.slots, whole.sent, &whole.agent_id));
     }
 }

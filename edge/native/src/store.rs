@@ -65,8 +65,7 @@ impl Store {
         for row in rows {
             let (id, record) = row?;
             match serde_json::from_str::<Job>(&record) {
-                Ok(job) if job.state.is_terminal() => jobs.push(job.header()),
-                Ok(job) => jobs.push(job),
+                Ok(job) => jobs.push(job.in_memory()),
                 Err(e) => tracing::warn!(job_id = %id, error = %e, "skipping unreadable job record"),
             }
         }

@@ -13,6 +13,7 @@ use crate::exchange;
 use edge_core::config::ConfigError;
 use edge_core::http::Gate;
 use shared::contract::{ApiError, ErrorCode, Health, HealthStatus, PoolList, PoolSummary};
+use shared::ids::{DEFAULT_POOL, MAX_POOL_NAME};
 use worker::wasm_bindgen::JsValue;
 use worker::{console_error, event, web_sys, Context, Env, Request, Response};
 
@@ -21,7 +22,6 @@ pub const BINDING: &str = "EDGE";
 /// The header that tells a pool's object its name. Set here, on every request forwarded
 /// (whatever the caller sent in it): an object cannot learn the name it was made from.
 pub const POOL_HEADER: &str = "x-claude-runner-pool";
-use shared::ids::{DEFAULT_POOL, MAX_POOL_NAME};
 
 /// Splits `/pool/{name}/rest` into the pool's name and the path its object sees (`/rest`,
 /// or `/` when nothing follows). Any other path belongs to the default pool unchanged.

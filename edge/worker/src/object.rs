@@ -97,7 +97,7 @@ impl DurableObject for EdgeDurableObject {
             }
             Some(Gate::AgentSocket) => self.accept_agent(&req).await,
             Some(Gate::Handle { read_body }) => self.serve(req, &path, read_body).await,
-            None => exchange::respond(http::unavailable(&path, "the edge is not loaded; retry")),
+            None => exchange::respond(not_loaded(&path)),
         };
         // An error here is the host's own (the runtime refused something), never the
         // caller's: answer it in the contract's shape rather than workerd's bare 500.
@@ -130,7 +130,8 @@ impl DurableObject for EdgeDurableObject {
         // not know, and it says what to do with those.
         let session_id = self.sockets().session_id(&ws).unwrap_or_default();
         if let Err(message) = self.load(now) {
-            close_socket(&ws, close::INTERNAL_ERROR, &format!("edge misconfigured: {message}"));
+            // The message says why (a setting, or storage that did not read) and what to do.
+            close_socket(&ws, close::INTERNAL_ERROR, &message);
             return Ok(());
         }
         let effects = match message {
@@ -333,7 +334,7 @@ impl EdgeDurableObject {
         // are bounded per source.
         let peer = req.headers().get("cf-connecting-ip").ok().flatten().unwrap_or_default();
         let Some((session_id, effects)) = self.with_edge(|edge| edge.connect(now, seed, &peer)) else {
-            return exchange::respond(http::unavailable("/agent/connect", "the edge is not loaded; retry"));
+            return exchange::respond(not_loaded("/agent/connect"));
         };
         if let Err(e) = self.sockets().accept(&pair.server, &session_id) {
             let effects = self.with_edge(|edge| edge.disconnect(now, &session_id)).unwrap_or_default();
@@ -370,7 +371,7 @@ impl EdgeDurableObject {
         let request = http::Request { method, path: path.to_string(), secret_header, authorization, idempotency_key, body };
         let now = now_ms();
         let Some(handled) = self.with_edge(|edge| http::handle(edge, now, seed, request)) else {
-            return exchange::respond(http::unavailable(path, "the edge is not loaded; retry"));
+            return exchange::respond(not_loaded(path));
         };
         let caller = handled.caller;
         // The caller's channel exists before the effects run: they may answer it.
@@ -406,12 +407,9 @@ impl EdgeDurableObject {
         let now = now_ms();
         let effects = self.with_edge(|edge| edge.wait_expired(now, caller)).unwrap_or_default();
         self.apply(effects, None);
-        match rx {
-            Some(mut rx) => match rx.try_recv() {
-                Ok(Some(answer)) => answer,
-                _ => http::unavailable("", "the edge lost this request while waiting; retry"),
-            },
-            None => http::unavailable("", "the edge lost this request while waiting; retry"),
+        match rx.map(|mut rx| rx.try_recv()) {
+            Some(Ok(Some(answer))) => answer,
+            _ => http::unavailable("", "the edge lost this request while waiting; retry"),
         }
     }
 
@@ -427,6 +425,11 @@ impl EdgeDurableObject {
         self.apply(effects, Some((&session_id, ws)));
         self.schedule(now).await;
     }
+}
+
+/// The answer while this instance has no machine (it could not rebuild it).
+fn not_loaded(path: &str) -> Response {
+    http::unavailable(path, "the edge is not loaded; retry")
 }
 
 /// One POST, bounded in time; its status, or why it failed.

@@ -10,7 +10,7 @@
 //! agent's free-text fields (version, login problem) before it is stored.
 
 use edge_core::session::Session;
-use shared::text::truncate;
+use shared::protocol::close;
 use worker::wasm_bindgen::JsValue;
 use worker::{console_error, console_warn, State, WebSocket};
 
@@ -19,7 +19,6 @@ use worker::{console_error, console_warn, State, WebSocket};
 const CLOSED: &str = "closed";
 /// Serialized attachments may not exceed 2,048 bytes; keep a margin for the framing.
 const ATTACHMENT_BUDGET: usize = 2_000;
-use shared::protocol::close;
 
 pub struct Sockets<'a> {
     state: &'a State,
@@ -143,45 +142,18 @@ pub fn close_socket(ws: &WebSocket, code: u16, reason: &str) {
     }
 }
 
-/// The session record as attachment text, within the attachment budget.
+/// The session record as attachment text, within the attachment budget: the record
+/// whole, or the first of its shorter forms ([`Session::shorter_forms`]) that fits.
 pub fn encode_session(session: &Session) -> Result<String, String> {
-    let text = serde_json::to_string(session).map_err(|e| e.to_string())?;
-    if attachment_cost(&text) <= ATTACHMENT_BUDGET {
-        return Ok(text);
+    let mut text = serde_json::to_string(session).map_err(|e| e.to_string())?;
+    let mut shorter = session.shorter_forms().into_iter();
+    while attachment_cost(&text) > ATTACHMENT_BUDGET {
+        let Some(form) = shorter.next() else {
+            return Err(format!("the record is {} bytes, over the 2,048-byte attachment limit", text.len()));
+        };
+        text = serde_json::to_string(&form).map_err(|e| e.to_string())?;
     }
-    let mut shorter = session.clone();
-    if let Some(agent) = shorter.agent_mut() {
-        // A routing preference: the agent's next report after a job brings them back.
-        agent.mirrors.clear();
-        agent.version = truncate(&agent.version, 64).to_string();
-        agent.oauth.subscription_type = agent.oauth.subscription_type.as_deref().map(|s| truncate(s, 64).to_string());
-        agent.oauth.problem = agent.oauth.problem.as_deref().map(|s| truncate(s, 300).to_string());
-    }
-    let text = serde_json::to_string(&shorter).map_err(|e| e.to_string())?;
-    if attachment_cost(&text) <= ATTACHMENT_BUDGET {
-        return Ok(text);
-    }
-    // Then a relayed login's URL: the relay goes on (the code can still be sent); asking
-    // for the login again starts a new one.
-    if let Some(login) = shorter.agent_mut().and_then(|a| a.login.as_mut()) {
-        login.url = None;
-    }
-    let text = serde_json::to_string(&shorter).map_err(|e| e.to_string())?;
-    if attachment_cost(&text) <= ATTACHMENT_BUDGET {
-        return Ok(text);
-    }
-    // Last, the CLI's version (a character outside Latin-1 doubles the cost of the whole
-    // record, and the most labels an agent may offer then no longer fit): every heartbeat
-    // brings it back.
-    if let Some(agent) = shorter.agent_mut() {
-        agent.claude_version = None;
-    }
-    let text = serde_json::to_string(&shorter).map_err(|e| e.to_string())?;
-    if attachment_cost(&text) <= ATTACHMENT_BUDGET {
-        Ok(text)
-    } else {
-        Err(format!("the record is {} bytes, over the 2,048-byte attachment limit", text.len()))
-    }
+    Ok(text)
 }
 
 /// Reads a record back, checking it belongs to the socket's tag.

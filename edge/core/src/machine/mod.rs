@@ -16,7 +16,8 @@
 //! - [`login`]: the re-login relay (`POST /oauth/login`, `POST /oauth/login/code`), and
 //!   when work may go to an agent at all ([`Availability`]: its login, its usage window).
 //!
-//! Guarantees kept here (and so on both hosts):
+//! Guarantees kept here (and so on both hosts; ARCHITECTURE.md, "Guarantees and where
+//! they are kept", lists the others):
 //! - a job is sent only to an agent that granted a credit for it, fits its `agent_id` and
 //!   labels, and is not paused; callers take turns, each caller's jobs go by priority then
 //!   age, and among the agents that fit, one holding the job's repository goes first;
@@ -216,12 +217,10 @@ impl Edge {
         let mut jobs = jobs;
         jobs.sort_by_key(|j| (j.created_at, j.id.clone()));
         let mut callerless = Vec::new();
-        for mut job in jobs {
+        for job in jobs {
+            let mut job = job.in_memory();
             if let Some(slot) = job.idempotency_slot() {
                 edge.idempotency.insert(slot, job.id.clone());
-            }
-            if job.state.is_terminal() {
-                job = job.header();
             }
             match job.state {
                 JobState::Queued if job.mode == crate::record::Mode::Wait => callerless.push(job.id.clone()),

@@ -199,7 +199,7 @@ impl Edge {
                 // The error may quote the frame (an unknown variant), which anyone on the
                 // path, or any peer before its hello, chose: one bounded line, in the log
                 // and in the close reason (which a host may log too).
-                let shown = shared::text::one_line(shared::text::truncate(&e, 1024));
+                let shown = shared::text::peer_words(&e);
                 warn!(session = session_id, agent_id = session.agent_id().unwrap_or("-"), error = %shown, "unreadable frame from agent");
                 self.close(now, session_id, Refused::new(close::PROTOCOL_ERROR, shown), &mut effects);
                 return effects;

@@ -110,8 +110,8 @@ impl Edge {
         // Jobs that ended in the last event (and stayed ended: it was stored) shrink to
         // their headers; the whole record is in storage.
         for id in std::mem::take(&mut self.to_stow) {
-            if let Some(job) = self.jobs.get_mut(&id).filter(|j| j.state.is_terminal()) {
-                *job = job.header();
+            if let Some(job) = self.jobs.remove(&id) {
+                self.jobs.insert(id, job.in_memory());
             }
         }
     }

@@ -326,3 +326,15 @@ fn ended_jobs_are_kept_within_a_count_and_a_size() {
     let (_, forgotten) = run(by(100, 6_000), 2_000);
     assert_eq!(forgotten, vec!["j0".to_string()], "over the size, the oldest goes");
 }
+
+#[test]
+fn memory_keeps_an_ended_job_as_its_header_and_a_live_one_whole() {
+    let spec = serde_json::from_value(json!({"prompt": "p".repeat(10_000), "timeout_ms": 1000})).unwrap();
+    let live = crate::record::Job::new("a".into(), spec, Mode::Detached, None, 0);
+    assert_eq!(live.clone().in_memory(), live, "a live job is kept whole");
+    let mut ended = live;
+    assert!(ended.finish(JobResult { output: "o".repeat(10_000), ..ok_result() }, 1));
+    let kept = ended.clone().in_memory();
+    assert_eq!(kept, ended.header());
+    assert!(kept.header_only && kept.result.unwrap().output.is_empty());
+}
