@@ -100,6 +100,8 @@ pub enum ConfigError {
     PoolClash(String, String),
     #[error("{name}: {error}; write it like `ci=<secret>,nightly=<secret>` (names of letters, digits, `-`, `_`; secrets of at least 16 characters)")]
     CallerSecrets { name: String, error: String },
+    #[error("ADMIN_SECRET is also a pool's RUNNER_SECRET or a caller's secret (RUNNER_SECRETS): give it a value of its own")]
+    AdminSecretShared,
     #[error("there is no pool `{0}` on this edge: list it in POOLS and set RUNNER_SECRET_<POOL> and AGENT_PUBLIC_KEYS_<POOL>")]
     UnknownPool(String),
 }
@@ -232,8 +234,9 @@ impl Config {
 
     /// One pool's settings; [`ConfigError::UnknownPool`] if `POOLS` does not list it.
     pub fn for_pool(get: impl Fn(&str) -> Option<String>, pool: &str) -> Result<Config, ConfigError> {
+        let all = Pools::from_lookup(&get)?;
         let Pool { name, runner_secret, agents, caller_secrets } =
-            Pools::from_lookup(&get)?.get(pool).cloned().ok_or_else(|| ConfigError::UnknownPool(shared::text::truncate(pool, 80).to_string()))?;
+            all.get(pool).cloned().ok_or_else(|| ConfigError::UnknownPool(shared::text::truncate(pool, 80).to_string()))?;
         let get = |name: &str| get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
         let required = |name: &'static str| get(name).ok_or(ConfigError::Missing(name));
         // A listed pool's own value (`MAX_QUEUED_JOBS_GPU`) before the edge's.
@@ -258,6 +261,14 @@ impl Config {
         let admin_secret = get("ADMIN_SECRET");
         if let Some(len) = admin_secret.as_ref().map(String::len).filter(|l| *l < 16) {
             return Err(ConfigError::PoolWeakSecret { name: "ADMIN_SECRET".into(), len });
+        }
+        // The admin secret sees every pool: as one pool's or caller's secret it would open
+        // them all to whoever holds that one.
+        if let Some(admin) = &admin_secret {
+            let shared = all.iter().flat_map(|p| std::iter::once(&p.runner_secret).chain(p.caller_secrets.iter().map(|(_, s)| s)));
+            if shared.into_iter().any(|s| s == admin) {
+                return Err(ConfigError::AdminSecretShared);
+            }
         }
         let max_queued_jobs = bounded("MAX_QUEUED_JOBS", "jobs", DEFAULT_MAX_QUEUED_JOBS as u64, 100_000)? as usize;
         Ok(Config {
@@ -370,5 +381,18 @@ mod tests {
         let err = Config::for_pool(lookup(pools), "gpu").unwrap_err();
         assert!(err.to_string().contains("RUNNER_SECRETS_GPU"), "{err}");
         assert!(Config::from_lookup(lookup(&[("RUNNER_SECRETS", "ci=ci-secret-0123456789")])).is_ok());
+    }
+
+    #[test]
+    fn the_admin_secret_is_no_pools_or_callers() {
+        // It would open every pool's summary to whoever holds that one pool's secret.
+        for extra in [
+            &[("ADMIN_SECRET", "0123456789abcdef0123")][..],
+            &[("ADMIN_SECRET", "ci-secret-0123456789"), ("RUNNER_SECRETS", "ci=ci-secret-0123456789")][..],
+        ] {
+            let err = Config::from_lookup(lookup(extra)).unwrap_err();
+            assert!(err.to_string().contains("ADMIN_SECRET"), "{err}");
+        }
+        assert!(Config::from_lookup(lookup(&[("ADMIN_SECRET", "admin-secret-0123456789")])).is_ok());
     }
 }
