@@ -76,7 +76,9 @@ pub struct Alert {
 }
 
 /// What alerting remembers, stored with the edge (so a restart, or the Worker's object
-/// leaving memory, neither repeats an alert nor forgets how long the agent is away).
+/// leaving memory, neither repeats an alert nor forgets how long the agent is away) — and
+/// the rest of the edge's memory that is no job's: callbacks on their way, the last usage
+/// window, pauses.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AlertState {
     /// Conditions that are on and were alerted (`kind:agent`).
@@ -96,6 +98,10 @@ pub struct AlertState {
     /// no connections), instead of expiring after `QUEUE_TTL_MS`.
     #[serde(default)]
     pub usage_hold: Option<Millis>,
+    /// Agents an operator paused, by id: a pause outlasts the agent's reconnects and the
+    /// edge's restarts (the native host restores no connections).
+    #[serde(default)]
+    pub paused: BTreeSet<String>,
 }
 
 /// A job's result callback on its way.

@@ -117,8 +117,6 @@ pub struct Edge {
     jobs: HashMap<String, Job>,
     /// Queued jobs: a lane per caller, callers in turn.
     queue: FairQueue,
-    /// Agents an operator paused (by id: a pause outlasts the agent's reconnects).
-    paused: BTreeSet<String>,
     /// Agents that were connected and are gone, since when (edge time): `/health` lists
     /// them as down for [`DOWN_SHOWN_MS`].
     departed: BTreeMap<String, Millis>,
@@ -164,7 +162,6 @@ impl Edge {
             cfg,
             jobs: HashMap::new(),
             queue: FairQueue::default(),
-            paused: BTreeSet::new(),
             departed: BTreeMap::new(),
             active: BTreeSet::new(),
             retained: VecDeque::new(),
@@ -209,7 +206,7 @@ impl Edge {
                 edge.alerts.usage_hold = a.usage_hold_until;
                 edge.offline_since = None;
                 if a.paused {
-                    edge.paused.insert(a.agent_id.clone());
+                    edge.alerts.paused.insert(a.agent_id.clone());
                 }
             }
             edge.sessions.insert(s.id.clone(), s);

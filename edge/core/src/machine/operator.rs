@@ -1,7 +1,7 @@
 //! The operator's hand on the pool's agents: pause one (it finishes what it runs and takes
-//! nothing new) and resume it. A pause is kept by agent id, so it outlasts the agent's
-//! reconnects; the session record carries it too, so a host that rebuilds the machine from
-//! its sessions (the Durable Object) keeps it.
+//! nothing new) and resume it. A pause is kept by agent id in the edge's stored memory, so
+//! it outlasts the agent's reconnects and the edge's restarts; the session record carries
+//! it too, for the dispatch decision.
 
 use super::{Edge, Effect};
 use crate::clock::Now;
@@ -28,10 +28,9 @@ impl Edge {
             return Err(ApiError::not_found(&format!("agent `{shown}` (it is not in this pool's AGENT_PUBLIC_KEYS)")));
         }
         let mut effects = Vec::new();
-        if pause {
-            self.paused.insert(agent_id.to_string());
-        } else {
-            self.paused.remove(agent_id);
+        let changed = if pause { self.alerts.paused.insert(agent_id.to_string()) } else { self.alerts.paused.remove(agent_id) };
+        if changed {
+            effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
         }
         let sessions: Vec<String> = self.ready().filter(|(_, a)| a.agent_id == agent_id).map(|(id, _)| id.clone()).collect();
         for id in &sessions {

@@ -241,7 +241,7 @@ impl Edge {
             return;
         }
         self.departed.remove(&agent_id);
-        let paused = self.paused.contains(&agent_id);
+        let paused = self.alerts.paused.contains(&agent_id);
         // One connection per agent: a newer one means the older is dead or a duplicate.
         let older: Vec<String> = self
             .ready()

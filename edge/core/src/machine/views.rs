@@ -77,7 +77,7 @@ impl Edge {
             capacity: 0,
             claude_version: None,
             labels: Default::default(),
-            paused: self.paused.contains(id),
+            paused: self.alerts.paused.contains(id),
             takes_work: false,
             login: String::new(),
         });

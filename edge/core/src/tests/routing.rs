@@ -177,6 +177,28 @@ fn callers_are_named_by_their_secret_or_field_and_priority_orders_their_jobs() {
 }
 
 #[test]
+fn a_pause_outlasts_a_restart_of_the_edge() {
+    let mut edge = Edge::new(three_agents(), 0);
+    let spark = enter(&mut edge, 0, "spark", 1, 2, "", &[]);
+    let h = request(&mut edge, 1, SECRET, "POST", "/agents/spark/pause", Value::Null);
+    assert_eq!(answer(&h).0, 200);
+    let memory = h.effects.iter().rev().find_map(|e| match e {
+        Effect::SaveAlerts(m) => Some((**m).clone()),
+        _ => None,
+    });
+    edge.disconnect(2, &spark);
+    // The native host restores no connections: only jobs and the stored memory.
+    let (mut edge, _) = Edge::restore(three_agents(), vec![], vec![], memory, 3);
+    let spark = enter(&mut edge, 4, "spark", 1, 2, "", &[]);
+    let waiting = submit(&mut edge, 5, SECRET, json!({"prompt": "x"}));
+    assert_eq!(edge.job(&waiting).unwrap().state, JobState::Queued, "the paused agent took work after the edge restarted");
+    assert!(edge.health(6).agents[0].paused);
+    let h = request(&mut edge, 7, SECRET, "POST", "/agents/spark/resume", Value::Null);
+    assert_eq!(answer(&h).0, 200);
+    assert_eq!(edge.job(&waiting).unwrap().session_id.as_deref(), Some(spark.as_str()));
+}
+
+#[test]
 fn a_paused_agent_finishes_its_jobs_takes_no_new_ones_and_shows_it() {
     let mut edge = Edge::new(three_agents(), 0);
     let spark = enter(&mut edge, 0, "spark", 1, 2, "", &[]);
