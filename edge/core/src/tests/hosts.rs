@@ -78,23 +78,8 @@ fn join_at(edge: &mut Edge, now: Now, agent: &str, seed: u8, running: Vec<String
     let (sid, effects) = edge.connect(now, [seed; 32], PEER);
     let EdgeMessage::Challenge { nonce, server_time, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     assert_eq!(*server_time, now.wall, "the agent is shown the wall clock");
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        agent_id: agent.into(),
-        agent_version: "t".into(),
-        challenge: nonce.clone(),
-        agent_nonce: "n".into(),
-        issued_at: now.wall,
-        capacity: 1,
-        running,
-        finished: vec![],
-        oauth: oauth(),
-        claude_version: None,
-        labels: Default::default(),
-        mirrors: Vec::new(),
-    };
-    let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(1)) };
-    let effects = edge.message(now, &sid, &msg.to_text());
+    let hello = Hello { running, ..hello(agent, nonce, now.wall) };
+    let effects = edge.message(now, &sid, &hello_text(&hello, &agent_key(1)));
     assert!(closed(&effects).is_none(), "{effects:?}");
     sid
 }

@@ -146,28 +146,20 @@ pub(super) fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey
     let EdgeMessage::Challenge { nonce, protocol, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     assert_eq!(*protocol, PROTOCOL_VERSION);
     let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        agent_id: agent.into(),
-        agent_version: "t".into(),
-        challenge: nonce.clone(),
         agent_nonce: "agent-nonce".into(),
-        issued_at: now,
         capacity,
         running,
-        finished: vec![],
-        oauth: oauth(),
         claude_version: Some("2.1.197 (Claude Code)".into()),
-        labels: Default::default(),
-        mirrors: Vec::new(),
+        ..hello(agent, nonce, now)
     };
-    let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.into(), envelope: Envelope::seal(Domain::Hello, &hello, key) };
-    let effects = edge.message(now, &sid, &msg.to_text());
+    let effects = edge.message(now, &sid, &hello_text(&hello, key));
     (sid, effects)
 }
 
-/// A hello from `agent` answering `nonce`, signed with `key`.
-pub(super) fn hello_frame(agent: &str, nonce: &str, now: u64, key: &SigningKey) -> String {
-    let hello = Hello {
+/// A hello from `agent` answering `nonce` at `now`: one free slot, nothing held, a working
+/// login, no labels or mirrors. A test changes what it needs: `Hello { …, ..hello(…) }`.
+pub(super) fn hello(agent: &str, nonce: &str, now: u64) -> Hello {
+    Hello {
         protocol: PROTOCOL_VERSION,
         agent_id: agent.into(),
         agent_version: "t".into(),
@@ -181,8 +173,17 @@ pub(super) fn hello_frame(agent: &str, nonce: &str, now: u64, key: &SigningKey) 
         oauth: oauth(),
         labels: Default::default(),
         mirrors: Vec::new(),
-    };
-    AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.into(), envelope: Envelope::seal(Domain::Hello, &hello, key) }.to_text()
+    }
+}
+
+/// `hello` as the frame its agent sends, signed with `key`.
+pub(super) fn hello_text(hello: &Hello, key: &SigningKey) -> String {
+    AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: hello.agent_id.clone(), envelope: Envelope::seal(Domain::Hello, hello, key) }.to_text()
+}
+
+/// A hello from `agent` answering `nonce`, signed with `key`.
+pub(super) fn hello_frame(agent: &str, nonce: &str, now: u64, key: &SigningKey) -> String {
+    hello_text(&hello(agent, nonce, now), key)
 }
 
 /// An edge with agent `spark` connected and one credit granted.
@@ -384,14 +385,7 @@ fn refuses_unknown_forged_and_replayed_hellos() {
     // A hello captured from one connection, replayed on another.
     let (sid1, effects) = edge.connect(0, [3; 32], PEER);
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid1)[0] else { panic!() };
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION, agent_id: "spark".into(), agent_version: "t".into(), challenge: nonce.clone(),
-        agent_nonce: "n".into(), issued_at: 0, capacity: 1, running: vec![], finished: vec![], oauth: oauth(),
-        claude_version: None,
-        labels: Default::default(),
-        mirrors: Vec::new(),
-    };
-    let text = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(1)) }.to_text();
+    let text = hello_frame("spark", nonce, 0, &agent_key(1));
     assert!(closed(&edge.message(0, &sid1, &text)).is_none());
     let (sid2, _) = edge.connect(0, [4; 32], PEER);
     let (code, reason) = closed(&edge.message(0, &sid2, &text)).unwrap();

@@ -271,21 +271,13 @@ impl World {
         self.agents[a].down.clear();
         let agent = &self.agents[a];
         let hello = Hello {
-            protocol: PROTOCOL_VERSION,
-            agent_id: agent.id.into(),
             agent_version: "model".into(),
-            challenge: nonce,
-            agent_nonce: "n".into(),
-            issued_at: self.now,
             capacity: agent.capacity,
             running: agent.running.iter().cloned().collect(),
             finished: agent.finished.keys().cloned().collect(),
-            oauth: oauth(),
-            claude_version: None,
-            labels: Default::default(),
-            mirrors: Vec::new(),
+            ..hello(agent.id, &nonce, self.now)
         };
-        let text = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.id.into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(agent.key)) }.to_text();
+        let text = hello_text(&hello, &agent_key(agent.key));
         let effects = self.edge.message(self.now, &sid, &text);
         self.carry_out(effects);
         let agent = &mut self.agents[a];

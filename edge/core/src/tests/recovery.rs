@@ -11,22 +11,11 @@ fn rejoin(edge: &mut Edge, now: u64, running: &[&str], finished: &[&str], seed: 
     let (sid, effects) = edge.connect(now, [seed; 32], PEER);
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        agent_id: "spark".into(),
-        agent_version: "t".into(),
-        challenge: nonce.clone(),
-        agent_nonce: "n".into(),
-        issued_at: now,
-        capacity: 1,
         running: running.iter().map(|s| s.to_string()).collect(),
         finished: finished.iter().map(|s| s.to_string()).collect(),
-        oauth: oauth(),
-        claude_version: None,
-        labels: Default::default(),
-        mirrors: Vec::new(),
+        ..hello("spark", nonce, now)
     };
-    let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(1)) };
-    let effects = edge.message(now, &sid, &msg.to_text());
+    let effects = edge.message(now, &sid, &hello_text(&hello, &agent_key(1)));
     assert!(closed(&effects).is_none(), "{effects:?}");
     (sid, effects)
 }

@@ -25,22 +25,12 @@ fn enter(edge: &mut Edge, now: u64, agent: &str, key: u8, capacity: u32, labels:
     let (sid, effects) = edge.connect(now, [key + 100; 32], PEER);
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        agent_id: agent.into(),
-        agent_version: "t".into(),
-        challenge: nonce.clone(),
-        agent_nonce: "n".into(),
-        issued_at: now,
         capacity,
-        running: vec![],
-        finished: vec![],
-        oauth: oauth(),
-        claude_version: None,
         labels: parse_labels(labels).unwrap(),
         mirrors: mirrors.iter().map(|m| m.to_string()).collect(),
+        ..hello(agent, nonce, now)
     };
-    let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: agent.into(), envelope: Envelope::seal(Domain::Hello, &hello, &agent_key(key)) };
-    let effects = edge.message(now, &sid, &msg.to_text());
+    let effects = edge.message(now, &sid, &hello_text(&hello, &agent_key(key)));
     assert!(closed(&effects).is_none(), "{effects:?}");
     say(edge, now, &sid, credit(capacity, 0));
     sid
