@@ -30,7 +30,15 @@ pub struct Login {
     pub api_key_env: Option<String>,
     /// The machine's other secrets (the repository tokens): redacted like the login's.
     pub other_secrets: Vec<String>,
+    /// The last redactor built and the secrets it was built from. Building one hashes every
+    /// window of every encoded form of every secret (about a millisecond of CPU), and a
+    /// job asks for one three times while the secrets change only when Claude rotates
+    /// its tokens.
+    pub redactors: RedactorCache,
 }
+
+/// Shared by the clones of a [`Login`] (every job's context holds one).
+pub type RedactorCache = Arc<std::sync::Mutex<Option<(Vec<String>, Arc<Redactor>)>>>;
 
 /// What was read, with the tokens (kept on this machine, for redaction only).
 pub struct Reading {
@@ -47,6 +55,7 @@ impl Login {
             oauth_token_env: std::env::var("CLAUDE_CODE_OAUTH_TOKEN").ok().filter(|v| !v.trim().is_empty()),
             api_key_env: std::env::var("ANTHROPIC_API_KEY").ok().filter(|v| !v.trim().is_empty()),
             other_secrets: Vec::new(),
+            redactors: RedactorCache::default(),
         }
     }
 
@@ -101,10 +110,21 @@ impl Login {
         }
     }
 
-    pub fn redactor(&self, now: Millis) -> Redactor {
+    /// A redactor for the secrets on this machine now: the last one built while they are
+    /// the same (the credentials file is read each time: Claude may have rotated them).
+    pub fn redactor(&self, now: Millis) -> Arc<Redactor> {
         let mut secrets = self.read(now).tokens;
         secrets.extend(self.other_secrets.iter().cloned());
-        Redactor::new(secrets)
+        // A poisoned lock only means a panic elsewhere mid-swap: the cache is rebuilt.
+        let mut cache = self.redactors.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match cache.as_ref() {
+            Some((built_from, redactor)) if *built_from == secrets => redactor.clone(),
+            _ => {
+                let redactor = Arc::new(Redactor::new(secrets.iter().cloned()));
+                *cache = Some((secrets, redactor.clone()));
+                redactor
+            }
+        }
     }
 }
 
@@ -157,7 +177,7 @@ mod tests {
 
     fn login_with(dir: &Path, body: &str) -> Login {
         std::fs::write(dir.join(".credentials.json"), body).unwrap();
-        Login { config_dir: dir.to_path_buf(), credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None, other_secrets: Vec::new() }
+        Login { config_dir: dir.to_path_buf(), credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None, other_secrets: Vec::new(), redactors: RedactorCache::default() }
     }
 
     fn tempdir(name: &str) -> PathBuf {
@@ -173,6 +193,21 @@ mod tests {
         assert_eq!(login.redactor(0).redact("push with ghp_repository_token_123"), "push with [REDACTED]");
     }
 
+
+    #[test]
+    fn the_redactor_is_built_again_only_when_the_tokens_change() {
+        let d = tempdir("rotate");
+        let file = |access: &str| format!(r#"{{"claudeAiOauth":{{"accessToken":"{access}","refreshToken":"sk-ant-ort01-refresh-000000","expiresAt":1}}}}"#);
+        let login = login_with(&d, &file("Q7w2E9r4T1y6U3i8O5p0"));
+        let first = login.redactor(0);
+        assert!(Arc::ptr_eq(&first, &login.clone().redactor(0)), "same tokens, same redactor (shared by clones)");
+        // Claude rotated the access token: the new one is masked, and so is no stale one.
+        std::fs::write(&login.credentials_path, file("mZxNcBvLaKsJdHfGq0w9")).unwrap();
+        let second = login.redactor(0);
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(second.redact("a mZxNcBvLaKsJdHfGq0w9 b"), "a [REDACTED] b");
+        assert_eq!(first.redact("a mZxNcBvLaKsJdHfGq0w9 b"), "a mZxNcBvLaKsJdHfGq0w9 b");
+    }
     #[test]
     fn reads_a_real_shaped_credentials_file() {
         let d = tempdir("real");
@@ -208,7 +243,7 @@ mod tests {
             assert!(r.report.problem.as_deref().is_some_and(|p| p.contains("claude auth login")), "{body}");
         }
         assert!(login_with(&d, &" ".repeat(credentials::MAX_BYTES + 10)).read(0).report.problem.unwrap().contains("over 1 MiB"));
-        let missing = Login { config_dir: d.clone(), credentials_path: d.join("nope.json"), oauth_token_env: Some("tok-123456789".into()), api_key_env: None, other_secrets: Vec::new() };
+        let missing = Login { config_dir: d.clone(), credentials_path: d.join("nope.json"), oauth_token_env: Some("tok-123456789".into()), api_key_env: None, other_secrets: Vec::new(), redactors: RedactorCache::default() };
         assert_eq!(missing.read(0).report.source, OAuthSource::OauthTokenEnv);
         assert_eq!(missing.claude_env(0), [("CLAUDE_CODE_OAUTH_TOKEN", "tok-123456789".to_string())]);
     }

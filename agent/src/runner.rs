@@ -139,7 +139,7 @@ async fn hand_back(
     job_id: &str,
     spec: &JobSpec,
     prepared: crate::repo::Prepared,
-    redactor: crate::redact::Redactor,
+    redactor: std::sync::Arc<crate::redact::Redactor>,
     deadline: tokio::time::Instant,
     result: &mut JobResult,
 ) {
