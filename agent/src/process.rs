@@ -12,10 +12,11 @@
 use crate::claude::Ending;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
+use crate::launcher::{ChildEnds, Launcher, Spawn};
+use std::os::fd::OwnedFd;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::Command;
+use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
@@ -138,20 +139,12 @@ pub struct Finished {
 
 /// The agent's end of a warden's control pipe (see [`crate::warden`]): a byte asks for a
 /// gentle stop, closing it kills the whole tree.
-struct Control(Option<std::os::fd::OwnedFd>);
+struct Control(Option<OwnedFd>);
 
 impl Control {
-    /// A pipe whose read end the warden inherits (its number is passed on the command
-    /// line); both ends are close-on-exec here, so no other child inherits either.
-    fn pipe() -> std::io::Result<(Control, std::os::fd::OwnedFd)> {
-        use std::os::fd::FromRawFd;
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 fills two fds we then own.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: both fds were just created and are owned by nothing else.
-        let (read, write) = unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])) };
+    /// The control pipe: the agent keeps the write end, the warden gets the read end.
+    fn pipe() -> std::io::Result<(Control, OwnedFd)> {
+        let (read, write) = pipe()?;
         Ok((Control(Some(write)), read))
     }
 
@@ -165,6 +158,103 @@ impl Control {
 
     fn kill(&mut self) {
         self.0 = None;
+    }
+}
+
+/// A pipe, both ends close-on-exec: (read, write).
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// This agent's launcher (see [`crate::launcher`]), started with the first job.
+static LAUNCHER: Launcher = Launcher::new();
+
+/// Starts this agent's launcher ahead of the first job.
+pub fn start_launcher() -> std::io::Result<()> {
+    LAUNCHER.start()
+}
+
+/// A running Claude, as the agent holds it: its warden's pid, the pipes, and the exit
+/// status to come.
+struct Claude {
+    pid: u32,
+    pidfd: Option<OwnedFd>,
+    stdin: Option<pipe::Sender>,
+    stdout: Option<pipe::Receiver>,
+    stderr: Option<pipe::Receiver>,
+    control: Option<Control>,
+    /// Reads the warden's status pipe to its end.
+    exited: Option<tokio::task::JoinHandle<Option<i32>>>,
+    exit: Option<Option<i32>>,
+}
+
+impl Claude {
+    /// Starts Claude through the launcher. Blocking (call it in `spawn_blocking`), but
+    /// inside the runtime: the pipes register with it.
+    fn start(program: &Path, cwd: &Path, args: &[String], env: &[(OsString, OsString)]) -> std::io::Result<Claude> {
+        let (stdin_read, stdin_write) = pipe()?;
+        let (stdout_read, stdout_write) = pipe()?;
+        let (stderr_read, stderr_write) = pipe()?;
+        let (status_read, status_write) = pipe()?;
+        let (control, control_read) = Control::pipe()?;
+        let ends = ChildEnds { stdin: stdin_read, stdout: stdout_write, stderr: stderr_write, control: control_read, status: status_write };
+        let started = LAUNCHER.spawn(&Spawn { program, cwd, args, env }, ends)?;
+        // The launcher sent the child's ends on and the ones passed here are closed now:
+        // Claude's exit (and its tree's) is seen as the ends of these pipes.
+        let mut status = pipe::Receiver::from_owned_fd(status_read)?;
+        let exited = tokio::spawn(async move {
+            let mut bytes = Vec::with_capacity(4);
+            let _ = (&mut status).take(8).read_to_end(&mut bytes).await;
+            let wait_status = i32::from_le_bytes(bytes.get(..4)?.try_into().ok()?);
+            // As std's ExitStatus::code: the exit code, none for a signal.
+            libc::WIFEXITED(wait_status).then(|| libc::WEXITSTATUS(wait_status))
+        });
+        Ok(Claude {
+            pid: started.pid,
+            pidfd: started.pidfd,
+            stdin: Some(pipe::Sender::from_owned_fd(stdin_write)?),
+            stdout: Some(pipe::Receiver::from_owned_fd(stdout_read)?),
+            stderr: Some(pipe::Receiver::from_owned_fd(stderr_read)?),
+            control: Some(control),
+            exited: Some(exited),
+            exit: None,
+        })
+    }
+
+    /// Claude's exit code once its warden has reported it (none after a signal, or when the
+    /// warden died without a word). Cancel-safe: it may be called again after being cut short.
+    async fn wait(&mut self) -> Option<i32> {
+        if let Some(exit) = self.exit {
+            return exit;
+        }
+        let exit = match self.exited.as_mut() {
+            Some(exited) => exited.await.ok().flatten(),
+            None => None,
+        };
+        self.exited = None;
+        self.exit = Some(exit);
+        exit
+    }
+
+    /// The last resort, when the warden itself does not end: SIGKILL to it (Claude dies
+    /// with it, by its parent-death signal). Through the pidfd, so never another process
+    /// that got its pid.
+    fn kill_warden(&self) {
+        use std::os::fd::AsRawFd;
+        match &self.pidfd {
+            // SAFETY: a signal through a pidfd we own.
+            Some(fd) => unsafe {
+                libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0);
+            },
+            None => warn!(pid = self.pid, "the warden does not end and this kernel has no pidfd to kill it with"),
+        }
     }
 }
 
@@ -187,42 +277,25 @@ pub async fn run(
     let Some(program) = find_binary(launch.program) else {
         return Finished { ending: Ending::SpawnFailed(not_found()), stderr: String::new() };
     };
-    let spawned = Control::pipe().and_then(|(control, read)| {
-        use std::os::fd::AsRawFd;
-        let read_fd = read.as_raw_fd();
-        let mut cmd = Command::new(&program);
-        cmd.args(&launch.args)
-            .current_dir(launch.cwd)
-            .env_clear()
-            .envs(launch.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        // SAFETY: `split` makes only async-signal-safe calls; the child it returns in
-        // execs Claude, the one it leaves behind is the warden.
-        unsafe {
-            cmd.pre_exec(move || crate::warden::split(read_fd));
-        }
-        let child = cmd.spawn()?;
-        drop(read);
-        Ok((child, control))
-    });
-    let (mut child, mut control) = match spawned {
-        Ok(spawned) => spawned,
+    let Launch { args, cwd, env, stdin: prompt, .. } = launch;
+    let (cwd, launch_program) = (cwd.to_path_buf(), launch.program.to_string());
+    let started = tokio::task::spawn_blocking(move || Claude::start(&program, &cwd, &args, &env))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(format!("the start was cut short: {e}"))));
+    let mut child = match started {
+        Ok(child) => child,
         Err(e) => {
-            let hint = if e.kind() == std::io::ErrorKind::NotFound { not_found() } else { format!("could not start `{}`: {e}", launch.program) };
+            let hint = if e.kind() == std::io::ErrorKind::NotFound { not_found() } else { format!("could not start `{launch_program}`: {e}") };
             return Finished { ending: Ending::SpawnFailed(hint), stderr: String::new() };
         }
     };
-    let pid = child.id().unwrap_or(0);
+    let pid = child.pid;
     info!(job_id, pid, "claude started");
 
     if let Some(mut stdin) = child.stdin.take() {
-        let prompt = launch.stdin;
         tokio::spawn(async move {
+            // Dropping the pipe then closes Claude's stdin.
             let _ = stdin.write_all(prompt.as_bytes()).await;
-            let _ = stdin.shutdown().await;
         });
     }
     let stderr_task = child.stderr.take().map(|mut err| {
@@ -242,6 +315,7 @@ pub async fn run(
         })
     });
     let mut stdout = BufReader::with_capacity(64 * 1024, child.stdout.take().expect("stdout is piped"));
+    let mut control = child.control.take().expect("the control pipe is ours");
 
     let mut exit: Option<Option<i32>> = None;
     let mut stdout_open = true;
@@ -262,7 +336,7 @@ pub async fn run(
                 }
             }
             status = child.wait(), if exit.is_none() => {
-                exit = Some(status.ok().and_then(|s| s.code()));
+                exit = Some(status);
                 drain_until = Some(tokio::time::Instant::now() + DRAIN_GRACE);
             }
             _ = tokio::time::sleep_until(drain_until.unwrap_or(deadline)), if drain_until.is_some() => {
@@ -286,7 +360,7 @@ pub async fn run(
                 control.kill();
                 if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
                     // The warden itself is stuck: it goes, and Claude with it.
-                    let _ = child.start_kill();
+                    child.kill_warden();
                     let _ = child.wait().await;
                 }
             }
