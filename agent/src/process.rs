@@ -266,6 +266,7 @@ pub async fn run(
     deadline: tokio::time::Instant,
     timeout_ms: u64,
     stop: &mut oneshot::Receiver<Stop>,
+    ready: impl std::future::Future<Output = Result<(), String>>,
     mut on_line: impl FnMut(&[u8]),
 ) -> Finished {
     let not_found = || {
@@ -279,9 +280,19 @@ pub async fn run(
     };
     let Launch { args, cwd, env, stdin: prompt, .. } = launch;
     let (cwd, launch_program) = (cwd.to_path_buf(), launch.program.to_string());
-    let started = tokio::task::spawn_blocking(move || Claude::start(&program, &cwd, &args, &env))
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(format!("the start was cut short: {e}"))));
+    let start = tokio::task::spawn_blocking(move || Claude::start(&program, &cwd, &args, &env));
+    // `ready` (the job's durable "started" marker) is made while Claude starts; Claude gets
+    // its prompt, and so its work, only once both are done.
+    let (started, ready) = tokio::join!(start, ready);
+    let started = started.unwrap_or_else(|e| Err(std::io::Error::other(format!("the start was cut short: {e}"))));
+    if let Err(why) = ready {
+        if let Ok(mut child) = started {
+            // Closing the control pipe kills it; it never saw a prompt.
+            drop(child.control.take());
+            let _ = child.wait().await;
+        }
+        return Finished { ending: Ending::NotStarted(why), stderr: String::new() };
+    }
     let mut child = match started {
         Ok(child) => child,
         Err(e) => {

@@ -238,16 +238,23 @@ async fn run_claude(
             let _ = ctx.uplink.send(AgentMessage::progress(job_id, &ctx.order_nonce, seq, event, &cfg.signing_key));
         }
     };
-    // Durably before Claude can start: if the agent dies now, its next run reports the job
-    // lost instead of letting the edge send it again (it may not have heard it started).
-    if let Err(e) = ctx.spool.as_ref().map_or(Ok(()), |spool| spool.started(job_id, &ctx.order_nonce)) {
-        return JobResult::failure(
-            shared::contract::ErrorCode::InternalError,
-            format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry"),
-            started.elapsed().as_millis() as u64,
-        );
-    }
-    let finished = process::run(launch, job_id, deadline, spec.timeout_ms, &mut stop, on_line).await;
+    // Durably before Claude gets its prompt: if the agent dies now, its next run reports
+    // the job lost instead of letting the edge send it again (it may not have heard it
+    // started). Written while Claude starts (process::run waits for both).
+    let marker = ctx.spool.clone().map(|spool| {
+        let (job_id, nonce) = (job_id.to_string(), ctx.order_nonce.clone());
+        tokio::task::spawn_blocking(move || spool.started(&job_id, &nonce))
+    });
+    let ready = async move {
+        let written = match marker {
+            Some(marker) => marker.await.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))),
+            None => Ok(()),
+        };
+        written.map_err(|e| {
+            format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry")
+        })
+    };
+    let finished = process::run(launch, job_id, deadline, spec.timeout_ms, &mut stop, ready, on_line).await;
     let stderr = ctx.login.redactor(crate::now_ms()).redact(&finished.stderr);
     let duration_ms = started.elapsed().as_millis() as u64;
     let result = claude::result(&transcript, finished.ending, &stderr, duration_ms);

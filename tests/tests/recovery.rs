@@ -355,3 +355,23 @@ async fn a_claude_that_cannot_be_executed_fails_its_job_clearly() {
     assert!(error.contains("could not start") && error.to_lowercase().contains("exec format error"), "{error}\n{}", agent.log());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The job's "started" marker cannot be written (its disk went read-only): the job fails
+/// with the reason, and Claude — started beside the marker's write — never gets its prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_started_marker_cannot_be_written_never_reaches_claude() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    opts.wrapper = on_own_disk("$DATA_DIR/started", "64k");
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    remount(agent.pid().unwrap(), &agent.data.path().join("data/started"), "ro");
+    let answer = client.execute(json!({"prompt": "must not run", "timeout_ms": 15000})).await;
+    assert_eq!(answer.body["success"], false, "{}", answer.text);
+    assert_eq!(answer.body["error_code"], "INTERNAL_ERROR", "{}", answer.text);
+    assert!(answer.body["error"].as_str().unwrap_or_default().contains("could not record that the job starts"), "{}", answer.text);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(agent.claude_runs().is_empty(), "claude got the prompt: {:?}", agent.claude_runs());
+}
