@@ -44,6 +44,10 @@ async fn a_job_started_before_the_agent_died_is_lost_not_run_again() {
     // Long heartbeats: the agent does not give the muted link up before it is killed.
     let (_edge, mut agent, client, proxy) = setup(&[("LOST_AFTER_MS", "30000"), ("HEARTBEAT_INTERVAL_MS", "5000")], true).await;
     let proxy = proxy.unwrap();
+    // The agent states its free slots right after the welcome, in a message of its own:
+    // `/health` is 200 at the hello already, so give that message time to arrive before
+    // the link is muted (without it the edge sends nothing, and the test fails).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.blackhole(Direction::Up);
     let a = client.submit(json!({"prompt": "@sleep=60000 once only"})).await;
     let job_id = a.body["job_id"].as_str().unwrap().to_string();
