@@ -153,7 +153,6 @@ impl Agent {
         ids
     }
 
-
     fn slots(&self, running: &Running) -> Slots {
         let free = if running.closed { 0 } else { self.cfg.max_concurrent_jobs.saturating_sub(running.jobs.len() as u32) };
         Slots { free, received: running.received }
@@ -289,11 +288,17 @@ impl Agent {
             // A bug in the runner must not leave the slot taken and the caller waiting:
             // a panicked job still ends, as a failure.
             let run = std::panic::AssertUnwindSafe(runner::run(&ctx, &job_id, order.spec, stop_rx)).catch_unwind();
-            let result = run.await.unwrap_or_else(|_| {
-                error!(job_id = %job_id, agent_id = %agent.cfg.agent_id, "the job runner panicked");
-                JobResult::failure(ErrorCode::InternalError, "the agent failed while running this job (see its log); retry", 0)
-            });
+            let (result, leftover) = match run.await {
+                Ok((result, leftover)) => (result, Some(leftover)),
+                Err(_) => {
+                    error!(job_id = %job_id, agent_id = %agent.cfg.agent_id, "the job runner panicked");
+                    (JobResult::failure(ErrorCode::InternalError, "the agent failed while running this job (see its log); retry", 0), None)
+                }
+            };
             agent.finish(&job_id, &ctx.order_nonce, result).await;
+            if let Some(leftover) = leftover {
+                leftover.clean_up().await;
+            }
         };
         if self.jobs.send(Box::pin(task)).is_err() {
             // The serve loop is gone: the agent is exiting.
@@ -321,20 +326,22 @@ impl Agent {
         if let AgentMessage::Result { envelope } = &report {
             self.spool.sending(job_id, envelope);
         }
-        {
+        let (ids, mirrors) = {
             let mut running = self.running.lock().expect("running lock");
             running.jobs.remove(job_id);
             let mirrors = self.repos.mirror_names();
-            self.status.mirrors(mirrors.clone());
             let _ = self.uplink.send(report);
             if mirrors != running.mirrors_told {
                 // The edge routes a repository's jobs to agents holding its mirror.
                 running.mirrors_told = mirrors.clone();
-                let _ = self.uplink.send(AgentMessage::Mirrors { names: mirrors });
+                let _ = self.uplink.send(AgentMessage::Mirrors { names: mirrors.clone() });
             }
             let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
-        }
-        self.status.running(self.running_ids());
+            let mut ids: Vec<String> = running.jobs.keys().cloned().collect();
+            ids.sort();
+            (ids, mirrors)
+        };
+        self.status.job_ended(ids, mirrors);
         // The job's task lasts until its result is on disk: a drain waits for it.
         let spool = Arc::clone(&self.spool);
         let id = job_id.to_string();

@@ -16,6 +16,7 @@ use crate::workspace;
 use shared::contract::ErrorCode;
 use shared::job::{JobResult, JobSpec};
 use shared::protocol::AgentMessage;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -51,10 +52,39 @@ const FINISH_GRACE: Duration = Duration::from_secs(20);
 /// The largest result JSON: one WebSocket frame, less room for the message around it.
 const MAX_RESULT_BYTES: usize = shared::protocol::MAX_FRAME_BYTES - 64 * 1024;
 
-/// Runs the job to its end and returns its (redacted) result.
-pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot::Receiver<Stop>) -> JobResult {
-    let started = Instant::now();
+/// Runs the job to its end and returns its (redacted) result, and its workspace to clean
+/// up once the result is on its way (removing it is off the job's path).
+pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, stop: oneshot::Receiver<Stop>) -> (JobResult, Leftover) {
     let workspace = ctx.cfg.data_dir.join("workspaces").join(job_id);
+    let result = run_in(ctx, job_id, spec, stop, &workspace).await;
+    let keep = std::env::var_os("CLAUDE_RUNNER_KEEP_WORKSPACES").is_some() || (!result.success && ctx.cfg.repos.keep_failed_workspaces);
+    (result, Leftover { workspace, keep, job_id: job_id.to_string(), agent_id: ctx.cfg.agent_id.clone() })
+}
+
+/// A finished job's workspace.
+#[must_use = "a job's workspace is removed by clean_up"]
+pub struct Leftover {
+    workspace: PathBuf,
+    keep: bool,
+    job_id: String,
+    agent_id: String,
+}
+
+impl Leftover {
+    /// Removes the workspace, unless the job failed and `KEEP_FAILED_WORKSPACES` is set.
+    /// (If the agent stops before, its next start removes it.)
+    pub async fn clean_up(self) {
+        if self.keep {
+            info!(job_id = %self.job_id, agent_id = %self.agent_id, workspace = %self.workspace.display(), "workspace kept");
+        } else {
+            let _ = tokio::fs::remove_dir_all(&self.workspace).await;
+        }
+    }
+}
+
+async fn run_in(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot::Receiver<Stop>, workspace: &Path) -> JobResult {
+    let workspace = workspace.to_path_buf();
+    let started = Instant::now();
     // Every wait before Claude counts against the job's timeout, and a cancel ends it.
     let deadline = deadline_of(started, spec.timeout_ms);
     let (cwd, repo) = match &spec.repo_url {
@@ -91,7 +121,6 @@ pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: onesho
                             JobResult::failure(ErrorCode::RepoError, e.to_string(), ms)
                         }
                     };
-                    clean_up(ctx, job_id, &workspace, &result).await;
                     return result;
                 }
             }
@@ -128,7 +157,6 @@ pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: onesho
         result.duration_ms = started.elapsed().as_millis() as u64;
         crate::repo::fit_result(&mut result, MAX_RESULT_BYTES);
     }
-    clean_up(ctx, job_id, &workspace, &result).await;
     result
 }
 
@@ -175,16 +203,6 @@ async fn hand_back(
                 result.error = Some(e.to_string());
             }
         }
-    }
-}
-
-/// Removes the job's workspace, unless it failed and `KEEP_FAILED_WORKSPACES` is set.
-async fn clean_up(ctx: &JobContext, job_id: &str, workspace: &std::path::Path, result: &JobResult) {
-    let keep = std::env::var_os("CLAUDE_RUNNER_KEEP_WORKSPACES").is_some() || (!result.success && ctx.cfg.repos.keep_failed_workspaces);
-    if keep {
-        info!(job_id, agent_id = %ctx.cfg.agent_id, workspace = %workspace.display(), "workspace kept");
-    } else {
-        let _ = tokio::fs::remove_dir_all(workspace).await;
     }
 }
 

@@ -140,6 +140,14 @@ impl StatusFile {
     pub fn mirrors(&self, mirrors: Vec<String>) {
         self.update(|s| s.mirrors = mirrors);
     }
+
+    /// A job ended: one write for both (the file is rewritten whole each time).
+    pub fn job_ended(&self, running: Vec<String>, mirrors: Vec<String>) {
+        self.update(|s| {
+            s.running = running;
+            s.mirrors = mirrors;
+        });
+    }
 }
 
 pub fn read(data_dir: &std::path::Path) -> anyhow::Result<Option<Status>> {
