@@ -196,18 +196,17 @@ struct Claude {
 }
 
 impl Claude {
-    /// Starts Claude through the launcher. Blocking (call it in `spawn_blocking`), but
-    /// inside the runtime: the pipes register with it.
-    fn start(program: &Path, cwd: &Path, args: &[String], env: &[(OsString, OsString)]) -> std::io::Result<Claude> {
+    /// The pipes of a Claude about to start: the agent's ends (registered with the
+    /// runtime) in a `Claude` whose pid comes with [`Claude::started`], and the child's
+    /// ends for the launcher. Claude's exit (and its tree's) is then seen as the ends of
+    /// these pipes: the agent keeps no copy of the child's ends once they are sent.
+    fn pipes() -> std::io::Result<(Claude, ChildEnds)> {
         let (stdin_read, stdin_write) = pipe()?;
         let (stdout_read, stdout_write) = pipe()?;
         let (stderr_read, stderr_write) = pipe()?;
         let (status_read, status_write) = pipe()?;
         let (control, control_read) = Control::pipe()?;
         let ends = ChildEnds { stdin: stdin_read, stdout: stdout_write, stderr: stderr_write, control: control_read, status: status_write };
-        let started = LAUNCHER.spawn(&Spawn { program, cwd, args, env }, ends)?;
-        // The launcher sent the child's ends on and the ones passed here are closed now:
-        // Claude's exit (and its tree's) is seen as the ends of these pipes.
         let mut status = pipe::Receiver::from_owned_fd(status_read)?;
         let exited = tokio::spawn(async move {
             let mut bytes = Vec::with_capacity(4);
@@ -216,16 +215,23 @@ impl Claude {
             // As std's ExitStatus::code: the exit code, none for a signal.
             libc::WIFEXITED(wait_status).then(|| libc::WEXITSTATUS(wait_status))
         });
-        Ok(Claude {
-            pid: started.pid,
-            pidfd: started.pidfd,
+        let claude = Claude {
+            pid: 0,
+            pidfd: None,
             stdin: Some(pipe::Sender::from_owned_fd(stdin_write)?),
             stdout: Some(pipe::Receiver::from_owned_fd(stdout_read)?),
             stderr: Some(pipe::Receiver::from_owned_fd(stderr_read)?),
             control: Some(control),
             exited: Some(exited),
             exit: None,
-        })
+        };
+        Ok((claude, ends))
+    }
+
+    /// The launcher started it.
+    fn started(&mut self, started: crate::launcher::Started) {
+        self.pid = started.pid;
+        self.pidfd = started.pidfd;
     }
 
     /// Claude's exit code once its warden has reported it (none after a signal, or when the
@@ -280,35 +286,48 @@ pub async fn run(
     };
     let Launch { args, cwd, env, stdin: prompt, .. } = launch;
     let (cwd, launch_program) = (cwd.to_path_buf(), launch.program.to_string());
-    let start = tokio::task::spawn_blocking(move || Claude::start(&program, &cwd, &args, &env));
-    // `ready` (the job's durable "started" marker) is made while Claude starts; Claude gets
-    // its prompt, and so its work, only once both are done.
-    let (started, ready) = tokio::join!(start, ready);
+    let could_not_start = |e: std::io::Error| {
+        let hint = if e.kind() == std::io::ErrorKind::NotFound { not_found() } else { format!("could not start `{launch_program}`: {e}") };
+        Finished { ending: Ending::SpawnFailed(hint), stderr: String::new() }
+    };
+    let (mut child, ends) = match Claude::pipes() {
+        Ok(pipes) => pipes,
+        Err(e) => return could_not_start(e),
+    };
+    let start = tokio::task::spawn_blocking(move || LAUNCHER.spawn(&Spawn { program: &program, cwd: &cwd, args: &args, env: &env }, ends));
+    // `ready` (the job's durable "started" marker) is made while Claude starts, and the
+    // prompt — Claude's work — goes into its stdin the moment it is done, whether or not
+    // Claude is up yet (a pipe holds it). Until then stdin stays open and empty: a Claude
+    // killed for want of the marker never reads a prompt, not even an empty one.
+    let mut stdin = child.stdin.take();
+    let feed = async {
+        ready.await?;
+        if let Some(mut stdin) = stdin.take() {
+            tokio::spawn(async move {
+                // Dropping the pipe then closes Claude's stdin.
+                let _ = stdin.write_all(prompt.as_bytes()).await;
+            });
+        }
+        Ok::<(), String>(())
+    };
+    let (started, fed) = tokio::join!(start, feed);
     let started = started.unwrap_or_else(|e| Err(std::io::Error::other(format!("the start was cut short: {e}"))));
-    if let Err(why) = ready {
-        if let Ok(mut child) = started {
+    if let Err(why) = fed {
+        if started.is_ok() {
             // Closing the control pipe kills it; it never saw a prompt.
             drop(child.control.take());
             let _ = child.wait().await;
         }
+        drop(stdin);
         return Finished { ending: Ending::NotStarted(why), stderr: String::new() };
     }
-    let mut child = match started {
-        Ok(child) => child,
-        Err(e) => {
-            let hint = if e.kind() == std::io::ErrorKind::NotFound { not_found() } else { format!("could not start `{launch_program}`: {e}") };
-            return Finished { ending: Ending::SpawnFailed(hint), stderr: String::new() };
-        }
-    };
+    match started {
+        Ok(started) => child.started(started),
+        Err(e) => return could_not_start(e),
+    }
     let pid = child.pid;
     info!(job_id, pid, "claude started");
 
-    if let Some(mut stdin) = child.stdin.take() {
-        tokio::spawn(async move {
-            // Dropping the pipe then closes Claude's stdin.
-            let _ = stdin.write_all(prompt.as_bytes()).await;
-        });
-    }
     let stderr_task = child.stderr.take().map(|mut err| {
         tokio::spawn(async move {
             let mut tail: Vec<u8> = Vec::new();
