@@ -37,6 +37,12 @@ const FDS: usize = 5;
 /// A request body larger than this is refused (`E2BIG`): Linux refuses an `exec` whose
 /// arguments and environment pass a few MiB anyway.
 const MAX_BODY: usize = 16 * 1024 * 1024;
+/// How long the launcher has to take a request and answer it (a fork, a fork and an
+/// `exec`: milliseconds, even on a loaded machine). A launcher that takes longer is stuck
+/// (stopped with SIGSTOP — any process of the agent's user may send one, a job's
+/// included — or starved): it is killed and replaced, rather than holding every job after
+/// it for ever behind the launcher's lock.
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What Claude is started with: program, folder, arguments, the whole environment.
 pub struct Spawn<'a> {
@@ -132,6 +138,10 @@ impl Running {
     fn start() -> std::io::Result<Running> {
         use std::os::unix::process::CommandExt;
         let (ours, theirs) = UnixStream::pair()?;
+        // Every send and receive on it is bounded (SO_SNDTIMEO, SO_RCVTIMEO apply to
+        // sendmsg and recvmsg too): a timeout is an error like the launcher's death.
+        ours.set_read_timeout(Some(ANSWER_WITHIN))?;
+        ours.set_write_timeout(Some(ANSWER_WITHIN))?;
         // No pre_exec: std starts it with posix_spawn (vfork), which copies nothing.
         let process = std::process::Command::new("/proc/self/exe")
             .arg(COMMAND)
@@ -152,17 +162,27 @@ fn exchange(socket: &mut UnixStream, body: &[u8], ends: &ChildEnds) -> std::io::
     send_with_fds(socket.as_raw_fd(), &(body.len() as u32).to_le_bytes(), &fds)?;
     socket.write_all(body)?;
     let mut answer = [0u8; 8];
-    let (n, mut received) = recv_with_fds(socket.as_raw_fd(), &mut answer, 1)?;
+    let (n, mut received) = recv_with_fds(socket.as_raw_fd(), &mut answer, 1).map_err(not_answering)?;
     if n == 0 {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
-    socket.read_exact(&mut answer[n..])?;
+    socket.read_exact(&mut answer[n..]).map_err(not_answering)?;
     let errno = i32::from_le_bytes(answer[..4].try_into().expect("4 bytes"));
     let pid = u32::from_le_bytes(answer[4..].try_into().expect("4 bytes"));
     if errno != 0 {
         return Ok(Err(std::io::Error::from_raw_os_error(errno)));
     }
     Ok(Ok(Started { pid, pidfd: received.pop() }))
+}
+
+/// A receive that timed out says so (the kernel's EAGAIN reads "Resource temporarily unavailable").
+fn not_answering(e: std::io::Error) -> std::io::Error {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the launcher did not answer within {} s", ANSWER_WITHIN.as_secs()))
+        }
+        _ => e,
+    }
 }
 
 /// `program \0 cwd \0 argc \0 args… \0 NAME=value…`, each field NUL-terminated (none can

@@ -379,3 +379,31 @@ async fn a_job_whose_started_marker_cannot_be_written_never_reaches_claude() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(agent.claude_runs().is_empty(), "claude got the prompt: {:?}", agent.claude_runs());
 }
+
+/// The agent's launcher, found among its children.
+fn launcher_of(agent: &AgentProc) -> Option<u32> {
+    process_tree(agent.pid().unwrap()).into_iter().find(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.split(|&b| b == 0).nth(1) == Some(&b"__launcher"[..]))
+    })
+}
+
+/// The launcher stops answering (SIGSTOP: any process of the agent's user can send it, a
+/// job's included). Before the fix the job waiting on it hung for ever, holding the
+/// launcher's lock, and so did every job after it. Now the agent gives up on it after a
+/// bounded wait, kills it, and the next job starts a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_launcher_holds_no_job_for_ever_and_is_replaced() {
+    let (_edge, agent, client, _) = setup(&[], false).await;
+    let stopped = launcher_of(&agent).expect("the agent starts its launcher with itself");
+    // SAFETY: a signal to a process this test found under the agent.
+    unsafe { libc::kill(stopped as i32, libc::SIGSTOP) };
+    let a = client.submit(json!({"prompt": "while the launcher is stopped", "timeout_ms": 120000})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    // Ends one way or the other (failed with the reason, or run by a new launcher).
+    let job = client.wait_job(&job_id, Duration::from_secs(40)).await;
+    assert!(["succeeded", "failed"].contains(&job["state"].as_str().unwrap_or("")), "{job}\n{}", agent.log());
+    assert!(eventually(Duration::from_secs(5), || !alive(stopped as i32)).await, "the stopped launcher was left behind");
+    let next = client.execute(json!({"prompt": "after the stopped launcher", "timeout_ms": 15000})).await;
+    assert_eq!(next.body["success"], true, "{}\n{}", next.text, agent.log());
+    assert_ne!(launcher_of(&agent), Some(stopped));
+}
