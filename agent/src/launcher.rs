@@ -20,7 +20,9 @@
 //!
 //! Claude's exit reaches the agent on the status pipe (see [`crate::warden`]), not through
 //! the launcher: the launcher holds no job state, and a launcher that dies loses nothing
-//! running. The agent sees it gone at its next request and starts a new one.
+//! running. The agent sees it gone at its next request and starts a new one; it sends that
+//! request again only if the old launcher cannot have had it whole (it would otherwise risk
+//! running the job twice), and waits at most [`ANSWER_WITHIN`] for any answer.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io::{Read, Write};
@@ -73,6 +75,8 @@ pub struct Started {
 /// The agent's side: the running launcher, started on first use.
 pub struct Launcher {
     running: Mutex<Option<Running>>,
+    /// How a launcher is started (tests start stand-ins).
+    start: fn() -> std::io::Result<Running>,
 }
 
 struct Running {
@@ -82,7 +86,7 @@ struct Running {
 
 impl Launcher {
     pub const fn new() -> Launcher {
-        Launcher { running: Mutex::new(None) }
+        Launcher { running: Mutex::new(None), start: Running::start }
     }
 
     /// Starts the launcher now, if it does not run (the agent does so at start, so that a
@@ -90,7 +94,7 @@ impl Launcher {
     pub fn start(&self) -> std::io::Result<()> {
         let mut running = self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if running.is_none() {
-            *running = Some(Running::start()?);
+            *running = Some((self.start)()?);
         }
         Ok(())
     }
@@ -103,23 +107,36 @@ impl Launcher {
             return Err(std::io::Error::from_raw_os_error(libc::E2BIG));
         }
         let mut running = self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        // A launcher that died (killed, out of memory) is replaced once, then the error stands.
+        // A launcher that died (killed, out of memory) is replaced, and the request sent
+        // again, only if it cannot have run it: it was gone before it had the whole request.
+        // Once it had it, it may have started Claude, on these very pipes, before it died
+        // (or stopped answering): sending it again could run the job twice.
         let mut retried = false;
         loop {
             if running.is_none() {
-                *running = Some(Running::start()?);
+                *running = Some((self.start)()?);
             }
             let launcher = running.as_mut().expect("just started");
-            match exchange(&mut launcher.socket, &body, &ends) {
+            let failure = match exchange(&mut launcher.socket, &body, &ends) {
                 Ok(answer) => return answer,
-                Err(e) => {
-                    if let Some(mut gone) = running.take() {
-                        let _ = gone.process.kill();
-                        let _ = gone.process.wait();
-                    }
-                    if retried {
-                        return Err(std::io::Error::new(e.kind(), format!("the agent's launcher failed twice in a row ({e}); restart the agent")));
-                    }
+                Err(failure) => failure,
+            };
+            if let Some(mut gone) = running.take() {
+                let _ = gone.process.kill();
+                let _ = gone.process.wait();
+            }
+            match failure {
+                Failure::Unanswered(e) => {
+                    tracing::warn!(error = %e, "the launcher failed while starting claude; it is replaced");
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("the agent's launcher failed while starting it ({e}) and was replaced; Claude may have started, so the job was not started again: run the job again"),
+                    ));
+                }
+                Failure::NotDelivered(e) if retried => {
+                    return Err(std::io::Error::new(e.kind(), format!("the agent's launcher failed twice in a row ({e}); restart the agent")));
+                }
+                Failure::NotDelivered(e) => {
                     tracing::warn!(error = %e, "the launcher is gone; starting a new one");
                     retried = true;
                 }
@@ -155,18 +172,26 @@ impl Running {
     }
 }
 
+/// How a conversation with the launcher failed.
+enum Failure {
+    /// Before the launcher had the whole request: it cannot have acted on it.
+    NotDelivered(std::io::Error),
+    /// After: it may have started Claude.
+    Unanswered(std::io::Error),
+}
+
 /// One request and its answer. An `Err` is the conversation failing (the launcher is
-/// gone); an `Ok(Err)` is the launcher's answer that Claude could not be started.
-fn exchange(socket: &mut UnixStream, body: &[u8], ends: &ChildEnds) -> std::io::Result<std::io::Result<Started>> {
+/// gone, or stuck); an `Ok(Err)` is the launcher's answer that Claude could not be started.
+fn exchange(socket: &mut UnixStream, body: &[u8], ends: &ChildEnds) -> Result<std::io::Result<Started>, Failure> {
     let fds = [&ends.stdin, &ends.stdout, &ends.stderr, &ends.control, &ends.status].map(|fd| fd.as_raw_fd());
-    send_with_fds(socket.as_raw_fd(), &(body.len() as u32).to_le_bytes(), &fds)?;
-    socket.write_all(body)?;
+    send_with_fds(socket.as_raw_fd(), &(body.len() as u32).to_le_bytes(), &fds).map_err(Failure::NotDelivered)?;
+    socket.write_all(body).map_err(Failure::NotDelivered)?;
     let mut answer = [0u8; 8];
-    let (n, mut received) = recv_with_fds(socket.as_raw_fd(), &mut answer, 1).map_err(not_answering)?;
+    let (n, mut received) = recv_with_fds(socket.as_raw_fd(), &mut answer, 1).map_err(|e| Failure::Unanswered(not_answering(e)))?;
     if n == 0 {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
+        return Err(Failure::Unanswered(std::io::ErrorKind::UnexpectedEof.into()));
     }
-    socket.read_exact(&mut answer[n..]).map_err(not_answering)?;
+    socket.read_exact(&mut answer[n..]).map_err(|e| Failure::Unanswered(not_answering(e)))?;
     let errno = i32::from_le_bytes(answer[..4].try_into().expect("4 bytes"));
     let pid = u32::from_le_bytes(answer[4..].try_into().expect("4 bytes"));
     if errno != 0 {
@@ -541,6 +566,81 @@ mod tests {
         assert_eq!(argv, [&b"/usr/bin/claude"[..], b"-p", b"", b"--output-format"]);
         let envp: Vec<&[u8]> = r.envp.iter().map(|a| a.as_bytes()).collect();
         assert_eq!(envp, [&b"HOME=/h"[..], b"EMPTY=", b"EQ=a=b"]);
+    }
+
+    /// A stand-in launcher: `serve` on a thread at the other end of the socket, and a
+    /// `sleep` for its process (killed when the agent's side gives up on it).
+    fn stand_in(serve: impl FnOnce(UnixStream) + Send + 'static) -> std::io::Result<Running> {
+        let (ours, theirs) = UnixStream::pair()?;
+        std::thread::spawn(move || serve(theirs));
+        let process = std::process::Command::new("sleep").arg("600").spawn()?;
+        Ok(Running { socket: ours, process })
+    }
+
+    /// Takes one request as the launcher does; "runs Claude" by writing `ran` to its stdout.
+    fn take_request(socket: &mut UnixStream) -> Vec<OwnedFd> {
+        let mut header = [0u8; 4];
+        let (n, fds) = recv_with_fds(socket.as_raw_fd(), &mut header, FDS).unwrap();
+        socket.read_exact(&mut header[n..]).unwrap();
+        let mut body = vec![0u8; u32::from_le_bytes(header) as usize];
+        socket.read_exact(&mut body).unwrap();
+        assert!(decode(&body).is_some());
+        let mut stdout = UnixStream::from(fds[1].try_clone().unwrap());
+        stdout.write_all(b"ran\n").unwrap();
+        fds
+    }
+
+    /// Spawns through `launcher`; returns the outcome and what "Claude" wrote to its stdout.
+    fn spawn_through(launcher: &Launcher) -> (std::io::Result<Started>, String) {
+        let end = || UnixStream::pair().map(|(a, b)| (a, OwnedFd::from(b))).unwrap();
+        let (mut stdout, stdout_end) = end();
+        let ends = ChildEnds { stdin: end().1, stdout: stdout_end, stderr: end().1, control: end().1, status: end().1 };
+        let env = env_of(&[("HOME", "/h")]);
+        let spawn = Spawn { program: Path::new("/bin/true"), cwd: Path::new("/"), args: &[], env: &env };
+        let outcome = launcher.spawn(&spawn, ends);
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).unwrap();
+        (outcome, out)
+    }
+
+    /// The launcher dies after it took a request (it may have started Claude: here, it
+    /// did). Before the fix the agent sent the same request, with the same pipes, to a new
+    /// launcher: Claude ran twice, on one stdin and one stdout.
+    #[test]
+    fn a_request_the_launcher_may_have_run_is_never_sent_again() {
+        fn dies_after_taking_it() -> std::io::Result<Running> {
+            stand_in(|mut socket| drop(take_request(&mut socket)))
+        }
+        let launcher = Launcher { running: Mutex::new(None), start: dies_after_taking_it };
+        let (outcome, out) = spawn_through(&launcher);
+        let e = outcome.err().expect("the start fails");
+        assert_eq!(out, "ran\n", "claude ran once, not again");
+        assert!(e.to_string().contains("run the job again"), "{e}");
+    }
+
+    /// A launcher found dead before the request is replaced, and the request goes to the
+    /// new one (it cannot have run it).
+    #[test]
+    fn a_request_the_launcher_never_took_goes_to_a_new_one() {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn dead_then_well() -> std::io::Result<Running> {
+            if STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                return stand_in(drop);
+            }
+            stand_in(|mut socket| {
+                drop(take_request(&mut socket));
+                let mut answer = [0u8; 8];
+                answer[4..].copy_from_slice(&42u32.to_le_bytes());
+                send_with_fds(socket.as_raw_fd(), &answer, &[]).unwrap();
+            })
+        }
+        let launcher = Launcher { running: Mutex::new(None), start: dead_then_well };
+        // The first stand-in's thread has closed its end before the request is sent.
+        launcher.start().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let (outcome, out) = spawn_through(&launcher);
+        assert_eq!(outcome.expect("started by the second launcher").pid, 42);
+        assert_eq!(out, "ran\n");
     }
 
     #[test]
