@@ -95,9 +95,14 @@ async fn a_job_cannot_read_the_agents_process() {
     // those capabilities from the agent and everything it starts.
     let wrapper = if is_root() { vec!["setpriv".to_string(), "--bounding-set=-sys_ptrace,-sys_admin,-perfmon".to_string()] } else { Vec::new() };
     let s = setup(&[], wrapper).await;
-    let out = output(&s, "@print_parent_environ").await;
-    assert!(out.starts_with("parent environ unreadable"), "the job read the agent's environment: {out}");
+    // Claude's parent is its warden, a child of the launcher (which has an empty
+    // environment): the agent is its grandparent's parent, so it is named by its pid.
+    let agent = s.agent.pid().unwrap();
+    let out = output(&s, &format!("@print_environ_of={agent}")).await;
+    assert!(out.starts_with(&format!("environ of {agent} unreadable")), "the job read the agent's environment: {out}");
     assert!(!out.contains("AGENT_SIGNING_KEY"), "{out}");
+    let out = output(&s, "@print_parent_environ").await;
+    assert!(out.starts_with("parent environ unreadable"), "the job read its warden's environment: {out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

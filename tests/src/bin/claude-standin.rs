@@ -11,7 +11,8 @@
 //! the base64 of a file on one line · `@base64=PATH` answer with it as coreutils'
 //! `base64 FILE` prints it (wrapped at 76 columns), first as a tool's output (a Bash
 //! tool_result) · `@print_parent_environ` answer with the agent's
-//! `/proc/<ppid>/environ`, or why it cannot be read · `@print_mode=PATH` answer with a
+//! `/proc/<ppid>/environ`, or why it cannot be read · `@print_environ_of=PID` the same for
+//! any process (Claude's parent is its warden, not the agent) · `@print_mode=PATH` answer with a
 //! path's permission bits (octal) · `@no_result` end without a result line ·
 //! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it) · `@write=PATH` write a text
 //! file (relative to the working directory; may repeat) · `@write_binary=PATH` write a few
@@ -172,6 +173,11 @@ fn main() {
         // As Claude Code shows a Bash tool's output: a user message with a tool_result.
         emit(&mut out, serde_json::json!({"type":"user","session_id":session,"message":{"role":"user","content":[{"type":"tool_result","tool_use_id":"toolu_standin","content":text}]}}));
         text
+    } else if let Some(pid) = directive(&prompt, "print_environ_of") {
+        match std::fs::read(format!("/proc/{pid}/environ")) {
+            Ok(bytes) => format!("environ of {pid}: {}", String::from_utf8_lossy(&bytes).replace('\0', " ")),
+            Err(e) => format!("environ of {pid} unreadable: {e}"),
+        }
     } else if directive(&prompt, "print_parent_environ").is_some() {
         let ppid = std::os::unix::process::parent_id();
         match std::fs::read(format!("/proc/{ppid}/environ")) {
