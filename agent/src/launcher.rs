@@ -449,6 +449,10 @@ unsafe fn start_claude(request: &Request, argv: &[*const libc::c_char], envp: &[
             fail(error);
         }
     }
+    // Nothing else goes through `exec`: whatever the agent was started with and did not mark
+    // close-on-exec (a shell's or a supervisor's descriptors) passed to the launcher, and
+    // from it to every Claude. Only the exec-error pipe stays, until the `exec` closes it.
+    crate::warden::close_all_but(error, error);
     if libc::chdir(request.cwd.as_ptr()) != 0 {
         fail(error);
     }

@@ -60,7 +60,7 @@ pub unsafe fn run(control: RawFd, status: RawFd, claude: libc::pid_t) -> ! {
 }
 
 /// Closes every descriptor from 3 up except `a` and `b`.
-unsafe fn close_all_but(a: RawFd, b: RawFd) {
+pub(crate) unsafe fn close_all_but(a: RawFd, b: RawFd) {
     let (low, high) = (a.min(b), a.max(b));
     let mut from = 3;
     for keep in [low, high] {

@@ -195,3 +195,32 @@ fn plaintext_to_a_host_beyond_loopback_is_refused() {
     assert_eq!(status, Some(false), "{out}");
     assert!(out.contains("ALLOW_INSECURE_EDGE=1") && out.contains("wss://"), "{out}");
 }
+
+/// Claude starts as a fresh process would (it is forked by a warden, forked by the
+/// launcher, which ignores some signals and blocks SIGCHLD): only its three pipes open,
+/// no signal blocked, the agent's umask, a process group of its own, and its warden a
+/// non-dumpable process with an empty environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claude_starts_with_only_its_pipes_and_no_signal_blocked() {
+    // The agent starts with a descriptor it does not know of, not close-on-exec (as a shell
+    // or a supervisor may leave it one): Claude must not get it.
+    let wrapper = ["bash", "-c", "exec 7</dev/null; exec \"$@\"", "wrap"].map(String::from).to_vec();
+    let s = setup(&[], wrapper).await;
+    let a = s.client.submit(json!({"prompt": "@sleep=5000 look at me"})).await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    assert!(eventually(Duration::from_secs(10), || !s.agent.claude_runs().is_empty()).await, "{}", s.agent.log());
+    let claude = s.agent.claude_runs()[0]["pid"].as_i64().unwrap();
+    let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{claude}/fd")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    fds.sort();
+    let status = std::fs::read_to_string(format!("/proc/{claude}/status")).unwrap();
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(&format!("{name}:\t"))).unwrap_or_default().to_string();
+    let stat = std::fs::read_to_string(format!("/proc/{claude}/stat")).unwrap();
+    let after: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    let (ppid, pgrp): (i64, i64) = (after[1].parse().unwrap(), after[2].parse().unwrap());
+    assert_eq!(fds, ["0", "1", "2"], "{:?}", fds.iter().map(|fd| std::fs::read_link(format!("/proc/{claude}/fd/{fd}"))).collect::<Vec<_>>());
+    assert_eq!(field("SigBlk"), "0000000000000000");
+    assert_eq!(field("Umask"), "0077");
+    assert_eq!(pgrp, claude, "its own process group");
+    let warden_env = std::fs::read(format!("/proc/{ppid}/environ"));
+    assert!(warden_env.as_ref().map_or(true, |e| e.is_empty()), "{warden_env:?}");
+}
