@@ -436,6 +436,13 @@ unsafe fn start_claude(request: &Request, argv: &[*const libc::c_char], envp: &[
     for sig in 1..libc::SIGRTMAX() {
         libc::signal(sig, libc::SIG_DFL);
     }
+    // glibc's `signal` refuses its own two (32 and 33, below SIGRTMIN), which the
+    // posix_spawn that started the launcher left ignored: the kernel's call resets them
+    // (an all-zero action is SIG_DFL, no flags, an empty mask, on every layout).
+    for sig in 32..libc::SIGRTMIN() {
+        let default = [0u64; 4];
+        libc::syscall(libc::SYS_rt_sigaction, sig, default.as_ptr(), std::ptr::null::<u64>(), 8usize);
+    }
     let mut none: libc::sigset_t = std::mem::zeroed();
     libc::sigemptyset(&mut none);
     libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());

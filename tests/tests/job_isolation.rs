@@ -219,6 +219,9 @@ async fn claude_starts_with_only_its_pipes_and_no_signal_blocked() {
     let (ppid, pgrp): (i64, i64) = (after[1].parse().unwrap(), after[2].parse().unwrap());
     assert_eq!(fds, ["0", "1", "2"], "{:?}", fds.iter().map(|fd| std::fs::read_link(format!("/proc/{claude}/fd/{fd}"))).collect::<Vec<_>>());
     assert_eq!(field("SigBlk"), "0000000000000000");
+    // The stand-in is a Rust program: Rust ignores SIGPIPE itself before main. Nothing else
+    // is ignored (before the fix glibc's own 32 and 33 were, as posix_spawn left them).
+    assert_eq!(field("SigIgn"), "0000000000001000");
     assert_eq!(field("Umask"), "0077");
     assert_eq!(pgrp, claude, "its own process group");
     let warden_env = std::fs::read(format!("/proc/{ppid}/environ"));
