@@ -102,7 +102,7 @@ impl Launcher {
     /// Starts Claude through the launcher (started, or started again, as needed). Blocks
     /// for a fork, a fork and an `exec`: call it off the async threads.
     pub fn spawn(&self, spawn: &Spawn, ends: ChildEnds) -> std::io::Result<Started> {
-        let body = encode(spawn);
+        let body = encode(spawn)?;
         if body.len() > MAX_BODY {
             return Err(std::io::Error::from_raw_os_error(libc::E2BIG));
         }
@@ -210,11 +210,15 @@ fn not_answering(e: std::io::Error) -> std::io::Error {
     }
 }
 
-/// `program \0 cwd \0 argc \0 args… \0 NAME=value…`, each field NUL-terminated (none can
-/// hold a NUL: `exec` takes C strings).
-fn encode(spawn: &Spawn) -> Vec<u8> {
+/// `program \0 cwd \0 argc \0 args… \0 NAME=value…`, each field NUL-terminated. A field
+/// holding a NUL is refused (`exec` takes C strings): it would split into two, and the rest
+/// of a caller's value (an `append_system_prompt`) would become the next argument or an
+/// environment variable of its choosing.
+fn encode(spawn: &Spawn) -> std::io::Result<Vec<u8>> {
     let mut body = Vec::new();
+    let mut nul = false;
     let mut field = |bytes: &[u8]| {
+        nul |= bytes.contains(&0);
         body.extend_from_slice(bytes);
         body.push(0);
     };
@@ -230,7 +234,13 @@ fn encode(spawn: &Spawn) -> Vec<u8> {
         pair.push(value);
         field(pair.as_bytes());
     }
-    body
+    if nul {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "an argument or environment variable holds a NUL byte, which no program can be given: remove it from the job's fields (append_system_prompt, …)",
+        ));
+    }
+    Ok(body)
 }
 
 /// What the launcher runs, from a request body.
@@ -569,7 +579,7 @@ mod tests {
     fn a_request_body_reads_back_as_it_was_written() {
         let args = vec!["-p".to_string(), "".to_string(), "--output-format".to_string()];
         let env = env_of(&[("HOME", "/h"), ("EMPTY", ""), ("EQ", "a=b")]);
-        let body = encode(&Spawn { program: Path::new("/usr/bin/claude"), cwd: Path::new("/w/job 1"), args: &args, env: &env });
+        let body = encode(&Spawn { program: Path::new("/usr/bin/claude"), cwd: Path::new("/w/job 1"), args: &args, env: &env }).unwrap();
         let r = decode(&body).expect("decodes");
         assert_eq!(r.program.as_bytes(), b"/usr/bin/claude");
         assert_eq!(r.cwd.as_bytes(), b"/w/job 1");
@@ -652,6 +662,19 @@ mod tests {
         let (outcome, out) = spawn_through(&launcher);
         assert_eq!(outcome.expect("started by the second launcher").pid, 42);
         assert_eq!(out, "ran\n");
+    }
+
+    #[test]
+    fn a_field_holding_a_nul_is_refused_not_split_in_two() {
+        let clean = env_of(&[("HOME", "/h")]);
+        let spawn = |args: &[String], env: &[(OsString, OsString)]| {
+            encode(&Spawn { program: Path::new("/usr/bin/claude"), cwd: Path::new("/w"), args, env }).map(|_| ()).map_err(|e| e.kind())
+        };
+        let refused = Err(std::io::ErrorKind::InvalidInput);
+        assert_eq!(spawn(&["--append-system-prompt=x\0EVIL=1".to_string()], &clean), refused);
+        assert_eq!(spawn(&[], &env_of(&[("HOME", "/h\0EVIL=1")])), refused);
+        assert_eq!(spawn(&[], &env_of(&[("HO\0ME", "/h")])), refused);
+        assert_eq!(spawn(&["fine".to_string()], &clean), Ok(()));
     }
 
     #[test]
