@@ -153,7 +153,6 @@ impl Agent {
         ids
     }
 
-
     fn slots(&self, running: &Running) -> Slots {
         let free = if running.closed { 0 } else { self.cfg.max_concurrent_jobs.saturating_sub(running.jobs.len() as u32) };
         Slots { free, received: running.received }
@@ -289,11 +288,17 @@ impl Agent {
             // A bug in the runner must not leave the slot taken and the caller waiting:
             // a panicked job still ends, as a failure.
             let run = std::panic::AssertUnwindSafe(runner::run(&ctx, &job_id, order.spec, stop_rx)).catch_unwind();
-            let result = run.await.unwrap_or_else(|_| {
-                error!(job_id = %job_id, agent_id = %agent.cfg.agent_id, "the job runner panicked");
-                JobResult::failure(ErrorCode::InternalError, "the agent failed while running this job (see its log); retry", 0)
-            });
-            agent.finish(&job_id, &ctx.order_nonce, result);
+            let (result, leftover) = match run.await {
+                Ok((result, leftover)) => (result, Some(leftover)),
+                Err(_) => {
+                    error!(job_id = %job_id, agent_id = %agent.cfg.agent_id, "the job runner panicked");
+                    (JobResult::failure(ErrorCode::InternalError, "the agent failed while running this job (see its log); retry", 0), None)
+                }
+            };
+            agent.finish(&job_id, &ctx.order_nonce, result).await;
+            if let Some(leftover) = leftover {
+                leftover.clean_up().await;
+            }
         };
         if self.jobs.send(Box::pin(task)).is_err() {
             // The serve loop is gone: the agent is exiting.
@@ -309,8 +314,9 @@ impl Agent {
     }
 
     /// A job ended: remember its login outcome, keep its result — signed, bound to the
-    /// order it answers — until the edge has it, free its slot, and tell the edge.
-    fn finish(&self, job_id: &str, order_nonce: &str, result: JobResult) {
+    /// order it answers — until the edge has it, free its slot, and tell the edge. The
+    /// result is sent first and written to disk while it travels (see [`crate::spool`]).
+    async fn finish(self: &Arc<Self>, job_id: &str, order_nonce: &str, result: JobResult) {
         match (result.success, result.error_code) {
             (false, Some(ErrorCode::RunnerOauthError)) => self.reporter.auth_failed(true),
             (true, _) => self.reporter.run_succeeded(),
@@ -318,27 +324,35 @@ impl Agent {
         }
         let report = AgentMessage::result(job_id, order_nonce, result, &self.cfg.signing_key);
         if let AgentMessage::Result { envelope } = &report {
-            if let Err(e) = self.spool.put(job_id, envelope) {
-                error!(
-                    job_id, agent_id = %self.cfg.agent_id, error = %e, held = self.spool.held(),
-                    "could not write the result to the spool: it is kept in memory and sent until the edge has it, but \
-                     a restart of the agent now would lose it; free space in DATA_DIR or fix its permissions"
-                );
+            self.spool.sending(job_id, envelope);
+        }
+        let (ids, mirrors) = {
+            let mut running = self.running.lock().expect("running lock");
+            running.jobs.remove(job_id);
+            let mirrors = self.repos.mirror_names();
+            let _ = self.uplink.send(report);
+            if mirrors != running.mirrors_told {
+                // The edge routes a repository's jobs to agents holding its mirror.
+                running.mirrors_told = mirrors.clone();
+                let _ = self.uplink.send(AgentMessage::Mirrors { names: mirrors.clone() });
             }
+            let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
+            let mut ids: Vec<String> = running.jobs.keys().cloned().collect();
+            ids.sort();
+            (ids, mirrors)
+        };
+        self.status.job_ended(ids, mirrors);
+        // The job's task lasts until its result is on disk: a drain waits for it.
+        let spool = Arc::clone(&self.spool);
+        let id = job_id.to_string();
+        let written = tokio::task::spawn_blocking(move || spool.write_sent(&id)).await;
+        if let Err(e) = written.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))) {
+            error!(
+                job_id, agent_id = %self.cfg.agent_id, error = %e, held = self.spool.held(),
+                "could not write the result to the spool: it is kept in memory and sent until the edge has it, but \
+                 a restart of the agent now would lose it; free space in DATA_DIR or fix its permissions"
+            );
         }
-        let mut running = self.running.lock().expect("running lock");
-        running.jobs.remove(job_id);
-        let mirrors = self.repos.mirror_names();
-        self.status.mirrors(mirrors.clone());
-        let _ = self.uplink.send(report);
-        if mirrors != running.mirrors_told {
-            // The edge routes a repository's jobs to agents holding its mirror.
-            running.mirrors_told = mirrors.clone();
-            let _ = self.uplink.send(AgentMessage::Mirrors { names: mirrors });
-        }
-        let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
-        drop(running);
-        self.status.running(self.running_ids());
     }
 
     /// A signed login order: start `claude auth login`, or pass it the code.

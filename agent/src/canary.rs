@@ -56,7 +56,8 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
     let job_id = format!("canary-{}", shared::ids::hex(&runtime::entropy::<8>()));
     // Never stopped from outside: the timeout bounds it.
     let (_stop, stop_rx) = oneshot::channel();
-    let result = runner::run(&ctx, &job_id, spec, stop_rx).await;
+    let (result, leftover) = runner::run(&ctx, &job_id, spec, stop_rx).await;
+    leftover.clean_up().await;
     drop(ctx);
     let mut lines = Vec::new();
     while let Ok(message) = events.try_recv() {

@@ -121,6 +121,9 @@ pub enum Ending {
     /// The agent itself is shutting down: the caller should fall back, not give up.
     AgentStopping,
     SpawnFailed(String),
+    /// The agent could not prepare the run (the durable "started" marker): Claude never
+    /// got its prompt.
+    NotStarted(String),
 }
 
 /// Texts that mean Claude could not authenticate (401s, a dead login).
@@ -182,6 +185,10 @@ pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, durati
         Ending::SpawnFailed(e) => {
             r.error = Some(e);
             r.error_code = Some(ErrorCode::ClaudeError);
+        }
+        Ending::NotStarted(e) => {
+            r.error = Some(e);
+            r.error_code = Some(ErrorCode::InternalError);
         }
         Ending::Exited(code) => {
             r.exit_code = code;

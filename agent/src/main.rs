@@ -12,8 +12,10 @@
 //! - [`runner`]: one job's life, given a narrow [`runner::JobContext`].
 //! - [`workspace`]: a job's fresh folder, its working directory, a carried-over session.
 //! - [`process`]: Claude's process: start, read, stop (TERM, then KILL).
-//! - [`warden`]: the small process between the agent and Claude that kills Claude's whole
-//!   tree with its job, even when the agent is killed.
+//! - [`launcher`]: the small process (the agent's binary, `__launcher`) that starts every
+//!   Claude, so the agent itself never forks.
+//! - [`warden`]: the small process between the launcher and Claude that kills Claude's
+//!   whole tree with its job, even when the agent is killed.
 //! - [`cli_version`]: which Claude Code CLI runs here, reported in `/health`.
 //! - [`oauth`]: the login on this machine and the refresh gate.
 //! - [`report`]: what the edge is told of the login and usage window, and when (at once
@@ -38,6 +40,7 @@ mod doctor;
 mod drain;
 mod files;
 mod keygen;
+mod launcher;
 mod oauth;
 mod process;
 mod relogin;
@@ -134,6 +137,10 @@ pub fn home() -> PathBuf {
 }
 
 fn main() {
+    // Before anything else: a launcher needs no settings, logging or runtime.
+    if launcher::is_launcher(std::env::args_os().nth(1).as_deref()) {
+        launcher::serve();
+    }
     config::forget_empty_settings(&<Cli as clap::CommandFactory>::command());
     let cli = Cli::parse();
     runtime::init_logging(&cli.log_format);

@@ -12,10 +12,11 @@
 use crate::claude::Ending;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
+use crate::launcher::{ChildEnds, Launcher, Spawn};
+use std::os::fd::OwnedFd;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::Command;
+use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
@@ -138,20 +139,12 @@ pub struct Finished {
 
 /// The agent's end of a warden's control pipe (see [`crate::warden`]): a byte asks for a
 /// gentle stop, closing it kills the whole tree.
-struct Control(Option<std::os::fd::OwnedFd>);
+struct Control(Option<OwnedFd>);
 
 impl Control {
-    /// A pipe whose read end the warden inherits (its number is passed on the command
-    /// line); both ends are close-on-exec here, so no other child inherits either.
-    fn pipe() -> std::io::Result<(Control, std::os::fd::OwnedFd)> {
-        use std::os::fd::FromRawFd;
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 fills two fds we then own.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: both fds were just created and are owned by nothing else.
-        let (read, write) = unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])) };
+    /// The control pipe: the agent keeps the write end, the warden gets the read end.
+    fn pipe() -> std::io::Result<(Control, OwnedFd)> {
+        let (read, write) = pipe()?;
         Ok((Control(Some(write)), read))
     }
 
@@ -168,6 +161,109 @@ impl Control {
     }
 }
 
+/// A pipe, both ends close-on-exec: (read, write).
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// This agent's launcher (see [`crate::launcher`]), started with the first job.
+static LAUNCHER: Launcher = Launcher::new();
+
+/// Starts this agent's launcher ahead of the first job.
+pub fn start_launcher() -> std::io::Result<()> {
+    LAUNCHER.start()
+}
+
+/// A running Claude, as the agent holds it: its warden's pid, the pipes, and the exit
+/// status to come.
+struct Claude {
+    pid: u32,
+    pidfd: Option<OwnedFd>,
+    stdin: Option<pipe::Sender>,
+    stdout: Option<pipe::Receiver>,
+    stderr: Option<pipe::Receiver>,
+    control: Option<Control>,
+    /// Reads the warden's status pipe to its end.
+    exited: Option<tokio::task::JoinHandle<Option<i32>>>,
+    exit: Option<Option<i32>>,
+}
+
+impl Claude {
+    /// The pipes of a Claude about to start: the agent's ends (registered with the
+    /// runtime) in a `Claude` whose pid comes with [`Claude::started`], and the child's
+    /// ends for the launcher. Claude's exit (and its tree's) is then seen as the ends of
+    /// these pipes: the agent keeps no copy of the child's ends once they are sent.
+    fn pipes() -> std::io::Result<(Claude, ChildEnds)> {
+        let (stdin_read, stdin_write) = pipe()?;
+        let (stdout_read, stdout_write) = pipe()?;
+        let (stderr_read, stderr_write) = pipe()?;
+        let (status_read, status_write) = pipe()?;
+        let (control, control_read) = Control::pipe()?;
+        let ends = ChildEnds { stdin: stdin_read, stdout: stdout_write, stderr: stderr_write, control: control_read, status: status_write };
+        let mut status = pipe::Receiver::from_owned_fd(status_read)?;
+        let exited = tokio::spawn(async move {
+            let mut bytes = Vec::with_capacity(4);
+            let _ = (&mut status).take(8).read_to_end(&mut bytes).await;
+            let wait_status = i32::from_le_bytes(bytes.get(..4)?.try_into().ok()?);
+            // As std's ExitStatus::code: the exit code, none for a signal.
+            libc::WIFEXITED(wait_status).then(|| libc::WEXITSTATUS(wait_status))
+        });
+        let claude = Claude {
+            pid: 0,
+            pidfd: None,
+            stdin: Some(pipe::Sender::from_owned_fd(stdin_write)?),
+            stdout: Some(pipe::Receiver::from_owned_fd(stdout_read)?),
+            stderr: Some(pipe::Receiver::from_owned_fd(stderr_read)?),
+            control: Some(control),
+            exited: Some(exited),
+            exit: None,
+        };
+        Ok((claude, ends))
+    }
+
+    /// The launcher started it.
+    fn started(&mut self, started: crate::launcher::Started) {
+        self.pid = started.pid;
+        self.pidfd = started.pidfd;
+    }
+
+    /// Claude's exit code once its warden has reported it (none after a signal, or when the
+    /// warden died without a word). Cancel-safe: it may be called again after being cut short.
+    async fn wait(&mut self) -> Option<i32> {
+        if let Some(exit) = self.exit {
+            return exit;
+        }
+        let exit = match self.exited.as_mut() {
+            Some(exited) => exited.await.ok().flatten(),
+            None => None,
+        };
+        self.exited = None;
+        self.exit = Some(exit);
+        exit
+    }
+
+    /// The last resort, when the warden itself does not end: SIGKILL to it (Claude dies
+    /// with it, by its parent-death signal). Through the pidfd, so never another process
+    /// that got its pid.
+    fn kill_warden(&self) {
+        use std::os::fd::AsRawFd;
+        match &self.pidfd {
+            // SAFETY: a signal through a pidfd we own.
+            Some(fd) => unsafe {
+                libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0);
+            },
+            None => warn!(pid = self.pid, "the warden does not end and this kernel has no pidfd to kill it with"),
+        }
+    }
+}
+
 /// Runs Claude until it ends, `deadline` passes or `stop` fires, handing each stdout line
 /// to `on_line`. Whatever happens, nothing of its process group is left running.
 pub async fn run(
@@ -176,6 +272,7 @@ pub async fn run(
     deadline: tokio::time::Instant,
     timeout_ms: u64,
     stop: &mut oneshot::Receiver<Stop>,
+    ready: impl std::future::Future<Output = Result<(), String>>,
     mut on_line: impl FnMut(&[u8]),
 ) -> Finished {
     let not_found = || {
@@ -187,44 +284,50 @@ pub async fn run(
     let Some(program) = find_binary(launch.program) else {
         return Finished { ending: Ending::SpawnFailed(not_found()), stderr: String::new() };
     };
-    let spawned = Control::pipe().and_then(|(control, read)| {
-        use std::os::fd::AsRawFd;
-        let read_fd = read.as_raw_fd();
-        let mut cmd = Command::new(&program);
-        cmd.args(&launch.args)
-            .current_dir(launch.cwd)
-            .env_clear()
-            .envs(launch.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        // SAFETY: `split` makes only async-signal-safe calls; the child it returns in
-        // execs Claude, the one it leaves behind is the warden.
-        unsafe {
-            cmd.pre_exec(move || crate::warden::split(read_fd));
-        }
-        let child = cmd.spawn()?;
-        drop(read);
-        Ok((child, control))
-    });
-    let (mut child, mut control) = match spawned {
-        Ok(spawned) => spawned,
-        Err(e) => {
-            let hint = if e.kind() == std::io::ErrorKind::NotFound { not_found() } else { format!("could not start `{}`: {e}", launch.program) };
-            return Finished { ending: Ending::SpawnFailed(hint), stderr: String::new() };
-        }
+    let Launch { args, cwd, env, stdin: prompt, .. } = launch;
+    let (cwd, launch_program) = (cwd.to_path_buf(), launch.program.to_string());
+    let could_not_start = |e: std::io::Error| {
+        let hint = if e.kind() == std::io::ErrorKind::NotFound { not_found() } else { format!("could not start `{launch_program}`: {e}") };
+        Finished { ending: Ending::SpawnFailed(hint), stderr: String::new() }
     };
-    let pid = child.id().unwrap_or(0);
+    let (mut child, ends) = match Claude::pipes() {
+        Ok(pipes) => pipes,
+        Err(e) => return could_not_start(e),
+    };
+    let start = tokio::task::spawn_blocking(move || LAUNCHER.spawn(&Spawn { program: &program, cwd: &cwd, args: &args, env: &env }, ends));
+    // `ready` (the job's durable "started" marker) is made while Claude starts, and the
+    // prompt — Claude's work — goes into its stdin the moment it is done, whether or not
+    // Claude is up yet (a pipe holds it). Until then stdin stays open and empty: a Claude
+    // killed for want of the marker never reads a prompt, not even an empty one.
+    let mut stdin = child.stdin.take();
+    let feed = async {
+        ready.await?;
+        if let Some(mut stdin) = stdin.take() {
+            tokio::spawn(async move {
+                // Dropping the pipe then closes Claude's stdin.
+                let _ = stdin.write_all(prompt.as_bytes()).await;
+            });
+        }
+        Ok::<(), String>(())
+    };
+    let (started, fed) = tokio::join!(start, feed);
+    let started = started.unwrap_or_else(|e| Err(std::io::Error::other(format!("the start was cut short: {e}"))));
+    if let Err(why) = fed {
+        if started.is_ok() {
+            // Closing the control pipe kills it; it never saw a prompt.
+            drop(child.control.take());
+            let _ = child.wait().await;
+        }
+        drop(stdin);
+        return Finished { ending: Ending::NotStarted(why), stderr: String::new() };
+    }
+    match started {
+        Ok(started) => child.started(started),
+        Err(e) => return could_not_start(e),
+    }
+    let pid = child.pid;
     info!(job_id, pid, "claude started");
 
-    if let Some(mut stdin) = child.stdin.take() {
-        let prompt = launch.stdin;
-        tokio::spawn(async move {
-            let _ = stdin.write_all(prompt.as_bytes()).await;
-            let _ = stdin.shutdown().await;
-        });
-    }
     let stderr_task = child.stderr.take().map(|mut err| {
         tokio::spawn(async move {
             let mut tail: Vec<u8> = Vec::new();
@@ -242,6 +345,7 @@ pub async fn run(
         })
     });
     let mut stdout = BufReader::with_capacity(64 * 1024, child.stdout.take().expect("stdout is piped"));
+    let mut control = child.control.take().expect("the control pipe is ours");
 
     let mut exit: Option<Option<i32>> = None;
     let mut stdout_open = true;
@@ -262,7 +366,7 @@ pub async fn run(
                 }
             }
             status = child.wait(), if exit.is_none() => {
-                exit = Some(status.ok().and_then(|s| s.code()));
+                exit = Some(status);
                 drain_until = Some(tokio::time::Instant::now() + DRAIN_GRACE);
             }
             _ = tokio::time::sleep_until(drain_until.unwrap_or(deadline)), if drain_until.is_some() => {
@@ -286,7 +390,7 @@ pub async fn run(
                 control.kill();
                 if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
                     // The warden itself is stuck: it goes, and Claude with it.
-                    let _ = child.start_kill();
+                    child.kill_warden();
                     let _ = child.wait().await;
                 }
             }

@@ -16,6 +16,7 @@ use crate::workspace;
 use shared::contract::ErrorCode;
 use shared::job::{JobResult, JobSpec};
 use shared::protocol::AgentMessage;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -51,10 +52,39 @@ const FINISH_GRACE: Duration = Duration::from_secs(20);
 /// The largest result JSON: one WebSocket frame, less room for the message around it.
 const MAX_RESULT_BYTES: usize = shared::protocol::MAX_FRAME_BYTES - 64 * 1024;
 
-/// Runs the job to its end and returns its (redacted) result.
-pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot::Receiver<Stop>) -> JobResult {
-    let started = Instant::now();
+/// Runs the job to its end and returns its (redacted) result, and its workspace to clean
+/// up once the result is on its way (removing it is off the job's path).
+pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, stop: oneshot::Receiver<Stop>) -> (JobResult, Leftover) {
     let workspace = ctx.cfg.data_dir.join("workspaces").join(job_id);
+    let result = run_in(ctx, job_id, spec, stop, &workspace).await;
+    let keep = std::env::var_os("CLAUDE_RUNNER_KEEP_WORKSPACES").is_some() || (!result.success && ctx.cfg.repos.keep_failed_workspaces);
+    (result, Leftover { workspace, keep, job_id: job_id.to_string(), agent_id: ctx.cfg.agent_id.clone() })
+}
+
+/// A finished job's workspace.
+#[must_use = "a job's workspace is removed by clean_up"]
+pub struct Leftover {
+    workspace: PathBuf,
+    keep: bool,
+    job_id: String,
+    agent_id: String,
+}
+
+impl Leftover {
+    /// Removes the workspace, unless the job failed and `KEEP_FAILED_WORKSPACES` is set.
+    /// (If the agent stops before, its next start removes it.)
+    pub async fn clean_up(self) {
+        if self.keep {
+            info!(job_id = %self.job_id, agent_id = %self.agent_id, workspace = %self.workspace.display(), "workspace kept");
+        } else {
+            let _ = tokio::fs::remove_dir_all(&self.workspace).await;
+        }
+    }
+}
+
+async fn run_in(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot::Receiver<Stop>, workspace: &Path) -> JobResult {
+    let workspace = workspace.to_path_buf();
+    let started = Instant::now();
     // Every wait before Claude counts against the job's timeout, and a cancel ends it.
     let deadline = deadline_of(started, spec.timeout_ms);
     let (cwd, repo) = match &spec.repo_url {
@@ -91,7 +121,6 @@ pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: onesho
                             JobResult::failure(ErrorCode::RepoError, e.to_string(), ms)
                         }
                     };
-                    clean_up(ctx, job_id, &workspace, &result).await;
                     return result;
                 }
             }
@@ -128,7 +157,6 @@ pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: onesho
         result.duration_ms = started.elapsed().as_millis() as u64;
         crate::repo::fit_result(&mut result, MAX_RESULT_BYTES);
     }
-    clean_up(ctx, job_id, &workspace, &result).await;
     result
 }
 
@@ -175,16 +203,6 @@ async fn hand_back(
                 result.error = Some(e.to_string());
             }
         }
-    }
-}
-
-/// Removes the job's workspace, unless it failed and `KEEP_FAILED_WORKSPACES` is set.
-async fn clean_up(ctx: &JobContext, job_id: &str, workspace: &std::path::Path, result: &JobResult) {
-    let keep = std::env::var_os("CLAUDE_RUNNER_KEEP_WORKSPACES").is_some() || (!result.success && ctx.cfg.repos.keep_failed_workspaces);
-    if keep {
-        info!(job_id, agent_id = %ctx.cfg.agent_id, workspace = %workspace.display(), "workspace kept");
-    } else {
-        let _ = tokio::fs::remove_dir_all(workspace).await;
     }
 }
 
@@ -238,16 +256,23 @@ async fn run_claude(
             let _ = ctx.uplink.send(AgentMessage::progress(job_id, &ctx.order_nonce, seq, event, &cfg.signing_key));
         }
     };
-    // Durably before Claude can start: if the agent dies now, its next run reports the job
-    // lost instead of letting the edge send it again (it may not have heard it started).
-    if let Err(e) = ctx.spool.as_ref().map_or(Ok(()), |spool| spool.started(job_id, &ctx.order_nonce)) {
-        return JobResult::failure(
-            shared::contract::ErrorCode::InternalError,
-            format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry"),
-            started.elapsed().as_millis() as u64,
-        );
-    }
-    let finished = process::run(launch, job_id, deadline, spec.timeout_ms, &mut stop, on_line).await;
+    // Durably before Claude gets its prompt: if the agent dies now, its next run reports
+    // the job lost instead of letting the edge send it again (it may not have heard it
+    // started). Written while Claude starts (process::run waits for both).
+    let marker = ctx.spool.clone().map(|spool| {
+        let (job_id, nonce) = (job_id.to_string(), ctx.order_nonce.clone());
+        tokio::task::spawn_blocking(move || spool.started(&job_id, &nonce))
+    });
+    let ready = async move {
+        let written = match marker {
+            Some(marker) => marker.await.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))),
+            None => Ok(()),
+        };
+        written.map_err(|e| {
+            format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry")
+        })
+    };
+    let finished = process::run(launch, job_id, deadline, spec.timeout_ms, &mut stop, ready, on_line).await;
     let stderr = ctx.login.redactor(crate::now_ms()).redact(&finished.stderr);
     let duration_ms = started.elapsed().as_millis() as u64;
     let result = claude::result(&transcript, finished.ending, &stderr, duration_ms);

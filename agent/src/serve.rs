@@ -22,6 +22,10 @@ const DELIVERY_GRACE: Duration = Duration::from_secs(10);
 pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<Request>) -> anyhow::Result<()> {
     info!(agent_id = %cfg.agent_id, edge = %cfg.connect_url, capacity = cfg.max_concurrent_jobs, claude = %cfg.claude_bin, "agent starting");
     let (agent, queues) = Agent::new(cfg)?;
+    if let Err(e) = crate::process::start_launcher() {
+        // Each job tries again, and fails with this in its error if it still cannot.
+        warn!(agent_id = %agent.cfg.agent_id, error = %e, "could not start the launcher that starts Claude");
+    }
     // Known before the first hello; then noticed within a minute of an upgrade.
     agent.cli.refresh(&agent.cfg.claude_bin).await;
     let cli_watch = tokio::spawn({

@@ -7,7 +7,7 @@
 use crate::files::write_atomically;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {
@@ -74,6 +74,38 @@ impl Status {
 pub struct StatusFile {
     path: PathBuf,
     status: Mutex<Status>,
+    behind: Arc<Behind>,
+}
+
+/// The status file's writes: which snapshot is on disk, and the one waiting to be written.
+#[derive(Default)]
+struct Behind {
+    /// Snapshots are numbered as they are made.
+    changes: std::sync::atomic::AtomicU64,
+    /// The number of the snapshot on disk; held while the file is written.
+    written: Mutex<u64>,
+    queue: Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    next: Option<(u64, Vec<u8>)>,
+    /// A background write is under way (and will take `next`).
+    writing: bool,
+}
+
+impl Behind {
+    /// Writes snapshot `seq` unless a newer one is on disk already.
+    fn write(&self, path: &std::path::Path, seq: u64, bytes: &[u8]) {
+        let mut written = self.written.lock().expect("status write lock");
+        if seq <= *written {
+            return;
+        }
+        if let Err(e) = write_atomically(path, bytes, false) {
+            tracing::debug!(path = %path.display(), error = %e, "could not write the status file");
+        }
+        *written = seq;
+    }
 }
 
 impl StatusFile {
@@ -86,20 +118,57 @@ impl StatusFile {
             since: now,
             ..Status::default()
         };
-        let file = StatusFile { path, status: Mutex::new(status) };
+        let file = StatusFile { path, status: Mutex::new(status), behind: Arc::default() };
         file.update(|_| {});
         file
     }
 
+    /// Changes the status and writes the file now (what an agent about to exit says).
     fn update(&self, change: impl FnOnce(&mut Status)) {
+        let (seq, bytes) = self.change(change);
+        self.behind.write(&self.path, seq, &bytes);
+    }
+
+    /// Changes the status and has the file written off the caller's thread: each job's
+    /// start and end change it, and rewriting the file (a rename, which frees the old
+    /// one's blocks) is not worth making a job wait for. A burst of changes becomes one
+    /// write, and an older snapshot never replaces a newer one.
+    fn update_soon(&self, change: impl FnOnce(&mut Status)) {
+        let (seq, bytes) = self.change(change);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self.behind.write(&self.path, seq, &bytes);
+        };
+        let mut queue = self.behind.queue.lock().expect("status queue lock");
+        queue.next = Some((seq, bytes));
+        if queue.writing {
+            return;
+        }
+        queue.writing = true;
+        drop(queue);
+        let (behind, path) = (Arc::clone(&self.behind), self.path.clone());
+        runtime.spawn_blocking(move || loop {
+            let next = {
+                let mut queue = behind.queue.lock().expect("status queue lock");
+                match queue.next.take() {
+                    Some(next) => next,
+                    None => {
+                        queue.writing = false;
+                        return;
+                    }
+                }
+            };
+            behind.write(&path, next.0, &next.1);
+        });
+    }
+
+    /// Applies a change; returns the new snapshot, numbered.
+    fn change(&self, change: impl FnOnce(&mut Status)) -> (u64, Vec<u8>) {
         let mut status = self.status.lock().expect("status lock");
         change(&mut status);
         status.updated_ms = crate::now_ms();
         status.updated_at = shared::time::rfc3339(status.updated_ms);
-        let bytes = serde_json::to_vec_pretty(&*status).expect("status serialises");
-        if let Err(e) = write_atomically(&self.path, &bytes, false) {
-            tracing::debug!(path = %self.path.display(), error = %e, "could not write the status file");
-        }
+        let seq = self.behind.changes.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        (seq, serde_json::to_vec_pretty(&*status).expect("status serialises"))
     }
 
     pub fn connected(&self, heartbeat_ms: u64) {
@@ -134,11 +203,19 @@ impl StatusFile {
     }
 
     pub fn running(&self, running: Vec<String>) {
-        self.update(|s| s.running = running);
+        self.update_soon(|s| s.running = running);
     }
 
     pub fn mirrors(&self, mirrors: Vec<String>) {
         self.update(|s| s.mirrors = mirrors);
+    }
+
+    /// A job ended: one write for both (the file is rewritten whole each time).
+    pub fn job_ended(&self, running: Vec<String>, mirrors: Vec<String>) {
+        self.update_soon(|s| {
+            s.running = running;
+            s.mirrors = mirrors;
+        });
     }
 }
 
@@ -219,6 +296,43 @@ pub fn show(data_dir: &std::path::Path) -> anyhow::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Job starts and ends are written off the job's thread, in bursts; whatever the
+    /// interleaving with immediate writes, the file ends with the last change.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_in_the_background_never_leave_an_older_status_on_disk() {
+        let dir = std::env::temp_dir().join(format!("cr-status-behind-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = Arc::new(StatusFile::new(dir.join("status.json"), "spark", "wss://edge"));
+        let mut tasks = Vec::new();
+        for t in 0..4 {
+            let file = Arc::clone(&file);
+            tasks.push(tokio::spawn(async move {
+                for i in 0..200 {
+                    file.running(vec![format!("job-{t}-{i}")]);
+                    if i % 50 == 0 {
+                        file.draining();
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        file.job_ended(vec!["the-last".into()], vec!["owner/repo".into()]);
+        let last = || read(&dir).ok().flatten().map(|s| (s.running, s.mirrors));
+        let wanted = Some((vec!["the-last".to_string()], vec!["owner/repo".to_string()]));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while last() != wanted {
+            assert!(std::time::Instant::now() < deadline, "the file kept {:?}", last());
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // And it stays so: no write of an older snapshot comes after.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(last(), wanted);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn connected_at(updated_ms: u64) -> Status {
         Status {

@@ -19,61 +19,59 @@
 //! kills whatever Claude left behind and exits with Claude's status. The warden ignores
 //! SIGTERM, SIGINT and SIGHUP: only the agent, through the pipe, or SIGKILL ends it early.
 //!
-//! The warden is not a program of its own: it is the child the agent forks to start Claude
-//! ([`split`] runs between that fork and Claude's exec), which forks once more — the new
-//! child goes on to exec Claude, the warden stays. That costs a fork instead of an exec of
-//! a whole binary per job; the price is that the warden, a fork of a multi-threaded
-//! process, may only make async-signal-safe calls: raw system calls, no allocation, no
-//! locks. Everything below keeps to that.
+//! The warden is not a program of its own: the launcher ([`crate::launcher`]) forks it,
+//! and it forks Claude. Claude's exit status goes to the agent on a status pipe (four
+//! bytes, the wait status, then the pipe's end when the warden exits): the warden is the
+//! launcher's child, not the agent's, so the agent cannot wait for it. The code below
+//! keeps to async-signal-safe calls (raw system calls, no allocation), as a fork's child
+//! should; the launcher being single-threaded makes that a habit rather than a must.
 
 use std::os::fd::RawFd;
 
 /// The byte that asks for a gentle stop.
 pub const STOP: u8 = b'T';
 
-/// Runs between the agent's fork and Claude's exec, in the forked child: forks again and
-/// returns in the new child, which goes on to exec Claude; the first child stays behind as
-/// the warden and never returns. `control` is the pipe's read end.
+/// The warden's life once Claude is forked (`claude`, its pid, or -1 if that fork
+/// failed): watches `control`, reports Claude's wait status on `status`. Never returns.
 ///
 /// # Safety
-/// Only in a `pre_exec` closure (after `fork`, before `exec`): it makes only
-/// async-signal-safe calls.
-pub unsafe fn split(control: RawFd) -> std::io::Result<()> {
-    libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
-    let claude = libc::fork();
-    if claude < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if claude == 0 {
-        // Claude: its own process group, killed if the warden dies, no control pipe.
-        libc::setpgid(0, 0);
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0);
-        libc::close(control);
-        return Ok(());
-    }
-    warden(control, claude)
-}
-
-/// The warden's life after the second fork. Never returns.
-unsafe fn warden(control: RawFd, claude: libc::pid_t) -> ! {
+/// Only in the launcher's child, which this takes over.
+pub unsafe fn run(control: RawFd, status: RawFd, claude: libc::pid_t) -> ! {
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         libc::signal(sig, libc::SIG_IGN);
     }
-    // The pipes to the agent are Claude's now: the warden's copies would keep them open.
-    // So would any other descriptor it inherited — among them the one the agent's spawn
-    // waits on until Claude's exec.
+    // Every descendant of Claude that loses its parent (a double fork, a `setsid` daemon)
+    // becomes the warden's child and stays in reach.
+    libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    // The job's pipes are Claude's: the warden's copies would keep them open. So would any
+    // other descriptor it inherited (the launcher's socket, the exec-error pipe).
     let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
     for fd in 0..3 {
         libc::dup2(null, fd);
     }
-    libc::syscall(libc::SYS_close_range, 3, (control - 1).max(2) as libc::c_uint, 0);
-    libc::syscall(libc::SYS_close_range, (control + 1) as libc::c_uint, libc::c_uint::MAX, 0);
-    if null > 2 && null != control {
-        libc::close(null);
+    close_all_but(control, status);
+    let exited = if claude > 0 { watch(control, claude) } else { None };
+    // The agent reads four bytes (or nothing, when Claude's status is unknown).
+    if let Some(code) = exited {
+        let bytes = code.to_le_bytes();
+        libc::write(status, bytes.as_ptr().cast(), bytes.len());
     }
-    let status = watch(control, claude);
-    exit_like(status)
+    exit_like(exited)
+}
+
+/// Closes every descriptor from 3 up except `a` and `b`.
+unsafe fn close_all_but(a: RawFd, b: RawFd) {
+    let (low, high) = (a.min(b), a.max(b));
+    let mut from = 3;
+    for keep in [low, high] {
+        if keep >= from {
+            if keep > from {
+                libc::syscall(libc::SYS_close_range, from as libc::c_uint, (keep - 1) as libc::c_uint, 0);
+            }
+            from = keep + 1;
+        }
+    }
+    libc::syscall(libc::SYS_close_range, from as libc::c_uint, libc::c_uint::MAX, 0);
 }
 
 /// Waits for Claude's exit or the agent's word; returns Claude's wait status (None if it

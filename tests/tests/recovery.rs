@@ -44,6 +44,10 @@ async fn a_job_started_before_the_agent_died_is_lost_not_run_again() {
     // Long heartbeats: the agent does not give the muted link up before it is killed.
     let (_edge, mut agent, client, proxy) = setup(&[("LOST_AFTER_MS", "30000"), ("HEARTBEAT_INTERVAL_MS", "5000")], true).await;
     let proxy = proxy.unwrap();
+    // The agent states its free slots right after the welcome, in a message of its own:
+    // `/health` is 200 at the hello already, so give that message time to arrive before
+    // the link is muted (without it the edge sends nothing, and the test fails).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.blackhole(Direction::Up);
     let a = client.submit(json!({"prompt": "@sleep=60000 once only"})).await;
     let job_id = a.body["job_id"].as_str().unwrap().to_string();
@@ -306,4 +310,72 @@ async fn a_restart_does_not_read_every_retained_record_into_memory() {
     // Each is still read whole when asked for.
     let first = client.get(&format!("/jobs/{}", ids[0])).await;
     assert_eq!((first.status, first.body["state"].as_str()), (200, Some("cancelled")), "{}", first.text);
+}
+
+/// The agent's launcher (the small process that starts every Claude) is killed: a job
+/// running meanwhile ends as it would have, and the next job starts a new launcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_launcher_loses_no_running_job_and_is_replaced() {
+    let (_edge, agent, client, _) = setup(&[], false).await;
+    let launcher = || {
+        process_tree(agent.pid().unwrap()).into_iter().find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.split(|&b| b == 0).nth(1) == Some(&b"__launcher"[..]))
+        })
+    };
+    let first = launcher().expect("the agent starts its launcher with itself");
+    let running = client.submit(json!({"prompt": "@sleep=1500 across the launcher's death"})).await;
+    let job_id = running.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await, "{}", agent.log());
+    // SAFETY: a signal to a process this test found under the agent.
+    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    assert!(eventually(Duration::from_secs(5), || !alive(first as i32)).await);
+    let job = client.wait_job(&job_id, Duration::from_secs(20)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", agent.log());
+    let next = client.execute(json!({"prompt": "after the launcher died", "timeout_ms": 15000})).await;
+    assert_eq!(next.body["success"], true, "{}\n{}", next.text, agent.log());
+    let second = launcher().expect("a new launcher");
+    assert_ne!(first, second);
+}
+
+/// A Claude binary the kernel cannot run (executable, but no program inside) fails its job
+/// with the reason, and the agent goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claude_that_cannot_be_executed_fails_its_job_clearly() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let dir = std::env::temp_dir().join(format!("cr-bogus-claude-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bogus = dir.join("claude");
+    std::fs::write(&bogus, b"\x7fELF but not really").unwrap();
+    std::fs::set_permissions(&bogus, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    opts.claude_bin = bogus.clone();
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let answer = client.execute(json!({"prompt": "hello", "timeout_ms": 15000})).await;
+    assert_eq!(answer.body["success"], false, "{}", answer.text);
+    let error = answer.body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("could not start") && error.to_lowercase().contains("exec format error"), "{error}\n{}", agent.log());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The job's "started" marker cannot be written (its disk went read-only): the job fails
+/// with the reason, and Claude — started beside the marker's write — never gets its prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_started_marker_cannot_be_written_never_reaches_claude() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    opts.wrapper = on_own_disk("$DATA_DIR/started", "64k");
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    remount(agent.pid().unwrap(), &agent.data.path().join("data/started"), "ro");
+    let answer = client.execute(json!({"prompt": "must not run", "timeout_ms": 15000})).await;
+    assert_eq!(answer.body["success"], false, "{}", answer.text);
+    assert_eq!(answer.body["error_code"], "INTERNAL_ERROR", "{}", answer.text);
+    assert!(answer.body["error"].as_str().unwrap_or_default().contains("could not record that the job starts"), "{}", answer.text);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(agent.claude_runs().is_empty(), "claude got the prompt: {:?}", agent.claude_runs());
 }

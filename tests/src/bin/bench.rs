@@ -282,7 +282,7 @@ fn memory(pid: u32, tree: bool) -> Value {
 }
 
 /// CPU time a process spent: its own, and that of its children it has waited for (for
-/// the agent: the stand-ins), in seconds.
+/// the agent's launcher: the wardens and stand-ins), in seconds.
 #[derive(Debug, Clone, Copy, Default)]
 struct Cpu {
     own: f64,
@@ -631,27 +631,27 @@ async fn bench_edge(kind: EdgeKind, opts: &Opts, direct: &Arc<Direct>) -> anyhow
     client.wait_online().await;
     let connect = connect_started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle = json!({ "agent": memory(agent_pid, false), "edge": memory(edge_pid, tree) });
+    let idle = json!({ "agent": memory(agent_pid, true), "edge": memory(edge_pid, tree) });
     eprintln!("[{name}] idle memory: {idle}");
 
     let url = format!("{}/execute", edge.url());
     let through = Arc::new(Through { url, clients: (0..opts.clients.max(1)).map(|_| http_client()).collect() });
-    let (edge_cpu0, agent_cpu0, self_cpu0) = (cpu_of_tree(edge_pid), cpu_of(agent_pid), self_cpu());
+    let (edge_cpu0, agent_cpu0, self_cpu0) = (cpu_of_tree(edge_pid), cpu_of_tree(agent_pid), self_cpu());
     let seq = paired(direct, &through, opts.jobs, 1, opts.block, &format!("[{name}] sequential")).await?;
     let par = paired(direct, &through, opts.jobs, opts.clients, opts.block * 2, &format!("[{name}] {} clients", opts.clients)).await?;
-    let (edge_cpu1, agent_cpu1, self_cpu1) = (cpu_of_tree(edge_pid), cpu_of(agent_pid), self_cpu());
+    let (edge_cpu1, agent_cpu1, self_cpu1) = (cpu_of_tree(edge_pid), cpu_of_tree(agent_pid), self_cpu());
     let edge_jobs = (seq.edge.len() + par.edge.len() + WARMUP + WARMUP.max(opts.clients)) as f64;
     let per_job = |s: f64| round3(s * 1000.0 / edge_jobs);
     let cpu = json!({
         "edge_ms_per_job": per_job(edge_cpu1.own - edge_cpu0.own),
         "agent_ms_per_job": per_job(agent_cpu1.own - agent_cpu0.own),
         "standin_ms_per_job_via_agent": per_job(agent_cpu1.children - agent_cpu0.children),
-        "note": "edge and agent CPU over the edge runs only; the stand-in's is reaped by the agent. 10 ms clock ticks, averaged.",
+        "note": "edge and agent CPU over the edge runs only; the agent's includes its launcher, which reaps the stand-ins and their wardens (theirs is the stand-in figure). 10 ms clock ticks, averaged.",
         "bench_process_s_total": round3(self_cpu1 - self_cpu0),
     });
-    let just_after = json!({ "agent": memory(agent_pid, false), "edge": memory(edge_pid, tree) });
+    let just_after = json!({ "agent": memory(agent_pid, true), "edge": memory(edge_pid, tree) });
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = json!({ "agent": memory(agent_pid, false), "edge": memory(edge_pid, tree) });
+    let after = json!({ "agent": memory(agent_pid, true), "edge": memory(edge_pid, tree) });
     eprintln!("[{name}] memory after the runs: {after}");
     let agent_log_lines = agent.log().lines().count();
     drop(agent);
