@@ -44,6 +44,10 @@ pub struct Status {
     pub login_fingerprint: Option<u64>,
 }
 
+/// The least time between two background writes of the status file (job starts and
+/// ends); `claude-runner status` shows them this much later at most.
+const BACKGROUND_WRITE_GAP: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Slack on top of three missed heartbeats before a connected agent counts as stuck.
 const STALE_SLACK_MS: u64 = 10_000;
 
@@ -130,9 +134,10 @@ impl StatusFile {
     }
 
     /// Changes the status and has the file written off the caller's thread: each job's
-    /// start and end change it, and rewriting the file (a rename, which frees the old
-    /// one's blocks) is not worth making a job wait for. A burst of changes becomes one
-    /// write, and an older snapshot never replaces a newer one.
+    /// start and end change it, and rewriting the file (a new file and a rename, which
+    /// frees the old one's blocks: a measurable share of the agent's CPU per job) is not
+    /// worth making a job wait for. Written at most every [`BACKGROUND_WRITE_GAP`]: the
+    /// changes between become one write. An older snapshot never replaces a newer one.
     fn update_soon(&self, change: impl FnOnce(&mut Status)) {
         let (seq, bytes) = self.change(change);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -158,6 +163,7 @@ impl StatusFile {
                 }
             };
             behind.write(&path, next.0, &next.1);
+            std::thread::sleep(BACKGROUND_WRITE_GAP);
         });
     }
 

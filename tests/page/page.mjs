@@ -12,6 +12,7 @@
 //   offline  the page loads under its CSP, takes the secret, and shows the agent offline
 //   relogin  the agent needs a login: the page walks through it (URL, code, outcome),
 //            then cancels the job that was waiting for it once it runs
+//   paused   two agents, `spark2` paused by the operator: each is listed with its state
 // Prints one line per step; exits non-zero (with the reason) on the first failure.
 // Screenshots are taken at 390×844 (a phone) into SCREENSHOTS.
 
@@ -98,6 +99,13 @@ try {
     await page.waitForFunction(() => document.querySelector("#finished .job .state")?.textContent === "cancelled", null, { timeout: 30000 });
     step("job cancelled from the page");
     await shot("relogin-5-cancelled");
+  } else if (scenario === "paused") {
+    await page.waitForFunction(() => {
+      const t = document.querySelector("#agent-state").textContent;
+      return /\bspark online\b/.test(t) && /\bspark2 paused\b/.test(t);
+    }, null, { timeout: 15000 });
+    step("agents shown: " + (await page.textContent("#agent-state")));
+    await shot("paused-2-agents");
   } else {
     fail("unknown scenario " + scenario);
   }

@@ -1,7 +1,7 @@
 //! The phone page (`GET /`) in real headless Chromium, on both edges: it loads under its
 //! Content-Security-Policy with nothing from elsewhere, keeps the secret in memory, shows
 //! an offline agent as offline, walks a re-login through a stand-in `claude auth login`,
-//! and cancels a job. The browser is driven by `tests/page/page.mjs` (Debian's `chromium`
+//! cancels a job, and shows a paused agent beside a working one. The browser is driven by `tests/page/page.mjs` (Debian's `chromium`
 //! through npm's `playwright-core`); screenshots at phone size (390×844) are saved under
 //! `target/screenshots/page-<edge>/`.
 //!
@@ -53,7 +53,7 @@ async fn drive_at(kind: EdgeKind, edge: &EdgeServer, page_path: &str, scenario: 
 
 async fn the_page_shows_an_offline_agent_and_walks_a_relogin(kind: EdgeKind) {
     let Some(browser) = browser() else { return };
-    let keys = Keys::new(&["spark"]);
+    let keys = Keys::new(&["spark", "spark2"]);
     let edge = EdgeServer::start(kind, &keys, &[]);
     drive(kind, &edge, "offline", &browser).await;
     // Opened at `//` (the edge serves the page at any path of slashes): its requests still
@@ -69,7 +69,18 @@ async fn the_page_shows_an_offline_agent_and_walks_a_relogin(kind: EdgeKind) {
     drive(kind, &edge, "relogin", &browser).await;
     let job = client.wait_job(held.body["job_id"].as_str().unwrap(), Duration::from_secs(20)).await;
     assert_eq!(job["state"], "cancelled", "{job}");
-    for name in ["offline-2-status", "relogin-2-needs-login", "relogin-5-cancelled"] {
+
+    // A second agent, paused by the operator: the page lists both, each with its state.
+    let _second = AgentProc::start(AgentOpts::for_edge(&edge, "spark2"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client.health_full().await.body["agents"].as_array().map_or(0, |a| a.iter().filter(|a| a["connected"] == true).count()) < 2 {
+        assert!(std::time::Instant::now() < deadline, "the second agent never showed up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let paused = client.send("POST", "/agents/spark2/pause", Some(SECRET), None).await;
+    assert_eq!(paused.status, 200, "{}", paused.text);
+    drive(kind, &edge, "paused", &browser).await;
+    for name in ["offline-2-status", "relogin-2-needs-login", "relogin-5-cancelled", "paused-2-agents"] {
         assert!(screenshots(kind).join(format!("{name}.png")).exists(), "{name}.png saved");
     }
 }

@@ -58,7 +58,7 @@ pub struct EdgeDurableObject {
     /// The pool this object serves, once a request or its storage said.
     pool: RefCell<Option<String>>,
     callers: RefCell<HashMap<CallerId, Channel>>,
-    /// The deadline the alarm was last set to by this instance (skips rewriting it).
+    /// The deadline the alarm was last set to by this instance ([`moves_alarm`]).
     alarm_at: Cell<Option<Millis>>,
     /// POSTs the machine asked for (alerts, callbacks), made before the next alarm is set.
     deliveries: RefCell<Vec<Post>>,
@@ -302,11 +302,11 @@ impl EdgeDurableObject {
 
     /// Puts the alarm on the machine's next deadline — or right away when there are POSTs
     /// to make: the alarm makes them, so no caller's answer waits on someone else's
-    /// webhook.
+    /// webhook. Only ever earlier: see [`moves_alarm`].
     async fn schedule(&self, now: Millis) {
         let posts = (!self.deliveries.borrow().is_empty()).then_some(now);
         let Some(at) = posts.or_else(|| self.with_edge(|edge| edge.next_deadline()).flatten()) else { return };
-        if self.alarm_at.get() == Some(at) {
+        if !moves_alarm(self.alarm_at.get(), at) {
             return;
         }
         // Noted before the await so a later event's newer deadline is not overwritten.
@@ -427,6 +427,18 @@ impl EdgeDurableObject {
     }
 }
 
+/// Whether the alarm, set by this instance for `set` (if it did), must be rewritten for the
+/// machine's next deadline `next`: only when that comes sooner. Setting the alarm is a
+/// storage operation (under Miniflare a transaction of its own and an fsync), and most
+/// deadlines only move later — each agent frame pushes its session's silence deadline on
+/// — so rewriting it on every change cost a write per frame: about five per job through
+/// `/execute`. An alarm left earlier than needed fires, finds nothing due, and is set
+/// again for the deadline of the moment: with agents' heartbeats every 15 s, about one
+/// wake-up per 15-30 s instead of a write per frame.
+fn moves_alarm(set: Option<Millis>, next: Millis) -> bool {
+    set.is_none_or(|at| next < at)
+}
+
 /// The answer while this instance has no machine (it could not rebuild it).
 fn not_loaded(path: &str) -> Response {
     http::unavailable(path, "the edge is not loaded; retry")
@@ -475,5 +487,22 @@ pub(crate) fn setting(env: &Env, name: &str) -> Option<String> {
         Some(format!("{}", number as i64))
     } else {
         Some(number.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::moves_alarm;
+
+    #[test]
+    fn the_alarm_only_moves_earlier() {
+        // None set by this instance (new, or the alarm just fired): set it.
+        assert!(moves_alarm(None, 5_000));
+        // A deadline that came sooner: move it.
+        assert!(moves_alarm(Some(5_000), 4_999));
+        // The same deadline, or one that moved later (an agent's frame pushed its silence
+        // deadline on): the alarm stays, fires early, and is set again then.
+        assert!(!moves_alarm(Some(5_000), 5_000));
+        assert!(!moves_alarm(Some(5_000), 35_000));
     }
 }

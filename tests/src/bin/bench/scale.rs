@@ -14,7 +14,9 @@
 //!    queue-to-dispatch is from the moment the caller sends `POST /jobs` to the moment
 //!    the agent has the verified order (so it includes the submission itself);
 //! 5. memory: the edge's VmRSS after the fill and at the end (its peak too), and its CPU
-//!    time per job.
+//!    time per job: in the fill, in the drain, and in each half of the drain (a cost
+//!    that grew with the queue would make the first half dearer), with the load average
+//!    (the machine is shared; contention moves these figures more than the code does).
 
 use super::{dist, edge_name, memory, round3, cpu_of_tree};
 use ed25519_dalek::{SigningKey, VerifyingKey};
@@ -146,9 +148,12 @@ async fn one(kind: EdgeKind, n: usize, opts: &ScaleOpts) -> anyhow::Result<Value
     let connect = connect_started.elapsed();
 
     // 2. Fill the queue while no agent has a slot free.
+    let load_start = super::loadavg();
     let fill_started = Instant::now();
+    let cpu_fill = cpu_of_tree(edge_pid).own;
     submit_many(&edge.url(), opts.jobs, 16, None).await?;
     let fill = fill_started.elapsed();
+    let cpu_fill = cpu_of_tree(edge_pid).own - cpu_fill;
     let filled_memory = memory(edge_pid, tree);
 
     // 3. Free every slot at once: the drain.
@@ -156,14 +161,24 @@ async fn one(kind: EdgeKind, n: usize, opts: &ScaleOpts) -> anyhow::Result<Value
     let drain_started = seen.micros();
     go_tx.send(true)?;
     let deadline = Instant::now() + Duration::from_secs(600);
+    // The edge's CPU when half the queue has gone: a cost that grows with the queue (or
+    // with the ended jobs kept) shows as halves that differ.
+    let mut at_half = None;
     while seen.received.load(Ordering::Relaxed) < opts.jobs {
         anyhow::ensure!(Instant::now() < deadline, "the drain did not end: {} of {} sent", seen.received.load(Ordering::Relaxed), opts.jobs);
+        if at_half.is_none() && seen.received.load(Ordering::Relaxed) >= opts.jobs / 2 {
+            at_half = Some((cpu_of_tree(edge_pid).own, seen.received.load(Ordering::Relaxed)));
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let drain_s = (seen.last_at.load(Ordering::Relaxed).saturating_sub(drain_started)) as f64 / 1e6;
     // Let the last results settle before the latency run.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let cpu_drain = cpu_of_tree(edge_pid).own - cpu_before;
+    let cpu_after = cpu_of_tree(edge_pid).own;
+    let cpu_drain = cpu_after - cpu_before;
+    let (cpu_half, jobs_half) = at_half.unwrap_or((cpu_after, opts.jobs));
+    let per_job = |cpu: f64, jobs: usize| round3(cpu * 1000.0 / jobs.max(1) as f64);
+    let halves = [per_job(cpu_half - cpu_before, jobs_half), per_job(cpu_after - cpu_half, opts.jobs - jobs_half)];
 
     // 4. Latency at a steady rate.
     let before = seen.received.load(Ordering::Relaxed);
@@ -188,6 +203,9 @@ async fn one(kind: EdgeKind, n: usize, opts: &ScaleOpts) -> anyhow::Result<Value
         "drain_s": round3(drain_s),
         "dispatch_per_s": round3(opts.jobs as f64 / drain_s.max(1e-9)),
         "edge_cpu_ms_per_job_in_drain": round3(cpu_drain * 1000.0 / opts.jobs as f64),
+        "edge_cpu_ms_per_job_in_drain_halves": halves,
+        "edge_cpu_ms_per_job_in_fill": per_job(cpu_fill, opts.jobs),
+        "load_average": { "start": load_start, "end": super::loadavg() },
         "queue_to_dispatch": dist(&latencies),
         "refused_orders": seen.refused.load(Ordering::Relaxed),
         "edge_memory": { "idle": idle_memory, "queue_full": filled_memory, "end": end_memory },
