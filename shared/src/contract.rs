@@ -359,9 +359,10 @@ impl ExecuteRequest {
             }
         }
         if let Some(p) = &self.append_system_prompt {
-            if p.len() > MAX_SYSTEM_PROMPT {
+            // It becomes one of Claude's arguments, which cannot hold a NUL.
+            if p.len() > MAX_SYSTEM_PROMPT || p.contains('\0') {
                 return Err(ApiError::invalid(format!(
-                    "`append_system_prompt` is longer than {MAX_SYSTEM_PROMPT} bytes"
+                    "`append_system_prompt` must be at most {MAX_SYSTEM_PROMPT} bytes of text without NUL"
                 )));
             }
         }
@@ -732,6 +733,7 @@ mod tests {
             json!({"prompt": "x", "working_dir": "/etc"}),
             json!({"prompt": "x", "working_dir": "~/x"}),
             json!({"prompt": "x", "idempotency_key": ""}),
+            json!({"prompt": "x", "append_system_prompt": "be brief\u{0}CLAUDE_CODE_OAUTH_TOKEN=x"}),
             json!([1, 2]),
         ];
         for case in cases {

@@ -228,17 +228,18 @@ async fn claude_starts_with_only_its_pipes_and_no_signal_blocked() {
     assert!(warden_env.as_ref().map_or(true, |e| e.is_empty()), "{warden_env:?}");
 }
 
-/// A caller's value holding a NUL byte (JSON allows `\u0000`; `append_system_prompt` is
+/// A caller's value holding a NUL byte (JSON allows `\u0000`; `append_system_prompt` was
 /// only capped in length) must not cut the launcher's request — NUL-separated — into an
 /// extra field: before the fix the rest of the value became one of Claude's environment
-/// variables (an `ANTHROPIC_BASE_URL` of the caller's choosing, a `NODE_OPTIONS`).
+/// variables (an `ANTHROPIC_BASE_URL` of the caller's choosing, a `NODE_OPTIONS`). The
+/// edge now refuses it (400); the agent refuses such a field too, should one reach it
+/// (`launcher::tests::a_field_holding_a_nul_is_refused_not_split_in_two`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nul_in_a_callers_value_cannot_set_claudes_environment() {
     let s = setup(&[], Vec::new()).await;
     let body = json!({"prompt": "@print_env=INJECTED_BY_CALLER", "append_system_prompt": "be brief\u{0}INJECTED_BY_CALLER=yes", "timeout_ms": 15000});
     let a = s.client.execute(body).await;
-    assert_eq!(a.status, 200, "{}", a.text);
-    assert!(!a.body["output"].as_str().unwrap_or_default().contains("yes"), "the caller set Claude's environment: {}", a.text);
-    assert_eq!(a.body["success"], false, "{}", a.text);
+    assert_eq!(a.status, 400, "{}", a.text);
     assert!(a.body["error"].as_str().unwrap_or_default().contains("NUL"), "{}", a.text);
+    assert!(s.agent.claude_runs().is_empty(), "claude ran: {:?}", s.agent.claude_runs());
 }
