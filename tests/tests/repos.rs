@@ -503,6 +503,9 @@ async fn a_lock_left_by_an_agent_killed_mid_fetch_does_not_block_the_repository(
     // SIGKILL while libgit2 rewrote a ref: its lock file stays (the moment is too short to
     // hit by chance, so the test leaves the lock where libgit2 would have).
     s.agent.kill();
+    // The edge must have seen the killed agent go: until then `/health` still says 200 for
+    // its old connection, and a job sent in between finds nobody (503).
+    s.client.wait_health(503).await;
     std::fs::write(only_mirror(&s).join("refs/heads/main.lock"), "").unwrap();
     s.agent.ensure_running();
     s.client.wait_online().await;
