@@ -51,6 +51,15 @@ struct Running {
     mirrors_told: Vec<String>,
 }
 
+impl Running {
+    /// The ids of the jobs held, sorted (as the edge and the status file are told them).
+    fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.jobs.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+}
+
 pub struct Agent {
     pub cfg: Arc<AgentConfig>,
     pub login: Login,
@@ -148,9 +157,7 @@ impl Agent {
     }
 
     pub fn running_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.running.lock().expect("running lock").jobs.keys().cloned().collect();
-        ids.sort();
-        ids
+        self.running.lock().expect("running lock").ids()
     }
 
     fn slots(&self, running: &Running) -> Slots {
@@ -180,10 +187,8 @@ impl Agent {
     pub fn heartbeat(&self) {
         let oauth = self.oauth_report();
         let running = self.running.lock().expect("running lock");
-        let mut ids: Vec<String> = running.jobs.keys().cloned().collect();
-        ids.sort();
         let beat = AgentMessage::Heartbeat {
-            running: ids,
+            running: running.ids(),
             capacity: self.cfg.max_concurrent_jobs,
             oauth,
             slots: self.slots(&running),
@@ -304,11 +309,7 @@ impl Agent {
             // The serve loop is gone: the agent is exiting.
             running.jobs.remove(&job_id);
         }
-        let ids = {
-            let mut ids: Vec<String> = running.jobs.keys().cloned().collect();
-            ids.sort();
-            ids
-        };
+        let ids = running.ids();
         drop(running);
         self.status.running(ids);
     }
@@ -337,9 +338,7 @@ impl Agent {
                 let _ = self.uplink.send(AgentMessage::Mirrors { names: mirrors.clone() });
             }
             let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
-            let mut ids: Vec<String> = running.jobs.keys().cloned().collect();
-            ids.sort();
-            (ids, mirrors)
+            (running.ids(), mirrors)
         };
         self.status.job_ended(ids, mirrors);
         // The job's task lasts until its result is on disk: a drain waits for it.
