@@ -366,16 +366,22 @@ fn wait_readable(socket: RawFd, children: RawFd) -> bool {
     fds[0].revents != 0
 }
 
+/// A pipe, both ends close-on-exec: (read, write). The agent's pipes to Claude and the
+/// launcher's exec-error pipe are all made here.
+pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
 /// Forks the warden, which forks Claude; waits for Claude's `exec`. Returns the warden's
 /// pid and a pidfd of it, or the `errno` that kept Claude from starting.
 fn launch(request: &Request, [stdin, stdout, stderr, control, status]: [OwnedFd; FDS]) -> Result<(libc::pid_t, Option<OwnedFd>), i32> {
-    let mut exec_error = [0; 2];
-    // SAFETY: pipe2 fills two fds we then own.
-    if unsafe { libc::pipe2(exec_error.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(errno());
-    }
-    // SAFETY: both were just created.
-    let (error_read, error_write) = unsafe { (OwnedFd::from_raw_fd(exec_error[0]), OwnedFd::from_raw_fd(exec_error[1])) };
+    let (error_read, error_write) = pipe().map_err(|_| errno())?;
     let argv: Vec<*const libc::c_char> = request.argv.iter().map(|a| a.as_ptr()).chain([std::ptr::null()]).collect();
     let envp: Vec<*const libc::c_char> = request.envp.iter().map(|e| e.as_ptr()).chain([std::ptr::null()]).collect();
     // SAFETY: this process is single-threaded, so the child may do anything; it only

@@ -13,7 +13,7 @@ use crate::claude::Ending;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use crate::launcher::{ChildEnds, Launcher, Spawn};
+use crate::launcher::{pipe, ChildEnds, Launcher, Spawn};
 use std::os::fd::OwnedFd;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::pipe;
@@ -159,18 +159,6 @@ impl Control {
     fn kill(&mut self) {
         self.0 = None;
     }
-}
-
-/// A pipe, both ends close-on-exec: (read, write).
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    use std::os::fd::FromRawFd;
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills two fds we then own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: both fds were just created and are owned by nothing else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// This agent's launcher (see [`crate::launcher`]), started with the first job.
