@@ -335,12 +335,11 @@ pub async fn run(
     let mut stdout = BufReader::with_capacity(64 * 1024, child.stdout.take().expect("stdout is piped"));
     let mut control = child.control.take().expect("the control pipe is ours");
 
-    let mut exit: Option<Option<i32>> = None;
     let mut stdout_open = true;
     let mut drain_until: Option<tokio::time::Instant> = None;
     let mut line = Line::default();
     let stopped: Option<Ending> = loop {
-        if exit.is_some() && !stdout_open {
+        if child.exit.is_some() && !stdout_open {
             break None;
         }
         tokio::select! {
@@ -353,8 +352,7 @@ pub async fn run(
                     }
                 }
             }
-            status = child.wait(), if exit.is_none() => {
-                exit = Some(status);
+            _ = child.wait(), if child.exit.is_none() => {
                 drain_until = Some(tokio::time::Instant::now() + DRAIN_GRACE);
             }
             _ = tokio::time::sleep_until(drain_until.unwrap_or(deadline)), if drain_until.is_some() => {
@@ -370,7 +368,7 @@ pub async fn run(
         }
     };
     let ending = match stopped {
-        None => Ending::Exited(exit.flatten()),
+        None => Ending::Exited(child.exit.flatten()),
         Some(ending) => {
             warn!(job_id, ending = ?ending, "stopping claude");
             control.stop();
