@@ -585,6 +585,33 @@ pub struct PoolList {
     pub pools: Vec<PoolSummary>,
 }
 
+/// `GET /health` with a named caller's own secret (`RUNNER_SECRETS`): what a caller needs
+/// to decide whether to send work here or fall back — the verdict, which agents can work
+/// and what they offer, its own queued jobs, the usage window — and nothing of the
+/// operator's (versions, logins, load) or of other callers'.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallerHealth {
+    pub status: HealthStatus,
+    pub service: String,
+    pub timestamp: String,
+    /// The connected agents: what a job may ask for (`agent_id`, `labels`) and whether
+    /// each takes work now.
+    pub agents: Vec<CallerAgent>,
+    pub agents_taking_work: usize,
+    /// This caller's own jobs waiting for an agent.
+    pub queued_jobs: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::usage::UsageView>,
+}
+
+/// One connected agent in [`CallerHealth`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallerAgent {
+    pub agent_id: String,
+    pub labels: crate::placement::Labels,
+    pub takes_work: bool,
+}
+
 /// `GET /health` without the secret: the verdict alone (its status code says the same).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PublicHealth {

@@ -172,7 +172,7 @@ async fn a_burst_from_one_caller_does_not_starve_another_caller() {
     assert!(overtook < agents * slots, "{overtook} of A's jobs started before B's single one");
     // A named caller's secret is that caller: it cannot queue as another.
     let a = submit_as(&p.client, CALLER_A, json!({"prompt": "x", "caller": "b"})).await;
-    assert_eq!(a.status, 400, "{}", a.text);
+    assert_eq!(a.status, 403, "{}", a.text);
     // ... and reaches only its own jobs: B neither sees nor cancels A's.
     let a_job = &burst[burst.len() - 1];
     for method in ["GET", "DELETE"] {

@@ -10,7 +10,8 @@
 //!
 //! Callers: besides the pool's `RUNNER_SECRET`, `RUNNER_SECRETS` (`name=secret,…`;
 //! `RUNNER_SECRETS_<POOL>` for a listed pool) gives named callers their own secrets — the
-//! name is then who the caller is, for its turn in the queue and its queue cap. A pool's
+//! name is then who the caller is, for its turn in the queue and its queue cap, and it is
+//! that secret's alone (the pool's secret may not send jobs as it). A pool's
 //! limits may be set for it alone: `MAX_QUEUED_JOBS_<POOL>` over `MAX_QUEUED_JOBS`, and so
 //! for every number setting.
 
@@ -188,6 +189,11 @@ fn parse_caller_secrets(setting: &str, text: Option<String>, runner_secret: &str
         let (name, secret) = (name.trim(), secret.trim());
         if !shared::placement::valid_caller(name) {
             return Err(refuse(format!("`{}` is not a caller name", shared::text::truncate(name, 40))));
+        }
+        if name == shared::placement::DEFAULT_CALLER {
+            // The lane of jobs sent with the pool's secret and no `caller`: a secret of its
+            // own would share its turns and queue cap with the pool secret's holders.
+            return Err(refuse(format!("`{name}` is the caller of jobs sent with the pool's RUNNER_SECRET; name this caller otherwise")));
         }
         if secret.len() < 16 {
             return Err(refuse(format!("the secret of `{name}` is shorter than 16 characters")));
@@ -381,6 +387,10 @@ mod tests {
         let err = Config::for_pool(lookup(pools), "gpu").unwrap_err();
         assert!(err.to_string().contains("RUNNER_SECRETS_GPU"), "{err}");
         assert!(Config::from_lookup(lookup(&[("RUNNER_SECRETS", "ci=ci-secret-0123456789")])).is_ok());
+        // `default` is the lane of the pool secret's unnamed jobs: a secret of its own
+        // would share that lane's turns and cap with whoever holds the pool's secret.
+        let err = Config::from_lookup(lookup(&[("RUNNER_SECRETS", "default=ci-secret-0123456789")])).unwrap_err();
+        assert!(err.to_string().contains("`default`"), "{err}");
     }
 
     #[test]

@@ -122,17 +122,17 @@ pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Optio
             false => Gate::Answer(Response::error(ApiError::unauthorized())),
         };
     }
-    // Pausing agents and logging the machine into an account are the operator's.
-    let operator = matches!(segments.as_slice(), ["agents", _, "pause" | "resume"] | ["oauth", "login"] | ["oauth", "login", "code"]);
+    // Pausing agents, logging the machine into an account, and reading its login and
+    // its counters are the operator's: a named caller's own secret reaches its own jobs
+    // and `/health`'s caller view, no more.
+    let operator = matches!(
+        segments.as_slice(),
+        ["agents", _, "pause" | "resume"] | ["oauth", "login"] | ["oauth", "login", "code"] | ["oauth", "status"] | ["metrics"]
+    );
     let known = operator
         || matches!(
             segments.as_slice(),
-            ["execute"]
-                | ["oauth", "status"]
-                | ["jobs"]
-                | ["jobs", _]
-                | ["jobs", _, "events"]
-                | ["metrics"]
+            ["execute"] | ["jobs"] | ["jobs", _] | ["jobs", _, "events"]
         );
     if !known {
         return Gate::Answer(Response::error(ApiError::not_found(&format!("route {method} {}", shown_path(path)))));
@@ -141,7 +141,11 @@ pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Optio
         None => return Gate::Answer(Response::error(ApiError::unauthorized())),
         Some(Who::Caller(_)) if operator => {
             let mut refused = ApiError::unauthorized();
-            refused.body.error = "pausing and resuming agents and logging in again need the pool's RUNNER_SECRET, not a caller's own secret".into();
+            refused.body.error = format!(
+                "{method} {} is the operator's: it needs the pool's RUNNER_SECRET, not a caller's own secret \
+                 (a caller's secret reaches its own jobs and GET /health)",
+                shown_path(path)
+            );
             return Gate::Answer(Response::error(refused));
         }
         Some(_) => {}
@@ -203,12 +207,13 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
         ("GET" | "HEAD", ["health"]) => {
             let health = edge.health(now);
             let status = health.status.http_status();
-            // Without the secret only the verdict: which agents, versions, jobs and login
-            // details an edge has is nobody else's business.
-            let body = if who(edge.config(), req.secret_header.as_deref(), req.authorization.as_deref()).is_some() {
-                to_json(&health)
-            } else {
-                to_json(&PublicHealth { status: health.status })
+            // Without a secret only the verdict: which agents, versions, jobs and login
+            // details an edge has is nobody else's business. A named caller sees what it
+            // needs to send work or fall back, and its own queue; the operator all.
+            let body = match who(edge.config(), req.secret_header.as_deref(), req.authorization.as_deref()) {
+                Some(Who::Pool) => to_json(&health),
+                Some(Who::Caller(name)) => to_json(&edge.caller_health(now, &name)),
+                None => to_json(&PublicHealth { status: health.status }),
             };
             return answer(Response::json(status, body), Vec::new());
         }
@@ -226,7 +231,7 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
     let limits = Limits { max_timeout_ms: edge.config().max_timeout_ms };
     let key = req.idempotency_key.as_deref();
     let who = who(edge.config(), req.secret_header.as_deref(), req.authorization.as_deref());
-    let parse = |body: &[u8]| ExecuteRequest::parse(body, key, limits).and_then(|s| with_caller(s, who.as_ref()));
+    let parse = |edge: &Edge, body: &[u8]| ExecuteRequest::parse(body, key, limits).and_then(|s| with_caller(edge.config(), s, who.as_ref()));
     // A named caller's own secret reaches that caller's jobs only: another's is unknown to it.
     let own = |job: &crate::record::Job| match &who {
         Some(Who::Caller(name)) => job.placement.caller() == name,
@@ -239,13 +244,14 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
     }
     match (method, segments.as_slice()) {
         ("POST", ["execute"]) => {
-            let submission = match parse(body) {
+            let submission = match parse(edge, body) {
                 Ok(s) => s,
                 Err(e) => return answer(Response::error(e), Vec::new()),
             };
             let timeout_ms = submission.spec.timeout_ms;
+            let placement = submission.placement.clone();
             match edge.submit(now, job_id(now.at, entropy), submission, Mode::Wait) {
-                Err(e) => answer(edge.refusal_response(now, e), Vec::new()),
+                Err(e) => answer(edge.refusal_response(now, e, &placement), Vec::new()),
                 Ok(submitted) => {
                     let mut effects = submitted.effects;
                     edge.wait_for(caller, &submitted.job_id, &mut effects);
@@ -261,12 +267,13 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
             }
         }
         ("POST", ["jobs"]) => {
-            let submission = match parse(body) {
+            let submission = match parse(edge, body) {
                 Ok(s) => s,
                 Err(e) => return answer(Response::error(e), Vec::new()),
             };
+            let placement = submission.placement.clone();
             match edge.submit(now, job_id(now.at, entropy), submission, Mode::Detached) {
-                Err(e) => answer(edge.refusal_response(now, e), Vec::new()),
+                Err(e) => answer(edge.refusal_response(now, e, &placement), Vec::new()),
                 Ok(submitted) => {
                     let state = edge.job(&submitted.job_id).map(|j| j.state).expect("submitted jobs exist");
                     let status = if submitted.existing { 200 } else { 202 };
@@ -339,21 +346,33 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
     }
 }
 
-/// A submission with its caller settled: a named caller's secret names it (a `caller`
-/// field naming another is refused: a secret is one caller); the pool's secret leaves the
-/// field as sent.
-fn with_caller(mut submission: shared::contract::Submission, who: Option<&Who>) -> Result<shared::contract::Submission, ApiError> {
-    if let Some(Who::Caller(name)) = who {
-        match &submission.placement.caller {
-            Some(said) if said != name => {
-                return Err(ApiError::invalid(format!(
-                    "this secret is caller `{name}`'s; leave `caller` out or send `{name}`"
-                )))
-            }
-            _ => submission.placement.caller = Some(name.clone()),
+/// A submission with its caller settled. A caller name that has its own secret
+/// (`RUNNER_SECRETS`) belongs to that secret: a named caller's secret names it (a `caller`
+/// field naming another is refused), and the pool's secret may name any caller but those
+/// — it cannot fill their queue cap or take their turns. Refusals are 403s that say which
+/// secret to use.
+fn with_caller(config: &Config, mut submission: shared::contract::Submission, who: Option<&Who>) -> Result<shared::contract::Submission, ApiError> {
+    let refuse = |error: String| {
+        let mut err = ApiError::unauthorized();
+        err.body.error = error;
+        err
+    };
+    let said = submission.placement.caller.clone();
+    let owned = |name: &str| config.caller_secrets.iter().any(|(n, _)| n == name);
+    match (who, said) {
+        (Some(Who::Caller(name)), Some(said)) if said != *name => Err(refuse(format!(
+            "this secret is caller `{name}`'s; leave `caller` out or send `{name}` (another caller's jobs need that caller's own secret)"
+        ))),
+        (Some(Who::Caller(name)), _) => {
+            submission.placement.caller = Some(name.clone());
+            Ok(submission)
         }
+        (_, Some(said)) if owned(&said) => Err(refuse(format!(
+            "caller `{said}` has its own secret (RUNNER_SECRETS): send its jobs with that secret; \
+             the pool's RUNNER_SECRET may name only callers without one"
+        ))),
+        _ => Ok(submission),
     }
-    Ok(submission)
 }
 
 /// Job ids sort by creation time: 12 hex digits of milliseconds, then 16 of entropy.

@@ -52,7 +52,7 @@ impl Edge {
                 return Err(refused);
             }
         }
-        if let Some(refused) = self.refusal(now, mode, submission.wait_for_usage) {
+        if let Some(refused) = self.refusal(now, mode, &submission) {
             return Err(refused);
         }
         if let Some(url) = &submission.callback_url {
@@ -182,19 +182,15 @@ impl Edge {
 
     /// Why an `/execute` job cannot be placed now, if it cannot: no connected agent fits
     /// its `agent_id` and labels, or every one that does is paused. Its caller falls back
-    /// at once rather than wait for an agent that may never come.
+    /// at once rather than wait for an agent that may never come. (Fitting agents that
+    /// are there but cannot work — their login, their usage window — are
+    /// [`Edge::refusal`]'s.)
     fn unplaceable(&self, placement: &shared::placement::Placement) -> Option<ApiError> {
-        let fitting: Vec<&Agent> = self.ready().map(|(_, a)| a).filter(|a| placement.fits(&a.agent_id, &a.labels)).collect();
+        let fitting: Vec<&Agent> = self.fitting_agents(placement);
         if fitting.iter().any(|a| !a.paused) {
             return None;
         }
-        let offered: Vec<String> = self
-            .ready()
-            .map(|(_, a)| match a.labels.is_empty() {
-                true => a.agent_id.clone(),
-                false => format!("{} ({})", a.agent_id, shared::placement::show_labels(&a.labels)),
-            })
-            .collect();
+        let offered: Vec<String> = self.ready().map(|(_, a)| super::login::shown_agent(a)).collect();
         let why = match (fitting.is_empty(), placement.needs()) {
             (true, needs) => format!("no connected agent offers {needs}"),
             (false, needs) if needs.is_empty() => "every connected agent is paused (POST /agents/<id>/resume)".to_string(),

@@ -21,7 +21,9 @@ use crate::record::Mode;
 use crate::response::Response;
 use crate::session::{Agent, LoginRelay, LoginStep};
 use serde_json::{json, Value};
-use shared::contract::{ApiError, ErrorCode};
+use shared::contract::{ApiError, ErrorCode, Submission};
+use shared::placement::{Labels, Placement};
+use std::collections::HashMap;
 use shared::envelope::{Audience, Domain, Envelope, OrderHeader};
 use shared::ids::hex;
 use shared::job::JobResult;
@@ -55,81 +57,174 @@ pub enum Availability {
     NeedsLogin,
 }
 
+/// Whether `agents` (the pool's, or those that fit one job) can run work now. A paused
+/// agent is the operator's choice, not its login's state: the verdict is the others'.
+/// With none left (all paused, or none at all) it is [`Availability::Ready`]: nothing
+/// about a login keeps the work back, and whether it may wait is decided elsewhere.
+fn verdict<'a>(now: Now, agents: impl Iterator<Item = &'a Agent>) -> Availability {
+    let agents: Vec<&Agent> = agents.filter(|a| !a.paused).collect();
+    if agents.is_empty() || agents.iter().any(|a| a.takes_work(now)) {
+        return Availability::Ready;
+    }
+    let usable = |a: &&&Agent| !a.needs_login(now);
+    if agents.iter().filter(usable).any(|a| a.login.is_some() && !a.usage_held(now)) {
+        return Availability::LoggingIn;
+    }
+    let until = agents
+        .iter()
+        .filter(usable)
+        .filter(|a| a.usage_held(now))
+        .filter_map(|a| a.oauth.usage.as_ref()?.blocked_until())
+        .min();
+    match until {
+        Some(until) => Availability::UsageLimited { until },
+        None => Availability::NeedsLogin,
+    }
+}
+
+/// A refusal that says, before its own sentence, which agents fit the job and why none
+/// of them can take it now.
+fn explained(mut err: ApiError, fitting: Vec<&Agent>, now: Now) -> ApiError {
+    let each: Vec<String> = fitting
+        .iter()
+        .map(|a| format!("{}: {}", shown_agent(a), why_not(a, now).unwrap_or_else(|| "busy".into())))
+        .collect();
+    err.body.error = format!("no agent that fits this job can take it now ({}); {}", each.join("; "), err.body.error);
+    err
+}
+
+/// An agent as a refusal names it: its id, and its labels when it has any.
+pub(crate) fn shown_agent(a: &Agent) -> String {
+    match a.labels.is_empty() {
+        true => a.agent_id.clone(),
+        false => format!("{} ({})", a.agent_id, shared::placement::show_labels(&a.labels)),
+    }
+}
+
+/// Why one agent cannot take a job now, as a person reads it (`None`: it could, but has
+/// no free slot).
+pub(crate) fn why_not(a: &Agent, now: Now) -> Option<String> {
+    if a.paused {
+        return Some(format!("paused (POST /agents/{}/resume)", a.agent_id));
+    }
+    if a.needs_login(now) {
+        return Some("its Claude OAuth login needs renewing".into());
+    }
+    if a.usage_held(now) {
+        let until = a.oauth.usage.as_ref().and_then(|u| u.blocked_until());
+        return Some(match until {
+            Some(t) => format!("its usage window is used up until {}", rfc3339(t)),
+            None => "its usage window is used up".into(),
+        });
+    }
+    a.login.is_some().then(|| "being logged in again".into())
+}
+
 impl Edge {
     pub fn availability(&self, now: impl Into<Now>) -> Availability {
         let now = now.into();
         if !self.is_online() {
             return Availability::Offline;
         }
-        // A paused agent is the operator's choice, not its login's state: the verdict is
-        // the others'. With every agent paused work waits (and `/execute` is refused as
-        // unplaceable), whatever their logins.
-        let agents: Vec<&Agent> = self.ready().map(|(_, a)| a).filter(|a| !a.paused).collect();
-        if agents.is_empty() {
-            return Availability::Ready;
-        }
-        if agents.iter().any(|a| a.takes_work(now)) {
-            return Availability::Ready;
-        }
-        let usable = |a: &&&Agent| !a.needs_login(now);
-        if agents.iter().filter(usable).any(|a| a.login.is_some() && !a.usage_held(now)) {
-            return Availability::LoggingIn;
-        }
-        let until = agents
-            .iter()
-            .filter(usable)
-            .filter(|a| a.usage_held(now))
-            .filter_map(|a| a.oauth.usage.as_ref()?.blocked_until())
-            .min();
-        match until {
-            Some(until) => Availability::UsageLimited { until },
-            None => Availability::NeedsLogin,
-        }
+        // With every agent paused work waits (and `/execute` is refused as unplaceable),
+        // whatever their logins.
+        verdict(now, self.ready().map(|(_, a)| a))
     }
 
-    /// Why a new job of this kind is refused at once, if it is.
-    pub(super) fn refusal(&self, now: Now, mode: Mode, wait_for_usage: bool) -> Option<ApiError> {
-        match (self.availability(now), mode) {
-            (Availability::NeedsLogin, Mode::Wait) => Some(ApiError::needs_login()),
-            (Availability::UsageLimited { until }, Mode::Wait) => Some(ApiError::usage_limit(until)),
-            (Availability::UsageLimited { until }, Mode::Detached) if !wait_for_usage => Some(ApiError::usage_limit(until)),
-            _ => None,
-        }
-    }
-
-    /// A refusal as answered: with `Retry-After` when it names a time.
-    pub fn refusal_response(&self, now: impl Into<Now>, err: ApiError) -> Response {
+    /// [`Edge::availability`] for one job: over the connected agents that fit it (its
+    /// `agent_id`, its labels) alone — a gpu job whose only gpu agent needs a login cannot
+    /// run now, whatever the other agents' logins.
+    pub fn availability_for(&self, now: impl Into<Now>, placement: &Placement) -> Availability {
         let now = now.into();
-        match (err.body.error_code, self.availability(now)) {
-            (ErrorCode::UsageLimit, Availability::UsageLimited { until }) => Response::retry_later(err, until, now.wall),
-            _ => Response::error(err),
+        if !self.is_online() {
+            return Availability::Offline;
         }
+        verdict(now, self.ready().map(|(_, a)| a).filter(|a| placement.fits(&a.agent_id, &a.labels)))
+    }
+
+    /// Why a new job of this kind is refused at once, if it is. An `/execute` job
+    /// ([`Mode::Wait`]) is judged by the agents that fit it ([`Edge::unplaceable`] has
+    /// said that some do); a `POST /jobs` job by the pool, and it waits unless the usage
+    /// window is used up and it asked not to wait for it.
+    pub(super) fn refusal(&self, now: Now, mode: Mode, submission: &Submission) -> Option<ApiError> {
+        let fitting = || self.fitting_agents(&submission.placement);
+        match mode {
+            Mode::Wait => match self.availability_for(now, &submission.placement) {
+                Availability::NeedsLogin => Some(explained(ApiError::needs_login(), fitting(), now)),
+                Availability::UsageLimited { until } => Some(explained(ApiError::usage_limit(until), fitting(), now)),
+                _ => None,
+            },
+            Mode::Detached => match self.availability(now) {
+                Availability::UsageLimited { until } if !submission.wait_for_usage => Some(ApiError::usage_limit(until)),
+                _ => None,
+            },
+        }
+    }
+
+    /// The connected agents that fit a placement.
+    pub(super) fn fitting_agents(&self, placement: &Placement) -> Vec<&Agent> {
+        self.ready().map(|(_, a)| a).filter(|a| placement.fits(&a.agent_id, &a.labels)).collect()
+    }
+
+    /// A refusal as answered: with `Retry-After` when it names a time (the usage window's
+    /// reset of the agents that fit the job, else of the pool).
+    pub fn refusal_response(&self, now: impl Into<Now>, err: ApiError, placement: &Placement) -> Response {
+        let now = now.into();
+        if err.body.error_code != ErrorCode::UsageLimit {
+            return Response::error(err);
+        }
+        // The verdict the refusal came from is the one whose reset it names.
+        for verdict in [self.availability_for(now, placement), self.availability(now)] {
+            if let Availability::UsageLimited { until } = verdict {
+                if err.body.retry_at.as_deref() == Some(rfc3339(until).as_str()) {
+                    return Response::retry_later(err, until, now.wall);
+                }
+            }
+        }
+        Response::error(err)
     }
 
     /// Ends the queued jobs that must not wait for what keeps the agents from working
-    /// (an `/execute` caller falls back at once; a job that asked not to wait for the usage
-    /// window ends), then sends what can go.
+    /// (an `/execute` caller falls back at once once no agent that fits its job can run
+    /// it; a job that asked not to wait for the pool's usage window ends), then sends what
+    /// can go.
     pub(super) fn settle_queue(&mut self, now: Now, effects: &mut Vec<Effect>) {
-        let ended: Vec<(String, ApiError)> = match self.availability(now) {
-            Availability::NeedsLogin => self
-                .queue
-                .ids()
-                .filter(|id| self.jobs[*id].mode == Mode::Wait)
-                .map(|id| (id.clone(), ApiError::needs_login()))
-                .collect(),
-            Availability::UsageLimited { until } => self
-                .queue
-                .ids()
-                .filter(|id| {
-                    let job = &self.jobs[*id];
-                    job.mode == Mode::Wait || !job.wait_for_usage
-                })
-                .map(|id| (id.clone(), ApiError::usage_limit(until)))
-                .collect(),
-            _ => Vec::new(),
-        };
+        let mut ended: Vec<(String, ApiError)> = Vec::new();
+        let pool = self.availability(now);
+        if let Availability::UsageLimited { until } = pool {
+            let detached = self.queue.ids().filter(|id| {
+                let job = &self.jobs[*id];
+                job.mode == Mode::Detached && !job.wait_for_usage
+            });
+            ended.extend(detached.map(|id| (id.clone(), ApiError::usage_limit(until))));
+        }
+        // While every agent not paused takes work, no job's fitting agents are all kept
+        // from it: the walk through the queue is skipped (this runs at every heartbeat).
+        let all_work = self.ready().all(|(_, a)| a.paused || a.takes_work(now));
+        if !all_work {
+            let mut verdicts: HashMap<(&Labels, Option<&str>), Option<ApiError>> = HashMap::new();
+            for id in self.queue.ids() {
+                let job = &self.jobs[id];
+                if job.mode != Mode::Wait {
+                    continue;
+                }
+                let placement = &job.placement;
+                let refused = verdicts.entry((&placement.labels, placement.agent_id.as_deref())).or_insert_with(|| {
+                    match self.availability_for(now, placement) {
+                        Availability::NeedsLogin => Some(explained(ApiError::needs_login(), self.fitting_agents(placement), now)),
+                        Availability::UsageLimited { until } => {
+                            Some(explained(ApiError::usage_limit(until), self.fitting_agents(placement), now))
+                        }
+                        _ => None,
+                    }
+                });
+                if let Some(err) = refused {
+                    ended.push((id.clone(), err.clone()));
+                }
+            }
+        }
         for (id, err) in ended {
-            info!(job_id = %id, error_code = ?err.body.error_code, "queued job ended: no agent can run it now");
+            info!(job_id = %id, error_code = ?err.body.error_code, "queued job ended: no agent that fits it can run it now");
             let mut result = JobResult::failure(err.body.error_code, err.body.error, 0);
             result.retry_at = err.body.retry_at;
             self.finish(now, &id, result, effects);

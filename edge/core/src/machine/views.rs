@@ -5,7 +5,7 @@
 use super::{Edge, DOWN_SHOWN_MS};
 use crate::clock::Now;
 use crate::session::Agent;
-use shared::contract::{AgentInfo, Health, HealthStatus, JobList, PoolSummary, LISTED_FINISHED_JOBS};
+use shared::contract::{AgentInfo, CallerAgent, CallerHealth, Health, HealthStatus, JobList, PoolSummary, LISTED_FINISHED_JOBS};
 use shared::oauth::{LoginHealth, OAuthStatus};
 use shared::time::rfc3339;
 use shared::Millis;
@@ -97,6 +97,26 @@ impl Edge {
             queued_jobs: self.queue.len(),
             agents_taking_work: working,
             usage,
+        }
+    }
+
+    /// `/health` as a named caller sees it: [`Edge::health`] without the operator's
+    /// details, and the queue counted in that caller's jobs alone.
+    pub fn caller_health(&self, now: impl Into<Now>, caller: &str) -> CallerHealth {
+        let health = self.health(now);
+        CallerHealth {
+            status: health.status,
+            service: health.service,
+            timestamp: health.timestamp,
+            agents: health
+                .agents
+                .into_iter()
+                .filter(|a| a.connected)
+                .map(|a| CallerAgent { agent_id: a.agent_id, labels: a.labels, takes_work: a.takes_work })
+                .collect(),
+            agents_taking_work: health.agents_taking_work,
+            queued_jobs: self.queue.len_of(caller),
+            usage: health.usage,
         }
     }
 

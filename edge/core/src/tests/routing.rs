@@ -154,7 +154,7 @@ fn callers_are_named_by_their_secret_or_field_and_priority_orders_their_jobs() {
     let high = submit(&mut edge, 1, SECRET, json!({"prompt": "x", "caller": "nightly", "priority": 9}));
     assert_eq!(edge.job(&low).unwrap().placement.caller(), "nightly");
     let h = request(&mut edge, 2, A_SECRET, "POST", "/jobs", json!({"prompt": "x", "caller": "b"}));
-    assert_eq!(answer(&h).0, 400, "a caller's secret cannot queue as another caller");
+    assert_eq!(answer(&h).0, 403, "a caller's secret cannot queue as another caller");
     let sid = enter(&mut edge, 3, "spark", 1, 1, "", &[]);
     assert_eq!(edge.job(&high).unwrap().state, JobState::Dispatched, "priority 9 first");
     assert_eq!(edge.job(&low).unwrap().state, JobState::Queued);
@@ -396,4 +396,168 @@ fn an_idempotency_key_is_each_callers_own() {
     let (status, conflict) = keyed(&mut edge, 4, B_SECRET, "another task");
     assert_eq!(status, 409);
     assert_eq!(conflict["job_id"], of_b["job_id"], "{conflict}");
+}
+
+#[test]
+fn a_name_with_its_own_secret_belongs_to_that_secret() {
+    // Whoever holds the pool's secret cannot send jobs as `a`: neither fill a's queue cap
+    // (a's own jobs would be refused) nor take a's turns.
+    let mut edge = Edge::new(Config { max_queued_per_caller: 2, ..pool_config() }, 0);
+    for (i, path) in ["/jobs", "/execute", "/jobs", "/jobs"].into_iter().enumerate() {
+        let h = request(&mut edge, i as u64, SECRET, "POST", path, json!({"prompt": "x", "caller": "a"}));
+        let (status, body) = answer(&h);
+        assert_eq!((status, body["error_code"].as_str()), (403, Some("UNAUTHORIZED")), "{path}: {body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains("`a`") && error.contains("RUNNER_SECRETS"), "says whose secret to use: {error}");
+    }
+    assert_eq!(edge.queued(), 0, "nothing was queued as a");
+    for i in 0..2 {
+        submit(&mut edge, 10 + i, A_SECRET, json!({"prompt": "a's own"}));
+    }
+    // b's secret may not either; names without a secret stay the pool secret's to give.
+    let h = request(&mut edge, 12, B_SECRET, "POST", "/jobs", json!({"prompt": "x", "caller": "a"}));
+    assert_eq!(answer(&h).0, 403);
+    let nightly = submit(&mut edge, 13, SECRET, json!({"prompt": "x", "caller": "nightly"}));
+    assert_eq!(edge.job(&nightly).unwrap().placement.caller(), "nightly");
+    let unnamed = submit(&mut edge, 14, SECRET, json!({"prompt": "x"}));
+    assert_eq!(edge.job(&unnamed).unwrap().placement.caller(), shared::placement::DEFAULT_CALLER);
+}
+
+#[test]
+fn a_callers_own_secret_sees_its_part_of_health_and_not_the_operators() {
+    let mut edge = Edge::new(three_agents(), 0);
+    enter(&mut edge, 0, "spark", 1, 1, "os=linux", &[]);
+    // spark's one slot runs b's first job; b has two more waiting, a one.
+    for i in 0..3 {
+        submit(&mut edge, 1 + i, B_SECRET, json!({"prompt": "b's secret plans"}));
+    }
+    submit(&mut edge, 5, A_SECRET, json!({"prompt": "x"}));
+    let h = request(&mut edge, 6, A_SECRET, "GET", "/health", Value::Null);
+    let (status, body) = answer(&h);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!((body["status"].as_str(), body["agents_taking_work"].as_u64()), (Some("healthy"), Some(1)), "{body}");
+    assert_eq!(body["agents"], json!([{"agent_id": "spark", "labels": {"os": "linux"}, "takes_work": true}]));
+    assert_eq!(body["queued_jobs"], 1, "a's own queue, not the pool's 3: {body}");
+    for operators in ["agent", "oauth"] {
+        assert!(body.get(operators).is_none(), "{operators} is the operator's: {body}");
+    }
+    let text = body.to_string();
+    assert!(!text.contains("\"b\"") && !text.contains("version") && !text.contains("running_jobs"), "{text}");
+    // The operator's secret sees it all; no secret the verdict alone.
+    let (_, full) = answer(&request(&mut edge, 7, SECRET, "GET", "/health", Value::Null));
+    assert_eq!((full["queued_jobs"].as_u64(), full["agent"]["agent_id"].as_str()), (Some(3), Some("spark")), "{full}");
+    let (_, open) = answer(&request(&mut edge, 7, "", "GET", "/health", Value::Null));
+    assert_eq!(open, json!({"status": "healthy"}));
+    // The login and the counters are the operator's.
+    for path in ["/oauth/status", "/metrics"] {
+        let (status, body) = answer(&request(&mut edge, 8, A_SECRET, "GET", path, Value::Null));
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("RUNNER_SECRET"), "{body}");
+        let h = request(&mut edge, 8, SECRET, "GET", path, Value::Null);
+        let status = h.effects.iter().find_map(|e| match e {
+            Effect::Answer { caller, response } if *caller == h.caller => Some(response.status),
+            _ => None,
+        });
+        assert_eq!(status, Some(200), "{path} with the pool's secret");
+    }
+}
+
+/// A heartbeat of an idle agent with `capacity` slots that received `received` orders.
+fn beat_with(edge: &mut Edge, now: u64, sid: &str, capacity: u32, running: &[&str], received: u64, oauth: OAuthReport) {
+    let free = capacity - running.len() as u32;
+    let running = running.iter().map(|s| s.to_string()).collect();
+    let msg = AgentMessage::Heartbeat { running, capacity, oauth, slots: shared::protocol::Slots { free, received }, claude_version: None };
+    say(edge, now, sid, msg);
+}
+
+fn broken_login() -> OAuthReport {
+    OAuthReport { auth_failed: true, ..oauth() }
+}
+
+#[test]
+fn execute_falls_back_at_once_when_every_agent_that_fits_needs_a_login() {
+    let mut edge = Edge::new(three_agents(), 0);
+    let spark = enter(&mut edge, 0, "spark", 1, 4, "gpu=none", &[]);
+    let gpu = enter(&mut edge, 0, "gpu", 3, 1, "gpu=a100", &[]);
+    beat_with(&mut edge, 1, &gpu, 1, &[], 0, broken_login());
+    assert_eq!(edge.availability(2), crate::machine::Availability::Ready, "the pool as a whole can work");
+    // A gpu job: its only agent cannot log in, so the caller falls back now, told why.
+    let h = request(&mut edge, 2, SECRET, "POST", "/execute", json!({"prompt": "x", "labels": "gpu=a100"}));
+    let (status, body) = answer(&h);
+    assert_eq!((status, body["error_code"].as_str(), body["fallback"].as_bool()), (503, Some("RUNNER_OAUTH_ERROR"), Some(true)), "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("gpu (gpu=a100): its Claude OAuth login needs renewing") && !error.contains("spark"), "{error}");
+    assert_eq!(edge.queued(), 0, "a job its caller was told to run elsewhere is never queued");
+    // Jobs any agent fits go on; POST /jobs for the gpu waits for the new login.
+    let h = request(&mut edge, 3, SECRET, "POST", "/execute", json!({"prompt": "x"}));
+    assert!(answer_to(&h.effects, h.caller).is_none(), "waits for its result");
+    assert_eq!(edge.active_jobs(), 1);
+    let waits = submit(&mut edge, 4, SECRET, json!({"prompt": "x", "labels": "gpu=a100"}));
+    assert_eq!(edge.job(&waits).unwrap().state, JobState::Queued);
+    // A second gpu agent, paused: still nobody that fits can take it, and the answer says
+    // each one's reason.
+    let mut edge2 = Edge::new(Config { agents: Keyring::from_keys([
+        ("gpu".to_string(), agent_key(3).verifying_key()),
+        ("gpu2".to_string(), agent_key(4).verifying_key()),
+        ("spark".to_string(), agent_key(1).verifying_key()),
+    ]), ..pool_config() }, 0);
+    enter(&mut edge2, 0, "spark", 1, 4, "gpu=none", &[]);
+    let g1 = enter(&mut edge2, 0, "gpu", 3, 1, "gpu=a100", &[]);
+    enter(&mut edge2, 0, "gpu2", 4, 1, "gpu=a100", &[]);
+    beat_with(&mut edge2, 1, &g1, 1, &[], 0, broken_login());
+    let h = request(&mut edge2, 2, SECRET, "POST", "/agents/gpu2/pause", Value::Null);
+    assert_eq!(answer(&h).0, 200);
+    let (status, body) = answer(&request(&mut edge2, 3, SECRET, "POST", "/execute", json!({"prompt": "x", "labels": "gpu=a100"})));
+    assert_eq!((status, body["error_code"].as_str()), (503, Some("RUNNER_OAUTH_ERROR")), "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("gpu2 (gpu=a100): paused") && error.contains("gpu (gpu=a100): its Claude OAuth"), "{error}");
+    let _ = spark;
+}
+
+#[test]
+fn a_queued_execute_falls_back_when_the_agents_that_fit_it_lose_their_login() {
+    let mut edge = Edge::new(three_agents(), 0);
+    enter(&mut edge, 0, "spark", 1, 4, "gpu=none", &[]);
+    let gpu = enter(&mut edge, 0, "gpu", 3, 1, "gpu=a100", &[]);
+    // The gpu agent's one slot is busy; a second gpu /execute waits for it.
+    let busy = submit(&mut edge, 1, SECRET, json!({"prompt": "x", "labels": "gpu=a100"}));
+    let h = request(&mut edge, 2, SECRET, "POST", "/execute", json!({"prompt": "x", "labels": "gpu=a100"}));
+    assert!(answer_to(&h.effects, h.caller).is_none());
+    let detached = submit(&mut edge, 3, SECRET, json!({"prompt": "x", "labels": "gpu=a100"}));
+    // Its login breaks: the waiting caller is sent elsewhere now, not at its timeout —
+    // though spark, which it does not fit, works.
+    say(&mut edge, 4, &gpu, AgentMessage::Accepted { job_id: busy.clone() });
+    let msg = AgentMessage::Heartbeat {
+        running: vec![busy.clone()],
+        capacity: 1,
+        oauth: broken_login(),
+        slots: shared::protocol::Slots { free: 0, received: 1 },
+        claude_version: None,
+    };
+    let effects = say(&mut edge, 5, &gpu, msg);
+    let (status, body) = answer_to(&effects, h.caller).expect("the waiting caller is answered");
+    assert_eq!((status, body["error_code"].as_str(), body["fallback"].as_bool()), (503, Some("RUNNER_OAUTH_ERROR"), Some(true)), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("gpu (gpu=a100)"), "{body}");
+    assert_eq!(edge.job(&detached).unwrap().state, JobState::Queued, "POST /jobs waits for the login");
+}
+
+#[test]
+fn execute_falls_back_with_retry_at_when_the_agents_that_fit_it_used_their_window() {
+    use shared::usage::{UsageStatus, UsageWindow};
+    let mut edge = Edge::new(three_agents(), 0);
+    enter(&mut edge, 0, "spark", 1, 4, "gpu=none", &[]);
+    let gpu = enter(&mut edge, 0, "gpu", 3, 1, "gpu=a100", &[]);
+    let reset = 3_600_000;
+    let usage = UsageWindow { status: UsageStatus::Rejected, kind: Some("five_hour".into()), resets_at: Some(reset), utilization: None, seen_at: 0 };
+    beat_with(&mut edge, 1, &gpu, 1, &[], 0, OAuthReport { usage: Some(usage), ..oauth() });
+    let h = request(&mut edge, 1_000, SECRET, "POST", "/execute", json!({"prompt": "x", "agent_id": "gpu"}));
+    let response = h.effects.iter().find_map(|e| match e {
+        Effect::Answer { caller, response } if *caller == h.caller => Some(response.clone()),
+        _ => None,
+    }).expect("answered at once");
+    let body: Value = serde_json::from_str(&response.body).unwrap();
+    assert_eq!((response.status, body["error_code"].as_str()), (503, Some("USAGE_LIMIT")), "{body}");
+    assert_eq!(body["retry_at"].as_str(), Some(shared::time::rfc3339(reset).as_str()));
+    assert_eq!(response.headers, vec![("retry-after", "3599".to_string())], "the reset of the agent that fits");
+    assert!(body["error"].as_str().unwrap().contains("gpu (gpu=a100): its usage window is used up"), "{body}");
 }
