@@ -189,6 +189,74 @@ async fn a_burst_from_one_caller_does_not_starve_another_caller() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_caller_owns_its_name_and_sees_its_part_of_health() {
+    let settings: &[(&str, &str)] = &[("RUNNER_SECRETS", &format!("a={CALLER_A},b={CALLER_B}")), ("MAX_QUEUED_PER_CALLER", "2")];
+    let p = pool(EdgeKind::Native, &[("spark", &[("AGENT_LABELS", "os=linux")])], settings).await;
+    // The pool's secret may not send jobs as `a`, which has a secret of its own: it could
+    // fill a's queue cap (a's own jobs refused) or take a's turns.
+    for path in ["/jobs", "/execute"] {
+        let body = json!({"prompt": "as a", "caller": "a"}).to_string().into_bytes();
+        let a = p.client.send("POST", path, Some(SECRET), Some(body)).await;
+        assert_eq!((a.status, a.body["error_code"].as_str()), (403, Some("UNAUTHORIZED")), "{path}: {}", a.text);
+        assert!(a.body["error"].as_str().unwrap().contains("RUNNER_SECRETS"), "{}", a.text);
+    }
+    assert!(p.ran_on("as a").is_empty());
+    let mine = submit_as(&p.client, CALLER_A, json!({"prompt": "@sleep=3000 a's own"})).await;
+    assert_eq!(mine.status, 202, "{}", mine.text);
+    // A named caller's /health: the verdict, the agents and what they offer, its own
+    // queue; no versions, logins or load — and nothing of other callers.
+    let h = p.client.send("GET", "/health", Some(CALLER_B), None).await;
+    assert_eq!(h.status, 200, "{}", h.text);
+    assert_eq!(h.body["agents"], json!([{"agent_id": "spark", "labels": {"os": "linux"}, "takes_work": true}]), "{}", h.text);
+    assert_eq!(h.body["queued_jobs"], 0, "b has nothing queued: {}", h.text);
+    for operators in ["agent", "oauth"] {
+        assert!(h.body.get(operators).is_none(), "{operators} shown to a caller: {}", h.text);
+    }
+    // The login and the counters need the pool's secret.
+    for path in ["/oauth/status", "/metrics"] {
+        let a = p.client.send("GET", path, Some(CALLER_A), None).await;
+        assert_eq!(a.status, 403, "{path}: {}", a.text);
+        assert_eq!(p.client.send("GET", path, Some(SECRET), None).await.status, 200, "{path}");
+    }
+    let id = mine.body["job_id"].as_str().unwrap();
+    p.client.send("DELETE", &format!("/jobs/{id}"), Some(CALLER_A), None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execute_falls_back_at_once_when_the_agents_that_fit_it_need_a_login() {
+    let p = pool(EdgeKind::Native, &[("spark", &[("AGENT_LABELS", "gpu=none")]), ("gpu", &[("AGENT_LABELS", "gpu=a100")])], &[]).await;
+    // The gpu agent's Claude fails to authenticate: it reports it at once.
+    let a = p.client.execute(json!({"prompt": "@auth_error", "agent_id": "gpu"})).await;
+    assert_eq!(a.body["error_code"], "RUNNER_OAUTH_ERROR", "{}", a.text);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let h = p.client.health_full().await;
+        if h.body["agents"].as_array().is_some_and(|a| a.iter().any(|a| a["agent_id"] == "gpu" && a["login"] == "broken")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the gpu agent's broken login never showed: {}", h.text);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A gpu job falls back at once, told which agent fits and why it cannot take it —
+    // though the pool as a whole can work (spark's login is fine).
+    let started = Instant::now();
+    let a = p.client.execute(json!({"prompt": "on the gpu", "labels": "gpu=a100"})).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "answered at once");
+    assert_eq!((a.status, a.body["error_code"].as_str(), a.body["fallback"].as_bool()), (503, Some("RUNNER_OAUTH_ERROR"), Some(true)), "{}", a.text);
+    assert!(a.body["error"].as_str().unwrap().contains("gpu (gpu=a100): its Claude OAuth login needs renewing"), "{}", a.text);
+    assert!(p.ran_on("on the gpu").is_empty());
+    assert_eq!(p.client.health().await.status, 200, "spark takes work");
+    let a = p.client.execute(json!({"prompt": "anywhere"})).await;
+    assert_eq!((a.status, a.body["agent_id"].as_str()), (200, Some("spark")), "{}", a.text);
+    // POST /jobs for the gpu waits for a new login instead.
+    let waits = p.client.submit(json!({"prompt": "on the gpu later", "labels": "gpu=a100"})).await;
+    assert_eq!(waits.status, 202, "{}", waits.text);
+    let id = waits.body["job_id"].as_str().unwrap();
+    assert_eq!(p.client.get(&format!("/jobs/{id}")).await.body["state"], "queued");
+    p.client.send("DELETE", &format!("/jobs/{id}"), Some(SECRET), None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_agent_finishes_its_job_and_takes_no_new_ones_until_resumed() {
     let p = pool(EdgeKind::Native, &[("spark", &[]), ("laptop", &[])], &[]).await;
     let running = p.client.submit(json!({"prompt": "@sleep=1500 long one", "agent_id": "spark"})).await;
