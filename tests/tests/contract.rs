@@ -166,6 +166,31 @@ async fn health_without_the_secret_says_only_its_status(kind: EdgeKind) {
     assert_eq!(full.body["oauth"]["configured"], true, "{}", full.text);
 }
 
+/// Named callers (`RUNNER_SECRETS`): each secret is one caller, whose name no other secret
+/// may send jobs as; it sees its own jobs and a caller's view of `/health`, not the
+/// operator's login or counters.
+async fn a_named_callers_secret_is_that_caller_alone(kind: EdgeKind) {
+    const A: &str = "caller-a-secret-0123456789";
+    const B: &str = "caller-b-secret-0123456789";
+    let callers = format!("a={A},b={B}");
+    let s = setup(kind, &[("RUNNER_SECRETS", &callers)], &[]).await;
+    let body = |v: serde_json::Value| Some(v.to_string().into_bytes());
+    let a = s.client.send("POST", "/execute", Some(A), body(json!({"prompt": "a's task"}))).await;
+    assert_eq!((a.status, a.body["success"].as_bool()), (200, Some(true)), "{}", a.text);
+    let id = a.body["job_id"].as_str().unwrap().to_string();
+    assert_eq!(s.client.send("GET", &format!("/jobs/{id}"), Some(B), None).await.status, 404, "b reads a's job");
+    assert_eq!(s.client.send("GET", &format!("/jobs/{id}"), Some(A), None).await.status, 200);
+    for (secret, who) in [(SECRET, "the pool's secret"), (B, "b's secret")] {
+        let a = s.client.send("POST", "/jobs", Some(secret), body(json!({"prompt": "x", "caller": "a"}))).await;
+        assert_eq!((a.status, a.body["error_code"].as_str()), (403, Some("UNAUTHORIZED")), "{who} sent as a: {}", a.text);
+    }
+    let h = s.client.send("GET", "/health", Some(A), None).await;
+    assert_eq!((h.status, h.body["status"].as_str(), h.body["agents"][0]["agent_id"].as_str()), (200, Some("healthy"), Some("spark")), "{}", h.text);
+    assert!(h.body.get("oauth").is_none() && h.body.get("agent").is_none(), "{}", h.text);
+    let a = s.client.send("GET", "/oauth/status", Some(A), None).await;
+    assert_eq!(a.status, 403, "{}", a.text);
+}
+
 /// Requests announcing a body of 64 MiB that never comes: an edge that read (or drained)
 /// before refusing would still be waiting.
 async fn no_body_is_read_before_auth(kind: EdgeKind) {
@@ -1236,6 +1261,7 @@ contract!(
     offline_is_answered_at_once_with_fallback,
     health_follows_the_agent,
     health_without_the_secret_says_only_its_status,
+    a_named_callers_secret_is_that_caller_alone,
     no_body_is_read_before_auth,
     secrets_are_checked,
     bad_requests_are_400,
