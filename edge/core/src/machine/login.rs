@@ -2,11 +2,13 @@
 //!
 //! An agent takes work only while its login works, its usage window is open and no
 //! re-login is under way ([`crate::session::Agent::takes_work`]). [`Edge::availability`]
-//! sums that up for the pool: `/execute` is refused at once (503, `fallback: true`) when no
-//! agent can take work because the login needs a person (`RUNNER_OAUTH_ERROR`) or the
-//! usage window is used up (`USAGE_LIMIT`, with `retry_at`); `POST /jobs` jobs wait in the
-//! queue instead — for a login up to `QUEUE_TTL_MS`, for the usage window until its reset
-//! (and `QUEUE_TTL_MS` more) — and drain by themselves once the agent can work again.
+//! sums that up for the pool, [`Edge::availability_for`] for the agents one job fits: an
+//! `/execute` is refused at once (503, `fallback: true`) when no agent that fits it can take
+//! work because their login needs a person (`RUNNER_OAUTH_ERROR`) or their usage window is
+//! used up (`USAGE_LIMIT`, with `retry_at`), its answer naming each fitting agent and why;
+//! `POST /jobs` jobs wait in the queue instead — for a login up to `QUEUE_TTL_MS`, for the
+//! usage window until its reset (and `QUEUE_TTL_MS` more) — and drain by themselves once
+//! the agent can work again.
 //!
 //! The relay: `POST /oauth/login` sends the agent a signed order to start
 //! `claude auth login`; the agent answers with the authorization URL, which the caller

@@ -24,8 +24,8 @@
 //! - every accepted job ends in exactly one terminal state ([`Job::finish`] refuses a
 //!   second one), which its caller can read until retention ends;
 //! - a job whose agent vanished waits `LOST_AFTER_MS` for it before it is `lost`;
-//! - `/execute` with no agent is refused at once (the caller falls back), and a caller
-//!   told to fall back never has its job started;
+//! - `/execute` with no agent that fits it and can work is refused at once (the caller
+//!   falls back), and a caller told to fall back never has its job started;
 //! - nothing is announced (sent, answered) before the writes it depends on are stored.
 
 mod callers;
