@@ -271,7 +271,7 @@ pub struct ExecuteRequest {
     /// Only this agent may run the job.
     pub agent_id: Option<String>,
     /// Who sends the job: callers take turns in the queue. A caller with its own secret
-    /// (`RUNNER_SECRETS`) is named by it.
+    /// (`RUNNER_SECRETS`) is named by it, and no other secret may name it.
     pub caller: Option<String>,
     /// 0-9 (default 0); higher runs first among this caller's queued jobs.
     pub priority: Option<u8>,

@@ -85,9 +85,17 @@ impl ModelAgent {
         AgentMessage::result(job_id, nonce, result, &agent_key(self.key))
     }
 
+    /// A job ends: its result is spooled, and sent with a statement of the slots on the
+    /// connection there is. Without one nothing is sent now — a real agent's frames die
+    /// with their socket — and the spool goes out after the hello of the next one (see
+    /// `World::rejoin`): a statement made while away would carry the old connection's
+    /// count of orders received into the new one.
     fn end(&mut self, job_id: &str, result: JobResult) {
         self.running.remove(job_id);
         self.finished.insert(job_id.to_string(), result.clone());
+        if self.session.is_none() {
+            return;
+        }
         let report = self.report(job_id, result);
         self.up.push_back(report);
         self.up.push_back(AgentMessage::Credit { slots: self.slots() });
@@ -477,4 +485,17 @@ fn a_million_steps() {
         cases += 1;
     }
     println!("model: {cases} cases, {steps} steps, {:.1} s, every promise held", started.elapsed().as_secs_f64());
+}
+
+/// A case the property test found: an agent cut off (a failed store write closed its
+/// connection) finished its jobs while away; the model queued the results with slot
+/// statements counted on the old connection, and sent them on the new one, where they
+/// read as orders received that never were.
+#[test]
+fn jobs_finished_while_away_are_stated_on_the_next_connection() {
+    use Step::*;
+    run_case(&[
+        Rejoin(1), Up(1), Submit { wait: false }, Submit { wait: false }, Down(1), Down(1), Rejoin(0), Submit { wait: false },
+        FailNextWrite, Up(1), Finish(1, 0), Submit { wait: false }, Finish(1, 0), Submit { wait: false }, Up(0), Submit { wait: false },
+    ]);
 }
