@@ -149,18 +149,25 @@ impl Edge {
     /// said that some do); a `POST /jobs` job by the pool, and it waits unless the usage
     /// window is used up and it asked not to wait for it.
     pub(super) fn refusal(&self, now: Now, mode: Mode, submission: &Submission) -> Option<ApiError> {
-        let fitting = || self.fitting_agents(&submission.placement);
         match mode {
-            Mode::Wait => match self.availability_for(now, &submission.placement) {
-                Availability::NeedsLogin => Some(explained(ApiError::needs_login(), fitting(), now)),
-                Availability::UsageLimited { until } => Some(explained(ApiError::usage_limit(until), fitting(), now)),
-                _ => None,
-            },
+            Mode::Wait => self.unrunnable(now, &submission.placement),
             Mode::Detached => match self.availability(now) {
                 Availability::UsageLimited { until } if !submission.wait_for_usage => Some(ApiError::usage_limit(until)),
                 _ => None,
             },
         }
+    }
+
+    /// Why no agent that fits this placement can run a job now — each one's login needs a
+    /// person, or its usage window is used up — if so: the refusal of an `/execute` job,
+    /// naming each fitting agent and why.
+    fn unrunnable(&self, now: Now, placement: &Placement) -> Option<ApiError> {
+        let err = match self.availability_for(now, placement) {
+            Availability::NeedsLogin => ApiError::needs_login(),
+            Availability::UsageLimited { until } => ApiError::usage_limit(until),
+            _ => return None,
+        };
+        Some(explained(err, self.fitting_agents(placement), now))
     }
 
     /// The connected agents that fit a placement.
@@ -211,15 +218,8 @@ impl Edge {
                     continue;
                 }
                 let placement = &job.placement;
-                let refused = verdicts.entry((&placement.labels, placement.agent_id.as_deref())).or_insert_with(|| {
-                    match self.availability_for(now, placement) {
-                        Availability::NeedsLogin => Some(explained(ApiError::needs_login(), self.fitting_agents(placement), now)),
-                        Availability::UsageLimited { until } => {
-                            Some(explained(ApiError::usage_limit(until), self.fitting_agents(placement), now))
-                        }
-                        _ => None,
-                    }
-                });
+                let need = (&placement.labels, placement.agent_id.as_deref());
+                let refused = verdicts.entry(need).or_insert_with(|| self.unrunnable(now, placement));
                 if let Some(err) = refused {
                     ended.push((id.clone(), err.clone()));
                 }
