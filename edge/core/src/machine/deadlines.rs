@@ -92,7 +92,7 @@ impl Edge {
             let result = if !self.is_online() && job.mode == Mode::Wait {
                 JobResult::failure(ErrorCode::RunnerOffline, ApiError::offline().body.error, waited)
             } else {
-                self.expired_in_queue(now, waited, job.queue_wait(self.cfg.queue_ttl_ms))
+                self.expired_in_queue(now, &job.placement, waited, job.queue_wait(self.cfg.queue_ttl_ms))
             };
             self.finish(now, &id, result, &mut effects);
         }

@@ -234,9 +234,10 @@ impl Edge {
         self.dispatch(now, effects);
     }
 
-    /// The result of a queued job whose wait ran out: why it could not run.
-    pub(super) fn expired_in_queue(&self, now: Now, waited: u64, limit: u64) -> JobResult {
-        match self.availability(now) {
+    /// The result of a queued job whose wait ran out: why it could not run, as the agents
+    /// that fit it stand.
+    pub(super) fn expired_in_queue(&self, now: Now, placement: &Placement, waited: u64, limit: u64) -> JobResult {
+        match self.availability_for(now, placement) {
             Availability::NeedsLogin => JobResult::failure(
                 ErrorCode::RunnerOauthError,
                 format!("no agent could run the job within {limit} ms: the runner's Claude OAuth login needs renewing (see GET /oauth/status)"),

@@ -561,3 +561,20 @@ fn execute_falls_back_with_retry_at_when_the_agents_that_fit_it_used_their_windo
     assert_eq!(response.headers, vec![("retry-after", "3599".to_string())], "the reset of the agent that fits");
     assert!(body["error"].as_str().unwrap().contains("gpu (gpu=a100): its usage window is used up"), "{body}");
 }
+
+#[test]
+fn a_held_job_says_its_fitting_agents_login_when_its_wait_runs_out() {
+    let mut edge = Edge::new(three_agents(), 0);
+    let spark = enter(&mut edge, 0, "spark", 1, 4, "gpu=none", &[]);
+    let gpu = enter(&mut edge, 0, "gpu", 3, 1, "gpu=a100", &[]);
+    beat_with(&mut edge, 1, &gpu, 1, &[], 0, broken_login());
+    let held = submit(&mut edge, 2, SECRET, json!({"prompt": "x", "labels": "gpu=a100"}));
+    let mut ended = Vec::new();
+    for t in (500..=31_000).step_by(500) {
+        beat_with(&mut edge, t, &gpu, 1, &[], 0, broken_login());
+        beat_with(&mut edge, t, &spark, 4, &[], 0, oauth());
+        ended.extend(finished(&edge.tick(t)));
+    }
+    let (_, _, body) = ended.iter().find(|(id, _, _)| *id == held).expect("its wait ran out");
+    assert_eq!(body["error_code"], "RUNNER_OAUTH_ERROR", "the gpu agent's login, not a plain timeout: {body}");
+}
