@@ -216,8 +216,9 @@ fn ready_records() -> &'static (Session, Job) {
 /// Frames from one agent connection, `0xff`-separated after a flags byte: bit 0 starts
 /// from a connection past a valid handshake, bit 1 with a job `j1` queued; with bit 2 each
 /// frame is instead the payload of a report the agent signed — progress, with bit 3 a
-/// result, with bit 4 a report on a relayed login — so the edge's reading of verified
-/// reports is fuzzed too. With bits 0 and 4 a relayed login is under way first (its id
+/// result, with bit 4 a report on a relayed login; with bit 5 a refusal of an order, with
+/// bits 5 and 3 a heartbeat — so the edge's reading of verified reports is fuzzed too.
+/// (The ready connection's challenge, which a heartbeat must name, is in the seeds.) With bits 0 and 4 a relayed login is under way first (its id
 /// [`FUZZ_LOGIN_ID`], its start order's nonce `<id>:start`), so a login report can name it.
 pub fn agent_frames(data: &[u8]) {
     let (flags, frames) = match data.split_first() {
@@ -250,9 +251,11 @@ pub fn agent_frames(data: &[u8]) {
     for frame in frames.split(|b| *b == 0xff) {
         now += 1_000;
         let frame = if flags & 4 == 4 {
-            let domain = match flags & 24 {
+            let domain = match flags & 56 {
                 0 => Domain::Progress,
                 8 => Domain::Result,
+                32 => Domain::Rejection,
+                40 => Domain::Heartbeat,
                 _ => Domain::LoginReport,
             };
             let payload = text(frame);
@@ -261,6 +264,8 @@ pub fn agent_frames(data: &[u8]) {
             match domain {
                 Domain::Result => AgentMessage::Result { envelope },
                 Domain::LoginReport => AgentMessage::LoginProgress { envelope },
+                Domain::Rejection => AgentMessage::Rejected { envelope },
+                Domain::Heartbeat => AgentMessage::Heartbeat { envelope },
                 _ => AgentMessage::Event { envelope },
             }
             .to_text()

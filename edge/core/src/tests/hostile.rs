@@ -166,7 +166,7 @@ fn a_frame_before_the_hello_is_verified_is_small() {
     assert!(reason.contains("limit"), "{reason}");
     // Once proven, frames up to the protocol's limit are fine.
     let (mut edge, sid) = ready_edge();
-    let mut event = serde_json::to_value(beat(&[], 1, 0)).unwrap();
+    let mut event = serde_json::to_value(signed(&edge, &sid, beat(&[], 1, 0))).unwrap();
     event["pad"] = json!("x".repeat(200_000));
     assert!(closed(&edge.message(1, &sid, &event.to_string())).is_none());
 }
@@ -302,8 +302,7 @@ fn orders_and_reports_share_one_nonce_per_attempt() {
         assert!(!job.issued(never), "{never}");
     }
     // Sent again after a refusal for want of a slot: both orders are the edge's.
-    let reason = "no free slot".to_string();
-    say(&mut edge, 1, &sid, AgentMessage::Rejected { job_id: Some("j1".into()), reason, retry: true });
+    refuse(&mut edge, 1, &sid, "j1", "no free slot", true);
     say(&mut edge, 2, &sid, credit(1, 1));
     let job = edge.job("j1").unwrap();
     assert_eq!(job.order_nonce(), "j1:2");
