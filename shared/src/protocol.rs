@@ -472,4 +472,36 @@ mod tests {
         let m = EdgeMessage::result_ack("j", "spark", &SigningKey::from_bytes(&[1; 32]));
         assert_eq!(decode::<EdgeMessage>(&m.to_text()).unwrap(), m);
     }
+
+    #[test]
+    fn refusals_and_heartbeats_are_signed_in_their_own_domains() {
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let AgentMessage::Rejected { envelope } = decode(&AgentMessage::rejected("j1", "j1:2", "no free slot", true, &key).to_text()).unwrap() else {
+            panic!("a refusal")
+        };
+        let refusal: Rejection = envelope.open(Domain::Rejection, &key.verifying_key()).unwrap();
+        assert_eq!((refusal.job_id.as_str(), refusal.order_nonce.as_str(), refusal.retry), ("j1", "j1:2", true));
+        assert!(envelope.open::<Rejection>(Domain::Result, &key.verifying_key()).is_err(), "a refusal is not a result");
+        let beat = Beat {
+            challenge: "c".into(),
+            seq: 7,
+            running: vec!["j1".into()],
+            capacity: 2,
+            oauth: OAuthReport::unconfigured(0),
+            slots: Slots { free: 1, received: 3 },
+            claude_version: None,
+        };
+        let AgentMessage::Heartbeat { envelope } = decode(&AgentMessage::heartbeat(&beat, &key).to_text()).unwrap() else { panic!("a heartbeat") };
+        assert_eq!(envelope.open::<Beat>(Domain::Heartbeat, &key.verifying_key()).unwrap(), beat);
+        for other in [Domain::Progress, Domain::Hello, Domain::Rejection] {
+            assert!(envelope.open::<Beat>(other, &key.verifying_key()).is_err(), "{other:?}");
+        }
+        // A version-5 heartbeat or refusal (plain fields, no envelope) does not read.
+        for old in [
+            r#"{"type":"heartbeat","running":[],"capacity":1,"oauth":{},"slots":{"free":1,"received":0}}"#,
+            r#"{"type":"rejected","job_id":"j1","reason":"x","retry":true}"#,
+        ] {
+            assert!(decode::<AgentMessage>(old).is_err(), "{old}");
+        }
+    }
 }

@@ -86,7 +86,9 @@ impl FakeEdge {
 
     /// The handshake, welcoming the agent into `pool`.
     async fn handshake_into(&self, welcome_key: &SigningKey, protocol: u32, pool: &str) -> (Ws, Option<Hello>) {
-        let challenge = EdgeMessage::Challenge { protocol, nonce: "fake-nonce".into(), edge_version: "fake".into(), server_time: now() };
+        // Fresh per connection, as the edge's: heartbeats are bound to it.
+        let nonce = shared::keys::encode(&random_key().to_bytes()[..24]);
+        let challenge = EdgeMessage::Challenge { protocol, nonce: nonce.clone(), edge_version: "fake".into(), server_time: now() };
         // A connection still queued from an agent process that is gone (restarted, say)
         // breaks at once: the live agent's is the next one.
         let mut ws = loop {
@@ -99,7 +101,7 @@ impl FakeEdge {
             Some(AgentMessage::Hello { envelope, .. }) => envelope.open::<Hello>(Domain::Hello, &self.agent_key.verifying_key()).unwrap(),
             _ => return (ws, None),
         };
-        assert_eq!(hello.challenge, "fake-nonce");
+        assert_eq!(hello.challenge, nonce);
         let welcome = Welcome {
             protocol: PROTOCOL_VERSION,
             agent_id: hello.agent_id.clone(),

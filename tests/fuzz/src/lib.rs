@@ -571,6 +571,29 @@ mod tests {
         }
     }
 
+    /// The seeds of signed refusals and heartbeats read as what they stand for, and the
+    /// heartbeats name the ready connection's challenge: else they would only fuzz the
+    /// edge's refusal of them.
+    #[test]
+    fn the_signed_refusal_and_heartbeat_seeds_reach_the_edge_whole() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/agent_frames");
+        let frames = |name: &str| -> (u8, Vec<Vec<u8>>) {
+            let data = std::fs::read(dir.join(name)).unwrap();
+            (data[0], data[1..].split(|b| *b == 0xff).map(<[u8]>::to_vec).collect())
+        };
+        let (flags, refusals) = frames("signed-rejection");
+        assert_eq!(flags & 63, 1 | 2 | 4 | 32);
+        let refusal: shared::protocol::Rejection = serde_json::from_slice(&refusals[0]).unwrap();
+        assert_eq!(refusal.order_nonce, "j1:1");
+        let (flags, beats) = frames("signed-heartbeats");
+        assert_eq!(flags & 63, 1 | 2 | 4 | 8 | 32);
+        let challenge = &ready_records().0.agent().expect("a ready session").challenge;
+        for beat in beats {
+            let beat: shared::protocol::Beat = serde_json::from_slice(&beat).unwrap();
+            assert_eq!(&beat.challenge, challenge);
+        }
+    }
+
     /// A target and one of its seeds with bytes changed, cut or repeated: random inputs
     /// near the valid ones.
     fn mutated() -> impl Strategy<Value = (usize, Vec<u8>)> {
