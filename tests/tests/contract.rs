@@ -731,7 +731,9 @@ async fn tokens_never_leave_the_machine(kind: EdgeKind) {
 
     // Nor in the progress events (the tool's output, as Claude Code reports it), nor in
     // the agent's log.
-    let job = s.client.submit(json!({"prompt": format!("@base64={}", creds.display())})).await;
+    // The stand-in waits after its first event, so the follower is there before the job
+    // ends (an ended job's events are gone; under load a quick one could end first).
+    let job = s.client.submit(json!({"prompt": format!("@sleep=2000 @base64={}", creds.display())})).await;
     let (_, _, events) = s.client.follow(job.body["job_id"].as_str().unwrap()).await;
     assert!(events.len() >= 4, "{events:?}");
     for (_, data) in &events {
@@ -1020,11 +1022,11 @@ async fn unproven_connections_are_held_to_a_hello(kind: EdgeKind) {
     for line in edge.log().lines() {
         assert!(!line.contains("mallory"), "the peer's unchecked words in a log line: {line}");
     }
-    // A frame that does not read, whose error would quote the peer's words (an unknown
-    // variant): at most quoted on the edge's own line, never a line of their own.
+    // A frame that does not read, whose error quotes the peer's words (a string where a
+    // number belongs): at most quoted on the edge's own line, never a line of their own.
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/agent/connect", edge.ws_url())).await.unwrap();
     let _challenge = ws.next().await;
-    let frame = r#"{"type":"heartbeat","oauth":{"source":"x\n2026-01-01T00:00:00.000000Z  INFO claude_runner_edge: FORGEDLINE"}}"#;
+    let frame = r#"{"type":"credit","slots":{"free":"x\n2026-01-01T00:00:00.000000Z  INFO claude_runner_edge: FORGEDLINE","received":0}}"#;
     ws.send(Message::Text(frame.into())).await.unwrap();
     let (code, _) = closed_with(&mut ws).await.expect("closed with a reason");
     assert_eq!(code, shared::protocol::close::PROTOCOL_ERROR);
