@@ -14,10 +14,10 @@ use crate::spool::Spool;
 use crate::status::StatusFile;
 use futures_util::FutureExt;
 use shared::contract::ErrorCode;
-use shared::envelope::{open_order, Audience, Domain, Envelope, Refusal};
+use shared::envelope::{open_order, Audience, Domain, Envelope, OrderHeader, Refusal};
 use shared::job::JobResult;
 use shared::oauth::OAuthReport;
-use shared::protocol::{AgentMessage, CancelOrder, JobOrder, LoginOrder, Slots};
+use shared::protocol::{AgentMessage, Beat, CancelOrder, JobOrder, LoginOrder, Slots};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -47,6 +47,10 @@ struct Running {
     closed: bool,
     /// Job orders received on the current connection.
     received: u64,
+    /// The current connection's challenge, which its heartbeats are bound to, and the
+    /// number of the last heartbeat made for it.
+    challenge: String,
+    beats: u64,
     /// The mirror names the edge was last told of (in a hello or a `Mirrors`).
     mirrors_told: Vec<String>,
 }
@@ -89,7 +93,13 @@ impl Agent {
         crate::files::private_dir(&cfg.data_dir.join("workspaces")).map_err(|e| {
             anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
         })?;
-        let (spool, interrupted) = Spool::open(cfg.data_dir.join("spool"), cfg.data_dir.join("started")).map_err(|e| {
+        let (spool, interrupted) = Spool::open(
+            cfg.data_dir.join("spool"),
+            cfg.data_dir.join("started"),
+            cfg.data_dir.join("records"),
+            cfg.max_concurrent_jobs as usize,
+        )
+        .map_err(|e| {
             anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
         })?;
         if !interrupted.is_empty() {
@@ -165,9 +175,13 @@ impl Agent {
         Slots { free, received: running.received }
     }
 
-    /// A new connection to the edge: orders are counted from zero on it.
-    pub fn begin_session(&self) {
-        self.running.lock().expect("running lock").received = 0;
+    /// A new connection to the edge, whose challenge was `challenge`: orders and
+    /// heartbeats are counted from zero on it.
+    pub fn begin_session(&self, challenge: &str) {
+        let mut running = self.running.lock().expect("running lock");
+        running.received = 0;
+        running.challenge = challenge.to_string();
+        running.beats = 0;
     }
 
     /// The mirror names for a hello, remembered as what the edge knows.
@@ -186,15 +200,18 @@ impl Agent {
     /// Queues a heartbeat: the login, the jobs held and the slots, as of one moment.
     pub fn heartbeat(&self) {
         let oauth = self.oauth_report();
-        let running = self.running.lock().expect("running lock");
-        let beat = AgentMessage::Heartbeat {
+        let mut running = self.running.lock().expect("running lock");
+        running.beats += 1;
+        let beat = Beat {
+            challenge: running.challenge.clone(),
+            seq: running.beats,
             running: running.ids(),
             capacity: self.cfg.max_concurrent_jobs,
             oauth,
             slots: self.slots(&running),
             claude_version: self.cli.current(),
         };
-        let _ = self.uplink.send(beat);
+        let _ = self.uplink.send(AgentMessage::heartbeat(&beat, &self.cfg.signing_key));
     }
 
     pub fn oauth_report(&self) -> OAuthReport {
@@ -205,18 +222,31 @@ impl Agent {
     /// it, so a name is given only when it is the edge's own: read from an order whose
     /// signature verified, for a job order (a cancel that fails changes nothing about its
     /// job), and not for a replay (the first copy of that order was handled already).
+    /// Such a refusal is signed and bound to the order's nonce ([`Agent::reject`]).
     /// Anything else — garbage, a forgery, a tampered frame — names no job: whoever sent it
     /// cannot make the edge fail a job by it.
-    fn refuse(&self, domain: Domain, job_id: Option<&str>, refusal: &Refusal) {
+    fn refuse(&self, domain: Domain, order: Option<&OrderHeader>, refusal: &Refusal) {
         let named = match refusal {
             _ if domain != Domain::Job => None,
             Refusal::Signature(_) | Refusal::Replay { .. } => None,
-            Refusal::WrongAgent { .. } | Refusal::WrongPool { .. } | Refusal::Expired { .. } | Refusal::FromTheFuture { .. } => job_id,
+            Refusal::WrongAgent { .. } | Refusal::WrongPool { .. } | Refusal::Expired { .. } | Refusal::FromTheFuture { .. } => order,
         };
         // Logged only when it is a plain id: a log line is no place for arbitrary text.
-        let logged = named.filter(|id| shared::ids::plain_id(id, shared::ids::MAX_JOB_ID)).unwrap_or("-");
+        let logged = named.map(|h| h.job_id.as_str()).filter(|id| shared::ids::plain_id(id, shared::ids::MAX_JOB_ID)).unwrap_or("-");
         warn!(job_id = logged, agent_id = %self.cfg.agent_id, reason = %refusal, "order refused");
-        let _ = self.uplink.send(AgentMessage::Rejected { job_id: named.map(str::to_string), reason: refusal.to_string(), retry: false });
+        match named {
+            Some(header) => self.reject(header, &refusal.to_string(), false),
+            None => {
+                let _ = self.uplink.send(AgentMessage::OrderRefused { reason: refusal.to_string() });
+            }
+        }
+    }
+
+    /// Tells the edge the job order `header` was refused and nothing ran, signed and bound
+    /// to the order: `retry` when the refusal was about this moment, not the order.
+    fn reject(&self, header: &OrderHeader, reason: &str, retry: bool) {
+        let msg = AgentMessage::rejected(&header.job_id, &header.nonce, reason, retry, &self.cfg.signing_key);
+        let _ = self.uplink.send(msg);
     }
 
     fn verify<T: serde::de::DeserializeOwned + shared::envelope::HasHeader>(&self, envelope: &Envelope, domain: Domain) -> Option<T> {
@@ -225,19 +255,19 @@ impl Agent {
         let order: T = match open_order(envelope, domain, &self.cfg.edge_public_key, me, now) {
             Ok(o) => o,
             Err(refusal) => {
-                // Only a refusal after the signature verified has a job id worth reading,
+                // Only a refusal after the signature verified has a header worth reading,
                 // and then from the verified payload.
-                let job_id = match &refusal {
+                let header = match &refusal {
                     Refusal::Signature(_) => None,
-                    _ => serde_json::from_str::<shared::envelope::OrderHeader>(&envelope.payload).ok().map(|h| h.job_id),
+                    _ => serde_json::from_str::<OrderHeader>(&envelope.payload).ok(),
                 };
-                self.refuse(domain, job_id.as_deref(), &refusal);
+                self.refuse(domain, header.as_ref(), &refusal);
                 return None;
             }
         };
         let header = order.header();
         if !self.replay.lock().expect("replay lock").admit(&header.nonce, header.expires_at, now) {
-            self.refuse(domain, Some(&header.job_id), &Refusal::Replay { nonce: header.nonce.clone() });
+            self.refuse(domain, Some(header), &Refusal::Replay { nonce: header.nonce.clone() });
             return None;
         }
         Some(order)
@@ -254,9 +284,9 @@ impl Agent {
         let job_id = order.header.job_id.clone();
         if !shared::ids::plain_id(&job_id, shared::ids::MAX_JOB_ID) {
             // Signed by the edge, so its own id, but not one for a log line or a file name.
-            let reason = "the job id has characters the agent does not accept as a file name".into();
+            let reason = "the job id has characters the agent does not accept as a file name";
             warn!(agent_id = %self.cfg.agent_id, "order refused: a job id that is not a plain id");
-            let _ = self.uplink.send(AgentMessage::Rejected { job_id: Some(job_id), reason, retry: false });
+            self.reject(&order.header, reason, false);
             return;
         }
         if running.jobs.contains_key(&job_id) {
@@ -270,9 +300,8 @@ impl Agent {
             return;
         }
         if running.closed || running.jobs.len() as u32 >= self.cfg.max_concurrent_jobs {
-            let reason = "no free slot: the agent is full or stopping".to_string();
             // Nothing wrong with the order itself: the edge may send it again later.
-            let _ = self.uplink.send(AgentMessage::Rejected { job_id: Some(job_id), reason, retry: true });
+            self.reject(&order.header, "no free slot: the agent is full or stopping", true);
             return;
         }
         let (stop_tx, stop_rx) = oneshot::channel();

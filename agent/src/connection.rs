@@ -165,7 +165,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
         protocol: PROTOCOL_VERSION,
         agent_id: cfg.agent_id.clone(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
-        challenge,
+        challenge: challenge.clone(),
         agent_nonce: agent_nonce.clone(),
         issued_at: crate::now_ms(),
         capacity: cfg.max_concurrent_jobs,
@@ -218,11 +218,11 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
     // drops a connection that silent.
     let limit = 2 * heartbeat;
 
-    // 4. Work. Orders are counted from zero on this connection, and what was queued for
-    // the last one is dropped: its statements counted that connection's orders, and its
-    // results are in the spool, sent below. Then the free slots, then every result the
+    // 4. Work. Orders and heartbeats are counted from zero on this connection, and what
+    // was queued for the last one is dropped: its statements counted that connection's
+    // orders, its heartbeats are bound to it, and its results are in the spool, sent below. Then the free slots, then every result the
     // edge has not acknowledged.
-    agent.begin_session();
+    agent.begin_session(&challenge);
     while uplink.try_recv().is_ok() {}
     agent.state_slots();
     for (_, envelope) in agent.spool.all() {
@@ -261,8 +261,11 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
                 if let Err(end) = send(&mut ws, &msg, limit).await {
                     return end;
                 }
-                if let AgentMessage::Heartbeat { oauth, .. } = &msg {
-                    agent.status.beat(oauth, agent.reporter.fingerprint());
+                if let AgentMessage::Heartbeat { envelope } = &msg {
+                    // Our own words, just signed: read back for the status file.
+                    if let Ok(beat) = serde_json::from_str::<shared::protocol::Beat>(&envelope.payload) {
+                        agent.status.beat(&beat.oauth, agent.reporter.fingerprint());
+                    }
                 }
             }
             // Queued behind what the agent said before it, so the edge reads the agent's

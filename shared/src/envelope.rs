@@ -31,6 +31,10 @@ pub enum Domain {
     LoginReport,
     /// Edge → agent: a result is stored; the agent may forget it.
     ResultAck,
+    /// Agent → edge: a job order refused, nothing ran.
+    Rejection,
+    /// Agent → edge: a heartbeat (its login, the jobs it holds, its slots).
+    Heartbeat,
 }
 
 impl Domain {
@@ -45,6 +49,8 @@ impl Domain {
             Domain::Result => b"claude-runner/v1/agent-result\n",
             Domain::LoginReport => b"claude-runner/v1/agent-login\n",
             Domain::ResultAck => b"claude-runner/v1/edge-result-ack\n",
+            Domain::Rejection => b"claude-runner/v1/agent-rejection\n",
+            Domain::Heartbeat => b"claude-runner/v1/agent-heartbeat\n",
         }
     }
 }

@@ -8,12 +8,39 @@
 //!    agent's own nonce, so the agent knows it reached the real edge;
 //! 4. then work: the agent states its free [`Slots`] (in a `Credit`, and again in every
 //!    heartbeat), the edge sends at most that many signed [`EdgeMessage::Job`]s; the agent
-//!    answers `Accepted`, streams `Event`s, and sends a `Result` it keeps on disk until
-//!    the edge's `ResultAck`. Both sides heartbeat; the agent's heartbeat carries its OAuth
-//!    report, the jobs it runs and its slots.
+//!    answers `Accepted` (or a signed `Rejected`), streams `Event`s, and sends a `Result`
+//!    it keeps on disk until the edge's `ResultAck`. Both sides heartbeat; the agent's
+//!    heartbeat — a signed [`Beat`], bound to this connection and numbered — carries its
+//!    OAuth report, the jobs it runs and its slots.
+//!
+//! What is signed, and why (see "Signed or not" below for the frames that are not): every
+//! frame that can end, requeue or settle a job, or tell the edge what the agent holds.
+//!
+//! # Signed or not
+//!
+//! The agent signs its hello, progress, results, login reports, refusals of job orders
+//! ([`Rejection`], bound to the order's nonce) and heartbeats ([`Beat`], bound to the
+//! connection's challenge and numbered): each can end, requeue or settle a job or a login.
+//! The edge signs its welcome, orders and result acknowledgements. What stays plain JSON,
+//! because a forgery there decides nothing that a signed frame does not settle, or only
+//! what whoever sits on the path can do anyway by holding frames back:
+//!
+//! - `Accepted` moves a job from dispatched to running. The edge still honours the
+//!   agent's signed refusal of the job's latest order after it, so a made-up one cannot
+//!   turn a refusal into a loss; the most it does, together with an order the path kept
+//!   from the agent, is end that job `lost` (nothing ran, nothing runs twice) — what
+//!   holding the connection's frames does anyway. Signing it would put one more signature
+//!   and verification (about 70 µs of CPU) on every job.
+//! - `Credit` states free slots, after every job (the same hot path). A made-up surplus
+//!   sends orders the agent refuses, signed, with `retry` (the jobs go back to the queue);
+//!   a made-up shortage holds work back, like holding frames. The edge caps `received` at
+//!   what it sent, and settles jobs only on the signed heartbeat's statement.
+//! - `Mirrors` is a routing preference; `OrderRefused` names no job (counted and logged).
+//! - From the edge: the `Challenge` (a made-up nonce only fails the handshake), the
+//!   `HeartbeatAck` (liveness) and the `Goodbye` (the path can close the socket anyway).
 //!
 //! A peer speaking another [`PROTOCOL_VERSION`] is refused with a close reason naming both
-//! versions. Message kinds a peer does not know decode as `Unknown` and are ignored, so
+//! versions: agent and edge are upgraded together. Message kinds a peer does not know decode as `Unknown` and are ignored, so
 //! new kinds can be added without breaking older peers.
 
 use crate::envelope::{Domain, Envelope, HasHeader, OrderHeader};
@@ -32,7 +59,12 @@ use serde::{Deserialize, Serialize};
 /// unsigned one, which anyone on the path could make up to have it drop a result); the
 /// re-login relay's reports signed by the agent, bound to the login order they answer;
 /// the usage window in the login report.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: refusals of job orders and heartbeats signed by the agent — a refusal bound to the
+/// order it refuses, a heartbeat to the connection's challenge with a sequence number
+/// ([`Rejection`], [`Beat`]); refusals that name no order travel apart, unsigned
+/// (`OrderRefused`). A version-5 edge would take unsigned ones, which anyone on the path
+/// could make up to have a running job sent again (run twice) or ended `lost`.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
@@ -116,39 +148,25 @@ pub enum AgentMessage {
     /// Signed [`Hello`]. `protocol` and `agent_id` are repeated outside the signature so
     /// the edge can pick the key to verify with and refuse another version by name.
     Hello { protocol: u32, agent_id: String, envelope: Envelope },
-    /// `running`: every job the agent holds and has not sent a result for, as of the same
-    /// moment as `slots`. The agent also sends one at once when its login or usage window
-    /// changes. Not signed, unlike progress, results and [`LoginReport`]s: those settle a
-    /// job or a relayed login the edge ordered, while a heartbeat's login report only
-    /// decides when work is sent — a forged "logged in" sends jobs to the real agent, which
-    /// fails them signed (`RUNNER_OAUTH_ERROR`), and a forged "used up" holds work back,
-    /// which whoever sits on the path can do anyway by holding the frames.
-    Heartbeat {
-        running: Vec<String>,
-        capacity: u32,
-        oauth: OAuthReport,
-        slots: Slots,
-        /// The Claude Code CLI's `--version` line (it can change under a running agent).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        claude_version: Option<String>,
-    },
+    /// A signed [`Beat`]: the agent's login, the jobs it holds and its slots, as of one
+    /// moment. Sent every heartbeat interval, and at once when its login or usage window
+    /// changes.
+    Heartbeat { envelope: Envelope },
     /// The agent's free slots now (sent after the welcome and whenever a job ends).
     Credit { slots: Slots },
     /// The repositories the agent holds a mirror of now (names only), sent when a job
     /// ended: the edge prefers an agent holding a job's repository. An edge that does
     /// not route by it ignores the message.
     Mirrors { names: Vec<String> },
-    /// The job verified and is starting.
+    /// The job verified and is starting. Not signed (see "Signed or not").
     Accepted { job_id: String },
-    /// The order was refused and nothing ran. `job_id` is absent when the order could not
-    /// be read at all. `retry`: the refusal was about this moment (no free slot), not the
-    /// order, so the edge may queue the job again.
-    Rejected {
-        job_id: Option<String>,
-        reason: String,
-        #[serde(default)]
-        retry: bool,
-    },
+    /// A job order refused, nothing ran: a signed [`Rejection`], bound to the order.
+    Rejected { envelope: Envelope },
+    /// An order refused that the agent cannot tie to a job of the edge's: it did not
+    /// verify (garbage, a forgery, tampered on the way), it was a replay, or it was a
+    /// cancel or login order (refusing those changes no job). Not signed: the edge only
+    /// counts and logs it — it names nothing the edge could act on.
+    OrderRefused { reason: String },
     /// A progress event of a running job: a signed [`ProgressReport`].
     Event { envelope: Envelope },
     /// A job's result: a signed [`ResultReport`].
@@ -171,6 +189,46 @@ pub enum AgentMessage {
 pub struct Slots {
     pub free: u32,
     pub received: u64,
+}
+
+/// What a heartbeat says, signed by the agent ([`crate::envelope::Domain::Heartbeat`]).
+/// The edge settles jobs on it — one the agent should hold and does not is sent again or
+/// ended `lost` — so whoever sits on the path may not make one up; and it is bound to
+/// this connection (`challenge`) and numbered (`seq`), so one captured earlier — on this
+/// connection or another — cannot be played back to say the agent no longer holds a job
+/// it took since.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Beat {
+    /// The edge's challenge nonce of this connection ([`EdgeMessage::Challenge`]).
+    pub challenge: String,
+    /// 1 for the first beat on a connection, then higher each time: the edge takes a beat
+    /// only if its number is above the last one it took on the connection.
+    pub seq: u64,
+    /// Every job the agent holds and has not sent a result for, as of the same moment as
+    /// `slots`.
+    pub running: Vec<String>,
+    pub capacity: u32,
+    pub oauth: OAuthReport,
+    pub slots: Slots,
+    /// The Claude Code CLI's `--version` line (it can change under a running agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claude_version: Option<String>,
+}
+
+/// A job order refused, signed by the agent ([`crate::envelope::Domain::Rejection`]) and
+/// bound to the order it refuses: the edge ends the job, or sends it again (`retry`), so
+/// whoever sits on the path may not make one up — a made-up `retry` for a job the agent
+/// runs would have it sent again and run twice — nor play one back for a later order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rejection {
+    pub job_id: String,
+    /// The nonce of the refused order ([`OrderHeader::nonce`]).
+    pub order_nonce: String,
+    pub reason: String,
+    /// The refusal was about this moment (no free slot), not the order: the edge may
+    /// queue the job again.
+    #[serde(default)]
+    pub retry: bool,
 }
 
 /// What the agent signs to answer the challenge.
@@ -338,6 +396,17 @@ impl AgentMessage {
         serde_json::to_string(self).expect("agent messages serialise")
     }
 
+    /// A heartbeat, signed with the agent's key.
+    pub fn heartbeat(beat: &Beat, key: &SigningKey) -> AgentMessage {
+        AgentMessage::Heartbeat { envelope: Envelope::seal(Domain::Heartbeat, beat, key) }
+    }
+
+    /// A refusal of the job order `order_nonce`, signed with the agent's key.
+    pub fn rejected(job_id: &str, order_nonce: &str, reason: &str, retry: bool, key: &SigningKey) -> AgentMessage {
+        let rejection = Rejection { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), reason: reason.to_string(), retry };
+        AgentMessage::Rejected { envelope: Envelope::seal(Domain::Rejection, &rejection, key) }
+    }
+
     /// A progress event of the job `order_nonce` ordered, signed with the agent's key.
     pub fn progress(job_id: &str, order_nonce: &str, seq: u64, event: serde_json::Value, key: &SigningKey) -> AgentMessage {
         let report = ProgressReport { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), seq, event };
@@ -402,5 +471,37 @@ mod tests {
         assert!(envelope.open::<LoginReport>(Domain::Result, &key.verifying_key()).is_err(), "a login report is not a result");
         let m = EdgeMessage::result_ack("j", "spark", &SigningKey::from_bytes(&[1; 32]));
         assert_eq!(decode::<EdgeMessage>(&m.to_text()).unwrap(), m);
+    }
+
+    #[test]
+    fn refusals_and_heartbeats_are_signed_in_their_own_domains() {
+        let key = SigningKey::from_bytes(&[1; 32]);
+        let AgentMessage::Rejected { envelope } = decode(&AgentMessage::rejected("j1", "j1:2", "no free slot", true, &key).to_text()).unwrap() else {
+            panic!("a refusal")
+        };
+        let refusal: Rejection = envelope.open(Domain::Rejection, &key.verifying_key()).unwrap();
+        assert_eq!((refusal.job_id.as_str(), refusal.order_nonce.as_str(), refusal.retry), ("j1", "j1:2", true));
+        assert!(envelope.open::<Rejection>(Domain::Result, &key.verifying_key()).is_err(), "a refusal is not a result");
+        let beat = Beat {
+            challenge: "c".into(),
+            seq: 7,
+            running: vec!["j1".into()],
+            capacity: 2,
+            oauth: OAuthReport::unconfigured(0),
+            slots: Slots { free: 1, received: 3 },
+            claude_version: None,
+        };
+        let AgentMessage::Heartbeat { envelope } = decode(&AgentMessage::heartbeat(&beat, &key).to_text()).unwrap() else { panic!("a heartbeat") };
+        assert_eq!(envelope.open::<Beat>(Domain::Heartbeat, &key.verifying_key()).unwrap(), beat);
+        for other in [Domain::Progress, Domain::Hello, Domain::Rejection] {
+            assert!(envelope.open::<Beat>(other, &key.verifying_key()).is_err(), "{other:?}");
+        }
+        // A version-5 heartbeat or refusal (plain fields, no envelope) does not read.
+        for old in [
+            r#"{"type":"heartbeat","running":[],"capacity":1,"oauth":{},"slots":{"free":1,"received":0}}"#,
+            r#"{"type":"rejected","job_id":"j1","reason":"x","retry":true}"#,
+        ] {
+            assert!(decode::<AgentMessage>(old).is_err(), "{old}");
+        }
     }
 }

@@ -11,7 +11,7 @@ use harness::*;
 use shared::envelope::{Domain, Envelope, OrderHeader};
 use shared::job::JobSpec;
 use shared::keys::encode_verifying;
-use shared::protocol::{AgentMessage, EdgeMessage, Hello, JobOrder, ProgressReport, ResultReport, Welcome, PROTOCOL_VERSION};
+use shared::protocol::{AgentMessage, Beat, EdgeMessage, Hello, JobOrder, ProgressReport, Rejection, ResultReport, Welcome, PROTOCOL_VERSION};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
@@ -65,6 +65,20 @@ impl FakeEdge {
         envelope.open(Domain::Result, &self.agent_key.verifying_key()).expect("a result signed by the agent")
     }
 
+    /// The order a refusal names — signed by the agent, bound to the order's nonce — or
+    /// `None` for a refusal that names none (`OrderRefused`).
+    fn named(&self, m: &AgentMessage) -> Option<Rejection> {
+        match m {
+            AgentMessage::Rejected { envelope } => {
+                assert!(envelope.open::<Rejection>(Domain::Rejection, &random_key().verifying_key()).is_err());
+                assert!(envelope.open::<Rejection>(Domain::Result, &self.agent_key.verifying_key()).is_err(), "a refusal is not a result");
+                Some(envelope.open(Domain::Rejection, &self.agent_key.verifying_key()).expect("a refusal signed by the agent"))
+            }
+            AgentMessage::OrderRefused { .. } => None,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
     /// Accepts a connection and runs the handshake; `welcome_key` signs the welcome.
     async fn handshake(&self, welcome_key: &SigningKey, protocol: u32) -> (Ws, Option<Hello>) {
         self.handshake_into(welcome_key, protocol, "default").await
@@ -72,7 +86,9 @@ impl FakeEdge {
 
     /// The handshake, welcoming the agent into `pool`.
     async fn handshake_into(&self, welcome_key: &SigningKey, protocol: u32, pool: &str) -> (Ws, Option<Hello>) {
-        let challenge = EdgeMessage::Challenge { protocol, nonce: "fake-nonce".into(), edge_version: "fake".into(), server_time: now() };
+        // Fresh per connection, as the edge's: heartbeats are bound to it.
+        let nonce = shared::keys::encode(&random_key().to_bytes()[..24]);
+        let challenge = EdgeMessage::Challenge { protocol, nonce: nonce.clone(), edge_version: "fake".into(), server_time: now() };
         // A connection still queued from an agent process that is gone (restarted, say)
         // breaks at once: the live agent's is the next one.
         let mut ws = loop {
@@ -85,7 +101,7 @@ impl FakeEdge {
             Some(AgentMessage::Hello { envelope, .. }) => envelope.open::<Hello>(Domain::Hello, &self.agent_key.verifying_key()).unwrap(),
             _ => return (ws, None),
         };
-        assert_eq!(hello.challenge, "fake-nonce");
+        assert_eq!(hello.challenge, nonce);
         let welcome = Welcome {
             protocol: PROTOCOL_VERSION,
             agent_id: hello.agent_id.clone(),
@@ -169,9 +185,11 @@ async fn answer(ws: &mut Ws, envelope: Envelope) -> AgentMessage {
     }
 }
 
+/// A refusal's reason (read, not verified: [`FakeEdge::named`] verifies).
 fn rejected(m: &AgentMessage) -> String {
     match m {
-        AgentMessage::Rejected { reason, .. } => reason.clone(),
+        AgentMessage::Rejected { envelope } => serde_json::from_str::<Rejection>(&envelope.payload).expect("a refusal").reason,
+        AgentMessage::OrderRefused { reason } => reason.clone(),
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
@@ -189,7 +207,7 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
     let forged = Envelope::seal(Domain::Job, &order("forged", "spark", t, t + 60_000, "@forged"), &random_key());
     let refusal = answer(&mut ws, forged).await;
     assert!(rejected(&refusal).contains("signature"));
-    assert!(matches!(refusal, AgentMessage::Rejected { job_id: None, .. }), "{refusal:?}");
+    assert!(edge.named(&refusal).is_none(), "{refusal:?}");
 
     // The edge's signature, but the payload changed after signing.
     let mut tampered = Envelope::seal(Domain::Job, &order("tampered", "spark", t, t + 60_000, "harmless"), &edge.edge_key);
@@ -204,7 +222,8 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
     let other = Envelope::seal(Domain::Job, &order("other", "laptop", t, t + 60_000, "@other"), &edge.edge_key);
     let refusal = answer(&mut ws, other).await;
     assert!(rejected(&refusal).contains("laptop"));
-    assert!(matches!(&refusal, AgentMessage::Rejected { job_id: Some(id), .. } if id == "other"), "{refusal:?}");
+    let named = edge.named(&refusal).expect("named, signed");
+    assert_eq!((named.job_id.as_str(), named.order_nonce.as_str(), named.retry), ("other", "other:1", false));
 
     // From another pool of the same edge (signed with the edge's key all the same).
     let mut elsewhere = order("elsewhere", "spark", t, t + 60_000, "@elsewhere");
@@ -252,7 +271,7 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
     // the one that counts; a replay must not settle it).
     let refusal = answer(&mut ws, good.clone()).await;
     assert!(rejected(&refusal).contains("replay"));
-    assert!(matches!(refusal, AgentMessage::Rejected { job_id: None, .. }), "{refusal:?}");
+    assert!(edge.named(&refusal).is_none(), "{refusal:?}");
 
     let runs = agent.claude_runs();
     assert_eq!(runs.len(), 1, "only the legitimate job ran: {runs:?}");
@@ -346,14 +365,14 @@ async fn only_the_edge_can_cancel_a_job() {
     // A cancel signed by someone else is refused, and the refusal names no job: a garbage
     // cancel must not fail the job it names.
     ws.send(Message::Text(cancel(&random_key(), "c1").into())).await.unwrap();
-    let (refusal, named) = loop {
+    let refusal = loop {
         match recv(&mut ws).await.expect("a refusal") {
-            AgentMessage::Rejected { reason, job_id, .. } => break (reason, job_id),
+            m @ (AgentMessage::Rejected { .. } | AgentMessage::OrderRefused { .. }) => break m,
             _ => continue,
         }
     };
-    assert!(refusal.contains("signature"), "{refusal}");
-    assert_eq!(named, None, "a refusal of an unverified cancel named a job");
+    assert!(rejected(&refusal).contains("signature"), "{refusal:?}");
+    assert!(edge.named(&refusal).is_none(), "a refusal of an unverified cancel named a job");
     // The job runs to its end untouched. (This fake edge never acknowledges heartbeats, so
     // the job is kept short: the agent leaves a silent edge after two 500 ms intervals.)
     let result = loop {
@@ -471,7 +490,7 @@ async fn a_silent_edge_is_left_within_two_heartbeats_and_redialed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_waits_on_disk_until_the_edge_acknowledges_it() {
     let edge = FakeEdge::new().await;
-    let agent = edge.start_agent();
+    let mut agent = edge.start_agent();
     let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
     let t = now();
     let job = Envelope::seal(Domain::Job, &order("keep", "spark", t, t + 60_000, "remember me"), &edge.edge_key);
@@ -496,14 +515,62 @@ async fn a_result_waits_on_disk_until_the_edge_acknowledges_it() {
     assert_eq!(again.result.output, "stand-in answer to: remember me");
     // An acknowledgement made up on the path (the edge never got the result): unsigned, or
     // signed by another key. The result stays and goes out again after the next reconnect.
-    let kept = agent.data.path().join("data/spool/keep.json");
+    let data = agent.data.path().join("data");
+    let kept = || slot_record_names(&data, 0, "keep") == (true, true);
+    assert!(kept(), "the result is in its slot's record");
     ws.send(Message::Text(r#"{"type":"result_ack","job_id":"keep"}"#.into())).await.unwrap();
     ws.send(Message::Text(EdgeMessage::result_ack("keep", "spark", &random_key()).to_text().into())).await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || agent.log().contains("acknowledgement not signed by the edge") || !kept.exists()).await, "{}", agent.log());
-    assert!(kept.exists(), "a forged acknowledgement made the agent drop its result");
+    assert!(eventually(Duration::from_secs(5), || agent.log().contains("acknowledgement not signed by the edge") || !kept()).await, "{}", agent.log());
+    assert!(kept(), "a forged acknowledgement made the agent drop its result");
     ws.send(Message::Text(EdgeMessage::result_ack("keep", "spark", &edge.edge_key).to_text().into())).await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || !agent.data.path().join("data/spool/keep.json").exists()).await);
+    // The edge's own acknowledgement clears the record's "started" region: nothing is
+    // owed, and a restarted agent names nothing.
+    assert!(eventually(Duration::from_secs(5), || !slot_record_names(&data, 0, "keep").0).await);
+    agent.kill();
+    agent.restart();
+    drop(ws);
+    let (_ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.unwrap().finished.is_empty(), "an acknowledged result came back after a restart");
     assert_eq!(agent.claude_runs().len(), 1, "ran once");
+}
+
+/// Issue 11's slot records: the edge has not acknowledged a result when it sends the next
+/// job, and the agent's one slot record must take the new job: the unacknowledged result
+/// moves to a spool file of its own first. The agent is then killed while the new job
+/// runs: after the restart it names both, sends the first one's result and reports the
+/// second lost — neither is lost, neither runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_moved_out_of_its_slot_survives_a_crash_during_the_next_job() {
+    let edge = FakeEdge::new().await;
+    let mut agent = edge.start_agent();
+    let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    let t = now();
+    send_job(&mut ws, Envelope::seal(Domain::Job, &order("first", "spark", t, t + 60_000, "unacknowledged"), &edge.edge_key)).await;
+    while !matches!(recv(&mut ws).await.expect("the first result"), AgentMessage::Result { .. }) {}
+    let data = agent.data.path().join("data");
+    assert!(eventually(Duration::from_secs(5), || slot_record_names(&data, 0, "first") == (true, true)).await, "{}", agent.log());
+    send_job(&mut ws, Envelope::seal(Domain::Job, &order("second", "spark", t, t + 60_000, "@sleep=60000 cut short"), &edge.edge_key)).await;
+    assert!(eventually(Duration::from_secs(10), || agent.claude_runs().len() == 2).await, "{}", agent.log());
+    assert!(data.join("spool/first.json").exists(), "moved out of the slot");
+    assert_eq!(slot_record_names(&data, 0, "second"), (true, false));
+    agent.kill();
+    drop(ws);
+    agent.restart();
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    let mut named = hello.unwrap().finished;
+    named.sort();
+    assert_eq!(named, vec!["first".to_string(), "second".to_string()]);
+    let mut results = std::collections::BTreeMap::new();
+    while results.len() < 2 {
+        if let AgentMessage::Result { envelope } = recv(&mut ws).await.expect("the kept results") {
+            let report = edge.report(&envelope);
+            results.insert(report.job_id.clone(), report);
+        }
+    }
+    assert_eq!(results["first"].result.output, "stand-in answer to: unacknowledged");
+    assert_eq!(results["second"].order_nonce, "second:1");
+    assert_eq!(results["second"].result.error_code, Some(shared::contract::ErrorCode::RunnerLost));
+    assert_eq!(agent.claude_runs().len(), 2, "each ran once");
 }
 
 /// A link that goes half-open right after the welcome, while the agent is sending the
@@ -574,4 +641,50 @@ async fn an_order_for_a_job_already_here_is_answered_and_never_runs_twice() {
     assert_eq!(again, first);
     assert_eq!(again.order_nonce, "twice:1");
     assert_eq!(agent.claude_runs().len(), 1, "ran once");
+}
+
+/// Protocol 6: a heartbeat settles jobs at the edge, and a refusal ends or requeues one,
+/// so both are signed by the agent; each heartbeat names its connection's challenge and a
+/// number that starts at 1 on each connection and only grows (the edge takes none older
+/// than the last); a refusal of an order it could tie to a job names that order's nonce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_and_refusals_are_signed_bound_and_numbered() {
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let key = edge.agent_key.verifying_key();
+    let mut challenges = Vec::new();
+    for connection in 0..2 {
+        let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+        let hello = hello.unwrap_or_else(|| panic!("connection {connection}: {}", agent.log()));
+        if connection == 0 {
+            // One slot (MAX_CONCURRENT_JOBS 1), taken: the next order is refused for the
+            // moment, signed and bound to its own nonce.
+            let t = now();
+            let long = Envelope::seal(Domain::Job, &order("long", "spark", t, t + 60_000, "@sleep=1500 long"), &edge.edge_key);
+            assert!(matches!(answer(&mut ws, long).await, AgentMessage::Accepted { .. }));
+            let extra = Envelope::seal(Domain::Job, &order("extra", "spark", t, t + 60_000, "extra"), &edge.edge_key);
+            let refusal = answer(&mut ws, extra).await;
+            let named = edge.named(&refusal).expect("a refusal of a verified order is signed and named");
+            assert_eq!((named.job_id.as_str(), named.order_nonce.as_str(), named.retry), ("extra", "extra:1", true), "{}", named.reason);
+        }
+        let mut seqs = Vec::new();
+        while seqs.len() < 3 {
+            let frame = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a heartbeat within 10 s");
+            let Some(Ok(Message::Text(text))) = frame else { panic!("connection {connection} ended: {frame:?}\n{}", agent.log()) };
+            let Ok(AgentMessage::Heartbeat { envelope }) = serde_json::from_str::<AgentMessage>(&text) else { continue };
+            assert!(envelope.open::<Beat>(Domain::Heartbeat, &random_key().verifying_key()).is_err());
+            assert!(envelope.open::<Beat>(Domain::Progress, &key).is_err(), "a heartbeat is not progress");
+            let beat: Beat = envelope.open(Domain::Heartbeat, &key).expect("signed by the agent");
+            assert_eq!(beat.challenge, hello.challenge, "bound to this connection's challenge");
+            seqs.push(beat.seq);
+            // Answered, as the edge does, so the agent does not leave a silent edge.
+            ws.send(Message::Text(EdgeMessage::HeartbeatAck { server_time: now() }.to_text().into())).await.unwrap();
+        }
+        assert_eq!(seqs, [1, 2, 3], "numbered from 1 on each connection");
+        challenges.push(hello.challenge);
+        drop(ws);
+    }
+    assert_ne!(challenges[0], challenges[1]);
+    let runs = agent.claude_runs();
+    assert_eq!(runs.len(), 1, "the refused order never ran: {runs:?}");
 }

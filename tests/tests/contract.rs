@@ -756,7 +756,9 @@ async fn tokens_never_leave_the_machine(kind: EdgeKind) {
 
     // Nor in the progress events (the tool's output, as Claude Code reports it), nor in
     // the agent's log.
-    let job = s.client.submit(json!({"prompt": format!("@base64={}", creds.display())})).await;
+    // The stand-in waits after its first event, so the follower is there before the job
+    // ends (an ended job's events are gone; under load a quick one could end first).
+    let job = s.client.submit(json!({"prompt": format!("@sleep=2000 @base64={}", creds.display())})).await;
     let (_, _, events) = s.client.follow(job.body["job_id"].as_str().unwrap()).await;
     assert!(events.len() >= 4, "{events:?}");
     for (_, data) in &events {
@@ -1045,11 +1047,11 @@ async fn unproven_connections_are_held_to_a_hello(kind: EdgeKind) {
     for line in edge.log().lines() {
         assert!(!line.contains("mallory"), "the peer's unchecked words in a log line: {line}");
     }
-    // A frame that does not read, whose error would quote the peer's words (an unknown
-    // variant): at most quoted on the edge's own line, never a line of their own.
+    // A frame that does not read, whose error quotes the peer's words (a string where a
+    // number belongs): at most quoted on the edge's own line, never a line of their own.
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/agent/connect", edge.ws_url())).await.unwrap();
     let _challenge = ws.next().await;
-    let frame = r#"{"type":"heartbeat","oauth":{"source":"x\n2026-01-01T00:00:00.000000Z  INFO claude_runner_edge: FORGEDLINE"}}"#;
+    let frame = r#"{"type":"credit","slots":{"free":"x\n2026-01-01T00:00:00.000000Z  INFO claude_runner_edge: FORGEDLINE","received":0}}"#;
     ws.send(Message::Text(frame.into())).await.unwrap();
     let (code, _) = closed_with(&mut ws).await.expect("closed with a reason");
     assert_eq!(code, shared::protocol::close::PROTOCOL_ERROR);
@@ -1178,6 +1180,56 @@ async fn a_forged_result_from_the_path_is_refused(kind: EdgeKind) {
     assert!(metrics.contains("claude_runner_reports_refused_total 2"), "{metrics}");
 }
 
+/// Whoever controls the path between agent and edge makes up or plays back the agent's
+/// refusal of a running job's order and its heartbeats (protocol 6): a refusal taken as
+/// the agent's would send the job to the other agent, idle, which would run it too; a
+/// heartbeat saying the agent holds nothing would end the job `lost` while it runs. The
+/// edge refuses each, and the job runs once, to its own end.
+async fn forged_refusals_and_heartbeats_from_the_path_are_refused(kind: EdgeKind) {
+    use shared::protocol::{AgentMessage, Beat, Slots};
+    let keys = Keys::new(&["spark", "laptop"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    let relay = PathRelay::start(&edge.ws_url()).await;
+    let spark = AgentProc::start(AgentOpts { edge_ws: relay.ws_url(), ..AgentOpts::for_edge(&edge, "spark") });
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let a = client.submit(json!({"prompt": "@sleep=4000 the real one"})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(10), || !spark.claude_runs().is_empty()).await, "{}", spark.log());
+    // An idle agent beside it: whatever sent the job again would run it there.
+    let laptop = AgentProc::start(AgentOpts::for_edge(&edge, "laptop"));
+    let has_two = || async {
+        let agents = client.health_full().await.body["agents"].as_array().cloned().unwrap_or_default();
+        agents.iter().filter(|a| a["connected"] == true).count() == 2
+    };
+    assert!(eventually_async(Duration::from_secs(10), has_two).await, "{}", laptop.log());
+    // The agent's own heartbeat, kept on the path, once it says it runs the job.
+    let holding = |f: &String| f.contains(r#""type":"heartbeat""#) && f.contains(&job_id);
+    assert!(eventually(Duration::from_secs(10), || relay.agent_frames().iter().any(holding)).await, "no heartbeat from the agent");
+    let kept = relay.agent_frames().into_iter().find(holding).unwrap();
+
+    let forger = random_key();
+    let nonce = format!("{job_id}:1");
+    relay.inject(AgentMessage::rejected(&job_id, &nonce, "no free slot", true, &forger).to_text());
+    relay.inject(AgentMessage::OrderRefused { reason: "no free slot".into() }.to_text());
+    relay.inject(kept);
+    let Ok(AgentMessage::Heartbeat { envelope }) = serde_json::from_str(&relay.agent_frames().into_iter().find(holding).unwrap()) else { unreachable!() };
+    let beat: Beat = serde_json::from_str(&envelope.payload).unwrap();
+    let says_nothing = Beat { seq: beat.seq + 1_000, running: vec![], slots: Slots { free: 1, received: 1 }, ..beat };
+    relay.inject(AgentMessage::heartbeat(&says_nothing, &forger).to_text());
+    let refused = |log: &str| log.matches("a report not signed by the agent refused").count() == 2 && log.contains("a heartbeat refused") && log.contains("could not tie to a job");
+    assert!(eventually(Duration::from_secs(10), || refused(&edge.log())).await, "{}", edge.log());
+    assert_eq!(client.get(&format!("/jobs/{job_id}")).await.body["state"], "running", "the job is unaffected");
+
+    let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["result"]["output"], "stand-in answer to: @sleep=4000 the real one");
+    assert_eq!(spark.claude_runs().len(), 1, "run once");
+    assert!(laptop.claude_runs().is_empty(), "run again on the other agent: {:?}", laptop.claude_runs());
+    let metrics = client.get("/metrics").await.text;
+    assert!(metrics.contains("claude_runner_reports_refused_total 2"), "{metrics}");
+}
+
 async fn cut_output_says_how_much_was_left_out(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     let a = s.client.execute(json!({"prompt": "@megabytes=2 say hi"})).await;
@@ -1296,6 +1348,7 @@ contract!(
     unproven_connections_are_held_to_a_hello,
     followers_are_capped_and_those_that_stop_reading_are_dropped,
     a_forged_result_from_the_path_is_refused,
+    forged_refusals_and_heartbeats_from_the_path_are_refused,
     cut_output_says_how_much_was_left_out,
     repository_jobs_carry_their_fields,
 );

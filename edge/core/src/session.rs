@@ -42,6 +42,13 @@ pub struct Agent {
     pub slots: Slots,
     /// Job orders sent on this connection; the last one sent is number `sent`.
     pub sent: u64,
+    /// This connection's challenge nonce: the agent's heartbeats are bound to it.
+    #[serde(default)]
+    pub challenge: String,
+    /// The number of the last heartbeat taken on this connection: an older or repeated
+    /// one is refused (see [`shared::protocol::Beat`]).
+    #[serde(default)]
+    pub beat: u64,
     pub oauth: OAuthReport,
     #[serde(default)]
     pub claude_version: Option<String>,
@@ -360,6 +367,9 @@ mod tests {
                 capacity: 2,
                 slots: Slots { free: 1, received: 3 },
                 sent: 4,
+                // A real challenge's length.
+                challenge: "c".repeat(32),
+                beat: u64::MAX - 1,
                 oauth: OAuthReport { problem: Some("p".repeat(5000)), subscription_type: Some("s".repeat(500)), ..OAuthReport::unconfigured(5) },
                 claude_version: Some("2.1.197".into()),
                 labels: shared::placement::parse_labels("gpu=none,os=linux").unwrap(),

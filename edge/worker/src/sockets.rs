@@ -197,6 +197,9 @@ mod tests {
                 capacity: 2,
                 slots: shared::protocol::Slots { free: 1, received: 3 },
                 sent: 4,
+                // A real challenge's length.
+                challenge: "c".repeat(32),
+                beat: u64::MAX - 1,
                 oauth: OAuthReport { problem: Some(problem.into()), ..OAuthReport::unconfigured(5) },
                 // As long as the core lets it be, in the costliest characters.
                 claude_version: Some("😀".repeat(shared::protocol::MAX_CLAUDE_VERSION_BYTES / 4)),

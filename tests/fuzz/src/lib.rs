@@ -14,6 +14,7 @@
 //! - [`edge_orders`]: frames the edge sends the agent: signed envelopes and
 //!   `open_order`, with forged and with valid signatures.
 //! - [`credentials`]: Claude's `.credentials.json`.
+//! - [`slot_records`]: the agent's slot record files (`DATA_DIR/records/<n>`), torn or not.
 //! - [`claude_stream`]: Claude's stream-json lines through redaction, `Transcript` and
 //!   the result.
 //! - [`redaction`]: the redactor on arbitrary text: no panic, no secret out.
@@ -48,6 +49,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("wire", wire),
     ("edge_orders", edge_orders),
     ("credentials", credentials),
+    ("slot_records", slot_records),
     ("claude_stream", claude_stream),
     ("redaction", redaction),
     ("sse", sse),
@@ -216,8 +218,9 @@ fn ready_records() -> &'static (Session, Job) {
 /// Frames from one agent connection, `0xff`-separated after a flags byte: bit 0 starts
 /// from a connection past a valid handshake, bit 1 with a job `j1` queued; with bit 2 each
 /// frame is instead the payload of a report the agent signed — progress, with bit 3 a
-/// result, with bit 4 a report on a relayed login — so the edge's reading of verified
-/// reports is fuzzed too. With bits 0 and 4 a relayed login is under way first (its id
+/// result, with bit 4 a report on a relayed login; with bit 5 a refusal of an order, with
+/// bits 5 and 3 a heartbeat — so the edge's reading of verified reports is fuzzed too.
+/// (The ready connection's challenge, which a heartbeat must name, is in the seeds.) With bits 0 and 4 a relayed login is under way first (its id
 /// [`FUZZ_LOGIN_ID`], its start order's nonce `<id>:start`), so a login report can name it.
 pub fn agent_frames(data: &[u8]) {
     let (flags, frames) = match data.split_first() {
@@ -250,9 +253,11 @@ pub fn agent_frames(data: &[u8]) {
     for frame in frames.split(|b| *b == 0xff) {
         now += 1_000;
         let frame = if flags & 4 == 4 {
-            let domain = match flags & 24 {
+            let domain = match flags & 56 {
                 0 => Domain::Progress,
                 8 => Domain::Result,
+                32 => Domain::Rejection,
+                40 => Domain::Heartbeat,
                 _ => Domain::LoginReport,
             };
             let payload = text(frame);
@@ -261,6 +266,8 @@ pub fn agent_frames(data: &[u8]) {
             match domain {
                 Domain::Result => AgentMessage::Result { envelope },
                 Domain::LoginReport => AgentMessage::LoginProgress { envelope },
+                Domain::Rejection => AgentMessage::Rejected { envelope },
+                Domain::Heartbeat => AgentMessage::Heartbeat { envelope },
                 _ => AgentMessage::Event { envelope },
             }
             .to_text()
@@ -419,6 +426,23 @@ pub fn credentials(data: &[u8]) {
     }
 }
 
+/// A slot record file's region as the agent reads it back: whatever it decodes to
+/// encodes back to a record that decodes the same, and no prefix of it (a write cut
+/// short) decodes to a record.
+pub fn slot_records(data: &[u8]) {
+    use agent_core::record::{decode, finished, length, started, Region};
+    let again = match decode(data) {
+        Region::Started(r) => started(&r),
+        Region::Finished(r) => finished(&r),
+        Region::Empty | Region::Torn => return,
+    };
+    assert_eq!(decode(&again), decode(data));
+    assert_eq!(length(&again), Some(again.len()));
+    for cut in [again.len() - 1, again.len() / 2] {
+        assert!(matches!(decode(&again[..cut]), Region::Torn | Region::Empty));
+    }
+}
+
 /// Secrets the stream targets hide; none may come out whole.
 const SECRETS: &[&str] = &["sk-ant-oat01-fuzzaccesstoken0123456789abcdef", "opaque-refresh-value-fedcba9876543210", "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo="];
 
@@ -563,6 +587,29 @@ mod tests {
             for seed in seeds {
                 run(&seed);
             }
+        }
+    }
+
+    /// The seeds of signed refusals and heartbeats read as what they stand for, and the
+    /// heartbeats name the ready connection's challenge: else they would only fuzz the
+    /// edge's refusal of them.
+    #[test]
+    fn the_signed_refusal_and_heartbeat_seeds_reach_the_edge_whole() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/agent_frames");
+        let frames = |name: &str| -> (u8, Vec<Vec<u8>>) {
+            let data = std::fs::read(dir.join(name)).unwrap();
+            (data[0], data[1..].split(|b| *b == 0xff).map(<[u8]>::to_vec).collect())
+        };
+        let (flags, refusals) = frames("signed-rejection");
+        assert_eq!(flags & 63, 1 | 2 | 4 | 32);
+        let refusal: shared::protocol::Rejection = serde_json::from_slice(&refusals[0]).unwrap();
+        assert_eq!(refusal.order_nonce, "j1:1");
+        let (flags, beats) = frames("signed-heartbeats");
+        assert_eq!(flags & 63, 1 | 2 | 4 | 8 | 32);
+        let challenge = &ready_records().0.agent().expect("a ready session").challenge;
+        for beat in beats {
+            let beat: shared::protocol::Beat = serde_json::from_slice(&beat).unwrap();
+            assert_eq!(&beat.challenge, challenge);
         }
     }
 

@@ -12,7 +12,7 @@ use shared::ids::{hex, shown_job_id};
 use shared::job::{JobResult, JobState};
 use shared::keys;
 use shared::oauth::OAuthReport;
-use shared::protocol::{self, close, AgentMessage, EdgeMessage, Hello, LoginReport, ProgressReport, ResultReport, Slots, Welcome, PROTOCOL_VERSION};
+use shared::protocol::{self, close, AgentMessage, Beat, EdgeMessage, Hello, LoginReport, ProgressReport, Rejection, ResultReport, Slots, Welcome, PROTOCOL_VERSION};
 use std::collections::{BTreeMap, BTreeSet};
 use tracing::{debug, info, warn};
 
@@ -259,6 +259,9 @@ impl Edge {
             capacity: hello.capacity,
             slots: Slots::default(),
             sent: 0,
+            // Verified equal to the challenge this connection was given.
+            challenge: hello.challenge.clone(),
+            beat: 0,
             oauth: OAuthReport::unconfigured(now.wall),
             claude_version: hello.claude_version.as_deref().map(claude_version),
             labels: hello.labels.clone(),
@@ -395,7 +398,11 @@ impl Edge {
     fn agent_message(&mut self, now: Now, session_id: &str, msg: AgentMessage, effects: &mut Vec<Effect>) {
         let agent_id = self.sessions[session_id].agent_id().expect("ready session").to_string();
         match msg {
-            AgentMessage::Heartbeat { running, capacity, oauth, slots, claude_version: version } => {
+            AgentMessage::Heartbeat { envelope } => {
+                // It settles jobs (reconciliation): the agent's own, for this connection, newer
+                // than the last one taken — or nothing.
+                let Some(beat) = self.open_report::<Beat>(session_id, &agent_id, &envelope, Domain::Heartbeat) else { return };
+                let Some(Beat { running, capacity, oauth, slots, claude_version: version, .. }) = self.take_beat(session_id, &agent_id, beat) else { return };
                 let session = self.session_mut(session_id).expect("session exists");
                 let agent = session.agent_mut().expect("ready session");
                 agent.capacity = capacity;
@@ -428,11 +435,18 @@ impl Edge {
                     effects.push(Effect::Save(Box::new(job.clone())));
                 }
             }
-            AgentMessage::Rejected { job_id, reason, retry } => {
+            AgentMessage::Rejected { envelope } => {
+                // It ends or requeues a job: the agent's own, for the job's latest order.
+                let Some(refusal) = self.open_report::<Rejection>(session_id, &agent_id, &envelope, Domain::Rejection) else { return };
+                let Rejection { job_id: id, order_nonce, reason, retry } = refusal;
                 self.stats_mut().rejected_orders += 1;
-                warn!(job_id = job_id.as_deref().map_or("-", shown_job_id), agent_id = %agent_id, reason = ?reason, retry, "agent refused an order");
-                let Some(id) = job_id else { return };
-                if !self.own_active_job(&id, &agent_id).is_some_and(|j| j.state == JobState::Dispatched) {
+                warn!(job_id = shown_job_id(&id), agent_id = %agent_id, reason = ?reason, retry, "agent refused an order");
+                // Running too: nothing the agent sends makes a job running between its
+                // refusal of the latest order and that order, but an `Accepted` made up on
+                // the path could (see `shared::protocol`, "Signed or not").
+                let latest = self.own_active_job(&id, &agent_id).is_some_and(|j| j.attempt_of(&order_nonce) == Some(j.attempts));
+                if !latest {
+                    warn!(job_id = shown_job_id(&id), agent_id = %agent_id, "a refusal of an order that is not its job's latest ignored (replayed, or the job moved on)");
                     return;
                 }
                 if retry {
@@ -448,6 +462,11 @@ impl Edge {
                     );
                     self.finish(now, &id, result, effects);
                 }
+            }
+            AgentMessage::OrderRefused { reason } => {
+                // Names no job: counted and logged, nothing else (anyone on the path could send it).
+                self.stats_mut().rejected_orders += 1;
+                warn!(agent_id = %agent_id, reason = ?shared::text::peer_words(&reason), "agent refused an order it could not tie to a job");
             }
             AgentMessage::Event { envelope } => {
                 let Some(report) = self.open_report::<ProgressReport>(session_id, &agent_id, &envelope, Domain::Progress) else { return };
@@ -522,6 +541,25 @@ impl Edge {
                 None
             }
         }
+    }
+
+    /// A verified heartbeat, if it is for this connection and newer than the last one taken
+    /// (which it then becomes); else `None`, logged (the agent's own signature, so not
+    /// counted as a forgery, like progress shown already): one captured on the path
+    /// and played back, here or on another connection, could say the agent no longer
+    /// holds a job it took since.
+    fn take_beat(&mut self, session_id: &str, agent_id: &str, beat: Beat) -> Option<Beat> {
+        let agent = self.session_mut(session_id).and_then(|s| s.agent_mut()).expect("ready session");
+        let why = if beat.challenge != agent.challenge {
+            "it was made for another connection"
+        } else if beat.seq <= agent.beat {
+            "it is not newer than the last one taken (replayed)"
+        } else {
+            agent.beat = beat.seq;
+            return Some(beat);
+        };
+        warn!(agent_id = %agent_id, session = session_id, seq = beat.seq, why, "a heartbeat refused");
+        None
     }
 
     fn own_active_job(&self, job_id: &str, agent_id: &str) -> Option<&Job> {

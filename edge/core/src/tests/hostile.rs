@@ -166,7 +166,7 @@ fn a_frame_before_the_hello_is_verified_is_small() {
     assert!(reason.contains("limit"), "{reason}");
     // Once proven, frames up to the protocol's limit are fine.
     let (mut edge, sid) = ready_edge();
-    let mut event = serde_json::to_value(beat(&[], 1, 0)).unwrap();
+    let mut event = serde_json::to_value(signed(&edge, &sid, beat(&[], 1, 0))).unwrap();
     event["pad"] = json!("x".repeat(200_000));
     assert!(closed(&edge.message(1, &sid, &event.to_string())).is_none());
 }
@@ -302,8 +302,7 @@ fn orders_and_reports_share_one_nonce_per_attempt() {
         assert!(!job.issued(never), "{never}");
     }
     // Sent again after a refusal for want of a slot: both orders are the edge's.
-    let reason = "no free slot".to_string();
-    say(&mut edge, 1, &sid, AgentMessage::Rejected { job_id: Some("j1".into()), reason, retry: true });
+    refuse(&mut edge, 1, &sid, "j1", "no free slot", true);
     say(&mut edge, 2, &sid, credit(1, 1));
     let job = edge.job("j1").unwrap();
     assert_eq!(job.order_nonce(), "j1:2");
@@ -333,4 +332,123 @@ fn progress_replayed_or_reordered_on_the_path_is_shown_once_in_order() {
     edge.follow(late, "j1", &mut effects).unwrap();
     let ids: Vec<String> = streamed(&effects, late).0.iter().map(|c| c.lines().next().unwrap_or_default().to_string()).collect();
     assert_eq!(ids, ["id: 1", "id: 2", "id: 3"], "a late follower reads each event once, in order");
+}
+
+/// Whether these effects send a job order on any connection.
+fn any_order(effects: &[Effect]) -> bool {
+    effects.iter().any(|e| matches!(e, Effect::Send { text, .. } if matches!(serde_json::from_str(text), Ok(EdgeMessage::Job { .. }))))
+}
+
+#[test]
+fn refusals_made_up_altered_or_played_back_on_the_path_never_send_a_job_again() {
+    // Before protocol 6 a plain `{"type":"rejected","job_id":"j1","retry":true}` from the
+    // path requeued a job whose order was on its way to the agent, which ran it: the next
+    // agent with a free slot ran it too.
+    let mut edge = Edge::new(config(), 0);
+    let (spark, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &spark, credit(1, 0));
+    edge.submit(1, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    assert_eq!(edge.job("j1").unwrap().order_nonce(), "j1:1");
+    let refusal = |job_id: &str, nonce: &str, key: &SigningKey| AgentMessage::rejected(job_id, nonce, "no free slot", true, key);
+
+    // The agent's own refusal of j1's first order, for want of a slot: it goes out again.
+    let first = refusal("j1", "j1:1", &agent_key(1));
+    let effects = say(&mut edge, 2, &spark, first.clone());
+    assert!(finished(&effects).is_empty());
+    assert!(any_order(&say(&mut edge, 3, &spark, credit(1, 1))), "sent again");
+    assert_eq!(edge.job("j1").unwrap().order_nonce(), "j1:2");
+    // Another agent with a free slot: whatever requeued j1 now would run it there too.
+    let (laptop, _) = join(&mut edge, 4, "laptop", &agent_key(2), vec![], 2);
+    say(&mut edge, 4, &laptop, credit(1, 0));
+
+    let AgentMessage::Rejected { envelope: genuine } = refusal("j9", "j9:1", &agent_key(1)) else { unreachable!() };
+    let mut altered = genuine.clone();
+    altered.payload = altered.payload.replace("j9", "j1");
+    let attacks: Vec<(&str, &str, AgentMessage)> = vec![
+        ("made up with another key", &spark, refusal("j1", "j1:2", &agent_key(77))),
+        ("the agent's refusal of another job, altered to name this one", &spark, AgentMessage::Rejected { envelope: altered }),
+        ("another agent's key on this agent's connection", &spark, refusal("j1", "j1:2", &agent_key(2))),
+        ("another agent's own refusal, on its own connection", &laptop, refusal("j1", "j1:2", &agent_key(2))),
+        ("the agent's refusal of the earlier order, played back", &spark, first.clone()),
+    ];
+    for accepted in [false, true] {
+        if accepted {
+            say(&mut edge, 5, &spark, AgentMessage::Accepted { job_id: "j1".into() });
+        }
+        for (what, sid, attack) in &attacks {
+            let effects = say(&mut edge, 6, sid, attack.clone());
+            assert!(!any_order(&effects) && finished(&effects).is_empty(), "{what} (accepted: {accepted}): {effects:?}");
+            let job = edge.job("j1").unwrap();
+            assert_eq!((job.attempts, job.agent_id.as_deref()), (2, Some("spark")), "{what}");
+            assert_eq!(job.state, if accepted { JobState::Running } else { JobState::Dispatched }, "{what}");
+        }
+    }
+    assert_eq!(edge.stats().refused_reports, 6, "the signatures that failed are counted as forgeries");
+    // An `OrderRefused` names nothing: counted, nothing else.
+    let effects = say(&mut edge, 7, &spark, AgentMessage::OrderRefused { reason: "bad signature\nFORGED LOG LINE".into() });
+    assert!(effects.is_empty(), "{effects:?}");
+    // The agent's own refusal of the latest order still counts — even after an
+    // `Accepted`, which the path could have made up (`shared::protocol`, "Signed or not").
+    let effects = say(&mut edge, 8, &spark, refusal("j1", "j1:2", &agent_key(1)));
+    assert!(any_order(&effects), "sent again, to the agent with a free slot");
+    assert_eq!(edge.job("j1").unwrap().agent_id.as_deref(), Some("laptop"));
+}
+
+#[test]
+fn heartbeats_made_up_altered_or_played_back_never_end_a_running_job_lost() {
+    let mut edge = Edge::new(config(), 0);
+    // The agent's first connection: it ran one job, and said so in a heartbeat, signed —
+    // which whoever sits on the path kept.
+    let (first, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &first, credit(1, 0));
+    edge.submit(1, "j0".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    report(&mut edge, 2, &first, "j0", ok_result());
+    for t in 2..6 {
+        pulse(&mut edge, t, &first, beat(&[], 1, 1));
+    }
+    // Numbered above anything the next connection will have said when it is played back.
+    let kept = signed(&edge, &first, beat(&[], 1, 1));
+    assert!(finished(&say(&mut edge, 3, &first, kept.clone())).is_empty());
+
+    // It reconnects and runs j1 (its first order on the new connection).
+    let (sid, _) = join(&mut edge, 10, "spark", &agent_key(1), vec![], 2);
+    say(&mut edge, 10, &sid, credit(1, 0));
+    edge.submit(11, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 12, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    let holding = pulse(&mut edge, 13, &sid, beat(&["j1"], 0, 1));
+    assert!(finished(&holding).is_empty());
+    let challenge = edge.session(&sid).unwrap().agent().unwrap().challenge.clone();
+
+    // What each says: the agent holds nothing, having received the order — j1 would end
+    // `lost` (its caller told to run it elsewhere while it runs here).
+    let says_nothing = |seq, key: &SigningKey| AgentMessage::heartbeat(&Beat { challenge: challenge.clone(), seq, ..beat(&[], 1, 1) }, key);
+    let AgentMessage::Heartbeat { envelope: mut altered } = signed(&edge, &sid, beat(&["j1"], 0, 1)) else { unreachable!() };
+    altered.payload = altered.payload.replace(r#""running":["j1"]"#, r#""running":[]"#);
+    let refused_before = edge.stats().refused_reports;
+    let attacks = [
+        ("made up with another key", says_nothing(99, &agent_key(77))),
+        ("another agent's key", says_nothing(99, &agent_key(2))),
+        ("the agent's own, altered", AgentMessage::Heartbeat { envelope: altered }),
+        ("the agent's own from its earlier connection", kept),
+        ("the agent's own on this connection, played back", says_nothing(1, &agent_key(1))),
+    ];
+    for (what, attack) in attacks {
+        let effects = say(&mut edge, 14, &sid, attack);
+        assert!(finished(&effects).is_empty(), "{what}: {effects:?}");
+        assert!(!effects.iter().any(|e| matches!(e, Effect::Send { .. })), "{what}: not even acknowledged: {effects:?}");
+        assert_eq!(edge.job("j1").unwrap().state, JobState::Running, "{what}");
+    }
+    assert_eq!(edge.stats().refused_reports, refused_before + 3, "three signatures failed");
+
+    // Nor can an older beat bring back what a newer one said: the login it reported.
+    pulse(&mut edge, 15, &sid, Beat { oauth: OAuthReport::unconfigured(15), ..beat(&["j1"], 0, 1) });
+    let seq = edge.session(&sid).unwrap().agent().unwrap().beat;
+    let older = AgentMessage::heartbeat(&Beat { challenge: challenge.clone(), seq: seq - 1, ..beat(&["j1"], 0, 1) }, &agent_key(1));
+    say(&mut edge, 16, &sid, older);
+    assert_eq!(edge.session(&sid).unwrap().agent().unwrap().oauth, OAuthReport::unconfigured(15), "the newest report stands");
+
+    // The agent's own fresh heartbeat saying the same does settle it: the refusals above
+    // were the checks', not the message's.
+    let done = finished(&pulse(&mut edge, 17, &sid, beat(&[], 1, 1)));
+    assert_eq!((done[0].0.as_str(), done[0].2["error_code"].as_str()), ("j1", Some("RUNNER_LOST")));
 }

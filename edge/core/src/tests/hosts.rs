@@ -16,8 +16,9 @@ fn a_frame_on_a_connection_the_edge_does_not_know_closes_it() {
     }
     // The same once the edge has closed a connection and frames still arrive on it.
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let hb = signed(&edge, &sid, beat(&[], 1, 0));
     edge.binary_frame(0, &sid);
-    assert_eq!(closed(&say(&mut edge, 1, &sid, beat(&[], 1, 0))).unwrap().0, close::PROTOCOL_ERROR);
+    assert_eq!(closed(&say(&mut edge, 1, &sid, hb)).unwrap().0, close::PROTOCOL_ERROR);
     assert!(!edge.is_online());
 }
 
@@ -99,7 +100,7 @@ fn a_wall_clock_jump_neither_times_out_running_jobs_nor_breaks_orders() {
     assert_eq!(order.header.issued_at, WALL + 10);
 
     for t in (1_000..=5_000).step_by(1_000) {
-        let effects = edge.message(jumped(t), &sid, &beat(&[&order.header.job_id], 0, 1).to_text());
+        let effects = edge.message(jumped(t), &sid, &signed(&edge, &sid, beat(&[&order.header.job_id], 0, 1)).to_text());
         let ack = sent(&effects, &sid);
         assert!(matches!(ack[..], [EdgeMessage::HeartbeatAck { server_time }] if server_time == WALL + t + JUMP));
         assert!(edge.tick(jumped(t)).is_empty(), "nothing is due two hours early");

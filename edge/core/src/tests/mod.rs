@@ -32,7 +32,7 @@ use shared::envelope::{open_order, Audience, Domain, Envelope};
 use shared::job::{JobResult, JobState};
 use shared::keys::Keyring;
 use shared::oauth::{OAuthReport, OAuthSource};
-use shared::protocol::{close, AgentMessage, EdgeMessage, Hello, JobOrder, Slots, Welcome, PROTOCOL_VERSION};
+use shared::protocol::{close, AgentMessage, Beat, EdgeMessage, Hello, JobOrder, Slots, Welcome, PROTOCOL_VERSION};
 
 pub(super) const SECRET: &str = "0123456789abcdef0123";
 pub(super) const HB: u64 = 1_000;
@@ -199,15 +199,32 @@ pub(super) fn credit(free: u32, received: u64) -> AgentMessage {
     AgentMessage::Credit { slots: Slots { free, received } }
 }
 
-/// A heartbeat of a capacity-1 agent holding `running`, with its statement of slots.
-pub(super) fn beat(running: &[&str], free: u32, received: u64) -> AgentMessage {
-    AgentMessage::Heartbeat {
+/// A heartbeat of a capacity-1 agent holding `running`, with its statement of slots and
+/// a working login; [`signed`] makes it the frame its agent sends on a connection.
+pub(super) fn beat(running: &[&str], free: u32, received: u64) -> Beat {
+    Beat {
+        challenge: String::new(),
+        seq: 0,
         running: running.iter().map(|s| s.to_string()).collect(),
         capacity: 1,
         oauth: oauth(),
         slots: Slots { free, received },
         claude_version: None,
     }
+}
+
+/// `beat` as the agent of session `sid` sends it: bound to the session's challenge,
+/// numbered after the last heartbeat the edge took on it, signed with the agent's key.
+pub(super) fn signed(edge: &Edge, sid: &str, beat: Beat) -> AgentMessage {
+    let agent = edge.session(sid).and_then(|s| s.agent()).expect("a proven session");
+    let key = if agent.agent_id == "laptop" { agent_key(2) } else { agent_key(1) };
+    AgentMessage::heartbeat(&Beat { challenge: agent.challenge.clone(), seq: agent.beat + 1, ..beat }, &key)
+}
+
+/// The agent of session `sid` sends heartbeat `beat` at `now`.
+pub(super) fn pulse(edge: &mut Edge, now: u64, sid: &str, beat: Beat) -> Vec<Effect> {
+    let msg = signed(edge, sid, beat);
+    say(edge, now, sid, msg)
 }
 
 pub(super) fn submission(prompt: &str, timeout_ms: u64, key: Option<&str>) -> Submission {
@@ -259,6 +276,12 @@ pub(super) fn progress_msg(edge: &Edge, job_id: &str, seq: u64, event: Value) ->
 pub(super) fn report(edge: &mut Edge, now: u64, sid: &str, job_id: &str, result: JobResult) -> Vec<Effect> {
     let msg = result_msg(edge, job_id, result);
     say(edge, now, sid, msg)
+}
+
+/// `spark` refuses the job's latest order, signed and bound to it.
+pub(super) fn refuse(edge: &mut Edge, now: u64, sid: &str, job_id: &str, reason: &str, retry: bool) -> Vec<Effect> {
+    let nonce = edge.job(job_id).map_or(format!("{job_id}:1"), |j| j.order_nonce());
+    say(edge, now, sid, AgentMessage::rejected(job_id, &nonce, reason, retry, &agent_key(1)))
 }
 
 /// `spark` reports a progress event of the job, signed and bound to its latest order.
@@ -346,15 +369,13 @@ fn never_sends_more_jobs_than_credits() {
 fn a_job_refused_for_want_of_a_slot_goes_back_to_the_queue() {
     let (mut edge, sid) = ready_edge();
     edge.submit(0, "j1".into(), submission("x", 10_000, None), Mode::Detached).unwrap();
-    let reason = "no free slot".to_string();
-    let effects = say(&mut edge, 1, &sid, AgentMessage::Rejected { job_id: Some("j1".into()), reason, retry: true });
+    let effects = refuse(&mut edge, 1, &sid, "j1", "no free slot", true);
     assert!(finished(&effects).is_empty());
     assert_eq!(edge.job("j1").unwrap().state, JobState::Queued);
     let effects = say(&mut edge, 2, &sid, credit(1, 1));
     assert_eq!(order_of(&effects, &sid, "spark", 2).header.nonce, "j1:2");
     // A refusal of the order itself ends the job, with what to check.
-    let reason = "bad signature".to_string();
-    let done = finished(&say(&mut edge, 3, &sid, AgentMessage::Rejected { job_id: Some("j1".into()), reason, retry: false }));
+    let done = finished(&refuse(&mut edge, 3, &sid, "j1", "bad signature", false));
     assert_eq!(done[0].2["error_code"], "JOB_REJECTED");
     assert!(done[0].2["error"].as_str().unwrap().contains("EDGE_PUBLIC_KEY"));
 }
@@ -445,7 +466,7 @@ fn a_job_survives_a_reconnect_and_its_result_arrives() {
     let (sid2, _) = join(&mut edge, 200, "spark", &agent_key(1), vec!["j1".into()], 2);
     assert!(edge.job("j1").unwrap().orphaned_at.is_none());
     for t in (1_000..=100 + LOST).step_by(1_000) {
-        say(&mut edge, t, &sid2, beat(&["j1"], 0, 0));
+        pulse(&mut edge, t, &sid2, beat(&["j1"], 0, 0));
     }
     assert!(finished(&edge.tick(100 + LOST)).is_empty(), "not lost: the agent came back");
     let done = finished(&report(&mut edge, 5_500, &sid2, "j1", ok_result()));
@@ -477,7 +498,7 @@ fn an_agent_that_restarted_without_the_job_settles_it() {
 fn a_silent_agent_is_dropped_within_two_heartbeats() {
     let mut edge = Edge::new(config(), 0);
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
-    let effects = say(&mut edge, 500, &sid, beat(&[], 1, 0));
+    let effects = pulse(&mut edge, 500, &sid, beat(&[], 1, 0));
     assert!(matches!(sent(&effects, &sid)[..], [EdgeMessage::HeartbeatAck { .. }]));
     assert_eq!(edge.next_deadline(), Some(500 + 2 * HB));
     assert!(closed(&edge.tick(500 + 2 * HB - 1)).is_none());
@@ -499,8 +520,8 @@ fn the_edge_times_a_job_out_and_tells_the_agent() {
     let (mut edge, sid) = ready_edge();
     edge.submit(0, "j1".into(), submission("x", 2_000, None), Mode::Wait).unwrap();
     // Keep the connection alive meanwhile.
-    say(&mut edge, 1_500, &sid, beat(&[], 1, 0));
-    say(&mut edge, 2_500, &sid, beat(&[], 1, 0));
+    pulse(&mut edge, 1_500, &sid, beat(&[], 1, 0));
+    pulse(&mut edge, 2_500, &sid, beat(&[], 1, 0));
     let effects = edge.tick(3_000);
     assert_eq!(finished(&effects)[0].2["error_code"], "TIMEOUT");
     assert!(sent(&effects, &sid).iter().any(|m| matches!(m, EdgeMessage::Cancel { .. })));
@@ -593,7 +614,7 @@ fn health_follows_agents_and_their_login() {
     assert_eq!(edge.health(0).status.http_status(), 200);
     assert_eq!(edge.health(0).agent.unwrap().agent_id, "spark");
     let broken = OAuthReport { auth_failed: true, ..oauth() };
-    say(&mut edge, 1, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: broken, slots: Slots { free: 1, received: 0 }, claude_version: None });
+    pulse(&mut edge, 1, &sid, Beat { oauth: broken, ..beat(&[], 1, 0) });
     let h = edge.health(1);
     assert_eq!(h.status.http_status(), 503);
     assert!(h.oauth.unwrap().needs_login);
@@ -605,15 +626,15 @@ fn health_shows_the_agents_claude_cli_version() {
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
     let version = |edge: &Edge| edge.health(5).agent.unwrap().claude_version;
     assert_eq!(version(&edge).as_deref(), Some("2.1.197 (Claude Code)"), "from the hello");
-    let beat = |v: Option<String>| AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth: oauth(), slots: Slots { free: 1, received: 0 }, claude_version: v };
+    let beat = |v: Option<String>| Beat { claude_version: v, ..beat(&[], 1, 0) };
     // An upgrade under the running agent shows at the next heartbeat; a heartbeat without
     // the field (an older agent, or a probe that failed) keeps what is known.
-    say(&mut edge, 1, &sid, beat(Some("2.1.198 (Claude Code)".into())));
+    pulse(&mut edge, 1, &sid, beat(Some("2.1.198 (Claude Code)".into())));
     assert_eq!(version(&edge).as_deref(), Some("2.1.198 (Claude Code)"));
-    say(&mut edge, 2, &sid, beat(None));
+    pulse(&mut edge, 2, &sid, beat(None));
     assert_eq!(version(&edge).as_deref(), Some("2.1.198 (Claude Code)"));
     // One bounded line, whatever the agent sends.
-    say(&mut edge, 3, &sid, beat(Some(format!("{}\nsecond line", "9".repeat(500)))));
+    pulse(&mut edge, 3, &sid, beat(Some(format!("{}\nsecond line", "9".repeat(500)))));
     let shown = version(&edge).unwrap();
     assert_eq!(shown.len(), shared::protocol::MAX_CLAUDE_VERSION_BYTES);
     assert!(!shown.contains('\n'));

@@ -72,6 +72,9 @@ struct ModelAgent {
     /// The nonce of the first order of each job it took: its results are signed bound to it.
     nonces: HashMap<String, String>,
     received: u64,
+    /// Its connection's challenge and the number of its last heartbeat on it.
+    challenge: String,
+    beats: u64,
 }
 
 impl ModelAgent {
@@ -136,6 +139,8 @@ impl World {
             finished: BTreeMap::new(),
             nonces: HashMap::new(),
             received: 0,
+            challenge: String::new(),
+            beats: 0,
         };
         World {
             edge: Edge::new(config(), 0),
@@ -277,6 +282,7 @@ impl World {
         self.carry_out(effects);
         let Some(nonce) = challenge else { return self.agents[a].gone() };
         self.agents[a].down.clear();
+        (self.agents[a].challenge, self.agents[a].beats) = (nonce.clone(), 0);
         let agent = &self.agents[a];
         let hello = Hello {
             agent_version: "model".into(),
@@ -348,14 +354,17 @@ impl World {
             Step::Heartbeat(a) => {
                 let agent = &mut self.agents[a];
                 if agent.session.is_some() {
-                    let beat = AgentMessage::Heartbeat {
+                    agent.beats += 1;
+                    let beat = shared::protocol::Beat {
+                        challenge: agent.challenge.clone(),
+                        seq: agent.beats,
                         running: agent.running.iter().cloned().collect(),
                         capacity: agent.capacity,
                         oauth: oauth(),
                         slots: agent.slots(),
                         claude_version: None,
                     };
-                    agent.up.push_back(beat);
+                    agent.up.push_back(AgentMessage::heartbeat(&beat, &agent_key(agent.key)));
                 }
             }
             Step::Disconnect(a) => self.disconnect(a),

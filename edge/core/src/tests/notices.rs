@@ -3,7 +3,6 @@
 
 use super::*;
 use crate::machine::Post;
-use shared::protocol::Slots;
 use crate::notify::AlertState;
 
 fn notifying() -> Config {
@@ -74,7 +73,7 @@ fn an_agent_away_for_offline_alert_ms_is_alerted_once_even_across_a_restart() {
 fn login_and_usage_alerts_follow_the_reports() {
     let mut edge = Edge::new(notifying(), 0);
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
-    let beat = |edge: &mut Edge, t: u64, oauth: OAuthReport| say(edge, t, &sid, AgentMessage::Heartbeat { running: vec![], capacity: 1, oauth, slots: Slots { free: 1, received: 0 }, claude_version: None });
+    let beat = |edge: &mut Edge, t: u64, oauth: OAuthReport| pulse(edge, t, &sid, Beat { oauth, ..beat(&[], 1, 0) });
     let broken = OAuthReport { auth_failed: true, ..oauth() };
     assert_eq!(alert_kinds(&beat(&mut edge, 100, broken.clone())), vec!["login_needed"]);
     assert!(alert_kinds(&beat(&mut edge, 200, broken)).is_empty());

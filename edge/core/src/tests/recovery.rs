@@ -78,8 +78,8 @@ fn a_statement_never_over_fills_an_agent_whatever_crossed_it() {
     // A late copy of the same statement, and a heartbeat made before the orders arrived:
     // both crossed the two orders, so nothing more goes out.
     assert!(orders(&say(&mut edge, 2, &sid, AgentMessage::Credit { slots: Slots { free: 2, received: 0 } }), &sid).is_empty());
-    let hb = AgentMessage::Heartbeat { running: vec![], capacity: 2, oauth: oauth(), slots: Slots { free: 2, received: 0 }, claude_version: None };
-    assert!(orders(&say(&mut edge, 3, &sid, hb), &sid).is_empty());
+    let hb = Beat { capacity: 2, ..beat(&[], 2, 0) };
+    assert!(orders(&pulse(&mut edge, 3, &sid, hb), &sid).is_empty());
     // An agent claiming more orders than were sent gains nothing by it.
     assert!(orders(&say(&mut edge, 4, &sid, AgentMessage::Credit { slots: Slots { free: 0, received: 99 } }), &sid).is_empty());
     // One ended: the agent says so, and one more goes.
@@ -172,8 +172,8 @@ fn heartbeats_settle_disagreements_at_once() {
     say(&mut edge, 0, &sid, AgentMessage::Credit { slots: Slots { free: 3, received: 0 } });
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "ran".into() });
     // The agent has received two of the three orders and holds neither.
-    let hb = AgentMessage::Heartbeat { running: vec![], capacity: 3, oauth: oauth(), slots: Slots { free: 3, received: 2 }, claude_version: None };
-    let effects = say(&mut edge, 2, &sid, hb);
+    let hb = Beat { capacity: 3, ..beat(&[], 3, 2) };
+    let effects = pulse(&mut edge, 2, &sid, hb);
     let done = finished(&effects);
     assert_eq!(done.len(), 1, "{effects:?}");
     assert_eq!((done[0].0.as_str(), done[0].2["error_code"].as_str()), ("ran", Some("RUNNER_LOST")), "lost at once, not at its timeout");
@@ -182,14 +182,8 @@ fn heartbeats_settle_disagreements_at_once() {
     assert_eq!(edge.job("sent").unwrap().attempts, 2);
     assert_eq!(edge.job("late").unwrap().state, JobState::Dispatched);
     // The agent runs a job the edge ended, and one it never heard of: both are stopped.
-    let hb = AgentMessage::Heartbeat {
-        running: vec!["ran".into(), "late".into(), "stranger".into()],
-        capacity: 3,
-        oauth: oauth(),
-        slots: Slots { free: 0, received: 4 },
-        claude_version: None,
-    };
-    let effects = say(&mut edge, 3, &sid, hb);
+    let hb = Beat { capacity: 3, ..beat(&["ran", "late", "stranger"], 0, 4) };
+    let effects = pulse(&mut edge, 3, &sid, hb);
     let mut stopped = cancels(&effects, &sid);
     stopped.sort();
     assert_eq!(stopped, vec!["ran".to_string(), "stranger".to_string()]);
@@ -206,7 +200,7 @@ fn a_job_is_not_lost_while_its_agent_says_it_runs_it() {
     assert!(closed(&edge.tick(1 + 2 * HB)).is_some(), "dropped as silent");
     let (sid2, _) = rejoin(&mut edge, 2 * HB + 500, &["j1"], &[], 2);
     for t in (3 * HB..=4 * LOST).step_by(HB as usize) {
-        say(&mut edge, t, &sid2, beat(&["j1"], 0, 0));
+        pulse(&mut edge, t, &sid2, beat(&["j1"], 0, 0));
         assert!(finished(&edge.tick(t)).is_empty(), "ended at {t} while its agent runs it");
     }
     assert_eq!(edge.job("j1").unwrap().state, JobState::Running);

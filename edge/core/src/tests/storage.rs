@@ -150,7 +150,8 @@ fn a_tick_that_cannot_be_stored_announces_nothing_and_is_tried_again() {
     let (waiter, out) = host.call(0, "POST", "/execute", json!({"prompt": "x", "timeout_ms": 2000}));
     let job_id = order_of(&out, &sid, "spark", 0).header.job_id;
     for t in [900, 1_800, 2_700] {
-        host.say(t, &sid, beat(&[&job_id], 0, 1));
+        let hb = signed(&host.edge, &sid, beat(&[&job_id], 0, 1));
+        host.say(t, &sid, hb);
     }
     host.failing = true;
     let out = host.tick(3_000);

@@ -25,7 +25,7 @@ use harness::{EdgeKind, EdgeServer, Keys, SECRET};
 use serde_json::{json, Value};
 use shared::envelope::{open_order, Audience, Domain, Envelope};
 use shared::oauth::{OAuthReport, OAuthSource};
-use shared::protocol::{AgentMessage, EdgeMessage, Hello, JobOrder, Slots, Welcome, PROTOCOL_VERSION};
+use shared::protocol::{AgentMessage, Beat, EdgeMessage, Hello, JobOrder, Slots, Welcome, PROTOCOL_VERSION};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -261,10 +261,10 @@ impl Sim {
         let permit = handshakes.acquire_owned().await.expect("the semaphore stays open");
         let shaken = self.handshake().await;
         drop(permit);
-        let mut ws = match shaken {
-            Ok(ws) => {
+        let (mut ws, challenge) = match shaken {
+            Ok(shaken) => {
                 let _ = ready.send(Ok(())).await;
-                ws
+                shaken
             }
             Err(e) => {
                 let _ = ready.send(Err(e.context(format!("agent {}", self.id)))).await;
@@ -275,6 +275,7 @@ impl Sim {
         let mut free = 0;
         let credit = |free, received| AgentMessage::Credit { slots: Slots { free, received } };
         let mut beat = tokio::time::interval(Duration::from_secs(5));
+        let mut beats: u64 = 0;
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
@@ -284,7 +285,9 @@ impl Sim {
                     if ws.send(Message::text(credit(free, received).to_text())).await.is_err() { break; }
                 }
                 _ = beat.tick() => {
-                    let hb = AgentMessage::Heartbeat { running: vec![], capacity: self.slots, oauth: oauth(), slots: Slots { free, received }, claude_version: None };
+                    beats += 1;
+                    let hb = Beat { challenge: challenge.clone(), seq: beats, running: vec![], capacity: self.slots, oauth: oauth(), slots: Slots { free, received }, claude_version: None };
+                    let hb = AgentMessage::heartbeat(&hb, &self.key);
                     if ws.send(Message::text(hb.to_text())).await.is_err() { break; }
                 }
                 frame = ws.next() => {
@@ -326,7 +329,8 @@ impl Sim {
         let _ = ws.close(None).await;
     }
 
-    async fn handshake(&self) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
+    /// A proven connection, and its challenge (the heartbeats are bound to it).
+    async fn handshake(&self) -> anyhow::Result<(tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, String)> {
         let (mut ws, _) = tokio_tungstenite::connect_async(self.url.as_str()).await?;
         let challenge = next_text(&mut ws).await?;
         let EdgeMessage::Challenge { nonce, .. } = serde_json::from_str(&challenge)? else { anyhow::bail!("no challenge: {challenge}") };
@@ -336,7 +340,7 @@ impl Sim {
             protocol: PROTOCOL_VERSION,
             agent_id: self.id.clone(),
             agent_version: "bench".into(),
-            challenge: nonce,
+            challenge: nonce.clone(),
             agent_nonce: agent_nonce.clone(),
             issued_at: wall,
             capacity: self.slots,
@@ -355,7 +359,7 @@ impl Sim {
         anyhow::ensure!(welcome.agent_nonce == agent_nonce, "the welcome answers another hello");
         // No slot free until every agent is in.
         ws.send(Message::text(AgentMessage::Credit { slots: Slots { free: 0, received: 0 } }.to_text())).await?;
-        Ok(ws)
+        Ok((ws, nonce))
     }
 }
 
