@@ -462,12 +462,21 @@ fn a_callers_own_secret_sees_its_part_of_health_and_not_the_operators() {
     }
 }
 
-/// A heartbeat of an idle agent with `capacity` slots that received `received` orders.
-fn beat_with(edge: &mut Edge, now: u64, sid: &str, capacity: u32, running: &[&str], received: u64, oauth: OAuthReport) {
+/// A heartbeat, signed with key `key`, of an agent with `capacity` slots running
+/// `running`, having received `received` orders, with this login.
+fn beat_with(edge: &mut Edge, now: u64, sid: &str, key: u8, capacity: u32, running: &[&str], received: u64, oauth: OAuthReport) -> Vec<Effect> {
     let free = capacity - running.len() as u32;
-    let running = running.iter().map(|s| s.to_string()).collect();
-    let msg = AgentMessage::Heartbeat { running, capacity, oauth, slots: shared::protocol::Slots { free, received }, claude_version: None };
-    say(edge, now, sid, msg);
+    let agent = edge.session(sid).and_then(|s| s.agent()).expect("a proven session");
+    let beat = Beat {
+        challenge: agent.challenge.clone(),
+        seq: agent.beat + 1,
+        running: running.iter().map(|s| s.to_string()).collect(),
+        capacity,
+        oauth,
+        slots: Slots { free, received },
+        claude_version: None,
+    };
+    say(edge, now, sid, AgentMessage::heartbeat(&beat, &agent_key(key)))
 }
 
 fn broken_login() -> OAuthReport {
@@ -479,7 +488,7 @@ fn execute_falls_back_at_once_when_every_agent_that_fits_needs_a_login() {
     let mut edge = Edge::new(three_agents(), 0);
     let spark = enter(&mut edge, 0, "spark", 1, 4, "gpu=none", &[]);
     let gpu = enter(&mut edge, 0, "gpu", 3, 1, "gpu=a100", &[]);
-    beat_with(&mut edge, 1, &gpu, 1, &[], 0, broken_login());
+    beat_with(&mut edge, 1, &gpu, 3, 1, &[], 0, broken_login());
     assert_eq!(edge.availability(2), crate::machine::Availability::Ready, "the pool as a whole can work");
     // A gpu job: its only agent cannot log in, so the caller falls back now, told why.
     let h = request(&mut edge, 2, SECRET, "POST", "/execute", json!({"prompt": "x", "labels": "gpu=a100"}));
@@ -504,7 +513,7 @@ fn execute_falls_back_at_once_when_every_agent_that_fits_needs_a_login() {
     enter(&mut edge2, 0, "spark", 1, 4, "gpu=none", &[]);
     let g1 = enter(&mut edge2, 0, "gpu", 3, 1, "gpu=a100", &[]);
     enter(&mut edge2, 0, "gpu2", 4, 1, "gpu=a100", &[]);
-    beat_with(&mut edge2, 1, &g1, 1, &[], 0, broken_login());
+    beat_with(&mut edge2, 1, &g1, 3, 1, &[], 0, broken_login());
     let h = request(&mut edge2, 2, SECRET, "POST", "/agents/gpu2/pause", Value::Null);
     assert_eq!(answer(&h).0, 200);
     let (status, body) = answer(&request(&mut edge2, 3, SECRET, "POST", "/execute", json!({"prompt": "x", "labels": "gpu=a100"})));
@@ -527,14 +536,7 @@ fn a_queued_execute_falls_back_when_the_agents_that_fit_it_lose_their_login() {
     // Its login breaks: the waiting caller is sent elsewhere now, not at its timeout —
     // though spark, which it does not fit, works.
     say(&mut edge, 4, &gpu, AgentMessage::Accepted { job_id: busy.clone() });
-    let msg = AgentMessage::Heartbeat {
-        running: vec![busy.clone()],
-        capacity: 1,
-        oauth: broken_login(),
-        slots: shared::protocol::Slots { free: 0, received: 1 },
-        claude_version: None,
-    };
-    let effects = say(&mut edge, 5, &gpu, msg);
+    let effects = beat_with(&mut edge, 5, &gpu, 3, 1, &[busy.as_str()], 1, broken_login());
     let (status, body) = answer_to(&effects, h.caller).expect("the waiting caller is answered");
     assert_eq!((status, body["error_code"].as_str(), body["fallback"].as_bool()), (503, Some("RUNNER_OAUTH_ERROR"), Some(true)), "{body}");
     assert!(body["error"].as_str().unwrap().contains("gpu (gpu=a100)"), "{body}");
@@ -549,7 +551,7 @@ fn execute_falls_back_with_retry_at_when_the_agents_that_fit_it_used_their_windo
     let gpu = enter(&mut edge, 0, "gpu", 3, 1, "gpu=a100", &[]);
     let reset = 3_600_000;
     let usage = UsageWindow { status: UsageStatus::Rejected, kind: Some("five_hour".into()), resets_at: Some(reset), utilization: None, seen_at: 0 };
-    beat_with(&mut edge, 1, &gpu, 1, &[], 0, OAuthReport { usage: Some(usage), ..oauth() });
+    beat_with(&mut edge, 1, &gpu, 3, 1, &[], 0, OAuthReport { usage: Some(usage), ..oauth() });
     let h = request(&mut edge, 1_000, SECRET, "POST", "/execute", json!({"prompt": "x", "agent_id": "gpu"}));
     let response = h.effects.iter().find_map(|e| match e {
         Effect::Answer { caller, response } if *caller == h.caller => Some(response.clone()),
@@ -567,12 +569,12 @@ fn a_held_job_says_its_fitting_agents_login_when_its_wait_runs_out() {
     let mut edge = Edge::new(three_agents(), 0);
     let spark = enter(&mut edge, 0, "spark", 1, 4, "gpu=none", &[]);
     let gpu = enter(&mut edge, 0, "gpu", 3, 1, "gpu=a100", &[]);
-    beat_with(&mut edge, 1, &gpu, 1, &[], 0, broken_login());
+    beat_with(&mut edge, 1, &gpu, 3, 1, &[], 0, broken_login());
     let held = submit(&mut edge, 2, SECRET, json!({"prompt": "x", "labels": "gpu=a100"}));
     let mut ended = Vec::new();
     for t in (500..=31_000).step_by(500) {
-        beat_with(&mut edge, t, &gpu, 1, &[], 0, broken_login());
-        beat_with(&mut edge, t, &spark, 4, &[], 0, oauth());
+        beat_with(&mut edge, t, &gpu, 3, 1, &[], 0, broken_login());
+        beat_with(&mut edge, t, &spark, 1, 4, &[], 0, oauth());
         ended.extend(finished(&edge.tick(t)));
     }
     let (_, _, body) = ended.iter().find(|(id, _, _)| *id == held).expect("its wait ran out");
