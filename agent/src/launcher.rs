@@ -22,7 +22,14 @@
 //! the launcher: the launcher holds no job state, and a launcher that dies loses nothing
 //! running. The agent sees it gone at its next request and starts a new one; it sends that
 //! request again only if the old launcher cannot have had it whole (it would otherwise risk
-//! running the job twice), and waits at most [`ANSWER_WITHIN`] for any answer.
+//! running the job twice), and waits at most [`ANSWER_WITHIN`] for any answer. To tell
+//! those apart after the fact, the agent keeps a copy of the launcher's end of the socket:
+//! what the launcher never read stays queued there, even once it is dead.
+//!
+//! The launcher dies with the agent whatever its state (a stopped process reads no end of
+//! socket): its parent-death signal is SIGKILL. The kernel sends that signal when the
+//! *thread* that started the launcher ends, so every launcher is started from one thread
+//! that lives as long as the agent ([`Running::start`]).
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io::{Read, Write};
@@ -44,6 +51,13 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 /// (stopped with SIGSTOP — any process of the agent's user may send one, a job's
 /// included — or starved): it is killed and replaced, rather than holding every job after
 /// it for ever behind the launcher's lock.
+///
+/// Not a setting: nothing an operator knows makes another figure right. The work it
+/// bounds takes milliseconds (measured: 1-3 ms on a loaded 2-core Spark); a machine
+/// where it takes seconds is swapping so hard that Claude could not run a job either, and
+/// a stuck launcher now costs only this wait (the request goes to its replacement when
+/// it was never taken), so a longer bound would buy nothing and a shorter one risks
+/// failing a job the launcher may have started.
 const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What Claude is started with: program, folder, arguments, the whole environment.
@@ -77,16 +91,24 @@ pub struct Launcher {
     running: Mutex<Option<Running>>,
     /// How a launcher is started (tests start stand-ins).
     start: fn() -> std::io::Result<Running>,
+    /// [`ANSWER_WITHIN`] (tests wait less).
+    answer_within: std::time::Duration,
 }
 
 struct Running {
     socket: UnixStream,
+    /// A copy of the launcher's end of the socket: what the launcher never read stays
+    /// queued there after its death (see [`unread`]).
+    peer: OwnedFd,
     process: std::process::Child,
+    /// The launcher's pidfd (kernels 5.3 and later): its death ends the wait for an answer
+    /// at once (the socket's end cannot say it while `peer` holds it open).
+    pidfd: Option<OwnedFd>,
 }
 
 impl Launcher {
     pub const fn new() -> Launcher {
-        Launcher { running: Mutex::new(None), start: Running::start }
+        Launcher { running: Mutex::new(None), start: Running::start, answer_within: ANSWER_WITHIN }
     }
 
     /// Starts the launcher now, if it does not run (the agent does so at start, so that a
@@ -107,24 +129,35 @@ impl Launcher {
             return Err(std::io::Error::from_raw_os_error(libc::E2BIG));
         }
         let mut running = self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        // A launcher that died (killed, out of memory) is replaced, and the request sent
-        // again, only if it cannot have run it: it was gone before it had the whole request.
-        // Once it had it, it may have started Claude, on these very pipes, before it died
-        // (or stopped answering): sending it again could run the job twice.
+        // A launcher that died (killed, out of memory) or stopped answering is replaced, and
+        // the request sent again, only if it cannot have run it: it never read the whole
+        // request. Once it had it, it may have started Claude, on these very pipes, before
+        // it died (or while it was stopped): sending it again could run the job twice.
         let mut retried = false;
         loop {
             if running.is_none() {
-                *running = Some((self.start)()?);
+                let started = (self.start)()?;
+                started.socket.set_read_timeout(Some(self.answer_within))?;
+                started.socket.set_write_timeout(Some(self.answer_within))?;
+                *running = Some(started);
             }
             let launcher = running.as_mut().expect("just started");
-            let failure = match exchange(&mut launcher.socket, &body, &ends) {
+            let failure = match exchange(launcher, &body, &ends, self.answer_within) {
                 Ok(answer) => return answer,
                 Err(failure) => failure,
             };
-            if let Some(mut gone) = running.take() {
-                let _ = gone.process.kill();
-                let _ = gone.process.wait();
-            }
+            let failure = match running.take() {
+                Some(mut gone) => {
+                    let _ = gone.process.kill();
+                    let _ = gone.process.wait();
+                    // Dead now, it reads nothing more: what it left unread it never had.
+                    match failure {
+                        Failure::Unanswered(e) if unread(&gone.peer) => Failure::NotDelivered(e),
+                        failure => failure,
+                    }
+                }
+                None => failure,
+            };
             match failure {
                 Failure::Unanswered(e) => {
                     tracing::warn!(error = %e, "the launcher failed while starting claude; it is replaced");
@@ -152,24 +185,70 @@ impl Default for Launcher {
 }
 
 impl Running {
+    /// Starts a launcher from the one thread that starts them all (spawned on first use,
+    /// never ending): the launcher's parent-death signal comes when the thread that
+    /// started it ends, and the agent's other threads come and go (tokio's blocking pool
+    /// ends a thread idle for 10 s).
     fn start() -> std::io::Result<Running> {
+        type Reply = std::sync::mpsc::Sender<std::io::Result<Running>>;
+        static STARTER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Reply>>> = std::sync::OnceLock::new();
+        let starter = STARTER.get_or_init(|| {
+            let (requests, asked) = std::sync::mpsc::channel::<Reply>();
+            let thread = std::thread::Builder::new().name("launcher-starter".into()).spawn(move || {
+                for reply in asked {
+                    let _ = reply.send(Running::spawn());
+                }
+            });
+            if let Err(e) = thread {
+                tracing::warn!(error = %e, "could not start the thread that starts the launcher");
+            }
+            Mutex::new(requests)
+        });
+        let (reply, answer) = std::sync::mpsc::channel();
+        let gone = || std::io::Error::other("the agent's thread that starts its launcher is gone: restart the agent");
+        starter.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).send(reply).map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
+    }
+
+    fn spawn() -> std::io::Result<Running> {
         use std::os::unix::process::CommandExt;
         let (ours, theirs) = UnixStream::pair()?;
         // Every send and receive on it is bounded (SO_SNDTIMEO, SO_RCVTIMEO apply to
         // sendmsg and recvmsg too): a timeout is an error like the launcher's death.
         ours.set_read_timeout(Some(ANSWER_WITHIN))?;
         ours.set_write_timeout(Some(ANSWER_WITHIN))?;
-        // No pre_exec: std starts it with posix_spawn (vfork), which copies nothing.
+        let peer = theirs.try_clone()?.into();
+        // No pre_exec: std starts it with posix_spawn (vfork), which copies nothing. The
+        // agent's pid tells the launcher whether its parent died before it could ask for
+        // its death signal.
         let process = std::process::Command::new("/proc/self/exe")
             .arg(COMMAND)
+            .arg(std::process::id().to_string())
             .env_clear()
             .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
             .stdout(std::process::Stdio::null())
             .process_group(0)
             .spawn()
             .map_err(|e| std::io::Error::new(e.kind(), format!("could not start the agent's launcher (/proc/self/exe {COMMAND}): {e}")))?;
-        Ok(Running { socket: ours, process })
+        Ok(Running::new(ours, peer, process))
     }
+
+    fn new(socket: UnixStream, peer: OwnedFd, process: std::process::Child) -> Running {
+        // SAFETY: pidfd_open on our own child, not reaped yet.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, process.id() as libc::pid_t, 0) };
+        // SAFETY: a successful pidfd_open returns an fd we own.
+        let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
+        Running { socket, peer, process, pidfd }
+    }
+}
+
+/// Whether the launcher left bytes unread on its end of the socket (`FIONREAD` on the
+/// agent's copy of that end). Asked after the launcher's death, so it can read no more.
+fn unread(peer: &OwnedFd) -> bool {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int we own.
+    let ok = unsafe { libc::ioctl(peer.as_raw_fd(), libc::FIONREAD, &mut queued) } == 0;
+    ok && queued > 0
 }
 
 /// How a conversation with the launcher failed.
@@ -182,16 +261,18 @@ enum Failure {
 
 /// One request and its answer. An `Err` is the conversation failing (the launcher is
 /// gone, or stuck); an `Ok(Err)` is the launcher's answer that Claude could not be started.
-fn exchange(socket: &mut UnixStream, body: &[u8], ends: &ChildEnds) -> Result<std::io::Result<Started>, Failure> {
+fn exchange(launcher: &mut Running, body: &[u8], ends: &ChildEnds, within: std::time::Duration) -> Result<std::io::Result<Started>, Failure> {
+    let socket = &mut launcher.socket;
     let fds = [&ends.stdin, &ends.stdout, &ends.stderr, &ends.control, &ends.status].map(|fd| fd.as_raw_fd());
     send_with_fds(socket.as_raw_fd(), &(body.len() as u32).to_le_bytes(), &fds).map_err(Failure::NotDelivered)?;
     socket.write_all(body).map_err(Failure::NotDelivered)?;
+    answered_or_dead(socket.as_raw_fd(), launcher.pidfd.as_ref().map_or(-1, AsRawFd::as_raw_fd), within).map_err(Failure::Unanswered)?;
     let mut answer = [0u8; 8];
-    let (n, mut received) = recv_with_fds(socket.as_raw_fd(), &mut answer, 1).map_err(|e| Failure::Unanswered(not_answering(e)))?;
+    let (n, mut received) = recv_with_fds(socket.as_raw_fd(), &mut answer, 1).map_err(|e| Failure::Unanswered(not_answering(e, within)))?;
     if n == 0 {
         return Err(Failure::Unanswered(std::io::ErrorKind::UnexpectedEof.into()));
     }
-    socket.read_exact(&mut answer[n..]).map_err(|e| Failure::Unanswered(not_answering(e)))?;
+    socket.read_exact(&mut answer[n..]).map_err(|e| Failure::Unanswered(not_answering(e, within)))?;
     let errno = i32::from_le_bytes(answer[..4].try_into().expect("4 bytes"));
     let pid = u32::from_le_bytes(answer[4..].try_into().expect("4 bytes"));
     if errno != 0 {
@@ -200,11 +281,39 @@ fn exchange(socket: &mut UnixStream, body: &[u8], ends: &ChildEnds) -> Result<st
     Ok(Ok(Started { pid, pidfd: received.pop() }))
 }
 
+/// Waits until the launcher answers (Ok), dies (its pidfd, when there is one) or lets
+/// `within` pass.
+fn answered_or_dead(socket: RawFd, pidfd: RawFd, within: std::time::Duration) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        // A negative fd (no pidfd) is skipped by poll.
+        let mut fds = [libc::pollfd { fd: socket, events: libc::POLLIN, revents: 0 }, libc::pollfd { fd: pidfd, events: libc::POLLIN, revents: 0 }];
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // SAFETY: polls descriptors in a buffer we own.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n < 0 && errno() == libc::EINTR {
+            continue;
+        }
+        if fds[0].revents != 0 {
+            return Ok(());
+        }
+        if fds[1].revents != 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the launcher died before answering"));
+        }
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if left.is_zero() {
+            return Err(not_answering(std::io::ErrorKind::TimedOut.into(), within));
+        }
+    }
+}
+
 /// A receive that timed out says so (the kernel's EAGAIN reads "Resource temporarily unavailable").
-fn not_answering(e: std::io::Error) -> std::io::Error {
+fn not_answering(e: std::io::Error, within: std::time::Duration) -> std::io::Error {
     match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the launcher did not answer within {} s", ANSWER_WITHIN.as_secs()))
+            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the launcher did not answer within {within:?}"))
         }
         _ => e,
     }
@@ -267,9 +376,17 @@ fn decode(body: &[u8]) -> Option<Request> {
 
 /// The launcher's life (`claude-runner __launcher`): answers requests on stdin until the
 /// agent closes it. Never returns.
-pub fn serve() -> ! {
+pub fn serve(agent: Option<&OsStr>) -> ! {
     // SAFETY: process-wide settings of this single-threaded process, set before anything runs.
     unsafe {
+        // Dies with the agent, even stopped (a job may SIGSTOP it): the end of its socket
+        // reaches only a launcher that runs. Asked for after the start, so the agent may
+        // already be gone (the launcher is then the child of another process): checked.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        let agent: Option<libc::pid_t> = agent.and_then(|pid| pid.to_str()?.parse().ok());
+        if agent != Some(libc::getppid()) {
+            libc::_exit(0);
+        }
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
         libc::umask(0o077);
         // Only the agent ends it (by closing the socket): a Ctrl-C in the agent's
@@ -596,12 +713,31 @@ mod tests {
     }
 
     /// A stand-in launcher: `serve` on a thread at the other end of the socket, and a
-    /// `sleep` for its process (killed when the agent's side gives up on it).
+    /// `sleep` for its process, which dies when `serve` returns (or when the agent's side
+    /// gives up on it).
     fn stand_in(serve: impl FnOnce(UnixStream) + Send + 'static) -> std::io::Result<Running> {
         let (ours, theirs) = UnixStream::pair()?;
-        std::thread::spawn(move || serve(theirs));
+        let peer = theirs.try_clone()?.into();
         let process = std::process::Command::new("sleep").arg("600").spawn()?;
-        Ok(Running { socket: ours, process })
+        let pid = process.id() as libc::pid_t;
+        std::thread::spawn(move || {
+            serve(theirs);
+            // SAFETY: a signal to our own child, which only the Launcher reaps (after this).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        });
+        Ok(Running::new(ours, peer, process))
+    }
+
+    /// A Launcher that starts launchers with `start` and waits 300 ms for an answer.
+    fn launcher_of(start: fn() -> std::io::Result<Running>) -> Launcher {
+        Launcher { running: Mutex::new(None), start, answer_within: std::time::Duration::from_millis(300) }
+    }
+
+    /// Answers a request taken as started, warden pid 42.
+    fn answer_42(socket: &UnixStream) {
+        let mut answer = [0u8; 8];
+        answer[4..].copy_from_slice(&42u32.to_le_bytes());
+        send_with_fds(socket.as_raw_fd(), &answer, &[]).unwrap();
     }
 
     /// Takes one request as the launcher does; "runs Claude" by writing `ran` to its stdout.
@@ -638,11 +774,80 @@ mod tests {
         fn dies_after_taking_it() -> std::io::Result<Running> {
             stand_in(|mut socket| drop(take_request(&mut socket)))
         }
-        let launcher = Launcher { running: Mutex::new(None), start: dies_after_taking_it };
+        let launcher = launcher_of(dies_after_taking_it);
         let (outcome, out) = spawn_through(&launcher);
         let e = outcome.err().expect("the start fails");
         assert_eq!(out, "ran\n", "claude ran once, not again");
         assert!(e.to_string().contains("run the job again"), "{e}");
+    }
+
+    /// The launcher stops answering after it read the whole request (stopped between
+    /// reading and answering): it may have started Claude, so the job fails, run once.
+    #[test]
+    fn a_request_a_stuck_launcher_took_whole_is_never_sent_again() {
+        fn stuck_after_taking_it() -> std::io::Result<Running> {
+            stand_in(|mut socket| {
+                let fds = take_request(&mut socket);
+                std::thread::sleep(std::time::Duration::from_secs(2));
+                drop((fds, socket));
+            })
+        }
+        let launcher = launcher_of(stuck_after_taking_it);
+        let (outcome, out) = spawn_through(&launcher);
+        let e = outcome.err().expect("the start fails");
+        assert_eq!(out, "ran\n", "claude ran once, not again");
+        assert!(e.to_string().contains("run the job again") && e.to_string().contains("did not answer"), "{e}");
+    }
+
+    /// The launcher stops answering before it read the request (SIGSTOPped while idle):
+    /// it cannot have started Claude. Before the fix the job failed ("run it again"); now
+    /// the request goes to the launcher that replaces it, and Claude runs once.
+    #[test]
+    fn a_request_a_stuck_launcher_never_read_goes_to_a_new_one() {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn stuck_then_well() -> std::io::Result<Running> {
+            if STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                return stand_in(|socket| {
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                    drop(socket);
+                });
+            }
+            stand_in(|mut socket| {
+                drop(take_request(&mut socket));
+                answer_42(&socket);
+            })
+        }
+        let launcher = launcher_of(stuck_then_well);
+        let (outcome, out) = spawn_through(&launcher);
+        assert_eq!(outcome.expect("started by the second launcher").pid, 42);
+        assert_eq!(out, "ran\n");
+        assert_eq!(STARTED.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// Same, for a launcher stopped half-way through the request (it had the pipes and
+    /// the length, not the whole body): it cannot have acted on it either.
+    #[test]
+    fn a_request_a_stuck_launcher_read_in_part_goes_to_a_new_one() {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn stuck_then_well() -> std::io::Result<Running> {
+            if STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                return stand_in(|socket| {
+                    let mut header = [0u8; 4];
+                    let (n, fds) = recv_with_fds(socket.as_raw_fd(), &mut header, FDS).unwrap();
+                    assert_eq!((n, fds.len()), (4, FDS));
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                    drop((fds, socket));
+                });
+            }
+            stand_in(|mut socket| {
+                drop(take_request(&mut socket));
+                answer_42(&socket);
+            })
+        }
+        let launcher = launcher_of(stuck_then_well);
+        let (outcome, out) = spawn_through(&launcher);
+        assert_eq!(outcome.expect("started by the second launcher").pid, 42);
+        assert_eq!(out, "ran\n");
     }
 
     /// A launcher found dead before the request is replaced, and the request goes to the
@@ -656,12 +861,10 @@ mod tests {
             }
             stand_in(|mut socket| {
                 drop(take_request(&mut socket));
-                let mut answer = [0u8; 8];
-                answer[4..].copy_from_slice(&42u32.to_le_bytes());
-                send_with_fds(socket.as_raw_fd(), &answer, &[]).unwrap();
+                answer_42(&socket);
             })
         }
-        let launcher = Launcher { running: Mutex::new(None), start: dead_then_well };
+        let launcher = launcher_of(dead_then_well);
         // The first stand-in's thread has closed its end before the request is sent.
         launcher.start().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(100));
