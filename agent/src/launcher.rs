@@ -1,6 +1,6 @@
 //! The launcher: one small process, started with the agent's first job, that starts every
 //! Claude. The agent hands it what to run (program, arguments, folder, environment) and
-//! the pipes to run it with; the launcher forks a [`crate::warden`], which forks Claude.
+//! the pipes to run it with; the launcher forks a [`crate::warden`], which starts Claude.
 //!
 //! Why a process of its own. Starting Claude straight from the agent meant forking the
 //! agent: a multi-threaded process of 15-20 MiB whose page tables are copied and
@@ -495,7 +495,7 @@ pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Forks the warden, which forks Claude; waits for Claude's `exec`. Returns the warden's
+/// Forks the warden, which starts Claude; waits for Claude's `exec`. Returns the warden's
 /// pid and a pidfd of it, or the `errno` that kept Claude from starting.
 fn launch(request: &Request, [stdin, stdout, stderr, control, status]: [OwnedFd; FDS]) -> Result<(libc::pid_t, Option<OwnedFd>), i32> {
     let (error_read, error_write) = pipe().map_err(|_| errno())?;
@@ -514,14 +514,12 @@ fn launch(request: &Request, [stdin, stdout, stderr, control, status]: [OwnedFd;
             libc::setpgid(0, 0);
             // A subreaper before Claude exists, so none of its descendants can slip past.
             libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
-            let claude = libc::fork();
+            let start = ClaudeStart { request, argv: &argv, envp: &envp, pipes: [&stdin, &stdout, &stderr], error: error_write.as_raw_fd(), warden: libc::getpid() };
+            let claude = spawn_claude(&start);
             if claude < 0 {
                 let code = errno().to_le_bytes();
                 libc::write(error_write.as_raw_fd(), code.as_ptr().cast(), 4);
                 libc::_exit(127);
-            }
-            if claude == 0 {
-                start_claude(request, &argv, &envp, [&stdin, &stdout, &stderr], error_write.as_raw_fd());
             }
             crate::warden::run(control.as_raw_fd(), status.as_raw_fd(), claude)
         }
@@ -554,15 +552,70 @@ fn launch(request: &Request, [stdin, stdout, stderr, control, status]: [OwnedFd;
     Ok((warden, pidfd))
 }
 
-/// Claude's side of the warden's fork: its own process group, killed with the warden,
-/// signals as a fresh process has them, the job's pipes on 0-2, then `exec`. Writes the
-/// `errno` to `error` and exits 127 if any step fails.
+/// What Claude's side of the warden's clone needs, prepared before it.
+struct ClaudeStart<'a> {
+    request: &'a Request,
+    argv: &'a [*const libc::c_char],
+    envp: &'a [*const libc::c_char],
+    pipes: [&'a OwnedFd; 3],
+    /// The exec-error pipe's write end.
+    error: RawFd,
+    /// The warden's pid, for the parent-death race.
+    warden: libc::pid_t,
+}
+
+/// The stack Claude's side of the clone runs on until its `exec` (its frames need a few
+/// KiB; only the pages it touches are ever faulted in).
+const CLAUDE_STACK: usize = 256 * 1024;
+
+/// Starts Claude from the warden with a vfork-style clone (`CLONE_VM | CLONE_VFORK`): the
+/// child shares the warden's memory, on a stack of its own, and the warden waits until it
+/// has `exec`'d or exited. A `fork` here copied the warden's page tables and faulted its
+/// pages back in (copy-on-write) for a process that only makes system calls and `exec`s.
+/// `posix_spawn` does the same clone but cannot set the parent-death signal. Returns
+/// Claude's pid, or -1 (`errno` set).
 ///
 /// # Safety
-/// Only in the child of the warden's fork.
-unsafe fn start_claude(request: &Request, argv: &[*const libc::c_char], envp: &[*const libc::c_char], pipes: [&OwnedFd; 3], error: RawFd) -> ! {
+/// Only in the warden (single-threaded), with `start` alive until it returns.
+unsafe fn spawn_claude(start: &ClaudeStart) -> libc::pid_t {
+    extern "C" fn entry(start: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: the warden passed a ClaudeStart it keeps alive while this child runs
+        // (CLONE_VFORK: it waits for the exec); start_claude never returns.
+        unsafe { start_claude(&*(start as *const ClaudeStart)) }
+    }
+    // Every signal blocked across the clone: a handler must not run in the child, on
+    // the warden's memory, before the child has reset them to their defaults.
+    let mut all: libc::sigset_t = std::mem::zeroed();
+    let mut before: libc::sigset_t = std::mem::zeroed();
+    libc::sigfillset(&mut all);
+    libc::sigprocmask(libc::SIG_SETMASK, &all, &mut before);
+    let mut stack = std::mem::MaybeUninit::<[u8; CLAUDE_STACK]>::uninit();
+    // The stack grows down: the child starts at its (16-byte aligned) top.
+    let top = (stack.as_mut_ptr() as usize + CLAUDE_STACK) & !15;
+    let pid = libc::clone(entry, top as *mut libc::c_void, libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD, start as *const ClaudeStart as *mut libc::c_void);
+    let clone_errno = errno();
+    libc::sigprocmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
+    if pid < 0 {
+        *libc::__errno_location() = clone_errno;
+    }
+    pid
+}
+
+/// Claude's side of the warden's clone: its own process group, killed with the warden,
+/// signals as a fresh process has them, the job's pipes on 0-2, then `exec`. Writes the
+/// `errno` to `error` and exits 127 if any step fails. It shares the warden's memory
+/// until the `exec`: it writes none of it (system calls only, on memory prepared before).
+///
+/// # Safety
+/// Only in the child of the warden's clone.
+unsafe fn start_claude(start: &ClaudeStart) -> ! {
+    let ClaudeStart { request, argv, envp, pipes, error, warden } = *start;
     libc::setpgid(0, 0);
     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    if libc::getppid() != warden {
+        // The warden died before the signal was asked for: nobody would kill this Claude.
+        libc::_exit(127);
+    }
     libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0);
     // The launcher ignores some signals (and Rust ignores SIGPIPE): ignored signals stay
     // ignored across exec, so each goes back to its default.
