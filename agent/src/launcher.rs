@@ -53,7 +53,8 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 /// it for ever behind the launcher's lock.
 ///
 /// Not a setting: nothing an operator knows makes another figure right. The work it
-/// bounds takes milliseconds (measured: 1-3 ms on a loaded 2-core Spark); a machine
+/// bounds takes milliseconds (BENCHMARKS.md's hot-path timeline: a job's Claude runs
+/// 1.3-1.6 ms after it is accepted, on a loaded 2-core machine); a machine
 /// where it takes seconds is swapping so hard that Claude could not run a job either, and
 /// a stuck launcher now costs only this wait (the request goes to its replacement when
 /// it was never taken), so a longer bound would buy nothing and a shorter one risks
