@@ -117,9 +117,18 @@ impl Launcher {
     pub fn start(&self) -> std::io::Result<()> {
         let mut running = self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if running.is_none() {
-            *running = Some((self.start)()?);
+            *running = Some(self.new_launcher()?);
         }
         Ok(())
+    }
+
+    /// A new launcher, every send and receive to it bounded (SO_SNDTIMEO and SO_RCVTIMEO
+    /// apply to sendmsg and recvmsg too): a timeout is an error like the launcher's death.
+    fn new_launcher(&self) -> std::io::Result<Running> {
+        let started = (self.start)()?;
+        started.socket.set_read_timeout(Some(self.answer_within))?;
+        started.socket.set_write_timeout(Some(self.answer_within))?;
+        Ok(started)
     }
 
     /// Starts Claude through the launcher (started, or started again, as needed). Blocks
@@ -137,15 +146,18 @@ impl Launcher {
         let mut retried = false;
         loop {
             if running.is_none() {
-                let started = (self.start)()?;
-                started.socket.set_read_timeout(Some(self.answer_within))?;
-                started.socket.set_write_timeout(Some(self.answer_within))?;
-                *running = Some(started);
+                *running = Some(self.new_launcher()?);
             }
             let launcher = running.as_mut().expect("just started");
-            let failure = match exchange(launcher, &body, &ends, self.answer_within) {
-                Ok(answer) => return answer,
-                Err(failure) => failure,
+            // A launcher that died since its last answer is seen here: the agent's copy of
+            // its end keeps the socket open, so a request too large for the socket's buffer
+            // would otherwise wait out the whole bound before it counts as not delivered.
+            let failure = match launcher.process.try_wait() {
+                Ok(Some(exit)) => Failure::NotDelivered(std::io::Error::other(format!("the launcher had ended ({exit})"))),
+                _ => match exchange(launcher, &body, &ends, self.answer_within) {
+                    Ok(answer) => return answer,
+                    Err(failure) => failure,
+                },
             };
             let failure = match running.take() {
                 Some(mut gone) => {
@@ -214,10 +226,6 @@ impl Running {
     fn spawn() -> std::io::Result<Running> {
         use std::os::unix::process::CommandExt;
         let (ours, theirs) = UnixStream::pair()?;
-        // Every send and receive on it is bounded (SO_SNDTIMEO, SO_RCVTIMEO apply to
-        // sendmsg and recvmsg too): a timeout is an error like the launcher's death.
-        ours.set_read_timeout(Some(ANSWER_WITHIN))?;
-        ours.set_write_timeout(Some(ANSWER_WITHIN))?;
         let peer = theirs.try_clone()?.into();
         // No pre_exec: std starts it with posix_spawn (vfork), which copies nothing. The
         // agent's pid tells the launcher whether its parent died before it could ask for
@@ -941,6 +949,40 @@ mod tests {
         let (outcome, out) = spawn_through(&launcher);
         assert_eq!(outcome.expect("started by the second launcher").pid, 42);
         assert_eq!(out, "ran\n");
+    }
+
+    /// A request larger than the socket's buffer, to a launcher that died idle, goes to a
+    /// new one at once: it does not wait out the bound on a send nobody will read.
+    #[test]
+    fn a_large_request_to_a_dead_launcher_goes_to_a_new_one_at_once() {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn dead_then_well() -> std::io::Result<Running> {
+            if STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                return stand_in(drop);
+            }
+            stand_in(|mut socket| {
+                drop(take_request(&mut socket));
+                answer_42(&socket);
+            })
+        }
+        let mut launcher = launcher_of(dead_then_well);
+        launcher.answer_within = std::time::Duration::from_secs(5);
+        launcher.start().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let end = || UnixStream::pair().map(|(a, b)| (a, OwnedFd::from(b))).unwrap();
+        let (mut stdout, stdout_end) = end();
+        let ends = ChildEnds { stdin: end().1, stdout: stdout_end, stderr: end().1, control: end().1, status: end().1 };
+        let env = env_of(&[("HOME", "/h")]);
+        let args = vec!["x".repeat(4 * 1024 * 1024)];
+        let spawn = Spawn { program: Path::new("/bin/true"), cwd: Path::new("/"), args: &args, env: &env };
+        let started = std::time::Instant::now();
+        let outcome = launcher.spawn(&spawn, ends);
+        let waited = started.elapsed();
+        assert_eq!(outcome.expect("started by the second launcher").pid, 42);
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "ran\n");
+        assert!(waited < std::time::Duration::from_secs(5), "waited out the bound: {waited:?}");
     }
 
     #[test]
