@@ -89,7 +89,13 @@ impl Agent {
         crate::files::private_dir(&cfg.data_dir.join("workspaces")).map_err(|e| {
             anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
         })?;
-        let (spool, interrupted) = Spool::open(cfg.data_dir.join("spool"), cfg.data_dir.join("started")).map_err(|e| {
+        let (spool, interrupted) = Spool::open(
+            cfg.data_dir.join("spool"),
+            cfg.data_dir.join("started"),
+            cfg.data_dir.join("records"),
+            cfg.max_concurrent_jobs as usize,
+        )
+        .map_err(|e| {
             anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
         })?;
         if !interrupted.is_empty() {

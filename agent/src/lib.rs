@@ -8,9 +8,12 @@
 //! - [`credentials`]: Claude's `.credentials.json`, read from bytes.
 //! - [`sse`]: Server-Sent Events framing, for `submit` following a job.
 //! - [`edge_url`]: `EDGE_URL` → the URL dialed; plaintext only to loopback.
+//! - [`record`]: the framing of the agent's slot records (started jobs, results), read
+//!   back safely after a torn write.
 
 pub mod claude;
 pub mod credentials;
 pub mod edge_url;
+pub mod record;
 pub mod redact;
 pub mod sse;

@@ -22,7 +22,8 @@
 //!   on a change: the credentials file is watched).
 //! - [`relogin`]: `claude auth login` driven with pipes for the edge's re-login relay.
 //! - [`repo`]: jobs on repositories: git2 mirror cache, a checkout per job, diff and push.
-//! - [`spool`]: results until the edge acknowledges them; "started" markers.
+//! - [`spool`]: one record file per job slot: "started" records, and results until the
+//!   edge acknowledges them (format: the library's `record`).
 //! - [`replay`]: remembered order nonces.
 //! - [`files`]: atomic, owner-only files.
 //! - [`status`]: the agent's state file, and `claude-runner status`.

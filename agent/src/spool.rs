@@ -1,42 +1,71 @@
-//! What the agent keeps on disk so that nothing is lost and nothing runs twice:
+//! What the agent keeps on disk so that nothing is lost and nothing runs twice, in one
+//! record file per job slot (`DATA_DIR/records/<n>`, framed by [`agent_core::record`]),
+//! overwritten in place — a job's records cost an in-place write and an `fdatasync`,
+//! never a file created, synced and deleted:
 //!
-//! - results, until the edge acknowledges them: a job's result is kept here — signed, as
-//!   it is sent — from the moment it is sent ([`Spool::sending`], in memory), and written
-//!   and synced while it travels ([`Spool::write_sent`]), so a dropped connection or an
-//!   agent restart loses nothing; after reconnecting the agent names the spooled jobs in
-//!   its hello and sends them again. (Sending first costs nothing in safety: a power cut
-//!   during the sync loses the result either way unless the edge got it, and now it may
-//!   have; it saves the sync's time on every job.) A
-//!   result that cannot be written (a full or read-only disk) is kept in memory instead —
-//!   named and sent the same way — and written when the disk allows;
-//! - a "started" marker per job, holding its order's nonce, written (and synced) before
-//!   Claude is spawned and removed once its result is kept. A marker left by an agent that
-//!   died is found at start-up: that job is reported lost (a result signed bound to the
-//!   nonce the marker kept), never started again — the edge may not have heard that it
-//!   started, and would otherwise send it again.
+//! - "started", per job: its id and its order's nonce, written (and synced) into a free
+//!   slot's record before Claude gets its prompt ([`Spool::started`]). A started record
+//!   without its result, found at start-up, is a job an agent died running: it is reported
+//!   lost (a result signed bound to the nonce kept), never started again — the edge may not
+//!   have heard that it started, and would otherwise send it again;
+//! - results, until the edge acknowledges them: kept — signed, as sent — from the moment
+//!   they are sent ([`Spool::sending`], in memory), and written (and synced) into the
+//!   job's slot beside its started record while they travel ([`Spool::write_sent`]), so a
+//!   dropped connection or an agent restart loses nothing; after reconnecting the agent
+//!   names them in its hello and sends them again. (Sending first costs nothing in
+//!   safety: a power cut during the sync loses the result either way unless the edge got
+//!   it, and now it may have.) The acknowledgement clears the slot's started record
+//!   (unsynced: a result found again after a power cut is sent again, and the edge
+//!   acknowledges a result of an ended job without changing it);
+//! - a slot whose result is still unacknowledged when a new job needs a slot has that
+//!   result moved to a spool file of its own (`DATA_DIR/spool/<job>.json`, synced) first:
+//!   only when the edge is slow to acknowledge;
+//! - a result that cannot be written (a full or read-only disk) is kept in memory instead
+//!   — named and sent the same way — and written to a spool file when the disk allows.
+//!
+//! Older agents kept a marker file per job (`DATA_DIR/started/<job>`) and a spool file per
+//! result: both are still read at start-up, so an agent upgraded in place loses nothing.
 
-use crate::files::write_atomically;
+use crate::files::{write_atomically, PRIVATE_FILE};
+use agent_core::record::{self, Region};
 use shared::contract::ErrorCode;
 use shared::envelope::Envelope;
 use shared::job::JobResult;
 use std::collections::BTreeMap;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+/// More record files than this in `DATA_DIR/records` are not the agent's.
+const MAX_SLOT_FILES: usize = 4096;
+
 pub struct Spool {
     dir: PathBuf,
+    /// Older agents' "started" markers, one file per job.
     started: PathBuf,
+    records: PathBuf,
     kept: Mutex<Kept>,
 }
 
-/// Results kept in memory.
+/// Results kept in memory, and what each slot's record file holds.
 #[derive(Default)]
 struct Kept {
     /// Results the disk refused, until it takes them.
     held: BTreeMap<String, Envelope>,
     /// Results sent and being written: until [`Spool::write_sent`] is done with one, an
-    /// acknowledgement takes it from here, and the write then removes the file it made.
+    /// acknowledgement takes it from here, and the write then undoes what it made.
     writing: BTreeMap<String, Envelope>,
+    slots: Vec<Slot>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Slot {
+    /// Its record holds nothing anyone needs.
+    Free,
+    /// A job's durable started record (or the claim to write one), no result yet.
+    Started(record::Started),
+    /// A job's started record and its result, until the edge acknowledges it.
+    Holding { job_id: String, result: Envelope },
 }
 
 /// A job an earlier run of the agent started and did not finish: its id and the nonce of
@@ -61,24 +90,106 @@ pub fn interrupted() -> JobResult {
     )
 }
 
+/// Reads the record at `at` (nothing there, or a short file, reads as no record).
+fn read_region(file: &std::fs::File, at: u64) -> std::io::Result<Region> {
+    let mut header = vec![0; record::HEADER_BYTES];
+    let got = read_up_to(file, &mut header, at)?;
+    header.truncate(got);
+    let Some(total) = record::length(&header) else { return Ok(record::decode(&header)) };
+    let mut whole = vec![0; total];
+    let got = read_up_to(file, &mut whole, at)?;
+    whole.truncate(got);
+    Ok(record::decode(&whole))
+}
+
+fn read_up_to(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], at + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
 impl Spool {
-    /// Opens the spool: results in `dir`, markers in `started`. Returns the spool and the
-    /// jobs whose markers a dead agent left without a result: the agent reports each lost
-    /// ([`interrupted`], signed, [`Spool::put`], which removes the marker).
-    pub fn open(dir: PathBuf, started: PathBuf) -> std::io::Result<(Spool, Vec<Interrupted>)> {
+    /// Opens the spool: results in `dir`, older agents' markers in `started`, the slot
+    /// records in `records` (at least `slots` of them as jobs need them). Returns the
+    /// spool and the jobs a dead agent left started without a result: the agent reports
+    /// each lost ([`interrupted`], signed, [`Spool::put`], which keeps it in the job's
+    /// slot, or for an older agent's marker in a spool file, and removes the marker).
+    pub fn open(dir: PathBuf, started: PathBuf, records: PathBuf, slots: usize) -> std::io::Result<(Spool, Vec<Interrupted>)> {
         crate::files::private_dir(&dir)?;
         crate::files::private_dir(&started)?;
-        let spool = Spool { dir, started, kept: Mutex::new(Kept::default()) };
+        crate::files::private_dir(&records)?;
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&records)? {
+            let entry = entry?;
+            match entry.file_name().to_str().and_then(|n| n.parse::<usize>().ok()).filter(|n| *n < MAX_SLOT_FILES) {
+                Some(n) if entry.file_name().to_str() == Some(&n.to_string()) => found.push(n),
+                _ => tracing::warn!(path = %entry.path().display(), "a file in the records folder that is not a slot record, left alone"),
+            }
+        }
+        let count = found.iter().map(|n| n + 1).max().unwrap_or(0).max(slots.max(1));
+        let mut kept = Kept { slots: vec![Slot::Free; count], ..Kept::default() };
+        // Records of jobs started without a result yet: lost, unless kept elsewhere.
+        let mut unfinished = Vec::new();
+        for n in found {
+            let path = records.join(n.to_string());
+            let file = std::fs::File::open(&path)?;
+            match read_region(&file, record::STARTED_AT)? {
+                Region::Started(started) => match read_region(&file, record::RESULT_AT)? {
+                    Region::Finished(f) if f.job_id == started.job_id && f.order_nonce == started.order_nonce => {
+                        match serde_json::from_value::<Envelope>(f.envelope) {
+                            Ok(result) => kept.slots[n] = Slot::Holding { job_id: started.job_id, result },
+                            Err(_) => unfinished.push((n, started)),
+                        }
+                    }
+                    // Torn, empty, or an earlier job's: this job's result never became durable.
+                    _ => unfinished.push((n, started)),
+                },
+                Region::Torn => {
+                    tracing::info!(path = %path.display(), "a slot record cut short (a power cut while it was written): its job never got its prompt, or its result was acknowledged; nothing is owed")
+                }
+                Region::Empty | Region::Finished(_) => {}
+            }
+        }
+        let spool = Spool { dir, started, records, kept: Mutex::new(kept) };
+        // A result moved to a spool file whose slot was not reused before the agent
+        // stopped is kept twice: the file's copy stays.
+        let doubled: Vec<usize> = {
+            let kept = spool.lock();
+            (0..kept.slots.len())
+                .filter(|n| matches!(&kept.slots[*n], Slot::Holding { job_id, .. } if spool.path(job_id).is_some_and(|p| p.exists())))
+                .collect()
+        };
+        for n in doubled {
+            spool.clear(n);
+        }
         let mut interrupted_jobs = Vec::new();
+        for (n, started) in unfinished {
+            if spool.has(&started.job_id) {
+                // Its result was kept in a spool file after all (held in memory, then written).
+                spool.clear(n);
+                continue;
+            }
+            tracing::warn!(job_id = %started.job_id, "a job was running when the agent stopped; it is reported lost, not run again");
+            interrupted_jobs.push(Interrupted { job_id: started.job_id.clone(), order_nonce: started.order_nonce.clone() });
+            spool.lock().slots[n] = Slot::Started(started);
+        }
+        // Older agents' markers.
         for entry in std::fs::read_dir(&spool.started)?.flatten() {
             let name = entry.file_name();
             let Some(id) = name.to_str().filter(|id| safe_id(id)) else { continue };
-            if spool.has(id) {
+            if spool.has(id) || interrupted_jobs.iter().any(|j| j.job_id == id) {
                 spool.finished(id);
                 continue;
             }
             tracing::warn!(job_id = id, "a job was running when the agent stopped; it is reported lost, not run again");
-            // Written by this agent: its order's nonce, a short plain line.
+            // Written by an older agent: its order's nonce, a short plain line.
             let nonce = std::fs::read_to_string(entry.path()).unwrap_or_default();
             let nonce = shared::text::truncate(nonce.trim(), shared::ids::MAX_JOB_ID + 16).to_string();
             interrupted_jobs.push(Interrupted { job_id: id.to_string(), order_nonce: nonce });
@@ -90,22 +201,108 @@ impl Spool {
         safe_id(job_id).then(|| self.dir.join(format!("{job_id}.json")))
     }
 
-    /// Writes (and syncs) the marker that says this job's Claude may be running, holding
-    /// its order's nonce. Nothing may start without it.
+    fn slot_path(&self, n: usize) -> PathBuf {
+        self.records.join(n.to_string())
+    }
+
+    /// Writes `bytes` at `at` in slot `n`'s record file (made on its first use), synced
+    /// when `durable`. In place: once the file has its blocks, a sync writes only them.
+    fn write_slot(&self, n: usize, at: u64, bytes: &[u8], durable: bool) -> std::io::Result<()> {
+        // Opened per write, not kept open: a disk that must become read-only can.
+        let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(PRIVATE_FILE).open(self.slot_path(n))?;
+        file.write_all_at(bytes, at)?;
+        if durable {
+            file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Slot `n` owes nothing any more: its started record is cleared (not synced: see the
+    /// module) and the slot is free.
+    fn clear(&self, n: usize) {
+        let _ = self.write_slot(n, record::STARTED_AT, &record::CLEARED, false);
+        self.lock().slots[n] = Slot::Free;
+    }
+
+    fn slot_of(kept: &Kept, job_id: &str) -> Option<usize> {
+        kept.slots.iter().position(|s| matches!(s, Slot::Started(r) if r.job_id == job_id))
+    }
+
+    /// Writes (and syncs) the record that says this job's Claude may be running, holding
+    /// its order's nonce, into a free slot. Nothing may start without it.
     pub fn started(&self, job_id: &str, order_nonce: &str) -> std::io::Result<()> {
         if !safe_id(job_id) {
             return Err(std::io::Error::other("unsafe job id"));
         }
-        // Its name and the nonce are the whole record. One fsync, like the result's (whose
-        // rename is not synced either): on ext4 (and XFS) syncing a new file commits the
-        // journal that holds its directory entry too; a second fsync of the folder cost
-        // as much again (about 4 ms on the shared test machine's disk).
-        let mut file = std::fs::File::create(self.started.join(job_id))?;
-        std::io::Write::write_all(&mut file, order_nonce.as_bytes())?;
-        file.sync_all()
+        let claim = record::Started { job_id: job_id.to_string(), order_nonce: order_nonce.to_string() };
+        let bytes = record::started(&claim);
+        if bytes.len() as u64 > record::RESULT_AT {
+            return Err(std::io::Error::other("the order's nonce is too long to record"));
+        }
+        let (n, moved) = {
+            let mut kept = self.lock();
+            let free = kept.slots.iter().position(|s| *s == Slot::Free);
+            let holding = kept.slots.iter().position(|s| matches!(s, Slot::Holding { .. }));
+            match (free, holding) {
+                (Some(n), _) => {
+                    kept.slots[n] = Slot::Started(claim);
+                    (n, None)
+                }
+                (None, Some(n)) => {
+                    let Slot::Holding { job_id: other, result } = std::mem::replace(&mut kept.slots[n], Slot::Started(claim)) else {
+                        unreachable!("a holding slot")
+                    };
+                    // Still named and found while it moves; an acknowledgement takes it.
+                    kept.writing.insert(other.clone(), result.clone());
+                    (n, Some((other, result)))
+                }
+                (None, None) => {
+                    // More jobs at once than slots (AGENT_SLOTS lowered under a running
+                    // agent's records): one more record file.
+                    kept.slots.push(Slot::Started(claim));
+                    (kept.slots.len() - 1, None)
+                }
+            }
+        };
+        if let Some((other, result)) = moved {
+            if let Err(e) = self.move_out(&other, &result) {
+                // It stays in its slot (unless acknowledged meanwhile); this job does not start.
+                let mut kept = self.lock();
+                kept.slots[n] = match kept.writing.remove(&other) {
+                    Some(_) => Slot::Holding { job_id: other, result },
+                    None => Slot::Free,
+                };
+                return Err(e);
+            }
+        }
+        if let Err(e) = self.write_slot(n, record::STARTED_AT, &bytes, true) {
+            self.lock().slots[n] = Slot::Free;
+            return Err(e);
+        }
+        Ok(())
     }
 
-    /// The job's result is kept (on disk or in memory): its marker goes.
+    /// Moves a result out of its slot into a spool file (synced, its folder too), unless
+    /// the edge acknowledges it meanwhile.
+    fn move_out(&self, job_id: &str, result: &Envelope) -> std::io::Result<()> {
+        let path = self.path(job_id).ok_or_else(|| std::io::Error::other("unsafe job id"))?;
+        let written = write_atomically(&path, &serde_json::to_vec(result)?, true).and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
+        let mut kept = self.lock();
+        if !kept.writing.contains_key(job_id) {
+            // Acknowledged meanwhile: the file is not needed.
+            drop(kept);
+            let _ = std::fs::remove_file(&path);
+            return Ok(());
+        }
+        if written.is_ok() {
+            // From now on the file keeps it (a failed write leaves it to the caller).
+            kept.writing.remove(job_id);
+            tracing::info!(job_id, "a result the edge has not acknowledged yet moved from its slot to a spool file");
+        }
+        written
+    }
+
+    /// Older agents' marker for the job goes.
     fn finished(&self, job_id: &str) {
         let _ = std::fs::remove_file(self.started.join(job_id));
     }
@@ -124,17 +321,61 @@ impl Spool {
         self.lock().writing.insert(job_id.to_string(), result.clone());
     }
 
-    /// Writes (and syncs) a result kept by [`Spool::sending`], unless the edge has
-    /// acknowledged it meanwhile; then the job's "started" marker goes. An error means the
-    /// disk refused it: it stays in memory, named and sent until acknowledged.
+    /// Writes (and syncs) a result kept by [`Spool::sending`] into its job's slot (a job
+    /// without one — an older agent's, or one whose start could not be recorded — into a
+    /// spool file), unless the edge has acknowledged it meanwhile. An error means the disk
+    /// refused it: it stays in memory, named and sent until acknowledged.
     pub fn write_sent(&self, job_id: &str) -> std::io::Result<()> {
-        let result = self.lock().writing.get(job_id).cloned();
-        let written = match (result, self.path(job_id)) {
-            (Some(result), Some(path)) => {
+        if !safe_id(job_id) {
+            self.lock().writing.remove(job_id);
+            return Err(std::io::Error::other("unsafe job id"));
+        }
+        let (result, slot) = {
+            let kept = self.lock();
+            let slot = Self::slot_of(&kept, job_id).map(|n| match &kept.slots[n] {
+                Slot::Started(r) => (n, r.order_nonce.clone()),
+                _ => unreachable!("slot_of finds started slots"),
+            });
+            (kept.writing.get(job_id).cloned(), slot)
+        };
+        match (result, slot) {
+            (None, Some((n, _))) => {
+                // Acknowledged before it was written.
+                self.clear(n);
+                Ok(())
+            }
+            (None, None) => {
+                self.finished(job_id);
+                Ok(())
+            }
+            (Some(result), Some((n, order_nonce))) => {
+                let envelope = serde_json::to_value(&result)?;
+                let bytes = record::finished(&record::Finished { job_id: job_id.to_string(), order_nonce, envelope });
+                let written = self.write_slot(n, record::RESULT_AT, &bytes, true);
+                let mut kept = self.lock();
+                if kept.writing.remove(job_id).is_none() {
+                    // Acknowledged while it was written: the slot owes nothing.
+                    drop(kept);
+                    self.clear(n);
+                    return Ok(());
+                }
+                match written {
+                    Ok(()) => kept.slots[n] = Slot::Holding { job_id: job_id.to_string(), result },
+                    Err(_) => {
+                        // Kept in memory; the slot's started record stays on disk until
+                        // the slot is reused (a restart before then reports the job lost).
+                        kept.held.insert(job_id.to_string(), result);
+                        kept.slots[n] = Slot::Free;
+                    }
+                }
+                written
+            }
+            (Some(result), None) => {
+                let path = self.path(job_id).expect("a safe id");
                 // A result is the one thing that must outlive anything: fsync it.
                 let written = write_atomically(&path, &serde_json::to_vec(&result)?, true);
                 let mut kept = self.lock();
-                if kept.writing.remove(job_id).is_none() {
+                let written = if kept.writing.remove(job_id).is_none() {
                     // Acknowledged while it was written: the file is not needed.
                     let _ = std::fs::remove_file(&path);
                     Ok(())
@@ -143,51 +384,60 @@ impl Spool {
                         kept.held.insert(job_id.to_string(), result);
                     }
                     written
-                }
+                };
+                drop(kept);
+                self.finished(job_id);
+                written
             }
-            (None, Some(_)) => Ok(()),
-            (_, None) => {
-                self.lock().writing.remove(job_id);
-                Err(std::io::Error::other("unsafe job id"))
-            }
-        };
-        self.finished(job_id);
-        written
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
         self.kept.lock().expect("spool lock")
     }
 
+    fn in_memory(kept: &Kept, job_id: &str) -> Option<Envelope> {
+        if let Some(r) = kept.held.get(job_id).or_else(|| kept.writing.get(job_id)) {
+            return Some(r.clone());
+        }
+        kept.slots.iter().find_map(|s| match s {
+            Slot::Holding { job_id: id, result } if id == job_id => Some(result.clone()),
+            _ => None,
+        })
+    }
+
     pub fn has(&self, job_id: &str) -> bool {
-        {
-            let kept = self.lock();
-            if kept.held.contains_key(job_id) || kept.writing.contains_key(job_id) {
-                return true;
-            }
+        if Self::in_memory(&self.lock(), job_id).is_some() {
+            return true;
         }
         self.path(job_id).is_some_and(|p| p.exists())
     }
 
     /// A kept result, if there is one.
     pub fn get(&self, job_id: &str) -> Option<Envelope> {
-        {
-            let kept = self.lock();
-            if let Some(r) = kept.held.get(job_id).or_else(|| kept.writing.get(job_id)) {
-                return Some(r.clone());
-            }
+        if let Some(r) = Self::in_memory(&self.lock(), job_id) {
+            return Some(r);
         }
         let bytes = std::fs::read(self.path(job_id)?).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 
-    /// The edge has the result: it goes (from memory, from disk, and from a write under way).
+    /// The edge has the result: it goes (from memory, from its slot, from a spool file,
+    /// and from a write under way).
     pub fn remove(&self, job_id: &str) {
-        let mut kept = self.lock();
-        kept.held.remove(job_id);
-        kept.writing.remove(job_id);
-        if let Some(path) = self.path(job_id) {
-            let _ = std::fs::remove_file(path);
+        let slot = {
+            let mut kept = self.lock();
+            kept.held.remove(job_id);
+            kept.writing.remove(job_id);
+            kept.slots.iter().position(|s| matches!(s, Slot::Holding { job_id: id, .. } if id == job_id))
+        };
+        match slot {
+            Some(n) => self.clear(n),
+            None => {
+                if let Some(path) = self.path(job_id) {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
         }
     }
 
@@ -196,8 +446,9 @@ impl Spool {
         self.lock().held.len()
     }
 
-    /// Every kept result, on disk or held in memory (those are written to disk first if
-    /// it now allows). Unreadable files are moved aside rather than resent forever.
+    /// Every kept result, in slots, in spool files or held in memory (those are written to
+    /// spool files first if the disk now allows). Unreadable files are moved aside rather
+    /// than resent forever.
     pub fn all(&self) -> Vec<(String, Envelope)> {
         let mut out: BTreeMap<String, Envelope> = BTreeMap::new();
         {
@@ -217,6 +468,11 @@ impl Spool {
             }
             out.extend(held.iter().map(|(id, r)| (id.clone(), r.clone())));
             out.extend(kept.writing.iter().map(|(id, r)| (id.clone(), r.clone())));
+            for slot in &kept.slots {
+                if let Slot::Holding { job_id, result } = slot {
+                    out.insert(job_id.clone(), result.clone());
+                }
+            }
         }
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return out.into_iter().collect() };
         for entry in entries.flatten() {
@@ -241,6 +497,7 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     use shared::protocol::{AgentMessage, ResultReport};
 
@@ -253,6 +510,10 @@ mod tests {
         }
     }
 
+    fn ok(job_id: &str, output: &str) -> Envelope {
+        signed(job_id, JobResult { success: true, output: output.into(), ..Default::default() })
+    }
+
     fn opened(envelope: &Envelope) -> ResultReport {
         serde_json::from_str(&envelope.payload).unwrap()
     }
@@ -263,34 +524,82 @@ mod tests {
         dir
     }
 
+    /// The spool as an agent with `slots` slots opens it in `dir` (its DATA_DIR).
+    fn open(dir: &Path, slots: usize) -> (Spool, Vec<Interrupted>) {
+        Spool::open(dir.join("spool"), dir.join("started"), dir.join("records"), slots).unwrap()
+    }
+
+    fn ids(all: Vec<(String, Envelope)>) -> Vec<String> {
+        all.into_iter().map(|(id, _)| id).collect()
+    }
+
+    /// What is in each record file's started region, and whether its result matches.
+    fn regions(dir: &Path, n: usize) -> (Region, Region) {
+        let file = std::fs::File::open(dir.join("records").join(n.to_string())).unwrap();
+        (read_region(&file, record::STARTED_AT).unwrap(), read_region(&file, record::RESULT_AT).unwrap())
+    }
+
+    fn files_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+
     #[test]
     fn keeps_results_until_removed_and_sets_bad_files_aside() {
         let dir = dir("keep");
-        let (spool, _) = Spool::open(dir.clone(), dir.join("started")).unwrap();
-        let r = signed("job-1", JobResult { success: true, output: "x".into(), ..Default::default() });
+        let (spool, _) = open(&dir, 2);
+        let r = ok("job-1", "x");
+        spool.started("job-1", "job-1:1").unwrap();
         spool.put("job-1", &r).unwrap();
         assert!(spool.put("../evil", &r).is_err());
-        std::fs::write(dir.join("junk.json"), "{").unwrap();
+        std::fs::write(dir.join("spool/junk.json"), "{").unwrap();
         let all = spool.all();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].1, r);
-        assert_eq!(spool.get("job-1"), Some(r));
-        assert!(dir.join("junk.bad").exists());
+        assert_eq!(spool.get("job-1"), Some(r.clone()));
+        assert!(dir.join("spool/junk.bad").exists());
+        // Kept in its slot, not in a file of its own; found again by a new agent.
+        assert!(files_in(&dir.join("spool")).iter().all(|f| f.ends_with(".bad")));
+        drop(spool);
+        let (spool, interrupted) = open(&dir, 2);
+        assert!(interrupted.is_empty());
+        assert_eq!(spool.all(), vec![("job-1".to_string(), r)]);
         spool.remove("job-1");
         assert!(spool.all().is_empty());
+        drop(spool);
+        assert!(open(&dir, 2).0.all().is_empty(), "an acknowledged result is not sent again");
+    }
+
+    /// A job's records are overwrites of one file per slot: however many jobs run, the
+    /// agent creates no file per job.
+    #[test]
+    fn jobs_reuse_their_slots_record_files() {
+        let dir = dir("reuse");
+        let (spool, _) = open(&dir, 2);
+        for i in 0..20 {
+            let id = format!("job-{i}");
+            spool.started(&id, &format!("{id}:1")).unwrap();
+            spool.put(&id, &ok(&id, "x")).unwrap();
+            spool.remove(&id);
+        }
+        assert_eq!(files_in(&dir.join("records")), vec!["0"], "sequential jobs use the first slot only");
+        assert!(files_in(&dir.join("spool")).is_empty());
+        assert!(files_in(&dir.join("started")).is_empty());
+        assert_eq!(regions(&dir, 0).0, Region::Empty, "the last acknowledgement cleared it");
     }
 
     #[test]
     fn a_job_started_by_an_agent_that_died_is_reported_lost_not_run_again() {
         let dir = dir("started");
-        let (spool, interrupted_jobs) = Spool::open(dir.clone(), dir.join("started")).unwrap();
+        let (spool, interrupted_jobs) = open(&dir, 2);
         assert!(interrupted_jobs.is_empty());
         spool.started("ran-half", "ran-half:3").unwrap();
         spool.started("ran-whole", "ran-whole:1").unwrap();
-        spool.put("ran-whole", &signed("ran-whole", JobResult { success: true, ..Default::default() })).unwrap();
+        spool.put("ran-whole", &ok("ran-whole", "done")).unwrap();
         drop(spool); // the agent dies here
 
-        let (spool, interrupted_jobs) = Spool::open(dir.clone(), dir.join("started")).unwrap();
+        let (spool, interrupted_jobs) = open(&dir, 2);
         assert_eq!(interrupted_jobs, vec![Interrupted { job_id: "ran-half".into(), order_nonce: "ran-half:3".into() }]);
         // The agent reports it lost (as it does at start-up).
         spool.put("ran-half", &signed("ran-half", interrupted())).unwrap();
@@ -299,50 +608,216 @@ mod tests {
         let lost = opened(&spool.get("ran-half").unwrap()).result;
         assert_eq!(lost.error_code, Some(ErrorCode::RunnerLost));
         assert!(opened(&spool.get("ran-whole").unwrap()).result.success);
-        // Reported once: the markers are gone.
-        assert!(Spool::open(dir.clone(), dir.join("started")).unwrap().1.is_empty());
+        drop(spool);
+        // Reported once: a third start finds both results and no job to report.
+        let (spool, interrupted_jobs) = open(&dir, 2);
+        assert!(interrupted_jobs.is_empty());
+        assert_eq!(ids(spool.all()), vec!["ran-half", "ran-whole"]);
+    }
+
+    /// An agent upgraded in place finds what the previous version left: a marker file per
+    /// started job, a spool file per result.
+    #[test]
+    fn an_older_agents_markers_and_spooled_results_are_found() {
+        let dir = dir("older");
+        for d in ["spool", "started"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        std::fs::write(dir.join("started/was-running"), "was-running:4\n").unwrap();
+        std::fs::write(dir.join("started/had-ended"), "had-ended:1").unwrap();
+        let r = ok("had-ended", "kept by the old agent");
+        std::fs::write(dir.join("spool/had-ended.json"), serde_json::to_vec(&r).unwrap()).unwrap();
+        let (spool, interrupted_jobs) = open(&dir, 1);
+        assert_eq!(interrupted_jobs, vec![Interrupted { job_id: "was-running".into(), order_nonce: "was-running:4".into() }]);
+        spool.put("was-running", &signed("was-running", interrupted())).unwrap();
+        assert_eq!(ids(spool.all()), vec!["had-ended", "was-running"]);
+        assert!(files_in(&dir.join("started")).is_empty(), "the old markers are gone once dealt with");
+        spool.remove("had-ended");
+        assert!(!dir.join("spool/had-ended.json").exists());
+        drop(spool);
+        let (spool, interrupted_jobs) = open(&dir, 1);
+        assert!(interrupted_jobs.is_empty());
+        assert_eq!(ids(spool.all()), vec!["was-running"]);
+    }
+
+    /// A power cut while a record was written leaves some of its bytes over the old ones.
+    /// A torn started record: the job never got its prompt, nothing is owed. A torn result:
+    /// the job is reported lost, bound to its nonce, as if the agent had died while Claude ran.
+    #[test]
+    fn torn_records_are_read_safely() {
+        let dir = dir("torn");
+        let (spool, _) = open(&dir, 2);
+        spool.started("job-a", "job-a:1").unwrap();
+        spool.started("job-b", "job-b:1").unwrap();
+        spool.put("job-b", &ok("job-b", "the result")).unwrap();
+        drop(spool);
+        // Slot 0: its started record cut short. Slot 1: its result cut short.
+        let tear = |n: usize, at: u64| {
+            let path = dir.join("records").join(n.to_string());
+            let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+            file.write_all_at(b"\xff\xff", at + 20).unwrap();
+        };
+        tear(0, record::STARTED_AT);
+        tear(1, record::RESULT_AT);
+        assert_eq!(regions(&dir, 0).0, Region::Torn);
+        assert_eq!(regions(&dir, 1).1, Region::Torn);
+        let (spool, interrupted_jobs) = open(&dir, 2);
+        assert_eq!(interrupted_jobs, vec![Interrupted { job_id: "job-b".into(), order_nonce: "job-b:1".into() }]);
+        assert!(spool.all().is_empty());
+        // A foreign file among the records, and damage of every other kind: left alone.
+        std::fs::write(dir.join("records/notes.txt"), "mine").unwrap();
+        std::fs::write(dir.join("records/7"), b"CRr1garbage").unwrap();
+        drop(spool);
+        let (spool, interrupted_jobs) = open(&dir, 2);
+        assert_eq!(interrupted_jobs.len(), 1, "job-b's record is still there: it was never reported");
+        // Slots found beyond AGENT_SLOTS are read and used.
+        assert_eq!(spool.lock().slots.len(), 8);
+        assert_eq!(std::fs::read_to_string(dir.join("records/notes.txt")).unwrap(), "mine");
+    }
+
+    /// The edge is slow to acknowledge: a new job needs a slot whose result is not yet
+    /// acknowledged. The result moves to a spool file first, and is kept across a restart.
+    #[test]
+    fn a_result_is_moved_out_of_its_slot_when_a_new_job_needs_it() {
+        let dir = dir("moved");
+        let (spool, _) = open(&dir, 1);
+        let r = ok("first", "unacknowledged");
+        spool.started("first", "first:1").unwrap();
+        spool.put("first", &r).unwrap();
+        spool.started("second", "second:1").unwrap();
+        assert!(dir.join("spool/first.json").exists(), "moved to a spool file");
+        assert_eq!(spool.get("first"), Some(r.clone()));
+        assert!(matches!(regions(&dir, 0).0, Region::Started(s) if s.job_id == "second"));
+        drop(spool); // the agent dies while "second" runs
+
+        let (spool, interrupted_jobs) = open(&dir, 1);
+        assert_eq!(interrupted_jobs, vec![Interrupted { job_id: "second".into(), order_nonce: "second:1".into() }]);
+        spool.put("second", &signed("second", interrupted())).unwrap();
+        assert_eq!(ids(spool.all()), vec!["first", "second"]);
+        spool.remove("first");
+        spool.remove("second");
+        assert!(spool.all().is_empty());
+        assert!(files_in(&dir.join("spool")).is_empty());
+    }
+
+    /// The agent dies after moving a result out but before the new job's record replaced
+    /// it: the result is in its slot and in a spool file; it is kept once.
+    #[test]
+    fn a_result_kept_twice_after_a_move_is_kept_once() {
+        let dir = dir("twice");
+        let (spool, _) = open(&dir, 1);
+        let r = ok("first", "x");
+        spool.started("first", "first:1").unwrap();
+        spool.put("first", &r).unwrap();
+        drop(spool);
+        std::fs::write(dir.join("spool/first.json"), serde_json::to_vec(&r).unwrap()).unwrap();
+        let (spool, interrupted_jobs) = open(&dir, 1);
+        assert!(interrupted_jobs.is_empty());
+        assert_eq!(spool.all(), vec![("first".to_string(), r)]);
+        assert_eq!(regions(&dir, 0).0, Region::Empty, "the slot's copy went");
+        spool.remove("first");
+        assert!(spool.all().is_empty());
     }
 
     #[test]
     fn a_result_the_disk_refuses_is_held_in_memory_and_written_later() {
         let dir = dir("held");
-        let (spool, _) = Spool::open(dir.clone(), dir.join("started")).unwrap();
-        // A directory where the result's file would go makes the write fail.
-        std::fs::create_dir_all(dir.join("job-9.tmp")).unwrap();
-        let r = signed("job-9", JobResult { success: true, output: "kept".into(), ..Default::default() });
+        let (spool, _) = open(&dir, 1);
+        // A directory where the result's file would go makes the write fail (a job with
+        // no slot record: one whose start could not be recorded).
+        std::fs::create_dir_all(dir.join("spool/job-9.tmp")).unwrap();
+        let r = ok("job-9", "kept");
         assert!(spool.put("job-9", &r).is_err());
         assert!(spool.has("job-9"));
         assert_eq!(spool.held(), 1);
         assert_eq!(spool.all(), vec![("job-9".to_string(), r.clone())], "named and sent again while held");
-        std::fs::remove_dir(dir.join("job-9.tmp")).unwrap();
+        std::fs::remove_dir(dir.join("spool/job-9.tmp")).unwrap();
         assert_eq!(spool.all(), vec![("job-9".to_string(), r)]);
         assert_eq!(spool.held(), 0, "written once the disk allowed it");
-        assert!(dir.join("job-9.json").exists());
+        assert!(dir.join("spool/job-9.json").exists());
+    }
+
+    /// A slot's record file the disk will not write: the job's start fails (nothing may
+    /// start without its record), and a result that cannot go into its slot is held.
+    #[test]
+    fn a_slot_the_disk_refuses_stops_the_start_and_holds_the_result() {
+        let dir = dir("refused");
+        let (spool, _) = open(&dir, 1);
+        spool.started("job-1", "job-1:1").unwrap();
+        // The record file replaced by a folder: every write to it fails.
+        std::fs::remove_file(dir.join("records/0")).unwrap();
+        std::fs::create_dir(dir.join("records/0")).unwrap();
+        let r = ok("job-1", "x");
+        assert!(spool.put("job-1", &r).is_err());
+        assert_eq!(spool.held(), 1);
+        assert_eq!(spool.get("job-1"), Some(r));
+        assert!(spool.started("job-2", "job-2:1").is_err(), "a job whose start cannot be recorded does not start");
+        assert!(spool.started("job-3", "job-3:1").is_err(), "and its slot is free for the next try");
+        std::fs::remove_dir(dir.join("records/0")).unwrap();
+        spool.started("job-3", "job-3:1").unwrap();
     }
 
     /// The result is sent before it is written: from then on it is named in a hello and
-    /// found again, and an acknowledgement that arrives while it is written leaves no file
-    /// behind (nor a marker).
+    /// found again, and an acknowledgement that arrives while it is written leaves nothing
+    /// behind.
     #[test]
     fn a_result_sent_before_it_is_written_is_kept_and_an_early_ack_leaves_nothing() {
         let dir = dir("sending");
-        let (spool, _) = Spool::open(dir.clone(), dir.join("started")).unwrap();
-        let r = signed("job-5", JobResult { success: true, output: "on its way".into(), ..Default::default() });
+        let (spool, _) = open(&dir, 1);
+        let r = ok("job-5", "on its way");
         spool.started("job-5", "job-5:1").unwrap();
         spool.sending("job-5", &r);
         assert_eq!(spool.all(), vec![("job-5".to_string(), r.clone())], "named in a hello while it is written");
         assert_eq!(spool.get("job-5"), Some(r.clone()));
         spool.write_sent("job-5").unwrap();
-        assert!(dir.join("job-5.json").exists());
-        assert!(!dir.join("started/job-5").exists(), "the marker goes once the result is kept");
+        assert!(matches!(regions(&dir, 0).1, Region::Finished(f) if f.job_id == "job-5"));
+        spool.remove("job-5");
 
         // The edge's acknowledgement comes before the write is done.
         spool.started("job-6", "job-6:1").unwrap();
         spool.sending("job-6", &r);
         spool.remove("job-6");
         spool.write_sent("job-6").unwrap();
-        assert!(!dir.join("job-6.json").exists(), "an acknowledged result is not written");
-        assert!(!dir.join("started/job-6").exists());
+        assert!(!matches!(regions(&dir, 0).1, Region::Finished(f) if f.job_id == "job-6"), "an acknowledged result is not written");
+        assert_eq!(regions(&dir, 0).0, Region::Empty);
         assert!(!spool.has("job-6"));
+        drop(spool);
+        assert!(open(&dir, 1).1.is_empty());
+    }
+
+    /// Many jobs at once on a few slots, acknowledged late and out of order, with restarts
+    /// in between: every result is found exactly while it is unacknowledged, and no job
+    /// is ever reported lost that ended.
+    #[test]
+    fn slots_under_concurrent_jobs_and_late_acknowledgements() {
+        let dir = dir("concurrent");
+        let spool = std::sync::Arc::new(open(&dir, 3).0);
+        let threads: Vec<_> = (0..3)
+            .map(|t| {
+                let spool = std::sync::Arc::clone(&spool);
+                std::thread::spawn(move || {
+                    for i in 0..30 {
+                        let id = format!("job-{t}-{i}");
+                        spool.started(&id, &format!("{id}:1")).unwrap();
+                        spool.sending(&id, &ok(&id, "x"));
+                        spool.write_sent(&id).unwrap();
+                        if i % 3 != 0 {
+                            spool.remove(&id);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let unacked: Vec<String> = (0..3).flat_map(|t| (0..30).filter(|i| i % 3 == 0).map(move |i| format!("job-{t}-{i}"))).collect();
+        let mut expected = unacked.clone();
+        expected.sort();
+        assert_eq!(ids(spool.all()), expected);
+        drop(spool);
+        let (spool, interrupted_jobs) = open(&dir, 3);
+        assert!(interrupted_jobs.is_empty(), "{interrupted_jobs:?}");
+        assert_eq!(ids(spool.all()), expected);
     }
 }

@@ -777,6 +777,17 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
+/// Which regions of an agent's slot record `DATA_DIR/records/<n>` hold a record naming
+/// `job_id`: (its "started" region, its result region). Read as raw bytes — a region holds
+/// a record when it starts with the format's magic (`agent_core::record`).
+pub fn slot_record_names(data_dir: &Path, n: usize, job_id: &str) -> (bool, bool) {
+    let bytes = std::fs::read(data_dir.join("records").join(n.to_string())).unwrap_or_default();
+    let named = format!("\"job_id\":\"{job_id}\"");
+    let names = |region: &[u8]| region.starts_with(b"CRr1") && String::from_utf8_lossy(region).contains(&named);
+    let (started, result) = bytes.split_at(bytes.len().min(4096));
+    (names(started), names(result))
+}
+
 /// Waits up to `within` for `cond`.
 pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;

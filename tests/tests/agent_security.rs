@@ -471,7 +471,7 @@ async fn a_silent_edge_is_left_within_two_heartbeats_and_redialed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_waits_on_disk_until_the_edge_acknowledges_it() {
     let edge = FakeEdge::new().await;
-    let agent = edge.start_agent();
+    let mut agent = edge.start_agent();
     let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
     let t = now();
     let job = Envelope::seal(Domain::Job, &order("keep", "spark", t, t + 60_000, "remember me"), &edge.edge_key);
@@ -496,14 +496,62 @@ async fn a_result_waits_on_disk_until_the_edge_acknowledges_it() {
     assert_eq!(again.result.output, "stand-in answer to: remember me");
     // An acknowledgement made up on the path (the edge never got the result): unsigned, or
     // signed by another key. The result stays and goes out again after the next reconnect.
-    let kept = agent.data.path().join("data/spool/keep.json");
+    let data = agent.data.path().join("data");
+    let kept = || slot_record_names(&data, 0, "keep") == (true, true);
+    assert!(kept(), "the result is in its slot's record");
     ws.send(Message::Text(r#"{"type":"result_ack","job_id":"keep"}"#.into())).await.unwrap();
     ws.send(Message::Text(EdgeMessage::result_ack("keep", "spark", &random_key()).to_text().into())).await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || agent.log().contains("acknowledgement not signed by the edge") || !kept.exists()).await, "{}", agent.log());
-    assert!(kept.exists(), "a forged acknowledgement made the agent drop its result");
+    assert!(eventually(Duration::from_secs(5), || agent.log().contains("acknowledgement not signed by the edge") || !kept()).await, "{}", agent.log());
+    assert!(kept(), "a forged acknowledgement made the agent drop its result");
     ws.send(Message::Text(EdgeMessage::result_ack("keep", "spark", &edge.edge_key).to_text().into())).await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || !agent.data.path().join("data/spool/keep.json").exists()).await);
+    // The edge's own acknowledgement clears the record's "started" region: nothing is
+    // owed, and a restarted agent names nothing.
+    assert!(eventually(Duration::from_secs(5), || !slot_record_names(&data, 0, "keep").0).await);
+    agent.kill();
+    agent.restart();
+    drop(ws);
+    let (_ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.unwrap().finished.is_empty(), "an acknowledged result came back after a restart");
     assert_eq!(agent.claude_runs().len(), 1, "ran once");
+}
+
+/// Issue 11's slot records: the edge has not acknowledged a result when it sends the next
+/// job, and the agent's one slot record must take the new job: the unacknowledged result
+/// moves to a spool file of its own first. The agent is then killed while the new job
+/// runs: after the restart it names both, sends the first one's result and reports the
+/// second lost — neither is lost, neither runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_moved_out_of_its_slot_survives_a_crash_during_the_next_job() {
+    let edge = FakeEdge::new().await;
+    let mut agent = edge.start_agent();
+    let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    let t = now();
+    send_job(&mut ws, Envelope::seal(Domain::Job, &order("first", "spark", t, t + 60_000, "unacknowledged"), &edge.edge_key)).await;
+    while !matches!(recv(&mut ws).await.expect("the first result"), AgentMessage::Result { .. }) {}
+    let data = agent.data.path().join("data");
+    assert!(eventually(Duration::from_secs(5), || slot_record_names(&data, 0, "first") == (true, true)).await, "{}", agent.log());
+    send_job(&mut ws, Envelope::seal(Domain::Job, &order("second", "spark", t, t + 60_000, "@sleep=60000 cut short"), &edge.edge_key)).await;
+    assert!(eventually(Duration::from_secs(10), || agent.claude_runs().len() == 2).await, "{}", agent.log());
+    assert!(data.join("spool/first.json").exists(), "moved out of the slot");
+    assert_eq!(slot_record_names(&data, 0, "second"), (true, false));
+    agent.kill();
+    drop(ws);
+    agent.restart();
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    let mut named = hello.unwrap().finished;
+    named.sort();
+    assert_eq!(named, vec!["first".to_string(), "second".to_string()]);
+    let mut results = std::collections::BTreeMap::new();
+    while results.len() < 2 {
+        if let AgentMessage::Result { envelope } = recv(&mut ws).await.expect("the kept results") {
+            let report = edge.report(&envelope);
+            results.insert(report.job_id.clone(), report);
+        }
+    }
+    assert_eq!(results["first"].result.output, "stand-in answer to: unacknowledged");
+    assert_eq!(results["second"].order_nonce, "second:1");
+    assert_eq!(results["second"].result.error_code, Some(shared::contract::ErrorCode::RunnerLost));
+    assert_eq!(agent.claude_runs().len(), 2, "each ran once");
 }
 
 /// A link that goes half-open right after the welcome, while the agent is sending the

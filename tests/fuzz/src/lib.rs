@@ -14,6 +14,7 @@
 //! - [`edge_orders`]: frames the edge sends the agent: signed envelopes and
 //!   `open_order`, with forged and with valid signatures.
 //! - [`credentials`]: Claude's `.credentials.json`.
+//! - [`slot_records`]: the agent's slot record files (`DATA_DIR/records/<n>`), torn or not.
 //! - [`claude_stream`]: Claude's stream-json lines through redaction, `Transcript` and
 //!   the result.
 //! - [`redaction`]: the redactor on arbitrary text: no panic, no secret out.
@@ -48,6 +49,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("wire", wire),
     ("edge_orders", edge_orders),
     ("credentials", credentials),
+    ("slot_records", slot_records),
     ("claude_stream", claude_stream),
     ("redaction", redaction),
     ("sse", sse),
@@ -416,6 +418,23 @@ fn run_order(order: Result<JobOrder, shared::envelope::Refusal>) {
 pub fn credentials(data: &[u8]) {
     if let Ok(c) = agent_core::credentials::parse(data) {
         assert!(!c.access_token.is_empty());
+    }
+}
+
+/// A slot record file's region as the agent reads it back: whatever it decodes to
+/// encodes back to a record that decodes the same, and no prefix of it (a write cut
+/// short) decodes to a record.
+pub fn slot_records(data: &[u8]) {
+    use agent_core::record::{decode, finished, length, started, Region};
+    let again = match decode(data) {
+        Region::Started(r) => started(&r),
+        Region::Finished(r) => finished(&r),
+        Region::Empty | Region::Torn => return,
+    };
+    assert_eq!(decode(&again), decode(data));
+    assert_eq!(length(&again), Some(again.len()));
+    for cut in [again.len() - 1, again.len() / 2] {
+        assert!(matches!(decode(&again[..cut]), Region::Torn | Region::Empty));
     }
 }
 
