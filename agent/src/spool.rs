@@ -425,13 +425,7 @@ impl Spool {
     /// The edge has the result: it goes (from memory, from its slot, from a spool file,
     /// and from a write under way).
     pub fn remove(&self, job_id: &str) {
-        let slot = {
-            let mut kept = self.lock();
-            kept.held.remove(job_id);
-            kept.writing.remove(job_id);
-            kept.slots.iter().position(|s| matches!(s, Slot::Holding { job_id: id, .. } if id == job_id))
-        };
-        match slot {
+        match self.acknowledged(job_id) {
             Some(n) => self.clear(n),
             None => {
                 if let Some(path) = self.path(job_id) {
@@ -439,6 +433,15 @@ impl Spool {
                 }
             }
         }
+    }
+
+    /// An acknowledgement's decision, under the lock: the result goes from memory, and the
+    /// slot holding it (if one does) is returned for its record to be cleared.
+    fn acknowledged(&self, job_id: &str) -> Option<usize> {
+        let mut kept = self.lock();
+        kept.held.remove(job_id);
+        kept.writing.remove(job_id);
+        kept.slots.iter().position(|s| matches!(s, Slot::Holding { job_id: id, .. } if id == job_id))
     }
 
     /// Results held in memory, still waiting for the disk.
@@ -783,6 +786,33 @@ mod tests {
         assert!(!spool.has("job-6"));
         drop(spool);
         assert!(open(&dir, 1).1.is_empty());
+    }
+
+    /// The edge acknowledges a result while a new job needs a slot, and the only one it
+    /// could take is the slot of that result, its record not cleared yet. The new job's
+    /// started record must survive the clearing, and the acknowledged result must not be
+    /// moved out to a spool file (and sent again) on its way.
+    #[test]
+    fn an_acknowledgement_clearing_a_slot_does_not_race_a_new_job_for_it() {
+        let dir = dir("ack-race");
+        let (spool, _) = open(&dir, 1);
+        spool.started("first", "first:1").unwrap();
+        spool.put("first", &ok("first", "acknowledged")).unwrap();
+        // The acknowledgement has taken "first" from memory, its record not cleared yet...
+        let n = spool.acknowledged("first").expect("first is in its slot");
+        // ...when a new job needs a slot.
+        spool.started("second", "second:1").unwrap();
+        spool.clear(n);
+        assert!(!spool.has("first"), "an acknowledged result is not kept again");
+        assert!(files_in(&dir.join("spool")).is_empty());
+        let slot = spool.lock().slots.iter().position(|s| matches!(s, Slot::Started(r) if r.job_id == "second"));
+        let slot = slot.expect("the running job keeps its slot");
+        assert!(matches!(regions(&dir, slot).0, Region::Started(s) if s.job_id == "second"));
+        drop(spool); // the agent dies while "second" runs
+
+        let (spool, interrupted_jobs) = open(&dir, 1);
+        assert_eq!(interrupted_jobs, vec![Interrupted { job_id: "second".into(), order_nonce: "second:1".into() }], "reported lost, not run again");
+        assert!(spool.all().is_empty());
     }
 
     /// Many jobs at once on a few slots, acknowledged late and out of order, with restarts
