@@ -66,6 +66,9 @@ enum Slot {
     Started(record::Started),
     /// A job's started record and its result, until the edge acknowledges it.
     Holding { job_id: String, result: Envelope },
+    /// Acknowledged, its record being cleared: no new job may take it until it is free,
+    /// or the clearing would overwrite that job's started record.
+    Clearing,
 }
 
 /// A job an earlier run of the agent started and did not finish: its id and the nonce of
@@ -218,7 +221,8 @@ impl Spool {
     }
 
     /// Slot `n` owes nothing any more: its started record is cleared (not synced: see the
-    /// module) and the slot is free.
+    /// module) and the slot is free. The caller holds the slot while it is cleared (its
+    /// job's started claim, or [`Slot::Clearing`]), so that no other job writes it meanwhile.
     fn clear(&self, n: usize) {
         let _ = self.write_slot(n, record::STARTED_AT, &record::CLEARED, false);
         self.lock().slots[n] = Slot::Free;
@@ -258,7 +262,7 @@ impl Spool {
                 }
                 (None, None) => {
                     // More jobs at once than slots (AGENT_SLOTS lowered under a running
-                    // agent's records): one more record file.
+                    // agent's records, or a slot still being cleared): one more record file.
                     kept.slots.push(Slot::Started(claim));
                     (kept.slots.len() - 1, None)
                 }
@@ -436,12 +440,15 @@ impl Spool {
     }
 
     /// An acknowledgement's decision, under the lock: the result goes from memory, and the
-    /// slot holding it (if one does) is returned for its record to be cleared.
+    /// slot holding it (if one does) is returned for its record to be cleared — marked
+    /// clearing meanwhile, so that a job starting before the clear is done takes another.
     fn acknowledged(&self, job_id: &str) -> Option<usize> {
         let mut kept = self.lock();
         kept.held.remove(job_id);
         kept.writing.remove(job_id);
-        kept.slots.iter().position(|s| matches!(s, Slot::Holding { job_id: id, .. } if id == job_id))
+        let n = kept.slots.iter().position(|s| matches!(s, Slot::Holding { job_id: id, .. } if id == job_id))?;
+        kept.slots[n] = Slot::Clearing;
+        Some(n)
     }
 
     /// Results held in memory, still waiting for the disk.
