@@ -80,6 +80,8 @@ pub struct Agent {
     /// The repository mirrors and what jobs do with them.
     pub repos: Arc<crate::repo::Repos>,
     running: Mutex<Running>,
+    /// The lock on `DATA_DIR/agent.lock`, held while the agent lives.
+    _data_lock: std::fs::File,
     /// Messages for the edge; the current connection sends them, or drops them while
     /// there is none (results are spooled, credits recomputed, events are only progress).
     pub uplink: mpsc::UnboundedSender<AgentMessage>,
@@ -93,6 +95,16 @@ impl Agent {
         crate::files::private_dir(&cfg.data_dir.join("workspaces")).map_err(|e| {
             anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
         })?;
+        // One agent per DATA_DIR: a second one would take the first's running jobs for
+        // those a dead agent left (report them lost, remove their workspaces).
+        let data_lock = crate::files::hold_lock(&cfg.data_dir.join("agent.lock"))
+            .map_err(|e| anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display()))?
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "another agent is running with DATA_DIR {}: stop it first (`claude-runner agent --drain` with the same DATA_DIR), or give this one a DATA_DIR of its own",
+                    cfg.data_dir.display()
+                )
+            })?;
         let (spool, interrupted) = Spool::open(
             cfg.data_dir.join("spool"),
             cfg.data_dir.join("started"),
@@ -145,6 +157,7 @@ impl Agent {
             replay: Mutex::new(replay),
             repos: Arc::new(repos),
             running: Mutex::new(Running::default()),
+            _data_lock: data_lock,
             uplink,
             jobs,
         };

@@ -505,3 +505,28 @@ async fn a_stopped_launcher_dies_with_the_agent() {
 fn stopped(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('T'))
 }
+
+/// Two agents on one DATA_DIR (a second `claude-runner agent` started by hand beside the
+/// service, with the same settings): the second took the first's running job for one a
+/// dead agent left — reported it lost and removed its workspace under it. It refuses to
+/// start instead, saying why and what to do; the first's job ends with Claude's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_on_the_same_data_dir_refuses_to_start_and_leaves_the_first_alone() {
+    let (_edge, agent, client, _) = setup(&[], false).await;
+    let a = client.submit(json!({"prompt": "@sleep=3000 the first agent's job"})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await, "{}", agent.log());
+    let mut second = tokio::process::Command::new(bin("claude-runner"));
+    second.arg("agent").env_remove("ANTHROPIC_API_KEY").env("RUST_LOG", "info").stdin(std::process::Stdio::null()).kill_on_drop(true);
+    for name in ["EDGE_URL", "AGENT_ID", "AGENT_SIGNING_KEY", "EDGE_PUBLIC_KEY", "CLAUDE_BIN", "CLAUDE_CONFIG_DIR", "DATA_DIR", "CLAUDE_CODE_OAUTH_TOKEN", "STANDIN_LOG", "JOB_ENV_ALLOW"] {
+        second.env(name, agent.env_value(name).unwrap());
+    }
+    let out = tokio::time::timeout(Duration::from_secs(20), second.output()).await.expect("the second agent on the same DATA_DIR kept running").unwrap();
+    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{printed}");
+    assert!(printed.contains("another agent is running with DATA_DIR"), "{printed}");
+    let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", agent.log());
+    assert!(job["result"]["output"].as_str().unwrap_or_default().ends_with("the first agent's job"), "{job}");
+    assert_eq!(agent.claude_runs().len(), 1, "ran once");
+}
