@@ -21,7 +21,9 @@
 //!   result moved to a spool file of its own (`DATA_DIR/spool/<job>.json`, synced) first:
 //!   only when the edge is slow to acknowledge;
 //! - a result that cannot be written (a full or read-only disk) is kept in memory instead
-//!   — named and sent the same way — and written to a spool file when the disk allows.
+//!   — named and sent the same way — and written to a spool file when the disk allows;
+//!   until then, or its acknowledgement, its slot keeps the job's started record (a new job
+//!   takes another), so an agent that dies meanwhile reports the job lost, not forgotten.
 //!
 //! Older agents kept a marker file per job (`DATA_DIR/started/<job>`) and a spool file per
 //! result: both are still read at start-up, so an agent upgraded in place loses nothing.
@@ -66,6 +68,10 @@ enum Slot {
     Started(record::Started),
     /// A job's started record and its result, until the edge acknowledges it.
     Holding { job_id: String, result: Envelope },
+    /// A job's started record, its result held in memory (the record refused it) until
+    /// it is in a spool file or acknowledged: the record stays, so that an agent dying
+    /// meanwhile reports the job lost rather than forgetting it.
+    Held(String),
     /// Acknowledged, its record being cleared: no new job may take it until it is free,
     /// or the clearing would overwrite that job's started record.
     Clearing,
@@ -366,10 +372,11 @@ impl Spool {
                 match written {
                     Ok(()) => kept.slots[n] = Slot::Holding { job_id: job_id.to_string(), result },
                     Err(_) => {
-                        // Kept in memory; the slot's started record stays on disk until
-                        // the slot is reused (a restart before then reports the job lost).
+                        // Kept in memory; the slot and its started record stay until the
+                        // result is durable elsewhere (a restart before then reports the
+                        // job lost).
                         kept.held.insert(job_id.to_string(), result);
-                        kept.slots[n] = Slot::Free;
+                        kept.slots[n] = Slot::Held(job_id.to_string());
                     }
                 }
                 written
@@ -446,7 +453,7 @@ impl Spool {
         let mut kept = self.lock();
         kept.held.remove(job_id);
         kept.writing.remove(job_id);
-        let n = kept.slots.iter().position(|s| matches!(s, Slot::Holding { job_id: id, .. } if id == job_id))?;
+        let n = kept.slots.iter().position(|s| matches!(s, Slot::Holding { job_id: id, .. } | Slot::Held(id) if id == job_id))?;
         kept.slots[n] = Slot::Clearing;
         Some(n)
     }
@@ -461,10 +468,11 @@ impl Spool {
     /// than resent forever.
     pub fn all(&self) -> Vec<(String, Envelope)> {
         let mut out: BTreeMap<String, Envelope> = BTreeMap::new();
+        let mut durable_now = Vec::new();
         {
             let mut kept = self.lock();
-            let held = &mut kept.held;
-            let written: Vec<String> = held
+            let written: Vec<String> = kept
+                .held
                 .iter()
                 .filter(|(id, r)| {
                     let bytes = serde_json::to_vec(r).expect("results serialise");
@@ -474,13 +482,29 @@ impl Spool {
                 .collect();
             for id in written {
                 tracing::info!(job_id = %id, "a result held in memory is now on disk");
-                held.remove(&id);
+                kept.held.remove(&id);
+                // Its slot's started record is needed no more once the file's name is durable.
+                if let Some(n) = kept.slots.iter().position(|s| matches!(s, Slot::Held(h) if *h == id)) {
+                    kept.slots[n] = Slot::Clearing;
+                    durable_now.push((n, id));
+                }
             }
-            out.extend(held.iter().map(|(id, r)| (id.clone(), r.clone())));
+            out.extend(kept.held.iter().map(|(id, r)| (id.clone(), r.clone())));
             out.extend(kept.writing.iter().map(|(id, r)| (id.clone(), r.clone())));
             for slot in &kept.slots {
                 if let Slot::Holding { job_id, result } = slot {
                     out.insert(job_id.clone(), result.clone());
+                }
+            }
+        }
+        if !durable_now.is_empty() {
+            let synced = std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).is_ok();
+            for (n, id) in durable_now {
+                if synced {
+                    self.clear(n);
+                } else {
+                    // The file may not survive a power cut: the started record stays.
+                    self.lock().slots[n] = Slot::Held(id);
                 }
             }
         }
@@ -761,10 +785,66 @@ mod tests {
         assert!(spool.put("job-1", &r).is_err());
         assert_eq!(spool.held(), 1);
         assert_eq!(spool.get("job-1"), Some(r));
+        // Slot 0 keeps job-1's started record while its result is held: the next job
+        // takes a record file more, which refuses writes too.
+        std::fs::create_dir(dir.join("records/1")).unwrap();
         assert!(spool.started("job-2", "job-2:1").is_err(), "a job whose start cannot be recorded does not start");
         assert!(spool.started("job-3", "job-3:1").is_err(), "and its slot is free for the next try");
-        std::fs::remove_dir(dir.join("records/0")).unwrap();
+        std::fs::remove_dir(dir.join("records/1")).unwrap();
         spool.started("job-3", "job-3:1").unwrap();
+        assert_eq!(spool.lock().slots.len(), 2);
+    }
+
+    /// A result its slot's record could not take (on a full disk a started record is
+    /// written in place, a result may need new blocks) is held in memory. Until it is
+    /// durable somewhere, the job's started record must stay, even when other jobs start
+    /// meanwhile: an agent that dies then reports the job lost instead of forgetting it
+    /// (the edge, never told, could send it again).
+    #[test]
+    fn a_held_results_started_record_stays_until_the_result_is_durable() {
+        let dir = dir("held-slot");
+        let (spool, _) = open(&dir, 1);
+        spool.started("first", "first:1").unwrap();
+        let record = dir.join("records/0");
+        let kept = std::fs::read(&record).unwrap();
+        // The record file refuses the result, and the spool folder any file.
+        std::fs::remove_file(&record).unwrap();
+        std::fs::create_dir(&record).unwrap();
+        std::fs::create_dir_all(dir.join("spool/first.tmp")).unwrap();
+        assert!(spool.put("first", &ok("first", "held")).is_err());
+        assert_eq!(spool.held(), 1);
+        // The record file takes writes again (the started record in place, as on a full disk).
+        std::fs::remove_dir(&record).unwrap();
+        std::fs::write(&record, kept).unwrap();
+        spool.started("second", "second:1").unwrap();
+        assert!(matches!(regions(&dir, 0).0, Region::Started(s) if s.job_id == "first"), "the held result's job is still known to have started");
+        drop(spool); // the agent dies: the held result is gone
+
+        let (spool, interrupted_jobs) = open(&dir, 1);
+        let mut lost: Vec<String> = interrupted_jobs.into_iter().map(|j| j.job_id).collect();
+        lost.sort();
+        assert_eq!(lost, vec!["first", "second"], "both reported lost, neither forgotten");
+        drop(spool);
+
+        // Written to a spool file once the disk allows it, or acknowledged: its slot is free.
+        let dir = self::dir("held-slot-freed");
+        let (spool, _) = open(&dir, 1);
+        for id in ["a", "b"] {
+            spool.started(id, &format!("{id}:1")).unwrap();
+            std::fs::remove_file(dir.join("records/0")).unwrap();
+            std::fs::create_dir(dir.join("records/0")).unwrap();
+            std::fs::create_dir_all(dir.join(format!("spool/{id}.tmp"))).unwrap();
+            assert!(spool.put(id, &ok(id, "held")).is_err());
+            std::fs::remove_dir(dir.join("records/0")).unwrap();
+            std::fs::remove_dir(dir.join(format!("spool/{id}.tmp"))).unwrap();
+            if id == "a" {
+                assert_eq!(ids(spool.all()), vec!["a"], "written to its spool file");
+            } else {
+                spool.remove("b");
+            }
+            assert_eq!(spool.held(), 0);
+            assert_eq!(spool.lock().slots, vec![Slot::Free], "the slot is free again");
+        }
     }
 
     /// The result is sent before it is written: from then on it is named in a hello and
