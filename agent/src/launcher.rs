@@ -644,7 +644,7 @@ unsafe fn start_claude(start: &ClaudeStart) -> ! {
     libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0);
     // The launcher ignores some signals (and Rust ignores SIGPIPE): ignored signals stay
     // ignored across exec, so each goes back to its default.
-    for sig in 1..libc::SIGRTMAX() {
+    for sig in 1..=libc::SIGRTMAX() {
         libc::signal(sig, libc::SIG_DFL);
     }
     // glibc's `signal` refuses its own two (32 and 33, below SIGRTMIN), which the

@@ -203,8 +203,9 @@ fn plaintext_to_a_host_beyond_loopback_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claude_starts_with_only_its_pipes_and_no_signal_blocked() {
     // The agent starts with a descriptor it does not know of, not close-on-exec (as a shell
-    // or a supervisor may leave it one): Claude must not get it.
-    let wrapper = ["bash", "-c", "exec 7</dev/null; exec \"$@\"", "wrap"].map(String::from).to_vec();
+    // or a supervisor may leave it one): Claude must not get it. And with the last signal
+    // (SIGRTMAX, 64) ignored, which an ignoring parent passes on: Claude must not inherit it.
+    let wrapper = ["bash", "-c", "exec 7</dev/null; trap '' 64; exec \"$@\"", "wrap"].map(String::from).to_vec();
     let s = setup(&[], wrapper).await;
     let a = s.client.submit(json!({"prompt": "@sleep=5000 look at me"})).await;
     assert_eq!(a.status, 202, "{}", a.text);
