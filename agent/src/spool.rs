@@ -99,6 +99,17 @@ pub fn interrupted() -> JobResult {
     )
 }
 
+/// Opens a slot's record file for reading: a plain file, or an error that names it (a
+/// folder, a link or a pipe there is no record, and a pipe would hold the start for ever).
+fn open_record(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(named)?;
+    if !file.metadata().map_err(named)?.is_file() {
+        return Err(std::io::Error::other(format!("{} is not a slot record (not a plain file): move it out of the way", path.display())));
+    }
+    Ok(file)
+}
+
 /// Reads the record at `at` (nothing there, or a short file, reads as no record).
 fn read_region(file: &std::fs::File, at: u64) -> std::io::Result<Region> {
     let mut header = vec![0; record::HEADER_BYTES];
@@ -148,7 +159,7 @@ impl Spool {
         let mut unfinished = Vec::new();
         for n in found {
             let path = records.join(n.to_string());
-            let file = std::fs::File::open(&path)?;
+            let file = open_record(&path)?;
             match read_region(&file, record::STARTED_AT)? {
                 Region::Started(started) => match read_region(&file, record::RESULT_AT)? {
                     Region::Finished(f) if f.job_id == started.job_id && f.order_nonce == started.order_nonce => {
@@ -218,7 +229,8 @@ impl Spool {
     /// when `durable`. In place: once the file has its blocks, a sync writes only them.
     fn write_slot(&self, n: usize, at: u64, bytes: &[u8], durable: bool) -> std::io::Result<()> {
         // Opened per write, not kept open: a disk that must become read-only can.
-        let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(PRIVATE_FILE).open(self.slot_path(n))?;
+        // Never through a link: a record is written only into the slot's own file.
+        let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(PRIVATE_FILE).custom_flags(libc::O_NOFOLLOW).open(self.slot_path(n))?;
         file.write_all_at(bytes, at)?;
         if durable {
             file.sync_data()?;
@@ -710,6 +722,39 @@ mod tests {
         // Slots found beyond AGENT_SLOTS are read and used.
         assert_eq!(spool.lock().slots.len(), 8);
         assert_eq!(std::fs::read_to_string(dir.join("records/notes.txt")).unwrap(), "mine");
+    }
+
+    /// Something other than a plain file where a slot's record goes (a folder, a link, a
+    /// pipe): the spool refuses to open, naming it, rather than hang on a pipe or say only
+    /// "Is a directory"; and a record is never written through a link.
+    #[test]
+    fn a_record_that_is_not_a_plain_file_is_named_never_followed() {
+        let dir = dir("not-plain");
+        drop(open(&dir, 1));
+        let target = dir.join("elsewhere");
+        std::fs::write(&target, "not the agent's").unwrap();
+        std::os::unix::fs::symlink(&target, dir.join("records/0")).unwrap();
+        let refused = |dir: &Path| match Spool::open(dir.join("spool"), dir.join("started"), dir.join("records"), 1) {
+            Ok(_) => panic!("opened"),
+            Err(e) => e.to_string(),
+        };
+        assert!(refused(&dir).contains("records/0"), "{}", refused(&dir));
+        // A link made while the agent runs: the job's start fails, the link's target is untouched.
+        std::fs::remove_file(dir.join("records/0")).unwrap();
+        let (spool, _) = open(&dir, 1);
+        std::os::unix::fs::symlink(&target, dir.join("records/0")).unwrap();
+        assert!(spool.started("job-1", "job-1:1").is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "not the agent's");
+        drop(spool);
+        std::fs::remove_file(dir.join("records/0")).unwrap();
+        std::fs::create_dir(dir.join("records/0")).unwrap();
+        let e = refused(&dir);
+        assert!(e.contains("records/0") && e.contains("move it out of the way"), "{e}");
+        std::fs::remove_dir(dir.join("records/0")).unwrap();
+        let fifo = std::ffi::CString::new(dir.join("records/0").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo on a path we own.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        assert!(refused(&dir).contains("move it out of the way"), "a pipe does not hold the start");
     }
 
     /// The edge is slow to acknowledge: a new job needs a slot whose result is not yet
