@@ -184,7 +184,12 @@ impl Edge {
         let Some(session) = self.sessions.get_mut(session_id) else {
             return Self::unknown_connection(session_id);
         };
-        session.last_seen = now.at;
+        // A proven agent is heard in its heartbeats alone ([`Edge::take_beat`]): any other
+        // frame anyone on the path can make or play back, and would keep a gone agent
+        // "connected" — its jobs never lost, `/health` saying it is there.
+        if session.agent().is_none() {
+            session.last_seen = now.at;
+        }
         if text.len() > session.frame_limit() {
             // Before the hello is verified only a hello's worth: anyone can open connections.
             let (limit, source) = (session.frame_limit(), session.source.clone());
@@ -402,7 +407,7 @@ impl Edge {
                 // It settles jobs (reconciliation): the agent's own, for this connection, newer
                 // than the last one taken — or nothing.
                 let Some(beat) = self.open_report::<Beat>(session_id, &agent_id, &envelope, Domain::Heartbeat) else { return };
-                let Some(Beat { running, capacity, oauth, slots, claude_version: version, .. }) = self.take_beat(session_id, &agent_id, beat) else { return };
+                let Some(Beat { running, capacity, oauth, slots, claude_version: version, .. }) = self.take_beat(now, session_id, &agent_id, beat) else { return };
                 let session = self.session_mut(session_id).expect("session exists");
                 let agent = session.agent_mut().expect("ready session");
                 agent.capacity = capacity;
@@ -544,18 +549,21 @@ impl Edge {
     }
 
     /// A verified heartbeat, if it is for this connection and newer than the last one taken
-    /// (which it then becomes); else `None`, logged (the agent's own signature, so not
+    /// (which it then becomes, and the moment the agent was last heard); else `None`, logged (the agent's own signature, so not
     /// counted as a forgery, like progress shown already): one captured on the path
     /// and played back, here or on another connection, could say the agent no longer
     /// holds a job it took since.
-    fn take_beat(&mut self, session_id: &str, agent_id: &str, beat: Beat) -> Option<Beat> {
-        let agent = self.session_mut(session_id).and_then(|s| s.agent_mut()).expect("ready session");
+    fn take_beat(&mut self, now: Now, session_id: &str, agent_id: &str, beat: Beat) -> Option<Beat> {
+        let session = self.session_mut(session_id).expect("ready session");
+        let agent = session.agent_mut().expect("ready session");
         let why = if beat.challenge != agent.challenge {
             "it was made for another connection"
         } else if beat.seq <= agent.beat {
             "it is not newer than the last one taken (replayed)"
         } else {
             agent.beat = beat.seq;
+            // The agent's own word, new on this connection: it is there.
+            session.last_seen = now.at;
             return Some(beat);
         };
         warn!(agent_id = %agent_id, session = session_id, seq = beat.seq, why, "a heartbeat refused");

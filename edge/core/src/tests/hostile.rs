@@ -452,3 +452,43 @@ fn heartbeats_made_up_altered_or_played_back_never_end_a_running_job_lost() {
     let done = finished(&pulse(&mut edge, 17, &sid, beat(&[], 1, 1)));
     assert_eq!((done[0].0.as_str(), done[0].2["error_code"].as_str()), ("j1", Some("RUNNER_LOST")));
 }
+
+/// Whoever sits on the path cannot keep a gone agent "connected": the edge hears the
+/// agent in its signed heartbeats, fresh on this connection. Frames anyone can make —
+/// credits, acceptances, refusals naming no job, mirror lists, garbage-signed reports, a
+/// played-back heartbeat — do not push the silence deadline back, so a dead agent is
+/// dropped within two heartbeat intervals and its job waits for it only `LOST_AFTER_MS`
+/// (then ends `lost`, its caller sent elsewhere), not until its timeout an hour later;
+/// and `/health` stops saying it is there.
+#[test]
+fn frames_anyone_can_make_do_not_keep_a_gone_agent_connected() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &sid, credit(1, 0));
+    edge.submit(1, "j".into(), submission("x", 3_600_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 2, &sid, AgentMessage::Accepted { job_id: "j".into() });
+    let kept = signed(&edge, &sid, beat(&["j"], 0, 1));
+    let last = 500;
+    pulse(&mut edge, last, &sid, beat(&["j"], 0, 1));
+    let forged_result = AgentMessage::result("j", "j:1", ok_result(), &agent_key(9));
+    // The agent is gone; the path keeps talking, several times an interval.
+    let mut t = last;
+    while t + HB / 4 < last + 2 * HB {
+        t += HB / 4;
+        for frame in [
+            credit(1, 1),
+            AgentMessage::Accepted { job_id: "j".into() },
+            AgentMessage::OrderRefused { reason: "x".into() },
+            AgentMessage::Mirrors { names: vec![] },
+            forged_result.clone(),
+            kept.clone(),
+        ] {
+            assert!(closed(&say(&mut edge, t, &sid, frame)).is_none());
+        }
+    }
+    let (code, _) = closed(&edge.tick(last + 2 * HB)).expect("the silent agent is dropped");
+    assert_eq!(code, close::SILENT);
+    assert!(!edge.is_online());
+    let ended = finished(&edge.tick(last + 2 * HB + LOST));
+    assert_eq!((ended[0].0.as_str(), ended[0].2["error_code"].as_str()), ("j", Some("RUNNER_LOST")), "{ended:?}");
+}
