@@ -1,6 +1,6 @@
 //! The launcher: one small process, started with the agent's first job, that starts every
 //! Claude. The agent hands it what to run (program, arguments, folder, environment) and
-//! the pipes to run it with; the launcher forks a [`crate::warden`], which forks Claude.
+//! the pipes to run it with; the launcher forks a [`crate::warden`], which starts Claude.
 //!
 //! Why a process of its own. Starting Claude straight from the agent meant forking the
 //! agent: a multi-threaded process of 15-20 MiB whose page tables are copied and
@@ -22,7 +22,14 @@
 //! the launcher: the launcher holds no job state, and a launcher that dies loses nothing
 //! running. The agent sees it gone at its next request and starts a new one; it sends that
 //! request again only if the old launcher cannot have had it whole (it would otherwise risk
-//! running the job twice), and waits at most [`ANSWER_WITHIN`] for any answer.
+//! running the job twice), and waits at most [`ANSWER_WITHIN`] for any answer. To tell
+//! those apart after the fact, the agent keeps a copy of the launcher's end of the socket:
+//! what the launcher never read stays queued there, even once it is dead.
+//!
+//! The launcher dies with the agent whatever its state (a stopped process reads no end of
+//! socket): its parent-death signal is SIGKILL. The kernel sends that signal when the
+//! *thread* that started the launcher ends, so every launcher is started from one thread
+//! that lives as long as the agent ([`Running::start`]).
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io::{Read, Write};
@@ -44,6 +51,14 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 /// (stopped with SIGSTOP — any process of the agent's user may send one, a job's
 /// included — or starved): it is killed and replaced, rather than holding every job after
 /// it for ever behind the launcher's lock.
+///
+/// Not a setting: nothing an operator knows makes another figure right. The work it
+/// bounds takes milliseconds (BENCHMARKS.md's hot-path timeline: a job's Claude runs
+/// 1.3-1.6 ms after it is accepted, on a loaded 2-core machine); a machine
+/// where it takes seconds is swapping so hard that Claude could not run a job either, and
+/// a stuck launcher now costs only this wait (the request goes to its replacement when
+/// it was never taken), so a longer bound would buy nothing and a shorter one risks
+/// failing a job the launcher may have started.
 const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What Claude is started with: program, folder, arguments, the whole environment.
@@ -77,16 +92,24 @@ pub struct Launcher {
     running: Mutex<Option<Running>>,
     /// How a launcher is started (tests start stand-ins).
     start: fn() -> std::io::Result<Running>,
+    /// [`ANSWER_WITHIN`] (tests wait less).
+    answer_within: std::time::Duration,
 }
 
 struct Running {
     socket: UnixStream,
+    /// A copy of the launcher's end of the socket: what the launcher never read stays
+    /// queued there after its death (see [`unread`]).
+    peer: OwnedFd,
     process: std::process::Child,
+    /// The launcher's pidfd (kernels 5.3 and later): its death ends the wait for an answer
+    /// at once (the socket's end cannot say it while `peer` holds it open).
+    pidfd: Option<OwnedFd>,
 }
 
 impl Launcher {
     pub const fn new() -> Launcher {
-        Launcher { running: Mutex::new(None), start: Running::start }
+        Launcher { running: Mutex::new(None), start: Running::start, answer_within: ANSWER_WITHIN }
     }
 
     /// Starts the launcher now, if it does not run (the agent does so at start, so that a
@@ -94,9 +117,18 @@ impl Launcher {
     pub fn start(&self) -> std::io::Result<()> {
         let mut running = self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if running.is_none() {
-            *running = Some((self.start)()?);
+            *running = Some(self.new_launcher()?);
         }
         Ok(())
+    }
+
+    /// A new launcher, every send and receive to it bounded (SO_SNDTIMEO and SO_RCVTIMEO
+    /// apply to sendmsg and recvmsg too): a timeout is an error like the launcher's death.
+    fn new_launcher(&self) -> std::io::Result<Running> {
+        let started = (self.start)()?;
+        started.socket.set_read_timeout(Some(self.answer_within))?;
+        started.socket.set_write_timeout(Some(self.answer_within))?;
+        Ok(started)
     }
 
     /// Starts Claude through the launcher (started, or started again, as needed). Blocks
@@ -107,24 +139,38 @@ impl Launcher {
             return Err(std::io::Error::from_raw_os_error(libc::E2BIG));
         }
         let mut running = self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        // A launcher that died (killed, out of memory) is replaced, and the request sent
-        // again, only if it cannot have run it: it was gone before it had the whole request.
-        // Once it had it, it may have started Claude, on these very pipes, before it died
-        // (or stopped answering): sending it again could run the job twice.
+        // A launcher that died (killed, out of memory) or stopped answering is replaced, and
+        // the request sent again, only if it cannot have run it: it never read the whole
+        // request. Once it had it, it may have started Claude, on these very pipes, before
+        // it died (or while it was stopped): sending it again could run the job twice.
         let mut retried = false;
         loop {
             if running.is_none() {
-                *running = Some((self.start)()?);
+                *running = Some(self.new_launcher()?);
             }
             let launcher = running.as_mut().expect("just started");
-            let failure = match exchange(&mut launcher.socket, &body, &ends) {
-                Ok(answer) => return answer,
-                Err(failure) => failure,
+            // A launcher that died since its last answer is seen here: the agent's copy of
+            // its end keeps the socket open, so a request too large for the socket's buffer
+            // would otherwise wait out the whole bound before it counts as not delivered.
+            let failure = match launcher.process.try_wait() {
+                Ok(Some(exit)) => Failure::NotDelivered(std::io::Error::other(format!("the launcher had ended ({exit})"))),
+                _ => match exchange(launcher, &body, &ends, self.answer_within) {
+                    Ok(answer) => return answer,
+                    Err(failure) => failure,
+                },
             };
-            if let Some(mut gone) = running.take() {
-                let _ = gone.process.kill();
-                let _ = gone.process.wait();
-            }
+            let failure = match running.take() {
+                Some(mut gone) => {
+                    let _ = gone.process.kill();
+                    let _ = gone.process.wait();
+                    // Dead now, it reads nothing more: what it left unread it never had.
+                    match failure {
+                        Failure::Unanswered(e) if unread(&gone.peer) => Failure::NotDelivered(e),
+                        failure => failure,
+                    }
+                }
+                None => failure,
+            };
             match failure {
                 Failure::Unanswered(e) => {
                     tracing::warn!(error = %e, "the launcher failed while starting claude; it is replaced");
@@ -152,24 +198,66 @@ impl Default for Launcher {
 }
 
 impl Running {
+    /// Starts a launcher from the one thread that starts them all (spawned on first use,
+    /// never ending): the launcher's parent-death signal comes when the thread that
+    /// started it ends, and the agent's other threads come and go (tokio's blocking pool
+    /// ends a thread idle for 10 s).
     fn start() -> std::io::Result<Running> {
+        type Reply = std::sync::mpsc::Sender<std::io::Result<Running>>;
+        static STARTER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Reply>>> = std::sync::OnceLock::new();
+        let starter = STARTER.get_or_init(|| {
+            let (requests, asked) = std::sync::mpsc::channel::<Reply>();
+            let thread = std::thread::Builder::new().name("launcher-starter".into()).spawn(move || {
+                for reply in asked {
+                    let _ = reply.send(Running::spawn());
+                }
+            });
+            if let Err(e) = thread {
+                tracing::warn!(error = %e, "could not start the thread that starts the launcher");
+            }
+            Mutex::new(requests)
+        });
+        let (reply, answer) = std::sync::mpsc::channel();
+        let gone = || std::io::Error::other("the agent's thread that starts its launcher is gone: restart the agent");
+        starter.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).send(reply).map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
+    }
+
+    fn spawn() -> std::io::Result<Running> {
         use std::os::unix::process::CommandExt;
         let (ours, theirs) = UnixStream::pair()?;
-        // Every send and receive on it is bounded (SO_SNDTIMEO, SO_RCVTIMEO apply to
-        // sendmsg and recvmsg too): a timeout is an error like the launcher's death.
-        ours.set_read_timeout(Some(ANSWER_WITHIN))?;
-        ours.set_write_timeout(Some(ANSWER_WITHIN))?;
-        // No pre_exec: std starts it with posix_spawn (vfork), which copies nothing.
+        let peer = theirs.try_clone()?.into();
+        // No pre_exec: std starts it with posix_spawn (vfork), which copies nothing. The
+        // agent's pid tells the launcher whether its parent died before it could ask for
+        // its death signal.
         let process = std::process::Command::new("/proc/self/exe")
             .arg(COMMAND)
+            .arg(std::process::id().to_string())
             .env_clear()
             .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
             .stdout(std::process::Stdio::null())
             .process_group(0)
             .spawn()
             .map_err(|e| std::io::Error::new(e.kind(), format!("could not start the agent's launcher (/proc/self/exe {COMMAND}): {e}")))?;
-        Ok(Running { socket: ours, process })
+        Ok(Running::new(ours, peer, process))
     }
+
+    fn new(socket: UnixStream, peer: OwnedFd, process: std::process::Child) -> Running {
+        // SAFETY: pidfd_open on our own child, not reaped yet.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, process.id() as libc::pid_t, 0) };
+        // SAFETY: a successful pidfd_open returns an fd we own.
+        let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
+        Running { socket, peer, process, pidfd }
+    }
+}
+
+/// Whether the launcher left bytes unread on its end of the socket (`FIONREAD` on the
+/// agent's copy of that end). Asked after the launcher's death, so it can read no more.
+fn unread(peer: &OwnedFd) -> bool {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int we own.
+    let ok = unsafe { libc::ioctl(peer.as_raw_fd(), libc::FIONREAD, &mut queued) } == 0;
+    ok && queued > 0
 }
 
 /// How a conversation with the launcher failed.
@@ -182,16 +270,18 @@ enum Failure {
 
 /// One request and its answer. An `Err` is the conversation failing (the launcher is
 /// gone, or stuck); an `Ok(Err)` is the launcher's answer that Claude could not be started.
-fn exchange(socket: &mut UnixStream, body: &[u8], ends: &ChildEnds) -> Result<std::io::Result<Started>, Failure> {
+fn exchange(launcher: &mut Running, body: &[u8], ends: &ChildEnds, within: std::time::Duration) -> Result<std::io::Result<Started>, Failure> {
+    let socket = &mut launcher.socket;
     let fds = [&ends.stdin, &ends.stdout, &ends.stderr, &ends.control, &ends.status].map(|fd| fd.as_raw_fd());
     send_with_fds(socket.as_raw_fd(), &(body.len() as u32).to_le_bytes(), &fds).map_err(Failure::NotDelivered)?;
     socket.write_all(body).map_err(Failure::NotDelivered)?;
+    answered_or_dead(socket.as_raw_fd(), launcher.pidfd.as_ref().map_or(-1, AsRawFd::as_raw_fd), within).map_err(Failure::Unanswered)?;
     let mut answer = [0u8; 8];
-    let (n, mut received) = recv_with_fds(socket.as_raw_fd(), &mut answer, 1).map_err(|e| Failure::Unanswered(not_answering(e)))?;
+    let (n, mut received) = recv_with_fds(socket.as_raw_fd(), &mut answer, 1).map_err(|e| Failure::Unanswered(not_answering(e, within)))?;
     if n == 0 {
         return Err(Failure::Unanswered(std::io::ErrorKind::UnexpectedEof.into()));
     }
-    socket.read_exact(&mut answer[n..]).map_err(|e| Failure::Unanswered(not_answering(e)))?;
+    socket.read_exact(&mut answer[n..]).map_err(|e| Failure::Unanswered(not_answering(e, within)))?;
     let errno = i32::from_le_bytes(answer[..4].try_into().expect("4 bytes"));
     let pid = u32::from_le_bytes(answer[4..].try_into().expect("4 bytes"));
     if errno != 0 {
@@ -200,11 +290,39 @@ fn exchange(socket: &mut UnixStream, body: &[u8], ends: &ChildEnds) -> Result<st
     Ok(Ok(Started { pid, pidfd: received.pop() }))
 }
 
+/// Waits until the launcher answers (Ok), dies (its pidfd, when there is one) or lets
+/// `within` pass.
+fn answered_or_dead(socket: RawFd, pidfd: RawFd, within: std::time::Duration) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        // A negative fd (no pidfd) is skipped by poll.
+        let mut fds = [libc::pollfd { fd: socket, events: libc::POLLIN, revents: 0 }, libc::pollfd { fd: pidfd, events: libc::POLLIN, revents: 0 }];
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // SAFETY: polls descriptors in a buffer we own.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n < 0 && errno() == libc::EINTR {
+            continue;
+        }
+        if fds[0].revents != 0 {
+            return Ok(());
+        }
+        if fds[1].revents != 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the launcher died before answering"));
+        }
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if left.is_zero() {
+            return Err(not_answering(std::io::ErrorKind::TimedOut.into(), within));
+        }
+    }
+}
+
 /// A receive that timed out says so (the kernel's EAGAIN reads "Resource temporarily unavailable").
-fn not_answering(e: std::io::Error) -> std::io::Error {
+fn not_answering(e: std::io::Error, within: std::time::Duration) -> std::io::Error {
     match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the launcher did not answer within {} s", ANSWER_WITHIN.as_secs()))
+            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the launcher did not answer within {within:?}"))
         }
         _ => e,
     }
@@ -267,9 +385,17 @@ fn decode(body: &[u8]) -> Option<Request> {
 
 /// The launcher's life (`claude-runner __launcher`): answers requests on stdin until the
 /// agent closes it. Never returns.
-pub fn serve() -> ! {
+pub fn serve(agent: Option<&OsStr>) -> ! {
     // SAFETY: process-wide settings of this single-threaded process, set before anything runs.
     unsafe {
+        // Dies with the agent, even stopped (a job may SIGSTOP it): the end of its socket
+        // reaches only a launcher that runs. Asked for after the start, so the agent may
+        // already be gone (the launcher is then the child of another process): checked.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        let agent: Option<libc::pid_t> = agent.and_then(|pid| pid.to_str()?.parse().ok());
+        if agent != Some(libc::getppid()) {
+            libc::_exit(0);
+        }
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
         libc::umask(0o077);
         // Only the agent ends it (by closing the socket): a Ctrl-C in the agent's
@@ -378,7 +504,7 @@ pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Forks the warden, which forks Claude; waits for Claude's `exec`. Returns the warden's
+/// Forks the warden, which starts Claude; waits for Claude's `exec`. Returns the warden's
 /// pid and a pidfd of it, or the `errno` that kept Claude from starting.
 fn launch(request: &Request, [stdin, stdout, stderr, control, status]: [OwnedFd; FDS]) -> Result<(libc::pid_t, Option<OwnedFd>), i32> {
     let (error_read, error_write) = pipe().map_err(|_| errno())?;
@@ -397,14 +523,12 @@ fn launch(request: &Request, [stdin, stdout, stderr, control, status]: [OwnedFd;
             libc::setpgid(0, 0);
             // A subreaper before Claude exists, so none of its descendants can slip past.
             libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
-            let claude = libc::fork();
+            let start = ClaudeStart { request, argv: &argv, envp: &envp, pipes: [&stdin, &stdout, &stderr], error: error_write.as_raw_fd(), warden: libc::getpid() };
+            let claude = spawn_claude(&start);
             if claude < 0 {
                 let code = errno().to_le_bytes();
                 libc::write(error_write.as_raw_fd(), code.as_ptr().cast(), 4);
                 libc::_exit(127);
-            }
-            if claude == 0 {
-                start_claude(request, &argv, &envp, [&stdin, &stdout, &stderr], error_write.as_raw_fd());
             }
             crate::warden::run(control.as_raw_fd(), status.as_raw_fd(), claude)
         }
@@ -437,15 +561,86 @@ fn launch(request: &Request, [stdin, stdout, stderr, control, status]: [OwnedFd;
     Ok((warden, pidfd))
 }
 
-/// Claude's side of the warden's fork: its own process group, killed with the warden,
-/// signals as a fresh process has them, the job's pipes on 0-2, then `exec`. Writes the
-/// `errno` to `error` and exits 127 if any step fails.
+/// What Claude's side of the warden's clone needs, prepared before it.
+struct ClaudeStart<'a> {
+    request: &'a Request,
+    argv: &'a [*const libc::c_char],
+    envp: &'a [*const libc::c_char],
+    pipes: [&'a OwnedFd; 3],
+    /// The exec-error pipe's write end.
+    error: RawFd,
+    /// The warden's pid, for the parent-death race.
+    warden: libc::pid_t,
+}
+
+/// The stack Claude's side of the clone runs on until its `exec` (its frames need a few
+/// KiB). Mapped for the clone, not an array on the warden's stack: Rust probes every page
+/// of a large frame, and those 64 page faults per job cost more than the fork saved.
+const CLAUDE_STACK: usize = 256 * 1024;
+
+/// Starts Claude from the warden with a vfork-style clone (`CLONE_VM | CLONE_VFORK`): the
+/// child shares the warden's memory, on a stack of its own, and the warden waits until it
+/// has `exec`'d or exited. A `fork` here copied the warden's page tables and faulted its
+/// pages back in (copy-on-write) for a process that only makes system calls and `exec`s.
+/// `posix_spawn` does the same clone but cannot set the parent-death signal. Returns
+/// Claude's pid, or -1 (`errno` set).
 ///
 /// # Safety
-/// Only in the child of the warden's fork.
-unsafe fn start_claude(request: &Request, argv: &[*const libc::c_char], envp: &[*const libc::c_char], pipes: [&OwnedFd; 3], error: RawFd) -> ! {
+/// Only in the warden (single-threaded), with `start` alive until it returns.
+unsafe fn spawn_claude(start: &ClaudeStart) -> libc::pid_t {
+    extern "C" fn entry(start: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: the warden passed a ClaudeStart it keeps alive while this child runs
+        // (CLONE_VFORK: it waits for the exec); start_claude never returns.
+        unsafe { start_claude(&*(start as *const ClaudeStart)) }
+    }
+    // Every signal blocked across the clone: a handler must not run in the child, on
+    // the warden's memory, before the child has reset them to their defaults.
+    let mut all: libc::sigset_t = std::mem::zeroed();
+    let mut before: libc::sigset_t = std::mem::zeroed();
+    libc::sigfillset(&mut all);
+    libc::sigprocmask(libc::SIG_SETMASK, &all, &mut before);
+    let stack = libc::mmap(
+        std::ptr::null_mut(),
+        CLAUDE_STACK,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
+        -1,
+        0,
+    );
+    let pid = if stack == libc::MAP_FAILED {
+        -1
+    } else {
+        // The stack grows down: the child starts at its top (page-aligned, so 16-byte too).
+        let top = stack.cast::<u8>().add(CLAUDE_STACK).cast::<libc::c_void>();
+        libc::clone(entry, top, libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD, start as *const ClaudeStart as *mut libc::c_void)
+    };
+    let failed = errno();
+    libc::sigprocmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
+    if stack != libc::MAP_FAILED {
+        // The child has exec'd or exited: its stack is free.
+        libc::munmap(stack, CLAUDE_STACK);
+    }
+    if pid < 0 {
+        *libc::__errno_location() = failed;
+    }
+    pid
+}
+
+/// Claude's side of the warden's clone: its own process group, killed with the warden,
+/// signals as a fresh process has them, the job's pipes on 0-2, then `exec`. Writes the
+/// `errno` to `error` and exits 127 if any step fails. It shares the warden's memory
+/// until the `exec`: it writes none of it (system calls only, on memory prepared before).
+///
+/// # Safety
+/// Only in the child of the warden's clone.
+unsafe fn start_claude(start: &ClaudeStart) -> ! {
+    let ClaudeStart { request, argv, envp, pipes, error, warden } = *start;
     libc::setpgid(0, 0);
     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    if libc::getppid() != warden {
+        // The warden died before the signal was asked for: nobody would kill this Claude.
+        libc::_exit(127);
+    }
     libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0);
     // The launcher ignores some signals (and Rust ignores SIGPIPE): ignored signals stay
     // ignored across exec, so each goes back to its default.
@@ -596,12 +791,31 @@ mod tests {
     }
 
     /// A stand-in launcher: `serve` on a thread at the other end of the socket, and a
-    /// `sleep` for its process (killed when the agent's side gives up on it).
+    /// `sleep` for its process, which dies when `serve` returns (or when the agent's side
+    /// gives up on it).
     fn stand_in(serve: impl FnOnce(UnixStream) + Send + 'static) -> std::io::Result<Running> {
         let (ours, theirs) = UnixStream::pair()?;
-        std::thread::spawn(move || serve(theirs));
+        let peer = theirs.try_clone()?.into();
         let process = std::process::Command::new("sleep").arg("600").spawn()?;
-        Ok(Running { socket: ours, process })
+        let pid = process.id() as libc::pid_t;
+        std::thread::spawn(move || {
+            serve(theirs);
+            // SAFETY: a signal to our own child, which only the Launcher reaps (after this).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        });
+        Ok(Running::new(ours, peer, process))
+    }
+
+    /// A Launcher that starts launchers with `start` and waits 300 ms for an answer.
+    fn launcher_of(start: fn() -> std::io::Result<Running>) -> Launcher {
+        Launcher { running: Mutex::new(None), start, answer_within: std::time::Duration::from_millis(300) }
+    }
+
+    /// Answers a request taken as started, warden pid 42.
+    fn answer_42(socket: &UnixStream) {
+        let mut answer = [0u8; 8];
+        answer[4..].copy_from_slice(&42u32.to_le_bytes());
+        send_with_fds(socket.as_raw_fd(), &answer, &[]).unwrap();
     }
 
     /// Takes one request as the launcher does; "runs Claude" by writing `ran` to its stdout.
@@ -638,11 +852,80 @@ mod tests {
         fn dies_after_taking_it() -> std::io::Result<Running> {
             stand_in(|mut socket| drop(take_request(&mut socket)))
         }
-        let launcher = Launcher { running: Mutex::new(None), start: dies_after_taking_it };
+        let launcher = launcher_of(dies_after_taking_it);
         let (outcome, out) = spawn_through(&launcher);
         let e = outcome.err().expect("the start fails");
         assert_eq!(out, "ran\n", "claude ran once, not again");
         assert!(e.to_string().contains("run the job again"), "{e}");
+    }
+
+    /// The launcher stops answering after it read the whole request (stopped between
+    /// reading and answering): it may have started Claude, so the job fails, run once.
+    #[test]
+    fn a_request_a_stuck_launcher_took_whole_is_never_sent_again() {
+        fn stuck_after_taking_it() -> std::io::Result<Running> {
+            stand_in(|mut socket| {
+                let fds = take_request(&mut socket);
+                std::thread::sleep(std::time::Duration::from_secs(2));
+                drop((fds, socket));
+            })
+        }
+        let launcher = launcher_of(stuck_after_taking_it);
+        let (outcome, out) = spawn_through(&launcher);
+        let e = outcome.err().expect("the start fails");
+        assert_eq!(out, "ran\n", "claude ran once, not again");
+        assert!(e.to_string().contains("run the job again") && e.to_string().contains("did not answer"), "{e}");
+    }
+
+    /// The launcher stops answering before it read the request (SIGSTOPped while idle):
+    /// it cannot have started Claude. Before the fix the job failed ("run it again"); now
+    /// the request goes to the launcher that replaces it, and Claude runs once.
+    #[test]
+    fn a_request_a_stuck_launcher_never_read_goes_to_a_new_one() {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn stuck_then_well() -> std::io::Result<Running> {
+            if STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                return stand_in(|socket| {
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                    drop(socket);
+                });
+            }
+            stand_in(|mut socket| {
+                drop(take_request(&mut socket));
+                answer_42(&socket);
+            })
+        }
+        let launcher = launcher_of(stuck_then_well);
+        let (outcome, out) = spawn_through(&launcher);
+        assert_eq!(outcome.expect("started by the second launcher").pid, 42);
+        assert_eq!(out, "ran\n");
+        assert_eq!(STARTED.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    /// Same, for a launcher stopped half-way through the request (it had the pipes and
+    /// the length, not the whole body): it cannot have acted on it either.
+    #[test]
+    fn a_request_a_stuck_launcher_read_in_part_goes_to_a_new_one() {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn stuck_then_well() -> std::io::Result<Running> {
+            if STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                return stand_in(|socket| {
+                    let mut header = [0u8; 4];
+                    let (n, fds) = recv_with_fds(socket.as_raw_fd(), &mut header, FDS).unwrap();
+                    assert_eq!((n, fds.len()), (4, FDS));
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                    drop((fds, socket));
+                });
+            }
+            stand_in(|mut socket| {
+                drop(take_request(&mut socket));
+                answer_42(&socket);
+            })
+        }
+        let launcher = launcher_of(stuck_then_well);
+        let (outcome, out) = spawn_through(&launcher);
+        assert_eq!(outcome.expect("started by the second launcher").pid, 42);
+        assert_eq!(out, "ran\n");
     }
 
     /// A launcher found dead before the request is replaced, and the request goes to the
@@ -656,18 +939,50 @@ mod tests {
             }
             stand_in(|mut socket| {
                 drop(take_request(&mut socket));
-                let mut answer = [0u8; 8];
-                answer[4..].copy_from_slice(&42u32.to_le_bytes());
-                send_with_fds(socket.as_raw_fd(), &answer, &[]).unwrap();
+                answer_42(&socket);
             })
         }
-        let launcher = Launcher { running: Mutex::new(None), start: dead_then_well };
+        let launcher = launcher_of(dead_then_well);
         // The first stand-in's thread has closed its end before the request is sent.
         launcher.start().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(100));
         let (outcome, out) = spawn_through(&launcher);
         assert_eq!(outcome.expect("started by the second launcher").pid, 42);
         assert_eq!(out, "ran\n");
+    }
+
+    /// A request larger than the socket's buffer, to a launcher that died idle, goes to a
+    /// new one at once: it does not wait out the bound on a send nobody will read.
+    #[test]
+    fn a_large_request_to_a_dead_launcher_goes_to_a_new_one_at_once() {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn dead_then_well() -> std::io::Result<Running> {
+            if STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                return stand_in(drop);
+            }
+            stand_in(|mut socket| {
+                drop(take_request(&mut socket));
+                answer_42(&socket);
+            })
+        }
+        let mut launcher = launcher_of(dead_then_well);
+        launcher.answer_within = std::time::Duration::from_secs(5);
+        launcher.start().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let end = || UnixStream::pair().map(|(a, b)| (a, OwnedFd::from(b))).unwrap();
+        let (mut stdout, stdout_end) = end();
+        let ends = ChildEnds { stdin: end().1, stdout: stdout_end, stderr: end().1, control: end().1, status: end().1 };
+        let env = env_of(&[("HOME", "/h")]);
+        let args = vec!["x".repeat(4 * 1024 * 1024)];
+        let spawn = Spawn { program: Path::new("/bin/true"), cwd: Path::new("/"), args: &args, env: &env };
+        let started = std::time::Instant::now();
+        let outcome = launcher.spawn(&spawn, ends);
+        let waited = started.elapsed();
+        assert_eq!(outcome.expect("started by the second launcher").pid, 42);
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "ran\n");
+        assert!(waited < std::time::Duration::from_secs(5), "waited out the bound: {waited:?}");
     }
 
     #[test]

@@ -140,7 +140,7 @@ pub fn home() -> PathBuf {
 fn main() {
     // Before anything else: a launcher needs no settings, logging or runtime.
     if launcher::is_launcher(std::env::args_os().nth(1).as_deref()) {
-        launcher::serve();
+        launcher::serve(std::env::args_os().nth(2).as_deref());
     }
     config::forget_empty_settings(&<Cli as clap::CommandFactory>::command());
     let cli = Cli::parse();

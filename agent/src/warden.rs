@@ -10,7 +10,8 @@
 //!
 //! - is a child subreaper, so every descendant of Claude that loses its parent (a
 //!   double fork, a `setsid` daemon) becomes the warden's child and stays in reach;
-//! - forks Claude in a new process group, with `PR_SET_PDEATHSIG` tied to itself;
+//! - starts Claude (a vfork-style clone) in a new process group, with `PR_SET_PDEATHSIG`
+//!   tied to itself;
 //! - holds the read end of a control pipe whose write end only the agent holds.
 //!
 //! On the pipe a `T` means "stop": SIGTERM to Claude's group and every descendant. Its
@@ -20,7 +21,7 @@
 //! SIGTERM, SIGINT and SIGHUP: only the agent, through the pipe, or SIGKILL ends it early.
 //!
 //! The warden is not a program of its own: the launcher ([`crate::launcher`]) forks it,
-//! and it forks Claude. Claude's exit status goes to the agent on a status pipe (four
+//! and it starts Claude. Claude's exit status goes to the agent on a status pipe (four
 //! bytes, the wait status, then the pipe's end when the warden exits): the warden is the
 //! launcher's child, not the agent's, so the agent cannot wait for it. The code below
 //! keeps to async-signal-safe calls (raw system calls, no allocation), as a fork's child

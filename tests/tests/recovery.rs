@@ -386,6 +386,10 @@ async fn a_killed_launcher_loses_no_running_job_and_is_replaced() {
     assert_eq!(next.body["success"], true, "{}\n{}", next.text, agent.log());
     let second = launcher().expect("a new launcher");
     assert_ne!(first, second);
+    // The new launcher was asked for from one of tokio's blocking threads, which end after
+    // 10 s idle; its parent-death signal must not come with that thread's end.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(launcher(), Some(second), "the launcher died with the thread that asked for it\n{}", agent.log());
 }
 
 /// A Claude binary the kernel cannot run (executable, but no program inside) fails its job
@@ -439,9 +443,12 @@ fn launcher_of(agent: &AgentProc) -> Option<u32> {
 }
 
 /// The launcher stops answering (SIGSTOP: any process of the agent's user can send it, a
-/// job's included). Before the fix the job waiting on it hung for ever, holding the
-/// launcher's lock, and so did every job after it. Now the agent gives up on it after a
-/// bounded wait, kills it, and the next job starts a new one.
+/// job's included). Before the first fix the job waiting on it hung for ever, holding the
+/// launcher's lock, and so did every job after it; the agent then gave up on it after a
+/// bounded wait, killed it, and failed the job ("run the job again") although the stopped
+/// launcher never read its request. Now that job is started by the launcher that
+/// replaces it, once (the case of a request the launcher did read, which must fail, is
+/// `launcher::tests::a_request_a_stuck_launcher_took_whole_is_never_sent_again`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_launcher_holds_no_job_for_ever_and_is_replaced() {
     let (_edge, agent, client, _) = setup(&[], false).await;
@@ -450,13 +457,51 @@ async fn a_stopped_launcher_holds_no_job_for_ever_and_is_replaced() {
     unsafe { libc::kill(stopped as i32, libc::SIGSTOP) };
     let a = client.submit(json!({"prompt": "while the launcher is stopped", "timeout_ms": 120000})).await;
     let job_id = a.body["job_id"].as_str().unwrap().to_string();
-    // It fails with the reason: the launcher had the request, so it may have started
-    // Claude, and the agent does not start it a second time.
     let job = client.wait_job(&job_id, Duration::from_secs(40)).await;
-    assert_eq!(job["state"], "failed", "{job}\n{}", agent.log());
-    assert!(job["result"]["error"].as_str().unwrap_or_default().contains("run the job again"), "{job}");
-    assert!(eventually(Duration::from_secs(5), || !alive(stopped as i32)).await, "the stopped launcher was left behind");
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", agent.log());
+    assert!(!alive(stopped as i32), "the stopped launcher was left behind");
+    let prompts: Vec<String> = agent.claude_runs().iter().map(|r| r["prompt"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(prompts, vec!["while the launcher is stopped".to_string()], "claude ran once");
     let next = client.execute(json!({"prompt": "after the stopped launcher", "timeout_ms": 15000})).await;
     assert_eq!(next.body["success"], true, "{}\n{}", next.text, agent.log());
     assert_ne!(launcher_of(&agent), Some(stopped));
+}
+
+/// A job stops the launcher (SIGSTOP; same user) and the agent is then SIGKILLed. Before
+/// the fix the launcher could stay, stopped, for ever: it learns of the agent's death from
+/// its socket's end, which a stopped process never reads. The kernel's rule for orphaned
+/// process groups (SIGHUP and SIGCONT to a stopped group its parent's death orphans) woke
+/// it only while no process of the session outside its group had a process in it: here
+/// one has (as a job's process can, with `setpgid`). Now the kernel kills the launcher
+/// with the agent (its parent-death signal), and the running job's tree dies too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_launcher_dies_with_the_agent() {
+    let (_edge, mut agent, client, _) = setup(&[], false).await;
+    let pidfile = agent.data.path().join("child.pid");
+    let a = client.submit(json!({"prompt": format!("@spawn_child={} @sleep=60000", pidfile.display())})).await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    assert!(eventually(Duration::from_secs(10), || pidfile.exists()).await, "{}", agent.log());
+    let child: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let claude = agent.claude_runs()[0]["pid"].as_i64().unwrap() as i32;
+    let launcher = launcher_of(&agent).expect("the agent's launcher") as i32;
+    // A process of this test's (another group, same session) in the launcher's group.
+    let mut member = {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("sleep").arg("30").process_group(launcher).spawn().expect("joins the launcher's group")
+    };
+    // SAFETY: a signal to a process this test found under the agent.
+    unsafe { libc::kill(launcher, libc::SIGSTOP) };
+    assert!(eventually(Duration::from_secs(5), || stopped(launcher)).await);
+    agent.kill();
+    let launcher_died = eventually(Duration::from_secs(5), || !alive(launcher)).await;
+    let _ = member.kill();
+    let _ = member.wait();
+    assert!(launcher_died, "the stopped launcher {launcher} outlived the agent");
+    assert!(eventually(Duration::from_secs(5), || !alive(claude)).await, "claude {claude} outlived the agent");
+    assert!(eventually(Duration::from_secs(5), || !alive(child)).await, "claude's child {child} outlived the agent");
+}
+
+/// Whether a process is stopped (state T in /proc/PID/stat).
+fn stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('T'))
 }
