@@ -387,13 +387,17 @@ impl Edge {
         }
     }
 
-    /// Jobs the agent runs that the edge already ended (cancelled, timed out, lost) or has
-    /// no record of must stop: nobody can receive their result.
+    /// Jobs the agent runs that the edge already ended (cancelled, timed out, lost), has
+    /// no record of, or has queued or on another agent must stop: nobody can receive their
+    /// result. (An agent comes to hold a job the edge has elsewhere only by an order held
+    /// back on the path and let through late, after the edge sent the job again: its copy
+    /// stops now, not at its end beside the other run.)
     fn stop_ended(&mut self, now: Now, session_id: &str, agent_id: &str, running: &[String], effects: &mut Vec<Effect>) {
         for id in running {
             let reason = match self.jobs.get(id) {
                 Some(job) if job.state.is_terminal() => "the edge already ended this job",
-                Some(_) => continue,
+                Some(job) if job.agent_id.as_deref() == Some(agent_id) => continue,
+                Some(_) => "the edge has this job queued or on another agent (this order reached the agent late)",
                 None => "the edge has no record of this job",
             };
             self.send_cancel(now, session_id, agent_id, id, reason, effects);
