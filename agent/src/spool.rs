@@ -360,7 +360,10 @@ impl Spool {
                     return Ok(());
                 }
                 match written {
-                    Ok(()) => kept.slots[n] = Slot::Holding { job_id: job_id.to_string(), result },
+                    Ok(()) => {
+                        kept.slots[n] = Slot::Holding { job_id: job_id.to_string(), result };
+                        tracing::debug!(job_id, slot = n, "result kept in its slot record until the edge acknowledges it");
+                    }
                     Err(_) => {
                         // Kept in memory; the slot's started record stays on disk until
                         // the slot is reused (a restart before then reports the job lost).

@@ -379,8 +379,9 @@ impl AgentProc {
         cmd.arg("agent")
             .args(&self.flags)
             .env_remove("ANTHROPIC_API_KEY")
-            .envs(self.args.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            // A test may ask for more of the agent's log (its own RUST_LOG comes after).
             .env("RUST_LOG", "info")
+            .envs(self.args.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);

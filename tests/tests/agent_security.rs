@@ -542,16 +542,20 @@ async fn a_result_waits_on_disk_until_the_edge_acknowledges_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_moved_out_of_its_slot_survives_a_crash_during_the_next_job() {
     let edge = FakeEdge::new().await;
-    let mut agent = edge.start_agent();
+    // The spool's debug line says when the first result is held in its slot (in memory as
+    // well as on disk): a job sent before that takes a record file of its own instead.
+    let mut agent = edge.start_agent_with(&[("RUST_LOG", "info,claude_runner::spool=debug")]);
     let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
     let t = now();
     send_job(&mut ws, Envelope::seal(Domain::Job, &order("first", "spark", t, t + 60_000, "unacknowledged"), &edge.edge_key)).await;
     while !matches!(recv(&mut ws).await.expect("the first result"), AgentMessage::Result { .. }) {}
     let data = agent.data.path().join("data");
     assert!(eventually(Duration::from_secs(5), || slot_record_names(&data, 0, "first") == (true, true)).await, "{}", agent.log());
+    let held = || agent.log().contains("result kept in its slot record until the edge acknowledges it");
+    assert!(eventually(Duration::from_secs(5), held).await, "{}", agent.log());
     send_job(&mut ws, Envelope::seal(Domain::Job, &order("second", "spark", t, t + 60_000, "@sleep=60000 cut short"), &edge.edge_key)).await;
     assert!(eventually(Duration::from_secs(10), || agent.claude_runs().len() == 2).await, "{}", agent.log());
-    assert!(data.join("spool/first.json").exists(), "moved out of the slot");
+    assert!(data.join("spool/first.json").exists(), "moved out of the slot\n{}", agent.log());
     assert_eq!(slot_record_names(&data, 0, "second"), (true, false));
     agent.kill();
     drop(ws);
