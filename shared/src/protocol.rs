@@ -36,6 +36,9 @@
 //!   a made-up shortage holds work back, like holding frames. The edge caps `received` at
 //!   what it sent, and settles jobs only on the signed heartbeat's statement.
 //! - `Mirrors` is a routing preference; `OrderRefused` names no job (counted and logged).
+//! - None of these keeps a connection alive: the edge hears a proven agent in its signed
+//!   heartbeats alone, so frames made up on the path cannot keep a gone agent
+//!   "connected" (its jobs never lost, `/health` saying it is there).
 //! - From the edge: the `Challenge` (a made-up nonce only fails the handshake), the
 //!   `HeartbeatAck` (liveness) and the `Goodbye` (the path can close the socket anyway).
 //!

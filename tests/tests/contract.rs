@@ -941,8 +941,10 @@ async fn unknown_jobs_and_routes_are_404(kind: EdgeKind) {
     assert_eq!(s.client.get("/nope").await.status, 404);
 }
 
-/// A hand-driven agent: proves its identity, then says nothing more while keeping the
-/// TCP connection open — a half-open agent, as after a network cut.
+/// A hand-driven agent: proves its identity, then sends no heartbeat while keeping the
+/// TCP connection open — a half-open agent, as after a network cut — and whoever sits on
+/// the path keeps sending what anyone can make (credits, refusals naming no job): only
+/// the agent's signed heartbeats count as hearing from it.
 async fn a_silent_agent_is_reported_offline_within_two_heartbeats(kind: EdgeKind) {
     use futures_util::{SinkExt, StreamExt};
     use shared::envelope::{Domain, Envelope};
@@ -976,14 +978,25 @@ async fn a_silent_agent_is_reported_offline_within_two_heartbeats(kind: EdgeKind
     ws.send(Message::Text(msg.to_text().into())).await.unwrap();
     client.wait_online().await;
     let online_at = Instant::now();
-    // Stop reading and writing; keep the socket.
+    // Stop reading; keep the socket, and talk on it as the path could.
+    let (mut sink, _stream) = ws.split();
+    let chatter = tokio::spawn(async move {
+        loop {
+            for frame in [AgentMessage::Credit { slots: Default::default() }, AgentMessage::OrderRefused { reason: "x".into() }] {
+                if sink.send(Message::Text(frame.to_text().into())).await.is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
     client.wait_health(503).await;
     let took = online_at.elapsed();
     assert!(took >= Duration::from_millis(900), "dropped too early ({took:?}): silence shorter than two intervals is allowed");
     // Two intervals (2 s) plus generous slack for a loaded machine.
     assert!(took < Duration::from_secs(5), "noticed late ({took:?})");
     assert_eq!(client.execute(json!({"prompt": "x"})).await.status, 503);
-    drop(ws);
+    chatter.abort();
 }
 
 /// Anyone can open connections to `/agent/connect`; 80 that never prove themselves,

@@ -240,7 +240,7 @@ impl Session {
     }
 
     /// When the edge must act on this connection if the agent stays silent: a handshake
-    /// not finished in time, or no message for two heartbeat intervals.
+    /// not finished in time, or no heartbeat taken for two heartbeat intervals (`last_seen`).
     pub fn deadline(&self, heartbeat_interval_ms: u64) -> Millis {
         match self.phase {
             Phase::Challenged { .. } => self.connected_at + HANDSHAKE_TIMEOUT_MS,

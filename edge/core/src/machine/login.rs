@@ -144,18 +144,24 @@ impl Edge {
         verdict(now, self.ready().map(|(_, a)| a).filter(|a| placement.fits(&a.agent_id, &a.labels)))
     }
 
-    /// Why a new job of this kind is refused at once, if it is. An `/execute` job
-    /// ([`Mode::Wait`]) is judged by the agents that fit it ([`Edge::unplaceable`] has
-    /// said that some do); a `POST /jobs` job by the pool, and it waits unless the usage
-    /// window is used up and it asked not to wait for it.
+    /// Why a new job of this kind is refused at once, if it is. Both kinds are judged by
+    /// the agents that fit them: an `/execute` job ([`Mode::Wait`]; [`Edge::unplaceable`]
+    /// has said that some do) when none of them can run it now; a `POST /jobs` job waits,
+    /// unless it asked not to wait for the usage window ([`Edge::impatient`]) and theirs is
+    /// used up.
     pub(super) fn refusal(&self, now: Now, mode: Mode, submission: &Submission) -> Option<ApiError> {
+        let refused = self.unrunnable(now, &submission.placement);
         match mode {
-            Mode::Wait => self.unrunnable(now, &submission.placement),
-            Mode::Detached => match self.availability(now) {
-                Availability::UsageLimited { until } if !submission.wait_for_usage => Some(ApiError::usage_limit(until)),
-                _ => None,
-            },
+            Mode::Wait => refused,
+            Mode::Detached => refused.filter(|_| !submission.wait_for_usage).filter(Self::impatient),
         }
+    }
+
+    /// Whether a `POST /jobs` job that asked not to wait for the usage window
+    /// (`wait_for_usage: false`) ends on this refusal of its fitting agents: on theirs
+    /// being used up, as an `/execute` job would; a login it waits for like any job.
+    fn impatient(refused: &ApiError) -> bool {
+        refused.body.error_code == ErrorCode::UsageLimit
     }
 
     /// Why no agent that fits this placement can run a job now — each one's login needs a
@@ -195,18 +201,10 @@ impl Edge {
 
     /// Ends the queued jobs that must not wait for what keeps the agents from working
     /// (an `/execute` caller falls back at once once no agent that fits its job can run
-    /// it; a job that asked not to wait for the pool's usage window ends), then sends what
+    /// it; a job that asked not to wait for the usage window ends once that of the agents that fit it is used up), then sends what
     /// can go.
     pub(super) fn settle_queue(&mut self, now: Now, effects: &mut Vec<Effect>) {
         let mut ended: Vec<(String, ApiError)> = Vec::new();
-        let pool = self.availability(now);
-        if let Availability::UsageLimited { until } = pool {
-            let detached = self.queue.ids().filter(|id| {
-                let job = &self.jobs[*id];
-                job.mode == Mode::Detached && !job.wait_for_usage
-            });
-            ended.extend(detached.map(|id| (id.clone(), ApiError::usage_limit(until))));
-        }
         // While every agent not paused takes work, no job's fitting agents are all kept
         // from it: the walk through the queue is skipped (this runs at every heartbeat).
         let all_work = self.ready().all(|(_, a)| a.paused || a.takes_work(now));
@@ -214,14 +212,15 @@ impl Edge {
             let mut verdicts: HashMap<(&Labels, Option<&str>), Option<ApiError>> = HashMap::new();
             for id in self.queue.ids() {
                 let job = &self.jobs[id];
-                if job.mode != Mode::Wait {
+                if job.mode == Mode::Detached && job.wait_for_usage {
                     continue;
                 }
                 let placement = &job.placement;
                 let need = (&placement.labels, placement.agent_id.as_deref());
                 let refused = verdicts.entry(need).or_insert_with(|| self.unrunnable(now, placement));
-                if let Some(err) = refused {
-                    ended.push((id.clone(), err.clone()));
+                match refused {
+                    Some(err) if job.mode == Mode::Wait || Self::impatient(err) => ended.push((id.clone(), err.clone())),
+                    _ => {}
                 }
             }
         }

@@ -184,7 +184,12 @@ impl Edge {
         let Some(session) = self.sessions.get_mut(session_id) else {
             return Self::unknown_connection(session_id);
         };
-        session.last_seen = now.at;
+        // A proven agent is heard in its heartbeats alone ([`Edge::take_beat`]): any other
+        // frame anyone on the path can make or play back, and would keep a gone agent
+        // "connected" — its jobs never lost, `/health` saying it is there.
+        if session.agent().is_none() {
+            session.last_seen = now.at;
+        }
         if text.len() > session.frame_limit() {
             // Before the hello is verified only a hello's worth: anyone can open connections.
             let (limit, source) = (session.frame_limit(), session.source.clone());
@@ -382,13 +387,17 @@ impl Edge {
         }
     }
 
-    /// Jobs the agent runs that the edge already ended (cancelled, timed out, lost) or has
-    /// no record of must stop: nobody can receive their result.
+    /// Jobs the agent runs that the edge already ended (cancelled, timed out, lost), has
+    /// no record of, or has queued or on another agent must stop: nobody can receive their
+    /// result. (An agent comes to hold a job the edge has elsewhere only by an order held
+    /// back on the path and let through late, after the edge sent the job again: its copy
+    /// stops now, not at its end beside the other run.)
     fn stop_ended(&mut self, now: Now, session_id: &str, agent_id: &str, running: &[String], effects: &mut Vec<Effect>) {
         for id in running {
             let reason = match self.jobs.get(id) {
                 Some(job) if job.state.is_terminal() => "the edge already ended this job",
-                Some(_) => continue,
+                Some(job) if job.agent_id.as_deref() == Some(agent_id) => continue,
+                Some(_) => "the edge has this job queued or on another agent (this order reached the agent late)",
                 None => "the edge has no record of this job",
             };
             self.send_cancel(now, session_id, agent_id, id, reason, effects);
@@ -402,7 +411,7 @@ impl Edge {
                 // It settles jobs (reconciliation): the agent's own, for this connection, newer
                 // than the last one taken — or nothing.
                 let Some(beat) = self.open_report::<Beat>(session_id, &agent_id, &envelope, Domain::Heartbeat) else { return };
-                let Some(Beat { running, capacity, oauth, slots, claude_version: version, .. }) = self.take_beat(session_id, &agent_id, beat) else { return };
+                let Some(Beat { running, capacity, oauth, slots, claude_version: version, .. }) = self.take_beat(now, session_id, &agent_id, beat) else { return };
                 let session = self.session_mut(session_id).expect("session exists");
                 let agent = session.agent_mut().expect("ready session");
                 agent.capacity = capacity;
@@ -544,18 +553,21 @@ impl Edge {
     }
 
     /// A verified heartbeat, if it is for this connection and newer than the last one taken
-    /// (which it then becomes); else `None`, logged (the agent's own signature, so not
+    /// (which it then becomes, and the moment the agent was last heard); else `None`, logged (the agent's own signature, so not
     /// counted as a forgery, like progress shown already): one captured on the path
     /// and played back, here or on another connection, could say the agent no longer
     /// holds a job it took since.
-    fn take_beat(&mut self, session_id: &str, agent_id: &str, beat: Beat) -> Option<Beat> {
-        let agent = self.session_mut(session_id).and_then(|s| s.agent_mut()).expect("ready session");
+    fn take_beat(&mut self, now: Now, session_id: &str, agent_id: &str, beat: Beat) -> Option<Beat> {
+        let session = self.session_mut(session_id).expect("ready session");
+        let agent = session.agent_mut().expect("ready session");
         let why = if beat.challenge != agent.challenge {
             "it was made for another connection"
         } else if beat.seq <= agent.beat {
             "it is not newer than the last one taken (replayed)"
         } else {
             agent.beat = beat.seq;
+            // The agent's own word, new on this connection: it is there.
+            session.last_seen = now.at;
             return Some(beat);
         };
         warn!(agent_id = %agent_id, session = session_id, seq = beat.seq, why, "a heartbeat refused");

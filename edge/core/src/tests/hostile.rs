@@ -452,3 +452,71 @@ fn heartbeats_made_up_altered_or_played_back_never_end_a_running_job_lost() {
     let done = finished(&pulse(&mut edge, 17, &sid, beat(&[], 1, 1)));
     assert_eq!((done[0].0.as_str(), done[0].2["error_code"].as_str()), ("j1", Some("RUNNER_LOST")));
 }
+
+/// Whoever sits on the path cannot keep a gone agent "connected": the edge hears the
+/// agent in its signed heartbeats, fresh on this connection. Frames anyone can make —
+/// credits, acceptances, refusals naming no job, mirror lists, garbage-signed reports, a
+/// played-back heartbeat — do not push the silence deadline back, so a dead agent is
+/// dropped within two heartbeat intervals and its job waits for it only `LOST_AFTER_MS`
+/// (then ends `lost`, its caller sent elsewhere), not until its timeout an hour later;
+/// and `/health` stops saying it is there.
+#[test]
+fn frames_anyone_can_make_do_not_keep_a_gone_agent_connected() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &sid, credit(1, 0));
+    edge.submit(1, "j".into(), submission("x", 3_600_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 2, &sid, AgentMessage::Accepted { job_id: "j".into() });
+    let kept = signed(&edge, &sid, beat(&["j"], 0, 1));
+    let last = 500;
+    pulse(&mut edge, last, &sid, beat(&["j"], 0, 1));
+    let forged_result = AgentMessage::result("j", "j:1", ok_result(), &agent_key(9));
+    // The agent is gone; the path keeps talking, several times an interval.
+    let mut t = last;
+    while t + HB / 4 < last + 2 * HB {
+        t += HB / 4;
+        for frame in [
+            credit(1, 1),
+            AgentMessage::Accepted { job_id: "j".into() },
+            AgentMessage::OrderRefused { reason: "x".into() },
+            AgentMessage::Mirrors { names: vec![] },
+            forged_result.clone(),
+            kept.clone(),
+        ] {
+            assert!(closed(&say(&mut edge, t, &sid, frame)).is_none());
+        }
+    }
+    let (code, _) = closed(&edge.tick(last + 2 * HB)).expect("the silent agent is dropped");
+    assert_eq!(code, close::SILENT);
+    assert!(!edge.is_online());
+    let ended = finished(&edge.tick(last + 2 * HB + LOST));
+    assert_eq!((ended[0].0.as_str(), ended[0].2["error_code"].as_str()), ("j", Some("RUNNER_LOST")), "{ended:?}");
+}
+
+/// An order the path held back and let through late (after a made-up frame had the
+/// agent's heartbeat count it as received, so the edge sent the job again elsewhere)
+/// reaches the agent it named, which starts it: the agent's next heartbeat names a job
+/// the edge has on another agent. That copy must stop at once — the agent is told to
+/// cancel it — not run to its end beside the other (Claude twice, pushed twice).
+#[test]
+fn a_job_an_agent_holds_that_the_edge_has_elsewhere_is_stopped_there() {
+    let mut edge = Edge::new(config(), 0);
+    let (spark, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &spark, credit(1, 0));
+    edge.submit(1, "j".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    assert_eq!(edge.job("j").unwrap().agent_id.as_deref(), Some("spark"));
+    // Spark says it received one order and holds nothing: the job goes to laptop.
+    let (laptop, _) = join(&mut edge, 2, "laptop", &agent_key(2), vec![], 2);
+    say(&mut edge, 2, &laptop, credit(1, 0));
+    pulse(&mut edge, 3, &spark, beat(&[], 0, 1));
+    assert_eq!(edge.job("j").unwrap().agent_id.as_deref(), Some("laptop"));
+    // The held order reaches spark, which runs it and says so.
+    let effects = pulse(&mut edge, 4, &spark, beat(&["j"], 0, 1));
+    let told = sent(&effects, &spark).into_iter().any(|m| match m {
+        EdgeMessage::Cancel { envelope } => serde_json::from_str::<shared::protocol::CancelOrder>(&envelope.payload).unwrap().header.job_id == "j",
+        _ => false,
+    });
+    assert!(told, "spark's copy is cancelled: {effects:?}");
+    assert!(finished(&effects).is_empty());
+    assert_eq!(edge.job("j").unwrap().agent_id.as_deref(), Some("laptop"), "laptop's run stands");
+}

@@ -580,3 +580,33 @@ fn a_held_job_says_its_fitting_agents_login_when_its_wait_runs_out() {
     let (_, _, body) = ended.iter().find(|(id, _, _)| *id == held).expect("its wait ran out");
     assert_eq!(body["error_code"], "RUNNER_OAUTH_ERROR", "the gpu agent's login, not a plain timeout: {body}");
 }
+
+/// `wait_for_usage: false` asks `POST /jobs` to be refused at once "like `/execute`", and
+/// `/execute` judges the usage window by the agents that fit the job: a gpu job whose only
+/// gpu agent used its window is refused at once, and one already queued ends, though
+/// another agent (which the job does not fit) still works — not held for QUEUE_TTL_MS.
+#[test]
+fn a_job_that_will_not_wait_for_the_window_is_judged_by_the_agents_that_fit_it() {
+    use shared::usage::{UsageStatus, UsageWindow};
+    let mut edge = Edge::new(three_agents(), 0);
+    enter(&mut edge, 0, "spark", 1, 4, "gpu=none", &[]);
+    let gpu = enter(&mut edge, 0, "gpu", 3, 1, "gpu=a100", &[]);
+    // Queued behind a busy gpu before its window runs out.
+    let busy = submit(&mut edge, 1, SECRET, json!({"prompt": "x", "labels": "gpu=a100"}));
+    let queued = submit(&mut edge, 2, SECRET, json!({"prompt": "x", "labels": "gpu=a100", "wait_for_usage": false}));
+    let waits = submit(&mut edge, 3, SECRET, json!({"prompt": "x", "labels": "gpu=a100"}));
+    say(&mut edge, 4, &gpu, AgentMessage::Accepted { job_id: busy.clone() });
+    let reset = 3_600_000;
+    let usage = UsageWindow { status: UsageStatus::Rejected, kind: Some("five_hour".into()), resets_at: Some(reset), utilization: None, seen_at: 0 };
+    let effects = beat_with(&mut edge, 5, &gpu, 3, 1, &[busy.as_str()], 1, OAuthReport { usage: Some(usage), ..oauth() });
+    assert_eq!(edge.availability(5), crate::machine::Availability::Ready, "spark still works");
+    let ended = finished(&effects);
+    let (_, _, body) = ended.iter().find(|(id, _, _)| *id == queued).unwrap_or_else(|| panic!("the job that would not wait ended: {ended:?}"));
+    assert_eq!(body["error_code"], "USAGE_LIMIT", "{body}");
+    assert_eq!(edge.job(&waits).unwrap().state, JobState::Queued, "a job that waits for the window waits");
+    let h = request(&mut edge, 1_000, SECRET, "POST", "/jobs", json!({"prompt": "x", "labels": "gpu=a100", "wait_for_usage": false}));
+    let (status, body) = answer(&h);
+    assert_eq!((status, body["error_code"].as_str(), body["retry_at"].as_str()), (503, Some("USAGE_LIMIT"), Some(shared::time::rfc3339(reset).as_str())), "{body}");
+    // A job spark fits is taken as ever.
+    submit(&mut edge, 1_001, SECRET, json!({"prompt": "x", "wait_for_usage": false}));
+}
