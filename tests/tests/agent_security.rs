@@ -692,3 +692,67 @@ async fn heartbeats_and_refusals_are_signed_bound_and_numbered() {
     let runs = agent.claude_runs();
     assert_eq!(runs.len(), 1, "the refused order never ran: {runs:?}");
 }
+
+/// An order the path held back from one connection and delivers on the next, after the
+/// edge (rightly, on the agent's hello) sent the job again and the agent ran it: the
+/// held order is still signed, unexpired and of a nonce the agent never saw, so — unless
+/// the agent ties orders to their connection — it runs the job a second time. The edge
+/// reads the second result as a duplicate; the caller never knows Claude ran twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_held_back_from_an_earlier_connection_never_runs_a_job_twice() {
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let t = now();
+    let attempt = |n: u32| {
+        let mut o = order("held", "spark", t, t + 60_000, "run me once");
+        o.header.nonce = format!("held:{n}");
+        Envelope::seal(Domain::Job, &o, &edge.edge_key)
+    };
+    // Connection 1: the edge sends attempt 1; the path keeps it and cuts the connection.
+    let (ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    let held = attempt(1);
+    drop(ws);
+    // Connection 2: the hello names no such job, so the edge sends it again (attempt 2);
+    // it runs, its result is stored and acknowledged.
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.unwrap().running.is_empty());
+    assert!(matches!(answer(&mut ws, attempt(2)).await, AgentMessage::Accepted { .. }));
+    loop {
+        if let Some(AgentMessage::Result { envelope }) = recv(&mut ws).await {
+            assert_eq!(edge.report(&envelope).order_nonce, "held:2");
+            break;
+        }
+    }
+    ws.send(Message::Text(EdgeMessage::result_ack("held", "spark", &edge.edge_key).to_text().into())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The path now delivers the order it held.
+    send_job(&mut ws, held).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(agent.claude_runs().len(), 1, "the job ran twice: {:?}\n{}", agent.claude_runs(), agent.log());
+}
+
+/// Within one connection: the path holds an order back and slips in a frame of its own
+/// in its place. The agent counts every job frame in `received`, so its next signed
+/// heartbeat tells the edge the order arrived and is not held — the edge sends the job
+/// again (another agent, or this one), and the held order, delivered later, runs it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_made_up_on_the_path_never_counts_as_an_order_received() {
+    let edge = FakeEdge::new().await;
+    let _agent = edge.start_agent();
+    let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    // The edge's order 1 is held on the path; in its place a job frame no one signed.
+    let mut forged = order("forged", "spark", now(), now() + 60_000, "x");
+    forged.header.nonce = "forged:1".into();
+    let forged = Envelope::seal(Domain::Job, &forged, &random_key());
+    assert!(edge.named(&answer(&mut ws, forged).await).is_none());
+    let beat = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a heartbeat");
+        let Some(Ok(Message::Text(text))) = frame else { panic!("ended: {frame:?}") };
+        if let Ok(AgentMessage::Heartbeat { envelope }) = serde_json::from_str::<AgentMessage>(&text) {
+            break envelope.open::<Beat>(Domain::Heartbeat, &edge.agent_key.verifying_key()).unwrap();
+        }
+    };
+    // No order of the edge's reached the agent: a statement of 1 received would have the
+    // edge settle the held order as "arrived and dropped", and send its job again.
+    assert_eq!(beat.slots.received, 0, "a forged frame counted as an order received: {beat:?}");
+}
