@@ -14,7 +14,7 @@ use crate::spool::Spool;
 use crate::status::StatusFile;
 use futures_util::FutureExt;
 use shared::contract::ErrorCode;
-use shared::envelope::{open_order, Audience, Domain, Envelope, OrderHeader, Refusal};
+use shared::envelope::{check_order, Audience, Domain, Envelope, OrderHeader, Refusal};
 use shared::job::JobResult;
 use shared::oauth::OAuthReport;
 use shared::protocol::{AgentMessage, Beat, CancelOrder, JobOrder, LoginOrder, Slots};
@@ -234,14 +234,19 @@ impl Agent {
     /// Tells the edge an order was refused. The edge settles a job on a refusal that names
     /// it, so a name is given only when it is the edge's own: read from an order whose
     /// signature verified, for a job order (a cancel that fails changes nothing about its
-    /// job), and not for a replay (the first copy of that order was handled already).
+    /// job), and not for a replay or an order out of its connection's sequence (the first
+    /// copy of that order may have been taken already).
     /// Such a refusal is signed and bound to the order's nonce ([`Agent::reject`]).
     /// Anything else — garbage, a forgery, a tampered frame — names no job: whoever sent it
     /// cannot make the edge fail a job by it.
     fn refuse(&self, domain: Domain, order: Option<&OrderHeader>, refusal: &Refusal) {
         let named = match refusal {
             _ if domain != Domain::Job => None,
-            Refusal::Signature(_) | Refusal::Replay { .. } => None,
+            // An order of another connection, or numbered at or below one taken, may be a
+            // copy of one taken (its job running here): naming it would have the edge
+            // settle a running job. The edge settles it by the hello, or by the heartbeat's
+            // `received`, which is past it.
+            Refusal::Signature(_) | Refusal::Replay { .. } | Refusal::OtherConnection | Refusal::OutOfOrder { .. } => None,
             Refusal::WrongAgent { .. } | Refusal::WrongPool { .. } | Refusal::Expired { .. } | Refusal::FromTheFuture { .. } => order,
         };
         // Logged only when it is a plain id: a log line is no place for arbitrary text.
@@ -262,28 +267,37 @@ impl Agent {
         let _ = self.uplink.send(msg);
     }
 
-    fn verify<T: serde::de::DeserializeOwned + shared::envelope::HasHeader>(&self, envelope: &Envelope, domain: Domain) -> Option<T> {
+    /// An order whose signature verified, or `None` after refusing it (naming no order:
+    /// nothing of an unverified frame is read).
+    fn open<T: serde::de::DeserializeOwned>(&self, envelope: &Envelope, domain: Domain) -> Option<T> {
+        match envelope.open(domain, &self.cfg.edge_public_key) {
+            Ok(order) => Some(order),
+            Err(e) => {
+                self.refuse(domain, None, &Refusal::Signature(e));
+                None
+            }
+        }
+    }
+
+    /// Whether a verified order is for this agent and pool, fresh, and new (its nonce
+    /// never seen); refused otherwise.
+    fn admit(&self, header: &OrderHeader, domain: Domain) -> bool {
         let now = crate::now_ms();
         let me = Audience { agent_id: &self.cfg.agent_id, pool: &self.cfg.pool };
-        let order: T = match open_order(envelope, domain, &self.cfg.edge_public_key, me, now) {
-            Ok(o) => o,
-            Err(refusal) => {
-                // Only a refusal after the signature verified has a header worth reading,
-                // and then from the verified payload.
-                let header = match &refusal {
-                    Refusal::Signature(_) => None,
-                    _ => serde_json::from_str::<OrderHeader>(&envelope.payload).ok(),
-                };
-                self.refuse(domain, header.as_ref(), &refusal);
-                return None;
-            }
-        };
-        let header = order.header();
+        if let Err(refusal) = check_order(header, me, now) {
+            self.refuse(domain, Some(header), &refusal);
+            return false;
+        }
         if !self.replay.lock().expect("replay lock").admit(&header.nonce, header.expires_at, now) {
             self.refuse(domain, Some(header), &Refusal::Replay { nonce: header.nonce.clone() });
-            return None;
+            return false;
         }
-        Some(order)
+        true
+    }
+
+    fn verify<T: serde::de::DeserializeOwned + shared::envelope::HasHeader>(&self, envelope: &Envelope, domain: Domain) -> Option<T> {
+        let order: T = self.open(envelope, domain)?;
+        self.admit(order.header(), domain).then_some(order)
     }
 
     /// A signed job arrived: verify it and start it, or refuse it. Nothing runs unless
@@ -291,9 +305,18 @@ impl Agent {
     /// agent has of it (it runs: `Accepted`; it ended: its result), never dropped.
     pub fn on_job(self: &Arc<Self>, envelope: &Envelope) {
         let mut running = self.running.lock().expect("running lock");
-        // Every order the edge sent counts, whatever becomes of it (see Slots).
-        running.received += 1;
-        let Some(order) = self.verify::<JobOrder>(envelope, Domain::Job) else { return };
+        let Some(order) = self.open::<JobOrder>(envelope, Domain::Job) else { return };
+        // Taken on its own connection only, each number once and in order; counted once its
+        // signature verified, whatever becomes of it then (see Slots) — a frame made up on
+        // the path never counts, so it cannot have the edge settle a held order as arrived.
+        if let Err(refusal) = order.bind(&running.challenge, running.received) {
+            self.refuse(Domain::Job, Some(&order.header), &refusal);
+            return;
+        }
+        running.received = order.order_no;
+        if !self.admit(&order.header, Domain::Job) {
+            return;
+        }
         let job_id = order.header.job_id.clone();
         if !shared::ids::plain_id(&job_id, shared::ids::MAX_JOB_ID) {
             // Signed by the edge, so its own id, but not one for a log line or a file name.

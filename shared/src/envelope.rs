@@ -156,6 +156,10 @@ pub enum Refusal {
     FromTheFuture { issued_at: Millis, now: Millis },
     #[error("replayed order: nonce `{nonce}` was already used")]
     Replay { nonce: String },
+    #[error("the order was sent on another connection to the edge (replayed, or held back on the path): nothing ran; the edge sends its job again if it still should")]
+    OtherConnection,
+    #[error("order {order_no} arrived after order {highest} on this connection (replayed, or held back or reordered on the path): nothing ran")]
+    OutOfOrder { order_no: u64, highest: u64 },
 }
 
 /// Verifies an order's signature, audience and freshness. Replays are the caller's to
@@ -168,7 +172,12 @@ pub fn open_order<T: DeserializeOwned + HasHeader>(
     now: Millis,
 ) -> Result<T, Refusal> {
     let order: T = envelope.open(domain, edge_key).map_err(Refusal::Signature)?;
-    let h = order.header();
+    check_order(order.header(), me, now)?;
+    Ok(order)
+}
+
+/// An order's audience and freshness, once its signature verified.
+pub fn check_order(h: &OrderHeader, me: Audience<'_>, now: Millis) -> Result<(), Refusal> {
     if h.agent_id != me.agent_id {
         return Err(Refusal::WrongAgent { for_agent: h.agent_id.clone(), me: me.agent_id.to_string() });
     }
@@ -181,7 +190,7 @@ pub fn open_order<T: DeserializeOwned + HasHeader>(
     if h.issued_at > now.saturating_add(CLOCK_SKEW_MS) {
         return Err(Refusal::FromTheFuture { issued_at: h.issued_at, now });
     }
-    Ok(order)
+    Ok(())
 }
 
 pub trait HasHeader {

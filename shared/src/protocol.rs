@@ -46,7 +46,7 @@
 //! versions: agent and edge are upgraded together. Message kinds a peer does not know decode as `Unknown` and are ignored, so
 //! new kinds can be added without breaking older peers.
 
-use crate::envelope::{Domain, Envelope, HasHeader, OrderHeader};
+use crate::envelope::{Domain, Envelope, HasHeader, OrderHeader, Refusal};
 use ed25519_dalek::SigningKey;
 use crate::job::{JobResult, JobSpec};
 use crate::oauth::OAuthReport;
@@ -67,7 +67,14 @@ use serde::{Deserialize, Serialize};
 /// ([`Rejection`], [`Beat`]); refusals that name no order travel apart, unsigned
 /// (`OrderRefused`). A version-5 edge would take unsigned ones, which anyone on the path
 /// could make up to have a running job sent again (run twice) or ended `lost`.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 7: job orders bound to their connection's challenge and numbered on it
+/// ([`JobOrder::challenge`], [`JobOrder::order_no`]); the agent takes each number once, in
+/// order, on that connection only, and states as `received` the highest it took after its
+/// signature verified. A version-6 agent would run an order the path held back from an
+/// earlier connection after the edge had sent its job again, and would count a made-up
+/// job frame as an order received (so the edge sends a held order's job again, and the
+/// held order, let through later, runs it a second time).
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
@@ -180,8 +187,10 @@ pub enum AgentMessage {
     Unknown,
 }
 
-/// The agent's slots, stated absolutely: how many jobs it could start now, and how many
-/// job orders it had received on this connection when it said so. The edge may send
+/// The agent's slots, stated absolutely: how many jobs it could start now, and the number
+/// of the last job order it had received on this connection when it said so (the highest
+/// [`JobOrder::order_no`] whose signature verified; every order numbered up to it either
+/// arrived or never will be taken). The edge may send
 /// `free - (orders sent - received)` more: orders still on the way are counted against
 /// the statement, so a statement that crossed an order never over-fills the agent, and
 /// a lost or late statement is made good by the next one (every heartbeat carries one).
@@ -322,7 +331,30 @@ pub struct Welcome {
 pub struct JobOrder {
     #[serde(flatten)]
     pub header: OrderHeader,
+    /// The challenge nonce of the connection the edge sent it on: the agent takes it on
+    /// that connection only, so an order held back on the path and delivered on a later
+    /// one — after the edge, on the agent's hello, sent the job again — never runs.
+    pub challenge: String,
+    /// Its number on that connection (1, 2, … in the order sent): the agent takes each
+    /// number once and in order, and states the highest it took as [`Slots::received`].
+    pub order_no: u64,
     pub spec: JobSpec,
+}
+
+impl JobOrder {
+    /// Whether this order, verified, may be taken on the connection of `challenge`, where
+    /// the highest order number taken so far is `highest`. One the path held back past a
+    /// later one (or past the connection's end) is refused: by then the agent's statement
+    /// of `received` has the edge settle it as arrived and not held, and send it again.
+    pub fn bind(&self, challenge: &str, highest: u64) -> Result<(), Refusal> {
+        if self.challenge != challenge {
+            return Err(Refusal::OtherConnection);
+        }
+        if self.order_no <= highest {
+            return Err(Refusal::OutOfOrder { order_no: self.order_no, highest });
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -440,6 +472,45 @@ pub fn decode<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn job_order(challenge: &str, order_no: u64) -> JobOrder {
+        let header = OrderHeader::new("j1", crate::envelope::Audience { agent_id: "spark", pool: "default" }, 1_000, "j1:1".into());
+        let spec: JobSpec = serde_json::from_str(r#"{"prompt":"x","timeout_ms":1000}"#).unwrap();
+        JobOrder { header, challenge: challenge.into(), order_no, spec }
+    }
+
+    #[test]
+    fn a_job_order_is_taken_on_its_own_connection_once_and_in_order() {
+        // A new connection's first order is 1.
+        assert_eq!(job_order("c2", 1).bind("c2", 0), Ok(()));
+        // A gap (an order held back on the path) is taken: the held one is refused later.
+        assert_eq!(job_order("c2", 3).bind("c2", 1), Ok(()));
+        assert_eq!(job_order("c2", 2).bind("c2", 3), Err(Refusal::OutOfOrder { order_no: 2, highest: 3 }));
+        // The same number again (a replay of the frame).
+        assert_eq!(job_order("c2", 3).bind("c2", 3), Err(Refusal::OutOfOrder { order_no: 3, highest: 3 }));
+        // An order 0 is never the edge's (it numbers from 1).
+        assert_eq!(job_order("c2", 0).bind("c2", 0), Err(Refusal::OutOfOrder { order_no: 0, highest: 0 }));
+        // An earlier connection's, whatever its number.
+        assert_eq!(job_order("c1", 9).bind("c2", 0), Err(Refusal::OtherConnection));
+        assert_eq!(job_order("", 1).bind("c2", 0), Err(Refusal::OtherConnection));
+    }
+
+    #[test]
+    fn a_job_order_carries_its_connection_inside_the_signature() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let envelope = Envelope::seal(Domain::Job, &job_order("c1", 4), &key);
+        let opened: JobOrder = envelope.open(Domain::Job, &key.verifying_key()).unwrap();
+        assert_eq!((opened.challenge.as_str(), opened.order_no), ("c1", 4));
+        // Moved to another connection or renumbered on the path: the signature breaks.
+        for (from, to) in [(r#""challenge":"c1""#, r#""challenge":"c2""#), (r#""order_no":4"#, r#""order_no":5"#)] {
+            assert!(envelope.payload.contains(from), "{}", envelope.payload);
+            let moved = Envelope { payload: envelope.payload.replace(from, to), sig: envelope.sig.clone() };
+            assert!(moved.open::<JobOrder>(Domain::Job, &key.verifying_key()).is_err());
+        }
+        // An order without them (a version-6 edge's) does not decode.
+        let old = serde_json::json!({"job_id":"j1","agent_id":"spark","pool":"default","issued_at":1,"expires_at":2,"nonce":"n","spec":{"prompt":"x","timeout_ms":1000}});
+        assert!(serde_json::from_value::<JobOrder>(old).is_err());
+    }
 
     #[test]
     fn unknown_kinds_decode_as_unknown() {

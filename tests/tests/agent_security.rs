@@ -27,11 +27,19 @@ struct FakeEdge {
     listener: TcpListener,
     edge_key: SigningKey,
     agent_key: SigningKey,
+    /// The last connection's challenge and the number of job orders made for it: an
+    /// order is bound to both, as the edge's are.
+    connection: std::sync::Mutex<(String, u64)>,
 }
 
 impl FakeEdge {
     async fn new() -> FakeEdge {
-        FakeEdge { listener: TcpListener::bind("127.0.0.1:0").await.unwrap(), edge_key: random_key(), agent_key: random_key() }
+        FakeEdge {
+            listener: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            edge_key: random_key(),
+            agent_key: random_key(),
+            connection: Default::default(),
+        }
     }
 
     fn url(&self) -> String {
@@ -102,6 +110,7 @@ impl FakeEdge {
             _ => return (ws, None),
         };
         assert_eq!(hello.challenge, nonce);
+        *self.connection.lock().unwrap() = (nonce, 0);
         let welcome = Welcome {
             protocol: PROTOCOL_VERSION,
             agent_id: hello.agent_id.clone(),
@@ -154,8 +163,21 @@ fn spec(prompt: &str) -> JobSpec {
     }
 }
 
+impl FakeEdge {
+    /// The next job order on the last connection, as the edge makes them: bound to the
+    /// connection's challenge, numbered in the order made.
+    fn order(&self, job_id: &str, agent: &str, issued_at: u64, expires_at: u64, prompt: &str) -> JobOrder {
+        let mut connection = self.connection.lock().unwrap();
+        connection.1 += 1;
+        JobOrder { challenge: connection.0.clone(), order_no: connection.1, ..order(job_id, agent, issued_at, expires_at, prompt) }
+    }
+}
+
+/// A job order bound to no connection (its challenge empty, numbered 0).
 fn order(job_id: &str, agent: &str, issued_at: u64, expires_at: u64, prompt: &str) -> JobOrder {
     JobOrder {
+        challenge: String::new(),
+        order_no: 0,
         header: OrderHeader {
             job_id: job_id.into(),
             agent_id: agent.into(),
@@ -204,39 +226,39 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
 
     // Signed by a key that is not the edge's. The refusal names no job: the id inside is
     // the forger's word, and the edge settles a job its agent refuses by name.
-    let forged = Envelope::seal(Domain::Job, &order("forged", "spark", t, t + 60_000, "@forged"), &random_key());
+    let forged = Envelope::seal(Domain::Job, &edge.order("forged", "spark", t, t + 60_000, "@forged"), &random_key());
     let refusal = answer(&mut ws, forged).await;
     assert!(rejected(&refusal).contains("signature"));
     assert!(edge.named(&refusal).is_none(), "{refusal:?}");
 
     // The edge's signature, but the payload changed after signing.
-    let mut tampered = Envelope::seal(Domain::Job, &order("tampered", "spark", t, t + 60_000, "harmless"), &edge.edge_key);
+    let mut tampered = Envelope::seal(Domain::Job, &edge.order("tampered", "spark", t, t + 60_000, "harmless"), &edge.edge_key);
     tampered.payload = tampered.payload.replace("harmless", "@tampered");
     assert!(rejected(&answer(&mut ws, tampered).await).contains("signature"));
 
     // A signature made for another kind of message (a cancel) presented as a job.
-    let cross = Envelope::seal(Domain::Cancel, &order("cross", "spark", t, t + 60_000, "@cross"), &edge.edge_key);
+    let cross = Envelope::seal(Domain::Cancel, &edge.order("cross", "spark", t, t + 60_000, "@cross"), &edge.edge_key);
     assert!(rejected(&answer(&mut ws, cross).await).contains("signature"));
 
     // For another agent: signed by the edge, so the id is the edge's own and is named.
-    let other = Envelope::seal(Domain::Job, &order("other", "laptop", t, t + 60_000, "@other"), &edge.edge_key);
+    let other = Envelope::seal(Domain::Job, &edge.order("other", "laptop", t, t + 60_000, "@other"), &edge.edge_key);
     let refusal = answer(&mut ws, other).await;
     assert!(rejected(&refusal).contains("laptop"));
     let named = edge.named(&refusal).expect("named, signed");
     assert_eq!((named.job_id.as_str(), named.order_nonce.as_str(), named.retry), ("other", "other:1", false));
 
     // From another pool of the same edge (signed with the edge's key all the same).
-    let mut elsewhere = order("elsewhere", "spark", t, t + 60_000, "@elsewhere");
+    let mut elsewhere = edge.order("elsewhere", "spark", t, t + 60_000, "@elsewhere");
     elsewhere.header.pool = "gpu".into();
     let elsewhere = Envelope::seal(Domain::Job, &elsewhere, &edge.edge_key);
     assert!(rejected(&answer(&mut ws, elsewhere).await).contains("pool `gpu`"));
 
     // Expired beyond the 60 s skew allowance.
-    let expired = Envelope::seal(Domain::Job, &order("expired", "spark", t - 200_000, t - 130_000, "@expired"), &edge.edge_key);
+    let expired = Envelope::seal(Domain::Job, &edge.order("expired", "spark", t - 200_000, t - 130_000, "@expired"), &edge.edge_key);
     assert!(rejected(&answer(&mut ws, expired).await).contains("expired"));
 
     // Issued in the future beyond the allowance.
-    let future = Envelope::seal(Domain::Job, &order("future", "spark", t + 120_000, t + 180_000, "@future"), &edge.edge_key);
+    let future = Envelope::seal(Domain::Job, &edge.order("future", "spark", t + 120_000, t + 180_000, "@future"), &edge.edge_key);
     assert!(rejected(&answer(&mut ws, future).await).contains("future"));
 
     // Not even an envelope.
@@ -245,7 +267,7 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
 
     // A good job runs, and its progress and result come signed by the agent's key, bound
     // to the order they answer.
-    let good = Envelope::seal(Domain::Job, &order("good", "spark", t, t + 60_000, "legit"), &edge.edge_key);
+    let good = Envelope::seal(Domain::Job, &edge.order("good", "spark", t, t + 60_000, "legit"), &edge.edge_key);
     assert!(matches!(answer(&mut ws, good.clone()).await, AgentMessage::Accepted { .. }));
     let agent_key = edge.agent_key.verifying_key();
     let mut progress = 0;
@@ -278,7 +300,8 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
     assert_eq!(runs[0]["prompt"], "legit");
     drop(ws);
 
-    // The agent remembers nonces across a restart.
+    // An order from before a restart is refused too (it was another connection's; the
+    // agent also remembers nonces across a restart).
     let mut agent = agent;
     agent.restart();
     let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
@@ -345,7 +368,7 @@ async fn only_the_edge_can_cancel_a_job() {
     let agent = edge.start_agent();
     let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
     let t = now();
-    let job = Envelope::seal(Domain::Job, &order("long", "spark", t, t + 60_000, "@sleep=400 long"), &edge.edge_key);
+    let job = Envelope::seal(Domain::Job, &edge.order("long", "spark", t, t + 60_000, "@sleep=400 long"), &edge.edge_key);
     assert!(matches!(answer(&mut ws, job).await, AgentMessage::Accepted { .. }));
     let cancel = |key: &SigningKey, nonce: &str| {
         let order = CancelOrder {
@@ -395,7 +418,7 @@ async fn an_edge_that_cannot_prove_its_identity_gets_no_service() {
     assert!(eventually(Duration::from_secs(5), || agent.log().contains("EDGE_PUBLIC_KEY")).await, "{}", agent.log());
     // Even a correctly signed job sent now goes nowhere.
     let t = now();
-    let job = Envelope::seal(Domain::Job, &order("j", "spark", t, t + 60_000, "x"), &edge.edge_key);
+    let job = Envelope::seal(Domain::Job, &edge.order("j", "spark", t, t + 60_000, "x"), &edge.edge_key);
     let _ = ws.send(Message::Text(EdgeMessage::Job { envelope: job }.to_text().into())).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(agent.claude_runs().is_empty());
@@ -413,7 +436,7 @@ async fn an_agent_welcomed_into_another_pool_hangs_up() {
     assert!(recv(&mut ws).await.is_none(), "the agent must hang up");
     assert!(eventually(Duration::from_secs(5), || agent.log().contains("EDGE_POOL")).await, "{}", agent.log());
     let t = now();
-    let job = Envelope::seal(Domain::Job, &order("j", "spark", t, t + 60_000, "x"), &edge.edge_key);
+    let job = Envelope::seal(Domain::Job, &edge.order("j", "spark", t, t + 60_000, "x"), &edge.edge_key);
     let _ = ws.send(Message::Text(EdgeMessage::Job { envelope: job }.to_text().into())).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(agent.claude_runs().is_empty());
@@ -493,7 +516,7 @@ async fn a_result_waits_on_disk_until_the_edge_acknowledges_it() {
     let mut agent = edge.start_agent();
     let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
     let t = now();
-    let job = Envelope::seal(Domain::Job, &order("keep", "spark", t, t + 60_000, "remember me"), &edge.edge_key);
+    let job = Envelope::seal(Domain::Job, &edge.order("keep", "spark", t, t + 60_000, "remember me"), &edge.edge_key);
     send_job(&mut ws, job).await;
     loop {
         if let Some(AgentMessage::Result { .. }) = recv(&mut ws).await {
@@ -547,13 +570,13 @@ async fn a_result_moved_out_of_its_slot_survives_a_crash_during_the_next_job() {
     let mut agent = edge.start_agent_with(&[("RUST_LOG", "info,claude_runner::spool=debug")]);
     let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
     let t = now();
-    send_job(&mut ws, Envelope::seal(Domain::Job, &order("first", "spark", t, t + 60_000, "unacknowledged"), &edge.edge_key)).await;
+    send_job(&mut ws, Envelope::seal(Domain::Job, &edge.order("first", "spark", t, t + 60_000, "unacknowledged"), &edge.edge_key)).await;
     while !matches!(recv(&mut ws).await.expect("the first result"), AgentMessage::Result { .. }) {}
     let data = agent.data.path().join("data");
     assert!(eventually(Duration::from_secs(5), || slot_record_names(&data, 0, "first") == (true, true)).await, "{}", agent.log());
     let held = || agent.log().contains("result kept in its slot record until the edge acknowledges it");
     assert!(eventually(Duration::from_secs(5), held).await, "{}", agent.log());
-    send_job(&mut ws, Envelope::seal(Domain::Job, &order("second", "spark", t, t + 60_000, "@sleep=60000 cut short"), &edge.edge_key)).await;
+    send_job(&mut ws, Envelope::seal(Domain::Job, &edge.order("second", "spark", t, t + 60_000, "@sleep=60000 cut short"), &edge.edge_key)).await;
     assert!(eventually(Duration::from_secs(10), || agent.claude_runs().len() == 2).await, "{}", agent.log());
     assert!(data.join("spool/first.json").exists(), "moved out of the slot\n{}", agent.log());
     assert_eq!(slot_record_names(&data, 0, "second"), (true, false));
@@ -619,7 +642,7 @@ async fn an_order_for_a_job_already_here_is_answered_and_never_runs_twice() {
     let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
     let t = now();
     let attempt = |n: u32| {
-        let mut o = order("twice", "spark", t, t + 60_000, "@sleep=300 once");
+        let mut o = edge.order("twice", "spark", t, t + 60_000, "@sleep=300 once");
         o.header.nonce = format!("twice:{n}");
         Envelope::seal(Domain::Job, &o, &edge.edge_key)
     };
@@ -664,9 +687,9 @@ async fn heartbeats_and_refusals_are_signed_bound_and_numbered() {
             // One slot (MAX_CONCURRENT_JOBS 1), taken: the next order is refused for the
             // moment, signed and bound to its own nonce.
             let t = now();
-            let long = Envelope::seal(Domain::Job, &order("long", "spark", t, t + 60_000, "@sleep=1500 long"), &edge.edge_key);
+            let long = Envelope::seal(Domain::Job, &edge.order("long", "spark", t, t + 60_000, "@sleep=1500 long"), &edge.edge_key);
             assert!(matches!(answer(&mut ws, long).await, AgentMessage::Accepted { .. }));
-            let extra = Envelope::seal(Domain::Job, &order("extra", "spark", t, t + 60_000, "extra"), &edge.edge_key);
+            let extra = Envelope::seal(Domain::Job, &edge.order("extra", "spark", t, t + 60_000, "extra"), &edge.edge_key);
             let refusal = answer(&mut ws, extra).await;
             let named = edge.named(&refusal).expect("a refusal of a verified order is signed and named");
             assert_eq!((named.job_id.as_str(), named.order_nonce.as_str(), named.retry), ("extra", "extra:1", true), "{}", named.reason);
@@ -704,7 +727,7 @@ async fn an_order_held_back_from_an_earlier_connection_never_runs_a_job_twice() 
     let agent = edge.start_agent();
     let t = now();
     let attempt = |n: u32| {
-        let mut o = order("held", "spark", t, t + 60_000, "run me once");
+        let mut o = edge.order("held", "spark", t, t + 60_000, "run me once");
         o.header.nonce = format!("held:{n}");
         Envelope::seal(Domain::Job, &o, &edge.edge_key)
     };
@@ -741,7 +764,7 @@ async fn a_frame_made_up_on_the_path_never_counts_as_an_order_received() {
     let _agent = edge.start_agent();
     let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
     // The edge's order 1 is held on the path; in its place a job frame no one signed.
-    let mut forged = order("forged", "spark", now(), now() + 60_000, "x");
+    let mut forged = edge.order("forged", "spark", now(), now() + 60_000, "x");
     forged.header.nonce = "forged:1".into();
     let forged = Envelope::seal(Domain::Job, &forged, &random_key());
     assert!(edge.named(&answer(&mut ws, forged).await).is_none());

@@ -161,6 +161,8 @@ impl Edge {
         agent.sent += 1;
         let order_no = agent.sent;
         let agent_id = agent.agent_id.clone();
+        // The agent takes it on this connection only, numbered in the order sent.
+        let challenge = agent.challenge.clone();
         let saved = Effect::SaveSession(Box::new(session.clone()));
         let job = self.job_mut(job_id).expect("queued jobs exist");
         job.state = JobState::Dispatched;
@@ -172,7 +174,7 @@ impl Edge {
         let (nonce, spec) = (job.order_nonce(), job.spec.clone());
         effects.push(Effect::Save(Box::new(job.clone())));
         let to = Audience { agent_id: &agent_id, pool: &self.cfg.pool };
-        let order = JobOrder { header: OrderHeader::new(job_id, to, now.wall, nonce), spec };
+        let order = JobOrder { header: OrderHeader::new(job_id, to, now.wall, nonce), challenge, order_no, spec };
         let envelope = Envelope::seal(Domain::Job, &order, &self.cfg.signing_key);
         info!(job_id = %job_id, agent_id = %agent_id, order_no, "job dispatched");
         effects.push(saved);
