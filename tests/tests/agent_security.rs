@@ -334,7 +334,7 @@ async fn signed_jobs_with_hostile_repositories_never_reach_git_or_claude() {
         ("absolute", git.url("demo"), Some("/etc")),
     ];
     for (id, url, working_dir) in cases {
-        let mut o = order(id, "spark", t, t + 60_000, "@write=pwned");
+        let mut o = edge.order(id, "spark", t, t + 60_000, "@write=pwned");
         o.spec.repo_url = Some(url.clone());
         o.spec.working_dir = working_dir.map(String::from);
         let envelope = Envelope::seal(Domain::Job, &o, &edge.edge_key);
