@@ -520,3 +520,46 @@ fn a_job_an_agent_holds_that_the_edge_has_elsewhere_is_stopped_there() {
     assert!(finished(&effects).is_empty());
     assert_eq!(edge.job("j").unwrap().agent_id.as_deref(), Some("laptop"), "laptop's run stands");
 }
+
+/// Every job order is bound to the connection it is sent on (its challenge) and numbered
+/// on it from 1, in the order sent, so the agent can refuse one the path held back from
+/// an earlier connection or past a later order (protocol 7): the numbers are the ones the
+/// agent's `received` counts, and they start again at 1 on a new connection.
+#[test]
+fn job_orders_name_their_connection_and_their_number_on_it() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join_with(&mut edge, 0, "spark", &agent_key(1), vec![], 1, 2);
+    edge.submit(0, "a".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    edge.submit(0, "b".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    let orders = |effects: &[Effect], sid: &str| -> Vec<JobOrder> {
+        sent(effects, sid)
+            .into_iter()
+            .filter_map(|m| match m {
+                EdgeMessage::Job { envelope } => Some(envelope.open(Domain::Job, &edge_key().verifying_key()).unwrap()),
+                _ => None,
+            })
+            .collect()
+    };
+    let challenge = |edge: &Edge, sid: &str| edge.session(sid).and_then(|s| s.agent()).unwrap().challenge.clone();
+    let first = challenge(&edge, &sid);
+    assert!(!first.is_empty());
+    let sent1 = orders(&say(&mut edge, 1, &sid, credit(2, 0)), &sid);
+    let numbered: Vec<(&str, &str, u64)> = sent1.iter().map(|o| (o.header.job_id.as_str(), o.challenge.as_str(), o.order_no)).collect();
+    assert_eq!(numbered, [("a", first.as_str(), 1), ("b", first.as_str(), 2)]);
+    // Order 1 held on the path, order 2 taken: the agent's `received` is 2, so `a` is
+    // settled as arrived and not held, and sent again as order 3.
+    let sent2 = orders(&pulse(&mut edge, 2, &sid, beat(&["b"], 1, 2)), &sid);
+    let numbered: Vec<(&str, &str, u64)> = sent2.iter().map(|o| (o.header.job_id.as_str(), o.challenge.as_str(), o.order_no)).collect();
+    assert_eq!(numbered, [("a", first.as_str(), 3)]);
+    assert_eq!(sent2[0].header.nonce, "a:2");
+    // A new connection: its own challenge, numbers from 1 again.
+    edge.disconnect(3, &sid);
+    let (sid2, effects) = join_with(&mut edge, 4, "spark", &agent_key(1), vec!["b".into()], 2, 2);
+    let second = challenge(&edge, &sid2);
+    assert_ne!(first, second);
+    let mut resent = orders(&effects, &sid2);
+    resent.extend(orders(&say(&mut edge, 5, &sid2, credit(1, 0)), &sid2));
+    let numbered: Vec<(&str, &str, u64)> = resent.iter().map(|o| (o.header.job_id.as_str(), o.challenge.as_str(), o.order_no)).collect();
+    assert_eq!(numbered, [("a", second.as_str(), 1)]);
+    assert_eq!(resent[0].header.nonce, "a:3");
+}
