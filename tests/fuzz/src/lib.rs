@@ -411,6 +411,11 @@ pub fn edge_orders(data: &[u8]) {
 /// What the agent derives from an order that verified.
 fn run_order(order: Result<JobOrder, shared::envelope::Refusal>) {
     let Ok(order) = order else { return };
+    // Taken on its connection only, each number once and in order.
+    if order.bind("fuzz-connection", 0).is_ok() {
+        assert!(order.challenge == "fuzz-connection" && order.order_no >= 1);
+    }
+    assert!(order.bind("fuzz-connection", u64::MAX).is_err());
     let OrderHeader { agent_id, pool, expires_at, .. } = &order.header;
     assert_eq!((agent_id.as_str(), pool.as_str()), (AGENT, "default"));
     assert!(NOW <= expires_at.saturating_add(shared::envelope::CLOCK_SKEW_MS));
@@ -611,6 +616,17 @@ mod tests {
             let beat: shared::protocol::Beat = serde_json::from_slice(&beat).unwrap();
             assert_eq!(&beat.challenge, challenge);
         }
+    }
+
+    /// The signed job seed reads as a job order of the current protocol (its connection and
+    /// number too): else it would only fuzz the agent's refusal of it.
+    #[test]
+    fn the_signed_job_seed_is_a_whole_job_order() {
+        let data = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/edge_orders/signed-job")).unwrap();
+        assert_eq!(data[0] & 1, 1, "signed by the edge's key");
+        let order: JobOrder = serde_json::from_slice(&data[1..]).unwrap();
+        assert_eq!(order.bind("fuzz-connection", 0), Ok(()));
+        assert_eq!(shared::envelope::check_order(&order.header, ME, NOW), Ok(()));
     }
 
     /// A target and one of its seeds with bytes changed, cut or repeated: random inputs
