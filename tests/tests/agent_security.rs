@@ -779,3 +779,36 @@ async fn a_frame_made_up_on_the_path_never_counts_as_an_order_received() {
     // edge settle the held order as "arrived and dropped", and send its job again.
     assert_eq!(beat.slots.received, 0, "a forged frame counted as an order received: {beat:?}");
 }
+
+/// Within one connection the path delivers order 2 before order 1 (it held 1 back): the
+/// agent takes 2, states `received` 2 — so the edge settles 1 as arrived and not held, and
+/// sends its job again — and refuses 1 when it comes, naming no job (a copy of an order it
+/// took must not settle that job), so 1 never runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_let_through_after_a_later_one_never_runs() {
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent_with(&[("MAX_CONCURRENT_JOBS", "2")]);
+    let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    let t = now();
+    let first = Envelope::seal(Domain::Job, &edge.order("first", "spark", t, t + 60_000, "first"), &edge.edge_key);
+    let second = Envelope::seal(Domain::Job, &edge.order("second", "spark", t, t + 60_000, "@sleep=1500 second"), &edge.edge_key);
+    assert!(matches!(answer(&mut ws, second.clone()).await, AgentMessage::Accepted { .. }));
+    let refusal = answer(&mut ws, first).await;
+    assert!(rejected(&refusal).contains("order 1 arrived after order 2"), "{refusal:?}");
+    assert!(edge.named(&refusal).is_none(), "{refusal:?}");
+    // The taken order played back while its job runs: refused, naming no job (named, it
+    // would have the edge end or send again a running job).
+    let refusal = answer(&mut ws, second).await;
+    assert!(edge.named(&refusal).is_none(), "{refusal:?}");
+    let beat = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a heartbeat");
+        let Some(Ok(Message::Text(text))) = frame else { panic!("ended: {frame:?}") };
+        if let Ok(AgentMessage::Heartbeat { envelope }) = serde_json::from_str::<AgentMessage>(&text) {
+            break envelope.open::<Beat>(Domain::Heartbeat, &edge.agent_key.verifying_key()).unwrap();
+        }
+    };
+    assert_eq!((beat.slots.received, beat.running.as_slice()), (2, ["second".to_string()].as_slice()), "{beat:?}");
+    let runs: Vec<String> = agent.claude_runs().iter().map(|r| r["prompt"].as_str().unwrap_or_default().to_string()).collect();
+    // (The refusal is made before anything starts: nothing of `first` can start later.)
+    assert!(!runs.iter().any(|p| p == "first"), "the order let through late ran: {runs:?}");
+}
