@@ -493,9 +493,10 @@ fn frames_anyone_can_make_do_not_keep_a_gone_agent_connected() {
     assert_eq!((ended[0].0.as_str(), ended[0].2["error_code"].as_str()), ("j", Some("RUNNER_LOST")), "{ended:?}");
 }
 
-/// An order the path held back and let through late (after a made-up frame had the
-/// agent's heartbeat count it as received, so the edge sent the job again elsewhere)
-/// reaches the agent it named, which starts it: the agent's next heartbeat names a job
+/// An order the path held back and let through late, after the edge sent the job again
+/// elsewhere, reaches the agent it named, which starts it (an agent of protocol 7 refuses
+/// such an order — see `job_orders_name_their_connection_and_their_number_on_it` — so
+/// this is the edge's second line): the agent's next heartbeat names a job
 /// the edge has on another agent. That copy must stop at once — the agent is told to
 /// cancel it — not run to its end beside the other (Claude twice, pushed twice).
 #[test]
