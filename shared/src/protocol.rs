@@ -7,7 +7,8 @@
 //! 3. edge → [`EdgeMessage::Welcome`]: a [`Welcome`] signed with the edge's key over the
 //!    agent's own nonce, so the agent knows it reached the real edge;
 //! 4. then work: the agent states its free [`Slots`] (in a `Credit`, and again in every
-//!    heartbeat), the edge sends at most that many signed [`EdgeMessage::Job`]s; the agent
+//!    heartbeat), the edge sends at most that many signed [`EdgeMessage::Job`]s (each bound
+//!    to this connection's challenge and numbered on it, [`JobOrder`]); the agent
 //!    answers `Accepted` (or a signed `Rejected`), streams `Event`s, and sends a `Result`
 //!    it keeps on disk until the edge's `ResultAck`. Both sides heartbeat; the agent's
 //!    heartbeat — a signed [`Beat`], bound to this connection and numbered — carries its
