@@ -45,7 +45,8 @@ struct Running {
     jobs: HashMap<String, Option<oneshot::Sender<Stop>>>,
     /// The agent is stopping: no new job starts.
     closed: bool,
-    /// Job orders received on the current connection.
+    /// The number of the last job order taken on the current connection (orders are
+    /// numbered by the edge; one whose signature did not verify is never counted).
     received: u64,
     /// The current connection's challenge, which its heartbeats are bound to, and the
     /// number of the last heartbeat made for it.
@@ -188,8 +189,8 @@ impl Agent {
         Slots { free, received: running.received }
     }
 
-    /// A new connection to the edge, whose challenge was `challenge`: orders and
-    /// heartbeats are counted from zero on it.
+    /// A new connection to the edge, whose challenge was `challenge`: its orders are
+    /// numbered, and its heartbeats counted, from zero on it.
     pub fn begin_session(&self, challenge: &str) {
         let mut running = self.running.lock().expect("running lock");
         running.received = 0;
