@@ -223,13 +223,22 @@ impl Job {
         match self.state {
             JobState::Queued => Some(self.created_at.saturating_add(self.queue_wait(queue_ttl_ms))),
             JobState::Dispatched | JobState::Running => {
-                let timeout = self
-                    .dispatched_at
-                    .unwrap_or(self.created_at)
-                    .saturating_add(self.spec.timeout_ms)
-                    .saturating_add(margin_ms);
+                let sent = self.dispatched_at.unwrap_or(self.created_at);
+                let timeout = sent.saturating_add(self.spec.timeout_ms).saturating_add(margin_ms);
                 let lost = self.orphaned_at.map(|t| t.saturating_add(lost_after_ms));
-                Some(lost.map_or(timeout, |l| l.min(timeout)))
+                let due = lost.map_or(timeout, |l| l.min(timeout));
+                if self.state == JobState::Dispatched {
+                    // Its order was never seen taken: it may be held on the agent's path, and
+                    // let through later it would start the job after the edge had ended it
+                    // (lost, timed out) and the caller had run it elsewhere. So the job is
+                    // not ended before that order has expired on the agent's clock too
+                    // (which may run behind by the skew the agent allows either way).
+                    let expired = sent
+                        .saturating_add(shared::envelope::ORDER_TTL_MS)
+                        .saturating_add(2 * shared::envelope::CLOCK_SKEW_MS);
+                    return Some(due.max(expired));
+                }
+                Some(due)
             }
             _ => None,
         }

@@ -519,12 +519,39 @@ fn an_unfinished_handshake_is_dropped() {
 fn the_edge_times_a_job_out_and_tells_the_agent() {
     let (mut edge, sid) = ready_edge();
     edge.submit(0, "j1".into(), submission("x", 2_000, None), Mode::Wait).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
     // Keep the connection alive meanwhile.
-    pulse(&mut edge, 1_500, &sid, beat(&[], 1, 0));
-    pulse(&mut edge, 2_500, &sid, beat(&[], 1, 0));
+    pulse(&mut edge, 1_500, &sid, beat(&["j1"], 0, 1));
+    pulse(&mut edge, 2_500, &sid, beat(&["j1"], 0, 1));
     let effects = edge.tick(3_000);
     assert_eq!(finished(&effects)[0].2["error_code"], "TIMEOUT");
     assert!(sent(&effects, &sid).iter().any(|m| matches!(m, EdgeMessage::Cancel { .. })));
+}
+
+/// An order never seen taken may be held on the agent's path; let through after the edge
+/// ended its job (timed out, lost) it would start the job after the caller was told to run
+/// it elsewhere. So such a job is not ended before its order has expired on the agent's
+/// clock too — and then the late order is refused by the agent as expired.
+#[test]
+fn a_job_whose_order_was_never_seen_taken_is_not_ended_before_that_order_expired() {
+    let hold = shared::envelope::ORDER_TTL_MS + 2 * shared::envelope::CLOCK_SKEW_MS;
+    // Timed out: the order held back while the connection stays up.
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 2_000, None), Mode::Wait).unwrap();
+    let mut at = 0;
+    while at + 1_000 < hold {
+        at += 1_000;
+        pulse(&mut edge, at, &sid, beat(&[], 1, 0));
+        assert!(finished(&edge.tick(at)).is_empty(), "ended at {at} ms while its order could still be taken");
+    }
+    let effects = edge.tick(hold);
+    assert_eq!(finished(&effects)[0].2["error_code"], "TIMEOUT");
+    // Lost: the connection gone with the order unanswered.
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j2".into(), submission("x", 600_000, None), Mode::Wait).unwrap();
+    edge.disconnect(10, &sid);
+    assert!(finished(&edge.tick(10 + LOST)).is_empty(), "lost while its order could still be taken");
+    assert_eq!(finished(&edge.tick(hold))[0].2["error_code"], "RUNNER_LOST");
 }
 
 #[test]
@@ -589,6 +616,7 @@ fn restore_keeps_jobs_and_starts_the_lost_clock() {
     keep(report(&mut edge, 1, &sid, "done", ok_result()));
     say(&mut edge, 1, &sid, credit(1, 1));
     keep(edge.submit(2, "run".into(), submission("x", 60_000, None), Mode::Wait).unwrap().effects);
+    keep(say(&mut edge, 2, &sid, AgentMessage::Accepted { job_id: "run".into() }));
     keep(edge.submit(2, "queued".into(), submission("x", 60_000, None), Mode::Detached).unwrap().effects);
 
     let (mut edge, _) = Edge::restore(config(), saved.into_values().collect(), vec![], None, 1_000);
