@@ -19,6 +19,12 @@ pub struct Store {
 /// kept in the agents' spools, not an edge that stops answering `/health`.
 pub const BUSY_TIMEOUT_MS: u64 = 250;
 
+/// WAL pages between checkpoints (each syncs the WAL, then the database). SQLite's
+/// default is 1,000; a job wrote about 11.7 pages before saves became upserts and about
+/// 5 since, so 400 keeps the most a power cut can lose at about 85 jobs' events, as it
+/// was, rather than letting it grow to 200 with the smaller writes.
+pub const CHECKPOINT_PAGES: u32 = 400;
+
 impl Store {
     /// Opens (or creates) the store in `dir`. The records hold callers' prompts and
     /// Claude's results, so they are the edge user's alone: a folder the edge creates is
@@ -43,10 +49,12 @@ impl Store {
         }
         let conn = Connection::open(&path)
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}; check DATA_DIR's permissions", path.display()))?;
-        // WAL + NORMAL: a commit survives a process crash; only a power cut may lose the
-        // last instants, which is the usual trade for a job log.
+        // WAL + NORMAL: a commit survives a process crash; a power cut may lose the commits
+        // since the WAL was last synced — at a checkpoint, every `CHECKPOINT_PAGES` pages
+        // written (sooner in practice: the kernel writes the WAL back within about 30 s).
         conn.execute_batch(&format!(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout={BUSY_TIMEOUT_MS};
+             PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES};
              CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, record TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
         ))?;
