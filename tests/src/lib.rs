@@ -824,6 +824,20 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The proportional set size of a process in KiB (`Pss` of `/proc/PID/smaps_rollup`): its
+/// private pages, and each page it shares with n processes counted 1/n.
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = rollup.lines().find(|l| l.split(':').next() == Some("Pss"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A process's command line, its arguments joined by spaces (empty if it is gone).
+pub fn command_line(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect::<Vec<_>>().join(" ")
+}
+
 /// A process and all its descendants (the Worker host is node plus workerd).
 pub fn process_tree(root: u32) -> Vec<u32> {
     let mut parents: Vec<(u32, u32)> = Vec::new();
