@@ -210,3 +210,22 @@ fn watch_for(watch: &Watched, tail: &mut Vec<u8>, chunk: &[u8]) {
         tail.drain(..tail.len().saturating_sub(keep));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pattern_split_between_reads_still_cuts_once() {
+        let mute = Arc::new(AtomicBool::new(false));
+        let watch: Watched = Arc::new(Mutex::new(Some(Watch { pattern: br#"{"type":"job""#.to_vec(), mute: mute.clone() })));
+        let mut tail = Vec::new();
+        watch_for(&watch, &mut tail, b"\x81\x7e\x01\x00{\"type\":\"heartbeat_ack\"}\x81\x7e{\"ty");
+        assert!(!mute.load(Ordering::Relaxed));
+        watch_for(&watch, &mut tail, b"pe\":\"j");
+        assert!(!mute.load(Ordering::Relaxed));
+        watch_for(&watch, &mut tail, b"ob\",\"envelope\":{}}");
+        assert!(mute.load(Ordering::Relaxed), "the order was seen");
+        assert!(watch.lock().unwrap().is_none(), "a watch cuts once");
+    }
+}
