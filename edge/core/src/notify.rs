@@ -2,7 +2,7 @@
 //! ntfy topic, or any webhook taking a POST; a pool's own `NOTIFY_URL_<POOL>` if set) and
 //! a job's result to its `callback_url`.
 //! The machine observes conditions and asks [`decide`] which alerts to send; it posts
-//! through the host ([`crate::Effect::Deliver`]) and retries with [`backoff`].
+//! through the host ([`crate::Effect::Post`]) and retries with [`backoff`].
 //!
 //! The edge posts, not the agent: the offline alert can only come from the edge, the
 //! callback is signed with the runner secret, which only the edge holds, and the edge
