@@ -47,6 +47,9 @@ pub struct Spool {
     started: PathBuf,
     records: PathBuf,
     kept: Mutex<Kept>,
+    /// The slot record files, kept open for writing once opened (a job's three writes
+    /// opened and closed the file each time).
+    open: Mutex<Vec<Option<std::sync::Arc<std::fs::File>>>>,
 }
 
 /// Results kept in memory, and what each slot's record file holds.
@@ -177,7 +180,7 @@ impl Spool {
                 Region::Empty | Region::Finished(_) => {}
             }
         }
-        let spool = Spool { dir, started, records, kept: Mutex::new(kept) };
+        let spool = Spool { dir, started, records, kept: Mutex::new(kept), open: Mutex::new(Vec::new()) };
         // A result moved to a spool file whose slot was not reused before the agent
         // stopped is kept twice: the file's copy stays.
         let doubled: Vec<usize> = {
@@ -228,14 +231,50 @@ impl Spool {
     /// Writes `bytes` at `at` in slot `n`'s record file (made on its first use), synced
     /// when `durable`. In place: once the file has its blocks, a sync writes only them.
     fn write_slot(&self, n: usize, at: u64, bytes: &[u8], durable: bool) -> std::io::Result<()> {
-        // Opened per write, not kept open: a disk that must become read-only can.
-        // Never through a link: a record is written only into the slot's own file.
-        let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(PRIVATE_FILE).custom_flags(libc::O_NOFOLLOW).open(self.slot_path(n))?;
-        file.write_all_at(bytes, at)?;
-        if durable {
-            file.sync_data()?;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let file = self.slot_file(n)?;
+            let written = (|| {
+                file.write_all_at(bytes, at)?;
+                if durable {
+                    file.sync_data()?;
+                }
+                // Kept open, the file could have been removed (or replaced) under the agent
+                // since it was opened: a record written there would be found by no restart.
+                use std::os::unix::fs::MetadataExt;
+                if file.metadata()?.nlink() == 0 {
+                    let path = self.slot_path(n);
+                    return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{} was removed while the agent ran", path.display())));
+                }
+                Ok(())
+            })();
+            let Err(e) = written else { return Ok(()) };
+            // Opened again for the next write: the file may have been made again, the disk
+            // repaired. A removed file is made again at once, and written once more.
+            if let Some(kept) = self.open.lock().expect("slot files lock").get_mut(n) {
+                *kept = None;
+            }
+            if tries > 1 || e.kind() != std::io::ErrorKind::NotFound {
+                return Err(e);
+            }
         }
-        Ok(())
+    }
+
+    /// Slot `n`'s record file, open for writing: made on its first use, never through a
+    /// link (a record is written only into the slot's own file).
+    fn slot_file(&self, n: usize) -> std::io::Result<std::sync::Arc<std::fs::File>> {
+        let mut open = self.open.lock().expect("slot files lock");
+        if open.len() <= n {
+            open.resize(n + 1, None);
+        }
+        if let Some(file) = &open[n] {
+            return Ok(file.clone());
+        }
+        let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(PRIVATE_FILE).custom_flags(libc::O_NOFOLLOW).open(self.slot_path(n))?;
+        let file = std::sync::Arc::new(file);
+        open[n] = Some(file.clone());
+        Ok(file)
     }
 
     /// Slot `n` owes nothing any more: its started record is cleared (not synced: see the
@@ -618,6 +657,23 @@ mod tests {
         assert!(spool.all().is_empty());
         drop(spool);
         assert!(open(&dir, 2).0.all().is_empty(), "an acknowledged result is not sent again");
+    }
+
+    /// The slot files stay open between writes. One removed under the agent (by hand, by
+    /// a cleaner) must not swallow the next job's started record in a file no restart
+    /// finds: it is made again, and the record written there.
+    #[test]
+    fn a_slot_file_removed_under_the_agent_is_made_again() {
+        let dir = dir("removed");
+        let (spool, _) = open(&dir, 1);
+        spool.started("job-1", "job-1:1").unwrap();
+        spool.put("job-1", &ok("job-1", "x")).unwrap();
+        spool.remove("job-1");
+        std::fs::remove_file(dir.join("records/0")).unwrap();
+        spool.started("job-2", "job-2:1").unwrap();
+        drop(spool);
+        let (_, interrupted) = open(&dir, 1);
+        assert_eq!(interrupted, vec![Interrupted { job_id: "job-2".into(), order_nonce: "job-2:1".into() }]);
     }
 
     /// A job's records are overwrites of one file per slot: however many jobs run, the
