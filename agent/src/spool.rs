@@ -61,6 +61,10 @@ struct Kept {
     /// acknowledgement takes it from here, and the write then undoes what it made.
     writing: BTreeMap<String, Envelope>,
     slots: Vec<Slot>,
+    /// The jobs that may have a spool file (`DATA_DIR/spool/<job>.json`): every one found
+    /// at the start, and every one written since. A superset, so that a job without one —
+    /// nearly every job — is looked for in memory only, not on disk as well.
+    filed: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -158,6 +162,12 @@ impl Spool {
         }
         let count = found.iter().map(|n| n + 1).max().unwrap_or(0).max(slots.max(1));
         let mut kept = Kept { slots: vec![Slot::Free; count], ..Kept::default() };
+        for entry in std::fs::read_dir(&dir)? {
+            let name = entry?.file_name();
+            if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) {
+                kept.filed.insert(id.to_string());
+            }
+        }
         // Records of jobs started without a result yet: lost, unless kept elsewhere.
         let mut unfinished = Vec::new();
         for n in found {
@@ -347,6 +357,7 @@ impl Spool {
     /// the edge acknowledges it meanwhile.
     fn move_out(&self, job_id: &str, result: &Envelope) -> std::io::Result<()> {
         let path = self.path(job_id).ok_or_else(|| std::io::Error::other("unsafe job id"))?;
+        self.lock().filed.insert(job_id.to_string());
         let written = write_atomically(&path, &serde_json::to_vec(result)?, true).and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
         let mut kept = self.lock();
         if !kept.writing.contains_key(job_id) {
@@ -437,6 +448,7 @@ impl Spool {
             }
             (Some(result), None) => {
                 let path = self.path(job_id).expect("a safe id");
+                self.lock().filed.insert(job_id.to_string());
                 // A result is the one thing that must outlive anything: fsync it.
                 let written = write_atomically(&path, &serde_json::to_vec(&result)?, true);
                 let mut kept = self.lock();
@@ -472,16 +484,28 @@ impl Spool {
     }
 
     pub fn has(&self, job_id: &str) -> bool {
-        if Self::in_memory(&self.lock(), job_id).is_some() {
-            return true;
+        {
+            let kept = self.lock();
+            if Self::in_memory(&kept, job_id).is_some() {
+                return true;
+            }
+            if !kept.filed.contains(job_id) {
+                return false;
+            }
         }
         self.path(job_id).is_some_and(|p| p.exists())
     }
 
     /// A kept result, if there is one.
     pub fn get(&self, job_id: &str) -> Option<Envelope> {
-        if let Some(r) = Self::in_memory(&self.lock(), job_id) {
-            return Some(r);
+        {
+            let kept = self.lock();
+            if let Some(r) = Self::in_memory(&kept, job_id) {
+                return Some(r);
+            }
+            if !kept.filed.contains(job_id) {
+                return None;
+            }
         }
         let bytes = std::fs::read(self.path(job_id)?).ok()?;
         serde_json::from_slice(&bytes).ok()
@@ -525,6 +549,8 @@ impl Spool {
         let mut durable_now = Vec::new();
         {
             let mut kept = self.lock();
+            let held: Vec<String> = kept.held.keys().cloned().collect();
+            kept.filed.extend(held);
             let written: Vec<String> = kept
                 .held
                 .iter()
@@ -570,6 +596,7 @@ impl Spool {
             };
             match std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Envelope>(&b).ok()) {
                 Some(r) if safe_id(id) => {
+                    self.lock().filed.insert(id.to_string());
                     out.insert(id.to_string(), r);
                 }
                 _ => {
@@ -831,6 +858,9 @@ mod tests {
         let (spool, interrupted_jobs) = open(&dir, 1);
         assert_eq!(interrupted_jobs, vec![Interrupted { job_id: "second".into(), order_nonce: "second:1".into() }]);
         spool.put("second", &signed("second", interrupted())).unwrap();
+        // Found in its spool file by the new agent (an order for it is answered with it).
+        assert_eq!(spool.get("first"), Some(r.clone()));
+        assert!(spool.has("first") && spool.get("never-here").is_none());
         assert_eq!(ids(spool.all()), vec!["first", "second"]);
         spool.remove("first");
         spool.remove("second");
