@@ -291,10 +291,15 @@ pub async fn run(
     let feed = async {
         ready.await?;
         if let Some(mut stdin) = stdin.take() {
-            tokio::spawn(async move {
-                // Dropping the pipe then closes Claude's stdin.
-                let _ = stdin.write_all(prompt.as_bytes()).await;
-            });
+            // Most prompts fit the pipe's buffer: written at once, and the pipe closed here.
+            // The rest of a larger one goes in while Claude reads it. Dropping the pipe
+            // closes Claude's stdin.
+            let written = stdin.try_write(prompt.as_bytes()).unwrap_or(0);
+            if written < prompt.len() {
+                tokio::spawn(async move {
+                    let _ = stdin.write_all(&prompt.as_bytes()[written..]).await;
+                });
+            }
         }
         Ok::<(), String>(())
     };
