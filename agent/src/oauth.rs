@@ -129,8 +129,10 @@ impl Login {
         let looked = std::time::SystemTime::now();
         let stamp = match std::fs::metadata(&self.credentials_path) {
             Ok(meta) => FileStamp::of(&self.credentials_path, &meta),
-            // No file (or none to see): nothing to reuse; `read_file` says what it finds.
-            Err(_) => return self.read_file(now),
+            // No file: the login is the variables' (nothing to open).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return self.read_file(now, false),
+            // None to see: `read_file` says why.
+            Err(_) => return self.read_file(now, true),
         };
         let mut cache = self.readings.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some((seen, reading)) = cache.as_ref() {
@@ -140,17 +142,19 @@ impl Login {
                 return reading;
             }
         }
-        let reading = self.read_file(now);
+        let reading = self.read_file(now, true);
         *cache = Some((stamp, reading.clone()));
         reading
     }
 
-    /// Reads and parses the credentials file (and the login's variables).
-    fn read_file(&self, now: Millis) -> Reading {
+    /// Reads and parses the credentials file (when `exists`, else it is taken as absent),
+    /// and the login's variables.
+    fn read_file(&self, now: Millis, exists: bool) -> Reading {
         let mut report = OAuthReport::unconfigured(now);
         let mut tokens: Vec<String> = self.oauth_token_env.iter().chain(&self.api_key_env).cloned().collect();
         let file = &self.credentials_path;
-        match std::fs::File::open(file).and_then(|f| {
+        let opened = if exists { std::fs::File::open(file) } else { Err(std::io::ErrorKind::NotFound.into()) };
+        match opened.and_then(|f| {
             use std::io::Read;
             let mut bytes = Vec::new();
             // One byte past the limit is enough to know it is too large.
