@@ -516,11 +516,14 @@ impl Spool {
     pub fn remove(&self, job_id: &str) {
         match self.acknowledged(job_id) {
             Some(n) => self.clear(n),
-            None => {
+            // Only a job that may have a spool file has one to remove (a write of one under
+            // way removes it itself, seeing the acknowledgement).
+            None if self.lock().filed.remove(job_id) => {
                 if let Some(path) = self.path(job_id) {
                     let _ = std::fs::remove_file(path);
                 }
             }
+            None => {}
         }
     }
 
