@@ -63,7 +63,7 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
     while let Ok(message) = events.try_recv() {
         if let AgentMessage::Event { envelope } = message {
             if let Ok(report) = envelope.open::<ProgressReport>(Domain::Progress, &own) {
-                lines.push(report.event);
+                lines.extend(report.events.into_iter().map(|e| e.event));
             }
         }
     }

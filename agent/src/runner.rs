@@ -8,6 +8,7 @@ use crate::claude::{self, Ending, Transcript};
 use crate::config::AgentConfig;
 use crate::oauth::{Login, RefreshGate};
 use crate::process::{self, Launch, Stop};
+use agent_core::progress::Batch;
 use crate::redact::Carry;
 use crate::spool::Spool;
 use crate::repo::error::RepoError;
@@ -15,11 +16,12 @@ use crate::repo::Repos;
 use crate::workspace;
 use shared::contract::ErrorCode;
 use shared::job::{JobResult, JobSpec};
-use shared::protocol::AgentMessage;
+use shared::protocol::{AgentMessage, ProgressEvent};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{info, warn};
 
 /// How often the redactor re-reads the login: Claude may rotate the tokens mid-job.
@@ -233,6 +235,14 @@ async fn run_claude(
     let mut transcript = Transcript::default();
     let mut carry = Carry::default();
     let mut seq = 0u64;
+    // Events wait here for their batch (agent_core::progress). The batch's timer runs in
+    // this task, beside Claude's run, and the last batch goes when the run ends: every
+    // batch is on the uplink before this returns, so before the job's result.
+    let batch = Mutex::new(Batch::default());
+    let opened = Notify::new();
+    let send = |events| {
+        let _ = ctx.uplink.send(AgentMessage::progress(job_id, &ctx.order_nonce, events, &cfg.signing_key));
+    };
     let on_line = |line: &[u8]| {
         if redactor_read.elapsed() > REDACTOR_REFRESH {
             redactor = ctx.login.redactor(crate::now_ms());
@@ -253,9 +263,15 @@ async fn run_claude(
             } else {
                 event
             };
-            let _ = ctx.uplink.send(AgentMessage::progress(job_id, &ctx.order_nonce, seq, event, &cfg.signing_key));
+            let mut batch = batch.lock().expect("batch lock");
+            let opens = batch.due_at().is_none();
+            batch.push(seq, event, line.len(), Instant::now(), send);
+            if opens && batch.due_at().is_some() {
+                opened.notify_one();
+            }
         }
     };
+    let timer = send_due_batches(&batch, &opened, send);
     // Durably before Claude gets its prompt: if the agent dies now, its next run reports
     // the job lost instead of letting the edge send it again (it may not have heard it
     // started). Written while Claude starts (process::run waits for both).
@@ -272,10 +288,37 @@ async fn run_claude(
             format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry")
         })
     };
-    let finished = process::run(launch, job_id, deadline, spec.timeout_ms, &mut stop, ready, on_line).await;
+    let run = process::run(launch, job_id, deadline, spec.timeout_ms, &mut stop, ready, on_line);
+    let finished = tokio::select! {
+        finished = run => finished,
+        never = timer => match never {},
+    };
+    // Whatever ended the run (its end, a cancel, the timeout, Claude's death), what Claude
+    // printed goes out.
+    if let Some(events) = batch.lock().expect("batch lock").take() {
+        send(events);
+    }
     let stderr = ctx.login.redactor(crate::now_ms()).redact(&finished.stderr);
     let duration_ms = started.elapsed().as_millis() as u64;
     let result = claude::result(&transcript, finished.ending, &stderr, duration_ms);
     info!(job_id, agent_id = %cfg.agent_id, success = result.success, error_code = ?result.error_code, duration_ms, lines = transcript.lines, "claude finished");
     result
+}
+
+/// Sends each batch of `batch` when its first event has waited its window; `opened` is
+/// told when a batch opens. Runs as long as the job's run (it ends only by being dropped).
+async fn send_due_batches(batch: &Mutex<Batch>, opened: &Notify, send: impl Fn(Vec<ProgressEvent>)) -> Infallible {
+    loop {
+        let due = batch.lock().expect("batch lock").due_at();
+        match due {
+            Some(at) => {
+                tokio::time::sleep_until(at.into()).await;
+                let events = batch.lock().expect("batch lock").take_due(Instant::now());
+                if let Some(events) = events {
+                    send(events);
+                }
+            }
+            None => opened.notified().await,
+        }
+    }
 }
