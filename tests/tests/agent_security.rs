@@ -276,7 +276,8 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
             AgentMessage::Event { envelope } => {
                 let report: ProgressReport = envelope.open(Domain::Progress, &agent_key).expect("signed by the agent");
                 assert_eq!((report.job_id.as_str(), report.order_nonce.as_str()), ("good", "good:1"));
-                progress += 1;
+                assert_eq!(report.check(), Ok(()), "a batch the edge takes");
+                progress += report.events.len();
             }
             AgentMessage::Result { envelope } => {
                 assert!(envelope.open::<ResultReport>(Domain::Result, &random_key().verifying_key()).is_err());
