@@ -26,8 +26,9 @@ use tracing::{info, warn};
 
 /// How often the redactor re-reads the login: Claude may rotate the tokens mid-job.
 const REDACTOR_REFRESH: Duration = Duration::from_secs(2);
-/// Largest progress event forwarded; bigger ones are summarised.
-const MAX_EVENT_BYTES: usize = 256 * 1024;
+/// Largest progress event forwarded; bigger ones are summarised. As large as a whole
+/// batch may be, so one event always fits one.
+const MAX_EVENT_BYTES: usize = shared::protocol::MAX_PROGRESS_BYTES;
 
 /// What a job needs from the agent, and nothing more.
 #[derive(Clone)]
@@ -258,14 +259,16 @@ async fn run_claude(
                 ctx.reporter.saw_usage(window);
             }
             seq += 1;
-            let event = if line.len() > MAX_EVENT_BYTES {
-                serde_json::json!({"type": event["type"], "truncated": true, "bytes": line.len()})
+            let (event, bytes) = if line.len() > MAX_EVENT_BYTES {
+                let summary = serde_json::json!({"type": event["type"], "truncated": true, "bytes": line.len()});
+                let bytes = summary.to_string().len();
+                (summary, bytes)
             } else {
-                event
+                (event, line.len())
             };
             let mut batch = batch.lock().expect("batch lock");
             let opens = batch.due_at().is_none();
-            batch.push(seq, event, line.len(), Instant::now(), send);
+            batch.push(seq, event, bytes, Instant::now(), send);
             if opens && batch.due_at().is_some() {
                 opened.notify_one();
             }

@@ -252,13 +252,19 @@ fn the_pool_is_signed_into_the_welcome_and_every_order() {
     assert_eq!(order.header.pool, "gpu");
 }
 
-#[test]
-fn forged_results_and_progress_from_the_path_are_refused_and_change_nothing() {
+/// An edge whose agent `spark` runs `j1` (order `j1:1`), which a caller follows.
+fn followed_job() -> (Edge, String, CallerId) {
     let (mut edge, sid) = ready_edge();
     edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
     let follower = edge.begin_request();
     edge.follow(follower, "j1", &mut Vec::new()).unwrap();
+    (edge, sid, follower)
+}
+
+#[test]
+fn forged_results_and_progress_from_the_path_are_refused_and_change_nothing() {
+    let (mut edge, sid, follower) = followed_job();
     let forger = agent_key(77);
     let fake = JobResult { success: true, output: "forged".into(), ..Default::default() };
 
@@ -312,11 +318,7 @@ fn orders_and_reports_share_one_nonce_per_attempt() {
 
 #[test]
 fn progress_replayed_or_reordered_on_the_path_is_shown_once_in_order() {
-    let (mut edge, sid) = ready_edge();
-    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
-    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
-    let follower = edge.begin_request();
-    edge.follow(follower, "j1", &mut Vec::new()).unwrap();
+    let (mut edge, sid, follower) = followed_job();
     let event = |seq: u64| AgentMessage::progress("j1", "j1:1", vec![ProgressEvent { seq, event: json!({"n": seq}) }], &agent_key(1));
     for seq in [1, 2] {
         assert_eq!(streamed(&say(&mut edge, 2, &sid, event(seq)), follower).0.len(), 1, "the agent's own event {seq}");
@@ -348,11 +350,7 @@ fn ids(chunks: &[String]) -> Vec<String> {
 
 #[test]
 fn a_progress_batch_reaches_followers_and_the_backlog_event_by_event() {
-    let (mut edge, sid) = ready_edge();
-    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
-    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
-    let follower = edge.begin_request();
-    edge.follow(follower, "j1", &mut Vec::new()).unwrap();
+    let (mut edge, sid, follower) = followed_job();
     let (chunks, _) = streamed(&say(&mut edge, 2, &sid, batch("j1", "j1:1", &[1, 2, 3])), follower);
     assert_eq!(ids(&chunks), ["id: 1", "id: 2", "id: 3"]);
     assert!(chunks[1].contains(r#"data: {"n":2}"#), "{chunks:?}");
@@ -367,11 +365,7 @@ fn a_progress_batch_reaches_followers_and_the_backlog_event_by_event() {
 
 #[test]
 fn progress_batches_forged_replayed_misbound_or_malformed_are_refused_and_show_nothing() {
-    let (mut edge, sid) = ready_edge();
-    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
-    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
-    let follower = edge.begin_request();
-    edge.follow(follower, "j1", &mut Vec::new()).unwrap();
+    let (mut edge, sid, follower) = followed_job();
     let good = batch("j1", "j1:1", &[1, 2]);
     assert_eq!(streamed(&say(&mut edge, 2, &sid, good.clone()), follower).0.len(), 2);
 
