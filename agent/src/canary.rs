@@ -49,6 +49,7 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
         repos: Arc::new(repos),
         cfg: Arc::new(cfg),
         order_nonce: "canary:1".into(),
+        progress_clock: Default::default(),
         spool: None,
     };
     let spec: JobSpec = serde_json::from_value(json!({"prompt": PROMPT, "timeout_ms": TIMEOUT.as_millis() as u64, "max_turns": 1}))

@@ -1,13 +1,13 @@
 //! How a job's progress events are gathered into batches, each signed and sent as one
-//! frame (protocol 8): pure decisions, the time passed in. The runner feeds it Claude's
-//! lines as they come and sends what it hands back.
+//! frame (protocol 8): pure decisions. The runner feeds it Claude's lines as they come
+//! and sends what it hands back.
 //!
-//! A batch goes when the first event in it has waited [`PROGRESS_BATCH_MS`], when it is
-//! full ([`MAX_PROGRESS_EVENTS`] events, or [`MAX_PROGRESS_BYTES`] of Claude's output), and
-//! — whatever it holds — when Claude's run ends, before the job's result.
+//! A batch goes when the agent's progress clock ticks (every [`PROGRESS_BATCH_MS`], so
+//! its first event waits at most that long), when it is full ([`MAX_PROGRESS_EVENTS`]
+//! events, or [`MAX_PROGRESS_BYTES`] of Claude's output), and — whatever it holds — when
+//! Claude's run ends, before the job's result.
 
 use shared::protocol::{ProgressEvent, MAX_PROGRESS_BYTES, MAX_PROGRESS_EVENTS};
-use std::time::{Duration, Instant};
 
 /// How long the first event of a batch may wait for others. Claude prints in bursts (a
 /// tool call, its result, the next message, within milliseconds) between pauses of
@@ -23,19 +23,15 @@ pub const PROGRESS_BATCH_MS: u64 = 50;
 pub struct Batch {
     events: Vec<ProgressEvent>,
     bytes: usize,
-    opened: Option<Instant>,
 }
 
 impl Batch {
-    /// Adds event `seq` (its line was `bytes` long) at `now`, and hands `send` every batch
-    /// due because of it: the pending one first when this event would take it past
+    /// Adds event `seq` (its line was `bytes` long), and hands `send` every batch due
+    /// because of it: the pending one first when this event would take it past
     /// [`MAX_PROGRESS_BYTES`], then the batch with this event when that is full.
-    pub fn push(&mut self, seq: u64, event: serde_json::Value, bytes: usize, now: Instant, mut send: impl FnMut(Vec<ProgressEvent>)) {
+    pub fn push(&mut self, seq: u64, event: serde_json::Value, bytes: usize, mut send: impl FnMut(Vec<ProgressEvent>)) {
         if !self.events.is_empty() && self.bytes.saturating_add(bytes) > MAX_PROGRESS_BYTES {
             send(self.take_all());
-        }
-        if self.events.is_empty() {
-            self.opened = Some(now);
         }
         self.events.push(ProgressEvent { seq, event });
         self.bytes = self.bytes.saturating_add(bytes);
@@ -44,24 +40,18 @@ impl Batch {
         }
     }
 
-    /// When the pending batch must go, if there is one.
-    pub fn due_at(&self) -> Option<Instant> {
-        self.opened.map(|at| at + Duration::from_millis(PROGRESS_BATCH_MS))
+    /// Whether events wait.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
     }
 
-    /// The pending batch, if its time has come at `now`.
-    pub fn take_due(&mut self, now: Instant) -> Option<Vec<ProgressEvent>> {
-        self.due_at().is_some_and(|at| at <= now).then(|| self.take_all())
-    }
-
-    /// The pending batch, if any, whatever its age (Claude's run ended).
+    /// The pending batch, if any (the clock ticked, or Claude's run ended).
     pub fn take(&mut self) -> Option<Vec<ProgressEvent>> {
         (!self.events.is_empty()).then(|| self.take_all())
     }
 
     fn take_all(&mut self) -> Vec<ProgressEvent> {
         self.bytes = 0;
-        self.opened = None;
         std::mem::take(&mut self.events)
     }
 }
@@ -76,35 +66,25 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_goes_whole_when_its_first_event_has_waited_the_window() {
-        let t0 = Instant::now();
+    fn a_batch_waits_until_taken_then_goes_whole() {
         let mut batch = Batch::default();
         let mut sent = Vec::new();
-        assert_eq!(batch.due_at(), None);
-        batch.push(1, json!({"n": 1}), 10, t0, |b| sent.push(b));
-        let due = batch.due_at().expect("a batch is open");
-        assert_eq!(due, t0 + Duration::from_millis(PROGRESS_BATCH_MS));
-        // A later event does not put the batch off.
-        batch.push(2, json!({"n": 2}), 10, t0 + Duration::from_millis(30), |b| sent.push(b));
-        assert_eq!(batch.due_at(), Some(due));
-        assert!(batch.take_due(due - Duration::from_millis(1)).is_none());
-        sent.extend(batch.take_due(due));
-        assert_eq!(seqs(&sent), [vec![1, 2]]);
-        assert_eq!((batch.due_at(), batch.take()), (None, None), "nothing left");
-        // The next event opens a new window.
-        batch.push(3, json!({"n": 3}), 10, due + Duration::from_secs(5), |b| sent.push(b));
-        assert_eq!(batch.due_at(), Some(due + Duration::from_secs(5) + Duration::from_millis(PROGRESS_BATCH_MS)));
+        assert!(batch.is_empty() && batch.take().is_none());
+        for seq in 1..=3 {
+            batch.push(seq, json!({"n": seq}), 10, |b| sent.push(b));
+        }
+        assert!(sent.is_empty() && !batch.is_empty());
         sent.extend(batch.take());
-        assert_eq!(seqs(&sent), [vec![1, 2], vec![3]], "the end of the run sends what is pending");
+        assert_eq!(seqs(&sent), [vec![1, 2, 3]]);
+        assert!(batch.is_empty() && batch.take().is_none(), "nothing left");
     }
 
     #[test]
     fn a_full_batch_goes_at_once() {
-        let t0 = Instant::now();
         let mut batch = Batch::default();
         let mut sent = Vec::new();
         for seq in 1..=(2 * MAX_PROGRESS_EVENTS as u64 + 1) {
-            batch.push(seq, json!(seq), 1, t0, |b| sent.push(b));
+            batch.push(seq, json!(seq), 1, |b| sent.push(b));
         }
         assert_eq!(sent.len(), 2);
         assert!(sent.iter().all(|b| b.len() == MAX_PROGRESS_EVENTS));
@@ -113,19 +93,18 @@ mod tests {
 
     #[test]
     fn a_batch_never_holds_more_output_than_the_cap_unless_one_event_does() {
-        let t0 = Instant::now();
         let mut batch = Batch::default();
         let mut sent = Vec::new();
         let third = MAX_PROGRESS_BYTES / 3;
         for seq in 1..=3 {
-            batch.push(seq, json!(seq), third, t0, |b| sent.push(b));
+            batch.push(seq, json!(seq), third, |b| sent.push(b));
         }
         assert!(sent.is_empty(), "three thirds fit");
         // The fourth would take it over: the three go first, the fourth waits.
-        batch.push(4, json!(4), third, t0, |b| sent.push(b));
+        batch.push(4, json!(4), third, |b| sent.push(b));
         assert_eq!(seqs(&sent), [vec![1, 2, 3]]);
         // One event at the cap goes alone, at once, after what was pending.
-        batch.push(5, json!(5), MAX_PROGRESS_BYTES, t0, |b| sent.push(b));
+        batch.push(5, json!(5), MAX_PROGRESS_BYTES, |b| sent.push(b));
         assert_eq!(seqs(&sent), [vec![1, 2, 3], vec![4], vec![5]]);
         assert_eq!(batch.take(), None);
     }

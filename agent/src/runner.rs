@@ -8,6 +8,7 @@ use crate::claude::{self, Ending, Transcript};
 use crate::config::AgentConfig;
 use crate::oauth::{Login, RefreshGate};
 use crate::process::{self, Launch, Stop};
+use crate::progress_clock::ProgressClock;
 use agent_core::progress::Batch;
 use crate::redact::Carry;
 use crate::spool::Spool;
@@ -47,6 +48,8 @@ pub struct JobContext {
     pub repos: Arc<Repos>,
     /// The nonce of the job's order: every progress event is signed bound to it.
     pub order_nonce: String,
+    /// When waiting progress batches go (one clock for all jobs).
+    pub progress_clock: Arc<ProgressClock>,
 }
 
 /// After Claude, the diff and the push get the rest of the job's time and this much more
@@ -236,9 +239,10 @@ async fn run_claude(
     let mut transcript = Transcript::default();
     let mut carry = Carry::default();
     let mut seq = 0u64;
-    // Events wait here for their batch (agent_core::progress). The batch's timer runs in
-    // this task, beside Claude's run, and the last batch goes when the run ends: every
-    // batch is on the uplink before this returns, so before the job's result.
+    // Events wait here for their batch (agent_core::progress). The batches are sent from
+    // this task, beside Claude's run, on the progress clock's ticks, and the last one when
+    // the run ends: every batch is on the uplink before this returns, so before the job's
+    // result.
     let batch = Mutex::new(Batch::default());
     let opened = Notify::new();
     let send = |events| {
@@ -267,14 +271,14 @@ async fn run_claude(
                 (event, line.len())
             };
             let mut batch = batch.lock().expect("batch lock");
-            let opens = batch.due_at().is_none();
-            batch.push(seq, event, bytes, Instant::now(), send);
-            if opens && batch.due_at().is_some() {
+            let opens = batch.is_empty();
+            batch.push(seq, event, bytes, send);
+            if opens && !batch.is_empty() {
                 opened.notify_one();
             }
         }
     };
-    let timer = send_due_batches(&batch, &opened, send);
+    let timer = send_on_ticks(&batch, &opened, &ctx.progress_clock, send);
     // Durably before Claude gets its prompt: if the agent dies now, its next run reports
     // the job lost instead of letting the edge send it again (it may not have heard it
     // started). Written while Claude starts (process::run waits for both).
@@ -308,20 +312,20 @@ async fn run_claude(
     result
 }
 
-/// Sends each batch of `batch` when its first event has waited its window; `opened` is
-/// told when a batch opens. Runs as long as the job's run (it ends only by being dropped).
-async fn send_due_batches(batch: &Mutex<Batch>, opened: &Notify, send: impl Fn(Vec<ProgressEvent>)) -> Infallible {
+/// Sends what `batch` holds at each tick of the progress clock that comes while it holds
+/// something; `opened` is told when it starts to. Runs as long as the job's run (it ends
+/// only by being dropped).
+async fn send_on_ticks(batch: &Mutex<Batch>, opened: &Notify, clock: &Arc<ProgressClock>, send: impl Fn(Vec<ProgressEvent>)) -> Infallible {
     loop {
-        let due = batch.lock().expect("batch lock").due_at();
-        match due {
-            Some(at) => {
-                tokio::time::sleep_until(at.into()).await;
-                let events = batch.lock().expect("batch lock").take_due(Instant::now());
-                if let Some(events) = events {
-                    send(events);
-                }
-            }
-            None => opened.notified().await,
+        let waits = !batch.lock().expect("batch lock").is_empty();
+        if !waits {
+            opened.notified().await;
+            continue;
+        }
+        clock.next_tick().await;
+        let events = batch.lock().expect("batch lock").take();
+        if let Some(events) = events {
+            send(events);
         }
     }
 }
