@@ -824,6 +824,20 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The proportional set size of a process in KiB (`Pss` of `/proc/PID/smaps_rollup`): its
+/// private pages, and each page it shares with n processes counted 1/n.
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = rollup.lines().find(|l| l.split(':').next() == Some("Pss"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A process's command line, its arguments joined by spaces (empty if it is gone).
+pub fn command_line(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect::<Vec<_>>().join(" ")
+}
+
 /// A process and all its descendants (the Worker host is node plus workerd).
 pub fn process_tree(root: u32) -> Vec<u32> {
     let mut parents: Vec<(u32, u32)> = Vec::new();
@@ -858,6 +872,47 @@ impl EdgeServer {
 /// Resident memory of a process in KiB (`VmRSS`).
 pub fn rss_kib(pid: u32) -> Option<u64> {
     proc_status_kib(pid, "VmRSS")
+}
+
+/// A native edge with agent `spark` connected to it through a [`proxy::Proxy`], and a
+/// caller: the scene of the recovery tests that cut the agent's link around a job.
+pub struct ProxiedAgent {
+    pub edge: EdgeServer,
+    pub agent: AgentProc,
+    pub client: Client,
+    pub proxy: proxy::Proxy,
+}
+
+/// What an edge's job order to its agent starts with on the wire (`EdgeMessage::Job`; the
+/// edge's WebSocket frames are not masked): for [`proxy::Proxy::blackhole_when`] to cut
+/// the link at the moment the order is sent.
+pub const JOB_ORDER: &str = r#"{"type":"job""#;
+
+impl ProxiedAgent {
+    /// Starts them and waits until `/health` says the agent can work.
+    pub async fn start(edge_settings: &[(&str, &str)]) -> ProxiedAgent {
+        let keys = Keys::new(&["spark"]);
+        let edge = EdgeServer::start(EdgeKind::Native, &keys, edge_settings);
+        let proxy = proxy::Proxy::start(edge.port).await;
+        let opts = AgentOpts { edge_ws: format!("ws://127.0.0.1:{}", proxy.port()), ..AgentOpts::for_edge(&edge, "spark") };
+        let agent = AgentProc::start(opts);
+        let client = Client::new(&edge.url());
+        client.wait_online().await;
+        ProxiedAgent { edge, agent, client, proxy }
+    }
+
+    /// Submits `prompt` (`POST /jobs`) and waits until Claude has started it (the
+    /// stand-in logged its start); returns the job's id. No wait for the agent's first
+    /// statement of its free slots is needed: the edge sends no order before it.
+    pub async fn run_job(&self, prompt: &str) -> String {
+        let runs = self.agent.claude_runs().len();
+        let a = self.client.submit(serde_json::json!({ "prompt": prompt })).await;
+        assert_eq!(a.status, 202, "{}", a.text);
+        let job_id = a.body["job_id"].as_str().expect("a job id").to_string();
+        let started = eventually(Duration::from_secs(10), || self.agent.claude_runs().len() > runs).await;
+        assert!(started, "Claude never started `{prompt}`:\n{}\n{}", self.agent.log(), self.edge.log());
+        job_id
+    }
 }
 
 /// One request a [`Webhook`] received.

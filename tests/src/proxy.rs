@@ -3,6 +3,11 @@
 //! black-holes one direction of every live connection (bytes are read and dropped, no
 //! FIN or RST passes: a true half-open link, as after a network cut), or resets every
 //! connection (RST both ways). New connections start healthy.
+//!
+//! A cut may also wait for an event on the link itself ([`Proxy::blackhole_when`]): the
+//! first bytes one way that carry a pattern (the edge's WebSocket frames to the agent are
+//! not masked, so an order's `{"type":"job"` shows as such) cut the other way before they
+//! pass — no fixed wait for the moment to arrive.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,9 +25,19 @@ pub enum Direction {
     Down,
 }
 
+/// A cut waiting for a pattern to pass.
+struct Watch {
+    pattern: Vec<u8>,
+    mute: Arc<AtomicBool>,
+}
+
+type Watched = Arc<Mutex<Option<Watch>>>;
+
 struct Link {
     up: Arc<AtomicBool>,
     down: Arc<AtomicBool>,
+    /// What each direction's pump watches for (up, down).
+    watches: [Watched; 2],
     fds: [RawFd; 2],
     tasks: Vec<JoinHandle<()>>,
 }
@@ -53,13 +68,14 @@ impl Proxy {
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
                 let ended = Arc::new(tokio::sync::Notify::new());
+                let watches: [Watched; 2] = Default::default();
                 let tasks = vec![
-                    tokio::spawn(pump(cr, sw, up.clone(), ended.clone())),
-                    tokio::spawn(pump(sr, cw, down.clone(), ended)),
+                    tokio::spawn(pump(cr, sw, up.clone(), watches[0].clone(), ended.clone())),
+                    tokio::spawn(pump(sr, cw, down.clone(), watches[1].clone(), ended)),
                 ];
                 let mut links = l.lock().unwrap();
                 links.retain(|link| link.tasks.iter().any(|t| !t.is_finished()));
-                links.push(Link { up, down, fds, tasks });
+                links.push(Link { up, down, watches, fds, tasks });
             }
         });
         Proxy { port, links, accepted, accept }
@@ -87,6 +103,23 @@ impl Proxy {
                 Direction::Up => link.up.store(true, Ordering::Relaxed),
                 Direction::Down => link.down.store(true, Ordering::Relaxed),
             }
+        }
+        links.len()
+    }
+
+    /// On every live connection, the first bytes going `seen` that carry `pattern` make it
+    /// drop what goes `mute` from then on, as [`Proxy::blackhole`] — before those bytes
+    /// pass, so nothing the far end sends in answer to them gets through. Returns the
+    /// connections armed.
+    pub fn blackhole_when(&self, seen: Direction, pattern: &str, mute: Direction) -> usize {
+        let links = self.links.lock().unwrap();
+        for link in links.iter() {
+            let flag = match mute {
+                Direction::Up => link.up.clone(),
+                Direction::Down => link.down.clone(),
+            };
+            let watch = &link.watches[(seen == Direction::Down) as usize];
+            *watch.lock().unwrap() = Some(Watch { pattern: pattern.as_bytes().to_vec(), mute: flag });
         }
         links.len()
     }
@@ -124,19 +157,24 @@ impl Drop for Proxy {
 }
 
 /// Copies `from` to `to` until `from` ends; once `holed`, reads and drops instead, and
-/// passes no end of stream either.
+/// passes no end of stream either. Bytes that carry what `watch` waits for set its cut
+/// before they pass.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     holed: Arc<AtomicBool>,
+    watch: Watched,
     ended: Arc<tokio::sync::Notify>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
+    // The end of what passed before, for a pattern split between two reads.
+    let mut tail: Vec<u8> = Vec::new();
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        watch_for(&watch, &mut tail, &buf[..n]);
         if holed.load(Ordering::Relaxed) {
             continue;
         }
@@ -152,4 +190,42 @@ async fn pump(
         let _ = to.shutdown().await;
     }
     ended.notify_one();
+}
+
+/// Looks for what `watch` waits for in `chunk`, after `tail` (the end of what passed
+/// before it); when found, makes its cut and ends the watch.
+fn watch_for(watch: &Watched, tail: &mut Vec<u8>, chunk: &[u8]) {
+    let mut armed = watch.lock().unwrap();
+    let Some(w) = armed.as_ref() else {
+        tail.clear();
+        return;
+    };
+    tail.extend_from_slice(chunk);
+    if tail.windows(w.pattern.len().max(1)).any(|win| win == w.pattern.as_slice()) {
+        w.mute.store(true, Ordering::Relaxed);
+        *armed = None;
+        tail.clear();
+    } else {
+        let keep = w.pattern.len().saturating_sub(1);
+        tail.drain(..tail.len().saturating_sub(keep));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pattern_split_between_reads_still_cuts_once() {
+        let mute = Arc::new(AtomicBool::new(false));
+        let watch: Watched = Arc::new(Mutex::new(Some(Watch { pattern: br#"{"type":"job""#.to_vec(), mute: mute.clone() })));
+        let mut tail = Vec::new();
+        watch_for(&watch, &mut tail, b"\x81\x7e\x01\x00{\"type\":\"heartbeat_ack\"}\x81\x7e{\"ty");
+        assert!(!mute.load(Ordering::Relaxed));
+        watch_for(&watch, &mut tail, b"pe\":\"j");
+        assert!(!mute.load(Ordering::Relaxed));
+        watch_for(&watch, &mut tail, b"ob\",\"envelope\":{}}");
+        assert!(mute.load(Ordering::Relaxed), "the order was seen");
+        assert!(watch.lock().unwrap().is_none(), "a watch cuts once");
+    }
 }

@@ -601,6 +601,8 @@ async fn alerts_reach_a_webhook_once_each(kind: EdgeKind) {
         assert_eq!(h.path, "/runner-alerts");
         assert!(h.headers.contains_key("title") && !h.body.is_empty(), "{h:?}");
         assert!(!h.body.contains("sk-ant") && !h.body.contains("0123456789"), "a token in an alert: {h:?}");
+        // The default pool's alerts say nothing of pools (see worker_pool_alerts_go_to_the_pools_url_and_name_it).
+        assert!(!h.headers.contains_key("x-claude-runner-pool") && !h.body.starts_with("Pool "), "{h:?}");
     }
     let offline = hook.received().into_iter().find(|h| h.headers["x-claude-runner-alert"] == "offline").unwrap();
     assert!(offline.body.contains("No agent has been connected"), "{}", offline.body);
@@ -1532,4 +1534,69 @@ async fn worker_pools_are_isolated() {
     let spark = AgentProc::start(opts);
     assert!(eventually(Duration::from_secs(10), || spark.log().contains("EDGE_POOL")).await, "{}", spark.log());
     assert!(spark.claude_runs().is_empty());
+}
+
+/// Alerts of several pools: a pool's go to its own `NOTIFY_URL_<POOL>` when it has one, else
+/// to `NOTIFY_URL`, and an alert of a pool other than `default` names it (its text and
+/// `X-Claude-Runner-Pool`), so alerts that share a URL say which pool to look at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(worker_tests), ignore = "needs the built Worker: run tests/run (it sets CLAUDE_RUNNER_WORKER_TESTS=1)")]
+async fn worker_pool_alerts_go_to_the_pools_url_and_name_it() {
+    harness::require_worker_bundle();
+    let keys = Keys::new(&["spark", "rig", "crew"]);
+    let listed = |id: &str| format!("{id}={}", shared::keys::encode_verifying(&keys.agent(id).verifying_key()));
+    let hook = Webhook::start(vec![]);
+    let (edge_url, gpu_url) = (hook.url("/runner-alerts"), hook.url("/gpu-alerts"));
+    let edge = EdgeServer::start(
+        EdgeKind::Worker,
+        &keys,
+        &[
+            ("AGENT_PUBLIC_KEYS", &listed("spark")),
+            ("POOLS", "gpu,team-b"),
+            ("RUNNER_SECRET_GPU", "gpu-pool-secret-0123456789"),
+            ("AGENT_PUBLIC_KEYS_GPU", &listed("rig")),
+            ("RUNNER_SECRET_TEAM_B", "team-pool-secret-0123456789"),
+            ("AGENT_PUBLIC_KEYS_TEAM_B", &listed("crew")),
+            ("NOTIFY_URL", &edge_url),
+            ("NOTIFY_URL_GPU", &gpu_url),
+            ("OFFLINE_ALERT_MS", "2000"),
+        ],
+    );
+    // One agent in each pool, then none: each pool alerts that it is offline.
+    let mut agents = Vec::new();
+    for (id, pool) in [("spark", "default"), ("rig", "gpu"), ("crew", "team-b")] {
+        let mut opts = AgentOpts::for_edge(&edge, id);
+        let mut client = Client::new(&edge.url());
+        if pool != "default" {
+            opts.edge_ws = format!("{}/pool/{pool}", edge.ws_url());
+            opts = opts.env("EDGE_POOL", pool);
+            client = Client::new(&format!("{}/pool/{pool}", edge.url()));
+        }
+        agents.push(AgentProc::start(opts));
+        client.wait_online().await;
+    }
+    agents.iter_mut().for_each(AgentProc::stop);
+    let offline = |hook: &Webhook| hook.received().into_iter().filter(|h| h.headers.get("x-claude-runner-alert").map(String::as_str) == Some("offline")).collect::<Vec<_>>();
+    assert!(eventually(Duration::from_secs(20), || offline(&hook).len() >= 3).await, "{:?}", hook.received());
+    let mut got: Vec<(String, Option<String>, bool)> = offline(&hook)
+        .into_iter()
+        .map(|h| {
+            let pool = h.headers.get("x-claude-runner-pool").cloned();
+            let named = h.body.starts_with(&format!("Pool `{}`: No agent has been connected", pool.as_deref().unwrap_or("default")));
+            (h.path, pool, named)
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("/gpu-alerts".to_string(), Some("gpu".to_string()), true),
+            ("/runner-alerts".to_string(), None, false),
+            ("/runner-alerts".to_string(), Some("team-b".to_string()), true),
+        ],
+        "{:?}",
+        hook.received()
+    );
+    let default = offline(&hook).into_iter().find(|h| !h.headers.contains_key("x-claude-runner-pool")).unwrap();
+    assert!(default.body.starts_with("No agent has been connected"), "{}", default.body);
 }

@@ -5,25 +5,24 @@ use harness::proxy::{Direction, Proxy};
 use harness::*;
 use std::time::{Duration, Instant};
 
-/// A native edge with agent `spark` connected (through `proxy`, if given).
-async fn setup(edge_settings: &[(&str, &str)], proxy: bool) -> (EdgeServer, AgentProc, Client, Option<Proxy>) {
+/// A native edge with agent `spark` connected. (A test that cuts the link starts a
+/// [`ProxiedAgent`] instead.)
+async fn setup(edge_settings: &[(&str, &str)]) -> (EdgeServer, AgentProc, Client) {
     let keys = Keys::new(&["spark"]);
     let edge = EdgeServer::start(EdgeKind::Native, &keys, edge_settings);
-    let proxy = if proxy { Some(Proxy::start(edge.port).await) } else { None };
-    let mut opts = AgentOpts::for_edge(&edge, "spark");
-    if let Some(p) = &proxy {
-        opts.edge_ws = format!("ws://127.0.0.1:{}", p.port());
-    }
-    let agent = AgentProc::start(opts);
+    let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
     let client = Client::new(&edge.url());
     client.wait_online().await;
-    (edge, agent, client, proxy)
+    (edge, agent, client)
 }
+
+/// Long heartbeats: the agent does not give a muted link up before the test is done with it.
+const MUTED_LINK_KEPT: [(&str, &str); 2] = [("LOST_AFTER_MS", "30000"), ("HEARTBEAT_INTERVAL_MS", "5000")];
 
 /// Issue item 9: a child of Claude outlived the agent's SIGKILL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_agent_kills_claudes_whole_tree() {
-    let (_edge, mut agent, client, _) = setup(&[], false).await;
+    let (_edge, mut agent, client) = setup(&[]).await;
     let pidfile = agent.data.path().join("child.pid");
     let a = client.submit(json!({"prompt": format!("@spawn_child={} @sleep=60000", pidfile.display())})).await;
     assert_eq!(a.status, 202, "{}", a.text);
@@ -41,26 +40,20 @@ async fn sigkill_of_the_agent_kills_claudes_whole_tree() {
 /// agent's restart the job is reported lost; it never runs a second time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_started_before_the_agent_died_is_lost_not_run_again() {
-    // Long heartbeats: the agent does not give the muted link up before it is killed.
-    let (_edge, mut agent, client, proxy) = setup(&[("LOST_AFTER_MS", "30000"), ("HEARTBEAT_INTERVAL_MS", "5000")], true).await;
-    let proxy = proxy.unwrap();
-    // The agent states its free slots right after the welcome, in a message of its own:
-    // `/health` is 200 at the hello already, so give that message time to arrive before
-    // the link is muted (without it the edge sends nothing, and the test fails).
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    proxy.blackhole(Direction::Up);
-    let a = client.submit(json!({"prompt": "@sleep=60000 once only"})).await;
-    let job_id = a.body["job_id"].as_str().unwrap().to_string();
-    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await, "{}", agent.log());
-    assert_eq!(client.get(&format!("/jobs/{job_id}")).await.body["state"], "dispatched", "the edge never heard it started");
-    agent.kill();
-    agent.restart();
-    let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
+    let mut s = ProxiedAgent::start(&MUTED_LINK_KEPT).await;
+    // Muted as the order passes (not before: the agent's statement of its free slots, which
+    // the edge waits for to send the order, must get through).
+    s.proxy.blackhole_when(Direction::Down, JOB_ORDER, Direction::Up);
+    let job_id = s.run_job("@sleep=60000 once only").await;
+    assert_eq!(s.client.get(&format!("/jobs/{job_id}")).await.body["state"], "dispatched", "the edge never heard it started");
+    s.agent.kill();
+    s.agent.restart();
+    let job = s.client.wait_job(&job_id, Duration::from_secs(30)).await;
     assert_eq!(job["state"], "lost", "{job}");
     // It is not sent again: a probe runs next, and the job ran once.
-    let probe = client.execute(json!({"prompt": "probe", "timeout_ms": 20000})).await;
+    let probe = s.client.execute(json!({"prompt": "probe", "timeout_ms": 20000})).await;
     assert_eq!(probe.status, 200, "{}", probe.text);
-    let prompts: Vec<String> = agent.claude_runs().iter().map(|r| r["prompt"].as_str().unwrap_or("").to_string()).collect();
+    let prompts: Vec<String> = s.agent.claude_runs().iter().map(|r| r["prompt"].as_str().unwrap_or("").to_string()).collect();
     assert_eq!(prompts, vec!["@sleep=60000 once only".to_string(), "probe".to_string()]);
 }
 
@@ -70,26 +63,21 @@ async fn a_job_started_before_the_agent_died_is_lost_not_run_again() {
 /// succeeds with Claude's answer, not `lost`, and ran once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_the_edge_never_got_is_sent_from_its_slot_record_after_a_crash() {
-    let (_edge, mut agent, client, proxy) = setup(&[("LOST_AFTER_MS", "30000"), ("HEARTBEAT_INTERVAL_MS", "5000")], true).await;
-    let proxy = proxy.unwrap();
-    // Give the agent's first statement of its slots time to arrive (see above).
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let a = client.submit(json!({"prompt": "@sleep=300 kept in its slot"})).await;
-    let job_id = a.body["job_id"].as_str().unwrap().to_string();
-    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await, "{}", agent.log());
-    proxy.blackhole(Direction::Up);
-    let data = agent.data.path().join("data");
-    assert!(eventually(Duration::from_secs(10), || slot_record_names(&data, 0, &job_id) == (true, true)).await, "{}", agent.log());
-    let state = client.get(&format!("/jobs/{job_id}")).await.body["state"].clone();
+    let mut s = ProxiedAgent::start(&MUTED_LINK_KEPT).await;
+    let job_id = s.run_job("@sleep=300 kept in its slot").await;
+    s.proxy.blackhole(Direction::Up);
+    let data = s.agent.data.path().join("data");
+    assert!(eventually(Duration::from_secs(10), || slot_record_names(&data, 0, &job_id) == (true, true)).await, "{}", s.agent.log());
+    let state = s.client.get(&format!("/jobs/{job_id}")).await.body["state"].clone();
     assert!(state == "dispatched" || state == "running", "the edge never heard of the result: {state}");
-    agent.kill();
-    agent.restart();
-    let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
-    assert_eq!(job["state"], "succeeded", "{job}\n{}", agent.log());
+    s.agent.kill();
+    s.agent.restart();
+    let job = s.client.wait_job(&job_id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", s.agent.log());
     assert!(job["result"]["output"].as_str().unwrap_or_default().ends_with("kept in its slot"), "{job}");
-    assert_eq!(agent.claude_runs().len(), 1, "ran once");
+    assert_eq!(s.agent.claude_runs().len(), 1, "ran once");
     // Acknowledged at last: the record is cleared.
-    assert!(eventually(Duration::from_secs(10), || slot_record_names(&data, 0, &job_id).0 == false).await, "{}", agent.log());
+    assert!(eventually(Duration::from_secs(10), || slot_record_names(&data, 0, &job_id).0 == false).await, "{}", s.agent.log());
 }
 
 /// The other side of that moment: the edge stored the result but its acknowledgement was
@@ -98,30 +86,26 @@ async fn a_result_the_edge_never_got_is_sent_from_its_slot_record_after_a_crash(
 /// is cleared — the job is neither changed nor run again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_whose_acknowledgement_was_lost_is_sent_again_and_changes_nothing() {
-    let (_edge, mut agent, client, proxy) = setup(&[("LOST_AFTER_MS", "30000"), ("HEARTBEAT_INTERVAL_MS", "5000")], true).await;
-    let proxy = proxy.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let a = client.submit(json!({"prompt": "@sleep=300 acknowledged too late"})).await;
-    let job_id = a.body["job_id"].as_str().unwrap().to_string();
-    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await, "{}", agent.log());
-    proxy.blackhole(Direction::Down);
-    let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
+    let mut s = ProxiedAgent::start(&MUTED_LINK_KEPT).await;
+    let job_id = s.run_job("@sleep=300 acknowledged too late").await;
+    s.proxy.blackhole(Direction::Down);
+    let job = s.client.wait_job(&job_id, Duration::from_secs(30)).await;
     assert_eq!(job["state"], "succeeded", "{job}");
-    let data = agent.data.path().join("data");
-    assert!(eventually(Duration::from_secs(10), || slot_record_names(&data, 0, &job_id) == (true, true)).await, "{}", agent.log());
-    agent.kill();
-    agent.restart();
-    assert!(eventually(Duration::from_secs(20), || slot_record_names(&data, 0, &job_id).0 == false).await, "never acknowledged: {}", agent.log());
-    let again = client.get(&format!("/jobs/{job_id}")).await.body;
+    let data = s.agent.data.path().join("data");
+    assert!(eventually(Duration::from_secs(10), || slot_record_names(&data, 0, &job_id) == (true, true)).await, "{}", s.agent.log());
+    s.agent.kill();
+    s.agent.restart();
+    assert!(eventually(Duration::from_secs(20), || slot_record_names(&data, 0, &job_id).0 == false).await, "never acknowledged: {}", s.agent.log());
+    let again = s.client.get(&format!("/jobs/{job_id}")).await.body;
     assert_eq!((&again["state"], &again["result"]["output"]), (&job["state"], &job["result"]["output"]), "{again}");
-    assert_eq!(agent.claude_runs().len(), 1, "ran once");
+    assert_eq!(s.agent.claude_runs().len(), 1, "ran once");
 }
 
 /// Issue item 1, from outside: the edge is down while a job ends, so the agent's credit for
 /// it is lost; once the edge is back the next job must run, not wait forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_an_edge_outage_across_a_job_end_the_agent_takes_work_again() {
-    let (mut edge, agent, client, _) = setup(&[], false).await;
+    let (mut edge, agent, client) = setup(&[]).await;
     let a = client.submit(json!({"prompt": "@sleep=1500 across the outage"})).await;
     let job_id = a.body["job_id"].as_str().unwrap().to_string();
     assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
@@ -144,20 +128,17 @@ async fn after_an_edge_outage_across_a_job_end_the_agent_takes_work_again() {
 /// back only when the test resets the link, just after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_running_across_an_edge_stop_longer_than_lost_after_ms_is_not_lost() {
-    let (mut edge, agent, client, proxy) = setup(&[("LOST_AFTER_MS", "2000"), ("HEARTBEAT_INTERVAL_MS", "10000")], true).await;
-    let proxy = proxy.unwrap();
-    let a = client.submit(json!({"prompt": "@sleep=6000 across a long stop"})).await;
-    let job_id = a.body["job_id"].as_str().unwrap().to_string();
-    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
-    assert!(eventually(Duration::from_secs(5), || edge.log().contains("job running")).await, "{}", edge.log());
-    proxy.blackhole(Direction::Down);
-    edge.stop();
+    let mut s = ProxiedAgent::start(&[("LOST_AFTER_MS", "2000"), ("HEARTBEAT_INTERVAL_MS", "10000")]).await;
+    let job_id = s.run_job("@sleep=6000 across a long stop").await;
+    assert!(eventually(Duration::from_secs(5), || s.edge.log().contains("job running")).await, "{}", s.edge.log());
+    s.proxy.blackhole(Direction::Down);
+    s.edge.stop();
     tokio::time::sleep(Duration::from_millis(3000)).await;
-    edge.restart();
-    proxy.reset();
-    let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
-    assert_eq!(job["state"], "succeeded", "{job}\n{}", edge.log());
-    assert_eq!(agent.claude_runs().len(), 1);
+    s.edge.restart();
+    s.proxy.reset();
+    let job = s.client.wait_job(&job_id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", s.edge.log());
+    assert_eq!(s.agent.claude_runs().len(), 1);
 }
 
 /// Issue item 3: the agent is frozen (SIGSTOP) during a long job and the caller cancels it
@@ -165,7 +146,7 @@ async fn a_job_running_across_an_edge_stop_longer_than_lost_after_ms_is_not_lost
 /// while the agent still runs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_during_an_agent_freeze_stops_the_job() {
-    let (_edge, agent, client, _) = setup(&[], false).await;
+    let (_edge, agent, client) = setup(&[]).await;
     let a = client.submit(json!({"prompt": "@sleep=20000 frozen"})).await;
     let job_id = a.body["job_id"].as_str().unwrap().to_string();
     assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
@@ -367,7 +348,7 @@ async fn a_restart_does_not_read_every_retained_record_into_memory() {
 /// running meanwhile ends as it would have, and the next job starts a new launcher.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_launcher_loses_no_running_job_and_is_replaced() {
-    let (_edge, agent, client, _) = setup(&[], false).await;
+    let (_edge, agent, client) = setup(&[]).await;
     let launcher = || {
         process_tree(agent.pid().unwrap()).into_iter().find(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.split(|&b| b == 0).nth(1) == Some(&b"__launcher"[..]))
@@ -451,7 +432,7 @@ fn launcher_of(agent: &AgentProc) -> Option<u32> {
 /// `launcher::tests::a_request_a_stuck_launcher_took_whole_is_never_sent_again`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_launcher_holds_no_job_for_ever_and_is_replaced() {
-    let (_edge, agent, client, _) = setup(&[], false).await;
+    let (_edge, agent, client) = setup(&[]).await;
     let stopped = launcher_of(&agent).expect("the agent starts its launcher with itself");
     // SAFETY: a signal to a process this test found under the agent.
     unsafe { libc::kill(stopped as i32, libc::SIGSTOP) };
@@ -476,7 +457,7 @@ async fn a_stopped_launcher_holds_no_job_for_ever_and_is_replaced() {
 /// with the agent (its parent-death signal), and the running job's tree dies too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_launcher_dies_with_the_agent() {
-    let (_edge, mut agent, client, _) = setup(&[], false).await;
+    let (_edge, mut agent, client) = setup(&[]).await;
     let pidfile = agent.data.path().join("child.pid");
     let a = client.submit(json!({"prompt": format!("@spawn_child={} @sleep=60000", pidfile.display())})).await;
     assert_eq!(a.status, 202, "{}", a.text);
@@ -512,7 +493,7 @@ fn stopped(pid: i32) -> bool {
 /// start instead, saying why and what to do; the first's job ends with Claude's answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_agent_on_the_same_data_dir_refuses_to_start_and_leaves_the_first_alone() {
-    let (_edge, agent, client, _) = setup(&[], false).await;
+    let (_edge, agent, client) = setup(&[]).await;
     let a = client.submit(json!({"prompt": "@sleep=3000 the first agent's job"})).await;
     let job_id = a.body["job_id"].as_str().unwrap().to_string();
     assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await, "{}", agent.log());

@@ -13,7 +13,7 @@
 //! name is then who the caller is, for its turn in the queue and its queue cap, and it is
 //! that secret's alone (the pool's secret may not send jobs as it). A pool's
 //! limits may be set for it alone: `MAX_QUEUED_JOBS_<POOL>` over `MAX_QUEUED_JOBS`, and so
-//! for every number setting.
+//! for every number setting and for `NOTIFY_URL` (where its alerts go).
 
 use ed25519_dalek::SigningKey;
 use shared::keys::{self, Keyring};
@@ -48,7 +48,8 @@ pub struct Config {
     /// …and at most this many bytes of their records, about.
     pub max_retained_bytes: u64,
     pub edge_version: String,
-    /// Where alerts are posted (an ntfy topic URL, or any webhook taking a POST).
+    /// Where this pool's alerts are posted (an ntfy topic URL, or any webhook taking a
+    /// POST): `NOTIFY_URL_<POOL>`, else `NOTIFY_URL`.
     pub notify_url: Option<String>,
     /// Alert when the login will need a person within this many hours.
     pub oauth_warn_hours: f64,
@@ -86,7 +87,7 @@ pub enum ConfigError {
     #[error("RUNNER_SECRET is too short ({0} characters): use at least 16, e.g. `openssl rand -hex 32`")]
     WeakSecret(usize),
     #[error("{name} must be an http:// or https:// URL, got `{value}`")]
-    Url { name: &'static str, value: String },
+    Url { name: String, value: String },
     #[error("{name} is {value}, over the most this edge supports ({max}); lower it")]
     TooLarge { name: &'static str, value: u64, max: u64 },
     #[error("{name}: {error}")]
@@ -250,6 +251,11 @@ impl Config {
             _ if pool == DEFAULT_POOL => get(name),
             _ => get(&format!("{name}_{}", pool_suffix(pool))).or_else(|| get(name)),
         };
+        // Which of the two `own` read, for an error to name the setting to fix.
+        let own_name = |name: &str| match format!("{name}_{}", pool_suffix(pool)) {
+            pooled if pool != DEFAULT_POOL && get(&pooled).is_some() => pooled,
+            _ => name.to_string(),
+        };
         let number = |name: &'static str, unit: &'static str, default: u64| -> Result<u64, ConfigError> {
             match own(name) {
                 None => Ok(default),
@@ -296,9 +302,9 @@ impl Config {
             max_retained_jobs: bounded("MAX_RETAINED_JOBS", "jobs", DEFAULT_MAX_RETAINED_JOBS as u64, 1_000_000)?.max(1) as usize,
             max_retained_bytes: bounded("MAX_RETAINED_BYTES", "bytes", DEFAULT_MAX_RETAINED_BYTES, 1 << 40)?.max(1 << 20),
             edge_version: env!("CARGO_PKG_VERSION").to_string(),
-            notify_url: match get("NOTIFY_URL") {
+            notify_url: match own("NOTIFY_URL") {
                 Some(url) if url.starts_with("https://") || url.starts_with("http://") => Some(url),
-                Some(url) => return Err(ConfigError::Url { name: "NOTIFY_URL", value: url }),
+                Some(url) => return Err(ConfigError::Url { name: own_name("NOTIFY_URL"), value: url }),
                 None => None,
             },
             oauth_warn_hours: bounded("OAUTH_WARN_HOURS", "hours", DEFAULT_OAUTH_WARN_HOURS, 24 * 365)? as f64,
@@ -370,6 +376,37 @@ mod tests {
             assert!(matches!(Config::from_lookup(lookup(bad)), Err(ConfigError::PoolName(_))), "{bad:?}");
         }
         assert!(matches!(Config::from_lookup(lookup(&[("POOLS", "a-b,a_b")])), Err(ConfigError::PoolClash(..))));
+    }
+
+    #[test]
+    fn a_pool_may_send_its_alerts_elsewhere() {
+        // Two listed pools, and these alert settings.
+        fn with(notify: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+            let pools = lookup(&[
+                ("POOLS", "gpu,team-b"),
+                ("RUNNER_SECRET_GPU", "gpu-secret-0123456789"),
+                ("AGENT_PUBLIC_KEYS_GPU", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
+                ("RUNNER_SECRET_TEAM_B", "team-secret-0123456789"),
+                ("AGENT_PUBLIC_KEYS_TEAM_B", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
+            ]);
+            move |name| notify.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()).or_else(|| pools(name))
+        }
+        let url = |notify, pool| Config::for_pool(with(notify), pool).unwrap().notify_url;
+        let both = &[("NOTIFY_URL", "https://ntfy.example/runner"), ("NOTIFY_URL_GPU", "https://ntfy.example/gpu")];
+        assert_eq!(url(both, "gpu").as_deref(), Some("https://ntfy.example/gpu"));
+        assert_eq!(url(both, "team-b").as_deref(), Some("https://ntfy.example/runner"), "a pool without its own uses the edge's");
+        assert_eq!(url(both, "default").as_deref(), Some("https://ntfy.example/runner"), "another pool's is not the default pool's");
+        // A pool's own may stand alone.
+        let only_gpu = &[("NOTIFY_URL_GPU", "https://ntfy.example/gpu")];
+        assert_eq!(url(only_gpu, "gpu").as_deref(), Some("https://ntfy.example/gpu"));
+        assert_eq!((url(only_gpu, "default"), url(only_gpu, "team-b")), (None, None));
+        // A bad one is named as it was set, and is that pool's problem alone.
+        let bad = &[("NOTIFY_URL", "https://ntfy.example/runner"), ("NOTIFY_URL_GPU", "ntfy.example/gpu")];
+        let err = Config::for_pool(with(bad), "gpu").unwrap_err();
+        assert!(err.to_string().contains("NOTIFY_URL_GPU must be an http"), "{err}");
+        assert_eq!(url(bad, "default").as_deref(), Some("https://ntfy.example/runner"));
+        let err = Config::for_pool(with(&[("NOTIFY_URL", "ntfy.example")]), "gpu").unwrap_err();
+        assert!(err.to_string().contains("NOTIFY_URL must be an http"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! What the edge posts to the world, decided in pure code: alerts to `NOTIFY_URL` (an
-//! ntfy topic, or any webhook taking a POST) and a job's result to its `callback_url`.
+//! ntfy topic, or any webhook taking a POST; a pool's own `NOTIFY_URL_<POOL>` if set) and
+//! a job's result to its `callback_url`.
 //! The machine observes conditions and asks [`decide`] which alerts to send; it posts
-//! through the host ([`crate::Effect::Deliver`]) and retries with [`backoff`].
+//! through the host ([`crate::Effect::Post`]) and retries with [`backoff`].
 //!
 //! The edge posts, not the agent: the offline alert can only come from the edge, the
 //! callback is signed with the runner secret, which only the edge holds, and the edge
@@ -11,7 +12,7 @@
 //! (not again while it lasts), and at most one per [`AlertKind`] and agent per
 //! `NOTIFY_MIN_INTERVAL_MS`. A used-up usage window that opens again sends its own
 //! alert. Alert texts are made here from the condition alone: never a token, a prompt or
-//! an output.
+//! an output. An alert of a pool other than `default` names its pool ([`alert_request`]).
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -150,24 +151,35 @@ pub fn decide(state: &mut AlertState, now: Millis, observed: &[Observation], min
     out
 }
 
-/// The POST of one alert: a plain-text body (what ntfy shows) and ntfy's headers.
-pub fn alert_request(alert: &Alert) -> (String, Vec<(String, String)>) {
+/// The POST of one alert of `pool`: a plain-text body (what ntfy shows) and ntfy's headers.
+/// An alert of a pool other than the default one names it — in the title, the text and
+/// `X-Claude-Runner-Pool` — since pools may share one `NOTIFY_URL`, and an agent's id or
+/// "no agent connected" alone does not say which pool to look at.
+pub fn alert_request(alert: &Alert, pool: &str) -> (String, Vec<(String, String)>) {
     let (priority, tags) = alert.kind.priority();
-    let title = match alert.kind {
-        AlertKind::LoginSoon => "Claude Runner: login ends soon",
-        AlertKind::LoginNeeded => "Claude Runner: log in again",
-        AlertKind::UsageRejected => "Claude Runner: usage window used up",
-        AlertKind::UsageReset => "Claude Runner: usage window open again",
-        AlertKind::Offline => "Claude Runner: agent offline",
+    let what = match alert.kind {
+        AlertKind::LoginSoon => "login ends soon",
+        AlertKind::LoginNeeded => "log in again",
+        AlertKind::UsageRejected => "usage window used up",
+        AlertKind::UsageReset => "usage window open again",
+        AlertKind::Offline => "agent offline",
     };
-    let headers = vec![
+    let named = pool != shared::ids::DEFAULT_POOL;
+    let (title, body) = match named {
+        true => (format!("Claude Runner, pool {pool}: {what}"), format!("Pool `{pool}`: {}", alert.message)),
+        false => (format!("Claude Runner: {what}"), alert.message.clone()),
+    };
+    let mut headers = vec![
         ("content-type".to_string(), "text/plain; charset=utf-8".to_string()),
-        ("title".to_string(), title.to_string()),
+        ("title".to_string(), title),
         ("priority".to_string(), priority.to_string()),
         ("tags".to_string(), tags.to_string()),
         ("x-claude-runner-alert".to_string(), alert.kind.as_str().to_string()),
     ];
-    (alert.message.clone(), headers)
+    if named {
+        headers.push(("x-claude-runner-pool".to_string(), pool.to_string()));
+    }
+    (body, headers)
 }
 
 /// Tries of one delivery, at most.
@@ -289,9 +301,23 @@ mod tests {
         let sent = decide(&mut s, 5_000, &[obs(AlertKind::UsageRejected, false)], 1_000);
         assert_eq!(sent.iter().map(|a| a.kind).collect::<Vec<_>>(), vec![AlertKind::UsageReset]);
         assert!(decide(&mut s, 6_000, &[obs(AlertKind::UsageRejected, false)], 1_000).is_empty());
-        let (body, headers) = alert_request(&sent[0]);
+        let (body, headers) = alert_request(&sent[0], "default");
         assert_eq!(body, "UsageRejected false");
         assert!(headers.contains(&("x-claude-runner-alert".to_string(), "usage_reset".to_string())));
+    }
+
+    #[test]
+    fn an_alert_of_another_pool_than_the_default_names_it() {
+        let alert = Alert { kind: AlertKind::Offline, agent: String::new(), message: "No agent has been connected".into() };
+        let header = |headers: &[(String, String)], name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+        let (body, headers) = alert_request(&alert, "default");
+        assert_eq!(body, "No agent has been connected");
+        assert_eq!(header(&headers, "title").as_deref(), Some("Claude Runner: agent offline"));
+        assert_eq!(header(&headers, "x-claude-runner-pool"), None);
+        let (body, headers) = alert_request(&alert, "team-b");
+        assert_eq!(body, "Pool `team-b`: No agent has been connected");
+        assert_eq!(header(&headers, "title").as_deref(), Some("Claude Runner, pool team-b: agent offline"));
+        assert_eq!(header(&headers, "x-claude-runner-pool").as_deref(), Some("team-b"));
     }
 
     #[test]

@@ -15,8 +15,9 @@
 //!    both alike. Reported: p50/p99 of each, overhead = edge − direct at the same
 //!    percentile, and throughput (jobs/s) for the concurrent runs.
 //! 2. Offline: time to the 503 `RUNNER_OFFLINE` of an edge with no agent.
-//! 3. Memory: VmRSS of the agent and the edge once connected and idle ~2 s, and again
-//!    after the job runs (VmHWM too), plus the CPU each process spent per job.
+//! 3. Memory: VmRSS and PSS of the agent (with its launcher) and the edge once connected
+//!    and idle ~2 s, and again after the job runs (VmHWM too), plus the CPU each process
+//!    spent per job. The agent's aim is judged on PSS (see [`memory`]).
 //!
 //! `--edge worker` runs the same against the Worker under Miniflare (needs
 //! `edge/worker/build.sh` first) and adds the time from Miniflare's start to its first
@@ -53,7 +54,7 @@ const AIM_OVERHEAD_P50_MS: f64 = 3.0;
 const AIM_OVERHEAD_P99_MS: f64 = 8.0;
 const AIM_THROUGHPUT: f64 = 400.0;
 const AIM_OFFLINE_MS: f64 = 10.0;
-const AIM_AGENT_RSS_MIB: f64 = 20.0;
+const AIM_AGENT_PSS_MIB: f64 = 20.0;
 const AIM_EDGE_RSS_MIB: f64 = 30.0;
 const TS_OVERHEAD_P50_MS: f64 = 3.5;
 const TS_OVERHEAD_P99_MS: f64 = 8.3;
@@ -274,11 +275,43 @@ fn ms(v: &Value) -> f64 {
 
 // ------------------------------------------------------------------------------ processes
 
-/// VmRSS and VmHWM (peak) of a process tree, in MiB.
+/// The memory of a process tree, in MiB: `VmRSS` and `VmHWM` (peak) summed, and the
+/// proportional set size (`Pss` of `/proc/PID/smaps_rollup`) summed, with each process's
+/// own figures (`RssAnon`: its heap and stacks; `RssFile`: mapped files).
+///
+/// Summed RSS counts a page every process of the tree maps once per process: the agent
+/// and its launcher are one binary, so its file pages count twice. PSS charges a shared
+/// page to each of its n mappers by 1/n, so the sum over the tree is what the tree costs
+/// the machine. `pss_mib` is null where `smaps_rollup` cannot be read (kernels before
+/// 4.14, or another user's process).
 fn memory(pid: u32, tree: bool) -> Value {
     let pids = if tree { harness::process_tree(pid) } else { vec![pid] };
-    let sum = |field: &str| pids.iter().filter_map(|p| harness::proc_status_kib(*p, field)).sum::<u64>() as f64 / 1024.0;
-    json!({ "rss_mib": round3(sum("VmRSS")), "peak_rss_mib": round3(sum("VmHWM")), "processes": pids.len() })
+    let mib = |kib: u64| round3(kib as f64 / 1024.0);
+    let sum = |field: &str| mib(pids.iter().filter_map(|p| harness::proc_status_kib(*p, field)).sum::<u64>());
+    let pss: Option<u64> = pids.iter().map(|p| harness::pss_kib(*p)).sum();
+    let each: Vec<Value> = pids
+        .iter()
+        .map(|p| {
+            let field = |f: &str| harness::proc_status_kib(*p, f).map(mib);
+            json!({
+                "pid": p, "command": harness::command_line(*p), "rss_mib": field("VmRSS"), "pss_mib": harness::pss_kib(*p).map(mib),
+                "rss_anon_mib": field("RssAnon"), "rss_file_mib": field("RssFile"), "threads": harness::proc_status_kib(*p, "Threads"),
+            })
+        })
+        .collect();
+    json!({
+        "rss_mib": sum("VmRSS"), "peak_rss_mib": sum("VmHWM"), "pss_mib": pss.map(mib),
+        "processes": pids.len(), "each": each,
+    })
+}
+
+/// The figure the agent's memory aim is judged on, and its name: PSS, or RSS where PSS
+/// could not be read.
+fn agent_memory_figure(m: &Value) -> (f64, &'static str) {
+    match m["pss_mib"].as_f64() {
+        Some(pss) => (pss, "PSS"),
+        None => (ms(&m["rss_mib"]), "RSS"),
+    }
 }
 
 /// CPU time a process spent: its own, and that of its children it has waited for (for
@@ -730,7 +763,7 @@ async fn run(opts: Opts) -> Value {
         "targets": {
             "overhead_p50_ms": AIM_OVERHEAD_P50_MS, "overhead_p99_ms": AIM_OVERHEAD_P99_MS,
             "jobs_per_s": AIM_THROUGHPUT, "offline_503_ms": AIM_OFFLINE_MS,
-            "agent_idle_rss_mib": AIM_AGENT_RSS_MIB, "native_edge_idle_rss_mib": AIM_EDGE_RSS_MIB,
+            "agent_idle_pss_mib": AIM_AGENT_PSS_MIB, "native_edge_idle_rss_mib": AIM_EDGE_RSS_MIB,
         },
         "typescript_original": {
             "overhead_p50_ms": TS_OVERHEAD_P50_MS, "overhead_p99_ms": TS_OVERHEAD_P99_MS,
@@ -824,16 +857,31 @@ fn print_report(r: &Value, opts: &Opts) {
         );
         println!();
         let mem = &e["memory"];
-        println!("  memory (MiB)                  idle RSS   after runs RSS   peak RSS");
+        println!("  memory (MiB)                  idle RSS   idle PSS   after runs RSS   after runs PSS   peak RSS");
+        let pss = |m: &Value| m["pss_mib"].as_f64().map(|p| format!("{p:.1}")).unwrap_or_else(|| "-".into());
         for who in ["agent", "edge"] {
             println!(
-                "  {:<28} {:>9.1} {:>16.1} {:>10.1}",
-                if who == "edge" { format!("{name} edge") } else { "agent".into() },
+                "  {:<28} {:>9.1} {:>10} {:>16.1} {:>16} {:>10.1}",
+                if who == "edge" { format!("{name} edge") } else { "agent + launcher".into() },
                 ms(&mem["idle"][who]["rss_mib"]),
+                pss(&mem["idle"][who]),
                 ms(&mem["after_runs_idle_2s"][who]["rss_mib"]),
+                pss(&mem["after_runs_idle_2s"][who]),
                 ms(&mem["after_runs_idle_2s"][who]["peak_rss_mib"]),
             );
         }
+        for p in mem["idle"]["agent"]["each"].as_array().into_iter().flatten() {
+            let role = if p["command"].as_str().unwrap_or("").contains("__launcher") { "launcher" } else { "agent" };
+            println!(
+                "    idle {role:<9} RSS {:.1} (anon {:.1}, file {:.1}), PSS {}, {} threads",
+                ms(&p["rss_mib"]),
+                ms(&p["rss_anon_mib"]),
+                ms(&p["rss_file_mib"]),
+                pss(p),
+                p["threads"],
+            );
+        }
+        println!("  (RSS summed counts the binary's pages the agent and its launcher share twice; PSS splits them)");
         println!();
         println!("  against the aims (TypeScript original in brackets)");
         let line = |what: &str, got: f64, unit: &str, aim: &str, ts: &str, ok: bool| {
@@ -846,8 +894,13 @@ fn print_report(r: &Value, opts: &Opts) {
         line(&format!("throughput, {} clients", opts.clients), rate, "jobs/s", "> 400", "~385", rate > AIM_THROUGHPUT);
         let off = ms(&e["offline_503"]["p99_ms"]);
         line("offline 503 p99", off, "ms", "< 10", "-", off < AIM_OFFLINE_MS);
-        let a = ms(&mem["idle"]["agent"]["rss_mib"]);
-        line("agent idle RSS", a, "MiB", "< 20", "~60", a < AIM_AGENT_RSS_MIB);
+        // The aim is what the agent costs the machine: its processes' PSS (RSS would count
+        // the binary's pages once per process that maps them).
+        let (a, figure) = agent_memory_figure(&mem["idle"]["agent"]);
+        line(&format!("agent idle {figure} (+ launcher)"), a, "MiB", "< 20", "~60", a < AIM_AGENT_PSS_MIB);
+        if figure == "RSS" {
+            println!("  (smaps_rollup unreadable: the agent's aim is judged on summed RSS, which counts shared pages twice)");
+        }
         let ed = ms(&mem["idle"]["edge"]["rss_mib"]);
         if name == "native" {
             line("native edge idle RSS", ed, "MiB", "< 30", "~60", ed < AIM_EDGE_RSS_MIB);

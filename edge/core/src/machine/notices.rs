@@ -44,8 +44,8 @@ impl Edge {
             let observed = self.observations(now);
             let min = self.cfg.notify_min_interval_ms;
             for alert in notify::decide(&mut self.alerts, now.at, &observed, min) {
-                info!(alert = alert.kind.as_str(), agent_id = %alert.agent, "alert posted");
-                let (body, headers) = notify::alert_request(&alert);
+                info!(alert = alert.kind.as_str(), agent_id = %alert.agent, pool = %self.cfg.pool, "alert posted");
+                let (body, headers) = notify::alert_request(&alert, &self.cfg.pool);
                 self.posts_made += 1;
                 let id = format!("alert:{}:{}", alert.kind.as_str(), self.posts_made);
                 let delivery = Post { id: id.clone(), url: url.clone(), body, headers };

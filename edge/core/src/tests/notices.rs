@@ -70,6 +70,22 @@ fn an_agent_away_for_offline_alert_ms_is_alerted_once_even_across_a_restart() {
 }
 
 #[test]
+fn a_pools_alerts_go_to_its_url_and_name_it() {
+    let gpu = Config { pool: "gpu".into(), notify_url: Some("https://ntfy.example/gpu".into()), ..notifying() };
+    let mut edge = Edge::new(gpu, 0);
+    let effects = edge.tick(10_000);
+    assert_eq!(alert_kinds(&effects), vec!["offline"]);
+    let alert = &posts(&effects)[0];
+    assert_eq!(alert.url, "https://ntfy.example/gpu");
+    assert!(alert.body.starts_with("Pool `gpu`: No agent has been connected"), "{}", alert.body);
+    assert!(alert.headers.contains(&("x-claude-runner-pool".to_string(), "gpu".to_string())), "{:?}", alert.headers);
+    // The default pool's say nothing of pools.
+    let effects = Edge::new(notifying(), 0).tick(10_000);
+    let alert = &posts(&effects)[0];
+    assert!(alert.body.starts_with("No agent has been connected") && !alert.headers.iter().any(|(n, _)| n == "x-claude-runner-pool"), "{alert:?}");
+}
+
+#[test]
 fn login_and_usage_alerts_follow_the_reports() {
     let mut edge = Edge::new(notifying(), 0);
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
