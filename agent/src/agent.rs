@@ -81,6 +81,8 @@ pub struct Agent {
     /// The repository mirrors and what jobs do with them.
     pub repos: Arc<crate::repo::Repos>,
     running: Mutex<Running>,
+    /// `DATA_DIR/workspaces`, symlinks resolved.
+    workspaces: Arc<std::path::PathBuf>,
     /// The lock on `DATA_DIR/agent.lock`, held while the agent lives.
     _data_lock: std::fs::File,
     /// Messages for the edge; the current connection sends them, or drops them while
@@ -95,7 +97,7 @@ impl Agent {
     pub fn new(cfg: AgentConfig) -> anyhow::Result<(Arc<Agent>, Queues)> {
         // Owner-only: a new DATA_DIR and the folders in it. An existing DATA_DIR keeps its
         // mode (it may be a shared folder); what the agent keeps in it is private anyway.
-        crate::files::private_dir(&cfg.data_dir.join("workspaces")).map_err(|e| {
+        let workspaces = crate::workspace::root(&cfg.data_dir).map_err(|e| {
             anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
         })?;
         // One agent per DATA_DIR: a second one would take the first's running jobs for
@@ -160,6 +162,7 @@ impl Agent {
             replay: Mutex::new(replay),
             repos: Arc::new(repos),
             running: Mutex::new(Running::default()),
+            workspaces: Arc::new(workspaces),
             _data_lock: data_lock,
             uplink,
             jobs,
@@ -181,6 +184,7 @@ impl Agent {
             spool: Some(Arc::clone(&self.spool)),
             repos: Arc::clone(&self.repos),
             progress_clock: Arc::clone(&self.progress_clock),
+            workspaces: Arc::clone(&self.workspaces),
         }
     }
 
@@ -370,10 +374,7 @@ impl Agent {
                     (JobResult::failure(ErrorCode::InternalError, "the agent failed while running this job (see its log); retry", 0), None)
                 }
             };
-            agent.finish(&job_id, &ctx.order_nonce, result).await;
-            if let Some(leftover) = leftover {
-                leftover.clean_up().await;
-            }
+            agent.finish(&job_id, &ctx.order_nonce, result, leftover).await;
         };
         if self.jobs.send(Box::pin(task)).is_err() {
             // The serve loop is gone: the agent is exiting.
@@ -386,8 +387,10 @@ impl Agent {
 
     /// A job ended: remember its login outcome, keep its result — signed, bound to the
     /// order it answers — until the edge has it, free its slot, and tell the edge. The
-    /// result is sent first and written to disk while it travels (see [`crate::spool`]).
-    async fn finish(self: &Arc<Self>, job_id: &str, order_nonce: &str, result: JobResult) {
+    /// result is sent first and written to disk while it travels (see [`crate::spool`]);
+    /// the job's workspace is removed after that write, in the same trip off the async
+    /// threads.
+    async fn finish(self: &Arc<Self>, job_id: &str, order_nonce: &str, result: JobResult, leftover: Option<runner::Leftover>) {
         match (result.success, result.error_code) {
             (false, Some(ErrorCode::RunnerOauthError)) => self.reporter.auth_failed(true),
             (true, _) => self.reporter.run_succeeded(),
@@ -414,7 +417,14 @@ impl Agent {
         // The job's task lasts until its result is on disk: a drain waits for it.
         let spool = Arc::clone(&self.spool);
         let id = job_id.to_string();
-        let written = tokio::task::spawn_blocking(move || spool.write_sent(&id)).await;
+        let written = tokio::task::spawn_blocking(move || {
+            let written = spool.write_sent(&id);
+            if let Some(leftover) = leftover {
+                leftover.clean_up_now();
+            }
+            written
+        })
+        .await;
         if let Err(e) = written.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))) {
             error!(
                 job_id, agent_id = %self.cfg.agent_id, error = %e, held = self.spool.held(),

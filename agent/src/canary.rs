@@ -41,6 +41,9 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
         .map_err(|e| vec![format!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())])?;
     let login = Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.secrets.iter().map(String::as_str));
     let reporter = Arc::new(crate::report::Reporter::new(login.clone()));
+    let workspaces = crate::workspace::root(&cfg.data_dir)
+        .map(Arc::new)
+        .map_err(|e| vec![format!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())])?;
     let ctx = JobContext {
         login,
         gate: RefreshGate::default(),
@@ -51,6 +54,7 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
         order_nonce: "canary:1".into(),
         progress_clock: Default::default(),
         spool: None,
+        workspaces,
     };
     let spec: JobSpec = serde_json::from_value(json!({"prompt": PROMPT, "timeout_ms": TIMEOUT.as_millis() as u64, "max_turns": 1}))
         .expect("the canary's spec is valid");

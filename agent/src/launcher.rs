@@ -404,6 +404,10 @@ pub fn serve(agent: Option<&OsStr>) -> ! {
             libc::signal(sig, libc::SIG_IGN);
         }
     }
+    // What every Claude needs reset: this process's signals not at their default, now
+    // that it has set its own (it changes none later; its wardens change theirs after
+    // Claude's start).
+    let reset = NotDefault::now();
     // Wardens report to the agent, not here, but they are reaped here (promptly, so their
     // CPU time is counted as this process's children's, and no zombie waits): SIGCHLD is
     // read from a signalfd beside the socket.
@@ -443,7 +447,7 @@ pub fn serve(agent: Option<&OsStr>) -> ! {
             std::process::exit(0);
         }
         let answer = match (decode(&body), <[OwnedFd; FDS]>::try_from(fds)) {
-            (Some(request), Ok(ends)) => launch(&request, ends),
+            (Some(request), Ok(ends)) => launch(&request, ends, &reset),
             _ => Err(libc::EINVAL),
         };
         let (errno, pid, pidfd) = match answer {
@@ -504,9 +508,43 @@ pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// The signals whose action is not the default in this process: ignored ones (by the
+/// launcher itself, by Rust's runtime, or inherited: an ignored signal stays ignored across
+/// `exec`, so whatever started the agent may have passed some down, glibc's own 32 and 33
+/// among them after a `posix_spawn`) and caught ones (Rust's runtime catches SIGSEGV and
+/// SIGBUS). Found once, at the launcher's start (64 `rt_sigaction` calls), so that each
+/// Claude's start resets these few instead of every signal.
+struct NotDefault {
+    signals: [libc::c_int; 64],
+    count: usize,
+}
+
+impl NotDefault {
+    fn now() -> NotDefault {
+        let mut found = NotDefault { signals: [0; 64], count: 0 };
+        for sig in 1..=libc::SIGRTMAX().min(64) {
+            // The kernel's struct sigaction begins with the handler (0: SIG_DFL) on every
+            // layout; 4 words hold the largest.
+            let mut old = [0u64; 4];
+            // SAFETY: a query (no new action) into a buffer we own.
+            let asked = unsafe { libc::syscall(libc::SYS_rt_sigaction, sig, std::ptr::null::<u64>(), old.as_mut_ptr(), 8usize) };
+            // A signal that cannot be asked about is reset anyway: never left to chance.
+            if asked != 0 || old[0] != libc::SIG_DFL as u64 {
+                found.signals[found.count] = sig;
+                found.count += 1;
+            }
+        }
+        found
+    }
+
+    fn signals(&self) -> &[libc::c_int] {
+        &self.signals[..self.count]
+    }
+}
+
 /// Forks the warden, which starts Claude; waits for Claude's `exec`. Returns the warden's
 /// pid and a pidfd of it, or the `errno` that kept Claude from starting.
-fn launch(request: &Request, [stdin, stdout, stderr, control, status]: [OwnedFd; FDS]) -> Result<(libc::pid_t, Option<OwnedFd>), i32> {
+fn launch(request: &Request, [stdin, stdout, stderr, control, status]: [OwnedFd; FDS], reset: &NotDefault) -> Result<(libc::pid_t, Option<OwnedFd>), i32> {
     let (error_read, error_write) = pipe().map_err(|_| errno())?;
     let argv: Vec<*const libc::c_char> = request.argv.iter().map(|a| a.as_ptr()).chain([std::ptr::null()]).collect();
     let envp: Vec<*const libc::c_char> = request.envp.iter().map(|e| e.as_ptr()).chain([std::ptr::null()]).collect();
@@ -523,7 +561,15 @@ fn launch(request: &Request, [stdin, stdout, stderr, control, status]: [OwnedFd;
             libc::setpgid(0, 0);
             // A subreaper before Claude exists, so none of its descendants can slip past.
             libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
-            let start = ClaudeStart { request, argv: &argv, envp: &envp, pipes: [&stdin, &stdout, &stderr], error: error_write.as_raw_fd(), warden: libc::getpid() };
+            let start = ClaudeStart {
+                request,
+                argv: &argv,
+                envp: &envp,
+                pipes: [&stdin, &stdout, &stderr],
+                error: error_write.as_raw_fd(),
+                warden: libc::getpid(),
+                reset: reset.signals(),
+            };
             let claude = spawn_claude(&start);
             if claude < 0 {
                 let code = errno().to_le_bytes();
@@ -571,6 +617,8 @@ struct ClaudeStart<'a> {
     error: RawFd,
     /// The warden's pid, for the parent-death race.
     warden: libc::pid_t,
+    /// The signals not at their default action ([`NotDefault`]).
+    reset: &'a [libc::c_int],
 }
 
 /// The stack Claude's side of the clone runs on until its `exec` (its frames need a few
@@ -634,7 +682,7 @@ unsafe fn spawn_claude(start: &ClaudeStart) -> libc::pid_t {
 /// # Safety
 /// Only in the child of the warden's clone.
 unsafe fn start_claude(start: &ClaudeStart) -> ! {
-    let ClaudeStart { request, argv, envp, pipes, error, warden } = *start;
+    let ClaudeStart { request, argv, envp, pipes, error, warden, reset } = *start;
     libc::setpgid(0, 0);
     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
     if libc::getppid() != warden {
@@ -642,16 +690,14 @@ unsafe fn start_claude(start: &ClaudeStart) -> ! {
         libc::_exit(127);
     }
     libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0);
-    // The launcher ignores some signals (and Rust ignores SIGPIPE): ignored signals stay
-    // ignored across exec, so each goes back to its default.
-    for sig in 1..=libc::SIGRTMAX() {
-        libc::signal(sig, libc::SIG_DFL);
-    }
-    // glibc's `signal` refuses its own two (32 and 33, below SIGRTMIN), which the
-    // posix_spawn that started the launcher left ignored: the kernel's call resets them
-    // (an all-zero action is SIG_DFL, no flags, an empty mask, on every layout).
-    for sig in 32..libc::SIGRTMIN() {
-        let default = [0u64; 4];
+    // The launcher ignores some signals (and Rust ignores SIGPIPE; what started the agent
+    // may have passed more down): ignored signals stay ignored across exec, so each signal
+    // not at its default goes back to it. The kernel's call, not glibc's `signal`, which
+    // refuses glibc's own two (32 and 33, which the posix_spawn that started the launcher
+    // leaves ignored): an all-zero action is SIG_DFL, no flags, an empty mask, on every
+    // layout.
+    let default = [0u64; 4];
+    for &sig in reset {
         libc::syscall(libc::SYS_rt_sigaction, sig, default.as_ptr(), std::ptr::null::<u64>(), 8usize);
     }
     let mut none: libc::sigset_t = std::mem::zeroed();
@@ -983,6 +1029,19 @@ mod tests {
         stdout.read_to_string(&mut out).unwrap();
         assert_eq!(out, "ran\n");
         assert!(waited < std::time::Duration::from_secs(5), "waited out the bound: {waited:?}");
+    }
+
+    /// The signals each Claude's start resets are those not at their default: ignored ones
+    /// (Rust's SIGPIPE, one ignored here as a parent may pass it down) and caught ones.
+    #[test]
+    fn the_signals_to_reset_are_those_not_at_their_default() {
+        // SAFETY: process-wide dispositions of signals no test sends.
+        unsafe { libc::signal(libc::SIGRTMAX() - 1, libc::SIG_IGN) };
+        let found = NotDefault::now();
+        let found = found.signals();
+        assert!(found.contains(&libc::SIGPIPE) && found.contains(&(libc::SIGRTMAX() - 1)), "{found:?}");
+        assert!(!found.contains(&libc::SIGKILL) && !found.contains(&libc::SIGCHLD), "{found:?}");
+        unsafe { libc::signal(libc::SIGRTMAX() - 1, libc::SIG_DFL) };
     }
 
     #[test]

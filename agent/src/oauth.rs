@@ -35,15 +35,71 @@ pub struct Login {
     /// job asks for one three times while the secrets change only when Claude rotates
     /// its tokens.
     pub redactors: RedactorCache,
+    /// The credentials file as last read (a job reads the login five times: the refresh
+    /// gate, Claude's environment, three redactors).
+    pub readings: ReadingCache,
 }
 
 /// Shared by the clones of a [`Login`] (every job's context holds one).
 pub type RedactorCache = Arc<std::sync::Mutex<Option<(Vec<String>, Arc<Redactor>)>>>;
 
+/// The credentials file's last reading, and the file as it was then; shared by clones.
+pub type ReadingCache = Arc<std::sync::Mutex<Option<(FileStamp, Reading)>>>;
+
+/// How long a file must have stood unchanged before a reading of it is reused on the word
+/// of its times: a file system stamps times from a clock that ticks every few milliseconds,
+/// so a file rewritten in place (same inode, same size: rotated tokens have the same
+/// length) within the tick of its last change would look unchanged. A file changed within
+/// this long of a look is read again at every look.
+const SETTLED: Duration = Duration::from_secs(1);
+
+/// A file as `stat` sees it: which file it is (through any link), its size, and when its
+/// content and its inode last changed. Any write, rename over it or replacement changes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStamp {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(path: &Path, meta: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            path: path.to_path_buf(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// Whether the file last changed more than [`SETTLED`] before `looked` (the wall clock
+    /// just before the `stat`).
+    fn settled(&self, looked: std::time::SystemTime) -> bool {
+        let changed = self.mtime.max(self.ctime);
+        let Ok(looked) = looked.duration_since(std::time::UNIX_EPOCH) else { return false };
+        let settled = looked.saturating_sub(SETTLED);
+        (changed.0, changed.1) < (settled.as_secs() as i64, settled.subsec_nanos() as i64)
+    }
+}
+
 /// What was read, with the tokens (kept on this machine, for redaction only).
+#[derive(Clone)]
 pub struct Reading {
     pub report: OAuthReport,
     pub tokens: Vec<String>,
+}
+
+/// Never the tokens, even in a debug print.
+impl std::fmt::Debug for Reading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reading").field("report", &self.report).field("tokens", &self.tokens.len()).finish()
+    }
 }
 
 impl Login {
@@ -56,6 +112,7 @@ impl Login {
             api_key_env: std::env::var("ANTHROPIC_API_KEY").ok().filter(|v| !v.trim().is_empty()),
             other_secrets: Vec::new(),
             redactors: RedactorCache::default(),
+            readings: ReadingCache::default(),
         }
     }
 
@@ -65,11 +122,39 @@ impl Login {
         self
     }
 
+    /// The login as of now. The credentials file is looked at (`stat`) each time, and read
+    /// and parsed again only when it changed since the last reading (or changed within
+    /// [`SETTLED`] of it): Claude may rotate the tokens at any moment.
     pub fn read(&self, now: Millis) -> Reading {
+        let looked = std::time::SystemTime::now();
+        let stamp = match std::fs::metadata(&self.credentials_path) {
+            Ok(meta) => FileStamp::of(&self.credentials_path, &meta),
+            // No file: the login is the variables' (nothing to open).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return self.read_file(now, false),
+            // None to see: `read_file` says why.
+            Err(_) => return self.read_file(now, true),
+        };
+        let mut cache = self.readings.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((seen, reading)) = cache.as_ref() {
+            if *seen == stamp && stamp.settled(looked) {
+                let mut reading = reading.clone();
+                reading.report.reported_at = now;
+                return reading;
+            }
+        }
+        let reading = self.read_file(now, true);
+        *cache = Some((stamp, reading.clone()));
+        reading
+    }
+
+    /// Reads and parses the credentials file (when `exists`, else it is taken as absent),
+    /// and the login's variables.
+    fn read_file(&self, now: Millis, exists: bool) -> Reading {
         let mut report = OAuthReport::unconfigured(now);
         let mut tokens: Vec<String> = self.oauth_token_env.iter().chain(&self.api_key_env).cloned().collect();
         let file = &self.credentials_path;
-        match std::fs::File::open(file).and_then(|f| {
+        let opened = if exists { std::fs::File::open(file) } else { Err(std::io::ErrorKind::NotFound.into()) };
+        match opened.and_then(|f| {
             use std::io::Read;
             let mut bytes = Vec::new();
             // One byte past the limit is enough to know it is too large.
@@ -177,7 +262,7 @@ mod tests {
 
     fn login_with(dir: &Path, body: &str) -> Login {
         std::fs::write(dir.join(".credentials.json"), body).unwrap();
-        Login { config_dir: dir.to_path_buf(), credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None, other_secrets: Vec::new(), redactors: RedactorCache::default() }
+        Login { config_dir: dir.to_path_buf(), credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None, other_secrets: Vec::new(), redactors: RedactorCache::default(), readings: ReadingCache::default() }
     }
 
     fn tempdir(name: &str) -> PathBuf {
@@ -208,6 +293,35 @@ mod tests {
         assert_eq!(second.redact("a mZxNcBvLaKsJdHfGq0w9 b"), "a [REDACTED] b");
         assert_eq!(first.redact("a mZxNcBvLaKsJdHfGq0w9 b"), "a mZxNcBvLaKsJdHfGq0w9 b");
     }
+    /// The file is read again whenever it changed — rewritten in place at the same size
+    /// within the file system's clock tick too — and only then.
+    #[test]
+    fn the_credentials_file_is_read_again_only_when_it_changed() {
+        let d = tempdir("stamp");
+        let file = |access: &str| format!(r#"{{"claudeAiOauth":{{"accessToken":"{access}","expiresAt":1}}}}"#);
+        let login = login_with(&d, &file("first-token-00001"));
+        let path = login.credentials_path.clone();
+        let token = |login: &Login| login.read(7).tokens;
+        assert_eq!(token(&login), ["first-token-00001"]);
+        // Rewritten in place, same size, at once: seen.
+        std::fs::write(&path, file("second-token-0002")).unwrap();
+        assert_eq!(token(&login.clone()), ["second-token-0002"]);
+        // A settled file is not read again: what it says comes from the last reading
+        // (made visible here by changing that reading behind the file's back).
+        std::thread::sleep(SETTLED + Duration::from_millis(100));
+        login.readings.lock().unwrap().as_mut().unwrap().1.tokens = vec!["cached".into()];
+        assert_eq!(token(&login), ["cached"]);
+        // Replaced (a new inode, as an atomic rename makes): seen at the next look.
+        let tmp = d.join("tmp.json");
+        std::fs::write(&tmp, file("third-token-00003")).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert_eq!(token(&login), ["third-token-00003"]);
+        assert_eq!(login.read(9).report.reported_at, 9, "the report is of now");
+        // Gone: no token from the file any more.
+        std::fs::remove_file(&path).unwrap();
+        assert!(token(&login).is_empty());
+    }
+
     #[test]
     fn reads_a_real_shaped_credentials_file() {
         let d = tempdir("real");
@@ -243,7 +357,7 @@ mod tests {
             assert!(r.report.problem.as_deref().is_some_and(|p| p.contains("claude auth login")), "{body}");
         }
         assert!(login_with(&d, &" ".repeat(credentials::MAX_BYTES + 10)).read(0).report.problem.unwrap().contains("over 1 MiB"));
-        let missing = Login { config_dir: d.clone(), credentials_path: d.join("nope.json"), oauth_token_env: Some("tok-123456789".into()), api_key_env: None, other_secrets: Vec::new(), redactors: RedactorCache::default() };
+        let missing = Login { config_dir: d.clone(), credentials_path: d.join("nope.json"), oauth_token_env: Some("tok-123456789".into()), api_key_env: None, other_secrets: Vec::new(), redactors: RedactorCache::default(), readings: ReadingCache::default() };
         assert_eq!(missing.read(0).report.source, OAuthSource::OauthTokenEnv);
         assert_eq!(missing.claude_env(0), [("CLAUDE_CODE_OAUTH_TOKEN", "tok-123456789".to_string())]);
     }

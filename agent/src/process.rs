@@ -161,6 +161,19 @@ impl Control {
     }
 }
 
+/// The agent's end of a pipe made by [`pipe`], made non-blocking for the runtime: one
+/// `fcntl` (the end was just made, so its other flags are known: none). Tokio's checked
+/// constructors would `fstat` it and read its flags first, three calls per pipe, four
+/// pipes per job.
+fn nonblocking(end: OwnedFd) -> std::io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sets the status flags of a descriptor we own.
+    if unsafe { libc::fcntl(end.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(end)
+}
+
 /// This agent's launcher (see [`crate::launcher`]), started with the first job.
 static LAUNCHER: Launcher = Launcher::new();
 
@@ -195,7 +208,7 @@ impl Claude {
         let (status_read, status_write) = pipe()?;
         let (control, control_read) = Control::pipe()?;
         let ends = ChildEnds { stdin: stdin_read, stdout: stdout_write, stderr: stderr_write, control: control_read, status: status_write };
-        let mut status = pipe::Receiver::from_owned_fd(status_read)?;
+        let mut status = pipe::Receiver::from_owned_fd_unchecked(nonblocking(status_read)?)?;
         let exited = tokio::spawn(async move {
             let mut bytes = Vec::with_capacity(4);
             let _ = (&mut status).take(8).read_to_end(&mut bytes).await;
@@ -206,9 +219,9 @@ impl Claude {
         let claude = Claude {
             pid: 0,
             pidfd: None,
-            stdin: Some(pipe::Sender::from_owned_fd(stdin_write)?),
-            stdout: Some(pipe::Receiver::from_owned_fd(stdout_read)?),
-            stderr: Some(pipe::Receiver::from_owned_fd(stderr_read)?),
+            stdin: Some(pipe::Sender::from_owned_fd_unchecked(nonblocking(stdin_write)?)?),
+            stdout: Some(pipe::Receiver::from_owned_fd_unchecked(nonblocking(stdout_read)?)?),
+            stderr: Some(pipe::Receiver::from_owned_fd_unchecked(nonblocking(stderr_read)?)?),
             control: Some(control),
             exited: Some(exited),
             exit: None,
@@ -291,10 +304,15 @@ pub async fn run(
     let feed = async {
         ready.await?;
         if let Some(mut stdin) = stdin.take() {
-            tokio::spawn(async move {
-                // Dropping the pipe then closes Claude's stdin.
-                let _ = stdin.write_all(prompt.as_bytes()).await;
-            });
+            // Most prompts fit the pipe's buffer: written at once, and the pipe closed here.
+            // The rest of a larger one goes in while Claude reads it. Dropping the pipe
+            // closes Claude's stdin.
+            let written = stdin.try_write(prompt.as_bytes()).unwrap_or(0);
+            if written < prompt.len() {
+                tokio::spawn(async move {
+                    let _ = stdin.write_all(&prompt.as_bytes()[written..]).await;
+                });
+            }
         }
         Ok::<(), String>(())
     };

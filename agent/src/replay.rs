@@ -2,7 +2,9 @@
 //! kept until its order could no longer pass the expiry check anyway (expiry plus the
 //! clock-skew allowance). The memory is an append-only file (one `nonce expiry` line per
 //! order, compacted now and then) so an agent restart does not forget, and recording a
-//! nonce costs one small write, not a rewrite.
+//! nonce costs one small write, not a rewrite: the file stays open for appending. (Not
+//! synced, kept open or not: an agent killed loses nothing written, a power cut can lose
+//! the last few nonces, each of which matters only until its order expires.)
 
 use shared::envelope::CLOCK_SKEW_MS;
 use shared::Millis;
@@ -15,7 +17,16 @@ pub struct ReplayGuard {
     seen: HashMap<String, Millis>,
     /// Lines in the file, live or not: compaction is due when most are dead.
     lines: usize,
+    /// The file, open for appending (opened again after a compaction or a failed write).
+    log: Option<std::fs::File>,
+    /// When the memory was last pruned of dead nonces: at most every [`PRUNE_EVERY`], not
+    /// at every order (a walk over every live nonce).
+    pruned_at: Millis,
 }
+
+/// How often dead nonces are pruned from memory. A dead nonce kept a little longer refuses
+/// nothing: it is looked up with its expiry.
+const PRUNE_EVERY: Millis = 1_000;
 
 impl ReplayGuard {
     pub fn open(path: PathBuf) -> ReplayGuard {
@@ -34,24 +45,45 @@ impl ReplayGuard {
                 }
             }
         }
-        ReplayGuard { path, seen, lines }
+        ReplayGuard { path, seen, lines, log: None, pruned_at: 0 }
+    }
+
+    /// Whether a nonce expiring at `expires_at` may still pass the expiry check at `now`.
+    fn live(expires_at: Millis, now: Millis) -> bool {
+        expires_at.saturating_add(CLOCK_SKEW_MS) >= now
+    }
+
+    /// Appends `line` to the open file (opening it first if need be).
+    fn append(&mut self, line: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if self.log.is_none() {
+            let mode = crate::files::PRIVATE_FILE;
+            self.log = Some(std::fs::OpenOptions::new().create(true).append(true).mode(mode).open(&self.path)?);
+        }
+        let written = self.log.as_mut().expect("just opened").write_all(line);
+        if written.is_err() {
+            // Opened again at the next order: the file may have been moved or repaired.
+            self.log = None;
+        }
+        written
     }
 
     /// Records a nonce. False if it was seen before (a replay).
     pub fn admit(&mut self, nonce: &str, expires_at: Millis, now: Millis) -> bool {
-        self.seen.retain(|_, exp| exp.saturating_add(CLOCK_SKEW_MS) >= now);
-        if self.seen.contains_key(nonce) {
+        if now.abs_diff(self.pruned_at) >= PRUNE_EVERY {
+            self.seen.retain(|_, exp| Self::live(*exp, now));
+            self.pruned_at = now;
+        }
+        if self.seen.get(nonce).is_some_and(|exp| Self::live(*exp, now)) {
             return false;
         }
         self.seen.insert(nonce.to_string(), expires_at);
         // Nonces are the edge's `id:attempt` text; a newline would break the file format.
         let line = format!("{} {expires_at}\n", nonce.replace(['\n', '\r'], "_"));
         let written = if self.lines > 1024 && self.lines > 2 * self.seen.len() {
-            self.compact()
+            self.compact(now)
         } else {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mode = crate::files::PRIVATE_FILE;
-            std::fs::OpenOptions::new().create(true).append(true).mode(mode).open(&self.path).and_then(|mut f| f.write_all(line.as_bytes()))
+            self.append(line.as_bytes())
         };
         match written {
             Ok(()) => self.lines += 1,
@@ -60,7 +92,10 @@ impl ReplayGuard {
         true
     }
 
-    fn compact(&mut self) -> std::io::Result<()> {
+    fn compact(&mut self, now: Millis) -> std::io::Result<()> {
+        // The file is replaced: appends go to the new one.
+        self.log = None;
+        self.seen.retain(|_, exp| Self::live(*exp, now));
         let text: String = self.seen.iter().map(|(n, e)| format!("{n} {e}\n")).collect();
         crate::files::write_atomically(&self.path, text.as_bytes(), false)?;
         self.lines = self.seen.len().saturating_sub(1);
@@ -88,6 +123,26 @@ mod tests {
         assert!(!g.admit("n1", 1_000, 20), "remembered across restarts");
         // Past expiry + skew the memory is pruned (the expiry check refuses it by then).
         assert!(g.admit("n1", 1_000, 1_000 + CLOCK_SKEW_MS + 1));
+    }
+
+    /// Dead nonces are pruned at most every second, yet one is never taken for a replay
+    /// once its order is past expiry and skew, pruned or not; and the file kept open for
+    /// appending gets every nonce, across a compaction.
+    #[test]
+    fn a_dead_nonce_not_yet_pruned_is_no_replay() {
+        let path = path("lazy");
+        let mut g = ReplayGuard::open(path.clone());
+        let now = 5 * CLOCK_SKEW_MS;
+        assert!(g.admit("old", 1_000, now), "pruned the first time");
+        assert!(g.admit("a", now, now));
+        assert!(!g.admit("a", now, now + 10), "live: a replay");
+        // A prune just before "a" dies keeps it; 20 ms later, with no prune since, it is
+        // dead and in memory still.
+        assert!(g.admit("b", now + CLOCK_SKEW_MS, now + CLOCK_SKEW_MS - 10));
+        assert!(g.seen.contains_key("a"));
+        assert!(g.admit("a", now + CLOCK_SKEW_MS, now + CLOCK_SKEW_MS + 10), "dead, though not pruned: not a replay");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().map(|l| l.split(' ').next().unwrap()).collect::<Vec<_>>(), ["old", "a", "b", "a"]);
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub struct JobContext {
     pub order_nonce: String,
     /// When waiting progress batches go (one clock for all jobs).
     pub progress_clock: Arc<ProgressClock>,
+    /// The folder of the jobs' workspaces, symlinks resolved ([`workspace::root`]).
+    pub workspaces: Arc<PathBuf>,
 }
 
 /// After Claude, the diff and the push get the rest of the job's time and this much more
@@ -61,7 +63,7 @@ const MAX_RESULT_BYTES: usize = shared::protocol::MAX_FRAME_BYTES - 64 * 1024;
 /// Runs the job to its end and returns its (redacted) result, and its workspace to clean
 /// up once the result is on its way (removing it is off the job's path).
 pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, stop: oneshot::Receiver<Stop>) -> (JobResult, Leftover) {
-    let workspace = ctx.cfg.data_dir.join("workspaces").join(job_id);
+    let workspace = ctx.workspaces.join(job_id);
     let result = run_in(ctx, job_id, spec, stop, &workspace).await;
     let keep = std::env::var_os("CLAUDE_RUNNER_KEEP_WORKSPACES").is_some() || (!result.success && ctx.cfg.repos.keep_failed_workspaces);
     (result, Leftover { workspace, keep, job_id: job_id.to_string(), agent_id: ctx.cfg.agent_id.clone() })
@@ -80,10 +82,15 @@ impl Leftover {
     /// Removes the workspace, unless the job failed and `KEEP_FAILED_WORKSPACES` is set.
     /// (If the agent stops before, its next start removes it.)
     pub async fn clean_up(self) {
+        let _ = tokio::task::spawn_blocking(move || self.clean_up_now()).await;
+    }
+
+    /// [`Leftover::clean_up`], blocking: for a caller already off the async threads.
+    pub fn clean_up_now(self) {
         if self.keep {
             info!(job_id = %self.job_id, agent_id = %self.agent_id, workspace = %self.workspace.display(), "workspace kept");
         } else {
-            let _ = tokio::fs::remove_dir_all(&self.workspace).await;
+            let _ = workspace::remove(&self.workspace);
         }
     }
 }
@@ -94,7 +101,7 @@ async fn run_in(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot
     // Every wait before Claude counts against the job's timeout, and a cancel ends it.
     let deadline = deadline_of(started, spec.timeout_ms);
     let (cwd, repo) = match &spec.repo_url {
-        None => match workspace::prepare(&workspace, spec.working_dir.as_deref()) {
+        None => match workspace::prepare(&ctx.workspaces, job_id, spec.working_dir.as_deref()) {
             Ok(dir) => (dir, None),
             Err(e) => {
                 return JobResult::failure(

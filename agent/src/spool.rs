@@ -47,6 +47,9 @@ pub struct Spool {
     started: PathBuf,
     records: PathBuf,
     kept: Mutex<Kept>,
+    /// The slot record files, kept open for writing once opened (a job's three writes
+    /// opened and closed the file each time).
+    open: Mutex<Vec<Option<std::sync::Arc<std::fs::File>>>>,
 }
 
 /// Results kept in memory, and what each slot's record file holds.
@@ -58,6 +61,10 @@ struct Kept {
     /// acknowledgement takes it from here, and the write then undoes what it made.
     writing: BTreeMap<String, Envelope>,
     slots: Vec<Slot>,
+    /// The jobs that may have a spool file (`DATA_DIR/spool/<job>.json`): every one found
+    /// at the start, and every one written since. A superset, so that a job without one —
+    /// nearly every job — is looked for in memory only, not on disk as well.
+    filed: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -155,6 +162,12 @@ impl Spool {
         }
         let count = found.iter().map(|n| n + 1).max().unwrap_or(0).max(slots.max(1));
         let mut kept = Kept { slots: vec![Slot::Free; count], ..Kept::default() };
+        for entry in std::fs::read_dir(&dir)? {
+            let name = entry?.file_name();
+            if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) {
+                kept.filed.insert(id.to_string());
+            }
+        }
         // Records of jobs started without a result yet: lost, unless kept elsewhere.
         let mut unfinished = Vec::new();
         for n in found {
@@ -177,7 +190,7 @@ impl Spool {
                 Region::Empty | Region::Finished(_) => {}
             }
         }
-        let spool = Spool { dir, started, records, kept: Mutex::new(kept) };
+        let spool = Spool { dir, started, records, kept: Mutex::new(kept), open: Mutex::new(Vec::new()) };
         // A result moved to a spool file whose slot was not reused before the agent
         // stopped is kept twice: the file's copy stays.
         let doubled: Vec<usize> = {
@@ -228,14 +241,50 @@ impl Spool {
     /// Writes `bytes` at `at` in slot `n`'s record file (made on its first use), synced
     /// when `durable`. In place: once the file has its blocks, a sync writes only them.
     fn write_slot(&self, n: usize, at: u64, bytes: &[u8], durable: bool) -> std::io::Result<()> {
-        // Opened per write, not kept open: a disk that must become read-only can.
-        // Never through a link: a record is written only into the slot's own file.
-        let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(PRIVATE_FILE).custom_flags(libc::O_NOFOLLOW).open(self.slot_path(n))?;
-        file.write_all_at(bytes, at)?;
-        if durable {
-            file.sync_data()?;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let file = self.slot_file(n)?;
+            let written = (|| {
+                file.write_all_at(bytes, at)?;
+                if durable {
+                    file.sync_data()?;
+                }
+                // Kept open, the file could have been removed (or replaced) under the agent
+                // since it was opened: a record written there would be found by no restart.
+                use std::os::unix::fs::MetadataExt;
+                if file.metadata()?.nlink() == 0 {
+                    let path = self.slot_path(n);
+                    return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{} was removed while the agent ran", path.display())));
+                }
+                Ok(())
+            })();
+            let Err(e) = written else { return Ok(()) };
+            // Opened again for the next write: the file may have been made again, the disk
+            // repaired. A removed file is made again at once, and written once more.
+            if let Some(kept) = self.open.lock().expect("slot files lock").get_mut(n) {
+                *kept = None;
+            }
+            if tries > 1 || e.kind() != std::io::ErrorKind::NotFound {
+                return Err(e);
+            }
         }
-        Ok(())
+    }
+
+    /// Slot `n`'s record file, open for writing: made on its first use, never through a
+    /// link (a record is written only into the slot's own file).
+    fn slot_file(&self, n: usize) -> std::io::Result<std::sync::Arc<std::fs::File>> {
+        let mut open = self.open.lock().expect("slot files lock");
+        if open.len() <= n {
+            open.resize(n + 1, None);
+        }
+        if let Some(file) = &open[n] {
+            return Ok(file.clone());
+        }
+        let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(PRIVATE_FILE).custom_flags(libc::O_NOFOLLOW).open(self.slot_path(n))?;
+        let file = std::sync::Arc::new(file);
+        open[n] = Some(file.clone());
+        Ok(file)
     }
 
     /// Slot `n` owes nothing any more: its started record is cleared (not synced: see the
@@ -308,6 +357,7 @@ impl Spool {
     /// the edge acknowledges it meanwhile.
     fn move_out(&self, job_id: &str, result: &Envelope) -> std::io::Result<()> {
         let path = self.path(job_id).ok_or_else(|| std::io::Error::other("unsafe job id"))?;
+        self.lock().filed.insert(job_id.to_string());
         let written = write_atomically(&path, &serde_json::to_vec(result)?, true).and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
         let mut kept = self.lock();
         if !kept.writing.contains_key(job_id) {
@@ -398,6 +448,7 @@ impl Spool {
             }
             (Some(result), None) => {
                 let path = self.path(job_id).expect("a safe id");
+                self.lock().filed.insert(job_id.to_string());
                 // A result is the one thing that must outlive anything: fsync it.
                 let written = write_atomically(&path, &serde_json::to_vec(&result)?, true);
                 let mut kept = self.lock();
@@ -433,16 +484,28 @@ impl Spool {
     }
 
     pub fn has(&self, job_id: &str) -> bool {
-        if Self::in_memory(&self.lock(), job_id).is_some() {
-            return true;
+        {
+            let kept = self.lock();
+            if Self::in_memory(&kept, job_id).is_some() {
+                return true;
+            }
+            if !kept.filed.contains(job_id) {
+                return false;
+            }
         }
         self.path(job_id).is_some_and(|p| p.exists())
     }
 
     /// A kept result, if there is one.
     pub fn get(&self, job_id: &str) -> Option<Envelope> {
-        if let Some(r) = Self::in_memory(&self.lock(), job_id) {
-            return Some(r);
+        {
+            let kept = self.lock();
+            if let Some(r) = Self::in_memory(&kept, job_id) {
+                return Some(r);
+            }
+            if !kept.filed.contains(job_id) {
+                return None;
+            }
         }
         let bytes = std::fs::read(self.path(job_id)?).ok()?;
         serde_json::from_slice(&bytes).ok()
@@ -453,11 +516,14 @@ impl Spool {
     pub fn remove(&self, job_id: &str) {
         match self.acknowledged(job_id) {
             Some(n) => self.clear(n),
-            None => {
+            // Only a job that may have a spool file has one to remove (a write of one under
+            // way removes it itself, seeing the acknowledgement).
+            None if self.lock().filed.remove(job_id) => {
                 if let Some(path) = self.path(job_id) {
                     let _ = std::fs::remove_file(path);
                 }
             }
+            None => {}
         }
     }
 
@@ -486,6 +552,8 @@ impl Spool {
         let mut durable_now = Vec::new();
         {
             let mut kept = self.lock();
+            let held: Vec<String> = kept.held.keys().cloned().collect();
+            kept.filed.extend(held);
             let written: Vec<String> = kept
                 .held
                 .iter()
@@ -531,6 +599,7 @@ impl Spool {
             };
             match std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Envelope>(&b).ok()) {
                 Some(r) if safe_id(id) => {
+                    self.lock().filed.insert(id.to_string());
                     out.insert(id.to_string(), r);
                 }
                 _ => {
@@ -618,6 +687,23 @@ mod tests {
         assert!(spool.all().is_empty());
         drop(spool);
         assert!(open(&dir, 2).0.all().is_empty(), "an acknowledged result is not sent again");
+    }
+
+    /// The slot files stay open between writes. One removed under the agent (by hand, by
+    /// a cleaner) must not swallow the next job's started record in a file no restart
+    /// finds: it is made again, and the record written there.
+    #[test]
+    fn a_slot_file_removed_under_the_agent_is_made_again() {
+        let dir = dir("removed");
+        let (spool, _) = open(&dir, 1);
+        spool.started("job-1", "job-1:1").unwrap();
+        spool.put("job-1", &ok("job-1", "x")).unwrap();
+        spool.remove("job-1");
+        std::fs::remove_file(dir.join("records/0")).unwrap();
+        spool.started("job-2", "job-2:1").unwrap();
+        drop(spool);
+        let (_, interrupted) = open(&dir, 1);
+        assert_eq!(interrupted, vec![Interrupted { job_id: "job-2".into(), order_nonce: "job-2:1".into() }]);
     }
 
     /// A job's records are overwrites of one file per slot: however many jobs run, the
@@ -775,6 +861,9 @@ mod tests {
         let (spool, interrupted_jobs) = open(&dir, 1);
         assert_eq!(interrupted_jobs, vec![Interrupted { job_id: "second".into(), order_nonce: "second:1".into() }]);
         spool.put("second", &signed("second", interrupted())).unwrap();
+        // Found in its spool file by the new agent (an order for it is answered with it).
+        assert_eq!(spool.get("first"), Some(r.clone()));
+        assert!(spool.has("first") && spool.get("never-here").is_none());
         assert_eq!(ids(spool.all()), vec!["first", "second"]);
         spool.remove("first");
         spool.remove("second");

@@ -5,24 +5,65 @@
 
 use std::path::{Path, PathBuf};
 
-/// A fresh, empty workspace, and the working directory inside it.
-pub fn prepare(workspace: &Path, working_dir: Option<&str>) -> std::io::Result<PathBuf> {
-    if workspace.exists() {
-        std::fs::remove_dir_all(workspace)?;
+/// The folder of the jobs' workspaces, `DATA_DIR/workspaces`, made owner-only if need be
+/// and named as the kernel names it (symlinks resolved): found once, at the agent's start,
+/// so that [`prepare`] resolves nothing per job.
+pub fn root(data_dir: &Path) -> std::io::Result<PathBuf> {
+    let root = data_dir.join("workspaces");
+    crate::files::private_dir(&root)?;
+    root.canonicalize()
+}
+
+/// A fresh, empty workspace `root/<job_id>` (`root` from [`root`]), and the working
+/// directory inside it.
+///
+/// The workspace is made by one `mkdir` (owner-only: mode 700 under the agent's umask): it
+/// cannot be a symlink (a `mkdir` follows none) and, in a `root` with symlinks resolved, it
+/// is its own real path. Only a leftover of the same name (a job sent again) is removed
+/// first, and only a `working_dir` — made inside it, where a job of the same user could
+/// race in a symlink — is resolved and checked.
+pub fn prepare(root: &Path, job_id: &str, working_dir: Option<&str>) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !shared::ids::plain_id(job_id, shared::ids::MAX_JOB_ID) {
+        return Err(std::io::Error::other("the job id is not a plain name"));
     }
-    crate::files::private_dir(workspace)?;
+    let workspace = root.join(job_id);
+    let fresh = || std::fs::DirBuilder::new().mode(crate::files::PRIVATE_DIR).create(&workspace);
+    match fresh() {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // A leftover (a folder, or anything else: a link goes, not what it points to).
+            std::fs::remove_dir_all(&workspace).or_else(|_| std::fs::remove_file(&workspace))?;
+            fresh()?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // The folder of workspaces went away under the running agent.
+            crate::files::private_dir(root)?;
+            fresh()?;
+        }
+        Err(e) => return Err(e),
+    }
     // The edge validated it; check again here, the side that touches the disk.
-    let dir = match working_dir {
-        Some(d) => shared::contract::checked_working_dir(d).map_err(|e| std::io::Error::other(e.body.error))?,
-        None => String::new(),
-    };
+    let Some(dir) = working_dir else { return Ok(workspace) };
+    let dir = shared::contract::checked_working_dir(dir).map_err(|e| std::io::Error::other(e.body.error))?;
     let cwd = workspace.join(&dir);
     std::fs::create_dir_all(&cwd)?;
     let real = cwd.canonicalize()?;
-    if !real.starts_with(workspace.canonicalize()?) {
+    if !real.starts_with(&workspace) {
         return Err(std::io::Error::other("working_dir leaves the workspace"));
     }
     Ok(real)
+}
+
+/// Removes a finished job's workspace. Most jobs leave it empty, and one `rmdir` removes
+/// an empty folder; `remove_dir_all` (which opens, lists and stats it) runs only when that
+/// is refused.
+pub fn remove(workspace: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir(workspace) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(_) => std::fs::remove_dir_all(workspace),
+    }
 }
 
 /// At the agent's start, every workspace under `root` is a leftover: its job was running
@@ -103,12 +144,56 @@ mod tests {
 
     #[test]
     fn workspaces_are_fresh_and_keep_working_dir_inside() {
-        let ws = std::env::temp_dir().join(format!("cr-ws-{}", std::process::id()));
-        std::fs::create_dir_all(ws.join("old")).unwrap();
-        let cwd = prepare(&ws, Some("a/b")).unwrap();
-        assert!(cwd.ends_with("a/b"));
-        assert!(!ws.join("old").exists(), "a workspace starts empty");
-        assert!(prepare(&ws, Some("../x")).is_err());
-        assert!(prepare(&ws, Some("/etc")).is_err());
+        let data = std::env::temp_dir().join(format!("cr-ws-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let root = super::root(&data).unwrap();
+        std::fs::create_dir_all(root.join("job-1/old")).unwrap();
+        let cwd = prepare(&root, "job-1", Some("a/b")).unwrap();
+        assert!(cwd.ends_with("job-1/a/b"));
+        assert!(!root.join("job-1/old").exists(), "a workspace starts empty");
+        assert_eq!(prepare(&root, "job-2", None).unwrap(), root.join("job-2"));
+        assert!(prepare(&root, "job-1", Some("../x")).is_err());
+        assert!(prepare(&root, "job-1", Some("/etc")).is_err());
+        assert!(prepare(&root, "../escape", None).is_err());
+        remove(&root.join("job-2")).unwrap();
+        remove(&root.join("job-1")).unwrap();
+        remove(&root.join("job-1")).unwrap();
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0, "removed, empty or not");
+        std::fs::remove_dir_all(&data).unwrap();
+    }
+
+    /// A link left where a workspace goes (by a job of the same user) is taken away, not
+    /// followed: the workspace is a fresh folder in its place, and what the link pointed to
+    /// is untouched.
+    #[test]
+    fn a_link_where_a_workspace_goes_is_replaced_not_followed() {
+        let data = std::env::temp_dir().join(format!("cr-ws-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let root = super::root(&data).unwrap();
+        let elsewhere = data.join("elsewhere");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("keep"), "x").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, root.join("job-3")).unwrap();
+        let cwd = prepare(&root, "job-3", None).unwrap();
+        assert!(!std::fs::symlink_metadata(&cwd).unwrap().file_type().is_symlink());
+        assert!(elsewhere.join("keep").exists());
+        std::fs::remove_dir_all(&data).unwrap();
+    }
+
+    /// With `DATA_DIR` behind a symlink the workspace is named by its real path (Claude
+    /// files sessions under its real working directory), and the folder of workspaces,
+    /// removed under a running agent, is made again.
+    #[test]
+    fn workspaces_are_named_by_their_real_path() {
+        let base = std::env::temp_dir().join(format!("cr-ws-real-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(base.join("real")).unwrap();
+        std::os::unix::fs::symlink(base.join("real"), base.join("link")).unwrap();
+        let root = super::root(&base.join("link")).unwrap();
+        assert_eq!(root, base.join("real/workspaces").canonicalize().unwrap());
+        std::fs::remove_dir(&root).unwrap();
+        let cwd = prepare(&root, "job-4", None).unwrap();
+        assert_eq!(cwd, cwd.canonicalize().unwrap());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -340,6 +340,7 @@ async fn a_one_job_agent_exits_after_its_job() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(worker_tests), ignore = "needs the built Worker: run tests/run (it sets CLAUDE_RUNNER_WORKER_TESTS=1)")]
 async fn the_worker_routes_each_pool_to_its_agents_and_lists_pools() {
     require_worker_bundle();
     let keys = Keys::new(&["spark", "rig"]);

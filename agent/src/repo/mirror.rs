@@ -20,7 +20,7 @@ use git2::{AutotagOption, Cred, CredentialType, FetchOptions, Oid, RemoteCallbac
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tracing::{info, warn};
@@ -49,6 +49,13 @@ pub struct MirrorCache {
     entries: Mutex<HashMap<String, Entry>>,
     /// One eviction pass at a time.
     evicting: Mutex<()>,
+    /// Counts the changes to the set of mirrors (a fetch that may have made or removed
+    /// one, an eviction, a removal at start), each counted once it is done.
+    changes: AtomicU64,
+    /// The names as last read from disk, and the count of changes they reflect: every
+    /// job's end asks for them (a job that made or evicted a mirror changes what the edge
+    /// is told), and only a change makes the folders be read again.
+    names: Mutex<Option<(u64, Vec<String>)>>,
 }
 
 #[derive(Default)]
@@ -115,7 +122,19 @@ impl MirrorCache {
             }
         }
         set_timeouts();
-        Ok(Arc::new(MirrorCache { root, max_bytes, entries: Mutex::new(HashMap::new()), evicting: Mutex::new(()) }))
+        Ok(Arc::new(MirrorCache {
+            root,
+            max_bytes,
+            entries: Mutex::new(HashMap::new()),
+            evicting: Mutex::new(()),
+            changes: AtomicU64::new(0),
+            names: Mutex::new(None),
+        }))
+    }
+
+    /// The set of mirrors may have changed (counted once the change is done on disk).
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::SeqCst);
     }
 
     /// After a restart: what a killed agent left in its mirrors goes. libgit2's lock files
@@ -133,6 +152,7 @@ impl MirrorCache {
             if !usable(&dir) {
                 warn!(mirror = %dir.display(), "removing a mirror whose first fetch never finished");
                 let _ = std::fs::remove_dir_all(&dir);
+                self.changed();
                 continue;
             }
             let mut stack = vec![dir];
@@ -190,6 +210,8 @@ impl MirrorCache {
         })
         .await
         .unwrap_or_else(|e| Err(local("fetch the repository", e)));
+        // A first fetch made the mirror, or a failed one removed it.
+        self.changed();
         lease.fetch_ms = asked.elapsed().as_millis() as u64;
         if let Err(e) = fetched {
             if !(allow_stale && usable(&lease.dir)) {
@@ -206,6 +228,18 @@ impl MirrorCache {
     /// The repositories this cache holds a mirror of (names only, no size walk): what an
     /// edge routing jobs to agents that already hold a repository needs.
     pub fn mirror_names(&self) -> Vec<String> {
+        let changes = self.changes.load(Ordering::SeqCst);
+        if let Some((seen, names)) = self.names.lock().expect("mirror names").as_ref() {
+            if *seen == changes {
+                return names.clone();
+            }
+        }
+        let names = self.read_names();
+        *self.names.lock().expect("mirror names") = Some((changes, names.clone()));
+        names
+    }
+
+    fn read_names(&self) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(&self.root)
             .into_iter()
             .flatten()
@@ -255,6 +289,7 @@ impl MirrorCache {
                     continue;
                 }
             }
+            self.changed();
             let _ = std::fs::remove_dir_all(&trash);
             info!(repo = %name.trim(), bytes = sizes.get(&folder).copied().unwrap_or(0), max_bytes = self.max_bytes, "mirror evicted (REPO_CACHE_MAX_BYTES)");
         }

@@ -133,11 +133,22 @@ async fn unused_mirrors_are_evicted_least_recently_used_first() {
     let copy = tmp.path().join("copy.git");
     git(tmp.path(), &["clone", "-q", "--bare", bare.to_str().unwrap(), copy.to_str().unwrap()]);
     let cache = MirrorCache::open(tmp.path().join("repos"), 1).unwrap();
+    assert!(cache.mirror_names().is_empty());
     let a = cache.acquire(source(&bare), false).await.unwrap();
     let a_dir = a.dir.clone();
     drop(a);
+    // The names are read again after each change (and only then): the new mirror is named.
+    assert_eq!(cache.mirror_names(), [source(&bare).name]);
     let b = cache.acquire(source(&copy), false).await.unwrap();
-    cache.evict(crate::now_ms());
+    // (The eviction each acquire starts in the background may have removed the idle one.)
+    assert!(cache.mirror_names().contains(&source(&copy).name));
+    // The pass each acquire starts in the background may be the one running now (a second
+    // pass then returns at once): passes until the idle mirror is gone, within a bound.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while a_dir.exists() && std::time::Instant::now() < until {
+        cache.evict(crate::now_ms());
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert!(!a_dir.exists(), "the idle mirror went");
     assert!(b.dir.exists(), "the one in use stays, even over the limit");
     assert_eq!(cache.mirror_names(), [source(&copy).name]);
@@ -145,6 +156,7 @@ async fn unused_mirrors_are_evicted_least_recently_used_first() {
     // Gone from disk, made again on the next use.
     let a = cache.acquire(source(&bare), false).await.unwrap();
     assert!(a.dir.exists());
+    assert!(cache.mirror_names().contains(&source(&bare).name), "made again: named again");
 }
 
 #[tokio::test]
