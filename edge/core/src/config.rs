@@ -86,8 +86,10 @@ pub enum ConfigError {
     Key(#[from] keys::KeyError),
     #[error("RUNNER_SECRET is too short ({0} characters): use at least 16, e.g. `openssl rand -hex 32`")]
     WeakSecret(usize),
-    #[error("{name} must be an http:// or https:// URL, got `{value}`")]
-    Url { name: String, value: String },
+    /// The value is not repeated: a webhook's URL may hold its token, and on the Worker
+    /// this error answers every request, the secret's holders or not.
+    #[error("{name} must be an http:// or https:// URL; the value set starts with neither (not shown here: a webhook's URL may hold its token)")]
+    Url { name: String },
     #[error("{name} is {value}, over the most this edge supports ({max}); lower it")]
     TooLarge { name: &'static str, value: u64, max: u64 },
     #[error("{name}: {error}")]
@@ -304,7 +306,7 @@ impl Config {
             edge_version: env!("CARGO_PKG_VERSION").to_string(),
             notify_url: match own("NOTIFY_URL") {
                 Some(url) if url.starts_with("https://") || url.starts_with("http://") => Some(url),
-                Some(url) => return Err(ConfigError::Url { name: own_name("NOTIFY_URL"), value: url }),
+                Some(url) => return Err(ConfigError::Url { name: own_name("NOTIFY_URL") }),
                 None => None,
             },
             oauth_warn_hours: bounded("OAUTH_WARN_HOURS", "hours", DEFAULT_OAUTH_WARN_HOURS, 24 * 365)? as f64,
@@ -407,6 +409,10 @@ mod tests {
         assert_eq!(url(bad, "default").as_deref(), Some("https://ntfy.example/runner"));
         let err = Config::for_pool(with(&[("NOTIFY_URL", "ntfy.example")]), "gpu").unwrap_err();
         assert!(err.to_string().contains("NOTIFY_URL must be an http"), "{err}");
+        // The bad value is not repeated: a webhook's URL holds its token, and on the Worker
+        // this error is every caller's answer, with the secret or without.
+        let err = Config::for_pool(with(&[("NOTIFY_URL_GPU", "hooks.example/services/T0/B0/xoxb-webhook-token-123")]), "gpu").unwrap_err().to_string();
+        assert!(err.contains("NOTIFY_URL_GPU must be an http") && !err.contains("xoxb-webhook-token-123"), "{err}");
     }
 
     #[test]
