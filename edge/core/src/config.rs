@@ -306,7 +306,7 @@ impl Config {
             edge_version: env!("CARGO_PKG_VERSION").to_string(),
             notify_url: match own("NOTIFY_URL") {
                 Some(url) if url.starts_with("https://") || url.starts_with("http://") => Some(url),
-                Some(url) => return Err(ConfigError::Url { name: own_name("NOTIFY_URL") }),
+                Some(_) => return Err(ConfigError::Url { name: own_name("NOTIFY_URL") }),
                 None => None,
             },
             oauth_warn_hours: bounded("OAUTH_WARN_HOURS", "hours", DEFAULT_OAUTH_WARN_HOURS, 24 * 365)? as f64,
