@@ -89,6 +89,8 @@ pub struct Agent {
     /// there is none (results are spooled, credits recomputed, events are only progress).
     pub uplink: mpsc::UnboundedSender<AgentMessage>,
     jobs: mpsc::UnboundedSender<JobTask>,
+    /// When the jobs' waiting progress batches go.
+    progress_clock: Arc<crate::progress_clock::ProgressClock>,
 }
 
 impl Agent {
@@ -164,6 +166,7 @@ impl Agent {
             _data_lock: data_lock,
             uplink,
             jobs,
+            progress_clock: Default::default(),
         };
         agent.status.mirrors(agent.repos.mirror_names());
         Ok((Arc::new(agent), Queues { uplink: uplink_rx, jobs: jobs_rx }))
@@ -180,6 +183,7 @@ impl Agent {
             order_nonce: order_nonce.to_string(),
             spool: Some(Arc::clone(&self.spool)),
             repos: Arc::clone(&self.repos),
+            progress_clock: Arc::clone(&self.progress_clock),
             workspaces: Arc::clone(&self.workspaces),
         }
     }

@@ -52,6 +52,7 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
         repos: Arc::new(repos),
         cfg: Arc::new(cfg),
         order_nonce: "canary:1".into(),
+        progress_clock: Default::default(),
         spool: None,
         workspaces,
     };
@@ -67,7 +68,7 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
     while let Ok(message) = events.try_recv() {
         if let AgentMessage::Event { envelope } = message {
             if let Ok(report) = envelope.open::<ProgressReport>(Domain::Progress, &own) {
-                lines.push(report.event);
+                lines.extend(report.events.into_iter().map(|e| e.event));
             }
         }
     }

@@ -8,12 +8,14 @@
 //! - [`credentials`]: Claude's `.credentials.json`, read from bytes.
 //! - [`sse`]: Server-Sent Events framing, for `submit` following a job.
 //! - [`edge_url`]: `EDGE_URL` → the URL dialed; plaintext only to loopback.
+//! - [`progress`]: a job's progress events gathered into batches, one signed frame each.
 //! - [`record`]: the framing of the agent's slot records (started jobs, results), read
 //!   back safely after a torn write.
 
 pub mod claude;
 pub mod credentials;
 pub mod edge_url;
+pub mod progress;
 pub mod record;
 pub mod redact;
 pub mod sse;

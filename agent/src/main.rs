@@ -10,6 +10,7 @@
 //! - [`connection`]: the outbound WebSocket: handshake, heartbeats, reconnects.
 //! - [`agent`]: state that outlives connections; verifying, starting and cancelling orders.
 //! - [`runner`]: one job's life, given a narrow [`runner::JobContext`].
+//! - [`progress_clock`]: when the jobs' waiting progress batches go (one clock for all).
 //! - [`workspace`]: a job's fresh folder, its working directory, a carried-over session.
 //! - [`process`]: Claude's process: start, read, stop (TERM, then KILL).
 //! - [`launcher`]: the small process (the agent's binary, `__launcher`) that starts every
@@ -44,6 +45,7 @@ mod keygen;
 mod launcher;
 mod oauth;
 mod process;
+mod progress_clock;
 mod relogin;
 mod repo;
 mod report;

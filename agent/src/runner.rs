@@ -8,6 +8,8 @@ use crate::claude::{self, Ending, Transcript};
 use crate::config::AgentConfig;
 use crate::oauth::{Login, RefreshGate};
 use crate::process::{self, Launch, Stop};
+use crate::progress_clock::ProgressClock;
+use agent_core::progress::Batch;
 use crate::redact::Carry;
 use crate::spool::Spool;
 use crate::repo::error::RepoError;
@@ -15,17 +17,19 @@ use crate::repo::Repos;
 use crate::workspace;
 use shared::contract::ErrorCode;
 use shared::job::{JobResult, JobSpec};
-use shared::protocol::AgentMessage;
+use shared::protocol::{AgentMessage, ProgressEvent};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{info, warn};
 
 /// How often the redactor re-reads the login: Claude may rotate the tokens mid-job.
 const REDACTOR_REFRESH: Duration = Duration::from_secs(2);
-/// Largest progress event forwarded; bigger ones are summarised.
-const MAX_EVENT_BYTES: usize = 256 * 1024;
+/// Largest progress event forwarded; bigger ones are summarised. As large as a whole
+/// batch may be, so one event always fits one.
+const MAX_EVENT_BYTES: usize = shared::protocol::MAX_PROGRESS_BYTES;
 
 /// What a job needs from the agent, and nothing more.
 #[derive(Clone)]
@@ -44,6 +48,8 @@ pub struct JobContext {
     pub repos: Arc<Repos>,
     /// The nonce of the job's order: every progress event is signed bound to it.
     pub order_nonce: String,
+    /// When waiting progress batches go (one clock for all jobs).
+    pub progress_clock: Arc<ProgressClock>,
     /// The folder of the jobs' workspaces, symlinks resolved ([`workspace::root`]).
     pub workspaces: Arc<PathBuf>,
 }
@@ -242,6 +248,15 @@ async fn run_claude(
     let mut transcript = Transcript::default();
     let mut carry = Carry::default();
     let mut seq = 0u64;
+    // Events wait here for their batch (agent_core::progress). The batches are sent from
+    // this task, beside Claude's run, on the progress clock's ticks, and the last one when
+    // the run ends: every batch is on the uplink before this returns, so before the job's
+    // result.
+    let batch = Mutex::new(Batch::default());
+    let opened = Notify::new();
+    let send = |events| {
+        let _ = ctx.uplink.send(AgentMessage::progress(job_id, &ctx.order_nonce, events, &cfg.signing_key));
+    };
     let on_line = |line: &[u8]| {
         if redactor_read.elapsed() > REDACTOR_REFRESH {
             redactor = ctx.login.redactor(crate::now_ms());
@@ -257,14 +272,22 @@ async fn run_claude(
                 ctx.reporter.saw_usage(window);
             }
             seq += 1;
-            let event = if line.len() > MAX_EVENT_BYTES {
-                serde_json::json!({"type": event["type"], "truncated": true, "bytes": line.len()})
+            let (event, bytes) = if line.len() > MAX_EVENT_BYTES {
+                let summary = serde_json::json!({"type": event["type"], "truncated": true, "bytes": line.len()});
+                let bytes = summary.to_string().len();
+                (summary, bytes)
             } else {
-                event
+                (event, line.len())
             };
-            let _ = ctx.uplink.send(AgentMessage::progress(job_id, &ctx.order_nonce, seq, event, &cfg.signing_key));
+            let mut batch = batch.lock().expect("batch lock");
+            let opens = batch.is_empty();
+            batch.push(seq, event, bytes, send);
+            if opens && !batch.is_empty() {
+                opened.notify_one();
+            }
         }
     };
+    let timer = send_on_ticks(&batch, &opened, &ctx.progress_clock, send);
     // Durably before Claude gets its prompt: if the agent dies now, its next run reports
     // the job lost instead of letting the edge send it again (it may not have heard it
     // started). Written while Claude starts (process::run waits for both).
@@ -281,10 +304,37 @@ async fn run_claude(
             format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry")
         })
     };
-    let finished = process::run(launch, job_id, deadline, spec.timeout_ms, &mut stop, ready, on_line).await;
+    let run = process::run(launch, job_id, deadline, spec.timeout_ms, &mut stop, ready, on_line);
+    let finished = tokio::select! {
+        finished = run => finished,
+        never = timer => match never {},
+    };
+    // Whatever ended the run (its end, a cancel, the timeout, Claude's death), what Claude
+    // printed goes out.
+    if let Some(events) = batch.lock().expect("batch lock").take() {
+        send(events);
+    }
     let stderr = ctx.login.redactor(crate::now_ms()).redact(&finished.stderr);
     let duration_ms = started.elapsed().as_millis() as u64;
     let result = claude::result(&transcript, finished.ending, &stderr, duration_ms);
     info!(job_id, agent_id = %cfg.agent_id, success = result.success, error_code = ?result.error_code, duration_ms, lines = transcript.lines, "claude finished");
     result
+}
+
+/// Sends what `batch` holds at each tick of the progress clock that comes while it holds
+/// something; `opened` is told when it starts to. Runs as long as the job's run (it ends
+/// only by being dropped).
+async fn send_on_ticks(batch: &Mutex<Batch>, opened: &Notify, clock: &Arc<ProgressClock>, send: impl Fn(Vec<ProgressEvent>)) -> Infallible {
+    loop {
+        let waits = !batch.lock().expect("batch lock").is_empty();
+        if !waits {
+            opened.notified().await;
+            continue;
+        }
+        clock.next_tick().await;
+        let events = batch.lock().expect("batch lock").take();
+        if let Some(events) = events {
+            send(events);
+        }
+    }
 }

@@ -75,7 +75,11 @@ use serde::{Deserialize, Serialize};
 /// earlier connection after the edge had sent its job again, and would count a made-up
 /// job frame as an order received (so the edge sends a held order's job again, and the
 /// held order, let through later, runs it a second time).
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: progress in batches: one signed [`ProgressReport`] carries a run of a job's events,
+/// each with its own number ([`ProgressEvent`]), so a burst of Claude's lines costs one
+/// signature and one verification. A version-7 edge would not read a batch (and a
+/// version-7 agent's single events would not read here).
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
@@ -178,7 +182,7 @@ pub enum AgentMessage {
     /// cancel or login order (refusing those changes no job). Not signed: the edge only
     /// counts and logs it — it names nothing the edge could act on.
     OrderRefused { reason: String },
-    /// A progress event of a running job: a signed [`ProgressReport`].
+    /// Progress events of a running job, in a batch: a signed [`ProgressReport`].
     Event { envelope: Envelope },
     /// A job's result: a signed [`ResultReport`].
     Result { envelope: Envelope },
@@ -275,16 +279,72 @@ pub struct Hello {
 /// The longest CLI version an edge keeps: a version line, not a document.
 pub const MAX_CLAUDE_VERSION_BYTES: usize = 100;
 
-/// A progress event (one of Claude's stream-json lines, redacted), signed by the agent
-/// ([`crate::envelope::Domain::Progress`]) and bound to the order it answers: whoever sits
-/// on the path between agent and edge cannot make one up or move one to another job.
+/// A batch of a job's progress events (Claude's stream-json lines, redacted), signed by
+/// the agent once ([`crate::envelope::Domain::Progress`]) and bound to the order it
+/// answers: whoever sits on the path between agent and edge cannot make one up or move one
+/// to another job. The agent sends each batch before the job's result, on the same
+/// connection, so the edge has shown a job's progress when its result comes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProgressReport {
     pub job_id: String,
     /// The nonce of the job's order ([`OrderHeader::nonce`]).
     pub order_nonce: String,
+    /// In the order Claude printed them, numbered up: at least one, at most
+    /// [`MAX_PROGRESS_EVENTS`].
+    pub events: Vec<ProgressEvent>,
+}
+
+/// One progress event: its number in the job's run (1, 2, …, the SSE `id:` followers read)
+/// and the event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressEvent {
     pub seq: u64,
     pub event: serde_json::Value,
+}
+
+/// Most events in one progress batch.
+pub const MAX_PROGRESS_EVENTS: usize = 64;
+
+/// Most bytes of Claude's output the agent puts in one progress batch (an event of one
+/// line over this is summarised, not sent): the largest batch is no larger than the
+/// largest single event of protocol 7.
+pub const MAX_PROGRESS_BYTES: usize = 256 * 1024;
+
+/// The largest signed progress payload the edge opens: room for [`MAX_PROGRESS_BYTES`] of
+/// output re-encoded as JSON (escapes can make text several times longer), well under
+/// [`MAX_FRAME_BYTES`]. A larger one is refused before its signature is checked.
+pub const MAX_PROGRESS_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
+
+/// Why a progress batch is refused as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchFault {
+    #[error("a progress batch with no event")]
+    Empty,
+    #[error("a progress batch of {0} events, over the {MAX_PROGRESS_EVENTS}-event limit")]
+    TooMany(usize),
+    #[error("a progress batch whose event {seq} does not follow event {after} (events go numbered up, each once)")]
+    OutOfOrder { seq: u64, after: u64 },
+}
+
+impl ProgressReport {
+    /// Whether the batch is one the agent could have made: 1 to [`MAX_PROGRESS_EVENTS`]
+    /// events, numbered strictly up from 1 or more.
+    pub fn check(&self) -> Result<(), BatchFault> {
+        if self.events.is_empty() {
+            return Err(BatchFault::Empty);
+        }
+        if self.events.len() > MAX_PROGRESS_EVENTS {
+            return Err(BatchFault::TooMany(self.events.len()));
+        }
+        let mut after = 0;
+        for e in &self.events {
+            if e.seq <= after {
+                return Err(BatchFault::OutOfOrder { seq: e.seq, after });
+            }
+            after = e.seq;
+        }
+        Ok(())
+    }
 }
 
 /// A job's result, signed by the agent ([`crate::envelope::Domain::Result`]) and bound to
@@ -443,9 +503,10 @@ impl AgentMessage {
         AgentMessage::Rejected { envelope: Envelope::seal(Domain::Rejection, &rejection, key) }
     }
 
-    /// A progress event of the job `order_nonce` ordered, signed with the agent's key.
-    pub fn progress(job_id: &str, order_nonce: &str, seq: u64, event: serde_json::Value, key: &SigningKey) -> AgentMessage {
-        let report = ProgressReport { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), seq, event };
+    /// A batch of progress events of the job `order_nonce` ordered, signed with the agent's
+    /// key.
+    pub fn progress(job_id: &str, order_nonce: &str, events: Vec<ProgressEvent>, key: &SigningKey) -> AgentMessage {
+        let report = ProgressReport { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), events };
         AgentMessage::Event { envelope: Envelope::seal(Domain::Progress, &report, key) }
     }
 
@@ -546,6 +607,44 @@ mod tests {
         assert!(envelope.open::<LoginReport>(Domain::Result, &key.verifying_key()).is_err(), "a login report is not a result");
         let m = EdgeMessage::result_ack("j", "spark", &SigningKey::from_bytes(&[1; 32]));
         assert_eq!(decode::<EdgeMessage>(&m.to_text()).unwrap(), m);
+    }
+
+    fn batch(seqs: &[u64]) -> ProgressReport {
+        let events = seqs.iter().map(|&seq| ProgressEvent { seq, event: serde_json::json!({"n": seq}) }).collect();
+        ProgressReport { job_id: "j1".into(), order_nonce: "j1:1".into(), events }
+    }
+
+    #[test]
+    fn a_progress_batch_is_numbered_up_and_bounded() {
+        assert_eq!(batch(&[1]).check(), Ok(()));
+        assert_eq!(batch(&[4, 5, 9]).check(), Ok(()), "gaps: events summarised or lost offline");
+        assert_eq!(batch(&[]).check(), Err(BatchFault::Empty));
+        assert_eq!(batch(&[2, 1]).check(), Err(BatchFault::OutOfOrder { seq: 1, after: 2 }));
+        assert_eq!(batch(&[1, 2, 2]).check(), Err(BatchFault::OutOfOrder { seq: 2, after: 2 }));
+        assert_eq!(batch(&[0]).check(), Err(BatchFault::OutOfOrder { seq: 0, after: 0 }));
+        let most: Vec<u64> = (1..=MAX_PROGRESS_EVENTS as u64).collect();
+        assert_eq!(batch(&most).check(), Ok(()));
+        let over: Vec<u64> = (1..=MAX_PROGRESS_EVENTS as u64 + 1).collect();
+        assert_eq!(batch(&over).check(), Err(BatchFault::TooMany(MAX_PROGRESS_EVENTS + 1)));
+    }
+
+    #[test]
+    fn a_progress_batch_is_signed_once_for_all_its_events() {
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let report = batch(&[1, 2, 3]);
+        let AgentMessage::Event { envelope } = decode(&AgentMessage::progress("j1", "j1:1", report.events.clone(), &key).to_text()).unwrap() else {
+            panic!("progress")
+        };
+        assert_eq!(envelope.open::<ProgressReport>(Domain::Progress, &key.verifying_key()).unwrap(), report);
+        // An event moved, dropped or renumbered on the path breaks the signature.
+        for (from, to) in [(r#""seq":2"#, r#""seq":7"#), (r#""n":3"#, r#""n":4"#), (r#""order_nonce":"j1:1""#, r#""order_nonce":"j1:2""#)] {
+            assert!(envelope.payload.contains(from), "{}", envelope.payload);
+            let altered = Envelope { payload: envelope.payload.replace(from, to), sig: envelope.sig.clone() };
+            assert!(altered.open::<ProgressReport>(Domain::Progress, &key.verifying_key()).is_err(), "{to}");
+        }
+        // A version-7 single event does not read as a batch.
+        let old = serde_json::json!({"job_id": "j1", "order_nonce": "j1:1", "seq": 1, "event": {"n": 1}});
+        assert!(serde_json::from_value::<ProgressReport>(old).is_err());
     }
 
     #[test]

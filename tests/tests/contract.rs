@@ -796,7 +796,10 @@ async fn the_agent_reconnects_after_an_edge_restart(kind: EdgeKind) {
 }
 
 async fn a_job_in_flight_survives_an_edge_restart(kind: EdgeKind) {
-    let mut s = setup(kind, &[], &[]).await;
+    // The agent is away while the edge restarts: the harness's 5 s LOST_AFTER_MS is about
+    // what a Worker under Miniflare at load 9 takes to come back and be dialed again (once
+    // the job ended `lost` at 8.7 s), and ending jobs of agents away is not this test's matter.
+    let mut s = setup(kind, &[("LOST_AFTER_MS", "60000")], &[]).await;
     let a = s.client.submit(json!({"prompt": "@sleep=2500 slow one"})).await;
     assert_eq!(a.status, 202, "{}", a.text);
     let job_id = a.body["job_id"].as_str().unwrap().to_string();
@@ -891,6 +894,87 @@ async fn progress_streams_as_server_sent_events(kind: EdgeKind) {
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].0, "result");
     assert_eq!(s.client.get("/jobs/nope/events").await.status, 404);
+}
+
+/// The progress events in an SSE stream's text, as (id, data).
+fn progress_of(raw: &str) -> Vec<(u64, String)> {
+    raw.split("\n\n")
+        .filter(|block| block.lines().any(|l| l == "event: progress"))
+        .filter_map(|block| {
+            let id = block.lines().find_map(|l| l.strip_prefix("id: "))?.parse().ok()?;
+            Some((id, block.lines().find_map(|l| l.strip_prefix("data: "))?.to_string()))
+        })
+        .collect()
+}
+
+/// Reads a follower's stream into `text` until it holds `wanted` (gives up after 60 s:
+/// long enough for any loaded machine, so a failure means the event never came).
+async fn read_until<B: AsRef<[u8]>>(stream: &mut (impl futures_util::Stream<Item = reqwest::Result<B>> + Unpin), text: &mut String, wanted: &str) {
+    use futures_util::StreamExt;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !text.contains(wanted) {
+        match tokio::time::timeout_at(deadline.into(), stream.next()).await {
+            Ok(Some(Ok(chunk))) => text.push_str(&String::from_utf8_lossy(chunk.as_ref())),
+            Ok(Some(Err(e))) => panic!("the stream failed ({e}) before {wanted:?}; it said:\n{text}"),
+            Ok(None) => panic!("the stream ended without {wanted:?}; it said:\n{text}"),
+            Err(_) => panic!("no {wanted:?} in 60 s; the stream said:\n{text}"),
+        }
+    }
+}
+
+/// Claude prints a burst of lines (protocol 8): they travel in a few signed batches, and a
+/// follower reads every event, each once, in order, numbered as before.
+async fn a_burst_of_progress_reaches_followers_whole_in_order_in_few_frames(kind: EdgeKind) {
+    const LINES: usize = 500;
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    let relay = PathRelay::start(&edge.ws_url()).await;
+    let _agent = AgentProc::start(AgentOpts { edge_ws: relay.ws_url(), ..AgentOpts::for_edge(&edge, "spark") });
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let dir = TempDir::new("burst");
+    let release = dir.path().join("release");
+    // The stand-in holds on after its burst until the follower is there.
+    let a = client.submit(json!({"prompt": format!("@lines={LINES} @await={} burst", release.display())})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    let mut stream = Box::pin(client.open_events(&job_id).await.bytes_stream());
+    let mut raw = String::new();
+    read_until(&mut stream, &mut raw, &format!("waiting for {}", release.display())).await;
+    std::fs::write(&release, "").unwrap();
+    read_until(&mut stream, &mut raw, "event: result").await;
+
+    let progress = progress_of(&raw);
+    let ids: Vec<u64> = progress.iter().map(|(id, _)| *id).collect();
+    let expected: Vec<u64> = (1..=LINES as u64 + 4).collect();
+    assert_eq!(ids, expected, "init, the burst, the wait, the answer, the result line: each once, in order\n{raw}");
+    for (id, data) in &progress[1..=LINES] {
+        assert!(data.contains(&format!(r#""text":"line {}""#, id - 1)), "event {id}: {data}");
+    }
+    let frames = relay.agent_frames().iter().filter(|f| f.contains(r#""type":"event""#)).count();
+    // One frame per line before protocol 8; a batch holds up to 64. Only a stand-in
+    // stopped for over 50 ms again and again mid-burst would need more than this.
+    assert!(frames >= 1 && frames * 8 <= progress.len(), "{frames} progress frames for {} events", progress.len());
+    assert_eq!(client.wait_job(&job_id, Duration::from_secs(30)).await["state"], "succeeded");
+}
+
+/// Claude prints a line, then waits (the model thinks): the event reaches a follower while
+/// Claude still waits — a batch goes when its window ends, not only with the next line or
+/// the job's end. Claude here waits for the test, which goes on only once it read the event.
+async fn each_progress_event_reaches_a_follower_while_claude_waits(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let dir = TempDir::new("await");
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let a = s.client.submit(json!({"prompt": format!("@await={} @await={} slow", one.display(), two.display())})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    let mut stream = Box::pin(s.client.open_events(&job_id).await.bytes_stream());
+    let mut raw = String::new();
+    for release in [&one, &two] {
+        read_until(&mut stream, &mut raw, &format!("waiting for {}", release.display())).await;
+        std::fs::write(release, "").unwrap();
+    }
+    read_until(&mut stream, &mut raw, "event: result").await;
+    let ids: Vec<u64> = progress_of(&raw).iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, [1, 2, 3, 4, 5], "init, two waits, the answer, the result line\n{raw}");
 }
 
 async fn a_running_job_can_be_cancelled(kind: EdgeKind) {
@@ -1177,7 +1261,7 @@ async fn a_forged_result_from_the_path_is_refused(kind: EdgeKind) {
     let forger = random_key();
     let fake = shared::job::JobResult { success: true, output: "FORGED".into(), ..Default::default() };
     let nonce = format!("{job_id}:1");
-    relay.inject(AgentMessage::progress(&job_id, &nonce, 99, json!({"type": "assistant", "text": "FORGED"}), &forger).to_text());
+    relay.inject(AgentMessage::progress(&job_id, &nonce, vec![shared::protocol::ProgressEvent { seq: 99, event: json!({"type": "assistant", "text": "FORGED"}) }], &forger).to_text());
     relay.inject(AgentMessage::result(&job_id, &nonce, fake, &forger).to_text());
     let refused = |log: &str| log.contains("a report not signed by the agent refused");
     assert!(eventually(Duration::from_secs(10), || refused(&edge.log())).await, "{}", edge.log());
@@ -1358,6 +1442,8 @@ contract!(
     an_agent_that_stops_mid_job_tells_the_caller_to_fall_back,
     a_low_max_timeout_still_accepts_requests_without_timeout_ms,
     progress_streams_as_server_sent_events,
+    a_burst_of_progress_reaches_followers_whole_in_order_in_few_frames,
+    each_progress_event_reaches_a_follower_while_claude_waits,
     a_running_job_can_be_cancelled,
     a_binary_frame_closes_the_connection_with_a_reason,
     silent_sockets_cannot_lock_the_agent_out,

@@ -106,14 +106,28 @@ impl Driver {
 
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, startup: Vec<Effect>) {
         self.carry_out(startup);
+        // One timer, moved only when the machine's next deadline moves: most commands
+        // leave it where it was, and a timer made afresh for each would be registered and
+        // dropped again every time.
+        let idle = || Instant::now() + Duration::from_secs(3600);
+        let timer = sleep_until(idle());
+        tokio::pin!(timer);
+        let mut set_for = None;
         loop {
-            let deadline = self.edge.next_deadline().map(|at| Instant::from_std(self.clock.instant_of(at)));
+            let deadline = self.edge.next_deadline();
+            if deadline != set_for || deadline.is_none() && timer.is_elapsed() {
+                let at = deadline.map(|at| Instant::from_std(self.clock.instant_of(at))).unwrap_or_else(idle);
+                timer.as_mut().reset(at);
+                set_for = deadline;
+            }
             let command = tokio::select! {
                 c = commands.recv() => match c {
                     Some(c) => c,
                     None => return,
                 },
-                _ = sleep_until(deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))) => {
+                () = &mut timer => {
+                    // Fired: a tick is due (or the idle hour passed); set it again below.
+                    set_for = None;
                     let effects = self.edge.tick(self.clock.now());
                     self.carry_out(effects);
                     continue;

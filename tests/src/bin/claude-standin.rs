@@ -6,7 +6,9 @@
 //! `@auth_error` report a 401 · `@garbage` print non-JSON and no result ·
 //! `@spawn_child=PIDFILE` start a long-lived child in the same process group and write its
 //! pid to PIDFILE · `@megabytes=N` stream N MiB of assistant text first (in 64 KiB
-//! events, `@gap_ms=MS` apart) ·
+//! events, `@gap_ms=MS` apart) · `@lines=N` print N short assistant events (`line 1`, …)
+//! at once · `@await=PATH` print an assistant event `waiting for PATH`, then wait until
+//! PATH exists (at most 2 minutes; may repeat, in order) ·
 //! `@print_env=VAR` answer with the value of VAR · `@print_file_b64=PATH` answer with
 //! the base64 of a file on one line · `@base64=PATH` answer with it as coreutils'
 //! `base64 FILE` prints it (wrapped at 76 columns), first as a tool's output (a Bash
@@ -115,6 +117,19 @@ fn main() {
         for _ in 0..mb * 16 {
             emit(&mut out, serde_json::json!({"type":"assistant","session_id":session,"message":{"content":[{"type":"text","text":chunk}]}}));
             std::thread::sleep(std::time::Duration::from_millis(gap));
+        }
+    }
+    let say = |out: &mut std::io::StdoutLock, text: &str| {
+        emit(out, serde_json::json!({"type":"assistant","session_id":session,"message":{"content":[{"type":"text","text":text}]}}));
+    };
+    for n in 1..=directive(&prompt, "lines").and_then(|v| v.parse::<usize>().ok()).unwrap_or(0) {
+        say(&mut out, &format!("line {n}"));
+    }
+    for path in directives(&prompt, "await") {
+        say(&mut out, &format!("waiting for {path}"));
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while !std::path::Path::new(path).exists() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }
     if let Some(ms) = directive(&prompt, "sleep").and_then(|v| v.parse::<u64>().ok()) {

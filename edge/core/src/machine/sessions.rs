@@ -12,7 +12,7 @@ use shared::ids::{hex, shown_job_id};
 use shared::job::{JobResult, JobState};
 use shared::keys;
 use shared::oauth::OAuthReport;
-use shared::protocol::{self, close, AgentMessage, Beat, EdgeMessage, Hello, LoginReport, ProgressReport, Rejection, ResultReport, Slots, Welcome, PROTOCOL_VERSION};
+use shared::protocol::{self, close, AgentMessage, Beat, EdgeMessage, Hello, LoginReport, ProgressEvent, ProgressReport, Rejection, ResultReport, Slots, Welcome, PROTOCOL_VERSION};
 use std::collections::{BTreeMap, BTreeSet};
 use tracing::{debug, info, warn};
 
@@ -478,10 +478,28 @@ impl Edge {
                 warn!(agent_id = %agent_id, reason = ?shared::text::peer_words(&reason), "agent refused an order it could not tie to a job");
             }
             AgentMessage::Event { envelope } => {
+                // A batch of events under one signature (protocol 8): bounded before it is
+                // verified, checked whole after, then each event shown as if it came alone.
+                if envelope.payload.len() > protocol::MAX_PROGRESS_PAYLOAD_BYTES {
+                    let (bytes, limit) = (envelope.payload.len(), protocol::MAX_PROGRESS_PAYLOAD_BYTES);
+                    warn!(agent_id = %agent_id, session = session_id, bytes, limit, "a progress batch over the size limit refused unread");
+                    return;
+                }
                 let Some(report) = self.open_report::<ProgressReport>(session_id, &agent_id, &envelope, Domain::Progress) else { return };
-                let job_id = report.job_id;
-                if let Some(attempt) = self.own_active_job(&job_id, &agent_id).and_then(|j| j.attempt_of(&report.order_nonce)) {
-                    self.announce_progress(&job_id, (attempt, report.seq), &report.event, effects);
+                if let Err(fault) = report.check() {
+                    // The agent's own signature over a batch it never makes: its bug, or its key
+                    // misused; nothing of it is shown.
+                    warn!(job_id = shown_job_id(&report.job_id), agent_id = %agent_id, session = session_id, error = %fault, "a progress batch refused");
+                    return;
+                }
+                let ProgressReport { job_id, order_nonce, events } = report;
+                let Some(attempt) = self.own_active_job(&job_id, &agent_id).and_then(|j| j.attempt_of(&order_nonce)) else {
+                    // Late (the job ended or moved on), or played back from another order.
+                    debug!(job_id = shown_job_id(&job_id), agent_id = %agent_id, events = events.len(), "progress for no running order of this agent's ignored");
+                    return;
+                };
+                for ProgressEvent { seq, event } in &events {
+                    self.announce_progress(&job_id, (attempt, *seq), event, effects);
                 }
             }
             AgentMessage::Result { envelope } => {

@@ -51,7 +51,9 @@ impl Writes {
 }
 
 /// Splits one event's effects into its writes (to store first, together) and the rest
-/// (to carry out afterwards, in order).
+/// (to carry out afterwards, in order). A job saved twice in one event (queued and sent
+/// at once, the common case) is written once, as it was last: the transaction holds the
+/// event's outcome, not its steps.
 pub fn split_writes(effects: Vec<Effect>) -> (Writes, Vec<Effect>) {
     let mut writes = Writes::default();
     let mut rest = Vec::with_capacity(effects.len());
@@ -62,6 +64,12 @@ pub fn split_writes(effects: Vec<Effect>) -> (Writes, Vec<Effect>) {
             Effect::SaveAlerts(state) => writes.alerts = Some(*state),
             other => rest.push(other),
         }
+    }
+    if writes.saves.len() > 1 {
+        let mut seen = std::collections::HashSet::new();
+        let mut last: Vec<Job> = writes.saves.into_iter().rev().filter(|job| seen.insert(job.id.clone())).collect();
+        last.reverse();
+        writes.saves = last;
     }
     (writes, rest)
 }

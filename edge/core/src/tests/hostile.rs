@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::http::Gate;
+use shared::protocol::ProgressEvent;
 
 fn gate(method: &str, path: &str, secret: Option<&str>) -> Gate {
     http::preflight(&config(), method, path, secret, None)
@@ -251,20 +252,26 @@ fn the_pool_is_signed_into_the_welcome_and_every_order() {
     assert_eq!(order.header.pool, "gpu");
 }
 
-#[test]
-fn forged_results_and_progress_from_the_path_are_refused_and_change_nothing() {
+/// An edge whose agent `spark` runs `j1` (order `j1:1`), which a caller follows.
+fn followed_job() -> (Edge, String, CallerId) {
     let (mut edge, sid) = ready_edge();
     edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
     let follower = edge.begin_request();
     edge.follow(follower, "j1", &mut Vec::new()).unwrap();
+    (edge, sid, follower)
+}
+
+#[test]
+fn forged_results_and_progress_from_the_path_are_refused_and_change_nothing() {
+    let (mut edge, sid, follower) = followed_job();
     let forger = agent_key(77);
     let fake = JobResult { success: true, output: "forged".into(), ..Default::default() };
 
     // Made up by whoever sits between agent and edge: another key.
     for forged in [
         AgentMessage::result("j1", "j1:1", fake.clone(), &forger),
-        AgentMessage::progress("j1", "j1:1", 1, json!({"type": "assistant", "forged": true}), &forger),
+        AgentMessage::progress("j1", "j1:1", vec![ProgressEvent { seq: 1, event: json!({"type": "assistant", "forged": true}) }], &forger),
     ] {
         let effects = say(&mut edge, 2, &sid, forged);
         assert!(effects.is_empty(), "nothing done, nothing acknowledged: {effects:?}");
@@ -311,12 +318,8 @@ fn orders_and_reports_share_one_nonce_per_attempt() {
 
 #[test]
 fn progress_replayed_or_reordered_on_the_path_is_shown_once_in_order() {
-    let (mut edge, sid) = ready_edge();
-    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
-    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
-    let follower = edge.begin_request();
-    edge.follow(follower, "j1", &mut Vec::new()).unwrap();
-    let event = |seq: u64| AgentMessage::progress("j1", "j1:1", seq, json!({"n": seq}), &agent_key(1));
+    let (mut edge, sid, follower) = followed_job();
+    let event = |seq: u64| AgentMessage::progress("j1", "j1:1", vec![ProgressEvent { seq, event: json!({"n": seq}) }], &agent_key(1));
     for seq in [1, 2] {
         assert_eq!(streamed(&say(&mut edge, 2, &sid, event(seq)), follower).0.len(), 1, "the agent's own event {seq}");
     }
@@ -332,6 +335,74 @@ fn progress_replayed_or_reordered_on_the_path_is_shown_once_in_order() {
     edge.follow(late, "j1", &mut effects).unwrap();
     let ids: Vec<String> = streamed(&effects, late).0.iter().map(|c| c.lines().next().unwrap_or_default().to_string()).collect();
     assert_eq!(ids, ["id: 1", "id: 2", "id: 3"], "a late follower reads each event once, in order");
+}
+
+/// `spark`'s signed batch of the events `seqs` of `j1`'s order `nonce`.
+fn batch(job_id: &str, nonce: &str, seqs: &[u64]) -> AgentMessage {
+    let events = seqs.iter().map(|&seq| ProgressEvent { seq, event: json!({"n": seq}) }).collect();
+    AgentMessage::progress(job_id, nonce, events, &agent_key(1))
+}
+
+/// The SSE ids in these chunks.
+fn ids(chunks: &[String]) -> Vec<String> {
+    chunks.iter().map(|c| c.lines().next().unwrap_or_default().to_string()).collect()
+}
+
+#[test]
+fn a_progress_batch_reaches_followers_and_the_backlog_event_by_event() {
+    let (mut edge, sid, follower) = followed_job();
+    let (chunks, _) = streamed(&say(&mut edge, 2, &sid, batch("j1", "j1:1", &[1, 2, 3])), follower);
+    assert_eq!(ids(&chunks), ["id: 1", "id: 2", "id: 3"]);
+    assert!(chunks[1].contains(r#"data: {"n":2}"#), "{chunks:?}");
+    // Gaps are the agent's (an event summarised away, or sent while the edge was away).
+    let (chunks, _) = streamed(&say(&mut edge, 3, &sid, batch("j1", "j1:1", &[5, 9])), follower);
+    assert_eq!(ids(&chunks), ["id: 5", "id: 9"]);
+    let late = edge.begin_request();
+    let mut effects = Vec::new();
+    edge.follow(late, "j1", &mut effects).unwrap();
+    assert_eq!(ids(&streamed(&effects, late).0), ["id: 1", "id: 2", "id: 3", "id: 5", "id: 9"], "the backlog holds each event");
+}
+
+#[test]
+fn progress_batches_forged_replayed_misbound_or_malformed_are_refused_and_show_nothing() {
+    let (mut edge, sid, follower) = followed_job();
+    let good = batch("j1", "j1:1", &[1, 2]);
+    assert_eq!(streamed(&say(&mut edge, 2, &sid, good.clone()), follower).0.len(), 2);
+
+    // Played back on the path: shown already.
+    assert!(streamed(&say(&mut edge, 3, &sid, good), follower).0.is_empty(), "a replayed batch shown again");
+    // Made up with another key, or the agent's own altered on the way (an event added).
+    let forged = AgentMessage::progress("j1", "j1:1", vec![ProgressEvent { seq: 3, event: json!("forged") }], &agent_key(77));
+    assert!(say(&mut edge, 4, &sid, forged).is_empty());
+    let AgentMessage::Event { mut envelope } = batch("j1", "j1:1", &[3]) else { panic!("progress") };
+    envelope.payload = envelope.payload.replace(r#"{"seq":3,"event":{"n":3}}"#, r#"{"seq":3,"event":{"n":3}},{"seq":4,"event":"added"}"#);
+    assert!(envelope.payload.contains("added"));
+    assert!(say(&mut edge, 4, &sid, AgentMessage::Event { envelope }).is_empty());
+    assert_eq!(edge.stats().refused_reports, 2, "both counted as forgeries");
+
+    // Signed by the agent, but bound to an order the edge never sent, or to another job's.
+    for (job, nonce) in [("j1", "j1:9"), ("j2", "j1:1"), ("j1", "j2:1")] {
+        assert!(say(&mut edge, 5, &sid, batch(job, nonce, &[3])).is_empty(), "{job} {nonce}");
+    }
+    // Not a batch the agent makes: empty, numbered down or twice, too many events.
+    let over: Vec<u64> = (3..=3 + shared::protocol::MAX_PROGRESS_EVENTS as u64).collect();
+    for seqs in [&[][..], &[4, 3], &[3, 3], &over] {
+        assert!(say(&mut edge, 6, &sid, batch("j1", "j1:1", seqs)).is_empty(), "{seqs:?}");
+    }
+    // Over the size limit: refused before its signature is even checked.
+    let huge = json!("x".repeat(shared::protocol::MAX_PROGRESS_PAYLOAD_BYTES));
+    let big = AgentMessage::progress("j1", "j1:1", vec![ProgressEvent { seq: 3, event: huge }], &agent_key(1));
+    assert!(say(&mut edge, 7, &sid, big).is_empty());
+    assert_eq!(edge.stats().refused_reports, 2, "the agent's own signature: not counted as forgeries");
+
+    // None of it showed; the agent's next batch goes through, and the connection stayed.
+    let (chunks, _) = streamed(&say(&mut edge, 8, &sid, batch("j1", "j1:1", &[3, 4])), follower);
+    assert_eq!(ids(&chunks), ["id: 3", "id: 4"]);
+    let late = edge.begin_request();
+    let mut effects = Vec::new();
+    edge.follow(late, "j1", &mut effects).unwrap();
+    assert_eq!(ids(&streamed(&effects, late).0), ["id: 1", "id: 2", "id: 3", "id: 4"]);
+    assert!(edge.is_online());
 }
 
 /// Whether these effects send a job order on any connection.

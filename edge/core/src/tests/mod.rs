@@ -269,7 +269,7 @@ pub(super) fn result_msg(edge: &Edge, job_id: &str, result: JobResult) -> AgentM
 /// `spark`'s signed progress event for the job's latest order.
 pub(super) fn progress_msg(edge: &Edge, job_id: &str, seq: u64, event: Value) -> AgentMessage {
     let nonce = edge.job(job_id).map_or(format!("{job_id}:1"), |j| j.order_nonce());
-    AgentMessage::progress(job_id, &nonce, seq, event, &agent_key(1))
+    AgentMessage::progress(job_id, &nonce, vec![shared::protocol::ProgressEvent { seq, event }], &agent_key(1))
 }
 
 /// `spark` reports the job's result, signed and bound to the job's latest order.
@@ -416,13 +416,17 @@ fn refuses_unknown_forged_and_replayed_hellos() {
 
 #[test]
 fn refuses_another_protocol_version_by_name() {
-    let mut edge = Edge::new(config(), 0);
-    let (sid, _) = edge.connect(0, [1; 32], PEER);
-    let env = Envelope { payload: "{}".into(), sig: String::new() };
-    let text = AgentMessage::Hello { protocol: 99, agent_id: "spark".into(), envelope: env }.to_text();
-    let (code, reason) = closed(&edge.message(0, &sid, &text)).unwrap();
-    assert_eq!(code, close::VERSION_MISMATCH);
-    assert!(reason.contains("v99"), "{reason}");
+    // 7: the last version before progress came in batches (its single events do not read).
+    assert_eq!(shared::protocol::PROTOCOL_VERSION, 8);
+    for old in [7, 99] {
+        let mut edge = Edge::new(config(), 0);
+        let (sid, _) = edge.connect(0, [1; 32], PEER);
+        let env = Envelope { payload: "{}".into(), sig: String::new() };
+        let text = AgentMessage::Hello { protocol: old, agent_id: "spark".into(), envelope: env }.to_text();
+        let (code, reason) = closed(&edge.message(0, &sid, &text)).unwrap();
+        assert_eq!(code, close::VERSION_MISMATCH);
+        assert!(reason.contains(&format!("v{old}")) && reason.contains("v8"), "{reason}");
+    }
 }
 
 #[test]

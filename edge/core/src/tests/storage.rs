@@ -227,3 +227,33 @@ fn a_job_whose_agent_keeps_coming_back_while_the_store_fails_is_not_lost() {
     assert_eq!((status, answer["success"].as_bool()), (200, Some(true)), "{answer}");
     assert_eq!(host.stored[&job_id].state, JobState::Succeeded);
 }
+
+/// A job queued and sent in the same event is saved twice by the machine; the host
+/// writes it once, as it was sent (one record encoded and written instead of two).
+#[test]
+fn a_job_saved_twice_in_one_event_is_written_once_as_it_was_last() {
+    let (mut edge, sid) = ready_edge();
+    let handled = call(&mut edge, 0, "POST", "/execute", json!({"prompt": "x"}));
+    let saves = handled.effects.iter().filter(|e| matches!(e, Effect::Save(_))).count();
+    assert_eq!(saves, 2, "queued, then dispatched: {:?}", handled.effects);
+    let (writes, rest) = split_writes(handled.effects);
+    assert_eq!(writes.saves.len(), 1, "{:?}", writes.saves);
+    assert_eq!(writes.saves[0].state, JobState::Dispatched);
+    assert_eq!(writes.saves[0].session_id.as_deref(), Some(sid.as_str()));
+    assert!(rest.iter().all(|e| !e.is_write()));
+}
+
+/// Several jobs in one event each keep their last version, in the order of those.
+#[test]
+fn an_events_saves_keep_each_jobs_last_version_in_order() {
+    let job = |id: &str, attempts: u32| {
+        let spec = serde_json::from_value(json!({"prompt": "x", "timeout_ms": 1000})).unwrap();
+        let mut job = Job::new(id.into(), spec, crate::record::Mode::Detached, None, 0);
+        job.attempts = attempts;
+        Effect::Save(Box::new(job))
+    };
+    let (writes, _) = split_writes(vec![job("a", 1), job("b", 1), job("a", 2), Effect::Forget { job_id: "c".into() }, job("b", 3)]);
+    let kept: Vec<(&str, u32)> = writes.saves.iter().map(|j| (j.id.as_str(), j.attempts)).collect();
+    assert_eq!(kept, vec![("a", 2), ("b", 3)]);
+    assert_eq!(writes.forgets, vec!["c".to_string()]);
+}
