@@ -208,7 +208,7 @@ impl Agent {
 
     /// The mirror names for a hello, remembered as what the edge knows.
     pub fn mirrors_for_hello(&self) -> Vec<String> {
-        let names = self.repos.mirror_names();
+        let names = self.repos.mirror_names_from_disk();
         self.running.lock().expect("running lock").mirrors_told = names.clone();
         names
     }

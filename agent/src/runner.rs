@@ -90,7 +90,9 @@ impl Leftover {
         if self.keep {
             info!(job_id = %self.job_id, agent_id = %self.agent_id, workspace = %self.workspace.display(), "workspace kept");
         } else {
-            let _ = workspace::remove(&self.workspace);
+            if let Err(e) = workspace::remove(&self.workspace) {
+                warn!(job_id = %self.job_id, agent_id = %self.agent_id, workspace = %self.workspace.display(), error = %e, "the job's workspace could not be removed: remove it by hand (the agent tries again at its next start)");
+            }
         }
     }
 }

@@ -281,7 +281,21 @@ impl Spool {
         if let Some(file) = &open[n] {
             return Ok(file.clone());
         }
-        let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(PRIVATE_FILE).custom_flags(libc::O_NOFOLLOW).open(self.slot_path(n))?;
+        // Never waiting on a pipe put there (an open for writing waits for its reader, with
+        // this lock held): refused as what it is, like anything else not a plain file.
+        let path = self.slot_path(n);
+        let not_plain = || std::io::Error::other(format!("{} is not a slot record (not a plain file): move it out of the way", path.display()));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(PRIVATE_FILE)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|e| if e.raw_os_error() == Some(libc::ENXIO) { not_plain() } else { e })?;
+        if !file.metadata()?.is_file() {
+            return Err(not_plain());
+        }
         let file = std::sync::Arc::new(file);
         open[n] = Some(file.clone());
         Ok(file)
@@ -704,6 +718,30 @@ mod tests {
         drop(spool);
         let (_, interrupted) = open(&dir, 1);
         assert_eq!(interrupted, vec![Interrupted { job_id: "job-2".into(), order_nonce: "job-2:1".into() }]);
+    }
+
+    /// A slot file replaced under the agent by something that is not a plain file — a pipe
+    /// no one reads — is refused at once, saying what to move, not waited on for ever
+    /// (the open for writing held every later job's start with it): the job does not
+    /// start, and the agent goes on.
+    #[test]
+    fn a_slot_file_replaced_by_a_pipe_is_refused_not_waited_on() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = dir("fifo");
+        let (spool, _) = open(&dir, 1);
+        spool.started("job-1", "job-1:1").unwrap();
+        spool.put("job-1", &ok("job-1", "x")).unwrap();
+        spool.remove("job-1");
+        let slot = dir.join("records/0");
+        std::fs::remove_file(&slot).unwrap();
+        let name = std::ffi::CString::new(slot.as_os_str().as_bytes()).unwrap();
+        // SAFETY: makes a pipe at a path we own.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(spool.started("job-2", "job-2:1").map_err(|e| e.to_string())));
+        let started = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("refused at once, not waited on for ever");
+        let error = started.unwrap_err();
+        assert!(error.contains("records/0") && error.contains("not a plain file"), "{error}");
     }
 
     /// A job's records are overwrites of one file per slot: however many jobs run, the

@@ -33,7 +33,7 @@ pub fn prepare(root: &Path, job_id: &str, working_dir: Option<&str>) -> std::io:
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             // A leftover (a folder, or anything else: a link goes, not what it points to).
-            std::fs::remove_dir_all(&workspace).or_else(|_| std::fs::remove_file(&workspace))?;
+            remove(&workspace).or_else(|_| std::fs::remove_file(&workspace))?;
             fresh()?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -62,7 +62,39 @@ pub fn remove(workspace: &Path) -> std::io::Result<()> {
     match std::fs::remove_dir(workspace) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(_) => std::fs::remove_dir_all(workspace),
+        Err(_) => std::fs::remove_dir_all(workspace).or_else(|e| {
+            // The job left folders its own user may not list or empty as they are
+            // (read-only: a Go module cache, a `chmod -w`; closed: `chmod 000`): they are
+            // that user's, so opened up, and removed.
+            if e.kind() != std::io::ErrorKind::PermissionDenied {
+                return Err(e);
+            }
+            open_up(workspace);
+            std::fs::remove_dir_all(workspace)
+        }),
+    }
+}
+
+/// Makes every folder under `top` (itself too) readable, writable and searchable by its
+/// owner, never through a link (a job's link leads out of its workspace). Iterative: a
+/// job may leave a tree deeper than any stack.
+fn open_up(top: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut folders = vec![top.to_path_buf()];
+    while let Some(dir) = folders.pop() {
+        match std::fs::symlink_metadata(&dir) {
+            Ok(meta) if meta.is_dir() => {
+                if meta.permissions().mode() & 0o700 != 0o700 {
+                    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+                }
+            }
+            _ => continue,
+        }
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                folders.push(entry.path());
+            }
+        }
     }
 }
 
@@ -76,7 +108,7 @@ pub fn clear_leftovers(root: &Path, keep: bool) -> usize {
     }
     let mut removed = 0;
     for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        if std::fs::remove_dir_all(entry.path()).is_ok() {
+        if remove(&entry.path()).is_ok() {
             removed += 1;
         }
     }
@@ -159,6 +191,65 @@ mod tests {
         remove(&root.join("job-1")).unwrap();
         remove(&root.join("job-1")).unwrap();
         assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0, "removed, empty or not");
+        std::fs::remove_dir_all(&data).unwrap();
+    }
+
+    /// Runs `f` on a thread of its own without the capabilities that let root past file
+    /// modes (credentials are per thread on Linux): as the agent's ordinary user would.
+    fn as_an_ordinary_user<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(move || {
+            #[repr(C)]
+            struct Header {
+                version: u32,
+                pid: i32,
+            }
+            #[repr(C)]
+            #[derive(Clone, Copy, Default)]
+            struct Data {
+                effective: u32,
+                permitted: u32,
+                inheritable: u32,
+            }
+            let mut header = Header { version: 0x2008_0522, pid: 0 };
+            let mut data = [Data::default(); 2];
+            // SAFETY: capget/capset of this thread, into and from buffers we own.
+            unsafe {
+                assert_eq!(libc::syscall(libc::SYS_capget, &mut header as *mut Header, data.as_mut_ptr()), 0);
+                // CAP_DAC_OVERRIDE (1) and CAP_DAC_READ_SEARCH (2).
+                data[0].effective &= !0b110;
+                assert_eq!(libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()), 0);
+            }
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// A job may leave folders its user cannot remove as they are — read-only ones (a Go
+    /// module cache, a `chmod -w`) or closed ones (`chmod 000`), its workspace itself too.
+    /// They are the agent user's own: removed anyway, at the job's end and at the next
+    /// start; a workspace left there would hold its disk for ever.
+    #[test]
+    fn a_workspace_with_folders_closed_by_its_job_is_removed_anyway() {
+        use std::os::unix::fs::PermissionsExt;
+        let data = std::env::temp_dir().join(format!("cr-ws-closed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let root = super::root(&data).unwrap();
+        let mode = |path: PathBuf, mode: u32| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        for job in ["job-5", "job-6"] {
+            let ws = prepare(&root, job, None).unwrap();
+            std::fs::create_dir_all(ws.join("cache/pkg/deep")).unwrap();
+            std::fs::write(ws.join("cache/pkg/deep/file"), "x").unwrap();
+            std::fs::write(ws.join("cache/pkg/file"), "x").unwrap();
+            mode(ws.join("cache/pkg/deep"), 0o500);
+            mode(ws.join("cache/pkg"), 0o000);
+            mode(ws.clone(), 0o500);
+        }
+        let (root_in, job) = (root.clone(), root.join("job-5"));
+        let (removed, left) = as_an_ordinary_user(move || (remove(&job).map_err(|e| e.to_string()), clear_leftovers(&root_in, false)));
+        assert_eq!(removed, Ok(()));
+        assert_eq!(left, 1, "the other removed at the next start");
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
         std::fs::remove_dir_all(&data).unwrap();
     }
 

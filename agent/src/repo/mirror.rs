@@ -239,6 +239,15 @@ impl MirrorCache {
         names
     }
 
+    /// [`MirrorCache::mirror_names`] read from disk whatever the count of changes says: for
+    /// a new connection's hello, once per connection, so that a mirror copied in or removed
+    /// by hand (or by a job of the agent's user) under a running agent is told to the edge
+    /// at the next connection at the latest.
+    pub fn mirror_names_from_disk(&self) -> Vec<String> {
+        self.changed();
+        self.mirror_names()
+    }
+
     fn read_names(&self) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(&self.root)
             .into_iter()

@@ -75,6 +75,12 @@ impl Repos {
         self.cache.mirror_names()
     }
 
+    /// [`Repos::mirror_names`] as the disk has them now (for a hello: see
+    /// [`MirrorCache::mirror_names_from_disk`]).
+    pub fn mirror_names_from_disk(&self) -> Vec<String> {
+        self.cache.mirror_names_from_disk()
+    }
+
     fn source(&self, url: &RepoUrl) -> Source {
         Source {
             name: url.name(),

@@ -159,6 +159,23 @@ async fn unused_mirrors_are_evicted_least_recently_used_first() {
     assert!(cache.mirror_names().contains(&source(&bare).name), "made again: named again");
 }
 
+/// A mirror removed by hand under the running agent (no change the cache made or counted)
+/// is named no more from the next connection's hello on, as BENCHMARKS and the hello
+/// promise; a job's end alone may still name it.
+#[tokio::test]
+async fn a_mirror_removed_by_hand_is_not_named_in_the_next_hello() {
+    let tmp = TempDir::new("by-hand");
+    let (bare, _, _) = server(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let a = cache.acquire(source(&bare), false).await.unwrap();
+    let a_dir = a.dir.clone();
+    drop(a);
+    assert_eq!(cache.mirror_names(), [source(&bare).name]);
+    std::fs::remove_dir_all(&a_dir).unwrap();
+    assert!(cache.mirror_names_from_disk().is_empty(), "the hello reads the disk");
+    assert!(cache.mirror_names().is_empty());
+}
+
 #[tokio::test]
 async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
     let tmp = TempDir::new("changes");

@@ -81,15 +81,17 @@ pub enum ConfigError {
     #[error("{0} is not set; run `claude-runner keygen` and set it as it says")]
     Missing(&'static str),
     #[error("{name} must be a whole number of {unit}, got `{value}`")]
-    Number { name: &'static str, unit: &'static str, value: String },
+    Number { name: String, unit: &'static str, value: String },
     #[error("{0}")]
     Key(#[from] keys::KeyError),
     #[error("RUNNER_SECRET is too short ({0} characters): use at least 16, e.g. `openssl rand -hex 32`")]
     WeakSecret(usize),
-    #[error("{name} must be an http:// or https:// URL, got `{value}`")]
-    Url { name: String, value: String },
+    /// The value is not repeated: a webhook's URL may hold its token, and on the Worker
+    /// this error answers every request, the secret's holders or not.
+    #[error("{name} must be an http:// or https:// URL; the value set starts with neither (not shown here: a webhook's URL may hold its token)")]
+    Url { name: String },
     #[error("{name} is {value}, over the most this edge supports ({max}); lower it")]
-    TooLarge { name: &'static str, value: u64, max: u64 },
+    TooLarge { name: String, value: u64, max: u64 },
     #[error("{name}: {error}")]
     PoolKeys { name: String, error: keys::KeyError },
     #[error("{0} is not set: every pool in POOLS needs its own callers' secret and agents; set it (e.g. with `wrangler secret put {0}`)")]
@@ -259,14 +261,14 @@ impl Config {
         let number = |name: &'static str, unit: &'static str, default: u64| -> Result<u64, ConfigError> {
             match own(name) {
                 None => Ok(default),
-                Some(v) => v.parse().map_err(|_| ConfigError::Number { name, unit, value: v }),
+                Some(v) => v.parse().map_err(|_| ConfigError::Number { name: own_name(name), unit, value: v }),
             }
         };
         // Bounds keep every deadline sum far from overflow.
         let bounded = |name: &'static str, unit: &'static str, default: u64, max: u64| -> Result<u64, ConfigError> {
             let value = number(name, unit, default)?;
             if value > max {
-                return Err(ConfigError::TooLarge { name, value, max });
+                return Err(ConfigError::TooLarge { name: own_name(name), value, max });
             }
             Ok(value)
         };
@@ -304,7 +306,7 @@ impl Config {
             edge_version: env!("CARGO_PKG_VERSION").to_string(),
             notify_url: match own("NOTIFY_URL") {
                 Some(url) if url.starts_with("https://") || url.starts_with("http://") => Some(url),
-                Some(url) => return Err(ConfigError::Url { name: own_name("NOTIFY_URL"), value: url }),
+                Some(_) => return Err(ConfigError::Url { name: own_name("NOTIFY_URL") }),
                 None => None,
             },
             oauth_warn_hours: bounded("OAUTH_WARN_HOURS", "hours", DEFAULT_OAUTH_WARN_HOURS, 24 * 365)? as f64,
@@ -407,6 +409,31 @@ mod tests {
         assert_eq!(url(bad, "default").as_deref(), Some("https://ntfy.example/runner"));
         let err = Config::for_pool(with(&[("NOTIFY_URL", "ntfy.example")]), "gpu").unwrap_err();
         assert!(err.to_string().contains("NOTIFY_URL must be an http"), "{err}");
+        // The bad value is not repeated: a webhook's URL holds its token, and on the Worker
+        // this error is every caller's answer, with the secret or without.
+        let err = Config::for_pool(with(&[("NOTIFY_URL_GPU", "hooks.example/services/T0/B0/xoxb-webhook-token-123")]), "gpu").unwrap_err().to_string();
+        assert!(err.contains("NOTIFY_URL_GPU must be an http") && !err.contains("xoxb-webhook-token-123"), "{err}");
+    }
+
+    /// A pool's own number setting that is wrong is named as it was set, like its
+    /// `NOTIFY_URL_<POOL>`: the edge's own may be right, and fixing it would change nothing.
+    #[test]
+    fn a_pools_wrong_number_is_named_as_set() {
+        let pools = lookup(&[
+            ("POOLS", "gpu"),
+            ("RUNNER_SECRET_GPU", "gpu-secret-0123456789"),
+            ("AGENT_PUBLIC_KEYS_GPU", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
+        ]);
+        let with = |name: &'static str, value: &'static str| {
+            let pools = &pools;
+            move |n: &str| if n == name { Some(value.to_string()) } else { pools(n) }
+        };
+        let err = Config::for_pool(with("MAX_QUEUED_JOBS_GPU", "lots"), "gpu").unwrap_err().to_string();
+        assert!(err.starts_with("MAX_QUEUED_JOBS_GPU must be a whole number"), "{err}");
+        let err = Config::for_pool(with("LOST_AFTER_MS_GPU", "999999999999999"), "gpu").unwrap_err().to_string();
+        assert!(err.starts_with("LOST_AFTER_MS_GPU is 999999999999999, over the most"), "{err}");
+        let err = Config::for_pool(with("LOST_AFTER_MS", "x"), "gpu").unwrap_err().to_string();
+        assert!(err.starts_with("LOST_AFTER_MS must be a whole number"), "{err}");
     }
 
     #[test]
