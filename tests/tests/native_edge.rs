@@ -224,3 +224,48 @@ async fn an_unproven_connection_is_cut_once_it_sends_more_than_a_hello() {
     // At once, not after the 10 s handshake timeout and its 5 s grace.
     assert!(took < Duration::from_secs(8), "cut only after {took:?}");
 }
+
+/// Whether the edge still holds an established TCP connection from `peer_port` (its side
+/// of it, in `/proc/net/tcp`: local port the edge's, remote port the peer's).
+fn edge_holds_connection(edge_port: u16, peer_port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let port_of = |field: &str| field.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+    table.lines().skip(1).any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.len() > 3 && port_of(f[1]) == Some(edge_port) && port_of(f[2]) == Some(peer_port) && f[3] == "01"
+    })
+}
+
+/// A follower that reads the status line and then never another byte, while megabytes of
+/// progress go by: it is dropped from the job (it falls too far behind), and its
+/// connection — the edge's file descriptor and what is queued for it — must go too, even
+/// though it never reads again (so never drains what was queued). Were it kept, a caller
+/// could open followers, stall them and open more: each cut one frees its place among the
+/// 64, so the connections and their queues would pile up without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_never_reads_again_has_its_connection_closed() {
+    let (edge, _agent, client) = edge_with_agent().await;
+    let flood = client.submit(json!({"prompt": "@megabytes=24 @gap_ms=5 flood"})).await;
+    let job_id = flood.body["job_id"].as_str().unwrap().to_string();
+    let port = edge.port;
+    let path = format!("/jobs/{job_id}/events");
+    let stalled = tokio::task::spawn_blocking(move || {
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let head = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Runner-Secret: {SECRET}\r\n\r\n");
+        tcp.write_all(head.as_bytes()).unwrap();
+        let mut line = [0u8; 12];
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        tcp.read_exact(&mut line).unwrap();
+        assert_eq!(&line[9..12], b"200");
+        tcp
+    })
+    .await
+    .unwrap();
+    let peer_port = stalled.local_addr().unwrap().port();
+    assert!(edge_holds_connection(port, peer_port), "the follower's connection is seen in /proc/net/tcp");
+    assert_eq!(client.wait_job(&job_id, Duration::from_secs(60)).await["state"], "succeeded");
+    // Never read: the edge must let it go by itself (WRITE_STALL_MS, 20 s, and a margin).
+    let gone = eventually(Duration::from_secs(45), || !edge_holds_connection(port, peer_port)).await;
+    assert!(gone, "the edge still holds the connection of a follower that stopped reading, 45 s after its job ended");
+    drop(stalled);
+}

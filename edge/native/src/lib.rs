@@ -6,6 +6,8 @@
 //! - [`server`]: bind, serve, stop; HTTP requests into commands, answers into responses.
 //! - [`socket`]: an agent's WebSocket: frames into commands, outbound frames out, and
 //!   the socket's end once either side closed it.
+//! - [`stall`]: each connection watched, and ended once its peer takes nothing for
+//!   [`stall::WRITE_STALL_MS`] (a follower that stopped reading, a dead peer).
 //! - [`store`]: job records in SQLite under `DATA_DIR`, so a restart keeps running,
 //!   detached and finished jobs.
 //! - [`clock`]: edge time (monotonic) and wall time for each event.
@@ -14,6 +16,7 @@ pub mod clock;
 pub mod driver;
 pub mod server;
 pub mod socket;
+pub mod stall;
 pub mod store;
 
 pub use server::{Server, ServerOptions};

@@ -4,6 +4,7 @@
 use crate::clock::Clock;
 use crate::driver::{Command, Driver, Opened};
 use crate::socket;
+use crate::stall::{Peer, Watching};
 use crate::store::Store;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -98,15 +99,13 @@ impl Server {
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        // TCP_NODELAY on every connection: agent frames and answers are small and
-        // latency-bound; Nagle with delayed ACKs would add ~40 ms per job.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
+        // TCP_NODELAY on every connection, and a peer that takes nothing for long is let go
+        // (stall::Watching).
+        let listener = Watching(listener);
         // Graceful: the answers the machine just gave go out; the bound covers
         // connections that never close.
         // With each connection's peer address: unproven agent connections are bounded per source.
-        let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        let server = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
             .with_graceful_shutdown(stopped(stopped_rx.clone()));
         let bound = async {
             stopped(stopped_rx).await;

@@ -16,7 +16,7 @@ use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
 use shared::protocol::MAX_FRAME_BYTES;
-use std::net::SocketAddr;
+use crate::stall::Peer;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -42,7 +42,7 @@ pub(crate) async fn agent_connect(state: AppState, mut request: Request) -> Resp
     let Some(upgrade) = request.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return into_response(edge_core::http::upgrade_required());
     };
-    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string()).unwrap_or_default();
+    let peer = request.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0 .0.ip().to_string()).unwrap_or_default();
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
         let budget = Arc::new(AtomicUsize::new(edge_core::session::UNPROVEN_READ_BUDGET));

@@ -51,25 +51,33 @@ impl Writes {
 }
 
 /// Splits one event's effects into its writes (to store first, together) and the rest
-/// (to carry out afterwards, in order). A job saved twice in one event (queued and sent
-/// at once, the common case) is written once, as it was last: the transaction holds the
-/// event's outcome, not its steps.
+/// (to carry out afterwards, in order). The transaction holds the event's outcome, not its
+/// steps: a job saved twice in one event (queued and sent at once, the common case) is
+/// written once, as it was last, and a job both saved and forgotten is written as the last
+/// of those left it — saved, or gone — since a host writes an event's saves before its
+/// forgets.
 pub fn split_writes(effects: Vec<Effect>) -> (Writes, Vec<Effect>) {
     let mut writes = Writes::default();
+    let mut steps = Vec::new();
     let mut rest = Vec::with_capacity(effects.len());
     for effect in effects {
         match effect {
-            Effect::Save(job) => writes.saves.push(*job),
-            Effect::Forget { job_id } => writes.forgets.push(job_id),
+            Effect::Save(job) => steps.push(Ok(*job)),
+            Effect::Forget { job_id } => steps.push(Err(job_id)),
             Effect::SaveAlerts(state) => writes.alerts = Some(*state),
             other => rest.push(other),
         }
     }
-    if writes.saves.len() > 1 {
-        let mut seen = std::collections::HashSet::new();
-        let mut last: Vec<Job> = writes.saves.into_iter().rev().filter(|job| seen.insert(job.id.clone())).collect();
-        last.reverse();
-        writes.saves = last;
+    let id = |step: &Result<Job, String>| -> String { step.as_ref().map_or_else(Clone::clone, |job| job.id.clone()) };
+    let last: HashMap<String, usize> = if steps.len() > 1 { steps.iter().enumerate().map(|(i, step)| (id(step), i)).collect() } else { HashMap::new() };
+    for (i, step) in steps.into_iter().enumerate() {
+        if !last.is_empty() && last[&id(&step)] != i {
+            continue;
+        }
+        match step {
+            Ok(job) => writes.saves.push(job),
+            Err(job_id) => writes.forgets.push(job_id),
+        }
     }
     (writes, rest)
 }

@@ -257,3 +257,21 @@ fn an_events_saves_keep_each_jobs_last_version_in_order() {
     assert_eq!(kept, vec![("a", 2), ("b", 3)]);
     assert_eq!(writes.forgets, vec!["c".to_string()]);
 }
+
+/// One event that forgets a job and saves it again (or saves it, then forgets it): the
+/// host writes the outcome. Were the forget kept beside the save, a host that writes an
+/// event's saves before its forgets would delete on disk a job the machine still holds.
+#[test]
+fn a_job_forgotten_and_saved_in_one_event_is_written_as_it_ended() {
+    let job = |id: &str, attempts: u32| {
+        let spec = serde_json::from_value(json!({"prompt": "x", "timeout_ms": 1000})).unwrap();
+        let mut job = Job::new(id.into(), spec, crate::record::Mode::Detached, None, 0);
+        job.attempts = attempts;
+        Effect::Save(Box::new(job))
+    };
+    let forget = |id: &str| Effect::Forget { job_id: id.into() };
+    let (writes, _) = split_writes(vec![job("a", 1), forget("a"), job("a", 2), job("b", 1), forget("b")]);
+    let kept: Vec<(&str, u32)> = writes.saves.iter().map(|j| (j.id.as_str(), j.attempts)).collect();
+    assert_eq!(kept, vec![("a", 2)], "a is kept as last saved");
+    assert_eq!(writes.forgets, vec!["b".to_string()], "b is gone, and a is not");
+}
