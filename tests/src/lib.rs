@@ -694,6 +694,21 @@ pub async fn read_events(resp: reqwest::Response) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A follower of a job's events (`GET /jobs/{id}/events` on the edge at `port`) that
+/// reads the status line and never another byte: a plain blocking socket, so nothing
+/// reads for it. The socket, and the status as three ASCII digits. Call it from
+/// `spawn_blocking`.
+pub fn stalled_follower(port: u16, job_id: &str) -> (std::net::TcpStream, [u8; 3]) {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the edge");
+    let head = format!("GET /jobs/{job_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Runner-Secret: {SECRET}\r\n\r\n");
+    tcp.write_all(head.as_bytes()).expect("send the request");
+    let mut line = [0u8; 12]; // "HTTP/1.1 200"
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).expect("set a read timeout");
+    tcp.read_exact(&mut line).expect("the status line");
+    (tcp, [line[9], line[10], line[11]])
+}
+
 /// Whoever sits on the path between an agent and its edge: a WebSocket relay on loopback
 /// that passes every frame both ways, keeps a copy of the agent's text frames (to replay)
 /// and can slip frames of its own towards the edge.

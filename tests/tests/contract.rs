@@ -1164,7 +1164,7 @@ async fn unproven_connections_are_held_to_a_hello(kind: EdgeKind) {
 /// taken (429 for the rest), those that stall are dropped, the edge's memory stays
 /// bounded while megabytes of progress go by, and a follower that reads gets it all.
 async fn followers_are_capped_and_those_that_stop_reading_are_dropped(kind: EdgeKind) {
-    use std::io::{Read, Write};
+    use std::io::Read;
     const PER_JOB: usize = 16; // edge_core::progress::MAX_FOLLOWERS_PER_JOB
     let s = setup(kind, &[], &[]).await;
     let blocker = s.client.submit(json!({"prompt": "@sleep=4000 blocker"})).await;
@@ -1181,18 +1181,13 @@ async fn followers_are_capped_and_those_that_stop_reading_are_dropped(kind: Edge
     let reader = tokio::spawn(read_events(stream));
     let peak_before = s.edge.peak_rss_kib();
     let port = s.edge.port;
-    let path = format!("/jobs/{job_id}/events");
+    let following = job_id.clone();
     let (stalled, refused) = tokio::task::spawn_blocking(move || {
         let (mut stalled, mut refused) = (Vec::new(), 0);
         for _ in 0..200 {
-            let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-            let head = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Runner-Secret: {SECRET}\r\n\r\n");
-            tcp.write_all(head.as_bytes()).unwrap();
             // The status line, and never another byte.
-            let mut line = [0u8; 12];
-            tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            tcp.read_exact(&mut line).unwrap();
-            match &line[9..12] {
+            let (tcp, status) = stalled_follower(port, &following);
+            match &status {
                 b"200" => stalled.push(tcp),
                 b"429" => refused += 1,
                 other => panic!("{}", String::from_utf8_lossy(other)),

@@ -248,19 +248,9 @@ async fn a_follower_that_never_reads_again_has_its_connection_closed() {
     let flood = client.submit(json!({"prompt": "@megabytes=24 @gap_ms=5 flood"})).await;
     let job_id = flood.body["job_id"].as_str().unwrap().to_string();
     let port = edge.port;
-    let path = format!("/jobs/{job_id}/events");
-    let stalled = tokio::task::spawn_blocking(move || {
-        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let head = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Runner-Secret: {SECRET}\r\n\r\n");
-        tcp.write_all(head.as_bytes()).unwrap();
-        let mut line = [0u8; 12];
-        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        tcp.read_exact(&mut line).unwrap();
-        assert_eq!(&line[9..12], b"200");
-        tcp
-    })
-    .await
-    .unwrap();
+    let following = job_id.clone();
+    let (stalled, status) = tokio::task::spawn_blocking(move || stalled_follower(port, &following)).await.unwrap();
+    assert_eq!(&status, b"200");
     let peer_port = stalled.local_addr().unwrap().port();
     assert!(edge_holds_connection(port, peer_port), "the follower's connection is seen in /proc/net/tcp");
     assert_eq!(client.wait_job(&job_id, Duration::from_secs(60)).await["state"], "succeeded");
