@@ -106,13 +106,26 @@ pub fn interrupted() -> JobResult {
     )
 }
 
-/// Opens a slot's record file for reading: a plain file, or an error that names it (a
-/// folder, a link or a pipe there is no record, and a pipe would hold the start for ever).
-fn open_record(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+/// Opens a slot's record file — for reading, or for writing (made on its first use) — as
+/// a plain file, or fails with an error that names it: never through a link (a record is
+/// read from and written into the slot's own file only), and never waiting on a pipe put
+/// there (an open for writing waits for a reader, and would hold every job's start with
+/// it): a folder, a link or a pipe there is no record.
+fn open_record(path: &std::path::Path, write: bool) -> std::io::Result<std::fs::File> {
     let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).map_err(named)?;
+    let not_plain = || std::io::Error::other(format!("{} is not a slot record (not a plain file): move it out of the way", path.display()));
+    let mut options = std::fs::OpenOptions::new();
+    if write {
+        options.write(true).create(true).truncate(false).mode(PRIVATE_FILE);
+    } else {
+        options.read(true);
+    }
+    let file = options
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| if e.raw_os_error() == Some(libc::ENXIO) { not_plain() } else { named(e) })?;
     if !file.metadata().map_err(named)?.is_file() {
-        return Err(std::io::Error::other(format!("{} is not a slot record (not a plain file): move it out of the way", path.display())));
+        return Err(not_plain());
     }
     Ok(file)
 }
@@ -172,7 +185,7 @@ impl Spool {
         let mut unfinished = Vec::new();
         for n in found {
             let path = records.join(n.to_string());
-            let file = open_record(&path)?;
+            let file = open_record(&path, false)?;
             match read_region(&file, record::STARTED_AT)? {
                 Region::Started(started) => match read_region(&file, record::RESULT_AT)? {
                     Region::Finished(f) if f.job_id == started.job_id && f.order_nonce == started.order_nonce => {
@@ -281,22 +294,7 @@ impl Spool {
         if let Some(file) = &open[n] {
             return Ok(file.clone());
         }
-        // Never waiting on a pipe put there (an open for writing waits for its reader, with
-        // this lock held): refused as what it is, like anything else not a plain file.
-        let path = self.slot_path(n);
-        let not_plain = || std::io::Error::other(format!("{} is not a slot record (not a plain file): move it out of the way", path.display()));
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(PRIVATE_FILE)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&path)
-            .map_err(|e| if e.raw_os_error() == Some(libc::ENXIO) { not_plain() } else { e })?;
-        if !file.metadata()?.is_file() {
-            return Err(not_plain());
-        }
-        let file = std::sync::Arc::new(file);
+        let file = std::sync::Arc::new(open_record(&self.slot_path(n), true)?);
         open[n] = Some(file.clone());
         Ok(file)
     }
