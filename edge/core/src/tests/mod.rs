@@ -460,15 +460,16 @@ fn a_hello_whose_connection_key_was_swapped_or_gives_no_secret_is_refused() {
     let (sid, effects) = edge.connect(0, [5; 64], PEER);
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!() };
     let text = hello_frame("spark", nonce, 0, &agent_key(1));
-    let mallory = Ephemeral::new([66; 32]).public();
+    let mallory = Ephemeral::new([0x43; 32]).public();
     assert!(text.contains(&agent_ephemeral().public()), "{text}");
     let swapped = text.replace(&agent_ephemeral().public(), &mallory);
-    let (code, reason) = closed(&edge.message(0, &sid, &swapped)).expect("refused");
+    let effects = edge.message(0, &sid, &swapped);
+    let (code, reason) = closed(&effects).unwrap_or_else(|| panic!("refused: {effects:?}"));
     assert_eq!(code, close::UNAUTHORIZED);
     assert!(reason.contains("failed to prove its identity"), "{reason}");
     // Signed by the agent, but a low-order point (no shared secret) or not a key at all.
-    for bad in [shared::keys::encode(&[0; 32]), shared::keys::encode(&[1; 31])] {
-        let (sid, effects) = edge.connect(0, [6; 64], PEER);
+    for (seed, bad) in [(6, shared::keys::encode(&[0; 32])), (8, shared::keys::encode(&[1; 31]))] {
+        let (sid, effects) = edge.connect(0, [seed; 64], PEER);
         let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!() };
         let hello = Hello { ephemeral: bad.clone(), ..hello("spark", nonce, 0) };
         let (code, reason) = closed(&edge.message(0, &sid, &hello_text(&hello, &agent_key(1)))).expect("refused");
