@@ -159,14 +159,16 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
         return refuse(&mut ws, close::VERSION_MISMATCH, reason).await;
     }
 
-    // 2. Our signed hello.
+    // 2. Our signed hello, with this connection's X25519 key.
     let agent_nonce = nonce();
+    let ephemeral = shared::link::Ephemeral::new(runtime::entropy());
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         agent_id: cfg.agent_id.clone(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
         challenge: challenge.clone(),
         agent_nonce: agent_nonce.clone(),
+        ephemeral: ephemeral.public(),
         issued_at: crate::now_ms(),
         capacity: cfg.max_concurrent_jobs,
         running: agent.running_ids(),
@@ -210,6 +212,22 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
         );
         return refuse(&mut ws, close::UNAUTHORIZED, reason).await;
     }
+    // The connection's keys, from the edge's X25519 key in its signed welcome.
+    let transcript = shared::link::Transcript {
+        challenge: &challenge,
+        agent_nonce: &agent_nonce,
+        agent_public: &hello.ephemeral,
+        edge_public: &welcome.ephemeral,
+        agent_id: &cfg.agent_id,
+        pool: &cfg.pool,
+    };
+    let keys = match shared::link::LinkKeys::agree(&ephemeral, &welcome.ephemeral, &transcript) {
+        Ok(keys) => keys,
+        Err(e) => {
+            let reason = format!("the edge's connection key is refused ({e}); run the same claude-runner release on both");
+            return refuse(&mut ws, close::UNAUTHORIZED, reason).await;
+        }
+    };
     let heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms.clamp(100, 600_000));
     info!(agent_id = %cfg.agent_id, session = %welcome.session_id, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the edge");
     agent.status.connected(heartbeat.as_millis() as u64);
@@ -222,11 +240,11 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
     // was queued for the last one is dropped: its statements counted that connection's
     // orders, its heartbeats are bound to it, and its results are in the spool, sent below. Then the free slots, then every result the
     // edge has not acknowledged.
-    agent.begin_session(&challenge);
+    agent.begin_session(&challenge, keys.clone());
     while uplink.try_recv().is_ok() {}
     agent.state_slots();
-    for (_, envelope) in agent.spool.all() {
-        if let Err(end) = send(&mut ws, &AgentMessage::Result { envelope }, limit).await {
+    for (_, stored) in agent.spool.all() {
+        if let Err(end) = send(&mut ws, &AgentMessage::result_text(stored.payload, &keys.agent_to_edge), limit).await {
             return end;
         }
     }
@@ -262,7 +280,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
                     return end;
                 }
                 if let AgentMessage::Heartbeat { envelope } = &msg {
-                    // Our own words, just signed: read back for the status file.
+                    // Our own words, just MACed: read back for the status file.
                     if let Ok(beat) = serde_json::from_str::<shared::protocol::Beat>(&envelope.payload) {
                         agent.status.beat(&beat.oauth, agent.reporter.fingerprint());
                     }
