@@ -127,8 +127,7 @@ impl Agent {
         }
         // Reported like any result: bound to the order the marker kept.
         for job in interrupted {
-            let report = ResultReport { job_id: job.job_id.clone(), order_nonce: job.order_nonce, result: crate::spool::interrupted() };
-            let stored = StoredResult { payload: serde_json::to_string(&report).expect("results serialise") };
+            let stored = StoredResult::of(&ResultReport { job_id: job.job_id.clone(), order_nonce: job.order_nonce, result: crate::spool::interrupted() });
             spool.put(&job.job_id, &stored).map_err(|e| {
                 anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
             })?;
@@ -277,7 +276,7 @@ impl Agent {
         }
     }
 
-    /// Tells the edge the job order `header` was refused and nothing ran, signed and bound
+    /// Tells the edge the job order `header` was refused and nothing ran, MACed and bound
     /// to the order: `retry` when the refusal was about this moment, not the order.
     fn reject(&self, header: &OrderHeader, reason: &str, retry: bool) {
         if let Some(key) = self.link.mine() {
@@ -397,18 +396,19 @@ impl Agent {
     }
 
     /// A job ended: remember its login outcome, keep its result — bound to the order it
-    /// answers, MACed with each connection's key as it goes — until the edge has it, free its slot, and tell the edge. The
-    /// result is sent first and written to disk while it travels (see [`crate::spool`]);
-    /// the job's workspace is removed after that write, in the same trip off the async
-    /// threads.
+    /// answers, MACed with each connection's key as it goes — until the edge has it, free
+    /// its slot, and tell the edge. The result is sent first and written to disk while it
+    /// travels (see [`crate::spool`]); the job's workspace is removed after that write, in
+    /// the same trip off the async threads.
     async fn finish(self: &Arc<Self>, job_id: &str, order_nonce: &str, result: JobResult, leftover: Option<runner::Leftover>) {
         match (result.success, result.error_code) {
             (false, Some(ErrorCode::RunnerOauthError)) => self.reporter.auth_failed(true),
             (true, _) => self.reporter.run_succeeded(),
             _ => {}
         }
-        let report = ResultReport { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), result };
-        let stored = StoredResult { payload: serde_json::to_string(&report).expect("results serialise") };
+        let stored = StoredResult::of(&ResultReport { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), result });
+        // Kept before it is MACed: a reconnect in between sends it from the spool, under
+        // the new connection's key.
         self.spool.sending(job_id, &stored);
         let report = self.link.mine().map(|key| AgentMessage::result_text(stored.payload, &key));
         let (ids, mirrors) = {

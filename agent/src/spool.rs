@@ -48,6 +48,12 @@ pub struct StoredResult {
     pub payload: String,
 }
 
+impl StoredResult {
+    pub fn of(report: &shared::protocol::ResultReport) -> StoredResult {
+        StoredResult { payload: serde_json::to_string(report).expect("results serialise") }
+    }
+}
+
 /// More record files than this in `DATA_DIR/records` are not the agent's.
 const MAX_SLOT_FILES: usize = 4096;
 
@@ -643,8 +649,7 @@ mod tests {
 
     /// A result as the agent keeps it: its report's payload.
     fn signed(job_id: &str, result: JobResult) -> StoredResult {
-        let report = ResultReport { job_id: job_id.into(), order_nonce: format!("{job_id}:1"), result };
-        StoredResult { payload: serde_json::to_string(&report).unwrap() }
+        StoredResult::of(&ResultReport { job_id: job_id.into(), order_nonce: format!("{job_id}:1"), result })
     }
 
     fn ok(job_id: &str, output: &str) -> StoredResult {
