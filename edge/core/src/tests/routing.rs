@@ -54,6 +54,7 @@ fn request(edge: &mut Edge, now: u64, secret: &str, method: &str, path: &str, bo
         secret_header: Some(secret.into()),
         authorization: None,
         idempotency_key: None,
+        last_event_id: None,
         body: Body::Bytes(if body.is_null() { Vec::new() } else { body.to_string().into_bytes() }),
     };
     http::handle(edge, now, [now as u8; 16], req)
@@ -378,6 +379,7 @@ fn an_idempotency_key_is_each_callers_own() {
             secret_header: Some(secret.into()),
             authorization: None,
             idempotency_key: Some("deploy-1".into()),
+            last_event_id: None,
             body: Body::Bytes(json!({"prompt": prompt}).to_string().into_bytes()),
         };
         answer(&http::handle(edge, now, [now as u8; 16], req))
