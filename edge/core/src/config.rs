@@ -13,7 +13,9 @@
 //! name is then who the caller is, for its turn in the queue and its queue cap, and it is
 //! that secret's alone (the pool's secret may not send jobs as it). A pool's
 //! limits may be set for it alone: `MAX_QUEUED_JOBS_<POOL>` over `MAX_QUEUED_JOBS`, and so
-//! for every number setting and for `NOTIFY_URL` (where its alerts go).
+//! for every number setting, for `NOTIFY_URL` (where its alerts go) and for
+//! `CALLBACK_HOSTS` (where its jobs' callbacks may go: a pool's own list replaces the
+//! edge's, so one team's hosts are not opened to another's jobs).
 
 use ed25519_dalek::SigningKey;
 use shared::keys::{self, Keyring};
@@ -312,7 +314,7 @@ impl Config {
             oauth_warn_hours: bounded("OAUTH_WARN_HOURS", "hours", DEFAULT_OAUTH_WARN_HOURS, 24 * 365)? as f64,
             offline_alert_ms: bounded("OFFLINE_ALERT_MS", "milliseconds", DEFAULT_OFFLINE_ALERT_MS, WEEK_MS)?,
             notify_min_interval_ms: bounded("NOTIFY_MIN_INTERVAL_MS", "milliseconds", DEFAULT_NOTIFY_MIN_INTERVAL_MS, WEEK_MS)?,
-            callback_hosts: get("CALLBACK_HOSTS")
+            callback_hosts: own("CALLBACK_HOSTS")
                 .map(|v| v.split(',').map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect())
                 .unwrap_or_default(),
         })
@@ -413,6 +415,24 @@ mod tests {
         // this error is every caller's answer, with the secret or without.
         let err = Config::for_pool(with(&[("NOTIFY_URL_GPU", "hooks.example/services/T0/B0/xoxb-webhook-token-123")]), "gpu").unwrap_err().to_string();
         assert!(err.contains("NOTIFY_URL_GPU must be an http") && !err.contains("xoxb-webhook-token-123"), "{err}");
+    }
+
+    /// A pool's own `CALLBACK_HOSTS_<POOL>` replaces the edge's list for that pool alone.
+    #[test]
+    fn a_pool_may_have_its_own_callback_hosts() {
+        let pools = lookup(&[
+            ("POOLS", "gpu,team-b"),
+            ("RUNNER_SECRET_GPU", "gpu-secret-0123456789"),
+            ("AGENT_PUBLIC_KEYS_GPU", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
+            ("RUNNER_SECRET_TEAM_B", "team-secret-0123456789"),
+            ("AGENT_PUBLIC_KEYS_TEAM_B", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
+            ("CALLBACK_HOSTS", "hooks.example, ci.example:8443"),
+            ("CALLBACK_HOSTS_GPU", "GPU-Hooks.example"),
+        ]);
+        let hosts = |pool| Config::for_pool(&pools, pool).unwrap().callback_hosts;
+        assert_eq!(hosts("gpu"), ["gpu-hooks.example"], "its own, in place of the edge's");
+        assert_eq!(hosts("team-b"), ["hooks.example", "ci.example:8443"], "a pool without its own uses the edge's");
+        assert_eq!(hosts("default"), ["hooks.example", "ci.example:8443"], "another pool's list is not the default's");
     }
 
     /// A pool's own number setting that is wrong is named as it was set, like its
