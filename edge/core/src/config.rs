@@ -191,7 +191,9 @@ fn parse_caller_secrets(setting: &str, text: Option<String>, runner_secret: &str
         let Some((name, secret)) = part.split_once('=') else {
             return Err(refuse("an entry is not `name=secret`".into()));
         };
-        let (name, secret) = (name.trim(), secret.trim());
+        // Lowered as a job's `caller` field is: `CI=…` here and `"caller": "ci"` are one.
+        let (name, secret) = (name.trim().to_ascii_lowercase(), secret.trim());
+        let name = name.as_str();
         if !shared::placement::valid_caller(name) {
             return Err(refuse(format!("`{}` is not a caller name", shared::text::truncate(name, 40))));
         }
@@ -454,6 +456,16 @@ mod tests {
         assert!(err.starts_with("LOST_AFTER_MS_GPU is 999999999999999, over the most"), "{err}");
         let err = Config::for_pool(with("LOST_AFTER_MS", "x"), "gpu").unwrap_err().to_string();
         assert!(err.starts_with("LOST_AFTER_MS must be a whole number"), "{err}");
+    }
+
+    #[test]
+    fn caller_names_are_one_whatever_their_case() {
+        let cfg = Config::from_lookup(lookup(&[("RUNNER_SECRETS", "CI=ci-secret-0123456789")])).unwrap();
+        assert_eq!(cfg.caller_secrets, [("ci".to_string(), "ci-secret-0123456789".to_string())]);
+        let twice = Config::from_lookup(lookup(&[("RUNNER_SECRETS", "ci=ci-secret-0123456789,Ci=other-secret-0123456789")])).unwrap_err();
+        assert!(twice.to_string().contains("given twice"), "{twice}");
+        let default = Config::from_lookup(lookup(&[("RUNNER_SECRETS", "Default=ci-secret-0123456789")])).unwrap_err();
+        assert!(default.to_string().contains("pool's RUNNER_SECRET"), "{default}");
     }
 
     #[test]
