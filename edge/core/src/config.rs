@@ -384,20 +384,21 @@ mod tests {
         assert!(matches!(Config::from_lookup(lookup(&[("POOLS", "a-b,a_b")])), Err(ConfigError::PoolClash(..))));
     }
 
+    /// Two listed pools (`gpu`, `team-b`) beside the default one, and these settings.
+    fn two_pools(settings: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        let pools = lookup(&[
+            ("POOLS", "gpu,team-b"),
+            ("RUNNER_SECRET_GPU", "gpu-secret-0123456789"),
+            ("AGENT_PUBLIC_KEYS_GPU", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
+            ("RUNNER_SECRET_TEAM_B", "team-secret-0123456789"),
+            ("AGENT_PUBLIC_KEYS_TEAM_B", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
+        ]);
+        move |name| settings.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()).or_else(|| pools(name))
+    }
+
     #[test]
     fn a_pool_may_send_its_alerts_elsewhere() {
-        // Two listed pools, and these alert settings.
-        fn with(notify: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-            let pools = lookup(&[
-                ("POOLS", "gpu,team-b"),
-                ("RUNNER_SECRET_GPU", "gpu-secret-0123456789"),
-                ("AGENT_PUBLIC_KEYS_GPU", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
-                ("RUNNER_SECRET_TEAM_B", "team-secret-0123456789"),
-                ("AGENT_PUBLIC_KEYS_TEAM_B", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
-            ]);
-            move |name| notify.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()).or_else(|| pools(name))
-        }
-        let url = |notify, pool| Config::for_pool(with(notify), pool).unwrap().notify_url;
+        let url = |notify, pool| Config::for_pool(two_pools(notify), pool).unwrap().notify_url;
         let both = &[("NOTIFY_URL", "https://ntfy.example/runner"), ("NOTIFY_URL_GPU", "https://ntfy.example/gpu")];
         assert_eq!(url(both, "gpu").as_deref(), Some("https://ntfy.example/gpu"));
         assert_eq!(url(both, "team-b").as_deref(), Some("https://ntfy.example/runner"), "a pool without its own uses the edge's");
@@ -408,29 +409,21 @@ mod tests {
         assert_eq!((url(only_gpu, "default"), url(only_gpu, "team-b")), (None, None));
         // A bad one is named as it was set, and is that pool's problem alone.
         let bad = &[("NOTIFY_URL", "https://ntfy.example/runner"), ("NOTIFY_URL_GPU", "ntfy.example/gpu")];
-        let err = Config::for_pool(with(bad), "gpu").unwrap_err();
+        let err = Config::for_pool(two_pools(bad), "gpu").unwrap_err();
         assert!(err.to_string().contains("NOTIFY_URL_GPU must be an http"), "{err}");
         assert_eq!(url(bad, "default").as_deref(), Some("https://ntfy.example/runner"));
-        let err = Config::for_pool(with(&[("NOTIFY_URL", "ntfy.example")]), "gpu").unwrap_err();
+        let err = Config::for_pool(two_pools(&[("NOTIFY_URL", "ntfy.example")]), "gpu").unwrap_err();
         assert!(err.to_string().contains("NOTIFY_URL must be an http"), "{err}");
         // The bad value is not repeated: a webhook's URL holds its token, and on the Worker
         // this error is every caller's answer, with the secret or without.
-        let err = Config::for_pool(with(&[("NOTIFY_URL_GPU", "hooks.example/services/T0/B0/xoxb-webhook-token-123")]), "gpu").unwrap_err().to_string();
+        let err = Config::for_pool(two_pools(&[("NOTIFY_URL_GPU", "hooks.example/services/T0/B0/xoxb-webhook-token-123")]), "gpu").unwrap_err().to_string();
         assert!(err.contains("NOTIFY_URL_GPU must be an http") && !err.contains("xoxb-webhook-token-123"), "{err}");
     }
 
     /// A pool's own `CALLBACK_HOSTS_<POOL>` replaces the edge's list for that pool alone.
     #[test]
     fn a_pool_may_have_its_own_callback_hosts() {
-        let pools = lookup(&[
-            ("POOLS", "gpu,team-b"),
-            ("RUNNER_SECRET_GPU", "gpu-secret-0123456789"),
-            ("AGENT_PUBLIC_KEYS_GPU", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
-            ("RUNNER_SECRET_TEAM_B", "team-secret-0123456789"),
-            ("AGENT_PUBLIC_KEYS_TEAM_B", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
-            ("CALLBACK_HOSTS", "hooks.example, ci.example:8443"),
-            ("CALLBACK_HOSTS_GPU", "GPU-Hooks.example"),
-        ]);
+        let pools = two_pools(&[("CALLBACK_HOSTS", "hooks.example, ci.example:8443"), ("CALLBACK_HOSTS_GPU", "GPU-Hooks.example")]);
         let hosts = |pool| Config::for_pool(&pools, pool).unwrap().callback_hosts;
         assert_eq!(hosts("gpu"), ["gpu-hooks.example"], "its own, in place of the edge's");
         assert_eq!(hosts("team-b"), ["hooks.example", "ci.example:8443"], "a pool without its own uses the edge's");
