@@ -104,6 +104,12 @@ impl FakeEdge {
 
     /// The handshake, welcoming the agent into `pool`.
     async fn handshake_into(&self, welcome_key: &SigningKey, protocol: u32, pool: &str) -> (Ws, Option<Hello>) {
+        self.handshake_via(protocol, pool, |welcome| Envelope::seal(Domain::Welcome, &welcome, welcome_key)).await
+    }
+
+    /// The handshake, with the welcome's envelope as `seal` makes it (signed, altered on
+    /// the path…) from the welcome the edge would send.
+    async fn handshake_via(&self, protocol: u32, pool: &str, seal: impl FnOnce(Welcome) -> Envelope) -> (Ws, Option<Hello>) {
         // Fresh per connection, as the edge's: heartbeats are bound to it.
         let nonce = shared::keys::encode(&random_key().to_bytes()[..24]);
         let challenge = EdgeMessage::Challenge { protocol, nonce: nonce.clone(), edge_version: "fake".into(), server_time: now() };
@@ -141,7 +147,7 @@ impl FakeEdge {
             heartbeat_interval_ms: 500,
             issued_at: now(),
         };
-        let envelope = Envelope::seal(Domain::Welcome, &welcome, welcome_key);
+        let envelope = seal(welcome);
         ws.send(Message::Text(EdgeMessage::Welcome { envelope }.to_text().into())).await.unwrap();
         (ws, Some(hello))
     }
@@ -445,6 +451,40 @@ async fn an_edge_that_cannot_prove_its_identity_gets_no_service() {
     assert!(recv(&mut ws).await.is_none(), "the agent must hang up");
     assert!(eventually(Duration::from_secs(5), || agent.log().contains("EDGE_PUBLIC_KEY")).await, "{}", agent.log());
     // Even a correctly signed job sent now goes nowhere.
+    let t = now();
+    let job = Envelope::seal(Domain::Job, &edge.order("j", "spark", t, t + 60_000, "x"), &edge.edge_key);
+    let _ = ws.send(Message::Text(EdgeMessage::Job { envelope: job }.to_text().into())).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(agent.claude_runs().is_empty());
+}
+
+/// The edge's X25519 key in the welcome swapped on the path for one whose secret the path
+/// knows: the edge's signature breaks, and the agent hangs up. Signed by the edge but a
+/// low-order point (no shared secret): refused too. Either way no key is agreed, and no
+/// job runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcome_whose_connection_key_was_swapped_or_gives_no_secret_is_refused() {
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let mallory = Ephemeral::new(runtime::entropy()).public();
+    let (mut ws, hello) = edge
+        .handshake_via(PROTOCOL_VERSION, "default", |welcome| {
+            let envelope = Envelope::seal(Domain::Welcome, &welcome, &edge.edge_key);
+            assert!(envelope.payload.contains(&welcome.ephemeral));
+            Envelope { payload: envelope.payload.replace(&welcome.ephemeral, &mallory), ..envelope }
+        })
+        .await;
+    assert!(hello.is_some());
+    assert!(recv(&mut ws).await.is_none(), "the agent must hang up");
+    assert!(eventually(Duration::from_secs(5), || agent.log().contains("the edge could not prove its identity")).await, "{}", agent.log());
+    drop(ws);
+    let low_order = shared::keys::encode(&[0; 32]);
+    let (mut ws, hello) = edge
+        .handshake_via(PROTOCOL_VERSION, "default", |welcome| Envelope::seal(Domain::Welcome, &Welcome { ephemeral: low_order, ..welcome }, &edge.edge_key))
+        .await;
+    assert!(hello.is_some());
+    assert!(recv(&mut ws).await.is_none(), "the agent must hang up");
+    assert!(eventually(Duration::from_secs(5), || agent.log().contains("connection key is refused")).await, "{}", agent.log());
     let t = now();
     let job = Envelope::seal(Domain::Job, &edge.order("j", "spark", t, t + 60_000, "x"), &edge.edge_key);
     let _ = ws.send(Message::Text(EdgeMessage::Job { envelope: job }.to_text().into())).await;
