@@ -96,7 +96,7 @@ impl Relogin {
     }
 }
 
-/// Tells the edge how the login goes, signed and bound to the order `order_nonce` it
+/// Tells the edge how the login goes, MACed and bound to the order `order_nonce` it
 /// answers (the edge lets held work go on a `LoggedIn`: nobody on the path may forge one).
 fn progress(agent: &Agent, login_id: &str, order_nonce: &str, state: LoginState, url: Option<String>, error: Option<String>) {
     let oauth = (state == LoginState::LoggedIn).then(|| agent.reporter.report());

@@ -6,7 +6,7 @@
 //! - "started", per job: its id and its order's nonce, written (and synced) into a free
 //!   slot's record before Claude gets its prompt ([`Spool::started`]). A started record
 //!   without its result, found at start-up, is a job an agent died running: it is reported
-//!   lost (a result signed bound to the nonce kept), never started again — the edge may not
+//!   lost (a result bound to the nonce kept), never started again — the edge may not
 //!   have heard that it started, and would otherwise send it again;
 //! - results, until the edge acknowledges them: kept — their payload, MACed again with
 //!   each connection's key as it is sent ([`StoredResult`]) — from the moment
@@ -175,7 +175,7 @@ impl Spool {
     /// Opens the spool: results in `dir`, older agents' markers in `started`, the slot
     /// records in `records` (at least `slots` of them as jobs need them). Returns the
     /// spool and the jobs a dead agent left started without a result: the agent reports
-    /// each lost ([`interrupted`], signed, [`Spool::put`], which keeps it in the job's
+    /// each lost ([`interrupted`], [`Spool::put`], which keeps it in the job's
     /// slot, or for an older agent's marker in a spool file, and removes the marker).
     pub fn open(dir: PathBuf, started: PathBuf, records: PathBuf, slots: usize) -> std::io::Result<(Spool, Vec<Interrupted>)> {
         crate::files::private_dir(&dir)?;
@@ -648,12 +648,12 @@ mod tests {
     use shared::protocol::ResultReport;
 
     /// A result as the agent keeps it: its report's payload.
-    fn signed(job_id: &str, result: JobResult) -> StoredResult {
+    fn kept(job_id: &str, result: JobResult) -> StoredResult {
         StoredResult::of(&ResultReport { job_id: job_id.into(), order_nonce: format!("{job_id}:1"), result })
     }
 
     fn ok(job_id: &str, output: &str) -> StoredResult {
-        signed(job_id, JobResult { success: true, output: output.into(), ..Default::default() })
+        kept(job_id, JobResult { success: true, output: output.into(), ..Default::default() })
     }
 
     /// A result as a protocol-8 agent kept it: the envelope it sent, signed.
@@ -791,7 +791,7 @@ mod tests {
         let (spool, interrupted_jobs) = open(&dir, 2);
         assert_eq!(interrupted_jobs, vec![Interrupted { job_id: "ran-half".into(), order_nonce: "ran-half:3".into() }]);
         // The agent reports it lost (as it does at start-up).
-        spool.put("ran-half", &signed("ran-half", interrupted())).unwrap();
+        spool.put("ran-half", &kept("ran-half", interrupted())).unwrap();
         let all = spool.all();
         assert_eq!(all.len(), 2);
         let lost = opened(&spool.get("ran-half").unwrap()).result;
@@ -818,7 +818,7 @@ mod tests {
         std::fs::write(dir.join("spool/had-ended.json"), serde_json::to_vec(&r).unwrap()).unwrap();
         let (spool, interrupted_jobs) = open(&dir, 1);
         assert_eq!(interrupted_jobs, vec![Interrupted { job_id: "was-running".into(), order_nonce: "was-running:4".into() }]);
-        spool.put("was-running", &signed("was-running", interrupted())).unwrap();
+        spool.put("was-running", &kept("was-running", interrupted())).unwrap();
         assert_eq!(ids(spool.all()), vec!["had-ended", "was-running"]);
         assert!(files_in(&dir.join("started")).is_empty(), "the old markers are gone once dealt with");
         spool.remove("had-ended");
@@ -940,7 +940,7 @@ mod tests {
 
         let (spool, interrupted_jobs) = open(&dir, 1);
         assert_eq!(interrupted_jobs, vec![Interrupted { job_id: "second".into(), order_nonce: "second:1".into() }]);
-        spool.put("second", &signed("second", interrupted())).unwrap();
+        spool.put("second", &kept("second", interrupted())).unwrap();
         // Found in its spool file by the new agent (an order for it is answered with it).
         assert_eq!(spool.get("first"), Some(r.clone()));
         assert!(spool.has("first") && spool.get("never-here").is_none());

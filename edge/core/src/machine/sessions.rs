@@ -485,8 +485,8 @@ impl Edge {
                 warn!(agent_id = %agent_id, reason = ?shared::text::peer_words(&reason), "agent refused an order it could not tie to a job");
             }
             AgentMessage::Event { envelope } => {
-                // A batch of events under one signature (protocol 8): bounded before it is
-                // verified, checked whole after, then each event shown as if it came alone.
+                // A batch of events under one MAC (protocol 8, MACed since 9): bounded before
+                // it is checked, checked whole after, then each event shown as if it came alone.
                 if envelope.payload.len() > protocol::MAX_PROGRESS_PAYLOAD_BYTES {
                     let (bytes, limit) = (envelope.payload.len(), protocol::MAX_PROGRESS_PAYLOAD_BYTES);
                     warn!(agent_id = %agent_id, session = session_id, bytes, limit, "a progress batch over the size limit refused unread");
@@ -494,7 +494,7 @@ impl Edge {
                 }
                 let Some(report) = self.open_report::<ProgressReport>(session_id, &agent_id, &envelope, Domain::Progress) else { return };
                 if let Err(fault) = report.check() {
-                    // The agent's own signature over a batch it never makes: its bug, or its key
+                    // The agent's own MAC over a batch it never makes: its bug, or its key
                     // misused; nothing of it is shown.
                     warn!(job_id = shown_job_id(&report.job_id), agent_id = %agent_id, session = session_id, error = %fault, "a progress batch refused");
                     return;
@@ -510,7 +510,8 @@ impl Edge {
                 }
             }
             AgentMessage::Result { envelope } => {
-                // Nothing is done with, nor acknowledged for, a result the agent did not sign.
+                // Nothing is done with, nor acknowledged for, a result the agent did not MAC
+                // on this connection.
                 let Some(report) = self.open_report::<ResultReport>(session_id, &agent_id, &envelope, Domain::Result) else { return };
                 let (job_id, result) = (report.job_id, report.result);
                 let shown = shown_job_id(&job_id);
@@ -539,7 +540,7 @@ impl Edge {
                 effects.push(Effect::SaveSession(Box::new(session.clone())));
             }
             AgentMessage::LoginProgress { envelope } => {
-                // It can log the agent in again (and let held work go): signed, like results.
+                // It can log the agent in again (and let held work go): MACed, like results.
                 let Some(report) = self.open_report::<LoginReport>(session_id, &agent_id, &envelope, Domain::LoginReport) else { return };
                 self.login_progress(now, session_id, report, effects);
             }
@@ -577,8 +578,9 @@ impl Edge {
     }
 
     /// A verified heartbeat, if it is for this connection and newer than the last one taken
-    /// (which it then becomes, and the moment the agent was last heard); else `None`, logged (the agent's own signature, so not
-    /// counted as a forgery, like progress shown already): one captured on the path
+    /// (which it then becomes, and the moment the agent was last heard); else `None`,
+    /// logged (the agent's own MAC on this connection, so not counted as a forgery, like
+    /// progress shown already): one captured on the path
     /// and played back, here or on another connection, could say the agent no longer
     /// holds a job it took since.
     fn take_beat(&mut self, now: Now, session_id: &str, agent_id: &str, beat: Beat) -> Option<Beat> {
