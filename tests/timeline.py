@@ -21,7 +21,8 @@ it, each the nearest of its kind in its process:
     E_order      the edge sends the signed order               (edge: sendto, > 300 B)
     A_order      the agent has read it                         (agent: recvfrom returns)
     A_accepted   the agent sends `Accepted`                    (agent: sendto)
-    A_mkdir      the job's task makes its workspace            (agent: mkdir)
+    A_ws         the job's workspace is there                  (agent: mkdir, or the rename
+                                                                  of one made ahead, returns)
     A_launch     the launcher is asked to start Claude         (agent: sendmsg)
     L_recv       the launcher has the request                  (launcher: recvmsg returns)
     L_fork       the launcher forks the warden                 (launcher: clone)
@@ -34,9 +35,12 @@ it, each the nearest of its kind in its process:
     E_answer     the edge answers the POST                     (edge: writev)
     B_recv       the bench has the answer                      (bench: recvfrom returns)
 
-and, beside the chain, A_mark / A_marked (the started record's pwrite and its fdatasync's
-return), A_eof (the agent reads the end of Claude's stdout) and W_status (the warden
-writes Claude's exit status to the agent).
+and, beside the chain, A_ws_call (the workspace's call made), A_mark / A_marked (the
+started record's pwrite and its fdatasync's return), A_eof (the agent reads the end of
+Claude's stdout) and W_status (the warden writes Claude's exit status to the agent). A
+hop can be negative where two tasks run side by side (the `Accepted` frame and the job's
+start, on a multi-threaded agent). Frames queued together and written at once make
+A_out and A_result the same call.
 """
 import bisect
 import collections
@@ -48,7 +52,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # x86_64 numbers of the calls that mark hops (the filter keeps the capture small).
 MARKS = {'read': 0, 'write': 1, 'pwrite64': 18, 'writev': 20, 'sendto': 44, 'recvfrom': 45, 'sendmsg': 46,
-         'recvmsg': 47, 'clone': 56, 'execve': 59, 'wait4': 61, 'fdatasync': 75, 'mkdir': 83, 'exit_group': 231}
+         'recvmsg': 47, 'clone': 56, 'execve': 59, 'wait4': 61, 'fdatasync': 75, 'rename': 82, 'mkdir': 83,
+         'exit_group': 231, 'renameat': 264, 'renameat2': 316}
 NAME = {v: k for k, v in MARKS.items()}
 
 
@@ -126,6 +131,13 @@ class Calls:
             i += 1
         raise LookupError(who, name)
 
+    def has_before(self, who, name, t, within=0.05):
+        try:
+            self.before(who, name, t, within=within)
+            return True
+        except LookupError:
+            return False
+
     def before(self, who, name, t, ok=lambda c: True, within=0.05):
         lst = self.by.get((who, name), [])
         i = bisect.bisect_left(self.t.get((who, name), []), t) - 1
@@ -136,9 +148,9 @@ class Calls:
         raise LookupError(who, name)
 
 
-CHAIN = ['B_send', 'E_req', 'E_order', 'A_order', 'A_accepted', 'A_mkdir', 'A_launch', 'L_recv', 'L_fork',
+CHAIN = ['B_send', 'E_req', 'E_order', 'A_order', 'A_accepted', 'A_ws', 'A_launch', 'L_recv', 'L_fork',
          'W_clone', 'S_exec', 'S_exit', 'A_out', 'A_result', 'E_res', 'E_answer', 'B_recv']
-ASIDE = [('A_mkdir', 'A_mark'), ('A_mark', 'A_marked'), ('A_marked', 'S_exec'), ('A_launch', 'S_exec'),
+ASIDE = [('A_ws_call', 'A_ws'), ('A_ws', 'A_mark'), ('A_mark', 'A_marked'), ('A_marked', 'S_exec'), ('A_launch', 'S_exec'),
          ('S_exit', 'A_eof'), ('S_exit', 'W_status'), ('W_status', 'A_out'), ('S_exec', 'S_exit'), ('B_send', 'B_recv')]
 
 
@@ -149,13 +161,15 @@ def job(calls, ex):
     m['L_fork'] = calls.before('launcher', 'clone', t)[0]
     m['L_recv'] = calls.before('launcher', 'recvmsg', m['L_fork'])[1]
     m['A_launch'] = calls.before('agent', 'sendmsg', m['L_recv'])[0]
-    m['A_mkdir'] = calls.before('agent', 'mkdir', m['A_launch'])[0]
-    m['E_order'] = calls.before('edge', 'sendto', m['A_mkdir'], lambda c: c[5] > 300)[0]
+    made = max((calls.before('agent', name, m['A_launch'], lambda c: c[5] == 0) for name in ('mkdir', 'rename', 'renameat', 'renameat2')
+                if calls.has_before('agent', name, m['A_launch'])), key=lambda c: c[0])
+    m['A_ws_call'], m['A_ws'] = made[0], made[1]
+    m['E_order'] = calls.before('edge', 'sendto', m['A_ws_call'], lambda c: c[5] > 300)[0]
     m['A_order'] = calls.after('agent', 'recvfrom', m['E_order'])[1]
     m['A_accepted'] = calls.after('agent', 'sendto', m['A_order'])[0]
     m['E_req'] = calls.before('edge', 'recvfrom', m['E_order'])[1]
     m['B_send'] = calls.before('bench', 'writev', m['E_req'])[0]
-    mark = calls.after('agent', 'pwrite64', m['A_mkdir'], lambda c: c[5] < 400)
+    mark = calls.after('agent', 'pwrite64', m['A_ws'], lambda c: c[5] < 400)
     m['A_mark'] = mark[0]
     m['A_marked'] = calls.after('agent', 'fdatasync', mark[0], lambda c: c[3] == mark[3])[1]
     m['A_out'] = calls.after('agent', 'sendto', m['S_exit'])[0]
