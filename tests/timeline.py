@@ -4,7 +4,7 @@ the bench, the edge, the agent, its launcher, the warden and the stand-in, from 
 system calls each makes (BENCHMARKS.md, "The per-job hot path", "A timeline").
 
     python3 tests/timeline.py record OUT.data [bench arguments]   # runs the bench under perf
-    python3 tests/timeline.py report OUT.data                     # p50 µs of each hop
+    python3 tests/timeline.py report OUT.data...                  # p50 µs of each hop
 
 `record` runs `target/release/bench` (CLAUDE_RUNNER_BIN_DIR picks the binaries, as for the
 bench) under `perf record`, following its whole process tree, with a kernel-side filter so
@@ -187,17 +187,23 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def report(data):
-    role, calls = load(data)
-    index = Calls(role, calls)
-    execs = index.by.get(('standin', 'execve'), [])
-    jobs = []
-    for ex in execs:
-        try:
-            jobs.append(job(index, ex))
-        except LookupError:
-            pass
-    print(f'{len(jobs)} of {len(execs)} jobs through the edge traced')
+def report(captures):
+    jobs, execs, direct = [], 0, []
+    for data in captures:
+        role, calls = load(data)
+        index = Calls(role, calls)
+        for ex in index.by.get(('standin', 'execve'), []):
+            execs += 1
+            try:
+                jobs.append(job(index, ex))
+            except LookupError:
+                pass
+        for ex in index.by.get(('direct', 'execve'), []):
+            try:
+                direct.append((index.after('direct', 'exit_group', ex[0], lambda c: c[2] == ex[2])[0] - ex[0]) * 1e6)
+            except LookupError:
+                pass
+    print(f'{len(jobs)} of {execs} jobs through the edge traced')
     print(f"{'hop':28} {'p50 µs':>7} {'p25':>6} {'p75':>6} {'p90':>6}")
     for rows in (list(zip(CHAIN, CHAIN[1:])), ASIDE):
         for a, b in rows:
@@ -206,12 +212,6 @@ def report(data):
         print()
     outside = [((j['B_recv'] - j['B_send']) - (j['S_exit'] - j['S_exec'])) * 1e6 for j in jobs]
     print(f"{'all but the stand-in':28} {pct(outside, .5):7.0f}")
-    direct = []
-    for ex in index.by.get(('direct', 'execve'), []):
-        try:
-            direct.append((index.after('direct', 'exit_group', ex[0], lambda c: c[2] == ex[2])[0] - ex[0]) * 1e6)
-        except LookupError:
-            pass
     if direct:
         print(f"{'direct stand-in exec → exit':28} {pct(direct, .5):7.0f}   ({len(direct)} direct spawns)")
 
@@ -219,8 +219,8 @@ def report(data):
 if __name__ == '__main__':
     if len(sys.argv) >= 3 and sys.argv[1] == 'record':
         record(sys.argv[2], sys.argv[3:])
-    elif len(sys.argv) == 3 and sys.argv[1] == 'report':
-        report(sys.argv[2])
+    elif len(sys.argv) >= 3 and sys.argv[1] == 'report':
+        report(sys.argv[2:])
     else:
         print(__doc__)
         sys.exit(2)
