@@ -444,7 +444,10 @@ impl ExecuteRequest {
         if priority > crate::placement::MAX_PRIORITY {
             return Err(ApiError::invalid(format!("`priority` must be between 0 and {}", crate::placement::MAX_PRIORITY)));
         }
-        Ok(Placement { labels, agent_id: self.agent_id.clone(), caller: self.caller.clone(), priority })
+        // Caller names are one per person whatever their case: `CI` and `ci` share a lane,
+        // a queue cap and a secret (`RUNNER_SECRETS` names are lowered the same way).
+        let caller = self.caller.as_deref().map(str::to_ascii_lowercase);
+        Ok(Placement { labels, agent_id: self.agent_id.clone(), caller, priority })
     }
 }
 

@@ -17,6 +17,22 @@ pub fn rfc3339(ms: Millis) -> String {
     )
 }
 
+/// A duration as a person says it, at the precision that matters for its size:
+/// "45 seconds", "1 minute", "12 minutes", "2 hours 5 minutes". An alert that said
+/// "0 minutes" for a threshold under a minute told the reader nothing.
+pub fn spoken(ms: u64) -> String {
+    fn unit(n: u64, one: &str) -> String {
+        format!("{n} {one}{}", if n == 1 { "" } else { "s" })
+    }
+    let secs = ms / 1000;
+    match secs {
+        0..=59 => unit(secs, "second"),
+        60..=3_599 => unit(secs / 60, "minute"),
+        _ if (secs % 3_600) / 60 == 0 => unit(secs / 3_600, "hour"),
+        _ => format!("{} {}", unit(secs / 3_600, "hour"), unit((secs % 3_600) / 60, "minute")),
+    }
+}
+
 /// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian calendar).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -34,6 +50,17 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_said_at_their_own_scale() {
+        assert_eq!(spoken(0), "0 seconds");
+        assert_eq!(spoken(1_000), "1 second");
+        assert_eq!(spoken(30_000), "30 seconds");
+        assert_eq!(spoken(60_000), "1 minute");
+        assert_eq!(spoken(5 * 60_000 + 59_999), "5 minutes");
+        assert_eq!(spoken(3_600_000), "1 hour");
+        assert_eq!(spoken(2 * 3_600_000 + 5 * 60_000), "2 hours 5 minutes");
+    }
 
     #[test]
     fn formats_known_instants() {

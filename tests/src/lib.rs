@@ -580,12 +580,17 @@ impl Client {
 
     /// `GET /jobs/{id}/events`, answered (the stream is open) but not read yet.
     pub async fn open_events(&self, job_id: &str) -> reqwest::Response {
-        self.http
-            .get(format!("{}/jobs/{job_id}/events", self.base))
-            .header("X-Runner-Secret", SECRET)
-            .send()
-            .await
-            .expect("the edge answers")
+        self.resume_events(job_id, None).await
+    }
+
+    /// Follows a job's progress as a reconnecting `EventSource` does: from after
+    /// `last_event_id` (its `Last-Event-ID` header), or from the start.
+    pub async fn resume_events(&self, job_id: &str, last_event_id: Option<&str>) -> reqwest::Response {
+        let mut req = self.http.get(format!("{}/jobs/{job_id}/events", self.base)).header("X-Runner-Secret", SECRET);
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-ID", id);
+        }
+        req.send().await.expect("the edge answers")
     }
 
     /// Polls a job until it is in a terminal state.

@@ -977,6 +977,35 @@ async fn each_progress_event_reaches_a_follower_while_claude_waits(kind: EdgeKin
     assert_eq!(ids, [1, 2, 3, 4, 5], "init, two waits, the answer, the result line\n{raw}");
 }
 
+/// A follower whose connection broke reconnects the way `EventSource` does, naming the
+/// last event it read (`Last-Event-ID`): it reads on from there, nothing twice, nothing
+/// missed; an id the stream never sent is refused with a 400 that says what to send.
+async fn a_follower_that_reconnects_with_last_event_id_reads_on_from_there(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let dir = TempDir::new("resume");
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let a = s.client.submit(json!({"prompt": format!("@await={} @await={} resumed", one.display(), two.display())})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    let mut first = Box::pin(s.client.open_events(&job_id).await.bytes_stream());
+    let mut raw = String::new();
+    read_until(&mut first, &mut raw, &format!("waiting for {}", one.display())).await;
+    let read: Vec<u64> = progress_of(&raw).iter().map(|(id, _)| *id).collect();
+    assert_eq!(read, [1, 2], "init, the first wait\n{raw}");
+    drop(first);
+    let refused = s.client.resume_events(&job_id, Some("not-an-id")).await;
+    assert_eq!(refused.status(), 400);
+    let text = refused.text().await.unwrap();
+    assert!(text.contains("Last-Event-ID") && text.contains("INVALID_REQUEST"), "{text}");
+    let mut again = Box::pin(s.client.resume_events(&job_id, Some("2")).await.bytes_stream());
+    let mut raw = String::new();
+    std::fs::write(&one, "").unwrap();
+    read_until(&mut again, &mut raw, &format!("waiting for {}", two.display())).await;
+    std::fs::write(&two, "").unwrap();
+    read_until(&mut again, &mut raw, "event: result").await;
+    let ids: Vec<u64> = progress_of(&raw).iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, [3, 4, 5], "the second wait, the answer, the result line: after id 2 only\n{raw}");
+}
+
 async fn a_running_job_can_be_cancelled(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     let pidfile = s.agent.data.path().join("cancel-child.pid");
@@ -1439,6 +1468,7 @@ contract!(
     progress_streams_as_server_sent_events,
     a_burst_of_progress_reaches_followers_whole_in_order_in_few_frames,
     each_progress_event_reaches_a_follower_while_claude_waits,
+    a_follower_that_reconnects_with_last_event_id_reads_on_from_there,
     a_running_job_can_be_cancelled,
     a_binary_frame_closes_the_connection_with_a_reason,
     silent_sockets_cannot_lock_the_agent_out,

@@ -13,7 +13,9 @@
 //! name is then who the caller is, for its turn in the queue and its queue cap, and it is
 //! that secret's alone (the pool's secret may not send jobs as it). A pool's
 //! limits may be set for it alone: `MAX_QUEUED_JOBS_<POOL>` over `MAX_QUEUED_JOBS`, and so
-//! for every number setting and for `NOTIFY_URL` (where its alerts go).
+//! for every number setting, for `NOTIFY_URL` (where its alerts go) and for
+//! `CALLBACK_HOSTS` (where its jobs' callbacks may go: a pool's own list replaces the
+//! edge's, so one team's hosts are not opened to another's jobs).
 
 use ed25519_dalek::SigningKey;
 use shared::keys::{self, Keyring};
@@ -189,7 +191,9 @@ fn parse_caller_secrets(setting: &str, text: Option<String>, runner_secret: &str
         let Some((name, secret)) = part.split_once('=') else {
             return Err(refuse("an entry is not `name=secret`".into()));
         };
-        let (name, secret) = (name.trim(), secret.trim());
+        // Lowered as a job's `caller` field is: `CI=…` here and `"caller": "ci"` are one.
+        let (name, secret) = (name.trim().to_ascii_lowercase(), secret.trim());
+        let name = name.as_str();
         if !shared::placement::valid_caller(name) {
             return Err(refuse(format!("`{}` is not a caller name", shared::text::truncate(name, 40))));
         }
@@ -312,7 +316,7 @@ impl Config {
             oauth_warn_hours: bounded("OAUTH_WARN_HOURS", "hours", DEFAULT_OAUTH_WARN_HOURS, 24 * 365)? as f64,
             offline_alert_ms: bounded("OFFLINE_ALERT_MS", "milliseconds", DEFAULT_OFFLINE_ALERT_MS, WEEK_MS)?,
             notify_min_interval_ms: bounded("NOTIFY_MIN_INTERVAL_MS", "milliseconds", DEFAULT_NOTIFY_MIN_INTERVAL_MS, WEEK_MS)?,
-            callback_hosts: get("CALLBACK_HOSTS")
+            callback_hosts: own("CALLBACK_HOSTS")
                 .map(|v| v.split(',').map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect())
                 .unwrap_or_default(),
         })
@@ -380,20 +384,21 @@ mod tests {
         assert!(matches!(Config::from_lookup(lookup(&[("POOLS", "a-b,a_b")])), Err(ConfigError::PoolClash(..))));
     }
 
+    /// Two listed pools (`gpu`, `team-b`) beside the default one, and these settings.
+    fn two_pools(settings: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        let pools = lookup(&[
+            ("POOLS", "gpu,team-b"),
+            ("RUNNER_SECRET_GPU", "gpu-secret-0123456789"),
+            ("AGENT_PUBLIC_KEYS_GPU", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
+            ("RUNNER_SECRET_TEAM_B", "team-secret-0123456789"),
+            ("AGENT_PUBLIC_KEYS_TEAM_B", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
+        ]);
+        move |name| settings.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()).or_else(|| pools(name))
+    }
+
     #[test]
     fn a_pool_may_send_its_alerts_elsewhere() {
-        // Two listed pools, and these alert settings.
-        fn with(notify: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-            let pools = lookup(&[
-                ("POOLS", "gpu,team-b"),
-                ("RUNNER_SECRET_GPU", "gpu-secret-0123456789"),
-                ("AGENT_PUBLIC_KEYS_GPU", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
-                ("RUNNER_SECRET_TEAM_B", "team-secret-0123456789"),
-                ("AGENT_PUBLIC_KEYS_TEAM_B", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
-            ]);
-            move |name| notify.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()).or_else(|| pools(name))
-        }
-        let url = |notify, pool| Config::for_pool(with(notify), pool).unwrap().notify_url;
+        let url = |notify, pool| Config::for_pool(two_pools(notify), pool).unwrap().notify_url;
         let both = &[("NOTIFY_URL", "https://ntfy.example/runner"), ("NOTIFY_URL_GPU", "https://ntfy.example/gpu")];
         assert_eq!(url(both, "gpu").as_deref(), Some("https://ntfy.example/gpu"));
         assert_eq!(url(both, "team-b").as_deref(), Some("https://ntfy.example/runner"), "a pool without its own uses the edge's");
@@ -404,15 +409,25 @@ mod tests {
         assert_eq!((url(only_gpu, "default"), url(only_gpu, "team-b")), (None, None));
         // A bad one is named as it was set, and is that pool's problem alone.
         let bad = &[("NOTIFY_URL", "https://ntfy.example/runner"), ("NOTIFY_URL_GPU", "ntfy.example/gpu")];
-        let err = Config::for_pool(with(bad), "gpu").unwrap_err();
+        let err = Config::for_pool(two_pools(bad), "gpu").unwrap_err();
         assert!(err.to_string().contains("NOTIFY_URL_GPU must be an http"), "{err}");
         assert_eq!(url(bad, "default").as_deref(), Some("https://ntfy.example/runner"));
-        let err = Config::for_pool(with(&[("NOTIFY_URL", "ntfy.example")]), "gpu").unwrap_err();
+        let err = Config::for_pool(two_pools(&[("NOTIFY_URL", "ntfy.example")]), "gpu").unwrap_err();
         assert!(err.to_string().contains("NOTIFY_URL must be an http"), "{err}");
         // The bad value is not repeated: a webhook's URL holds its token, and on the Worker
         // this error is every caller's answer, with the secret or without.
-        let err = Config::for_pool(with(&[("NOTIFY_URL_GPU", "hooks.example/services/T0/B0/xoxb-webhook-token-123")]), "gpu").unwrap_err().to_string();
+        let err = Config::for_pool(two_pools(&[("NOTIFY_URL_GPU", "hooks.example/services/T0/B0/xoxb-webhook-token-123")]), "gpu").unwrap_err().to_string();
         assert!(err.contains("NOTIFY_URL_GPU must be an http") && !err.contains("xoxb-webhook-token-123"), "{err}");
+    }
+
+    /// A pool's own `CALLBACK_HOSTS_<POOL>` replaces the edge's list for that pool alone.
+    #[test]
+    fn a_pool_may_have_its_own_callback_hosts() {
+        let pools = two_pools(&[("CALLBACK_HOSTS", "hooks.example, ci.example:8443"), ("CALLBACK_HOSTS_GPU", "GPU-Hooks.example")]);
+        let hosts = |pool| Config::for_pool(&pools, pool).unwrap().callback_hosts;
+        assert_eq!(hosts("gpu"), ["gpu-hooks.example"], "its own, in place of the edge's");
+        assert_eq!(hosts("team-b"), ["hooks.example", "ci.example:8443"], "a pool without its own uses the edge's");
+        assert_eq!(hosts("default"), ["hooks.example", "ci.example:8443"], "another pool's list is not the default's");
     }
 
     /// A pool's own number setting that is wrong is named as it was set, like its
@@ -434,6 +449,16 @@ mod tests {
         assert!(err.starts_with("LOST_AFTER_MS_GPU is 999999999999999, over the most"), "{err}");
         let err = Config::for_pool(with("LOST_AFTER_MS", "x"), "gpu").unwrap_err().to_string();
         assert!(err.starts_with("LOST_AFTER_MS must be a whole number"), "{err}");
+    }
+
+    #[test]
+    fn caller_names_are_one_whatever_their_case() {
+        let cfg = Config::from_lookup(lookup(&[("RUNNER_SECRETS", "CI=ci-secret-0123456789")])).unwrap();
+        assert_eq!(cfg.caller_secrets, [("ci".to_string(), "ci-secret-0123456789".to_string())]);
+        let twice = Config::from_lookup(lookup(&[("RUNNER_SECRETS", "ci=ci-secret-0123456789,Ci=other-secret-0123456789")])).unwrap_err();
+        assert!(twice.to_string().contains("given twice"), "{twice}");
+        let default = Config::from_lookup(lookup(&[("RUNNER_SECRETS", "Default=ci-secret-0123456789")])).unwrap_err();
+        assert!(default.to_string().contains("pool's RUNNER_SECRET"), "{default}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 use crate::body::Body;
 use crate::clock::Now;
 use crate::machine::{CallerId, Edge, Effect};
+use crate::progress;
 use crate::record::Mode;
 use crate::response::Response;
 use crate::Config;
@@ -29,6 +30,8 @@ pub struct Request {
     pub authorization: Option<String>,
     /// `Idempotency-Key`.
     pub idempotency_key: Option<String>,
+    /// `Last-Event-ID`: where a follower of `GET /jobs/{id}/events` resumes.
+    pub last_event_id: Option<String>,
     pub body: Body,
 }
 
@@ -234,7 +237,8 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
     let parse = |edge: &Edge, body: &[u8]| ExecuteRequest::parse(body, key, limits).and_then(|s| with_caller(edge.config(), s, who.as_ref()));
     // A named caller's own secret reaches that caller's jobs only: another's is unknown to it.
     let own = |job: &crate::record::Job| match &who {
-        Some(Who::Caller(name)) => job.placement.caller() == name,
+        // Without regard to case: jobs stored before names were lowered keep their own.
+        Some(Who::Caller(name)) => job.placement.caller().eq_ignore_ascii_case(name),
         _ => true,
     };
     if let ["jobs", id, ..] = segments.as_slice() {
@@ -298,8 +302,23 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
             Handled { caller, reply: Reply::Once { max_wait_ms: crate::machine::LOGIN_WAIT_MS }, effects }
         }
         ("GET", ["jobs", id, "events"]) => {
+            let after = match req.last_event_id.as_deref().map(|text| (text, progress::parse_event_id(text))) {
+                None => None,
+                Some((_, Some(at))) => Some(at),
+                Some((text, None)) => {
+                    let error = ApiError::new(
+                        ErrorCode::InvalidRequest,
+                        format!(
+                            "Last-Event-ID `{}` is not an id this stream sends (a number such as 12, or 2.12 for a job's second attempt); \
+                             send the `id:` of the last event read, or none to read the stream from the start",
+                            shared::text::truncate(text, 40)
+                        ),
+                    );
+                    return answer(Response::error(error.with_job(id)), Vec::new());
+                }
+            };
             let mut effects = Vec::new();
-            match edge.follow(caller, id, &mut effects) {
+            match edge.follow(caller, id, after, &mut effects) {
                 Ok(()) => Handled { caller, reply: Reply::Stream, effects },
                 Err(refused) => answer(Response::error(refused), effects),
             }

@@ -168,6 +168,7 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
         secret_header: secret,
         authorization,
         idempotency_key: header(&parts.headers, "idempotency-key"),
+        last_event_id: header(&parts.headers, "last-event-id"),
         body: if read { read_body(body, Intake::new(state.config.max_body_bytes)).await } else { edge_core::body::Body::Bytes(Vec::new()) },
     };
     let (tx, rx) = oneshot::channel();

@@ -355,8 +355,8 @@ impl EdgeDurableObject {
     /// from the effects, now or when its job ends.
     async fn serve(&self, mut req: Request, path: &str, read_body: bool) -> worker::Result<worker::Response> {
         let header = |name: &str| req.headers().get(name).ok().flatten();
-        let (secret_header, authorization, idempotency_key) =
-            (header("x-runner-secret"), header("authorization"), header("idempotency-key"));
+        let (secret_header, authorization, idempotency_key, last_event_id) =
+            (header("x-runner-secret"), header("authorization"), header("idempotency-key"), header("last-event-id"));
         let method = req.inner().method();
         let body = if read_body {
             let limit = self.with_edge(|edge| edge.config().max_body_bytes).unwrap_or(0);
@@ -368,7 +368,7 @@ impl EdgeDurableObject {
             Ok(seed) => seed,
             Err(e) => return exchange::error(&ApiError::new(ErrorCode::InternalError, e)),
         };
-        let request = http::Request { method, path: path.to_string(), secret_header, authorization, idempotency_key, body };
+        let request = http::Request { method, path: path.to_string(), secret_header, authorization, idempotency_key, last_event_id, body };
         let now = now_ms();
         let Some(handled) = self.with_edge(|edge| http::handle(edge, now, seed, request)) else {
             return exchange::respond(not_loaded(path));

@@ -135,6 +135,8 @@ pub fn http(data: &[u8]) {
         path: path.clone(),
         secret_header: secret,
         authorization,
+        // Flag 16: the idempotency key's text is sent as `Last-Event-ID` instead.
+        last_event_id: if flags & 16 == 16 { idempotency_key.clone() } else { None },
         idempotency_key,
         body: match flags & 12 {
             4 => Body::TooLarge,

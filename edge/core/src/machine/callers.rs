@@ -62,10 +62,11 @@ impl Edge {
         self.callers.waiters.entry(job_id.to_string()).or_default().push(caller);
     }
 
-    /// `caller` follows the job's progress: what is kept so far at once, then each event,
+    /// `caller` follows the job's progress: what is kept so far at once — only what came
+    /// after `after` when it resumes a stream (its `Last-Event-ID`) —, then each event,
     /// then the result. Refused (404) when there is no such job, and (429) when the job, or
     /// the edge, has as many followers as it takes.
-    pub fn follow(&mut self, caller: CallerId, job_id: &str, effects: &mut Vec<Effect>) -> Result<(), ApiError> {
+    pub fn follow(&mut self, caller: CallerId, job_id: &str, after: Option<progress::At>, effects: &mut Vec<Effect>) -> Result<(), ApiError> {
         if !self.jobs.contains_key(job_id) {
             return Err(ApiError::job_not_found(job_id));
         }
@@ -86,7 +87,7 @@ impl Edge {
             )
             .with_job(job_id));
         }
-        for chunk in self.progress.get(job_id).map(|b| b.replay()).unwrap_or_default() {
+        for chunk in self.progress.get(job_id).map(|b| b.replay(after)).unwrap_or_default() {
             effects.push(Effect::Stream { caller, chunk });
         }
         self.note_callers(job_id);
@@ -209,16 +210,16 @@ impl Edge {
     /// `at` is the event's order attempt and sequence number: an event not newer than the
     /// last one shown (signed by the agent, but replayed or held back on the path) is not
     /// shown again.
-    pub(super) fn announce_progress(&mut self, job_id: &str, at: (u32, u64), event: &serde_json::Value, effects: &mut Vec<Effect>) {
+    pub(super) fn announce_progress(&mut self, job_id: &str, at: progress::At, event: &serde_json::Value, effects: &mut Vec<Effect>) {
         if !self.progress.entry(job_id.to_string()).or_default().advance(at) {
             tracing::debug!(job_id = %job_id, attempt = at.0, seq = at.1, "progress event not newer than the last one shown ignored");
             return;
         }
-        let chunk: progress::Chunk = progress::progress_chunk(at.1, event).into();
+        let chunk: progress::Chunk = progress::progress_chunk(at, event).into();
         for caller in self.callers.followers.get(job_id).into_iter().flatten() {
             effects.push(Effect::Stream { caller: *caller, chunk: chunk.clone() });
         }
-        self.progress.entry(job_id.to_string()).or_default().push(chunk);
+        self.progress.entry(job_id.to_string()).or_default().push(at, chunk);
     }
 
     /// Every caller still waiting is told where its job can be found, and every stream

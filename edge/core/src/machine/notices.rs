@@ -13,7 +13,7 @@ use crate::notify::{self, AlertKind, Observation, Outcome};
 use crate::notify::CallbackState;
 use crate::record::Job;
 use shared::oauth::OAuthSource;
-use shared::time::rfc3339;
+use shared::time::{rfc3339, spoken};
 use shared::Millis;
 use std::collections::BTreeMap;
 use tracing::{info, warn};
@@ -105,8 +105,8 @@ impl Edge {
             agent: String::new(),
             active: offline_for.is_some_and(|d| d >= self.cfg.offline_alert_ms),
             message: format!(
-                "No agent has been connected to the edge for {} minutes (since {}). /execute calls fall back, POST /jobs jobs wait; check `claude-runner status` on the runner machine.",
-                offline_for.unwrap_or(0) / 60_000,
+                "No agent has been connected to the edge for {} (since {}). /execute calls fall back, POST /jobs jobs wait; check `claude-runner status` on the runner machine.",
+                spoken(offline_for.unwrap_or(0)),
                 self.offline_since.map(|t| rfc3339(now.wall_of(t))).unwrap_or_default()
             ),
         });

@@ -32,6 +32,7 @@ fn a_broken_upload_is_a_400_and_an_oversized_one_a_413() {
             secret_header: Some(SECRET.into()),
             authorization: None,
             idempotency_key: None,
+            last_event_id: None,
             body,
         };
         let handled = http::handle(&mut edge, 0, [1; 16], req);

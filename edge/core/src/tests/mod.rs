@@ -253,6 +253,7 @@ pub(super) fn call(edge: &mut Edge, now: impl Into<crate::Now>, method: &str, pa
         secret_header: Some(SECRET.into()),
         authorization: None,
         idempotency_key: None,
+        last_event_id: None,
         body: Body::Bytes(body),
     };
     static SEED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
@@ -683,6 +684,7 @@ fn http_routes_check_the_secret_size_and_methods() {
         secret_header: secret.map(str::to_string),
         authorization: None,
         idempotency_key: None,
+        last_event_id: None,
         body: Body::Bytes(body.to_vec()),
     };
     let status = |edge: &mut Edge, r: Request| {
@@ -708,12 +710,55 @@ fn http_routes_check_the_secret_size_and_methods() {
 }
 
 #[test]
+fn a_follower_resuming_with_last_event_id_reads_only_what_it_missed() {
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    for seq in 1..=4 {
+        progress(&mut edge, 2, &sid, "j1", seq, json!({"n": seq}));
+    }
+    let follow = |edge: &mut Edge, last_event_id: Option<&str>| {
+        let req = Request {
+            method: "GET".into(),
+            path: "/jobs/j1/events".into(),
+            secret_header: Some(SECRET.into()),
+            authorization: None,
+            idempotency_key: None,
+            last_event_id: last_event_id.map(String::from),
+            body: Body::Bytes(Vec::new()),
+        };
+        let handled = http::handle(edge, 3, [9; 16], req);
+        let ids: Vec<String> = streamed(&handled.effects, handled.caller).0.iter().map(|c| c.lines().next().unwrap_or_default().to_string()).collect();
+        (handled, ids)
+    };
+    let (_, ids) = follow(&mut edge, None);
+    assert_eq!(ids, ["id: 1", "id: 2", "id: 3", "id: 4"]);
+    let (handled, ids) = follow(&mut edge, Some("2"));
+    assert!(matches!(handled.reply, http::Reply::Stream));
+    assert_eq!(ids, ["id: 3", "id: 4"], "only what came after the last id read");
+    let (resumed, ids) = follow(&mut edge, Some("4"));
+    assert!(ids.is_empty(), "up to date: {ids:?}");
+    // The resumed stream goes on with the next event.
+    let effects = progress(&mut edge, 4, &sid, "j1", 5, json!({"n": 5}));
+    assert_eq!(streamed(&effects, resumed.caller).0.len(), 1);
+    // An id this stream never sends is refused, saying what to send (and not repeating
+    // more of it than fits a line).
+    for bad in ["banana", "-3", "1.5", &"7".repeat(5_000)] {
+        let (handled, _) = follow(&mut edge, Some(bad));
+        let (status, body) = answer_to(&handled.effects, handled.caller).expect("answered at once");
+        assert_eq!(status, 400, "{bad:?}");
+        let text = body["error"].as_str().unwrap_or_default();
+        assert!(text.contains("Last-Event-ID") && text.contains("the `id:` of the last event read") && text.len() < 400, "{body}");
+    }
+}
+
+#[test]
 fn followers_get_the_progress_so_far_then_the_result() {
     let (mut edge, sid) = ready_edge();
     edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
     let early = edge.begin_request();
     let mut effects = Vec::new();
-    assert!(edge.follow(early, "j1", &mut effects).is_ok());
+    assert!(edge.follow(early, "j1", None, &mut effects).is_ok());
     assert_eq!(streamed(&effects, early), (vec![], false));
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
     let effects = progress(&mut edge, 2, &sid, "j1", 1, json!({"type": "system"}));
@@ -727,7 +772,7 @@ fn followers_get_the_progress_so_far_then_the_result() {
     }
     let late = edge.begin_request();
     let mut effects = Vec::new();
-    edge.follow(late, "j1", &mut effects).unwrap();
+    edge.follow(late, "j1", None, &mut effects).unwrap();
     let (backlog, ended) = streamed(&effects, late);
     assert!(!ended);
     assert!(backlog[0].contains("5 earlier progress events"), "{}", backlog[0]);
@@ -742,7 +787,7 @@ fn followers_get_the_progress_so_far_then_the_result() {
     // A follower of a job that is over gets the result at once, read from storage.
     let after = edge.begin_request();
     let mut effects = Vec::new();
-    edge.follow(after, "j1", &mut effects).unwrap();
+    edge.follow(after, "j1", None, &mut effects).unwrap();
     assert!(matches!(&effects[..], [Effect::Deliver { form: crate::record::Form::Stream, .. }]), "{effects:?}");
-    assert_eq!(edge.follow(after, "nope", &mut Vec::new()).unwrap_err().status, 404);
+    assert_eq!(edge.follow(after, "nope", None, &mut Vec::new()).unwrap_err().status, 404);
 }

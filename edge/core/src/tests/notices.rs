@@ -50,7 +50,7 @@ fn an_agent_away_for_offline_alert_ms_is_alerted_once_even_across_a_restart() {
     assert_eq!(alert_kinds(&effects), vec!["offline"]);
     let alert = &posts(&effects)[0];
     assert_eq!(alert.url, "https://ntfy.example/topic");
-    assert!(alert.body.contains("No agent has been connected"), "{}", alert.body);
+    assert!(alert.body.contains("No agent has been connected to the edge for 10 seconds"), "{}", alert.body);
     let stored = saved_alerts(&effects).unwrap();
     // Not again, however long it lasts, nor after another restart.
     let (mut edge, _) = Edge::restore(notifying(), vec![], vec![], Some(stored), 20_000);

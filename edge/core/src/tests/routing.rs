@@ -54,6 +54,7 @@ fn request(edge: &mut Edge, now: u64, secret: &str, method: &str, path: &str, bo
         secret_header: Some(secret.into()),
         authorization: None,
         idempotency_key: None,
+        last_event_id: None,
         body: Body::Bytes(if body.is_null() { Vec::new() } else { body.to_string().into_bytes() }),
     };
     http::handle(edge, now, [now as u8; 16], req)
@@ -378,6 +379,7 @@ fn an_idempotency_key_is_each_callers_own() {
             secret_header: Some(secret.into()),
             authorization: None,
             idempotency_key: Some("deploy-1".into()),
+            last_event_id: None,
             body: Body::Bytes(json!({"prompt": prompt}).to_string().into_bytes()),
         };
         answer(&http::handle(edge, now, [now as u8; 16], req))
@@ -403,22 +405,26 @@ fn a_name_with_its_own_secret_belongs_to_that_secret() {
     // Whoever holds the pool's secret cannot send jobs as `a`: neither fill a's queue cap
     // (a's own jobs would be refused) nor take a's turns.
     let mut edge = Edge::new(Config { max_queued_per_caller: 2, ..pool_config() }, 0);
-    for (i, path) in ["/jobs", "/execute", "/jobs", "/jobs"].into_iter().enumerate() {
-        let h = request(&mut edge, i as u64, SECRET, "POST", path, json!({"prompt": "x", "caller": "a"}));
+    // Names are one whatever their case: `A` is `a`.
+    for (i, (path, name)) in [("/jobs", "a"), ("/execute", "a"), ("/jobs", "A"), ("/execute", "A")].into_iter().enumerate() {
+        let h = request(&mut edge, i as u64, SECRET, "POST", path, json!({"prompt": "x", "caller": name}));
         let (status, body) = answer(&h);
         assert_eq!((status, body["error_code"].as_str()), (403, Some("UNAUTHORIZED")), "{path}: {body}");
         let error = body["error"].as_str().unwrap();
         assert!(error.contains("`a`") && error.contains("RUNNER_SECRETS"), "says whose secret to use: {error}");
     }
     assert_eq!(edge.queued(), 0, "nothing was queued as a");
-    for i in 0..2 {
-        submit(&mut edge, 10 + i, A_SECRET, json!({"prompt": "a's own"}));
+    for (i, name) in [(0, "a"), (1, "A")] {
+        // a's own secret may name itself in any case.
+        let own = submit(&mut edge, 10 + i, A_SECRET, json!({"prompt": "a's own", "caller": name}));
+        assert_eq!(edge.job(&own).unwrap().placement.caller(), "a");
     }
     // b's secret may not either; names without a secret stay the pool secret's to give.
     let h = request(&mut edge, 12, B_SECRET, "POST", "/jobs", json!({"prompt": "x", "caller": "a"}));
     assert_eq!(answer(&h).0, 403);
-    let nightly = submit(&mut edge, 13, SECRET, json!({"prompt": "x", "caller": "nightly"}));
-    assert_eq!(edge.job(&nightly).unwrap().placement.caller(), "nightly");
+    let nightly = submit(&mut edge, 13, SECRET, json!({"prompt": "x", "caller": "Nightly"}));
+    assert_eq!(edge.job(&nightly).unwrap().placement.caller(), "nightly", "one lane for `Nightly` and `nightly`");
+
     let unnamed = submit(&mut edge, 14, SECRET, json!({"prompt": "x"}));
     assert_eq!(edge.job(&unnamed).unwrap().placement.caller(), shared::placement::DEFAULT_CALLER);
 }
