@@ -10,14 +10,14 @@ use crate::report::Reporter;
 use crate::process::Stop;
 use crate::replay::ReplayGuard;
 use crate::runner::{self, JobContext};
-use crate::spool::Spool;
+use crate::spool::{Spool, StoredResult};
 use crate::status::StatusFile;
 use futures_util::FutureExt;
 use shared::contract::ErrorCode;
-use shared::envelope::{check_order, Audience, Domain, Envelope, OrderHeader, Refusal};
+use shared::envelope::{check_order, Audience, Domain, Envelope, OrderHeader, Refusal, Tagged};
 use shared::job::JobResult;
 use shared::oauth::OAuthReport;
-use shared::protocol::{AgentMessage, Beat, CancelOrder, JobOrder, LoginOrder, Slots};
+use shared::protocol::{AgentMessage, Beat, CancelOrder, JobOrder, LoginOrder, ResultReport, Slots};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -88,6 +88,8 @@ pub struct Agent {
     /// Messages for the edge; the current connection sends them, or drops them while
     /// there is none (results are spooled, credits recomputed, events are only progress).
     pub uplink: mpsc::UnboundedSender<AgentMessage>,
+    /// The current connection's keys: what goes on the uplink is MACed with them.
+    pub link: crate::link::Link,
     jobs: mpsc::UnboundedSender<JobTask>,
     /// When the jobs' waiting progress batches go.
     progress_clock: Arc<crate::progress_clock::ProgressClock>,
@@ -123,13 +125,12 @@ impl Agent {
             let jobs: Vec<&str> = interrupted.iter().map(|j| j.job_id.as_str()).collect();
             warn!(agent_id = %cfg.agent_id, jobs = ?jobs, "jobs that were running when the agent last stopped are reported lost");
         }
-        // Reported like any result: signed, bound to the order the marker kept.
+        // Reported like any result: bound to the order the marker kept.
         for job in interrupted {
-            if let AgentMessage::Result { envelope } = AgentMessage::result(&job.job_id, &job.order_nonce, crate::spool::interrupted(), &cfg.signing_key) {
-                spool.put(&job.job_id, &envelope).map_err(|e| {
-                    anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
-                })?;
-            }
+            let stored = StoredResult::of(&ResultReport { job_id: job.job_id.clone(), order_nonce: job.order_nonce, result: crate::spool::interrupted() });
+            spool.put(&job.job_id, &stored).map_err(|e| {
+                anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())
+            })?;
         }
         let replay = ReplayGuard::open(cfg.data_dir.join("seen-orders.log"));
         // The redactor also knows the agent's own secrets and the repository tokens.
@@ -165,6 +166,7 @@ impl Agent {
             workspaces: Arc::new(workspaces),
             _data_lock: data_lock,
             uplink,
+            link: Default::default(),
             jobs,
             progress_clock: Default::default(),
         };
@@ -179,6 +181,7 @@ impl Agent {
             login: self.login.clone(),
             gate: self.gate.clone(),
             uplink: self.uplink.clone(),
+            link: self.link.clone(),
             reporter: Arc::clone(&self.reporter),
             order_nonce: order_nonce.to_string(),
             spool: Some(Arc::clone(&self.spool)),
@@ -197,10 +200,12 @@ impl Agent {
         Slots { free, received: running.received }
     }
 
-    /// A new connection to the edge, whose challenge was `challenge`: its orders are
-    /// numbered, and its heartbeats counted, from zero on it.
-    pub fn begin_session(&self, challenge: &str) {
+    /// A new connection to the edge, whose challenge was `challenge` and whose keys are
+    /// `keys`: its orders are numbered, and its heartbeats counted, from zero on it, and
+    /// what the agent sends from now on is MACed with its key.
+    pub fn begin_session(&self, challenge: &str, keys: shared::link::LinkKeys) {
         let mut running = self.running.lock().expect("running lock");
+        self.link.set(keys);
         running.received = 0;
         running.challenge = challenge.to_string();
         running.beats = 0;
@@ -233,7 +238,9 @@ impl Agent {
             slots: self.slots(&running),
             claude_version: self.cli.current(),
         };
-        let _ = self.uplink.send(AgentMessage::heartbeat(&beat, &self.cfg.signing_key));
+        if let Some(key) = self.link.mine() {
+            let _ = self.uplink.send(AgentMessage::heartbeat(&beat, &key));
+        }
     }
 
     pub fn oauth_report(&self) -> OAuthReport {
@@ -269,11 +276,12 @@ impl Agent {
         }
     }
 
-    /// Tells the edge the job order `header` was refused and nothing ran, signed and bound
+    /// Tells the edge the job order `header` was refused and nothing ran, MACed and bound
     /// to the order: `retry` when the refusal was about this moment, not the order.
     fn reject(&self, header: &OrderHeader, reason: &str, retry: bool) {
-        let msg = AgentMessage::rejected(&header.job_id, &header.nonce, reason, retry, &self.cfg.signing_key);
-        let _ = self.uplink.send(msg);
+        if let Some(key) = self.link.mine() {
+            let _ = self.uplink.send(AgentMessage::rejected(&header.job_id, &header.nonce, reason, retry, &key));
+        }
     }
 
     /// An order whose signature verified, or `None` after refusing it (naming no order:
@@ -341,7 +349,9 @@ impl Agent {
         }
         if let Some(result) = self.spool.get(&job_id) {
             warn!(job_id = %job_id, agent_id = %self.cfg.agent_id, "sent a job that ended here already; sending its result again");
-            let _ = self.uplink.send(AgentMessage::Result { envelope: result });
+            if let Some(key) = self.link.mine() {
+                let _ = self.uplink.send(AgentMessage::result_text(result.payload, &key));
+            }
             return;
         }
         if running.closed || running.jobs.len() as u32 >= self.cfg.max_concurrent_jobs {
@@ -385,26 +395,29 @@ impl Agent {
         self.status.running(ids);
     }
 
-    /// A job ended: remember its login outcome, keep its result — signed, bound to the
-    /// order it answers — until the edge has it, free its slot, and tell the edge. The
-    /// result is sent first and written to disk while it travels (see [`crate::spool`]);
-    /// the job's workspace is removed after that write, in the same trip off the async
-    /// threads.
+    /// A job ended: remember its login outcome, keep its result — bound to the order it
+    /// answers, MACed with each connection's key as it goes — until the edge has it, free
+    /// its slot, and tell the edge. The result is sent first and written to disk while it
+    /// travels (see [`crate::spool`]); the job's workspace is removed after that write, in
+    /// the same trip off the async threads.
     async fn finish(self: &Arc<Self>, job_id: &str, order_nonce: &str, result: JobResult, leftover: Option<runner::Leftover>) {
         match (result.success, result.error_code) {
             (false, Some(ErrorCode::RunnerOauthError)) => self.reporter.auth_failed(true),
             (true, _) => self.reporter.run_succeeded(),
             _ => {}
         }
-        let report = AgentMessage::result(job_id, order_nonce, result, &self.cfg.signing_key);
-        if let AgentMessage::Result { envelope } = &report {
-            self.spool.sending(job_id, envelope);
-        }
+        let stored = StoredResult::of(&ResultReport { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), result });
+        // Kept before it is MACed: a reconnect in between sends it from the spool, under
+        // the new connection's key.
+        self.spool.sending(job_id, &stored);
+        let report = self.link.mine().map(|key| AgentMessage::result_text(stored.payload, &key));
         let (ids, mirrors) = {
             let mut running = self.running.lock().expect("running lock");
             running.jobs.remove(job_id);
             let mirrors = self.repos.mirror_names();
-            let _ = self.uplink.send(report);
+            if let Some(report) = report {
+                let _ = self.uplink.send(report);
+            }
             if mirrors != running.mirrors_told {
                 // The edge routes a repository's jobs to agents holding its mirror.
                 running.mirrors_told = mirrors.clone();
@@ -440,14 +453,15 @@ impl Agent {
         self.relogin.on_order(self, order);
     }
 
-    /// The edge stored a result: it is forgotten here, once the edge's signature says so
-    /// (an acknowledgement made up on the path would lose it for good). Any other is
-    /// ignored, and the result goes out again after the next reconnect.
-    pub fn on_result_ack(&self, envelope: &Envelope) {
-        match envelope.open::<shared::protocol::Acknowledgement>(Domain::ResultAck, &self.cfg.edge_public_key) {
+    /// The edge stored a result: it is forgotten here, once the edge's MAC on this
+    /// connection says so (an acknowledgement made up on the path would lose it for good).
+    /// Any other is ignored, and the result goes out again after the next reconnect.
+    pub fn on_result_ack(&self, envelope: &Tagged) {
+        let Some(key) = self.link.edges() else { return };
+        match envelope.open::<shared::protocol::Acknowledgement>(Domain::ResultAck, &key) {
             Ok(ack) if ack.agent_id == self.cfg.agent_id => self.spool.remove(&ack.job_id),
             Ok(_) => warn!(agent_id = %self.cfg.agent_id, "an acknowledgement for another agent ignored"),
-            Err(e) => warn!(agent_id = %self.cfg.agent_id, error = %e, "an acknowledgement not signed by the edge ignored; its result stays"),
+            Err(e) => warn!(agent_id = %self.cfg.agent_id, error = %e, "an acknowledgement not MACed by the edge on this connection ignored; its result stays"),
         }
     }
 

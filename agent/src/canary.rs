@@ -36,7 +36,7 @@ const RESULT_FIELDS: [(&str, fn(&Value) -> bool); 5] = [
 pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<String>> {
     let cfg = AgentConfig::local_only(local, agent_id);
     let (uplink, mut events) = mpsc::unbounded_channel();
-    let own = cfg.signing_key.verifying_key();
+    let link = crate::link::Link::local();
     let repos = crate::repo::Repos::open(&cfg.data_dir, cfg.repos.clone())
         .map_err(|e| vec![format!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())])?;
     let login = Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.secrets.iter().map(String::as_str));
@@ -48,6 +48,7 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
         login,
         gate: RefreshGate::default(),
         uplink,
+        link: link.clone(),
         reporter,
         repos: Arc::new(repos),
         cfg: Arc::new(cfg),
@@ -67,7 +68,7 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
     let mut lines = Vec::new();
     while let Ok(message) = events.try_recv() {
         if let AgentMessage::Event { envelope } = message {
-            if let Ok(report) = envelope.open::<ProgressReport>(Domain::Progress, &own) {
+            if let Ok(report) = envelope.open::<ProgressReport>(Domain::Progress, &link.mine().expect("a local link")) {
                 lines.extend(report.events.into_iter().map(|e| e.event));
             }
         }

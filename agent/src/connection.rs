@@ -131,7 +131,7 @@ const FRAMES_PER_WRITE: usize = 64;
 /// [`FRAMES_PER_WRITE`]), in order, in one write: a job's end queues its last progress, its
 /// result and a statement of the slots together, and one write is one wake-up of the edge
 /// instead of three. Gives up after `limit`. Returns the last heartbeat sent, read back
-/// (our own words, just signed) for the status file.
+/// (our own words, just MACed) for the status file.
 async fn send_queued(
     ws: &mut Socket,
     first: AgentMessage,
@@ -197,14 +197,16 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
         return refuse(&mut ws, close::VERSION_MISMATCH, reason).await;
     }
 
-    // 2. Our signed hello.
+    // 2. Our signed hello, with this connection's X25519 key.
     let agent_nonce = nonce();
+    let ephemeral = shared::link::Ephemeral::new(runtime::entropy());
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         agent_id: cfg.agent_id.clone(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
         challenge: challenge.clone(),
         agent_nonce: agent_nonce.clone(),
+        ephemeral: ephemeral.public(),
         issued_at: crate::now_ms(),
         capacity: cfg.max_concurrent_jobs,
         running: agent.running_ids(),
@@ -248,6 +250,22 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
         );
         return refuse(&mut ws, close::UNAUTHORIZED, reason).await;
     }
+    // The connection's keys, from the edge's X25519 key in its signed welcome.
+    let transcript = shared::link::Transcript {
+        challenge: &challenge,
+        agent_nonce: &agent_nonce,
+        agent_public: &hello.ephemeral,
+        edge_public: &welcome.ephemeral,
+        agent_id: &cfg.agent_id,
+        pool: &cfg.pool,
+    };
+    let keys = match shared::link::LinkKeys::agree(&ephemeral, &welcome.ephemeral, &transcript) {
+        Ok(keys) => keys,
+        Err(e) => {
+            let reason = format!("the edge's connection key is refused ({e}); run the same claude-runner release on both");
+            return refuse(&mut ws, close::UNAUTHORIZED, reason).await;
+        }
+    };
     let heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms.clamp(100, 600_000));
     info!(agent_id = %cfg.agent_id, session = %welcome.session_id, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the edge");
     agent.status.connected(heartbeat.as_millis() as u64);
@@ -260,11 +278,11 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
     // was queued for the last one is dropped: its statements counted that connection's
     // orders, its heartbeats are bound to it, and its results are in the spool, sent below. Then the free slots, then every result the
     // edge has not acknowledged.
-    agent.begin_session(&challenge);
+    agent.begin_session(&challenge, keys.clone());
     while uplink.try_recv().is_ok() {}
     agent.state_slots();
-    for (_, envelope) in agent.spool.all() {
-        if let Err(end) = send(&mut ws, &AgentMessage::Result { envelope }, limit).await {
+    for (_, stored) in agent.spool.all() {
+        if let Err(end) = send(&mut ws, &AgentMessage::result_text(stored.payload, &keys.agent_to_edge), limit).await {
             return end;
         }
     }

@@ -9,6 +9,7 @@
 //! - [`drain`]: how a stop is asked for: signals, or `agent --drain` from another shell.
 //! - [`connection`]: the outbound WebSocket: handshake, heartbeats, reconnects.
 //! - [`agent`]: state that outlives connections; verifying, starting and cancelling orders.
+//! - [`link`]: the current connection's MAC keys, shared by the agent and its jobs.
 //! - [`runner`]: one job's life, given a narrow [`runner::JobContext`].
 //! - [`progress_clock`]: when the jobs' waiting progress batches go (one clock for all).
 //! - [`workspace`]: a job's fresh folder, its working directory, a carried-over session.
@@ -43,6 +44,7 @@ mod drain;
 mod files;
 mod keygen;
 mod launcher;
+mod link;
 mod oauth;
 mod process;
 mod progress_clock;

@@ -96,12 +96,14 @@ impl Relogin {
     }
 }
 
-/// Tells the edge how the login goes, signed and bound to the order `order_nonce` it
+/// Tells the edge how the login goes, MACed and bound to the order `order_nonce` it
 /// answers (the edge lets held work go on a `LoggedIn`: nobody on the path may forge one).
 fn progress(agent: &Agent, login_id: &str, order_nonce: &str, state: LoginState, url: Option<String>, error: Option<String>) {
     let oauth = (state == LoginState::LoggedIn).then(|| agent.reporter.report());
     let report = LoginReport { login_id: login_id.to_string(), order_nonce: order_nonce.to_string(), state, url, error, oauth };
-    let _ = agent.uplink.send(AgentMessage::login(&report, &agent.cfg.signing_key));
+    if let Some(key) = agent.link.mine() {
+        let _ = agent.uplink.send(AgentMessage::login(&report, &key));
+    }
 }
 
 /// The authorization URL in what `claude auth login` printed so far: the first `https://`

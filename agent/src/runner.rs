@@ -39,6 +39,8 @@ pub struct JobContext {
     pub gate: RefreshGate,
     /// Progress events go out here (dropped while the agent is offline).
     pub uplink: mpsc::UnboundedSender<AgentMessage>,
+    /// The current connection's keys: progress is MACed with them.
+    pub link: crate::link::Link,
     /// Told of the usage window as Claude reports it, mid-run.
     pub reporter: Arc<crate::report::Reporter>,
     /// Where the job's "started" marker is written before Claude is spawned (None for a
@@ -46,7 +48,7 @@ pub struct JobContext {
     pub spool: Option<Arc<Spool>>,
     /// Repository mirrors, for jobs with a `repo_url`.
     pub repos: Arc<Repos>,
-    /// The nonce of the job's order: every progress event is signed bound to it.
+    /// The nonce of the job's order: every progress batch is MACed bound to it.
     pub order_nonce: String,
     /// When waiting progress batches go (one clock for all jobs).
     pub progress_clock: Arc<ProgressClock>,
@@ -255,7 +257,9 @@ async fn run_claude(
     let batch = Mutex::new(Batch::default());
     let opened = Notify::new();
     let send = |events| {
-        let _ = ctx.uplink.send(AgentMessage::progress(job_id, &ctx.order_nonce, events, &cfg.signing_key));
+        if let Some(key) = ctx.link.mine() {
+            let _ = ctx.uplink.send(AgentMessage::progress(job_id, &ctx.order_nonce, events, &key));
+        }
     };
     let on_line = |line: &[u8]| {
         if redactor_read.elapsed() > REDACTOR_REFRESH {

@@ -6,9 +6,10 @@
 //! - "started", per job: its id and its order's nonce, written (and synced) into a free
 //!   slot's record before Claude gets its prompt ([`Spool::started`]). A started record
 //!   without its result, found at start-up, is a job an agent died running: it is reported
-//!   lost (a result signed bound to the nonce kept), never started again — the edge may not
+//!   lost (a result bound to the nonce kept), never started again — the edge may not
 //!   have heard that it started, and would otherwise send it again;
-//! - results, until the edge acknowledges them: kept — signed, as sent — from the moment
+//! - results, until the edge acknowledges them: kept — their payload, MACed again with
+//!   each connection's key as it is sent ([`StoredResult`]) — from the moment
 //!   they are sent ([`Spool::sending`], in memory), and written (and synced) into the
 //!   job's slot beside its started record while they travel ([`Spool::write_sent`]), so a
 //!   dropped connection or an agent restart loses nothing; after reconnecting the agent
@@ -31,12 +32,27 @@
 use crate::files::{write_atomically, PRIVATE_FILE};
 use agent_core::record::{self, Region};
 use shared::contract::ErrorCode;
-use shared::envelope::Envelope;
 use shared::job::JobResult;
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Mutex;
+
+/// A result as the spool keeps it: the payload of its [`shared::protocol::ResultReport`],
+/// exactly as first sent. Protocol 9 MACs it with each connection's key as it goes out
+/// (a reconnect brings a new key), so no MAC is kept. A protocol-8 agent kept the signed
+/// envelope (`{"payload": …, "sig": …}`): it reads as this, its signature left unread,
+/// so an agent upgraded in place sends what the older one kept.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredResult {
+    pub payload: String,
+}
+
+impl StoredResult {
+    pub fn of(report: &shared::protocol::ResultReport) -> StoredResult {
+        StoredResult { payload: serde_json::to_string(report).expect("results serialise") }
+    }
+}
 
 /// More record files than this in `DATA_DIR/records` are not the agent's.
 const MAX_SLOT_FILES: usize = 4096;
@@ -56,10 +72,10 @@ pub struct Spool {
 #[derive(Default)]
 struct Kept {
     /// Results the disk refused, until it takes them.
-    held: BTreeMap<String, Envelope>,
+    held: BTreeMap<String, StoredResult>,
     /// Results sent and being written: until [`Spool::write_sent`] is done with one, an
     /// acknowledgement takes it from here, and the write then undoes what it made.
-    writing: BTreeMap<String, Envelope>,
+    writing: BTreeMap<String, StoredResult>,
     slots: Vec<Slot>,
     /// The jobs that may have a spool file (`DATA_DIR/spool/<job>.json`): every one found
     /// at the start, and every one written since. A superset, so that a job without one —
@@ -74,7 +90,7 @@ enum Slot {
     /// A job's durable started record (or the claim to write one), no result yet.
     Started(record::Started),
     /// A job's started record and its result, until the edge acknowledges it.
-    Holding { job_id: String, result: Envelope },
+    Holding { job_id: String, result: StoredResult },
     /// A job's started record, its result held in memory (the record refused it) until
     /// it is in a spool file or acknowledged: the record stays, so that an agent dying
     /// meanwhile reports the job lost rather than forgetting it.
@@ -159,7 +175,7 @@ impl Spool {
     /// Opens the spool: results in `dir`, older agents' markers in `started`, the slot
     /// records in `records` (at least `slots` of them as jobs need them). Returns the
     /// spool and the jobs a dead agent left started without a result: the agent reports
-    /// each lost ([`interrupted`], signed, [`Spool::put`], which keeps it in the job's
+    /// each lost ([`interrupted`], [`Spool::put`], which keeps it in the job's
     /// slot, or for an older agent's marker in a spool file, and removes the marker).
     pub fn open(dir: PathBuf, started: PathBuf, records: PathBuf, slots: usize) -> std::io::Result<(Spool, Vec<Interrupted>)> {
         crate::files::private_dir(&dir)?;
@@ -189,7 +205,7 @@ impl Spool {
             match read_region(&file, record::STARTED_AT)? {
                 Region::Started(started) => match read_region(&file, record::RESULT_AT)? {
                     Region::Finished(f) if f.job_id == started.job_id && f.order_nonce == started.order_nonce => {
-                        match serde_json::from_value::<Envelope>(f.envelope) {
+                        match serde_json::from_value::<StoredResult>(f.envelope) {
                             Ok(result) => kept.slots[n] = Slot::Holding { job_id: started.job_id, result },
                             Err(_) => unfinished.push((n, started)),
                         }
@@ -367,7 +383,7 @@ impl Spool {
 
     /// Moves a result out of its slot into a spool file (synced, its folder too), unless
     /// the edge acknowledges it meanwhile.
-    fn move_out(&self, job_id: &str, result: &Envelope) -> std::io::Result<()> {
+    fn move_out(&self, job_id: &str, result: &StoredResult) -> std::io::Result<()> {
         let path = self.path(job_id).ok_or_else(|| std::io::Error::other("unsafe job id"))?;
         self.lock().filed.insert(job_id.to_string());
         let written = write_atomically(&path, &serde_json::to_vec(result)?, true).and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
@@ -394,14 +410,14 @@ impl Spool {
     /// Keeps a result until the edge acknowledges it. If the disk refuses it, it is kept
     /// in memory (and the error returned, for the agent to report); either way it is
     /// named in the next hello and sent again.
-    pub fn put(&self, job_id: &str, result: &Envelope) -> std::io::Result<()> {
+    pub fn put(&self, job_id: &str, result: &StoredResult) -> std::io::Result<()> {
         self.sending(job_id, result);
         self.write_sent(job_id)
     }
 
     /// Keeps a result in memory from now on (named in a hello, found by [`Spool::get`]),
     /// before it is sent; [`Spool::write_sent`] then puts it on disk.
-    pub fn sending(&self, job_id: &str, result: &Envelope) {
+    pub fn sending(&self, job_id: &str, result: &StoredResult) {
         self.lock().writing.insert(job_id.to_string(), result.clone());
     }
 
@@ -485,7 +501,7 @@ impl Spool {
         self.kept.lock().expect("spool lock")
     }
 
-    fn in_memory(kept: &Kept, job_id: &str) -> Option<Envelope> {
+    fn in_memory(kept: &Kept, job_id: &str) -> Option<StoredResult> {
         if let Some(r) = kept.held.get(job_id).or_else(|| kept.writing.get(job_id)) {
             return Some(r.clone());
         }
@@ -509,7 +525,7 @@ impl Spool {
     }
 
     /// A kept result, if there is one.
-    pub fn get(&self, job_id: &str) -> Option<Envelope> {
+    pub fn get(&self, job_id: &str) -> Option<StoredResult> {
         {
             let kept = self.lock();
             if let Some(r) = Self::in_memory(&kept, job_id) {
@@ -559,8 +575,8 @@ impl Spool {
     /// Every kept result, in slots, in spool files or held in memory (those are written to
     /// spool files first if the disk now allows). Unreadable files are moved aside rather
     /// than resent forever.
-    pub fn all(&self) -> Vec<(String, Envelope)> {
-        let mut out: BTreeMap<String, Envelope> = BTreeMap::new();
+    pub fn all(&self) -> Vec<(String, StoredResult)> {
+        let mut out: BTreeMap<String, StoredResult> = BTreeMap::new();
         let mut durable_now = Vec::new();
         {
             let mut kept = self.lock();
@@ -609,7 +625,7 @@ impl Spool {
             let Some(id) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else {
                 continue;
             };
-            match std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Envelope>(&b).ok()) {
+            match std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<StoredResult>(&b).ok()) {
                 Some(r) if safe_id(id) => {
                     self.lock().filed.insert(id.to_string());
                     out.insert(id.to_string(), r);
@@ -629,23 +645,25 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    use shared::protocol::{AgentMessage, ResultReport};
+    use shared::protocol::ResultReport;
 
-    /// A result as the agent keeps it: signed.
-    fn signed(job_id: &str, result: JobResult) -> Envelope {
+    /// A result as the agent keeps it: its report's payload.
+    fn kept(job_id: &str, result: JobResult) -> StoredResult {
+        StoredResult::of(&ResultReport { job_id: job_id.into(), order_nonce: format!("{job_id}:1"), result })
+    }
+
+    fn ok(job_id: &str, output: &str) -> StoredResult {
+        kept(job_id, JobResult { success: true, output: output.into(), ..Default::default() })
+    }
+
+    /// A result as a protocol-8 agent kept it: the envelope it sent, signed.
+    fn signed_by_protocol_8(job_id: &str, output: &str) -> shared::envelope::Envelope {
         let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
-        match AgentMessage::result(job_id, &format!("{job_id}:1"), result, &key) {
-            AgentMessage::Result { envelope } => envelope,
-            _ => unreachable!("a result"),
-        }
+        shared::envelope::Envelope::seal(shared::envelope::Domain::Result, &opened(&ok(job_id, output)), &key)
     }
 
-    fn ok(job_id: &str, output: &str) -> Envelope {
-        signed(job_id, JobResult { success: true, output: output.into(), ..Default::default() })
-    }
-
-    fn opened(envelope: &Envelope) -> ResultReport {
-        serde_json::from_str(&envelope.payload).unwrap()
+    fn opened(stored: &StoredResult) -> ResultReport {
+        serde_json::from_str(&stored.payload).unwrap()
     }
 
     fn dir(name: &str) -> PathBuf {
@@ -659,7 +677,7 @@ mod tests {
         Spool::open(dir.join("spool"), dir.join("started"), dir.join("records"), slots).unwrap()
     }
 
-    fn ids(all: Vec<(String, Envelope)>) -> Vec<String> {
+    fn ids(all: Vec<(String, StoredResult)>) -> Vec<String> {
         all.into_iter().map(|(id, _)| id).collect()
     }
 
@@ -773,7 +791,7 @@ mod tests {
         let (spool, interrupted_jobs) = open(&dir, 2);
         assert_eq!(interrupted_jobs, vec![Interrupted { job_id: "ran-half".into(), order_nonce: "ran-half:3".into() }]);
         // The agent reports it lost (as it does at start-up).
-        spool.put("ran-half", &signed("ran-half", interrupted())).unwrap();
+        spool.put("ran-half", &kept("ran-half", interrupted())).unwrap();
         let all = spool.all();
         assert_eq!(all.len(), 2);
         let lost = opened(&spool.get("ran-half").unwrap()).result;
@@ -800,7 +818,7 @@ mod tests {
         std::fs::write(dir.join("spool/had-ended.json"), serde_json::to_vec(&r).unwrap()).unwrap();
         let (spool, interrupted_jobs) = open(&dir, 1);
         assert_eq!(interrupted_jobs, vec![Interrupted { job_id: "was-running".into(), order_nonce: "was-running:4".into() }]);
-        spool.put("was-running", &signed("was-running", interrupted())).unwrap();
+        spool.put("was-running", &kept("was-running", interrupted())).unwrap();
         assert_eq!(ids(spool.all()), vec!["had-ended", "was-running"]);
         assert!(files_in(&dir.join("started")).is_empty(), "the old markers are gone once dealt with");
         spool.remove("had-ended");
@@ -809,6 +827,32 @@ mod tests {
         let (spool, interrupted_jobs) = open(&dir, 1);
         assert!(interrupted_jobs.is_empty());
         assert_eq!(ids(spool.all()), vec!["was-running"]);
+    }
+
+    /// A protocol-8 agent kept its results as the signed envelopes it sent, in its slots'
+    /// records and in spool files: an agent upgraded in place reads them as their
+    /// payloads, which its connections MAC and send.
+    #[test]
+    fn a_protocol_8_agents_signed_results_are_read_as_their_payloads() {
+        let dir = dir("protocol-8");
+        drop(open(&dir, 1));
+        let in_slot = signed_by_protocol_8("in-slot", "kept in a slot");
+        for d in ["spool", "records"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(dir.join("records/0")).unwrap();
+        let started = record::Started { job_id: "in-slot".into(), order_nonce: "in-slot:1".into() };
+        file.write_all_at(&record::started(&started), record::STARTED_AT).unwrap();
+        let finished = record::Finished { job_id: "in-slot".into(), order_nonce: "in-slot:1".into(), envelope: serde_json::to_value(&in_slot).unwrap() };
+        file.write_all_at(&record::finished(&finished), record::RESULT_AT).unwrap();
+        drop(file);
+        let filed = signed_by_protocol_8("filed", "kept in a file");
+        std::fs::write(dir.join("spool/filed.json"), serde_json::to_vec(&filed).unwrap()).unwrap();
+        let (spool, interrupted_jobs) = open(&dir, 1);
+        assert!(interrupted_jobs.is_empty(), "the slot's result was read: {interrupted_jobs:?}");
+        let all = spool.all();
+        assert_eq!(all, vec![("filed".to_string(), StoredResult { payload: filed.payload }), ("in-slot".to_string(), StoredResult { payload: in_slot.payload })]);
+        assert_eq!(opened(&all[1].1).result.output, "kept in a slot");
     }
 
     /// A power cut while a record was written leaves some of its bytes over the old ones.
@@ -896,7 +940,7 @@ mod tests {
 
         let (spool, interrupted_jobs) = open(&dir, 1);
         assert_eq!(interrupted_jobs, vec![Interrupted { job_id: "second".into(), order_nonce: "second:1".into() }]);
-        spool.put("second", &signed("second", interrupted())).unwrap();
+        spool.put("second", &kept("second", interrupted())).unwrap();
         // Found in its spool file by the new agent (an order for it is answered with it).
         assert_eq!(spool.get("first"), Some(r.clone()));
         assert!(spool.has("first") && spool.get("never-here").is_none());

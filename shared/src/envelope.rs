@@ -3,8 +3,14 @@
 //! verifier checks what was sent, not a re-serialisation of it. The prefix names what the
 //! payload is (a job, a cancel, an agent's hello…), so a signature made for one kind of
 //! message can never be passed off as another.
+//!
+//! [`Envelope`] carries an ed25519 signature (orders, hello, welcome: anyone holding the
+//! signer's public key can check it); [`Tagged`] carries a MAC with one direction's key
+//! of one connection ([`crate::link`]): the agent's reports and the edge's result
+//! acknowledgements after the handshake. Both sign or MAC the same prefixed bytes.
 
 use crate::keys;
+use crate::link::{MacKey, MAC_BYTES};
 use crate::Millis;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::de::DeserializeOwned;
@@ -70,6 +76,10 @@ pub enum EnvelopeError {
     MalformedSignature,
     #[error("the signature does not match the payload and the expected key")]
     BadSignature,
+    #[error("the MAC is not valid base64 of 32 bytes")]
+    MalformedMac,
+    #[error("the MAC does not match the payload and this connection's key (altered on the way, or made for another connection or direction)")]
+    BadMac,
     #[error("the signed payload is not the expected message: {0}")]
     MalformedPayload(String),
 }
@@ -96,6 +106,36 @@ impl Envelope {
             .ok_or(EnvelopeError::MalformedSignature)?;
         key.verify(&signed_bytes(domain, &self.payload), &Signature::from_bytes(&sig))
             .map_err(|_| EnvelopeError::BadSignature)?;
+        serde_json::from_str(&self.payload).map_err(|e| EnvelopeError::MalformedPayload(e.to_string()))
+    }
+}
+
+/// A payload and its MAC under one direction's key of one connection, as sent on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tagged {
+    /// The JSON text, exactly as MACed.
+    pub payload: String,
+    /// base64 of the 32-byte HMAC-SHA256 over `prefix ‖ payload`.
+    pub mac: String,
+}
+
+impl Tagged {
+    pub fn seal<T: Serialize>(domain: Domain, payload: &T, key: &MacKey) -> Tagged {
+        Tagged::seal_text(domain, serde_json::to_string(payload).expect("payload types serialise"), key)
+    }
+
+    /// MACs a payload kept as text (a spooled result, sent again on a new connection).
+    pub fn seal_text(domain: Domain, payload: String, key: &MacKey) -> Tagged {
+        let mac = key.tag(domain.prefix(), payload.as_bytes());
+        Tagged { payload, mac: keys::encode(&mac) }
+    }
+
+    /// Checks the MAC (in constant time) first and only then parses the payload.
+    pub fn open<T: DeserializeOwned>(&self, domain: Domain, key: &MacKey) -> Result<T, EnvelopeError> {
+        let mac = keys::decode(&self.mac).filter(|b| b.len() == MAC_BYTES).ok_or(EnvelopeError::MalformedMac)?;
+        if !key.check(domain.prefix(), self.payload.as_bytes(), &mac) {
+            return Err(EnvelopeError::BadMac);
+        }
         serde_json::from_str(&self.payload).map_err(|e| EnvelopeError::MalformedPayload(e.to_string()))
     }
 }
@@ -298,6 +338,35 @@ mod tests {
         assert!(matches!(open(expires + CLOCK_SKEW_MS + 1), Err(Refusal::Expired { .. })));
         assert!(open(1_000_000 - CLOCK_SKEW_MS).is_ok());
         assert!(matches!(open(1_000_000 - CLOCK_SKEW_MS - 1), Err(Refusal::FromTheFuture { .. })));
+    }
+
+    #[test]
+    fn a_mac_opens_only_under_its_key_domain_and_bytes() {
+        let k = MacKey::from_bytes([1; 32]);
+        let tagged = Tagged::seal(Domain::Result, &json!({"job_id": "j1"}), &k);
+        assert_eq!(tagged.open::<serde_json::Value>(Domain::Result, &k).unwrap(), json!({"job_id": "j1"}));
+        // A flipped byte of the payload, or of the MAC.
+        let mut flipped = tagged.clone();
+        flipped.payload = flipped.payload.replace("j1", "j2");
+        assert_eq!(flipped.open::<serde_json::Value>(Domain::Result, &k), Err(EnvelopeError::BadMac));
+        let mut mac = keys::decode(&tagged.mac).unwrap();
+        mac[7] ^= 1;
+        let flipped = Tagged { mac: keys::encode(&mac), ..tagged.clone() };
+        assert_eq!(flipped.open::<serde_json::Value>(Domain::Result, &k), Err(EnvelopeError::BadMac));
+        // Another key, another domain.
+        assert_eq!(tagged.open::<serde_json::Value>(Domain::Result, &MacKey::from_bytes([2; 32])), Err(EnvelopeError::BadMac));
+        for other in [Domain::Progress, Domain::Heartbeat, Domain::ResultAck, Domain::Job] {
+            assert_eq!(tagged.open::<serde_json::Value>(other, &k), Err(EnvelopeError::BadMac), "{other:?}");
+        }
+        // Malformed MACs: not base64, too short, too long, a signature's length.
+        for mac in ["", "!!!", &keys::encode(&[0; 31]), &keys::encode(&[0; 33]), &keys::encode(&[0; 64])] {
+            let bad = Tagged { mac: mac.to_string(), ..tagged.clone() };
+            assert_eq!(bad.open::<serde_json::Value>(Domain::Result, &k), Err(EnvelopeError::MalformedMac), "{mac}");
+        }
+        // The MAC is checked before the payload is read.
+        let garbage = Tagged::seal_text(Domain::Result, "not json".into(), &k);
+        assert!(matches!(garbage.open::<serde_json::Value>(Domain::Result, &k), Err(EnvelopeError::MalformedPayload(_))));
+        assert_eq!(garbage.open::<serde_json::Value>(Domain::Result, &MacKey::from_bytes([2; 32])), Err(EnvelopeError::BadMac));
     }
 
     #[test]

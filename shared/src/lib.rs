@@ -11,7 +11,9 @@
 //! - [`repo`]: repository addresses (`repo_url`), git names, and mirror names.
 //! - [`placement`]: agent labels, and where a job may run, whose it is, its priority.
 //! - [`protocol`]: the versioned messages of the agent ⇄ edge WebSocket.
-//! - [`envelope`]: ed25519-signed envelopes with domain separation (jobs, cancels, hello).
+//! - [`envelope`]: ed25519-signed envelopes and MACed ones, with domain separation (jobs,
+//!   cancels, hello, reports).
+//! - [`link`]: the keys of one connection: X25519 in the signed handshake, HMAC-SHA256.
 //! - [`ids`]: agent ids, plain ids and hex, checked and made the same way everywhere.
 //! - [`keys`]: base64 key encoding and the `AGENT_PUBLIC_KEYS` keyring.
 //! - [`text`]: cutting text to a byte budget on character boundaries; outside words as
@@ -23,6 +25,7 @@ pub mod envelope;
 pub mod ids;
 pub mod job;
 pub mod keys;
+pub mod link;
 pub mod oauth;
 pub mod placement;
 pub mod protocol;

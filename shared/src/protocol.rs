@@ -3,41 +3,61 @@
 //!
 //! 1. edge → [`EdgeMessage::Challenge`] (protocol version, fresh nonce);
 //! 2. agent → [`AgentMessage::Hello`]: a [`Hello`] signed with the agent's key over the
-//!    challenge — proof of identity that cannot be replayed on another connection;
+//!    challenge — proof of identity that cannot be replayed on another connection — with
+//!    the agent's fresh X25519 key for this connection;
 //! 3. edge → [`EdgeMessage::Welcome`]: a [`Welcome`] signed with the edge's key over the
-//!    agent's own nonce, so the agent knows it reached the real edge;
+//!    agent's own nonce, so the agent knows it reached the real edge, with the edge's
+//!    fresh X25519 key. Both sides now hold this connection's two MAC keys
+//!    ([`crate::link`]): one for what the agent sends, one for what the edge sends;
 //! 4. then work: the agent states its free [`Slots`] (in a `Credit`, and again in every
 //!    heartbeat), the edge sends at most that many signed [`EdgeMessage::Job`]s (each bound
 //!    to this connection's challenge and numbered on it, [`JobOrder`]); the agent
-//!    answers `Accepted` (or a signed `Rejected`), streams `Event`s, and sends a `Result`
+//!    answers `Accepted` (or a MACed `Rejected`), streams `Event`s, and sends a `Result`
 //!    it keeps on disk until the edge's `ResultAck`. Both sides heartbeat; the agent's
-//!    heartbeat — a signed [`Beat`], bound to this connection and numbered — carries its
+//!    heartbeat — a MACed [`Beat`], bound to this connection and numbered — carries its
 //!    OAuth report, the jobs it runs and its slots.
 //!
-//! What is signed, and why (see "Signed or not" below for the frames that are not): every
-//! frame that can end, requeue or settle a job, or tell the edge what the agent holds.
+//! What is signed or MACed, and why (see "Signed, MACed or plain" below for the frames
+//! that are neither): every frame that can end, requeue or settle a job, or tell the edge
+//! what the agent holds.
 //!
-//! # Signed or not
+//! # Signed, MACed or plain
 //!
-//! The agent signs its hello, progress, results, login reports, refusals of job orders
-//! ([`Rejection`], bound to the order's nonce) and heartbeats ([`Beat`], bound to the
-//! connection's challenge and numbered): each can end, requeue or settle a job or a login.
-//! The edge signs its welcome, orders and result acknowledgements. What stays plain JSON,
-//! because a forgery there decides nothing that a signed frame does not settle, or only
-//! what whoever sits on the path can do anyway by holding frames back:
+//! Signed (ed25519, each side's long-term key): the agent's hello, the edge's welcome and
+//! its job, cancel and login orders. These are what anyone holding the signer's public key
+//! must be able to check, and an order is what runs code on the agent: it stays signed by
+//! `EDGE_SIGNING_KEY` alone.
+//!
+//! MACed (HMAC-SHA256 with one direction's key of this connection, [`crate::envelope::Tagged`]):
+//! the agent's progress, results, login reports, refusals of job orders ([`Rejection`],
+//! bound to the order's nonce) and heartbeats ([`Beat`], bound to the connection's
+//! challenge and numbered) — each can end, requeue or settle a job or a login — and the
+//! edge's result acknowledgements. A MAC costs 1-2 µs where a signature cost ~20 µs to
+//! make and ~45 µs to check, on every job. It keeps the promise the signatures kept:
+//! the keys come from an X25519 exchange whose two public halves are inside the signed
+//! hello and welcome, so only the holder of the agent's `AGENT_SIGNING_KEY` and the holder
+//! of the edge's `EDGE_SIGNING_KEY` can have them — not whoever sits on the path, and not
+//! whoever holds `RUNNER_SECRET` (a caller's secret takes no part in the handshake). Each
+//! direction has its own key, so a frame sent back to its maker fails; each connection has
+//! its own, so a frame from another connection fails; and the domain prefix and every
+//! binding of the payload (order nonce, challenge, numbering) are MACed as they were
+//! signed, so a frame replayed on its own connection is refused as before. What a MAC does
+//! not give is proof to a third party (the edge could make one) — nothing relies on that.
+//!
+//! Plain JSON, because a forgery there decides nothing that a signed or MACed frame does
+//! not settle, or only what whoever sits on the path can do anyway by holding frames back:
 //!
 //! - `Accepted` moves a job from dispatched to running. The edge still honours the
-//!   agent's signed refusal of the job's latest order after it, so a made-up one cannot
+//!   agent's MACed refusal of the job's latest order after it, so a made-up one cannot
 //!   turn a refusal into a loss; the most it does, together with an order the path kept
 //!   from the agent, is end that job `lost` (nothing ran, nothing runs twice) — what
-//!   holding the connection's frames does anyway. Signing it would put one more signature
-//!   and verification (about 70 µs of CPU) on every job.
+//!   holding the connection's frames does anyway.
 //! - `Credit` states free slots, after every job (the same hot path). A made-up surplus
-//!   sends orders the agent refuses, signed, with `retry` (the jobs go back to the queue);
+//!   sends orders the agent refuses, MACed, with `retry` (the jobs go back to the queue);
 //!   a made-up shortage holds work back, like holding frames. The edge caps `received` at
-//!   what it sent, and settles jobs only on the signed heartbeat's statement.
+//!   what it sent, and settles jobs only on the MACed heartbeat's statement.
 //! - `Mirrors` is a routing preference; `OrderRefused` names no job (counted and logged).
-//! - None of these keeps a connection alive: the edge hears a proven agent in its signed
+//! - None of these keeps a connection alive: the edge hears a proven agent in its MACed
 //!   heartbeats alone, so frames made up on the path cannot keep a gone agent
 //!   "connected" (its jobs never lost, `/health` saying it is there).
 //! - From the edge: the `Challenge` (a made-up nonce only fails the handshake), the
@@ -47,7 +67,9 @@
 //! versions: agent and edge are upgraded together. Message kinds a peer does not know decode as `Unknown` and are ignored, so
 //! new kinds can be added without breaking older peers.
 
-use crate::envelope::{Domain, Envelope, HasHeader, OrderHeader, Refusal};
+use crate::envelope::{Domain, Envelope, HasHeader, OrderHeader, Refusal, Tagged};
+use crate::link::MacKey;
+#[cfg(test)]
 use ed25519_dalek::SigningKey;
 use crate::job::{JobResult, JobSpec};
 use crate::oauth::OAuthReport;
@@ -79,7 +101,11 @@ use serde::{Deserialize, Serialize};
 /// each with its own number ([`ProgressEvent`]), so a burst of Claude's lines costs one
 /// signature and one verification. A version-7 edge would not read a batch (and a
 /// version-7 agent's single events would not read here).
-pub const PROTOCOL_VERSION: u32 = 8;
+/// 9: per-connection keys: X25519 keys in the signed hello and welcome, and the agent's
+/// reports and the edge's result acknowledgements MACed with keys derived from them
+/// instead of signed ([`crate::link`]). A version-8 peer would send signatures where a
+/// MAC is expected (and expect them).
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
@@ -145,9 +171,9 @@ pub enum EdgeMessage {
     /// Signed [`LoginOrder`].
     Login { envelope: Envelope },
     /// The edge has stored this result; the agent may forget it: a signed
-    /// [`Acknowledgement`], so that no one on the path can make the agent drop a result the
-    /// edge never got.
-    ResultAck { envelope: Envelope },
+    /// [`Acknowledgement`] MACed with the connection's edge→agent key, so that no one on
+    /// the path can make the agent drop a result the edge never got.
+    ResultAck { envelope: Tagged },
     HeartbeatAck { server_time: Millis },
     /// Sent just before the edge closes the socket, with the reason in full (close
     /// frames only carry 123 bytes).
@@ -163,10 +189,10 @@ pub enum AgentMessage {
     /// Signed [`Hello`]. `protocol` and `agent_id` are repeated outside the signature so
     /// the edge can pick the key to verify with and refuse another version by name.
     Hello { protocol: u32, agent_id: String, envelope: Envelope },
-    /// A signed [`Beat`]: the agent's login, the jobs it holds and its slots, as of one
+    /// A MACed [`Beat`]: the agent's login, the jobs it holds and its slots, as of one
     /// moment. Sent every heartbeat interval, and at once when its login or usage window
     /// changes.
-    Heartbeat { envelope: Envelope },
+    Heartbeat { envelope: Tagged },
     /// The agent's free slots now (sent after the welcome and whenever a job ends).
     Credit { slots: Slots },
     /// The repositories the agent holds a mirror of now (names only), sent when a job
@@ -175,19 +201,19 @@ pub enum AgentMessage {
     Mirrors { names: Vec<String> },
     /// The job verified and is starting. Not signed (see "Signed or not").
     Accepted { job_id: String },
-    /// A job order refused, nothing ran: a signed [`Rejection`], bound to the order.
-    Rejected { envelope: Envelope },
+    /// A job order refused, nothing ran: a MACed [`Rejection`], bound to the order.
+    Rejected { envelope: Tagged },
     /// An order refused that the agent cannot tie to a job of the edge's: it did not
     /// verify (garbage, a forgery, tampered on the way), it was a replay, or it was a
     /// cancel or login order (refusing those changes no job). Not signed: the edge only
     /// counts and logs it — it names nothing the edge could act on.
     OrderRefused { reason: String },
-    /// Progress events of a running job, in a batch: a signed [`ProgressReport`].
-    Event { envelope: Envelope },
-    /// A job's result: a signed [`ResultReport`].
-    Result { envelope: Envelope },
-    /// How a relayed `claude auth login` goes: a signed [`LoginReport`].
-    LoginProgress { envelope: Envelope },
+    /// Progress events of a running job, in a batch: a MACed [`ProgressReport`].
+    Event { envelope: Tagged },
+    /// A job's result: a MACed [`ResultReport`].
+    Result { envelope: Tagged },
+    /// How a relayed `claude auth login` goes: a MACed [`LoginReport`].
+    LoginProgress { envelope: Tagged },
     #[serde(other)]
     Unknown,
 }
@@ -208,7 +234,7 @@ pub struct Slots {
     pub received: u64,
 }
 
-/// What a heartbeat says, signed by the agent ([`crate::envelope::Domain::Heartbeat`]).
+/// What a heartbeat says, MACed by the agent ([`crate::envelope::Domain::Heartbeat`]).
 /// The edge settles jobs on it — one the agent should hold and does not is sent again or
 /// ended `lost` — so whoever sits on the path may not make one up; and it is bound to
 /// this connection (`challenge`) and numbered (`seq`), so one captured earlier — on this
@@ -232,7 +258,7 @@ pub struct Beat {
     pub claude_version: Option<String>,
 }
 
-/// A job order refused, signed by the agent ([`crate::envelope::Domain::Rejection`]) and
+/// A job order refused, MACed by the agent ([`crate::envelope::Domain::Rejection`]) and
 /// bound to the order it refuses: the edge ends the job, or sends it again (`retry`), so
 /// whoever sits on the path may not make one up — a made-up `retry` for a job the agent
 /// runs would have it sent again and run twice — nor play one back for a later order.
@@ -258,6 +284,9 @@ pub struct Hello {
     pub challenge: String,
     /// The agent's own nonce, which the edge must sign back in its [`Welcome`].
     pub agent_nonce: String,
+    /// The agent's fresh X25519 public key for this connection (base64), signed here so
+    /// no one on the path can put in another ([`crate::link`]).
+    pub ephemeral: String,
     pub issued_at: Millis,
     pub capacity: u32,
     /// Jobs still running on the agent from an earlier connection.
@@ -279,7 +308,7 @@ pub struct Hello {
 /// The longest CLI version an edge keeps: a version line, not a document.
 pub const MAX_CLAUDE_VERSION_BYTES: usize = 100;
 
-/// A batch of a job's progress events (Claude's stream-json lines, redacted), signed by
+/// A batch of a job's progress events (Claude's stream-json lines, redacted), MACed by
 /// the agent once ([`crate::envelope::Domain::Progress`]) and bound to the order it
 /// answers: whoever sits on the path between agent and edge cannot make one up or move one
 /// to another job. The agent sends each batch before the job's result, on the same
@@ -310,9 +339,9 @@ pub const MAX_PROGRESS_EVENTS: usize = 64;
 /// largest single event of protocol 7.
 pub const MAX_PROGRESS_BYTES: usize = 256 * 1024;
 
-/// The largest signed progress payload the edge opens: room for [`MAX_PROGRESS_BYTES`] of
+/// The largest MACed progress payload the edge opens: room for [`MAX_PROGRESS_BYTES`] of
 /// output re-encoded as JSON (escapes can make text several times longer), well under
-/// [`MAX_FRAME_BYTES`]. A larger one is refused before its signature is checked.
+/// [`MAX_FRAME_BYTES`]. A larger one is refused before its MAC is checked.
 pub const MAX_PROGRESS_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
 
 /// Why a progress batch is refused as a whole.
@@ -347,8 +376,9 @@ impl ProgressReport {
     }
 }
 
-/// A job's result, signed by the agent ([`crate::envelope::Domain::Result`]) and bound to
-/// the order it answers. The agent keeps it, signed, until the edge acknowledges it.
+/// A job's result, MACed by the agent ([`crate::envelope::Domain::Result`]) and bound to
+/// the order it answers. The agent keeps its payload until the edge acknowledges it, and
+/// MACs it again with each connection's key as it sends it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultReport {
     pub job_id: String,
@@ -357,7 +387,7 @@ pub struct ResultReport {
 }
 
 /// How a relayed `claude auth login` goes — its authorization URL once printed, then its
-/// outcome with the login as the agent now reads it — signed by the agent
+/// outcome with the login as the agent now reads it — MACed by the agent
 /// ([`crate::envelope::Domain::LoginReport`]) and bound to the login order it answers: it
 /// tells the edge the agent is logged in again (work is let go on it), so whoever sits on
 /// the path may not make one up, nor replay one from another login.
@@ -383,6 +413,8 @@ pub struct Welcome {
     /// The pool the agent joined: it must be the one the agent serves (`EDGE_POOL`).
     pub pool: String,
     pub agent_nonce: String,
+    /// The edge's fresh X25519 public key for this connection (base64), signed here.
+    pub ephemeral: String,
     pub session_id: String,
     pub heartbeat_interval_ms: u64,
     pub issued_at: Millis,
@@ -472,14 +504,15 @@ impl EdgeMessage {
         serde_json::to_string(self).expect("edge messages serialise")
     }
 
-    /// The edge stored `agent_id`'s result of `job_id`, signed with the edge's key.
-    pub fn result_ack(job_id: &str, agent_id: &str, key: &SigningKey) -> EdgeMessage {
+    /// The edge stored `agent_id`'s result of `job_id`, MACed with the connection's
+    /// edge→agent key.
+    pub fn result_ack(job_id: &str, agent_id: &str, key: &MacKey) -> EdgeMessage {
         let ack = Acknowledgement { job_id: job_id.to_string(), agent_id: agent_id.to_string() };
-        EdgeMessage::ResultAck { envelope: Envelope::seal(Domain::ResultAck, &ack, key) }
+        EdgeMessage::ResultAck { envelope: Tagged::seal(Domain::ResultAck, &ack, key) }
     }
 }
 
-/// What a [`EdgeMessage::ResultAck`] signs: the job whose result the edge stored, and the
+/// What a [`EdgeMessage::ResultAck`] MACs: the job whose result the edge stored, and the
 /// agent it tells.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Acknowledgement {
@@ -492,34 +525,41 @@ impl AgentMessage {
         serde_json::to_string(self).expect("agent messages serialise")
     }
 
-    /// A heartbeat, signed with the agent's key.
-    pub fn heartbeat(beat: &Beat, key: &SigningKey) -> AgentMessage {
-        AgentMessage::Heartbeat { envelope: Envelope::seal(Domain::Heartbeat, beat, key) }
+    /// A heartbeat, MACed with the connection's agent→edge key.
+    pub fn heartbeat(beat: &Beat, key: &MacKey) -> AgentMessage {
+        AgentMessage::Heartbeat { envelope: Tagged::seal(Domain::Heartbeat, beat, key) }
     }
 
-    /// A refusal of the job order `order_nonce`, signed with the agent's key.
-    pub fn rejected(job_id: &str, order_nonce: &str, reason: &str, retry: bool, key: &SigningKey) -> AgentMessage {
+    /// A refusal of the job order `order_nonce`, MACed with the connection's agent→edge key.
+    pub fn rejected(job_id: &str, order_nonce: &str, reason: &str, retry: bool, key: &MacKey) -> AgentMessage {
         let rejection = Rejection { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), reason: reason.to_string(), retry };
-        AgentMessage::Rejected { envelope: Envelope::seal(Domain::Rejection, &rejection, key) }
+        AgentMessage::Rejected { envelope: Tagged::seal(Domain::Rejection, &rejection, key) }
     }
 
-    /// A batch of progress events of the job `order_nonce` ordered, signed with the agent's
-    /// key.
-    pub fn progress(job_id: &str, order_nonce: &str, events: Vec<ProgressEvent>, key: &SigningKey) -> AgentMessage {
+    /// A batch of progress events of the job `order_nonce` ordered, MACed with the
+    /// connection's agent→edge key.
+    pub fn progress(job_id: &str, order_nonce: &str, events: Vec<ProgressEvent>, key: &MacKey) -> AgentMessage {
         let report = ProgressReport { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), events };
-        AgentMessage::Event { envelope: Envelope::seal(Domain::Progress, &report, key) }
+        AgentMessage::Event { envelope: Tagged::seal(Domain::Progress, &report, key) }
     }
 
-    /// A report on the relayed login the order `report.order_nonce` asked for, signed with
-    /// the agent's key.
-    pub fn login(report: &LoginReport, key: &SigningKey) -> AgentMessage {
-        AgentMessage::LoginProgress { envelope: Envelope::seal(Domain::LoginReport, report, key) }
+    /// A report on the relayed login the order `report.order_nonce` asked for, MACed with
+    /// the connection's agent→edge key.
+    pub fn login(report: &LoginReport, key: &MacKey) -> AgentMessage {
+        AgentMessage::LoginProgress { envelope: Tagged::seal(Domain::LoginReport, report, key) }
     }
 
-    /// The result of the job `order_nonce` ordered, signed with the agent's key.
-    pub fn result(job_id: &str, order_nonce: &str, result: JobResult, key: &SigningKey) -> AgentMessage {
+    /// The result of the job `order_nonce` ordered, MACed with the connection's
+    /// agent→edge key.
+    pub fn result(job_id: &str, order_nonce: &str, result: JobResult, key: &MacKey) -> AgentMessage {
         let report = ResultReport { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), result };
-        AgentMessage::Result { envelope: Envelope::seal(Domain::Result, &report, key) }
+        AgentMessage::result_text(serde_json::to_string(&report).expect("results serialise"), key)
+    }
+
+    /// A result kept as its payload's text (the spool keeps it so: each connection MACs it
+    /// with its own key).
+    pub fn result_text(payload: String, key: &MacKey) -> AgentMessage {
+        AgentMessage::Result { envelope: Tagged::seal_text(Domain::Result, payload, key) }
     }
 }
 
@@ -595,18 +635,24 @@ mod tests {
     fn round_trips() {
         let m = AgentMessage::Credit { slots: Slots { free: 2, received: 7 } };
         assert_eq!(decode::<AgentMessage>(&m.to_text()).unwrap(), m);
-        let key = SigningKey::from_bytes(&[1; 32]);
+        let key = MacKey::from_bytes([1; 32]);
         let m = AgentMessage::result("j1", "j1:1", JobResult::default(), &key);
         let AgentMessage::Result { envelope } = decode::<AgentMessage>(&m.to_text()).unwrap() else { panic!("a result") };
-        let report: ResultReport = envelope.open(Domain::Result, &key.verifying_key()).unwrap();
+        let report: ResultReport = envelope.open(Domain::Result, &key).unwrap();
         assert_eq!((report.job_id.as_str(), report.order_nonce.as_str()), ("j1", "j1:1"));
-        assert!(envelope.open::<ResultReport>(Domain::Progress, &key.verifying_key()).is_err(), "a result is not progress");
+        assert!(envelope.open::<ResultReport>(Domain::Progress, &key).is_err(), "a result is not progress");
+        assert!(envelope.open::<ResultReport>(Domain::Result, &MacKey::from_bytes([2; 32])).is_err(), "another key");
         let login = LoginReport { login_id: "l1".into(), order_nonce: "l1:start".into(), state: LoginState::AwaitingCode, url: None, error: None, oauth: None };
         let AgentMessage::LoginProgress { envelope } = decode::<AgentMessage>(&AgentMessage::login(&login, &key).to_text()).unwrap() else { panic!("a login report") };
-        assert_eq!(envelope.open::<LoginReport>(Domain::LoginReport, &key.verifying_key()).unwrap(), login);
-        assert!(envelope.open::<LoginReport>(Domain::Result, &key.verifying_key()).is_err(), "a login report is not a result");
-        let m = EdgeMessage::result_ack("j", "spark", &SigningKey::from_bytes(&[1; 32]));
+        assert_eq!(envelope.open::<LoginReport>(Domain::LoginReport, &key).unwrap(), login);
+        assert!(envelope.open::<LoginReport>(Domain::Result, &key).is_err(), "a login report is not a result");
+        let m = EdgeMessage::result_ack("j", "spark", &key);
         assert_eq!(decode::<EdgeMessage>(&m.to_text()).unwrap(), m);
+        let EdgeMessage::ResultAck { envelope } = m else { unreachable!() };
+        assert!(envelope.open::<Acknowledgement>(Domain::Result, &key).is_err(), "an acknowledgement is not a result");
+        // A result kept as text and MACed again is the same frame.
+        let AgentMessage::Result { envelope } = AgentMessage::result("j1", "j1:1", JobResult::default(), &key) else { unreachable!() };
+        assert_eq!(AgentMessage::result_text(envelope.payload.clone(), &key), AgentMessage::Result { envelope });
     }
 
     fn batch(seqs: &[u64]) -> ProgressReport {
@@ -629,18 +675,18 @@ mod tests {
     }
 
     #[test]
-    fn a_progress_batch_is_signed_once_for_all_its_events() {
-        let key = SigningKey::from_bytes(&[3; 32]);
+    fn a_progress_batch_is_maced_once_for_all_its_events() {
+        let key = MacKey::from_bytes([3; 32]);
         let report = batch(&[1, 2, 3]);
         let AgentMessage::Event { envelope } = decode(&AgentMessage::progress("j1", "j1:1", report.events.clone(), &key).to_text()).unwrap() else {
             panic!("progress")
         };
-        assert_eq!(envelope.open::<ProgressReport>(Domain::Progress, &key.verifying_key()).unwrap(), report);
-        // An event moved, dropped or renumbered on the path breaks the signature.
+        assert_eq!(envelope.open::<ProgressReport>(Domain::Progress, &key).unwrap(), report);
+        // An event moved, dropped or renumbered on the path breaks the MAC.
         for (from, to) in [(r#""seq":2"#, r#""seq":7"#), (r#""n":3"#, r#""n":4"#), (r#""order_nonce":"j1:1""#, r#""order_nonce":"j1:2""#)] {
             assert!(envelope.payload.contains(from), "{}", envelope.payload);
-            let altered = Envelope { payload: envelope.payload.replace(from, to), sig: envelope.sig.clone() };
-            assert!(altered.open::<ProgressReport>(Domain::Progress, &key.verifying_key()).is_err(), "{to}");
+            let altered = Tagged { payload: envelope.payload.replace(from, to), mac: envelope.mac.clone() };
+            assert!(altered.open::<ProgressReport>(Domain::Progress, &key).is_err(), "{to}");
         }
         // A version-7 single event does not read as a batch.
         let old = serde_json::json!({"job_id": "j1", "order_nonce": "j1:1", "seq": 1, "event": {"n": 1}});
@@ -648,14 +694,14 @@ mod tests {
     }
 
     #[test]
-    fn refusals_and_heartbeats_are_signed_in_their_own_domains() {
-        let key = SigningKey::from_bytes(&[1; 32]);
+    fn refusals_and_heartbeats_are_maced_in_their_own_domains() {
+        let key = MacKey::from_bytes([1; 32]);
         let AgentMessage::Rejected { envelope } = decode(&AgentMessage::rejected("j1", "j1:2", "no free slot", true, &key).to_text()).unwrap() else {
             panic!("a refusal")
         };
-        let refusal: Rejection = envelope.open(Domain::Rejection, &key.verifying_key()).unwrap();
+        let refusal: Rejection = envelope.open(Domain::Rejection, &key).unwrap();
         assert_eq!((refusal.job_id.as_str(), refusal.order_nonce.as_str(), refusal.retry), ("j1", "j1:2", true));
-        assert!(envelope.open::<Rejection>(Domain::Result, &key.verifying_key()).is_err(), "a refusal is not a result");
+        assert!(envelope.open::<Rejection>(Domain::Result, &key).is_err(), "a refusal is not a result");
         let beat = Beat {
             challenge: "c".into(),
             seq: 7,
@@ -666,9 +712,9 @@ mod tests {
             claude_version: None,
         };
         let AgentMessage::Heartbeat { envelope } = decode(&AgentMessage::heartbeat(&beat, &key).to_text()).unwrap() else { panic!("a heartbeat") };
-        assert_eq!(envelope.open::<Beat>(Domain::Heartbeat, &key.verifying_key()).unwrap(), beat);
+        assert_eq!(envelope.open::<Beat>(Domain::Heartbeat, &key).unwrap(), beat);
         for other in [Domain::Progress, Domain::Hello, Domain::Rejection] {
-            assert!(envelope.open::<Beat>(other, &key.verifying_key()).is_err(), "{other:?}");
+            assert!(envelope.open::<Beat>(other, &key).is_err(), "{other:?}");
         }
         // A version-5 heartbeat or refusal (plain fields, no envelope) does not read.
         for old in [

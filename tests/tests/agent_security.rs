@@ -8,7 +8,8 @@
 use ed25519_dalek::SigningKey;
 use futures_util::{SinkExt, StreamExt};
 use harness::*;
-use shared::envelope::{Domain, Envelope, OrderHeader};
+use shared::envelope::{Domain, Envelope, OrderHeader, Tagged};
+use shared::link::{Ephemeral, LinkKeys, MacKey, Transcript};
 use shared::job::JobSpec;
 use shared::keys::encode_verifying;
 use shared::protocol::{AgentMessage, Beat, EdgeMessage, Hello, JobOrder, ProgressReport, Rejection, ResultReport, Welcome, PROTOCOL_VERSION};
@@ -30,6 +31,8 @@ struct FakeEdge {
     /// The last connection's challenge and the number of job orders made for it: an
     /// order is bound to both, as the edge's are.
     connection: std::sync::Mutex<(String, u64)>,
+    /// The last connection's keys, agreed in its handshake.
+    link: std::sync::Mutex<Option<LinkKeys>>,
 }
 
 impl FakeEdge {
@@ -39,7 +42,13 @@ impl FakeEdge {
             edge_key: random_key(),
             agent_key: random_key(),
             connection: Default::default(),
+            link: Default::default(),
         }
+    }
+
+    /// The last connection's keys.
+    fn link(&self) -> LinkKeys {
+        self.link.lock().unwrap().clone().expect("a connection was welcomed")
     }
 
     fn url(&self) -> String {
@@ -68,9 +77,9 @@ impl FakeEdge {
         tokio_tungstenite::accept_async(tcp).await.unwrap()
     }
 
-    /// A result as the agent signed it (the test fails if it did not).
-    fn report(&self, envelope: &Envelope) -> ResultReport {
-        envelope.open(Domain::Result, &self.agent_key.verifying_key()).expect("a result signed by the agent")
+    /// A result as the agent MACed it on the last connection (the test fails if it did not).
+    fn report(&self, envelope: &Tagged) -> ResultReport {
+        envelope.open(Domain::Result, &self.link().agent_to_edge).expect("a result MACed by the agent on this connection")
     }
 
     /// The order a refusal names — signed by the agent, bound to the order's nonce — or
@@ -78,9 +87,10 @@ impl FakeEdge {
     fn named(&self, m: &AgentMessage) -> Option<Rejection> {
         match m {
             AgentMessage::Rejected { envelope } => {
-                assert!(envelope.open::<Rejection>(Domain::Rejection, &random_key().verifying_key()).is_err());
-                assert!(envelope.open::<Rejection>(Domain::Result, &self.agent_key.verifying_key()).is_err(), "a refusal is not a result");
-                Some(envelope.open(Domain::Rejection, &self.agent_key.verifying_key()).expect("a refusal signed by the agent"))
+                let key = self.link().agent_to_edge;
+                assert!(envelope.open::<Rejection>(Domain::Rejection, &random_link()).is_err());
+                assert!(envelope.open::<Rejection>(Domain::Result, &key).is_err(), "a refusal is not a result");
+                Some(envelope.open(Domain::Rejection, &key).expect("a refusal MACed by the agent"))
             }
             AgentMessage::OrderRefused { .. } => None,
             other => panic!("expected a refusal, got {other:?}"),
@@ -94,6 +104,12 @@ impl FakeEdge {
 
     /// The handshake, welcoming the agent into `pool`.
     async fn handshake_into(&self, welcome_key: &SigningKey, protocol: u32, pool: &str) -> (Ws, Option<Hello>) {
+        self.handshake_via(protocol, pool, |welcome| Envelope::seal(Domain::Welcome, &welcome, welcome_key)).await
+    }
+
+    /// The handshake, with the welcome's envelope as `seal` makes it (signed, altered on
+    /// the path…) from the welcome the edge would send.
+    async fn handshake_via(&self, protocol: u32, pool: &str, seal: impl FnOnce(Welcome) -> Envelope) -> (Ws, Option<Hello>) {
         // Fresh per connection, as the edge's: heartbeats are bound to it.
         let nonce = shared::keys::encode(&random_key().to_bytes()[..24]);
         let challenge = EdgeMessage::Challenge { protocol, nonce: nonce.clone(), edge_version: "fake".into(), server_time: now() };
@@ -110,20 +126,36 @@ impl FakeEdge {
             _ => return (ws, None),
         };
         assert_eq!(hello.challenge, nonce);
+        let ephemeral = Ephemeral::new(runtime::entropy());
+        let transcript = Transcript {
+            challenge: &nonce,
+            agent_nonce: &hello.agent_nonce,
+            agent_public: &hello.ephemeral,
+            edge_public: &ephemeral.public(),
+            agent_id: &hello.agent_id,
+            pool,
+        };
+        *self.link.lock().unwrap() = Some(LinkKeys::agree(&ephemeral, &hello.ephemeral, &transcript).expect("the agent's key is a usable X25519 key"));
         *self.connection.lock().unwrap() = (nonce, 0);
         let welcome = Welcome {
             protocol: PROTOCOL_VERSION,
             agent_id: hello.agent_id.clone(),
             pool: pool.into(),
             agent_nonce: hello.agent_nonce.clone(),
+            ephemeral: ephemeral.public(),
             session_id: "s1".into(),
             heartbeat_interval_ms: 500,
             issued_at: now(),
         };
-        let envelope = Envelope::seal(Domain::Welcome, &welcome, welcome_key);
+        let envelope = seal(welcome);
         ws.send(Message::Text(EdgeMessage::Welcome { envelope }.to_text().into())).await.unwrap();
         (ws, Some(hello))
     }
+}
+
+/// A key no connection has.
+fn random_link() -> MacKey {
+    MacKey::from_bytes(runtime::entropy())
 }
 
 /// The next agent message, skipping heartbeats; None when the socket ends or 10 s pass.
@@ -269,19 +301,20 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
     // to the order they answer.
     let good = Envelope::seal(Domain::Job, &edge.order("good", "spark", t, t + 60_000, "legit"), &edge.edge_key);
     assert!(matches!(answer(&mut ws, good.clone()).await, AgentMessage::Accepted { .. }));
-    let agent_key = edge.agent_key.verifying_key();
+    let agent_key = edge.link().agent_to_edge;
     let mut progress = 0;
     loop {
         match recv(&mut ws).await.expect("a result") {
             AgentMessage::Event { envelope } => {
-                let report: ProgressReport = envelope.open(Domain::Progress, &agent_key).expect("signed by the agent");
+                let report: ProgressReport = envelope.open(Domain::Progress, &agent_key).expect("MACed by the agent");
+                assert!(envelope.open::<ProgressReport>(Domain::Progress, &edge.link().edge_to_agent).is_err(), "the edge's direction");
                 assert_eq!((report.job_id.as_str(), report.order_nonce.as_str()), ("good", "good:1"));
                 assert_eq!(report.check(), Ok(()), "a batch the edge takes");
                 progress += report.events.len();
             }
             AgentMessage::Result { envelope } => {
-                assert!(envelope.open::<ResultReport>(Domain::Result, &random_key().verifying_key()).is_err());
-                let report: ResultReport = envelope.open(Domain::Result, &agent_key).expect("signed by the agent");
+                assert!(envelope.open::<ResultReport>(Domain::Result, &random_link()).is_err());
+                let report: ResultReport = envelope.open(Domain::Result, &agent_key).expect("MACed by the agent");
                 assert_eq!((report.job_id.as_str(), report.order_nonce.as_str()), ("good", "good:1"));
                 assert!(report.result.success);
                 break;
@@ -425,6 +458,40 @@ async fn an_edge_that_cannot_prove_its_identity_gets_no_service() {
     assert!(agent.claude_runs().is_empty());
 }
 
+/// The edge's X25519 key in the welcome swapped on the path for one whose secret the path
+/// knows: the edge's signature breaks, and the agent hangs up. Signed by the edge but a
+/// low-order point (no shared secret): refused too. Either way no key is agreed, and no
+/// job runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcome_whose_connection_key_was_swapped_or_gives_no_secret_is_refused() {
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let mallory = Ephemeral::new(runtime::entropy()).public();
+    let (mut ws, hello) = edge
+        .handshake_via(PROTOCOL_VERSION, "default", |welcome| {
+            let envelope = Envelope::seal(Domain::Welcome, &welcome, &edge.edge_key);
+            assert!(envelope.payload.contains(&welcome.ephemeral));
+            Envelope { payload: envelope.payload.replace(&welcome.ephemeral, &mallory), ..envelope }
+        })
+        .await;
+    assert!(hello.is_some());
+    assert!(recv(&mut ws).await.is_none(), "the agent must hang up");
+    assert!(eventually(Duration::from_secs(5), || agent.log().contains("the edge could not prove its identity")).await, "{}", agent.log());
+    drop(ws);
+    let low_order = shared::keys::encode(&[0; 32]);
+    let (mut ws, hello) = edge
+        .handshake_via(PROTOCOL_VERSION, "default", |welcome| Envelope::seal(Domain::Welcome, &Welcome { ephemeral: low_order, ..welcome }, &edge.edge_key))
+        .await;
+    assert!(hello.is_some());
+    assert!(recv(&mut ws).await.is_none(), "the agent must hang up");
+    assert!(eventually(Duration::from_secs(5), || agent.log().contains("connection key is refused")).await, "{}", agent.log());
+    let t = now();
+    let job = Envelope::seal(Domain::Job, &edge.order("j", "spark", t, t + 60_000, "x"), &edge.edge_key);
+    let _ = ws.send(Message::Text(EdgeMessage::Job { envelope: job }.to_text().into())).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(agent.claude_runs().is_empty());
+}
+
 /// An agent of the default pool welcomed into another pool of the same edge (as when the
 /// same agent id and key are listed in two pools) hangs up: its orders would be another
 /// pool's callers' work.
@@ -445,8 +512,9 @@ async fn an_agent_welcomed_into_another_pool_hangs_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_protocol_version_is_refused_by_name() {
-    // 7: an edge from before progress came in batches (it could not read them).
-    assert_eq!(PROTOCOL_VERSION, 8);
+    // 8: an edge from before per-connection keys (it would take signatures where this
+    // agent sends MACs).
+    assert_eq!(PROTOCOL_VERSION, 9);
     for other in [PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1] {
         let edge = FakeEdge::new().await;
         let agent = edge.start_agent();
@@ -520,34 +588,45 @@ async fn a_result_waits_on_disk_until_the_edge_acknowledges_it() {
     let t = now();
     let job = Envelope::seal(Domain::Job, &edge.order("keep", "spark", t, t + 60_000, "remember me"), &edge.edge_key);
     send_job(&mut ws, job).await;
-    loop {
-        if let Some(AgentMessage::Result { .. }) = recv(&mut ws).await {
-            break;
+    let first = loop {
+        if let Some(AgentMessage::Result { envelope }) = recv(&mut ws).await {
+            break envelope;
         }
-    }
+    };
+    let first_link = edge.link();
     // No acknowledgement; the connection drops. The next hello names the result and the
-    // agent sends it again.
+    // agent sends it again, MACed with the new connection's key.
     drop(ws);
     let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
     assert_eq!(hello.unwrap().finished, vec!["keep".to_string()]);
-    let again = loop {
+    let (again, again_frame) = loop {
         match recv(&mut ws).await.expect("the result again") {
-            AgentMessage::Result { envelope } => break edge.report(&envelope),
+            AgentMessage::Result { envelope } => break (edge.report(&envelope), envelope),
             _ => continue,
         }
     };
+    assert_eq!(again_frame.payload, first.payload, "the same result, kept as sent");
+    assert_ne!(again_frame.mac, first.mac, "MACed anew");
+    // The first connection's frame played back on this one fails its MAC.
+    assert!(first.open::<ResultReport>(Domain::Result, &edge.link().agent_to_edge).is_err(), "another connection's MAC");
+    assert!(first.open::<ResultReport>(Domain::Result, &first_link.agent_to_edge).is_ok());
     assert_eq!((again.job_id.as_str(), again.order_nonce.as_str()), ("keep", "keep:1"));
     assert_eq!(again.result.output, "stand-in answer to: remember me");
-    // An acknowledgement made up on the path (the edge never got the result): unsigned, or
-    // signed by another key. The result stays and goes out again after the next reconnect.
+    // An acknowledgement made up on the path (the edge never got the result): plain, MACed
+    // with another key, with the earlier connection's key, or with the agent's own
+    // direction's key (one of its frames sent back). The result stays and goes out again
+    // after the next reconnect.
     let data = agent.data.path().join("data");
     let kept = || slot_record_names(&data, 0, "keep") == (true, true);
     assert!(kept(), "the result is in its slot's record");
     ws.send(Message::Text(r#"{"type":"result_ack","job_id":"keep"}"#.into())).await.unwrap();
-    ws.send(Message::Text(EdgeMessage::result_ack("keep", "spark", &random_key()).to_text().into())).await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || agent.log().contains("acknowledgement not signed by the edge") || !kept()).await, "{}", agent.log());
+    for key in [random_link(), first_link.edge_to_agent.clone(), edge.link().agent_to_edge] {
+        ws.send(Message::Text(EdgeMessage::result_ack("keep", "spark", &key).to_text().into())).await.unwrap();
+    }
+    let refused = || agent.log().matches("acknowledgement not MACed by the edge on this connection").count();
+    assert!(eventually(Duration::from_secs(5), || refused() == 3 || !kept()).await, "{}", agent.log());
     assert!(kept(), "a forged acknowledgement made the agent drop its result");
-    ws.send(Message::Text(EdgeMessage::result_ack("keep", "spark", &edge.edge_key).to_text().into())).await.unwrap();
+    ws.send(Message::Text(EdgeMessage::result_ack("keep", "spark", &edge.link().edge_to_agent).to_text().into())).await.unwrap();
     // The edge's own acknowledgement clears the record's "started" region: nothing is
     // owed, and a restarted agent names nothing.
     assert!(eventually(Duration::from_secs(5), || !slot_record_names(&data, 0, "keep").0).await);
@@ -614,9 +693,11 @@ async fn a_half_open_link_right_after_the_welcome_does_not_hang_the_agent() {
     std::fs::create_dir_all(&spool).unwrap();
     let big = shared::job::JobResult { success: true, output: "x".repeat(1024 * 1024), ..Default::default() };
     for i in 0..32 {
-        // Kept as the agent keeps them: signed, bound to their orders.
+        // Kept as a protocol-8 agent kept them: signed envelopes, bound to their orders.
+        // This agent sends their payloads, MACed with each connection's key.
         let id = format!("kept-{i:02}");
-        let AgentMessage::Result { envelope } = AgentMessage::result(&id, &format!("{id}:1"), big.clone(), &edge.agent_key) else { unreachable!() };
+        let report = ResultReport { job_id: id.clone(), order_nonce: format!("{id}:1"), result: big.clone() };
+        let envelope = Envelope::seal(Domain::Result, &report, &edge.agent_key);
         std::fs::write(spool.join(format!("{id}.json")), serde_json::to_vec(&envelope).unwrap()).unwrap();
     }
     // The welcome goes out, then this edge never reads again.
@@ -629,7 +710,10 @@ async fn a_half_open_link_right_after_the_welcome_does_not_hang_the_agent() {
     let mut results = 0;
     while results < 32 {
         match recv(&mut ws).await.expect("the kept results") {
-            AgentMessage::Result { .. } => results += 1,
+            AgentMessage::Result { envelope } => {
+                assert_eq!(edge.report(&envelope).result.output.len(), 1024 * 1024);
+                results += 1;
+            }
             _ => continue,
         }
     }
@@ -680,7 +764,6 @@ async fn an_order_for_a_job_already_here_is_answered_and_never_runs_twice() {
 async fn heartbeats_and_refusals_are_signed_bound_and_numbered() {
     let edge = FakeEdge::new().await;
     let agent = edge.start_agent();
-    let key = edge.agent_key.verifying_key();
     let mut challenges = Vec::new();
     for connection in 0..2 {
         let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
@@ -701,9 +784,11 @@ async fn heartbeats_and_refusals_are_signed_bound_and_numbered() {
             let frame = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a heartbeat within 10 s");
             let Some(Ok(Message::Text(text))) = frame else { panic!("connection {connection} ended: {frame:?}\n{}", agent.log()) };
             let Ok(AgentMessage::Heartbeat { envelope }) = serde_json::from_str::<AgentMessage>(&text) else { continue };
-            assert!(envelope.open::<Beat>(Domain::Heartbeat, &random_key().verifying_key()).is_err());
+            let key = edge.link().agent_to_edge;
+            assert!(envelope.open::<Beat>(Domain::Heartbeat, &random_link()).is_err());
+            assert!(envelope.open::<Beat>(Domain::Heartbeat, &edge.link().edge_to_agent).is_err(), "the edge's direction");
             assert!(envelope.open::<Beat>(Domain::Progress, &key).is_err(), "a heartbeat is not progress");
-            let beat: Beat = envelope.open(Domain::Heartbeat, &key).expect("signed by the agent");
+            let beat: Beat = envelope.open(Domain::Heartbeat, &key).expect("MACed by the agent on this connection");
             assert_eq!(beat.challenge, hello.challenge, "bound to this connection's challenge");
             seqs.push(beat.seq);
             // Answered, as the edge does, so the agent does not leave a silent edge.
@@ -748,7 +833,7 @@ async fn an_order_held_back_from_an_earlier_connection_never_runs_a_job_twice() 
             break;
         }
     }
-    ws.send(Message::Text(EdgeMessage::result_ack("held", "spark", &edge.edge_key).to_text().into())).await.unwrap();
+    ws.send(Message::Text(EdgeMessage::result_ack("held", "spark", &edge.link().edge_to_agent).to_text().into())).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The path now delivers the order it held.
     send_job(&mut ws, held).await;
@@ -774,7 +859,7 @@ async fn a_frame_made_up_on_the_path_never_counts_as_an_order_received() {
         let frame = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a heartbeat");
         let Some(Ok(Message::Text(text))) = frame else { panic!("ended: {frame:?}") };
         if let Ok(AgentMessage::Heartbeat { envelope }) = serde_json::from_str::<AgentMessage>(&text) {
-            break envelope.open::<Beat>(Domain::Heartbeat, &edge.agent_key.verifying_key()).unwrap();
+            break envelope.open::<Beat>(Domain::Heartbeat, &edge.link().agent_to_edge).unwrap();
         }
     };
     // No order of the edge's reached the agent: a statement of 1 received would have the
@@ -806,7 +891,7 @@ async fn an_order_let_through_after_a_later_one_never_runs() {
         let frame = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("a heartbeat");
         let Some(Ok(Message::Text(text))) = frame else { panic!("ended: {frame:?}") };
         if let Ok(AgentMessage::Heartbeat { envelope }) = serde_json::from_str::<AgentMessage>(&text) {
-            break envelope.open::<Beat>(Domain::Heartbeat, &edge.agent_key.verifying_key()).unwrap();
+            break envelope.open::<Beat>(Domain::Heartbeat, &edge.link().agent_to_edge).unwrap();
         }
     };
     assert_eq!((beat.slots.received, beat.running.as_slice()), (2, ["second".to_string()].as_slice()), "{beat:?}");

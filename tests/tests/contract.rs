@@ -1079,6 +1079,7 @@ async fn a_silent_agent_is_reported_offline_within_two_heartbeats(kind: EdgeKind
         agent_version: "hand".into(),
         challenge: nonce,
         agent_nonce: "n".into(),
+        ephemeral: shared::link::Ephemeral::new(runtime::entropy()).public(),
         issued_at: now,
         capacity: 1,
         running: vec![],
@@ -1258,7 +1259,7 @@ async fn followers_are_capped_and_those_that_stop_reading_are_dropped(kind: Edge
 }
 
 /// Whoever controls the path between agent and edge makes up a result and a progress
-/// event for a running job: the edge refuses both (they are not signed by the agent),
+/// event for a running job: the edge refuses both (they are not MACed by the agent),
 /// says so in its log and metrics, and the job ends with the agent's own result.
 async fn a_forged_result_from_the_path_is_refused(kind: EdgeKind) {
     use shared::protocol::AgentMessage;
@@ -1282,12 +1283,14 @@ async fn a_forged_result_from_the_path_is_refused(kind: EdgeKind) {
     let first = relay.agent_frames().into_iter().find(is_event).unwrap();
     relay.inject(first.clone());
     relay.inject(first);
-    let forger = random_key();
+    // Whoever sits on the path (or holds RUNNER_SECRET) has neither signing key, so not
+    // the connection's keys either: it MACs with one of its own.
+    let forger = shared::link::MacKey::from_bytes(runtime::entropy());
     let fake = shared::job::JobResult { success: true, output: "FORGED".into(), ..Default::default() };
     let nonce = format!("{job_id}:1");
     relay.inject(AgentMessage::progress(&job_id, &nonce, vec![shared::protocol::ProgressEvent { seq: 99, event: json!({"type": "assistant", "text": "FORGED"}) }], &forger).to_text());
     relay.inject(AgentMessage::result(&job_id, &nonce, fake, &forger).to_text());
-    let refused = |log: &str| log.contains("a report not signed by the agent refused");
+    let refused = |log: &str| log.contains("a report not MACed by the agent on this connection refused");
     assert!(eventually(Duration::from_secs(10), || refused(&edge.log())).await, "{}", edge.log());
     assert_eq!(client.get(&format!("/jobs/{job_id}")).await.body["state"], "running", "the job is unaffected");
 
@@ -1332,7 +1335,7 @@ async fn forged_refusals_and_heartbeats_from_the_path_are_refused(kind: EdgeKind
     assert!(eventually(Duration::from_secs(10), || relay.agent_frames().iter().any(holding)).await, "no heartbeat from the agent");
     let kept = relay.agent_frames().into_iter().find(holding).unwrap();
 
-    let forger = random_key();
+    let forger = shared::link::MacKey::from_bytes(runtime::entropy());
     let nonce = format!("{job_id}:1");
     relay.inject(AgentMessage::rejected(&job_id, &nonce, "no free slot", true, &forger).to_text());
     relay.inject(AgentMessage::OrderRefused { reason: "no free slot".into() }.to_text());
@@ -1341,7 +1344,7 @@ async fn forged_refusals_and_heartbeats_from_the_path_are_refused(kind: EdgeKind
     let beat: Beat = serde_json::from_str(&envelope.payload).unwrap();
     let says_nothing = Beat { seq: beat.seq + 1_000, running: vec![], slots: Slots { free: 1, received: 1 }, ..beat };
     relay.inject(AgentMessage::heartbeat(&says_nothing, &forger).to_text());
-    let refused = |log: &str| log.matches("a report not signed by the agent refused").count() == 2 && log.contains("a heartbeat refused") && log.contains("could not tie to a job");
+    let refused = |log: &str| log.matches("a report not MACed by the agent on this connection refused").count() == 2 && log.contains("a heartbeat refused") && log.contains("could not tie to a job");
     assert!(eventually(Duration::from_secs(10), || refused(&edge.log())).await, "{}", edge.log());
     assert_eq!(client.get(&format!("/jobs/{job_id}")).await.body["state"], "running", "the job is unaffected");
 

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 use shared::envelope::{Domain, Envelope, CLOCK_SKEW_MS};
 use shared::keys::Keyring;
+use shared::link::{Ephemeral, LinkKeys, Transcript};
 use shared::oauth::OAuthReport;
 use shared::protocol::{close, Hello, Slots, HANDSHAKE_TIMEOUT_MS, MAX_FRAME_BYTES, MAX_HELLO_BYTES, PROTOCOL_VERSION};
 use shared::text::truncate;
@@ -28,7 +29,9 @@ pub struct Session {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "phase", rename_all = "snake_case")]
 pub enum Phase {
-    Challenged { nonce: String },
+    /// `ephemeral` is the edge's X25519 key for this connection: its public half goes in
+    /// the welcome once the hello verified.
+    Challenged { nonce: String, ephemeral: Ephemeral },
     Ready(Agent),
 }
 
@@ -45,6 +48,10 @@ pub struct Agent {
     /// This connection's challenge nonce: the agent's heartbeats are bound to it.
     #[serde(default)]
     pub challenge: String,
+    /// This connection's MAC keys, agreed in the handshake ([`shared::link`]): the agent's
+    /// reports are checked with one, the edge's result acknowledgements made with the other.
+    /// Never defaulted: a record without them reads as no session.
+    pub keys: LinkKeys,
     /// The number of the last heartbeat taken on this connection: an older or repeated
     /// one is refused (see [`shared::protocol::Beat`]).
     #[serde(default)]
@@ -331,6 +338,26 @@ pub fn verify_hello(
     Ok(hello)
 }
 
+/// This connection's MAC keys, from the edge's key `mine` and the X25519 key in the
+/// agent's verified `hello`; with the edge's public key for the welcome. A key that gives
+/// no shared secret (a low-order point) refuses the agent: its own signed words, so its bug
+/// or its signing key misused.
+pub fn agree(hello: &Hello, mine: &Ephemeral, pool: &str) -> Result<(String, LinkKeys), Refused> {
+    let edge_public = mine.public();
+    let transcript = Transcript {
+        challenge: &hello.challenge,
+        agent_nonce: &hello.agent_nonce,
+        agent_public: &hello.ephemeral,
+        edge_public: &edge_public,
+        agent_id: &hello.agent_id,
+        pool,
+    };
+    match LinkKeys::agree(mine, &hello.ephemeral, &transcript) {
+        Ok(keys) => Ok((edge_public, keys)),
+        Err(e) => Err(Refused::new(close::UNAUTHORIZED, format!("the hello's connection key is refused ({e}); run a released claude-runner agent"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,6 +396,7 @@ mod tests {
                 sent: 4,
                 // A real challenge's length.
                 challenge: "c".repeat(32),
+                keys: shared::link::LinkKeys::derive(&[1; 32], &shared::link::Transcript { challenge: "c", agent_nonce: "n", agent_public: "a", edge_public: "e", agent_id: "spark", pool: "default" }),
                 beat: u64::MAX - 1,
                 oauth: OAuthReport { problem: Some("p".repeat(5000)), subscription_type: Some("s".repeat(500)), ..OAuthReport::unconfigured(5) },
                 claude_version: Some("2.1.197".into()),
@@ -393,5 +421,6 @@ mod tests {
         assert_eq!(without_version, expected, "the third differs from the second only by the CLI version");
         let (whole, kept) = (session.agent().unwrap(), agent);
         assert_eq!((kept.capacity, kept.slots, kept.sent, &kept.agent_id), (whole.capacity, whole.slots, whole.sent, &whole.agent_id));
+        assert_eq!(without_version.agent().unwrap().keys, whole.keys, "the connection's keys stay whole in every form");
     }
 }

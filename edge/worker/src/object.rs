@@ -324,7 +324,7 @@ impl EdgeDurableObject {
         if !upgrade.is_some_and(|u| u.trim().eq_ignore_ascii_case("websocket")) {
             return exchange::respond(http::upgrade_required());
         }
-        let seed = match entropy::<32>() {
+        let seed = match entropy::<64>() {
             Ok(seed) => seed,
             Err(e) => return exchange::error(&ApiError::new(ErrorCode::InternalError, e)),
         };

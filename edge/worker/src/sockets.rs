@@ -199,6 +199,7 @@ mod tests {
                 sent: 4,
                 // A real challenge's length.
                 challenge: "c".repeat(32),
+                keys: shared::link::LinkKeys::derive(&[1; 32], &shared::link::Transcript { challenge: "c", agent_nonce: "n", agent_public: "a", edge_public: "e", agent_id: "spark", pool: "default" }),
                 beat: u64::MAX - 1,
                 oauth: OAuthReport { problem: Some(problem.into()), ..OAuthReport::unconfigured(5) },
                 // As long as the core lets it be, in the costliest characters.
@@ -229,6 +230,7 @@ mod tests {
         let agent = back.agent().unwrap();
         assert_eq!(agent.labels, session.agent().unwrap().labels);
         assert!(agent.paused && agent.mirrors.is_empty());
+        assert_eq!(agent.keys, session.agent().unwrap().keys, "the connection's keys survive what the session survives");
         // A few mirrors fit whole.
         let mut small = ready("none");
         small.agent_mut().unwrap().mirrors = ["github.com/acme/api".to_string()].into();
@@ -282,6 +284,17 @@ mod tests {
         let session = ready("none");
         let text = encode_session(&session).unwrap();
         assert_eq!(decode_session(&text, Some("0011223344556677")).unwrap(), session);
+        // Between challenge and hello the edge's X25519 key waits in the record.
+        let challenged = Session {
+            phase: Phase::Challenged { nonce: "c".repeat(32), ephemeral: shared::link::Ephemeral::new([8; 32]) },
+            ..ready("none")
+        };
+        let text = encode_session(&challenged).unwrap();
+        assert_eq!(decode_session(&text, Some("0011223344556677")).unwrap(), challenged);
+        // A record without its keys (a protocol-8 edge's) is no session.
+        let mut old: serde_json::Value = serde_json::from_str(&encode_session(&session).unwrap()).unwrap();
+        old["phase"].as_object_mut().unwrap().remove("keys");
+        assert!(decode_session(&old.to_string(), Some("0011223344556677")).is_err());
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! - [`http`]: the edge's HTTP contract — body parsing and validation
 //!   (`shared::contract`), auth and routing (`edge_core::http`).
 //! - [`agent_frames`]: frames an agent connection sends the edge, before and after a
-//!   valid handshake, with a job to report on; and reports (progress, results) signed by
-//!   the agent's key, so what follows a valid signature is fuzzed too.
+//!   valid handshake, with a job to report on; and reports (progress, results) MACed with
+//!   the connection's key, so what follows a valid MAC is fuzzed too.
 //! - [`connections`]: unproven connections from arbitrary peers (the address a host
 //!   passes, `CF-Connecting-IP` on the Worker): the bounds on them hold, and the real
 //!   agent always gets in.
@@ -124,7 +124,7 @@ pub fn http(data: &[u8]) {
     let secret = if flags & 1 == 1 { Some(SECRET.to_string()) } else { secret };
     let mut edge = Edge::new(edge_config(), NOW);
     if flags & 2 == 2 {
-        let _ = edge.connect(NOW, [3; 32], PEER);
+        let _ = edge.connect(NOW, [3; 64], PEER);
     }
     // The contract's rule, stated apart from the code under test: the secret in
     // `X-Runner-Secret`, or as `Authorization: Bearer`.
@@ -191,13 +191,14 @@ fn ready_records() -> &'static (Session, Job) {
             }),
             Err(e) => panic!("{e:?}"),
         };
-        let (session, effects) = edge.connect(NOW, [3; 32], PEER);
+        let (session, effects) = edge.connect(NOW, [3; 64], PEER);
         let hello = Hello {
             protocol: PROTOCOL_VERSION,
             agent_id: AGENT.into(),
             agent_version: "fuzz".into(),
             challenge: challenge_nonce(&effects).expect("a challenge"),
             agent_nonce: "agent-nonce".into(),
+            ephemeral: shared::link::Ephemeral::new([4; 32]).public(),
             issued_at: NOW,
             capacity: 2,
             running: vec![],
@@ -219,7 +220,7 @@ fn ready_records() -> &'static (Session, Job) {
 
 /// Frames from one agent connection, `0xff`-separated after a flags byte: bit 0 starts
 /// from a connection past a valid handshake, bit 1 with a job `j1` queued; with bit 2 each
-/// frame is instead the payload of a report the agent signed — progress, with bit 3 a
+/// frame is instead the payload of a report the agent MACed — progress, with bit 3 a
 /// result, with bit 4 a report on a relayed login; with bit 5 a refusal of an order, with
 /// bits 5 and 3 a heartbeat — so the edge's reading of verified reports is fuzzed too.
 /// (The ready connection's challenge, which a heartbeat must name, is in the seeds.) With bits 0 and 4 a relayed login is under way first (its id
@@ -241,7 +242,7 @@ pub fn agent_frames(data: &[u8]) {
             let (_, job) = ready_records().clone();
             edge = Edge::restore(edge_config(), vec![job], vec![], None, now).0;
         }
-        let (session, _) = edge.connect(now, [3; 32], PEER);
+        let (session, _) = edge.connect(now, [3; 64], PEER);
         (edge, session)
     };
     if flags & 7 == 7 {
@@ -262,9 +263,10 @@ pub fn agent_frames(data: &[u8]) {
                 40 => Domain::Heartbeat,
                 _ => Domain::LoginReport,
             };
-            let payload = text(frame);
-            let sig = ed25519_dalek::Signer::sign(agent_key(), &[domain.prefix(), payload.as_bytes()].concat());
-            let envelope = Envelope { payload, sig: shared::keys::encode(&sig.to_bytes()) };
+            // MACed with the connection's key, as the agent does (a connection that is not
+            // past its handshake has none: any key is then as good as another's).
+            let key = edge.session(&session).and_then(|s| s.agent()).map_or(shared::link::MacKey::from_bytes([4; 32]), |a| a.keys.agent_to_edge.clone());
+            let envelope = shared::envelope::Tagged::seal_text(domain, text(frame), &key);
             match domain {
                 Domain::Result => AgentMessage::Result { envelope },
                 Domain::LoginReport => AgentMessage::LoginProgress { envelope },
@@ -279,7 +281,7 @@ pub fn agent_frames(data: &[u8]) {
         let refused_before = edge.stats().refused_reports;
         let _ = edge.message(now, &session, &frame);
         if flags & 5 == 5 {
-            // Signed by the agent's own key: never counted as a forgery.
+            // MACed with the connection's own key: never counted as a forgery.
             assert_eq!(edge.stats().refused_reports, refused_before);
         }
     }
@@ -308,7 +310,7 @@ pub fn connections(data: &[u8]) {
         let peer = text(peer);
         let source = edge_core::session::source_of(&peer);
         assert!(source == "unknown" || source.parse::<std::net::IpAddr>().is_ok() || source.ends_with("::/64"), "{source}");
-        let mut entropy = [0u8; 32];
+        let mut entropy = [0u8; 64];
         entropy[..8].copy_from_slice(&(i as u64).to_be_bytes());
         let (session, effects) = edge.connect(now, entropy, &peer);
         for effect in &effects {
@@ -333,6 +335,7 @@ pub fn connections(data: &[u8]) {
                 agent_version: "fuzz".into(),
                 challenge: nonce,
                 agent_nonce: "n".into(),
+                ephemeral: shared::link::Ephemeral::new([4; 32]).public(),
                 issued_at: now,
                 capacity: 1,
                 running: vec![],

@@ -258,7 +258,7 @@ impl Edge {
     }
 
     /// Agent sessions that finished the handshake.
-    fn ready(&self) -> impl Iterator<Item = (&String, &Agent)> {
+    pub(crate) fn ready(&self) -> impl Iterator<Item = (&String, &Agent)> {
         self.sessions.iter().filter_map(|(id, s)| s.agent().map(|a| (id, a)))
     }
 

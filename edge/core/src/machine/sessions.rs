@@ -7,7 +7,8 @@ use crate::clock::Now;
 use crate::record::Job;
 use crate::session::{self, Agent, Phase, Refused, Session};
 use shared::contract::ErrorCode;
-use shared::envelope::{Domain, Envelope, EnvelopeError};
+use shared::envelope::{Domain, Envelope, EnvelopeError, Tagged};
+use shared::link::{Ephemeral, LinkKeys};
 use shared::ids::{hex, shown_job_id};
 use shared::job::{JobResult, JobState};
 use shared::keys;
@@ -34,8 +35,9 @@ const EVICTED: &str =
 
 impl Edge {
     /// A WebSocket opened on `/agent/connect` by `peer` (its address, as the host knows
-    /// it). `entropy` makes the session id and the challenge nonce.
-    pub fn connect(&mut self, now: impl Into<Now>, entropy: [u8; 32], peer: &str) -> (String, Vec<Effect>) {
+    /// it). `entropy` makes the session id and the challenge nonce (its first 32 bytes)
+    /// and the edge's X25519 key for this connection (the last 32).
+    pub fn connect(&mut self, now: impl Into<Now>, entropy: [u8; 64], peer: &str) -> (String, Vec<Effect>) {
         let now = now.into();
         let id = hex(&entropy[..8]);
         self.begin(Origin::Session(id.clone()));
@@ -50,13 +52,14 @@ impl Edge {
             warn!(session = %victim, source = %from, "too many unproven agent connections; closing the one waiting longest");
             self.close(now, &victim, Refused::new(close::SILENT, EVICTED), &mut effects);
         }
-        let nonce = keys::encode(&entropy[8..]);
+        let nonce = keys::encode(&entropy[8..32]);
+        let ephemeral = Ephemeral::new(entropy[32..].try_into().expect("32 bytes"));
         let session = Session {
             id: id.clone(),
             source,
             connected_at: now.at,
             last_seen: now.at,
-            phase: Phase::Challenged { nonce: nonce.clone() },
+            phase: Phase::Challenged { nonce: nonce.clone(), ephemeral },
         };
         let challenge = EdgeMessage::Challenge {
             protocol: PROTOCOL_VERSION,
@@ -210,14 +213,16 @@ impl Edge {
                 return effects;
             }
         };
-        let nonce = match &session.phase {
-            Phase::Challenged { nonce } => Some(nonce.clone()),
+        let challenged = match &session.phase {
+            Phase::Challenged { nonce, ephemeral } => Some((nonce.clone(), ephemeral.clone())),
             Phase::Ready(_) => None,
         };
-        match (nonce, msg) {
-            (Some(nonce), AgentMessage::Hello { protocol, agent_id, envelope }) => {
-                match session::verify_hello(protocol, &agent_id, &envelope, &nonce, &self.cfg.agents, now.wall) {
-                    Ok(hello) => self.welcome(now, session_id, hello, &mut effects),
+        match (challenged, msg) {
+            (Some((nonce, ephemeral)), AgentMessage::Hello { protocol, agent_id, envelope }) => {
+                let verified = session::verify_hello(protocol, &agent_id, &envelope, &nonce, &self.cfg.agents, now.wall)
+                    .and_then(|hello| session::agree(&hello, &ephemeral, &self.cfg.pool).map(|keys| (hello, keys)));
+                match verified {
+                    Ok((hello, (edge_public, keys))) => self.welcome(now, session_id, hello, edge_public, keys, &mut effects),
                     Err(refused) => {
                         self.stats_mut().refused_agents += 1;
                         // The id is the peer's own words until verified: logged only if it is one.
@@ -236,7 +241,7 @@ impl Edge {
         effects
     }
 
-    fn welcome(&mut self, now: Now, session_id: &str, hello: Hello, effects: &mut Vec<Effect>) {
+    fn welcome(&mut self, now: Now, session_id: &str, hello: Hello, edge_public: String, keys: LinkKeys, effects: &mut Vec<Effect>) {
         let agent_id = hello.agent_id.clone();
         // Signed by the agent, so its own words, but checked like a caller's: they go
         // into records, answers and logs.
@@ -266,6 +271,7 @@ impl Edge {
             sent: 0,
             // Verified equal to the challenge this connection was given.
             challenge: hello.challenge.clone(),
+            keys,
             beat: 0,
             oauth: OAuthReport::unconfigured(now.wall),
             claude_version: hello.claude_version.as_deref().map(claude_version),
@@ -283,6 +289,7 @@ impl Edge {
             agent_id: agent_id.clone(),
             pool: self.cfg.pool.clone(),
             agent_nonce: hello.agent_nonce.clone(),
+            ephemeral: edge_public,
             session_id: session_id.to_string(),
             heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
             issued_at: now.wall,
@@ -478,8 +485,8 @@ impl Edge {
                 warn!(agent_id = %agent_id, reason = ?shared::text::peer_words(&reason), "agent refused an order it could not tie to a job");
             }
             AgentMessage::Event { envelope } => {
-                // A batch of events under one signature (protocol 8): bounded before it is
-                // verified, checked whole after, then each event shown as if it came alone.
+                // A batch of events under one MAC (protocol 8, MACed since 9): bounded before
+                // it is checked, checked whole after, then each event shown as if it came alone.
                 if envelope.payload.len() > protocol::MAX_PROGRESS_PAYLOAD_BYTES {
                     let (bytes, limit) = (envelope.payload.len(), protocol::MAX_PROGRESS_PAYLOAD_BYTES);
                     warn!(agent_id = %agent_id, session = session_id, bytes, limit, "a progress batch over the size limit refused unread");
@@ -487,7 +494,7 @@ impl Edge {
                 }
                 let Some(report) = self.open_report::<ProgressReport>(session_id, &agent_id, &envelope, Domain::Progress) else { return };
                 if let Err(fault) = report.check() {
-                    // The agent's own signature over a batch it never makes: its bug, or its key
+                    // The agent's own MAC over a batch it never makes: its bug, or its key
                     // misused; nothing of it is shown.
                     warn!(job_id = shown_job_id(&report.job_id), agent_id = %agent_id, session = session_id, error = %fault, "a progress batch refused");
                     return;
@@ -503,7 +510,8 @@ impl Edge {
                 }
             }
             AgentMessage::Result { envelope } => {
-                // Nothing is done with, nor acknowledged for, a result the agent did not sign.
+                // Nothing is done with, nor acknowledged for, a result the agent did not MAC
+                // on this connection.
                 let Some(report) = self.open_report::<ResultReport>(session_id, &agent_id, &envelope, Domain::Result) else { return };
                 let (job_id, result) = (report.job_id, report.result);
                 let shown = shown_job_id(&job_id);
@@ -522,7 +530,8 @@ impl Edge {
                 }
                 // Acknowledged in every case so the agent stops re-sending it — but only
                 // once the result is stored: the ack goes out after this event's writes.
-                let ack = EdgeMessage::result_ack(&job_id, &agent_id, &self.cfg.signing_key);
+                let key = &self.sessions[session_id].agent().expect("ready session").keys.edge_to_agent;
+                let ack = EdgeMessage::result_ack(&job_id, &agent_id, key);
                 effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
             }
             AgentMessage::Mirrors { names } => {
@@ -531,7 +540,7 @@ impl Edge {
                 effects.push(Effect::SaveSession(Box::new(session.clone())));
             }
             AgentMessage::LoginProgress { envelope } => {
-                // It can log the agent in again (and let held work go): signed, like results.
+                // It can log the agent in again (and let held work go): MACed, like results.
                 let Some(report) = self.open_report::<LoginReport>(session_id, &agent_id, &envelope, Domain::LoginReport) else { return };
                 self.login_progress(now, session_id, report, effects);
             }
@@ -545,34 +554,33 @@ impl Edge {
         }
     }
 
-    /// A report (progress, a result, a login report) as its agent signed it, or `None` — counted and
-    /// logged — when the signature is not that agent's: made up, or altered on the way.
-    /// The connection stays: whoever forged it is on the path, not the agent, and the
-    /// agent's own reports still count.
-    fn open_report<T: serde::de::DeserializeOwned>(&mut self, session_id: &str, agent_id: &str, envelope: &Envelope, domain: Domain) -> Option<T> {
-        let Some(key) = self.cfg.agents.get(agent_id) else {
-            warn!(agent_id = %agent_id, session = session_id, "a report from an agent no longer in AGENT_PUBLIC_KEYS ignored");
-            return None;
-        };
+    /// A report (progress, a result, a login report, a refusal, a heartbeat) as its agent
+    /// MACed it on this connection, or `None` — counted and logged — when the MAC is not
+    /// this connection's agent→edge one: made up, altered on the way, taken from another
+    /// connection or sent back from the edge's own frames. The connection stays: whoever
+    /// forged it is on the path, not the agent, and the agent's own reports still count.
+    fn open_report<T: serde::de::DeserializeOwned>(&mut self, session_id: &str, agent_id: &str, envelope: &Tagged, domain: Domain) -> Option<T> {
+        let key = &self.sessions[session_id].agent().expect("ready session").keys.agent_to_edge;
         match envelope.open::<T>(domain, key) {
             Ok(report) => Some(report),
-            // The agent's own signature over something it should not have sent: its bug,
-            // not a forgery.
+            // The agent's own MAC over something it should not have sent: its bug, not a
+            // forgery.
             Err(EnvelopeError::MalformedPayload(why)) => {
-                warn!(agent_id = %agent_id, session = session_id, kind = ?domain, error = %why, "a report the agent signed does not read; ignored");
+                warn!(agent_id = %agent_id, session = session_id, kind = ?domain, error = %why, "a report the agent MACed does not read; ignored");
                 None
             }
             Err(e) => {
                 self.stats_mut().refused_reports += 1;
-                warn!(agent_id = %agent_id, session = session_id, kind = ?domain, error = %e, "a report not signed by the agent refused (forged or altered on the way)");
+                warn!(agent_id = %agent_id, session = session_id, kind = ?domain, error = %e, "a report not MACed by the agent on this connection refused (forged, altered on the way, or replayed from another connection)");
                 None
             }
         }
     }
 
     /// A verified heartbeat, if it is for this connection and newer than the last one taken
-    /// (which it then becomes, and the moment the agent was last heard); else `None`, logged (the agent's own signature, so not
-    /// counted as a forgery, like progress shown already): one captured on the path
+    /// (which it then becomes, and the moment the agent was last heard); else `None`,
+    /// logged (the agent's own MAC on this connection, so not counted as a forgery, like
+    /// progress shown already): one captured on the path
     /// and played back, here or on another connection, could say the agent no longer
     /// holds a job it took since.
     fn take_beat(&mut self, now: Now, session_id: &str, agent_id: &str, beat: Beat) -> Option<Beat> {

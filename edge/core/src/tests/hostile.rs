@@ -74,8 +74,8 @@ fn health_without_the_secret_is_the_verdict_alone() {
 }
 
 /// Entropy making session `n`.
-fn seed(n: u64) -> [u8; 32] {
-    let mut e = [7u8; 32];
+fn seed(n: u64) -> [u8; 64] {
+    let mut e = [7u8; 64];
     e[..8].copy_from_slice(&n.to_be_bytes());
     e
 }
@@ -266,7 +266,7 @@ fn followed_job() -> (Edge, String, CallerId) {
 #[test]
 fn forged_results_and_progress_from_the_path_are_refused_and_change_nothing() {
     let (mut edge, sid, follower) = followed_job();
-    let forger = agent_key(77);
+    let forger = forged_link(77);
     let fake = JobResult { success: true, output: "forged".into(), ..Default::default() };
 
     // Made up by whoever sits between agent and edge: another key.
@@ -282,12 +282,23 @@ fn forged_results_and_progress_from_the_path_are_refused_and_change_nothing() {
     envelope.payload = envelope.payload.replace("done", "evil");
     assert!(say(&mut edge, 2, &sid, AgentMessage::Result { envelope }).is_empty());
     assert_eq!(edge.job("j1").unwrap().state, JobState::Running, "the job is unaffected");
-    assert!(edge.metrics().contains("claude_runner_reports_refused_total 3\n"), "{}", edge.metrics());
-    assert_eq!(edge.stats().refused_reports, 3);
+    // The agent's own result MACed with the edge→agent key (a frame of the edge's sent
+    // back: reflected), or with another connection's key.
+    let AgentMessage::Result { envelope } = result_msg(&edge, "j1", ok_result()) else { panic!("a result") };
+    let edge_to_agent = edge.session(&sid).unwrap().agent().unwrap().keys.edge_to_agent.clone();
+    let reflected = AgentMessage::result_text(envelope.payload.clone(), &edge_to_agent);
+    let (other, _) = join(&mut edge, 2, "laptop", &agent_key(2), vec![], 9);
+    let elsewhere = AgentMessage::result_text(envelope.payload, &link(&edge, &other));
+    for forged in [reflected, elsewhere] {
+        assert!(say(&mut edge, 2, &sid, forged).is_empty());
+    }
+    assert_eq!(edge.job("j1").unwrap().state, JobState::Running, "the job is unaffected");
+    assert!(edge.metrics().contains("claude_runner_reports_refused_total 5\n"), "{}", edge.metrics());
+    assert_eq!(edge.stats().refused_reports, 5);
 
-    // Signed by the agent but for an order this edge never sent: acknowledged (so it is not
+    // MACed by the agent but for an order this edge never sent: acknowledged (so it is not
     // sent forever), not applied.
-    let stray = AgentMessage::result("j1", "j1:9", fake, &agent_key(1));
+    let stray = AgentMessage::result("j1", "j1:9", fake, &link(&edge, &sid));
     let effects = say(&mut edge, 3, &sid, stray);
     assert!(finished(&effects).is_empty());
     assert!(matches!(sent(&effects, &sid)[..], [EdgeMessage::ResultAck { .. }]));
@@ -320,7 +331,8 @@ fn orders_and_reports_share_one_nonce_per_attempt() {
 #[test]
 fn progress_replayed_or_reordered_on_the_path_is_shown_once_in_order() {
     let (mut edge, sid, follower) = followed_job();
-    let event = |seq: u64| AgentMessage::progress("j1", "j1:1", vec![ProgressEvent { seq, event: json!({"n": seq}) }], &agent_key(1));
+    let key = link(&edge, &sid);
+    let event = |seq: u64| AgentMessage::progress("j1", "j1:1", vec![ProgressEvent { seq, event: json!({"n": seq}) }], &key);
     for seq in [1, 2] {
         assert_eq!(streamed(&say(&mut edge, 2, &sid, event(seq)), follower).0.len(), 1, "the agent's own event {seq}");
     }
@@ -338,10 +350,10 @@ fn progress_replayed_or_reordered_on_the_path_is_shown_once_in_order() {
     assert_eq!(ids, ["id: 1", "id: 2", "id: 3"], "a late follower reads each event once, in order");
 }
 
-/// `spark`'s signed batch of the events `seqs` of `j1`'s order `nonce`.
-fn batch(job_id: &str, nonce: &str, seqs: &[u64]) -> AgentMessage {
+/// `spark`'s batch of the events `seqs` of `j1`'s order `nonce`, MACed with `key`.
+fn batch(key: &MacKey, job_id: &str, nonce: &str, seqs: &[u64]) -> AgentMessage {
     let events = seqs.iter().map(|&seq| ProgressEvent { seq, event: json!({"n": seq}) }).collect();
-    AgentMessage::progress(job_id, nonce, events, &agent_key(1))
+    AgentMessage::progress(job_id, nonce, events, key)
 }
 
 /// The SSE ids in these chunks.
@@ -352,11 +364,12 @@ fn ids(chunks: &[String]) -> Vec<String> {
 #[test]
 fn a_progress_batch_reaches_followers_and_the_backlog_event_by_event() {
     let (mut edge, sid, follower) = followed_job();
-    let (chunks, _) = streamed(&say(&mut edge, 2, &sid, batch("j1", "j1:1", &[1, 2, 3])), follower);
+    let key = link(&edge, &sid);
+    let (chunks, _) = streamed(&say(&mut edge, 2, &sid, batch(&key, "j1", "j1:1", &[1, 2, 3])), follower);
     assert_eq!(ids(&chunks), ["id: 1", "id: 2", "id: 3"]);
     assert!(chunks[1].contains(r#"data: {"n":2}"#), "{chunks:?}");
     // Gaps are the agent's (an event summarised away, or sent while the edge was away).
-    let (chunks, _) = streamed(&say(&mut edge, 3, &sid, batch("j1", "j1:1", &[5, 9])), follower);
+    let (chunks, _) = streamed(&say(&mut edge, 3, &sid, batch(&key, "j1", "j1:1", &[5, 9])), follower);
     assert_eq!(ids(&chunks), ["id: 5", "id: 9"]);
     let late = edge.begin_request();
     let mut effects = Vec::new();
@@ -367,15 +380,16 @@ fn a_progress_batch_reaches_followers_and_the_backlog_event_by_event() {
 #[test]
 fn progress_batches_forged_replayed_misbound_or_malformed_are_refused_and_show_nothing() {
     let (mut edge, sid, follower) = followed_job();
-    let good = batch("j1", "j1:1", &[1, 2]);
+    let key = link(&edge, &sid);
+    let good = batch(&key, "j1", "j1:1", &[1, 2]);
     assert_eq!(streamed(&say(&mut edge, 2, &sid, good.clone()), follower).0.len(), 2);
 
     // Played back on the path: shown already.
     assert!(streamed(&say(&mut edge, 3, &sid, good), follower).0.is_empty(), "a replayed batch shown again");
     // Made up with another key, or the agent's own altered on the way (an event added).
-    let forged = AgentMessage::progress("j1", "j1:1", vec![ProgressEvent { seq: 3, event: json!("forged") }], &agent_key(77));
+    let forged = AgentMessage::progress("j1", "j1:1", vec![ProgressEvent { seq: 3, event: json!("forged") }], &forged_link(77));
     assert!(say(&mut edge, 4, &sid, forged).is_empty());
-    let AgentMessage::Event { mut envelope } = batch("j1", "j1:1", &[3]) else { panic!("progress") };
+    let AgentMessage::Event { mut envelope } = batch(&key, "j1", "j1:1", &[3]) else { panic!("progress") };
     envelope.payload = envelope.payload.replace(r#"{"seq":3,"event":{"n":3}}"#, r#"{"seq":3,"event":{"n":3}},{"seq":4,"event":"added"}"#);
     assert!(envelope.payload.contains("added"));
     assert!(say(&mut edge, 4, &sid, AgentMessage::Event { envelope }).is_empty());
@@ -383,21 +397,21 @@ fn progress_batches_forged_replayed_misbound_or_malformed_are_refused_and_show_n
 
     // Signed by the agent, but bound to an order the edge never sent, or to another job's.
     for (job, nonce) in [("j1", "j1:9"), ("j2", "j1:1"), ("j1", "j2:1")] {
-        assert!(say(&mut edge, 5, &sid, batch(job, nonce, &[3])).is_empty(), "{job} {nonce}");
+        assert!(say(&mut edge, 5, &sid, batch(&key, job, nonce, &[3])).is_empty(), "{job} {nonce}");
     }
     // Not a batch the agent makes: empty, numbered down or twice, too many events.
     let over: Vec<u64> = (3..=3 + shared::protocol::MAX_PROGRESS_EVENTS as u64).collect();
     for seqs in [&[][..], &[4, 3], &[3, 3], &over] {
-        assert!(say(&mut edge, 6, &sid, batch("j1", "j1:1", seqs)).is_empty(), "{seqs:?}");
+        assert!(say(&mut edge, 6, &sid, batch(&key, "j1", "j1:1", seqs)).is_empty(), "{seqs:?}");
     }
     // Over the size limit: refused before its signature is even checked.
     let huge = json!("x".repeat(shared::protocol::MAX_PROGRESS_PAYLOAD_BYTES));
-    let big = AgentMessage::progress("j1", "j1:1", vec![ProgressEvent { seq: 3, event: huge }], &agent_key(1));
+    let big = AgentMessage::progress("j1", "j1:1", vec![ProgressEvent { seq: 3, event: huge }], &key);
     assert!(say(&mut edge, 7, &sid, big).is_empty());
     assert_eq!(edge.stats().refused_reports, 2, "the agent's own signature: not counted as forgeries");
 
     // None of it showed; the agent's next batch goes through, and the connection stayed.
-    let (chunks, _) = streamed(&say(&mut edge, 8, &sid, batch("j1", "j1:1", &[3, 4])), follower);
+    let (chunks, _) = streamed(&say(&mut edge, 8, &sid, batch(&key, "j1", "j1:1", &[3, 4])), follower);
     assert_eq!(ids(&chunks), ["id: 3", "id: 4"]);
     let late = edge.begin_request();
     let mut effects = Vec::new();
@@ -421,10 +435,11 @@ fn refusals_made_up_altered_or_played_back_on_the_path_never_send_a_job_again() 
     say(&mut edge, 0, &spark, credit(1, 0));
     edge.submit(1, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
     assert_eq!(edge.job("j1").unwrap().order_nonce(), "j1:1");
-    let refusal = |job_id: &str, nonce: &str, key: &SigningKey| AgentMessage::rejected(job_id, nonce, "no free slot", true, key);
+    let refusal = |job_id: &str, nonce: &str, key: &MacKey| AgentMessage::rejected(job_id, nonce, "no free slot", true, key);
+    let spark_key = link(&edge, &spark);
 
     // The agent's own refusal of j1's first order, for want of a slot: it goes out again.
-    let first = refusal("j1", "j1:1", &agent_key(1));
+    let first = refusal("j1", "j1:1", &spark_key);
     let effects = say(&mut edge, 2, &spark, first.clone());
     assert!(finished(&effects).is_empty());
     assert!(any_order(&say(&mut edge, 3, &spark, credit(1, 1))), "sent again");
@@ -433,14 +448,15 @@ fn refusals_made_up_altered_or_played_back_on_the_path_never_send_a_job_again() 
     let (laptop, _) = join(&mut edge, 4, "laptop", &agent_key(2), vec![], 2);
     say(&mut edge, 4, &laptop, credit(1, 0));
 
-    let AgentMessage::Rejected { envelope: genuine } = refusal("j9", "j9:1", &agent_key(1)) else { unreachable!() };
+    let laptop_key = link(&edge, &laptop);
+    let AgentMessage::Rejected { envelope: genuine } = refusal("j9", "j9:1", &spark_key) else { unreachable!() };
     let mut altered = genuine.clone();
     altered.payload = altered.payload.replace("j9", "j1");
     let attacks: Vec<(&str, &str, AgentMessage)> = vec![
-        ("made up with another key", &spark, refusal("j1", "j1:2", &agent_key(77))),
+        ("made up with another key", &spark, refusal("j1", "j1:2", &forged_link(77))),
         ("the agent's refusal of another job, altered to name this one", &spark, AgentMessage::Rejected { envelope: altered }),
-        ("another agent's key on this agent's connection", &spark, refusal("j1", "j1:2", &agent_key(2))),
-        ("another agent's own refusal, on its own connection", &laptop, refusal("j1", "j1:2", &agent_key(2))),
+        ("another connection's key on this agent's connection", &spark, refusal("j1", "j1:2", &laptop_key)),
+        ("another agent's own refusal, on its own connection", &laptop, refusal("j1", "j1:2", &laptop_key)),
         ("the agent's refusal of the earlier order, played back", &spark, first.clone()),
     ];
     for accepted in [false, true] {
@@ -455,13 +471,13 @@ fn refusals_made_up_altered_or_played_back_on_the_path_never_send_a_job_again() 
             assert_eq!(job.state, if accepted { JobState::Running } else { JobState::Dispatched }, "{what}");
         }
     }
-    assert_eq!(edge.stats().refused_reports, 6, "the signatures that failed are counted as forgeries");
+    assert_eq!(edge.stats().refused_reports, 6, "the MACs that failed are counted as forgeries");
     // An `OrderRefused` names nothing: counted, nothing else.
     let effects = say(&mut edge, 7, &spark, AgentMessage::OrderRefused { reason: "bad signature\nFORGED LOG LINE".into() });
     assert!(effects.is_empty(), "{effects:?}");
     // The agent's own refusal of the latest order still counts — even after an
     // `Accepted`, which the path could have made up (`shared::protocol`, "Signed or not").
-    let effects = say(&mut edge, 8, &spark, refusal("j1", "j1:2", &agent_key(1)));
+    let effects = say(&mut edge, 8, &spark, refusal("j1", "j1:2", &spark_key));
     assert!(any_order(&effects), "sent again, to the agent with a free slot");
     assert_eq!(edge.job("j1").unwrap().agent_id.as_deref(), Some("laptop"));
 }
@@ -480,6 +496,7 @@ fn heartbeats_made_up_altered_or_played_back_never_end_a_running_job_lost() {
     }
     // Numbered above anything the next connection will have said when it is played back.
     let kept = signed(&edge, &first, beat(&[], 1, 1));
+    let first_key = link(&edge, &first);
     assert!(finished(&say(&mut edge, 3, &first, kept.clone())).is_empty());
 
     // It reconnects and runs j1 (its first order on the new connection).
@@ -493,16 +510,16 @@ fn heartbeats_made_up_altered_or_played_back_never_end_a_running_job_lost() {
 
     // What each says: the agent holds nothing, having received the order — j1 would end
     // `lost` (its caller told to run it elsewhere while it runs here).
-    let says_nothing = |seq, key: &SigningKey| AgentMessage::heartbeat(&Beat { challenge: challenge.clone(), seq, ..beat(&[], 1, 1) }, key);
+    let says_nothing = |seq, key: &MacKey| AgentMessage::heartbeat(&Beat { challenge: challenge.clone(), seq, ..beat(&[], 1, 1) }, key);
     let AgentMessage::Heartbeat { envelope: mut altered } = signed(&edge, &sid, beat(&["j1"], 0, 1)) else { unreachable!() };
     altered.payload = altered.payload.replace(r#""running":["j1"]"#, r#""running":[]"#);
     let refused_before = edge.stats().refused_reports;
     let attacks = [
-        ("made up with another key", says_nothing(99, &agent_key(77))),
-        ("another agent's key", says_nothing(99, &agent_key(2))),
+        ("made up with another key", says_nothing(99, &forged_link(77))),
+        ("its earlier connection's key", says_nothing(99, &first_key)),
         ("the agent's own, altered", AgentMessage::Heartbeat { envelope: altered }),
         ("the agent's own from its earlier connection", kept),
-        ("the agent's own on this connection, played back", says_nothing(1, &agent_key(1))),
+        ("the agent's own on this connection, played back", says_nothing(1, &link(&edge, &sid))),
     ];
     for (what, attack) in attacks {
         let effects = say(&mut edge, 14, &sid, attack);
@@ -510,12 +527,12 @@ fn heartbeats_made_up_altered_or_played_back_never_end_a_running_job_lost() {
         assert!(!effects.iter().any(|e| matches!(e, Effect::Send { .. })), "{what}: not even acknowledged: {effects:?}");
         assert_eq!(edge.job("j1").unwrap().state, JobState::Running, "{what}");
     }
-    assert_eq!(edge.stats().refused_reports, refused_before + 3, "three signatures failed");
+    assert_eq!(edge.stats().refused_reports, refused_before + 4, "four MACs failed (the earlier connection's beat too: its key is not this one's)");
 
     // Nor can an older beat bring back what a newer one said: the login it reported.
     pulse(&mut edge, 15, &sid, Beat { oauth: OAuthReport::unconfigured(15), ..beat(&["j1"], 0, 1) });
     let seq = edge.session(&sid).unwrap().agent().unwrap().beat;
-    let older = AgentMessage::heartbeat(&Beat { challenge: challenge.clone(), seq: seq - 1, ..beat(&["j1"], 0, 1) }, &agent_key(1));
+    let older = AgentMessage::heartbeat(&Beat { challenge: challenge.clone(), seq: seq - 1, ..beat(&["j1"], 0, 1) }, &link(&edge, &sid));
     say(&mut edge, 16, &sid, older);
     assert_eq!(edge.session(&sid).unwrap().agent().unwrap().oauth, OAuthReport::unconfigured(15), "the newest report stands");
 
@@ -542,7 +559,7 @@ fn frames_anyone_can_make_do_not_keep_a_gone_agent_connected() {
     let kept = signed(&edge, &sid, beat(&["j"], 0, 1));
     let last = 500;
     pulse(&mut edge, last, &sid, beat(&["j"], 0, 1));
-    let forged_result = AgentMessage::result("j", "j:1", ok_result(), &agent_key(9));
+    let forged_result = AgentMessage::result("j", "j:1", ok_result(), &forged_link(9));
     // The agent is gone; the path keeps talking, several times an interval.
     let mut t = last;
     while t + HB / 4 < last + 2 * HB {

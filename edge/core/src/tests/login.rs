@@ -40,10 +40,10 @@ fn login_order(effects: &[Effect], sid: &str, now: u64) -> LoginOrder {
     open_order(&envelope, Domain::Login, &edge_key().verifying_key(), SPARK, now).expect("signed by the edge for spark")
 }
 
-/// The agent's signed report on the login `login_id`, answering its order for `step`.
-fn login_msg(login_id: &str, step: LoginStep, state: LoginState, url: Option<String>, error: Option<String>, oauth: Option<OAuthReport>) -> AgentMessage {
+/// The agent's MACed report on the login `login_id`, answering its order for `step`.
+fn login_msg(edge: &Edge, login_id: &str, step: LoginStep, state: LoginState, url: Option<String>, error: Option<String>, oauth: Option<OAuthReport>) -> AgentMessage {
     let report = LoginReport { login_id: login_id.to_string(), order_nonce: LoginRelay::nonce(login_id, step), state, url, error, oauth };
-    AgentMessage::login(&report, &agent_key(1))
+    AgentMessage::login(&report, &link_of(edge, "spark"))
 }
 
 #[test]
@@ -217,7 +217,7 @@ fn the_relay_starts_once_passes_the_code_and_lets_held_work_go() {
     let second = call(&mut edge, 11, "POST", "/oauth/login", Value::Null);
     assert!(sent(&second.effects, &sid).is_empty(), "one login at a time");
     let url = "https://claude.ai/oauth/authorize?code=true&state=s".to_string();
-    let progress = login_msg(&login_id, LoginStep::Start, LoginState::AwaitingCode, Some(url.clone()), None, None);
+    let progress = login_msg(&edge, &login_id, LoginStep::Start, LoginState::AwaitingCode, Some(url.clone()), None, None);
     let effects = say(&mut edge, 20, &sid, progress);
     for caller in [first.caller, second.caller] {
         let (status, body) = answer_to(&effects, caller).unwrap();
@@ -232,7 +232,7 @@ fn the_relay_starts_once_passes_the_code_and_lets_held_work_go() {
     let twice = call(&mut edge, 41, "POST", "/oauth/login/code", json!({"login_id": login_id, "code": "abc#def"}));
     assert_eq!(answer_to(&twice.effects, twice.caller).unwrap().0, 409);
     // Logged in: the caller hears it with the new login, and the held job goes.
-    let done = login_msg(&login_id, LoginStep::Code, LoginState::LoggedIn, None, None, Some(oauth()));
+    let done = login_msg(&edge, &login_id, LoginStep::Code, LoginState::LoggedIn, None, None, Some(oauth()));
     let effects = say(&mut edge, 50, &sid, done);
     let (status, body) = answer_to(&effects, code.caller).unwrap();
     assert_eq!((status, body["state"].as_str(), body["oauth"]["needs_login"].as_bool()), (200, Some("logged_in"), Some(false)));
@@ -247,7 +247,7 @@ fn jobs_wait_while_a_relogin_is_under_way() {
     // The login works, but a re-login is under way: /execute waits instead of failing.
     let s = edge.submit(1, "j".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
     assert!(sent(&s.effects, &sid).is_empty());
-    let failed = login_msg(&login_id, LoginStep::Start, LoginState::Failed, None, Some("Login failed: x".into()), None);
+    let failed = login_msg(&edge, &login_id, LoginStep::Start, LoginState::Failed, None, Some("Login failed: x".into()), None);
     let effects = say(&mut edge, 2, &sid, failed);
     let (status, body) = answer_to(&effects, start.caller).unwrap();
     assert_eq!((status, body["error_code"].as_str()), (502, Some("RUNNER_OAUTH_ERROR")));
@@ -261,7 +261,8 @@ fn a_relay_is_given_up_after_its_time_or_with_its_agent() {
     let start = call(&mut edge, 0, "POST", "/oauth/login", Value::Null);
     let login_id = login_order(&start.effects, &sid, 0).header.job_id;
     let url = Some("https://claude.ai/oauth/authorize?x".to_string());
-    say(&mut edge, 1, &sid, login_msg(&login_id, LoginStep::Start, LoginState::AwaitingCode, url, None, None));
+    let msg = login_msg(&edge, &login_id, LoginStep::Start, LoginState::AwaitingCode, url, None, None);
+    say(&mut edge, 1, &sid, msg);
     // Nothing more: the relay ends at its expiry and the next start is a new one.
     for t in (1_000..LOGIN_TTL_MS).step_by(1_000) {
         beat(&mut edge, t, &sid, oauth());
@@ -284,14 +285,14 @@ fn a_relay_is_given_up_after_its_time_or_with_its_agent() {
 #[test]
 fn progress_for_a_login_the_edge_is_not_relaying_is_ignored() {
     let (mut edge, sid) = ready_edge();
-    let forged = login_msg("nope", LoginStep::Code, LoginState::LoggedIn, None, None, Some(broken()));
+    let forged = login_msg(&edge, "nope", LoginStep::Code, LoginState::LoggedIn, None, None, Some(broken()));
     let effects = say(&mut edge, 1, &sid, forged);
     assert!(effects.iter().all(|e| !matches!(e, Effect::Answer { .. })));
     assert!(!edge.health(1).oauth.unwrap().needs_login, "its report was not taken");
     // A URL that is not https is never passed on.
     let start = call(&mut edge, 2, "POST", "/oauth/login", Value::Null);
     let login_id = login_order(&start.effects, &sid, 2).header.job_id;
-    let evil = login_msg(&login_id, LoginStep::Start, LoginState::AwaitingCode, Some("javascript:alert(1)".into()), None, None);
+    let evil = login_msg(&edge, &login_id, LoginStep::Start, LoginState::AwaitingCode, Some("javascript:alert(1)".into()), None, None);
     let effects = say(&mut edge, 3, &sid, evil);
     assert_eq!(answer_to(&effects, start.caller).unwrap().0, 502);
 }
@@ -307,7 +308,8 @@ fn a_relay_that_lost_its_url_or_its_start_is_started_anew_and_its_code_still_goe
     assert_ne!(first, second);
     let url = Some("https://claude.ai/oauth/authorize?x".to_string());
     let t = crate::machine::LOGIN_WAIT_MS + 1;
-    say(&mut edge, t, &sid, login_msg(&second, LoginStep::Start, LoginState::AwaitingCode, url, None, None));
+    let msg = login_msg(&edge, &second, LoginStep::Start, LoginState::AwaitingCode, url, None, None);
+    say(&mut edge, t, &sid, msg);
     // The host could not keep the URL (the Worker's attachment budget): the record comes
     // back without it after the object left memory.
     let mut session = edge.session(&sid).unwrap().clone();
@@ -332,7 +334,8 @@ fn a_login_report_counts_only_signed_by_its_agent_and_bound_to_an_order_of_that_
     let order = login_order(&start.effects, &sid, 1);
     assert_eq!(order.header.pool, "default", "the order is bound to the pool");
     let login_id = order.header.job_id;
-    let logged_in = |nonce: String, key: &SigningKey| {
+    let spark_key = link(&edge, &sid);
+    let logged_in = |nonce: String, key: &MacKey| {
         let report = LoginReport { login_id: login_id.clone(), order_nonce: nonce, state: LoginState::LoggedIn, url: None, error: None, oauth: Some(oauth()) };
         AgentMessage::login(&report, key)
     };
@@ -341,23 +344,23 @@ fn a_login_report_counts_only_signed_by_its_agent_and_bound_to_an_order_of_that_
         assert!(edge.health(5).oauth.unwrap().needs_login, "the forged login was taken");
         assert!(sent(effects, &sid).is_empty(), "held work went");
     };
-    // Signed by another agent's key (whoever sits on the path): refused and counted.
-    let effects = say(&mut edge, 2, &sid, logged_in(LoginRelay::nonce(&login_id, LoginStep::Code), &agent_key(2)));
+    // MACed with another key (whoever sits on the path): refused and counted.
+    let effects = say(&mut edge, 2, &sid, logged_in(LoginRelay::nonce(&login_id, LoginStep::Code), &forged_link(2)));
     nothing_happened(&effects, &edge);
     assert_eq!(edge.stats().refused_reports, 1);
     // Signed by the agent, but for a code this edge never sent, or another login's order.
-    let effects = say(&mut edge, 3, &sid, logged_in(LoginRelay::nonce(&login_id, LoginStep::Code), &agent_key(1)));
+    let effects = say(&mut edge, 3, &sid, logged_in(LoginRelay::nonce(&login_id, LoginStep::Code), &spark_key));
     nothing_happened(&effects, &edge);
-    let effects = say(&mut edge, 4, &sid, logged_in(LoginRelay::nonce("0123456789abcdef", LoginStep::Start), &agent_key(1)));
+    let effects = say(&mut edge, 4, &sid, logged_in(LoginRelay::nonce("0123456789abcdef", LoginStep::Start), &spark_key));
     nothing_happened(&effects, &edge);
-    // A result's signature is not a login report's.
+    // A result's MAC is not a login report's.
     let report = LoginReport { login_id: login_id.clone(), order_nonce: LoginRelay::nonce(&login_id, LoginStep::Start), state: LoginState::LoggedIn, url: None, error: None, oauth: Some(oauth()) };
-    let envelope = Envelope::seal(Domain::Result, &report, &agent_key(1));
+    let envelope = shared::envelope::Tagged::seal(Domain::Result, &report, &spark_key);
     let effects = say(&mut edge, 5, &sid, AgentMessage::LoginProgress { envelope });
     nothing_happened(&effects, &edge);
     assert_eq!(edge.stats().refused_reports, 2);
     // The agent's own, answering the start: taken.
-    let effects = say(&mut edge, 6, &sid, logged_in(LoginRelay::nonce(&login_id, LoginStep::Start), &agent_key(1)));
+    let effects = say(&mut edge, 6, &sid, logged_in(LoginRelay::nonce(&login_id, LoginStep::Start), &spark_key));
     assert_eq!(answer_to(&effects, start.caller).unwrap().1["state"], "logged_in");
     assert_eq!(order_of(&effects, &sid, "spark", 6).header.job_id, "held");
 }

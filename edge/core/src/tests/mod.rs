@@ -31,6 +31,7 @@ use shared::contract::{ExecuteRequest, Limits, Submission};
 use shared::envelope::{open_order, Audience, Domain, Envelope};
 use shared::job::{JobResult, JobState};
 use shared::keys::Keyring;
+use shared::link::{Ephemeral, MacKey};
 use shared::oauth::{OAuthReport, OAuthSource};
 use shared::protocol::{close, AgentMessage, Beat, EdgeMessage, Hello, JobOrder, Slots, Welcome, PROTOCOL_VERSION};
 
@@ -47,6 +48,29 @@ pub(super) fn edge_key() -> SigningKey {
 }
 pub(super) fn agent_key(n: u8) -> SigningKey {
     SigningKey::from_bytes(&[n; 32])
+}
+
+/// The scripted agents' X25519 key of every connection (the edge's comes from the seed).
+pub(super) fn agent_ephemeral() -> Ephemeral {
+    Ephemeral::new([0x42; 32])
+}
+
+/// The agent→edge key of the connection `sid`: what its agent MACs its reports with. The
+/// scripted agent derives it from the welcome in [`join_with`], which checks that both
+/// sides agree; later helpers read it from the session record.
+pub(super) fn link(edge: &Edge, sid: &str) -> MacKey {
+    edge.session(sid).and_then(|s| s.agent()).expect("a proven session").keys.agent_to_edge.clone()
+}
+
+/// The agent→edge key of `agent`'s current connection.
+pub(super) fn link_of(edge: &Edge, agent: &str) -> MacKey {
+    edge.ready().find(|(_, a)| a.agent_id == agent).map(|(_, a)| a.keys.agent_to_edge.clone()).expect("the agent is connected")
+}
+
+/// A key no connection has: what someone on the path, without either side's signing key,
+/// could MAC with.
+pub(super) fn forged_link(n: u8) -> MacKey {
+    MacKey::from_bytes([n; 32])
 }
 
 pub(super) fn config() -> Config {
@@ -142,7 +166,7 @@ pub(super) fn join(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, run
 }
 
 pub(super) fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey, running: Vec<String>, seed: u8, capacity: u32) -> (String, Vec<Effect>) {
-    let (sid, effects) = edge.connect(now, [seed; 32], PEER);
+    let (sid, effects) = edge.connect(now, [seed; 64], PEER);
     let EdgeMessage::Challenge { nonce, protocol, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     assert_eq!(*protocol, PROTOCOL_VERSION);
     let hello = Hello {
@@ -153,6 +177,20 @@ pub(super) fn join_with(edge: &mut Edge, now: u64, agent: &str, key: &SigningKey
         ..hello(agent, nonce, now)
     };
     let effects = edge.message(now, &sid, &hello_text(&hello, key));
+    // Both ends of the connection hold the same keys: the agent's, derived from the welcome.
+    if let Some(EdgeMessage::Welcome { envelope }) = sent(&effects, &sid).into_iter().next() {
+        let welcome: Welcome = envelope.open(Domain::Welcome, &edge_key().verifying_key()).unwrap();
+        let t = shared::link::Transcript {
+            challenge: &hello.challenge,
+            agent_nonce: &hello.agent_nonce,
+            agent_public: &hello.ephemeral,
+            edge_public: &welcome.ephemeral,
+            agent_id: agent,
+            pool: &welcome.pool,
+        };
+        let keys = shared::link::LinkKeys::agree(&agent_ephemeral(), &welcome.ephemeral, &t).unwrap();
+        assert_eq!(edge.session(&sid).and_then(|s| s.agent()).unwrap().keys, keys, "the edge's keys are the agent's");
+    }
     (sid, effects)
 }
 
@@ -166,6 +204,7 @@ pub(super) fn hello(agent: &str, nonce: &str, now: u64) -> Hello {
         claude_version: None,
         challenge: nonce.into(),
         agent_nonce: "n".into(),
+        ephemeral: agent_ephemeral().public(),
         issued_at: now,
         capacity: 1,
         running: vec![],
@@ -217,8 +256,7 @@ pub(super) fn beat(running: &[&str], free: u32, received: u64) -> Beat {
 /// numbered after the last heartbeat the edge took on it, signed with the agent's key.
 pub(super) fn signed(edge: &Edge, sid: &str, beat: Beat) -> AgentMessage {
     let agent = edge.session(sid).and_then(|s| s.agent()).expect("a proven session");
-    let key = if agent.agent_id == "laptop" { agent_key(2) } else { agent_key(1) };
-    AgentMessage::heartbeat(&Beat { challenge: agent.challenge.clone(), seq: agent.beat + 1, ..beat }, &key)
+    AgentMessage::heartbeat(&Beat { challenge: agent.challenge.clone(), seq: agent.beat + 1, ..beat }, &agent.keys.agent_to_edge)
 }
 
 /// The agent of session `sid` sends heartbeat `beat` at `now`.
@@ -264,13 +302,13 @@ pub(super) fn call(edge: &mut Edge, now: impl Into<crate::Now>, method: &str, pa
 /// `spark`'s signed result for the job's latest order.
 pub(super) fn result_msg(edge: &Edge, job_id: &str, result: JobResult) -> AgentMessage {
     let nonce = edge.job(job_id).map_or(format!("{job_id}:1"), |j| j.order_nonce());
-    AgentMessage::result(job_id, &nonce, result, &agent_key(1))
+    AgentMessage::result(job_id, &nonce, result, &link_of(edge, "spark"))
 }
 
 /// `spark`'s signed progress event for the job's latest order.
 pub(super) fn progress_msg(edge: &Edge, job_id: &str, seq: u64, event: Value) -> AgentMessage {
     let nonce = edge.job(job_id).map_or(format!("{job_id}:1"), |j| j.order_nonce());
-    AgentMessage::progress(job_id, &nonce, vec![shared::protocol::ProgressEvent { seq, event }], &agent_key(1))
+    AgentMessage::progress(job_id, &nonce, vec![shared::protocol::ProgressEvent { seq, event }], &link_of(edge, "spark"))
 }
 
 /// `spark` reports the job's result, signed and bound to the job's latest order.
@@ -282,7 +320,8 @@ pub(super) fn report(edge: &mut Edge, now: u64, sid: &str, job_id: &str, result:
 /// `spark` refuses the job's latest order, signed and bound to it.
 pub(super) fn refuse(edge: &mut Edge, now: u64, sid: &str, job_id: &str, reason: &str, retry: bool) -> Vec<Effect> {
     let nonce = edge.job(job_id).map_or(format!("{job_id}:1"), |j| j.order_nonce());
-    say(edge, now, sid, AgentMessage::rejected(job_id, &nonce, reason, retry, &agent_key(1)))
+    let key = link(edge, sid);
+    say(edge, now, sid, AgentMessage::rejected(job_id, &nonce, reason, retry, &key))
 }
 
 /// `spark` reports a progress event of the job, signed and bound to its latest order.
@@ -405,28 +444,57 @@ fn refuses_unknown_forged_and_replayed_hellos() {
     assert!(!edge.is_online());
 
     // A hello captured from one connection, replayed on another.
-    let (sid1, effects) = edge.connect(0, [3; 32], PEER);
+    let (sid1, effects) = edge.connect(0, [3; 64], PEER);
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid1)[0] else { panic!() };
     let text = hello_frame("spark", nonce, 0, &agent_key(1));
     assert!(closed(&edge.message(0, &sid1, &text)).is_none());
-    let (sid2, _) = edge.connect(0, [4; 32], PEER);
+    let (sid2, _) = edge.connect(0, [4; 64], PEER);
     let (code, reason) = closed(&edge.message(0, &sid2, &text)).unwrap();
     assert_eq!(code, close::UNAUTHORIZED);
     assert!(reason.contains("replay"), "{reason}");
 }
 
 #[test]
+fn a_hello_whose_connection_key_was_swapped_or_gives_no_secret_is_refused() {
+    let mut edge = Edge::new(config(), 0);
+    // Swapped on the path for one whose secret the path would know: the signature breaks.
+    let (sid, effects) = edge.connect(0, [5; 64], PEER);
+    let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!() };
+    let text = hello_frame("spark", nonce, 0, &agent_key(1));
+    let mallory = Ephemeral::new([0x43; 32]).public();
+    assert!(text.contains(&agent_ephemeral().public()), "{text}");
+    let swapped = text.replace(&agent_ephemeral().public(), &mallory);
+    let effects = edge.message(0, &sid, &swapped);
+    let (code, reason) = closed(&effects).unwrap_or_else(|| panic!("refused: {effects:?}"));
+    assert_eq!(code, close::UNAUTHORIZED);
+    assert!(reason.contains("failed to prove its identity"), "{reason}");
+    // Signed by the agent, but a low-order point (no shared secret) or not a key at all.
+    for (seed, bad) in [(6, shared::keys::encode(&[0; 32])), (8, shared::keys::encode(&[1; 31]))] {
+        let (sid, effects) = edge.connect(0, [seed; 64], PEER);
+        let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!() };
+        let hello = Hello { ephemeral: bad.clone(), ..hello("spark", nonce, 0) };
+        let (code, reason) = closed(&edge.message(0, &sid, &hello_text(&hello, &agent_key(1)))).expect("refused");
+        assert_eq!(code, close::UNAUTHORIZED);
+        assert!(reason.contains("connection key is refused"), "{reason}");
+    }
+    assert!(!edge.is_online());
+    // The agent's own key goes through.
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 7);
+    assert!(edge.session(&sid).and_then(|s| s.agent()).is_some());
+}
+
+#[test]
 fn refuses_another_protocol_version_by_name() {
-    // 7: the last version before progress came in batches (its single events do not read).
-    assert_eq!(shared::protocol::PROTOCOL_VERSION, 8);
-    for old in [7, 99] {
+    // 8: the last version before per-connection keys (its signed reports do not read).
+    assert_eq!(shared::protocol::PROTOCOL_VERSION, 9);
+    for old in [8, 7, 99] {
         let mut edge = Edge::new(config(), 0);
-        let (sid, _) = edge.connect(0, [1; 32], PEER);
+        let (sid, _) = edge.connect(0, [1; 64], PEER);
         let env = Envelope { payload: "{}".into(), sig: String::new() };
         let text = AgentMessage::Hello { protocol: old, agent_id: "spark".into(), envelope: env }.to_text();
         let (code, reason) = closed(&edge.message(0, &sid, &text)).unwrap();
         assert_eq!(code, close::VERSION_MISMATCH);
-        assert!(reason.contains(&format!("v{old}")) && reason.contains("v8"), "{reason}");
+        assert!(reason.contains(&format!("v{old}")) && reason.contains("v9"), "{reason}");
     }
 }
 
@@ -515,7 +583,7 @@ fn a_silent_agent_is_dropped_within_two_heartbeats() {
 #[test]
 fn an_unfinished_handshake_is_dropped() {
     let mut edge = Edge::new(config(), 0);
-    let (_sid, _) = edge.connect(0, [1; 32], PEER);
+    let (_sid, _) = edge.connect(0, [1; 64], PEER);
     assert_eq!(edge.next_deadline(), Some(10_000));
     assert!(closed(&edge.tick(10_000)).is_some());
 }

@@ -75,6 +75,8 @@ struct ModelAgent {
     /// Its connection's challenge and the number of its last heartbeat on it.
     challenge: String,
     beats: u64,
+    /// Its connection's keys, once welcomed.
+    link: Option<shared::link::LinkKeys>,
 }
 
 impl ModelAgent {
@@ -82,10 +84,10 @@ impl ModelAgent {
         Slots { free: self.capacity - self.running.len() as u32, received: self.received }
     }
 
-    /// The job's result, signed as the agent does.
+    /// The job's result, MACed with its connection's key as the agent does.
     fn report(&self, job_id: &str, result: JobResult) -> AgentMessage {
         let nonce = self.nonces.get(job_id).map_or("", String::as_str);
-        AgentMessage::result(job_id, nonce, result, &agent_key(self.key))
+        AgentMessage::result(job_id, nonce, result, &self.link.as_ref().expect("a welcomed connection").agent_to_edge)
     }
 
     /// A job ends: its result is spooled, and sent with a statement of the slots on the
@@ -141,6 +143,7 @@ impl World {
             received: 0,
             challenge: String::new(),
             beats: 0,
+            link: None,
         };
         World {
             edge: Edge::new(config(), 0),
@@ -249,7 +252,8 @@ impl World {
                 }
             }
             EdgeMessage::ResultAck { envelope } => {
-                let ack: shared::protocol::Acknowledgement = envelope.open(Domain::ResultAck, &edge_key().verifying_key()).expect("signed by the edge");
+                let key = &agent.link.as_ref().expect("a welcomed connection").edge_to_agent;
+                let ack: shared::protocol::Acknowledgement = envelope.open(Domain::ResultAck, key).expect("MACed by the edge on this connection");
                 agent.finished.remove(&ack.job_id);
             }
             _ => {}
@@ -268,7 +272,7 @@ impl World {
             return;
         }
         self.seed = self.seed.wrapping_add(1);
-        let (sid, effects) = self.edge.connect(self.now, [self.seed; 32], PEER);
+        let (sid, effects) = self.edge.connect(self.now, [self.seed; 64], PEER);
         let agent = &mut self.agents[a];
         agent.session = Some(sid.clone());
         agent.received = 0;
@@ -294,7 +298,9 @@ impl World {
         let text = hello_text(&hello, &agent_key(agent.key));
         let effects = self.edge.message(self.now, &sid, &text);
         self.carry_out(effects);
+        let link = self.edge.session(&sid).and_then(|s| s.agent()).map(|a| a.keys.clone());
         let agent = &mut self.agents[a];
+        agent.link = link;
         if agent.session.is_some() {
             // The welcome, then the agent's statement and its kept results.
             agent.down.retain(|m| !matches!(m, EdgeMessage::Welcome { .. }));
@@ -364,7 +370,8 @@ impl World {
                         slots: agent.slots(),
                         claude_version: None,
                     };
-                    agent.up.push_back(AgentMessage::heartbeat(&beat, &agent_key(agent.key)));
+                    let key = &agent.link.as_ref().expect("a welcomed connection").agent_to_edge;
+                    agent.up.push_back(AgentMessage::heartbeat(&beat, key));
                 }
             }
             Step::Disconnect(a) => self.disconnect(a),

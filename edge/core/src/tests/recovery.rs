@@ -8,7 +8,7 @@ use crate::Config;
 /// Connects `agent` with a hello that names the jobs it runs and those whose results it
 /// still holds.
 fn rejoin(edge: &mut Edge, now: u64, running: &[&str], finished: &[&str], seed: u8) -> (String, Vec<Effect>) {
-    let (sid, effects) = edge.connect(now, [seed; 32], PEER);
+    let (sid, effects) = edge.connect(now, [seed; 64], PEER);
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     let hello = Hello {
         running: running.iter().map(|s| s.to_string()).collect(),

@@ -22,7 +22,7 @@ fn pool_config() -> Config {
 /// Agent `agent` (key `key`) joins with `capacity` slots, these labels and mirrors, and
 /// states its slots free.
 fn enter(edge: &mut Edge, now: u64, agent: &str, key: u8, capacity: u32, labels: &str, mirrors: &[&str]) -> String {
-    let (sid, effects) = edge.connect(now, [key + 100; 32], PEER);
+    let (sid, effects) = edge.connect(now, [key + 100; 64], PEER);
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     let hello = Hello {
         capacity,
@@ -308,7 +308,7 @@ proptest! {
                     if !held[a].is_empty() {
                         let job = held[a].remove(0);
                         out.extend(say(&mut edge, now, &sids[a], AgentMessage::Accepted { job_id: job.clone() }));
-                        let msg = AgentMessage::result(&job, &edge.job(&job).unwrap().order_nonce(), ok_result(), &agent_key(a as u8 + 1));
+                        let msg = AgentMessage::result(&job, &edge.job(&job).unwrap().order_nonce(), ok_result(), &link(&edge, &sids[a]));
                         out.extend(say(&mut edge, now, &sids[a], msg));
                         out.extend(say(&mut edge, now, &sids[a], credit(caps[a] - held[a].len() as u32, received[a])));
                     }
@@ -468,9 +468,9 @@ fn a_callers_own_secret_sees_its_part_of_health_and_not_the_operators() {
     }
 }
 
-/// A heartbeat, signed with key `key`, of an agent with `capacity` slots running
+/// A heartbeat, MACed on its connection, of an agent with `capacity` slots running
 /// `running`, having received `received` orders, with this login.
-fn beat_with(edge: &mut Edge, now: u64, sid: &str, key: u8, capacity: u32, running: &[&str], received: u64, oauth: OAuthReport) -> Vec<Effect> {
+fn beat_with(edge: &mut Edge, now: u64, sid: &str, capacity: u32, running: &[&str], received: u64, oauth: OAuthReport) -> Vec<Effect> {
     let free = capacity - running.len() as u32;
     let agent = edge.session(sid).and_then(|s| s.agent()).expect("a proven session");
     let beat = Beat {
@@ -482,7 +482,7 @@ fn beat_with(edge: &mut Edge, now: u64, sid: &str, key: u8, capacity: u32, runni
         slots: Slots { free, received },
         claude_version: None,
     };
-    say(edge, now, sid, AgentMessage::heartbeat(&beat, &agent_key(key)))
+    say(edge, now, sid, AgentMessage::heartbeat(&beat, &agent.keys.agent_to_edge))
 }
 
 fn broken_login() -> OAuthReport {
@@ -494,7 +494,7 @@ fn execute_falls_back_at_once_when_every_agent_that_fits_needs_a_login() {
     let mut edge = Edge::new(three_agents(), 0);
     let spark = enter(&mut edge, 0, "spark", 1, 4, "gpu=none", &[]);
     let gpu = enter(&mut edge, 0, "gpu", 3, 1, "gpu=a100", &[]);
-    beat_with(&mut edge, 1, &gpu, 3, 1, &[], 0, broken_login());
+    beat_with(&mut edge, 1, &gpu, 1, &[], 0, broken_login());
     assert_eq!(edge.availability(2), crate::machine::Availability::Ready, "the pool as a whole can work");
     // A gpu job: its only agent cannot log in, so the caller falls back now, told why.
     let h = request(&mut edge, 2, SECRET, "POST", "/execute", json!({"prompt": "x", "labels": "gpu=a100"}));
@@ -519,7 +519,7 @@ fn execute_falls_back_at_once_when_every_agent_that_fits_needs_a_login() {
     enter(&mut edge2, 0, "spark", 1, 4, "gpu=none", &[]);
     let g1 = enter(&mut edge2, 0, "gpu", 3, 1, "gpu=a100", &[]);
     enter(&mut edge2, 0, "gpu2", 4, 1, "gpu=a100", &[]);
-    beat_with(&mut edge2, 1, &g1, 3, 1, &[], 0, broken_login());
+    beat_with(&mut edge2, 1, &g1, 1, &[], 0, broken_login());
     let h = request(&mut edge2, 2, SECRET, "POST", "/agents/gpu2/pause", Value::Null);
     assert_eq!(answer(&h).0, 200);
     let (status, body) = answer(&request(&mut edge2, 3, SECRET, "POST", "/execute", json!({"prompt": "x", "labels": "gpu=a100"})));
@@ -542,7 +542,7 @@ fn a_queued_execute_falls_back_when_the_agents_that_fit_it_lose_their_login() {
     // Its login breaks: the waiting caller is sent elsewhere now, not at its timeout —
     // though spark, which it does not fit, works.
     say(&mut edge, 4, &gpu, AgentMessage::Accepted { job_id: busy.clone() });
-    let effects = beat_with(&mut edge, 5, &gpu, 3, 1, &[busy.as_str()], 1, broken_login());
+    let effects = beat_with(&mut edge, 5, &gpu, 1, &[busy.as_str()], 1, broken_login());
     let (status, body) = answer_to(&effects, h.caller).expect("the waiting caller is answered");
     assert_eq!((status, body["error_code"].as_str(), body["fallback"].as_bool()), (503, Some("RUNNER_OAUTH_ERROR"), Some(true)), "{body}");
     assert!(body["error"].as_str().unwrap().contains("gpu (gpu=a100)"), "{body}");
@@ -557,7 +557,7 @@ fn execute_falls_back_with_retry_at_when_the_agents_that_fit_it_used_their_windo
     let gpu = enter(&mut edge, 0, "gpu", 3, 1, "gpu=a100", &[]);
     let reset = 3_600_000;
     let usage = UsageWindow { status: UsageStatus::Rejected, kind: Some("five_hour".into()), resets_at: Some(reset), utilization: None, seen_at: 0 };
-    beat_with(&mut edge, 1, &gpu, 3, 1, &[], 0, OAuthReport { usage: Some(usage), ..oauth() });
+    beat_with(&mut edge, 1, &gpu, 1, &[], 0, OAuthReport { usage: Some(usage), ..oauth() });
     let h = request(&mut edge, 1_000, SECRET, "POST", "/execute", json!({"prompt": "x", "agent_id": "gpu"}));
     let response = h.effects.iter().find_map(|e| match e {
         Effect::Answer { caller, response } if *caller == h.caller => Some(response.clone()),
@@ -575,12 +575,12 @@ fn a_held_job_says_its_fitting_agents_login_when_its_wait_runs_out() {
     let mut edge = Edge::new(three_agents(), 0);
     let spark = enter(&mut edge, 0, "spark", 1, 4, "gpu=none", &[]);
     let gpu = enter(&mut edge, 0, "gpu", 3, 1, "gpu=a100", &[]);
-    beat_with(&mut edge, 1, &gpu, 3, 1, &[], 0, broken_login());
+    beat_with(&mut edge, 1, &gpu, 1, &[], 0, broken_login());
     let held = submit(&mut edge, 2, SECRET, json!({"prompt": "x", "labels": "gpu=a100"}));
     let mut ended = Vec::new();
     for t in (500..=31_000).step_by(500) {
-        beat_with(&mut edge, t, &gpu, 3, 1, &[], 0, broken_login());
-        beat_with(&mut edge, t, &spark, 1, 4, &[], 0, oauth());
+        beat_with(&mut edge, t, &gpu, 1, &[], 0, broken_login());
+        beat_with(&mut edge, t, &spark, 4, &[], 0, oauth());
         ended.extend(finished(&edge.tick(t)));
     }
     let (_, _, body) = ended.iter().find(|(id, _, _)| *id == held).expect("its wait ran out");
@@ -604,7 +604,7 @@ fn a_job_that_will_not_wait_for_the_window_is_judged_by_the_agents_that_fit_it()
     say(&mut edge, 4, &gpu, AgentMessage::Accepted { job_id: busy.clone() });
     let reset = 3_600_000;
     let usage = UsageWindow { status: UsageStatus::Rejected, kind: Some("five_hour".into()), resets_at: Some(reset), utilization: None, seen_at: 0 };
-    let effects = beat_with(&mut edge, 5, &gpu, 3, 1, &[busy.as_str()], 1, OAuthReport { usage: Some(usage), ..oauth() });
+    let effects = beat_with(&mut edge, 5, &gpu, 1, &[busy.as_str()], 1, OAuthReport { usage: Some(usage), ..oauth() });
     assert_eq!(edge.availability(5), crate::machine::Availability::Ready, "spark still works");
     let ended = finished(&effects);
     let (_, _, body) = ended.iter().find(|(id, _, _)| *id == queued).unwrap_or_else(|| panic!("the job that would not wait ended: {ended:?}"));

@@ -18,6 +18,7 @@
 //!    that grew with the queue would make the first half dearer), with the load average
 //!    (the machine is shared; contention moves these figures more than the code does).
 
+use shared::link::{Ephemeral, LinkKeys, Transcript};
 use super::{dist, edge_name, memory, round3, cpu_of_tree};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use futures_util::{SinkExt, StreamExt};
@@ -261,7 +262,7 @@ impl Sim {
         let permit = handshakes.acquire_owned().await.expect("the semaphore stays open");
         let shaken = self.handshake().await;
         drop(permit);
-        let (mut ws, challenge) = match shaken {
+        let (mut ws, challenge, link) = match shaken {
             Ok(shaken) => {
                 let _ = ready.send(Ok(())).await;
                 shaken
@@ -287,7 +288,7 @@ impl Sim {
                 _ = beat.tick() => {
                     beats += 1;
                     let hb = Beat { challenge: challenge.clone(), seq: beats, running: vec![], capacity: self.slots, oauth: oauth(), slots: Slots { free, received }, claude_version: None };
-                    let hb = AgentMessage::heartbeat(&hb, &self.key);
+                    let hb = AgentMessage::heartbeat(&hb, &link.agent_to_edge);
                     if ws.send(Message::text(hb.to_text())).await.is_err() { break; }
                 }
                 frame = ws.next() => {
@@ -316,7 +317,7 @@ impl Sim {
                     seen.last_at.fetch_max(now, Ordering::Relaxed);
                     seen.received.fetch_add(1, Ordering::Relaxed);
                     let job_id = order.header.job_id.clone();
-                    let done = AgentMessage::result(&job_id, &order.header.nonce, shared::job::JobResult { success: true, output: "ok".into(), exit_code: Some(0), ..Default::default() }, &self.key);
+                    let done = AgentMessage::result(&job_id, &order.header.nonce, shared::job::JobResult { success: true, output: "ok".into(), exit_code: Some(0), ..Default::default() }, &link.agent_to_edge);
                     let replies = [AgentMessage::Accepted { job_id }, done, credit(free, received)];
                     let mut failed = false;
                     for m in replies {
@@ -329,19 +330,21 @@ impl Sim {
         let _ = ws.close(None).await;
     }
 
-    /// A proven connection, and its challenge (the heartbeats are bound to it).
-    async fn handshake(&self) -> anyhow::Result<(tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, String)> {
+    /// A proven connection, its challenge (the heartbeats are bound to it) and its keys.
+    async fn handshake(&self) -> anyhow::Result<(tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, String, LinkKeys)> {
         let (mut ws, _) = tokio_tungstenite::connect_async(self.url.as_str()).await?;
         let challenge = next_text(&mut ws).await?;
         let EdgeMessage::Challenge { nonce, .. } = serde_json::from_str(&challenge)? else { anyhow::bail!("no challenge: {challenge}") };
         let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
         let agent_nonce = format!("{}-{wall}", self.id);
+        let ephemeral = Ephemeral::new(runtime::entropy());
         let hello = Hello {
             protocol: PROTOCOL_VERSION,
             agent_id: self.id.clone(),
             agent_version: "bench".into(),
             challenge: nonce.clone(),
             agent_nonce: agent_nonce.clone(),
+            ephemeral: ephemeral.public(),
             issued_at: wall,
             capacity: self.slots,
             running: vec![],
@@ -357,9 +360,18 @@ impl Sim {
         let EdgeMessage::Welcome { envelope } = serde_json::from_str(&welcome)? else { anyhow::bail!("no welcome: {welcome}") };
         let welcome: Welcome = envelope.open(Domain::Welcome, &self.edge_public).map_err(|e| anyhow::anyhow!("the welcome does not verify: {e}"))?;
         anyhow::ensure!(welcome.agent_nonce == agent_nonce, "the welcome answers another hello");
+        let transcript = Transcript {
+            challenge: &nonce,
+            agent_nonce: &agent_nonce,
+            agent_public: &hello.ephemeral,
+            edge_public: &welcome.ephemeral,
+            agent_id: &self.id,
+            pool: &welcome.pool,
+        };
+        let link = LinkKeys::agree(&ephemeral, &welcome.ephemeral, &transcript)?;
         // No slot free until every agent is in.
         ws.send(Message::text(AgentMessage::Credit { slots: Slots { free: 0, received: 0 } }.to_text())).await?;
-        Ok((ws, nonce))
+        Ok((ws, nonce, link))
     }
 }
 
