@@ -152,7 +152,14 @@ fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     // Before any thread starts: libgit2's set-up writes the process environment.
     repo::init_libgit2();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio starts");
+    // One runtime thread. A job's path hops between the connection's task, the serve loop
+    // and the job's task; on two workers each hop was a futex wake of the other thread and
+    // an epoll round (as on the edge before it went to one thread). What may block goes to
+    // the blocking pool as before (the started record and the result's syncs, the
+    // launcher's request, the status file, git); what stays on this thread is short (a
+    // workspace's mkdir, the replay log's append, a redactor rebuilt when the tokens
+    // rotate), so heartbeats and frames still go out while jobs run.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio starts");
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Agent { args, drain: true } => {

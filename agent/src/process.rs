@@ -210,9 +210,13 @@ impl Claude {
         let ends = ChildEnds { stdin: stdin_read, stdout: stdout_write, stderr: stderr_write, control: control_read, status: status_write };
         let mut status = pipe::Receiver::from_owned_fd_unchecked(nonblocking(status_read)?)?;
         let exited = tokio::spawn(async move {
-            let mut bytes = Vec::with_capacity(4);
-            let _ = (&mut status).take(8).read_to_end(&mut bytes).await;
-            let wait_status = i32::from_le_bytes(bytes.get(..4)?.try_into().ok()?);
+            // The warden writes the status once Claude's tree is gone, then exits: its four
+            // bytes are the end of the job, not the pipe's close (which waits for the
+            // warden's own exit, 0.1-0.2 ms later). A warden dead before writing them is
+            // an early end of the pipe: no status.
+            let mut bytes = [0u8; 4];
+            status.read_exact(&mut bytes).await.ok()?;
+            let wait_status = i32::from_le_bytes(bytes);
             // As std's ExitStatus::code: the exit code, none for a signal.
             libc::WIFEXITED(wait_status).then(|| libc::WEXITSTATUS(wait_status))
         });

@@ -313,8 +313,12 @@ async fn run_claude(
     };
     // Whatever ended the run (its end, a cancel, the timeout, Claude's death), what Claude
     // printed goes out.
-    if let Some(events) = batch.lock().expect("batch lock").take() {
+    let last = batch.lock().expect("batch lock").take();
+    if let Some(events) = last {
         send(events);
+        // The connection's task (on the agent's one runtime thread) sends this batch now,
+        // and the edge takes it in while the result is made here, rather than after it.
+        tokio::task::yield_now().await;
     }
     let stderr = ctx.login.redactor(crate::now_ms()).redact(&finished.stderr);
     let duration_ms = started.elapsed().as_millis() as u64;

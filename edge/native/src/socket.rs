@@ -91,16 +91,25 @@ async fn agent_socket(state: AppState, socket: Socket, peer: String, budget: Arc
     }
     let Ok(session) = rx.await else { return };
     let mut writer = tokio::spawn(async move {
-        while let Some(out) = outgoing.recv().await {
-            let result = match out {
-                Outbound::Text(text) => sink.send(Message::Text(text.into())).await,
-                Outbound::Close(code, reason) => {
-                    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                    break;
+        // What the driver queued meanwhile goes out in the same write (an acknowledgement
+        // and the next order, say): one write and one wake-up of the agent, not one each.
+        'writing: while let Some(out) = outgoing.recv().await {
+            let mut next = Some(out);
+            while let Some(out) = next.take() {
+                let fed = match out {
+                    Outbound::Text(text) => sink.feed(Message::Text(text.into())).await,
+                    Outbound::Close(code, reason) => {
+                        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+                        let _ = sink.send(Message::Close(Some(frame))).await;
+                        break 'writing;
+                    }
+                };
+                if fed.is_err() {
+                    break 'writing;
                 }
-            };
-            if result.is_err() {
+                next = outgoing.try_recv().ok();
+            }
+            if sink.flush().await.is_err() {
                 break;
             }
         }
