@@ -8,7 +8,10 @@
 //! A frame is queued only while the connection whose key MACed it is the current one
 //! ([`Link::send`]): one MACed just before a reconnect's handshake and queued just after
 //! it would fail its MAC on the new connection, and the edge would count the agent's own
-//! words as a forgery from the path (`claude_runner_reports_refused_total`).
+//! words as a forgery from the path (`claude_runner_reports_refused_total`). On the
+//! agent's one runtime thread a frame is made and queued with no yield in between, so
+//! this holds by construction there; the check keeps it for any frame made off that
+//! thread, or under a runtime with more threads (the agent had two until 7d208e4).
 
 use shared::link::{LinkKeys, MacKey};
 use shared::protocol::AgentMessage;
