@@ -117,6 +117,7 @@ impl Agent {
             cfg.data_dir.join("started"),
             cfg.data_dir.join("records"),
             cfg.max_concurrent_jobs as usize,
+            crate::spool::Seal::new(&cfg.signing_key),
         )
         .map_err(|e| {
             anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())

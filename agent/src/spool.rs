@@ -9,7 +9,8 @@
 //!   lost (a result bound to the nonce kept), never started again — the edge may not
 //!   have heard that it started, and would otherwise send it again;
 //! - results, until the edge acknowledges them: kept — their payload, MACed again with
-//!   each connection's key as it is sent ([`StoredResult`]) — from the moment
+//!   each connection's key as it is sent ([`StoredResult`]), sealed on the disk with the
+//!   agent's own key ([`Seal`]) — from the moment
 //!   they are sent ([`Spool::sending`], in memory), and written (and synced) into the
 //!   job's slot beside its started record while they travel ([`Spool::write_sent`]), so a
 //!   dropped connection or an agent restart loses nothing; after reconnecting the agent
@@ -54,6 +55,65 @@ impl StoredResult {
     }
 }
 
+/// What proves a result read back from the disk is one this agent kept. A job that runs
+/// commands runs as the agent's user and can write `DATA_DIR`; under protocol 8 a kept
+/// result carried the agent's signature, which the edge checked, so another job's result
+/// changed on the disk was refused. Protocol 9 MACs a result with each connection's key as
+/// it goes out, so the spool seals what it writes itself: an HMAC-SHA256 under a key
+/// derived from the agent's signing key (which such a job cannot read when the key comes
+/// from a file only root reads, README), checked before a kept result is sent again. A
+/// protocol-8 agent's records are checked against its signature instead.
+pub struct Seal {
+    key: shared::link::MacKey,
+    own: ed25519_dalek::VerifyingKey,
+}
+
+/// The seal's domain: a seal made for a kept result is good for nothing else.
+const SEAL_PREFIX: &[u8] = b"claude-runner/v9/kept-result\n";
+
+impl Seal {
+    pub fn new(agent_key: &ed25519_dalek::SigningKey) -> Seal {
+        // Derived, not the signing key's bytes themselves: one key, one use.
+        let key = shared::link::MacKey::from_bytes(agent_key.to_bytes()).tag(b"claude-runner/v9/spool-seal-key", &[]);
+        Seal { key: shared::link::MacKey::from_bytes(key), own: agent_key.verifying_key() }
+    }
+
+    /// A result as it is written: its payload and its seal.
+    fn sealed(&self, result: &StoredResult) -> serde_json::Value {
+        let seal = shared::keys::encode(&self.key.tag(SEAL_PREFIX, result.payload.as_bytes()));
+        serde_json::json!({ "payload": result.payload, "seal": seal })
+    }
+
+    fn sealed_bytes(&self, result: &StoredResult) -> Vec<u8> {
+        serde_json::to_vec(&self.sealed(result)).expect("results serialise")
+    }
+
+    /// A result read back: its payload if the seal (or, written by a protocol-8 agent, the
+    /// signature) is this agent's; `None` for anything else — changed on the disk, or not a
+    /// kept result at all.
+    fn open(&self, written: serde_json::Value) -> Option<StoredResult> {
+        #[derive(serde::Deserialize)]
+        struct Written {
+            payload: String,
+            seal: Option<String>,
+            sig: Option<String>,
+        }
+        let Written { payload, seal, sig } = serde_json::from_value(written).ok()?;
+        let good = match (seal, sig) {
+            (Some(seal), None) => shared::keys::decode(&seal).is_some_and(|tag| self.key.check(SEAL_PREFIX, payload.as_bytes(), &tag)),
+            (None, Some(sig)) => shared::envelope::Envelope { payload: payload.clone(), sig }
+                .open::<serde_json::Value>(shared::envelope::Domain::Result, &self.own)
+                .is_ok(),
+            _ => false,
+        };
+        good.then_some(StoredResult { payload })
+    }
+
+    fn open_bytes(&self, bytes: &[u8]) -> Option<StoredResult> {
+        self.open(serde_json::from_slice(bytes).ok()?)
+    }
+}
+
 /// More record files than this in `DATA_DIR/records` are not the agent's.
 const MAX_SLOT_FILES: usize = 4096;
 
@@ -62,6 +122,7 @@ pub struct Spool {
     /// Older agents' "started" markers, one file per job.
     started: PathBuf,
     records: PathBuf,
+    seal: Seal,
     kept: Mutex<Kept>,
     /// The slot record files, kept open for writing once opened (a job's three writes
     /// opened and closed the file each time).
@@ -177,7 +238,7 @@ impl Spool {
     /// spool and the jobs a dead agent left started without a result: the agent reports
     /// each lost ([`interrupted`], [`Spool::put`], which keeps it in the job's
     /// slot, or for an older agent's marker in a spool file, and removes the marker).
-    pub fn open(dir: PathBuf, started: PathBuf, records: PathBuf, slots: usize) -> std::io::Result<(Spool, Vec<Interrupted>)> {
+    pub fn open(dir: PathBuf, started: PathBuf, records: PathBuf, slots: usize, seal: Seal) -> std::io::Result<(Spool, Vec<Interrupted>)> {
         crate::files::private_dir(&dir)?;
         crate::files::private_dir(&started)?;
         crate::files::private_dir(&records)?;
@@ -205,9 +266,14 @@ impl Spool {
             match read_region(&file, record::STARTED_AT)? {
                 Region::Started(started) => match read_region(&file, record::RESULT_AT)? {
                     Region::Finished(f) if f.job_id == started.job_id && f.order_nonce == started.order_nonce => {
-                        match serde_json::from_value::<StoredResult>(f.envelope) {
-                            Ok(result) => kept.slots[n] = Slot::Holding { job_id: started.job_id, result },
-                            Err(_) => unfinished.push((n, started)),
+                        match seal.open(f.envelope) {
+                            Some(result) => kept.slots[n] = Slot::Holding { job_id: started.job_id, result },
+                            None => {
+                                // Changed on the disk (its frame's checksum is no seal): not
+                                // sent as the agent's; the job is reported lost instead.
+                                tracing::warn!(job_id = %started.job_id, path = %path.display(), "a kept result whose seal is not this agent's is not sent; its job is reported lost");
+                                unfinished.push((n, started))
+                            }
                         }
                     }
                     // Torn, empty, or an earlier job's: this job's result never became durable.
@@ -219,7 +285,7 @@ impl Spool {
                 Region::Empty | Region::Finished(_) => {}
             }
         }
-        let spool = Spool { dir, started, records, kept: Mutex::new(kept), open: Mutex::new(Vec::new()) };
+        let spool = Spool { dir, started, records, seal, kept: Mutex::new(kept), open: Mutex::new(Vec::new()) };
         // A result moved to a spool file whose slot was not reused before the agent
         // stopped is kept twice: the file's copy stays.
         let doubled: Vec<usize> = {
@@ -386,7 +452,7 @@ impl Spool {
     fn move_out(&self, job_id: &str, result: &StoredResult) -> std::io::Result<()> {
         let path = self.path(job_id).ok_or_else(|| std::io::Error::other("unsafe job id"))?;
         self.lock().filed.insert(job_id.to_string());
-        let written = write_atomically(&path, &serde_json::to_vec(result)?, true).and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
+        let written = write_atomically(&path, &self.seal.sealed_bytes(result), true).and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
         let mut kept = self.lock();
         if !kept.writing.contains_key(job_id) {
             // Acknowledged meanwhile: the file is not needed.
@@ -449,7 +515,7 @@ impl Spool {
                 Ok(())
             }
             (Some(result), Some((n, order_nonce))) => {
-                let envelope = serde_json::to_value(&result)?;
+                let envelope = self.seal.sealed(&result);
                 let bytes = record::finished(&record::Finished { job_id: job_id.to_string(), order_nonce, envelope });
                 let written = self.write_slot(n, record::RESULT_AT, &bytes, true);
                 let mut kept = self.lock();
@@ -478,7 +544,7 @@ impl Spool {
                 let path = self.path(job_id).expect("a safe id");
                 self.lock().filed.insert(job_id.to_string());
                 // A result is the one thing that must outlive anything: fsync it.
-                let written = write_atomically(&path, &serde_json::to_vec(&result)?, true);
+                let written = write_atomically(&path, &self.seal.sealed_bytes(&result), true);
                 let mut kept = self.lock();
                 let written = if kept.writing.remove(job_id).is_none() {
                     // Acknowledged while it was written: the file is not needed.
@@ -535,8 +601,7 @@ impl Spool {
                 return None;
             }
         }
-        let bytes = std::fs::read(self.path(job_id)?).ok()?;
-        serde_json::from_slice(&bytes).ok()
+        self.seal.open_bytes(&std::fs::read(self.path(job_id)?).ok()?)
     }
 
     /// The edge has the result: it goes (from memory, from its slot, from a spool file,
@@ -585,10 +650,7 @@ impl Spool {
             let written: Vec<String> = kept
                 .held
                 .iter()
-                .filter(|(id, r)| {
-                    let bytes = serde_json::to_vec(r).expect("results serialise");
-                    self.path(id).is_some_and(|p| write_atomically(&p, &bytes, true).is_ok())
-                })
+                .filter(|(id, r)| self.path(id).is_some_and(|p| write_atomically(&p, &self.seal.sealed_bytes(r), true).is_ok()))
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in written {
@@ -625,13 +687,13 @@ impl Spool {
             let Some(id) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else {
                 continue;
             };
-            match std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<StoredResult>(&b).ok()) {
+            match std::fs::read(&path).ok().and_then(|b| self.seal.open_bytes(&b)) {
                 Some(r) if safe_id(id) => {
                     self.lock().filed.insert(id.to_string());
                     out.insert(id.to_string(), r);
                 }
                 _ => {
-                    tracing::warn!(path = %path.display(), "unreadable spooled result moved aside");
+                    tracing::warn!(path = %path.display(), "a spooled result that cannot be read, or whose seal is not this agent's, moved aside");
                     let _ = std::fs::rename(&path, path.with_extension("bad"));
                 }
             }
@@ -674,7 +736,12 @@ mod tests {
 
     /// The spool as an agent with `slots` slots opens it in `dir` (its DATA_DIR).
     fn open(dir: &Path, slots: usize) -> (Spool, Vec<Interrupted>) {
-        Spool::open(dir.join("spool"), dir.join("started"), dir.join("records"), slots).unwrap()
+        Spool::open(dir.join("spool"), dir.join("started"), dir.join("records"), slots, seal()).unwrap()
+    }
+
+    /// The tests' agent key ([5; 32]) seals what they keep.
+    fn seal() -> Seal {
+        Seal::new(&ed25519_dalek::SigningKey::from_bytes(&[5; 32]))
     }
 
     fn ids(all: Vec<(String, StoredResult)>) -> Vec<String> {
@@ -814,7 +881,7 @@ mod tests {
         }
         std::fs::write(dir.join("started/was-running"), "was-running:4\n").unwrap();
         std::fs::write(dir.join("started/had-ended"), "had-ended:1").unwrap();
-        let r = ok("had-ended", "kept by the old agent");
+        let r = signed_by_protocol_8("had-ended", "kept by the old agent");
         std::fs::write(dir.join("spool/had-ended.json"), serde_json::to_vec(&r).unwrap()).unwrap();
         let (spool, interrupted_jobs) = open(&dir, 1);
         assert_eq!(interrupted_jobs, vec![Interrupted { job_id: "was-running".into(), order_nonce: "was-running:4".into() }]);
@@ -853,6 +920,53 @@ mod tests {
         let all = spool.all();
         assert_eq!(all, vec![("filed".to_string(), StoredResult { payload: filed.payload }), ("in-slot".to_string(), StoredResult { payload: in_slot.payload })]);
         assert_eq!(opened(&all[1].1).result.output, "kept in a slot");
+    }
+
+    /// A job that runs commands runs as the agent's user: it can rewrite another job's
+    /// result waiting on the disk, frame checksum and all. What the seal does not vouch for
+    /// is never sent as the agent's: a slot's result so changed has its job reported lost,
+    /// a spool file so changed is set aside; so is a protocol-8 record whose signature is
+    /// not this agent's, and a result sealed by another agent's key.
+    #[test]
+    fn a_kept_result_changed_on_the_disk_is_never_sent_as_the_agents() {
+        let dir = dir("forged");
+        let (spool, _) = open(&dir, 2);
+        spool.started("in-slot", "in-slot:1").unwrap();
+        spool.put("in-slot", &ok("in-slot", "the real answer")).unwrap();
+        spool.sending("filed", &ok("filed", "the real answer"));
+        spool.write_sent("filed").unwrap();
+        drop(spool);
+        // Rewritten as another job (same user) would: a well-framed record, its checksum
+        // recomputed, the seal copied from the real one.
+        let path = dir.join("records/0");
+        let bytes = std::fs::read(&path).unwrap();
+        let Region::Finished(real) = record::decode(&bytes[record::RESULT_AT as usize..]) else { panic!("a result") };
+        let mut forged_value = real.envelope.clone();
+        forged_value["payload"] = serde_json::Value::String(ok("in-slot", "rm -rf, says the forger").payload);
+        let forged = record::finished(&record::Finished { envelope: forged_value, ..real });
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&forged, record::RESULT_AT).unwrap();
+        drop(file);
+        let mut filed: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("spool/filed.json")).unwrap()).unwrap();
+        filed["payload"] = serde_json::Value::String(ok("filed", "rm -rf, says the forger").payload);
+        std::fs::write(dir.join("spool/filed.json"), serde_json::to_vec(&filed).unwrap()).unwrap();
+        // And files no seal of this agent's vouches for at all.
+        let other = Seal::new(&ed25519_dalek::SigningKey::from_bytes(&[6; 32]));
+        std::fs::write(dir.join("spool/other-key.json"), other.sealed_bytes(&ok("other-key", "forged"))).unwrap();
+        let bare = serde_json::json!({"payload": ok("bare", "forged").payload});
+        std::fs::write(dir.join("spool/bare.json"), serde_json::to_vec(&bare).unwrap()).unwrap();
+        let mut p8 = signed_by_protocol_8("p8", "the real answer");
+        p8.payload = ok("p8", "forged").payload;
+        std::fs::write(dir.join("spool/p8.json"), serde_json::to_vec(&p8).unwrap()).unwrap();
+
+        let (spool, interrupted_jobs) = open(&dir, 2);
+        assert_eq!(interrupted_jobs, vec![Interrupted { job_id: "in-slot".into(), order_nonce: "in-slot:1".into() }], "reported lost, not sent");
+        let all = spool.all();
+        assert!(all.iter().all(|(_, r)| !r.payload.contains("forge")), "{all:?}");
+        assert!(spool.get("filed").is_none());
+        let mut aside = files_in(&dir.join("spool"));
+        aside.sort();
+        assert_eq!(aside, ["bare.bad", "filed.bad", "other-key.bad", "p8.bad"]);
     }
 
     /// A power cut while a record was written leaves some of its bytes over the old ones.
@@ -900,7 +1014,7 @@ mod tests {
         let target = dir.join("elsewhere");
         std::fs::write(&target, "not the agent's").unwrap();
         std::os::unix::fs::symlink(&target, dir.join("records/0")).unwrap();
-        let refused = |dir: &Path| match Spool::open(dir.join("spool"), dir.join("started"), dir.join("records"), 1) {
+        let refused = |dir: &Path| match Spool::open(dir.join("spool"), dir.join("started"), dir.join("records"), 1, seal()) {
             Ok(_) => panic!("opened"),
             Err(e) => e.to_string(),
         };
@@ -961,7 +1075,7 @@ mod tests {
         spool.started("first", "first:1").unwrap();
         spool.put("first", &r).unwrap();
         drop(spool);
-        std::fs::write(dir.join("spool/first.json"), serde_json::to_vec(&r).unwrap()).unwrap();
+        std::fs::write(dir.join("spool/first.json"), seal().sealed_bytes(&r)).unwrap();
         let (spool, interrupted_jobs) = open(&dir, 1);
         assert!(interrupted_jobs.is_empty());
         assert_eq!(spool.all(), vec![("first".to_string(), r)]);
