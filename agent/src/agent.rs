@@ -238,9 +238,7 @@ impl Agent {
             slots: self.slots(&running),
             claude_version: self.cli.current(),
         };
-        if let Some(key) = self.link.mine() {
-            let _ = self.uplink.send(AgentMessage::heartbeat(&beat, &key));
-        }
+        self.link.seal_and_send(&self.uplink, |key| AgentMessage::heartbeat(&beat, key));
     }
 
     pub fn oauth_report(&self) -> OAuthReport {
@@ -279,9 +277,7 @@ impl Agent {
     /// Tells the edge the job order `header` was refused and nothing ran, MACed and bound
     /// to the order: `retry` when the refusal was about this moment, not the order.
     fn reject(&self, header: &OrderHeader, reason: &str, retry: bool) {
-        if let Some(key) = self.link.mine() {
-            let _ = self.uplink.send(AgentMessage::rejected(&header.job_id, &header.nonce, reason, retry, &key));
-        }
+        self.link.seal_and_send(&self.uplink, |key| AgentMessage::rejected(&header.job_id, &header.nonce, reason, retry, key));
     }
 
     /// An order whose signature verified, or `None` after refusing it (naming no order:
@@ -349,9 +345,7 @@ impl Agent {
         }
         if let Some(result) = self.spool.get(&job_id) {
             warn!(job_id = %job_id, agent_id = %self.cfg.agent_id, "sent a job that ended here already; sending its result again");
-            if let Some(key) = self.link.mine() {
-                let _ = self.uplink.send(AgentMessage::result_text(result.payload, &key));
-            }
+            self.link.seal_and_send(&self.uplink, |key| AgentMessage::result_text(result.payload, key));
             return;
         }
         if running.closed || running.jobs.len() as u32 >= self.cfg.max_concurrent_jobs {
@@ -410,13 +404,15 @@ impl Agent {
         // Kept before it is MACed: a reconnect in between sends it from the spool, under
         // the new connection's key.
         self.spool.sending(job_id, &stored);
-        let report = self.link.mine().map(|key| AgentMessage::result_text(stored.payload, &key));
+        // MACed outside the lock; queued under it unless a reconnect came in between (the
+        // spool sends it on the new connection then).
+        let report = self.link.seal(|key| AgentMessage::result_text(stored.payload, key));
         let (ids, mirrors) = {
             let mut running = self.running.lock().expect("running lock");
             running.jobs.remove(job_id);
             let mirrors = self.repos.mirror_names();
             if let Some(report) = report {
-                let _ = self.uplink.send(report);
+                self.link.send(&self.uplink, report);
             }
             if mirrors != running.mirrors_told {
                 // The edge routes a repository's jobs to agents holding its mirror.

@@ -101,9 +101,7 @@ impl Relogin {
 fn progress(agent: &Agent, login_id: &str, order_nonce: &str, state: LoginState, url: Option<String>, error: Option<String>) {
     let oauth = (state == LoginState::LoggedIn).then(|| agent.reporter.report());
     let report = LoginReport { login_id: login_id.to_string(), order_nonce: order_nonce.to_string(), state, url, error, oauth };
-    if let Some(key) = agent.link.mine() {
-        let _ = agent.uplink.send(AgentMessage::login(&report, &key));
-    }
+    agent.link.seal_and_send(&agent.uplink, |key| AgentMessage::login(&report, key));
 }
 
 /// The authorization URL in what `claude auth login` printed so far: the first `https://`

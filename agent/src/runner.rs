@@ -268,9 +268,7 @@ async fn run_claude(
     let batch = Mutex::new(Batch::default());
     let opened = Notify::new();
     let send = |events| {
-        if let Some(key) = ctx.link.mine() {
-            let _ = ctx.uplink.send(AgentMessage::progress(job_id, &ctx.order_nonce, events, &key));
-        }
+        ctx.link.seal_and_send(&ctx.uplink, |key| AgentMessage::progress(job_id, &ctx.order_nonce, events, key));
     };
     let on_line = |line: &[u8]| {
         if redactor_read.elapsed() > REDACTOR_REFRESH {

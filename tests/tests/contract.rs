@@ -1628,3 +1628,27 @@ async fn worker_pool_alerts_go_to_the_pools_url_and_name_it() {
     let default = offline(&hook).into_iter().find(|h| !h.headers.contains_key("x-claude-runner-pool")).unwrap();
     assert!(default.body.starts_with("No agent has been connected"), "{}", default.body);
 }
+
+/// Protocol 9 keeps a connection's MAC keys in the session record, which the Worker keeps in
+/// the socket's attachment. workerd evicts the Durable Object after ~10 s without an event
+/// while the agent's socket stays open (heartbeats every 15 s here): the rebuilt edge must
+/// read the keys back, so the agent's next heartbeat and the next job's result count on the
+/// same connection — none refused as a forgery, no reconnect. (Were the keys lost, the
+/// result would be refused, the agent dropped after two intervals, and the result would
+/// arrive only under the next connection's keys: the job would still succeed, so the checks
+/// below are on the refusals and the connections.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(worker_tests), ignore = "needs the built Worker: run tests/run (it sets CLAUDE_RUNNER_WORKER_TESTS=1)")]
+async fn worker_connection_keys_survive_the_objects_eviction() {
+    harness::require_worker_bundle();
+    let s = setup(EdgeKind::Worker, &[("HEARTBEAT_INTERVAL_MS", "15000"), ("LOST_AFTER_MS", "60000")], &[]).await;
+    assert_eq!(s.client.execute(json!({"prompt": "before"})).await.body["success"], true);
+    let rebuilt_with_the_agent = |log: &str| log.lines().any(|l| l.contains("edge rebuilt") && l.contains(", 1 agent connections"));
+    assert!(eventually(Duration::from_secs(45), || rebuilt_with_the_agent(&s.edge.log())).await, "no eviction seen\n{}", s.edge.log());
+    let a = s.client.execute(json!({"prompt": "after the eviction"})).await;
+    assert_eq!(a.body["output"], "stand-in answer to: after the eviction", "{}", a.text);
+    let metrics = s.client.get("/metrics").await.text;
+    assert!(metrics.contains("claude_runner_reports_refused_total 0\n"), "{metrics}\n{}", s.edge.log());
+    assert!(!s.edge.log().contains("not MACed by the agent"), "{}", s.edge.log());
+    assert_eq!(s.agent.log().matches("connected to the edge").count(), 1, "one connection throughout\n{}", s.agent.log());
+}
