@@ -130,31 +130,30 @@ const FRAMES_PER_WRITE: usize = 64;
 /// Sends `first` and whatever else is queued behind it by then (up to
 /// [`FRAMES_PER_WRITE`]), in order, in one write: a job's end queues its last progress, its
 /// result and a statement of the slots together, and one write is one wake-up of the edge
-/// instead of three. Gives up after `limit`. Returns the last heartbeat sent, read back
-/// (our own words, just MACed) for the status file.
+/// instead of three. Gives up when one frame (or the last flush) takes longer than `limit`
+/// to go, as a frame sent alone did: the bound finds a stuck link, and a batch of large
+/// frames on a slow one is not stuck. Returns the last heartbeat sent, read back (our own
+/// words, just MACed) for the status file.
 async fn send_queued(
     ws: &mut Socket,
     first: AgentMessage,
     uplink: &mut mpsc::UnboundedReceiver<AgentMessage>,
     limit: Duration,
 ) -> Result<Option<shared::protocol::Beat>, End> {
-    let write = async {
-        let mut beat = None;
-        let mut next = Some(first);
-        let mut frames = 0;
-        while let Some(msg) = next.take() {
-            ws.feed(Message::Text(msg.to_text().into())).await?;
-            if let AgentMessage::Heartbeat { envelope } = &msg {
-                beat = serde_json::from_str::<shared::protocol::Beat>(&envelope.payload).ok().or(beat);
-            }
-            frames += 1;
-            if frames < FRAMES_PER_WRITE {
-                next = uplink.try_recv().ok();
-            }
+    let mut beat = None;
+    let mut next = Some(first);
+    let mut frames = 0;
+    while let Some(msg) = next.take() {
+        within(limit, ws.feed(Message::Text(msg.to_text().into()))).await?;
+        if let AgentMessage::Heartbeat { envelope } = &msg {
+            beat = serde_json::from_str::<shared::protocol::Beat>(&envelope.payload).ok().or(beat);
         }
-        ws.flush().await.map(|()| beat)
-    };
-    within(limit, write).await
+        frames += 1;
+        if frames < FRAMES_PER_WRITE {
+            next = uplink.try_recv().ok();
+        }
+    }
+    within(limit, ws.flush()).await.map(|()| beat)
 }
 
 async fn refuse(ws: &mut Socket, code: u16, reason: String) -> End {
@@ -365,4 +364,55 @@ fn on_edge_message(agent: &Arc<Agent>, msg: EdgeMessage) -> Option<End> {
         EdgeMessage::Unknown => {}
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+    /// Frames queued together go out in one write, but the bound on a write is there to
+    /// find a stuck link, not a busy one: each frame gets `limit`, as when each was sent
+    /// alone. Here an edge that reads steadily, one 64 KiB frame every 100 ms, takes 64 of
+    /// them (several seconds) while each frame goes within a fraction of the bound. Bounding
+    /// the whole batch by one `limit` dropped such a link as "stuck (half-open?)" — on a
+    /// slow uplink, a few large results queued together did that again at every reconnect.
+    #[tokio::test]
+    async fn a_batch_of_frames_is_bounded_per_frame_not_as_a_whole() {
+        const FRAME: usize = 64 * 1024;
+        const FRAMES: usize = 64;
+        let limit = Duration::from_secs(5);
+        // Small socket buffers, so that the kernel does not take the whole batch at once.
+        let listener = tokio::net::TcpSocket::new_v4().unwrap();
+        listener.set_recv_buffer_size(32 * 1024).unwrap();
+        listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listener.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        client.set_send_buffer_size(32 * 1024).unwrap();
+        let (client, accepted) = tokio::join!(client.connect(addr), listener.accept());
+        let mut ws: Socket = WebSocketStream::from_raw_socket(MaybeTlsStream::Plain(client.unwrap()), Role::Client, None).await;
+        let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
+        let mut edge = WebSocketStream::from_raw_socket(accepted.unwrap().0, Role::Server, Some(config)).await;
+        let reader = tokio::spawn(async move {
+            let mut read = 0;
+            while let Some(Ok(Message::Text(_))) = edge.next().await {
+                read += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            read
+        });
+        let frame = || AgentMessage::OrderRefused { reason: "x".repeat(FRAME) };
+        let (tx, mut uplink) = mpsc::unbounded_channel();
+        for _ in 1..FRAMES {
+            tx.send(frame()).unwrap();
+        }
+        let began = Instant::now();
+        let sent = send_queued(&mut ws, frame(), &mut uplink, limit).await;
+        assert!(began.elapsed() > limit, "the edge took the batch slower than one bound, as meant");
+        assert!(sent.is_ok(), "a link that takes every frame within the bound is not stuck: {:?}", sent.err());
+        drop(ws);
+        assert_eq!(reader.await.unwrap(), FRAMES, "every frame arrived, in one batch");
+    }
 }

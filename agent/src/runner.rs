@@ -144,7 +144,7 @@ async fn run_in(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot
         }
     };
     if let Some(session) = &spec.session_id {
-        if let Err(e) = workspace::carry_session(&ctx.login.config_dir, session, &cwd) {
+        if let Err(e) = carry_session(&ctx.login.config_dir, session, &cwd).await {
             warn!(job_id, session_id = %session, error = %e, "could not carry the session over; Claude will say it is unknown");
         }
     }
@@ -221,6 +221,17 @@ async fn hand_back(
             }
         }
     }
+}
+
+/// [`workspace::carry_session`], in the blocking pool: it lists every project folder
+/// Claude made here (one per job's workspace, so it grows with every job run) and copies a
+/// transcript of any size, and the agent's one runtime thread carries every job's progress
+/// and the heartbeats meanwhile.
+async fn carry_session(config_dir: &Path, session: &str, cwd: &Path) -> std::io::Result<()> {
+    let (config_dir, session, cwd) = (config_dir.to_path_buf(), session.to_string(), cwd.to_path_buf());
+    tokio::task::spawn_blocking(move || workspace::carry_session(&config_dir, &session, &cwd))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
 }
 
 /// When a job that started at `started` must be stopped (far future if it overflows).
@@ -342,5 +353,47 @@ async fn send_on_ticks(batch: &Mutex<Batch>, opened: &Notify, clock: &Arc<Progre
         if let Some(events) = events {
             send(events);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Carrying a session over lists every project folder Claude made on this machine (one
+    /// per job's workspace: thousands, in time) and copies a transcript of any size. On
+    /// the agent's one runtime thread that held every other job's progress and the
+    /// heartbeats for as long: it goes to the blocking pool, and the thread's other tasks
+    /// run meanwhile.
+    #[tokio::test]
+    async fn carrying_a_session_leaves_the_runtime_thread_to_the_other_tasks() {
+        let root = std::env::temp_dir().join(format!("cr-carry-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (config, cwd) = (root.join("config"), root.join("workspaces/job-2"));
+        std::fs::create_dir_all(config.join("projects/-old-workspace")).unwrap();
+        std::fs::create_dir_all(&cwd).unwrap();
+        let transcript = "{\"turn\":1}\n".repeat(1 << 20);
+        std::fs::write(config.join("projects/-old-workspace/abc-123.jsonl"), &transcript).unwrap();
+        let ticks = Arc::new(AtomicU64::new(0));
+        let ticker = tokio::spawn({
+            let ticks = Arc::clone(&ticks);
+            async move {
+                loop {
+                    ticks.fetch_add(1, Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        tokio::task::yield_now().await;
+        let before = ticks.load(Ordering::SeqCst);
+        carry_session(&config, "abc-123", &cwd).await.unwrap();
+        let during = ticks.load(Ordering::SeqCst) - before;
+        ticker.abort();
+        let slug: String = cwd.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+        let copied = std::fs::read_to_string(config.join("projects").join(slug).join("abc-123.jsonl")).unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(copied.len(), transcript.len(), "the session was carried over whole");
+        assert!(during > 0, "the runtime thread's other tasks ran while the session was carried over");
     }
 }

@@ -244,3 +244,47 @@ async fn a_nul_in_a_callers_value_cannot_set_claudes_environment() {
     assert!(a.body["error"].as_str().unwrap_or_default().contains("NUL"), "{}", a.text);
     assert!(s.agent.claude_runs().is_empty(), "claude ran: {:?}", s.agent.claude_runs());
 }
+
+/// Claude's end is read from its warden's four status bytes, not the status pipe's close:
+/// they must still mean that nothing of the job runs. A Claude that ends by itself while a
+/// process it left in a session of its own (`setsid`, its output closed: nothing holds
+/// Claude's pipes) keeps writing into the workspace: that writer is dead by the time the
+/// caller has the answer (the warden kills and reaps Claude's whole tree before it writes
+/// the status), and the workspace goes after it with nothing written back into it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_claude_leaves_in_its_workspace_is_dead_when_the_caller_has_the_answer() {
+    let dir = TempDir::new("left-behind");
+    let pidfile = dir.path().join("writer.pid");
+    let script = dir.path().join("claude");
+    std::fs::write(
+        &script,
+        format!(
+            // Only in a job's workspace (not for the agent's `--version`), and for 30 s at
+            // most whatever happens.
+            "#!/bin/sh\ncase \"$PWD\" in */workspaces/*)\n\
+             setsid sh -c 'echo $$ > {pid}; i=0; while [ $i -lt 3000 ]; do echo x >> left-behind.txt; sleep 0.01; i=$((i+1)); done' </dev/null >/dev/null 2>&1 &\n\
+             while [ ! -s {pid} ]; do sleep 0.01; done;;\nesac\nexec {standin} \"$@\"\n",
+            pid = pidfile.display(),
+            standin = bin("claude-standin").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    opts.claude_bin = script;
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+
+    let a = client.execute(json!({"prompt": "@exit=0", "timeout_ms": 20000})).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["success"], true, "{}\n{}", a.text, agent.log());
+    let writer: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert!(!alive(writer), "the writer Claude left behind ({writer}) still runs when the caller has the answer");
+    let workspace = agent.data.path().join("data/workspaces").join(a.body["job_id"].as_str().unwrap());
+    assert!(eventually(Duration::from_secs(10), || !workspace.exists()).await, "the job's workspace {} stays", workspace.display());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!workspace.exists(), "nothing wrote the workspace back after its removal");
+}
