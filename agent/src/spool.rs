@@ -88,10 +88,14 @@ impl Seal {
         serde_json::to_vec(&self.sealed(result)).expect("results serialise")
     }
 
-    /// A result read back: its payload if the seal (or, written by a protocol-8 agent, the
-    /// signature) is this agent's; `None` for anything else — changed on the disk, or not a
-    /// kept result at all.
-    fn open(&self, written: serde_json::Value) -> Option<StoredResult> {
+    /// A result read back as `job_id`'s (and, from its slot, as the result of the order
+    /// `order_nonce`): its payload if the seal (or, written by a protocol-8 agent, the
+    /// signature) is this agent's and the payload is that job's (the seal vouches for a
+    /// payload, not for the name it is kept under: another job's sealed result copied here
+    /// would be sent for this one at each reconnect, acknowledged as the other's, and this
+    /// job never reported lost); `None` for anything else — changed on the disk, moved, or
+    /// not a kept result at all.
+    fn open(&self, written: serde_json::Value, job_id: &str, order_nonce: Option<&str>) -> Option<StoredResult> {
         #[derive(serde::Deserialize)]
         struct Written {
             payload: String,
@@ -106,11 +110,21 @@ impl Seal {
                 .is_ok(),
             _ => false,
         };
-        good.then_some(StoredResult { payload })
+        if !good {
+            return None;
+        }
+        #[derive(serde::Deserialize)]
+        struct Names {
+            job_id: String,
+            order_nonce: String,
+        }
+        let names: Names = serde_json::from_str(&payload).ok()?;
+        let its = names.job_id == job_id && order_nonce.is_none_or(|nonce| names.order_nonce == nonce);
+        its.then_some(StoredResult { payload })
     }
 
-    fn open_bytes(&self, bytes: &[u8]) -> Option<StoredResult> {
-        self.open(serde_json::from_slice(bytes).ok()?)
+    fn open_bytes(&self, bytes: &[u8], job_id: &str) -> Option<StoredResult> {
+        self.open(serde_json::from_slice(bytes).ok()?, job_id, None)
     }
 }
 
@@ -266,12 +280,12 @@ impl Spool {
             match read_region(&file, record::STARTED_AT)? {
                 Region::Started(started) => match read_region(&file, record::RESULT_AT)? {
                     Region::Finished(f) if f.job_id == started.job_id && f.order_nonce == started.order_nonce => {
-                        match seal.open(f.envelope) {
+                        match seal.open(f.envelope, &started.job_id, Some(&started.order_nonce)) {
                             Some(result) => kept.slots[n] = Slot::Holding { job_id: started.job_id, result },
                             None => {
                                 // Changed on the disk (its frame's checksum is no seal): not
                                 // sent as the agent's; the job is reported lost instead.
-                                tracing::warn!(job_id = %started.job_id, path = %path.display(), "a kept result whose seal is not this agent's is not sent; its job is reported lost");
+                                tracing::warn!(job_id = %started.job_id, path = %path.display(), "a kept result whose seal is not this agent's, or that is another job's, is not sent; its job is reported lost");
                                 unfinished.push((n, started))
                             }
                         }
@@ -601,7 +615,7 @@ impl Spool {
                 return None;
             }
         }
-        self.seal.open_bytes(&std::fs::read(self.path(job_id)?).ok()?)
+        self.seal.open_bytes(&std::fs::read(self.path(job_id)?).ok()?, job_id)
     }
 
     /// The edge has the result: it goes (from memory, from its slot, from a spool file,
@@ -687,13 +701,13 @@ impl Spool {
             let Some(id) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else {
                 continue;
             };
-            match std::fs::read(&path).ok().and_then(|b| self.seal.open_bytes(&b)) {
+            match std::fs::read(&path).ok().and_then(|b| self.seal.open_bytes(&b, id)) {
                 Some(r) if safe_id(id) => {
                     self.lock().filed.insert(id.to_string());
                     out.insert(id.to_string(), r);
                 }
                 _ => {
-                    tracing::warn!(path = %path.display(), "a spooled result that cannot be read, or whose seal is not this agent's, moved aside");
+                    tracing::warn!(path = %path.display(), "a spooled result that cannot be read, whose seal is not this agent's, or that is another job's, moved aside");
                     let _ = std::fs::rename(&path, path.with_extension("bad"));
                 }
             }
@@ -858,7 +872,8 @@ mod tests {
         let (spool, interrupted_jobs) = open(&dir, 2);
         assert_eq!(interrupted_jobs, vec![Interrupted { job_id: "ran-half".into(), order_nonce: "ran-half:3".into() }]);
         // The agent reports it lost (as it does at start-up).
-        spool.put("ran-half", &kept("ran-half", interrupted())).unwrap();
+        let report = ResultReport { job_id: "ran-half".into(), order_nonce: "ran-half:3".into(), result: interrupted() };
+        spool.put("ran-half", &StoredResult::of(&report)).unwrap();
         let all = spool.all();
         assert_eq!(all.len(), 2);
         let lost = opened(&spool.get("ran-half").unwrap()).result;
@@ -967,6 +982,46 @@ mod tests {
         let mut aside = files_in(&dir.join("spool"));
         aside.sort();
         assert_eq!(aside, ["bare.bad", "filed.bad", "other-key.bad", "p8.bad"]);
+    }
+
+    /// The seal vouches for a payload, and the payload names its job and order: a sealed
+    /// result copied over another job's (into its slot, or to its spool file's name) is the
+    /// agent's words about the first job, not the second's result. Kept under the second's
+    /// name, the hello named the second job as finished and the first's result went out for
+    /// it at each reconnect: the edge acknowledged the first, the second's slot or file was
+    /// never cleared, and the second job was never reported lost.
+    #[test]
+    fn a_sealed_result_copied_over_another_jobs_is_not_kept_as_its() {
+        let dir = dir("moved");
+        let (spool, _) = open(&dir, 2);
+        spool.started("donor", "donor:1").unwrap();
+        spool.put("donor", &ok("donor", "the donor's answer")).unwrap();
+        spool.started("victim", "victim:1").unwrap();
+        spool.put("victim", &ok("victim", "the victim's answer")).unwrap();
+        spool.sending("filed", &ok("filed", "the filed answer"));
+        spool.write_sent("filed").unwrap();
+        drop(spool);
+        let finished = |n: usize| {
+            let bytes = std::fs::read(dir.join(format!("records/{n}"))).unwrap();
+            let Region::Finished(f) = record::decode(&bytes[record::RESULT_AT as usize..]) else { panic!("a result") };
+            f
+        };
+        let (donor, victim) = if finished(0).job_id == "donor" { (0, 1) } else { (1, 0) };
+        let moved = record::finished(&record::Finished { envelope: finished(donor).envelope, ..finished(victim) });
+        let file = std::fs::OpenOptions::new().write(true).open(dir.join(format!("records/{victim}"))).unwrap();
+        file.write_all_at(&moved, record::RESULT_AT).unwrap();
+        drop(file);
+        std::fs::copy(dir.join("spool/filed.json"), dir.join("spool/renamed.json")).unwrap();
+
+        let (spool, interrupted_jobs) = open(&dir, 2);
+        assert_eq!(interrupted_jobs, vec![Interrupted { job_id: "victim".into(), order_nonce: "victim:1".into() }], "reported lost");
+        let all = spool.all();
+        for (id, r) in &all {
+            assert_eq!(&opened(r).job_id, id, "{all:?}");
+        }
+        assert_eq!(ids(all), ["donor", "filed"]);
+        assert!(spool.get("renamed").is_none());
+        assert!(files_in(&dir.join("spool")).contains(&"renamed.bad".to_string()));
     }
 
     /// A power cut while a record was written leaves some of its bytes over the old ones.
