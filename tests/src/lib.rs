@@ -525,6 +525,20 @@ impl Client {
         self.send("POST", "/execute", Some(SECRET), Some(body.to_string().into_bytes())).await
     }
 
+    /// A request with the secret and one header whose value is raw bytes (a header a
+    /// caller's client may send with bytes past ASCII in it).
+    pub async fn send_with_header(&self, method: &str, path: &str, body: Option<Value>, name: &str, value: &[u8]) -> Answer {
+        let mut req = self.http.request(method.parse().unwrap(), format!("{}{path}", self.base)).header("X-Runner-Secret", SECRET);
+        req = req.header(name, reqwest::header::HeaderValue::from_bytes(value).expect("a header value's bytes"));
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b.to_string());
+        }
+        let resp = req.send().await.expect("the edge answers");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("a body");
+        Answer { status, body: serde_json::from_str(&text).unwrap_or(Value::Null), text }
+    }
+
     pub async fn submit(&self, body: Value) -> Answer {
         self.send("POST", "/jobs", Some(SECRET), Some(body.to_string().into_bytes())).await
     }

@@ -124,8 +124,11 @@ impl Server {
     }
 }
 
+/// A header's value as the Worker reads it (a Fetch `ByteString`: each byte one character,
+/// Latin-1), so both hosts see the same key: `to_str` refused bytes past ASCII, and a
+/// header so sent was taken for none (an `Idempotency-Key` ignored, a retry run twice).
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    headers.get(name).map(|v| v.as_bytes().iter().map(|&b| char::from(b)).collect())
 }
 
 /// Tells the driver when the client hangs up before its answer came (axum drops the
