@@ -105,12 +105,18 @@ pub struct Placement {
     /// Only this agent may take it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<String>,
-    /// Whose job it is (the edge fills it in from the secret or the `caller` field).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Whose job it is (the edge fills it in from the secret or the `caller` field),
+    /// lowered: read back lowered too, so a job an older edge stored as `CI` is `ci`'s (its
+    /// idempotency key, its queue lane and cap, its lists) like the jobs sent since.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "lowered")]
     pub caller: Option<String>,
     /// 0-9; higher runs first among the caller's queued jobs.
     #[serde(default)]
     pub priority: u8,
+}
+
+fn lowered<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.map(|name| name.to_ascii_lowercase()))
 }
 
 impl Placement {

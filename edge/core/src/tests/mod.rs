@@ -705,6 +705,38 @@ fn restore_keeps_jobs_and_starts_the_lost_clock() {
     assert!(edge.job("done").is_none());
 }
 
+/// Jobs an edge stored before caller names were lowered keep their caller as it was sent
+/// (`CI`). Read back, each is the lowered caller's: the same task sent again under its
+/// idempotency key (as `CI`, now lowered to `ci`) is that job, not a second run, and the
+/// queued one counts in `ci`'s lane against its cap.
+#[test]
+fn jobs_stored_before_caller_names_were_lowered_are_the_lowered_callers() {
+    let mut cfg = config();
+    cfg.max_queued_per_caller = 2;
+    let mut edge = Edge::new(cfg.clone(), 0);
+    let as_ci = |key: Option<&str>| {
+        let body = json!({"prompt": "x", "timeout_ms": 60_000, "caller": "CI"}).to_string();
+        ExecuteRequest::parse(body.as_bytes(), key, Limits { max_timeout_ms: 3_600_000 }).unwrap()
+    };
+    let mut saved = Vec::new();
+    for (id, key) in [("keyed", Some("k")), ("other", None)] {
+        for e in edge.submit(0, id.into(), as_ci(key), Mode::Detached).unwrap().effects {
+            if let Effect::Save(job) = e {
+                // As the older edge wrote it: the name as sent.
+                let mut stored = serde_json::to_value(&*job).unwrap();
+                assert_eq!(stored["placement"]["caller"], "ci");
+                stored["placement"]["caller"] = json!("CI");
+                saved.push(serde_json::from_value::<crate::record::Job>(stored).unwrap());
+            }
+        }
+    }
+    let (mut edge, _) = Edge::restore(cfg, saved, vec![], None, 1);
+    let again = edge.submit(2, "again".into(), as_ci(Some("k")), Mode::Detached).unwrap();
+    assert_eq!((again.job_id.as_str(), again.existing), ("keyed", true), "one job for one key");
+    let capped = edge.submit(2, "third".into(), as_ci(None), Mode::Detached).unwrap_err();
+    assert_eq!(capped.status, 429, "{capped:?}");
+}
+
 #[test]
 fn health_follows_agents_and_their_login() {
     let mut edge = Edge::new(config(), 0);
