@@ -295,10 +295,22 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
     let mut last_heard = Instant::now();
     loop {
         let silent_at = last_heard + 2 * heartbeat;
-        // Biased: a frame that came in during a long write is read before the silence timer
-        // is looked at, so a healthy edge is never taken for a silent one.
+        // Biased: a stop is seen first; then a frame that came in during a long write is
+        // read before the silence timer is looked at, so a healthy edge is never taken for
+        // a silent one.
         tokio::select! {
             biased;
+            _ = shutdown.changed() => {
+                let frame = CloseFrame { code: CloseCode::from(close::SHUTTING_DOWN), reason: "agent shutting down".into() };
+                // Send what the jobs reported while stopping, then close.
+                while let Ok(msg) = uplink.try_recv() {
+                    if send(&mut ws, &msg, limit).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+                return End::Shutdown;
+            }
             frame = ws.next() => {
                 last_heard = Instant::now();
                 match frame {
@@ -336,17 +348,6 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
             _ = agent.reporter.changed() => agent.heartbeat(),
             _ = tokio::time::sleep_until(silent_at) => {
                 return End::Lost(format!("nothing from the edge for {} ms (two heartbeat intervals)", 2 * heartbeat.as_millis()));
-            }
-            _ = shutdown.changed() => {
-                let frame = CloseFrame { code: CloseCode::from(close::SHUTTING_DOWN), reason: "agent shutting down".into() };
-                // Send what the jobs reported while stopping, then close.
-                while let Ok(msg) = uplink.try_recv() {
-                    if send(&mut ws, &msg, limit).await.is_err() {
-                        break;
-                    }
-                }
-                let _ = timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
-                return End::Shutdown;
             }
         }
     }

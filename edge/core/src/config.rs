@@ -316,7 +316,10 @@ impl Config {
             oauth_warn_hours: bounded("OAUTH_WARN_HOURS", "hours", DEFAULT_OAUTH_WARN_HOURS, 24 * 365)? as f64,
             offline_alert_ms: bounded("OFFLINE_ALERT_MS", "milliseconds", DEFAULT_OFFLINE_ALERT_MS, WEEK_MS)?,
             notify_min_interval_ms: bounded("NOTIFY_MIN_INTERVAL_MS", "milliseconds", DEFAULT_NOTIFY_MIN_INTERVAL_MS, WEEK_MS)?,
+            // `none`: no callbacks — how a pool closes them while the edge's list is open
+            // (an empty setting is an unset one, here as everywhere).
             callback_hosts: own("CALLBACK_HOSTS")
+                .filter(|v| !v.eq_ignore_ascii_case("none"))
                 .map(|v| v.split(',').map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect())
                 .unwrap_or_default(),
         })
@@ -428,6 +431,10 @@ mod tests {
         assert_eq!(hosts("gpu"), ["gpu-hooks.example"], "its own, in place of the edge's");
         assert_eq!(hosts("team-b"), ["hooks.example", "ci.example:8443"], "a pool without its own uses the edge's");
         assert_eq!(hosts("default"), ["hooks.example", "ci.example:8443"], "another pool's list is not the default's");
+        // A pool closes its callbacks with `none` (empty is unset: the edge's list).
+        let closed = two_pools(&[("CALLBACK_HOSTS", "hooks.example"), ("CALLBACK_HOSTS_GPU", "None")]);
+        assert!(Config::for_pool(&closed, "gpu").unwrap().callback_hosts.is_empty());
+        assert_eq!(Config::for_pool(&closed, "team-b").unwrap().callback_hosts, ["hooks.example"]);
     }
 
     /// A pool's own number setting that is wrong is named as it was set, like its
