@@ -154,7 +154,7 @@ impl Backlog {
             ),
             _ => {}
         }
-        out.extend(self.chunks.iter().filter(|(at, _)| !after.is_some_and(|after| *at <= after)).map(|(_, chunk)| chunk.clone()));
+        out.extend(self.chunks.iter().filter(|(at, _)| after.is_none_or(|after| *at > after)).map(|(_, chunk)| chunk.clone()));
         out
     }
 }
