@@ -237,8 +237,7 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
     let parse = |edge: &Edge, body: &[u8]| ExecuteRequest::parse(body, key, limits).and_then(|s| with_caller(edge.config(), s, who.as_ref()));
     // A named caller's own secret reaches that caller's jobs only: another's is unknown to it.
     let own = |job: &crate::record::Job| match &who {
-        // Without regard to case: jobs stored before names were lowered keep their own.
-        Some(Who::Caller(name)) => job.placement.caller().eq_ignore_ascii_case(name),
+        Some(Who::Caller(name)) => job.placement.caller() == name,
         _ => true,
     };
     if let ["jobs", id, ..] = segments.as_slice() {

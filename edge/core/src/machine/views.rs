@@ -136,7 +136,7 @@ impl Edge {
     /// with `caller`, that caller's jobs only (a named caller's own secret sees no other's).
     pub fn job_list(&self, now: impl Into<Now>, caller: Option<&str>) -> JobList {
         let now = now.into();
-        let listed = |j: &&crate::record::Job| caller.is_none_or(|c| j.placement.caller().eq_ignore_ascii_case(c));
+        let listed = |j: &&crate::record::Job| caller.is_none_or(|c| j.placement.caller() == c);
         let mut active: Vec<&crate::record::Job> =
             self.queue.ids().chain(self.active.iter()).filter_map(|id| self.jobs.get(id)).filter(listed).collect();
         active.sort_by_key(|j| (j.created_at, j.id.clone()));
