@@ -33,13 +33,15 @@
 use crate::files::{write_atomically, PRIVATE_FILE};
 use agent_core::record::{self, Region};
 use shared::contract::ErrorCode;
+use shared::envelope::{Domain, Envelope, Tagged};
+use shared::protocol::ResultReport;
 use shared::job::JobResult;
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-/// A result as the spool keeps it: the payload of its [`shared::protocol::ResultReport`],
+/// A result as the spool keeps it: the payload of its [`ResultReport`],
 /// exactly as first sent. Protocol 9 MACs it with each connection's key as it goes out
 /// (a reconnect brings a new key), so no MAC is kept. A protocol-8 agent kept the signed
 /// envelope (`{"payload": …, "sig": …}`): it reads as this, its signature left unread,
@@ -50,7 +52,7 @@ pub struct StoredResult {
 }
 
 impl StoredResult {
-    pub fn of(report: &shared::protocol::ResultReport) -> StoredResult {
+    pub fn of(report: &ResultReport) -> StoredResult {
         StoredResult { payload: serde_json::to_string(report).expect("results serialise") }
     }
 }
@@ -68,9 +70,6 @@ pub struct Seal {
     own: ed25519_dalek::VerifyingKey,
 }
 
-/// The seal's domain: a seal made for a kept result is good for nothing else.
-const SEAL_PREFIX: &[u8] = b"claude-runner/v9/kept-result\n";
-
 impl Seal {
     pub fn new(agent_key: &ed25519_dalek::SigningKey) -> Seal {
         // Derived, not the signing key's bytes themselves: one key, one use.
@@ -78,10 +77,10 @@ impl Seal {
         Seal { key: shared::link::MacKey::from_bytes(key), own: agent_key.verifying_key() }
     }
 
-    /// A result as it is written: its payload and its seal.
+    /// A result as it is written: its payload and its MAC, the connections' [`Tagged`]
+    /// form under the seal's own key and domain.
     fn sealed(&self, result: &StoredResult) -> serde_json::Value {
-        let seal = shared::keys::encode(&self.key.tag(SEAL_PREFIX, result.payload.as_bytes()));
-        serde_json::json!({ "payload": result.payload, "seal": seal })
+        serde_json::to_value(Tagged::seal_text(Domain::KeptResult, result.payload.clone(), &self.key)).expect("results serialise")
     }
 
     fn sealed_bytes(&self, result: &StoredResult) -> Vec<u8> {
@@ -99,27 +98,16 @@ impl Seal {
         #[derive(serde::Deserialize)]
         struct Written {
             payload: String,
-            seal: Option<String>,
+            mac: Option<String>,
             sig: Option<String>,
         }
-        let Written { payload, seal, sig } = serde_json::from_value(written).ok()?;
-        let good = match (seal, sig) {
-            (Some(seal), None) => shared::keys::decode(&seal).is_some_and(|tag| self.key.check(SEAL_PREFIX, payload.as_bytes(), &tag)),
-            (None, Some(sig)) => shared::envelope::Envelope { payload: payload.clone(), sig }
-                .open::<serde_json::Value>(shared::envelope::Domain::Result, &self.own)
-                .is_ok(),
-            _ => false,
+        let Written { payload, mac, sig } = serde_json::from_value(written).ok()?;
+        let report: ResultReport = match (mac, sig) {
+            (Some(mac), None) => Tagged { payload: payload.clone(), mac }.open(Domain::KeptResult, &self.key).ok()?,
+            (None, Some(sig)) => Envelope { payload: payload.clone(), sig }.open(Domain::Result, &self.own).ok()?,
+            _ => return None,
         };
-        if !good {
-            return None;
-        }
-        #[derive(serde::Deserialize)]
-        struct Names {
-            job_id: String,
-            order_nonce: String,
-        }
-        let names: Names = serde_json::from_str(&payload).ok()?;
-        let its = names.job_id == job_id && order_nonce.is_none_or(|nonce| names.order_nonce == nonce);
+        let its = report.job_id == job_id && order_nonce.is_none_or(|nonce| report.order_nonce == nonce);
         its.then_some(StoredResult { payload })
     }
 

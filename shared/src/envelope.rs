@@ -41,6 +41,9 @@ pub enum Domain {
     Rejection,
     /// Agent → edge: a heartbeat (its login, the jobs it holds, its slots).
     Heartbeat,
+    /// The agent → its own disk: a result kept until acknowledged, sealed so that one
+    /// changed there is not sent (never on the wire).
+    KeptResult,
 }
 
 impl Domain {
@@ -57,6 +60,7 @@ impl Domain {
             Domain::ResultAck => b"claude-runner/v1/edge-result-ack\n",
             Domain::Rejection => b"claude-runner/v1/agent-rejection\n",
             Domain::Heartbeat => b"claude-runner/v1/agent-heartbeat\n",
+            Domain::KeptResult => b"claude-runner/v9/kept-result\n",
         }
     }
 }
