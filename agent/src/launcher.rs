@@ -425,8 +425,9 @@ pub fn serve(agent: Option<&OsStr>) -> ! {
         UnixStream::from(OwnedFd::from_raw_fd(fd))
     };
     let mut socket = socket;
+    let mut stacks = Stacks::default();
     loop {
-        reap(children);
+        reap(children, &mut stacks);
         if !wait_readable(socket.as_raw_fd(), children) {
             continue;
         }
@@ -447,7 +448,7 @@ pub fn serve(agent: Option<&OsStr>) -> ! {
             std::process::exit(0);
         }
         let answer = match (decode(&body), <[OwnedFd; FDS]>::try_from(fds)) {
-            (Some(request), Ok(ends)) => launch(&request, ends, &reset),
+            (Some(request), Ok(ends)) => launch(&request, ends, &reset, &mut stacks),
             _ => Err(libc::EINVAL),
         };
         let (errno, pid, pidfd) = match answer {
@@ -477,11 +478,18 @@ fn child_signals() -> RawFd {
     }
 }
 
-/// Reaps every child that ended, and empties the signalfd.
-fn reap(children: RawFd) {
+/// Reaps every child that ended (the wardens), takes back their stacks, and empties the
+/// signalfd.
+fn reap(children: RawFd, stacks: &mut Stacks) {
     // SAFETY: waitpid without a status pointer; reads into a buffer we own.
     unsafe {
-        while libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) > 0 {}
+        loop {
+            let pid = libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG);
+            if pid <= 0 {
+                break;
+            }
+            stacks.reaped(pid);
+        }
         let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
         while children >= 0 && libc::read(children, info.as_mut_ptr().cast(), info.len()) > 0 {}
     }
@@ -542,59 +550,170 @@ impl NotDefault {
     }
 }
 
-/// Forks the warden, which starts Claude; waits for Claude's `exec`. Returns the warden's
+/// A warden's stack, and Claude's before its `exec`: [`STACK`] bytes above a guard page
+/// (`PROT_NONE`, so an overflow faults instead of writing the launcher's memory). The
+/// warden starts at the top; Claude's side of its clone starts half-way down, below
+/// anything the warden has on its stack then (the warden waits while that side runs).
+const STACK: usize = 256 * 1024;
+const GUARD: usize = 4096;
+
+/// The wardens' stacks: kept and reused, since in a memory the wardens share every
+/// `munmap` is a TLB shoot-down on each CPU that runs one of them, and a fresh mapping's
+/// pages fault in again. A stack goes back to the free list only once its warden is reaped
+/// (a zombie runs no more code); beyond [`KEPT_STACKS`] free ones, it is unmapped.
+#[derive(Default)]
+struct Stacks {
+    free: Vec<*mut u8>,
+    /// Each running warden's pid and its stack.
+    lent: Vec<(libc::pid_t, *mut u8)>,
+}
+
+/// Free stacks kept for reuse: as many as jobs an agent runs at once, on most machines.
+/// Each holds the few pages a warden touched (about 20 KiB).
+const KEPT_STACKS: usize = 64;
+
+impl Stacks {
+    /// A stack's lowest byte (its guard page), or the `errno` of a failed `mmap`.
+    fn take(&mut self) -> Result<*mut u8, i32> {
+        if let Some(stack) = self.free.pop() {
+            return Ok(stack);
+        }
+        // SAFETY: a new private mapping, owned by this pool until it is unmapped.
+        unsafe {
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                GUARD + STACK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
+                -1,
+                0,
+            );
+            if base == libc::MAP_FAILED {
+                return Err(errno());
+            }
+            if libc::mprotect(base, GUARD, libc::PROT_NONE) != 0 {
+                let e = errno();
+                libc::munmap(base, GUARD + STACK);
+                return Err(e);
+            }
+            Ok(base.cast())
+        }
+    }
+
+    fn lend(&mut self, pid: libc::pid_t, stack: *mut u8) {
+        self.lent.push((pid, stack));
+    }
+
+    /// A stack no warden runs on (its clone failed, or it was reaped).
+    fn give_back(&mut self, stack: *mut u8) {
+        if self.free.len() < KEPT_STACKS {
+            self.free.push(stack);
+        } else {
+            // SAFETY: a mapping of this pool that nothing runs on any more.
+            unsafe { libc::munmap(stack.cast(), GUARD + STACK) };
+        }
+    }
+
+    fn reaped(&mut self, pid: libc::pid_t) {
+        if let Some(i) = self.lent.iter().position(|&(lent, _)| lent == pid) {
+            let (_, stack) = self.lent.swap_remove(i);
+            self.give_back(stack);
+        }
+    }
+}
+
+/// Everything a warden starts from, on the launcher's stack while it waits (see [`launch`]).
+struct WardenStart<'a> {
+    claude: ClaudeStart<'a>,
+    control: RawFd,
+    status: RawFd,
+    /// The launcher's signal mask, which the warden keeps once Claude is started.
+    mask: u64,
+}
+
+/// Clones the warden, which starts Claude; waits for Claude's `exec`. Returns the warden's
 /// pid and a pidfd of it, or the `errno` that kept Claude from starting.
-fn launch(request: &Request, [stdin, stdout, stderr, control, status]: [OwnedFd; FDS], reset: &NotDefault) -> Result<(libc::pid_t, Option<OwnedFd>), i32> {
+///
+/// The warden is a `clone(CLONE_VM)`: it shares this process's memory, so that its start
+/// copies no page tables and its exit tears down no address space (a `fork` here was about
+/// half of the launcher tree's CPU per job: `copy_page_range`, the copy-on-write faults
+/// after it, `exit_mmap`). What that sharing asks, and where it is met:
+/// - the warden and Claude's side of its clone share this thread's `errno`: they make
+///   system calls through [`crate::rawsys`] only (see there), and neither allocates;
+/// - they read `request`, `argv`, `envp` and `start` here, so this function returns only
+///   once they are done with them: when the exec-error pipe ends (Claude has `exec`'d, and
+///   the warden closed its copy, which it does after Claude's start) or holds an `errno`
+///   (Claude's side or the warden wrote it as its last act before `_exit`); the warden
+///   copies what it keeps (its pipes, Claude's pid) to its own stack first;
+/// - their stack is one of [`Stacks`], lent until the warden is reaped;
+/// - the memory is the launcher's, non-dumpable ([`serve`]): `PR_SET_DUMPABLE` is a flag
+///   of the memory, so a job (same user) can no more `ptrace` or read `/proc/<pid>/mem` of
+///   a warden than of the launcher; Claude after its `exec` has a memory of its own.
+fn launch(request: &Request, [stdin, stdout, stderr, control, status]: [OwnedFd; FDS], reset: &NotDefault, stacks: &mut Stacks) -> Result<(libc::pid_t, Option<OwnedFd>), i32> {
     let (error_read, error_write) = pipe().map_err(|_| errno())?;
     let argv: Vec<*const libc::c_char> = request.argv.iter().map(|a| a.as_ptr()).chain([std::ptr::null()]).collect();
     let envp: Vec<*const libc::c_char> = request.envp.iter().map(|e| e.as_ptr()).chain([std::ptr::null()]).collect();
-    // SAFETY: this process is single-threaded, so the child may do anything; it only
-    // makes system calls on memory prepared above and never returns.
-    let warden = unsafe { libc::fork() };
+    let stack = stacks.take()?;
+    let mut start = WardenStart {
+        claude: ClaudeStart {
+            request,
+            argv: &argv,
+            envp: &envp,
+            pipes: [stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()],
+            error: error_write.as_raw_fd(),
+            reset: reset.signals(),
+            // SAFETY: within the mapping: half-way up its usable part (page-aligned).
+            stack_top: unsafe { stack.add(GUARD + STACK / 2) },
+        },
+        control: control.as_raw_fd(),
+        status: status.as_raw_fd(),
+        mask: 0,
+    };
+    // Every signal blocked across the clone: no handler of the launcher's (Rust's SIGSEGV
+    // one) may run on the warden's side before it has reset them.
+    let all = !0u64;
+    // SAFETY: the mask calls take sets we own. The clone's child runs `warden` on a stack
+    // lent to it until it is reaped, reading `start` only while this function waits below.
+    let warden = unsafe {
+        crate::rawsys::set_mask(&all, &mut start.mask);
+        let top = stack.add(GUARD + STACK);
+        let pid = crate::rawsys::clone_on(libc::CLONE_VM | libc::SIGCHLD, top, warden, &start as *const WardenStart as *mut libc::c_void);
+        crate::rawsys::set_mask(&start.mask, std::ptr::null_mut());
+        pid
+    };
     if warden < 0 {
-        return Err(errno());
+        stacks.give_back(stack);
+        return Err(-warden as i32);
     }
-    if warden == 0 {
-        // SAFETY: the child's whole life; see crate::warden::run.
-        unsafe {
-            libc::signal(libc::SIGCHLD, libc::SIG_DFL);
-            libc::setpgid(0, 0);
-            // A subreaper before Claude exists, so none of its descendants can slip past.
-            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
-            let start = ClaudeStart {
-                request,
-                argv: &argv,
-                envp: &envp,
-                pipes: [&stdin, &stdout, &stderr],
-                error: error_write.as_raw_fd(),
-                warden: libc::getpid(),
-                reset: reset.signals(),
-            };
-            let claude = spawn_claude(&start);
-            if claude < 0 {
-                let code = errno().to_le_bytes();
-                libc::write(error_write.as_raw_fd(), code.as_ptr().cast(), 4);
-                libc::_exit(127);
-            }
-            crate::warden::run(control.as_raw_fd(), status.as_raw_fd(), claude)
-        }
-    }
+    let warden = warden as libc::pid_t;
+    stacks.lend(warden, stack);
     // The launcher keeps none of the job's pipe ends: Claude and the warden hold them.
     drop((stdin, stdout, stderr, control, status, error_write));
     let mut code = [0u8; 4];
     let mut read = 0;
     loop {
+        // Raw: the result says the error, with no `errno` the warden could have written
+        // in between (it writes none, but this wait is what keeps `start` alive).
         // SAFETY: reads into a 4-byte buffer we own.
-        let n = unsafe { libc::read(error_read.as_raw_fd(), code[read..].as_mut_ptr().cast(), 4 - read) };
+        let n = unsafe { crate::rawsys::read(error_read.as_raw_fd(), code[read..].as_mut_ptr(), 4 - read) };
         if n > 0 {
             read += n as usize;
             if read == 4 {
                 break;
             }
-        } else if n == 0 || errno() != libc::EINTR {
+        } else if n == 0 {
             break;
+        } else if n != -(libc::EINTR as isize) {
+            // A pipe read fails with nothing else; were it to, waiting for the warden's
+            // exit is the one way left to know `start` is no longer read.
+            // SAFETY: a pidfd's poll, or a blocking wait for our own child.
+            unsafe { libc::waitpid(warden, std::ptr::null_mut(), 0) };
+            stacks.reaped(warden);
+            return Err(-n as i32);
         }
     }
+    // `start`, `argv`, `envp` and the request are no longer read: they may go.
+    drop(start);
     if read == 4 {
         // Claude's exec failed; its warden reports the exit to a status pipe nobody reads.
         return Err(i32::from_le_bytes(code));
@@ -607,121 +726,126 @@ fn launch(request: &Request, [stdin, stdout, stderr, control, status]: [OwnedFd;
     Ok((warden, pidfd))
 }
 
-/// What Claude's side of the warden's clone needs, prepared before it.
+/// The warden's first code, on its own stack in the launcher's memory: its own process
+/// group, a subreaper (before Claude exists, so none of its descendants can slip past),
+/// Claude started, then [`crate::warden::run`]. `start` is read only until Claude is.
+///
+/// # Safety
+/// Only as the entry of [`launch`]'s clone, with a [`WardenStart`].
+unsafe extern "C" fn warden(start: *mut libc::c_void) -> ! {
+    use crate::rawsys as sys;
+    let start = &*(start as *const WardenStart);
+    // What the warden keeps, copied before Claude's start: once Claude's side has written
+    // to the exec-error pipe or the warden has closed it, the launcher frees `start`.
+    let (control, status, error, mask) = (start.control, start.status, start.claude.error, start.mask);
+    // The launcher's handlers (Rust's SIGSEGV and SIGBUS ones) are the launcher's code on
+    // its thread's state: the warden dies of those signals as a plain process does.
+    for sig in [libc::SIGSEGV, libc::SIGBUS] {
+        sys::set_action(sig, libc::SIG_DFL);
+    }
+    sys::setpgid(0, 0);
+    sys::prctl(libc::PR_SET_CHILD_SUBREAPER, 1);
+    let claude = spawn_claude(&start.claude, sys::getpid());
+    if claude < 0 {
+        let code = (-claude as i32).to_le_bytes();
+        sys::write(error, code.as_ptr(), 4);
+        sys::exit(127);
+    }
+    // Back to the launcher's mask (SIGCHLD blocked), as a forked warden had it.
+    sys::set_mask(&mask, std::ptr::null_mut());
+    crate::warden::run(control, status, claude as libc::pid_t)
+}
+
+/// What Claude's side of the warden's clone needs, prepared before it (in the launcher).
 struct ClaudeStart<'a> {
     request: &'a Request,
     argv: &'a [*const libc::c_char],
     envp: &'a [*const libc::c_char],
-    pipes: [&'a OwnedFd; 3],
+    /// Claude's stdin, stdout and stderr.
+    pipes: [RawFd; 3],
     /// The exec-error pipe's write end.
     error: RawFd,
-    /// The warden's pid, for the parent-death race.
-    warden: libc::pid_t,
     /// The signals not at their default action ([`NotDefault`]).
     reset: &'a [libc::c_int],
+    /// Where Claude's side of the clone starts its stack (part of the warden's, see [`STACK`]).
+    stack_top: *mut u8,
 }
 
-/// The stack Claude's side of the clone runs on until its `exec` (its frames need a few
-/// KiB). Mapped for the clone, not an array on the warden's stack: Rust probes every page
-/// of a large frame, and those 64 page faults per job cost more than the fork saved.
-const CLAUDE_STACK: usize = 256 * 1024;
+/// Claude's side of the clone: what the launcher prepared, and the warden's pid (for the
+/// parent-death race), which the warden does not write into the launcher's `ClaudeStart`.
+struct ClaudeSide<'a> {
+    start: &'a ClaudeStart<'a>,
+    warden: libc::pid_t,
+}
 
 /// Starts Claude from the warden with a vfork-style clone (`CLONE_VM | CLONE_VFORK`): the
-/// child shares the warden's memory, on a stack of its own, and the warden waits until it
-/// has `exec`'d or exited. A `fork` here copied the warden's page tables and faulted its
-/// pages back in (copy-on-write) for a process that only makes system calls and `exec`s.
-/// `posix_spawn` does the same clone but cannot set the parent-death signal. Returns
-/// Claude's pid, or -1 (`errno` set).
+/// child shares the memory, on a stack of its own, and the warden waits until it has
+/// `exec`'d or exited. A `fork` here copied the page tables and faulted pages back in
+/// (copy-on-write) for a process that only makes system calls and `exec`s. `posix_spawn`
+/// does the same clone but cannot set the parent-death signal. Returns Claude's pid, or
+/// `-errno`.
 ///
 /// # Safety
-/// Only in the warden (single-threaded), with `start` alive until it returns.
-unsafe fn spawn_claude(start: &ClaudeStart) -> libc::pid_t {
-    extern "C" fn entry(start: *mut libc::c_void) -> libc::c_int {
-        // SAFETY: the warden passed a ClaudeStart it keeps alive while this child runs
-        // (CLONE_VFORK: it waits for the exec); start_claude never returns.
-        unsafe { start_claude(&*(start as *const ClaudeStart)) }
+/// Only in the warden, with `start` alive until it returns.
+unsafe fn spawn_claude(start: &ClaudeStart, warden: libc::pid_t) -> isize {
+    unsafe extern "C" fn entry(side: *mut libc::c_void) -> ! {
+        // SAFETY: the warden passed a ClaudeSide it keeps alive while this child runs
+        // (CLONE_VFORK: it waits for the exec or the exit); start_claude never returns.
+        let side = &*(side as *const ClaudeSide);
+        start_claude(side.start, side.warden)
     }
-    // Every signal blocked across the clone: a handler must not run in the child, on
-    // the warden's memory, before the child has reset them to their defaults.
-    let mut all: libc::sigset_t = std::mem::zeroed();
-    let mut before: libc::sigset_t = std::mem::zeroed();
-    libc::sigfillset(&mut all);
-    libc::sigprocmask(libc::SIG_SETMASK, &all, &mut before);
-    let stack = libc::mmap(
-        std::ptr::null_mut(),
-        CLAUDE_STACK,
-        libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
-        -1,
-        0,
-    );
-    let pid = if stack == libc::MAP_FAILED {
-        -1
-    } else {
-        // The stack grows down: the child starts at its top (page-aligned, so 16-byte too).
-        let top = stack.cast::<u8>().add(CLAUDE_STACK).cast::<libc::c_void>();
-        libc::clone(entry, top, libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD, start as *const ClaudeStart as *mut libc::c_void)
-    };
-    let failed = errno();
-    libc::sigprocmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
-    if stack != libc::MAP_FAILED {
-        // The child has exec'd or exited: its stack is free.
-        libc::munmap(stack, CLAUDE_STACK);
-    }
-    if pid < 0 {
-        *libc::__errno_location() = failed;
-    }
-    pid
+    let side = ClaudeSide { start, warden };
+    // Every signal stays blocked across this clone (the launcher blocked them all for the
+    // warden's): a handler must not run in the child before it has reset them.
+    crate::rawsys::clone_on(libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD, start.stack_top, entry, &side as *const ClaudeSide as *mut libc::c_void)
 }
 
 /// Claude's side of the warden's clone: its own process group, killed with the warden,
 /// signals as a fresh process has them, the job's pipes on 0-2, then `exec`. Writes the
-/// `errno` to `error` and exits 127 if any step fails. It shares the warden's memory
-/// until the `exec`: it writes none of it (system calls only, on memory prepared before).
+/// `errno` to `error` and exits 127 if any step fails. It shares the memory until the
+/// `exec`: it writes none of it but its own stack (raw system calls on memory prepared
+/// before).
 ///
 /// # Safety
 /// Only in the child of the warden's clone.
-unsafe fn start_claude(start: &ClaudeStart) -> ! {
-    let ClaudeStart { request, argv, envp, pipes, error, warden, reset } = *start;
-    libc::setpgid(0, 0);
-    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-    if libc::getppid() != warden {
+unsafe fn start_claude(start: &ClaudeStart, warden: libc::pid_t) -> ! {
+    use crate::rawsys as sys;
+    let ClaudeStart { request, argv, envp, pipes, error, reset, .. } = *start;
+    let fail = |result: isize| -> ! {
+        let code = (-result as i32).to_le_bytes();
+        sys::write(error, code.as_ptr(), 4);
+        sys::exit(127)
+    };
+    sys::setpgid(0, 0);
+    sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as usize);
+    if sys::getppid() != warden {
         // The warden died before the signal was asked for: nobody would kill this Claude.
-        libc::_exit(127);
+        sys::exit(127);
     }
-    libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0);
+    sys::prctl(libc::PR_SET_CHILD_SUBREAPER, 0);
     // The launcher ignores some signals (and Rust ignores SIGPIPE; what started the agent
     // may have passed more down): ignored signals stay ignored across exec, so each signal
-    // not at its default goes back to it. The kernel's call, not glibc's `signal`, which
-    // refuses glibc's own two (32 and 33, which the posix_spawn that started the launcher
-    // leaves ignored): an all-zero action is SIG_DFL, no flags, an empty mask, on every
-    // layout.
-    let default = [0u64; 4];
+    // not at its default goes back to it.
     for &sig in reset {
-        libc::syscall(libc::SYS_rt_sigaction, sig, default.as_ptr(), std::ptr::null::<u64>(), 8usize);
+        sys::set_action(sig, libc::SIG_DFL);
     }
-    let mut none: libc::sigset_t = std::mem::zeroed();
-    libc::sigemptyset(&mut none);
-    libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-    let fail = |error: RawFd| -> ! {
-        let code = errno().to_le_bytes();
-        libc::write(error, code.as_ptr().cast(), 4);
-        libc::_exit(127)
-    };
-    for (target, fd) in pipes.iter().enumerate() {
-        if libc::dup2(fd.as_raw_fd(), target as RawFd) < 0 {
-            fail(error);
+    let none = 0u64;
+    sys::set_mask(&none, std::ptr::null_mut());
+    for (target, &fd) in pipes.iter().enumerate() {
+        let done = sys::dup2(fd, target as RawFd);
+        if done < 0 {
+            fail(done);
         }
     }
     // Nothing else goes through `exec`: whatever the agent was started with and did not mark
     // close-on-exec (a shell's or a supervisor's descriptors) passed to the launcher, and
     // from it to every Claude. Only the exec-error pipe stays, until the `exec` closes it.
     crate::warden::close_all_but(error, error);
-    if libc::chdir(request.cwd.as_ptr()) != 0 {
-        fail(error);
+    let moved = sys::chdir(request.cwd.as_ptr());
+    if moved < 0 {
+        fail(moved);
     }
-    libc::execve(request.program.as_ptr(), argv.as_ptr(), envp.as_ptr());
-    fail(error)
+    fail(sys::execve(request.program.as_ptr(), argv.as_ptr(), envp.as_ptr()))
 }
 
 fn errno() -> i32 {

@@ -48,6 +48,7 @@ mod link;
 mod oauth;
 mod process;
 mod progress_clock;
+mod rawsys;
 mod relogin;
 mod repo;
 mod report;

@@ -20,59 +20,68 @@
 //! kills whatever Claude left behind and exits with Claude's status. The warden ignores
 //! SIGTERM, SIGINT and SIGHUP: only the agent, through the pipe, or SIGKILL ends it early.
 //!
-//! The warden is not a program of its own: the launcher ([`crate::launcher`]) forks it,
+//! The warden is not a program of its own: the launcher ([`crate::launcher`]) clones it,
 //! and it starts Claude. Claude's exit status goes to the agent on a status pipe (four
 //! bytes, the wait status, then the pipe's end when the warden exits): the warden is the
-//! launcher's child, not the agent's, so the agent cannot wait for it. The code below
-//! keeps to async-signal-safe calls (raw system calls, no allocation), as a fork's child
-//! should; the launcher being single-threaded makes that a habit rather than a must.
+//! launcher's child, not the agent's, so the agent cannot wait for it.
+//!
+//! The warden runs in the launcher's memory (`clone(CLONE_VM)`, on a stack the launcher
+//! keeps for it: no page tables copied, no copy-on-write faults, no address space torn down
+//! at its exit), and with the launcher's thread pointer, so its `errno` too. Hence the rules
+//! for all the code below, which the launcher runs alongside it: system calls through
+//! [`crate::rawsys`] only (they leave `errno` alone), no allocation (the launcher's heap
+//! is not the warden's to use), nothing that can panic (a panic would unwind through the
+//! launcher's runtime state), and nothing of the launcher's read once Claude is started
+//! (the launcher frees the request then).
 
+use crate::rawsys as sys;
 use std::os::fd::RawFd;
 
 /// The byte that asks for a gentle stop.
 pub const STOP: u8 = b'T';
 
-/// The warden's life once Claude is forked (`claude`, its pid, or -1 if that fork
-/// failed): watches `control`, reports Claude's wait status on `status`. Never returns.
+/// The warden's life once Claude is started (`claude`, its pid, or -1 if that failed):
+/// watches `control`, reports Claude's wait status on `status`. Never returns.
 ///
 /// # Safety
-/// Only in the launcher's child, which this takes over.
+/// Only in the warden, which this takes over; nothing it reads belongs to the launcher.
 pub unsafe fn run(control: RawFd, status: RawFd, claude: libc::pid_t) -> ! {
+    // The launcher ignores these three already; said again so that no change there can
+    // let a Ctrl-C meant for the agent's terminal end a job's warden.
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        libc::signal(sig, libc::SIG_IGN);
+        sys::set_action(sig, libc::SIG_IGN);
     }
-    // Every descendant of Claude that loses its parent (a double fork, a `setsid` daemon)
-    // becomes the warden's child and stays in reach.
-    libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
     // The job's pipes are Claude's: the warden's copies would keep them open. So would any
-    // other descriptor it inherited (the launcher's socket, the exec-error pipe).
-    let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+    // other descriptor it inherited (the launcher's socket, the exec-error pipe: the
+    // launcher waits for its end, and only then frees the request Claude was started from).
+    let null = sys::open(c"/dev/null".as_ptr(), libc::O_RDWR) as RawFd;
     for fd in 0..3 {
-        libc::dup2(null, fd);
+        sys::dup2(null, fd);
     }
     close_all_but(control, status);
     let exited = if claude > 0 { watch(control, claude) } else { None };
     // The agent reads four bytes (or nothing, when Claude's status is unknown).
     if let Some(code) = exited {
         let bytes = code.to_le_bytes();
-        libc::write(status, bytes.as_ptr().cast(), bytes.len());
+        sys::write(status, bytes.as_ptr(), bytes.len());
     }
     exit_like(exited)
 }
 
-/// Closes every descriptor from 3 up except `a` and `b`.
+/// Closes every descriptor from 3 up except `a` and `b` (raw calls: Claude's side of the
+/// clone uses it too).
 pub(crate) unsafe fn close_all_but(a: RawFd, b: RawFd) {
     let (low, high) = (a.min(b), a.max(b));
     let mut from = 3;
     for keep in [low, high] {
         if keep >= from {
             if keep > from {
-                libc::syscall(libc::SYS_close_range, from as libc::c_uint, (keep - 1) as libc::c_uint, 0);
+                sys::close_range(from as libc::c_uint, (keep - 1) as libc::c_uint);
             }
             from = keep + 1;
         }
     }
-    libc::syscall(libc::SYS_close_range, from as libc::c_uint, libc::c_uint::MAX, 0);
+    sys::close_range(from as libc::c_uint, libc::c_uint::MAX);
 }
 
 /// Waits for Claude's exit or the agent's word; returns Claude's wait status (None if it
@@ -80,7 +89,7 @@ pub(crate) unsafe fn close_all_but(a: RawFd, b: RawFd) {
 unsafe fn watch(control: RawFd, claude: libc::pid_t) -> Option<libc::c_int> {
     // A pidfd wakes the poll the moment Claude exits (the agent waits on the warden's own
     // exit to end the job); without one (kernels before 5.3) the poll's timeout does.
-    let exited = libc::syscall(libc::SYS_pidfd_open, claude, 0) as RawFd;
+    let exited = sys::pidfd_open(claude) as RawFd;
     let mut status = None;
     loop {
         let mut fds = [
@@ -89,7 +98,7 @@ unsafe fn watch(control: RawFd, claude: libc::pid_t) -> Option<libc::c_int> {
         ];
         let watched = if exited >= 0 { 2 } else { 1 };
         // Orphans to reap are checked every round, at least every 100 ms.
-        libc::poll(fds.as_mut_ptr(), watched, 100);
+        sys::poll(fds.as_mut_ptr(), watched, 100);
         reap(claude, &mut status);
         if status.is_some() {
             // Claude is done: nothing it started may outlive it.
@@ -98,10 +107,10 @@ unsafe fn watch(control: RawFd, claude: libc::pid_t) -> Option<libc::c_int> {
         }
         if fds[0].revents != 0 {
             let mut bytes = [0u8; 16];
-            let n = libc::read(control, bytes.as_mut_ptr().cast(), bytes.len());
-            if n > 0 && bytes[..n as usize].contains(&STOP) {
+            let n = sys::read(control, bytes.as_mut_ptr(), bytes.len());
+            if n > 0 && bytes.get(..n as usize).is_some_and(|read| read.contains(&STOP)) {
                 kill_all(claude, libc::SIGTERM);
-            } else if n == 0 || (n < 0 && *libc::__errno_location() != libc::EINTR) {
+            } else if n == 0 || (n < 0 && n != -(libc::EINTR as isize)) {
                 // The agent closed the pipe, or died.
                 kill_all(claude, libc::SIGKILL);
                 reap(claude, &mut status);
@@ -115,11 +124,11 @@ unsafe fn watch(control: RawFd, claude: libc::pid_t) -> Option<libc::c_int> {
 unsafe fn reap(claude: libc::pid_t, status: &mut Option<libc::c_int>) {
     loop {
         let mut st = 0;
-        let pid = libc::waitpid(-1, &mut st, libc::WNOHANG);
+        let pid = sys::waitpid(-1, &mut st, libc::WNOHANG);
         if pid <= 0 {
             return;
         }
-        if pid == claude {
+        if pid == claude as isize {
             *status = Some(st);
         }
     }
@@ -131,18 +140,17 @@ unsafe fn reap(claude: libc::pid_t, status: &mut Option<libc::c_int>) {
 unsafe fn kill_all(claude: libc::pid_t, sig: libc::c_int) {
     let mut ignored = None;
     for _ in 0..200 {
-        libc::kill(-claude, sig);
+        sys::kill(-claude, sig);
         let mut any = false;
         each_child(|pid| {
             any = true;
-            libc::kill(-pid, sig);
-            libc::kill(pid, sig);
+            sys::kill(-pid, sig);
+            sys::kill(pid, sig);
         });
         if sig != libc::SIGKILL || !any {
             return;
         }
-        let pause = libc::timespec { tv_sec: 0, tv_nsec: 10_000_000 };
-        libc::nanosleep(&pause, std::ptr::null_mut());
+        sys::nanosleep(10);
         reap(claude, &mut ignored);
     }
 }
@@ -152,24 +160,31 @@ unsafe fn kill_all(claude: libc::pid_t, sig: libc::c_int) {
 unsafe fn each_child(mut f: impl FnMut(libc::pid_t)) {
     // "/proc/self/task/<pid>/children": the warden has one thread, whose id is its pid.
     let mut path = [0u8; 64];
-    let prefix = b"/proc/self/task/";
-    path[..prefix.len()].copy_from_slice(prefix);
-    let mut at = prefix.len() + write_number(&mut path[prefix.len()..], libc::getpid() as u64);
-    for b in b"/children\0" {
-        path[at] = *b;
-        at += 1;
-    }
-    let fd = libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC);
+    let mut at = 0;
+    let mut put = |bytes: &[u8]| {
+        for &b in bytes {
+            if let Some(slot) = path.get_mut(at) {
+                *slot = b;
+                at += 1;
+            }
+        }
+    };
+    put(b"/proc/self/task/");
+    let mut digits = [0u8; 20];
+    let n = write_number(&mut digits, sys::getpid() as u64);
+    put(digits.get(..n).unwrap_or_default());
+    put(b"/children\0");
+    let fd = sys::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC);
     if fd < 0 {
         return;
     }
     let mut buf = [0u8; 4096];
-    let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
-    libc::close(fd);
+    let n = sys::read(fd as RawFd, buf.as_mut_ptr(), buf.len());
+    sys::close(fd as RawFd);
     let mut pid: libc::pid_t = 0;
-    for &b in &buf[..n.max(0) as usize] {
+    for &b in buf.get(..n.max(0) as usize).unwrap_or_default() {
         if b.is_ascii_digit() {
-            pid = pid * 10 + (b - b'0') as libc::pid_t;
+            pid = pid.wrapping_mul(10).wrapping_add((b - b'0') as libc::pid_t);
         } else if pid > 0 {
             f(pid);
             pid = 0;
@@ -180,34 +195,37 @@ unsafe fn each_child(mut f: impl FnMut(libc::pid_t)) {
     }
 }
 
-/// Writes `n` in decimal into `out`; returns the digits written.
-fn write_number(out: &mut [u8], mut n: u64) -> usize {
+/// Writes `n` in decimal into `out` (20 bytes hold any u64); returns the digits written.
+fn write_number(out: &mut [u8; 20], mut n: u64) -> usize {
     let mut digits = [0u8; 20];
     let mut len = 0;
-    loop {
-        digits[len] = b'0' + (n % 10) as u8;
+    for slot in digits.iter_mut() {
+        *slot = b'0' + (n % 10) as u8;
         len += 1;
         n /= 10;
         if n == 0 {
             break;
         }
     }
-    for i in 0..len {
-        out[i] = digits[len - 1 - i];
+    for (to, from) in out.iter_mut().zip(digits.iter().take(len).rev()) {
+        *to = *from;
     }
     len
 }
 
 /// Exits as Claude did: its exit code, or the signal that ended it.
 unsafe fn exit_like(status: Option<libc::c_int>) -> ! {
-    let Some(status) = status else { libc::_exit(128 + libc::SIGKILL) };
+    let Some(status) = status else { sys::exit(128 + libc::SIGKILL) };
     if libc::WIFEXITED(status) {
-        libc::_exit(libc::WEXITSTATUS(status));
+        sys::exit(libc::WEXITSTATUS(status));
     }
     let sig = if libc::WIFSIGNALED(status) { libc::WTERMSIG(status) } else { libc::SIGKILL };
-    libc::signal(sig, libc::SIG_DFL);
-    libc::kill(libc::getpid(), sig);
-    libc::_exit(128 + sig)
+    // Unblocked too: the warden runs with the launcher's mask (SIGCHLD blocked).
+    sys::set_action(sig, libc::SIG_DFL);
+    let none = 0u64;
+    sys::set_mask(&none, std::ptr::null_mut());
+    sys::kill(sys::getpid(), sig);
+    sys::exit(128 + sig)
 }
 
 #[cfg(test)]
@@ -221,5 +239,7 @@ mod tests {
         assert_eq!(&out[..n], b"40213");
         assert_eq!(write_number(&mut out, 0), 1);
         assert_eq!(out[0], b'0');
+        assert_eq!(write_number(&mut out, u64::MAX), 20);
+        assert_eq!(&out[..], b"18446744073709551615");
     }
 }

@@ -105,6 +105,21 @@ async fn a_job_cannot_read_the_agents_process() {
     assert!(out.starts_with("parent environ unreadable"), "the job read its warden's environment: {out}");
 }
 
+/// The wardens run in the launcher's memory (`clone(CLONE_VM)`): a job (the same user)
+/// must not reach it through its warden, nor the launcher's directly. Dumpable 0 is a flag
+/// of that memory, set once by the launcher; `/proc/<pid>/mem` is the way in it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cannot_open_its_wardens_or_the_launchers_memory() {
+    let wrapper = if is_root() { vec!["setpriv".to_string(), "--bounding-set=-sys_ptrace,-sys_admin,-perfmon".to_string()] } else { Vec::new() };
+    let s = setup(&[], wrapper).await;
+    let out = output(&s, "@open_ancestors_mem").await;
+    assert_eq!(out.matches("refused").count(), 2, "a job opened its warden's or the launcher's memory: {out}");
+    assert!(!out.contains("opened"), "{out}");
+    let launcher = s.agent.pid().unwrap();
+    // The second is the launcher, the agent's child (not the agent itself).
+    assert!(!out.contains(&format!("mem of {launcher} ")), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agents_files_and_folders_are_owner_only() {
     let s = setup(&[], Vec::new()).await;

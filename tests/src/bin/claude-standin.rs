@@ -14,7 +14,8 @@
 //! `base64 FILE` prints it (wrapped at 76 columns), first as a tool's output (a Bash
 //! tool_result) · `@print_parent_environ` answer with the agent's
 //! `/proc/<ppid>/environ`, or why it cannot be read · `@print_environ_of=PID` the same for
-//! any process (Claude's parent is its warden, not the agent) · `@print_mode=PATH` answer with a
+//! any process (Claude's parent is its warden, not the agent) · `@open_ancestors_mem`
+//! answer whether `/proc/<pid>/mem` of its warden and of the warden's parent opens · `@print_mode=PATH` answer with a
 //! path's permission bits (octal) · `@no_result` end without a result line ·
 //! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it) · `@write=PATH` write a text
 //! file (relative to the working directory; may repeat) · `@write_binary=PATH` write a few
@@ -193,6 +194,22 @@ fn main() {
             Ok(bytes) => format!("environ of {pid}: {}", String::from_utf8_lossy(&bytes).replace('\0', " ")),
             Err(e) => format!("environ of {pid} unreadable: {e}"),
         }
+    } else if directive(&prompt, "open_ancestors_mem").is_some() {
+        // Its warden and the warden's parent (the launcher), whose memory they share.
+        let warden = std::os::unix::process::parent_id();
+        let parent_of = |pid: u32| -> Option<u32> {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
+        };
+        let mut said = Vec::new();
+        for pid in [Some(warden), parent_of(warden)].into_iter().flatten() {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            match std::fs::File::open(format!("/proc/{pid}/mem")) {
+                Ok(_) => said.push(format!("mem of {pid} ({}) opened", comm.trim())),
+                Err(e) => said.push(format!("mem of {pid} ({}) refused: {e}", comm.trim())),
+            }
+        }
+        said.join("; ")
     } else if directive(&prompt, "print_parent_environ").is_some() {
         let ppid = std::os::unix::process::parent_id();
         match std::fs::read(format!("/proc/{ppid}/environ")) {
