@@ -1,13 +1,16 @@
 //! The launcher: one small process, started with the agent's first job, that starts every
 //! Claude. The agent hands it what to run (program, arguments, folder, environment) and
-//! the pipes to run it with; the launcher forks a [`crate::warden`], which starts Claude.
+//! the pipes to run it with; the launcher clones a [`crate::warden`] into its own memory
+//! (see [`launch`]), which starts Claude.
 //!
 //! Why a process of its own. Starting Claude straight from the agent meant forking the
 //! agent: a multi-threaded process of 15-20 MiB whose page tables are copied and
 //! write-protected at every fork, with a TLB flush on both cores each time, and whose
 //! pages are then copied again as the agent writes to them while the child lives. `perf`
 //! put that at a quarter of the agent's CPU per job. The launcher is single-threaded and
-//! small, so its forks are cheap, and its children are free to allocate before `exec`.
+//! small, and it no longer forks at all: each warden is a `clone(CLONE_VM)` that shares
+//! its memory (a fork of even this small process was half of the launcher tree's CPU per
+//! job), under the rules [`launch`] and [`crate::rawsys`] give.
 //! It is the agent's own binary (`claude-runner __launcher`, started once with
 //! `posix_spawn`, again if it ever dies), so nothing new is installed.
 //!
@@ -46,7 +49,7 @@ const FDS: usize = 5;
 /// A request body larger than this is refused (`E2BIG`): Linux refuses an `exec` whose
 /// arguments and environment pass a few MiB anyway.
 const MAX_BODY: usize = 16 * 1024 * 1024;
-/// How long the launcher has to take a request and answer it (a fork, a fork and an
+/// How long the launcher has to take a request and answer it (a clone, a clone and an
 /// `exec`: milliseconds, even on a loaded machine). A launcher that takes longer is stuck
 /// (stopped with SIGSTOP — any process of the agent's user may send one, a job's
 /// included — or starved): it is killed and replaced, rather than holding every job after
@@ -132,7 +135,7 @@ impl Launcher {
     }
 
     /// Starts Claude through the launcher (started, or started again, as needed). Blocks
-    /// for a fork, a fork and an `exec`: call it off the async threads.
+    /// for a clone, a clone and an `exec`: call it off the async threads.
     pub fn spawn(&self, spawn: &Spawn, ends: ChildEnds) -> std::io::Result<Started> {
         let body = encode(spawn)?;
         if body.len() > MAX_BODY {
