@@ -707,12 +707,11 @@ fn launch(request: &Request, [stdin, stdout, stderr, control, status]: [OwnedFd;
         } else if n == 0 {
             break;
         } else if n != -(libc::EINTR as isize) {
-            // A pipe read fails with nothing else; were it to, waiting for the warden's
-            // exit is the one way left to know `start` is no longer read.
-            // SAFETY: a pidfd's poll, or a blocking wait for our own child.
-            unsafe { libc::waitpid(warden, std::ptr::null_mut(), 0) };
-            stacks.reaped(warden);
-            return Err(-n as i32);
+            // A pipe read fails with nothing else. Were it to, nothing would say when the
+            // warden is done with `start`: the launcher ends without freeing it (its memory
+            // lives on while a warden does), and the agent, unanswered, starts another.
+            // SAFETY: ends this process at once, running no destructor.
+            unsafe { libc::_exit(4) };
         }
     }
     // `start`, `argv`, `envp` and the request are no longer read: they may go.
