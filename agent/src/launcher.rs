@@ -1170,6 +1170,36 @@ mod tests {
         unsafe { libc::signal(libc::SIGRTMAX() - 1, libc::SIG_DFL) };
     }
 
+    /// A warden's stack comes back for the next one only once the warden is reaped, and its
+    /// lowest page is a guard (an overflow faults rather than write the launcher's memory).
+    #[test]
+    fn a_wardens_stack_is_reused_only_after_it_is_reaped() {
+        let mut stacks = Stacks::default();
+        let first = stacks.take().unwrap();
+        stacks.lend(4242, first);
+        let second = stacks.take().unwrap();
+        assert_ne!(first, second, "a running warden's stack was handed out again");
+        stacks.reaped(4243);
+        assert!(stacks.free.is_empty());
+        stacks.reaped(4242);
+        assert_eq!(stacks.take().unwrap(), first);
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let guard = maps.lines().find(|l| l.starts_with(&format!("{:x}-", first as usize))).expect("the stack's mapping");
+        assert!(guard.split_whitespace().nth(1) == Some("---p"), "{guard}");
+        for _ in 0..KEPT_STACKS + 2 {
+            let stack = stacks.take().unwrap();
+            stacks.give_back(stack);
+        }
+        let many: Vec<_> = (0..KEPT_STACKS + 2).map(|_| stacks.take().unwrap()).collect();
+        for stack in many {
+            stacks.give_back(stack);
+        }
+        assert_eq!(stacks.free.len(), KEPT_STACKS, "free stacks beyond the bound are unmapped");
+        for stack in [first, second] {
+            stacks.give_back(stack);
+        }
+    }
+
     #[test]
     fn a_field_holding_a_nul_is_refused_not_split_in_two() {
         let clean = env_of(&[("HOME", "/h")]);
