@@ -714,8 +714,10 @@ fn launch(request: &Request, [stdin, stdout, stderr, control, status]: [OwnedFd;
             unsafe { libc::_exit(4) };
         }
     }
-    // `start`, `argv`, `envp` and the request are no longer read: they may go.
-    drop(start);
+    // `start`, `argv`, `envp` and the request are no longer read: they may go. Until here
+    // `start`'s place on this stack is kept (the compiler could otherwise reuse it for
+    // `code` or `read` once it sees no more use of its own).
+    std::hint::black_box(&start);
     if read == 4 {
         // Claude's exec failed; its warden reports the exit to a status pipe nobody reads.
         return Err(i32::from_le_bytes(code));

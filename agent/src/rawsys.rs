@@ -10,8 +10,9 @@
 //! free the request that Claude's side still reads, before Claude's `exec`. Here a call
 //! returns `-errno` in its result and touches no memory but what it is given.
 //!
-//! x86_64 (built and tested) and aarch64 (the same calls in its convention; not built on
-//! the project's machines yet). Another architecture fails to build here, by name, rather
+//! x86_64 (built and tested) and aarch64 (the same calls in its convention: compiled for
+//! aarch64 with Debian's rustc and `-Zbuild-std=core`, its `clone_on` read back from the
+//! object; not run). Another architecture fails to build here, by name, rather
 //! than fall back to a fork that would be a second way to start a warden.
 
 use std::os::fd::RawFd;
