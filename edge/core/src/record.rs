@@ -175,22 +175,34 @@ impl Job {
     /// What memory keeps of an ended job: the record without the task's text and the
     /// result's output and diff, and with its error cut short.
     pub fn header(&self) -> Job {
+        self.clone().into_header()
+    }
+
+    /// [`Job::header`], made from the record itself: an ended job shrinks in memory once
+    /// per job, and a copy of its whole output made only to be cut away was most of that.
+    fn into_header(mut self) -> Job {
         if self.header_only {
-            return self.clone();
+            return self;
         }
-        let mut header = self.clone();
-        header.spec_digest = self.digest();
-        header.bytes = self.approximate_bytes();
-        header.header_only = true;
+        self.spec_digest = self.digest();
+        self.bytes = self.approximate_bytes();
+        self.header_only = true;
         // The start of the task stays, for the jobs list (`GET /jobs`).
-        header.spec.prompt = shared::text::truncate(&self.spec.prompt, PROMPT_PREVIEW_BYTES).to_string();
-        header.spec.append_system_prompt = None;
-        if let Some(result) = &mut header.result {
+        let preview = shared::text::truncate(&self.spec.prompt, PROMPT_PREVIEW_BYTES).len();
+        self.spec.prompt.truncate(preview);
+        // Headers stay in memory for the retention: they keep no room for the rest.
+        self.spec.prompt.shrink_to_fit();
+        self.spec.append_system_prompt = None;
+        if let Some(result) = &mut self.result {
             result.output = String::new();
             result.diff = None;
-            result.error = result.error.as_deref().map(|e| shared::text::truncate(e, HEADER_ERROR_BYTES).to_string());
+            if let Some(error) = &mut result.error {
+                let kept = shared::text::truncate(error, HEADER_ERROR_BYTES).len();
+                error.truncate(kept);
+                error.shrink_to_fit();
+            }
         }
-        header
+        self
     }
 
     /// What memory keeps of this job: an ended one's [`header`](Job::header) (the whole
@@ -198,7 +210,7 @@ impl Job {
     /// machine and the hosts' loaders use this one rule.
     pub fn in_memory(self) -> Job {
         if self.state.is_terminal() {
-            self.header()
+            self.into_header()
         } else {
             self
         }

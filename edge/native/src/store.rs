@@ -10,6 +10,9 @@ use std::path::Path;
 
 pub struct Store {
     conn: Connection,
+    /// A record's JSON is written here before it is bound: one buffer for the edge's life
+    /// rather than a new string, grown several times over, for every save.
+    record: Vec<u8>,
 }
 
 /// How long a write waits for another process that holds the database (a backup, an
@@ -24,6 +27,10 @@ pub const BUSY_TIMEOUT_MS: u64 = 250;
 /// 5 since, so 400 keeps the most a power cut can lose at about 80-90 jobs' events, as it
 /// was, rather than letting it grow to 200 with the smaller writes.
 pub const CHECKPOINT_PAGES: u32 = 400;
+
+/// The most the record buffer keeps between saves (a job's record with a short result is
+/// about 1 KiB; a long output's is let go after its save).
+const RECORD_BUFFER_KEPT: usize = 64 * 1024;
 
 impl Store {
     /// Opens (or creates) the store in `dir`. The records hold callers' prompts and
@@ -58,7 +65,7 @@ impl Store {
              CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, record TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
         ))?;
-        Ok(Store { conn })
+        Ok(Store { conn, record: Vec::new() })
     }
 
     /// Every stored job, an ended one as its header: the whole records of every retained
@@ -129,12 +136,19 @@ impl Store {
         applied
     }
 
-    fn write(&self, writes: &Writes) -> anyhow::Result<()> {
+    fn write(&mut self, writes: &Writes) -> anyhow::Result<()> {
         let mut save = self.conn.prepare_cached(
             "INSERT INTO jobs (id, record) VALUES (?1, ?2) ON CONFLICT (id) DO UPDATE SET record = excluded.record",
         )?;
         for job in &writes.saves {
-            save.execute(params![job.id, serde_json::to_string(job)?])?;
+            self.record.clear();
+            serde_json::to_writer(&mut self.record, job)?;
+            // Bound as text, as before: serde_json writes UTF-8 (checked, not assumed).
+            save.execute(params![job.id, std::str::from_utf8(&self.record)?])?;
+        }
+        // A big result's record is not kept in memory for the edge's life.
+        if self.record.capacity() > RECORD_BUFFER_KEPT {
+            self.record = Vec::new();
         }
         let mut forget = self.conn.prepare_cached("DELETE FROM jobs WHERE id = ?1")?;
         for id in &writes.forgets {
@@ -200,6 +214,25 @@ mod tests {
         // What bounds what a power cut can lose (see CHECKPOINT_PAGES).
         let pages: u32 = store.conn.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0)).unwrap();
         assert_eq!(pages, CHECKPOINT_PAGES);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn records_are_encoded_in_one_buffer_that_does_not_keep_a_big_one() {
+        let dir = std::env::temp_dir().join(format!("cr-store-buffer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut store = Store::open(&dir).unwrap();
+        let mut big = job("big");
+        big.spec.prompt = "p".repeat(2 * RECORD_BUFFER_KEPT);
+        let (small, other) = (job("small"), job("other"));
+        store.apply(&Writes { saves: vec![small.clone(), big.clone(), other.clone()], forgets: vec![], alerts: None }).unwrap();
+        // Each record whole and alone, though written through the same buffer.
+        assert_eq!(store.load_one("small").unwrap().unwrap(), small);
+        assert_eq!(store.load_one("big").unwrap().unwrap(), big);
+        assert_eq!(store.load_one("other").unwrap().unwrap(), other);
+        assert_eq!(store.record.capacity(), 0, "a big record's buffer is let go");
+        store.apply(&Writes { saves: vec![small.clone()], forgets: vec![], alerts: None }).unwrap();
+        assert!(store.record.capacity() > 0 && store.record.capacity() <= RECORD_BUFFER_KEPT);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -22,6 +22,7 @@ pub fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_timer(Stamp)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if format == "json" {
@@ -31,11 +32,65 @@ pub fn init_logging(format: &str) {
     }
 }
 
+/// The log lines' timestamps, as tracing-subscriber's own `SystemTime` timer writes them
+/// (`2026-12-02T10:39:41.123456Z`, UTC, microseconds), with the date and time of day
+/// worked out once a second instead of for every line: the edge writes four lines per
+/// job, and working out and writing the whole date for each was about a seventh of the
+/// edge's logging CPU (1.1 of 7.3 % of its samples in a profile under `bench`).
+struct Stamp;
+
+thread_local! {
+    /// The second last written, and its text up to the seconds' digits.
+    static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+}
+
+impl tracing_subscriber::fmt::time::FormatTime for Stamp {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        SECOND.with(|second| {
+            let mut second = second.borrow_mut();
+            if second.0 != now.as_secs() {
+                let text = shared::time::rfc3339(now.as_secs().saturating_mul(1000));
+                *second = (now.as_secs(), text.trim_end_matches('Z').to_string());
+            }
+            write!(w, "{}.{:06}Z", second.1, now.subsec_micros())
+        })
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM: how both binaries learn to stop.
 pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handlers install");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::fmt::format::Writer;
+    use tracing_subscriber::fmt::time::FormatTime;
+
+    /// The same text as tracing-subscriber's own timer, second after second.
+    #[test]
+    fn log_timestamps_read_as_the_subscribers_own() {
+        let shape = |text: &str| -> String { text.chars().map(|c| if c.is_ascii_digit() { '0' } else { c }).collect() };
+        let theirs = || {
+            let mut text = String::new();
+            tracing_subscriber::fmt::time::SystemTime.format_time(&mut Writer::new(&mut text)).unwrap();
+            text
+        };
+        for _ in 0..3 {
+            let before = theirs();
+            let mut ours = String::new();
+            Stamp.format_time(&mut Writer::new(&mut ours)).unwrap();
+            let after = theirs();
+            assert_eq!(shape(&ours), shape(&before), "{ours} against {before}");
+            // One format, so the text's order is time's order.
+            assert!(before <= ours && ours <= after, "{before} <= {ours} <= {after}");
+            std::thread::sleep(std::time::Duration::from_millis(600));
+        }
     }
 }

@@ -211,7 +211,13 @@ impl Edge {
     /// last one shown (signed by the agent, but replayed or held back on the path) is not
     /// shown again.
     pub(super) fn announce_progress(&mut self, job_id: &str, at: progress::At, event: &serde_json::Value, effects: &mut Vec<Effect>) {
-        if !self.progress.entry(job_id.to_string()).or_default().advance(at) {
+        // Looked up once, and its id copied only the first time: this runs for every
+        // progress event of every job.
+        if !self.progress.contains_key(job_id) {
+            self.progress.insert(job_id.to_string(), progress::Backlog::default());
+        }
+        let backlog = self.progress.get_mut(job_id).expect("made above");
+        if !backlog.advance(at) {
             tracing::debug!(job_id = %job_id, attempt = at.0, seq = at.1, "progress event not newer than the last one shown ignored");
             return;
         }
@@ -219,7 +225,7 @@ impl Edge {
         for caller in self.callers.followers.get(job_id).into_iter().flatten() {
             effects.push(Effect::Stream { caller: *caller, chunk: chunk.clone() });
         }
-        self.progress.entry(job_id.to_string()).or_default().push(at, chunk);
+        backlog.push(at, chunk);
     }
 
     /// Every caller still waiting is told where its job can be found, and every stream

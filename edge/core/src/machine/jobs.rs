@@ -85,11 +85,17 @@ impl Edge {
             self.idempotency.insert(slot, job_id.clone());
         }
         info!(job_id = %job_id, mode = ?mode, timeout_ms = job.spec.timeout_ms, caller = job.placement.caller(), priority = job.placement.priority, "job queued");
-        effects.push(Effect::Save(Box::new(job.clone())));
         self.enqueue(&job);
         self.insert_job(job);
         self.stats_mut().submitted += 1;
         self.dispatch(now, &mut effects);
+        // A job sent at once (the common case) was saved as sent; one still queued is
+        // saved as it is. Either way the event's transaction holds it once, and no copy
+        // of it is made only to be dropped again by `split_writes`.
+        let job = &self.jobs[&job_id];
+        if job.state == JobState::Queued {
+            effects.push(Effect::Save(Box::new(job.clone())));
+        }
         Ok(Submitted { job_id, existing: false, effects })
     }
 

@@ -68,15 +68,19 @@ pub fn split_writes(effects: Vec<Effect>) -> (Writes, Vec<Effect>) {
             other => rest.push(other),
         }
     }
-    let id = |step: &Result<Job, String>| -> String { step.as_ref().map_or_else(Clone::clone, |job| job.id.clone()) };
-    let last: HashMap<String, usize> = if steps.len() > 1 { steps.iter().enumerate().map(|(i, step)| (id(step), i)).collect() } else { HashMap::new() };
-    for (i, step) in steps.into_iter().enumerate() {
-        if !last.is_empty() && last[&id(&step)] != i {
-            continue;
-        }
-        match step {
-            Ok(job) => writes.saves.push(job),
-            Err(job_id) => writes.forgets.push(job_id),
+    // Which step is each job's last, by its id borrowed from the steps themselves: most
+    // events have one or two, and this runs for every event.
+    fn id(step: &Result<Job, String>) -> &str {
+        step.as_ref().map_or_else(String::as_str, |job| job.id.as_str())
+    }
+    let last: HashMap<&str, usize> = if steps.len() > 1 { steps.iter().enumerate().map(|(i, step)| (id(step), i)).collect() } else { HashMap::new() };
+    let kept: Vec<bool> = (0..steps.len()).map(|i| last.is_empty() || last[id(&steps[i])] == i).collect();
+    drop(last);
+    for (step, kept) in steps.into_iter().zip(kept) {
+        match (kept, step) {
+            (false, _) => {}
+            (true, Ok(job)) => writes.saves.push(job),
+            (true, Err(job_id)) => writes.forgets.push(job_id),
         }
     }
     (writes, rest)

@@ -327,7 +327,7 @@ impl World {
                 let path = if wait { "/execute" } else { "/jobs" };
                 let handled = call(&mut self.edge, self.now, "POST", path, json!({"prompt": "x", "timeout_ms": 60000}));
                 let new = handled.effects.iter().find_map(|e| match e {
-                    Effect::Save(job) if job.state == JobState::Queued && !self.jobs.contains(&job.id) => Some(job.id.clone()),
+                    Effect::Save(job) if !self.jobs.contains(&job.id) => Some(job.id.clone()),
                     _ => None,
                 });
                 let answered = handled.effects.iter().any(|e| matches!(e, Effect::Answer { caller, .. } if *caller == handled.caller));

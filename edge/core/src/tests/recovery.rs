@@ -320,4 +320,22 @@ fn memory_keeps_an_ended_job_as_its_header_and_a_live_one_whole() {
     let kept = ended.clone().in_memory();
     assert_eq!(kept, ended.header());
     assert!(kept.header_only && kept.result.unwrap().output.is_empty());
+
+    // Made from the record itself, a header cuts at a character's edge and keeps no room
+    // for the text it dropped: headers are what memory holds for the whole retention.
+    let prompt = format!("a{}", "é".repeat(5_000));
+    let spec = serde_json::from_value(json!({"prompt": prompt, "timeout_ms": 1000})).unwrap();
+    let mut ended = crate::record::Job::new("b".into(), spec, Mode::Detached, None, 0);
+    let error = format!("e{}", "é".repeat(5_000));
+    assert!(ended.finish(JobResult { output: "o".repeat(10_000), error: Some(error.clone()), ..ok_result() }, 1));
+    let kept = ended.clone().in_memory();
+    assert_eq!(kept, ended.header());
+    let preview = crate::record::PROMPT_PREVIEW_BYTES;
+    assert_eq!(kept.spec.prompt, prompt[..preview - 1], "cut before the character the limit falls in");
+    assert_eq!(kept.spec.prompt.capacity(), kept.spec.prompt.len());
+    let kept_error = kept.result.as_ref().unwrap().error.as_ref().unwrap();
+    assert!(error.starts_with(kept_error.as_str()) && kept_error.len() < 1_000);
+    assert_eq!(kept_error.capacity(), kept_error.len());
+    assert_eq!(kept.bytes, ended.approximate_bytes());
+    assert_eq!(kept.spec_digest, ended.digest());
 }
