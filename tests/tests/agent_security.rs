@@ -218,6 +218,7 @@ fn order(job_id: &str, agent: &str, issued_at: u64, expires_at: u64, prompt: &st
             expires_at,
             nonce: format!("{job_id}:1"),
         },
+        caller: "default".into(),
         spec: spec(prompt),
     }
 }
@@ -512,9 +513,9 @@ async fn an_agent_welcomed_into_another_pool_hangs_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_protocol_version_is_refused_by_name() {
-    // 8: an edge from before per-connection keys (it would take signatures where this
-    // agent sends MACs).
-    assert_eq!(PROTOCOL_VERSION, 9);
+    // 9: an edge from before orders named their caller (this agent would take its orders
+    // as caller-less and refuse them all).
+    assert_eq!(PROTOCOL_VERSION, 10);
     for other in [PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1] {
         let edge = FakeEdge::new().await;
         let agent = edge.start_agent();
