@@ -120,6 +120,32 @@ async fn a_job_cannot_open_its_wardens_or_the_launchers_memory() {
     assert!(!out.contains(&format!("mem of {launcher} ")), "{out}");
 }
 
+/// The launcher is made non-dumpable by its own first lines, after an `exec` that left it
+/// dumpable: a job (same user) that ends the launcher (its warden's parent) and watches for
+/// the one the agent starts in its place at the next job opens that one's memory while it
+/// starts, and reads it for ever after (an open `/proc/<pid>/mem` is not checked again).
+/// With the wardens in the launcher's memory, that is every warden's and every Claude's
+/// before its `exec` too. Older than the clone (main's launcher starts the same way); fails
+/// on `rwarden` 4 runs of 4 (the window was 2-27 ms, debug build, loaded machine, no Yama;
+/// `kernel.yama.ptrace_scope` 1 or more refuses the open). The fix, a launcher that is never
+/// dumpable (forked from the agent, not exec'd; or exec'd from a file it cannot read), is
+/// described in the review of `rwarden`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known: fails until the launcher is non-dumpable from its exec (see the review of rwarden)"]
+async fn a_job_cannot_open_a_new_launchers_memory_as_it_starts() {
+    let wrapper = if is_root() { vec!["setpriv".to_string(), "--bounding-set=-sys_ptrace,-sys_admin,-perfmon,-dac_override,-dac_read_search".to_string()] } else { Vec::new() };
+    let s = setup(&[("MAX_CONCURRENT_JOBS", "2")], wrapper).await;
+    let hostile = s.client.submit(json!({"prompt": "@race_new_launcher", "timeout_ms": 30000})).await;
+    assert_eq!(hostile.status, 202, "{}", hostile.text);
+    let hostile_id = hostile.body["job_id"].as_str().unwrap().to_string();
+    // The hostile job has ended the launcher; the next job's start brings a new one.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = s.client.execute(json!({"prompt": "hello", "timeout_ms": 20000})).await;
+    let done = s.client.wait_job(&hostile_id, Duration::from_secs(40)).await;
+    let out = done["result"]["output"].as_str().or(done["output"].as_str()).unwrap_or_default().to_string();
+    assert!(!out.contains("memory read"), "a job read the new launcher's memory: {out}\n{done}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agents_files_and_folders_are_owner_only() {
     let s = setup(&[], Vec::new()).await;

@@ -15,7 +15,7 @@
 //! tool_result) · `@print_parent_environ` answer with the agent's
 //! `/proc/<ppid>/environ`, or why it cannot be read · `@print_environ_of=PID` the same for
 //! any process (Claude's parent is its warden, not the agent) · `@open_ancestors_mem`
-//! answer whether `/proc/<pid>/mem` of its warden and of the warden's parent opens · `@print_mode=PATH` answer with a
+//! answer whether `/proc/<pid>/mem` of its warden and of the warden's parent opens · `@race_new_launcher` kill the launcher and open the memory of the one started in its place, as it starts · `@print_mode=PATH` answer with a
 //! path's permission bits (octal) · `@no_result` end without a result line ·
 //! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it) · `@write=PATH` write a text
 //! file (relative to the working directory; may repeat) · `@write_binary=PATH` write a few
@@ -240,6 +240,54 @@ fn main() {
             }
         }
         said.join("; ")
+    } else if directive(&prompt, "race_new_launcher").is_some() {
+        // A hostile job: ends the launcher (its warden's parent; same user), then watches for
+        // the one the agent starts in its place at the next job and opens its memory while it
+        // starts. Answers whether that memory could still be read once the launcher had made
+        // itself non-dumpable.
+        let parent_of = |pid: u32| -> Option<u32> {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
+        };
+        // Once the launcher has answered this job's start (it would otherwise fail this job).
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let warden = std::os::unix::process::parent_id();
+        let old = parent_of(warden).unwrap_or(0);
+        let agent = parent_of(old).unwrap_or(0);
+        // SAFETY: a signal to a process of this user.
+        unsafe { libc::kill(old as libc::pid_t, libc::SIGKILL) };
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut said = String::from("no new launcher's memory opened");
+        'scan: while std::time::Instant::now() < until {
+            // The agent's children, from each of its threads' lists (quicker than all of /proc).
+            let children: Vec<u32> = std::fs::read_dir(format!("/proc/{agent}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+                .flat_map(|list| list.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
+                .collect();
+            for pid in children {
+                if pid == old {
+                    continue;
+                }
+                let Ok(mem) = std::fs::File::open(format!("/proc/{pid}/mem")) else { continue };
+                let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { continue };
+                // Long after its start (it is non-dumpable by now): read through the old open.
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                let refused_now = std::fs::File::open(format!("/proc/{pid}/mem")).is_err();
+                let stack = maps.lines().find(|l| l.ends_with("[stack]")).and_then(|l| u64::from_str_radix(l.split('-').next()?, 16).ok());
+                let mut buf = [0u8; 64];
+                use std::os::unix::fs::FileExt;
+                if let Some(at) = stack {
+                    if mem.read_at(&mut buf, at + 4096 * 20).is_ok() {
+                        said = format!("launcher {pid}'s memory read after it started (opening it now refused: {refused_now})");
+                        break 'scan;
+                    }
+                }
+            }
+        }
+        said
     } else if directive(&prompt, "print_parent_environ").is_some() {
         let ppid = std::os::unix::process::parent_id();
         match std::fs::read(format!("/proc/{ppid}/environ")) {
