@@ -131,7 +131,7 @@ async fn a_job_cannot_open_its_wardens_or_the_launchers_memory() {
 /// dumpable (forked from the agent, not exec'd; or exec'd from a file it cannot read), is
 /// described in the review of `rwarden`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known: fails until the launcher is non-dumpable from its exec (see the review of rwarden)"]
+#[ignore = "a known same-user limit (README, What a job can see): a replacement launcher is dumpable from its exec until its first prctl"]
 async fn a_job_cannot_open_a_new_launchers_memory_as_it_starts() {
     let wrapper = if is_root() { vec!["setpriv".to_string(), "--bounding-set=-sys_ptrace,-sys_admin,-perfmon,-dac_override,-dac_read_search".to_string()] } else { Vec::new() };
     let s = setup(&[("MAX_CONCURRENT_JOBS", "2")], wrapper).await;
