@@ -45,7 +45,8 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
         .map(Arc::new)
         .map_err(|e| vec![format!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())])?;
     let ctx = JobContext {
-        login,
+        inherited_env: crate::process::inherited_environment(&cfg.job_env_allow).into(),
+        login: Arc::new(login),
         gate: RefreshGate::default(),
         uplink,
         link: link.clone(),
