@@ -146,9 +146,6 @@ impl Launcher {
         if body.len() > MAX_BODY {
             return Err(std::io::Error::from_raw_os_error(libc::E2BIG));
         }
-        // The length and the body in one buffer, sent as one: the launcher wakes once for
-        // the request, not for its header and again for its body.
-        let request = [&(body.len() as u32).to_le_bytes()[..], &body].concat();
         let mut running = self.running.lock().await;
         // A launcher that died (killed, out of memory) or stopped answering is replaced, and
         // the request sent again, only if it cannot have run it: it never read the whole
@@ -167,7 +164,7 @@ impl Launcher {
             // would otherwise wait out the whole bound before it counts as not delivered.
             let failure = match launcher.process.try_wait() {
                 Ok(Some(exit)) => Failure::NotDelivered(std::io::Error::other(format!("the launcher had ended ({exit})"))),
-                _ => match exchange(&mut launcher, &request, &ends, self.answer_within).await {
+                _ => match exchange(&mut launcher, &body, &ends, self.answer_within).await {
                     Ok(answer) => {
                         *running = Some(launcher);
                         return answer;
@@ -340,21 +337,26 @@ impl Watched {
     }
 }
 
-/// One request (its length and body) and its answer. An `Err` is the conversation failing
-/// (the launcher is gone, or stuck); an `Ok(Err)` is the launcher's answer that Claude
-/// could not be started.
-async fn exchange(launcher: &mut Running, request: &[u8], ends: &ChildEnds, within: std::time::Duration) -> Result<std::io::Result<Started>, Failure> {
+/// One request and its answer. An `Err` is the conversation failing (the launcher is
+/// gone, or stuck); an `Ok(Err)` is the launcher's answer that Claude could not be started.
+async fn exchange(launcher: &mut Running, body: &[u8], ends: &ChildEnds, within: std::time::Duration) -> Result<std::io::Result<Started>, Failure> {
     use tokio::io::Interest;
     let deadline = tokio::time::Instant::now() + within;
     let watched = launcher.watched().map_err(Failure::NotDelivered)?;
     let fds = [&ends.stdin, &ends.stdout, &ends.stderr, &ends.control, &ends.status].map(|fd| fd.as_raw_fd());
-    // The pipe ends go with the first byte; what the socket's buffer did not take, after.
+    // The header and the body, as one stream; the pipe ends go with the header's first byte.
+    let header = (body.len() as u32).to_le_bytes();
     let mut sent = 0;
-    while sent < request.len() {
+    while sent < header.len() + body.len() {
         let n = watched
-            .when_ready(Interest::WRITABLE, deadline, within, |fd| match sent {
-                0 => send_with_fds_once(fd, request, &fds),
-                _ => send_once(fd, &request[sent..]),
+            .when_ready(Interest::WRITABLE, deadline, within, |fd| {
+                if sent == 0 {
+                    send_with_fds_once(fd, &header, &fds)
+                } else if sent < header.len() {
+                    send_once(fd, &header[sent..])
+                } else {
+                    send_once(fd, &body[sent - header.len()..])
+                }
             })
             .await
             .map_err(Failure::NotDelivered)?;
