@@ -155,11 +155,10 @@ fn main() {
     // One runtime thread. A job's path hops between the connection's task, the serve loop
     // and the job's task; on two workers each hop was a futex wake of the other thread and
     // an epoll round (as on the edge before it went to one thread). What may block goes to
-    // the blocking pool as before (the started record and the result's syncs, the status
-    // file, git); what stays on this thread is short (a workspace's mkdir, the replay log's
-    // append, a redactor rebuilt when the tokens rotate, the launcher's request and its
-    // answer, waited for through the runtime), so heartbeats and frames still go out while
-    // jobs run.
+    // the blocking pool as before (the started record and the result's syncs, the
+    // launcher's request, the status file, git); what stays on this thread is short (a
+    // workspace's mkdir, the replay log's append, a redactor rebuilt when the tokens
+    // rotate), so heartbeats and frames still go out while jobs run.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio starts");
     let result = runtime.block_on(async move {
         match cli.command {
