@@ -26,11 +26,6 @@
 //! those apart after the fact, the agent keeps a copy of the launcher's end of the socket:
 //! what the launcher never read stays queued there, even once it is dead.
 //!
-//! The agent's side of the conversation runs on its runtime thread ([`Launcher::spawn`] is
-//! async: the socket and the launcher's pidfd are watched by the runtime), not on a
-//! blocking-pool thread: a request is a `sendmsg` and a wait for eight bytes, and the trip
-//! to another thread and back (two wake-ups) cost more than the exchange itself.
-//!
 //! The launcher dies with the agent whatever its state (a stopped process reads no end of
 //! socket): its parent-death signal is SIGKILL. The kernel sends that signal when the
 //! *thread* that started the launcher ends, so every launcher is started from one thread
@@ -94,9 +89,7 @@ pub struct Started {
 
 /// The agent's side: the running launcher, started on first use.
 pub struct Launcher {
-    /// Held across a whole request and its answer (the launcher takes one at a time), by
-    /// an async lock: a job waiting its turn leaves the runtime thread to the others.
-    running: tokio::sync::Mutex<Option<Running>>,
+    running: Mutex<Option<Running>>,
     /// How a launcher is started (tests start stand-ins).
     start: fn() -> std::io::Result<Running>,
     /// [`ANSWER_WITHIN`] (tests wait less).
@@ -104,9 +97,6 @@ pub struct Launcher {
 }
 
 struct Running {
-    /// The socket and the pidfd as the runtime watches them, from the first request on (a
-    /// launcher is started off the runtime). Dropped before them (fields drop in order).
-    watched: Option<Watched>,
     socket: UnixStream,
     /// A copy of the launcher's end of the socket: what the launcher never read stays
     /// queued there after its death (see [`unread`]).
@@ -119,66 +109,67 @@ struct Running {
 
 impl Launcher {
     pub const fn new() -> Launcher {
-        Launcher { running: tokio::sync::Mutex::const_new(None), start: Running::start, answer_within: ANSWER_WITHIN }
+        Launcher { running: Mutex::new(None), start: Running::start, answer_within: ANSWER_WITHIN }
     }
 
     /// Starts the launcher now, if it does not run (the agent does so at start, so that a
     /// launcher that cannot start is said at once, and memory figures include it).
     pub fn start(&self) -> std::io::Result<()> {
-        // A request under way holds the lock, and a launcher with it.
-        let Ok(mut running) = self.running.try_lock() else { return Ok(()) };
+        let mut running = self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if running.is_none() {
-            *running = Some((self.start)()?);
+            *running = Some(self.new_launcher()?);
         }
         Ok(())
     }
 
-    /// Starts Claude through the launcher (started, or started again, as needed). Each
-    /// send and the wait for the answer are bounded by [`ANSWER_WITHIN`]: a timeout is a
-    /// failure like the launcher's death. Runs on the caller's (async) thread; what blocks
-    /// there is rare: a launcher's own start (`posix_spawn`), and reaping one killed.
-    ///
-    /// Dropped before its answer (the runtime shutting down), it drops the launcher with
-    /// it: the launcher sees its socket's end and exits, and a Claude it may have started
-    /// on these pipes is killed by its warden when the control pipe closes.
-    pub async fn spawn(&self, spawn: &Spawn<'_>, ends: ChildEnds) -> std::io::Result<Started> {
+    /// A new launcher, every send and receive to it bounded (SO_SNDTIMEO and SO_RCVTIMEO
+    /// apply to sendmsg and recvmsg too): a timeout is an error like the launcher's death.
+    fn new_launcher(&self) -> std::io::Result<Running> {
+        let started = (self.start)()?;
+        started.socket.set_read_timeout(Some(self.answer_within))?;
+        started.socket.set_write_timeout(Some(self.answer_within))?;
+        Ok(started)
+    }
+
+    /// Starts Claude through the launcher (started, or started again, as needed). Blocks
+    /// for a fork, a fork and an `exec`: call it off the async threads.
+    pub fn spawn(&self, spawn: &Spawn, ends: ChildEnds) -> std::io::Result<Started> {
         let body = encode(spawn)?;
         if body.len() > MAX_BODY {
             return Err(std::io::Error::from_raw_os_error(libc::E2BIG));
         }
-        let mut running = self.running.lock().await;
+        let mut running = self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         // A launcher that died (killed, out of memory) or stopped answering is replaced, and
         // the request sent again, only if it cannot have run it: it never read the whole
         // request. Once it had it, it may have started Claude, on these very pipes, before
         // it died (or while it was stopped): sending it again could run the job twice.
         let mut retried = false;
         loop {
-            // Out of the lock while in use: a request cut short leaves no launcher behind
-            // in an unknown state (see above).
-            let mut launcher = match running.take() {
-                Some(launcher) => launcher,
-                None => (self.start)()?,
-            };
+            if running.is_none() {
+                *running = Some(self.new_launcher()?);
+            }
+            let launcher = running.as_mut().expect("just started");
             // A launcher that died since its last answer is seen here: the agent's copy of
             // its end keeps the socket open, so a request too large for the socket's buffer
             // would otherwise wait out the whole bound before it counts as not delivered.
             let failure = match launcher.process.try_wait() {
                 Ok(Some(exit)) => Failure::NotDelivered(std::io::Error::other(format!("the launcher had ended ({exit})"))),
-                _ => match exchange(&mut launcher, &body, &ends, self.answer_within).await {
-                    Ok(answer) => {
-                        *running = Some(launcher);
-                        return answer;
-                    }
+                _ => match exchange(launcher, &body, &ends, self.answer_within) {
+                    Ok(answer) => return answer,
                     Err(failure) => failure,
                 },
             };
-            let mut gone = launcher;
-            let _ = gone.process.kill();
-            let _ = gone.process.wait();
-            // Dead now, it reads nothing more: what it left unread it never had.
-            let failure = match failure {
-                Failure::Unanswered(e) if unread(&gone.peer) => Failure::NotDelivered(e),
-                failure => failure,
+            let failure = match running.take() {
+                Some(mut gone) => {
+                    let _ = gone.process.kill();
+                    let _ = gone.process.wait();
+                    // Dead now, it reads nothing more: what it left unread it never had.
+                    match failure {
+                        Failure::Unanswered(e) if unread(&gone.peer) => Failure::NotDelivered(e),
+                        failure => failure,
+                    }
+                }
+                None => failure,
             };
             match failure {
                 Failure::Unanswered(e) => {
@@ -256,7 +247,7 @@ impl Running {
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, process.id() as libc::pid_t, 0) };
         // SAFETY: a successful pidfd_open returns an fd we own.
         let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
-        Running { watched: None, socket, peer, process, pidfd }
+        Running { socket, peer, process, pidfd }
     }
 }
 
@@ -277,105 +268,20 @@ enum Failure {
     Unanswered(std::io::Error),
 }
 
-/// The launcher's socket and pidfd, registered with the runtime.
-struct Watched {
-    socket: tokio::io::unix::AsyncFd<RawFd>,
-    pidfd: Option<tokio::io::unix::AsyncFd<RawFd>>,
-}
-
-impl Running {
-    /// The socket (made non-blocking) and the pidfd as the runtime watches them.
-    fn watched(&mut self) -> std::io::Result<&Watched> {
-        if self.watched.is_none() {
-            use tokio::io::Interest;
-            self.socket.set_nonblocking(true)?;
-            // SAFETY (both): the descriptors are this Running's own, open as long as it
-            // lives, and `watched` is dropped before them.
-            let socket = unsafe { tokio::io::unix::AsyncFd::register_with_interest(self.socket.as_raw_fd(), Interest::READABLE | Interest::WRITABLE)? };
-            // A pidfd the runtime cannot watch leaves the bound to tell a dead launcher.
-            let pidfd = self.pidfd.as_ref().and_then(|fd| unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd.as_raw_fd(), Interest::READABLE).ok() });
-            self.watched = Some(Watched { socket, pidfd });
-        }
-        Ok(self.watched.as_ref().expect("just made"))
-    }
-}
-
-impl Watched {
-    /// Runs `op` on the socket until it does not block: at once, then each time the
-    /// socket is ready for `interest`. Fails when the launcher dies first (its pidfd) or
-    /// `deadline` passes.
-    async fn when_ready<T>(
-        &self,
-        interest: tokio::io::Interest,
-        deadline: tokio::time::Instant,
-        within: std::time::Duration,
-        mut op: impl FnMut(RawFd) -> std::io::Result<T>,
-    ) -> std::io::Result<T> {
-        let fd = *self.socket.get_ref();
-        match op(fd) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            done => return done,
-        }
-        let died = async {
-            match &self.pidfd {
-                Some(pidfd) => drop(pidfd.readable().await),
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(died);
-        loop {
-            let mut ready = tokio::select! {
-                biased;
-                ready = self.socket.ready(interest) => ready?,
-                _ = &mut died => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the launcher died before answering")),
-                _ = tokio::time::sleep_until(deadline) => return Err(not_answering(std::io::ErrorKind::TimedOut.into(), within)),
-            };
-            if let Ok(done) = ready.try_io(|_| op(fd)) {
-                return done;
-            }
-        }
-    }
-}
-
 /// One request and its answer. An `Err` is the conversation failing (the launcher is
 /// gone, or stuck); an `Ok(Err)` is the launcher's answer that Claude could not be started.
-async fn exchange(launcher: &mut Running, body: &[u8], ends: &ChildEnds, within: std::time::Duration) -> Result<std::io::Result<Started>, Failure> {
-    use tokio::io::Interest;
-    let deadline = tokio::time::Instant::now() + within;
-    let watched = launcher.watched().map_err(Failure::NotDelivered)?;
+fn exchange(launcher: &mut Running, body: &[u8], ends: &ChildEnds, within: std::time::Duration) -> Result<std::io::Result<Started>, Failure> {
+    let socket = &mut launcher.socket;
     let fds = [&ends.stdin, &ends.stdout, &ends.stderr, &ends.control, &ends.status].map(|fd| fd.as_raw_fd());
-    // The header and the body, as one stream; the pipe ends go with the header's first byte.
-    let header = (body.len() as u32).to_le_bytes();
-    let mut sent = 0;
-    while sent < header.len() + body.len() {
-        let n = watched
-            .when_ready(Interest::WRITABLE, deadline, within, |fd| {
-                if sent == 0 {
-                    send_with_fds_once(fd, &header, &fds)
-                } else if sent < header.len() {
-                    send_once(fd, &header[sent..])
-                } else {
-                    send_once(fd, &body[sent - header.len()..])
-                }
-            })
-            .await
-            .map_err(Failure::NotDelivered)?;
-        sent += n;
-    }
+    send_with_fds(socket.as_raw_fd(), &(body.len() as u32).to_le_bytes(), &fds).map_err(Failure::NotDelivered)?;
+    socket.write_all(body).map_err(Failure::NotDelivered)?;
+    answered_or_dead(socket.as_raw_fd(), launcher.pidfd.as_ref().map_or(-1, AsRawFd::as_raw_fd), within).map_err(Failure::Unanswered)?;
     let mut answer = [0u8; 8];
-    let (n, mut received) =
-        watched.when_ready(Interest::READABLE, deadline, within, |fd| recv_with_fds(fd, &mut answer, 1)).await.map_err(Failure::Unanswered)?;
-    let mut got = n;
-    while got > 0 && got < answer.len() {
-        let n = watched.when_ready(Interest::READABLE, deadline, within, |fd| recv_once(fd, &mut answer[got..])).await.map_err(Failure::Unanswered)?;
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
-    if got < answer.len() {
+    let (n, mut received) = recv_with_fds(socket.as_raw_fd(), &mut answer, 1).map_err(|e| Failure::Unanswered(not_answering(e, within)))?;
+    if n == 0 {
         return Err(Failure::Unanswered(std::io::ErrorKind::UnexpectedEof.into()));
     }
+    socket.read_exact(&mut answer[n..]).map_err(|e| Failure::Unanswered(not_answering(e, within)))?;
     let errno = i32::from_le_bytes(answer[..4].try_into().expect("4 bytes"));
     let pid = u32::from_le_bytes(answer[4..].try_into().expect("4 bytes"));
     if errno != 0 {
@@ -384,32 +290,30 @@ async fn exchange(launcher: &mut Running, body: &[u8], ends: &ChildEnds, within:
     Ok(Ok(Started { pid, pidfd: received.pop() }))
 }
 
-/// One `send` of `bytes` (never SIGPIPE): how many it took.
-fn send_once(socket: RawFd, bytes: &[u8]) -> std::io::Result<usize> {
+/// Waits until the launcher answers (Ok), dies (its pidfd, when there is one) or lets
+/// `within` pass.
+fn answered_or_dead(socket: RawFd, pidfd: RawFd, within: std::time::Duration) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + within;
     loop {
-        // SAFETY: sends from a buffer we own.
-        let n = unsafe { libc::send(socket, bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
-        if n >= 0 {
-            return Ok(n as usize);
+        // A negative fd (no pidfd) is skipped by poll.
+        let mut fds = [libc::pollfd { fd: socket, events: libc::POLLIN, revents: 0 }, libc::pollfd { fd: pidfd, events: libc::POLLIN, revents: 0 }];
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // SAFETY: polls descriptors in a buffer we own.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n < 0 && errno() == libc::EINTR {
+            continue;
         }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
+        if fds[0].revents != 0 {
+            return Ok(());
         }
-    }
-}
-
-/// One `recv` into `buf`: how many bytes came (0: the end of the socket).
-fn recv_once(socket: RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
-    loop {
-        // SAFETY: receives into a buffer we own.
-        let n = unsafe { libc::recv(socket, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n >= 0 {
-            return Ok(n as usize);
+        if fds[1].revents != 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the launcher died before answering"));
         }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e);
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if left.is_zero() {
+            return Err(not_answering(std::io::ErrorKind::TimedOut.into(), within));
         }
     }
 }
@@ -824,21 +728,8 @@ fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
 }
 
-/// Sends `bytes` with `fds` attached, whole (on a blocking socket).
+/// Sends `bytes` with `fds` attached.
 fn send_with_fds(socket: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
-    let n = send_with_fds_once(socket, bytes, fds)?;
-    // A stream socket may take part of it; the descriptors went with the first byte.
-    if n < bytes.len() {
-        // SAFETY: borrows the caller's socket for the writes, without closing it.
-        let mut stream = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(socket) });
-        stream.write_all(&bytes[n..])?;
-    }
-    Ok(())
-}
-
-/// One `sendmsg` of `bytes` with `fds` attached (never SIGPIPE): how many bytes it took
-/// (the descriptors go with the first).
-fn send_with_fds_once(socket: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<usize> {
     let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut _, iov_len: bytes.len() };
     // u64s keep the control buffer aligned for cmsghdr.
     let mut control = [0u64; 16];
@@ -861,7 +752,12 @@ fn send_with_fds_once(socket: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Re
         loop {
             let n = libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL);
             if n >= 0 {
-                return Ok(n as usize);
+                // A stream socket may take part of it; the descriptors went with the first byte.
+                if (n as usize) < bytes.len() {
+                    let mut stream = std::mem::ManuallyDrop::new(UnixStream::from_raw_fd(socket));
+                    stream.write_all(&bytes[n as usize..])?;
+                }
+                return Ok(());
             }
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {
@@ -958,7 +854,7 @@ mod tests {
 
     /// A Launcher that starts launchers with `start` and waits 300 ms for an answer.
     fn launcher_of(start: fn() -> std::io::Result<Running>) -> Launcher {
-        Launcher { running: tokio::sync::Mutex::new(None), start, answer_within: std::time::Duration::from_millis(300) }
+        Launcher { running: Mutex::new(None), start, answer_within: std::time::Duration::from_millis(300) }
     }
 
     /// Answers a request taken as started, warden pid 42.
@@ -981,11 +877,6 @@ mod tests {
         fds
     }
 
-    /// Runs `future` on a runtime like the agent's (one thread).
-    fn block_on<T>(future: impl std::future::Future<Output = T>) -> T {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(future)
-    }
-
     /// Spawns through `launcher`; returns the outcome and what "Claude" wrote to its stdout.
     fn spawn_through(launcher: &Launcher) -> (std::io::Result<Started>, String) {
         let end = || UnixStream::pair().map(|(a, b)| (a, OwnedFd::from(b))).unwrap();
@@ -993,7 +884,7 @@ mod tests {
         let ends = ChildEnds { stdin: end().1, stdout: stdout_end, stderr: end().1, control: end().1, status: end().1 };
         let env = env_of(&[("HOME", "/h")]);
         let spawn = Spawn { program: Path::new("/bin/true"), cwd: Path::new("/"), args: &[], env: &env };
-        let outcome = block_on(launcher.spawn(&spawn, ends));
+        let outcome = launcher.spawn(&spawn, ends);
         let mut out = String::new();
         stdout.read_to_string(&mut out).unwrap();
         (outcome, out)
@@ -1131,93 +1022,13 @@ mod tests {
         let args = vec!["x".repeat(4 * 1024 * 1024)];
         let spawn = Spawn { program: Path::new("/bin/true"), cwd: Path::new("/"), args: &args, env: &env };
         let started = std::time::Instant::now();
-        let outcome = block_on(launcher.spawn(&spawn, ends));
+        let outcome = launcher.spawn(&spawn, ends);
         let waited = started.elapsed();
         assert_eq!(outcome.expect("started by the second launcher").pid, 42);
         let mut out = String::new();
         stdout.read_to_string(&mut out).unwrap();
         assert_eq!(out, "ran\n");
         assert!(waited < std::time::Duration::from_secs(5), "waited out the bound: {waited:?}");
-    }
-
-    /// The request and the wait for its answer run on the agent's runtime thread: while
-    /// the launcher takes its time (here 300 ms), the thread's other tasks run (progress,
-    /// heartbeats, other jobs), and two starts at once are answered in turn, each by the
-    /// one launcher.
-    #[test]
-    fn a_start_waiting_for_the_launcher_leaves_the_runtime_thread_to_the_other_tasks() {
-        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        fn slow() -> std::io::Result<Running> {
-            STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            stand_in(|mut socket| {
-                for _ in 0..2 {
-                    drop(take_request(&mut socket));
-                    std::thread::sleep(std::time::Duration::from_millis(300));
-                    answer_42(&socket);
-                }
-            })
-        }
-        let mut launcher = launcher_of(slow);
-        launcher.answer_within = std::time::Duration::from_secs(5);
-        let (ticks, outcomes) = block_on(async {
-            let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-            let ticker = tokio::spawn({
-                let ticks = std::sync::Arc::clone(&ticks);
-                async move {
-                    loop {
-                        ticks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    }
-                }
-            });
-            let one = || async {
-                let end = || UnixStream::pair().map(|(a, b)| (a, OwnedFd::from(b))).unwrap();
-                // Kept open: the stand-in writes to "Claude's" stdout.
-                let (_stdout, stdout) = end();
-                let ends = ChildEnds { stdin: end().1, stdout, stderr: end().1, control: end().1, status: end().1 };
-                let env = env_of(&[("HOME", "/h")]);
-                launcher.spawn(&Spawn { program: Path::new("/bin/true"), cwd: Path::new("/"), args: &[], env: &env }, ends).await.map(|s| s.pid)
-            };
-            let outcomes = tokio::join!(one(), one());
-            ticker.abort();
-            (ticks.load(std::sync::atomic::Ordering::SeqCst), outcomes)
-        });
-        assert_eq!((outcomes.0.unwrap(), outcomes.1.unwrap()), (42, 42), "both answered, in turn");
-        assert_eq!(STARTED.load(std::sync::atomic::Ordering::SeqCst), 1, "by the one launcher");
-        assert!(ticks > 10, "the runtime thread ran its other tasks while the launcher answered: {ticks} ticks in 600 ms");
-    }
-
-    /// A start dropped before its answer (the runtime shutting down) takes its launcher
-    /// with it: the next request goes to a new one, never after half a conversation.
-    #[test]
-    fn a_start_cut_short_leaves_no_launcher_half_spoken_to() {
-        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        fn slow_then_well() -> std::io::Result<Running> {
-            if STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-                return stand_in(|mut socket| {
-                    drop(take_request(&mut socket));
-                    // Never answers; sees the agent's side go.
-                    let _ = socket.read(&mut [0u8; 1]);
-                });
-            }
-            stand_in(|mut socket| {
-                drop(take_request(&mut socket));
-                answer_42(&socket);
-            })
-        }
-        let mut launcher = launcher_of(slow_then_well);
-        launcher.answer_within = std::time::Duration::from_secs(5);
-        let end = || UnixStream::pair().map(|(a, b)| (a, OwnedFd::from(b))).unwrap();
-        let env = env_of(&[("HOME", "/h")]);
-        let spawn = Spawn { program: Path::new("/bin/true"), cwd: Path::new("/"), args: &[], env: &env };
-        let (_stdout, stdout) = end();
-        let ends = ChildEnds { stdin: end().1, stdout, stderr: end().1, control: end().1, status: end().1 };
-        let cut = block_on(async { tokio::time::timeout(std::time::Duration::from_millis(100), launcher.spawn(&spawn, ends)).await });
-        assert!(cut.is_err(), "still waiting for its answer when dropped");
-        let (outcome, out) = spawn_through(&launcher);
-        assert_eq!(outcome.expect("started by a new launcher").pid, 42);
-        assert_eq!(out, "ran\n");
-        assert_eq!(STARTED.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     /// The signals each Claude's start resets are those not at their default: ignored ones

@@ -307,10 +307,7 @@ pub async fn run(
         Ok(pipes) => pipes,
         Err(e) => return could_not_start(e),
     };
-    // On this thread (see crate::launcher): the request's sends and the wait for its answer
-    // go through the runtime, beside the marker's sync on the blocking pool.
-    let spawn = Spawn { program: &program, cwd: &cwd, args: &args, env: &env };
-    let start = LAUNCHER.spawn(&spawn, ends);
+    let start = tokio::task::spawn_blocking(move || LAUNCHER.spawn(&Spawn { program: &program, cwd: &cwd, args: &args, env: &env }, ends));
     // `ready` (the job's durable "started" marker) is made while Claude starts, and the
     // prompt — Claude's work — goes into its stdin the moment it is done, whether or not
     // Claude is up yet (a pipe holds it). Until then stdin stays open and empty: a Claude
@@ -332,6 +329,7 @@ pub async fn run(
         Ok::<(), String>(())
     };
     let (started, fed) = tokio::join!(start, feed);
+    let started = started.unwrap_or_else(|e| Err(std::io::Error::other(format!("the start was cut short: {e}"))));
     if let Err(why) = fed {
         if started.is_ok() {
             // Closing the control pipe kills it; it never saw a prompt.
