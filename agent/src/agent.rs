@@ -67,9 +67,9 @@ impl Running {
 
 pub struct Agent {
     pub cfg: Arc<AgentConfig>,
-    /// Shared with every job's context (cloned per job, it was a copy of its paths and secrets).
+    /// Shared by the jobs' contexts, not copied into each (its paths, variables and secrets).
     pub login: Arc<Login>,
-    /// Claude's share of the agent's environment ([`process::inherited_environment`]), read once.
+    /// Claude's share of the agent's environment ([`crate::process::inherited_environment`]), read once.
     inherited_env: Arc<[(std::ffi::OsString, std::ffi::OsString)]>,
     pub gate: RefreshGate,
     /// The login and usage window as the edge is told them, and when.
