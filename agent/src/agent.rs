@@ -68,7 +68,10 @@ impl Running {
 
 pub struct Agent {
     pub cfg: Arc<AgentConfig>,
-    pub login: Login,
+    /// Shared by the jobs' contexts, not copied into each (its paths, variables and secrets).
+    pub login: Arc<Login>,
+    /// Claude's share of the agent's environment ([`crate::process::inherited_environment`]), read once.
+    inherited_env: Arc<[(std::ffi::OsString, std::ffi::OsString)]>,
     pub gate: RefreshGate,
     /// The login and usage window as the edge is told them, and when.
     pub reporter: Arc<Reporter>,
@@ -142,6 +145,8 @@ impl Agent {
         // The redactor also knows the agent's own secrets and the repository tokens.
         let login = Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.repos.token_values()).with_secrets(cfg.secrets.iter().map(String::as_str));
         let reporter = Arc::new(Reporter::new(login.clone()));
+        let login = Arc::new(login);
+        let inherited_env = crate::process::inherited_environment(&cfg.job_env_allow).into();
         // Read before the new status file replaces it.
         reporter.resume(crate::status::read(&cfg.data_dir).ok().flatten().as_ref(), crate::now_ms());
         let repos = crate::repo::Repos::open(&cfg.data_dir, cfg.repos.clone()).map_err(|e| {
@@ -162,6 +167,7 @@ impl Agent {
             cli: Default::default(),
             cfg: Arc::new(cfg),
             login,
+            inherited_env,
             gate: RefreshGate::default(),
             reporter,
             relogin: Relogin::default(),
@@ -187,7 +193,8 @@ impl Agent {
             sessions: Some(Arc::clone(&self.sessions)),
             owner: Owner { caller: caller.to_string(), pool: self.cfg.pool.clone() },
             cfg: Arc::clone(&self.cfg),
-            login: self.login.clone(),
+            login: Arc::clone(&self.login),
+            inherited_env: Arc::clone(&self.inherited_env),
             gate: self.gate.clone(),
             uplink: self.uplink.clone(),
             link: self.link.clone(),

@@ -46,7 +46,8 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
         .map_err(|e| vec![format!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())])?;
     let pool = cfg.pool.clone();
     let ctx = JobContext {
-        login,
+        inherited_env: crate::process::inherited_environment(&cfg.job_env_allow).into(),
+        login: Arc::new(login),
         gate: RefreshGate::default(),
         uplink,
         link: link.clone(),

@@ -119,6 +119,14 @@ pub fn claude_environment(
     env
 }
 
+/// What of the agent's own environment Claude may inherit ([`claude_environment`]'s
+/// allow-lists, applied to it). Read once, when the agent starts (after
+/// [`crate::config`] has taken its secrets out of it; nothing changes it later), rather
+/// than copied whole and filtered again at every job's start.
+pub fn inherited_environment(allow: &[String]) -> Vec<(OsString, OsString)> {
+    claude_environment(std::env::vars_os(), allow, Vec::new(), Vec::new())
+}
+
 /// One run of Claude: what to start and where.
 pub struct Launch<'a> {
     pub program: &'a str,

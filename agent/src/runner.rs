@@ -36,7 +36,9 @@ const MAX_EVENT_BYTES: usize = shared::protocol::MAX_PROGRESS_BYTES;
 #[derive(Clone)]
 pub struct JobContext {
     pub cfg: Arc<AgentConfig>,
-    pub login: Login,
+    pub login: Arc<Login>,
+    /// The agent's environment as Claude may inherit it ([`process::inherited_environment`]).
+    pub inherited_env: Arc<[(std::ffi::OsString, std::ffi::OsString)]>,
     pub gate: RefreshGate,
     /// Progress events go out here (dropped while the agent is offline).
     pub uplink: mpsc::UnboundedSender<AgentMessage>,
@@ -279,7 +281,7 @@ async fn run_claude(
     if let Some(dir) = &cfg.claude_config_dir {
         job_env.push(("CLAUDE_CONFIG_DIR".to_string(), dir.clone().into_os_string()));
     }
-    let env = process::claude_environment(std::env::vars_os(), &cfg.job_env_allow, ctx.login.claude_env(crate::now_ms()), job_env);
+    let env = process::claude_environment(ctx.inherited_env.iter().cloned(), &cfg.job_env_allow, ctx.login.claude_env(crate::now_ms()), job_env);
     let launch = Launch { program: &cfg.claude_bin, args: claude::args(spec, cfg.claude_model.as_deref()), cwd, env, stdin: spec.prompt.clone() };
     let mut redactor = ctx.login.redactor(crate::now_ms());
     let mut redactor_read = Instant::now();

@@ -77,14 +77,17 @@ impl Status {
 
 pub struct StatusFile {
     path: PathBuf,
-    status: Mutex<Status>,
     behind: Arc<Behind>,
 }
 
-/// The status file's writes: which snapshot is on disk, and the one waiting to be written.
+/// The status and its writes: which snapshot is on disk, and whether a change waits to be
+/// written. Shared with the background writer, which serialises the status itself when it
+/// writes (see [`StatusFile::update_soon`]).
 #[derive(Default)]
 struct Behind {
-    /// Snapshots are numbered as they are made.
+    status: Mutex<Status>,
+    /// Snapshots are numbered as they are made (under the status lock, so a higher
+    /// number is a later status).
     changes: std::sync::atomic::AtomicU64,
     /// The number of the snapshot on disk; held while the file is written.
     written: Mutex<u64>,
@@ -93,12 +96,22 @@ struct Behind {
 
 #[derive(Default)]
 struct Queue {
-    next: Option<(u64, Vec<u8>)>,
-    /// A background write is under way (and will take `next`).
+    /// A change made since the background writer's last snapshot.
+    changed: bool,
+    /// A background write is under way (and will take the change).
     writing: bool,
 }
 
 impl Behind {
+    /// The status as of now, numbered, as the file holds it.
+    fn snapshot(&self) -> (u64, Vec<u8>) {
+        let mut status = self.status.lock().expect("status lock");
+        status.updated_ms = crate::now_ms();
+        status.updated_at = shared::time::rfc3339(status.updated_ms);
+        let seq = self.changes.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        (seq, serde_json::to_vec_pretty(&*status).expect("status serialises"))
+    }
+
     /// Writes snapshot `seq` unless a newer one is on disk already.
     fn write(&self, path: &std::path::Path, seq: u64, bytes: &[u8]) {
         let mut written = self.written.lock().expect("status write lock");
@@ -122,14 +135,16 @@ impl StatusFile {
             since: now,
             ..Status::default()
         };
-        let file = StatusFile { path, status: Mutex::new(status), behind: Arc::default() };
+        let behind = Behind { status: Mutex::new(status), ..Behind::default() };
+        let file = StatusFile { path, behind: Arc::new(behind) };
         file.update(|_| {});
         file
     }
 
     /// Changes the status and writes the file now (what an agent about to exit says).
     fn update(&self, change: impl FnOnce(&mut Status)) {
-        let (seq, bytes) = self.change(change);
+        change(&mut self.behind.status.lock().expect("status lock"));
+        let (seq, bytes) = self.behind.snapshot();
         self.behind.write(&self.path, seq, &bytes);
     }
 
@@ -137,14 +152,17 @@ impl StatusFile {
     /// start and end change it, and rewriting the file (a new file and a rename, which
     /// frees the old one's blocks: a measurable share of the agent's CPU per job) is not
     /// worth making a job wait for. Written at most every [`BACKGROUND_WRITE_GAP`]: the
-    /// changes between become one write. An older snapshot never replaces a newer one.
+    /// changes between become one write, and one serialisation — made by the writer, so a
+    /// job's start or end costs the agent's runtime thread only the change itself. An
+    /// older snapshot never replaces a newer one.
     fn update_soon(&self, change: impl FnOnce(&mut Status)) {
-        let (seq, bytes) = self.change(change);
+        change(&mut self.behind.status.lock().expect("status lock"));
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            let (seq, bytes) = self.behind.snapshot();
             return self.behind.write(&self.path, seq, &bytes);
         };
         let mut queue = self.behind.queue.lock().expect("status queue lock");
-        queue.next = Some((seq, bytes));
+        queue.changed = true;
         if queue.writing {
             return;
         }
@@ -152,29 +170,17 @@ impl StatusFile {
         drop(queue);
         let (behind, path) = (Arc::clone(&self.behind), self.path.clone());
         runtime.spawn_blocking(move || loop {
-            let next = {
+            {
                 let mut queue = behind.queue.lock().expect("status queue lock");
-                match queue.next.take() {
-                    Some(next) => next,
-                    None => {
-                        queue.writing = false;
-                        return;
-                    }
+                if !std::mem::take(&mut queue.changed) {
+                    queue.writing = false;
+                    return;
                 }
-            };
-            behind.write(&path, next.0, &next.1);
+            }
+            let (seq, bytes) = behind.snapshot();
+            behind.write(&path, seq, &bytes);
             std::thread::sleep(BACKGROUND_WRITE_GAP);
         });
-    }
-
-    /// Applies a change; returns the new snapshot, numbered.
-    fn change(&self, change: impl FnOnce(&mut Status)) -> (u64, Vec<u8>) {
-        let mut status = self.status.lock().expect("status lock");
-        change(&mut status);
-        status.updated_ms = crate::now_ms();
-        status.updated_at = shared::time::rfc3339(status.updated_ms);
-        let seq = self.behind.changes.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        (seq, serde_json::to_vec_pretty(&*status).expect("status serialises"))
     }
 
     pub fn connected(&self, heartbeat_ms: u64) {
