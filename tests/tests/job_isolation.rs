@@ -125,11 +125,11 @@ async fn a_job_cannot_open_its_wardens_or_the_launchers_memory() {
 /// the one the agent starts in its place at the next job opens that one's memory while it
 /// starts, and reads it for ever after (an open `/proc/<pid>/mem` is not checked again).
 /// With the wardens in the launcher's memory, that is every warden's and every Claude's
-/// before its `exec` too. Older than the clone (main's launcher starts the same way); fails
-/// on `rwarden` 4 runs of 4 (the window was 2-27 ms, debug build, loaded machine, no Yama;
-/// `kernel.yama.ptrace_scope` 1 or more refuses the open). The fix, a launcher that is never
-/// dumpable (forked from the agent, not exec'd; or exec'd from a file it cannot read), is
-/// described in the review of `rwarden`.
+/// before its `exec` too. Older than the clone (the launcher always started this way); it
+/// failed 4 runs of 4 in review (the window was 2-27 ms, debug build, loaded machine, no Yama;
+/// `kernel.yama.ptrace_scope` 1 or more refuses the open). The fix is a launcher that is never
+/// dumpable (forked from the agent before its runtime starts, not exec'd; or exec'd from a
+/// file it cannot read); until then README "What a job can see" states the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a known same-user limit (README, What a job can see): a replacement launcher is dumpable from its exec until its first prctl"]
 async fn a_job_cannot_open_a_new_launchers_memory_as_it_starts() {

@@ -197,10 +197,6 @@ fn main() {
     } else if directive(&prompt, "open_ancestors_mem").is_some() {
         // Its warden and the warden's parent (the launcher), whose memory they share.
         let warden = std::os::unix::process::parent_id();
-        let parent_of = |pid: u32| -> Option<u32> {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
-        };
         let mut said = Vec::new();
         for pid in [Some(warden), parent_of(warden)].into_iter().flatten() {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
@@ -215,10 +211,6 @@ fn main() {
         // the one the agent starts in its place at the next job and opens its memory while it
         // starts. Answers whether that memory could still be read once the launcher had made
         // itself non-dumpable.
-        let parent_of = |pid: u32| -> Option<u32> {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
-        };
         // Once the launcher has answered this job's start (it would otherwise fail this job).
         std::thread::sleep(std::time::Duration::from_millis(500));
         let warden = std::os::unix::process::parent_id();
@@ -354,4 +346,10 @@ fn auth_login() {
         std::process::exit(1);
     }
     println!("\nLogin successful.");
+}
+
+/// A process's parent, from `/proc/<pid>/stat` (the field after the command's closing paren).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
 }

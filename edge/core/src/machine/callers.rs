@@ -211,8 +211,8 @@ impl Edge {
     /// last one shown (signed by the agent, but replayed or held back on the path) is not
     /// shown again.
     pub(super) fn announce_progress(&mut self, job_id: &str, at: progress::At, event: &serde_json::Value, effects: &mut Vec<Effect>) {
-        // Looked up once, and its id copied only the first time: this runs for every
-        // progress event of every job.
+        // The job's id is copied only when its backlog is made (its first event), not for
+        // every progress event of every job, as `entry(job_id.to_string())` did.
         if !self.progress.contains_key(job_id) {
             self.progress.insert(job_id.to_string(), progress::Backlog::default());
         }
