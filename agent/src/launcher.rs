@@ -11,10 +11,11 @@
 //! small, and it no longer forks at all: each warden is a `clone(CLONE_VM)` that shares
 //! its memory (a fork of even this small process was half of the launcher tree's CPU per
 //! job), under the rules [`launch`] and [`crate::rawsys`] give.
-//! It is the agent's own binary (`claude-runner __launcher`, started once with
-//! `posix_spawn`, again if it ever dies), so nothing new is installed.
+//! It is the agent's own code, cloned by the agent's [`crate::zygote`] (once, again if it
+//! ever dies), not `exec`'d: a process is dumpable from its `exec` until it says otherwise,
+//! and this one never is (see there). `ps` shows it as `claude-runner __launcher`.
 //!
-//! The conversation, over a Unix socket on the launcher's stdin:
+//! The conversation, over a Unix socket (the zygote hands the launcher its end):
 //! - request: a 4-byte length with the job's five pipe ends attached (`SCM_RIGHTS`:
 //!   Claude's stdin, stdout and stderr, the warden's control pipe and its status pipe),
 //!   then the body: NUL-separated fields `program, folder, argc, args…, NAME=value…`;
@@ -30,11 +31,13 @@
 //! what the launcher never read stays queued there, even once it is dead.
 //!
 //! The launcher dies with the agent whatever its state (a stopped process reads no end of
-//! socket): its parent-death signal is SIGKILL. The kernel sends that signal when the
-//! *thread* that started the launcher ends, so every launcher is started from one thread
-//! that lives as long as the agent ([`Running::start`]).
+//! socket): its parent-death signal is SIGKILL. The kernel sends that signal when its
+//! parent *thread* ends: the agent's thread that forked the zygote (the launcher is cloned
+//! as the zygote's sibling), which is `main`, or, for a zygote forked again after one was
+//! lost, the one thread that asks for every launcher and lives as long as the agent
+//! ([`Running::start`]).
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CString, OsString};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -42,7 +45,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Mutex;
 
-/// The hidden sub-command that makes the agent's binary a launcher.
+/// The word after the program's name in a launcher's command line (`ps`, `/proc/<pid>/cmdline`).
 pub const COMMAND: &str = "__launcher";
 /// The pipe ends sent with each request, in this order.
 const FDS: usize = 5;
@@ -62,7 +65,7 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 /// a stuck launcher now costs only this wait (the request goes to its replacement when
 /// it was never taken), so a longer bound would buy nothing and a shorter one risks
 /// failing a job the launcher may have started.
-const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What Claude is started with: program, folder, arguments, the whole environment.
 pub struct Spawn<'a> {
@@ -104,7 +107,7 @@ struct Running {
     /// A copy of the launcher's end of the socket: what the launcher never read stays
     /// queued there after its death (see [`unread`]).
     peer: OwnedFd,
-    process: std::process::Child,
+    process: Child,
     /// The launcher's pidfd (kernels 5.3 and later): its death ends the wait for an answer
     /// at once (the socket's end cannot say it while `peer` holds it open).
     pidfd: Option<OwnedFd>,
@@ -164,7 +167,7 @@ impl Launcher {
             };
             let failure = match running.take() {
                 Some(mut gone) => {
-                    let _ = gone.process.kill();
+                    gone.process.kill();
                     let _ = gone.process.wait();
                     // Dead now, it reads nothing more: what it left unread it never had.
                     match failure {
@@ -202,9 +205,10 @@ impl Default for Launcher {
 
 impl Running {
     /// Starts a launcher from the one thread that starts them all (spawned on first use,
-    /// never ending): the launcher's parent-death signal comes when the thread that
-    /// started it ends, and the agent's other threads come and go (tokio's blocking pool
-    /// ends a thread idle for 10 s).
+    /// never ending): a zygote forked again from here ([`crate::zygote::launcher`]) is this
+    /// thread's child, and it and its launchers get their parent-death signal when this
+    /// thread ends, while the agent's other threads come and go (tokio's blocking pool ends
+    /// a thread idle for 10 s).
     fn start() -> std::io::Result<Running> {
         type Reply = std::sync::mpsc::Sender<std::io::Result<Running>>;
         static STARTER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Reply>>> = std::sync::OnceLock::new();
@@ -226,31 +230,67 @@ impl Running {
         answer.recv().map_err(|_| gone())?
     }
 
+    /// The zygote clones it, given a copy of its end of the socket: the agent keeps its own
+    /// copy of that end as the `peer`.
     fn spawn() -> std::io::Result<Running> {
-        use std::os::unix::process::CommandExt;
-        let (ours, theirs) = UnixStream::pair()?;
-        let peer = theirs.try_clone()?.into();
-        // No pre_exec: std starts it with posix_spawn (vfork), which copies nothing. The
-        // agent's pid tells the launcher whether its parent died before it could ask for
-        // its death signal.
-        let process = std::process::Command::new("/proc/self/exe")
-            .arg(COMMAND)
-            .arg(std::process::id().to_string())
-            .env_clear()
-            .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
-            .stdout(std::process::Stdio::null())
-            .process_group(0)
-            .spawn()
-            .map_err(|e| std::io::Error::new(e.kind(), format!("could not start the agent's launcher (/proc/self/exe {COMMAND}): {e}")))?;
-        Ok(Running::new(ours, peer, process))
+        let (ours, peer, pid) = crate::zygote::launcher()?;
+        Ok(Running::new(ours, peer, Child { pid, reaped: false }))
     }
 
-    fn new(socket: UnixStream, peer: OwnedFd, process: std::process::Child) -> Running {
+    fn new(socket: UnixStream, peer: OwnedFd, process: Child) -> Running {
         // SAFETY: pidfd_open on our own child, not reaped yet.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, process.id() as libc::pid_t, 0) };
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, process.pid, 0) };
         // SAFETY: a successful pidfd_open returns an fd we own.
         let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
         Running { socket, peer, process, pidfd }
+    }
+}
+
+/// A launcher process: the agent's child (the zygote clones it as such), so its pid is the
+/// agent's to signal until the agent reaps it.
+struct Child {
+    pid: libc::pid_t,
+    reaped: bool,
+}
+
+impl Child {
+    /// Its exit status, reaped, if it has ended.
+    fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.wait_with(libc::WNOHANG)
+    }
+
+    fn kill(&self) {
+        if !self.reaped {
+            // SAFETY: a signal to our own child, not reaped yet: its pid is no other process's.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        }
+    }
+
+    fn wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.wait_with(0)
+    }
+
+    fn wait_with(&mut self, flags: libc::c_int) -> std::io::Result<Option<std::process::ExitStatus>> {
+        use std::os::unix::process::ExitStatusExt;
+        if self.reaped {
+            return Ok(None);
+        }
+        let mut status = 0;
+        loop {
+            // SAFETY: waits for our own child into an int we own.
+            let done = unsafe { libc::waitpid(self.pid, &mut status, flags) };
+            if done == self.pid {
+                self.reaped = true;
+                return Ok(Some(std::process::ExitStatus::from_raw(status)));
+            }
+            if done == 0 {
+                return Ok(None);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
     }
 }
 
@@ -386,26 +426,31 @@ fn decode(body: &[u8]) -> Option<Request> {
     Some(Request { program, cwd, argv, envp })
 }
 
-/// The launcher's life (`claude-runner __launcher`): answers requests on stdin until the
-/// agent closes it. Never returns.
-pub fn serve(agent: Option<&OsStr>) -> ! {
+/// The launcher's life, in a fresh clone of the zygote ([`crate::zygote`]; the agent,
+/// `agent`, is its parent): answers requests on `socket` until the agent closes it. Never
+/// returns; ends with `_exit` (std's `exit` would flush a copy of the agent's stdout, whose
+/// lock another of the agent's threads may have held when the zygote was forked).
+pub fn serve(socket: OwnedFd, agent: libc::pid_t) -> ! {
     // SAFETY: process-wide settings of this single-threaded process, set before anything runs.
     unsafe {
         // Dies with the agent, even stopped (a job may SIGSTOP it): the end of its socket
         // reaches only a launcher that runs. Asked for after the start, so the agent may
         // already be gone (the launcher is then the child of another process): checked.
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-        let agent: Option<libc::pid_t> = agent.and_then(|pid| pid.to_str()?.parse().ok());
-        if agent != Some(libc::getppid()) {
+        if libc::getppid() != agent {
             libc::_exit(0);
         }
-        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-        libc::umask(0o077);
-        // Only the agent ends it (by closing the socket): a Ctrl-C in the agent's
-        // terminal, or a SIGTERM for a drain, must leave running jobs alone.
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::signal(sig, libc::SIG_IGN);
+        // Non-dumpable from its first instruction: the flag came with the zygote's memory.
+        // Were it not, nothing of a job's may come here (checked, never assumed).
+        if libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) != 0 {
+            libc::_exit(5);
         }
+        libc::setpgid(0, 0);
+        libc::umask(0o077);
+        // The zygote ignores SIGTERM, SIGINT and SIGHUP already (only the agent ends a
+        // launcher, by closing its socket: a Ctrl-C in the agent's terminal, or a SIGTERM
+        // for a drain, must leave running jobs alone).
+        crate::zygote::name_and_forget_the_agents_words(COMMAND);
     }
     // What every Claude needs reset: this process's signals not at their default, now
     // that it has set its own (it changes none later; its wardens change theirs after
@@ -415,19 +460,12 @@ pub fn serve(agent: Option<&OsStr>) -> ! {
     // CPU time is counted as this process's children's, and no zombie waits): SIGCHLD is
     // read from a signalfd beside the socket.
     let children = child_signals();
-    // The socket leaves fd 0 (Claude's stdin goes there in the child) for a close-on-exec fd.
-    // SAFETY: fd 0 is the socket the agent gave us; F_DUPFD_CLOEXEC returns a new fd we own.
-    let socket = unsafe {
-        let fd = libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3);
-        if fd < 0 {
-            std::process::exit(2);
-        }
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
-        libc::dup2(null, 0);
-        libc::close(null);
-        UnixStream::from(OwnedFd::from_raw_fd(fd))
-    };
-    let mut socket = socket;
+    // Close-on-exec (received so), above 0-2 (the zygote's /dev/null and stderr).
+    let mut socket = UnixStream::from(socket);
+    fn exit(code: libc::c_int) -> ! {
+        // SAFETY: ends this process, running no destructor.
+        unsafe { libc::_exit(code) }
+    }
     let mut stacks = Stacks::default();
     loop {
         reap(children, &mut stacks);
@@ -436,19 +474,19 @@ pub fn serve(agent: Option<&OsStr>) -> ! {
         }
         let mut header = [0u8; 4];
         let (n, fds) = match recv_with_fds(socket.as_raw_fd(), &mut header, FDS) {
-            Ok((0, _)) | Err(_) => std::process::exit(0),
+            Ok((0, _)) | Err(_) => exit(0),
             Ok(got) => got,
         };
         if socket.read_exact(&mut header[n..]).is_err() {
-            std::process::exit(0);
+            exit(0);
         }
         let len = u32::from_le_bytes(header) as usize;
         if len > MAX_BODY {
-            std::process::exit(3);
+            exit(3);
         }
         let mut body = vec![0u8; len];
         if socket.read_exact(&mut body).is_err() {
-            std::process::exit(0);
+            exit(0);
         }
         let answer = match (decode(&body), <[OwnedFd; FDS]>::try_from(fds)) {
             (Some(request), Ok(ends)) => launch(&request, ends, &reset, &mut stacks),
@@ -463,7 +501,7 @@ pub fn serve(agent: Option<&OsStr>) -> ! {
         reply[4..].copy_from_slice(&(pid as u32).to_le_bytes());
         let attached: Vec<RawFd> = pidfd.iter().map(AsRawFd::as_raw_fd).collect();
         if send_with_fds(socket.as_raw_fd(), &reply, &attached).is_err() {
-            std::process::exit(0);
+            exit(0);
         }
     }
 }
@@ -857,7 +895,7 @@ fn errno() -> i32 {
 }
 
 /// Sends `bytes` with `fds` attached.
-fn send_with_fds(socket: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+pub(crate) fn send_with_fds(socket: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
     let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut _, iov_len: bytes.len() };
     // u64s keep the control buffer aligned for cmsghdr.
     let mut control = [0u64; 16];
@@ -897,7 +935,7 @@ fn send_with_fds(socket: RawFd, bytes: &[u8], fds: &[RawFd]) -> std::io::Result<
 
 /// Receives up to `buf.len()` bytes and at most `max_fds` descriptors (close-on-exec).
 /// Descriptors beyond `max_fds` are closed.
-fn recv_with_fds(socket: RawFd, buf: &mut [u8], max_fds: usize) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+pub(crate) fn recv_with_fds(socket: RawFd, buf: &mut [u8], max_fds: usize) -> std::io::Result<(usize, Vec<OwnedFd>)> {
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     let mut control = [0u64; 16];
     // SAFETY: as in send_with_fds; every descriptor the kernel put in the control data is
@@ -935,11 +973,6 @@ fn recv_with_fds(socket: RawFd, buf: &mut [u8], max_fds: usize) -> std::io::Resu
     }
 }
 
-/// Whether this process was started as the launcher.
-pub fn is_launcher(first_arg: Option<&OsStr>) -> bool {
-    first_arg == Some(OsStr::new(COMMAND))
-}
-
 /// `OsString`s of the environment, as the request wants them (used by tests).
 #[cfg(test)]
 fn env_of(pairs: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
@@ -970,8 +1003,8 @@ mod tests {
     fn stand_in(serve: impl FnOnce(UnixStream) + Send + 'static) -> std::io::Result<Running> {
         let (ours, theirs) = UnixStream::pair()?;
         let peer = theirs.try_clone()?.into();
-        let process = std::process::Command::new("sleep").arg("600").spawn()?;
-        let pid = process.id() as libc::pid_t;
+        let pid = std::process::Command::new("sleep").arg("600").spawn()?.id() as libc::pid_t;
+        let process = Child { pid, reaped: false };
         std::thread::spawn(move || {
             serve(theirs);
             // SAFETY: a signal to our own child, which only the Launcher reaps (after this).

@@ -14,8 +14,10 @@
 //! - [`progress_clock`]: when the jobs' waiting progress batches go (one clock for all).
 //! - [`workspace`]: a job's fresh folder, its working directory, a carried-over session.
 //! - [`process`]: Claude's process: start, read, stop (TERM, then KILL).
-//! - [`launcher`]: the small process (the agent's binary, `__launcher`) that starts every
-//!   Claude, so the agent itself never forks.
+//! - [`launcher`]: the small process that starts every Claude, so the agent itself never
+//!   forks per job.
+//! - [`zygote`]: the process each launcher is cloned from, forked at the agent's start, so
+//!   that no launcher is ever dumpable.
 //! - [`warden`]: the small process between the launcher and Claude that kills Claude's
 //!   whole tree with its job, even when the agent is killed.
 //! - [`cli_version`]: which Claude Code CLI runs here, reported in `/health`.
@@ -63,6 +65,7 @@ mod submit;
 mod up;
 mod warden;
 mod workspace;
+mod zygote;
 
 use agent_core::{claude, credentials, edge_url, redact, sse};
 use clap::{Parser, Subcommand};
@@ -143,12 +146,23 @@ pub fn home() -> PathBuf {
 }
 
 fn main() {
-    // Before anything else: a launcher needs no settings, logging or runtime.
-    if launcher::is_launcher(std::env::args_os().nth(1).as_deref()) {
-        launcher::serve(std::env::args_os().nth(2).as_deref());
-    }
+    // First: most commands hold a secret (the agent's keys, Claude's login, the runner
+    // secret), and a process of the same user may open a dumpable process's memory. What is
+    // left is the window from the `exec` to here (README, What a job can see).
+    // SAFETY: prctl changes a process attribute only.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     config::forget_empty_settings(&<Cli as clap::CommandFactory>::command());
     let cli = Cli::parse();
+    #[cfg(feature = "up")]
+    let runs_jobs = matches!(cli.command, Command::Agent { drain: false, .. } | Command::Up(_));
+    #[cfg(not(feature = "up"))]
+    let runs_jobs = matches!(cli.command, Command::Agent { drain: false, .. });
+    if runs_jobs {
+        // Before logging, the runtime and the settings: the zygote is forked while this
+        // process has one thread, a small heap and no secret read, and is non-dumpable.
+        process::harden_agent();
+        zygote::start();
+    }
     runtime::init_logging(&cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     // Before any thread starts: libgit2's set-up writes the process environment.
@@ -170,7 +184,6 @@ fn main() {
                 Ok(())
             }
             Command::Agent { args, drain: false } => {
-                process::harden_agent();
                 let cfg = args.resolve()?;
                 serve::serve(cfg, drain::stop_requests()).await
             }
@@ -185,7 +198,6 @@ fn main() {
             }
             #[cfg(feature = "up")]
             Command::Up(args) => {
-                process::harden_agent();
                 up::run(args).await
             }
             Command::Doctor { args, canary } => {

@@ -1,6 +1,7 @@
 //! System calls made without libc's wrappers, for the code that runs in the launcher's
 //! memory but not as the launcher: its wardens (`clone(CLONE_VM)`, see
-//! [`crate::launcher`]) and Claude's side of each warden's clone before its `exec`.
+//! [`crate::launcher`]) and Claude's side of each warden's clone before its `exec`; and
+//! the one clone glibc has no wrapper for, the zygote's of each launcher ([`clone_sibling`]).
 //!
 //! Why not libc. Those processes share the launcher's address space *and* its thread
 //! pointer (no `CLONE_SETTLS`: there is no thread of theirs for libc to set one up for), so
@@ -94,6 +95,24 @@ pub unsafe fn clone_on(flags: libc::c_int, stack_top: *mut u8, entry: unsafe ext
         options(nostack),
     );
     ret
+}
+
+/// A fork whose child is the caller's *sibling*: `clone(CLONE_PARENT)`, no new stack
+/// (the child goes on from this call on a copy of the caller's, as after `fork`), answering
+/// 0 in the child and the child's pid (or `-errno`) in the caller. The zygote starts each
+/// launcher with it ([`crate::zygote`]): the launcher is then the agent's child, as one the
+/// agent started itself. Its exit signal is the caller's own (SIGCHLD, the zygote's).
+///
+/// Not glibc's `fork`: that has no `CLONE_PARENT`. The child's thread block keeps the
+/// caller's thread id (glibc's `fork` would update it), which only locks that record their
+/// owner by thread id use, and glibc's `raise` asks the kernel instead: the zygote is one
+/// thread, holds no lock while it calls this, and the launcher takes none of those.
+///
+/// # Safety
+/// As `fork`: in a process of one thread, or the child may use only what is safe after it.
+pub unsafe fn clone_sibling() -> Ret {
+    // x86_64 and aarch64 order clone's arguments differently, but only the first is set.
+    call(libc::SYS_clone, libc::CLONE_PARENT as usize, 0, 0, 0, 0, 0)
 }
 
 pub unsafe fn read(fd: RawFd, buf: *mut u8, len: usize) -> Ret {

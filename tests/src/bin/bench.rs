@@ -862,7 +862,7 @@ fn print_report(r: &Value, opts: &Opts) {
         for who in ["agent", "edge"] {
             println!(
                 "  {:<28} {:>9.1} {:>10} {:>16.1} {:>16} {:>10.1}",
-                if who == "edge" { format!("{name} edge") } else { "agent + launcher".into() },
+                if who == "edge" { format!("{name} edge") } else { "agent + zygote + launcher".into() },
                 ms(&mem["idle"][who]["rss_mib"]),
                 pss(&mem["idle"][who]),
                 ms(&mem["after_runs_idle_2s"][who]["rss_mib"]),
@@ -871,7 +871,14 @@ fn print_report(r: &Value, opts: &Opts) {
             );
         }
         for p in mem["idle"]["agent"]["each"].as_array().into_iter().flatten() {
-            let role = if p["command"].as_str().unwrap_or("").contains("__launcher") { "launcher" } else { "agent" };
+            let command = p["command"].as_str().unwrap_or("");
+            let role = if command.contains("__launcher") {
+                "launcher"
+            } else if command.contains("__zygote") {
+                "zygote"
+            } else {
+                "agent"
+            };
             println!(
                 "    idle {role:<9} RSS {:.1} (anon {:.1}, file {:.1}), PSS {}, {} threads",
                 ms(&p["rss_mib"]),
@@ -881,7 +888,7 @@ fn print_report(r: &Value, opts: &Opts) {
                 p["threads"],
             );
         }
-        println!("  (RSS summed counts the binary's pages the agent and its launcher share twice; PSS splits them)");
+        println!("  (RSS summed counts the pages the agent, its zygote and its launcher share once each; PSS splits them)");
         println!();
         println!("  against the aims (TypeScript original in brackets)");
         let line = |what: &str, got: f64, unit: &str, aim: &str, ts: &str, ok: bool| {

@@ -15,7 +15,7 @@
 //! tool_result) · `@print_parent_environ` answer with the agent's
 //! `/proc/<ppid>/environ`, or why it cannot be read · `@print_environ_of=PID` the same for
 //! any process (Claude's parent is its warden, not the agent) · `@open_ancestors_mem`
-//! answer whether `/proc/<pid>/mem` of its warden and of the warden's parent opens · `@race_new_launcher` kill the launcher and open the memory of the one started in its place, as it starts · `@print_mode=PATH` answer with a
+//! answer whether `/proc/<pid>/mem` of its warden and of the warden's parent opens · `@race_new_launcher` kill the agent's children (launcher, zygote) and open the memory of those started in their place, as they start · `@print_mode=PATH` answer with a
 //! path's permission bits (octal) · `@no_result` end without a result line ·
 //! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it) · `@write=PATH` write a text
 //! file (relative to the working directory; may repeat) · `@write_binary=PATH` write a few
@@ -207,30 +207,36 @@ fn main() {
         }
         said.join("; ")
     } else if directive(&prompt, "race_new_launcher").is_some() {
-        // A hostile job: ends the launcher (its warden's parent; same user), then watches for
-        // the one the agent starts in its place at the next job and opens its memory while it
-        // starts. Answers whether that memory could still be read once the launcher had made
-        // itself non-dumpable.
+        // A hostile job: ends every child of the agent (same user): its launcher (its
+        // warden's parent) and the zygote the launchers come from. Then watches for the
+        // processes the agent starts in their place at the next job and opens their memory
+        // while they start. Answers whether that memory could still be read once they had
+        // started.
         // Once the launcher has answered this job's start (it would otherwise fail this job).
         std::thread::sleep(std::time::Duration::from_millis(500));
         let warden = std::os::unix::process::parent_id();
-        let old = parent_of(warden).unwrap_or(0);
-        let agent = parent_of(old).unwrap_or(0);
-        // SAFETY: a signal to a process of this user.
-        unsafe { libc::kill(old as libc::pid_t, libc::SIGKILL) };
-        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        let mut said = String::from("no new launcher's memory opened");
-        'scan: while std::time::Instant::now() < until {
-            // The agent's children, from each of its threads' lists (quicker than all of /proc).
-            let children: Vec<u32> = std::fs::read_dir(format!("/proc/{agent}/task"))
+        let launcher = parent_of(warden).unwrap_or(0);
+        let agent = parent_of(launcher).unwrap_or(0);
+        // The agent's children, from each of its threads' lists (quicker than all of /proc).
+        let children = || -> Vec<u32> {
+            std::fs::read_dir(format!("/proc/{agent}/task"))
                 .into_iter()
                 .flatten()
                 .flatten()
                 .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
                 .flat_map(|list| list.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
-                .collect();
-            for pid in children {
-                if pid == old {
+                .collect()
+        };
+        let old = children();
+        for &pid in &old {
+            // SAFETY: a signal to a process of this user.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut said = format!("no new launcher's memory opened (killed {old:?})");
+        'scan: while std::time::Instant::now() < until {
+            for pid in children() {
+                if old.contains(&pid) {
                     continue;
                 }
                 let Ok(mem) = std::fs::File::open(format!("/proc/{pid}/mem")) else { continue };

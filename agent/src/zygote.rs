@@ -1,0 +1,291 @@
+//! The zygote: the process every launcher ([`crate::launcher`]) is forked from, so that no
+//! launcher is ever dumpable, not even for its first instruction.
+//!
+//! Why. The launcher's memory is every warden's and, until its `exec`, every Claude's
+//! (`clone(CLONE_VM)`): the program, folder and environment of each job. A process is
+//! dumpable again after `execve` until it says otherwise, and a job runs as the agent's
+//! user: one that killed the launcher could watch for the replacement, open its
+//! `/proc/<pid>/mem` in the milliseconds between its `exec` and its
+//! `prctl(PR_SET_DUMPABLE, 0)`, and read it for ever after through that descriptor
+//! (`job_isolation::a_job_cannot_open_a_new_launchers_memory_as_it_starts`). The flag is
+//! one of the memory's, copied by `fork` and reset only by `exec`: a launcher forked from a
+//! process that is already non-dumpable never has a dumpable moment.
+//!
+//! Why not fork the agent itself for each launcher: the agent is multi-threaded (locks
+//! other threads hold at the fork stay held in the child) and 15-20 MiB whose pages the
+//! launcher would keep after the agent rewrites its own (copy-on-write), growing the
+//! agent's memory by up to that much. So the agent forks the zygote once, at its start
+//! ([`start`], from `main`, before logging or the runtime exist: one thread, a small heap,
+//! no secret read yet), right after making itself non-dumpable; the zygote then clones a
+//! fresh launcher from its own small, clean memory whenever the agent asks
+//! ([`launcher`]). The clone is a `CLONE_PARENT` one: the launcher is the agent's
+//! child, as when the agent started it, so the agent waits for it, kills it, and its
+//! parent-death signal comes from the agent's thread that forked the zygote.
+//!
+//! A job can signal the zygote too (same user). Killed, or stopped so that it does not
+//! answer within [`crate::launcher::ANSWER_WITHIN`], it is killed, reaped and forked again,
+//! this time from the running agent (from the launcher-starter thread, which lives as long
+//! as the agent): still non-dumpable from birth, at the cost of a zygote that shares the
+//! agent's larger memory copy-on-write. The child of a multi-threaded fork uses nothing
+//! here that another thread could have held locked: system calls, and `malloc`, which
+//! glibc's `fork` makes safe in the child; no `std::env`, standard streams, `tracing` or
+//! `std::process::exit` (the agent's clean-up at exit): the zygote and its launchers end
+//! with `_exit`.
+//!
+//! The conversation, on a Unix socket: the agent sends one byte with the new launcher's
+//! end of its socket attached (`SCM_RIGHTS`); the zygote answers four bytes, the
+//! launcher's pid or `-errno`.
+
+use crate::launcher::{recv_with_fds, send_with_fds, ANSWER_WITHIN};
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
+
+/// The word after the program's name in a zygote's command line (`ps`, `/proc/<pid>/cmdline`).
+const NAME: &str = "__zygote";
+
+/// The agent's zygote, once forked.
+static ZYGOTE: Mutex<Option<Zygote>> = Mutex::new(None);
+
+/// The agent's side of a running zygote.
+struct Zygote {
+    socket: UnixStream,
+    /// The zygote's pid: the agent's child, so its own until the agent reaps it.
+    pid: libc::pid_t,
+}
+
+/// Forks the zygote now: from `main`, before any thread starts, right after the agent has
+/// made itself non-dumpable. A failure is left for the first launcher's start, which forks
+/// again and says why in the job's error if it still cannot.
+pub fn start() {
+    let mut zygote = ZYGOTE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if zygote.is_none() {
+        *zygote = Zygote::fork().ok();
+    }
+}
+
+/// A new launcher, the agent's child: the agent's end of its socket, the agent's copy of
+/// the launcher's end, and its pid. Forks the zygote first if there is none, or again once
+/// if it is gone or stuck; each try with a socket of its own, so that a launcher the failed
+/// zygote may still have cloned shares nothing with the one that answers (it reads its
+/// socket's end once the agent lets go of its copies, and exits).
+pub fn launcher() -> std::io::Result<(UnixStream, OwnedFd, libc::pid_t)> {
+    let mut zygote = ZYGOTE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut retried = false;
+    loop {
+        if zygote.is_none() {
+            *zygote = Some(Zygote::fork()?);
+        }
+        let running = zygote.as_mut().expect("just forked");
+        let (ours, theirs) = UnixStream::pair()?;
+        let theirs = OwnedFd::from(theirs);
+        match running.ask(&theirs) {
+            Ok(answer) => return answer.map(|pid| (ours, theirs, pid)),
+            Err(e) => {
+                if let Some(gone) = zygote.take() {
+                    gone.end();
+                }
+                if retried {
+                    return Err(std::io::Error::new(e.kind(), format!("the agent's zygote, which starts its launchers, failed twice in a row ({e}); restart the agent")));
+                }
+                tracing::warn!(error = %e, "the zygote that starts launchers is gone; forking a new one");
+                retried = true;
+            }
+        }
+    }
+}
+
+impl Zygote {
+    /// Forks a zygote from this process, made non-dumpable first (the agent is already;
+    /// `doctor --canary` is not), so that the zygote and every launcher after it are never
+    /// dumpable.
+    fn fork() -> std::io::Result<Zygote> {
+        let (ours, theirs) = UnixStream::pair()?;
+        // SAFETY: prctl and getpid change and read process attributes only.
+        let agent = unsafe {
+            libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+            libc::getpid()
+        };
+        // SAFETY: the child runs only `live` (what it uses is safe after a fork, see the
+        // module's note) and never returns here.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(std::io::Error::new(e.kind(), format!("could not fork the agent's zygote, which starts its launchers ({e}): restart the agent")));
+        }
+        if pid == 0 {
+            let socket = theirs.as_raw_fd();
+            std::mem::forget((ours, theirs));
+            live(socket, agent);
+        }
+        drop(theirs);
+        ours.set_read_timeout(Some(ANSWER_WITHIN))?;
+        ours.set_write_timeout(Some(ANSWER_WITHIN))?;
+        Ok(Zygote { socket: ours, pid })
+    }
+
+    /// One launcher asked for. `Err`: the conversation failed (the zygote is gone or
+    /// stuck); `Ok(Err)`: the zygote's clone failed (`EAGAIN`: out of processes).
+    fn ask(&mut self, socket: &OwnedFd) -> std::io::Result<std::io::Result<libc::pid_t>> {
+        send_with_fds(self.socket.as_raw_fd(), b"L", &[socket.as_raw_fd()])?;
+        let mut answer = [0u8; 4];
+        self.socket.read_exact(&mut answer).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the zygote did not answer within {ANSWER_WITHIN:?}"))
+            }
+            _ => e,
+        })?;
+        Ok(match i32::from_le_bytes(answer) {
+            pid if pid > 0 => Ok(pid),
+            errno => Err(std::io::Error::new(
+                std::io::Error::from_raw_os_error(-errno).kind(),
+                format!("the agent could not start a launcher: {}", std::io::Error::from_raw_os_error(-errno)),
+            )),
+        })
+    }
+
+    /// Kills and reaps a zygote that failed (dead already, or stuck: stopped by a job).
+    /// The pid is the agent's child's until reaped, so the signal reaches no other process.
+    fn end(self) {
+        // SAFETY: a signal to, and a wait for, our own unreaped child.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            while libc::waitpid(self.pid, std::ptr::null_mut(), 0) < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {}
+        }
+    }
+}
+
+/// The zygote's life: a clean process to clone launchers from, then clones on request.
+/// Never returns; ends when the agent closes the socket or dies.
+fn live(socket: RawFd, agent: libc::pid_t) -> ! {
+    // SAFETY: process-wide settings of this new single-threaded process; the descriptors
+    // closed are copies of the agent's, which this process never uses.
+    unsafe {
+        // Dies with the agent (its parent-death signal is tied to the thread that forked it:
+        // `main`, or the launcher-starter thread, both as long-lived as the agent).
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        if libc::getppid() != agent || libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) != 0 {
+            // The agent is gone, or this memory could be read: never serve.
+            libc::_exit(0);
+        }
+        // Its own process group, as the launchers: a Ctrl-C or a job-control stop meant for
+        // the agent's terminal does not reach it.
+        libc::setpgid(0, 0);
+        // No handler of the agent's may run here (tokio's write to a pipe that is not this
+        // process's), and only the agent ends it: caught signals go back to their default,
+        // and SIGTERM, SIGINT and SIGHUP (a drain, a Ctrl-C) are ignored.
+        for sig in 1..=libc::SIGRTMAX().min(64) {
+            let mut old = [0u64; 4];
+            let asked = libc::syscall(libc::SYS_rt_sigaction, sig, std::ptr::null::<u64>(), old.as_mut_ptr(), 8usize);
+            if asked == 0 && old[0] != libc::SIG_DFL as u64 && old[0] != libc::SIG_IGN as u64 {
+                crate::rawsys::set_action(sig, libc::SIG_DFL);
+            }
+        }
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            crate::rawsys::set_action(sig, libc::SIG_IGN);
+        }
+        let none = 0u64;
+        crate::rawsys::set_mask(&none, std::ptr::null_mut());
+        // Only its socket, and the agent's stderr: the agent's other descriptors (its
+        // connection, the other launchers' sockets, whose ends must reach their launchers)
+        // are not the zygote's to hold.
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        for fd in [0, 1] {
+            libc::dup2(null, fd);
+        }
+        crate::warden::close_all_but(socket, socket);
+        name_and_forget_the_agents_words(NAME);
+        // Free heap pages go back to the kernel: what the agent frees and rewrites after the
+        // fork would otherwise stay here, a copy kept for nothing.
+        libc::malloc_trim(0);
+    }
+    loop {
+        let mut byte = [0u8; 1];
+        let end = match recv_with_fds(socket, &mut byte, 1) {
+            Ok((0, _)) | Err(_) => unsafe { libc::_exit(0) },
+            Ok((_, mut fds)) => fds.pop(),
+        };
+        let answer = match end {
+            None => -libc::EINVAL,
+            Some(end) => {
+                // SAFETY: this process is single-threaded and holds no lock here.
+                let pid = unsafe { crate::rawsys::clone_sibling() };
+                if pid == 0 {
+                    // SAFETY: the zygote's socket is not the launcher's to hold.
+                    unsafe { libc::close(socket) };
+                    crate::launcher::serve(end, agent);
+                }
+                drop(end);
+                pid as i32
+            }
+        };
+        if send_with_fds(socket, &answer.to_le_bytes(), &[]).is_err() {
+            // SAFETY: ends this process, whose only work is here.
+            unsafe { libc::_exit(0) };
+        }
+    }
+}
+
+/// Writes `claude-runner <name>` over this process's command line and zeroes its
+/// environment: `ps` tells the agent's processes apart, and the agent's words (its
+/// environment may hold `AGENT_SIGNING_KEY`) are not kept in a copy of its memory that
+/// needs none of them. The kernel keeps where both lie (`/proc/self/stat`, fields 48-51);
+/// they are the agent's original words on its first thread's stack. Best effort: a
+/// `/proc` that does not say leaves them as they are.
+///
+/// # Safety
+/// In a process of one thread that never reads its arguments or environment again.
+pub unsafe fn name_and_forget_the_agents_words(name: &str) {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return };
+    let Some(after) = stat.rsplit(')').next() else { return };
+    // After the ")" the fields count from 3 (state).
+    let field = |n: usize| after.split_whitespace().nth(n - 3).and_then(|v| v.parse::<usize>().ok());
+    let (Some(args), Some(args_end), Some(env), Some(env_end)) = (field(48), field(49), field(50), field(51)) else { return };
+    if args == 0 || args_end < args || env_end < env {
+        return;
+    }
+    std::ptr::write_bytes(env as *mut u8, 0, env_end - env);
+    std::ptr::write_bytes(args as *mut u8, 0, args_end - args);
+    // The area's last byte stays a NUL: the kernel then reads the words as they are, one
+    // per NUL. A short command line (`claude-runner agent`) gets the name alone.
+    let room = (args_end - args).saturating_sub(1);
+    let full = format!("claude-runner\0{name}\0");
+    let label = if full.len() <= room { full } else { format!("{name}\0") };
+    std::ptr::copy_nonoverlapping(label.as_ptr(), args as *mut u8, label.len().min(room));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zygote_pid() -> Option<libc::pid_t> {
+        ZYGOTE.lock().unwrap().as_ref().map(|z| z.pid)
+    }
+
+    /// The launcher the zygote clones is this process's child (the agent waits for it, kills
+    /// it, and its parent-death signal is the agent's), serving the socket it was given; a
+    /// zygote a job killed is forked again, and the launcher asked for meanwhile still comes.
+    #[test]
+    fn a_launcher_is_the_agents_child_and_a_killed_zygote_is_replaced() {
+        let (ours, peer, first) = launcher().expect("a launcher");
+        let zygote = zygote_pid().expect("a zygote");
+        // SAFETY: a wait for a child of this process.
+        assert_eq!(unsafe { libc::waitpid(first, std::ptr::null_mut(), libc::WNOHANG) }, 0, "not this process's running child");
+        // The launcher ends when the agent lets go of its socket.
+        drop((ours, peer));
+        let mut status = 0;
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::waitpid(first, &mut status, 0) }, first);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{status:#x}");
+        // SAFETY: a signal to the zygote this process forked (not reaped: its pid is its own).
+        unsafe { libc::kill(zygote, libc::SIGKILL) };
+        let (ours, peer, second) = launcher().expect("a launcher from a new zygote");
+        assert_ne!(zygote_pid(), Some(zygote));
+        drop((ours, peer));
+        // SAFETY: a wait for a child of this process.
+        assert_eq!(unsafe { libc::waitpid(second, std::ptr::null_mut(), 0) }, second);
+        // SAFETY: the old zygote was reaped by its replacement's start.
+        assert_eq!(unsafe { libc::waitpid(zygote, std::ptr::null_mut(), libc::WNOHANG) }, -1);
+    }
+}
