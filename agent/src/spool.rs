@@ -980,7 +980,7 @@ mod tests {
     /// never cleared, and the second job was never reported lost.
     #[test]
     fn a_sealed_result_copied_over_another_jobs_is_not_kept_as_its() {
-        let dir = dir("moved");
+        let dir = dir("copied-over");
         let (spool, _) = open(&dir, 2);
         spool.started("donor", "donor:1").unwrap();
         spool.put("donor", &ok("donor", "the donor's answer")).unwrap();
