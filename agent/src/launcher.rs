@@ -558,11 +558,12 @@ pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// The signals whose action is not the default in this process: ignored ones (by the
-/// launcher itself, by Rust's runtime, or inherited: an ignored signal stays ignored across
-/// `exec`, so whatever started the agent may have passed some down, glibc's own 32 and 33
-/// among them after a `posix_spawn`) and caught ones (Rust's runtime catches SIGSEGV and
-/// SIGBUS). Found once, at the launcher's start (64 `rt_sigaction` calls), so that each
-/// Claude's start resets these few instead of every signal.
+/// zygote, by Rust's runtime, or inherited: an ignored signal stays ignored across `exec`,
+/// so whatever started the agent may have passed some down, glibc's own 32 and 33 among
+/// them after a `posix_spawn`) and any caught one (the zygote put the agent's back to their
+/// default; asked again here rather than assumed). Found once, at the launcher's start (64
+/// `rt_sigaction` calls), so that each Claude's start resets these few instead of every
+/// signal.
 struct NotDefault {
     signals: [libc::c_int; 64],
     count: usize,
