@@ -448,6 +448,33 @@ async fn a_stopped_launcher_holds_no_job_for_ever_and_is_replaced() {
     assert_ne!(launcher_of(&agent), Some(stopped));
 }
 
+/// The agent's zygote (`agent/src/zygote.rs`, the process every launcher is cloned from)
+/// is stopped by a job (SIGSTOP; same user) and the launcher killed: the next job's start
+/// finds the zygote not answering, kills it and forks a new one, and the job runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_zygote_holds_no_job_for_ever_and_is_replaced() {
+    let (_edge, agent, client) = setup(&[]).await;
+    let named = |word: &[u8]| {
+        process_tree(agent.pid().unwrap())
+            .into_iter()
+            .find(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.split(|&b| b == 0).nth(1) == Some(word)))
+    };
+    let zygote = named(b"__zygote").expect("the agent forks its zygote at its start") as i32;
+    let launcher = launcher_of(&agent).expect("the agent's launcher") as i32;
+    // SAFETY: signals to processes this test found under the agent.
+    unsafe {
+        libc::kill(zygote, libc::SIGSTOP);
+        libc::kill(launcher, libc::SIGKILL);
+    }
+    let answer = client.execute(json!({"prompt": "while the zygote is stopped", "timeout_ms": 60000})).await;
+    assert_eq!(answer.body["success"], true, "{}\n{}", answer.text, agent.log());
+    assert!(!alive(zygote), "the stopped zygote was left behind");
+    let next = named(b"__zygote").expect("a new zygote");
+    assert_ne!(next as i32, zygote);
+    let prompts: Vec<String> = agent.claude_runs().iter().map(|r| r["prompt"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(prompts, vec!["while the zygote is stopped".to_string()], "claude ran once");
+}
+
 /// A job stops the launcher (SIGSTOP; same user) and the agent is then SIGKILLed. Before
 /// the fix the launcher could stay, stopped, for ever: it learns of the agent's death from
 /// its socket's end, which a stopped process never reads. The kernel's rule for orphaned
