@@ -17,8 +17,8 @@
 //!   leaves the record with the kernel); after reconnecting the agent names them in its
 //!   hello and sends them again. The write is synced ([`Spool::sync_sent`]) unless the
 //!   edge acknowledges the result within [`ACK_WAIT`] of the write — once it has it, the
-//!   disk's copy owes nothing, and a sync for it would be the agent's largest cost per
-//!   job. (Sending first costs nothing in safety: a power cut before the sync loses the
+//!   disk's copy owes nothing, and a sync for it would be work for nothing (one of the
+//!   two `fdatasync`s a job cost). (Sending first costs nothing in safety: a power cut before the sync loses the
 //!   result either way unless the edge got it, and now it may have; the job's started
 //!   record, synced before Claude ran, then has it reported lost, never run again. That
 //!   window is the wait, at most [`ACK_WAIT`], instead of the sync's own time.) The
