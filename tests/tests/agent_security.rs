@@ -218,6 +218,7 @@ fn order(job_id: &str, agent: &str, issued_at: u64, expires_at: u64, prompt: &st
             expires_at,
             nonce: format!("{job_id}:1"),
         },
+        caller: "default".into(),
         spec: spec(prompt),
     }
 }
@@ -512,9 +513,9 @@ async fn an_agent_welcomed_into_another_pool_hangs_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_protocol_version_is_refused_by_name() {
-    // 8: an edge from before per-connection keys (it would take signatures where this
-    // agent sends MACs).
-    assert_eq!(PROTOCOL_VERSION, 9);
+    // 9: an edge from before orders named their caller (this agent would take its orders
+    // as caller-less and refuse them all).
+    assert_eq!(PROTOCOL_VERSION, 10);
     for other in [PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1] {
         let edge = FakeEdge::new().await;
         let agent = edge.start_agent();
@@ -898,4 +899,104 @@ async fn an_order_let_through_after_a_later_one_never_runs() {
     let runs: Vec<String> = agent.claude_runs().iter().map(|r| r["prompt"].as_str().unwrap_or_default().to_string()).collect();
     // (The refusal is made before anything starts: nothing of `first` can start later.)
     assert!(!runs.iter().any(|p| p == "first"), "the order let through late ran: {runs:?}");
+}
+
+impl FakeEdge {
+    /// Sends `order` (signed by the edge) and returns its result, acknowledged.
+    async fn result_of(&self, ws: &mut Ws, order: JobOrder) -> shared::job::JobResult {
+        let id = order.header.job_id.clone();
+        let accepted = answer(ws, Envelope::seal(Domain::Job, &order, &self.edge_key)).await;
+        assert!(matches!(accepted, AgentMessage::Accepted { .. }), "{id}: {accepted:?}");
+        loop {
+            if let AgentMessage::Result { envelope } = recv(ws).await.expect("a result") {
+                let report = self.report(&envelope);
+                let ack = EdgeMessage::result_ack(&report.job_id, "spark", &self.link().edge_to_agent);
+                ws.send(Message::Text(ack.to_text().into())).await.unwrap();
+                if report.job_id == id {
+                    return report.result;
+                }
+            }
+        }
+    }
+}
+
+/// A Claude session is resumed only for the caller that the agent's own sealed record
+/// names (the caller comes in the edge's signed order). Another caller's job, a session no
+/// job made (a transcript put in Claude's folder by hand), a record made up or changed on
+/// the disk (a job can write `DATA_DIR`), a hostile id in a signed order: each job fails
+/// before Claude runs, saying to resume only sessions one's own jobs returned, and no
+/// transcript is copied. The owner resumes its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_resumed_only_for_the_caller_its_sealed_record_names() {
+    use shared::contract::ErrorCode;
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    let t = now();
+    let order = |id: &str, caller: &str, session: Option<&str>, prompt: &str| {
+        let mut o = edge.order(id, "spark", t, t + 60_000, prompt);
+        o.caller = caller.into();
+        o.spec.session_id = session.map(String::from);
+        o
+    };
+    let made = edge.result_of(&mut ws, order("made", "a", None, "@transcript the word is kiwi")).await;
+    assert!(made.success, "{made:?}");
+    let session = made.session_id.clone().expect("a session");
+    let (data, projects) = (agent.data.path().join("data"), agent.data.path().join("claude-config/projects"));
+    let record = data.join("sessions").join(&session);
+    // Written while the result travels.
+    assert!(eventually(Duration::from_secs(5), || record.exists()).await, "the agent recorded whose the session is");
+    let sealed = std::fs::read_to_string(&record).unwrap();
+    let copies = |id: &str| {
+        let file = format!("{id}.jsonl");
+        std::fs::read_dir(&projects).unwrap().flatten().filter(|d| d.path().join(&file).exists()).count()
+    };
+    assert_eq!(copies(&session), 1);
+    let refused = |result: &shared::job::JobResult, caller: &str| {
+        assert!(!result.success, "{result:?}");
+        assert_eq!(result.error_code, Some(ErrorCode::InvalidRequest), "{result:?}");
+        let error = result.error.clone().unwrap_or_default();
+        assert!(error.contains(&format!("unknown to caller `{caller}`")) && error.contains("your own jobs"), "{error}");
+    };
+
+    // Another caller, knowing the id.
+    refused(&edge.result_of(&mut ws, order("b-1", "b", Some(&session), "which word?")).await, "b");
+    // A session no job made: a transcript put there by hand (the operator's own run).
+    std::fs::create_dir_all(projects.join("-home-operator")).unwrap();
+    std::fs::write(projects.join("-home-operator/by-hand-1.jsonl"), "{}\n").unwrap();
+    refused(&edge.result_of(&mut ws, order("hand-1", "a", Some("by-hand-1"), "go on")).await, "a");
+    // …with a record made up for it, in the record's shape.
+    let payload = serde_json::json!({"session_id": "by-hand-1", "caller": "a", "pool": "default", "job_id": "x", "used_at": t}).to_string();
+    let forged = serde_json::json!({"payload": payload, "mac": shared::keys::encode(&[7; 32])}).to_string();
+    std::fs::write(data.join("sessions/by-hand-1"), forged).unwrap();
+    refused(&edge.result_of(&mut ws, order("hand-2", "a", Some("by-hand-1"), "go on")).await, "a");
+    // a's record changed to name b, its MAC kept.
+    let changed = sealed.replace(r#"\"caller\":\"a\""#, r#"\"caller\":\"b\""#);
+    assert_ne!(changed, sealed);
+    std::fs::write(&record, &changed).unwrap();
+    refused(&edge.result_of(&mut ws, order("b-2", "b", Some(&session), "which word?")).await, "b");
+    // Hostile ids in an order the edge signed: no path is built from them.
+    let long = "a".repeat(129);
+    for (i, id) in ["../../records/0", "..", long.as_str(), "sé"].into_iter().enumerate() {
+        let result = edge.result_of(&mut ws, order(&format!("hostile-{i}"), "a", Some(id), "x")).await;
+        assert_eq!(result.error_code, Some(ErrorCode::InvalidRequest), "{id:?}: {result:?}");
+        assert!(result.error.unwrap().contains("session `-`"), "the id is not repeated");
+    }
+    // A caller name that is not a plain name is refused (it would reach a log line).
+    let odd = Envelope::seal(Domain::Job, &order("odd", "a\nINFO forged", None, "x"), &edge.edge_key);
+    assert!(rejected(&answer(&mut ws, odd).await).contains("caller"));
+    assert_eq!(agent.claude_runs().len(), 1, "Claude ran for a's first job only");
+    assert_eq!((copies(&session), copies("by-hand-1")), (1, 1), "no transcript was copied");
+    let log = agent.log();
+    for why in ["the session is caller `a`'s", "no record of the session", "not sealed by this agent"] {
+        assert!(log.contains(why), "the operator's log says why ({why}): {log}");
+    }
+
+    // a's own record back in place: a resumes its session, carried into the new workspace.
+    std::fs::write(&record, &sealed).unwrap();
+    let resumed = edge.result_of(&mut ws, order("a-2", "a", Some(&session), "which word?")).await;
+    assert!(resumed.success, "{resumed:?}");
+    assert_eq!(resumed.output, format!("stand-in answer to: which word? (resumed {session} after 1 turns)"));
+    assert_eq!(copies(&session), 2);
 }
