@@ -285,7 +285,7 @@ async fn run_claude(
     let launch = Launch { program: &cfg.claude_bin, args: claude::args(spec, cfg.claude_model.as_deref()), cwd, env, stdin: spec.prompt.clone() };
     let mut redactor = ctx.login.redactor(crate::now_ms());
     let mut redactor_read = Instant::now();
-    let mut transcript = Transcript::default();
+    let mut transcript = Transcript::resuming(spec.session_id.clone());
     let mut carry = Carry::default();
     let mut seq = 0u64;
     // Events wait here for their batch (agent_core::progress). The batches are sent from

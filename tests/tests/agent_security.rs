@@ -1000,3 +1000,46 @@ async fn a_session_is_resumed_only_for_the_caller_its_sealed_record_names() {
     assert_eq!(resumed.output, format!("stand-in answer to: which word? (resumed {session} after 1 turns)"));
     assert_eq!(copies(&session), 2);
 }
+
+/// A job's output after Claude's first line is the job's to shape (a command can write to
+/// Claude's stdout): a job that names another session there — a second `init` line, the
+/// result line — must not have that session recorded as its caller's. Here a's record is
+/// gone (a job can delete `DATA_DIR`'s files), so nothing else would keep b from taking a's
+/// session over and resuming a's conversation. The session recorded, and returned, is the
+/// one Claude's own first line named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_a_job_only_names_in_its_output_is_not_recorded_as_its_callers() {
+    use shared::contract::ErrorCode;
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    let t = now();
+    let order = |id: &str, caller: &str, session: Option<&str>, prompt: &str| {
+        let mut o = edge.order(id, "spark", t, t + 60_000, prompt);
+        o.caller = caller.into();
+        o.spec.session_id = session.map(String::from);
+        o
+    };
+    let data = agent.data.path().join("data");
+    let recorded = |id: &str| data.join("sessions").join(id).exists();
+    let made = edge.result_of(&mut ws, order("a-1", "a", None, "@transcript the word is kiwi")).await;
+    let theirs = made.session_id.clone().expect("a session");
+    assert!(eventually(Duration::from_secs(5), || recorded(&theirs)).await, "a's session recorded");
+    std::fs::remove_file(data.join("sessions").join(&theirs)).unwrap();
+
+    let claim = format!("@transcript @claim_session={theirs} hello");
+    let claimed = edge.result_of(&mut ws, order("b-1", "b", None, &claim)).await;
+    assert!(claimed.success, "{claimed:?}");
+    let own = claimed.session_id.clone().expect("b's own session");
+    assert_ne!(own, theirs, "the session returned is the one Claude's first line named");
+    assert!(eventually(Duration::from_secs(5), || recorded(&own)).await, "b's own session recorded");
+    assert!(!recorded(&theirs), "a's session was not recorded as b's");
+    let stolen = edge.result_of(&mut ws, order("b-2", "b", Some(&theirs), "which word?")).await;
+    assert_eq!(stolen.error_code, Some(ErrorCode::InvalidRequest), "{stolen:?}");
+    assert!(!stolen.output.contains("kiwi"), "{stolen:?}");
+    // b resumes its own.
+    let resumed = edge.result_of(&mut ws, order("b-3", "b", Some(&own), "go on")).await;
+    assert!(resumed.success, "{resumed:?}");
+    assert_eq!(resumed.output, format!("stand-in answer to: go on (resumed {own} after 1 turns)"));
+}

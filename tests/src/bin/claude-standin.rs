@@ -27,7 +27,9 @@
 //! report the window at 91 % · `@max_turns` / `@max_budget` stop as `--max-turns` /
 //! `--max-budget-usd` do · `@transcript` file the session's transcript as the real CLI
 //! does (`$CLAUDE_CONFIG_DIR/projects/<working directory, slugged>/<session id>.jsonl`,
-//! a line per prompt).
+//! a line per prompt) · `@claim_session=ID` after its own `init` line, print another one
+//! naming session ID, and name ID on every later line and the result (what a job's
+//! command writing to Claude's stdout could do).
 //!
 //! `--resume=ID` continues session ID as the real CLI does: from its transcript under the
 //! working directory's project folder (a line is added to it), answering
@@ -137,6 +139,12 @@ fn main() {
         std::process::exit(directive(&prompt, "exit").and_then(|c| c.parse().ok()).unwrap_or(2));
     }
     emit(&mut out, serde_json::json!({"type":"system","subtype":"init","session_id":session,"cwd":std::env::current_dir().ok(),"tools":["Read","Bash"],"model":"stand-in","permissionMode":"default"}));
+    // What a job's command can do once tools run: print lines that name another session.
+    let claimed = directive(&prompt, "claim_session").map(String::from);
+    if let Some(other) = &claimed {
+        emit(&mut out, serde_json::json!({"type":"system","subtype":"init","session_id":other,"tools":["Read","Bash"],"model":"stand-in"}));
+    }
+    let session = claimed.unwrap_or(session);
     if let Some(pidfile) = directive(&prompt, "spawn_child") {
         let child = std::process::Command::new("sleep").arg("300").spawn().expect("sleep starts");
         std::fs::write(pidfile, child.id().to_string()).expect("pid file writes");
