@@ -10,7 +10,7 @@ use crate::report::Reporter;
 use crate::process::Stop;
 use crate::replay::ReplayGuard;
 use crate::runner::{self, JobContext};
-use crate::sessions::{Owner, Sessions};
+use crate::sessions::{Claim, Owner, Sessions};
 use crate::spool::{Spool, StoredResult};
 use crate::status::StatusFile;
 use futures_util::FutureExt;
@@ -140,8 +140,17 @@ impl Agent {
             })?;
         }
         let replay = ReplayGuard::open(cfg.data_dir.join("seen-orders.log"));
-        let sessions = Sessions::open(cfg.data_dir.join("sessions"), crate::sessions::key(&cfg.signing_key), crate::now_ms())
+        let (sessions, loaded) = Sessions::open(cfg.data_dir.join("sessions.log"), crate::sessions::key(&cfg.signing_key), &cfg.agent_id, crate::now_ms())
             .map_err(|e| anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display()))?;
+        if loaded.skipped > 0 {
+            warn!(
+                agent_id = %cfg.agent_id, skipped = loaded.skipped, sessions = loaded.sessions,
+                "records in DATA_DIR/sessions.log skipped: not sealed by this agent for their session (torn by a crash, written or changed by a job, or sealed under another signing key); a session whose every record was skipped cannot be resumed"
+            );
+        }
+        if let Some(e) = &loaded.unreadable {
+            warn!(agent_id = %cfg.agent_id, error = %e, sessions = loaded.sessions, "DATA_DIR/sessions.log could not be read to its end: the sessions in the rest cannot be resumed; fix its permissions or the disk");
+        }
         // The redactor also knows the agent's own secrets and the repository tokens.
         let login = Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.repos.token_values()).with_secrets(cfg.secrets.iter().map(String::as_str));
         let reporter = Arc::new(Reporter::new(login.clone()));
@@ -423,10 +432,9 @@ impl Agent {
             (true, _) => self.reporter.run_succeeded(),
             _ => {}
         }
-        let session = result.session_id.clone();
-        if let Some(session) = &session {
-            self.sessions.ended(session, owner);
-        }
+        // Whose the session is, decided in memory now: the result may reach the caller,
+        // and the caller's next job this agent, before the record is written.
+        let session = result.session_id.clone().filter(|session| self.claimed(job_id, session, owner));
         let stored = StoredResult::of(&ResultReport { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), result });
         // Kept before it is MACed: a reconnect in between sends it from the spool, under
         // the new connection's key.
@@ -457,7 +465,12 @@ impl Agent {
         let written = tokio::task::spawn_blocking(move || {
             let written = spool.write_sent(&id);
             if let Some(session) = session {
-                record_session(&sessions, &session, &owner, &id, &agent_id);
+                if let Err(e) = sessions.write(&session, &owner, &id, crate::now_ms()) {
+                    warn!(
+                        job_id = %id, agent_id = %agent_id, error = %e,
+                        "could not record whose the job's Claude session is, so it cannot be resumed after the agent restarts: free space in DATA_DIR or fix its permissions"
+                    );
+                }
             }
             if let Some(leftover) = leftover {
                 leftover.clean_up_now();
@@ -505,6 +518,23 @@ impl Agent {
         }
     }
 
+    /// Whether the session job `job_id` ended in is its owner's (made theirs in memory now;
+    /// its record is then to be written), saying in the log what did not go as asked.
+    fn claimed(&self, job_id: &str, session: &str, owner: &Owner) -> bool {
+        let agent_id = &self.cfg.agent_id;
+        match self.sessions.ended(session, owner, job_id, crate::now_ms()) {
+            Claim::Owned => true,
+            Claim::Theirs(first) => {
+                warn!(job_id, agent_id = %agent_id, caller = %owner.caller, owner = %first.caller, "the job ended in a session recorded for another caller; it stays theirs");
+                false
+            }
+            Claim::NotPlain => {
+                warn!(job_id, agent_id = %agent_id, "the job's session id is not a plain id (not Claude's): not recorded, it cannot be resumed");
+                false
+            }
+        }
+    }
+
     /// No new job starts from now on; the running ones go on.
     pub fn close(&self) {
         let mut running = self.running.lock().expect("running lock");
@@ -519,24 +549,5 @@ impl Agent {
         for stop in running.jobs.values_mut().filter_map(Option::take) {
             let _ = stop.send(Stop::AgentStopping);
         }
-    }
-}
-
-/// Records whose `session` is (blocking), saying in the log what did not go as asked.
-fn record_session(sessions: &Sessions, session: &str, owner: &Owner, job_id: &str, agent_id: &str) {
-    if !shared::ids::plain_id(session, shared::ids::MAX_JOB_ID) {
-        warn!(job_id, agent_id, "the job's session id is not a plain id (not Claude's): not recorded, it cannot be resumed");
-        return;
-    }
-    match sessions.record(session, owner, job_id, crate::now_ms()) {
-        Ok(None) => {}
-        Ok(Some(first)) => warn!(
-            job_id, agent_id, caller = %owner.caller, owner = %first.caller,
-            "the job ended in a session recorded for another caller; it stays theirs"
-        ),
-        Err(e) => warn!(
-            job_id, agent_id, error = %e,
-            "could not record whose the job's Claude session is, so it cannot be resumed: free space in DATA_DIR or fix its permissions"
-        ),
     }
 }

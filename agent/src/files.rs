@@ -41,14 +41,20 @@ pub fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> std::io::Re
 /// pipe there is no record. The error keeps the kind of the open's (`NotFound`).
 pub fn open_plain(path: &Path, write: bool, what: &str) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
-    let not_plain = || std::io::Error::other(format!("{} is not a {what} (not a plain file): move it out of the way", path.display()));
     let mut options = std::fs::OpenOptions::new();
     if write {
         options.write(true).create(true).truncate(false).mode(PRIVATE_FILE);
     } else {
         options.read(true);
     }
+    open_plain_with(path, options, what)
+}
+
+/// [`open_plain`] with the caller's `options` (appending, say).
+pub fn open_plain_with(path: &Path, mut options: std::fs::OpenOptions, what: &str) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let not_plain = || std::io::Error::other(format!("{} is not a {what} (not a plain file): move it out of the way", path.display()));
     let file = options
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)

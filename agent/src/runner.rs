@@ -115,7 +115,7 @@ async fn run_in(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot
     // First: a job that may not resume its session does nothing else (no checkout, no
     // Claude spend).
     if let Some(session) = &spec.session_id {
-        if let Err(why) = may_resume(ctx, session).await {
+        if let Err(why) = may_resume(ctx, session) {
             let caller = &ctx.owner.caller;
             warn!(job_id, agent_id = %ctx.cfg.agent_id, session_id = shared::ids::shown_job_id(session), caller = %caller, reason = %why, "session not resumed: the job fails before Claude runs");
             return JobResult::failure(ErrorCode::InvalidRequest, sessions::unknown_to(session, caller), started.elapsed().as_millis() as u64);
@@ -240,14 +240,12 @@ async fn hand_back(
     }
 }
 
-/// Whether the job may resume `session` ([`Sessions::check`], in the blocking pool: it
-/// reads a file).
-async fn may_resume(ctx: &JobContext, session: &str) -> Result<(), sessions::Refused> {
-    let Some(records) = ctx.sessions.clone() else { return Err(sessions::Refused::NoRecord) };
-    let (session, owner) = (session.to_string(), ctx.owner.clone());
-    tokio::task::spawn_blocking(move || records.check(&session, &owner, crate::now_ms()))
-        .await
-        .unwrap_or_else(|e| Err(sessions::Refused::Unreadable(e.to_string())))
+/// Whether the job may resume `session` ([`Sessions::check`]: a lookup in memory).
+fn may_resume(ctx: &JobContext, session: &str) -> Result<(), sessions::Refused> {
+    match &ctx.sessions {
+        Some(records) => records.check(session, &ctx.owner, crate::now_ms()),
+        None => Err(sessions::Refused::NoRecord),
+    }
 }
 
 /// [`workspace::carry_session`], in the blocking pool: it lists every project folder

@@ -922,15 +922,16 @@ impl FakeEdge {
 
 /// A Claude session is resumed only for the caller that the agent's own sealed record
 /// names (the caller comes in the edge's signed order). Another caller's job, a session no
-/// job made (a transcript put in Claude's folder by hand), a record made up or changed on
-/// the disk (a job can write `DATA_DIR`), a hostile id in a signed order: each job fails
-/// before Claude runs, saying to resume only sessions one's own jobs returned, and no
-/// transcript is copied. The owner resumes its own.
+/// job made (a transcript put in Claude's folder by hand), a record made up or changed in
+/// the log (a job can write `DATA_DIR`) — heeded neither at once nor after a restart —, a
+/// hostile id in a signed order: each job fails before Claude runs, saying to resume only
+/// sessions one's own jobs returned, and no transcript is copied. The owner resumes its
+/// own, after a restart too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_is_resumed_only_for_the_caller_its_sealed_record_names() {
     use shared::contract::ErrorCode;
     let edge = FakeEdge::new().await;
-    let agent = edge.start_agent();
+    let mut agent = edge.start_agent();
     let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
     assert!(hello.is_some(), "{}", agent.log());
     let t = now();
@@ -944,10 +945,10 @@ async fn a_session_is_resumed_only_for_the_caller_its_sealed_record_names() {
     assert!(made.success, "{made:?}");
     let session = made.session_id.clone().expect("a session");
     let (data, projects) = (agent.data.path().join("data"), agent.data.path().join("claude-config/projects"));
-    let record = data.join("sessions").join(&session);
+    let log = data.join("sessions.log");
     // Written while the result travels.
-    assert!(eventually(Duration::from_secs(5), || record.exists()).await, "the agent recorded whose the session is");
-    let sealed = std::fs::read_to_string(&record).unwrap();
+    assert!(eventually(Duration::from_secs(5), || recorded(&log, &session)).await, "the agent recorded whose the session is");
+    let sealed = std::fs::read_to_string(&log).unwrap();
     let copies = |id: &str| {
         let file = format!("{id}.jsonl");
         std::fs::read_dir(&projects).unwrap().flatten().filter(|d| d.path().join(&file).exists()).count()
@@ -966,17 +967,24 @@ async fn a_session_is_resumed_only_for_the_caller_its_sealed_record_names() {
     std::fs::create_dir_all(projects.join("-home-operator")).unwrap();
     std::fs::write(projects.join("-home-operator/by-hand-1.jsonl"), "{}\n").unwrap();
     refused(&edge.result_of(&mut ws, order("hand-1", "a", Some("by-hand-1"), "go on")).await, "a");
-    // …with a record made up for it, in the record's shape.
+    // …with a record made up for it, in the record's shape, and a's record changed to
+    // name b, its MAC kept: added to the log as a job could.
     let payload = serde_json::json!({"session_id": "by-hand-1", "caller": "a", "pool": "default", "job_id": "x", "used_at": t}).to_string();
     let forged = serde_json::json!({"payload": payload, "mac": shared::keys::encode(&[7; 32])}).to_string();
-    std::fs::write(data.join("sessions/by-hand-1"), forged).unwrap();
-    refused(&edge.result_of(&mut ws, order("hand-2", "a", Some("by-hand-1"), "go on")).await, "a");
-    // a's record changed to name b, its MAC kept.
     let changed = sealed.replace(r#"\"caller\":\"a\""#, r#"\"caller\":\"b\""#);
     assert_ne!(changed, sealed);
-    std::fs::write(&record, &changed).unwrap();
+    let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(&mut file, format!("{forged}\n{changed}").as_bytes()).unwrap();
+    refused(&edge.result_of(&mut ws, order("hand-2", "a", Some("by-hand-1"), "go on")).await, "a");
     refused(&edge.result_of(&mut ws, order("b-2", "b", Some(&session), "which word?")).await, "b");
-    // Hostile ids in an order the edge signed: no path is built from them.
+    // Nor when the agent reads the log again at its start.
+    agent.restart();
+    drop(ws);
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    refused(&edge.result_of(&mut ws, order("hand-3", "a", Some("by-hand-1"), "go on")).await, "a");
+    refused(&edge.result_of(&mut ws, order("b-3", "b", Some(&session), "which word?")).await, "b");
+    // Hostile ids in an order the edge signed: nothing is looked up with them.
     let long = "a".repeat(129);
     for (i, id) in ["../../records/0", "..", long.as_str(), "sé"].into_iter().enumerate() {
         let result = edge.result_of(&mut ws, order(&format!("hostile-{i}"), "a", Some(id), "x")).await;
@@ -988,30 +996,35 @@ async fn a_session_is_resumed_only_for_the_caller_its_sealed_record_names() {
     assert!(rejected(&answer(&mut ws, odd).await).contains("caller"));
     assert_eq!(agent.claude_runs().len(), 1, "Claude ran for a's first job only");
     assert_eq!((copies(&session), copies("by-hand-1")), (1, 1), "no transcript was copied");
-    let log = agent.log();
+    let said = agent.log();
     for why in ["the session is caller `a`'s", "no record of the session", "not sealed by this agent"] {
-        assert!(log.contains(why), "the operator's log says why ({why}): {log}");
+        assert!(said.contains(why), "the operator's log says why ({why}): {said}");
     }
 
-    // a's own record back in place: a resumes its session, carried into the new workspace.
-    std::fs::write(&record, &sealed).unwrap();
+    // a resumes its session (its record survived the restart and the lines after it),
+    // carried into the new workspace.
     let resumed = edge.result_of(&mut ws, order("a-2", "a", Some(&session), "which word?")).await;
     assert!(resumed.success, "{resumed:?}");
     assert_eq!(resumed.output, format!("stand-in answer to: which word? (resumed {session} after 1 turns)"));
     assert_eq!(copies(&session), 2);
 }
 
+/// Whether the session log at `log` holds a record of session `id` (sealed or not).
+fn recorded(log: &std::path::Path, id: &str) -> bool {
+    std::fs::read_to_string(log).unwrap_or_default().contains(&format!(r#"\"session_id\":\"{id}\""#))
+}
+
 /// A job's output after Claude's first line is the job's to shape (a command can write to
 /// Claude's stdout): a job that names another session there — a second `init` line, the
 /// result line — must not have that session recorded as its caller's. Here a's record is
-/// gone (a job can delete `DATA_DIR`'s files), so nothing else would keep b from taking a's
+/// gone (a job can empty the session log), so nothing else would keep b from taking a's
 /// session over and resuming a's conversation. The session recorded, and returned, is the
 /// one Claude's own first line named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_a_job_only_names_in_its_output_is_not_recorded_as_its_callers() {
     use shared::contract::ErrorCode;
     let edge = FakeEdge::new().await;
-    let agent = edge.start_agent();
+    let mut agent = edge.start_agent();
     let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
     assert!(hello.is_some(), "{}", agent.log());
     let t = now();
@@ -1021,12 +1034,17 @@ async fn a_session_a_job_only_names_in_its_output_is_not_recorded_as_its_callers
         o.spec.session_id = session.map(String::from);
         o
     };
-    let data = agent.data.path().join("data");
-    let recorded = |id: &str| data.join("sessions").join(id).exists();
+    let log = agent.data.path().join("data/sessions.log");
+    let recorded = |id: &str| recorded(&log, id);
     let made = edge.result_of(&mut ws, order("a-1", "a", None, "@transcript the word is kiwi")).await;
     let theirs = made.session_id.clone().expect("a session");
     assert!(eventually(Duration::from_secs(5), || recorded(&theirs)).await, "a's session recorded");
-    std::fs::remove_file(data.join("sessions").join(&theirs)).unwrap();
+    // Emptied by a job, then read by the agent at its next start: a's session is no one's.
+    std::fs::write(&log, "").unwrap();
+    agent.restart();
+    drop(ws);
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
 
     let claim = format!("@transcript @claim_session={theirs} hello");
     let claimed = edge.result_of(&mut ws, order("b-1", "b", None, &claim)).await;
@@ -1038,6 +1056,9 @@ async fn a_session_a_job_only_names_in_its_output_is_not_recorded_as_its_callers
     let stolen = edge.result_of(&mut ws, order("b-2", "b", Some(&theirs), "which word?")).await;
     assert_eq!(stolen.error_code, Some(ErrorCode::InvalidRequest), "{stolen:?}");
     assert!(!stolen.output.contains("kiwi"), "{stolen:?}");
+    // (a lost its record with the log: README says so.)
+    let lost = edge.result_of(&mut ws, order("a-2", "a", Some(&theirs), "which word?")).await;
+    assert_eq!(lost.error_code, Some(ErrorCode::InvalidRequest), "{lost:?}");
     // b resumes its own.
     let resumed = edge.result_of(&mut ws, order("b-3", "b", Some(&own), "go on")).await;
     assert!(resumed.success, "{resumed:?}");
