@@ -10,6 +10,7 @@ use crate::report::Reporter;
 use crate::process::Stop;
 use crate::replay::ReplayGuard;
 use crate::runner::{self, JobContext};
+use crate::sessions::{Claim, Owner, Sessions};
 use crate::spool::{Spool, StoredResult};
 use crate::status::StatusFile;
 use futures_util::FutureExt;
@@ -83,6 +84,8 @@ pub struct Agent {
     replay: Mutex<ReplayGuard>,
     /// The repository mirrors and what jobs do with them.
     pub repos: Arc<crate::repo::Repos>,
+    /// Whose each Claude session is.
+    sessions: Arc<Sessions>,
     running: Mutex<Running>,
     /// `DATA_DIR/workspaces`, symlinks resolved.
     workspaces: Arc<std::path::PathBuf>,
@@ -137,6 +140,17 @@ impl Agent {
             })?;
         }
         let replay = ReplayGuard::open(cfg.data_dir.join("seen-orders.log"));
+        let (sessions, loaded) = Sessions::open(cfg.data_dir.join("sessions.log"), crate::sessions::key(&cfg.signing_key), &cfg.agent_id, crate::now_ms())
+            .map_err(|e| anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display()))?;
+        if loaded.skipped > 0 {
+            warn!(
+                agent_id = %cfg.agent_id, skipped = loaded.skipped, sessions = loaded.sessions,
+                "records in DATA_DIR/sessions.log skipped: not sealed by this agent for their session (torn by a crash, written or changed by a job, or sealed under another signing key); a session whose every record was skipped cannot be resumed"
+            );
+        }
+        if let Some(e) = &loaded.unreadable {
+            warn!(agent_id = %cfg.agent_id, error = %e, sessions = loaded.sessions, "DATA_DIR/sessions.log could not be read to its end: the sessions in the rest cannot be resumed; fix its permissions or the disk");
+        }
         // The redactor also knows the agent's own secrets and the repository tokens.
         let login = Login::new(cfg.claude_config_dir.as_deref()).with_secrets(cfg.repos.token_values()).with_secrets(cfg.secrets.iter().map(String::as_str));
         let reporter = Arc::new(Reporter::new(login.clone()));
@@ -169,6 +183,7 @@ impl Agent {
             spool: Arc::new(spool),
             replay: Mutex::new(replay),
             repos: Arc::new(repos),
+            sessions: Arc::new(sessions),
             running: Mutex::new(Running::default()),
             workspaces: Arc::new(workspaces),
             _data_lock: data_lock,
@@ -181,9 +196,11 @@ impl Agent {
         Ok((Arc::new(agent), Queues { uplink: uplink_rx, jobs: jobs_rx }))
     }
 
-    /// What a job runner gets to see.
-    fn job_context(&self, order_nonce: &str) -> JobContext {
+    /// What a job runner gets to see: its order's nonce and its caller.
+    fn job_context(&self, order_nonce: &str, caller: &str) -> JobContext {
         JobContext {
+            sessions: Some(Arc::clone(&self.sessions)),
+            owner: Owner { caller: caller.to_string(), pool: self.cfg.pool.clone() },
             cfg: Arc::clone(&self.cfg),
             login: Arc::clone(&self.login),
             inherited_env: Arc::clone(&self.inherited_env),
@@ -346,6 +363,12 @@ impl Agent {
             self.reject(&order.header, reason, false);
             return;
         }
+        if !shared::placement::valid_caller(&order.caller) {
+            // The edge names callers by plain names only; this one would reach a log line.
+            warn!(job_id = %job_id, agent_id = %self.cfg.agent_id, "order refused: a caller name that is not a plain name");
+            self.reject(&order.header, "the order's caller is not a plain name", false);
+            return;
+        }
         if running.jobs.contains_key(&job_id) {
             warn!(job_id = %job_id, agent_id = %self.cfg.agent_id, "sent a job that runs here already; telling the edge");
             let _ = self.uplink.send(AgentMessage::Accepted { job_id });
@@ -375,7 +398,7 @@ impl Agent {
         let id = job_id.clone();
         let task = async move {
             let job_id = id;
-            let ctx = agent.job_context(&order.header.nonce);
+            let ctx = agent.job_context(&order.header.nonce, &order.caller);
             // A bug in the runner must not leave the slot taken and the caller waiting:
             // a panicked job still ends, as a failure.
             let run = std::panic::AssertUnwindSafe(runner::run(&ctx, &job_id, order.spec, stop_rx)).catch_unwind();
@@ -386,7 +409,7 @@ impl Agent {
                     (JobResult::failure(ErrorCode::InternalError, "the agent failed while running this job (see its log); retry", 0), None)
                 }
             };
-            agent.finish(&job_id, &ctx.order_nonce, result, leftover).await;
+            agent.finish(&job_id, &ctx.order_nonce, &ctx.owner, result, leftover).await;
         };
         if self.jobs.send(Box::pin(task)).is_err() {
             // The serve loop is gone: the agent is exiting.
@@ -402,13 +425,17 @@ impl Agent {
     /// its slot, and tell the edge. The result is sent first and written to disk while it
     /// travels, synced only if the edge has not acknowledged it soon after (see
     /// [`crate::spool`]); the job's workspace is removed after that write, in the same trip
-    /// off the async threads.
-    async fn finish(self: &Arc<Self>, job_id: &str, order_nonce: &str, result: JobResult, leftover: Option<runner::Leftover>) {
+    /// off the async threads, as is the record of whose its Claude session is
+    /// ([`crate::sessions`]; held in memory from before the result goes).
+    async fn finish(self: &Arc<Self>, job_id: &str, order_nonce: &str, owner: &Owner, result: JobResult, leftover: Option<runner::Leftover>) {
         match (result.success, result.error_code) {
             (false, Some(ErrorCode::RunnerOauthError)) => self.reporter.auth_failed(true),
             (true, _) => self.reporter.run_succeeded(),
             _ => {}
         }
+        // Whose the session is, decided in memory now: the result may reach the caller,
+        // and the caller's next job this agent, before the record is written.
+        let session = result.session_id.clone().filter(|session| self.claimed(job_id, session, owner));
         let stored = StoredResult::of(&ResultReport { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), result });
         // Kept before it is MACed: a reconnect in between sends it from the spool, under
         // the new connection's key.
@@ -435,8 +462,17 @@ impl Agent {
         // The job's task lasts until its result is on disk: a drain waits for it.
         let spool = Arc::clone(&self.spool);
         let id = job_id.to_string();
+        let (sessions, owner, agent_id) = (Arc::clone(&self.sessions), owner.clone(), self.cfg.agent_id.clone());
         let written = tokio::task::spawn_blocking(move || {
             let written = spool.write_sent(&id, false);
+            if let Some(session) = session {
+                if let Err(e) = sessions.write(&session, &owner, &id, crate::now_ms()) {
+                    warn!(
+                        job_id = %id, agent_id = %agent_id, error = %e,
+                        "could not record whose the job's Claude session is, so it cannot be resumed after the agent restarts: free space in DATA_DIR or fix its permissions"
+                    );
+                }
+            }
             if let Some(leftover) = leftover {
                 leftover.clean_up_now();
             }
@@ -490,6 +526,23 @@ impl Agent {
                 let _ = stop.send(Stop::Cancelled(order.reason));
             }
             None => info!(job_id = %order.header.job_id, agent_id = %self.cfg.agent_id, "cancel for a job not running here"),
+        }
+    }
+
+    /// Whether the session job `job_id` ended in is its owner's (made theirs in memory now;
+    /// its record is then to be written), saying in the log what did not go as asked.
+    fn claimed(&self, job_id: &str, session: &str, owner: &Owner) -> bool {
+        let agent_id = &self.cfg.agent_id;
+        match self.sessions.ended(session, owner, job_id, crate::now_ms()) {
+            Claim::Owned => true,
+            Claim::Theirs(first) => {
+                warn!(job_id, agent_id = %agent_id, caller = %owner.caller, owner = %first.caller, "the job ended in a session recorded for another caller; it stays theirs");
+                false
+            }
+            Claim::NotPlain => {
+                warn!(job_id, agent_id = %agent_id, "the job's session id is not a plain id (not Claude's): not recorded, it cannot be resumed");
+                false
+            }
         }
     }
 

@@ -44,6 +44,7 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
     let workspaces = crate::workspace::root(&cfg.data_dir)
         .map(Arc::new)
         .map_err(|e| vec![format!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())])?;
+    let pool = cfg.pool.clone();
     let ctx = JobContext {
         inherited_env: crate::process::inherited_environment(&cfg.job_env_allow).into(),
         login: Arc::new(login),
@@ -57,6 +58,9 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
         progress_clock: Default::default(),
         spool: None,
         workspaces,
+        // The canary resumes no session and leaves none to resume.
+        sessions: None,
+        owner: crate::sessions::Owner { caller: "canary".into(), pool },
     };
     let spec: JobSpec = serde_json::from_value(json!({"prompt": PROMPT, "timeout_ms": TIMEOUT.as_millis() as u64, "max_turns": 1}))
         .expect("the canary's spec is valid");

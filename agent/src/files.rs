@@ -33,6 +33,38 @@ pub fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> std::io::Re
     written
 }
 
+/// Opens a file the agent keeps (`what` names it in errors: "slot record", "session
+/// record") — for reading, or for writing (made on its first use) — as a plain file, or
+/// fails with an error that names it: never through a link (a record is read from and
+/// written into its own file only), and never waiting on a pipe put there (an open waits
+/// for the other end, and would hold every job's start with it): a folder, a link or a
+/// pipe there is no record. The error keeps the kind of the open's (`NotFound`).
+pub fn open_plain(path: &Path, write: bool, what: &str) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    if write {
+        options.write(true).create(true).truncate(false).mode(PRIVATE_FILE);
+    } else {
+        options.read(true);
+    }
+    open_plain_with(path, options, what)
+}
+
+/// [`open_plain`] with the caller's `options` (appending, say).
+pub fn open_plain_with(path: &Path, mut options: std::fs::OpenOptions, what: &str) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let not_plain = || std::io::Error::other(format!("{} is not a {what} (not a plain file): move it out of the way", path.display()));
+    let file = options
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| if e.raw_os_error() == Some(libc::ENXIO) { not_plain() } else { named(e) })?;
+    if !file.metadata().map_err(named)?.is_file() {
+        return Err(not_plain());
+    }
+    Ok(file)
+}
+
 /// Takes the lock that makes a folder one process's own, held for as long as the returned
 /// file stays open (the kernel lets it go when the process ends, however it ends; `exec`'d
 /// children do not inherit it: std opens files close-on-exec). `None`: another process

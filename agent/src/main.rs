@@ -29,6 +29,8 @@
 //! - [`spool`]: one record file per job slot: "started" records, and results until the
 //!   edge acknowledges them (format: the library's `record`).
 //! - [`replay`]: remembered order nonces.
+//! - [`sessions`]: whose each Claude session is: a session is resumed only for the caller
+//!   whose job made it.
 //! - [`files`]: atomic, owner-only files.
 //! - [`status`]: the agent's state file, and `claude-runner status`.
 //! - [`signin`]: `claude-runner login`, the re-login relay from a terminal.
@@ -57,6 +59,7 @@ mod report;
 mod replay;
 mod runner;
 mod serve;
+mod sessions;
 mod signin;
 mod spool;
 mod status;

@@ -14,6 +14,7 @@ use crate::redact::Carry;
 use crate::spool::Spool;
 use crate::repo::error::RepoError;
 use crate::repo::Repos;
+use crate::sessions::{self, Owner, Sessions};
 use crate::workspace;
 use shared::contract::ErrorCode;
 use shared::job::{JobResult, JobSpec};
@@ -56,6 +57,11 @@ pub struct JobContext {
     pub progress_clock: Arc<ProgressClock>,
     /// The folder of the jobs' workspaces, symlinks resolved ([`workspace::root`]).
     pub workspaces: Arc<PathBuf>,
+    /// Whose each Claude session is (None for a job no edge knows of, which resumes none).
+    pub sessions: Option<Arc<Sessions>>,
+    /// The job's caller (named in its signed order) and pool: it may resume only their
+    /// sessions, and the session it ends in becomes theirs.
+    pub owner: Owner,
 }
 
 /// After Claude, the diff and the push get the rest of the job's time and this much more
@@ -106,6 +112,15 @@ async fn run_in(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot
     let started = Instant::now();
     // Every wait before Claude counts against the job's timeout, and a cancel ends it.
     let deadline = deadline_of(started, spec.timeout_ms);
+    // First: a job that may not resume its session does nothing else (no checkout, no
+    // Claude spend).
+    if let Some(session) = &spec.session_id {
+        if let Err(why) = may_resume(ctx, session) {
+            let caller = &ctx.owner.caller;
+            warn!(job_id, agent_id = %ctx.cfg.agent_id, session_id = shared::ids::shown_job_id(session), caller = %caller, reason = %why, "session not resumed: the job fails before Claude runs");
+            return JobResult::failure(ErrorCode::InvalidRequest, sessions::unknown_to(session, caller), started.elapsed().as_millis() as u64);
+        }
+    }
     let (cwd, repo) = match &spec.repo_url {
         None => match workspace::prepare(&ctx.workspaces, job_id, spec.working_dir.as_deref()) {
             Ok(dir) => (dir, None),
@@ -225,6 +240,14 @@ async fn hand_back(
     }
 }
 
+/// Whether the job may resume `session` ([`Sessions::check`]: a lookup in memory).
+fn may_resume(ctx: &JobContext, session: &str) -> Result<(), sessions::Refused> {
+    match &ctx.sessions {
+        Some(records) => records.check(session, &ctx.owner, crate::now_ms()),
+        None => Err(sessions::Refused::NoRecord),
+    }
+}
+
 /// [`workspace::carry_session`], in the blocking pool: it lists every project folder
 /// Claude made here (one per job's workspace, so it grows with every job run) and copies a
 /// transcript of any size, and the agent's one runtime thread carries every job's progress
@@ -260,7 +283,7 @@ async fn run_claude(
     let launch = Launch { program: &cfg.claude_bin, args: claude::args(spec, cfg.claude_model.as_deref()), cwd, env, stdin: spec.prompt.clone() };
     let mut redactor = ctx.login.redactor(crate::now_ms());
     let mut redactor_read = Instant::now();
-    let mut transcript = Transcript::default();
+    let mut transcript = Transcript::resuming(spec.session_id.clone());
     let mut carry = Carry::default();
     let mut seq = 0u64;
     // Events wait here for their batch (agent_core::progress). The batches are sent from

@@ -21,7 +21,8 @@ const DELIVERY_GRACE: Duration = Duration::from_secs(10);
 /// Runs the agent until a stop request arrives on `stops`, then drains and returns.
 pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<Request>) -> anyhow::Result<()> {
     info!(agent_id = %cfg.agent_id, edge = %cfg.connect_url, capacity = cfg.max_concurrent_jobs, claude = %cfg.claude_bin, "agent starting");
-    let (agent, queues) = Agent::new(cfg)?;
+    // Off the runtime thread: it reads DATA_DIR (the spool, the session log) whole.
+    let (agent, queues) = tokio::task::spawn_blocking(move || Agent::new(cfg)).await.map_err(|e| anyhow::anyhow!("the agent failed while starting: {e}"))??;
     if let Err(e) = crate::process::start_launcher() {
         // Each job tries again, and fails with this in its error if it still cannot.
         warn!(agent_id = %agent.cfg.agent_id, error = %e, "could not start the launcher that starts Claude");

@@ -36,14 +36,14 @@
 //! Older agents kept a marker file per job (`DATA_DIR/started/<job>`) and a spool file per
 //! result: both are still read at start-up, so an agent upgraded in place loses nothing.
 
-use crate::files::{write_atomically, PRIVATE_FILE};
+use crate::files::{open_plain, write_atomically};
 use agent_core::record::{self, Region};
 use shared::contract::ErrorCode;
 use shared::envelope::{Domain, Envelope, Tagged};
 use shared::protocol::ResultReport;
 use shared::job::JobResult;
 use std::collections::BTreeMap;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -78,9 +78,7 @@ pub struct Seal {
 
 impl Seal {
     pub fn new(agent_key: &ed25519_dalek::SigningKey) -> Seal {
-        // Derived, not the signing key's bytes themselves: one key, one use.
-        let key = shared::link::MacKey::from_bytes(agent_key.to_bytes()).tag(b"claude-runner/v9/spool-seal-key", &[]);
-        Seal { key: shared::link::MacKey::from_bytes(key), own: agent_key.verifying_key() }
+        Seal { key: kept_key(agent_key, b"claude-runner/v9/spool-seal-key"), own: agent_key.verifying_key() }
     }
 
     /// A result as it is written: its payload and its MAC, the connections' [`Tagged`]
@@ -120,6 +118,13 @@ impl Seal {
     fn open_bytes(&self, bytes: &[u8], job_id: &str) -> Option<StoredResult> {
         self.open(serde_json::from_slice(bytes).ok()?, job_id, None)
     }
+}
+
+/// The key that seals one kind of what the agent keeps on its disk (`use_of` names it:
+/// kept results, session records): derived from the agent's signing key, not its bytes
+/// themselves — one key, one use — so it is as far out of a job's reach as that key is.
+pub fn kept_key(agent_key: &ed25519_dalek::SigningKey, use_of: &[u8]) -> shared::link::MacKey {
+    shared::link::MacKey::from_bytes(shared::link::MacKey::from_bytes(agent_key.to_bytes()).tag(use_of, &[]))
 }
 
 /// More record files than this in `DATA_DIR/records` are not the agent's.
@@ -201,30 +206,6 @@ pub fn interrupted() -> JobResult {
     )
 }
 
-/// Opens a slot's record file — for reading, or for writing (made on its first use) — as
-/// a plain file, or fails with an error that names it: never through a link (a record is
-/// read from and written into the slot's own file only), and never waiting on a pipe put
-/// there (an open for writing waits for a reader, and would hold every job's start with
-/// it): a folder, a link or a pipe there is no record.
-fn open_record(path: &std::path::Path, write: bool) -> std::io::Result<std::fs::File> {
-    let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
-    let not_plain = || std::io::Error::other(format!("{} is not a slot record (not a plain file): move it out of the way", path.display()));
-    let mut options = std::fs::OpenOptions::new();
-    if write {
-        options.write(true).create(true).truncate(false).mode(PRIVATE_FILE);
-    } else {
-        options.read(true);
-    }
-    let file = options
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| if e.raw_os_error() == Some(libc::ENXIO) { not_plain() } else { named(e) })?;
-    if !file.metadata().map_err(named)?.is_file() {
-        return Err(not_plain());
-    }
-    Ok(file)
-}
-
 /// Reads the record at `at` (nothing there, or a short file, reads as no record).
 fn read_region(file: &std::fs::File, at: u64) -> std::io::Result<Region> {
     let mut header = vec![0; record::HEADER_BYTES];
@@ -280,7 +261,7 @@ impl Spool {
         let mut unfinished = Vec::new();
         for n in found {
             let path = records.join(n.to_string());
-            let file = open_record(&path, false)?;
+            let file = open_plain(&path, false, "slot record")?;
             match read_region(&file, record::STARTED_AT)? {
                 Region::Started(started) => match read_region(&file, record::RESULT_AT)? {
                     Region::Finished(f) if f.job_id == started.job_id && f.order_nonce == started.order_nonce => {
@@ -399,7 +380,7 @@ impl Spool {
         if let Some(file) = &open[n] {
             return Ok(file.clone());
         }
-        let file = std::sync::Arc::new(open_record(&self.slot_path(n), true)?);
+        let file = std::sync::Arc::new(open_plain(&self.slot_path(n), true, "slot record")?);
         open[n] = Some(file.clone());
         Ok(file)
     }

@@ -118,6 +118,8 @@ pub fn clear_leftovers(root: &Path, keep: bool) -> usize {
 /// Claude Code files a session under `projects/<its working directory, slugged>/<id>.jsonl`
 /// and `--resume` looks only under the current directory's folder. Every job has a fresh
 /// workspace, so a session from an earlier job is copied to where this job's Claude looks.
+/// Called only for a session [`crate::sessions`] says is the job's caller's: it copies
+/// whatever transcript of that name it finds.
 pub fn carry_session(config_dir: &Path, session_id: &str, cwd: &Path) -> std::io::Result<()> {
     // The edge allows only plain ids; check again before building paths.
     if !shared::ids::plain_id(session_id, shared::ids::MAX_JOB_ID) {

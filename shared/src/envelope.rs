@@ -44,6 +44,9 @@ pub enum Domain {
     /// The agent → its own disk: a result kept until acknowledged, sealed so that one
     /// changed there is not sent (never on the wire).
     KeptResult,
+    /// The agent → its own disk: which caller a Claude session belongs to, sealed so that
+    /// a job cannot make one up or change one (never on the wire).
+    KeptSession,
 }
 
 impl Domain {
@@ -61,6 +64,7 @@ impl Domain {
             Domain::Rejection => b"claude-runner/v1/agent-rejection\n",
             Domain::Heartbeat => b"claude-runner/v1/agent-heartbeat\n",
             Domain::KeptResult => b"claude-runner/v9/kept-result\n",
+            Domain::KeptSession => b"claude-runner/v10/kept-session\n",
         }
     }
 }

@@ -105,7 +105,10 @@ use serde::{Deserialize, Serialize};
 /// reports and the edge's result acknowledgements MACed with keys derived from them
 /// instead of signed ([`crate::link`]). A version-8 peer would send signatures where a
 /// MAC is expected (and expect them).
-pub const PROTOCOL_VERSION: u32 = 9;
+/// 10: job orders name their caller ([`JobOrder::caller`]): the agent resumes a Claude
+/// session only for the caller whose job made it. A version-9 agent would carry any
+/// session it finds on its disk into any caller's job.
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
@@ -431,6 +434,11 @@ pub struct JobOrder {
     /// Its number on that connection (1, 2, … in the order sent): the agent takes each
     /// number once and in order, and states the highest it took as [`Slots::received`].
     pub order_no: u64,
+    /// Whose job it is: the edge's name for its caller (lowered, `default` for a request
+    /// that names none). Inside the signature, so the path cannot change it: the agent
+    /// binds the Claude sessions the job makes to this caller, and resumes a session
+    /// (`spec.session_id`) only for the caller it is bound to.
+    pub caller: String,
     pub spec: JobSpec,
 }
 
@@ -578,7 +586,7 @@ mod tests {
     fn job_order(challenge: &str, order_no: u64) -> JobOrder {
         let header = OrderHeader::new("j1", crate::envelope::Audience { agent_id: "spark", pool: "default" }, 1_000, "j1:1".into());
         let spec: JobSpec = serde_json::from_str(r#"{"prompt":"x","timeout_ms":1000}"#).unwrap();
-        JobOrder { header, challenge: challenge.into(), order_no, spec }
+        JobOrder { header, challenge: challenge.into(), order_no, caller: "default".into(), spec }
     }
 
     #[test]
@@ -611,6 +619,24 @@ mod tests {
         }
         // An order without them (a version-6 edge's) does not decode.
         let old = serde_json::json!({"job_id":"j1","agent_id":"spark","pool":"default","issued_at":1,"expires_at":2,"nonce":"n","spec":{"prompt":"x","timeout_ms":1000}});
+        assert!(serde_json::from_value::<JobOrder>(old).is_err());
+    }
+
+    #[test]
+    fn a_job_order_carries_its_caller_inside_the_signature() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let order = JobOrder { caller: "a".into(), ..job_order("c1", 1) };
+        let envelope = Envelope::seal(Domain::Job, &order, &key);
+        assert_eq!(envelope.open::<JobOrder>(Domain::Job, &key.verifying_key()).unwrap().caller, "a");
+        // Changed on the path to another caller (to resume that caller's sessions): the
+        // signature breaks.
+        let moved = Envelope { payload: envelope.payload.replace(r#""caller":"a""#, r#""caller":"b""#), sig: envelope.sig.clone() };
+        assert_ne!(moved.payload, envelope.payload);
+        assert!(moved.open::<JobOrder>(Domain::Job, &key.verifying_key()).is_err());
+        // A version-9 edge's order names no caller: it does not decode (the versions
+        // refuse each other at the handshake anyway).
+        let mut old = serde_json::to_value(&order).unwrap();
+        old.as_object_mut().unwrap().remove("caller");
         assert!(serde_json::from_value::<JobOrder>(old).is_err());
     }
 

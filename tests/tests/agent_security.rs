@@ -218,6 +218,7 @@ fn order(job_id: &str, agent: &str, issued_at: u64, expires_at: u64, prompt: &st
             expires_at,
             nonce: format!("{job_id}:1"),
         },
+        caller: "default".into(),
         spec: spec(prompt),
     }
 }
@@ -512,9 +513,9 @@ async fn an_agent_welcomed_into_another_pool_hangs_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_protocol_version_is_refused_by_name() {
-    // 8: an edge from before per-connection keys (it would take signatures where this
-    // agent sends MACs).
-    assert_eq!(PROTOCOL_VERSION, 9);
+    // 9: an edge from before orders named their caller (this agent would take its orders
+    // as caller-less and refuse them all).
+    assert_eq!(PROTOCOL_VERSION, 10);
     for other in [PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1] {
         let edge = FakeEdge::new().await;
         let agent = edge.start_agent();
@@ -898,4 +899,168 @@ async fn an_order_let_through_after_a_later_one_never_runs() {
     let runs: Vec<String> = agent.claude_runs().iter().map(|r| r["prompt"].as_str().unwrap_or_default().to_string()).collect();
     // (The refusal is made before anything starts: nothing of `first` can start later.)
     assert!(!runs.iter().any(|p| p == "first"), "the order let through late ran: {runs:?}");
+}
+
+impl FakeEdge {
+    /// Sends `order` (signed by the edge) and returns its result, acknowledged.
+    async fn result_of(&self, ws: &mut Ws, order: JobOrder) -> shared::job::JobResult {
+        let id = order.header.job_id.clone();
+        let accepted = answer(ws, Envelope::seal(Domain::Job, &order, &self.edge_key)).await;
+        assert!(matches!(accepted, AgentMessage::Accepted { .. }), "{id}: {accepted:?}");
+        loop {
+            if let AgentMessage::Result { envelope } = recv(ws).await.expect("a result") {
+                let report = self.report(&envelope);
+                let ack = EdgeMessage::result_ack(&report.job_id, "spark", &self.link().edge_to_agent);
+                ws.send(Message::Text(ack.to_text().into())).await.unwrap();
+                if report.job_id == id {
+                    return report.result;
+                }
+            }
+        }
+    }
+}
+
+/// A Claude session is resumed only for the caller that the agent's own sealed record
+/// names (the caller comes in the edge's signed order). Another caller's job, a session no
+/// job made (a transcript put in Claude's folder by hand), a record made up or changed in
+/// the log (a job can write `DATA_DIR`) — heeded neither at once nor after a restart —, a
+/// hostile id in a signed order: each job fails before Claude runs, saying to resume only
+/// sessions one's own jobs returned, and no transcript is copied. The owner resumes its
+/// own, after a restart too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_is_resumed_only_for_the_caller_its_sealed_record_names() {
+    use shared::contract::ErrorCode;
+    let edge = FakeEdge::new().await;
+    let mut agent = edge.start_agent();
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    let t = now();
+    let order = |id: &str, caller: &str, session: Option<&str>, prompt: &str| {
+        let mut o = edge.order(id, "spark", t, t + 60_000, prompt);
+        o.caller = caller.into();
+        o.spec.session_id = session.map(String::from);
+        o
+    };
+    let made = edge.result_of(&mut ws, order("made", "a", None, "@transcript the word is kiwi")).await;
+    assert!(made.success, "{made:?}");
+    let session = made.session_id.clone().expect("a session");
+    let (data, projects) = (agent.data.path().join("data"), agent.data.path().join("claude-config/projects"));
+    let log = data.join("sessions.log");
+    // Written while the result travels.
+    assert!(eventually(Duration::from_secs(5), || recorded(&log, &session)).await, "the agent recorded whose the session is");
+    let sealed = std::fs::read_to_string(&log).unwrap();
+    let copies = |id: &str| {
+        let file = format!("{id}.jsonl");
+        std::fs::read_dir(&projects).unwrap().flatten().filter(|d| d.path().join(&file).exists()).count()
+    };
+    assert_eq!(copies(&session), 1);
+    let refused = |result: &shared::job::JobResult, caller: &str| {
+        assert!(!result.success, "{result:?}");
+        assert_eq!(result.error_code, Some(ErrorCode::InvalidRequest), "{result:?}");
+        let error = result.error.clone().unwrap_or_default();
+        assert!(error.contains(&format!("unknown to caller `{caller}`")) && error.contains("your own jobs"), "{error}");
+    };
+
+    // Another caller, knowing the id.
+    refused(&edge.result_of(&mut ws, order("b-1", "b", Some(&session), "which word?")).await, "b");
+    // A session no job made: a transcript put there by hand (the operator's own run).
+    std::fs::create_dir_all(projects.join("-home-operator")).unwrap();
+    std::fs::write(projects.join("-home-operator/by-hand-1.jsonl"), "{}\n").unwrap();
+    refused(&edge.result_of(&mut ws, order("hand-1", "a", Some("by-hand-1"), "go on")).await, "a");
+    // …with a record made up for it, in the record's shape, and a's record changed to
+    // name b, its MAC kept: added to the log as a job could.
+    let payload = serde_json::json!({"session_id": "by-hand-1", "caller": "a", "pool": "default", "job_id": "x", "used_at": t}).to_string();
+    let forged = serde_json::json!({"payload": payload, "mac": shared::keys::encode(&[7; 32])}).to_string();
+    let changed = sealed.replace(r#"\"caller\":\"a\""#, r#"\"caller\":\"b\""#);
+    assert_ne!(changed, sealed);
+    let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(&mut file, format!("{forged}\n{changed}").as_bytes()).unwrap();
+    refused(&edge.result_of(&mut ws, order("hand-2", "a", Some("by-hand-1"), "go on")).await, "a");
+    refused(&edge.result_of(&mut ws, order("b-2", "b", Some(&session), "which word?")).await, "b");
+    // Nor when the agent reads the log again at its start.
+    agent.restart();
+    drop(ws);
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    refused(&edge.result_of(&mut ws, order("hand-3", "a", Some("by-hand-1"), "go on")).await, "a");
+    refused(&edge.result_of(&mut ws, order("b-3", "b", Some(&session), "which word?")).await, "b");
+    // Hostile ids in an order the edge signed: nothing is looked up with them.
+    let long = "a".repeat(129);
+    for (i, id) in ["../../records/0", "..", long.as_str(), "sé"].into_iter().enumerate() {
+        let result = edge.result_of(&mut ws, order(&format!("hostile-{i}"), "a", Some(id), "x")).await;
+        assert_eq!(result.error_code, Some(ErrorCode::InvalidRequest), "{id:?}: {result:?}");
+        assert!(result.error.unwrap().contains("session `-`"), "the id is not repeated");
+    }
+    // A caller name that is not a plain name is refused (it would reach a log line).
+    let odd = Envelope::seal(Domain::Job, &order("odd", "a\nINFO forged", None, "x"), &edge.edge_key);
+    assert!(rejected(&answer(&mut ws, odd).await).contains("caller"));
+    assert_eq!(agent.claude_runs().len(), 1, "Claude ran for a's first job only");
+    assert_eq!((copies(&session), copies("by-hand-1")), (1, 1), "no transcript was copied");
+    let said = agent.log();
+    for why in ["the session is caller `a`'s", "no record of the session", "not sealed by this agent"] {
+        assert!(said.contains(why), "the operator's log says why ({why}): {said}");
+    }
+
+    // a resumes its session (its record survived the restart and the lines after it),
+    // carried into the new workspace.
+    let resumed = edge.result_of(&mut ws, order("a-2", "a", Some(&session), "which word?")).await;
+    assert!(resumed.success, "{resumed:?}");
+    assert_eq!(resumed.output, format!("stand-in answer to: which word? (resumed {session} after 1 turns)"));
+    assert_eq!(copies(&session), 2);
+}
+
+/// Whether the session log at `log` holds a record of session `id` (sealed or not).
+fn recorded(log: &std::path::Path, id: &str) -> bool {
+    std::fs::read_to_string(log).unwrap_or_default().contains(&format!(r#"\"session_id\":\"{id}\""#))
+}
+
+/// A job's output after Claude's first line is the job's to shape (a command can write to
+/// Claude's stdout): a job that names another session there — a second `init` line, the
+/// result line — must not have that session recorded as its caller's. Here a's record is
+/// gone (a job can empty the session log), so nothing else would keep b from taking a's
+/// session over and resuming a's conversation. The session recorded, and returned, is the
+/// one Claude's own first line named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_a_job_only_names_in_its_output_is_not_recorded_as_its_callers() {
+    use shared::contract::ErrorCode;
+    let edge = FakeEdge::new().await;
+    let mut agent = edge.start_agent();
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    let t = now();
+    let order = |id: &str, caller: &str, session: Option<&str>, prompt: &str| {
+        let mut o = edge.order(id, "spark", t, t + 60_000, prompt);
+        o.caller = caller.into();
+        o.spec.session_id = session.map(String::from);
+        o
+    };
+    let log = agent.data.path().join("data/sessions.log");
+    let recorded = |id: &str| recorded(&log, id);
+    let made = edge.result_of(&mut ws, order("a-1", "a", None, "@transcript the word is kiwi")).await;
+    let theirs = made.session_id.clone().expect("a session");
+    assert!(eventually(Duration::from_secs(5), || recorded(&theirs)).await, "a's session recorded");
+    // Emptied by a job, then read by the agent at its next start: a's session is no one's.
+    std::fs::write(&log, "").unwrap();
+    agent.restart();
+    drop(ws);
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+
+    let claim = format!("@transcript @claim_session={theirs} hello");
+    let claimed = edge.result_of(&mut ws, order("b-1", "b", None, &claim)).await;
+    assert!(claimed.success, "{claimed:?}");
+    let own = claimed.session_id.clone().expect("b's own session");
+    assert_ne!(own, theirs, "the session returned is the one Claude's first line named");
+    assert!(eventually(Duration::from_secs(5), || recorded(&own)).await, "b's own session recorded");
+    assert!(!recorded(&theirs), "a's session was not recorded as b's");
+    let stolen = edge.result_of(&mut ws, order("b-2", "b", Some(&theirs), "which word?")).await;
+    assert_eq!(stolen.error_code, Some(ErrorCode::InvalidRequest), "{stolen:?}");
+    assert!(!stolen.output.contains("kiwi"), "{stolen:?}");
+    // (a lost its record with the log: README says so.)
+    let lost = edge.result_of(&mut ws, order("a-2", "a", Some(&theirs), "which word?")).await;
+    assert_eq!(lost.error_code, Some(ErrorCode::InvalidRequest), "{lost:?}");
+    // b resumes its own.
+    let resumed = edge.result_of(&mut ws, order("b-3", "b", Some(&own), "go on")).await;
+    assert!(resumed.success, "{resumed:?}");
+    assert_eq!(resumed.output, format!("stand-in answer to: go on (resumed {own} after 1 turns)"));
 }

@@ -70,8 +70,7 @@ async fn request_options_reach_claude_as_flags(kind: EdgeKind) {
         .execute(json!({
             "prompt": "--help is not a flag here", "model": "claude-test-model", "max_turns": 4,
             "allowed_tools": ["Read", "Bash(git log:*)"], "disallowed_tools": ["Write"],
-            "permission_mode": "acceptEdits", "append_system_prompt": "be terse",
-            "session_id": "0b7c1c7e-0000-4000-8000-000000000000", "working_dir": "sub/dir"
+            "permission_mode": "acceptEdits", "append_system_prompt": "be terse", "working_dir": "sub/dir"
         }))
         .await;
     assert_eq!(a.status, 200, "{}", a.text);
@@ -82,12 +81,12 @@ async fn request_options_reach_claude_as_flags(kind: EdgeKind) {
         "-p", "--output-format", "stream-json", "--verbose", "--model=claude-test-model", "--max-turns=4",
         "--allowedTools=Read", "--allowedTools=Bash(git log:*)", "--disallowedTools=Write",
         "--permission-mode=acceptEdits", "--append-system-prompt=be terse",
-        "--resume=0b7c1c7e-0000-4000-8000-000000000000",
     ] {
         assert!(argv.contains(&flag.to_string()), "{flag} missing from {argv:?}");
     }
     assert_eq!(runs[0]["prompt"], "--help is not a flag here", "the prompt arrives on stdin");
     assert!(runs[0]["cwd"].as_str().unwrap().ends_with("sub/dir"));
+    // (`session_id` → `--resume`: a_session_is_resumed_by_its_own_caller_alone.)
 }
 
 async fn offline_is_answered_at_once_with_fallback(kind: EdgeKind) {
@@ -189,6 +188,70 @@ async fn a_named_callers_secret_is_that_caller_alone(kind: EdgeKind) {
     assert!(h.body.get("oauth").is_none() && h.body.get("agent").is_none(), "{}", h.text);
     let a = s.client.send("GET", "/oauth/status", Some(A), None).await;
     assert_eq!(a.status, 403, "{}", a.text);
+}
+
+/// `session_id` resumes a Claude session only for the caller whose job made it: with two
+/// callers' secrets (`RUNNER_SECRETS`), b — knowing the id a's job returned — is refused
+/// before Claude runs, and a's transcript is not copied into b's job; nor may the pool's
+/// secret (another caller), nor anyone a session no job made (a transcript put in Claude's
+/// folder by hand). a resumes its own. Hostile ids are a 400 at the edge.
+async fn a_session_is_resumed_by_its_own_caller_alone(kind: EdgeKind) {
+    const A: &str = "caller-a-secret-0123456789";
+    const B: &str = "caller-b-secret-0123456789";
+    let s = setup(kind, &[("RUNNER_SECRETS", &format!("a={A},b={B}"))], &[]).await;
+    let body = |v: serde_json::Value| Some(v.to_string().into_bytes());
+    let first = s.client.send("POST", "/execute", Some(A), body(json!({"prompt": "@transcript the word is kiwi"}))).await;
+    assert_eq!((first.status, first.body["success"].as_bool()), (200, Some(true)), "{}", first.text);
+    let session = first.body["session_id"].as_str().unwrap().to_string();
+    let projects = s.agent.data.path().join("claude-config/projects");
+    let copies = || -> Vec<std::path::PathBuf> {
+        let file = format!("{session}.jsonl");
+        std::fs::read_dir(&projects).unwrap().flatten().map(|d| d.path().join(&file)).filter(|p| p.exists()).collect()
+    };
+    assert_eq!(copies().len(), 1, "a's job filed its transcript");
+
+    for (secret, who) in [(B, "b"), (SECRET, "default")] {
+        let other = s.client.send("POST", "/execute", Some(secret), body(json!({"prompt": "which word?", "session_id": session}))).await;
+        assert_eq!((other.status, other.body["error_code"].as_str()), (400, Some("INVALID_REQUEST")), "{who}: {}", other.text);
+        let error = other.body["error"].as_str().unwrap();
+        assert!(error.contains(&format!("unknown to caller `{who}`")) && error.contains("your own jobs"), "{error}");
+        assert_ne!(other.body["fallback"].as_bool(), Some(true), "not a task to run elsewhere: {}", other.text);
+        let job = s.client.send("GET", &format!("/jobs/{}", other.body["job_id"].as_str().unwrap()), Some(secret), None).await;
+        assert_eq!((job.body["state"].as_str(), job.body["result"]["error_code"].as_str()), (Some("failed"), Some("INVALID_REQUEST")), "{}", job.text);
+    }
+    assert_eq!(s.agent.claude_runs().len(), 1, "Claude never ran for them");
+    assert_eq!(copies().len(), 1, "a's transcript was not copied into their jobs");
+
+    // A session nobody's job made: a transcript put in Claude's folder by hand.
+    std::fs::create_dir_all(projects.join("-home-operator")).unwrap();
+    std::fs::write(projects.join("-home-operator/by-hand-1.jsonl"), "{\"secret\":1}\n").unwrap();
+    for secret in [A, SECRET] {
+        let hand = s.client.send("POST", "/execute", Some(secret), body(json!({"prompt": "go on", "session_id": "by-hand-1"}))).await;
+        assert_eq!((hand.status, hand.body["error_code"].as_str()), (400, Some("INVALID_REQUEST")), "{}", hand.text);
+    }
+    assert_eq!(s.agent.claude_runs().len(), 1);
+
+    // Hostile ids never reach the agent.
+    let long = "a".repeat(129);
+    for id in ["../../etc/passwd", "..", long.as_str(), "sé-1", "a/b", ""] {
+        let bad = s.client.send("POST", "/execute", Some(A), body(json!({"prompt": "x", "session_id": id}))).await;
+        assert_eq!((bad.status, bad.body["error_code"].as_str()), (400, Some("INVALID_REQUEST")), "{id:?}: {}", bad.text);
+        assert!(bad.body["error"].as_str().unwrap().contains("session_id"), "{}", bad.text);
+    }
+
+    // a resumes its own, from its transcript, carried into the new job's workspace.
+    let own = s.client.send("POST", "/execute", Some(A), body(json!({"prompt": "which word?", "session_id": session}))).await;
+    assert_eq!((own.status, own.body["success"].as_bool()), (200, Some(true)), "{}", own.text);
+    assert_eq!(own.body["output"].as_str().unwrap(), format!("stand-in answer to: which word? (resumed {session} after 1 turns)"));
+    assert_eq!(own.body["session_id"].as_str(), Some(session.as_str()));
+    let runs = s.agent.claude_runs();
+    assert_eq!(runs.len(), 2);
+    assert!(runs[1]["argv"].as_array().unwrap().iter().any(|a| a.as_str() == Some(&format!("--resume={session}"))), "{}", runs[1]["argv"]);
+    // …and again: the session is still a's after its resumed run.
+    let again = s.client.send("POST", "/execute", Some(A), body(json!({"prompt": "and now?", "session_id": session}))).await;
+    assert_eq!((again.status, again.body["success"].as_bool()), (200, Some(true)), "{}", again.text);
+    let b = s.client.send("POST", "/execute", Some(B), body(json!({"prompt": "x", "session_id": session}))).await;
+    assert_eq!(b.status, 400, "{}", b.text);
 }
 
 /// Requests announcing a body of 64 MiB that never comes: an edge that read (or drained)
@@ -1460,6 +1523,7 @@ contract!(
     health_follows_the_agent,
     health_without_the_secret_says_only_its_status,
     a_named_callers_secret_is_that_caller_alone,
+    a_session_is_resumed_by_its_own_caller_alone,
     no_body_is_read_before_auth,
     secrets_are_checked,
     bad_requests_are_400,

@@ -349,12 +349,25 @@ async fn exceeding_max_turns_is_max_turns() {
     assert_eq!(r.message_requests().len(), 1, "the CLI stops before a second request");
 }
 
+/// A session the runner has no record of for the caller never reaches the CLI: a 400,
+/// nothing asked of the API. One it recorded whose transcript is gone (Claude Code deletes
+/// them after `cleanupPeriodDays`) does, and the CLI fails as for any unknown session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resuming_an_unknown_session_is_a_claude_error() {
+async fn an_unknown_session_is_refused_and_a_lost_transcript_is_a_claude_error() {
     let Some(claude) = real_claude() else { return };
     let r = Real::start(&claude, "ok").await;
     let unknown = "4b0c8a4e-1a7e-4c53-9b1e-2f3a4d5e6f70";
-    let a = r.execute(json!({"prompt": "continue", "session_id": unknown, "timeout_ms": 60000})).await;
+    let a = r.client.execute(json!({"prompt": "continue", "session_id": unknown, "timeout_ms": 60000})).await;
+    assert_eq!((a.status, a.body["error_code"].as_str()), (400, Some("INVALID_REQUEST")), "{}", a.text);
+    assert!(r.message_requests().is_empty(), "nothing is asked of the API");
+    let first = r.execute(json!({"prompt": "remember the word pelican", "timeout_ms": 60000})).await;
+    assert_eq!(first.body["success"], true, "{}", first.text);
+    let session = first.body["session_id"].as_str().unwrap().to_string();
+    // Its transcript removed, wherever the CLI filed it.
+    let removed = remove_files_named(r.agent.data.path(), &format!("{session}.jsonl"));
+    assert!(removed > 0, "the CLI filed the session's transcript under {}", r.agent.data.path().display());
+    let asked = r.message_requests().len();
+    let a = r.execute(json!({"prompt": "continue", "session_id": session, "timeout_ms": 60000})).await;
     let b = &a.body;
     assert_eq!(b["success"], false, "{}", a.text);
     assert_eq!(b["error_code"], "CLAUDE_ERROR", "{}", a.text);
@@ -363,7 +376,24 @@ async fn resuming_an_unknown_session_is_a_claude_error() {
     // errors ["No conversation found with session ID: …"].
     let error = b["error"].as_str().unwrap();
     assert!(error.contains("error_during_execution") || error.contains("No conversation found"), "{error}");
-    assert!(r.message_requests().is_empty(), "nothing is asked of the API");
+    assert_eq!(r.message_requests().len(), asked, "nothing more is asked of the API");
+}
+
+/// Removes every file called `name` under `dir`; returns how many.
+fn remove_files_named(dir: &Path, name: &str) -> usize {
+    let mut removed = 0;
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).into_iter().flatten().flatten() {
+            let Ok(kind) = entry.file_type() else { continue };
+            if kind.is_dir() {
+                folders.push(entry.path());
+            } else if entry.file_name().to_str() == Some(name) && std::fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
 }
 
 /// Processes whose working directory is inside `dir` (the real CLI runs in the job's

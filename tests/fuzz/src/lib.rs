@@ -623,14 +623,15 @@ mod tests {
         }
     }
 
-    /// The signed job seed reads as a job order of the current protocol (its connection and
-    /// number too): else it would only fuzz the agent's refusal of it.
+    /// The signed job seed reads as a job order of the current protocol (its connection,
+    /// number and caller too): else it would only fuzz the agent's refusal of it.
     #[test]
     fn the_signed_job_seed_is_a_whole_job_order() {
         let data = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/edge_orders/signed-job")).unwrap();
         assert_eq!(data[0] & 1, 1, "signed by the edge's key");
         let order: JobOrder = serde_json::from_slice(&data[1..]).unwrap();
         assert_eq!(order.bind("fuzz-connection", 0), Ok(()));
+        assert_eq!(order.caller, "ci");
         assert_eq!(shared::envelope::check_order(&order.header, ME, NOW), Ok(()));
     }
 

@@ -25,7 +25,16 @@
 //! `@rate_limited=SECS` end as the real CLI does when the usage window is used up (a
 //! rejected `rate_limit_event` resetting in SECS, then a 429 result) · `@usage_warning`
 //! report the window at 91 % · `@max_turns` / `@max_budget` stop as `--max-turns` /
-//! `--max-budget-usd` do.
+//! `--max-budget-usd` do · `@transcript` file the session's transcript as the real CLI
+//! does (`$CLAUDE_CONFIG_DIR/projects/<working directory, slugged>/<session id>.jsonl`,
+//! a line per prompt) · `@claim_session=ID` after its own `init` line, print another one
+//! naming session ID, and name ID on every later line and the result (what a job's
+//! command writing to Claude's stdout could do).
+//!
+//! `--resume=ID` continues session ID as the real CLI does: from its transcript under the
+//! working directory's project folder (a line is added to it), answering
+//! `stand-in answer to: <prompt> (resumed ID after N turns)`; without that transcript it
+//! fails as the real CLI does (`No conversation found with session ID: ID`).
 //!
 //! With `STANDIN_LOG` set, every invocation appends one JSON line (argv, cwd, prompt, its
 //! whole environment, so tests can see what Claude would inherit, its pid and start time
@@ -94,19 +103,48 @@ fn main() {
             libc::signal(libc::SIGTERM, libc::SIG_IGN);
         }
     }
-    let session = format!("standin-{}", std::process::id());
+    let resumed = args.iter().find_map(|a| a.strip_prefix("--resume=")).map(String::from);
+    let session = resumed.clone().unwrap_or_else(|| format!("standin-{}", std::process::id()));
     let out = std::io::stdout();
     let mut out = out.lock();
     let emit = |out: &mut std::io::StdoutLock, v: serde_json::Value| {
         let _ = writeln!(out, "{v}");
         let _ = out.flush();
     };
+    // The real CLI files a session under the working directory's project folder, and
+    // resumes one only from there.
+    let transcript = std::env::var_os("CLAUDE_CONFIG_DIR").zip(std::env::current_dir().ok()).map(|(config, cwd)| {
+        let slug: String = cwd.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+        std::path::PathBuf::from(config).join("projects").join(slug).join(format!("{session}.jsonl"))
+    });
+    let earlier_turns = match (&resumed, &transcript) {
+        (Some(id), path) => match path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+            Some(text) => Some(text.lines().count()),
+            None => {
+                emit(&mut out, serde_json::json!({"type":"result","subtype":"error_during_execution","is_error":true,"errors":[format!("No conversation found with session ID: {id}")],"session_id":id,"num_turns":0,"total_cost_usd":0}));
+                std::process::exit(1);
+            }
+        },
+        (None, _) => None,
+    };
+    if let Some(path) = transcript.filter(|_| resumed.is_some() || directive(&prompt, "transcript").is_some()) {
+        let _ = std::fs::create_dir_all(path.parent().expect("a project folder"));
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+            let _ = writeln!(f, "{}", serde_json::json!({"type": "user", "session_id": session, "prompt": prompt}));
+        }
+    }
     if directive(&prompt, "garbage").is_some() {
         let _ = writeln!(out, "Segmentation fault (this is not JSON)");
         let _ = out.flush();
         std::process::exit(directive(&prompt, "exit").and_then(|c| c.parse().ok()).unwrap_or(2));
     }
     emit(&mut out, serde_json::json!({"type":"system","subtype":"init","session_id":session,"cwd":std::env::current_dir().ok(),"tools":["Read","Bash"],"model":"stand-in","permissionMode":"default"}));
+    // What a job's command can do once tools run: print lines that name another session.
+    let claimed = directive(&prompt, "claim_session").map(String::from);
+    if let Some(other) = &claimed {
+        emit(&mut out, serde_json::json!({"type":"system","subtype":"init","session_id":other,"tools":["Read","Bash"],"model":"stand-in"}));
+    }
+    let session = claimed.unwrap_or(session);
     if let Some(pidfile) = directive(&prompt, "spawn_child") {
         let child = std::process::Command::new("sleep").arg("300").spawn().expect("sleep starts");
         std::fs::write(pidfile, child.id().to_string()).expect("pid file writes");
@@ -268,6 +306,8 @@ fn main() {
             Ok(m) => format!("mode {:o}", m.permissions().mode() & 0o777),
             Err(e) => format!("no mode: {e}"),
         }
+    } else if let (Some(id), Some(turns)) = (&resumed, earlier_turns) {
+        format!("stand-in answer to: {} (resumed {id} after {turns} turns)", prompt.trim())
     } else {
         format!("stand-in answer to: {}", prompt.trim())
     };

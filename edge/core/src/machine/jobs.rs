@@ -177,10 +177,12 @@ impl Edge {
         job.session_id = Some(session_id.to_string());
         job.order_no = order_no;
         job.attempts += 1;
-        let (nonce, spec) = (job.order_nonce(), job.spec.clone());
+        let (nonce, spec, caller) = (job.order_nonce(), job.spec.clone(), job.placement.caller().to_string());
         effects.push(Effect::Save(Box::new(job.clone())));
         let to = Audience { agent_id: &agent_id, pool: &self.cfg.pool };
-        let order = JobOrder { header: OrderHeader::new(job_id, to, now.wall, nonce), challenge, order_no, spec };
+        // The caller goes with the order: the agent resumes a Claude session only for the
+        // caller whose job made it (agent/src/sessions.rs).
+        let order = JobOrder { header: OrderHeader::new(job_id, to, now.wall, nonce), challenge, order_no, caller, spec };
         let envelope = Envelope::seal(Domain::Job, &order, &self.cfg.signing_key);
         info!(job_id = %job_id, agent_id = %agent_id, order_no, "job dispatched");
         effects.push(saved);

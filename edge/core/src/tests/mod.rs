@@ -485,16 +485,16 @@ fn a_hello_whose_connection_key_was_swapped_or_gives_no_secret_is_refused() {
 
 #[test]
 fn refuses_another_protocol_version_by_name() {
-    // 8: the last version before per-connection keys (its signed reports do not read).
-    assert_eq!(shared::protocol::PROTOCOL_VERSION, 9);
-    for old in [8, 7, 99] {
+    // 9: the last version whose orders named no caller (its agents resume any session).
+    assert_eq!(shared::protocol::PROTOCOL_VERSION, 10);
+    for old in [9, 8, 7, 99] {
         let mut edge = Edge::new(config(), 0);
         let (sid, _) = edge.connect(0, [1; 64], PEER);
         let env = Envelope { payload: "{}".into(), sig: String::new() };
         let text = AgentMessage::Hello { protocol: old, agent_id: "spark".into(), envelope: env }.to_text();
         let (code, reason) = closed(&edge.message(0, &sid, &text)).unwrap();
         assert_eq!(code, close::VERSION_MISMATCH);
-        assert!(reason.contains(&format!("v{old}")) && reason.contains("v9"), "{reason}");
+        assert!(reason.contains(&format!("v{old}")) && reason.contains("v10"), "{reason}");
     }
 }
 

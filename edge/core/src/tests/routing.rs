@@ -429,6 +429,25 @@ fn a_name_with_its_own_secret_belongs_to_that_secret() {
     assert_eq!(edge.job(&unnamed).unwrap().placement.caller(), shared::placement::DEFAULT_CALLER);
 }
 
+/// Each order names its job's caller as the edge knows it — lowered, `default` for a
+/// request that names none — inside the edge's signature: the agent resumes a Claude
+/// session only for the caller whose job made it (agent/src/sessions.rs).
+#[test]
+fn a_job_order_names_its_jobs_caller() {
+    let mut edge = Edge::new(pool_config(), 0);
+    let sid = enter(&mut edge, 0, "spark", 1, 3, "", &[]);
+    let cases = [
+        (A_SECRET, json!({"prompt": "x", "caller": "A"}), "a"),
+        (SECRET, json!({"prompt": "x", "caller": "Nightly"}), "nightly"),
+        (SECRET, json!({"prompt": "x"}), shared::placement::DEFAULT_CALLER),
+    ];
+    for (now, (secret, body, caller)) in (1..).zip(cases) {
+        let h = request(&mut edge, now, secret, "POST", "/jobs", body);
+        assert_eq!(answer(&h).0, 202);
+        assert_eq!(order_of(&h.effects, &sid, "spark", now).caller, caller);
+    }
+}
+
 #[test]
 fn a_callers_own_secret_sees_its_part_of_health_and_not_the_operators() {
     let mut edge = Edge::new(three_agents(), 0);

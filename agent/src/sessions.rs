@@ -1,0 +1,705 @@
+//! Whose each Claude session is. A job's `session_id` resumes an earlier Claude session
+//! (README, `session_id`): its transcript is on this agent's disk, under Claude's
+//! `projects/` folder, and the resumed job reads it and acts on it. So a session is
+//! resumed only for the caller whose job made it, in the same pool: when a job ends with a
+//! session id, the agent records the job's caller — named by the edge inside the signed
+//! order ([`shared::protocol::JobOrder::caller`]) — and its pool for that session; a job
+//! asking to resume a session runs only if the record names its own caller and pool.
+//! Anything else — another caller's session, one the operator ran by hand with the same
+//! Claude config dir, one made before the agent kept records, a record a job wrote — fails
+//! the job before its workspace is made and before Claude runs (no Claude spend on a job
+//! that cannot do what it asked), with the same words whether or not the session exists
+//! ([`unknown_to`]): a caller learns nothing of other callers' sessions.
+//!
+//! Why the binding lives here and not in the edge: the transcript is here and only here (a
+//! session can be resumed on the agent that ran it, nowhere else), the edge forgets a job
+//! at the end of its retention while Claude keeps transcripts for 30 days, and the edge
+//! would need a table for it in both of its hosts. The edge only names the caller in the
+//! order it signs anyway.
+//!
+//! The store: an index in memory (session → owner, last use), which decides, and an
+//! append-only log, `DATA_DIR/sessions.log`, that rebuilds it at the agent's start. A job's
+//! end adds one record to the log: one `write` of one line, `O_APPEND`, no fsync — no file
+//! made or removed per job (a new inode per job cost the agent 1-2 ms of CPU per job on a
+//! journal-less ext4: BENCHMARKS). A record lost in a crash or a power cut costs its owner
+//! a resume, never another caller a refusal: a session nobody has a record of can be
+//! resumed by nobody, and a job's session is only ever the one Claude named or the one it
+//! was allowed to resume ([`crate::claude::Transcript::session_id`]), so no one else can
+//! take a lost record's session. Each record begins and ends with a newline, so a torn one
+//! (a crash in the middle of a write, or a job's junk) ends before the next record
+//! begins, and is skipped at the next start without taking a later record with it.
+//!
+//! Forgery: a job that runs commands runs as the agent's user and can write `DATA_DIR`.
+//! So each record is sealed as the spool seals kept results ([`crate::spool::Seal`]): an
+//! HMAC-SHA256 ([`Domain::KeptSession`]) under a key derived from the agent's signing key,
+//! which such a job cannot read when the key comes from a file only root reads (README,
+//! "What a job can see"), and it names its session. A record that does not open under the
+//! key is skipped at load (and the log says how many); it never locks an owner out of its
+//! later records. A job can delete or truncate the log (its sessions then cannot be
+//! resumed after the agent's next start); it cannot add a record, or change whose one is.
+//! And a session recorded for one caller stays theirs: a later job of another caller that
+//! ends in the same session does not take it over, in memory or at a replay of the log.
+//!
+//! Bounds: a record is trusted for [`MAX_AGE_MS`] (30 days) after the last job that used
+//! its session ended — Claude Code deletes transcripts older than that by default
+//! (`cleanupPeriodDays`), so an older record would guard nothing — and at most
+//! [`MAX_RECORDS`] sessions are kept, the least recently used going first, so a flood of
+//! jobs cannot fill memory or the disk. The log is compacted when it holds more than twice
+//! the live records (and at least [`COMPACT_AT_LEAST`]): the live ones are written to a
+//! new file, synced, and renamed over it — so a crash then leaves the old log or the new.
+
+use crate::files::{open_plain_with, write_atomically};
+use shared::envelope::{Domain, Tagged};
+use shared::ids::{plain_id, MAX_JOB_ID};
+use shared::link::MacKey;
+use shared::Millis;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use tracing::warn;
+
+/// How long after the last job that used it a session's record is trusted and kept: Claude
+/// Code's own default for keeping transcripts (`cleanupPeriodDays`, 30).
+pub const MAX_AGE_MS: Millis = 30 * 24 * 3_600_000;
+/// Most sessions kept (a few hundred bytes each, in memory and in the log). Past it the
+/// least recently used go, down to nine tenths of it, so that this is not done at every
+/// job's end.
+pub const MAX_RECORDS: usize = 100_000;
+/// How often sessions past their age are dropped from memory, at most.
+const SWEEP_EVERY_MS: Millis = 3_600_000;
+/// A record is a few hundred bytes: a longer line is not one, and is not held whole.
+const MAX_RECORD_BYTES: usize = 4096;
+/// The log is not compacted below this many records, whatever it holds: a rewrite costs
+/// about as much as reading it, and a small log costs nothing.
+pub const COMPACT_AT_LEAST: usize = 4096;
+
+/// Whose a job is, for its sessions: its caller (from the signed order) and the pool the
+/// agent serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub caller: String,
+    pub pool: String,
+}
+
+/// What a record holds, sealed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Record {
+    session_id: String,
+    caller: String,
+    pool: String,
+    /// The last job that used the session (for the operator reading the log).
+    job_id: String,
+    /// When that job ended (the agent's wall clock, ms).
+    used_at: Millis,
+}
+
+/// Why a session is not resumed for a caller: logged for the operator. The caller is told
+/// only [`unknown_to`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the session id is not a plain id")]
+    NotPlain,
+    #[error("no record of the session: not made by a job of this agent (by hand, or before the agent recorded sessions), or its record was lost (a crash, a power cut, a job that emptied DATA_DIR/sessions.log; records not sealed by this agent are skipped when the agent starts)")]
+    NoRecord,
+    #[error("the session is caller `{0}`'s")]
+    OtherCaller(String),
+    #[error("the session was made in pool `{0}`")]
+    OtherPool(String),
+    #[error("its record is older than 30 days")]
+    Expired,
+}
+
+/// What became of a job's session at its end ([`Sessions::ended`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// It is the job's owner's (now, or still): its record is to be written.
+    Owned,
+    /// It is another owner's, whose record is live: it stays theirs.
+    Theirs(Owner),
+    /// Not a plain id: not Claude's, not recorded.
+    NotPlain,
+}
+
+/// What the log held at the agent's start (for the agent's log line).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Loaded {
+    /// Sessions kept (live, within the bounds).
+    pub sessions: usize,
+    /// Records that were not sealed by this agent for their session (torn, written or
+    /// changed by a job, sealed under another key) or were too long: skipped.
+    pub skipped: usize,
+    /// Why the log could not be read (to its end), if it could not.
+    pub unreadable: Option<String>,
+}
+
+/// What the caller is told when its job asks to resume a session that is not its own.
+pub fn unknown_to(session_id: &str, caller: &str) -> String {
+    let shown = if plain_id(session_id, MAX_JOB_ID) { session_id } else { "-" };
+    format!(
+        "session `{shown}` is unknown to caller `{caller}` in this pool, so it was not resumed and nothing ran: \
+         resume only a session_id your own jobs returned (sessions made before the runner recorded them cannot be \
+         resumed), or leave session_id out to start a new conversation"
+    )
+}
+
+/// The key that seals session records, from the agent's signing key.
+pub fn key(agent_key: &ed25519_dalek::SigningKey) -> MacKey {
+    crate::spool::kept_key(agent_key, b"claude-runner/v10/session-seal-key")
+}
+
+/// One session, in memory.
+#[derive(Debug, Clone)]
+struct Entry {
+    owner: Owner,
+    job_id: String,
+    used_at: Millis,
+}
+
+/// The records of one agent's sessions.
+pub struct Sessions {
+    path: PathBuf,
+    key: MacKey,
+    /// For the log lines of the store's upkeep.
+    agent_id: String,
+    /// What decides. Held for lookups and single changes only (it is taken on the runtime
+    /// thread), never across a file's reading or writing.
+    index: Mutex<HashMap<String, Entry>>,
+    /// The log's end, appended to after the index changed. Held while a record is written,
+    /// and while the log is compacted.
+    log: Mutex<Log>,
+    /// [`MAX_RECORDS`] (smaller in tests).
+    cap: usize,
+}
+
+struct Log {
+    /// Open for appending; `None` when it could not be (tried again at the next record).
+    file: Option<std::fs::File>,
+    /// Records in the file: those read at the start (skipped ones too) and those written
+    /// since.
+    records: usize,
+    swept_at: Millis,
+}
+
+impl Sessions {
+    /// The sessions recorded in the log at `path`, sealed with `key` ([`key`]); those past
+    /// their age or over the cap are dropped. Blocking (reads the whole log): call it off
+    /// the runtime thread. A log that cannot be read is no error (its owners lose their
+    /// resumes; [`Loaded`] says why); one that cannot be opened for appending is.
+    pub fn open(path: PathBuf, key: MacKey, agent_id: &str, now: Millis) -> std::io::Result<(Sessions, Loaded)> {
+        Sessions::open_capped(path, key, agent_id, now, MAX_RECORDS)
+    }
+
+    fn open_capped(path: PathBuf, key: MacKey, agent_id: &str, now: Millis, cap: usize) -> std::io::Result<(Sessions, Loaded)> {
+        // A folder, a link or a pipe a job put in the log's place: out of the way, or the
+        // agent could never record a session again.
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+            if std::fs::remove_file(&path).is_err() {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
+        let mut index = HashMap::new();
+        let mut loaded = Loaded::default();
+        let mut records = 0;
+        match open_plain_with(&path, reading(), "session log") {
+            Ok(file) => records = read_log(file, &key, &mut index, &mut loaded),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => loaded.unreadable = Some(e.to_string()),
+        }
+        drop_old(&mut index, now, cap);
+        loaded.sessions = index.len();
+        let file = open_plain_with(&path, appending(), "session log")?;
+        let log = Log { file: Some(file), records, swept_at: now };
+        let sessions = Sessions { path, key, agent_id: agent_id.to_string(), index: Mutex::new(index), log: Mutex::new(log), cap };
+        Ok((sessions, loaded))
+    }
+
+    /// Whether `owner`'s job may resume `session_id`. A lookup in memory.
+    pub fn check(&self, session_id: &str, owner: &Owner, now: Millis) -> Result<(), Refused> {
+        if !plain_id(session_id, MAX_JOB_ID) {
+            return Err(Refused::NotPlain);
+        }
+        let index = self.index.lock().expect("index lock");
+        let entry = index.get(session_id).ok_or(Refused::NoRecord)?;
+        if entry.used_at.saturating_add(MAX_AGE_MS) < now {
+            return Err(Refused::Expired);
+        }
+        if entry.owner.pool != owner.pool {
+            return Err(Refused::OtherPool(entry.owner.pool.clone()));
+        }
+        if entry.owner.caller != owner.caller {
+            return Err(Refused::OtherCaller(entry.owner.caller.clone()));
+        }
+        Ok(())
+    }
+
+    /// A job of `owner`, `job_id`, ended in `session_id` at `now`: the session is its
+    /// owner's from now on in memory (its result may reach the caller, and the caller's
+    /// next job this agent, before the record is in the log) — unless it is another
+    /// owner's ([`Claim::Theirs`]). On [`Claim::Owned`], [`Sessions::write`] writes its
+    /// record. A lookup and an insert: fit for the runtime thread.
+    pub fn ended(&self, session_id: &str, owner: &Owner, job_id: &str, now: Millis) -> Claim {
+        if !plain_id(session_id, MAX_JOB_ID) {
+            return Claim::NotPlain;
+        }
+        match take(&mut self.index.lock().expect("index lock"), session_id, owner, job_id, now) {
+            Ok(()) => Claim::Owned,
+            Err(first) => Claim::Theirs(first),
+        }
+    }
+
+    /// Appends the record of `session_id` for `owner` (after [`Sessions::ended`] said
+    /// [`Claim::Owned`]), then does what upkeep is due: sessions past their age or the cap
+    /// dropped, the log compacted. Blocking.
+    pub fn write(&self, session_id: &str, owner: &Owner, job_id: &str, now: Millis) -> std::io::Result<()> {
+        let record = Record { session_id: session_id.to_string(), caller: owner.caller.clone(), pool: owner.pool.clone(), job_id: job_id.to_string(), used_at: now };
+        let line = self.line(&record);
+        let mut log = self.log.lock().expect("log lock");
+        let file = match &mut log.file {
+            Some(file) => file,
+            // A compaction that failed half way left none: try again.
+            none => none.insert(open_plain_with(&self.path, appending(), "session log")?),
+        };
+        // One write: with O_APPEND, at the log's end whatever a job did to it.
+        file.write_all(&line)?;
+        log.records += 1;
+        self.upkeep(&mut log, now);
+        Ok(())
+    }
+
+    /// A record as the log holds it: on a line of its own, which begins with a newline
+    /// too, so a torn line before it (a crash, a job's junk) ends before it begins.
+    fn line(&self, record: &Record) -> Vec<u8> {
+        let mut line = Vec::with_capacity(384);
+        line.push(b'\n');
+        serde_json::to_writer(&mut line, &Tagged::seal(Domain::KeptSession, record, &self.key)).expect("records serialise");
+        line.push(b'\n');
+        line
+    }
+
+    fn upkeep(&self, log: &mut Log, now: Millis) {
+        let live = {
+            let mut index = self.index.lock().expect("index lock");
+            if index.len() > self.cap || now.saturating_sub(log.swept_at) >= SWEEP_EVERY_MS {
+                drop_old(&mut index, now, self.cap);
+                log.swept_at = now;
+            }
+            index.len()
+        };
+        if log.records >= COMPACT_AT_LEAST.max(2 * live + 1) {
+            match self.compact(log) {
+                Ok(kept) => tracing::info!(agent_id = %self.agent_id, kept, "session log compacted"),
+                Err(e) => {
+                    // Tried again once it has grown as much again.
+                    log.records = live;
+                    warn!(agent_id = %self.agent_id, error = %e, "could not compact DATA_DIR/sessions.log; it keeps growing until it can: free space in DATA_DIR or fix its permissions");
+                }
+            }
+        }
+    }
+
+    /// Rewrites the log with the live sessions only (synced, renamed over the log: a crash
+    /// leaves the old log or the new one). Returns how many it kept.
+    fn compact(&self, log: &mut Log) -> std::io::Result<usize> {
+        // Copied out, so that the index is not held while the file is written.
+        let live: Vec<Record> = self
+            .index
+            .lock()
+            .expect("index lock")
+            .iter()
+            .map(|(id, e)| Record { session_id: id.clone(), caller: e.owner.caller.clone(), pool: e.owner.pool.clone(), job_id: e.job_id.clone(), used_at: e.used_at })
+            .collect();
+        let mut bytes = Vec::with_capacity(live.len() * 384);
+        for record in &live {
+            bytes.extend_from_slice(&self.line(record));
+        }
+        // Until it is open again, a record tries to open it itself.
+        log.file = None;
+        write_atomically(&self.path, &bytes, true)?;
+        log.file = Some(open_plain_with(&self.path, appending(), "session log")?);
+        log.records = live.len();
+        Ok(live.len())
+    }
+}
+
+fn reading() -> std::fs::OpenOptions {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    options
+}
+
+fn appending() -> std::fs::OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.append(true).create(true).mode(crate::files::PRIVATE_FILE);
+    options
+}
+
+/// `session_id` is `owner`'s from `at` on, unless a live record names another owner: the
+/// session stays its first owner's (returned). The same rule in memory and at a replay
+/// of the log.
+fn take(index: &mut HashMap<String, Entry>, session_id: &str, owner: &Owner, job_id: &str, at: Millis) -> Result<(), Owner> {
+    match index.get_mut(session_id) {
+        Some(entry) if entry.owner != *owner && entry.used_at.saturating_add(MAX_AGE_MS) >= at => Err(entry.owner.clone()),
+        Some(entry) => {
+            if entry.owner != *owner {
+                entry.owner = owner.clone();
+            }
+            entry.job_id.clear();
+            entry.job_id.push_str(job_id);
+            entry.used_at = entry.used_at.max(at);
+            Ok(())
+        }
+        None => {
+            index.insert(session_id.to_string(), Entry { owner: owner.clone(), job_id: job_id.to_string(), used_at: at });
+            Ok(())
+        }
+    }
+}
+
+/// Drops the sessions past their age, then the least recently used past `cap`, down to
+/// nine tenths of it.
+fn drop_old(index: &mut HashMap<String, Entry>, now: Millis, cap: usize) {
+    index.retain(|_, e| e.used_at.saturating_add(MAX_AGE_MS) >= now);
+    if index.len() <= cap {
+        return;
+    }
+    let excess = index.len() - cap * 9 / 10;
+    // The excess-th oldest use, found without sorting: older ones go, and as many of the
+    // ones used at that very time as are still needed.
+    let mut times: Vec<Millis> = index.values().map(|e| e.used_at).collect();
+    let (_, nth, _) = times.select_nth_unstable(excess - 1);
+    let threshold = *nth;
+    let mut at_threshold = excess - times.iter().filter(|t| **t < threshold).count();
+    index.retain(|_, e| {
+        if e.used_at < threshold {
+            false
+        } else if e.used_at == threshold && at_threshold > 0 {
+            at_threshold -= 1;
+            false
+        } else {
+            true
+        }
+    });
+}
+
+/// Replays the log into `index`, counting what it skips in `loaded`. Returns how many
+/// records (lines) it holds.
+fn read_log(file: std::fs::File, key: &MacKey, index: &mut HashMap<String, Entry>, loaded: &mut Loaded) -> usize {
+    let mut reader = BufReader::with_capacity(256 * 1024, file);
+    let mut line = Vec::with_capacity(MAX_RECORD_BYTES);
+    let mut records = 0;
+    loop {
+        let whole = match read_line_capped(&mut reader, &mut line, MAX_RECORD_BYTES) {
+            Ok(Some(whole)) => whole,
+            Ok(None) => break,
+            Err(e) => {
+                loaded.unreadable = Some(e.to_string());
+                break;
+            }
+        };
+        let text = line.strip_suffix(b"\n").unwrap_or(&line);
+        if whole && text.is_empty() {
+            continue;
+        }
+        records += 1;
+        match whole.then(|| open_record(text, key)).flatten() {
+            Some(r) => {
+                let owner = Owner { caller: r.caller, pool: r.pool };
+                // A later record of another owner, its session live: not written by this
+                // agent (it keeps the first owner's), so not heeded either.
+                let _ = take(index, &r.session_id, &owner, &r.job_id, r.used_at);
+            }
+            None => loaded.skipped += 1,
+        }
+    }
+    records
+}
+
+/// A record this agent sealed, for a plain session id.
+fn open_record(text: &[u8], key: &MacKey) -> Option<Record> {
+    let sealed: Tagged = serde_json::from_slice(text).ok()?;
+    let record: Record = sealed.open(Domain::KeptSession, key).ok()?;
+    plain_id(&record.session_id, MAX_JOB_ID).then_some(record)
+}
+
+/// Reads one line (with its newline, if it has one) into `out`, holding at most `max`
+/// bytes of it: `Some(false)` when it was longer (`out` is then empty, the line read
+/// past), `None` at the end of the file.
+fn read_line_capped(reader: &mut impl BufRead, out: &mut Vec<u8>, max: usize) -> std::io::Result<Option<bool>> {
+    out.clear();
+    let (mut read, mut fits) = (0, true);
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok((read > 0).then_some(fits));
+        }
+        let (chunk, ends) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (&buf[..=i], true),
+            None => (buf, false),
+        };
+        if fits && out.len() + chunk.len() <= max + 1 {
+            out.extend_from_slice(chunk);
+        } else {
+            fits = false;
+            out.clear();
+        }
+        let n = chunk.len();
+        read += n;
+        reader.consume(n);
+        if ends {
+            return Ok(Some(fits));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: Millis = 1_800_000_000_000;
+
+    struct Folder(PathBuf);
+    impl Drop for Folder {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn folder(name: &str) -> Folder {
+        let dir = std::env::temp_dir().join(format!("cr-sessions-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Folder(dir)
+    }
+
+    impl Folder {
+        fn log(&self) -> PathBuf {
+            self.0.join("sessions.log")
+        }
+    }
+
+    fn key(n: u8) -> MacKey {
+        super::key(&ed25519_dalek::SigningKey::from_bytes(&[n; 32]))
+    }
+
+    fn owner(caller: &str) -> Owner {
+        Owner { caller: caller.into(), pool: "default".into() }
+    }
+
+    fn opened(dir: &Folder, now: Millis) -> (Sessions, Loaded) {
+        Sessions::open(dir.log(), key(1), "spark", now).unwrap()
+    }
+
+    /// What a job's end does: claimed in memory, then written.
+    fn record(sessions: &Sessions, id: &str, owner: &Owner, job: &str, now: Millis) -> Claim {
+        let claim = sessions.ended(id, owner, job, now);
+        if claim == Claim::Owned {
+            sessions.write(id, owner, job, now).unwrap();
+        }
+        claim
+    }
+
+    #[test]
+    fn a_session_is_resumed_only_by_the_caller_whose_job_made_it_in_its_pool() {
+        let dir = folder("owner");
+        let (sessions, _) = opened(&dir, NOW);
+        assert_eq!(record(&sessions, "s-1", &owner("a"), "job-1", NOW), Claim::Owned);
+        assert_eq!(sessions.check("s-1", &owner("a"), NOW + 1), Ok(()));
+        assert_eq!(sessions.check("s-1", &owner("b"), NOW + 1), Err(Refused::OtherCaller("a".into())));
+        let gpu = Owner { caller: "a".into(), pool: "gpu".into() };
+        assert_eq!(sessions.check("s-1", &gpu, NOW + 1), Err(Refused::OtherPool("default".into())));
+        drop(sessions);
+        // Kept across a restart of the agent (the same key).
+        let (again, loaded) = opened(&dir, NOW + 2);
+        assert_eq!(loaded, Loaded { sessions: 1, skipped: 0, unreadable: None });
+        assert_eq!(again.check("s-1", &owner("a"), NOW + 2), Ok(()));
+        // Sessions nobody recorded: no record.
+        assert_eq!(again.check("s-2", &owner("a"), NOW), Err(Refused::NoRecord));
+        // Expired 30 days after its last use; used again, it lives on, across a restart.
+        assert_eq!(again.check("s-1", &owner("a"), NOW + MAX_AGE_MS + 1), Err(Refused::Expired));
+        record(&again, "s-1", &owner("a"), "job-2", NOW + MAX_AGE_MS);
+        assert_eq!(again.check("s-1", &owner("a"), NOW + MAX_AGE_MS + 1), Ok(()));
+        drop(again);
+        let (third, loaded) = opened(&dir, NOW + MAX_AGE_MS + 1);
+        assert_eq!(loaded.sessions, 1);
+        assert_eq!(third.check("s-1", &owner("a"), NOW + MAX_AGE_MS + 1), Ok(()));
+        // One file, whatever the number of jobs.
+        assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 1);
+    }
+
+    /// A later job of another caller ending in the same session does not take the session
+    /// over, in memory or when the log is read again; an expired record does not hold it.
+    #[test]
+    fn a_session_stays_its_first_owners() {
+        let dir = folder("first");
+        let (sessions, _) = opened(&dir, NOW);
+        // Claimed at the job's end, before its record is written: the caller's next job
+        // may come first. Still not another caller's.
+        assert_eq!(sessions.ended("s-1", &owner("a"), "job-1", NOW), Claim::Owned);
+        assert_eq!(sessions.check("s-1", &owner("a"), NOW), Ok(()));
+        assert_eq!(sessions.ended("s-1", &owner("b"), "job-2", NOW + 1), Claim::Theirs(owner("a")));
+        assert_eq!(sessions.check("s-1", &owner("b"), NOW + 2), Err(Refused::OtherCaller("a".into())));
+        sessions.write("s-1", &owner("a"), "job-1", NOW).unwrap();
+        // A record of b in the log after a's (sealed by this agent: as if the rule had
+        // been broken once) does not take it at a replay either.
+        sessions.write("s-1", &owner("b"), "job-2", NOW + 1).unwrap();
+        drop(sessions);
+        let (sessions, _) = opened(&dir, NOW + 3);
+        assert_eq!(sessions.check("s-1", &owner("b"), NOW + 3), Err(Refused::OtherCaller("a".into())));
+        assert_eq!(sessions.check("s-1", &owner("a"), NOW + 3), Ok(()));
+        // a's has expired: b's job may have it.
+        assert_eq!(record(&sessions, "s-1", &owner("b"), "job-3", NOW + MAX_AGE_MS + 1), Claim::Owned);
+        assert_eq!(sessions.check("s-1", &owner("b"), NOW + MAX_AGE_MS + 2), Ok(()));
+        drop(sessions);
+        let (sessions, _) = opened(&dir, NOW + MAX_AGE_MS + 2);
+        assert_eq!(sessions.check("s-1", &owner("b"), NOW + MAX_AGE_MS + 2), Ok(()));
+    }
+
+    /// A job can write the log: a record it makes or changes, or one sealed under another
+    /// agent key, is skipped (counted), and no record torn or forged keeps an owner from
+    /// its later records.
+    #[test]
+    fn forged_changed_and_torn_records_are_skipped_and_lock_no_one_out() {
+        let dir = folder("forged");
+        let (sessions, _) = opened(&dir, NOW);
+        record(&sessions, "s-a", &owner("a"), "job-1", NOW);
+        let sealed = std::fs::read_to_string(dir.log()).unwrap();
+        let append = |text: &str| {
+            let mut f = std::fs::OpenOptions::new().append(true).open(dir.log()).unwrap();
+            f.write_all(text.as_bytes()).unwrap();
+        };
+        // Made by hand, in the record's shape, with no MAC or a made-up one.
+        let forged = |mac: &str| {
+            let payload = serde_json::json!({"session_id":"s-b","caller":"b","pool":"default","job_id":"j","used_at":NOW}).to_string();
+            serde_json::json!({"payload": payload, "mac": mac}).to_string()
+        };
+        append(&format!("{}\n{}\n{{\n", forged(""), forged(&shared::keys::encode(&[0; 32]))));
+        // a's record with its caller changed to b, its MAC kept.
+        let changed = sealed.replace(r#"\"caller\":\"a\""#, r#"\"caller\":\"b\""#);
+        assert_ne!(changed, sealed);
+        append(&changed);
+        // Sealed under another agent's key (or this one's before its key changed).
+        let other = folder("forged-other");
+        let (theirs, _) = Sessions::open(other.log(), key(2), "spark", NOW).unwrap();
+        record(&theirs, "s-d", &owner("b"), "job-9", NOW);
+        append(&std::fs::read_to_string(other.log()).unwrap());
+        // A line far longer than a record, and a torn record (a crash in the middle of a
+        // write, or a job's junk) with no newline after it.
+        append(&" ".repeat(1 << 20));
+        append(&sealed.trim()[..sealed.trim().len() / 2]);
+        // The owner's next record, after the torn one, stands on its own line.
+        record(&sessions, "s-c", &owner("c"), "job-3", NOW + 1);
+        drop(sessions);
+        let (sessions, loaded) = opened(&dir, NOW + 2);
+        assert_eq!(loaded, Loaded { sessions: 2, skipped: 6, unreadable: None }, "{:?}", std::fs::read_to_string(dir.log()));
+        assert_eq!(sessions.check("s-a", &owner("a"), NOW + 2), Ok(()));
+        assert_eq!(sessions.check("s-a", &owner("b"), NOW + 2), Err(Refused::OtherCaller("a".into())));
+        assert_eq!(sessions.check("s-c", &owner("c"), NOW + 2), Ok(()));
+        for id in ["s-b", "s-d"] {
+            assert_eq!(sessions.check(id, &owner("b"), NOW + 2), Err(Refused::NoRecord), "{id}");
+        }
+        // A forged record does not keep the session from a real owner's record.
+        assert_eq!(record(&sessions, "s-b", &owner("c"), "job-4", NOW + 3), Claim::Owned);
+        assert_eq!(sessions.check("s-b", &owner("c"), NOW + 3), Ok(()));
+    }
+
+    /// Something that is not a file in the log's place (a job's doing) is moved out of the
+    /// way: the agent starts, and records again.
+    #[test]
+    fn a_folder_link_or_pipe_in_the_logs_place_does_not_stop_the_agent() {
+        let dir = folder("odd");
+        let elsewhere = dir.0.join("elsewhere");
+        std::fs::write(&elsewhere, "theirs").unwrap();
+        let fifo = || {
+            let path = std::ffi::CString::new(dir.log().as_os_str().as_encoded_bytes()).unwrap();
+            assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        };
+        let odd: [&dyn Fn(); 3] = [&|| std::fs::create_dir_all(dir.log().join("x")).unwrap(), &|| std::os::unix::fs::symlink(&elsewhere, dir.log()).unwrap(), &fifo];
+        for (i, make) in odd.iter().enumerate() {
+            make();
+            let (sessions, loaded) = opened(&dir, NOW);
+            assert_eq!(loaded.sessions, 0, "{i}");
+            record(&sessions, "s-1", &owner("a"), "job-1", NOW);
+            drop(sessions);
+            assert_eq!(opened(&dir, NOW).0.check("s-1", &owner("a"), NOW), Ok(()), "{i}");
+            std::fs::remove_file(dir.log()).unwrap();
+        }
+        assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "theirs", "not written through the link");
+    }
+
+    /// Session ids are the caller's words: nothing but a plain id is recorded.
+    #[test]
+    fn hostile_session_ids_are_not_recorded() {
+        let dir = folder("hostile");
+        let (sessions, _) = opened(&dir, NOW);
+        let long = "a".repeat(MAX_JOB_ID + 1);
+        for id in ["../records/0", "..", "a/b", "", "sé", "s\u{202e}1", "s 1", "s.1", long.as_str(), "s\n1"] {
+            assert_eq!(sessions.check(id, &owner("a"), NOW), Err(Refused::NotPlain), "{id:?}");
+            assert_eq!(sessions.ended(id, &owner("a"), "job-1", NOW), Claim::NotPlain, "{id:?}");
+            let said = unknown_to(id, "a");
+            assert!(said.contains("session `-`") && said.contains("your own jobs"), "{said}");
+        }
+        assert!(sessions.index.lock().unwrap().is_empty());
+        assert_eq!(std::fs::metadata(dir.log()).unwrap().len(), 0, "nothing written");
+    }
+
+    #[test]
+    fn sessions_go_after_30_days_and_past_the_cap_least_recently_used_first() {
+        let dir = folder("cap");
+        let (mut sessions, _) = opened(&dir, NOW);
+        sessions.cap = 100;
+        for i in 0..100 {
+            record(&sessions, &format!("s-{i}"), &owner("a"), "job", NOW + i);
+        }
+        // s-0 used again: now the most recent.
+        record(&sessions, "s-0", &owner("a"), "job", NOW + 200);
+        assert_eq!(sessions.index.lock().unwrap().len(), 100);
+        // Over the cap: the least recently used go, down to nine tenths of it.
+        record(&sessions, "s-100", &owner("a"), "job", NOW + 201);
+        let index = sessions.index.lock().unwrap();
+        assert_eq!(index.len(), 90);
+        assert!(index.contains_key("s-0") && !index.contains_key("s-11") && index.contains_key("s-12") && index.contains_key("s-100"), "the oldest went");
+        drop(index);
+        drop(sessions);
+        // The same ones after a restart (the log still holds all: the cap is applied again).
+        let (sessions, loaded) = Sessions::open_capped(dir.log(), key(1), "spark", NOW + 202, 100).unwrap();
+        assert_eq!(loaded.sessions, 90);
+        assert_eq!(sessions.check("s-11", &owner("a"), NOW + 202), Err(Refused::NoRecord));
+        assert_eq!(sessions.check("s-12", &owner("a"), NOW + 202), Ok(()));
+        // Past their age: gone at the next sweep (at most an hour later) or start.
+        let later = NOW + MAX_AGE_MS + 150;
+        record(&sessions, "s-new", &owner("a"), "job", later);
+        let index = sessions.index.lock().unwrap();
+        assert!(index.contains_key("s-new") && index.contains_key("s-0") && !index.contains_key("s-12"), "{:?}", index.keys());
+    }
+
+    /// The log is rewritten with the live records once it holds more than twice as many
+    /// (and at least COMPACT_AT_LEAST): one file still, and everything live survives it
+    /// and a restart after it.
+    #[test]
+    fn the_log_is_compacted_to_its_live_records() {
+        let dir = folder("compact");
+        let (sessions, _) = opened(&dir, NOW);
+        // Ten sessions, each resumed many times: the log grows, the live records do not.
+        let mut jobs = 0;
+        while sessions.log.lock().unwrap().records < COMPACT_AT_LEAST - 1 {
+            record(&sessions, &format!("s-{}", jobs % 10), &owner(if jobs % 10 == 3 { "b" } else { "a" }), &format!("job-{jobs}"), NOW + jobs as u64);
+            jobs += 1;
+        }
+        let before = std::fs::metadata(dir.log()).unwrap().len();
+        record(&sessions, "s-new", &owner("a"), "job-last", NOW + jobs as u64);
+        assert_eq!(sessions.log.lock().unwrap().records, 11, "compacted");
+        let after = std::fs::metadata(dir.log()).unwrap().len();
+        assert!(after < before / 100, "{before} -> {after}");
+        // Appended to the new file.
+        record(&sessions, "s-newer", &owner("a"), "job-next", NOW + jobs as u64 + 1);
+        drop(sessions);
+        let (sessions, loaded) = opened(&dir, NOW + jobs as u64 + 2);
+        assert_eq!(loaded, Loaded { sessions: 12, skipped: 0, unreadable: None });
+        assert_eq!(sessions.check("s-3", &owner("b"), NOW), Ok(()));
+        assert_eq!(sessions.check("s-4", &owner("a"), NOW), Ok(()));
+        assert_eq!(sessions.check("s-newer", &owner("a"), NOW), Ok(()));
+        assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 1, "no file left beside it");
+    }
+}
