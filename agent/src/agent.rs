@@ -533,7 +533,7 @@ impl Agent {
     /// its record is then to be written), saying in the log what did not go as asked.
     fn claimed(&self, job_id: &str, session: &str, owner: &Owner) -> bool {
         let agent_id = &self.cfg.agent_id;
-        match self.sessions.ended(session, owner, job_id, crate::now_ms()) {
+        match self.sessions.ended(session, owner, crate::now_ms()) {
             Claim::Owned => true,
             Claim::Theirs(first) => {
                 warn!(job_id, agent_id = %agent_id, caller = %owner.caller, owner = %first.caller, "the job ended in a session recorded for another caller; it stays theirs");
