@@ -423,10 +423,9 @@ impl Agent {
     /// A job ended: remember its login outcome, keep its result — bound to the order it
     /// answers, MACed with each connection's key as it goes — until the edge has it, free
     /// its slot, and tell the edge. The result is sent first and written to disk while it
-    /// travels, synced only if the edge has not acknowledged it soon after (see
-    /// [`crate::spool`]); the job's workspace is removed after that write, in the same trip
-    /// off the async threads, as is the record of whose its Claude session is
-    /// ([`crate::sessions`]; held in memory from before the result goes).
+    /// travels (see [`crate::spool`]); the job's workspace is removed after that write, in
+    /// the same trip off the async threads, as is the record of whose its Claude session
+    /// is ([`crate::sessions`]; held in memory from before the result goes).
     async fn finish(self: &Arc<Self>, job_id: &str, order_nonce: &str, owner: &Owner, result: JobResult, leftover: Option<runner::Leftover>) {
         match (result.success, result.error_code) {
             (false, Some(ErrorCode::RunnerOauthError)) => self.reporter.auth_failed(true),
@@ -464,7 +463,7 @@ impl Agent {
         let id = job_id.to_string();
         let (sessions, owner, agent_id) = (Arc::clone(&self.sessions), owner.clone(), self.cfg.agent_id.clone());
         let written = tokio::task::spawn_blocking(move || {
-            let written = spool.write_sent(&id, false);
+            let written = spool.write_sent(&id);
             if let Some(session) = session {
                 if let Err(e) = sessions.write(&session, &owner, &id, crate::now_ms()) {
                     warn!(
@@ -478,18 +477,8 @@ impl Agent {
             }
             written
         })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-        // Synced only if the edge does not have it soon (crate::spool, ACK_WAIT): its
-        // acknowledgement clears the slot, and the sync would have been for nothing.
-        let written = match written {
-            Ok(()) if !self.spool.acknowledged_within(job_id, crate::spool::ACK_WAIT).await => {
-                let (spool, id) = (Arc::clone(&self.spool), job_id.to_string());
-                tokio::task::spawn_blocking(move || spool.sync_sent(&id)).await.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
-            }
-            written => written,
-        };
-        if let Err(e) = written {
+        .await;
+        if let Err(e) = written.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))) {
             error!(
                 job_id, agent_id = %self.cfg.agent_id, error = %e, held = self.spool.held(),
                 "could not write the result to the spool: it is kept in memory and sent until the edge has it, but \

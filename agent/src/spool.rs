@@ -11,20 +11,14 @@
 //! - results, until the edge acknowledges them: kept — their payload, MACed again with
 //!   each connection's key as it is sent ([`StoredResult`]), sealed on the disk with the
 //!   agent's own key ([`Seal`]) — from the moment
-//!   they are sent ([`Spool::sending`], in memory), and written into the job's slot
-//!   beside its started record while they travel ([`Spool::write_sent`]), so a dropped
-//!   connection or an agent restart loses nothing (an agent killed after the write
-//!   leaves the record with the kernel); after reconnecting the agent names them in its
-//!   hello and sends them again. The write is synced ([`Spool::sync_sent`]) unless the
-//!   edge acknowledges the result within [`ACK_WAIT`] of the write — once it has it, the
-//!   disk's copy owes nothing, and a sync for it would be work for nothing (one of the
-//!   two `fdatasync`s a job cost). (Sending first costs nothing in safety: a power cut before the sync loses the
-//!   result either way unless the edge got it, and now it may have; the job's started
-//!   record, synced before Claude ran, then has it reported lost, never run again. That
-//!   window is the wait, at most [`ACK_WAIT`], instead of the sync's own time.) The
-//!   acknowledgement clears the slot's started record (unsynced: a result found again
-//!   after a power cut is sent again, and the edge acknowledges a result of an ended job
-//!   without changing it);
+//!   they are sent ([`Spool::sending`], in memory), and written (and synced) into the
+//!   job's slot beside its started record while they travel ([`Spool::write_sent`]), so a
+//!   dropped connection or an agent restart loses nothing; after reconnecting the agent
+//!   names them in its hello and sends them again. (Sending first costs nothing in
+//!   safety: a power cut during the sync loses the result either way unless the edge got
+//!   it, and now it may have.) The acknowledgement clears the slot's started record
+//!   (unsynced: a result found again after a power cut is sent again, and the edge
+//!   acknowledges a result of an ended job without changing it);
 //! - a slot whose result is still unacknowledged when a new job needs a slot has that
 //!   result moved to a spool file of its own (`DATA_DIR/spool/<job>.json`, synced) first:
 //!   only when the edge is slow to acknowledge;
@@ -130,12 +124,6 @@ pub fn kept_key(agent_key: &ed25519_dalek::SigningKey, use_of: &[u8]) -> shared:
 /// More record files than this in `DATA_DIR/records` are not the agent's.
 const MAX_SLOT_FILES: usize = 4096;
 
-/// How long a result written into its slot may wait for the edge's acknowledgement before
-/// it is synced. The edge acknowledges in well under a millisecond when idle and in a few
-/// under load; a result it has not acknowledged by then (a slow or broken connection) is
-/// synced, and kept on disk until it is.
-pub const ACK_WAIT: std::time::Duration = std::time::Duration::from_millis(10);
-
 pub struct Spool {
     dir: PathBuf,
     /// Older agents' "started" markers, one file per job.
@@ -146,10 +134,6 @@ pub struct Spool {
     /// The slot record files, kept open for writing once opened (a job's three writes
     /// opened and closed the file each time).
     open: Mutex<Vec<Option<std::sync::Arc<std::fs::File>>>>,
-    /// Told of every acknowledgement ([`Spool::acknowledged_within`] waits on it).
-    acks: tokio::sync::Notify,
-    /// How many slot record syncs were made: what a job costs, for the tests to count.
-    syncs: std::sync::atomic::AtomicU64,
 }
 
 /// Results kept in memory, and what each slot's record file holds.
@@ -284,7 +268,7 @@ impl Spool {
                 Region::Empty | Region::Finished(_) => {}
             }
         }
-        let spool = Spool { dir, started, records, seal, kept: Mutex::new(kept), open: Mutex::new(Vec::new()), acks: tokio::sync::Notify::new(), syncs: Default::default() };
+        let spool = Spool { dir, started, records, seal, kept: Mutex::new(kept), open: Mutex::new(Vec::new()) };
         // A result moved to a spool file whose slot was not reused before the agent
         // stopped is kept twice: the file's copy stays.
         let doubled: Vec<usize> = {
@@ -342,10 +326,16 @@ impl Spool {
             let written = (|| {
                 file.write_all_at(bytes, at)?;
                 if durable {
-                    self.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     file.sync_data()?;
                 }
-                self.still_linked(n, &file)
+                // Kept open, the file could have been removed (or replaced) under the agent
+                // since it was opened: a record written there would be found by no restart.
+                use std::os::unix::fs::MetadataExt;
+                if file.metadata()?.nlink() == 0 {
+                    let path = self.slot_path(n);
+                    return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{} was removed while the agent ran", path.display())));
+                }
+                Ok(())
             })();
             let Err(e) = written else { return Ok(()) };
             // Opened again for the next write: the file may have been made again, the disk
@@ -357,17 +347,6 @@ impl Spool {
                 return Err(e);
             }
         }
-    }
-
-    /// Kept open, slot `n`'s file could have been removed (or replaced) under the agent
-    /// since it was opened: a record written there would be found by no restart.
-    fn still_linked(&self, n: usize, file: &std::fs::File) -> std::io::Result<()> {
-        use std::os::unix::fs::MetadataExt;
-        if file.metadata()?.nlink() == 0 {
-            let path = self.slot_path(n);
-            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{} was removed while the agent ran", path.display())));
-        }
-        Ok(())
     }
 
     /// Slot `n`'s record file, open for writing: made on its first use, never through a
@@ -482,7 +461,7 @@ impl Spool {
     /// named in the next hello and sent again.
     pub fn put(&self, job_id: &str, result: &StoredResult) -> std::io::Result<()> {
         self.sending(job_id, result);
-        self.write_sent(job_id, true)
+        self.write_sent(job_id)
     }
 
     /// Keeps a result in memory from now on (named in a hello, found by [`Spool::get`]),
@@ -491,12 +470,11 @@ impl Spool {
         self.lock().writing.insert(job_id.to_string(), result.clone());
     }
 
-    /// Writes a result kept by [`Spool::sending`] into its job's slot — synced when
-    /// `durable`, else left for [`Spool::sync_sent`] — (a job without one — an older
-    /// agent's, or one whose start could not be recorded — into a spool file, synced),
-    /// unless the edge has acknowledged it meanwhile. An error means the disk refused it:
-    /// it stays in memory, named and sent until acknowledged.
-    pub fn write_sent(&self, job_id: &str, durable: bool) -> std::io::Result<()> {
+    /// Writes (and syncs) a result kept by [`Spool::sending`] into its job's slot (a job
+    /// without one — an older agent's, or one whose start could not be recorded — into a
+    /// spool file), unless the edge has acknowledged it meanwhile. An error means the disk
+    /// refused it: it stays in memory, named and sent until acknowledged.
+    pub fn write_sent(&self, job_id: &str) -> std::io::Result<()> {
         if !safe_id(job_id) {
             self.lock().writing.remove(job_id);
             return Err(std::io::Error::other("unsafe job id"));
@@ -522,7 +500,7 @@ impl Spool {
             (Some(result), Some((n, order_nonce))) => {
                 let envelope = self.seal.sealed(&result);
                 let bytes = record::finished(&record::Finished { job_id: job_id.to_string(), order_nonce, envelope });
-                let written = self.write_slot(n, record::RESULT_AT, &bytes, durable);
+                let written = self.write_slot(n, record::RESULT_AT, &bytes, true);
                 let mut kept = self.lock();
                 if kept.writing.remove(job_id).is_none() {
                     // Acknowledged while it was written: the slot owes nothing.
@@ -564,50 +542,6 @@ impl Spool {
                 drop(kept);
                 self.finished(job_id);
                 written
-            }
-        }
-    }
-
-    /// Syncs a result [`Spool::write_sent`] left unsynced in its slot, unless it needs it
-    /// no more (acknowledged, or moved to a spool file of its own, synced, meanwhile). An
-    /// error means the disk may not have it: it is held in memory from now on, as a result
-    /// the disk refused, and its job's started record stays until it is durable elsewhere.
-    pub fn sync_sent(&self, job_id: &str) -> std::io::Result<()> {
-        let holding = |kept: &Kept| kept.slots.iter().position(|s| matches!(s, Slot::Holding { job_id: id, .. } if id == job_id));
-        let Some(n) = holding(&self.lock()) else { return Ok(()) };
-        let synced = self.slot_file(n).and_then(|file| {
-            self.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            file.sync_data()?;
-            self.still_linked(n, &file)
-        });
-        let Err(e) = synced else { return Ok(()) };
-        if let Some(kept) = self.open.lock().expect("slot files lock").get_mut(n) {
-            *kept = None;
-        }
-        let mut kept = self.lock();
-        if holding(&kept) == Some(n) {
-            let Slot::Holding { result, .. } = std::mem::replace(&mut kept.slots[n], Slot::Held(job_id.to_string())) else {
-                unreachable!("a holding slot")
-            };
-            kept.held.insert(job_id.to_string(), result);
-        }
-        Err(e)
-    }
-
-    /// Whether the edge acknowledges `job_id`'s result within `within` (or did already):
-    /// its result is then no longer kept anywhere.
-    pub async fn acknowledged_within(&self, job_id: &str, within: std::time::Duration) -> bool {
-        let until = tokio::time::Instant::now() + within;
-        loop {
-            let acked = self.acks.notified();
-            tokio::pin!(acked);
-            // Listening before looking, so an acknowledgement in between is not missed.
-            acked.as_mut().enable();
-            if Self::in_memory(&self.lock(), job_id).is_none() {
-                return true;
-            }
-            if tokio::time::timeout_at(until, acked).await.is_err() {
-                return Self::in_memory(&self.lock(), job_id).is_none();
             }
         }
     }
@@ -667,7 +601,6 @@ impl Spool {
             }
             None => {}
         }
-        self.acks.notify_waiters();
     }
 
     /// An acknowledgement's decision, under the lock: the result goes from memory, and the
@@ -985,7 +918,7 @@ mod tests {
         spool.started("in-slot", "in-slot:1").unwrap();
         spool.put("in-slot", &ok("in-slot", "the real answer")).unwrap();
         spool.sending("filed", &ok("filed", "the real answer"));
-        spool.write_sent("filed", true).unwrap();
+        spool.write_sent("filed").unwrap();
         drop(spool);
         // Rewritten as another job (same user) would: a well-framed record, its checksum
         // recomputed, the seal copied from the real one.
@@ -1035,7 +968,7 @@ mod tests {
         spool.started("victim", "victim:1").unwrap();
         spool.put("victim", &ok("victim", "the victim's answer")).unwrap();
         spool.sending("filed", &ok("filed", "the filed answer"));
-        spool.write_sent("filed", true).unwrap();
+        spool.write_sent("filed").unwrap();
         drop(spool);
         let finished = |n: usize| {
             let bytes = std::fs::read(dir.join(format!("records/{n}"))).unwrap();
@@ -1281,7 +1214,7 @@ mod tests {
         spool.sending("job-5", &r);
         assert_eq!(spool.all(), vec![("job-5".to_string(), r.clone())], "named in a hello while it is written");
         assert_eq!(spool.get("job-5"), Some(r.clone()));
-        spool.write_sent("job-5", true).unwrap();
+        spool.write_sent("job-5").unwrap();
         assert!(matches!(regions(&dir, 0).1, Region::Finished(f) if f.job_id == "job-5"));
         spool.remove("job-5");
 
@@ -1289,7 +1222,7 @@ mod tests {
         spool.started("job-6", "job-6:1").unwrap();
         spool.sending("job-6", &r);
         spool.remove("job-6");
-        spool.write_sent("job-6", true).unwrap();
+        spool.write_sent("job-6").unwrap();
         assert!(!matches!(regions(&dir, 0).1, Region::Finished(f) if f.job_id == "job-6"), "an acknowledged result is not written");
         assert_eq!(regions(&dir, 0).0, Region::Empty);
         assert!(!spool.has("job-6"));
@@ -1339,7 +1272,7 @@ mod tests {
                         let id = format!("job-{t}-{i}");
                         spool.started(&id, &format!("{id}:1")).unwrap();
                         spool.sending(&id, &ok(&id, "x"));
-                        spool.write_sent(&id, true).unwrap();
+                        spool.write_sent(&id).unwrap();
                         if i % 3 != 0 {
                             spool.remove(&id);
                         }
@@ -1358,81 +1291,5 @@ mod tests {
         let (spool, interrupted_jobs) = open(&dir, 3);
         assert!(interrupted_jobs.is_empty(), "{interrupted_jobs:?}");
         assert_eq!(ids(spool.all()), expected);
-    }
-
-    fn syncs(spool: &Spool) -> u64 {
-        spool.syncs.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// A result is written while it travels and synced only if the edge does not
-    /// acknowledge it within the wait: acknowledged, it costs the job no second sync; an
-    /// agent killed after the write (before any sync) still finds it; not acknowledged, it
-    /// is synced and kept.
-    #[tokio::test]
-    async fn a_result_is_synced_only_when_the_edge_is_slow_to_acknowledge_it() {
-        let dir = dir("ack-wait");
-        let spool = std::sync::Arc::new(open(&dir, 2).0);
-        let r = ok("quick", "acknowledged at once");
-        spool.started("quick", "quick:1").unwrap();
-        assert_eq!(syncs(&spool), 1, "the started record is synced");
-        spool.sending("quick", &r);
-        spool.write_sent("quick", false).unwrap();
-        assert!(matches!(regions(&dir, 0).1, Region::Finished(f) if f.job_id == "quick"), "written, for an agent killed now");
-        let waiting = tokio::spawn({
-            let spool = std::sync::Arc::clone(&spool);
-            async move { spool.acknowledged_within("quick", std::time::Duration::from_secs(3600)).await }
-        });
-        tokio::task::yield_now().await;
-        spool.remove("quick");
-        assert!(waiting.await.unwrap(), "the acknowledgement ends the wait");
-        assert_eq!(syncs(&spool), 1, "no sync for an acknowledged result");
-        assert_eq!(regions(&dir, 0).0, Region::Empty);
-        assert!(spool.acknowledged_within("quick", std::time::Duration::ZERO).await, "and it is known as acknowledged after");
-
-        let r = ok("slow", "never acknowledged");
-        spool.started("slow", "slow:1").unwrap();
-        spool.sending("slow", &r);
-        spool.write_sent("slow", false).unwrap();
-        assert!(!spool.acknowledged_within("slow", std::time::Duration::from_millis(1)).await);
-        spool.sync_sent("slow").unwrap();
-        assert_eq!(syncs(&spool), 3, "the second job's started record and its result");
-        let spool = std::sync::Arc::into_inner(spool).expect("the only reference");
-        drop(spool); // the agent dies before the edge acknowledges it
-        let (spool, interrupted_jobs) = open(&dir, 2);
-        assert!(interrupted_jobs.is_empty(), "{interrupted_jobs:?}");
-        assert_eq!(spool.all(), vec![("slow".to_string(), r)], "kept, and sent again after the restart");
-    }
-
-    /// An agent killed after the result's write and before its sync or acknowledgement
-    /// (the kernel keeps what was written) sends the result after its restart; a result
-    /// whose sync fails is held in memory, its job's started record kept, as a result the
-    /// disk refused.
-    #[test]
-    fn a_result_written_unsynced_survives_the_agents_death_and_a_failed_sync_holds_it() {
-        let dir = dir("unsynced");
-        let (spool, _) = open(&dir, 1);
-        let r = ok("job-1", "written, not synced");
-        spool.started("job-1", "job-1:1").unwrap();
-        spool.sending("job-1", &r);
-        spool.write_sent("job-1", false).unwrap();
-        drop(spool); // killed while it waited for the acknowledgement
-        let (spool, interrupted_jobs) = open(&dir, 1);
-        assert!(interrupted_jobs.is_empty(), "{interrupted_jobs:?}");
-        assert_eq!(spool.all(), vec![("job-1".to_string(), r.clone())]);
-        spool.remove("job-1");
-
-        let r = ok("job-2", "written, its sync failed");
-        spool.started("job-2", "job-2:1").unwrap();
-        spool.sending("job-2", &r);
-        spool.write_sent("job-2", false).unwrap();
-        // The record file removed before the sync: what it holds would reach no restart.
-        std::fs::remove_file(dir.join("records/0")).unwrap();
-        assert!(spool.sync_sent("job-2").is_err());
-        assert_eq!(spool.held(), 1);
-        assert_eq!(spool.lock().slots, vec![Slot::Held("job-2".to_string())], "its started record stays until the result is durable");
-        assert_eq!(spool.get("job-2"), Some(r.clone()), "named and sent while held");
-        assert_eq!(ids(spool.all()), vec!["job-2"]);
-        assert_eq!(spool.held(), 0, "written to a spool file once the disk took it");
-        assert!(spool.sync_sent("job-2").is_ok(), "nothing left to sync in a slot");
     }
 }
