@@ -402,3 +402,37 @@ async fn a_writer_claude_leaves_in_its_workspace_is_dead_when_the_caller_has_the
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!workspace.exists(), "nothing wrote the workspace back after its removal");
 }
+
+/// `claude --version`, which the agent runs at its start and again whenever the binary
+/// changes (an upgrade), is a process of the agent's user that nothing makes non-dumpable:
+/// any other process of that user (a job's, or one a job left behind) may read its
+/// `/proc/<pid>/environ` while it runs — `kernel.yama.ptrace_scope` does not guard that
+/// read. Found in review: it got the agent's whole environment, `AGENT_SIGNING_KEY`
+/// and every other secret with it. It gets what Claude's runs do of it, no secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_version_probe_gets_none_of_the_agents_secrets() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let dir = TempDir::new("version-probe");
+    let seen = dir.path().join("version-env");
+    let claude = dir.path().join("claude");
+    let script = format!("#!/bin/sh\n[ \"$1\" = --version ] && env > '{}'\nexec '{}' \"$@\"\n", seen.display(), bin("claude-standin").display());
+    std::fs::write(&claude, script).unwrap();
+    std::fs::set_permissions(&claude, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    opts.claude_bin = claude;
+    for (k, v) in SECRETS {
+        opts = opts.env(k, v);
+    }
+    let agent = AgentProc::start(opts);
+    Client::new(&edge.url()).wait_online().await;
+    // Read before the first hello.
+    let env = std::fs::read_to_string(&seen).expect("the agent ran `claude --version`");
+    assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
+    let mut secrets: Vec<String> = SECRETS.iter().map(|(_, v)| v.to_string()).collect();
+    secrets.push(agent.env_value("AGENT_SIGNING_KEY").unwrap());
+    secrets.push(agent.env_value("CLAUDE_CODE_OAUTH_TOKEN").unwrap());
+    for secret in secrets {
+        assert!(!env.contains(&secret), "`claude --version` was given {secret:?}:\n{env}");
+    }
+}
