@@ -107,9 +107,9 @@ pub fn launcher() -> std::io::Result<(UnixStream, OwnedFd, libc::pid_t)> {
 }
 
 impl Zygote {
-    /// Forks a zygote from this process, made non-dumpable first (the agent is already;
-    /// `doctor --canary` is not), so that the zygote and every launcher after it are never
-    /// dumpable.
+    /// Forks a zygote from this process, made non-dumpable first (`main` has already, for
+    /// every command; a unit test's process has not), so that the zygote and every launcher
+    /// after it are never dumpable.
     fn fork() -> std::io::Result<Zygote> {
         let (ours, theirs) = UnixStream::pair()?;
         // SAFETY: prctl and getpid change and read process attributes only.
