@@ -9,9 +9,17 @@ use std::time::{Duration, SystemTime};
 /// How long `claude --version` may take (the real CLI answers in well under a second).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Runs `<bin> --version` and returns its first line.
+/// Runs `<bin> --version` and returns its first line. With what Claude's runs get of the
+/// agent's environment, no secret: the probe is `exec`'d, so dumpable, and any process of
+/// the agent's user (a job's) may read its `/proc/<pid>/environ` while it runs.
 pub async fn probe(bin: &std::path::Path) -> Result<String, String> {
-    let run = tokio::process::Command::new(bin).arg("--version").stdin(std::process::Stdio::null()).kill_on_drop(true).output();
+    let run = tokio::process::Command::new(bin)
+        .arg("--version")
+        .env_clear()
+        .envs(crate::process::inherited_environment(&[]))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
     match tokio::time::timeout(PROBE_TIMEOUT, run).await {
         Ok(Ok(out)) if out.status.success() => {
             let text = String::from_utf8_lossy(&out.stdout);

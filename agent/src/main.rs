@@ -154,6 +154,11 @@ fn main() {
     // left is the window from the `exec` to here (README, What a job can see).
     // SAFETY: prctl changes a process attribute only.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    // Next the zygote, while this process has one thread and has read nothing: not even its
+    // command line, since parsing it copies settings' values onto the heap
+    // (`AGENT_SIGNING_KEY` among them, clap's `env`), and the zygote's heap is every
+    // launcher's, warden's and pre-exec Claude's. Which command runs is known only after.
+    zygote::start();
     config::forget_empty_settings(&<Cli as clap::CommandFactory>::command());
     let cli = Cli::parse();
     #[cfg(feature = "up")]
@@ -161,10 +166,10 @@ fn main() {
     #[cfg(not(feature = "up"))]
     let runs_jobs = matches!(cli.command, Command::Agent { drain: false, .. });
     if runs_jobs {
-        // Before logging, the runtime and the settings: the zygote is forked while this
-        // process has one thread, a small heap and no secret read, and is non-dumpable.
         process::harden_agent();
-        zygote::start();
+    } else if !matches!(cli.command, Command::Doctor { canary: true, .. }) {
+        // Starts no Claude (the canary does): no process left idle beside it.
+        zygote::stop();
     }
     runtime::init_logging(&cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();

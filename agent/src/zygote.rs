@@ -15,8 +15,10 @@
 //! other threads hold at the fork stay held in the child) and 15-20 MiB whose pages the
 //! launcher would keep after the agent rewrites its own (copy-on-write), growing the
 //! agent's memory by up to that much. So the agent forks the zygote once, at its start
-//! ([`start`], from `main`, before logging or the runtime exist: one thread, a small heap,
-//! no secret read yet), right after making itself non-dumpable; the zygote then clones a
+//! ([`start`], from `main`, before its command line is parsed, before logging or the
+//! runtime exist: one thread, a small heap, no secret read yet — clap copies settings'
+//! values, `AGENT_SIGNING_KEY` among them, onto the heap), right after making itself
+//! non-dumpable; the zygote then clones a
 //! fresh launcher from its own small, clean memory whenever the agent asks
 //! ([`launcher`]). The clone is a `CLONE_PARENT` one: the launcher is the agent's
 //! child, as when the agent started it, so the agent waits for it, kills it, and its
@@ -55,13 +57,21 @@ struct Zygote {
     pid: libc::pid_t,
 }
 
-/// Forks the zygote now: from `main`, before any thread starts, right after the agent has
-/// made itself non-dumpable. A failure is left for the first launcher's start, which forks
-/// again and says why in the job's error if it still cannot.
+/// Forks the zygote now: from `main`, before any thread starts and before the command line
+/// is parsed (which copies secrets onto the heap), right after the process has made itself
+/// non-dumpable. A failure is left for the first launcher's start, which forks again and
+/// says why in the job's error if it still cannot.
 pub fn start() {
     let mut zygote = ZYGOTE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if zygote.is_none() {
         *zygote = Zygote::fork().ok();
+    }
+}
+
+/// Ends the zygote [`start`] forked, for a command that starts no Claude.
+pub fn stop() {
+    if let Some(zygote) = ZYGOTE.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take() {
+        zygote.end();
     }
 }
 
@@ -97,9 +107,9 @@ pub fn launcher() -> std::io::Result<(UnixStream, OwnedFd, libc::pid_t)> {
 }
 
 impl Zygote {
-    /// Forks a zygote from this process, made non-dumpable first (the agent is already;
-    /// `doctor --canary` is not), so that the zygote and every launcher after it are never
-    /// dumpable.
+    /// Forks a zygote from this process, made non-dumpable first (`main` has already, for
+    /// every command; a unit test's process has not), so that the zygote and every launcher
+    /// after it are never dumpable.
     fn fork() -> std::io::Result<Zygote> {
         let (ours, theirs) = UnixStream::pair()?;
         // SAFETY: prctl and getpid change and read process attributes only.
@@ -145,7 +155,8 @@ impl Zygote {
         })
     }
 
-    /// Kills and reaps a zygote that failed (dead already, or stuck: stopped by a job).
+    /// Kills and reaps a zygote that failed (dead already, or stuck: stopped by a job), or
+    /// one not needed ([`stop`]).
     /// The pid is the agent's child's until reaped, so the signal reaches no other process.
     fn end(self) {
         // SAFETY: a signal to, and a wait for, our own unreaped child.

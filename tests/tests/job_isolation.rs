@@ -120,6 +120,76 @@ async fn a_job_cannot_open_its_wardens_or_the_launchers_memory() {
     assert!(!out.contains(&format!("mem of {launcher} ")), "{out}");
 }
 
+/// The zygote is forked before the agent reads any secret, and zeroes the environment it
+/// was copied with, so that it — and every launcher cloned from it, every warden and every
+/// Claude before its `exec`, which share a launcher's memory — holds none of the agent's
+/// secrets: a process that has none to lose is the second line after non-dumpable. Found
+/// in review: the fork came after `Cli::parse`, which copies `AGENT_SIGNING_KEY` (clap's
+/// `env`) onto the heap, and after `forget_empty_settings`, whose `var_os` copies every
+/// setting's value; the key was in the zygote's and the launcher's heap for their lives.
+/// Read as root (CAP_SYS_PTRACE reads a non-dumpable process); as another user it cannot
+/// look, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_zygote_and_its_launchers_hold_none_of_the_agents_secrets() {
+    if !is_root() {
+        eprintln!("skipped: reading a non-dumpable process's memory needs root");
+        return;
+    }
+    let s = setup(&SECRETS[..1], Vec::new()).await;
+    // A job has run: the launcher has served a request.
+    output(&s, "hello").await;
+    let key = s.agent.env_value("AGENT_SIGNING_KEY").expect("the harness gives the agent its key");
+    let raw = base64::engine::general_purpose::STANDARD.decode(&key).unwrap();
+    let secrets: Vec<(&str, Vec<u8>)> = vec![
+        ("AGENT_SIGNING_KEY", key.clone().into_bytes()),
+        ("the decoded signing key", raw),
+        ("RUNNER_SECRET", SECRETS[0].1.as_bytes().to_vec()),
+    ];
+    // Claude's login is each job's to have (in its environment, which passes through the
+    // launcher); the zygote has seen no job.
+    let login = s.agent.env_value("CLAUDE_CODE_OAUTH_TOKEN").unwrap().into_bytes();
+    let agent = s.agent.pid().unwrap();
+    let mut looked = Vec::new();
+    for pid in process_tree(agent) {
+        let word = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let word = word.split(|&b| b == 0).nth(1).map(|w| String::from_utf8_lossy(w).into_owned()).unwrap_or_default();
+        if word != "__zygote" && word != "__launcher" {
+            continue;
+        }
+        looked.push(word.clone());
+        let memory = writable_memory(pid);
+        let zygote = word == "__zygote";
+        for (name, secret) in secrets.iter().chain(zygote.then_some(&("CLAUDE_CODE_OAUTH_TOKEN", login.clone()))) {
+            assert!(!memory.windows(secret.len()).any(|w| w == &secret[..]), "the {word} ({pid}) holds {name}");
+        }
+    }
+    looked.sort();
+    assert_eq!(looked, ["__launcher", "__zygote"], "the agent's zygote and launcher");
+}
+
+/// Every writable mapping of a process (heap, stacks, data), concatenated.
+fn writable_memory(pid: u32) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut all = Vec::new();
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else { continue };
+        if !perms.starts_with("rw") {
+            continue;
+        }
+        let (start, end) = range.split_once('-').unwrap();
+        let (start, end) = (u64::from_str_radix(start, 16).unwrap(), u64::from_str_radix(end, 16).unwrap());
+        let mut region = vec![0u8; (end - start) as usize];
+        // A region that cannot be read (a guard page's neighbour) is skipped.
+        if mem.seek(SeekFrom::Start(start)).is_ok() && mem.read_exact(&mut region).is_ok() {
+            all.extend_from_slice(&region);
+        }
+    }
+    all
+}
+
 /// A launcher that was exec'd is dumpable from its `exec` until its first `prctl`: a job
 /// (same user) that ended the launcher (its warden's parent) and watched for the one the
 /// agent started in its place opened that one's memory while it started, and read it for
@@ -331,4 +401,38 @@ async fn a_writer_claude_leaves_in_its_workspace_is_dead_when_the_caller_has_the
     assert!(eventually(Duration::from_secs(10), || !workspace.exists()).await, "the job's workspace {} stays", workspace.display());
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!workspace.exists(), "nothing wrote the workspace back after its removal");
+}
+
+/// `claude --version`, which the agent runs at its start and again whenever the binary
+/// changes (an upgrade), is a process of the agent's user that nothing makes non-dumpable:
+/// any other process of that user (a job's, or one a job left behind) may read its
+/// `/proc/<pid>/environ` while it runs — `kernel.yama.ptrace_scope` does not guard that
+/// read. Found in review: it got the agent's whole environment, `AGENT_SIGNING_KEY`
+/// and every other secret with it. It gets what Claude's runs do of it, no secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_version_probe_gets_none_of_the_agents_secrets() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let dir = TempDir::new("version-probe");
+    let seen = dir.path().join("version-env");
+    let claude = dir.path().join("claude");
+    let script = format!("#!/bin/sh\n[ \"$1\" = --version ] && env > '{}'\nexec '{}' \"$@\"\n", seen.display(), bin("claude-standin").display());
+    std::fs::write(&claude, script).unwrap();
+    std::fs::set_permissions(&claude, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    opts.claude_bin = claude;
+    for (k, v) in SECRETS {
+        opts = opts.env(k, v);
+    }
+    let agent = AgentProc::start(opts);
+    Client::new(&edge.url()).wait_online().await;
+    // Read before the first hello.
+    let env = std::fs::read_to_string(&seen).expect("the agent ran `claude --version`");
+    assert!(env.lines().any(|l| l.starts_with("PATH=")), "{env}");
+    let mut secrets: Vec<String> = SECRETS.iter().map(|(_, v)| v.to_string()).collect();
+    secrets.push(agent.env_value("AGENT_SIGNING_KEY").unwrap());
+    secrets.push(agent.env_value("CLAUDE_CODE_OAUTH_TOKEN").unwrap());
+    for secret in secrets {
+        assert!(!env.contains(&secret), "`claude --version` was given {secret:?}:\n{env}");
+    }
 }
