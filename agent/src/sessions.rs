@@ -73,6 +73,11 @@ const MAX_RECORD_BYTES: usize = 4096;
 /// The log is not compacted below this many records, whatever it holds: a rewrite costs
 /// about as much as reading it, and a small log costs nothing.
 pub const COMPACT_AT_LEAST: usize = 4096;
+/// Most of the log read at the start: its last this many bytes. The agent's own log holds
+/// at most about twice [`MAX_RECORDS`] records of a few hundred bytes (it is compacted
+/// then), well under this; a bigger one is a job's doing (a hole of terabytes costs it no
+/// disk, and would take the start hours to read), and its newest records are at its end.
+pub const MAX_LOG_BYTES: u64 = 256 << 20;
 
 /// Whose a job is, for its sessions: its caller (from the signed order) and the pool the
 /// agent serves.
@@ -131,6 +136,8 @@ pub struct Loaded {
     pub skipped: usize,
     /// Why the log could not be read (to its end), if it could not.
     pub unreadable: Option<String>,
+    /// Bytes at the log's start not read: it was longer than [`MAX_LOG_BYTES`].
+    pub passed_over: u64,
 }
 
 /// What the caller is told when its job asks to resume a session that is not its own.
@@ -202,7 +209,7 @@ impl Sessions {
         let mut loaded = Loaded::default();
         let mut records = 0;
         match open_plain_with(&path, reading(), "session log") {
-            Ok(file) => records = read_log(file, &key, &mut index, &mut loaded),
+            Ok(file) => records = read_log(file, &key, &mut index, &mut loaded, now, cap),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => loaded.unreadable = Some(e.to_string()),
         }
@@ -383,9 +390,19 @@ fn drop_old(index: &mut HashMap<String, Entry>, now: Millis, cap: usize) {
     });
 }
 
-/// Replays the log into `index`, counting what it skips in `loaded`. Returns how many
-/// records (lines) it holds.
-fn read_log(file: std::fs::File, key: &MacKey, index: &mut HashMap<String, Entry>, loaded: &mut Loaded) -> usize {
+/// Replays the log into `index` (its last [`MAX_LOG_BYTES`]), counting what it skips in
+/// `loaded`. Returns how many records (lines) it read.
+fn read_log(mut file: std::fs::File, key: &MacKey, index: &mut HashMap<String, Entry>, loaded: &mut Loaded, now: Millis, cap: usize) -> usize {
+    use std::io::{Seek, SeekFrom};
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > MAX_LOG_BYTES {
+        // The line the read begins in is torn: skipped like any other.
+        if let Err(e) = file.seek(SeekFrom::Start(len - MAX_LOG_BYTES)) {
+            loaded.unreadable = Some(e.to_string());
+            return 0;
+        }
+        loaded.passed_over = len - MAX_LOG_BYTES;
+    }
     let mut reader = BufReader::with_capacity(256 * 1024, file);
     let mut line = Vec::with_capacity(MAX_RECORD_BYTES);
     let mut records = 0;
@@ -409,6 +426,11 @@ fn read_log(file: std::fs::File, key: &MacKey, index: &mut HashMap<String, Entry
                 // A later record of another owner, its session live: not written by this
                 // agent (it keeps the first owner's), so not heeded either.
                 let _ = take(index, &r.session_id, &owner, &r.job_id, r.used_at);
+                // Copies of old records a job kept can name more sessions than the agent
+                // keeps: memory stays bounded while they are read.
+                if index.len() > 2 * cap {
+                    drop_old(index, now, cap);
+                }
             }
             None => loaded.skipped += 1,
         }
@@ -512,7 +534,7 @@ mod tests {
         drop(sessions);
         // Kept across a restart of the agent (the same key).
         let (again, loaded) = opened(&dir, NOW + 2);
-        assert_eq!(loaded, Loaded { sessions: 1, skipped: 0, unreadable: None });
+        assert_eq!(loaded, Loaded { sessions: 1, skipped: 0, unreadable: None, passed_over: 0 });
         assert_eq!(again.check("s-1", &owner("a"), NOW + 2), Ok(()));
         // Sessions nobody recorded: no record.
         assert_eq!(again.check("s-2", &owner("a"), NOW), Err(Refused::NoRecord));
@@ -592,7 +614,7 @@ mod tests {
         record(&sessions, "s-c", &owner("c"), "job-3", NOW + 1);
         drop(sessions);
         let (sessions, loaded) = opened(&dir, NOW + 2);
-        assert_eq!(loaded, Loaded { sessions: 2, skipped: 6, unreadable: None }, "{:?}", std::fs::read_to_string(dir.log()));
+        assert_eq!(loaded, Loaded { sessions: 2, skipped: 6, unreadable: None, passed_over: 0 }, "{:?}", std::fs::read_to_string(dir.log()));
         assert_eq!(sessions.check("s-a", &owner("a"), NOW + 2), Ok(()));
         assert_eq!(sessions.check("s-a", &owner("b"), NOW + 2), Err(Refused::OtherCaller("a".into())));
         assert_eq!(sessions.check("s-c", &owner("c"), NOW + 2), Ok(()));
@@ -696,10 +718,33 @@ mod tests {
         record(&sessions, "s-newer", &owner("a"), "job-next", NOW + jobs as u64 + 1);
         drop(sessions);
         let (sessions, loaded) = opened(&dir, NOW + jobs as u64 + 2);
-        assert_eq!(loaded, Loaded { sessions: 12, skipped: 0, unreadable: None });
+        assert_eq!(loaded, Loaded { sessions: 12, skipped: 0, unreadable: None, passed_over: 0 });
         assert_eq!(sessions.check("s-3", &owner("b"), NOW), Ok(()));
         assert_eq!(sessions.check("s-4", &owner("a"), NOW), Ok(()));
         assert_eq!(sessions.check("s-newer", &owner("a"), NOW), Ok(()));
         assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 1, "no file left beside it");
+    }
+
+    /// A log far bigger than any the agent writes (a job's doing: a hole of a terabyte
+    /// costs it no disk) is read from its last MAX_LOG_BYTES only: the start does not read
+    /// for hours, and what is read keeps its records (the newest: appended at the end).
+    #[test]
+    fn a_huge_log_is_read_from_its_end_only() {
+        let dir = folder("huge");
+        let (sessions, _) = opened(&dir, NOW);
+        record(&sessions, "s-head", &owner("a"), "job-1", NOW);
+        drop(sessions);
+        let hole = 4 * MAX_LOG_BYTES;
+        let file = std::fs::OpenOptions::new().write(true).open(dir.log()).unwrap();
+        file.set_len(hole).unwrap();
+        drop(file);
+        let (sessions, _) = opened(&dir, NOW + 1);
+        record(&sessions, "s-tail", &owner("a"), "job-2", NOW + 1);
+        drop(sessions);
+        let (sessions, loaded) = opened(&dir, NOW + 2);
+        let len = std::fs::metadata(dir.log()).unwrap().len();
+        assert_eq!(loaded, Loaded { sessions: 1, skipped: 1, unreadable: None, passed_over: len - MAX_LOG_BYTES });
+        assert_eq!(sessions.check("s-tail", &owner("a"), NOW + 2), Ok(()));
+        assert_eq!(sessions.check("s-head", &owner("a"), NOW + 2), Err(Refused::NoRecord));
     }
 }
