@@ -202,7 +202,17 @@ impl Sessions {
         // agent could never record a session again.
         if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
             if std::fs::remove_file(&path).is_err() {
-                let _ = std::fs::remove_dir_all(&path);
+                // Folders the job closed to its user too (`chmod 000`): opened up, as a
+                // workspace's are.
+                let _ = crate::workspace::remove(&path);
+            }
+        }
+        // The log a job closed to its user (`chmod 000`), or opened to others: the agent's
+        // own file, made owner-only again, or it could neither be read nor appended to.
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.is_file() && meta.permissions().mode() & 0o777 != crate::files::PRIVATE_FILE {
+                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(crate::files::PRIVATE_FILE));
             }
         }
         let mut index = HashMap::new();
@@ -746,5 +756,31 @@ mod tests {
         assert_eq!(loaded, Loaded { sessions: 1, skipped: 1, unreadable: None, passed_over: len - MAX_LOG_BYTES });
         assert_eq!(sessions.check("s-tail", &owner("a"), NOW + 2), Ok(()));
         assert_eq!(sessions.check("s-head", &owner("a"), NOW + 2), Err(Refused::NoRecord));
+    }
+
+    /// A job runs as the agent's user: it can close what it puts in the log's place to
+    /// that user (`chmod 000` a folder there, or the log itself). The agent's next start
+    /// is not stopped by it (it failed with "cannot use DATA_DIR" at every start until an
+    /// operator found the file), and a closed log keeps its records.
+    #[test]
+    fn a_closed_folder_or_log_in_its_place_does_not_stop_the_agent() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = folder("closed");
+        let log = dir.log();
+        let outcome = crate::workspace::tests::as_an_ordinary_user(move || {
+            std::fs::create_dir_all(log.join("x/y")).unwrap();
+            std::fs::set_permissions(log.join("x"), std::fs::Permissions::from_mode(0o000)).unwrap();
+            std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o000)).unwrap();
+            let folder = Sessions::open(log.clone(), key(1), "spark", NOW).map(|(sessions, _)| {
+                record(&sessions, "s-1", &owner("a"), "job-1", NOW);
+            });
+            let closed = std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o000)).map_err(|e| e.to_string()).and_then(|()| {
+                Sessions::open(log.clone(), key(1), "spark", NOW + 1).map(|(sessions, loaded)| (sessions.check("s-1", &owner("a"), NOW + 1), loaded)).map_err(|e| e.to_string())
+            });
+            (folder.map_err(|e| e.to_string()), closed)
+        });
+        assert_eq!(outcome.0, Ok(()), "a closed folder in the log's place");
+        let (check, loaded) = outcome.1.expect("a closed log");
+        assert_eq!((check, loaded.sessions, loaded.unreadable), (Ok(()), 1, None));
     }
 }
