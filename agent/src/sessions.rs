@@ -783,4 +783,36 @@ mod tests {
         let (check, loaded) = outcome.1.expect("a closed log");
         assert_eq!((check, loaded.sessions, loaded.unreadable), (Ok(()), 1, None));
     }
+
+    /// The compaction writes a new log beside the old one and renames it over: a job can
+    /// put a pipe where that new file is written. With no reader (a job needs none), the
+    /// open waited for ever — holding the log's lock, and with it every later job's end
+    /// (its spool write, its workspace's removal) — and with one, the records went into
+    /// the pipe. The pipe is set aside: nothing goes into it, and the compaction is done.
+    #[test]
+    fn a_pipe_where_the_compaction_writes_is_not_written_to() {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = folder("compact-pipe");
+        let tmp = dir.log().with_extension("tmp");
+        let path = std::ffi::CString::new(tmp.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        // A reader, so that the test does not hang before the fix.
+        let mut reader = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&tmp).unwrap();
+        let (sessions, _) = opened(&dir, NOW);
+        let mut jobs = 0;
+        while sessions.log.lock().unwrap().records < COMPACT_AT_LEAST - 1 {
+            record(&sessions, &format!("s-{}", jobs % 10), &owner("a"), &format!("job-{jobs}"), NOW + jobs as u64);
+            jobs += 1;
+        }
+        record(&sessions, "s-last", &owner("a"), "job-last", NOW + jobs as u64);
+        let mut leaked = Vec::new();
+        let _ = reader.read_to_end(&mut leaked);
+        assert_eq!(String::from_utf8_lossy(&leaked), "", "written into the pipe");
+        assert_eq!(sessions.log.lock().unwrap().records, 11, "compacted");
+        drop(sessions);
+        let (sessions, loaded) = opened(&dir, NOW + jobs as u64 + 1);
+        assert_eq!(loaded.sessions, 11);
+        assert_eq!(sessions.check("s-last", &owner("a"), NOW + jobs as u64 + 1), Ok(()));
+    }
 }
