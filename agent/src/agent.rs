@@ -148,6 +148,13 @@ impl Agent {
                 "records in DATA_DIR/sessions.log skipped: not sealed by this agent for their session (torn by a crash, written or changed by a job, or sealed under another signing key); a session whose every record was skipped cannot be resumed"
             );
         }
+        if loaded.passed_over > 0 {
+            warn!(
+                agent_id = %cfg.agent_id, passed_over = loaded.passed_over, sessions = loaded.sessions,
+                "DATA_DIR/sessions.log is far bigger than the agent writes it (a job's doing?): only its last {} MiB were read, the sessions recorded before them cannot be resumed; it is rewritten smaller at its next compaction",
+                crate::sessions::MAX_LOG_BYTES >> 20
+            );
+        }
         if let Some(e) = &loaded.unreadable {
             warn!(agent_id = %cfg.agent_id, error = %e, sessions = loaded.sessions, "DATA_DIR/sessions.log could not be read to its end: the sessions in the rest cannot be resumed; fix its permissions or the disk");
         }

@@ -16,8 +16,12 @@ pub fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> std::io::Re
     let written = (|| {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(PRIVATE_FILE).open(&tmp)?;
-        // `mode` applies only to a file it creates; a leftover tmp file keeps its own.
+        // Made new, never opened as found: a job (the agent's user) may have put a pipe
+        // there — an open for writing waits for a reader for ever — or a link. A leftover
+        // of a crash goes the same way.
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(PRIVATE_FILE).open(&tmp)?;
+        // `mode` is masked by the umask.
         f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE))?;
         f.write_all(bytes)?;
         if durable {

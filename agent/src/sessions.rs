@@ -73,6 +73,11 @@ const MAX_RECORD_BYTES: usize = 4096;
 /// The log is not compacted below this many records, whatever it holds: a rewrite costs
 /// about as much as reading it, and a small log costs nothing.
 pub const COMPACT_AT_LEAST: usize = 4096;
+/// Most of the log read at the start: its last this many bytes. The agent's own log holds
+/// at most about twice [`MAX_RECORDS`] records of a few hundred bytes (it is compacted
+/// then), well under this; a bigger one is a job's doing (a hole of terabytes costs it no
+/// disk, and would take the start hours to read), and its newest records are at its end.
+pub const MAX_LOG_BYTES: u64 = 256 << 20;
 
 /// Whose a job is, for its sessions: its caller (from the signed order) and the pool the
 /// agent serves.
@@ -132,6 +137,8 @@ pub struct Loaded {
     pub skipped: usize,
     /// Why the log could not be read (to its end), if it could not.
     pub unreadable: Option<String>,
+    /// Bytes at the log's start not read: it was longer than [`MAX_LOG_BYTES`].
+    pub passed_over: u64,
 }
 
 /// What the caller is told when its job asks to resume a session that is not its own.
@@ -310,14 +317,24 @@ impl Sessions {
         // agent could never record a session again.
         if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
             if std::fs::remove_file(&path).is_err() {
-                let _ = std::fs::remove_dir_all(&path);
+                // Folders the job closed to its user too (`chmod 000`): opened up, as a
+                // workspace's are.
+                let _ = crate::workspace::remove(&path);
+            }
+        }
+        // The log a job closed to its user (`chmod 000`), or opened to others: the agent's
+        // own file, made owner-only again, or it could neither be read nor appended to.
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.is_file() && meta.permissions().mode() & 0o777 != crate::files::PRIVATE_FILE {
+                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(crate::files::PRIVATE_FILE));
             }
         }
         let mut index = Index::default();
         let mut loaded = Loaded::default();
         let mut records = 0;
         match open_plain_with(&path, reading(), "session log") {
-            Ok(file) => records = read_log(file, &key, &mut index, &mut loaded),
+            Ok(file) => records = read_log(file, &key, &mut index, &mut loaded, now, cap),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => loaded.unreadable = Some(e.to_string()),
         }
@@ -470,9 +487,19 @@ fn drop_old(index: &mut HashMap<SessionKey, Entry>, now: Millis, cap: usize) {
     });
 }
 
-/// Replays the log into `index`, counting what it skips in `loaded`. Returns how many
-/// records (lines) it holds.
-fn read_log(file: std::fs::File, key: &MacKey, index: &mut Index, loaded: &mut Loaded) -> usize {
+/// Replays the log into `index` (its last [`MAX_LOG_BYTES`]), counting what it skips in
+/// `loaded`. Returns how many records (lines) it read.
+fn read_log(mut file: std::fs::File, key: &MacKey, index: &mut Index, loaded: &mut Loaded, now: Millis, cap: usize) -> usize {
+    use std::io::{Seek, SeekFrom};
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > MAX_LOG_BYTES {
+        // The line the read begins in is torn: skipped like any other.
+        if let Err(e) = file.seek(SeekFrom::Start(len - MAX_LOG_BYTES)) {
+            loaded.unreadable = Some(e.to_string());
+            return 0;
+        }
+        loaded.passed_over = len - MAX_LOG_BYTES;
+    }
     let mut reader = BufReader::with_capacity(256 * 1024, file);
     let mut line = Vec::with_capacity(MAX_RECORD_BYTES);
     let mut records = 0;
@@ -496,6 +523,11 @@ fn read_log(file: std::fs::File, key: &MacKey, index: &mut Index, loaded: &mut L
                 // A later record of another owner, its session live: not written by this
                 // agent (it keeps the first owner's), so not heeded either.
                 let _ = index.take(&r.session_id, &owner, r.used_at);
+                // Copies of old records a job kept can name more sessions than the agent
+                // keeps: memory stays bounded while they are read.
+                if index.len() > 2 * cap {
+                    index.drop_old(now, cap);
+                }
             }
             None => loaded.skipped += 1,
         }
@@ -599,7 +631,7 @@ mod tests {
         drop(sessions);
         // Kept across a restart of the agent (the same key).
         let (again, loaded) = opened(&dir, NOW + 2);
-        assert_eq!(loaded, Loaded { sessions: 1, skipped: 0, unreadable: None });
+        assert_eq!(loaded, Loaded { sessions: 1, skipped: 0, unreadable: None, passed_over: 0 });
         assert_eq!(again.check("s-1", &owner("a"), NOW + 2), Ok(()));
         // Sessions nobody recorded: no record.
         assert_eq!(again.check("s-2", &owner("a"), NOW), Err(Refused::NoRecord));
@@ -679,7 +711,7 @@ mod tests {
         record(&sessions, "s-c", &owner("c"), "job-3", NOW + 1);
         drop(sessions);
         let (sessions, loaded) = opened(&dir, NOW + 2);
-        assert_eq!(loaded, Loaded { sessions: 2, skipped: 6, unreadable: None }, "{:?}", std::fs::read_to_string(dir.log()));
+        assert_eq!(loaded, Loaded { sessions: 2, skipped: 6, unreadable: None, passed_over: 0 }, "{:?}", std::fs::read_to_string(dir.log()));
         assert_eq!(sessions.check("s-a", &owner("a"), NOW + 2), Ok(()));
         assert_eq!(sessions.check("s-a", &owner("b"), NOW + 2), Err(Refused::OtherCaller("a".into())));
         assert_eq!(sessions.check("s-c", &owner("c"), NOW + 2), Ok(()));
@@ -829,10 +861,91 @@ mod tests {
         record(&sessions, "s-newer", &owner("a"), "job-next", NOW + jobs as u64 + 1);
         drop(sessions);
         let (sessions, loaded) = opened(&dir, NOW + jobs as u64 + 2);
-        assert_eq!(loaded, Loaded { sessions: 12, skipped: 0, unreadable: None });
+        assert_eq!(loaded, Loaded { sessions: 12, skipped: 0, unreadable: None, passed_over: 0 });
         assert_eq!(sessions.check("s-3", &owner("b"), NOW), Ok(()));
         assert_eq!(sessions.check("s-4", &owner("a"), NOW), Ok(()));
         assert_eq!(sessions.check("s-newer", &owner("a"), NOW), Ok(()));
         assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 1, "no file left beside it");
+    }
+
+    /// A log far bigger than any the agent writes (a job's doing: a hole of a terabyte
+    /// costs it no disk) is read from its last MAX_LOG_BYTES only: the start does not read
+    /// for hours, and what is read keeps its records (the newest: appended at the end).
+    #[test]
+    fn a_huge_log_is_read_from_its_end_only() {
+        let dir = folder("huge");
+        let (sessions, _) = opened(&dir, NOW);
+        record(&sessions, "s-head", &owner("a"), "job-1", NOW);
+        drop(sessions);
+        let hole = 4 * MAX_LOG_BYTES;
+        let file = std::fs::OpenOptions::new().write(true).open(dir.log()).unwrap();
+        file.set_len(hole).unwrap();
+        drop(file);
+        let (sessions, _) = opened(&dir, NOW + 1);
+        record(&sessions, "s-tail", &owner("a"), "job-2", NOW + 1);
+        drop(sessions);
+        let (sessions, loaded) = opened(&dir, NOW + 2);
+        let len = std::fs::metadata(dir.log()).unwrap().len();
+        assert_eq!(loaded, Loaded { sessions: 1, skipped: 1, unreadable: None, passed_over: len - MAX_LOG_BYTES });
+        assert_eq!(sessions.check("s-tail", &owner("a"), NOW + 2), Ok(()));
+        assert_eq!(sessions.check("s-head", &owner("a"), NOW + 2), Err(Refused::NoRecord));
+    }
+
+    /// A job runs as the agent's user: it can close what it puts in the log's place to
+    /// that user (`chmod 000` a folder there, or the log itself). The agent's next start
+    /// is not stopped by it (it failed with "cannot use DATA_DIR" at every start until an
+    /// operator found the file), and a closed log keeps its records.
+    #[test]
+    fn a_closed_folder_or_log_in_its_place_does_not_stop_the_agent() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = folder("closed");
+        let log = dir.log();
+        let outcome = crate::workspace::tests::as_an_ordinary_user(move || {
+            std::fs::create_dir_all(log.join("x/y")).unwrap();
+            std::fs::set_permissions(log.join("x"), std::fs::Permissions::from_mode(0o000)).unwrap();
+            std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o000)).unwrap();
+            let folder = Sessions::open(log.clone(), key(1), "spark", NOW).map(|(sessions, _)| {
+                record(&sessions, "s-1", &owner("a"), "job-1", NOW);
+            });
+            let closed = std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o000)).map_err(|e| e.to_string()).and_then(|()| {
+                Sessions::open(log.clone(), key(1), "spark", NOW + 1).map(|(sessions, loaded)| (sessions.check("s-1", &owner("a"), NOW + 1), loaded)).map_err(|e| e.to_string())
+            });
+            (folder.map_err(|e| e.to_string()), closed)
+        });
+        assert_eq!(outcome.0, Ok(()), "a closed folder in the log's place");
+        let (check, loaded) = outcome.1.expect("a closed log");
+        assert_eq!((check, loaded.sessions, loaded.unreadable), (Ok(()), 1, None));
+    }
+
+    /// The compaction writes a new log beside the old one and renames it over: a job can
+    /// put a pipe where that new file is written. With no reader (a job needs none), the
+    /// open waited for ever — holding the log's lock, and with it every later job's end
+    /// (its spool write, its workspace's removal) — and with one, the records went into
+    /// the pipe. The pipe is set aside: nothing goes into it, and the compaction is done.
+    #[test]
+    fn a_pipe_where_the_compaction_writes_is_not_written_to() {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = folder("compact-pipe");
+        let tmp = dir.log().with_extension("tmp");
+        let path = std::ffi::CString::new(tmp.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        // A reader, so that the test does not hang before the fix.
+        let mut reader = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&tmp).unwrap();
+        let (sessions, _) = opened(&dir, NOW);
+        let mut jobs = 0;
+        while sessions.log.lock().unwrap().records < COMPACT_AT_LEAST - 1 {
+            record(&sessions, &format!("s-{}", jobs % 10), &owner("a"), &format!("job-{jobs}"), NOW + jobs as u64);
+            jobs += 1;
+        }
+        record(&sessions, "s-last", &owner("a"), "job-last", NOW + jobs as u64);
+        let mut leaked = Vec::new();
+        let _ = reader.read_to_end(&mut leaked);
+        assert_eq!(String::from_utf8_lossy(&leaked), "", "written into the pipe");
+        assert_eq!(sessions.log.lock().unwrap().records, 11, "compacted");
+        drop(sessions);
+        let (sessions, loaded) = opened(&dir, NOW + jobs as u64 + 1);
+        assert_eq!(loaded.sessions, 11);
+        assert_eq!(sessions.check("s-last", &owner("a"), NOW + jobs as u64 + 1), Ok(()));
     }
 }

@@ -144,7 +144,7 @@ pub fn carry_session(config_dir: &Path, session_id: &str, cwd: &Path) -> std::io
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -198,7 +198,7 @@ mod tests {
 
     /// Runs `f` on a thread of its own without the capabilities that let root past file
     /// modes (credentials are per thread on Linux): as the agent's ordinary user would.
-    fn as_an_ordinary_user<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    pub(crate) fn as_an_ordinary_user<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
         std::thread::spawn(move || {
             #[repr(C)]
             struct Header {
