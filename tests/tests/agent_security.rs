@@ -198,6 +198,14 @@ fn spec(prompt: &str) -> JobSpec {
 impl FakeEdge {
     /// The next job order on the last connection, as the edge makes them: bound to the
     /// connection's challenge, numbered in the order made.
+    /// An order to agent `spark` from `caller`, resuming `session` when given.
+    fn order_for(&self, caller: &str, session: Option<&str>, job_id: &str, issued_at: u64, prompt: &str) -> JobOrder {
+        let mut o = self.order(job_id, "spark", issued_at, issued_at + 60_000, prompt);
+        o.caller = caller.into();
+        o.spec.session_id = session.map(String::from);
+        o
+    }
+
     fn order(&self, job_id: &str, agent: &str, issued_at: u64, expires_at: u64, prompt: &str) -> JobOrder {
         let mut connection = self.connection.lock().unwrap();
         connection.1 += 1;
@@ -935,12 +943,7 @@ async fn a_session_is_resumed_only_for_the_caller_its_sealed_record_names() {
     let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
     assert!(hello.is_some(), "{}", agent.log());
     let t = now();
-    let order = |id: &str, caller: &str, session: Option<&str>, prompt: &str| {
-        let mut o = edge.order(id, "spark", t, t + 60_000, prompt);
-        o.caller = caller.into();
-        o.spec.session_id = session.map(String::from);
-        o
-    };
+    let order = |id: &str, caller: &str, session: Option<&str>, prompt: &str| edge.order_for(caller, session, id, t, prompt);
     let made = edge.result_of(&mut ws, order("made", "a", None, "@transcript the word is kiwi")).await;
     assert!(made.success, "{made:?}");
     let session = made.session_id.clone().expect("a session");
@@ -1028,12 +1031,7 @@ async fn a_session_a_job_only_names_in_its_output_is_not_recorded_as_its_callers
     let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
     assert!(hello.is_some(), "{}", agent.log());
     let t = now();
-    let order = |id: &str, caller: &str, session: Option<&str>, prompt: &str| {
-        let mut o = edge.order(id, "spark", t, t + 60_000, prompt);
-        o.caller = caller.into();
-        o.spec.session_id = session.map(String::from);
-        o
-    };
+    let order = |id: &str, caller: &str, session: Option<&str>, prompt: &str| edge.order_for(caller, session, id, t, prompt);
     let log = agent.data.path().join("data/sessions.log");
     let recorded = |id: &str| recorded(&log, id);
     let made = edge.result_of(&mut ws, order("a-1", "a", None, "@transcript the word is kiwi")).await;
