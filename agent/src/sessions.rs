@@ -387,15 +387,23 @@ impl Sessions {
         let record = Record { session_id: session_id.to_string(), caller: owner.caller.clone(), pool: owner.pool.clone(), job_id: job_id.to_string(), used_at: now };
         let line = self.line(&record);
         let mut log = self.log.lock().expect("log lock");
+        let written = self.append(&mut log, &line);
+        // Whether or not it was written: the session is in memory already ([`Sessions::ended`]),
+        // and a log a job made unwritable (a full disk) must not lift the index's bounds.
+        self.upkeep(&mut log, now);
+        written
+    }
+
+    /// Appends `line` (a record) to the log, opening it again if a compaction left it closed.
+    fn append(&self, log: &mut Log, line: &[u8]) -> std::io::Result<()> {
         let file = match &mut log.file {
             Some(file) => file,
             // A compaction that failed half way left none: try again.
             none => none.insert(open_plain_with(&self.path, appending(), "session log")?),
         };
         // One write: with O_APPEND, at the log's end whatever a job did to it.
-        file.write_all(&line)?;
+        file.write_all(line)?;
         log.records += 1;
-        self.upkeep(&mut log, now);
         Ok(())
     }
 
@@ -837,6 +845,25 @@ mod tests {
         let index = sessions.index.lock().unwrap();
         let has = |id: &str| index.get(id).is_some();
         assert!(has("s-new") && has("s-0") && !has("s-12"), "{:?}", index.sessions.keys());
+    }
+
+    /// A log that cannot be written to (a job filled DATA_DIR's disk, or its permissions
+    /// changed) still leaves the index bounded: every job's end adds its session in memory
+    /// first, so the cap and the age are kept whether or not its record was written.
+    #[test]
+    fn the_cap_holds_when_the_log_cannot_be_written() {
+        let dir = folder("cap-unwritable");
+        let (mut sessions, _) = opened(&dir, NOW);
+        sessions.cap = 10;
+        // Writes fail from now on, as on a full disk (a read-only handle: EBADF).
+        sessions.log.lock().unwrap().file = Some(std::fs::File::open(dir.log()).unwrap());
+        for i in 0..100 {
+            assert_eq!(sessions.ended(&format!("s-{i}"), &owner("a"), NOW + i), Claim::Owned);
+            assert!(sessions.write(&format!("s-{i}"), &owner("a"), "job", NOW + i).is_err());
+        }
+        let index = sessions.index.lock().unwrap();
+        assert!(index.len() <= 10, "{} sessions kept over a cap of 10", index.len());
+        assert!(index.get("s-99").is_some(), "the newest is kept");
     }
 
     /// The log is rewritten with the live records once it holds more than twice as many
