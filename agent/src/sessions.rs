@@ -48,7 +48,7 @@
 //! the live records (and at least [`COMPACT_AT_LEAST`]): the live ones are written to a
 //! new file, synced, and renamed over it — so a crash then leaves the old log or the new.
 
-use crate::files::{open_plain_with, write_atomically};
+use crate::files::{open_plain, open_plain_with, write_atomically};
 use shared::envelope::{Domain, Tagged};
 use shared::ids::{plain_id, MAX_JOB_ID};
 use shared::link::MacKey;
@@ -333,7 +333,7 @@ impl Sessions {
         let mut index = Index::default();
         let mut loaded = Loaded::default();
         let mut records = 0;
-        match open_plain_with(&path, reading(), "session log") {
+        match open_plain(&path, false, "session log") {
             Ok(file) => records = read_log(file, &key, &mut index, &mut loaded, now, cap),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => loaded.unreadable = Some(e.to_string()),
@@ -454,12 +454,6 @@ impl Sessions {
         log.records = live.len();
         Ok(live.len())
     }
-}
-
-fn reading() -> std::fs::OpenOptions {
-    let mut options = std::fs::OpenOptions::new();
-    options.read(true);
-    options
 }
 
 fn appending() -> std::fs::OpenOptions {
