@@ -23,8 +23,9 @@
 //! made or removed per job (a new inode per job cost the agent 1-2 ms of CPU per job on a
 //! journal-less ext4: BENCHMARKS). A record lost in a crash or a power cut costs its owner
 //! a resume, never another caller a refusal: a session nobody has a record of can be
-//! resumed by nobody, and a job's session is only ever the one Claude named or the one it
-//! was allowed to resume ([`crate::claude::Transcript::session_id`]), so no one else can
+//! resumed by nobody, and a job's session is only ever the one the agent started Claude in —
+//! a new one under a random id the agent made, or the one the job was allowed to resume
+//! ([`crate::claude::Session`]), never an id read from Claude's output — so no one else can
 //! take a lost record's session. Each record begins and ends with a newline, so a torn one
 //! (a crash in the middle of a write, or a job's junk) ends before the next record
 //! begins, and is skipped at the next start without taking a later record with it.
