@@ -567,6 +567,8 @@ fn read_log(mut file: std::fs::File, key: &MacKey, index: &mut Index, loaded: &m
     let mut reader = BufReader::with_capacity(256 * 1024, file);
     let mut line = Vec::with_capacity(MAX_RECORD_BYTES);
     let mut records = 0;
+    // The latest time a record names: the cut below runs as of then.
+    let mut seen: Millis = 0;
     loop {
         let whole = match read_line_capped(&mut reader, &mut line, MAX_RECORD_BYTES) {
             Ok(Some(whole)) => whole,
@@ -586,11 +588,16 @@ fn read_log(mut file: std::fs::File, key: &MacKey, index: &mut Index, loaded: &m
                 let owner = Owner { caller: r.caller, pool: r.pool };
                 // A later record of another owner, its session live: not written by this
                 // agent (it keeps the first owner's), so not heeded either.
+                seen = seen.max(r.used_at).min(now);
                 let _ = index.take(&r.session_id, &owner, r.used_at);
-                // Copies of old records a job kept can name more sessions than the agent
-                // keeps: memory stays bounded while they are read.
-                if index.len() > 2 * cap {
-                    index.drop_old(now, cap);
+                // Cut as the running agent cut, at the record that took it past the cap
+                // ([`Sessions::upkeep`], as of that record's time): the log still holds
+                // the records of the sessions it cut, and one cut at the end would
+                // weigh them, and drop live sessions in their place — of another owner too,
+                // one that was never over its share. It also keeps memory bounded while
+                // copies of old records a job kept are read.
+                if index.len() > cap {
+                    index.drop_old(seen, cap);
                 }
             }
             None => loaded.skipped += 1,
@@ -1041,6 +1048,40 @@ mod tests {
         let took = started.elapsed();
         let kept: usize = index.sessions.values().filter(|e| e.owner.caller != "flood").count();
         println!("cut {} sessions to {} in {took:?} (the four small callers keep {kept})", MAX_RECORDS + 1, index.len());
+    }
+
+    /// A restart keeps the sessions the running agent kept: the log still holds the records
+    /// of those it cut (it is compacted only once it holds twice the live ones), and they
+    /// must not come back in place of live ones — of their owner, or of another who was
+    /// never over its share while the agent ran.
+    #[test]
+    fn a_restart_keeps_the_sessions_kept_before_it_and_not_those_cut() {
+        let dir = folder("fair-restart");
+        let (mut sessions, _) = opened(&dir, NOW);
+        sessions.cap = 100;
+        // a holds 60, b 41: past the cap, a is cut (to 49), b keeps all.
+        for i in 0..60 {
+            record(&sessions, &format!("a-{i}"), &owner("a"), "job", NOW + i);
+        }
+        for i in 0..41 {
+            record(&sessions, &format!("b-{i}"), &owner("b"), "job", NOW + 100 + i);
+        }
+        // b grows to 51: 100 in all, no cut.
+        for i in 41..51 {
+            record(&sessions, &format!("b-{i}"), &owner("b"), "job", NOW + 200 + i);
+        }
+        let live = |sessions: &Sessions| {
+            let index = sessions.index.lock().unwrap();
+            let mut ids: Vec<String> = index.sessions.keys().map(SessionKey::text).collect();
+            ids.sort();
+            ids
+        };
+        let before = live(&sessions);
+        assert_eq!(before.len(), 100);
+        assert!(before.iter().filter(|id| id.starts_with("b-")).count() == 51);
+        drop(sessions);
+        let (sessions, loaded) = Sessions::open_capped(dir.log(), key(1), "spark", NOW + 300, 100).unwrap();
+        assert_eq!(live(&sessions), before, "the same sessions after a restart ({loaded:?})");
     }
 
     /// A log that cannot be written to (a job filled DATA_DIR's disk, or its permissions
