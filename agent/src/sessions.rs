@@ -1048,6 +1048,19 @@ mod tests {
         let took = started.elapsed();
         let kept: usize = index.sessions.values().filter(|e| e.owner.caller != "flood").count();
         println!("cut {} sessions to {} in {took:?} (the four small callers keep {kept})", MAX_RECORDS + 1, index.len());
+        // The most owners: 80,001 older sessions each of a caller of its own (names the
+        // pool's secret may make up), and 20,000 newer ones of one caller.
+        let mut index = Index::default();
+        for i in 0..=MAX_RECORDS as u64 {
+            let who = if i > 80_000 { "big".to_string() } else { format!("s{i}") };
+            let id = format!("{:08x}-0000-4000-8000-{:012x}", i, i * 7);
+            index.take(&id, &owner(&who), NOW + i).unwrap();
+        }
+        let started = std::time::Instant::now();
+        index.drop_old(NOW, MAX_RECORDS);
+        let took = started.elapsed();
+        let kept: usize = index.sessions.values().filter(|e| e.owner.caller == "big").count();
+        println!("cut 80,001 owners of one session and one of 20,000 to {} in {took:?} (the big one keeps {kept})", index.len());
     }
 
     /// A restart keeps the sessions the running agent kept: the log still holds the records
