@@ -466,6 +466,9 @@ async fn a_later_job_resumes_an_earlier_jobs_session() {
     let second = r.execute(json!({"prompt": "which word?", "session_id": session, "timeout_ms": 60000})).await;
     assert_eq!(second.body["success"], true, "{}\n{}", second.text, r.logs());
     assert_eq!(second.body["session_id"], session.as_str());
+    // The resumed run stays in that session (its init line names it), so its use is
+    // recorded and the session's 30 days start again.
+    assert!(!r.agent.log().contains("named a session other than"), "{}", r.logs());
     let requests = r.message_requests();
     let last = &requests.last().expect("the second job asked the API")["body"];
     let texts = user_texts(last);
