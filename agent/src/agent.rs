@@ -409,14 +409,14 @@ impl Agent {
             // A bug in the runner must not leave the slot taken and the caller waiting:
             // a panicked job still ends, as a failure.
             let run = std::panic::AssertUnwindSafe(runner::run(&ctx, &job_id, order.spec, stop_rx)).catch_unwind();
-            let (result, leftover) = match run.await {
-                Ok((result, leftover)) => (result, Some(leftover)),
+            let (result, session, leftover) = match run.await {
+                Ok(ended) => (ended.result, ended.session, Some(ended.leftover)),
                 Err(_) => {
                     error!(job_id = %job_id, agent_id = %agent.cfg.agent_id, "the job runner panicked");
-                    (JobResult::failure(ErrorCode::InternalError, "the agent failed while running this job (see its log); retry", 0), None)
+                    (JobResult::failure(ErrorCode::InternalError, "the agent failed while running this job (see its log); retry", 0), None, None)
                 }
             };
-            agent.finish(&job_id, &ctx.order_nonce, &ctx.owner, result, leftover).await;
+            agent.finish(&job_id, &ctx.order_nonce, &ctx.owner, result, session, leftover).await;
         };
         if self.jobs.send(Box::pin(task)).is_err() {
             // The serve loop is gone: the agent is exiting.
@@ -432,8 +432,9 @@ impl Agent {
     /// its slot, and tell the edge. The result is sent first and written to disk while it
     /// travels (see [`crate::spool`]); the job's workspace is removed after that write, in
     /// the same trip off the async threads, as is the record of whose its Claude session
-    /// is ([`crate::sessions`]; held in memory from before the result goes).
-    async fn finish(self: &Arc<Self>, job_id: &str, order_nonce: &str, owner: &Owner, result: JobResult, leftover: Option<runner::Leftover>) {
+    /// is ([`crate::sessions`]; held in memory from before the result goes). `session` is
+    /// the one the agent started Claude in ([`runner::Ended::session`]), not the result's.
+    async fn finish(self: &Arc<Self>, job_id: &str, order_nonce: &str, owner: &Owner, result: JobResult, session: Option<String>, leftover: Option<runner::Leftover>) {
         match (result.success, result.error_code) {
             (false, Some(ErrorCode::RunnerOauthError)) => self.reporter.auth_failed(true),
             (true, _) => self.reporter.run_succeeded(),
@@ -441,7 +442,7 @@ impl Agent {
         }
         // Whose the session is, decided in memory now: the result may reach the caller,
         // and the caller's next job this agent, before the record is written.
-        let session = result.session_id.clone().filter(|session| self.claimed(job_id, session, owner));
+        let session = session.filter(|session| self.claimed(job_id, session, owner));
         let stored = StoredResult::of(&ResultReport { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), result });
         // Kept before it is MACed: a reconnect in between sends it from the spool, under
         // the new connection's key.

@@ -67,7 +67,7 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
     let job_id = format!("canary-{}", shared::ids::hex(&runtime::entropy::<8>()));
     // Never stopped from outside: the timeout bounds it.
     let (_stop, stop_rx) = oneshot::channel();
-    let (result, leftover) = runner::run(&ctx, &job_id, spec, stop_rx).await;
+    let runner::Ended { result, leftover, .. } = runner::run(&ctx, &job_id, spec, stop_rx).await;
     leftover.clean_up().await;
     drop(ctx);
     let mut lines = Vec::new();
@@ -99,6 +99,12 @@ pub fn judge(lines: &[Value], result: &JobResult) -> Result<String, Vec<String>>
         Some(init) if !init["session_id"].is_string() => {
             problems.push(format!("its `init` line has no session_id (sessions could not be resumed); {ROLL_BACK}"))
         }
+        // The runner names each new session (`--session-id`) and records that id: a CLI
+        // that runs in another leaves every session unresumable.
+        Some(init) if init["session_id"].as_str() != result.session_id.as_deref() => problems.push(format!(
+            "its `init` line names session {}, not the one claude-runner started it in (`--session-id`), so its sessions could not be resumed; {ROLL_BACK}",
+            init["session_id"]
+        )),
         Some(_) => {}
     }
     match lines.iter().rev().find(|l| l["type"] == "result") {
@@ -168,6 +174,11 @@ mod tests {
         let problems = judge(&lines[1..], &ok_result()).unwrap_err();
         assert!(problems[0].contains("`init`"), "{problems:?}");
         assert!(judge(&[], &JobResult::default()).unwrap_err().len() == 2);
+        // A CLI that does not take the runner's session id.
+        let mut lines = good_lines();
+        lines[0]["session_id"] = json!("s-2");
+        let problems = judge(&lines, &ok_result()).unwrap_err();
+        assert!(problems.len() == 1 && problems[0].contains("--session-id"), "{problems:?}");
     }
 
     #[test]

@@ -10,8 +10,46 @@ use shared::contract::ErrorCode;
 use shared::job::{JobResult, JobSpec};
 use shared::usage::{UsageStatus, UsageWindow};
 
-/// Arguments for one run (after the binary).
-pub fn args(spec: &JobSpec, default_model: Option<&str>) -> Vec<String> {
+/// The Claude session a run is in, chosen by the agent before Claude starts: a new one
+/// under an id the agent made (`--session-id`), or the one the job may resume (`--resume`
+/// without `--fork-session` keeps its id). It is what the agent records as the job's
+/// caller's (the agent's `sessions.rs`), never an id read from Claude's output: another
+/// job of the same user can write into Claude's stdout (`/proc/<pid>/fd/1`) before
+/// Claude's own first line, and a job's commands can once tools run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Session {
+    New(String),
+    Resume(String),
+}
+
+impl Session {
+    /// The session of a run of `spec`: the one it resumes (already allowed by the agent's
+    /// records), else a new one named by `fresh` (16 random bytes) as a UUID v4 — the CLI
+    /// takes nothing else for `--session-id`, and refuses an id whose transcript exists.
+    pub fn of(spec: &JobSpec, fresh: impl FnOnce() -> [u8; 16]) -> Session {
+        match &spec.session_id {
+            Some(id) => Session::Resume(id.clone()),
+            None => Session::New(uuid_v4(fresh())),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        match self {
+            Session::New(id) | Session::Resume(id) => id,
+        }
+    }
+}
+
+/// `bytes` as a random (version 4) UUID, in its canonical form (lowercase, hyphenated).
+pub fn uuid_v4(mut bytes: [u8; 16]) -> String {
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let h = shared::ids::hex(&bytes);
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
+/// Arguments for one run (after the binary), in `session`.
+pub fn args(spec: &JobSpec, default_model: Option<&str>, session: &Session) -> Vec<String> {
     let mut args: Vec<String> = ["-p", "--output-format", "stream-json", "--verbose"].map(String::from).to_vec();
     if let Some(model) = spec.model.as_deref().or(default_model) {
         args.push(format!("--model={model}"));
@@ -31,8 +69,9 @@ pub fn args(spec: &JobSpec, default_model: Option<&str>) -> Vec<String> {
     if let Some(p) = &spec.append_system_prompt {
         args.push(format!("--append-system-prompt={p}"));
     }
-    if let Some(s) = &spec.session_id {
-        args.push(format!("--resume={s}"));
+    match session {
+        Session::New(id) => args.push(format!("--session-id={id}")),
+        Session::Resume(id) => args.push(format!("--resume={id}")),
     }
     if let Some(b) = spec.max_budget_usd {
         args.push(format!("--max-budget-usd={b}"));
@@ -43,14 +82,14 @@ pub fn args(spec: &JobSpec, default_model: Option<&str>) -> Vec<String> {
 /// What the run's stdout said, line by line.
 #[derive(Debug, Default)]
 pub struct Transcript {
-    /// The Claude session the run is in, as the agent records it for the job's caller
-    /// (the agent's `sessions.rs`): the one it was allowed to resume ([`Transcript::resuming`]),
-    /// or the one named by Claude's `system`/`init` line when that is the stream's first
-    /// line — printed by Claude before any tool runs, so it is Claude's. Never from a later
-    /// line or the result line: once a tool runs, the job shapes the output (a command can
-    /// write to Claude's stdout), and a job naming another caller's session there must not
-    /// have it recorded as its own caller's.
-    pub session_id: Option<String>,
+    /// The session the agent started Claude in (None: Claude did not run).
+    pub session: Option<Session>,
+    /// Whether a `system`/`init` line named that session: Claude began (or resumed) it.
+    pub confirmed: bool,
+    /// The first `system`/`init` line's session, when it named another: a CLI that did not
+    /// take the agent's id, or a line another process wrote into Claude's stdout (a job of
+    /// the same user, through `/proc/<pid>/fd/1`), or a job's command once tools run.
+    pub named_other: Option<String>,
     /// The final `{"type":"result",…}` line.
     pub result: Option<Value>,
     /// Lines that were not JSON objects with a `type` (a crash, a wrapper's noise).
@@ -63,10 +102,31 @@ pub struct Transcript {
 }
 
 impl Transcript {
-    /// The transcript of a run that resumes `session_id` (one the job may resume), if any:
-    /// the run is in that session unless Claude's `init` line names another.
-    pub fn resuming(session_id: Option<String>) -> Transcript {
-        Transcript { session_id, ..Transcript::default() }
+    /// The transcript of a run in `session`.
+    pub fn of(session: Session) -> Transcript {
+        Transcript { session: Some(session), ..Transcript::default() }
+    }
+
+    /// The session the job's result names: the one the agent started Claude in — a new one
+    /// once Claude printed an `init` line (it began one), a resumed one always (also when
+    /// Claude fails before its `init` line: the caller's session stays theirs).
+    pub fn session_id(&self) -> Option<&str> {
+        match self.session.as_ref()? {
+            Session::Resume(id) => Some(id),
+            Session::New(id) => (self.confirmed || self.named_other.is_some()).then_some(id.as_str()),
+        }
+    }
+
+    /// The session to record as the job's caller's: [`Transcript::session_id`], unless every
+    /// `init` line named another session (`Err`: the first one named) — then Claude did not
+    /// run in the session the agent chose, and nothing is recorded. An `init` line naming
+    /// another session beside one naming the agent's changes nothing: no one can take Claude's
+    /// own line away, and the id recorded is the agent's either way.
+    pub fn recorded(&self) -> Result<Option<&str>, &str> {
+        match (&self.named_other, self.confirmed) {
+            (Some(other), false) => Err(other),
+            _ => Ok(self.session_id()),
+        }
     }
 
     /// Takes one stdout line (already redacted). Returns the event to forward, if any.
@@ -100,9 +160,14 @@ impl Transcript {
             self.garbage(value.to_string().chars().take(300).collect());
             return None;
         }
-        if self.lines == 1 && value["type"] == "system" && value["subtype"] == "init" {
-            if let Some(id) = value.get("session_id").and_then(Value::as_str) {
-                self.session_id = Some(id.to_string());
+        if value["type"] == "system" && value["subtype"] == "init" {
+            if let (Some(session), Some(id)) = (&self.session, value.get("session_id").and_then(Value::as_str)) {
+                if id == session.id() {
+                    self.confirmed = true;
+                } else if self.named_other.is_none() {
+                    // Kept short: it goes into a log line.
+                    self.named_other = Some(id.chars().take(128).collect());
+                }
             }
         }
         if value["type"] == "result" {
@@ -169,13 +234,14 @@ pub const MAX_OUTPUT_BYTES: usize = 1024 * 1024;
 /// Turns what happened into the job's result. `success` follows Claude's `is_error`, not
 /// the exit code.
 pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, duration_ms: u64) -> JobResult {
-    let mut r = JobResult { duration_ms, session_id: transcript.session_id.clone(), ..JobResult::default() };
+    let mut r = JobResult { duration_ms, session_id: transcript.session_id().map(String::from), ..JobResult::default() };
     if let Some(res) = &transcript.result {
         r.output = res.get("result").and_then(Value::as_str).unwrap_or_default().to_string();
         r.num_turns = res.get("num_turns").and_then(Value::as_u64).map(|n| n.min(u32::MAX as u64) as u32);
         r.cost_usd = res.get("total_cost_usd").and_then(Value::as_f64);
     }
-    // Claude's session ids are UUIDs; anything else long is not one worth carrying.
+    // Claude's session ids are UUIDs; anything else long is not one worth carrying (a
+    // resumed id was checked against the records: plain, and short).
     r.session_id = r.session_id.filter(|id| id.len() <= 128);
     let stderr_hint = || {
         let t = stderr_tail.trim();
@@ -307,7 +373,7 @@ mod tests {
 
     #[test]
     fn maps_options_to_flags() {
-        let a = args(&spec(), Some("claude-default"));
+        let a = args(&spec(), Some("claude-default"), &Session::of(&spec(), || unreachable!("a resumed session is not made")));
         assert_eq!(&a[..4], ["-p", "--output-format", "stream-json", "--verbose"]);
         for flag in [
             "--model=claude-default",
@@ -325,11 +391,23 @@ mod tests {
         assert!(!a.iter().any(|x| x.contains("hi")), "the prompt is not in argv");
         let mut s = spec();
         s.model = Some("opus".into());
-        assert!(args(&s, Some("claude-default")).contains(&"--model=opus".to_string()));
+        assert!(args(&s, Some("claude-default"), &Session::Resume("abc".into())).contains(&"--model=opus".to_string()));
+        // A new session: the agent names it, as a UUID v4, and nothing is resumed.
+        s.session_id = None;
+        let session = Session::of(&s, || [0xff; 16]);
+        assert_eq!(session, Session::New("ffffffff-ffff-4fff-bfff-ffffffffffff".into()));
+        let a = args(&s, None, &session);
+        assert!(a.contains(&"--session-id=ffffffff-ffff-4fff-bfff-ffffffffffff".to_string()), "{a:?}");
+        assert!(!a.iter().any(|x| x.starts_with("--resume")), "{a:?}");
+        assert_eq!(uuid_v4([0; 16]), "00000000-0000-4000-8000-000000000000");
     }
 
     fn transcript(lines: &[Value]) -> Transcript {
-        let mut t = Transcript::default();
+        in_session(Session::New("s1".into()), lines)
+    }
+
+    fn in_session(session: Session, lines: &[Value]) -> Transcript {
+        let mut t = Transcript::of(session);
         for l in lines {
             t.line(&l.to_string());
         }
@@ -362,32 +440,39 @@ mod tests {
         assert!(r.error.unwrap().contains("error_max_turns: Reached maximum number of turns (1)"));
     }
 
-    /// The session a job is in comes from Claude's first line alone (or is the one it
-    /// resumes): what follows is the job's to shape, and naming another session there
-    /// must not make it the job's.
+    /// The session a job is in is the one the agent started Claude in, whatever its output
+    /// names: another process can write a forged `init` line into Claude's stdout before
+    /// Claude's own, and a job's commands can once tools run.
     #[test]
-    fn the_session_is_named_by_the_first_init_line_or_the_resume_alone() {
-        let claimed = transcript(&[
-            json!({"type":"system","subtype":"init","session_id":"mine"}),
-            json!({"type":"system","subtype":"init","session_id":"theirs"}),
-            json!({"type":"assistant","session_id":"theirs","message":{"content":[]}}),
-            json!({"type":"result","subtype":"success","is_error":false,"result":"ok","session_id":"theirs"}),
-        ]);
+    fn the_session_is_the_one_the_agent_started_claude_in() {
+        let new = || Session::New("mine".into());
+        let ok = |id: &str| json!({"type":"result","subtype":"success","is_error":false,"result":"ok","session_id":id});
+        let init = |id: &str| json!({"type":"system","subtype":"init","session_id":id});
+        // A forged first line, then Claude's own: the agent's session, recorded.
+        let forged = in_session(new(), &[init("theirs"), init("mine"), ok("theirs")]);
+        assert_eq!(result(&forged, Ending::Exited(Some(0)), "", 1).session_id.as_deref(), Some("mine"));
+        assert_eq!((forged.recorded(), forged.named_other.as_deref()), (Ok(Some("mine")), Some("theirs")));
+        // Claude's own, then lines naming another (a job's command): the same.
+        let claimed = in_session(new(), &[init("mine"), init("theirs"), json!({"type":"assistant","session_id":"theirs","message":{"content":[]}}), ok("theirs")]);
         assert_eq!(result(&claimed, Ending::Exited(Some(0)), "", 1).session_id.as_deref(), Some("mine"));
-        // An init line that is not the first is not Claude's.
-        let late = transcript(&[
-            json!({"type":"assistant","message":{"content":[]}}),
-            json!({"type":"system","subtype":"init","session_id":"theirs"}),
-            json!({"type":"result","subtype":"success","is_error":false,"result":"ok","session_id":"theirs"}),
-        ]);
-        assert_eq!(result(&late, Ending::Exited(Some(0)), "", 1).session_id, None);
+        assert_eq!(claimed.recorded(), Ok(Some("mine")));
+        // Only another session named (a CLI that did not take the agent's id): the result
+        // names the agent's, and nothing is recorded.
+        let other = in_session(new(), &[init("theirs"), ok("theirs")]);
+        assert_eq!(result(&other, Ending::Exited(Some(0)), "", 1).session_id.as_deref(), Some("mine"));
+        assert_eq!(other.recorded(), Err("theirs"));
+        // No init line: Claude began no session (it failed first).
+        let none = in_session(new(), &[ok("theirs")]);
+        assert_eq!((result(&none, Ending::Exited(Some(1)), "", 1).session_id, none.recorded()), (None, Ok(None)));
         // A resumed run is in its session, also when Claude fails before its init line.
-        let mut resumed = Transcript::resuming(Some("old".into()));
-        resumed.line(&json!({"type":"result","subtype":"error_during_execution","is_error":true,"errors":["No conversation found"],"session_id":"theirs"}).to_string());
+        let resumed = in_session(Session::Resume("old".into()), &[json!({"type":"result","subtype":"error_during_execution","is_error":true,"errors":["No conversation found"],"session_id":"theirs"})]);
         assert_eq!(result(&resumed, Ending::Exited(Some(1)), "", 1).session_id.as_deref(), Some("old"));
-        let mut renamed = Transcript::resuming(Some("old".into()));
-        renamed.line(&json!({"type":"system","subtype":"init","session_id":"forked"}).to_string());
-        assert_eq!(result(&renamed, Ending::Exited(Some(0)), "", 1).session_id.as_deref(), Some("forked"));
+        assert_eq!(resumed.recorded(), Ok(Some("old")));
+        let renamed = in_session(Session::Resume("old".into()), &[init("forked")]);
+        assert_eq!(result(&renamed, Ending::Exited(Some(0)), "", 1).session_id.as_deref(), Some("old"));
+        assert_eq!(renamed.recorded(), Err("forked"));
+        // A run that never started is in no session.
+        assert_eq!(result(&Transcript::default(), Ending::SpawnFailed("x".into()), "", 1).session_id, None);
     }
 
     #[test]

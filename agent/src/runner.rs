@@ -4,7 +4,7 @@
 //! result that always comes back — a missing binary, a crash or garbage output become a
 //! clear failure, never a hang. The runner sees only its [`JobContext`], not the agent.
 
-use crate::claude::{self, Ending, Transcript};
+use crate::claude::{self, Ending, Session, Transcript};
 use crate::config::AgentConfig;
 use crate::oauth::{Login, RefreshGate};
 use crate::process::{self, Launch, Stop};
@@ -70,13 +70,24 @@ const FINISH_GRACE: Duration = Duration::from_secs(20);
 /// The largest result JSON: one WebSocket frame, less room for the message around it.
 const MAX_RESULT_BYTES: usize = shared::protocol::MAX_FRAME_BYTES - 64 * 1024;
 
-/// Runs the job to its end and returns its (redacted) result, and its workspace to clean
-/// up once the result is on its way (removing it is off the job's path).
-pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, stop: oneshot::Receiver<Stop>) -> (JobResult, Leftover) {
+/// A job run to its end.
+pub struct Ended {
+    /// Its (redacted) result.
+    pub result: JobResult,
+    /// The Claude session to record as the job's caller's ([`Transcript::recorded`]): the
+    /// one the agent started Claude in, never one read from Claude's output.
+    pub session: Option<String>,
+    /// Its workspace, to clean up once the result is on its way (removing it is off the
+    /// job's path).
+    pub leftover: Leftover,
+}
+
+/// Runs the job to its end.
+pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, stop: oneshot::Receiver<Stop>) -> Ended {
     let workspace = ctx.workspaces.join(job_id);
-    let result = run_in(ctx, job_id, spec, stop, &workspace).await;
+    let (result, session) = run_in(ctx, job_id, spec, stop, &workspace).await;
     let keep = std::env::var_os("CLAUDE_RUNNER_KEEP_WORKSPACES").is_some() || (!result.success && ctx.cfg.repos.keep_failed_workspaces);
-    (result, Leftover { workspace, keep, job_id: job_id.to_string(), agent_id: ctx.cfg.agent_id.clone() })
+    Ended { result, session, leftover: Leftover { workspace, keep, job_id: job_id.to_string(), agent_id: ctx.cfg.agent_id.clone() } }
 }
 
 /// A finished job's workspace.
@@ -107,7 +118,8 @@ impl Leftover {
     }
 }
 
-async fn run_in(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot::Receiver<Stop>, workspace: &Path) -> JobResult {
+/// The job's result, and the session to record as its caller's (none when Claude did not run).
+async fn run_in(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot::Receiver<Stop>, workspace: &Path) -> (JobResult, Option<String>) {
     let workspace = workspace.to_path_buf();
     let started = Instant::now();
     // Every wait before Claude counts against the job's timeout, and a cancel ends it.
@@ -118,18 +130,19 @@ async fn run_in(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot
         if let Err(why) = may_resume(ctx, session) {
             let caller = &ctx.owner.caller;
             warn!(job_id, agent_id = %ctx.cfg.agent_id, session_id = shared::ids::shown_job_id(session), caller = %caller, reason = %why, "session not resumed: the job fails before Claude runs");
-            return JobResult::failure(ErrorCode::InvalidRequest, sessions::unknown_to(session, caller), started.elapsed().as_millis() as u64);
+            return (JobResult::failure(ErrorCode::InvalidRequest, sessions::unknown_to(session, caller), started.elapsed().as_millis() as u64), None);
         }
     }
     let (cwd, repo) = match &spec.repo_url {
         None => match workspace::prepare(&ctx.workspaces, job_id, spec.working_dir.as_deref()) {
             Ok(dir) => (dir, None),
             Err(e) => {
-                return JobResult::failure(
+                let failed = JobResult::failure(
                     ErrorCode::InternalError,
                     format!("could not prepare the job's workspace {}: {e}; check DATA_DIR's disk space", workspace.display()),
                     0,
-                )
+                );
+                return (failed, None);
             }
         },
         Some(url) => {
@@ -155,7 +168,7 @@ async fn run_in(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot
                             JobResult::failure(ErrorCode::RepoError, e.to_string(), ms)
                         }
                     };
-                    return result;
+                    return (result, None);
                 }
             }
         }
@@ -171,15 +184,15 @@ async fn run_in(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot
         s = &mut stop => Err(Stop::ending(s)),
         _ = tokio::time::sleep_until(deadline) => Err(Ending::TimedOut { after_ms: spec.timeout_ms }),
     };
-    let mut result = match admitted {
+    let (mut result, session) = match admitted {
         Ok(refresher) => {
-            let result = run_claude(ctx, job_id, &spec, &cwd, deadline, stop, started).await;
+            let ran = run_claude(ctx, job_id, &spec, &cwd, deadline, stop, started).await;
             drop(refresher);
-            result
+            ran
         }
         Err(ending) => {
             info!(job_id, agent_id = %ctx.cfg.agent_id, ending = ?ending, "job ended while waiting for the login refresh");
-            claude::result(&Transcript::default(), ending, "", started.elapsed().as_millis() as u64)
+            (claude::result(&Transcript::default(), ending, "", started.elapsed().as_millis() as u64), None)
         }
     };
     // Re-read: the tokens may have been rotated while Claude ran.
@@ -191,7 +204,7 @@ async fn run_in(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot
         result.duration_ms = started.elapsed().as_millis() as u64;
         crate::repo::fit_result(&mut result, MAX_RESULT_BYTES);
     }
-    result
+    (result, session)
 }
 
 /// Puts a repository job's commit, diff and push into its result. A diff is given even
@@ -265,6 +278,8 @@ fn deadline_of(started: Instant, timeout_ms: u64) -> tokio::time::Instant {
     tokio::time::Instant::from_std(at)
 }
 
+/// Runs Claude in the job's session ([`Session::of`]): its result, and the session to record
+/// as the caller's.
 async fn run_claude(
     ctx: &JobContext,
     job_id: &str,
@@ -273,17 +288,18 @@ async fn run_claude(
     deadline: tokio::time::Instant,
     mut stop: oneshot::Receiver<Stop>,
     started: Instant,
-) -> JobResult {
+) -> (JobResult, Option<String>) {
     let cfg = &ctx.cfg;
     let mut job_env = Vec::new();
     if let Some(dir) = &cfg.claude_config_dir {
         job_env.push(("CLAUDE_CONFIG_DIR".to_string(), dir.clone().into_os_string()));
     }
     let env = process::claude_environment(ctx.inherited_env.iter().cloned(), &cfg.job_env_allow, ctx.login.claude_env(crate::now_ms()), job_env);
-    let launch = Launch { program: &cfg.claude_bin, args: claude::args(spec, cfg.claude_model.as_deref()), cwd, env, stdin: spec.prompt.clone() };
+    let session = Session::of(spec, runtime::entropy);
+    let launch = Launch { program: &cfg.claude_bin, args: claude::args(spec, cfg.claude_model.as_deref(), &session), cwd, env, stdin: spec.prompt.clone() };
     let mut redactor = ctx.login.redactor(crate::now_ms());
     let mut redactor_read = Instant::now();
-    let mut transcript = Transcript::resuming(spec.session_id.clone());
+    let mut transcript = Transcript::of(session);
     let mut carry = Carry::default();
     let mut seq = 0u64;
     // Events wait here for their batch (agent_core::progress). The batches are sent from
@@ -360,7 +376,20 @@ async fn run_claude(
     let duration_ms = started.elapsed().as_millis() as u64;
     let result = claude::result(&transcript, finished.ending, &stderr, duration_ms);
     info!(job_id, agent_id = %cfg.agent_id, success = result.success, error_code = ?result.error_code, duration_ms, lines = transcript.lines, "claude finished");
-    result
+    let ours = transcript.session.as_ref().map_or("-", Session::id);
+    let session = match transcript.recorded() {
+        Ok(session) => {
+            if let Some(named) = &transcript.named_other {
+                warn!(job_id, agent_id = %cfg.agent_id, session_id = %ours, named = shared::ids::shown_job_id(named), "a line of Claude's output named another session (written by the job, or by another process into Claude's stdout); ignored: the job's session is the one the agent started Claude in");
+            }
+            session.map(String::from)
+        }
+        Err(named) => {
+            warn!(job_id, agent_id = %cfg.agent_id, session_id = %ours, named = shared::ids::shown_job_id(named), "Claude's init line named a session other than the one the agent started it in, so the job's session is not recorded and cannot be resumed (its result names the agent's); if every job says this, the Claude CLI does not take --session-id: update it");
+            None
+        }
+    };
+    (result, session)
 }
 
 /// Sends what `batch` holds at each tick of the progress clock that comes while it holds

@@ -23,8 +23,9 @@
 //! made or removed per job (a new inode per job cost the agent 1-2 ms of CPU per job on a
 //! journal-less ext4: BENCHMARKS). A record lost in a crash or a power cut costs its owner
 //! a resume, never another caller a refusal: a session nobody has a record of can be
-//! resumed by nobody, and a job's session is only ever the one Claude named or the one it
-//! was allowed to resume ([`crate::claude::Transcript::session_id`]), so no one else can
+//! resumed by nobody, and a job's session is only ever the one the agent started Claude in —
+//! a new one under a random id the agent made, or the one the job was allowed to resume
+//! ([`crate::claude::Session`]), never an id read from Claude's output — so no one else can
 //! take a lost record's session. Each record begins and ends with a newline, so a torn one
 //! (a crash in the middle of a write, or a job's junk) ends before the next record
 //! begins, and is skipped at the next start without taking a later record with it.
@@ -43,8 +44,10 @@
 //! Bounds: a record is trusted for [`MAX_AGE_MS`] (30 days) after the last job that used
 //! its session ended — Claude Code deletes transcripts older than that by default
 //! (`cleanupPeriodDays`), so an older record would guard nothing — and at most
-//! [`MAX_RECORDS`] sessions are kept, the least recently used going first, so a flood of
-//! jobs cannot fill memory or the disk. The log is compacted when it holds more than twice
+//! [`MAX_RECORDS`] sessions are kept, so a flood of jobs cannot fill memory or the disk —
+//! shared fairly: past the cap, the sessions that go are the least recently used of the
+//! owner holding the most, so one caller's flood pushes out only its own older sessions
+//! while another holds fewer than it. The log is compacted when it holds more than twice
 //! the live records (and at least [`COMPACT_AT_LEAST`]): the live ones are written to a
 //! new file, synced, and renamed over it — so a crash then leaves the old log or the new.
 
@@ -63,8 +66,8 @@ use tracing::warn;
 /// Code's own default for keeping transcripts (`cleanupPeriodDays`, 30).
 pub const MAX_AGE_MS: Millis = 30 * 24 * 3_600_000;
 /// Most sessions kept (about 215 bytes each in the log, about 65 in memory: [`Index`]).
-/// Past it the least recently used go, down to nine tenths of it, so that this is not done
-/// at every job's end.
+/// Past it the least recently used of the owners holding the most go ([`drop_old`]), down
+/// to nine tenths of it, so that this is not done at every job's end.
 pub const MAX_RECORDS: usize = 100_000;
 /// How often sessions past their age are dropped from memory, at most.
 const SWEEP_EVERY_MS: Millis = 3_600_000;
@@ -261,8 +264,9 @@ impl Index {
         Ok(())
     }
 
-    /// Drops the sessions past their age, then the least recently used past `cap`, down
-    /// to nine tenths of it, then the owners no session names any more.
+    /// Drops the sessions past their age, then past `cap` the least recently used of the
+    /// owners holding the most, down to nine tenths of it ([`drop_old`]), then the owners
+    /// no session names any more.
     fn drop_old(&mut self, now: Millis, cap: usize) {
         drop_old(&mut self.sessions, now, cap);
         self.owners.retain(|owner| Arc::strong_count(owner) > 1);
@@ -463,25 +467,83 @@ fn appending() -> std::fs::OpenOptions {
     options
 }
 
-/// Drops the sessions past their age, then the least recently used past `cap`, down to
-/// nine tenths of it.
+/// Drops the sessions past their age, then, past `cap`, sessions down to nine tenths of
+/// it, fairly: each from the owner holding the most sessions at that point, its least
+/// recently used — so the owners holding the most are trimmed to one level, and an owner
+/// holding fewer than that keeps all of its own. One owner's flood of new sessions pushes
+/// out only its own older ones while others hold fewer than it. Done at once for a tenth
+/// of the cap (a sort of the sessions' owners and times: O(log n) a job, amortised); the
+/// index itself keeps nothing more for it.
 fn drop_old(index: &mut HashMap<SessionKey, Entry>, now: Millis, cap: usize) {
     index.retain(|_, e| e.used_at.saturating_add(MAX_AGE_MS) >= now);
     if index.len() <= cap {
         return;
     }
     let excess = index.len() - cap * 9 / 10;
-    // The excess-th oldest use, found without sorting: older ones go, and as many of the
-    // ones used at that very time as are still needed.
-    let mut times: Vec<Millis> = index.values().map(|e| e.used_at).collect();
-    let (_, nth, _) = times.select_nth_unstable(excess - 1);
-    let threshold = *nth;
-    let mut at_threshold = excess - times.iter().filter(|t| **t < threshold).count();
+    // Each owner by the address of its shared `Owner` (kept once: [`Index::owner`]), as a
+    // small number, and each session as (owner, last use), sorted: an owner's sessions
+    // oldest first, in one run.
+    let mut owners: HashMap<*const Owner, u32> = HashMap::new();
+    let mut uses: Vec<(u32, Millis)> = Vec::with_capacity(index.len());
+    for e in index.values() {
+        let next = owners.len() as u32;
+        let owner = *owners.entry(Arc::as_ptr(&e.owner)).or_insert(next);
+        uses.push((owner, e.used_at));
+    }
+    uses.sort_unstable();
+    // Each owner's run in `uses`: (start, count).
+    let mut runs = vec![(0usize, 0usize); owners.len()];
+    for (i, (owner, _)) in uses.iter().enumerate() {
+        let run = &mut runs[*owner as usize];
+        if run.1 == 0 {
+            run.0 = i;
+        }
+        run.1 += 1;
+    }
+    // The level the biggest owners are cut to: the highest `level` at which cutting every
+    // owner to it drops at least `excess`. Cutting to `level + 1` drops less: every owner
+    // above that is cut to it, and the rest of `excess` comes one each from owners left at
+    // `level + 1` — those whose next session is the least recently used.
+    let mut counts: Vec<usize> = runs.iter().map(|r| r.1).collect();
+    counts.sort_unstable_by(|a, b| b.cmp(a));
+    let over = |level: usize| counts.iter().take_while(|c| **c > level).map(|c| c - level).sum::<usize>();
+    let (mut low, mut high) = (0, counts[0]);
+    // over(low) >= excess (over(0) is every session), over(high) = 0 < excess.
+    while high - low > 1 {
+        let mid = low + (high - low) / 2;
+        if over(mid) >= excess {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    let keep = low + 1;
+    let mut cut: Vec<usize> = runs.iter().map(|r| r.1.saturating_sub(keep)).collect();
+    // (There are enough: over(low) - over(keep) owners hold at least `keep`.)
+    let mut next: Vec<(Millis, u32)> = runs.iter().enumerate().filter(|(_, r)| r.1 >= keep).map(|(o, r)| (uses[r.0 + cut[o]].1, o as u32)).collect();
+    next.sort_unstable();
+    for (_, o) in next.into_iter().take(excess - over(keep)) {
+        cut[o as usize] += 1;
+    }
+    // Per owner: the last use at which its cut ends, and how many used at that very time
+    // still go (older ones all go).
+    let mut until: Vec<Option<(Millis, usize)>> = runs
+        .iter()
+        .zip(&cut)
+        .map(|(r, &k)| {
+            (k > 0).then(|| {
+                let own = &uses[r.0..r.0 + k];
+                let last = own[k - 1].1;
+                (last, own.iter().rev().take_while(|u| u.1 == last).count())
+            })
+        })
+        .collect();
     index.retain(|_, e| {
-        if e.used_at < threshold {
+        let Some((last, at_last)) = &mut until[owners[&Arc::as_ptr(&e.owner)] as usize] else { return true };
+        if e.used_at < *last {
             false
-        } else if e.used_at == threshold && at_threshold > 0 {
-            at_threshold -= 1;
+        } else if e.used_at == *last && *at_last > 0 {
+            *at_last -= 1;
             false
         } else {
             true
@@ -505,6 +567,8 @@ fn read_log(mut file: std::fs::File, key: &MacKey, index: &mut Index, loaded: &m
     let mut reader = BufReader::with_capacity(256 * 1024, file);
     let mut line = Vec::with_capacity(MAX_RECORD_BYTES);
     let mut records = 0;
+    // The latest time a record names: the cut below runs as of then.
+    let mut seen: Millis = 0;
     loop {
         let whole = match read_line_capped(&mut reader, &mut line, MAX_RECORD_BYTES) {
             Ok(Some(whole)) => whole,
@@ -524,11 +588,16 @@ fn read_log(mut file: std::fs::File, key: &MacKey, index: &mut Index, loaded: &m
                 let owner = Owner { caller: r.caller, pool: r.pool };
                 // A later record of another owner, its session live: not written by this
                 // agent (it keeps the first owner's), so not heeded either.
+                seen = seen.max(r.used_at).min(now);
                 let _ = index.take(&r.session_id, &owner, r.used_at);
-                // Copies of old records a job kept can name more sessions than the agent
-                // keeps: memory stays bounded while they are read.
-                if index.len() > 2 * cap {
-                    index.drop_old(now, cap);
+                // Cut as the running agent cut, at the record that took it past the cap
+                // ([`Sessions::upkeep`], as of that record's time): the log still holds
+                // the records of the sessions it cut, and one cut at the end would
+                // weigh them, and drop live sessions in their place — of another owner too,
+                // one that was never over its share. It also keeps memory bounded while
+                // copies of old records a job kept are read.
+                if index.len() > cap {
+                    index.drop_old(seen, cap);
                 }
             }
             None => loaded.skipped += 1,
@@ -839,6 +908,193 @@ mod tests {
         let index = sessions.index.lock().unwrap();
         let has = |id: &str| index.get(id).is_some();
         assert!(has("s-new") && has("s-0") && !has("s-12"), "{:?}", index.sessions.keys());
+    }
+
+    /// The cap is shared fairly: a caller flooding past it pushes out its own oldest
+    /// sessions only, while others hold fewer than it — also when it floods first and the
+    /// others come later, and after a restart (the log replayed).
+    #[test]
+    fn a_flood_of_one_caller_past_the_cap_keeps_the_others_sessions() {
+        let dir = folder("fair");
+        let (mut sessions, _) = opened(&dir, NOW);
+        sessions.cap = 100;
+        // b's and c's few sessions, older than all of a's.
+        for i in 0..5 {
+            record(&sessions, &format!("b-{i}"), &owner("b"), "job", NOW + i);
+            record(&sessions, &format!("c-{i}"), &owner("c"), "job", NOW + i);
+        }
+        for i in 0..1000 {
+            record(&sessions, &format!("a-{i}"), &owner("a"), "job", NOW + 10 + i);
+        }
+        let survives = |sessions: &Sessions, now: Millis| {
+            for i in 0..5 {
+                assert_eq!(sessions.check(&format!("b-{i}"), &owner("b"), now), Ok(()), "b-{i}");
+                assert_eq!(sessions.check(&format!("c-{i}"), &owner("c"), now), Ok(()), "c-{i}");
+            }
+            let index = sessions.index.lock().unwrap();
+            assert!(index.len() <= 100, "{}", index.len());
+            // a's newest are kept, its oldest went.
+            assert!(index.get("a-999").is_some() && index.get("a-0").is_none());
+            let kept: Vec<u64> = (0..1000).filter(|i| index.get(&format!("a-{i}")).is_some()).collect();
+            assert_eq!(kept, (1000 - kept.len() as u64..1000).collect::<Vec<_>>(), "a's least recently used went first");
+        };
+        survives(&sessions, NOW + 2000);
+        drop(sessions);
+        let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", NOW + 2000, 100).unwrap();
+        survives(&sessions, NOW + 2000);
+
+        // Two callers over their share: both are cut to the same level, the least recently
+        // used of each first; the small one keeps all of its own.
+        let dir = folder("fair-level");
+        let (mut sessions, _) = opened(&dir, NOW);
+        sessions.cap = 100;
+        for i in 0..10 {
+            record(&sessions, &format!("c-{i}"), &owner("c"), "job", NOW + i);
+        }
+        for i in 0..45 {
+            record(&sessions, &format!("a-{i}"), &owner("a"), "job", NOW + 100 + i);
+            record(&sessions, &format!("b-{i}"), &owner("b"), "job", NOW + 100 + i);
+        }
+        // 100 now; one more of a's: down to 90, a and b cut to 40 each.
+        record(&sessions, "a-45", &owner("a"), "job", NOW + 200);
+        let index = sessions.index.lock().unwrap();
+        let count = |who: &str| index.sessions.values().filter(|e| e.owner.caller == who).count();
+        assert_eq!((count("a"), count("b"), count("c"), index.len()), (40, 40, 10, 90));
+        assert!(index.get("a-45").is_some() && index.get("a-5").is_none() && index.get("a-6").is_some());
+        assert!(index.get("b-44").is_some() && index.get("b-4").is_none() && index.get("b-5").is_some());
+    }
+
+    /// The fair cut, exactly: many owners of many sizes, times shared across owners and
+    /// within one; it keeps nine tenths of the cap, every owner holding at most the level
+    /// keeps all, and each owner loses its oldest.
+    #[test]
+    fn the_fair_cut_trims_the_biggest_owners_to_one_level() {
+        let mut index = Index::default();
+        let sizes = [1usize, 3, 7, 7, 20, 50, 120, 300];
+        for (o, n) in sizes.iter().enumerate() {
+            for i in 0..*n {
+                // Every third session shares its time with the one before.
+                let at = NOW + (i - i % 3 / 2) as u64;
+                index.take(&format!("s-{o}-{i}"), &owner(&format!("o{o}")), at).unwrap();
+            }
+        }
+        let total: usize = sizes.iter().sum();
+        index.drop_old(NOW, 200);
+        assert_eq!(index.len(), 180);
+        let left: Vec<usize> = (0..sizes.len()).map(|o| index.sessions.values().filter(|e| e.owner.caller == format!("o{o}")).count()).collect();
+        // 508 sessions down to 180: the small owners keep their 38, the three biggest are
+        // cut to 48 each (38 + 144 = 182), then two more go: from the two whose next
+        // session is the least recently used.
+        assert_eq!(left, [1, 3, 7, 7, 20, 47, 47, 48], "{total} sessions");
+        for (o, n) in sizes.iter().enumerate() {
+            let kept: Vec<usize> = (0..*n).filter(|i| index.get(&format!("s-{o}-{i}")).is_some()).collect();
+            assert_eq!(kept, (n - left[o]..*n).collect::<Vec<_>>(), "o{o} keeps its newest");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 400, ..Default::default() })]
+        /// The fair cut is the one its definition gives, taken one session at a time: the
+        /// least recently used of the owner holding the most (of those holding the most,
+        /// the one whose least recently used is the oldest). Times are shared within an
+        /// owner but not across owners, so that the answer is one.
+        #[test]
+        fn the_fair_cut_is_one_session_at_a_time_from_the_biggest_owner(
+            sizes in proptest::collection::vec(1usize..40, 1..8),
+            cap in 1usize..120,
+            dup in 1u64..4,
+        ) {
+            let mut index = Index::default();
+            let mut left: Vec<Vec<Millis>> = Vec::new();
+            for (o, n) in sizes.iter().enumerate() {
+                let times: Vec<Millis> = (0..*n as u64).map(|i| NOW + (i / dup) * 16 + o as u64).collect();
+                for (i, at) in times.iter().enumerate() {
+                    index.take(&format!("s-{o}-{i}"), &owner(&format!("o{o}")), *at).unwrap();
+                }
+                left.push(times);
+            }
+            let total: usize = sizes.iter().sum();
+            if total > cap {
+                for _ in 0..total - cap * 9 / 10 {
+                    let most = left.iter().map(Vec::len).max().unwrap();
+                    let o = (0..left.len()).filter(|o| left[*o].len() == most).min_by_key(|o| left[*o][0]).unwrap();
+                    left[o].remove(0);
+                }
+            }
+            index.drop_old(NOW, cap);
+            for (o, want) in left.iter().enumerate() {
+                let mut kept: Vec<Millis> = index.sessions.values().filter(|e| e.owner.caller == format!("o{o}")).map(|e| e.used_at).collect();
+                kept.sort_unstable();
+                proptest::prop_assert_eq!(&kept, want, "owner o{} of sizes {:?}, cap {}", o, sizes, cap);
+            }
+        }
+    }
+
+    /// What the cut at the cap costs (BENCHMARKS.md, "The session cap, shared fairly"):
+    /// 100,001 sessions with UUID ids, of five callers, one holding nine tenths, cut to
+    /// 90,000. Prints the time; asserts nothing about it. Run by hand:
+    /// `cargo test -p claude-runner --bin claude-runner -- --ignored --nocapture the_cut_at_the_cap`
+    #[test]
+    #[ignore]
+    fn the_cut_at_the_cap_costs() {
+        let mut index = Index::default();
+        for i in 0..=MAX_RECORDS as u64 {
+            let who = if i % 10 == 0 { format!("c{}", i % 4) } else { "flood".to_string() };
+            let id = format!("{:08x}-0000-4000-8000-{:012x}", i, i * 7);
+            index.take(&id, &owner(&who), NOW + i).unwrap();
+        }
+        let started = std::time::Instant::now();
+        index.drop_old(NOW, MAX_RECORDS);
+        let took = started.elapsed();
+        let kept: usize = index.sessions.values().filter(|e| e.owner.caller != "flood").count();
+        println!("cut {} sessions to {} in {took:?} (the four small callers keep {kept})", MAX_RECORDS + 1, index.len());
+        // The most owners: 80,001 older sessions each of a caller of its own (names the
+        // pool's secret may make up), and 20,000 newer ones of one caller.
+        let mut index = Index::default();
+        for i in 0..=MAX_RECORDS as u64 {
+            let who = if i > 80_000 { "big".to_string() } else { format!("s{i}") };
+            let id = format!("{:08x}-0000-4000-8000-{:012x}", i, i * 7);
+            index.take(&id, &owner(&who), NOW + i).unwrap();
+        }
+        let started = std::time::Instant::now();
+        index.drop_old(NOW, MAX_RECORDS);
+        let took = started.elapsed();
+        let kept: usize = index.sessions.values().filter(|e| e.owner.caller == "big").count();
+        println!("cut 80,001 owners of one session and one of 20,000 to {} in {took:?} (the big one keeps {kept})", index.len());
+    }
+
+    /// A restart keeps the sessions the running agent kept: the log still holds the records
+    /// of those it cut (it is compacted only once it holds twice the live ones), and they
+    /// must not come back in place of live ones — of their owner, or of another who was
+    /// never over its share while the agent ran.
+    #[test]
+    fn a_restart_keeps_the_sessions_kept_before_it_and_not_those_cut() {
+        let dir = folder("fair-restart");
+        let (mut sessions, _) = opened(&dir, NOW);
+        sessions.cap = 100;
+        // a holds 60, b 41: past the cap, a is cut (to 49), b keeps all.
+        for i in 0..60 {
+            record(&sessions, &format!("a-{i}"), &owner("a"), "job", NOW + i);
+        }
+        for i in 0..41 {
+            record(&sessions, &format!("b-{i}"), &owner("b"), "job", NOW + 100 + i);
+        }
+        // b grows to 51: 100 in all, no cut.
+        for i in 41..51 {
+            record(&sessions, &format!("b-{i}"), &owner("b"), "job", NOW + 200 + i);
+        }
+        let live = |sessions: &Sessions| {
+            let index = sessions.index.lock().unwrap();
+            let mut ids: Vec<String> = index.sessions.keys().map(SessionKey::text).collect();
+            ids.sort();
+            ids
+        };
+        let before = live(&sessions);
+        assert_eq!(before.len(), 100);
+        assert!(before.iter().filter(|id| id.starts_with("b-")).count() == 51);
+        drop(sessions);
+        let (sessions, loaded) = Sessions::open_capped(dir.log(), key(1), "spark", NOW + 300, 100).unwrap();
+        assert_eq!(live(&sessions), before, "the same sessions after a restart ({loaded:?})");
     }
 
     /// A log that cannot be written to (a job filled DATA_DIR's disk, or its permissions

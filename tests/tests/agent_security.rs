@@ -1062,3 +1062,65 @@ async fn a_session_a_job_only_names_in_its_output_is_not_recorded_as_its_callers
     assert!(resumed.success, "{resumed:?}");
     assert_eq!(resumed.output, format!("stand-in answer to: go on (resumed {own} after 1 turns)"));
 }
+
+/// Another job of the same user can write into a running Claude's stdout
+/// (`/proc/<pid>/fd/1`) before Claude prints its own first line: an `init` line naming a
+/// session the writer chose. The agent named the session itself (`--session-id`), so the
+/// caller's session stays the one Claude ran in: it is recorded and resumed, and the
+/// forged id is not the caller's. (Before, the first line named the session recorded.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_first_init_line_does_not_name_the_callers_session() {
+    use shared::contract::ErrorCode;
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    let t = now();
+    let order = |id: &str, caller: &str, session: Option<&str>, prompt: &str| edge.order_for(caller, session, id, t, prompt);
+    let log = agent.data.path().join("data/sessions.log");
+    let recorded = |id: &str| recorded(&log, id);
+    let forged = "0badc0de-0000-4000-8000-00000000f00d";
+    let made = edge.result_of(&mut ws, order("a-1", "a", None, &format!("@forge_init={forged} @transcript the word is kiwi"))).await;
+    assert!(made.success, "{made:?}");
+    let session = made.session_id.clone().expect("a session");
+    assert_ne!(session, forged, "the forged line does not name the caller's session");
+    // The id the agent passed Claude, and the one the transcript is filed under.
+    let runs = agent.claude_runs();
+    let argv: Vec<String> = serde_json::from_value(runs[0]["argv"].clone()).unwrap();
+    assert!(argv.contains(&format!("--session-id={session}")), "{argv:?}");
+    assert!(eventually(Duration::from_secs(5), || recorded(&session)).await, "the caller's session recorded");
+    assert!(!recorded(forged), "the forged session was not recorded");
+    assert!(eventually(Duration::from_secs(5), || agent.log().contains("named another session")).await, "the operator's log says so: {}", agent.log());
+
+    let resumed = edge.result_of(&mut ws, order("a-2", "a", Some(&session), "which word?")).await;
+    assert!(resumed.success, "{resumed:?}");
+    assert_eq!(resumed.output, format!("stand-in answer to: which word? (resumed {session} after 1 turns)"));
+    assert_eq!(resumed.session_id.as_deref(), Some(session.as_str()));
+    let theirs = edge.result_of(&mut ws, order("a-3", "a", Some(forged), "which word?")).await;
+    assert_eq!(theirs.error_code, Some(ErrorCode::InvalidRequest), "{theirs:?}");
+    assert_eq!(agent.claude_runs().len(), 2, "Claude did not run for the forged session");
+}
+
+/// A Claude that does not run in the session the agent named (a CLI that ignores
+/// `--session-id`): its result names the agent's session, which is not recorded (it is
+/// not the one Claude ran in), so resuming it is refused; the operator's log says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claude_that_names_another_session_has_its_session_not_recorded() {
+    use shared::contract::ErrorCode;
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    let t = now();
+    let order = |id: &str, session: Option<&str>, prompt: &str| edge.order_for("a", session, id, t, prompt);
+    let made = edge.result_of(&mut ws, order("a-1", None, "@ignore_session_id @transcript the word is kiwi")).await;
+    assert!(made.success, "{made:?}");
+    let session = made.session_id.clone().expect("the agent's session");
+    let argv: Vec<String> = serde_json::from_value(agent.claude_runs()[0]["argv"].clone()).unwrap();
+    assert!(argv.contains(&format!("--session-id={session}")), "{argv:?}");
+    assert!(eventually(Duration::from_secs(5), || agent.log().contains("is not recorded")).await, "{}", agent.log());
+    let log = agent.data.path().join("data/sessions.log");
+    assert!(!recorded(&log, &session));
+    let refused = edge.result_of(&mut ws, order("a-2", Some(&session), "which word?")).await;
+    assert_eq!(refused.error_code, Some(ErrorCode::InvalidRequest), "{refused:?}");
+}

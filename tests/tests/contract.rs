@@ -46,7 +46,9 @@ async fn a_job_returns_every_response_field(kind: EdgeKind) {
     assert!(b["duration_ms"].as_u64().is_some());
     assert!(b["job_id"].as_str().is_some_and(|j| !j.is_empty()));
     assert_eq!(b["agent_id"], "spark");
-    assert!(b["session_id"].as_str().unwrap().starts_with("standin-"));
+    // A session the agent named (`--session-id`, a UUID v4), not one Claude's output named.
+    let session = b["session_id"].as_str().unwrap();
+    assert!(session.len() == 36 && session.as_bytes()[14] == b'4' && session.split('-').map(str::len).eq([8, 4, 4, 4, 12]), "{session}");
     assert_eq!(b["num_turns"], 1);
     assert_eq!(b["cost_usd"], 0.0123);
     assert!(b["error_code"].is_null());

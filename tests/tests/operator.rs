@@ -237,7 +237,7 @@ async fn submit_shows_progress_and_prints_the_result() {
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert_eq!(out.trim(), "stand-in answer to: @sleep=500 hello there");
     assert!(err.contains("· job "), "{err}");
-    assert!(err.contains("· session standin-"), "progress was shown: {err}");
+    assert!(err.contains("· session ") && err.contains("(stand-in)"), "progress was shown: {err}");
 
     // The prompt from stdin, the result as JSON.
     let (code, out, _) = submit(&["-", "--json", "--quiet"], "from stdin");

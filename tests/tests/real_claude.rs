@@ -381,19 +381,24 @@ async fn an_unknown_session_is_refused_and_a_lost_transcript_is_a_claude_error()
 
 /// Removes every file called `name` under `dir`; returns how many.
 fn remove_files_named(dir: &Path, name: &str) -> usize {
-    let mut removed = 0;
+    files_named(dir, name).iter().filter(|path| std::fs::remove_file(path).is_ok()).count()
+}
+
+/// Every file named `name` under `dir`.
+fn files_named(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
     let mut folders = vec![dir.to_path_buf()];
     while let Some(folder) = folders.pop() {
         for entry in std::fs::read_dir(&folder).into_iter().flatten().flatten() {
             let Ok(kind) = entry.file_type() else { continue };
             if kind.is_dir() {
                 folders.push(entry.path());
-            } else if entry.file_name().to_str() == Some(name) && std::fs::remove_file(entry.path()).is_ok() {
-                removed += 1;
+            } else if entry.file_name().to_str() == Some(name) {
+                found.push(entry.path());
             }
         }
     }
-    removed
+    found
 }
 
 /// Processes whose working directory is inside `dir` (the real CLI runs in the job's
@@ -438,12 +443,32 @@ async fn a_timeout_stops_the_real_cli_and_everything_it_started() {
 async fn a_later_job_resumes_an_earlier_jobs_session() {
     let Some(claude) = real_claude() else { return };
     let r = Real::start(&claude, "ok").await;
-    let first = r.execute(json!({"prompt": "remember the word pelican", "timeout_ms": 60000})).await;
-    assert_eq!(first.body["success"], true, "{}", first.text);
-    let session = first.body["session_id"].as_str().unwrap().to_string();
+    // Followed as it runs: the CLI's own init line is seen, not only the result.
+    let submitted = r.client.submit(json!({"prompt": "remember the word pelican", "timeout_ms": 60000})).await;
+    assert_eq!(submitted.status, 202, "{}", submitted.text);
+    let (_, _, events) = r.client.follow(submitted.body["job_id"].as_str().unwrap()).await;
+    let first: Value = serde_json::from_str(&events.last().expect("events").1).unwrap();
+    assert_eq!(first["success"], true, "{first}\n{}", r.logs());
+    let session = first["session_id"].as_str().unwrap().to_string();
+    assert!(is_uuid(&session), "{session}");
+    // The agent named the session (`--session-id`; the result names the agent's id) and the
+    // CLI ran in it: its init line names that id, and its transcript is filed under it.
+    let inits: Vec<Value> = events
+        .iter()
+        .filter(|(k, _)| k == "progress")
+        .map(|(_, d)| serde_json::from_str::<Value>(d).unwrap())
+        .filter(|e| e["type"] == "system" && e["subtype"] == "init")
+        .collect();
+    assert_eq!(inits.len(), 1, "{events:?}");
+    assert_eq!(inits[0]["session_id"], session.as_str(), "the CLI's init line names the id the agent passed");
+    assert!(!r.agent.log().contains("other than the one the agent started it in"), "{}", r.logs());
+    assert_eq!(files_named(r.agent.data.path(), &format!("{session}.jsonl")).len(), 1, "the transcript is filed under the agent's id");
     let second = r.execute(json!({"prompt": "which word?", "session_id": session, "timeout_ms": 60000})).await;
     assert_eq!(second.body["success"], true, "{}\n{}", second.text, r.logs());
     assert_eq!(second.body["session_id"], session.as_str());
+    // The resumed run stays in that session (its init line names it), so its use is
+    // recorded and the session's 30 days start again.
+    assert!(!r.agent.log().contains("named a session other than"), "{}", r.logs());
     let requests = r.message_requests();
     let last = &requests.last().expect("the second job asked the API")["body"];
     let texts = user_texts(last);

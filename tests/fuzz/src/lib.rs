@@ -119,7 +119,7 @@ pub fn http(data: &[u8]) {
         if let Some(dir) = &submission.spec.working_dir {
             assert!(shared::contract::checked_working_dir(dir).is_ok(), "{dir:?}");
         }
-        let _ = claude::args(&submission.spec, None);
+        let _ = claude::args(&submission.spec, None, &claude::Session::of(&submission.spec, || [7; 16]));
     }
     let secret = if flags & 1 == 1 { Some(SECRET.to_string()) } else { secret };
     let mut edge = Edge::new(edge_config(), NOW);
@@ -424,7 +424,7 @@ fn run_order(order: Result<JobOrder, shared::envelope::Refusal>) {
     let OrderHeader { agent_id, pool, expires_at, .. } = &order.header;
     assert_eq!((agent_id.as_str(), pool.as_str()), (AGENT, "default"));
     assert!(NOW <= expires_at.saturating_add(shared::envelope::CLOCK_SKEW_MS));
-    let _ = claude::args(&order.spec, Some("model"));
+    let _ = claude::args(&order.spec, Some("model"), &claude::Session::of(&order.spec, || [7; 16]));
     if let Some(dir) = &order.spec.working_dir {
         let _ = shared::contract::checked_working_dir(dir);
     }
@@ -464,7 +464,8 @@ fn redactor() -> &'static Redactor {
 
 pub fn claude_stream(data: &[u8]) {
     let redactor = redactor();
-    let mut transcript = Transcript::default();
+    // In a session, so that lines naming sessions are looked at as in a job.
+    let mut transcript = Transcript::of(claude::Session::New(claude::uuid_v4([7; 16])));
     let mut carry = agent_core::redact::Carry::default();
     for line in data.split(|b| *b == b'\n') {
         let event = match redactor.redact_line(&text(line), &mut carry) {
@@ -486,8 +487,12 @@ pub fn claude_stream(data: &[u8]) {
         Ending::AgentStopping,
         Ending::SpawnFailed("fuzz".into()),
     ];
+    // The session recorded is the agent's or none, whatever the lines named.
+    let ours = claude::uuid_v4([7; 16]);
+    assert!(matches!(transcript.recorded(), Ok(None) | Err(_)) || transcript.recorded() == Ok(Some(ours.as_str())));
     for ending in endings {
         let r = claude::result(&transcript, ending, &text(data), 1);
+        assert!(r.session_id.is_none() || r.session_id.as_deref() == Some(ours.as_str()));
         assert!(r.output.len() <= claude::MAX_OUTPUT_BYTES + 100);
         assert_eq!(r.success, r.error_code.is_none());
     }

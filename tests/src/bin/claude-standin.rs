@@ -29,7 +29,16 @@
 //! does (`$CLAUDE_CONFIG_DIR/projects/<working directory, slugged>/<session id>.jsonl`,
 //! a line per prompt) · `@claim_session=ID` after its own `init` line, print another one
 //! naming session ID, and name ID on every later line and the result (what a job's
-//! command writing to Claude's stdout could do).
+//! command writing to Claude's stdout could do) · `@forge_init=ID` first print an `init`
+//! line naming session ID, before its own (what another process writing into Claude's
+//! stdout through `/proc/<pid>/fd/1` could do) · `@ignore_session_id` name a session of its
+//! own instead of `--session-id`'s (as a CLI without that option would).
+//!
+//! `--session-id=ID` (or `--session-id ID`) names a new session as the real CLI (2.1.197)
+//! does: its transcript is filed under ID. As the CLI, it refuses (on stderr, exit 1) an ID
+//! that is not a UUID (`Error: Invalid session ID. Must be a valid UUID.`), one whose
+//! transcript exists (`Error: Session ID ID is already in use.`), and the option beside
+//! `--resume` without `--fork-session`. Without it the session is `standin-<pid>`.
 //!
 //! `--resume=ID` continues session ID as the real CLI does: from its transcript under the
 //! working directory's project folder (a line is added to it), answering
@@ -104,7 +113,23 @@ fn main() {
         }
     }
     let resumed = args.iter().find_map(|a| a.strip_prefix("--resume=")).map(String::from);
-    let session = resumed.clone().unwrap_or_else(|| format!("standin-{}", std::process::id()));
+    let named = args.iter().enumerate().find_map(|(i, a)| match a.strip_prefix("--session-id") {
+        Some("") => Some(args.get(i + 1).cloned().unwrap_or_default()),
+        Some(rest) => rest.strip_prefix('=').map(String::from),
+        None => None,
+    });
+    // The real CLI's checks, in its order and words.
+    if named.is_some() && resumed.is_some() && !args.iter().any(|a| a == "--fork-session") {
+        eprintln!("Error: --session-id can only be used with --continue or --resume if --fork-session is also specified.");
+        std::process::exit(1);
+    }
+    if named.as_deref().is_some_and(|id| !is_uuid(id)) {
+        eprintln!("Error: Invalid session ID. Must be a valid UUID.");
+        std::process::exit(1);
+    }
+    let own = format!("standin-{}", std::process::id());
+    let named = named.filter(|_| directive(&prompt, "ignore_session_id").is_none());
+    let session = resumed.clone().or_else(|| named.clone()).unwrap_or(own);
     let out = std::io::stdout();
     let mut out = out.lock();
     let emit = |out: &mut std::io::StdoutLock, v: serde_json::Value| {
@@ -117,6 +142,12 @@ fn main() {
         let slug: String = cwd.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
         std::path::PathBuf::from(config).join("projects").join(slug).join(format!("{session}.jsonl"))
     });
+    if let (Some(id), Some(path)) = (&named, &transcript) {
+        if path.exists() {
+            eprintln!("Error: Session ID {id} is already in use.");
+            std::process::exit(1);
+        }
+    }
     let earlier_turns = match (&resumed, &transcript) {
         (Some(id), path) => match path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
             Some(text) => Some(text.lines().count()),
@@ -137,6 +168,9 @@ fn main() {
         let _ = writeln!(out, "Segmentation fault (this is not JSON)");
         let _ = out.flush();
         std::process::exit(directive(&prompt, "exit").and_then(|c| c.parse().ok()).unwrap_or(2));
+    }
+    if let Some(forged) = directive(&prompt, "forge_init") {
+        emit(&mut out, serde_json::json!({"type":"system","subtype":"init","session_id":forged,"tools":["Read","Bash"],"model":"stand-in"}));
     }
     emit(&mut out, serde_json::json!({"type":"system","subtype":"init","session_id":session,"cwd":std::env::current_dir().ok(),"tools":["Read","Bash"],"model":"stand-in","permissionMode":"default"}));
     // What a job's command can do once tools run: print lines that name another session.
@@ -398,4 +432,10 @@ fn auth_login() {
 fn parent_of(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether `id` is a UUID as the real CLI checks `--session-id`: 8-4-4-4-12 hex digits,
+/// either case.
+fn is_uuid(id: &str) -> bool {
+    id.len() == 36 && id.split('-').map(str::len).eq([8, 4, 4, 4, 12]) && id.chars().all(|c| c == '-' || c.is_ascii_hexdigit())
 }
