@@ -36,7 +36,11 @@
 //!
 //! The conversation, on a Unix socket: the agent sends one byte with the new launcher's
 //! end of its socket attached (`SCM_RIGHTS`); the zygote answers four bytes, the
-//! launcher's pid or `-errno`.
+//! launcher's pid or `-errno`. A zygote killed between its clone and its answer leaves a
+//! launcher the agent never heard of, yet its child: a zombie of the agent's for ever once
+//! it exits (or a stray process, if a job stopped it). So the kernel writes each
+//! launcher's pid, as it clones it, in a page the agent shares with the zygote
+//! ([`PidSlot`]); the agent kills and reaps the launcher found there with the zygote.
 
 use crate::launcher::{recv_with_fds, send_with_fds, ANSWER_WITHIN};
 use std::io::Read;
@@ -55,6 +59,58 @@ struct Zygote {
     socket: UnixStream,
     /// The zygote's pid: the agent's child, so its own until the agent reaps it.
     pid: libc::pid_t,
+    /// The pid of the launcher the zygote cloned for the request in hand, not yet answered.
+    cloned: PidSlot,
+}
+
+/// One word of memory shared by the agent and its zygote (`MAP_SHARED`, mapped before the
+/// zygote's fork), where the kernel writes the pid of each launcher the zygote clones
+/// (`CLONE_PARENT_SETTID`: written before `clone` returns, so a zygote killed at any point
+/// after the launcher exists has written it). The agent clears it before each request and
+/// after each answer: a pid found there after the zygote's death is a launcher it never
+/// answered for, the agent's child, which the agent kills and reaps.
+///
+/// Nothing else is shared: the page holds pids only, the zygote writes it only through the
+/// kernel, and its launchers do not inherit it (`MADV_DONTFORK`, set in the zygote).
+struct PidSlot(std::ptr::NonNull<std::sync::atomic::AtomicI32>);
+
+// SAFETY: the page is the process's until `drop`; an atomic is read and written through it.
+unsafe impl Send for PidSlot {}
+
+impl PidSlot {
+    fn new() -> std::io::Result<PidSlot> {
+        // SAFETY: a new anonymous mapping, ours until `drop`.
+        let page = unsafe { libc::mmap(std::ptr::null_mut(), PidSlot::LEN, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) };
+        if page == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            return Err(std::io::Error::new(e.kind(), format!("could not map the page the agent shares with its zygote ({e}): restart the agent")));
+        }
+        Ok(PidSlot(std::ptr::NonNull::new(page.cast()).expect("mmap never answers NULL here")))
+    }
+
+    const LEN: usize = 4096;
+
+    fn word(&self) -> &std::sync::atomic::AtomicI32 {
+        // SAFETY: mapped, aligned and zero-initialised until `drop`.
+        unsafe { self.0.as_ref() }
+    }
+
+    /// Where the kernel writes the next clone's pid (in the zygote's copy of the mapping).
+    fn as_ptr(&self) -> *mut libc::pid_t {
+        self.word().as_ptr()
+    }
+
+    /// The pid written since it was last taken, if any; the slot is clear after.
+    fn take(&self) -> Option<libc::pid_t> {
+        Some(self.word().swap(0, std::sync::atomic::Ordering::SeqCst)).filter(|&pid| pid > 0)
+    }
+}
+
+impl Drop for PidSlot {
+    fn drop(&mut self) {
+        // SAFETY: our mapping, used no more.
+        unsafe { libc::munmap(self.0.as_ptr().cast(), PidSlot::LEN) };
+    }
 }
 
 /// Forks the zygote now: from `main`, before any thread starts and before the command line
@@ -112,6 +168,7 @@ impl Zygote {
     /// after it are never dumpable.
     fn fork() -> std::io::Result<Zygote> {
         let (ours, theirs) = UnixStream::pair()?;
+        let cloned = PidSlot::new()?;
         // SAFETY: prctl and getpid change and read process attributes only.
         let agent = unsafe {
             libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
@@ -126,18 +183,27 @@ impl Zygote {
         }
         if pid == 0 {
             let socket = theirs.as_raw_fd();
-            std::mem::forget((ours, theirs));
-            live(socket, agent);
+            let slot = cloned.as_ptr();
+            std::mem::forget((ours, theirs, cloned));
+            live(socket, slot, agent);
         }
+        #[cfg(test)]
+        tests::forked();
         drop(theirs);
-        ours.set_read_timeout(Some(ANSWER_WITHIN))?;
-        ours.set_write_timeout(Some(ANSWER_WITHIN))?;
-        Ok(Zygote { socket: ours, pid })
+        let zygote = Zygote { socket: ours, pid, cloned };
+        // A zygote forked is the agent's child to reap, whatever fails after.
+        let bounded = zygote.socket.set_read_timeout(Some(ANSWER_WITHIN)).and_then(|()| zygote.socket.set_write_timeout(Some(ANSWER_WITHIN)));
+        if let Err(e) = bounded {
+            zygote.end();
+            return Err(e);
+        }
+        Ok(zygote)
     }
 
     /// One launcher asked for. `Err`: the conversation failed (the zygote is gone or
     /// stuck); `Ok(Err)`: the zygote's clone failed (`EAGAIN`: out of processes).
     fn ask(&mut self, socket: &OwnedFd) -> std::io::Result<std::io::Result<libc::pid_t>> {
+        self.cloned.take();
         send_with_fds(self.socket.as_raw_fd(), b"L", &[socket.as_raw_fd()])?;
         let mut answer = [0u8; 4];
         self.socket.read_exact(&mut answer).map_err(|e| match e.kind() {
@@ -146,6 +212,8 @@ impl Zygote {
             }
             _ => e,
         })?;
+        // Answered for: the launcher is the caller's now.
+        self.cloned.take();
         Ok(match i32::from_le_bytes(answer) {
             pid if pid > 0 => Ok(pid),
             errno => Err(std::io::Error::new(
@@ -156,20 +224,30 @@ impl Zygote {
     }
 
     /// Kills and reaps a zygote that failed (dead already, or stuck: stopped by a job), or
-    /// one not needed ([`stop`]).
-    /// The pid is the agent's child's until reaped, so the signal reaches no other process.
+    /// one not needed ([`stop`]); then the launcher it cloned and never answered for, if
+    /// any (read once the zygote is dead: it clones no more).
+    /// Each pid is the agent's child's until reaped, so the signal reaches no other process.
     fn end(self) {
-        // SAFETY: a signal to, and a wait for, our own unreaped child.
-        unsafe {
-            libc::kill(self.pid, libc::SIGKILL);
-            while libc::waitpid(self.pid, std::ptr::null_mut(), 0) < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {}
+        kill_and_reap(self.pid);
+        if let Some(launcher) = self.cloned.take() {
+            tracing::warn!(pid = launcher, "the zygote ended before it answered for the launcher it cloned; that launcher is ended too");
+            kill_and_reap(launcher);
         }
     }
 }
 
+/// Kills and reaps a child of the agent's, not reaped yet (so its pid is no other process's).
+fn kill_and_reap(pid: libc::pid_t) {
+    // SAFETY: a signal to, and a wait for, our own unreaped child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        while libc::waitpid(pid, std::ptr::null_mut(), 0) < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {}
+    }
+}
+
 /// The zygote's life: a clean process to clone launchers from, then clones on request.
-/// Never returns; ends when the agent closes the socket or dies.
-fn live(socket: RawFd, agent: libc::pid_t) -> ! {
+/// Never returns; ends when the agent closes the socket or dies. `cloned`: the [`PidSlot`].
+fn live(socket: RawFd, cloned: *mut libc::pid_t, agent: libc::pid_t) -> ! {
     // SAFETY: process-wide settings of this new single-threaded process; the descriptors
     // closed are copies of the agent's, which this process never uses.
     unsafe {
@@ -206,6 +284,9 @@ fn live(socket: RawFd, agent: libc::pid_t) -> ! {
             libc::dup2(null, fd);
         }
         crate::warden::close_all_but(socket, socket);
+        // The page shared with the agent is not the launchers' (best effort: were it theirs,
+        // they would hold a page of pids).
+        libc::madvise(cloned.cast(), PidSlot::LEN, libc::MADV_DONTFORK);
         name_and_forget_the_agents_words(NAME);
         // Free heap pages go back to the kernel: what the agent frees and rewrites after the
         // fork would otherwise stay here, a copy kept for nothing.
@@ -220,13 +301,16 @@ fn live(socket: RawFd, agent: libc::pid_t) -> ! {
         let answer = match end {
             None => -libc::EINVAL,
             Some(end) => {
-                // SAFETY: this process is single-threaded and holds no lock here.
-                let pid = unsafe { crate::rawsys::clone_sibling() };
+                // SAFETY: this process is single-threaded and holds no lock here; `cloned` is
+                // the shared page, mapped for the zygote's life.
+                let pid = unsafe { crate::rawsys::clone_sibling(cloned) };
                 if pid == 0 {
                     // SAFETY: the zygote's socket is not the launcher's to hold.
                     unsafe { libc::close(socket) };
                     crate::launcher::serve(end, agent);
                 }
+                #[cfg(test)]
+                tests::hook_after_clone();
                 drop(end);
                 pid as i32
             }
@@ -269,9 +353,64 @@ pub unsafe fn name_and_forget_the_agents_words(name: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// The zygote ends right after its next clone, before it answers (as one a job kills
+    /// then). Read in the zygote, a copy of this process's memory taken at its fork; the
+    /// test that sets it forks a zygote after it, and the fork clears it here, so that
+    /// the zygote forked to replace that one serves.
+    static EXIT_AFTER_CLONE: AtomicBool = AtomicBool::new(false);
+    /// Tests of the one zygote of this process, one at a time.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+    /// Called by the agent after each fork of a zygote.
+    pub(super) fn forked() {
+        EXIT_AFTER_CLONE.store(false, Ordering::SeqCst);
+    }
+
+    /// Called by the zygote after each clone, in the zygote.
+    pub(super) fn hook_after_clone() {
+        if EXIT_AFTER_CLONE.load(Ordering::SeqCst) {
+            // SAFETY: ends the zygote, as SIGKILL would.
+            unsafe { libc::_exit(0) };
+        }
+    }
 
     fn zygote_pid() -> Option<libc::pid_t> {
         ZYGOTE.lock().unwrap().as_ref().map(|z| z.pid)
+    }
+
+    /// This thread's children (the zygote is forked by the thread that asks for the first
+    /// launcher, and launchers are the zygote's siblings), zombies included.
+    fn my_children() -> Vec<libc::pid_t> {
+        // SAFETY: gettid reads this thread's id.
+        let tid = unsafe { libc::gettid() };
+        let listed = std::fs::read_to_string(format!("/proc/self/task/{tid}/children")).expect("/proc lists a thread's children");
+        let mut pids: Vec<libc::pid_t> = listed.split_whitespace().map(|p| p.parse().unwrap()).collect();
+        pids.sort();
+        pids
+    }
+
+    /// The zygote dies between its clone of a launcher and its answer (a job killed it).
+    /// Before the fix the agent never learnt that launcher's pid: it stayed the agent's
+    /// zombie for ever (or ran on, stopped, if a job had stopped it). Now the agent kills
+    /// and reaps it with the zygote, and the launcher asked for comes from a new zygote.
+    #[test]
+    fn a_launcher_whose_zygote_died_before_answering_is_reaped() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        stop();
+        assert_eq!(my_children(), Vec::<libc::pid_t>::new());
+        EXIT_AFTER_CLONE.store(true, Ordering::SeqCst);
+        start();
+        let (ours, peer, launcher) = launcher().expect("a launcher from the zygote forked again");
+        let zygote = zygote_pid().expect("a zygote");
+        let mut expected = vec![zygote, launcher];
+        expected.sort();
+        assert_eq!(my_children(), expected, "only the new zygote and its launcher: no zombie, no stray launcher");
+        drop((ours, peer));
+        // SAFETY: a wait for a child of this process.
+        assert_eq!(unsafe { libc::waitpid(launcher, std::ptr::null_mut(), 0) }, launcher);
+        stop();
     }
 
     /// The launcher the zygote clones is this process's child (the agent waits for it, kills
@@ -279,6 +418,7 @@ mod tests {
     /// zygote a job killed is forked again, and the launcher asked for meanwhile still comes.
     #[test]
     fn a_launcher_is_the_agents_child_and_a_killed_zygote_is_replaced() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let (ours, peer, first) = launcher().expect("a launcher");
         let zygote = zygote_pid().expect("a zygote");
         // SAFETY: a wait for a child of this process.
