@@ -24,9 +24,9 @@
 //! child, as when the agent started it, so the agent waits for it, kills it, and its
 //! parent-death signal comes from the agent's thread that forked the zygote.
 //!
-//! A job can signal the zygote too (same user). Killed, or stopped so that it does not
-//! answer within [`crate::launcher::ANSWER_WITHIN`], it is killed, reaped and forked again,
-//! this time from the running agent (from the launcher-starter thread, which lives as long
+//! A job can signal the zygote too (same user). Killed or stopped (either seen at once), or
+//! not answering within [`LAUNCHER_WITHIN`], it is killed, reaped and forked again (at
+//! once, or at the next start after one that ran out of time), this time from the running agent (from the launcher-starter thread, which lives as long
 //! as the agent): still non-dumpable from birth, at the cost of a zygote that shares the
 //! agent's larger memory copy-on-write. The child of a multi-threaded fork uses nothing
 //! here that another thread could have held locked: system calls, and `malloc`, which
@@ -42,11 +42,21 @@
 //! launcher's pid, as it clones it, in a page the agent shares with the zygote
 //! ([`PidSlot`]); the agent kills and reaps the launcher found there with the zygote.
 
-use crate::launcher::{recv_with_fds, send_with_fds, ANSWER_WITHIN};
+use crate::launcher::{answered_or_dead, recv_with_fds, send_with_fds, ANSWER_WITHIN, HELPERS_STOPPED};
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
+
+/// How long a start has to get a new launcher from the zygote, its re-fork included. The
+/// zygote's answer is one clone of a small process: measured under `bench` load (debug
+/// build, `bench --edge native --jobs 1500`, load average 10.5 on 2 cores, 1,240 asks),
+/// 0.7 ms at the median, 25 ms at p99, 84 ms at most; 5 s is 60 times the worst. A zygote
+/// that takes longer is stuck, or the machine so loaded that Claude could not run a job
+/// either: the start fails (run the job again) and the next start forks a new zygote.
+/// A zygote stopped or dead is seen at once and forked again within the same start (see
+/// [`crate::launcher::answered_or_dead`]).
+const LAUNCHER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The word after the program's name in a zygote's command line (`ps`, `/proc/<pid>/cmdline`).
 const NAME: &str = "__zygote";
@@ -61,6 +71,9 @@ struct Zygote {
     pid: libc::pid_t,
     /// The pid of the launcher the zygote cloned for the request in hand, not yet answered.
     cloned: PidSlot,
+    /// The zygote's pidfd (kernels 5.3 and later): its death ends a wait for its answer at
+    /// once, even while a launcher it cloned still holds a copy of its socket.
+    pidfd: Option<OwnedFd>,
 }
 
 /// One word of memory shared by the agent and its zygote (`MAP_SHARED`, mapped before the
@@ -133,10 +146,12 @@ pub fn stop() {
 
 /// A new launcher, the agent's child: the agent's end of its socket, the agent's copy of
 /// the launcher's end, and its pid. Forks the zygote first if there is none, or again once
-/// if it is gone or stuck; each try with a socket of its own, so that a launcher the failed
-/// zygote may still have cloned shares nothing with the one that answers (it reads its
-/// socket's end once the agent lets go of its copies, and exits).
+/// if it is dead or stopped; each try with a socket of its own, so that a launcher the
+/// failed zygote may still have cloned shares nothing with the one that answers. All
+/// within [`LAUNCHER_WITHIN`]: a zygote that does not answer by then is ended, and the
+/// next call forks a new one.
 pub fn launcher() -> std::io::Result<(UnixStream, OwnedFd, libc::pid_t)> {
+    let deadline = std::time::Instant::now() + LAUNCHER_WITHIN;
     let mut zygote = ZYGOTE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut retried = false;
     loop {
@@ -146,16 +161,21 @@ pub fn launcher() -> std::io::Result<(UnixStream, OwnedFd, libc::pid_t)> {
         let running = zygote.as_mut().expect("just forked");
         let (ours, theirs) = UnixStream::pair()?;
         let theirs = OwnedFd::from(theirs);
-        match running.ask(&theirs) {
+        match running.ask(&theirs, deadline.saturating_duration_since(std::time::Instant::now())) {
             Ok(answer) => return answer.map(|pid| (ours, theirs, pid)),
             Err(e) => {
                 if let Some(gone) = zygote.take() {
                     gone.end();
                 }
-                if retried {
-                    return Err(std::io::Error::new(e.kind(), format!("the agent's zygote, which starts its launchers, failed twice in a row ({e}); restart the agent")));
+                let what = "the agent's zygote, which starts its launchers,";
+                if e.kind() == std::io::ErrorKind::TimedOut || std::time::Instant::now() >= deadline {
+                    tracing::warn!(error = %e, "the zygote that starts launchers did not answer in time; it was ended");
+                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} failed ({e}); it was ended and the next job's start forks a new one: run the job again. If it fails again, the machine is overloaded, or {HELPERS_STOPPED}")));
                 }
-                tracing::warn!(error = %e, "the zygote that starts launchers is gone; forking a new one");
+                if retried {
+                    return Err(std::io::Error::new(e.kind(), format!("{what} failed twice in a row ({e}); the next job's start forks a new one: run the job again. If it fails again, {HELPERS_STOPPED}")));
+                }
+                tracing::warn!(error = %e, "the zygote that starts launchers is gone or stopped; forking a new one");
                 retried = true;
             }
         }
@@ -190,7 +210,11 @@ impl Zygote {
         #[cfg(test)]
         tests::forked();
         drop(theirs);
-        let zygote = Zygote { socket: ours, pid, cloned };
+        // SAFETY: pidfd_open on our own child, not reaped yet.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        // SAFETY: a successful pidfd_open returns an fd we own.
+        let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
+        let zygote = Zygote { socket: ours, pid, cloned, pidfd };
         // A zygote forked is the agent's child to reap, whatever fails after.
         let bounded = zygote.socket.set_read_timeout(Some(ANSWER_WITHIN)).and_then(|()| zygote.socket.set_write_timeout(Some(ANSWER_WITHIN)));
         if let Err(e) = bounded {
@@ -202,13 +226,15 @@ impl Zygote {
 
     /// One launcher asked for. `Err`: the conversation failed (the zygote is gone or
     /// stuck); `Ok(Err)`: the zygote's clone failed (`EAGAIN`: out of processes).
-    fn ask(&mut self, socket: &OwnedFd) -> std::io::Result<std::io::Result<libc::pid_t>> {
+    fn ask(&mut self, socket: &OwnedFd, within: std::time::Duration) -> std::io::Result<std::io::Result<libc::pid_t>> {
         self.cloned.take();
         send_with_fds(self.socket.as_raw_fd(), b"L", &[socket.as_raw_fd()])?;
+        let pidfd = self.pidfd.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+        answered_or_dead("the zygote", self.socket.as_raw_fd(), pidfd, self.pid, within)?;
         let mut answer = [0u8; 4];
         self.socket.read_exact(&mut answer).map_err(|e| match e.kind() {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the zygote did not answer within {ANSWER_WITHIN:?}"))
+                std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the zygote did not finish its answer within {ANSWER_WITHIN:?}"))
             }
             _ => e,
         })?;
@@ -301,6 +327,8 @@ fn live(socket: RawFd, cloned: *mut libc::pid_t, agent: libc::pid_t) -> ! {
         let answer = match end {
             None => -libc::EINVAL,
             Some(end) => {
+                #[cfg(test)]
+                tests::hook_when_asked();
                 // SAFETY: this process is single-threaded and holds no lock here; `cloned` is
                 // the shared page, mapped for the zygote's life.
                 let pid = unsafe { crate::rawsys::clone_sibling(cloned) };
@@ -360,12 +388,23 @@ mod tests {
     /// test that sets it forks a zygote after it, and the fork clears it here, so that
     /// the zygote forked to replace that one serves.
     static EXIT_AFTER_CLONE: AtomicBool = AtomicBool::new(false);
+    /// Every zygote forked while it is set stops itself (SIGSTOP) when asked for a launcher,
+    /// as when a job stops each new one.
+    static STOP_WHEN_ASKED: AtomicBool = AtomicBool::new(false);
     /// Tests of the one zygote of this process, one at a time.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
     /// Called by the agent after each fork of a zygote.
     pub(super) fn forked() {
         EXIT_AFTER_CLONE.store(false, Ordering::SeqCst);
+    }
+
+    /// Called by the zygote when asked for a launcher, in the zygote.
+    pub(super) fn hook_when_asked() {
+        if STOP_WHEN_ASKED.load(Ordering::SeqCst) {
+            // SAFETY: a signal to this process.
+            unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) };
+        }
     }
 
     /// Called by the zygote after each clone, in the zygote.
@@ -407,6 +446,29 @@ mod tests {
         let mut expected = vec![zygote, launcher];
         expected.sort();
         assert_eq!(my_children(), expected, "only the new zygote and its launcher: no zombie, no stray launcher");
+        drop((ours, peer));
+        // SAFETY: a wait for a child of this process.
+        assert_eq!(unsafe { libc::waitpid(launcher, std::ptr::null_mut(), 0) }, launcher);
+        stop();
+    }
+
+    /// A job stops every new zygote (SIGSTOP; same user). Before the fix each wait for the
+    /// zygote's answer ran out its whole bound (10 s) twice, and a launcher's twice more,
+    /// before the job failed (~50 s). Now a stopped zygote is seen as such at once: it is
+    /// replaced once, and when the new one is stopped too the start fails saying so, and
+    /// what to do; the next start forks a new zygote and gets its launcher.
+    #[test]
+    fn a_start_whose_zygotes_are_all_stopped_fails_at_once_and_the_next_forks_again() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        stop();
+        STOP_WHEN_ASKED.store(true, Ordering::SeqCst);
+        let refused = launcher();
+        STOP_WHEN_ASKED.store(false, Ordering::SeqCst);
+        let e = refused.err().expect("no launcher from stopped zygotes").to_string();
+        assert!(e.contains("stopped") && e.contains("run the job again"), "{e}");
+        assert_eq!(zygote_pid(), None, "the stopped zygote was kept");
+        assert_eq!(my_children(), Vec::<libc::pid_t>::new(), "a stopped zygote was left behind");
+        let (ours, peer, launcher) = launcher().expect("a launcher from a zygote forked again");
         drop((ours, peer));
         // SAFETY: a wait for a child of this process.
         assert_eq!(unsafe { libc::waitpid(launcher, std::ptr::null_mut(), 0) }, launcher);
