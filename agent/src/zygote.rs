@@ -34,6 +34,27 @@
 //! `std::process::exit` (the agent's clean-up at exit): the zygote and its launchers end
 //! with `_exit`.
 //!
+//! Why the zygote forked again is not an `exec` of the agent's binary in a zygote mode,
+//! with a clean environment, which would hold none of the running agent's secrets (its
+//! settings, `AGENT_SIGNING_KEY`, the login's token, the buffers of jobs running then).
+//! A process is dumpable from its `exec` until its first `prctl(PR_SET_DUMPABLE, 0)`, and
+//! the job that killed the zygote knows when the replacement comes (at the next start): it
+//! can open the new zygote's `/proc/<pid>/mem` read-write in that window (or attach with
+//! `ptrace`, where Yama allows) and keep the descriptor after the `prctl`, which only
+//! `open` checks. Writing there runs its code in the zygote, and so in every launcher
+//! cloned after: every later job's program, folder and environment. The copy-on-write copy
+//! exposes nothing to a job: it is non-dumpable from its first instruction, so only a
+//! process that could read the agent itself (root, `CAP_SYS_PTRACE`) reads it, and no core
+//! dump writes it out. The window could be closed: the kernel makes a process non-dumpable
+//! at its `exec` when its user may not read the image (`would_dump`, then dumpable is
+//! `fs.suid_dumpable`), so the agent could exec a copy of its binary in a memfd made
+//! execute-only (`fchmod 0100`, exec'd through an `O_PATH` descriptor). Not done: the
+//! copy of the whole binary (49 MB for today's debug build) would stay in memory for
+//! the zygote's life; the pid page would need a memfd (`MAP_SHARED` does not cross an
+//! `exec`) and `main` a second entry; and the window is back wherever the image is
+//! readable after all (an agent with `CAP_DAC_OVERRIDE`, whose jobs could read the agent
+//! anyway) or `fs.suid_dumpable` is 1.
+//!
 //! The conversation, on a Unix socket: the agent sends one byte with the new launcher's
 //! end of its socket attached (`SCM_RIGHTS`); the zygote answers four bytes, the
 //! launcher's pid or `-errno`. A zygote killed between its clone and its answer leaves a
