@@ -166,6 +166,9 @@ impl Launcher {
             // would otherwise wait out the whole bound before it counts as not delivered.
             let failure = match launcher.process.try_wait() {
                 Ok(Some(exit)) => Failure::NotDelivered(std::io::Error::other(format!("the launcher had ended ({exit})"))),
+                // Stopped (by a job, SIGSTOP) while idle: a request larger than the socket's
+                // buffer would wait out the whole bound on a send it never reads.
+                Ok(None) if stopped(launcher.process.pid) => Failure::NotDelivered(std::io::Error::other("the launcher was stopped (SIGSTOP) before the request")),
                 _ => match exchange(launcher, &body, &ends, self.answer_within) {
                     Ok(answer) => return answer,
                     Err(failure) => failure,
@@ -1256,6 +1259,49 @@ mod tests {
         stdout.read_to_string(&mut out).unwrap();
         assert_eq!(out, "ran\n");
         assert!(waited < std::time::Duration::from_secs(5), "waited out the bound: {waited:?}");
+    }
+
+    /// A request larger than the socket's buffer, to a launcher a job stopped while it
+    /// was idle, goes to a new one at once. Before, the send waited out its whole bound
+    /// (here 120 s; 10 s in the agent) on a launcher that reads nothing while stopped.
+    #[test]
+    fn a_large_request_to_a_stopped_launcher_goes_to_a_new_one_at_once() {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn stopped_then_well() -> std::io::Result<Running> {
+            if STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                let running = stand_in(|socket| {
+                    // Reads nothing, as a stopped launcher; holds its end until the agent's
+                    // side gives up on it (then the socket hangs up).
+                    let mut hangup = libc::pollfd { fd: socket.as_raw_fd(), events: 0, revents: 0 };
+                    // SAFETY: polls one descriptor we own.
+                    unsafe { libc::poll(&mut hangup, 1, -1) };
+                })?;
+                // SAFETY: a signal to our own child, which only the Launcher reaps.
+                unsafe { libc::kill(running.process.pid, libc::SIGSTOP) };
+                return Ok(running);
+            }
+            stand_in(|mut socket| {
+                drop(take_request(&mut socket));
+                answer_42(&socket);
+            })
+        }
+        let mut launcher = launcher_of(stopped_then_well);
+        launcher.answer_within = std::time::Duration::from_secs(120);
+        launcher.start().unwrap();
+        let end = || UnixStream::pair().map(|(a, b)| (a, OwnedFd::from(b))).unwrap();
+        let (mut stdout, stdout_end) = end();
+        let ends = ChildEnds { stdin: end().1, stdout: stdout_end, stderr: end().1, control: end().1, status: end().1 };
+        let env = env_of(&[("HOME", "/h")]);
+        let args = vec!["x".repeat(4 * 1024 * 1024)];
+        let spawn = Spawn { program: Path::new("/bin/true"), cwd: Path::new("/"), args: &args, env: &env };
+        let started = std::time::Instant::now();
+        let outcome = launcher.spawn(&spawn, ends);
+        let waited = started.elapsed();
+        assert_eq!(outcome.expect("started by the second launcher").pid, 42);
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "ran\n");
+        assert!(waited < launcher.answer_within, "waited out the bound: {waited:?}");
     }
 
     /// The signals each Claude's start resets are those not at their default: ignored ones
