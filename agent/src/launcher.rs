@@ -1278,6 +1278,11 @@ mod tests {
                 })?;
                 // SAFETY: a signal to our own child, which only the Launcher reaps.
                 unsafe { libc::kill(running.process.pid, libc::SIGSTOP) };
+                // A stop takes effect when the process next runs: the case here is a
+                // launcher stopped before the request, not one stopped while it is sent.
+                while !stopped(running.process.pid) {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
                 return Ok(running);
             }
             stand_in(|mut socket| {
