@@ -110,7 +110,7 @@ impl Agent {
         })?;
         // One agent per DATA_DIR: a second one would take the first's running jobs for
         // those a dead agent left (report them lost, remove their workspaces).
-        let data_lock = crate::files::hold_lock(&cfg.data_dir.join("agent.lock"))
+        let data_lock = runtime::hold_lock(&cfg.data_dir.join("agent.lock"))
             .map_err(|e| anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display()))?
             .ok_or_else(|| {
                 anyhow::anyhow!(

@@ -69,26 +69,6 @@ pub fn open_plain_with(path: &Path, mut options: std::fs::OpenOptions, what: &st
     Ok(file)
 }
 
-/// Takes the lock that makes a folder one process's own, held for as long as the returned
-/// file stays open (the kernel lets it go when the process ends, however it ends; `exec`'d
-/// children do not inherit it: std opens files close-on-exec). `None`: another process
-/// holds it.
-pub fn hold_lock(path: &Path) -> std::io::Result<Option<std::fs::File>> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(PRIVATE_FILE).custom_flags(libc::O_NOFOLLOW).open(path)?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(Some(file));
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(None)
-    } else {
-        Err(e)
-    }
-}
-
 /// Creates `dir` (and missing parents) owner-only, and makes an existing one owner-only
 /// (an older version, or another umask, may have left it open).
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {

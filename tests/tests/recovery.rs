@@ -509,6 +509,23 @@ async fn a_stopped_launcher_dies_with_the_agent() {
     assert!(eventually(Duration::from_secs(5), || !alive(child)).await, "claude's child {child} outlived the agent");
 }
 
+/// Two native edges on one DATA_DIR (a second `claude-runner-edge` started by hand beside
+/// the service, on another port): both started and shared one database, each restoring and
+/// dispatching the same queued jobs and overwriting the other's records. The second refuses
+/// to start instead, saying why and what to do; the first goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_edge_on_the_same_data_dir_refuses_to_start_and_leaves_the_first_alone() {
+    let (edge, _agent, client) = setup(&[]).await;
+    let mut second = tokio::process::Command::new(bin("claude-runner-edge"));
+    second.envs(&edge.env).env("LISTEN", "127.0.0.1:0").env("DATA_DIR", edge.data.path().join("db")).stdin(std::process::Stdio::null()).kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(20), second.output()).await.expect("the second edge on the same DATA_DIR kept running").unwrap();
+    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{printed}");
+    assert!(printed.contains("another edge is running with DATA_DIR"), "{printed}");
+    let r = client.execute(json!({"prompt": "the first edge still serves"})).await;
+    assert_eq!(r.status, 200, "{}\n{}", r.body, edge.log());
+}
+
 /// Whether a process is stopped (state T in /proc/PID/stat).
 fn stopped(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('T'))

@@ -13,6 +13,10 @@ pub struct Store {
     /// A record's JSON is written here before it is bound: one buffer for the edge's life
     /// rather than a new string, grown several times over, for every save.
     record: Vec<u8>,
+    /// `DATA_DIR/edge.lock`, held while the store is open: two edges on one database would
+    /// each restore and dispatch the same queued jobs (twice run) and overwrite each
+    /// other's records.
+    _lock: std::fs::File,
 }
 
 /// How long a write waits for another process that holds the database (a backup, an
@@ -41,6 +45,14 @@ impl Store {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| {
             anyhow::anyhow!("cannot create DATA_DIR {}: {e}; set DATA_DIR to a writable folder", dir.display())
         })?;
+        let lock = runtime::hold_lock(&dir.join("edge.lock"))
+            .map_err(|e| anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", dir.display()))?
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "another edge is running with DATA_DIR {}: stop it first, or give this one a DATA_DIR of its own",
+                    dir.display()
+                )
+            })?;
         let path = dir.join("edge.sqlite3");
         let private = |path: &Path| -> anyhow::Result<()> {
             // Created owner-only; SQLite gives its -wal and -shm files the database's mode.
@@ -65,7 +77,7 @@ impl Store {
              CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, record TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
         ))?;
-        Ok(Store { conn, record: Vec::new() })
+        Ok(Store { conn, record: Vec::new(), _lock: lock })
     }
 
     /// Every stored job, an ended one as its header: the whole records of every retained
@@ -194,6 +206,18 @@ mod tests {
         store.apply(&Writes { saves: vec![job("b")], forgets: vec!["a".into()], alerts: None }).unwrap();
         let ids: Vec<String> = store.load().unwrap().into_iter().map(|j| j.id).collect();
         assert_eq!(ids, vec!["b".to_string()]);
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_folder_is_refused_until_the_first_is_closed() {
+        let dir = std::env::temp_dir().join(format!("cr-store-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = Store::open(&dir).unwrap();
+        let refused = Store::open(&dir).err().expect("a second store on the same DATA_DIR was opened");
+        assert!(refused.to_string().contains("another edge is running with DATA_DIR"), "{refused}");
+        drop(first);
+        Store::open(&dir).expect("the folder is free once the first store is closed");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! What the two native binaries (`claude-runner` and `claude-runner-edge`) need from the
-//! operating system, in one place: the wall clock, fresh entropy, logging to stderr and
-//! the stop signals. The `shared` crate stays pure (it builds for wasm32 too); the
+//! operating system, in one place: the wall clock, fresh entropy, logging to stderr, the
+//! stop signals and the lock that makes a data folder one process's own. The `shared` crate stays pure (it builds for wasm32 too); the
 //! Worker has its own clock and entropy from the Workers runtime.
 
 /// Milliseconds since the epoch, from the system clock. For timestamps people read and
@@ -14,6 +14,20 @@ pub fn entropy<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
     getrandom::fill(&mut bytes).expect("the OS random source works");
     bytes
+}
+
+/// Takes the lock that makes a folder one process's own, held for as long as the returned
+/// file stays open (the kernel lets it go when the process ends, however it ends; `exec`'d
+/// children do not inherit it: std opens files close-on-exec). `None`: another process
+/// holds it. The file is created owner-only and never followed through a symlink.
+pub fn hold_lock(path: &std::path::Path) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
 }
 
 /// Logs to stderr, one line per event: `text` (colour only on a terminal) or `json`,
