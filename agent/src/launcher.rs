@@ -326,8 +326,8 @@ fn exchange(launcher: &mut Running, body: &[u8], ends: &ChildEnds, within: std::
     let socket = &mut launcher.socket;
     let fds = [&ends.stdin, &ends.stdout, &ends.stderr, &ends.control, &ends.status].map(|fd| fd.as_raw_fd());
     send_with_fds(socket.as_raw_fd(), &(body.len() as u32).to_le_bytes(), &fds).map_err(Failure::NotDelivered)?;
-    socket.write_all(body).map_err(Failure::NotDelivered)?;
     let pidfd = launcher.pidfd.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+    send_body("the launcher", socket.as_raw_fd(), body, pidfd, launcher.process.pid, within).map_err(Failure::NotDelivered)?;
     answered_or_dead("the launcher", socket.as_raw_fd(), pidfd, launcher.process.pid, within).map_err(Failure::Unanswered)?;
     let mut answer = [0u8; 8];
     let (n, mut received) = recv_with_fds(socket.as_raw_fd(), &mut answer, 1).map_err(|e| Failure::Unanswered(not_answering(e, within)))?;
@@ -385,6 +385,48 @@ pub(crate) fn answered_or_dead(helper: &str, socket: RawFd, pidfd: RawFd, pid: l
             return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{helper} did not answer within {within:?}")));
         }
     }
+}
+
+/// Writes a request's body to `helper` (a child of the agent's, `pid`) as
+/// [`answered_or_dead`] waits for its answer: the whole write within `within`, and given up
+/// at once when the helper dies or is stopped. A body larger than the socket's buffer is
+/// written in parts, and a job can stop the launcher between the look before the request
+/// and its last part; a blocking write waited out its timeout for each part (twice the
+/// bound for a 4 MiB body), holding every other start behind the launcher's lock. One
+/// `send` for a body the buffer takes, as the blocking write was.
+fn send_body(helper: &str, socket: RawFd, body: &[u8], pidfd: RawFd, pid: libc::pid_t, within: std::time::Duration) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + within;
+    let mut sent = 0;
+    while sent < body.len() {
+        let rest = &body[sent..];
+        // SAFETY: sends from a buffer we own; MSG_DONTWAIT makes a full buffer EAGAIN, not a wait.
+        let n = unsafe { libc::send(socket, rest.as_ptr().cast(), rest.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            sent += n as usize;
+            continue;
+        }
+        match errno() {
+            libc::EINTR => continue,
+            libc::EAGAIN => {}
+            _ => return Err(std::io::Error::last_os_error()),
+        }
+        if stopped(pid) {
+            return Err(std::io::Error::other(format!("{helper} was stopped (SIGSTOP) while the request was sent")));
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{helper} did not take the request within {within:?}")));
+        }
+        // A negative fd (no pidfd) is skipped by poll.
+        let mut fds = [libc::pollfd { fd: socket, events: libc::POLLOUT, revents: 0 }, libc::pollfd { fd: pidfd, events: libc::POLLIN, revents: 0 }];
+        // Rounded up: a wait of less than 1 ms left is not a poll that returns at once.
+        let slice = left.min(STOPPED_CHECK_EVERY).as_micros().div_ceil(1000) as i32;
+        // SAFETY: polls descriptors in a buffer we own.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, slice) } > 0 && fds[1].revents != 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("{helper} died before it took the request")));
+        }
+    }
+    Ok(())
 }
 
 /// Whether the agent's child `pid` is stopped now. `waitid` with `WNOWAIT` leaves the
@@ -1306,6 +1348,60 @@ mod tests {
         let mut out = String::new();
         stdout.read_to_string(&mut out).unwrap();
         assert_eq!(out, "ran\n");
+        assert!(waited < launcher.answer_within, "waited out the bound: {waited:?}");
+    }
+
+    /// A launcher stopped (SIGSTOP; a job may send it) after the agent's look before the
+    /// request, while a request larger than the socket's buffer is being sent: a job that
+    /// watches the launcher wake can time that. Before the fix the send waited out its
+    /// whole bound (here 20 s; 10 s in the agent, per write), holding every other start
+    /// behind the launcher's lock; now the launcher is seen stopped within a slice of the
+    /// wait, and the request, never taken whole, goes to a new launcher.
+    #[test]
+    fn a_launcher_stopped_while_a_large_request_is_sent_is_replaced_at_once() {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn stopped_once_sending() -> std::io::Result<Running> {
+            if STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                let (ours, theirs) = UnixStream::pair()?;
+                let peer = theirs.try_clone()?.into();
+                let pid = std::process::Command::new("sleep").arg("600").spawn()?.id() as libc::pid_t;
+                std::thread::spawn(move || {
+                    // The request's first bytes: the agent looked before sending, and found
+                    // the launcher running.
+                    let mut first = libc::pollfd { fd: theirs.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                    // SAFETY: polls one descriptor we own.
+                    unsafe { libc::poll(&mut first, 1, -1) };
+                    // SAFETY: a signal to our own child, which only the Launcher reaps.
+                    unsafe { libc::kill(pid, libc::SIGSTOP) };
+                    // Reads nothing more, as the stopped launcher; holds its end until the
+                    // agent's side gives up on it (then the socket hangs up).
+                    let mut hangup = libc::pollfd { fd: theirs.as_raw_fd(), events: 0, revents: 0 };
+                    // SAFETY: as above.
+                    unsafe { libc::poll(&mut hangup, 1, -1) };
+                });
+                return Ok(Running::new(ours, peer, Child { pid, reaped: false }));
+            }
+            stand_in(|mut socket| {
+                drop(take_request(&mut socket));
+                answer_42(&socket);
+            })
+        }
+        let mut launcher = launcher_of(stopped_once_sending);
+        launcher.answer_within = std::time::Duration::from_secs(20);
+        launcher.start().unwrap();
+        let end = || UnixStream::pair().map(|(a, b)| (a, OwnedFd::from(b))).unwrap();
+        let (mut stdout, stdout_end) = end();
+        let ends = ChildEnds { stdin: end().1, stdout: stdout_end, stderr: end().1, control: end().1, status: end().1 };
+        let env = env_of(&[("HOME", "/h")]);
+        let args = vec!["x".repeat(4 * 1024 * 1024)];
+        let spawn = Spawn { program: Path::new("/bin/true"), cwd: Path::new("/"), args: &args, env: &env };
+        let started = std::time::Instant::now();
+        let outcome = launcher.spawn(&spawn, ends);
+        let waited = started.elapsed();
+        assert_eq!(outcome.expect("started by the second launcher").pid, 42);
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "ran\n", "claude ran once");
         assert!(waited < launcher.answer_within, "waited out the bound: {waited:?}");
     }
 
