@@ -26,7 +26,8 @@
 //! the launcher: the launcher holds no job state, and a launcher that dies loses nothing
 //! running. The agent sees it gone at its next request and starts a new one; it sends that
 //! request again only if the old launcher cannot have had it whole (it would otherwise risk
-//! running the job twice), and waits at most [`ANSWER_WITHIN`] for any answer. To tell
+//! running the job twice), and waits at most [`ANSWER_WITHIN`] for any answer (a launcher
+//! found stopped is given up on at once, [`answered_or_dead`]). To tell
 //! those apart after the fact, the agent keeps a copy of the launcher's end of the socket:
 //! what the launcher never read stays queued there, even once it is dead.
 //!
@@ -54,18 +55,23 @@ const FDS: usize = 5;
 const MAX_BODY: usize = 16 * 1024 * 1024;
 /// How long the launcher has to take a request and answer it (a clone, a clone and an
 /// `exec`: milliseconds, even on a loaded machine). A launcher that takes longer is stuck
-/// (stopped with SIGSTOP — any process of the agent's user may send one, a job's
-/// included — or starved): it is killed and replaced, rather than holding every job after
-/// it for ever behind the launcher's lock.
+/// (starved): it is killed and replaced, rather than holding every job after it for ever
+/// behind the launcher's lock. One stopped with SIGSTOP (any process of the agent's user
+/// may send one, a job's included) is not waited for at all ([`answered_or_dead`]).
 ///
 /// Not a setting: nothing an operator knows makes another figure right. The work it
 /// bounds takes milliseconds (BENCHMARKS.md's hot-path timeline: a job's Claude runs
-/// 1.3-1.6 ms after it is accepted, on a loaded 2-core machine); a machine
+/// 1.3-1.6 ms after it is accepted, on a loaded 2-core machine; the launcher's answer
+/// under `bench --jobs 1500`, debug build, load average 10.5 on 2 cores: 1.9 ms at the
+/// median, 30 ms at p99, 100 ms at most over 3,879 starts); a machine
 /// where it takes seconds is swapping so hard that Claude could not run a job either, and
 /// a stuck launcher now costs only this wait (the request goes to its replacement when
 /// it was never taken), so a longer bound would buy nothing and a shorter one risks
 /// failing a job the launcher may have started.
 pub(crate) const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What an error that a helper was lost says to look for, after "If it fails again, ".
+pub(crate) const HELPERS_STOPPED: &str = "a process of the agent's user (a job's, perhaps) may be stopping or killing the agent's helpers (`claude-runner __zygote`, `__launcher`; `ps -u $USER -o pid,stat,args` shows them, `T` when stopped): end it, or restart the agent";
 
 /// What Claude is started with: program, folder, arguments, the whole environment.
 pub struct Spawn<'a> {
@@ -160,6 +166,9 @@ impl Launcher {
             // would otherwise wait out the whole bound before it counts as not delivered.
             let failure = match launcher.process.try_wait() {
                 Ok(Some(exit)) => Failure::NotDelivered(std::io::Error::other(format!("the launcher had ended ({exit})"))),
+                // Stopped (by a job, SIGSTOP) while idle: a request larger than the socket's
+                // buffer would wait out the whole bound on a send it never reads.
+                Ok(None) if stopped(launcher.process.pid) => Failure::NotDelivered(std::io::Error::other("the launcher was stopped (SIGSTOP) before the request")),
                 _ => match exchange(launcher, &body, &ends, self.answer_within) {
                     Ok(answer) => return answer,
                     Err(failure) => failure,
@@ -186,7 +195,7 @@ impl Launcher {
                     ));
                 }
                 Failure::NotDelivered(e) if retried => {
-                    return Err(std::io::Error::new(e.kind(), format!("the agent's launcher failed twice in a row ({e}); restart the agent")));
+                    return Err(std::io::Error::new(e.kind(), format!("the agent's launcher failed twice in a row ({e}); the next job's start starts a new one: run the job again. If it fails again, {HELPERS_STOPPED}")));
                 }
                 Failure::NotDelivered(e) => {
                     tracing::warn!(error = %e, "the launcher is gone; starting a new one");
@@ -317,8 +326,9 @@ fn exchange(launcher: &mut Running, body: &[u8], ends: &ChildEnds, within: std::
     let socket = &mut launcher.socket;
     let fds = [&ends.stdin, &ends.stdout, &ends.stderr, &ends.control, &ends.status].map(|fd| fd.as_raw_fd());
     send_with_fds(socket.as_raw_fd(), &(body.len() as u32).to_le_bytes(), &fds).map_err(Failure::NotDelivered)?;
-    socket.write_all(body).map_err(Failure::NotDelivered)?;
-    answered_or_dead(socket.as_raw_fd(), launcher.pidfd.as_ref().map_or(-1, AsRawFd::as_raw_fd), within).map_err(Failure::Unanswered)?;
+    let pidfd = launcher.pidfd.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+    send_body("the launcher", socket.as_raw_fd(), body, pidfd, launcher.process.pid, within).map_err(Failure::NotDelivered)?;
+    answered_or_dead("the launcher", socket.as_raw_fd(), pidfd, launcher.process.pid, within).map_err(Failure::Unanswered)?;
     let mut answer = [0u8; 8];
     let (n, mut received) = recv_with_fds(socket.as_raw_fd(), &mut answer, 1).map_err(|e| Failure::Unanswered(not_answering(e, within)))?;
     if n == 0 {
@@ -333,16 +343,29 @@ fn exchange(launcher: &mut Running, body: &[u8], ends: &ChildEnds, within: std::
     Ok(Ok(Started { pid, pidfd: received.pop() }))
 }
 
-/// Waits until the launcher answers (Ok), dies (its pidfd, when there is one) or lets
-/// `within` pass.
-fn answered_or_dead(socket: RawFd, pidfd: RawFd, within: std::time::Duration) -> std::io::Result<()> {
+/// How often a wait for a helper's answer looks whether the helper is stopped.
+const STOPPED_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Waits until `helper` (the launcher, the zygote: a child of the agent's, `pid`) answers
+/// on `socket` (Ok), dies (its pidfd, when there is one), is stopped, or lets `within` pass.
+///
+/// A stopped helper (SIGSTOP: any process of the agent's user may send it, a job's
+/// included) answers nothing until it is continued, and nothing of the agent's continues
+/// it: it is given up on at once (within [`STOPPED_CHECK_EVERY`]), not after the whole
+/// bound. Before, a job that stopped each new launcher and zygote held every start about
+/// 50 s (10 s per wait, five waits) before it failed. A helper that is slow but runs is
+/// still waited for, up to `within`. The error's kind is `TimedOut` only when `within`
+/// passed: a helper dead or stopped is worth replacing at once, one merely slow is not.
+pub(crate) fn answered_or_dead(helper: &str, socket: RawFd, pidfd: RawFd, pid: libc::pid_t, within: std::time::Duration) -> std::io::Result<()> {
     let deadline = std::time::Instant::now() + within;
     loop {
         // A negative fd (no pidfd) is skipped by poll.
         let mut fds = [libc::pollfd { fd: socket, events: libc::POLLIN, revents: 0 }, libc::pollfd { fd: pidfd, events: libc::POLLIN, revents: 0 }];
         let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // Rounded up: a wait of less than 1 ms left is not a poll that returns at once.
+        let slice = left.min(STOPPED_CHECK_EVERY).as_micros().div_ceil(1000) as i32;
         // SAFETY: polls descriptors in a buffer we own.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, left.as_millis().min(i32::MAX as u128) as i32) };
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, slice) };
         if n < 0 && errno() == libc::EINTR {
             continue;
         }
@@ -350,15 +373,71 @@ fn answered_or_dead(socket: RawFd, pidfd: RawFd, within: std::time::Duration) ->
             return Ok(());
         }
         if fds[1].revents != 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the launcher died before answering"));
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("{helper} died before answering")));
         }
         if n < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        if stopped(pid) {
+            return Err(std::io::Error::other(format!("{helper} was stopped (SIGSTOP) before answering")));
+        }
         if left.is_zero() {
-            return Err(not_answering(std::io::ErrorKind::TimedOut.into(), within));
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{helper} did not answer within {within:?}")));
         }
     }
+}
+
+/// Writes a request's body to `helper` (a child of the agent's, `pid`) as
+/// [`answered_or_dead`] waits for its answer: the whole write within `within`, and given up
+/// at once when the helper dies or is stopped. A body larger than the socket's buffer is
+/// written in parts, and a job can stop the launcher between the look before the request
+/// and its last part; a blocking write waited out its timeout for each part (twice the
+/// bound for a 4 MiB body), holding every other start behind the launcher's lock. One
+/// `send` for a body the buffer takes, as the blocking write was.
+fn send_body(helper: &str, socket: RawFd, body: &[u8], pidfd: RawFd, pid: libc::pid_t, within: std::time::Duration) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + within;
+    let mut sent = 0;
+    while sent < body.len() {
+        let rest = &body[sent..];
+        // SAFETY: sends from a buffer we own; MSG_DONTWAIT makes a full buffer EAGAIN, not a wait.
+        let n = unsafe { libc::send(socket, rest.as_ptr().cast(), rest.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            sent += n as usize;
+            continue;
+        }
+        match errno() {
+            libc::EINTR => continue,
+            libc::EAGAIN => {}
+            _ => return Err(std::io::Error::last_os_error()),
+        }
+        if stopped(pid) {
+            return Err(std::io::Error::other(format!("{helper} was stopped (SIGSTOP) while the request was sent")));
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{helper} did not take the request within {within:?}")));
+        }
+        // A negative fd (no pidfd) is skipped by poll.
+        let mut fds = [libc::pollfd { fd: socket, events: libc::POLLOUT, revents: 0 }, libc::pollfd { fd: pidfd, events: libc::POLLIN, revents: 0 }];
+        // Rounded up: a wait of less than 1 ms left is not a poll that returns at once.
+        let slice = left.min(STOPPED_CHECK_EVERY).as_micros().div_ceil(1000) as i32;
+        // SAFETY: polls descriptors in a buffer we own.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, slice) } > 0 && fds[1].revents != 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("{helper} died before it took the request")));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the agent's child `pid` is stopped now. `waitid` with `WNOWAIT` leaves the
+/// report for another wait, and reports a stop only while it lasts (`SIGCONT` ends it).
+fn stopped(pid: libc::pid_t) -> bool {
+    // SAFETY: a siginfo_t is plain data, zeroes included.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid writes into the siginfo_t we own; WNOHANG|WNOWAIT neither blocks nor reaps.
+    let asked = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WSTOPPED | libc::WNOHANG | libc::WNOWAIT) };
+    // SAFETY: si_pid is set for a child's report, and 0 (zeroed) when there is none.
+    asked == 0 && unsafe { info.si_pid() } == pid
 }
 
 /// A receive that timed out says so (the kernel's EAGAIN reads "Resource temporarily unavailable").
@@ -1085,6 +1164,37 @@ mod tests {
         assert!(e.to_string().contains("run the job again") && e.to_string().contains("did not answer"), "{e}");
     }
 
+    /// The launcher is stopped (SIGSTOP; a job may send it) after it read the whole
+    /// request. Before the fix the agent waited out its whole bound (10 s in the agent);
+    /// now it sees the launcher stopped, kills it and fails the job (it may have started
+    /// Claude) without waiting for the bound, here 120 s.
+    #[test]
+    fn a_launcher_stopped_with_the_request_is_given_up_at_once() {
+        fn stopped_after_taking_it() -> std::io::Result<Running> {
+            let (ours, theirs) = UnixStream::pair()?;
+            let peer = theirs.try_clone()?.into();
+            let pid = std::process::Command::new("sleep").arg("600").spawn()?.id() as libc::pid_t;
+            std::thread::spawn(move || {
+                let mut socket = theirs;
+                let fds = take_request(&mut socket);
+                // SAFETY: a signal to our own child, which only the Launcher reaps.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                // Holds the pipes and the socket as the stopped launcher would, until the
+                // agent's side gives up.
+                let mut rest = Vec::new();
+                let _ = socket.read_to_end(&mut rest);
+                drop(fds);
+            });
+            Ok(Running::new(ours, peer, Child { pid, reaped: false }))
+        }
+        let mut launcher = launcher_of(stopped_after_taking_it);
+        launcher.answer_within = std::time::Duration::from_secs(120);
+        let (outcome, out) = spawn_through(&launcher);
+        let e = outcome.err().expect("the start fails").to_string();
+        assert_eq!(out, "ran\n", "claude ran once, not again");
+        assert!(e.contains("stopped") && e.contains("run the job again"), "{e}");
+    }
+
     /// The launcher stops answering before it read the request (SIGSTOPped while idle):
     /// it cannot have started Claude. Before the fix the job failed ("run it again"); now
     /// the request goes to the launcher that replaces it, and Claude runs once.
@@ -1191,6 +1301,108 @@ mod tests {
         stdout.read_to_string(&mut out).unwrap();
         assert_eq!(out, "ran\n");
         assert!(waited < std::time::Duration::from_secs(5), "waited out the bound: {waited:?}");
+    }
+
+    /// A request larger than the socket's buffer, to a launcher a job stopped while it
+    /// was idle, goes to a new one at once. Before, the send waited out its whole bound
+    /// (here 120 s; 10 s in the agent) on a launcher that reads nothing while stopped.
+    #[test]
+    fn a_large_request_to_a_stopped_launcher_goes_to_a_new_one_at_once() {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn stopped_then_well() -> std::io::Result<Running> {
+            if STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                let running = stand_in(|socket| {
+                    // Reads nothing, as a stopped launcher; holds its end until the agent's
+                    // side gives up on it (then the socket hangs up).
+                    let mut hangup = libc::pollfd { fd: socket.as_raw_fd(), events: 0, revents: 0 };
+                    // SAFETY: polls one descriptor we own.
+                    unsafe { libc::poll(&mut hangup, 1, -1) };
+                })?;
+                // SAFETY: a signal to our own child, which only the Launcher reaps.
+                unsafe { libc::kill(running.process.pid, libc::SIGSTOP) };
+                // A stop takes effect when the process next runs: the case here is a
+                // launcher stopped before the request, not one stopped while it is sent.
+                while !stopped(running.process.pid) {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                return Ok(running);
+            }
+            stand_in(|mut socket| {
+                drop(take_request(&mut socket));
+                answer_42(&socket);
+            })
+        }
+        let mut launcher = launcher_of(stopped_then_well);
+        launcher.answer_within = std::time::Duration::from_secs(120);
+        launcher.start().unwrap();
+        let end = || UnixStream::pair().map(|(a, b)| (a, OwnedFd::from(b))).unwrap();
+        let (mut stdout, stdout_end) = end();
+        let ends = ChildEnds { stdin: end().1, stdout: stdout_end, stderr: end().1, control: end().1, status: end().1 };
+        let env = env_of(&[("HOME", "/h")]);
+        let args = vec!["x".repeat(4 * 1024 * 1024)];
+        let spawn = Spawn { program: Path::new("/bin/true"), cwd: Path::new("/"), args: &args, env: &env };
+        let started = std::time::Instant::now();
+        let outcome = launcher.spawn(&spawn, ends);
+        let waited = started.elapsed();
+        assert_eq!(outcome.expect("started by the second launcher").pid, 42);
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "ran\n");
+        assert!(waited < launcher.answer_within, "waited out the bound: {waited:?}");
+    }
+
+    /// A launcher stopped (SIGSTOP; a job may send it) after the agent's look before the
+    /// request, while a request larger than the socket's buffer is being sent: a job that
+    /// watches the launcher wake can time that. Before the fix the send waited out its
+    /// whole bound (here 20 s; 10 s in the agent, per write), holding every other start
+    /// behind the launcher's lock; now the launcher is seen stopped within a slice of the
+    /// wait, and the request, never taken whole, goes to a new launcher.
+    #[test]
+    fn a_launcher_stopped_while_a_large_request_is_sent_is_replaced_at_once() {
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn stopped_once_sending() -> std::io::Result<Running> {
+            if STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                let (ours, theirs) = UnixStream::pair()?;
+                let peer = theirs.try_clone()?.into();
+                let pid = std::process::Command::new("sleep").arg("600").spawn()?.id() as libc::pid_t;
+                std::thread::spawn(move || {
+                    // The request's first bytes: the agent looked before sending, and found
+                    // the launcher running.
+                    let mut first = libc::pollfd { fd: theirs.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                    // SAFETY: polls one descriptor we own.
+                    unsafe { libc::poll(&mut first, 1, -1) };
+                    // SAFETY: a signal to our own child, which only the Launcher reaps.
+                    unsafe { libc::kill(pid, libc::SIGSTOP) };
+                    // Reads nothing more, as the stopped launcher; holds its end until the
+                    // agent's side gives up on it (then the socket hangs up).
+                    let mut hangup = libc::pollfd { fd: theirs.as_raw_fd(), events: 0, revents: 0 };
+                    // SAFETY: as above.
+                    unsafe { libc::poll(&mut hangup, 1, -1) };
+                });
+                return Ok(Running::new(ours, peer, Child { pid, reaped: false }));
+            }
+            stand_in(|mut socket| {
+                drop(take_request(&mut socket));
+                answer_42(&socket);
+            })
+        }
+        let mut launcher = launcher_of(stopped_once_sending);
+        launcher.answer_within = std::time::Duration::from_secs(20);
+        launcher.start().unwrap();
+        let end = || UnixStream::pair().map(|(a, b)| (a, OwnedFd::from(b))).unwrap();
+        let (mut stdout, stdout_end) = end();
+        let ends = ChildEnds { stdin: end().1, stdout: stdout_end, stderr: end().1, control: end().1, status: end().1 };
+        let env = env_of(&[("HOME", "/h")]);
+        let args = vec!["x".repeat(4 * 1024 * 1024)];
+        let spawn = Spawn { program: Path::new("/bin/true"), cwd: Path::new("/"), args: &args, env: &env };
+        let started = std::time::Instant::now();
+        let outcome = launcher.spawn(&spawn, ends);
+        let waited = started.elapsed();
+        assert_eq!(outcome.expect("started by the second launcher").pid, 42);
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "ran\n", "claude ran once");
+        assert!(waited < launcher.answer_within, "waited out the bound: {waited:?}");
     }
 
     /// The signals each Claude's start resets are those not at their default: ignored ones

@@ -108,11 +108,17 @@ pub unsafe fn clone_on(flags: libc::c_int, stack_top: *mut u8, entry: unsafe ext
 /// owner by thread id use, and glibc's `raise` asks the kernel instead: the zygote is one
 /// thread, holds no lock while it calls this, and the launcher takes none of those.
 ///
+/// The kernel also writes the child's pid at `pid_at` (`CLONE_PARENT_SETTID`) before the
+/// call returns, even if the caller is killed meanwhile: the zygote points it at memory it
+/// shares with the agent, so the agent learns of every launcher it has, answered or not.
+///
 /// # Safety
 /// As `fork`: in a process of one thread, or the child may use only what is safe after it.
-pub unsafe fn clone_sibling() -> Ret {
-    // x86_64 and aarch64 order clone's arguments differently, but only the first is set.
-    call(libc::SYS_clone, libc::CLONE_PARENT as usize, 0, 0, 0, 0, 0)
+/// `pid_at` is writable for 4 bytes.
+pub unsafe fn clone_sibling(pid_at: *mut libc::pid_t) -> Ret {
+    // x86_64 and aarch64 order clone's later arguments differently, but both take the
+    // parent's tid pointer third.
+    call(libc::SYS_clone, (libc::CLONE_PARENT | libc::CLONE_PARENT_SETTID) as usize, 0, pid_at as usize, 0, 0, 0)
 }
 
 pub unsafe fn read(fd: RawFd, buf: *mut u8, len: usize) -> Ret {

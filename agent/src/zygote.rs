@@ -24,9 +24,9 @@
 //! child, as when the agent started it, so the agent waits for it, kills it, and its
 //! parent-death signal comes from the agent's thread that forked the zygote.
 //!
-//! A job can signal the zygote too (same user). Killed, or stopped so that it does not
-//! answer within [`crate::launcher::ANSWER_WITHIN`], it is killed, reaped and forked again,
-//! this time from the running agent (from the launcher-starter thread, which lives as long
+//! A job can signal the zygote too (same user). Killed or stopped (either seen at once), or
+//! not answering within [`LAUNCHER_WITHIN`], it is killed, reaped and forked again (at
+//! once, or at the next start after one that ran out of time), this time from the running agent (from the launcher-starter thread, which lives as long
 //! as the agent): still non-dumpable from birth, at the cost of a zygote that shares the
 //! agent's larger memory copy-on-write. The child of a multi-threaded fork uses nothing
 //! here that another thread could have held locked: system calls, and `malloc`, which
@@ -34,15 +34,50 @@
 //! `std::process::exit` (the agent's clean-up at exit): the zygote and its launchers end
 //! with `_exit`.
 //!
+//! Why the zygote forked again is not an `exec` of the agent's binary in a zygote mode,
+//! with a clean environment, which would hold none of the running agent's secrets (its
+//! settings, `AGENT_SIGNING_KEY`, the login's token, the buffers of jobs running then).
+//! A process is dumpable from its `exec` until its first `prctl(PR_SET_DUMPABLE, 0)`, and
+//! the job that killed the zygote knows when the replacement comes (at the next start): it
+//! can open the new zygote's `/proc/<pid>/mem` read-write in that window (or attach with
+//! `ptrace`, where Yama allows) and keep the descriptor after the `prctl`, which only
+//! `open` checks. Writing there runs its code in the zygote, and so in every launcher
+//! cloned after: every later job's program, folder and environment. The copy-on-write copy
+//! exposes nothing to a job: it is non-dumpable from its first instruction, so only a
+//! process that could read the agent itself (root, `CAP_SYS_PTRACE`) reads it, and no core
+//! dump writes it out. The window could be closed: the kernel makes a process non-dumpable
+//! at its `exec` when its user may not read the image (`would_dump`, then dumpable is
+//! `fs.suid_dumpable`), so the agent could exec a copy of its binary in a memfd made
+//! execute-only (`fchmod 0100`, exec'd through an `O_PATH` descriptor). Not done: the
+//! copy of the whole binary (49 MB for today's debug build) would stay in memory for
+//! the zygote's life; the pid page would need a memfd (`MAP_SHARED` does not cross an
+//! `exec`) and `main` a second entry; and the window is back wherever the image is
+//! readable after all (an agent with `CAP_DAC_OVERRIDE`, whose jobs could read the agent
+//! anyway) or `fs.suid_dumpable` is 1.
+//!
 //! The conversation, on a Unix socket: the agent sends one byte with the new launcher's
 //! end of its socket attached (`SCM_RIGHTS`); the zygote answers four bytes, the
-//! launcher's pid or `-errno`.
+//! launcher's pid or `-errno`. A zygote killed between its clone and its answer leaves a
+//! launcher the agent never heard of, yet its child: a zombie of the agent's for ever once
+//! it exits (or a stray process, if a job stopped it). So the kernel writes each
+//! launcher's pid, as it clones it, in a page the agent shares with the zygote
+//! ([`PidSlot`]); the agent kills and reaps the launcher found there with the zygote.
 
-use crate::launcher::{recv_with_fds, send_with_fds, ANSWER_WITHIN};
+use crate::launcher::{answered_or_dead, recv_with_fds, send_with_fds, ANSWER_WITHIN, HELPERS_STOPPED};
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
+
+/// How long a start has to get a new launcher from the zygote, its re-fork included. The
+/// zygote's answer is one clone of a small process: measured under `bench` load (debug
+/// build, `bench --edge native --jobs 1500`, load average 10.5 on 2 cores, 1,240 asks),
+/// 0.7 ms at the median, 25 ms at p99, 84 ms at most; 5 s is 60 times the worst. A zygote
+/// that takes longer is stuck, or the machine so loaded that Claude could not run a job
+/// either: the start fails (run the job again) and the next start forks a new zygote.
+/// A zygote stopped or dead is seen at once and forked again within the same start (see
+/// [`crate::launcher::answered_or_dead`]).
+const LAUNCHER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The word after the program's name in a zygote's command line (`ps`, `/proc/<pid>/cmdline`).
 const NAME: &str = "__zygote";
@@ -55,6 +90,61 @@ struct Zygote {
     socket: UnixStream,
     /// The zygote's pid: the agent's child, so its own until the agent reaps it.
     pid: libc::pid_t,
+    /// The pid of the launcher the zygote cloned for the request in hand, not yet answered.
+    cloned: PidSlot,
+    /// The zygote's pidfd (kernels 5.3 and later): its death ends a wait for its answer at
+    /// once, even while a launcher it cloned still holds a copy of its socket.
+    pidfd: Option<OwnedFd>,
+}
+
+/// One word of memory shared by the agent and its zygote (`MAP_SHARED`, mapped before the
+/// zygote's fork), where the kernel writes the pid of each launcher the zygote clones
+/// (`CLONE_PARENT_SETTID`: written before `clone` returns, so a zygote killed at any point
+/// after the launcher exists has written it). The agent clears it before each request and
+/// after each answer: a pid found there after the zygote's death is a launcher it never
+/// answered for, the agent's child, which the agent kills and reaps.
+///
+/// Nothing else is shared: the page holds pids only, the zygote writes it only through the
+/// kernel, and its launchers do not inherit it (`MADV_DONTFORK`, set in the zygote).
+struct PidSlot(std::ptr::NonNull<std::sync::atomic::AtomicI32>);
+
+// SAFETY: the page is the process's until `drop`; an atomic is read and written through it.
+unsafe impl Send for PidSlot {}
+
+impl PidSlot {
+    fn new() -> std::io::Result<PidSlot> {
+        // SAFETY: a new anonymous mapping, ours until `drop`.
+        let page = unsafe { libc::mmap(std::ptr::null_mut(), PidSlot::LEN, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0) };
+        if page == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            return Err(std::io::Error::new(e.kind(), format!("could not map the page the agent shares with its zygote ({e}): restart the agent")));
+        }
+        Ok(PidSlot(std::ptr::NonNull::new(page.cast()).expect("mmap never answers NULL here")))
+    }
+
+    const LEN: usize = 4096;
+
+    fn word(&self) -> &std::sync::atomic::AtomicI32 {
+        // SAFETY: mapped, aligned and zero-initialised until `drop`.
+        unsafe { self.0.as_ref() }
+    }
+
+    /// Where the kernel writes the next clone's pid (in the zygote's copy of the mapping).
+    fn as_ptr(&self) -> *mut libc::pid_t {
+        self.word().as_ptr()
+    }
+
+    /// The pid written since it was last taken, if any; the slot is clear after.
+    fn take(&self) -> Option<libc::pid_t> {
+        Some(self.word().swap(0, std::sync::atomic::Ordering::SeqCst)).filter(|&pid| pid > 0)
+    }
+}
+
+impl Drop for PidSlot {
+    fn drop(&mut self) {
+        // SAFETY: our mapping, used no more.
+        unsafe { libc::munmap(self.0.as_ptr().cast(), PidSlot::LEN) };
+    }
 }
 
 /// Forks the zygote now: from `main`, before any thread starts and before the command line
@@ -77,10 +167,12 @@ pub fn stop() {
 
 /// A new launcher, the agent's child: the agent's end of its socket, the agent's copy of
 /// the launcher's end, and its pid. Forks the zygote first if there is none, or again once
-/// if it is gone or stuck; each try with a socket of its own, so that a launcher the failed
-/// zygote may still have cloned shares nothing with the one that answers (it reads its
-/// socket's end once the agent lets go of its copies, and exits).
+/// if it is dead or stopped; each try with a socket of its own, so that a launcher the
+/// failed zygote may still have cloned shares nothing with the one that answers. All
+/// within [`LAUNCHER_WITHIN`]: a zygote that does not answer by then is ended, and the
+/// next call forks a new one.
 pub fn launcher() -> std::io::Result<(UnixStream, OwnedFd, libc::pid_t)> {
+    let deadline = std::time::Instant::now() + LAUNCHER_WITHIN;
     let mut zygote = ZYGOTE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut retried = false;
     loop {
@@ -90,16 +182,21 @@ pub fn launcher() -> std::io::Result<(UnixStream, OwnedFd, libc::pid_t)> {
         let running = zygote.as_mut().expect("just forked");
         let (ours, theirs) = UnixStream::pair()?;
         let theirs = OwnedFd::from(theirs);
-        match running.ask(&theirs) {
+        match running.ask(&theirs, deadline.saturating_duration_since(std::time::Instant::now())) {
             Ok(answer) => return answer.map(|pid| (ours, theirs, pid)),
             Err(e) => {
                 if let Some(gone) = zygote.take() {
                     gone.end();
                 }
-                if retried {
-                    return Err(std::io::Error::new(e.kind(), format!("the agent's zygote, which starts its launchers, failed twice in a row ({e}); restart the agent")));
+                let what = "the agent's zygote, which starts its launchers,";
+                if e.kind() == std::io::ErrorKind::TimedOut || std::time::Instant::now() >= deadline {
+                    tracing::warn!(error = %e, "the zygote that starts launchers did not answer in time; it was ended");
+                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} failed ({e}); it was ended and the next job's start forks a new one: run the job again. If it fails again, the machine is overloaded, or {HELPERS_STOPPED}")));
                 }
-                tracing::warn!(error = %e, "the zygote that starts launchers is gone; forking a new one");
+                if retried {
+                    return Err(std::io::Error::new(e.kind(), format!("{what} failed twice in a row ({e}); the next job's start forks a new one: run the job again. If it fails again, {HELPERS_STOPPED}")));
+                }
+                tracing::warn!(error = %e, "the zygote that starts launchers is gone or stopped; forking a new one");
                 retried = true;
             }
         }
@@ -112,6 +209,7 @@ impl Zygote {
     /// after it are never dumpable.
     fn fork() -> std::io::Result<Zygote> {
         let (ours, theirs) = UnixStream::pair()?;
+        let cloned = PidSlot::new()?;
         // SAFETY: prctl and getpid change and read process attributes only.
         let agent = unsafe {
             libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
@@ -126,26 +224,43 @@ impl Zygote {
         }
         if pid == 0 {
             let socket = theirs.as_raw_fd();
-            std::mem::forget((ours, theirs));
-            live(socket, agent);
+            let slot = cloned.as_ptr();
+            std::mem::forget((ours, theirs, cloned));
+            live(socket, slot, agent);
         }
+        #[cfg(test)]
+        tests::forked();
         drop(theirs);
-        ours.set_read_timeout(Some(ANSWER_WITHIN))?;
-        ours.set_write_timeout(Some(ANSWER_WITHIN))?;
-        Ok(Zygote { socket: ours, pid })
+        // SAFETY: pidfd_open on our own child, not reaped yet.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        // SAFETY: a successful pidfd_open returns an fd we own.
+        let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
+        let zygote = Zygote { socket: ours, pid, cloned, pidfd };
+        // A zygote forked is the agent's child to reap, whatever fails after.
+        let bounded = zygote.socket.set_read_timeout(Some(ANSWER_WITHIN)).and_then(|()| zygote.socket.set_write_timeout(Some(ANSWER_WITHIN)));
+        if let Err(e) = bounded {
+            zygote.end();
+            return Err(e);
+        }
+        Ok(zygote)
     }
 
     /// One launcher asked for. `Err`: the conversation failed (the zygote is gone or
     /// stuck); `Ok(Err)`: the zygote's clone failed (`EAGAIN`: out of processes).
-    fn ask(&mut self, socket: &OwnedFd) -> std::io::Result<std::io::Result<libc::pid_t>> {
+    fn ask(&mut self, socket: &OwnedFd, within: std::time::Duration) -> std::io::Result<std::io::Result<libc::pid_t>> {
+        self.cloned.take();
         send_with_fds(self.socket.as_raw_fd(), b"L", &[socket.as_raw_fd()])?;
+        let pidfd = self.pidfd.as_ref().map_or(-1, AsRawFd::as_raw_fd);
+        answered_or_dead("the zygote", self.socket.as_raw_fd(), pidfd, self.pid, within)?;
         let mut answer = [0u8; 4];
         self.socket.read_exact(&mut answer).map_err(|e| match e.kind() {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the zygote did not answer within {ANSWER_WITHIN:?}"))
+                std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the zygote did not finish its answer within {ANSWER_WITHIN:?}"))
             }
             _ => e,
         })?;
+        // Answered for: the launcher is the caller's now.
+        self.cloned.take();
         Ok(match i32::from_le_bytes(answer) {
             pid if pid > 0 => Ok(pid),
             errno => Err(std::io::Error::new(
@@ -156,20 +271,30 @@ impl Zygote {
     }
 
     /// Kills and reaps a zygote that failed (dead already, or stuck: stopped by a job), or
-    /// one not needed ([`stop`]).
-    /// The pid is the agent's child's until reaped, so the signal reaches no other process.
+    /// one not needed ([`stop`]); then the launcher it cloned and never answered for, if
+    /// any (read once the zygote is dead: it clones no more).
+    /// Each pid is the agent's child's until reaped, so the signal reaches no other process.
     fn end(self) {
-        // SAFETY: a signal to, and a wait for, our own unreaped child.
-        unsafe {
-            libc::kill(self.pid, libc::SIGKILL);
-            while libc::waitpid(self.pid, std::ptr::null_mut(), 0) < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {}
+        kill_and_reap(self.pid);
+        if let Some(launcher) = self.cloned.take() {
+            tracing::warn!(pid = launcher, "the zygote ended before it answered for the launcher it cloned; that launcher is ended too");
+            kill_and_reap(launcher);
         }
     }
 }
 
+/// Kills and reaps a child of the agent's, not reaped yet (so its pid is no other process's).
+fn kill_and_reap(pid: libc::pid_t) {
+    // SAFETY: a signal to, and a wait for, our own unreaped child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        while libc::waitpid(pid, std::ptr::null_mut(), 0) < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {}
+    }
+}
+
 /// The zygote's life: a clean process to clone launchers from, then clones on request.
-/// Never returns; ends when the agent closes the socket or dies.
-fn live(socket: RawFd, agent: libc::pid_t) -> ! {
+/// Never returns; ends when the agent closes the socket or dies. `cloned`: the [`PidSlot`].
+fn live(socket: RawFd, cloned: *mut libc::pid_t, agent: libc::pid_t) -> ! {
     // SAFETY: process-wide settings of this new single-threaded process; the descriptors
     // closed are copies of the agent's, which this process never uses.
     unsafe {
@@ -206,6 +331,9 @@ fn live(socket: RawFd, agent: libc::pid_t) -> ! {
             libc::dup2(null, fd);
         }
         crate::warden::close_all_but(socket, socket);
+        // The page shared with the agent is not the launchers' (best effort: were it theirs,
+        // they would hold a page of pids).
+        libc::madvise(cloned.cast(), PidSlot::LEN, libc::MADV_DONTFORK);
         name_and_forget_the_agents_words(NAME);
         // Free heap pages go back to the kernel: what the agent frees and rewrites after the
         // fork would otherwise stay here, a copy kept for nothing.
@@ -220,13 +348,18 @@ fn live(socket: RawFd, agent: libc::pid_t) -> ! {
         let answer = match end {
             None => -libc::EINVAL,
             Some(end) => {
-                // SAFETY: this process is single-threaded and holds no lock here.
-                let pid = unsafe { crate::rawsys::clone_sibling() };
+                #[cfg(test)]
+                tests::hook_when_asked();
+                // SAFETY: this process is single-threaded and holds no lock here; `cloned` is
+                // the shared page, mapped for the zygote's life.
+                let pid = unsafe { crate::rawsys::clone_sibling(cloned) };
                 if pid == 0 {
                     // SAFETY: the zygote's socket is not the launcher's to hold.
                     unsafe { libc::close(socket) };
                     crate::launcher::serve(end, agent);
                 }
+                #[cfg(test)]
+                tests::hook_after_clone();
                 drop(end);
                 pid as i32
             }
@@ -269,9 +402,98 @@ pub unsafe fn name_and_forget_the_agents_words(name: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// The zygote ends right after its next clone, before it answers (as one a job kills
+    /// then). Read in the zygote, a copy of this process's memory taken at its fork; the
+    /// test that sets it forks a zygote after it, and the fork clears it here, so that
+    /// the zygote forked to replace that one serves.
+    static EXIT_AFTER_CLONE: AtomicBool = AtomicBool::new(false);
+    /// Every zygote forked while it is set stops itself (SIGSTOP) when asked for a launcher,
+    /// as when a job stops each new one.
+    static STOP_WHEN_ASKED: AtomicBool = AtomicBool::new(false);
+    /// Tests of the one zygote of this process, one at a time.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+    /// Called by the agent after each fork of a zygote.
+    pub(super) fn forked() {
+        EXIT_AFTER_CLONE.store(false, Ordering::SeqCst);
+    }
+
+    /// Called by the zygote when asked for a launcher, in the zygote.
+    pub(super) fn hook_when_asked() {
+        if STOP_WHEN_ASKED.load(Ordering::SeqCst) {
+            // SAFETY: a signal to this process.
+            unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) };
+        }
+    }
+
+    /// Called by the zygote after each clone, in the zygote.
+    pub(super) fn hook_after_clone() {
+        if EXIT_AFTER_CLONE.load(Ordering::SeqCst) {
+            // SAFETY: ends the zygote, as SIGKILL would.
+            unsafe { libc::_exit(0) };
+        }
+    }
 
     fn zygote_pid() -> Option<libc::pid_t> {
         ZYGOTE.lock().unwrap().as_ref().map(|z| z.pid)
+    }
+
+    /// This thread's children (the zygote is forked by the thread that asks for the first
+    /// launcher, and launchers are the zygote's siblings), zombies included.
+    fn my_children() -> Vec<libc::pid_t> {
+        // SAFETY: gettid reads this thread's id.
+        let tid = unsafe { libc::gettid() };
+        let listed = std::fs::read_to_string(format!("/proc/self/task/{tid}/children")).expect("/proc lists a thread's children");
+        let mut pids: Vec<libc::pid_t> = listed.split_whitespace().map(|p| p.parse().unwrap()).collect();
+        pids.sort();
+        pids
+    }
+
+    /// The zygote dies between its clone of a launcher and its answer (a job killed it).
+    /// Before the fix the agent never learnt that launcher's pid: it stayed the agent's
+    /// zombie for ever (or ran on, stopped, if a job had stopped it). Now the agent kills
+    /// and reaps it with the zygote, and the launcher asked for comes from a new zygote.
+    #[test]
+    fn a_launcher_whose_zygote_died_before_answering_is_reaped() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        stop();
+        assert_eq!(my_children(), Vec::<libc::pid_t>::new());
+        EXIT_AFTER_CLONE.store(true, Ordering::SeqCst);
+        start();
+        let (ours, peer, launcher) = launcher().expect("a launcher from the zygote forked again");
+        let zygote = zygote_pid().expect("a zygote");
+        let mut expected = vec![zygote, launcher];
+        expected.sort();
+        assert_eq!(my_children(), expected, "only the new zygote and its launcher: no zombie, no stray launcher");
+        drop((ours, peer));
+        // SAFETY: a wait for a child of this process.
+        assert_eq!(unsafe { libc::waitpid(launcher, std::ptr::null_mut(), 0) }, launcher);
+        stop();
+    }
+
+    /// A job stops every new zygote (SIGSTOP; same user). Before the fix each wait for the
+    /// zygote's answer ran out its whole bound (10 s) twice, and a launcher's twice more,
+    /// before the job failed (~50 s). Now a stopped zygote is seen as such at once: it is
+    /// replaced once, and when the new one is stopped too the start fails saying so, and
+    /// what to do; the next start forks a new zygote and gets its launcher.
+    #[test]
+    fn a_start_whose_zygotes_are_all_stopped_fails_at_once_and_the_next_forks_again() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        stop();
+        STOP_WHEN_ASKED.store(true, Ordering::SeqCst);
+        let refused = launcher();
+        STOP_WHEN_ASKED.store(false, Ordering::SeqCst);
+        let e = refused.err().expect("no launcher from stopped zygotes").to_string();
+        assert!(e.contains("stopped") && e.contains("run the job again"), "{e}");
+        assert_eq!(zygote_pid(), None, "the stopped zygote was kept");
+        assert_eq!(my_children(), Vec::<libc::pid_t>::new(), "a stopped zygote was left behind");
+        let (ours, peer, launcher) = launcher().expect("a launcher from a zygote forked again");
+        drop((ours, peer));
+        // SAFETY: a wait for a child of this process.
+        assert_eq!(unsafe { libc::waitpid(launcher, std::ptr::null_mut(), 0) }, launcher);
+        stop();
     }
 
     /// The launcher the zygote clones is this process's child (the agent waits for it, kills
@@ -279,6 +501,7 @@ mod tests {
     /// zygote a job killed is forked again, and the launcher asked for meanwhile still comes.
     #[test]
     fn a_launcher_is_the_agents_child_and_a_killed_zygote_is_replaced() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let (ours, peer, first) = launcher().expect("a launcher");
         let zygote = zygote_pid().expect("a zygote");
         // SAFETY: a wait for a child of this process.
