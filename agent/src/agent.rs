@@ -114,7 +114,8 @@ impl Agent {
             .map_err(|e| anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display()))?
             .ok_or_else(|| {
                 anyhow::anyhow!(
-                    "another agent is running with DATA_DIR {}: stop it first (`claude-runner agent --drain` with the same DATA_DIR), or give this one a DATA_DIR of its own",
+                    "another agent is running with DATA_DIR {} (it holds {}/agent.lock, let go when it exits: do not delete the file): stop it first (`claude-runner agent --drain` with the same DATA_DIR), or give this one a DATA_DIR of its own",
+                    cfg.data_dir.display(),
                     cfg.data_dir.display()
                 )
             })?;

@@ -49,7 +49,8 @@ impl Store {
             .map_err(|e| anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", dir.display()))?
             .ok_or_else(|| {
                 anyhow::anyhow!(
-                    "another edge is running with DATA_DIR {}: stop it first, or give this one a DATA_DIR of its own",
+                    "another edge is running with DATA_DIR {} (it holds {}/edge.lock, let go when it exits: do not delete the file): stop it first, or give this one a DATA_DIR of its own",
+                    dir.display(),
                     dir.display()
                 )
             })?;

@@ -19,14 +19,59 @@ pub fn entropy<const N: usize>() -> [u8; N] {
 /// Takes the lock that makes a folder one process's own, held for as long as the returned
 /// file stays open (the kernel lets it go when the process ends, however it ends; `exec`'d
 /// children do not inherit it: std opens files close-on-exec). `None`: another process
-/// holds it. The file is created owner-only and never followed through a symlink.
+/// holds it. The file is created owner-only and never followed through a symlink; opened
+/// without blocking, so a FIFO put in its place is refused rather than hanging the start.
 pub fn hold_lock(path: &std::path::Path) -> std::io::Result<Option<std::fs::File>> {
     use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path)?;
+    let named = |e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("{} ({e}): it must be a plain file the process's user may write, or absent", path.display()))
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(named)?;
+    if !file.metadata().map_err(named)?.is_file() {
+        return Err(named(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a plain file")));
+    }
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),
         Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    /// A FIFO where the lock goes: refused at once, naming the file (an `open` for writing
+    /// blocks on a FIFO until a reader comes).
+    #[test]
+    fn a_fifo_in_the_locks_place_is_refused_not_waited_on() {
+        let dir = std::env::temp_dir().join(format!("cr-lock-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("edge.lock");
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo on a path we made.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = super::hold_lock(&path).err().expect("a FIFO was taken as the lock");
+        assert!(e.to_string().contains("plain file") && e.to_string().contains("edge.lock"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_lock_is_one_holders_until_it_is_let_go() {
+        let dir = std::env::temp_dir().join(format!("cr-lock-once-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let first = super::hold_lock(&dir.join("x.lock")).unwrap().expect("free");
+        assert!(super::hold_lock(&dir.join("x.lock")).unwrap().is_none(), "held twice");
+        drop(first);
+        assert!(super::hold_lock(&dir.join("x.lock")).unwrap().is_some(), "not let go");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
