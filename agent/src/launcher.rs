@@ -1120,11 +1120,17 @@ mod tests {
 
     /// Spawns through `launcher`; returns the outcome and what "Claude" wrote to its stdout.
     fn spawn_through(launcher: &Launcher) -> (std::io::Result<Started>, String) {
+        spawn_with_args(launcher, &[])
+    }
+
+    /// [`spawn_through`] with `args`: a long one makes a request larger than the socket's
+    /// buffer, sent in parts.
+    fn spawn_with_args(launcher: &Launcher, args: &[String]) -> (std::io::Result<Started>, String) {
         let end = || UnixStream::pair().map(|(a, b)| (a, OwnedFd::from(b))).unwrap();
         let (mut stdout, stdout_end) = end();
         let ends = ChildEnds { stdin: end().1, stdout: stdout_end, stderr: end().1, control: end().1, status: end().1 };
         let env = env_of(&[("HOME", "/h")]);
-        let spawn = Spawn { program: Path::new("/bin/true"), cwd: Path::new("/"), args: &[], env: &env };
+        let spawn = Spawn { program: Path::new("/bin/true"), cwd: Path::new("/"), args, env: &env };
         let outcome = launcher.spawn(&spawn, ends);
         let mut out = String::new();
         stdout.read_to_string(&mut out).unwrap();
@@ -1335,18 +1341,10 @@ mod tests {
         let mut launcher = launcher_of(stopped_then_well);
         launcher.answer_within = std::time::Duration::from_secs(120);
         launcher.start().unwrap();
-        let end = || UnixStream::pair().map(|(a, b)| (a, OwnedFd::from(b))).unwrap();
-        let (mut stdout, stdout_end) = end();
-        let ends = ChildEnds { stdin: end().1, stdout: stdout_end, stderr: end().1, control: end().1, status: end().1 };
-        let env = env_of(&[("HOME", "/h")]);
-        let args = vec!["x".repeat(4 * 1024 * 1024)];
-        let spawn = Spawn { program: Path::new("/bin/true"), cwd: Path::new("/"), args: &args, env: &env };
         let started = std::time::Instant::now();
-        let outcome = launcher.spawn(&spawn, ends);
+        let (outcome, out) = spawn_with_args(&launcher, &["x".repeat(4 * 1024 * 1024)]);
         let waited = started.elapsed();
         assert_eq!(outcome.expect("started by the second launcher").pid, 42);
-        let mut out = String::new();
-        stdout.read_to_string(&mut out).unwrap();
         assert_eq!(out, "ran\n");
         assert!(waited < launcher.answer_within, "waited out the bound: {waited:?}");
     }
@@ -1389,18 +1387,10 @@ mod tests {
         let mut launcher = launcher_of(stopped_once_sending);
         launcher.answer_within = std::time::Duration::from_secs(20);
         launcher.start().unwrap();
-        let end = || UnixStream::pair().map(|(a, b)| (a, OwnedFd::from(b))).unwrap();
-        let (mut stdout, stdout_end) = end();
-        let ends = ChildEnds { stdin: end().1, stdout: stdout_end, stderr: end().1, control: end().1, status: end().1 };
-        let env = env_of(&[("HOME", "/h")]);
-        let args = vec!["x".repeat(4 * 1024 * 1024)];
-        let spawn = Spawn { program: Path::new("/bin/true"), cwd: Path::new("/"), args: &args, env: &env };
         let started = std::time::Instant::now();
-        let outcome = launcher.spawn(&spawn, ends);
+        let (outcome, out) = spawn_with_args(&launcher, &["x".repeat(4 * 1024 * 1024)]);
         let waited = started.elapsed();
         assert_eq!(outcome.expect("started by the second launcher").pid, 42);
-        let mut out = String::new();
-        stdout.read_to_string(&mut out).unwrap();
         assert_eq!(out, "ran\n", "claude ran once");
         assert!(waited < launcher.answer_within, "waited out the bound: {waited:?}");
     }
