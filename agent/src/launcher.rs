@@ -359,24 +359,11 @@ const STOPPED_CHECK_EVERY: std::time::Duration = std::time::Duration::from_milli
 pub(crate) fn answered_or_dead(helper: &str, socket: RawFd, pidfd: RawFd, pid: libc::pid_t, within: std::time::Duration) -> std::io::Result<()> {
     let deadline = std::time::Instant::now() + within;
     loop {
-        // A negative fd (no pidfd) is skipped by poll.
-        let mut fds = [libc::pollfd { fd: socket, events: libc::POLLIN, revents: 0 }, libc::pollfd { fd: pidfd, events: libc::POLLIN, revents: 0 }];
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        // Rounded up: a wait of less than 1 ms left is not a poll that returns at once.
-        let slice = left.min(STOPPED_CHECK_EVERY).as_micros().div_ceil(1000) as i32;
-        // SAFETY: polls descriptors in a buffer we own.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, slice) };
-        if n < 0 && errno() == libc::EINTR {
-            continue;
-        }
-        if fds[0].revents != 0 {
-            return Ok(());
-        }
-        if fds[1].revents != 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("{helper} died before answering")));
-        }
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
+        match poll_slice(socket, libc::POLLIN, pidfd, left)? {
+            Slice::Ready => return Ok(()),
+            Slice::Died => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("{helper} died before answering"))),
+            Slice::Passed => {}
         }
         if stopped(pid) {
             return Err(std::io::Error::other(format!("{helper} was stopped (SIGSTOP) before answering")));
@@ -417,16 +404,44 @@ fn send_body(helper: &str, socket: RawFd, body: &[u8], pidfd: RawFd, pid: libc::
         if left.is_zero() {
             return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{helper} did not take the request within {within:?}")));
         }
-        // A negative fd (no pidfd) is skipped by poll.
-        let mut fds = [libc::pollfd { fd: socket, events: libc::POLLOUT, revents: 0 }, libc::pollfd { fd: pidfd, events: libc::POLLIN, revents: 0 }];
-        // Rounded up: a wait of less than 1 ms left is not a poll that returns at once.
-        let slice = left.min(STOPPED_CHECK_EVERY).as_micros().div_ceil(1000) as i32;
-        // SAFETY: polls descriptors in a buffer we own.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, slice) } > 0 && fds[1].revents != 0 {
+        if poll_slice(socket, libc::POLLOUT, pidfd, left)? == Slice::Died {
             return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("{helper} died before it took the request")));
         }
     }
     Ok(())
+}
+
+/// What one slice of a wait on a helper saw.
+#[derive(Debug, PartialEq)]
+enum Slice {
+    /// The socket is ready for what was asked (an answer to read, room to write).
+    Ready,
+    /// The helper died (its pidfd is readable).
+    Died,
+    /// Neither, within the slice (or a signal cut it short): time to look whether the
+    /// helper is stopped, and at the deadline.
+    Passed,
+}
+
+/// Waits one slice of a wait on a helper: until `socket` is ready for `events`, the helper
+/// dies (`pidfd`; a negative fd, no pidfd, is skipped by poll), or [`STOPPED_CHECK_EVERY`]
+/// (at most `left`) passes. [`answered_or_dead`] and [`send_body`] wait in these slices so
+/// that a stopped helper is seen between two of them.
+fn poll_slice(socket: RawFd, events: libc::c_short, pidfd: RawFd, left: std::time::Duration) -> std::io::Result<Slice> {
+    let mut fds = [libc::pollfd { fd: socket, events, revents: 0 }, libc::pollfd { fd: pidfd, events: libc::POLLIN, revents: 0 }];
+    // Rounded up: a wait of less than 1 ms left is not a poll that returns at once.
+    let slice = left.min(STOPPED_CHECK_EVERY).as_micros().div_ceil(1000) as i32;
+    // SAFETY: polls descriptors in a buffer we own.
+    if unsafe { libc::poll(fds.as_mut_ptr(), 2, slice) } < 0 {
+        return if errno() == libc::EINTR { Ok(Slice::Passed) } else { Err(std::io::Error::last_os_error()) };
+    }
+    Ok(if fds[0].revents != 0 {
+        Slice::Ready
+    } else if fds[1].revents != 0 {
+        Slice::Died
+    } else {
+        Slice::Passed
+    })
 }
 
 /// Whether the agent's child `pid` is stopped now. `waitid` with `WNOWAIT` leaves the
