@@ -537,15 +537,12 @@ fn drop_old(index: &mut HashMap<SessionKey, Entry>, now: Millis, cap: usize) {
     let mut uses: Vec<(u32, Millis)> = Vec::with_capacity(index.len());
     for e in index.values() {
         let owner = *owners.entry(Arc::as_ptr(&e.owner)).or_insert_with(|| {
-            let mut new = || {
+            let next = weighed;
+            let owner = if e.owner.proven { next } else { *unproven.entry(e.owner.pool.as_str()).or_insert(next) };
+            if owner == next {
                 weighed += 1;
-                weighed - 1
-            };
-            if e.owner.proven {
-                new()
-            } else {
-                *unproven.entry(e.owner.pool.as_str()).or_insert_with(new)
             }
+            owner
         });
         uses.push((owner, e.used_at));
     }
