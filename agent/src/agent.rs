@@ -204,11 +204,12 @@ impl Agent {
         Ok((Arc::new(agent), Queues { uplink: uplink_rx, jobs: jobs_rx }))
     }
 
-    /// What a job runner gets to see: its order's nonce and its caller.
-    fn job_context(&self, order_nonce: &str, caller: &str) -> JobContext {
+    /// What a job runner gets to see: its order's nonce and its caller (and whether the
+    /// edge says that caller is proven: it weighs the session cut, [`Owner::proven`]).
+    fn job_context(&self, order_nonce: &str, caller: &str, caller_proven: bool) -> JobContext {
         JobContext {
             sessions: Some(Arc::clone(&self.sessions)),
-            owner: Owner { caller: caller.to_string(), pool: self.cfg.pool.clone() },
+            owner: Owner { caller: caller.to_string(), pool: self.cfg.pool.clone(), proven: caller_proven },
             cfg: Arc::clone(&self.cfg),
             login: Arc::clone(&self.login),
             inherited_env: Arc::clone(&self.inherited_env),
@@ -406,7 +407,7 @@ impl Agent {
         let id = job_id.clone();
         let task = async move {
             let job_id = id;
-            let ctx = agent.job_context(&order.header.nonce, &order.caller);
+            let ctx = agent.job_context(&order.header.nonce, &order.caller, order.caller_proven);
             // A bug in the runner must not leave the slot taken and the caller waiting:
             // a panicked job still ends, as a failure.
             let run = std::panic::AssertUnwindSafe(runner::run(&ctx, &job_id, order.spec, stop_rx)).catch_unwind();

@@ -47,9 +47,13 @@
 //! [`MAX_RECORDS`] sessions are kept, so a flood of jobs cannot fill memory or the disk —
 //! shared fairly: past the cap, the sessions that go are the least recently used of the
 //! owner holding the most, so one caller's flood pushes out only its own older sessions
-//! while another holds fewer than it. The log is compacted when it holds more than twice
-//! the live records (and at least [`COMPACT_AT_LEAST`]): the live ones are written to a
-//! new file, synced, and renamed over it — so a crash then leaves the old log or the new.
+//! while another holds fewer than it. An owner, for that weighing, is a caller the edge
+//! proved (its job sent with its own secret, [`Owner::proven`]) or all of a pool's other
+//! names together: the holder of the pool's secret can make up any number of names, and
+//! counted apart they would push a proven caller down to the few sessions each holds. The
+//! log is compacted when it holds more than twice the live records (and at least
+//! [`COMPACT_AT_LEAST`]): the live ones are written to a new file, synced, and renamed
+//! over it — so a crash then leaves the old log or the new.
 
 use crate::files::{open_plain, open_plain_with, write_atomically};
 use shared::envelope::{Domain, Tagged};
@@ -83,11 +87,26 @@ pub const COMPACT_AT_LEAST: usize = 4096;
 pub const MAX_LOG_BYTES: u64 = 256 << 20;
 
 /// Whose a job is, for its sessions: its caller (from the signed order) and the pool the
-/// agent serves.
+/// agent serves — who may resume them ([`Owner::is`]) — and whether the edge proved that
+/// caller, which weighs the cut only.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Owner {
     pub caller: String,
     pub pool: String,
+    /// The job was sent with the caller's own secret ([`shared::protocol::JobOrder::caller_proven`]),
+    /// not named by the holder of the pool's secret, who may make up thousands of names.
+    /// Past the cap a proven caller is an owner by itself, and the names of a pool that are
+    /// not proven are weighed together, as one owner ([`drop_old`]): made-up names cannot
+    /// push a proven caller's sessions down to what each of them holds.
+    pub proven: bool,
+}
+
+impl Owner {
+    /// Whether `other` is this owner for resuming: the same caller in the same pool, proven
+    /// or not — a name given its own secret later keeps the sessions it made before.
+    pub fn is(&self, other: &Owner) -> bool {
+        self.caller == other.caller && self.pool == other.pool
+    }
 }
 
 /// What a record holds, sealed.
@@ -96,6 +115,10 @@ struct Record {
     session_id: String,
     caller: String,
     pool: String,
+    /// [`Owner::proven`], as of the session's last use. Absent (a record of before it):
+    /// not proven, the side a made-up name is on.
+    #[serde(default)]
+    proven: bool,
     /// The last job that used the session, for the operator reading the log (empty in a
     /// record a compaction rewrote: the index does not keep it).
     job_id: String,
@@ -159,8 +182,9 @@ pub fn key(agent_key: &ed25519_dalek::SigningKey) -> MacKey {
     crate::spool::kept_key(agent_key, b"claude-runner/v10/session-seal-key")
 }
 
-/// One session, in memory: its owner (shared by all of that owner's sessions) and its last
-/// use. The last job's id stays in the log only.
+/// One session, in memory: its owner (shared by all of that owner's sessions, and holding
+/// whether it is proven: no byte more a session) and its last use. The last job's id stays
+/// in the log only.
 #[derive(Debug, Clone)]
 struct Entry {
     owner: Arc<Owner>,
@@ -246,18 +270,19 @@ impl Index {
     }
 
     /// `session_id` is `owner`'s from `at` on, unless a live record names another owner:
-    /// the session stays its first owner's (returned). The same rule in memory and at a
-    /// replay of the log.
+    /// the session stays its first owner's (returned). Whether the owner is proven is the
+    /// latest use's (the edge's config may have changed between). The same rule in memory
+    /// and at a replay of the log.
     fn take(&mut self, session_id: &str, owner: &Owner, at: Millis) -> Result<(), Owner> {
         let key = SessionKey::of(session_id);
         if let Some(entry) = self.sessions.get(&key) {
-            if *entry.owner != *owner && entry.used_at.saturating_add(MAX_AGE_MS) >= at {
+            if !entry.owner.is(owner) && entry.used_at.saturating_add(MAX_AGE_MS) >= at {
                 return Err((*entry.owner).clone());
             }
         }
         let shared = self.owner(owner);
         let entry = self.sessions.entry(key).or_insert(Entry { owner: Arc::clone(&shared), used_at: at });
-        if *entry.owner != *owner {
+        if *entry.owner != *owner && (!entry.owner.is(owner) || at >= entry.used_at) {
             entry.owner = shared;
         }
         entry.used_at = entry.used_at.max(at);
@@ -277,7 +302,14 @@ impl Index {
     fn records(&self) -> Vec<Record> {
         self.sessions
             .iter()
-            .map(|(key, e)| Record { session_id: key.text(), caller: e.owner.caller.clone(), pool: e.owner.pool.clone(), job_id: String::new(), used_at: e.used_at })
+            .map(|(key, e)| Record {
+                session_id: key.text(),
+                caller: e.owner.caller.clone(),
+                pool: e.owner.pool.clone(),
+                proven: e.owner.proven,
+                job_id: String::new(),
+                used_at: e.used_at,
+            })
             .collect()
     }
 }
@@ -360,6 +392,7 @@ impl Sessions {
         if entry.used_at.saturating_add(MAX_AGE_MS) < now {
             return Err(Refused::Expired);
         }
+        // Whose it is, not whether either is proven ([`Owner::is`]).
         if entry.owner.pool != owner.pool {
             return Err(Refused::OtherPool(entry.owner.pool.clone()));
         }
@@ -388,7 +421,14 @@ impl Sessions {
     /// [`Claim::Owned`]), then does what upkeep is due: sessions past their age or the cap
     /// dropped, the log compacted. Blocking.
     pub fn write(&self, session_id: &str, owner: &Owner, job_id: &str, now: Millis) -> std::io::Result<()> {
-        let record = Record { session_id: session_id.to_string(), caller: owner.caller.clone(), pool: owner.pool.clone(), job_id: job_id.to_string(), used_at: now };
+        let record = Record {
+            session_id: session_id.to_string(),
+            caller: owner.caller.clone(),
+            pool: owner.pool.clone(),
+            proven: owner.proven,
+            job_id: job_id.to_string(),
+            used_at: now,
+        };
         let line = self.line(&record);
         let mut log = self.log.lock().expect("log lock");
         let written = self.append(&mut log, &line);
@@ -474,25 +514,42 @@ fn appending() -> std::fs::OpenOptions {
 /// out only its own older ones while others hold fewer than it. Done at once for a tenth
 /// of the cap (a sort of the sessions' owners and times: O(log n) a job, amortised); the
 /// index itself keeps nothing more for it.
+///
+/// An owner, for this weighing, is a proven caller ([`Owner::proven`]) in its pool, or
+/// all the names of one pool that are not proven, together: the holder of a pool's secret
+/// may name any number of callers, and each counted apart would hold a few sessions and
+/// push every other owner down to that (10,000 made-up names of 10 sessions each would
+/// leave a proven caller 10). Together they hold one owner's share, shared among them
+/// least recently used first; each still resumes only its own sessions.
 fn drop_old(index: &mut HashMap<SessionKey, Entry>, now: Millis, cap: usize) {
     index.retain(|_, e| e.used_at.saturating_add(MAX_AGE_MS) >= now);
     if index.len() <= cap {
         return;
     }
     let excess = index.len() - cap * 9 / 10;
-    // Each owner by the address of its shared `Owner` (kept once: [`Index::owner`]), as a
-    // small number, and each session as (owner, last use), sorted: an owner's sessions
-    // oldest first, in one run.
+    // Each owner as weighed (a proven caller, or a pool's unproven names together) as a
+    // small number, found by the address of the shared `Owner` (kept once:
+    // [`Index::owner`]) — one lookup a session, as before the flag — and each session as
+    // (owner, last use), sorted: an owner's sessions oldest first, in one run.
     let mut owners: HashMap<*const Owner, u32> = HashMap::new();
+    let mut unproven: HashMap<&str, u32> = HashMap::new();
+    let mut weighed = 0u32;
     let mut uses: Vec<(u32, Millis)> = Vec::with_capacity(index.len());
     for e in index.values() {
-        let next = owners.len() as u32;
-        let owner = *owners.entry(Arc::as_ptr(&e.owner)).or_insert(next);
+        let owner = *owners.entry(Arc::as_ptr(&e.owner)).or_insert_with(|| {
+            let next = weighed;
+            let owner = if e.owner.proven { next } else { *unproven.entry(e.owner.pool.as_str()).or_insert(next) };
+            if owner == next {
+                weighed += 1;
+            }
+            owner
+        });
         uses.push((owner, e.used_at));
     }
+    drop(unproven);
     uses.sort_unstable();
     // Each owner's run in `uses`: (start, count).
-    let mut runs = vec![(0usize, 0usize); owners.len()];
+    let mut runs = vec![(0usize, 0usize); weighed as usize];
     for (i, (owner, _)) in uses.iter().enumerate() {
         let run = &mut runs[*owner as usize];
         if run.1 == 0 {
@@ -585,7 +642,7 @@ fn read_log(mut file: std::fs::File, key: &MacKey, index: &mut Index, loaded: &m
         records += 1;
         match whole.then(|| open_record(text, key)).flatten() {
             Some(r) => {
-                let owner = Owner { caller: r.caller, pool: r.pool };
+                let owner = Owner { caller: r.caller, pool: r.pool, proven: r.proven };
                 // A later record of another owner, its session live: not written by this
                 // agent (it keeps the first owner's), so not heeded either.
                 seen = seen.max(r.used_at).min(now);
@@ -673,8 +730,15 @@ mod tests {
         super::key(&ed25519_dalek::SigningKey::from_bytes(&[n; 32]))
     }
 
+    /// A caller with its own secret (proven): an owner by itself in the cut.
     fn owner(caller: &str) -> Owner {
-        Owner { caller: caller.into(), pool: "default".into() }
+        Owner { caller: caller.into(), pool: "default".into(), proven: true }
+    }
+
+    /// A name the holder of the pool's secret gave (not proven): weighed with the pool's
+    /// other such names as one owner.
+    fn named(caller: &str) -> Owner {
+        Owner { proven: false, ..owner(caller) }
     }
 
     fn opened(dir: &Folder, now: Millis) -> (Sessions, Loaded) {
@@ -697,7 +761,7 @@ mod tests {
         assert_eq!(record(&sessions, "s-1", &owner("a"), "job-1", NOW), Claim::Owned);
         assert_eq!(sessions.check("s-1", &owner("a"), NOW + 1), Ok(()));
         assert_eq!(sessions.check("s-1", &owner("b"), NOW + 1), Err(Refused::OtherCaller("a".into())));
-        let gpu = Owner { caller: "a".into(), pool: "gpu".into() };
+        let gpu = Owner { pool: "gpu".into(), ..owner("a") };
         assert_eq!(sessions.check("s-1", &gpu, NOW + 1), Err(Refused::OtherPool("default".into())));
         drop(sessions);
         // Kept across a restart of the agent (the same key).
@@ -996,28 +1060,44 @@ mod tests {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 400, ..Default::default() })]
         /// The fair cut is the one its definition gives, taken one session at a time: the
         /// least recently used of the owner holding the most (of those holding the most,
-        /// the one whose least recently used is the oldest). Times are shared within an
-        /// owner but not across owners, so that the answer is one.
+        /// the one whose least recently used is the oldest) — an owner being a proven
+        /// caller, or all the names of one pool that are not proven, together. Times are
+        /// shared within a caller but not across callers, so that the answer is one.
         #[test]
         fn the_fair_cut_is_one_session_at_a_time_from_the_biggest_owner(
-            sizes in proptest::collection::vec(1usize..40, 1..8),
+            callers in proptest::collection::vec((1usize..40, proptest::bool::ANY, 0usize..2), 1..8),
             cap in 1usize..120,
             dup in 1u64..4,
         ) {
             let mut index = Index::default();
+            // Each caller's times, oldest first, and the owner it is weighed as: itself when
+            // proven, its pool's unproven names when not.
             let mut left: Vec<Vec<Millis>> = Vec::new();
-            for (o, n) in sizes.iter().enumerate() {
+            let mut weighed_as: Vec<(usize, usize)> = Vec::new();
+            for (o, (n, proven, pool)) in callers.iter().enumerate() {
+                let who = Owner { caller: format!("o{o}"), pool: format!("p{pool}"), proven: *proven };
                 let times: Vec<Millis> = (0..*n as u64).map(|i| NOW + (i / dup) * 16 + o as u64).collect();
                 for (i, at) in times.iter().enumerate() {
-                    index.take(&format!("s-{o}-{i}"), &owner(&format!("o{o}")), *at).unwrap();
+                    index.take(&format!("s-{o}-{i}"), &who, *at).unwrap();
                 }
                 left.push(times);
+                weighed_as.push(if *proven { (o, usize::MAX) } else { (usize::MAX, *pool) });
             }
-            let total: usize = sizes.iter().sum();
+            let total: usize = callers.iter().map(|c| c.0).sum();
             if total > cap {
                 for _ in 0..total - cap * 9 / 10 {
-                    let most = left.iter().map(Vec::len).max().unwrap();
-                    let o = (0..left.len()).filter(|o| left[*o].len() == most).min_by_key(|o| left[*o][0]).unwrap();
+                    // Each owner as weighed: (sessions, its least recently used, whose).
+                    let mut owners: HashMap<(usize, usize), (usize, Millis, usize)> = HashMap::new();
+                    for (o, times) in left.iter().enumerate() {
+                        let Some(first) = times.first() else { continue };
+                        let w = owners.entry(weighed_as[o]).or_insert((0, Millis::MAX, o));
+                        w.0 += times.len();
+                        if *first < w.1 {
+                            (w.1, w.2) = (*first, o);
+                        }
+                    }
+                    let most = owners.values().map(|w| w.0).max().unwrap();
+                    let o = owners.values().filter(|w| w.0 == most).min_by_key(|w| w.1).unwrap().2;
                     left[o].remove(0);
                 }
             }
@@ -1025,7 +1105,7 @@ mod tests {
             for (o, want) in left.iter().enumerate() {
                 let mut kept: Vec<Millis> = index.sessions.values().filter(|e| e.owner.caller == format!("o{o}")).map(|e| e.used_at).collect();
                 kept.sort_unstable();
-                proptest::prop_assert_eq!(&kept, want, "owner o{} of sizes {:?}, cap {}", o, sizes, cap);
+                proptest::prop_assert_eq!(&kept, want, "caller o{} of {:?} (size, proven, pool), cap {}", o, callers, cap);
             }
         }
     }
@@ -1048,19 +1128,23 @@ mod tests {
         let took = started.elapsed();
         let kept: usize = index.sessions.values().filter(|e| e.owner.caller != "flood").count();
         println!("cut {} sessions to {} in {took:?} (the four small callers keep {kept})", MAX_RECORDS + 1, index.len());
-        // The most owners: 80,001 older sessions each of a caller of its own (names the
-        // pool's secret may make up), and 20,000 newer ones of one caller.
-        let mut index = Index::default();
-        for i in 0..=MAX_RECORDS as u64 {
-            let who = if i > 80_000 { "big".to_string() } else { format!("s{i}") };
-            let id = format!("{:08x}-0000-4000-8000-{:012x}", i, i * 7);
-            index.take(&id, &owner(&who), NOW + i).unwrap();
+        // The most names: 80,001 older sessions each of a caller of its own, and 20,000
+        // newer ones of one proven caller — the names made up by the pool's secret (weighed
+        // as one owner), then proven each (as many secrets: the most owners the cut weighs).
+        for proven in [false, true] {
+            let mut index = Index::default();
+            for i in 0..=MAX_RECORDS as u64 {
+                let who = if i > 80_000 { owner("big") } else { Owner { proven, ..owner(&format!("s{i}")) } };
+                let id = format!("{:08x}-0000-4000-8000-{:012x}", i, i * 7);
+                index.take(&id, &who, NOW + i).unwrap();
+            }
+            let started = std::time::Instant::now();
+            index.drop_old(NOW, MAX_RECORDS);
+            let took = started.elapsed();
+            let kept: usize = index.sessions.values().filter(|e| e.owner.caller == "big").count();
+            let names = if proven { "proven callers" } else { "made-up names" };
+            println!("cut 80,001 {names} of one session and a proven caller of 20,000 to {} in {took:?} (the big one keeps {kept})", index.len());
         }
-        let started = std::time::Instant::now();
-        index.drop_old(NOW, MAX_RECORDS);
-        let took = started.elapsed();
-        let kept: usize = index.sessions.values().filter(|e| e.owner.caller == "big").count();
-        println!("cut 80,001 owners of one session and one of 20,000 to {} in {took:?} (the big one keeps {kept})", index.len());
     }
 
     /// A restart keeps the sessions the running agent kept: the log still holds the records
@@ -1095,6 +1179,117 @@ mod tests {
         drop(sessions);
         let (sessions, loaded) = Sessions::open_capped(dir.log(), key(1), "spark", NOW + 300, 100).unwrap();
         assert_eq!(live(&sessions), before, "the same sessions after a restart ({loaded:?})");
+    }
+
+    /// The hole this closes: the holder of the pool's secret makes up 10,000 caller names
+    /// of two sessions each, newer than everything else. Each name counted as an owner
+    /// would push a proven caller's 100 sessions down to two; together they are one owner,
+    /// cut to one level with the proven callers, and the proven callers keep all of theirs —
+    /// while the agent runs and after a restart. Each made-up name still resumes only its
+    /// own sessions. (A cap of 1,000 for 100,000.)
+    #[test]
+    fn a_proven_callers_sessions_stay_while_made_up_names_flood_the_pool() {
+        let dir = folder("made-up");
+        let (mut sessions, _) = opened(&dir, NOW);
+        sessions.cap = 1000;
+        for i in 0..100 {
+            record(&sessions, &format!("a-{i}"), &owner("a"), "job", NOW + i);
+            record(&sessions, &format!("b-{i}"), &owner("b"), "job", NOW + i);
+        }
+        let mut at = NOW + 1000;
+        for n in 0..10_000 {
+            for i in 0..2 {
+                record(&sessions, &format!("x{n}-{i}"), &named(&format!("x{n}")), "job", at);
+                at += 1;
+            }
+        }
+        let holds = |sessions: &Sessions, now: Millis| {
+            for who in ["a", "b"] {
+                for i in 0..100 {
+                    assert_eq!(sessions.check(&format!("{who}-{i}"), &owner(who), now), Ok(()), "{who}-{i}");
+                }
+            }
+            let index = sessions.index.lock().unwrap();
+            assert!(index.len() <= 1000, "{}", index.len());
+            // The names' newest are kept, their oldest went: they share one owner's share.
+            let kept: Vec<u64> = (0..20_000u64).filter(|k| index.get(&format!("x{}-{}", k / 2, k % 2)).is_some()).collect();
+            assert!(kept.len() >= 500, "the names keep the rest of the cap: {}", kept.len());
+            assert_eq!(kept, (20_000 - kept.len() as u64..20_000).collect::<Vec<_>>(), "least recently used of the names first");
+        };
+        holds(&sessions, at);
+        // Still whose each session is: one made-up name does not resume another's.
+        assert_eq!(sessions.check("x9999-1", &named("x9999"), at), Ok(()));
+        assert_eq!(sessions.check("x9999-1", &named("x9998"), at), Err(Refused::OtherCaller("x9999".into())));
+        drop(sessions);
+        let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", at, 1000).unwrap();
+        holds(&sessions, at);
+    }
+
+    /// A restart cuts where the running agent did with proven and unproven callers mixed,
+    /// in two pools (each pool's unproven names one owner), and a name that became proven
+    /// on the way (given its own secret: its latest use says so): the log carries the flag.
+    #[test]
+    fn a_restart_cuts_where_the_running_agent_did_with_proven_and_made_up_callers() {
+        let dir = folder("fair-restart-mixed");
+        let (mut sessions, _) = opened(&dir, NOW);
+        sessions.cap = 100;
+        let gpu = |who: &str| Owner { pool: "gpu".into(), ..named(who) };
+        // a (proven) 30; thirty names of the default pool two each; ten of gpu one each.
+        for i in 0..30 {
+            record(&sessions, &format!("a-{i}"), &owner("a"), "job", NOW + i);
+        }
+        for n in 0..30 {
+            for i in 0..2 {
+                record(&sessions, &format!("n{n}-{i}"), &named(&format!("n{n}")), "job", NOW + 100 + n * 2 + i);
+            }
+        }
+        for n in 0..10 {
+            record(&sessions, &format!("g{n}"), &gpu(&format!("g{n}")), "job", NOW + 200 + n);
+        }
+        // n0 is given its own secret: its sessions used again, proven now.
+        for i in 0..2 {
+            record(&sessions, &format!("n0-{i}"), &owner("n0"), "job", NOW + 300 + i);
+        }
+        // 100 now. b (proven) comes: past the cap the default pool's names (58) are cut,
+        // a (30), n0 (2), gpu's (10) and b keep all.
+        for i in 0..5 {
+            record(&sessions, &format!("b-{i}"), &owner("b"), "job", NOW + 400 + i);
+        }
+        let live = |sessions: &Sessions| {
+            let index = sessions.index.lock().unwrap();
+            let mut ids: Vec<(String, bool)> = index.sessions.iter().map(|(k, e)| (k.text(), e.owner.proven)).collect();
+            ids.sort();
+            ids
+        };
+        let before = live(&sessions);
+        let count = |prefix: &str| before.iter().filter(|(id, _)| id.starts_with(prefix)).count();
+        assert_eq!((count("a-"), count("b-"), count("g"), count("n0-")), (30, 5, 10, 2), "{before:?}");
+        // Cut to 90 at b's first (the names to 47), then b's four more.
+        assert_eq!((before.len(), count("n") - 2), (94, 47), "the default pool's names hold the rest: {before:?}");
+        assert!(before.contains(&("n0-0".to_string(), true)), "n0's latest use was proven");
+        drop(sessions);
+        let (sessions, loaded) = Sessions::open_capped(dir.log(), key(1), "spark", NOW + 500, 100).unwrap();
+        assert_eq!(live(&sessions), before, "the same sessions after a restart ({loaded:?})");
+        // And as a session's owner, n0 is n0, proven or not.
+        assert_eq!(sessions.check("n0-0", &named("n0"), NOW + 500), Ok(()));
+        assert_eq!(sessions.check("n0-0", &owner("n0"), NOW + 500), Ok(()));
+    }
+
+    /// A record written before the flag (an agent of before it) reads as not proven: the
+    /// side a made-up name is on, never more than it had.
+    #[test]
+    fn a_record_of_before_the_flag_is_not_proven() {
+        let dir = folder("before-flag");
+        let old = serde_json::json!({"session_id": "s-old", "caller": "a", "pool": "default", "job_id": "j", "used_at": NOW});
+        let mut line = b"\n".to_vec();
+        serde_json::to_writer(&mut line, &Tagged::seal(Domain::KeptSession, &old, &key(1))).unwrap();
+        line.push(b'\n');
+        std::fs::write(dir.log(), line).unwrap();
+        let (sessions, loaded) = opened(&dir, NOW + 1);
+        assert_eq!((loaded.sessions, loaded.skipped), (1, 0));
+        assert_eq!(sessions.check("s-old", &owner("a"), NOW + 1), Ok(()));
+        let index = sessions.index.lock().unwrap();
+        assert!(!index.get("s-old").unwrap().owner.proven);
     }
 
     /// A log that cannot be written to (a job filled DATA_DIR's disk, or its permissions

@@ -108,6 +108,11 @@ use serde::{Deserialize, Serialize};
 /// 10: job orders name their caller ([`JobOrder::caller`]): the agent resumes a Claude
 /// session only for the caller whose job made it. A version-9 agent would carry any
 /// session it finds on its disk into any caller's job.
+/// 10, unchanged: job orders say whether their caller is proven ([`JobOrder::caller_proven`]:
+/// sent with its own secret), for the weighing of the agent's session cut. No new version:
+/// a version-10 agent of before ignores the field and cuts as it did (each name one owner,
+/// no worse than before), and an agent of now reads an order without it as unproven — the
+/// side a made-up name is on — whose sessions still resume for their own caller alone.
 pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
@@ -439,6 +444,13 @@ pub struct JobOrder {
     /// binds the Claude sessions the job makes to this caller, and resumes a session
     /// (`spec.session_id`) only for the caller it is bound to.
     pub caller: String,
+    /// Whether [`JobOrder::caller`] is proven: the job was sent with that caller's own
+    /// secret (`RUNNER_SECRETS`), not named by the holder of the pool's `RUNNER_SECRET`,
+    /// who may make up any number of names. Inside the signature. Only weighs the agent's
+    /// session cut (agent/src/sessions.rs: made-up names share one owner's share), never
+    /// whose a session is. Absent (an edge of before it) is unproven: the safe side.
+    #[serde(default)]
+    pub caller_proven: bool,
     pub spec: JobSpec,
 }
 
@@ -586,7 +598,7 @@ mod tests {
     fn job_order(challenge: &str, order_no: u64) -> JobOrder {
         let header = OrderHeader::new("j1", crate::envelope::Audience { agent_id: "spark", pool: "default" }, 1_000, "j1:1".into());
         let spec: JobSpec = serde_json::from_str(r#"{"prompt":"x","timeout_ms":1000}"#).unwrap();
-        JobOrder { header, challenge: challenge.into(), order_no, caller: "default".into(), spec }
+        JobOrder { header, challenge: challenge.into(), order_no, caller: "default".into(), caller_proven: false, spec }
     }
 
     #[test]
@@ -638,6 +650,33 @@ mod tests {
         let mut old = serde_json::to_value(&order).unwrap();
         old.as_object_mut().unwrap().remove("caller");
         assert!(serde_json::from_value::<JobOrder>(old).is_err());
+    }
+
+    /// Whether the caller is proven weighs the agent's session cut: a holder of the pool's
+    /// secret on the path turning its made-up names into proven ones (each then an owner
+    /// by itself) breaks the signature; an order of an edge that does not send it is
+    /// unproven.
+    #[test]
+    fn a_job_order_carries_whether_its_caller_is_proven_inside_the_signature() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        for proven in [true, false] {
+            let order = JobOrder { caller: "a".into(), caller_proven: proven, ..job_order("c1", 1) };
+            let envelope = Envelope::seal(Domain::Job, &order, &key);
+            assert_eq!(envelope.open::<JobOrder>(Domain::Job, &key.verifying_key()).unwrap().caller_proven, proven);
+            let (from, to) = (format!(r#""caller_proven":{proven}"#), format!(r#""caller_proven":{}"#, !proven));
+            assert!(envelope.payload.contains(&from), "{}", envelope.payload);
+            let flipped = Envelope { payload: envelope.payload.replace(&from, &to), sig: envelope.sig.clone() };
+            assert!(flipped.open::<JobOrder>(Domain::Job, &key.verifying_key()).is_err(), "flipped to {}", !proven);
+            let dropped = Envelope { payload: envelope.payload.replace(&format!(",{from}"), ""), sig: envelope.sig.clone() };
+            assert_ne!(dropped.payload, envelope.payload);
+            assert!(dropped.open::<JobOrder>(Domain::Job, &key.verifying_key()).is_err(), "left out");
+        }
+        // An edge of before the field, signing its own order: it decodes, unproven.
+        let mut old = serde_json::to_value(JobOrder { caller: "a".into(), caller_proven: true, ..job_order("c1", 1) }).unwrap();
+        old.as_object_mut().unwrap().remove("caller_proven");
+        let envelope = Envelope::seal(Domain::Job, &old, &key);
+        let opened: JobOrder = envelope.open(Domain::Job, &key.verifying_key()).unwrap();
+        assert_eq!((opened.caller.as_str(), opened.caller_proven), ("a", false));
     }
 
     #[test]

@@ -256,6 +256,39 @@ async fn a_session_is_resumed_by_its_own_caller_alone(kind: EdgeKind) {
     assert_eq!(b.status, 400, "{}", b.text);
 }
 
+/// The edge tells the agent, inside the signed order, whether a job's caller is proven —
+/// sent with its own secret (`RUNNER_SECRETS`) — or only named by the pool's secret (whose
+/// holder may make up any number of names), and the agent keeps it in the session's sealed
+/// record (DATA_DIR/sessions.log): past its session cap the agent weighs a pool's unproven
+/// names as one owner (agent/src/sessions.rs, the cut itself tested there at a small cap).
+async fn the_agent_records_whether_a_sessions_caller_was_proven(kind: EdgeKind) {
+    const A: &str = "caller-a-secret-0123456789";
+    let s = setup(kind, &[("RUNNER_SECRETS", &format!("a={A}"))], &[]).await;
+    let cases = [(A, json!({"prompt": "x"}), "a", true), (SECRET, json!({"prompt": "x", "caller": "made-up"}), "made-up", false), (SECRET, json!({"prompt": "x"}), "default", false)];
+    let mut sessions = Vec::new();
+    for (secret, body, _, _) in &cases {
+        let done = s.client.send("POST", "/execute", Some(secret), Some(body.to_string().into_bytes())).await;
+        assert_eq!((done.status, done.body["success"].as_bool()), (200, Some(true)), "{}", done.text);
+        sessions.push(done.body["session_id"].as_str().unwrap().to_string());
+    }
+    let log = s.agent.data.path().join("data/sessions.log");
+    // Each record: {"payload": "<the record as JSON>", "mac": …}.
+    let records = || -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|sealed| serde_json::from_str(sealed["payload"].as_str().unwrap()).unwrap())
+            .collect()
+    };
+    // Written after the result is sent (off the job's path): waited for.
+    assert!(eventually(Duration::from_secs(20), || records().len() >= cases.len()).await, "{:?}", records());
+    for (session, (_, _, caller, proven)) in sessions.iter().zip(&cases) {
+        let record = records().into_iter().find(|r| r["session_id"] == session.as_str()).expect("a record of each session");
+        assert_eq!((record["caller"].as_str(), record["proven"].as_bool()), (Some(*caller), Some(*proven)), "{record}");
+    }
+}
+
 /// Requests announcing a body of 64 MiB that never comes: an edge that read (or drained)
 /// before refusing would still be waiting.
 async fn no_body_is_read_before_auth(kind: EdgeKind) {
@@ -1526,6 +1559,7 @@ contract!(
     health_without_the_secret_says_only_its_status,
     a_named_callers_secret_is_that_caller_alone,
     a_session_is_resumed_by_its_own_caller_alone,
+    the_agent_records_whether_a_sessions_caller_was_proven,
     no_body_is_read_before_auth,
     secrets_are_checked,
     bad_requests_are_400,

@@ -431,20 +431,25 @@ fn a_name_with_its_own_secret_belongs_to_that_secret() {
 
 /// Each order names its job's caller as the edge knows it — lowered, `default` for a
 /// request that names none — inside the edge's signature: the agent resumes a Claude
-/// session only for the caller whose job made it (agent/src/sessions.rs).
+/// session only for the caller whose job made it (agent/src/sessions.rs) — and whether
+/// that caller is proven.
 #[test]
 fn a_job_order_names_its_jobs_caller() {
     let mut edge = Edge::new(pool_config(), 0);
-    let sid = enter(&mut edge, 0, "spark", 1, 3, "", &[]);
+    let sid = enter(&mut edge, 0, "spark", 1, 4, "", &[]);
     let cases = [
-        (A_SECRET, json!({"prompt": "x", "caller": "A"}), "a"),
-        (SECRET, json!({"prompt": "x", "caller": "Nightly"}), "nightly"),
-        (SECRET, json!({"prompt": "x"}), shared::placement::DEFAULT_CALLER),
+        (A_SECRET, json!({"prompt": "x", "caller": "A"}), "a", true),
+        (B_SECRET, json!({"prompt": "x"}), "b", true),
+        (SECRET, json!({"prompt": "x", "caller": "Nightly"}), "nightly", false),
+        (SECRET, json!({"prompt": "x"}), shared::placement::DEFAULT_CALLER, false),
     ];
-    for (now, (secret, body, caller)) in (1..).zip(cases) {
+    for (now, (secret, body, caller, proven)) in (1..).zip(cases) {
         let h = request(&mut edge, now, secret, "POST", "/jobs", body);
         assert_eq!(answer(&h).0, 202);
-        assert_eq!(order_of(&h.effects, &sid, "spark", now).caller, caller);
+        let order = order_of(&h.effects, &sid, "spark", now);
+        // Proven: sent with the caller's own secret. The pool's secret's names are not:
+        // its holder may make up any number (agent/src/sessions.rs weighs them as one).
+        assert_eq!((order.caller.as_str(), order.caller_proven), (caller, proven));
     }
 }
 
