@@ -143,32 +143,9 @@ impl Launcher {
         Ok(started)
     }
 
-    /// Starts Claude through the launcher (started, or started again, as needed), and runs
-    /// `meanwhile` once on this thread while the launcher starts it: right after the
-    /// request is with the launcher, before its answer is awaited (or at the end, when no
-    /// request reached one). Blocks for a clone, a clone and an `exec`: call it off the
-    /// async threads. The agent syncs the job's "started"
-    /// record there: the record's `fdatasync` and the launcher's clones and `exec` overlap
-    /// as when they ran on two threads, for one hop to the blocking pool and one wake-up of
-    /// the runtime thread instead of two of each (BENCHMARKS.md "User-space CPU per job").
-    /// The launcher's lock is held meanwhile: a job starting at the same moment waits for
-    /// the sync too (starts seldom meet: one sync in 26 began while another was under way).
-    pub fn spawn_meanwhile<T>(&self, spawn: &Spawn, ends: ChildEnds, meanwhile: impl FnOnce() -> T) -> (std::io::Result<Started>, T) {
-        let mut meanwhile = Some(meanwhile);
-        let mut done = None;
-        let started = self.spawn_with(spawn, ends, &mut || {
-            if let Some(f) = meanwhile.take() {
-                done = Some(f());
-            }
-        });
-        let done = match done {
-            Some(done) => done,
-            None => meanwhile.take().expect("run at most once")(),
-        };
-        (started, done)
-    }
-
-    fn spawn_with(&self, spawn: &Spawn, ends: ChildEnds, meanwhile: &mut dyn FnMut()) -> std::io::Result<Started> {
+    /// Starts Claude through the launcher (started, or started again, as needed). Blocks
+    /// for a clone, a clone and an `exec`: call it off the async threads.
+    pub fn spawn(&self, spawn: &Spawn, ends: ChildEnds) -> std::io::Result<Started> {
         let body = encode(spawn)?;
         if body.len() > MAX_BODY {
             return Err(std::io::Error::from_raw_os_error(libc::E2BIG));
@@ -192,7 +169,7 @@ impl Launcher {
                 // Stopped (by a job, SIGSTOP) while idle: a request larger than the socket's
                 // buffer would wait out the whole bound on a send it never reads.
                 Ok(None) if stopped(launcher.process.pid) => Failure::NotDelivered(std::io::Error::other("the launcher was stopped (SIGSTOP) before the request")),
-                _ => match exchange(launcher, &body, &ends, self.answer_within, meanwhile) {
+                _ => match exchange(launcher, &body, &ends, self.answer_within) {
                     Ok(answer) => return answer,
                     Err(failure) => failure,
                 },
@@ -343,16 +320,14 @@ enum Failure {
     Unanswered(std::io::Error),
 }
 
-/// One request and its answer, with `meanwhile` run between them. An `Err` is the
-/// conversation failing (the launcher is gone, or stuck); an `Ok(Err)` is the launcher's
-/// answer that Claude could not be started.
-fn exchange(launcher: &mut Running, body: &[u8], ends: &ChildEnds, within: std::time::Duration, meanwhile: &mut dyn FnMut()) -> Result<std::io::Result<Started>, Failure> {
+/// One request and its answer. An `Err` is the conversation failing (the launcher is
+/// gone, or stuck); an `Ok(Err)` is the launcher's answer that Claude could not be started.
+fn exchange(launcher: &mut Running, body: &[u8], ends: &ChildEnds, within: std::time::Duration) -> Result<std::io::Result<Started>, Failure> {
     let socket = &mut launcher.socket;
     let fds = [&ends.stdin, &ends.stdout, &ends.stderr, &ends.control, &ends.status].map(|fd| fd.as_raw_fd());
     send_with_fds(socket.as_raw_fd(), &(body.len() as u32).to_le_bytes(), &fds).map_err(Failure::NotDelivered)?;
     let pidfd = launcher.pidfd.as_ref().map_or(-1, AsRawFd::as_raw_fd);
     send_body("the launcher", socket.as_raw_fd(), body, pidfd, launcher.process.pid, within).map_err(Failure::NotDelivered)?;
-    meanwhile();
     answered_or_dead("the launcher", socket.as_raw_fd(), pidfd, launcher.process.pid, within).map_err(Failure::Unanswered)?;
     let mut answer = [0u8; 8];
     let (n, mut received) = recv_with_fds(socket.as_raw_fd(), &mut answer, 1).map_err(|e| Failure::Unanswered(not_answering(e, within)))?;
@@ -1151,67 +1126,15 @@ mod tests {
     /// [`spawn_through`] with `args`: a long one makes a request larger than the socket's
     /// buffer, sent in parts.
     fn spawn_with_args(launcher: &Launcher, args: &[String]) -> (std::io::Result<Started>, String) {
-        let (outcome, out, ()) = spawn_meanwhile_through(launcher, args, || ());
-        (outcome, out)
-    }
-
-    /// [`spawn_with_args`] with `meanwhile`: also what it returned.
-    fn spawn_meanwhile_through<T>(launcher: &Launcher, args: &[String], meanwhile: impl FnOnce() -> T) -> (std::io::Result<Started>, String, T) {
         let end = || UnixStream::pair().map(|(a, b)| (a, OwnedFd::from(b))).unwrap();
         let (mut stdout, stdout_end) = end();
         let ends = ChildEnds { stdin: end().1, stdout: stdout_end, stderr: end().1, control: end().1, status: end().1 };
         let env = env_of(&[("HOME", "/h")]);
         let spawn = Spawn { program: Path::new("/bin/true"), cwd: Path::new("/"), args, env: &env };
-        let (outcome, done) = launcher.spawn_meanwhile(&spawn, ends, meanwhile);
+        let outcome = launcher.spawn(&spawn, ends);
         let mut out = String::new();
         stdout.read_to_string(&mut out).unwrap();
-        (outcome, out, done)
-    }
-
-    /// The job's "started" record is synced while the launcher starts Claude: `meanwhile`
-    /// runs once the launcher has the request and before its answer is awaited (this
-    /// stand-in answers only after it ran: run later, the wait would end without an
-    /// answer), and once only, also when the request went to a second launcher.
-    #[test]
-    fn meanwhile_runs_once_between_the_request_and_the_answer() {
-        static RAN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        fn dead_then_waits_for_meanwhile() -> std::io::Result<Running> {
-            if STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-                return stand_in(drop);
-            }
-            stand_in(|mut socket| {
-                drop(take_request(&mut socket));
-                while RAN.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-                    std::thread::yield_now();
-                }
-                answer_42(&socket);
-            })
-        }
-        let launcher = launcher_of(dead_then_waits_for_meanwhile);
-        launcher.start().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        let (outcome, out, ran) = spawn_meanwhile_through(&launcher, &[], || RAN.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1);
-        assert_eq!(outcome.expect("started by the second launcher").pid, 42);
-        assert_eq!(out, "ran\n");
-        assert_eq!((ran, RAN.load(std::sync::atomic::Ordering::SeqCst)), (1, 1), "run once");
-    }
-
-    /// No launcher could be started: `meanwhile` still runs, once, after the failure (the
-    /// record is written whatever the start's outcome, as when the two ran side by side).
-    #[test]
-    fn meanwhile_runs_once_when_no_launcher_starts() {
-        fn cannot_start() -> std::io::Result<Running> {
-            Err(std::io::Error::other("no launcher"))
-        }
-        let launcher = launcher_of(cannot_start);
-        let mut runs = 0;
-        let (outcome, _, ran) = spawn_meanwhile_through(&launcher, &[], || {
-            runs += 1;
-            runs
-        });
-        assert!(outcome.is_err());
-        assert_eq!(ran, 1);
+        (outcome, out)
     }
 
     /// The launcher dies after it took a request (it may have started Claude: here, it
@@ -1377,7 +1300,7 @@ mod tests {
         let args = vec!["x".repeat(4 * 1024 * 1024)];
         let spawn = Spawn { program: Path::new("/bin/true"), cwd: Path::new("/"), args: &args, env: &env };
         let started = std::time::Instant::now();
-        let outcome = launcher.spawn_meanwhile(&spawn, ends, || ()).0;
+        let outcome = launcher.spawn(&spawn, ends);
         let waited = started.elapsed();
         assert_eq!(outcome.expect("started by the second launcher").pid, 42);
         let mut out = String::new();

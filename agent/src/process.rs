@@ -285,7 +285,7 @@ pub async fn run(
     deadline: tokio::time::Instant,
     timeout_ms: u64,
     stop: &mut oneshot::Receiver<Stop>,
-    mark: impl FnOnce() -> Result<(), String> + Send + 'static,
+    ready: impl std::future::Future<Output = Result<(), String>>,
     mut on_line: impl FnMut(&[u8]),
 ) -> Finished {
     let not_found = || {
@@ -307,18 +307,30 @@ pub async fn run(
         Ok(pipes) => pipes,
         Err(e) => return could_not_start(e),
     };
-    // `mark` (the job's durable "started" record) is made while Claude starts, on the
-    // thread that asks the launcher to start it ([`Launcher::spawn_meanwhile`]). The
-    // prompt — Claude's work — goes into its stdin only once the record is durable; until
-    // then stdin stays open and empty (a Claude that is up waits on it), so a Claude killed
-    // for want of the record never reads a prompt, not even an empty one.
-    let start = tokio::task::spawn_blocking(move || LAUNCHER.spawn_meanwhile(&Spawn { program: &program, cwd: &cwd, args: &args, env: &env }, ends, mark));
-    let stdin = child.stdin.take();
-    let (started, marked) = match start.await {
-        Ok(both) => both,
-        Err(e) => return could_not_start(std::io::Error::other(format!("the start was cut short: {e}"))),
+    let start = tokio::task::spawn_blocking(move || LAUNCHER.spawn(&Spawn { program: &program, cwd: &cwd, args: &args, env: &env }, ends));
+    // `ready` (the job's durable "started" marker) is made while Claude starts, and the
+    // prompt — Claude's work — goes into its stdin the moment it is done, whether or not
+    // Claude is up yet (a pipe holds it). Until then stdin stays open and empty: a Claude
+    // killed for want of the marker never reads a prompt, not even an empty one.
+    let mut stdin = child.stdin.take();
+    let feed = async {
+        ready.await?;
+        if let Some(mut stdin) = stdin.take() {
+            // Most prompts fit the pipe's buffer: written at once, and the pipe closed here.
+            // The rest of a larger one goes in while Claude reads it. Dropping the pipe
+            // closes Claude's stdin.
+            let written = stdin.try_write(prompt.as_bytes()).unwrap_or(0);
+            if written < prompt.len() {
+                tokio::spawn(async move {
+                    let _ = stdin.write_all(&prompt.as_bytes()[written..]).await;
+                });
+            }
+        }
+        Ok::<(), String>(())
     };
-    if let Err(why) = marked {
+    let (started, fed) = tokio::join!(start, feed);
+    let started = started.unwrap_or_else(|e| Err(std::io::Error::other(format!("the start was cut short: {e}"))));
+    if let Err(why) = fed {
         if started.is_ok() {
             // Closing the control pipe kills it; it never saw a prompt.
             drop(child.control.take());
@@ -326,17 +338,6 @@ pub async fn run(
         }
         drop(stdin);
         return Finished { ending: Ending::NotStarted(why), stderr: String::new() };
-    }
-    if let (Ok(_), Some(mut stdin)) = (&started, stdin) {
-        // Most prompts fit the pipe's buffer: written at once, and the pipe closed here.
-        // The rest of a larger one goes in while Claude reads it. Dropping the pipe
-        // closes Claude's stdin.
-        let written = stdin.try_write(prompt.as_bytes()).unwrap_or(0);
-        if written < prompt.len() {
-            tokio::spawn(async move {
-                let _ = stdin.write_all(&prompt.as_bytes()[written..]).await;
-            });
-        }
     }
     match started {
         Ok(started) => child.started(started),

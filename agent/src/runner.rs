@@ -344,17 +344,21 @@ async fn run_claude(
     let timer = send_on_ticks(&batch, &opened, &ctx.progress_clock, send);
     // Durably before Claude gets its prompt: if the agent dies now, its next run reports
     // the job lost instead of letting the edge send it again (it may not have heard it
-    // started). Written while Claude starts (process::run, on the thread that asks the
-    // launcher to start it).
-    let spool = ctx.spool.clone();
-    let (marked_job, nonce) = (job_id.to_string(), ctx.order_nonce.clone());
-    let mark = move || match spool {
-        Some(spool) => spool.started(&marked_job, &nonce).map_err(|e| {
+    // started). Written while Claude starts (process::run waits for both).
+    let marker = ctx.spool.clone().map(|spool| {
+        let (job_id, nonce) = (job_id.to_string(), ctx.order_nonce.clone());
+        tokio::task::spawn_blocking(move || spool.started(&job_id, &nonce))
+    });
+    let ready = async move {
+        let written = match marker {
+            Some(marker) => marker.await.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))),
+            None => Ok(()),
+        };
+        written.map_err(|e| {
             format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry")
-        }),
-        None => Ok(()),
+        })
     };
-    let run = process::run(launch, job_id, deadline, spec.timeout_ms, &mut stop, mark, on_line);
+    let run = process::run(launch, job_id, deadline, spec.timeout_ms, &mut stop, ready, on_line);
     let finished = tokio::select! {
         finished = run => finished,
         never = timer => match never {},

@@ -397,7 +397,7 @@ async fn a_claude_that_cannot_be_executed_fails_its_job_clearly() {
 }
 
 /// The job's "started" record cannot be written (its disk went read-only): the job fails
-/// with the reason, and Claude — started while the record is written — never gets its prompt.
+/// with the reason, and Claude — started beside the record's write — never gets its prompt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_started_marker_cannot_be_written_never_reaches_claude() {
     let keys = Keys::new(&["spark"]);
