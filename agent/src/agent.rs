@@ -209,7 +209,7 @@ impl Agent {
     fn job_context(&self, order_nonce: &str, caller: &str, caller_proven: bool) -> JobContext {
         JobContext {
             sessions: Some(Arc::clone(&self.sessions)),
-            owner: Owner { caller: caller.to_string(), pool: self.cfg.pool.clone(), proven: caller_proven },
+            owner: Owner { caller: caller.to_string(), pool: self.cfg.pool.clone(), proven: Some(caller_proven) },
             cfg: Arc::clone(&self.cfg),
             login: Arc::clone(&self.login),
             inherited_env: Arc::clone(&self.inherited_env),
