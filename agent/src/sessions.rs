@@ -97,11 +97,12 @@ pub struct Owner {
     /// not named by the holder of the pool's secret, who may make up thousands of names.
     /// Past the cap a proven caller is an owner by itself, and the names of a pool that are
     /// not proven are weighed together, as one owner ([`drop_old`]): made-up names cannot
-    /// push a proven caller's sessions down to what each of them holds. `None`: a session
-    /// whose last use an agent of before the flag recorded — weighed as that agent weighed
-    /// it, as an owner by itself, so that the first start of this agent cuts where it did
-    /// (read as unproven, all of them would be one owner and the replay would cut sessions
-    /// of a caller that was never over its share). Its next use says which it is.
+    /// push a proven caller's sessions down to what each of them holds. `None`: not said —
+    /// an order of an edge of before the flag, or a session whose last use an agent of
+    /// before it recorded — weighed as before the flag, as an owner by itself: read as
+    /// unproven, all of a pool's names would be one owner, any one caller's flood would
+    /// push out every other's, and the first start of this agent on an older log would cut
+    /// sessions of a caller that was never over its share. Its next use says which it is.
     pub proven: Option<bool>,
 }
 
@@ -1299,6 +1300,28 @@ mod tests {
         drop(sessions);
         let (sessions, _) = opened(&dir, NOW + 2);
         assert_eq!(sessions.index.lock().unwrap().get("s-old").unwrap().owner.proven, None, "compacted");
+    }
+
+    /// Orders of an edge of before the flag say nothing of their callers (`None`): each
+    /// caller is weighed as before the flag, an owner by itself, so one caller's flood of
+    /// new sessions (sent with its own secret: no made-up names) pushes out only its own.
+    /// Read as unproven, they would all be one owner, and `a`'s flood would cut `b`'s five.
+    #[test]
+    fn callers_of_an_edge_of_before_the_flag_keep_their_own_shares() {
+        let dir = folder("edge-of-before");
+        let (mut sessions, _) = opened(&dir, NOW);
+        sessions.cap = 100;
+        let said_nothing = |who: &str| Owner { proven: None, ..owner(who) };
+        for i in 0..5 {
+            record(&sessions, &format!("b-{i}"), &said_nothing("b"), "job", NOW + i);
+        }
+        for i in 0..500 {
+            record(&sessions, &format!("a-{i}"), &said_nothing("a"), "job", NOW + 10 + i);
+        }
+        for i in 0..5 {
+            assert_eq!(sessions.check(&format!("b-{i}"), &said_nothing("b"), NOW + 600), Ok(()), "b-{i}");
+        }
+        assert!(sessions.index.lock().unwrap().len() <= 100);
     }
 
     /// The first start of an agent with the flag, on the log of an agent of before it: that

@@ -185,7 +185,7 @@ impl Edge {
         // the pool's own-secret callers: the pool's secret may not name those (`with_caller`),
         // so only that caller's secret sent it. The agent weighs its session cut by it:
         // made-up names share one owner's share, a proven caller holds its own.
-        let caller_proven = self.cfg.caller_secrets.iter().any(|(name, _)| *name == caller);
+        let caller_proven = Some(self.cfg.caller_secrets.iter().any(|(name, _)| *name == caller));
         let order = JobOrder { header: OrderHeader::new(job_id, to, now.wall, nonce), challenge, order_no, caller, caller_proven, spec };
         let envelope = Envelope::seal(Domain::Job, &order, &self.cfg.signing_key);
         info!(job_id = %job_id, agent_id = %agent_id, order_no, "job dispatched");

@@ -449,7 +449,7 @@ fn a_job_order_names_its_jobs_caller() {
         let order = order_of(&h.effects, &sid, "spark", now);
         // Proven: sent with the caller's own secret. The pool's secret's names are not:
         // its holder may make up any number (agent/src/sessions.rs weighs them as one).
-        assert_eq!((order.caller.as_str(), order.caller_proven), (caller, proven));
+        assert_eq!((order.caller.as_str(), order.caller_proven), (caller, Some(proven)));
     }
 }
 
