@@ -206,7 +206,7 @@ impl Agent {
 
     /// What a job runner gets to see: its order's nonce and its caller (and whether the
     /// edge says that caller is proven: it weighs the session cut, [`Owner::proven`]).
-    fn job_context(&self, order_nonce: &str, caller: &str, caller_proven: bool) -> JobContext {
+    fn job_context(&self, order_nonce: &str, caller: &str, caller_proven: Option<bool>) -> JobContext {
         JobContext {
             sessions: Some(Arc::clone(&self.sessions)),
             owner: Owner { caller: caller.to_string(), pool: self.cfg.pool.clone(), proven: caller_proven },

@@ -60,7 +60,7 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
         workspaces,
         // The canary resumes no session and leaves none to resume.
         sessions: None,
-        owner: crate::sessions::Owner { caller: "canary".into(), pool, proven: false },
+        owner: crate::sessions::Owner { caller: "canary".into(), pool, proven: Some(false) },
     };
     let spec: JobSpec = serde_json::from_value(json!({"prompt": PROMPT, "timeout_ms": TIMEOUT.as_millis() as u64, "max_turns": 1}))
         .expect("the canary's spec is valid");

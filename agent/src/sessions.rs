@@ -97,8 +97,13 @@ pub struct Owner {
     /// not named by the holder of the pool's secret, who may make up thousands of names.
     /// Past the cap a proven caller is an owner by itself, and the names of a pool that are
     /// not proven are weighed together, as one owner ([`drop_old`]): made-up names cannot
-    /// push a proven caller's sessions down to what each of them holds.
-    pub proven: bool,
+    /// push a proven caller's sessions down to what each of them holds. `None`: not said —
+    /// an order of an edge of before the flag, or a session whose last use an agent of
+    /// before it recorded — weighed as before the flag, as an owner by itself: read as
+    /// unproven, all of a pool's names would be one owner, any one caller's flood would
+    /// push out every other's, and the first start of this agent on an older log would cut
+    /// sessions of a caller that was never over its share. Its next use says which it is.
+    pub proven: Option<bool>,
 }
 
 impl Owner {
@@ -115,10 +120,10 @@ struct Record {
     session_id: String,
     caller: String,
     pool: String,
-    /// [`Owner::proven`], as of the session's last use. Absent (a record of before it):
-    /// not proven, the side a made-up name is on.
-    #[serde(default)]
-    proven: bool,
+    /// [`Owner::proven`], as of the session's last use. Absent: a record of an agent of
+    /// before it (and written absent again by a compaction, so it stays that).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    proven: Option<bool>,
     /// The last job that used the session, for the operator reading the log (empty in a
     /// record a compaction rewrote: the index does not keep it).
     job_id: String,
@@ -515,8 +520,9 @@ fn appending() -> std::fs::OpenOptions {
 /// of the cap (a sort of the sessions' owners and times: O(log n) a job, amortised); the
 /// index itself keeps nothing more for it.
 ///
-/// An owner, for this weighing, is a proven caller ([`Owner::proven`]) in its pool, or
-/// all the names of one pool that are not proven, together: the holder of a pool's secret
+/// An owner, for this weighing, is a proven caller ([`Owner::proven`]) in its pool (or a
+/// name last used under an agent of before the flag, weighed as that agent did), or all
+/// the names of one pool that are not proven, together: the holder of a pool's secret
 /// may name any number of callers, and each counted apart would hold a few sessions and
 /// push every other owner down to that (10,000 made-up names of 10 sessions each would
 /// leave a proven caller 10). Together they hold one owner's share, shared among them
@@ -538,7 +544,7 @@ fn drop_old(index: &mut HashMap<SessionKey, Entry>, now: Millis, cap: usize) {
     for e in index.values() {
         let owner = *owners.entry(Arc::as_ptr(&e.owner)).or_insert_with(|| {
             let next = weighed;
-            let owner = if e.owner.proven { next } else { *unproven.entry(e.owner.pool.as_str()).or_insert(next) };
+            let owner = if e.owner.proven != Some(false) { next } else { *unproven.entry(e.owner.pool.as_str()).or_insert(next) };
             if owner == next {
                 weighed += 1;
             }
@@ -732,13 +738,13 @@ mod tests {
 
     /// A caller with its own secret (proven): an owner by itself in the cut.
     fn owner(caller: &str) -> Owner {
-        Owner { caller: caller.into(), pool: "default".into(), proven: true }
+        Owner { caller: caller.into(), pool: "default".into(), proven: Some(true) }
     }
 
     /// A name the holder of the pool's secret gave (not proven): weighed with the pool's
     /// other such names as one owner.
     fn named(caller: &str) -> Owner {
-        Owner { proven: false, ..owner(caller) }
+        Owner { proven: Some(false), ..owner(caller) }
     }
 
     fn opened(dir: &Folder, now: Millis) -> (Sessions, Loaded) {
@@ -1075,7 +1081,7 @@ mod tests {
             let mut left: Vec<Vec<Millis>> = Vec::new();
             let mut weighed_as: Vec<(usize, usize)> = Vec::new();
             for (o, (n, proven, pool)) in callers.iter().enumerate() {
-                let who = Owner { caller: format!("o{o}"), pool: format!("p{pool}"), proven: *proven };
+                let who = Owner { caller: format!("o{o}"), pool: format!("p{pool}"), proven: Some(*proven) };
                 let times: Vec<Millis> = (0..*n as u64).map(|i| NOW + (i / dup) * 16 + o as u64).collect();
                 for (i, at) in times.iter().enumerate() {
                     index.take(&format!("s-{o}-{i}"), &who, *at).unwrap();
@@ -1134,7 +1140,7 @@ mod tests {
         for proven in [false, true] {
             let mut index = Index::default();
             for i in 0..=MAX_RECORDS as u64 {
-                let who = if i > 80_000 { owner("big") } else { Owner { proven, ..owner(&format!("s{i}")) } };
+                let who = if i > 80_000 { owner("big") } else { Owner { proven: Some(proven), ..owner(&format!("s{i}")) } };
                 let id = format!("{:08x}-0000-4000-8000-{:012x}", i, i * 7);
                 index.take(&id, &who, NOW + i).unwrap();
             }
@@ -1257,7 +1263,7 @@ mod tests {
         }
         let live = |sessions: &Sessions| {
             let index = sessions.index.lock().unwrap();
-            let mut ids: Vec<(String, bool)> = index.sessions.iter().map(|(k, e)| (k.text(), e.owner.proven)).collect();
+            let mut ids: Vec<(String, Option<bool>)> = index.sessions.iter().map(|(k, e)| (k.text(), e.owner.proven)).collect();
             ids.sort();
             ids
         };
@@ -1266,7 +1272,7 @@ mod tests {
         assert_eq!((count("a-"), count("b-"), count("g"), count("n0-")), (30, 5, 10, 2), "{before:?}");
         // Cut to 90 at b's first (the names to 47), then b's four more.
         assert_eq!((before.len(), count("n") - 2), (94, 47), "the default pool's names hold the rest: {before:?}");
-        assert!(before.contains(&("n0-0".to_string(), true)), "n0's latest use was proven");
+        assert!(before.contains(&("n0-0".to_string(), Some(true))), "n0's latest use was proven");
         drop(sessions);
         let (sessions, loaded) = Sessions::open_capped(dir.log(), key(1), "spark", NOW + 500, 100).unwrap();
         assert_eq!(live(&sessions), before, "the same sessions after a restart ({loaded:?})");
@@ -1275,8 +1281,9 @@ mod tests {
         assert_eq!(sessions.check("n0-0", &owner("n0"), NOW + 500), Ok(()));
     }
 
-    /// A record written before the flag (an agent of before it) reads as not proven: the
-    /// side a made-up name is on, never more than it had.
+    /// A record written before the flag (an agent of before it) reads as neither proven nor
+    /// unproven: weighed as that agent weighed it, an owner by itself, until its next use
+    /// says which — and a compaction writes it so again, it does not become either.
     #[test]
     fn a_record_of_before_the_flag_is_not_proven() {
         let dir = folder("before-flag");
@@ -1288,8 +1295,57 @@ mod tests {
         let (sessions, loaded) = opened(&dir, NOW + 1);
         assert_eq!((loaded.sessions, loaded.skipped), (1, 0));
         assert_eq!(sessions.check("s-old", &owner("a"), NOW + 1), Ok(()));
-        let index = sessions.index.lock().unwrap();
-        assert!(!index.get("s-old").unwrap().owner.proven);
+        assert_eq!(sessions.index.lock().unwrap().get("s-old").unwrap().owner.proven, None);
+        sessions.compact(&mut sessions.log.lock().unwrap()).unwrap();
+        drop(sessions);
+        let (sessions, _) = opened(&dir, NOW + 2);
+        assert_eq!(sessions.index.lock().unwrap().get("s-old").unwrap().owner.proven, None, "compacted");
+    }
+
+    /// Orders of an edge of before the flag say nothing of their callers (`None`): each
+    /// caller is weighed as before the flag, an owner by itself, so one caller's flood of
+    /// new sessions (sent with its own secret: no made-up names) pushes out only its own.
+    /// Read as unproven, they would all be one owner, and `a`'s flood would cut `b`'s five.
+    #[test]
+    fn callers_of_an_edge_of_before_the_flag_keep_their_own_shares() {
+        let dir = folder("edge-of-before");
+        let (mut sessions, _) = opened(&dir, NOW);
+        sessions.cap = 100;
+        let said_nothing = |who: &str| Owner { proven: None, ..owner(who) };
+        for i in 0..5 {
+            record(&sessions, &format!("b-{i}"), &said_nothing("b"), "job", NOW + i);
+        }
+        for i in 0..500 {
+            record(&sessions, &format!("a-{i}"), &said_nothing("a"), "job", NOW + 10 + i);
+        }
+        for i in 0..5 {
+            assert_eq!(sessions.check(&format!("b-{i}"), &said_nothing("b"), NOW + 600), Ok(()), "b-{i}");
+        }
+        assert!(sessions.index.lock().unwrap().len() <= 100);
+    }
+
+    /// The first start of an agent with the flag, on the log of an agent of before it: that
+    /// agent cut each name as its own owner, and the replay must cut where it did. Here `b`
+    /// made 5 sessions, then `a` 200 (a cap of 100): the agent of before cut only `a`'s. Read
+    /// as unproven, every record of before would be one owner, and the replay would cut
+    /// `b`'s five — never over its share — for `a`'s newer ones.
+    #[test]
+    fn a_log_of_before_the_flag_replays_cut_where_the_agent_of_before_cut() {
+        let dir = folder("before-flag-cut");
+        let mut bytes = Vec::new();
+        let old = |id: String, caller: &str, at: Millis| serde_json::json!({"session_id": id, "caller": caller, "pool": "default", "job_id": "j", "used_at": at});
+        let records = (0..5).map(|i| old(format!("b-{i}"), "b", NOW + i)).chain((0..200).map(|i| old(format!("a-{i}"), "a", NOW + 10 + i)));
+        for r in records {
+            bytes.push(b'\n');
+            serde_json::to_writer(&mut bytes, &Tagged::seal(Domain::KeptSession, &r, &key(1))).unwrap();
+            bytes.push(b'\n');
+        }
+        std::fs::write(dir.log(), bytes).unwrap();
+        let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", NOW + 300, 100).unwrap();
+        for i in 0..5 {
+            assert_eq!(sessions.check(&format!("b-{i}"), &owner("b"), NOW + 300), Ok(()), "b-{i}");
+        }
+        assert!(sessions.index.lock().unwrap().len() <= 100);
     }
 
     /// A log that cannot be written to (a job filled DATA_DIR's disk, or its permissions

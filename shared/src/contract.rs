@@ -296,6 +296,9 @@ pub struct Submission {
     pub wait_for_usage: bool,
     /// See [`ExecuteRequest::callback_url`] (its host is checked by the edge).
     pub callback_url: Option<String>,
+    /// Sent with its caller's own secret (`RUNNER_SECRETS`): set by the edge from the
+    /// secret, never from the body (false as parsed).
+    pub caller_proven: bool,
 }
 
 impl ExecuteRequest {
@@ -415,6 +418,7 @@ impl ExecuteRequest {
             wait_for_usage: self.wait_for_usage.unwrap_or(true),
             callback_url: self.callback_url,
             idempotency_key,
+            caller_proven: false,
         })
     }
 }

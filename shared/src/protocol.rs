@@ -111,8 +111,10 @@ use serde::{Deserialize, Serialize};
 /// 10, unchanged: job orders say whether their caller is proven ([`JobOrder::caller_proven`]:
 /// sent with its own secret), for the weighing of the agent's session cut. No new version:
 /// a version-10 agent of before ignores the field and cuts as it did (each name one owner,
-/// no worse than before), and an agent of now reads an order without it as unproven — the
-/// side a made-up name is on — whose sessions still resume for their own caller alone.
+/// no worse than before), and an agent of now reads an order without it as not saying
+/// (`None`) and weighs its caller as it did before too, an owner by itself — not as
+/// unproven: with every caller of an edge of before unproven, all of a pool's names would
+/// be one owner, and any one caller's flood of new sessions would push out every other's.
 pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
@@ -448,9 +450,13 @@ pub struct JobOrder {
     /// secret (`RUNNER_SECRETS`), not named by the holder of the pool's `RUNNER_SECRET`,
     /// who may make up any number of names. Inside the signature. Only weighs the agent's
     /// session cut (agent/src/sessions.rs: made-up names share one owner's share), never
-    /// whose a session is. Absent (an edge of before it) is unproven: the safe side.
-    #[serde(default)]
-    pub caller_proven: bool,
+    /// whose a session is. `None` (absent: an edge of before it, which cannot say): the
+    /// agent weighs the caller as it did before the field, an owner by itself. Read as
+    /// unproven instead, every caller of such an edge would share one owner's share, and
+    /// one caller's flood of new sessions (its own secret's, no made-up names needed)
+    /// would push out every other caller's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller_proven: Option<bool>,
     pub spec: JobSpec,
 }
 
@@ -598,7 +604,7 @@ mod tests {
     fn job_order(challenge: &str, order_no: u64) -> JobOrder {
         let header = OrderHeader::new("j1", crate::envelope::Audience { agent_id: "spark", pool: "default" }, 1_000, "j1:1".into());
         let spec: JobSpec = serde_json::from_str(r#"{"prompt":"x","timeout_ms":1000}"#).unwrap();
-        JobOrder { header, challenge: challenge.into(), order_no, caller: "default".into(), caller_proven: false, spec }
+        JobOrder { header, challenge: challenge.into(), order_no, caller: "default".into(), caller_proven: Some(false), spec }
     }
 
     #[test]
@@ -654,15 +660,15 @@ mod tests {
 
     /// Whether the caller is proven weighs the agent's session cut: a holder of the pool's
     /// secret on the path turning its made-up names into proven ones (each then an owner
-    /// by itself) breaks the signature; an order of an edge that does not send it is
-    /// unproven.
+    /// by itself) breaks the signature; an order of an edge that does not send it does not
+    /// say (`None`), which is not unproven.
     #[test]
     fn a_job_order_carries_whether_its_caller_is_proven_inside_the_signature() {
         let key = SigningKey::from_bytes(&[7; 32]);
         for proven in [true, false] {
-            let order = JobOrder { caller: "a".into(), caller_proven: proven, ..job_order("c1", 1) };
+            let order = JobOrder { caller: "a".into(), caller_proven: Some(proven), ..job_order("c1", 1) };
             let envelope = Envelope::seal(Domain::Job, &order, &key);
-            assert_eq!(envelope.open::<JobOrder>(Domain::Job, &key.verifying_key()).unwrap().caller_proven, proven);
+            assert_eq!(envelope.open::<JobOrder>(Domain::Job, &key.verifying_key()).unwrap().caller_proven, Some(proven));
             let (from, to) = (format!(r#""caller_proven":{proven}"#), format!(r#""caller_proven":{}"#, !proven));
             assert!(envelope.payload.contains(&from), "{}", envelope.payload);
             let flipped = Envelope { payload: envelope.payload.replace(&from, &to), sig: envelope.sig.clone() };
@@ -671,12 +677,12 @@ mod tests {
             assert_ne!(dropped.payload, envelope.payload);
             assert!(dropped.open::<JobOrder>(Domain::Job, &key.verifying_key()).is_err(), "left out");
         }
-        // An edge of before the field, signing its own order: it decodes, unproven.
-        let mut old = serde_json::to_value(JobOrder { caller: "a".into(), caller_proven: true, ..job_order("c1", 1) }).unwrap();
+        // An edge of before the field, signing its own order: it decodes, saying nothing.
+        let mut old = serde_json::to_value(JobOrder { caller: "a".into(), caller_proven: Some(true), ..job_order("c1", 1) }).unwrap();
         old.as_object_mut().unwrap().remove("caller_proven");
         let envelope = Envelope::seal(Domain::Job, &old, &key);
         let opened: JobOrder = envelope.open(Domain::Job, &key.verifying_key()).unwrap();
-        assert_eq!((opened.caller.as_str(), opened.caller_proven), ("a", false));
+        assert_eq!((opened.caller.as_str(), opened.caller_proven), ("a", None));
     }
 
     #[test]

@@ -227,7 +227,7 @@ fn order(job_id: &str, agent: &str, issued_at: u64, expires_at: u64, prompt: &st
             nonce: format!("{job_id}:1"),
         },
         caller: "default".into(),
-        caller_proven: false,
+        caller_proven: Some(false),
         spec: spec(prompt),
     }
 }

@@ -383,6 +383,7 @@ fn with_caller(config: &Config, mut submission: shared::contract::Submission, wh
         ))),
         (Some(Who::Caller(name)), _) => {
             submission.placement.caller = Some(name.clone());
+            submission.caller_proven = true;
             Ok(submission)
         }
         (_, Some(said)) if owned(&said) => Err(refuse(format!(

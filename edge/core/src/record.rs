@@ -74,6 +74,11 @@ pub struct Job {
     /// Where its result is posted when it ends (see `crate::notify`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// Sent with its caller's own secret, as submitted: the order says its caller is
+    /// proven only if it was, and the name still has a secret when it is sent
+    /// (`machine/jobs.rs::send_job`). Absent (a job an edge of before stored): not.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub caller_proven: bool,
 }
 
 fn yes() -> bool {
@@ -134,6 +139,7 @@ impl Job {
             placement: Default::default(),
             wait_for_usage: true,
             callback_url: None,
+            caller_proven: false,
         }
     }
 

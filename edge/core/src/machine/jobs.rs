@@ -81,6 +81,7 @@ impl Edge {
         job.placement = submission.placement;
         job.wait_for_usage = submission.wait_for_usage;
         job.callback_url = submission.callback_url;
+        job.caller_proven = submission.caller_proven;
         if let Some(slot) = job.idempotency_slot() {
             self.idempotency.insert(slot, job_id.clone());
         }
@@ -177,15 +178,17 @@ impl Edge {
         job.session_id = Some(session_id.to_string());
         job.order_no = order_no;
         job.attempts += 1;
-        let (nonce, spec, caller) = (job.order_nonce(), job.spec.clone(), job.placement.caller().to_string());
+        let (nonce, spec, caller, sent_proven) = (job.order_nonce(), job.spec.clone(), job.placement.caller().to_string(), job.caller_proven);
         effects.push(Effect::Save(Box::new(job.clone())));
         let to = Audience { agent_id: &agent_id, pool: &self.cfg.pool };
         // The caller goes with the order: the agent resumes a Claude session only for the
-        // caller whose job made it (agent/src/sessions.rs). Proven when the name is one of
-        // the pool's own-secret callers: the pool's secret may not name those (`with_caller`),
-        // so only that caller's secret sent it. The agent weighs its session cut by it:
-        // made-up names share one owner's share, a proven caller holds its own.
-        let caller_proven = self.cfg.caller_secrets.iter().any(|(name, _)| *name == caller);
+        // caller whose job made it (agent/src/sessions.rs). Proven when the caller's own
+        // secret sent it (as submitted: a job the pool's secret named before the name was
+        // given a secret, queued across the restart that gave it one, is not) and the name
+        // still has one (a secret taken away since takes the share with it). The agent
+        // weighs its session cut by it: made-up names share one owner's share, a proven
+        // caller holds its own.
+        let caller_proven = Some(sent_proven && self.cfg.caller_secrets.iter().any(|(name, _)| *name == caller));
         let order = JobOrder { header: OrderHeader::new(job_id, to, now.wall, nonce), challenge, order_no, caller, caller_proven, spec };
         let envelope = Envelope::seal(Domain::Job, &order, &self.cfg.signing_key);
         info!(job_id = %job_id, agent_id = %agent_id, order_no, "job dispatched");

@@ -449,8 +449,50 @@ fn a_job_order_names_its_jobs_caller() {
         let order = order_of(&h.effects, &sid, "spark", now);
         // Proven: sent with the caller's own secret. The pool's secret's names are not:
         // its holder may make up any number (agent/src/sessions.rs weighs them as one).
-        assert_eq!((order.caller.as_str(), order.caller_proven), (caller, proven));
+        assert_eq!((order.caller.as_str(), order.caller_proven), (caller, Some(proven)));
     }
+}
+
+/// Proven means sent with the caller's own secret, as the job was submitted — not whether
+/// its name has a secret when the job is sent. A job the pool's secret named `x` while `x`
+/// had none, still queued when the edge restarts with `x` given its own secret, goes out
+/// unproven; one `c` sent with its own secret, queued when its secret is taken away, goes
+/// out unproven too (the share goes with the secret); `a`'s, whose secret stays, proven.
+#[test]
+fn whether_a_caller_is_proven_is_decided_when_its_job_is_submitted() {
+    const X_SECRET: &str = "caller-x-secret-0123456789";
+    const C_SECRET: &str = "caller-c-secret-0123456789";
+    let before = Config { caller_secrets: vec![("a".into(), A_SECRET.into()), ("c".into(), C_SECRET.into())], ..pool_config() };
+    let mut edge = Edge::new(before, 0);
+    let mut saved = std::collections::HashMap::new();
+    for (now, (secret, body)) in (1..).zip([(SECRET, json!({"prompt": "x", "caller": "x"})), (C_SECRET, json!({"prompt": "x"})), (A_SECRET, json!({"prompt": "x"}))]) {
+        let h = request(&mut edge, now, secret, "POST", "/jobs", body);
+        assert_eq!(answer(&h).0, 202);
+        for e in h.effects {
+            if let Effect::Save(j) = e {
+                saved.insert(j.id.clone(), *j);
+            }
+        }
+    }
+    let after = Config { caller_secrets: vec![("a".into(), A_SECRET.into()), ("x".into(), X_SECRET.into())], ..pool_config() };
+    let (mut edge, _) = Edge::restore(after, saved.into_values().collect(), vec![], None, 10);
+    let (sid, effects) = edge.connect(10, [101; 64], PEER);
+    let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
+    let effects = edge.message(10, &sid, &hello_text(&Hello { capacity: 3, ..hello("spark", nonce, 10) }, &agent_key(1)));
+    assert!(closed(&effects).is_none(), "{effects:?}");
+    let effects = say(&mut edge, 10, &sid, credit(3, 0));
+    let orders: Vec<(String, Option<bool>)> = sent(&effects, &sid)
+        .into_iter()
+        .filter_map(|m| match m {
+            EdgeMessage::Job { envelope } => Some(envelope),
+            _ => None,
+        })
+        .map(|e| open_order::<JobOrder>(&e, Domain::Job, &edge_key().verifying_key(), Audience { agent_id: "spark", pool: "default" }, 10).unwrap())
+        .map(|o| (o.caller, o.caller_proven))
+        .collect();
+    let mut orders = orders;
+    orders.sort();
+    assert_eq!(orders, [("a".to_string(), Some(true)), ("c".to_string(), Some(false)), ("x".to_string(), Some(false))]);
 }
 
 #[test]
