@@ -202,7 +202,7 @@ struct Entry {
 /// is the agent's largest structure — a `String` per id, per owner and per job id came to
 /// about 250 bytes a session (25 MB at the cap, past the agent's whole memory aim); this
 /// and the shared owners make it about 65 (40 in the table, the rest its spare room).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum SessionKey {
     /// `[u64; 2]`, not `u128`: 8-byte aligned, so the key is 24 bytes, not 32.
     Uuid([u64; 2]),
@@ -536,12 +536,15 @@ fn drop_old(index: &mut HashMap<SessionKey, Entry>, now: Millis, cap: usize) {
     // Each owner as weighed (a proven caller, or a pool's unproven names together) as a
     // small number, found by the address of the shared `Owner` (kept once:
     // [`Index::owner`]) — one lookup a session, as before the flag — and each session as
-    // (owner, last use), sorted: an owner's sessions oldest first, in one run.
+    // (owner, last use, id), sorted: an owner's sessions oldest first, in one run. The id
+    // breaks ties of the same millisecond, so that which go depends on the sessions alone,
+    // not on the table's order: a restart's replay, whose table iterates otherwise, cuts
+    // the same ones.
     let mut owners: HashMap<*const Owner, u32> = HashMap::new();
     let mut unproven: HashMap<&str, u32> = HashMap::new();
     let mut weighed = 0u32;
-    let mut uses: Vec<(u32, Millis)> = Vec::with_capacity(index.len());
-    for e in index.values() {
+    let mut uses: Vec<(u32, Millis, &SessionKey)> = Vec::with_capacity(index.len());
+    for (key, e) in index.iter() {
         let owner = *owners.entry(Arc::as_ptr(&e.owner)).or_insert_with(|| {
             let next = weighed;
             let owner = if e.owner.proven != Some(false) { next } else { *unproven.entry(e.owner.pool.as_str()).or_insert(next) };
@@ -550,13 +553,13 @@ fn drop_old(index: &mut HashMap<SessionKey, Entry>, now: Millis, cap: usize) {
             }
             owner
         });
-        uses.push((owner, e.used_at));
+        uses.push((owner, e.used_at, key));
     }
     drop(unproven);
     uses.sort_unstable();
     // Each owner's run in `uses`: (start, count).
     let mut runs = vec![(0usize, 0usize); weighed as usize];
-    for (i, (owner, _)) in uses.iter().enumerate() {
+    for (i, (owner, _, _)) in uses.iter().enumerate() {
         let run = &mut runs[*owner as usize];
         if run.1 == 0 {
             run.0 = i;
@@ -583,34 +586,20 @@ fn drop_old(index: &mut HashMap<SessionKey, Entry>, now: Millis, cap: usize) {
     let keep = low + 1;
     let mut cut: Vec<usize> = runs.iter().map(|r| r.1.saturating_sub(keep)).collect();
     // (There are enough: over(low) - over(keep) owners hold at least `keep`.)
-    let mut next: Vec<(Millis, u32)> = runs.iter().enumerate().filter(|(_, r)| r.1 >= keep).map(|(o, r)| (uses[r.0 + cut[o]].1, o as u32)).collect();
+    let mut next: Vec<(Millis, &SessionKey, u32)> =
+        runs.iter().enumerate().filter(|(_, r)| r.1 >= keep).map(|(o, r)| (uses[r.0 + cut[o]].1, uses[r.0 + cut[o]].2, o as u32)).collect();
     next.sort_unstable();
-    for (_, o) in next.into_iter().take(excess - over(keep)) {
+    for (_, _, o) in next.into_iter().take(excess - over(keep)) {
         cut[o as usize] += 1;
     }
-    // Per owner: the last use at which its cut ends, and how many used at that very time
-    // still go (older ones all go).
-    let mut until: Vec<Option<(Millis, usize)>> = runs
-        .iter()
-        .zip(&cut)
-        .map(|(r, &k)| {
-            (k > 0).then(|| {
-                let own = &uses[r.0..r.0 + k];
-                let last = own[k - 1].1;
-                (last, own.iter().rev().take_while(|u| u.1 == last).count())
-            })
-        })
-        .collect();
-    index.retain(|_, e| {
-        let Some((last, at_last)) = &mut until[owners[&Arc::as_ptr(&e.owner)] as usize] else { return true };
-        if e.used_at < *last {
-            false
-        } else if e.used_at == *last && *at_last > 0 {
-            *at_last -= 1;
-            false
-        } else {
-            true
-        }
+    // The sessions that go, each owner's first `cut` in `uses`: per owner, the last of
+    // them (its use and id) — the owner's sessions up to it in (use, id) order go.
+    let until: Vec<Option<(Millis, SessionKey)>> =
+        runs.iter().zip(&cut).map(|(r, &k)| (k > 0).then(|| (uses[r.0 + k - 1].1, uses[r.0 + k - 1].2.clone()))).collect();
+    drop(uses);
+    index.retain(|key, e| match &until[owners[&Arc::as_ptr(&e.owner)] as usize] {
+        Some((last, last_key)) => (e.used_at, key) > (*last, last_key),
+        None => true,
     });
 }
 
@@ -1059,6 +1048,39 @@ mod tests {
         for (o, n) in sizes.iter().enumerate() {
             let kept: Vec<usize> = (0..*n).filter(|i| index.get(&format!("s-{o}-{i}")).is_some()).collect();
             assert_eq!(kept, (n - left[o]..*n).collect::<Vec<_>>(), "o{o} keeps its newest");
+        }
+    }
+
+    /// Which sessions of the same millisecond go depends on the sessions alone, not on the
+    /// table's order: the index of a restart (a new table, iterating otherwise) cuts the
+    /// same ones as the running agent's. Before, the ties at an owner's last cut time went
+    /// in the table's order, and a replay could bring back a session the running agent had
+    /// cut (and cut one it had kept).
+    #[test]
+    fn sessions_used_at_the_same_time_are_cut_the_same_whatever_the_tables_order() {
+        let cut_of = |order: &[usize]| {
+            let mut index = Index::default();
+            for &i in order {
+                // Ten sessions a millisecond, two owners: most cuts end inside a tie.
+                let who = if i % 3 == 0 { "a" } else { "b" };
+                index.take(&format!("s-{i}"), &owner(who), NOW + (i / 10) as u64).unwrap();
+            }
+            index.drop_old(NOW, 77);
+            let mut kept: Vec<String> = index.sessions.keys().map(SessionKey::text).collect();
+            kept.sort();
+            kept
+        };
+        let forward: Vec<usize> = (0..300).collect();
+        let first = cut_of(&forward);
+        assert_eq!(first.len(), 69);
+        for n in 0..20 {
+            // Other insertion orders, and each `Index` hashes with its own seed.
+            let mut order = forward.clone();
+            order.rotate_left(n * 13 % 300);
+            if n % 2 == 1 {
+                order.reverse();
+            }
+            assert_eq!(cut_of(&order), first, "order {n}");
         }
     }
 
