@@ -425,18 +425,27 @@ impl Sessions {
     /// Appends the record of `session_id` for `owner` (after [`Sessions::ended`] said
     /// [`Claim::Owned`]), then does what upkeep is due: sessions past their age or the cap
     /// dropped, the log compacted. Blocking.
+    ///
+    /// The record holds the session's last use as the index holds it (the time `ended`
+    /// gave it), not `now`: the agent writes records off the runtime thread, after the
+    /// job's spooled result, so two jobs ending together may be written in the other order
+    /// and at other times, and a replay of `now`s would order them otherwise than the
+    /// running agent's cut did, and cut another one. A session the index no longer holds
+    /// (cut in between) is not written: the replay would bring it back.
     pub fn write(&self, session_id: &str, owner: &Owner, job_id: &str, now: Millis) -> std::io::Result<()> {
-        let record = Record {
-            session_id: session_id.to_string(),
-            caller: owner.caller.clone(),
-            pool: owner.pool.clone(),
-            proven: owner.proven,
-            job_id: job_id.to_string(),
-            used_at: now,
-        };
-        let line = self.line(&record);
+        let used_at = self.index.lock().expect("index lock").get(session_id).map(|e| e.used_at);
+        let line = used_at.map(|used_at| {
+            self.line(&Record {
+                session_id: session_id.to_string(),
+                caller: owner.caller.clone(),
+                pool: owner.pool.clone(),
+                proven: owner.proven,
+                job_id: job_id.to_string(),
+                used_at,
+            })
+        });
         let mut log = self.log.lock().expect("log lock");
-        let written = self.append(&mut log, &line);
+        let written = line.map_or(Ok(()), |line| self.append(&mut log, &line));
         // Whether or not it was written: the session is in memory already ([`Sessions::ended`]),
         // and a log a job made unwritable (a full disk) must not lift the index's bounds.
         self.upkeep(&mut log, now);
@@ -1082,6 +1091,43 @@ mod tests {
             }
             assert_eq!(cut_of(&order), first, "order {n}");
         }
+    }
+
+    /// The agent takes a session in memory when its job ends ([`Sessions::ended`], its
+    /// time) and writes its record later, off the runtime thread ([`Sessions::write`], at
+    /// another time, after the job's spooled result is on disk): two jobs ending together
+    /// may be written in the other order. The log must hold the time the running agent's
+    /// cut weighed, or a restart's replay orders them otherwise and cuts the other one: a
+    /// session whose caller could resume it before the restart cannot after it.
+    #[test]
+    fn a_sessions_record_holds_the_time_the_running_agent_weighed() {
+        let dir = folder("ended-written");
+        let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", NOW, 20).unwrap();
+        let a = owner("a");
+        for i in 0..2 {
+            record(&sessions, &format!("s-{i}"), &a, "job", NOW + i);
+        }
+        // p's job ended first; its record was written last.
+        assert_eq!(sessions.ended("p", &a, NOW + 100), Claim::Owned);
+        assert_eq!(sessions.ended("q", &a, NOW + 101), Claim::Owned);
+        sessions.write("q", &a, "job-q", NOW + 102).unwrap();
+        sessions.write("p", &a, "job-p", NOW + 103).unwrap();
+        for i in 0..17 {
+            record(&sessions, &format!("t-{i}"), &a, "job", NOW + 200 + i);
+        }
+        // 21 over a cap of 20: cut to 18, the three least recently used (s-0, s-1, p).
+        let live = |sessions: &Sessions| {
+            let mut ids: Vec<String> = sessions.index.lock().unwrap().sessions.keys().map(SessionKey::text).collect();
+            ids.sort();
+            ids
+        };
+        let before = live(&sessions);
+        assert_eq!(before.len(), 18);
+        assert!(before.contains(&"q".to_string()) && !before.contains(&"p".to_string()), "{before:?}");
+        drop(sessions);
+        let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", NOW + 300, 20).unwrap();
+        assert_eq!(live(&sessions), before, "the same sessions after a restart");
+        assert_eq!(sessions.check("q", &a, NOW + 300), Ok(()));
     }
 
     proptest::proptest! {
