@@ -52,7 +52,8 @@
 //! names together: the holder of the pool's secret can make up any number of names, and
 //! counted apart they would push a proven caller down to the few sessions each holds. The
 //! log is compacted when it holds more than twice the live records (and at least
-//! [`COMPACT_AT_LEAST`]): the live ones are written to a new file, synced, and renamed
+//! [`COMPACT_AT_LEAST`]), and after each cut past the cap (so that a restart replays what
+//! the cut left, `Sessions::upkeep`): the live ones are written to a new file, synced, and renamed
 //! over it — so a crash then leaves the old log or the new.
 
 use crate::files::{open_plain, open_plain_with, write_atomically};
@@ -476,15 +477,22 @@ impl Sessions {
     }
 
     fn upkeep(&self, log: &mut Log, now: Millis) {
-        let live = {
+        let (live, cut) = {
             let mut index = self.index.lock().expect("index lock");
-            if index.len() > self.cap || now.saturating_sub(log.swept_at) >= SWEEP_EVERY_MS {
+            let cut = index.len() > self.cap;
+            if cut || now.saturating_sub(log.swept_at) >= SWEEP_EVERY_MS {
                 index.drop_old(now, self.cap);
                 log.swept_at = now;
             }
-            index.len()
+            (index.len(), cut)
         };
-        if log.records >= COMPACT_AT_LEAST.max(2 * live + 1) {
+        // A cut is followed by a compaction: it weighed every session in memory, those of
+        // jobs that ended and whose records are not written yet too, and a replay of the
+        // log cuts at the record that took it past the cap, over the records before it
+        // only — it would cut otherwise (and bring back sessions cut here). The log
+        // rewritten from the index holds what the cut left, whatever comes after it.
+        // Once every tenth of the cap new sessions, at the cap.
+        if cut || log.records >= COMPACT_AT_LEAST.max(2 * live + 1) {
             match self.compact(log) {
                 Ok(kept) => tracing::info!(agent_id = %self.agent_id, kept, "session log compacted"),
                 Err(e) => {
@@ -1130,6 +1138,37 @@ mod tests {
         assert_eq!(sessions.check("q", &a, NOW + 300), Ok(()));
     }
 
+    /// The running agent cuts when a record is written, over every session in memory —
+    /// those of jobs that ended and are not written yet too; the replay cut when the log's
+    /// records took it past the cap, over those records only. At the cap, two jobs ending
+    /// together: the running agent cut four sessions with both in memory, a replay three
+    /// with the first only (then took the second) — `a-2`, which its caller could not
+    /// resume, came back; with other owners' counts it can cut one the running agent kept.
+    #[test]
+    fn a_restart_keeps_what_a_cut_of_sessions_not_yet_written_kept() {
+        let dir = folder("cut-unwritten");
+        let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", NOW, 20).unwrap();
+        let (a, b) = (owner("a"), owner("b"));
+        for i in 0..10 {
+            record(&sessions, &format!("b-{i}"), &b, "job", NOW + i);
+            record(&sessions, &format!("a-{i}"), &a, "job", NOW + 50 + i);
+        }
+        assert_eq!(sessions.ended("x", &a, NOW + 100), Claim::Owned);
+        assert_eq!(sessions.ended("y", &a, NOW + 101), Claim::Owned);
+        sessions.write("x", &a, "job-x", NOW + 102).unwrap();
+        sessions.write("y", &a, "job-y", NOW + 103).unwrap();
+        let live = |sessions: &Sessions| {
+            let mut ids: Vec<String> = sessions.index.lock().unwrap().sessions.keys().map(SessionKey::text).collect();
+            ids.sort();
+            ids
+        };
+        let before = live(&sessions);
+        assert_eq!(before.len(), 18, "{before:?}");
+        drop(sessions);
+        let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", NOW + 300, 20).unwrap();
+        assert_eq!(live(&sessions), before, "the same sessions after a restart");
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 400, ..Default::default() })]
         /// The fair cut is the one its definition gives, taken one session at a time: the
@@ -1222,7 +1261,7 @@ mod tests {
     }
 
     /// A restart keeps the sessions the running agent kept: the log still holds the records
-    /// of those it cut (it is compacted only once it holds twice the live ones), and they
+    /// of those it cut (when the compaction after the cut could not be done), and they
     /// must not come back in place of live ones — of their owner, or of another who was
     /// never over its share while the agent ran.
     #[test]
@@ -1428,7 +1467,9 @@ mod tests {
         sessions.log.lock().unwrap().file = Some(std::fs::File::open(dir.log()).unwrap());
         for i in 0..100 {
             assert_eq!(sessions.ended(&format!("s-{i}"), &owner("a"), NOW + i), Claim::Owned);
-            assert!(sessions.write(&format!("s-{i}"), &owner("a"), "job", NOW + i).is_err());
+            // Until the first cut: its compaction opens the log again (here it can).
+            let written = sessions.write(&format!("s-{i}"), &owner("a"), "job", NOW + i);
+            assert!(i > 10 || written.is_err(), "s-{i}");
         }
         let index = sessions.index.lock().unwrap();
         assert!(index.len() <= 10, "{} sessions kept over a cap of 10", index.len());
