@@ -438,6 +438,10 @@ impl Sessions {
     /// running agent's cut did, and cut another one. A session the index no longer holds
     /// (cut in between) is not written: the replay would bring it back.
     pub fn write(&self, session_id: &str, owner: &Owner, job_id: &str, now: Millis) -> std::io::Result<()> {
+        // Looked up under the log's lock: a cut and its compaction in between (another
+        // job's write) would otherwise leave a session cut from memory written after the
+        // rewritten log, and a replay would bring it back.
+        let mut log = self.log.lock().expect("log lock");
         let used_at = self.index.lock().expect("index lock").get(session_id).map(|e| e.used_at);
         let line = used_at.map(|used_at| {
             self.line(&Record {
@@ -449,7 +453,6 @@ impl Sessions {
                 used_at,
             })
         });
-        let mut log = self.log.lock().expect("log lock");
         let written = line.map_or(Ok(()), |line| self.append(&mut log, &line));
         // Whether or not it was written: the session is in memory already ([`Sessions::ended`]),
         // and a log a job made unwritable (a full disk) must not lift the index's bounds.
@@ -1140,6 +1143,37 @@ mod tests {
         let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", NOW + 300, 20).unwrap();
         assert_eq!(live(&sessions), before, "the same sessions after a restart");
         assert_eq!(sessions.check("q", &a, NOW + 300), Ok(()));
+    }
+
+    /// A job's record waits for the log while another job's write cuts sessions and
+    /// rewrites the log from what the cut left: if the waiting job's session was cut, its
+    /// record must not follow the rewritten log, or a restart brings the session back.
+    /// (The wait is made by holding the log here; the sleep only lets the writer reach it:
+    /// too short, and the test passes without testing.)
+    #[test]
+    fn a_session_cut_while_its_record_waits_is_not_written_after_the_rewrite() {
+        let dir = folder("cut-while-waiting");
+        let (sessions, _) = opened(&dir, NOW);
+        let sessions = Arc::new(sessions);
+        record(&sessions, "kept", &owner("a"), "job", NOW);
+        assert_eq!(sessions.ended("z", &owner("a"), NOW + 1), Claim::Owned);
+        let log = sessions.log.lock().unwrap();
+        let writer = {
+            let sessions = Arc::clone(&sessions);
+            std::thread::spawn(move || sessions.write("z", &owner("a"), "job-z", NOW + 2).unwrap())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // The other job's cut took z; its compaction rewrites the log.
+        sessions.index.lock().unwrap().sessions.remove(&SessionKey::of("z"));
+        let mut log = log;
+        sessions.compact(&mut log).unwrap();
+        drop(log);
+        writer.join().unwrap();
+        let sessions = Arc::into_inner(sessions).unwrap();
+        drop(sessions);
+        let (sessions, _) = opened(&dir, NOW + 3);
+        assert_eq!(sessions.check("z", &owner("a"), NOW + 3), Err(Refused::NoRecord), "cut before the restart, cut after it");
+        assert_eq!(sessions.check("kept", &owner("a"), NOW + 3), Ok(()));
     }
 
     /// The running agent cuts when a record is written, over every session in memory —
