@@ -441,14 +441,17 @@ impl Sessions {
         // Looked up under the log's lock: a cut and its compaction in between (another
         // job's write) would otherwise leave a session cut from memory written after the
         // rewritten log, and a replay would bring it back.
+        // The owner too is the index's (the latest use's word on whether it is proven; the
+        // same caller and pool as `owner`, which `ended` let take it): two jobs of one
+        // session written in the other order would otherwise leave the earlier's word last.
         let mut log = self.log.lock().expect("log lock");
-        let used_at = self.index.lock().expect("index lock").get(session_id).map(|e| e.used_at);
-        let line = used_at.map(|used_at| {
+        let held = self.index.lock().expect("index lock").get(session_id).map(|e| (Arc::clone(&e.owner), e.used_at));
+        let line = held.filter(|(held, _)| held.is(owner)).map(|(held, used_at)| {
             self.line(&Record {
                 session_id: session_id.to_string(),
-                caller: owner.caller.clone(),
-                pool: owner.pool.clone(),
-                proven: owner.proven,
+                caller: held.caller.clone(),
+                pool: held.pool.clone(),
+                proven: held.proven,
                 job_id: job_id.to_string(),
                 used_at,
             })
@@ -1143,6 +1146,25 @@ mod tests {
         let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", NOW + 300, 20).unwrap();
         assert_eq!(live(&sessions), before, "the same sessions after a restart");
         assert_eq!(sessions.check("q", &a, NOW + 300), Ok(()));
+    }
+
+    /// Two jobs of one caller end in one session, the second with another word on whether
+    /// the caller is proven (the edge's secrets changed between their orders), and are
+    /// written in the other order: the record holds what the index holds (the later use's
+    /// owner), or the replay takes the first job's word, and weighs the caller otherwise.
+    #[test]
+    fn a_sessions_record_holds_the_owner_the_index_holds() {
+        let dir = folder("owner-written");
+        let (sessions, _) = opened(&dir, NOW);
+        assert_eq!(sessions.ended("s", &owner("a"), NOW), Claim::Owned);
+        assert_eq!(sessions.ended("s", &named("a"), NOW + 1), Claim::Owned);
+        sessions.write("s", &named("a"), "job-2", NOW + 2).unwrap();
+        sessions.write("s", &owner("a"), "job-1", NOW + 3).unwrap();
+        let proven = |sessions: &Sessions| sessions.index.lock().unwrap().get("s").unwrap().owner.proven;
+        assert_eq!(proven(&sessions), Some(false));
+        drop(sessions);
+        let (sessions, _) = opened(&dir, NOW + 4);
+        assert_eq!(proven(&sessions), Some(false), "after a restart");
     }
 
     /// A job's record waits for the log while another job's write cuts sessions and
