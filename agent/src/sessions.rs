@@ -52,7 +52,8 @@
 //! names together: the holder of the pool's secret can make up any number of names, and
 //! counted apart they would push a proven caller down to the few sessions each holds. The
 //! log is compacted when it holds more than twice the live records (and at least
-//! [`COMPACT_AT_LEAST`]): the live ones are written to a new file, synced, and renamed
+//! [`COMPACT_AT_LEAST`]), and after each cut past the cap (so that a restart replays what
+//! the cut left, `Sessions::upkeep`): the live ones are written to a new file, synced, and renamed
 //! over it — so a crash then leaves the old log or the new.
 
 use crate::files::{open_plain, open_plain_with, write_atomically};
@@ -302,20 +303,24 @@ impl Index {
         self.owners.retain(|owner| Arc::strong_count(owner) > 1);
     }
 
-    /// Every session as a record, for a rewrite of the log (the last job's id is not
-    /// kept in memory: a rewritten record names none).
-    fn records(&self) -> Vec<Record> {
-        self.sessions
-            .iter()
-            .map(|(key, e)| Record {
-                session_id: key.text(),
-                caller: e.owner.caller.clone(),
-                pool: e.owner.pool.clone(),
-                proven: e.owner.proven,
-                job_id: String::new(),
-                used_at: e.used_at,
-            })
-            .collect()
+    /// Every session, for a rewrite of the log: its key, owner (shared) and last use — a
+    /// copy cheap enough to take under the lock the runtime thread waits on (the records'
+    /// texts, about 1 µs a session, are made from it after: [`live_record`]).
+    fn live(&self) -> Vec<(SessionKey, Arc<Owner>, Millis)> {
+        self.sessions.iter().map(|(key, e)| (key.clone(), Arc::clone(&e.owner), e.used_at)).collect()
+    }
+}
+
+/// A session of [`Index::live`] as a record (the last job's id is not kept in memory: a
+/// rewritten record names none).
+fn live_record((key, owner, used_at): &(SessionKey, Arc<Owner>, Millis)) -> Record {
+    Record {
+        session_id: key.text(),
+        caller: owner.caller.clone(),
+        pool: owner.pool.clone(),
+        proven: owner.proven,
+        job_id: String::new(),
+        used_at: *used_at,
     }
 }
 
@@ -425,18 +430,33 @@ impl Sessions {
     /// Appends the record of `session_id` for `owner` (after [`Sessions::ended`] said
     /// [`Claim::Owned`]), then does what upkeep is due: sessions past their age or the cap
     /// dropped, the log compacted. Blocking.
+    ///
+    /// The record holds the session's last use as the index holds it (the time `ended`
+    /// gave it), not `now`: the agent writes records off the runtime thread, after the
+    /// job's spooled result, so two jobs ending together may be written in the other order
+    /// and at other times, and a replay of `now`s would order them otherwise than the
+    /// running agent's cut did, and cut another one. A session the index no longer holds
+    /// (cut in between) is not written: the replay would bring it back.
     pub fn write(&self, session_id: &str, owner: &Owner, job_id: &str, now: Millis) -> std::io::Result<()> {
-        let record = Record {
-            session_id: session_id.to_string(),
-            caller: owner.caller.clone(),
-            pool: owner.pool.clone(),
-            proven: owner.proven,
-            job_id: job_id.to_string(),
-            used_at: now,
-        };
-        let line = self.line(&record);
+        // Looked up under the log's lock: a cut and its compaction in between (another
+        // job's write) would otherwise leave a session cut from memory written after the
+        // rewritten log, and a replay would bring it back.
+        // The owner too is the index's (the latest use's word on whether it is proven; the
+        // same caller and pool as `owner`, which `ended` let take it): two jobs of one
+        // session written in the other order would otherwise leave the earlier's word last.
         let mut log = self.log.lock().expect("log lock");
-        let written = self.append(&mut log, &line);
+        let held = self.index.lock().expect("index lock").get(session_id).map(|e| (Arc::clone(&e.owner), e.used_at));
+        let line = held.filter(|(held, _)| held.is(owner)).map(|(held, used_at)| {
+            self.line(&Record {
+                session_id: session_id.to_string(),
+                caller: held.caller.clone(),
+                pool: held.pool.clone(),
+                proven: held.proven,
+                job_id: job_id.to_string(),
+                used_at,
+            })
+        });
+        let written = line.map_or(Ok(()), |line| self.append(&mut log, &line));
         // Whether or not it was written: the session is in memory already ([`Sessions::ended`]),
         // and a log a job made unwritable (a full disk) must not lift the index's bounds.
         self.upkeep(&mut log, now);
@@ -467,15 +487,22 @@ impl Sessions {
     }
 
     fn upkeep(&self, log: &mut Log, now: Millis) {
-        let live = {
+        let (live, cut) = {
             let mut index = self.index.lock().expect("index lock");
-            if index.len() > self.cap || now.saturating_sub(log.swept_at) >= SWEEP_EVERY_MS {
+            let cut = index.len() > self.cap;
+            if cut || now.saturating_sub(log.swept_at) >= SWEEP_EVERY_MS {
                 index.drop_old(now, self.cap);
                 log.swept_at = now;
             }
-            index.len()
+            (index.len(), cut)
         };
-        if log.records >= COMPACT_AT_LEAST.max(2 * live + 1) {
+        // A cut is followed by a compaction: it weighed every session in memory, those of
+        // jobs that ended and whose records are not written yet too, and a replay of the
+        // log cuts at the record that took it past the cap, over the records before it
+        // only — it would cut otherwise (and bring back sessions cut here). The log
+        // rewritten from the index holds what the cut left, whatever comes after it.
+        // Once every tenth of the cap new sessions, at the cap.
+        if cut || log.records >= COMPACT_AT_LEAST.max(2 * live + 1) {
             match self.compact(log) {
                 Ok(kept) => tracing::info!(agent_id = %self.agent_id, kept, "session log compacted"),
                 Err(e) => {
@@ -491,10 +518,10 @@ impl Sessions {
     /// leaves the old log or the new one). Returns how many it kept.
     fn compact(&self, log: &mut Log) -> std::io::Result<usize> {
         // Copied out, so that the index is not held while the file is written.
-        let live: Vec<Record> = self.index.lock().expect("index lock").records();
+        let live = self.index.lock().expect("index lock").live();
         let mut bytes = Vec::with_capacity(live.len() * 384);
-        for record in &live {
-            bytes.extend_from_slice(&self.line(record));
+        for session in &live {
+            bytes.extend_from_slice(&self.line(&live_record(session)));
         }
         // Until it is open again, a record tries to open it itself.
         log.file = None;
@@ -1084,6 +1111,124 @@ mod tests {
         }
     }
 
+    /// The agent takes a session in memory when its job ends ([`Sessions::ended`], its
+    /// time) and writes its record later, off the runtime thread ([`Sessions::write`], at
+    /// another time, after the job's spooled result is on disk): two jobs ending together
+    /// may be written in the other order. The log must hold the time the running agent's
+    /// cut weighed, or a restart's replay orders them otherwise and cuts the other one: a
+    /// session whose caller could resume it before the restart cannot after it.
+    #[test]
+    fn a_sessions_record_holds_the_time_the_running_agent_weighed() {
+        let dir = folder("ended-written");
+        let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", NOW, 20).unwrap();
+        let a = owner("a");
+        for i in 0..2 {
+            record(&sessions, &format!("s-{i}"), &a, "job", NOW + i);
+        }
+        // p's job ended first; its record was written last.
+        assert_eq!(sessions.ended("p", &a, NOW + 100), Claim::Owned);
+        assert_eq!(sessions.ended("q", &a, NOW + 101), Claim::Owned);
+        sessions.write("q", &a, "job-q", NOW + 102).unwrap();
+        sessions.write("p", &a, "job-p", NOW + 103).unwrap();
+        for i in 0..17 {
+            record(&sessions, &format!("t-{i}"), &a, "job", NOW + 200 + i);
+        }
+        // 21 over a cap of 20: cut to 18, the three least recently used (s-0, s-1, p).
+        let live = |sessions: &Sessions| {
+            let mut ids: Vec<String> = sessions.index.lock().unwrap().sessions.keys().map(SessionKey::text).collect();
+            ids.sort();
+            ids
+        };
+        let before = live(&sessions);
+        assert_eq!(before.len(), 18);
+        assert!(before.contains(&"q".to_string()) && !before.contains(&"p".to_string()), "{before:?}");
+        drop(sessions);
+        let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", NOW + 300, 20).unwrap();
+        assert_eq!(live(&sessions), before, "the same sessions after a restart");
+        assert_eq!(sessions.check("q", &a, NOW + 300), Ok(()));
+    }
+
+    /// Two jobs of one caller end in one session, the second with another word on whether
+    /// the caller is proven (the edge's secrets changed between their orders), and are
+    /// written in the other order: the record holds what the index holds (the later use's
+    /// owner), or the replay takes the first job's word, and weighs the caller otherwise.
+    #[test]
+    fn a_sessions_record_holds_the_owner_the_index_holds() {
+        let dir = folder("owner-written");
+        let (sessions, _) = opened(&dir, NOW);
+        assert_eq!(sessions.ended("s", &owner("a"), NOW), Claim::Owned);
+        assert_eq!(sessions.ended("s", &named("a"), NOW + 1), Claim::Owned);
+        sessions.write("s", &named("a"), "job-2", NOW + 2).unwrap();
+        sessions.write("s", &owner("a"), "job-1", NOW + 3).unwrap();
+        let proven = |sessions: &Sessions| sessions.index.lock().unwrap().get("s").unwrap().owner.proven;
+        assert_eq!(proven(&sessions), Some(false));
+        drop(sessions);
+        let (sessions, _) = opened(&dir, NOW + 4);
+        assert_eq!(proven(&sessions), Some(false), "after a restart");
+    }
+
+    /// A job's record waits for the log while another job's write cuts sessions and
+    /// rewrites the log from what the cut left: if the waiting job's session was cut, its
+    /// record must not follow the rewritten log, or a restart brings the session back.
+    /// (The wait is made by holding the log here; the sleep only lets the writer reach it:
+    /// too short, and the test passes without testing.)
+    #[test]
+    fn a_session_cut_while_its_record_waits_is_not_written_after_the_rewrite() {
+        let dir = folder("cut-while-waiting");
+        let (sessions, _) = opened(&dir, NOW);
+        let sessions = Arc::new(sessions);
+        record(&sessions, "kept", &owner("a"), "job", NOW);
+        assert_eq!(sessions.ended("z", &owner("a"), NOW + 1), Claim::Owned);
+        let log = sessions.log.lock().unwrap();
+        let writer = {
+            let sessions = Arc::clone(&sessions);
+            std::thread::spawn(move || sessions.write("z", &owner("a"), "job-z", NOW + 2).unwrap())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // The other job's cut took z; its compaction rewrites the log.
+        sessions.index.lock().unwrap().sessions.remove(&SessionKey::of("z"));
+        let mut log = log;
+        sessions.compact(&mut log).unwrap();
+        drop(log);
+        writer.join().unwrap();
+        let sessions = Arc::into_inner(sessions).unwrap();
+        drop(sessions);
+        let (sessions, _) = opened(&dir, NOW + 3);
+        assert_eq!(sessions.check("z", &owner("a"), NOW + 3), Err(Refused::NoRecord), "cut before the restart, cut after it");
+        assert_eq!(sessions.check("kept", &owner("a"), NOW + 3), Ok(()));
+    }
+
+    /// The running agent cuts when a record is written, over every session in memory —
+    /// those of jobs that ended and are not written yet too; the replay cut when the log's
+    /// records took it past the cap, over those records only. At the cap, two jobs ending
+    /// together: the running agent cut four sessions with both in memory, a replay three
+    /// with the first only (then took the second) — `a-2`, which its caller could not
+    /// resume, came back; with other owners' counts it can cut one the running agent kept.
+    #[test]
+    fn a_restart_keeps_what_a_cut_of_sessions_not_yet_written_kept() {
+        let dir = folder("cut-unwritten");
+        let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", NOW, 20).unwrap();
+        let (a, b) = (owner("a"), owner("b"));
+        for i in 0..10 {
+            record(&sessions, &format!("b-{i}"), &b, "job", NOW + i);
+            record(&sessions, &format!("a-{i}"), &a, "job", NOW + 50 + i);
+        }
+        assert_eq!(sessions.ended("x", &a, NOW + 100), Claim::Owned);
+        assert_eq!(sessions.ended("y", &a, NOW + 101), Claim::Owned);
+        sessions.write("x", &a, "job-x", NOW + 102).unwrap();
+        sessions.write("y", &a, "job-y", NOW + 103).unwrap();
+        let live = |sessions: &Sessions| {
+            let mut ids: Vec<String> = sessions.index.lock().unwrap().sessions.keys().map(SessionKey::text).collect();
+            ids.sort();
+            ids
+        };
+        let before = live(&sessions);
+        assert_eq!(before.len(), 18, "{before:?}");
+        drop(sessions);
+        let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", NOW + 300, 20).unwrap();
+        assert_eq!(live(&sessions), before, "the same sessions after a restart");
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 400, ..Default::default() })]
         /// The fair cut is the one its definition gives, taken one session at a time: the
@@ -1173,10 +1318,29 @@ mod tests {
             let names = if proven { "proven callers" } else { "made-up names" };
             println!("cut 80,001 {names} of one session and a proven caller of 20,000 to {} in {took:?} (the big one keeps {kept})", index.len());
         }
+        // The write that takes the store past the cap: the cut, then the log's rewrite
+        // from what it left (the compaction after each cut), in the blocking pool.
+        let dir = folder("cut-at-cap");
+        let (sessions, _) = opened(&dir, NOW);
+        for i in 0..=MAX_RECORDS as u64 {
+            let who = if i % 10 == 0 { format!("c{}", i % 4) } else { "flood".to_string() };
+            let id = format!("{:08x}-0000-4000-8000-{:012x}", i, i * 7);
+            assert_eq!(sessions.ended(&id, &owner(&who), NOW + i), Claim::Owned);
+        }
+        let last = format!("{:08x}-0000-4000-8000-{:012x}", MAX_RECORDS, MAX_RECORDS * 7);
+        let started = std::time::Instant::now();
+        sessions.write(&last, &owner("c0"), "job", NOW + MAX_RECORDS as u64).unwrap();
+        let took = started.elapsed();
+        let bytes = std::fs::metadata(dir.log()).unwrap().len();
+        println!("the write past the cap: cut to {} and the log rewritten ({bytes} bytes) in {took:?}", sessions.index.lock().unwrap().len());
+        // Of which the index's lock is held for: the copy of the records.
+        let started = std::time::Instant::now();
+        let copied = sessions.index.lock().unwrap().live().len();
+        println!("  the index's lock held {:?} to copy {copied} sessions out", started.elapsed());
     }
 
     /// A restart keeps the sessions the running agent kept: the log still holds the records
-    /// of those it cut (it is compacted only once it holds twice the live ones), and they
+    /// of those it cut (when the compaction after the cut could not be done), and they
     /// must not come back in place of live ones — of their owner, or of another who was
     /// never over its share while the agent ran.
     #[test]
@@ -1382,7 +1546,9 @@ mod tests {
         sessions.log.lock().unwrap().file = Some(std::fs::File::open(dir.log()).unwrap());
         for i in 0..100 {
             assert_eq!(sessions.ended(&format!("s-{i}"), &owner("a"), NOW + i), Claim::Owned);
-            assert!(sessions.write(&format!("s-{i}"), &owner("a"), "job", NOW + i).is_err());
+            // Until the first cut: its compaction opens the log again (here it can).
+            let written = sessions.write(&format!("s-{i}"), &owner("a"), "job", NOW + i);
+            assert!(i > 10 || written.is_err(), "s-{i}");
         }
         let index = sessions.index.lock().unwrap();
         assert!(index.len() <= 10, "{} sessions kept over a cap of 10", index.len());
