@@ -240,6 +240,13 @@ pub const DEFAULT_MAX_RETAINED_JOBS: usize = 10_000;
 pub const DEFAULT_MAX_RETAINED_BYTES: u64 = 1024 * 1024 * 1024;
 
 impl Config {
+    /// Whether `caller` has its own secret (`RUNNER_SECRETS`): the pool's secret may not
+    /// send as it (`http.rs::with_caller`), and its jobs' orders say it is proven while it
+    /// keeps one (`machine/jobs.rs::send_job`).
+    pub fn has_own_secret(&self, caller: &str) -> bool {
+        self.caller_secrets.iter().any(|(name, _)| name == caller)
+    }
+
     /// The default pool's settings (the native edge serves that pool alone).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         Config::for_pool(get, DEFAULT_POOL)

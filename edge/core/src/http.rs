@@ -376,7 +376,6 @@ fn with_caller(config: &Config, mut submission: shared::contract::Submission, wh
         err
     };
     let said = submission.placement.caller.clone();
-    let owned = |name: &str| config.caller_secrets.iter().any(|(n, _)| n == name);
     match (who, said) {
         (Some(Who::Caller(name)), Some(said)) if said != *name => Err(refuse(format!(
             "this secret is caller `{name}`'s; leave `caller` out or send `{name}` (another caller's jobs need that caller's own secret)"
@@ -386,7 +385,7 @@ fn with_caller(config: &Config, mut submission: shared::contract::Submission, wh
             submission.caller_proven = true;
             Ok(submission)
         }
-        (_, Some(said)) if owned(&said) => Err(refuse(format!(
+        (_, Some(said)) if config.has_own_secret(&said) => Err(refuse(format!(
             "caller `{said}` has its own secret (RUNNER_SECRETS): send its jobs with that secret; \
              the pool's RUNNER_SECRET may name only callers without one"
         ))),

@@ -188,7 +188,7 @@ impl Edge {
         // still has one (a secret taken away since takes the share with it). The agent
         // weighs its session cut by it: made-up names share one owner's share, a proven
         // caller holds its own.
-        let caller_proven = Some(sent_proven && self.cfg.caller_secrets.iter().any(|(name, _)| *name == caller));
+        let caller_proven = Some(sent_proven && self.cfg.has_own_secret(&caller));
         let order = JobOrder { header: OrderHeader::new(job_id, to, now.wall, nonce), challenge, order_no, caller, caller_proven, spec };
         let envelope = Envelope::seal(Domain::Job, &order, &self.cfg.signing_key);
         info!(job_id = %job_id, agent_id = %agent_id, order_no, "job dispatched");
