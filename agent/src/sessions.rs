@@ -305,22 +305,17 @@ impl Index {
 
     /// Every session, for a rewrite of the log: its key, owner (shared) and last use — a
     /// copy cheap enough to take under the lock the runtime thread waits on (the records'
-    /// texts, about 1 µs a session, are made from it after: [`live_record`]).
+    /// texts, about 1 µs a session, are made from it after, in [`Sessions::compact`]).
     fn live(&self) -> Vec<(SessionKey, Arc<Owner>, Millis)> {
         self.sessions.iter().map(|(key, e)| (key.clone(), Arc::clone(&e.owner), e.used_at)).collect()
     }
 }
 
-/// A session of [`Index::live`] as a record (the last job's id is not kept in memory: a
-/// rewritten record names none).
-fn live_record((key, owner, used_at): &(SessionKey, Arc<Owner>, Millis)) -> Record {
-    Record {
-        session_id: key.text(),
-        caller: owner.caller.clone(),
-        pool: owner.pool.clone(),
-        proven: owner.proven,
-        job_id: String::new(),
-        used_at: *used_at,
+impl Record {
+    /// The record of `session_id`, `owner`'s, last used at `used_at` by `job_id`: the one
+    /// shape a job's end ([`Sessions::write`]) and a rewrite ([`Sessions::compact`]) write.
+    fn of(session_id: String, owner: &Owner, job_id: String, used_at: Millis) -> Record {
+        Record { session_id, caller: owner.caller.clone(), pool: owner.pool.clone(), proven: owner.proven, job_id, used_at }
     }
 }
 
@@ -446,16 +441,9 @@ impl Sessions {
         // session written in the other order would otherwise leave the earlier's word last.
         let mut log = self.log.lock().expect("log lock");
         let held = self.index.lock().expect("index lock").get(session_id).map(|e| (Arc::clone(&e.owner), e.used_at));
-        let line = held.filter(|(held, _)| held.is(owner)).map(|(held, used_at)| {
-            self.line(&Record {
-                session_id: session_id.to_string(),
-                caller: held.caller.clone(),
-                pool: held.pool.clone(),
-                proven: held.proven,
-                job_id: job_id.to_string(),
-                used_at,
-            })
-        });
+        let line = held
+            .filter(|(held, _)| held.is(owner))
+            .map(|(held, used_at)| self.line(&Record::of(session_id.to_string(), &held, job_id.to_string(), used_at)));
         let written = line.map_or(Ok(()), |line| self.append(&mut log, &line));
         // Whether or not it was written: the session is in memory already ([`Sessions::ended`]),
         // and a log a job made unwritable (a full disk) must not lift the index's bounds.
@@ -520,8 +508,9 @@ impl Sessions {
         // Copied out, so that the index is not held while the file is written.
         let live = self.index.lock().expect("index lock").live();
         let mut bytes = Vec::with_capacity(live.len() * 384);
-        for session in &live {
-            bytes.extend_from_slice(&self.line(&live_record(session)));
+        // The last job's id is not kept in memory: a rewritten record names none.
+        for (key, owner, used_at) in &live {
+            bytes.extend_from_slice(&self.line(&Record::of(key.text(), owner, String::new(), *used_at)));
         }
         // Until it is open again, a record tries to open it itself.
         log.file = None;
