@@ -23,6 +23,24 @@ pub struct Submitted {
     pub effects: Vec<Effect>,
 }
 
+/// Why a submission whose idempotency key names `job` is not a repeat of it, if it is not.
+fn repeat_refused(job: &Job, submission: &Submission) -> Option<ApiError> {
+    // The same key for a different task is a caller's mistake, not a repeat.
+    let error = if job.digest() != crate::record::spec_digest(&submission.spec) {
+        "this idempotency key was already used for a different task; use a new key for a new task".to_string()
+    } else if job.caller_proven != submission.caller_proven {
+        // A caller with its own secret and the pool secret's name for it are two senders
+        // (the one's job may be planted by the other, who guessed key and task): a 409 —
+        // neither the other's job nor a second run of the task.
+        let caller = job.placement.caller();
+        let (used, now) = if job.caller_proven { ("its own secret", "the pool's secret") } else { ("the pool's secret", "its own secret") };
+        format!("this idempotency key was used for caller `{caller}` with {used}, and this request comes with {now}; use a new key")
+    } else {
+        return None;
+    };
+    Some(ApiError::new(ErrorCode::Conflict, error).with_job(&job.id))
+}
+
 impl Edge {
     /// Takes a validated submission, within the event of its request
     /// ([`Edge::begin_request`]). `job_id` is a fresh id the host made.
@@ -31,13 +49,8 @@ impl Edge {
         let mut effects = Vec::new();
         let slot = submission.idempotency_key.as_ref().map(|k| (submission.placement.caller().to_string(), k.clone()));
         if let Some(existing) = slot.and_then(|slot| self.idempotency.get(&slot)) {
-            // The same key for a different task is a caller's mistake, not a repeat.
-            if self.jobs.get(existing).is_some_and(|j| j.digest() != crate::record::spec_digest(&submission.spec)) {
-                return Err(ApiError::new(
-                    ErrorCode::Conflict,
-                    "this idempotency key was already used for a different task; use a new key for a new task",
-                )
-                .with_job(existing));
+            if let Some(refused) = self.jobs.get(existing).and_then(|job| repeat_refused(job, &submission)) {
+                return Err(refused);
             }
             return Ok(Submitted { job_id: existing.clone(), existing: true, effects });
         }

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::http::Handled;
+use crate::record::Job;
 use proptest::prelude::*;
 use shared::placement::parse_labels;
 
@@ -62,6 +63,19 @@ fn request(edge: &mut Edge, now: u64, secret: &str, method: &str, path: &str, bo
 
 fn answer(h: &Handled) -> (u16, Value) {
     answer_to(&h.effects, h.caller).expect("answered")
+}
+
+/// `POST /jobs` of `body` with `secret` and the idempotency key `deploy-1`.
+fn keyed(secret: &str, body: Value) -> Request {
+    Request {
+        method: "POST".into(),
+        path: "/jobs".into(),
+        secret_header: Some(secret.into()),
+        authorization: None,
+        idempotency_key: Some("deploy-1".into()),
+        last_event_id: None,
+        body: Body::Bytes(body.to_string().into_bytes()),
+    }
 }
 
 fn submit(edge: &mut Edge, now: u64, secret: &str, body: Value) -> String {
@@ -372,18 +386,7 @@ fn a_callers_own_secret_cannot_relay_a_login() {
 #[test]
 fn an_idempotency_key_is_each_callers_own() {
     let mut edge = Edge::new(pool_config(), 0);
-    let keyed = |edge: &mut Edge, now: u64, secret: &str, prompt: &str| {
-        let req = Request {
-            method: "POST".into(),
-            path: "/jobs".into(),
-            secret_header: Some(secret.into()),
-            authorization: None,
-            idempotency_key: Some("deploy-1".into()),
-            last_event_id: None,
-            body: Body::Bytes(json!({"prompt": prompt}).to_string().into_bytes()),
-        };
-        answer(&http::handle(edge, now, [now as u8; 16], req))
-    };
+    let keyed = |edge: &mut Edge, now: u64, secret: &str, prompt: &str| answer(&http::handle(edge, now, [now as u8; 16], keyed(secret, json!({"prompt": prompt}))));
     let (status, of_a) = keyed(&mut edge, 0, A_SECRET, "a's task");
     assert_eq!(status, 202);
     // b guessing a's key and task gets a job of its own, not a's (nor its result).
@@ -398,6 +401,46 @@ fn an_idempotency_key_is_each_callers_own() {
     let (status, conflict) = keyed(&mut edge, 4, B_SECRET, "another task");
     assert_eq!(status, 409);
     assert_eq!(conflict["job_id"], of_b["job_id"], "{conflict}");
+}
+
+/// A key is its caller's, and a caller with its own secret is not the pool secret's name
+/// of it: a key the pool's secret used for `x` before `x` had a secret does not answer
+/// `x`'s own secret with that job (whose holder could have planted it, guessing the key
+/// and the task), nor the other way round — a 409, never a second run of the task.
+#[test]
+fn an_idempotency_key_used_by_the_pools_secret_does_not_answer_the_callers_own() {
+    const X_SECRET: &str = "caller-x-secret-0123456789";
+    let saved = |h: Handled| -> Vec<Job> {
+        h.effects.into_iter().filter_map(|e| if let Effect::Save(j) = e { Some(*j) } else { None }).collect()
+    };
+    let mut edge = Edge::new(pool_config(), 0);
+    let h = http::handle(&mut edge, 1, [1; 16], keyed(SECRET, json!({"prompt": "x's task", "caller": "x"})));
+    let (status, planted) = answer(&h);
+    assert_eq!(status, 202, "{planted}");
+    // The edge restarts with `x` given its own secret.
+    let after = Config { caller_secrets: vec![("a".into(), A_SECRET.into()), ("x".into(), X_SECRET.into())], ..pool_config() };
+    let (mut edge, _) = Edge::restore(after, saved(h), vec![], None, 10);
+    let (status, body) = answer(&http::handle(&mut edge, 11, [11; 16], keyed(X_SECRET, json!({"prompt": "x's task"}))));
+    assert_eq!((status, body["error_code"].as_str()), (409, Some("CONFLICT")), "x's own secret is not answered with the pool secret's job: {body}");
+    assert!(body["error"].as_str().unwrap().contains("new key"), "says what to do: {body}");
+    assert_eq!(edge.queued(), 1, "and nothing new was queued");
+    // The pool's secret may no longer name `x` at all (its job stays readable by id).
+    let (status, again) = answer(&http::handle(&mut edge, 12, [12; 16], keyed(SECRET, json!({"prompt": "x's task", "caller": "x"}))));
+    assert_eq!(status, 403, "{again}");
+    // Before the restart, its retry found its job: the key is refused only across senders.
+    let mut edge = Edge::new(pool_config(), 0);
+    let first = answer(&http::handle(&mut edge, 1, [1; 16], keyed(SECRET, json!({"prompt": "x's task", "caller": "x"})))).1;
+    let (status, again) = answer(&http::handle(&mut edge, 2, [2; 16], keyed(SECRET, json!({"prompt": "x's task", "caller": "x"}))));
+    assert_eq!((status, &again["job_id"]), (200, &first["job_id"]), "{again}");
+
+    // The other way round: a key `a` used with its own secret, retried after `a`'s secret
+    // was taken away (the pool's secret may then name `a`), is not the pool secret's.
+    let mut edge = Edge::new(pool_config(), 0);
+    let h = http::handle(&mut edge, 1, [1; 16], keyed(A_SECRET, json!({"prompt": "a's task"})));
+    assert_eq!(answer(&h).0, 202);
+    let (mut edge, _) = Edge::restore(Config { caller_secrets: vec![], ..pool_config() }, saved(h), vec![], None, 10);
+    let (status, body) = answer(&http::handle(&mut edge, 11, [11; 16], keyed(SECRET, json!({"prompt": "a's task", "caller": "a"}))));
+    assert_eq!(status, 409, "{body}");
 }
 
 #[test]
