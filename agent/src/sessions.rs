@@ -1159,8 +1159,8 @@ mod tests {
     /// A job's record waits for the log while another job's write cuts sessions and
     /// rewrites the log from what the cut left: if the waiting job's session was cut, its
     /// record must not follow the rewritten log, or a restart brings the session back.
-    /// (The wait is made by holding the log here; the sleep only lets the writer reach it:
-    /// too short, and the test passes without testing.)
+    /// (The wait is made by holding the log here, and the cut made once the writer waits
+    /// in the kernel for it: `write` takes no other lock first.)
     #[test]
     fn a_session_cut_while_its_record_waits_is_not_written_after_the_rewrite() {
         let dir = folder("cut-while-waiting");
@@ -1169,11 +1169,16 @@ mod tests {
         record(&sessions, "kept", &owner("a"), "job", NOW);
         assert_eq!(sessions.ended("z", &owner("a"), NOW + 1), Claim::Owned);
         let log = sessions.log.lock().unwrap();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let writer = {
             let sessions = Arc::clone(&sessions);
-            std::thread::spawn(move || sessions.write("z", &owner("a"), "job-z", NOW + 2).unwrap())
+            std::thread::spawn(move || {
+                // SAFETY: gettid reads this thread's id.
+                tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                sessions.write("z", &owner("a"), "job-z", NOW + 2).unwrap()
+            })
         };
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        wait_in_futex(tid_rx.recv().unwrap());
         // The other job's cut took z; its compaction rewrites the log.
         sessions.index.lock().unwrap().sessions.remove(&SessionKey::of("z"));
         let mut log = log;
@@ -1185,6 +1190,21 @@ mod tests {
         let (sessions, _) = opened(&dir, NOW + 3);
         assert_eq!(sessions.check("z", &owner("a"), NOW + 3), Err(Refused::NoRecord), "cut before the restart, cut after it");
         assert_eq!(sessions.check("kept", &owner("a"), NOW + 3), Ok(()));
+    }
+
+    /// Returns once thread `tid` of this process sleeps in `futex` (a lock's wait: the
+    /// kernel's word, read from `/proc`, not a guess of how long it takes to get there).
+    fn wait_in_futex(tid: libc::pid_t) {
+        let path = format!("/proc/self/task/{tid}/syscall");
+        let futex = libc::SYS_futex.to_string();
+        for _ in 0..10_000 {
+            let now = std::fs::read_to_string(&path).unwrap_or_default();
+            if now.split(' ').next() == Some(futex.as_str()) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        panic!("thread {tid} never waited for a lock: {}", std::fs::read_to_string(&path).unwrap_or_default());
     }
 
     /// The running agent cuts when a record is written, over every session in memory —
