@@ -68,7 +68,7 @@ pub struct JobContext {
 /// (the edge waits `TIMEOUT_MARGIN_MS`, 30 s by default, beyond `timeout_ms`).
 const FINISH_GRACE: Duration = Duration::from_secs(20);
 /// The largest result JSON: one WebSocket frame, less room for the message around it.
-const MAX_RESULT_BYTES: usize = shared::protocol::MAX_FRAME_BYTES - 64 * 1024;
+pub(crate) const MAX_RESULT_BYTES: usize = shared::protocol::MAX_FRAME_BYTES - 64 * 1024;
 
 /// A job run to its end.
 pub struct Ended {
