@@ -69,6 +69,19 @@ pub fn open_plain_with(path: &Path, mut options: std::fs::OpenOptions, what: &st
     Ok(file)
 }
 
+/// Reads a small file the agent keeps, opened as [`open_plain`] opens it (never through a
+/// link, never waiting on a pipe): at most `max` bytes, or an error naming it when it holds
+/// more (a job can make any file of the agent's user as large as the disk).
+pub fn read_plain(path: &Path, max: usize, what: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    open_plain(path, false, what)?.take(max as u64 + 1).read_to_end(&mut bytes)?;
+    if bytes.len() > max {
+        return Err(std::io::Error::other(format!("{} is over {max} bytes: it is not a {what}", path.display())));
+    }
+    Ok(bytes)
+}
+
 /// Creates `dir` (and missing parents) owner-only, and makes an existing one owner-only
 /// (an older version, or another umask, may have left it open).
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
