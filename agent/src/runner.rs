@@ -146,7 +146,9 @@ async fn run_in(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot
             }
         },
         Some(url) => {
-            let _ = tokio::fs::remove_dir_all(&workspace).await;
+            // A leftover of the same job (sent again) goes, as `workspace::prepare` removes one.
+            let leftover = workspace.clone();
+            let _ = tokio::task::spawn_blocking(move || workspace::remove(&leftover)).await;
             let prepared = tokio::select! {
                 prepared = ctx.repos.prepare(&spec, &workspace) => prepared.map_err(Err),
                 s = &mut stop => Err(Ok(Stop::ending(s))),

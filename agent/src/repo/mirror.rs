@@ -119,7 +119,7 @@ impl MirrorCache {
         // Leftovers of an eviction cut short.
         for entry in std::fs::read_dir(&root)?.flatten() {
             if entry.file_name().to_string_lossy().starts_with(".evicted-") {
-                let _ = std::fs::remove_dir_all(entry.path());
+                let _ = crate::files::remove_tree(&entry.path());
             }
         }
         set_timeouts();
@@ -152,7 +152,7 @@ impl MirrorCache {
             }
             if !usable(&dir) {
                 warn!(mirror = %dir.display(), "removing a mirror whose first fetch never finished");
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = crate::files::remove_tree(&dir);
                 self.changed();
                 continue;
             }
@@ -203,7 +203,7 @@ impl MirrorCache {
                 Ok(()) => guard.fetched_from = Some(started),
                 // A first fetch that failed leaves nothing worth keeping (or listing).
                 Err(_) if !usable(&dir) => {
-                    let _ = std::fs::remove_dir_all(&dir);
+                    let _ = crate::files::remove_tree(&dir);
                 }
                 Err(_) => {}
             }
@@ -311,7 +311,7 @@ impl MirrorCache {
                 }
             }
             self.changed();
-            let _ = std::fs::remove_dir_all(&trash);
+            let _ = crate::files::remove_tree(&trash);
             info!(repo = %name.trim(), bytes = sizes.get(&folder).copied().unwrap_or(0), max_bytes = self.max_bytes, "mirror evicted (REPO_CACHE_MAX_BYTES)");
         }
     }
@@ -368,7 +368,7 @@ fn open_or_create(dir: &Path, name: &str) -> Result<Repository, RepoError> {
             Ok(repo) => return Ok(repo),
             Err(e) => {
                 warn!(repo = %name, error = %e.message(), "the mirror is unreadable; making it again");
-                std::fs::remove_dir_all(dir).map_err(|e| local("remove a broken mirror", e))?;
+                crate::files::remove_tree(dir).map_err(|e| local("remove a broken mirror", e))?;
             }
         }
     }
