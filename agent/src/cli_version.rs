@@ -24,7 +24,9 @@ pub async fn probe(bin: &std::path::Path) -> Result<String, String> {
         Ok(Ok(out)) if out.status.success() => {
             let text = String::from_utf8_lossy(&out.stdout);
             match text.lines().map(str::trim).find(|l| !l.is_empty()) {
-                Some(line) => Ok(line.to_string()),
+                // What the edge keeps of it, and no more: it goes in the hello, which the
+                // edge reads only up to 64 KiB.
+                Some(line) => Ok(shared::text::truncate(line, shared::protocol::MAX_CLAUDE_VERSION_BYTES).to_string()),
                 None => Err(format!("{} --version printed nothing; reinstall Claude Code", bin.display())),
             }
         }
@@ -66,5 +68,27 @@ impl CliVersion {
             }
             Err(e) => tracing::warn!(claude = %real.display(), error = %e, "could not read the Claude Code CLI's version"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The version goes in the agent's hello, which the edge reads only up to 64 KiB before
+    /// the agent has proved itself: a `claude` (a wrapper, or one a job put on the agent's
+    /// `PATH`) whose first line is 100 KB long kept the agent off the edge at every
+    /// connection. The edge keeps 100 bytes of it; so does the agent.
+    #[tokio::test]
+    async fn a_version_line_is_kept_to_what_the_edge_keeps() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cr-cli-version-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let bin = dir.join("claude");
+        std::fs::write(&bin, "#!/bin/sh\nhead -c 100000 /dev/zero | tr '\\0' v\necho\n").unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let version = super::probe(&bin).await.unwrap();
+        assert!(version.len() <= shared::protocol::MAX_CLAUDE_VERSION_BYTES, "{} bytes", version.len());
+        assert!(version.starts_with("vvv"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -69,6 +69,198 @@ pub fn open_plain_with(path: &Path, mut options: std::fs::OpenOptions, what: &st
     Ok(file)
 }
 
+/// Reads a small file the agent keeps, opened as [`open_plain`] opens it (never through a
+/// link, never waiting on a pipe): at most `max` bytes, or an error naming it when it holds
+/// more (a job can make any file of the agent's user as large as the disk).
+pub fn read_plain(path: &Path, max: usize, what: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    open_plain(path, false, what)?.take(max as u64 + 1).read_to_end(&mut bytes)?;
+    if bytes.len() > max {
+        return Err(std::io::Error::other(format!("{} is over {max} bytes: it is not a {what}", path.display())));
+    }
+    Ok(bytes)
+}
+
+/// Removes `top` and everything under it, never through a link (a link goes, not what it
+/// points to), as `std::fs::remove_dir_all` does — but without recursing: std recurses
+/// once per level, and a job can leave a chain of folders deeper than any stack (std's
+/// overflowed the blocking pool's 2 MiB at some 15,000 levels, and the agent aborted).
+/// Folders are opened by descriptor from their parent (`openat`, `O_NOFOLLOW`), so a
+/// process the job left running cannot swap a link in to lead the removal elsewhere; at
+/// most [`MAX_OPEN_LEVELS`] are open at once, and a folder deeper than that is moved up
+/// under `top` (`renameat`, the entry itself) and removed from there.
+pub fn remove_tree(top: &Path) -> std::io::Result<()> {
+    if !std::fs::symlink_metadata(top)?.is_dir() {
+        return std::fs::remove_file(top);
+    }
+    let root = Folder::open(top)?;
+    // The folders being emptied, below `root`, each with its name in its parent.
+    let mut open: Vec<(Folder, std::ffi::CString)> = Vec::new();
+    let mut moved: u64 = 0;
+    let mut moved_in_pass = false;
+    loop {
+        let here = open.last().map_or(&root, |(f, _)| f);
+        let Some((name, is_dir)) = here.next()? else {
+            match open.pop() {
+                Some((emptied, name)) => {
+                    drop(emptied);
+                    let parent = open.last().map_or(&root, |(f, _)| f);
+                    parent.unlink(&name, true)?;
+                }
+                // Folders moved up after `root` was first listed may not have been seen.
+                None if moved_in_pass => {
+                    moved_in_pass = false;
+                    root.rewind();
+                }
+                None => break,
+            }
+            continue;
+        };
+        if !is_dir {
+            here.unlink(&name, false)?;
+            continue;
+        }
+        if open.len() >= MAX_OPEN_LEVELS {
+            // Moved under `top` by a free name (a job's own `.deep-…` is tried past).
+            let mut tries = 0;
+            loop {
+                moved += 1;
+                tries += 1;
+                let to = std::ffi::CString::new(format!(".deep-{moved}")).expect("no NUL");
+                match here.rename_to(&name, &root, &to) {
+                    Ok(()) => break,
+                    Err(e) if tries < 64 && matches!(e.raw_os_error(), Some(libc::EEXIST | libc::ENOTEMPTY | libc::ENOTDIR | libc::EISDIR)) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            moved_in_pass = true;
+            continue;
+        }
+        match here.open_child(&name) {
+            Ok(child) => open.push((child, name)),
+            // Gone, or no longer a folder (swapped for a file or a link): listed again.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) => here.unlink(&name, false)?,
+            Err(e) => return Err(e),
+        }
+    }
+    drop(root);
+    std::fs::remove_dir(top)
+}
+
+/// Folders [`remove_tree`] holds open at most.
+const MAX_OPEN_LEVELS: usize = 64;
+
+/// A folder open for listing and for removing what it holds, by descriptor.
+struct Folder(std::ptr::NonNull<libc::DIR>);
+
+impl Folder {
+    fn open(path: &Path) -> std::io::Result<Folder> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+        // SAFETY: open with a NUL-terminated path; the descriptor is handed to `from_fd`.
+        let fd = unsafe { libc::open(path.as_ptr(), Self::FLAGS) };
+        Self::from_fd(fd)
+    }
+
+    const FLAGS: libc::c_int = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK;
+
+    fn from_fd(fd: libc::c_int) -> std::io::Result<Folder> {
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is an open folder we own; `fdopendir` takes it over (closed on failure
+        // by us, on success by `closedir`).
+        let dir = unsafe { libc::fdopendir(fd) };
+        match std::ptr::NonNull::new(dir) {
+            Some(dir) => Ok(Folder(dir)),
+            None => {
+                let e = std::io::Error::last_os_error();
+                // SAFETY: closes the descriptor fdopendir did not take.
+                unsafe { libc::close(fd) };
+                Err(e)
+            }
+        }
+    }
+
+    fn fd(&self) -> libc::c_int {
+        // SAFETY: a DIR we own.
+        unsafe { libc::dirfd(self.0.as_ptr()) }
+    }
+
+    fn open_child(&self, name: &std::ffi::CStr) -> std::io::Result<Folder> {
+        // SAFETY: openat relative to a folder we own, with a NUL-terminated name.
+        let fd = unsafe { libc::openat(self.fd(), name.as_ptr(), Self::FLAGS) };
+        Self::from_fd(fd)
+    }
+
+    /// The next entry (not `.` or `..`): its name and whether it is a folder (not a link).
+    fn next(&self) -> std::io::Result<Option<(std::ffi::CString, bool)>> {
+        loop {
+            // SAFETY: readdir on a DIR we own; errno is cleared first to tell its end from
+            // an error. The entry is copied out before the next call.
+            let entry = unsafe {
+                *libc::__errno_location() = 0;
+                libc::readdir(self.0.as_ptr())
+            };
+            if entry.is_null() {
+                let e = std::io::Error::last_os_error();
+                return if e.raw_os_error() == Some(0) { Ok(None) } else { Err(e) };
+            }
+            // SAFETY: a non-null entry from readdir, valid until the next call.
+            let (name, kind) = unsafe { (std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()).to_owned(), (*entry).d_type) };
+            if name.as_bytes() == b"." || name.as_bytes() == b".." {
+                continue;
+            }
+            let is_dir = match kind {
+                libc::DT_DIR => true,
+                libc::DT_UNKNOWN => {
+                    // SAFETY: fstatat relative to a folder we own, not following a link.
+                    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                    let r = unsafe { libc::fstatat(self.fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
+                    r == 0 && st.st_mode & libc::S_IFMT == libc::S_IFDIR
+                }
+                _ => false,
+            };
+            return Ok(Some((name, is_dir)));
+        }
+    }
+
+    /// Removes the entry `name` (a folder, empty, when `folder`); one already gone is fine.
+    fn unlink(&self, name: &std::ffi::CStr, folder: bool) -> std::io::Result<()> {
+        let flags = if folder { libc::AT_REMOVEDIR } else { 0 };
+        // SAFETY: unlinkat relative to a folder we own, with a NUL-terminated name.
+        if unsafe { libc::unlinkat(self.fd(), name.as_ptr(), flags) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }
+    }
+
+    fn rename_to(&self, name: &std::ffi::CStr, to_dir: &Folder, to: &std::ffi::CStr) -> std::io::Result<()> {
+        // SAFETY: renameat between folders we own, with NUL-terminated names.
+        if unsafe { libc::renameat(self.fd(), name.as_ptr(), to_dir.fd(), to.as_ptr()) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    fn rewind(&self) {
+        // SAFETY: a DIR we own.
+        unsafe { libc::rewinddir(self.0.as_ptr()) }
+    }
+}
+
+impl Drop for Folder {
+    fn drop(&mut self) {
+        // SAFETY: a DIR we own, closed once.
+        unsafe { libc::closedir(self.0.as_ptr()) };
+    }
+}
+
 /// Creates `dir` (and missing parents) owner-only, and makes an existing one owner-only
 /// (an older version, or another umask, may have left it open).
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {

@@ -153,13 +153,8 @@ impl Login {
         let mut report = OAuthReport::unconfigured(now);
         let mut tokens: Vec<String> = self.oauth_token_env.iter().chain(&self.api_key_env).cloned().collect();
         let file = &self.credentials_path;
-        let opened = if exists { std::fs::File::open(file) } else { Err(std::io::ErrorKind::NotFound.into()) };
-        match opened.and_then(|f| {
-            use std::io::Read;
-            let mut bytes = Vec::new();
-            // One byte past the limit is enough to know it is too large.
-            f.take(credentials::MAX_BYTES as u64 + 1).read_to_end(&mut bytes).map(|_| bytes)
-        }) {
+        let read = if exists { credentials_bytes(file) } else { Err(std::io::ErrorKind::NotFound.into()) };
+        match read {
             Ok(bytes) => match credentials::parse(&bytes) {
                 Ok(login) => {
                     report.source = OAuthSource::CredentialsFile;
@@ -254,6 +249,24 @@ impl RefreshGate {
             let _ = tokio::time::timeout(Duration::from_millis(500), self.released.notified()).await;
         }
     }
+}
+
+/// The bytes of the credentials file at `path`, up to one past [`credentials::MAX_BYTES`]
+/// (enough to know it is too large). A job runs as the agent's user and can put anything
+/// there: it is opened without waiting (an open of a pipe waits for a writer for ever, and
+/// the login is read on the agent's runtime thread), through a link (Claude's own file may
+/// be one), and read only if it is a plain file (not a pipe, a device such as
+/// `/dev/zero`, a folder).
+pub fn credentials_bytes(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("it is not a plain file (a pipe, a device or a folder put in its place?): put Claude's credentials file back, `claude auth login`"));
+    }
+    let mut bytes = Vec::new();
+    file.take(credentials::MAX_BYTES as u64 + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 #[cfg(test)]

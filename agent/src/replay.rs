@@ -24,6 +24,10 @@ pub struct ReplayGuard {
     pruned_at: Millis,
 }
 
+/// Far more than the file holds after its compactions (the orders of the last two minutes
+/// and some 1,000 lines more); a larger one is not the agent's, and read as no memory.
+const MAX_FILE_BYTES: usize = 64 * 1024 * 1024;
+
 /// How often dead nonces are pruned from memory. A dead nonce kept a little longer refuses
 /// nothing: it is looked up with its expiry.
 const PRUNE_EVERY: Millis = 1_000;
@@ -31,8 +35,14 @@ const PRUNE_EVERY: Millis = 1_000;
 impl ReplayGuard {
     pub fn open(path: PathBuf) -> ReplayGuard {
         // A missing or damaged file is an empty memory: expiry still bounds replays to
-        // the skew window. Damaged lines are skipped.
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        // the skew window. Damaged lines are skipped. Read as a file the agent keeps (never
+        // waiting on a pipe, bounded); anything else a job put in its place goes, or no
+        // nonce could be kept again.
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+            let _ = std::fs::remove_file(&path);
+        }
+        let bytes = crate::files::read_plain(&path, MAX_FILE_BYTES, "replay memory").unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
         // Nonces say which jobs ran when: owner-only, like every file of the agent.
         let _ = crate::files::restrict(&path, crate::files::PRIVATE_FILE);
         let mut seen = HashMap::new();
@@ -57,8 +67,11 @@ impl ReplayGuard {
     fn append(&mut self, line: &[u8]) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         if self.log.is_none() {
-            let mode = crate::files::PRIVATE_FILE;
-            self.log = Some(std::fs::OpenOptions::new().create(true).append(true).mode(mode).open(&self.path)?);
+            let mut options = std::fs::OpenOptions::new();
+            options.create(true).append(true).mode(crate::files::PRIVATE_FILE);
+            // Never through a link, never waiting on a pipe: this runs at an order, on the
+            // runtime thread.
+            self.log = Some(crate::files::open_plain_with(&self.path, options, "replay memory")?);
         }
         let written = self.log.as_mut().expect("just opened").write_all(line);
         if written.is_err() {
@@ -157,6 +170,33 @@ mod tests {
         assert!(lines < 3000, "compacted: {lines} lines");
         let mut g = ReplayGuard::open(path.clone());
         assert!(!g.admit("n2999", 2999, 2999 + CLOCK_SKEW_MS - 5), "the newest nonce survived compaction");
+    }
+
+    /// A job (the agent's user) can put a pipe where the memory is kept: reading it at the
+    /// start, or opening it to append at an order (on the runtime thread, under the lock
+    /// of every job's state), waited for a writer or a reader for ever. It is put out of
+    /// the way at the start, and never waited on.
+    #[test]
+    fn a_pipe_in_place_of_the_memory_holds_nothing() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = path("fifo");
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let opened = path.clone();
+        std::thread::spawn(move || {
+            let mut g = ReplayGuard::open(opened.clone());
+            let _ = tx.send(g.admit("n1", 1_000, 0));
+        });
+        let Ok(admitted) = rx.recv_timeout(std::time::Duration::from_secs(60)) else {
+            let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&path);
+            panic!("the replay memory waited on a pipe put in its place");
+        };
+        assert!(admitted);
+        let mut g = ReplayGuard::open(path.clone());
+        assert!(!g.admit("n1", 1_000, 10), "remembered across a restart: the pipe went, a file took its place");
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

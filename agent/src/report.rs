@@ -135,7 +135,8 @@ impl Reporter {
     /// can tell the credentials that failed from new ones.
     pub fn fingerprint(&self) -> u64 {
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        std::fs::read(&self.login.credentials_path).ok().hash(&mut h);
+        // Read as the login is, bounded and never waiting ([`crate::oauth::credentials_bytes`]).
+        crate::oauth::credentials_bytes(&self.login.credentials_path).ok().hash(&mut h);
         self.login.oauth_token_env.hash(&mut h);
         self.login.api_key_env.hash(&mut h);
         h.finish()
@@ -207,6 +208,42 @@ mod tests {
         assert!(r.report().usage.is_none());
         r.resume(Some(&last(window(5_000))), 2_000);
         assert_eq!(r.report().usage.unwrap().blocked_until(), Some(5_000));
+    }
+
+    /// A job runs as the agent's user and can put anything where Claude's credentials file
+    /// goes: a pipe (an open of it waits for a writer for ever), or a link to `/dev/zero`
+    /// or a huge sparse file (read whole). The reporter looks at the file every second and
+    /// at every heartbeat on the agent's one runtime thread, holding the login's reading
+    /// lock: the agent froze for good — no heartbeat, no result, no job. A pipe there is
+    /// a credentials file that cannot be read, said so, and nothing waits on it. (Bounded
+    /// here by a writer opened after a minute: the old code waited for it.)
+    #[test]
+    fn a_pipe_in_place_of_the_credentials_file_holds_nothing() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let (r, dir) = reporter("fifo");
+        let path = dir.join(".credentials.json");
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            r.look();
+            let report = r.report();
+            let _ = r.fingerprint();
+            let _ = tx.send(report);
+        });
+        let report = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(report) => report,
+            Err(_) => {
+                // Let the stuck reads go (each open finds a writer, then the end of input).
+                for _ in 0..4 {
+                    let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&path);
+                }
+                panic!("reading the login waited on a pipe put in place of the credentials file");
+            }
+        };
+        assert!(report.problem.as_deref().is_some_and(|p| p.contains("not a plain file")), "{:?}", report.problem);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]

@@ -68,7 +68,7 @@ pub struct JobContext {
 /// (the edge waits `TIMEOUT_MARGIN_MS`, 30 s by default, beyond `timeout_ms`).
 const FINISH_GRACE: Duration = Duration::from_secs(20);
 /// The largest result JSON: one WebSocket frame, less room for the message around it.
-const MAX_RESULT_BYTES: usize = shared::protocol::MAX_FRAME_BYTES - 64 * 1024;
+pub(crate) const MAX_RESULT_BYTES: usize = shared::protocol::MAX_FRAME_BYTES - 64 * 1024;
 
 /// A job run to its end.
 pub struct Ended {
@@ -146,7 +146,9 @@ async fn run_in(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot
             }
         },
         Some(url) => {
-            let _ = tokio::fs::remove_dir_all(&workspace).await;
+            // A leftover of the same job (sent again) goes, as `workspace::prepare` removes one.
+            let leftover = workspace.clone();
+            let _ = tokio::task::spawn_blocking(move || workspace::remove(&leftover)).await;
             let prepared = tokio::select! {
                 prepared = ctx.repos.prepare(&spec, &workspace) => prepared.map_err(Err),
                 s = &mut stop => Err(Ok(Stop::ending(s))),

@@ -190,6 +190,16 @@ pub fn interrupted() -> JobResult {
     )
 }
 
+/// An older agent's marker holds its order's nonce, a short line; more is not one.
+const MAX_MARKER_BYTES: usize = 1024;
+
+/// A spool file's bytes, read as a file the agent keeps ([`crate::files::read_plain`]):
+/// a job can put a pipe or a link to anything in its place, and the spool files are read
+/// at every connection, on the runtime thread.
+fn read_kept(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    crate::files::read_plain(path, record::MAX_PAYLOAD, "spooled result")
+}
+
 /// Reads the record at `at` (nothing there, or a short file, reads as no record).
 fn read_region(file: &std::fs::File, at: u64) -> std::io::Result<Region> {
     let mut header = vec![0; record::HEADER_BYTES];
@@ -301,8 +311,8 @@ impl Spool {
             }
             tracing::warn!(job_id = id, "a job was running when the agent stopped; it is reported lost, not run again");
             // Written by an older agent: its order's nonce, a short plain line.
-            let nonce = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            let nonce = shared::text::truncate(nonce.trim(), shared::ids::MAX_JOB_ID + 16).to_string();
+            let nonce = crate::files::read_plain(&entry.path(), MAX_MARKER_BYTES, "started marker").unwrap_or_default();
+            let nonce = shared::text::truncate(String::from_utf8_lossy(&nonce).trim(), shared::ids::MAX_JOB_ID + 16).to_string();
             interrupted_jobs.push(Interrupted { job_id: id.to_string(), order_nonce: nonce });
         }
         Ok((spool, interrupted_jobs))
@@ -584,7 +594,7 @@ impl Spool {
                 return None;
             }
         }
-        self.seal.open_bytes(&std::fs::read(self.path(job_id)?).ok()?, job_id)
+        self.seal.open_bytes(&read_kept(&self.path(job_id)?).ok()?, job_id)
     }
 
     /// The edge has the result: it goes (from memory, from its slot, from a spool file,
@@ -670,7 +680,7 @@ impl Spool {
             let Some(id) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else {
                 continue;
             };
-            match std::fs::read(&path).ok().and_then(|b| self.seal.open_bytes(&b, id)) {
+            match read_kept(&path).ok().and_then(|b| self.seal.open_bytes(&b, id)) {
                 Some(r) if safe_id(id) => {
                     self.lock().filed.insert(id.to_string());
                     out.insert(id.to_string(), r);
@@ -741,6 +751,42 @@ mod tests {
         let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         names
+    }
+
+    /// A job (the agent's user) can put a pipe where a spooled result or an older agent's
+    /// marker is looked for. The markers are read at the start, the spooled results at
+    /// every connection (the hello names them) on the runtime thread: a pipe there froze the
+    /// agent at every start or reconnect, for good — it was never moved aside. Now it is
+    /// not a kept result: set aside like any other, and nothing waits on it.
+    #[test]
+    fn a_pipe_in_place_of_a_kept_result_or_marker_holds_nothing() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = dir("fifo");
+        drop(open(&dir, 1));
+        let fifo = |path: PathBuf| {
+            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: mkfifo with a path we own.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        };
+        fifo(dir.join("spool/planted.json"));
+        fifo(dir.join("started/marked"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let opened = dir.clone();
+        std::thread::spawn(move || {
+            let (spool, interrupted) = open(&opened, 1);
+            let _ = tx.send((ids(spool.all()), interrupted.len(), spool.get("planted")));
+        });
+        let Ok((all, interrupted, got)) = rx.recv_timeout(std::time::Duration::from_secs(60)) else {
+            for path in [dir.join("spool/planted.json"), dir.join("started/marked")] {
+                let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(path);
+            }
+            panic!("the spool waited on a pipe put in place of a kept result or a marker");
+        };
+        assert!(all.is_empty(), "{all:?}");
+        assert_eq!(interrupted, 1, "the marker still says its job ran");
+        assert_eq!(got, None);
+        assert!(dir.join("spool/planted.bad").exists(), "set aside");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -231,9 +231,14 @@ impl StatusFile {
     }
 }
 
+/// Far more than the agent writes (its jobs, mirrors and login, a few KiB).
+const MAX_STATUS_BYTES: usize = 4 * 1024 * 1024;
+
 pub fn read(data_dir: &std::path::Path) -> anyhow::Result<Option<Status>> {
     let path = data_dir.join("status.json");
-    match std::fs::read(&path) {
+    // Read as a file the agent keeps (bounded, never waiting on a pipe a job put there);
+    // anything else reads as none, and the agent's own replaces it.
+    match crate::files::read_plain(&path, MAX_STATUS_BYTES, "status file") {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| anyhow::anyhow!("{} is unreadable ({e}); restart the agent to rewrite it", path.display())),
@@ -308,6 +313,31 @@ pub fn show(data_dir: &std::path::Path) -> anyhow::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The agent reads the status file its predecessor left before it writes its own: a
+    /// pipe a job put there (the agent's user) held the agent's start for good, and the
+    /// container's health check (`status --check`) with it. It reads as no status file.
+    #[test]
+    fn a_pipe_in_place_of_the_status_file_holds_nothing() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = std::env::temp_dir().join(format!("cr-status-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let c = std::ffi::CString::new(dir.join("status.json").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let read_in = dir.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(read(&read_in).map_err(|e| e.to_string()));
+        });
+        let Ok(status) = rx.recv_timeout(std::time::Duration::from_secs(60)) else {
+            let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(dir.join("status.json"));
+            panic!("reading the status file waited on a pipe put in its place");
+        };
+        assert!(matches!(status, Ok(None)), "a pipe is no status file: {status:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// Job starts and ends are written off the job's thread, in bursts; whatever the
     /// interleaving with immediate writes, the file ends with the last change.

@@ -51,8 +51,28 @@ fn fail(message: String) -> anyhow::Result<i32> {
     Ok(2)
 }
 
+/// Text from a job (Claude's words: whatever the prompt, the repository or its tools'
+/// output put in them) as a terminal may be given it: each control character but a line
+/// break or a tab shown as its escape (`\u{1b}`), so that none can move the cursor, print
+/// over what was shown, or reach the terminal's clipboard or title (OSC 52, OSC 0).
+fn for_terminal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// One progress event as a line for a person, if it says something worth showing.
 fn describe(event: &Value) -> Option<String> {
+    describe_raw(event).map(|line| for_terminal(&line))
+}
+
+fn describe_raw(event: &Value) -> Option<String> {
     match event["type"].as_str()? {
         "system" if event["subtype"] == "init" => Some(format!("· session {} ({})", event["session_id"].as_str()?, event["model"].as_str().unwrap_or("?"))),
         "assistant" => {
@@ -155,6 +175,9 @@ fn finish(result: &Value, as_json: bool) -> i32 {
     if as_json {
         let _ = writeln!(out, "{}", serde_json::to_string_pretty(result).unwrap_or_default());
     } else if let Some(text) = result["output"].as_str().filter(|t| !t.is_empty()) {
+        // To a terminal, shown safe; to a file or a pipe, as Claude wrote it.
+        use std::io::IsTerminal;
+        let text = if out.is_terminal() { for_terminal(text).into() } else { std::borrow::Cow::Borrowed(text) };
         let _ = writeln!(out, "{text}");
     }
     let _ = out.flush();
@@ -163,8 +186,27 @@ fn finish(result: &Value, as_json: bool) -> i32 {
     }
     eprintln!(
         "claude-runner submit: the task failed ({}): {}",
-        result["error_code"].as_str().unwrap_or("?"),
-        result["error"].as_str().unwrap_or("no error text")
+        for_terminal(result["error_code"].as_str().unwrap_or("?")),
+        for_terminal(result["error"].as_str().unwrap_or("no error text"))
     );
     if result["fallback"] == true { 2 } else { 1 }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    /// Claude's words come from the prompt, the repository and what its tools printed: a
+    /// job can put terminal control sequences in them, and `submit` printed them raw to the
+    /// operator's terminal — to set its clipboard (OSC 52), its title, or move the cursor
+    /// and print over what was shown ("all tests passed" over a failure). A person's line
+    /// shows them as text instead.
+    #[test]
+    fn a_jobs_words_reach_the_terminal_without_their_control_sequences() {
+        let text = "3 failed\x1b]52;c;ZXZpbA==\x07\x1b[2K\rall tests passed\u{9b}31m";
+        let event = json!({"type":"assistant","message":{"content":[{"type":"text","text": text}]}});
+        let shown = super::describe(&event).unwrap();
+        assert!(!shown.chars().any(|c| c.is_control() && c != '\n' && c != '\t'), "{shown:?}");
+        assert!(shown.contains("3 failed") && shown.contains("all tests passed"));
+    }
 }

@@ -62,7 +62,7 @@ pub fn remove(workspace: &Path) -> std::io::Result<()> {
     match std::fs::remove_dir(workspace) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(_) => std::fs::remove_dir_all(workspace).or_else(|e| {
+        Err(_) => crate::files::remove_tree(workspace).or_else(|e| {
             // The job left folders its own user may not list or empty as they are
             // (read-only: a Go module cache, a `chmod -w`; closed: `chmod 000`): they are
             // that user's, so opened up, and removed.
@@ -70,7 +70,7 @@ pub fn remove(workspace: &Path) -> std::io::Result<()> {
                 return Err(e);
             }
             open_up(workspace);
-            std::fs::remove_dir_all(workspace)
+            crate::files::remove_tree(workspace)
         }),
     }
 }
@@ -251,6 +251,47 @@ pub(crate) mod tests {
         let (removed, left) = as_an_ordinary_user(move || (remove(&job).map_err(|e| e.to_string()), clear_leftovers(&root_in, false)));
         assert_eq!(removed, Ok(()));
         assert_eq!(left, 1, "the other removed at the next start");
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+        std::fs::remove_dir_all(&data).unwrap();
+    }
+
+    /// A chain of `depth` folders `d/d/d/…` under `top`, made through descriptors (a path
+    /// that long is more than a system call takes).
+    pub(crate) fn folder_chain(top: &Path, depth: usize) {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let mut dir = std::fs::File::open(top).map(OwnedFd::from).unwrap();
+        for _ in 0..depth {
+            // SAFETY: mkdirat/openat on a descriptor we own, with a NUL-terminated name.
+            unsafe {
+                assert_eq!(libc::mkdirat(dir.as_raw_fd(), c"d".as_ptr(), 0o700), 0);
+                let fd = libc::openat(dir.as_raw_fd(), c"d".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC);
+                assert!(fd >= 0);
+                dir = OwnedFd::from_raw_fd(fd);
+            }
+        }
+    }
+
+    /// A job can leave a chain of folders deeper than any stack (`mkdir -p` a few thousand
+    /// levels at a time, `cd`, again). std's `remove_dir_all` recurses once per level: on
+    /// the blocking pool's 2 MiB stacks, where a job's workspace is removed, some 15,000
+    /// levels overflowed it and the agent aborted, every job it ran lost — and so at every
+    /// start, wherever the descriptor limit let the recursion go as deep. Removed on the
+    /// heap, with a bounded number of folders open, whatever the depth.
+    #[test]
+    fn a_workspace_deeper_than_any_stack_is_removed() {
+        let data = std::env::temp_dir().join(format!("cr-ws-deep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let root = super::root(&data).unwrap();
+        let ws = prepare(&root, "job-7", None).unwrap();
+        std::fs::write(ws.join("file"), "x").unwrap();
+        folder_chain(&ws, 30_000);
+        let removed = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || remove(&ws).map_err(|e| e.to_string()))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(removed, Ok(()));
         assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
         std::fs::remove_dir_all(&data).unwrap();
     }

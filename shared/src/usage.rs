@@ -44,6 +44,11 @@ pub struct UsageWindow {
 /// window Claude subscriptions have is five hours; a later successful run clears it).
 pub const UNKNOWN_RESET_MS: Millis = 5 * 3_600_000;
 
+/// The longest a rejected window is believed to block after it was seen: a day more than
+/// the longest window Claude subscriptions have (seven days). A reset named later than
+/// that is not the CLI's word (a job can write into Claude's stdout) and counts as this.
+pub const MAX_RESET_MS: Millis = 8 * 86_400_000;
+
 /// `/health`'s `usage` block.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageView {
@@ -75,7 +80,8 @@ impl UsageWindow {
 
     /// Until when (wall time) the window refuses work, if it does.
     pub fn blocked_until(&self) -> Option<Millis> {
-        (self.status == UsageStatus::Rejected).then(|| self.resets_at.unwrap_or(self.seen_at.saturating_add(UNKNOWN_RESET_MS)))
+        let latest = self.seen_at.saturating_add(MAX_RESET_MS);
+        (self.status == UsageStatus::Rejected).then(|| self.resets_at.unwrap_or(self.seen_at.saturating_add(UNKNOWN_RESET_MS)).min(latest))
     }
 
     /// Whether the window refuses work at wall time `now`.
@@ -106,7 +112,8 @@ mod tests {
         // As 2.1.197 prints it for a 429 with the window rejected.
         let line = json!({"type":"rate_limit_event","rate_limit_info":{"status":"rejected","resetsAt":1796150081,
             "rateLimitType":"five_hour","overageStatus":"rejected","isUsingOverage":false},"session_id":"s"});
-        let w = UsageWindow::from_event(&line, 5).unwrap();
+        // Seen an hour before its reset.
+        let w = UsageWindow::from_event(&line, 1_796_146_481_000).unwrap();
         assert_eq!(w.status, UsageStatus::Rejected);
         assert_eq!(w.resets_at, Some(1_796_150_081_000));
         assert_eq!(w.kind.as_deref(), Some("five_hour"));
@@ -123,5 +130,23 @@ mod tests {
         }
         let no_reset = UsageWindow { status: UsageStatus::Rejected, kind: None, resets_at: None, utilization: None, seen_at: 10 };
         assert_eq!(no_reset.blocked_until(), Some(10 + UNKNOWN_RESET_MS));
+    }
+
+    /// A line in Claude's output is not only Claude's: a job that runs commands can write
+    /// into Claude's stdout (`/proc/<pid>/fd/1`, the same user), and a CLI could one day
+    /// give the time in another unit. A rejected window said to reset in the year 33000
+    /// held every caller's work on the agent until then — kept across its restarts, as a
+    /// used-up window is. No subscription window is longer than seven days: a window
+    /// blocks no longer than [`MAX_RESET_MS`] after it was seen, whatever it says.
+    #[test]
+    fn a_window_blocks_no_longer_than_the_longest_window() {
+        let now = 1_796_150_000_000;
+        let line = json!({"type":"rate_limit_event","rate_limit_info":{"status":"rejected","resetsAt":1e15,"rateLimitType":"seven_day"}});
+        let w = UsageWindow::from_event(&line, now).unwrap();
+        assert!(w.blocks(now + MAX_RESET_MS - 1));
+        assert!(!w.blocks(now + MAX_RESET_MS), "blocked until {:?}", w.blocked_until());
+        // A window that says less is taken at its word.
+        let soon = json!({"type":"rate_limit_event","rate_limit_info":{"status":"rejected","resetsAt":1_796_150_600}});
+        assert_eq!(UsageWindow::from_event(&soon, now).unwrap().blocked_until(), Some(1_796_150_600_000));
     }
 }

@@ -99,7 +99,8 @@ pub struct Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         // Last use, for the eviction order; losing it only makes the mirror look older.
-        let _ = std::fs::write(self.dir.join(USED_FILE), crate::now_ms().to_string());
+        // Made anew, not opened as found: a pipe a job put there would hold this thread.
+        let _ = crate::files::write_atomically(&self.dir.join(USED_FILE), crate::now_ms().to_string().as_bytes(), false);
     }
 }
 
@@ -118,7 +119,7 @@ impl MirrorCache {
         // Leftovers of an eviction cut short.
         for entry in std::fs::read_dir(&root)?.flatten() {
             if entry.file_name().to_string_lossy().starts_with(".evicted-") {
-                let _ = std::fs::remove_dir_all(entry.path());
+                let _ = crate::files::remove_tree(&entry.path());
             }
         }
         set_timeouts();
@@ -151,7 +152,7 @@ impl MirrorCache {
             }
             if !usable(&dir) {
                 warn!(mirror = %dir.display(), "removing a mirror whose first fetch never finished");
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = crate::files::remove_tree(&dir);
                 self.changed();
                 continue;
             }
@@ -202,7 +203,7 @@ impl MirrorCache {
                 Ok(()) => guard.fetched_from = Some(started),
                 // A first fetch that failed leaves nothing worth keeping (or listing).
                 Err(_) if !usable(&dir) => {
-                    let _ = std::fs::remove_dir_all(&dir);
+                    let _ = crate::files::remove_tree(&dir);
                 }
                 Err(_) => {}
             }
@@ -248,16 +249,27 @@ impl MirrorCache {
         self.mirror_names()
     }
 
+    /// The names of the mirrors on disk, as the edge may be told them: only a name that is
+    /// its own folder's (as the agent writes them: anything else was put there), at most
+    /// [`shared::placement::MAX_MIRRORS`] (all the edge keeps) and [`MAX_NAMES_BYTES`] in
+    /// all, so that they never take a hello past what the edge reads of one.
     fn read_names(&self) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(&self.root)
             .into_iter()
             .flatten()
             .flatten()
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            .filter_map(|e| std::fs::read_to_string(e.path().join(NAME_FILE)).ok())
-            .map(|n| n.trim().to_string())
+            .filter_map(|e| {
+                let folder = e.file_name().into_string().ok().filter(|f| !f.starts_with('.'))?;
+                read_name(&e.path()).filter(|name| layout::folder(name) == folder)
+            })
             .collect();
         names.sort();
+        let mut bytes = 0;
+        names.truncate(shared::placement::MAX_MIRRORS);
+        names.retain(|name| {
+            bytes += name.len() + 3;
+            bytes <= MAX_NAMES_BYTES
+        });
         names
     }
 
@@ -270,9 +282,9 @@ impl MirrorCache {
             if folder.starts_with('.') || !entry.path().is_dir() {
                 continue;
             }
-            let last_used = std::fs::read_to_string(entry.path().join(USED_FILE))
+            let last_used = crate::files::read_plain(&entry.path().join(USED_FILE), 32, "mirror's last use")
                 .ok()
-                .and_then(|t| t.trim().parse().ok())
+                .and_then(|t| String::from_utf8(t).ok()?.trim().parse().ok())
                 .unwrap_or(now);
             mirrors.push(MirrorUse { bytes: disk_bytes(&entry.path()), last_used, in_use: false, folder });
         }
@@ -285,7 +297,7 @@ impl MirrorCache {
         let sizes: HashMap<String, u64> = mirrors.iter().map(|m| (m.folder.clone(), m.bytes)).collect();
         for folder in layout::evictions(mirrors, self.max_bytes) {
             let dir = self.root.join(&folder);
-            let name = std::fs::read_to_string(dir.join(NAME_FILE)).unwrap_or_else(|_| folder.clone());
+            let name = read_name(&dir).unwrap_or_else(|| folder.clone());
             // Moved aside under the lock, so a job arriving now finds no half-deleted mirror.
             let trash = self.root.join(format!(".evicted-{folder}-{now}"));
             {
@@ -299,10 +311,22 @@ impl MirrorCache {
                 }
             }
             self.changed();
-            let _ = std::fs::remove_dir_all(&trash);
+            let _ = crate::files::remove_tree(&trash);
             info!(repo = %name.trim(), bytes = sizes.get(&folder).copied().unwrap_or(0), max_bytes = self.max_bytes, "mirror evicted (REPO_CACHE_MAX_BYTES)");
         }
     }
+}
+
+/// The most bytes of mirror names an agent tells the edge (in its hello, whose whole the
+/// edge reads only up to `MAX_HELLO_BYTES`, 64 KiB): some hundreds of names.
+const MAX_NAMES_BYTES: usize = 16 * 1024;
+
+/// The repository name kept in the mirror at `dir` ([`NAME_FILE`]), if it holds one: read
+/// as a file the agent keeps ([`crate::files::read_plain`]), since a job can put anything
+/// there, a pipe or a file as large as the disk.
+fn read_name(dir: &Path) -> Option<String> {
+    let bytes = crate::files::read_plain(&dir.join(NAME_FILE), shared::repo::MAX_REPO_URL + 16, "mirror name").ok()?;
+    String::from_utf8(bytes).ok().map(|name| name.trim().to_string())
 }
 
 /// libgit2's process-wide timeouts for servers that accept nothing or send nothing.
@@ -344,7 +368,7 @@ fn open_or_create(dir: &Path, name: &str) -> Result<Repository, RepoError> {
             Ok(repo) => return Ok(repo),
             Err(e) => {
                 warn!(repo = %name, error = %e.message(), "the mirror is unreadable; making it again");
-                std::fs::remove_dir_all(dir).map_err(|e| local("remove a broken mirror", e))?;
+                crate::files::remove_tree(dir).map_err(|e| local("remove a broken mirror", e))?;
             }
         }
     }
@@ -463,6 +487,67 @@ pub fn default_branch(dir: &Path) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// The names of the mirrors go in the agent's hello, which the edge takes only up to
+    /// `MAX_HELLO_BYTES` (64 KiB) before the agent has proved itself: over it, the agent is
+    /// refused at every connection, for good (the mirrors stay on disk across restarts).
+    /// The names were read whole from every folder of `DATA_DIR/repos`, which a job (the
+    /// agent's user) can fill: one name file of 100 KB, or some thousands of mirrors (made
+    /// by hand, or the agent's own in a cache of many small repositories), kept the agent
+    /// off the edge; a pipe in place of a name file froze the thread reading it. What goes
+    /// is what the edge keeps anyway: plausible names (each its own folder's), bounded.
+    #[test]
+    fn the_mirror_names_in_a_hello_fit_it_whatever_the_folders_hold() {
+        use shared::protocol::{AgentMessage, Hello, MAX_HELLO_BYTES, PROTOCOL_VERSION};
+        let root = std::env::temp_dir().join(format!("cr-mirror-names-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let cache = MirrorCache::open(root.clone(), u64::MAX).unwrap();
+        let plant = |folder: &str, name: &str| {
+            std::fs::create_dir_all(root.join(folder)).unwrap();
+            std::fs::write(root.join(folder).join(NAME_FILE), name).unwrap();
+        };
+        plant("big", &"a".repeat(100_000));
+        for i in 0..3000 {
+            let name = format!("github.com/some-owner/a-repository-{i}");
+            plant(&layout::folder(&name), &name);
+        }
+        std::fs::create_dir_all(root.join("pipe")).unwrap();
+        let fifo = std::ffi::CString::new(root.join("pipe").join(NAME_FILE).as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a path we own.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(cache.mirror_names_from_disk());
+        });
+        let Ok(mirrors) = rx.recv_timeout(std::time::Duration::from_secs(60)) else {
+            panic!("reading the mirror names waited on a pipe put in place of a name file");
+        };
+        assert!(!mirrors.is_empty() && mirrors.len() <= shared::placement::MAX_MIRRORS, "{} names", mirrors.len());
+        assert!(mirrors.iter().all(|n| n.starts_with("github.com/some-owner/a-repository-")));
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            agent_id: "a".repeat(64),
+            agent_version: "0.0.0".into(),
+            challenge: "c".repeat(64),
+            agent_nonce: "n".repeat(32),
+            ephemeral: "e".repeat(44),
+            issued_at: 1,
+            capacity: 4,
+            running: (0..4).map(|i| format!("{i:0>128}")).collect(),
+            finished: (0..16).map(|i| format!("{i:0>128}")).collect(),
+            oauth: shared::oauth::OAuthReport::unconfigured(1),
+            claude_version: Some("v".repeat(100)),
+            labels: (0..16).map(|i| (format!("k{i}"), "v".repeat(20))).collect(),
+            mirrors,
+        };
+        let envelope = shared::envelope::Envelope::seal(shared::envelope::Domain::Hello, &hello, &key);
+        let frame = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: hello.agent_id.clone(), envelope }.to_text();
+        assert!(frame.len() <= MAX_HELLO_BYTES, "a hello of {} bytes, over the edge's {MAX_HELLO_BYTES}", frame.len());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
     #[test]
     fn tokens_go_to_their_own_host_only() {
         assert!(super::on_host("https://github.com/a/b", "github.com"));

@@ -203,12 +203,13 @@ impl Prepared {
     }
 }
 
-/// Shrinks a result whose JSON would not fit in `max_bytes` (a WebSocket frame, with room
-/// for the message around it): the diff is cut further (`diff_truncated`), then the file
-/// list. JSON escaping can make a diff under `MAX_DIFF_BYTES` larger than the frame.
+/// Shrinks a result that would not fit in `max_bytes` of its frame (a WebSocket frame,
+/// with room for the message around it): the diff is cut further (`diff_truncated`), then
+/// the file list. JSON escaping can make a diff under `MAX_DIFF_BYTES` larger than the
+/// frame — twice over: see [`framed_len`].
 pub fn fit_result(result: &mut JobResult, max_bytes: usize) {
     for _ in 0..8 {
-        let size = serde_json::to_vec(result).map(|v| v.len()).unwrap_or(usize::MAX);
+        let size = framed_len(result);
         if size <= max_bytes {
             return;
         }
@@ -230,6 +231,14 @@ pub fn fit_result(result: &mut JobResult, max_bytes: usize) {
             },
         }
     }
+}
+
+/// The bytes `result` takes in its frame. Its JSON text goes as the payload of a MACed
+/// envelope ([`shared::envelope::Tagged`]), a JSON string itself, where each `"` and `\`
+/// of the text takes two bytes (serde_json leaves no raw control character in it to be
+/// escaped again): a diff of quotes and backslashes takes four bytes a character there.
+fn framed_len(result: &JobResult) -> usize {
+    serde_json::to_string(result).map_or(usize::MAX, |text| text.len() + text.bytes().filter(|b| matches!(b, b'"' | b'\\')).count())
 }
 
 #[cfg(test)]

@@ -305,6 +305,25 @@ fn results_are_shrunk_to_fit_a_frame() {
     assert_eq!(small.diff_truncated, Some(false));
 }
 
+/// The result goes to the edge as the payload of a MACed envelope: its JSON text, escaped
+/// once more as a JSON string, so each `"` and `\` of it takes two bytes in the frame. A
+/// diff of quotes and backslashes (a JSON fixture, Windows paths, LaTeX) shrunk only to
+/// fit its own JSON made a frame up to twice the limit: the edge closed the connection at
+/// it, and the agent sent it again after every reconnect, for ever.
+#[test]
+fn a_result_shrunk_to_fit_fits_its_frame_once_escaped_again() {
+    use shared::job::JobResult;
+    use shared::protocol::{AgentMessage, ResultReport, MAX_FRAME_BYTES};
+    let diff = format!("+{}\n", "\\\"".repeat(40)).repeat(60_000);
+    let mut r = JobResult { success: true, diff: Some(diff), diff_truncated: Some(false), ..JobResult::default() };
+    super::fit_result(&mut r, crate::runner::MAX_RESULT_BYTES);
+    assert_eq!(r.diff_truncated, Some(true));
+    let report = ResultReport { job_id: "j".repeat(shared::ids::MAX_JOB_ID), order_nonce: "n".repeat(200), result: r };
+    let frame = AgentMessage::result_text(serde_json::to_string(&report).unwrap(), &shared::link::MacKey::from_bytes([7; 32])).to_text();
+    assert!(frame.len() <= MAX_FRAME_BYTES, "a frame of {} bytes, over the {MAX_FRAME_BYTES}-byte limit", frame.len());
+    assert!(shared::protocol::decode::<AgentMessage>(&frame).is_ok());
+}
+
 #[tokio::test]
 async fn claudes_own_commits_are_in_the_diff_and_under_the_pushed_commit() {
     let tmp = TempDir::new("own-commits");
