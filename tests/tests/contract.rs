@@ -989,6 +989,35 @@ async fn headers_with_bytes_past_ascii_are_read_not_dropped(kind: EdgeKind) {
     assert!(resumed.text.contains("Last-Event-ID"), "{}", resumed.text);
 }
 
+/// A header sent twice is read as the Worker's runtime reads it (Fetch joins the values
+/// with `, `): the native edge took the first alone, so `X-Runner-Secret: <secret>` then
+/// `X-Runner-Secret: <anything>` was let in there and refused on the Worker, and two
+/// `Idempotency-Key`s named one job there and another on the Worker.
+async fn a_header_sent_twice_is_read_the_same_on_both_hosts(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let http = reqwest::Client::new();
+    let twice = |first: &str, second: &str| {
+        http.get(format!("{}/jobs", s.edge.url())).header("X-Runner-Secret", first).header("X-Runner-Secret", second)
+    };
+    for (first, second) in [(SECRET, "wrong-secret-0123456789"), ("wrong-secret-0123456789", SECRET)] {
+        let resp = twice(first, second).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 403, "secrets {first} then {second}: {}", resp.text().await.unwrap());
+    }
+    let submit = |keys: &[&str]| {
+        let mut req = http.post(format!("{}/jobs", s.edge.url())).header("X-Runner-Secret", SECRET);
+        for key in keys {
+            req = req.header("Idempotency-Key", *key);
+        }
+        req.header("content-type", "application/json").body(json!({"prompt": "@sleep=200 keyed"}).to_string()).send()
+    };
+    let job = |resp: reqwest::Response| async move { resp.json::<serde_json::Value>().await.unwrap()["job_id"].as_str().unwrap().to_string() };
+    let both = job(submit(&["k-1", "k-2"]).await.unwrap()).await;
+    let joined = job(submit(&["k-1, k-2"]).await.unwrap()).await;
+    let first = job(submit(&["k-1"]).await.unwrap()).await;
+    assert_eq!(both, joined, "two keys are the one key `k-1, k-2`");
+    assert_ne!(both, first, "two keys are not the first alone");
+}
+
 async fn progress_streams_as_server_sent_events(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     let a = s.client.submit(json!({"prompt": "@sleep=1500 stream me"})).await;
@@ -1592,6 +1621,7 @@ contract!(
     each_progress_event_reaches_a_follower_while_claude_waits,
     a_follower_that_reconnects_with_last_event_id_reads_on_from_there,
     headers_with_bytes_past_ascii_are_read_not_dropped,
+    a_header_sent_twice_is_read_the_same_on_both_hosts,
     a_running_job_can_be_cancelled,
     a_binary_frame_closes_the_connection_with_a_reason,
     silent_sockets_cannot_lock_the_agent_out,

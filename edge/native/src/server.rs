@@ -127,8 +127,17 @@ impl Server {
 /// A header's value as the Worker reads it (a Fetch `ByteString`: each byte one character,
 /// Latin-1), so both hosts see the same key: `to_str` refused bytes past ASCII, and a
 /// header so sent was taken for none (an `Idempotency-Key` ignored, a retry run twice).
+/// A header sent more than once is its values joined with `, `, as Fetch's `get` joins
+/// them: the first alone let `X-Runner-Secret: <secret>` then `X-Runner-Secret: <other>`
+/// in here while the Worker refused it.
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers.get(name).map(|v| v.as_bytes().iter().map(|&b| char::from(b)).collect())
+    let mut values = headers.get_all(name).iter();
+    let mut joined: String = values.next()?.as_bytes().iter().map(|&b| char::from(b)).collect();
+    for value in values {
+        joined.push_str(", ");
+        joined.extend(value.as_bytes().iter().map(|&b| char::from(b)));
+    }
+    Some(joined)
 }
 
 /// Tells the driver when the client hangs up before its answer came (axum drops the
