@@ -44,8 +44,8 @@ pub struct Config {
     pub max_queued_jobs: usize,
     /// Added to a job's `timeout_ms` before the edge gives up on the agent's own report.
     pub timeout_margin_ms: u64,
-    /// Ended jobs kept readable at most (the oldest go first, even before
-    /// `JOB_RETENTION_MS`).
+    /// Ended jobs kept readable at most (the oldest of the caller holding the most go
+    /// first, even before `JOB_RETENTION_MS`).
     pub max_retained_jobs: usize,
     /// …and at most this many bytes of their records, about.
     pub max_retained_bytes: u64,

@@ -682,3 +682,39 @@ fn a_job_that_will_not_wait_for_the_window_is_judged_by_the_agents_that_fit_it()
     // A job spark fits is taken as ever.
     submit(&mut edge, 1_001, SECRET, json!({"prompt": "x", "wait_for_usage": false}));
 }
+
+/// The cap on ended jobs kept (`MAX_RETAINED_JOBS`, `MAX_RETAINED_BYTES`) is shared, so
+/// what goes first when it is reached is the oldest of the owner holding the most: a
+/// caller with its own secret, or everything the pool's secret sent (whatever names it
+/// gave), each one owner. One caller's flood of jobs that end at once (submit, cancel)
+/// made every other caller's results forgotten before they were read.
+#[test]
+fn one_callers_flood_of_ended_jobs_does_not_push_out_anothers_results() {
+    let mut edge = Edge::new(Config { max_retained_jobs: 4, max_retained_bytes: 1 << 30, ..pool_config() }, 0);
+    let ended = |edge: &mut Edge, now: u64, secret: &str, body: Value| {
+        let id = submit(edge, now, secret, body);
+        let h = request(edge, now, secret, "DELETE", &format!("/jobs/{id}"), Value::Null);
+        assert_eq!(answer(&h).0, 202);
+        id
+    };
+    let of_a = ended(&mut edge, 1, A_SECRET, json!({"prompt": "a's task"}));
+    let of_pool = ended(&mut edge, 2, SECRET, json!({"prompt": "the pool's task"}));
+    let mut of_b = Vec::new();
+    for i in 0..10 {
+        of_b.push(ended(&mut edge, 10 + i, B_SECRET, json!({"prompt": format!("b's flood {i}")})));
+    }
+    assert!(edge.job(&of_a).is_some(), "a's result was pushed out by b's flood");
+    assert!(edge.job(&of_pool).is_some(), "the pool secret's result was pushed out by b's flood");
+    let kept_of_b: Vec<&String> = of_b.iter().filter(|id| edge.job(id).is_some()).collect();
+    assert_eq!(kept_of_b, [&of_b[8], &of_b[9]], "b's newest are kept, within the cap");
+    // The pool's secret floods under made-up names: one owner, whose oldest go.
+    for i in 0..10 {
+        ended(&mut edge, 30 + i, SECRET, json!({"prompt": "x", "caller": format!("made-up-{i}")}));
+    }
+    assert!(edge.job(&of_a).is_some(), "a's result was pushed out by the pool secret's made-up callers");
+    assert!(edge.job(&of_pool).is_none(), "the pool secret's own oldest went first");
+    // Alone, an owner's oldest goes first, as before.
+    let mut edge = Edge::new(Config { max_retained_jobs: 2, max_retained_bytes: 1 << 30, ..pool_config() }, 0);
+    let ids: Vec<String> = (0..3).map(|i| ended(&mut edge, i, A_SECRET, json!({"prompt": format!("t{i}")}))).collect();
+    assert_eq!(ids.iter().map(|id| edge.job(id).is_some()).collect::<Vec<_>>(), [false, true, true]);
+}
