@@ -308,7 +308,7 @@ impl Edge {
 
     /// Forgets ended jobs while more are kept than `MAX_RETAINED_JOBS` or their records
     /// take more than `MAX_RETAINED_BYTES`: the oldest of the owner holding the most (jobs,
-    /// or bytes, whichever cap is passed; see `retention_owner`), so one caller's flood of
+    /// or bytes, whichever cap is passed; see `share_of`), so one caller's flood of
     /// jobs that end at once pushes out its own results, not other callers'. With one
     /// owner, the oldest.
     pub(super) fn keep_within_caps(&mut self, effects: &mut Vec<Effect>) {
@@ -324,7 +324,7 @@ impl Edge {
                 .retained
                 .iter()
                 .position(|(_, id)| {
-                    let owner = self.jobs.get(id).map_or("", super::retention_owner);
+                    let owner = self.jobs.get(id).map_or("", super::share_of);
                     self.retained_by.get(owner).is_some_and(|h| held(*h) == most)
                 })
                 .unwrap_or(0);
@@ -343,7 +343,7 @@ impl Edge {
 
     /// Forgets an ended job just taken out of `retained`.
     fn forget_retained(&mut self, id: String, effects: &mut Vec<Effect>) {
-        if let Some((owner, bytes)) = self.jobs.get(&id).map(|j| (super::retention_owner(j).to_string(), j.approximate_bytes())) {
+        if let Some((owner, bytes)) = self.jobs.get(&id).map(|j| (super::share_of(j).to_string(), j.approximate_bytes())) {
             self.count_retained_of(&owner, bytes, false);
         }
         self.forget_job(&id);

@@ -126,7 +126,7 @@ pub struct Edge {
     retained: VecDeque<(Millis, String)>,
     /// The whole records of the retained jobs take about this many bytes.
     retained_bytes: u64,
-    /// Retained jobs and their bytes by owner ([`retention_owner`]): what the caps take
+    /// Retained jobs and their bytes by owner ([`share_of`]): what the caps take
     /// from first ([`Edge::keep_within_caps`]).
     retained_by: BTreeMap<String, (usize, u64)>,
     /// Jobs that ended in the current event: from the next one on, memory keeps only
@@ -300,7 +300,7 @@ impl Edge {
 
     /// Counts an ended job in, or out of, what is retained: in all and by its owner.
     fn count_retained(&mut self, job: &Job, kept: bool) {
-        self.count_retained_of(retention_owner(job), job.approximate_bytes(), kept);
+        self.count_retained_of(share_of(job), job.approximate_bytes(), kept);
     }
 
     /// [`Edge::count_retained`] of a job known by its owner and size.
@@ -347,11 +347,12 @@ impl Edge {
     }
 }
 
-/// Whose share of the retained jobs an ended job counts in: a caller that sent it with its
-/// own secret (`RUNNER_SECRETS`) holds its own share; everything the pool's secret sent,
-/// whatever caller it named, is one share (names are the pool secret's to make up, as
-/// the agent weighs sessions).
-fn retention_owner(job: &Job) -> &str {
+/// Whose share of what callers hold together (the ended jobs kept, the event streams) a
+/// job counts in: a caller that sent it with its own secret (`RUNNER_SECRETS`) holds its
+/// own share, named by it; everything the pool's secret sent, whatever caller it named,
+/// is one share, `""` (names are the pool secret's to make up, as the agent weighs
+/// sessions).
+pub(crate) fn share_of(job: &Job) -> &str {
     if job.caller_proven {
         job.placement.caller()
     } else {

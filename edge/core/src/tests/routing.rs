@@ -718,3 +718,33 @@ fn one_callers_flood_of_ended_jobs_does_not_push_out_anothers_results() {
     let ids: Vec<String> = (0..3).map(|i| ended(&mut edge, i, A_SECRET, json!({"prompt": format!("t{i}")}))).collect();
     assert_eq!(ids.iter().map(|id| edge.job(id).is_some()).collect::<Vec<_>>(), [false, true, true]);
 }
+
+/// Event streams are capped in all (`MAX_FOLLOWERS`): a caller with its own secret may hold
+/// at most [`crate::progress::MAX_FOLLOWERS_PER_CALLER`] of them, so it cannot take every
+/// place and leave the other callers' streams refused (429).
+#[test]
+fn one_caller_cannot_take_every_event_stream() {
+    let mut edge = Edge::new(pool_config(), 0);
+    let of_a: Vec<String> = (0..4).map(|i| submit(&mut edge, i, A_SECRET, json!({"prompt": format!("a{i}")}))).collect();
+    let mut followed = 0;
+    for id in &of_a {
+        for _ in 0..crate::progress::MAX_FOLLOWERS_PER_JOB {
+            let h = request(&mut edge, 5, A_SECRET, "GET", &format!("/jobs/{id}/events"), Value::Null);
+            if h.reply == crate::http::Reply::Stream {
+                followed += 1;
+            } else {
+                let (status, body) = answer(&h);
+                assert_eq!(status, 429, "{body}");
+                assert!(body["error"].as_str().unwrap().contains("`a`"), "says whose streams: {body}");
+            }
+        }
+    }
+    assert_eq!(followed, crate::progress::MAX_FOLLOWERS_PER_CALLER, "a holds its share of the streams, no more");
+    let of_b = submit(&mut edge, 6, B_SECRET, json!({"prompt": "b"}));
+    let h = request(&mut edge, 7, B_SECRET, "GET", &format!("/jobs/{of_b}/events"), Value::Null);
+    assert_eq!(h.reply, crate::http::Reply::Stream, "b's stream was refused: a holds every place");
+    // The pool's secret is the operator's: its streams are held to the caps in all alone.
+    let mine = submit(&mut edge, 8, SECRET, json!({"prompt": "mine"}));
+    let h = request(&mut edge, 9, SECRET, "GET", &format!("/jobs/{mine}/events"), Value::Null);
+    assert_eq!(h.reply, crate::http::Reply::Stream);
+}
