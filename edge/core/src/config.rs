@@ -244,7 +244,12 @@ impl Config {
     /// send as it (`http.rs::with_caller`), and its jobs' orders say it is proven while it
     /// keeps one (`machine/jobs.rs::send_job`).
     pub fn has_own_secret(&self, caller: &str) -> bool {
-        self.caller_secrets.iter().any(|(name, _)| name == caller)
+        self.own_secret(caller).is_some()
+    }
+
+    /// `caller`'s own secret (`RUNNER_SECRETS`), if it has one.
+    pub fn own_secret(&self, caller: &str) -> Option<&str> {
+        self.caller_secrets.iter().find(|(name, _)| name == caller).map(|(_, secret)| secret.as_str())
     }
 
     /// The default pool's settings (the native edge serves that pool alone).

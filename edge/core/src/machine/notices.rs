@@ -145,11 +145,18 @@ impl Edge {
         self.note_alerts(before);
         let body = serde_json::to_string(&job.view(now)).expect("views serialise");
         let timestamp = now.wall;
+        // Signed with the secret the job was sent with, which its caller holds: a caller
+        // with its own secret does not hold the pool's, and could not check the signature
+        // (nor tell a forged callback) with it.
+        let key = match job.caller_proven {
+            true => self.cfg.own_secret(job.placement.caller()).unwrap_or(&self.cfg.runner_secret),
+            false => &self.cfg.runner_secret,
+        };
         let headers = vec![
             ("content-type".to_string(), "application/json".to_string()),
             ("x-runner-job-id".to_string(), job.id.clone()),
             ("x-runner-timestamp".to_string(), timestamp.to_string()),
-            ("x-runner-signature".to_string(), notify::signature(&self.cfg.runner_secret, timestamp, &body)),
+            ("x-runner-signature".to_string(), notify::signature(key, timestamp, &body)),
         ];
         info!(job_id = %job.id, attempt, "posting the job's result to its callback");
         effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));

@@ -748,3 +748,31 @@ fn one_caller_cannot_take_every_event_stream() {
     let h = request(&mut edge, 9, SECRET, "GET", &format!("/jobs/{mine}/events"), Value::Null);
     assert_eq!(h.reply, crate::http::Reply::Stream);
 }
+
+/// A job's callback is signed with the secret it was sent with: a caller with its own
+/// secret (`RUNNER_SECRETS`) does not hold the pool's `RUNNER_SECRET`, so a callback signed
+/// with that one it could not check (and could not tell from a forged one) unless the
+/// operator gave it the pool's secret — the operator's powers with it.
+#[test]
+fn a_callback_is_signed_with_the_secret_its_job_was_sent_with() {
+    let mut edge = Edge::new(pool_config(), 0);
+    let signed = |edge: &mut Edge, now: u64, secret: &str| {
+        let id = submit(edge, now, secret, json!({"prompt": "x", "callback_url": "https://hooks.example.com/r"}));
+        let h = request(edge, now, secret, "DELETE", &format!("/jobs/{id}"), Value::Null);
+        let post = h
+            .effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Post(p) if p.id.starts_with("callback:") => Some(p.clone()),
+                _ => None,
+            })
+            .expect("the callback is posted");
+        let header = |name: &str| post.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap();
+        let ts: u64 = header("x-runner-timestamp").parse().unwrap();
+        (header("x-runner-signature"), ts, post.body.clone())
+    };
+    let (signature, ts, body) = signed(&mut edge, 1, A_SECRET);
+    assert_eq!(signature, crate::notify::signature(A_SECRET, ts, &body), "a's callback is not signed with a's own secret");
+    let (signature, ts, body) = signed(&mut edge, 2, SECRET);
+    assert_eq!(signature, crate::notify::signature(SECRET, ts, &body), "the pool secret's job: the pool's secret");
+}
