@@ -776,3 +776,35 @@ fn a_callback_is_signed_with_the_secret_its_job_was_sent_with() {
     let (signature, ts, body) = signed(&mut edge, 2, SECRET);
     assert_eq!(signature, crate::notify::signature(SECRET, ts, &body), "the pool secret's job: the pool's secret");
 }
+
+/// What a caller put where a job id goes is echoed only if it is a plain id: a path of
+/// 100 kB (or an id of odd characters) was repeated whole in the 404's sentence and the
+/// `Last-Event-ID` refusal's `job_id`.
+#[test]
+fn a_made_up_job_id_is_not_echoed_whole() {
+    let mut edge = Edge::new(pool_config(), 0);
+    let long = "x".repeat(100_000);
+    for (path, last_event_id) in [
+        (format!("/jobs/{long}"), None),
+        (format!("/jobs/{long}/events"), Some("nope")),
+        ("/jobs/%0A%0Dx<script>".to_string(), None),
+    ] {
+        let method = if path.ends_with("events") { "GET" } else { "DELETE" };
+        let req = Request {
+            method: method.into(),
+            path: path.clone(),
+            secret_header: Some(SECRET.into()),
+            authorization: None,
+            idempotency_key: None,
+            last_event_id: last_event_id.map(str::to_string),
+            body: Body::Bytes(Vec::new()),
+        };
+        let h = http::handle(&mut edge, 1, [1; 16], req);
+        let (status, body) = answer(&h);
+        assert!(status == 404 || status == 400, "{status}");
+        let text = body.to_string();
+        assert!(text.len() < 1_000 && !text.contains("<script>"), "{path:.40}: {} bytes: {:.300}", text.len(), text);
+    }
+    let h = request(&mut edge, 1, SECRET, "GET", &format!("/jobs/{long}"), Value::Null);
+    assert!(answer(&h).1.to_string().len() < 1_000);
+}
