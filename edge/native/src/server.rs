@@ -159,6 +159,8 @@ async fn serve_connections(mut listener: Watching, app: Router, mut stopped: tok
             }
         });
     }
+    // Stopping: no new connection is taken (they are refused, not left in the backlog).
+    drop(listener);
     drop(open);
     let _ = all_closed.recv().await;
 }
