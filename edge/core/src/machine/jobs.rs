@@ -57,6 +57,9 @@ impl Edge {
         }
         if let Some(url) = &submission.callback_url {
             crate::notify::check_callback(url, &self.cfg.callback_hosts).map_err(ApiError::invalid)?;
+            if let Some(refused) = self.callbacks_full(&submission) {
+                return Err(refused);
+            }
         }
         if self.queue.len() >= self.cfg.max_queued_jobs {
             return Err(ApiError::new(

@@ -124,6 +124,31 @@ impl Edge {
         [offline, posts, callbacks].into_iter().flatten().min()
     }
 
+    /// Why a job asking for a callback is refused now, if it is: [`super::MAX_PENDING_CALLBACKS`]
+    /// wait for delivery, or half as many of its caller's (a caller with its own secret;
+    /// see [`super::share_of`]), so one caller's receiver being down does not refuse every
+    /// other caller's callbacks.
+    pub(super) fn callbacks_full(&self, submission: &shared::contract::Submission) -> Option<shared::contract::ApiError> {
+        let pending = self.alerts.callbacks.len();
+        let share = if submission.caller_proven { submission.placement.caller() } else { "" };
+        let mine = match share {
+            "" => pending,
+            _ => self.alerts.callbacks.keys().filter(|id| self.jobs.get(*id).is_some_and(|j| super::share_of(j) == share)).count(),
+        };
+        let (all, of_one) = (super::MAX_PENDING_CALLBACKS, super::MAX_PENDING_CALLBACKS / 2);
+        if pending < all && (share.is_empty() || mine < of_one) {
+            return None;
+        }
+        Some(shared::contract::ApiError::new(
+            shared::contract::ErrorCode::RunnerBusy,
+            format!(
+                "{pending} results wait for delivery to their callback_url already ({mine} of them this caller's; at most {all} \
+                 in all, {of_one} of one caller's): their receiver may be down; retry later, or submit without callback_url \
+                 and read the result with GET /jobs/{{id}}"
+            ),
+        ))
+    }
+
     /// A job ended (its whole record at hand): its result goes to its callback, if any.
     pub(super) fn start_callback(&mut self, now: Now, job_id: &str, effects: &mut Vec<Effect>) {
         let Some(url) = self.jobs.get(job_id).and_then(|j| j.callback_url.clone()) else { return };

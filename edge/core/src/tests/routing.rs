@@ -808,3 +808,46 @@ fn a_made_up_job_id_is_not_echoed_whole() {
     let h = request(&mut edge, 1, SECRET, "GET", &format!("/jobs/{long}"), Value::Null);
     assert!(answer(&h).1.to_string().len() < 1_000);
 }
+
+
+/// Callbacks not yet delivered (their receiver down, or never answering) are kept in the
+/// edge's memory and stored whole at every change, so each one more made every event
+/// that touched them cost more: 5,000 of them wrote half a megabyte per event. They are
+/// capped (`MAX_PENDING_CALLBACKS`; a caller with its own secret half of it): past the cap
+/// a job asking for a callback is refused 429, one without is taken, and another caller's
+/// callbacks are not crowded out.
+#[test]
+fn callbacks_waiting_for_delivery_are_capped() {
+    use crate::machine::MAX_PENDING_CALLBACKS;
+    let mut edge = Edge::new(Config { max_retained_jobs: 100_000, ..pool_config() }, 0);
+    let ended = |edge: &mut Edge, now: u64, secret: &str, callback: bool| {
+        let mut body = json!({"prompt": format!("t{now}")});
+        if callback {
+            body["callback_url"] = json!("https://hooks.example.com/r");
+        }
+        let h = request(edge, now, secret, "POST", "/jobs", body);
+        let (status, body) = answer(&h);
+        if status != 202 {
+            return (status, body);
+        }
+        let id = body["job_id"].as_str().unwrap().to_string();
+        let h = request(edge, now, secret, "DELETE", &format!("/jobs/{id}"), Value::Null);
+        assert_eq!(answer(&h).0, 202);
+        (202, body)
+    };
+    for i in 0..MAX_PENDING_CALLBACKS as u64 / 2 {
+        assert_eq!(ended(&mut edge, i, A_SECRET, true).0, 202);
+    }
+    let (status, body) = ended(&mut edge, 1_000, A_SECRET, true);
+    assert_eq!((status, body["error_code"].as_str()), (429, Some("RUNNER_BUSY")), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("callback"), "{body}");
+    assert_eq!(ended(&mut edge, 1_001, A_SECRET, false).0, 202, "without a callback it is taken");
+    assert_eq!(ended(&mut edge, 1_002, B_SECRET, true).0, 202, "b's callback is not crowded out by a's");
+    let mut taken = 0;
+    for i in 0..MAX_PENDING_CALLBACKS as u64 {
+        if ended(&mut edge, 2_000 + i, SECRET, true).0 == 202 {
+            taken += 1;
+        }
+    }
+    assert_eq!(taken, MAX_PENDING_CALLBACKS - MAX_PENDING_CALLBACKS / 2 - 1, "the pool's secret up to the cap in all");
+}
