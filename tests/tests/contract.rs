@@ -792,6 +792,38 @@ async fn every_credential_state_shows_in_health_and_oauth_status(kind: EdgeKind)
     }
 }
 
+/// A callback receiver that takes the request and never answers holds up no other
+/// delivery: the Worker posted one at a time, so every other job's callback (and every
+/// alert) waited behind it for its 15 s timeout, each time it was tried again.
+async fn a_callback_receiver_that_never_answers_holds_up_no_other(kind: EdgeKind) {
+    let hook = Webhook::start(vec![]);
+    // Takes connections and reads nothing, answers nothing, closes nothing.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute_port = mute.local_addr().unwrap().port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let holding = std::sync::Arc::clone(&held);
+    std::thread::spawn(move || {
+        for stream in mute.incoming().flatten() {
+            holding.lock().unwrap().push(stream);
+        }
+    });
+    let s = setup(kind, &[("CALLBACK_HOSTS", "127.0.0.1")], &[]).await;
+    let stuck = s.client.submit(json!({"prompt": "to nobody", "callback_url": format!("http://127.0.0.1:{mute_port}/cb")})).await;
+    assert!(stuck.body["job_id"].is_string(), "{}", stuck.text);
+    assert!(eventually(Duration::from_secs(30), || !held.lock().unwrap().is_empty()).await, "the mute receiver was never called");
+    let a = s.client.submit(json!({"prompt": "call me back", "callback_url": hook.url("/ok")})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(30), || !hook.received().is_empty()).await, "the other callback never came");
+    assert_eq!(hook.received()[0].headers["x-runner-job-id"], job_id);
+    // It came while the edge still waited on the mute receiver (it gives up after 15 s and
+    // says so), not after.
+    let log = s.edge.log();
+    let stuck_id = stuck.body["job_id"].as_str().unwrap();
+    let gave_up = log.lines().any(|l| l.contains(stuck_id) && l.contains("callback failed"));
+    assert!(!gave_up, "the other callback came only once the edge gave up on the mute receiver:\n{log}");
+    drop(held);
+}
+
 async fn megabytes_of_output_do_not_hang(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     let a = s.client.execute(json!({"prompt": "@megabytes=8", "timeout_ms": 60000})).await;
@@ -1604,6 +1636,7 @@ contract!(
     alerts_reach_a_webhook_once_each,
     every_credential_state_shows_in_health_and_oauth_status,
     callbacks_are_signed_and_retried,
+    a_callback_receiver_that_never_answers_holds_up_no_other,
     megabytes_of_output_do_not_hang,
     a_missing_claude_binary_is_a_clear_failure,
     tokens_never_leave_the_machine,
