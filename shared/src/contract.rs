@@ -206,10 +206,14 @@ impl ApiError {
         Self::new(ErrorCode::NotFound, format!("{what} not found; check the URL (routes: /execute, /health, /oauth/status, /jobs)"))
     }
 
+    /// `job_id` is what the caller sent: shown only if it is a plain id.
     pub fn job_not_found(job_id: &str) -> Self {
         Self::new(
             ErrorCode::NotFound,
-            format!("job `{job_id}` not found: no such job, or it finished longer ago than JOB_RETENTION_MS"),
+            format!(
+                "job `{}` not found: no such job, or it finished longer ago than JOB_RETENTION_MS",
+                crate::ids::shown_job_id(job_id)
+            ),
         )
     }
 

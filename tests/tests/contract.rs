@@ -792,6 +792,38 @@ async fn every_credential_state_shows_in_health_and_oauth_status(kind: EdgeKind)
     }
 }
 
+/// A callback receiver that takes the request and never answers holds up no other
+/// delivery: the Worker posted one at a time, so every other job's callback (and every
+/// alert) waited behind it for its 15 s timeout, each time it was tried again.
+async fn a_callback_receiver_that_never_answers_holds_up_no_other(kind: EdgeKind) {
+    let hook = Webhook::start(vec![]);
+    // Takes connections and reads nothing, answers nothing, closes nothing.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute_port = mute.local_addr().unwrap().port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let holding = std::sync::Arc::clone(&held);
+    std::thread::spawn(move || {
+        for stream in mute.incoming().flatten() {
+            holding.lock().unwrap().push(stream);
+        }
+    });
+    let s = setup(kind, &[("CALLBACK_HOSTS", "127.0.0.1")], &[]).await;
+    let stuck = s.client.submit(json!({"prompt": "to nobody", "callback_url": format!("http://127.0.0.1:{mute_port}/cb")})).await;
+    assert!(stuck.body["job_id"].is_string(), "{}", stuck.text);
+    assert!(eventually(Duration::from_secs(30), || !held.lock().unwrap().is_empty()).await, "the mute receiver was never called");
+    let a = s.client.submit(json!({"prompt": "call me back", "callback_url": hook.url("/ok")})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(30), || !hook.received().is_empty()).await, "the other callback never came");
+    assert_eq!(hook.received()[0].headers["x-runner-job-id"], job_id);
+    // It came while the edge still waited on the mute receiver (it gives up after 15 s and
+    // says so), not after.
+    let log = s.edge.log();
+    let stuck_id = stuck.body["job_id"].as_str().unwrap();
+    let gave_up = log.lines().any(|l| l.contains(stuck_id) && l.contains("callback failed"));
+    assert!(!gave_up, "the other callback came only once the edge gave up on the mute receiver:\n{log}");
+    drop(held);
+}
+
 async fn megabytes_of_output_do_not_hang(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     let a = s.client.execute(json!({"prompt": "@megabytes=8", "timeout_ms": 60000})).await;
@@ -987,6 +1019,35 @@ async fn headers_with_bytes_past_ascii_are_read_not_dropped(kind: EdgeKind) {
     let resumed = s.client.send_with_header("GET", &format!("/jobs/{job_id}/events"), None, "Last-Event-ID", "١٢".as_bytes()).await;
     assert_eq!(resumed.status, 400, "{}", resumed.text);
     assert!(resumed.text.contains("Last-Event-ID"), "{}", resumed.text);
+}
+
+/// A header sent twice is read as the Worker's runtime reads it (Fetch joins the values
+/// with `, `): the native edge took the first alone, so `X-Runner-Secret: <secret>` then
+/// `X-Runner-Secret: <anything>` was let in there and refused on the Worker, and two
+/// `Idempotency-Key`s named one job there and another on the Worker.
+async fn a_header_sent_twice_is_read_the_same_on_both_hosts(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let http = reqwest::Client::new();
+    let twice = |first: &str, second: &str| {
+        http.get(format!("{}/jobs", s.edge.url())).header("X-Runner-Secret", first).header("X-Runner-Secret", second)
+    };
+    for (first, second) in [(SECRET, "wrong-secret-0123456789"), ("wrong-secret-0123456789", SECRET)] {
+        let resp = twice(first, second).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 403, "secrets {first} then {second}: {}", resp.text().await.unwrap());
+    }
+    let submit = |keys: &[&str]| {
+        let mut req = http.post(format!("{}/jobs", s.edge.url())).header("X-Runner-Secret", SECRET);
+        for key in keys {
+            req = req.header("Idempotency-Key", *key);
+        }
+        req.header("content-type", "application/json").body(json!({"prompt": "@sleep=200 keyed"}).to_string()).send()
+    };
+    let job = |resp: reqwest::Response| async move { resp.json::<serde_json::Value>().await.unwrap()["job_id"].as_str().unwrap().to_string() };
+    let both = job(submit(&["k-1", "k-2"]).await.unwrap()).await;
+    let joined = job(submit(&["k-1, k-2"]).await.unwrap()).await;
+    let first = job(submit(&["k-1"]).await.unwrap()).await;
+    assert_eq!(both, joined, "two keys are the one key `k-1, k-2`");
+    assert_ne!(both, first, "two keys are not the first alone");
 }
 
 async fn progress_streams_as_server_sent_events(kind: EdgeKind) {
@@ -1575,6 +1636,7 @@ contract!(
     alerts_reach_a_webhook_once_each,
     every_credential_state_shows_in_health_and_oauth_status,
     callbacks_are_signed_and_retried,
+    a_callback_receiver_that_never_answers_holds_up_no_other,
     megabytes_of_output_do_not_hang,
     a_missing_claude_binary_is_a_clear_failure,
     tokens_never_leave_the_machine,
@@ -1592,6 +1654,7 @@ contract!(
     each_progress_event_reaches_a_follower_while_claude_waits,
     a_follower_that_reconnects_with_last_event_id_reads_on_from_there,
     headers_with_bytes_past_ascii_are_read_not_dropped,
+    a_header_sent_twice_is_read_the_same_on_both_hosts,
     a_running_job_can_be_cancelled,
     a_binary_frame_closes_the_connection_with_a_reason,
     silent_sockets_cannot_lock_the_agent_out,

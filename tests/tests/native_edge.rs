@@ -259,3 +259,38 @@ async fn a_follower_that_never_reads_again_has_its_connection_closed() {
     assert!(gone, "the edge still holds the connection of a follower that stopped reading, 45 s after its job ended");
     drop(stalled);
 }
+
+/// A connection that never finishes its request's head — a slowloris, sending a header
+/// line now and then, or nothing at all — is closed once `HEADER_READ_TIMEOUT` (30 s)
+/// passes: `axum::serve` sets hyper no timer, so it never did, and anyone who could reach
+/// the port could hold connections (a task and a file descriptor each) until the edge ran
+/// out of descriptors and took no agent and no caller any more. A request that is read
+/// and waits for its answer is another matter: it is kept (an `/execute` waits minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_finishes_its_request_head_is_closed() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let port = edge.port;
+    let (slow, idle) = tokio::task::spawn_blocking(move || {
+        let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+        let idle = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let slow = std::thread::spawn(move || {
+            // A header line every 5 s: never the blank line that ends the head.
+            for i in 0..20 {
+                std::thread::sleep(Duration::from_secs(5));
+                if slow.write_all(format!("X-Slow-{i}: 1\r\n").as_bytes()).is_err() {
+                    break;
+                }
+            }
+            slow
+        });
+        let idle = read_to_end_within(idle, Duration::from_secs(60));
+        let slow = slow.join().unwrap();
+        (read_to_end_within(slow, Duration::from_secs(1)), idle)
+    })
+    .await
+    .unwrap();
+    assert!(idle.is_some(), "a connection that sent nothing was still open after 60 s");
+    assert!(slow.is_some(), "a connection that sent a header line every 5 s, never ending its head, was still open after 100 s");
+}

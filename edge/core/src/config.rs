@@ -44,8 +44,8 @@ pub struct Config {
     pub max_queued_jobs: usize,
     /// Added to a job's `timeout_ms` before the edge gives up on the agent's own report.
     pub timeout_margin_ms: u64,
-    /// Ended jobs kept readable at most (the oldest go first, even before
-    /// `JOB_RETENTION_MS`).
+    /// Ended jobs kept readable at most (the oldest of the caller holding the most go
+    /// first, even before `JOB_RETENTION_MS`).
     pub max_retained_jobs: usize,
     /// …and at most this many bytes of their records, about.
     pub max_retained_bytes: u64,
@@ -168,6 +168,24 @@ impl Pools {
             let caller_secrets = parse_caller_secrets(&secrets_name, get(&secrets_name), &runner_secret)?;
             pools.push(Pool { name: name.to_string(), runner_secret, agents, caller_secrets });
         }
+        // A caller's secret is no pool's own, on any pool: whoever holds it would be that
+        // pool's operator (its own pool's is refused as it is parsed).
+        let setting = |pool: &str, base: &str| match pool {
+            DEFAULT_POOL => base.to_string(),
+            _ => format!("{base}_{}", pool_suffix(pool)),
+        };
+        for pool in &pools {
+            for (caller, secret) in &pool.caller_secrets {
+                if let Some(other) = pools.iter().find(|other| other.runner_secret == *secret) {
+                    let error = format!(
+                        "the secret of `{caller}` is {}, pool `{}`'s own secret, which would make `{caller}` that pool's operator; give it its own",
+                        setting(&other.name, "RUNNER_SECRET"),
+                        other.name
+                    );
+                    return Err(ConfigError::CallerSecrets { name: setting(&pool.name, "RUNNER_SECRETS"), error });
+                }
+            }
+        }
         Ok(Pools(pools))
     }
 
@@ -244,7 +262,12 @@ impl Config {
     /// send as it (`http.rs::with_caller`), and its jobs' orders say it is proven while it
     /// keeps one (`machine/jobs.rs::send_job`).
     pub fn has_own_secret(&self, caller: &str) -> bool {
-        self.caller_secrets.iter().any(|(name, _)| name == caller)
+        self.own_secret(caller).is_some()
+    }
+
+    /// `caller`'s own secret (`RUNNER_SECRETS`), if it has one.
+    pub fn own_secret(&self, caller: &str) -> Option<&str> {
+        self.caller_secrets.iter().find(|(name, _)| name == caller).map(|(_, secret)| secret.as_str())
     }
 
     /// The default pool's settings (the native edge serves that pool alone).
@@ -494,6 +517,34 @@ mod tests {
         // would share that lane's turns and cap with whoever holds the pool's secret.
         let err = Config::from_lookup(lookup(&[("RUNNER_SECRETS", "default=ci-secret-0123456789")])).unwrap_err();
         assert!(err.to_string().contains("`default`"), "{err}");
+    }
+
+    /// A caller's own secret is a caller's on every pool: as another pool's RUNNER_SECRET
+    /// it would make whoever holds it that pool's operator (any caller name, pauses, the
+    /// login relay, every job), which the setting never says. Within one pool this was
+    /// refused; across pools it was not.
+    #[test]
+    fn a_callers_secret_is_no_other_pools_own() {
+        let pools = |extra: &'static [(&'static str, &'static str)]| {
+            let base = lookup(&[
+                ("POOLS", "gpu"),
+                ("RUNNER_SECRET_GPU", "gpu-secret-0123456789"),
+                ("AGENT_PUBLIC_KEYS_GPU", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
+            ]);
+            move |name: &str| extra.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()).or_else(|| base(name))
+        };
+        for (extra, named) in [
+            (&[("RUNNER_SECRETS_GPU", "ci=0123456789abcdef0123")][..], "RUNNER_SECRETS_GPU"),
+            (&[("RUNNER_SECRETS", "ci=gpu-secret-0123456789")][..], "RUNNER_SECRETS"),
+        ] {
+            for pool in ["default", "gpu"] {
+                let err = Config::for_pool(pools(extra), pool).err().map(|e| e.to_string()).unwrap_or_default();
+                assert!(err.contains(named) && err.contains("`ci`"), "{pool}, {extra:?}: {err}");
+            }
+        }
+        // The same caller's secret on two pools is still one caller's.
+        let both = &[("RUNNER_SECRETS", "ci=ci-secret-0123456789"), ("RUNNER_SECRETS_GPU", "ci=ci-secret-0123456789")];
+        assert!(Config::for_pool(pools(both), "gpu").is_ok());
     }
 
     #[test]

@@ -313,7 +313,7 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
                             shared::text::truncate(text, 40)
                         ),
                     );
-                    return answer(Response::error(error.with_job(id)), Vec::new());
+                    return answer(Response::error(error.with_job(shared::ids::shown_job_id(id))), Vec::new());
                 }
             };
             let mut effects = Vec::new();

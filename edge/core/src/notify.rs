@@ -5,7 +5,8 @@
 //! through the host ([`crate::Effect::Post`]) and retries with [`backoff`].
 //!
 //! The edge posts, not the agent: the offline alert can only come from the edge, the
-//! callback is signed with the runner secret, which only the edge holds, and the edge
+//! callback is signed with the caller's secret (the pool's, or the caller's own), which
+//! the agent does not hold, and the edge
 //! sees every agent's login and usage window.
 //!
 //! Alerts are edge-triggered and rate-limited: one is sent when its condition starts
@@ -208,7 +209,8 @@ pub fn retry_after(outcome: &Outcome) -> bool {
 }
 
 /// `X-Runner-Signature` of a callback: `sha256=` and the hex HMAC-SHA256, keyed with the
-/// runner secret, of `{timestamp}.{body}` (the timestamp is `X-Runner-Timestamp`).
+/// secret the job was sent with (the pool's, or its caller's own), of `{timestamp}.{body}`
+/// (the timestamp is `X-Runner-Timestamp`).
 pub fn signature(secret: &str, timestamp: Millis, body: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
     mac.update(timestamp.to_string().as_bytes());

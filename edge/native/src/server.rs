@@ -7,7 +7,7 @@ use crate::socket;
 use crate::stall::{Peer, Watching};
 use crate::store::Store;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -104,15 +104,13 @@ impl Server {
         let listener = Watching(listener);
         // Graceful: the answers the machine just gave go out; the bound covers
         // connections that never close.
-        // With each connection's peer address: unproven agent connections are bounded per source.
-        let server = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-            .with_graceful_shutdown(stopped(stopped_rx.clone()));
+        let server = serve_connections(listener, app, stopped_rx.clone());
         let bound = async {
             stopped(stopped_rx).await;
             tokio::time::sleep(Duration::from_secs(3)).await;
         };
         let result = tokio::select! {
-            r = server => r.map_err(anyhow::Error::from),
+            () = server => Ok(()),
             _ = bound => Ok(()),
             r = &mut driver_task => Err(anyhow::anyhow!("the edge's state machine stopped unexpectedly ({r:?}); restart the edge")),
         };
@@ -124,11 +122,68 @@ impl Server {
     }
 }
 
+/// How long a connection may take to send a request's head, counted from when the edge
+/// starts waiting for it (the connection's start, or the end of its previous answer): a
+/// peer that sends nothing, or a header line now and then and never the end of the head,
+/// is let go. `axum::serve` gives hyper no timer, so it had no such bound, and whoever
+/// reached the port could hold connections until the edge ran out of file descriptors.
+/// (A request whose head is read is not timed by this: an `/execute` waits for minutes.)
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves each connection `listener` accepts with `app` until `stopped` turns true, then
+/// lets each finish what it is answering (hyper's graceful shutdown) and returns once all
+/// are closed. Each request carries its connection's peer address ([`Peer`]): unproven
+/// agent connections are bounded per source.
+async fn serve_connections(mut listener: Watching, app: Router, mut stopped: tokio::sync::watch::Receiver<bool>) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    // Each connection's task holds a clone; once the last is dropped every one has ended.
+    let (open, mut all_closed) = mpsc::channel::<()>(1);
+    loop {
+        let (io, addr) = tokio::select! {
+            accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+            () = until_stopped(&mut stopped) => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone().layer(axum::Extension(ConnectInfo(Peer(addr)))));
+        let connection = http.serve_connection(hyper_util::rt::TokioIo::new(io), service).with_upgrades();
+        let (open, mut stopped) = (open.clone(), stopped.clone());
+        tokio::spawn(async move {
+            let _open = open;
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = until_stopped(&mut stopped) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    // Stopping: no new connection is taken (they are refused, not left in the backlog).
+    drop(listener);
+    drop(open);
+    let _ = all_closed.recv().await;
+}
+
+/// Resolves once `stopped` is true (or its sender is gone).
+async fn until_stopped(stopped: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|s| *s).await;
+}
+
 /// A header's value as the Worker reads it (a Fetch `ByteString`: each byte one character,
 /// Latin-1), so both hosts see the same key: `to_str` refused bytes past ASCII, and a
 /// header so sent was taken for none (an `Idempotency-Key` ignored, a retry run twice).
+/// A header sent more than once is its values joined with `, `, as Fetch's `get` joins
+/// them: the first alone let `X-Runner-Secret: <secret>` then `X-Runner-Secret: <other>`
+/// in here while the Worker refused it.
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers.get(name).map(|v| v.as_bytes().iter().map(|&b| char::from(b)).collect())
+    let mut values = headers.get_all(name).iter();
+    let mut joined: String = values.next()?.as_bytes().iter().map(|&b| char::from(b)).collect();
+    for value in values {
+        joined.push_str(", ");
+        joined.extend(value.as_bytes().iter().map(|&b| char::from(b)));
+    }
+    Some(joined)
 }
 
 /// Tells the driver when the client hangs up before its answer came (axum drops the

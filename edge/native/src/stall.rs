@@ -9,7 +9,7 @@
 //! a caller could stall followers one after another and pile up connections and their
 //! queues without bound. A peer that reads, however slowly, makes progress and is kept.
 
-use axum::serve::{IncomingStream, Listener};
+use axum::serve::Listener;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -46,12 +46,6 @@ impl Listener for Watching {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         self.0.local_addr()
-    }
-}
-
-impl axum::extract::connect_info::Connected<IncomingStream<'_, Watching>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, Watching>) -> Self {
-        Peer(*stream.remote_addr())
     }
 }
 

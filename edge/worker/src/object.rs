@@ -24,6 +24,7 @@ use edge_core::progress::{Chunk, Lag};
 use edge_core::{split_writes, CallerId, Config, Edge, Effect, Millis, Response};
 use futures::channel::{mpsc, oneshot};
 use futures::future::{select, Either};
+use futures::StreamExt;
 use shared::contract::{ApiError, ErrorCode};
 use shared::protocol::close;
 use std::cell::{Cell, RefCell};
@@ -285,16 +286,24 @@ impl EdgeDurableObject {
 
     /// Makes the POSTs the machine asked for and tells it how each went (from the alarm).
     /// Each is bounded by [`edge_core::notify::DELIVERY_TIMEOUT_MS`]; other events go on
-    /// meanwhile.
+    /// meanwhile. They go out together, and those other events ask for meanwhile join
+    /// them (looked for every [`DELIVERY_POLL_MS`]): made one after another, every callback
+    /// and alert waited behind a receiver that never answers, 15 s each time it was tried.
     async fn deliver(&self) {
+        let mut on_their_way = futures::stream::FuturesUnordered::new();
         loop {
-            let batch: Vec<Post> = std::mem::take(&mut *self.deliveries.borrow_mut());
-            if batch.is_empty() {
+            for delivery in std::mem::take(&mut *self.deliveries.borrow_mut()) {
+                on_their_way.push(async move {
+                    let outcome = post(&delivery).await;
+                    (delivery.id, outcome)
+                });
+            }
+            if on_their_way.is_empty() {
                 return;
             }
-            for delivery in batch {
-                let outcome = post(&delivery).await;
-                let effects = self.with_edge(|edge| edge.posted(now_ms(), &delivery.id, outcome)).unwrap_or_default();
+            let poll = std::pin::pin!(Delay::from(Duration::from_millis(DELIVERY_POLL_MS)));
+            if let Either::Left((Some((id, outcome)), _)) = select(on_their_way.next(), poll).await {
+                let effects = self.with_edge(|edge| edge.posted(now_ms(), &id, outcome)).unwrap_or_default();
                 self.apply(effects, None);
             }
         }
@@ -426,6 +435,9 @@ impl EdgeDurableObject {
         self.schedule(now).await;
     }
 }
+
+/// How often POSTs asked for while others are on their way are sent too ([`EdgeDurableObject::deliver`]).
+const DELIVERY_POLL_MS: u64 = 200;
 
 /// Whether the alarm, set by this instance for `set` (if it did), must be rewritten for the
 /// machine's next deadline `next`: only when that comes sooner. Setting the alarm is a

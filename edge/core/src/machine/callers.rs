@@ -75,6 +75,29 @@ impl Edge {
         }
         let of_job = self.callers.followers.get(job_id).map_or(0, Vec::len);
         let all: usize = self.callers.followers.values().map(Vec::len).sum();
+        // A caller with its own secret follows its own jobs alone: the streams of its jobs
+        // (the operator's of them too) are held to its share, so it cannot take every place.
+        let share = super::share_of(&self.jobs[job_id]);
+        if !share.is_empty() {
+            let of_share: usize = self
+                .callers
+                .followers
+                .iter()
+                .filter(|(id, _)| self.jobs.get(*id).is_some_and(|j| super::share_of(j) == share))
+                .map(|(_, f)| f.len())
+                .sum();
+            if of_share >= progress::MAX_FOLLOWERS_PER_CALLER {
+                return Err(ApiError::new(
+                    ErrorCode::RunnerBusy,
+                    format!(
+                        "caller `{share}` follows {of_share} streams already (at most {} per caller): read the job with \
+                         GET /jobs/{job_id}, or follow it once another of your streams ends",
+                        progress::MAX_FOLLOWERS_PER_CALLER
+                    ),
+                )
+                .with_job(job_id));
+            }
+        }
         if of_job >= progress::MAX_FOLLOWERS_PER_JOB || all >= progress::MAX_FOLLOWERS {
             return Err(ApiError::new(
                 ErrorCode::RunnerBusy,

@@ -70,6 +70,9 @@ impl Edge {
         }
         if let Some(url) = &submission.callback_url {
             crate::notify::check_callback(url, &self.cfg.callback_hosts).map_err(ApiError::invalid)?;
+            if let Some(refused) = self.callbacks_full(&submission) {
+                return Err(refused);
+            }
         }
         if self.queue.len() >= self.cfg.max_queued_jobs {
             return Err(ApiError::new(
@@ -302,7 +305,7 @@ impl Edge {
         self.queue.remove(job_id);
         self.drop_backlog(job_id);
         self.retained.push_back((now.at, job_id.to_string()));
-        self.retained_bytes += job.approximate_bytes();
+        self.count_retained(&job, true);
         *self.stats_mut().finished.entry(job.state.as_str()).or_default() += 1;
         info!(
             job_id,
@@ -319,24 +322,48 @@ impl Edge {
         self.keep_within_caps(effects);
     }
 
-    /// Forgets the oldest ended jobs while more are kept than `MAX_RETAINED_JOBS` or
-    /// their records take more than `MAX_RETAINED_BYTES`.
+    /// Forgets ended jobs while more are kept than `MAX_RETAINED_JOBS` or their records
+    /// take more than `MAX_RETAINED_BYTES`: the oldest of the owner holding the most (jobs,
+    /// or bytes, whichever cap is passed; see `share_of`), so one caller's flood of
+    /// jobs that end at once pushes out its own results, not other callers'. With one
+    /// owner, the oldest.
     pub(super) fn keep_within_caps(&mut self, effects: &mut Vec<Effect>) {
-        while self.retained.len() > self.cfg.max_retained_jobs || self.retained_bytes > self.cfg.max_retained_bytes {
-            let Some((_, id)) = self.retained.front().cloned() else { break };
+        loop {
+            let by_count = self.retained.len() > self.cfg.max_retained_jobs;
+            if !by_count && self.retained_bytes <= self.cfg.max_retained_bytes {
+                break;
+            }
+            let held = |(jobs, bytes): (usize, u64)| if by_count { jobs as u64 } else { bytes };
+            let most = self.retained_by.values().map(|h| held(*h)).max().unwrap_or(0);
+            // Of the owners holding the most, the one whose oldest job is oldest.
+            let at = self
+                .retained
+                .iter()
+                .position(|(_, id)| {
+                    let owner = self.jobs.get(id).map_or("", super::share_of);
+                    self.retained_by.get(owner).is_some_and(|h| held(*h) == most)
+                })
+                .unwrap_or(0);
+            let Some((_, id)) = self.retained.remove(at) else { break };
             info!(job_id = %id, kept = self.retained.len(), "an ended job is forgotten early: over MAX_RETAINED_JOBS or MAX_RETAINED_BYTES");
-            self.forget_oldest(effects);
+            self.forget_retained(id, effects);
         }
     }
 
     /// Forgets the ended job whose retention ends first.
     pub(super) fn forget_oldest(&mut self, effects: &mut Vec<Effect>) {
         if let Some((_, id)) = self.retained.pop_front() {
-            let bytes = self.jobs.get(&id).map_or(0, Job::approximate_bytes);
-            self.retained_bytes = self.retained_bytes.saturating_sub(bytes);
-            self.forget_job(&id);
-            effects.push(Effect::Forget { job_id: id });
+            self.forget_retained(id, effects);
         }
+    }
+
+    /// Forgets an ended job just taken out of `retained`.
+    fn forget_retained(&mut self, id: String, effects: &mut Vec<Effect>) {
+        if let Some((owner, bytes)) = self.jobs.get(&id).map(|j| (super::share_of(j).to_string(), j.approximate_bytes())) {
+            self.count_retained_of(&owner, bytes, false);
+        }
+        self.forget_job(&id);
+        effects.push(Effect::Forget { job_id: id });
     }
 
     /// Ends a queued job that must never start (its caller was told to run it elsewhere,

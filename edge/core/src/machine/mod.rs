@@ -62,6 +62,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// How long `/health` shows an agent that went away as down (and the pool `degraded`).
 pub const DOWN_SHOWN_MS: Millis = 3_600_000;
+/// Result callbacks waiting for delivery (their receiver down or slow), at most; those of
+/// one caller with its own secret, half of it. They are kept in alerting's memory, which
+/// is stored whole at each change, so each one more makes every such event cost more: past
+/// the cap a job asking for a callback is refused (429) until some are delivered or given
+/// up ([`Edge::callbacks_full`]).
+pub const MAX_PENDING_CALLBACKS: usize = 256;
 
 /// What the host must do. Writes (`Save`, `Forget`) come first and together: see
 /// [`split_writes`] and [`Edge::store_failed`]. The rest in order.
@@ -126,6 +132,9 @@ pub struct Edge {
     retained: VecDeque<(Millis, String)>,
     /// The whole records of the retained jobs take about this many bytes.
     retained_bytes: u64,
+    /// Retained jobs and their bytes by owner ([`share_of`]): what the caps take
+    /// from first ([`Edge::keep_within_caps`]).
+    retained_by: BTreeMap<String, (usize, u64)>,
     /// Jobs that ended in the current event: from the next one on, memory keeps only
     /// their headers.
     to_stow: Vec<String>,
@@ -166,6 +175,7 @@ impl Edge {
             active: BTreeSet::new(),
             retained: VecDeque::new(),
             retained_bytes: 0,
+            retained_by: BTreeMap::new(),
             to_stow: Vec::new(),
             sessions: BTreeMap::new(),
             idempotency: HashMap::new(),
@@ -286,11 +296,37 @@ impl Edge {
                 let entry = (job.finished_at.unwrap_or(0), job.id.clone());
                 let at = self.retained.partition_point(|e| *e < entry);
                 self.retained.insert(at, entry);
-                self.retained_bytes += job.approximate_bytes();
+                self.count_retained(job, true);
             }
         }
         if let Some(slot) = job.idempotency_slot() {
             self.idempotency.insert(slot, job.id.clone());
+        }
+    }
+
+    /// Counts an ended job in, or out of, what is retained: in all and by its owner.
+    fn count_retained(&mut self, job: &Job, kept: bool) {
+        self.count_retained_of(share_of(job), job.approximate_bytes(), kept);
+    }
+
+    /// [`Edge::count_retained`] of a job known by its owner and size.
+    fn count_retained_of(&mut self, owner: &str, bytes: u64, kept: bool) {
+        if kept {
+            self.retained_bytes += bytes;
+            match self.retained_by.get_mut(owner) {
+                Some(held) => *held = (held.0 + 1, held.1 + bytes),
+                None => {
+                    self.retained_by.insert(owner.to_string(), (1, bytes));
+                }
+            }
+        } else {
+            self.retained_bytes = self.retained_bytes.saturating_sub(bytes);
+            if let Some(held) = self.retained_by.get_mut(owner) {
+                *held = (held.0.saturating_sub(1), held.1.saturating_sub(bytes));
+                if held.0 == 0 {
+                    self.retained_by.remove(owner);
+                }
+            }
         }
     }
 
@@ -307,12 +343,25 @@ impl Edge {
         let kept = self.retained.len();
         self.retained.retain(|(_, id)| *id != job.id);
         if self.retained.len() < kept {
-            self.retained_bytes = self.retained_bytes.saturating_sub(job.approximate_bytes());
+            self.count_retained(job, false);
         }
         if let Some(slot) = job.idempotency_slot() {
             if self.idempotency.get(&slot) == Some(&job.id) {
                 self.idempotency.remove(&slot);
             }
         }
+    }
+}
+
+/// Whose share of what callers hold together (the ended jobs kept, the event streams) a
+/// job counts in: a caller that sent it with its own secret (`RUNNER_SECRETS`) holds its
+/// own share, named by it; everything the pool's secret sent, whatever caller it named,
+/// is one share, `""` (names are the pool secret's to make up, as the agent weighs
+/// sessions).
+pub(crate) fn share_of(job: &Job) -> &str {
+    if job.caller_proven {
+        job.placement.caller()
+    } else {
+        ""
     }
 }

@@ -124,6 +124,31 @@ impl Edge {
         [offline, posts, callbacks].into_iter().flatten().min()
     }
 
+    /// Why a job asking for a callback is refused now, if it is: [`super::MAX_PENDING_CALLBACKS`]
+    /// wait for delivery, or half as many of its caller's (a caller with its own secret;
+    /// see [`super::share_of`]), so one caller's receiver being down does not refuse every
+    /// other caller's callbacks.
+    pub(super) fn callbacks_full(&self, submission: &shared::contract::Submission) -> Option<shared::contract::ApiError> {
+        let pending = self.alerts.callbacks.len();
+        let share = if submission.caller_proven { submission.placement.caller() } else { "" };
+        let mine = match share {
+            "" => pending,
+            _ => self.alerts.callbacks.keys().filter(|id| self.jobs.get(*id).is_some_and(|j| super::share_of(j) == share)).count(),
+        };
+        let (all, of_one) = (super::MAX_PENDING_CALLBACKS, super::MAX_PENDING_CALLBACKS / 2);
+        if pending < all && (share.is_empty() || mine < of_one) {
+            return None;
+        }
+        Some(shared::contract::ApiError::new(
+            shared::contract::ErrorCode::RunnerBusy,
+            format!(
+                "{pending} results wait for delivery to their callback_url already ({mine} of them this caller's; at most {all} \
+                 in all, {of_one} of one caller's): their receiver may be down; retry later, or submit without callback_url \
+                 and read the result with GET /jobs/{{id}}"
+            ),
+        ))
+    }
+
     /// A job ended (its whole record at hand): its result goes to its callback, if any.
     pub(super) fn start_callback(&mut self, now: Now, job_id: &str, effects: &mut Vec<Effect>) {
         let Some(url) = self.jobs.get(job_id).and_then(|j| j.callback_url.clone()) else { return };
@@ -145,11 +170,18 @@ impl Edge {
         self.note_alerts(before);
         let body = serde_json::to_string(&job.view(now)).expect("views serialise");
         let timestamp = now.wall;
+        // Signed with the secret the job was sent with, which its caller holds: a caller
+        // with its own secret does not hold the pool's, and could not check the signature
+        // (nor tell a forged callback) with it.
+        let key = match job.caller_proven {
+            true => self.cfg.own_secret(job.placement.caller()).unwrap_or(&self.cfg.runner_secret),
+            false => &self.cfg.runner_secret,
+        };
         let headers = vec![
             ("content-type".to_string(), "application/json".to_string()),
             ("x-runner-job-id".to_string(), job.id.clone()),
             ("x-runner-timestamp".to_string(), timestamp.to_string()),
-            ("x-runner-signature".to_string(), notify::signature(&self.cfg.runner_secret, timestamp, &body)),
+            ("x-runner-signature".to_string(), notify::signature(key, timestamp, &body)),
         ];
         info!(job_id = %job.id, attempt, "posting the job's result to its callback");
         effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));

@@ -725,3 +725,172 @@ fn a_job_that_will_not_wait_for_the_window_is_judged_by_the_agents_that_fit_it()
     // A job spark fits is taken as ever.
     submit(&mut edge, 1_001, SECRET, json!({"prompt": "x", "wait_for_usage": false}));
 }
+
+/// The cap on ended jobs kept (`MAX_RETAINED_JOBS`, `MAX_RETAINED_BYTES`) is shared, so
+/// what goes first when it is reached is the oldest of the owner holding the most: a
+/// caller with its own secret, or everything the pool's secret sent (whatever names it
+/// gave), each one owner. One caller's flood of jobs that end at once (submit, cancel)
+/// made every other caller's results forgotten before they were read.
+#[test]
+fn one_callers_flood_of_ended_jobs_does_not_push_out_anothers_results() {
+    let mut edge = Edge::new(Config { max_retained_jobs: 4, max_retained_bytes: 1 << 30, ..pool_config() }, 0);
+    let ended = |edge: &mut Edge, now: u64, secret: &str, body: Value| {
+        let id = submit(edge, now, secret, body);
+        let h = request(edge, now, secret, "DELETE", &format!("/jobs/{id}"), Value::Null);
+        assert_eq!(answer(&h).0, 202);
+        id
+    };
+    let of_a = ended(&mut edge, 1, A_SECRET, json!({"prompt": "a's task"}));
+    let of_pool = ended(&mut edge, 2, SECRET, json!({"prompt": "the pool's task"}));
+    let mut of_b = Vec::new();
+    for i in 0..10 {
+        of_b.push(ended(&mut edge, 10 + i, B_SECRET, json!({"prompt": format!("b's flood {i}")})));
+    }
+    assert!(edge.job(&of_a).is_some(), "a's result was pushed out by b's flood");
+    assert!(edge.job(&of_pool).is_some(), "the pool secret's result was pushed out by b's flood");
+    let kept_of_b: Vec<&String> = of_b.iter().filter(|id| edge.job(id).is_some()).collect();
+    assert_eq!(kept_of_b, [&of_b[8], &of_b[9]], "b's newest are kept, within the cap");
+    // The pool's secret floods under made-up names: one owner, whose oldest go.
+    for i in 0..10 {
+        ended(&mut edge, 30 + i, SECRET, json!({"prompt": "x", "caller": format!("made-up-{i}")}));
+    }
+    assert!(edge.job(&of_a).is_some(), "a's result was pushed out by the pool secret's made-up callers");
+    assert!(edge.job(&of_pool).is_none(), "the pool secret's own oldest went first");
+    // Alone, an owner's oldest goes first, as before.
+    let mut edge = Edge::new(Config { max_retained_jobs: 2, max_retained_bytes: 1 << 30, ..pool_config() }, 0);
+    let ids: Vec<String> = (0..3).map(|i| ended(&mut edge, i, A_SECRET, json!({"prompt": format!("t{i}")}))).collect();
+    assert_eq!(ids.iter().map(|id| edge.job(id).is_some()).collect::<Vec<_>>(), [false, true, true]);
+}
+
+/// Event streams are capped in all (`MAX_FOLLOWERS`): a caller with its own secret may hold
+/// at most [`crate::progress::MAX_FOLLOWERS_PER_CALLER`] of them, so it cannot take every
+/// place and leave the other callers' streams refused (429).
+#[test]
+fn one_caller_cannot_take_every_event_stream() {
+    let mut edge = Edge::new(pool_config(), 0);
+    let of_a: Vec<String> = (0..4).map(|i| submit(&mut edge, i, A_SECRET, json!({"prompt": format!("a{i}")}))).collect();
+    let mut followed = 0;
+    for id in &of_a {
+        for _ in 0..crate::progress::MAX_FOLLOWERS_PER_JOB {
+            let h = request(&mut edge, 5, A_SECRET, "GET", &format!("/jobs/{id}/events"), Value::Null);
+            if h.reply == crate::http::Reply::Stream {
+                followed += 1;
+            } else {
+                let (status, body) = answer(&h);
+                assert_eq!(status, 429, "{body}");
+                assert!(body["error"].as_str().unwrap().contains("`a`"), "says whose streams: {body}");
+            }
+        }
+    }
+    assert_eq!(followed, crate::progress::MAX_FOLLOWERS_PER_CALLER, "a holds its share of the streams, no more");
+    let of_b = submit(&mut edge, 6, B_SECRET, json!({"prompt": "b"}));
+    let h = request(&mut edge, 7, B_SECRET, "GET", &format!("/jobs/{of_b}/events"), Value::Null);
+    assert_eq!(h.reply, crate::http::Reply::Stream, "b's stream was refused: a holds every place");
+    // The pool's secret is the operator's: its streams are held to the caps in all alone.
+    let mine = submit(&mut edge, 8, SECRET, json!({"prompt": "mine"}));
+    let h = request(&mut edge, 9, SECRET, "GET", &format!("/jobs/{mine}/events"), Value::Null);
+    assert_eq!(h.reply, crate::http::Reply::Stream);
+}
+
+/// A job's callback is signed with the secret it was sent with: a caller with its own
+/// secret (`RUNNER_SECRETS`) does not hold the pool's `RUNNER_SECRET`, so a callback signed
+/// with that one it could not check (and could not tell from a forged one) unless the
+/// operator gave it the pool's secret — the operator's powers with it.
+#[test]
+fn a_callback_is_signed_with_the_secret_its_job_was_sent_with() {
+    let mut edge = Edge::new(pool_config(), 0);
+    let signed = |edge: &mut Edge, now: u64, secret: &str| {
+        let id = submit(edge, now, secret, json!({"prompt": "x", "callback_url": "https://hooks.example.com/r"}));
+        let h = request(edge, now, secret, "DELETE", &format!("/jobs/{id}"), Value::Null);
+        let post = h
+            .effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Post(p) if p.id.starts_with("callback:") => Some(p.clone()),
+                _ => None,
+            })
+            .expect("the callback is posted");
+        let header = |name: &str| post.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap();
+        let ts: u64 = header("x-runner-timestamp").parse().unwrap();
+        (header("x-runner-signature"), ts, post.body.clone())
+    };
+    let (signature, ts, body) = signed(&mut edge, 1, A_SECRET);
+    assert_eq!(signature, crate::notify::signature(A_SECRET, ts, &body), "a's callback is not signed with a's own secret");
+    let (signature, ts, body) = signed(&mut edge, 2, SECRET);
+    assert_eq!(signature, crate::notify::signature(SECRET, ts, &body), "the pool secret's job: the pool's secret");
+}
+
+/// What a caller put where a job id goes is echoed only if it is a plain id: a path of
+/// 100 kB (or an id of odd characters) was repeated whole in the 404's sentence and the
+/// `Last-Event-ID` refusal's `job_id`.
+#[test]
+fn a_made_up_job_id_is_not_echoed_whole() {
+    let mut edge = Edge::new(pool_config(), 0);
+    let long = "x".repeat(100_000);
+    for (path, last_event_id) in [
+        (format!("/jobs/{long}"), None),
+        (format!("/jobs/{long}/events"), Some("nope")),
+        ("/jobs/%0A%0Dx<script>".to_string(), None),
+    ] {
+        let method = if path.ends_with("events") { "GET" } else { "DELETE" };
+        let req = Request {
+            method: method.into(),
+            path: path.clone(),
+            secret_header: Some(SECRET.into()),
+            authorization: None,
+            idempotency_key: None,
+            last_event_id: last_event_id.map(str::to_string),
+            body: Body::Bytes(Vec::new()),
+        };
+        let h = http::handle(&mut edge, 1, [1; 16], req);
+        let (status, body) = answer(&h);
+        assert!(status == 404 || status == 400, "{status}");
+        let text = body.to_string();
+        assert!(text.len() < 1_000 && !text.contains("<script>"), "{path:.40}: {} bytes: {:.300}", text.len(), text);
+    }
+    let h = request(&mut edge, 1, SECRET, "GET", &format!("/jobs/{long}"), Value::Null);
+    assert!(answer(&h).1.to_string().len() < 1_000);
+}
+
+
+/// Callbacks not yet delivered (their receiver down, or never answering) are kept in the
+/// edge's memory and stored whole at every change, so each one more made every event
+/// that touched them cost more: 5,000 of them wrote half a megabyte per event. They are
+/// capped (`MAX_PENDING_CALLBACKS`; a caller with its own secret half of it): past the cap
+/// a job asking for a callback is refused 429, one without is taken, and another caller's
+/// callbacks are not crowded out.
+#[test]
+fn callbacks_waiting_for_delivery_are_capped() {
+    use crate::machine::MAX_PENDING_CALLBACKS;
+    let mut edge = Edge::new(Config { max_retained_jobs: 100_000, ..pool_config() }, 0);
+    let ended = |edge: &mut Edge, now: u64, secret: &str, callback: bool| {
+        let mut body = json!({"prompt": format!("t{now}")});
+        if callback {
+            body["callback_url"] = json!("https://hooks.example.com/r");
+        }
+        let h = request(edge, now, secret, "POST", "/jobs", body);
+        let (status, body) = answer(&h);
+        if status != 202 {
+            return (status, body);
+        }
+        let id = body["job_id"].as_str().unwrap().to_string();
+        let h = request(edge, now, secret, "DELETE", &format!("/jobs/{id}"), Value::Null);
+        assert_eq!(answer(&h).0, 202);
+        (202, body)
+    };
+    for i in 0..MAX_PENDING_CALLBACKS as u64 / 2 {
+        assert_eq!(ended(&mut edge, i, A_SECRET, true).0, 202);
+    }
+    let (status, body) = ended(&mut edge, 1_000, A_SECRET, true);
+    assert_eq!((status, body["error_code"].as_str()), (429, Some("RUNNER_BUSY")), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("callback"), "{body}");
+    assert_eq!(ended(&mut edge, 1_001, A_SECRET, false).0, 202, "without a callback it is taken");
+    assert_eq!(ended(&mut edge, 1_002, B_SECRET, true).0, 202, "b's callback is not crowded out by a's");
+    let mut taken = 0;
+    for i in 0..MAX_PENDING_CALLBACKS as u64 {
+        if ended(&mut edge, 2_000 + i, SECRET, true).0 == 202 {
+            taken += 1;
+        }
+    }
+    assert_eq!(taken, MAX_PENDING_CALLBACKS - MAX_PENDING_CALLBACKS / 2 - 1, "the pool's secret up to the cap in all");
+}
