@@ -45,6 +45,20 @@ fn no_body_is_read_before_auth_nor_for_a_route_that_takes_none() {
 }
 
 #[test]
+fn only_the_secret_itself_opens_the_edge() {
+    // The comparison hashes both sides (their lengths must not show in its time): what
+    // is near the secret — a prefix, an extension, another case, empty — is refused.
+    let upper = SECRET.to_uppercase();
+    let (prefix, longer) = (&SECRET[..SECRET.len() - 1], format!("{SECRET}x"));
+    for wrong in ["", prefix, longer.as_str(), upper.as_str()] {
+        assert!(http::who(&config(), Some(wrong), None).is_none(), "{wrong:?}");
+        assert!(http::who(&config(), None, Some(&format!("Bearer {wrong}"))).is_none(), "bearer {wrong:?}");
+    }
+    assert_eq!(http::who(&config(), Some(&format!(" {SECRET} ")), None), Some(http::Who::Pool));
+    assert_eq!(http::who(&config(), None, Some(&format!("Bearer {SECRET}"))), Some(http::Who::Pool));
+}
+
+#[test]
 fn health_without_the_secret_is_the_verdict_alone() {
     let (mut edge, _) = ready_edge();
     let health = |edge: &mut Edge, secret: Option<&str>| {
