@@ -62,8 +62,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// How long `/health` shows an agent that went away as down (and the pool `degraded`).
 pub const DOWN_SHOWN_MS: Millis = 3_600_000;
-/// Result callbacks waiting for delivery (their receiver down or slow), at most; those of
-/// one caller with its own secret, half of it. They are kept in alerting's memory, which
+/// Result callbacks waiting for delivery (their receiver down or slow), or for their job's
+/// end, at most; those of one caller with its own secret, half of it. They are kept in alerting's memory, which
 /// is stored whole at each change, so each one more makes every such event cost more: past
 /// the cap a job asking for a callback is refused (429) until some are delivered or given
 /// up ([`Edge::callbacks_full`]).

@@ -125,15 +125,25 @@ impl Edge {
     }
 
     /// Why a job asking for a callback is refused now, if it is: [`super::MAX_PENDING_CALLBACKS`]
-    /// wait for delivery, or half as many of its caller's (a caller with its own secret;
+    /// wait for delivery or for their job's end, or half as many of its caller's (a caller with its own secret;
     /// see [`super::share_of`]), so one caller's receiver being down does not refuse every
     /// other caller's callbacks.
+    /// A job holds its place from when it is taken, not only once it ended: counted only
+    /// once ended, a caller's whole queue of jobs with callbacks, taken while none of its
+    /// own waited and cancelled at once, all waited for a receiver that is down.
     pub(super) fn callbacks_full(&self, submission: &shared::contract::Submission) -> Option<shared::contract::ApiError> {
-        let pending = self.alerts.callbacks.len();
+        // Not ended yet: queued, or sent to an agent (bounded by the queue's cap and the
+        // agents' slots).
+        let coming = self.queue.ids().chain(self.active.iter()).filter_map(|id| self.jobs.get(id)).filter(|j| j.callback_url.is_some());
+        let coming: Vec<&str> = coming.map(super::share_of).collect();
+        let pending = self.alerts.callbacks.len() + coming.len();
         let share = if submission.caller_proven { submission.placement.caller() } else { "" };
         let mine = match share {
             "" => pending,
-            _ => self.alerts.callbacks.keys().filter(|id| self.jobs.get(*id).is_some_and(|j| super::share_of(j) == share)).count(),
+            _ => {
+                let waiting = self.alerts.callbacks.keys().filter(|id| self.jobs.get(*id).is_some_and(|j| super::share_of(j) == share));
+                waiting.count() + coming.iter().filter(|s| **s == share).count()
+            }
         };
         let (all, of_one) = (super::MAX_PENDING_CALLBACKS, super::MAX_PENDING_CALLBACKS / 2);
         if pending < all && (share.is_empty() || mine < of_one) {
@@ -142,9 +152,9 @@ impl Edge {
         Some(shared::contract::ApiError::new(
             shared::contract::ErrorCode::RunnerBusy,
             format!(
-                "{pending} results wait for delivery to their callback_url already ({mine} of them this caller's; at most {all} \
-                 in all, {of_one} of one caller's): their receiver may be down; retry later, or submit without callback_url \
-                 and read the result with GET /jobs/{{id}}"
+                "{pending} jobs with a callback_url wait for their end or for their result's delivery already ({mine} of them \
+                 this caller's; at most {all} in all, {of_one} of one caller's): their receiver may be down; retry later, \
+                 or submit without callback_url and read the result with GET /jobs/{{id}}"
             ),
         ))
     }

@@ -894,3 +894,29 @@ fn callbacks_waiting_for_delivery_are_capped() {
     }
     assert_eq!(taken, MAX_PENDING_CALLBACKS - MAX_PENDING_CALLBACKS / 2 - 1, "the pool's secret up to the cap in all");
 }
+
+/// A job asking for a callback holds its place among the callbacks from when it is taken,
+/// not only once it ended: counted only once ended, a caller sent jobs with callbacks while
+/// none of its own waited (600 of them here, its whole queue) and cancelled them all at
+/// once, and 600 results of one caller then waited for a receiver that is down — past the
+/// cap in all, and every other caller's callbacks refused.
+#[test]
+fn jobs_not_yet_ended_hold_their_callbacks_place() {
+    use crate::machine::MAX_PENDING_CALLBACKS;
+    let mut edge = Edge::new(pool_config(), 0);
+    let body = |i: u64| json!({"prompt": format!("t{i}"), "callback_url": "https://hooks.example.com/r"});
+    let mut taken = Vec::new();
+    for i in 0..(MAX_PENDING_CALLBACKS as u64) {
+        let (status, answer) = answer(&request(&mut edge, i, A_SECRET, "POST", "/jobs", body(i)));
+        match status {
+            202 => taken.push(answer["job_id"].as_str().unwrap().to_string()),
+            _ => assert_eq!((status, answer["error_code"].as_str()), (429, Some("RUNNER_BUSY")), "{answer}"),
+        }
+    }
+    assert_eq!(taken.len(), MAX_PENDING_CALLBACKS / 2, "a's jobs with callbacks, queued, are a's callbacks");
+    for id in &taken {
+        assert_eq!(answer(&request(&mut edge, 500, A_SECRET, "DELETE", &format!("/jobs/{id}"), Value::Null)).0, 202);
+    }
+    let (status, body) = answer(&request(&mut edge, 501, B_SECRET, "POST", "/jobs", body(501)));
+    assert_eq!(status, 202, "b's callback is not crowded out: {body}");
+}
