@@ -171,6 +171,21 @@ impl Edge {
 
     /// Posts the job's result (its whole record) to its callback, counting the attempt.
     fn attempt_callback(&mut self, now: Now, job: &Job, effects: &mut Vec<Effect>) {
+        // Signed with the secret the job was sent with, which its caller holds: a caller
+        // with its own secret does not hold the pool's, and could not check the signature
+        // (nor tell a forged callback) with it. One taken out of RUNNER_SECRETS since gets
+        // none: the pool's secret would give it (perhaps taken out for a reason) a body of
+        // its own job's making signed with the operator's secret, which the operator's own
+        // receivers take as the edge's.
+        let key = match job.caller_proven {
+            true => self.cfg.own_secret(job.placement.caller()),
+            false => Some(self.cfg.runner_secret.as_str()),
+        };
+        let Some(key) = key.map(str::to_string) else {
+            let why = "its caller no longer has a secret of its own (RUNNER_SECRETS) to sign it with";
+            self.give_up_callback(&job.id, why, effects);
+            return;
+        };
         let before = self.alerts.clone();
         let Some(callback) = self.alerts.callbacks.get_mut(&job.id) else { return };
         callback.attempts += 1;
@@ -180,18 +195,11 @@ impl Edge {
         self.note_alerts(before);
         let body = serde_json::to_string(&job.view(now)).expect("views serialise");
         let timestamp = now.wall;
-        // Signed with the secret the job was sent with, which its caller holds: a caller
-        // with its own secret does not hold the pool's, and could not check the signature
-        // (nor tell a forged callback) with it.
-        let key = match job.caller_proven {
-            true => self.cfg.own_secret(job.placement.caller()).unwrap_or(&self.cfg.runner_secret),
-            false => &self.cfg.runner_secret,
-        };
         let headers = vec![
             ("content-type".to_string(), "application/json".to_string()),
             ("x-runner-job-id".to_string(), job.id.clone()),
             ("x-runner-timestamp".to_string(), timestamp.to_string()),
-            ("x-runner-signature".to_string(), notify::signature(key, timestamp, &body)),
+            ("x-runner-signature".to_string(), notify::signature(&key, timestamp, &body)),
         ];
         info!(job_id = %job.id, attempt, "posting the job's result to its callback");
         effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));

@@ -920,3 +920,35 @@ fn jobs_not_yet_ended_hold_their_callbacks_place() {
     let (status, body) = answer(&request(&mut edge, 501, B_SECRET, "POST", "/jobs", body(501)));
     assert_eq!(status, 202, "b's callback is not crowded out: {body}");
 }
+
+/// A callback of a job sent with a caller's own secret, when the caller no longer has one
+/// (taken out of `RUNNER_SECRETS` between the submission and the job's end), is not signed
+/// with the pool's secret: its receiver holds no key to check that with, and the caller —
+/// perhaps taken out for a reason — would hold a body of its own job's making signed
+/// with the operator's secret, which the operator's own receivers take as the edge's.
+#[test]
+fn a_callback_is_never_signed_with_the_pools_secret_for_a_caller_gone() {
+    let saved = |effects: &[Effect]| -> Vec<crate::record::Job> {
+        effects.iter().filter_map(|e| if let Effect::Save(j) = e { Some((**j).clone()) } else { None }).collect()
+    };
+    let mut edge = Edge::new(pool_config(), 0);
+    let h = request(&mut edge, 1, A_SECRET, "POST", "/jobs", json!({"prompt": "x", "callback_url": "https://hooks.example.com/r"}));
+    let (status, body) = answer(&h);
+    assert_eq!(status, 202, "{body}");
+    let id = body["job_id"].as_str().unwrap().to_string();
+    // The edge restarts with `a` taken out of RUNNER_SECRETS; the operator cancels its job.
+    let after = Config { caller_secrets: vec![("b".into(), B_SECRET.into())], ..pool_config() };
+    let (mut edge, _) = Edge::restore(after, saved(&h.effects), vec![], None, 10);
+    let h = request(&mut edge, 11, SECRET, "DELETE", &format!("/jobs/{id}"), Value::Null);
+    assert_eq!(answer(&h).0, 202);
+    let posts: Vec<&crate::machine::Post> = h.effects.iter().filter_map(|e| if let Effect::Post(p) = e { Some(p) } else { None }).collect();
+    for post in &posts {
+        let header = |name: &str| post.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap();
+        let ts: u64 = header("x-runner-timestamp").parse().unwrap();
+        assert_ne!(header("x-runner-signature"), crate::notify::signature(SECRET, ts, &post.body), "signed with the pool's secret: {}", post.url);
+    }
+    assert!(posts.is_empty(), "no callback is made that its receiver cannot check: {posts:?}");
+    // Nothing is left waiting to be tried again either.
+    let later = edge.tick(10_000_000);
+    assert!(!later.iter().any(|e| matches!(e, Effect::Post(_) | Effect::Recall { .. })), "{later:?}");
+}
