@@ -363,6 +363,10 @@ impl Edge {
             self.count_retained_of(&owner, bytes, false);
         }
         self.forget_job(&id);
+        // Its callback, if still waiting, cannot be made without the record (a retry
+        // gives it up as no longer kept): it goes now, or it would hold its place among
+        // the callbacks, no longer counted as its caller's, until its next retry.
+        self.give_up_callback(&id, "the job is no longer kept (MAX_RETAINED_JOBS, MAX_RETAINED_BYTES or its retention)", effects);
         effects.push(Effect::Forget { job_id: id });
     }
 

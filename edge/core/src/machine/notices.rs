@@ -258,7 +258,7 @@ impl Edge {
         }
     }
 
-    fn give_up_callback(&mut self, job_id: &str, why: &str, effects: &mut Vec<Effect>) {
+    pub(super) fn give_up_callback(&mut self, job_id: &str, why: &str, effects: &mut Vec<Effect>) {
         let before = self.alerts.clone();
         if let Some(callback) = self.alerts.callbacks.remove(job_id) {
             warn!(job_id, attempts = callback.attempts, reason = why, "callback given up");

@@ -952,3 +952,54 @@ fn a_callback_is_never_signed_with_the_pools_secret_for_a_caller_gone() {
     let later = edge.tick(10_000_000);
     assert!(!later.iter().any(|e| matches!(e, Effect::Post(_) | Effect::Recall { .. })), "{later:?}");
 }
+
+/// A caller's callbacks waiting for delivery count in its share (half the cap) for as long
+/// as they wait: one whose job was forgotten early (past `MAX_RETAINED_JOBS`, the caller's
+/// own flood of ended jobs pushing out its oldest) still waited in the edge's memory, but
+/// no longer counted as the caller's, so the caller took places past its half, up to the
+/// cap in all, and another caller's callback was refused.
+#[test]
+fn a_callback_of_a_job_forgotten_early_does_not_leave_its_caller_past_its_share() {
+    use crate::machine::MAX_PENDING_CALLBACKS;
+    let mut edge = Edge::new(Config { max_retained_jobs: 300, ..pool_config() }, 0);
+    let ended = |edge: &mut Edge, now: u64, secret: &str, callback: bool| {
+        let mut body = json!({"prompt": format!("t{now}")});
+        if callback {
+            body["callback_url"] = json!("https://hooks.example.com/r");
+        }
+        let req = Request {
+            method: "POST".into(),
+            path: "/jobs".into(),
+            secret_header: Some(secret.into()),
+            authorization: None,
+            idempotency_key: None,
+            last_event_id: None,
+            body: Body::Bytes(body.to_string().into_bytes()),
+        };
+        // Each job its own id (more of them than one byte of `now` tells apart).
+        let mut entropy = [0; 16];
+        entropy[..8].copy_from_slice(&now.to_le_bytes());
+        let (status, body) = answer(&http::handle(edge, now, entropy, req));
+        if status == 202 {
+            let id = body["job_id"].as_str().unwrap();
+            assert_eq!(answer(&request(edge, now, secret, "DELETE", &format!("/jobs/{id}"), Value::Null)).0, 202);
+        }
+        status
+    };
+    let mut now = 0;
+    let mut round = |edge: &mut Edge| {
+        // a's callbacks up to its half (their receiver never answers), then a flood of
+        // ended jobs that pushes a's oldest — those with callbacks — out.
+        while {
+            now += 1;
+            ended(edge, now, A_SECRET, true) == 202
+        } {}
+        for _ in 0..400 {
+            now += 1;
+            assert_eq!(ended(edge, now, A_SECRET, false), 202);
+        }
+    };
+    round(&mut edge);
+    round(&mut edge);
+    assert_eq!(ended(&mut edge, 1_000_000, B_SECRET, true), 202, "b's callback is not crowded out by a's past its {}", MAX_PENDING_CALLBACKS / 2);
+}
