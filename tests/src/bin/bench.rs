@@ -200,19 +200,20 @@ fn main() {
         std::process::exit(2);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio starts");
-    if let Some(retention) = opts.retention.clone() {
-        let load_start = loadavg();
-        let mut report = runtime.block_on(retention::run(retention)).unwrap_or_else(|e| {
-            eprintln!("bench: the retention run failed: {e:#}");
-            std::process::exit(1);
-        });
-        report["git_commit"] = json!(git_commit());
-        report["machine"] = machine();
-        report["load_average"] = json!([load_start, loadavg()]);
-        println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
-        return;
-    }
     let report = match (opts.repo.clone(), opts.scale.clone()) {
+        _ if opts.retention.is_some() => {
+            let load_start = loadavg();
+            let retention = opts.retention.clone().expect("checked above");
+            let mut report = runtime.block_on(retention::run(retention)).unwrap_or_else(|e| {
+                eprintln!("bench: the retention run failed: {e:#}");
+                std::process::exit(1);
+            });
+            report["git_commit"] = json!(git_commit());
+            report["machine"] = machine();
+            report["load_average"] = json!([load_start, loadavg()]);
+            println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+            report
+        }
         (None, Some(scale)) => {
             let load_start = loadavg();
             let mut report = runtime.block_on(scale::run(scale, &opts.edges));
