@@ -824,6 +824,43 @@ async fn a_callback_receiver_that_never_answers_holds_up_no_other(kind: EdgeKind
     drop(held);
 }
 
+/// Posts on their way hold up none of the edge's deadlines: the Worker makes its POSTs from
+/// the alarm, which ran the machine's deadlines only once every POST was done, so a
+/// receiver that never answers (15 s each), sent a new callback before the last was given
+/// up, kept every deadline from coming — here a finished job's retention; the same held
+/// silent agents, timeouts, lost jobs, the queue's waits and callbacks' retries.
+async fn callbacks_on_their_way_hold_up_no_deadline(kind: EdgeKind) {
+    // Takes connections and reads nothing, answers nothing, closes nothing.
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute_port = mute.local_addr().unwrap().port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let holding = std::sync::Arc::clone(&held);
+    std::thread::spawn(move || {
+        for stream in mute.incoming().flatten() {
+            holding.lock().unwrap().push(stream);
+        }
+    });
+    let s = setup(kind, &[("CALLBACK_HOSTS", "127.0.0.1"), ("JOB_RETENTION_MS", "3000")], &[]).await;
+    let to_mute = json!({"prompt": "to nobody", "callback_url": format!("http://127.0.0.1:{mute_port}/cb")});
+    assert!(s.client.submit(to_mute.clone()).await.body["job_id"].is_string());
+    assert!(eventually(Duration::from_secs(30), || !held.lock().unwrap().is_empty()).await, "the mute receiver was never called");
+    let a = s.client.execute(json!({"prompt": "kept for 3 s"})).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    // A new callback to the mute receiver every 2 s, each on its way for 15 s.
+    let mut forgotten = false;
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(s.client.submit(to_mute.clone()).await.body["job_id"].is_string());
+        if s.client.get(&format!("/jobs/{job_id}")).await.status == 404 {
+            forgotten = true;
+            break;
+        }
+    }
+    assert!(forgotten, "a job kept for 3 s was still kept 30 s on, while callbacks were on their way:\n{}", s.edge.log());
+    drop(held);
+}
+
 async fn megabytes_of_output_do_not_hang(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     let a = s.client.execute(json!({"prompt": "@megabytes=8", "timeout_ms": 60000})).await;
@@ -1637,6 +1674,7 @@ contract!(
     every_credential_state_shows_in_health_and_oauth_status,
     callbacks_are_signed_and_retried,
     a_callback_receiver_that_never_answers_holds_up_no_other,
+    callbacks_on_their_way_hold_up_no_deadline,
     megabytes_of_output_do_not_hang,
     a_missing_claude_binary_is_a_clear_failure,
     tokens_never_leave_the_machine,

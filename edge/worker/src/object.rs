@@ -289,6 +289,7 @@ impl EdgeDurableObject {
     /// meanwhile. They go out together, and those other events ask for meanwhile join
     /// them (looked for every [`DELIVERY_POLL_MS`]): made one after another, every callback
     /// and alert waited behind a receiver that never answers, 15 s each time it was tried.
+    /// The machine's deadlines that come meanwhile are met here too.
     async fn deliver(&self) {
         let mut on_their_way = futures::stream::FuturesUnordered::new();
         loop {
@@ -304,6 +305,15 @@ impl EdgeDurableObject {
             let poll = std::pin::pin!(Delay::from(Duration::from_millis(DELIVERY_POLL_MS)));
             if let Either::Left((Some((id, outcome)), _)) = select(on_their_way.next(), poll).await {
                 let effects = self.with_edge(|edge| edge.posted(now_ms(), &id, outcome)).unwrap_or_default();
+                self.apply(effects, None);
+            }
+            // The machine's deadlines are met meanwhile: they are this alarm's, which does
+            // not end while POSTs are on their way, and a receiver that never answers, sent
+            // a new callback before the last was given up, held every one of them (silent
+            // agents, timeouts, lost jobs, the queue's waits, retention, retries) for good.
+            let now = now_ms();
+            if self.with_edge(|edge| edge.next_deadline()).flatten().is_some_and(|at| at <= now) {
+                let effects = self.with_edge(|edge| edge.tick(now)).unwrap_or_default();
                 self.apply(effects, None);
             }
         }

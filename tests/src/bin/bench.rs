@@ -32,6 +32,8 @@
 
 #[path = "bench/repos.rs"]
 mod repos;
+#[path = "bench/retention.rs"]
+mod retention;
 #[path = "bench/scale.rs"]
 mod scale;
 
@@ -84,6 +86,10 @@ usage: cargo run --release -p claude-runner-tests --bin bench -- [options]
   --scale-jobs N       jobs queued, then drained (default 20000)
   --scale-rate N       jobs per second in the latency run (default 1000)
   --scale-seconds N    length of the latency run (default 5)
+  --retention          measure what a job's end costs the native edge past MAX_RETAINED_JOBS,
+                       with one owner of the retained jobs and with two
+  --retention-jobs N   MAX_RETAINED_JOBS (default 10000)
+  --retention-measure N  jobs measured once the cap is reached (default 2000)
 
 Build the binaries first: cargo build --release --bins";
 
@@ -97,10 +103,11 @@ struct Opts {
     json: Option<PathBuf>,
     repo: Option<repos::RepoOpts>,
     scale: Option<scale::ScaleOpts>,
+    retention: Option<retention::RetentionOpts>,
 }
 
 fn parse_args() -> Result<Opts, String> {
-    let mut opts = Opts { jobs: 1000, clients: 8, offline: 1000, block: 100, edges: vec![EdgeKind::Native], json: None, repo: None, scale: None };
+    let mut opts = Opts { jobs: 1000, clients: 8, offline: 1000, block: 100, edges: vec![EdgeKind::Native], json: None, repo: None, scale: None, retention: None };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -136,6 +143,9 @@ fn parse_args() -> Result<Opts, String> {
                 let counts: Result<Vec<usize>, String> = list.split(',').map(|n| number(n.trim().to_string())).collect();
                 opts.scale.get_or_insert_with(Default::default).agents = counts?;
             }
+            "--retention" => opts.retention = Some(opts.retention.take().unwrap_or_default()),
+            "--retention-jobs" => opts.retention.get_or_insert_with(Default::default).jobs = number(value()?)?,
+            "--retention-measure" => opts.retention.get_or_insert_with(Default::default).measure = number(value()?)?,
             "--diff-files" => opts.repo.get_or_insert_with(Default::default).diff_files = number(value()?)?,
             "--edge" => {
                 opts.edges = match value()?.as_str() {
@@ -191,6 +201,19 @@ fn main() {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio starts");
     let report = match (opts.repo.clone(), opts.scale.clone()) {
+        _ if opts.retention.is_some() => {
+            let load_start = loadavg();
+            let retention = opts.retention.clone().expect("checked above");
+            let mut report = runtime.block_on(retention::run(retention)).unwrap_or_else(|e| {
+                eprintln!("bench: the retention run failed: {e:#}");
+                std::process::exit(1);
+            });
+            report["git_commit"] = json!(git_commit());
+            report["machine"] = machine();
+            report["load_average"] = json!([load_start, loadavg()]);
+            println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+            report
+        }
         (None, Some(scale)) => {
             let load_start = loadavg();
             let mut report = runtime.block_on(scale::run(scale, &opts.edges));

@@ -27,7 +27,7 @@ impl Edge {
             .active
             .iter()
             .filter_map(|id| self.jobs[id].deadline(self.cfg.lost_after_ms, self.cfg.queue_ttl_ms, self.cfg.timeout_margin_ms));
-        let retention = self.retained.front().map(|(t, _)| t.saturating_add(self.cfg.job_retention_ms));
+        let retention = self.retained.first().map(|(t, _)| t.saturating_add(self.cfg.job_retention_ms));
         // A usage window's reset lets held work go; a relay is given up at its expiry.
         let holds = self.earliest_usage_hold().filter(|_| !self.queue.is_empty());
         let logins = self.earliest_login_expiry();
@@ -137,7 +137,7 @@ impl Edge {
         self.retry_notices(now, &mut effects);
         self.observe(now, &mut effects);
 
-        while let Some((finished_at, _)) = self.retained.front() {
+        while let Some((finished_at, _)) = self.retained.first() {
             if finished_at.saturating_add(self.cfg.job_retention_ms) > now.at {
                 break;
             }

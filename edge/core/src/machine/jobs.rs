@@ -304,7 +304,6 @@ impl Edge {
         self.active.remove(job_id);
         self.queue.remove(job_id);
         self.drop_backlog(job_id);
-        self.retained.push_back((now.at, job_id.to_string()));
         self.count_retained(&job, true);
         *self.stats_mut().finished.entry(job.state.as_str()).or_default() += 1;
         info!(
@@ -333,36 +332,46 @@ impl Edge {
             if !by_count && self.retained_bytes <= self.cfg.max_retained_bytes {
                 break;
             }
-            let held = |(jobs, bytes): (usize, u64)| if by_count { jobs as u64 } else { bytes };
-            let most = self.retained_by.values().map(|h| held(*h)).max().unwrap_or(0);
-            // Of the owners holding the most, the one whose oldest job is oldest.
-            let at = self
-                .retained
-                .iter()
-                .position(|(_, id)| {
-                    let owner = self.jobs.get(id).map_or("", super::share_of);
-                    self.retained_by.get(owner).is_some_and(|h| held(*h) == most)
-                })
-                .unwrap_or(0);
-            let Some((_, id)) = self.retained.remove(at) else { break };
-            info!(job_id = %id, kept = self.retained.len(), "an ended job is forgotten early: over MAX_RETAINED_JOBS or MAX_RETAINED_BYTES");
-            self.forget_retained(id, effects);
+            let held = |h: &super::Held| if by_count { h.jobs.len() as u64 } else { h.bytes };
+            let most = self.retained_by.values().map(held).max().unwrap_or(0);
+            // Of the owners holding the most, the one whose oldest job is oldest: each
+            // owner's jobs are kept in order, so this looks at no other owner's jobs (going
+            // through all of them in order cost every job's end as many steps as others'
+            // jobs came before the owner's oldest).
+            let oldest = self.retained_by.values().filter(|h| held(h) == most).filter_map(|h| h.jobs.first()).min();
+            let Some(entry) = oldest.or(self.retained.first()).cloned() else { break };
+            info!(job_id = %entry.1, kept = self.retained.len() - 1, "an ended job is forgotten early: over MAX_RETAINED_JOBS or MAX_RETAINED_BYTES");
+            self.forget_retained(entry, effects);
         }
     }
 
     /// Forgets the ended job whose retention ends first.
     pub(super) fn forget_oldest(&mut self, effects: &mut Vec<Effect>) {
-        if let Some((_, id)) = self.retained.pop_front() {
-            self.forget_retained(id, effects);
+        if let Some(entry) = self.retained.first().cloned() {
+            self.forget_retained(entry, effects);
         }
     }
 
-    /// Forgets an ended job just taken out of `retained`.
-    fn forget_retained(&mut self, id: String, effects: &mut Vec<Effect>) {
-        if let Some((owner, bytes)) = self.jobs.get(&id).map(|j| (super::share_of(j).to_string(), j.approximate_bytes())) {
-            self.count_retained_of(&owner, bytes, false);
+    /// Forgets the ended job at this place of `retained`.
+    fn forget_retained(&mut self, entry: (shared::Millis, String), effects: &mut Vec<Effect>) {
+        match self.jobs.get(&entry.1).map(|j| (super::share_of(j).to_string(), j.approximate_bytes())) {
+            Some((owner, bytes)) => self.count_retained_of(&owner, &entry, bytes, false),
+            // Never expected (every retained id is a job's): taken out wherever it is, so
+            // the caps' loop ends.
+            None => {
+                self.retained.remove(&entry);
+                self.retained_by.retain(|_, held| {
+                    held.jobs.remove(&entry);
+                    !held.jobs.is_empty()
+                });
+            }
         }
+        let id = entry.1;
         self.forget_job(&id);
+        // Its callback, if still waiting, cannot be made without the record (a retry
+        // gives it up as no longer kept): it goes now, or it would hold its place among
+        // the callbacks, no longer counted as its caller's, until its next retry.
+        self.give_up_callback(&id, "the job is no longer kept (MAX_RETAINED_JOBS, MAX_RETAINED_BYTES or its retention)", effects);
         effects.push(Effect::Forget { job_id: id });
     }
 

@@ -58,12 +58,12 @@ use shared::job::JobState;
 use shared::oauth::OAuthReport;
 use shared::Millis;
 use crate::queue::FairQueue;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// How long `/health` shows an agent that went away as down (and the pool `degraded`).
 pub const DOWN_SHOWN_MS: Millis = 3_600_000;
-/// Result callbacks waiting for delivery (their receiver down or slow), at most; those of
-/// one caller with its own secret, half of it. They are kept in alerting's memory, which
+/// Result callbacks waiting for delivery (their receiver down or slow), or for their job's
+/// end, at most; those of one caller with its own secret, half of it. They are kept in alerting's memory, which
 /// is stored whole at each change, so each one more makes every such event cost more: past
 /// the cap a job asking for a callback is refused (429) until some are delivered or given
 /// up ([`Edge::callbacks_full`]).
@@ -128,13 +128,14 @@ pub struct Edge {
     departed: BTreeMap<String, Millis>,
     /// Dispatched or running job ids.
     active: BTreeSet<String>,
-    /// Finished job ids in the order their retention ends.
-    retained: VecDeque<(Millis, String)>,
+    /// Finished job ids in the order their retention ends (when each ended, then its id).
+    retained: BTreeSet<(Millis, String)>,
     /// The whole records of the retained jobs take about this many bytes.
     retained_bytes: u64,
-    /// Retained jobs and their bytes by owner ([`share_of`]): what the caps take
-    /// from first ([`Edge::keep_within_caps`]).
-    retained_by: BTreeMap<String, (usize, u64)>,
+    /// Retained jobs by owner ([`share_of`]), each owner's in the same order, and their
+    /// bytes: what the caps take from first ([`Edge::keep_within_caps`]), found without
+    /// going through the others' jobs.
+    retained_by: BTreeMap<String, Held>,
     /// Jobs that ended in the current event: from the next one on, memory keeps only
     /// their headers.
     to_stow: Vec<String>,
@@ -173,7 +174,7 @@ impl Edge {
             queue: FairQueue::default(),
             departed: BTreeMap::new(),
             active: BTreeSet::new(),
-            retained: VecDeque::new(),
+            retained: BTreeSet::new(),
             retained_bytes: 0,
             retained_by: BTreeMap::new(),
             to_stow: Vec::new(),
@@ -292,12 +293,7 @@ impl Edge {
             JobState::Dispatched | JobState::Running => {
                 self.active.insert(job.id.clone());
             }
-            _ => {
-                let entry = (job.finished_at.unwrap_or(0), job.id.clone());
-                let at = self.retained.partition_point(|e| *e < entry);
-                self.retained.insert(at, entry);
-                self.count_retained(job, true);
-            }
+            _ => self.count_retained(job, true),
         }
         if let Some(slot) = job.idempotency_slot() {
             self.idempotency.insert(slot, job.id.clone());
@@ -306,24 +302,32 @@ impl Edge {
 
     /// Counts an ended job in, or out of, what is retained: in all and by its owner.
     fn count_retained(&mut self, job: &Job, kept: bool) {
-        self.count_retained_of(share_of(job), job.approximate_bytes(), kept);
+        self.count_retained_of(share_of(job), &retained_entry(job), job.approximate_bytes(), kept);
     }
 
-    /// [`Edge::count_retained`] of a job known by its owner and size.
-    fn count_retained_of(&mut self, owner: &str, bytes: u64, kept: bool) {
+    /// [`Edge::count_retained`] of a job known by its owner, its place and its size. Taking
+    /// out one that is not retained does nothing.
+    fn count_retained_of(&mut self, owner: &str, entry: &(Millis, String), bytes: u64, kept: bool) {
         if kept {
-            self.retained_bytes += bytes;
-            match self.retained_by.get_mut(owner) {
-                Some(held) => *held = (held.0 + 1, held.1 + bytes),
-                None => {
-                    self.retained_by.insert(owner.to_string(), (1, bytes));
-                }
+            if !self.retained.insert(entry.clone()) {
+                return;
             }
+            self.retained_bytes += bytes;
+            let held = match self.retained_by.get_mut(owner) {
+                Some(held) => held,
+                None => self.retained_by.entry(owner.to_string()).or_default(),
+            };
+            held.bytes += bytes;
+            held.jobs.insert(entry.clone());
         } else {
+            if !self.retained.remove(entry) {
+                return;
+            }
             self.retained_bytes = self.retained_bytes.saturating_sub(bytes);
             if let Some(held) = self.retained_by.get_mut(owner) {
-                *held = (held.0.saturating_sub(1), held.1.saturating_sub(bytes));
-                if held.0 == 0 {
+                held.bytes = held.bytes.saturating_sub(bytes);
+                held.jobs.remove(entry);
+                if held.jobs.is_empty() {
                     self.retained_by.remove(owner);
                 }
             }
@@ -340,17 +344,27 @@ impl Edge {
     fn unindex(&mut self, job: &Job) {
         self.queue.remove(&job.id);
         self.active.remove(&job.id);
-        let kept = self.retained.len();
-        self.retained.retain(|(_, id)| *id != job.id);
-        if self.retained.len() < kept {
-            self.count_retained(job, false);
-        }
+        self.count_retained(job, false);
         if let Some(slot) = job.idempotency_slot() {
             if self.idempotency.get(&slot) == Some(&job.id) {
                 self.idempotency.remove(&slot);
             }
         }
     }
+}
+
+/// One owner's retained jobs ([`Edge::count_retained`]).
+#[derive(Debug, Default)]
+struct Held {
+    /// Their records' bytes, about.
+    bytes: u64,
+    /// Their places in [`Edge::retained`]: when each ended, then its id.
+    jobs: BTreeSet<(Millis, String)>,
+}
+
+/// An ended job's place among the retained: when it ended, then its id.
+fn retained_entry(job: &Job) -> (Millis, String) {
+    (job.finished_at.unwrap_or(0), job.id.clone())
 }
 
 /// Whose share of what callers hold together (the ended jobs kept, the event streams) a

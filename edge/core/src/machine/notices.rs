@@ -125,15 +125,25 @@ impl Edge {
     }
 
     /// Why a job asking for a callback is refused now, if it is: [`super::MAX_PENDING_CALLBACKS`]
-    /// wait for delivery, or half as many of its caller's (a caller with its own secret;
+    /// wait for delivery or for their job's end, or half as many of its caller's (a caller with its own secret;
     /// see [`super::share_of`]), so one caller's receiver being down does not refuse every
     /// other caller's callbacks.
+    /// A job holds its place from when it is taken, not only once it ended: counted only
+    /// once ended, a caller's whole queue of jobs with callbacks, taken while none of its
+    /// own waited and cancelled at once, all waited for a receiver that is down.
     pub(super) fn callbacks_full(&self, submission: &shared::contract::Submission) -> Option<shared::contract::ApiError> {
-        let pending = self.alerts.callbacks.len();
+        // Not ended yet: queued, or sent to an agent (bounded by the queue's cap and the
+        // agents' slots).
+        let coming = self.queue.ids().chain(self.active.iter()).filter_map(|id| self.jobs.get(id)).filter(|j| j.callback_url.is_some());
+        let coming: Vec<&str> = coming.map(super::share_of).collect();
+        let pending = self.alerts.callbacks.len() + coming.len();
         let share = if submission.caller_proven { submission.placement.caller() } else { "" };
         let mine = match share {
             "" => pending,
-            _ => self.alerts.callbacks.keys().filter(|id| self.jobs.get(*id).is_some_and(|j| super::share_of(j) == share)).count(),
+            _ => {
+                let waiting = self.alerts.callbacks.keys().filter(|id| self.jobs.get(*id).is_some_and(|j| super::share_of(j) == share));
+                waiting.count() + coming.iter().filter(|s| **s == share).count()
+            }
         };
         let (all, of_one) = (super::MAX_PENDING_CALLBACKS, super::MAX_PENDING_CALLBACKS / 2);
         if pending < all && (share.is_empty() || mine < of_one) {
@@ -142,9 +152,9 @@ impl Edge {
         Some(shared::contract::ApiError::new(
             shared::contract::ErrorCode::RunnerBusy,
             format!(
-                "{pending} results wait for delivery to their callback_url already ({mine} of them this caller's; at most {all} \
-                 in all, {of_one} of one caller's): their receiver may be down; retry later, or submit without callback_url \
-                 and read the result with GET /jobs/{{id}}"
+                "{pending} jobs with a callback_url wait for their end or for their result's delivery already ({mine} of them \
+                 this caller's; at most {all} in all, {of_one} of one caller's): their receiver may be down; retry later, \
+                 or submit without callback_url and read the result with GET /jobs/{{id}}"
             ),
         ))
     }
@@ -161,6 +171,21 @@ impl Edge {
 
     /// Posts the job's result (its whole record) to its callback, counting the attempt.
     fn attempt_callback(&mut self, now: Now, job: &Job, effects: &mut Vec<Effect>) {
+        // Signed with the secret the job was sent with, which its caller holds: a caller
+        // with its own secret does not hold the pool's, and could not check the signature
+        // (nor tell a forged callback) with it. One taken out of RUNNER_SECRETS since gets
+        // none: the pool's secret would give it (perhaps taken out for a reason) a body of
+        // its own job's making signed with the operator's secret, which the operator's own
+        // receivers take as the edge's.
+        let key = match job.caller_proven {
+            true => self.cfg.own_secret(job.placement.caller()),
+            false => Some(self.cfg.runner_secret.as_str()),
+        };
+        let Some(key) = key.map(str::to_string) else {
+            let why = "its caller no longer has a secret of its own (RUNNER_SECRETS) to sign it with";
+            self.give_up_callback(&job.id, why, effects);
+            return;
+        };
         let before = self.alerts.clone();
         let Some(callback) = self.alerts.callbacks.get_mut(&job.id) else { return };
         callback.attempts += 1;
@@ -170,18 +195,11 @@ impl Edge {
         self.note_alerts(before);
         let body = serde_json::to_string(&job.view(now)).expect("views serialise");
         let timestamp = now.wall;
-        // Signed with the secret the job was sent with, which its caller holds: a caller
-        // with its own secret does not hold the pool's, and could not check the signature
-        // (nor tell a forged callback) with it.
-        let key = match job.caller_proven {
-            true => self.cfg.own_secret(job.placement.caller()).unwrap_or(&self.cfg.runner_secret),
-            false => &self.cfg.runner_secret,
-        };
         let headers = vec![
             ("content-type".to_string(), "application/json".to_string()),
             ("x-runner-job-id".to_string(), job.id.clone()),
             ("x-runner-timestamp".to_string(), timestamp.to_string()),
-            ("x-runner-signature".to_string(), notify::signature(key, timestamp, &body)),
+            ("x-runner-signature".to_string(), notify::signature(&key, timestamp, &body)),
         ];
         info!(job_id = %job.id, attempt, "posting the job's result to its callback");
         effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
@@ -240,7 +258,7 @@ impl Edge {
         }
     }
 
-    fn give_up_callback(&mut self, job_id: &str, why: &str, effects: &mut Vec<Effect>) {
+    pub(super) fn give_up_callback(&mut self, job_id: &str, why: &str, effects: &mut Vec<Effect>) {
         let before = self.alerts.clone();
         if let Some(callback) = self.alerts.callbacks.remove(job_id) {
             warn!(job_id, attempts = callback.attempts, reason = why, "callback given up");

@@ -894,3 +894,112 @@ fn callbacks_waiting_for_delivery_are_capped() {
     }
     assert_eq!(taken, MAX_PENDING_CALLBACKS - MAX_PENDING_CALLBACKS / 2 - 1, "the pool's secret up to the cap in all");
 }
+
+/// A job asking for a callback holds its place among the callbacks from when it is taken,
+/// not only once it ended: counted only once ended, a caller sent jobs with callbacks while
+/// none of its own waited (600 of them here, its whole queue) and cancelled them all at
+/// once, and 600 results of one caller then waited for a receiver that is down — past the
+/// cap in all, and every other caller's callbacks refused.
+#[test]
+fn jobs_not_yet_ended_hold_their_callbacks_place() {
+    use crate::machine::MAX_PENDING_CALLBACKS;
+    let mut edge = Edge::new(pool_config(), 0);
+    let body = |i: u64| json!({"prompt": format!("t{i}"), "callback_url": "https://hooks.example.com/r"});
+    let mut taken = Vec::new();
+    for i in 0..(MAX_PENDING_CALLBACKS as u64) {
+        let (status, answer) = answer(&request(&mut edge, i, A_SECRET, "POST", "/jobs", body(i)));
+        match status {
+            202 => taken.push(answer["job_id"].as_str().unwrap().to_string()),
+            _ => assert_eq!((status, answer["error_code"].as_str()), (429, Some("RUNNER_BUSY")), "{answer}"),
+        }
+    }
+    assert_eq!(taken.len(), MAX_PENDING_CALLBACKS / 2, "a's jobs with callbacks, queued, are a's callbacks");
+    for id in &taken {
+        assert_eq!(answer(&request(&mut edge, 500, A_SECRET, "DELETE", &format!("/jobs/{id}"), Value::Null)).0, 202);
+    }
+    let (status, body) = answer(&request(&mut edge, 501, B_SECRET, "POST", "/jobs", body(501)));
+    assert_eq!(status, 202, "b's callback is not crowded out: {body}");
+}
+
+/// A callback of a job sent with a caller's own secret, when the caller no longer has one
+/// (taken out of `RUNNER_SECRETS` between the submission and the job's end), is not signed
+/// with the pool's secret: its receiver holds no key to check that with, and the caller —
+/// perhaps taken out for a reason — would hold a body of its own job's making signed
+/// with the operator's secret, which the operator's own receivers take as the edge's.
+#[test]
+fn a_callback_is_never_signed_with_the_pools_secret_for_a_caller_gone() {
+    let saved = |effects: &[Effect]| -> Vec<crate::record::Job> {
+        effects.iter().filter_map(|e| if let Effect::Save(j) = e { Some((**j).clone()) } else { None }).collect()
+    };
+    let mut edge = Edge::new(pool_config(), 0);
+    let h = request(&mut edge, 1, A_SECRET, "POST", "/jobs", json!({"prompt": "x", "callback_url": "https://hooks.example.com/r"}));
+    let (status, body) = answer(&h);
+    assert_eq!(status, 202, "{body}");
+    let id = body["job_id"].as_str().unwrap().to_string();
+    // The edge restarts with `a` taken out of RUNNER_SECRETS; the operator cancels its job.
+    let after = Config { caller_secrets: vec![("b".into(), B_SECRET.into())], ..pool_config() };
+    let (mut edge, _) = Edge::restore(after, saved(&h.effects), vec![], None, 10);
+    let h = request(&mut edge, 11, SECRET, "DELETE", &format!("/jobs/{id}"), Value::Null);
+    assert_eq!(answer(&h).0, 202);
+    let posts: Vec<&crate::machine::Post> = h.effects.iter().filter_map(|e| if let Effect::Post(p) = e { Some(p) } else { None }).collect();
+    for post in &posts {
+        let header = |name: &str| post.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap();
+        let ts: u64 = header("x-runner-timestamp").parse().unwrap();
+        assert_ne!(header("x-runner-signature"), crate::notify::signature(SECRET, ts, &post.body), "signed with the pool's secret: {}", post.url);
+    }
+    assert!(posts.is_empty(), "no callback is made that its receiver cannot check: {posts:?}");
+    // Nothing is left waiting to be tried again either.
+    let later = edge.tick(10_000_000);
+    assert!(!later.iter().any(|e| matches!(e, Effect::Post(_) | Effect::Recall { .. })), "{later:?}");
+}
+
+/// A caller's callbacks waiting for delivery count in its share (half the cap) for as long
+/// as they wait: one whose job was forgotten early (past `MAX_RETAINED_JOBS`, the caller's
+/// own flood of ended jobs pushing out its oldest) still waited in the edge's memory, but
+/// no longer counted as the caller's, so the caller took places past its half, up to the
+/// cap in all, and another caller's callback was refused.
+#[test]
+fn a_callback_of_a_job_forgotten_early_does_not_leave_its_caller_past_its_share() {
+    use crate::machine::MAX_PENDING_CALLBACKS;
+    let mut edge = Edge::new(Config { max_retained_jobs: 300, ..pool_config() }, 0);
+    let ended = |edge: &mut Edge, now: u64, secret: &str, callback: bool| {
+        let mut body = json!({"prompt": format!("t{now}")});
+        if callback {
+            body["callback_url"] = json!("https://hooks.example.com/r");
+        }
+        let req = Request {
+            method: "POST".into(),
+            path: "/jobs".into(),
+            secret_header: Some(secret.into()),
+            authorization: None,
+            idempotency_key: None,
+            last_event_id: None,
+            body: Body::Bytes(body.to_string().into_bytes()),
+        };
+        // Each job its own id (more of them than one byte of `now` tells apart).
+        let mut entropy = [0; 16];
+        entropy[..8].copy_from_slice(&now.to_le_bytes());
+        let (status, body) = answer(&http::handle(edge, now, entropy, req));
+        if status == 202 {
+            let id = body["job_id"].as_str().unwrap();
+            assert_eq!(answer(&request(edge, now, secret, "DELETE", &format!("/jobs/{id}"), Value::Null)).0, 202);
+        }
+        status
+    };
+    let mut now = 0;
+    let mut round = |edge: &mut Edge| {
+        // a's callbacks up to its half (their receiver never answers), then a flood of
+        // ended jobs that pushes a's oldest — those with callbacks — out.
+        while {
+            now += 1;
+            ended(edge, now, A_SECRET, true) == 202
+        } {}
+        for _ in 0..400 {
+            now += 1;
+            assert_eq!(ended(edge, now, A_SECRET, false), 202);
+        }
+    };
+    round(&mut edge);
+    round(&mut edge);
+    assert_eq!(ended(&mut edge, 1_000_000, B_SECRET, true), 202, "b's callback is not crowded out by a's past its {}", MAX_PENDING_CALLBACKS / 2);
+}
