@@ -82,7 +82,10 @@ impl Reporter {
     /// `RUNNER_OAUTH_ERROR`) instead of the callers falling back at once.
     pub fn resume(&self, last: Option<&crate::status::Status>, now: shared::Millis) {
         let Some((report, fingerprint)) = last.and_then(|s| Some((s.login.as_ref()?, s.login_fingerprint))) else { return };
-        if let Some(window) = report.usage.clone().filter(|u| u.blocks(now)) {
+        // Seen no later than now: the file is one a job can write, and a window "seen" in
+        // the future would outlast the cut at MAX_RESET_MS after it was seen.
+        let usage = report.usage.clone().map(|u| UsageWindow { seen_at: u.seen_at.min(now), ..u });
+        if let Some(window) = usage.filter(|u| u.blocks(now)) {
             info!(resets_at = window.resets_at, "the usage window is still used up, as reported before the restart");
             *self.usage.lock().expect("usage lock") = Some(window);
         }
@@ -208,6 +211,23 @@ mod tests {
         assert!(r.report().usage.is_none());
         r.resume(Some(&last(window(5_000))), 2_000);
         assert_eq!(r.report().usage.unwrap().blocked_until(), Some(5_000));
+    }
+
+    /// The window taken over at a restart comes from `DATA_DIR/status.json`, which a job
+    /// (the agent's user) can write, then end the agent: a window "seen" in the year 33000
+    /// passed the cut at 8 days after it was seen, and held every caller's work on the
+    /// agent until then, across every restart (each rewrote it). A window is not seen after
+    /// the restart that reads it.
+    #[tokio::test]
+    async fn a_window_taken_over_at_a_restart_was_seen_no_later_than_then() {
+        let (r, _) = reporter("resume-future");
+        let far = 1_000_000_000_000_000;
+        let planted = UsageWindow { status: UsageStatus::Rejected, kind: None, resets_at: Some(far), utilization: None, seen_at: far };
+        let last = crate::status::Status { login: Some(OAuthReport { usage: Some(planted), ..r.report() }), ..Default::default() };
+        let now = 2_000;
+        r.resume(Some(&last), now);
+        let until = r.report().usage.and_then(|u| u.blocked_until());
+        assert_eq!(until, Some(now + shared::usage::MAX_RESET_MS), "blocked until {until:?}");
     }
 
     /// A job runs as the agent's user and can put anything where Claude's credentials file
