@@ -89,7 +89,10 @@ pub fn read_plain(path: &Path, max: usize, what: &str) -> std::io::Result<Vec<u8
 /// Folders are opened by descriptor from their parent (`openat`, `O_NOFOLLOW`), so a
 /// process the job left running cannot swap a link in to lead the removal elsewhere; at
 /// most [`MAX_OPEN_LEVELS`] are open at once, and a folder deeper than that is moved up
-/// under `top` (`renameat`, the entry itself) and removed from there.
+/// under `top` (`renameat`, the entry itself) and removed from there. A folder closed to
+/// its owner (a job's `chmod 000`, `chmod -w`: the tree is the agent's user's) is opened up
+/// as it is reached, by descriptor: by path, one deeper than a path may name was never
+/// reached.
 pub fn remove_tree(top: &Path) -> std::io::Result<()> {
     if !std::fs::symlink_metadata(top)?.is_dir() {
         return std::fs::remove_file(top);
@@ -152,6 +155,8 @@ pub fn remove_tree(top: &Path) -> std::io::Result<()> {
 
 /// Folders [`remove_tree`] holds open at most.
 const MAX_OPEN_LEVELS: usize = 64;
+/// The mode [`remove_tree`] gives a folder closed to its owner, to empty it.
+const OPENED_UP: libc::mode_t = 0o700;
 
 /// A folder open for listing and for removing what it holds, by descriptor.
 struct Folder(std::ptr::NonNull<libc::DIR>);
@@ -191,9 +196,37 @@ impl Folder {
     }
 
     fn open_child(&self, name: &std::ffi::CStr) -> std::io::Result<Folder> {
-        // SAFETY: openat relative to a folder we own, with a NUL-terminated name.
-        let fd = unsafe { libc::openat(self.fd(), name.as_ptr(), Self::FLAGS) };
-        Self::from_fd(fd)
+        let open = || {
+            // SAFETY: openat relative to a folder we own, with a NUL-terminated name.
+            let fd = unsafe { libc::openat(self.fd(), name.as_ptr(), Self::FLAGS) };
+            Self::from_fd(fd)
+        };
+        match open() {
+            // Closed by the job (`chmod 000`): opened up, never through a link (the libc
+            // refuses to change a link's mode rather than follow it), and opened again.
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                // SAFETY: fchmodat relative to a folder we own, with a NUL-terminated name.
+                if unsafe { libc::fchmodat(self.fd(), name.as_ptr(), OPENED_UP, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+                    return Err(e);
+                }
+                open()
+            }
+            opened => opened,
+        }
+    }
+
+    /// Runs `change` (of what this folder holds); refused as the folder is closed to its
+    /// owner (`chmod -w` by the job: a Go module cache is so), opens it up and runs it again.
+    fn opened_up(&self, change: impl Fn() -> libc::c_int) -> std::io::Result<()> {
+        if change() == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        // SAFETY: fchmod of a folder we own, by its descriptor.
+        if e.raw_os_error() != Some(libc::EACCES) || unsafe { libc::fchmod(self.fd(), OPENED_UP) } != 0 {
+            return Err(e);
+        }
+        if change() == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
     }
 
     /// The next entry (not `.` or `..`): its name and whether it is a folder (not a link).
@@ -232,20 +265,15 @@ impl Folder {
     fn unlink(&self, name: &std::ffi::CStr, folder: bool) -> std::io::Result<()> {
         let flags = if folder { libc::AT_REMOVEDIR } else { 0 };
         // SAFETY: unlinkat relative to a folder we own, with a NUL-terminated name.
-        if unsafe { libc::unlinkat(self.fd(), name.as_ptr(), flags) } == 0 {
-            return Ok(());
+        match self.opened_up(|| unsafe { libc::unlinkat(self.fd(), name.as_ptr(), flags) }) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            unlinked => unlinked,
         }
-        let e = std::io::Error::last_os_error();
-        if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }
     }
 
     fn rename_to(&self, name: &std::ffi::CStr, to_dir: &Folder, to: &std::ffi::CStr) -> std::io::Result<()> {
         // SAFETY: renameat between folders we own, with NUL-terminated names.
-        if unsafe { libc::renameat(self.fd(), name.as_ptr(), to_dir.fd(), to.as_ptr()) } == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
+        self.opened_up(|| unsafe { libc::renameat(self.fd(), name.as_ptr(), to_dir.fd(), to.as_ptr()) })
     }
 
     fn rewind(&self) {

@@ -82,7 +82,9 @@ impl Reporter {
     /// `RUNNER_OAUTH_ERROR`) instead of the callers falling back at once.
     pub fn resume(&self, last: Option<&crate::status::Status>, now: shared::Millis) {
         let Some((report, fingerprint)) = last.and_then(|s| Some((s.login.as_ref()?, s.login_fingerprint))) else { return };
-        if let Some(window) = report.usage.clone().filter(|u| u.blocks(now)) {
+        // The file is one a job can write.
+        let usage = report.usage.clone().map(|u| u.read_back(now));
+        if let Some(window) = usage.filter(|u| u.blocks(now)) {
             info!(resets_at = window.resets_at, "the usage window is still used up, as reported before the restart");
             *self.usage.lock().expect("usage lock") = Some(window);
         }
@@ -208,6 +210,37 @@ mod tests {
         assert!(r.report().usage.is_none());
         r.resume(Some(&last(window(5_000))), 2_000);
         assert_eq!(r.report().usage.unwrap().blocked_until(), Some(5_000));
+    }
+
+    /// The window taken over at a restart comes from `DATA_DIR/status.json`, which a job
+    /// (the agent's user) can write, then end the agent: a window "seen" in the year 33000
+    /// passed the cut at 8 days after it was seen, and held every caller's work on the
+    /// agent until then, across every restart (each rewrote it). A window is not seen after
+    /// the restart that reads it.
+    #[tokio::test]
+    async fn a_window_taken_over_at_a_restart_was_seen_no_later_than_then() {
+        let (r, _) = reporter("resume-future");
+        let far = 1_000_000_000_000_000;
+        let planted = UsageWindow { status: UsageStatus::Rejected, kind: None, resets_at: Some(far), utilization: None, seen_at: far };
+        let last = crate::status::Status { login: Some(OAuthReport { usage: Some(planted), ..r.report() }), ..Default::default() };
+        let now = 2_000;
+        r.resume(Some(&last), now);
+        let until = r.report().usage.and_then(|u| u.blocked_until());
+        assert_eq!(until, Some(now + shared::usage::MAX_RESET_MS), "blocked until {until:?}");
+    }
+
+    /// The window's `type` read from Claude's output is cut to 64 bytes, but the one taken
+    /// over from the status file (a job's to write) was kept whole: 4 MiB of it went in
+    /// every hello, which the edge reads only up to 64 KiB, and the agent was refused at
+    /// every connection while the window blocked (and rewrote it at each start).
+    #[tokio::test]
+    async fn a_window_taken_over_at_a_restart_is_cut_as_one_read_from_claude() {
+        let (r, _) = reporter("resume-kind");
+        let planted = UsageWindow { status: UsageStatus::Rejected, kind: Some("\u{1}".repeat(4 << 20)), resets_at: Some(5_000), utilization: None, seen_at: 1_000 };
+        let last = crate::status::Status { login: Some(OAuthReport { usage: Some(planted), ..r.report() }), ..Default::default() };
+        r.resume(Some(&last), 2_000);
+        let kind = r.report().usage.and_then(|u| u.kind).unwrap_or_default();
+        assert!(kind.len() <= shared::usage::MAX_KIND_BYTES, "a type of {} bytes", kind.len());
     }
 
     /// A job runs as the agent's user and can put anything where Claude's credentials file

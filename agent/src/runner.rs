@@ -31,6 +31,18 @@ const REDACTOR_REFRESH: Duration = Duration::from_secs(2);
 /// Largest progress event forwarded; bigger ones are summarised. As large as a whole
 /// batch may be, so one event always fits one.
 const MAX_EVENT_BYTES: usize = shared::protocol::MAX_PROGRESS_BYTES;
+/// Most of an event's `type` a summary of it keeps.
+const MAX_SUMMARY_TYPE_BYTES: usize = 64;
+
+/// What is forwarded of an event whose line is over [`MAX_EVENT_BYTES`], and its size: its
+/// `type` cut to [`MAX_SUMMARY_TYPE_BYTES`] (Claude's are short words; a line a job wrote
+/// may be all `type`, 16 MiB of it), and the line's size.
+fn summarised(event: &serde_json::Value, line_bytes: usize) -> (serde_json::Value, usize) {
+    let kind = shared::text::truncate(event["type"].as_str().unwrap_or_default(), MAX_SUMMARY_TYPE_BYTES);
+    let summary = serde_json::json!({"type": kind, "truncated": true, "bytes": line_bytes});
+    let bytes = summary.to_string().len();
+    (summary, bytes)
+}
 
 /// What a job needs from the agent, and nothing more.
 #[derive(Clone)]
@@ -328,13 +340,7 @@ async fn run_claude(
                 ctx.reporter.saw_usage(window);
             }
             seq += 1;
-            let (event, bytes) = if line.len() > MAX_EVENT_BYTES {
-                let summary = serde_json::json!({"type": event["type"], "truncated": true, "bytes": line.len()});
-                let bytes = summary.to_string().len();
-                (summary, bytes)
-            } else {
-                (event, line.len())
-            };
+            let (event, bytes) = if line.len() > MAX_EVENT_BYTES { summarised(&event, line.len()) } else { (event, line.len()) };
             let mut batch = batch.lock().expect("batch lock");
             let opens = batch.is_empty();
             batch.push(seq, event, bytes, send);
@@ -416,6 +422,31 @@ async fn send_on_ticks(batch: &Mutex<Batch>, opened: &Notify, clock: &Arc<Progre
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// An event line over [`MAX_EVENT_BYTES`] is forwarded as a summary, which kept the
+    /// event's `type` whole: a job can write its own lines into Claude's stdout
+    /// (`/proc/<pid>/fd/1`), and one line of 16 MiB (the most a line may be) that was all
+    /// `type` made a batch the edge refuses unread (over 4 MiB), or a frame over its 8 MiB
+    /// limit, at which it closed the agent's connection: every other job's progress and
+    /// orders on it went with it, once a line, as often as the job liked.
+    #[test]
+    fn the_summary_of_an_event_too_large_to_forward_is_small() {
+        use shared::protocol::{MAX_FRAME_BYTES, MAX_PROGRESS_BYTES, MAX_PROGRESS_PAYLOAD_BYTES};
+        let kind = r"\u0001".repeat(process::MAX_LINE_BYTES / 6 - 4);
+        let line = format!(r#"{{"type":"{kind}"}}"#);
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let (summary, bytes) = summarised(&event, line.len());
+        assert!(bytes <= MAX_PROGRESS_BYTES, "a summary of {bytes} bytes");
+        assert_eq!(summary["truncated"], true);
+        assert_eq!(summary["bytes"], line.len());
+        let events = vec![ProgressEvent { seq: 1, event: summary }];
+        let AgentMessage::Event { envelope } = AgentMessage::progress("j", "j:1", events, &shared::link::MacKey::from_bytes([7; 32])) else {
+            unreachable!()
+        };
+        assert!(envelope.payload.len() <= MAX_PROGRESS_PAYLOAD_BYTES, "a payload of {} bytes", envelope.payload.len());
+        let frame = AgentMessage::Event { envelope }.to_text();
+        assert!(frame.len() <= MAX_FRAME_BYTES, "a frame of {} bytes", frame.len());
+    }
 
     /// Carrying a session over lists every project folder Claude made on this machine (one
     /// per job's workspace: thousands, in time) and copies a transcript of any size. On

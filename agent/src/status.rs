@@ -260,52 +260,70 @@ fn no_agent(data_dir: &std::path::Path) -> String {
 /// `claude-runner status --check`: one line, and whether the agent is healthy (running,
 /// connected, not stuck). The container's HEALTHCHECK: it needs no port.
 pub fn check(data_dir: &std::path::Path) -> anyhow::Result<bool> {
+    check_to(&mut std::io::stdout().lock(), data_dir)
+}
+
+/// [`check`], written to `out`.
+fn check_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow::Result<bool> {
     let Some(status) = read(data_dir)? else {
-        println!("{}", no_agent(data_dir));
+        say(out, no_agent(data_dir))?;
         return Ok(false);
     };
     match status.health(is_agent(status.pid), crate::now_ms()) {
         Ok(line) => {
-            println!("healthy: {line}");
+            say(out, format!("healthy: {line}"))?;
             Ok(true)
         }
         Err(line) => {
-            println!("unhealthy: {line}");
+            say(out, format!("unhealthy: {line}"))?;
             Ok(false)
         }
     }
 }
 
+/// Writes one line of what `status` shows, its control characters escaped: what it says
+/// comes from the status file, which a job (the agent's user) can write, and from the
+/// edge's refusals; raw, it could drive the operator's terminal (its clipboard with OSC 52,
+/// its title, the cursor to print over what was shown).
+fn say(out: &mut impl std::io::Write, line: String) -> std::io::Result<()> {
+    writeln!(out, "{}", shared::text::one_line(&line))
+}
+
 /// `claude-runner status`: prints the local agent's state; exits non-zero unless it runs
 /// and is connected.
 pub fn show(data_dir: &std::path::Path) -> anyhow::Result<bool> {
+    show_to(&mut std::io::stdout().lock(), data_dir)
+}
+
+/// [`show`], written to `out`.
+fn show_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow::Result<bool> {
     let Some(status) = read(data_dir)? else {
-        println!("{}", no_agent(data_dir));
+        say(out, no_agent(data_dir))?;
         return Ok(false);
     };
     let alive = is_agent(status.pid);
-    println!("agent     {} (pid {}, {})", status.agent_id, status.pid, if alive { "running" } else { "not running" });
-    println!("edge      {}", status.edge);
+    say(out, format!("agent     {} (pid {}, {})", status.agent_id, status.pid, if alive { "running" } else { "not running" }))?;
+    say(out, format!("edge      {}", status.edge))?;
     if !alive {
-        println!("state     stopped; start it again with `claude-runner agent`");
+        say(out, "state     stopped; start it again with `claude-runner agent`".into())?;
         return Ok(false);
     }
     if status.connected {
-        println!("state     connected since {}", status.since);
+        say(out, format!("state     connected since {}", status.since))?;
     } else {
-        println!("state     disconnected since {}: {}", status.since, status.last_error.as_deref().unwrap_or("?"));
-        println!("          (it keeps retrying; `claude-runner doctor` checks the settings)");
+        say(out, format!("state     disconnected since {}: {}", status.since, status.last_error.as_deref().unwrap_or("?")))?;
+        say(out, "          (it keeps retrying; `claude-runner doctor` checks the settings)".into())?;
     }
     if status.draining {
-        println!("          draining: no new jobs; it exits once these are done (`claude-runner agent --drain` waits for that)");
+        say(out, "          draining: no new jobs; it exits once these are done (`claude-runner agent --drain` waits for that)".into())?;
     }
     if status.running.is_empty() {
-        println!("jobs      none running");
+        say(out, "jobs      none running".into())?;
     } else {
-        println!("jobs      {}", status.running.join(", "));
+        say(out, format!("jobs      {}", status.running.join(", ")))?;
     }
     if !status.mirrors.is_empty() {
-        println!("mirrors   {}", status.mirrors.join(", "));
+        say(out, format!("mirrors   {}", status.mirrors.join(", ")))?;
     }
     Ok(status.connected)
 }
@@ -313,6 +331,36 @@ pub fn show(data_dir: &std::path::Path) -> anyhow::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The status file is a job's to write (the agent's user), and `status` and `status
+    /// --check` printed what it said raw to the operator's terminal: a job could set its
+    /// clipboard (OSC 52) or title, or print over what was shown, when the operator looked
+    /// at the agent it had just stopped. What they show has its control characters escaped.
+    #[test]
+    fn what_the_status_file_says_reaches_the_terminal_without_its_control_sequences() {
+        let dir = std::env::temp_dir().join(format!("cr-status-words-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sequence = "\x1b]52;c;ZXZpbA==\x07\x1b[2K\r";
+        let planted = Status {
+            agent_id: format!("a{sequence}"),
+            edge: format!("wss://e{sequence}"),
+            pid: std::process::id(),
+            since: sequence.into(),
+            last_error: Some(sequence.into()),
+            running: vec![sequence.into()],
+            mirrors: vec![sequence.into()],
+            ..Default::default()
+        };
+        std::fs::write(dir.join("status.json"), serde_json::to_vec(&planted).unwrap()).unwrap();
+        let mut shown = Vec::new();
+        show_to(&mut shown, &dir).unwrap();
+        check_to(&mut shown, &dir).unwrap();
+        let shown = String::from_utf8(shown).unwrap();
+        assert!(!shown.chars().any(|c| c.is_control() && c != '\n'), "{shown:?}");
+        assert!(shown.contains("wss://e"), "{shown}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// The agent reads the status file its predecessor left before it writes its own: a
     /// pipe a job put there (the agent's user) held the agent's start for good, and the

@@ -296,6 +296,48 @@ pub(crate) mod tests {
         std::fs::remove_dir_all(&data).unwrap();
     }
 
+    /// A job can close folders of its workspace (`chmod 000`, `chmod -w`), and the agent
+    /// opened them up by path before removing it again: a folder deeper than a path may
+    /// name (some 2,000 levels) was never reached, so a chain with two closed folders far
+    /// down stayed on the disk, one closed folder less at each attempt (the end of a job,
+    /// the agent's next start), as large as the job made it. Folders are opened up as the
+    /// removal reaches them, by descriptor.
+    #[test]
+    fn a_workspace_with_closed_folders_deeper_than_a_path_is_removed() {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let data = std::env::temp_dir().join(format!("cr-ws-closed-deep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let root = super::root(&data).unwrap();
+        let ws = prepare(&root, "job-8", None).unwrap();
+        let mut dir = std::fs::File::open(&ws).map(OwnedFd::from).unwrap();
+        let mut closed = Vec::new();
+        for depth in 1..=8_000 {
+            // SAFETY: mkdirat/openat on a descriptor we own, with NUL-terminated names.
+            unsafe {
+                assert_eq!(libc::mkdirat(dir.as_raw_fd(), c"d".as_ptr(), 0o700), 0);
+                assert_eq!(libc::close(libc::openat(dir.as_raw_fd(), c"f".as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o600)), 0);
+                let fd = libc::openat(dir.as_raw_fd(), c"d".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC);
+                assert!(fd >= 0);
+                dir = OwnedFd::from_raw_fd(fd);
+            }
+            match depth {
+                1_000 => closed.push((dir.try_clone().unwrap(), 0o000)),
+                3_500 => closed.push((dir.try_clone().unwrap(), 0o500)),
+                6_000 => closed.push((dir.try_clone().unwrap(), 0o100)),
+                _ => {}
+            }
+        }
+        for (fd, mode) in closed {
+            // SAFETY: fchmod on a descriptor we own.
+            assert_eq!(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }, 0);
+        }
+        drop(dir);
+        let removing = ws.clone();
+        assert_eq!(as_an_ordinary_user(move || remove(&removing).map_err(|e| e.to_string())), Ok(()));
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+        std::fs::remove_dir_all(&data).unwrap();
+    }
+
     /// A link left where a workspace goes (by a job of the same user) is taken away, not
     /// followed: the workspace is a fresh folder in its place, and what the link pointed to
     /// is untouched.

@@ -49,6 +49,9 @@ pub const UNKNOWN_RESET_MS: Millis = 5 * 3_600_000;
 /// that is not the CLI's word (a job can write into Claude's stdout) and counts as this.
 pub const MAX_RESET_MS: Millis = 8 * 86_400_000;
 
+/// Most of a window's `type` kept (Claude's are short words: `five_hour`, `seven_day`).
+pub const MAX_KIND_BYTES: usize = 64;
+
 /// `/health`'s `usage` block.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageView {
@@ -69,13 +72,22 @@ impl UsageWindow {
         }
         let info = event.get("rate_limit_info")?;
         let status: UsageStatus = serde_json::from_value(info.get("status")?.clone()).ok()?;
-        let kind = info.get("rateLimitType").and_then(Value::as_str).map(|k| crate::text::truncate(k, 64).to_string());
+        let kind = info.get("rateLimitType").and_then(Value::as_str).map(|k| crate::text::truncate(k, MAX_KIND_BYTES).to_string());
         // Epoch seconds in the CLI's output; a value already in ms is taken as such.
         let resets_at = info.get("resetsAt").and_then(Value::as_f64).filter(|s| s.is_finite() && *s > 0.0).map(|s| {
             if s < 100_000_000_000.0 { (s * 1000.0) as Millis } else { s as Millis }
         });
         let utilization = info.get("utilization").and_then(Value::as_f64).filter(|u| u.is_finite() && *u >= 0.0);
         Some(UsageWindow { status, kind, resets_at, utilization, seen_at: now })
+    }
+
+    /// A window read back from where it was kept (the agent's status file, which a job can
+    /// write) as one read from Claude at `now` could be: seen no later than `now` (a window
+    /// "seen" in the future would outlast the cut at [`MAX_RESET_MS`] after it was seen),
+    /// its `type` cut to [`MAX_KIND_BYTES`].
+    pub fn read_back(self, now: Millis) -> UsageWindow {
+        let kind = self.kind.map(|k| crate::text::truncate(&k, MAX_KIND_BYTES).to_string());
+        UsageWindow { seen_at: self.seen_at.min(now), kind, ..self }
     }
 
     /// Until when (wall time) the window refuses work, if it does.

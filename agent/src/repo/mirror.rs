@@ -250,7 +250,9 @@ impl MirrorCache {
     }
 
     /// The names of the mirrors on disk, as the edge may be told them: only a name that is
-    /// its own folder's (as the agent writes them: anything else was put there), at most
+    /// its own folder's and a repository's (as the agent writes them: anything else was put
+    /// there; a folder may be named anything, and a control character takes 7 bytes in the
+    /// hello, so counting a name's bytes bounds nothing else), at most
     /// [`shared::placement::MAX_MIRRORS`] (all the edge keeps) and [`MAX_NAMES_BYTES`] in
     /// all, so that they never take a hello past what the edge reads of one.
     fn read_names(&self) -> Vec<String> {
@@ -260,7 +262,7 @@ impl MirrorCache {
             .flatten()
             .filter_map(|e| {
                 let folder = e.file_name().into_string().ok().filter(|f| !f.starts_with('.'))?;
-                read_name(&e.path()).filter(|name| layout::folder(name) == folder)
+                read_name(&e.path()).filter(|name| layout::folder(name) == folder && is_repository_name(name))
             })
             .collect();
         names.sort();
@@ -320,6 +322,13 @@ impl MirrorCache {
 /// The most bytes of mirror names an agent tells the edge (in its hello, whose whole the
 /// edge reads only up to `MAX_HELLO_BYTES`, 64 KiB): some hundreds of names.
 const MAX_NAMES_BYTES: usize = 16 * 1024;
+
+/// Whether `name` could be a repository's name as the agent names its mirrors
+/// ([`shared::repo::RepoUrl::name`]): a host, a port, a path, of letters, digits and
+/// `. _ - ~ : /` only, none of which JSON escapes.
+fn is_repository_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-~:/".contains(&b))
+}
 
 /// The repository name kept in the mirror at `dir` ([`NAME_FILE`]), if it holds one: read
 /// as a file the agent keeps ([`crate::files::read_plain`]), since a job can put anything
@@ -499,7 +508,6 @@ mod tests {
     /// is what the edge keeps anyway: plausible names (each its own folder's), bounded.
     #[test]
     fn the_mirror_names_in_a_hello_fit_it_whatever_the_folders_hold() {
-        use shared::protocol::{AgentMessage, Hello, MAX_HELLO_BYTES, PROTOCOL_VERSION};
         let root = std::env::temp_dir().join(format!("cr-mirror-names-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let cache = MirrorCache::open(root.clone(), u64::MAX).unwrap();
@@ -525,6 +533,14 @@ mod tests {
         };
         assert!(!mirrors.is_empty() && mirrors.len() <= shared::placement::MAX_MIRRORS, "{} names", mirrors.len());
         assert!(mirrors.iter().all(|n| n.starts_with("github.com/some-owner/a-repository-")));
+        assert_fits_a_hello(mirrors);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// That a hello with `mirrors`, and the rest as large as an agent makes it, is one the
+    /// edge reads.
+    fn assert_fits_a_hello(mirrors: Vec<String>) {
+        use shared::protocol::{AgentMessage, Hello, MAX_HELLO_BYTES, PROTOCOL_VERSION};
         let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
         let hello = Hello {
             protocol: PROTOCOL_VERSION,
@@ -545,6 +561,35 @@ mod tests {
         let envelope = shared::envelope::Envelope::seal(shared::envelope::Domain::Hello, &hello, &key);
         let frame = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: hello.agent_id.clone(), envelope }.to_text();
         assert!(frame.len() <= MAX_HELLO_BYTES, "a hello of {} bytes, over the edge's {MAX_HELLO_BYTES}", frame.len());
+    }
+
+    /// A name passed if it was its own folder's; but a folder may be named anything, and a
+    /// name of control characters (or quotes, or backslashes) takes up to 7 bytes a byte
+    /// in the hello, escaped in its payload then again in its envelope: a job that made
+    /// some hundred folders of them, each with its own name, took the hello past the
+    /// edge's 64 KiB again, at every connection, for good. Only a repository's name, as
+    /// the agent writes one, is told.
+    #[test]
+    fn a_mirror_name_that_no_repository_has_is_not_told() {
+        let root = std::env::temp_dir().join(format!("cr-mirror-odd-names-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let cache = MirrorCache::open(root.clone(), u64::MAX).unwrap();
+        let mut planted = 0;
+        for i in 0..200u8 {
+            let name = format!("{}{i}", "\u{1}".repeat(140));
+            let folder = layout::folder(&name);
+            if std::fs::create_dir(root.join(&folder)).is_ok() {
+                std::fs::write(root.join(&folder).join(NAME_FILE), &name).unwrap();
+                planted += 1;
+            }
+        }
+        let real = "github.com/some-owner/a-repository";
+        std::fs::create_dir(root.join(layout::folder(real))).unwrap();
+        std::fs::write(root.join(layout::folder(real)).join(NAME_FILE), real).unwrap();
+        assert_eq!(planted, 200);
+        let mirrors = cache.mirror_names_from_disk();
+        assert_fits_a_hello(mirrors.clone());
+        assert_eq!(mirrors, vec![real.to_string()]);
         std::fs::remove_dir_all(&root).unwrap();
     }
 
