@@ -47,8 +47,15 @@ pub struct SubmitArgs {
 }
 
 fn fail(message: String) -> anyhow::Result<i32> {
-    eprintln!("claude-runner submit: {message}");
+    eprintln!("{}", failure_line(&message));
     Ok(2)
+}
+
+/// What `submit` prints when it gives up. The message carries the edge's words (its
+/// `error`, a job id, a state): shown as [`for_terminal`] shows a job's, since an edge, or
+/// whatever answers at its address, is outside too.
+fn failure_line(message: &str) -> String {
+    format!("claude-runner submit: {}", for_terminal(message))
 }
 
 /// Text from a job (Claude's words: whatever the prompt, the repository or its tools'
@@ -137,7 +144,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         return fail(format!("the edge refused the task ({status}): {error}"));
     };
     if !args.quiet {
-        eprintln!("· job {job_id} ({})", answer["state"].as_str().unwrap_or("queued"));
+        eprintln!("· job {}", for_terminal(&format!("{job_id} ({})", answer["state"].as_str().unwrap_or("queued"))));
     }
     // Follow until the result; if the stream breaks (an edge restart), follow again: the
     // job is kept, and a finished one answers with its result at once.
@@ -208,5 +215,13 @@ mod tests {
         let shown = super::describe(&event).unwrap();
         assert!(!shown.chars().any(|c| c.is_control() && c != '\n' && c != '\t'), "{shown:?}");
         assert!(shown.contains("3 failed") && shown.contains("all tests passed"));
+    }
+
+    /// The edge's own words (its `error` when it refuses a task) are shown the same way.
+    #[test]
+    fn the_edges_words_reach_the_terminal_without_their_control_sequences() {
+        let shown = super::failure_line("the edge refused the task (400): bad\x1b]0;owned\x07\rok");
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.contains("bad") && shown.contains("ok"));
     }
 }
