@@ -285,7 +285,7 @@ fn check_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow
 /// comes from the status file, which a job (the agent's user) can write, and from the
 /// edge's refusals; raw, it could drive the operator's terminal (its clipboard with OSC 52,
 /// its title, the cursor to print over what was shown).
-fn say(out: &mut impl std::io::Write, line: String) -> std::io::Result<()> {
+pub(crate) fn say(out: &mut impl std::io::Write, line: String) -> std::io::Result<()> {
     writeln!(out, "{}", shared::text::one_line(&line))
 }
 
