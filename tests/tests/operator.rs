@@ -162,6 +162,27 @@ async fn doctor_passes_a_good_setup_and_names_the_fix_for_a_bad_one() {
     }
 }
 
+/// `doctor` prints what `claude --version` says (a `claude` a job put on the agent's PATH,
+/// or wrote over), and the usage window of the status file (a job's to write), raw to the
+/// operator's terminal, as `status` did before cb1b97e: a job could set its clipboard
+/// (OSC 52) or title, or print over what was shown. Each line is shown with its control
+/// characters escaped.
+#[test]
+fn what_doctor_shows_of_outside_words_reaches_the_terminal_without_their_control_sequences() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("doctor-words");
+    let claude = dir.path().join("claude");
+    std::fs::write(&claude, "#!/bin/sh\nprintf '2.1.300\\033]52;c;ZXZpbA==\\007\\033[2K\\r (Claude Code)\\n'\n").unwrap();
+    std::fs::set_permissions(&claude, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (_, out) = doctor(&[
+        ("CLAUDE_BIN", claude.display().to_string()),
+        ("DATA_DIR", dir.path().join("data").display().to_string()),
+        ("CLAUDE_CONFIG_DIR", dir.path().display().to_string()),
+    ]);
+    assert!(out.contains("2.1.300"), "{out}");
+    assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_tells_whether_the_agent_runs_and_is_connected() {
     let keys = Keys::new(&["spark"]);
