@@ -347,6 +347,43 @@ fn oauth_status(claude_dir: &std::path::Path, data_dir: &std::path::Path, token:
     (out.status.code().unwrap_or(-1), status, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// `oauth-status` prints its reading as JSON, with the usage window of the status file (a
+/// job's to write, as the agent's user) in it. JSON escapes the control characters below
+/// 0x20, not DEL nor the C1 ones (U+0080-U+009F: U+009B is CSI, U+009D OSC), which
+/// terminals act on as on their ESC forms: a job could clear the operator's screen or set
+/// its title when the operator looked. They are escaped too (`\u009b`: the same JSON).
+#[test]
+fn oauth_status_shows_the_status_files_words_without_their_control_sequences() {
+    let dir = TempDir::new("oauth-words");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // A process the status file can name as its agent: its name is `claude-runner`.
+    let named = dir.path().join("claude-runner");
+    std::os::unix::fs::symlink("/bin/sleep", &named).unwrap();
+    let mut agent = Command::new(&named).arg("60").spawn().unwrap();
+    let kind = "five_hour\u{9b}2J\u{9d}0;owned\u{9c}\u{7f}";
+    let usage = json!({"status": "rejected", "kind": kind, "resets_at": 4_000_000_000_000u64, "seen_at": 1_000});
+    let login = json!({"source": "none", "expires_at": null, "refreshable": false, "refresh_expires_at": null,
+        "subscription_type": null, "auth_failed": false, "problem": null, "reported_at": 0, "usage": usage});
+    let status = json!({"agent_id": "spark", "edge": "", "pid": agent.id(), "connected": true, "since": "", "last_error": null,
+        "running": [], "updated_at": "", "login": login});
+    std::fs::write(data.join("status.json"), status.to_string()).unwrap();
+    let out = Command::new(bin("claude-runner"))
+        .arg("oauth-status")
+        .env("CLAUDE_CONFIG_DIR", dir.path())
+        .env("DATA_DIR", &data)
+        .env_remove("ANTHROPIC_API_KEY")
+        .env("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-test-token-not-real-0123456789")
+        .output()
+        .unwrap();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(!shown.chars().any(|c| c.is_control() && c != '\n'), "{shown:?}");
+    let read: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(read["usage"]["type"], kind, "{shown}");
+}
+
 #[test]
 fn oauth_status_shows_every_credential_state_with_what_to_do() {
     let claude = TempDir::new("oauth-states");
