@@ -265,6 +265,13 @@ async fn submit_shows_progress_and_prints_the_result() {
     assert_eq!(code, Some(0));
     let result: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(result["output"], "stand-in answer to: from stdin");
+    // As JSON, the job's words carry DEL and the C1 control characters escaped too (JSON
+    // escapes only those below 0x20; U+009B is CSI to a terminal): the same JSON.
+    let (code, out, _) = submit(&["-", "--json", "--quiet"], "from stdin\u{9b}2J\u{9d}0;owned\u{9c}");
+    assert_eq!(code, Some(0));
+    assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+    let result: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(result["output"], "stand-in answer to: from stdin\u{9b}2J\u{9d}0;owned\u{9c}");
 
     let (code, _, err) = submit(&["@is_error"], "");
     assert_eq!(code, Some(1), "{err}");
