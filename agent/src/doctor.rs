@@ -16,15 +16,24 @@ struct Report {
 
 impl Report {
     fn ok(&self, what: &str, detail: impl AsRef<str>) {
-        println!("  ok    {what}: {}", detail.as_ref());
+        say("  ok   ", what, detail.as_ref());
     }
     fn warn(&self, what: &str, detail: impl AsRef<str>) {
-        println!("  warn  {what}: {}", detail.as_ref());
+        say("  warn ", what, detail.as_ref());
     }
     fn fail(&mut self, what: &str, detail: impl AsRef<str>) {
         self.failures += 1;
-        println!("  FAIL  {what}: {}", detail.as_ref());
+        say("  FAIL ", what, detail.as_ref());
     }
+}
+
+/// Prints one check's outcome, each of its lines with its control characters escaped: a
+/// detail carries outside words (what a `claude` on the PATH, perhaps a job's, says of its
+/// version; the status file's usage window, a job's to write; the edge's answers), which
+/// could otherwise drive the operator's terminal (its clipboard with OSC 52, its title).
+fn say(tag: &str, what: &str, detail: &str) {
+    let lines: Vec<String> = detail.lines().map(shared::text::one_line).collect();
+    println!("{tag} {what}: {}", lines.join("\n"));
 }
 
 /// Runs every check (and the canary job if asked); true when none failed.

@@ -82,12 +82,18 @@ fn caught_in(status: &str, signal: i32) -> bool {
 /// `claude-runner agent --drain`: asks the agent that runs with `data_dir` to drain, then
 /// waits until it has exited, saying what it is still running. False if none runs.
 pub async fn request(data_dir: &Path) -> anyhow::Result<bool> {
+    request_to(&mut std::io::stdout(), data_dir).await
+}
+
+/// [`request`], written to `out`: what the status file says (a job's to write, as the
+/// agent's user) with its control characters escaped ([`status::say`]).
+async fn request_to(out: &mut impl std::io::Write, data_dir: &Path) -> anyhow::Result<bool> {
     let Some(agent) = status::read(data_dir)? else {
-        println!("No agent has run with DATA_DIR={} (no status.json); nothing to drain.", data_dir.display());
+        status::say(out, format!("No agent has run with DATA_DIR={} (no status.json); nothing to drain.", data_dir.display()))?;
         return Ok(false);
     };
     if !status::is_agent(agent.pid) {
-        println!("Agent {} (pid {}) is not running; nothing to drain.", agent.agent_id, agent.pid);
+        status::say(out, format!("Agent {} (pid {}) is not running; nothing to drain.", agent.agent_id, agent.pid))?;
         return Ok(false);
     }
     // An older agent knows only SIGTERM; to it a second one means "hand the jobs back",
@@ -101,24 +107,25 @@ pub async fn request(data_dir: &Path) -> anyhow::Result<bool> {
     if let Some(signal) = signal {
         if unsafe { libc::kill(agent.pid as libc::pid_t, signal) } != 0 {
             let e = std::io::Error::last_os_error();
-            anyhow::bail!("cannot signal agent {} (pid {}): {e}; run this as the user the agent runs as", agent.agent_id, agent.pid);
+            let agent_id = shared::text::one_line(&agent.agent_id);
+            anyhow::bail!("cannot signal agent {agent_id} (pid {}): {e}; run this as the user the agent runs as", agent.pid);
         }
     }
-    println!("Draining agent {} (pid {}): it takes no new jobs and exits once its jobs are done.", agent.agent_id, agent.pid);
+    status::say(out, format!("Draining agent {} (pid {}): it takes no new jobs and exits once its jobs are done.", agent.agent_id, agent.pid))?;
     let mut said = None;
     while status::is_agent(agent.pid) {
         let running = status::read(data_dir).ok().flatten().map(|s| s.running).unwrap_or_default();
         if said.as_ref() != Some(&running) {
             if running.is_empty() {
-                println!("  no job running; delivering results and closing");
+                status::say(out, "  no job running; delivering results and closing".into())?;
             } else {
-                println!("  waiting for {}", running.join(", "));
+                status::say(out, format!("  waiting for {}", running.join(", ")))?;
             }
             said = Some(running);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    println!("Agent {} has stopped.", agent.agent_id);
+    status::say(out, format!("Agent {} has stopped.", agent.agent_id))?;
     Ok(true)
 }
 
@@ -130,6 +137,27 @@ mod tests {
     fn the_first_sigterm_drains_and_the_next_ones_stop_at_once() {
         let mut stops = 0;
         assert_eq!([stop(&mut stops), stop(&mut stops), stop(&mut stops)], [Request::Drain, Request::Now, Request::Now]);
+    }
+
+    /// The status file is a job's to write (the agent's user), and `agent --drain` printed
+    /// what it said (the agent's id, the jobs it runs) raw to the operator's terminal, as
+    /// `status` did before cb1b97e: a job could set its clipboard (OSC 52) or title, or
+    /// print over what was shown. They are shown with their control characters escaped.
+    #[tokio::test]
+    async fn what_the_status_file_says_reaches_the_terminal_without_its_control_sequences() {
+        let dir = std::env::temp_dir().join(format!("cr-drain-words-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sequence = "\x1b]52;c;ZXZpbA==\x07\x1b[2K\r";
+        // This process is no agent: it is "not running".
+        let planted = status::Status { agent_id: format!("a{sequence}"), pid: std::process::id(), ..Default::default() };
+        std::fs::write(dir.join("status.json"), serde_json::to_vec(&planted).unwrap()).unwrap();
+        let mut shown = Vec::new();
+        assert!(!request_to(&mut shown, &dir).await.unwrap());
+        let shown = String::from_utf8(shown).unwrap();
+        assert!(!shown.chars().any(|c| c.is_control() && c != '\n'), "{shown:?}");
+        assert!(shown.contains("is not running"), "{shown}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -273,7 +273,25 @@ impl Folder {
 
     fn rename_to(&self, name: &std::ffi::CStr, to_dir: &Folder, to: &std::ffi::CStr) -> std::io::Result<()> {
         // SAFETY: renameat between folders we own, with NUL-terminated names.
-        self.opened_up(|| unsafe { libc::renameat(self.fd(), name.as_ptr(), to_dir.fd(), to.as_ptr()) })
+        let rename = || unsafe { libc::renameat(self.fd(), name.as_ptr(), to_dir.fd(), to.as_ptr()) };
+        if rename() == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EACCES) {
+            return Err(e);
+        }
+        // Moved to another parent, a folder has its `..` rewritten: it must be open to its
+        // owner too, not only the folders it leaves and enters (a job's `chmod -w` or
+        // `chmod 000` of it, where it is moved up, failed the removal there). Never through
+        // a link, as in `open_child`.
+        // SAFETY: fchmod / fchmodat of folders we own, by descriptor, with a NUL-terminated name.
+        unsafe {
+            libc::fchmod(self.fd(), OPENED_UP);
+            libc::fchmod(to_dir.fd(), OPENED_UP);
+            libc::fchmodat(self.fd(), name.as_ptr(), OPENED_UP, libc::AT_SYMLINK_NOFOLLOW);
+        }
+        if rename() == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
     }
 
     fn rewind(&self) {

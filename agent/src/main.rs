@@ -228,9 +228,10 @@ fn main() {
             Command::OauthStatus { local } => {
                 let login = oauth::Login::new(local.claude_config_dir.as_deref());
                 let status = report::local_report(&login, &local.data_dir()).status(now_ms());
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                // Its usage window is the status file's, a job's to write.
+                println!("{}", status::json_for_terminal(&serde_json::to_string_pretty(&status)?));
                 if let Some(next) = &status.next_step {
-                    eprintln!("Next: {next}.");
+                    eprintln!("Next: {}.", shared::text::one_line(next));
                 }
                 if status.needs_login {
                     std::process::exit(1);

@@ -4,6 +4,7 @@
 //! Exit status: 0 logged in, 1 the login failed, 2 the edge could not start it.
 
 use serde_json::{json, Value};
+use crate::status::say;
 use std::io::{BufRead, Write};
 
 #[derive(Debug, clap::Args)]
@@ -25,6 +26,14 @@ async fn post(http: &reqwest::Client, url: &str, secret: &str, body: Value) -> R
 }
 
 pub async fn run(args: LoginArgs) -> anyhow::Result<i32> {
+    run_to(&mut std::io::stderr(), &mut std::io::stdout(), args).await
+}
+
+/// [`run`], its messages written to `err` and the URL to `out`, each as one line with its
+/// control characters escaped ([`crate::status::say`]): they carry the edge's words (its
+/// `error`, the agent's id, the URL), and an edge, or whatever answers at its address, is
+/// outside.
+async fn run_to(err: &mut impl Write, out: &mut impl Write, args: LoginArgs) -> anyhow::Result<i32> {
     let base = args.edge.trim_end_matches('/');
     // The relay answers once the agent's `claude auth login` has printed its URL, or has
     // the outcome: allow for the edge's own wait.
@@ -36,41 +45,77 @@ pub async fn run(args: LoginArgs) -> anyhow::Result<i32> {
     let (status, start) = match post(&http, &format!("{base}/oauth/login"), &args.secret, body).await {
         Ok(answer) => answer,
         Err(e) => {
-            eprintln!("claude-runner login: cannot reach the edge at {base}: {e}; check --edge (CLAUDE_RUNNER_URL)");
+            say(err, format!("claude-runner login: cannot reach the edge at {base}: {e}; check --edge (CLAUDE_RUNNER_URL)"))?;
             return Ok(2);
         }
     };
     let (Some(login_id), Some(url)) = (start["login_id"].as_str(), start["url"].as_str()) else {
-        eprintln!("claude-runner login: the edge could not start a login ({status}): {}", start["error"].as_str().unwrap_or("no readable answer"));
+        say(err, format!("claude-runner login: the edge could not start a login ({status}): {}", start["error"].as_str().unwrap_or("no readable answer")))?;
         return Ok(2);
     };
-    eprintln!("Open this URL in a browser, sign in, and paste the code it shows (agent {}):", start["agent_id"].as_str().unwrap_or("?"));
-    println!("{url}");
-    eprint!("Code: ");
-    let _ = std::io::stderr().flush();
+    say(err, format!("Open this URL in a browser, sign in, and paste the code it shows (agent {}):", start["agent_id"].as_str().unwrap_or("?")))?;
+    say(out, url.to_string())?;
+    write!(err, "Code: ")?;
+    err.flush()?;
     let mut code = String::new();
     std::io::stdin().lock().read_line(&mut code)?;
     let code = code.trim();
     if code.is_empty() {
-        eprintln!("claude-runner login: no code given; the login on the runner is given up in 10 minutes (or start again)");
+        say(err, "claude-runner login: no code given; the login on the runner is given up in 10 minutes (or start again)".into())?;
         return Ok(1);
     }
     let (status, done) = match post(&http, &format!("{base}/oauth/login/code"), &args.secret, json!({"login_id": login_id, "code": code})).await {
         Ok(answer) => answer,
         Err(e) => {
-            eprintln!("claude-runner login: lost the edge while sending the code: {e}; check GET /oauth/status");
+            say(err, format!("claude-runner login: lost the edge while sending the code: {e}; check GET /oauth/status"))?;
             return Ok(2);
         }
     };
     if done["state"] == "logged_in" {
         let oauth = &done["oauth"];
-        eprintln!(
-            "Logged in: {} ({}), work runs again.",
-            oauth["source"].as_str().unwrap_or("?"),
-            oauth["subscription_type"].as_str().unwrap_or("subscription")
-        );
+        let (source, kind) = (oauth["source"].as_str().unwrap_or("?"), oauth["subscription_type"].as_str().unwrap_or("subscription"));
+        say(err, format!("Logged in: {source} ({kind}), work runs again."))?;
         return Ok(0);
     }
-    eprintln!("claude-runner login: the login failed ({status}): {}", done["error"].as_str().unwrap_or("no readable answer"));
+    say(err, format!("claude-runner login: the login failed ({status}): {}", done["error"].as_str().unwrap_or("no readable answer")))?;
     Ok(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An edge that answers every request with `status` and `body`, at a loopback address.
+    async fn edge_answering(status: u16, body: String) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut request = vec![0; 64 * 1024];
+                let _ = conn.read(&mut request).await;
+                let answer = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes()).await;
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    /// `login` printed the edge's words (its `error` when it refuses, the agent's id, the
+    /// URL) raw to the operator's terminal, as `submit` did before 7a3aac0: an edge, or
+    /// whatever answers at its address, is outside, and could set the terminal's
+    /// clipboard (OSC 52) or title, or print over what was shown. Escaped, as `status`
+    /// shows the status file.
+    #[tokio::test]
+    async fn the_edges_words_reach_the_terminal_without_their_control_sequences() {
+        let body = serde_json::json!({"error": "no agent\x1b]52;c;ZXZpbA==\x07\x1b[2K\rfine"}).to_string();
+        let edge = super::LoginArgs { edge: edge_answering(503, body).await, secret: "s".into(), agent_id: None };
+        let (mut err, mut out) = (Vec::new(), Vec::new());
+        assert_eq!(super::run_to(&mut err, &mut out, edge).await.unwrap(), 2);
+        let shown = String::from_utf8([err, out].concat()).unwrap();
+        assert!(!shown.chars().any(|c| c.is_control() && c != '\n'), "{shown:?}");
+        assert!(shown.contains("no agent") && shown.contains("fine"), "{shown}");
+    }
 }

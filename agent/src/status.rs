@@ -285,8 +285,16 @@ fn check_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow
 /// comes from the status file, which a job (the agent's user) can write, and from the
 /// edge's refusals; raw, it could drive the operator's terminal (its clipboard with OSC 52,
 /// its title, the cursor to print over what was shown).
-fn say(out: &mut impl std::io::Write, line: String) -> std::io::Result<()> {
+pub(crate) fn say(out: &mut impl std::io::Write, line: String) -> std::io::Result<()> {
     writeln!(out, "{}", shared::text::one_line(&line))
+}
+
+/// JSON for the terminal: serde escapes the control characters below 0x20 but leaves DEL
+/// and the C1 ones (U+0080-U+009F, which terminals act on as on their ESC forms: U+009B is
+/// CSI, U+009D OSC) as they are; here they are escaped too. Outside strings JSON holds none
+/// but its line breaks, so this is the same JSON.
+pub(crate) fn json_for_terminal(json: &str) -> String {
+    json.chars().map(|c| if c.is_control() && c != '\n' { format!("\\u{:04x}", c as u32) } else { c.to_string() }).collect()
 }
 
 /// `claude-runner status`: prints the local agent's state; exits non-zero unless it runs

@@ -180,7 +180,9 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
 fn finish(result: &Value, as_json: bool) -> i32 {
     let mut out = std::io::stdout().lock();
     if as_json {
-        let _ = writeln!(out, "{}", serde_json::to_string_pretty(result).unwrap_or_default());
+        // The job's words with DEL and the C1 controls escaped too (serde leaves them): the
+        // same JSON, safe to a terminal as well.
+        let _ = writeln!(out, "{}", crate::status::json_for_terminal(&serde_json::to_string_pretty(result).unwrap_or_default()));
     } else if let Some(text) = result["output"].as_str().filter(|t| !t.is_empty()) {
         // To a terminal, shown safe; to a file or a pipe, as Claude wrote it.
         use std::io::IsTerminal;

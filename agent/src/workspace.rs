@@ -338,6 +338,48 @@ pub(crate) mod tests {
         std::fs::remove_dir_all(&data).unwrap();
     }
 
+    /// A folder deeper than [`crate::files::remove_tree`] holds open is moved up under the
+    /// workspace (`renameat`), and moving a folder to another parent rewrites its `..`:
+    /// the folder itself must be writable by its owner. One closed by the job (`chmod -w`,
+    /// `chmod 000`) where it is moved was never opened up by descriptor (only its parent
+    /// was), so the removal failed there, and the second try, by path, reached it only
+    /// once the folders before it had gone: a chain with such folders some 2,000 levels
+    /// apart stayed on the disk, one of them less at each try (a job's end, each agent
+    /// start). A run of 64 closed folders holds one such place whatever the depth.
+    #[test]
+    fn a_workspace_with_closed_folders_where_they_are_moved_up_is_removed() {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let data = std::env::temp_dir().join(format!("cr-ws-closed-moved-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let root = super::root(&data).unwrap();
+        let ws = prepare(&root, "job-9", None).unwrap();
+        let mut dir = std::fs::File::open(&ws).map(OwnedFd::from).unwrap();
+        let mut closed = Vec::new();
+        for depth in 1..=5_000 {
+            // SAFETY: mkdirat/openat on a descriptor we own, with a NUL-terminated name.
+            unsafe {
+                assert_eq!(libc::mkdirat(dir.as_raw_fd(), c"d".as_ptr(), 0o700), 0);
+                let fd = libc::openat(dir.as_raw_fd(), c"d".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC);
+                assert!(fd >= 0);
+                dir = OwnedFd::from_raw_fd(fd);
+            }
+            match depth {
+                2_500..2_564 => closed.push((dir.try_clone().unwrap(), 0o500)),
+                4_800..4_864 => closed.push((dir.try_clone().unwrap(), 0o000)),
+                _ => {}
+            }
+        }
+        for (fd, mode) in closed {
+            // SAFETY: fchmod on a descriptor we own.
+            assert_eq!(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }, 0);
+        }
+        drop(dir);
+        let removing = ws.clone();
+        assert_eq!(as_an_ordinary_user(move || remove(&removing).map_err(|e| e.to_string())), Ok(()));
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+        std::fs::remove_dir_all(&data).unwrap();
+    }
+
     /// A link left where a workspace goes (by a job of the same user) is taken away, not
     /// followed: the workspace is a fresh folder in its place, and what the link pointed to
     /// is untouched.

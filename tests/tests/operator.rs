@@ -162,6 +162,27 @@ async fn doctor_passes_a_good_setup_and_names_the_fix_for_a_bad_one() {
     }
 }
 
+/// `doctor` prints what `claude --version` says (a `claude` a job put on the agent's PATH,
+/// or wrote over), and the usage window of the status file (a job's to write), raw to the
+/// operator's terminal, as `status` did before cb1b97e: a job could set its clipboard
+/// (OSC 52) or title, or print over what was shown. Each line is shown with its control
+/// characters escaped.
+#[test]
+fn what_doctor_shows_of_outside_words_reaches_the_terminal_without_their_control_sequences() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("doctor-words");
+    let claude = dir.path().join("claude");
+    std::fs::write(&claude, "#!/bin/sh\nprintf '2.1.300\\033]52;c;ZXZpbA==\\007\\033[2K\\r (Claude Code)\\n'\n").unwrap();
+    std::fs::set_permissions(&claude, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (_, out) = doctor(&[
+        ("CLAUDE_BIN", claude.display().to_string()),
+        ("DATA_DIR", dir.path().join("data").display().to_string()),
+        ("CLAUDE_CONFIG_DIR", dir.path().display().to_string()),
+    ]);
+    assert!(out.contains("2.1.300"), "{out}");
+    assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_tells_whether_the_agent_runs_and_is_connected() {
     let keys = Keys::new(&["spark"]);
@@ -244,6 +265,13 @@ async fn submit_shows_progress_and_prints_the_result() {
     assert_eq!(code, Some(0));
     let result: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(result["output"], "stand-in answer to: from stdin");
+    // As JSON, the job's words carry DEL and the C1 control characters escaped too (JSON
+    // escapes only those below 0x20; U+009B is CSI to a terminal): the same JSON.
+    let (code, out, _) = submit(&["-", "--json", "--quiet"], "from stdin\u{9b}2J\u{9d}0;owned\u{9c}");
+    assert_eq!(code, Some(0));
+    assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+    let result: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(result["output"], "stand-in answer to: from stdin\u{9b}2J\u{9d}0;owned\u{9c}");
 
     let (code, _, err) = submit(&["@is_error"], "");
     assert_eq!(code, Some(1), "{err}");
@@ -324,6 +352,43 @@ fn oauth_status(claude_dir: &std::path::Path, data_dir: &std::path::Path, token:
     let out = cmd.output().unwrap();
     let status = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
     (out.status.code().unwrap_or(-1), status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// `oauth-status` prints its reading as JSON, with the usage window of the status file (a
+/// job's to write, as the agent's user) in it. JSON escapes the control characters below
+/// 0x20, not DEL nor the C1 ones (U+0080-U+009F: U+009B is CSI, U+009D OSC), which
+/// terminals act on as on their ESC forms: a job could clear the operator's screen or set
+/// its title when the operator looked. They are escaped too (`\u009b`: the same JSON).
+#[test]
+fn oauth_status_shows_the_status_files_words_without_their_control_sequences() {
+    let dir = TempDir::new("oauth-words");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // A process the status file can name as its agent: its name is `claude-runner`.
+    let named = dir.path().join("claude-runner");
+    std::os::unix::fs::symlink("/bin/sleep", &named).unwrap();
+    let mut agent = Command::new(&named).arg("60").spawn().unwrap();
+    let kind = "five_hour\u{9b}2J\u{9d}0;owned\u{9c}\u{7f}";
+    let usage = json!({"status": "rejected", "kind": kind, "resets_at": 4_000_000_000_000u64, "seen_at": 1_000});
+    let login = json!({"source": "none", "expires_at": null, "refreshable": false, "refresh_expires_at": null,
+        "subscription_type": null, "auth_failed": false, "problem": null, "reported_at": 0, "usage": usage});
+    let status = json!({"agent_id": "spark", "edge": "", "pid": agent.id(), "connected": true, "since": "", "last_error": null,
+        "running": [], "updated_at": "", "login": login});
+    std::fs::write(data.join("status.json"), status.to_string()).unwrap();
+    let out = Command::new(bin("claude-runner"))
+        .arg("oauth-status")
+        .env("CLAUDE_CONFIG_DIR", dir.path())
+        .env("DATA_DIR", &data)
+        .env_remove("ANTHROPIC_API_KEY")
+        .env("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-test-token-not-real-0123456789")
+        .output()
+        .unwrap();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(!shown.chars().any(|c| c.is_control() && c != '\n'), "{shown:?}");
+    let read: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(read["usage"]["type"], kind, "{shown}");
 }
 
 #[test]
