@@ -57,19 +57,30 @@ pub enum Reply {
     Stream,
 }
 
-/// Whether the request carries `secret`, compared in constant time.
-fn authorized(secret: &str, secret_header: Option<&str>, authorization: Option<&str>) -> bool {
-    let bearer = authorization.and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")));
-    [secret_header, bearer].into_iter().flatten().any(|given| same_secret(given.trim(), secret))
+/// The secrets a request carries (its `X-Runner-Secret` and its `Authorization: Bearer`),
+/// each hashed once: every configured secret is then compared with these digests, so a
+/// request's cost does not grow with its headers' size times the number of secrets.
+struct Presented(Vec<[u8; 32]>);
+
+impl Presented {
+    fn of(secret_header: Option<&str>, authorization: Option<&str>) -> Presented {
+        let bearer = authorization.and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")));
+        Presented([secret_header, bearer].into_iter().flatten().map(|given| digest(given.trim())).collect())
+    }
+
+    /// Whether one of them is `secret`, in a time that tells nothing of either: digests
+    /// are compared, in constant time. Comparing the texts themselves (`ct_eq` on slices)
+    /// answers at once when the lengths differ, which tells a caller timing its guesses
+    /// the secret's length.
+    fn carries(&self, secret: &str) -> bool {
+        let secret = digest(secret);
+        self.0.iter().any(|given| bool::from(given.ct_eq(&secret)))
+    }
 }
 
-/// Whether `given` is `secret`, in a time that tells nothing of either: their SHA-256
-/// digests are compared, in constant time. Comparing the texts themselves (`ct_eq` on
-/// slices) answers at once when the lengths differ, which tells a caller timing its
-/// guesses the secret's length.
-fn same_secret(given: &str, secret: &str) -> bool {
+fn digest(text: &str) -> [u8; 32] {
     use sha2::{Digest, Sha256};
-    bool::from(Sha256::digest(given.as_bytes()).ct_eq(&Sha256::digest(secret.as_bytes())))
+    Sha256::digest(text.as_bytes()).into()
 }
 
 /// Who a request is from, by the secret it carries.
@@ -84,9 +95,10 @@ pub enum Who {
 
 /// Who carries one of the pool's secrets; every secret is compared, each in constant time.
 pub fn who(config: &Config, secret_header: Option<&str>, authorization: Option<&str>) -> Option<Who> {
-    let mut found = authorized(&config.runner_secret, secret_header, authorization).then_some(Who::Pool);
+    let presented = Presented::of(secret_header, authorization);
+    let mut found = presented.carries(&config.runner_secret).then_some(Who::Pool);
     for (name, secret) in &config.caller_secrets {
-        if authorized(secret, secret_header, authorization) && found.is_none() {
+        if presented.carries(secret) && found.is_none() {
             found = Some(Who::Caller(name.clone()));
         }
     }
@@ -95,7 +107,7 @@ pub fn who(config: &Config, secret_header: Option<&str>, authorization: Option<&
 
 /// The admin secret of `GET /pools`.
 pub fn admin(config: &Config, secret_header: Option<&str>, authorization: Option<&str>) -> bool {
-    config.admin_secret.as_deref().is_some_and(|s| authorized(s, secret_header, authorization))
+    config.admin_secret.as_deref().is_some_and(|s| Presented::of(secret_header, authorization).carries(s))
 }
 
 /// What a host does with a request before it reads anything of its body. Nothing is read
