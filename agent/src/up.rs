@@ -37,15 +37,35 @@ fn load_or_create(dir: &Path) -> anyhow::Result<UpState> {
     // left open by an older version is closed now rather than refused: `up` is the
     // newcomer's command.
     private_dir(dir)?;
-    if let Ok(bytes) = std::fs::read(&path) {
+    if std::fs::symlink_metadata(&path).is_ok() {
+        // Read as a file the agent keeps (bounded, never through a link, never waiting on a
+        // pipe), and checked: a job runs as this user, and what is printed from here
+        // becomes a command line the operator pastes.
+        let damaged = |why: String| anyhow::anyhow!("{} is damaged ({why}); delete it to make new keys", path.display());
+        let bytes = crate::files::read_plain(&path, MAX_STATE_BYTES, "claude-runner up state").map_err(|e| damaged(e.to_string()))?;
         restrict(&path, PRIVATE_FILE)?;
-        return serde_json::from_slice(&bytes)
-            .map_err(|e| anyhow::anyhow!("{} is damaged ({e}); delete it to make new keys", path.display()));
+        let state: UpState = serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
+        if !shared::ids::valid_agent_id(&state.agent_id) {
+            return Err(damaged("its agent_id is not a plain name".into()));
+        }
+        if !plain_secret(&state.runner_secret) {
+            return Err(damaged("its runner_secret is not 16-256 letters, digits or `-_.+/=~`".into()));
+        }
+        return Ok(state);
     }
     let state = UpState { keys: KeySet::generate(), runner_secret: runner_secret(), agent_id: default_agent_id() };
     // Created owner-only: it holds both signing keys.
     write_atomically(&path, &serde_json::to_vec_pretty(&state)?, true)?;
     Ok(state)
+}
+
+/// The most `up.json` holds: its keys and secret take well under 1 KiB.
+const MAX_STATE_BYTES: usize = 64 * 1024;
+
+/// A runner secret `up` may print inside the single quotes of a shell line: `up` makes 64
+/// hex digits, and one set by hand may use the characters of base64 and of URLs too.
+fn plain_secret(secret: &str) -> bool {
+    (16..=256).contains(&secret.len()) && secret.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.+/=~".contains(&b))
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -113,4 +133,56 @@ Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both.",
     let _ = stop_tx.send(true);
     let _ = edge_task.await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("cr-up-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// `up` prints its runner secret inside a curl line the operator pastes into a shell,
+    /// and its `up.json` is a job's to rewrite (the same user): a secret that closes the
+    /// quote and runs a command, or an agent id of control characters, is refused, and the
+    /// file is never waited on (a pipe) nor read whole (a file as large as the disk).
+    #[test]
+    fn a_state_file_a_job_rewrote_is_refused_not_printed() {
+        let dir = dir("hostile");
+        let made = load_or_create(&dir).unwrap();
+        assert!(plain_secret(&made.runner_secret) && shared::ids::valid_agent_id(&made.agent_id));
+        let again = load_or_create(&dir).unwrap();
+        assert_eq!((again.runner_secret, again.agent_id), (made.runner_secret.clone(), made.agent_id.clone()));
+        let path = dir.join("up.json");
+        let mut value: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        value["runner_secret"] = "0123456789abcdef' ; touch /tmp/owned ; echo '".into();
+        std::fs::write(&path, serde_json::to_vec(&value).unwrap()).unwrap();
+        let e = load_or_create(&dir).err().expect("a secret that leaves its quotes is refused").to_string();
+        assert!(e.contains("runner_secret") && e.contains("delete it"), "{e}");
+        value["runner_secret"] = made.runner_secret.clone().into();
+        value["agent_id"] = "spark\u{1b}]52;c;ZXZpbA==\u{7}".into();
+        std::fs::write(&path, serde_json::to_vec(&value).unwrap()).unwrap();
+        assert!(load_or_create(&dir).err().expect("an agent id of control characters is refused").to_string().contains("agent_id"));
+        std::fs::remove_file(&path).unwrap();
+        mkfifo(&path);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reading = dir.clone();
+        std::thread::spawn(move || tx.send(load_or_create(&reading).is_err()).unwrap());
+        assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(60)), Ok(true), "a pipe as up.json is refused, not waited on");
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, vec![b' '; MAX_STATE_BYTES + 1]).unwrap();
+        assert!(load_or_create(&dir).err().unwrap().to_string().contains("damaged"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn mkfifo(path: &std::path::Path) {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
 }
