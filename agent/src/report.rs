@@ -154,7 +154,8 @@ pub fn local_report(login: &Login, data_dir: &std::path::Path) -> OAuthReport {
     if let Some(last) = reported {
         // A failure the credentials have not changed since still stands.
         report.auth_failed = last.auth_failed && last.expires_at == report.expires_at && last.source == report.source;
-        report.usage = last.usage;
+        // Read back as a restarted agent takes it over (the file is a job's to write).
+        report.usage = last.usage.map(|u| u.read_back(crate::now_ms()));
     }
     report
 }

@@ -391,6 +391,42 @@ fn oauth_status_shows_the_status_files_words_without_their_control_sequences() {
     assert_eq!(read["usage"]["type"], kind, "{shown}");
 }
 
+/// The usage window `oauth-status` (and `doctor`) show from the running agent's status
+/// file is read back as the agent reads it at a restart (`UsageWindow::read_back`): the file
+/// is a job's to write, and a window "seen" in the year 33000, or a type of 100 kB, is
+/// shown as the agent would hold it — blocking at most 8 days from now, its type cut.
+#[test]
+fn oauth_status_shows_the_status_files_usage_window_as_the_agent_reads_it_back() {
+    let dir = TempDir::new("oauth-window");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let named = dir.path().join("claude-runner");
+    std::os::unix::fs::symlink("/bin/sleep", &named).unwrap();
+    let mut agent = Command::new(&named).arg("60").spawn().unwrap();
+    let far = 1_000_000_000_000_000u64;
+    let usage = json!({"status": "rejected", "kind": "x".repeat(100_000), "resets_at": far, "seen_at": far});
+    let login = json!({"source": "none", "expires_at": null, "refreshable": false, "refresh_expires_at": null,
+        "subscription_type": null, "auth_failed": false, "problem": null, "reported_at": 0, "usage": usage});
+    let status = json!({"agent_id": "spark", "edge": "", "pid": agent.id(), "connected": true, "since": "", "last_error": null,
+        "running": [], "updated_at": "", "login": login});
+    std::fs::write(data.join("status.json"), status.to_string()).unwrap();
+    let out = Command::new(bin("claude-runner"))
+        .arg("oauth-status")
+        .env("CLAUDE_CONFIG_DIR", dir.path())
+        .env("DATA_DIR", &data)
+        .env_remove("ANTHROPIC_API_KEY")
+        .env("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-test-token-not-real-0123456789")
+        .output()
+        .unwrap();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let shown = String::from_utf8(out.stdout).unwrap();
+    let read: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert!(read["usage"]["type"].as_str().unwrap().len() <= 64, "{}", &shown[..shown.len().min(300)]);
+    let resets = read["usage"]["resets_at"].as_str().unwrap();
+    assert!(resets.starts_with("20"), "shown as blocking until {resets}");
+}
+
 #[test]
 fn oauth_status_shows_every_credential_state_with_what_to_do() {
     let claude = TempDir::new("oauth-states");
