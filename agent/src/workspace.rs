@@ -304,38 +304,13 @@ pub(crate) mod tests {
     /// removal reaches them, by descriptor.
     #[test]
     fn a_workspace_with_closed_folders_deeper_than_a_path_is_removed() {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        let data = std::env::temp_dir().join(format!("cr-ws-closed-deep-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&data);
-        let root = super::root(&data).unwrap();
-        let ws = prepare(&root, "job-8", None).unwrap();
-        let mut dir = std::fs::File::open(&ws).map(OwnedFd::from).unwrap();
-        let mut closed = Vec::new();
-        for depth in 1..=8_000 {
-            // SAFETY: mkdirat/openat on a descriptor we own, with NUL-terminated names.
-            unsafe {
-                assert_eq!(libc::mkdirat(dir.as_raw_fd(), c"d".as_ptr(), 0o700), 0);
-                assert_eq!(libc::close(libc::openat(dir.as_raw_fd(), c"f".as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o600)), 0);
-                let fd = libc::openat(dir.as_raw_fd(), c"d".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC);
-                assert!(fd >= 0);
-                dir = OwnedFd::from_raw_fd(fd);
-            }
-            match depth {
-                1_000 => closed.push((dir.try_clone().unwrap(), 0o000)),
-                3_500 => closed.push((dir.try_clone().unwrap(), 0o500)),
-                6_000 => closed.push((dir.try_clone().unwrap(), 0o100)),
-                _ => {}
-            }
-        }
-        for (fd, mode) in closed {
-            // SAFETY: fchmod on a descriptor we own.
-            assert_eq!(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }, 0);
-        }
-        drop(dir);
-        let removing = ws.clone();
-        assert_eq!(as_an_ordinary_user(move || remove(&removing).map_err(|e| e.to_string())), Ok(()));
-        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
-        std::fs::remove_dir_all(&data).unwrap();
+        let modes = |depth| match depth {
+            1_000 => Some(0o000),
+            3_500 => Some(0o500),
+            6_000 => Some(0o100),
+            _ => None,
+        };
+        removed_as_an_ordinary_user_with_closed_folders("deep", 8_000, true, modes);
     }
 
     /// A folder deeper than [`crate::files::remove_tree`] holds open is moved up under the
@@ -348,25 +323,38 @@ pub(crate) mod tests {
     /// start). A run of 64 closed folders holds one such place whatever the depth.
     #[test]
     fn a_workspace_with_closed_folders_where_they_are_moved_up_is_removed() {
+        let modes = |depth| match depth {
+            2_500..2_564 => Some(0o500),
+            4_800..4_864 => Some(0o000),
+            _ => None,
+        };
+        removed_as_an_ordinary_user_with_closed_folders("moved", 5_000, false, modes);
+    }
+
+    /// Makes a workspace holding a chain of `depth` folders (each with a file when `files`),
+    /// closes those `mode_at` gives a mode (after the whole chain is made), and checks that
+    /// [`remove`], run without the capabilities that pass over file modes, takes it all.
+    fn removed_as_an_ordinary_user_with_closed_folders(name: &str, depth: u32, files: bool, mode_at: impl Fn(u32) -> Option<libc::mode_t>) {
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        let data = std::env::temp_dir().join(format!("cr-ws-closed-moved-{}", std::process::id()));
+        let data = std::env::temp_dir().join(format!("cr-ws-closed-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data);
         let root = super::root(&data).unwrap();
-        let ws = prepare(&root, "job-9", None).unwrap();
+        let ws = prepare(&root, &format!("job-{name}"), None).unwrap();
         let mut dir = std::fs::File::open(&ws).map(OwnedFd::from).unwrap();
         let mut closed = Vec::new();
-        for depth in 1..=5_000 {
-            // SAFETY: mkdirat/openat on a descriptor we own, with a NUL-terminated name.
+        for at in 1..=depth {
+            // SAFETY: mkdirat/openat on a descriptor we own, with NUL-terminated names.
             unsafe {
                 assert_eq!(libc::mkdirat(dir.as_raw_fd(), c"d".as_ptr(), 0o700), 0);
+                if files {
+                    assert_eq!(libc::close(libc::openat(dir.as_raw_fd(), c"f".as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o600)), 0);
+                }
                 let fd = libc::openat(dir.as_raw_fd(), c"d".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC);
                 assert!(fd >= 0);
                 dir = OwnedFd::from_raw_fd(fd);
             }
-            match depth {
-                2_500..2_564 => closed.push((dir.try_clone().unwrap(), 0o500)),
-                4_800..4_864 => closed.push((dir.try_clone().unwrap(), 0o000)),
-                _ => {}
+            if let Some(mode) = mode_at(at) {
+                closed.push((dir.try_clone().unwrap(), mode));
             }
         }
         for (fd, mode) in closed {

@@ -792,14 +792,11 @@ async fn every_credential_state_shows_in_health_and_oauth_status(kind: EdgeKind)
     }
 }
 
-/// A callback receiver that takes the request and never answers holds up no other
-/// delivery: the Worker posted one at a time, so every other job's callback (and every
-/// alert) waited behind it for its 15 s timeout, each time it was tried again.
-async fn a_callback_receiver_that_never_answers_holds_up_no_other(kind: EdgeKind) {
-    let hook = Webhook::start(vec![]);
-    // Takes connections and reads nothing, answers nothing, closes nothing.
+/// A receiver on 127.0.0.1 that takes connections and reads nothing, answers nothing,
+/// closes nothing: its port, and the connections it holds.
+fn mute_receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>) {
     let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let mute_port = mute.local_addr().unwrap().port();
+    let port = mute.local_addr().unwrap().port();
     let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let holding = std::sync::Arc::clone(&held);
     std::thread::spawn(move || {
@@ -807,6 +804,15 @@ async fn a_callback_receiver_that_never_answers_holds_up_no_other(kind: EdgeKind
             holding.lock().unwrap().push(stream);
         }
     });
+    (port, held)
+}
+
+/// A callback receiver that takes the request and never answers holds up no other
+/// delivery: the Worker posted one at a time, so every other job's callback (and every
+/// alert) waited behind it for its 15 s timeout, each time it was tried again.
+async fn a_callback_receiver_that_never_answers_holds_up_no_other(kind: EdgeKind) {
+    let hook = Webhook::start(vec![]);
+    let (mute_port, held) = mute_receiver();
     let s = setup(kind, &[("CALLBACK_HOSTS", "127.0.0.1")], &[]).await;
     let stuck = s.client.submit(json!({"prompt": "to nobody", "callback_url": format!("http://127.0.0.1:{mute_port}/cb")})).await;
     assert!(stuck.body["job_id"].is_string(), "{}", stuck.text);
@@ -830,16 +836,7 @@ async fn a_callback_receiver_that_never_answers_holds_up_no_other(kind: EdgeKind
 /// up, kept every deadline from coming — here a finished job's retention; the same held
 /// silent agents, timeouts, lost jobs, the queue's waits and callbacks' retries.
 async fn callbacks_on_their_way_hold_up_no_deadline(kind: EdgeKind) {
-    // Takes connections and reads nothing, answers nothing, closes nothing.
-    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let mute_port = mute.local_addr().unwrap().port();
-    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let holding = std::sync::Arc::clone(&held);
-    std::thread::spawn(move || {
-        for stream in mute.incoming().flatten() {
-            holding.lock().unwrap().push(stream);
-        }
-    });
+    let (mute_port, held) = mute_receiver();
     let s = setup(kind, &[("CALLBACK_HOSTS", "127.0.0.1"), ("JOB_RETENTION_MS", "3000")], &[]).await;
     let to_mute = json!({"prompt": "to nobody", "callback_url": format!("http://127.0.0.1:{mute_port}/cb")});
     assert!(s.client.submit(to_mute.clone()).await.body["job_id"].is_string());

@@ -361,31 +361,8 @@ fn oauth_status(claude_dir: &std::path::Path, data_dir: &std::path::Path, token:
 /// its title when the operator looked. They are escaped too (`\u009b`: the same JSON).
 #[test]
 fn oauth_status_shows_the_status_files_words_without_their_control_sequences() {
-    let dir = TempDir::new("oauth-words");
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    // A process the status file can name as its agent: its name is `claude-runner`.
-    let named = dir.path().join("claude-runner");
-    std::os::unix::fs::symlink("/bin/sleep", &named).unwrap();
-    let mut agent = Command::new(&named).arg("60").spawn().unwrap();
     let kind = "five_hour\u{9b}2J\u{9d}0;owned\u{9c}\u{7f}";
-    let usage = json!({"status": "rejected", "kind": kind, "resets_at": 4_000_000_000_000u64, "seen_at": 1_000});
-    let login = json!({"source": "none", "expires_at": null, "refreshable": false, "refresh_expires_at": null,
-        "subscription_type": null, "auth_failed": false, "problem": null, "reported_at": 0, "usage": usage});
-    let status = json!({"agent_id": "spark", "edge": "", "pid": agent.id(), "connected": true, "since": "", "last_error": null,
-        "running": [], "updated_at": "", "login": login});
-    std::fs::write(data.join("status.json"), status.to_string()).unwrap();
-    let out = Command::new(bin("claude-runner"))
-        .arg("oauth-status")
-        .env("CLAUDE_CONFIG_DIR", dir.path())
-        .env("DATA_DIR", &data)
-        .env_remove("ANTHROPIC_API_KEY")
-        .env("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-test-token-not-real-0123456789")
-        .output()
-        .unwrap();
-    let _ = agent.kill();
-    let _ = agent.wait();
-    let shown = String::from_utf8(out.stdout).unwrap();
+    let shown = oauth_status_with_usage("oauth-words", json!({"status": "rejected", "kind": kind, "resets_at": 4_000_000_000_000u64, "seen_at": 1_000}));
     assert!(!shown.chars().any(|c| c.is_control() && c != '\n'), "{shown:?}");
     let read: serde_json::Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(read["usage"]["type"], kind, "{shown}");
@@ -397,14 +374,25 @@ fn oauth_status_shows_the_status_files_words_without_their_control_sequences() {
 /// shown as the agent would hold it — blocking at most 8 days from now, its type cut.
 #[test]
 fn oauth_status_shows_the_status_files_usage_window_as_the_agent_reads_it_back() {
-    let dir = TempDir::new("oauth-window");
+    let far = 1_000_000_000_000_000u64;
+    let usage = json!({"status": "rejected", "kind": "x".repeat(100_000), "resets_at": far, "seen_at": far});
+    let shown = oauth_status_with_usage("oauth-window", usage);
+    let read: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert!(read["usage"]["type"].as_str().unwrap().len() <= 64, "{}", &shown[..shown.len().min(300)]);
+    let resets = read["usage"]["resets_at"].as_str().unwrap();
+    assert!(resets.starts_with("20"), "shown as blocking until {resets}");
+}
+
+/// What `claude-runner oauth-status` prints while a running agent's status file (written
+/// here, as a job could) holds `usage` as its login's usage window.
+fn oauth_status_with_usage(name: &str, usage: serde_json::Value) -> String {
+    let dir = TempDir::new(name);
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
+    // A process the status file can name as its agent: its name is `claude-runner`.
     let named = dir.path().join("claude-runner");
     std::os::unix::fs::symlink("/bin/sleep", &named).unwrap();
     let mut agent = Command::new(&named).arg("60").spawn().unwrap();
-    let far = 1_000_000_000_000_000u64;
-    let usage = json!({"status": "rejected", "kind": "x".repeat(100_000), "resets_at": far, "seen_at": far});
     let login = json!({"source": "none", "expires_at": null, "refreshable": false, "refresh_expires_at": null,
         "subscription_type": null, "auth_failed": false, "problem": null, "reported_at": 0, "usage": usage});
     let status = json!({"agent_id": "spark", "edge": "", "pid": agent.id(), "connected": true, "since": "", "last_error": null,
@@ -420,11 +408,7 @@ fn oauth_status_shows_the_status_files_usage_window_as_the_agent_reads_it_back()
         .unwrap();
     let _ = agent.kill();
     let _ = agent.wait();
-    let shown = String::from_utf8(out.stdout).unwrap();
-    let read: serde_json::Value = serde_json::from_str(&shown).unwrap();
-    assert!(read["usage"]["type"].as_str().unwrap().len() <= 64, "{}", &shown[..shown.len().min(300)]);
-    let resets = read["usage"]["resets_at"].as_str().unwrap();
-    assert!(resets.starts_with("20"), "shown as blocking until {resets}");
+    String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]
