@@ -245,7 +245,9 @@ fn main() {
         }
     });
     if let Err(e) = result {
-        eprintln!("claude-runner: {e:#}");
+        // As one line, its control characters escaped: an error may quote outside words (a
+        // status file a job wrote, named in serde's "unknown variant"; an edge's answer).
+        eprintln!("claude-runner: {}", shared::text::one_line(&format!("{e:#}")));
         std::process::exit(1);
     }
 }

@@ -183,6 +183,28 @@ fn what_doctor_shows_of_outside_words_reaches_the_terminal_without_their_control
     assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
 }
 
+/// A command's error is printed as the process ends (`claude-runner: …`), and some carry
+/// outside words: serde names the variant it did not know, raw, so a status file a job
+/// wrote (the agent's user) with `"source": "\u001b]52;…"` had `status` and `agent --drain`
+/// print the sequence to the operator's terminal as they refused the file. The error is
+/// shown as one line with its control characters escaped.
+#[test]
+fn a_commands_error_reaches_the_terminal_without_the_control_sequences_it_quotes() {
+    let dir = TempDir::new("error-words");
+    let source = "\u{1b}]52;c;ZXZpbA==\u{7}\u{1b}[2K\r\u{9b}2J\u{9d}0;owned\u{9c}";
+    let login = json!({"source": source, "expires_at": null, "refreshable": false, "refresh_expires_at": null,
+        "subscription_type": null, "auth_failed": false, "problem": null, "reported_at": 0});
+    let status = json!({"agent_id": "spark", "edge": "", "pid": 1, "connected": true, "since": "", "last_error": null,
+        "running": [], "updated_at": "", "login": login});
+    std::fs::write(dir.path().join("status.json"), status.to_string()).unwrap();
+    for args in [&["status"][..], &["status", "--check"], &["agent", "--drain"]] {
+        let out = Command::new(bin("claude-runner")).args(args).env("DATA_DIR", dir.path()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("unknown variant"), "{args:?}: {err}");
+        assert!(!err.trim_end_matches('\n').chars().any(char::is_control), "{args:?}: {err:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_tells_whether_the_agent_runs_and_is_connected() {
     let keys = Keys::new(&["spark"]);
