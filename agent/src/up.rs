@@ -51,6 +51,16 @@ fn load_or_create(dir: &Path) -> anyhow::Result<UpState> {
         if !plain_secret(&state.runner_secret) {
             return Err(damaged("its runner_secret is not 16-256 letters, digits or `-_.+/=~`".into()));
         }
+        // The public keys reach the edge's settings as they are (`AGENT_PUBLIC_KEYS`, where
+        // a `,` adds an agent): each must be its signing key's, as `up` made them.
+        for (signing, public, names) in [
+            (&state.keys.edge_signing_key, &state.keys.edge_public_key, "edge_signing_key and edge_public_key"),
+            (&state.keys.agent_signing_key, &state.keys.agent_public_key, "agent_signing_key and agent_public_key"),
+        ] {
+            if !keys::signing_key("key", signing).is_ok_and(|key| keys::encode_verifying(&key.verifying_key()) == *public) {
+                return Err(damaged(format!("its {names} are not a key pair")));
+            }
+        }
         return Ok(state);
     }
     let state = UpState { keys: KeySet::generate(), runner_secret: runner_secret(), agent_id: default_agent_id() };
@@ -176,6 +186,35 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         std::fs::write(&path, vec![b' '; MAX_STATE_BYTES + 1]).unwrap();
         assert!(load_or_create(&dir).err().unwrap().to_string().contains("damaged"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The keys in `up.json` are a job's to rewrite too, and reach the edge's settings as
+    /// they are (`AGENT_PUBLIC_KEYS={agent_id}={agent_public_key}`): a public key of
+    /// `KEY,other=KEY2` had the edge accept a second agent, and a key that is not the
+    /// signing key's ended in an agent that never connected, with advice to paste what
+    /// `keygen` printed. Each public key must be its signing key's, as `up` made them.
+    #[test]
+    fn keys_a_job_rewrote_are_refused() {
+        let dir = dir("keys");
+        let made = load_or_create(&dir).unwrap();
+        let path = dir.join("up.json");
+        let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let other = KeySet::generate();
+        let rewrites = [
+            ("agent_public_key", format!("{},intruder={}", made.keys.agent_public_key, other.agent_public_key)),
+            ("agent_public_key", other.agent_public_key.clone()),
+            ("edge_public_key", other.edge_public_key.clone()),
+            ("edge_signing_key", other.edge_signing_key.clone()),
+            ("agent_signing_key", "not base64 \u{1b}]0;x\u{7}".to_string()),
+        ];
+        for (field, text) in rewrites {
+            let mut bad = value.clone();
+            bad[field] = text.clone().into();
+            std::fs::write(&path, serde_json::to_vec(&bad).unwrap()).unwrap();
+            let e = load_or_create(&dir).err().unwrap_or_else(|| panic!("{field} = {text:?} is taken")).to_string();
+            assert!(e.contains("damaged") && e.contains(field), "{e}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
