@@ -22,7 +22,7 @@ pub struct LoginArgs {
 async fn post(http: &reqwest::Client, url: &str, secret: &str, body: Value) -> Result<(u16, Value), String> {
     let resp = http.post(url).header("X-Runner-Secret", secret).json(&body).send().await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    Ok((status, crate::submit::read_answer(resp).await))
 }
 
 pub async fn run(args: LoginArgs) -> anyhow::Result<i32> {

@@ -51,6 +51,23 @@ fn fail(message: String) -> anyhow::Result<i32> {
     Ok(2)
 }
 
+/// The most of an edge's answer (other than an event stream) `submit` and `login` read: its
+/// answers are a few hundred bytes; one without end would otherwise be held whole.
+const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
+/// An edge's answer as JSON, read up to [`MAX_ANSWER_BYTES`]: a longer one, one cut off or
+/// one that is not JSON is `Null` (shown as "no readable answer").
+pub(crate) async fn read_answer(mut resp: reqwest::Response) -> Value {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Value::Null;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).unwrap_or(Value::Null)
+}
+
 /// What `submit` prints when it gives up. The message carries the edge's words (its
 /// `error`, a job id, a state): shown as [`for_terminal`] shows a job's, since an edge, or
 /// whatever answers at its address, is outside too.
@@ -138,7 +155,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         Err(e) => return fail(format!("cannot reach the edge at {base}: {e}; check --edge (CLAUDE_RUNNER_URL)")),
     };
     let status = accepted.status();
-    let answer: Value = accepted.json().await.unwrap_or(Value::Null);
+    let answer = read_answer(accepted).await;
     let Some(job_id) = answer["job_id"].as_str().filter(|_| status.is_success()).map(str::to_string) else {
         let error = answer["error"].as_str().unwrap_or("no readable answer");
         return fail(format!("the edge refused the task ({status}): {error}"));

@@ -263,6 +263,50 @@ fn against_the_edge(edge: &EdgeServer, command: &str, args: &[&str]) -> std::pro
         .unwrap()
 }
 
+/// `submit` and `login` read the edge's answer whole (`reqwest`'s `json()`), however long:
+/// an edge, or whatever answers at its address, that sends an answer without end had
+/// `submit` (which has no time limit) hold all of it. Here the answer goes on past 8 MiB and
+/// then stays open: an answer of more than the bound is refused as unreadable (exit 2)
+/// rather than waited out.
+#[test]
+fn submit_refuses_an_edge_answer_without_end() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let edge = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut request = vec![0; 64 * 1024];
+        let _ = conn.read(&mut request);
+        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n");
+        let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, " ".repeat(64 * 1024));
+        for _ in 0..128 {
+            if conn.write_all(chunk.as_bytes()).is_err() {
+                return;
+            }
+        }
+        // Held open until submit lets go of it.
+        let _ = conn.read(&mut request);
+    });
+    let mut child = Command::new(bin("claude-runner"))
+        .args(["submit", "--edge", &format!("http://{addr}"), "--secret", SECRET, "hello"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pid = child.id();
+    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()).unwrap());
+    let Ok(out) = rx.recv_timeout(Duration::from_secs(120)) else {
+        // SAFETY: kill of the child this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        panic!("submit still reads an answer without end");
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no readable answer"), "{err}");
+    edge.join().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_shows_progress_and_prints_the_result() {
     let keys = Keys::new(&["spark"]);
