@@ -73,9 +73,26 @@ pub fn open_plain_with(path: &Path, mut options: std::fs::OpenOptions, what: &st
 /// link, never waiting on a pipe): at most `max` bytes, or an error naming it when it holds
 /// more (a job can make any file of the agent's user as large as the disk).
 pub fn read_plain(path: &Path, max: usize, what: &str) -> std::io::Result<Vec<u8>> {
+    read_at_most(open_plain(path, false, what)?, path, max, what)
+}
+
+/// Reads a small file the operator names (`AGENT_KEY_FILE`), as [`read_plain`] reads one
+/// the agent keeps but through a link (secret mounts are links): at most `max` bytes,
+/// never waiting on a pipe. The file is the agent's user's, so a job can write it.
+pub fn read_named(path: &Path, max: usize, what: &str) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(named)?;
+    if !file.metadata().map_err(named)?.is_file() {
+        return Err(std::io::Error::other(format!("{} is not a {what} (not a plain file): put the {what} back", path.display())));
+    }
+    read_at_most(file, path, max, what)
+}
+
+fn read_at_most(file: std::fs::File, path: &Path, max: usize, what: &str) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut bytes = Vec::new();
-    open_plain(path, false, what)?.take(max as u64 + 1).read_to_end(&mut bytes)?;
+    file.take(max as u64 + 1).read_to_end(&mut bytes)?;
     if bytes.len() > max {
         return Err(std::io::Error::other(format!("{} is over {max} bytes: it is not a {what}", path.display())));
     }

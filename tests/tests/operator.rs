@@ -205,6 +205,34 @@ fn a_commands_error_reaches_the_terminal_without_the_control_sequences_it_quotes
     }
 }
 
+/// `AGENT_KEY_FILE` is the agent's user's (mode 600, owned by it), so a job can write it,
+/// and replace it where its folder is the user's too: it was read whole and waited on, so
+/// a pipe there held `doctor` (and the agent's start) for good, and a file as large as the
+/// disk was read into memory. It is read bounded, never waiting on a pipe (a link is
+/// followed: secret mounts are links).
+#[test]
+fn a_key_file_a_job_replaced_with_a_pipe_is_refused_not_waited_on() {
+    let dir = TempDir::new("key-pipe");
+    let key = dir.path().join("agent.key");
+    let c = std::ffi::CString::new(key.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let env = vec![
+        ("AGENT_KEY_FILE", key.display().to_string()),
+        ("DATA_DIR", dir.path().join("data").display().to_string()),
+        ("CLAUDE_CONFIG_DIR", dir.path().display().to_string()),
+    ];
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(doctor(&env)).unwrap());
+    let Ok((ok, out)) = rx.recv_timeout(Duration::from_secs(60)) else {
+        // Lets the doctor still waiting on the pipe go (it reads nothing).
+        let _ = std::fs::OpenOptions::new().write(true).open(&key);
+        panic!("doctor waits on a pipe as AGENT_KEY_FILE");
+    };
+    assert!(!ok, "{out}");
+    assert!(out.contains("FAIL  agent key") && out.contains("not a plain file"), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_tells_whether_the_agent_runs_and_is_connected() {
     let keys = Keys::new(&["spark"]);
