@@ -142,12 +142,15 @@ pub fn remove_tree(top: &Path) -> std::io::Result<()> {
             continue;
         }
         if open.len() >= MAX_OPEN_LEVELS {
-            // Moved under `top` by a free name (a job's own `.deep-…` is tried past).
+            // Moved under `top` by a free name, one a job cannot have taken beforehand: with
+            // `.deep-1`, `.deep-2`, … a job's 64 such folders, each deeper than the levels
+            // held open, had every name tried taken and the removal fail at each try. A
+            // name taken all the same (a job watching the folder) is tried past.
             let mut tries = 0;
             loop {
                 moved += 1;
                 tries += 1;
-                let to = std::ffi::CString::new(format!(".deep-{moved}")).expect("no NUL");
+                let to = std::ffi::CString::new(format!(".deep-{moved}-{}", shared::ids::hex(&runtime::entropy::<8>()))).expect("no NUL");
                 match here.rename_to(&name, &root, &to) {
                     Ok(()) => break,
                     Err(e) if tries < 64 && matches!(e.raw_os_error(), Some(libc::EEXIST | libc::ENOTEMPTY | libc::ENOTDIR | libc::EISDIR)) => {}

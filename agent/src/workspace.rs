@@ -331,6 +331,29 @@ pub(crate) mod tests {
         removed_as_an_ordinary_user_with_closed_folders("moved", 5_000, false, modes);
     }
 
+    /// Folders deeper than [`crate::files::remove_tree`] holds open are moved up under the
+    /// workspace as `.deep-1`, `.deep-2`, …, a name taken tried past at most 64 times: a job
+    /// that left 64 such folders of its own, each holding a chain deeper than that, made
+    /// every name it tried taken (whichever of them is reached first), so the removal failed
+    /// at each try and the workspace stayed on the disk for good.
+    #[test]
+    fn a_workspace_holding_the_names_folders_are_moved_up_to_is_removed() {
+        let data = std::env::temp_dir().join(format!("cr-ws-decoys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let root = super::root(&data).unwrap();
+        let ws = prepare(&root, "job-decoys", None).unwrap();
+        for n in 1..=64 {
+            let mut chain = ws.join(format!(".deep-{n}"));
+            for _ in 0..70 {
+                chain.push("d");
+            }
+            std::fs::create_dir_all(&chain).unwrap();
+        }
+        assert_eq!(remove(&ws).map_err(|e| e.to_string()), Ok(()));
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+        std::fs::remove_dir_all(&data).unwrap();
+    }
+
     /// Makes a workspace holding a chain of `depth` folders (each with a file when `files`),
     /// closes those `mode_at` gives a mode (after the whole chain is made), and checks that
     /// [`remove`], run without the capabilities that pass over file modes, takes it all.
