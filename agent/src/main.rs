@@ -201,7 +201,12 @@ fn main() {
                     (_, true) => keygen::Format::Env,
                     _ => keygen::Format::Text,
                 };
-                keygen::print(&keygen::KeySet::generate(), &agent_id.unwrap_or_else(config::default_agent_id), format);
+                // Printed into shell lines to paste (inside single quotes) and an env file.
+                let agent_id = agent_id.unwrap_or_else(config::default_agent_id);
+                if !shared::ids::valid_agent_id(&agent_id) {
+                    anyhow::bail!("agent id `{agent_id}` is not valid: use 1-64 letters, digits, `-`, `_` or `.` (--agent-id, AGENT_ID)");
+                }
+                keygen::print(&keygen::KeySet::generate(), &agent_id, format);
                 Ok(())
             }
             #[cfg(feature = "up")]

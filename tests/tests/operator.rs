@@ -25,6 +25,20 @@ fn keygen_says_where_each_key_goes() {
     }
 }
 
+/// keygen prints the agent id inside single-quoted shell lines the operator pastes
+/// (`echo 'id=key' | npx wrangler secret put AGENT_PUBLIC_KEYS`) and into an env file: an id
+/// that closes the quote, breaks the line or is no agent id at all was printed as it was,
+/// and the keys made for it were refused later by the edge. Refused at once, saying why.
+#[test]
+fn keygen_refuses_an_agent_id_that_is_not_one() {
+    for bad in ["spark' ; touch /tmp/owned ; echo '", "spark\nRUNNER_SECRET=known", "a=b,c", "spark\u{1b}]0;x\u{7}"] {
+        let out = Command::new(bin("claude-runner")).args(["keygen", "--agent-id", bad]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && out.stdout.is_empty(), "{bad:?} printed: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(err.contains("not valid") && !err.trim_end().chars().any(char::is_control), "{err:?}");
+    }
+}
+
 #[test]
 fn keygen_env_prints_matching_settings_for_an_env_file() {
     let out = Command::new(bin("claude-runner")).args(["keygen", "--env", "--agent-id", "spark"]).output().unwrap();
