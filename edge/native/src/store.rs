@@ -5,7 +5,7 @@
 use edge_core::record::Job;
 use edge_core::Writes;
 use rusqlite::{params, Connection};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 
 pub struct Store {
@@ -57,7 +57,8 @@ impl Store {
         let path = dir.join("edge.sqlite3");
         let private = |path: &Path| -> anyhow::Result<()> {
             // Created owner-only; SQLite gives its -wal and -shm files the database's mode.
-            let file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path);
+            // Never waiting on a pipe put there (under `up` the folder is a job's to write).
+            let file = runtime::open_plain_for_writing(path, true);
             file.and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(0o600)))
                 .map_err(|e| anyhow::anyhow!("cannot make {} owner-only: {e}; check DATA_DIR's permissions", path.display()))
         };
@@ -207,6 +208,31 @@ mod tests {
         store.apply(&Writes { saves: vec![job("b")], forgets: vec!["a".into()], alerts: None }).unwrap();
         let ids: Vec<String> = store.load().unwrap().into_iter().map(|j| j.id).collect();
         assert_eq!(ids, vec!["b".to_string()]);
+    }
+
+    /// Under `claude-runner up` the store's folder is the agent's user's (`DATA_DIR/up/edge`),
+    /// a job's to write: a pipe there as the database, or as its journal, held the opening
+    /// for good (made owner-only by an open for writing, which waits for a reader), and `up`
+    /// with it, as `edge.lock` and `up.json` no longer do. Refused at once, naming the file.
+    #[test]
+    fn a_pipe_where_the_database_goes_is_refused_not_waited_on() {
+        for name in ["edge.sqlite3", "edge.sqlite3-wal"] {
+            let dir = std::env::temp_dir().join(format!("cr-store-pipe-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            assert!(std::process::Command::new("mkfifo").arg(dir.join(name)).status().unwrap().success());
+            let (tx, rx) = std::sync::mpsc::channel();
+            let opening = dir.clone();
+            std::thread::spawn(move || tx.send(Store::open(&opening).err().map(|e| e.to_string())).unwrap());
+            let Ok(refused) = rx.recv_timeout(std::time::Duration::from_secs(60)) else {
+                // Lets the opening still waiting on the pipe go.
+                let _ = std::fs::File::open(dir.join(name));
+                panic!("{name} as a pipe: the store's opening waits on it");
+            };
+            let e = refused.unwrap_or_else(|| panic!("{name} as a pipe is taken"));
+            assert!(e.contains(name) && e.contains("plain file"), "{e}");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 
     #[test]

@@ -22,26 +22,37 @@ pub fn entropy<const N: usize>() -> [u8; N] {
 /// holds it. The file is created owner-only and never followed through a symlink; opened
 /// without blocking, so a FIFO put in its place is refused rather than hanging the start.
 pub fn hold_lock(path: &std::path::Path) -> std::io::Result<Option<std::fs::File>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let named = |e: std::io::Error| {
-        std::io::Error::new(e.kind(), format!("{} ({e}): it must be a plain file the process's user may write, or absent", path.display()))
-    };
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(named)?;
-    if !file.metadata().map_err(named)?.is_file() {
-        return Err(named(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a plain file")));
-    }
+    let file = open_plain_for_writing(path, false)?;
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),
         Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
+}
+
+/// Opens `path` for writing, created owner-only when absent, as a plain file or not at all
+/// (an error naming it): opened without blocking, so a FIFO put in its place is refused
+/// rather than waited on (an open for writing waits for a reader); through a link only
+/// when `follow`.
+pub fn open_plain_for_writing(path: &std::path::Path, follow: bool) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let named = |e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("{} ({e}): it must be a plain file the process's user may write, or absent", path.display()))
+    };
+    let not_plain = || named(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a plain file"));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NONBLOCK | if follow { 0 } else { libc::O_NOFOLLOW })
+        .open(path)
+        // A FIFO without a reader: ENXIO.
+        .map_err(|e| if e.raw_os_error() == Some(libc::ENXIO) { not_plain() } else { named(e) })?;
+    if !file.metadata().map_err(named)?.is_file() {
+        return Err(not_plain());
+    }
+    Ok(file)
 }
 
 #[cfg(test)]
