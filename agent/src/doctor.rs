@@ -71,7 +71,9 @@ pub async fn run(args: AgentArgs, canary: bool) -> bool {
             "usage",
             format!(
                 "the subscription's usage window{} is used up until {}: jobs wait for the reset (POST /jobs) or fall back (/execute)",
-                u.kind.as_deref().map(|k| format!(" ({k})")).unwrap_or_default(),
+                // On its line: the status file's, a job's to write (a line break in it printed
+                // a line of the job's choosing as one of doctor's).
+                u.kind.as_deref().map(|k| format!(" ({})", shared::text::one_line(k))).unwrap_or_default(),
                 u.resets_at.as_deref().unwrap_or("its reset")
             ),
         ),
@@ -149,10 +151,11 @@ async fn reach(url: &str) -> Result<String, String> {
     match first {
         Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text)))) => match serde_json::from_str::<EdgeMessage>(&text) {
             Ok(EdgeMessage::Challenge { protocol, edge_version, .. }) if protocol == PROTOCOL_VERSION => {
-                Ok(format!("{url} answers (edge {edge_version}, protocol v{protocol})"))
+                Ok(format!("{url} answers (edge {}, protocol v{protocol})", shared::text::one_line(&edge_version)))
             }
             Ok(EdgeMessage::Challenge { protocol, edge_version, .. }) => Err(format!(
-                "{url} speaks protocol v{protocol} (edge {edge_version}), this agent v{PROTOCOL_VERSION}: run the same claude-runner release on both"
+                "{url} speaks protocol v{protocol} (edge {}), this agent v{PROTOCOL_VERSION}: run the same claude-runner release on both",
+                shared::text::one_line(&edge_version)
             )),
             _ => Err(format!("{url} answered, but not as a claude-runner edge; check EDGE_URL")),
         },

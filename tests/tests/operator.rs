@@ -197,6 +197,20 @@ fn what_doctor_shows_of_outside_words_reaches_the_terminal_without_their_control
     assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
 }
 
+/// `doctor` shows each line of a check's detail escaped, but a detail of several lines is
+/// shown as several: the usage window's type (the status file's, a job's to write) and the
+/// edge's version (what the edge says in its challenge) went in whole, so a line break in
+/// them printed a line of the job's choosing as one of doctor's own ("  ok   login: …").
+/// Outside words are shown on their line.
+#[test]
+fn doctor_shows_outside_words_on_their_own_line() {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let usage = json!({"status": "rejected", "kind": "five_hour\n  ok   forged: all good", "resets_at": now + 3_600_000, "seen_at": now});
+    let shown = shown_with_usage("doctor", "doctor-lines", usage);
+    assert!(shown.contains("five_hour"), "{shown}");
+    assert!(!shown.lines().any(|l| l.starts_with("  ok   forged")), "{shown}");
+}
+
 /// A command's error is printed as the process ends (`claude-runner: …`), and some carry
 /// outside words: serde names the variant it did not know, raw, so a status file a job
 /// wrote (the agent's user) with `"source": "\u001b]52;…"` had `status` and `agent --drain`
@@ -494,6 +508,12 @@ fn oauth_status_shows_the_status_files_usage_window_as_the_agent_reads_it_back()
 /// What `claude-runner oauth-status` prints while a running agent's status file (written
 /// here, as a job could) holds `usage` as its login's usage window.
 fn oauth_status_with_usage(name: &str, usage: serde_json::Value) -> String {
+    shown_with_usage("oauth-status", name, usage)
+}
+
+/// What `claude-runner <command>` prints while a running agent's status file (written here,
+/// as a job could) holds `usage` as its login's usage window.
+fn shown_with_usage(command: &str, name: &str, usage: serde_json::Value) -> String {
     let dir = TempDir::new(name);
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -507,7 +527,10 @@ fn oauth_status_with_usage(name: &str, usage: serde_json::Value) -> String {
         "running": [], "updated_at": "", "login": login});
     std::fs::write(data.join("status.json"), status.to_string()).unwrap();
     let out = Command::new(bin("claude-runner"))
-        .arg("oauth-status")
+        .arg(command)
+        .env_remove("EDGE_URL")
+        .env_remove("AGENT_SIGNING_KEY")
+        .env_remove("EDGE_PUBLIC_KEY")
         .env("CLAUDE_CONFIG_DIR", dir.path())
         .env("DATA_DIR", &data)
         .env_remove("ANTHROPIC_API_KEY")
