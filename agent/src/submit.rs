@@ -69,10 +69,11 @@ pub(crate) async fn read_answer(mut resp: reqwest::Response) -> Value {
 }
 
 /// What `submit` prints when it gives up. The message carries the edge's words (its
-/// `error`, a job id, a state): shown as [`for_terminal`] shows a job's, since an edge, or
-/// whatever answers at its address, is outside too.
+/// `error`, a job id, a state): shown as one line with its control characters escaped
+/// ([`shared::text::one_line`], line breaks too), since an edge, or whatever answers at its
+/// address, is outside too.
 fn failure_line(message: &str) -> String {
-    format!("claude-runner submit: {}", for_terminal(message))
+    format!("claude-runner submit: {}", shared::text::one_line(message))
 }
 
 /// Text from a job (Claude's words: whatever the prompt, the repository or its tools'
@@ -242,5 +243,14 @@ mod tests {
         let shown = super::failure_line("the edge refused the task (400): bad\x1b]0;owned\x07\rok");
         assert!(!shown.chars().any(char::is_control), "{shown:?}");
         assert!(shown.contains("bad") && shown.contains("ok"));
+    }
+
+    /// The line `submit` gives up with is one line: a line break in the edge's words (its
+    /// `error`) printed a line of the edge's choosing after it, as if `submit`'s own.
+    #[test]
+    fn the_edges_words_stay_on_the_line_submit_gives_up_with() {
+        let shown = super::failure_line("the edge refused the task (400): busy\nclaude-runner submit: done, nothing to do");
+        assert_eq!(shown.lines().count(), 1, "{shown}");
+        assert!(shown.contains("busy") && shown.contains("nothing to do"), "{shown}");
     }
 }
