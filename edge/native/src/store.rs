@@ -220,7 +220,9 @@ mod tests {
             let dir = std::env::temp_dir().join(format!("cr-store-pipe-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
-            assert!(std::process::Command::new("mkfifo").arg(dir.join(name)).status().unwrap().success());
+            let fifo = std::ffi::CString::new(dir.join(name).to_str().unwrap()).unwrap();
+            // SAFETY: mkfifo with a NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
             let (tx, rx) = std::sync::mpsc::channel();
             let opening = dir.clone();
             std::thread::spawn(move || tx.send(Store::open(&opening).err().map(|e| e.to_string())).unwrap());
