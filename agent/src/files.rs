@@ -55,18 +55,8 @@ pub fn open_plain(path: &Path, write: bool, what: &str) -> std::io::Result<std::
 }
 
 /// [`open_plain`] with the caller's `options` (appending, say).
-pub fn open_plain_with(path: &Path, mut options: std::fs::OpenOptions, what: &str) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
-    let not_plain = || std::io::Error::other(format!("{} is not a {what} (not a plain file): move it out of the way", path.display()));
-    let file = options
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| if e.raw_os_error() == Some(libc::ENXIO) { not_plain() } else { named(e) })?;
-    if !file.metadata().map_err(named)?.is_file() {
-        return Err(not_plain());
-    }
-    Ok(file)
+pub fn open_plain_with(path: &Path, options: std::fs::OpenOptions, what: &str) -> std::io::Result<std::fs::File> {
+    open_checked(path, options, false, &format!("{} is not a {what} (not a plain file): move it out of the way", path.display()))
 }
 
 /// Reads a small file the agent keeps, opened as [`open_plain`] opens it (never through a
@@ -76,17 +66,39 @@ pub fn read_plain(path: &Path, max: usize, what: &str) -> std::io::Result<Vec<u8
     read_at_most(open_plain(path, false, what)?, path, max, what)
 }
 
-/// Reads a small file the operator names (`AGENT_KEY_FILE`), as [`read_plain`] reads one
-/// the agent keeps but through a link (secret mounts are links): at most `max` bytes,
-/// never waiting on a pipe. The file is the agent's user's, so a job can write it.
+/// Opens for reading a file the operator or Claude names (`AGENT_KEY_FILE`, Claude's
+/// credentials), as [`open_plain`] opens one the agent keeps but through a link (secret
+/// mounts are links, and Claude's own file may be one): never waiting on a pipe, a plain
+/// file or an error naming it with `next_step`. Such a file is the agent's user's, so a
+/// job can put anything there.
+pub fn open_named(path: &Path, what: &str, next_step: &str) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    open_checked(path, options, true, &format!("{} is not a {what} (not a plain file): {next_step}", path.display()))
+}
+
+/// Reads a small file [`open_named`] opens: at most `max` bytes.
 pub fn read_named(path: &Path, max: usize, what: &str) -> std::io::Result<Vec<u8>> {
+    read_at_most(open_named(path, what, &format!("put the {what} back"))?, path, max, what)
+}
+
+/// The one open of [`open_plain_with`] and [`open_named`]: without waiting (an open of a
+/// pipe waits for its other end, for ever), through a link only when `follow`, and only a
+/// plain file (else `not_plain`); other errors name the path and keep their kind
+/// (`NotFound`).
+fn open_checked(path: &Path, mut options: std::fs::OpenOptions, follow: bool, not_plain: &str) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(named)?;
+    let refused = || std::io::Error::other(not_plain.to_string());
+    let file = options
+        .custom_flags(libc::O_NONBLOCK | if follow { 0 } else { libc::O_NOFOLLOW })
+        .open(path)
+        // A pipe without a reader, opened for writing: ENXIO.
+        .map_err(|e| if e.raw_os_error() == Some(libc::ENXIO) { refused() } else { named(e) })?;
     if !file.metadata().map_err(named)?.is_file() {
-        return Err(std::io::Error::other(format!("{} is not a {what} (not a plain file): put the {what} back", path.display())));
+        return Err(refused());
     }
-    read_at_most(file, path, max, what)
+    Ok(file)
 }
 
 fn read_at_most(file: std::fs::File, path: &Path, max: usize, what: &str) -> std::io::Result<Vec<u8>> {

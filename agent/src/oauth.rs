@@ -259,11 +259,8 @@ impl RefreshGate {
 /// `/dev/zero`, a folder).
 pub fn credentials_bytes(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(std::io::Error::other("it is not a plain file (a pipe, a device or a folder put in its place?): put Claude's credentials file back, `claude auth login`"));
-    }
+    let next_step = "a pipe, a device or a folder put in its place? Put Claude's credentials file back, `claude auth login`";
+    let file = crate::files::open_named(path, "Claude credentials file", next_step)?;
     let mut bytes = Vec::new();
     file.take(credentials::MAX_BYTES as u64 + 1).read_to_end(&mut bytes)?;
     Ok(bytes)
