@@ -329,7 +329,7 @@ impl Edge {
     pub(super) fn keep_within_caps(&mut self, effects: &mut Vec<Effect>) {
         loop {
             let by_count = self.retained.len() > self.cfg.max_retained_jobs;
-            if !by_count && self.retained_bytes <= self.cfg.max_retained_bytes {
+            if !by_count && self.retained_bytes() <= self.cfg.max_retained_bytes {
                 break;
             }
             let held = |h: &super::Held| if by_count { h.jobs.len() as u64 } else { h.bytes };

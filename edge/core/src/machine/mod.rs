@@ -130,8 +130,6 @@ pub struct Edge {
     active: BTreeSet<String>,
     /// Finished job ids in the order their retention ends (when each ended, then its id).
     retained: BTreeSet<(Millis, String)>,
-    /// The whole records of the retained jobs take about this many bytes.
-    retained_bytes: u64,
     /// Retained jobs by owner ([`share_of`]), each owner's in the same order, and their
     /// bytes: what the caps take from first ([`Edge::keep_within_caps`]), found without
     /// going through the others' jobs.
@@ -175,7 +173,6 @@ impl Edge {
             departed: BTreeMap::new(),
             active: BTreeSet::new(),
             retained: BTreeSet::new(),
-            retained_bytes: 0,
             retained_by: BTreeMap::new(),
             to_stow: Vec::new(),
             sessions: BTreeMap::new(),
@@ -305,6 +302,12 @@ impl Edge {
         self.count_retained_of(share_of(job), &retained_entry(job), job.approximate_bytes(), kept);
     }
 
+    /// About how many bytes the whole records of the retained jobs take (each owner's
+    /// summed: owners are the callers with their own secret, and the pool's).
+    fn retained_bytes(&self) -> u64 {
+        self.retained_by.values().map(|held| held.bytes).sum()
+    }
+
     /// [`Edge::count_retained`] of a job known by its owner, its place and its size. Taking
     /// out one that is not retained does nothing.
     fn count_retained_of(&mut self, owner: &str, entry: &(Millis, String), bytes: u64, kept: bool) {
@@ -312,7 +315,6 @@ impl Edge {
             if !self.retained.insert(entry.clone()) {
                 return;
             }
-            self.retained_bytes += bytes;
             let held = match self.retained_by.get_mut(owner) {
                 Some(held) => held,
                 None => self.retained_by.entry(owner.to_string()).or_default(),
@@ -323,7 +325,6 @@ impl Edge {
             if !self.retained.remove(entry) {
                 return;
             }
-            self.retained_bytes = self.retained_bytes.saturating_sub(bytes);
             if let Some(held) = self.retained_by.get_mut(owner) {
                 held.bytes = held.bytes.saturating_sub(bytes);
                 held.jobs.remove(entry);
