@@ -374,8 +374,14 @@ fn retained_entry(job: &Job) -> (Millis, String) {
 /// is one share, `""` (names are the pool secret's to make up, as the agent weighs
 /// sessions).
 pub(crate) fn share_of(job: &Job) -> &str {
-    if job.caller_proven {
-        job.placement.caller()
+    share(job.caller_proven, &job.placement)
+}
+
+/// [`share_of`] a job sent as `placement` says, with its caller's own secret or not: a
+/// submission's before it is a job.
+pub(crate) fn share(caller_proven: bool, placement: &shared::placement::Placement) -> &str {
+    if caller_proven {
+        placement.caller()
     } else {
         ""
     }

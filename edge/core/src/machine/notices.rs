@@ -137,7 +137,7 @@ impl Edge {
         let coming = self.queue.ids().chain(self.active.iter()).filter_map(|id| self.jobs.get(id)).filter(|j| j.callback_url.is_some());
         let coming: Vec<&str> = coming.map(super::share_of).collect();
         let pending = self.alerts.callbacks.len() + coming.len();
-        let share = if submission.caller_proven { submission.placement.caller() } else { "" };
+        let share = super::share(submission.caller_proven, &submission.placement);
         let mine = match share {
             "" => pending,
             _ => {
