@@ -137,6 +137,14 @@ impl RepoUrl {
     }
 }
 
+/// Whether `name` could be a repository's name as [`RepoUrl::name`] makes them (a host, a
+/// port, a path): at most [`MAX_REPO_URL`] bytes of letters, digits and `. _ - ~ : /`,
+/// none of which JSON escapes. What an agent tells the edge of its mirrors, and what the
+/// edge keeps of what it is told: any other name matches no job's repository.
+pub fn could_be_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_REPO_URL && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-~:/".contains(&b))
+}
+
 impl fmt::Display for RepoUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.url())

@@ -262,7 +262,7 @@ impl MirrorCache {
             .flatten()
             .filter_map(|e| {
                 let folder = e.file_name().into_string().ok().filter(|f| !f.starts_with('.'))?;
-                read_name(&e.path()).filter(|name| layout::folder(name) == folder && is_repository_name(name))
+                read_name(&e.path()).filter(|name| layout::folder(name) == folder && shared::repo::could_be_name(name))
             })
             .collect();
         names.sort();
@@ -322,13 +322,6 @@ impl MirrorCache {
 /// The most bytes of mirror names an agent tells the edge (in its hello, whose whole the
 /// edge reads only up to `MAX_HELLO_BYTES`, 64 KiB): some hundreds of names.
 const MAX_NAMES_BYTES: usize = 16 * 1024;
-
-/// Whether `name` could be a repository's name as the agent names its mirrors
-/// ([`shared::repo::RepoUrl::name`]): a host, a port, a path, of letters, digits and
-/// `. _ - ~ : /` only, none of which JSON escapes.
-fn is_repository_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-~:/".contains(&b))
-}
 
 /// The repository name kept in the mirror at `dir` ([`NAME_FILE`]), if it holds one: read
 /// as a file the agent keeps ([`crate::files::read_plain`]), since a job can put anything

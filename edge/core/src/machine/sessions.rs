@@ -608,12 +608,12 @@ impl Edge {
 }
 
 /// The mirror names an agent reported, as the edge keeps them: at most
-/// [`shared::placement::MAX_MIRRORS`], each a plausible repository name (longer or odd
-/// ones can match no job's repository anyway).
+/// [`shared::placement::MAX_MIRRORS`], each a plausible repository name
+/// ([`shared::repo::could_be_name`]: others can match no job's repository anyway).
 fn mirror_names(names: &[String]) -> BTreeSet<String> {
     names
         .iter()
-        .filter(|n| n.len() <= shared::repo::MAX_REPO_URL && !n.chars().any(|c| c.is_whitespace() || c.is_control()))
+        .filter(|n| shared::repo::could_be_name(n))
         .take(shared::placement::MAX_MIRRORS)
         .cloned()
         .collect()
