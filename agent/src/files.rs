@@ -339,6 +339,16 @@ impl Drop for Folder {
     }
 }
 
+/// Makes a pipe at `path`, as a job of the agent's user can put one in place of any file
+/// the agent keeps (tests of what the agent does then).
+#[cfg(test)]
+pub(crate) fn pipe_at(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}", path.display());
+}
+
 /// Creates `dir` (and missing parents) owner-only, and makes an existing one owner-only
 /// (an older version, or another umask, may have left it open).
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {

@@ -180,9 +180,7 @@ mod tests {
     fn a_pipe_in_place_of_the_memory_holds_nothing() {
         use std::os::unix::fs::OpenOptionsExt;
         let path = path("fifo");
-        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: mkfifo with a path we own.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        crate::files::pipe_at(&path);
         let (tx, rx) = std::sync::mpsc::channel();
         let opened = path.clone();
         std::thread::spawn(move || {

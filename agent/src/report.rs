@@ -256,9 +256,7 @@ mod tests {
         use std::os::unix::fs::OpenOptionsExt;
         let (r, dir) = reporter("fifo");
         let path = dir.join(".credentials.json");
-        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: mkfifo with a path we own.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        crate::files::pipe_at(&path);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             r.look();

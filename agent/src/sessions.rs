@@ -877,8 +877,7 @@ mod tests {
         let elsewhere = dir.0.join("elsewhere");
         std::fs::write(&elsewhere, "theirs").unwrap();
         let fifo = || {
-            let path = std::ffi::CString::new(dir.log().as_os_str().as_encoded_bytes()).unwrap();
-            assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+            crate::files::pipe_at(&dir.log());
         };
         let odd: [&dyn Fn(); 3] = [&|| std::fs::create_dir_all(dir.log().join("x")).unwrap(), &|| std::os::unix::fs::symlink(&elsewhere, dir.log()).unwrap(), &fifo];
         for (i, make) in odd.iter().enumerate() {
@@ -1653,8 +1652,7 @@ mod tests {
         use std::os::unix::fs::OpenOptionsExt;
         let dir = folder("compact-pipe");
         let tmp = dir.log().with_extension("tmp");
-        let path = std::ffi::CString::new(tmp.as_os_str().as_encoded_bytes()).unwrap();
-        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        crate::files::pipe_at(&tmp);
         // A reader, so that the test does not hang before the fix.
         let mut reader = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&tmp).unwrap();
         let (sessions, _) = opened(&dir, NOW);

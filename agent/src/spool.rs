@@ -764,9 +764,7 @@ mod tests {
         let dir = dir("fifo");
         drop(open(&dir, 1));
         let fifo = |path: PathBuf| {
-            let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-            // SAFETY: mkfifo with a path we own.
-            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+            crate::files::pipe_at(&path);
         };
         fifo(dir.join("spool/planted.json"));
         fifo(dir.join("started/marked"));
@@ -838,7 +836,6 @@ mod tests {
     /// start, and the agent goes on.
     #[test]
     fn a_slot_file_replaced_by_a_pipe_is_refused_not_waited_on() {
-        use std::os::unix::ffi::OsStrExt;
         let dir = dir("fifo");
         let (spool, _) = open(&dir, 1);
         spool.started("job-1", "job-1:1").unwrap();
@@ -846,9 +843,7 @@ mod tests {
         spool.remove("job-1");
         let slot = dir.join("records/0");
         std::fs::remove_file(&slot).unwrap();
-        let name = std::ffi::CString::new(slot.as_os_str().as_bytes()).unwrap();
-        // SAFETY: makes a pipe at a path we own.
-        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        crate::files::pipe_at(&slot);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || tx.send(spool.started("job-2", "job-2:1").map_err(|e| e.to_string())));
         let started = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("refused at once, not waited on for ever");
@@ -1101,9 +1096,7 @@ mod tests {
         let e = refused(&dir);
         assert!(e.contains("records/0") && e.contains("move it out of the way"), "{e}");
         std::fs::remove_dir(dir.join("records/0")).unwrap();
-        let fifo = std::ffi::CString::new(dir.join("records/0").as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: mkfifo on a path we own.
-        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        crate::files::pipe_at(&dir.join("records/0"));
         assert!(refused(&dir).contains("move it out of the way"), "a pipe does not hold the start");
     }
 

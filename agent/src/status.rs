@@ -379,9 +379,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cr-status-fifo-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let c = std::ffi::CString::new(dir.join("status.json").as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: mkfifo with a path we own.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        crate::files::pipe_at(&dir.join("status.json"));
         let (tx, rx) = std::sync::mpsc::channel();
         let read_in = dir.clone();
         std::thread::spawn(move || {

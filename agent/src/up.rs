@@ -178,7 +178,7 @@ mod tests {
         std::fs::write(&path, serde_json::to_vec(&value).unwrap()).unwrap();
         assert!(load_or_create(&dir).err().expect("an agent id of control characters is refused").to_string().contains("agent_id"));
         std::fs::remove_file(&path).unwrap();
-        mkfifo(&path);
+        crate::files::pipe_at(&path);
         let (tx, rx) = std::sync::mpsc::channel();
         let reading = dir.clone();
         std::thread::spawn(move || tx.send(load_or_create(&reading).is_err()).unwrap());
@@ -216,12 +216,5 @@ mod tests {
             assert!(e.contains("damaged") && e.contains(field), "{e}");
         }
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    fn mkfifo(path: &std::path::Path) {
-        use std::os::unix::ffi::OsStrExt;
-        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-        // SAFETY: mkfifo with a NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     }
 }

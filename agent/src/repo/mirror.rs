@@ -514,9 +514,7 @@ mod tests {
             plant(&layout::folder(&name), &name);
         }
         std::fs::create_dir_all(root.join("pipe")).unwrap();
-        let fifo = std::ffi::CString::new(root.join("pipe").join(NAME_FILE).as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: mkfifo with a path we own.
-        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        crate::files::pipe_at(&root.join("pipe").join(NAME_FILE));
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let _ = tx.send(cache.mirror_names_from_disk());
