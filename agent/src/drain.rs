@@ -107,8 +107,8 @@ async fn request_to(out: &mut impl std::io::Write, data_dir: &Path) -> anyhow::R
     if let Some(signal) = signal {
         if unsafe { libc::kill(agent.pid as libc::pid_t, signal) } != 0 {
             let e = std::io::Error::last_os_error();
-            let agent_id = shared::text::one_line(&agent.agent_id);
-            anyhow::bail!("cannot signal agent {agent_id} (pid {}): {e}; run this as the user the agent runs as", agent.pid);
+            // Shown escaped, as every command's closing error is (main).
+            anyhow::bail!("cannot signal agent {} (pid {}): {e}; run this as the user the agent runs as", agent.agent_id, agent.pid);
         }
     }
     status::say(out, format!("Draining agent {} (pid {}): it takes no new jobs and exits once its jobs are done.", agent.agent_id, agent.pid))?;
