@@ -211,6 +211,27 @@ fn doctor_shows_outside_words_on_their_own_line() {
     assert!(!shown.lines().any(|l| l.starts_with("  ok   forged")), "{shown}");
 }
 
+/// What a failing `claude --version` printed on stderr (a `claude` a job put on the agent's
+/// PATH, or wrote over) went into doctor's detail whole, and doctor shows a detail of
+/// several lines as several: a line break there printed a line of the job's choosing as
+/// one of doctor's own ("  ok    agent key: …"), as the usage window's type did before
+/// b49f464. It is shown on its line.
+#[test]
+fn what_a_failing_claude_prints_stays_on_doctors_line() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("doctor-stderr");
+    let claude = dir.path().join("claude");
+    std::fs::write(&claude, "#!/bin/sh\nprintf 'broken\\n  ok    forged: all good\\n' >&2\nexit 3\n").unwrap();
+    std::fs::set_permissions(&claude, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (ok, out) = doctor(&[
+        ("CLAUDE_BIN", claude.display().to_string()),
+        ("DATA_DIR", dir.path().join("data").display().to_string()),
+        ("CLAUDE_CONFIG_DIR", dir.path().display().to_string()),
+    ]);
+    assert!(!ok && out.contains("broken") && out.contains("forged: all good"), "{out}");
+    assert!(!out.lines().any(|l| l.starts_with("  ok    forged")), "{out}");
+}
+
 /// A command's error is printed as the process ends (`claude-runner: …`), and some carry
 /// outside words: serde names the variant it did not know, raw, so a status file a job
 /// wrote (the agent's user) with `"source": "\u001b]52;…"` had `status` and `agent --drain`
