@@ -162,7 +162,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         return fail(format!("the edge refused the task ({status}): {error}"));
     };
     if !args.quiet {
-        eprintln!("· job {}", for_terminal(&format!("{job_id} ({})", answer["state"].as_str().unwrap_or("queued"))));
+        eprintln!("· job {}", shared::text::one_line(&format!("{job_id} ({})", answer["state"].as_str().unwrap_or("queued"))));
     }
     // Follow until the result; if the stream breaks (an edge restart), follow again: the
     // job is kept, and a finished one answers with its result at once.
@@ -211,12 +211,18 @@ fn finish(result: &Value, as_json: bool) -> i32 {
     if result["success"] == true {
         return 0;
     }
-    eprintln!(
-        "claude-runner submit: the task failed ({}): {}",
-        for_terminal(result["error_code"].as_str().unwrap_or("?")),
-        for_terminal(result["error"].as_str().unwrap_or("no error text"))
-    );
+    eprintln!("{}", task_failed_line(result));
     if result["fallback"] == true { 2 } else { 1 }
+}
+
+/// The line `submit` ends a failed task with: one line, its error's line breaks escaped too
+/// (the job's words, or an edge's: a line of their choosing after it read as `submit`'s).
+fn task_failed_line(result: &Value) -> String {
+    failure_line(&format!(
+        "the task failed ({}): {}",
+        result["error_code"].as_str().unwrap_or("?"),
+        result["error"].as_str().unwrap_or("no error text")
+    ))
 }
 
 #[cfg(test)]
@@ -252,5 +258,16 @@ mod tests {
         let shown = super::failure_line("the edge refused the task (400): busy\nclaude-runner submit: done, nothing to do");
         assert_eq!(shown.lines().count(), 1, "{shown}");
         assert!(shown.contains("busy") && shown.contains("nothing to do"), "{shown}");
+    }
+
+    /// The line a failed task ends with is one line too: its error (the job's words, an
+    /// edge's) with a line break printed a line of their choosing after it, as if
+    /// `submit`'s own, as the edge's refusal did before 3f49520.
+    #[test]
+    fn a_failed_tasks_error_stays_on_its_line() {
+        let result = json!({"success": false, "error_code": "CLAUDE_ERROR\nx", "error": "boom\nclaude-runner submit: the task succeeded"});
+        let shown = super::task_failed_line(&result);
+        assert_eq!(shown.lines().count(), 1, "{shown}");
+        assert!(shown.contains("boom") && shown.contains("the task succeeded"), "{shown}");
     }
 }
