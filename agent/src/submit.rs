@@ -55,17 +55,27 @@ fn fail(message: String) -> anyhow::Result<i32> {
 /// answers are a few hundred bytes; one without end would otherwise be held whole.
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 
-/// An edge's answer as JSON, read up to [`MAX_ANSWER_BYTES`]: a longer one, one cut off or
-/// one that is not JSON is `Null` (shown as "no readable answer").
+/// How long the body of an edge's answer (other than an event stream) may take to arrive,
+/// from its head: the edge sends its few hundred bytes at once, and even
+/// [`MAX_ANSWER_BYTES`] take seconds on a slow link. Without it an answer whose head came
+/// and then nothing (or a byte now and then) held `submit`, which has no time limit of its
+/// own, for good.
+pub(crate) const ANSWER_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// An edge's answer as JSON, read up to [`MAX_ANSWER_BYTES`] within [`ANSWER_TIME`]: a
+/// longer one, a slower one, one cut off or one that is not JSON is `Null` (shown as "no
+/// readable answer").
 pub(crate) async fn read_answer(mut resp: reqwest::Response) -> Value {
+    let give_up_at = tokio::time::Instant::now() + ANSWER_TIME;
     let mut body = Vec::new();
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-            return Value::Null;
+    loop {
+        match tokio::time::timeout_at(give_up_at, resp.chunk()).await {
+            Ok(Ok(Some(chunk))) if body.len() + chunk.len() <= MAX_ANSWER_BYTES => body.extend_from_slice(&chunk),
+            Ok(Ok(None)) => return serde_json::from_slice(&body).unwrap_or(Value::Null),
+            // Too long, too slow, or cut off.
+            _ => return Value::Null,
         }
-        body.extend_from_slice(&chunk);
     }
-    serde_json::from_slice(&body).unwrap_or(Value::Null)
 }
 
 /// What `submit` prints when it gives up. The message carries the edge's words (its

@@ -384,6 +384,43 @@ fn submit_refuses_an_edge_answer_without_end() {
     edge.join().unwrap();
 }
 
+/// The bound on the edge's answer (53cbe0c) is of its bytes only: an edge, or whatever
+/// answers at its address, that sends the answer's head and then nothing (or a byte now and
+/// then) still had `submit`, which has no time limit, wait for good. The answer's body is
+/// given a time to arrive in (30 s from its head), then refused as unreadable.
+#[test]
+fn submit_refuses_an_edge_answer_that_stops_coming() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let edge = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut request = vec![0; 64 * 1024];
+        let _ = conn.read(&mut request);
+        let _ = conn.write_all(b"HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"job_id\": ");
+        // Held open, silent, until submit lets go of it.
+        let _ = conn.read(&mut request);
+    });
+    let mut child = Command::new(bin("claude-runner"))
+        .args(["submit", "--edge", &format!("http://{addr}"), "--secret", SECRET, "hello"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pid = child.id();
+    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()).unwrap());
+    let Ok(out) = rx.recv_timeout(Duration::from_secs(120)) else {
+        // SAFETY: kill of the child this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        panic!("submit still waits on an answer that stopped coming");
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no readable answer"), "{err}");
+    edge.join().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_shows_progress_and_prints_the_result() {
     let keys = Keys::new(&["spark"]);
