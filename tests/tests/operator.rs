@@ -70,22 +70,22 @@ fn up_without_claude_says_how_to_install_it() {
     assert!(err.contains("npm install -g @anthropic-ai/claude-code"), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_runs_an_edge_and_a_connected_agent() {
+/// `claude-runner up` with `DATA_DIR` `data`, its stderr in `data/{log}`: the process,
+/// what it prints (line by line, as it prints it) after its first line, and the edge's
+/// address from that line.
+fn start_up(data: &std::path::Path, log: &str) -> (std::process::Child, std::sync::mpsc::Receiver<String>, String) {
     use std::io::BufRead;
-    let data = TempDir::new("up");
-    let log = std::fs::File::create(data.path().join("up.log")).unwrap();
+    let log = std::fs::File::create(data.join(log)).unwrap();
     let mut child = Command::new(bin("claude-runner"))
         .arg("up")
         .env("CLAUDE_BIN", bin("claude-standin"))
-        .env("DATA_DIR", data.path())
+        .env("DATA_DIR", data)
         .env("LISTEN", "127.0.0.1:0")
         .env("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-up-test-token")
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
         .unwrap();
-    // Everything `up` prints, line by line, as it prints it.
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let stdout = child.stdout.take().unwrap();
     std::thread::spawn(move || {
@@ -100,6 +100,13 @@ async fn up_runs_an_edge_and_a_connected_agent() {
         .unwrap_or_else(|| panic!("no URL in `{first}`"))
         .trim_end_matches(',')
         .to_string();
+    (child, rx, base)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_an_edge_and_a_connected_agent() {
+    let data = TempDir::new("up");
+    let (mut child, rx, base) = start_up(data.path(), "up.log");
     let client = Client::new(&base);
     client.wait_online().await;
     // The secret it made is the one it printed in the curl line.
@@ -122,6 +129,34 @@ async fn up_runs_an_edge_and_a_connected_agent() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     assert!(status.success(), "up stops cleanly on SIGTERM");
+}
+
+/// A second `up` on the same `DATA_DIR` while one runs (or two first ones at once) read and
+/// wrote `up.json` before it found the edge's folder taken: with the file gone (deleted to
+/// make new keys, as `up` advises for a damaged one, or not yet written by the other) it
+/// made new keys and a new secret there, then failed, and the running `up` went on with
+/// the secret it had printed while the file, and so every later `up`, held another. The
+/// second is refused before it touches `up.json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_up_on_the_same_data_dir_leaves_the_first_ones_keys() {
+    let data = TempDir::new("up-twice");
+    let (mut first, _printed, base) = start_up(data.path(), "first.log");
+    Client::new(&base).wait_online().await;
+    std::fs::remove_file(data.path().join("up/up.json")).unwrap();
+    let second = Command::new(bin("claude-runner"))
+        .arg("up")
+        .env("CLAUDE_BIN", bin("claude-standin"))
+        .env("DATA_DIR", data.path())
+        .env("LISTEN", "127.0.0.1:0")
+        .env("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-up-test-token")
+        .output()
+        .unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    assert!(first.wait().unwrap().success(), "the first up stops cleanly on SIGTERM");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success() && err.contains("another"), "{err}");
+    assert!(!data.path().join("up/up.json").exists(), "the second up wrote keys the first does not use: {err}");
 }
 
 fn doctor(env: &[(&str, String)]) -> (bool, String) {
