@@ -62,6 +62,10 @@ const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 /// own, for good.
 pub(crate) const ANSWER_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The slowest upload a task's time allows for: 16 KiB/s (the edge takes 1 MiB by default,
+/// so some 64 s more).
+const SLOWEST_UPLOAD_BYTES_PER_S: usize = 16 * 1024;
+
 /// An edge's answer as JSON, read up to [`MAX_ANSWER_BYTES`] within [`ANSWER_TIME`]: a
 /// longer one, a slower one, one cut off or one that is not JSON is `Null` (shown as "no
 /// readable answer").
@@ -161,9 +165,14 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     }
     let base = args.edge.trim_end_matches('/');
     let http = reqwest::Client::new();
-    let accepted = match http.post(format!("{base}/jobs")).header("X-Runner-Secret", &args.secret).json(&body).send().await {
-        Ok(r) => r,
-        Err(e) => return fail(format!("cannot reach the edge at {base}: {e}; check --edge (CLAUDE_RUNNER_URL)")),
+    // The edge answers a task at once: the exchange is given ANSWER_TIME and its upload's
+    // time at the slowest link's pace (an edge that took the task and never answered held
+    // `submit`, which has no time limit, for good).
+    let within = ANSWER_TIME + std::time::Duration::from_secs((serde_json::to_vec(&body)?.len() / SLOWEST_UPLOAD_BYTES_PER_S) as u64);
+    let accepted = match tokio::time::timeout(within, http.post(format!("{base}/jobs")).header("X-Runner-Secret", &args.secret).json(&body).send()).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return fail(format!("cannot reach the edge at {base}: {e}; check --edge (CLAUDE_RUNNER_URL)")),
+        Err(_) => return fail(format!("cannot reach the edge at {base}: no answer within {} s; check --edge (CLAUDE_RUNNER_URL)", within.as_secs())),
     };
     let status = accepted.status();
     let answer = read_answer(accepted).await;
@@ -180,10 +189,12 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         if attempt > 0 {
             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         }
-        let resp = match http.get(format!("{base}/jobs/{job_id}/events")).header("X-Runner-Secret", &args.secret).send().await {
-            Ok(r) if r.status().is_success() => r,
-            Ok(r) => return fail(format!("following job {job_id} failed ({}); read it with GET /jobs/{job_id}", r.status())),
-            Err(_) => continue,
+        // Its head comes at once (the stream itself may be quiet for as long as the job runs).
+        let follow = http.get(format!("{base}/jobs/{job_id}/events")).header("X-Runner-Secret", &args.secret).send();
+        let resp = match tokio::time::timeout(ANSWER_TIME, follow).await {
+            Ok(Ok(r)) if r.status().is_success() => r,
+            Ok(Ok(r)) => return fail(format!("following job {job_id} failed ({}); read it with GET /jobs/{job_id}", r.status())),
+            Ok(Err(_)) | Err(_) => continue,
         };
         let mut stream = resp.bytes_stream();
         let mut events = crate::sse::EventStream::default();

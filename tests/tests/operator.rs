@@ -425,6 +425,24 @@ fn submit_refuses_an_edge_answer_without_end() {
 /// given a time to arrive in (30 s from its head), then refused as unreadable.
 #[test]
 fn submit_refuses_an_edge_answer_that_stops_coming() {
+    let (code, err) = submit_to_an_edge_that_stops(b"HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"job_id\": ");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no readable answer"), "{err}");
+}
+
+/// Nor did anything bound the wait for the answer's head: an edge that took the task and
+/// never answered held `submit` for good. The exchange is given 30 s and a time for the
+/// task's upload (at 16 KiB/s), then given up as the edge not reached.
+#[test]
+fn submit_gives_up_on_an_edge_that_never_answers() {
+    let (code, err) = submit_to_an_edge_that_stops(b"");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot reach the edge") && err.contains("no answer"), "{err}");
+}
+
+/// `submit hello` against an edge that reads the request, writes `answer`, then holds the
+/// connection open and silent until `submit` lets go of it: `submit`'s exit code and stderr.
+fn submit_to_an_edge_that_stops(answer: &'static [u8]) -> (Option<i32>, String) {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -432,9 +450,8 @@ fn submit_refuses_an_edge_answer_that_stops_coming() {
         let (mut conn, _) = listener.accept().unwrap();
         let mut request = vec![0; 64 * 1024];
         let _ = conn.read(&mut request);
-        let _ = conn.write_all(b"HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"job_id\": ");
-        // Held open, silent, until submit lets go of it.
-        let _ = conn.read(&mut request);
+        let _ = conn.write_all(answer);
+        while conn.read(&mut request).is_ok_and(|n| n > 0) {}
     });
     let mut child = Command::new(bin("claude-runner"))
         .args(["submit", "--edge", &format!("http://{addr}"), "--secret", SECRET, "hello"])
@@ -448,12 +465,10 @@ fn submit_refuses_an_edge_answer_that_stops_coming() {
     let Ok(out) = rx.recv_timeout(Duration::from_secs(120)) else {
         // SAFETY: kill of the child this test started.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        panic!("submit still waits on an answer that stopped coming");
+        panic!("submit still waits on an edge that stopped answering");
     };
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("no readable answer"), "{err}");
     edge.join().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
