@@ -85,11 +85,13 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
 /// forwarded them) and the result the runner made of it.
 pub fn judge(lines: &[Value], result: &JobResult) -> Result<String, Vec<String>> {
     const ROLL_BACK: &str = "this CLI version does not work with this claude-runner: go back to the last version that passed (README \"Upgrading\")";
+    // The run's error (what the CLI printed) goes on its problem's line: doctor shows a
+    // problem of several lines as several, one of the CLI's choosing as doctor's own.
     let mut problems = Vec::new();
     if result.error_code == Some(ErrorCode::RunnerOauthError) {
         problems.push(format!(
             "Claude could not authenticate ({}): log in again (`claude auth login`, or a new CLAUDE_CODE_OAUTH_TOKEN) and rerun the canary",
-            result.error.as_deref().unwrap_or("no detail")
+            shared::text::one_line(result.error.as_deref().unwrap_or("no detail"))
         ));
         return Err(problems);
     }
@@ -110,7 +112,7 @@ pub fn judge(lines: &[Value], result: &JobResult) -> Result<String, Vec<String>>
     match lines.iter().rev().find(|l| l["type"] == "result") {
         None => problems.push(format!(
             "no `result` line in its stream-json output ({}); {ROLL_BACK}",
-            result.error.as_deref().unwrap_or("it printed none")
+            shared::text::one_line(result.error.as_deref().unwrap_or("it printed none"))
         )),
         Some(line) => {
             let missing: Vec<&str> = RESULT_FIELDS.iter().filter(|(name, is)| !is(&line[*name])).map(|(name, _)| *name).collect();
@@ -123,7 +125,7 @@ pub fn judge(lines: &[Value], result: &JobResult) -> Result<String, Vec<String>>
         problems.push(format!(
             "the job failed ({}): {}",
             result.error_code.map(|c| format!("{c:?}")).unwrap_or_default(),
-            result.error.as_deref().unwrap_or("no detail")
+            shared::text::one_line(result.error.as_deref().unwrap_or("no detail"))
         ));
     }
     if problems.is_empty() && result.output.trim().is_empty() {

@@ -59,7 +59,10 @@ pub async fn probe(bin: &std::path::Path) -> Result<String, String> {
         }
         Ok(Ok(_)) => {
             let err = tokio::time::timeout_at(give_up_at, &mut err).await.ok().and_then(Result::ok).unwrap_or_default();
-            Err(format!("{} --version failed: {}; reinstall Claude Code", bin.display(), String::from_utf8_lossy(&err).trim()))
+            // On one line: a `claude` a job put on the PATH chooses it, and doctor shows a
+            // detail of several lines as several (a line of its choosing as doctor's own).
+            let said = shared::text::one_line(String::from_utf8_lossy(&err).trim());
+            Err(format!("{} --version failed: {said}; reinstall Claude Code", bin.display()))
         }
         Ok(Err(e)) => Err(format!("{} cannot run: {e}; check its permissions", bin.display())),
         Err(_) => Err(format!("{} --version did not answer within {} s", bin.display(), PROBE_TIMEOUT.as_secs())),

@@ -55,17 +55,31 @@ fn fail(message: String) -> anyhow::Result<i32> {
 /// answers are a few hundred bytes; one without end would otherwise be held whole.
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 
-/// An edge's answer as JSON, read up to [`MAX_ANSWER_BYTES`]: a longer one, one cut off or
-/// one that is not JSON is `Null` (shown as "no readable answer").
+/// How long the body of an edge's answer (other than an event stream) may take to arrive,
+/// from its head: the edge sends its few hundred bytes at once, and even
+/// [`MAX_ANSWER_BYTES`] take seconds on a slow link. Without it an answer whose head came
+/// and then nothing (or a byte now and then) held `submit`, which has no time limit of its
+/// own, for good.
+pub(crate) const ANSWER_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The slowest upload a task's time allows for: 16 KiB/s (the edge takes 1 MiB by default,
+/// so some 64 s more).
+const SLOWEST_UPLOAD_BYTES_PER_S: usize = 16 * 1024;
+
+/// An edge's answer as JSON, read up to [`MAX_ANSWER_BYTES`] within [`ANSWER_TIME`]: a
+/// longer one, a slower one, one cut off or one that is not JSON is `Null` (shown as "no
+/// readable answer").
 pub(crate) async fn read_answer(mut resp: reqwest::Response) -> Value {
+    let give_up_at = tokio::time::Instant::now() + ANSWER_TIME;
     let mut body = Vec::new();
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-            return Value::Null;
+    loop {
+        match tokio::time::timeout_at(give_up_at, resp.chunk()).await {
+            Ok(Ok(Some(chunk))) if body.len() + chunk.len() <= MAX_ANSWER_BYTES => body.extend_from_slice(&chunk),
+            Ok(Ok(None)) => return serde_json::from_slice(&body).unwrap_or(Value::Null),
+            // Too long, too slow, or cut off.
+            _ => return Value::Null,
         }
-        body.extend_from_slice(&chunk);
     }
-    serde_json::from_slice(&body).unwrap_or(Value::Null)
 }
 
 /// What `submit` prints when it gives up. The message carries the edge's words (its
@@ -151,9 +165,14 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     }
     let base = args.edge.trim_end_matches('/');
     let http = reqwest::Client::new();
-    let accepted = match http.post(format!("{base}/jobs")).header("X-Runner-Secret", &args.secret).json(&body).send().await {
-        Ok(r) => r,
-        Err(e) => return fail(format!("cannot reach the edge at {base}: {e}; check --edge (CLAUDE_RUNNER_URL)")),
+    // The edge answers a task at once: the exchange is given ANSWER_TIME and its upload's
+    // time at the slowest link's pace (an edge that took the task and never answered held
+    // `submit`, which has no time limit, for good).
+    let within = ANSWER_TIME + std::time::Duration::from_secs((serde_json::to_vec(&body)?.len() / SLOWEST_UPLOAD_BYTES_PER_S) as u64);
+    let accepted = match tokio::time::timeout(within, http.post(format!("{base}/jobs")).header("X-Runner-Secret", &args.secret).json(&body).send()).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return fail(format!("cannot reach the edge at {base}: {e}; check --edge (CLAUDE_RUNNER_URL)")),
+        Err(_) => return fail(format!("cannot reach the edge at {base}: no answer within {} s; check --edge (CLAUDE_RUNNER_URL)", within.as_secs())),
     };
     let status = accepted.status();
     let answer = read_answer(accepted).await;
@@ -162,7 +181,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         return fail(format!("the edge refused the task ({status}): {error}"));
     };
     if !args.quiet {
-        eprintln!("· job {}", for_terminal(&format!("{job_id} ({})", answer["state"].as_str().unwrap_or("queued"))));
+        eprintln!("· job {}", shared::text::one_line(&format!("{job_id} ({})", answer["state"].as_str().unwrap_or("queued"))));
     }
     // Follow until the result; if the stream breaks (an edge restart), follow again: the
     // job is kept, and a finished one answers with its result at once.
@@ -170,10 +189,12 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         if attempt > 0 {
             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         }
-        let resp = match http.get(format!("{base}/jobs/{job_id}/events")).header("X-Runner-Secret", &args.secret).send().await {
-            Ok(r) if r.status().is_success() => r,
-            Ok(r) => return fail(format!("following job {job_id} failed ({}); read it with GET /jobs/{job_id}", r.status())),
-            Err(_) => continue,
+        // Its head comes at once (the stream itself may be quiet for as long as the job runs).
+        let follow = http.get(format!("{base}/jobs/{job_id}/events")).header("X-Runner-Secret", &args.secret).send();
+        let resp = match tokio::time::timeout(ANSWER_TIME, follow).await {
+            Ok(Ok(r)) if r.status().is_success() => r,
+            Ok(Ok(r)) => return fail(format!("following job {job_id} failed ({}); read it with GET /jobs/{job_id}", r.status())),
+            Ok(Err(_)) | Err(_) => continue,
         };
         let mut stream = resp.bytes_stream();
         let mut events = crate::sse::EventStream::default();
@@ -211,12 +232,18 @@ fn finish(result: &Value, as_json: bool) -> i32 {
     if result["success"] == true {
         return 0;
     }
-    eprintln!(
-        "claude-runner submit: the task failed ({}): {}",
-        for_terminal(result["error_code"].as_str().unwrap_or("?")),
-        for_terminal(result["error"].as_str().unwrap_or("no error text"))
-    );
+    eprintln!("{}", task_failed_line(result));
     if result["fallback"] == true { 2 } else { 1 }
+}
+
+/// The line `submit` ends a failed task with: one line, its error's line breaks escaped too
+/// (the job's words, or an edge's: a line of their choosing after it read as `submit`'s).
+fn task_failed_line(result: &Value) -> String {
+    failure_line(&format!(
+        "the task failed ({}): {}",
+        result["error_code"].as_str().unwrap_or("?"),
+        result["error"].as_str().unwrap_or("no error text")
+    ))
 }
 
 #[cfg(test)]
@@ -252,5 +279,16 @@ mod tests {
         let shown = super::failure_line("the edge refused the task (400): busy\nclaude-runner submit: done, nothing to do");
         assert_eq!(shown.lines().count(), 1, "{shown}");
         assert!(shown.contains("busy") && shown.contains("nothing to do"), "{shown}");
+    }
+
+    /// The line a failed task ends with is one line too: its error (the job's words, an
+    /// edge's) with a line break printed a line of their choosing after it, as if
+    /// `submit`'s own, as the edge's refusal did before 3f49520.
+    #[test]
+    fn a_failed_tasks_error_stays_on_its_line() {
+        let result = json!({"success": false, "error_code": "CLAUDE_ERROR\nx", "error": "boom\nclaude-runner submit: the task succeeded"});
+        let shown = super::task_failed_line(&result);
+        assert_eq!(shown.lines().count(), 1, "{shown}");
+        assert!(shown.contains("boom") && shown.contains("the task succeeded"), "{shown}");
     }
 }

@@ -84,6 +84,20 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         std::process::exit(1);
     }
     let root = args.local.data_dir().join("up");
+    // Held for the whole run, and taken before `up.json` is read or made: a second `up` on
+    // this folder found it taken only at the edge's lock, after it had made new keys where
+    // the file was missing (deleted, or not yet written by the first), keys the running
+    // one did not use and every later `up` would.
+    private_dir(&root)?;
+    let _one_up = runtime::hold_lock(&root.join("up.lock"))
+        .map_err(|e| anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", args.local.data_dir().display()))?
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "another `claude-runner up` is running with DATA_DIR {} (it holds {}, let go when it exits: do not delete the file): stop it first, or give this one a DATA_DIR of its own",
+                args.local.data_dir().display(),
+                root.join("up.lock").display()
+            )
+        })?;
     let state = load_or_create(&root)?;
     let agent_public_keys = format!("{}={}", state.agent_id, state.keys.agent_public_key);
     let config = edge_core::Config::from_lookup(|name| match name {

@@ -70,22 +70,22 @@ fn up_without_claude_says_how_to_install_it() {
     assert!(err.contains("npm install -g @anthropic-ai/claude-code"), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_runs_an_edge_and_a_connected_agent() {
+/// `claude-runner up` with `DATA_DIR` `data`, its stderr in `data/{log}`: the process,
+/// what it prints (line by line, as it prints it) after its first line, and the edge's
+/// address from that line.
+fn start_up(data: &std::path::Path, log: &str) -> (std::process::Child, std::sync::mpsc::Receiver<String>, String) {
     use std::io::BufRead;
-    let data = TempDir::new("up");
-    let log = std::fs::File::create(data.path().join("up.log")).unwrap();
+    let log = std::fs::File::create(data.join(log)).unwrap();
     let mut child = Command::new(bin("claude-runner"))
         .arg("up")
         .env("CLAUDE_BIN", bin("claude-standin"))
-        .env("DATA_DIR", data.path())
+        .env("DATA_DIR", data)
         .env("LISTEN", "127.0.0.1:0")
         .env("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-up-test-token")
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
         .unwrap();
-    // Everything `up` prints, line by line, as it prints it.
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let stdout = child.stdout.take().unwrap();
     std::thread::spawn(move || {
@@ -100,6 +100,13 @@ async fn up_runs_an_edge_and_a_connected_agent() {
         .unwrap_or_else(|| panic!("no URL in `{first}`"))
         .trim_end_matches(',')
         .to_string();
+    (child, rx, base)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_an_edge_and_a_connected_agent() {
+    let data = TempDir::new("up");
+    let (mut child, rx, base) = start_up(data.path(), "up.log");
     let client = Client::new(&base);
     client.wait_online().await;
     // The secret it made is the one it printed in the curl line.
@@ -122,6 +129,34 @@ async fn up_runs_an_edge_and_a_connected_agent() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     assert!(status.success(), "up stops cleanly on SIGTERM");
+}
+
+/// A second `up` on the same `DATA_DIR` while one runs (or two first ones at once) read and
+/// wrote `up.json` before it found the edge's folder taken: with the file gone (deleted to
+/// make new keys, as `up` advises for a damaged one, or not yet written by the other) it
+/// made new keys and a new secret there, then failed, and the running `up` went on with
+/// the secret it had printed while the file, and so every later `up`, held another. The
+/// second is refused before it touches `up.json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_up_on_the_same_data_dir_leaves_the_first_ones_keys() {
+    let data = TempDir::new("up-twice");
+    let (mut first, _printed, base) = start_up(data.path(), "first.log");
+    Client::new(&base).wait_online().await;
+    std::fs::remove_file(data.path().join("up/up.json")).unwrap();
+    let second = Command::new(bin("claude-runner"))
+        .arg("up")
+        .env("CLAUDE_BIN", bin("claude-standin"))
+        .env("DATA_DIR", data.path())
+        .env("LISTEN", "127.0.0.1:0")
+        .env("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-up-test-token")
+        .output()
+        .unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    assert!(first.wait().unwrap().success(), "the first up stops cleanly on SIGTERM");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success() && err.contains("another"), "{err}");
+    assert!(!data.path().join("up/up.json").exists(), "the second up wrote keys the first does not use: {err}");
 }
 
 fn doctor(env: &[(&str, String)]) -> (bool, String) {
@@ -209,6 +244,27 @@ fn doctor_shows_outside_words_on_their_own_line() {
     let shown = shown_with_usage("doctor", "doctor-lines", usage);
     assert!(shown.contains("five_hour"), "{shown}");
     assert!(!shown.lines().any(|l| l.starts_with("  ok   forged")), "{shown}");
+}
+
+/// What a failing `claude --version` printed on stderr (a `claude` a job put on the agent's
+/// PATH, or wrote over) went into doctor's detail whole, and doctor shows a detail of
+/// several lines as several: a line break there printed a line of the job's choosing as
+/// one of doctor's own ("  ok    agent key: …"), as the usage window's type did before
+/// b49f464. It is shown on its line.
+#[test]
+fn what_a_failing_claude_prints_stays_on_doctors_line() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("doctor-stderr");
+    let claude = dir.path().join("claude");
+    std::fs::write(&claude, "#!/bin/sh\nprintf 'broken\\n  ok    forged: all good\\n' >&2\nexit 3\n").unwrap();
+    std::fs::set_permissions(&claude, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (ok, out) = doctor(&[
+        ("CLAUDE_BIN", claude.display().to_string()),
+        ("DATA_DIR", dir.path().join("data").display().to_string()),
+        ("CLAUDE_CONFIG_DIR", dir.path().display().to_string()),
+    ]);
+    assert!(!ok && out.contains("broken") && out.contains("forged: all good"), "{out}");
+    assert!(!out.lines().any(|l| l.starts_with("  ok    forged")), "{out}");
 }
 
 /// A command's error is printed as the process ends (`claude-runner: …`), and some carry
@@ -361,6 +417,58 @@ fn submit_refuses_an_edge_answer_without_end() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("no readable answer"), "{err}");
     edge.join().unwrap();
+}
+
+/// The bound on the edge's answer (53cbe0c) is of its bytes only: an edge, or whatever
+/// answers at its address, that sends the answer's head and then nothing (or a byte now and
+/// then) still had `submit`, which has no time limit, wait for good. The answer's body is
+/// given a time to arrive in (30 s from its head), then refused as unreadable.
+#[test]
+fn submit_refuses_an_edge_answer_that_stops_coming() {
+    let (code, err) = submit_to_an_edge_that_stops(b"HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"job_id\": ");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no readable answer"), "{err}");
+}
+
+/// Nor did anything bound the wait for the answer's head: an edge that took the task and
+/// never answered held `submit` for good. The exchange is given 30 s and a time for the
+/// task's upload (at 16 KiB/s), then given up as the edge not reached.
+#[test]
+fn submit_gives_up_on_an_edge_that_never_answers() {
+    let (code, err) = submit_to_an_edge_that_stops(b"");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("cannot reach the edge") && err.contains("no answer"), "{err}");
+}
+
+/// `submit hello` against an edge that reads the request, writes `answer`, then holds the
+/// connection open and silent until `submit` lets go of it: `submit`'s exit code and stderr.
+fn submit_to_an_edge_that_stops(answer: &'static [u8]) -> (Option<i32>, String) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let edge = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut request = vec![0; 64 * 1024];
+        let _ = conn.read(&mut request);
+        let _ = conn.write_all(answer);
+        while conn.read(&mut request).is_ok_and(|n| n > 0) {}
+    });
+    let mut child = Command::new(bin("claude-runner"))
+        .args(["submit", "--edge", &format!("http://{addr}"), "--secret", SECRET, "hello"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pid = child.id();
+    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()).unwrap());
+    let Ok(out) = rx.recv_timeout(Duration::from_secs(120)) else {
+        // SAFETY: kill of the child this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        panic!("submit still waits on an edge that stopped answering");
+    };
+    edge.join().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
