@@ -66,6 +66,14 @@ pub fn read_plain(path: &Path, max: usize, what: &str) -> std::io::Result<Vec<u8
     read_at_most(open_plain(path, false, what)?, path, max, what)
 }
 
+/// [`read_plain`], and the file read made owner-only if it was not (one left open by an
+/// older version, or another umask), through the descriptor read ([`restrict`]).
+pub fn read_private(path: &Path, max: usize, what: &str) -> std::io::Result<Vec<u8>> {
+    let file = open_plain(path, false, what)?;
+    restrict(&file, PRIVATE_FILE)?;
+    read_at_most(file, path, max, what)
+}
+
 /// Opens for reading a file the operator or Claude names (`AGENT_KEY_FILE`, Claude's
 /// credentials), as [`open_plain`] opens one the agent keeps but through a link (secret
 /// mounts are links, and Claude's own file may be one): never waiting on a pipe, a plain
@@ -351,16 +359,25 @@ pub(crate) fn pipe_at(path: &Path) {
 
 /// Creates `dir` (and missing parents) owner-only, and makes an existing one owner-only
 /// (an older version, or another umask, may have left it open).
+///
+/// The folder is opened and its mode changed through that descriptor: what is changed is
+/// the folder whose mode was read. A link there is followed (an operator may put a folder
+/// of the agent's on another disk that way).
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     std::fs::DirBuilder::new().recursive(true).mode(PRIVATE_DIR).create(dir)?;
-    restrict(dir, PRIVATE_DIR)
+    let folder = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_NOCTTY).open(dir)?;
+    restrict(&folder, PRIVATE_DIR)
 }
 
-/// Takes group and other permissions off `path` if it has any. Returns whether it had.
-pub fn restrict(path: &Path, mode: u32) -> std::io::Result<()> {
-    let current = std::fs::metadata(path)?.permissions().mode();
+/// Takes group and other permissions off the open `file` if it has any: by its
+/// descriptor, never by its path, which a job (the agent's user) can swap for a link to
+/// another file of the user's between the open and the change (a script would lose its
+/// execute bits, a page its readers).
+pub fn restrict(file: &std::fs::File, mode: u32) -> std::io::Result<()> {
+    let current = file.metadata()?.permissions().mode();
     if current & 0o077 != 0 {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
     }
     Ok(())
 }
@@ -385,6 +402,30 @@ mod tests {
         write_atomically(&root.join("f.json"), b"new", false).unwrap();
         assert_eq!(std::fs::metadata(root.join("f.json")).unwrap().permissions().mode() & 0o777, 0o600);
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A job (the agent's user) swaps a file the agent read for a link to another file of
+    /// the user's (a script, a page a web server serves) between the read and the taking
+    /// of group and other permissions: the permissions are taken off the file read, never
+    /// off what the link names.
+    #[test]
+    fn permissions_are_taken_off_the_file_read_not_a_link_swapped_in() {
+        let dir = std::env::temp_dir().join(format!("cr-files-swap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (path, victim) = (dir.join("up.json"), dir.join("tool.sh"));
+        std::fs::write(&path, "{}").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&victim, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let read = open_plain(&path, false, "state").unwrap();
+        std::fs::rename(&path, dir.join("moved.json")).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        restrict(&read, PRIVATE_FILE).unwrap();
+        drop(read);
+        assert_eq!(std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777, 0o755, "the link's target was changed");
+        assert_eq!(std::fs::metadata(dir.join("moved.json")).unwrap().permissions().mode() & 0o777, 0o600, "the file read was left open");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A write that fails part way (a full disk, here a rename that cannot happen) leaves
