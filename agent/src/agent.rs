@@ -101,6 +101,9 @@ pub struct Agent {
     progress_clock: Arc<crate::progress_clock::ProgressClock>,
 }
 
+/// The file in DATA_DIR whose lock the agent holds while it lives: one agent per DATA_DIR.
+pub const DATA_LOCK: &str = "agent.lock";
+
 impl Agent {
     pub fn new(cfg: AgentConfig) -> anyhow::Result<(Arc<Agent>, Queues)> {
         // Owner-only: a new DATA_DIR and the folders in it. An existing DATA_DIR keeps its
@@ -110,7 +113,7 @@ impl Agent {
         })?;
         // One agent per DATA_DIR: a second one would take the first's running jobs for
         // those a dead agent left (report them lost, remove their workspaces).
-        let data_lock = runtime::hold_lock(&cfg.data_dir.join("agent.lock"))
+        let data_lock = runtime::hold_lock(&cfg.data_dir.join(DATA_LOCK))
             .map_err(|e| anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display()))?
             .ok_or_else(|| {
                 anyhow::anyhow!(
