@@ -101,6 +101,9 @@ pub struct Agent {
     progress_clock: Arc<crate::progress_clock::ProgressClock>,
 }
 
+/// The file in DATA_DIR whose lock the agent holds while it lives: one agent per DATA_DIR.
+pub const DATA_LOCK: &str = "agent.lock";
+
 impl Agent {
     pub fn new(cfg: AgentConfig) -> anyhow::Result<(Arc<Agent>, Queues)> {
         // Owner-only: a new DATA_DIR and the folders in it. An existing DATA_DIR keeps its
@@ -110,7 +113,7 @@ impl Agent {
         })?;
         // One agent per DATA_DIR: a second one would take the first's running jobs for
         // those a dead agent left (report them lost, remove their workspaces).
-        let data_lock = runtime::hold_lock(&cfg.data_dir.join("agent.lock"))
+        let data_lock = runtime::hold_lock(&cfg.data_dir.join(DATA_LOCK))
             .map_err(|e| anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display()))?
             .ok_or_else(|| {
                 anyhow::anyhow!(
@@ -433,9 +436,10 @@ impl Agent {
     /// answers, MACed with each connection's key as it goes — until the edge has it, free
     /// its slot, and tell the edge. The result is sent first and written to disk while it
     /// travels (see [`crate::spool`]); the job's workspace is removed after that write, in
-    /// the same trip off the async threads, as is the record of whose its Claude session
-    /// is ([`crate::sessions`]; held in memory from before the result goes). `session` is
-    /// the one the agent started Claude in ([`runner::Ended::session`]), not the result's.
+    /// the same trip off the async threads, as is the upkeep of the sessions' log. The
+    /// record of whose its Claude session is ([`crate::sessions`]) is appended before the
+    /// result goes. `session` is the one the agent started Claude in
+    /// ([`runner::Ended::session`]), not the result's.
     async fn finish(self: &Arc<Self>, job_id: &str, order_nonce: &str, owner: &Owner, result: JobResult, session: Option<String>, leftover: Option<runner::Leftover>) {
         match (result.success, result.error_code) {
             (false, Some(ErrorCode::RunnerOauthError)) => self.reporter.auth_failed(true),
@@ -445,6 +449,19 @@ impl Agent {
         // Whose the session is, decided in memory now: the result may reach the caller,
         // and the caller's next job this agent, before the record is written.
         let session = session.filter(|session| self.claimed(job_id, session, owner));
+        // And appended to the log before the result goes (one write, no sync: a kill of the
+        // agent loses nothing written): an agent killed once the result was sent lost the
+        // session's resume for a caller who had the result.
+        if let Some(session) = &session {
+            let (sessions, session, owner, id) = (Arc::clone(&self.sessions), session.clone(), owner.clone(), job_id.to_string());
+            let recorded = tokio::task::spawn_blocking(move || sessions.record(&session, &owner, &id)).await;
+            if let Err(e) = recorded.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))) {
+                warn!(
+                    job_id, agent_id = %self.cfg.agent_id, error = %e,
+                    "could not record whose the job's Claude session is, so it cannot be resumed after the agent restarts: free space in DATA_DIR or fix its permissions"
+                );
+            }
+        }
         let stored = StoredResult::of(&ResultReport { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), result });
         // Kept before it is MACed: a reconnect in between sends it from the spool, under
         // the new connection's key.
@@ -471,16 +488,11 @@ impl Agent {
         // The job's task lasts until its result is on disk: a drain waits for it.
         let spool = Arc::clone(&self.spool);
         let id = job_id.to_string();
-        let (sessions, owner, agent_id) = (Arc::clone(&self.sessions), owner.clone(), self.cfg.agent_id.clone());
+        let sessions = Arc::clone(&self.sessions);
         let written = tokio::task::spawn_blocking(move || {
             let written = spool.write_sent(&id);
-            if let Some(session) = session {
-                if let Err(e) = sessions.write(&session, &owner, &id, crate::now_ms()) {
-                    warn!(
-                        job_id = %id, agent_id = %agent_id, error = %e,
-                        "could not record whose the job's Claude session is, so it cannot be resumed after the agent restarts: free space in DATA_DIR or fix its permissions"
-                    );
-                }
+            if session.is_some() {
+                sessions.tidy(crate::now_ms());
             }
             if let Some(leftover) = leftover {
                 leftover.clean_up_now();
@@ -559,5 +571,51 @@ impl Agent {
         for stop in running.jobs.values_mut().filter_map(Option::take) {
             let _ = stop.send(Stop::AgentStopping);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An agent killed after a job's result went to the edge but before the record of whose
+    /// the job's Claude session is was written lost that session's resume: the caller had
+    /// the result, and its next job naming the session was refused by the restarted agent
+    /// (no record). The record is appended (no sync: a kill of the process does not lose
+    /// it) before the result goes: when the result is on the uplink, the record is in
+    /// the log.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_jobs_session_is_recorded_before_its_result_goes() {
+        let dir = std::env::temp_dir().join(format!("cr-agent-finish-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let local = crate::config::LocalArgs {
+            claude_bin: "claude".into(),
+            claude_config_dir: None,
+            data_dir: Some(dir.clone()),
+            claude_model: None,
+            job_env_allow: String::new(),
+        };
+        let (agent, mut queues) = Agent::new(AgentConfig::local_only(&local, "spark".into())).unwrap();
+        let keys = shared::link::LinkKeys { agent_to_edge: shared::link::MacKey::from_bytes([1; 32]), edge_to_agent: shared::link::MacKey::from_bytes([2; 32]) };
+        agent.begin_session("challenge", keys);
+        let owner = Owner { caller: "default".into(), pool: shared::ids::DEFAULT_POOL.into(), proven: Some(false) };
+        let session = "0f0e0d0c-0b0a-4908-8706-050403020100";
+        let result = JobResult { session_id: Some(session.into()), ..JobResult::failure(ErrorCode::InternalError, "ended", 1) };
+        let finishing = agent.finish("j1", "j1:1", &owner, result, Some(session.into()), None);
+        tokio::pin!(finishing);
+        let mut done = false;
+        loop {
+            tokio::select! {
+                biased;
+                Some(msg) = queues.uplink.recv() => if matches!(msg, AgentMessage::Result { .. }) { break },
+                _ = &mut finishing, if !done => done = true,
+            }
+        }
+        let log = std::fs::read_to_string(dir.join("sessions.log")).unwrap_or_default();
+        assert!(log.contains(session), "the result went before the session's record was written: {log:?}");
+        if !done {
+            finishing.await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

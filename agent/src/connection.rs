@@ -204,6 +204,8 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
     // 2. Our signed hello, with this connection's X25519 key.
     let agent_nonce = nonce();
     let ephemeral = shared::link::Ephemeral::new(runtime::entropy());
+    // Named in the order their results are sent below; those left out follow all the same.
+    let (finished, more_finished) = Hello::name_finished(agent.spool.all().into_iter().map(|(id, _)| id));
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         agent_id: cfg.agent_id.clone(),
@@ -214,7 +216,8 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
         issued_at: crate::now_ms(),
         capacity: cfg.max_concurrent_jobs,
         running: agent.running_ids(),
-        finished: agent.spool.all().into_iter().map(|(id, _)| id).collect(),
+        finished,
+        more_finished,
         oauth: agent.oauth_report(),
         claude_version: agent.cli.current(),
         labels: cfg.labels.clone(),

@@ -79,6 +79,31 @@ fn caught_in(status: &str, signal: i32) -> bool {
         .is_some_and(|mask| mask & (1u64 << (signal - 1)) != 0)
 }
 
+/// Whether process `pid` holds DATA_DIR's lock ([`crate::agent::DATA_LOCK`]), as the
+/// agent of `data_dir` does while it lives. The status file, which names the pid, is a
+/// job's to write (the agent's user): it could name another agent of the same user. Read
+/// from /proc/locks (the agent is not dumpable: its /proc/<pid>/fd is closed to its user),
+/// which a job cannot write: a lock taken by `pid` on the lock file's inode.
+fn holds_data_lock(pid: u32, data_dir: &Path) -> bool {
+    let Ok(lock) = std::fs::symlink_metadata(data_dir.join(crate::agent::DATA_LOCK)) else { return false };
+    let Ok(locks) = std::fs::read_to_string("/proc/locks") else { return false };
+    lock.is_file() && holds_lock_on(&locks, pid, &lock)
+}
+
+/// Whether a /proc/locks text lists a lock held (not waited for) by `pid` on the file of
+/// `lock`. A line: `1: FLOCK  ADVISORY  WRITE 4242 08:01:1311 0 EOF`. The device is left
+/// out: in /proc/locks it is the inode's own file system's, which an overlay (a container's
+/// root) reports otherwise to `stat`.
+fn holds_lock_on(locks: &str, pid: u32, lock: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    locks.lines().filter(|line| !line.contains("->")).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 6
+            && fields[4].parse::<u32>().is_ok_and(|p| p == pid)
+            && fields[5].rsplit(':').next().and_then(|ino| ino.parse::<u64>().ok()) == Some(lock.ino())
+    })
+}
+
 /// `claude-runner agent --drain`: asks the agent that runs with `data_dir` to drain, then
 /// waits until it has exited, saying what it is still running. False if none runs.
 pub async fn request(data_dir: &Path) -> anyhow::Result<bool> {
@@ -96,6 +121,19 @@ async fn request_to(out: &mut impl std::io::Write, data_dir: &Path) -> anyhow::R
         status::say(out, format!("Agent {} (pid {}) is not running; nothing to drain.", agent.agent_id, agent.pid))?;
         return Ok(false);
     }
+    if !holds_data_lock(agent.pid, data_dir) {
+        status::say(
+            out,
+            format!(
+                "Process {} (named by {}/status.json as agent {}) does not hold {}: it is not the agent of this DATA_DIR, and is not signalled. Is the agent running with another DATA_DIR?",
+                agent.pid,
+                data_dir.display(),
+                agent.agent_id,
+                data_dir.join(crate::agent::DATA_LOCK).display()
+            ),
+        )?;
+        return Ok(false);
+    }
     // An older agent knows only SIGTERM; to it a second one means "hand the jobs back",
     // so it gets none while it drains already.
     let signal = match (catches_usr1(agent.pid), agent.draining) {
@@ -103,7 +141,7 @@ async fn request_to(out: &mut impl std::io::Write, data_dir: &Path) -> anyhow::R
         (false, false) => Some(libc::SIGTERM),
         (false, true) => None,
     };
-    // SAFETY: kill(2) sends a signal; the pid was just checked to be a claude-runner.
+    // SAFETY: kill(2) sends a signal; the pid was just checked to be the agent of this DATA_DIR.
     if let Some(signal) = signal {
         if unsafe { libc::kill(agent.pid as libc::pid_t, signal) } != 0 {
             let e = std::io::Error::last_os_error();
@@ -157,6 +195,45 @@ mod tests {
         let shown = String::from_utf8(shown).unwrap();
         assert!(!shown.chars().any(|c| c.is_control() && c != '\n'), "{shown:?}");
         assert!(shown.contains("is not running"), "{shown}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The status file is a job's to write: one naming another `claude-runner` of the
+    /// same user (another agent, with its own DATA_DIR) had `--drain` signal that one, and
+    /// drain (or, an older one, stop) an agent nobody asked to. Only the agent holding this
+    /// DATA_DIR's lock is signalled.
+    #[tokio::test]
+    async fn a_status_file_naming_another_claude_runner_signals_nobody() {
+        use std::os::unix::process::CommandExt;
+        let dir = std::env::temp_dir().join(format!("cr-drain-other-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // Another "claude-runner" (by its argv[0]), holding no lock of this DATA_DIR.
+        let mut other = std::process::Command::new("sleep").arg0("claude-runner").arg("60").spawn().unwrap();
+        let pid = other.id();
+        // Named so once its exec is done.
+        for _ in 0..1000 {
+            if status::is_agent(pid) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(status::is_agent(pid), "{:?}", std::fs::read(format!("/proc/{pid}/cmdline")));
+        let planted = status::Status { agent_id: "other".into(), pid, ..Default::default() };
+        std::fs::write(dir.join("status.json"), serde_json::to_vec(&planted).unwrap()).unwrap();
+        let mut shown = Vec::new();
+        let asked = request_to(&mut shown, &dir).await;
+        let alive = other.try_wait().unwrap().is_none();
+        let _ = other.kill();
+        let _ = other.wait();
+        assert!(alive, "the other claude-runner was signalled");
+        let said = format!("{asked:?} {}", String::from_utf8_lossy(&shown));
+        assert!(matches!(asked, Ok(false)) && said.contains("does not hold"), "{said}");
+        // The agent of the folder holds its lock (here, this process).
+        assert!(!holds_data_lock(std::process::id(), &dir));
+        let _lock = runtime::hold_lock(&dir.join(crate::agent::DATA_LOCK)).unwrap().expect("free");
+        assert!(holds_data_lock(std::process::id(), &dir));
+        assert!(!holds_data_lock(pid, &dir));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -66,6 +66,14 @@ pub fn read_plain(path: &Path, max: usize, what: &str) -> std::io::Result<Vec<u8
     read_at_most(open_plain(path, false, what)?, path, max, what)
 }
 
+/// [`read_plain`], and the file read made owner-only if it was not (one left open by an
+/// older version, or another umask), through the descriptor read ([`restrict`]).
+pub fn read_private(path: &Path, max: usize, what: &str) -> std::io::Result<Vec<u8>> {
+    let file = open_plain(path, false, what)?;
+    restrict(&file, PRIVATE_FILE)?;
+    read_at_most(file, path, max, what)
+}
+
 /// Opens for reading a file the operator or Claude names (`AGENT_KEY_FILE`, Claude's
 /// credentials), as [`open_plain`] opens one the agent keeps but through a link (secret
 /// mounts are links, and Claude's own file may be one): never waiting on a pipe, a plain
@@ -83,7 +91,8 @@ pub fn read_named(path: &Path, max: usize, what: &str) -> std::io::Result<Vec<u8
 }
 
 /// The one open of [`open_plain_with`] and [`open_named`]: without waiting (an open of a
-/// pipe waits for its other end, for ever), through a link only when `follow`, and only a
+/// pipe waits for its other end, for ever), never taking a terminal for the session's,
+/// through a link only when `follow`, and only a
 /// plain file (else `not_plain`); other errors name the path and keep their kind
 /// (`NotFound`).
 fn open_checked(path: &Path, mut options: std::fs::OpenOptions, follow: bool, not_plain: &str) -> std::io::Result<std::fs::File> {
@@ -91,7 +100,9 @@ fn open_checked(path: &Path, mut options: std::fs::OpenOptions, follow: bool, no
     let named = |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
     let refused = || std::io::Error::other(not_plain.to_string());
     let file = options
-        .custom_flags(libc::O_NONBLOCK | if follow { 0 } else { libc::O_NOFOLLOW })
+        // O_NOCTTY: a terminal put in a file's place, opened by a session leader without
+        // one (the agent under a service manager), would become its controlling terminal.
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | if follow { 0 } else { libc::O_NOFOLLOW })
         .open(path)
         // A pipe without a reader, opened for writing: ENXIO.
         .map_err(|e| if e.raw_os_error() == Some(libc::ENXIO) { refused() } else { named(e) })?;
@@ -349,18 +360,35 @@ pub(crate) fn pipe_at(path: &Path) {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}", path.display());
 }
 
-/// Creates `dir` (and missing parents) owner-only, and makes an existing one owner-only
-/// (an older version, or another umask, may have left it open).
-pub fn private_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::DirBuilder::new().recursive(true).mode(PRIVATE_DIR).create(dir)?;
-    restrict(dir, PRIVATE_DIR)
+/// Syncs the folder `dir` (the names made or removed in it). Opened only as a folder: the
+/// agent's user (a job) can swap a folder of the agent's for a link to a terminal or a pipe,
+/// and an open of those takes the terminal for the session's or waits for ever.
+pub fn sync_folder(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_NOCTTY).open(dir)?.sync_all()
 }
 
-/// Takes group and other permissions off `path` if it has any. Returns whether it had.
-pub fn restrict(path: &Path, mode: u32) -> std::io::Result<()> {
-    let current = std::fs::metadata(path)?.permissions().mode();
+/// Creates `dir` (and missing parents) owner-only, and makes an existing one owner-only
+/// (an older version, or another umask, may have left it open).
+///
+/// The folder is opened and its mode changed through that descriptor: what is changed is
+/// the folder whose mode was read. A link there is followed (an operator may put a folder
+/// of the agent's on another disk that way).
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::DirBuilder::new().recursive(true).mode(PRIVATE_DIR).create(dir)?;
+    let folder = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_NOCTTY).open(dir)?;
+    restrict(&folder, PRIVATE_DIR)
+}
+
+/// Takes group and other permissions off the open `file` if it has any: by its
+/// descriptor, never by its path, which a job (the agent's user) can swap for a link to
+/// another file of the user's between the open and the change (a script would lose its
+/// execute bits, a page its readers).
+pub fn restrict(file: &std::fs::File, mode: u32) -> std::io::Result<()> {
+    let current = file.metadata()?.permissions().mode();
     if current & 0o077 != 0 {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
     }
     Ok(())
 }
@@ -385,6 +413,60 @@ mod tests {
         write_atomically(&root.join("f.json"), b"new", false).unwrap();
         assert_eq!(std::fs::metadata(root.join("f.json")).unwrap().permissions().mode() & 0o777, 0o600);
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A job (the agent's user) swaps a file the agent read for a link to another file of
+    /// the user's (a script, a page a web server serves) between the read and the taking
+    /// of group and other permissions: the permissions are taken off the file read, never
+    /// off what the link names.
+    #[test]
+    fn permissions_are_taken_off_the_file_read_not_a_link_swapped_in() {
+        let dir = std::env::temp_dir().join(format!("cr-files-swap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (path, victim) = (dir.join("up.json"), dir.join("tool.sh"));
+        std::fs::write(&path, "{}").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&victim, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let read = open_plain(&path, false, "state").unwrap();
+        std::fs::rename(&path, dir.join("moved.json")).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        restrict(&read, PRIVATE_FILE).unwrap();
+        drop(read);
+        assert_eq!(std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777, 0o755, "the link's target was changed");
+        assert_eq!(std::fs::metadata(dir.join("moved.json")).unwrap().permissions().mode() & 0o777, 0o600, "the file read was left open");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A job (the agent's user) can put a terminal where a file outside the agent's
+    /// control is named (Claude's credentials file): opened by a session leader without a
+    /// controlling terminal (the agent under a service manager), it became that session's
+    /// controlling terminal — its hangup and job-control signals the job's to send. The
+    /// open refuses it and leaves the session without one.
+    #[test]
+    fn a_terminal_in_place_of_a_named_file_never_becomes_the_controlling_one() {
+        // SAFETY: a pseudo-terminal pair, its follower's name read before anything else runs
+        // in this test; the fork's child only opens files and exits.
+        unsafe {
+            let leader = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+            assert!(leader >= 0 && libc::grantpt(leader) == 0 && libc::unlockpt(leader) == 0);
+            let name = std::ffi::CStr::from_ptr(libc::ptsname(leader)).to_str().unwrap().to_string();
+            let child = libc::fork();
+            if child == 0 {
+                libc::setsid();
+                let refused = open_named(Path::new(&name), "Claude credentials file", "put it back").is_err();
+                let tty = libc::open(c"/dev/tty".as_ptr(), libc::O_RDWR | libc::O_NOCTTY);
+                libc::_exit(if !refused { 2 } else if tty >= 0 { 3 } else { 0 });
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(child, &mut status, 0), child);
+            libc::close(leader);
+            let code = libc::WEXITSTATUS(status);
+            assert!(code != 2, "the terminal was taken for a file");
+            assert!(code != 3, "the terminal became the session's controlling terminal");
+            assert_eq!(code, 0);
+        }
     }
 
     /// A write that fails part way (a full disk, here a rename that cannot happen) leaves

@@ -41,10 +41,9 @@ impl ReplayGuard {
         if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
             let _ = std::fs::remove_file(&path);
         }
-        let bytes = crate::files::read_plain(&path, MAX_FILE_BYTES, "replay memory").unwrap_or_default();
-        let text = String::from_utf8_lossy(&bytes);
         // Nonces say which jobs ran when: owner-only, like every file of the agent.
-        let _ = crate::files::restrict(&path, crate::files::PRIVATE_FILE);
+        let bytes = crate::files::read_private(&path, MAX_FILE_BYTES, "replay memory").unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
         let mut seen = HashMap::new();
         let mut lines = 0;
         for line in text.lines() {

@@ -277,8 +277,8 @@ fn may_resume(ctx: &JobContext, session: &str) -> Result<(), sessions::Refused> 
 
 /// [`workspace::carry_session`], in the blocking pool: it lists every project folder
 /// Claude made here (one per job's workspace, so it grows with every job run) and copies a
-/// transcript of any size, and the agent's one runtime thread carries every job's progress
-/// and the heartbeats meanwhile.
+/// transcript of up to [`workspace::MAX_TRANSCRIPT_BYTES`], and the agent's one runtime
+/// thread carries every job's progress and the heartbeats meanwhile.
 async fn carry_session(config_dir: &Path, session: &str, cwd: &Path) -> std::io::Result<()> {
     let (config_dir, session, cwd) = (config_dir.to_path_buf(), session.to_string(), cwd.to_path_buf());
     tokio::task::spawn_blocking(move || workspace::carry_session(&config_dir, &session, &cwd))

@@ -422,17 +422,30 @@ impl Sessions {
         }
     }
 
+    /// [`Sessions::record`], then [`Sessions::tidy`], as the agent does them for a job
+    /// (the record before the job's result goes, the upkeep after).
+    #[cfg(test)]
+    pub fn write(&self, session_id: &str, owner: &Owner, job_id: &str, now: Millis) -> std::io::Result<()> {
+        let written = self.record(session_id, owner, job_id);
+        // Whether or not it was written: the session is in memory already ([`Sessions::ended`]),
+        // and a log a job made unwritable (a full disk) must not lift the index's bounds.
+        self.tidy(now);
+        written
+    }
+
     /// Appends the record of `session_id` for `owner` (after [`Sessions::ended`] said
-    /// [`Claim::Owned`]), then does what upkeep is due: sessions past their age or the cap
-    /// dropped, the log compacted. Blocking.
+    /// [`Claim::Owned`]): one write, no sync — a kill of the agent loses nothing written,
+    /// and the agent appends it before the job's result goes, so a caller who has the
+    /// result can resume the session after the agent restarts. Blocking. Then
+    /// [`Sessions::tidy`], whether or not it was written.
     ///
     /// The record holds the session's last use as the index holds it (the time `ended`
-    /// gave it), not `now`: the agent writes records off the runtime thread, after the
-    /// job's spooled result, so two jobs ending together may be written in the other order
-    /// and at other times, and a replay of `now`s would order them otherwise than the
-    /// running agent's cut did, and cut another one. A session the index no longer holds
-    /// (cut in between) is not written: the replay would bring it back.
-    pub fn write(&self, session_id: &str, owner: &Owner, job_id: &str, now: Millis) -> std::io::Result<()> {
+    /// gave it), not `now`: the agent writes records off the runtime thread, so two jobs
+    /// ending together may be written in the other order and at other times, and a replay
+    /// of `now`s would order them otherwise than the running agent's cut did, and cut
+    /// another one. A session the index no longer holds (cut in between) is not written:
+    /// the replay would bring it back.
+    pub fn record(&self, session_id: &str, owner: &Owner, job_id: &str) -> std::io::Result<()> {
         // Looked up under the log's lock: a cut and its compaction in between (another
         // job's write) would otherwise leave a session cut from memory written after the
         // rewritten log, and a replay would bring it back.
@@ -444,11 +457,14 @@ impl Sessions {
         let line = held
             .filter(|(held, _)| held.is(owner))
             .map(|(held, used_at)| self.line(&Record::of(session_id.to_string(), &held, job_id.to_string(), used_at)));
-        let written = line.map_or(Ok(()), |line| self.append(&mut log, &line));
-        // Whether or not it was written: the session is in memory already ([`Sessions::ended`]),
-        // and a log a job made unwritable (a full disk) must not lift the index's bounds.
+        line.map_or(Ok(()), |line| self.append(&mut log, &line))
+    }
+
+    /// Does what upkeep is due after a [`Sessions::record`]: sessions past their age or the
+    /// cap dropped, the log compacted (now and then, with a sync). Blocking.
+    pub fn tidy(&self, now: Millis) {
+        let mut log = self.log.lock().expect("log lock");
         self.upkeep(&mut log, now);
-        written
     }
 
     /// Appends `line` (a record) to the log, opening it again if a compaction left it closed.

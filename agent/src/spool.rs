@@ -445,7 +445,7 @@ impl Spool {
     fn move_out(&self, job_id: &str, result: &StoredResult) -> std::io::Result<()> {
         let path = self.path(job_id).ok_or_else(|| std::io::Error::other("unsafe job id"))?;
         self.lock().filed.insert(job_id.to_string());
-        let written = write_atomically(&path, &self.seal.sealed_bytes(result), true).and_then(|()| std::fs::File::open(&self.dir)?.sync_all());
+        let written = write_atomically(&path, &self.seal.sealed_bytes(result), true).and_then(|()| crate::files::sync_folder(&self.dir));
         let mut kept = self.lock();
         if !kept.writing.contains_key(job_id) {
             // Acknowledged meanwhile: the file is not needed.
@@ -664,7 +664,7 @@ impl Spool {
             }
         }
         if !durable_now.is_empty() {
-            let synced = std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).is_ok();
+            let synced = crate::files::sync_folder(&self.dir).is_ok();
             for (n, id) in durable_now {
                 if synced {
                     self.clear(n);

@@ -291,10 +291,11 @@ pub(crate) fn say(out: &mut impl std::io::Write, line: String) -> std::io::Resul
 
 /// JSON for the terminal: serde escapes the control characters below 0x20 but leaves DEL
 /// and the C1 ones (U+0080-U+009F, which terminals act on as on their ESC forms: U+009B is
-/// CSI, U+009D OSC) as they are; here they are escaped too. Outside strings JSON holds none
+/// CSI, U+009D OSC) as they are, and the bidi controls and line separators
+/// ([`shared::text::acts_on_display`]); here they are escaped too. Outside strings JSON holds none
 /// but its line breaks, so this is the same JSON.
 pub(crate) fn json_for_terminal(json: &str) -> String {
-    json.chars().map(|c| if c.is_control() && c != '\n' { format!("\\u{:04x}", c as u32) } else { c.to_string() }).collect()
+    json.chars().map(|c| if shared::text::acts_on_display(c) && c != '\n' { format!("\\u{:04x}", c as u32) } else { c.to_string() }).collect()
 }
 
 /// `claude-runner status`: prints the local agent's state; exits non-zero unless it runs
@@ -367,6 +368,9 @@ mod tests {
         let shown = String::from_utf8(shown).unwrap();
         assert!(!shown.chars().any(|c| c.is_control() && c != '\n'), "{shown:?}");
         assert!(shown.contains("wss://e"), "{shown}");
+        // What reorders or breaks a line on screen goes the same way, in JSON too.
+        let json = json_for_terminal("{\"agent_id\": \"a\u{202e}b\u{2029}c\"}");
+        assert_eq!(json, "{\"agent_id\": \"a\\u202eb\\u2029c\"}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

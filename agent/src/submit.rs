@@ -93,11 +93,12 @@ fn failure_line(message: &str) -> String {
 /// Text from a job (Claude's words: whatever the prompt, the repository or its tools'
 /// output put in them) as a terminal may be given it: each control character but a line
 /// break or a tab shown as its escape (`\u{1b}`), so that none can move the cursor, print
-/// over what was shown, or reach the terminal's clipboard or title (OSC 52, OSC 0).
+/// over what was shown, or reach the terminal's clipboard or title (OSC 52, OSC 0); and so
+/// the bidi controls ([`shared::text::acts_on_display`]), which reorder what is shown.
 fn for_terminal(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_control() && c != '\n' && c != '\t' {
+        if shared::text::acts_on_display(c) && c != '\n' && c != '\t' {
             out.extend(c.escape_unicode());
         } else {
             out.push(c);
@@ -262,6 +263,12 @@ mod tests {
         let shown = super::describe(&event).unwrap();
         assert!(!shown.chars().any(|c| c.is_control() && c != '\n' && c != '\t'), "{shown:?}");
         assert!(shown.contains("3 failed") && shown.contains("all tests passed"));
+        // Not control characters, but they reorder or break what is shown.
+        let text = "approved\u{202e}deppots\u{2066}x\u{2069}\u{2028}line";
+        let event = json!({"type":"assistant","message":{"content":[{"type":"text","text": text}]}});
+        let shown = super::describe(&event).unwrap();
+        assert!(!shown.contains(['\u{202e}', '\u{2066}', '\u{2069}', '\u{2028}']), "{shown:?}");
+        assert!(shown.contains("approved") && shown.contains("line"), "{shown:?}");
     }
 
     /// The edge's own words (its `error` when it refuses a task) are shown the same way.

@@ -4,7 +4,7 @@
 
 use crate::config::{default_agent_id, AgentConfig, LocalArgs};
 use crate::keygen::{runner_secret, KeySet};
-use crate::files::{private_dir, restrict, write_atomically, PRIVATE_FILE};
+use crate::files::{private_dir, write_atomically};
 use serde::{Deserialize, Serialize};
 use shared::keys;
 use std::net::SocketAddr;
@@ -42,8 +42,7 @@ fn load_or_create(dir: &Path) -> anyhow::Result<UpState> {
         // pipe), and checked: a job runs as this user, and what is printed from here
         // becomes a command line the operator pastes.
         let damaged = |why: String| anyhow::anyhow!("{} is damaged ({why}); delete it to make new keys", path.display());
-        let bytes = crate::files::read_plain(&path, MAX_STATE_BYTES, "claude-runner up state").map_err(|e| damaged(e.to_string()))?;
-        restrict(&path, PRIVATE_FILE)?;
+        let bytes = crate::files::read_private(&path, MAX_STATE_BYTES, "claude-runner up state").map_err(|e| damaged(e.to_string()))?;
         let state: UpState = serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
         if !shared::ids::valid_agent_id(&state.agent_id) {
             return Err(damaged("its agent_id is not a plain name".into()));

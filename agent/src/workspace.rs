@@ -138,10 +138,34 @@ pub fn carry_session(config_dir: &Path, session_id: &str, cwd: &Path) -> std::io
         .filter(|p| p.is_file())
         .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
     let Some(source) = source else { return Ok(()) };
+    // Claude's config folder is the agent's user's, so a job's: what is there is opened as
+    // a file outside the agent's control (never waiting on a pipe swapped in, never taking
+    // a terminal, a plain file or an error), and copied up to the bound only.
+    let too_big = || std::io::Error::other(format!("the transcript of session {session_id} ({}) is over {} MiB: not carried over (start a new session)", source.display(), MAX_TRANSCRIPT_BYTES >> 20));
+    let mut from = crate::files::open_named(&source, "session transcript", "it is Claude's; start a new session")?;
+    if from.metadata()?.len() > MAX_TRANSCRIPT_BYTES {
+        return Err(too_big());
+    }
     std::fs::create_dir_all(&target)?;
-    std::fs::copy(source, target.join(file))?;
+    let to_path = target.join(file);
+    // Made new: never written through a link put there.
+    let mut to = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(crate::files::PRIVATE_FILE).open(&to_path)?
+    };
+    // Bounded again while copied: the file may grow meanwhile.
+    let copied = std::io::copy(&mut std::io::Read::take(&mut from, MAX_TRANSCRIPT_BYTES + 1), &mut to);
+    if !matches!(copied, Ok(n) if n <= MAX_TRANSCRIPT_BYTES) {
+        drop(to);
+        let _ = std::fs::remove_file(&to_path);
+        return Err(copied.err().unwrap_or_else(too_big));
+    }
     Ok(())
 }
+
+/// The largest session transcript carried to a new workspace: Claude's own run to some
+/// megabytes (tool output included); a larger one is a job's plant.
+pub const MAX_TRANSCRIPT_BYTES: u64 = 256 << 20;
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -161,6 +185,25 @@ pub(crate) mod tests {
         // Unknown sessions are left for Claude to report; hostile ids build no paths.
         assert!(carry_session(&root, "unknown", cwd).is_ok());
         assert!(carry_session(&root, "../../etc/passwd", cwd).is_err());
+    }
+
+    /// A transcript of the session's name is a job's to plant (Claude's config folder is the
+    /// agent's user's): one as large as the disk (a sparse file costs nothing) was copied
+    /// whole, filling the disk and holding the job's start for as long as it took. One over
+    /// [`MAX_TRANSCRIPT_BYTES`] is refused with an error that says so, and nothing is copied.
+    #[test]
+    fn a_transcript_over_the_bound_is_refused_not_copied() {
+        let root = std::env::temp_dir().join(format!("cr-session-huge-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let old = root.join("projects/-data-workspaces-job1");
+        std::fs::create_dir_all(&old).unwrap();
+        let planted = std::fs::File::create(old.join("abc-123.jsonl")).unwrap();
+        planted.set_len(MAX_TRANSCRIPT_BYTES + 1).unwrap();
+        let cwd = Path::new("/data/workspaces/job2");
+        let e = carry_session(&root, "abc-123", cwd).expect_err("a transcript over the bound is refused").to_string();
+        assert!(e.contains("MiB") && e.contains("abc-123"), "{e}");
+        assert!(!root.join("projects/-data-workspaces-job2/abc-123.jsonl").exists(), "copied all the same");
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

@@ -301,8 +301,13 @@ pub struct Hello {
     pub capacity: u32,
     /// Jobs still running on the agent from an earlier connection.
     pub running: Vec<String>,
-    /// Jobs whose results wait on the agent's disk for an acknowledgement.
+    /// Jobs whose results wait on the agent's disk for an acknowledgement: at most
+    /// [`MAX_HELLO_FINISHED`] of them ([`Hello::name_finished`]).
     pub finished: Vec<String>,
+    /// The agent holds more results than `finished` names: a job it does not name may
+    /// still have its result on the way, so it is not taken for lost at this hello.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more_finished: bool,
     pub oauth: OAuthReport,
     /// The Claude Code CLI's `--version` line, when the agent could read it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -313,6 +318,25 @@ pub struct Hello {
     /// The repositories it holds a mirror of (names, [`crate::repo::RepoUrl::name`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mirrors: Vec<String>,
+}
+
+/// The most finished jobs a hello names: a spool of results that were never acknowledged
+/// (an edge away for long, one that could not open them) can hold any number, and a hello
+/// must fit [`MAX_HELLO_BYTES`] — one over it is refused, and the agent could never
+/// connect again. At [`crate::ids::MAX_JOB_ID`] bytes a name, escaped twice, some 27 KiB:
+/// with 64 running jobs, 16 KiB of mirror names and the labels, the hello still fits. Three
+/// times the most jobs an agent runs at once: those that ended while it was away.
+pub const MAX_HELLO_FINISHED: usize = 192;
+
+impl Hello {
+    /// The `finished` and `more_finished` of a hello, from the results the agent holds (in
+    /// the order it sends them after the hello): at most [`MAX_HELLO_FINISHED`] named. The
+    /// others stay in the spool and are sent all the same.
+    pub fn name_finished(held: impl IntoIterator<Item = String>) -> (Vec<String>, bool) {
+        let mut held = held.into_iter();
+        let named: Vec<String> = held.by_ref().take(MAX_HELLO_FINISHED).collect();
+        (named, held.next().is_some())
+    }
 }
 
 /// The longest CLI version an edge keeps: a version line, not a document.
@@ -605,6 +629,40 @@ mod tests {
         let header = OrderHeader::new("j1", crate::envelope::Audience { agent_id: "spark", pool: "default" }, 1_000, "j1:1".into());
         let spec: JobSpec = serde_json::from_str(r#"{"prompt":"x","timeout_ms":1000}"#).unwrap();
         JobOrder { header, challenge: challenge.into(), order_no, caller: "default".into(), caller_proven: Some(false), spec }
+    }
+
+    /// A spool of results never acknowledged can hold any number: the hello naming them
+    /// went over what the edge reads of a hello, it refused it, and the agent never
+    /// connected again.
+    #[test]
+    fn a_hello_from_a_full_spool_fits_what_the_edge_reads_of_one() {
+        let held = (0..100_000).map(|n| format!("{n:0>128}"));
+        let (finished, more_finished) = Hello::name_finished(held);
+        assert!(more_finished && finished.len() == MAX_HELLO_FINISHED, "{}", finished.len());
+        assert_eq!(finished[0], format!("{:0>128}", 0), "the first sent are named");
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            agent_id: "spark".into(),
+            agent_version: "t".into(),
+            challenge: "c".into(),
+            agent_nonce: "n".into(),
+            ephemeral: "e".into(),
+            issued_at: 1,
+            capacity: 64,
+            running: (0..64).map(|n| format!("{n:0>128}")).collect(),
+            finished,
+            more_finished,
+            oauth: OAuthReport::unconfigured(1),
+            claude_version: None,
+            labels: Default::default(),
+            mirrors: Vec::new(),
+        };
+        let envelope = Envelope::seal(Domain::Hello, &hello, &SigningKey::from_bytes(&[7; 32]));
+        let text = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope }.to_text();
+        // With the mirror names and labels at their most too: agent/src/repo/mirror.rs.
+        assert!(text.len() <= MAX_HELLO_BYTES, "a hello of {} bytes", text.len());
+        // A spool that fits is named whole.
+        assert_eq!(Hello::name_finished(["a".to_string(), "b".to_string()]), (vec!["a".to_string(), "b".to_string()], false));
     }
 
     #[test]

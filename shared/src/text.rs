@@ -26,11 +26,20 @@ pub fn tail(text: &str, max: usize) -> &str {
     &text[cut..]
 }
 
-/// Text from outside (a peer's words, a path Claude chose) as one line: control characters
-/// escaped, so it can neither end the log line it is written in and forge the next one, nor
-/// drive a terminal.
+/// Text from outside (a peer's words, a path Claude chose) as one line: every character
+/// that [`acts_on_display`] escaped, so it can neither end the log line it is written in and
+/// forge the next one, nor drive a terminal, nor reorder what is shown.
 pub fn one_line(text: &str) -> String {
-    text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+    text.chars().map(|c| if acts_on_display(c) { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
+/// Whether `c` acts on how text is shown rather than being shown: a control character
+/// (Cc: line breaks, ESC, the C1 controls a terminal takes as CSI and OSC), a bidi override,
+/// embedding, isolate or mark (U+202A-202E, U+2066-2069, U+200E, U+200F, U+061C: words that
+/// reorder a line, "Trojan Source"), or the line and paragraph separators (U+2028, U+2029).
+/// The one rule of what every escaping of outside text for a person or a log escapes.
+pub fn acts_on_display(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{61c}' | '\u{2028}' | '\u{2029}')
 }
 
 /// The most of a peer's words a log line or a close reason carries.
@@ -58,6 +67,19 @@ mod tests {
         }
         assert_eq!(truncate(s, 3), "aé");
         assert_eq!(tail(s, 5), "😀z");
+    }
+
+    /// Bidi overrides and isolates, the marks and the line and paragraph separators are
+    /// not control characters (Cc) but act on how a line is shown: an edge's or a job's
+    /// words could reorder what an operator reads ("Trojan Source") or break its line.
+    #[test]
+    fn words_that_reorder_or_break_a_line_are_escaped() {
+        for c in ['\u{202a}', '\u{202b}', '\u{202c}', '\u{202d}', '\u{202e}', '\u{2066}', '\u{2067}', '\u{2068}', '\u{2069}', '\u{200e}', '\u{200f}', '\u{61c}', '\u{2028}', '\u{2029}'] {
+            let shown = one_line(&format!("ok {c} done"));
+            assert!(!shown.contains(c), "{c:?} passed: {shown:?}");
+            assert!(shown.starts_with("ok ") && shown.ends_with(" done"), "{shown:?}");
+        }
+        assert_eq!(one_line("déjà vu — ok"), "déjà vu — ok");
     }
 
     #[test]

@@ -1014,6 +1014,35 @@ async fn a_session_is_resumed_only_for_the_caller_its_sealed_record_names() {
 }
 
 /// Whether the session log at `log` holds a record of session `id` (sealed or not).
+/// A crash point: the agent is killed the moment a job's result reaches the edge. The
+/// record of whose the job's Claude session is was written after the result went (after
+/// its spool write and its sync), so a kill then lost it: the caller had the result and
+/// its session id, and the restarted agent refused to resume it (no record). It is
+/// appended before the result goes. (Against the old order this failed one run in three
+/// here, the spool's sync on this disk being short; agent.rs's unit test
+/// `a_jobs_session_is_recorded_before_its_result_goes` looks at the order itself.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_survives_a_kill_of_the_agent_as_its_result_arrives() {
+    let edge = FakeEdge::new().await;
+    let mut agent = edge.start_agent();
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    let t = now();
+    let made = edge.result_of(&mut ws, edge.order_for("a", None, "made", t, "@transcript the word is kiwi")).await;
+    agent.kill();
+    assert!(made.success, "{made:?}");
+    let session = made.session_id.clone().expect("a session");
+    let log = agent.data.path().join("data/sessions.log");
+    assert!(recorded(&log, &session), "killed as the result arrived, the agent had not recorded whose the session is");
+    drop(ws);
+    agent.ensure_running();
+    let (mut ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    let resumed = edge.result_of(&mut ws, edge.order_for("a", Some(&session), "a-2", t, "which word?")).await;
+    assert!(resumed.success, "{resumed:?}\n{}", agent.log());
+    assert_eq!(resumed.output, format!("stand-in answer to: which word? (resumed {session} after 1 turns)"));
+}
+
 fn recorded(log: &std::path::Path, id: &str) -> bool {
     std::fs::read_to_string(log).unwrap_or_default().contains(&format!(r#"\"session_id\":\"{id}\""#))
 }

@@ -1296,6 +1296,7 @@ async fn a_silent_agent_is_reported_offline_within_two_heartbeats(kind: EdgeKind
         capacity: 1,
         running: vec![],
         finished: vec![],
+        more_finished: false,
         oauth: shared::oauth::OAuthReport { source: shared::oauth::OAuthSource::ApiKey, ..shared::oauth::OAuthReport::unconfigured(now) },
         claude_version: None,
         labels: Default::default(),

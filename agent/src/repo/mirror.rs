@@ -542,8 +542,10 @@ mod tests {
             ephemeral: "e".repeat(44),
             issued_at: 1,
             capacity: 4,
-            running: (0..4).map(|i| format!("{i:0>128}")).collect(),
-            finished: (0..16).map(|i| format!("{i:0>128}")).collect(),
+            // As many as an agent names: MAX_CONCURRENT_JOBS at most 64.
+            running: (0..64).map(|i| format!("{i:0>128}")).collect(),
+            finished: (0..shared::protocol::MAX_HELLO_FINISHED).map(|i| format!("{i:0>128}")).collect(),
+            more_finished: true,
             oauth: shared::oauth::OAuthReport::unconfigured(1),
             claude_version: Some("v".repeat(100)),
             labels: (0..16).map(|i| (format!("k{i}"), "v".repeat(20))).collect(),

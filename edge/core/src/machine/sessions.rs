@@ -13,7 +13,7 @@ use shared::ids::{hex, shown_job_id};
 use shared::job::{JobResult, JobState};
 use shared::keys;
 use shared::oauth::OAuthReport;
-use shared::protocol::{self, close, AgentMessage, Beat, EdgeMessage, Hello, LoginReport, ProgressEvent, ProgressReport, Rejection, ResultReport, Slots, Welcome, PROTOCOL_VERSION};
+use shared::protocol::{self, close, AgentMessage, Beat, EdgeMessage, Hello, LoginReport, ProgressEvent, ProgressReport, Rejection, ResultReport, Slots, Welcome, MAX_HELLO_FINISHED, PROTOCOL_VERSION};
 use std::collections::{BTreeMap, BTreeSet};
 use tracing::{debug, info, warn};
 
@@ -301,8 +301,13 @@ impl Edge {
         self.keep_usage_hold(hold, effects);
         self.offline_since = None;
         info!(agent_id = %agent_id, session = session_id, version = %hello.agent_version, capacity = hello.capacity, "agent connected");
-        let held: BTreeSet<&str> = hello.running.iter().chain(&hello.finished).map(String::as_str).collect();
-        self.reconcile(now, session_id, &agent_id, &held, None, effects);
+        // At most MAX_HELLO_FINISHED results named are taken; past them (the agent said it
+        // holds more, or sent more than it may) a job not named may have its result on the
+        // way: it is left to it, or to its orphan deadline.
+        let named = hello.finished.iter().take(MAX_HELLO_FINISHED);
+        let held: BTreeSet<&str> = hello.running.iter().chain(named).map(String::as_str).collect();
+        let all_named = !hello.more_finished && hello.finished.len() <= MAX_HELLO_FINISHED;
+        self.reconcile(now, session_id, &agent_id, &held, Heard::Hello { all_named }, effects);
         self.stop_ended(now, session_id, &agent_id, &hello.running, effects);
         self.settle_queue(now, effects);
         self.observe(now, effects);
@@ -334,12 +339,14 @@ impl Edge {
     /// - a job it should hold but does not: if it never started it is sent again (or
     ///   ended, see [`Edge::send_again`]); if it ran, it is lost — the agent restarted.
     ///
-    /// At a hello (`received` is `None`) every job of the agent's is accounted for: the
-    /// hello is made after its earlier connection ended. In a heartbeat only orders
+    /// At a hello every job of the agent's is accounted for (the hello is made after its
+    /// earlier connection ended) — unless it could not name every result it holds
+    /// ([`Heard::Hello`]`{ all_named: false }`): then a job it did not name is left to its
+    /// result, sent after the hello, or to its orphan deadline. In a heartbeat only orders
     /// numbered up to `received` on this connection had reached the agent; since the agent
     /// sends its results, refusals and statements in the order it makes them, a job the
     /// statement leaves out was neither running nor finished then.
-    fn reconcile(&mut self, now: Now, session_id: &str, agent_id: &str, held: &BTreeSet<&str>, received: Option<u64>, effects: &mut Vec<Effect>) {
+    fn reconcile(&mut self, now: Now, session_id: &str, agent_id: &str, held: &BTreeSet<&str>, heard: Heard, effects: &mut Vec<Effect>) {
         let mine: Vec<String> = self
             .active
             .iter()
@@ -371,9 +378,9 @@ impl Edge {
                 }
                 continue;
             }
-            let missing = match received {
-                None => true,
-                Some(received) => here && job.order_no <= received,
+            let missing = match heard {
+                Heard::Hello { all_named } => all_named,
+                Heard::Beat { received } => here && job.order_no <= received,
             };
             if !missing {
                 continue;
@@ -430,7 +437,7 @@ impl Edge {
                 let ack = EdgeMessage::HeartbeatAck { server_time: now.wall };
                 effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
                 let held: BTreeSet<&str> = running.iter().map(String::as_str).collect();
-                self.reconcile(now, session_id, &agent_id, &held, Some(slots.received), effects);
+                self.reconcile(now, session_id, &agent_id, &held, Heard::Beat { received: slots.received }, effects);
                 self.stop_ended(now, session_id, &agent_id, &running, effects);
                 // A login that works again, or a usage window that opened, lets held work go;
                 // one that stopped working sends /execute callers elsewhere.
@@ -605,6 +612,15 @@ impl Edge {
             .get(job_id)
             .filter(|j| !j.state.is_terminal() && j.agent_id.as_deref() == Some(agent_id))
     }
+}
+
+/// What an agent said of the jobs it holds, for [`Edge::reconcile`]: its hello (naming every
+/// result it holds, or not), or a heartbeat's statement, made when it had received the
+/// orders of this connection up to `received`.
+#[derive(Clone, Copy)]
+enum Heard {
+    Hello { all_named: bool },
+    Beat { received: u64 },
 }
 
 /// The mirror names an agent reported, as the edge keeps them: at most

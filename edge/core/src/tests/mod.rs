@@ -209,6 +209,7 @@ pub(super) fn hello(agent: &str, nonce: &str, now: u64) -> Hello {
         capacity: 1,
         running: vec![],
         finished: vec![],
+        more_finished: false,
         oauth: oauth(),
         labels: Default::default(),
         mirrors: Vec::new(),

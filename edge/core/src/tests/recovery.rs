@@ -67,6 +67,46 @@ fn a_job_that_ended_while_the_agent_was_away_does_not_leave_it_idle() {
     assert!(orders(&effects, &sid2).is_empty(), "and never more than it has");
 }
 
+/// An agent holding more results than a hello names ([`MAX_HELLO_FINISHED`]) says so: a
+/// job it did not name is not taken for lost at the hello — its result follows — and one
+/// it named is its, as in any hello. A hello naming more than the bound (another agent's,
+/// or a hostile one's) is taken as cut at the bound, not whole.
+#[test]
+fn a_hello_that_cannot_name_every_result_leaves_the_others_to_come() {
+    use shared::protocol::MAX_HELLO_FINISHED;
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    edge.disconnect(2, &sid);
+    let (sid2, effects) = edge.connect(4, [2; 64], PEER);
+    let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid2)[0] else { panic!("challenge first") };
+    let named: Vec<String> = (0..MAX_HELLO_FINISHED).map(|n| format!("old-{n}")).collect();
+    let cut = Hello { finished: named, more_finished: true, ..hello("spark", nonce, 4) };
+    let effects = edge.message(4, &sid2, &hello_text(&cut, &agent_key(1)));
+    assert!(closed(&effects).is_none(), "{effects:?}");
+    assert!(finished(&effects).is_empty(), "j1's result may be among those not named: {effects:?}");
+    assert_eq!(edge.job("j1").unwrap().state, JobState::Running);
+    let done = finished(&report(&mut edge, 5, &sid2, "j1", ok_result()));
+    assert_eq!(done[0].0, "j1", "its result, sent after the hello, ends it");
+
+    // Over the bound, without saying so: j2, named past it, is not taken as named, and
+    // not taken for lost either.
+    edge.submit(6, "j2".into(), submission("y", 60_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 6, &sid2, credit(1, 0));
+    say(&mut edge, 7, &sid2, AgentMessage::Accepted { job_id: "j2".into() });
+    edge.disconnect(8, &sid2);
+    let (sid3, effects) = edge.connect(9, [3; 64], PEER);
+    let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid3)[0] else { panic!("challenge first") };
+    let mut named: Vec<String> = (0..MAX_HELLO_FINISHED).map(|n| format!("old-{n}")).collect();
+    named.push("j2".into());
+    let over = Hello { finished: named, ..hello("spark", nonce, 9) };
+    let effects = edge.message(9, &sid3, &hello_text(&over, &agent_key(1)));
+    assert!(closed(&effects).is_none(), "{effects:?}");
+    assert!(finished(&effects).is_empty(), "{effects:?}");
+    assert_eq!(edge.job("j2").unwrap().session_id.as_deref(), Some(sid2.as_str()), "named past the bound: not taken over");
+    assert_eq!(finished(&report(&mut edge, 10, &sid3, "j2", ok_result()))[0].0, "j2");
+}
+
 #[test]
 fn a_statement_never_over_fills_an_agent_whatever_crossed_it() {
     let mut edge = Edge::new(config(), 0);

@@ -349,6 +349,7 @@ impl Sim {
             capacity: self.slots,
             running: vec![],
             finished: vec![],
+            more_finished: false,
             oauth: oauth(),
             claude_version: None,
             labels: Default::default(),
