@@ -269,8 +269,8 @@ impl AgentArgs {
                 }
                 // Bounded and never waiting on a pipe: the file is the agent's user's, a job's to
                 // write (a key is 44 characters).
-                let bytes = crate::files::read_named(path, 64 * 1024, "key file")
-                    .map_err(|e| anyhow::anyhow!("cannot read AGENT_KEY_FILE {}: {e}", path.display()))?;
+                // Its errors name the file.
+                let bytes = crate::files::read_named(path, 64 * 1024, "key file").map_err(|e| anyhow::anyhow!("cannot read AGENT_KEY_FILE: {e}"))?;
                 String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("AGENT_KEY_FILE {} is not text; put the key `claude-runner keygen` printed in it", path.display()))
             }
             (None, None) => anyhow::bail!("set AGENT_SIGNING_KEY or AGENT_KEY_FILE (`claude-runner keygen` makes one)"),

@@ -115,7 +115,8 @@ fn open_checked(path: &Path, mut options: std::fs::OpenOptions, follow: bool, no
 fn read_at_most(file: std::fs::File, path: &Path, max: usize, what: &str) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut bytes = Vec::new();
-    file.take(max as u64 + 1).read_to_end(&mut bytes)?;
+    // Named like the open's errors, so every error of a read names its file once.
+    file.take(max as u64 + 1).read_to_end(&mut bytes).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     if bytes.len() > max {
         return Err(std::io::Error::other(format!("{} is over {max} bytes: it is not a {what}", path.display())));
     }

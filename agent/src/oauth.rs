@@ -169,7 +169,8 @@ impl Login {
                 Err(e) => report.problem = Some(format!("{}: {e}", file.display())),
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => report.problem = Some(format!("cannot read {}: {e}", file.display())),
+            // The error names the file (`files::open_named` and the read below).
+            Err(e) => report.problem = Some(format!("cannot read Claude's credentials: {e}")),
         }
         if self.oauth_token_env.is_some() {
             report.source = OAuthSource::OauthTokenEnv;
@@ -262,7 +263,9 @@ pub fn credentials_bytes(path: &Path) -> std::io::Result<Vec<u8>> {
     let next_step = "a pipe, a device or a folder put in its place? Put Claude's credentials file back, `claude auth login`";
     let file = crate::files::open_named(path, "Claude credentials file", next_step)?;
     let mut bytes = Vec::new();
-    file.take(credentials::MAX_BYTES as u64 + 1).read_to_end(&mut bytes)?;
+    file.take(credentials::MAX_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     Ok(bytes)
 }
 

@@ -399,7 +399,7 @@ fn submit_refuses_an_edge_answer_without_end() {
         // Held open until submit lets go of it.
         let _ = conn.read(&mut request);
     });
-    let mut child = Command::new(bin("claude-runner"))
+    let child = Command::new(bin("claude-runner"))
         .args(["submit", "--edge", &format!("http://{addr}"), "--secret", SECRET, "hello"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -453,7 +453,7 @@ fn submit_to_an_edge_that_stops(answer: &'static [u8]) -> (Option<i32>, String) 
         let _ = conn.write_all(answer);
         while conn.read(&mut request).is_ok_and(|n| n > 0) {}
     });
-    let mut child = Command::new(bin("claude-runner"))
+    let child = Command::new(bin("claude-runner"))
         .args(["submit", "--edge", &format!("http://{addr}"), "--secret", SECRET, "hello"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
