@@ -79,6 +79,25 @@ impl LocalArgs {
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(|| crate::home().join(".local/share/claude-runner"))
     }
+
+    /// The `DATA_DIR` of the agent that `status`, `agent --drain` and `oauth-status` ask
+    /// about: `DATA_DIR` itself once an agent has run there, else that of the agent of
+    /// `claude-runner up` run with this `DATA_DIR`, when it has — so a newcomer's `status`
+    /// beside `up` finds `up`'s agent rather than saying none ever ran.
+    pub fn running_agent_dir(&self) -> PathBuf {
+        let data_dir = self.data_dir();
+        let up = up_agent_dir(&data_dir);
+        let has_run = |dir: &Path| std::fs::symlink_metadata(dir.join(crate::status::FILE_NAME)).is_ok();
+        if !has_run(&data_dir) && has_run(&up) {
+            return up;
+        }
+        data_dir
+    }
+}
+
+/// Where `claude-runner up` run with `DATA_DIR` keeps its agent's files.
+pub fn up_agent_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("up").join("agent")
 }
 
 #[derive(Debug, Clone)]

@@ -234,8 +234,11 @@ impl StatusFile {
 /// Far more than the agent writes (its jobs, mirrors and login, a few KiB).
 const MAX_STATUS_BYTES: usize = 4 * 1024 * 1024;
 
+/// The agent's state file, in its `DATA_DIR`.
+pub const FILE_NAME: &str = "status.json";
+
 pub fn read(data_dir: &std::path::Path) -> anyhow::Result<Option<Status>> {
-    let path = data_dir.join("status.json");
+    let path = data_dir.join(FILE_NAME);
     // Read as a file the agent keeps (bounded, never waiting on a pipe a job put there);
     // anything else reads as none, and the agent's own replaces it.
     match crate::files::read_plain(&path, MAX_STATUS_BYTES, "status file") {

@@ -116,7 +116,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         edge_public_key: keys::verifying_key("edge key", &state.keys.edge_public_key)?,
         claude_bin: args.local.claude_bin.clone(),
         claude_config_dir: args.local.claude_config_dir.clone(),
-        data_dir: root.join("agent"),
+        data_dir: crate::config::up_agent_dir(&args.local.data_dir()),
         max_concurrent_jobs: args.max_concurrent_jobs,
         claude_model: args.local.claude_model.clone(),
         job_env_allow: crate::config::job_env_allow(&args.local.job_env_allow)?,

@@ -70,46 +70,81 @@ fn up_without_claude_says_how_to_install_it() {
     assert!(err.contains("npm install -g @anthropic-ai/claude-code"), "{err}");
 }
 
+/// A running `claude-runner up` with `DATA_DIR` in `data`: its edge's URL, and every line
+/// it prints to stdout, as it prints them.
+struct Up {
+    child: std::process::Child,
+    base: String,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Up {
+    /// `up` with the stand-in for Claude and these settings besides.
+    fn start(data: &TempDir, env: &[(&str, &str)]) -> Up {
+        use std::io::BufRead;
+        let log = std::fs::File::create(data.path().join("up.log")).unwrap();
+        let mut child = Command::new(bin("claude-runner"))
+            .arg("up")
+            .env("CLAUDE_BIN", bin("claude-standin"))
+            .env("DATA_DIR", data.path())
+            .env("LISTEN", "127.0.0.1:0")
+            .env_remove("CLAUDE_CODE_OAUTH_TOKEN")
+            .env_remove("ANTHROPIC_API_KEY")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let first = lines.recv_timeout(Duration::from_secs(20)).expect("up prints where it listens");
+        let base = first
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no URL in `{first}`"))
+            .trim_end_matches(',')
+            .to_string();
+        Up { child, base, lines }
+    }
+
+    /// What it printed after its first line, up to its last (how to stop it).
+    fn printed(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(20)) {
+            let last = line.contains("Ctrl-C");
+            out.push(line);
+            if last {
+                break;
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_runs_an_edge_and_a_connected_agent() {
-    use std::io::BufRead;
     let data = TempDir::new("up");
-    let log = std::fs::File::create(data.path().join("up.log")).unwrap();
-    let mut child = Command::new(bin("claude-runner"))
-        .arg("up")
-        .env("CLAUDE_BIN", bin("claude-standin"))
-        .env("DATA_DIR", data.path())
-        .env("LISTEN", "127.0.0.1:0")
-        .env("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-up-test-token")
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    // Everything `up` prints, line by line, as it prints it.
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let first = rx.recv_timeout(Duration::from_secs(20)).expect("up prints where it listens");
-    let base = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no URL in `{first}`"))
-        .trim_end_matches(',')
-        .to_string();
+    let mut up = Up::start(&data, &[("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-up-test-token")]);
+    let base = up.base.clone();
     let client = Client::new(&base);
     client.wait_online().await;
     // The secret it made is the one it printed in the curl line.
     let state: serde_json::Value = serde_json::from_slice(&std::fs::read(data.path().join("up/up.json")).unwrap()).unwrap();
     let secret = state["runner_secret"].as_str().unwrap();
-    let printed: Vec<String> = rx.try_iter().collect();
+    let printed = up.printed();
     assert!(printed.iter().any(|l| l.contains(&format!("X-Runner-Secret: {secret}"))), "{printed:?}");
-    let a = client.send("POST", "/execute", Some(secret), Some(json!({"prompt": "hello from up"}).to_string().into_bytes())).await;
-    assert_eq!(a.status, 200, "{}", a.text);
-    assert_eq!(a.body["output"], "stand-in answer to: hello from up");
     // Its keys, the edge's database and the agent's files are the owner's alone.
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &str| std::fs::metadata(data.path().join(p)).map(|m| m.permissions().mode() & 0o777).unwrap();
@@ -119,9 +154,28 @@ async fn up_runs_an_edge_and_a_connected_agent() {
         assert_eq!(mode(dir) & 0o077, 0, "{dir} is open to others");
     }
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
+    unsafe { libc::kill(up.child.id() as i32, libc::SIGTERM) };
+    let status = up.child.wait().unwrap();
     assert!(status.success(), "up stops cleanly on SIGTERM");
+}
+
+/// `up`'s agent keeps its files under `DATA_DIR/up/agent`: `claude-runner status` and
+/// `agent --drain` with the same `DATA_DIR` said no agent had ever run while `up` ran. They
+/// find it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_drain_find_the_agent_up_runs() {
+    let data = TempDir::new("up-status");
+    let mut up = Up::start(&data, &[("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-up-test-token")]);
+    Client::new(&up.base).wait_online().await;
+    let command = |args: &[&str]| {
+        let out = Command::new(bin("claude-runner")).args(args).env("DATA_DIR", data.path()).env_remove("CLAUDE_BIN").output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (ok, out) = command(&["status"]);
+    assert!(ok && out.contains("connected since"), "{out}");
+    let (ok, out) = command(&["agent", "--drain"]);
+    assert!(ok && out.contains("has stopped"), "{out}");
+    assert!(up.child.wait().unwrap().success(), "up exits 0 once drained");
 }
 
 fn doctor(env: &[(&str, String)]) -> (bool, String) {
