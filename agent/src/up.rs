@@ -126,14 +126,35 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         labels: Default::default(),
         one_job: false,
     };
+    // A newcomer's first job is refused when Claude is not logged in here: said now, with
+    // how to log in, rather than only in the 503 the printed curl line then gets.
+    let login = crate::report::local_report(&crate::oauth::Login::new(args.local.claude_config_dir.as_deref()), &agent_cfg.data_dir)
+        .status(crate::now_ms());
+    let login_note = match (login.needs_login, login.configured) {
+        (false, _) => String::new(),
+        (true, false) => "
+  Claude is not logged in on this machine: every job is refused (503 RUNNER_OAUTH_ERROR) until
+  it is. Run `claude auth login` in another terminal (the agent sees the new login within
+  seconds), or set CLAUDE_CODE_OAUTH_TOKEN (from `claude setup-token`) and start `up` again.
+"
+        .to_string(),
+        (true, true) => format!(
+            "
+  Claude's login on this machine needs a person: every job is refused (503 RUNNER_OAUTH_ERROR)
+  until then. {}.
+",
+            shared::text::one_line(login.next_step.as_deref().unwrap_or("run `claude auth login` in another terminal"))
+        ),
+    };
     println!(
         "Claude Runner is up: edge http://{addr}, agent `{id}` connected to it.
-
+{login_note}
   curl -s -X POST http://{addr}/execute \\
     -H 'Content-Type: application/json' -H 'X-Runner-Secret: {secret}' \\
     -d '{{\"prompt\": \"Write a haiku about home servers\"}}'
 
   curl -s -H 'X-Runner-Secret: {secret}' http://{addr}/health
+
 Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both.",
         id = state.agent_id,
         secret = state.runner_secret,

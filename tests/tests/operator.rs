@@ -145,6 +145,7 @@ async fn up_runs_an_edge_and_a_connected_agent() {
     let secret = state["runner_secret"].as_str().unwrap();
     let printed = up.printed();
     assert!(printed.iter().any(|l| l.contains(&format!("X-Runner-Secret: {secret}"))), "{printed:?}");
+    assert!(!printed.iter().any(|l| l.contains("not logged in")), "{printed:?}");
     // Its keys, the edge's database and the agent's files are the owner's alone.
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &str| std::fs::metadata(data.path().join(p)).map(|m| m.permissions().mode() & 0o777).unwrap();
@@ -157,6 +158,19 @@ async fn up_runs_an_edge_and_a_connected_agent() {
     unsafe { libc::kill(up.child.id() as i32, libc::SIGTERM) };
     let status = up.child.wait().unwrap();
     assert!(status.success(), "up stops cleanly on SIGTERM");
+}
+
+/// A newcomer with Claude Code installed but not logged in: `up` started, printed a curl
+/// line, and every job was refused (`503 RUNNER_OAUTH_ERROR`) with nothing said at the start.
+/// It says so when it starts, and how to log in.
+#[test]
+fn up_without_a_login_says_so_and_how_to_log_in() {
+    let data = TempDir::new("up-nologin");
+    let claude_dir = data.path().join("claude");
+    std::fs::create_dir_all(&claude_dir).unwrap();
+    let up = Up::start(&data, &[("CLAUDE_CONFIG_DIR", claude_dir.to_str().unwrap())]);
+    let printed = up.printed().join("\n");
+    assert!(printed.contains("not logged in") && printed.contains("claude auth login"), "{printed}");
 }
 
 /// `up`'s agent keeps its files under `DATA_DIR/up/agent`: `claude-runner status` and
