@@ -155,7 +155,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
   curl -s -H 'X-Runner-Secret: {secret}' http://{addr}/health
 
-Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both.",
+  export CLAUDE_RUNNER_URL=http://{addr} RUNNER_SECRET={secret}
+  claude-runner submit \"Write a haiku about home servers\"
+
+The status page: http://{addr}/ (it asks for the secret); `claude-runner status` shows the agent.
+Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both (running jobs finish first).",
         id = state.agent_id,
         secret = state.runner_secret,
         keys_path = root.join("up.json").display(),

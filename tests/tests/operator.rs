@@ -146,6 +146,21 @@ async fn up_runs_an_edge_and_a_connected_agent() {
     let printed = up.printed();
     assert!(printed.iter().any(|l| l.contains(&format!("X-Runner-Secret: {secret}"))), "{printed:?}");
     assert!(!printed.iter().any(|l| l.contains("not logged in")), "{printed:?}");
+    // `submit` finds the edge the way `up` says, as it says.
+    let export = format!("export CLAUDE_RUNNER_URL={base} RUNNER_SECRET={secret}");
+    assert!(printed.iter().any(|l| l.trim() == export), "{printed:?}");
+    assert!(printed.iter().any(|l| l.trim() == "claude-runner submit \"Write a haiku about home servers\""), "{printed:?}");
+    let submit = Command::new(bin("claude-runner"))
+        .args(["submit", "hello from submit"])
+        .env("CLAUDE_RUNNER_URL", &base)
+        .env("RUNNER_SECRET", secret)
+        .output()
+        .unwrap();
+    assert!(submit.status.success(), "{}", String::from_utf8_lossy(&submit.stderr));
+    assert_eq!(String::from_utf8_lossy(&submit.stdout).trim(), "stand-in answer to: hello from submit");
+    let a = client.send("POST", "/execute", Some(secret), Some(json!({"prompt": "hello from up"}).to_string().into_bytes())).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["output"], "stand-in answer to: hello from up");
     // Its keys, the edge's database and the agent's files are the owner's alone.
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &str| std::fs::metadata(data.path().join(p)).map(|m| m.permissions().mode() & 0o777).unwrap();
