@@ -10,11 +10,8 @@ use std::io::{Read, Write};
 pub struct SubmitArgs {
     /// What Claude should do; `-` or nothing reads it from stdin.
     pub prompt: Option<String>,
-    /// The edge's HTTP(S) URL, e.g. https://claude-runner-edge.<you>.workers.dev
-    #[arg(long, env = "CLAUDE_RUNNER_URL")]
-    pub edge: String,
-    #[arg(long, env = "RUNNER_SECRET", hide_env_values = true)]
-    pub secret: String,
+    #[command(flatten)]
+    pub edge: EdgeArgs,
     #[arg(long)]
     pub timeout_ms: Option<u64>,
     #[arg(long)]
@@ -44,6 +41,36 @@ pub struct SubmitArgs {
     /// Do not show progress on stderr.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// Where `submit` and `login` reach the edge. Optional to clap, so that a missing one is
+/// named by the setting the README uses, with where to find it: clap's own error names
+/// only `--edge <EDGE>` and `--secret <SECRET>`.
+#[derive(Debug, clap::Args)]
+pub struct EdgeArgs {
+    /// The edge's HTTP(S) URL, e.g. https://claude-runner-edge.<you>.workers.dev
+    #[arg(long, env = "CLAUDE_RUNNER_URL")]
+    pub edge: Option<String>,
+    /// The runner secret (the pool's RUNNER_SECRET, or a caller's own).
+    #[arg(long, env = "RUNNER_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+}
+
+impl EdgeArgs {
+    /// The edge's URL (without a trailing `/`) and the secret, or what to set.
+    pub fn resolve(&self) -> Result<(String, String), String> {
+        let Some(edge) = &self.edge else {
+            return Err("no edge to talk to: set CLAUDE_RUNNER_URL (or --edge) to the edge's URL, \
+                        e.g. https://claude-runner-edge.<you>.workers.dev, or http://127.0.0.1:8787 for `claude-runner up`"
+                .into());
+        };
+        let Some(secret) = &self.secret else {
+            return Err("no runner secret: set RUNNER_SECRET (or --secret); `claude-runner up` prints its own when it \
+                        starts and keeps it in ~/.local/share/claude-runner/up/up.json (`runner_secret`)"
+                .into());
+        };
+        Ok((edge.trim_end_matches('/').to_string(), secret.clone()))
+    }
 }
 
 fn fail(message: String) -> anyhow::Result<i32> {
@@ -119,6 +146,11 @@ fn describe_raw(event: &Value) -> Option<String> {
 }
 
 pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
+    // Before the prompt: one read from stdin is not waited out only to be told this.
+    let (base, secret) = match args.edge.resolve() {
+        Ok(edge) => edge,
+        Err(what) => return fail(what),
+    };
     let prompt = match args.prompt.as_deref() {
         Some(p) if p != "-" => p.to_string(),
         _ => {
@@ -149,9 +181,8 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     if !args.disallowed_tools.is_empty() {
         body["disallowed_tools"] = json!(args.disallowed_tools);
     }
-    let base = args.edge.trim_end_matches('/');
     let http = reqwest::Client::new();
-    let accepted = match http.post(format!("{base}/jobs")).header("X-Runner-Secret", &args.secret).json(&body).send().await {
+    let accepted = match http.post(format!("{base}/jobs")).header("X-Runner-Secret", &secret).json(&body).send().await {
         Ok(r) => r,
         Err(e) => return fail(format!("cannot reach the edge at {base}: {e}; check --edge (CLAUDE_RUNNER_URL)")),
     };
@@ -170,7 +201,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         if attempt > 0 {
             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         }
-        let resp = match http.get(format!("{base}/jobs/{job_id}/events")).header("X-Runner-Secret", &args.secret).send().await {
+        let resp = match http.get(format!("{base}/jobs/{job_id}/events")).header("X-Runner-Secret", &secret).send().await {
             Ok(r) if r.status().is_success() => r,
             Ok(r) => return fail(format!("following job {job_id} failed ({}); read it with GET /jobs/{job_id}", r.status())),
             Err(_) => continue,

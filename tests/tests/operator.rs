@@ -402,6 +402,32 @@ fn against_the_edge(edge: &EdgeServer, command: &str, args: &[&str]) -> std::pro
         .unwrap()
 }
 
+/// `submit` and `login` without the edge's URL or the secret: clap's "required arguments
+/// were not provided: --edge <EDGE> --secret <SECRET>" named neither setting the README
+/// uses (`CLAUDE_RUNNER_URL`, `RUNNER_SECRET`) nor where `up` keeps its secret. Each
+/// missing one is named, with where to find it; the exit status is the usage error's (2).
+#[test]
+fn submit_and_login_without_the_edge_or_the_secret_name_the_settings() {
+    for command in ["submit", "login"] {
+        for (set, missing, says) in [
+            (None, "CLAUDE_RUNNER_URL", "http://127.0.0.1:8787"),
+            (Some(("CLAUDE_RUNNER_URL", "http://127.0.0.1:9")), "RUNNER_SECRET", "up.json"),
+        ] {
+            let out = Command::new(bin("claude-runner"))
+                .args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
+                .env_remove("CLAUDE_RUNNER_URL")
+                .env_remove("RUNNER_SECRET")
+                .envs(set)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+            assert!(err.contains(missing) && err.contains(says), "{command} without {missing}: {err}");
+        }
+    }
+}
+
 /// `submit` and `login` read the edge's answer whole (`reqwest`'s `json()`), however long:
 /// an edge, or whatever answers at its address, that sends an answer without end had
 /// `submit` (which has no time limit) hold all of it. Here the answer goes on past 8 MiB and
