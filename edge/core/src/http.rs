@@ -138,10 +138,20 @@ pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Optio
         _ => {}
     }
     if segments.as_slice() == ["pools"] {
-        return match admin(config, secret_header, authorization) {
-            true => Gate::Handle { read_body: false },
-            false => Gate::Answer(Response::error(ApiError::unauthorized())),
+        if admin(config, secret_header, authorization) {
+            return Gate::Handle { read_body: false };
+        }
+        // Said plainly: the holder of the right runner secret was told it was wrong.
+        let mut refused = ApiError::unauthorized();
+        refused.body.error = match config.admin_secret {
+            Some(_) => "GET /pools needs ADMIN_SECRET, not a pool's or a caller's secret: send it in the X-Runner-Secret header \
+                        (or Authorization: Bearer)"
+                .into(),
+            None => "GET /pools is closed on this edge: set ADMIN_SECRET (16+ characters, a value of its own) in the edge's \
+                     settings to open it"
+                .into(),
         };
+        return Gate::Answer(Response::error(refused));
     }
     // Pausing agents, logging the machine into an account, and reading its login and
     // its counters are the operator's: a named caller's own secret reaches its own jobs

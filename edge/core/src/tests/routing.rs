@@ -262,13 +262,20 @@ fn pools_needs_the_admin_secret() {
     let admin = "admin-secret-0123456789";
     let mut edge = Edge::new(Config { admin_secret: Some(admin.into()), ..pool_config() }, 0);
     let h = request(&mut edge, 0, SECRET, "GET", "/pools", Value::Null);
-    assert_eq!(answer(&h).0, 403, "the pool's secret is not the admin's");
+    let (status, body) = answer(&h);
+    assert_eq!(status, 403, "the pool's secret is not the admin's");
+    // It says which secret opens it (it said "missing or wrong runner secret" to the
+    // holder of the right runner secret).
+    assert!(body["error"].as_str().unwrap().contains("ADMIN_SECRET"), "{body}");
     let h = request(&mut edge, 0, admin, "GET", "/pools", Value::Null);
     let (status, body) = answer(&h);
     assert_eq!((status, body["pools"][0]["pool"].as_str()), (200, Some("default")), "{body}");
     let mut closed_edge = Edge::new(pool_config(), 0);
     let h = request(&mut closed_edge, 0, SECRET, "GET", "/pools", Value::Null);
-    assert_eq!(answer(&h).0, 403, "no ADMIN_SECRET: closed");
+    let (status, body) = answer(&h);
+    assert_eq!(status, 403, "no ADMIN_SECRET: closed");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("closed") && error.contains("set ADMIN_SECRET"), "{body}");
 }
 
 /// One step of the property test below.
