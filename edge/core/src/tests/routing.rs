@@ -278,6 +278,19 @@ fn pools_needs_the_admin_secret() {
     assert!(error.contains("closed") && error.contains("set ADMIN_SECRET"), "{body}");
 }
 
+/// Pausing an agent the pool does not know said "agent `spark` (it is not in this pool's
+/// AGENT_PUBLIC_KEYS) not found; check the URL (routes: /execute, …)": the URL was right,
+/// the name was not. It says where the pool's agents are named.
+#[test]
+fn pausing_an_unknown_agent_says_where_its_agents_are_named() {
+    let mut edge = Edge::new(pool_config(), 0);
+    let h = request(&mut edge, 0, SECRET, "POST", "/agents/nobody/pause", Value::Null);
+    let (status, body) = answer(&h);
+    assert_eq!(status, 404, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("`nobody`") && error.contains("GET /health") && !error.contains("routes:"), "{body}");
+}
+
 /// One step of the property test below.
 #[derive(Debug, Clone)]
 enum Step {
