@@ -80,10 +80,10 @@ impl LocalArgs {
         self.data_dir.clone().unwrap_or_else(|| crate::home().join(".local/share/claude-runner"))
     }
 
-    /// The `DATA_DIR` of the agent that `status`, `agent --drain` and `oauth-status` ask
-    /// about: `DATA_DIR` itself once an agent has run there, else that of the agent of
-    /// `claude-runner up` run with this `DATA_DIR`, when it has — so a newcomer's `status`
-    /// beside `up` finds `up`'s agent rather than saying none ever ran.
+    /// The `DATA_DIR` of the agent that `status`, `agent --drain`, `oauth-status` and
+    /// `doctor` ask about: `DATA_DIR` itself once an agent has run there, else that of the
+    /// agent of `claude-runner up` run with this `DATA_DIR`, when it has — so a newcomer's
+    /// `status` beside `up` finds `up`'s agent rather than saying none ever ran.
     pub fn running_agent_dir(&self) -> PathBuf {
         let data_dir = self.data_dir();
         let up = up_agent_dir(&data_dir);

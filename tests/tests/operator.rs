@@ -189,13 +189,39 @@ fn up_without_a_login_says_so_and_how_to_log_in() {
 }
 
 /// `up`'s agent keeps its files under `DATA_DIR/up/agent`: `claude-runner status` and
-/// `agent --drain` with the same `DATA_DIR` said no agent had ever run while `up` ran. They
-/// find it.
+/// `agent --drain` with the same `DATA_DIR` said no agent had ever run while `up` ran, and
+/// `oauth-status` and `doctor` did not show its usage window. They find it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_and_drain_find_the_agent_up_runs() {
+async fn status_drain_and_the_login_lines_find_the_agent_up_runs() {
     let data = TempDir::new("up-status");
-    let mut up = Up::start(&data, &[("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-up-test-token")]);
-    Client::new(&up.base).wait_online().await;
+    let claude_dir = data.path().join("claude");
+    std::fs::create_dir_all(&claude_dir).unwrap();
+    let token = "sk-ant-oat01-test-token-not-real-0123456789";
+    let mut up = Up::start(&data, &[("CLAUDE_CODE_OAUTH_TOKEN", token), ("CLAUDE_CONFIG_DIR", claude_dir.to_str().unwrap())]);
+    let client = Client::new(&up.base);
+    client.wait_online().await;
+    let secret: serde_json::Value = serde_json::from_slice(&std::fs::read(data.path().join("up/up.json")).unwrap()).unwrap();
+    let secret = secret["runner_secret"].as_str().unwrap();
+    let a = client.send("POST", "/execute", Some(secret), Some(json!({"prompt": "@rate_limited=3600"}).to_string().into_bytes())).await;
+    assert_eq!(a.body["error_code"], "USAGE_LIMIT", "{}", a.text);
+    // The status file is rewritten when the report goes out.
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..100 {
+        let (_, status, _) = oauth_status(&claude_dir, data.path(), Some(token));
+        if status["usage"]["status"] == "rejected" {
+            seen = status;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen["usage"]["type"], "five_hour", "{seen}");
+    let (_, out) = doctor(&[
+        ("CLAUDE_CONFIG_DIR", claude_dir.display().to_string()),
+        ("DATA_DIR", data.path().display().to_string()),
+        ("CLAUDE_BIN", bin("claude-standin").display().to_string()),
+        ("CLAUDE_CODE_OAUTH_TOKEN", token.to_string()),
+    ]);
+    assert!(out.contains("warn  usage") && out.contains("used up until"), "{out}");
     let command = |args: &[&str]| {
         let out = Command::new(bin("claude-runner")).args(args).env("DATA_DIR", data.path()).env_remove("CLAUDE_BIN").output().unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
