@@ -385,10 +385,21 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
             answer(Response::json(200, to_json(&list)), Vec::new())
         }
         ("GET", ["metrics"]) => answer(Response::text(200, "text/plain; version=0.0.4", edge.metrics()), Vec::new()),
-        _ => answer(
-            Response::error(ApiError::new(ErrorCode::MethodNotAllowed, format!("{method} is not allowed on {}", shown_path(&req.path)))),
-            Vec::new(),
-        ),
+        _ => {
+            let error = format!("{method} is not allowed on {}: use {}", shown_path(&req.path), methods_of(&segments));
+            answer(Response::error(ApiError::new(ErrorCode::MethodNotAllowed, error)), Vec::new())
+        }
+    }
+}
+
+/// The methods a route the edge knows (one [`preflight`] let through) takes, as the `405`
+/// of another method says them.
+fn methods_of(segments: &[&str]) -> &'static str {
+    match segments {
+        ["jobs"] => "GET or POST",
+        ["jobs", _] => "GET or DELETE",
+        ["execute"] | ["oauth", "login"] | ["oauth", "login", "code"] | ["agents", _, _] => "POST",
+        _ => "GET",
     }
 }
 

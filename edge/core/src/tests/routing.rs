@@ -291,6 +291,25 @@ fn pausing_an_unknown_agent_says_where_its_agents_are_named() {
     assert!(error.contains("`nobody`") && error.contains("GET /health") && !error.contains("routes:"), "{body}");
 }
 
+/// A known route with another method said only "GET is not allowed on /execute": it says
+/// which methods the route takes.
+#[test]
+fn a_wrong_method_is_told_the_routes_methods() {
+    let mut edge = Edge::new(pool_config(), 0);
+    for (method, path, says) in [
+        ("GET", "/execute", "use POST"),
+        ("DELETE", "/jobs", "use GET or POST"),
+        ("POST", "/jobs/abc", "use GET or DELETE"),
+        ("POST", "/oauth/status", "use GET"),
+        ("GET", "/agents/spark/pause", "use POST"),
+    ] {
+        let h = request(&mut edge, 0, SECRET, method, path, Value::Null);
+        let (status, body) = answer(&h);
+        assert_eq!(status, 405, "{method} {path}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(says), "{method} {path}: {body}");
+    }
+}
+
 /// One step of the property test below.
 #[derive(Debug, Clone)]
 enum Step {
