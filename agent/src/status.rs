@@ -56,7 +56,7 @@ impl Status {
     /// from /proc by the caller), connected, and writing its file. The reason either way.
     pub fn health(&self, alive: bool, now: u64) -> Result<String, String> {
         if !alive {
-            return Err(format!("agent {} (pid {}) is not running; start it with `claude-runner agent`", self.agent_id, self.pid));
+            return Err(format!("agent {} (pid {}) is not running; start it with `claude-runner agent` (or `claude-runner up`, if up ran it)", self.agent_id, self.pid));
         }
         if !self.connected {
             let why = self.last_error.as_deref().unwrap_or("not connected yet");
@@ -316,7 +316,7 @@ fn show_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow:
     say(out, format!("agent     {} (pid {}, {})", status.agent_id, status.pid, if alive { "running" } else { "not running" }))?;
     say(out, format!("edge      {}", status.edge))?;
     if !alive {
-        say(out, "state     stopped; start it again with `claude-runner agent`".into())?;
+        say(out, "state     stopped; start it again with `claude-runner agent` (or `claude-runner up`, if up ran it)".into())?;
         return Ok(false);
     }
     if status.connected {

@@ -231,6 +231,9 @@ async fn status_drain_and_the_login_lines_find_the_agent_up_runs() {
     let (ok, out) = command(&["agent", "--drain"]);
     assert!(ok && out.contains("has stopped"), "{out}");
     assert!(up.child.wait().unwrap().success(), "up exits 0 once drained");
+    // Stopped, it says how to start it again: with `up`, too.
+    let (ok, out) = command(&["status"]);
+    assert!(!ok && out.contains("not running") && out.contains("claude-runner up"), "{out}");
 }
 
 fn doctor(env: &[(&str, String)]) -> (bool, String) {
