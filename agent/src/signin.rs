@@ -17,7 +17,7 @@ pub struct LoginArgs {
 }
 
 async fn post(http: &reqwest::Client, url: &str, secret: &str, body: Value) -> Result<(u16, Value), String> {
-    let resp = http.post(url).header("X-Runner-Secret", secret).json(&body).send().await.map_err(|e| e.to_string())?;
+    let resp = http.post(url).header("X-Runner-Secret", secret).json(&body).send().await.map_err(|e| crate::submit::request_error(&e))?;
     let status = resp.status().as_u16();
     Ok((status, crate::submit::read_answer(resp).await))
 }

@@ -69,8 +69,27 @@ impl EdgeArgs {
                         starts and keeps it in ~/.local/share/claude-runner/up/up.json (`runner_secret`)"
                 .into());
         };
+        if !(edge.starts_with("http://") || edge.starts_with("https://")) {
+            return Err(format!(
+                "CLAUDE_RUNNER_URL (--edge) `{edge}` is not an http(s) URL: write it whole, e.g. http://127.0.0.1:8787 or \
+                 https://claude-runner-edge.<you>.workers.dev"
+            ));
+        }
         Ok((edge.trim_end_matches('/').to_string(), secret.clone()))
     }
+}
+
+/// Why a request to the edge failed, its causes included: reqwest's own line ("error
+/// sending request for url (…)") leaves out the one that says what to do ("Connection
+/// refused": the edge is not running there; a name that does not resolve; a certificate).
+pub(crate) fn request_error(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text
 }
 
 fn fail(message: String) -> anyhow::Result<i32> {
@@ -184,7 +203,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     let http = reqwest::Client::new();
     let accepted = match http.post(format!("{base}/jobs")).header("X-Runner-Secret", &secret).json(&body).send().await {
         Ok(r) => r,
-        Err(e) => return fail(format!("cannot reach the edge at {base}: {e}; check --edge (CLAUDE_RUNNER_URL)")),
+        Err(e) => return fail(format!("cannot reach the edge at {base}: {}; check --edge (CLAUDE_RUNNER_URL)", request_error(&e))),
     };
     let status = accepted.status();
     let answer = read_answer(accepted).await;

@@ -457,6 +457,31 @@ fn submit_and_login_without_the_edge_or_the_secret_name_the_settings() {
     }
 }
 
+/// An edge URL without its scheme said only "builder error", and an edge that is not
+/// running "error sending request for url (…)": the first says how to write it, the second
+/// why the request failed (reqwest keeps that in the error's sources).
+#[test]
+fn submit_and_login_say_why_the_edge_cannot_be_reached() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    for command in ["submit", "login"] {
+        for (url, says) in [(closed.to_string(), "http://"), (format!("http://{closed}"), "Connection refused")] {
+            let out = Command::new(bin("claude-runner"))
+                .args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
+                .env("CLAUDE_RUNNER_URL", &url)
+                .env("RUNNER_SECRET", SECRET)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+            assert!(err.contains(says), "{command} to {url}: {err}");
+        }
+    }
+}
+
 /// `submit` and `login` read the edge's answer whole (`reqwest`'s `json()`), however long:
 /// an edge, or whatever answers at its address, that sends an answer without end had
 /// `submit` (which has no time limit) hold all of it. Here the answer goes on past 8 MiB and
