@@ -127,21 +127,25 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         one_job: false,
     };
     // A newcomer's first job is refused when Claude is not logged in here: said now, with
-    // how to log in, rather than only in the 503 the printed curl line then gets.
-    let login = crate::report::local_report(&crate::oauth::Login::new(args.local.claude_config_dir.as_deref()), &agent_cfg.data_dir)
-        .status(crate::now_ms());
+    // how to log in, rather than only in the 503 the printed curl line then gets. Read as
+    // the agent will start: with a failed authentication its last run left standing.
+    let now = crate::now_ms();
+    let reporter = crate::report::Reporter::new(crate::oauth::Login::new(args.local.claude_config_dir.as_deref()));
+    reporter.resume(crate::status::read(&agent_cfg.data_dir).ok().flatten().as_ref(), now);
+    let login = reporter.report().status(now);
     let login_note = match (login.needs_login, login.configured) {
         (false, _) => String::new(),
         (true, false) => "
-  Claude is not logged in on this machine: every job is refused (503 RUNNER_OAUTH_ERROR) until
-  it is. Run `claude auth login` in another terminal (the agent sees the new login within
-  seconds), or set CLAUDE_CODE_OAUTH_TOKEN (from `claude setup-token`) and start `up` again.
+  Claude is not logged in on this machine: /execute is refused (503 RUNNER_OAUTH_ERROR) and
+  POST /jobs waits until it is. Run `claude auth login` in another terminal (the agent sees
+  the new login within seconds), or set CLAUDE_CODE_OAUTH_TOKEN (from `claude setup-token`)
+  and start `up` again.
 "
         .to_string(),
         (true, true) => format!(
             "
-  Claude's login on this machine needs a person: every job is refused (503 RUNNER_OAUTH_ERROR)
-  until then. {}.
+  Claude's login on this machine needs a person: /execute is refused (503 RUNNER_OAUTH_ERROR)
+  and POST /jobs waits until then. {}.
 ",
             shared::text::one_line(login.next_step.as_deref().unwrap_or("run `claude auth login` in another terminal"))
         ),

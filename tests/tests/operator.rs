@@ -188,6 +188,32 @@ fn up_without_a_login_says_so_and_how_to_log_in() {
     assert!(printed.contains("not logged in") && printed.contains("claude auth login"), "{printed}");
 }
 
+/// A login that failed to authenticate stays failed across a restart while the
+/// credentials are the same (the agent takes the mark over from its status file): `up`
+/// started again said nothing of it, and the next job was refused. It says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_started_again_after_a_failed_login_says_so() {
+    let data = TempDir::new("up-authfailed");
+    let claude_dir = data.path().join("claude");
+    std::fs::create_dir_all(&claude_dir).unwrap();
+    let env = [("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-test-token-not-real-0123456789"), ("CLAUDE_CONFIG_DIR", claude_dir.to_str().unwrap())];
+    let mut up = Up::start(&data, &env);
+    let client = Client::new(&up.base);
+    client.wait_online().await;
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(data.path().join("up/up.json")).unwrap()).unwrap();
+    let secret = state["runner_secret"].as_str().unwrap();
+    let a = client.send("POST", "/execute", Some(secret), Some(json!({"prompt": "@auth_error"}).to_string().into_bytes())).await;
+    assert_eq!(a.body["error_code"], "RUNNER_OAUTH_ERROR", "{}", a.text);
+    let printed = up.printed();
+    assert!(!printed.iter().any(|l| l.contains("needs a person")), "{printed:?}");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(up.child.id() as i32, libc::SIGTERM) };
+    assert!(up.child.wait().unwrap().success());
+    let again = Up::start(&data, &env);
+    let printed = again.printed().join("\n");
+    assert!(printed.contains("needs a person") && printed.contains("claude auth login"), "{printed}");
+}
+
 /// `up`'s agent keeps its files under `DATA_DIR/up/agent`: `claude-runner status` and
 /// `agent --drain` with the same `DATA_DIR` said no agent had ever run while `up` ran, and
 /// `oauth-status` and `doctor` did not show its usage window. They find it.
