@@ -63,7 +63,8 @@ pub struct LocalArgs {
     /// Claude's config folder (holds .credentials.json; default ~/.claude).
     #[arg(long, env = "CLAUDE_CONFIG_DIR")]
     pub claude_config_dir: Option<PathBuf>,
-    /// Workspaces and the result spool (default ~/.local/share/claude-runner).
+    /// Workspaces and the result spool (default ~/.local/share/claude-runner; `up` keeps
+    /// its keys, edge and agent in DATA_DIR/up).
     #[arg(long, env = "DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Model for jobs that do not name one.
