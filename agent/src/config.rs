@@ -87,10 +87,8 @@ impl LocalArgs {
     /// `status` beside `up` finds `up`'s agent rather than saying none ever ran.
     pub fn running_agent_dir(&self) -> PathBuf {
         let data_dir = self.data_dir();
-        let up = up_agent_dir(&data_dir);
-        let has_run = |dir: &Path| std::fs::symlink_metadata(dir.join(crate::status::FILE_NAME)).is_ok();
-        if !has_run(&data_dir) && has_run(&up) {
-            return up;
+        if !agent_has_run(&data_dir) && agent_has_run(&up_agent_dir(&data_dir)) {
+            return up_agent_dir(&data_dir);
         }
         data_dir
     }
@@ -99,6 +97,11 @@ impl LocalArgs {
 /// Where `claude-runner up` run with `DATA_DIR` keeps its agent's files.
 pub fn up_agent_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("up").join("agent")
+}
+
+/// Whether an agent has run with this `DATA_DIR` (it left its status file there).
+pub fn agent_has_run(data_dir: &Path) -> bool {
+    std::fs::symlink_metadata(data_dir.join(crate::status::FILE_NAME)).is_ok()
 }
 
 #[derive(Debug, Clone)]
