@@ -135,6 +135,7 @@ pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Optio
         (_, ["agent", "connect"]) => return Gate::AgentSocket,
         // Open to anyone; `/health` says more to a caller with the secret.
         ("GET" | "HEAD", ["health"] | [""] | []) => return Gate::Handle { read_body: false },
+        (_, ["health"] | [""] | []) => return Gate::Answer(Response::error(method_not_allowed(method, path, &segments))),
         _ => {}
     }
     if segments.as_slice() == ["pools"] {
@@ -385,15 +386,18 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
             answer(Response::json(200, to_json(&list)), Vec::new())
         }
         ("GET", ["metrics"]) => answer(Response::text(200, "text/plain; version=0.0.4", edge.metrics()), Vec::new()),
-        _ => {
-            let error = format!("{method} is not allowed on {}: use {}", shown_path(&req.path), methods_of(&segments));
-            answer(Response::error(ApiError::new(ErrorCode::MethodNotAllowed, error)), Vec::new())
-        }
+        _ => answer(Response::error(method_not_allowed(method, &req.path, &segments)), Vec::new()),
     }
 }
 
-/// The methods a route the edge knows (one [`preflight`] let through) takes, as the `405`
-/// of another method says them.
+/// The `405` of a route the edge knows, asked with a method it does not take: it names
+/// those it takes.
+fn method_not_allowed(method: &str, path: &str, segments: &[&str]) -> ApiError {
+    let error = format!("{method} is not allowed on {}: use {}", shown_path(path), methods_of(segments));
+    ApiError::new(ErrorCode::MethodNotAllowed, error)
+}
+
+/// The methods a route the edge knows takes, as its `405` says them.
 fn methods_of(segments: &[&str]) -> &'static str {
     match segments {
         ["jobs"] => "GET or POST",

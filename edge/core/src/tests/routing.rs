@@ -302,6 +302,8 @@ fn a_wrong_method_is_told_the_routes_methods() {
         ("POST", "/jobs/abc", "use GET or DELETE"),
         ("POST", "/oauth/status", "use GET"),
         ("GET", "/agents/spark/pause", "use POST"),
+        ("POST", "/health", "use GET"),
+        ("DELETE", "/", "use GET"),
     ] {
         let h = request(&mut edge, 0, SECRET, method, path, Value::Null);
         let (status, body) = answer(&h);
