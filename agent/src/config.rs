@@ -63,7 +63,8 @@ pub struct LocalArgs {
     /// Claude's config folder (holds .credentials.json; default ~/.claude).
     #[arg(long, env = "CLAUDE_CONFIG_DIR")]
     pub claude_config_dir: Option<PathBuf>,
-    /// Workspaces and the result spool (default ~/.local/share/claude-runner).
+    /// Workspaces and the result spool (default ~/.local/share/claude-runner; `up` keeps
+    /// its keys, edge and agent in DATA_DIR/up).
     #[arg(long, env = "DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Model for jobs that do not name one.
@@ -79,6 +80,28 @@ impl LocalArgs {
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(|| crate::home().join(".local/share/claude-runner"))
     }
+
+    /// The `DATA_DIR` of the agent that `status`, `agent --drain`, `oauth-status` and
+    /// `doctor` ask about: `DATA_DIR` itself once an agent has run there, else that of the
+    /// agent of `claude-runner up` run with this `DATA_DIR`, when it has — so a newcomer's
+    /// `status` beside `up` finds `up`'s agent rather than saying none ever ran.
+    pub fn running_agent_dir(&self) -> PathBuf {
+        let data_dir = self.data_dir();
+        if !agent_has_run(&data_dir) && agent_has_run(&up_agent_dir(&data_dir)) {
+            return up_agent_dir(&data_dir);
+        }
+        data_dir
+    }
+}
+
+/// Where `claude-runner up` run with `DATA_DIR` keeps its agent's files.
+pub fn up_agent_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("up").join("agent")
+}
+
+/// Whether an agent has run with this `DATA_DIR` (it left its status file there).
+pub fn agent_has_run(data_dir: &Path) -> bool {
+    std::fs::symlink_metadata(data_dir.join(crate::status::FILE_NAME)).is_ok()
 }
 
 #[derive(Debug, Clone)]

@@ -50,7 +50,7 @@ pub async fn run(args: AgentArgs, canary: bool) -> bool {
     }
 
     let login = crate::oauth::Login::new(args.local.claude_config_dir.as_deref());
-    let status = crate::report::local_report(&login, &args.local.data_dir()).status(crate::now_ms());
+    let status = crate::report::local_report(&login, &args.local.running_agent_dir()).status(crate::now_ms());
     let source = serde_json::to_value(status.source).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
     if let Some(problem) = &status.problem {
         r.warn("login", problem);
@@ -131,6 +131,15 @@ pub async fn run(args: AgentArgs, canary: bool) -> bool {
         println!("All checks passed. `claude-runner status` shows whether the running agent is connected.");
     } else {
         println!("{} check(s) failed; fix them and run `claude-runner doctor` again.", r.failures);
+        // Beside `up`, a newcomer's doctor has none of the settings it checks: `up` keeps
+        // its own, and its agent is not the one these checks are about.
+        if args.edge_url.is_none() && crate::config::agent_has_run(&crate::config::up_agent_dir(&args.local.data_dir())) {
+            println!(
+                "(`claude-runner up` runs with keys of its own, in {}: these checks are for an agent you set up \
+                 yourself; `claude-runner status` shows up's.)",
+                args.local.data_dir().join("up").display()
+            );
+        }
     }
     r.failures == 0
 }

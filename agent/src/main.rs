@@ -186,7 +186,7 @@ fn main() {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Agent { args, drain: true } => {
-                if !drain::request(&args.local.data_dir()).await? {
+                if !drain::request(&args.local.running_agent_dir()).await? {
                     std::process::exit(1);
                 }
                 Ok(())
@@ -224,7 +224,8 @@ fn main() {
                 std::process::exit(code);
             }
             Command::Status { local, check } => {
-                let healthy = if check { status::check(&local.data_dir())? } else { status::show(&local.data_dir())? };
+                let dir = local.running_agent_dir();
+                let healthy = if check { status::check(&dir)? } else { status::show(&dir)? };
                 if !healthy {
                     std::process::exit(1);
                 }
@@ -232,7 +233,7 @@ fn main() {
             }
             Command::OauthStatus { local } => {
                 let login = oauth::Login::new(local.claude_config_dir.as_deref());
-                let status = report::local_report(&login, &local.data_dir()).status(now_ms());
+                let status = report::local_report(&login, &local.running_agent_dir()).status(now_ms());
                 // Its usage window is the status file's, a job's to write.
                 println!("{}", status::json_for_terminal(&serde_json::to_string_pretty(&status)?));
                 if let Some(next) = &status.next_step {

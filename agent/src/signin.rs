@@ -9,18 +9,15 @@ use std::io::{BufRead, Write};
 
 #[derive(Debug, clap::Args)]
 pub struct LoginArgs {
-    /// The edge's HTTP(S) URL, e.g. https://claude-runner-edge.<you>.workers.dev
-    #[arg(long, env = "CLAUDE_RUNNER_URL")]
-    pub edge: String,
-    #[arg(long, env = "RUNNER_SECRET", hide_env_values = true)]
-    pub secret: String,
+    #[command(flatten)]
+    pub edge: crate::submit::EdgeArgs,
     /// The agent to log in (default: the one that needs it).
     #[arg(long)]
     pub agent_id: Option<String>,
 }
 
 async fn post(http: &reqwest::Client, url: &str, secret: &str, body: Value) -> Result<(u16, Value), String> {
-    let resp = http.post(url).header("X-Runner-Secret", secret).json(&body).send().await.map_err(|e| e.to_string())?;
+    let resp = http.post(url).header("X-Runner-Secret", secret).json(&body).send().await.map_err(|e| crate::submit::request_error(&e))?;
     let status = resp.status().as_u16();
     Ok((status, crate::submit::read_answer(resp).await))
 }
@@ -34,7 +31,13 @@ pub async fn run(args: LoginArgs) -> anyhow::Result<i32> {
 /// `error`, the agent's id, the URL), and an edge, or whatever answers at its address, is
 /// outside.
 async fn run_to(err: &mut impl Write, out: &mut impl Write, args: LoginArgs) -> anyhow::Result<i32> {
-    let base = args.edge.trim_end_matches('/');
+    let (base, secret) = match args.edge.resolve() {
+        Ok(edge) => edge,
+        Err(what) => {
+            say(err, format!("claude-runner login: {what}"))?;
+            return Ok(2);
+        }
+    };
     // The relay answers once the agent's `claude auth login` has printed its URL, or has
     // the outcome: allow for the edge's own wait.
     let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(150)).build()?;
@@ -42,7 +45,7 @@ async fn run_to(err: &mut impl Write, out: &mut impl Write, args: LoginArgs) -> 
         Some(id) => json!({"agent_id": id}),
         None => json!({}),
     };
-    let (status, start) = match post(&http, &format!("{base}/oauth/login"), &args.secret, body).await {
+    let (status, start) = match post(&http, &format!("{base}/oauth/login"), &secret, body).await {
         Ok(answer) => answer,
         Err(e) => {
             say(err, format!("claude-runner login: cannot reach the edge at {base}: {e}; check --edge (CLAUDE_RUNNER_URL)"))?;
@@ -64,7 +67,7 @@ async fn run_to(err: &mut impl Write, out: &mut impl Write, args: LoginArgs) -> 
         say(err, "claude-runner login: no code given; the login on the runner is given up in 10 minutes (or start again)".into())?;
         return Ok(1);
     }
-    let (status, done) = match post(&http, &format!("{base}/oauth/login/code"), &args.secret, json!({"login_id": login_id, "code": code})).await {
+    let (status, done) = match post(&http, &format!("{base}/oauth/login/code"), &secret, json!({"login_id": login_id, "code": code})).await {
         Ok(answer) => answer,
         Err(e) => {
             say(err, format!("claude-runner login: lost the edge while sending the code: {e}; check GET /oauth/status"))?;
@@ -111,7 +114,10 @@ mod tests {
     #[tokio::test]
     async fn the_edges_words_reach_the_terminal_without_their_control_sequences() {
         let body = serde_json::json!({"error": "no agent\x1b]52;c;ZXZpbA==\x07\x1b[2K\rfine"}).to_string();
-        let edge = super::LoginArgs { edge: edge_answering(503, body).await, secret: "s".into(), agent_id: None };
+        let edge = super::LoginArgs {
+            edge: crate::submit::EdgeArgs { edge: Some(edge_answering(503, body).await), secret: Some("s".into()) },
+            agent_id: None,
+        };
         let (mut err, mut out) = (Vec::new(), Vec::new());
         assert_eq!(super::run_to(&mut err, &mut out, edge).await.unwrap(), 2);
         let shown = String::from_utf8([err, out].concat()).unwrap();

@@ -56,7 +56,7 @@ impl Status {
     /// from /proc by the caller), connected, and writing its file. The reason either way.
     pub fn health(&self, alive: bool, now: u64) -> Result<String, String> {
         if !alive {
-            return Err(format!("agent {} (pid {}) is not running; start it with `claude-runner agent`", self.agent_id, self.pid));
+            return Err(format!("agent {} (pid {}) is not running; start it with `claude-runner agent` (or `claude-runner up`, if up ran it)", self.agent_id, self.pid));
         }
         if !self.connected {
             let why = self.last_error.as_deref().unwrap_or("not connected yet");
@@ -234,8 +234,11 @@ impl StatusFile {
 /// Far more than the agent writes (its jobs, mirrors and login, a few KiB).
 const MAX_STATUS_BYTES: usize = 4 * 1024 * 1024;
 
+/// The agent's state file, in its `DATA_DIR`.
+pub const FILE_NAME: &str = "status.json";
+
 pub fn read(data_dir: &std::path::Path) -> anyhow::Result<Option<Status>> {
-    let path = data_dir.join("status.json");
+    let path = data_dir.join(FILE_NAME);
     // Read as a file the agent keeps (bounded, never waiting on a pipe a job put there);
     // anything else reads as none, and the agent's own replaces it.
     match crate::files::read_plain(&path, MAX_STATUS_BYTES, "status file") {
@@ -314,7 +317,7 @@ fn show_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow:
     say(out, format!("agent     {} (pid {}, {})", status.agent_id, status.pid, if alive { "running" } else { "not running" }))?;
     say(out, format!("edge      {}", status.edge))?;
     if !alive {
-        say(out, "state     stopped; start it again with `claude-runner agent`".into())?;
+        say(out, "state     stopped; start it again with `claude-runner agent` (or `claude-runner up`, if up ran it)".into())?;
         return Ok(false);
     }
     if status.connected {

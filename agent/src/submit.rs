@@ -10,11 +10,8 @@ use std::io::{Read, Write};
 pub struct SubmitArgs {
     /// What Claude should do; `-` or nothing reads it from stdin.
     pub prompt: Option<String>,
-    /// The edge's HTTP(S) URL, e.g. https://claude-runner-edge.<you>.workers.dev
-    #[arg(long, env = "CLAUDE_RUNNER_URL")]
-    pub edge: String,
-    #[arg(long, env = "RUNNER_SECRET", hide_env_values = true)]
-    pub secret: String,
+    #[command(flatten)]
+    pub edge: EdgeArgs,
     #[arg(long)]
     pub timeout_ms: Option<u64>,
     #[arg(long)]
@@ -44,6 +41,55 @@ pub struct SubmitArgs {
     /// Do not show progress on stderr.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// Where `submit` and `login` reach the edge. Optional to clap, so that a missing one is
+/// named by the setting the README uses, with where to find it: clap's own error names
+/// only `--edge <EDGE>` and `--secret <SECRET>`.
+#[derive(Debug, clap::Args)]
+pub struct EdgeArgs {
+    /// The edge's HTTP(S) URL, e.g. https://claude-runner-edge.<you>.workers.dev
+    #[arg(long, env = "CLAUDE_RUNNER_URL")]
+    pub edge: Option<String>,
+    /// The runner secret (the pool's RUNNER_SECRET, or a caller's own).
+    #[arg(long, env = "RUNNER_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+}
+
+impl EdgeArgs {
+    /// The edge's URL (without a trailing `/`) and the secret, or what to set.
+    pub fn resolve(&self) -> Result<(String, String), String> {
+        let Some(edge) = &self.edge else {
+            return Err("no edge to talk to: set CLAUDE_RUNNER_URL (or --edge) to the edge's URL, \
+                        e.g. https://claude-runner-edge.<you>.workers.dev, or http://127.0.0.1:8787 for `claude-runner up`"
+                .into());
+        };
+        let Some(secret) = &self.secret else {
+            return Err("no runner secret: set RUNNER_SECRET (or --secret); `claude-runner up` prints its own when it \
+                        starts and keeps it in ~/.local/share/claude-runner/up/up.json (`runner_secret`)"
+                .into());
+        };
+        if !(edge.starts_with("http://") || edge.starts_with("https://")) {
+            return Err(format!(
+                "CLAUDE_RUNNER_URL (--edge) `{edge}` is not an http(s) URL: write it whole, e.g. http://127.0.0.1:8787 or \
+                 https://claude-runner-edge.<you>.workers.dev"
+            ));
+        }
+        Ok((edge.trim_end_matches('/').to_string(), secret.clone()))
+    }
+}
+
+/// Why a request to the edge failed, its causes included: reqwest's own line ("error
+/// sending request for url (…)") leaves out the one that says what to do ("Connection
+/// refused": the edge is not running there; a name that does not resolve; a certificate).
+pub(crate) fn request_error(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text
 }
 
 fn fail(message: String) -> anyhow::Result<i32> {
@@ -134,6 +180,11 @@ fn describe_raw(event: &Value) -> Option<String> {
 }
 
 pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
+    // Before the prompt: one read from stdin is not waited out only to be told this.
+    let (base, secret) = match args.edge.resolve() {
+        Ok(edge) => edge,
+        Err(what) => return fail(what),
+    };
     let prompt = match args.prompt.as_deref() {
         Some(p) if p != "-" => p.to_string(),
         _ => {
@@ -164,15 +215,14 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     if !args.disallowed_tools.is_empty() {
         body["disallowed_tools"] = json!(args.disallowed_tools);
     }
-    let base = args.edge.trim_end_matches('/');
     let http = reqwest::Client::new();
     // The edge answers a task at once: the exchange is given ANSWER_TIME and its upload's
     // time at the slowest link's pace (an edge that took the task and never answered held
     // `submit`, which has no time limit, for good).
     let within = ANSWER_TIME + std::time::Duration::from_secs((serde_json::to_vec(&body)?.len() / SLOWEST_UPLOAD_BYTES_PER_S) as u64);
-    let accepted = match tokio::time::timeout(within, http.post(format!("{base}/jobs")).header("X-Runner-Secret", &args.secret).json(&body).send()).await {
+    let accepted = match tokio::time::timeout(within, http.post(format!("{base}/jobs")).header("X-Runner-Secret", &secret).json(&body).send()).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return fail(format!("cannot reach the edge at {base}: {e}; check --edge (CLAUDE_RUNNER_URL)")),
+        Ok(Err(e)) => return fail(format!("cannot reach the edge at {base}: {}; check --edge (CLAUDE_RUNNER_URL)", request_error(&e))),
         Err(_) => return fail(format!("cannot reach the edge at {base}: no answer within {} s; check --edge (CLAUDE_RUNNER_URL)", within.as_secs())),
     };
     let status = accepted.status();
@@ -191,7 +241,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         }
         // Its head comes at once (the stream itself may be quiet for as long as the job runs).
-        let follow = http.get(format!("{base}/jobs/{job_id}/events")).header("X-Runner-Secret", &args.secret).send();
+        let follow = http.get(format!("{base}/jobs/{job_id}/events")).header("X-Runner-Secret", &secret).send();
         let resp = match tokio::time::timeout(ANSWER_TIME, follow).await {
             Ok(Ok(r)) if r.status().is_success() => r,
             Ok(Ok(r)) => return fail(format!("following job {job_id} failed ({}); read it with GET /jobs/{job_id}", r.status())),

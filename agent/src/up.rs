@@ -129,7 +129,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         edge_public_key: keys::verifying_key("edge key", &state.keys.edge_public_key)?,
         claude_bin: args.local.claude_bin.clone(),
         claude_config_dir: args.local.claude_config_dir.clone(),
-        data_dir: root.join("agent"),
+        data_dir: crate::config::up_agent_dir(&args.local.data_dir()),
         max_concurrent_jobs: args.max_concurrent_jobs,
         claude_model: args.local.claude_model.clone(),
         job_env_allow: crate::config::job_env_allow(&args.local.job_env_allow)?,
@@ -139,15 +139,44 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         labels: Default::default(),
         one_job: false,
     };
+    // A newcomer's first job is refused when Claude is not logged in here: said now, with
+    // how to log in, rather than only in the 503 the printed curl line then gets. Read as
+    // the agent will start: with a failed authentication its last run left standing.
+    let now = crate::now_ms();
+    let reporter = crate::report::Reporter::new(crate::oauth::Login::new(args.local.claude_config_dir.as_deref()));
+    reporter.resume(crate::status::read(&agent_cfg.data_dir).ok().flatten().as_ref(), now);
+    let login = reporter.report().status(now);
+    let login_note = match (login.needs_login, login.configured) {
+        (false, _) => String::new(),
+        (true, false) => "
+  Claude is not logged in on this machine: /execute is refused (503 RUNNER_OAUTH_ERROR) and
+  POST /jobs waits until it is. Run `claude auth login` in another terminal (the agent sees
+  the new login within seconds), or set CLAUDE_CODE_OAUTH_TOKEN (from `claude setup-token`)
+  and start `up` again.
+"
+        .to_string(),
+        (true, true) => format!(
+            "
+  Claude's login on this machine needs a person: /execute is refused (503 RUNNER_OAUTH_ERROR)
+  and POST /jobs waits until then. {}.
+",
+            shared::text::one_line(login.next_step.as_deref().unwrap_or("run `claude auth login` in another terminal"))
+        ),
+    };
     println!(
         "Claude Runner is up: edge http://{addr}, agent `{id}` connected to it.
-
+{login_note}
   curl -s -X POST http://{addr}/execute \\
     -H 'Content-Type: application/json' -H 'X-Runner-Secret: {secret}' \\
     -d '{{\"prompt\": \"Write a haiku about home servers\"}}'
 
   curl -s -H 'X-Runner-Secret: {secret}' http://{addr}/health
-Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both.",
+
+  export CLAUDE_RUNNER_URL=http://{addr} RUNNER_SECRET={secret}
+  claude-runner submit \"Write a haiku about home servers\"
+
+The status page: http://{addr}/ (it asks for the secret); `claude-runner status` shows the agent.
+Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both (running jobs finish first).",
         id = state.agent_id,
         secret = state.runner_secret,
         keys_path = root.join("up.json").display(),

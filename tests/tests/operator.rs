@@ -70,50 +70,94 @@ fn up_without_claude_says_how_to_install_it() {
     assert!(err.contains("npm install -g @anthropic-ai/claude-code"), "{err}");
 }
 
-/// `claude-runner up` with `DATA_DIR` `data`, its stderr in `data/{log}`: the process,
-/// what it prints (line by line, as it prints it) after its first line, and the edge's
-/// address from that line.
-fn start_up(data: &std::path::Path, log: &str) -> (std::process::Child, std::sync::mpsc::Receiver<String>, String) {
-    use std::io::BufRead;
-    let log = std::fs::File::create(data.join(log)).unwrap();
-    let mut child = Command::new(bin("claude-runner"))
-        .arg("up")
-        .env("CLAUDE_BIN", bin("claude-standin"))
-        .env("DATA_DIR", data)
-        .env("LISTEN", "127.0.0.1:0")
-        .env("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-up-test-token")
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
+/// A running `claude-runner up` with `DATA_DIR` in `data`: its edge's URL, and every line
+/// it prints to stdout, as it prints them.
+struct Up {
+    child: std::process::Child,
+    base: String,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Up {
+    /// `up` with the stand-in for Claude and these settings besides.
+    fn start(data: &TempDir, env: &[(&str, &str)]) -> Up {
+        use std::io::BufRead;
+        let log = std::fs::File::create(data.path().join("up.log")).unwrap();
+        let mut child = Command::new(bin("claude-runner"))
+            .arg("up")
+            .env("CLAUDE_BIN", bin("claude-standin"))
+            .env("DATA_DIR", data.path())
+            .env("LISTEN", "127.0.0.1:0")
+            .env_remove("CLAUDE_CODE_OAUTH_TOKEN")
+            .env_remove("ANTHROPIC_API_KEY")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let first = lines.recv_timeout(Duration::from_secs(20)).expect("up prints where it listens");
+        let base = first
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no URL in `{first}`"))
+            .trim_end_matches(',')
+            .to_string();
+        Up { child, base, lines }
+    }
+
+    /// What it printed after its first line, up to its last (how to stop it).
+    fn printed(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(20)) {
+            let last = line.contains("Ctrl-C");
+            out.push(line);
+            if last {
+                break;
+            }
         }
-    });
-    let first = rx.recv_timeout(Duration::from_secs(20)).expect("up prints where it listens");
-    let base = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no URL in `{first}`"))
-        .trim_end_matches(',')
-        .to_string();
-    (child, rx, base)
+        out
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_runs_an_edge_and_a_connected_agent() {
     let data = TempDir::new("up");
-    let (mut child, rx, base) = start_up(data.path(), "up.log");
+    let mut up = Up::start(&data, &[("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-up-test-token")]);
+    let base = up.base.clone();
     let client = Client::new(&base);
     client.wait_online().await;
     // The secret it made is the one it printed in the curl line.
     let state: serde_json::Value = serde_json::from_slice(&std::fs::read(data.path().join("up/up.json")).unwrap()).unwrap();
     let secret = state["runner_secret"].as_str().unwrap();
-    let printed: Vec<String> = rx.try_iter().collect();
+    let printed = up.printed();
     assert!(printed.iter().any(|l| l.contains(&format!("X-Runner-Secret: {secret}"))), "{printed:?}");
+    assert!(!printed.iter().any(|l| l.contains("not logged in")), "{printed:?}");
+    // `submit` finds the edge the way `up` says, as it says.
+    let export = format!("export CLAUDE_RUNNER_URL={base} RUNNER_SECRET={secret}");
+    assert!(printed.iter().any(|l| l.trim() == export), "{printed:?}");
+    assert!(printed.iter().any(|l| l.trim() == "claude-runner submit \"Write a haiku about home servers\""), "{printed:?}");
+    let submit = Command::new(bin("claude-runner"))
+        .args(["submit", "hello from submit"])
+        .env("CLAUDE_RUNNER_URL", &base)
+        .env("RUNNER_SECRET", secret)
+        .output()
+        .unwrap();
+    assert!(submit.status.success(), "{}", String::from_utf8_lossy(&submit.stderr));
+    assert_eq!(String::from_utf8_lossy(&submit.stdout).trim(), "stand-in answer to: hello from submit");
     let a = client.send("POST", "/execute", Some(secret), Some(json!({"prompt": "hello from up"}).to_string().into_bytes())).await;
     assert_eq!(a.status, 200, "{}", a.text);
     assert_eq!(a.body["output"], "stand-in answer to: hello from up");
@@ -126,8 +170,8 @@ async fn up_runs_an_edge_and_a_connected_agent() {
         assert_eq!(mode(dir) & 0o077, 0, "{dir} is open to others");
     }
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
+    unsafe { libc::kill(up.child.id() as i32, libc::SIGTERM) };
+    let status = up.child.wait().unwrap();
     assert!(status.success(), "up stops cleanly on SIGTERM");
 }
 
@@ -140,8 +184,8 @@ async fn up_runs_an_edge_and_a_connected_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_up_on_the_same_data_dir_leaves_the_first_ones_keys() {
     let data = TempDir::new("up-twice");
-    let (mut first, _printed, base) = start_up(data.path(), "first.log");
-    Client::new(&base).wait_online().await;
+    let mut first = Up::start(&data, &[("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-up-test-token")]);
+    Client::new(&first.base).wait_online().await;
     std::fs::remove_file(data.path().join("up/up.json")).unwrap();
     let second = Command::new(bin("claude-runner"))
         .arg("up")
@@ -152,11 +196,100 @@ async fn a_second_up_on_the_same_data_dir_leaves_the_first_ones_keys() {
         .output()
         .unwrap();
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
-    assert!(first.wait().unwrap().success(), "the first up stops cleanly on SIGTERM");
+    unsafe { libc::kill(first.child.id() as i32, libc::SIGTERM) };
+    assert!(first.child.wait().unwrap().success(), "the first up stops cleanly on SIGTERM");
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(!second.status.success() && err.contains("another"), "{err}");
     assert!(!data.path().join("up/up.json").exists(), "the second up wrote keys the first does not use: {err}");
+}
+
+/// A newcomer with Claude Code installed but not logged in: `up` started, printed a curl
+/// line, and every job was refused (`503 RUNNER_OAUTH_ERROR`) with nothing said at the start.
+/// It says so when it starts, and how to log in.
+#[test]
+fn up_without_a_login_says_so_and_how_to_log_in() {
+    let data = TempDir::new("up-nologin");
+    let claude_dir = data.path().join("claude");
+    std::fs::create_dir_all(&claude_dir).unwrap();
+    let up = Up::start(&data, &[("CLAUDE_CONFIG_DIR", claude_dir.to_str().unwrap())]);
+    let printed = up.printed().join("\n");
+    assert!(printed.contains("not logged in") && printed.contains("claude auth login"), "{printed}");
+}
+
+/// A login that failed to authenticate stays failed across a restart while the
+/// credentials are the same (the agent takes the mark over from its status file): `up`
+/// started again said nothing of it, and the next job was refused. It says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_started_again_after_a_failed_login_says_so() {
+    let data = TempDir::new("up-authfailed");
+    let claude_dir = data.path().join("claude");
+    std::fs::create_dir_all(&claude_dir).unwrap();
+    let env = [("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-test-token-not-real-0123456789"), ("CLAUDE_CONFIG_DIR", claude_dir.to_str().unwrap())];
+    let mut up = Up::start(&data, &env);
+    let client = Client::new(&up.base);
+    client.wait_online().await;
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(data.path().join("up/up.json")).unwrap()).unwrap();
+    let secret = state["runner_secret"].as_str().unwrap();
+    let a = client.send("POST", "/execute", Some(secret), Some(json!({"prompt": "@auth_error"}).to_string().into_bytes())).await;
+    assert_eq!(a.body["error_code"], "RUNNER_OAUTH_ERROR", "{}", a.text);
+    let printed = up.printed();
+    assert!(!printed.iter().any(|l| l.contains("needs a person")), "{printed:?}");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(up.child.id() as i32, libc::SIGTERM) };
+    assert!(up.child.wait().unwrap().success());
+    let again = Up::start(&data, &env);
+    let printed = again.printed().join("\n");
+    assert!(printed.contains("needs a person") && printed.contains("claude auth login"), "{printed}");
+}
+
+/// `up`'s agent keeps its files under `DATA_DIR/up/agent`: `claude-runner status` and
+/// `agent --drain` with the same `DATA_DIR` said no agent had ever run while `up` ran, and
+/// `oauth-status` and `doctor` did not show its usage window. They find it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_drain_and_the_login_lines_find_the_agent_up_runs() {
+    let data = TempDir::new("up-status");
+    let claude_dir = data.path().join("claude");
+    std::fs::create_dir_all(&claude_dir).unwrap();
+    let token = "sk-ant-oat01-test-token-not-real-0123456789";
+    let mut up = Up::start(&data, &[("CLAUDE_CODE_OAUTH_TOKEN", token), ("CLAUDE_CONFIG_DIR", claude_dir.to_str().unwrap())]);
+    let client = Client::new(&up.base);
+    client.wait_online().await;
+    let secret: serde_json::Value = serde_json::from_slice(&std::fs::read(data.path().join("up/up.json")).unwrap()).unwrap();
+    let secret = secret["runner_secret"].as_str().unwrap();
+    let a = client.send("POST", "/execute", Some(secret), Some(json!({"prompt": "@rate_limited=3600"}).to_string().into_bytes())).await;
+    assert_eq!(a.body["error_code"], "USAGE_LIMIT", "{}", a.text);
+    // The status file is rewritten when the report goes out.
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..100 {
+        let (_, status, _) = oauth_status(&claude_dir, data.path(), Some(token));
+        if status["usage"]["status"] == "rejected" {
+            seen = status;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen["usage"]["type"], "five_hour", "{seen}");
+    let (_, out) = doctor(&[
+        ("CLAUDE_CONFIG_DIR", claude_dir.display().to_string()),
+        ("DATA_DIR", data.path().display().to_string()),
+        ("CLAUDE_BIN", bin("claude-standin").display().to_string()),
+        ("CLAUDE_CODE_OAUTH_TOKEN", token.to_string()),
+    ]);
+    assert!(out.contains("warn  usage") && out.contains("used up until"), "{out}");
+    // Its key and edge checks fail beside `up` (which has keys of its own): it says why.
+    assert!(out.contains("FAIL  edge:") && out.contains("`claude-runner up` runs with keys of its own"), "{out}");
+    let command = |args: &[&str]| {
+        let out = Command::new(bin("claude-runner")).args(args).env("DATA_DIR", data.path()).env_remove("CLAUDE_BIN").output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (ok, out) = command(&["status"]);
+    assert!(ok && out.contains("connected since"), "{out}");
+    let (ok, out) = command(&["agent", "--drain"]);
+    assert!(ok && out.contains("has stopped"), "{out}");
+    assert!(up.child.wait().unwrap().success(), "up exits 0 once drained");
+    // Stopped, it says how to start it again: with `up`, too.
+    let (ok, out) = command(&["status"]);
+    assert!(!ok && out.contains("not running") && out.contains("claude-runner up"), "{out}");
 }
 
 fn doctor(env: &[(&str, String)]) -> (bool, String) {
@@ -373,6 +506,57 @@ fn against_the_edge(edge: &EdgeServer, command: &str, args: &[&str]) -> std::pro
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// `submit` and `login` without the edge's URL or the secret: clap's "required arguments
+/// were not provided: --edge <EDGE> --secret <SECRET>" named neither setting the README
+/// uses (`CLAUDE_RUNNER_URL`, `RUNNER_SECRET`) nor where `up` keeps its secret. Each
+/// missing one is named, with where to find it; the exit status is the usage error's (2).
+#[test]
+fn submit_and_login_without_the_edge_or_the_secret_name_the_settings() {
+    for command in ["submit", "login"] {
+        for (set, missing, says) in [
+            (None, "CLAUDE_RUNNER_URL", "http://127.0.0.1:8787"),
+            (Some(("CLAUDE_RUNNER_URL", "http://127.0.0.1:9")), "RUNNER_SECRET", "up.json"),
+        ] {
+            let out = Command::new(bin("claude-runner"))
+                .args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
+                .env_remove("CLAUDE_RUNNER_URL")
+                .env_remove("RUNNER_SECRET")
+                .envs(set)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+            assert!(err.contains(missing) && err.contains(says), "{command} without {missing}: {err}");
+        }
+    }
+}
+
+/// An edge URL without its scheme said only "builder error", and an edge that is not
+/// running "error sending request for url (…)": the first says how to write it, the second
+/// why the request failed (reqwest keeps that in the error's sources).
+#[test]
+fn submit_and_login_say_why_the_edge_cannot_be_reached() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    for command in ["submit", "login"] {
+        for (url, says) in [(closed.to_string(), "http://"), (format!("http://{closed}"), "Connection refused")] {
+            let out = Command::new(bin("claude-runner"))
+                .args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
+                .env("CLAUDE_RUNNER_URL", &url)
+                .env("RUNNER_SECRET", SECRET)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+            assert!(err.contains(says), "{command} to {url}: {err}");
+        }
+    }
 }
 
 /// `submit` and `login` read the edge's answer whole (`reqwest`'s `json()`), however long:

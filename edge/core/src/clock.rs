@@ -25,10 +25,14 @@ pub struct Now {
 }
 
 impl Now {
-    /// The wall time at which edge time `t` happened, for display: the time now minus how
-    /// long ago it was, so a clock jump since then does not show a date that never was.
+    /// The wall time at which edge time `t` happened, or will, for display: the time now
+    /// minus how long ago it was (plus how long until it is), so a clock jump since then
+    /// does not show a date that never was. A deadline (a login's expiry) is in the future.
     pub fn wall_of(&self, t: Millis) -> Millis {
-        self.wall.saturating_sub(self.at.saturating_sub(t))
+        match t.checked_sub(self.at) {
+            Some(ahead) => self.wall.saturating_add(ahead),
+            None => self.wall.saturating_sub(self.at - t),
+        }
     }
 }
 
@@ -43,10 +47,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn past_edge_times_show_as_wall_times() {
+    fn edge_times_past_and_ahead_show_as_wall_times() {
         // The wall clock jumped two hours ahead while edge time moved one second.
         let now = Now { at: 11_000, wall: 7_200_000 + 11_000 };
         assert_eq!(now.wall_of(10_000), 7_200_000 + 10_000);
-        assert_eq!(Now::from(5).wall_of(9), 5, "a time after now shows as now");
+        assert_eq!(now.wall_of(71_000), 7_200_000 + 71_000, "a deadline a minute ahead shows a minute ahead");
+        assert_eq!(Now::from(5).wall_of(9), 9);
     }
 }

@@ -135,13 +135,24 @@ pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Optio
         (_, ["agent", "connect"]) => return Gate::AgentSocket,
         // Open to anyone; `/health` says more to a caller with the secret.
         ("GET" | "HEAD", ["health"] | [""] | []) => return Gate::Handle { read_body: false },
+        (_, ["health"] | [""] | []) => return Gate::Answer(Response::error(method_not_allowed(method, path, &segments))),
         _ => {}
     }
     if segments.as_slice() == ["pools"] {
-        return match admin(config, secret_header, authorization) {
-            true => Gate::Handle { read_body: false },
-            false => Gate::Answer(Response::error(ApiError::unauthorized())),
+        if admin(config, secret_header, authorization) {
+            return Gate::Handle { read_body: false };
+        }
+        // Said plainly: the holder of the right runner secret was told it was wrong.
+        let mut refused = ApiError::unauthorized();
+        refused.body.error = match config.admin_secret {
+            Some(_) => "GET /pools needs ADMIN_SECRET, not a pool's or a caller's secret: send it in the X-Runner-Secret header \
+                        (or Authorization: Bearer)"
+                .into(),
+            None => "GET /pools is closed on this edge: set ADMIN_SECRET (16+ characters, a value of its own) in the edge's \
+                     settings to open it"
+                .into(),
         };
+        return Gate::Answer(Response::error(refused));
     }
     // Pausing agents, logging the machine into an account, and reading its login and
     // its counters are the operator's: a named caller's own secret reaches its own jobs
@@ -375,10 +386,24 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
             answer(Response::json(200, to_json(&list)), Vec::new())
         }
         ("GET", ["metrics"]) => answer(Response::text(200, "text/plain; version=0.0.4", edge.metrics()), Vec::new()),
-        _ => answer(
-            Response::error(ApiError::new(ErrorCode::MethodNotAllowed, format!("{method} is not allowed on {}", shown_path(&req.path)))),
-            Vec::new(),
-        ),
+        _ => answer(Response::error(method_not_allowed(method, &req.path, &segments)), Vec::new()),
+    }
+}
+
+/// The `405` of a route the edge knows, asked with a method it does not take: it names
+/// those it takes.
+fn method_not_allowed(method: &str, path: &str, segments: &[&str]) -> ApiError {
+    let error = format!("{method} is not allowed on {}: use {}", shown_path(path), methods_of(segments));
+    ApiError::new(ErrorCode::MethodNotAllowed, error)
+}
+
+/// The methods a route the edge knows takes, as its `405` says them.
+fn methods_of(segments: &[&str]) -> &'static str {
+    match segments {
+        ["jobs"] => "GET or POST",
+        ["jobs", _] => "GET or DELETE",
+        ["execute"] | ["oauth", "login"] | ["oauth", "login", "code"] | ["agents", _, _] => "POST",
+        _ => "GET",
     }
 }
 

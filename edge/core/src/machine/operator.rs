@@ -25,7 +25,10 @@ impl Edge {
         let now = now.into();
         if self.cfg.agents.get(agent_id).is_none() {
             let shown = shared::text::truncate(agent_id, 64);
-            return Err(ApiError::not_found(&format!("agent `{shown}` (it is not in this pool's AGENT_PUBLIC_KEYS)")));
+            return Err(ApiError::new(
+                shared::contract::ErrorCode::NotFound,
+                format!("agent `{shown}` is not one of this pool's agents (AGENT_PUBLIC_KEYS): name one that GET /health lists"),
+            ));
         }
         let mut effects = Vec::new();
         let changed = if pause { self.alerts.paused.insert(agent_id.to_string()) } else { self.alerts.paused.remove(agent_id) };

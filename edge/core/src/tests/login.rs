@@ -219,13 +219,18 @@ fn the_relay_starts_once_passes_the_code_and_lets_held_work_go() {
     let url = "https://claude.ai/oauth/authorize?code=true&state=s".to_string();
     let progress = login_msg(&edge, &login_id, LoginStep::Start, LoginState::AwaitingCode, Some(url.clone()), None, None);
     let effects = say(&mut edge, 20, &sid, progress);
+    // It is given up LOGIN_TTL_MS after it started, and says so (it said the time of the
+    // answer: a future time was shown as now).
+    let expires_at = shared::time::rfc3339(10 + crate::machine::LOGIN_TTL_MS);
     for caller in [first.caller, second.caller] {
         let (status, body) = answer_to(&effects, caller).unwrap();
         assert_eq!((status, body["url"].as_str(), body["login_id"].as_str()), (200, Some(url.as_str()), Some(login_id.as_str())));
+        assert_eq!(body["expires_at"].as_str(), Some(expires_at.as_str()), "{body}");
     }
     // Asked again later: the same login, answered at once.
     let third = call(&mut edge, 30, "POST", "/oauth/login", Value::Null);
-    assert_eq!(answer_to(&third.effects, third.caller).unwrap().1["login_id"], login_id.as_str());
+    let (_, body) = answer_to(&third.effects, third.caller).unwrap();
+    assert_eq!((body["login_id"].as_str(), body["expires_at"].as_str()), (Some(login_id.as_str()), Some(expires_at.as_str())), "{body}");
     // The code goes to the agent in a signed order.
     let code = call(&mut edge, 40, "POST", "/oauth/login/code", json!({"login_id": login_id, "code": "abc#def"}));
     assert_eq!(login_order(&code.effects, &sid, 40).action, LoginAction::Code { code: "abc#def".into() });

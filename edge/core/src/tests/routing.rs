@@ -262,13 +262,54 @@ fn pools_needs_the_admin_secret() {
     let admin = "admin-secret-0123456789";
     let mut edge = Edge::new(Config { admin_secret: Some(admin.into()), ..pool_config() }, 0);
     let h = request(&mut edge, 0, SECRET, "GET", "/pools", Value::Null);
-    assert_eq!(answer(&h).0, 403, "the pool's secret is not the admin's");
+    let (status, body) = answer(&h);
+    assert_eq!(status, 403, "the pool's secret is not the admin's");
+    // It says which secret opens it (it said "missing or wrong runner secret" to the
+    // holder of the right runner secret).
+    assert!(body["error"].as_str().unwrap().contains("ADMIN_SECRET"), "{body}");
     let h = request(&mut edge, 0, admin, "GET", "/pools", Value::Null);
     let (status, body) = answer(&h);
     assert_eq!((status, body["pools"][0]["pool"].as_str()), (200, Some("default")), "{body}");
     let mut closed_edge = Edge::new(pool_config(), 0);
     let h = request(&mut closed_edge, 0, SECRET, "GET", "/pools", Value::Null);
-    assert_eq!(answer(&h).0, 403, "no ADMIN_SECRET: closed");
+    let (status, body) = answer(&h);
+    assert_eq!(status, 403, "no ADMIN_SECRET: closed");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("closed") && error.contains("set ADMIN_SECRET"), "{body}");
+}
+
+/// Pausing an agent the pool does not know said "agent `spark` (it is not in this pool's
+/// AGENT_PUBLIC_KEYS) not found; check the URL (routes: /execute, …)": the URL was right,
+/// the name was not. It says where the pool's agents are named.
+#[test]
+fn pausing_an_unknown_agent_says_where_its_agents_are_named() {
+    let mut edge = Edge::new(pool_config(), 0);
+    let h = request(&mut edge, 0, SECRET, "POST", "/agents/nobody/pause", Value::Null);
+    let (status, body) = answer(&h);
+    assert_eq!(status, 404, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("`nobody`") && error.contains("GET /health") && !error.contains("routes:"), "{body}");
+}
+
+/// A known route with another method said only "GET is not allowed on /execute": it says
+/// which methods the route takes.
+#[test]
+fn a_wrong_method_is_told_the_routes_methods() {
+    let mut edge = Edge::new(pool_config(), 0);
+    for (method, path, says) in [
+        ("GET", "/execute", "use POST"),
+        ("DELETE", "/jobs", "use GET or POST"),
+        ("POST", "/jobs/abc", "use GET or DELETE"),
+        ("POST", "/oauth/status", "use GET"),
+        ("GET", "/agents/spark/pause", "use POST"),
+        ("POST", "/health", "use GET"),
+        ("DELETE", "/", "use GET"),
+    ] {
+        let h = request(&mut edge, 0, SECRET, method, path, Value::Null);
+        let (status, body) = answer(&h);
+        assert_eq!(status, 405, "{method} {path}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(says), "{method} {path}: {body}");
+    }
 }
 
 /// One step of the property test below.
