@@ -232,6 +232,13 @@ impl Agent {
         self.running.lock().expect("running lock").ids()
     }
 
+    /// What a hello says the agent holds: the jobs it runs, and the results it keeps
+    /// ([`shared::protocol::Hello::name_finished`]: at most so many named, and whether
+    /// there are more). See [`jobs_held`].
+    pub fn held_for_hello(&self) -> (Vec<String>, Vec<String>, bool) {
+        jobs_held(|| self.running_ids(), || self.spool.all().into_iter().map(|(id, _)| id).collect())
+    }
+
     fn slots(&self, running: &Running) -> Slots {
         let free = if running.closed { 0 } else { self.cfg.max_concurrent_jobs.saturating_sub(running.jobs.len() as u32) };
         Slots { free, received: running.received }
@@ -574,9 +581,44 @@ impl Agent {
     }
 }
 
+/// The jobs running (`running`) and the results kept (`kept`), for a hello, with the
+/// results named as [`shared::protocol::Hello::name_finished`] names them. The running
+/// jobs are read first: a job ends by having its result kept, then leaving the running
+/// ones ([`Agent::finish`]), so one that ends between the two reads is named in both,
+/// never in neither — the edge takes a job a hello does not name for lost.
+fn jobs_held(running: impl FnOnce() -> Vec<String>, kept: impl FnOnce() -> Vec<String>) -> (Vec<String>, Vec<String>, bool) {
+    let running = running();
+    let (finished, more_finished) = shared::protocol::Hello::name_finished(kept());
+    (running, finished, more_finished)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hello names every job the agent holds, and the edge takes a job it does not name
+    /// for lost. A job ends by having its result kept, then leaving the running ones
+    /// ([`Agent::finish`]): a job that ended between the hello's two reads — results
+    /// first, then the running jobs — was in neither, and the edge ended it lost, then
+    /// acknowledged its result (sent just after the hello) as a duplicate: a job that
+    /// succeeded, reported lost to its caller.
+    #[test]
+    fn a_job_ending_while_a_hello_is_made_is_named_in_it() {
+        // The job "j" runs; it ends (kept, then no longer running) right after the first read.
+        let (kept, running) = (std::cell::RefCell::new(vec![]), std::cell::RefCell::new(vec!["j".to_string()]));
+        let reads = std::cell::Cell::new(0);
+        let read = |of: &std::cell::RefCell<Vec<String>>| {
+            let now = of.borrow().clone();
+            if reads.replace(reads.get() + 1) == 0 {
+                kept.borrow_mut().push("j".to_string());
+                running.borrow_mut().clear();
+            }
+            now
+        };
+        let (running_named, finished, more) = jobs_held(|| read(&running), || read(&kept));
+        assert!(!more);
+        assert!(running_named.contains(&"j".to_string()) || finished.contains(&"j".to_string()), "named in neither: {running_named:?} {finished:?}");
+    }
 
     /// An agent killed after a job's result went to the edge but before the record of whose
     /// the job's Claude session is was written lost that session's resume: the caller had

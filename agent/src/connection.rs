@@ -204,8 +204,8 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
     // 2. Our signed hello, with this connection's X25519 key.
     let agent_nonce = nonce();
     let ephemeral = shared::link::Ephemeral::new(runtime::entropy());
-    // Named in the order their results are sent below; those left out follow all the same.
-    let (finished, more_finished) = Hello::name_finished(agent.spool.all().into_iter().map(|(id, _)| id));
+    // Results named in the order they are sent below; those left out follow all the same.
+    let (running, finished, more_finished) = agent.held_for_hello();
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         agent_id: cfg.agent_id.clone(),
@@ -215,7 +215,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
         ephemeral: ephemeral.public(),
         issued_at: crate::now_ms(),
         capacity: cfg.max_concurrent_jobs,
-        running: agent.running_ids(),
+        running,
         finished,
         more_finished,
         oauth: agent.oauth_report(),

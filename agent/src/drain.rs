@@ -90,18 +90,46 @@ fn holds_data_lock(pid: u32, data_dir: &Path) -> bool {
     lock.is_file() && holds_lock_on(&locks, pid, &lock)
 }
 
+/// Whether process `pid` is the agent of `data_dir`: it holds DATA_DIR's lock
+/// ([`holds_data_lock`]) — or it is an agent of a release before that lock (4860cf7),
+/// which took none: a `claude-runner … agent` holding no lock at all, where nobody holds
+/// DATA_DIR's (an agent since holds its own for its whole life, so a newer agent, of this
+/// DATA_DIR or another, is never taken for an older one). Draining such an agent is the
+/// upgrade's own step. What a job can still name that way, an older agent of the same user
+/// with another DATA_DIR, it can signal itself.
+fn is_agent_of(pid: u32, data_dir: &Path) -> bool {
+    if holds_data_lock(pid, data_dir) {
+        return true;
+    }
+    let Ok(locks) = std::fs::read_to_string("/proc/locks") else { return false };
+    let lock = std::fs::symlink_metadata(data_dir.join(crate::agent::DATA_LOCK)).ok();
+    let taken = lock.is_some_and(|lock| locks.lines().any(|line| on_inode(line, &lock)));
+    !taken && !locks.lines().filter(|line| !line.contains("->")).any(|line| held_by(line, pid)) && runs_agent(pid)
+}
+
+/// Whether `pid`'s command line is `claude-runner … agent …` (an agent's, whatever global
+/// flags come before its subcommand).
+fn runs_agent(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| cmd.split(|&b| b == 0).skip(1).any(|arg| arg == b"agent"))
+}
+
+/// Whether a /proc/locks line is a lock (or a wait for one) on the file of `lock`.
+fn on_inode(line: &str, lock: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    line.split_whitespace().nth(5).and_then(|dev_ino| dev_ino.rsplit(':').next()).and_then(|ino| ino.parse::<u64>().ok()) == Some(lock.ino())
+}
+
+/// Whether a /proc/locks line is a lock of `pid`'s.
+fn held_by(line: &str, pid: u32) -> bool {
+    line.split_whitespace().nth(4).and_then(|p| p.parse::<u32>().ok()) == Some(pid)
+}
+
 /// Whether a /proc/locks text lists a lock held (not waited for) by `pid` on the file of
 /// `lock`. A line: `1: FLOCK  ADVISORY  WRITE 4242 08:01:1311 0 EOF`. The device is left
 /// out: in /proc/locks it is the inode's own file system's, which an overlay (a container's
 /// root) reports otherwise to `stat`.
 fn holds_lock_on(locks: &str, pid: u32, lock: &std::fs::Metadata) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    locks.lines().filter(|line| !line.contains("->")).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        fields.len() >= 6
-            && fields[4].parse::<u32>().is_ok_and(|p| p == pid)
-            && fields[5].rsplit(':').next().and_then(|ino| ino.parse::<u64>().ok()) == Some(lock.ino())
-    })
+    locks.lines().filter(|line| !line.contains("->")).any(|line| held_by(line, pid) && on_inode(line, lock))
 }
 
 /// `claude-runner agent --drain`: asks the agent that runs with `data_dir` to drain, then
@@ -121,7 +149,7 @@ async fn request_to(out: &mut impl std::io::Write, data_dir: &Path) -> anyhow::R
         status::say(out, format!("Agent {} (pid {}) is not running; nothing to drain.", agent.agent_id, agent.pid))?;
         return Ok(false);
     }
-    if !holds_data_lock(agent.pid, data_dir) {
+    if !is_agent_of(agent.pid, data_dir) {
         status::say(
             out,
             format!(
@@ -234,6 +262,43 @@ mod tests {
         let _lock = runtime::hold_lock(&dir.join(crate::agent::DATA_LOCK)).unwrap().expect("free");
         assert!(holds_data_lock(std::process::id(), &dir));
         assert!(!holds_data_lock(pid, &dir));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An agent of a release before DATA_DIR's lock (4860cf7) took none: `--drain` refused
+    /// it as "not the agent of this DATA_DIR", though it was — the upgrade's own step (the
+    /// new binary drains the old agent before it is restarted). A `claude-runner agent`
+    /// that holds no lock at all, where nobody holds this DATA_DIR's, is such an agent.
+    #[tokio::test]
+    async fn an_agent_of_a_release_before_the_lock_is_still_drained() {
+        use std::os::unix::process::CommandExt;
+        let dir = std::env::temp_dir().join(format!("cr-drain-older-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // `claude-runner agent` by its command line, holding no lock (tail follows /dev/null
+        // whatever the missing "agent" file).
+        let mut older = std::process::Command::new("tail").arg0("claude-runner").args(["agent", "-f", "/dev/null"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let pid = older.id();
+        for _ in 0..1000 {
+            if status::is_agent(pid) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let status = status::Status { agent_id: "older".into(), pid, ..Default::default() };
+        std::fs::write(dir.join("status.json"), serde_json::to_vec(&status).unwrap()).unwrap();
+        let mut shown = Vec::new();
+        let asked = tokio::time::timeout(std::time::Duration::from_secs(60), request_to(&mut shown, &dir)).await;
+        // Signalled (it catches no SIGUSR1: SIGTERM), or killed here.
+        let signalled = {
+            use std::os::unix::process::ExitStatusExt;
+            if !matches!(asked, Ok(Ok(true))) {
+                let _ = older.kill();
+            }
+            older.wait().unwrap().signal() == Some(libc::SIGTERM)
+        };
+        let said = String::from_utf8_lossy(&shown).to_string();
+        assert!(signalled && matches!(asked, Ok(Ok(true))), "not drained: {asked:?} {said}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

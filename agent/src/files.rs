@@ -374,12 +374,19 @@ pub fn sync_folder(dir: &Path) -> std::io::Result<()> {
 ///
 /// The folder is opened and its mode changed through that descriptor: what is changed is
 /// the folder whose mode was read. A link there is followed (an operator may put a folder
-/// of the agent's on another disk that way).
+/// of the agent's on another disk that way). A folder closed to its user (a job's
+/// `chmod 000`, `chmod -w`) is opened up to owner-only too, or the agent could not start.
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
     std::fs::DirBuilder::new().recursive(true).mode(PRIVATE_DIR).create(dir)?;
-    let folder = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_NOCTTY).open(dir)?;
-    restrict(&folder, PRIVATE_DIR)
+    // O_PATH: opened whatever its mode (an open for reading of a closed folder is refused).
+    let folder = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_DIRECTORY).open(dir)?;
+    if folder.metadata()?.permissions().mode() & 0o777 != PRIVATE_DIR {
+        // fchmod refuses an O_PATH descriptor; its /proc/self/fd link names the same folder.
+        std::fs::set_permissions(format!("/proc/self/fd/{}", folder.as_raw_fd()), std::fs::Permissions::from_mode(PRIVATE_DIR))?;
+    }
+    Ok(())
 }
 
 /// Takes group and other permissions off the open `file` if it has any: by its
@@ -414,6 +421,26 @@ mod tests {
         write_atomically(&root.join("f.json"), b"new", false).unwrap();
         assert_eq!(std::fs::metadata(root.join("f.json")).unwrap().permissions().mode() & 0o777, 0o600);
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A job (the agent's user) can close a folder of the agent's to that user (`chmod 000
+    /// DATA_DIR/workspaces`). Opened for its descriptor (41c826f), such a folder was refused
+    /// (EACCES) and the agent could not start again; it is opened up to owner-only instead.
+    #[test]
+    fn a_folder_closed_to_its_user_is_opened_up_not_refused() {
+        let root = std::env::temp_dir().join(format!("cr-files-closed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let closed = root.join("workspaces");
+        std::fs::create_dir_all(&closed).unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o000)).unwrap();
+        let made = crate::workspace::tests::as_an_ordinary_user({
+            let closed = closed.clone();
+            move || private_dir(&closed).map_err(|e| e.to_string())
+        });
+        let mode = std::fs::metadata(&closed).unwrap().permissions().mode() & 0o777;
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let _ = std::fs::remove_dir_all(&root);
+        assert_eq!((made, mode), (Ok(()), PRIVATE_DIR));
     }
 
     /// A job (the agent's user) swaps a file the agent read for a link to another file of

@@ -135,14 +135,20 @@ pub fn carry_session(config_dir: &Path, session_id: &str, cwd: &Path) -> std::io
     let source = std::fs::read_dir(&projects)?
         .flatten()
         .map(|dir| dir.path().join(&file))
-        .filter(|p| p.is_file())
-        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
+        // Plain files only, never through a link: Claude writes its transcripts as files,
+        // and a link there is a job's — one to `/proc/self/environ`, opened by the agent,
+        // is the agent's own environment, secrets and all, which the copy would hand to
+        // the job.
+        .filter_map(|p| std::fs::symlink_metadata(&p).ok().filter(|m| m.is_file()).map(|m| (p, m.modified().ok())))
+        .max_by_key(|(_, modified)| *modified)
+        .map(|(p, _)| p);
     let Some(source) = source else { return Ok(()) };
     // Claude's config folder is the agent's user's, so a job's: what is there is opened as
     // a file outside the agent's control (never waiting on a pipe swapped in, never taking
-    // a terminal, a plain file or an error), and copied up to the bound only.
+    // a terminal, never through a link swapped in since, a plain file or an error), and
+    // copied up to the bound only.
     let too_big = || std::io::Error::other(format!("the transcript of session {session_id} ({}) is over {} MiB: not carried over (start a new session)", source.display(), MAX_TRANSCRIPT_BYTES >> 20));
-    let mut from = crate::files::open_named(&source, "session transcript", "it is Claude's; start a new session")?;
+    let mut from = crate::files::open_plain(&source, false, "session transcript")?;
     if from.metadata()?.len() > MAX_TRANSCRIPT_BYTES {
         return Err(too_big());
     }
@@ -203,6 +209,26 @@ pub(crate) mod tests {
         let e = carry_session(&root, "abc-123", cwd).expect_err("a transcript over the bound is refused").to_string();
         assert!(e.contains("MiB") && e.contains("abc-123"), "{e}");
         assert!(!root.join("projects/-data-workspaces-job2/abc-123.jsonl").exists(), "copied all the same");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A transcript of the session's name is a job's to plant, a link too: one to
+    /// `/proc/self/environ`, opened by the agent, is the agent's own environment (a process
+    /// reads its own, dumpable or not), and it was copied into the new job's project
+    /// folder, where that job (and every later one) read the agent's secrets. A link is not
+    /// a transcript Claude wrote: nothing is carried through one.
+    #[test]
+    fn a_transcript_that_is_a_link_is_not_followed() {
+        let root = std::env::temp_dir().join(format!("cr-session-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let old = root.join("projects/-data-workspaces-job1");
+        std::fs::create_dir_all(&old).unwrap();
+        std::os::unix::fs::symlink("/proc/self/environ", old.join("abc-123.jsonl")).unwrap();
+        let cwd = Path::new("/data/workspaces/job2");
+        let _ = carry_session(&root, "abc-123", cwd);
+        let copied = root.join("projects/-data-workspaces-job2/abc-123.jsonl");
+        let leaked = std::fs::read(&copied).unwrap_or_default();
+        assert!(leaked.is_empty(), "the agent's environment was copied for the job: {} bytes", leaked.len());
         let _ = std::fs::remove_dir_all(&root);
     }
 
