@@ -108,6 +108,11 @@ const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 /// own, for good.
 pub(crate) const ANSWER_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// What to do when the task went out but its answer did not come back whole: the edge may
+/// have queued it, and sending it again as it was would run it twice.
+const MAY_BE_QUEUED: &str = "the task may have been queued all the same: look for it with `GET /jobs` before sending it again \
+     (sent with --idempotency-key, it can be sent again with the same key: the edge answers with the first job)";
+
 /// The slowest upload a task's time allows for: 16 KiB/s (the edge takes 1 MiB by default,
 /// so some 64 s more).
 const SLOWEST_UPLOAD_BYTES_PER_S: usize = 16 * 1024;
@@ -222,13 +227,17 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     let within = ANSWER_TIME + std::time::Duration::from_secs((serde_json::to_vec(&body)?.len() / SLOWEST_UPLOAD_BYTES_PER_S) as u64);
     let accepted = match tokio::time::timeout(within, http.post(format!("{base}/jobs")).header("X-Runner-Secret", &secret).json(&body).send()).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return fail(format!("cannot reach the edge at {base}: {}; check --edge (CLAUDE_RUNNER_URL)", request_error(&e))),
-        Err(_) => return fail(format!("cannot reach the edge at {base}: no answer within {} s; check --edge (CLAUDE_RUNNER_URL)", within.as_secs())),
+        Ok(Err(e)) if e.is_connect() => return fail(format!("cannot reach the edge at {base}: {}; check --edge (CLAUDE_RUNNER_URL)", request_error(&e))),
+        Ok(Err(e)) => return fail(format!("the exchange with the edge at {base} broke: {}; {MAY_BE_QUEUED}", request_error(&e))),
+        Err(_) => return fail(format!("no answer from the edge at {base} within {} s; {MAY_BE_QUEUED}", within.as_secs())),
     };
     let status = accepted.status();
     let answer = read_answer(accepted).await;
     let Some(job_id) = answer["job_id"].as_str().filter(|_| status.is_success()).map(str::to_string) else {
         let error = answer["error"].as_str().unwrap_or("no readable answer");
+        if status.is_success() {
+            return fail(format!("the edge took the task ({status}) but sent no readable answer; {MAY_BE_QUEUED}"));
+        }
         return fail(format!("the edge refused the task ({status}): {error}"));
     };
     if !args.quiet {
