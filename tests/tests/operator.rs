@@ -583,20 +583,7 @@ fn submit_refuses_an_edge_answer_without_end() {
         // Held open until submit lets go of it.
         let _ = conn.read(&mut request);
     });
-    let child = Command::new(bin("claude-runner"))
-        .args(["submit", "--edge", &format!("http://{addr}"), "--secret", SECRET, "hello"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let pid = child.id();
-    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()).unwrap());
-    let Ok(out) = rx.recv_timeout(Duration::from_secs(120)) else {
-        // SAFETY: kill of the child this test started.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        panic!("submit still reads an answer without end");
-    };
+    let out = submit_hello_to(addr, "submit still reads an answer without end");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("no readable answer"), "{err}");
@@ -642,6 +629,14 @@ fn submit_to_an_edge_that_stops(answer: &'static [u8]) -> (Option<i32>, String) 
         let _ = conn.write_all(answer);
         while conn.read(&mut request).is_ok_and(|n| n > 0) {}
     });
+    let out = submit_hello_to(addr, "submit still waits on an edge that stopped answering");
+    edge.join().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// `submit hello` to the edge at `addr`, given two minutes to give up by itself (killed and
+/// `stuck` said if it does not).
+fn submit_hello_to(addr: std::net::SocketAddr, stuck: &str) -> std::process::Output {
     let child = Command::new(bin("claude-runner"))
         .args(["submit", "--edge", &format!("http://{addr}"), "--secret", SECRET, "hello"])
         .stdout(Stdio::piped())
@@ -654,10 +649,9 @@ fn submit_to_an_edge_that_stops(answer: &'static [u8]) -> (Option<i32>, String) 
     let Ok(out) = rx.recv_timeout(Duration::from_secs(120)) else {
         // SAFETY: kill of the child this test started.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        panic!("submit still waits on an edge that stopped answering");
+        panic!("{stuck}");
     };
-    edge.join().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
