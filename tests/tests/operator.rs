@@ -126,6 +126,19 @@ impl Up {
     }
 }
 
+/// The runner secret `up` made and keeps in `DATA_DIR/up/up.json`.
+fn up_secret(data: &TempDir) -> String {
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(data.path().join("up/up.json")).unwrap()).unwrap();
+    state["runner_secret"].as_str().unwrap().to_string()
+}
+
+/// An empty Claude config folder in `data` (no login in it).
+fn claude_dir_in(data: &TempDir) -> std::path::PathBuf {
+    let dir = data.path().join("claude");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 impl Drop for Up {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -141,8 +154,7 @@ async fn up_runs_an_edge_and_a_connected_agent() {
     let client = Client::new(&base);
     client.wait_online().await;
     // The secret it made is the one it printed in the curl line.
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(data.path().join("up/up.json")).unwrap()).unwrap();
-    let secret = state["runner_secret"].as_str().unwrap();
+    let secret = &up_secret(&data);
     let printed = up.printed();
     assert!(printed.iter().any(|l| l.contains(&format!("X-Runner-Secret: {secret}"))), "{printed:?}");
     assert!(!printed.iter().any(|l| l.contains("not logged in")), "{printed:?}");
@@ -209,8 +221,7 @@ async fn a_second_up_on_the_same_data_dir_leaves_the_first_ones_keys() {
 #[test]
 fn up_without_a_login_says_so_and_how_to_log_in() {
     let data = TempDir::new("up-nologin");
-    let claude_dir = data.path().join("claude");
-    std::fs::create_dir_all(&claude_dir).unwrap();
+    let claude_dir = claude_dir_in(&data);
     let up = Up::start(&data, &[("CLAUDE_CONFIG_DIR", claude_dir.to_str().unwrap())]);
     let printed = up.printed().join("\n");
     assert!(printed.contains("not logged in") && printed.contains("claude auth login"), "{printed}");
@@ -222,14 +233,12 @@ fn up_without_a_login_says_so_and_how_to_log_in() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_started_again_after_a_failed_login_says_so() {
     let data = TempDir::new("up-authfailed");
-    let claude_dir = data.path().join("claude");
-    std::fs::create_dir_all(&claude_dir).unwrap();
+    let claude_dir = claude_dir_in(&data);
     let env = [("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-test-token-not-real-0123456789"), ("CLAUDE_CONFIG_DIR", claude_dir.to_str().unwrap())];
     let mut up = Up::start(&data, &env);
     let client = Client::new(&up.base);
     client.wait_online().await;
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(data.path().join("up/up.json")).unwrap()).unwrap();
-    let secret = state["runner_secret"].as_str().unwrap();
+    let secret = &up_secret(&data);
     let a = client.send("POST", "/execute", Some(secret), Some(json!({"prompt": "@auth_error"}).to_string().into_bytes())).await;
     assert_eq!(a.body["error_code"], "RUNNER_OAUTH_ERROR", "{}", a.text);
     let printed = up.printed();
@@ -248,14 +257,12 @@ async fn up_started_again_after_a_failed_login_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_drain_and_the_login_lines_find_the_agent_up_runs() {
     let data = TempDir::new("up-status");
-    let claude_dir = data.path().join("claude");
-    std::fs::create_dir_all(&claude_dir).unwrap();
+    let claude_dir = claude_dir_in(&data);
     let token = "sk-ant-oat01-test-token-not-real-0123456789";
     let mut up = Up::start(&data, &[("CLAUDE_CODE_OAUTH_TOKEN", token), ("CLAUDE_CONFIG_DIR", claude_dir.to_str().unwrap())]);
     let client = Client::new(&up.base);
     client.wait_online().await;
-    let secret: serde_json::Value = serde_json::from_slice(&std::fs::read(data.path().join("up/up.json")).unwrap()).unwrap();
-    let secret = secret["runner_secret"].as_str().unwrap();
+    let secret = &up_secret(&data);
     let a = client.send("POST", "/execute", Some(secret), Some(json!({"prompt": "@rate_limited=3600"}).to_string().into_bytes())).await;
     assert_eq!(a.body["error_code"], "USAGE_LIMIT", "{}", a.text);
     // The status file is rewritten when the report goes out.
