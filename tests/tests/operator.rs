@@ -147,7 +147,7 @@ async fn up_runs_an_edge_and_a_connected_agent() {
     assert!(printed.iter().any(|l| l.contains(&format!("X-Runner-Secret: {secret}"))), "{printed:?}");
     assert!(!printed.iter().any(|l| l.contains("not logged in")), "{printed:?}");
     // `submit` finds the edge the way `up` says, as it says.
-    let export = format!("export CLAUDE_RUNNER_URL={base} RUNNER_SECRET={secret}");
+    let export = format!("export CLAUDE_RUNNER_URL={base} RUNNER_SECRET='{secret}'");
     assert!(printed.iter().any(|l| l.trim() == export), "{printed:?}");
     assert!(printed.iter().any(|l| l.trim() == "claude-runner submit \"Write a haiku about home servers\""), "{printed:?}");
     let submit = Command::new(bin("claude-runner"))
