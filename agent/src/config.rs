@@ -85,8 +85,19 @@ impl LocalArgs {
     /// `doctor` ask about: `DATA_DIR` itself once an agent has run there, else that of the
     /// agent of `claude-runner up` run with this `DATA_DIR`, when it has — so a newcomer's
     /// `status` beside `up` finds `up`'s agent rather than saying none ever ran.
+    ///
+    /// A live agent comes first, known by its folder's lock (held for its whole life, seen
+    /// in /proc/locks, which a job cannot write): an agent stopped long ago in `DATA_DIR`
+    /// left its status.json there, and a job of `up`'s agent can write one; neither may
+    /// hide `up`'s running agent.
     pub fn running_agent_dir(&self) -> PathBuf {
         let data_dir = self.data_dir();
+        if crate::drain::lock_taken(&data_dir) {
+            return data_dir;
+        }
+        if crate::drain::lock_taken(&up_agent_dir(&data_dir)) {
+            return up_agent_dir(&data_dir);
+        }
         if !agent_has_run(&data_dir) && agent_has_run(&up_agent_dir(&data_dir)) {
             return up_agent_dir(&data_dir);
         }
@@ -351,6 +362,31 @@ impl AgentArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An agent once run in DATA_DIR (long stopped: its status.json stays) and `up` running
+    /// now with that DATA_DIR: `status` showed the stopped agent and `--drain` said there was
+    /// nothing to drain, beside `up`'s live agent. The agent holding its folder's lock is
+    /// the one asked about; so a status.json a job plants in DATA_DIR (a job of `up`'s agent
+    /// can write there) no longer turns them away from `up`'s agent either.
+    #[test]
+    fn the_live_agent_of_up_is_found_beside_a_stopped_one_in_data_dir() {
+        let dir = std::env::temp_dir().join(format!("cr-config-running-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let up = up_agent_dir(&dir);
+        std::fs::create_dir_all(&up).unwrap();
+        std::fs::write(dir.join(crate::status::FILE_NAME), b"{}").unwrap();
+        std::fs::write(up.join(crate::status::FILE_NAME), b"{}").unwrap();
+        let local = LocalArgs { claude_bin: "claude".into(), claude_config_dir: None, data_dir: Some(dir.clone()), claude_model: None, job_env_allow: String::new() };
+        assert_eq!(local.running_agent_dir(), dir, "neither runs: DATA_DIR's, as before");
+        let held = runtime::hold_lock(&up.join(crate::agent::DATA_LOCK)).unwrap().expect("nobody else holds it");
+        let found = local.running_agent_dir();
+        // DATA_DIR's own live agent is asked about first.
+        let own = runtime::hold_lock(&dir.join(crate::agent::DATA_LOCK)).unwrap().expect("nobody else holds it");
+        let own_found = local.running_agent_dir();
+        drop((held, own));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((found, own_found), (up, dir));
+    }
 
     #[test]
     fn key_files_must_be_private_and_outside_the_jobs_reach() {

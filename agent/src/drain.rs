@@ -102,9 +102,19 @@ fn is_agent_of(pid: u32, data_dir: &Path) -> bool {
         return true;
     }
     let Ok(locks) = std::fs::read_to_string("/proc/locks") else { return false };
+    !lock_taken_in(&locks, data_dir) && !locks.lines().filter(|line| !line.contains("->")).any(|line| held_by(line, pid)) && runs_agent(pid)
+}
+
+/// Whether anyone holds (or waits for) DATA_DIR's lock ([`crate::agent::DATA_LOCK`]): an
+/// agent runs with `data_dir` (by /proc/locks, which a job cannot write).
+pub fn lock_taken(data_dir: &Path) -> bool {
+    std::fs::read_to_string("/proc/locks").is_ok_and(|locks| lock_taken_in(&locks, data_dir))
+}
+
+/// [`lock_taken`], in a /proc/locks text.
+fn lock_taken_in(locks: &str, data_dir: &Path) -> bool {
     let lock = std::fs::symlink_metadata(data_dir.join(crate::agent::DATA_LOCK)).ok();
-    let taken = lock.is_some_and(|lock| locks.lines().any(|line| on_inode(line, &lock)));
-    !taken && !locks.lines().filter(|line| !line.contains("->")).any(|line| held_by(line, pid)) && runs_agent(pid)
+    lock.is_some_and(|lock| lock.is_file() && locks.lines().any(|line| on_inode(line, &lock)))
 }
 
 /// Whether `pid`'s command line is `claude-runner … agent …` (an agent's, whatever global

@@ -377,14 +377,34 @@ pub fn sync_folder(dir: &Path) -> std::io::Result<()> {
 /// of the agent's on another disk that way). A folder closed to its user (a job's
 /// `chmod 000`, `chmod -w`) is opened up to owner-only too, or the agent could not start.
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    private_dir_through(dir, "/proc/self/fd")
+}
+
+/// [`private_dir`], a folder closed to its user changed through its link in `fd_links`
+/// (/proc/self/fd).
+fn private_dir_through(dir: &Path, fd_links: &str) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
     std::fs::DirBuilder::new().recursive(true).mode(PRIVATE_DIR).create(dir)?;
-    // O_PATH: opened whatever its mode (an open for reading of a closed folder is refused).
+    let private = |mode: u32| mode & 0o777 == PRIVATE_DIR;
+    // Changed by its descriptor where it opens for reading (no /proc needed).
+    match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_NOCTTY).open(dir) {
+        Ok(folder) => {
+            if !private(folder.metadata()?.permissions().mode()) {
+                folder.set_permissions(std::fs::Permissions::from_mode(PRIVATE_DIR))?;
+            }
+            return Ok(());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+        Err(e) => return Err(e),
+    }
+    // Closed to its user: O_PATH opens it whatever its mode.
     let folder = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_DIRECTORY).open(dir)?;
-    if folder.metadata()?.permissions().mode() & 0o777 != PRIVATE_DIR {
+    if !private(folder.metadata()?.permissions().mode()) {
         // fchmod refuses an O_PATH descriptor; its /proc/self/fd link names the same folder.
-        std::fs::set_permissions(format!("/proc/self/fd/{}", folder.as_raw_fd()), std::fs::Permissions::from_mode(PRIVATE_DIR))?;
+        std::fs::set_permissions(format!("{fd_links}/{}", folder.as_raw_fd()), std::fs::Permissions::from_mode(PRIVATE_DIR)).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("{} is closed to its owner and cannot be opened up ({e}; is /proc mounted?): chmod 700 it", dir.display()))
+        })?;
     }
     Ok(())
 }
@@ -421,6 +441,22 @@ mod tests {
         write_atomically(&root.join("f.json"), b"new", false).unwrap();
         assert_eq!(std::fs::metadata(root.join("f.json")).unwrap().permissions().mode() & 0o777, 0o600);
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// Without /proc (a chroot, a container that does not mount it) a folder left open by
+    /// an older version or another umask is still made owner-only: b44c542 changed every
+    /// folder's mode through /proc/self/fd, so such an agent could no longer start
+    /// ("No such file or directory"), where the descriptor's fchmod had done it before.
+    #[test]
+    fn an_open_folder_is_made_private_without_proc() {
+        let root = std::env::temp_dir().join(format!("cr-files-noproc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let made = private_dir_through(&root, "/no-proc-here/self/fd").map_err(|e| e.to_string());
+        let mode = std::fs::metadata(&root).unwrap().permissions().mode() & 0o777;
+        let _ = std::fs::remove_dir_all(&root);
+        assert_eq!((made, mode), (Ok(()), PRIVATE_DIR));
     }
 
     /// A job (the agent's user) can close a folder of the agent's to that user (`chmod 000

@@ -238,6 +238,11 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         if status.is_success() {
             return fail(format!("the edge took the task ({status}) but sent no readable answer; {MAY_BE_QUEUED}"));
         }
+        // The edge's own refusals say why; a 5xx that does not is a gateway's between here
+        // and the edge (a proxy that gave up waiting): the task may have reached the edge.
+        if status.is_server_error() && answer["error"].as_str().is_none() {
+            return fail(format!("no answer of the edge's: {status} from whatever answers at {base} (a proxy in between?); {MAY_BE_QUEUED}"));
+        }
         return fail(format!("the edge refused the task ({status}): {error}"));
     };
     if !args.quiet {

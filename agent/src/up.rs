@@ -77,6 +77,14 @@ fn plain_secret(secret: &str) -> bool {
     (16..=256).contains(&secret.len()) && secret.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.+/=~".contains(&b))
 }
 
+/// The shell line `up` prints that sets what `claude-runner submit` reads. The secret is
+/// quoted as in the curl lines: bare, one beginning with `~` (which [`plain_secret`]
+/// allows, and a job can write into up.json) was tilde-expanded by the shell, and the
+/// operator exported another secret than the edge's.
+fn export_line(addr: SocketAddr, secret: &str) -> String {
+    format!("export CLAUDE_RUNNER_URL=http://{addr} RUNNER_SECRET='{secret}'")
+}
+
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if crate::process::find_binary(&args.local.claude_bin).is_none() {
         eprintln!("{}", crate::process::INSTALL_CLAUDE);
@@ -172,13 +180,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
   curl -s -H 'X-Runner-Secret: {secret}' http://{addr}/health
 
-  export CLAUDE_RUNNER_URL=http://{addr} RUNNER_SECRET={secret}
+  {export}
   claude-runner submit \"Write a haiku about home servers\"
 
 The status page: http://{addr}/ (it asks for the secret); `claude-runner status` shows the agent.
 Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both (running jobs finish first).",
         id = state.agent_id,
         secret = state.runner_secret,
+        export = export_line(addr, &state.runner_secret),
         keys_path = root.join("up.json").display(),
     );
     let result = crate::serve::serve(agent_cfg, crate::drain::stop_requests()).await;
@@ -190,6 +199,18 @@ Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both (running
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The export line, pasted into a shell, sets the very secret `up` holds, whatever
+    /// characters [`plain_secret`] lets through (a `~` first was expanded to a home folder).
+    #[test]
+    fn the_export_line_sets_the_secret_as_it_is() {
+        for secret in ["~root/0123456789abcdef", "a+b/c=d~e-f_g.h0123456789"] {
+            assert!(plain_secret(secret), "{secret}");
+            let line = export_line("127.0.0.1:8787".parse().unwrap(), secret);
+            let out = std::process::Command::new("bash").arg("-c").arg(format!("{line}\nprintf %s \"$RUNNER_SECRET\"")).output().unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), secret, "{line}");
+        }
+    }
 
     fn dir(name: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("cr-up-{name}-{}", std::process::id()));

@@ -159,7 +159,7 @@ async fn up_runs_an_edge_and_a_connected_agent() {
     assert!(printed.iter().any(|l| l.contains(&format!("X-Runner-Secret: {secret}"))), "{printed:?}");
     assert!(!printed.iter().any(|l| l.contains("not logged in")), "{printed:?}");
     // `submit` finds the edge the way `up` says, as it says.
-    let export = format!("export CLAUDE_RUNNER_URL={base} RUNNER_SECRET={secret}");
+    let export = format!("export CLAUDE_RUNNER_URL={base} RUNNER_SECRET='{secret}'");
     assert!(printed.iter().any(|l| l.trim() == export), "{printed:?}");
     assert!(printed.iter().any(|l| l.trim() == "claude-runner submit \"Write a haiku about home servers\""), "{printed:?}");
     let submit = Command::new(bin("claude-runner"))
@@ -621,6 +621,17 @@ fn submit_gives_up_on_an_edge_that_never_answers() {
     // The task went out whole: the edge may have queued it, so the error says how not to
     // run it twice rather than that the edge was not reached.
     assert!(err.contains("no answer") && err.contains("may have been queued") && err.contains("--idempotency-key"), "{err}");
+}
+
+/// A gateway between `submit` and the edge (a reverse proxy, a tunnel) that gives up on the
+/// edge's answer says 502 or 504 with no answer of the edge's: the task went out and the
+/// edge may have queued it. It was called refused, and sending it again ran it twice.
+#[test]
+fn submit_does_not_call_a_gateways_timeout_a_refusal() {
+    let (code, err) = submit_to_an_edge_that_stops(b"HTTP/1.1 504 Gateway Timeout\r\ncontent-type: text/html\r\ncontent-length: 20\r\n\r\n<html>timeout</html>");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(!err.contains("refused") && err.contains("504"), "{err}");
+    assert!(err.contains("may have been queued") && err.contains("--idempotency-key"), "{err}");
 }
 
 /// `submit hello` against an edge that reads the request, writes `answer`, then holds the

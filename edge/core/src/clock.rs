@@ -25,13 +25,20 @@ pub struct Now {
 }
 
 impl Now {
-    /// The wall time at which edge time `t` happened, or will, for display: the time now
-    /// minus how long ago it was (plus how long until it is), so a clock jump since then
-    /// does not show a date that never was. A deadline (a login's expiry) is in the future.
+    /// The wall time at which edge time `t` happened, for display: the time now minus how
+    /// long ago it was, so a clock jump since then does not show a date that never was. A
+    /// time after now (a record stored by a run whose clock was ahead) shows as now: what
+    /// happened is never shown as still to come. A deadline is [`Now::wall_until`]'s.
     pub fn wall_of(&self, t: Millis) -> Millis {
+        self.wall.saturating_sub(self.at.saturating_sub(t))
+    }
+
+    /// The wall time at which deadline `t` (edge time, a login's expiry) falls: the time
+    /// now plus how long until it (minus how long since, once past).
+    pub fn wall_until(&self, t: Millis) -> Millis {
         match t.checked_sub(self.at) {
             Some(ahead) => self.wall.saturating_add(ahead),
-            None => self.wall.saturating_sub(self.at - t),
+            None => self.wall_of(t),
         }
     }
 }
@@ -51,7 +58,9 @@ mod tests {
         // The wall clock jumped two hours ahead while edge time moved one second.
         let now = Now { at: 11_000, wall: 7_200_000 + 11_000 };
         assert_eq!(now.wall_of(10_000), 7_200_000 + 10_000);
-        assert_eq!(now.wall_of(71_000), 7_200_000 + 71_000, "a deadline a minute ahead shows a minute ahead");
-        assert_eq!(Now::from(5).wall_of(9), 9);
+        assert_eq!(now.wall_until(71_000), 7_200_000 + 71_000, "a deadline a minute ahead shows a minute ahead");
+        assert_eq!(now.wall_until(10_000), 7_200_000 + 10_000);
+        assert_eq!(Now::from(5).wall_of(9), 5, "what happened after now shows as now");
+        assert_eq!(Now::from(5).wall_until(9), 9);
     }
 }

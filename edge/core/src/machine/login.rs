@@ -323,7 +323,7 @@ impl Edge {
         };
         match relay {
             Some(LoginRelay { id, url: Some(url), awaiting_code: true, code_sent: false, expires_at, .. }) => {
-                let body = awaiting_code(&id, &agent_id, &url, now.wall_of(expires_at));
+                let body = awaiting_code(&id, &agent_id, &url, now.wall_until(expires_at));
                 answer(caller, Response::json(200, body.to_string()), effects)
             }
             Some(LoginRelay { code_sent: true, .. }) => {
@@ -407,7 +407,7 @@ impl Edge {
         match (state, url) {
             (LoginState::AwaitingCode, Some(url)) => {
                 info!(agent_id = %agent_id, login_id, "re-login waits for its code");
-                let body = awaiting_code(login_id, &agent_id, &url, now.wall_of(relay.expires_at));
+                let body = awaiting_code(login_id, &agent_id, &url, now.wall_until(relay.expires_at));
                 self.set_relay(session_id, Some(LoginRelay { url: Some(url), awaiting_code: true, ..relay }), effects);
                 self.answer_login(login_id, Response::json(200, body.to_string()), effects);
             }

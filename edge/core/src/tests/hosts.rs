@@ -136,3 +136,24 @@ fn a_wall_clock_jump_neither_times_out_running_jobs_nor_breaks_orders() {
     let effects = edge.tick(Now { at: due, wall: WALL - 3_600_000 });
     assert_eq!(finished(&effects)[0].2["error_code"], "TIMEOUT");
 }
+
+/// Records outlive the edge, and the native host sets edge time's epoch to the wall clock
+/// at start-up: a job stored by a run whose clock was ahead (stepped back by NTP before
+/// the restart) carries edge times ahead of the new run's. What already happened is shown
+/// as at the latest now, never as a date still to come (d1f6369 let every future edge time
+/// through for a login's deadline, so such a job was shown as created tomorrow).
+#[test]
+fn a_stored_time_ahead_of_now_is_not_shown_as_a_date_to_come() {
+    const WALL: u64 = 1_800_000_000_000;
+    const AHEAD: u64 = 24 * 3_600_000;
+    let ahead = |t: u64| Now { at: WALL + AHEAD + t, wall: WALL + AHEAD + t };
+    let mut edge = Edge::new(config(), ahead(0));
+    let sid = join_at(&mut edge, ahead(0), "spark", 1, vec![]);
+    say(&mut edge, WALL + AHEAD, &sid, credit(1, 0));
+    let job = call(&mut edge, ahead(10), "POST", "/execute", json!({"prompt": "x", "timeout_ms": 60000}));
+    let order = order_of(&job.effects, &sid, "spark", WALL + AHEAD + 10);
+    // The next run: its clock right, a day behind the stored times.
+    let after = Now { at: WALL + 100, wall: WALL + 100 };
+    let view = edge.job(&order.header.job_id).unwrap().view(after);
+    assert_eq!(view.created_at, shared::time::rfc3339(WALL + 100), "{view:?}");
+}
