@@ -142,16 +142,14 @@ pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Optio
         if admin(config, secret_header, authorization) {
             return Gate::Handle { read_body: false };
         }
-        // Said plainly: the holder of the right runner secret was told it was wrong.
+        // Said plainly (the holder of the right runner secret was told it was wrong), and
+        // the same whether or not ADMIN_SECRET is set: a caller without it learns nothing
+        // of the edge's settings.
         let mut refused = ApiError::unauthorized();
-        refused.body.error = match config.admin_secret {
-            Some(_) => "GET /pools needs ADMIN_SECRET, not a pool's or a caller's secret: send it in the X-Runner-Secret header \
-                        (or Authorization: Bearer)"
-                .into(),
-            None => "GET /pools is closed on this edge: set ADMIN_SECRET (16+ characters, a value of its own) in the edge's \
-                     settings to open it"
-                .into(),
-        };
+        refused.body.error = "GET /pools needs ADMIN_SECRET, not a pool's or a caller's secret: send it in the X-Runner-Secret header \
+                              (or Authorization: Bearer); an edge without ADMIN_SECRET keeps the route closed: set ADMIN_SECRET \
+                              (16+ characters, a value of its own) in the edge's settings to open it"
+            .into();
         return Gate::Answer(Response::error(refused));
     }
     // Pausing agents, logging the machine into an account, and reading its login and

@@ -276,6 +276,10 @@ fn pools_needs_the_admin_secret() {
     assert_eq!(status, 403, "no ADMIN_SECRET: closed");
     let error = body["error"].as_str().unwrap();
     assert!(error.contains("closed") && error.contains("set ADMIN_SECRET"), "{body}");
+    // One refusal whether or not ADMIN_SECRET is set: a caller without it learns nothing
+    // of the edge's settings from it.
+    let set = request(&mut edge, 0, "not-a-secret-at-all-0123", "GET", "/pools", Value::Null);
+    assert_eq!(answer(&set).1["error"].as_str(), Some(error), "{body}");
 }
 
 /// Pausing an agent the pool does not know said "agent `spark` (it is not in this pool's
