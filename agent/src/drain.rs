@@ -79,42 +79,51 @@ fn caught_in(status: &str, signal: i32) -> bool {
         .is_some_and(|mask| mask & (1u64 << (signal - 1)) != 0)
 }
 
-/// Whether process `pid` holds DATA_DIR's lock ([`crate::agent::DATA_LOCK`]), as the
-/// agent of `data_dir` does while it lives. The status file, which names the pid, is a
-/// job's to write (the agent's user): it could name another agent of the same user. Read
-/// from /proc/locks (the agent is not dumpable: its /proc/<pid>/fd is closed to its user),
-/// which a job cannot write: a lock taken by `pid` on the lock file's inode.
+/// DATA_DIR's lock file ([`crate::agent::DATA_LOCK`]), when it is a plain file: the agent
+/// of `data_dir` holds a lock on it for its whole life. Locks are read from /proc/locks,
+/// which a job cannot write (the status file, which names the agent's pid, is a job's to
+/// write; and the agent is not dumpable: its /proc/<pid>/fd is closed to its user).
+fn data_lock(data_dir: &Path) -> Option<std::fs::Metadata> {
+    std::fs::symlink_metadata(data_dir.join(crate::agent::DATA_LOCK)).ok().filter(|lock| lock.is_file())
+}
+
+/// /proc/locks, read once per question.
+fn proc_locks() -> Option<String> {
+    std::fs::read_to_string("/proc/locks").ok()
+}
+
+/// Whether process `pid` holds DATA_DIR's lock ([`data_lock`]), as the agent of
+/// `data_dir` does while it lives.
+#[cfg(test)]
 fn holds_data_lock(pid: u32, data_dir: &Path) -> bool {
-    let Ok(lock) = std::fs::symlink_metadata(data_dir.join(crate::agent::DATA_LOCK)) else { return false };
-    let Ok(locks) = std::fs::read_to_string("/proc/locks") else { return false };
-    lock.is_file() && holds_lock_on(&locks, pid, &lock)
+    proc_locks().zip(data_lock(data_dir)).is_some_and(|(locks, lock)| holds_lock_on(&locks, pid, &lock))
 }
 
 /// Whether process `pid` is the agent of `data_dir`: it holds DATA_DIR's lock
-/// ([`holds_data_lock`]) — or it is an agent of a release before that lock (4860cf7),
+/// ([`data_lock`]) — or it is an agent of a release before that lock (4860cf7),
 /// which took none: a `claude-runner … agent` holding no lock at all, where nobody holds
 /// DATA_DIR's (an agent since holds its own for its whole life, so a newer agent, of this
 /// DATA_DIR or another, is never taken for an older one). Draining such an agent is the
 /// upgrade's own step. What a job can still name that way, an older agent of the same user
 /// with another DATA_DIR, it can signal itself.
 fn is_agent_of(pid: u32, data_dir: &Path) -> bool {
-    if holds_data_lock(pid, data_dir) {
-        return true;
+    let Some(locks) = proc_locks() else { return false };
+    match data_lock(data_dir) {
+        Some(lock) if holds_lock_on(&locks, pid, &lock) => true,
+        Some(lock) if taken(&locks, &lock) => false,
+        _ => !held(&locks).any(|line| held_by(line, pid)) && runs_agent(pid),
     }
-    let Ok(locks) = std::fs::read_to_string("/proc/locks") else { return false };
-    !lock_taken_in(&locks, data_dir) && !locks.lines().filter(|line| !line.contains("->")).any(|line| held_by(line, pid)) && runs_agent(pid)
 }
 
-/// Whether anyone holds (or waits for) DATA_DIR's lock ([`crate::agent::DATA_LOCK`]): an
-/// agent runs with `data_dir` (by /proc/locks, which a job cannot write).
+/// Whether anyone holds (or waits for) DATA_DIR's lock ([`data_lock`]): an agent runs
+/// with `data_dir`.
 pub fn lock_taken(data_dir: &Path) -> bool {
-    std::fs::read_to_string("/proc/locks").is_ok_and(|locks| lock_taken_in(&locks, data_dir))
+    data_lock(data_dir).zip(proc_locks()).is_some_and(|(lock, locks)| taken(&locks, &lock))
 }
 
-/// [`lock_taken`], in a /proc/locks text.
-fn lock_taken_in(locks: &str, data_dir: &Path) -> bool {
-    let lock = std::fs::symlink_metadata(data_dir.join(crate::agent::DATA_LOCK)).ok();
-    lock.is_some_and(|lock| lock.is_file() && locks.lines().any(|line| on_inode(line, &lock)))
+/// Whether a /proc/locks text lists a lock (or a wait for one) on the file of `lock`.
+fn taken(locks: &str, lock: &std::fs::Metadata) -> bool {
+    locks.lines().any(|line| on_inode(line, lock))
 }
 
 /// Whether `pid`'s command line is `claude-runner … agent …` (an agent's, whatever global
@@ -134,12 +143,17 @@ fn held_by(line: &str, pid: u32) -> bool {
     line.split_whitespace().nth(4).and_then(|p| p.parse::<u32>().ok()) == Some(pid)
 }
 
+/// The lines of a /proc/locks text that are locks held, not waits for one (`->`).
+fn held(locks: &str) -> impl Iterator<Item = &str> {
+    locks.lines().filter(|line| !line.contains("->"))
+}
+
 /// Whether a /proc/locks text lists a lock held (not waited for) by `pid` on the file of
 /// `lock`. A line: `1: FLOCK  ADVISORY  WRITE 4242 08:01:1311 0 EOF`. The device is left
 /// out: in /proc/locks it is the inode's own file system's, which an overlay (a container's
 /// root) reports otherwise to `stat`.
 fn holds_lock_on(locks: &str, pid: u32, lock: &std::fs::Metadata) -> bool {
-    locks.lines().filter(|line| !line.contains("->")).any(|line| held_by(line, pid) && on_inode(line, lock))
+    held(locks).any(|line| held_by(line, pid) && on_inode(line, lock))
 }
 
 /// `claude-runner agent --drain`: asks the agent that runs with `data_dir` to drain, then
