@@ -111,7 +111,7 @@ fn is_agent_of(pid: u32, data_dir: &Path) -> bool {
     match data_lock(data_dir) {
         Some(lock) if holds_lock_on(&locks, pid, &lock) => true,
         Some(lock) if taken(&locks, &lock) => false,
-        _ => !held(&locks).any(|line| held_by(line, pid)) && runs_agent(pid),
+        _ => !held(&locks).any(|line| held_by(line, pid)) && status::runs_agent(pid),
     }
 }
 
@@ -124,12 +124,6 @@ pub fn lock_taken(data_dir: &Path) -> bool {
 /// Whether a /proc/locks text lists a lock (or a wait for one) on the file of `lock`.
 fn taken(locks: &str, lock: &std::fs::Metadata) -> bool {
     locks.lines().any(|line| on_inode(line, lock))
-}
-
-/// Whether `pid`'s command line is `claude-runner … agent …` (an agent's, whatever global
-/// flags come before its subcommand).
-fn runs_agent(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| cmd.split(|&b| b == 0).skip(1).any(|arg| arg == b"agent"))
 }
 
 /// Whether a /proc/locks line is a lock (or a wait for one) on the file of `lock`.

@@ -252,8 +252,18 @@ pub fn read(data_dir: &std::path::Path) -> anyhow::Result<Option<Status>> {
 /// Whether `pid` is a running claude-runner (a pid from an earlier container or boot may
 /// belong to something else by now).
 pub fn is_agent(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .is_ok_and(|cmd| cmd.split(|&b| b == 0).next().is_some_and(|argv0| argv0.ends_with(b"claude-runner")))
+    command_line(pid).is_some_and(|cmd| cmd.split(|&b| b == 0).next().is_some_and(|argv0| argv0.ends_with(b"claude-runner")))
+}
+
+/// Whether `pid`'s command line is `… agent …` after its program (an agent's, whatever
+/// global flags come before its subcommand): with [`is_agent`], a `claude-runner agent`.
+pub fn runs_agent(pid: u32) -> bool {
+    command_line(pid).is_some_and(|cmd| cmd.split(|&b| b == 0).skip(1).any(|arg| arg == b"agent"))
+}
+
+/// `pid`'s command line (its arguments, each ended by a NUL), none once it is gone.
+fn command_line(pid: u32) -> Option<Vec<u8>> {
+    std::fs::read(format!("/proc/{pid}/cmdline")).ok()
 }
 
 fn no_agent(data_dir: &std::path::Path) -> String {
