@@ -92,62 +92,122 @@ fn proc_locks() -> Option<String> {
     std::fs::read_to_string("/proc/locks").ok()
 }
 
+/// The locks on DATA_DIR's lock file, from /proc/locks read once. /proc/locks names a
+/// lock's file by device and inode (`fe:00:7086084`); the inode alone matched a lock on
+/// any file of that number on another file system (another user's, a job's on /dev/shm),
+/// and `stat`'s device is not the one shown under an overlay (a container's root). So the
+/// name is learned from a lock of this process's own on the file: a POSIX read lock
+/// (it never meets the agent's flock), shown in this descriptor's /proc/self/fdinfo and
+/// released when the file closes here. None where that cannot be learned (no plain lock
+/// file, no /proc, another POSIX lock on it).
+struct DataLocks {
+    /// The lock file as /proc/locks names it.
+    file: String,
+    /// /proc/locks, without the lock of this process's own.
+    text: String,
+}
+
+impl DataLocks {
+    fn read(data_dir: &Path) -> Option<DataLocks> {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
+        let lock = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(data_dir.join(crate::agent::DATA_LOCK))
+            .ok()?;
+        if !lock.metadata().ok()?.is_file() {
+            return None;
+        }
+        // SAFETY: a flock struct is plain data; zeroed, it covers the whole file.
+        let mut probe: libc::flock = unsafe { std::mem::zeroed() };
+        probe.l_type = libc::F_RDLCK as _;
+        probe.l_whence = libc::SEEK_SET as _;
+        // SAFETY: fcntl(2) on a descriptor owned here, with a flock it only reads.
+        if unsafe { libc::fcntl(lock.as_raw_fd(), libc::F_SETLK, &probe) } != 0 {
+            return None;
+        }
+        let me = std::process::id();
+        let mine = |line: &Line| line.kind == "POSIX" && line.pid == Some(me) && !line.waits;
+        let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", lock.as_raw_fd())).ok()?;
+        let file = fdinfo.lines().filter_map(|l| l.strip_prefix("lock:")).filter_map(Line::of).find(mine)?.file.to_string();
+        let text = proc_locks()?
+            .lines()
+            .filter(|l| !Line::of(l).is_some_and(|line| mine(&line) && line.file == file))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        Some(DataLocks { file, text })
+    }
+
+    /// The agent's flocks on the lock file (held, or waited for).
+    fn flocks(&self) -> impl Iterator<Item = Line<'_>> {
+        self.text.lines().filter_map(Line::of).filter(|line| line.kind == "FLOCK" && line.file == self.file)
+    }
+
+    /// Whether anyone holds (or waits for) the lock: an agent runs with this DATA_DIR.
+    fn taken(&self) -> bool {
+        self.flocks().next().is_some()
+    }
+
+    /// Whether process `pid` holds the lock, as the agent of this DATA_DIR does.
+    fn held_by(&self, pid: u32) -> bool {
+        self.flocks().any(|line| !line.waits && line.pid == Some(pid))
+    }
+}
+
 /// Whether process `pid` holds DATA_DIR's lock ([`data_lock`]), as the agent of
 /// `data_dir` does while it lives.
 #[cfg(test)]
 fn holds_data_lock(pid: u32, data_dir: &Path) -> bool {
-    proc_locks().zip(data_lock(data_dir)).is_some_and(|(locks, lock)| holds_lock_on(&locks, pid, &lock))
+    DataLocks::read(data_dir).is_some_and(|locks| locks.held_by(pid))
 }
 
 /// Whether process `pid` is the agent of `data_dir`: it holds DATA_DIR's lock
-/// ([`data_lock`]) — or it is an agent of a release before that lock (4860cf7),
+/// ([`DataLocks`]) — or it is an agent of a release before that lock (4860cf7),
 /// which took none: a `claude-runner … agent` holding no lock at all, where nobody holds
 /// DATA_DIR's (an agent since holds its own for its whole life, so a newer agent, of this
 /// DATA_DIR or another, is never taken for an older one). Draining such an agent is the
 /// upgrade's own step. What a job can still name that way, an older agent of the same user
 /// with another DATA_DIR, it can signal itself.
 fn is_agent_of(pid: u32, data_dir: &Path) -> bool {
-    let Some(locks) = proc_locks() else { return false };
-    match data_lock(data_dir) {
-        Some(lock) if holds_lock_on(&locks, pid, &lock) => true,
-        Some(lock) if taken(&locks, &lock) => false,
-        _ => !held(&locks).any(|line| held_by(line, pid)) && status::runs_agent(pid),
+    let holds_none = |locks: &str| !locks.lines().filter_map(Line::of).any(|line| !line.waits && line.pid == Some(pid));
+    if data_lock(data_dir).is_none() {
+        return proc_locks().is_some_and(|locks| holds_none(&locks)) && status::runs_agent(pid);
+    }
+    match DataLocks::read(data_dir) {
+        Some(locks) if locks.held_by(pid) => true,
+        Some(locks) if locks.taken() => false,
+        Some(locks) => holds_none(&locks.text) && status::runs_agent(pid),
+        None => false,
     }
 }
 
-/// Whether anyone holds (or waits for) DATA_DIR's lock ([`data_lock`]): an agent runs
+/// Whether anyone holds (or waits for) DATA_DIR's lock ([`DataLocks`]): an agent runs
 /// with `data_dir`.
 pub fn lock_taken(data_dir: &Path) -> bool {
-    data_lock(data_dir).zip(proc_locks()).is_some_and(|(lock, locks)| taken(&locks, &lock))
+    DataLocks::read(data_dir).is_some_and(|locks| locks.taken())
 }
 
-/// Whether a /proc/locks text lists a lock (or a wait for one) on the file of `lock`.
-fn taken(locks: &str, lock: &std::fs::Metadata) -> bool {
-    locks.lines().any(|line| on_inode(line, lock))
+/// A /proc/locks line: `1: FLOCK  ADVISORY  WRITE 4242 08:01:1311 0 EOF`, or a wait for a
+/// lock, `1: -> FLOCK  ADVISORY  WRITE 4243 08:01:1311 0 EOF` (its fields one further on).
+struct Line<'a> {
+    waits: bool,
+    kind: &'a str,
+    /// -1 (none) for a lock of an open file description (OFDLCK).
+    pid: Option<u32>,
+    /// The file, `major:minor:inode`.
+    file: &'a str,
 }
 
-/// Whether a /proc/locks line is a lock (or a wait for one) on the file of `lock`.
-fn on_inode(line: &str, lock: &std::fs::Metadata) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    line.split_whitespace().nth(5).and_then(|dev_ino| dev_ino.rsplit(':').next()).and_then(|ino| ino.parse::<u64>().ok()) == Some(lock.ino())
-}
-
-/// Whether a /proc/locks line is a lock of `pid`'s.
-fn held_by(line: &str, pid: u32) -> bool {
-    line.split_whitespace().nth(4).and_then(|p| p.parse::<u32>().ok()) == Some(pid)
-}
-
-/// The lines of a /proc/locks text that are locks held, not waits for one (`->`).
-fn held(locks: &str) -> impl Iterator<Item = &str> {
-    locks.lines().filter(|line| !line.contains("->"))
-}
-
-/// Whether a /proc/locks text lists a lock held (not waited for) by `pid` on the file of
-/// `lock`. A line: `1: FLOCK  ADVISORY  WRITE 4242 08:01:1311 0 EOF`. The device is left
-/// out: in /proc/locks it is the inode's own file system's, which an overlay (a container's
-/// root) reports otherwise to `stat`.
-fn holds_lock_on(locks: &str, pid: u32, lock: &std::fs::Metadata) -> bool {
-    held(locks).any(|line| held_by(line, pid) && on_inode(line, lock))
+impl<'a> Line<'a> {
+    fn of(line: &'a str) -> Option<Line<'a>> {
+        let mut fields = line.split_whitespace().skip(1).peekable();
+        let waits = fields.next_if_eq(&"->").is_some();
+        let kind = fields.next()?;
+        let pid = fields.nth(2)?.parse().ok();
+        let file = fields.next()?;
+        Some(Line { waits, kind, pid, file })
+    }
 }
 
 /// `claude-runner agent --drain`: asks the agent that runs with `data_dir` to drain, then
@@ -318,6 +378,29 @@ mod tests {
         let said = String::from_utf8_lossy(&shown).to_string();
         assert!(signalled && matches!(asked, Ok(Ok(true))), "not drained: {asked:?} {said}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// /proc/locks names a lock's file by its device and inode; only the inode was
+    /// compared, so a lock on any file of the same inode number on another file system
+    /// (another user's, a job's on /dev/shm) was taken for one on DATA_DIR's lock file:
+    /// its holder, named in a status.json a job wrote, was signalled as this DATA_DIR's agent.
+    #[test]
+    fn a_lock_on_a_file_of_the_same_inode_on_another_device_is_not_data_dirs() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("cr-drain-device-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(crate::agent::DATA_LOCK), b"").unwrap();
+        let lock = data_lock(&dir).unwrap();
+        let mut locks = DataLocks::read(&dir).expect("a plain lock file");
+        assert!(locks.file.ends_with(&format!(":{}", lock.ino())), "{}", locks.file);
+        locks.text = format!("1: FLOCK  ADVISORY  WRITE 4242 ff:7f:{} 0 EOF\n", lock.ino());
+        let (taken, held) = (locks.taken(), locks.held_by(4242));
+        // The same line on the lock file's own device is its lock.
+        locks.text = format!("1: FLOCK  ADVISORY  WRITE 4242 {} 0 EOF\n", locks.file);
+        let (taken, held) = ((taken, locks.taken()), (held, locks.held_by(4242)));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((taken, held), ((false, true), (false, true)));
     }
 
     #[test]
