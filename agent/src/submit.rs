@@ -108,6 +108,12 @@ const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 /// own, for good.
 pub(crate) const ANSWER_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long `submit` waits for its connection to the edge (name, TCP, TLS), well within
+/// [`ANSWER_TIME`]: an address that takes none (a firewall that drops it, a host gone)
+/// surely never got the task, and is said to be unreachable; without a time of its own the
+/// answer's ran out first, and the task was said to be perhaps queued on an edge never reached.
+const CONNECT_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What to do when the task went out but its answer did not come back whole: the edge may
 /// have queued it, and sending it again as it was would run it twice.
 const MAY_BE_QUEUED: &str = "the task may have been queued all the same: look for it with `GET /jobs` before sending it again \
@@ -220,7 +226,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     if !args.disallowed_tools.is_empty() {
         body["disallowed_tools"] = json!(args.disallowed_tools);
     }
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder().connect_timeout(CONNECT_TIME).build()?;
     // The edge answers a task at once: the exchange is given ANSWER_TIME and its upload's
     // time at the slowest link's pace (an edge that took the task and never answered held
     // `submit`, which has no time limit, for good).

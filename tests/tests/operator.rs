@@ -634,6 +634,29 @@ fn submit_does_not_call_a_gateways_timeout_a_refusal() {
     assert!(err.contains("may have been queued") && err.contains("--idempotency-key"), "{err}");
 }
 
+/// An edge address that takes no connection (a firewall that drops it, a host gone: here
+/// a listener whose queue is full, so its SYNs go unanswered) never got the task. `submit`
+/// had no time for the connection of its own: its answer's time ran out first, and it said
+/// the task may have been queued and to look for it on an edge it never reached.
+#[test]
+fn submit_says_an_edge_that_takes_no_connection_was_not_reached() {
+    use std::os::unix::io::AsRawFd;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // SAFETY: listen(2) again on a listening socket of this test's: its queue takes one.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    let mut queued = Vec::new();
+    while let Ok(conn) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+        queued.push(conn);
+        assert!(queued.len() < 100, "the listener's queue never fills");
+    }
+    let out = submit_hello_to(addr, "submit still waits for a connection");
+    drop((listener, queued));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot reach the edge") && !err.contains("may have been queued"), "{err}");
+}
+
 /// `submit hello` against an edge that reads the request, writes `answer`, then holds the
 /// connection open and silent until `submit` lets go of it: `submit`'s exit code and stderr.
 fn submit_to_an_edge_that_stops(answer: &'static [u8]) -> (Option<i32>, String) {
