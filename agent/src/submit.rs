@@ -226,7 +226,9 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     if !args.disallowed_tools.is_empty() {
         body["disallowed_tools"] = json!(args.disallowed_tools);
     }
-    let http = reqwest::Client::builder().connect_timeout(CONNECT_TIME).build()?;
+    // No redirect is followed: a 301/302 turned the task into a GET of another address,
+    // whose answer was taken for the edge's, and the secret went wherever it led.
+    let http = reqwest::Client::builder().connect_timeout(CONNECT_TIME).redirect(reqwest::redirect::Policy::none()).build()?;
     // The edge answers a task at once: the exchange is given ANSWER_TIME and its upload's
     // time at the slowest link's pace (an edge that took the task and never answered held
     // `submit`, which has no time limit, for good).
@@ -238,6 +240,14 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         Err(_) => return fail(format!("no answer from the edge at {base} within {} s; {MAY_BE_QUEUED}", within.as_secs())),
     };
     let status = accepted.status();
+    if status.is_redirection() {
+        let to = accepted.headers().get(reqwest::header::LOCATION).and_then(|to| to.to_str().ok()).unwrap_or("nowhere said");
+        return fail(format!(
+            "the edge at {base} did not take the task: it answered {status}, sending it to {}; submit follows no redirect \
+             (the secret would go along): if that is the edge's own address, set --edge (CLAUDE_RUNNER_URL) to it",
+            shared::text::truncate(to, 200)
+        ));
+    }
     let answer = read_answer(accepted).await;
     let Some(job_id) = answer["job_id"].as_str().filter(|_| status.is_success()).map(str::to_string) else {
         let error = answer["error"].as_str().unwrap_or("no readable answer");

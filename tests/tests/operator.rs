@@ -657,6 +657,39 @@ fn submit_says_an_edge_that_takes_no_connection_was_not_reached() {
     assert!(err.contains("cannot reach the edge") && !err.contains("may have been queued"), "{err}");
 }
 
+/// An address that answers the task with a redirect (plain http to a host that sends
+/// everything to https) did not take it: the client followed the 301 as a GET of the new
+/// address, read whatever answered there (a job list) and said the task may have been
+/// queued, where it surely was not; and it sent the secret wherever the redirect led.
+#[test]
+fn submit_says_a_redirect_did_not_take_the_task() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let heard = asked.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut request = vec![0; 64 * 1024];
+            let n = conn.read(&mut request).unwrap_or(0);
+            let head = String::from_utf8_lossy(&request[..n]).lines().next().unwrap_or_default().to_string();
+            let answer = if head.starts_with("POST") {
+                format!("HTTP/1.1 301 Moved Permanently\r\nlocation: http://{addr}/elsewhere\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            } else {
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\nconnection: close\r\n\r\n{\"jobs\":[]}".to_string()
+            };
+            heard.lock().unwrap().push(head);
+            let _ = conn.write_all(answer.as_bytes());
+        }
+    });
+    let out = submit_hello_to(addr, "submit still waits on a redirect");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("301") && err.contains("/elsewhere") && !err.contains("may have been queued"), "{err}");
+    assert_eq!(asked.lock().unwrap().len(), 1, "the redirect was followed: {:?}", asked.lock().unwrap());
+}
+
 /// `submit hello` against an edge that reads the request, writes `answer`, then holds the
 /// connection open and silent until `submit` lets go of it: `submit`'s exit code and stderr.
 fn submit_to_an_edge_that_stops(answer: &'static [u8]) -> (Option<i32>, String) {
