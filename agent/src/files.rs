@@ -385,22 +385,27 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
 fn private_dir_through(dir: &Path, fd_links: &str) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
-    std::fs::DirBuilder::new().recursive(true).mode(PRIVATE_DIR).create(dir)?;
+    // What a job can put at the name (a fifo, a file, a link to a folder not the user's)
+    // stops the agent's start: the error says which name, and what to do.
+    let named = |e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("{} ({e}): it must be a folder of the agent's user, or absent: remove what stands in its place", dir.display()))
+    };
+    std::fs::DirBuilder::new().recursive(true).mode(PRIVATE_DIR).create(dir).map_err(named)?;
     let private = |mode: u32| mode & 0o777 == PRIVATE_DIR;
     // Changed by its descriptor where it opens for reading (no /proc needed).
     match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_NOCTTY).open(dir) {
         Ok(folder) => {
-            if !private(folder.metadata()?.permissions().mode()) {
-                folder.set_permissions(std::fs::Permissions::from_mode(PRIVATE_DIR))?;
+            if !private(folder.metadata().map_err(named)?.permissions().mode()) {
+                folder.set_permissions(std::fs::Permissions::from_mode(PRIVATE_DIR)).map_err(named)?;
             }
             return Ok(());
         }
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
-        Err(e) => return Err(e),
+        Err(e) => return Err(named(e)),
     }
     // Closed to its user: O_PATH opens it whatever its mode.
-    let folder = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_DIRECTORY).open(dir)?;
-    if !private(folder.metadata()?.permissions().mode()) {
+    let folder = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_DIRECTORY).open(dir).map_err(named)?;
+    if !private(folder.metadata().map_err(named)?.permissions().mode()) {
         // fchmod refuses an O_PATH descriptor; its /proc/self/fd link names the same folder.
         std::fs::set_permissions(format!("{fd_links}/{}", folder.as_raw_fd()), std::fs::Permissions::from_mode(PRIVATE_DIR)).map_err(|e| {
             std::io::Error::new(e.kind(), format!("{} is closed to its owner and cannot be opened up ({e}; is /proc mounted?): chmod 700 it", dir.display()))
@@ -441,6 +446,34 @@ mod tests {
         write_atomically(&root.join("f.json"), b"new", false).unwrap();
         assert_eq!(std::fs::metadata(root.join("f.json")).unwrap().permissions().mode() & 0o777, 0o600);
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// What a job (the agent's user) can put at the name of one of the agent's folders — a
+    /// fifo, a file, a link to a folder of another owner — stops the agent's start; the
+    /// error said only "File exists" or "Operation not permitted" (with DATA_DIR, not the
+    /// folder), so the operator could not tell what to remove.
+    #[test]
+    fn what_stands_in_a_folders_place_is_named() {
+        let root = std::env::temp_dir().join(format!("cr-files-inplace-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let fifo = root.join("spool");
+        let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) with a NUL-ended path.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        std::fs::write(root.join("records"), b"").unwrap();
+        // A folder of another owner, where the tests run as root: / itself, mode 755.
+        let theirs = root.join("started");
+        std::os::unix::fs::symlink("/", &theirs).unwrap();
+        let said: Vec<String> = ["spool", "records"].iter().map(|n| private_dir(&root.join(n)).unwrap_err().to_string()).collect();
+        let foreign = (unsafe { libc::geteuid() } != 0).then(|| private_dir(&theirs).unwrap_err().to_string());
+        std::fs::remove_dir_all(&root).unwrap();
+        for (said, name) in said.iter().zip(["spool", "records"]) {
+            assert!(said.contains(&root.join(name).display().to_string()) && said.contains("remove"), "{said}");
+        }
+        if let Some(said) = foreign {
+            assert!(said.contains(&theirs.display().to_string()), "{said}");
+        }
     }
 
     /// Without /proc (a chroot, a container that does not mount it) a folder left open by
