@@ -98,13 +98,16 @@ fn proc_locks() -> Option<String> {
 /// and `stat`'s device is not the one shown under an overlay (a container's root). So the
 /// name is learned from a lock of this process's own on the file: a POSIX read lock
 /// (it never meets the agent's flock), shown in this descriptor's /proc/self/fdinfo and
-/// released when the file closes here. None where that cannot be learned (no plain lock
-/// file, no /proc, another POSIX lock on it).
+/// released when the file closes here. Where a lock is in its way (on NFS a flock is a
+/// POSIX lock of the whole file, the agent's too), that lock's holder is asked for
+/// instead (F_GETLK). None where neither can be learned (no plain lock file, no /proc).
 struct DataLocks {
     /// The lock file as /proc/locks names it.
     file: String,
     /// /proc/locks, without the lock of this process's own.
     text: String,
+    /// The holder of a lock in the way of this process's own (none: an OFD lock's).
+    in_the_way: Option<Option<u32>>,
 }
 
 impl DataLocks {
@@ -125,7 +128,12 @@ impl DataLocks {
         probe.l_whence = libc::SEEK_SET as _;
         // SAFETY: fcntl(2) on a descriptor owned here, with a flock it only reads.
         if unsafe { libc::fcntl(lock.as_raw_fd(), libc::F_SETLK, &probe) } != 0 {
-            return None;
+            // SAFETY: as above; F_GETLK writes the lock in the way into `probe`.
+            if unsafe { libc::fcntl(lock.as_raw_fd(), libc::F_GETLK, &mut probe) } != 0 || i32::from(probe.l_type) == libc::F_UNLCK {
+                return None;
+            }
+            let holder = u32::try_from(probe.l_pid).ok().filter(|pid| *pid > 0);
+            return Some(DataLocks { file: String::new(), text: String::new(), in_the_way: Some(holder) });
         }
         let me = std::process::id();
         let mine = |line: &Line| line.kind == "POSIX" && line.pid == Some(me) && !line.waits;
@@ -136,22 +144,22 @@ impl DataLocks {
             .filter(|l| !Line::of(l).is_some_and(|line| mine(&line) && line.file == file))
             .map(|l| format!("{l}\n"))
             .collect();
-        Some(DataLocks { file, text })
+        Some(DataLocks { file, text, in_the_way: None })
     }
 
-    /// The agent's flocks on the lock file (held, or waited for).
-    fn flocks(&self) -> impl Iterator<Item = Line<'_>> {
-        self.text.lines().filter_map(Line::of).filter(|line| line.kind == "FLOCK" && line.file == self.file)
+    /// The locks on the lock file (held, or waited for).
+    fn on_file(&self) -> impl Iterator<Item = Line<'_>> {
+        self.text.lines().filter_map(Line::of).filter(|line| line.file == self.file)
     }
 
     /// Whether anyone holds (or waits for) the lock: an agent runs with this DATA_DIR.
     fn taken(&self) -> bool {
-        self.flocks().next().is_some()
+        self.in_the_way.is_some() || self.on_file().next().is_some()
     }
 
     /// Whether process `pid` holds the lock, as the agent of this DATA_DIR does.
     fn held_by(&self, pid: u32) -> bool {
-        self.flocks().any(|line| !line.waits && line.pid == Some(pid))
+        self.in_the_way == Some(Some(pid)) || self.on_file().any(|line| !line.waits && line.pid == Some(pid))
     }
 }
 
@@ -401,6 +409,48 @@ mod tests {
         let (taken, held) = ((taken, locks.taken()), (held, locks.held_by(4242)));
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!((taken, held), ((false, true), (false, true)));
+    }
+
+    /// On NFS a flock is a POSIX lock of the whole file: the agent's is in the way of the
+    /// read lock [`DataLocks`] takes to learn the file's name, and the agent was then known
+    /// as none (`--drain` refused it, `status` passed it over). The lock in the way names
+    /// its holder (F_GETLK). Here a child holds a POSIX write lock, as the agent there does.
+    #[test]
+    fn a_lock_in_the_way_of_drains_own_names_its_holder() {
+        use std::os::unix::process::CommandExt;
+        let dir = std::env::temp_dir().join(format!("cr-drain-posix-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(crate::agent::DATA_LOCK), b"").unwrap();
+        let path = std::ffi::CString::new(dir.join(crate::agent::DATA_LOCK).to_str().unwrap()).unwrap();
+        let (locked_w, locked_r) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut child = std::process::Command::new("sleep");
+        child.arg("60");
+        // SAFETY: open(2), fcntl(2) and write(2) only, between fork and exec; the descriptor
+        // stays open across exec (no O_CLOEXEC), so the lock stays the child's.
+        let mut holder = unsafe {
+            let signal = std::os::unix::io::AsRawFd::as_raw_fd(&locked_w);
+            child.pre_exec(move || {
+                let fd = libc::open(path.as_ptr(), libc::O_RDWR);
+                let mut lock: libc::flock = std::mem::zeroed();
+                lock.l_type = libc::F_WRLCK as _;
+                lock.l_whence = libc::SEEK_SET as _;
+                if fd < 0 || libc::fcntl(fd, libc::F_SETLK, &lock) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::write(signal, b"l".as_ptr().cast(), 1);
+                Ok(())
+            })
+        }
+        .spawn()
+        .unwrap();
+        drop(locked_w);
+        std::io::Read::read_exact(&mut &locked_r, &mut [0]).unwrap();
+        let (held, taken, others) = (holds_data_lock(holder.id(), &dir), lock_taken(&dir), holds_data_lock(std::process::id(), &dir));
+        let _ = holder.kill();
+        let _ = holder.wait();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((held, taken, others), (true, true, false));
     }
 
     #[test]
