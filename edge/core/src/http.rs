@@ -200,6 +200,22 @@ pub fn unavailable(path: &str, message: &str) -> Response {
     Response::error(err)
 }
 
+/// The answer when the host failed while answering a request the machine may already have
+/// taken (the runtime refused something, an object could not be reached, the answer was
+/// lost): a task sent to `POST /execute` or `POST /jobs` may have been queued all the same,
+/// so "retry" alone would have a caller run it twice; the caller is told to look first
+/// (or resend with the same `Idempotency-Key`, which the edge answers with the first job).
+pub fn host_failed(method: &str, path: &str, what: &str) -> Response {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let next = if method == "POST" && matches!(segments.as_slice(), ["execute"] | ["jobs"]) {
+        "the task may have been queued all the same: look for it with `GET /jobs` before sending it again \
+         (or send it again with the same `Idempotency-Key`: the edge answers with the first job)"
+    } else {
+        "retry"
+    };
+    unavailable(path, &format!("{what}; {next}"))
+}
+
 /// `/agent/connect` without a WebSocket upgrade.
 pub fn upgrade_required() -> Response {
     let mut err = ApiError::invalid(

@@ -12,7 +12,7 @@
 use crate::exchange;
 use edge_core::config::ConfigError;
 use edge_core::http::Gate;
-use shared::contract::{ApiError, ErrorCode, Health, HealthStatus, PoolList, PoolSummary};
+use shared::contract::{ApiError, Health, HealthStatus, PoolList, PoolSummary};
 use shared::ids::{DEFAULT_POOL, MAX_POOL_NAME};
 use worker::wasm_bindgen::JsValue;
 use worker::{console_error, event, web_sys, Context, Env, Request, Response};
@@ -83,10 +83,12 @@ async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
         Ok(response) => Ok(response),
         Err(e) => {
             console_error!("pool={pool} path={path} could not reach the pool's Durable Object: {e}");
-            exchange::error(&ApiError::new(
-                ErrorCode::InternalError,
-                format!(
-                    "the edge could not reach its Durable Object ({e}); retry, and check the `{BINDING}` \
+            // The object may have taken the request before the failure (a reset mid-answer).
+            exchange::respond(edge_core::http::host_failed(
+                &method,
+                &path,
+                &format!(
+                    "the edge could not reach its Durable Object ({e}); if this persists, check the `{BINDING}` \
                      binding and migrations in wrangler.toml"
                 ),
             ))

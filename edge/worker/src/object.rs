@@ -104,7 +104,7 @@ impl DurableObject for EdgeDurableObject {
         // caller's: answer it in the contract's shape rather than workerd's bare 500.
         answer.or_else(|e| {
             console_error!("path={path} request failed in the host: {e}");
-            exchange::error(&ApiError::new(ErrorCode::InternalError, format!("the edge failed to answer: {e}; retry")))
+            exchange::respond(http::host_failed(&method, &path, &format!("the edge failed to answer: {e}")))
         })
     }
 
@@ -387,7 +387,7 @@ impl EdgeDurableObject {
             Ok(seed) => seed,
             Err(e) => return exchange::error(&ApiError::new(ErrorCode::InternalError, e)),
         };
-        let request = http::Request { method, path: path.to_string(), secret_header, authorization, idempotency_key, last_event_id, body };
+        let request = http::Request { method: method.clone(), path: path.to_string(), secret_header, authorization, idempotency_key, last_event_id, body };
         let now = now_ms();
         let Some(handled) = self.with_edge(|edge| http::handle(edge, now, seed, request)) else {
             return exchange::respond(not_loaded(path));
@@ -408,14 +408,14 @@ impl EdgeDurableObject {
                 self.callers.borrow_mut().insert(caller, Channel::Once(tx));
                 self.apply(handled.effects, None);
                 self.schedule(now).await;
-                exchange::respond(self.wait(caller, max_wait_ms, rx).await)
+                exchange::respond(self.wait(caller, max_wait_ms, rx, &method, path).await)
             }
         }
     }
 
     /// Waits for the caller's answer, bounded: a caller that hangs up does not cancel this
     /// future, so without the bound it would pin the object in memory indefinitely.
-    async fn wait(&self, caller: CallerId, max_wait_ms: u64, rx: oneshot::Receiver<Response>) -> Response {
+    async fn wait(&self, caller: CallerId, max_wait_ms: u64, rx: oneshot::Receiver<Response>, method: &str, path: &str) -> Response {
         let delay = std::pin::pin!(Delay::from(Duration::from_millis(max_wait_ms.min(i32::MAX as u64))));
         let rx = match select(rx, delay).await {
             Either::Left((Ok(answer), _)) => return answer,
@@ -428,7 +428,7 @@ impl EdgeDurableObject {
         self.apply(effects, None);
         match rx.map(|mut rx| rx.try_recv()) {
             Some(Ok(Some(answer))) => answer,
-            _ => http::unavailable("", "the edge lost this request while waiting; retry"),
+            _ => http::host_failed(method, path, "the edge lost this request while waiting"),
         }
     }
 

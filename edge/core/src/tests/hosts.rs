@@ -157,3 +157,22 @@ fn a_stored_time_ahead_of_now_is_not_shown_as_a_date_to_come() {
     let view = edge.job(&order.header.job_id).unwrap().view(after);
     assert_eq!(view.created_at, shared::time::rfc3339(WALL + 100), "{view:?}");
 }
+
+#[test]
+fn a_host_failure_on_a_task_says_it_may_be_queued_and_elsewhere_to_retry() {
+    // A Worker that lost an `/execute` answer (or could not reach its object after sending
+    // the task) must not tell the caller to retry blindly: the job may run all the same.
+    for (method, path) in [("POST", "/execute"), ("POST", "/jobs/"), ("POST", "/jobs")] {
+        let answer = crate::http::host_failed(method, path, "the edge lost this request while waiting");
+        assert_eq!(answer.status, 500);
+        let body: Value = serde_json::from_str(&answer.body).unwrap();
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains("may have been queued") && error.contains("GET /jobs") && !error.ends_with("retry"), "{error}");
+    }
+    for (method, path, status) in [("GET", "/jobs", 500), ("DELETE", "/jobs/j1", 500), ("GET", "/health", 503), ("POST", "/oauth/login", 500)] {
+        let answer = crate::http::host_failed(method, path, "the edge failed to answer: boom");
+        assert_eq!(answer.status, status, "{method} {path}");
+        let body: Value = serde_json::from_str(&answer.body).unwrap();
+        assert_eq!(body["error"], "the edge failed to answer: boom; retry", "{method} {path}");
+    }
+}
