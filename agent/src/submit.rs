@@ -259,6 +259,11 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         if status.is_server_error() && answer["error"].as_str().is_none() {
             return fail(format!("no answer of the edge's: {status} from whatever answers at {base} (a proxy in between?); {MAY_BE_QUEUED}"));
         }
+        // An edge's own 5xx is a failure of its own, not a refusal: its words say whether
+        // the task may have been queued (the native edge's storage failure: nothing was).
+        if status.is_server_error() {
+            return fail(format!("the edge failed to take the task ({status}): {error}"));
+        }
         return fail(format!("the edge refused the task ({status}): {error}"));
     };
     if !args.quiet {

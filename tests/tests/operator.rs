@@ -634,6 +634,17 @@ fn submit_does_not_call_a_gateways_timeout_a_refusal() {
     assert!(err.contains("may have been queued") && err.contains("--idempotency-key"), "{err}");
 }
 
+/// An edge's own 5xx (the Worker's "lost this request while waiting", which says the task
+/// may have been queued) was called a refusal, which reads as "nothing was queued".
+#[test]
+fn submit_does_not_call_an_edges_own_failure_a_refusal() {
+    let body = r#"{"success":false,"error":"the edge lost this request while waiting; the task may have been queued all the same: look for it with `GET /jobs` before sending it again","error_code":"INTERNAL_ERROR"}"#;
+    let answer = format!("HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    let (code, err) = submit_to_an_edge_that_stops(Box::leak(answer.into_bytes().into_boxed_slice()));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(!err.contains("refused") && err.contains("500") && err.contains("may have been queued"), "{err}");
+}
+
 /// An edge address that takes no connection (a firewall that drops it, a host gone: here
 /// a listener whose queue is full, so its SYNs go unanswered) never got the task. `submit`
 /// had no time for the connection of its own: its answer's time ran out first, and it said
