@@ -19,33 +19,62 @@ pub const PRIVATE_DIR: u32 = 0o700;
 /// What a crash leaves is removed by [`remove_leftovers`] at the agent's start.
 pub fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let name = path.file_name().ok_or_else(|| std::io::Error::other(format!("{} names no file", path.display())))?;
-    let mut tries = 0;
-    let (tmp, mut f) = loop {
-        let tmp = path.with_file_name(temporary_name(name));
-        // create_new (O_EXCL): never follows a link, never opens what is there.
-        match std::fs::OpenOptions::new().write(true).create_new(true).mode(PRIVATE_FILE).custom_flags(libc::O_NOCTTY).open(&tmp) {
-            Ok(f) => break (tmp, f),
-            // A name a job took beforehand (it cannot guess one, but may try many).
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 8 => tries += 1,
-            Err(e) => return Err(e),
-        }
-    };
-    let written = (|| {
-        // `mode` is masked by the umask.
-        f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE))?;
-        f.write_all(bytes)?;
-        if durable {
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        // Half a file on a full disk holds the space that was lacking. Ours: made O_EXCL.
-        let _ = std::fs::remove_file(&tmp);
+    let mut tmp = Temporary::beside(path)?;
+    tmp.file.write_all(bytes)?;
+    if durable {
+        tmp.file.sync_all()?;
     }
-    written
+    tmp.rename()
+}
+
+/// A file [`write_atomically`] writes, not yet renamed over its `path`: for a writer that
+/// fills it in steps (the session log's compaction, most of it off the log's lock).
+/// Removed if dropped before [`Temporary::rename`]: half a file on a full disk holds the
+/// very space that was lacking, and nothing else removes it while the agent runs.
+pub struct Temporary {
+    pub file: std::fs::File,
+    path: std::path::PathBuf,
+    tmp: std::path::PathBuf,
+    renamed: bool,
+}
+
+impl Temporary {
+    /// Makes the temporary of `path` ([`temporary_name`]), owner-only.
+    pub fn beside(path: &Path) -> std::io::Result<Temporary> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let name = path.file_name().ok_or_else(|| std::io::Error::other(format!("{} names no file", path.display())))?;
+        let mut tries = 0;
+        let (tmp, file) = loop {
+            let tmp = path.with_file_name(temporary_name(name));
+            // create_new (O_EXCL): never follows a link, never opens what is there.
+            match std::fs::OpenOptions::new().write(true).create_new(true).mode(PRIVATE_FILE).custom_flags(libc::O_NOCTTY).open(&tmp) {
+                Ok(file) => break (tmp, file),
+                // A name a job took beforehand (it cannot guess one, but may try many).
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 8 => tries += 1,
+                Err(e) => return Err(e),
+            }
+        };
+        let tmp = Temporary { file, path: path.to_path_buf(), tmp, renamed: false };
+        // `mode` is masked by the umask.
+        tmp.file.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE))?;
+        Ok(tmp)
+    }
+
+    /// Renames it over its path: from now on the path holds what was written into it.
+    pub fn rename(mut self) -> std::io::Result<()> {
+        std::fs::rename(&self.tmp, &self.path)?;
+        self.renamed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Temporary {
+    fn drop(&mut self) {
+        if !self.renamed {
+            // Ours: made O_EXCL under a name of its own.
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// The name of one write's temporary for the file `name`: `.<name>.<16 hex>.tmp`, random,
