@@ -121,6 +121,13 @@ pub fn lock_taken(data_dir: &Path) -> bool {
     data_lock(data_dir).zip(proc_locks()).is_some_and(|(lock, locks)| taken(&locks, &lock))
 }
 
+/// The processes that hold (not wait for) DATA_DIR's lock ([`data_lock`]): the agent of
+/// `data_dir` while it lives — or a job's process (the agent's user can lock the file too).
+pub fn lock_holders(data_dir: &Path) -> Vec<u32> {
+    let Some((lock, locks)) = data_lock(data_dir).zip(proc_locks()) else { return Vec::new() };
+    held(&locks).filter(|line| on_inode(line, &lock)).filter_map(|line| line.split_whitespace().nth(4).and_then(|p| p.parse().ok())).collect()
+}
+
 /// Whether a /proc/locks text lists a lock (or a wait for one) on the file of `lock`.
 fn taken(locks: &str, lock: &std::fs::Metadata) -> bool {
     locks.lines().any(|line| on_inode(line, lock))
