@@ -122,6 +122,9 @@ impl Agent {
                     cfg.data_dir.display()
                 )
             })?;
+        // What a crash left of a write (status, replay memory, session log): no write is
+        // under way before the lock, and none of another agent's after it.
+        crate::files::remove_leftovers(&cfg.data_dir);
         let (spool, interrupted) = Spool::open(
             cfg.data_dir.join("spool"),
             cfg.data_dir.join("started"),

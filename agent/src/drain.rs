@@ -196,6 +196,16 @@ pub fn lock_taken(data_dir: &Path) -> bool {
     DataLocks::read(data_dir).is_some_and(|locks| locks.taken())
 }
 
+/// The processes that hold (not wait for) DATA_DIR's lock ([`DataLocks`]): the agent of
+/// `data_dir` while it lives — or a job's process (the agent's user can lock the file too).
+pub fn lock_holders(data_dir: &Path) -> Vec<u32> {
+    let Some(locks) = DataLocks::read(data_dir) else { return Vec::new() };
+    match locks.in_the_way {
+        Some(holder) => holder.into_iter().collect(),
+        None => locks.on_file().filter(|line| !line.waits).filter_map(|line| line.pid).collect(),
+    }
+}
+
 /// A /proc/locks line: `1: FLOCK  ADVISORY  WRITE 4242 08:01:1311 0 EOF`, or a wait for a
 /// lock, `1: -> FLOCK  ADVISORY  WRITE 4243 08:01:1311 0 EOF` (its fields one further on).
 struct Line<'a> {

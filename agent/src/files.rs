@@ -11,30 +11,103 @@ pub const PRIVATE_DIR: u32 = 0o700;
 
 /// Writes a file so that a crash leaves either the old or the new content, never half,
 /// and (with `durable`) so that it survives a power cut too, at the cost of an fsync.
+///
+/// Written through a temporary of its own beside it ([`temporary_name`]), made new (never
+/// opened as found: a job, the agent's user, may have put a pipe or a link anywhere) and
+/// renamed over `path`: with one fixed name (`<path>.tmp`), a folder a job made there
+/// failed every later write of `path`, and two writers of one path removed each other's.
+/// What a crash leaves is removed by [`remove_leftovers`] at the agent's start.
 pub fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let written = (|| {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        // Made new, never opened as found: a job (the agent's user) may have put a pipe
-        // there — an open for writing waits for a reader for ever — or a link. A leftover
-        // of a crash goes the same way.
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(PRIVATE_FILE).open(&tmp)?;
-        // `mode` is masked by the umask.
-        f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE))?;
-        f.write_all(bytes)?;
-        if durable {
-            f.sync_all()?;
-        }
-        drop(f);
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        // Half a file on a full disk holds the space that was lacking.
-        let _ = std::fs::remove_file(&tmp);
+    use std::io::Write;
+    let mut tmp = Temporary::beside(path)?;
+    tmp.file.write_all(bytes)?;
+    if durable {
+        tmp.file.sync_all()?;
     }
-    written
+    tmp.rename()
+}
+
+/// A file [`write_atomically`] writes, not yet renamed over its `path`: for a writer that
+/// fills it in steps (the session log's compaction, most of it off the log's lock).
+/// Removed if dropped before [`Temporary::rename`]: half a file on a full disk holds the
+/// very space that was lacking, and nothing else removes it while the agent runs.
+pub struct Temporary {
+    pub file: std::fs::File,
+    path: std::path::PathBuf,
+    tmp: std::path::PathBuf,
+    renamed: bool,
+}
+
+impl Temporary {
+    /// Makes the temporary of `path` ([`temporary_name`]), owner-only.
+    pub fn beside(path: &Path) -> std::io::Result<Temporary> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let name = path.file_name().ok_or_else(|| std::io::Error::other(format!("{} names no file", path.display())))?;
+        let mut tries = 0;
+        let (tmp, file) = loop {
+            let tmp = path.with_file_name(temporary_name(name));
+            // create_new (O_EXCL): never follows a link, never opens what is there.
+            match std::fs::OpenOptions::new().write(true).create_new(true).mode(PRIVATE_FILE).custom_flags(libc::O_NOCTTY).open(&tmp) {
+                Ok(file) => break (tmp, file),
+                // A name a job took beforehand (it cannot guess one, but may try many).
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 8 => tries += 1,
+                Err(e) => return Err(e),
+            }
+        };
+        let tmp = Temporary { file, path: path.to_path_buf(), tmp, renamed: false };
+        // `mode` is masked by the umask.
+        tmp.file.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE))?;
+        Ok(tmp)
+    }
+
+    /// Renames it over its path: from now on the path holds what was written into it.
+    pub fn rename(mut self) -> std::io::Result<()> {
+        std::fs::rename(&self.tmp, &self.path)?;
+        self.renamed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Temporary {
+    fn drop(&mut self) {
+        if !self.renamed {
+            // Ours: made O_EXCL under a name of its own.
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// The name of one write's temporary for the file `name`: `.<name>.<16 hex>.tmp`, random,
+/// so that no two writes share one and a job cannot take it beforehand.
+fn temporary_name(name: &std::ffi::OsStr) -> std::ffi::OsString {
+    let mut tmp = std::ffi::OsString::from(".");
+    tmp.push(name);
+    tmp.push(format!(".{}.tmp", shared::ids::hex(&runtime::entropy::<8>())));
+    tmp
+}
+
+/// Whether `name` is a temporary [`write_atomically`] makes ([`temporary_name`]).
+pub fn is_temporary(name: &std::ffi::OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let name = name.as_bytes();
+    let Some(rest) = name.strip_prefix(b".").and_then(|n| n.strip_suffix(b".tmp")) else { return false };
+    let Some(dot) = rest.len().checked_sub(17) else { return false };
+    dot > 0 && rest[dot] == b'.' && rest[dot + 1..].iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+}
+
+/// Removes from `dir` the temporaries of [`write_atomically`] a crash left (only files and
+/// links of their names, never a folder, never through a link). Only where no write may be
+/// under way: at the agent's start, with DATA_DIR's lock held (a write's own temporary
+/// would go from under it). Returns how many it removed.
+pub fn remove_leftovers(dir: &Path) -> usize {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        // file_type does not follow a link; remove_file of a link removes the link.
+        if is_temporary(&entry.file_name()) && entry.file_type().is_ok_and(|t| !t.is_dir()) && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Opens a file the agent keeps (`what` names it in errors: "slot record", "session
@@ -575,7 +648,51 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("result.json/in-the-way")).unwrap();
         assert!(write_atomically(&dir.join("result.json"), b"{}", true).is_err());
-        assert!(!dir.join("result.tmp").exists(), "the temporary file was left behind");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
         let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(left, vec![std::ffi::OsString::from("result.json")], "the temporary file was left behind");
+    }
+
+    /// What a crash leaves of a write (its temporary) is removed at the start; nothing else
+    /// is: not a folder of a temporary's name (a job's), not what a link there names, not
+    /// the files themselves or names that only look alike.
+    #[test]
+    fn a_crash_s_temporaries_are_removed_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("cr-files-leftovers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = |name: &str| temporary_name(std::ffi::OsStr::new(name)).into_string().unwrap();
+        let (left, folder, link) = (tmp("status.json"), tmp("sessions.log"), tmp("up.json"));
+        std::fs::write(dir.join(&left), "half").unwrap();
+        std::fs::create_dir(dir.join(&folder)).unwrap();
+        std::fs::write(dir.join("victim"), "kept").unwrap();
+        std::os::unix::fs::symlink(dir.join("victim"), dir.join(&link)).unwrap();
+        let kept = ["status.json", "status.tmp", ".status.json.tmp", ".status.json.0123456789ABCDEF.tmp", "..0123456789abcdef.tmp", ".x.0123456789abcde.tmp"];
+        for name in kept {
+            std::fs::write(dir.join(name), "theirs").unwrap();
+        }
+        let removed = remove_leftovers(&dir);
+        let mut names: Vec<String> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).collect();
+        names.sort();
+        let victim = std::fs::read_to_string(dir.join("victim"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut expected: Vec<String> = kept.iter().map(|n| n.to_string()).chain([folder, "victim".to_string()]).collect();
+        expected.sort();
+        assert_eq!((removed, names, victim.ok()), (2, expected, Some("kept".to_string())));
+    }
+
+    /// A job (the agent's user) makes a folder where the write's temporary file went
+    /// (`status.tmp` in DATA_DIR, when it was `<path>.tmp`): remove_file cannot remove it,
+    /// and every later write of that file failed. Each write makes a name of its own.
+    #[test]
+    fn a_folder_planted_where_a_temporary_went_stops_no_write() {
+        let dir = std::env::temp_dir().join(format!("cr-files-planted-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("status.tmp/in-the-way")).unwrap();
+        std::fs::create_dir_all(dir.join(".status.json.tmp/in-the-way")).unwrap();
+        let written = (0..2).map(|n| write_atomically(&dir.join("status.json"), format!("{n}").as_bytes(), false).map_err(|e| e.to_string())).collect::<Vec<_>>();
+        let content = std::fs::read_to_string(dir.join("status.json")).ok();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!((written, content), (vec![Ok(()), Ok(())], Some("1".to_string())));
     }
 }

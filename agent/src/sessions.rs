@@ -54,9 +54,11 @@
 //! log is compacted when it holds more than twice the live records (and at least
 //! [`COMPACT_AT_LEAST`]), and after each cut past the cap (so that a restart replays what
 //! the cut left, `Sessions::upkeep`): the live ones are written to a new file, synced, and renamed
-//! over it — so a crash then leaves the old log or the new.
+//! over it — so a crash then leaves the old log or the new. The new file is written and
+//! synced without holding the log (a job's record, ahead of its result, does not wait for
+//! a 20 MB rewrite): the records written meanwhile are added to it before the rename.
 
-use crate::files::{open_plain, open_plain_with, write_atomically};
+use crate::files::{open_plain, open_plain_with, Temporary};
 use shared::envelope::{Domain, Tagged};
 use shared::ids::{plain_id, MAX_JOB_ID};
 use shared::link::MacKey;
@@ -64,7 +66,7 @@ use shared::Millis;
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tracing::warn;
 
 /// How long after the last job that used it a session's record is trusted and kept: Claude
@@ -329,10 +331,16 @@ pub struct Sessions {
     /// thread), never across a file's reading or writing.
     index: Mutex<Index>,
     /// The log's end, appended to after the index changed. Held while a record is written,
-    /// and while the log is compacted.
+    /// and while a compaction cuts, copies the index out and, at its end, adds the records
+    /// written meanwhile and renames its new file over the log — not while it writes and
+    /// syncs that file (a 20 MB log at the cap: a job's record, ahead of its result, waited
+    /// for that).
     log: Mutex<Log>,
     /// [`MAX_RECORDS`] (smaller in tests).
     cap: usize,
+    /// Run once by the next compaction while it does not hold the log (tests of that step).
+    #[cfg(test)]
+    while_compacting: Mutex<Option<Box<dyn FnOnce(&Sessions) + Send>>>,
 }
 
 struct Log {
@@ -342,6 +350,10 @@ struct Log {
     /// since.
     records: usize,
     swept_at: Millis,
+    /// While a compaction writes its new file off the lock: the records appended to the
+    /// log since it copied the index out, which it adds to the new file before renaming it
+    /// over the log (they are in the log too, should it never be renamed).
+    since: Option<(Vec<u8>, usize)>,
 }
 
 impl Sessions {
@@ -382,8 +394,17 @@ impl Sessions {
         index.drop_old(now, cap);
         loaded.sessions = index.len();
         let file = open_plain_with(&path, appending(), "session log")?;
-        let log = Log { file: Some(file), records, swept_at: now };
-        let sessions = Sessions { path, key, agent_id: agent_id.to_string(), index: Mutex::new(index), log: Mutex::new(log), cap };
+        let log = Log { file: Some(file), records, swept_at: now, since: None };
+        let sessions = Sessions {
+            path,
+            key,
+            agent_id: agent_id.to_string(),
+            index: Mutex::new(index),
+            log: Mutex::new(log),
+            cap,
+            #[cfg(test)]
+            while_compacting: Mutex::new(None),
+        };
         Ok((sessions, loaded))
     }
 
@@ -463,8 +484,7 @@ impl Sessions {
     /// Does what upkeep is due after a [`Sessions::record`]: sessions past their age or the
     /// cap dropped, the log compacted (now and then, with a sync). Blocking.
     pub fn tidy(&self, now: Millis) {
-        let mut log = self.log.lock().expect("log lock");
-        self.upkeep(&mut log, now);
+        self.upkeep(self.log.lock().expect("log lock"), now);
     }
 
     /// Appends `line` (a record) to the log, opening it again if a compaction left it closed.
@@ -477,6 +497,10 @@ impl Sessions {
         // One write: with O_APPEND, at the log's end whatever a job did to it.
         file.write_all(line)?;
         log.records += 1;
+        if let Some((since, records)) = &mut log.since {
+            since.extend_from_slice(line);
+            *records += 1;
+        }
         Ok(())
     }
 
@@ -490,7 +514,12 @@ impl Sessions {
         line
     }
 
-    fn upkeep(&self, log: &mut Log, now: Millis) {
+    fn upkeep(&self, mut log: MutexGuard<'_, Log>, now: Millis) {
+        // A compaction under way: nothing is cut until it is done — the index it copied
+        // out holds what is cut now, and its log would bring it back at a restart.
+        if log.since.is_some() {
+            return;
+        }
         let (live, cut) = {
             let mut index = self.index.lock().expect("index lock");
             let cut = index.len() > self.cap;
@@ -511,7 +540,7 @@ impl Sessions {
                 Ok(kept) => tracing::info!(agent_id = %self.agent_id, kept, "session log compacted"),
                 Err(e) => {
                     // Tried again once it has grown as much again.
-                    log.records = live;
+                    self.log.lock().expect("log lock").records = live;
                     warn!(agent_id = %self.agent_id, error = %e, "could not compact DATA_DIR/sessions.log; it keeps growing until it can: free space in DATA_DIR or fix its permissions");
                 }
             }
@@ -519,21 +548,52 @@ impl Sessions {
     }
 
     /// Rewrites the log with the live sessions only (synced, renamed over the log: a crash
-    /// leaves the old log or the new one). Returns how many it kept.
-    fn compact(&self, log: &mut Log) -> std::io::Result<usize> {
+    /// leaves the old log or the new one). Returns how many records it kept.
+    ///
+    /// Takes the log's lock as held (by the cut before it, if any) and lets go of it while
+    /// the new file is written and synced: records appended meanwhile go to the old log, as
+    /// ever, and are kept aside ([`Log::since`]) to be added to the new file, under the lock
+    /// again, just before it is renamed over the log. So a kill at any step leaves a log
+    /// with every record: the old one (all of them, the new file a leftover removed at the
+    /// start), or the new one (the copy and those kept aside). A record written meanwhile
+    /// was looked up in the index after the cut ([`Sessions::record`]): none of a session
+    /// cut, and [`Sessions::upkeep`] cuts nothing more until this is done.
+    fn compact(&self, mut log: MutexGuard<'_, Log>) -> std::io::Result<usize> {
         // Copied out, so that the index is not held while the file is written.
         let live = self.index.lock().expect("index lock").live();
-        let mut bytes = Vec::with_capacity(live.len() * 384);
-        // The last job's id is not kept in memory: a rewritten record names none.
-        for (key, owner, used_at) in &live {
-            bytes.extend_from_slice(&self.line(&Record::of(key.text(), owner, String::new(), *used_at)));
+        log.since = Some((Vec::new(), 0));
+        drop(log);
+        let written = (|| {
+            let mut bytes = Vec::with_capacity(live.len() * 384);
+            // The last job's id is not kept in memory: a rewritten record names none.
+            for (key, owner, used_at) in &live {
+                bytes.extend_from_slice(&self.line(&Record::of(key.text(), owner, String::new(), *used_at)));
+            }
+            let mut tmp = Temporary::beside(&self.path)?;
+            tmp.file.write_all(&bytes)?;
+            tmp.file.sync_all()?;
+            Ok::<_, std::io::Error>(tmp)
+        })();
+        #[cfg(test)]
+        {
+            let hook = self.while_compacting.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook(self);
+            }
         }
-        // Until it is open again, a record tries to open it itself.
+        let mut log = self.log.lock().expect("log lock");
+        let (since, added) = log.since.take().unwrap_or_default();
+        let mut tmp = written?;
+        // The records written meanwhile, after the copy (later than it: a replay takes them
+        // over it). Not synced, as no record is: one lost to a power cut costs its owner a
+        // resume, and the log's own copy of it was not synced either.
+        tmp.file.write_all(&since)?;
+        tmp.rename()?;
+        // The old log's: until the new one is open, a record opens it itself.
         log.file = None;
-        write_atomically(&self.path, &bytes, true)?;
+        log.records = live.len() + added;
         log.file = Some(open_plain_with(&self.path, appending(), "session log")?);
-        log.records = live.len();
-        Ok(live.len())
+        Ok(live.len() + added)
     }
 }
 
@@ -930,7 +990,7 @@ mod tests {
         let (sessions, _) = opened(&dir, NOW);
         let id = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
         record(&sessions, id, &owner("a"), "job-1", NOW);
-        sessions.compact(&mut sessions.log.lock().unwrap()).unwrap();
+        sessions.compact(sessions.log.lock().unwrap()).unwrap();
         drop(sessions);
         let (sessions, loaded) = opened(&dir, NOW + 1);
         assert_eq!(loaded.sessions, 1);
@@ -1196,9 +1256,7 @@ mod tests {
         wait_in_futex(tid_rx.recv().unwrap());
         // The other job's cut took z; its compaction rewrites the log.
         sessions.index.lock().unwrap().sessions.remove(&SessionKey::of("z"));
-        let mut log = log;
-        sessions.compact(&mut log).unwrap();
-        drop(log);
+        sessions.compact(log).unwrap();
         writer.join().unwrap();
         let sessions = Arc::into_inner(sessions).unwrap();
         drop(sessions);
@@ -1352,11 +1410,35 @@ mod tests {
             assert_eq!(sessions.ended(&id, &owner(&who), NOW + i), Claim::Owned);
         }
         let last = format!("{:08x}-0000-4000-8000-{:012x}", MAX_RECORDS, MAX_RECORDS * 7);
-        let started = std::time::Instant::now();
-        sessions.write(&last, &owner("c0"), "job", NOW + MAX_RECORDS as u64).unwrap();
-        let took = started.elapsed();
+        // Meanwhile other jobs end and record theirs (the record only: their upkeep would
+        // cut and compact too): how long the longest of them waited for the log.
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (took, (records, longest)) = std::thread::scope(|scope| {
+            let others = scope.spawn(|| {
+                let (mut records, mut longest) = (0u64, std::time::Duration::ZERO);
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let id = format!("other-{records}");
+                    let at = NOW + MAX_RECORDS as u64 + 1 + records;
+                    assert_eq!(sessions.ended(&id, &owner("c1"), at), Claim::Owned);
+                    let started = std::time::Instant::now();
+                    sessions.record(&id, &owner("c1"), "job").unwrap();
+                    longest = longest.max(started.elapsed());
+                    records += 1;
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+                (records, longest)
+            });
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let started = std::time::Instant::now();
+            sessions.write(&last, &owner("c0"), "job", NOW + MAX_RECORDS as u64).unwrap();
+            let took = started.elapsed();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            (took, others.join().unwrap())
+        });
         let bytes = std::fs::metadata(dir.log()).unwrap().len();
         println!("the write past the cap: cut to {} and the log rewritten ({bytes} bytes) in {took:?}", sessions.index.lock().unwrap().len());
+        println!("  another job's record, meanwhile: {records} written, the longest waited {longest:?}");
         // Of which the index's lock is held for: the copy of the records.
         let started = std::time::Instant::now();
         let copied = sessions.index.lock().unwrap().live().len();
@@ -1506,7 +1588,7 @@ mod tests {
         assert_eq!((loaded.sessions, loaded.skipped), (1, 0));
         assert_eq!(sessions.check("s-old", &owner("a"), NOW + 1), Ok(()));
         assert_eq!(sessions.index.lock().unwrap().get("s-old").unwrap().owner.proven, None);
-        sessions.compact(&mut sessions.log.lock().unwrap()).unwrap();
+        sessions.compact(sessions.log.lock().unwrap()).unwrap();
         drop(sessions);
         let (sessions, _) = opened(&dir, NOW + 2);
         assert_eq!(sessions.index.lock().unwrap().get("s-old").unwrap().owner.proven, None, "compacted");
@@ -1655,6 +1737,117 @@ mod tests {
         assert_eq!(outcome.0, Ok(()), "a closed folder in the log's place");
         let (check, loaded) = outcome.1.expect("a closed log");
         assert_eq!((check, loaded.sessions, loaded.unreadable), (Ok(()), 1, None));
+    }
+
+    /// The sessions the index holds, sorted.
+    fn live_ids(sessions: &Sessions) -> Vec<String> {
+        let mut ids: Vec<String> = sessions.index.lock().unwrap().sessions.keys().map(SessionKey::text).collect();
+        ids.sort();
+        ids
+    }
+
+    /// What a kill of the agent now leaves of `dir`, as the next start finds it: a copy of
+    /// its files in `to`, a write's temporaries removed ([`crate::files::remove_leftovers`]).
+    fn killed_now(dir: &std::path::Path, to: &std::path::Path) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+        crate::files::remove_leftovers(to);
+    }
+
+    /// The compaction after a cut writes and syncs its new log without holding the log: a
+    /// job's record is written meanwhile (here from inside that step: it waited for the
+    /// whole rewrite before), and kept by the new log. A kill at that step leaves the old
+    /// log with that record, and the cut comes back neither way.
+    #[test]
+    fn a_record_written_while_the_log_is_rewritten_is_kept_and_nothing_cut_comes_back() {
+        let (dir, at_kill) = (folder("rewrite-meanwhile"), folder("rewrite-meanwhile-killed"));
+        let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", NOW, 20).unwrap();
+        for i in 0..20 {
+            record(&sessions, &format!("s-{i:02}"), &owner(if i % 4 == 0 { "b" } else { "a" }), "job", NOW + i);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        *sessions.while_compacting.lock().unwrap() = Some(Box::new({
+            let (dir, at_kill) = (dir.0.clone(), at_kill.0.clone());
+            move |sessions: &Sessions| {
+                assert_eq!(sessions.ended("meanwhile", &owner("b"), NOW + 30), Claim::Owned);
+                sessions.record("meanwhile", &owner("b"), "job-m").unwrap();
+                assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2, "the new log is beside the old one");
+                killed_now(&dir, &at_kill);
+                tx.send(live_ids(sessions)).unwrap();
+            }
+        }));
+        // Past the cap: cut to 18, then compacted.
+        record(&sessions, "s-20", &owner("a"), "job", NOW + 20);
+        let at_the_step = rx.try_recv().expect("the compaction ran");
+        assert!(at_the_step.contains(&"meanwhile".to_string()) && at_the_step.len() == 19, "{at_the_step:?}");
+        assert_eq!(sessions.log.lock().unwrap().records, 19, "the copy and the record written meanwhile");
+        let after = live_ids(&sessions);
+        assert_eq!(after, at_the_step);
+        drop(sessions);
+        let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", NOW + 40, 20).unwrap();
+        assert_eq!(live_ids(&sessions), after, "after a restart: the record written meanwhile kept, nothing cut back");
+        assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 1, "no file left beside it");
+        let (sessions, _) = Sessions::open_capped(at_kill.log(), key(1), "spark", NOW + 40, 20).unwrap();
+        assert_eq!(live_ids(&sessions), at_the_step, "killed while the new log was written");
+    }
+
+    /// Jobs that end while the compaction writes its new log take the store past the cap
+    /// again: nothing is cut until the compaction is done — its copy of the index holds
+    /// what a cut then would drop, and renamed over the log it would bring that back at a
+    /// restart — and the next job's upkeep cuts.
+    #[test]
+    fn nothing_is_cut_while_the_log_is_rewritten() {
+        let dir = folder("rewrite-no-cut");
+        let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", NOW, 20).unwrap();
+        for i in 0..20 {
+            record(&sessions, &format!("s-{i:02}"), &owner("a"), "job", NOW + i);
+        }
+        *sessions.while_compacting.lock().unwrap() = Some(Box::new(|sessions: &Sessions| {
+            for i in 0..4 {
+                record(sessions, &format!("m-{i}"), &owner("b"), "job-m", NOW + 30 + i);
+            }
+        }));
+        record(&sessions, "s-20", &owner("a"), "job", NOW + 20);
+        assert_eq!(sessions.index.lock().unwrap().len(), 22, "18 after the cut, 4 more meanwhile");
+        record(&sessions, "s-21", &owner("a"), "job", NOW + 40);
+        let kept = live_ids(&sessions);
+        assert_eq!(kept.len(), 18, "{kept:?}");
+        drop(sessions);
+        let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", NOW + 50, 20).unwrap();
+        assert_eq!(live_ids(&sessions), kept, "after a restart");
+    }
+
+    /// A compaction whose new log cannot be renamed over the old one (gone, here) leaves
+    /// the old log, with the records written while it was being written.
+    #[test]
+    fn a_failed_rewrite_keeps_the_records_written_meanwhile() {
+        let dir = folder("rewrite-failed");
+        let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", NOW, 20).unwrap();
+        for i in 0..20 {
+            record(&sessions, &format!("s-{i:02}"), &owner("a"), "job", NOW + i);
+        }
+        *sessions.while_compacting.lock().unwrap() = Some(Box::new({
+            let dir = dir.0.clone();
+            move |sessions: &Sessions| {
+                assert_eq!(sessions.ended("meanwhile", &owner("b"), NOW + 30), Claim::Owned);
+                sessions.record("meanwhile", &owner("b"), "job-m").unwrap();
+                for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                    if crate::files::is_temporary(&entry.file_name()) {
+                        std::fs::remove_file(entry.path()).unwrap();
+                    }
+                }
+            }
+        }));
+        record(&sessions, "s-20", &owner("a"), "job", NOW + 20);
+        let kept = live_ids(&sessions);
+        assert!(kept.contains(&"meanwhile".to_string()), "{kept:?}");
+        // Appended to the old log still.
+        record(&sessions, "after", &owner("b"), "job", NOW + 31);
+        drop(sessions);
+        let (sessions, _) = Sessions::open_capped(dir.log(), key(1), "spark", NOW + 40, 20).unwrap();
+        assert_eq!(sessions.check("meanwhile", &owner("b"), NOW + 40), Ok(()));
+        assert_eq!(sessions.check("after", &owner("b"), NOW + 40), Ok(()));
     }
 
     /// The compaction writes a new log beside the old one and renames it over: a job can

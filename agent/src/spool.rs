@@ -235,6 +235,8 @@ impl Spool {
         crate::files::private_dir(&dir)?;
         crate::files::private_dir(&started)?;
         crate::files::private_dir(&records)?;
+        // A crash's half-written results (opened by the agent holding DATA_DIR's lock).
+        crate::files::remove_leftovers(&dir);
         let mut found = Vec::new();
         for entry in std::fs::read_dir(&records)? {
             let entry = entry?;
@@ -727,6 +729,19 @@ mod tests {
         dir
     }
 
+    /// Makes the spool folder in `dir` take no file (`refuse`: moved aside, a file in its
+    /// place), or puts it back.
+    fn refuse_files(dir: &Path, refuse: bool) {
+        let (spool, aside) = (dir.join("spool"), dir.join("spool-aside"));
+        if refuse {
+            std::fs::rename(&spool, &aside).unwrap();
+            std::fs::write(&spool, "").unwrap();
+        } else {
+            std::fs::remove_file(&spool).unwrap();
+            std::fs::rename(&aside, &spool).unwrap();
+        }
+    }
+
     /// The spool as an agent with `slots` slots opens it in `dir` (its DATA_DIR).
     fn open(dir: &Path, slots: usize) -> (Spool, Vec<Interrupted>) {
         Spool::open(dir.join("spool"), dir.join("started"), dir.join("records"), slots, seal()).unwrap()
@@ -1151,15 +1166,15 @@ mod tests {
     fn a_result_the_disk_refuses_is_held_in_memory_and_written_later() {
         let dir = dir("held");
         let (spool, _) = open(&dir, 1);
-        // A directory where the result's file would go makes the write fail (a job with
-        // no slot record: one whose start could not be recorded).
-        std::fs::create_dir_all(dir.join("spool/job-9.tmp")).unwrap();
+        // A spool folder that takes no file makes the write fail (a job with no slot
+        // record: one whose start could not be recorded).
+        refuse_files(&dir, true);
         let r = ok("job-9", "kept");
         assert!(spool.put("job-9", &r).is_err());
         assert!(spool.has("job-9"));
         assert_eq!(spool.held(), 1);
         assert_eq!(spool.all(), vec![("job-9".to_string(), r.clone())], "named and sent again while held");
-        std::fs::remove_dir(dir.join("spool/job-9.tmp")).unwrap();
+        refuse_files(&dir, false);
         assert_eq!(spool.all(), vec![("job-9".to_string(), r)]);
         assert_eq!(spool.held(), 0, "written once the disk allowed it");
         assert!(dir.join("spool/job-9.json").exists());
@@ -1204,7 +1219,7 @@ mod tests {
         // The record file refuses the result, and the spool folder any file.
         std::fs::remove_file(&record).unwrap();
         std::fs::create_dir(&record).unwrap();
-        std::fs::create_dir_all(dir.join("spool/first.tmp")).unwrap();
+        refuse_files(&dir, true);
         assert!(spool.put("first", &ok("first", "held")).is_err());
         assert_eq!(spool.held(), 1);
         // The record file takes writes again (the started record in place, as on a full disk).
@@ -1213,6 +1228,7 @@ mod tests {
         spool.started("second", "second:1").unwrap();
         assert!(matches!(regions(&dir, 0).0, Region::Started(s) if s.job_id == "first"), "the held result's job is still known to have started");
         drop(spool); // the agent dies: the held result is gone
+        refuse_files(&dir, false);
 
         let (spool, interrupted_jobs) = open(&dir, 1);
         let mut lost: Vec<String> = interrupted_jobs.into_iter().map(|j| j.job_id).collect();
@@ -1227,10 +1243,10 @@ mod tests {
             spool.started(id, &format!("{id}:1")).unwrap();
             std::fs::remove_file(dir.join("records/0")).unwrap();
             std::fs::create_dir(dir.join("records/0")).unwrap();
-            std::fs::create_dir_all(dir.join(format!("spool/{id}.tmp"))).unwrap();
+            refuse_files(&dir, true);
             assert!(spool.put(id, &ok(id, "held")).is_err());
             std::fs::remove_dir(dir.join("records/0")).unwrap();
-            std::fs::remove_dir(dir.join(format!("spool/{id}.tmp"))).unwrap();
+            refuse_files(&dir, false);
             if id == "a" {
                 assert_eq!(ids(spool.all()), vec!["a"], "written to its spool file");
             } else {

@@ -266,6 +266,26 @@ fn command_line(pid: u32) -> Option<Vec<u8>> {
     std::fs::read(format!("/proc/{pid}/cmdline")).ok()
 }
 
+/// Why the status file is not the agent's, when DATA_DIR's lock is held but not by the
+/// process the file names: the lock is seen in /proc/locks, which a job cannot write, but
+/// a job (the agent's user) can lock the file itself and write status.json naming any
+/// running claude-runner. A file so contradicted is not shown as an agent's.
+fn not_the_lock_holders(data_dir: &std::path::Path, status: &Status) -> Option<String> {
+    let holders = crate::drain::lock_holders(data_dir);
+    if holders.is_empty() || holders.contains(&status.pid) {
+        return None;
+    }
+    let holders: Vec<String> = holders.iter().map(u32::to_string).collect();
+    Some(format!(
+        "{} is held by process {}, not by the agent {}/status.json names (pid {}): that file is not the running agent's (a job of an agent of this user can write both), and is not shown. See what holds the lock: `ps -o pid,args -p {}`",
+        data_dir.join(crate::agent::DATA_LOCK).display(),
+        holders.join(", "),
+        data_dir.display(),
+        status.pid,
+        holders.join(",")
+    ))
+}
+
 fn no_agent(data_dir: &std::path::Path) -> String {
     format!("No agent has run with DATA_DIR={} (no status.json). Start one: `claude-runner agent` (or `up`).", data_dir.display())
 }
@@ -282,6 +302,10 @@ fn check_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow
         say(out, no_agent(data_dir))?;
         return Ok(false);
     };
+    if let Some(line) = not_the_lock_holders(data_dir, &status) {
+        say(out, format!("unhealthy: {line}"))?;
+        return Ok(false);
+    }
     match status.health(is_agent(status.pid), crate::now_ms()) {
         Ok(line) => {
             say(out, format!("healthy: {line}"))?;
@@ -323,6 +347,10 @@ fn show_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow:
         say(out, no_agent(data_dir))?;
         return Ok(false);
     };
+    if let Some(line) = not_the_lock_holders(data_dir, &status) {
+        say(out, line)?;
+        return Ok(false);
+    }
     let alive = is_agent(status.pid);
     say(out, format!("agent     {} (pid {}, {})", status.agent_id, status.pid, if alive { "running" } else { "not running" }))?;
     say(out, format!("edge      {}", status.edge))?;
@@ -385,6 +413,43 @@ mod tests {
         let json = json_for_terminal("{\"agent_id\": \"a\u{202e}b\u{2029}c\"}");
         assert_eq!(json, "{\"agent_id\": \"a\\u202eb\\u2029c\"}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A job (the agent's user) can hold a lock on DATA_DIR/agent.lock itself and plant
+    /// status.json naming a running claude-runner (here a stand-in, `claude-runner … agent`
+    /// by its command line): `status` showed the planted file as that agent's, connected.
+    /// The lock's holder is not the process the file names: `status` says so and shows
+    /// nothing of the file as an agent's. Where the holder is the one named, it is shown.
+    #[test]
+    fn a_status_file_beside_a_lock_another_process_holds_is_not_shown_as_the_agents() {
+        use std::os::unix::process::CommandExt;
+        let dir = std::env::temp_dir().join(format!("cr-status-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let lock = dir.join(crate::agent::DATA_LOCK);
+        // Holds the lock itself (flock(1) takes it in its own process), looks like an agent.
+        let mut agent = std::process::Command::new("flock").arg0("claude-runner").arg(&lock).args(["sh", "-c", "sleep 60", "agent"]).spawn().unwrap();
+        let pid = agent.id();
+        while !crate::drain::lock_taken(&dir) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let status = |pid: u32| Status { agent_id: "planted".into(), edge: "wss://planted".into(), pid, connected: true, since: "then".into(), ..Default::default() };
+        let shown = |status: &Status| {
+            std::fs::write(dir.join("status.json"), serde_json::to_vec(status).unwrap()).unwrap();
+            let mut shown = Vec::new();
+            let healthy = (show_to(&mut shown, &dir).unwrap(), check_to(&mut shown, &dir).unwrap());
+            (healthy, String::from_utf8(shown).unwrap())
+        };
+        let ((shown_ok, _), by_the_holder) = shown(&status(pid));
+        // Another claude-runner agent (not holding this lock), named by the planted file.
+        let mut other = std::process::Command::new("sh").arg0("claude-runner").args(["-c", "sleep 60", "agent"]).spawn().unwrap();
+        let (healthy, planted) = shown(&status(other.id()));
+        let _ = (agent.kill(), other.kill(), agent.wait(), other.wait());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(shown_ok && by_the_holder.contains("running") && by_the_holder.contains("connected since then"), "{by_the_holder}");
+        assert_eq!(healthy, (false, false), "{planted}");
+        assert!(!planted.contains("connected since"), "the planted file shown as the agent's: {planted}");
+        assert!(planted.contains(&format!("held by process {pid}")), "{planted}");
     }
 
     /// The agent reads the status file its predecessor left before it writes its own: a

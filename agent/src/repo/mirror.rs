@@ -162,7 +162,7 @@ impl MirrorCache {
                     let (path, name) = (entry.path(), entry.file_name().to_string_lossy().into_owned());
                     if entry.file_type().is_ok_and(|t| t.is_dir()) {
                         stack.push(path);
-                    } else if name.ends_with(".lock") || name.contains("_git2_") {
+                    } else if name.ends_with(".lock") || name.contains("_git2_") || crate::files::is_temporary(&entry.file_name()) {
                         info!(file = %path.display(), "removing a file a killed fetch left in a mirror");
                         let _ = std::fs::remove_file(&path);
                     }
