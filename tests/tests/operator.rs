@@ -968,6 +968,9 @@ async fn login_from_a_terminal_relays_the_url_and_the_code() {
 enum Break {
     /// Every connection is reset: the stream ends with an error at once.
     Reset,
+    /// Nothing more comes down any live connection, and no end either: a half-open
+    /// connection, as when the edge's host died or a NAT dropped the flow.
+    Silence,
 }
 
 /// `submit` through a proxy to the native edge, its follow of the job broken (`how`) while
@@ -1009,6 +1012,7 @@ async fn submit_through_a_break(how: Break) -> (String, String) {
     let before = proxy.accepted();
     match how {
         Break::Reset => assert!(proxy.reset() > 0),
+        Break::Silence => assert!(proxy.blackhole(harness::proxy::Direction::Down) > 0),
     }
     // Claude goes on while submit is cut off; what it says then is read after the break.
     std::fs::write(&one, "").unwrap();
@@ -1040,5 +1044,13 @@ fn each_progress_line_once(err: &str, stdout: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_follows_a_broken_stream_again_from_its_last_event() {
     let (err, out) = submit_through_a_break(Break::Reset).await;
+    each_progress_line_once(&err, &out);
+}
+
+/// The silence is waited out for three keep-alive intervals (45 s) before `submit` follows
+/// again: this test takes about a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_follows_a_silent_stream_again_from_its_last_event() {
+    let (err, out) = submit_through_a_break(Break::Silence).await;
     each_progress_line_once(&err, &out);
 }
