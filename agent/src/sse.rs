@@ -3,12 +3,18 @@
 //! may be split between two), and a hostile or broken server may send anything, so the
 //! buffer is bounded and nothing panics.
 
-/// One event: its `event:` name (if any) and its `data:` lines joined with `\n`.
+/// One event: its `event:` name (if any), its `id:` (if it had one the edge could be
+/// sent back, [`MAX_ID_BYTES`]) and its `data:` lines joined with `\n`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
     pub name: Option<String>,
+    pub id: Option<String>,
     pub data: String,
 }
+
+/// Longest `id:` kept, to be sent back as `Last-Event-ID` (the edge's are `12` or `2.12`);
+/// a longer one, or one that no header may carry, is not kept.
+pub const MAX_ID_BYTES: usize = 64;
 
 /// Largest event kept; a longer one is dropped whole (the edge's largest is a result of a
 /// few MiB).
@@ -63,6 +69,7 @@ fn find_blank_line(bytes: &[u8]) -> Option<(usize, usize)> {
 fn parse_block(block: &[u8]) -> Option<Event> {
     let text = String::from_utf8_lossy(block);
     let mut name = None;
+    let mut id = None;
     let mut data: Option<String> = None;
     for line in text.split(['\n', '\r']) {
         // A line starting with `:` is a comment (the edge's keep-alives).
@@ -73,6 +80,8 @@ fn parse_block(block: &[u8]) -> Option<Event> {
         };
         match field {
             "event" => name = Some(value.to_string()),
+            // Visible ASCII only: it goes back in a header.
+            "id" if value.len() <= MAX_ID_BYTES && value.bytes().all(|b| b.is_ascii_graphic()) => id = Some(value.to_string()),
             "data" => match &mut data {
                 Some(d) => {
                     d.push('\n');
@@ -83,19 +92,30 @@ fn parse_block(block: &[u8]) -> Option<Event> {
             _ => {}
         }
     }
-    Some(Event { name, data: data? })
+    Some(Event { name, id, data: data? })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// An id `submit` could not send back as `Last-Event-ID` (too long, a control
+    /// character, a space, past ASCII) is not kept; the event still is.
+    #[test]
+    fn only_ids_a_header_can_carry_are_kept() {
+        let long = "9".repeat(MAX_ID_BYTES + 1);
+        for (id, kept) in [("2.12", true), (long.as_str(), false), ("1\u{7f}", false), ("1 2", false), ("١٢", false)] {
+            let got = EventStream::default().push(format!("id: {id}\ndata: x\n\n").as_bytes());
+            assert_eq!(got, vec![Event { name: None, id: kept.then(|| id.to_string()), data: "x".into() }], "{id:?}");
+        }
+    }
+
     #[test]
     fn events_split_anywhere_come_out_whole() {
         let wire = "id: 1\nevent: progress\ndata: {\"t\":\"é\"}\n\n: keep-alive\n\nevent: result\r\ndata: a\r\ndata: b\r\n\r\n";
         let want = vec![
-            Event { name: Some("progress".into()), data: "{\"t\":\"é\"}".into() },
-            Event { name: Some("result".into()), data: "a\nb".into() },
+            Event { name: Some("progress".into()), id: Some("1".into()), data: "{\"t\":\"é\"}".into() },
+            Event { name: Some("result".into()), id: None, data: "a\nb".into() },
         ];
         for cut in 0..wire.len() {
             let mut s = EventStream::default();
@@ -113,6 +133,6 @@ mod tests {
             assert!(s.push(&big).is_empty());
         }
         assert!(s.buffer.is_empty());
-        assert!(s.push(b"\n\ndata: next\n\n") == vec![Event { name: None, data: "next".into() }]);
+        assert!(s.push(b"\n\ndata: next\n\n") == vec![Event { name: None, id: None, data: "next".into() }]);
     }
 }

@@ -114,6 +114,11 @@ pub(crate) const ANSWER_TIME: std::time::Duration = std::time::Duration::from_se
 /// answer's ran out first, and the task was said to be perhaps queued on an edge never reached.
 const CONNECT_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The longest a followed job's event stream may be silent: three of the edges' keep-alive
+/// intervals (they send one after at most [`shared::contract::SSE_KEEPALIVE_MS`] of
+/// silence). Past it the connection is taken for dead and the job followed again.
+const FOLLOW_SILENCE: std::time::Duration = std::time::Duration::from_millis(3 * shared::contract::SSE_KEEPALIVE_MS);
+
 /// What to do when the task went out but its answer did not come back whole: the edge may
 /// have queued it, and sending it again as it was would run it twice.
 const MAY_BE_QUEUED: &str = "the task may have been queued all the same: look for it with `GET /jobs` before sending it again \
@@ -269,23 +274,33 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     if !args.quiet {
         eprintln!("· job {}", shared::text::one_line(&format!("{job_id} ({})", answer["state"].as_str().unwrap_or("queued"))));
     }
-    // Follow until the result; if the stream breaks (an edge restart), follow again: the
-    // job is kept, and a finished one answers with its result at once.
+    // Follow until the result; if the stream breaks (an edge restart) or stays silent past
+    // FOLLOW_SILENCE (a half-open connection: the edge's host died, a NAT dropped the flow),
+    // follow again from the last event read (`Last-Event-ID`), so no progress line is shown
+    // twice: the job is kept, and a finished one answers with its result at once.
+    let mut last_id: Option<String> = None;
     for attempt in 0..10 {
         if attempt > 0 {
             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         }
         // Its head comes at once (the stream itself may be quiet for as long as the job runs).
-        let follow = http.get(format!("{base}/jobs/{job_id}/events")).header("X-Runner-Secret", &secret).send();
-        let resp = match tokio::time::timeout(ANSWER_TIME, follow).await {
+        let mut follow = http.get(format!("{base}/jobs/{job_id}/events")).header("X-Runner-Secret", &secret);
+        if let Some(id) = &last_id {
+            follow = follow.header("Last-Event-ID", id);
+        }
+        let resp = match tokio::time::timeout(ANSWER_TIME, follow.send()).await {
             Ok(Ok(r)) if r.status().is_success() => r,
             Ok(Ok(r)) => return fail(format!("following job {job_id} failed ({}); read it with GET /jobs/{job_id}", r.status())),
             Ok(Err(_)) | Err(_) => continue,
         };
         let mut stream = resp.bytes_stream();
         let mut events = crate::sse::EventStream::default();
-        while let Some(Ok(chunk)) = stream.next().await {
+        // Ended, broken, or silent past every keep-alive: follow again.
+        while let Ok(Some(Ok(chunk))) = tokio::time::timeout(FOLLOW_SILENCE, stream.next()).await {
             for event in events.push(&chunk) {
+                if event.id.is_some() {
+                    last_id = event.id.clone();
+                }
                 let Ok(value) = serde_json::from_str::<Value>(&event.data) else { continue };
                 match event.name.as_deref() {
                     Some("progress") if !args.quiet => {

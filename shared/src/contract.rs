@@ -228,6 +228,12 @@ pub struct Limits {
     pub max_timeout_ms: u64,
 }
 
+/// An edge's event stream (`GET /jobs/{id}/events`) carries a `: keep-alive` comment after
+/// at most this much silence, on both hosts (a Cloudflare Tunnel cuts a silent response at
+/// ~100 s; `SSE_KEEPALIVE_MS` may shorten it, never lengthen it): so a follower that hears
+/// nothing for a few of these is on a dead connection, not following a quiet job.
+pub const SSE_KEEPALIVE_MS: u64 = 15_000;
+
 pub const DEFAULT_TIMEOUT_MS: u64 = 300_000;
 pub const MIN_TIMEOUT_MS: u64 = 100;
 pub const MAX_TOOLS: usize = 128;

@@ -1218,6 +1218,29 @@ async fn a_follower_that_reconnects_with_last_event_id_reads_on_from_there(kind:
     assert_eq!(ids, [3, 4, 5], "the second wait, the answer, the result line: after id 2 only\n{raw}");
 }
 
+/// A quiet job's stream carries a keep-alive comment after each `SSE_KEEPALIVE_MS` of
+/// silence, on both hosts: a proxy in front keeps it open, and a follower (`submit`) tells a
+/// quiet job from a dead connection. The Worker sent none before, so `submit` could not
+/// bound its wait on a Worker's stream. (The interval is shortened here; the default is 15 s.)
+async fn a_quiet_jobs_stream_carries_keep_alives(kind: EdgeKind) {
+    let s = setup(kind, &[("SSE_KEEPALIVE_MS", "300")], &[]).await;
+    let dir = TempDir::new("quiet");
+    let release = dir.path().join("release");
+    let a = s.client.submit(json!({"prompt": format!("@await={} quiet", release.display())})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    let mut stream = Box::pin(s.client.open_events(&job_id).await.bytes_stream());
+    let mut raw = String::new();
+    read_until(&mut stream, &mut raw, &format!("waiting for {}", release.display())).await;
+    let before = raw.len();
+    // Nothing comes from the job while it waits: only a keep-alive can end this read.
+    read_until(&mut stream, &mut raw, ": keep-alive\n\n").await;
+    assert!(raw[before..].trim_start().starts_with(": keep-alive"), "a keep-alive, not an event, came:\n{}", &raw[before..]);
+    std::fs::write(&release, "").unwrap();
+    read_until(&mut stream, &mut raw, "event: result").await;
+    let ids: Vec<u64> = progress_of(&raw).iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, [1, 2, 3, 4], "the keep-alives are no events\n{raw}");
+}
+
 async fn a_running_job_can_be_cancelled(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     let pidfile = s.agent.data.path().join("cancel-child.pid");
@@ -1689,6 +1712,7 @@ contract!(
     a_burst_of_progress_reaches_followers_whole_in_order_in_few_frames,
     each_progress_event_reaches_a_follower_while_claude_waits,
     a_follower_that_reconnects_with_last_event_id_reads_on_from_there,
+    a_quiet_jobs_stream_carries_keep_alives,
     headers_with_bytes_past_ascii_are_read_not_dropped,
     a_header_sent_twice_is_read_the_same_on_both_hosts,
     a_running_job_can_be_cancelled,

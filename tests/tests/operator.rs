@@ -1029,3 +1029,95 @@ async fn login_from_a_terminal_relays_the_url_and_the_code() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the edge"));
 }
+
+/// How a follow of `submit`'s breaks mid-job (between the proxy's `submit` side and the edge).
+#[derive(Clone, Copy)]
+enum Break {
+    /// Every connection is reset: the stream ends with an error at once.
+    Reset,
+    /// Nothing more comes down any live connection, and no end either: a half-open
+    /// connection, as when the edge's host died or a NAT dropped the flow.
+    Silence,
+}
+
+/// `submit` through a proxy to the native edge, its follow of the job broken (`how`) while
+/// Claude waits: `submit` follows again from the last event it read (`Last-Event-ID`), so
+/// every progress line shows once, and the result comes. Before, a broken follow began
+/// again from the stream's start (each line shown again), and a silent one held `submit`
+/// for good. Both: submit's stderr and stdout.
+async fn submit_through_a_break(how: Break) -> (String, String) {
+    use tokio::io::AsyncBufReadExt;
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let _agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    Client::new(&edge.url()).wait_online().await;
+    let port: u16 = edge.url().rsplit(':').next().unwrap().trim_end_matches('/').parse().unwrap();
+    let proxy = harness::proxy::Proxy::start(port).await;
+    let dir = TempDir::new("submit-break");
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let prompt = format!("@await={} @await={} through a break", one.display(), two.display());
+    let mut child = tokio::process::Command::new(bin("claude-runner"))
+        .args(["submit", "--edge", &format!("http://127.0.0.1:{}", proxy.port()), "--secret", SECRET, &prompt])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let seen = lines.clone();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            seen.lock().unwrap().push(line);
+        }
+    });
+    let shown = |what: String| {
+        let lines = lines.clone();
+        move || lines.lock().unwrap().iter().any(|l| l.contains(&what))
+    };
+    assert!(eventually(Duration::from_secs(60), shown(format!("waiting for {}", one.display()))).await, "{:?}", lines.lock().unwrap());
+    let before = proxy.accepted();
+    match how {
+        Break::Reset => assert!(proxy.reset() > 0),
+        Break::Silence => assert!(proxy.blackhole(harness::proxy::Direction::Down) > 0),
+    }
+    // Claude goes on while submit is cut off; what it says then is read after the break.
+    std::fs::write(&one, "").unwrap();
+    assert!(eventually(Duration::from_secs(120), || proxy.accepted() > before).await, "submit never followed again: {:?}", lines.lock().unwrap());
+    assert!(eventually(Duration::from_secs(60), shown(format!("waiting for {}", two.display()))).await, "{:?}", lines.lock().unwrap());
+    std::fs::write(&two, "").unwrap();
+    let mut stdout = String::new();
+    let read = async {
+        use tokio::io::AsyncReadExt;
+        child.stdout.take().unwrap().read_to_string(&mut stdout).await.unwrap();
+        child.wait().await.unwrap()
+    };
+    let status = tokio::time::timeout(Duration::from_secs(60), read).await.expect("submit ended");
+    reader.await.unwrap();
+    let err = lines.lock().unwrap().join("\n");
+    assert!(status.success(), "{status}\n{err}");
+    (err, stdout)
+}
+
+fn each_progress_line_once(err: &str, stdout: &str) {
+    assert!(stdout.trim().starts_with("stand-in answer to: @await=") && stdout.trim().ends_with("through a break"), "{stdout}");
+    let lines: Vec<&str> = err.lines().collect();
+    for line in &lines {
+        assert_eq!(lines.iter().filter(|l| *l == line).count(), 1, "shown more than once: {line:?}\n{err}");
+    }
+    assert!(err.contains("· session "), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_follows_a_broken_stream_again_from_its_last_event() {
+    let (err, out) = submit_through_a_break(Break::Reset).await;
+    each_progress_line_once(&err, &out);
+}
+
+/// The silence is waited out for three keep-alive intervals (45 s) before `submit` follows
+/// again: this test takes about a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_follows_a_silent_stream_again_from_its_last_event() {
+    let (err, out) = submit_through_a_break(Break::Silence).await;
+    each_progress_line_once(&err, &out);
+}

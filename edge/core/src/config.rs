@@ -61,6 +61,11 @@ pub struct Config {
     pub notify_min_interval_ms: u64,
     /// Hosts a job's `callback_url` may name.
     pub callback_hosts: Vec<String>,
+    /// Silence after which an event stream gets a keep-alive comment (`SSE_KEEPALIVE_MS`,
+    /// default and most [`crate::progress::SSE_KEEPALIVE_MS`]). A setting so a test sees
+    /// one without waiting 15 s; never longer, since followers (`claude-runner submit`)
+    /// take three of the default's silence for a dead connection.
+    pub sse_keepalive_ms: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -352,6 +357,8 @@ impl Config {
                 .filter(|v| !v.eq_ignore_ascii_case("none"))
                 .map(|v| v.split(',').map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect())
                 .unwrap_or_default(),
+            // At least 100 ms, so a stream is not mostly keep-alives.
+            sse_keepalive_ms: bounded("SSE_KEEPALIVE_MS", "milliseconds", crate::progress::SSE_KEEPALIVE_MS, crate::progress::SSE_KEEPALIVE_MS)?.max(100),
         })
     }
 }
@@ -378,6 +385,11 @@ mod tests {
         assert_eq!(cfg.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
         let err = Config::from_lookup(lookup(&[("MAX_TIMEOUT_MS", "18446744073709551615")])).unwrap_err();
         assert!(err.to_string().contains("MAX_TIMEOUT_MS"), "{err}");
+        assert_eq!(cfg.sse_keepalive_ms, crate::progress::SSE_KEEPALIVE_MS);
+        assert_eq!(Config::from_lookup(lookup(&[("SSE_KEEPALIVE_MS", "300")])).unwrap().sse_keepalive_ms, 300);
+        // Longer would have followers take a quiet job for a dead connection.
+        let err = Config::from_lookup(lookup(&[("SSE_KEEPALIVE_MS", "15001")])).unwrap_err();
+        assert!(err.to_string().contains("SSE_KEEPALIVE_MS") && err.to_string().contains("lower it"), "{err}");
         let err = Config::from_lookup(lookup(&[("LOST_AFTER_MS", "soon")])).unwrap_err();
         assert!(err.to_string().contains("LOST_AFTER_MS"), "{err}");
         let err = Config::from_lookup(lookup(&[("RUNNER_SECRET", "short")])).unwrap_err();

@@ -52,8 +52,8 @@ pub enum Reply {
     Once { max_wait_ms: u64 },
     /// A `text/event-stream` (200, [`crate::progress::SSE_CONTENT_TYPE`]): each
     /// [`Effect::Stream`] chunk until [`Effect::EndStream`]. While nothing comes the host
-    /// writes [`crate::progress::SSE_KEEPALIVE`] every [`crate::progress::SSE_KEEPALIVE_MS`]
-    /// if its platform cuts silent responses.
+    /// writes [`crate::progress::SSE_KEEPALIVE`] after every
+    /// [`crate::Config::sse_keepalive_ms`] of silence (both hosts: followers count on it).
     Stream,
 }
 

@@ -33,7 +33,8 @@ pub const SSE_CONTENT_TYPE: &str = "text/event-stream";
 /// Written while a job is quiet so proxies keep the stream open (a Cloudflare Tunnel cuts
 /// a silent response at ~100 s).
 pub const SSE_KEEPALIVE: &str = ": keep-alive\n\n";
-pub const SSE_KEEPALIVE_MS: u64 = 15_000;
+/// Its longest interval, and the default: a promise to callers, so in the contract.
+pub use shared::contract::SSE_KEEPALIVE_MS;
 
 /// Where a progress event stands in its job's stream: the attempt of the order it ran
 /// under (1 for the first), and its number within that attempt. Events are shown in this

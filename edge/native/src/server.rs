@@ -14,7 +14,7 @@ use axum::routing::any;
 use axum::Router;
 use edge_core::body::{Intake, Next};
 use edge_core::http::Gate;
-use edge_core::progress::{Chunk, Lag, SSE_CONTENT_TYPE, SSE_KEEPALIVE, SSE_KEEPALIVE_MS};
+use edge_core::progress::{Chunk, Lag, SSE_CONTENT_TYPE, SSE_KEEPALIVE};
 use edge_core::{CallerId, Config};
 use futures_util::StreamExt;
 use std::net::SocketAddr;
@@ -235,7 +235,7 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
     }
     let Ok(opened) = rx.await else { return into_response(edge_core::http::shutting_down()) };
     match opened {
-        Opened::Stream { chunks, lag } => event_stream(chunks, lag),
+        Opened::Stream { chunks, lag } => event_stream(chunks, lag, state.config.sse_keepalive_ms),
         Opened::Once { caller, max_wait_ms, mut answer } => {
             let mut hang_up = HangUp { caller: Some(caller), driver: state.driver.clone() };
             let answered = match tokio::time::timeout(Duration::from_millis(max_wait_ms), &mut answer).await {
@@ -256,10 +256,10 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
 }
 
 /// A `text/event-stream` answer: the chunks as the connection takes them (each counted
-/// off `lag`), with a keep-alive comment whenever the job is quiet, until the driver
-/// closes the channel.
-fn event_stream(chunks: mpsc::UnboundedReceiver<Chunk>, lag: Lag) -> Response {
-    let keepalive = Duration::from_millis(SSE_KEEPALIVE_MS);
+/// off `lag`), with a keep-alive comment after every `keepalive_ms` the job is quiet
+/// (`Config::sse_keepalive_ms`), until the driver closes the channel.
+fn event_stream(chunks: mpsc::UnboundedReceiver<Chunk>, lag: Lag, keepalive_ms: u64) -> Response {
+    let keepalive = Duration::from_millis(keepalive_ms);
     let stream = futures_util::stream::unfold(Some(chunks), move |chunks| {
         let lag = lag.clone();
         async move {

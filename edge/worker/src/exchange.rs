@@ -18,20 +18,34 @@ pub fn respond(answer: edge_core::Response) -> worker::Result<Response> {
 }
 
 /// A `text/event-stream` answer carrying the chunks (each counted off `lag` as the
-/// runtime takes it) until the sender side is dropped (the job ended, or the follower fell
-/// too far behind). Unlike the native host it sends no keep-alive comments: a Worker's
-/// response is not cut for silence the way an origin behind a Tunnel is.
-pub fn event_stream(chunks: futures::channel::mpsc::UnboundedReceiver<Chunk>, lag: Lag) -> worker::Result<Response> {
-    let end = lag.clone();
-    let stream = chunks
-        .map(move |chunk| {
-            lag.taken(chunk.len());
-            Ok::<Vec<u8>, worker::Error>(chunk.as_bytes().to_vec())
-        })
-        // Dropped for falling behind: an error aborts the response.
-        .chain(futures::stream::iter(std::iter::from_fn(move || {
-            end.cut().then(|| Err(worker::Error::RustError("the follower fell too far behind".into())))
-        }).take(1)));
+/// runtime takes it), with a keep-alive comment after every `keepalive_ms` the job is quiet
+/// (`Config::sse_keepalive_ms`, the native host's rule: a follower such as `submit` tells a
+/// quiet job from a dead connection by them, and a proxy in front keeps the stream open),
+/// until the sender side is dropped (the job ended, or the follower fell too far behind).
+/// The timer costs nothing to keep the object awake: an open response already does.
+pub fn event_stream(chunks: futures::channel::mpsc::UnboundedReceiver<Chunk>, lag: Lag, keepalive_ms: u64) -> worker::Result<Response> {
+    let keepalive = std::time::Duration::from_millis(keepalive_ms);
+    let stream = futures::stream::unfold(Some(chunks), move |chunks| {
+        let lag = lag.clone();
+        async move {
+            let mut chunks = chunks?;
+            // Dropped unfired when a chunk comes first (its drop clears the timeout).
+            let quiet = std::pin::pin!(worker::Delay::from(keepalive));
+            let bytes = match futures::future::select(chunks.next(), quiet).await {
+                futures::future::Either::Left((Some(chunk), _)) => {
+                    lag.taken(chunk.len());
+                    chunk.as_bytes().to_vec()
+                }
+                // Dropped for falling behind: an error aborts the response.
+                futures::future::Either::Left((None, _)) if lag.cut() => {
+                    return Some((Err(worker::Error::RustError("the follower fell too far behind".into())), None))
+                }
+                futures::future::Either::Left((None, _)) => return None,
+                futures::future::Either::Right(_) => edge_core::progress::SSE_KEEPALIVE.as_bytes().to_vec(),
+            };
+            Some((Ok::<Vec<u8>, worker::Error>(bytes), Some(chunks)))
+        }
+    });
     let mut response = Response::from_stream(stream)?;
     response.headers_mut().set("content-type", edge_core::progress::SSE_CONTENT_TYPE)?;
     response.headers_mut().set("cache-control", "no-cache")?;

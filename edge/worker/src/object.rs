@@ -401,7 +401,8 @@ impl EdgeDurableObject {
                 self.callers.borrow_mut().insert(caller, Channel::Stream(tx, lag.clone()));
                 self.apply(handled.effects, None);
                 self.schedule(now).await;
-                exchange::event_stream(rx, lag)
+                let keepalive_ms = self.with_edge(|edge| edge.config().sse_keepalive_ms).unwrap_or(edge_core::progress::SSE_KEEPALIVE_MS);
+                exchange::event_stream(rx, lag, keepalive_ms)
             }
             Reply::Once { max_wait_ms } => {
                 let (tx, rx) = oneshot::channel();

@@ -30,6 +30,8 @@
 //! in-process agents speaking the real protocol, dispatch throughput, queue-to-dispatch
 //! latency and the edge's memory.
 
+#[path = "bench/keepalive.rs"]
+mod keepalive;
 #[path = "bench/repos.rs"]
 mod repos;
 #[path = "bench/retention.rs"]
@@ -90,6 +92,10 @@ usage: cargo run --release -p claude-runner-tests --bin bench -- [options]
                        with one owner of the retained jobs and with two
   --retention-jobs N   MAX_RETAINED_JOBS (default 10000)
   --retention-measure N  jobs measured once the cap is reached (default 2000)
+  --keepalive          measure the CPU an event stream's keep-alive costs the edge (--edge
+                       native, worker or both): a quiet job followed with SSE_KEEPALIVE_MS=100
+                       against the default
+  --keepalive-seconds N  how long each stream is followed (default 20)
 
 Build the binaries first: cargo build --release --bins";
 
@@ -104,10 +110,12 @@ struct Opts {
     repo: Option<repos::RepoOpts>,
     scale: Option<scale::ScaleOpts>,
     retention: Option<retention::RetentionOpts>,
+    /// `--keepalive`: seconds each stream is followed.
+    keepalive: Option<u64>,
 }
 
 fn parse_args() -> Result<Opts, String> {
-    let mut opts = Opts { jobs: 1000, clients: 8, offline: 1000, block: 100, edges: vec![EdgeKind::Native], json: None, repo: None, scale: None, retention: None };
+    let mut opts = Opts { jobs: 1000, clients: 8, offline: 1000, block: 100, edges: vec![EdgeKind::Native], json: None, repo: None, scale: None, retention: None, keepalive: None };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -143,6 +151,8 @@ fn parse_args() -> Result<Opts, String> {
                 let counts: Result<Vec<usize>, String> = list.split(',').map(|n| number(n.trim().to_string())).collect();
                 opts.scale.get_or_insert_with(Default::default).agents = counts?;
             }
+            "--keepalive" => opts.keepalive = Some(opts.keepalive.unwrap_or(20)),
+            "--keepalive-seconds" => opts.keepalive = Some(number(value()?)? as u64),
             "--retention" => opts.retention = Some(opts.retention.take().unwrap_or_default()),
             "--retention-jobs" => opts.retention.get_or_insert_with(Default::default).jobs = number(value()?)?,
             "--retention-measure" => opts.retention.get_or_insert_with(Default::default).measure = number(value()?)?,
@@ -201,6 +211,15 @@ fn main() {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio starts");
     let report = match (opts.repo.clone(), opts.scale.clone()) {
+        _ if opts.keepalive.is_some() => {
+            let load_start = loadavg();
+            let mut report = runtime.block_on(keepalive::run(opts.keepalive.expect("checked above"), &opts.edges));
+            report["git_commit"] = json!(git_commit());
+            report["machine"] = machine();
+            report["load_average"] = json!([load_start, loadavg()]);
+            println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+            report
+        }
         _ if opts.retention.is_some() => {
             let load_start = loadavg();
             let retention = opts.retention.clone().expect("checked above");

@@ -101,6 +101,7 @@ pub(super) fn config() -> Config {
         offline_alert_ms: 60_000,
         notify_min_interval_ms: 3_600_000,
         callback_hosts: vec!["127.0.0.1".into(), "hooks.example.com".into()],
+        sse_keepalive_ms: crate::progress::SSE_KEEPALIVE_MS,
     }
 }
 
