@@ -119,6 +119,10 @@ const CONNECT_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 /// silence). Past it the connection is taken for dead and the job followed again.
 const FOLLOW_SILENCE: std::time::Duration = std::time::Duration::from_millis(3 * shared::contract::SSE_KEEPALIVE_MS);
 
+/// How many follows of a job's event stream in a row may bring nothing (no answer, not a
+/// byte) before `submit` gives up: with 2 s between them, some 20 s plus their waits.
+const MAX_FRUITLESS_FOLLOWS: u32 = 10;
+
 /// What to do when the task went out but its answer did not come back whole: the edge may
 /// have queued it, and sending it again as it was would run it twice.
 const MAY_BE_QUEUED: &str = "the task may have been queued all the same: look for it with `GET /jobs` before sending it again \
@@ -279,10 +283,18 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     // follow again from the last event read (`Last-Event-ID`), so no progress line is shown
     // twice: the job is kept, and a finished one answers with its result at once.
     let mut last_id: Option<String> = None;
-    for attempt in 0..10 {
+    // Follows in a row that brought nothing (no answer, no byte): a stream that ran for a
+    // while and broke is no reason to give up, however often a long job's stream breaks
+    // (a Tunnel's cut, an edge restarted), so only these count towards giving up.
+    let mut fruitless = 0;
+    for attempt in 0.. {
+        if fruitless == MAX_FRUITLESS_FOLLOWS {
+            break;
+        }
         if attempt > 0 {
             tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         }
+        fruitless += 1;
         // Its head comes at once (the stream itself may be quiet for as long as the job runs).
         let mut follow = http.get(format!("{base}/jobs/{job_id}/events")).header("X-Runner-Secret", &secret);
         if let Some(id) = &last_id {
@@ -297,6 +309,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         let mut events = crate::sse::EventStream::default();
         // Ended, broken, or silent past every keep-alive: follow again.
         while let Ok(Some(Ok(chunk))) = tokio::time::timeout(FOLLOW_SILENCE, stream.next()).await {
+            fruitless = 0;
             for event in events.push(&chunk) {
                 if event.id.is_some() {
                     last_id = event.id.clone();

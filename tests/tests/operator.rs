@@ -701,6 +701,43 @@ fn submit_says_a_redirect_did_not_take_the_task() {
     assert_eq!(asked.lock().unwrap().len(), 1, "the redirect was followed: {:?}", asked.lock().unwrap());
 }
 
+/// A long job's stream may break many times (a Tunnel's cuts, edge restarts): `submit` gave
+/// up after ten follows over the whole job, however much each brought, and a job still
+/// running was reported as the edge lost. Only follows that bring nothing count now.
+#[test]
+fn submit_keeps_following_a_stream_that_breaks_often_but_answers() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut follows = 0;
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut request = vec![0; 64 * 1024];
+            let n = conn.read(&mut request).unwrap_or(0);
+            let head = String::from_utf8_lossy(&request[..n]).to_string();
+            let answer = if head.starts_with("POST") {
+                let body = r#"{"job_id":"j1","state":"queued"}"#;
+                format!("HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+            } else {
+                follows += 1;
+                // Each follow brings an event, then the stream breaks; the twelfth brings the result.
+                let events = if follows < 12 {
+                    format!("id: {follows}\nevent: progress\ndata: {{\"type\":\"system\"}}\n\n")
+                } else {
+                    "id: 12\nevent: result\ndata: {\"success\":true,\"output\":\"done after twelve follows\"}\n\n".to_string()
+                };
+                format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{events}")
+            };
+            let _ = conn.write_all(answer.as_bytes());
+        }
+    });
+    let out = submit_hello_to(addr, "submit still follows a stream that ended");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done after twelve follows", "{err}");
+}
+
 /// `submit hello` against an edge that reads the request, writes `answer`, then holds the
 /// connection open and silent until `submit` lets go of it: `submit`'s exit code and stderr.
 fn submit_to_an_edge_that_stops(answer: &'static [u8]) -> (Option<i32>, String) {
