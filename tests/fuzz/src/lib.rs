@@ -549,6 +549,8 @@ pub fn config(data: &[u8]) {
         "QUEUE_TTL_MS",
         "MAX_QUEUED_JOBS",
         "TIMEOUT_MARGIN_MS",
+        "SSE_KEEPALIVE_MS",
+        "MAX_QUEUED_PER_CALLER",
         "POOLS",
         "RUNNER_SECRET_GPU",
         "AGENT_PUBLIC_KEYS_GPU",
