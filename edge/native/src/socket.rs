@@ -9,7 +9,7 @@
 //! a connection that has not shown a key.
 
 use crate::driver::{Command, Outbound};
-use crate::server::{into_response, AppState};
+use crate::server::{into_response, AppState, Conn};
 use axum::extract::{ConnectInfo, Request};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
@@ -43,6 +43,11 @@ pub(crate) async fn agent_connect(state: AppState, mut request: Request) -> Resp
         return into_response(edge_core::http::upgrade_required());
     };
     let peer = request.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0 .0.ip().to_string()).unwrap_or_default();
+    // An agent's socket from here on (before the 101 goes out, so it is never idle in
+    // between): not closed to make room at MAX_CONNECTIONS, whatever a flood does.
+    if let Some(conn) = request.extensions().get::<Conn>() {
+        conn.pin();
+    }
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
         let budget = Arc::new(AtomicUsize::new(edge_core::session::UNPROVEN_READ_BUDGET));
