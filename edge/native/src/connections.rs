@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 pub const RESERVED_FDS: u64 = edge_core::machine::MAX_PENDING_CALLBACKS as u64 + 64;
 
 /// The default's ceiling, whatever the descriptor limit: each idle connection costs the
-/// edge about 12 KiB (BENCHMARKS.md, "Connections"), so a limit of a million descriptors
+/// edge about 14 KiB (BENCHMARKS.md, "Connections"), so a limit of a million descriptors
 /// would otherwise let a flood take gigabytes. 16384 is far past what the edge's own bounds
 /// let legitimate work hold (queued and running jobs' callers, 64 followers, the agents).
 pub const DEFAULT_MAX_CONNECTIONS: u64 = 16_384;
