@@ -469,3 +469,35 @@ async fn when_every_connection_is_busy_a_newcomer_is_told_and_closed() {
     assert_eq!(health.status, 200, "{}", health.text);
     assert_eq!(edge.log().lines().filter(|l| l.contains("agent connected")).count(), 1, "{}", edge.log());
 }
+
+/// Upgraded `/agent/connect` sockets that never say hello (anyone can open them; the core
+/// keeps 64 at most, 16 per address) are not agents yet: at MAX_CONNECTIONS they make room
+/// (after idle connections) for a caller or an agent, instead of locking every newcomer
+/// out until their handshake times out. A proven agent's socket is never closed for room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_agent_sockets_make_room_at_the_cap_and_a_proven_agent_stays() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "4")]);
+    let _spark = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    Client::new(&edge.url()).wait_online().await;
+    let port = edge.port;
+    // Three silent upgrades, each read up to its 101: with spark's, the cap is full.
+    let silent = tokio::task::spawn_blocking(move || {
+        (0..3)
+            .map(|_| {
+                let mut tcp = mute_agent_socket(port);
+                let mut head = [0u8; 12];
+                tcp.read_exact(&mut head).unwrap();
+                assert_eq!(&head, b"HTTP/1.1 101");
+                tcp
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let health = tokio::time::timeout(Duration::from_secs(10), Client::new(&edge.url()).try_send("GET", "/health", Some(SECRET), None)).await;
+    let health = health.expect("answered").expect("a connection");
+    assert_eq!(health.status, 200, "{}", health.text);
+    assert_eq!(edge.log().lines().filter(|l| l.contains("agent connected")).count(), 1, "{}", edge.log());
+    drop(silent);
+}

@@ -10,7 +10,10 @@
 //! has waited longest for a request head is closed to make room. A connection with a
 //! request in flight (an `/execute` waiting for its answer, an event stream) and an agent's
 //! socket are never chosen; only when every connection is one of those is the new one
-//! closed at once.
+//! closed at once. An `/agent/connect` socket that has not proven itself yet is no agent's:
+//! anyone can open one, so, once no connection is idle, the oldest of those makes room
+//! (else 64 of them, what the core lets wait for a hello, would lock every newcomer out
+//! of a small cap until their handshake timed out).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -73,7 +76,9 @@ enum State {
     Idle { since: u64 },
     /// A request read, its answer not yet sent to its end.
     Busy,
-    /// An agent's socket (upgraded): never closed for room, whatever it does.
+    /// Upgraded to an agent's socket, not proven yet, since the tick `since`.
+    Unproven { since: u64 },
+    /// A proven agent's socket: never closed for room, whatever it does.
     Pinned,
     /// Chosen to make room; its connection is closing and no longer counted.
     Closing,
@@ -113,6 +118,8 @@ pub struct Connections<T> {
     entries: HashMap<Id, Entry<T>>,
     /// Idle connections by when they started waiting: the first is the next to go.
     idle: BTreeMap<u64, Id>,
+    /// Unproven agent sockets by when they were upgraded: they go once none is idle.
+    unproven: BTreeMap<u64, Id>,
     /// Entries not closing: what the cap counts.
     open: usize,
     tick: u64,
@@ -129,6 +136,7 @@ impl<T> Connections<T> {
             cap: cap.max(1),
             entries: HashMap::new(),
             idle: BTreeMap::new(),
+            unproven: BTreeMap::new(),
             open: 0,
             tick: 0,
             next: 0,
@@ -181,7 +189,7 @@ impl<T> Connections<T> {
     }
 
     fn take_oldest_idle(&mut self) -> Option<T> {
-        let (_, id) = self.idle.pop_first()?;
+        let (_, id) = self.idle.pop_first().or_else(|| self.unproven.pop_first())?;
         let entry = self.entries.get_mut(&id).expect("idle connections are in the table");
         entry.state = State::Closing;
         self.open -= 1;
@@ -200,26 +208,49 @@ impl<T> Connections<T> {
         self.set(id, State::Idle { since: self.tick });
     }
 
-    /// `id` is an agent's socket from now on.
+    /// `id` is upgraded to an agent's socket, not proven yet; `close` now reaches it (the
+    /// socket outlives the HTTP connection's task).
+    pub fn upgraded(&mut self, id: Id, close: T) {
+        self.tick += 1;
+        if self.set(id, State::Unproven { since: self.tick }) {
+            if let Some(entry) = self.entries.get_mut(&id) {
+                entry.close = Some(close);
+            }
+        }
+    }
+
+    /// `id`'s agent proved itself: its socket is never closed for room from now on.
     pub fn pin(&mut self, id: Id) {
         self.set(id, State::Pinned);
     }
 
-    /// Closing and pinned connections stay so: a connection chosen to go is going, and an
-    /// upgraded socket's HTTP answer (the 101) ending does not make it idle.
-    fn set(&mut self, id: Id, state: State) {
-        let Some(entry) = self.entries.get_mut(&id) else { return };
-        match entry.state {
-            State::Closing | State::Pinned => return,
-            State::Idle { since } => {
+    /// Whether `id` moved to `state`. Closing and pinned connections stay so (a connection
+    /// chosen to go is going), and an unproven socket only becomes pinned: its HTTP answer
+    /// (the 101) ending does not make it idle.
+    fn set(&mut self, id: Id, state: State) -> bool {
+        let Some(entry) = self.entries.get_mut(&id) else { return false };
+        match (entry.state, state) {
+            (State::Closing | State::Pinned, _) => return false,
+            (State::Unproven { .. }, State::Idle { .. } | State::Busy | State::Unproven { .. }) => return false,
+            (State::Idle { since }, _) => {
                 self.idle.remove(&since);
             }
-            State::Busy => {}
+            (State::Unproven { since }, _) => {
+                self.unproven.remove(&since);
+            }
+            (State::Busy, _) => {}
         }
         entry.state = state;
-        if let State::Idle { since } = state {
-            self.idle.insert(since, id);
+        match state {
+            State::Idle { since } => {
+                self.idle.insert(since, id);
+            }
+            State::Unproven { since } => {
+                self.unproven.insert(since, id);
+            }
+            State::Busy | State::Pinned | State::Closing => {}
         }
+        true
     }
 
     /// `id`'s socket is closed.
@@ -229,6 +260,9 @@ impl<T> Connections<T> {
             State::Closing => return,
             State::Idle { since } => {
                 self.idle.remove(&since);
+            }
+            State::Unproven { since } => {
+                self.unproven.remove(&since);
             }
             State::Busy | State::Pinned => {}
         }
@@ -304,6 +338,7 @@ mod tests {
         let stream = opened(&mut table, 2);
         table.busy(execute);
         table.busy(agent);
+        table.upgraded(agent, 10);
         table.pin(agent);
         // The 101's body ends: the agent's socket does not turn idle.
         table.idle(agent);
@@ -315,6 +350,33 @@ mod tests {
         assert!(matches!(table.admit(5), Admit::Evict { close: 0, .. }));
         let pressure = table.pressure(Instant::now()).expect("warned");
         assert_eq!(pressure, Pressure { evicted: 1, refused: 2, failed: 0, open: 3 });
+    }
+
+    #[test]
+    fn unproven_agent_sockets_make_room_once_none_is_idle_and_proven_ones_never() {
+        let mut table = Connections::new(3);
+        let proven = opened(&mut table, 0);
+        let silent = opened(&mut table, 1);
+        let idle = opened(&mut table, 2);
+        for socket in [proven, silent] {
+            table.busy(socket);
+            table.upgraded(socket, 10 + socket.0 as u32);
+            // The 101 went out: still an agent's socket, not idle.
+            table.idle(socket);
+        }
+        table.pin(proven);
+        let _ = idle;
+        // The idle connection goes first, though the silent socket is older.
+        assert!(matches!(table.admit(3), Admit::Evict { close: 2, .. }));
+        let newcomer = Id(3);
+        table.busy(newcomer);
+        // Then the silent socket, reached by the close it was given at its upgrade.
+        assert!(matches!(table.admit(4), Admit::Evict { close: 11, .. }));
+        table.busy(Id(4));
+        // Left: the proven agent and two requests in flight.
+        assert_eq!(table.admit(5), Admit::Refuse);
+        table.closed(silent);
+        assert_eq!(table.open(), 3);
     }
 
     #[test]

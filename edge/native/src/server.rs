@@ -167,11 +167,16 @@ async fn serve_connections(listener: TcpListener, max_connections: usize, app: R
                 // Every connection is busy or an agent's: this one is closed at once, told
                 // why if its socket takes the bytes now (never waited for), so that a
                 // caller can tell a full edge from a dead one. What it sent is read first,
-                // as far as it is there, so the close is a FIN rather than a reset that
+                // as far as it is there (64 KiB at most: a peer that keeps sending cannot
+                // hold the accept loop), so the close is more often a FIN than a reset that
                 // could discard the answer.
                 let _ = tcp.try_write(refusal.as_bytes());
                 let mut sent = [0u8; 4096];
-                while matches!(tcp.try_read(&mut sent), Ok(n) if n > 0) {}
+                for _ in 0..16 {
+                    if !matches!(tcp.try_read(&mut sent), Ok(n) if n > 0) {
+                        break;
+                    }
+                }
                 drop(tcp);
                 warn_at_cap(&table, None);
                 continue;
@@ -295,7 +300,7 @@ fn lock(table: &Table) -> std::sync::MutexGuard<'_, Connections<oneshot::Sender<
 /// A connection's entry in the table, as its requests carry it: what they do moves it
 /// between idle and busy, and an agent's socket pins it.
 #[derive(Clone)]
-pub(crate) struct Conn {
+pub struct Conn {
     id: Id,
     table: Table,
 }
@@ -305,7 +310,15 @@ impl Conn {
         lock(&self.table).busy(self.id);
     }
 
-    /// The connection becomes an agent's socket: never closed to make room.
+    /// The connection becomes an agent's socket, not proven yet: the receiver says when it
+    /// is closed to make room (the socket outlives the HTTP connection's task).
+    pub(crate) fn upgraded(&self) -> oneshot::Receiver<()> {
+        let (close, closed) = oneshot::channel();
+        lock(&self.table).upgraded(self.id, close);
+        closed
+    }
+
+    /// The agent proved itself: its socket is never closed to make room.
     pub(crate) fn pin(&self) {
         lock(&self.table).pin(self.id);
     }
