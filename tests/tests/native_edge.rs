@@ -501,3 +501,23 @@ async fn silent_agent_sockets_make_room_at_the_cap_and_a_proven_agent_stays() {
     assert_eq!(edge.log().lines().filter(|l| l.contains("agent connected")).count(), 1, "{}", edge.log());
     drop(silent);
 }
+
+/// An edge whose descriptor limit is below what MAX_CONNECTIONS assumes (28 here, the cap at
+/// its floor of 16): accept fails with EMFILE before the cap is reached. The connection
+/// idle longest is then closed to make room, and the edge says so; before, the listener
+/// slept a second at a time, silently, until the flood's heads timed out (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_edge_makes_room_instead_of_waiting() {
+    let keys = Keys::new(&["spark"]);
+    let wrapper = vec!["prlimit".to_string(), "--nofile=28:28".to_string()];
+    let edge = EdgeServer::start_wrapped(EdgeKind::Native, &keys, &[], wrapper);
+    assert!(edge.log().contains("\"max_connections\":16"), "{}", edge.log());
+    let crowd = flood(edge.port, 40).await;
+    let health = tokio::time::timeout(Duration::from_secs(15), Client::new(&edge.url()).try_send("GET", "/health", None, None)).await;
+    let health = health.expect("/health answered while out of descriptors").expect("a connection");
+    assert_eq!(health.status, 503, "{}", health.text);
+    // Said once (not once per failed accept), with the error.
+    let warned = |l: &&str| l.contains("too many connections") && l.contains("Too many open files") && !l.contains("\"accept_failed\":0");
+    assert_eq!(edge.log().lines().filter(warned).count(), 1, "{}", edge.log());
+    drop(crowd);
+}
