@@ -201,9 +201,11 @@ async fn serve_connections(listener: TcpListener, max_connections: usize, app: R
             tokio::select! {
                 // Chosen to make room (only ever while idle: no request is cut): the
                 // connection and its socket are dropped. First, so that nothing of the
-                // connection runs once it is chosen.
+                // connection runs once it is chosen. Only a sent close counts: the sender
+                // is dropped, unsent, when the connection upgrades to an agent's socket
+                // (the socket's task is given its own), and the 101 must still go out.
                 biased;
-                _ = closed => {}
+                Ok(()) = closed => {}
                 _ = connection.as_mut() => {}
                 () = until_stopped(&mut stopped) => {
                     connection.as_mut().graceful_shutdown();
