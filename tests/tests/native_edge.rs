@@ -294,3 +294,230 @@ async fn a_connection_that_never_finishes_its_request_head_is_closed() {
     assert!(idle.is_some(), "a connection that sent nothing was still open after 60 s");
     assert!(slow.is_some(), "a connection that sent a header line every 5 s, never ending its head, was still open after 100 s");
 }
+
+/// `n` connections that never send a byte: what anyone who reaches the port can open, no
+/// secret needed. The kernel completes each handshake whether or not the edge accepts it.
+fn idle_connections(port: u16, n: usize) -> Vec<std::net::TcpStream> {
+    (0..n).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).expect("the kernel takes the connection")).collect()
+}
+
+async fn flood(port: u16, n: usize) -> Vec<std::net::TcpStream> {
+    tokio::task::spawn_blocking(move || idle_connections(port, n)).await.unwrap()
+}
+
+/// At MAX_CONNECTIONS a flood of idle connections does not lock anyone out: the ones that
+/// waited longest for a request are closed to make room, so `/health` and a new agent are
+/// served while the flood goes on; a follower's event stream, an `/execute` waiting for its
+/// answer and the agents' sockets are never closed for it. Before, the edge held every
+/// connection until its head timed out (30 s), whatever their number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_connections_makes_room_and_spares_requests_in_flight_and_agents() {
+    let keys = Keys::new(&["spark", "other"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "8")]);
+    assert!(edge.log().contains("\"max_connections\":8"), "{}", edge.log());
+    let _spark = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    Client::new(&edge.url()).wait_online().await;
+    // A followed job and an /execute, both held until `go` exists.
+    let gate = TempDir::new("gate");
+    let go = gate.path().join("go");
+    let followed = Client::new(&edge.url()).submit(json!({"prompt": format!("@await={} @lines=3 followed", go.display())})).await;
+    let job_id = followed.body["job_id"].as_str().expect("a job id").to_string();
+    let follower = Client::new(&edge.url()).open_events(&job_id).await;
+    assert_eq!(follower.status(), 200);
+    let caller = Client::new(&edge.url());
+    let prompt = format!("@await={} answered", go.display());
+    let execute = tokio::spawn(async move { caller.execute(json!({"prompt": prompt})).await });
+    let listed = || async { Client::new(&edge.url()).get("/jobs").await.text.matches("\"job_id\"").count() };
+    while listed().await < 2 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Five times the cap, never a byte sent: the first ones are closed to make room (the
+    // header timeout alone would take 30 s).
+    let mut crowd = flood(edge.port, 40).await;
+    let first = crowd.remove(0);
+    let closed = tokio::task::spawn_blocking(move || read_to_end_within(first, Duration::from_secs(15))).await.unwrap();
+    assert!(closed.is_some(), "the connection idle longest was still open 15 s into a flood past MAX_CONNECTIONS");
+    // While the flood's last connections are held: a caller and a new agent are served.
+    let health = Client::new(&edge.url()).health_full().await;
+    assert_eq!(health.status, 200, "{}", health.text);
+    let _other = AgentProc::start(AgentOpts::for_edge(&edge, "other"));
+    let online = |id: &'static str| {
+        let url = edge.url();
+        async move {
+            let health = Client::new(&url).health_full().await;
+            health.body["agents"].as_array().is_some_and(|a| a.iter().any(|a| a["agent_id"] == id && a["connected"] == true))
+        }
+    };
+    let mut joined = false;
+    for _ in 0..300 {
+        if online("other").await {
+            joined = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(joined, "an agent could not connect during a flood:\n{}", edge.log());
+
+    // Another flood, then the held jobs finish: the follower and the caller, busy all along,
+    // get everything; the agents' sockets were never closed (spark connected once).
+    let more = flood(edge.port, 40).await;
+    std::fs::write(&go, b"").unwrap();
+    let answer = execute.await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.body["output"], format!("stand-in answer to: @await={} answered", go.display()), "{}", answer.text);
+    let events = read_events(follower).await;
+    assert!(events.iter().any(|(_, data)| data.contains("followed")), "the follower's stream ended early: {events:?}");
+    assert_eq!(Client::new(&edge.url()).wait_job(&job_id, Duration::from_secs(30)).await["state"], "succeeded");
+    let log = edge.log();
+    let connected = log.lines().filter(|l| l.contains("agent connected") && l.contains("\"spark\"")).count();
+    assert_eq!(connected, 1, "spark's socket was closed by a flood:\n{log}");
+    // Said, but not once per connection.
+    let warned = log.matches("too many connections").count();
+    assert!((1..=3).contains(&warned), "{warned} warnings for a flood of 80 over a few seconds:\n{log}");
+    drop((crowd, more));
+}
+
+/// An edge whose descriptor limit is low (1024 is the usual default; 256 here) raises it to
+/// the hard limit and sizes MAX_CONNECTIONS under it: a flood is met by closing idle
+/// connections, not by running out of descriptors. Before, accept failed with EMFILE, the
+/// edge took no connection at all — no caller, no agent — until the flood's heads timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_past_the_descriptor_limit_still_leaves_room_for_callers_and_agents() {
+    let keys = Keys::new(&["spark"]);
+    let wrapper = vec!["prlimit".to_string(), "--nofile=128:256".to_string()];
+    let edge = EdgeServer::start_wrapped(EdgeKind::Native, &keys, &[], wrapper);
+    let ready = edge.log();
+    assert!(ready.contains("\"nofile\":256"), "the soft limit was not raised to the hard one:\n{ready}");
+    let crowd = flood(edge.port, 400).await;
+    // Bounded well below the flood's head timeout (30 s), which used to be the only way out.
+    let health = tokio::time::timeout(Duration::from_secs(15), Client::new(&edge.url()).health()).await;
+    assert_eq!(health.map(|h| h.status).ok(), Some(503), "/health not answered during the flood:\n{}", edge.log());
+    let _agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    let online = tokio::time::timeout(Duration::from_secs(20), Client::new(&edge.url()).wait_online()).await;
+    assert!(online.is_ok(), "the agent could not connect during the flood:\n{}", edge.log());
+    drop(crowd);
+}
+
+/// A MAX_CONNECTIONS the edge cannot hold is refused at start, saying what to set.
+#[test]
+fn a_bad_max_connections_stops_the_edge_at_start_with_what_to_do() {
+    let keys = Keys::new(&["spark"]);
+    let data = TempDir::new("edge");
+    for (value, says) in [("many", "whole number"), ("0", "at least 1"), ("100000000", "LimitNOFILE")] {
+        let mut edge = std::process::Command::new(bin("claude-runner-edge"))
+            .env("RUNNER_SECRET", SECRET)
+            .env("EDGE_SIGNING_KEY", shared::keys::encode_signing(&keys.edge))
+            .env("AGENT_PUBLIC_KEYS", keys.agent_public_keys())
+            .env("LISTEN", "127.0.0.1:0")
+            .env("DATA_DIR", data.path().join("db"))
+            .env("MAX_CONNECTIONS", value)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // An edge that takes the setting serves on: it is stopped and the case fails.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while edge.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = edge.kill();
+        let out = edge.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("MAX_CONNECTIONS") && stderr.contains(says), "MAX_CONNECTIONS={value}: {stderr}");
+    }
+}
+
+/// When every connection at MAX_CONNECTIONS is busy (here the agent's socket and three
+/// followers of a running job), a new one is closed at once, told why (429 `RUNNER_BUSY`,
+/// naming MAX_CONNECTIONS) — none of the busy ones is closed for it, and once one is done
+/// a newcomer is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_connection_is_busy_a_newcomer_is_told_and_closed() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "4")]);
+    let _spark = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    Client::new(&edge.url()).wait_online().await;
+    let gate = TempDir::new("gate");
+    let go = gate.path().join("go");
+    let held = Client::new(&edge.url()).submit(json!({"prompt": format!("@await={} @lines=2 held", go.display())})).await;
+    let job_id = held.body["job_id"].as_str().expect("a job id").to_string();
+    // Three followers, each on its own connection: they close the idle ones to get in.
+    let mut followers = Vec::new();
+    for _ in 0..3 {
+        let follower = Client::new(&edge.url()).open_events(&job_id).await;
+        assert_eq!(follower.status(), 200);
+        followers.push(follower);
+    }
+    let port = edge.port;
+    let told = tokio::task::spawn_blocking(move || {
+        let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        read_to_end_within(tcp, Duration::from_secs(20))
+    })
+    .await
+    .unwrap()
+    .map(|b| String::from_utf8_lossy(&b).into_owned());
+    let told = told.expect("a newcomer was kept open while every connection was busy");
+    assert!(told.starts_with("HTTP/1.1 429 ") && told.contains("\"error_code\":\"RUNNER_BUSY\"") && told.contains("MAX_CONNECTIONS"), "{told}");
+    // The followers were left alone: they read the job to its end.
+    std::fs::write(&go, b"").unwrap();
+    for follower in followers {
+        let events = read_events(follower).await;
+        assert!(events.iter().any(|(_, data)| data.contains("held")), "a busy follower was cut: {events:?}");
+    }
+    let health = Client::new(&edge.url()).health_full().await;
+    assert_eq!(health.status, 200, "{}", health.text);
+    assert_eq!(edge.log().lines().filter(|l| l.contains("agent connected")).count(), 1, "{}", edge.log());
+}
+
+/// Upgraded `/agent/connect` sockets that never say hello (anyone can open them; the core
+/// keeps 64 at most, 16 per address) are not agents yet: at MAX_CONNECTIONS they make room
+/// (after idle connections) for a caller or an agent, instead of locking every newcomer
+/// out until their handshake times out. A proven agent's socket is never closed for room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_agent_sockets_make_room_at_the_cap_and_a_proven_agent_stays() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "4")]);
+    let _spark = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    Client::new(&edge.url()).wait_online().await;
+    let port = edge.port;
+    // Three silent upgrades, each read up to its 101: with spark's, the cap is full.
+    let silent = tokio::task::spawn_blocking(move || {
+        (0..3)
+            .map(|_| {
+                let mut tcp = mute_agent_socket(port);
+                let mut head = [0u8; 12];
+                tcp.read_exact(&mut head).unwrap();
+                assert_eq!(&head, b"HTTP/1.1 101");
+                tcp
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let health = tokio::time::timeout(Duration::from_secs(10), Client::new(&edge.url()).try_send("GET", "/health", Some(SECRET), None)).await;
+    let health = health.expect("answered").expect("a connection");
+    assert_eq!(health.status, 200, "{}", health.text);
+    assert_eq!(edge.log().lines().filter(|l| l.contains("agent connected")).count(), 1, "{}", edge.log());
+    drop(silent);
+}
+
+/// An edge whose descriptor limit is below what MAX_CONNECTIONS assumes (28 here, the cap at
+/// its floor of 16): accept fails with EMFILE before the cap is reached. The connection
+/// idle longest is then closed to make room, and the edge says so; before, the listener
+/// slept a second at a time, silently, until the flood's heads timed out (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_edge_makes_room_instead_of_waiting() {
+    let keys = Keys::new(&["spark"]);
+    let wrapper = vec!["prlimit".to_string(), "--nofile=28:28".to_string()];
+    let edge = EdgeServer::start_wrapped(EdgeKind::Native, &keys, &[], wrapper);
+    assert!(edge.log().contains("\"max_connections\":16"), "{}", edge.log());
+    let crowd = flood(edge.port, 40).await;
+    let health = tokio::time::timeout(Duration::from_secs(15), Client::new(&edge.url()).try_send("GET", "/health", None, None)).await;
+    let health = health.expect("/health answered while out of descriptors").expect("a connection");
+    assert_eq!(health.status, 503, "{}", health.text);
+    // Said once (not once per failed accept), with the error.
+    let warned = |l: &&str| l.contains("too many connections") && l.contains("Too many open files") && !l.contains("\"accept_failed\":0");
+    assert_eq!(edge.log().lines().filter(warned).count(), 1, "{}", edge.log());
+    drop(crowd);
+}

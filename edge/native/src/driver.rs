@@ -4,6 +4,7 @@
 //! order of events.
 
 use crate::clock::Clock;
+use crate::server::Conn;
 use crate::store::Store;
 use runtime::entropy;
 use edge_core::http::{self, Reply};
@@ -40,7 +41,7 @@ pub enum Command {
     CallerGone { caller: CallerId },
     /// An agent connection from `peer` (its address); `budget` is what its socket may
     /// still read before it proves itself.
-    Connect { outbox: mpsc::UnboundedSender<Outbound>, budget: Arc<AtomicUsize>, peer: String, reply: oneshot::Sender<String> },
+    Connect { outbox: mpsc::UnboundedSender<Outbound>, budget: Arc<AtomicUsize>, conn: Option<Conn>, peer: String, reply: oneshot::Sender<String> },
     Frame { session: String, text: String },
     BinaryFrame { session: String },
     Disconnect { session: String },
@@ -63,6 +64,9 @@ pub struct Driver {
     outboxes: HashMap<String, mpsc::UnboundedSender<Outbound>>,
     /// Each connection's read budget, set from its session record.
     budgets: HashMap<String, Arc<AtomicUsize>>,
+    /// Each connection's entry among the open connections: pinned once its agent proves
+    /// itself, so that it is never closed to make room at MAX_CONNECTIONS.
+    conns: HashMap<String, Conn>,
     callers: HashMap<CallerId, Channel>,
     /// Back to this driver, for the outcome of POSTs made in their own tasks.
     commands: mpsc::WeakSender<Command>,
@@ -72,7 +76,7 @@ pub struct Driver {
 
 impl Driver {
     pub fn new(edge: Edge, store: Store, clock: Clock, commands: mpsc::WeakSender<Command>) -> Driver {
-        Driver { edge, store, clock, outboxes: HashMap::new(), budgets: HashMap::new(), callers: HashMap::new(), commands, http: None }
+        Driver { edge, store, clock, outboxes: HashMap::new(), budgets: HashMap::new(), conns: HashMap::new(), callers: HashMap::new(), commands, http: None }
     }
 
     /// Makes one POST in its own task; its outcome comes back as [`Command::Posted`].
@@ -167,10 +171,13 @@ impl Driver {
                 self.callers.remove(&caller);
                 self.edge.caller_gone(caller);
             }
-            Command::Connect { outbox, budget, peer, reply } => {
+            Command::Connect { outbox, budget, conn, peer, reply } => {
                 let (session, effects) = self.edge.connect(now, entropy(), &peer);
                 self.outboxes.insert(session.clone(), outbox);
                 self.budgets.insert(session.clone(), budget);
+                if let Some(conn) = conn {
+                    self.conns.insert(session.clone(), conn);
+                }
                 self.carry_out(effects);
                 let _ = reply.send(session);
             }
@@ -185,6 +192,7 @@ impl Driver {
             Command::Disconnect { session } => {
                 self.outboxes.remove(&session);
                 self.budgets.remove(&session);
+                self.conns.remove(&session);
                 let effects = self.edge.disconnect(now, &session);
                 self.carry_out(effects);
             }
@@ -221,6 +229,7 @@ impl Driver {
                 }
                 Effect::Close { session, code, reason } => {
                     self.budgets.remove(&session);
+                    self.conns.remove(&session);
                     if let Some(outbox) = self.outboxes.remove(&session) {
                         let _ = outbox.send(Outbound::Close(code, reason));
                     }
@@ -247,6 +256,11 @@ impl Driver {
                 Effect::SaveSession(session) => {
                     if let Some(budget) = self.budgets.get(&session.id) {
                         budget.store(session.read_budget().unwrap_or(usize::MAX), Ordering::Relaxed);
+                    }
+                    if session.read_budget().is_none() {
+                        if let Some(conn) = self.conns.get(&session.id) {
+                            conn.pin();
+                        }
                     }
                 }
                 Effect::Deliver { caller, job_id, form } => {

@@ -4,6 +4,10 @@
 //! - [`driver`]: the one task that owns the state machine: translates commands into its
 //!   events, and its effects into SQLite writes, socket sends and callers' answers.
 //! - [`server`]: bind, serve, stop; HTTP requests into commands, answers into responses.
+//! - [`connections`]: how many connections are held, and which one is closed to make
+//!   room at `MAX_CONNECTIONS` (the one idle longest, then the oldest unproven agent
+//!   socket; never a request in flight nor a proven agent's socket). No I/O: the server
+//!   tells it what each connection does.
 //! - [`socket`]: an agent's WebSocket: frames into commands, outbound frames out, and
 //!   the socket's end once either side closed it.
 //! - [`stall`]: each connection watched, and ended once its peer takes nothing for
@@ -13,6 +17,7 @@
 //! - [`clock`]: edge time (monotonic) and wall time for each event.
 
 pub mod clock;
+pub mod connections;
 pub mod driver;
 pub mod server;
 pub mod socket;

@@ -22,6 +22,8 @@ Environment:
   NOTIFY_URL             where alerts are posted (ntfy topic or webhook)   (default none)
   OAUTH_WARN_HOURS, OFFLINE_ALERT_MS, NOTIFY_MIN_INTERVAL_MS   when to alert (see README)
   CALLBACK_HOSTS         host,host: where a job's callback_url may point   (default none)
+  MAX_CONNECTIONS        connections held at once; at the cap the one idle longest
+                         is closed    (default: the descriptor limit less 320, <= 16384)
   LOG_FORMAT             text | json                                (default text)
   RUST_LOG               log filter                                 (default info)
 
@@ -37,6 +39,10 @@ fn main() {
         return;
     }
     runtime::init_logging(&std::env::var("LOG_FORMAT").unwrap_or_default());
+    // Before anything is opened; the limit in force is in the "edge ready" line.
+    if let Err(e) = edge_native::server::raise_fd_limit() {
+        tracing::warn!(error = %e, nofile = edge_native::server::fd_limit(), "could not raise the file descriptor limit to its hard limit; MAX_CONNECTIONS follows the soft one");
+    }
     if let Err(e) = run() {
         eprintln!("claude-runner-edge: {e:#}");
         std::process::exit(1);

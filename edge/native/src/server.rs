@@ -2,9 +2,10 @@
 //! [`Command::Http`] for the driver, and the machine's answers become axum responses.
 
 use crate::clock::Clock;
+use crate::connections::{Admit, Connections, Id};
 use crate::driver::{Command, Driver, Opened};
 use crate::socket;
-use crate::stall::{Peer, Watching};
+use crate::stall::Peer;
 use crate::store::Store;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
@@ -19,11 +20,14 @@ use edge_core::{CallerId, Config};
 use futures_util::StreamExt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::net::TcpListener;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
-use tracing::info;
+use tracing::{info, warn};
 
 /// What every request handler holds: the way to the driver, and the settings it needs
 /// before the driver sees the request (auth and body limits).
@@ -46,6 +50,7 @@ pub struct Server {
     driver: Driver,
     commands: mpsc::Receiver<Command>,
     startup: Vec<edge_core::Effect>,
+    max_connections: usize,
 }
 
 impl Server {
@@ -58,10 +63,15 @@ impl Server {
         let config = Arc::new(opts.config.clone());
         let clock = Clock::start();
         let (machine, startup) = edge_core::Edge::restore(opts.config, jobs, Vec::new(), alerts, clock.now());
+        // Read here rather than with the machine's settings: only this host holds sockets,
+        // and both the edge's binary and `claude-runner up` start it through here.
+        let nofile = fd_limit();
+        let max_connections = crate::connections::cap_setting(std::env::var("MAX_CONNECTIONS").ok().as_deref(), nofile)
+            .map_err(anyhow::Error::msg)?;
         let listener = TcpListener::bind(opts.listen).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on {}: {e}; is another edge running there? set LISTEN to a free address", opts.listen)
         })?;
-        info!(listen = %listener.local_addr()?, restored, data_dir = %opts.data_dir.display(), "edge ready");
+        info!(listen = %listener.local_addr()?, restored, data_dir = %opts.data_dir.display(), max_connections, nofile, "edge ready");
         let (tx, commands) = mpsc::channel(1024);
         let driver = Driver::new(machine, store, clock, tx.downgrade());
         Ok(Server {
@@ -70,6 +80,7 @@ impl Server {
             driver,
             commands,
             startup,
+            max_connections,
         })
     }
 
@@ -81,7 +92,7 @@ impl Server {
     /// closes agent connections, and the server stops. Ends with an error if the driver
     /// task dies.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let Server { listener, state, driver, commands, startup } = self;
+        let Server { listener, state, driver, commands, startup, max_connections } = self;
         let mut driver_task = tokio::spawn(driver.run(commands, startup));
         // One handler: the core's gate decides what a request is (the agents' socket
         // included) before anything of its body is read.
@@ -99,12 +110,9 @@ impl Server {
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        // TCP_NODELAY on every connection, and a peer that takes nothing for long is let go
-        // (stall::Watching).
-        let listener = Watching(listener);
         // Graceful: the answers the machine just gave go out; the bound covers
         // connections that never close.
-        let server = serve_connections(listener, app, stopped_rx.clone());
+        let server = serve_connections(listener, max_connections, app, stopped_rx.clone());
         let bound = async {
             stopped(stopped_rx).await;
             tokio::time::sleep(Duration::from_secs(3)).await;
@@ -133,24 +141,71 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Serves each connection `listener` accepts with `app` until `stopped` turns true, then
 /// lets each finish what it is answering (hyper's graceful shutdown) and returns once all
 /// are closed. Each request carries its connection's peer address ([`Peer`]): unproven
-/// agent connections are bounded per source.
-async fn serve_connections(mut listener: Watching, app: Router, mut stopped: tokio::sync::watch::Receiver<bool>) {
+/// agent connections are bounded per source. At most `max_connections` are held
+/// ([`crate::connections`]): at the cap the one idle longest is closed to make room.
+async fn serve_connections(listener: TcpListener, max_connections: usize, app: Router, mut stopped: tokio::sync::watch::Receiver<bool>) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    let table: Table = Arc::new(Mutex::new(Connections::new(max_connections)));
+    let refusal = refusal();
     // Each connection's task holds a clone; once the last is dropped every one has ended.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
     loop {
-        let (io, addr) = tokio::select! {
-            accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+        let (tcp, addr) = tokio::select! {
+            accepted = accept(&listener, &table) => accepted,
             () = until_stopped(&mut stopped) => break,
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone().layer(axum::Extension(ConnectInfo(Peer(addr)))));
+        let (close, closed) = oneshot::channel::<()>();
+        let admitted = lock(&table).admit(close);
+        let (id, evicted) = match admitted {
+            Admit::Open(id) => (id, false),
+            Admit::Evict { id, close } => {
+                let _ = close.send(());
+                (id, true)
+            }
+            Admit::Refuse => {
+                // Every connection is busy or an agent's: this one is closed at once, told
+                // why if its socket takes the bytes now (never waited for), so that a
+                // caller can tell a full edge from a dead one. What it sent is read first,
+                // as far as it is there (64 KiB at most: a peer that keeps sending cannot
+                // hold the accept loop), so the close is more often a FIN than a reset that
+                // could discard the answer.
+                let _ = tcp.try_write(refusal.as_bytes());
+                let mut sent = [0u8; 4096];
+                for _ in 0..16 {
+                    if !matches!(tcp.try_read(&mut sent), Ok(n) if n > 0) {
+                        break;
+                    }
+                }
+                drop(tcp);
+                warn_at_cap(&table, None);
+                continue;
+            }
+        };
+        let conn = Conn { id, table: Arc::clone(&table) };
+        let io = Held { io: crate::stall::watch(tcp), _slot: Slot(conn.clone()) };
+        let app = app.clone().layer(axum::Extension(ConnectInfo(Peer(addr)))).layer(axum::Extension(conn.clone()));
+        let tower = hyper_util::service::TowerToHyperService::new(app);
+        let service = hyper::service::service_fn(move |request| {
+            use hyper::service::Service as _;
+            conn.busy();
+            let answer = tower.call(request);
+            let conn = conn.clone();
+            async move { answer.await.map(|response| response.map(|body| Answering { body, conn })) }
+        });
         let connection = http.serve_connection(hyper_util::rt::TokioIo::new(io), service).with_upgrades();
         let (open, mut stopped) = (open.clone(), stopped.clone());
         tokio::spawn(async move {
             let _open = open;
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
+                // Chosen to make room (only ever while idle: no request is cut): the
+                // connection and its socket are dropped. First, so that nothing of the
+                // connection runs once it is chosen. Only a sent close counts: the sender
+                // is dropped, unsent, when the connection upgrades to an agent's socket
+                // (the socket's task is given its own), and the 101 must still go out.
+                biased;
+                Ok(()) = closed => {}
                 _ = connection.as_mut() => {}
                 () = until_stopped(&mut stopped) => {
                     connection.as_mut().graceful_shutdown();
@@ -158,11 +213,219 @@ async fn serve_connections(mut listener: Watching, app: Router, mut stopped: tok
                 }
             }
         });
+        if evicted {
+            warn_at_cap(&table, None);
+            // The chosen connection's task closes its socket before the next accept: the
+            // cap holds for descriptors, not only in the table.
+            tokio::task::yield_now().await;
+        }
     }
     // Stopping: no new connection is taken (they are refused, not left in the backlog).
     drop(listener);
     drop(open);
     let _ = all_closed.recv().await;
+}
+
+/// The next connection. An accept that fails for want of descriptors or memory (EMFILE,
+/// ENFILE, ENOBUFS, ENOMEM) leaves the connection in the backlog: the connection idle
+/// longest is closed to make room, or, none being idle, the edge waits a second (as hyper
+/// did) before trying again — never a busy loop, never the server's end. (axum's own
+/// accept slept too, but said nothing: its logging is a feature this build leaves out.)
+async fn accept(listener: &TcpListener, table: &Table) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            // The peer gave up before it was taken.
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionRefused) => {}
+            Err(e) => {
+                let freed = lock(table).accept_failed();
+                warn_at_cap(table, Some(&e));
+                let wait = match freed {
+                    Some(close) => {
+                        let _ = close.send(());
+                        Duration::from_millis(10)
+                    }
+                    None => Duration::from_secs(1),
+                };
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// What a connection refused at the cap is sent: `runner_busy` (429), as the edge answers
+/// any request it has no room for, with its error body.
+fn refusal() -> String {
+    let error = shared::contract::ApiError::new(
+        shared::contract::ErrorCode::RunnerBusy,
+        "the edge holds MAX_CONNECTIONS connections and every one is busy or an agent's; retry in a moment or run the task elsewhere",
+    );
+    let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+    let body = error.to_json();
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Too Many Requests"),
+        body.len()
+    )
+}
+
+/// One line at most per [`crate::connections::WARN_EVERY`], with what happened since the last.
+fn warn_at_cap(table: &Table, error: Option<&std::io::Error>) {
+    let (pressure, cap) = {
+        let mut table = lock(table);
+        (table.pressure(Instant::now()), table.cap())
+    };
+    let Some(p) = pressure else { return };
+    let error = error.map(ToString::to_string);
+    warn!(
+        open = p.open,
+        max_connections = cap,
+        evicted = p.evicted,
+        refused = p.refused,
+        accept_failed = p.failed,
+        error,
+        "too many connections: idle ones closed to make room (evicted), new ones closed while all were busy (refused), \
+         accepts failed (accept_failed); if this is your traffic raise MAX_CONNECTIONS and the descriptor limit \
+         (LimitNOFILE=), else find the source (`ss -tn state established`) and block it"
+    );
+}
+
+type Table = Arc<Mutex<Connections<oneshot::Sender<()>>>>;
+
+/// The table, even if a task panicked holding it: its counts stay coherent (each change is
+/// one call), and an edge that stopped accepting would be worse.
+fn lock(table: &Table) -> std::sync::MutexGuard<'_, Connections<oneshot::Sender<()>>> {
+    table.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A connection's entry in the table, as its requests carry it: what they do moves it
+/// between idle and busy, and an agent's socket pins it.
+#[derive(Clone)]
+pub struct Conn {
+    id: Id,
+    table: Table,
+}
+
+impl Conn {
+    fn busy(&self) {
+        lock(&self.table).busy(self.id);
+    }
+
+    /// The connection becomes an agent's socket, not proven yet: the receiver says when it
+    /// is closed to make room (the socket outlives the HTTP connection's task).
+    pub(crate) fn upgraded(&self) -> oneshot::Receiver<()> {
+        let (close, closed) = oneshot::channel();
+        lock(&self.table).upgraded(self.id, close);
+        closed
+    }
+
+    /// The agent proved itself: its socket is never closed to make room.
+    pub(crate) fn pin(&self) {
+        lock(&self.table).pin(self.id);
+    }
+}
+
+/// The connection's place in the table, freed when its socket is closed: it is dropped
+/// with the socket, which an agent's upgraded connection keeps after hyper lets go.
+struct Slot(Conn);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.0.table).closed(self.0.id);
+    }
+}
+
+/// The socket with its [`Slot`].
+struct Held<T> {
+    io: T,
+    _slot: Slot,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Held<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Held<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// An answer's body; once it is sent to its end (hyper drops it) or given up, its
+/// connection waits for a request head again. An event stream is busy as long as it flows.
+struct Answering<B> {
+    body: B,
+    conn: Conn,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Answering<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<B> Drop for Answering<B> {
+    fn drop(&mut self) {
+        lock(&self.conn.table).idle(self.conn.id);
+    }
+}
+
+/// The soft limit on open file descriptors (`RLIMIT_NOFILE`); 1024, the usual default, if
+/// it cannot be read.
+#[allow(clippy::unnecessary_cast)] // `rlim_t` is 32 bits on some targets.
+pub fn fd_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given, nothing else.
+    match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+        0 => limit.rlim_cur as u64,
+        _ => 1024,
+    }
+}
+
+/// Raises the soft descriptor limit to the hard one (as Go's runtime does by itself): the
+/// soft default, 1024 on Debian and under systemd, is what a few hundred connections use
+/// up, and the hard limit is what the operator allowed. Returns the limit now in force.
+/// Only the edge's own binary does this: `claude-runner up` starts other programs, which
+/// would inherit the raised limit (some still use `select`, which breaks past 1024).
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write the struct they are given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(fd_limit())
 }
 
 /// Resolves once `stopped` is true (or its sender is gone).

@@ -9,7 +9,7 @@
 //! a connection that has not shown a key.
 
 use crate::driver::{Command, Outbound};
-use crate::server::{into_response, AppState};
+use crate::server::{into_response, AppState, Conn};
 use axum::extract::{ConnectInfo, Request};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::Response;
@@ -43,13 +43,18 @@ pub(crate) async fn agent_connect(state: AppState, mut request: Request) -> Resp
         return into_response(edge_core::http::upgrade_required());
     };
     let peer = request.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0 .0.ip().to_string()).unwrap_or_default();
+    // An agent's socket from here on (marked before the 101 goes out, so it is never idle
+    // in between): closed to make room at MAX_CONNECTIONS only while unproven and only
+    // when no connection is idle; never once its agent proved itself (the driver pins it).
+    let conn = request.extensions().get::<Conn>().cloned();
+    let made_room = conn.as_ref().map(Conn::upgraded);
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
         let budget = Arc::new(AtomicUsize::new(edge_core::session::UNPROVEN_READ_BUDGET));
         let io = Metered { inner: TokioIo::new(upgraded), read: 0, budget: Arc::clone(&budget) };
         let config = WebSocketConfig::default().max_message_size(Some(MAX_FRAME_BYTES)).max_frame_size(Some(MAX_FRAME_BYTES));
         let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-        agent_socket(state, socket, peer, budget).await;
+        agent_socket(state, socket, peer, budget, conn, made_room).await;
     });
     let mut response = Response::new(axum::body::Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -82,11 +87,11 @@ fn accept_key(method: &Method, headers: &HeaderMap) -> Option<HeaderValue> {
 type Socket = WebSocketStream<Metered<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// One agent connection, from the upgrade to the socket's end.
-async fn agent_socket(state: AppState, socket: Socket, peer: String, budget: Arc<AtomicUsize>) {
+async fn agent_socket(state: AppState, socket: Socket, peer: String, budget: Arc<AtomicUsize>, conn: Option<Conn>, made_room: Option<oneshot::Receiver<()>>) {
     let (mut sink, mut stream) = socket.split();
     let (outbox, mut outgoing) = mpsc::unbounded_channel();
     let (tx, rx) = oneshot::channel();
-    if state.driver.send(Command::Connect { outbox, budget, peer, reply: tx }).await.is_err() {
+    if state.driver.send(Command::Connect { outbox, budget, conn, peer, reply: tx }).await.is_err() {
         return;
     }
     let Ok(session) = rx.await else { return };
@@ -119,8 +124,20 @@ async fn agent_socket(state: AppState, socket: Socket, peer: String, budget: Arc
     // its read budget), or — once the writer is done (the edge closed the connection) —
     // the grace for the peer's answer runs out.
     let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    // Closed to make room (unproven, at MAX_CONNECTIONS); a receiver whose sender is gone
+    // means the same. Without a table (no cap) never.
+    let made_room = async {
+        match made_room {
+            Some(closed) => {
+                let _ = closed.await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let mut made_room = std::pin::pin!(made_room);
     loop {
         tokio::select! {
+            () = &mut made_room => break,
             frame = stream.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
                     let cmd = Command::Frame { session: session.clone(), text: text.to_string() };

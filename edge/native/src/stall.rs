@@ -9,7 +9,6 @@
 //! a caller could stall followers one after another and pile up connections and their
 //! queues without bound. A peer that reads, however slowly, makes progress and is kept.
 
-use axum::serve::Listener;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -17,7 +16,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 /// How long a write may wait for a peer that takes nothing before the connection is ended:
@@ -25,29 +24,17 @@ use tokio::time::Sleep;
 /// short of letting stalled connections accumulate.
 pub const WRITE_STALL_MS: u64 = 20_000;
 
-/// The edge's listener: TCP_NODELAY on every connection (agent frames and answers are
-/// small and latency-bound; Nagle with delayed ACKs would add ~40 ms per job), each
-/// connection watched for a stalled peer.
-pub struct Watching(pub TcpListener);
+/// An accepted connection as the edge serves it: TCP_NODELAY (agent frames and answers are
+/// small and latency-bound; Nagle with delayed ACKs would add ~40 ms per job), watched for
+/// a stalled peer.
+pub fn watch(tcp: TcpStream) -> Watched<TcpStream> {
+    let _ = tcp.set_nodelay(true);
+    Watched::new(tcp, Duration::from_millis(WRITE_STALL_MS))
+}
 
 /// A caller's or agent's address, as the connection's info.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
-
-impl Listener for Watching {
-    type Io = Watched<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (tcp, addr) = Listener::accept(&mut self.0).await;
-        let _ = tcp.set_nodelay(true);
-        (Watched::new(tcp, Duration::from_millis(WRITE_STALL_MS)), addr)
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.0.local_addr()
-    }
-}
 
 /// An I/O stream whose writes fail once they have waited `limit` without the peer taking
 /// a byte.
