@@ -119,8 +119,8 @@ const CONNECT_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 /// silence). Past it the connection is taken for dead and the job followed again.
 const FOLLOW_SILENCE: std::time::Duration = std::time::Duration::from_millis(3 * shared::contract::SSE_KEEPALIVE_MS);
 
-/// How many follows of a job's event stream in a row may bring nothing (no answer, not a
-/// byte) before `submit` gives up: with 2 s between them, some 20 s plus their waits.
+/// How many follows of a job's event stream in a row may bring nothing (no answer,
+/// not a byte, or a stream that ended with no event) before `submit` gives up: with 2 s between them, some 20 s plus their waits.
 const MAX_FRUITLESS_FOLLOWS: u32 = 10;
 
 /// What to do when the task went out but its answer did not come back whole: the edge may
@@ -283,7 +283,8 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     // follow again from the last event read (`Last-Event-ID`), so no progress line is shown
     // twice: the job is kept, and a finished one answers with its result at once.
     let mut last_id: Option<String> = None;
-    // Follows in a row that brought nothing (no answer, no byte): a stream that ran for a
+    // Follows in a row that brought nothing (no answer, no byte, or an end with no
+    // event): a stream that ran for a
     // while and broke is no reason to give up, however often a long job's stream breaks
     // (a Tunnel's cut, an edge restarted), so only these count towards giving up.
     let mut fruitless = 0;
@@ -307,10 +308,17 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         };
         let mut stream = resp.bytes_stream();
         let mut events = crate::sse::EventStream::default();
+        let (mut brought_bytes, mut brought_event) = (false, false);
         // Ended, broken, or silent past every keep-alive: follow again.
-        while let Ok(Some(Ok(chunk))) = tokio::time::timeout(FOLLOW_SILENCE, stream.next()).await {
-            fruitless = 0;
+        let ended = loop {
+            let chunk = match tokio::time::timeout(FOLLOW_SILENCE, stream.next()).await {
+                Ok(Some(Ok(chunk))) => chunk,
+                Ok(None) => break true,
+                Ok(Some(Err(_))) | Err(_) => break false,
+            };
+            brought_bytes = true;
             for event in events.push(&chunk) {
+                brought_event = true;
                 if event.id.is_some() {
                     last_id = event.id.clone();
                 }
@@ -325,6 +333,13 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
                     _ => {}
                 }
             }
+        };
+        // A stream that broke (a Tunnel's cut, an edge's host gone) after it answered was
+        // worth following, however often; one that ended by itself with no event (the edges'
+        // `: … retry` when the job's record cannot be read) brought nothing, and answered
+        // so every 2 s, it was followed for ever.
+        if brought_event || (brought_bytes && !ended) {
+            fruitless = 0;
         }
     }
     fail(format!("lost the edge while following job {job_id}; read it later with GET /jobs/{job_id}"))

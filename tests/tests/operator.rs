@@ -738,6 +738,47 @@ fn submit_keeps_following_a_stream_that_breaks_often_but_answers() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done after twelve follows", "{err}");
 }
 
+/// An edge at `addr` (returned) that takes the task as job `j1` and answers the `n`th follow
+/// of its events (from 1) with `follow(n)`, a whole HTTP answer, then closes the connection.
+fn edge_that_answers_follows(follow: impl Fn(u32) -> String + Send + 'static) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut follows = 0;
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut request = vec![0; 64 * 1024];
+            let n = conn.read(&mut request).unwrap_or(0);
+            let answer = if request[..n].starts_with(b"POST") {
+                let body = r#"{"job_id":"j1","state":"queued"}"#;
+                format!("HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+            } else {
+                follows += 1;
+                follow(follows)
+            };
+            let _ = conn.write_all(answer.as_bytes());
+        }
+    });
+    addr
+}
+
+/// An edge whose stream of a job ends at once with a comment every time (the edges' answer
+/// when the job's record cannot be read: `: … retry`, then the end) brought bytes, so no
+/// follow counted towards giving up, and `submit` followed it every 2 s for ever. A stream
+/// that ends with no event brings nothing.
+#[test]
+fn submit_gives_up_on_a_stream_that_ends_with_no_event_every_time() {
+    let addr = edge_that_answers_follows(|_| {
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n: the edge could not read the job's record (disk); retry\n\n".into()
+    });
+    let out = submit_hello_to(addr, "submit followed a stream that never brings an event for ever");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("lost the edge while following job j1") && err.contains("GET /jobs/j1"), "{err}");
+}
+
+
 /// `submit hello` against an edge that reads the request, writes `answer`, then holds the
 /// connection open and silent until `submit` lets go of it: `submit`'s exit code and stderr.
 fn submit_to_an_edge_that_stops(answer: &'static [u8]) -> (Option<i32>, String) {
