@@ -322,7 +322,14 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
                 if event.id.is_some() {
                     last_id = event.id.clone();
                 }
-                let Ok(value) = serde_json::from_str::<Value>(&event.data) else { continue };
+                let Ok(value) = serde_json::from_str::<Value>(&event.data) else {
+                    // The edge gives a finished job's result to every follow: one that cannot
+                    // be read comes again each time, and was followed for ever.
+                    if event.name.as_deref() == Some("result") {
+                        return fail(format!("the edge sent job {job_id}'s result in a form submit cannot read; read it with GET /jobs/{job_id}"));
+                    }
+                    continue;
+                };
                 match event.name.as_deref() {
                     Some("progress") if !args.quiet => {
                         if let Some(line) = describe(&value) {

@@ -778,6 +778,20 @@ fn submit_gives_up_on_a_stream_that_ends_with_no_event_every_time() {
     assert!(err.contains("lost the edge while following job j1") && err.contains("GET /jobs/j1"), "{err}");
 }
 
+/// A result event that is not JSON was passed over, the stream ended, and the edge (which
+/// answers a finished job's follow with its result) gave the same again: `submit` followed
+/// it for ever. It now says the result could not be read, and where to read it.
+#[test]
+fn submit_says_an_unreadable_result_was_sent_and_stops() {
+    let addr = edge_that_answers_follows(|_| {
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\nevent: result\ndata: {\"success\":tr\n\n".into()
+    });
+    let out = submit_hello_to(addr, "submit followed an edge that sends an unreadable result for ever");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("result") && err.contains("GET /jobs/j1"), "{err}");
+}
+
 
 /// `submit hello` against an edge that reads the request, writes `answer`, then holds the
 /// connection open and silent until `submit` lets go of it: `submit`'s exit code and stderr.
