@@ -119,7 +119,7 @@ const CONNECT_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 /// silence). Past it the connection is taken for dead and the job followed again.
 const FOLLOW_SILENCE: std::time::Duration = std::time::Duration::from_millis(3 * shared::contract::SSE_KEEPALIVE_MS);
 
-/// How many follows of a job's event stream in a row may bring nothing (no answer,
+/// How many follows of a job's event stream in a row may bring nothing (no answer, a 5xx,
 /// not a byte, or a stream that ended with no event) before `submit` gives up: with 2 s between them, some 20 s plus their waits.
 const MAX_FRUITLESS_FOLLOWS: u32 = 10;
 
@@ -283,7 +283,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     // follow again from the last event read (`Last-Event-ID`), so no progress line is shown
     // twice: the job is kept, and a finished one answers with its result at once.
     let mut last_id: Option<String> = None;
-    // Follows in a row that brought nothing (no answer, no byte, or an end with no
+    // Follows in a row that brought nothing (no answer, a 5xx, no byte, or an end with no
     // event): a stream that ran for a
     // while and broke is no reason to give up, however often a long job's stream breaks
     // (a Tunnel's cut, an edge restarted), so only these count towards giving up.
@@ -303,6 +303,9 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         }
         let resp = match tokio::time::timeout(ANSWER_TIME, follow.send()).await {
             Ok(Ok(r)) if r.status().is_success() => r,
+            // The edge restarting behind a proxy (a Tunnel's 502), or failing for a moment:
+            // no answer of the job's, so a follow that brought nothing, as a refused connection.
+            Ok(Ok(r)) if r.status().is_server_error() => continue,
             Ok(Ok(r)) => return fail(format!("following job {job_id} failed ({}); read it with GET /jobs/{job_id}", r.status())),
             Ok(Err(_)) | Err(_) => continue,
         };

@@ -792,6 +792,20 @@ fn submit_says_an_unreadable_result_was_sent_and_stops() {
     assert!(err.contains("result") && err.contains("GET /jobs/j1"), "{err}");
 }
 
+/// An edge restarted behind a proxy (a Cloudflare Tunnel's 502 while the native edge comes
+/// back, a Worker's 503) answered a follow with a 5xx, and `submit` gave up on a job that
+/// ran on: a 5xx is a follow that brought nothing, followed again as a refused connection is.
+#[test]
+fn submit_follows_again_after_a_5xx_on_its_follow() {
+    let addr = edge_that_answers_follows(|n| match n {
+        1 => "HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into(),
+        _ => "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\nevent: result\ndata: {\"success\":true,\"output\":\"done after a 502\"}\n\n".into(),
+    });
+    let out = submit_hello_to(addr, "submit did not end after a 502 then the result");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done after a 502", "{err}");
+}
 
 /// `submit hello` against an edge that reads the request, writes `answer`, then holds the
 /// connection open and silent until `submit` lets go of it: `submit`'s exit code and stderr.
