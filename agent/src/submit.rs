@@ -311,7 +311,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         };
         let mut stream = resp.bytes_stream();
         let mut events = crate::sse::EventStream::default();
-        let (mut brought_bytes, mut brought_event) = (false, false);
+        let (mut brought_bytes, mut brought_event, opened) = (false, false, std::time::Instant::now());
         // Ended, broken, or silent past every keep-alive: follow again.
         let ended = loop {
             let chunk = match tokio::time::timeout(FOLLOW_SILENCE, stream.next()).await {
@@ -344,11 +344,13 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
                 }
             }
         };
-        // A stream that broke (a Tunnel's cut, an edge's host gone) after it answered was
-        // worth following, however often; one that ended by itself with no event (the edges'
-        // `: … retry` when the job's record cannot be read) brought nothing, and answered
-        // so every 2 s, it was followed for ever.
-        if brought_event || (brought_bytes && !ended) {
+        // A stream that broke (a Tunnel's cut, an edge's host gone) after it answered, or
+        // stayed open a keep-alive interval (a quiet job's, ended by an edge's restart), was
+        // worth following, however often; one that ended by itself at once with no event
+        // (the edges' `: … retry` when the job's record cannot be read) brought nothing, and
+        // answered so every 2 s, it was followed for ever.
+        let lasted = opened.elapsed() >= std::time::Duration::from_millis(shared::contract::SSE_KEEPALIVE_MS);
+        if brought_event || (brought_bytes && (!ended || lasted)) {
             fruitless = 0;
         }
     }
