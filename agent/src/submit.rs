@@ -322,8 +322,10 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
             brought_bytes = true;
             for event in events.push(&chunk) {
                 brought_event = true;
-                if event.id.is_some() {
-                    last_id = event.id.clone();
+                // An empty `id:` clears it (as an EventSource's does): the stream is then
+                // followed from its start, not with an empty Last-Event-ID the edges refuse.
+                if let Some(id) = &event.id {
+                    last_id = Some(id.clone()).filter(|id| !id.is_empty());
                 }
                 let Ok(value) = serde_json::from_str::<Value>(&event.data) else {
                     // The edge gives a finished job's result to every follow: one that cannot
