@@ -119,8 +119,8 @@ const CONNECT_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 /// silence). Past it the connection is taken for dead and the job followed again.
 const FOLLOW_SILENCE: std::time::Duration = std::time::Duration::from_millis(3 * shared::contract::SSE_KEEPALIVE_MS);
 
-/// How many follows of a job's event stream in a row may bring nothing (no answer, not a
-/// byte) before `submit` gives up: with 2 s between them, some 20 s plus their waits.
+/// How many follows of a job's event stream in a row may bring nothing (no answer, a 5xx,
+/// not a byte, or a stream that ended with no event) before `submit` gives up: with 2 s between them, some 20 s plus their waits.
 const MAX_FRUITLESS_FOLLOWS: u32 = 10;
 
 /// What to do when the task went out but its answer did not come back whole: the edge may
@@ -283,7 +283,8 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     // follow again from the last event read (`Last-Event-ID`), so no progress line is shown
     // twice: the job is kept, and a finished one answers with its result at once.
     let mut last_id: Option<String> = None;
-    // Follows in a row that brought nothing (no answer, no byte): a stream that ran for a
+    // Follows in a row that brought nothing (no answer, a 5xx, no byte, or an end with no
+    // event): a stream that ran for a
     // while and broke is no reason to give up, however often a long job's stream breaks
     // (a Tunnel's cut, an edge restarted), so only these count towards giving up.
     let mut fruitless = 0;
@@ -302,19 +303,38 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         }
         let resp = match tokio::time::timeout(ANSWER_TIME, follow.send()).await {
             Ok(Ok(r)) if r.status().is_success() => r,
+            // The edge restarting behind a proxy (a Tunnel's 502), or failing for a moment:
+            // no answer of the job's, so a follow that brought nothing, as a refused connection.
+            Ok(Ok(r)) if r.status().is_server_error() => continue,
             Ok(Ok(r)) => return fail(format!("following job {job_id} failed ({}); read it with GET /jobs/{job_id}", r.status())),
             Ok(Err(_)) | Err(_) => continue,
         };
         let mut stream = resp.bytes_stream();
         let mut events = crate::sse::EventStream::default();
+        let (mut brought_bytes, mut brought_event, opened) = (false, false, std::time::Instant::now());
         // Ended, broken, or silent past every keep-alive: follow again.
-        while let Ok(Some(Ok(chunk))) = tokio::time::timeout(FOLLOW_SILENCE, stream.next()).await {
-            fruitless = 0;
+        let ended = loop {
+            let chunk = match tokio::time::timeout(FOLLOW_SILENCE, stream.next()).await {
+                Ok(Some(Ok(chunk))) => chunk,
+                Ok(None) => break true,
+                Ok(Some(Err(_))) | Err(_) => break false,
+            };
+            brought_bytes = true;
             for event in events.push(&chunk) {
-                if event.id.is_some() {
-                    last_id = event.id.clone();
+                brought_event = true;
+                // An empty `id:` clears it (as an EventSource's does): the stream is then
+                // followed from its start, not with an empty Last-Event-ID the edges refuse.
+                if let Some(id) = &event.id {
+                    last_id = Some(id.clone()).filter(|id| !id.is_empty());
                 }
-                let Ok(value) = serde_json::from_str::<Value>(&event.data) else { continue };
+                let Ok(value) = serde_json::from_str::<Value>(&event.data) else {
+                    // The edge gives a finished job's result to every follow: one that cannot
+                    // be read comes again each time, and was followed for ever.
+                    if event.name.as_deref() == Some("result") {
+                        return fail(format!("the edge sent job {job_id}'s result in a form submit cannot read; read it with GET /jobs/{job_id}"));
+                    }
+                    continue;
+                };
                 match event.name.as_deref() {
                     Some("progress") if !args.quiet => {
                         if let Some(line) = describe(&value) {
@@ -325,6 +345,15 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
                     _ => {}
                 }
             }
+        };
+        // A stream that broke (a Tunnel's cut, an edge's host gone) after it answered, or
+        // stayed open a keep-alive interval (a quiet job's, ended by an edge's restart), was
+        // worth following, however often; one that ended by itself at once with no event
+        // (the edges' `: … retry` when the job's record cannot be read) brought nothing, and
+        // answered so every 2 s, it was followed for ever.
+        let lasted = opened.elapsed() >= std::time::Duration::from_millis(shared::contract::SSE_KEEPALIVE_MS);
+        if brought_event || (brought_bytes && (!ended || lasted)) {
+            fruitless = 0;
         }
     }
     fail(format!("lost the edge while following job {job_id}; read it later with GET /jobs/{job_id}"))

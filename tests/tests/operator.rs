@@ -738,6 +738,94 @@ fn submit_keeps_following_a_stream_that_breaks_often_but_answers() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done after twelve follows", "{err}");
 }
 
+/// An edge at `addr` (returned) that takes the task as job `j1` and answers the `n`th follow
+/// of its events (from 1) with `follow(n, its request's head)`, a whole HTTP answer, then
+/// closes the connection.
+fn edge_that_answers_follows(follow: impl Fn(u32, &str) -> String + Send + 'static) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut follows = 0;
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut request = vec![0; 64 * 1024];
+            let n = conn.read(&mut request).unwrap_or(0);
+            let answer = if request[..n].starts_with(b"POST") {
+                let body = r#"{"job_id":"j1","state":"queued"}"#;
+                format!("HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+            } else {
+                follows += 1;
+                follow(follows, &String::from_utf8_lossy(&request[..n]))
+            };
+            let _ = conn.write_all(answer.as_bytes());
+        }
+    });
+    addr
+}
+
+/// An edge whose stream of a job ends at once with a comment every time (the edges' answer
+/// when the job's record cannot be read: `: … retry`, then the end) brought bytes, so no
+/// follow counted towards giving up, and `submit` followed it every 2 s for ever. A stream
+/// that ends with no event brings nothing.
+#[test]
+fn submit_gives_up_on_a_stream_that_ends_with_no_event_every_time() {
+    let addr = edge_that_answers_follows(|_, _| {
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n: the edge could not read the job's record (disk); retry\n\n".into()
+    });
+    let out = submit_hello_to(addr, "submit followed a stream that never brings an event for ever");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("lost the edge while following job j1") && err.contains("GET /jobs/j1"), "{err}");
+}
+
+/// A result event that is not JSON was passed over, the stream ended, and the edge (which
+/// answers a finished job's follow with its result) gave the same again: `submit` followed
+/// it for ever. It now says the result could not be read, and where to read it.
+#[test]
+fn submit_says_an_unreadable_result_was_sent_and_stops() {
+    let addr = edge_that_answers_follows(|_, _| {
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\nevent: result\ndata: {\"success\":tr\n\n".into()
+    });
+    let out = submit_hello_to(addr, "submit followed an edge that sends an unreadable result for ever");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("result") && err.contains("GET /jobs/j1"), "{err}");
+}
+
+/// An event's empty `id:` clears the id to resume from (as a browser's EventSource does):
+/// `submit` kept the empty text and sent `Last-Event-ID:` with nothing in it, which the
+/// edges refuse (400: not an id the stream sends), and gave up on the job.
+#[test]
+fn submit_follows_again_from_the_start_after_an_empty_id() {
+    let addr = edge_that_answers_follows(|n, head| match n {
+        1 => "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\nid: 3\nevent: progress\ndata: {}\n\nid:\nevent: progress\ndata: {}\n\n".into(),
+        _ if head.to_ascii_lowercase().contains("last-event-id") => {
+            "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()
+        }
+        _ => "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\nevent: result\ndata: {\"success\":true,\"output\":\"done from the start\"}\n\n".into(),
+    });
+    let out = submit_hello_to(addr, "submit did not end after an empty id then the result");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done from the start", "{err}");
+}
+
+/// An edge restarted behind a proxy (a Cloudflare Tunnel's 502 while the native edge comes
+/// back, a Worker's 503) answered a follow with a 5xx, and `submit` gave up on a job that
+/// ran on: a 5xx is a follow that brought nothing, followed again as a refused connection is.
+#[test]
+fn submit_follows_again_after_a_5xx_on_its_follow() {
+    let addr = edge_that_answers_follows(|n, _| match n {
+        1 => "HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into(),
+        _ => "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\nevent: result\ndata: {\"success\":true,\"output\":\"done after a 502\"}\n\n".into(),
+    });
+    let out = submit_hello_to(addr, "submit did not end after a 502 then the result");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done after a 502", "{err}");
+}
+
 /// `submit hello` against an edge that reads the request, writes `answer`, then holds the
 /// connection open and silent until `submit` lets go of it: `submit`'s exit code and stderr.
 fn submit_to_an_edge_that_stops(answer: &'static [u8]) -> (Option<i32>, String) {
