@@ -202,8 +202,14 @@ impl<T> Connections<T> {
         self.set(id, State::Busy);
     }
 
-    /// `id`'s answer went out to its end: it waits for a request head again.
+    /// `id`'s answer went out to its end: it waits for a request head again. A connection
+    /// that was not busy (its request did not prove the secret) keeps its place in line:
+    /// a request now and then without the secret does not move it behind callers' idle
+    /// keep-alive connections.
     pub fn idle(&mut self, id: Id) {
+        if self.entries.get(&id).is_some_and(|e| matches!(e.state, State::Idle { .. })) {
+            return;
+        }
         self.tick += 1;
         self.set(id, State::Idle { since: self.tick });
     }
@@ -328,6 +334,17 @@ mod tests {
         let Admit::Evict { close, .. } = table.admit(6) else { panic!("room is made") };
         assert_eq!(close, 3, "then d, the oldest of the new ones");
         let _ = (c, d);
+        // An answer on a connection that was never busy (no secret) keeps its place: e,
+        // older than f, still goes first.
+        let Admit::Evict { id: e, close } = table.admit(7) else { panic!("room is made") };
+        assert_eq!(close, 4, "then the oldest new one");
+        let Admit::Evict { close, .. } = table.admit(8) else { panic!("room is made") };
+        assert_eq!(close, 5);
+        table.idle(e);
+        let Admit::Evict { close, .. } = table.admit(9) else { panic!("room is made") };
+        assert_eq!(close, 6);
+        let Admit::Evict { close, .. } = table.admit(10) else { panic!("room is made") };
+        assert_eq!(close, 7, "e, answered without being busy, did not move behind the newer ones");
     }
 
     #[test]
