@@ -55,12 +55,16 @@ pub fn cap_setting(value: Option<&str>, nofile: u64) -> Result<usize, String> {
         return Err("MAX_CONNECTIONS must be at least 1 (unset, it follows the file descriptor limit)".into());
     }
     if cap.saturating_add(RESERVED_FDS) > nofile {
+        // Below what the edge keeps for itself no value fits: "at most 0" would name one
+        // that is refused. Unset, the edge starts at its floor and says when accepts fail.
+        let otherwise = match nofile.saturating_sub(RESERVED_FDS) {
+            0 => format!("or leave MAX_CONNECTIONS unset (the edge then holds {}, and logs when accepts fail)", default_cap(nofile)),
+            fits => format!("or set MAX_CONNECTIONS to at most {fits}"),
+        };
         return Err(format!(
             "MAX_CONNECTIONS={cap} needs {} file descriptors with the edge's own, and the process may open {nofile}: \
-             raise the limit (LimitNOFILE= in the systemd unit, `ulimit -Hn`, `--ulimit nofile=` for Docker) \
-             or set MAX_CONNECTIONS to at most {}",
+             raise the limit (LimitNOFILE= in the systemd unit, `ulimit -Hn`, `--ulimit nofile=` for Docker) {otherwise}",
             cap.saturating_add(RESERVED_FDS),
-            nofile.saturating_sub(RESERVED_FDS)
         ));
     }
     usize::try_from(cap).map_err(|_| format!("MAX_CONNECTIONS={cap} is more than this machine can count"))
@@ -452,5 +456,9 @@ mod tests {
         assert!(cap_setting(Some("0"), 1024).unwrap_err().contains("at least 1"));
         let too_many = cap_setting(Some("1000"), 1024).unwrap_err();
         assert!(too_many.contains("LimitNOFILE") && too_many.contains(&format!("at most {}", 1024 - RESERVED_FDS)), "{too_many}");
+        // A limit below what the edge keeps for itself: no value fits, and none is offered
+        // (0 is refused); unset, the edge still starts at the floor.
+        let below = cap_setting(Some("16"), 100).unwrap_err();
+        assert!(below.contains("LimitNOFILE") && below.contains("unset") && !below.contains("at most 0"), "{below}");
     }
 }
