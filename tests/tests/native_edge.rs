@@ -567,3 +567,24 @@ async fn pipelined_requests_without_the_secret_never_read_do_not_hold_the_cap() 
     let told = told.expect("the newcomer was answered");
     assert!(told.starts_with("HTTP/1.1 503"), "a newcomer was refused while the cap was held by unread answers to callers without the secret: {told}\n{}", edge.log());
 }
+
+/// The counts of a flood that stops within 10 s of its first warning are said too, once
+/// the 10 s have passed: before, what happened after a warning was only said with the
+/// next connection closed or refused — never, once the flood was over — so the log told
+/// of 1 connection closed when 36 were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_that_stops_is_counted_in_full() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "4")]);
+    let crowd = flood(edge.port, 40).await;
+    let evicted = |log: &str| -> u64 {
+        log.lines()
+            .filter(|l| l.contains("too many connections"))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["fields"]["evicted"].as_u64())
+            .sum()
+    };
+    let counted = eventually(Duration::from_secs(30), || evicted(&edge.log()) >= 36).await;
+    assert!(counted, "a flood of 40 at MAX_CONNECTIONS=4 closed 36 connections; the log says {}:\n{}", evicted(&edge.log()), edge.log());
+    drop(crowd);
+}

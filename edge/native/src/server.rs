@@ -150,9 +150,17 @@ async fn serve_connections(listener: TcpListener, max_connections: usize, app: R
     let refusal = refusal();
     // Each connection's task holds a clone; once the last is dropped every one has ended.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
+    // What happened at the cap since the last warning is said once its 10 s are up, even if
+    // nothing happens after: else the rest of a flood that stopped went unsaid.
+    let mut said = tokio::time::interval(crate::connections::WARN_EVERY);
+    said.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (tcp, addr) = tokio::select! {
             accepted = accept(&listener, &table) => accepted,
+            _ = said.tick() => {
+                warn_at_cap(&table, None);
+                continue;
+            }
             () = until_stopped(&mut stopped) => break,
         };
         let (close, closed) = oneshot::channel::<()>();
