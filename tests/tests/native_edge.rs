@@ -521,3 +521,70 @@ async fn out_of_descriptors_the_edge_makes_room_instead_of_waiting() {
     assert_eq!(edge.log().lines().filter(warned).count(), 1, "{}", edge.log());
     drop(crowd);
 }
+
+/// Keeps sending `GET /health` on `tcp`, pipelined, and never reads an answer: what anyone
+/// who reaches the port can do, no secret needed. Once the peer's buffers are full the
+/// edge can write no answer, and so reads no more requests; the count of bytes sent then
+/// stops growing.
+fn pipeline_unread(tcp: std::net::TcpStream) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&sent);
+    std::thread::spawn(move || {
+        let mut tcp = tcp;
+        let batch = "GET /health HTTP/1.1\r\nHost: edge\r\n\r\n".repeat(1024);
+        while tcp.write_all(batch.as_bytes()).is_ok() {
+            counted.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    sent
+}
+
+/// A connection whose requests carry no secret is never one a newcomer must wait for: a
+/// caller without the secret who pipelines requests and never reads the answers (they
+/// stay queued, the edge's writes stall) does not hold its connection "busy" at
+/// MAX_CONNECTIONS. Before, each such connection counted as a request in flight for as
+/// long as its answer could not go out — for ever to a peer that reads a little every
+/// few seconds — and with the cap so held every newcomer, agents included, got a 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_without_the_secret_never_read_do_not_hold_the_cap() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "4")]);
+    let port = edge.port;
+    let sent: Vec<_> = idle_connections(port, 4).into_iter().map(pipeline_unread).collect();
+    // Until every sender is stopped by the edge no longer reading: its answers are stuck.
+    let total = || sent.iter().map(|s| s.load(std::sync::atomic::Ordering::Relaxed)).sum::<usize>();
+    let mut before = usize::MAX;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = total();
+        if now == before && sent.iter().all(|s| s.load(std::sync::atomic::Ordering::Relaxed) > 0) {
+            break;
+        }
+        before = now;
+    }
+    let head = "GET /health HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n\r\n";
+    let told = tokio::task::spawn_blocking(move || answer_to_head(port, head, Duration::from_secs(10))).await.unwrap();
+    let told = told.expect("the newcomer was answered");
+    assert!(told.starts_with("HTTP/1.1 503"), "a newcomer was refused while the cap was held by unread answers to callers without the secret: {told}\n{}", edge.log());
+}
+
+/// The counts of a flood that stops within 10 s of its first warning are said too, once
+/// the 10 s have passed: before, what happened after a warning was only said with the
+/// next connection closed or refused — never, once the flood was over — so the log told
+/// of 1 connection closed when 36 were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_that_stops_is_counted_in_full() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "4")]);
+    let crowd = flood(edge.port, 40).await;
+    let evicted = |log: &str| -> u64 {
+        log.lines()
+            .filter(|l| l.contains("too many connections"))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["fields"]["evicted"].as_u64())
+            .sum()
+    };
+    let counted = eventually(Duration::from_secs(30), || evicted(&edge.log()) >= 36).await;
+    assert!(counted, "a flood of 40 at MAX_CONNECTIONS=4 closed 36 connections; the log says {}:\n{}", evicted(&edge.log()), edge.log());
+    drop(crowd);
+}

@@ -55,12 +55,16 @@ pub fn cap_setting(value: Option<&str>, nofile: u64) -> Result<usize, String> {
         return Err("MAX_CONNECTIONS must be at least 1 (unset, it follows the file descriptor limit)".into());
     }
     if cap.saturating_add(RESERVED_FDS) > nofile {
+        // Below what the edge keeps for itself no value fits: "at most 0" would name one
+        // that is refused. Unset, the edge starts at its floor and says when accepts fail.
+        let otherwise = match nofile.saturating_sub(RESERVED_FDS) {
+            0 => format!("or leave MAX_CONNECTIONS unset (the edge then holds {}, and logs when accepts fail)", default_cap(nofile)),
+            fits => format!("or set MAX_CONNECTIONS to at most {fits}"),
+        };
         return Err(format!(
             "MAX_CONNECTIONS={cap} needs {} file descriptors with the edge's own, and the process may open {nofile}: \
-             raise the limit (LimitNOFILE= in the systemd unit, `ulimit -Hn`, `--ulimit nofile=` for Docker) \
-             or set MAX_CONNECTIONS to at most {}",
+             raise the limit (LimitNOFILE= in the systemd unit, `ulimit -Hn`, `--ulimit nofile=` for Docker) {otherwise}",
             cap.saturating_add(RESERVED_FDS),
-            nofile.saturating_sub(RESERVED_FDS)
         ));
     }
     usize::try_from(cap).map_err(|_| format!("MAX_CONNECTIONS={cap} is more than this machine can count"))
@@ -202,8 +206,14 @@ impl<T> Connections<T> {
         self.set(id, State::Busy);
     }
 
-    /// `id`'s answer went out to its end: it waits for a request head again.
+    /// `id`'s answer went out to its end: it waits for a request head again. A connection
+    /// that was not busy (its request did not prove the secret) keeps its place in line:
+    /// a request now and then without the secret does not move it behind callers' idle
+    /// keep-alive connections.
     pub fn idle(&mut self, id: Id) {
+        if self.entries.get(&id).is_some_and(|e| matches!(e.state, State::Idle { .. })) {
+            return;
+        }
         self.tick += 1;
         self.set(id, State::Idle { since: self.tick });
     }
@@ -328,6 +338,17 @@ mod tests {
         let Admit::Evict { close, .. } = table.admit(6) else { panic!("room is made") };
         assert_eq!(close, 3, "then d, the oldest of the new ones");
         let _ = (c, d);
+        // An answer on a connection that was never busy (no secret) keeps its place: e,
+        // older than f, still goes first.
+        let Admit::Evict { id: e, close } = table.admit(7) else { panic!("room is made") };
+        assert_eq!(close, 4, "then the oldest new one");
+        let Admit::Evict { close, .. } = table.admit(8) else { panic!("room is made") };
+        assert_eq!(close, 5);
+        table.idle(e);
+        let Admit::Evict { close, .. } = table.admit(9) else { panic!("room is made") };
+        assert_eq!(close, 6);
+        let Admit::Evict { close, .. } = table.admit(10) else { panic!("room is made") };
+        assert_eq!(close, 7, "e, answered without being busy, did not move behind the newer ones");
     }
 
     #[test]
@@ -435,5 +456,9 @@ mod tests {
         assert!(cap_setting(Some("0"), 1024).unwrap_err().contains("at least 1"));
         let too_many = cap_setting(Some("1000"), 1024).unwrap_err();
         assert!(too_many.contains("LimitNOFILE") && too_many.contains(&format!("at most {}", 1024 - RESERVED_FDS)), "{too_many}");
+        // A limit below what the edge keeps for itself: no value fits, and none is offered
+        // (0 is refused); unset, the edge still starts at the floor.
+        let below = cap_setting(Some("16"), 100).unwrap_err();
+        assert!(below.contains("LimitNOFILE") && below.contains("unset") && !below.contains("at most 0"), "{below}");
     }
 }

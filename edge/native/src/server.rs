@@ -150,9 +150,17 @@ async fn serve_connections(listener: TcpListener, max_connections: usize, app: R
     let refusal = refusal();
     // Each connection's task holds a clone; once the last is dropped every one has ended.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
+    // What happened at the cap since the last warning is said once its 10 s are up, even if
+    // nothing happens after: else the rest of a flood that stopped went unsaid.
+    let mut said = tokio::time::interval(crate::connections::WARN_EVERY);
+    said.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (tcp, addr) = tokio::select! {
             accepted = accept(&listener, &table) => accepted,
+            _ = said.tick() => {
+                warn_at_cap(&table, None);
+                continue;
+            }
             () = until_stopped(&mut stopped) => break,
         };
         let (close, closed) = oneshot::channel::<()>();
@@ -188,7 +196,7 @@ async fn serve_connections(listener: TcpListener, max_connections: usize, app: R
         let tower = hyper_util::service::TowerToHyperService::new(app);
         let service = hyper::service::service_fn(move |request| {
             use hyper::service::Service as _;
-            conn.busy();
+            // Not busy yet: `api` says so once the request proved the secret.
             let answer = tower.call(request);
             let conn = conn.clone();
             async move { answer.await.map(|response| response.map(|body| Answering { body, conn })) }
@@ -367,7 +375,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Held<T> {
 }
 
 /// An answer's body; once it is sent to its end (hyper drops it) or given up, its
-/// connection waits for a request head again. An event stream is busy as long as it flows.
+/// connection waits for a request head again. An event stream is busy as long as it flows
+/// (only a request that proved the secret made its connection busy: see `api`).
 struct Answering<B> {
     body: B,
     conn: Conn,
@@ -472,6 +481,19 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
     // Route and secret first: no body is read for a caller without the secret, nor for a
     // route that takes none.
     let gate = edge_core::http::preflight(&state.config, parts.method.as_str(), parts.uri.path(), secret.as_deref(), authorization.as_deref());
+    // Only a request that proved the secret holds its connection against MAX_CONNECTIONS
+    // (an `/execute` waiting, an event stream): anyone's else stays idle, closed first to
+    // make room, even while its answer cannot go out — else a peer without the secret that
+    // pipelines requests and reads the answers a few bytes at a time held its connection
+    // busy for ever, and enough of them locked every newcomer out (429), agents included.
+    if matches!(gate, Gate::Handle { .. })
+        && (edge_core::http::who(&state.config, secret.as_deref(), authorization.as_deref()).is_some()
+            || edge_core::http::admin(&state.config, secret.as_deref(), authorization.as_deref()))
+    {
+        if let Some(conn) = parts.extensions.get::<Conn>() {
+            conn.busy();
+        }
+    }
     let read = match gate {
         Gate::Answer(refused) => {
             // A little of the body is heard out (bounded, nothing kept) so the caller reads
