@@ -243,9 +243,7 @@ async fn accept(listener: &TcpListener, table: &Table) -> (TcpStream, SocketAddr
     loop {
         match listener.accept().await {
             Ok(accepted) => return accepted,
-            // The peer gave up before it was taken.
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionRefused) => {}
-            Err(e) => {
+            Err(e) if out_of_resources(&e) => {
                 let freed = lock(table).accept_failed();
                 warn_at_cap(table, Some(&e));
                 let wait = match freed {
@@ -257,8 +255,23 @@ async fn accept(listener: &TcpListener, table: &Table) -> (TcpStream, SocketAddr
                 };
                 tokio::time::sleep(wait).await;
             }
+            // One pending connection's own trouble (the peer gave up before it was taken,
+            // a protocol error, a firewall's EPERM): nothing of the edge's to free, and
+            // not "raise MAX_CONNECTIONS". A short pause keeps an error that repeats from
+            // spinning the accept loop.
+            Err(e) => {
+                tracing::debug!(error = %e, "a connection failed before it was accepted");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
     }
+}
+
+/// Whether an accept failed because the process or the system ran out of something a
+/// connection needs (descriptors, buffers, memory) — what closing an idle connection can
+/// help — rather than because of that one connection.
+fn out_of_resources(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
 /// What a connection refused at the cap is sent: `runner_busy` (429), as the edge answers
@@ -590,4 +603,21 @@ async fn read_body(body: Body, mut intake: Intake) -> edge_core::body::Body {
         }
     }
     intake.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    /// Only running out of descriptors, buffers or memory makes the edge close an idle
+    /// connection for room and tell the operator to raise MAX_CONNECTIONS; every accept
+    /// error did, so a firewall's EPERM or a peer's EPROTO each cost a caller its
+    /// connection and a misleading warning.
+    #[test]
+    fn only_running_out_of_resources_frees_a_connection() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(super::out_of_resources(&std::io::Error::from_raw_os_error(errno)), "{errno}");
+        }
+        for errno in [libc::EPROTO, libc::EPERM, libc::ENETDOWN, libc::EHOSTUNREACH, libc::ECONNABORTED, libc::ECONNRESET] {
+            assert!(!super::out_of_resources(&std::io::Error::from_raw_os_error(errno)), "{errno}");
+        }
+    }
 }
