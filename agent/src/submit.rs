@@ -283,10 +283,10 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     // follow again from the last event read (`Last-Event-ID`), so no progress line is shown
     // twice: the job is kept, and a finished one answers with its result at once.
     let mut last_id: Option<String> = None;
-    // Follows in a row that brought nothing (no answer, a 5xx, no byte, or an end with no
-    // event): a stream that ran for a
-    // while and broke is no reason to give up, however often a long job's stream breaks
-    // (a Tunnel's cut, an edge restarted), so only these count towards giving up.
+    // Follows in a row that brought nothing (no answer, a 5xx or 429, no byte, or an end
+    // with no event): a stream that ran for a while and broke is no reason to give up,
+    // however often a long job's stream breaks (a Tunnel's cut, an edge restarted), so
+    // only these count towards giving up.
     let mut fruitless = 0;
     for attempt in 0.. {
         if fruitless == MAX_FRUITLESS_FOLLOWS {
@@ -306,6 +306,10 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
             // The edge restarting behind a proxy (a Tunnel's 502), or failing for a moment:
             // no answer of the job's, so a follow that brought nothing, as a refused connection.
             Ok(Ok(r)) if r.status().is_server_error() => continue,
+            // Too many followers of this job (or of all jobs) for a moment: the streams of
+            // followers gone away (submit's own earlier ones among them) are let go by the
+            // edge in time; giving up at once told a caller its running job was lost.
+            Ok(Ok(r)) if r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => continue,
             Ok(Ok(r)) => return fail(format!("following job {job_id} failed ({}); read it with GET /jobs/{job_id}", r.status())),
             Ok(Err(_)) | Err(_) => continue,
         };

@@ -826,6 +826,43 @@ fn submit_follows_again_after_a_5xx_on_its_follow() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done after a 502", "{err}");
 }
 
+/// An edge that has too many followers for a moment answers a follow 429 (on a Worker, a
+/// follower gone away is counted until an event is sent to it): `submit` gave up at once
+/// on a job that ran well, saying to read it later.
+#[test]
+fn submit_follows_again_after_a_429_on_its_follow() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut follows = 0;
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut request = vec![0; 64 * 1024];
+            let n = conn.read(&mut request).unwrap_or(0);
+            let head = String::from_utf8_lossy(&request[..n]).to_string();
+            let answer = if head.starts_with("POST") {
+                let body = r#"{"job_id":"j1","state":"queued"}"#;
+                format!("HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+            } else {
+                follows += 1;
+                if follows < 3 {
+                    let body = r#"{"success":false,"error":"16 streams already follow job j1","error_code":"RUNNER_BUSY"}"#;
+                    format!("HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+                } else {
+                    let events = "id: 1\nevent: result\ndata: {\"success\":true,\"output\":\"done after two 429s\"}\n\n";
+                    format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{events}")
+                }
+            };
+            let _ = conn.write_all(answer.as_bytes());
+        }
+    });
+    let out = submit_hello_to(addr, "submit still follows after 429s");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done after two 429s", "{err}");
+}
+
 /// `submit hello` against an edge that reads the request, writes `answer`, then holds the
 /// connection open and silent until `submit` lets go of it: `submit`'s exit code and stderr.
 fn submit_to_an_edge_that_stops(answer: &'static [u8]) -> (Option<i32>, String) {
