@@ -162,6 +162,7 @@ async fn forward(req: &Request, mut url: worker::Url, env: &Env, pool: &str, pat
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shared::contract::ErrorCode;
 
     #[test]
     fn paths_without_a_prefix_go_to_the_default_pool() {
