@@ -120,7 +120,7 @@ const CONNECT_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 const FOLLOW_SILENCE: std::time::Duration = std::time::Duration::from_millis(3 * shared::contract::SSE_KEEPALIVE_MS);
 
 /// How many follows of a job's event stream in a row may bring nothing (no answer, a 5xx,
-/// not a byte, or a stream that ended with no event) before `submit` gives up: with 2 s between them, some 20 s plus their waits.
+/// not a byte, or a stream that stopped before a keep-alive interval with no event) before `submit` gives up: with 2 s between them, some 20 s plus their waits.
 const MAX_FRUITLESS_FOLLOWS: u32 = 10;
 
 /// What to do when the task went out but its answer did not come back whole: the edge may
@@ -283,10 +283,10 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     // follow again from the last event read (`Last-Event-ID`), so no progress line is shown
     // twice: the job is kept, and a finished one answers with its result at once.
     let mut last_id: Option<String> = None;
-    // Follows in a row that brought nothing (no answer, a 5xx or 429, no byte, or an end
-    // with no event): a stream that ran for a while and broke is no reason to give up,
-    // however often a long job's stream breaks (a Tunnel's cut, an edge restarted), so
-    // only these count towards giving up.
+    // Follows in a row that brought nothing (no answer, a 5xx or 429, no byte, or no event
+    // before it stopped, short of a keep-alive interval): a stream that ran for a while and
+    // broke is no reason to give up, however often a long job's stream breaks (a Tunnel's
+    // cut, an edge restarted), so only these count towards giving up.
     let mut fruitless = 0;
     for attempt in 0.. {
         if fruitless == MAX_FRUITLESS_FOLLOWS {
@@ -317,11 +317,10 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         let mut events = crate::sse::EventStream::default();
         let (mut brought_bytes, mut brought_event, opened) = (false, false, std::time::Instant::now());
         // Ended, broken, or silent past every keep-alive: follow again.
-        let ended = loop {
+        loop {
             let chunk = match tokio::time::timeout(FOLLOW_SILENCE, stream.next()).await {
                 Ok(Some(Ok(chunk))) => chunk,
-                Ok(None) => break true,
-                Ok(Some(Err(_))) | Err(_) => break false,
+                Ok(None) | Ok(Some(Err(_))) | Err(_) => break,
             };
             brought_bytes = true;
             for event in events.push(&chunk) {
@@ -349,14 +348,16 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
                     _ => {}
                 }
             }
-        };
-        // A stream that broke (a Tunnel's cut, an edge's host gone) after it answered, or
-        // stayed open a keep-alive interval (a quiet job's, ended by an edge's restart), was
-        // worth following, however often; one that ended by itself at once with no event
-        // (the edges' `: … retry` when the job's record cannot be read) brought nothing, and
-        // answered so every 2 s, it was followed for ever.
+        }
+        // A stream that brought an event, or stayed open a keep-alive interval (a quiet
+        // job's, ended by an edge's restart or broken by a Tunnel's cut), was worth
+        // following, however often; one that stopped at once with no event (the edges'
+        // `: … retry` when the job's record cannot be read), ended or cut, brought nothing:
+        // answered so every 2 s, it was followed for ever. (Cut at once was counted as worth
+        // following, so a network that reset each stream after its first bytes held
+        // `submit` for ever, saying nothing.)
         let lasted = opened.elapsed() >= std::time::Duration::from_millis(shared::contract::SSE_KEEPALIVE_MS);
-        if brought_event || (brought_bytes && (!ended || lasted)) {
+        if brought_event || (brought_bytes && lasted) {
             fruitless = 0;
         }
     }

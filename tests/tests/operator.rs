@@ -779,6 +779,22 @@ fn submit_gives_up_on_a_stream_that_ends_with_no_event_every_time() {
     assert!(err.contains("lost the edge while following job j1") && err.contains("GET /jobs/j1"), "{err}");
 }
 
+/// The same answer cut at once instead of ended (its body shorter than its length: a
+/// network that resets the flow after the first segment, a hostile edge) was taken for a
+/// stream that "broke after it answered", worth following, and `submit` followed it every
+/// 2 s for ever, saying nothing. A stream that brought no event is worth following only if
+/// it lasted a keep-alive interval, however it stopped.
+#[test]
+fn submit_gives_up_on_a_stream_that_breaks_at_once_with_no_event_every_time() {
+    let addr = edge_that_answers_follows(|_, _| {
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 4096\r\nconnection: close\r\n\r\n: the edge could not read the job's record (disk); retry\n\n".into()
+    });
+    let out = submit_hello_to(addr, "submit followed a stream cut at once with no event for ever");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("lost the edge while following job j1") && err.contains("GET /jobs/j1"), "{err}");
+}
+
 /// A result event that is not JSON was passed over, the stream ended, and the edge (which
 /// answers a finished job's follow with its result) gave the same again: `submit` followed
 /// it for ever. It now says the result could not be read, and where to read it.

@@ -240,6 +240,8 @@ async fn serve_connections(listener: TcpListener, max_connections: usize, app: R
 /// did) before trying again — never a busy loop, never the server's end. (axum's own
 /// accept slept too, but said nothing: its logging is a feature this build leaves out.)
 async fn accept(listener: &TcpListener, table: &Table) -> (TcpStream, SocketAddr) {
+    // When a failure of the listener itself was last said.
+    let mut said: Option<Instant> = None;
     loop {
         match listener.accept().await {
             Ok(accepted) => return accepted,
@@ -259,9 +261,21 @@ async fn accept(listener: &TcpListener, table: &Table) -> (TcpStream, SocketAddr
             // a protocol error, a firewall's EPERM): nothing of the edge's to free, and
             // not "raise MAX_CONNECTIONS". A short pause keeps an error that repeats from
             // spinning the accept loop.
-            Err(e) => {
+            Err(e) if one_connections_trouble(&e) => {
                 tracing::debug!(error = %e, "a connection failed before it was accepted");
                 tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            // The listener's own (EBADF, EINVAL, ENOTSOCK, EFAULT, an error the system does
+            // not name): every accept will fail alike. Said, at most once per WARN_EVERY,
+            // and tried again each second — it was taken for a connection's and only
+            // logged at debug, so an edge that took no connection any more said nothing
+            // and woke a thousand times a second.
+            Err(e) => {
+                if !said.is_some_and(|at| at.elapsed() < crate::connections::WARN_EVERY) {
+                    said = Some(Instant::now());
+                    tracing::error!(error = %e, "accepting connections fails: the edge takes no new connection (no caller, no agent reconnecting) while this lasts; restart the edge (its jobs and agents carry on)");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
     }
@@ -272,6 +286,34 @@ async fn accept(listener: &TcpListener, table: &Table) -> (TcpStream, SocketAddr
 /// help — rather than because of that one connection.
 fn out_of_resources(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+/// Whether an accept failed for one pending connection's own trouble, which the next
+/// accept does not share: Linux's accept passes a pending connection's network error on
+/// (ENETDOWN, EPROTO, ENOPROTOOPT, EHOSTDOWN, ENONET, EHOSTUNREACH, EOPNOTSUPP, ENETUNREACH,
+/// to be retried as EAGAIN, says accept(2)), a peer that gave up (ECONNABORTED, ECONNRESET),
+/// a firewall's refusal (EPERM), a signal (EINTR). Anything else is the listener's.
+fn one_connections_trouble(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::ECONNREFUSED
+                | libc::ETIMEDOUT
+                | libc::EPERM
+                | libc::EINTR
+                | libc::EAGAIN
+                | libc::ENETDOWN
+                | libc::EPROTO
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    )
 }
 
 /// What a connection refused at the cap is sent: `runner_busy` (429), as the edge answers
@@ -618,6 +660,26 @@ mod tests {
         }
         for errno in [libc::EPROTO, libc::EPERM, libc::ENETDOWN, libc::EHOSTUNREACH, libc::ECONNABORTED, libc::ECONNRESET] {
             assert!(!super::out_of_resources(&std::io::Error::from_raw_os_error(errno)), "{errno}");
+        }
+    }
+
+    /// A listener that is broken fails every accept alike: its error is not taken for one
+    /// pending connection's (said at debug level and retried every millisecond, for ever,
+    /// while the edge took no connection). A listener shut down answers EINVAL.
+    #[tokio::test]
+    async fn a_broken_listeners_error_is_not_taken_for_one_connections() {
+        use std::os::fd::AsRawFd;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // SAFETY: shutdown of the socket this test opened, nothing else.
+        assert_eq!(unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) }, 0);
+        let failed = listener.accept().await.expect_err("a shut-down listener takes nothing");
+        assert!(!super::one_connections_trouble(&failed), "{failed}");
+        assert!(!super::out_of_resources(&failed), "{failed}");
+        for errno in [libc::EBADF, libc::EINVAL, libc::ENOTSOCK, libc::EFAULT] {
+            assert!(!super::one_connections_trouble(&std::io::Error::from_raw_os_error(errno)), "{errno}");
+        }
+        for errno in [libc::EPROTO, libc::EPERM, libc::ENETDOWN, libc::EHOSTUNREACH, libc::ECONNABORTED, libc::ECONNRESET] {
+            assert!(super::one_connections_trouble(&std::io::Error::from_raw_os_error(errno)), "{errno}");
         }
     }
 }
