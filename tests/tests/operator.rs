@@ -706,31 +706,14 @@ fn submit_says_a_redirect_did_not_take_the_task() {
 /// running was reported as the edge lost. Only follows that bring nothing count now.
 #[test]
 fn submit_keeps_following_a_stream_that_breaks_often_but_answers() {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let mut follows = 0;
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            let mut request = vec![0; 64 * 1024];
-            let n = conn.read(&mut request).unwrap_or(0);
-            let head = String::from_utf8_lossy(&request[..n]).to_string();
-            let answer = if head.starts_with("POST") {
-                let body = r#"{"job_id":"j1","state":"queued"}"#;
-                format!("HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
-            } else {
-                follows += 1;
-                // Each follow brings an event, then the stream breaks; the twelfth brings the result.
-                let events = if follows < 12 {
-                    format!("id: {follows}\nevent: progress\ndata: {{\"type\":\"system\"}}\n\n")
-                } else {
-                    "id: 12\nevent: result\ndata: {\"success\":true,\"output\":\"done after twelve follows\"}\n\n".to_string()
-                };
-                format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{events}")
-            };
-            let _ = conn.write_all(answer.as_bytes());
-        }
+    // Each follow brings an event, then the stream breaks; the twelfth brings the result.
+    let addr = edge_that_answers_follows(|n, _| {
+        let events = if n < 12 {
+            format!("id: {n}\nevent: progress\ndata: {{\"type\":\"system\"}}\n\n")
+        } else {
+            "id: 12\nevent: result\ndata: {\"success\":true,\"output\":\"done after twelve follows\"}\n\n".to_string()
+        };
+        format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{events}")
     });
     let out = submit_hello_to(addr, "submit still follows a stream that ended");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -847,30 +830,13 @@ fn submit_follows_again_after_a_5xx_on_its_follow() {
 /// on a job that ran well, saying to read it later.
 #[test]
 fn submit_follows_again_after_a_429_on_its_follow() {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let mut follows = 0;
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            let mut request = vec![0; 64 * 1024];
-            let n = conn.read(&mut request).unwrap_or(0);
-            let head = String::from_utf8_lossy(&request[..n]).to_string();
-            let answer = if head.starts_with("POST") {
-                let body = r#"{"job_id":"j1","state":"queued"}"#;
-                format!("HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
-            } else {
-                follows += 1;
-                if follows < 3 {
-                    let body = r#"{"success":false,"error":"16 streams already follow job j1","error_code":"RUNNER_BUSY"}"#;
-                    format!("HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
-                } else {
-                    let events = "id: 1\nevent: result\ndata: {\"success\":true,\"output\":\"done after two 429s\"}\n\n";
-                    format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{events}")
-                }
-            };
-            let _ = conn.write_all(answer.as_bytes());
+    let addr = edge_that_answers_follows(|n, _| {
+        if n < 3 {
+            let body = r#"{"success":false,"error":"16 streams already follow job j1","error_code":"RUNNER_BUSY"}"#;
+            format!("HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+        } else {
+            let events = "id: 1\nevent: result\ndata: {\"success\":true,\"output\":\"done after two 429s\"}\n\n";
+            format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{events}")
         }
     });
     let out = submit_hello_to(addr, "submit still follows after 429s");
