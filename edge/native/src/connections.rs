@@ -8,8 +8,9 @@
 //! holds at most `MAX_CONNECTIONS`, and at the cap a new connection is not simply refused
 //! (that would hand the port to whoever holds the most connections): the connection that
 //! has waited longest for a request head is closed to make room. A connection with a
-//! request in flight (an `/execute` waiting for its answer, an event stream) and an agent's
-//! socket are never chosen; only when every connection is one of those is the new one
+//! request in flight that carries the secret (an `/execute` waiting for its answer, an
+//! event stream) and an agent's socket are never chosen — a request without the secret
+//! does not count: pipelined and never read, such requests held the cap for anyone; only when every connection is one of those is the new one
 //! closed at once. An `/agent/connect` socket that has not proven itself yet is no agent's:
 //! anyone can open one, so, once no connection is idle, the oldest of those makes room
 //! (else 64 of them, what the core lets wait for a hello, would lock every newcomer out
