@@ -674,24 +674,14 @@ fn submit_says_an_edge_that_takes_no_connection_was_not_reached() {
 /// queued, where it surely was not; and it sent the secret wherever the redirect led.
 #[test]
 fn submit_says_a_redirect_did_not_take_the_task() {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
     let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let heard = asked.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            let mut request = vec![0; 64 * 1024];
-            let n = conn.read(&mut request).unwrap_or(0);
-            let head = String::from_utf8_lossy(&request[..n]).lines().next().unwrap_or_default().to_string();
-            let answer = if head.starts_with("POST") {
-                format!("HTTP/1.1 301 Moved Permanently\r\nlocation: http://{addr}/elsewhere\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-            } else {
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\nconnection: close\r\n\r\n{\"jobs\":[]}".to_string()
-            };
-            heard.lock().unwrap().push(head);
-            let _ = conn.write_all(answer.as_bytes());
+    let addr = edge_that_answers(move |head, addr| {
+        heard.lock().unwrap().push(head.lines().next().unwrap_or_default().to_string());
+        if head.starts_with("POST") {
+            format!("HTTP/1.1 301 Moved Permanently\r\nlocation: http://{addr}/elsewhere\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        } else {
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\nconnection: close\r\n\r\n{\"jobs\":[]}".to_string()
         }
     });
     let out = submit_hello_to(addr, "submit still waits on a redirect");
@@ -721,30 +711,38 @@ fn submit_keeps_following_a_stream_that_breaks_often_but_answers() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done after twelve follows", "{err}");
 }
 
-/// An edge at `addr` (returned) that takes the task as job `j1` and answers the `n`th follow
-/// of its events (from 1) with `follow(n, its request's head)`, a whole HTTP answer, then
-/// closes the connection.
-fn edge_that_answers_follows(follow: impl Fn(u32, &str) -> String + Send + 'static) -> std::net::SocketAddr {
+/// An edge at `addr` (returned) that answers each request with `answer(its head, addr)`, a
+/// whole HTTP answer, then closes the connection.
+fn edge_that_answers(mut answer: impl FnMut(&str, std::net::SocketAddr) -> String + Send + 'static) -> std::net::SocketAddr {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
-        let mut follows = 0;
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { return };
             let mut request = vec![0; 64 * 1024];
             let n = conn.read(&mut request).unwrap_or(0);
-            let answer = if request[..n].starts_with(b"POST") {
-                let body = r#"{"job_id":"j1","state":"queued"}"#;
-                format!("HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
-            } else {
-                follows += 1;
-                follow(follows, &String::from_utf8_lossy(&request[..n]))
-            };
+            let answer = answer(&String::from_utf8_lossy(&request[..n]), addr);
             let _ = conn.write_all(answer.as_bytes());
         }
     });
     addr
+}
+
+/// An edge at `addr` (returned) that takes the task as job `j1` and answers the `n`th follow
+/// of its events (from 1) with `follow(n, its request's head)`, a whole HTTP answer, then
+/// closes the connection.
+fn edge_that_answers_follows(follow: impl Fn(u32, &str) -> String + Send + 'static) -> std::net::SocketAddr {
+    let mut follows = 0;
+    edge_that_answers(move |head, _| {
+        if head.starts_with("POST") {
+            let body = r#"{"job_id":"j1","state":"queued"}"#;
+            format!("HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+        } else {
+            follows += 1;
+            follow(follows, head)
+        }
+    })
 }
 
 /// An edge whose stream of a job ends at once with a comment every time (the edges' answer
