@@ -110,6 +110,13 @@ pub fn admin(config: &Config, secret_header: Option<&str>, authorization: Option
     config.admin_secret.as_deref().is_some_and(|s| Presented::of(secret_header, authorization).carries(s))
 }
 
+/// Whether a request carries any secret of the edge's (the pool's, a named caller's, the
+/// admin's): what a host may spend on its behalf without bound (the native edge keeps its
+/// connection against MAX_CONNECTIONS only then).
+pub fn carries_a_secret(config: &Config, secret_header: Option<&str>, authorization: Option<&str>) -> bool {
+    who(config, secret_header, authorization).is_some() || admin(config, secret_header, authorization)
+}
+
 /// What a host does with a request before it reads anything of its body. Nothing is read
 /// for a caller without the secret, nor for a route that takes no body: a body is only
 /// ever read for an authorised `POST` to a route that takes one (`/execute`, `/jobs`,

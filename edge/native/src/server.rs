@@ -541,10 +541,7 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
     // make room, even while its answer cannot go out — else a peer without the secret that
     // pipelines requests and reads the answers a few bytes at a time held its connection
     // busy for ever, and enough of them locked every newcomer out (429), agents included.
-    if matches!(gate, Gate::Handle { .. })
-        && (edge_core::http::who(&state.config, secret.as_deref(), authorization.as_deref()).is_some()
-            || edge_core::http::admin(&state.config, secret.as_deref(), authorization.as_deref()))
-    {
+    if matches!(gate, Gate::Handle { .. }) && edge_core::http::carries_a_secret(&state.config, secret.as_deref(), authorization.as_deref()) {
         if let Some(conn) = parts.extensions.get::<Conn>() {
             conn.busy();
         }
