@@ -473,12 +473,25 @@ mod tests {
             }
         });
         tokio::task::yield_now().await;
-        let before = ticks.load(Ordering::SeqCst);
-        carry_session(&config, "abc-123", &cwd).await.unwrap();
-        let during = ticks.load(Ordering::SeqCst) - before;
-        ticker.abort();
+        // The carry can end before this thread polls it once: the system may pause this
+        // thread between the copy's start and the first look at it for longer than the copy
+        // takes (seen once in CI, with the tests running in parallel on two cores). Carried
+        // on this thread, no try lets the ticker run; off it, a try fails only when so
+        // paused, and five in a row do not happen.
         let slug: String = cwd.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
-        let copied = std::fs::read_to_string(config.join("projects").join(slug).join("abc-123.jsonl")).unwrap();
+        let copy = config.join("projects").join(slug).join("abc-123.jsonl");
+        let mut during = 0;
+        for _ in 0..5 {
+            let _ = std::fs::remove_file(&copy);
+            let before = ticks.load(Ordering::SeqCst);
+            carry_session(&config, "abc-123", &cwd).await.unwrap();
+            during = ticks.load(Ordering::SeqCst) - before;
+            if during > 0 {
+                break;
+            }
+        }
+        ticker.abort();
+        let copied = std::fs::read_to_string(&copy).unwrap();
         std::fs::remove_dir_all(&root).unwrap();
         assert_eq!(copied.len(), transcript.len(), "the session was carried over whole");
         assert!(during > 0, "the runtime thread's other tasks ran while the session was carried over");
