@@ -588,3 +588,87 @@ async fn a_flood_that_stops_is_counted_in_full() {
     assert!(counted, "a flood of 40 at MAX_CONNECTIONS=4 closed 36 connections; the log says {}:\n{}", evicted(&edge.log()), edge.log());
     drop(crowd);
 }
+
+/// Opens connections, each sending the head of a `POST /jobs` with `secret` that waits for
+/// `100 Continue` and then never sends its body: what a caller's script that trickles its
+/// bodies (or never finishes them) holds. The `100 Continue` says the edge took the
+/// request and waits for its body: the connection is held busy. Stops at the first
+/// connection answered otherwise (its answer returned) or after `n`.
+fn hold_busy(port: u16, secret: &str, n: usize) -> (Vec<std::net::TcpStream>, Option<String>) {
+    let head = format!(
+        "POST /jobs HTTP/1.1\r\nHost: edge\r\nX-Runner-Secret: {secret}\r\nContent-Type: application/json\r\n\
+         Content-Length: 64\r\nExpect: 100-continue\r\n\r\n"
+    );
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the kernel takes the connection");
+        tcp.write_all(head.as_bytes()).expect("the head is sent");
+        // The first answer's head, whichever it is.
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        while !seen.ends_with(b"\r\n\r\n") && matches!(tcp.read(&mut byte), Ok(1)) {
+            seen.push(byte[0]);
+        }
+        if seen.starts_with(b"HTTP/1.1 100 ") {
+            held.push(tcp);
+            continue;
+        }
+        let rest = read_to_end_within(tcp, Duration::from_secs(20)).unwrap_or_default();
+        seen.extend_from_slice(&rest);
+        return (held, Some(String::from_utf8_lossy(&seen).into_owned()));
+    }
+    (held, None)
+}
+
+/// One named caller (`RUNNER_SECRETS`) holding connections busy — bodies it never sends —
+/// holds at most its share of MAX_CONNECTIONS: past it, its request is answered 429 saying
+/// whose connections and what to do, and closed. Another named caller is still answered,
+/// and an agent still connects and takes that caller's job. Before, one caller's script
+/// could hold every connection busy, and every newcomer — agents included — got a 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_caller_holding_connections_locks_out_neither_another_caller_nor_an_agent() {
+    const ALPHA: &str = "caller-alpha-secret-0123456789";
+    const BETA: &str = "caller-beta-secret-0123456789";
+    let keys = Keys::new(&["spark"]);
+    let callers = format!("alpha={ALPHA},beta={BETA}");
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "8"), ("RUNNER_SECRETS", &callers)]);
+    let port = edge.port;
+    let (held, refused) = tokio::task::spawn_blocking(move || hold_busy(port, ALPHA, 8)).await.unwrap();
+    let beta = Client::new(&edge.url());
+    let health = tokio::time::timeout(Duration::from_secs(10), beta.try_send("GET", "/health", Some(BETA), None)).await;
+    let (status, text) = match health.expect("answered") {
+        Ok(health) => (health.status, health.text),
+        Err(e) => (0, e),
+    };
+    // No agent yet: beta is told the pool is offline (not refused).
+    assert_eq!(status, 503, "beta was refused while alpha held {} connections: {text}\n{}", held.len(), edge.log());
+    assert!(text.contains("\"offline\""), "{text}");
+    let _spark = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    let joined = eventually(Duration::from_secs(30), || edge.log().contains("agent connected")).await;
+    assert!(joined, "an agent could not connect while alpha held {} connections:\n{}", held.len(), edge.log());
+    let answer = beta.send("POST", "/execute", Some(BETA), Some(json!({"prompt": "beta's task"}).to_string().into_bytes())).await;
+    assert_eq!((answer.status, answer.body["success"].as_bool()), (200, Some(true)), "{}", answer.text);
+    // alpha was told, on the connection past its share, whose connections are too many.
+    let refused = refused.expect("alpha held every connection it opened");
+    assert!(refused.starts_with("HTTP/1.1 429 ") && refused.contains("caller alpha") && refused.contains("MAX_CONNECTIONS"), "{refused}");
+    assert!(!held.is_empty(), "alpha held none");
+    drop(held);
+}
+
+/// The shared `RUNNER_SECRET`'s callers together hold at most the callers' part of
+/// MAX_CONNECTIONS: the rest is kept for agents' sockets, so an agent still connects while
+/// they hold all they may. Before, they could hold every connection and the agent got 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_of_the_shared_secret_at_their_bound_leave_room_for_an_agent() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "4")]);
+    let port = edge.port;
+    let (held, refused) = tokio::task::spawn_blocking(move || hold_busy(port, SECRET, 4)).await.unwrap();
+    let _spark = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    let joined = eventually(Duration::from_secs(30), || edge.log().contains("agent connected")).await;
+    assert!(joined, "an agent could not connect while the shared secret's callers held {} connections:\n{}", held.len(), edge.log());
+    let refused = refused.expect("the shared secret's callers held every connection");
+    assert!(refused.starts_with("HTTP/1.1 429 ") && refused.contains("RUNNER_SECRET") && refused.contains("MAX_CONNECTIONS"), "{refused}");
+    drop(held);
+}

@@ -110,11 +110,43 @@ pub fn admin(config: &Config, secret_header: Option<&str>, authorization: Option
     config.admin_secret.as_deref().is_some_and(|s| Presented::of(secret_header, authorization).carries(s))
 }
 
-/// Whether a request carries any secret of the edge's (the pool's, a named caller's, the
-/// admin's): what a host may spend on its behalf without bound (the native edge keeps its
-/// connection against MAX_CONNECTIONS only then).
-pub fn carries_a_secret(config: &Config, secret_header: Option<&str>, authorization: Option<&str>) -> bool {
-    who(config, secret_header, authorization).is_some() || admin(config, secret_header, authorization)
+/// Whose secret a request carries, as a host counts what it spends on each: the pool's
+/// `RUNNER_SECRET` (all its callers together: the secret does not tell them apart), one
+/// named caller's own (`RUNNER_SECRETS`), or the admin's. `None`: no secret of the edge's,
+/// and a host spends nothing on the request's behalf past its own bounds (the native edge
+/// keeps its connection against MAX_CONNECTIONS only for a holder, and each holder to its
+/// share of them).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Holder {
+    Pool,
+    Caller(String),
+    Admin,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Holder::Pool => f.write_str("the callers of the shared RUNNER_SECRET"),
+            Holder::Caller(name) => write!(f, "caller {name}"),
+            Holder::Admin => f.write_str("the holder of ADMIN_SECRET"),
+        }
+    }
+}
+
+/// Who holds the request's secret, if any (the pool's first, as [`who`] decides; the
+/// admin's only if it is neither the pool's nor a caller's).
+pub fn holder(config: &Config, secret_header: Option<&str>, authorization: Option<&str>) -> Option<Holder> {
+    match who(config, secret_header, authorization) {
+        Some(Who::Pool) => Some(Holder::Pool),
+        Some(Who::Caller(name)) => Some(Holder::Caller(name)),
+        None => admin(config, secret_header, authorization).then_some(Holder::Admin),
+    }
+}
+
+/// How many holders `config` has: the pool, each named caller, the admin if its secret is
+/// set. A host that shares something out among them equally divides by this.
+pub fn holders(config: &Config) -> usize {
+    1 + config.caller_secrets.len() + usize::from(config.admin_secret.is_some())
 }
 
 /// What a host does with a request before it reads anything of its body. Nothing is read

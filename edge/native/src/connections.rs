@@ -15,7 +15,22 @@
 //! anyone can open one, so, once no connection is idle, the oldest of those makes room
 //! (else 64 of them, what the core lets wait for a hello, would lock every newcomer out
 //! of a small cap until their handshake timed out).
+//!
+//! A connection busy with a request that carries a secret is never closed for room, so
+//! whoever holds a secret could hold every connection (bodies trickled, answers never read)
+//! and lock the agents and every other caller out. So those busy connections are bounded
+//! by whose secret they carry ([`edge_core::http::Holder`]): all holders together at most
+//! the callers' part of the cap, what is left once [`agents_reserve`] is kept for agents'
+//! sockets — an agent (re)connecting always finds an idle or unproven connection to replace,
+//! or room, whatever callers hold — and each holder (the shared `RUNNER_SECRET`'s callers
+//! as one, each named caller, the admin) at most an equal share of that part, so no holder
+//! takes another's. Equal, not "half": with three holders or more, two halves would still
+//! lock the third out, while equal shares always leave each its own. A request past its
+//! holder's bound is refused ([`Over`]: the server answers 429 and closes its connection);
+//! nothing busy is ever closed for it, and a request counted busy stays so until its answer
+//! went out.
 
+use edge_core::http::Holder;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
@@ -32,6 +47,13 @@ pub const RESERVED_FDS: u64 = edge_core::machine::MAX_PENDING_CALLBACKS as u64 +
 /// would otherwise let a flood take gigabytes. 16384 is far past what the edge's own bounds
 /// let legitimate work hold (queued and running jobs' callers, 64 followers, the agents).
 pub const DEFAULT_MAX_CONNECTIONS: u64 = 16_384;
+
+/// Of a cap, the connections callers' requests may never hold busy: kept for agents'
+/// sockets, proven or proving. A quarter, at least 1: agents are few (one socket each),
+/// and what callers do not hold stays open to anyone's idle connection.
+pub fn agents_reserve(cap: usize) -> usize {
+    (cap / 4).max(1)
+}
 
 /// How often at most the edge logs that it is at the cap.
 pub const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -93,6 +115,8 @@ struct Entry<T> {
     state: State,
     /// How its connection is told to close (taken when it is chosen).
     close: Option<T>,
+    /// Whose request holds it busy (only while busy).
+    holder: Option<Holder>,
 }
 
 /// What to do with a connection just accepted.
@@ -106,11 +130,43 @@ pub enum Admit<T> {
     Refuse,
 }
 
+/// A request refused because its secret's holder holds all it may: what it is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Over {
+    pub holder: Holder,
+    /// Connections it holds busy (for `whole`, all holders together).
+    pub held: usize,
+    pub cap: usize,
+    /// The callers' part of the cap was reached (all holders together), not the holder's share.
+    pub whole: bool,
+    /// Its holders' part, and how many holders share it.
+    pub callers: usize,
+    pub holders: usize,
+}
+
+impl std::fmt::Display for Over {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Over { holder, held, cap, whole, callers, holders } = self;
+        write!(f, "too many connections held by {holder}: ")?;
+        if *whole {
+            write!(f, "callers together hold {held} busy, all that MAX_CONNECTIONS={cap} leaves them ({} kept for agents)", cap - callers)?;
+        } else {
+            write!(f, "{held} busy, its share of MAX_CONNECTIONS={cap} (the callers' {callers} split among {holders} secrets)")?;
+        }
+        f.write_str(
+            "; close the connections it leaves waiting (answers not read, bodies not finished) and send this again, \
+             or raise MAX_CONNECTIONS",
+        )
+    }
+}
+
 /// What the edge went through at the cap since it last said so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pressure {
     pub evicted: u64,
     pub refused: u64,
+    /// Requests refused because their secret's holder held all it may ([`Over`]).
+    pub over_share: u64,
     /// Accepts that failed (out of descriptors, say).
     pub failed: u64,
     pub open: usize,
@@ -120,6 +176,14 @@ pub struct Pressure {
 /// the server; anything in the tests).
 pub struct Connections<T> {
     cap: usize,
+    /// What callers' busy connections may be, all together ([`agents_reserve`] less)…
+    callers: usize,
+    /// …and each holder's.
+    share: usize,
+    holders: usize,
+    /// Busy connections by holder, and their sum.
+    held: HashMap<Holder, usize>,
+    busy: usize,
     entries: HashMap<Id, Entry<T>>,
     /// Idle connections by when they started waiting: the first is the next to go.
     idle: BTreeMap<u64, Id>,
@@ -131,14 +195,26 @@ pub struct Connections<T> {
     next: u64,
     evicted: u64,
     refused: u64,
+    over_share: u64,
     failed: u64,
     warned: Option<Instant>,
 }
 
 impl<T> Connections<T> {
-    pub fn new(cap: usize) -> Self {
+    /// `holders`: how many secrets share the callers' part ([`edge_core::http::holders`]).
+    /// Each holder's share is at least 1: below one connection per holder (a cap under
+    /// about 4/3 of the holders) the callers' part, not the shares, keeps the agents' room.
+    pub fn new(cap: usize, holders: usize) -> Self {
+        let cap = cap.max(1);
+        let callers = cap.saturating_sub(agents_reserve(cap)).max(1);
+        let holders = holders.max(1);
         Connections {
-            cap: cap.max(1),
+            cap,
+            callers,
+            share: (callers / holders).max(1),
+            holders,
+            held: HashMap::new(),
+            busy: 0,
             entries: HashMap::new(),
             idle: BTreeMap::new(),
             unproven: BTreeMap::new(),
@@ -147,6 +223,7 @@ impl<T> Connections<T> {
             next: 0,
             evicted: 0,
             refused: 0,
+            over_share: 0,
             failed: 0,
             warned: None,
         }
@@ -177,7 +254,7 @@ impl<T> Connections<T> {
         let id = Id(self.next);
         self.next += 1;
         self.tick += 1;
-        self.entries.insert(id, Entry { state: State::Idle { since: self.tick }, close: Some(close) });
+        self.entries.insert(id, Entry { state: State::Idle { since: self.tick }, close: Some(close), holder: None });
         self.idle.insert(self.tick, id);
         self.open += 1;
         match evicted {
@@ -202,9 +279,41 @@ impl<T> Connections<T> {
         entry.close.take()
     }
 
-    /// A request's head was read on `id`.
-    pub fn busy(&mut self, id: Id) {
+    /// A request's head was read on `id`, carrying `holder`'s secret: `id` is busy, never
+    /// closed for room until its answer went out — unless `holder` holds all it may, then
+    /// the request is refused ([`Over`]) and `id` stays as it was (idle: it goes first).
+    /// Only an idle connection turns busy: an agent's socket, or one closing, is not
+    /// counted (nor one busy already).
+    pub fn busy(&mut self, id: Id, holder: Holder) -> Result<(), Over> {
+        if !self.entries.get(&id).is_some_and(|e| matches!(e.state, State::Idle { .. })) {
+            return Ok(());
+        }
+        let held = self.held.get(&holder).copied().unwrap_or(0);
+        let whole = self.busy >= self.callers;
+        if whole || held >= self.share {
+            self.over_share += 1;
+            let held = if whole { self.busy } else { held };
+            return Err(Over { holder, held, cap: self.cap, whole, callers: self.callers, holders: self.holders });
+        }
         self.set(id, State::Busy);
+        *self.held.entry(holder.clone()).or_default() += 1;
+        self.busy += 1;
+        if let Some(entry) = self.entries.get_mut(&id) {
+            entry.holder = Some(holder);
+        }
+        Ok(())
+    }
+
+    /// `holder` holds one busy connection fewer.
+    fn release(&mut self, holder: Option<Holder>) {
+        let Some(holder) = holder else { return };
+        if let Some(n) = self.held.get_mut(&holder) {
+            *n -= 1;
+            if *n == 0 {
+                self.held.remove(&holder);
+            }
+            self.busy -= 1;
+        }
     }
 
     /// `id`'s answer went out to its end: it waits for a request head again. A connection
@@ -251,6 +360,7 @@ impl<T> Connections<T> {
             }
             (State::Busy, _) => {}
         }
+        let was_busy = entry.state == State::Busy;
         entry.state = state;
         match state {
             State::Idle { since } => {
@@ -260,6 +370,10 @@ impl<T> Connections<T> {
                 self.unproven.insert(since, id);
             }
             State::Busy | State::Pinned | State::Closing => {}
+        }
+        if was_busy && state != State::Busy {
+            let holder = self.entries.get_mut(&id).and_then(|e| e.holder.take());
+            self.release(holder);
         }
         true
     }
@@ -277,21 +391,23 @@ impl<T> Connections<T> {
             }
             State::Busy | State::Pinned => {}
         }
+        self.release(entry.holder);
         self.open -= 1;
     }
 
     /// What to warn about at `now`, at most once per [`WARN_EVERY`]: the connections
     /// evicted and refused since the last warning (`None` if none, or too soon).
     pub fn pressure(&mut self, now: Instant) -> Option<Pressure> {
-        if self.evicted == 0 && self.refused == 0 && self.failed == 0 {
+        if self.evicted == 0 && self.refused == 0 && self.over_share == 0 && self.failed == 0 {
             return None;
         }
         if self.warned.is_some_and(|at| now.saturating_duration_since(at) < WARN_EVERY) {
             return None;
         }
         self.warned = Some(now);
-        let pressure = Pressure { evicted: self.evicted, refused: self.refused, failed: self.failed, open: self.open };
-        (self.evicted, self.refused, self.failed) = (0, 0, 0);
+        let pressure =
+            Pressure { evicted: self.evicted, refused: self.refused, over_share: self.over_share, failed: self.failed, open: self.open };
+        (self.evicted, self.refused, self.over_share, self.failed) = (0, 0, 0, 0);
         Some(pressure)
     }
 }
@@ -299,6 +415,11 @@ impl<T> Connections<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `id` turns busy with a request of the pool's secret, within its bound.
+    fn busy(table: &mut Connections<u32>, id: Id) {
+        table.busy(id, Holder::Pool).expect("within the bound");
+    }
 
     fn opened(table: &mut Connections<u32>, close: u32) -> Id {
         match table.admit(close) {
@@ -309,7 +430,7 @@ mod tests {
 
     #[test]
     fn below_the_cap_every_connection_is_served() {
-        let mut table = Connections::new(3);
+        let mut table = Connections::new(3, 1);
         for n in 0..3 {
             opened(&mut table, n);
         }
@@ -319,12 +440,12 @@ mod tests {
 
     #[test]
     fn at_the_cap_the_connection_idle_the_longest_makes_room() {
-        let mut table = Connections::new(3);
+        let mut table = Connections::new(3, 1);
         let a = opened(&mut table, 0);
         let b = opened(&mut table, 1);
         let c = opened(&mut table, 2);
         // a answered a request after b and c started waiting: b has waited longest.
-        table.busy(a);
+        busy(&mut table, a);
         table.idle(a);
         let Admit::Evict { id: d, close } = table.admit(3) else { panic!("room is made") };
         assert_eq!(close, 1, "b waited longest for a head");
@@ -354,34 +475,34 @@ mod tests {
 
     #[test]
     fn requests_in_flight_and_agents_are_never_chosen_and_then_the_newcomer_is_refused() {
-        let mut table = Connections::new(3);
+        let mut table = Connections::new(3, 1);
         let execute = opened(&mut table, 0);
         let agent = opened(&mut table, 1);
         let stream = opened(&mut table, 2);
-        table.busy(execute);
-        table.busy(agent);
+        busy(&mut table, execute);
+        busy(&mut table, agent);
         table.upgraded(agent, 10);
         table.pin(agent);
         // The 101's body ends: the agent's socket does not turn idle.
         table.idle(agent);
-        table.busy(stream);
+        busy(&mut table, stream);
         assert_eq!(table.admit(3), Admit::Refuse);
         assert_eq!(table.admit(4), Admit::Refuse);
         // The execute is answered: it is idle, and the next newcomer takes its place.
         table.idle(execute);
         assert!(matches!(table.admit(5), Admit::Evict { close: 0, .. }));
         let pressure = table.pressure(Instant::now()).expect("warned");
-        assert_eq!(pressure, Pressure { evicted: 1, refused: 2, failed: 0, open: 3 });
+        assert_eq!(pressure, Pressure { evicted: 1, refused: 2, over_share: 0, failed: 0, open: 3 });
     }
 
     #[test]
     fn unproven_agent_sockets_make_room_once_none_is_idle_and_proven_ones_never() {
-        let mut table = Connections::new(3);
+        let mut table = Connections::new(3, 1);
         let proven = opened(&mut table, 0);
         let silent = opened(&mut table, 1);
         let idle = opened(&mut table, 2);
         for socket in [proven, silent] {
-            table.busy(socket);
+            busy(&mut table, socket);
             table.upgraded(socket, 10 + socket.0 as u32);
             // The 101 went out: still an agent's socket, not idle.
             table.idle(socket);
@@ -391,10 +512,10 @@ mod tests {
         // The idle connection goes first, though the silent socket is older.
         assert!(matches!(table.admit(3), Admit::Evict { close: 2, .. }));
         let newcomer = Id(3);
-        table.busy(newcomer);
+        busy(&mut table, newcomer);
         // Then the silent socket, reached by the close it was given at its upgrade.
         assert!(matches!(table.admit(4), Admit::Evict { close: 11, .. }));
-        table.busy(Id(4));
+        busy(&mut table, Id(4));
         // Left: the proven agent and two requests in flight.
         assert_eq!(table.admit(5), Admit::Refuse);
         table.closed(silent);
@@ -403,10 +524,10 @@ mod tests {
 
     #[test]
     fn a_closed_connection_frees_its_place() {
-        let mut table = Connections::new(2);
+        let mut table = Connections::new(2, 1);
         let a = opened(&mut table, 0);
         let b = opened(&mut table, 1);
-        table.busy(a);
+        busy(&mut table, a);
         table.pin(b);
         table.closed(a);
         let c = opened(&mut table, 2);
@@ -415,34 +536,128 @@ mod tests {
         assert_eq!(table.open(), 0);
         // Closing twice, or an unknown id, changes nothing.
         table.closed(c);
-        table.busy(c);
+        busy(&mut table, c);
         assert_eq!(table.open(), 0);
     }
 
     #[test]
     fn out_of_descriptors_the_oldest_idle_goes_and_never_a_busy_one() {
-        let mut table = Connections::new(10);
+        let mut table = Connections::new(10, 1);
         let a = opened(&mut table, 0);
         let _b = opened(&mut table, 1);
-        table.busy(a);
+        busy(&mut table, a);
         assert_eq!(table.accept_failed(), Some(1));
         assert_eq!(table.accept_failed(), None);
         assert_eq!(table.open(), 1);
-        assert_eq!(table.pressure(Instant::now()), Some(Pressure { evicted: 1, refused: 0, failed: 2, open: 1 }));
+        assert_eq!(table.pressure(Instant::now()), Some(Pressure { evicted: 1, refused: 0, over_share: 0, failed: 2, open: 1 }));
     }
 
     #[test]
     fn warnings_come_at_most_once_per_interval_and_carry_the_counts() {
-        let mut table = Connections::new(1);
+        let mut table = Connections::new(1, 1);
         let start = Instant::now();
         opened(&mut table, 0);
         assert!(matches!(table.admit(1), Admit::Evict { .. }));
-        assert_eq!(table.pressure(start), Some(Pressure { evicted: 1, refused: 0, failed: 0, open: 1 }));
+        assert_eq!(table.pressure(start), Some(Pressure { evicted: 1, refused: 0, over_share: 0, failed: 0, open: 1 }));
         assert!(matches!(table.admit(2), Admit::Evict { .. }));
         assert!(matches!(table.admit(3), Admit::Evict { .. }));
         assert_eq!(table.pressure(start + WARN_EVERY / 2), None, "too soon");
-        assert_eq!(table.pressure(start + WARN_EVERY), Some(Pressure { evicted: 2, refused: 0, failed: 0, open: 1 }));
+        assert_eq!(table.pressure(start + WARN_EVERY), Some(Pressure { evicted: 2, refused: 0, over_share: 0, failed: 0, open: 1 }));
         assert_eq!(table.pressure(start + WARN_EVERY * 3), None, "nothing new");
+    }
+
+    fn caller(name: &str) -> Holder {
+        Holder::Caller(name.into())
+    }
+
+    /// Callers' requests together hold at most the cap less the agents' reserve busy: past
+    /// it a request is refused and its connection stays idle (first to go), and at the cap
+    /// an agent's connection still finds an idle one to replace.
+    #[test]
+    fn callers_together_hold_at_most_the_cap_less_the_agents_reserve() {
+        assert_eq!((agents_reserve(1), agents_reserve(4), agents_reserve(8), agents_reserve(16_384)), (1, 1, 2, 4096));
+        let mut table = Connections::new(8, 1);
+        let held: Vec<Id> = (0..6).map(|n| opened(&mut table, n)).collect();
+        for &id in &held {
+            busy(&mut table, id);
+        }
+        let extra = opened(&mut table, 6);
+        let over = table.busy(extra, Holder::Pool).expect_err("past the callers' part");
+        assert!(over.whole && over.held == 6, "{over:?}");
+        let _idle = opened(&mut table, 7);
+        // At the cap: the refused request's connection, idle, goes first; then the other.
+        let Admit::Evict { id: agent, close } = table.admit(8) else { panic!("room for the agent") };
+        assert_eq!(close, 6);
+        table.upgraded(agent, 18);
+        table.pin(agent);
+        assert!(matches!(table.admit(9), Admit::Evict { close: 7, .. }));
+        // A busy request answered frees its place among the callers'.
+        table.idle(held[0]);
+        busy(&mut table, Id(9));
+        assert_eq!(table.busy(held[0], Holder::Pool).map_err(|o| o.whole), Err(true));
+    }
+
+    /// Each holder — a named caller, the shared secret's callers, the admin — holds at most
+    /// an equal share of the callers' part: one at its share is refused, and the others
+    /// still get theirs. Its place comes back once a request of its is answered, its
+    /// connection closed, or upgraded to an agent's socket.
+    #[test]
+    fn each_holder_holds_at_most_its_share_and_leaves_the_others_theirs() {
+        // Cap 8: 2 kept for agents, 6 for callers, 2 for each of 3 holders.
+        let mut table = Connections::new(8, 3);
+        let alpha: Vec<Id> = (0..3).map(|n| opened(&mut table, n)).collect();
+        table.busy(alpha[0], caller("alpha")).unwrap();
+        table.busy(alpha[1], caller("alpha")).unwrap();
+        let over = table.busy(alpha[2], caller("alpha")).expect_err("past alpha's share");
+        assert_eq!(over, Over { holder: caller("alpha"), held: 2, cap: 8, whole: false, callers: 6, holders: 3 });
+        for (n, holder) in [caller("beta"), caller("beta"), Holder::Pool, Holder::Pool].into_iter().enumerate() {
+            let id = opened(&mut table, 3 + n as u32);
+            table.busy(id, holder).expect("another holder's share is its own");
+        }
+        // Answered, closed, upgraded: each gives alpha a place back.
+        table.idle(alpha[0]);
+        table.busy(alpha[2], caller("alpha")).expect("alpha's answered request freed its place");
+        assert!(table.busy(alpha[0], caller("alpha")).is_err());
+        table.closed(alpha[1]);
+        table.busy(alpha[0], caller("alpha")).expect("alpha's closed connection freed its place");
+        table.upgraded(alpha[0], 99);
+        let id = opened(&mut table, 7);
+        table.busy(id, caller("alpha")).expect("alpha's upgraded connection freed its place");
+        assert_eq!(table.pressure(Instant::now()).map(|p| p.over_share), Some(2));
+
+        // A bigger cap, a bigger share: 16 keeps 4 for agents, 12 for callers, 4 each.
+        let mut table = Connections::new(16, 3);
+        for n in 0..4 {
+            let id = opened(&mut table, n);
+            table.busy(id, Holder::Admin).expect("within the admin's share");
+        }
+        let id = opened(&mut table, 4);
+        assert_eq!(table.busy(id, Holder::Admin).map_err(|o| o.held), Err(4));
+    }
+
+    /// More holders than the callers' part has connections: each still gets one (a share
+    /// of 0 would refuse every request), and the callers' part — not the shares — keeps
+    /// the agents' room.
+    #[test]
+    fn with_more_holders_than_places_the_callers_part_still_keeps_the_agents_room() {
+        let mut table = Connections::new(4, 5);
+        for (n, name) in ["a", "b", "c"].into_iter().enumerate() {
+            let id = opened(&mut table, n as u32);
+            table.busy(id, caller(name)).expect("one each");
+        }
+        let id = opened(&mut table, 3);
+        assert!(table.busy(id, caller("d")).is_err_and(|o| o.whole), "the agents' one place is kept");
+        assert!(matches!(table.admit(4), Admit::Evict { close: 3, .. }));
+    }
+
+    /// What a refused request is told: whose connections, the bound, and what to do.
+    #[test]
+    fn a_refusal_says_whose_connections_the_bound_and_what_to_do() {
+        let share = Over { holder: caller("alpha"), held: 2, cap: 8, whole: false, callers: 6, holders: 3 }.to_string();
+        assert!(share.starts_with("too many connections held by caller alpha: 2 busy, its share of MAX_CONNECTIONS=8"), "{share}");
+        assert!(share.contains("close the connections it leaves waiting") && share.contains("raise MAX_CONNECTIONS"), "{share}");
+        let whole = Over { holder: Holder::Pool, held: 6, cap: 8, whole: true, callers: 6, holders: 1 }.to_string();
+        assert!(whole.contains("held by the callers of the shared RUNNER_SECRET") && whole.contains("(2 kept for agents)"), "{whole}");
     }
 
     #[test]

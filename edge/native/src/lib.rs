@@ -7,7 +7,9 @@
 //! - [`connections`]: how many connections are held, and which one is closed to make
 //!   room at `MAX_CONNECTIONS` (the one idle longest, then the oldest unproven agent
 //!   socket; never a request in flight that carries the secret, nor a proven agent's
-//!   socket). No I/O: the server tells it what each connection does.
+//!   socket), and how many each secret's holder may hold busy (a quarter of the cap kept
+//!   for agents, the rest split equally). No I/O: the server tells it what each
+//!   connection does.
 //! - [`socket`]: an agent's WebSocket: frames into commands, outbound frames out, and
 //!   the socket's end once either side closed it.
 //! - [`stall`]: each connection watched, and ended once its peer takes nothing for

@@ -23,7 +23,9 @@ Environment:
   OAUTH_WARN_HOURS, OFFLINE_ALERT_MS, NOTIFY_MIN_INTERVAL_MS   when to alert (see README)
   CALLBACK_HOSTS         host,host: where a job's callback_url may point   (default none)
   MAX_CONNECTIONS        connections held at once; at the cap the one idle longest
-                         is closed    (default: the descriptor limit less 320, <= 16384)
+                         is closed; callers' requests in flight hold at most 3/4,
+                         each secret an equal share of that (429 past it)
+                                      (default: the descriptor limit less 320, <= 16384)
   LOG_FORMAT             text | json                                (default text)
   RUST_LOG               log filter                                 (default info)
 

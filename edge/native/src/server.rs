@@ -2,7 +2,7 @@
 //! [`Command::Http`] for the driver, and the machine's answers become axum responses.
 
 use crate::clock::Clock;
-use crate::connections::{Admit, Connections, Id};
+use crate::connections::{Admit, Connections, Id, Over};
 use crate::driver::{Command, Driver, Opened};
 use crate::socket;
 use crate::stall::Peer;
@@ -112,7 +112,8 @@ impl Server {
         };
         // Graceful: the answers the machine just gave go out; the bound covers
         // connections that never close.
-        let server = serve_connections(listener, max_connections, app, stopped_rx.clone());
+        let holders = edge_core::http::holders(&state.config);
+        let server = serve_connections(listener, Connections::new(max_connections, holders), app, stopped_rx.clone());
         let bound = async {
             stopped(stopped_rx).await;
             tokio::time::sleep(Duration::from_secs(3)).await;
@@ -141,12 +142,17 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Serves each connection `listener` accepts with `app` until `stopped` turns true, then
 /// lets each finish what it is answering (hyper's graceful shutdown) and returns once all
 /// are closed. Each request carries its connection's peer address ([`Peer`]): unproven
-/// agent connections are bounded per source. At most `max_connections` are held
+/// agent connections are bounded per source. At most `table`'s cap are held
 /// ([`crate::connections`]): at the cap the one idle longest is closed to make room.
-async fn serve_connections(listener: TcpListener, max_connections: usize, app: Router, mut stopped: tokio::sync::watch::Receiver<bool>) {
+async fn serve_connections(
+    listener: TcpListener,
+    table: Connections<oneshot::Sender<()>>,
+    app: Router,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-    let table: Table = Arc::new(Mutex::new(Connections::new(max_connections)));
+    let table: Table = Arc::new(Mutex::new(table));
     let refusal = refusal();
     // Each connection's task holds a clone; once the last is dropped every one has ended.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
@@ -346,10 +352,12 @@ fn warn_at_cap(table: &Table, error: Option<&std::io::Error>) {
         max_connections = cap,
         evicted = p.evicted,
         refused = p.refused,
+        over_share = p.over_share,
         accept_failed = p.failed,
         error,
         "too many connections: idle ones closed to make room (evicted), new ones closed while all were busy (refused), \
-         accepts failed (accept_failed); if this is your traffic raise MAX_CONNECTIONS and the descriptor limit \
+         requests refused because their secret's holder held its share busy (over_share), accepts failed \
+         (accept_failed); if this is your traffic raise MAX_CONNECTIONS and the descriptor limit \
          (LimitNOFILE=), else find the source (`ss -tn state established`) and block it"
     );
 }
@@ -371,8 +379,9 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn busy(&self) {
-        lock(&self.table).busy(self.id);
+    /// A request of `holder`'s holds the connection busy, unless `holder` holds all it may.
+    fn busy(&self, holder: edge_core::http::Holder) -> Result<(), Over> {
+        lock(&self.table).busy(self.id, holder)
     }
 
     /// The connection becomes an agent's socket, not proven yet: the receiver says when it
@@ -541,9 +550,15 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
     // make room, even while its answer cannot go out — else a peer without the secret that
     // pipelines requests and reads the answers a few bytes at a time held its connection
     // busy for ever, and enough of them locked every newcomer out (429), agents included.
-    if matches!(gate, Gate::Handle { .. }) && edge_core::http::carries_a_secret(&state.config, secret.as_deref(), authorization.as_deref()) {
-        if let Some(conn) = parts.extensions.get::<Conn>() {
-            conn.busy();
+    // A secret's holder holds at most its share: past it the request is refused, so that
+    // no caller's script holding connections locks out the agents or the other callers.
+    if matches!(gate, Gate::Handle { .. }) {
+        let holder = edge_core::http::holder(&state.config, secret.as_deref(), authorization.as_deref());
+        if let (Some(holder), Some(conn)) = (holder, parts.extensions.get::<Conn>()) {
+            if let Err(over) = conn.busy(holder) {
+                warn_at_cap(&conn.table, None);
+                return over_share(over, &parts.headers, body).await;
+            }
         }
     }
     let read = match gate {
@@ -590,6 +605,23 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
             }
         }
     }
+}
+
+/// The answer to a request whose secret's holder holds all the connections it may
+/// ([`Over`]): 429 `RUNNER_BUSY` saying whose and what to do, and its connection closed
+/// (`connection: close`: hyper closes it once the answer is written; never read, the
+/// answer still leaves the connection idle, first to go at the cap). As with a refusal
+/// before the body ([`Gate::Answer`]), a little of the body is heard out so the caller
+/// reads the answer rather than a reset — unless the request waits for `100 Continue`:
+/// reading would tell it to send the body it need not send.
+async fn over_share(over: Over, headers: &HeaderMap, body: Body) -> Response {
+    let expects_continue = header(headers, "expect").is_some_and(|e| e.trim().eq_ignore_ascii_case("100-continue"));
+    if !expects_continue {
+        let drain = Duration::from_millis(edge_core::body::REFUSAL_DRAIN_MS);
+        let _ = tokio::time::timeout(drain, read_body(body, Intake::refused())).await;
+    }
+    let error = shared::contract::ApiError::new(shared::contract::ErrorCode::RunnerBusy, over.to_string());
+    into_response(edge_core::Response::error(error).with_header("connection", "close".into()))
 }
 
 /// A `text/event-stream` answer: the chunks as the connection takes them (each counted

@@ -282,6 +282,26 @@ fn pools_needs_the_admin_secret() {
     assert_eq!(answer(&set).1["error"].as_str(), Some(error), "{body}");
 }
 
+/// Whose connections a host counts a request's against: the secret's holder — the pool
+/// (all its callers as one), a named caller, the admin — or none without a secret. Each
+/// is one of `holders`, what a host's share is divided by.
+#[test]
+fn a_requests_holder_is_whose_secret_it_carries() {
+    use crate::http::{holder, holders, Holder};
+    let admin = "admin-secret-0123456789";
+    let with_admin = Config { admin_secret: Some(admin.into()), ..pool_config() };
+    let bearer = format!("Bearer {B_SECRET}");
+    assert_eq!(holder(&with_admin, Some(SECRET), None), Some(Holder::Pool));
+    assert_eq!(holder(&with_admin, Some(A_SECRET), None), Some(Holder::Caller("a".into())));
+    assert_eq!(holder(&with_admin, None, Some(&bearer)), Some(Holder::Caller("b".into())));
+    assert_eq!(holder(&with_admin, Some(admin), None), Some(Holder::Admin));
+    assert_eq!(holder(&with_admin, Some("not-a-secret-at-all-0123"), None), None);
+    assert_eq!(holder(&with_admin, None, None), None);
+    assert_eq!(holders(&with_admin), 4, "the pool, a, b and the admin");
+    assert_eq!(holders(&config()), 1, "the pool alone");
+    assert_eq!(Holder::Caller("a".into()).to_string(), "caller a");
+}
+
 /// Pausing an agent the pool does not know said "agent `spark` (it is not in this pool's
 /// AGENT_PUBLIC_KEYS) not found; check the URL (routes: /execute, …)": the URL was right,
 /// the name was not. It says where the pool's agents are named.
