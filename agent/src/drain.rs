@@ -9,6 +9,7 @@
 //! job, another `--drain`), or followed by the service manager's SIGTERM, it never turns
 //! into the second SIGTERM that hands the running jobs back.
 
+use crate::pidfd;
 use crate::status;
 use std::path::Path;
 use std::time::Duration;
@@ -241,8 +242,28 @@ async fn request_to(out: &mut impl std::io::Write, data_dir: &Path) -> anyhow::R
         status::say(out, format!("No agent has run with DATA_DIR={} (no status.json); nothing to drain.", data_dir.display()))?;
         return Ok(false);
     };
-    if !status::is_agent(agent.pid) {
-        status::say(out, format!("Agent {} (pid {}) is not running; nothing to drain.", agent.agent_id, agent.pid))?;
+    // Held from before the checks that it is this DATA_DIR's agent to the signal and the
+    // wait: between them the agent may end and its pid go to another process, which the
+    // signal would reach, and whose life the wait would follow (pidfd; a kernel before 5.3
+    // has none, and the pid is used as before).
+    let not_running = |out: &mut _| status::say(out, format!("Agent {} (pid {}) is not running; nothing to drain.", agent.agent_id, agent.pid));
+    let held = match pidfd::open(agent.pid) {
+        Ok(held) => Some(held),
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+            not_running(out)?;
+            return Ok(false);
+        }
+        Err(e) => {
+            tracing::debug!(pid = agent.pid, error = %e, "no pidfd for the agent: signalled by its pid");
+            None
+        }
+    };
+    let ended = || match &held {
+        Some(held) => pidfd::ended(held, Duration::ZERO),
+        None => !status::is_agent(agent.pid),
+    };
+    if !status::is_agent(agent.pid) || ended() {
+        not_running(out)?;
         return Ok(false);
     }
     if !is_agent_of(agent.pid, data_dir) {
@@ -265,17 +286,26 @@ async fn request_to(out: &mut impl std::io::Write, data_dir: &Path) -> anyhow::R
         (false, false) => Some(libc::SIGTERM),
         (false, true) => None,
     };
-    // SAFETY: kill(2) sends a signal; the pid was just checked to be the agent of this DATA_DIR.
     if let Some(signal) = signal {
-        if unsafe { libc::kill(agent.pid as libc::pid_t, signal) } != 0 {
-            let e = std::io::Error::last_os_error();
+        let sent = match &held {
+            Some(held) => pidfd::signal(held, signal),
+            // SAFETY: kill(2) sends a signal; the pid was just checked to be the agent of
+            // this DATA_DIR.
+            None if unsafe { libc::kill(agent.pid as libc::pid_t, signal) } != 0 => Err(std::io::Error::last_os_error()),
+            None => Ok(()),
+        };
+        if let Err(e) = sent {
+            if e.raw_os_error() == Some(libc::ESRCH) {
+                status::say(out, format!("Agent {} (pid {}) stopped before it was asked to drain.", agent.agent_id, agent.pid))?;
+                return Ok(true);
+            }
             // Shown escaped, as every command's closing error is (main).
             anyhow::bail!("cannot signal agent {} (pid {}): {e}; run this as the user the agent runs as", agent.agent_id, agent.pid);
         }
     }
     status::say(out, format!("Draining agent {} (pid {}): it takes no new jobs and exits once its jobs are done.", agent.agent_id, agent.pid))?;
     let mut said = None;
-    while status::is_agent(agent.pid) {
+    while !ended() {
         let running = status::read(data_dir).ok().flatten().map(|s| s.running).unwrap_or_default();
         if said.as_ref() != Some(&running) {
             if running.is_empty() {

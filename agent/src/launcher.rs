@@ -247,10 +247,8 @@ impl Running {
     }
 
     fn new(socket: UnixStream, peer: OwnedFd, process: Child) -> Running {
-        // SAFETY: pidfd_open on our own child, not reaped yet.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, process.pid, 0) };
-        // SAFETY: a successful pidfd_open returns an fd we own.
-        let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
+        // Our own child, not reaped yet: the pidfd is surely this process's.
+        let pidfd = crate::pidfd::open(process.pid as u32).ok();
         Running { socket, peer, process, pidfd }
     }
 }
@@ -855,11 +853,9 @@ fn launch(request: &Request, [stdin, stdout, stderr, control, status]: [OwnedFd;
         // Claude's exec failed; its warden reports the exit to a status pipe nobody reads.
         return Err(i32::from_le_bytes(code));
     }
-    // SAFETY: pidfd_open on our own child, which is not reaped before we answer (a zombie
-    // still has its pid).
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, warden, 0) };
-    // SAFETY: a successful pidfd_open returns an fd we own.
-    let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
+    // Our own child, which is not reaped before we answer (a zombie still has its pid):
+    // the pidfd is surely the warden's.
+    let pidfd = crate::pidfd::open(warden as u32).ok();
     Ok((warden, pidfd))
 }
 

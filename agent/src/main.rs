@@ -20,6 +20,7 @@
 //!   that no launcher is ever dumpable.
 //! - [`warden`]: the small process between the launcher and Claude that kills Claude's
 //!   whole tree with its job, even when the agent is killed.
+//! - [`pidfd`]: a process held as itself, never another that got its pid since.
 //! - [`cli_version`]: which Claude Code CLI runs here, reported in `/health`.
 //! - [`oauth`]: the login on this machine and the refresh gate.
 //! - [`report`]: what the edge is told of the login and usage window, and when (at once
@@ -50,6 +51,7 @@ mod keygen;
 mod launcher;
 mod link;
 mod oauth;
+mod pidfd;
 mod process;
 mod progress_clock;
 mod rawsys;

@@ -266,12 +266,10 @@ impl Claude {
     /// with it, by its parent-death signal). Through the pidfd, so never another process
     /// that got its pid.
     fn kill_warden(&self) {
-        use std::os::fd::AsRawFd;
         match &self.pidfd {
-            // SAFETY: a signal through a pidfd we own.
-            Some(fd) => unsafe {
-                libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0);
-            },
+            Some(fd) => {
+                let _ = crate::pidfd::signal(fd, libc::SIGKILL);
+            }
             None => warn!(pid = self.pid, "the warden does not end and this kernel has no pidfd to kill it with"),
         }
     }

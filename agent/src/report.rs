@@ -150,7 +150,7 @@ impl Reporter {
 /// `doctor`.
 pub fn local_report(login: &Login, data_dir: &std::path::Path) -> OAuthReport {
     let mut report = login.read(crate::now_ms()).report;
-    let reported = crate::status::read(data_dir).ok().flatten().filter(|s| crate::status::is_agent(s.pid)).and_then(|s| s.login);
+    let reported = crate::status::running_agents(data_dir).and_then(|s| s.login);
     if let Some(last) = reported {
         // A failure the credentials have not changed since still stands.
         report.auth_failed = last.auth_failed && last.expires_at == report.expires_at && last.source == report.source;
@@ -170,6 +170,40 @@ mod tests {
         let login = Login { config_dir: dir.clone(), credentials_path: dir.join(".credentials.json"), oauth_token_env: None, api_key_env: None, other_secrets: Vec::new(), redactors: Default::default(), readings: Default::default() };
         let _ = std::fs::remove_file(&login.credentials_path);
         (Reporter::new(login), dir)
+    }
+
+    /// `oauth-status` and `doctor` take the usage window (and a standing auth failure)
+    /// from the status file when it is the running agent's. A job (the agent's user) can
+    /// hold DATA_DIR's lock itself and plant a status.json naming another running
+    /// claude-runner: its "window refused until…" was shown as this machine's. Only the
+    /// lock's holder's file is taken, as `status` shows it.
+    #[test]
+    fn a_planted_status_files_usage_window_is_not_taken_as_the_agents() {
+        use std::os::unix::process::CommandExt;
+        let (r, dir) = reporter("planted");
+        let lock = dir.join(crate::agent::DATA_LOCK);
+        // Holds the lock itself (flock(1) takes it in its own process), looks like an agent.
+        let mut holder = std::process::Command::new("flock").arg0("claude-runner").arg(&lock).args(["sh", "-c", "sleep 60", "agent"]).spawn().unwrap();
+        while !crate::drain::lock_taken(&dir) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // Another claude-runner agent, not holding this lock.
+        let mut other = std::process::Command::new("sh").arg0("claude-runner").args(["-c", "sleep 60", "agent"]).spawn().unwrap();
+        while !crate::status::runs_agent(other.id()) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let mut login = r.report();
+        login.usage = Some(UsageWindow { status: UsageStatus::Rejected, kind: None, resets_at: None, utilization: Some(1.0), seen_at: crate::now_ms() });
+        let usage_of = |pid: u32| {
+            let status = crate::status::Status { agent_id: "planted".into(), pid, login: Some(login.clone()), ..Default::default() };
+            std::fs::write(dir.join(crate::status::FILE_NAME), serde_json::to_vec(&status).unwrap()).unwrap();
+            local_report(&r.login, &dir).usage.map(|u| u.status)
+        };
+        let (planted, holders) = (usage_of(other.id()), usage_of(holder.id()));
+        let _ = (holder.kill(), other.kill(), holder.wait(), other.wait());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(planted, None, "the planted file's usage window was taken as the agent's");
+        assert_eq!(holders, Some(UsageStatus::Rejected), "the lock holder's file is the agent's");
     }
 
     #[tokio::test]

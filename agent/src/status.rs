@@ -266,6 +266,14 @@ fn command_line(pid: u32) -> Option<Vec<u8>> {
     std::fs::read(format!("/proc/{pid}/cmdline")).ok()
 }
 
+/// The status file when it is the running agent's: the process it names runs as an
+/// agent and, where anyone holds DATA_DIR's lock, is the lock's holder
+/// ([`not_the_lock_holders`]). What a command takes from the file as the agent's (the
+/// login and usage window `oauth-status` shows) is read through here, as `status` shows it.
+pub fn running_agents(data_dir: &std::path::Path) -> Option<Status> {
+    read(data_dir).ok().flatten().filter(|s| is_agent(s.pid) && not_the_lock_holders(data_dir, s).is_none())
+}
+
 /// Why the status file is not the agent's, when DATA_DIR's lock is held but not by the
 /// process the file names: the lock is seen in /proc/locks, which a job cannot write, but
 /// a job (the agent's user) can lock the file itself and write status.json naming any

@@ -65,7 +65,7 @@
 
 use crate::launcher::{answered_or_dead, recv_with_fds, send_with_fds, ANSWER_WITHIN, HELPERS_STOPPED};
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 
@@ -231,10 +231,8 @@ impl Zygote {
         #[cfg(test)]
         tests::forked();
         drop(theirs);
-        // SAFETY: pidfd_open on our own child, not reaped yet.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        // SAFETY: a successful pidfd_open returns an fd we own.
-        let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
+        // Our own child, not reaped yet: the pidfd is surely this process's.
+        let pidfd = crate::pidfd::open(pid as u32).ok();
         let zygote = Zygote { socket: ours, pid, cloned, pidfd };
         // A zygote forked is the agent's child to reap, whatever fails after.
         let bounded = zygote.socket.set_read_timeout(Some(ANSWER_WITHIN)).and_then(|()| zygote.socket.set_write_timeout(Some(ANSWER_WITHIN)));
