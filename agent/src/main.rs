@@ -38,6 +38,8 @@
 //! - [`keygen`], [`up`], [`doctor`] (and its [`canary`] job), [`submit`]: operator
 //!   commands (`up` needs the default `up` feature: it runs a native edge in the same
 //!   process).
+//! - [`follow`]: when `submit` follows its job's stream again, and when it gives up on an
+//!   edge that brings nothing.
 
 mod agent;
 mod canary;
@@ -47,6 +49,7 @@ mod connection;
 mod doctor;
 mod drain;
 mod files;
+mod follow;
 mod keygen;
 mod launcher;
 mod link;

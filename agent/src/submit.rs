@@ -2,9 +2,11 @@
 //! `GET /jobs/{id}/events`), then print the result. Exit status: 0 when the task
 //! succeeded, 1 when it ran and failed, 2 when the edge could not take it.
 
+use crate::follow::{Next, Schedule};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
+use std::time::Instant;
 
 #[derive(Debug, clap::Args)]
 pub struct SubmitArgs {
@@ -41,6 +43,10 @@ pub struct SubmitArgs {
     /// Do not show progress on stderr.
     #[arg(long, short)]
     pub quiet: bool,
+    /// How long to keep following the job while the edge brings nothing (restarting, out
+    /// of reach) before giving up: seconds, or 90s, 10m, 2h; 0 never gives up.
+    #[arg(long, env = "CLAUDE_RUNNER_FOLLOW_FOR", default_value = crate::follow::DEFAULT_FOLLOW_FOR, value_parser = crate::follow::parse_budget)]
+    pub follow_for: std::time::Duration,
 }
 
 /// Where `submit` and `login` reach the edge. Optional to clap, so that a missing one is
@@ -118,10 +124,6 @@ const CONNECT_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 /// intervals (they send one after at most [`shared::contract::SSE_KEEPALIVE_MS`] of
 /// silence). Past it the connection is taken for dead and the job followed again.
 const FOLLOW_SILENCE: std::time::Duration = std::time::Duration::from_millis(3 * shared::contract::SSE_KEEPALIVE_MS);
-
-/// How many follows of a job's event stream in a row may bring nothing (no answer, a 5xx,
-/// not a byte, or a stream that stopped before a keep-alive interval with no event) before `submit` gives up: with 2 s between them, some 20 s plus their waits.
-const MAX_FRUITLESS_FOLLOWS: u32 = 10;
 
 /// What to do when the task went out but its answer did not come back whole: the edge may
 /// have queued it, and sending it again as it was would run it twice.
@@ -281,41 +283,40 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     // Follow until the result; if the stream breaks (an edge restart) or stays silent past
     // FOLLOW_SILENCE (a half-open connection: the edge's host died, a NAT dropped the flow),
     // follow again from the last event read (`Last-Event-ID`), so no progress line is shown
-    // twice: the job is kept, and a finished one answers with its result at once.
+    // twice: the job is kept, and a finished one answers with its result at once. When to
+    // follow again, and when to give up, is the schedule's (`follow.rs`).
     let mut last_id: Option<String> = None;
-    // Follows in a row that brought nothing (no answer, a 5xx or 429, no byte, or no event
-    // before it stopped, short of a keep-alive interval): a stream that ran for a while and
-    // broke is no reason to give up, however often a long job's stream breaks (a Tunnel's
-    // cut, an edge restarted), so only these count towards giving up.
-    let mut fruitless = 0;
-    for attempt in 0.. {
-        if fruitless == MAX_FRUITLESS_FOLLOWS {
-            break;
-        }
-        if attempt > 0 {
-            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-        }
-        fruitless += 1;
+    let mut schedule = Schedule::new(Some(args.follow_for).filter(|budget| !budget.is_zero()), Instant::now());
+    loop {
         // Its head comes at once (the stream itself may be quiet for as long as the job runs).
         let mut follow = http.get(format!("{base}/jobs/{job_id}/events")).header("X-Runner-Secret", &secret);
         if let Some(id) = &last_id {
             follow = follow.header("Last-Event-ID", id);
         }
-        let resp = match tokio::time::timeout(ANSWER_TIME, follow.send()).await {
-            Ok(Ok(r)) if r.status().is_success() => r,
+        // The stream, or why this follow brought nothing (said once when the edge is lost).
+        let answered = match tokio::time::timeout(ANSWER_TIME, follow.send()).await {
+            Ok(Ok(r)) if r.status().is_success() => Ok(r),
             // The edge restarting behind a proxy (a Tunnel's 502), or failing for a moment:
             // no answer of the job's, so a follow that brought nothing, as a refused connection.
-            Ok(Ok(r)) if r.status().is_server_error() => continue,
+            Ok(Ok(r)) if r.status().is_server_error() => Err(r.status().to_string()),
             // Too many followers of this job (or of all jobs) for a moment: the streams of
             // followers gone away (submit's own earlier ones among them) are let go by the
             // edge in time; giving up at once told a caller its running job was lost.
-            Ok(Ok(r)) if r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => continue,
+            Ok(Ok(r)) if r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => Err(r.status().to_string()),
             Ok(Ok(r)) => return fail(format!("following job {job_id} failed ({}); read it with GET /jobs/{job_id}", r.status())),
-            Ok(Err(_)) | Err(_) => continue,
+            Ok(Err(e)) if e.is_connect() => Err("no connection".to_string()),
+            Ok(Err(_)) => Err("the exchange broke".to_string()),
+            Err(_) => Err(format!("no answer within {} s", ANSWER_TIME.as_secs())),
+        };
+        let resp = match answered {
+            Ok(resp) => resp,
+            Err(why) if follow_again(&mut schedule, &why, &job_id, args.quiet).await => continue,
+            Err(_) => break,
         };
         let mut stream = resp.bytes_stream();
         let mut events = crate::sse::EventStream::default();
-        let (mut brought_bytes, mut brought_event, opened) = (false, false, std::time::Instant::now());
+        let (mut brought_bytes, opened) = (false, Instant::now());
+        let lasted = || opened.elapsed() >= std::time::Duration::from_millis(shared::contract::SSE_KEEPALIVE_MS);
         // Ended, broken, or silent past every keep-alive: follow again.
         loop {
             let chunk = match tokio::time::timeout(FOLLOW_SILENCE, stream.next()).await {
@@ -323,8 +324,11 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
                 Ok(None) | Ok(Some(Err(_))) | Err(_) => break,
             };
             brought_bytes = true;
+            if lasted() {
+                brought(&mut schedule, &job_id, args.quiet);
+            }
             for event in events.push(&chunk) {
-                brought_event = true;
+                brought(&mut schedule, &job_id, args.quiet);
                 // An empty `id:` clears it (as an EventSource's does): the stream is then
                 // followed from its start, not with an empty Last-Event-ID the edges refuse.
                 if let Some(id) = &event.id {
@@ -353,15 +357,45 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         // job's, ended by an edge's restart or broken by a Tunnel's cut), was worth
         // following, however often; one that stopped at once with no event (the edges'
         // `: … retry` when the job's record cannot be read), ended or cut, brought nothing:
-        // answered so every 2 s, it was followed for ever. (Cut at once was counted as worth
+        // answered so at once, it was followed for ever. (Cut at once was counted as worth
         // following, so a network that reset each stream after its first bytes held
-        // `submit` for ever, saying nothing.)
-        let lasted = opened.elapsed() >= std::time::Duration::from_millis(shared::contract::SSE_KEEPALIVE_MS);
-        if brought_event || (brought_bytes && lasted) {
-            fruitless = 0;
+        // `submit` for ever, saying nothing.) Told to the schedule as soon as known, above,
+        // so that the edge is said to be back before the progress it brings.
+        if brought_bytes && lasted() {
+            brought(&mut schedule, &job_id, args.quiet);
+        }
+        if !follow_again(&mut schedule, "the stream stopped with no event", &job_id, args.quiet).await {
+            break;
         }
     }
-    fail(format!("lost the edge while following job {job_id}; read it later with GET /jobs/{job_id}"))
+    let budget = crate::follow::shown(args.follow_for);
+    fail(format!(
+        "lost the edge while following job {job_id}: nothing from it for {budget}; read it later with GET /jobs/{job_id} \
+         (the edge keeps it), or give submit a longer --follow-for (CLAUDE_RUNNER_FOLLOW_FOR) to wait longer"
+    ))
+}
+
+/// Asks `schedule` what to do now that a follow ended (`why` it brought nothing, if it
+/// did not), says once that the edge is lost, and waits: false when it is time to give up.
+async fn follow_again(schedule: &mut Schedule, why: &str, job_id: &str, quiet: bool) -> bool {
+    match schedule.ended(Instant::now(), u32::from_le_bytes(runtime::entropy())) {
+        Next::Follow { after, lost } => {
+            if lost && !quiet {
+                eprintln!("· lost the edge ({why}); following job {} again…", shared::text::one_line(job_id));
+            }
+            tokio::time::sleep(after).await;
+            true
+        }
+        Next::GiveUp => false,
+    }
+}
+
+/// Tells `schedule` that the follow under way brought something; says so once if the edge
+/// had been lost, so the progress lines that follow are not read as the old stream's.
+fn brought(schedule: &mut Schedule, job_id: &str, quiet: bool) {
+    if schedule.brought(Instant::now()) && !quiet {
+        eprintln!("· the edge is back: following job {} again", shared::text::one_line(job_id));
+    }
 }
 
 fn finish(result: &Value, as_json: bool) -> i32 {

@@ -748,13 +748,13 @@ fn edge_that_answers_follows(follow: impl Fn(u32, &str) -> String + Send + 'stat
 /// An edge whose stream of a job ends at once with a comment every time (the edges' answer
 /// when the job's record cannot be read: `: … retry`, then the end) brought bytes, so no
 /// follow counted towards giving up, and `submit` followed it every 2 s for ever. A stream
-/// that ends with no event brings nothing.
+/// that ends with no event brings nothing: given up on after `--follow-for` (3 s here).
 #[test]
 fn submit_gives_up_on_a_stream_that_ends_with_no_event_every_time() {
     let addr = edge_that_answers_follows(|_, _| {
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n: the edge could not read the job's record (disk); retry\n\n".into()
     });
-    let out = submit_hello_to(addr, "submit followed a stream that never brings an event for ever");
+    let out = submit_hello_with(addr, &["--follow-for", "3"], "submit followed a stream that never brings an event for ever");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("lost the edge while following job j1") && err.contains("GET /jobs/j1"), "{err}");
@@ -770,7 +770,7 @@ fn submit_gives_up_on_a_stream_that_breaks_at_once_with_no_event_every_time() {
     let addr = edge_that_answers_follows(|_, _| {
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 4096\r\nconnection: close\r\n\r\n: the edge could not read the job's record (disk); retry\n\n".into()
     });
-    let out = submit_hello_to(addr, "submit followed a stream cut at once with no event for ever");
+    let out = submit_hello_with(addr, &["--follow-for", "3"], "submit followed a stream cut at once with no event for ever");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("lost the edge while following job j1") && err.contains("GET /jobs/j1"), "{err}");
@@ -843,6 +843,38 @@ fn submit_follows_again_after_a_429_on_its_follow() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done after two 429s", "{err}");
 }
 
+/// An edge that stays away (here its follows are answered 502, as a Tunnel does while the
+/// edge behind it is down): `submit` followed it ten times 2 s apart, then gave up, saying
+/// nothing in between; an edge restart of more than some 20 s lost it its job. It now
+/// follows again further and further apart for `--follow-for` (10 min unless set; 3 s
+/// here), says once that it lost the edge, and gives up saying how to wait longer.
+#[test]
+fn submit_gives_up_after_follow_for_on_an_edge_that_stays_away() {
+    let follows = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = follows.clone();
+    let addr = edge_that_answers_follows(move |n, _| {
+        counted.store(n, std::sync::atomic::Ordering::SeqCst);
+        "HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()
+    });
+    let out = submit_hello_with(addr, &["--follow-for", "3s"], "submit followed an edge away for good past --follow-for");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("lost the edge while following job j1") && err.contains("GET /jobs/j1"), "{err}");
+    assert!(err.contains("nothing from it for 3 s") && err.contains("--follow-for"), "{err}");
+    assert!(follows.load(std::sync::atomic::Ordering::SeqCst) >= 2, "never followed again: {err}");
+    let lost: Vec<&str> = err.lines().filter(|l| l.starts_with("· lost the edge")).collect();
+    assert_eq!(lost, ["· lost the edge (502 Bad Gateway); following job j1 again…"], "{err}");
+    // The same, from the environment; and a time that is none is refused, saying how to write one.
+    let out = Command::new(bin("claude-runner"))
+        .args(["submit", "--edge", &format!("http://{addr}"), "--secret", SECRET, "hello"])
+        .env("CLAUDE_RUNNER_FOLLOW_FOR", "ten minutes")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("ten minutes") && err.contains("10m"), "{err}");
+}
+
 /// `submit hello` against an edge that reads the request, writes `answer`, then holds the
 /// connection open and silent until `submit` lets go of it: `submit`'s exit code and stderr.
 fn submit_to_an_edge_that_stops(answer: &'static [u8]) -> (Option<i32>, String) {
@@ -864,8 +896,14 @@ fn submit_to_an_edge_that_stops(answer: &'static [u8]) -> (Option<i32>, String) 
 /// `submit hello` to the edge at `addr`, given two minutes to give up by itself (killed and
 /// `stuck` said if it does not).
 fn submit_hello_to(addr: std::net::SocketAddr, stuck: &str) -> std::process::Output {
+    submit_hello_with(addr, &[], stuck)
+}
+
+/// [`submit_hello_to`] with more of `submit`'s options (`args`).
+fn submit_hello_with(addr: std::net::SocketAddr, args: &[&str], stuck: &str) -> std::process::Output {
     let child = Command::new(bin("claude-runner"))
         .args(["submit", "--edge", &format!("http://{addr}"), "--secret", SECRET, "hello"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -1262,4 +1300,67 @@ async fn submit_follows_a_broken_stream_again_from_its_last_event() {
 async fn submit_follows_a_silent_stream_again_from_its_last_event() {
     let (err, out) = submit_through_a_break(Break::Silence).await;
     each_progress_line_once(&err, &out);
+}
+
+/// The edge restarts while `submit` follows a running job (stopped, away a while, started
+/// again on its port and storage): `submit` says once that it lost the edge, follows again
+/// further and further apart (no line a try), says once the edge is back, reads on from
+/// its last event and prints the result. Before, it gave up after ten follows 2 s apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_rides_through_an_edge_restart() {
+    use tokio::io::AsyncBufReadExt;
+    let keys = Keys::new(&["spark"]);
+    // The agent's own reconnects back off too (to 11 s and more after some 6 s away): the
+    // harness's 5 s LOST_AFTER_MS lost the job before it came back.
+    let mut edge = EdgeServer::start(EdgeKind::Native, &keys, &[("LOST_AFTER_MS", "120000")]);
+    let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    Client::new(&edge.url()).wait_online().await;
+    let dir = TempDir::new("submit-restart");
+    let go = dir.path().join("go");
+    let prompt = format!("@await={} across an edge restart", go.display());
+    let mut child = tokio::process::Command::new(bin("claude-runner"))
+        .args(["submit", "--edge", &edge.url(), "--secret", SECRET, "--follow-for", "2m", &prompt])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let seen = lines.clone();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            seen.lock().unwrap().push(line);
+        }
+    });
+    let shown = |what: String| {
+        let lines = lines.clone();
+        move || lines.lock().unwrap().iter().any(|l| l.contains(&what))
+    };
+    assert!(eventually(Duration::from_secs(60), shown(format!("waiting for {}", go.display()))).await, "{:?}", lines.lock().unwrap());
+    edge.stop();
+    assert!(eventually(Duration::from_secs(60), shown("· lost the edge".into())).await, "{:?}", lines.lock().unwrap());
+    // Away for several fruitless follows; Claude ends meanwhile, its result kept by the agent.
+    std::fs::write(&go, "").unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    edge.restart();
+    let mut stdout = String::new();
+    let read = async {
+        use tokio::io::AsyncReadExt;
+        child.stdout.take().unwrap().read_to_string(&mut stdout).await.unwrap();
+        child.wait().await.unwrap()
+    };
+    let status = tokio::time::timeout(Duration::from_secs(120), read).await.expect("submit ended");
+    reader.await.unwrap();
+    let err = lines.lock().unwrap().join("\n");
+    assert!(status.success(), "{status}\n{err}\n{}\n{}", edge.log(), agent.log());
+    assert_eq!(stdout.trim(), format!("stand-in answer to: {prompt}"), "{err}");
+    let said = |what: &str| err.lines().filter(|l| l.starts_with(what)).count();
+    assert_eq!((said("· lost the edge"), said("· the edge is back")), (1, 1), "{err}");
+    let job = err.lines().find_map(|l| l.strip_prefix("· job ")?.split(' ').next()).unwrap();
+    assert!(err.contains(&format!("following job {job} again…")), "{err}");
+    assert!(err.find("· lost the edge") < err.find("· the edge is back"), "{err}");
+    for line in err.lines() {
+        assert_eq!(err.lines().filter(|l| *l == line).count(), 1, "shown more than once: {line:?}\n{err}");
+    }
 }
