@@ -277,6 +277,15 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         }
         return fail(format!("the edge refused the task ({status}): {error}"));
     };
+    // The id goes into the follow's path: one with `/`, `..` or `?` sent the follow, secret
+    // and all, elsewhere on the edge's host (another service behind the same proxy). The
+    // edges give plain ids.
+    if !shared::ids::plain_id(&job_id, shared::ids::MAX_JOB_ID) {
+        return fail(format!(
+            "the edge took the task ({status}) but answered with a job id that is not one an edge gives (`{}`): not followed; look for the job with GET /jobs",
+            shared::text::truncate(&job_id, 80)
+        ));
+    }
     if !args.quiet {
         eprintln!("· job {}", shared::text::one_line(&format!("{job_id} ({})", answer["state"].as_str().unwrap_or("queued"))));
     }

@@ -691,6 +691,26 @@ fn submit_says_a_redirect_did_not_take_the_task() {
     assert_eq!(asked.lock().unwrap().len(), 1, "the redirect was followed: {:?}", asked.lock().unwrap());
 }
 
+/// The job id the edge answers with goes into the follow's path: one such as `../admin`
+/// (a hostile edge, or whatever answers at its address) sent the follow, secret and all,
+/// to another path of that host — another service behind the same proxy. An id no edge
+/// gives (edges' ids are plain: letters, digits, `-`, `_`) is not followed.
+#[test]
+fn submit_follows_no_job_id_that_is_not_plain() {
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let heard = asked.clone();
+    let addr = edge_that_answers(move |head, _| {
+        heard.lock().unwrap().push(head.lines().next().unwrap_or_default().to_string());
+        let body = r#"{"job_id":"../../admin/reset?x=","state":"queued"}"#;
+        format!("HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+    });
+    let out = submit_hello_with(addr, &["--follow-for", "3"], "submit still follows an id that is not plain");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("GET /jobs") && err.contains("not one an edge gives"), "{err}");
+    assert_eq!(asked.lock().unwrap().len(), 1, "the id was followed: {:?}", asked.lock().unwrap());
+}
+
 /// A long job's stream may break many times (a Tunnel's cuts, edge restarts): `submit` gave
 /// up after ten follows over the whole job, however much each brought, and a job still
 /// running was reported as the edge lost. Only follows that bring nothing count now.
