@@ -33,13 +33,13 @@ async fn running_job(s: &Setup, prompt: &str) -> String {
     let a = s.client.submit(json!({"prompt": prompt, "timeout_ms": 120000})).await;
     assert_eq!(a.status, 202, "{}", a.text);
     let id = a.body["job_id"].as_str().unwrap().to_string();
-    let started = eventually(Duration::from_secs(10), || s.agent.claude_runs().iter().any(|r| r["prompt"] == prompt)).await;
+    let started = eventually(Duration::from_secs(60), || s.agent.claude_runs().iter().any(|r| r["prompt"] == prompt)).await;
     assert!(started, "the job never started:\n{}", s.agent.log());
     id
 }
 
 async fn wait_for_log(agent: &AgentProc, needle: &str) {
-    let seen = eventually(Duration::from_secs(10), || agent.log().contains(needle)).await;
+    let seen = eventually(Duration::from_secs(60), || agent.log().contains(needle)).await;
     assert!(seen, "`{needle}` never logged:\n{}", agent.log());
 }
 
@@ -174,7 +174,7 @@ async fn a_drain_delivers_a_result_across_a_brief_edge_outage() {
     s.agent.signal(libc::SIGTERM);
     wait_for_log(&s.agent, "agent draining").await;
     s.edge.stop();
-    let ended = eventually(Duration::from_secs(10), || s.agent.standin_log().iter().any(|l| l["end"] == true && l["prompt"] == prompt)).await;
+    let ended = eventually(Duration::from_secs(60), || s.agent.standin_log().iter().any(|l| l["end"] == true && l["prompt"] == prompt)).await;
     assert!(ended, "{}", s.agent.log());
     // The result is made and spooled while the edge is down; it is back a moment later.
     tokio::time::sleep(Duration::from_millis(300)).await;
