@@ -366,7 +366,7 @@ mod tests {
         let mut other = std::process::Command::new("sleep").arg0("claude-runner").arg("60").spawn().unwrap();
         let pid = other.id();
         // Named so once its exec is done.
-        for _ in 0..1000 {
+        for _ in 0..6000 {
             if status::is_agent(pid) {
                 break;
             }
@@ -405,7 +405,7 @@ mod tests {
         // whatever the missing "agent" file).
         let mut older = std::process::Command::new("tail").arg0("claude-runner").args(["agent", "-f", "/dev/null"]).stderr(std::process::Stdio::null()).spawn().unwrap();
         let pid = older.id();
-        for _ in 0..1000 {
+        for _ in 0..6000 {
             if status::is_agent(pid) {
                 break;
             }

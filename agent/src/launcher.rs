@@ -1104,9 +1104,52 @@ mod tests {
         Ok(Running::new(ours, peer, process))
     }
 
-    /// A Launcher that starts launchers with `start` and waits 300 ms for an answer.
+    /// A stand-in launcher that takes what `take` reads of the request, is then stopped
+    /// (SIGSTOP, as a job may do: the agent sees it at once) and holds its end, and what it
+    /// took, until the agent's side gives up on it (then the socket hangs up).
+    fn stopped_after(take: impl FnOnce(&mut UnixStream) -> Vec<OwnedFd> + Send + 'static) -> std::io::Result<Running> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let peer = theirs.try_clone()?.into();
+        let pid = std::process::Command::new("sleep").arg("600").spawn()?.id() as libc::pid_t;
+        std::thread::spawn(move || {
+            let mut socket = theirs;
+            let taken = take(&mut socket);
+            // SAFETY: a signal to our own child, which only the Launcher reaps.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+            let mut hangup = libc::pollfd { fd: socket.as_raw_fd(), events: 0, revents: 0 };
+            // SAFETY: polls one descriptor we own.
+            unsafe { libc::poll(&mut hangup, 1, -1) };
+            drop(taken);
+        });
+        Ok(Running::new(ours, peer, Child { pid, reaped: false }))
+    }
+
+    /// Returns once the launcher `launcher` runs has ended, left for the Launcher to reap
+    /// (`WNOWAIT`): the case of a launcher found dead before the request, whatever the
+    /// stand-in thread's timing.
+    fn wait_ended(launcher: &Launcher) {
+        let pid = launcher.running.lock().unwrap().as_ref().expect("started").process.pid;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            // SAFETY: a siginfo_t is plain data, zeroes included.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid writes into the siginfo_t we own; WNOHANG|WNOWAIT neither blocks nor reaps.
+            let asked = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) };
+            // SAFETY: si_pid is set for a child's report, and 0 (zeroed) when there is none.
+            if asked == 0 && unsafe { info.si_pid() } == pid {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "the stand-in launcher {pid} never ended");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// A Launcher that starts launchers with `start`. Its bound on each wait (60 s) only
+    /// bounds a hang: the stand-ins' threads may be paused for hundreds of milliseconds on a
+    /// loaded machine (a 300 ms bound failed such tests by chance: the stand-in took the
+    /// request, or answered, too late). A test whose subject is the bound sets its own.
     fn launcher_of(start: fn() -> std::io::Result<Running>) -> Launcher {
-        Launcher { running: Mutex::new(None), start, answer_within: std::time::Duration::from_millis(300) }
+        Launcher { running: Mutex::new(None), start, answer_within: std::time::Duration::from_secs(60) }
     }
 
     /// Answers a request taken as started, warden pid 42.
@@ -1163,18 +1206,24 @@ mod tests {
         assert!(e.to_string().contains("run the job again"), "{e}");
     }
 
-    /// The launcher stops answering after it read the whole request (stopped between
+    /// The launcher stops answering after it read the whole request (stuck between
     /// reading and answering): it may have started Claude, so the job fails, run once.
+    /// The bound is this test's subject, so the stand-in must take the request within it:
+    /// 2 s (the test waited as long before) is far past a paused thread's wake-up.
     #[test]
     fn a_request_a_stuck_launcher_took_whole_is_never_sent_again() {
         fn stuck_after_taking_it() -> std::io::Result<Running> {
             stand_in(|mut socket| {
                 let fds = take_request(&mut socket);
-                std::thread::sleep(std::time::Duration::from_secs(2));
+                // Holds the pipes until the agent's side gives up (the socket hangs up).
+                let mut hangup = libc::pollfd { fd: socket.as_raw_fd(), events: 0, revents: 0 };
+                // SAFETY: polls one descriptor we own.
+                unsafe { libc::poll(&mut hangup, 1, -1) };
                 drop((fds, socket));
             })
         }
-        let launcher = launcher_of(stuck_after_taking_it);
+        let mut launcher = launcher_of(stuck_after_taking_it);
+        launcher.answer_within = std::time::Duration::from_secs(2);
         let (outcome, out) = spawn_through(&launcher);
         let e = outcome.err().expect("the start fails");
         assert_eq!(out, "ran\n", "claude ran once, not again");
@@ -1212,17 +1261,20 @@ mod tests {
         assert!(e.contains("stopped") && e.contains("run the job again"), "{e}");
     }
 
-    /// The launcher stops answering before it read the request (SIGSTOPped while idle):
-    /// it cannot have started Claude. Before the fix the job failed ("run it again"); now
-    /// the request goes to the launcher that replaces it, and Claude runs once.
+    /// The launcher stops answering before it read the request (SIGSTOPped once the
+    /// request came): it cannot have started Claude. Before the fix the job failed ("run it
+    /// again"); now the request goes to the launcher that replaces it, and Claude runs once.
     #[test]
     fn a_request_a_stuck_launcher_never_read_goes_to_a_new_one() {
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         fn stuck_then_well() -> std::io::Result<Running> {
             if STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-                return stand_in(|socket| {
-                    std::thread::sleep(std::time::Duration::from_secs(2));
-                    drop(socket);
+                return stopped_after(|socket| {
+                    // The request came; none of it is read.
+                    let mut came = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                    // SAFETY: polls one descriptor we own.
+                    unsafe { libc::poll(&mut came, 1, -1) };
+                    Vec::new()
                 });
             }
             stand_in(|mut socket| {
@@ -1244,12 +1296,11 @@ mod tests {
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         fn stuck_then_well() -> std::io::Result<Running> {
             if STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-                return stand_in(|socket| {
+                return stopped_after(|socket| {
                     let mut header = [0u8; 4];
                     let (n, fds) = recv_with_fds(socket.as_raw_fd(), &mut header, FDS).unwrap();
                     assert_eq!((n, fds.len()), (4, FDS));
-                    std::thread::sleep(std::time::Duration::from_secs(2));
-                    drop((fds, socket));
+                    fds
                 });
             }
             stand_in(|mut socket| {
@@ -1278,9 +1329,9 @@ mod tests {
             })
         }
         let launcher = launcher_of(dead_then_well);
-        // The first stand-in's thread has closed its end before the request is sent.
+        // The first stand-in has ended before the request is sent.
         launcher.start().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        wait_ended(&launcher);
         let (outcome, out) = spawn_through(&launcher);
         assert_eq!(outcome.expect("started by the second launcher").pid, 42);
         assert_eq!(out, "ran\n");
@@ -1301,9 +1352,9 @@ mod tests {
             })
         }
         let mut launcher = launcher_of(dead_then_well);
-        launcher.answer_within = std::time::Duration::from_secs(5);
+        launcher.answer_within = std::time::Duration::from_secs(120);
         launcher.start().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        wait_ended(&launcher);
         let end = || UnixStream::pair().map(|(a, b)| (a, OwnedFd::from(b))).unwrap();
         let (mut stdout, stdout_end) = end();
         let ends = ChildEnds { stdin: end().1, stdout: stdout_end, stderr: end().1, control: end().1, status: end().1 };
@@ -1317,7 +1368,7 @@ mod tests {
         let mut out = String::new();
         stdout.read_to_string(&mut out).unwrap();
         assert_eq!(out, "ran\n");
-        assert!(waited < std::time::Duration::from_secs(5), "waited out the bound: {waited:?}");
+        assert!(waited < launcher.answer_within, "waited out the bound: {waited:?}");
     }
 
     /// A request larger than the socket's buffer, to a launcher a job stopped while it

@@ -861,7 +861,7 @@ mod tests {
         crate::files::pipe_at(&slot);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || tx.send(spool.started("job-2", "job-2:1").map_err(|e| e.to_string())));
-        let started = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("refused at once, not waited on for ever");
+        let started = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("refused at once, not waited on for ever");
         let error = started.unwrap_err();
         assert!(error.contains("records/0") && error.contains("not a plain file"), "{error}");
     }

@@ -509,7 +509,7 @@ mod tests {
         file.job_ended(vec!["the-last".into()], vec!["owner/repo".into()]);
         let last = || read(&dir).ok().flatten().map(|s| (s.running, s.mirrors));
         let wanted = Some((vec!["the-last".to_string()], vec!["owner/repo".to_string()]));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while last() != wanted {
             assert!(std::time::Instant::now() < deadline, "the file kept {:?}", last());
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;

@@ -454,16 +454,21 @@ impl AgentProc {
     }
 
     /// Waits up to `within` for the agent to exit by itself; its exit status, if it did.
+    /// Looked at once more after the deadline, as [`eventually`] does: a test thread paused
+    /// past the deadline otherwise gave up on an agent that had exited.
     pub async fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
+        loop {
+            let last = Instant::now() >= deadline;
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 self.child = None;
                 return Some(status);
             }
+            if last {
+                return None;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        None
     }
 
     /// Starts the agent again after it exited by itself (same settings, same folders).

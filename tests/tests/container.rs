@@ -158,7 +158,7 @@ async fn the_agent_image_runs_a_job_for_a_host_edge_turns_healthy_and_drains_on_
     // finishes, its result reaches the edge, and the agent exits 0.
     let job = client.submit(json!({"prompt": "@sleep=3000 finish in the container", "timeout_ms": 30000})).await;
     let job = job.body["job_id"].as_str().unwrap().to_string();
-    let running = eventually(Duration::from_secs(10), || agent.logs().contains("claude started")).await;
+    let running = eventually(Duration::from_secs(60), || agent.logs().contains("claude started")).await;
     assert!(running, "{}", agent.logs());
     let stopping = Instant::now();
     let out = podman(&["stop", "-t", "60", &agent.name]);
@@ -296,7 +296,7 @@ async fn the_systemd_units_run_harden_and_drain() {
     // `systemctl stop` drains: the running job finishes, the service ends cleanly.
     let job = client.submit(json!({"prompt": "@sleep=3000 finish under systemd", "timeout_ms": 30000})).await;
     let job = job.body["job_id"].as_str().unwrap().to_string();
-    let started = eventually(Duration::from_secs(10), || sh("journalctl -u claude-runner-agent -o cat --no-pager").contains("claude started")).await;
+    let started = eventually(Duration::from_secs(60), || sh("journalctl -u claude-runner-agent -o cat --no-pager").contains("claude started")).await;
     assert!(started);
     sh("systemctl stop claude-runner-agent");
     assert_eq!(client.wait_job(&job, Duration::from_secs(5)).await["state"], "succeeded");

@@ -225,7 +225,7 @@ async fn the_agents_files_and_folders_are_owner_only() {
     for dir in ["", "workspaces", "spool"] {
         assert_eq!(mode(dir), 0o700, "DATA_DIR/{dir}");
     }
-    assert!(eventually(Duration::from_secs(5), || data.join("seen-orders.log").exists()).await);
+    assert!(eventually(Duration::from_secs(60), || data.join("seen-orders.log").exists()).await);
     for file in ["status.json", "seen-orders.log"] {
         assert_eq!(mode(file), 0o600, "DATA_DIR/{file}");
     }
@@ -320,7 +320,7 @@ async fn claude_starts_with_only_its_pipes_and_no_signal_blocked() {
     let s = setup(&[], wrapper).await;
     let a = s.client.submit(json!({"prompt": "@sleep=5000 look at me"})).await;
     assert_eq!(a.status, 202, "{}", a.text);
-    assert!(eventually(Duration::from_secs(10), || !s.agent.claude_runs().is_empty()).await, "{}", s.agent.log());
+    assert!(eventually(Duration::from_secs(60), || !s.agent.claude_runs().is_empty()).await, "{}", s.agent.log());
     let claude = s.agent.claude_runs()[0]["pid"].as_i64().unwrap();
     let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{claude}/fd")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     fds.sort();
@@ -398,7 +398,7 @@ async fn a_writer_claude_leaves_in_its_workspace_is_dead_when_the_caller_has_the
     let writer: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     assert!(!alive(writer), "the writer Claude left behind ({writer}) still runs when the caller has the answer");
     let workspace = agent.data.path().join("data/workspaces").join(a.body["job_id"].as_str().unwrap());
-    assert!(eventually(Duration::from_secs(10), || !workspace.exists()).await, "the job's workspace {} stays", workspace.display());
+    assert!(eventually(Duration::from_secs(60), || !workspace.exists()).await, "the job's workspace {} stays", workspace.display());
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!workspace.exists(), "nothing wrote the workspace back after its removal");
 }

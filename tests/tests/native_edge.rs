@@ -22,7 +22,7 @@ async fn stopping_the_edge_answers_waiting_callers_with_where_to_look() {
     let (mut edge, agent, client) = edge_with_agent().await;
     let c = client.clone();
     let waiter = tokio::spawn(async move { c.execute(json!({"prompt": "@sleep=4000 keep going"})).await });
-    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
+    assert!(eventually(Duration::from_secs(60), || !agent.claude_runs().is_empty()).await);
     edge.stop();
     let a = waiter.await.unwrap();
     // The job goes on: the caller is told where to follow it, and not to fall back.
@@ -43,7 +43,7 @@ async fn a_caller_told_to_fall_back_at_a_stop_never_has_its_job_run() {
     // The agent's one slot is busy; the second /execute waits in the queue.
     let c = client.clone();
     let first = tokio::spawn(async move { c.execute(json!({"prompt": "@sleep=3000 first"})).await });
-    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
+    assert!(eventually(Duration::from_secs(60), || !agent.claude_runs().is_empty()).await);
     let c = client.clone();
     let queued = tokio::spawn(async move { c.execute(json!({"prompt": "queued behind"})).await });
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -77,7 +77,7 @@ async fn a_locked_database_refuses_work_and_keeps_results_until_they_are_stored(
     let (edge, agent, client) = edge_with_agent().await;
     let c = client.clone();
     let running = tokio::spawn(async move { c.execute(json!({"prompt": "@sleep=1500 outlast the lock"})).await });
-    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
+    assert!(eventually(Duration::from_secs(60), || !agent.claude_runs().is_empty()).await);
 
     // Another process holds the database: every write of the edge fails (after SQLite's
     // busy timeout).

@@ -474,7 +474,7 @@ async fn status_tells_whether_the_agent_runs_and_is_connected() {
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
     };
     let mut last = (false, String::new());
-    assert!(eventually(Duration::from_secs(5), || { last = status(); last.0 }).await, "{}", last.1);
+    assert!(eventually(Duration::from_secs(60), || { last = status(); last.0 }).await, "{}", last.1);
     assert!(last.1.contains("connected since"), "{}", last.1);
     let (ok, out) = check();
     assert!(ok, "{out}");
@@ -482,7 +482,7 @@ async fn status_tells_whether_the_agent_runs_and_is_connected() {
     // The file is rewritten at every heartbeat (1 s here), not only on changes.
     let written = || std::fs::metadata(data_dir.join("status.json")).unwrap().modified().unwrap();
     let before = written();
-    assert!(eventually(Duration::from_secs(5), || written() > before).await, "status.json is refreshed by heartbeats");
+    assert!(eventually(Duration::from_secs(60), || written() > before).await, "status.json is refreshed by heartbeats");
     agent.stop();
     let (ok, out) = status();
     assert!(!ok);

@@ -154,7 +154,7 @@ async fn a_burst_from_one_caller_does_not_starve_another_caller() {
         burst.push(a.body["job_id"].as_str().unwrap().to_string());
     }
     let a_runs = || p.agents.iter().flat_map(|a| a.claude_runs()).filter(|r| r["prompt"].as_str().unwrap().starts_with("@sleep=1500 burst")).count();
-    assert!(eventually(Duration::from_secs(10), || a_runs() == agents * slots).await, "A's first jobs did not start");
+    assert!(eventually(Duration::from_secs(60), || a_runs() == agents * slots).await, "A's first jobs did not start");
     let b_submitted = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     let b = submit_as(&p.client, CALLER_B, json!({"prompt": "@sleep=10 the single job"})).await;
     let b_id = b.body["job_id"].as_str().unwrap().to_string();
@@ -261,7 +261,7 @@ async fn a_paused_agent_finishes_its_job_and_takes_no_new_ones_until_resumed() {
     let p = pool(EdgeKind::Native, &[("spark", &[]), ("laptop", &[])], &[]).await;
     let running = p.client.submit(json!({"prompt": "@sleep=1500 long one", "agent_id": "spark"})).await;
     let running = running.body["job_id"].as_str().unwrap().to_string();
-    assert!(eventually(Duration::from_secs(10), || !p.ran_on("@sleep=1500 long one").is_empty()).await);
+    assert!(eventually(Duration::from_secs(60), || !p.ran_on("@sleep=1500 long one").is_empty()).await);
     let a = p.client.send("POST", "/agents/spark/pause", Some(SECRET), None).await;
     assert_eq!((a.status, a.body["paused"].as_bool()), (200, Some(true)), "{}", a.text);
     let h = p.client.health_full().await;
@@ -301,7 +301,7 @@ async fn an_agent_killed_with_jobs_leaves_the_others_serving() {
     for agent in ["laptop", "desk"] {
         p.client.submit(json!({"prompt": format!("@sleep=1500 on {agent}"), "agent_id": agent})).await;
     }
-    assert!(eventually(Duration::from_secs(10), || p.ran_on("@sleep=60000 on spark").len() + p.ran_on("@sleep=1500 on laptop").len() + p.ran_on("@sleep=1500 on desk").len() == 3).await);
+    assert!(eventually(Duration::from_secs(60), || p.ran_on("@sleep=60000 on spark").len() + p.ran_on("@sleep=1500 on laptop").len() + p.ran_on("@sleep=1500 on desk").len() == 3).await);
     let queued = p.client.submit(json!({"prompt": "waiting for a slot"})).await;
     let queued = queued.body["job_id"].as_str().unwrap().to_string();
     assert_eq!(p.client.get(&format!("/jobs/{queued}")).await.body["state"], "queued");

@@ -26,13 +26,13 @@ async fn sigkill_of_the_agent_kills_claudes_whole_tree() {
     let pidfile = agent.data.path().join("child.pid");
     let a = client.submit(json!({"prompt": format!("@spawn_child={} @sleep=60000", pidfile.display())})).await;
     assert_eq!(a.status, 202, "{}", a.text);
-    assert!(eventually(Duration::from_secs(10), || pidfile.exists()).await, "{}", agent.log());
+    assert!(eventually(Duration::from_secs(60), || pidfile.exists()).await, "{}", agent.log());
     let child: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     let claude = agent.claude_runs()[0]["pid"].as_i64().unwrap() as i32;
     assert!(alive(child) && alive(claude));
     agent.kill();
-    assert!(eventually(Duration::from_secs(5), || !alive(claude)).await, "claude {claude} outlived the agent");
-    assert!(eventually(Duration::from_secs(5), || !alive(child)).await, "claude's child {child} outlived the agent");
+    assert!(eventually(Duration::from_secs(60), || !alive(claude)).await, "claude {claude} outlived the agent");
+    assert!(eventually(Duration::from_secs(60), || !alive(child)).await, "claude's child {child} outlived the agent");
 }
 
 /// Issue item 4: the agent dies after Claude started and before the edge saw `Accepted`
@@ -67,7 +67,7 @@ async fn a_result_the_edge_never_got_is_sent_from_its_slot_record_after_a_crash(
     let job_id = s.run_job("@sleep=300 kept in its slot").await;
     s.proxy.blackhole(Direction::Up);
     let data = s.agent.data.path().join("data");
-    assert!(eventually(Duration::from_secs(10), || slot_record_names(&data, 0, &job_id) == (true, true)).await, "{}", s.agent.log());
+    assert!(eventually(Duration::from_secs(60), || slot_record_names(&data, 0, &job_id) == (true, true)).await, "{}", s.agent.log());
     let state = s.client.get(&format!("/jobs/{job_id}")).await.body["state"].clone();
     assert!(state == "dispatched" || state == "running", "the edge never heard of the result: {state}");
     s.agent.kill();
@@ -77,7 +77,7 @@ async fn a_result_the_edge_never_got_is_sent_from_its_slot_record_after_a_crash(
     assert!(job["result"]["output"].as_str().unwrap_or_default().ends_with("kept in its slot"), "{job}");
     assert_eq!(s.agent.claude_runs().len(), 1, "ran once");
     // Acknowledged at last: the record is cleared.
-    assert!(eventually(Duration::from_secs(10), || slot_record_names(&data, 0, &job_id).0 == false).await, "{}", s.agent.log());
+    assert!(eventually(Duration::from_secs(60), || slot_record_names(&data, 0, &job_id).0 == false).await, "{}", s.agent.log());
 }
 
 /// The other side of that moment: the edge stored the result but its acknowledgement was
@@ -92,7 +92,7 @@ async fn a_result_whose_acknowledgement_was_lost_is_sent_again_and_changes_nothi
     let job = s.client.wait_job(&job_id, Duration::from_secs(30)).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     let data = s.agent.data.path().join("data");
-    assert!(eventually(Duration::from_secs(10), || slot_record_names(&data, 0, &job_id) == (true, true)).await, "{}", s.agent.log());
+    assert!(eventually(Duration::from_secs(60), || slot_record_names(&data, 0, &job_id) == (true, true)).await, "{}", s.agent.log());
     s.agent.kill();
     s.agent.restart();
     assert!(eventually(Duration::from_secs(20), || slot_record_names(&data, 0, &job_id).0 == false).await, "never acknowledged: {}", s.agent.log());
@@ -108,10 +108,10 @@ async fn after_an_edge_outage_across_a_job_end_the_agent_takes_work_again() {
     let (mut edge, agent, client) = setup(&[]).await;
     let a = client.submit(json!({"prompt": "@sleep=1500 across the outage"})).await;
     let job_id = a.body["job_id"].as_str().unwrap().to_string();
-    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
+    assert!(eventually(Duration::from_secs(60), || !agent.claude_runs().is_empty()).await);
     edge.stop();
     // The job ends while the edge is away.
-    assert!(eventually(Duration::from_secs(10), || agent.standin_log().iter().any(|l| l.get("end").is_some())).await);
+    assert!(eventually(Duration::from_secs(60), || agent.standin_log().iter().any(|l| l.get("end").is_some())).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
     edge.restart();
     assert_eq!(client.wait_job(&job_id, Duration::from_secs(30)).await["state"], "succeeded");
@@ -130,7 +130,7 @@ async fn after_an_edge_outage_across_a_job_end_the_agent_takes_work_again() {
 async fn a_job_running_across_an_edge_stop_longer_than_lost_after_ms_is_not_lost() {
     let mut s = ProxiedAgent::start(&[("LOST_AFTER_MS", "2000"), ("HEARTBEAT_INTERVAL_MS", "10000")]).await;
     let job_id = s.run_job("@sleep=6000 across a long stop").await;
-    assert!(eventually(Duration::from_secs(5), || s.edge.log().contains("job running")).await, "{}", s.edge.log());
+    assert!(eventually(Duration::from_secs(60), || s.edge.log().contains("job running")).await, "{}", s.edge.log());
     s.proxy.blackhole(Direction::Down);
     s.edge.stop();
     tokio::time::sleep(Duration::from_millis(3000)).await;
@@ -149,7 +149,7 @@ async fn a_cancel_during_an_agent_freeze_stops_the_job() {
     let (_edge, agent, client) = setup(&[]).await;
     let a = client.submit(json!({"prompt": "@sleep=20000 frozen"})).await;
     let job_id = a.body["job_id"].as_str().unwrap().to_string();
-    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await);
+    assert!(eventually(Duration::from_secs(60), || !agent.claude_runs().is_empty()).await);
     let claude = agent.claude_runs()[0]["pid"].as_i64().unwrap() as i32;
     agent.signal(libc::SIGSTOP);
     let cancelled = client.send("DELETE", &format!("/jobs/{job_id}"), Some(SECRET), None).await;
@@ -161,7 +161,7 @@ async fn a_cancel_during_an_agent_freeze_stops_the_job() {
     let job = client.wait_job(&job_id, Duration::from_secs(15)).await;
     assert_eq!(job["state"], "cancelled", "{job}");
     assert!(started.elapsed() < Duration::from_secs(15));
-    assert!(eventually(Duration::from_secs(10), || !alive(claude)).await, "claude {claude} still runs");
+    assert!(eventually(Duration::from_secs(60), || !alive(claude)).await, "claude {claude} still runs");
     assert!(!agent.standin_log().iter().any(|l| l.get("end").is_some()), "the job ran to its end");
 }
 
@@ -206,7 +206,7 @@ async fn a_result_the_spool_cannot_keep_is_held_and_still_delivered() {
     for (round, prompt) in [big.as_str(), small].into_iter().enumerate() {
         let a = client.submit(json!({"prompt": prompt})).await;
         let job_id = a.body["job_id"].as_str().unwrap().to_string();
-        assert!(eventually(Duration::from_secs(10), || agent.claude_runs().len() > round).await);
+        assert!(eventually(Duration::from_secs(60), || agent.claude_runs().len() > round).await);
         // The link dies before the result can reach the edge.
         proxy.blackhole(Direction::Up);
         let job = client.wait_job(&job_id, Duration::from_secs(30)).await;
@@ -243,7 +243,7 @@ async fn a_full_disk_under_the_database_refuses_work_clearly_and_loses_nothing()
     let c = client.clone();
     let during = format!("@sleep=2500 {large}");
     let slow = tokio::spawn(async move { c.execute(json!({"prompt": during})).await });
-    assert!(eventually(Duration::from_secs(10), || agent.claude_runs().len() == 2).await);
+    assert!(eventually(Duration::from_secs(60), || agent.claude_runs().len() == 2).await);
 
     let db = edge.data.path().join("db");
     inside(edge.pid().unwrap(), &format!("cat /dev/zero > '{}/filler' 2>/dev/null; true", db.display()));
@@ -357,10 +357,10 @@ async fn a_killed_launcher_loses_no_running_job_and_is_replaced() {
     let first = launcher().expect("the agent starts its launcher with itself");
     let running = client.submit(json!({"prompt": "@sleep=1500 across the launcher's death"})).await;
     let job_id = running.body["job_id"].as_str().unwrap().to_string();
-    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await, "{}", agent.log());
+    assert!(eventually(Duration::from_secs(60), || !agent.claude_runs().is_empty()).await, "{}", agent.log());
     // SAFETY: a signal to a process this test found under the agent.
     unsafe { libc::kill(first as i32, libc::SIGKILL) };
-    assert!(eventually(Duration::from_secs(5), || !alive(first as i32)).await);
+    assert!(eventually(Duration::from_secs(60), || !alive(first as i32)).await);
     let job = client.wait_job(&job_id, Duration::from_secs(20)).await;
     assert_eq!(job["state"], "succeeded", "{job}\n{}", agent.log());
     let next = client.execute(json!({"prompt": "after the launcher died", "timeout_ms": 15000})).await;
@@ -488,7 +488,7 @@ async fn a_stopped_launcher_dies_with_the_agent() {
     let pidfile = agent.data.path().join("child.pid");
     let a = client.submit(json!({"prompt": format!("@spawn_child={} @sleep=60000", pidfile.display())})).await;
     assert_eq!(a.status, 202, "{}", a.text);
-    assert!(eventually(Duration::from_secs(10), || pidfile.exists()).await, "{}", agent.log());
+    assert!(eventually(Duration::from_secs(60), || pidfile.exists()).await, "{}", agent.log());
     let child: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     let claude = agent.claude_runs()[0]["pid"].as_i64().unwrap() as i32;
     let launcher = launcher_of(&agent).expect("the agent's launcher") as i32;
@@ -499,14 +499,14 @@ async fn a_stopped_launcher_dies_with_the_agent() {
     };
     // SAFETY: a signal to a process this test found under the agent.
     unsafe { libc::kill(launcher, libc::SIGSTOP) };
-    assert!(eventually(Duration::from_secs(5), || stopped(launcher)).await);
+    assert!(eventually(Duration::from_secs(60), || stopped(launcher)).await);
     agent.kill();
-    let launcher_died = eventually(Duration::from_secs(5), || !alive(launcher)).await;
+    let launcher_died = eventually(Duration::from_secs(60), || !alive(launcher)).await;
     let _ = member.kill();
     let _ = member.wait();
     assert!(launcher_died, "the stopped launcher {launcher} outlived the agent");
-    assert!(eventually(Duration::from_secs(5), || !alive(claude)).await, "claude {claude} outlived the agent");
-    assert!(eventually(Duration::from_secs(5), || !alive(child)).await, "claude's child {child} outlived the agent");
+    assert!(eventually(Duration::from_secs(60), || !alive(claude)).await, "claude {claude} outlived the agent");
+    assert!(eventually(Duration::from_secs(60), || !alive(child)).await, "claude's child {child} outlived the agent");
 }
 
 /// Two native edges on one DATA_DIR (a second `claude-runner-edge` started by hand beside
@@ -540,7 +540,7 @@ async fn a_second_agent_on_the_same_data_dir_refuses_to_start_and_leaves_the_fir
     let (_edge, agent, client) = setup(&[]).await;
     let a = client.submit(json!({"prompt": "@sleep=3000 the first agent's job"})).await;
     let job_id = a.body["job_id"].as_str().unwrap().to_string();
-    assert!(eventually(Duration::from_secs(10), || !agent.claude_runs().is_empty()).await, "{}", agent.log());
+    assert!(eventually(Duration::from_secs(60), || !agent.claude_runs().is_empty()).await, "{}", agent.log());
     let mut second = tokio::process::Command::new(bin("claude-runner"));
     second.arg("agent").env_remove("ANTHROPIC_API_KEY").env("RUST_LOG", "info").stdin(std::process::Stdio::null()).kill_on_drop(true);
     for name in ["EDGE_URL", "AGENT_ID", "AGENT_SIGNING_KEY", "EDGE_PUBLIC_KEY", "CLAUDE_BIN", "CLAUDE_CONFIG_DIR", "DATA_DIR", "CLAUDE_CODE_OAUTH_TOKEN", "STANDIN_LOG", "JOB_ENV_ALLOW"] {

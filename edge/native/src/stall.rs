@@ -112,13 +112,16 @@ mod tests {
         let (writer, mut reader) = tokio::io::duplex(64);
         let mut watched = Watched::new(writer, limit);
         watched.write_all(&[1; 64]).await.unwrap();
-        // Blocked for less than the limit, then the reader takes a little: progress, and
-        // the wait starts over.
-        let blocked = tokio::time::timeout(limit * 2 / 3, watched.write_all(&[2; 8])).await;
-        assert!(blocked.is_err(), "the pipe is full");
+        // A write finds the pipe full: the wait starts. Looked at once, not raced against a
+        // timer of its own: a test thread paused past the limit (a loaded machine) saw both
+        // timers due, and the write's, polled first, failed the test.
+        let blocked = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut watched).poll_write(cx, &[2; 8]))).await;
+        assert!(blocked.is_pending(), "the pipe is full");
+        // The reader takes a little: progress, and the wait starts over. Past the first
+        // wait's limit, so a wait that did not start over would end the next write at once.
         let mut some = [0u8; 8];
         reader.read_exact(&mut some).await.unwrap();
-        tokio::time::sleep(limit * 2 / 3).await;
+        tokio::time::sleep(limit).await;
         watched.write_all(&[3; 8]).await.expect("the peer took bytes: not stalled");
         // Full again and never read: the write fails, once it has waited the limit.
         let started = tokio::time::Instant::now();
