@@ -672,3 +672,43 @@ async fn callers_of_the_shared_secret_at_their_bound_leave_room_for_an_agent() {
     assert!(refused.starts_with("HTTP/1.1 429 ") && refused.contains("RUNNER_SECRET") && refused.contains("MAX_CONNECTIONS"), "{refused}");
     drop(held);
 }
+
+/// A request whose head arrived but whose body does not — a `Content-Length` never
+/// reached, or an `Expect: 100-continue` answered and the body never sent — is answered
+/// 408 and its connection closed once the body's time is up (`edge_core::body::read_within_ms`:
+/// 30 s, and more the longer the body it declares). Before, nothing bounded a body: such a
+/// connection, busy with a request carrying the secret, was held for ever (within its
+/// holder's share of MAX_CONNECTIONS, but for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_body_never_arrives_is_answered_408_and_closed() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let port = edge.port;
+    let head = |expect: &str| {
+        format!(
+            "POST /jobs HTTP/1.1\r\nHost: edge\r\nX-Runner-Secret: {SECRET}\r\nContent-Type: application/json\r\n\
+             Content-Length: 100\r\n{expect}\r\n"
+        )
+    };
+    let short = head("");
+    let waits = head("Expect: 100-continue\r\n");
+    let answers = tokio::task::spawn_blocking(move || {
+        // A tenth of its body, then nothing; and a body never sent after its 100 Continue.
+        let mut short_tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        short_tcp.write_all(format!("{short}{{\"prompt\":").as_bytes()).unwrap();
+        let mut waits_tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        waits_tcp.write_all(waits.as_bytes()).unwrap();
+        let waiting = std::thread::spawn(move || read_to_end_within(waits_tcp, Duration::from_secs(90)));
+        let short = read_to_end_within(short_tcp, Duration::from_secs(90));
+        [short, waiting.join().unwrap()]
+    })
+    .await
+    .unwrap();
+    for (what, answer) in ["a body cut short", "a body never sent after 100 Continue"].into_iter().zip(answers) {
+        let answer = answer.map(|a| String::from_utf8_lossy(&a).into_owned());
+        let Some(answer) = answer else { panic!("{what}: the connection was still open after 90 s\n{}", edge.log()) };
+        let answer = answer.strip_prefix("HTTP/1.1 100 Continue\r\n\r\n").unwrap_or(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{what}: {answer}");
+        assert!(answer.contains("send the request again"), "{what}: {answer}");
+    }
+}
