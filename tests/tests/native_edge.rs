@@ -593,11 +593,14 @@ async fn a_flood_that_stops_is_counted_in_full() {
 /// `100 Continue` and then never sends its body: what a caller's script that trickles its
 /// bodies (or never finishes them) holds. The `100 Continue` says the edge took the
 /// request and waits for its body: the connection is held busy. Stops at the first
-/// connection answered otherwise (its answer returned) or after `n`.
+/// connection answered otherwise (its answer returned) or after `n`. Each declares a body
+/// of `MAX_BODY_BYTES` (1 MiB): the edge waits 158 s for it (`edge_core::body::read_within_ms`),
+/// past any test's wait, where a small one would be let go after 30 s and the edge be
+/// seen to make room it did not keep.
 fn hold_busy(port: u16, secret: &str, n: usize) -> (Vec<std::net::TcpStream>, Option<String>) {
     let head = format!(
         "POST /jobs HTTP/1.1\r\nHost: edge\r\nX-Runner-Secret: {secret}\r\nContent-Type: application/json\r\n\
-         Content-Length: 64\r\nExpect: 100-continue\r\n\r\n"
+         Content-Length: 1048576\r\nExpect: 100-continue\r\n\r\n"
     );
     let mut held = Vec::new();
     for _ in 0..n {
