@@ -593,11 +593,14 @@ async fn a_flood_that_stops_is_counted_in_full() {
 /// `100 Continue` and then never sends its body: what a caller's script that trickles its
 /// bodies (or never finishes them) holds. The `100 Continue` says the edge took the
 /// request and waits for its body: the connection is held busy. Stops at the first
-/// connection answered otherwise (its answer returned) or after `n`.
+/// connection answered otherwise (its answer returned) or after `n`. Each declares a body
+/// of `MAX_BODY_BYTES` (1 MiB): the edge waits 158 s for it (`edge_core::body::read_within_ms`),
+/// past any test's wait, where a small one would be let go after 30 s and the edge be
+/// seen to make room it did not keep.
 fn hold_busy(port: u16, secret: &str, n: usize) -> (Vec<std::net::TcpStream>, Option<String>) {
     let head = format!(
         "POST /jobs HTTP/1.1\r\nHost: edge\r\nX-Runner-Secret: {secret}\r\nContent-Type: application/json\r\n\
-         Content-Length: 64\r\nExpect: 100-continue\r\n\r\n"
+         Content-Length: 1048576\r\nExpect: 100-continue\r\n\r\n"
     );
     let mut held = Vec::new();
     for _ in 0..n {
@@ -671,4 +674,44 @@ async fn callers_of_the_shared_secret_at_their_bound_leave_room_for_an_agent() {
     let refused = refused.expect("the shared secret's callers held every connection");
     assert!(refused.starts_with("HTTP/1.1 429 ") && refused.contains("RUNNER_SECRET") && refused.contains("MAX_CONNECTIONS"), "{refused}");
     drop(held);
+}
+
+/// A request whose head arrived but whose body does not — a `Content-Length` never
+/// reached, or an `Expect: 100-continue` answered and the body never sent — is answered
+/// 408 and its connection closed once the body's time is up (`edge_core::body::read_within_ms`:
+/// 30 s, and more the longer the body it declares). Before, nothing bounded a body: such a
+/// connection, busy with a request carrying the secret, was held for ever (within its
+/// holder's share of MAX_CONNECTIONS, but for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_body_never_arrives_is_answered_408_and_closed() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let port = edge.port;
+    let head = |expect: &str| {
+        format!(
+            "POST /jobs HTTP/1.1\r\nHost: edge\r\nX-Runner-Secret: {SECRET}\r\nContent-Type: application/json\r\n\
+             Content-Length: 100\r\n{expect}\r\n"
+        )
+    };
+    let short = head("");
+    let waits = head("Expect: 100-continue\r\n");
+    let answers = tokio::task::spawn_blocking(move || {
+        // A tenth of its body, then nothing; and a body never sent after its 100 Continue.
+        let mut short_tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        short_tcp.write_all(format!("{short}{{\"prompt\":").as_bytes()).unwrap();
+        let mut waits_tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        waits_tcp.write_all(waits.as_bytes()).unwrap();
+        let waiting = std::thread::spawn(move || read_to_end_within(waits_tcp, Duration::from_secs(90)));
+        let short = read_to_end_within(short_tcp, Duration::from_secs(90));
+        [short, waiting.join().unwrap()]
+    })
+    .await
+    .unwrap();
+    for (what, answer) in ["a body cut short", "a body never sent after 100 Continue"].into_iter().zip(answers) {
+        let answer = answer.map(|a| String::from_utf8_lossy(&a).into_owned());
+        let Some(answer) = answer else { panic!("{what}: the connection was still open after 90 s\n{}", edge.log()) };
+        let answer = answer.strip_prefix("HTTP/1.1 100 Continue\r\n\r\n").unwrap_or(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{what}: {answer}");
+        assert!(answer.contains("send the request again"), "{what}: {answer}");
+    }
 }

@@ -264,6 +264,22 @@ pub fn upgrade_required() -> Response {
     Response::error(err)
 }
 
+/// A request whose body did not arrive within the `ms` its host gave it
+/// ([`crate::body::read_within_ms`]): 408, and its connection closed (the rest of the body
+/// may still come: the next request could not be told from it). `INVALID_REQUEST`, as an
+/// upload that broke off: nothing was done, and the same request sent whole succeeds.
+pub fn body_timed_out(ms: u64) -> Response {
+    let mut err = ApiError::invalid(format!(
+        "the request body did not arrive within {} s (the edge gives a body {} s, and 1 s more for each {} KiB it declares); \
+         send the request again, its body whole",
+        ms.div_ceil(1000),
+        crate::body::BODY_FLOOR_MS / 1000,
+        crate::body::BODY_MIN_BYTES_PER_SEC / 1024,
+    ));
+    err.status = 408;
+    Response::error(err).with_header("connection", "close".into())
+}
+
 /// The answer to a request that arrives while the edge stops (the machine is gone).
 pub fn shutting_down() -> Response {
     Response::error(crate::machine::shutting_down())
@@ -311,6 +327,7 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
             let err = ApiError::invalid(format!("the request body could not be read ({why}); send the request again"));
             return answer(Response::error(err), Vec::new());
         }
+        Body::TimedOut { ms } => return answer(body_timed_out(*ms), Vec::new()),
         _ => return answer(Response::error(ApiError::too_large(edge.config().max_body_bytes)), Vec::new()),
     };
     let limits = Limits { max_timeout_ms: edge.config().max_timeout_ms };

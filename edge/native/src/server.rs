@@ -565,8 +565,7 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
         Gate::Answer(refused) => {
             // A little of the body is heard out (bounded, nothing kept) so the caller reads
             // its refusal rather than a reset connection.
-            let drain = Duration::from_millis(edge_core::body::REFUSAL_DRAIN_MS);
-            let _ = tokio::time::timeout(drain, read_body(body, Intake::refused())).await;
+            read_body(body, Intake::refused(), edge_core::body::REFUSAL_DRAIN_MS).await;
             return into_response(refused);
         }
         Gate::AgentSocket => return socket::agent_connect(state, Request::from_parts(parts, body)).await,
@@ -579,7 +578,7 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
         authorization,
         idempotency_key: header(&parts.headers, "idempotency-key"),
         last_event_id: header(&parts.headers, "last-event-id"),
-        body: if read { read_body(body, Intake::new(state.config.max_body_bytes)).await } else { edge_core::body::Body::Bytes(Vec::new()) },
+        body: if read { read_request_body(body, state.config.max_body_bytes).await } else { edge_core::body::Body::Bytes(Vec::new()) },
     };
     let (tx, rx) = oneshot::channel();
     if state.driver.send(Command::Http { req, reply: tx }).await.is_err() {
@@ -617,8 +616,7 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
 async fn over_share(over: Over, headers: &HeaderMap, body: Body) -> Response {
     let expects_continue = header(headers, "expect").is_some_and(|e| e.trim().eq_ignore_ascii_case("100-continue"));
     if !expects_continue {
-        let drain = Duration::from_millis(edge_core::body::REFUSAL_DRAIN_MS);
-        let _ = tokio::time::timeout(drain, read_body(body, Intake::refused())).await;
+        read_body(body, Intake::refused(), edge_core::body::REFUSAL_DRAIN_MS).await;
     }
     let error = shared::contract::ApiError::new(shared::contract::ErrorCode::RunnerBusy, over.to_string());
     into_response(edge_core::Response::error(error).with_header("connection", "close".into()))
@@ -665,15 +663,36 @@ pub(crate) fn into_response(response: edge_core::Response) -> Response {
     out
 }
 
-/// Reads the body as the core's [`Intake`] says: kept up to the limit, drained past it.
-async fn read_body(body: Body, mut intake: Intake) -> edge_core::body::Body {
+/// Reads the body as the core's [`Intake`] says: kept up to the limit, drained past it,
+/// for `within_ms` at most (then it is [`edge_core::body::Body::TimedOut`]).
+async fn read_body(body: Body, mut intake: Intake, within_ms: u64) -> edge_core::body::Body {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(within_ms);
     let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        if intake.take(chunk.as_deref().map_err(|e| e.to_string())) == Next::Stop {
-            break;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(chunk)) => {
+                if intake.take(chunk.as_deref().map_err(|e| e.to_string())) == Next::Stop {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(_) => {
+                intake.timed_out(within_ms);
+                break;
+            }
         }
     }
     intake.finish()
+}
+
+/// A request's body, given the time its declared length earns it
+/// ([`edge_core::body::read_within_ms`]): a head that arrived and a body that never does
+/// (a `Content-Length` never reached, an `Expect: 100-continue` answered and nothing sent)
+/// is answered 408 and its connection closed, rather than held busy for ever.
+async fn read_request_body(body: Body, limit: usize) -> edge_core::body::Body {
+    // hyper's body knows its `Content-Length` (exact), and none for a chunked one.
+    let declared = axum::body::HttpBody::size_hint(&body).exact();
+    read_body(body, Intake::new(limit), edge_core::body::read_within_ms(declared, limit)).await
 }
 
 #[cfg(test)]

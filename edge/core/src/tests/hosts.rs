@@ -47,6 +47,29 @@ fn a_broken_upload_is_a_400_and_an_oversized_one_a_413() {
     let mut large = Intake::new(1024);
     large.chunk(&[b' '; 2000]);
     assert_eq!(handle(large.finish()).0, 413);
+    // A body that did not arrive in time: 408, and its connection closed (what is left of
+    // the body may still come).
+    let mut late = Intake::new(1024);
+    late.chunk(br#"{"prompt": "#);
+    late.timed_out(30_012);
+    let req = Request {
+        method: "POST".into(),
+        path: "/jobs".into(),
+        secret_header: Some(SECRET.into()),
+        authorization: None,
+        idempotency_key: None,
+        last_event_id: None,
+        body: late.finish(),
+    };
+    let handled = http::handle(&mut edge, 0, [2; 16], req);
+    let answer = handled.effects.iter().find_map(|e| match e {
+        Effect::Answer { response, .. } => Some(response.clone()),
+        _ => None,
+    });
+    let answer = answer.expect("answered at once");
+    assert_eq!(answer.status, 408, "{}", answer.body);
+    assert!(answer.body.contains("within 31 s") && answer.body.contains("send the request again"), "{}", answer.body);
+    assert!(answer.headers.iter().any(|(name, value)| *name == "connection" && value == "close"), "{:?}", answer.headers);
     let upgrade = http::upgrade_required();
     assert_eq!(upgrade.status, 426);
     assert!(upgrade.body.contains("Upgrade: websocket"), "{}", upgrade.body);
