@@ -74,14 +74,17 @@ pub fn cap_setting(value: Option<&str>, nofile: u64) -> Result<usize, String> {
     let cap: u64 = value
         .parse()
         .map_err(|_| format!("MAX_CONNECTIONS must be a whole number of connections, got `{value}`"))?;
-    if cap == 0 {
-        return Err("MAX_CONNECTIONS must be at least 1 (unset, it follows the file descriptor limit)".into());
+    // One connection kept for agents ([`agents_reserve`]) and one for callers: with one in
+    // all it was the callers' too, and a caller's request in flight locked the agent out.
+    if cap < 2 {
+        return Err("MAX_CONNECTIONS must be at least 2: one for an agent, one for a caller (unset, it follows the file descriptor limit)".into());
     }
     if cap.saturating_add(RESERVED_FDS) > nofile {
-        // Below what the edge keeps for itself no value fits: "at most 0" would name one
-        // that is refused. Unset, the edge starts at its floor and says when accepts fail.
+        // Below what the edge keeps for itself and two no value fits: "at most 1" would
+        // name one that is refused. Unset, the edge starts at its floor and says when
+        // accepts fail.
         let otherwise = match nofile.saturating_sub(RESERVED_FDS) {
-            0 => format!("or leave MAX_CONNECTIONS unset (the edge then holds {}, and logs when accepts fail)", default_cap(nofile)),
+            0 | 1 => format!("or leave MAX_CONNECTIONS unset (the edge then holds {}, and logs when accepts fail)", default_cap(nofile)),
             fits => format!("or set MAX_CONNECTIONS to at most {fits}"),
         };
         return Err(format!(
@@ -669,7 +672,9 @@ mod tests {
         assert_eq!(cap_setting(Some("  "), 1024), Ok(default_cap(1024)));
         assert_eq!(cap_setting(Some("8"), 1024), Ok(8));
         assert!(cap_setting(Some("eight"), 1024).unwrap_err().contains("whole number"));
-        assert!(cap_setting(Some("0"), 1024).unwrap_err().contains("at least 1"));
+        assert!(cap_setting(Some("0"), 1024).unwrap_err().contains("at least 2"));
+        assert!(cap_setting(Some("1"), 1024).unwrap_err().contains("at least 2"), "a cap of 1 keeps no room for an agent beside a caller");
+        assert_eq!(cap_setting(Some("2"), 1024), Ok(2));
         let too_many = cap_setting(Some("1000"), 1024).unwrap_err();
         assert!(too_many.contains("LimitNOFILE") && too_many.contains(&format!("at most {}", 1024 - RESERVED_FDS)), "{too_many}");
         // A limit below what the edge keeps for itself: no value fits, and none is offered
