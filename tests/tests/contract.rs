@@ -97,8 +97,9 @@ async fn offline_is_answered_at_once_with_fallback(kind: EdgeKind) {
     let client = Client::new(&edge.url());
     let started = Instant::now();
     let a = client.execute(json!({"prompt": "anyone?"})).await;
-    // "At once" means no waiting for an agent or a timeout (300 s by default).
-    assert!(started.elapsed() < Duration::from_secs(5));
+    // "At once" means no waiting for an agent or a timeout (300 s by default); the bound
+    // is slack for a loaded machine.
+    assert!(started.elapsed() < Duration::from_secs(60));
     assert_eq!(a.status, 503, "{}", a.text);
     assert_eq!(a.body["success"], false);
     assert_eq!(a.body["error_code"], "RUNNER_OFFLINE");
@@ -420,15 +421,18 @@ async fn health_after(client: &Client, status: u16, within: Duration) -> Option<
 }
 
 async fn an_auth_failure_says_log_in_again(kind: EdgeKind) {
-    // Heartbeats every 10 s: what the edge learns sooner, the agent reported at once.
-    let s = setup(kind, &[("HEARTBEAT_INTERVAL_MS", "10000")], &[]).await;
+    // Heartbeats every 10 min: what the edge learns within the 30 s bounds below, the
+    // agent reported at once (a report left to the next heartbeat still passes 1 time in
+    // 20; with 10 s heartbeats and 3-4 s bounds it passed 1 in 3, and a loaded machine
+    // could fail the fix).
+    let s = setup(kind, &[("HEARTBEAT_INTERVAL_MS", "600000")], &[]).await;
     let a = s.client.execute(json!({"prompt": "@auth_error"})).await;
     assert_eq!(a.body["error_code"], "RUNNER_OAUTH_ERROR", "{}", a.text);
     assert_eq!(a.body["retryable"], true, "{}", a.text);
     let error = a.body["error"].as_str().unwrap();
     assert!(error.contains("log in") && error.contains("OAuth"), "callers look for `OAuth`: {error}");
     // The agent reports it at once (not with the next heartbeat): health turns unhealthy.
-    assert!(health_after(&s.client, 503, Duration::from_secs(3)).await.is_some(), "the auth failure was not reported at once");
+    assert!(health_after(&s.client, 503, Duration::from_secs(30)).await.is_some(), "the auth failure was not reported at once");
     let h = s.client.health_full().await;
     assert_eq!(h.body["status"], "unhealthy");
     assert_eq!(h.body["oauth"]["needs_login"], true);
@@ -437,7 +441,8 @@ async fn an_auth_failure_says_log_in_again(kind: EdgeKind) {
     let runs = s.agent.claude_runs().len();
     let started = Instant::now();
     let a = s.client.execute(json!({"prompt": "not now"})).await;
-    assert!(started.elapsed() < Duration::from_secs(5));
+    // At once: not held for the job's time (300 s by default).
+    assert!(started.elapsed() < Duration::from_secs(60));
     assert_eq!(a.status, 503, "{}", a.text);
     assert_eq!(a.body["error_code"], "RUNNER_OAUTH_ERROR");
     assert_eq!(a.body["fallback"], true);
@@ -455,10 +460,10 @@ async fn an_auth_failure_says_log_in_again(kind: EdgeKind) {
     let file = json!({"claudeAiOauth": {"accessToken": "sk-ant-oat01-new-login-0123456789", "refreshToken": "sk-ant-ort01-new-login-0123456789",
         "expiresAt": 4_102_444_800_000u64, "scopes": ["user:inference"], "subscriptionType": "max"}});
     std::fs::write(&creds, file.to_string()).unwrap();
-    // Seen by the agent within a second and reported at once (2 s promised; a little
-    // slack for a loaded machine, far below the 10 s heartbeat).
-    let seen = health_after(&s.client, 200, Duration::from_secs(4)).await;
-    assert!(seen.is_some(), "the new login did not show within 4 s");
+    // Seen by the agent within a second and reported at once (2 s promised; the bound is
+    // slack for a loaded machine, far below the 10 min heartbeat).
+    let seen = health_after(&s.client, 200, Duration::from_secs(30)).await;
+    assert!(seen.is_some(), "the new login did not show within 30 s");
     let job = s.client.wait_job(&job_id, Duration::from_secs(20)).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(s.client.execute(json!({"prompt": "fine now"})).await.body["success"], true);
