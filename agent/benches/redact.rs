@@ -5,32 +5,16 @@
 //!
 //!     cargo bench -p claude-runner --bench redact
 
+mod measure;
+
 #[path = "output.rs"]
 mod output;
 
 use agent_core::redact::{Carry, Redactor};
 
-/// This thread's CPU time: on a shared machine, wall time measures the neighbours too.
-fn cpu_seconds() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
-}
-
-fn median_mib_s(bytes: usize, mut run: impl FnMut()) -> f64 {
-    for _ in 0..3 {
-        run();
-    }
-    let mut times: Vec<f64> = (0..15)
-        .map(|_| {
-            let t = cpu_seconds();
-            run();
-            cpu_seconds() - t
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    bytes as f64 / (1024.0 * 1024.0) / times[times.len() / 2]
+/// Median of 15 runs after 3 warm-ups ([`measure::median_mib_s`]).
+fn median_mib_s(bytes: usize, run: impl FnMut()) -> f64 {
+    measure::median_mib_s(bytes, 3, 15, run)
 }
 
 fn main() {

@@ -6,29 +6,13 @@
 //!
 //!     cargo bench -p claude-runner --bench sse
 
+mod measure;
+
 use agent_core::sse::EventStream;
 
-/// This thread's CPU time: on a shared machine, wall time measures the neighbours too.
-fn cpu_seconds() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
-}
-
-fn median_mib_s(bytes: usize, mut run: impl FnMut()) -> f64 {
-    for _ in 0..2 {
-        run();
-    }
-    let mut times: Vec<f64> = (0..7)
-        .map(|_| {
-            let t = cpu_seconds();
-            run();
-            cpu_seconds() - t
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    bytes as f64 / (1024.0 * 1024.0) / times[times.len() / 2]
+/// Median of 7 runs after 2 warm-ups ([`measure::median_mib_s`]).
+fn median_mib_s(bytes: usize, run: impl FnMut()) -> f64 {
+    measure::median_mib_s(bytes, 2, 7, run)
 }
 
 /// `wire` through a fresh parser, `chunk` bytes at a time: the events it gave.
