@@ -22,20 +22,24 @@ fn a_frame_on_a_connection_the_edge_does_not_know_closes_it() {
     assert!(!edge.is_online());
 }
 
+/// `POST /jobs` with the secret, its body as the host read it.
+fn post_jobs(body: crate::body::Body) -> Request {
+    Request {
+        method: "POST".into(),
+        path: "/jobs".into(),
+        secret_header: Some(SECRET.into()),
+        authorization: None,
+        idempotency_key: None,
+        last_event_id: None,
+        body,
+    }
+}
+
 #[test]
 fn a_broken_upload_is_a_400_and_an_oversized_one_a_413() {
     let mut edge = Edge::new(config(), 0);
     let mut handle = |body: crate::body::Body| {
-        let req = Request {
-            method: "POST".into(),
-            path: "/jobs".into(),
-            secret_header: Some(SECRET.into()),
-            authorization: None,
-            idempotency_key: None,
-            last_event_id: None,
-            body,
-        };
-        let handled = http::handle(&mut edge, 0, [1; 16], req);
+        let handled = http::handle(&mut edge, 0, [1; 16], post_jobs(body));
         answer_to(&handled.effects, handled.caller).unwrap()
     };
     let mut broken = Intake::new(1024);
@@ -52,16 +56,7 @@ fn a_broken_upload_is_a_400_and_an_oversized_one_a_413() {
     let mut late = Intake::new(1024);
     late.chunk(br#"{"prompt": "#);
     late.timed_out(30_012);
-    let req = Request {
-        method: "POST".into(),
-        path: "/jobs".into(),
-        secret_header: Some(SECRET.into()),
-        authorization: None,
-        idempotency_key: None,
-        last_event_id: None,
-        body: late.finish(),
-    };
-    let handled = http::handle(&mut edge, 0, [2; 16], req);
+    let handled = http::handle(&mut edge, 0, [2; 16], post_jobs(late.finish()));
     let answer = handled.effects.iter().find_map(|e| match e {
         Effect::Answer { response, .. } => Some(response.clone()),
         _ => None,
