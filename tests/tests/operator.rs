@@ -776,6 +776,40 @@ fn submit_gives_up_on_a_stream_that_breaks_at_once_with_no_event_every_time() {
     assert!(err.contains("lost the edge while following job j1") && err.contains("GET /jobs/j1"), "{err}");
 }
 
+
+/// A stream whose first bytes (a comment, no event) came at once and then nothing, not
+/// even a keep-alive, until `submit` took the connection for dead (45 s of silence: an
+/// edge whose stream is wedged, a path that lets the head and first segment through and
+/// then drops the flow) was counted as one that "stayed open a keep-alive interval", worth
+/// following: each follow reset the budget, and `submit` held for ever, never saying the
+/// edge was lost. Silence is no sign of life: such a follow brings nothing. (About 45 s.)
+#[test]
+fn submit_gives_up_on_a_stream_that_goes_silent_after_its_first_bytes_every_time() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut request = vec![0; 64 * 1024];
+                let n = conn.read(&mut request).unwrap_or(0);
+                if request[..n].starts_with(b"POST") {
+                    let body = r#"{"job_id":"j1","state":"queued"}"#;
+                    let _ = write!(conn, "HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                    return;
+                }
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n: hello\n\n");
+                // Held open and silent until submit lets go.
+                while conn.read(&mut request).is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    let out = submit_hello_with(addr, &["--follow-for", "3"], "submit followed a stream silent after its first bytes for ever");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("lost the edge while following job j1") && err.contains("nothing from it for 3 s"), "{err}");
+}
 /// A result event that is not JSON was passed over, the stream ended, and the edge (which
 /// answers a finished job's follow with its result) gave the same again: `submit` followed
 /// it for ever. It now says the result could not be read, and where to read it.
