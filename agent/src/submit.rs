@@ -329,7 +329,6 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
                 brought(&mut schedule, &job_id, args.quiet);
             }
             for event in events.push(&chunk) {
-                brought(&mut schedule, &job_id, args.quiet);
                 // An empty `id:` clears it (as an EventSource's does): the stream is then
                 // followed from its start, not with an empty Last-Event-ID the edges refuse.
                 if let Some(id) = &event.id {
@@ -343,6 +342,9 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
                     }
                     continue;
                 };
+                // Only an event read brings something: an unreadable one (no edge sends it),
+                // counted so, reset the budget at each follow of a garbage stream, for ever.
+                brought(&mut schedule, &job_id, args.quiet);
                 match event.name.as_deref() {
                     Some("progress") if !args.quiet => {
                         if let Some(line) = describe(&value) {
@@ -368,7 +370,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         if brought_bytes && !silent && lasted() {
             brought(&mut schedule, &job_id, args.quiet);
         }
-        let why = if silent { format!("no byte for {} s", FOLLOW_SILENCE.as_secs()) } else { "the stream stopped with no event".to_string() };
+        let why = if silent { format!("no byte for {} s", FOLLOW_SILENCE.as_secs()) } else { "the stream stopped with no event it could read".to_string() };
         if !follow_again(&mut schedule, &why, &job_id, args.quiet).await {
             break;
         }

@@ -824,6 +824,21 @@ fn submit_says_an_unreadable_result_was_sent_and_stops() {
     assert!(err.contains("result") && err.contains("GET /jobs/j1"), "{err}");
 }
 
+/// An edge whose every follow ends at once after an event no edge sends (its data not
+/// JSON: garbage, a page that happens to hold `data:` lines) brought "an event", so each
+/// follow reset `--follow-for` and `submit` followed it every second for ever, saying
+/// nothing. An event `submit` cannot read brings nothing.
+#[test]
+fn submit_gives_up_on_a_stream_of_unreadable_events_every_time() {
+    let addr = edge_that_answers_follows(|n, _| {
+        format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\nid: {n}\nevent: progress\ndata: <html>garbage\n\n")
+    });
+    let out = submit_hello_with(addr, &["--follow-for", "3"], "submit followed an edge that sends only unreadable events for ever");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("lost the edge while following job j1") && err.contains("nothing from it for 3 s"), "{err}");
+}
+
 /// An event's empty `id:` clears the id to resume from (as a browser's EventSource does):
 /// `submit` kept the empty text and sent `Last-Event-ID:` with nothing in it, which the
 /// edges refuse (400: not an id the stream sends), and gave up on the job.
