@@ -1389,9 +1389,11 @@ async fn submit_rides_through_an_edge_restart() {
     assert!(eventually(Duration::from_secs(60), shown(format!("waiting for {}", go.display()))).await, "{:?}", lines.lock().unwrap());
     edge.stop();
     assert!(eventually(Duration::from_secs(60), shown("· lost the edge".into())).await, "{:?}", lines.lock().unwrap());
-    // Away for several fruitless follows; Claude ends meanwhile, its result kept by the agent.
+    // Away for several fruitless follows, longer than the old rule's ten 2 s apart (some
+    // 20 s: 6 s passed with it too, so the ride through was never tested); Claude ends
+    // meanwhile, its result kept by the agent.
     std::fs::write(&go, "").unwrap();
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(25)).await;
     edge.restart();
     let mut stdout = String::new();
     let read = async {
