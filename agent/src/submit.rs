@@ -326,18 +326,18 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         let mut events = crate::sse::EventStream::default();
         let (mut brought_bytes, opened) = (false, Instant::now());
         let lasted = || opened.elapsed() >= std::time::Duration::from_millis(shared::contract::SSE_KEEPALIVE_MS);
-        // Ended, broken, or silent past every keep-alive: follow again.
-        loop {
+        // Ended, broken, or silent past every keep-alive (`silent`): follow again.
+        let silent = loop {
             let chunk = match tokio::time::timeout(FOLLOW_SILENCE, stream.next()).await {
                 Ok(Some(Ok(chunk))) => chunk,
-                Ok(None) | Ok(Some(Err(_))) | Err(_) => break,
+                Ok(None) | Ok(Some(Err(_))) => break false,
+                Err(_) => break true,
             };
             brought_bytes = true;
             if lasted() {
                 brought(&mut schedule, &job_id, args.quiet);
             }
             for event in events.push(&chunk) {
-                brought(&mut schedule, &job_id, args.quiet);
                 // An empty `id:` clears it (as an EventSource's does): the stream is then
                 // followed from its start, not with an empty Last-Event-ID the edges refuse.
                 if let Some(id) = &event.id {
@@ -351,6 +351,9 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
                     }
                     continue;
                 };
+                // Only an event read brings something: an unreadable one (no edge sends it),
+                // counted so, reset the budget at each follow of a garbage stream, for ever.
+                brought(&mut schedule, &job_id, args.quiet);
                 match event.name.as_deref() {
                     Some("progress") if !args.quiet => {
                         if let Some(line) = describe(&value) {
@@ -361,7 +364,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
                     _ => {}
                 }
             }
-        }
+        };
         // A stream that brought an event, or stayed open a keep-alive interval (a quiet
         // job's, ended by an edge's restart or broken by a Tunnel's cut), was worth
         // following, however often; one that stopped at once with no event (the edges'
@@ -369,11 +372,15 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         // answered so at once, it was followed for ever. (Cut at once was counted as worth
         // following, so a network that reset each stream after its first bytes held
         // `submit` for ever, saying nothing.) Told to the schedule as soon as known, above,
-        // so that the edge is said to be back before the progress it brings.
-        if brought_bytes && lasted() {
+        // so that the edge is said to be back before the progress it brings. One taken for
+        // dead (silent past FOLLOW_SILENCE) lasted only to its last byte, seen above: its
+        // silence after it is no sign of life (counted so, a stream wedged after its first
+        // comment reset the budget at each follow, and `submit` held for ever).
+        if brought_bytes && !silent && lasted() {
             brought(&mut schedule, &job_id, args.quiet);
         }
-        if !follow_again(&mut schedule, "the stream stopped with no event", &job_id, args.quiet).await {
+        let why = if silent { format!("no byte for {} s", FOLLOW_SILENCE.as_secs()) } else { "the stream stopped with no event it could read".to_string() };
+        if !follow_again(&mut schedule, &why, &job_id, args.quiet).await {
             break;
         }
     }

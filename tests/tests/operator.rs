@@ -796,6 +796,40 @@ fn submit_gives_up_on_a_stream_that_breaks_at_once_with_no_event_every_time() {
     assert!(err.contains("lost the edge while following job j1") && err.contains("GET /jobs/j1"), "{err}");
 }
 
+
+/// A stream whose first bytes (a comment, no event) came at once and then nothing, not
+/// even a keep-alive, until `submit` took the connection for dead (45 s of silence: an
+/// edge whose stream is wedged, a path that lets the head and first segment through and
+/// then drops the flow) was counted as one that "stayed open a keep-alive interval", worth
+/// following: each follow reset the budget, and `submit` held for ever, never saying the
+/// edge was lost. Silence is no sign of life: such a follow brings nothing. (About 45 s.)
+#[test]
+fn submit_gives_up_on_a_stream_that_goes_silent_after_its_first_bytes_every_time() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut request = vec![0; 64 * 1024];
+                let n = conn.read(&mut request).unwrap_or(0);
+                if request[..n].starts_with(b"POST") {
+                    let body = r#"{"job_id":"j1","state":"queued"}"#;
+                    let _ = write!(conn, "HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                    return;
+                }
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n: hello\n\n");
+                // Held open and silent until submit lets go.
+                while conn.read(&mut request).is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    let out = submit_hello_with(addr, &["--follow-for", "3"], "submit followed a stream silent after its first bytes for ever");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("lost the edge while following job j1") && err.contains("nothing from it for 3 s"), "{err}");
+}
 /// A result event that is not JSON was passed over, the stream ended, and the edge (which
 /// answers a finished job's follow with its result) gave the same again: `submit` followed
 /// it for ever. It now says the result could not be read, and where to read it.
@@ -808,6 +842,21 @@ fn submit_says_an_unreadable_result_was_sent_and_stops() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("result") && err.contains("GET /jobs/j1"), "{err}");
+}
+
+/// An edge whose every follow ends at once after an event no edge sends (its data not
+/// JSON: garbage, a page that happens to hold `data:` lines) brought "an event", so each
+/// follow reset `--follow-for` and `submit` followed it every second for ever, saying
+/// nothing. An event `submit` cannot read brings nothing.
+#[test]
+fn submit_gives_up_on_a_stream_of_unreadable_events_every_time() {
+    let addr = edge_that_answers_follows(|n, _| {
+        format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\nid: {n}\nevent: progress\ndata: <html>garbage\n\n")
+    });
+    let out = submit_hello_with(addr, &["--follow-for", "3"], "submit followed an edge that sends only unreadable events for ever");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("lost the edge while following job j1") && err.contains("nothing from it for 3 s"), "{err}");
 }
 
 /// An event's empty `id:` clears the id to resume from (as a browser's EventSource does):
@@ -1360,9 +1409,11 @@ async fn submit_rides_through_an_edge_restart() {
     assert!(eventually(Duration::from_secs(60), shown(format!("waiting for {}", go.display()))).await, "{:?}", lines.lock().unwrap());
     edge.stop();
     assert!(eventually(Duration::from_secs(60), shown("· lost the edge".into())).await, "{:?}", lines.lock().unwrap());
-    // Away for several fruitless follows; Claude ends meanwhile, its result kept by the agent.
+    // Away for several fruitless follows, longer than the old rule's ten 2 s apart (some
+    // 20 s: 6 s passed with it too, so the ride through was never tested); Claude ends
+    // meanwhile, its result kept by the agent.
     std::fs::write(&go, "").unwrap();
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(25)).await;
     edge.restart();
     let mut stdout = String::new();
     let read = async {
