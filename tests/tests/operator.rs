@@ -1295,7 +1295,6 @@ enum Break {
 /// again from the stream's start (each line shown again), and a silent one held `submit`
 /// for good. Both: submit's stderr and stdout.
 async fn submit_through_a_break(how: Break) -> (String, String) {
-    use tokio::io::AsyncBufReadExt;
     let keys = Keys::new(&["spark"]);
     let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
     let _agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
@@ -1305,26 +1304,8 @@ async fn submit_through_a_break(how: Break) -> (String, String) {
     let dir = TempDir::new("submit-break");
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
     let prompt = format!("@await={} @await={} through a break", one.display(), two.display());
-    let mut child = tokio::process::Command::new(bin("claude-runner"))
-        .args(["submit", "--edge", &format!("http://127.0.0.1:{}", proxy.port()), "--secret", SECRET, &prompt])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let seen = lines.clone();
-    let reader = tokio::spawn(async move {
-        while let Ok(Some(line)) = stderr.next_line().await {
-            seen.lock().unwrap().push(line);
-        }
-    });
-    let shown = |what: String| {
-        let lines = lines.clone();
-        move || lines.lock().unwrap().iter().any(|l| l.contains(&what))
-    };
-    assert!(eventually(Duration::from_secs(60), shown(format!("waiting for {}", one.display()))).await, "{:?}", lines.lock().unwrap());
+    let submit = Submitting::start(&["--edge", &format!("http://127.0.0.1:{}", proxy.port()), &prompt]);
+    assert!(eventually(Duration::from_secs(60), submit.shown(format!("waiting for {}", one.display()))).await, "{}", submit.said());
     let before = proxy.accepted();
     match how {
         Break::Reset => assert!(proxy.reset() > 0),
@@ -1332,20 +1313,69 @@ async fn submit_through_a_break(how: Break) -> (String, String) {
     }
     // Claude goes on while submit is cut off; what it says then is read after the break.
     std::fs::write(&one, "").unwrap();
-    assert!(eventually(Duration::from_secs(120), || proxy.accepted() > before).await, "submit never followed again: {:?}", lines.lock().unwrap());
-    assert!(eventually(Duration::from_secs(60), shown(format!("waiting for {}", two.display()))).await, "{:?}", lines.lock().unwrap());
+    assert!(eventually(Duration::from_secs(120), || proxy.accepted() > before).await, "submit never followed again: {}", submit.said());
+    assert!(eventually(Duration::from_secs(60), submit.shown(format!("waiting for {}", two.display()))).await, "{}", submit.said());
     std::fs::write(&two, "").unwrap();
-    let mut stdout = String::new();
-    let read = async {
-        use tokio::io::AsyncReadExt;
-        child.stdout.take().unwrap().read_to_string(&mut stdout).await.unwrap();
-        child.wait().await.unwrap()
-    };
-    let status = tokio::time::timeout(Duration::from_secs(60), read).await.expect("submit ended");
-    reader.await.unwrap();
-    let err = lines.lock().unwrap().join("\n");
+    let (status, stdout, err) = submit.end(Duration::from_secs(60)).await;
     assert!(status.success(), "{status}\n{err}");
     (err, stdout)
+}
+
+/// `claude-runner submit <args>` with the test secret, what it says on stderr read line by
+/// line as it comes, so a test can wait for a line and then act (break the network, stop
+/// the edge).
+struct Submitting {
+    child: tokio::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Submitting {
+    fn start(args: &[&str]) -> Submitting {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(bin("claude-runner"))
+            .args(["submit", "--secret", SECRET])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let seen = lines.clone();
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                seen.lock().unwrap().push(line);
+            }
+        });
+        Submitting { child, lines, reader }
+    }
+
+    /// Whether a line said so far contains `what` (for [`eventually`]).
+    fn shown(&self, what: String) -> impl Fn() -> bool {
+        let lines = self.lines.clone();
+        move || lines.lock().unwrap().iter().any(|l| l.contains(&what))
+    }
+
+    /// What it said so far, one line each.
+    fn said(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Its end, waited for up to `within`: how it exited, its stdout, and all it said.
+    async fn end(mut self, within: Duration) -> (std::process::ExitStatus, String, String) {
+        let mut stdout = String::new();
+        let read = async {
+            use tokio::io::AsyncReadExt;
+            self.child.stdout.take().unwrap().read_to_string(&mut stdout).await.unwrap();
+            self.child.wait().await.unwrap()
+        };
+        let status = tokio::time::timeout(within, read).await.expect("submit ended");
+        self.reader.await.unwrap();
+        let said = self.lines.lock().unwrap().join("\n");
+        (status, stdout, said)
+    }
 }
 
 fn each_progress_line_once(err: &str, stdout: &str) {
@@ -1377,7 +1407,6 @@ async fn submit_follows_a_silent_stream_again_from_its_last_event() {
 /// its last event and prints the result. Before, it gave up after ten follows 2 s apart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_rides_through_an_edge_restart() {
-    use tokio::io::AsyncBufReadExt;
     let keys = Keys::new(&["spark"]);
     // The agent's own reconnects back off too (to 11 s and more after some 6 s away): the
     // harness's 5 s LOST_AFTER_MS lost the job before it came back.
@@ -1387,43 +1416,17 @@ async fn submit_rides_through_an_edge_restart() {
     let dir = TempDir::new("submit-restart");
     let go = dir.path().join("go");
     let prompt = format!("@await={} across an edge restart", go.display());
-    let mut child = tokio::process::Command::new(bin("claude-runner"))
-        .args(["submit", "--edge", &edge.url(), "--secret", SECRET, "--follow-for", "2m", &prompt])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let seen = lines.clone();
-    let reader = tokio::spawn(async move {
-        while let Ok(Some(line)) = stderr.next_line().await {
-            seen.lock().unwrap().push(line);
-        }
-    });
-    let shown = |what: String| {
-        let lines = lines.clone();
-        move || lines.lock().unwrap().iter().any(|l| l.contains(&what))
-    };
-    assert!(eventually(Duration::from_secs(60), shown(format!("waiting for {}", go.display()))).await, "{:?}", lines.lock().unwrap());
+    let submit = Submitting::start(&["--edge", &edge.url(), "--follow-for", "2m", &prompt]);
+    assert!(eventually(Duration::from_secs(60), submit.shown(format!("waiting for {}", go.display()))).await, "{}", submit.said());
     edge.stop();
-    assert!(eventually(Duration::from_secs(60), shown("· lost the edge".into())).await, "{:?}", lines.lock().unwrap());
+    assert!(eventually(Duration::from_secs(60), submit.shown("· lost the edge".into())).await, "{}", submit.said());
     // Away for several fruitless follows, longer than the old rule's ten 2 s apart (some
     // 20 s: 6 s passed with it too, so the ride through was never tested); Claude ends
     // meanwhile, its result kept by the agent.
     std::fs::write(&go, "").unwrap();
     tokio::time::sleep(Duration::from_secs(25)).await;
     edge.restart();
-    let mut stdout = String::new();
-    let read = async {
-        use tokio::io::AsyncReadExt;
-        child.stdout.take().unwrap().read_to_string(&mut stdout).await.unwrap();
-        child.wait().await.unwrap()
-    };
-    let status = tokio::time::timeout(Duration::from_secs(120), read).await.expect("submit ended");
-    reader.await.unwrap();
-    let err = lines.lock().unwrap().join("\n");
+    let (status, stdout, err) = submit.end(Duration::from_secs(120)).await;
     assert!(status.success(), "{status}\n{err}\n{}\n{}", edge.log(), agent.log());
     assert_eq!(stdout.trim(), format!("stand-in answer to: {prompt}"), "{err}");
     let said = |what: &str| err.lines().filter(|l| l.starts_with(what)).count();
