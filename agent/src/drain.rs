@@ -178,7 +178,7 @@ fn holds_data_lock(pid: u32, data_dir: &Path) -> bool {
 /// DATA_DIR or another, is never taken for an older one). Draining such an agent is the
 /// upgrade's own step. What a job can still name that way, an older agent of the same user
 /// with another DATA_DIR, it can signal itself.
-fn is_agent_of(pid: u32, data_dir: &Path) -> bool {
+pub(crate) fn is_agent_of(pid: u32, data_dir: &Path) -> bool {
     let holds_none = |locks: &str| !locks.lines().filter_map(Line::of).any(|line| !line.waits && line.pid == Some(pid));
     if data_lock(data_dir).is_none() {
         return proc_locks().is_some_and(|locks| holds_none(&locks)) && status::runs_agent(pid);

@@ -182,8 +182,9 @@ mod tests {
         use std::os::unix::process::CommandExt;
         let (r, dir) = reporter("planted");
         let lock = dir.join(crate::agent::DATA_LOCK);
-        // Holds the lock itself (flock(1) takes it in its own process), looks like an agent.
-        let mut holder = std::process::Command::new("flock").arg0("claude-runner").arg(&lock).args(["sh", "-c", "sleep 60", "agent"]).spawn().unwrap();
+        // Holds the lock itself (flock(1) takes it in its own process, and with -o keeps it
+        // from its command: killed, it lets go), looks like an agent.
+        let mut holder = std::process::Command::new("flock").arg0("claude-runner").arg("-o").arg(&lock).args(["sh", "-c", "sleep 60", "agent"]).spawn().unwrap();
         while !crate::drain::lock_taken(&dir) {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
@@ -201,9 +202,18 @@ mod tests {
         };
         let (planted, holders) = (usage_of(other.id()), usage_of(holder.id()));
         let _ = (holder.kill(), other.kill(), holder.wait(), other.wait());
+        // Nobody holds the lock: a `claude-runner` that is no agent (a `submit`) named.
+        assert!(!crate::drain::lock_taken(&dir), "the lock outlived its holder");
+        let mut submit = std::process::Command::new("sleep").arg0("claude-runner").arg("60").spawn().unwrap();
+        while !crate::status::is_agent(submit.id()) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let not_an_agent = usage_of(submit.id());
+        let _ = (submit.kill(), submit.wait());
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(planted, None, "the planted file's usage window was taken as the agent's");
         assert_eq!(holders, Some(UsageStatus::Rejected), "the lock holder's file is the agent's");
+        assert_eq!(not_an_agent, None, "a claude-runner that is no agent was taken for the agent");
     }
 
     #[tokio::test]

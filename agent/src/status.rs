@@ -266,12 +266,14 @@ fn command_line(pid: u32) -> Option<Vec<u8>> {
     std::fs::read(format!("/proc/{pid}/cmdline")).ok()
 }
 
-/// The status file when it is the running agent's: the process it names runs as an
-/// agent and, where anyone holds DATA_DIR's lock, is the lock's holder
+/// The status file when it is the running agent's: the process it names is the agent of
+/// `data_dir` as `agent --drain` judges it ([`crate::drain::is_agent_of`]: the lock's
+/// holder, or a `claude-runner … agent` where nobody holds the lock — any `claude-runner`
+/// passed, a `submit` too) and, where anyone holds DATA_DIR's lock, its holder
 /// ([`not_the_lock_holders`]). What a command takes from the file as the agent's (the
-/// login and usage window `oauth-status` shows) is read through here, as `status` shows it.
+/// login and usage window `oauth-status` shows) is read through here.
 pub fn running_agents(data_dir: &std::path::Path) -> Option<Status> {
-    read(data_dir).ok().flatten().filter(|s| is_agent(s.pid) && not_the_lock_holders(data_dir, s).is_none())
+    read(data_dir).ok().flatten().filter(|s| is_agent(s.pid) && crate::drain::is_agent_of(s.pid, data_dir) && not_the_lock_holders(data_dir, s).is_none())
 }
 
 /// Why the status file is not the agent's, when DATA_DIR's lock is held but not by the
