@@ -404,7 +404,7 @@ async fn a_flood_past_the_descriptor_limit_still_leaves_room_for_callers_and_age
 fn a_bad_max_connections_stops_the_edge_at_start_with_what_to_do() {
     let keys = Keys::new(&["spark"]);
     let data = TempDir::new("edge");
-    for (value, says) in [("many", "whole number"), ("0", "at least 1"), ("100000000", "LimitNOFILE")] {
+    for (value, says) in [("many", "whole number"), ("0", "at least 2"), ("1", "at least 2"), ("100000000", "LimitNOFILE")] {
         let mut edge = std::process::Command::new(bin("claude-runner-edge"))
             .env("RUNNER_SECRET", SECRET)
             .env("EDGE_SIGNING_KEY", shared::keys::encode_signing(&keys.edge))
