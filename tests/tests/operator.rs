@@ -1142,10 +1142,14 @@ fn shown_with_usage(command: &str, name: &str, usage: serde_json::Value) -> Stri
     let dir = TempDir::new(name);
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
-    // A process the status file can name as its agent: its name is `claude-runner`.
-    let named = dir.path().join("claude-runner");
-    std::os::unix::fs::symlink("/bin/sleep", &named).unwrap();
-    let mut agent = Command::new(&named).arg("60").spawn().unwrap();
+    // A process the status file can name as its agent: `claude-runner … agent` by its
+    // command line, where nobody holds DATA_DIR's lock (an agent of a release before the
+    // lock, as `agent --drain` takes it). The shell stays (a command after the sleep), so
+    // its command line does too.
+    let mut agent = {
+        use std::os::unix::process::CommandExt;
+        Command::new("sh").arg0("claude-runner").args(["-c", "sleep 60; true", "agent"]).spawn().unwrap()
+    };
     let login = json!({"source": "none", "expires_at": null, "refreshable": false, "refresh_expires_at": null,
         "subscription_type": null, "auth_failed": false, "problem": null, "reported_at": 0, "usage": usage});
     let status = json!({"agent_id": "spark", "edge": "", "pid": agent.id(), "connected": true, "since": "", "last_error": null,
