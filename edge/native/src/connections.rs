@@ -184,9 +184,8 @@ pub struct Connections<T> {
     /// …and each holder's.
     share: usize,
     holders: usize,
-    /// Busy connections by holder, and their sum.
+    /// Busy connections by holder (a few: one per secret).
     held: HashMap<Holder, usize>,
-    busy: usize,
     entries: HashMap<Id, Entry<T>>,
     /// Idle connections by when they started waiting: the first is the next to go.
     idle: BTreeMap<u64, Id>,
@@ -217,7 +216,6 @@ impl<T> Connections<T> {
             share: (callers / holders).max(1),
             holders,
             held: HashMap::new(),
-            busy: 0,
             entries: HashMap::new(),
             idle: BTreeMap::new(),
             unproven: BTreeMap::new(),
@@ -292,15 +290,15 @@ impl<T> Connections<T> {
             return Ok(());
         }
         let held = self.held.get(&holder).copied().unwrap_or(0);
-        let whole = self.busy >= self.callers;
+        let busy: usize = self.held.values().sum();
+        let whole = busy >= self.callers;
         if whole || held >= self.share {
             self.over_share += 1;
-            let held = if whole { self.busy } else { held };
+            let held = if whole { busy } else { held };
             return Err(Over { holder, held, cap: self.cap, whole, callers: self.callers, holders: self.holders });
         }
         self.set(id, State::Busy);
         *self.held.entry(holder.clone()).or_default() += 1;
-        self.busy += 1;
         if let Some(entry) = self.entries.get_mut(&id) {
             entry.holder = Some(holder);
         }
@@ -315,7 +313,6 @@ impl<T> Connections<T> {
             if *n == 0 {
                 self.held.remove(&holder);
             }
-            self.busy -= 1;
         }
     }
 
