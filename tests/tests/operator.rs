@@ -774,10 +774,7 @@ fn submit_gives_up_on_a_stream_that_ends_with_no_event_every_time() {
     let addr = edge_that_answers_follows(|_, _| {
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n: the edge could not read the job's record (disk); retry\n\n".into()
     });
-    let out = submit_hello_with(addr, &["--follow-for", "3"], "submit followed a stream that never brings an event for ever");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("lost the edge while following job j1") && err.contains("GET /jobs/j1"), "{err}");
+    submit_given_up_on(addr, "3", "submit followed a stream that never brings an event for ever");
 }
 
 /// The same answer cut at once instead of ended (its body shorter than its length: a
@@ -790,12 +787,8 @@ fn submit_gives_up_on_a_stream_that_breaks_at_once_with_no_event_every_time() {
     let addr = edge_that_answers_follows(|_, _| {
         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 4096\r\nconnection: close\r\n\r\n: the edge could not read the job's record (disk); retry\n\n".into()
     });
-    let out = submit_hello_with(addr, &["--follow-for", "3"], "submit followed a stream cut at once with no event for ever");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("lost the edge while following job j1") && err.contains("GET /jobs/j1"), "{err}");
+    submit_given_up_on(addr, "3", "submit followed a stream cut at once with no event for ever");
 }
-
 
 /// A stream whose first bytes (a comment, no event) came at once and then nothing, not
 /// even a keep-alive, until `submit` took the connection for dead (45 s of silence: an
@@ -825,11 +818,21 @@ fn submit_gives_up_on_a_stream_that_goes_silent_after_its_first_bytes_every_time
             });
         }
     });
-    let out = submit_hello_with(addr, &["--follow-for", "3"], "submit followed a stream silent after its first bytes for ever");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("lost the edge while following job j1") && err.contains("nothing from it for 3 s"), "{err}");
+    let err = submit_given_up_on(addr, "3", "submit followed a stream silent after its first bytes for ever");
+    assert!(err.contains("nothing from it for 3 s"), "{err}");
 }
+
+/// `submit --follow-for <follow_for>` against the edge at `addr` (job `j1`), which never
+/// answers a follow with anything that counts: it gives up (exit 2), saying it lost the edge
+/// and where to read the job. What it said on stderr, for the test's own checks.
+fn submit_given_up_on(addr: std::net::SocketAddr, follow_for: &str, stuck: &str) -> String {
+    let out = submit_hello_with(addr, &["--follow-for", follow_for], stuck);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("lost the edge while following job j1") && err.contains("GET /jobs/j1"), "{err}");
+    err
+}
+
 /// A result event that is not JSON was passed over, the stream ended, and the edge (which
 /// answers a finished job's follow with its result) gave the same again: `submit` followed
 /// it for ever. It now says the result could not be read, and where to read it.
@@ -853,10 +856,8 @@ fn submit_gives_up_on_a_stream_of_unreadable_events_every_time() {
     let addr = edge_that_answers_follows(|n, _| {
         format!("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\nid: {n}\nevent: progress\ndata: <html>garbage\n\n")
     });
-    let out = submit_hello_with(addr, &["--follow-for", "3"], "submit followed an edge that sends only unreadable events for ever");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("lost the edge while following job j1") && err.contains("nothing from it for 3 s"), "{err}");
+    let err = submit_given_up_on(addr, "3", "submit followed an edge that sends only unreadable events for ever");
+    assert!(err.contains("nothing from it for 3 s"), "{err}");
 }
 
 /// An event's empty `id:` clears the id to resume from (as a browser's EventSource does):
@@ -925,10 +926,7 @@ fn submit_gives_up_after_follow_for_on_an_edge_that_stays_away() {
         counted.store(n, std::sync::atomic::Ordering::SeqCst);
         "HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()
     });
-    let out = submit_hello_with(addr, &["--follow-for", "3s"], "submit followed an edge away for good past --follow-for");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("lost the edge while following job j1") && err.contains("GET /jobs/j1"), "{err}");
+    let err = submit_given_up_on(addr, "3s", "submit followed an edge away for good past --follow-for");
     assert!(err.contains("nothing from it for 3 s") && err.contains("--follow-for"), "{err}");
     assert!(follows.load(std::sync::atomic::Ordering::SeqCst) >= 2, "never followed again: {err}");
     let lost: Vec<&str> = err.lines().filter(|l| l.starts_with("· lost the edge")).collect();
