@@ -40,7 +40,9 @@ pub enum Next {
 pub struct Schedule {
     /// `None`: never give up.
     budget: Option<Duration>,
-    /// When the last follow that brought something ended (or the job was taken).
+    /// When a follow last brought something (or the job was taken): the last event or byte
+    /// that counted, or the end of a stream the edge ended (told by [`Schedule::brought`]),
+    /// never the end of a silence (a stream taken for dead brought nothing in it).
     since: Instant,
     /// Follows in a row that brought nothing.
     fruitless: u32,
@@ -65,9 +67,10 @@ impl Schedule {
     /// The follow under way ended at `now`; `dice` is a random number (the jitter).
     pub fn ended(&mut self, now: Instant, dice: u32) -> Next {
         if std::mem::take(&mut self.brought) {
-            // The budget counts from the end of a stream that ran, not from its start: one
-            // that ran an hour is no reason to give up at the first follow after it.
-            self.since = now;
+            // The budget counts from what the stream last brought, not from its start (one
+            // that ran an hour is no reason to give up at the first follow after it), nor
+            // from its end: one taken for dead ends 45 s of silence after its last byte,
+            // and counted from then `submit` gave up that much after `--follow-for`.
             return Next::Follow { after: jittered(FIRST_WAIT, dice), lost: false };
         }
         self.fruitless = self.fruitless.saturating_add(1);
@@ -197,6 +200,7 @@ mod tests {
         let mut now = start;
         assert!(!schedule.brought(now), "the first follow's events are no return");
         now += Duration::from_secs(3600);
+        schedule.brought(now);
         assert_eq!(schedule.ended(now, LATE), Next::Follow { after: FIRST_WAIT, lost: false });
         let mut lost = Vec::new();
         for _ in 0..5 {
@@ -211,8 +215,9 @@ mod tests {
         assert_eq!(lost, [true, false, false, false, false]);
         assert!(schedule.brought(now), "back");
         assert!(!schedule.brought(now), "said once");
-        // Back: the backoff and the budget start over from this stream's end.
+        // Back: the backoff and the budget start over from what this stream last brought.
         now += Duration::from_secs(3600);
+        schedule.brought(now);
         assert_eq!(schedule.ended(now, LATE), Next::Follow { after: FIRST_WAIT, lost: false });
         assert_eq!(schedule.ended(now, LATE), Next::Follow { after: FIRST_WAIT, lost: true });
         assert_eq!(schedule.ended(now + DEFAULT_BUDGET - Duration::from_secs(1), LATE), Next::Follow { after: Duration::from_secs(1), lost: false });
@@ -220,15 +225,37 @@ mod tests {
     }
 
     /// A stream that ran for an hour and broke is not a reason to give up at the first
-    /// follow after it that brings nothing: the budget counts from the stream's end.
+    /// follow after it that brings nothing: the budget counts from the last thing it
+    /// brought (its keep-alives all along, its end when the edge ended it).
     #[test]
     fn the_budget_counts_from_the_last_stream_that_ran() {
         let start = Instant::now();
         let mut schedule = Schedule::new(Some(Duration::from_secs(60)), start);
         schedule.brought(start);
         let end = start + Duration::from_secs(3600);
+        schedule.brought(end);
         assert_eq!(schedule.ended(end, LATE), Next::Follow { after: FIRST_WAIT, lost: false });
         assert!(matches!(schedule.ended(end + Duration::from_secs(1), LATE), Next::Follow { lost: true, .. }));
+    }
+
+    /// A stream taken for dead ends some 45 s after its last byte (`submit`'s
+    /// FOLLOW_SILENCE): the budget counted from that end, so `submit` gave up 45 s late.
+    /// Its silence brought nothing: the budget counts from its last byte.
+    #[test]
+    fn the_budget_counts_from_a_dead_streams_last_byte_not_its_end() {
+        let start = Instant::now();
+        let budget = Duration::from_secs(60);
+        let mut schedule = Schedule::new(Some(budget), start);
+        let last_byte = start + Duration::from_secs(3600);
+        schedule.brought(last_byte);
+        let taken_for_dead = last_byte + Duration::from_secs(45);
+        assert_eq!(schedule.ended(taken_for_dead, LATE), Next::Follow { after: FIRST_WAIT, lost: false });
+        // Fruitless follows from then on, each at once: given up a minute after the last byte.
+        let mut now = taken_for_dead + FIRST_WAIT;
+        while let Next::Follow { after, .. } = schedule.ended(now, LATE) {
+            now += after;
+        }
+        assert_eq!(now, last_byte + budget);
     }
 
     #[test]
