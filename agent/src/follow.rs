@@ -7,7 +7,8 @@
 //! `429`, a stream that stopped at once with no event) are tried again further and further
 //! apart, 1 s, 2 s, 4 s … at most 30 s, each jittered so that the `submit`s of many jobs do
 //! not all follow again at once when their edge comes back; `submit` gives up only once no
-//! follow has brought anything for the budget (`--follow-for`, [`DEFAULT_FOLLOW_FOR`]). Ten
+//! follow has brought anything for the budget (`--follow-for`, [`DEFAULT_FOLLOW_FOR`]),
+//! cutting the follow under way then ([`Schedule::cut_at`]). Ten
 //! fruitless follows 2 s apart (some 20 s) gave up on a job through any restart longer than
 //! that (an image pulled, a host rebooted, a Tunnel reconnecting) while the edge kept it.
 
@@ -20,6 +21,13 @@ const FIRST_WAIT: Duration = Duration::from_secs(1);
 /// The longest wait between follows: an edge back after a long absence is followed again
 /// within it.
 const LONGEST_WAIT: Duration = Duration::from_secs(30);
+
+/// How long a stream's silence may last and the stream still be an edge talking: the
+/// edges send a keep-alive after at most [`shared::contract::SSE_KEEPALIVE_MS`] of it, and
+/// one sent on time may come some seconds later still (the edge's timer, a Tunnel, a
+/// retransmitted segment). Past it a keep-alive is overdue; past three intervals `submit`
+/// takes the connection for dead.
+pub const KEEPALIVE_WINDOW: Duration = Duration::from_millis(shared::contract::SSE_KEEPALIVE_MS + 5_000);
 
 /// How long `submit` follows an edge that brings nothing unless told (`--follow-for`, as
 /// written there): an edge's restart (an image pulled, a host rebooted) takes minutes.
@@ -62,6 +70,19 @@ impl Schedule {
         self.brought = true;
         self.since = now;
         std::mem::take(&mut self.fruitless) > 0
+    }
+
+    /// When the follow under way is cut and `submit` gives up (`None`: never, no budget):
+    /// once nothing was brought for the budget, and, if a stream is open, once it has been
+    /// silent for [`KEEPALIVE_WINDOW`] too. `heard`: when that stream last spoke (its head,
+    /// then each byte), `None` while there is none (connecting, waiting for the head).
+    /// Without it the follow under way finished first, a connection attempt's 30 s or a
+    /// silent stream's 45 s after the budget; a stream whose last byte is within the
+    /// window is an edge still talking, and its next keep-alive (once the stream has
+    /// lasted an interval, every byte brings something) moves the budget on.
+    pub fn cut_at(&self, heard: Option<Instant>) -> Option<Instant> {
+        let end = self.since + self.budget?;
+        Some(heard.map_or(end, |heard| end.max(heard + KEEPALIVE_WINDOW)))
     }
 
     /// The follow under way ended at `now`; `dice` is a random number (the jitter).
@@ -256,6 +277,57 @@ mod tests {
             now += after;
         }
         assert_eq!(now, last_byte + budget);
+    }
+
+    /// The follow under way when the budget runs out was let finish before the schedule
+    /// was asked: a connection attempt (up to 30 s), a stream silent after its head (45 s
+    /// before taken for dead), so `submit` gave up that much after `--follow-for`. It is
+    /// cut as the budget ends: one with no stream yet at once, one whose stream spoke
+    /// within the keep-alive window once that window has passed too.
+    #[test]
+    fn the_follow_under_way_is_cut_as_the_budget_ends() {
+        let start = Instant::now();
+        let budget = Duration::from_secs(60);
+        let mut schedule = Schedule::new(Some(budget), start);
+        // Connecting, or waiting for the head: cut at the budget's end, and the schedule
+        // agrees it is time to give up.
+        assert_eq!(schedule.cut_at(None), Some(start + budget));
+        assert_eq!(schedule.ended(start + budget, LATE), Next::GiveUp);
+        // A stream whose head came 10 s before the end and nothing since: an edge still
+        // talking until a keep-alive is overdue, then cut.
+        let head = start + budget - Duration::from_secs(10);
+        assert_eq!(schedule.cut_at(Some(head)), Some(head + KEEPALIVE_WINDOW));
+        // A stream that spoke long before the end: cut at the end.
+        assert_eq!(schedule.cut_at(Some(start)), Some(start + budget));
+        // What a follow brings moves the end.
+        let event = start + Duration::from_secs(3600);
+        schedule.brought(event);
+        assert_eq!(schedule.cut_at(Some(event)), Some(event + budget));
+        assert_eq!(schedule.cut_at(None), Some(event + budget));
+        // No budget: never.
+        assert_eq!(Schedule::new(None, start).cut_at(Some(start)), None);
+        assert_eq!(Schedule::new(None, start).cut_at(None), None);
+    }
+
+    /// A budget shorter than a keep-alive interval cuts no stream that keeps talking: a
+    /// quiet job's stream, its head at once and a keep-alive each interval, each of them
+    /// (after the first interval) bringing something.
+    #[test]
+    fn a_short_budget_cuts_no_stream_that_keeps_talking() {
+        let start = Instant::now();
+        let keepalive = Duration::from_millis(shared::contract::SSE_KEEPALIVE_MS);
+        let mut schedule = Schedule::new(Some(Duration::from_secs(5)), start);
+        let mut heard = start;
+        for n in 1..=20 {
+            // Each keep-alive a little late, but within the window.
+            let next = heard + keepalive + KEEPALIVE_WINDOW.saturating_sub(keepalive) / 2;
+            assert!(schedule.cut_at(Some(heard)).unwrap() > next, "keep-alive {n} cut");
+            schedule.brought(next);
+            heard = next;
+        }
+        // Silent past the window: cut.
+        assert_eq!(schedule.cut_at(Some(heard)), Some(heard + KEEPALIVE_WINDOW));
+        assert!(KEEPALIVE_WINDOW > keepalive && KEEPALIVE_WINDOW < 3 * keepalive, "between one interval and dead");
     }
 
     #[test]

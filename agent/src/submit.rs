@@ -293,17 +293,25 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     // FOLLOW_SILENCE (a half-open connection: the edge's host died, a NAT dropped the flow),
     // follow again from the last event read (`Last-Event-ID`), so no progress line is shown
     // twice: the job is kept, and a finished one answers with its result at once. When to
-    // follow again, and when to give up, is the schedule's (`follow.rs`).
+    // follow again, and when to give up, is the schedule's (`follow.rs`), which also says
+    // when the follow under way is cut for it (`Schedule::cut_at`): biased, so that a
+    // follow that starts as the budget ends is not even tried.
     let mut last_id: Option<String> = None;
     let mut schedule = Schedule::new(Some(args.follow_for).filter(|budget| !budget.is_zero()), Instant::now());
-    loop {
+    'follows: loop {
         // Its head comes at once (the stream itself may be quiet for as long as the job runs).
         let mut follow = http.get(format!("{base}/jobs/{job_id}/events")).header("X-Runner-Secret", &secret);
         if let Some(id) = &last_id {
             follow = follow.header("Last-Event-ID", id);
         }
+        let cut = schedule.cut_at(None);
+        let sent = tokio::select! {
+            biased;
+            () = until(cut) => break,
+            sent = tokio::time::timeout(ANSWER_TIME, follow.send()) => sent,
+        };
         // The stream, or why this follow brought nothing (said once when the edge is lost).
-        let answered = match tokio::time::timeout(ANSWER_TIME, follow.send()).await {
+        let answered = match sent {
             Ok(Ok(r)) if r.status().is_success() => Ok(r),
             // The edge restarting behind a proxy (a Tunnel's 502), or failing for a moment:
             // no answer of the job's, so a follow that brought nothing, as a refused connection.
@@ -326,13 +334,22 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         let mut events = crate::sse::EventStream::default();
         let (mut brought_bytes, opened) = (false, Instant::now());
         let lasted = || opened.elapsed() >= std::time::Duration::from_millis(shared::contract::SSE_KEEPALIVE_MS);
+        // When the stream last spoke: its head, then each byte.
+        let mut heard = opened;
         // Ended, broken, or silent past every keep-alive (`silent`): follow again.
         let silent = loop {
-            let chunk = match tokio::time::timeout(FOLLOW_SILENCE, stream.next()).await {
+            let cut = schedule.cut_at(Some(heard));
+            let next = tokio::select! {
+                biased;
+                () = until(cut) => break 'follows,
+                next = tokio::time::timeout(FOLLOW_SILENCE, stream.next()) => next,
+            };
+            let chunk = match next {
                 Ok(Some(Ok(chunk))) => chunk,
                 Ok(None) | Ok(Some(Err(_))) => break false,
                 Err(_) => break true,
             };
+            heard = Instant::now();
             brought_bytes = true;
             if lasted() {
                 brought(&mut schedule, &job_id, args.quiet);
@@ -389,6 +406,14 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         "lost the edge while following job {job_id}: nothing from it for {budget}; read it later with GET /jobs/{job_id} \
          (the edge keeps it), or give submit a longer --follow-for (CLAUDE_RUNNER_FOLLOW_FOR) to wait longer"
     ))
+}
+
+/// Waits until `at`; for ever if `None` (no budget: nothing is cut).
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Asks `schedule` what to do now that a follow ended (`why` it brought nothing, if it

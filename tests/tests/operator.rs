@@ -795,7 +795,8 @@ fn submit_gives_up_on_a_stream_that_breaks_at_once_with_no_event_every_time() {
 /// edge whose stream is wedged, a path that lets the head and first segment through and
 /// then drops the flow) was counted as one that "stayed open a keep-alive interval", worth
 /// following: each follow reset the budget, and `submit` held for ever, never saying the
-/// edge was lost. Silence is no sign of life: such a follow brings nothing. (About 45 s.)
+/// edge was lost. Silence is no sign of life: such a follow brings nothing. (About 20 s:
+/// the budget and a keep-alive window.)
 #[test]
 fn submit_gives_up_on_a_stream_that_goes_silent_after_its_first_bytes_every_time() {
     use std::io::{Read, Write};
@@ -820,6 +821,96 @@ fn submit_gives_up_on_a_stream_that_goes_silent_after_its_first_bytes_every_time
     });
     let err = submit_given_up_on(addr, "3", "submit followed a stream silent after its first bytes for ever");
     assert!(err.contains("nothing from it for 3 s"), "{err}");
+}
+
+/// The follow under way when `--follow-for` ran out was let finish before `submit` asked
+/// whether to give up: a stream silent after its first bytes was held until taken for dead
+/// (45 s without a byte), so `submit` gave up some 40 s past a 5 s budget; here the edge
+/// let go first (at 40 s), the end counted as a sign of life, and `submit` followed on. It
+/// is cut once the budget and a keep-alive window (20 s) have passed with nothing, while
+/// the edge still holds it open. (About 20 s.)
+#[test]
+fn submit_gives_up_on_a_silent_stream_while_it_is_still_open() {
+    // Below submit's 45 s for a dead stream: the old rule waited the silence out, and the
+    // edge ended the stream first.
+    let (err, end) = submit_given_up_on_a_held_follow(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n: hello\n\n", 40);
+    assert_eq!(end, HeldFollow::LetGoBySubmit, "the stream was not cut while open: {err}");
+}
+
+/// The same with a follow whose answer does not come (an edge restarting behind a proxy
+/// that holds the request): it was given its 30 s for an answer past the budget; it is cut
+/// as the budget ends.
+#[test]
+fn submit_gives_up_on_a_follow_with_no_answer_while_it_waits() {
+    // Below submit's 30 s for a follow's answer.
+    let (err, end) = submit_given_up_on_a_held_follow(b"", 25);
+    assert_eq!(end, HeldFollow::LetGoBySubmit, "the follow was not cut while it waited: {err}");
+}
+
+/// How the first follow of [`submit_given_up_on_a_held_follow`] ended.
+#[derive(Debug, PartialEq)]
+enum HeldFollow {
+    Open,
+    LetGoBySubmit,
+    EndedByTheEdge,
+}
+
+/// `submit --follow-for 5s` against an edge that answers the first follow with `first`
+/// (the start of an answer, or nothing) and then holds it silent for `hold_s` seconds or
+/// until `submit` lets go, whichever comes first, and every later follow with a 502: what
+/// `submit` said giving up, and how that first follow ended.
+fn submit_given_up_on_a_held_follow(first: &'static [u8], hold_s: u64) -> (String, HeldFollow) {
+    use std::io::{Read, Write};
+    let held = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen = held.clone();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut request = vec![0; 64 * 1024];
+                let n = conn.read(&mut request).unwrap_or(0);
+                if request[..n].starts_with(b"POST") {
+                    let body = r#"{"job_id":"j1","state":"queued"}"#;
+                    let _ = write!(conn, "HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                    return;
+                }
+                // Only the first follow is held (a later one would write over how it ended).
+                {
+                    let mut first_follow = seen.lock().unwrap();
+                    if first_follow.is_some() {
+                        let _ = conn.write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                        return;
+                    }
+                    *first_follow = Some(HeldFollow::Open);
+                }
+                let _ = conn.write_all(first);
+                conn.set_read_timeout(Some(Duration::from_secs(hold_s))).unwrap();
+                let end = loop {
+                    match conn.read(&mut request) {
+                        Ok(0) => break HeldFollow::LetGoBySubmit,
+                        Ok(_) => continue,
+                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break HeldFollow::EndedByTheEdge,
+                        Err(_) => break HeldFollow::LetGoBySubmit,
+                    }
+                };
+                *seen.lock().unwrap() = Some(end);
+            });
+        }
+    });
+    let err = submit_given_up_on(addr, "5s", "submit followed an edge that holds its follow for ever");
+    assert!(err.contains("nothing from it for 5 s"), "{err}");
+    // The edge's thread sees the end a moment after submit's.
+    for _ in 0..100 {
+        if held.lock().unwrap().as_ref() != Some(&HeldFollow::Open) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let end = held.lock().unwrap().take().expect("never followed");
+    (err, end)
 }
 
 /// `submit --follow-for <follow_for>` against the edge at `addr` (job `j1`), which never
