@@ -399,19 +399,27 @@ async fn a_flood_past_the_descriptor_limit_still_leaves_room_for_callers_and_age
     drop(crowd);
 }
 
-/// A MAX_CONNECTIONS the edge cannot hold is refused at start, saying what to set.
+/// A MAX_CONNECTIONS the edge cannot hold is refused at start, saying what to set; so is
+/// an SSE_KEEPALIVE_MS below 100 ms (it was raised to 100 without a word).
 #[test]
 fn a_bad_max_connections_stops_the_edge_at_start_with_what_to_do() {
     let keys = Keys::new(&["spark"]);
     let data = TempDir::new("edge");
-    for (value, says) in [("many", "whole number"), ("0", "at least 2"), ("1", "at least 2"), ("100000000", "LimitNOFILE")] {
+    let cases = [
+        ("MAX_CONNECTIONS", "many", "whole number"),
+        ("MAX_CONNECTIONS", "0", "at least 2"),
+        ("MAX_CONNECTIONS", "1", "at least 2"),
+        ("MAX_CONNECTIONS", "100000000", "LimitNOFILE"),
+        ("SSE_KEEPALIVE_MS", "50", "at least 100 milliseconds"),
+    ];
+    for (name, value, says) in cases {
         let mut edge = std::process::Command::new(bin("claude-runner-edge"))
             .env("RUNNER_SECRET", SECRET)
             .env("EDGE_SIGNING_KEY", shared::keys::encode_signing(&keys.edge))
             .env("AGENT_PUBLIC_KEYS", keys.agent_public_keys())
             .env("LISTEN", "127.0.0.1:0")
             .env("DATA_DIR", data.path().join("db"))
-            .env("MAX_CONNECTIONS", value)
+            .env(name, value)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -424,7 +432,7 @@ fn a_bad_max_connections_stops_the_edge_at_start_with_what_to_do() {
         let _ = edge.kill();
         let out = edge.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && stderr.contains("MAX_CONNECTIONS") && stderr.contains(says), "MAX_CONNECTIONS={value}: {stderr}");
+        assert!(!out.status.success() && stderr.contains(name) && stderr.contains(says), "{name}={value}: {stderr}");
     }
 }
 

@@ -83,6 +83,9 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// The shortest `SSE_KEEPALIVE_MS`: shorter, a quiet job's stream is mostly keep-alives.
+pub const MIN_SSE_KEEPALIVE_MS: u64 = 100;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{0} is not set; run `claude-runner keygen` and set it as it says")]
@@ -99,6 +102,9 @@ pub enum ConfigError {
     Url { name: String },
     #[error("{name} is {value}, over the most this edge supports ({max}); lower it")]
     TooLarge { name: String, value: u64, max: u64 },
+    /// Refused rather than raised without a word: the edge would not do what was set.
+    #[error("{name} must be at least {min} {unit}, got {value}: {why}; set it between {min} and {max} (unset, it is {default})")]
+    TooSmall { name: String, value: u64, min: u64, max: u64, default: u64, unit: &'static str, why: &'static str },
     #[error("{name}: {error}")]
     PoolKeys { name: String, error: keys::KeyError },
     #[error("{0} is not set: every pool in POOLS needs its own callers' secret and agents; set it (e.g. with `wrangler secret put {0}`)")]
@@ -357,8 +363,23 @@ impl Config {
                 .filter(|v| !v.eq_ignore_ascii_case("none"))
                 .map(|v| v.split(',').map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect())
                 .unwrap_or_default(),
-            // At least 100 ms, so a stream is not mostly keep-alives.
-            sse_keepalive_ms: bounded("SSE_KEEPALIVE_MS", "milliseconds", crate::progress::SSE_KEEPALIVE_MS, crate::progress::SSE_KEEPALIVE_MS)?.max(100),
+            sse_keepalive_ms: {
+                let (default, most) = (crate::progress::SSE_KEEPALIVE_MS, crate::progress::SSE_KEEPALIVE_MS);
+                match bounded("SSE_KEEPALIVE_MS", "milliseconds", default, most)? {
+                    value if value < MIN_SSE_KEEPALIVE_MS => {
+                        return Err(ConfigError::TooSmall {
+                            name: own_name("SSE_KEEPALIVE_MS"),
+                            value,
+                            min: MIN_SSE_KEEPALIVE_MS,
+                            max: most,
+                            default,
+                            unit: "milliseconds",
+                            why: "shorter, a quiet job's stream would be mostly keep-alives",
+                        })
+                    }
+                    value => value,
+                }
+            },
         })
     }
 }
@@ -390,6 +411,14 @@ mod tests {
         // Longer would have followers take a quiet job for a dead connection.
         let err = Config::from_lookup(lookup(&[("SSE_KEEPALIVE_MS", "15001")])).unwrap_err();
         assert!(err.to_string().contains("SSE_KEEPALIVE_MS") && err.to_string().contains("lower it"), "{err}");
+        // Shorter was raised to 100 without a word: refused, saying what to set.
+        assert_eq!(Config::from_lookup(lookup(&[("SSE_KEEPALIVE_MS", "100")])).unwrap().sse_keepalive_ms, 100);
+        let shorts: [(&str, &'static [(&str, &str)]); 2] = [("0", &[("SSE_KEEPALIVE_MS", "0")]), ("99", &[("SSE_KEEPALIVE_MS", "99")])];
+        for (short, settings) in shorts {
+            let err = Config::from_lookup(lookup(settings)).unwrap_err().to_string();
+            assert!(err.starts_with("SSE_KEEPALIVE_MS must be at least 100 milliseconds") && err.contains(&format!("got {short}")), "{err}");
+            assert!(err.contains("set it between 100 and 15000") && err.contains("unset"), "{err}");
+        }
         let err = Config::from_lookup(lookup(&[("LOST_AFTER_MS", "soon")])).unwrap_err();
         assert!(err.to_string().contains("LOST_AFTER_MS"), "{err}");
         let err = Config::from_lookup(lookup(&[("RUNNER_SECRET", "short")])).unwrap_err();
