@@ -399,6 +399,24 @@ async fn a_flood_past_the_descriptor_limit_still_leaves_room_for_callers_and_age
     drop(crowd);
 }
 
+/// The listen backlog follows MAX_CONNECTIONS, bounded by the kernel's somaxconn: at the
+/// default a burst of agents reconnecting after an edge restart (issue 11: 200 at once)
+/// overflowed the accept queue, and each SYN dropped cost its agent a second or more
+/// before it tried again. `ss` shows a listener's backlog as its Send-Q.
+#[test]
+fn the_listen_backlog_follows_max_connections() {
+    let keys = Keys::new(&["spark"]);
+    let somaxconn: u64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap().trim().parse().unwrap();
+    // Neither the kernel's nor a library's default (128, 1024, 4096).
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "700")]);
+    let port = edge.url().rsplit(':').next().unwrap().trim_end_matches('/').to_string();
+    let out = std::process::Command::new("ss").args(["-Hltn", &format!("sport = :{port}")]).output().expect("ss (iproute2) to read the listener");
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    // State, Recv-Q, Send-Q (the backlog), local address, peer.
+    let backlogs: Vec<u64> = listed.lines().filter_map(|l| l.split_whitespace().nth(2)?.parse().ok()).collect();
+    assert_eq!(backlogs, [700.min(somaxconn)], "ss: {listed}\n{}", edge.log());
+}
+
 /// A MAX_CONNECTIONS the edge cannot hold is refused at start, saying what to set; so is
 /// an SSE_KEEPALIVE_MS below 100 ms (it was raised to 100 without a word).
 #[test]

@@ -10,6 +10,7 @@
 //!   socket), and how many each secret's holder may hold busy (a quarter of the cap kept
 //!   for agents, the rest split equally). No I/O: the server tells it what each
 //!   connection does.
+//! - [`listen`]: the listening socket, its backlog sized from `MAX_CONNECTIONS`.
 //! - [`socket`]: an agent's WebSocket: frames into commands, outbound frames out, and
 //!   the socket's end once either side closed it.
 //! - [`stall`]: each connection watched, and ended once its peer takes nothing for
@@ -21,6 +22,7 @@
 pub mod clock;
 pub mod connections;
 pub mod driver;
+pub mod listen;
 pub mod server;
 pub mod socket;
 pub mod stall;

@@ -68,10 +68,11 @@ impl Server {
         let nofile = fd_limit();
         let max_connections = crate::connections::cap_setting(std::env::var("MAX_CONNECTIONS").ok().as_deref(), nofile)
             .map_err(anyhow::Error::msg)?;
-        let listener = TcpListener::bind(opts.listen).await.map_err(|e| {
+        let backlog = crate::listen::backlog(max_connections, crate::listen::somaxconn());
+        let listener = crate::listen::listen(opts.listen, backlog).map_err(|e| {
             anyhow::anyhow!("cannot listen on {}: {e}; is another edge running there? set LISTEN to a free address", opts.listen)
         })?;
-        info!(listen = %listener.local_addr()?, restored, data_dir = %opts.data_dir.display(), max_connections, nofile, "edge ready");
+        info!(listen = %listener.local_addr()?, restored, data_dir = %opts.data_dir.display(), max_connections, nofile, backlog, "edge ready");
         let (tx, commands) = mpsc::channel(1024);
         let driver = Driver::new(machine, store, clock, tx.downgrade());
         Ok(Server {
