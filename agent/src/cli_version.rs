@@ -14,14 +14,19 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 /// the agent's user (a job's) may read its `/proc/<pid>/environ` while it runs.
 pub async fn probe(bin: &std::path::Path) -> Result<String, String> {
     use tokio::io::AsyncReadExt;
-    let mut child = tokio::process::Command::new(bin)
+    let mut probe = tokio::process::Command::new(bin);
+    probe
         .arg("--version")
         .env_clear()
         .envs(crate::process::inherited_environment(&[]))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    // SAFETY: async-signal-safe: the descriptor limit `claude-runner up` started with,
+    // not the one it raised.
+    unsafe { probe.pre_exec(runtime::nofile::restore_in_child) };
+    let mut child = probe
         .spawn()
         .map_err(|e| format!("{} cannot run: {e}; check its permissions", bin.display()))?;
     let (mut stdout, mut stderr) = (child.stdout.take().expect("stdout is piped"), child.stderr.take().expect("stderr is piped"));

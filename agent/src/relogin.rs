@@ -214,11 +214,12 @@ async fn drive(
         .process_group(0)
         .kill_on_drop(true);
     // SAFETY: prctl only sets a flag on the child between fork and exec: the login dies
-    // with the agent.
+    // with the agent. restore_in_child is async-signal-safe: the descriptor limit
+    // `claude-runner up` started with, not the one it raised.
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
+            runtime::nofile::restore_in_child()
         });
     }
     let mut child = cmd.spawn().map_err(|e| Some(format!("could not start `{} auth login`: {e}; check CLAUDE_BIN", cfg.claude_bin)))?;

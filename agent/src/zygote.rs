@@ -223,6 +223,10 @@ impl Zygote {
             return Err(std::io::Error::new(e.kind(), format!("could not fork the agent's zygote, which starts its launchers ({e}): restart the agent")));
         }
         if pid == 0 {
+            // A zygote forked again from a `claude-runner up` that raised its descriptor
+            // limit gives its launchers, so Claude, the one `up` was started with (as the
+            // zygote forked at the start, before the raise, has).
+            let _ = runtime::nofile::restore_in_child();
             let socket = theirs.as_raw_fd();
             let slot = cloned.as_ptr();
             std::mem::forget((ours, theirs, cloned));

@@ -81,9 +81,33 @@ struct Up {
 impl Up {
     /// `up` with the stand-in for Claude and these settings besides.
     fn start(data: &TempDir, env: &[(&str, &str)]) -> Up {
+        Up::start_with_nofile(data, env, None)
+    }
+
+    /// [`Up::start`], its soft descriptor limit set to `soft_nofile` (if given) before it
+    /// starts, as a shell's `ulimit -Sn` would.
+    fn start_with_nofile(data: &TempDir, env: &[(&str, &str)], soft_nofile: Option<u64>) -> Up {
         use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
         let log = std::fs::File::create(data.path().join("up.log")).unwrap();
-        let mut child = Command::new(bin("claude-runner"))
+        let mut command = Command::new(bin("claude-runner"));
+        if let Some(soft) = soft_nofile {
+            // SAFETY: getrlimit and setrlimit only, between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    limit.rlim_cur = soft as libc::rlim_t;
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command
             .arg("up")
             .env("CLAUDE_BIN", bin("claude-standin"))
             .env("DATA_DIR", data.path())
@@ -124,6 +148,43 @@ impl Up {
         }
         out
     }
+}
+
+/// `claude-runner up` kept the soft descriptor limit it was started with (1024 on Debian
+/// and under systemd): its edge's default MAX_CONNECTIONS followed it, and a larger one
+/// failed with EMFILE under load. It raises it to the hard limit as the edge's own binary
+/// does, saying both figures; the Claude runs it starts keep the limit it was given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_raises_its_descriptor_limit_to_the_hard_one() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
+    let hard = limit.rlim_max as u64;
+    assert!(hard > 512, "this test needs a hard descriptor limit above 512 (it is {hard})");
+    let data = TempDir::new("up-nofile");
+    let mut up = Up::start_with_nofile(&data, &[("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-up-test-token")], Some(512));
+    let _ = up.printed();
+    Client::new(&up.base).wait_online().await;
+    // A job's Claude reads its own limits.
+    let out = Command::new(bin("claude-runner"))
+        .args(["submit", "--quiet", "@print_file_b64=/proc/self/limits"])
+        .env("CLAUDE_RUNNER_URL", &up.base)
+        .env("RUNNER_SECRET", up_secret(&data))
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    let b64 = shown.trim().strip_prefix("the file is ").unwrap_or_else(|| panic!("{shown}{}", String::from_utf8_lossy(&out.stderr)));
+    use base64::Engine;
+    let limits = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap();
+    let open_files: Vec<&str> = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().split_whitespace().collect();
+    assert_eq!(open_files[3], "512", "a job's Claude got the raised limit: {limits}");
+    let log = std::fs::read_to_string(data.path().join("up.log")).unwrap();
+    let _ = up.child.kill();
+    let _ = up.child.wait();
+    let ready = log.lines().find(|l| l.contains("edge ready")).unwrap_or_else(|| panic!("no `edge ready` line: {log}"));
+    assert!(ready.contains(&format!("nofile={hard}")), "the limit was not raised to {hard}: {ready}\n{log}");
+    let raised = log.lines().find(|l| l.contains("descriptor limit")).unwrap_or_else(|| panic!("no line on the descriptor limit: {log}"));
+    assert!(raised.contains("from=512") && raised.contains(&format!("to={hard}")), "{raised}");
 }
 
 /// The runner secret `up` made and keeps in `DATA_DIR/up/up.json`.

@@ -41,10 +41,6 @@ fn main() {
         return;
     }
     runtime::init_logging(&std::env::var("LOG_FORMAT").unwrap_or_default());
-    // Before anything is opened; the limit in force is in the "edge ready" line.
-    if let Err(e) = edge_native::server::raise_fd_limit() {
-        tracing::warn!(error = %e, nofile = edge_native::server::fd_limit(), "could not raise the file descriptor limit to its hard limit; MAX_CONNECTIONS follows the soft one");
-    }
     if let Err(e) = run() {
         eprintln!("claude-runner-edge: {e:#}");
         std::process::exit(1);

@@ -65,7 +65,21 @@ impl Server {
         let (machine, startup) = edge_core::Edge::restore(opts.config, jobs, Vec::new(), alerts, clock.now());
         // Read here rather than with the machine's settings: only this host holds sockets,
         // and both the edge's binary and `claude-runner up` start it through here.
-        let nofile = fd_limit();
+        // Before anything is opened here; MAX_CONNECTIONS (its default, and its check)
+        // follows the limit in force.
+        let nofile = match runtime::nofile::raise() {
+            Ok((before, after)) => {
+                if before < after {
+                    info!(from = before, to = after, "raised the file descriptor limit (soft) to its hard limit");
+                }
+                after
+            }
+            Err(e) => {
+                let nofile = runtime::nofile::soft();
+                warn!(error = %e, nofile, "could not raise the file descriptor limit to its hard limit; MAX_CONNECTIONS follows the soft one");
+                nofile
+            }
+        };
         let max_connections = crate::connections::cap_setting(std::env::var("MAX_CONNECTIONS").ok().as_deref(), nofile)
             .map_err(anyhow::Error::msg)?;
         let backlog = crate::listen::backlog(max_connections, crate::listen::somaxconn());
@@ -466,40 +480,6 @@ impl<B> Drop for Answering<B> {
     fn drop(&mut self) {
         lock(&self.conn.table).idle(self.conn.id);
     }
-}
-
-/// The soft limit on open file descriptors (`RLIMIT_NOFILE`); 1024, the usual default, if
-/// it cannot be read.
-#[allow(clippy::unnecessary_cast)] // `rlim_t` is 32 bits on some targets.
-pub fn fd_limit() -> u64 {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes the struct it is given, nothing else.
-    match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
-        0 => limit.rlim_cur as u64,
-        _ => 1024,
-    }
-}
-
-/// Raises the soft descriptor limit to the hard one (as Go's runtime does by itself): the
-/// soft default, 1024 on Debian and under systemd, is what a few hundred connections use
-/// up, and the hard limit is what the operator allowed. Returns the limit now in force.
-/// Only the edge's own binary does this: `claude-runner up` starts other programs, which
-/// would inherit the raised limit (some still use `select`, which breaks past 1024).
-pub fn raise_fd_limit() -> std::io::Result<u64> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit and setrlimit read and write the struct they are given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-    }
-    Ok(fd_limit())
 }
 
 /// Resolves once `stopped` is true (or its sender is gone).

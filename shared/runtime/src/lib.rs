@@ -1,7 +1,10 @@
 //! What the two native binaries (`claude-runner` and `claude-runner-edge`) need from the
 //! operating system, in one place: the wall clock, fresh entropy, logging to stderr, the
-//! stop signals and the lock that makes a data folder one process's own. The `shared` crate stays pure (it builds for wasm32 too); the
+//! stop signals and the lock that makes a data folder one process's own, and the
+//! descriptor limit ([`nofile`]). The `shared` crate stays pure (it builds for wasm32 too); the
 //! Worker has its own clock and entropy from the Workers runtime.
+
+pub mod nofile;
 
 /// Milliseconds since the epoch, from the system clock. For timestamps people read and
 /// for expiry checks against the other side's clock; durations use a monotonic clock.
