@@ -367,7 +367,7 @@ async fn request_to(out: &mut impl std::io::Write, data_dir: &Path) -> anyhow::R
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -542,7 +542,7 @@ mod tests {
     /// A job's process (the agent's user) holding a POSIX lock of `kind` (`F_WRLCK`,
     /// `F_RDLCK`) of the whole of DATA_DIR's lock file, `claude-runner … agent` by its
     /// command line (tail follows /dev/null whatever the missing "agent" file).
-    fn posix_locker(dir: &Path, kind: i32) -> std::process::Child {
+    pub(crate) fn posix_locker(dir: &Path, kind: i32) -> std::process::Child {
         use std::os::unix::process::CommandExt;
         let path = std::ffi::CString::new(dir.join(crate::agent::DATA_LOCK).to_str().unwrap()).unwrap();
         let (locked_w, locked_r) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -579,7 +579,7 @@ mod tests {
     }
 
     /// Kills `child`'s process group and reaps it: the signal it ended by, if any.
-    fn end_group(child: &mut std::process::Child) -> Option<i32> {
+    pub(crate) fn end_group(child: &mut std::process::Child) -> Option<i32> {
         use std::os::unix::process::ExitStatusExt;
         // SAFETY: kill(2) of the process group this test started.
         unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
