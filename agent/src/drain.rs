@@ -307,11 +307,17 @@ async fn request_to(out: &mut impl std::io::Write, data_dir: &Path) -> anyhow::R
         Some(held) => pidfd::ended(held, Duration::ZERO),
         None => !status::is_agent(agent.pid),
     };
-    if !status::is_agent(agent.pid) || ended() {
+    // What the process is, read before whether it has ended: an agent that ends while it is
+    // read (its lock let go, its /proc gone) was said to be no agent of this DATA_DIR. One
+    // that has not ended after was the one read (held by its pidfd).
+    let named = status::is_agent(agent.pid);
+    let of_this = named && is_agent_of(agent.pid, data_dir);
+    let catches = of_this && catches_usr1(agent.pid);
+    if !named || ended() {
         not_running(out)?;
         return Ok(false);
     }
-    if !is_agent_of(agent.pid, data_dir) {
+    if !of_this {
         status::say(
             out,
             format!(
@@ -326,7 +332,7 @@ async fn request_to(out: &mut impl std::io::Write, data_dir: &Path) -> anyhow::R
     }
     // An older agent knows only SIGTERM; to it a second one means "hand the jobs back",
     // so it gets none while it drains already.
-    let signal = match (catches_usr1(agent.pid), agent.draining) {
+    let signal = match (catches, agent.draining) {
         (true, _) => Some(libc::SIGUSR1),
         (false, false) => Some(libc::SIGTERM),
         (false, true) => None,
