@@ -99,53 +99,63 @@ fn proc_locks() -> Option<String> {
 /// and `stat`'s device is not the one shown under an overlay (a container's root). So the
 /// name is learned from a lock of this process's own on the file: a POSIX read lock
 /// (it never meets the agent's flock), shown in this descriptor's /proc/self/fdinfo and
-/// released when the file closes here. Where a lock is in its way (on NFS a flock is a
-/// POSIX lock of the whole file, the agent's too), that lock's holder is asked for
-/// instead (F_GETLK). None where neither can be learned (no plain lock file, no /proc).
+/// released when the file closes here.
+///
+/// A POSIX write lock can be in the way of that read lock: a job's (the agent's user can
+/// lock the file; a POSIX lock never meets a flock), or on NFS, where the server holds
+/// every flock as a POSIX lock of the whole file, the agent's own (the client still
+/// records it as a flock, and /proc/locks shows a FLOCK line; F_GETLK names no local
+/// process, the holder being the server's). The name is then the device of a lock of
+/// this process's own on DATA_DIR itself (a folder cannot be opened for writing, so no
+/// write lock is ever in the way of a read lock on it) and the file's inode.
+///
+/// The agent's lock is a flock (`File::try_lock`): only FLOCK lines are the agent's. A
+/// POSIX or OFD lock is never an agent's, and only says the file is taken. None where the
+/// name cannot be learned (no plain lock file, no /proc).
 struct DataLocks {
     /// The lock file as /proc/locks names it.
     file: String,
-    /// /proc/locks, without the lock of this process's own.
+    /// /proc/locks, without the locks of this process's own.
     text: String,
-    /// The holder of a lock in the way of this process's own (none: an OFD lock's).
-    in_the_way: Option<Option<u32>>,
+    /// A lock was in the way of this process's own read lock on the file.
+    in_the_way: bool,
 }
 
 impl DataLocks {
     fn read(data_dir: &Path) -> Option<DataLocks> {
-        use std::os::unix::fs::OpenOptionsExt;
-        use std::os::unix::io::AsRawFd;
-        let lock = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-            .open(data_dir.join(crate::agent::DATA_LOCK))
-            .ok()?;
-        if !lock.metadata().ok()?.is_file() {
-            return None;
-        }
-        // SAFETY: a flock struct is plain data; zeroed, it covers the whole file.
-        let mut probe: libc::flock = unsafe { std::mem::zeroed() };
-        probe.l_type = libc::F_RDLCK as _;
-        probe.l_whence = libc::SEEK_SET as _;
-        // SAFETY: fcntl(2) on a descriptor owned here, with a flock it only reads.
-        if unsafe { libc::fcntl(lock.as_raw_fd(), libc::F_SETLK, &probe) } != 0 {
-            // SAFETY: as above; F_GETLK writes the lock in the way into `probe`.
-            if unsafe { libc::fcntl(lock.as_raw_fd(), libc::F_GETLK, &mut probe) } != 0 || i32::from(probe.l_type) == libc::F_UNLCK {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        use std::os::unix::io::{AsRawFd, FromRawFd};
+        let dir = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY).open(data_dir).ok()?;
+        let name = std::ffi::CString::new(crate::agent::DATA_LOCK).expect("no NUL in the lock file's name");
+        // SAFETY: openat(2) in a descriptor owned here; the new descriptor is owned by the
+        // File from here on. In the folder whose device names the file when a lock is in
+        // the way.
+        let lock = unsafe {
+            let fd = libc::openat(dir.as_raw_fd(), name.as_ptr(), libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC);
+            if fd < 0 {
                 return None;
             }
-            let holder = u32::try_from(probe.l_pid).ok().filter(|pid| *pid > 0);
-            return Some(DataLocks { file: String::new(), text: String::new(), in_the_way: Some(holder) });
+            std::fs::File::from_raw_fd(fd)
+        };
+        let metadata = lock.metadata().ok()?;
+        if !metadata.is_file() {
+            return None;
         }
-        let me = std::process::id();
-        let mine = |line: &Line| line.kind == "POSIX" && line.pid == Some(me) && !line.waits;
-        let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", lock.as_raw_fd())).ok()?;
-        let file = fdinfo.lines().filter_map(|l| l.strip_prefix("lock:")).filter_map(Line::of).find(mine)?.file.to_string();
+        let (file, in_the_way) = match own_read_lock(&lock) {
+            Ok(file) => (file, false),
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => return None,
+            Err(_) => {
+                let folder = own_read_lock(&dir).ok()?;
+                let (device, _) = folder.rsplit_once(':')?;
+                (format!("{device}:{}", inode(&lock).unwrap_or(metadata.ino())), true)
+            }
+        };
         let text = proc_locks()?
             .lines()
-            .filter(|l| !Line::of(l).is_some_and(|line| mine(&line) && line.file == file))
+            .filter(|l| !Line::of(l).is_some_and(|line| line.is_ours()))
             .map(|l| format!("{l}\n"))
             .collect();
-        Some(DataLocks { file, text, in_the_way: None })
+        Some(DataLocks { file, text, in_the_way })
     }
 
     /// The locks on the lock file (held, or waited for).
@@ -153,15 +163,49 @@ impl DataLocks {
         self.text.lines().filter_map(Line::of).filter(|line| line.file == self.file)
     }
 
-    /// Whether anyone holds (or waits for) the lock: an agent runs with this DATA_DIR.
+    /// Whether anyone holds (or waits for) a lock on the file: an agent runs with this
+    /// DATA_DIR — or something holds it that is none (a job's POSIX lock), which is not
+    /// told apart here: a taken file is never another agent's to take (see `is_agent_of`).
     fn taken(&self) -> bool {
-        self.in_the_way.is_some() || self.on_file().next().is_some()
+        self.in_the_way || self.on_file().next().is_some()
+    }
+
+    /// The processes that hold (not wait for) a flock of the file: the agent of this
+    /// DATA_DIR while it lives.
+    fn flock_holders(&self) -> impl Iterator<Item = u32> + '_ {
+        self.on_file().filter(|line| line.kind == "FLOCK" && !line.waits).filter_map(|line| line.pid)
     }
 
     /// Whether process `pid` holds the lock, as the agent of this DATA_DIR does.
     fn held_by(&self, pid: u32) -> bool {
-        self.in_the_way == Some(Some(pid)) || self.on_file().any(|line| !line.waits && line.pid == Some(pid))
+        self.flock_holders().any(|holder| holder == pid)
     }
+}
+
+/// Takes a POSIX read lock of the whole of `file` (released when it closes) and returns
+/// the file's name as /proc/locks shows it, from the lock in its /proc/self/fdinfo.
+/// `EAGAIN` or `EACCES` when a lock is in the way.
+fn own_read_lock(file: &std::fs::File) -> std::io::Result<String> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: a flock struct is plain data; zeroed, it covers the whole file.
+    let mut probe: libc::flock = unsafe { std::mem::zeroed() };
+    probe.l_type = libc::F_RDLCK as _;
+    probe.l_whence = libc::SEEK_SET as _;
+    // SAFETY: fcntl(2) on a descriptor owned by the caller, with a flock it only reads.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &probe) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", file.as_raw_fd()))?;
+    let ours = fdinfo.lines().filter_map(|l| l.strip_prefix("lock:")).filter_map(Line::of).find(Line::is_ours);
+    ours.map(|line| line.file.to_string()).ok_or_else(|| std::io::Error::other("no lock of this process's own in its fdinfo"))
+}
+
+/// `file`'s inode number as /proc/locks shows it (its /proc/self/fdinfo `ino:`, Linux
+/// 5.14 and later), which under an overlay `stat` need not give.
+fn inode(file: &std::fs::File) -> Option<u64> {
+    use std::os::unix::io::AsRawFd;
+    let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", file.as_raw_fd())).ok()?;
+    fdinfo.lines().find_map(|l| l.strip_prefix("ino:")).and_then(|ino| ino.trim().parse().ok())
 }
 
 /// Whether process `pid` holds DATA_DIR's lock ([`data_lock`]), as the agent of
@@ -197,14 +241,10 @@ pub fn lock_taken(data_dir: &Path) -> bool {
     DataLocks::read(data_dir).is_some_and(|locks| locks.taken())
 }
 
-/// The processes that hold (not wait for) DATA_DIR's lock ([`DataLocks`]): the agent of
-/// `data_dir` while it lives — or a job's process (the agent's user can lock the file too).
+/// The processes that hold (not wait for) a flock of DATA_DIR's lock file ([`DataLocks`]):
+/// the agent of `data_dir` while it lives. A POSIX lock of the file (a job's) is none.
 pub fn lock_holders(data_dir: &Path) -> Vec<u32> {
-    let Some(locks) = DataLocks::read(data_dir) else { return Vec::new() };
-    match locks.in_the_way {
-        Some(holder) => holder.into_iter().collect(),
-        None => locks.on_file().filter(|line| !line.waits).filter_map(|line| line.pid).collect(),
-    }
+    DataLocks::read(data_dir).map(|locks| locks.flock_holders().collect()).unwrap_or_default()
 }
 
 /// A /proc/locks line: `1: FLOCK  ADVISORY  WRITE 4242 08:01:1311 0 EOF`, or a wait for a
@@ -226,6 +266,11 @@ impl<'a> Line<'a> {
         let pid = fields.nth(2)?.parse().ok();
         let file = fields.next()?;
         Some(Line { waits, kind, pid, file })
+    }
+
+    /// A POSIX lock this process holds: one of [`own_read_lock`]'s.
+    fn is_ours(&self) -> bool {
+        self.kind == "POSIX" && self.pid == Some(std::process::id()) && !self.waits
     }
 }
 
@@ -262,11 +307,17 @@ async fn request_to(out: &mut impl std::io::Write, data_dir: &Path) -> anyhow::R
         Some(held) => pidfd::ended(held, Duration::ZERO),
         None => !status::is_agent(agent.pid),
     };
-    if !status::is_agent(agent.pid) || ended() {
+    // What the process is, read before whether it has ended: an agent that ends while it is
+    // read (its lock let go, its /proc gone) was said to be no agent of this DATA_DIR. One
+    // that has not ended after was the one read (held by its pidfd).
+    let named = status::is_agent(agent.pid);
+    let of_this = named && is_agent_of(agent.pid, data_dir);
+    let catches = of_this && catches_usr1(agent.pid);
+    if !named || ended() {
         not_running(out)?;
         return Ok(false);
     }
-    if !is_agent_of(agent.pid, data_dir) {
+    if !of_this {
         status::say(
             out,
             format!(
@@ -281,7 +332,7 @@ async fn request_to(out: &mut impl std::io::Write, data_dir: &Path) -> anyhow::R
     }
     // An older agent knows only SIGTERM; to it a second one means "hand the jobs back",
     // so it gets none while it drains already.
-    let signal = match (catches_usr1(agent.pid), agent.draining) {
+    let signal = match (catches, agent.draining) {
         (true, _) => Some(libc::SIGUSR1),
         (false, false) => Some(libc::SIGTERM),
         (false, true) => None,
@@ -322,7 +373,7 @@ async fn request_to(out: &mut impl std::io::Write, data_dir: &Path) -> anyhow::R
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -451,29 +502,66 @@ mod tests {
         assert_eq!((taken, held), ((false, true), (false, true)));
     }
 
-    /// On NFS a flock is a POSIX lock of the whole file: the agent's is in the way of the
-    /// read lock [`DataLocks`] takes to learn the file's name, and the agent was then known
-    /// as none (`--drain` refused it, `status` passed it over). The lock in the way names
-    /// its holder (F_GETLK). Here a child holds a POSIX write lock, as the agent there does.
+    /// A POSIX write lock in the way of drain's own read lock (a job's; on NFS the agent's
+    /// flock, which the server holds as one) left the lock file's name unknown: its holder
+    /// (F_GETLK) was asked for instead, and the FLOCK lines, the agent's, were never read.
+    /// The name is learned through DATA_DIR's own device: the same as without the lock.
     #[test]
-    fn a_lock_in_the_way_of_drains_own_names_its_holder() {
-        use std::os::unix::process::CommandExt;
+    fn a_lock_in_the_way_of_drains_own_leaves_the_files_name_known() {
         let dir = std::env::temp_dir().join(format!("cr-drain-posix-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(crate::agent::DATA_LOCK), b"").unwrap();
+        let free = DataLocks::read(&dir).expect("a plain lock file");
+        let mut job = posix_locker(&dir, libc::F_WRLCK);
+        let in_the_way = DataLocks::read(&dir).expect("a plain lock file");
+        let _ = end_group(&mut job);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(!free.in_the_way && in_the_way.in_the_way);
+        assert_eq!(in_the_way.file, free.file);
+        assert!(in_the_way.taken() && !in_the_way.held_by(job.id()));
+    }
+
+    /// A child that holds DATA_DIR's flock as the agent does (flock(1), which keeps it
+    /// while its command runs), `claude-runner … agent` by its command line; in a process
+    /// group of its own, which [`end_group`] ends (flock(1) leaves its command behind).
+    fn flock_holder(dir: &Path) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let holder = std::process::Command::new("flock")
+            .arg0("claude-runner")
+            .arg("-o")
+            .arg(dir.join(crate::agent::DATA_LOCK))
+            .args(["sh", "-c", "sleep 60", "agent"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        for _ in 0..6000 {
+            if holds_data_lock(holder.id(), dir) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(holds_data_lock(holder.id(), dir), "flock(1) took no lock");
+        holder
+    }
+
+    /// A job's process (the agent's user) holding a POSIX lock of `kind` (`F_WRLCK`,
+    /// `F_RDLCK`) of the whole of DATA_DIR's lock file, `claude-runner … agent` by its
+    /// command line (tail follows /dev/null whatever the missing "agent" file).
+    pub(crate) fn posix_locker(dir: &Path, kind: i32) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
         let path = std::ffi::CString::new(dir.join(crate::agent::DATA_LOCK).to_str().unwrap()).unwrap();
         let (locked_w, locked_r) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut child = std::process::Command::new("sleep");
-        child.arg("60");
+        let mut child = std::process::Command::new("tail");
+        child.arg0("claude-runner").args(["agent", "-f", "/dev/null"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).process_group(0);
         // SAFETY: open(2), fcntl(2) and write(2) only, between fork and exec; the descriptor
         // stays open across exec (no O_CLOEXEC), so the lock stays the child's.
-        let mut holder = unsafe {
+        let child = unsafe {
             let signal = std::os::unix::io::AsRawFd::as_raw_fd(&locked_w);
             child.pre_exec(move || {
-                let fd = libc::open(path.as_ptr(), libc::O_RDWR);
+                let fd = libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CREAT, 0o600);
                 let mut lock: libc::flock = std::mem::zeroed();
-                lock.l_type = libc::F_WRLCK as _;
+                lock.l_type = kind as _;
                 lock.l_whence = libc::SEEK_SET as _;
                 if fd < 0 || libc::fcntl(fd, libc::F_SETLK, &lock) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -486,11 +574,93 @@ mod tests {
         .unwrap();
         drop(locked_w);
         std::io::Read::read_exact(&mut &locked_r, &mut [0]).unwrap();
-        let (held, taken, others) = (holds_data_lock(holder.id(), &dir), lock_taken(&dir), holds_data_lock(std::process::id(), &dir));
-        let _ = holder.kill();
-        let _ = holder.wait();
-        std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!((held, taken, others), (true, true, false));
+        for _ in 0..6000 {
+            if status::is_agent(child.id()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(status::is_agent(child.id()), "{:?}", std::fs::read(format!("/proc/{}/cmdline", child.id())));
+        child
+    }
+
+    /// Kills `child`'s process group and reaps it: the signal it ended by, if any.
+    pub(crate) fn end_group(child: &mut std::process::Child) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt;
+        // SAFETY: kill(2) of the process group this test started.
+        unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
+        child.wait().unwrap().signal()
+    }
+
+    /// What `--drain` says and does with a status file naming `pid`, and whether
+    /// `oauth-status` and `doctor` would take the file as the running agent's.
+    async fn drain_named(dir: &Path, pid: u32) -> (anyhow::Result<bool>, String, bool) {
+        let planted = status::Status { agent_id: "named".into(), pid, ..Default::default() };
+        std::fs::write(dir.join("status.json"), serde_json::to_vec(&planted).unwrap()).unwrap();
+        let trusted = status::running_agents(dir).is_some();
+        let mut shown = Vec::new();
+        let asked = tokio::time::timeout(std::time::Duration::from_secs(60), request_to(&mut shown, dir)).await.unwrap_or_else(|_| Err(anyhow::anyhow!("drain waited 60 s")));
+        (asked, String::from_utf8_lossy(&shown).to_string(), trusted)
+    }
+
+    /// A job (the agent's user) can take a POSIX lock of the agent's lock file: it does not
+    /// meet the agent's flock. A write lock was in the way of drain's own read lock, and its
+    /// holder (F_GETLK) was taken for the agent; a read lock was one more holder on the
+    /// file. Either way `--drain` signalled the job's process (a `claude-runner … agent` by
+    /// its command line) when status.json named it, and `oauth-status` trusted the file.
+    /// Only the flock's holder is the agent: it alone is signalled.
+    async fn a_job_locking_beside_the_agent_is_not_taken_for_it(kind: i32) {
+        let dir = std::env::temp_dir().join(format!("cr-drain-beside-{kind}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut agent = flock_holder(&dir);
+        let mut job = posix_locker(&dir, kind);
+        let holders = lock_holders(&dir);
+        let (by_job, said_by_job, job_trusted) = drain_named(&dir, job.id()).await;
+        let job_alive = job.try_wait().unwrap().is_none();
+        let (by_agent, said_by_agent, agent_trusted) = drain_named(&dir, agent.id()).await;
+        let agent_ended_by = agent.try_wait().unwrap().and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s));
+        let _ = (end_group(&mut agent), end_group(&mut job));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(job_alive && matches!(by_job, Ok(false)) && said_by_job.contains("does not hold") && !job_trusted, "{by_job:?} {said_by_job}");
+        assert_eq!(holders, vec![agent.id()]);
+        assert!(matches!(by_agent, Ok(true)) && agent_trusted && agent_ended_by == Some(libc::SIGTERM), "{by_agent:?} {said_by_agent}");
+    }
+
+    #[tokio::test]
+    async fn a_jobs_posix_write_lock_beside_the_agents_flock_is_not_the_agent() {
+        a_job_locking_beside_the_agent_is_not_taken_for_it(libc::F_WRLCK).await;
+    }
+
+    #[tokio::test]
+    async fn a_jobs_posix_read_lock_beside_the_agents_flock_is_not_the_agent() {
+        a_job_locking_beside_the_agent_is_not_taken_for_it(libc::F_RDLCK).await;
+    }
+
+    /// A job's POSIX lock of the lock file with no agent running (no flock on it): its
+    /// process was the agent to `--drain`, `status` and `oauth-status`. No agent runs.
+    async fn a_job_locking_alone_is_no_agent(kind: i32) {
+        let dir = std::env::temp_dir().join(format!("cr-drain-alone-{kind}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut job = posix_locker(&dir, kind);
+        let holders = lock_holders(&dir);
+        let (by_job, said, trusted) = drain_named(&dir, job.id()).await;
+        let job_alive = job.try_wait().unwrap().is_none();
+        let _ = end_group(&mut job);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(job_alive && matches!(by_job, Ok(false)) && said.contains("does not hold") && !trusted, "{by_job:?} {said}");
+        assert_eq!(holders, Vec::<u32>::new());
+    }
+
+    #[tokio::test]
+    async fn a_jobs_posix_write_lock_alone_is_no_agent() {
+        a_job_locking_alone_is_no_agent(libc::F_WRLCK).await;
+    }
+
+    #[tokio::test]
+    async fn a_jobs_posix_read_lock_alone_is_no_agent() {
+        a_job_locking_alone_is_no_agent(libc::F_RDLCK).await;
     }
 
     #[test]

@@ -279,11 +279,26 @@ pub fn running_agents(data_dir: &std::path::Path) -> Option<Status> {
 /// Why the status file is not the agent's, when DATA_DIR's lock is held but not by the
 /// process the file names: the lock is seen in /proc/locks, which a job cannot write, but
 /// a job (the agent's user) can lock the file itself and write status.json naming any
-/// running claude-runner. A file so contradicted is not shown as an agent's.
+/// running claude-runner. A file so contradicted is not shown as an agent's. So too where
+/// the file is locked but by no agent (an agent holds a flock of it; a job can take a
+/// POSIX lock, which never meets that flock).
 fn not_the_lock_holders(data_dir: &std::path::Path, status: &Status) -> Option<String> {
     let holders = crate::drain::lock_holders(data_dir);
-    if holders.is_empty() || holders.contains(&status.pid) {
+    if holders.contains(&status.pid) {
         return None;
+    }
+    if holders.is_empty() {
+        if !crate::drain::lock_taken(data_dir) {
+            return None;
+        }
+        let lock = data_dir.join(crate::agent::DATA_LOCK);
+        return Some(format!(
+            "{} is locked, but no agent holds it (an agent holds a flock of it; this is another lock: a job of an agent of this user can take one, or an agent on another machine sharing this folder holds it): {}/status.json (pid {}) is not the running agent's, and is not shown. See what locks it: `lslocks | grep {}`",
+            lock.display(),
+            data_dir.display(),
+            status.pid,
+            lock.display()
+        ));
     }
     let holders: Vec<String> = holders.iter().map(u32::to_string).collect();
     Some(format!(
@@ -460,6 +475,29 @@ mod tests {
         assert_eq!(healthy, (false, false), "{planted}");
         assert!(!planted.contains("connected since"), "the planted file shown as the agent's: {planted}");
         assert!(planted.contains(&format!("held by process {pid}")), "{planted}");
+    }
+
+    /// A job can lock DATA_DIR/agent.lock with a POSIX lock where no agent runs (an agent
+    /// holds a flock of it), and plant status.json naming its own process, a `claude-runner
+    /// … agent` by its command line: `status` showed that file as the running agent's,
+    /// connected. A lock of the file that no flock holder holds is no agent's: the file is
+    /// not shown as one's.
+    #[test]
+    fn a_status_file_beside_a_lock_no_agent_holds_is_not_shown_as_the_agents() {
+        let dir = std::env::temp_dir().join(format!("cr-status-posix-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut job = crate::drain::tests::posix_locker(&dir, libc::F_WRLCK);
+        let planted = Status { agent_id: "planted".into(), edge: "wss://planted".into(), pid: job.id(), connected: true, since: "then".into(), ..Default::default() };
+        std::fs::write(dir.join("status.json"), serde_json::to_vec(&planted).unwrap()).unwrap();
+        let mut shown = Vec::new();
+        let healthy = (show_to(&mut shown, &dir).unwrap(), check_to(&mut shown, &dir).unwrap());
+        let _ = crate::drain::tests::end_group(&mut job);
+        let _ = std::fs::remove_dir_all(&dir);
+        let shown = String::from_utf8(shown).unwrap();
+        assert_eq!(healthy, (false, false), "{shown}");
+        assert!(!shown.contains("connected since"), "the planted file shown as the agent's: {shown}");
+        assert!(shown.contains("no agent holds"), "{shown}");
     }
 
     /// The agent reads the status file its predecessor left before it writes its own: a
