@@ -24,6 +24,11 @@ pub const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
 #[derive(Debug, Default)]
 pub struct EventStream {
     buffer: Vec<u8>,
+    /// Whether the buffer's end is inside a line, not at its start (where an end of line is an
+    /// empty line: the event's end).
+    mid_line: bool,
+    /// The last chunk ended with a CR, which ended its line.
+    after_cr: bool,
     /// Inside an event that outgrew the limit: skip to its end.
     skipping: bool,
 }
@@ -32,25 +37,45 @@ impl EventStream {
     /// Takes the next chunk; returns the events it completed.
     pub fn push(&mut self, chunk: &[u8]) -> Vec<Event> {
         let mut events = Vec::new();
-        // Only the tail can hold the start of a separator split by the previous chunk.
-        let mut from = self.buffer.len().saturating_sub(3);
+        // Nothing already in the buffer holds an end of line not read.
+        let (mut start, mut i) = (0, self.buffer.len());
         self.buffer.extend_from_slice(chunk);
-        // Where the first event not yet taken starts: the events are read in place and the
-        // buffer cut once, after the last. (Cutting each off the front moved the rest of
-        // the chunk each time: a chunk of 7-byte events, which an edge may send, took
-        // seconds of CPU per 256 KiB.)
-        let mut start = 0;
-        while let Some((end, sep)) = find_blank_line(&self.buffer[from..]).map(|(i, n)| (from + i, n)) {
-            let block = start..end;
-            start = end + sep;
-            from = start;
-            if std::mem::take(&mut self.skipping) {
-                continue;
-            }
-            if let Some(event) = parse_block(&self.buffer[block]) {
-                events.push(event);
+        // The events are read in place and the buffer cut once, after the last; each byte is
+        // looked at once, however the stream is cut. (Cutting each event off the front moved
+        // the rest of the chunk each time: a chunk of 7-byte events, which an edge may send,
+        // took seconds of CPU per 256 KiB.)
+        // A CR that ended the last chunk ended its line: an LF after it is the same end of
+        // line (CRLF), not an empty line.
+        if self.after_cr && i < self.buffer.len() {
+            self.after_cr = false;
+            if self.buffer[i] == b'\n' {
+                i += 1;
             }
         }
+        // Lines end at CRLF, LF or CR, as the spec says, and an empty line ends the event. (A
+        // search for `\n\n`, `\r\r` or `\r\n\r\n` missed the mixed ones, `\n\r\n` or `\n\r`:
+        // two events were read as one.)
+        while let Some(at) = self.buffer[i..].iter().position(|&b| b == b'\n' || b == b'\r') {
+            let eol = i + at;
+            let len = match (self.buffer[eol], self.buffer.get(eol + 1)) {
+                (b'\r', Some(b'\n')) => 2,
+                (b'\r', None) => {
+                    self.after_cr = true;
+                    1
+                }
+                _ => 1,
+            };
+            if at == 0 && !self.mid_line {
+                let block = start..eol;
+                start = eol + len;
+                if !std::mem::take(&mut self.skipping) {
+                    events.extend(parse_block(&self.buffer[block]));
+                }
+            }
+            self.mid_line = false;
+            i = eol + len;
+        }
+        self.mid_line |= i < self.buffer.len();
         self.buffer.drain(..start);
         if self.buffer.len() > MAX_EVENT_BYTES {
             self.buffer.clear();
@@ -58,19 +83,6 @@ impl EventStream {
         }
         events
     }
-}
-
-/// The first blank line (`\n\n`, `\r\n\r\n` or `\r\r`): its index and length.
-fn find_blank_line(bytes: &[u8]) -> Option<(usize, usize)> {
-    let mut i = 0;
-    while i + 1 < bytes.len() {
-        match (bytes[i], bytes[i + 1]) {
-            (b'\n', b'\n') | (b'\r', b'\r') => return Some((i, 2)),
-            (b'\r', b'\n') if bytes.get(i + 2..i + 4) == Some(b"\r\n") => return Some((i, 4)),
-            _ => i += 1,
-        }
-    }
-    None
 }
 
 fn parse_block(block: &[u8]) -> Option<Event> {
@@ -129,6 +141,77 @@ mod tests {
             let mut got = s.push(&wire.as_bytes()[..cut]);
             got.extend(s.push(&wire.as_bytes()[cut..]));
             assert_eq!(got, want, "cut at {cut}");
+        }
+    }
+
+    /// An event too large to keep is dropped up to its end, and no further: an end that
+    /// came in two chunks (its first LF last in the chunk that passed the limit) was lost
+    /// with the buffer, and the event after it dropped too.
+    #[test]
+    fn the_end_of_an_event_too_large_is_seen_even_when_cut_in_two() {
+        let mut s = EventStream::default();
+        let mut big = vec![b'x'; MAX_EVENT_BYTES];
+        big.extend_from_slice(b"\n");
+        assert!(s.push(&big).is_empty());
+        assert_eq!(s.push(b"\ndata: next\n\n"), vec![Event { name: None, id: None, data: "next".into() }]);
+    }
+
+    /// The stream as the spec reads it, whole (html.spec.whatwg.org, "Interpreting an event
+    /// stream"): lines end at CRLF, LF or CR (a CRLF is one end, not two), an empty line
+    /// ends an event, and what follows the last empty line is not one yet. Each event's
+    /// fields are read as [`parse_block`] reads them (only its boundaries are the spec's
+    /// here): the oracle the parser's chunked reading is held to.
+    fn by_the_spec(wire: &[u8]) -> Vec<Event> {
+        let mut events = Vec::new();
+        let (mut block_start, mut line_start, mut i) = (0, 0, 0);
+        while i < wire.len() {
+            let end = match wire[i] {
+                b'\r' if wire.get(i + 1) == Some(&b'\n') => 2,
+                b'\r' | b'\n' => 1,
+                _ => {
+                    i += 1;
+                    continue;
+                }
+            };
+            if i == line_start {
+                events.extend(parse_block(&wire[block_start..i]));
+                block_start = i + end;
+            }
+            i += end;
+            line_start = i;
+        }
+        events
+    }
+
+    proptest::proptest! {
+        /// However the stream is cut into chunks (between a CR and its LF, inside a
+        /// character), the events are the spec's for the whole stream: the same ends of
+        /// lines and of events, nothing merged, nothing split, nothing lost.
+        #[test]
+        fn any_chunking_gives_the_specs_events(
+            parts in proptest::collection::vec(
+                proptest::sample::select(vec!["data", "data:", "data: ", "id: 7", "event: e", ": c", "x", "é", "\r", "\n", "\r\n", ":"]),
+                0..40,
+            ),
+            cuts in proptest::collection::vec(0usize..200, 0..6),
+        ) {
+            let wire = parts.concat().into_bytes();
+            let want = by_the_spec(&wire);
+            let mut whole = EventStream::default();
+            proptest::prop_assert_eq!(&whole.push(&wire), &want, "whole: {:?}", String::from_utf8_lossy(&wire));
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (wire.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut s = EventStream::default();
+            let (mut got, mut from) = (Vec::new(), 0);
+            for cut in cuts.into_iter().chain([wire.len()]) {
+                got.extend(s.push(&wire[from..cut]));
+                from = cut;
+            }
+            proptest::prop_assert_eq!(&got, &want, "cut: {:?}", String::from_utf8_lossy(&wire));
+            // And a byte at a time, an empty chunk after each.
+            let mut s = EventStream::default();
+            let got: Vec<Event> = wire.iter().flat_map(|b| [s.push(std::slice::from_ref(b)), s.push(&[])]).flatten().collect();
+            proptest::prop_assert_eq!(&got, &want, "bytes: {:?}", String::from_utf8_lossy(&wire));
         }
     }
 
