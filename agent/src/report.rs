@@ -189,7 +189,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         // Another claude-runner agent, not holding this lock.
-        let mut other = std::process::Command::new("sh").arg0("claude-runner").args(["-c", "sleep 60", "agent"]).spawn().unwrap();
+        let mut other = std::process::Command::new("tail").arg0("claude-runner").args(["agent", "-f", "/dev/null"]).stderr(std::process::Stdio::null()).spawn().unwrap();
         while !crate::status::runs_agent(other.id()) {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }

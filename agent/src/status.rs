@@ -258,7 +258,24 @@ pub fn is_agent(pid: u32) -> bool {
 /// Whether `pid`'s command line is `… agent …` after its program (an agent's, whatever
 /// global flags come before its subcommand): with [`is_agent`], a `claude-runner agent`.
 pub fn runs_agent(pid: u32) -> bool {
-    command_line(pid).is_some_and(|cmd| cmd.split(|&b| b == 0).skip(1).any(|arg| arg == b"agent"))
+    command_line(pid).is_some_and(|cmd| runs_the_agent_command(&cmd))
+}
+
+/// Whether a command line (its arguments, each ended by a NUL) runs the `agent` subcommand:
+/// its first argument past the program and the global flag (`--log-format`, main.rs) is
+/// `agent`. (`agent` anywhere passed: a `claude-runner submit agent`, a prompt, too.)
+fn runs_the_agent_command(cmd: &[u8]) -> bool {
+    let mut args = cmd.split(|&b| b == 0).skip(1);
+    while let Some(arg) = args.next() {
+        match arg {
+            b"--log-format" => {
+                args.next();
+            }
+            _ if arg.starts_with(b"--log-format=") => {}
+            _ => return arg == b"agent",
+        }
+    }
+    false
 }
 
 /// `pid`'s command line (its arguments, each ended by a NUL), none once it is gone.
@@ -467,7 +484,7 @@ mod tests {
         };
         let ((shown_ok, _), by_the_holder) = shown(&status(pid));
         // Another claude-runner agent (not holding this lock), named by the planted file.
-        let mut other = std::process::Command::new("sh").arg0("claude-runner").args(["-c", "sleep 60", "agent"]).spawn().unwrap();
+        let mut other = std::process::Command::new("tail").arg0("claude-runner").args(["agent", "-f", "/dev/null"]).stderr(std::process::Stdio::null()).spawn().unwrap();
         let (healthy, planted) = shown(&status(other.id()));
         let _ = (agent.kill(), other.kill(), agent.wait(), other.wait());
         let _ = std::fs::remove_dir_all(&dir);
@@ -498,6 +515,24 @@ mod tests {
         assert_eq!(healthy, (false, false), "{shown}");
         assert!(!shown.contains("connected since"), "the planted file shown as the agent's: {shown}");
         assert!(shown.contains("no agent holds"), "{shown}");
+    }
+
+    /// Only a command line whose subcommand is `agent` runs the agent: `agent` anywhere in
+    /// it passed, so a `claude-runner submit agent` (a prompt, a `--model` value) was taken
+    /// for an agent of a release before DATA_DIR's lock by `agent --drain` (signalled) and
+    /// by `oauth-status` and `doctor` (its status file's login shown as the agent's).
+    #[test]
+    fn only_the_agent_subcommand_runs_the_agent() {
+        let runs = |args: &[&str]| runs_the_agent_command(args.iter().map(|a| format!("{a}\0")).collect::<String>().as_bytes());
+        assert!(runs(&["claude-runner", "agent"]));
+        assert!(runs(&["/usr/local/bin/claude-runner", "agent", "--drain"]));
+        assert!(runs(&["claude-runner", "--log-format", "json", "agent"]));
+        assert!(runs(&["claude-runner", "--log-format=json", "agent"]));
+        assert!(!runs(&["claude-runner", "submit", "agent"]), "a prompt");
+        assert!(!runs(&["claude-runner", "submit", "--model", "agent", "fix it"]), "an option's value");
+        assert!(!runs(&["claude-runner", "--log-format", "agent", "submit"]), "the global flag's value");
+        assert!(!runs(&["claude-runner", "status", "agent"]));
+        assert!(!runs(&["claude-runner"]) && !runs(&[]));
     }
 
     /// The agent reads the status file its predecessor left before it writes its own: a

@@ -1294,11 +1294,11 @@ fn shown_with_usage(command: &str, name: &str, usage: serde_json::Value) -> Stri
     std::fs::create_dir_all(&data).unwrap();
     // A process the status file can name as its agent: `claude-runner … agent` by its
     // command line, where nobody holds DATA_DIR's lock (an agent of a release before the
-    // lock, as `agent --drain` takes it). The shell stays (a command after the sleep), so
-    // its command line does too.
+    // lock, as `agent --drain` takes it): its subcommand `agent` (tail follows /dev/null
+    // whatever the missing "agent" file).
     let mut agent = {
         use std::os::unix::process::CommandExt;
-        Command::new("sh").arg0("claude-runner").args(["-c", "sleep 60; true", "agent"]).spawn().unwrap()
+        Command::new("tail").arg0("claude-runner").args(["agent", "-f", "/dev/null"]).stderr(std::process::Stdio::null()).spawn().unwrap()
     };
     let login = json!({"source": "none", "expires_at": null, "refreshable": false, "refresh_expires_at": null,
         "subscription_type": null, "auth_failed": false, "problem": null, "reported_at": 0, "usage": usage});
