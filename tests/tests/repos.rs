@@ -558,6 +558,11 @@ async fn big_files_are_not_pushed_and_pushes_do_not_hold_them_in_memory() {
     assert_eq!(seed.server_git(&["rev-parse", "refs/heads/claude/data"]), b["pushed_commit"].as_str().unwrap());
     let grown_mib = (proc_status_kib(pid, "VmHWM").unwrap().saturating_sub(before)) / 1024;
     assert!(grown_mib < 60, "pushing 90 MiB of new files took {grown_mib} MiB more memory");
+    // The branch goes, so the next job's fetch (every branch) does not bring the 90 MiB
+    // back: this test's server packs a whole answer before its first byte (no keep-alive
+    // as git's own upload-pack sends), which on a loaded machine outlasted the agent's
+    // 30 s read timeout ("SSL error: … Resource temporarily unavailable").
+    seed.server_git(&["update-ref", "-d", "refs/heads/claude/data"]);
     // One file over what git servers take (GitHub: 100 MiB): refused before anything is
     // read, with what to do.
     let b = s.run(json!({"prompt": "@write_random=dump.bin,101 @write=notes.txt", "repo_url": url, "push_branch": "claude/dump", "timeout_ms": 120000})).await;
