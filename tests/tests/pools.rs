@@ -145,8 +145,10 @@ async fn a_burst_from_one_caller_does_not_starve_another_caller() {
     let p = pool(EdgeKind::Native, &[("spark", &[]), ("laptop", &[])], settings).await;
     let (agents, slots) = (2, 1);
     // Caller A queues a burst of 12 jobs of 1.5 s each; once two of them run (every slot
-    // busy, so every later start of A's was dispatched after B's job was queued), B
-    // queues one.
+    // busy), B queues one. Meanwhile the agents are paused, so the A jobs sent before B's
+    // was queued are known — not guessed from the clock: on a loaded machine a slot could
+    // free and another A job go out between the test's reading of the time and B's job
+    // reaching the edge, and count as overtaking B.
     let mut burst = Vec::new();
     for i in 0..12 {
         let a = submit_as(&p.client, CALLER_A, json!({"prompt": format!("@sleep=1500 burst {i}")})).await;
@@ -155,19 +157,31 @@ async fn a_burst_from_one_caller_does_not_starve_another_caller() {
     }
     let a_runs = || p.agents.iter().flat_map(|a| a.claude_runs()).filter(|r| r["prompt"].as_str().unwrap().starts_with("@sleep=1500 burst")).count();
     assert!(eventually(Duration::from_secs(60), || a_runs() == agents * slots).await, "A's first jobs did not start");
-    let b_submitted = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    for agent in ["spark", "laptop"] {
+        assert_eq!(p.client.send("POST", &format!("/agents/{agent}/pause"), Some(SECRET), None).await.status, 200);
+    }
+    let mut sent_before = Vec::new();
+    for (i, id) in burst.iter().enumerate() {
+        if p.client.get(&format!("/jobs/{id}")).await.body["state"] != "queued" {
+            sent_before.push(format!("@sleep=1500 burst {i}"));
+        }
+    }
     let b = submit_as(&p.client, CALLER_B, json!({"prompt": "@sleep=10 the single job"})).await;
     let b_id = b.body["job_id"].as_str().unwrap().to_string();
-    let done = p.client.wait_job(&b_id, Duration::from_secs(30)).await;
+    for agent in ["spark", "laptop"] {
+        assert_eq!(p.client.send("POST", &format!("/agents/{agent}/resume"), Some(SECRET), None).await.status, 200);
+    }
+    let done = p.client.wait_job(&b_id, Duration::from_secs(60)).await;
     assert_eq!(done["state"], "succeeded", "{done}");
-    // Count A's jobs that started after B's was queued and before it started.
+    // Count A's jobs sent after B's was queued that started before it.
     let b_started = p.agents.iter().flat_map(|a| a.claude_runs()).find(|r| r["prompt"] == "@sleep=10 the single job").unwrap()["at"].as_u64().unwrap();
     let overtook = p
         .agents
         .iter()
         .flat_map(|a| a.claude_runs())
         .filter(|r| r["prompt"].as_str().unwrap().starts_with("@sleep=1500 burst"))
-        .filter(|r| (b_submitted..b_started).contains(&r["at"].as_u64().unwrap()))
+        .filter(|r| !sent_before.iter().any(|p| r["prompt"] == p.as_str()))
+        .filter(|r| r["at"].as_u64().unwrap() < b_started)
         .count();
     assert!(overtook < agents * slots, "{overtook} of A's jobs started before B's single one");
     // A named caller's secret is that caller: it cannot queue as another.
