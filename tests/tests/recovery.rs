@@ -128,12 +128,15 @@ async fn after_an_edge_outage_across_a_job_end_the_agent_takes_work_again() {
 /// back only when the test resets the link, just after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_running_across_an_edge_stop_longer_than_lost_after_ms_is_not_lost() {
-    let mut s = ProxiedAgent::start(&[("LOST_AFTER_MS", "2000"), ("HEARTBEAT_INTERVAL_MS", "10000")]).await;
-    let job_id = s.run_job("@sleep=6000 across a long stop").await;
+    // The agent has LOST_AFTER_MS from the restart to come back: 10 s, as 2 s lost the job
+    // when a loaded machine held the agent 2.5 s (tried: SIGSTOP across the restart). The
+    // stop is longer still, and the job longer than both.
+    let mut s = ProxiedAgent::start(&[("LOST_AFTER_MS", "10000"), ("HEARTBEAT_INTERVAL_MS", "10000")]).await;
+    let job_id = s.run_job("@sleep=15000 across a long stop").await;
     assert!(eventually(Duration::from_secs(60), || s.edge.log().contains("job running")).await, "{}", s.edge.log());
     s.proxy.blackhole(Direction::Down);
     s.edge.stop();
-    tokio::time::sleep(Duration::from_millis(3000)).await;
+    tokio::time::sleep(Duration::from_millis(11000)).await;
     s.edge.restart();
     s.proxy.reset();
     let job = s.client.wait_job(&job_id, Duration::from_secs(30)).await;
