@@ -728,7 +728,7 @@ pub fn stalled_follower(port: u16, job_id: &str) -> (std::net::TcpStream, [u8; 3
     let head = format!("GET /jobs/{job_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Runner-Secret: {SECRET}\r\n\r\n");
     tcp.write_all(head.as_bytes()).expect("send the request");
     let mut line = [0u8; 12]; // "HTTP/1.1 200"
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).expect("set a read timeout");
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).expect("set a read timeout");
     tcp.read_exact(&mut line).expect("the status line");
     (tcp, [line[9], line[10], line[11]])
 }
@@ -948,7 +948,7 @@ impl ProxiedAgent {
         let a = self.client.submit(serde_json::json!({ "prompt": prompt })).await;
         assert_eq!(a.status, 202, "{}", a.text);
         let job_id = a.body["job_id"].as_str().expect("a job id").to_string();
-        let started = eventually(Duration::from_secs(10), || self.agent.claude_runs().len() > runs).await;
+        let started = eventually(Duration::from_secs(60), || self.agent.claude_runs().len() > runs).await;
         assert!(started, "Claude never started `{prompt}`:\n{}\n{}", self.agent.log(), self.edge.log());
         job_id
     }

@@ -102,7 +102,7 @@ impl Up {
                 let _ = tx.send(line);
             }
         });
-        let first = lines.recv_timeout(Duration::from_secs(20)).expect("up prints where it listens");
+        let first = lines.recv_timeout(Duration::from_secs(60)).expect("up prints where it listens");
         let base = first
             .split_whitespace()
             .find(|w| w.starts_with("http://"))
@@ -115,7 +115,7 @@ impl Up {
     /// What it printed after its first line, up to its last (how to stop it).
     fn printed(&self) -> Vec<String> {
         let mut out = Vec::new();
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(20)) {
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(60)) {
             let last = line.contains("Ctrl-C");
             out.push(line);
             if last {

@@ -45,7 +45,7 @@ async fn pool(kind: EdgeKind, agents: &[(&str, &[(&str, &str)])], edge_settings:
 impl Pool {
     /// Waits until `n` agents are connected.
     async fn wait_agents(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let h = self.client.health_full().await;
             let online = h.body["agents"].as_array().map_or(0, |a| a.iter().filter(|a| a["connected"] == true).count());
@@ -89,7 +89,8 @@ async fn labels_and_agent_id_route_jobs_between_agents() {
     let a = p.client.execute(json!({"prompt": "on a gpu", "labels": "gpu=a100"})).await;
     assert_eq!((a.status, a.body["error_code"].as_str(), a.body["fallback"].as_bool()), (503, Some("RUNNER_OFFLINE"), Some(true)), "{}", a.text);
     assert!(a.body["error"].as_str().unwrap().contains("gpu=a100"), "{}", a.text);
-    assert!(started.elapsed() < Duration::from_secs(5), "answered at once");
+    // At once: not the 300 s such a job would wait (a bound that only a wait fails).
+    assert!(started.elapsed() < Duration::from_secs(60), "answered at once");
     let waiting = p.client.submit(json!({"prompt": "on a gpu later", "labels": "gpu=a100"})).await;
     assert_eq!(waiting.status, 202, "{}", waiting.text);
     let id = waiting.body["job_id"].as_str().unwrap();
@@ -242,7 +243,7 @@ async fn execute_falls_back_at_once_when_the_agents_that_fit_it_need_a_login() {
     // The gpu agent's Claude fails to authenticate: it reports it at once.
     let a = p.client.execute(json!({"prompt": "@auth_error", "agent_id": "gpu"})).await;
     assert_eq!(a.body["error_code"], "RUNNER_OAUTH_ERROR", "{}", a.text);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let h = p.client.health_full().await;
         if h.body["agents"].as_array().is_some_and(|a| a.iter().any(|a| a["agent_id"] == "gpu" && a["login"] == "broken")) {
@@ -255,7 +256,8 @@ async fn execute_falls_back_at_once_when_the_agents_that_fit_it_need_a_login() {
     // though the pool as a whole can work (spark's login is fine).
     let started = Instant::now();
     let a = p.client.execute(json!({"prompt": "on the gpu", "labels": "gpu=a100"})).await;
-    assert!(started.elapsed() < Duration::from_secs(5), "answered at once");
+    // At once: not the 300 s such a job would wait (a bound that only a wait fails).
+    assert!(started.elapsed() < Duration::from_secs(60), "answered at once");
     assert_eq!((a.status, a.body["error_code"].as_str(), a.body["fallback"].as_bool()), (503, Some("RUNNER_OAUTH_ERROR"), Some(true)), "{}", a.text);
     assert!(a.body["error"].as_str().unwrap().contains("gpu (gpu=a100): its Claude OAuth login needs renewing"), "{}", a.text);
     assert!(p.ran_on("on the gpu").is_empty());
@@ -287,7 +289,7 @@ async fn a_paused_agent_finishes_its_job_and_takes_no_new_ones_until_resumed() {
         let a = p.client.execute(json!({"prompt": format!("while paused {i}")})).await;
         assert_eq!((a.status, a.body["agent_id"].as_str()), (200, Some("laptop")), "{}", a.text);
     }
-    assert_eq!(p.client.wait_job(&running, Duration::from_secs(10)).await["state"], "succeeded");
+    assert_eq!(p.client.wait_job(&running, Duration::from_secs(60)).await["state"], "succeeded");
     let pinned = p.client.execute(json!({"prompt": "x", "agent_id": "spark"})).await;
     assert_eq!(pinned.status, 503, "{}", pinned.text);
     assert!(pinned.body["error"].as_str().unwrap().contains("paused"), "{}", pinned.text);
@@ -324,9 +326,9 @@ async fn an_agent_killed_with_jobs_leaves_the_others_serving() {
     assert_eq!(p.client.get(&format!("/jobs/{queued}")).await.body["state"], "queued");
     p.agents.iter_mut().find(|a| a.id == "spark").unwrap().kill();
     // Its running job ends lost; the waiting job runs on another agent.
-    let lost = p.client.wait_job(&running, Duration::from_secs(15)).await;
+    let lost = p.client.wait_job(&running, Duration::from_secs(60)).await;
     assert_eq!((lost["state"].as_str(), lost["result"]["error_code"].as_str()), (Some("lost"), Some("RUNNER_LOST")), "{lost}");
-    let moved = p.client.wait_job(&queued, Duration::from_secs(15)).await;
+    let moved = p.client.wait_job(&queued, Duration::from_secs(60)).await;
     assert_eq!(moved["state"], "succeeded", "{moved}");
     assert_ne!(moved["agent_id"], "spark");
     // The others keep serving; /health is degraded (an agent is down) but 200.
@@ -350,9 +352,9 @@ async fn a_one_job_agent_exits_after_its_job() {
     p.client.wait_online().await;
     let first = p.client.submit(json!({"prompt": "@sleep=300 the one"})).await.body["job_id"].as_str().unwrap().to_string();
     let second = p.client.submit(json!({"prompt": "the next"})).await.body["job_id"].as_str().unwrap().to_string();
-    let status = eph.wait_exit(Duration::from_secs(20)).await.expect("the agent exits after its job");
+    let status = eph.wait_exit(Duration::from_secs(60)).await.expect("the agent exits after its job");
     assert!(status.success(), "{status}:\n{}", eph.log());
-    assert_eq!(p.client.wait_job(&first, Duration::from_secs(5)).await["state"], "succeeded");
+    assert_eq!(p.client.wait_job(&first, Duration::from_secs(60)).await["state"], "succeeded");
     assert_eq!(p.client.get(&format!("/jobs/{second}")).await.body["state"], "queued", "one job only");
 }
 
@@ -379,7 +381,7 @@ async fn the_worker_routes_each_pool_to_its_agents_and_lists_pools() {
     let client = Client::new(&edge.url());
     client.wait_online().await;
     let gpu = Client::new(&format!("{}/pool/gpu", edge.url()));
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while gpu.send("GET", "/health", None, None).await.status != 200 {
         assert!(Instant::now() < deadline, "the gpu pool's agent never connected:\n{}", rig.log());
         tokio::time::sleep(Duration::from_millis(100)).await;

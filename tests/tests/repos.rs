@@ -411,7 +411,7 @@ async fn a_hung_fetch_is_bounded_by_the_job_timeout() {
     assert!(e.contains("did not finish within the job's timeout_ms (2000 ms)"), "{e}");
     assert!(started.elapsed() < Duration::from_secs(10), "ended at the job's timeout, not libgit2's");
     // Another repository is not held up by the hung one.
-    ok(&s.run(json!({"prompt": "x", "repo_url": s.git.url("other"), "timeout_ms": 20000})).await);
+    ok(&s.run(json!({"prompt": "x", "repo_url": s.git.url("other"), "timeout_ms": 60000})).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -525,7 +525,7 @@ async fn a_checkout_left_by_an_agent_killed_mid_job_is_removed_when_it_starts_ag
     s.agent.kill();
     s.agent.ensure_running();
     s.client.wait_online().await;
-    assert_eq!(s.client.wait_job(&job_id, Duration::from_secs(30)).await["state"], "lost");
+    assert_eq!(s.client.wait_job(&job_id, Duration::from_secs(60)).await["state"], "lost");
     assert!(!workspace.exists(), "the lost job's checkout is gone");
 }
 
