@@ -859,9 +859,10 @@ async fn an_order_held_back_from_an_earlier_connection_never_runs_a_job_twice() 
     }
     ws.send(Message::Text(EdgeMessage::result_ack("held", "spark", &edge.link().edge_to_agent).to_text().into())).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // The path now delivers the order it held.
-    send_job(&mut ws, held).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The path now delivers the order it held: refused, and so never started (its answer
+    // waited for, not a fixed 2 s in which a loaded machine might not yet have started it).
+    let refusal = answer(&mut ws, held).await;
+    assert!(!rejected(&refusal).is_empty(), "{refusal:?}");
     assert_eq!(agent.claude_runs().len(), 1, "the job ran twice: {:?}\n{}", agent.claude_runs(), agent.log());
 }
 
