@@ -195,7 +195,7 @@ impl EdgeServer {
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         self.child = Some(cmd.spawn().expect("edge starts"));
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let log = self.log();
             if let Some(port) = ready_port(&log[logged_before.min(log.len())..]) {
@@ -205,7 +205,7 @@ impl EdgeServer {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("the edge exited ({status}) before it was ready; log:\n{log}");
             }
-            assert!(Instant::now() < deadline, "the edge was not ready within 30 s; log:\n{log}");
+            assert!(Instant::now() < deadline, "the edge was not ready within 60 s; log:\n{log}");
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -569,7 +569,7 @@ impl Client {
 
     /// Polls until `/health` (read with the secret) says the agent's login needs a person.
     pub async fn wait_needs_login(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while self.health_full().await.body["oauth"]["needs_login"] != true {
             assert!(Instant::now() < deadline, "the agent never reported its missing login");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -577,7 +577,7 @@ impl Client {
     }
 
     pub async fn wait_health(&self, status: u16) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let h = self.health().await;
             if h.status == status {
