@@ -315,7 +315,9 @@ async fn flood(port: u16, n: usize) -> Vec<std::net::TcpStream> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_idle_connections_makes_room_and_spares_requests_in_flight_and_agents() {
     let keys = Keys::new(&["spark", "other"]);
-    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "8")]);
+    // Heartbeats as shipped (not the harness's 1 s): spark's one connection is counted at
+    // the end, and a loaded machine's 2 s pause must not drop it for silence.
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "8"), ("HEARTBEAT_INTERVAL_MS", "15000")]);
     assert!(edge.log().contains("\"max_connections\":8"), "{}", edge.log());
     let _spark = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
     Client::new(&edge.url()).wait_online().await;
@@ -437,7 +439,7 @@ fn a_bad_max_connections_stops_the_edge_at_start_with_what_to_do() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_connection_is_busy_a_newcomer_is_told_and_closed() {
     let keys = Keys::new(&["spark"]);
-    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "4")]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "4"), ("HEARTBEAT_INTERVAL_MS", "15000")]);
     let _spark = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
     Client::new(&edge.url()).wait_online().await;
     let gate = TempDir::new("gate");
@@ -479,7 +481,7 @@ async fn when_every_connection_is_busy_a_newcomer_is_told_and_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_agent_sockets_make_room_at_the_cap_and_a_proven_agent_stays() {
     let keys = Keys::new(&["spark"]);
-    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "4")]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "4"), ("HEARTBEAT_INTERVAL_MS", "15000")]);
     let _spark = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
     Client::new(&edge.url()).wait_online().await;
     let port = edge.port;
