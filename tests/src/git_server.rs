@@ -283,6 +283,7 @@ async fn handle(state: Arc<State>, req: HttpRequest<hyper::body::Incoming>) -> R
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(String::from);
     let authorization = header("authorization");
     let (content_type, encoding, protocol) = (header("content-type"), header("content-encoding"), header("git-protocol"));
+    let length = header("content-length");
     let stalled = state.stall.lock().unwrap().as_ref().is_some_and(|p| path.contains(p.as_str()));
     if stalled {
         std::future::pending::<()>().await;
@@ -291,7 +292,7 @@ async fn handle(state: Arc<State>, req: HttpRequest<hyper::body::Incoming>) -> R
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = req.into_body();
     let authorized = match &state.token {
         None => true,
         Some(token) => authorization
@@ -318,7 +319,8 @@ async fn handle(state: Arc<State>, req: HttpRequest<hyper::body::Incoming>) -> R
     } else if !authorized {
         respond(401, &[("www-authenticate", "Basic realm=\"git\"")], b"token required\n".to_vec())
     } else {
-        let answer = cgi(&state.root, &method, &path, &query, content_type, encoding, protocol, body, log).await;
+        let request = Request { content_type, encoding, protocol, length, body };
+        let answer = cgi(&state.root, &method, &path, &query, request, log).await;
         // Its body waits (held by the server) until the answer goes.
         let push_delay = state.push_answer_delay_ms.load(Ordering::SeqCst);
         if method == "POST" && path.ends_with("/git-receive-pack") && push_delay > 0 {
@@ -330,23 +332,25 @@ async fn handle(state: Arc<State>, req: HttpRequest<hyper::body::Incoming>) -> R
     Ok(response)
 }
 
-/// Runs `git http-backend` for one request. Its answer streams as git writes it, as a
-/// real server's does: git sends keep-alives while it packs or checks a large push, and a
-/// whole answer held back until git ended left the agent's reads silent past their 30 s
-/// timeout on a loaded machine. `log` is called with the status once git has ended, before
-/// the answer's last bytes go (the client has them only after the request is logged).
-#[allow(clippy::too_many_arguments)]
-async fn cgi(
-    root: &Path,
-    method: &str,
-    path: &str,
-    query: &str,
+/// What `git http-backend` is given of a request besides its method and path.
+struct Request {
     content_type: Option<String>,
     encoding: Option<String>,
     protocol: Option<String>,
-    body: Bytes,
-    log: impl FnOnce(u16) + Send + 'static,
-) -> Response<Body> {
+    /// Its `Content-Length`; none for a chunked body, which git reads to its end.
+    length: Option<String>,
+    body: hyper::body::Incoming,
+}
+
+/// Runs `git http-backend` for one request. Both ways stream, as through a real server: the
+/// request's body goes to git as it comes (a pushed pack is indexed while it is sent), and
+/// the answer goes out as git writes it (git sends progress and keep-alives while it packs
+/// a fetch or checks a push). A request read whole before git started, and an answer held
+/// back until git ended, left the agent's reads silent past their 30 s timeout on a loaded
+/// machine. `log` is called with the status once git has ended, before the answer's last
+/// bytes go (the client has them only after the request is logged).
+async fn cgi(root: &Path, method: &str, path: &str, query: &str, request: Request, log: impl FnOnce(u16) + Send + 'static) -> Response<Body> {
+    let Request { content_type, encoding, protocol, length, mut body } = request;
     let mut cmd = tokio::process::Command::new("git");
     cmd.arg("http-backend")
         .env_clear()
@@ -360,7 +364,6 @@ async fn cgi(
         .env("QUERY_STRING", query)
         .env("REMOTE_USER", "tester")
         .env("REMOTE_ADDR", "127.0.0.1")
-        .env("CONTENT_LENGTH", body.len().to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
@@ -373,6 +376,9 @@ async fn cgi(
     if let Some(p) = protocol {
         cmd.env("GIT_PROTOCOL", p);
     }
+    if let Some(l) = length {
+        cmd.env("CONTENT_LENGTH", l);
+    }
     let Ok(mut child) = cmd.spawn() else {
         log(500);
         return respond(500, &[], b"git http-backend did not start\n".to_vec());
@@ -380,7 +386,13 @@ async fn cgi(
     let mut stdin = child.stdin.take().unwrap();
     // Written while the output is read: a big answer must not wait on a full pipe.
     let writer = tokio::spawn(async move {
-        let _ = stdin.write_all(&body).await;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                if stdin.write_all(&data).await.is_err() {
+                    break;
+                }
+            }
+        }
     });
     let mut stdout = child.stdout.take().unwrap();
     let mut out = Vec::new();
