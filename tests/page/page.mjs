@@ -40,6 +40,9 @@ const problems = [];
 try {
   const context = await browser.newContext({ viewport: { width: 390, height: 844 }, deviceScaleFactor: 2, isMobile: true, hasTouch: true });
   const page = await context.newPage();
+  // Each wait only bounds a hang: Chromium and the debug edge and agent on a loaded machine
+  // (the page refreshes every 5 s) may take longer than Playwright's 30 s default.
+  page.setDefaultTimeout(60000);
   const origin = new URL(url).origin;
   // Every console error (a CSP violation shows as one) and every request elsewhere fails.
   // (An HTTP error answer the page handles, such as /health's 503 while offline, is
@@ -89,21 +92,21 @@ try {
     await page.fill("#code", process.env.LOGIN_CODE);
     await shot("relogin-3-code");
     await page.click("#send-code");
-    await page.waitForFunction(() => document.querySelector("#login-result").textContent.startsWith("Logged in"), null, { timeout: 30000 });
+    await page.waitForFunction(() => document.querySelector("#login-result").textContent.startsWith("Logged in"), null, { timeout: 60000 });
     step("logged in: " + (await page.textContent("#login-result")));
-    await page.waitForFunction(() => document.querySelector("#login-state").textContent.startsWith("works"), null, { timeout: 15000 });
+    await page.waitForFunction(() => document.querySelector("#login-state").textContent.startsWith("works"), null, { timeout: 60000 });
     // The held job runs now; cancel it from the page.
-    await page.waitForFunction(() => document.querySelector("#active .job .state")?.textContent === "running", null, { timeout: 30000 });
+    await page.waitForFunction(() => document.querySelector("#active .job .state")?.textContent === "running", null, { timeout: 60000 });
     await shot("relogin-4-running");
     await page.click("#active .job .cancel");
-    await page.waitForFunction(() => document.querySelector("#finished .job .state")?.textContent === "cancelled", null, { timeout: 30000 });
+    await page.waitForFunction(() => document.querySelector("#finished .job .state")?.textContent === "cancelled", null, { timeout: 60000 });
     step("job cancelled from the page");
     await shot("relogin-5-cancelled");
   } else if (scenario === "paused") {
     await page.waitForFunction(() => {
       const t = document.querySelector("#agent-state").textContent;
       return /\bspark online\b/.test(t) && /\bspark2 paused\b/.test(t);
-    }, null, { timeout: 15000 });
+    }, null, { timeout: 60000 });
     step("agents shown: " + (await page.textContent("#agent-state")));
     await shot("paused-2-agents");
   } else {

@@ -399,9 +399,9 @@ pub async fn soak(opts: SoakOptions) -> Report {
 
     // A link the heal above counted may have been one the edge had not yet noticed was
     // gone, its agent still reconnecting (backoff, a loaded machine): the probe waits, as a
-    // caller would, for /health to say an agent can take work (at most 30 s, else it fails).
+    // caller would, for /health to say an agent can take work (at most 60 s, else it fails).
     client.wait_online().await;
-    let probe = client.execute(json!({"prompt": "probe after the chaos", "timeout_ms": 30000})).await;
+    let probe = client.execute(json!({"prompt": "probe after the chaos", "timeout_ms": 60000})).await;
     if probe.status != 200 || probe.body["success"] != true {
         report.problems.push(format!("the probe job failed: {} {}", probe.status, probe.text));
     }

@@ -10,8 +10,9 @@
 
 use crate::TempDir;
 use base64::Engine;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Bytes, Frame};
 use hyper::{Request as HttpRequest, Response, StatusCode};
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -263,15 +264,18 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-fn respond(status: u16, headers: &[(&str, &str)], body: Vec<u8>) -> Response<Full<Bytes>> {
+/// An answer's body: whole, or `git http-backend`'s output as it comes.
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+fn respond(status: u16, headers: &[(&str, &str)], body: Vec<u8>) -> Response<Body> {
     let mut r = Response::builder().status(status);
     for (k, v) in headers {
         r = r.header(*k, *v);
     }
-    r.body(Full::new(Bytes::from(body))).unwrap()
+    r.body(Full::new(Bytes::from(body)).boxed_unsync()).unwrap()
 }
 
-async fn handle(state: Arc<State>, req: HttpRequest<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(state: Arc<State>, req: HttpRequest<hyper::body::Incoming>) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
@@ -279,6 +283,7 @@ async fn handle(state: Arc<State>, req: HttpRequest<hyper::body::Incoming>) -> R
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(String::from);
     let authorization = header("authorization");
     let (content_type, encoding, protocol) = (header("content-type"), header("content-encoding"), header("git-protocol"));
+    let length = header("content-length");
     let stalled = state.stall.lock().unwrap().as_ref().is_some_and(|p| path.contains(p.as_str()));
     if stalled {
         std::future::pending::<()>().await;
@@ -287,7 +292,7 @@ async fn handle(state: Arc<State>, req: HttpRequest<hyper::body::Incoming>) -> R
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = req.into_body();
     let authorized = match &state.token {
         None => true,
         Some(token) => authorization
@@ -299,6 +304,11 @@ async fn handle(state: Arc<State>, req: HttpRequest<hyper::body::Incoming>) -> R
     };
     let redirect = state.redirect.lock().unwrap().clone();
     let refusal = state.refusal.lock().unwrap().clone().filter(|_| query.contains("service=git-upload-pack"));
+    let logged = Logged { method: method.clone(), path: path.clone(), query: query.clone(), authorization, status: 0, started, ended: started };
+    let log = {
+        let state = Arc::clone(&state);
+        move |status: u16| state.log.lock().unwrap().push(Logged { status, ended: Instant::now(), ..logged })
+    };
     let response = if let Some(message) = refusal {
         let pkt = |text: &str| format!("{:04x}{text}", text.len() + 4);
         let body = format!("{}0000{}", pkt("# service=git-upload-pack\n"), pkt(&format!("ERR {message}")));
@@ -309,37 +319,38 @@ async fn handle(state: Arc<State>, req: HttpRequest<hyper::body::Incoming>) -> R
     } else if !authorized {
         respond(401, &[("www-authenticate", "Basic realm=\"git\"")], b"token required\n".to_vec())
     } else {
-        let answer = cgi(&state.root, &method, &path, &query, content_type, encoding, protocol, body).await;
+        let request = Request { content_type, encoding, protocol, length, body };
+        let answer = cgi(&state.root, &method, &path, &query, request, log).await;
+        // Its body waits (held by the server) until the answer goes.
         let push_delay = state.push_answer_delay_ms.load(Ordering::SeqCst);
         if method == "POST" && path.ends_with("/git-receive-pack") && push_delay > 0 {
             tokio::time::sleep(Duration::from_millis(push_delay)).await;
         }
-        answer
+        return Ok(answer);
     };
-    state.log.lock().unwrap().push(Logged {
-        method,
-        path,
-        query,
-        authorization,
-        status: response.status().as_u16(),
-        started,
-        ended: Instant::now(),
-    });
+    log(response.status().as_u16());
     Ok(response)
 }
 
-/// Runs `git http-backend` for one request.
-#[allow(clippy::too_many_arguments)]
-async fn cgi(
-    root: &Path,
-    method: &str,
-    path: &str,
-    query: &str,
+/// What `git http-backend` is given of a request besides its method and path.
+struct Request {
     content_type: Option<String>,
     encoding: Option<String>,
     protocol: Option<String>,
-    body: Bytes,
-) -> Response<Full<Bytes>> {
+    /// Its `Content-Length`; none for a chunked body, which git reads to its end.
+    length: Option<String>,
+    body: hyper::body::Incoming,
+}
+
+/// Runs `git http-backend` for one request. Both ways stream, as through a real server: the
+/// request's body goes to git as it comes (a pushed pack is indexed while it is sent), and
+/// the answer goes out as git writes it (git sends progress and keep-alives while it packs
+/// a fetch or checks a push). A request read whole before git started, and an answer held
+/// back until git ended, left the agent's reads silent past their 30 s timeout on a loaded
+/// machine. `log` is called with the status once git has ended, before the answer's last
+/// bytes go (the client has them only after the request is logged).
+async fn cgi(root: &Path, method: &str, path: &str, query: &str, request: Request, log: impl FnOnce(u16) + Send + 'static) -> Response<Body> {
+    let Request { content_type, encoding, protocol, length, mut body } = request;
     let mut cmd = tokio::process::Command::new("git");
     cmd.arg("http-backend")
         .env_clear()
@@ -353,7 +364,6 @@ async fn cgi(
         .env("QUERY_STRING", query)
         .env("REMOTE_USER", "tester")
         .env("REMOTE_ADDR", "127.0.0.1")
-        .env("CONTENT_LENGTH", body.len().to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
@@ -366,20 +376,42 @@ async fn cgi(
     if let Some(p) = protocol {
         cmd.env("GIT_PROTOCOL", p);
     }
+    if let Some(l) = length {
+        cmd.env("CONTENT_LENGTH", l);
+    }
     let Ok(mut child) = cmd.spawn() else {
+        log(500);
         return respond(500, &[], b"git http-backend did not start\n".to_vec());
     };
     let mut stdin = child.stdin.take().unwrap();
     // Written while the output is read: a big answer must not wait on a full pipe.
     let writer = tokio::spawn(async move {
-        let _ = stdin.write_all(&body).await;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                if stdin.write_all(&data).await.is_err() {
+                    break;
+                }
+            }
+        }
     });
+    let mut stdout = child.stdout.take().unwrap();
     let mut out = Vec::new();
-    let _ = child.stdout.take().unwrap().read_to_end(&mut out).await;
-    let _ = writer.await;
-    let _ = child.wait().await;
-    let split = out.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4)).or_else(|| out.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)));
+    let mut chunk = vec![0u8; 64 * 1024];
+    let split = loop {
+        let crlf = out.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4));
+        let lf = out.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+        if let Some(found) = crlf.into_iter().chain(lf).min() {
+            break Some(found);
+        }
+        match stdout.read(&mut chunk).await {
+            Ok(0) | Err(_) => break None,
+            Ok(n) => out.extend_from_slice(&chunk[..n]),
+        }
+    };
     let Some((at, gap)) = split else {
+        let _ = writer.await;
+        let _ = child.wait().await;
+        log(502);
         return respond(502, &[], b"git http-backend answered without headers\n".to_vec());
     };
     let head = String::from_utf8_lossy(&out[..at]).into_owned();
@@ -393,6 +425,33 @@ async fn cgi(
             headers.push((k.trim().to_string(), v.trim().to_string()));
         }
     }
-    let refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    respond(status, &refs, out[at + gap..].to_vec())
+    // The rest as it comes, one piece held back until git has ended and the request is
+    // logged.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+    let first = out.split_off(at + gap);
+    tokio::spawn(async move {
+        let mut held = (!first.is_empty()).then(|| Bytes::from(first));
+        loop {
+            match stdout.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if let Some(piece) = held.replace(Bytes::copy_from_slice(&chunk[..n])) {
+                        let _ = tx.send(piece);
+                    }
+                }
+            }
+        }
+        let _ = writer.await;
+        let _ = child.wait().await;
+        log(status);
+        if let Some(piece) = held {
+            let _ = tx.send(piece);
+        }
+    });
+    let pieces = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|piece| (Ok(Frame::data(piece)), rx)) });
+    let mut r = Response::builder().status(status);
+    for (k, v) in &headers {
+        r = r.header(k.as_str(), v.as_str());
+    }
+    r.body(StreamBody::new(pieces).boxed_unsync()).unwrap()
 }

@@ -195,7 +195,7 @@ impl EdgeServer {
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         self.child = Some(cmd.spawn().expect("edge starts"));
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let log = self.log();
             if let Some(port) = ready_port(&log[logged_before.min(log.len())..]) {
@@ -205,7 +205,7 @@ impl EdgeServer {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
                 panic!("the edge exited ({status}) before it was ready; log:\n{log}");
             }
-            assert!(Instant::now() < deadline, "the edge was not ready within 30 s; log:\n{log}");
+            assert!(Instant::now() < deadline, "the edge was not ready within 60 s; log:\n{log}");
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -569,7 +569,7 @@ impl Client {
 
     /// Polls until `/health` (read with the secret) says the agent's login needs a person.
     pub async fn wait_needs_login(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while self.health_full().await.body["oauth"]["needs_login"] != true {
             assert!(Instant::now() < deadline, "the agent never reported its missing login");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -577,7 +577,7 @@ impl Client {
     }
 
     pub async fn wait_health(&self, status: u16) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let h = self.health().await;
             if h.status == status {
@@ -728,7 +728,7 @@ pub fn stalled_follower(port: u16, job_id: &str) -> (std::net::TcpStream, [u8; 3
     let head = format!("GET /jobs/{job_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Runner-Secret: {SECRET}\r\n\r\n");
     tcp.write_all(head.as_bytes()).expect("send the request");
     let mut line = [0u8; 12]; // "HTTP/1.1 200"
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).expect("set a read timeout");
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).expect("set a read timeout");
     tcp.read_exact(&mut line).expect("the status line");
     (tcp, [line[9], line[10], line[11]])
 }
@@ -948,7 +948,7 @@ impl ProxiedAgent {
         let a = self.client.submit(serde_json::json!({ "prompt": prompt })).await;
         assert_eq!(a.status, 202, "{}", a.text);
         let job_id = a.body["job_id"].as_str().expect("a job id").to_string();
-        let started = eventually(Duration::from_secs(10), || self.agent.claude_runs().len() > runs).await;
+        let started = eventually(Duration::from_secs(60), || self.agent.claude_runs().len() > runs).await;
         assert!(started, "Claude never started `{prompt}`:\n{}\n{}", self.agent.log(), self.edge.log());
         job_id
     }

@@ -126,7 +126,7 @@ impl Up {
                 let _ = tx.send(line);
             }
         });
-        let first = lines.recv_timeout(Duration::from_secs(20)).expect("up prints where it listens");
+        let first = lines.recv_timeout(Duration::from_secs(60)).expect("up prints where it listens");
         let base = first
             .split_whitespace()
             .find(|w| w.starts_with("http://"))
@@ -139,7 +139,7 @@ impl Up {
     /// What it printed after its first line, up to its last (how to stop it).
     fn printed(&self) -> Vec<String> {
         let mut out = Vec::new();
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(20)) {
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(60)) {
             let last = line.contains("Ctrl-C");
             out.push(line);
             if last {
@@ -326,9 +326,11 @@ async fn status_drain_and_the_login_lines_find_the_agent_up_runs() {
     let secret = &up_secret(&data);
     let a = client.send("POST", "/execute", Some(secret), Some(json!({"prompt": "@rate_limited=3600"}).to_string().into_bytes())).await;
     assert_eq!(a.body["error_code"], "USAGE_LIMIT", "{}", a.text);
-    // The status file is rewritten when the report goes out.
+    // The status file is rewritten when the report goes out (in the background: looked
+    // for up to 60 s, not 100 tries some 5 s in all, which a loaded machine could exceed).
     let mut seen = serde_json::Value::Null;
-    for _ in 0..100 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
         let (_, status, _) = oauth_status(&claude_dir, data.path(), Some(token));
         if status["usage"]["status"] == "rejected" {
             seen = status;
@@ -1379,9 +1381,10 @@ async fn oauth_status_and_doctor_show_the_running_agents_usage_window() {
     assert_eq!(a.body["error_code"], "USAGE_LIMIT", "{}", a.text);
     let claude_dir = agent.data.path().join("claude-config");
     let data_dir = agent.data.path().join("data");
-    // The status file is rewritten when the report goes out.
+    // The status file is rewritten when the report goes out (in the background: up to 60 s).
     let mut seen = serde_json::Value::Null;
-    for _ in 0..100 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
         let (_, status, _) = oauth_status(&claude_dir, &data_dir, Some("sk-ant-oat01-test-token-not-real-0123456789"));
         if status["usage"]["status"] == "rejected" {
             seen = status;
