@@ -819,13 +819,40 @@ fn edge_that_answers_follows(follow: impl Fn(u32, &str) -> String + Send + 'stat
     let mut follows = 0;
     edge_that_answers(move |head, _| {
         if head.starts_with("POST") {
-            let body = r#"{"job_id":"j1","state":"queued"}"#;
-            format!("HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+            TAKEN_AS_J1.to_string()
         } else {
             follows += 1;
             follow(follows, head)
         }
     })
+}
+
+/// The fake edges' answer to the task: taken, as job `j1`.
+const TAKEN_AS_J1: &str = "HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: 32\r\nconnection: close\r\n\r\n{\"job_id\":\"j1\",\"state\":\"queued\"}";
+
+/// An edge at `addr` (returned) that takes the task as job `j1` and hands each follow's
+/// connection, its request read, to `follow` on a thread of its own (which may hold it).
+fn edge_that_holds_follows(follow: impl Fn(std::net::TcpStream) + Send + Sync + 'static) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let follow = std::sync::Arc::new(follow);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let follow = follow.clone();
+            std::thread::spawn(move || {
+                let mut request = vec![0; 64 * 1024];
+                let n = conn.read(&mut request).unwrap_or(0);
+                if request[..n].starts_with(b"POST") {
+                    let _ = conn.write_all(TAKEN_AS_J1.as_bytes());
+                } else {
+                    follow(conn);
+                }
+            });
+        }
+    });
+    addr
 }
 
 /// An edge whose stream of a job ends at once with a comment every time (the edges' answer
@@ -863,24 +890,10 @@ fn submit_gives_up_on_a_stream_that_breaks_at_once_with_no_event_every_time() {
 #[test]
 fn submit_gives_up_on_a_stream_that_goes_silent_after_its_first_bytes_every_time() {
     use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            std::thread::spawn(move || {
-                let mut request = vec![0; 64 * 1024];
-                let n = conn.read(&mut request).unwrap_or(0);
-                if request[..n].starts_with(b"POST") {
-                    let body = r#"{"job_id":"j1","state":"queued"}"#;
-                    let _ = write!(conn, "HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
-                    return;
-                }
-                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n: hello\n\n");
-                // Held open and silent until submit lets go.
-                while conn.read(&mut request).is_ok_and(|n| n > 0) {}
-            });
-        }
+    let addr = edge_that_holds_follows(|mut conn| {
+        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n: hello\n\n");
+        // Held open and silent until submit lets go.
+        while conn.read(&mut [0; 1024]).is_ok_and(|n| n > 0) {}
     });
     let err = submit_given_up_on(addr, "3", "submit followed a stream silent after its first bytes for ever");
     assert!(err.contains("nothing from it for 3 s"), "{err}");
@@ -926,42 +939,27 @@ fn submit_given_up_on_a_held_follow(first: &'static [u8], hold_s: u64) -> (Strin
     use std::io::{Read, Write};
     let held = std::sync::Arc::new(std::sync::Mutex::new(None));
     let seen = held.clone();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            let seen = seen.clone();
-            std::thread::spawn(move || {
-                let mut request = vec![0; 64 * 1024];
-                let n = conn.read(&mut request).unwrap_or(0);
-                if request[..n].starts_with(b"POST") {
-                    let body = r#"{"job_id":"j1","state":"queued"}"#;
-                    let _ = write!(conn, "HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
-                    return;
-                }
-                // Only the first follow is held (a later one would write over how it ended).
-                {
-                    let mut first_follow = seen.lock().unwrap();
-                    if first_follow.is_some() {
-                        let _ = conn.write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-                        return;
-                    }
-                    *first_follow = Some(HeldFollow::Open);
-                }
-                let _ = conn.write_all(first);
-                conn.set_read_timeout(Some(Duration::from_secs(hold_s))).unwrap();
-                let end = loop {
-                    match conn.read(&mut request) {
-                        Ok(0) => break HeldFollow::LetGoBySubmit,
-                        Ok(_) => continue,
-                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break HeldFollow::EndedByTheEdge,
-                        Err(_) => break HeldFollow::LetGoBySubmit,
-                    }
-                };
-                *seen.lock().unwrap() = Some(end);
-            });
+    let addr = edge_that_holds_follows(move |mut conn| {
+        // Only the first follow is held (a later one would write over how it ended).
+        {
+            let mut first_follow = seen.lock().unwrap();
+            if first_follow.is_some() {
+                let _ = conn.write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                return;
+            }
+            *first_follow = Some(HeldFollow::Open);
         }
+        let _ = conn.write_all(first);
+        conn.set_read_timeout(Some(Duration::from_secs(hold_s))).unwrap();
+        let end = loop {
+            match conn.read(&mut [0; 1024]) {
+                Ok(0) => break HeldFollow::LetGoBySubmit,
+                Ok(_) => continue,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break HeldFollow::EndedByTheEdge,
+                Err(_) => break HeldFollow::LetGoBySubmit,
+            }
+        };
+        *seen.lock().unwrap() = Some(end);
     });
     let err = submit_given_up_on(addr, "5s", "submit followed an edge that holds its follow for ever");
     assert!(err.contains("nothing from it for 5 s"), "{err}");
