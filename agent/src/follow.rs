@@ -80,9 +80,11 @@ impl Schedule {
     /// silent stream's 45 s after the budget; a stream whose last byte is within the
     /// window is an edge still talking, and its next keep-alive (once the stream has
     /// lasted an interval, every byte brings something) moves the budget on.
+    /// A budget whose end is past the clock's (`--follow-for` takes any `u64` of seconds)
+    /// never runs out: `None`, as no budget.
     pub fn cut_at(&self, heard: Option<Instant>) -> Option<Instant> {
-        let end = self.since + self.budget?;
-        Some(heard.map_or(end, |heard| end.max(heard + KEEPALIVE_WINDOW)))
+        let end = self.since.checked_add(self.budget?)?;
+        Some(heard.and_then(|heard| heard.checked_add(KEEPALIVE_WINDOW)).map_or(end, |window| end.max(window)))
     }
 
     /// The follow under way ended at `now`; `dice` is a random number (the jitter).
@@ -328,6 +330,22 @@ mod tests {
         // Silent past the window: cut.
         assert_eq!(schedule.cut_at(Some(heard)), Some(heard + KEEPALIVE_WINDOW));
         assert!(KEEPALIVE_WINDOW > keepalive && KEEPALIVE_WINDOW < 3 * keepalive, "between one interval and dead");
+    }
+
+    /// `--follow-for` takes any number of seconds `u64` holds (`CLAUDE_RUNNER_FOLLOW_FOR`
+    /// too): the cut, the budget's end as an `Instant`, overflowed the clock and `submit`
+    /// panicked once the job was taken ("overflow when adding duration to instant"). A
+    /// budget past the clock's end never runs out: nothing is cut.
+    #[test]
+    fn a_budget_past_the_clocks_end_cuts_nothing() {
+        let start = Instant::now();
+        for text in ["18446744073709551615", "5124095576030431h"] {
+            let budget = parse_budget(text).unwrap();
+            let mut schedule = Schedule::new(Some(budget), start);
+            assert_eq!(schedule.cut_at(None), None, "{text}");
+            assert_eq!(schedule.cut_at(Some(start)), None, "{text}");
+            assert_eq!(schedule.ended(start, LATE), Next::Follow { after: FIRST_WAIT, lost: true });
+        }
     }
 
     #[test]

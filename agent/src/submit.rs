@@ -408,10 +408,12 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     ))
 }
 
-/// Waits until `at`; for ever if `None` (no budget: nothing is cut).
+/// Waits until `at`; for ever if `None` (no budget: nothing is cut). Slept as a duration:
+/// tokio rounds a deadline up by adding to it, which overflows (a panic) for one at the
+/// clock's end, and takes a duration past its own as far in the future.
 async fn until(at: Option<Instant>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
+        Some(at) => tokio::time::sleep(at.saturating_duration_since(Instant::now())).await,
         None => std::future::pending().await,
     }
 }
