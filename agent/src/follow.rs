@@ -29,6 +29,11 @@ const LONGEST_WAIT: Duration = Duration::from_secs(30);
 /// takes the connection for dead.
 pub const KEEPALIVE_WINDOW: Duration = Duration::from_millis(shared::contract::SSE_KEEPALIVE_MS + 5_000);
 
+/// How late a cut may fire and still be one `submit` waited through: a timer fires within
+/// milliseconds, on a loaded machine within a second or two. Later, `submit` was not
+/// running (stopped with Ctrl-Z, a paused container, a frozen cgroup): see [`overslept`].
+pub const LATE_CUT: Duration = Duration::from_secs(5);
+
 /// How long `submit` follows an edge that brings nothing unless told (`--follow-for`, as
 /// written there): an edge's restart (an image pulled, a host rebooted) takes minutes.
 pub const DEFAULT_FOLLOW_FOR: &str = "10m";
@@ -80,9 +85,11 @@ impl Schedule {
     /// silent stream's 45 s after the budget; a stream whose last byte is within the
     /// window is an edge still talking, and its next keep-alive (once the stream has
     /// lasted an interval, every byte brings something) moves the budget on.
+    /// A budget whose end is past the clock's (`--follow-for` takes any `u64` of seconds)
+    /// never runs out: `None`, as no budget.
     pub fn cut_at(&self, heard: Option<Instant>) -> Option<Instant> {
-        let end = self.since + self.budget?;
-        Some(heard.map_or(end, |heard| end.max(heard + KEEPALIVE_WINDOW)))
+        let end = self.since.checked_add(self.budget?)?;
+        Some(heard.and_then(|heard| heard.checked_add(KEEPALIVE_WINDOW)).map_or(end, |window| end.max(window)))
     }
 
     /// The follow under way ended at `now`; `dice` is a random number (the jitter).
@@ -105,6 +112,14 @@ impl Schedule {
         };
         Next::Follow { after, lost: self.fruitless == 1 }
     }
+}
+
+/// Whether a cut due at `cut` ([`Schedule::cut_at`]) that fired at `now` came past
+/// [`LATE_CUT`]: `submit` did not run meanwhile, so the silence is none it saw — what the
+/// edge sent then (the result, as often as not) waits unread in its socket, and cut there
+/// it was lost. The follow under way is given a keep-alive window from `now` instead.
+pub fn overslept(cut: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(cut) > LATE_CUT
 }
 
 /// Between half of `wait` and all of it, by `dice` ("equal jitter"): never in lockstep
@@ -328,6 +343,34 @@ mod tests {
         // Silent past the window: cut.
         assert_eq!(schedule.cut_at(Some(heard)), Some(heard + KEEPALIVE_WINDOW));
         assert!(KEEPALIVE_WINDOW > keepalive && KEEPALIVE_WINDOW < 3 * keepalive, "between one interval and dead");
+    }
+
+    /// `--follow-for` takes any number of seconds `u64` holds (`CLAUDE_RUNNER_FOLLOW_FOR`
+    /// too): the cut, the budget's end as an `Instant`, overflowed the clock and `submit`
+    /// panicked once the job was taken ("overflow when adding duration to instant"). A
+    /// budget past the clock's end never runs out: nothing is cut.
+    #[test]
+    fn a_budget_past_the_clocks_end_cuts_nothing() {
+        let start = Instant::now();
+        for text in ["18446744073709551615", "5124095576030431h"] {
+            let budget = parse_budget(text).unwrap();
+            let mut schedule = Schedule::new(Some(budget), start);
+            assert_eq!(schedule.cut_at(None), None, "{text}");
+            assert_eq!(schedule.cut_at(Some(start)), None, "{text}");
+            assert_eq!(schedule.ended(start, LATE), Next::Follow { after: FIRST_WAIT, lost: true });
+        }
+    }
+
+    /// A cut that fires on time, or a loaded machine's second or two late, is one `submit`
+    /// waited through; one that fires long after it was due is not.
+    #[test]
+    fn only_a_cut_long_past_its_time_is_overslept() {
+        let cut = Instant::now();
+        assert!(!overslept(cut, cut));
+        assert!(!overslept(cut, cut - Duration::from_secs(1)));
+        assert!(!overslept(cut, cut + LATE_CUT));
+        assert!(overslept(cut, cut + LATE_CUT + Duration::from_millis(1)));
+        assert!(LATE_CUT < KEEPALIVE_WINDOW);
     }
 
     #[test]

@@ -298,16 +298,25 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     // follow that starts as the budget ends is not even tried.
     let mut last_id: Option<String> = None;
     let mut schedule = Schedule::new(Some(args.follow_for).filter(|budget| !budget.is_zero()), Instant::now());
+    // When a cut last fired long after it was due (`follow::overslept`): `submit` had not
+    // run, and what the edge sent meanwhile is read before any cut.
+    let mut woke: Option<Instant> = None;
     'follows: loop {
         // Its head comes at once (the stream itself may be quiet for as long as the job runs).
         let mut follow = http.get(format!("{base}/jobs/{job_id}/events")).header("X-Runner-Secret", &secret);
         if let Some(id) = &last_id {
             follow = follow.header("Last-Event-ID", id);
         }
-        let cut = schedule.cut_at(None);
+        let cut = schedule.cut_at(woke);
         let sent = tokio::select! {
             biased;
-            () = until(cut) => break,
+            () = until(cut) => {
+                if overslept(cut) {
+                    woke = Some(Instant::now());
+                    continue;
+                }
+                break;
+            }
             sent = tokio::time::timeout(ANSWER_TIME, follow.send()) => sent,
         };
         // The stream, or why this follow brought nothing (said once when the edge is lost).
@@ -341,7 +350,13 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
             let cut = schedule.cut_at(Some(heard));
             let next = tokio::select! {
                 biased;
-                () = until(cut) => break 'follows,
+                () = until(cut) => {
+                    if overslept(cut) {
+                        heard = Instant::now();
+                        continue;
+                    }
+                    break 'follows;
+                }
                 next = tokio::time::timeout(FOLLOW_SILENCE, stream.next()) => next,
             };
             let chunk = match next {
@@ -408,10 +423,17 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     ))
 }
 
-/// Waits until `at`; for ever if `None` (no budget: nothing is cut).
+/// Whether the cut `at` that just fired came long after it was due ([`crate::follow::overslept`]).
+fn overslept(at: Option<Instant>) -> bool {
+    at.is_some_and(|at| crate::follow::overslept(at, Instant::now()))
+}
+
+/// Waits until `at`; for ever if `None` (no budget: nothing is cut). Slept as a duration:
+/// tokio rounds a deadline up by adding to it, which overflows (a panic) for one at the
+/// clock's end, and takes a duration past its own as far in the future.
 async fn until(at: Option<Instant>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
+        Some(at) => tokio::time::sleep(at.saturating_duration_since(Instant::now())).await,
         None => std::future::pending().await,
     }
 }

@@ -923,6 +923,73 @@ fn submit_gives_up_on_a_follow_with_no_answer_while_it_waits() {
     assert_eq!(end, HeldFollow::LetGoBySubmit, "the follow was not cut while it waited: {err}");
 }
 
+/// `submit` stopped while it follows (Ctrl-Z, `docker pause`, a frozen cgroup, a starved
+/// machine) past `--follow-for` and a keep-alive window: the cut, due while it was stopped,
+/// fired the moment it ran again, before the result the edge sent meanwhile (waiting in
+/// its socket) was read, and it gave up ("lost the edge … nothing from it") with the result
+/// there (since 79c88ec; before, the stream was read on). A cut that fires long after it
+/// was due is no silence `submit` saw: what came meanwhile is read first. (About 30 s.)
+#[test]
+fn submit_stopped_past_its_budget_reads_the_result_that_came_meanwhile() {
+    use std::io::{Read, Write};
+    let (headed, head_sent) = std::sync::mpsc::channel();
+    let (resume, stopped) = std::sync::mpsc::channel::<()>();
+    let stopped = std::sync::Mutex::new(Some(stopped));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut request = vec![0; 64 * 1024];
+            let n = conn.read(&mut request).unwrap_or(0);
+            if request[..n].starts_with(b"POST") {
+                let body = r#"{"job_id":"j1","state":"queued"}"#;
+                let _ = write!(conn, "HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                continue;
+            }
+            let Some(stopped) = stopped.lock().unwrap().take() else {
+                let _ = conn.write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                continue;
+            };
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n: hello\n\n");
+            let _ = headed.send(());
+            // The result comes while submit is stopped; the stream stays open.
+            let _ = stopped.recv();
+            let _ = conn.write_all(b"id: 1\nevent: result\ndata: {\"success\":true,\"output\":\"came while stopped\"}\n\n");
+            std::thread::spawn(move || {
+                let mut rest = [0; 1024];
+                while conn.read(&mut rest).is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    let submit = Command::new(bin("claude-runner"))
+        .args(["submit", "--edge", &format!("http://{addr}"), "--secret", SECRET, "--follow-for", "1s", "hello"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = submit.id() as libc::pid_t;
+    head_sent.recv_timeout(Duration::from_secs(60)).expect("submit never followed");
+    // Its head read (a moment), then stopped past the budget and the keep-alive window (20 s).
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signals to the child this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    resume.send(()).unwrap();
+    std::thread::sleep(Duration::from_secs(30));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(submit.wait_with_output().unwrap()).unwrap());
+    let Ok(out) = rx.recv_timeout(Duration::from_secs(120)) else {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        panic!("submit held a result for ever");
+    };
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stdout.contains("came while stopped"), "{stdout}");
+}
+
 /// How the first follow of [`submit_given_up_on_a_held_follow`] ended.
 #[derive(Debug, PartialEq)]
 enum HeldFollow {
