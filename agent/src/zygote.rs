@@ -223,10 +223,6 @@ impl Zygote {
             return Err(std::io::Error::new(e.kind(), format!("could not fork the agent's zygote, which starts its launchers ({e}): restart the agent")));
         }
         if pid == 0 {
-            // A zygote forked again from a `claude-runner up` that raised its descriptor
-            // limit gives its launchers, so Claude, the one `up` was started with (as the
-            // zygote forked at the start, before the raise, has).
-            let _ = runtime::nofile::restore_in_child();
             let socket = theirs.as_raw_fd();
             let slot = cloned.as_ptr();
             std::mem::forget((ours, theirs, cloned));
@@ -333,6 +329,12 @@ fn live(socket: RawFd, cloned: *mut libc::pid_t, agent: libc::pid_t) -> ! {
             libc::dup2(null, fd);
         }
         crate::warden::close_all_but(socket, socket);
+        // A zygote forked again from a `claude-runner up` that raised its descriptor limit
+        // gives its launchers, so Claude, the one `up` was started with (as the zygote forked
+        // at the start, before the raise, has). Only now, with the agent's descriptors
+        // closed: lowered before, with `up` holding more than that limit, /dev/null's open
+        // above failed (EMFILE) and stdin and stdout stayed the agent's.
+        let _ = runtime::nofile::restore_in_child();
         // The page shared with the agent is not the launchers' (best effort: were it theirs,
         // they would hold a page of pids).
         libc::madvise(cloned.cast(), PidSlot::LEN, libc::MADV_DONTFORK);
