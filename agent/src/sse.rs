@@ -33,6 +33,9 @@ pub struct EventStream {
     skipping: bool,
     /// The stream's first bytes are read: a byte order mark there, if any, dropped.
     started: bool,
+    /// The spec's "last event ID": the last `id:` read, whether or not its block had data
+    /// (an event).
+    last_id: Option<String>,
 }
 
 impl EventStream {
@@ -84,7 +87,7 @@ impl EventStream {
                 let block = start..eol;
                 start = eol + len;
                 if !std::mem::take(&mut self.skipping) {
-                    events.extend(parse_block(&self.buffer[block]));
+                    events.extend(parse_block(&self.buffer[block], &mut self.last_id));
                 }
             }
             self.mid_line = false;
@@ -98,9 +101,18 @@ impl EventStream {
         }
         events
     }
+
+    /// The last `id:` the stream named, to be sent back as `Last-Event-ID` when it is
+    /// followed again (the spec's "last event ID": kept from a block without data too,
+    /// which is no event; `Some("")` when the stream cleared it). Only ids a header can
+    /// carry ([`MAX_ID_BYTES`], visible ASCII) are kept.
+    pub fn last_id(&self) -> Option<&str> {
+        self.last_id.as_deref()
+    }
 }
 
-fn parse_block(block: &[u8]) -> Option<Event> {
+/// One block's event, if it has data; an `id:` in it goes into `last_id` either way.
+fn parse_block(block: &[u8], last_id: &mut Option<String>) -> Option<Event> {
     let text = String::from_utf8_lossy(block);
     let mut name = None;
     let mut id = None;
@@ -115,7 +127,10 @@ fn parse_block(block: &[u8]) -> Option<Event> {
         match field {
             "event" => name = Some(value.to_string()),
             // Visible ASCII only: it goes back in a header.
-            "id" if value.len() <= MAX_ID_BYTES && value.bytes().all(|b| b.is_ascii_graphic()) => id = Some(value.to_string()),
+            "id" if value.len() <= MAX_ID_BYTES && value.bytes().all(|b| b.is_ascii_graphic()) => {
+                id = Some(value.to_string());
+                *last_id = Some(value.to_string());
+            }
             "data" => match &mut data {
                 Some(d) => {
                     d.push('\n');
@@ -206,13 +221,32 @@ mod tests {
                 }
             };
             if i == line_start {
-                events.extend(parse_block(&wire[block_start..i]));
+                events.extend(parse_block(&wire[block_start..i], &mut None));
                 block_start = i + end;
             }
             i += end;
             line_start = i;
         }
         events
+    }
+
+    /// A block with an `id:` and no data is no event, but the spec keeps its id as the last
+    /// one: dropped with the block, `submit` followed again from an older id, and the
+    /// progress lines between were shown twice.
+    #[test]
+    fn an_id_without_data_is_still_the_last_id() {
+        let mut s = EventStream::default();
+        assert_eq!(s.last_id(), None);
+        assert_eq!(s.push(b"id: 4\ndata: x\n\n"), vec![Event { name: None, id: Some("4".into()), data: "x".into() }]);
+        assert_eq!(s.last_id(), Some("4"));
+        assert_eq!(s.push(b"id: 5\n\n: keep-alive\n\n"), vec![]);
+        assert_eq!(s.last_id(), Some("5"));
+        // An event with no id of its own leaves it; an empty one clears it; one no header
+        // can carry is not kept.
+        assert_eq!(s.push(b"data: y\n\nid: 1 2\n\n").len(), 1);
+        assert_eq!(s.last_id(), Some("5"));
+        s.push(b"id\n\n");
+        assert_eq!(s.last_id(), Some(""));
     }
 
     proptest::proptest! {

@@ -369,12 +369,15 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
             if lasted() {
                 brought(&mut schedule, &job_id, args.quiet);
             }
-            for event in events.push(&chunk) {
-                // An empty `id:` clears it (as an EventSource's does): the stream is then
-                // followed from its start, not with an empty Last-Event-ID the edges refuse.
-                if let Some(id) = &event.id {
-                    last_id = Some(id.clone()).filter(|id| !id.is_empty());
-                }
+            let read = events.push(&chunk);
+            // Followed again from the last id the stream named (an event's, or a block's
+            // without data, as the spec keeps it). An empty `id:` clears it (as an
+            // EventSource's does): the stream is then followed from its start, not with an
+            // empty Last-Event-ID the edges refuse.
+            if let Some(id) = events.last_id() {
+                last_id = Some(id.to_string()).filter(|id| !id.is_empty());
+            }
+            for event in read {
                 let Ok(value) = serde_json::from_str::<Value>(&event.data) else {
                     // The edge gives a finished job's result to every follow: one that cannot
                     // be read comes again each time, and was followed for ever.

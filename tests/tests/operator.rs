@@ -1097,6 +1097,24 @@ fn submit_follows_again_from_the_start_after_an_empty_id() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done from the start", "{err}");
 }
 
+/// A block with an `id:` and no data is no event, but the spec keeps its id as the last
+/// one: `submit` dropped it with the block and followed again from the event before (the
+/// progress between shown twice). The follow after it carries that id.
+#[test]
+fn submit_follows_again_from_an_id_without_data() {
+    let addr = edge_that_answers_follows(|n, head| match n {
+        1 => "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\nid: 3\nevent: progress\ndata: {}\n\nid: 7\n\n".into(),
+        _ if head.to_ascii_lowercase().contains("last-event-id: 7\r\n") => {
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\nevent: result\ndata: {\"success\":true,\"output\":\"done from 7\"}\n\n".into()
+        }
+        _ => "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into(),
+    });
+    let out = submit_hello_to(addr, "submit did not end after an id without data then the result");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done from 7", "{err}");
+}
+
 /// An edge restarted behind a proxy (a Cloudflare Tunnel's 502 while the native edge comes
 /// back, a Worker's 503) answered a follow with a 5xx, and `submit` gave up on a job that
 /// ran on: a 5xx is a follow that brought nothing, followed again as a refused connection is.
