@@ -317,6 +317,14 @@ impl Config {
             }
             Ok(value)
         };
+        // A setting with a floor too: below it refused, saying the range, not raised
+        // without a word (the edge would not do what was set).
+        let between = |name: &'static str, unit: &'static str, default: u64, least: u64, most: u64, why: &'static str| -> Result<u64, ConfigError> {
+            match bounded(name, unit, default, most)? {
+                value if value < least => Err(ConfigError::TooSmall { name: own_name(name), value, min: least, max: most, default, unit, why }),
+                value => Ok(value),
+            }
+        };
         let admin_secret = get("ADMIN_SECRET");
         if let Some(len) = admin_secret.as_ref().map(String::len).filter(|l| *l < 16) {
             return Err(ConfigError::PoolWeakSecret { name: "ADMIN_SECRET".into(), len });
@@ -363,23 +371,14 @@ impl Config {
                 .filter(|v| !v.eq_ignore_ascii_case("none"))
                 .map(|v| v.split(',').map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect())
                 .unwrap_or_default(),
-            sse_keepalive_ms: {
-                let (default, most) = (crate::progress::SSE_KEEPALIVE_MS, crate::progress::SSE_KEEPALIVE_MS);
-                match bounded("SSE_KEEPALIVE_MS", "milliseconds", default, most)? {
-                    value if value < MIN_SSE_KEEPALIVE_MS => {
-                        return Err(ConfigError::TooSmall {
-                            name: own_name("SSE_KEEPALIVE_MS"),
-                            value,
-                            min: MIN_SSE_KEEPALIVE_MS,
-                            max: most,
-                            default,
-                            unit: "milliseconds",
-                            why: "shorter, a quiet job's stream would be mostly keep-alives",
-                        })
-                    }
-                    value => value,
-                }
-            },
+            sse_keepalive_ms: between(
+                "SSE_KEEPALIVE_MS",
+                "milliseconds",
+                crate::progress::SSE_KEEPALIVE_MS,
+                MIN_SSE_KEEPALIVE_MS,
+                crate::progress::SSE_KEEPALIVE_MS,
+                "shorter, a quiet job's stream would be mostly keep-alives",
+            )?,
         })
     }
 }
