@@ -284,13 +284,13 @@ fn command_line(pid: u32) -> Option<Vec<u8>> {
 }
 
 /// The status file when it is the running agent's: the process it names is the agent of
-/// `data_dir` as `agent --drain` judges it ([`crate::drain::is_agent_of`]: the lock's
-/// holder, or a `claude-runner … agent` where nobody holds the lock — any `claude-runner`
-/// passed, a `submit` too) and, where anyone holds DATA_DIR's lock, its holder
-/// ([`not_the_lock_holders`]). What a command takes from the file as the agent's (the
-/// login and usage window `oauth-status` shows) is read through here.
+/// `data_dir` as `agent --drain` judges it ([`crate::drain::is_agent_of`]: the holder of
+/// the lock's flock, or a `claude-runner agent` where nobody locks the file — any
+/// `claude-runner` passed, a `submit` too). That judgement holds [`not_the_lock_holders`]'
+/// (a file it takes is never one that says why not). What a command takes from the file as
+/// the agent's (the login and usage window `oauth-status` shows) is read through here.
 pub fn running_agents(data_dir: &std::path::Path) -> Option<Status> {
-    read(data_dir).ok().flatten().filter(|s| is_agent(s.pid) && crate::drain::is_agent_of(s.pid, data_dir) && not_the_lock_holders(data_dir, s).is_none())
+    read(data_dir).ok().flatten().filter(|s| is_agent(s.pid) && crate::drain::is_agent_of(s.pid, data_dir))
 }
 
 /// Why the status file is not the agent's, when DATA_DIR's lock is held but not by the
