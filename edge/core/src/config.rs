@@ -337,25 +337,54 @@ impl Config {
                 return Err(ConfigError::AdminSecretShared);
             }
         }
-        let max_queued_jobs = bounded("MAX_QUEUED_JOBS", "jobs", DEFAULT_MAX_QUEUED_JOBS as u64, 100_000)? as usize;
+        let nothing_queued = "0 would refuse every job with 429";
+        let max_queued_jobs = between("MAX_QUEUED_JOBS", "jobs", DEFAULT_MAX_QUEUED_JOBS as u64, 1, 100_000, nothing_queued)? as usize;
         Ok(Config {
-            max_queued_per_caller: bounded("MAX_QUEUED_PER_CALLER", "jobs", max_queued_jobs as u64, 100_000)?.max(1) as usize,
+            max_queued_per_caller: between("MAX_QUEUED_PER_CALLER", "jobs", max_queued_jobs as u64, 1, 100_000, nothing_queued)? as usize,
             admin_secret,
             caller_secrets,
             pool: name,
             signing_key: keys::signing_key("EDGE_SIGNING_KEY", &required("EDGE_SIGNING_KEY")?)?,
             agents,
             runner_secret,
-            heartbeat_interval_ms: bounded("HEARTBEAT_INTERVAL_MS", "milliseconds", DEFAULT_HEARTBEAT_INTERVAL_MS, DAY_MS)?.max(100),
+            heartbeat_interval_ms: between(
+                "HEARTBEAT_INTERVAL_MS",
+                "milliseconds",
+                DEFAULT_HEARTBEAT_INTERVAL_MS,
+                100,
+                DAY_MS,
+                "shorter, heartbeats would keep the agent and the edge busy for nothing",
+            )?,
             lost_after_ms: bounded("LOST_AFTER_MS", "milliseconds", DEFAULT_LOST_AFTER_MS, WEEK_MS)?,
-            max_timeout_ms: bounded("MAX_TIMEOUT_MS", "milliseconds", DEFAULT_MAX_TIMEOUT_MS, WEEK_MS)?.max(1_000),
+            max_timeout_ms: between(
+                "MAX_TIMEOUT_MS",
+                "milliseconds",
+                DEFAULT_MAX_TIMEOUT_MS,
+                1_000,
+                WEEK_MS,
+                "shorter, no job would have the time to start Claude",
+            )?,
             max_body_bytes: bounded("MAX_BODY_BYTES", "bytes", DEFAULT_MAX_BODY_BYTES as u64, 64 * 1024 * 1024)? as usize,
             job_retention_ms: bounded("JOB_RETENTION_MS", "milliseconds", DEFAULT_JOB_RETENTION_MS, 30 * DAY_MS)?,
             queue_ttl_ms: bounded("QUEUE_TTL_MS", "milliseconds", DEFAULT_QUEUE_TTL_MS, WEEK_MS)?,
             max_queued_jobs,
             timeout_margin_ms: bounded("TIMEOUT_MARGIN_MS", "milliseconds", DEFAULT_TIMEOUT_MARGIN_MS, DAY_MS)?,
-            max_retained_jobs: bounded("MAX_RETAINED_JOBS", "jobs", DEFAULT_MAX_RETAINED_JOBS as u64, 1_000_000)?.max(1) as usize,
-            max_retained_bytes: bounded("MAX_RETAINED_BYTES", "bytes", DEFAULT_MAX_RETAINED_BYTES, 1 << 40)?.max(1 << 20),
+            max_retained_jobs: between(
+                "MAX_RETAINED_JOBS",
+                "jobs",
+                DEFAULT_MAX_RETAINED_JOBS as u64,
+                1,
+                1_000_000,
+                "0 would forget a job as it ends, before its caller reads the result",
+            )? as usize,
+            max_retained_bytes: between(
+                "MAX_RETAINED_BYTES",
+                "bytes",
+                DEFAULT_MAX_RETAINED_BYTES,
+                1 << 20,
+                1 << 40,
+                "less could not keep one large result",
+            )?,
             edge_version: env!("CARGO_PKG_VERSION").to_string(),
             notify_url: match own("NOTIFY_URL") {
                 Some(url) if url.starts_with("https://") || url.starts_with("http://") => Some(url),
@@ -424,6 +453,46 @@ mod tests {
         assert!(err.to_string().contains("at least 16"), "{err}");
         let err = Config::from_lookup(|_| None).unwrap_err();
         assert!(err.to_string().contains("keygen"), "{err}");
+    }
+
+    /// Each of these was raised to its floor without a word (a heartbeat of 10 ms ran at
+    /// 100, a cap of 0 at 1): now refused, naming the setting, its range and its default,
+    /// and taken as set at the floor itself. A zero queue cap refused every job with 429.
+    #[test]
+    fn a_setting_below_its_floor_is_refused_not_raised() {
+        let floors: [(&str, &str, u64); 6] = [
+            ("HEARTBEAT_INTERVAL_MS", "milliseconds", 100),
+            ("MAX_TIMEOUT_MS", "milliseconds", 1_000),
+            ("MAX_RETAINED_BYTES", "bytes", 1 << 20),
+            ("MAX_QUEUED_JOBS", "jobs", 1),
+            ("MAX_QUEUED_PER_CALLER", "jobs", 1),
+            ("MAX_RETAINED_JOBS", "jobs", 1),
+        ];
+        for (name, unit, least) in floors {
+            let below = (least - 1).to_string();
+            let set = [(name, below.as_str())];
+            let err = Config::from_lookup(|k| lookup(&[])(k).or_else(|| set.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(&format!("{name} must be at least {least} {unit}, got {below}")), "{err}");
+            assert!(err.contains(&format!("set it between {least} and")) && err.contains("unset, it is"), "{err}");
+            let at = least.to_string();
+            let set = [(name, at.as_str())];
+            Config::from_lookup(|k| set.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()).or_else(|| lookup(&[])(k)))
+                .unwrap_or_else(|e| panic!("{name}={least}: {e}"));
+        }
+        let cfg = Config::from_lookup(lookup(&[("HEARTBEAT_INTERVAL_MS", "100"), ("MAX_QUEUED_PER_CALLER", "1")])).unwrap();
+        assert_eq!((cfg.heartbeat_interval_ms, cfg.max_queued_per_caller), (100, 1));
+        // A pool's own value is named as set.
+        let pooled = |k: &str| match k {
+            "POOLS" => Some("gpu".to_string()),
+            "RUNNER_SECRET_GPU" => Some("fedcba9876543210fedc".to_string()),
+            "AGENT_PUBLIC_KEYS_GPU" => lookup(&[])("AGENT_PUBLIC_KEYS"),
+            "MAX_QUEUED_JOBS_GPU" => Some("0".to_string()),
+            k => lookup(&[])(k),
+        };
+        let err = Config::for_pool(pooled, "gpu").unwrap_err().to_string();
+        assert!(err.starts_with("MAX_QUEUED_JOBS_GPU must be at least 1 jobs, got 0"), "{err}");
     }
 
     #[test]
