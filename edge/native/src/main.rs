@@ -49,14 +49,7 @@ fn main() {
 
 fn run() -> anyhow::Result<()> {
     let config = edge_core::Config::from_lookup(|name| std::env::var(name).ok())?;
-    let listen: SocketAddr = std::env::var("LISTEN")
-        .unwrap_or_else(|_| "127.0.0.1:8787".into())
-        .parse()
-        .map_err(|e| anyhow::anyhow!("LISTEN must be an address like 127.0.0.1:8787: {e}"))?;
-    let data_dir = std::env::var_os("DATA_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| ".".into());
-        home.join(".local/share/claude-runner/edge")
-    });
+    let (listen, data_dir) = host_settings(|name| std::env::var_os(name))?;
     // One thread: every request and frame goes through the one task that drives the
     // machine, so a second worker only added hand-offs between threads (a futex wake and
     // an epoll round per hop, about a fifth of the edge's CPU per job) and parallelism
@@ -66,4 +59,44 @@ fn run() -> anyhow::Result<()> {
         let server = Server::bind(ServerOptions { config, listen, data_dir }).await?;
         server.serve(runtime::shutdown_signal()).await
     })
+}
+
+/// `LISTEN` and `DATA_DIR`, the settings only this host reads. Empty is unset, as for
+/// every other setting (`LISTEN=` in a systemd `EnvironmentFile` or an `.env`).
+fn host_settings(get: impl Fn(&str) -> Option<std::ffi::OsString>) -> anyhow::Result<(SocketAddr, PathBuf)> {
+    let get = |name: &str| get(name).filter(|v| !v.is_empty());
+    let listen = match get("LISTEN") {
+        None => SocketAddr::from(([127, 0, 0, 1], 8787)),
+        Some(text) => text
+            .to_str()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("LISTEN must be an address like 127.0.0.1:8787, got `{}`", text.to_string_lossy()))?,
+    };
+    let data_dir = get("DATA_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let home = get("HOME").map(PathBuf::from).unwrap_or_else(|| ".".into());
+        home.join(".local/share/claude-runner/edge")
+    });
+    Ok((listen, data_dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<std::ffi::OsString> {
+        move |name| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.into())
+    }
+
+    /// `DATA_DIR=` put the job store in the working directory (`/` under systemd), and
+    /// `LISTEN=` stopped the start, where every other empty setting is unset.
+    #[test]
+    fn an_empty_listen_or_data_dir_is_unset() {
+        let (listen, data_dir) = host_settings(settings(&[("LISTEN", ""), ("DATA_DIR", ""), ("HOME", "/home/spark")])).unwrap();
+        assert_eq!(listen.to_string(), "127.0.0.1:8787");
+        assert_eq!(data_dir, PathBuf::from("/home/spark/.local/share/claude-runner/edge"));
+        let (listen, data_dir) = host_settings(settings(&[("LISTEN", "[::1]:9000"), ("DATA_DIR", "/var/lib/e")])).unwrap();
+        assert_eq!((listen.to_string(), data_dir), ("[::1]:9000".to_string(), PathBuf::from("/var/lib/e")));
+        let err = host_settings(settings(&[("LISTEN", "8787")])).unwrap_err().to_string();
+        assert!(err.contains("LISTEN must be an address like 127.0.0.1:8787") && err.contains("`8787`"), "{err}");
+    }
 }
