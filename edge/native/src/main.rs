@@ -99,4 +99,33 @@ mod tests {
         let err = host_settings(settings(&[("LISTEN", "8787")])).unwrap_err().to_string();
         assert!(err.contains("LISTEN must be an address like 127.0.0.1:8787") && err.contains("`8787`"), "{err}");
     }
+
+    /// Every setting the edge's core reads (`edge/core/src/config.rs`) and this host's own
+    /// are in `--help`, which README's table is held to (`tests/tests/readme.rs`) and
+    /// docker-compose.yml and .env.example too (`tests/deploy/check`).
+    #[test]
+    fn the_help_names_every_setting_the_edge_reads() {
+        let asked = std::cell::RefCell::new(Vec::new());
+        let required = [
+            ("RUNNER_SECRET", "0123456789abcdef0123"),
+            ("EDGE_SIGNING_KEY", "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk="),
+            ("AGENT_PUBLIC_KEYS", "spark=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
+        ];
+        edge_core::Config::from_lookup(|name| {
+            asked.borrow_mut().push(name.to_string());
+            required.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        })
+        .unwrap();
+        host_settings(|name| {
+            asked.borrow_mut().push(name.to_string());
+            None
+        })
+        .unwrap();
+        let mut asked = asked.into_inner();
+        asked.extend(["MAX_CONNECTIONS", "LOG_FORMAT", "RUST_LOG"].map(String::from));
+        let listed = |name: &str| HELP.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).any(|w| w == name);
+        // POOLS: pools are the Worker's (README); HOME: the default DATA_DIR's.
+        let missing: Vec<_> = asked.iter().filter(|n| !listed(n) && !["POOLS", "HOME"].contains(&n.as_str())).collect();
+        assert!(missing.is_empty(), "read but not in --help: {missing:?}");
+    }
 }
