@@ -21,7 +21,8 @@ Environment:
   MAX_RETAINED_JOBS, MAX_RETAINED_BYTES               limits (see README)
   NOTIFY_URL             where alerts are posted (ntfy topic or webhook)   (default none)
   OAUTH_WARN_HOURS, OFFLINE_ALERT_MS, NOTIFY_MIN_INTERVAL_MS   when to alert (see README)
-  CALLBACK_HOSTS         host,host: where a job's callback_url may point   (default none)
+  CALLBACK_HOSTS         host,host:port,... where a job's callback_url may point
+                         (host: any port)                             (default none)
   MAX_CONNECTIONS        connections held at once; at the cap the one idle longest
                          is closed; callers' requests in flight hold at most 3/4,
                          each secret an equal share of that (429 past it)
