@@ -92,7 +92,9 @@ pub enum ConfigError {
     Missing(&'static str),
     #[error("{name} must be a whole number of {unit}, got `{value}`")]
     Number { name: String, unit: &'static str, value: String },
-    #[error("{0}")]
+    /// Transparent: the key's error is the whole message, not also its cause (shown
+    /// twice on the line the native edge stops with).
+    #[error(transparent)]
     Key(#[from] keys::KeyError),
     #[error("RUNNER_SECRET is too short ({0} characters): use at least 16, e.g. `openssl rand -hex 32`")]
     WeakSecret(usize),

@@ -101,6 +101,20 @@ mod tests {
         assert!(err.contains("LISTEN must be an address like 127.0.0.1:8787") && err.contains("`8787`"), "{err}");
     }
 
+    /// A bad key was said twice on the one line the edge stops with ("…printed: …printed"):
+    /// the settings error wrapped the key's error and named it as its cause as well.
+    #[test]
+    fn a_bad_setting_is_said_once() {
+        let lookup = |name: &str| match name {
+            "RUNNER_SECRET" => Some("0123456789abcdef0123".to_string()),
+            "EDGE_SIGNING_KEY" => Some("CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=".to_string()),
+            "AGENT_PUBLIC_KEYS" => Some("spark=xyz".to_string()),
+            _ => None,
+        };
+        let shown = format!("{:#}", anyhow::Error::from(edge_core::Config::from_lookup(lookup).unwrap_err()));
+        assert_eq!(shown.matches("AGENT_PUBLIC_KEYS").count(), 1, "{shown}");
+    }
+
     /// Every setting the edge's core reads (`edge/core/src/config.rs`) and this host's own
     /// are in `--help`, which README's table is held to (`tests/tests/readme.rs`) and
     /// docker-compose.yml and .env.example too (`tests/deploy/check`).
