@@ -87,7 +87,7 @@ fn export_line(addr: SocketAddr, secret: &str) -> String {
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if crate::process::find_binary(&args.local.claude_bin).is_none() {
-        eprintln!("{}", crate::process::INSTALL_CLAUDE);
+        eprintln!("{}", crate::process::install_claude(&args.local.claude_bin));
         std::process::exit(1);
     }
     let root = args.local.data_dir().join("up");
