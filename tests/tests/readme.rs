@@ -138,3 +138,40 @@ fn the_edges_settings_table_is_what_the_native_edge_reads() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// The agent's and the native edge's code reading a variable itself (`env::var("NAME")`,
+/// not through a flag): README names each, so no setting is known only to whoever reads
+/// the source. (Test code is left out: its variables are the tests' own.)
+#[test]
+fn every_variable_the_code_reads_itself_is_in_the_readme() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    let mut dirs: Vec<_> = ["agent/src", "edge/native/src", "edge/core/src", "shared/src", "shared/runtime/src"].iter().map(|d| root.join(d)).collect();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().map(Result::unwrap) {
+            let path = entry.path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() && name != "tests" {
+                dirs.push(path);
+            } else if name.ends_with(".rs") && name != "tests.rs" {
+                files.push(path);
+            }
+        }
+    }
+    let mut problems = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        // Up to the file's test module, if any.
+        let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
+        for call in ["var(\"", "var_os(\""] {
+            for rest in code.split(call).skip(1) {
+                let name = rest.split('"').next().unwrap();
+                if name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_') && !README.contains(&format!("`{name}`")) {
+                    problems.push(format!("{} reads {name}, which README never names", file.strip_prefix(&root).unwrap().display()));
+                }
+            }
+        }
+    }
+    assert!(files.len() > 50, "the sources were not found: {files:?}");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
