@@ -15,6 +15,7 @@ pub struct UpArgs {
     /// Where the local edge listens.
     #[arg(long, env = "LISTEN", default_value = "127.0.0.1:8787")]
     pub listen: SocketAddr,
+    /// Jobs the agent runs at once.
     #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 1)]
     pub max_concurrent_jobs: u32,
     #[command(flatten)]
