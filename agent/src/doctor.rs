@@ -4,7 +4,7 @@
 
 use crate::config::AgentArgs;
 use crate::edge_url::connect_url;
-use crate::process::{find_binary, INSTALL_CLAUDE};
+use crate::process::{find_binary, install_claude};
 use futures_util::StreamExt;
 use shared::keys;
 use shared::protocol::{EdgeMessage, PROTOCOL_VERSION};
@@ -42,7 +42,7 @@ pub async fn run(args: AgentArgs, canary: bool) -> bool {
     println!("claude-runner doctor");
 
     match find_binary(&args.local.claude_bin) {
-        None => r.fail("claude binary", format!("`{}` not found.\n{INSTALL_CLAUDE}", args.local.claude_bin)),
+        None => r.fail("claude binary", install_claude(&args.local.claude_bin)),
         Some(path) => match crate::cli_version::probe(&path).await {
             Ok(version) => r.ok("claude binary", format!("{} ({version})", path.display())),
             Err(e) => r.fail("claude binary", e),

@@ -66,7 +66,12 @@ EDGE_PUBLIC_KEY={}",
             return;
         }
     }
-    println!(
+    println!("{}", grouped(keys, agent_id, &secret));
+}
+
+/// The text form: each value under where it goes.
+fn grouped(keys: &KeySet, agent_id: &str, secret: &str) -> String {
+    format!(
         "# ── On the edge (claude-runner-edge environment, or Worker secrets) ──
 RUNNER_SECRET={secret}
 EDGE_SIGNING_KEY={edge_signing}
@@ -87,17 +92,29 @@ EDGE_URL=wss://<your edge host>
 X-Runner-Secret: {secret}
 
 # Keep EDGE_SIGNING_KEY and AGENT_SIGNING_KEY secret; the public keys may be shared.
-# Several agents in one pool: run keygen per agent and join their entries with commas.",
+# Several agents in one pool: run keygen again for each other agent and take only its
+# AGENT_ID, AGENT_SIGNING_KEY and AGENT_PUBLIC_KEYS entry (joined to the edge's with a
+# comma); every agent keeps the first run's EDGE_PUBLIC_KEY: the edge has one signing key.",
         edge_signing = keys.edge_signing_key,
         edge_public = keys.edge_public_key,
         agent_signing = keys.agent_signing_key,
         agent_public = keys.agent_public_key,
-    );
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// "Run keygen per agent and join their entries" gave each later agent the
+    /// EDGE_PUBLIC_KEY of an edge key nobody set, so it refused the edge; the hint says
+    /// which values of a later run to use and which to keep.
+    #[test]
+    fn the_hint_for_more_agents_keeps_the_edges_key() {
+        let text = grouped(&KeySet::generate(), "spark", "s");
+        let hint = text.lines().skip_while(|l| !l.contains("Several agents")).collect::<Vec<_>>().join(" ");
+        assert!(hint.contains("AGENT_PUBLIC_KEYS") && hint.contains("EDGE_PUBLIC_KEY") && hint.contains("first"), "{hint}");
+    }
 
     #[test]
     fn generated_keys_pair_up() {

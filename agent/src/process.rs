@@ -29,11 +29,22 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 pub const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
 const STDERR_TAIL_BYTES: usize = 8 * 1024;
 
-pub const INSTALL_CLAUDE: &str = "Claude Code is not installed (no `claude` on PATH).
+/// What to do when `bin` (CLAUDE_BIN) is not found: it names the binary looked for, which
+/// is not `claude` when CLAUDE_BIN says otherwise.
+pub fn install_claude(bin: &str) -> String {
+    let missing = if bin.contains('/') {
+        format!("Claude Code is not at `{bin}` (CLAUDE_BIN): no executable file there.")
+    } else {
+        format!("Claude Code is not installed (no `{bin}` on PATH).")
+    };
+    format!(
+        "{missing}
 Install it and log in, then run this again:
     npm install -g @anthropic-ai/claude-code
     claude auth login          # or: export CLAUDE_CODE_OAUTH_TOKEN=... from `claude setup-token`
-Or point CLAUDE_BIN at the binary.";
+Or point CLAUDE_BIN at the binary."
+    )
+}
 
 /// Where `name` resolves on PATH, or the path itself if it has a slash.
 pub fn find_binary(name: &str) -> Option<PathBuf> {
@@ -458,6 +469,16 @@ async fn read_line_capped<R: AsyncBufRead + Unpin>(reader: &mut R, line: &mut Li
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `up` and `doctor` said "no `claude` on PATH" with CLAUDE_BIN set to another name or
+    /// a path: the message now names what was looked for.
+    #[test]
+    fn a_missing_claude_is_named_as_claude_bin_gives_it() {
+        assert!(install_claude("claude").starts_with("Claude Code is not installed (no `claude` on PATH)."));
+        assert!(install_claude("claude-2.1").starts_with("Claude Code is not installed (no `claude-2.1` on PATH)."));
+        let at = install_claude("/opt/claude/bin/claude");
+        assert!(at.starts_with("Claude Code is not at `/opt/claude/bin/claude` (CLAUDE_BIN)") && at.contains("npm install -g"), "{at}");
+    }
 
     #[test]
     fn claude_sees_only_allowed_variables_and_never_a_secret() {

@@ -98,7 +98,7 @@ pub struct Ended {
 pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, stop: oneshot::Receiver<Stop>) -> Ended {
     let workspace = ctx.workspaces.join(job_id);
     let (result, session) = run_in(ctx, job_id, spec, stop, &workspace).await;
-    let keep = std::env::var_os("CLAUDE_RUNNER_KEEP_WORKSPACES").is_some() || (!result.success && ctx.cfg.repos.keep_failed_workspaces);
+    let keep = !result.success && ctx.cfg.repos.keep_failed_workspaces;
     Ended { result, session, leftover: Leftover { workspace, keep, job_id: job_id.to_string(), agent_id: ctx.cfg.agent_id.clone() } }
 }
 

@@ -53,7 +53,7 @@ async fn run_to(err: &mut impl Write, out: &mut impl Write, args: LoginArgs) -> 
         }
     };
     let (Some(login_id), Some(url)) = (start["login_id"].as_str(), start["url"].as_str()) else {
-        say(err, format!("claude-runner login: the edge could not start a login ({status}): {}", start["error"].as_str().unwrap_or("no readable answer")))?;
+        say(err, format!("claude-runner login: the edge could not start a login ({status}): {}", crate::submit::refusal(status, &start)))?;
         return Ok(2);
     };
     say(err, format!("Open this URL in a browser, sign in, and paste the code it shows (agent {}):", start["agent_id"].as_str().unwrap_or("?")))?;

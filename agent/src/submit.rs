@@ -85,6 +85,17 @@ impl EdgeArgs {
     }
 }
 
+/// The edge's words for refusing a request (its `error`). The edge's 403 says to send the
+/// secret in a header, which `submit` and `login` do already: theirs is the secret they
+/// were given, so that is what a 403 says to check.
+pub(crate) fn refusal(status: u16, answer: &Value) -> String {
+    let error = answer["error"].as_str().unwrap_or("no readable answer");
+    match status {
+        403 => format!("{error} (the secret sent is RUNNER_SECRET, or --secret: check it)"),
+        _ => error.to_string(),
+    }
+}
+
 /// Why a request to the edge failed, its causes included: reqwest's own line ("error
 /// sending request for url (…)") leaves out the one that says what to do ("Connection
 /// refused": the edge is not running there; a name that does not resolve; a certificate).
@@ -261,7 +272,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     }
     let answer = read_answer(accepted).await;
     let Some(job_id) = answer["job_id"].as_str().filter(|_| status.is_success()).map(str::to_string) else {
-        let error = answer["error"].as_str().unwrap_or("no readable answer");
+        let error = refusal(status.as_u16(), &answer);
         if status.is_success() {
             return fail(format!("the edge took the task ({status}) but sent no readable answer; {MAY_BE_QUEUED}"));
         }
@@ -516,6 +527,18 @@ mod tests {
         let shown = super::describe(&event).unwrap();
         assert!(!shown.contains(['\u{202e}', '\u{2066}', '\u{2069}', '\u{2028}']), "{shown:?}");
         assert!(shown.contains("approved") && shown.contains("line"), "{shown:?}");
+    }
+
+    /// The edge's 403 says "send it in the X-Runner-Secret header", which `submit` does:
+    /// what its user can fix is the secret it was given.
+    #[test]
+    fn a_refused_secret_says_which_setting_to_check() {
+        let answer = json!({"success": false, "error": "missing or wrong runner secret: send it in the X-Runner-Secret header (or Authorization: Bearer)", "error_code": "UNAUTHORIZED"});
+        let line = super::refusal(403, &answer);
+        assert!(line.starts_with("missing or wrong runner secret") && line.contains("the secret sent is RUNNER_SECRET, or --secret"), "{line}");
+        let busy = json!({"error": "the queue is full"});
+        assert_eq!(super::refusal(429, &busy), "the queue is full");
+        assert_eq!(super::refusal(400, &json!("<html>")), "no readable answer");
     }
 
     /// The edge's own words (its `error` when it refuses a task) are shown the same way.

@@ -15,6 +15,7 @@ pub struct UpArgs {
     /// Where the local edge listens.
     #[arg(long, env = "LISTEN", default_value = "127.0.0.1:8787")]
     pub listen: SocketAddr,
+    /// Jobs the agent runs at once.
     #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 1)]
     pub max_concurrent_jobs: u32,
     #[command(flatten)]
@@ -87,7 +88,7 @@ fn export_line(addr: SocketAddr, secret: &str) -> String {
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if crate::process::find_binary(&args.local.claude_bin).is_none() {
-        eprintln!("{}", crate::process::INSTALL_CLAUDE);
+        eprintln!("{}", crate::process::install_claude(&args.local.claude_bin));
         std::process::exit(1);
     }
     let root = args.local.data_dir().join("up");

@@ -381,9 +381,10 @@ impl ExecuteRequest {
         }
         if let Some(s) = &self.session_id {
             if !crate::ids::plain_id(s, crate::ids::MAX_JOB_ID) {
-                return Err(ApiError::invalid(
-                    "`session_id` must be the session id of an earlier result (letters, digits, `-`)",
-                ));
+                return Err(ApiError::invalid(format!(
+                    "`session_id` must be the session id of an earlier result (letters, digits, `-` and `_`, at most {})",
+                    crate::ids::MAX_JOB_ID
+                )));
             }
         }
         if let Some(b) = self.max_budget_usd {
@@ -708,6 +709,19 @@ mod tests {
         assert_eq!(s.spec.working_dir.as_deref(), Some("a/b"));
         assert_eq!(s.spec.allowed_tools, vec!["Read", "Bash(git log:*)"]);
         assert_eq!(s.idempotency_key.as_deref(), Some("k1"));
+    }
+
+    /// The error said `letters, digits, \`-\`` while `_` is taken too and length is
+    /// bounded: a caller fixing its id by the words would refuse good ids of its own.
+    #[test]
+    fn a_bad_session_id_is_refused_with_the_rule_the_edge_applies() {
+        let ok = "a_B-9".repeat(25) + "abc";
+        assert_eq!(ok.len(), crate::ids::MAX_JOB_ID);
+        assert!(parse(json!({"prompt": "p", "session_id": ok})).is_ok());
+        for bad in ["a b".to_string(), "x".repeat(crate::ids::MAX_JOB_ID + 1), String::new()] {
+            let err = parse(json!({"prompt": "p", "session_id": bad})).unwrap_err().body.error;
+            assert!(err.contains("letters, digits, `-` and `_`") && err.contains("at most 128"), "{err}");
+        }
     }
 
     #[test]

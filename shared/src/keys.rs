@@ -73,7 +73,8 @@ impl Keyring {
     pub fn parse(text: &str) -> Result<Self, KeyError> {
         let mut keys = BTreeMap::new();
         for entry in text.split([',', '\n']).map(str::trim).filter(|e| !e.is_empty()) {
-            let (id, key) = entry.split_once('=').ok_or_else(|| KeyError::Entry {
+            // A key pasted alone splits at its base64 padding into an "id" and nothing.
+            let (id, key) = entry.split_once('=').filter(|(_, key)| !key.trim().is_empty()).ok_or_else(|| KeyError::Entry {
                 entry: entry.chars().take(80).collect(),
             })?;
             let id = id.trim();
@@ -151,5 +152,18 @@ mod tests {
         assert!(matches!(Keyring::parse(&format!("../x={a}")), Err(KeyError::AgentId { .. })));
         assert!(matches!(Keyring::parse(&format!("a={a},a={a}")), Err(KeyError::Duplicate { .. })));
         assert!(Keyring::parse("a=AAAA").is_err());
+    }
+
+    /// A public key pasted without its `id=`: its base64 padding `=` split it into an "id"
+    /// and an empty key, refused as "32 bytes once decoded, got 0", which names neither
+    /// the entry's form nor what is missing.
+    #[test]
+    fn a_key_without_its_id_is_refused_as_an_entry_without_one() {
+        let a = encode_verifying(&key(1).verifying_key());
+        assert!(a.ends_with('='));
+        for text in [a.clone(), format!("spark={a},{a}")] {
+            let err = Keyring::parse(&text).unwrap_err();
+            assert!(matches!(err, KeyError::Entry { .. }) && err.to_string().contains("agent-id=base64key"), "{text}: {err}");
+        }
     }
 }

@@ -92,7 +92,9 @@ pub enum ConfigError {
     Missing(&'static str),
     #[error("{name} must be a whole number of {unit}, got `{value}`")]
     Number { name: String, unit: &'static str, value: String },
-    #[error("{0}")]
+    /// Transparent: the key's error is the whole message, not also its cause (shown
+    /// twice on the line the native edge stops with).
+    #[error(transparent)]
     Key(#[from] keys::KeyError),
     #[error("RUNNER_SECRET is too short ({0} characters): use at least 16, e.g. `openssl rand -hex 32`")]
     WeakSecret(usize),
@@ -100,6 +102,9 @@ pub enum ConfigError {
     /// this error answers every request, the secret's holders or not.
     #[error("{name} must be an http:// or https:// URL; the value set starts with neither (not shown here: a webhook's URL may hold its token)")]
     Url { name: String },
+    /// The entry is not repeated: a webhook's whole URL pasted here may hold its token.
+    #[error("{name} has an entry that is not a host or host:port (a scheme, a path, a user or a space; not shown here: a URL may hold a token); list hosts like `hooks.example.com,ci.example.com:8443`")]
+    CallbackHost { name: String },
     #[error("{name} is {value}, over the most this edge supports ({max}); lower it")]
     TooLarge { name: String, value: u64, max: u64 },
     /// Refused rather than raised without a word: the edge would not do what was set.
@@ -396,10 +401,16 @@ impl Config {
             notify_min_interval_ms: bounded("NOTIFY_MIN_INTERVAL_MS", "milliseconds", DEFAULT_NOTIFY_MIN_INTERVAL_MS, WEEK_MS)?,
             // `none`: no callbacks — how a pool closes them while the edge's list is open
             // (an empty setting is an unset one, here as everywhere).
-            callback_hosts: own("CALLBACK_HOSTS")
-                .filter(|v| !v.eq_ignore_ascii_case("none"))
-                .map(|v| v.split(',').map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect())
-                .unwrap_or_default(),
+            callback_hosts: match own("CALLBACK_HOSTS").filter(|v| !v.eq_ignore_ascii_case("none")) {
+                None => Vec::new(),
+                Some(v) => {
+                    let hosts: Vec<String> = v.split(',').map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect();
+                    if !hosts.iter().all(|h| crate::notify::is_callback_host_entry(h)) {
+                        return Err(ConfigError::CallbackHost { name: own_name("CALLBACK_HOSTS") });
+                    }
+                    hosts
+                }
+            },
             sse_keepalive_ms: between(
                 "SSE_KEEPALIVE_MS",
                 "milliseconds",

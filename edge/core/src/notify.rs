@@ -223,6 +223,29 @@ pub fn signature(secret: &str, timestamp: Millis, body: &str) -> String {
 /// receiver); anywhere else it must be `https://`.
 const LOOPBACK: &[&str] = &["127.0.0.1", "localhost", "[::1]"];
 
+/// Whether a `CALLBACK_HOSTS` entry is one [`check_callback`] can match: a host name or
+/// an IP address (IPv6 in brackets), and at most a port after it — no scheme, path, user
+/// or space, which would match no `callback_url` at all.
+pub fn is_callback_host_entry(entry: &str) -> bool {
+    // `[v6]` or a name, then `:port` or nothing.
+    let (host_ok, rest) = match entry.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((inner, rest)) => (!inner.is_empty() && inner.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.'), rest),
+            None => return false,
+        },
+        None => {
+            let end = entry.find(':').unwrap_or(entry.len());
+            let host = &entry[..end];
+            (!host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'), &entry[end..])
+        }
+    };
+    let port_ok = match rest.strip_prefix(':') {
+        None => rest.is_empty(),
+        Some(port) => port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok_and(|p| p > 0),
+    };
+    host_ok && port_ok
+}
+
 /// Checks a `callback_url` against `CALLBACK_HOSTS`: `https://` (or `http://` on
 /// loopback) to a host on the list. Returns what to fix.
 pub fn check_callback(url: &str, allowed: &[String]) -> Result<(), String> {

@@ -21,7 +21,8 @@ Environment:
   MAX_RETAINED_JOBS, MAX_RETAINED_BYTES               limits (see README)
   NOTIFY_URL             where alerts are posted (ntfy topic or webhook)   (default none)
   OAUTH_WARN_HOURS, OFFLINE_ALERT_MS, NOTIFY_MIN_INTERVAL_MS   when to alert (see README)
-  CALLBACK_HOSTS         host,host: where a job's callback_url may point   (default none)
+  CALLBACK_HOSTS         host,host:port,... where a job's callback_url may point
+                         (host: any port)                             (default none)
   MAX_CONNECTIONS        connections held at once; at the cap the one idle longest
                          is closed; callers' requests in flight hold at most 3/4,
                          each secret an equal share of that (429 past it)
@@ -49,14 +50,7 @@ fn main() {
 
 fn run() -> anyhow::Result<()> {
     let config = edge_core::Config::from_lookup(|name| std::env::var(name).ok())?;
-    let listen: SocketAddr = std::env::var("LISTEN")
-        .unwrap_or_else(|_| "127.0.0.1:8787".into())
-        .parse()
-        .map_err(|e| anyhow::anyhow!("LISTEN must be an address like 127.0.0.1:8787: {e}"))?;
-    let data_dir = std::env::var_os("DATA_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| ".".into());
-        home.join(".local/share/claude-runner/edge")
-    });
+    let (listen, data_dir) = host_settings(|name| std::env::var_os(name))?;
     // One thread: every request and frame goes through the one task that drives the
     // machine, so a second worker only added hand-offs between threads (a futex wake and
     // an epoll round per hop, about a fifth of the edge's CPU per job) and parallelism
@@ -66,4 +60,87 @@ fn run() -> anyhow::Result<()> {
         let server = Server::bind(ServerOptions { config, listen, data_dir }).await?;
         server.serve(runtime::shutdown_signal()).await
     })
+}
+
+/// `LISTEN` and `DATA_DIR`, the settings only this host reads. Empty is unset, as for
+/// every other setting (`LISTEN=` in a systemd `EnvironmentFile` or an `.env`).
+fn host_settings(get: impl Fn(&str) -> Option<std::ffi::OsString>) -> anyhow::Result<(SocketAddr, PathBuf)> {
+    let get = |name: &str| get(name).filter(|v| !v.is_empty());
+    let listen = match get("LISTEN") {
+        None => SocketAddr::from(([127, 0, 0, 1], 8787)),
+        Some(text) => text
+            .to_str()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("LISTEN must be an address like 127.0.0.1:8787, got `{}`", text.to_string_lossy()))?,
+    };
+    let data_dir = get("DATA_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let home = get("HOME").map(PathBuf::from).unwrap_or_else(|| ".".into());
+        home.join(".local/share/claude-runner/edge")
+    });
+    Ok((listen, data_dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<std::ffi::OsString> {
+        move |name| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.into())
+    }
+
+    /// `DATA_DIR=` put the job store in the working directory (`/` under systemd), and
+    /// `LISTEN=` stopped the start, where every other empty setting is unset.
+    #[test]
+    fn an_empty_listen_or_data_dir_is_unset() {
+        let (listen, data_dir) = host_settings(settings(&[("LISTEN", ""), ("DATA_DIR", ""), ("HOME", "/home/spark")])).unwrap();
+        assert_eq!(listen.to_string(), "127.0.0.1:8787");
+        assert_eq!(data_dir, PathBuf::from("/home/spark/.local/share/claude-runner/edge"));
+        let (listen, data_dir) = host_settings(settings(&[("LISTEN", "[::1]:9000"), ("DATA_DIR", "/var/lib/e")])).unwrap();
+        assert_eq!((listen.to_string(), data_dir), ("[::1]:9000".to_string(), PathBuf::from("/var/lib/e")));
+        let err = host_settings(settings(&[("LISTEN", "8787")])).unwrap_err().to_string();
+        assert!(err.contains("LISTEN must be an address like 127.0.0.1:8787") && err.contains("`8787`"), "{err}");
+    }
+
+    /// A bad key was said twice on the one line the edge stops with ("…printed: …printed"):
+    /// the settings error wrapped the key's error and named it as its cause as well.
+    #[test]
+    fn a_bad_setting_is_said_once() {
+        let lookup = |name: &str| match name {
+            "RUNNER_SECRET" => Some("0123456789abcdef0123".to_string()),
+            "EDGE_SIGNING_KEY" => Some("CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=".to_string()),
+            "AGENT_PUBLIC_KEYS" => Some("spark=xyz".to_string()),
+            _ => None,
+        };
+        let shown = format!("{:#}", anyhow::Error::from(edge_core::Config::from_lookup(lookup).unwrap_err()));
+        assert_eq!(shown.matches("AGENT_PUBLIC_KEYS").count(), 1, "{shown}");
+    }
+
+    /// Every setting the edge's core reads (`edge/core/src/config.rs`) and this host's own
+    /// are in `--help`, which README's table is held to (`tests/tests/readme.rs`) and
+    /// docker-compose.yml and .env.example too (`tests/deploy/check`).
+    #[test]
+    fn the_help_names_every_setting_the_edge_reads() {
+        let asked = std::cell::RefCell::new(Vec::new());
+        let required = [
+            ("RUNNER_SECRET", "0123456789abcdef0123"),
+            ("EDGE_SIGNING_KEY", "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk="),
+            ("AGENT_PUBLIC_KEYS", "spark=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
+        ];
+        edge_core::Config::from_lookup(|name| {
+            asked.borrow_mut().push(name.to_string());
+            required.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        })
+        .unwrap();
+        host_settings(|name| {
+            asked.borrow_mut().push(name.to_string());
+            None
+        })
+        .unwrap();
+        let mut asked = asked.into_inner();
+        asked.extend(["MAX_CONNECTIONS", "LOG_FORMAT", "RUST_LOG"].map(String::from));
+        let listed = |name: &str| HELP.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).any(|w| w == name);
+        // POOLS: pools are the Worker's (README); HOME: the default DATA_DIR's.
+        let missing: Vec<_> = asked.iter().filter(|n| !listed(n) && !["POOLS", "HOME"].contains(&n.as_str())).collect();
+        assert!(missing.is_empty(), "read but not in --help: {missing:?}");
+    }
 }

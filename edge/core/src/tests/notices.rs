@@ -174,3 +174,27 @@ fn a_callback_refused_for_good_is_given_up() {
     let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
     assert_eq!(edge.submit(30, "k".into(), submission, Mode::Detached).unwrap_err().status, 400);
 }
+
+/// A CALLBACK_HOSTS entry with a scheme or a path (`https://hooks.example`, a webhook's
+/// whole URL) was taken as written and matched no host, so every `callback_url` was refused
+/// as "not allowed … CALLBACK_HOSTS lists the hosts", naming the host the operator had
+/// listed. The edge now refuses the setting at its start, without repeating it (a webhook's
+/// URL may hold its token), as the agent refuses such an ALLOWED_REPO_HOSTS.
+#[test]
+fn a_callback_hosts_entry_that_is_no_host_stops_the_start() {
+    let lookup = |extra: &'static str| {
+        move |name: &str| match name {
+            "RUNNER_SECRET" => Some("0123456789abcdef0123".to_string()),
+            "EDGE_SIGNING_KEY" => Some("CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=".to_string()),
+            "AGENT_PUBLIC_KEYS" => Some("spark=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=".to_string()),
+            "CALLBACK_HOSTS" => Some(extra.to_string()),
+            _ => None,
+        }
+    };
+    for bad in ["https://hooks.example", "hooks.example/services/T0/xoxb-token", "hooks.example:https", "a b", "user@hooks.example"] {
+        let err = Config::from_lookup(lookup(bad)).err().map(|e| e.to_string()).unwrap_or_else(|| panic!("{bad} was taken"));
+        assert!(err.starts_with("CALLBACK_HOSTS") && err.contains("host:port") && !err.contains("xoxb-token"), "{bad}: {err}");
+    }
+    let good = Config::from_lookup(lookup("Hooks.Example, ci.example:8443,127.0.0.1:9000,[::1]:9000,localhost")).unwrap();
+    assert_eq!(good.callback_hosts, ["hooks.example", "ci.example:8443", "127.0.0.1:9000", "[::1]:9000", "localhost"]);
+}
