@@ -545,10 +545,11 @@ async fn a_used_up_usage_window_holds_work_until_its_reset(kind: EdgeKind) {
     assert_eq!(a.body["error_code"], "USAGE_LIMIT", "{}", a.text);
     assert_eq!(a.body["retryable"], true);
     let retry_at = a.body["retry_at"].as_str().expect("retry_at").to_string();
-    // /health: degraded (still 200: the agent and its login are fine) with the window.
+    // /health: 503 unhealthy with the window — no agent can take work until the reset, and
+    // a caller that decides by `response.ok` alone (TextGenerationWorkflow) falls back.
     let h = s.client.health_full().await;
-    assert_eq!(h.status, 200, "{}", h.text);
-    assert_eq!(h.body["status"], "degraded", "{}", h.text);
+    assert_eq!(h.status, 503, "{}", h.text);
+    assert_eq!(h.body["status"], "unhealthy", "{}", h.text);
     assert_eq!(h.body["usage"]["status"], "rejected");
     assert_eq!(h.body["usage"]["type"], "five_hour");
     assert_eq!(h.body["usage"]["resets_at"], retry_at.as_str());
@@ -599,7 +600,7 @@ async fn a_used_up_usage_window_still_holds_work_after_the_agent_restarts(kind: 
     assert!(reconnected.await, "the restarted agent never connected");
     // The window is still used up: the edge still knows, and work still waits.
     let h = s.client.health_full().await;
-    assert_eq!((&h.body["status"], &h.body["usage"]["status"]), (&json!("degraded"), &json!("rejected")), "{}", h.text);
+    assert_eq!((h.status, &h.body["status"], &h.body["usage"]["status"]), (503, &json!("unhealthy"), &json!("rejected")), "{}", h.text);
     let runs = agent.claude_runs().len();
     let held = s.client.submit(json!({"prompt": "after the reset"})).await;
     let held_id = held.body["job_id"].as_str().unwrap().to_string();

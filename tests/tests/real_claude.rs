@@ -296,9 +296,9 @@ async fn a_used_up_subscription_window_is_a_usage_limit_with_its_reset() {
     let later = shared::time::rfc3339((now_s() + 3600) * 1000);
     assert!(retry_at >= expected && retry_at <= later, "retry_at {retry_at}, expected between {expected} and {later}");
     assert_eq!(r.message_requests().len(), 1, "no retries on a used-up window");
-    // The edge knows at once: degraded, with the window; new work falls back.
+    // The edge knows at once: 503 unhealthy, with the window; new work falls back.
     let h = r.client.health_full().await;
-    assert_eq!(h.body["status"], "degraded", "{}", h.text);
+    assert_eq!((h.status, &h.body["status"]), (503, &serde_json::json!("unhealthy")), "{}", h.text);
     assert_eq!(h.body["usage"]["status"], "rejected", "{}", h.text);
     assert_eq!(h.body["usage"]["type"], "five_hour", "{}", h.text);
     assert_eq!(h.body["usage"]["resets_at"], retry_at.as_str());

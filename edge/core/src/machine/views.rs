@@ -21,10 +21,13 @@ fn login_word(health: LoginHealth) -> &'static str {
 
 impl Edge {
     /// `/health`: 200 while at least one agent can take work (connected, not paused, its
-    /// login usable), `degraded` when it can but something needs a look — the best
-    /// agent's login soon, or an agent that is down (gone within [`DOWN_SHOWN_MS`], or
-    /// connected with a login that does not work). Every agent is listed with its labels,
-    /// load and login.
+    /// login usable, its usage window open), `degraded` when it can but something needs a
+    /// look — the best agent's login soon, or an agent that is down (gone within
+    /// [`DOWN_SHOWN_MS`], or connected with a login that does not work). With agents
+    /// connected and none able to work, `unhealthy` and 503: a caller that decides by the
+    /// status code alone must fall back, as `/execute` would tell it to. An agent being
+    /// logged in again still counts: work waits for it rather than being refused. Every
+    /// agent is listed with its labels, load and login.
     pub fn health(&self, now: impl Into<Now>) -> Health {
         let now = now.into();
         let agents: Vec<(&String, &Agent)> = self.ready().collect();
@@ -40,7 +43,7 @@ impl Edge {
             (LoginHealth::Good | LoginHealth::AttentionSoon, true) => 2,
             (LoginHealth::Broken, _) => 3,
         };
-        let takes_work = |a: &Agent| !a.paused && a.oauth.health(now.wall) != LoginHealth::Broken;
+        let takes_work = |a: &Agent| !a.paused && !a.needs_login(now) && !a.usage_held(now);
         let working = agents.iter().filter(|(_, a)| takes_work(a)).count();
         let best = agents.iter().filter(|(_, a)| takes_work(a)).min_by_key(|(_, a)| rank(a)).or_else(|| agents.iter().min_by_key(|(_, a)| rank(a)));
         let info = |(sid, a): &(&String, &Agent)| AgentInfo {
@@ -62,7 +65,7 @@ impl Edge {
             None => HealthStatus::Offline,
             Some(_) if working == 0 => HealthStatus::Unhealthy,
             Some((_, a)) => match a.oauth.health(now.wall) {
-                LoginHealth::Good if some_down || a.usage_held(now) => HealthStatus::Degraded,
+                LoginHealth::Good if some_down => HealthStatus::Degraded,
                 LoginHealth::Good => HealthStatus::Healthy,
                 LoginHealth::AttentionSoon => HealthStatus::Degraded,
                 LoginHealth::Broken => HealthStatus::Unhealthy,

@@ -104,9 +104,11 @@ fn a_used_up_window_refuses_execute_with_retry_after_and_drains_the_queue_at_its
     assert_eq!(answer_to(&handled_effects(&impatient), impatient.caller).unwrap().0, 503);
     // A detached job waits past QUEUE_TTL_MS (30 s here) for the reset.
     edge.submit(1_000, "held".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    // No agent can take work until the reset: a caller that asks /health alone (its
+    // response.ok) must fall back, as /execute's 503 tells the others.
     let health = edge.health(50_000);
-    assert_eq!(health.status.http_status(), 200);
-    assert_eq!(serde_json::to_value(health.status).unwrap(), "degraded");
+    assert_eq!((health.status.http_status(), health.agents_taking_work), (503, 0));
+    assert_eq!(serde_json::to_value(health.status).unwrap(), "unhealthy");
     assert_eq!(health.usage.unwrap().status, UsageStatus::Rejected);
     let mut t = 1_000;
     while t + 1_000 < reset {
