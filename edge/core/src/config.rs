@@ -351,8 +351,9 @@ impl Config {
                 "HEARTBEAT_INTERVAL_MS",
                 "milliseconds",
                 DEFAULT_HEARTBEAT_INTERVAL_MS,
-                100,
-                DAY_MS,
+                shared::contract::MIN_HEARTBEAT_INTERVAL_MS,
+                // Longer, agents would heartbeat at their own most, not as set.
+                shared::contract::MAX_HEARTBEAT_INTERVAL_MS,
                 "shorter, heartbeats would keep the agent and the edge busy for nothing",
             )?,
             lost_after_ms: bounded("LOST_AFTER_MS", "milliseconds", DEFAULT_LOST_AFTER_MS, WEEK_MS)?,
@@ -493,6 +494,25 @@ mod tests {
         };
         let err = Config::for_pool(pooled, "gpu").unwrap_err().to_string();
         assert!(err.starts_with("MAX_QUEUED_JOBS_GPU must be at least 1 jobs, got 0"), "{err}");
+    }
+
+    /// An agent heartbeats at most every 10 minutes, whatever its welcome says (it takes an
+    /// edge silent for two intervals for gone): an interval longer than that was taken here
+    /// (up to a day) and the agents heartbeat at 10 minutes without a word — six times the
+    /// Durable Object wake-ups set for an hour. Refused above what agents keep.
+    #[test]
+    fn a_heartbeat_longer_than_agents_keep_is_refused() {
+        let most = shared::contract::MAX_HEARTBEAT_INTERVAL_MS;
+        assert_eq!(most, 600_000);
+        let cfg = Config::from_lookup(lookup(&[("HEARTBEAT_INTERVAL_MS", "600000")])).unwrap();
+        assert_eq!(cfg.heartbeat_interval_ms, most);
+        for longer in ["600001", "3600000", "86400000"] {
+            let set = [("HEARTBEAT_INTERVAL_MS", longer)];
+            let err = Config::from_lookup(|k| set.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()).or_else(|| lookup(&[])(k)))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(&format!("HEARTBEAT_INTERVAL_MS is {longer}, over the most this edge supports (600000)")), "{err}");
+        }
     }
 
     #[test]
