@@ -216,15 +216,19 @@ impl Pools {
 fn parse_caller_secrets(setting: &str, text: Option<String>, runner_secret: &str) -> Result<Vec<(String, String)>, ConfigError> {
     let refuse = |error: String| ConfigError::CallerSecrets { name: setting.to_string(), error };
     let mut out: Vec<(String, String)> = Vec::new();
-    for part in text.unwrap_or_default().split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    for (n, part) in text.unwrap_or_default().split(',').map(str::trim).filter(|p| !p.is_empty()).enumerate() {
+        // An entry is named by its place, not by what comes before its `=`: written the
+        // other way round (`<secret>=ci`) that is the secret, and on the Worker this error
+        // answers every request.
+        let entry = n + 1;
         let Some((name, secret)) = part.split_once('=') else {
-            return Err(refuse("an entry is not `name=secret`".into()));
+            return Err(refuse(format!("entry {entry} is not `name=secret`")));
         };
         // Lowered as a job's `caller` field is: `CI=…` here and `"caller": "ci"` are one.
         let (name, secret) = (name.trim().to_ascii_lowercase(), secret.trim());
         let name = name.as_str();
         if !shared::placement::valid_caller(name) {
-            return Err(refuse(format!("`{}` is not a caller name", shared::text::truncate(name, 40))));
+            return Err(refuse(format!("entry {entry} does not start with a caller name (it is `name=secret`, the name first)")));
         }
         if name == shared::placement::DEFAULT_CALLER {
             // The lane of jobs sent with the pool's secret and no `caller`: a secret of its
@@ -232,7 +236,7 @@ fn parse_caller_secrets(setting: &str, text: Option<String>, runner_secret: &str
             return Err(refuse(format!("`{name}` is the caller of jobs sent with the pool's RUNNER_SECRET; name this caller otherwise")));
         }
         if secret.len() < 16 {
-            return Err(refuse(format!("the secret of `{name}` is shorter than 16 characters")));
+            return Err(refuse(format!("the secret of entry {entry} is shorter than 16 characters (it is `name=secret`, the name first)")));
         }
         if secret == runner_secret {
             return Err(refuse(format!(
@@ -240,7 +244,7 @@ fn parse_caller_secrets(setting: &str, text: Option<String>, runner_secret: &str
             )));
         }
         if out.iter().any(|(n, s)| n == name || s == secret) {
-            return Err(refuse(format!("`{name}` or its secret is given twice")));
+            return Err(refuse(format!("entry {entry} has a name or a secret given twice (a name is one whatever its case)")));
         }
         out.push((name.to_string(), secret.to_string()));
     }
@@ -615,6 +619,26 @@ mod tests {
         assert!(err.starts_with("LOST_AFTER_MS_GPU is 999999999999999, over the most"), "{err}");
         let err = Config::for_pool(with("LOST_AFTER_MS", "x"), "gpu").unwrap_err().to_string();
         assert!(err.starts_with("LOST_AFTER_MS must be a whole number"), "{err}");
+    }
+
+    /// On the Worker a setting's error answers every request, the secrets' holders or not.
+    /// An entry of RUNNER_SECRETS written the other way round (`<secret>=ci`) was refused
+    /// naming its "caller" — the secret, whole when it is hex (`the secret of `9f…` is
+    /// shorter than 16 characters`), its first 40 characters when it is base64 (`` `ab+/…`
+    /// is not a caller name``). An entry is named by its place instead.
+    #[test]
+    fn a_callers_secret_written_first_is_not_shown() {
+        const HEX: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        const BASE64: &str = "n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg";
+        for (setting, hidden) in [(format!("ops=ops-secret-0123456789,{HEX}=ci"), HEX), (format!("{BASE64}=ci"), BASE64)] {
+            let set = [("RUNNER_SECRETS", setting.as_str())];
+            let err = Config::from_lookup(|k| set.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()).or_else(|| lookup(&[])(k)))
+                .unwrap_err()
+                .to_string();
+            assert!(!err.to_ascii_lowercase().contains(&hidden[..12].to_ascii_lowercase()), "{err}");
+            let place = if hidden == HEX { "entry 2" } else { "entry 1" };
+            assert!(err.starts_with("RUNNER_SECRETS: ") && err.contains(place) && err.contains("name=secret"), "{err}");
+        }
     }
 
     #[test]
