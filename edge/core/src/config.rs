@@ -101,7 +101,8 @@ pub enum ConfigError {
     #[error("{name} must be an http:// or https:// URL; the value set starts with neither (not shown here: a webhook's URL may hold its token)")]
     Url { name: String },
     #[error("{name} is {value}, over the most this edge supports ({max}); lower it")]
-    TooLarge { name: String, value: u64, max: u64 },
+    /// `value` as set: it may be past what `u64` holds.
+    TooLarge { name: String, value: String, max: u64 },
     /// Refused rather than raised without a word: the edge would not do what was set.
     #[error("{name} must be at least {min} {unit}, got {value}: {why}; set it between {min} and {max} (unset, it is {default})")]
     TooSmall { name: String, value: u64, min: u64, max: u64, default: u64, unit: &'static str, why: &'static str },
@@ -307,17 +308,20 @@ impl Config {
             pooled if pool != DEFAULT_POOL && get(&pooled).is_some() => pooled,
             _ => name.to_string(),
         };
-        let number = |name: &'static str, unit: &'static str, default: u64| -> Result<u64, ConfigError> {
-            match own(name) {
-                None => Ok(default),
-                Some(v) => v.parse().map_err(|_| ConfigError::Number { name: own_name(name), unit, value: v }),
-            }
-        };
-        // Bounds keep every deadline sum far from overflow.
+        // Bounds keep every deadline sum far from overflow. A number past what `u64` holds
+        // is too large as well, not unreadable: it is a whole number.
         let bounded = |name: &'static str, unit: &'static str, default: u64, max: u64| -> Result<u64, ConfigError> {
-            let value = number(name, unit, default)?;
+            let too_large = |value: String| ConfigError::TooLarge { name: own_name(name), value, max };
+            let value = match own(name) {
+                None => default,
+                Some(v) => match v.parse::<u64>() {
+                    Ok(value) => value,
+                    Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => return Err(too_large(v)),
+                    Err(_) => return Err(ConfigError::Number { name: own_name(name), unit, value: v }),
+                },
+            };
             if value > max {
-                return Err(ConfigError::TooLarge { name: own_name(name), value, max });
+                return Err(too_large(value.to_string()));
             }
             Ok(value)
         };
@@ -602,6 +606,27 @@ mod tests {
 
     /// A pool's own number setting that is wrong is named as it was set, like its
     /// `NOTIFY_URL_<POOL>`: the edge's own may be right, and fixing it would change nothing.
+    /// A number past what `u64` holds is a whole number all the same: it was refused as
+    /// "must be a whole number", which it is, leaving a person to look for a typo. It is too
+    /// large, as one that fits `u64` and passes the most is.
+    #[test]
+    fn a_number_past_any_bound_is_too_large_not_unreadable() {
+        for huge in ["99999999999999999999", "18446744073709551616", "+99999999999999999999"] {
+            let set = [("MAX_TIMEOUT_MS", huge)];
+            let err = Config::from_lookup(|k| set.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()).or_else(|| lookup(&[])(k)))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(&format!("MAX_TIMEOUT_MS is {huge}, over the most this edge supports (604800000)")), "{err}");
+        }
+        for unreadable in ["-5", "0x10", "1e6", "1 000", "１０"] {
+            let set = [("MAX_TIMEOUT_MS", unreadable)];
+            let err = Config::from_lookup(|k| set.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()).or_else(|| lookup(&[])(k)))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("MAX_TIMEOUT_MS must be a whole number of milliseconds"), "{unreadable}: {err}");
+        }
+    }
+
     #[test]
     fn a_pools_wrong_number_is_named_as_set() {
         let pools = lookup(&[
