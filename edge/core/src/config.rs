@@ -392,7 +392,7 @@ impl Config {
                 DEFAULT_MAX_RETAINED_BYTES,
                 1 << 20,
                 1 << 40,
-                "less could not keep one large result",
+                "less would keep little more than the result of the job that ended last",
             )?,
             edge_version: env!("CARGO_PKG_VERSION").to_string(),
             notify_url: match own("NOTIFY_URL") {
