@@ -273,7 +273,12 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
             return refuse(&mut ws, close::UNAUTHORIZED, reason).await;
         }
     };
-    let heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms.clamp(100, 600_000));
+    let asked = welcome.heartbeat_interval_ms;
+    let heartbeat = Duration::from_millis(asked.clamp(shared::contract::MIN_HEARTBEAT_INTERVAL_MS, shared::contract::MAX_HEARTBEAT_INTERVAL_MS));
+    if heartbeat.as_millis() != u128::from(asked) {
+        // Our edges refuse such a setting at their start: an edge of another release.
+        warn!(agent_id = %cfg.agent_id, asked_ms = asked, heartbeat_ms = heartbeat.as_millis() as u64, "the edge asked for a heartbeat interval agents do not keep; heartbeating at the nearest they do");
+    }
     info!(agent_id = %cfg.agent_id, session = %welcome.session_id, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the edge");
     agent.status.connected(heartbeat.as_millis() as u64);
 

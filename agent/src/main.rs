@@ -84,8 +84,8 @@ use std::path::PathBuf;
 #[command(name = "claude-runner", version, about = "Run Claude Code on your own machine for cloud callers")]
 struct Cli {
     /// Log format: text or json.
-    #[arg(long, env = "LOG_FORMAT", default_value = "text", global = true)]
-    log_format: String,
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", global = true, value_parser = runtime::log_format)]
+    log_format: runtime::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -176,7 +176,7 @@ fn main() {
         // Starts no Claude (the canary does): no process left idle beside it.
         zygote::stop();
     }
-    runtime::init_logging(&cli.log_format);
+    runtime::init_logging(cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     // Before any thread starts: libgit2's set-up writes the process environment.
     repo::init_libgit2();

@@ -500,6 +500,83 @@ mod tests {
         stop();
     }
 
+    /// Set in the process of its own that [`a_zygote_forked_after_a_raise_keeps_none_of_the_agents_stdin_and_stdout`] runs in.
+    const OWN_PROCESS: &str = "CLAUDE_RUNNER_TEST_ZYGOTE_OWN_PROCESS";
+
+    /// A zygote forked again from a `claude-runner up` that raised its descriptor limit, with
+    /// `up` holding more descriptors than the limit it started with: the limit, lowered
+    /// back before the agent's descriptors were closed, failed the zygote's open of
+    /// /dev/null (EMFILE), and its stdin and stdout stayed the agent's (rev14's finding,
+    /// a9f8f9b). Run in a process of its own (the test binary again, this test alone): the
+    /// limit and the descriptors are the process's, which the other tests share. The agent's
+    /// stdin and stdout are the write end of a pipe here: once the agent lets go of it, its
+    /// reader sees its end only if the zygote holds it no more.
+    #[test]
+    fn a_zygote_forked_after_a_raise_keeps_none_of_the_agents_stdin_and_stdout() {
+        const NAME: &str = "zygote::tests::a_zygote_forked_after_a_raise_keeps_none_of_the_agents_stdin_and_stdout";
+        if std::env::var_os(OWN_PROCESS).is_none() {
+            let exe = std::env::current_exe().expect("this test binary");
+            let run = std::process::Command::new(exe).args([NAME, "--exact", "--test-threads=1"]).env(OWN_PROCESS, "1").output().expect("the test binary runs");
+            let said = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+            assert!(run.status.success() && said.contains("1 passed"), "in a process of its own: {said}");
+            return;
+        }
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        stop();
+        let (_, hard) = runtime::nofile::limits().expect("the descriptor limit");
+        const STARTED_WITH: u64 = 64;
+        assert!(hard > 4 * STARTED_WITH, "a hard limit of {hard} leaves no room for this test");
+        let mut ends = [0; 2];
+        // SAFETY: descriptors of this process alone (it runs this test only); 0 and 1 are
+        // put back before the harness writes its verdict.
+        let (saved_in, saved_out) = unsafe {
+            assert_eq!(libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK), 0);
+            let saved = (libc::dup(0), libc::dup(1));
+            assert!(libc::dup2(ends[1], 0) == 0 && libc::dup2(ends[1], 1) == 1);
+            libc::close(ends[1]);
+            // Started with a soft limit of 64, as under a shell's `ulimit -Sn 64`, then raised.
+            let low = libc::rlimit { rlim_cur: STARTED_WITH as libc::rlim_t, rlim_max: hard as libc::rlim_t };
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &low), 0);
+            saved
+        };
+        assert_eq!(runtime::nofile::raise().expect("raised").0, STARTED_WITH);
+        // More descriptors open than that limit, none free below it (as `up` serving many
+        // connections).
+        let mut held = Vec::new();
+        loop {
+            // SAFETY: a copy of stderr, closed below.
+            let fd = unsafe { libc::dup(2) };
+            assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+            held.push(fd);
+            if fd as u64 > STARTED_WITH {
+                break;
+            }
+        }
+        let (ours, peer, launcher) = launcher().expect("a launcher from a zygote forked after the raise");
+        let zygote = zygote_pid().expect("a zygote");
+        // SAFETY: this process's own descriptors: its stdin and stdout back, the copies gone.
+        unsafe {
+            assert!(libc::dup2(saved_in, 0) == 0 && libc::dup2(saved_out, 1) == 1);
+            libc::close(saved_in);
+            libc::close(saved_out);
+            for fd in held {
+                libc::close(fd);
+            }
+        }
+        drop((ours, peer));
+        // SAFETY: a wait for a child of this process.
+        assert_eq!(unsafe { libc::waitpid(launcher, std::ptr::null_mut(), 0) }, launcher);
+        let limits = std::fs::read_to_string(format!("/proc/{zygote}/limits")).expect("the zygote's limits");
+        let soft = limits.lines().find(|l| l.starts_with("Max open files")).and_then(|l| l.split_whitespace().nth(3)).unwrap_or("?").to_string();
+        let mut byte = [0u8; 1];
+        // SAFETY: a read into a buffer of one byte, of this process's pipe.
+        let read = unsafe { libc::read(ends[0], byte.as_mut_ptr().cast(), 1) };
+        let error = std::io::Error::last_os_error();
+        stop();
+        assert_eq!(soft, STARTED_WITH.to_string(), "the zygote's limit is the one the agent started with");
+        assert_eq!(read, 0, "the zygote holds the agent's stdin or stdout ({error})");
+    }
+
     /// The launcher the zygote clones is this process's child (the agent waits for it, kills
     /// it, and its parent-death signal is the agent's), serving the socket it was given; a
     /// zygote a job killed is forked again, and the launcher asked for meanwhile still comes.

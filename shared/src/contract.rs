@@ -234,6 +234,13 @@ pub struct Limits {
 /// nothing for a few of these is on a dead connection, not following a quiet job.
 pub const SSE_KEEPALIVE_MS: u64 = 15_000;
 
+/// The shortest and longest heartbeat interval an edge may give its agents
+/// (`HEARTBEAT_INTERVAL_MS`): an agent keeps the interval its welcome names within these (a
+/// hostile or broken edge's 0 or `u64::MAX` is no interval), so an edge refuses a setting
+/// outside them rather than have its agents heartbeat at another pace than it was set to.
+pub const MIN_HEARTBEAT_INTERVAL_MS: u64 = 100;
+pub const MAX_HEARTBEAT_INTERVAL_MS: u64 = 600_000;
+
 pub const DEFAULT_TIMEOUT_MS: u64 = 300_000;
 pub const MIN_TIMEOUT_MS: u64 = 100;
 pub const MAX_TOOLS: usize = 128;

@@ -14,10 +14,12 @@ pub enum KeyError {
     Length { what: &'static str, len: usize },
     #[error("{what} is not a valid ed25519 public key; paste the value `claude-runner keygen` printed")]
     Point { what: &'static str },
-    #[error("AGENT_PUBLIC_KEYS entry `{entry}` must look like `agent-id=base64key`")]
-    Entry { entry: String },
-    #[error("agent id `{id}` is not valid: use 1-64 letters, digits, `-`, `_` or `.`")]
-    AgentId { id: String },
+    /// Entries are named by their place (from 1), never shown: on the Worker this error
+    /// answers every request, and a signing key pasted there by mistake would be shown.
+    #[error("AGENT_PUBLIC_KEYS entry {entry} must look like `agent-id=base64key`")]
+    Entry { entry: usize },
+    #[error("AGENT_PUBLIC_KEYS entry {entry} does not start with an agent id: write it like `agent-id=base64key`, the id 1-64 letters, digits, `-`, `_` or `.`")]
+    AgentId { entry: usize },
     #[error("AGENT_PUBLIC_KEYS names agent `{id}` twice")]
     Duplicate { id: String },
     #[error("AGENT_PUBLIC_KEYS is empty: add `agent-id=base64key` for each agent (see `claude-runner keygen`)")]
@@ -72,14 +74,12 @@ pub struct Keyring {
 impl Keyring {
     pub fn parse(text: &str) -> Result<Self, KeyError> {
         let mut keys = BTreeMap::new();
-        for entry in text.split([',', '\n']).map(str::trim).filter(|e| !e.is_empty()) {
+        for (n, entry) in text.split([',', '\n']).map(str::trim).filter(|e| !e.is_empty()).enumerate() {
             // A key pasted alone splits at its base64 padding into an "id" and nothing.
-            let (id, key) = entry.split_once('=').filter(|(_, key)| !key.trim().is_empty()).ok_or_else(|| KeyError::Entry {
-                entry: entry.chars().take(80).collect(),
-            })?;
+            let (id, key) = entry.split_once('=').filter(|(_, key)| !key.trim().is_empty()).ok_or(KeyError::Entry { entry: n + 1 })?;
             let id = id.trim();
             if !valid_agent_id(id) {
-                return Err(KeyError::AgentId { id: id.chars().take(80).collect() });
+                return Err(KeyError::AgentId { entry: n + 1 });
             }
             let key = verifying_key("an AGENT_PUBLIC_KEYS key", key)?;
             if keys.insert(id.to_string(), key).is_some() {
@@ -164,6 +164,22 @@ mod tests {
         for text in [a.clone(), format!("spark={a},{a}")] {
             let err = Keyring::parse(&text).unwrap_err();
             assert!(matches!(err, KeyError::Entry { .. }) && err.to_string().contains("agent-id=base64key"), "{text}: {err}");
+        }
+    }
+
+    /// AGENT_PUBLIC_KEYS is a Worker secret, and on the Worker its error answers every
+    /// request: a signing (private) key pasted there bare, with no `agent-id=` before it,
+    /// was shown back whole as the "agent id" before its padding `=` (43 of its 44
+    /// characters: all of the key), or as the entry when it has no padding. An entry is
+    /// named by its place instead.
+    #[test]
+    fn a_key_pasted_without_its_agent_id_is_not_shown() {
+        let spark = encode_verifying(&key(1).verifying_key());
+        const PRIVATE: &str = "n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg=";
+        for (text, entry) in [(format!("spark={spark},{PRIVATE}"), 2), (PRIVATE.trim_end_matches('=').to_string(), 1)] {
+            let err = Keyring::parse(&text).unwrap_err().to_string();
+            assert!(!err.contains(&PRIVATE[..12]), "{err}");
+            assert!(err.starts_with(&format!("AGENT_PUBLIC_KEYS entry {entry} ")) && err.contains("agent-id=base64key"), "{err}");
         }
     }
 }

@@ -106,7 +106,8 @@ pub enum ConfigError {
     #[error("{name} has an entry that is not a host or host:port (a scheme, a path, a user or a space; not shown here: a URL may hold a token); list hosts like `hooks.example.com,ci.example.com:8443`")]
     CallbackHost { name: String },
     #[error("{name} is {value}, over the most this edge supports ({max}); lower it")]
-    TooLarge { name: String, value: u64, max: u64 },
+    /// `value` as set: it may be past what `u64` holds.
+    TooLarge { name: String, value: String, max: u64 },
     /// Refused rather than raised without a word: the edge would not do what was set.
     #[error("{name} must be at least {min} {unit}, got {value}: {why}; set it between {min} and {max} (unset, it is {default})")]
     TooSmall { name: String, value: u64, min: u64, max: u64, default: u64, unit: &'static str, why: &'static str },
@@ -221,15 +222,19 @@ impl Pools {
 fn parse_caller_secrets(setting: &str, text: Option<String>, runner_secret: &str) -> Result<Vec<(String, String)>, ConfigError> {
     let refuse = |error: String| ConfigError::CallerSecrets { name: setting.to_string(), error };
     let mut out: Vec<(String, String)> = Vec::new();
-    for part in text.unwrap_or_default().split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    for (n, part) in text.unwrap_or_default().split(',').map(str::trim).filter(|p| !p.is_empty()).enumerate() {
+        // An entry is named by its place, not by what comes before its `=`: written the
+        // other way round (`<secret>=ci`) that is the secret, and on the Worker this error
+        // answers every request.
+        let entry = n + 1;
         let Some((name, secret)) = part.split_once('=') else {
-            return Err(refuse("an entry is not `name=secret`".into()));
+            return Err(refuse(format!("entry {entry} is not `name=secret`")));
         };
         // Lowered as a job's `caller` field is: `CI=…` here and `"caller": "ci"` are one.
         let (name, secret) = (name.trim().to_ascii_lowercase(), secret.trim());
         let name = name.as_str();
         if !shared::placement::valid_caller(name) {
-            return Err(refuse(format!("`{}` is not a caller name", shared::text::truncate(name, 40))));
+            return Err(refuse(format!("entry {entry} does not start with a caller name (it is `name=secret`, the name first)")));
         }
         if name == shared::placement::DEFAULT_CALLER {
             // The lane of jobs sent with the pool's secret and no `caller`: a secret of its
@@ -237,7 +242,7 @@ fn parse_caller_secrets(setting: &str, text: Option<String>, runner_secret: &str
             return Err(refuse(format!("`{name}` is the caller of jobs sent with the pool's RUNNER_SECRET; name this caller otherwise")));
         }
         if secret.len() < 16 {
-            return Err(refuse(format!("the secret of `{name}` is shorter than 16 characters")));
+            return Err(refuse(format!("the secret of entry {entry} is shorter than 16 characters (it is `name=secret`, the name first)")));
         }
         if secret == runner_secret {
             return Err(refuse(format!(
@@ -245,7 +250,7 @@ fn parse_caller_secrets(setting: &str, text: Option<String>, runner_secret: &str
             )));
         }
         if out.iter().any(|(n, s)| n == name || s == secret) {
-            return Err(refuse(format!("`{name}` or its secret is given twice")));
+            return Err(refuse(format!("entry {entry} has a name or a secret given twice (a name is one whatever its case)")));
         }
         out.push((name.to_string(), secret.to_string()));
     }
@@ -308,17 +313,20 @@ impl Config {
             pooled if pool != DEFAULT_POOL && get(&pooled).is_some() => pooled,
             _ => name.to_string(),
         };
-        let number = |name: &'static str, unit: &'static str, default: u64| -> Result<u64, ConfigError> {
-            match own(name) {
-                None => Ok(default),
-                Some(v) => v.parse().map_err(|_| ConfigError::Number { name: own_name(name), unit, value: v }),
-            }
-        };
-        // Bounds keep every deadline sum far from overflow.
+        // Bounds keep every deadline sum far from overflow. A number past what `u64` holds
+        // is too large as well, not unreadable: it is a whole number.
         let bounded = |name: &'static str, unit: &'static str, default: u64, max: u64| -> Result<u64, ConfigError> {
-            let value = number(name, unit, default)?;
+            let too_large = |value: String| ConfigError::TooLarge { name: own_name(name), value, max };
+            let value = match own(name) {
+                None => default,
+                Some(v) => match v.parse::<u64>() {
+                    Ok(value) => value,
+                    Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => return Err(too_large(v)),
+                    Err(_) => return Err(ConfigError::Number { name: own_name(name), unit, value: v }),
+                },
+            };
             if value > max {
-                return Err(ConfigError::TooLarge { name: own_name(name), value, max });
+                return Err(too_large(value.to_string()));
             }
             Ok(value)
         };
@@ -356,8 +364,9 @@ impl Config {
                 "HEARTBEAT_INTERVAL_MS",
                 "milliseconds",
                 DEFAULT_HEARTBEAT_INTERVAL_MS,
-                100,
-                DAY_MS,
+                shared::contract::MIN_HEARTBEAT_INTERVAL_MS,
+                // Longer, agents would heartbeat at their own most, not as set.
+                shared::contract::MAX_HEARTBEAT_INTERVAL_MS,
                 "shorter, heartbeats would keep the agent and the edge busy for nothing",
             )?,
             lost_after_ms: bounded("LOST_AFTER_MS", "milliseconds", DEFAULT_LOST_AFTER_MS, WEEK_MS)?,
@@ -388,7 +397,7 @@ impl Config {
                 DEFAULT_MAX_RETAINED_BYTES,
                 1 << 20,
                 1 << 40,
-                "less could not keep one large result",
+                "less would keep little more than the result of the job that ended last",
             )?,
             edge_version: env!("CARGO_PKG_VERSION").to_string(),
             notify_url: match own("NOTIFY_URL") {
@@ -506,6 +515,25 @@ mod tests {
         assert!(err.starts_with("MAX_QUEUED_JOBS_GPU must be at least 1 jobs, got 0"), "{err}");
     }
 
+    /// An agent heartbeats at most every 10 minutes, whatever its welcome says (it takes an
+    /// edge silent for two intervals for gone): an interval longer than that was taken here
+    /// (up to a day) and the agents heartbeat at 10 minutes without a word — six times the
+    /// Durable Object wake-ups set for an hour. Refused above what agents keep.
+    #[test]
+    fn a_heartbeat_longer_than_agents_keep_is_refused() {
+        let most = shared::contract::MAX_HEARTBEAT_INTERVAL_MS;
+        assert_eq!(most, 600_000);
+        let cfg = Config::from_lookup(lookup(&[("HEARTBEAT_INTERVAL_MS", "600000")])).unwrap();
+        assert_eq!(cfg.heartbeat_interval_ms, most);
+        for longer in ["600001", "3600000", "86400000"] {
+            let set = [("HEARTBEAT_INTERVAL_MS", longer)];
+            let err = Config::from_lookup(|k| set.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()).or_else(|| lookup(&[])(k)))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(&format!("HEARTBEAT_INTERVAL_MS is {longer}, over the most this edge supports (600000)")), "{err}");
+        }
+    }
+
     #[test]
     fn each_pool_has_its_own_secret_and_agents_and_unlisted_pools_do_not_exist() {
         const OTHER_KEY: &str = "spark=lIeDBBIBzPaGl6mDciZ/XY8hQojwsT8YaVsczgB1MHo=";
@@ -589,6 +617,27 @@ mod tests {
 
     /// A pool's own number setting that is wrong is named as it was set, like its
     /// `NOTIFY_URL_<POOL>`: the edge's own may be right, and fixing it would change nothing.
+    /// A number past what `u64` holds is a whole number all the same: it was refused as
+    /// "must be a whole number", which it is, leaving a person to look for a typo. It is too
+    /// large, as one that fits `u64` and passes the most is.
+    #[test]
+    fn a_number_past_any_bound_is_too_large_not_unreadable() {
+        for huge in ["99999999999999999999", "18446744073709551616", "+99999999999999999999"] {
+            let set = [("MAX_TIMEOUT_MS", huge)];
+            let err = Config::from_lookup(|k| set.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()).or_else(|| lookup(&[])(k)))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(&format!("MAX_TIMEOUT_MS is {huge}, over the most this edge supports (604800000)")), "{err}");
+        }
+        for unreadable in ["-5", "0x10", "1e6", "1 000", "１０"] {
+            let set = [("MAX_TIMEOUT_MS", unreadable)];
+            let err = Config::from_lookup(|k| set.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()).or_else(|| lookup(&[])(k)))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("MAX_TIMEOUT_MS must be a whole number of milliseconds"), "{unreadable}: {err}");
+        }
+    }
+
     #[test]
     fn a_pools_wrong_number_is_named_as_set() {
         let pools = lookup(&[
@@ -606,6 +655,26 @@ mod tests {
         assert!(err.starts_with("LOST_AFTER_MS_GPU is 999999999999999, over the most"), "{err}");
         let err = Config::for_pool(with("LOST_AFTER_MS", "x"), "gpu").unwrap_err().to_string();
         assert!(err.starts_with("LOST_AFTER_MS must be a whole number"), "{err}");
+    }
+
+    /// On the Worker a setting's error answers every request, the secrets' holders or not.
+    /// An entry of RUNNER_SECRETS written the other way round (`<secret>=ci`) was refused
+    /// naming its "caller" — the secret, whole when it is hex (`the secret of `9f…` is
+    /// shorter than 16 characters`), its first 40 characters when it is base64 (`` `ab+/…`
+    /// is not a caller name``). An entry is named by its place instead.
+    #[test]
+    fn a_callers_secret_written_first_is_not_shown() {
+        const HEX: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        const BASE64: &str = "n4bQgYhMfWWaL+qgxVrQFaO/TxsrC4Is0V1sFbDwCgg";
+        for (setting, hidden) in [(format!("ops=ops-secret-0123456789,{HEX}=ci"), HEX), (format!("{BASE64}=ci"), BASE64)] {
+            let set = [("RUNNER_SECRETS", setting.as_str())];
+            let err = Config::from_lookup(|k| set.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()).or_else(|| lookup(&[])(k)))
+                .unwrap_err()
+                .to_string();
+            assert!(!err.to_ascii_lowercase().contains(&hidden[..12].to_ascii_lowercase()), "{err}");
+            let place = if hidden == HEX { "entry 2" } else { "entry 1" };
+            assert!(err.starts_with("RUNNER_SECRETS: ") && err.contains(place) && err.contains("name=secret"), "{err}");
+        }
     }
 
     #[test]

@@ -41,7 +41,13 @@ fn main() {
         println!("claude-runner-edge {}", env!("CARGO_PKG_VERSION"));
         return;
     }
-    runtime::init_logging(&std::env::var("LOG_FORMAT").unwrap_or_default());
+    match runtime::log_format(&std::env::var("LOG_FORMAT").unwrap_or_default()) {
+        Ok(format) => runtime::init_logging(format),
+        Err(e) => {
+            eprintln!("claude-runner-edge: {e}");
+            std::process::exit(1);
+        }
+    }
     if let Err(e) = run() {
         eprintln!("claude-runner-edge: {e:#}");
         std::process::exit(1);

@@ -89,16 +89,53 @@ mod lock_tests {
     }
 }
 
+/// How log lines are written (`LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `LOG_FORMAT` as set: `text` (also unset, or empty as an unset compose variable is) or
+/// `json`, in any case. Anything else is refused, not taken as text: a log shipper
+/// waiting for JSON lines got text without a word.
+pub fn log_format(value: &str) -> Result<LogFormat, String> {
+    match value.trim() {
+        v if v.is_empty() || v.eq_ignore_ascii_case("text") => Ok(LogFormat::Text),
+        v if v.eq_ignore_ascii_case("json") => Ok(LogFormat::Json),
+        _ => Err(format!("LOG_FORMAT must be `text` or `json`, got `{}`; unset, it is text", shared::text::one_line(shared::text::truncate(value, 80)))),
+    }
+}
+
+#[cfg(test)]
+mod log_format_tests {
+    use super::{log_format, LogFormat};
+
+    /// Anything but `json` was taken as text without a word (`JSON`, `jsonl`, a typo): a
+    /// log shipper waiting for JSON lines got text. Refused, saying the two; unset (or
+    /// empty, as an unset compose variable is) is text.
+    #[test]
+    fn a_log_format_that_is_neither_is_refused_not_taken_as_text() {
+        for (value, format) in [("", LogFormat::Text), ("text", LogFormat::Text), ("json", LogFormat::Json), (" JSON ", LogFormat::Json), ("Text", LogFormat::Text)] {
+            assert_eq!(log_format(value), Ok(format), "{value:?}");
+        }
+        for value in ["jsonl", "xml", "js on"] {
+            let err = log_format(value).unwrap_err();
+            assert!(err.starts_with(&format!("LOG_FORMAT must be `text` or `json`, got `{value}`")), "{err}");
+        }
+    }
+}
+
 /// Logs to stderr, one line per event: `text` (colour only on a terminal) or `json`,
 /// filtered by `RUST_LOG` (default `info`).
-pub fn init_logging(format: &str) {
+pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_timer(Stamp)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
+    if format == LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();

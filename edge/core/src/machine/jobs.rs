@@ -325,21 +325,26 @@ impl Edge {
     /// take more than `MAX_RETAINED_BYTES`: the oldest of the owner holding the most (jobs,
     /// or bytes, whichever cap is passed; see `share_of`), so one caller's flood of
     /// jobs that end at once pushes out its own results, not other callers'. With one
-    /// owner, the oldest.
+    /// owner, the oldest. The size cap spares the job that ended last: one record may be
+    /// larger than the cap's least (Claude's output alone up to 1 MiB, its diff and task
+    /// more), and forgotten as it ended its callback was given up and its caller's read a
+    /// 404; it goes once another has ended (or at its retention's end).
     pub(super) fn keep_within_caps(&mut self, effects: &mut Vec<Effect>) {
         loop {
             let by_count = self.retained.len() > self.cfg.max_retained_jobs;
             if !by_count && self.retained_bytes() <= self.cfg.max_retained_bytes {
                 break;
             }
+            let spared = if by_count { None } else { self.retained.last().cloned() };
+            let not_spared = |entry: &&(shared::Millis, String)| Some(*entry) != spared.as_ref();
             let held = |h: &super::Held| if by_count { h.jobs.len() as u64 } else { h.bytes };
             let most = self.retained_by.values().map(held).max().unwrap_or(0);
             // Of the owners holding the most, the one whose oldest job is oldest: each
             // owner's jobs are kept in order, so this looks at no other owner's jobs (going
             // through all of them in order cost every job's end as many steps as others'
             // jobs came before the owner's oldest).
-            let oldest = self.retained_by.values().filter(|h| held(h) == most).filter_map(|h| h.jobs.first()).min();
-            let Some(entry) = oldest.or(self.retained.first()).cloned() else { break };
+            let oldest = self.retained_by.values().filter(|h| held(h) == most).filter_map(|h| h.jobs.iter().find(not_spared)).min();
+            let Some(entry) = oldest.or_else(|| self.retained.iter().find(not_spared)).cloned() else { break };
             info!(job_id = %entry.1, kept = self.retained.len() - 1, "an ended job is forgotten early: over MAX_RETAINED_JOBS or MAX_RETAINED_BYTES");
             self.forget_retained(entry, effects);
         }

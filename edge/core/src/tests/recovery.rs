@@ -350,6 +350,36 @@ fn ended_jobs_are_kept_within_a_count_and_a_size() {
     assert_eq!(forgotten, vec!["j0".to_string()], "over the size, the oldest goes");
 }
 
+/// `MAX_RETAINED_BYTES`' least (1 MiB) is less than one job's record can be (Claude's
+/// output alone may be 1 MiB, the diff and the task more): such a job, alone past the cap,
+/// was forgotten the moment it ended — its callback given up, its caller's `GET
+/// /jobs/{id}` a 404, a `submit` that followed again told nothing. The job that ended last
+/// is kept whatever its size; the next job's end lets it go.
+#[test]
+fn the_job_that_ended_last_is_kept_past_the_size_cap() {
+    let cfg = Config { max_retained_jobs: 100, max_retained_bytes: 1 << 20, ..config() };
+    let mut edge = Edge::new(cfg, 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let mut forgotten = Vec::new();
+    for (i, output) in [(0u64, 10), (1, 1 << 20), (2, 10)] {
+        edge.submit(i * 10, format!("j{i}"), submission("x", 60_000, None), Mode::Detached).unwrap();
+        say(&mut edge, i * 10, &sid, credit(1, i));
+        let result = JobResult { output: "o".repeat(output), ..ok_result() };
+        for e in report(&mut edge, i * 10 + 1, &sid, &format!("j{i}"), result) {
+            if let Effect::Forget { job_id } = e {
+                forgotten.push(job_id);
+            }
+        }
+        if i == 1 {
+            assert!(edge.job("j1").is_some(), "the large job was forgotten as it ended");
+            assert_eq!(forgotten, vec!["j0".to_string()], "the others go first");
+        }
+    }
+    // Past the cap, the large one goes once another has ended.
+    assert_eq!(forgotten, vec!["j0".to_string(), "j1".to_string()]);
+    assert!(edge.job("j2").is_some());
+}
+
 #[test]
 fn memory_keeps_an_ended_job_as_its_header_and_a_live_one_whole() {
     let spec = serde_json::from_value(json!({"prompt": "p".repeat(10_000), "timeout_ms": 1000})).unwrap();
