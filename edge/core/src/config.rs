@@ -379,7 +379,14 @@ impl Config {
                 "shorter, no job would have the time to start Claude",
             )?,
             max_body_bytes: bounded("MAX_BODY_BYTES", "bytes", DEFAULT_MAX_BODY_BYTES as u64, 64 * 1024 * 1024)? as usize,
-            job_retention_ms: bounded("JOB_RETENTION_MS", "milliseconds", DEFAULT_JOB_RETENTION_MS, 30 * DAY_MS)?,
+            job_retention_ms: between(
+                "JOB_RETENTION_MS",
+                "milliseconds",
+                DEFAULT_JOB_RETENTION_MS,
+                1_000,
+                30 * DAY_MS,
+                "shorter, a job would be forgotten as it ends, before its caller reads the result",
+            )?,
             queue_ttl_ms: bounded("QUEUE_TTL_MS", "milliseconds", DEFAULT_QUEUE_TTL_MS, WEEK_MS)?,
             max_queued_jobs,
             timeout_margin_ms: bounded("TIMEOUT_MARGIN_MS", "milliseconds", DEFAULT_TIMEOUT_MARGIN_MS, DAY_MS)?,
@@ -480,7 +487,8 @@ mod tests {
     /// and taken as set at the floor itself. A zero queue cap refused every job with 429.
     #[test]
     fn a_setting_below_its_floor_is_refused_not_raised() {
-        let floors: [(&str, &str, u64); 6] = [
+        let floors: [(&str, &str, u64); 7] = [
+            ("JOB_RETENTION_MS", "milliseconds", 1_000),
             ("HEARTBEAT_INTERVAL_MS", "milliseconds", 100),
             ("MAX_TIMEOUT_MS", "milliseconds", 1_000),
             ("MAX_RETAINED_BYTES", "bytes", 1 << 20),
