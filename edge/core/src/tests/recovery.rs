@@ -323,6 +323,16 @@ fn an_ended_job_keeps_only_its_header_and_is_read_from_storage_on_demand() {
     assert!(body["error"].as_str().unwrap().contains("retry"), "{body}");
 }
 
+/// Job `j<i>` submitted at `i * 10`, sent and ended 1 ms later with `output` bytes of
+/// output: the jobs its end made the edge forget.
+fn run_to_its_end(edge: &mut Edge, sid: &str, i: u64, output: usize) -> Vec<String> {
+    edge.submit(i * 10, format!("j{i}"), submission("x", 60_000, None), Mode::Detached).unwrap();
+    say(edge, i * 10, sid, credit(1, i));
+    let result = JobResult { output: "o".repeat(output), ..ok_result() };
+    let effects = report(edge, i * 10 + 1, sid, &format!("j{i}"), result);
+    effects.into_iter().filter_map(|e| if let Effect::Forget { job_id } = e { Some(job_id) } else { None }).collect()
+}
+
 #[test]
 fn ended_jobs_are_kept_within_a_count_and_a_size() {
     let by = |jobs: usize, bytes: u64| Config { max_retained_jobs: jobs, max_retained_bytes: bytes, ..config() };
@@ -331,14 +341,7 @@ fn ended_jobs_are_kept_within_a_count_and_a_size() {
         let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
         let mut forgotten = Vec::new();
         for i in 0..3u64 {
-            edge.submit(i * 10, format!("j{i}"), submission("x", 60_000, None), Mode::Detached).unwrap();
-            say(&mut edge, i * 10, &sid, credit(1, i));
-            let result = JobResult { output: "o".repeat(output), ..ok_result() };
-            for e in report(&mut edge, i * 10 + 1, &sid, &format!("j{i}"), result) {
-                if let Effect::Forget { job_id } = e {
-                    forgotten.push(job_id);
-                }
-            }
+            forgotten.extend(run_to_its_end(&mut edge, &sid, i, output));
         }
         (edge, forgotten)
     };
@@ -362,14 +365,7 @@ fn the_job_that_ended_last_is_kept_past_the_size_cap() {
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
     let mut forgotten = Vec::new();
     for (i, output) in [(0u64, 10), (1, 1 << 20), (2, 10)] {
-        edge.submit(i * 10, format!("j{i}"), submission("x", 60_000, None), Mode::Detached).unwrap();
-        say(&mut edge, i * 10, &sid, credit(1, i));
-        let result = JobResult { output: "o".repeat(output), ..ok_result() };
-        for e in report(&mut edge, i * 10 + 1, &sid, &format!("j{i}"), result) {
-            if let Effect::Forget { job_id } = e {
-                forgotten.push(job_id);
-            }
-        }
+        forgotten.extend(run_to_its_end(&mut edge, &sid, i, output));
         if i == 1 {
             assert!(edge.job("j1").is_some(), "the large job was forgotten as it ended");
             assert_eq!(forgotten, vec!["j0".to_string()], "the others go first");
