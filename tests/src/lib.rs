@@ -92,9 +92,38 @@ fn getrandom(buf: &mut [u8]) {
     std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf)).expect("urandom");
 }
 
-/// A port free right now on 127.0.0.1.
+/// A port free right now on 127.0.0.1 — for a process this test starts and cannot tell to
+/// pick its own (port 0) and say which: another test may take it before that process binds.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A port on 127.0.0.1 where nobody listens, for as long as this lives: a socket bound to
+/// it that never listens, so a connection there is refused, and no other test can bind it
+/// or be given it as its connection's own port meanwhile (a port merely found free, as
+/// [`free_port`] gives, could be taken by another test's edge and answer).
+pub struct ClosedPort {
+    pub port: u16,
+    _socket: std::os::fd::OwnedFd,
+}
+
+pub fn closed_port() -> ClosedPort {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a new socket, owned at once; `addr` and `len` are sized for AF_INET.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let socket = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let bound = libc::bind(fd, &addr as *const libc::sockaddr_in as *const libc::sockaddr, len);
+        assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+        let named = libc::getsockname(fd, &mut addr as *mut libc::sockaddr_in as *mut libc::sockaddr, &mut len);
+        assert_eq!(named, 0, "getsockname: {}", std::io::Error::last_os_error());
+        ClosedPort { port: u16::from_be(addr.sin_port), _socket: socket }
+    }
 }
 
 /// Key material for one edge and its agents.
@@ -1015,5 +1044,21 @@ impl Webhook {
 
     pub fn received(&self) -> Vec<Hook> {
         self.received.lock().unwrap().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While held, a closed port refuses connections and no listener can take it (a port
+    /// [`free_port`] found free can be taken by anyone).
+    #[test]
+    fn a_closed_port_refuses_connections_and_cannot_be_taken() {
+        let nobody = closed_port();
+        let taken = std::net::TcpListener::bind(("127.0.0.1", nobody.port)).map(drop).map_err(|e| e.kind());
+        assert_eq!(taken, Err(std::io::ErrorKind::AddrInUse));
+        let dialed = std::net::TcpStream::connect(("127.0.0.1", nobody.port)).map(drop).map_err(|e| e.kind());
+        assert_eq!(dialed, Err(std::io::ErrorKind::ConnectionRefused));
     }
 }

@@ -400,8 +400,9 @@ async fn doctor_passes_a_good_setup_and_names_the_fix_for_a_bad_one() {
     assert!(out.contains(&format!("spark={}", shared::keys::encode_verifying(&keys.agent("spark").verifying_key()))), "{out}");
 
     // No login, no such binary, an edge that is not there, a broken key.
+    let nobody = closed_port();
     let bad = vec![
-        ("EDGE_URL", format!("ws://127.0.0.1:{}", free_port())),
+        ("EDGE_URL", format!("ws://127.0.0.1:{}", nobody.port)),
         ("AGENT_SIGNING_KEY", "not-base64!".to_string()),
         ("EDGE_PUBLIC_KEY", shared::keys::encode_verifying(&keys.edge.verifying_key())),
         ("CLAUDE_BIN", "/nonexistent/claude".to_string()),
@@ -1508,9 +1509,10 @@ async fn login_from_a_terminal_relays_the_url_and_the_code() {
     client.wait_online().await;
     assert!(agent.data.path().join("claude-config/.credentials.json").exists());
     // Without a reachable edge it says so (exit 2).
+    let nobody = closed_port();
     let out = Command::new(bin("claude-runner"))
         .arg("login")
-        .env("CLAUDE_RUNNER_URL", format!("http://127.0.0.1:{}", free_port()))
+        .env("CLAUDE_RUNNER_URL", format!("http://127.0.0.1:{}", nobody.port))
         .env("RUNNER_SECRET", SECRET)
         .stdin(Stdio::null())
         .output()
