@@ -186,8 +186,30 @@ impl EdgeServer {
     }
 
     /// Starts the process on `self.port` (0 the first time: the OS picks a free port, and
-    /// the edge's own "ready" line says which, so no two tests can race for one).
+    /// the edge's own "ready" line says which, so no two tests can race for one). A restart
+    /// binds the port it had, which another process may hold a while (a test's outgoing
+    /// connection given it as its own port while the edge was down): tried again for up to
+    /// 60 s, then a panic that says so.
     fn spawn(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.spawn_once() {
+                Ok(()) => return,
+                Err(log) if self.port != 0 && port_taken(&log) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the edge could not bind port {} again for 60 s: another process took it while the edge was down; log:\n{log}",
+                        self.port
+                    );
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(log) => panic!("the edge exited before it was ready; log:\n{log}"),
+            }
+        }
+    }
+
+    /// One start: `Err` with the log when the process exits before it is ready.
+    fn spawn_once(&mut self) -> Result<(), String> {
         let log_path = self.data.path().join("edge.log");
         let logged_before = std::fs::read_to_string(&log_path).map(|l| l.len()).unwrap_or(0);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
@@ -229,10 +251,12 @@ impl EdgeServer {
             let log = self.log();
             if let Some(port) = ready_port(&log[logged_before.min(log.len())..]) {
                 self.port = port;
-                break;
+                return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("the edge exited ({status}) before it was ready; log:\n{log}");
+                // What it started goes with it (the Miniflare host's workerd).
+                self.kill();
+                return Err(format!("(exited: {status})\n{log}"));
             }
             assert!(Instant::now() < deadline, "the edge was not ready within 60 s; log:\n{log}");
             std::thread::sleep(Duration::from_millis(10));
@@ -301,6 +325,11 @@ fn ready_port(log: &str) -> Option<u16> {
         }
         v["fields"]["listen"].as_str()?.rsplit(':').next()?.parse().ok()
     })
+}
+
+/// Whether an edge's log says its port was in use (the native edge's bind error, Node's).
+fn port_taken(log: &str) -> bool {
+    log.contains("Address already in use") || log.contains("EADDRINUSE")
 }
 
 /// SIGTERM (a clean stop), then SIGKILL to whatever is left of its process group.
@@ -1060,5 +1089,23 @@ mod tests {
         assert_eq!(taken, Err(std::io::ErrorKind::AddrInUse));
         let dialed = std::net::TcpStream::connect(("127.0.0.1", nobody.port)).map(drop).map_err(|e| e.kind());
         assert_eq!(dialed, Err(std::io::ErrorKind::ConnectionRefused));
+    }
+
+    /// An edge restarted while another process holds its port a moment (a listener here,
+    /// for 1 s) starts once the port is free, on it.
+    #[test]
+    fn a_restart_waits_for_its_port_held_a_moment() {
+        let mut edge = EdgeServer::start(EdgeKind::Native, &Keys::new(&["spark"]), &[]);
+        let port = edge.port;
+        edge.stop();
+        let holder = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the stopped edge's port");
+        let freed = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            drop(holder);
+        });
+        edge.restart();
+        freed.join().unwrap();
+        assert_eq!(edge.port, port);
+        assert!(edge.log().contains("Address already in use"), "the restart never met the held port:\n{}", edge.log());
     }
 }
