@@ -145,6 +145,17 @@ impl Keys {
     }
 }
 
+/// Heartbeats a second apart, for a test about noticing a silent or half-open link: the
+/// edge drops an agent it heard nothing from for two intervals, and the agent an edge
+/// (`agent/src/connection.rs`). A process paused past one interval (a loaded machine) is
+/// dropped too, so only the tests that need it ask; the rest run with the shipped 15 s.
+pub const QUICK_HEARTBEATS: (&str, &str) = ("HEARTBEAT_INTERVAL_MS", "1000");
+
+/// A vanished agent's running jobs `lost` (and a waiting caller told to fall back) 5 s
+/// after its link went, for a test about that end; the rest run with the shipped 120 s,
+/// so an agent that comes back late (a loaded machine) keeps its jobs.
+pub const QUICK_LOSS: (&str, &str) = ("LOST_AFTER_MS", "5000");
+
 /// Which edge host a contract test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EdgeKind {
@@ -165,6 +176,8 @@ pub struct EdgeServer {
 }
 
 impl EdgeServer {
+    /// An edge of `kind` with `settings`; any other setting is as shipped (heartbeats 15 s
+    /// apart, LOST_AFTER_MS 120 s: see [`QUICK_HEARTBEATS`] and [`QUICK_LOSS`]).
     pub fn start(kind: EdgeKind, keys: &Keys, settings: &[(&str, &str)]) -> EdgeServer {
         Self::start_wrapped(kind, keys, settings, Vec::new())
     }
@@ -175,8 +188,6 @@ impl EdgeServer {
         env.insert("RUNNER_SECRET".into(), SECRET.into());
         env.insert("EDGE_SIGNING_KEY".into(), encode_signing(&keys.edge));
         env.insert("AGENT_PUBLIC_KEYS".into(), keys.agent_public_keys());
-        env.insert("HEARTBEAT_INTERVAL_MS".into(), "1000".into());
-        env.insert("LOST_AFTER_MS".into(), "5000".into());
         for (k, v) in settings {
             env.insert(k.to_string(), v.to_string());
         }

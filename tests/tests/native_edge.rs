@@ -334,8 +334,8 @@ async fn made_room(edge: &EdgeServer) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_idle_connections_makes_room_and_spares_requests_in_flight_and_agents() {
     let keys = Keys::new(&["spark", "other"]);
-    // Heartbeats as shipped (not the harness's 1 s): spark's one connection is counted at
-    // the end, and a loaded machine's 2 s pause must not drop it for silence.
+    // Heartbeats as shipped (15 s, named: spark's one connection is counted at the end, and
+    // a loaded machine's 2 s pause must not drop it for silence).
     let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "8"), ("HEARTBEAT_INTERVAL_MS", "15000")]);
     assert!(edge.log().contains("\"max_connections\":8"), "{}", edge.log());
     let _spark = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));

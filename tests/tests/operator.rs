@@ -524,7 +524,8 @@ fn a_key_file_a_job_replaced_with_a_pipe_is_refused_not_waited_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_tells_whether_the_agent_runs_and_is_connected() {
     let keys = Keys::new(&["spark"]);
-    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    // Heartbeats a second apart: the status file's rewrite at each is looked for below.
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
     let mut agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
     Client::new(&edge.url()).wait_online().await;
     let data_dir = agent.data.path().join("data");
@@ -1650,8 +1651,8 @@ async fn submit_follows_a_silent_stream_again_from_its_last_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_rides_through_an_edge_restart() {
     let keys = Keys::new(&["spark"]);
-    // The agent's own reconnects back off too (to 11 s and more after some 6 s away): the
-    // harness's 5 s LOST_AFTER_MS lost the job before it came back.
+    // The agent's own reconnects back off too (to 11 s and more after some 6 s away): a
+    // 5 s LOST_AFTER_MS lost the job before it came back.
     let mut edge = EdgeServer::start(EdgeKind::Native, &keys, &[("LOST_AFTER_MS", "120000")]);
     let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
     Client::new(&edge.url()).wait_online().await;
