@@ -92,9 +92,38 @@ fn getrandom(buf: &mut [u8]) {
     std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(buf)).expect("urandom");
 }
 
-/// A port free right now on 127.0.0.1.
+/// A port free right now on 127.0.0.1 — for a process this test starts and cannot tell to
+/// pick its own (port 0) and say which: another test may take it before that process binds.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A port on 127.0.0.1 where nobody listens, for as long as this lives: a socket bound to
+/// it that never listens, so a connection there is refused, and no other test can bind it
+/// or be given it as its connection's own port meanwhile (a port merely found free, as
+/// [`free_port`] gives, could be taken by another test's edge and answer).
+pub struct ClosedPort {
+    pub port: u16,
+    _socket: std::os::fd::OwnedFd,
+}
+
+pub fn closed_port() -> ClosedPort {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a new socket, owned at once; `addr` and `len` are sized for AF_INET.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let socket = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let bound = libc::bind(fd, &addr as *const libc::sockaddr_in as *const libc::sockaddr, len);
+        assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
+        let named = libc::getsockname(fd, &mut addr as *mut libc::sockaddr_in as *mut libc::sockaddr, &mut len);
+        assert_eq!(named, 0, "getsockname: {}", std::io::Error::last_os_error());
+        ClosedPort { port: u16::from_be(addr.sin_port), _socket: socket }
+    }
 }
 
 /// Key material for one edge and its agents.
@@ -116,6 +145,17 @@ impl Keys {
     }
 }
 
+/// Heartbeats a second apart, for a test about noticing a silent or half-open link: the
+/// edge drops an agent it heard nothing from for two intervals, and the agent an edge
+/// (`agent/src/connection.rs`). A process paused past one interval (a loaded machine) is
+/// dropped too, so only the tests that need it ask; the rest run with the shipped 15 s.
+pub const QUICK_HEARTBEATS: (&str, &str) = ("HEARTBEAT_INTERVAL_MS", "1000");
+
+/// A vanished agent's running jobs `lost` (and a waiting caller told to fall back) 5 s
+/// after its link went, for a test about that end; the rest run with the shipped 120 s,
+/// so an agent that comes back late (a loaded machine) keeps its jobs.
+pub const QUICK_LOSS: (&str, &str) = ("LOST_AFTER_MS", "5000");
+
 /// Which edge host a contract test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EdgeKind {
@@ -136,6 +176,8 @@ pub struct EdgeServer {
 }
 
 impl EdgeServer {
+    /// An edge of `kind` with `settings`; any other setting is as shipped (heartbeats 15 s
+    /// apart, LOST_AFTER_MS 120 s: see [`QUICK_HEARTBEATS`] and [`QUICK_LOSS`]).
     pub fn start(kind: EdgeKind, keys: &Keys, settings: &[(&str, &str)]) -> EdgeServer {
         Self::start_wrapped(kind, keys, settings, Vec::new())
     }
@@ -146,8 +188,6 @@ impl EdgeServer {
         env.insert("RUNNER_SECRET".into(), SECRET.into());
         env.insert("EDGE_SIGNING_KEY".into(), encode_signing(&keys.edge));
         env.insert("AGENT_PUBLIC_KEYS".into(), keys.agent_public_keys());
-        env.insert("HEARTBEAT_INTERVAL_MS".into(), "1000".into());
-        env.insert("LOST_AFTER_MS".into(), "5000".into());
         for (k, v) in settings {
             env.insert(k.to_string(), v.to_string());
         }
@@ -157,8 +197,30 @@ impl EdgeServer {
     }
 
     /// Starts the process on `self.port` (0 the first time: the OS picks a free port, and
-    /// the edge's own "ready" line says which, so no two tests can race for one).
+    /// the edge's own "ready" line says which, so no two tests can race for one). A restart
+    /// binds the port it had, which another process may hold a while (a test's outgoing
+    /// connection given it as its own port while the edge was down): tried again for up to
+    /// 60 s, then a panic that says so.
     fn spawn(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.spawn_once() {
+                Ok(()) => return,
+                Err(log) if self.port != 0 && port_taken(&log) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the edge could not bind port {} again for 60 s: another process took it while the edge was down; log:\n{log}",
+                        self.port
+                    );
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(log) => panic!("the edge exited before it was ready; log:\n{log}"),
+            }
+        }
+    }
+
+    /// One start: `Err` with the log when the process exits before it is ready.
+    fn spawn_once(&mut self) -> Result<(), String> {
         let log_path = self.data.path().join("edge.log");
         let logged_before = std::fs::read_to_string(&log_path).map(|l| l.len()).unwrap_or(0);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
@@ -200,10 +262,12 @@ impl EdgeServer {
             let log = self.log();
             if let Some(port) = ready_port(&log[logged_before.min(log.len())..]) {
                 self.port = port;
-                break;
+                return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("the edge exited ({status}) before it was ready; log:\n{log}");
+                // What it started goes with it (the Miniflare host's workerd).
+                self.kill();
+                return Err(format!("(exited: {status})\n{log}"));
             }
             assert!(Instant::now() < deadline, "the edge was not ready within 60 s; log:\n{log}");
             std::thread::sleep(Duration::from_millis(10));
@@ -272,6 +336,11 @@ fn ready_port(log: &str) -> Option<u16> {
         }
         v["fields"]["listen"].as_str()?.rsplit(':').next()?.parse().ok()
     })
+}
+
+/// Whether an edge's log says its port was in use (the native edge's bind error, Node's).
+fn port_taken(log: &str) -> bool {
+    log.contains("Address already in use") || log.contains("EADDRINUSE")
 }
 
 /// SIGTERM (a clean stop), then SIGKILL to whatever is left of its process group.
@@ -1015,5 +1084,39 @@ impl Webhook {
 
     pub fn received(&self) -> Vec<Hook> {
         self.received.lock().unwrap().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// While held, a closed port refuses connections and no listener can take it (a port
+    /// [`free_port`] found free can be taken by anyone).
+    #[test]
+    fn a_closed_port_refuses_connections_and_cannot_be_taken() {
+        let nobody = closed_port();
+        let taken = std::net::TcpListener::bind(("127.0.0.1", nobody.port)).map(drop).map_err(|e| e.kind());
+        assert_eq!(taken, Err(std::io::ErrorKind::AddrInUse));
+        let dialed = std::net::TcpStream::connect(("127.0.0.1", nobody.port)).map(drop).map_err(|e| e.kind());
+        assert_eq!(dialed, Err(std::io::ErrorKind::ConnectionRefused));
+    }
+
+    /// An edge restarted while another process holds its port a moment (a listener here,
+    /// for 1 s) starts once the port is free, on it.
+    #[test]
+    fn a_restart_waits_for_its_port_held_a_moment() {
+        let mut edge = EdgeServer::start(EdgeKind::Native, &Keys::new(&["spark"]), &[]);
+        let port = edge.port;
+        edge.stop();
+        let holder = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the stopped edge's port");
+        let freed = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            drop(holder);
+        });
+        edge.restart();
+        freed.join().unwrap();
+        assert_eq!(edge.port, port);
+        assert!(edge.log().contains("Address already in use"), "the restart never met the held port:\n{}", edge.log());
     }
 }

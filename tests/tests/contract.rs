@@ -94,8 +94,8 @@ async fn request_options_reach_claude_as_flags(kind: EdgeKind) {
 async fn offline_is_answered_at_once_with_fallback(kind: EdgeKind) {
     let keys = Keys::new(&["spark"]);
     // No agent ever: a task wrongly queued would be ended (503, offline, fallback: the
-    // same answer) when the edge gives up on its agent — after the harness's 5 s, inside
-    // the bound below; 10 min here, far past it.
+    // same answer) when the edge gives up on its agent (LOST_AFTER_MS); 10 min here, far
+    // past the bound below.
     let edge = EdgeServer::start(kind, &keys, &[("LOST_AFTER_MS", "600000")]);
     let client = Client::new(&edge.url());
     let started = Instant::now();
@@ -672,7 +672,11 @@ async fn failures_say_which_class_and_whether_to_retry(kind: EdgeKind) {
 async fn alerts_reach_a_webhook_once_each(kind: EdgeKind) {
     let hook = Webhook::start(vec![]);
     let notify_url = hook.url("/runner-alerts");
-    let settings = [("NOTIFY_URL", notify_url.as_str()), ("OFFLINE_ALERT_MS", "2000"), ("OAUTH_WARN_HOURS", "24")];
+    // Heartbeats 3 s apart: the edge hears that the usage window opened again from the
+    // first heartbeat after its reset (15 s as shipped made this test 13 s longer), and a
+    // pause of a loaded machine under 3 s drops no link (which would alert offline twice).
+    let settings =
+        [("NOTIFY_URL", notify_url.as_str()), ("OFFLINE_ALERT_MS", "2000"), ("OAUTH_WARN_HOURS", "24"), ("HEARTBEAT_INTERVAL_MS", "3000")];
     // A login that cannot refresh itself and ends in five hours: attention needed soon.
     let keys = Keys::new(&["spark"]);
     let edge = EdgeServer::start(kind, &keys, &settings);
@@ -969,9 +973,9 @@ async fn the_agent_reconnects_after_an_edge_restart(kind: EdgeKind) {
 }
 
 async fn a_job_in_flight_survives_an_edge_restart(kind: EdgeKind) {
-    // The agent is away while the edge restarts: the harness's 5 s LOST_AFTER_MS is about
-    // what a Worker under Miniflare at load 9 takes to come back and be dialed again (once
-    // the job ended `lost` at 8.7 s), and ending jobs of agents away is not this test's matter.
+    // The agent is away while the edge restarts: a 5 s LOST_AFTER_MS is about what a
+    // Worker under Miniflare at load 9 takes to come back and be dialed again (once the
+    // job ended `lost` at 8.7 s), and ending jobs of agents away is not this test's matter.
     let mut s = setup(kind, &[("LOST_AFTER_MS", "60000")], &[]).await;
     let a = s.client.submit(json!({"prompt": "@sleep=2500 slow one"})).await;
     assert!(a.body["job_id"].is_string(), "{}", a.text);
@@ -997,7 +1001,8 @@ async fn a_vanished_agent_makes_the_job_lost(kind: EdgeKind) {
 }
 
 async fn an_agent_that_stops_mid_job_tells_the_caller_to_fall_back(kind: EdgeKind) {
-    let mut s = setup(kind, &[], &[]).await;
+    // The waiting caller is told once the edge gives the agent up (LOST_AFTER_MS).
+    let mut s = setup(kind, &[QUICK_LOSS], &[]).await;
     let client = s.client.clone();
     let waiter = tokio::spawn(async move { client.execute(json!({"prompt": "@sleep=30000"})).await });
     assert!(eventually(Duration::from_secs(60), || !s.agent.claude_runs().is_empty()).await);
@@ -1564,7 +1569,8 @@ async fn a_forged_result_from_the_path_is_refused(kind: EdgeKind) {
 async fn forged_refusals_and_heartbeats_from_the_path_are_refused(kind: EdgeKind) {
     use shared::protocol::{AgentMessage, Beat, Slots};
     let keys = Keys::new(&["spark", "laptop"]);
-    let edge = EdgeServer::start(kind, &keys, &[]);
+    // Heartbeats a second apart: one naming the job must come while it runs (4 s).
+    let edge = EdgeServer::start(kind, &keys, &[QUICK_HEARTBEATS]);
     let relay = PathRelay::start(&edge.ws_url()).await;
     let spark = AgentProc::start(AgentOpts { edge_ws: relay.ws_url(), ..AgentOpts::for_edge(&edge, "spark") });
     let client = Client::new(&edge.url());

@@ -193,7 +193,9 @@ async fn sockets_the_edge_closed_do_not_linger() {
 
 /// A frame header announcing a megabyte, and the start of it: an unproven connection may
 /// not make the edge read (and hold) more than a hello, so it is cut at once rather than
-/// when its handshake times out.
+/// when its handshake times out. Which of the two cut it is read from the edge's log, not
+/// the test's clock: the handshake's timeout says so there, and a connection cut before it
+/// never times out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unproven_connection_is_cut_once_it_sends_more_than_a_hello() {
     let keys = Keys::new(&["spark"]);
@@ -207,7 +209,6 @@ async fn an_unproven_connection_is_cut_once_it_sends_more_than_a_hello() {
         let mut frame = vec![0x81, 0xff];
         frame.extend_from_slice(&(1u64 << 20).to_be_bytes());
         frame.extend_from_slice(&[1, 2, 3, 4]);
-        let started = Instant::now();
         let chunk = vec![b'x'; 16 * 1024];
         tcp.write_all(&frame).unwrap();
         for _ in 0..16 {
@@ -215,14 +216,15 @@ async fn an_unproven_connection_is_cut_once_it_sends_more_than_a_hello() {
                 break;
             }
         }
-        (read_to_end_within(tcp, Duration::from_secs(20)).is_some(), started.elapsed())
+        // A hang bound: the handshake's timeout (10 s) cuts it anyway.
+        read_to_end_within(tcp, Duration::from_secs(60)).is_some()
     })
     .await
     .unwrap();
-    let (dropped, took) = cut;
-    assert!(dropped, "the connection was kept open");
-    // At once, not after the 10 s handshake timeout and its 5 s grace.
-    assert!(took < Duration::from_secs(8), "cut only after {took:?}");
+    assert!(cut, "the connection was kept open");
+    // Cut for what it sent, not when its handshake timed out (10 s).
+    let log = edge.log();
+    assert!(!log.contains("no signed hello"), "cut only when its handshake timed out:\n{log}");
 }
 
 /// Whether the edge still holds an established TCP connection from `peer_port` (its side
@@ -307,6 +309,23 @@ async fn flood(port: u16, n: usize) -> Vec<std::net::TcpStream> {
     tokio::task::spawn_blocking(move || idle_connections(port, n)).await.unwrap()
 }
 
+/// The edge's warnings at the cap ("too many connections"), as JSON: how many connections
+/// it closed to make room (`evicted`) and how many accepts failed, since the last one.
+fn pressure_warnings(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter(|l| l.contains("too many connections"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["fields"].clone())
+        .collect()
+}
+
+/// Whether the edge said it closed a connection to make room: what a flood meets, where the
+/// head's timeout (30 s) was the only way out before. Read from the log rather than timed
+/// against that timeout on the test's clock.
+async fn made_room(edge: &EdgeServer) -> bool {
+    eventually(Duration::from_secs(60), || pressure_warnings(&edge.log()).iter().any(|w| w["evicted"].as_u64() > Some(0))).await
+}
+
 /// At MAX_CONNECTIONS a flood of idle connections does not lock anyone out: the ones that
 /// waited longest for a request are closed to make room, so `/health` and a new agent are
 /// served while the flood goes on; a follower's event stream, an `/execute` waiting for its
@@ -315,8 +334,8 @@ async fn flood(port: u16, n: usize) -> Vec<std::net::TcpStream> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_idle_connections_makes_room_and_spares_requests_in_flight_and_agents() {
     let keys = Keys::new(&["spark", "other"]);
-    // Heartbeats as shipped (not the harness's 1 s): spark's one connection is counted at
-    // the end, and a loaded machine's 2 s pause must not drop it for silence.
+    // Heartbeats as shipped (15 s, named: spark's one connection is counted at the end, and
+    // a loaded machine's 2 s pause must not drop it for silence).
     let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "8"), ("HEARTBEAT_INTERVAL_MS", "15000")]);
     assert!(edge.log().contains("\"max_connections\":8"), "{}", edge.log());
     let _spark = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
@@ -337,11 +356,12 @@ async fn a_flood_of_idle_connections_makes_room_and_spares_requests_in_flight_an
     }
 
     // Five times the cap, never a byte sent: the first ones are closed to make room (the
-    // header timeout alone would take 30 s).
+    // header timeout alone would take 30 s; the 60 s here only bound a hang).
     let mut crowd = flood(edge.port, 40).await;
     let first = crowd.remove(0);
-    let closed = tokio::task::spawn_blocking(move || read_to_end_within(first, Duration::from_secs(15))).await.unwrap();
-    assert!(closed.is_some(), "the connection idle longest was still open 15 s into a flood past MAX_CONNECTIONS");
+    let closed = tokio::task::spawn_blocking(move || read_to_end_within(first, Duration::from_secs(60))).await.unwrap();
+    assert!(closed.is_some(), "the connection idle longest was still open 60 s into a flood past MAX_CONNECTIONS");
+    assert!(made_room(&edge).await, "no connection was closed to make room in a flood past MAX_CONNECTIONS:\n{}", edge.log());
     // While the flood's last connections are held: a caller and a new agent are served.
     let health = Client::new(&edge.url()).health_full().await;
     assert_eq!(health.status, 200, "{}", health.text);
@@ -394,12 +414,17 @@ async fn a_flood_past_the_descriptor_limit_still_leaves_room_for_callers_and_age
     let ready = edge.log();
     assert!(ready.contains("\"nofile\":256"), "the soft limit was not raised to the hard one:\n{ready}");
     let crowd = flood(edge.port, 400).await;
-    // Bounded well below the flood's head timeout (30 s), which used to be the only way out.
-    let health = tokio::time::timeout(Duration::from_secs(15), Client::new(&edge.url()).health()).await;
+    // The 60 s bound a hang only: the flood's heads time out after 30 s, which used to be
+    // the only way out. That room was made by closing idle connections, no accept failing
+    // for want of descriptors, is read from the edge's log.
+    let health = tokio::time::timeout(Duration::from_secs(60), Client::new(&edge.url()).health()).await;
     assert_eq!(health.map(|h| h.status).ok(), Some(503), "/health not answered during the flood:\n{}", edge.log());
     let _agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
-    let online = tokio::time::timeout(Duration::from_secs(20), Client::new(&edge.url()).wait_online()).await;
+    let online = tokio::time::timeout(Duration::from_secs(60), Client::new(&edge.url()).wait_online()).await;
     assert!(online.is_ok(), "the agent could not connect during the flood:\n{}", edge.log());
+    assert!(made_room(&edge).await, "no connection was closed to make room during the flood:\n{}", edge.log());
+    let failed: Vec<_> = pressure_warnings(&edge.log()).into_iter().filter(|w| w["accept_failed"].as_u64() != Some(0)).collect();
+    assert!(failed.is_empty(), "accepts failed for want of descriptors: {failed:?}\n{}", edge.log());
     drop(crowd);
 }
 
@@ -525,10 +550,17 @@ async fn silent_agent_sockets_make_room_at_the_cap_and_a_proven_agent_stays() {
     })
     .await
     .unwrap();
-    let health = tokio::time::timeout(Duration::from_secs(10), Client::new(&edge.url()).try_send("GET", "/health", Some(SECRET), None)).await;
+    // A hang bound: the silent sockets' handshakes time out after 10 s, making room anyway.
+    let health = tokio::time::timeout(Duration::from_secs(60), Client::new(&edge.url()).try_send("GET", "/health", Some(SECRET), None)).await;
     let health = health.expect("answered").expect("a connection");
     assert_eq!(health.status, 200, "{}", health.text);
-    assert_eq!(edge.log().lines().filter(|l| l.contains("agent connected")).count(), 1, "{}", edge.log());
+    // Answered once one of them was closed to make room, not once all three timed out (the
+    // edge logs each timeout; a socket closed for room never times out). Read from the log,
+    // not the test's clock: two may time out while the test is held up, never the third.
+    let log = edge.log();
+    let timed_out = log.matches("no signed hello").count();
+    assert!(timed_out < 3, "/health was answered only once the silent sockets' handshakes timed out:\n{log}");
+    assert_eq!(log.lines().filter(|l| l.contains("agent connected")).count(), 1, "{log}");
     drop(silent);
 }
 
@@ -543,9 +575,12 @@ async fn out_of_descriptors_the_edge_makes_room_instead_of_waiting() {
     let edge = EdgeServer::start_wrapped(EdgeKind::Native, &keys, &[], wrapper);
     assert!(edge.log().contains("\"max_connections\":16"), "{}", edge.log());
     let crowd = flood(edge.port, 40).await;
-    let health = tokio::time::timeout(Duration::from_secs(15), Client::new(&edge.url()).try_send("GET", "/health", None, None)).await;
+    // The 60 s bound a hang only (the flood's heads time out after 30 s); the room made is
+    // read from the edge's log.
+    let health = tokio::time::timeout(Duration::from_secs(60), Client::new(&edge.url()).try_send("GET", "/health", None, None)).await;
     let health = health.expect("/health answered while out of descriptors").expect("a connection");
     assert_eq!(health.status, 503, "{}", health.text);
+    assert!(made_room(&edge).await, "no connection was closed to make room while out of descriptors:\n{}", edge.log());
     // Said once (not once per failed accept), with the error.
     let warned = |l: &&str| l.contains("too many connections") && l.contains("Too many open files") && !l.contains("\"accept_failed\":0");
     assert_eq!(edge.log().lines().filter(warned).count(), 1, "{}", edge.log());

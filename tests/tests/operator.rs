@@ -400,8 +400,9 @@ async fn doctor_passes_a_good_setup_and_names_the_fix_for_a_bad_one() {
     assert!(out.contains(&format!("spark={}", shared::keys::encode_verifying(&keys.agent("spark").verifying_key()))), "{out}");
 
     // No login, no such binary, an edge that is not there, a broken key.
+    let nobody = closed_port();
     let bad = vec![
-        ("EDGE_URL", format!("ws://127.0.0.1:{}", free_port())),
+        ("EDGE_URL", format!("ws://127.0.0.1:{}", nobody.port)),
         ("AGENT_SIGNING_KEY", "not-base64!".to_string()),
         ("EDGE_PUBLIC_KEY", shared::keys::encode_verifying(&keys.edge.verifying_key())),
         ("CLAUDE_BIN", "/nonexistent/claude".to_string()),
@@ -523,7 +524,8 @@ fn a_key_file_a_job_replaced_with_a_pipe_is_refused_not_waited_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_tells_whether_the_agent_runs_and_is_connected() {
     let keys = Keys::new(&["spark"]);
-    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    // Heartbeats a second apart: the status file's rewrite at each is looked for below.
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
     let mut agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
     Client::new(&edge.url()).wait_online().await;
     let data_dir = agent.data.path().join("data");
@@ -1508,9 +1510,10 @@ async fn login_from_a_terminal_relays_the_url_and_the_code() {
     client.wait_online().await;
     assert!(agent.data.path().join("claude-config/.credentials.json").exists());
     // Without a reachable edge it says so (exit 2).
+    let nobody = closed_port();
     let out = Command::new(bin("claude-runner"))
         .arg("login")
-        .env("CLAUDE_RUNNER_URL", format!("http://127.0.0.1:{}", free_port()))
+        .env("CLAUDE_RUNNER_URL", format!("http://127.0.0.1:{}", nobody.port))
         .env("RUNNER_SECRET", SECRET)
         .stdin(Stdio::null())
         .output()
@@ -1648,8 +1651,8 @@ async fn submit_follows_a_silent_stream_again_from_its_last_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_rides_through_an_edge_restart() {
     let keys = Keys::new(&["spark"]);
-    // The agent's own reconnects back off too (to 11 s and more after some 6 s away): the
-    // harness's 5 s LOST_AFTER_MS lost the job before it came back.
+    // The agent's own reconnects back off too (to 11 s and more after some 6 s away): a
+    // 5 s LOST_AFTER_MS lost the job before it came back.
     let mut edge = EdgeServer::start(EdgeKind::Native, &keys, &[("LOST_AFTER_MS", "120000")]);
     let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
     Client::new(&edge.url()).wait_online().await;

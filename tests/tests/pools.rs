@@ -307,10 +307,9 @@ async fn an_agent_killed_with_jobs_leaves_the_others_serving() {
     let p = pool(
         EdgeKind::Native,
         &[("spark", &[]), ("laptop", &[]), ("desk", &[])],
-        // The kill closes spark's connection at once; heartbeats are as shipped (15 s, not
-        // the harness's 1 s): at 500 ms the edge dropped any agent it heard nothing from for
-        // 1 s, which a loaded machine's pause of laptop or desk could exceed, losing the job
-        // it ran.
+        // The kill closes spark's connection at once; heartbeats are as shipped (15 s,
+        // named): at 500 ms the edge dropped any agent it heard nothing from for 1 s, which
+        // a loaded machine's pause of laptop or desk could exceed, losing the job it ran.
         &[("LOST_AFTER_MS", "1500"), ("HEARTBEAT_INTERVAL_MS", "15000")],
     )
     .await;

@@ -149,7 +149,10 @@ async fn a_job_running_across_an_edge_stop_longer_than_lost_after_ms_is_not_lost
 /// while the agent still runs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_during_an_agent_freeze_stops_the_job() {
-    let (_edge, agent, client) = setup(&[]).await;
+    // Heartbeats a second apart: the freeze (3 s) outlasts two, so the edge drops the link
+    // meanwhile, which is the case this test is about; the job must not end lost while the
+    // agent comes back (LOST_AFTER_MS as shipped, 120 s).
+    let (_edge, agent, client) = setup(&[QUICK_HEARTBEATS]).await;
     let a = client.submit(json!({"prompt": "@sleep=20000 frozen"})).await;
     let job_id = a.body["job_id"].as_str().unwrap().to_string();
     assert!(eventually(Duration::from_secs(60), || !agent.claude_runs().is_empty()).await);
@@ -194,7 +197,9 @@ fn remount(pid: u32, dir: &std::path::Path, how: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_the_spool_cannot_keep_is_held_and_still_delivered() {
     let keys = Keys::new(&["spark"]);
-    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    // Heartbeats a second apart: the black-holed link is given up on within seconds, and
+    // the agent dials again with the result it held.
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
     let proxy = Proxy::start(edge.port).await;
     let mut opts = AgentOpts::for_edge(&edge, "spark");
     opts.edge_ws = format!("ws://127.0.0.1:{}", proxy.port());

@@ -322,7 +322,8 @@ async fn missing_repositories_and_disallowed_hosts_are_clear_repo_errors() {
     assert!(e.contains(&format!("`localhost:{}` is not allowed", s.git.port)) && e.contains("ALLOWED_REPO_HOSTS"), "{e}");
     assert_eq!(s.git.requests().len(), before, "nothing was fetched from a disallowed host");
     // Nobody listening: a network error that says what to try.
-    let closed = format!("https://127.0.0.1:{}/demo.git", free_port());
+    let nobody = closed_port();
+    let closed = format!("https://127.0.0.1:{}/demo.git", nobody.port);
     let s2 = setup_with_git(GitServer::start(None), &[("ALLOWED_REPO_HOSTS", &closed[8..closed.len() - 9])]).await;
     let e = repo_error(&s2.run(json!({"prompt": "x", "repo_url": closed})).await);
     assert!(e.contains("could not reach") && e.contains("allow_stale"), "{e}");
