@@ -107,6 +107,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             )
         })?;
     let state = load_or_create(&root)?;
+    edge_native::one_pool_only(|name| std::env::var(name).ok())?;
     let agent_public_keys = format!("{}={}", state.agent_id, state.keys.agent_public_key);
     let config = edge_core::Config::from_lookup(|name| match name {
         "RUNNER_SECRET" => Some(state.runner_secret.clone()),
