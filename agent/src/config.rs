@@ -39,6 +39,16 @@ pub struct AgentArgs {
     pub allow_insecure_edge: bool,
     #[command(flatten)]
     pub repos: crate::repo::settings::RepoArgs,
+    #[command(flatten)]
+    pub work: WorkArgs,
+    /// Take one job, then exit once its result is delivered (an ephemeral worker).
+    #[arg(long)]
+    pub one_job: bool,
+}
+
+/// How a serving agent takes work and gives it up: `agent`'s and `up`'s.
+#[derive(Debug, Clone, Args)]
+pub struct WorkArgs {
     /// On a stop (SIGTERM), how long running jobs may take to finish before they are
     /// handed back to the edge, in milliseconds.
     #[arg(long, env = "DRAIN_TIMEOUT_MS", default_value_t = DEFAULT_DRAIN_TIMEOUT_MS)]
@@ -46,9 +56,15 @@ pub struct AgentArgs {
     /// Labels jobs may ask for, `key=value,…` (e.g. `model=opus,gpu=none,os=linux`).
     #[arg(long, env = "AGENT_LABELS", default_value = "")]
     pub agent_labels: String,
-    /// Take one job, then exit once its result is delivered (an ephemeral worker).
-    #[arg(long)]
-    pub one_job: bool,
+}
+
+impl WorkArgs {
+    /// The labels offered to jobs and the drain timeout, checked.
+    pub fn resolve(&self) -> anyhow::Result<(shared::placement::Labels, std::time::Duration)> {
+        let labels = shared::placement::parse_labels(&self.agent_labels)
+            .map_err(|e| anyhow::anyhow!("AGENT_LABELS: {e}; write them like `model=opus,gpu=none`"))?;
+        Ok((labels, std::time::Duration::from_millis(self.drain_timeout_ms)))
+    }
 }
 
 /// Five minutes: the default `timeout_ms` of a job.
@@ -333,8 +349,7 @@ impl AgentArgs {
                 shared::ids::MAX_POOL_NAME
             );
         }
-        let labels = shared::placement::parse_labels(&self.agent_labels)
-            .map_err(|e| anyhow::anyhow!("AGENT_LABELS: {e}; write them like `model=opus,gpu=none`"))?;
+        let (labels, drain_timeout) = self.work.resolve()?;
         let signing_key = keys::signing_key("AGENT_SIGNING_KEY", &key_text)?;
         let mut secrets = key_forms(&key_text, &signing_key);
         secrets.extend(secret_values(|name| std::env::var(name).ok()));
@@ -352,7 +367,7 @@ impl AgentArgs {
             max_concurrent_jobs: self.max_concurrent_jobs,
             claude_model: self.local.claude_model,
             repos: self.repos.resolve()?,
-            drain_timeout: std::time::Duration::from_millis(self.drain_timeout_ms),
+            drain_timeout,
             labels,
             one_job: self.one_job,
         })
