@@ -70,19 +70,14 @@ impl WorkArgs {
 /// Five minutes: the default `timeout_ms` of a job.
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 300_000;
 
-/// Settings about this machine only, shared with `oauth-status` and `doctor`.
+/// Settings about this machine only: `agent`'s, `up`'s and `doctor`'s.
 #[derive(Debug, Clone, Args)]
 pub struct LocalArgs {
     /// The Claude Code binary.
     #[arg(long, env = "CLAUDE_BIN", default_value = "claude")]
     pub claude_bin: String,
-    /// Claude's config folder (holds .credentials.json; default ~/.claude).
-    #[arg(long, env = "CLAUDE_CONFIG_DIR")]
-    pub claude_config_dir: Option<PathBuf>,
-    /// Workspaces and the result spool (default ~/.local/share/claude-runner; `up` keeps
-    /// its keys, edge and agent in DATA_DIR/up).
-    #[arg(long, env = "DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub login: ClaudeLoginArgs,
     /// Model for jobs that do not name one.
     #[arg(long, env = "CLAUDE_MODEL")]
     pub claude_model: Option<String>,
@@ -92,7 +87,41 @@ pub struct LocalArgs {
     pub job_env_allow: String,
 }
 
+/// Claude's login and the agent's folder: all `oauth-status` reads.
+#[derive(Debug, Clone, Args)]
+pub struct ClaudeLoginArgs {
+    /// Claude's config folder (holds .credentials.json; default ~/.claude).
+    #[arg(long, env = "CLAUDE_CONFIG_DIR")]
+    pub claude_config_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub dir: DataDirArgs,
+}
+
+/// The agent's folder: all `status` reads.
+#[derive(Debug, Clone, Args)]
+pub struct DataDirArgs {
+    /// Workspaces and the result spool (default ~/.local/share/claude-runner; `up` keeps
+    /// its keys, edge and agent in DATA_DIR/up).
+    #[arg(long, env = "DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
 impl LocalArgs {
+    pub fn data_dir(&self) -> PathBuf {
+        self.login.dir.data_dir()
+    }
+
+    pub fn claude_config_dir(&self) -> Option<&Path> {
+        self.login.claude_config_dir.as_deref()
+    }
+
+    /// [`DataDirArgs::running_agent_dir`].
+    pub fn running_agent_dir(&self) -> PathBuf {
+        self.login.dir.running_agent_dir()
+    }
+}
+
+impl DataDirArgs {
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(|| crate::home().join(".local/share/claude-runner"))
     }
@@ -282,7 +311,7 @@ impl AgentConfig {
             edge_public_key: unused.verifying_key(),
             signing_key: unused,
             claude_bin: local.claude_bin.clone(),
-            claude_config_dir: local.claude_config_dir.clone(),
+            claude_config_dir: local.login.claude_config_dir.clone(),
             data_dir: local.data_dir(),
             max_concurrent_jobs: 1,
             claude_model: local.claude_model.clone(),
@@ -363,7 +392,7 @@ impl AgentArgs {
             edge_public_key: keys::verifying_key("EDGE_PUBLIC_KEY", edge_public_key)?,
             data_dir: self.local.data_dir(),
             claude_bin: self.local.claude_bin,
-            claude_config_dir: self.local.claude_config_dir,
+            claude_config_dir: self.local.login.claude_config_dir,
             max_concurrent_jobs: self.max_concurrent_jobs,
             claude_model: self.local.claude_model,
             repos: self.repos.resolve()?,
@@ -391,7 +420,12 @@ mod tests {
         std::fs::create_dir_all(&up).unwrap();
         std::fs::write(dir.join(crate::status::FILE_NAME), b"{}").unwrap();
         std::fs::write(up.join(crate::status::FILE_NAME), b"{}").unwrap();
-        let local = LocalArgs { claude_bin: "claude".into(), claude_config_dir: None, data_dir: Some(dir.clone()), claude_model: None, job_env_allow: String::new() };
+        let local = LocalArgs {
+            claude_bin: "claude".into(),
+            login: ClaudeLoginArgs { claude_config_dir: None, dir: DataDirArgs { data_dir: Some(dir.clone()) } },
+            claude_model: None,
+            job_env_allow: String::new(),
+        };
         assert_eq!(local.running_agent_dir(), dir, "neither runs: DATA_DIR's, as before");
         let held = runtime::hold_lock(&up.join(crate::agent::DATA_LOCK)).unwrap().expect("nobody else holds it");
         let found = local.running_agent_dir();

@@ -141,7 +141,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         signing_key: agent_key,
         edge_public_key: keys::verifying_key("edge key", &state.keys.edge_public_key)?,
         claude_bin: args.local.claude_bin.clone(),
-        claude_config_dir: args.local.claude_config_dir.clone(),
+        claude_config_dir: args.local.login.claude_config_dir.clone(),
         data_dir: crate::config::up_agent_dir(&args.local.data_dir()),
         max_concurrent_jobs: args.max_concurrent_jobs,
         claude_model: args.local.claude_model.clone(),
@@ -156,7 +156,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // how to log in, rather than only in the 503 the printed curl line then gets. Read as
     // the agent will start: with a failed authentication its last run left standing.
     let now = crate::now_ms();
-    let reporter = crate::report::Reporter::new(crate::oauth::Login::new(args.local.claude_config_dir.as_deref()));
+    let reporter = crate::report::Reporter::new(crate::oauth::Login::new(args.local.claude_config_dir()));
     reporter.resume(crate::status::read(&agent_cfg.data_dir).ok().flatten().as_ref(), now);
     let login = reporter.report().status(now);
     let login_note = match (login.needs_login, login.configured) {
