@@ -635,8 +635,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let local = crate::config::LocalArgs {
             claude_bin: "claude".into(),
-            claude_config_dir: None,
-            data_dir: Some(dir.clone()),
+            login: crate::config::ClaudeLoginArgs { claude_config_dir: None, dir: crate::config::DataDirArgs { data_dir: Some(dir.clone()) } },
             claude_model: None,
             job_env_allow: String::new(),
         };

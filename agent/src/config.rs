@@ -39,6 +39,16 @@ pub struct AgentArgs {
     pub allow_insecure_edge: bool,
     #[command(flatten)]
     pub repos: crate::repo::settings::RepoArgs,
+    #[command(flatten)]
+    pub work: WorkArgs,
+    /// Take one job, then exit once its result is delivered (an ephemeral worker).
+    #[arg(long)]
+    pub one_job: bool,
+}
+
+/// How a serving agent takes work and gives it up: `agent`'s and `up`'s.
+#[derive(Debug, Clone, Args)]
+pub struct WorkArgs {
     /// On a stop (SIGTERM), how long running jobs may take to finish before they are
     /// handed back to the edge, in milliseconds.
     #[arg(long, env = "DRAIN_TIMEOUT_MS", default_value_t = DEFAULT_DRAIN_TIMEOUT_MS)]
@@ -46,27 +56,28 @@ pub struct AgentArgs {
     /// Labels jobs may ask for, `key=value,…` (e.g. `model=opus,gpu=none,os=linux`).
     #[arg(long, env = "AGENT_LABELS", default_value = "")]
     pub agent_labels: String,
-    /// Take one job, then exit once its result is delivered (an ephemeral worker).
-    #[arg(long)]
-    pub one_job: bool,
+}
+
+impl WorkArgs {
+    /// The labels offered to jobs and the drain timeout, checked.
+    pub fn resolve(&self) -> anyhow::Result<(shared::placement::Labels, std::time::Duration)> {
+        let labels = shared::placement::parse_labels(&self.agent_labels)
+            .map_err(|e| anyhow::anyhow!("AGENT_LABELS: {e}; write them like `model=opus,gpu=none`"))?;
+        Ok((labels, std::time::Duration::from_millis(self.drain_timeout_ms)))
+    }
 }
 
 /// Five minutes: the default `timeout_ms` of a job.
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 300_000;
 
-/// Settings about this machine only, shared with `oauth-status` and `doctor`.
+/// Settings about this machine only: `agent`'s, `up`'s and `doctor`'s.
 #[derive(Debug, Clone, Args)]
 pub struct LocalArgs {
     /// The Claude Code binary.
     #[arg(long, env = "CLAUDE_BIN", default_value = "claude")]
     pub claude_bin: String,
-    /// Claude's config folder (holds .credentials.json; default ~/.claude).
-    #[arg(long, env = "CLAUDE_CONFIG_DIR")]
-    pub claude_config_dir: Option<PathBuf>,
-    /// Workspaces and the result spool (default ~/.local/share/claude-runner; `up` keeps
-    /// its keys, edge and agent in DATA_DIR/up).
-    #[arg(long, env = "DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub login: ClaudeLoginArgs,
     /// Model for jobs that do not name one.
     #[arg(long, env = "CLAUDE_MODEL")]
     pub claude_model: Option<String>,
@@ -76,7 +87,41 @@ pub struct LocalArgs {
     pub job_env_allow: String,
 }
 
+/// Claude's login and the agent's folder: all `oauth-status` reads.
+#[derive(Debug, Clone, Args)]
+pub struct ClaudeLoginArgs {
+    /// Claude's config folder (holds .credentials.json; default ~/.claude).
+    #[arg(long, env = "CLAUDE_CONFIG_DIR")]
+    pub claude_config_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub dir: DataDirArgs,
+}
+
+/// The agent's folder: all `status` reads.
+#[derive(Debug, Clone, Args)]
+pub struct DataDirArgs {
+    /// Workspaces and the result spool (default ~/.local/share/claude-runner; `up` keeps
+    /// its keys, edge and agent in DATA_DIR/up).
+    #[arg(long, env = "DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
 impl LocalArgs {
+    pub fn data_dir(&self) -> PathBuf {
+        self.login.dir.data_dir()
+    }
+
+    pub fn claude_config_dir(&self) -> Option<&Path> {
+        self.login.claude_config_dir.as_deref()
+    }
+
+    /// [`DataDirArgs::running_agent_dir`].
+    pub fn running_agent_dir(&self) -> PathBuf {
+        self.login.dir.running_agent_dir()
+    }
+}
+
+impl DataDirArgs {
     pub fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(|| crate::home().join(".local/share/claude-runner"))
     }
@@ -266,7 +311,7 @@ impl AgentConfig {
             edge_public_key: unused.verifying_key(),
             signing_key: unused,
             claude_bin: local.claude_bin.clone(),
-            claude_config_dir: local.claude_config_dir.clone(),
+            claude_config_dir: local.login.claude_config_dir.clone(),
             data_dir: local.data_dir(),
             max_concurrent_jobs: 1,
             claude_model: local.claude_model.clone(),
@@ -333,8 +378,7 @@ impl AgentArgs {
                 shared::ids::MAX_POOL_NAME
             );
         }
-        let labels = shared::placement::parse_labels(&self.agent_labels)
-            .map_err(|e| anyhow::anyhow!("AGENT_LABELS: {e}; write them like `model=opus,gpu=none`"))?;
+        let (labels, drain_timeout) = self.work.resolve()?;
         let signing_key = keys::signing_key("AGENT_SIGNING_KEY", &key_text)?;
         let mut secrets = key_forms(&key_text, &signing_key);
         secrets.extend(secret_values(|name| std::env::var(name).ok()));
@@ -348,11 +392,11 @@ impl AgentArgs {
             edge_public_key: keys::verifying_key("EDGE_PUBLIC_KEY", edge_public_key)?,
             data_dir: self.local.data_dir(),
             claude_bin: self.local.claude_bin,
-            claude_config_dir: self.local.claude_config_dir,
+            claude_config_dir: self.local.login.claude_config_dir,
             max_concurrent_jobs: self.max_concurrent_jobs,
             claude_model: self.local.claude_model,
             repos: self.repos.resolve()?,
-            drain_timeout: std::time::Duration::from_millis(self.drain_timeout_ms),
+            drain_timeout,
             labels,
             one_job: self.one_job,
         })
@@ -376,7 +420,12 @@ mod tests {
         std::fs::create_dir_all(&up).unwrap();
         std::fs::write(dir.join(crate::status::FILE_NAME), b"{}").unwrap();
         std::fs::write(up.join(crate::status::FILE_NAME), b"{}").unwrap();
-        let local = LocalArgs { claude_bin: "claude".into(), claude_config_dir: None, data_dir: Some(dir.clone()), claude_model: None, job_env_allow: String::new() };
+        let local = LocalArgs {
+            claude_bin: "claude".into(),
+            login: ClaudeLoginArgs { claude_config_dir: None, dir: DataDirArgs { data_dir: Some(dir.clone()) } },
+            claude_model: None,
+            job_env_allow: String::new(),
+        };
         assert_eq!(local.running_agent_dir(), dir, "neither runs: DATA_DIR's, as before");
         let held = runtime::hold_lock(&up.join(crate::agent::DATA_LOCK)).unwrap().expect("nobody else holds it");
         let found = local.running_agent_dir();

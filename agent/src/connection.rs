@@ -29,8 +29,13 @@ enum End {
     Shutdown,
     /// Worth retrying.
     Lost(String),
-    /// The edge refused us: retrying only helps once someone fixes the configuration.
+    /// The edge refused us (a goodbye, a close after the hello, no such pool at EDGE_URL):
+    /// retrying only helps once someone fixes the configuration.
     Refused(String),
+    /// We refused the edge (it could not prove its key, it welcomed us into another pool,
+    /// it spoke another protocol): the fix is on this side's settings as often as the
+    /// edge's, and the log must not send the operator to the edge alone.
+    Refusing(String),
 }
 
 fn reconnect_policy() -> backoff::ExponentialBackoff {
@@ -55,6 +60,7 @@ pub async fn run(agent: Arc<Agent>, mut uplink: mpsc::UnboundedReceiver<AgentMes
         let end = match session(&agent, &mut uplink, &mut shutdown).await {
             End::Lost(why) => End::Lost(peer_words(&why)),
             End::Refused(why) => End::Refused(peer_words(&why)),
+            End::Refusing(why) => End::Refusing(peer_words(&why)),
             End::Shutdown => End::Shutdown,
         };
         match &end {
@@ -64,8 +70,9 @@ pub async fn run(agent: Arc<Agent>, mut uplink: mpsc::UnboundedReceiver<AgentMes
             }
             End::Lost(why) => warn!(agent_id = %agent.cfg.agent_id, reason = %why, "connection to the edge lost"),
             End::Refused(why) => error!(agent_id = %agent.cfg.agent_id, reason = %why, "the edge refused this agent"),
+            End::Refusing(why) => error!(agent_id = %agent.cfg.agent_id, reason = %why, "this agent refused the edge"),
         }
-        if let End::Lost(why) | End::Refused(why) = &end {
+        if let End::Lost(why) | End::Refused(why) | End::Refusing(why) = &end {
             agent.status.disconnected(why);
         }
         // A connection that lasted a while was healthy: start the backoff over.
@@ -164,7 +171,38 @@ async fn send_queued(
 async fn refuse(ws: &mut Socket, code: u16, reason: String) -> End {
     let frame = CloseFrame { code: CloseCode::from(code), reason: close::reason(&reason).into() };
     let _ = timeout(HANDSHAKE_TIMEOUT, ws.close(Some(frame))).await;
-    End::Refused(reason)
+    End::Refusing(reason)
+}
+
+/// Why a dial failed. A 404 is the edge saying it serves nothing at EDGE_URL — a pool it
+/// does not have, or a path that is not the edge's — which no retry mends: said as the
+/// edge's refusal, with what to set. Anything else may pass (worth retrying).
+fn dial_failed(connect_url: &str, e: &WsError) -> End {
+    let WsError::Http(response) = e else {
+        return End::Lost(format!("cannot reach the edge at {connect_url}: {e}"));
+    };
+    if response.status().as_u16() != 404 {
+        return End::Lost(format!("cannot reach the edge at {connect_url}: {e}"));
+    }
+    let pool = connect_url
+        .strip_suffix("/agent/connect")
+        .and_then(|base| base.rsplit_once("/pool/"))
+        .map(|(_, name)| name)
+        .filter(|name| shared::ids::plain_id(name, shared::ids::MAX_POOL_NAME));
+    End::Refused(match pool {
+        Some(pool) => {
+            let suffix = pool.to_ascii_uppercase().replace('-', "_");
+            format!(
+                "the edge answered 404 at {connect_url}: it serves no pool `{pool}`. On the Worker, list `{pool}` in POOLS \
+                 and set RUNNER_SECRET_{suffix} and AGENT_PUBLIC_KEYS_{suffix} (this agent's key); a native edge serves one pool, \
+                 on its root URL. Or set EDGE_URL to a pool the edge serves (…/pool/<name>, and EDGE_POOL to that name)"
+            )
+        }
+        None => format!(
+            "the edge answered 404 at {connect_url}: EDGE_URL must be the edge's own URL (wss://<edge>, or wss://<worker>/pool/<name> \
+             for a Worker pool); the agent adds /agent/connect itself"
+        ),
+    })
 }
 
 /// The agent's nonce for the edge to sign back.
@@ -181,7 +219,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
     let dial = tokio_tungstenite::connect_async_with_config(cfg.connect_url.as_str(), Some(ws_config), true);
     let mut ws = match timeout(HANDSHAKE_TIMEOUT, dial).await {
         Ok(Ok((ws, _))) => ws,
-        Ok(Err(e)) => return End::Lost(format!("cannot reach the edge at {}: {e}", cfg.connect_url)),
+        Ok(Err(e)) => return dial_failed(&cfg.connect_url, &e),
         Err(_) => return End::Lost(format!("no answer from the edge at {} within {} s", cfg.connect_url, HANDSHAKE_TIMEOUT.as_secs())),
     };
 
@@ -241,7 +279,10 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
     let welcome: Welcome = match welcome.open(Domain::Welcome, &cfg.edge_public_key) {
         Ok(w) => w,
         Err(e) => {
-            let reason = format!("the edge could not prove its identity ({e}): EDGE_PUBLIC_KEY must be the public half of the edge's EDGE_SIGNING_KEY");
+            let reason = format!(
+                "the edge could not prove its identity ({e}): set this agent's EDGE_PUBLIC_KEY to the public half of the edge's \
+                 EDGE_SIGNING_KEY, as printed by the `claude-runner keygen` run that made the edge's key"
+            );
             return refuse(&mut ws, close::UNAUTHORIZED, reason).await;
         }
     };
@@ -386,6 +427,22 @@ fn on_edge_message(agent: &Arc<Agent>, msg: EdgeMessage) -> Option<End> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// "HTTP error: 404 Not Found", at every retry, was all an agent dialing a pool the edge
+    /// does not serve said: the edge refused it, and the reason says what to set.
+    #[test]
+    fn a_404_at_dial_is_the_edges_refusal_saying_what_to_set() {
+        let not_found = || WsError::Http(tokio_tungstenite::tungstenite::http::Response::builder().status(404).body(None).unwrap().into());
+        let End::Refused(why) = dial_failed("wss://w.example/pool/team-b/agent/connect", &not_found()) else { panic!("a refusal") };
+        for says in ["404", "`team-b`", "POOLS", "RUNNER_SECRET_TEAM_B", "AGENT_PUBLIC_KEYS_TEAM_B", "EDGE_URL", "EDGE_POOL"] {
+            assert!(why.contains(says), "{says}: {why}");
+        }
+        let End::Refused(why) = dial_failed("wss://edge.example/runner/agent/connect", &not_found()) else { panic!("a refusal") };
+        assert!(why.contains("EDGE_URL must be the edge's own URL") && !why.contains("POOLS"), "{why}");
+        let unavailable = WsError::Http(tokio_tungstenite::tungstenite::http::Response::builder().status(503).body(None).unwrap().into());
+        assert!(matches!(dial_failed("wss://e/agent/connect", &unavailable), End::Lost(_)), "a 503 passes");
+        assert!(matches!(dial_failed("wss://e/agent/connect", &WsError::ConnectionClosed), End::Lost(_)));
+    }
     use tokio_tungstenite::tungstenite::protocol::Role;
     use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 

@@ -49,7 +49,7 @@ pub async fn run(args: AgentArgs, canary: bool) -> bool {
         },
     }
 
-    let login = crate::oauth::Login::new(args.local.claude_config_dir.as_deref());
+    let login = crate::oauth::Login::new(args.local.claude_config_dir());
     let status = crate::report::local_report(&login, &args.local.running_agent_dir()).status(crate::now_ms());
     let source = serde_json::to_value(status.source).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
     if let Some(problem) = &status.problem {

@@ -77,7 +77,7 @@ mod zygote;
 
 use agent_core::{claude, credentials, edge_url, redact, sse};
 use clap::{Parser, Subcommand};
-use config::{AgentArgs, LocalArgs};
+use config::AgentArgs;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -119,7 +119,7 @@ enum Command {
     /// Show this machine's Claude login as the agent reports it.
     OauthStatus {
         #[command(flatten)]
-        local: LocalArgs,
+        login: config::ClaudeLoginArgs,
     },
     /// Check the claude binary, the login, the keys and the edge, with a fix for each problem.
     Doctor {
@@ -138,7 +138,7 @@ enum Command {
     /// Is the local agent running and connected, and what is it running?
     Status {
         #[command(flatten)]
-        local: LocalArgs,
+        dir: config::DataDirArgs,
         /// Print one line and exit 0 only if the agent runs, is connected and not stuck
         /// (a health check that needs no port).
         #[arg(long)]
@@ -228,17 +228,17 @@ fn main() {
                 let code = submit::run(args).await?;
                 std::process::exit(code);
             }
-            Command::Status { local, check } => {
-                let dir = local.running_agent_dir();
+            Command::Status { dir, check } => {
+                let dir = dir.running_agent_dir();
                 let healthy = if check { status::check(&dir)? } else { status::show(&dir)? };
                 if !healthy {
                     std::process::exit(1);
                 }
                 Ok(())
             }
-            Command::OauthStatus { local } => {
-                let login = oauth::Login::new(local.claude_config_dir.as_deref());
-                let status = report::local_report(&login, &local.running_agent_dir()).status(now_ms());
+            Command::OauthStatus { login: settings } => {
+                let login = oauth::Login::new(settings.claude_config_dir.as_deref());
+                let status = report::local_report(&login, &settings.dir.running_agent_dir()).status(now_ms());
                 // Its usage window is the status file's, a job's to write.
                 println!("{}", status::json_for_terminal(&serde_json::to_string_pretty(&status)?));
                 if let Some(next) = &status.next_step {
@@ -260,5 +260,36 @@ fn main() {
         // status file a job wrote, named in serde's "unknown variant"; an edge's answer).
         eprintln!("claude-runner: {}", shared::text::one_line(&format!("{e:#}")));
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// The settings a subcommand's `--help` names (each `[env: NAME]`).
+    fn settings_of(subcommand: &str) -> std::collections::BTreeSet<String> {
+        let mut cli = Cli::command();
+        cli.build();
+        let sub = cli.find_subcommand(subcommand).unwrap_or_else(|| panic!("no subcommand {subcommand}"));
+        sub.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect()
+    }
+
+    /// `status` and `oauth-status` listed the agent's job settings (`--claude-model`,
+    /// `--job-env-allow`, `--claude-bin`), which they never read: each lists what it reads.
+    #[test]
+    fn status_and_oauth_status_list_only_what_they_read() {
+        let names = |list: &[&str]| list.iter().map(|n| n.to_string()).collect::<std::collections::BTreeSet<_>>();
+        assert_eq!(settings_of("status"), names(&["DATA_DIR", "LOG_FORMAT"]));
+        assert_eq!(settings_of("oauth-status"), names(&["CLAUDE_CONFIG_DIR", "DATA_DIR", "LOG_FORMAT"]));
+        // `up` runs an agent: its job settings, labels and drain are its own.
+        if !cfg!(feature = "up") {
+            return;
+        }
+        let up = settings_of("up");
+        for name in ["CLAUDE_BIN", "CLAUDE_MODEL", "JOB_ENV_ALLOW", "AGENT_LABELS", "DRAIN_TIMEOUT_MS", "MAX_CONCURRENT_JOBS", "LISTEN"] {
+            assert!(up.contains(name), "up --help lacks {name}: {up:?}");
+        }
     }
 }

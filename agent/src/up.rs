@@ -19,6 +19,8 @@ pub struct UpArgs {
     #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 1)]
     pub max_concurrent_jobs: u32,
     #[command(flatten)]
+    pub work: crate::config::WorkArgs,
+    #[command(flatten)]
     pub local: LocalArgs,
     #[command(flatten)]
     pub repos: crate::repo::settings::RepoArgs,
@@ -107,6 +109,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             )
         })?;
     let state = load_or_create(&root)?;
+    edge_native::one_pool_only(|name| std::env::var(name).ok())?;
+    let (labels, drain_timeout) = args.work.resolve()?;
     let agent_public_keys = format!("{}={}", state.agent_id, state.keys.agent_public_key);
     let config = edge_core::Config::from_lookup(|name| match name {
         "RUNNER_SECRET" => Some(state.runner_secret.clone()),
@@ -137,22 +141,22 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         signing_key: agent_key,
         edge_public_key: keys::verifying_key("edge key", &state.keys.edge_public_key)?,
         claude_bin: args.local.claude_bin.clone(),
-        claude_config_dir: args.local.claude_config_dir.clone(),
+        claude_config_dir: args.local.login.claude_config_dir.clone(),
         data_dir: crate::config::up_agent_dir(&args.local.data_dir()),
         max_concurrent_jobs: args.max_concurrent_jobs,
         claude_model: args.local.claude_model.clone(),
         job_env_allow: crate::config::job_env_allow(&args.local.job_env_allow)?,
         secrets,
         repos: args.repos.clone().resolve()?,
-        drain_timeout: std::time::Duration::from_millis(crate::config::DEFAULT_DRAIN_TIMEOUT_MS),
-        labels: Default::default(),
+        drain_timeout,
+        labels,
         one_job: false,
     };
     // A newcomer's first job is refused when Claude is not logged in here: said now, with
     // how to log in, rather than only in the 503 the printed curl line then gets. Read as
     // the agent will start: with a failed authentication its last run left standing.
     let now = crate::now_ms();
-    let reporter = crate::report::Reporter::new(crate::oauth::Login::new(args.local.claude_config_dir.as_deref()));
+    let reporter = crate::report::Reporter::new(crate::oauth::Login::new(args.local.claude_config_dir()));
     reporter.resume(crate::status::read(&agent_cfg.data_dir).ok().flatten().as_ref(), now);
     let login = reporter.report().status(now);
     let login_note = match (login.needs_login, login.configured) {
@@ -251,6 +255,28 @@ mod tests {
         std::fs::write(&path, vec![b' '; MAX_STATE_BYTES + 1]).unwrap();
         assert!(load_or_create(&dir).err().unwrap().to_string().contains("damaged"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `up`'s agent took neither AGENT_LABELS nor DRAIN_TIMEOUT_MS (its `--help` listed
+    /// neither, and the agent's table in README names both): a job asking for a label
+    /// waited for ever, and a stop handed running jobs back only after 5 minutes.
+    #[test]
+    fn up_takes_the_agents_labels_and_drain_timeout() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            up: UpArgs,
+        }
+        use clap::Parser;
+        let parsed = Cli::try_parse_from(["up", "--agent-labels", "gpu=a100,os=linux", "--drain-timeout-ms", "1500"]).unwrap();
+        let (labels, drain) = parsed.up.work.resolve().unwrap();
+        assert_eq!(labels, shared::placement::parse_labels("gpu=a100,os=linux").unwrap());
+        assert_eq!(drain, std::time::Duration::from_millis(1500));
+        let (labels, drain) = Cli::try_parse_from(["up"]).unwrap().up.work.resolve().unwrap();
+        assert!(labels.is_empty());
+        assert_eq!(drain, std::time::Duration::from_millis(crate::config::DEFAULT_DRAIN_TIMEOUT_MS));
+        let bad = Cli::try_parse_from(["up", "--agent-labels", "gpu"]).unwrap().up.work.resolve().unwrap_err().to_string();
+        assert!(bad.contains("AGENT_LABELS"), "{bad}");
     }
 
     /// The keys in `up.json` are a job's to rewrite too, and reach the edge's settings as

@@ -501,6 +501,10 @@ async fn a_welcome_whose_connection_key_was_swapped_or_gives_no_secret_is_refuse
     assert!(hello.is_some());
     assert!(recv(&mut ws).await.is_none(), "the agent must hang up");
     assert!(eventually(Duration::from_secs(60), || agent.log().contains("the edge could not prove its identity")).await, "{}", agent.log());
+    // The agent refused the edge, not the other way round: the operator is pointed at
+    // this agent's EDGE_PUBLIC_KEY, from the keygen run that made the edge's key.
+    let log = agent.log();
+    assert!(log.contains("this agent refused the edge") && log.contains("keygen") && !log.contains("the edge refused this agent"), "{log}");
     drop(ws);
     let low_order = shared::keys::encode(&[0; 32]);
     let (mut ws, hello) = edge
@@ -527,6 +531,8 @@ async fn an_agent_welcomed_into_another_pool_hangs_up() {
     assert!(hello.is_some());
     assert!(recv(&mut ws).await.is_none(), "the agent must hang up");
     assert!(eventually(Duration::from_secs(60), || agent.log().contains("EDGE_POOL")).await, "{}", agent.log());
+    let log = agent.log();
+    assert!(log.contains("this agent refused the edge") && !log.contains("the edge refused this agent"), "{log}");
     let t = now();
     let job = Envelope::seal(Domain::Job, &edge.order("j", "spark", t, t + 60_000, "x"), &edge.edge_key);
     let _ = ws.send(Message::Text(EdgeMessage::Job { envelope: job }.to_text().into())).await;

@@ -1309,6 +1309,24 @@ async fn unknown_jobs_and_routes_are_404(kind: EdgeKind) {
     assert_eq!(s.client.get("/nope").await.status, 404);
 }
 
+/// A caller whose base URL ends in `/` (CLAUDE_RUNNER_URL=https://edge/) sends `//execute`:
+/// served as `/execute`, on every route; a slash inside the path or an encoded one is not.
+async fn a_base_url_with_a_trailing_slash_still_reaches_every_route(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let slashed = Client::new(&format!("{}/", s.edge.url()));
+    let a = slashed.execute(json!({"prompt": "doubled"})).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["output"], "stand-in answer to: doubled");
+    let job = slashed.get(&format!("/jobs/{}", a.body["job_id"].as_str().unwrap())).await;
+    assert_eq!(job.body["state"], "succeeded", "{}", job.text);
+    assert_eq!(slashed.health().await.status, 200);
+    assert_eq!(s.client.get("///health").await.status, 200);
+    for path in ["/jobs//x", "/%2Fhealth", "/pool//default/health"] {
+        let a = s.client.get(path).await;
+        assert!(a.status == 404 || a.status == 400, "{path}: {} {}", a.status, a.text);
+    }
+}
+
 /// A hand-driven agent: proves its identity, then sends no heartbeat while keeping the
 /// TCP connection open — a half-open agent, as after a network cut — and whoever sits on
 /// the path keeps sending what anyone can make (credits, refusals naming no job): only
@@ -1724,6 +1742,7 @@ contract!(
     an_unknown_agent_is_refused,
     idempotent_submits_run_once,
     unknown_jobs_and_routes_are_404,
+    a_base_url_with_a_trailing_slash_still_reaches_every_route,
     a_silent_agent_is_reported_offline_within_two_heartbeats,
     an_agent_that_stops_mid_job_tells_the_caller_to_fall_back,
     a_low_max_timeout_still_accepts_requests_without_timeout_ms,
@@ -1803,6 +1822,14 @@ async fn worker_pools_are_isolated() {
     assert_eq!(a.status, 200, "{}", a.text);
     assert_eq!(a.body["agent_id"], "rig");
     assert_eq!(default.execute(json!({"prompt": "x"})).await.status, 503);
+    // A pooled base URL ending in `/` (…/pool/gpu/ sends /pool/gpu//execute), and a host's
+    // URL ending in one (…//pool/gpu), reach the same pool; `/pool//gpu` names no pool.
+    for base in [format!("{}/pool/gpu/", edge.url()), format!("{}//pool/gpu", edge.url())] {
+        let a = Client::new(&base).send("POST", "/execute", Some(GPU_SECRET), body.clone()).await;
+        assert_eq!(a.status, 200, "{base}: {}", a.text);
+        assert_eq!(a.body["agent_id"], "rig");
+    }
+    assert_eq!(default.send("GET", "/pool//gpu/health", Some(GPU_SECRET), None).await.status, 400);
 
     // The re-login relay and the page are the pool's too: gpu's secret reaches gpu's agent
     // only, and the default pool (no agent) starts none.

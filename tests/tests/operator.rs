@@ -207,6 +207,21 @@ impl Drop for Up {
     }
 }
 
+/// `up`'s agent ignored AGENT_LABELS: a job asking for the label found no agent for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ups_agent_offers_the_labels_of_agent_labels() {
+    let data = TempDir::new("up-labels");
+    let mut up = Up::start(&data, &[("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-up-test-token"), ("AGENT_LABELS", "gpu=a100")]);
+    let _ = up.printed();
+    let client = Client::new(&up.base);
+    client.wait_online().await;
+    let secret = up_secret(&data);
+    let health = client.send("GET", "/health", Some(&secret), None).await;
+    assert_eq!(health.body["agents"][0]["labels"], json!({"gpu": "a100"}), "{}", health.text);
+    let a = client.send("POST", "/execute", Some(&secret), Some(json!({"prompt": "on a100", "labels": "gpu=a100"}).to_string().into_bytes())).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_runs_an_edge_and_a_connected_agent() {
     let data = TempDir::new("up");

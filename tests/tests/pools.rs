@@ -358,6 +358,19 @@ async fn a_one_job_agent_exits_after_its_job() {
     assert_eq!(p.client.get(&format!("/jobs/{second}")).await.body["state"], "queued", "one job only");
 }
 
+/// An agent dialing a `/pool/<name>` the edge does not serve logged only "HTTP error: 404"
+/// at every retry: it now says the edge refused it, for want of that pool, and what to set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_dialing_a_pool_the_edge_does_not_serve_is_told_what_to_set() {
+    let keys = Keys::new(&["rig"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let mut opts = AgentOpts::for_edge(&edge, "rig").env("EDGE_POOL", "gpu");
+    opts.edge_ws = format!("{}/pool/gpu", edge.ws_url());
+    let rig = AgentProc::start(opts);
+    let told = |log: &str| ["the edge refused this agent", "404", "`gpu`", "POOLS", "RUNNER_SECRET_GPU", "AGENT_PUBLIC_KEYS_GPU", "EDGE_URL"].iter().all(|w| log.contains(w));
+    assert!(eventually(Duration::from_secs(60), || told(&rig.log())).await, "{}", rig.log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(worker_tests), ignore = "needs the built Worker: run tests/run (it sets CLAUDE_RUNNER_WORKER_TESTS=1)")]
 async fn the_worker_routes_each_pool_to_its_agents_and_lists_pools() {

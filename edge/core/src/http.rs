@@ -169,7 +169,7 @@ pub enum Gate {
 /// Decides a request's fate from its method, path and auth headers alone. Hosts call it
 /// first, before touching the body; [`handle`] calls it too.
 pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Option<&str>, authorization: Option<&str>) -> Gate {
-    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let segments = crate::path::segments(path);
     match (method, segments.as_slice()) {
         (_, ["agent", "connect"]) => return Gate::AgentSocket,
         // Open to anyone; `/health` says more to a caller with the secret.
@@ -233,7 +233,7 @@ fn shown_path(path: &str) -> &str {
 /// as "not usable" like any other outage.
 pub fn unavailable(path: &str, message: &str) -> Response {
     let mut err = ApiError::new(ErrorCode::InternalError, message);
-    if path.trim_end_matches('/') == "/health" {
+    if crate::path::segments(path) == ["health"] {
         err.status = 503;
     }
     Response::error(err)
@@ -245,7 +245,7 @@ pub fn unavailable(path: &str, message: &str) -> Response {
 /// so "retry" alone would have a caller run it twice; the caller is told to look first
 /// (or resend with the same `Idempotency-Key`, which the edge answers with the first job).
 pub fn host_failed(method: &str, path: &str, what: &str) -> Response {
-    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let segments = crate::path::segments(path);
     let next = if method == "POST" && matches!(segments.as_slice(), ["execute"] | ["jobs"]) {
         "the task may have been queued all the same: look for it with `GET /jobs` before sending it again \
          (or send it again with the same `Idempotency-Key`: the edge answers with the first job)"
@@ -294,8 +294,7 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
         effects.push(Effect::Answer { caller, response });
         Handled { caller, reply: once, effects }
     };
-    let path = req.path.trim_end_matches('/');
-    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let segments = crate::path::segments(&req.path);
     let method = req.method.as_str();
 
     match preflight(edge.config(), method, &req.path, req.secret_header.as_deref(), req.authorization.as_deref()) {

@@ -19,6 +19,7 @@
 //! - [`body`]: how a host reads a request body (limit, drain, broken uploads).
 //! - [`response`]: what a caller is answered.
 //! - [`page`]: the phone page at `GET /` (plain HTML, CSS and JavaScript; strict CSP).
+//! - [`path`]: a request's path into its pool and route (leading slashes folded).
 //! - [`http`]: the HTTP contract on top of the machine: auth, routing, status codes.
 
 pub mod body;
@@ -28,6 +29,7 @@ pub mod http;
 pub mod machine;
 pub mod notify;
 pub mod page;
+pub mod path;
 pub mod progress;
 pub mod queue;
 pub mod record;

@@ -29,3 +29,37 @@ pub mod stall;
 pub mod store;
 
 pub use server::{Server, ServerOptions};
+
+/// The native edge serves one pool: its `RUNNER_SECRET` and `AGENT_PUBLIC_KEYS`, on `/`.
+/// `POOLS` is the Worker's (its `/pool/<name>/` routes); set here it would be read and its
+/// pools' settings checked, and then nothing of them served, so the start stops instead
+/// (`claude-runner-edge` and `claude-runner up` both).
+pub fn one_pool_only(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+    match get("POOLS").filter(|v| !v.trim().is_empty()) {
+        None => Ok(()),
+        Some(listed) => anyhow::bail!(
+            "POOLS is set (`{}`), but the native edge serves one pool (its RUNNER_SECRET and AGENT_PUBLIC_KEYS, on /; \
+             it has no /pool/<name>/ routes): unset POOLS and the RUNNER_SECRET_<POOL>, AGENT_PUBLIC_KEYS_<POOL> settings, \
+             then run one native edge per pool (each with its own LISTEN, DATA_DIR, RUNNER_SECRET and AGENT_PUBLIC_KEYS), \
+             or deploy the Worker, which serves every pool in POOLS under /pool/<name>",
+            shared::text::truncate(listed.trim(), 200)
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// POOLS was read here (the Worker's setting) and, with RUNNER_SECRET_<POOL> set, the
+    /// edge started and served nothing of that pool: the start now stops, saying what to do.
+    #[test]
+    fn pools_stop_the_start_saying_what_to_do_instead() {
+        let err = one_pool_only(|name| (name == "POOLS").then(|| "gpu, team-b".to_string())).unwrap_err().to_string();
+        for says in ["POOLS", "`gpu, team-b`", "one pool", "one native edge per pool", "Worker", "/pool/<name>"] {
+            assert!(err.contains(says), "{says}: {err}");
+        }
+        assert!(one_pool_only(|_| None).is_ok());
+        assert!(one_pool_only(|name| (name == "POOLS").then(|| " ".to_string())).is_ok(), "empty is unset");
+    }
+}

@@ -55,6 +55,7 @@ fn main() {
 }
 
 fn run() -> anyhow::Result<()> {
+    edge_native::one_pool_only(|name| std::env::var(name).ok())?;
     let config = edge_core::Config::from_lookup(|name| std::env::var(name).ok())?;
     let (listen, data_dir) = host_settings(|name| std::env::var_os(name))?;
     // One thread: every request and frame goes through the one task that drives the

@@ -1,5 +1,5 @@
 //! The Worker's fetch handler. It finds the pool — `/pool/{name}/…` names one, anything
-//! else is the `default` pool — and hands the request, with that prefix stripped, to the
+//! else is the `default` pool ([`edge_core::path::pool_of`]) — and hands the request, with that prefix stripped, to the
 //! pool's Durable Object. One object per pool is what gives a pool one queue, one set of
 //! agent sessions and one order of events. A pool the settings do not list does not exist:
 //! it is a 404 here, and no object is ever made for it. Requests the core's `preflight`
@@ -13,7 +13,7 @@ use crate::exchange;
 use edge_core::config::ConfigError;
 use edge_core::http::Gate;
 use shared::contract::{ApiError, Health, HealthStatus, PoolList, PoolSummary};
-use shared::ids::{DEFAULT_POOL, MAX_POOL_NAME};
+use shared::ids::DEFAULT_POOL;
 use worker::wasm_bindgen::JsValue;
 use worker::{console_error, event, web_sys, Context, Env, Request, Response};
 
@@ -23,34 +23,13 @@ pub const BINDING: &str = "EDGE";
 /// (whatever the caller sent in it): an object cannot learn the name it was made from.
 pub const POOL_HEADER: &str = "x-claude-runner-pool";
 
-/// Splits `/pool/{name}/rest` into the pool's name and the path its object sees (`/rest`,
-/// or `/` when nothing follows). Any other path belongs to the default pool unchanged.
-pub fn pool_of(path: &str) -> Result<(String, String), ApiError> {
-    let rest = match path.strip_prefix("/pool") {
-        Some("") => "",
-        Some(rest) if rest.starts_with('/') => &rest[1..],
-        _ => return Ok((DEFAULT_POOL.to_string(), path.to_string())),
-    };
-    let (name, inner) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if !shared::ids::plain_id(name, MAX_POOL_NAME) {
-        return Err(ApiError::invalid(format!(
-            "bad pool name in {path}: a pool name is 1-{MAX_POOL_NAME} characters of A-Z, a-z, 0-9, _ and - \
-             (e.g. /pool/spark/execute); leave the prefix out to use the default pool"
-        )));
-    }
-    Ok((name.to_string(), inner.to_string()))
-}
-
 #[event(fetch)]
 async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
     let url = match req.url() {
         Ok(url) => url,
         Err(e) => return exchange::error(&ApiError::invalid(format!("unreadable request URL: {e}"))),
     };
-    let (pool, path) = match pool_of(url.path()) {
+    let (pool, path) = match edge_core::path::pool_of(url.path()) {
         Ok(p) => p,
         Err(e) => return exchange::error(&e),
     };
@@ -76,7 +55,7 @@ async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
         Gate::Handle { read_body } => read_body,
         Gate::AgentSocket => false,
     };
-    if pool == DEFAULT_POOL && method == "GET" && path.trim_end_matches('/') == "/pools" {
+    if pool == DEFAULT_POOL && method == "GET" && edge_core::path::segments(&path) == ["pools"] {
         return pools(&env).await;
     }
     match forward(&req, url, &env, &pool, &path, with_body).await {
@@ -157,36 +136,4 @@ async fn forward(req: &Request, mut url: worker::Url, env: &Env, pool: &str, pat
     let forwarded = web_sys::Request::new_with_str_and_init(url.as_str(), &init)?;
     let stub = env.durable_object(BINDING)?.id_from_name(pool)?.get_stub()?;
     stub.fetch_with_request(forwarded.into()).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use shared::contract::ErrorCode;
-
-    #[test]
-    fn paths_without_a_prefix_go_to_the_default_pool() {
-        assert_eq!(pool_of("/execute").unwrap(), ("default".into(), "/execute".into()));
-        assert_eq!(pool_of("/").unwrap(), ("default".into(), "/".into()));
-        assert_eq!(pool_of("/poolside/x").unwrap(), ("default".into(), "/poolside/x".into()));
-    }
-
-    #[test]
-    fn a_prefix_names_the_pool_and_is_stripped() {
-        assert_eq!(pool_of("/pool/spark/execute").unwrap(), ("spark".into(), "/execute".into()));
-        assert_eq!(pool_of("/pool/a_b-9/jobs/1").unwrap(), ("a_b-9".into(), "/jobs/1".into()));
-        assert_eq!(pool_of("/pool/spark").unwrap(), ("spark".into(), "/".into()));
-        assert_eq!(pool_of("/pool/spark/").unwrap(), ("spark".into(), "/".into()));
-        assert_eq!(pool_of(&format!("/pool/{}/health", "x".repeat(64))).unwrap().1, "/health");
-    }
-
-    #[test]
-    fn bad_pool_names_are_400() {
-        for path in ["/pool", "/pool/", "/pool//execute", "/pool/a.b/execute", "/pool/%20/x", "/pool/ü/x"] {
-            let err = pool_of(path).unwrap_err();
-            assert_eq!(err.status, 400, "{path}");
-            assert_eq!(err.body.error_code, ErrorCode::InvalidRequest);
-        }
-        assert!(pool_of(&format!("/pool/{}/health", "x".repeat(65))).is_err());
-    }
 }

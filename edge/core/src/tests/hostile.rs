@@ -667,3 +667,26 @@ fn job_orders_name_their_connection_and_their_number_on_it() {
     assert_eq!(numbered, [("a", second.as_str(), 1)]);
     assert_eq!(resent[0].header.nonce, "a:3");
 }
+
+/// A client whose base URL ends in `/` sends `//execute`: a leading run of slashes is the
+/// single-slash path, on every route — and nothing more: slashes inside the path, encoded
+/// slashes and dot segments are left as they are, so no folded path reaches a route its
+/// single-slash form could not.
+#[test]
+fn leading_slashes_fold_to_one_and_nothing_else_does() {
+    for (method, doubled, single) in [
+        ("POST", "//execute", "/execute"),
+        ("POST", "///execute/", "/execute"),
+        ("GET", "//health", "/health"),
+        ("GET", "//", "/"),
+        ("GET", "//jobs/x/events", "/jobs/x/events"),
+        ("GET", "//agent/connect", "/agent/connect"),
+        ("GET", "//metrics", "/metrics"),
+    ] {
+        assert_eq!(gate(method, doubled, Some(SECRET)), gate(method, single, Some(SECRET)), "{method} {doubled}");
+        assert!(!matches!(gate(method, doubled, Some(SECRET)), Gate::Answer(_)), "{method} {doubled}");
+    }
+    for path in ["/jobs//x", "/%2Fexecute", "/%2F%2Fexecute", "/./execute", "/x/../execute", "//pool/gpu/execute"] {
+        assert!(matches!(gate("POST", path, Some(SECRET)), Gate::Answer(_)), "{path} is not a route");
+    }
+}
