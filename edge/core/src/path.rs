@@ -22,7 +22,7 @@ pub fn fold(path: &str) -> &str {
 }
 
 /// The route's segments: the path folded at the front, without a trailing `/`, split
-/// (`//jobs/x/` → `["jobs", "x"]`; `/` → `[""]`).
+/// (`//jobs/x/` → `["jobs", "x"]`; `/` and `//` → none).
 pub fn segments(path: &str) -> Vec<&str> {
     fold(path).trim_end_matches('/').split('/').skip(1).collect()
 }
