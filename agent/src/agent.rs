@@ -242,6 +242,13 @@ impl Agent {
         jobs_held(|| self.running_ids(), || self.spool.all().into_iter().map(|(id, _)| id).collect())
     }
 
+    /// Whether the agent holds work the edge waits on: jobs running, or results it has
+    /// not acknowledged. The edge gives those up after its `LOST_AFTER_MS` away.
+    pub fn holds_work(&self) -> bool {
+        let (running, finished, more_finished) = self.held_for_hello();
+        !running.is_empty() || !finished.is_empty() || more_finished
+    }
+
     fn slots(&self, running: &Running) -> Slots {
         let free = if running.closed { 0 } else { self.cfg.max_concurrent_jobs.saturating_sub(running.jobs.len() as u32) };
         Slots { free, received: running.received }

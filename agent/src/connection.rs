@@ -6,7 +6,7 @@
 //! full, and nothing may hang the agent.
 
 use crate::agent::Agent;
-use backoff::backoff::Backoff;
+use crate::reconnect::Reconnect;
 use futures_util::{SinkExt, StreamExt};
 use shared::envelope::{Domain, Envelope};
 use shared::protocol::{self, close, AgentMessage, EdgeMessage, Hello, Welcome, PROTOCOL_VERSION};
@@ -38,26 +38,15 @@ enum End {
     Refusing(String),
 }
 
-fn reconnect_policy() -> backoff::ExponentialBackoff {
-    backoff::ExponentialBackoff {
-        initial_interval: Duration::from_millis(250),
-        randomization_factor: 0.5,
-        multiplier: 2.0,
-        max_interval: Duration::from_secs(30),
-        max_elapsed_time: None,
-        ..Default::default()
-    }
-}
-
 /// Connects, serves and reconnects until `shutdown` turns true.
 pub async fn run(agent: Arc<Agent>, mut uplink: mpsc::UnboundedReceiver<AgentMessage>, mut shutdown: watch::Receiver<bool>) {
-    let mut policy = reconnect_policy();
+    let mut reconnect = Reconnect::default();
     loop {
         let began = Instant::now();
         // Its reasons may be the words of whoever answered at EDGE_URL (a close frame, a
         // goodbye, a version), heard before or without any proof that it is the edge: one
         // bounded line before they reach the log or the status file.
-        let end = match session(&agent, &mut uplink, &mut shutdown).await {
+        let end = match session(&agent, &mut uplink, &mut shutdown, &mut reconnect).await {
             End::Lost(why) => End::Lost(peer_words(&why)),
             End::Refused(why) => End::Refused(peer_words(&why)),
             End::Refusing(why) => End::Refusing(peer_words(&why)),
@@ -75,11 +64,9 @@ pub async fn run(agent: Arc<Agent>, mut uplink: mpsc::UnboundedReceiver<AgentMes
         if let End::Lost(why) | End::Refused(why) | End::Refusing(why) = &end {
             agent.status.disconnected(why);
         }
-        // A connection that lasted a while was healthy: start the backoff over.
-        if began.elapsed() > Duration::from_secs(60) {
-            policy.reset();
-        }
-        let delay = policy.next_backoff().unwrap_or(Duration::from_secs(30));
+        // Capped while jobs run here or results wait for the edge: it gives those up as
+        // lost after its LOST_AFTER_MS.
+        let delay = reconnect.next(began.elapsed(), agent.holds_work());
         info!(agent_id = %agent.cfg.agent_id, delay_ms = delay.as_millis() as u64, "reconnecting");
         let wake = tokio::time::sleep(delay);
         tokio::pin!(wake);
@@ -211,7 +198,12 @@ fn nonce() -> String {
 }
 
 /// One connection, from dial to end.
-async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentMessage>, shutdown: &mut watch::Receiver<bool>) -> End {
+async fn session(
+    agent: &Arc<Agent>,
+    uplink: &mut mpsc::UnboundedReceiver<AgentMessage>,
+    shutdown: &mut watch::Receiver<bool>,
+    reconnect: &mut Reconnect,
+) -> End {
     let cfg = &agent.cfg;
     let ws_config = WebSocketConfig::default().max_message_size(Some(protocol::MAX_FRAME_BYTES)).max_frame_size(Some(protocol::MAX_FRAME_BYTES));
     // TCP_NODELAY: frames are small and latency-bound; Nagle with delayed ACKs would add
@@ -320,6 +312,7 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
         // Our edges refuse such a setting at their start: an edge of another release.
         warn!(agent_id = %cfg.agent_id, asked_ms = asked, heartbeat_ms = heartbeat.as_millis() as u64, "the edge asked for a heartbeat interval agents do not keep; heartbeating at the nearest they do");
     }
+    reconnect.welcomed(welcome.lost_after_ms);
     info!(agent_id = %cfg.agent_id, session = %welcome.session_id, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the edge");
     agent.status.connected(heartbeat.as_millis() as u64);
 
@@ -365,6 +358,11 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
                 match frame {
                     Some(Ok(Message::Text(text))) => match protocol::decode::<EdgeMessage>(&text) {
                         Ok(msg) => {
+                            // The goodbye before the close frame: either may be all that
+                            // gets through a link cut as the edge stops.
+                            if matches!(msg, EdgeMessage::Goodbye { code: close::SHUTTING_DOWN, .. }) {
+                                reconnect.edge_restarting();
+                            }
                             if let Some(end) = on_edge_message(agent, msg) {
                                 return end;
                             }
@@ -372,6 +370,11 @@ async fn session(agent: &Arc<Agent>, uplink: &mut mpsc::UnboundedReceiver<AgentM
                         Err(e) => warn!(agent_id = %cfg.agent_id, error = %peer_words(&e), "unreadable frame from the edge ignored"),
                     },
                     Some(Ok(Message::Close(frame))) => {
+                        // Only on an established connection: an edge still stopping closes
+                        // each new one so, and the backoff must grow across those.
+                        if frame.as_ref().is_some_and(|f| u16::from(f.code) == close::SHUTTING_DOWN) {
+                            reconnect.edge_restarting();
+                        }
                         let why = frame.map(|f| f.reason.to_string()).unwrap_or_default();
                         return End::Lost(format!("the edge closed the connection: {why}"));
                     }

@@ -58,6 +58,7 @@ mod pidfd;
 mod process;
 mod progress_clock;
 mod rawsys;
+mod reconnect;
 mod relogin;
 mod repo;
 mod report;

@@ -451,6 +451,11 @@ pub struct Welcome {
     pub ephemeral: String,
     pub session_id: String,
     pub heartbeat_interval_ms: u64,
+    /// The edge's `LOST_AFTER_MS`: how long it waits for an agent that holds jobs before
+    /// it gives them up. An agent holding jobs comes back well within it, however grown
+    /// its reconnect backoff. `None` (absent: an edge of before it): no such bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_after_ms: Option<u64>,
     pub issued_at: Millis,
 }
 
@@ -624,6 +629,18 @@ pub fn decode<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An edge of before `lost_after_ms` welcomes without it: the agent reads no bound
+    /// (its backoff uncapped, as then), and a newer edge's bound reads back as sent.
+    #[test]
+    fn a_welcome_without_lost_after_ms_reads_as_no_bound() {
+        let old = r#"{"protocol":1,"agent_id":"spark","pool":"default","agent_nonce":"n","ephemeral":"e","session_id":"s","heartbeat_interval_ms":15000,"issued_at":1}"#;
+        let welcome: Welcome = serde_json::from_str(old).unwrap();
+        assert_eq!(welcome.lost_after_ms, None);
+        let new = Welcome { lost_after_ms: Some(10_000), ..welcome };
+        let back: Welcome = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back.lost_after_ms, Some(10_000));
+    }
 
     fn job_order(challenge: &str, order_no: u64) -> JobOrder {
         let header = OrderHeader::new("j1", crate::envelope::Audience { agent_id: "spark", pool: "default" }, 1_000, "j1:1".into());

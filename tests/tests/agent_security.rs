@@ -160,6 +160,7 @@ impl FakeEdge {
             ephemeral: ephemeral.public(),
             session_id: "s1".into(),
             heartbeat_interval_ms: self.heartbeat_ms,
+            lost_after_ms: None,
             issued_at: now(),
         };
         let envelope = seal(welcome);

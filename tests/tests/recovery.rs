@@ -144,6 +144,30 @@ async fn a_job_running_across_an_edge_stop_longer_than_lost_after_ms_is_not_lost
     assert_eq!(s.agent.claude_runs().len(), 1);
 }
 
+/// The chaos soak's lost successes: after several short connections the agent's reconnect
+/// backoff has grown past a low `LOST_AFTER_MS`, and its link is cut while a job runs. The
+/// job ended while the agent was away and the agent came back too late: the edge had given
+/// the job up as `lost`, its caller told to run elsewhere work that had succeeded. While it
+/// holds jobs the agent now comes back within a quarter of the `LOST_AFTER_MS` the edge's
+/// welcome says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_backoff_has_grown_comes_back_for_its_job_before_the_edge_gives_it_up() {
+    let s = ProxiedAgent::start(&[("LOST_AFTER_MS", "4000")]).await;
+    // Six short connections: the next delay is 16 s (jittered by half: at least 8 s),
+    // twice LOST_AFTER_MS.
+    for _ in 0..6 {
+        let dialed = s.proxy.accepted();
+        s.proxy.reset();
+        assert!(eventually(Duration::from_secs(60), || s.proxy.accepted() > dialed).await, "{}", s.agent.log());
+        s.client.wait_online().await;
+    }
+    let job_id = s.run_job("@sleep=1500 ended while away").await;
+    s.proxy.reset();
+    let job = s.client.wait_job(&job_id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}\n{}", s.agent.log(), s.edge.log());
+    assert_eq!(s.agent.claude_runs().len(), 1);
+}
+
 /// Issue item 3: the agent is frozen (SIGSTOP) during a long job and the caller cancels it
 /// meanwhile. The job must end cancelled, with Claude stopped — not run on, not end lost
 /// while the agent still runs it.

@@ -292,6 +292,7 @@ impl Edge {
             ephemeral: edge_public,
             session_id: session_id.to_string(),
             heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
+            lost_after_ms: Some(self.cfg.lost_after_ms),
             issued_at: now.wall,
         };
         let envelope = Envelope::seal(Domain::Welcome, &welcome, &self.cfg.signing_key);

@@ -354,6 +354,8 @@ fn a_job_flows_to_a_proven_agent_and_back() {
     let welcome: Welcome = envelope.open(Domain::Welcome, &edge_key().verifying_key()).unwrap();
     assert_eq!(welcome.agent_nonce, "agent-nonce");
     assert_eq!(welcome.heartbeat_interval_ms, HB);
+    // The agent comes back within it while it holds jobs (agent/src/reconnect.rs).
+    assert_eq!(welcome.lost_after_ms, Some(LOST));
     assert!(edge.is_online());
 
     // No credit yet: the job waits.
