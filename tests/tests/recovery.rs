@@ -168,6 +168,37 @@ async fn an_agent_whose_backoff_has_grown_comes_back_for_its_job_before_the_edge
     assert_eq!(s.agent.claude_runs().len(), 1);
 }
 
+/// An edge that stops says so (a goodbye and a close, both 4005: it is restarting): it is
+/// back in a moment, and the agent starts its reconnect backoff over instead of waiting out
+/// the one earlier short connections grew (after six, at least 8 s: 16 s jittered by half).
+/// Read from the agent's log: the delay it took right after that close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_restart_starts_the_agents_grown_backoff_over() {
+    let mut s = ProxiedAgent::start(&[]).await;
+    for _ in 0..6 {
+        let dialed = s.proxy.accepted();
+        s.proxy.reset();
+        assert!(eventually(Duration::from_secs(60), || s.proxy.accepted() > dialed).await, "{}", s.agent.log());
+        s.client.wait_online().await;
+    }
+    s.edge.restart();
+    s.client.wait_online().await;
+    let log = s.agent.log();
+    let after_restart = log
+        .lines()
+        // Its goodbye or its close frame, whichever got through first: either starts it over.
+        .skip_while(|l| !l.contains("the edge is restarting"))
+        .find(|l| l.contains("reconnecting"))
+        .unwrap_or_else(|| panic!("no reconnect after the edge's restart:\n{log}"));
+    let delay_ms: u64 = after_restart
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("delay_ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no delay_ms in `{after_restart}`"));
+    // The first delay, 250 ms jittered by half either way.
+    assert!(delay_ms <= 375, "the grown backoff was kept across the edge's restart: {delay_ms} ms\n{log}");
+}
+
 /// Issue item 3: the agent is frozen (SIGSTOP) during a long job and the caller cancels it
 /// meanwhile. The job must end cancelled, with Claude stopped — not run on, not end lost
 /// while the agent still runs it.
