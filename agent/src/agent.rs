@@ -245,8 +245,7 @@ impl Agent {
     /// Whether the agent holds work the edge waits on: jobs running, or results it has
     /// not acknowledged. The edge gives those up after its `LOST_AFTER_MS` away.
     pub fn holds_work(&self) -> bool {
-        let (running, finished, more_finished) = self.held_for_hello();
-        !running.is_empty() || !finished.is_empty() || more_finished
+        !self.running_ids().is_empty() || self.spool.keeps_any()
     }
 
     fn slots(&self, running: &Running) -> Slots {

@@ -632,6 +632,24 @@ impl Spool {
         self.lock().held.len()
     }
 
+    /// Whether any result is kept — in memory, in a slot, or as a spool file (named, not
+    /// opened) — without reading one: asked at every disconnect (the reconnect delay is
+    /// capped while the agent holds work), where [`Spool::all`] would open and decrypt
+    /// every kept result, up to the whole spool each time.
+    pub fn keeps_any(&self) -> bool {
+        {
+            let kept = self.lock();
+            let in_a_slot = kept.slots.iter().any(|s| matches!(s, Slot::Holding { .. } | Slot::Held(_)));
+            if in_a_slot || !kept.held.is_empty() || !kept.writing.is_empty() || !kept.filed.is_empty() {
+                return true;
+            }
+        }
+        // A file left by an agent before this one, not yet read by a hello.
+        std::fs::read_dir(&self.dir)
+            .map(|d| d.flatten().any(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".json"))))
+            .unwrap_or(false)
+    }
+
     /// Every kept result, in slots, in spool files or held in memory (those are written to
     /// spool files first if the disk now allows). Unreadable files are moved aside rather
     /// than resent forever.
@@ -745,6 +763,22 @@ mod tests {
     /// The spool as an agent with `slots` slots opens it in `dir` (its DATA_DIR).
     fn open(dir: &Path, slots: usize) -> (Spool, Vec<Interrupted>) {
         Spool::open(dir.join("spool"), dir.join("started"), dir.join("records"), slots, seal()).unwrap()
+    }
+
+    /// Whether anything is kept is known without reading a result: a file nobody has read
+    /// yet counts and stays where it is (`all` would have opened it and moved it aside).
+    #[test]
+    fn whether_anything_is_kept_is_known_without_reading_a_result() {
+        let dir = dir("keeps-any");
+        let (spool, _) = open(&dir, 1);
+        assert!(!spool.keeps_any());
+        spool.put("job-1", &ok("job-1", "x")).unwrap();
+        assert!(spool.keeps_any());
+        spool.remove("job-1");
+        assert!(!spool.keeps_any(), "{:?}", spool.all());
+        std::fs::write(dir.join("spool/unread.json"), b"not a result").unwrap();
+        assert!(spool.keeps_any());
+        assert!(dir.join("spool/unread.json").exists(), "read and moved aside");
     }
 
     /// The tests' agent key ([5; 32]) seals what they keep.
