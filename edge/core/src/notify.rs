@@ -236,7 +236,8 @@ pub fn is_callback_host_entry(entry: &str) -> bool {
         None => {
             let end = entry.find(':').unwrap_or(entry.len());
             let host = &entry[..end];
-            (!host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'), &entry[end..])
+            // `_` too: Docker Compose service and container names have it, and URLs take it.
+            (!host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')), &entry[end..])
         }
     };
     let port_ok = match rest.strip_prefix(':') {

@@ -4,7 +4,8 @@
 //! (`CLAUDE_RUNNER_URL=https://edge/`, or `…/pool/gpu/`) sends `//execute`, and is served
 //! `/execute`. Nothing else is folded or decoded: a slash inside the path (`/jobs//x`,
 //! `/pool//gpu`) stays an empty segment, which no route has; `%2F` stays three characters
-//! of one segment; `.` and `..` are plain segments (no route and no pool is named so). So
+//! of one segment; `.` and `..` are plain segments (no route and no pool is named so; on
+//! the Worker the platform's URL parser has resolved them before, as WHATWG URLs do). So
 //! a folded path reaches exactly what its single-slash form reaches, and no pool prefix
 //! can be made out of anything but the path's first two segments.
 

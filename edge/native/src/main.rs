@@ -72,7 +72,16 @@ fn run() -> anyhow::Result<()> {
 /// `LISTEN` and `DATA_DIR`, the settings only this host reads. Empty is unset, as for
 /// every other setting (`LISTEN=` in a systemd `EnvironmentFile` or an `.env`).
 fn host_settings(get: impl Fn(&str) -> Option<std::ffi::OsString>) -> anyhow::Result<(SocketAddr, PathBuf)> {
-    let get = |name: &str| get(name).filter(|v| !v.is_empty());
+    // Trimmed, blank as unset, as edge/core reads every other setting (a value that is not
+    // UTF-8, which only a path may be, is taken as it is).
+    let get = |name: &str| {
+        get(name)
+            .map(|v| match v.to_str() {
+                Some(text) => text.trim().into(),
+                None => v,
+            })
+            .filter(|v| !v.is_empty())
+    };
     let listen = match get("LISTEN") {
         None => SocketAddr::from(([127, 0, 0, 1], 8787)),
         Some(text) => text
@@ -106,6 +115,18 @@ mod tests {
         assert_eq!((listen.to_string(), data_dir), ("[::1]:9000".to_string(), PathBuf::from("/var/lib/e")));
         let err = host_settings(settings(&[("LISTEN", "8787")])).unwrap_err().to_string();
         assert!(err.contains("LISTEN must be an address like 127.0.0.1:8787") && err.contains("`8787`"), "{err}");
+    }
+
+    /// Every other setting is read trimmed, blank as unset (edge/core's config): `DATA_DIR= `
+    /// put the job store in a folder named ` ` of the working directory (`/` under systemd),
+    /// and `LISTEN= ` or `LISTEN=127.0.0.1:8787 ` (a space an env file kept) stopped the start.
+    #[test]
+    fn a_blank_listen_or_data_dir_is_unset_and_both_are_read_trimmed() {
+        let (listen, data_dir) = host_settings(settings(&[("LISTEN", " "), ("DATA_DIR", " \t"), ("HOME", "/home/spark")])).unwrap();
+        assert_eq!(listen.to_string(), "127.0.0.1:8787");
+        assert_eq!(data_dir, PathBuf::from("/home/spark/.local/share/claude-runner/edge"));
+        let (listen, data_dir) = host_settings(settings(&[("LISTEN", " [::1]:9000 "), ("DATA_DIR", "/var/lib/e ")])).unwrap();
+        assert_eq!((listen.to_string(), data_dir), ("[::1]:9000".to_string(), PathBuf::from("/var/lib/e")));
     }
 
     /// A bad key was said twice on the one line the edge stops with ("…printed: …printed"):

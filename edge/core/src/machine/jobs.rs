@@ -301,6 +301,7 @@ impl Edge {
             return;
         }
         let job = job.clone();
+        let ended = super::retained_entry(&job);
         self.active.remove(job_id);
         self.queue.remove(job_id);
         self.drop_backlog(job_id);
@@ -318,25 +319,27 @@ impl Edge {
         self.announce_end(job_id, status, &body, effects);
         self.start_callback(now, job_id, effects);
         self.to_stow.push(job_id.to_string());
-        self.keep_within_caps(effects);
+        self.keep_within_caps(Some(ended), effects);
     }
 
     /// Forgets ended jobs while more are kept than `MAX_RETAINED_JOBS` or their records
     /// take more than `MAX_RETAINED_BYTES`: the oldest of the owner holding the most (jobs,
     /// or bytes, whichever cap is passed; see `share_of`), so one caller's flood of
     /// jobs that end at once pushes out its own results, not other callers'. With one
-    /// owner, the oldest. The size cap spares the job that ended last: one record may be
-    /// larger than the cap's least (Claude's output alone up to 1 MiB, its diff and task
-    /// more), and forgotten as it ended its callback was given up and its caller's read a
-    /// 404; it goes once another has ended (or at its retention's end).
-    pub(super) fn keep_within_caps(&mut self, effects: &mut Vec<Effect>) {
+    /// owner, the oldest. The size cap spares `ended`, the job that ended last: one record
+    /// may be larger than the cap's least (Claude's output alone up to 1 MiB, its diff and
+    /// task more), and forgotten as it ended its callback was given up and its caller's
+    /// read a 404; it goes once another has ended (or at its retention's end). Named by the
+    /// caller, not taken as the last retained: that order is by when a job ended, then its
+    /// id, and of two ending in one millisecond it is not always the later.
+    pub(super) fn keep_within_caps(&mut self, ended: Option<(shared::Millis, String)>, effects: &mut Vec<Effect>) {
         loop {
             let by_count = self.retained.len() > self.cfg.max_retained_jobs;
             if !by_count && self.retained_bytes() <= self.cfg.max_retained_bytes {
                 break;
             }
-            let spared = if by_count { None } else { self.retained.last().cloned() };
-            let not_spared = |entry: &&(shared::Millis, String)| Some(*entry) != spared.as_ref();
+            let spared = if by_count { None } else { ended.as_ref() };
+            let not_spared = |entry: &&(shared::Millis, String)| Some(*entry) != spared;
             let held = |h: &super::Held| if by_count { h.jobs.len() as u64 } else { h.bytes };
             let most = self.retained_by.values().map(held).max().unwrap_or(0);
             // Of the owners holding the most, the one whose oldest job is oldest: each

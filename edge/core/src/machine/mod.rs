@@ -245,7 +245,9 @@ impl Edge {
         for id in callerless {
             edge.end_unstarted(now, &id, "the edge restarted before the job started and its caller is gone; it will not run: submit it again", &mut effects);
         }
-        edge.keep_within_caps(&mut effects);
+        // Restored, the job that ended last is the last in the retained order.
+        let last = edge.retained.last().cloned();
+        edge.keep_within_caps(last, &mut effects);
         (edge, effects)
     }
 

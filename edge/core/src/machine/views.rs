@@ -45,7 +45,15 @@ impl Edge {
         };
         let takes_work = |a: &Agent| !a.paused && !a.needs_login(now) && !a.usage_held(now);
         let working = agents.iter().filter(|(_, a)| takes_work(a)).count();
-        let best = agents.iter().filter(|(_, a)| takes_work(a)).min_by_key(|(_, a)| rank(a)).or_else(|| agents.iter().min_by_key(|(_, a)| rank(a)));
+        // With none able to work, the agent that says best when work may go again: not a
+        // paused one (the operator's choice, not why work is refused), and of used-up
+        // windows the one that opens first — so `usage` says what `/execute`'s `retry_at` says.
+        let opens_at = |a: &Agent| a.usage_held(now).then(|| a.oauth.usage.as_ref().and_then(|u| u.blocked_until())).flatten();
+        let best = agents
+            .iter()
+            .filter(|(_, a)| takes_work(a))
+            .min_by_key(|(_, a)| rank(a))
+            .or_else(|| agents.iter().min_by_key(|(_, a)| (a.paused, rank(a), opens_at(a))));
         let info = |(sid, a): &(&String, &Agent)| AgentInfo {
             connected: true,
             agent_id: a.agent_id.clone(),

@@ -198,3 +198,21 @@ fn a_callback_hosts_entry_that_is_no_host_stops_the_start() {
     let good = Config::from_lookup(lookup("Hooks.Example, ci.example:8443,127.0.0.1:9000,[::1]:9000,localhost")).unwrap();
     assert_eq!(good.callback_hosts, ["hooks.example", "ci.example:8443", "127.0.0.1:9000", "[::1]:9000", "localhost"]);
 }
+
+/// A host name with `_` — a Docker Compose service or container name (`hook_receiver`), which
+/// URLs and the edge's HTTP client take — was taken as CALLBACK_HOSTS before 10af052 and
+/// matched its callback_urls; that check stopped the start as "not a host".
+#[test]
+fn a_callback_host_with_an_underscore_is_a_host() {
+    let lookup = |name: &str| match name {
+        "RUNNER_SECRET" => Some("0123456789abcdef0123".to_string()),
+        "EDGE_SIGNING_KEY" => Some("CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=".to_string()),
+        "AGENT_PUBLIC_KEYS" => Some("spark=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=".to_string()),
+        "CALLBACK_HOSTS" => Some("hook_receiver,ci_hooks.internal:8443".to_string()),
+        _ => None,
+    };
+    let cfg = Config::from_lookup(lookup).unwrap_or_else(|e| panic!("refused: {e}"));
+    assert_eq!(cfg.callback_hosts, ["hook_receiver", "ci_hooks.internal:8443"]);
+    assert_eq!(crate::notify::check_callback("https://hook_receiver/done", &cfg.callback_hosts), Ok(()));
+    assert_eq!(crate::notify::check_callback("https://ci_hooks.internal:8443/x", &cfg.callback_hosts), Ok(()));
+}

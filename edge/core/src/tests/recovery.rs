@@ -376,6 +376,32 @@ fn the_job_that_ended_last_is_kept_past_the_size_cap() {
     assert!(edge.job("j2").is_some());
 }
 
+/// The job spared past the size cap is the one that just ended, not the last in the
+/// retained order (when it ended, then its id): two jobs ending in the same millisecond
+/// (two agents' results in one tick) are ordered by id, and the one whose id sorts first
+/// was forgotten as it ended — the 404 and lost callback `the_job_that_ended_last_…` fixed.
+#[test]
+fn of_two_jobs_ending_in_one_millisecond_the_later_is_kept_past_the_size_cap() {
+    let cfg = Config { max_retained_jobs: 100, max_retained_bytes: 1 << 20, ..config() };
+    let mut edge = Edge::new(cfg, 0);
+    let (sid, _) = join_with(&mut edge, 0, "spark", &agent_key(1), vec![], 1, 2);
+    for id in ["jb", "ja"] {
+        edge.submit(0, id.into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    }
+    say(&mut edge, 0, &sid, credit(2, 0));
+    let mut forgotten = Vec::new();
+    for id in ["jb", "ja"] {
+        let result = JobResult { output: "o".repeat(600 << 10), ..ok_result() };
+        for e in report(&mut edge, 11, &sid, id, result) {
+            if let Effect::Forget { job_id } = e {
+                forgotten.push(job_id);
+            }
+        }
+    }
+    assert!(edge.job("ja").is_some(), "the job that ended last was forgotten as it ended");
+    assert_eq!(forgotten, vec!["jb".to_string()]);
+}
+
 #[test]
 fn memory_keeps_an_ended_job_as_its_header_and_a_live_one_whole() {
     let spec = serde_json::from_value(json!({"prompt": "p".repeat(10_000), "timeout_ms": 1000})).unwrap();

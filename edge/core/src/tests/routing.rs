@@ -257,6 +257,43 @@ fn health_lists_every_agent_and_is_degraded_while_one_is_down() {
     assert_eq!((summary.pool.as_str(), summary.agents_online, summary.queued_jobs), ("default", 2, 0));
 }
 
+/// With no agent able to take work because their usage windows are used up, `/health` is
+/// 503 and its `usage` says until when, as `/execute`'s `retry_at` does: the window that
+/// opens first. It was the usage of whichever agent ranked first — a paused agent with an
+/// open window ranked ahead of the held ones, so `usage` said `allowed` on a 503, and of
+/// two held agents either one's reset was shown, not the earliest.
+#[test]
+fn health_with_every_window_used_up_says_the_earliest_reset_whatever_is_paused() {
+    use shared::usage::{UsageStatus, UsageWindow};
+    let held = |resets_at: u64| Beat {
+        oauth: OAuthReport {
+            usage: Some(UsageWindow { status: UsageStatus::Rejected, kind: Some("five_hour".into()), resets_at: Some(resets_at), utilization: None, seen_at: 0 }),
+            ..oauth()
+        },
+        ..beat(&[], 1, 0)
+    };
+    for (late, early) in [("spark", "gpu"), ("gpu", "spark")] {
+        let mut edge = Edge::new(three_agents(), 0);
+        let spark = enter(&mut edge, 0, "spark", 1, 1, "", &[]);
+        enter(&mut edge, 0, "laptop", 2, 1, "", &[]);
+        let gpu = enter(&mut edge, 0, "gpu", 3, 1, "", &[]);
+        let sid = |name: &str| if name == "spark" { spark.clone() } else { gpu.clone() };
+        assert_eq!(answer(&request(&mut edge, 1, SECRET, "POST", "/agents/laptop/pause", Value::Null)).0, 200);
+        // The early one reports first: the last report is not what decides.
+        pulse(&mut edge, 2, &sid(early), held(100_000));
+        pulse(&mut edge, 2, &sid(late), held(200_000));
+        let (status, body) = answer(&request(&mut edge, 3, SECRET, "POST", "/execute", json!({"prompt": "x"})));
+        assert_eq!((status, body["error_code"].as_str()), (503, Some("USAGE_LIMIT")), "{body}");
+        assert_eq!(body["retry_at"], shared::time::rfc3339(100_000));
+        let health = edge.health(4);
+        assert_eq!((health.status.http_status(), health.agents_taking_work), (503, 0));
+        let usage = health.usage.expect("usage says until when");
+        assert_eq!(usage.status, UsageStatus::Rejected, "{late} late, {early} early");
+        assert_eq!(usage.resets_at, Some(shared::time::rfc3339(100_000)), "{late} late, {early} early");
+        assert_eq!(health.agent.map(|a| a.agent_id).as_deref(), Some(early));
+    }
+}
+
 #[test]
 fn pools_needs_the_admin_secret() {
     let admin = "admin-secret-0123456789";
