@@ -121,6 +121,14 @@ fn key(kind: AlertKind, agent: &str) -> String {
     format!("{}:{agent}", kind.as_str())
 }
 
+impl AlertState {
+    /// Whether `kind`'s alert about `agent` (empty for the pool) was raised and its
+    /// condition has not been seen to end.
+    pub fn is_raised(&self, kind: AlertKind, agent: &str) -> bool {
+        self.raised.contains(&key(kind, agent))
+    }
+}
+
 /// Which alerts to send now, given what is observed; updates `state`. A condition not
 /// observed (its agent is away) keeps its state.
 pub fn decide(state: &mut AlertState, now: Millis, observed: &[Observation], min_interval: Millis) -> Vec<Alert> {

@@ -113,15 +113,24 @@ impl Edge {
         out
     }
 
-    /// When alerting next needs the machine: the offline alert's time, a post to retry.
+    /// When alerting next needs the machine: the offline alert's time, the reset of a
+    /// usage window whose alert was raised (its "open again" goes then, not whenever the
+    /// machine next runs), a post to retry.
     pub(super) fn notices_deadline(&self) -> Option<Millis> {
-        let offline = match (self.cfg.notify_url.is_some(), self.offline_since) {
-            (true, Some(t)) if !self.alerts.raised.contains("offline:") => Some(t.saturating_add(self.cfg.offline_alert_ms)),
+        let notifying = self.cfg.notify_url.is_some();
+        let offline = match (notifying, self.offline_since) {
+            (true, Some(t)) if !self.alerts.is_raised(AlertKind::Offline, "") => Some(t.saturating_add(self.cfg.offline_alert_ms)),
             _ => None,
         };
+        let resets = self
+            .ready()
+            .filter(|_| notifying)
+            .filter(|(_, a)| self.alerts.is_raised(AlertKind::UsageRejected, &a.agent_id))
+            .filter_map(|(_, a)| a.usage_hold_until)
+            .min();
         let posts = self.alert_posts.values().map(|p| p.next_at).min();
         let callbacks = self.alerts.callbacks.values().map(|c| c.next_at).min();
-        [offline, posts, callbacks].into_iter().flatten().min()
+        [offline, resets, posts, callbacks].into_iter().flatten().min()
     }
 
     /// Why a job asking for a callback is refused now, if it is: [`super::MAX_PENDING_CALLBACKS`]

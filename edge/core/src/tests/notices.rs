@@ -216,3 +216,40 @@ fn a_callback_host_with_an_underscore_is_a_host() {
     assert_eq!(crate::notify::check_callback("https://hook_receiver/done", &cfg.callback_hosts), Ok(()));
     assert_eq!(crate::notify::check_callback("https://ci_hooks.internal:8443/x", &cfg.callback_hosts), Ok(()));
 }
+
+/// A used-up usage window with its alert raised and no queued work: the machine woke at
+/// the window's reset only for queued jobs, so the "open again" alert waited for whatever
+/// ran the machine next (the connection's silence check, up to two heartbeat intervals
+/// late), while the status page already said open. It now wakes at the reset and posts it.
+#[test]
+fn a_raised_usage_alert_wakes_the_edge_at_the_windows_reset() {
+    let mut edge = Edge::new(notifying(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let usage = shared::usage::UsageWindow {
+        status: shared::usage::UsageStatus::Rejected,
+        kind: Some("five_hour".into()),
+        resets_at: Some(1_500),
+        utilization: None,
+        seen_at: 300,
+    };
+    let limited = OAuthReport { usage: Some(usage), ..oauth() };
+    let effects = pulse(&mut edge, 300, &sid, Beat { oauth: limited, ..beat(&[], 1, 0) });
+    assert_eq!(alert_kinds(&effects), vec!["usage_rejected"]);
+    assert_eq!(edge.queued(), 0);
+    assert_eq!(edge.next_deadline(), Some(1_500), "the window's reset, before the connection's silence check at {}", 300 + 2 * HB);
+    assert!(alert_kinds(&edge.tick(1_499)).is_empty());
+    assert_eq!(alert_kinds(&edge.tick(1_500)), vec!["usage_reset"]);
+    assert_eq!(edge.next_deadline(), Some(300 + 2 * HB), "nothing more until the silence check");
+    // Without NOTIFY_URL there is nothing to post: no wake-up for it.
+    let mut quiet = Edge::new(config(), 0);
+    let (sid, _) = join(&mut quiet, 0, "spark", &agent_key(1), vec![], 1);
+    let usage = shared::usage::UsageWindow {
+        status: shared::usage::UsageStatus::Rejected,
+        kind: None,
+        resets_at: Some(1_500),
+        utilization: None,
+        seen_at: 300,
+    };
+    pulse(&mut quiet, 300, &sid, Beat { oauth: OAuthReport { usage: Some(usage), ..oauth() }, ..beat(&[], 1, 0) });
+    assert_eq!(quiet.next_deadline(), Some(300 + 2 * HB));
+}
