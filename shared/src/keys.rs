@@ -8,10 +8,13 @@ use std::collections::BTreeMap;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
-    #[error("{what} is not valid base64 ({detail}); paste the value `claude-runner keygen` printed")]
-    Base64 { what: &'static str, detail: String },
-    #[error("{what} must be 32 bytes once decoded, got {len}; paste the value `claude-runner keygen` printed")]
-    Length { what: &'static str, len: usize },
+    /// Says what kind of fault, never which character or where: the text may be a
+    /// signing key, and on the Worker this error answers every request.
+    #[error("{what} is not valid base64: {fault}; paste the value `claude-runner keygen` printed")]
+    Base64 { what: &'static str, fault: &'static str },
+    /// Without the length it has: that is a measure of what may be a secret.
+    #[error("{what} is not 32 bytes once decoded, as every key is; paste the whole value `claude-runner keygen` printed")]
+    Length { what: &'static str },
     #[error("{what} is not a valid ed25519 public key; paste the value `claude-runner keygen` printed")]
     Point { what: &'static str },
     /// Entries are named by their place (from 1), never shown: on the Worker this error
@@ -27,14 +30,21 @@ pub enum KeyError {
 }
 
 fn decode32(what: &'static str, text: &str) -> Result<[u8; 32], KeyError> {
-    let bytes = STANDARD.decode(text.trim()).map_err(|e| KeyError::Base64 {
-        what,
-        detail: e.to_string(),
-    })?;
-    bytes
-        .as_slice()
-        .try_into()
-        .map_err(|_| KeyError::Length { what, len: bytes.len() })
+    let bytes = STANDARD.decode(text.trim()).map_err(|e| KeyError::Base64 { what, fault: base64_fault(&e) })?;
+    bytes.as_slice().try_into().map_err(|_| KeyError::Length { what })
+}
+
+/// What is wrong with text that is not base64, without the symbol or the offset the
+/// decoder's own message quotes.
+fn base64_fault(e: &base64::DecodeError) -> &'static str {
+    match e {
+        base64::DecodeError::InvalidByte(..) => {
+            "it holds a character base64 does not use (it takes A-Z, a-z, 0-9, + and /, with = only at the end; no spaces, quotes, - or _)"
+        }
+        base64::DecodeError::InvalidLength(_) => "its length is not one base64 text has: a character is missing or one too many",
+        base64::DecodeError::InvalidLastSymbol(..) => "its last character before the = padding is not one a key ends with: it was cut or changed",
+        base64::DecodeError::InvalidPadding => "its = padding at the end is missing or wrong",
+    }
 }
 
 pub fn encode(bytes: &[u8]) -> String {
@@ -130,7 +140,7 @@ mod tests {
     fn rejects_bad_keys_with_guidance() {
         assert!(matches!(signing_key("k", "%%%"), Err(KeyError::Base64 { .. })));
         let short = encode(&[1u8; 31]);
-        assert_eq!(signing_key("k", &short).unwrap_err(), KeyError::Length { what: "k", len: 31 });
+        assert_eq!(signing_key("k", &short).unwrap_err(), KeyError::Length { what: "k" });
         assert!(signing_key("k", "").is_err());
     }
 

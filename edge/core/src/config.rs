@@ -96,8 +96,10 @@ pub enum ConfigError {
     /// twice on the line the native edge stops with).
     #[error(transparent)]
     Key(#[from] keys::KeyError),
-    #[error("RUNNER_SECRET is too short ({0} characters): use at least 16, e.g. `openssl rand -hex 32`")]
-    WeakSecret(usize),
+    /// Without its length: on the Worker this error answers every request, and a secret's
+    /// length is a measure of it.
+    #[error("RUNNER_SECRET is too short: use at least 16 characters, e.g. `openssl rand -hex 32`")]
+    WeakSecret,
     /// The value is not repeated: a webhook's URL may hold its token, and on the Worker
     /// this error answers every request, the secret's holders or not.
     #[error("{name} must be an http:// or https:// URL; the value set starts with neither (not shown here: a webhook's URL may hold its token)")]
@@ -115,8 +117,9 @@ pub enum ConfigError {
     PoolKeys { name: String, error: keys::KeyError },
     #[error("{0} is not set: every pool in POOLS needs its own callers' secret and agents; set it (e.g. with `wrangler secret put {0}`)")]
     PoolMissing(String),
-    #[error("{name} is too short ({len} characters): use at least 16, e.g. `openssl rand -hex 32`")]
-    PoolWeakSecret { name: String, len: usize },
+    /// Without its length, as [`ConfigError::WeakSecret`].
+    #[error("{name} is too short: use at least 16 characters, e.g. `openssl rand -hex 32`")]
+    PoolWeakSecret { name: String },
     #[error("POOLS entry `{0}` is not a pool name: 1-64 letters, digits, `-` and `_` (the `default` pool is always served and is not listed)")]
     PoolName(String),
     #[error("POOLS names `{0}` and `{1}`, whose settings would have the same names; rename one")]
@@ -157,7 +160,7 @@ impl Pools {
         let get = |name: &str| get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
         let runner_secret = get("RUNNER_SECRET").ok_or(ConfigError::Missing("RUNNER_SECRET"))?;
         if runner_secret.len() < 16 {
-            return Err(ConfigError::WeakSecret(runner_secret.len()));
+            return Err(ConfigError::WeakSecret);
         }
         let agents = Keyring::parse(&get("AGENT_PUBLIC_KEYS").ok_or(ConfigError::Missing("AGENT_PUBLIC_KEYS"))?)?;
         let caller_secrets = parse_caller_secrets("RUNNER_SECRETS", get("RUNNER_SECRETS"), &runner_secret)?;
@@ -177,7 +180,7 @@ impl Pools {
             let (secret_name, keys_name) = (format!("RUNNER_SECRET_{suffix}"), format!("AGENT_PUBLIC_KEYS_{suffix}"));
             let runner_secret = get(&secret_name).ok_or_else(|| ConfigError::PoolMissing(secret_name.clone()))?;
             if runner_secret.len() < 16 {
-                return Err(ConfigError::PoolWeakSecret { name: secret_name, len: runner_secret.len() });
+                return Err(ConfigError::PoolWeakSecret { name: secret_name });
             }
             let keys = get(&keys_name).ok_or_else(|| ConfigError::PoolMissing(keys_name.clone()))?;
             let agents = Keyring::parse(&keys).map_err(|error| ConfigError::PoolKeys { name: keys_name, error })?;
@@ -339,8 +342,8 @@ impl Config {
             }
         };
         let admin_secret = get("ADMIN_SECRET");
-        if let Some(len) = admin_secret.as_ref().map(String::len).filter(|l| *l < 16) {
-            return Err(ConfigError::PoolWeakSecret { name: "ADMIN_SECRET".into(), len });
+        if admin_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return Err(ConfigError::PoolWeakSecret { name: "ADMIN_SECRET".into() });
         }
         // The admin secret sees every pool: as one pool's or caller's secret it would open
         // them all to whoever holds that one.
@@ -682,6 +685,40 @@ mod tests {
             assert!(!err.to_ascii_lowercase().contains(&hidden[..12].to_ascii_lowercase()), "{err}");
             let place = if hidden == HEX { "entry 2" } else { "entry 1" };
             assert!(err.starts_with("RUNNER_SECRETS: ") && err.contains(place) && err.contains("name=secret"), "{err}");
+        }
+    }
+
+    /// On the Worker a setting's error answers every request, the secrets' holders or not:
+    /// a refused secret must be told without any part or measure of it. A short secret was
+    /// refused with its length (`too short (11 characters)`), a signing key that is not
+    /// base64 with the code and place of its first stray character (`Invalid symbol 33,
+    /// offset 7`), one of the wrong size with its decoded length.
+    #[test]
+    fn a_refused_secret_is_told_without_its_length_or_a_symbol() {
+        let gpu = |secret: &'static str| {
+            let base = lookup(&[("POOLS", "gpu"), ("AGENT_PUBLIC_KEYS_GPU", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=")]);
+            move |name: &str| if name == "RUNNER_SECRET_GPU" { Some(secret.to_string()) } else { base(name) }
+        };
+        let short = [
+            ("RUNNER_SECRET", Config::from_lookup(lookup(&[("RUNNER_SECRET", "abcdefghijk")]))),
+            ("RUNNER_SECRET_GPU", Config::for_pool(gpu("abcdefghijk"), "gpu")),
+            ("ADMIN_SECRET", Config::from_lookup(lookup(&[("ADMIN_SECRET", "abcdefghijk")]))),
+        ];
+        for (name, result) in short {
+            let err = result.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.starts_with(&format!("{name} is too short")) && err.contains("at least 16"), "{name}: {err}");
+            assert!(!err.contains("11") && !err.contains("eleven"), "{name}: the secret's length shown: {err}");
+        }
+        // `!` (33) at offset 7; then a valid base64 text of 31 bytes.
+        for (key, hidden) in [("CQkJCQk!CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=", &["!", "33", "7"][..]), ("AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ==", &["31"][..])] {
+            let set = [("EDGE_SIGNING_KEY", key)];
+            let err = Config::from_lookup(|k| set.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()).or_else(|| lookup(&[])(k)))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("EDGE_SIGNING_KEY ") && err.contains("claude-runner keygen"), "{err}");
+            for h in hidden {
+                assert!(!err.contains(h), "{key}: `{h}` shown: {err}");
+            }
         }
     }
 
