@@ -423,11 +423,9 @@ impl Config {
             callback_hosts: match own("CALLBACK_HOSTS").filter(|v| !v.eq_ignore_ascii_case("none")) {
                 None => Vec::new(),
                 Some(v) => {
-                    let hosts: Vec<String> = v.split(',').map(|h| h.trim().to_ascii_lowercase()).filter(|h| !h.is_empty()).collect();
-                    if !hosts.iter().all(|h| crate::notify::is_callback_host_entry(h)) {
-                        return Err(ConfigError::CallbackHost { name: own_name("CALLBACK_HOSTS") });
-                    }
-                    hosts
+                    let entries = v.split(',').map(str::trim).filter(|h| !h.is_empty());
+                    let hosts: Option<Vec<String>> = entries.map(crate::notify::callback_host_entry).collect();
+                    hosts.ok_or_else(|| ConfigError::CallbackHost { name: own_name("CALLBACK_HOSTS") })?
                 }
             },
             sse_keepalive_ms: between(

@@ -231,10 +231,33 @@ pub fn signature(secret: &str, timestamp: Millis, body: &str) -> String {
 /// receiver); anywhere else it must be `https://`.
 const LOOPBACK: &[&str] = &["127.0.0.1", "localhost", "[::1]"];
 
-/// Whether a `CALLBACK_HOSTS` entry is one [`check_callback`] can match: a host name or
-/// an IP address (IPv6 in brackets), and at most a port after it — no scheme, path, user
-/// or space, which would match no `callback_url` at all.
-pub fn is_callback_host_entry(entry: &str) -> bool {
+/// A `CALLBACK_HOSTS` entry as [`check_callback`] matches it — its host name lowered, an
+/// internationalised one in its punycode form (`bücher.example` → `xn--bcher-kva.example`)
+/// — or `None` if it is none it can match: a host name or an IP address (IPv6 in
+/// brackets), and at most a port after it; no scheme, path, user or space, which would
+/// match no `callback_url` at all.
+pub fn callback_host_entry(entry: &str) -> Option<String> {
+    let entry = match entry.is_ascii() {
+        true => entry.to_ascii_lowercase(),
+        false => {
+            let (host, port) = entry.rsplit_once(':').filter(|(_, p)| p.is_ascii()).unwrap_or((entry, ""));
+            let host = ascii_host(host)?;
+            match port {
+                "" if !entry.ends_with(':') => host,
+                _ => format!("{host}:{port}"),
+            }
+        }
+    };
+    is_callback_host_entry(&entry).then_some(entry)
+}
+
+/// A host name as the URL parser that posts takes it (WHATWG's domain to ASCII: lowered,
+/// an internationalised name in punycode); `None` if it is no domain name.
+fn ascii_host(host: &str) -> Option<String> {
+    idna::domain_to_ascii_cow(host.as_bytes(), idna::AsciiDenyList::URL).ok().map(|h| h.into_owned()).filter(|h| !h.is_empty())
+}
+
+fn is_callback_host_entry(entry: &str) -> bool {
     // `[v6]` or a name, then `:port` or nothing.
     let (host_ok, rest) = match entry.strip_prefix('[') {
         Some(v6) => match v6.split_once(']') {
@@ -263,18 +286,22 @@ pub fn check_callback(url: &str, allowed: &[String]) -> Result<(), String> {
     if authority.contains('@') {
         return Err("`callback_url` must not carry user or password".into());
     }
-    let host = if authority.starts_with('[') {
+    let written = if authority.starts_with('[') {
         authority.split_inclusive(']').next().unwrap_or("")
     } else {
         authority.split(':').next().unwrap_or("")
-    }
-    .to_ascii_lowercase();
+    };
     // What follows the host is its port, if any (`:` and digits, checked by the URL
     // parser that posts; here only compared).
-    let port = authority[host.len()..].strip_prefix(':').filter(|p| !p.is_empty());
-    if host.is_empty() {
+    let port = authority[written.len()..].strip_prefix(':').filter(|p| !p.is_empty());
+    if written.is_empty() {
         return Err("`callback_url` has no host".into());
     }
+    // An internationalised name is posted to its punycode form, which the list holds.
+    let host = match written.is_ascii() {
+        true => written.to_ascii_lowercase(),
+        false => ascii_host(written).ok_or("`callback_url`'s host is not a valid domain name")?,
+    };
     match scheme {
         "https" => {}
         "http" if LOOPBACK.contains(&host.as_str()) => {}

@@ -253,3 +253,35 @@ fn a_raised_usage_alert_wakes_the_edge_at_the_windows_reset() {
     pulse(&mut quiet, 300, &sid, Beat { oauth: OAuthReport { usage: Some(usage), ..oauth() }, ..beat(&[], 1, 0) });
     assert_eq!(quiet.next_deadline(), Some(300 + 2 * HB));
 }
+
+/// A callback URL with an internationalised host (`https://bücher.example/…`) is posted
+/// to its punycode form (`xn--bcher-kva.example`, as the hosts' URL parser takes it), but
+/// a CALLBACK_HOSTS entry that was not ASCII stopped the start as "not a host", so no
+/// operator could allow one. An entry is taken to its punycode form, and a callback URL's
+/// host too, whichever way each is written.
+#[test]
+fn a_callback_host_may_be_an_internationalised_name() {
+    let lookup = |name: &str| match name {
+        "RUNNER_SECRET" => Some("0123456789abcdef0123".to_string()),
+        "EDGE_SIGNING_KEY" => Some("CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=".to_string()),
+        "AGENT_PUBLIC_KEYS" => Some("spark=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=".to_string()),
+        "CALLBACK_HOSTS" => Some("Bücher.example, ci.münchen.example:8443, xn--caf-dma.example".to_string()),
+        _ => None,
+    };
+    let cfg = Config::from_lookup(lookup).unwrap_or_else(|e| panic!("refused: {e}"));
+    assert_eq!(cfg.callback_hosts, ["xn--bcher-kva.example", "ci.xn--mnchen-3ya.example:8443", "xn--caf-dma.example"]);
+    let check = |url: &str| crate::notify::check_callback(url, &cfg.callback_hosts);
+    for allowed in [
+        "https://bücher.example/done",
+        "https://BÜCHER.example/done",
+        "https://xn--bcher-kva.example/done",
+        "https://ci.münchen.example:8443/x",
+        "https://café.example/x",
+    ] {
+        assert_eq!(check(allowed), Ok(()), "{allowed}");
+    }
+    for refused in ["https://bucher.example/done", "https://ci.münchen.example:9000/x", "https://münchen.example/x"] {
+        let err = check(refused).unwrap_err();
+        assert!(err.contains("is not allowed") && err.contains("CALLBACK_HOSTS"), "{refused}: {err}");
+    }
+}
