@@ -719,6 +719,24 @@ async fn alerts_reach_a_webhook_once_each(kind: EdgeKind) {
     assert!(offline.body.contains("No agent has been connected"), "{}", offline.body);
 }
 
+/// The "open again" alert goes at the window's reset, not at the agent's next heartbeat:
+/// with no work queued the edge woke at a usage hold's reset for nothing, so the alert
+/// waited for the next heartbeat — here ten minutes — while /health already said open.
+async fn the_usage_window_open_again_alert_goes_at_its_reset(kind: EdgeKind) {
+    let hook = Webhook::start(vec![]);
+    let notify_url = hook.url("/runner-alerts");
+    let settings = [("NOTIFY_URL", notify_url.as_str()), ("HEARTBEAT_INTERVAL_MS", "600000")];
+    let s = setup(kind, &settings, &[]).await;
+    let kinds = |hook: &Webhook| hook.received().iter().map(|h| h.headers.get("x-claude-runner-alert").cloned().unwrap_or_default()).collect::<Vec<_>>();
+    // The window is used up for two seconds; nothing waits for it.
+    let a = s.client.execute(json!({"prompt": "@rate_limited=2"})).await;
+    assert_eq!(a.body["error_code"], "USAGE_LIMIT", "{}", a.text);
+    assert!(eventually(Duration::from_secs(30), || kinds(&hook).contains(&"usage_rejected".to_string())).await, "{:?}", kinds(&hook));
+    // Well before the next heartbeat, at 600 s.
+    assert!(eventually(Duration::from_secs(60), || kinds(&hook).contains(&"usage_reset".to_string())).await, "{:?}", kinds(&hook));
+    s.client.wait_health(200).await;
+}
+
 async fn callbacks_are_signed_and_retried(kind: EdgeKind) {
     use hmac::{Hmac, Mac};
     // The receiver fails twice, then takes it.
@@ -1729,6 +1747,7 @@ contract!(
     an_auth_failure_still_stands_after_the_agent_restarts,
     failures_say_which_class_and_whether_to_retry,
     alerts_reach_a_webhook_once_each,
+    the_usage_window_open_again_alert_goes_at_its_reset,
     every_credential_state_shows_in_health_and_oauth_status,
     callbacks_are_signed_and_retried,
     a_callback_receiver_that_never_answers_holds_up_no_other,
