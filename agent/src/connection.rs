@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{error, info, warn};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(protocol::HANDSHAKE_TIMEOUT_MS);
+use crate::reconnect::HANDSHAKE_TIMEOUT;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -231,21 +231,23 @@ async fn session(
     reconnect: &mut Reconnect,
 ) -> End {
     let cfg = &agent.cfg;
+    // Each step's bound: shorter while jobs or results wait here (see `reconnect`).
+    let step = reconnect.handshake_timeout(agent.holds_work());
     let ws_config = WebSocketConfig::default().max_message_size(Some(protocol::MAX_FRAME_BYTES)).max_frame_size(Some(protocol::MAX_FRAME_BYTES));
     // TCP_NODELAY: frames are small and latency-bound; Nagle with delayed ACKs would add
     // ~40 ms to a job's round trip.
     let dial = tokio_tungstenite::connect_async_with_config(cfg.connect_url.as_str(), Some(ws_config), true);
-    let mut ws = match timeout(HANDSHAKE_TIMEOUT, dial).await {
+    let mut ws = match timeout(step, dial).await {
         Ok(Ok((ws, _))) => ws,
         Ok(Err(e)) => return dial_failed(&cfg.connect_url, &e),
-        Err(_) => return End::Lost(format!("no answer from the edge at {} within {} s", cfg.connect_url, HANDSHAKE_TIMEOUT.as_secs())),
+        Err(_) => return End::Lost(format!("no answer from the edge at {} within {} ms", cfg.connect_url, step.as_millis())),
     };
 
     // 1. The edge's challenge.
-    let challenge = match timeout(HANDSHAKE_TIMEOUT, next_edge_message(&mut ws)).await {
+    let challenge = match timeout(step, next_edge_message(&mut ws)).await {
         Ok(Ok(m)) => m,
         Ok(Err(cut)) => return cut.into(),
-        Err(_) => return End::Lost(format!("the edge sent no challenge within {} s", HANDSHAKE_TIMEOUT.as_secs())),
+        Err(_) => return End::Lost(format!("the edge sent no challenge within {} ms", step.as_millis())),
     };
     let EdgeMessage::Challenge { protocol, nonce: challenge, edge_version, .. } = challenge else {
         return refuse(&mut ws, close::PROTOCOL_ERROR, "expected a challenge from the edge".into()).await;
@@ -281,7 +283,7 @@ async fn session(
     };
     let envelope = Envelope::seal(Domain::Hello, &hello, &cfg.signing_key);
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: cfg.agent_id.clone(), envelope };
-    if let Err(end) = send(&mut ws, &msg, HANDSHAKE_TIMEOUT).await {
+    if let Err(end) = send(&mut ws, &msg, step).await {
         return end;
     }
 
@@ -290,7 +292,7 @@ async fn session(
     // be all that gets through), and the backoff starts over as on an established one: an
     // edge already stopping closes a new connection before its challenge, so this is once
     // per stop, and the backoff still grows across a long stop's refused dials.
-    let welcome = match timeout(HANDSHAKE_TIMEOUT, next_edge_message(&mut ws)).await {
+    let welcome = match timeout(step, next_edge_message(&mut ws)).await {
         Ok(Ok(EdgeMessage::Welcome { envelope })) => envelope,
         Ok(Ok(EdgeMessage::Goodbye { code, reason })) | Ok(Err(Cut::Closed(code, reason))) => {
             if code == close::SHUTTING_DOWN {
@@ -300,7 +302,7 @@ async fn session(
         }
         Ok(Ok(_)) => return refuse(&mut ws, close::PROTOCOL_ERROR, "expected a welcome from the edge".into()).await,
         Ok(Err(Cut::Broken(why))) => return End::Lost(why),
-        Err(_) => return End::Lost(format!("the edge did not answer the hello within {} s", HANDSHAKE_TIMEOUT.as_secs())),
+        Err(_) => return End::Lost(format!("the edge did not answer the hello within {} ms", step.as_millis())),
     };
     let welcome: Welcome = match welcome.open(Domain::Welcome, &cfg.edge_public_key) {
         Ok(w) => w,
