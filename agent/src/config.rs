@@ -187,11 +187,27 @@ pub struct AgentConfig {
     pub one_job: bool,
 }
 
-/// Makes a setting set to an empty value (`CLAUDE_MODEL=` in an `.env` file or a systemd
-/// `EnvironmentFile`) count as unset, as people writing those files expect; clap would
-/// take it as an empty value and refuse it. Every variable a flag of `cli` reads is
-/// covered. Call it before any thread starts (it changes the environment).
-pub fn forget_empty_settings(cli: &clap::Command) {
+/// Makes every setting read as meant (`shared::setting`): a blank one (`CLAUDE_MODEL=`,
+/// `DATA_DIR= ` in an `.env` file or a systemd `EnvironmentFile`) unset, as people writing
+/// those files expect and the edges read theirs, and every other trimmed. Clap would take
+/// an empty value and refuse it, take ` ` as a folder named ` `, and refuse ` 2` as a
+/// number. Every variable a flag of `cli` reads is covered, in every subcommand. Call it
+/// before any thread starts (it changes the environment).
+pub fn tidy_settings(cli: &clap::Command) {
+    for (name, value) in settings_as_meant(cli, |name| std::env::var_os(name)) {
+        match value {
+            None => std::env::remove_var(&name),
+            Some(value) => std::env::set_var(&name, value),
+        }
+    }
+}
+
+/// The settings of `cli` whose value in `lookup` is not as meant, each with the value it
+/// should have (`None`: unset).
+fn settings_as_meant(
+    cli: &clap::Command,
+    lookup: impl Fn(&std::ffi::OsStr) -> Option<std::ffi::OsString>,
+) -> Vec<(std::ffi::OsString, Option<std::ffi::OsString>)> {
     fn names(cmd: &clap::Command, out: &mut Vec<std::ffi::OsString>) {
         out.extend(cmd.get_arguments().filter_map(|a| a.get_env().map(|e| e.to_os_string())));
         for sub in cmd.get_subcommands() {
@@ -200,11 +216,16 @@ pub fn forget_empty_settings(cli: &clap::Command) {
     }
     let mut settings = Vec::new();
     names(cli, &mut settings);
-    for name in settings {
-        if std::env::var_os(&name).is_some_and(|v| v.is_empty()) {
-            std::env::remove_var(&name);
-        }
-    }
+    settings.sort();
+    settings.dedup();
+    settings
+        .into_iter()
+        .filter_map(|name| {
+            let raw = lookup(&name)?;
+            let meant = shared::setting::os_value(&raw).map(std::ffi::OsStr::to_os_string);
+            (meant.as_ref() != Some(&raw)).then_some((name, meant))
+        })
+        .collect()
 }
 
 /// Variables that may hold a secret of the agent or of its edge, git or Anthropic account.
@@ -435,6 +456,44 @@ mod tests {
         drop((held, own));
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!((found, own_found), (up, dir));
+    }
+
+    /// `DATA_DIR=' '` was a folder named ` ` (for `status` and the agent alike) and
+    /// `MAX_CONCURRENT_JOBS=' 2'` stopped the start: every command's settings, a
+    /// subcommand's own included, are read trimmed, blank as unset.
+    #[test]
+    fn every_commands_settings_are_read_trimmed_and_blank_is_unset() {
+        let cli = clap::Command::new("claude-runner")
+            .arg(clap::Arg::new("log").long("log").env("LOG_FORMAT"))
+            .subcommand(clap::Command::new("status").arg(clap::Arg::new("dir").long("dir").env("DATA_DIR")))
+            .subcommand(
+                clap::Command::new("agent")
+                    .arg(clap::Arg::new("dir").long("dir").env("DATA_DIR"))
+                    .arg(clap::Arg::new("jobs").long("jobs").env("MAX_CONCURRENT_JOBS"))
+                    .arg(clap::Arg::new("model").long("model").env("CLAUDE_MODEL"))
+                    .subcommand(clap::Command::new("deeper").arg(clap::Arg::new("s").long("s").env("RUNNER_SECRET"))),
+            );
+        let lookup = |name: &std::ffi::OsStr| {
+            let value = match name.to_str()? {
+                "DATA_DIR" => " ",
+                "MAX_CONCURRENT_JOBS" => " 2\t",
+                "CLAUDE_MODEL" => "opus",
+                "RUNNER_SECRET" => "",
+                "LOG_FORMAT" => "json ",
+                _ => return None,
+            };
+            Some(std::ffi::OsString::from(value))
+        };
+        let os = |v: &str| std::ffi::OsString::from(v);
+        assert_eq!(
+            settings_as_meant(&cli, lookup),
+            vec![
+                (os("DATA_DIR"), None),
+                (os("LOG_FORMAT"), Some(os("json"))),
+                (os("MAX_CONCURRENT_JOBS"), Some(os("2"))),
+                (os("RUNNER_SECRET"), None),
+            ]
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{error, info, warn};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(protocol::HANDSHAKE_TIMEOUT_MS);
+use crate::reconnect::HANDSHAKE_TIMEOUT;
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -84,20 +84,46 @@ pub async fn run(agent: Arc<Agent>, mut uplink: mpsc::UnboundedReceiver<AgentMes
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn next_edge_message(ws: &mut Socket) -> Result<EdgeMessage, End> {
+/// How the handshake's wait for the edge's next message failed.
+enum Cut {
+    /// The edge closed the connection with this code.
+    Closed(u16, String),
+    /// Anything else: an unreadable frame, a broken or dropped connection.
+    Broken(String),
+}
+
+impl From<Cut> for End {
+    fn from(cut: Cut) -> End {
+        match cut {
+            Cut::Closed(code, reason) => End::Lost(format!("the edge closed the connection: {reason} ({code})")),
+            Cut::Broken(why) => End::Lost(why),
+        }
+    }
+}
+
+async fn next_edge_message(ws: &mut Socket) -> Result<EdgeMessage, Cut> {
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(text))) => {
-                return protocol::decode::<EdgeMessage>(&text).map_err(|e| End::Lost(format!("edge sent {e}")));
+                return protocol::decode::<EdgeMessage>(&text).map_err(|e| Cut::Broken(format!("edge sent {e}")));
             }
-            Some(Ok(Message::Close(frame))) => {
-                let why = frame.map(|f| format!("{} ({})", f.reason, u16::from(f.code))).unwrap_or_default();
-                return Err(End::Lost(format!("the edge closed the connection: {why}")));
-            }
+            Some(Ok(Message::Close(Some(frame)))) => return Err(Cut::Closed(u16::from(frame.code), frame.reason.to_string())),
+            Some(Ok(Message::Close(None))) | None => return Err(Cut::Broken("the edge closed the connection".into())),
             Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(End::Lost(format!("connection error: {e}"))),
-            None => return Err(End::Lost("the edge closed the connection".into())),
+            Some(Err(e)) => return Err(Cut::Broken(format!("connection error: {e}"))),
         }
+    }
+}
+
+/// How a connection the edge ended (a goodbye or a close frame with `code`) after the
+/// hello, before its welcome, ended: the edge's refusal of this agent — its key, its
+/// version, its labels — unless the edge said it is stopping (4005: it began to stop
+/// during this handshake and is back in a moment) or let go of a connection still
+/// unproven (4004: its handshake deadline, or room made for newer ones), both passing.
+fn ended_before_welcome(code: u16, reason: String) -> End {
+    match code {
+        close::SHUTTING_DOWN | close::SILENT => End::Lost(reason),
+        _ => End::Refused(reason),
     }
 }
 
@@ -205,21 +231,23 @@ async fn session(
     reconnect: &mut Reconnect,
 ) -> End {
     let cfg = &agent.cfg;
+    // Each step's bound: shorter while jobs or results wait here (see `reconnect`).
+    let step = reconnect.handshake_timeout(agent.holds_work());
     let ws_config = WebSocketConfig::default().max_message_size(Some(protocol::MAX_FRAME_BYTES)).max_frame_size(Some(protocol::MAX_FRAME_BYTES));
     // TCP_NODELAY: frames are small and latency-bound; Nagle with delayed ACKs would add
     // ~40 ms to a job's round trip.
     let dial = tokio_tungstenite::connect_async_with_config(cfg.connect_url.as_str(), Some(ws_config), true);
-    let mut ws = match timeout(HANDSHAKE_TIMEOUT, dial).await {
+    let mut ws = match timeout(step, dial).await {
         Ok(Ok((ws, _))) => ws,
         Ok(Err(e)) => return dial_failed(&cfg.connect_url, &e),
-        Err(_) => return End::Lost(format!("no answer from the edge at {} within {} s", cfg.connect_url, HANDSHAKE_TIMEOUT.as_secs())),
+        Err(_) => return End::Lost(format!("no answer from the edge at {} within {} ms", cfg.connect_url, step.as_millis())),
     };
 
     // 1. The edge's challenge.
-    let challenge = match timeout(HANDSHAKE_TIMEOUT, next_edge_message(&mut ws)).await {
+    let challenge = match timeout(step, next_edge_message(&mut ws)).await {
         Ok(Ok(m)) => m,
-        Ok(Err(end)) => return end,
-        Err(_) => return End::Lost(format!("the edge sent no challenge within {} s", HANDSHAKE_TIMEOUT.as_secs())),
+        Ok(Err(cut)) => return cut.into(),
+        Err(_) => return End::Lost(format!("the edge sent no challenge within {} ms", step.as_millis())),
     };
     let EdgeMessage::Challenge { protocol, nonce: challenge, edge_version, .. } = challenge else {
         return refuse(&mut ws, close::PROTOCOL_ERROR, "expected a challenge from the edge".into()).await;
@@ -255,18 +283,26 @@ async fn session(
     };
     let envelope = Envelope::seal(Domain::Hello, &hello, &cfg.signing_key);
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: cfg.agent_id.clone(), envelope };
-    if let Err(end) = send(&mut ws, &msg, HANDSHAKE_TIMEOUT).await {
+    if let Err(end) = send(&mut ws, &msg, step).await {
         return end;
     }
 
     // 3. The edge's signed welcome.
-    let welcome = match timeout(HANDSHAKE_TIMEOUT, next_edge_message(&mut ws)).await {
+    // An edge stopping now closes this connection with 4005 (goodbye and close, either may
+    // be all that gets through), and the backoff starts over as on an established one: an
+    // edge already stopping closes a new connection before its challenge, so this is once
+    // per stop, and the backoff still grows across a long stop's refused dials.
+    let welcome = match timeout(step, next_edge_message(&mut ws)).await {
         Ok(Ok(EdgeMessage::Welcome { envelope })) => envelope,
-        Ok(Ok(EdgeMessage::Goodbye { reason, .. })) => return End::Refused(reason),
+        Ok(Ok(EdgeMessage::Goodbye { code, reason })) | Ok(Err(Cut::Closed(code, reason))) => {
+            if code == close::SHUTTING_DOWN {
+                reconnect.edge_restarting();
+            }
+            return ended_before_welcome(code, reason);
+        }
         Ok(Ok(_)) => return refuse(&mut ws, close::PROTOCOL_ERROR, "expected a welcome from the edge".into()).await,
-        Ok(Err(End::Lost(why))) => return End::Refused(why),
-        Ok(Err(end)) => return end,
-        Err(_) => return End::Lost(format!("the edge did not answer the hello within {} s", HANDSHAKE_TIMEOUT.as_secs())),
+        Ok(Err(Cut::Broken(why))) => return End::Lost(why),
+        Err(_) => return End::Lost(format!("the edge did not answer the hello within {} ms", step.as_millis())),
     };
     let welcome: Welcome = match welcome.open(Domain::Welcome, &cfg.edge_public_key) {
         Ok(w) => w,
@@ -446,6 +482,19 @@ mod tests {
         assert!(matches!(dial_failed("wss://e/agent/connect", &unavailable), End::Lost(_)), "a 503 passes");
         assert!(matches!(dial_failed("wss://e/agent/connect", &WsError::ConnectionClosed), End::Lost(_)));
     }
+    /// After the hello, the edge's goodbye or close is its refusal of this agent — unless it
+    /// says it is stopping (4005) or let go of an unproven connection (4004): those were
+    /// logged at error as "the edge refused this agent", though the agent retries.
+    #[test]
+    fn an_edge_stopping_before_its_welcome_is_a_lost_connection_not_a_refusal() {
+        for code in [close::SHUTTING_DOWN, close::SILENT] {
+            assert!(matches!(ended_before_welcome(code, "restarting".into()), End::Lost(_)), "{code}");
+        }
+        for code in [close::UNAUTHORIZED, close::VERSION_MISMATCH, close::PROTOCOL_ERROR, close::INTERNAL_ERROR] {
+            assert!(matches!(ended_before_welcome(code, "no".into()), End::Refused(_)), "{code}");
+        }
+    }
+
     use tokio_tungstenite::tungstenite::protocol::Role;
     use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 

@@ -165,7 +165,7 @@ fn main() {
     // (`AGENT_SIGNING_KEY` among them, clap's `env`), and the zygote's heap is every
     // launcher's, warden's and pre-exec Claude's. Which command runs is known only after.
     zygote::start();
-    config::forget_empty_settings(&<Cli as clap::CommandFactory>::command());
+    config::tidy_settings(&<Cli as clap::CommandFactory>::command());
     let cli = Cli::parse();
     #[cfg(feature = "up")]
     let runs_jobs = matches!(cli.command, Command::Agent { drain: false, .. } | Command::Up(_));

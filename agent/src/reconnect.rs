@@ -8,11 +8,22 @@
 //! backoff (17-19 s in the chaos soak) outlasted a low `LOST_AFTER_MS` (10 s), and jobs
 //! that had succeeded were reported lost. The edge says its `LOST_AFTER_MS` in the
 //! welcome; while jobs run here, or results wait for the edge's acknowledgement, the agent
-//! comes back within a quarter of it. Without such work the backoff is as before: an edge
-//! with nothing to hear from this agent is not dialed more often.
+//! comes back within a quarter of it, jittered within that cap (between half of it and
+//! all of it): the agents of a restarted edge, all holding work, do not redial in
+//! lockstep. Without such work the backoff is as before: an edge with nothing to hear from
+//! this agent is not dialed more often.
+//!
+//! The cap bounds the sleep, not a dial: one hung dial (a lost SYN, an edge that accepts
+//! and says nothing) waited out the whole handshake timeout, 10 s a step, and outlasted a
+//! `LOST_AFTER_MS` of 8 s. So while the agent holds work, each step of the handshake is
+//! bounded by a quarter of `LOST_AFTER_MS` too, never under [`DIAL_FLOOR`] (a TLS dial
+//! over a slow link must still get through): a hung dial leaves time for others. Once
+//! the agent has been away longer than `LOST_AFTER_MS` the edge has given that work up,
+//! and the full timeout is back — a link slower than the shortened bound is never kept
+//! from connecting for good (held results wait for it).
 
 use backoff::backoff::Backoff;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The first delay, and the least a capped one is.
 const INITIAL: Duration = Duration::from_millis(250);
@@ -20,6 +31,11 @@ const INITIAL: Duration = Duration::from_millis(250);
 const HEALTHY: Duration = Duration::from_secs(60);
 /// The fallback should the backoff ever say "stop" (it is built never to).
 const MOST: Duration = Duration::from_secs(30);
+/// The least a handshake step is given while the agent holds work: a TLS dial over a slow
+/// or distant link takes a few round trips.
+pub const DIAL_FLOOR: Duration = Duration::from_secs(2);
+/// Each handshake step's bound otherwise (the edge waits as long for each).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(shared::protocol::HANDSHAKE_TIMEOUT_MS);
 
 /// The agent's reconnect state across connections.
 pub struct Reconnect {
@@ -29,6 +45,10 @@ pub struct Reconnect {
     lost_after_ms: Option<u64>,
     /// The last connection was closed by the edge because it is restarting.
     edge_restarting: bool,
+    /// The last connection was welcomed: the agent is away from the edge from its end.
+    connected: bool,
+    /// When the last welcomed connection ended.
+    away_since: Option<Instant>,
 }
 
 impl Default for Reconnect {
@@ -44,6 +64,8 @@ impl Default for Reconnect {
             },
             lost_after_ms: None,
             edge_restarting: false,
+            connected: false,
+            away_since: None,
         }
     }
 }
@@ -52,6 +74,7 @@ impl Reconnect {
     /// The edge welcomed the agent and said how long it waits for an agent that holds jobs.
     pub fn welcomed(&mut self, lost_after_ms: Option<u64>) {
         self.lost_after_ms = lost_after_ms;
+        self.connected = true;
     }
 
     /// The edge closed an established connection saying it is restarting: it is back in a
@@ -63,21 +86,51 @@ impl Reconnect {
     /// The wait before the next dial, after a connection that lasted `lasted`; `holding`:
     /// the agent runs jobs or keeps results the edge has not acknowledged.
     pub fn next(&mut self, lasted: Duration, holding: bool) -> Duration {
+        if std::mem::take(&mut self.connected) {
+            self.away_since = Some(Instant::now());
+        }
         if lasted > HEALTHY || std::mem::take(&mut self.edge_restarting) {
             self.policy.reset();
         }
         let grown = self.policy.next_backoff().unwrap_or(MOST);
-        capped(grown, holding, self.lost_after_ms)
+        let [jitter] = runtime::entropy::<1>();
+        capped(grown, holding, self.lost_after_ms, f64::from(jitter) / 255.0)
+    }
+
+    /// The bound on each step of the next handshake (dial, challenge, hello, welcome);
+    /// `holding` as for [`Reconnect::next`].
+    pub fn handshake_timeout(&self, holding: bool) -> Duration {
+        let away = self.away_since.map_or(Duration::ZERO, |since| since.elapsed());
+        handshake_timeout(holding, self.lost_after_ms, away)
     }
 }
 
 /// `grown`, the backoff's delay, kept within a quarter of the edge's `LOST_AFTER_MS`
 /// (never under [`INITIAL`]) while the agent holds work, so that it is back well before
-/// the edge gives that work up; as it is otherwise, or when the edge did not say.
-pub fn capped(grown: Duration, holding: bool, lost_after_ms: Option<u64>) -> Duration {
+/// the edge gives that work up; as it is otherwise, or when the edge did not say. A capped
+/// delay is spread by `jitter` (0 to 1) between half the cap (or [`INITIAL`]) and the cap.
+pub fn capped(grown: Duration, holding: bool, lost_after_ms: Option<u64>, jitter: f64) -> Duration {
     match lost_after_ms {
-        Some(ms) if holding => grown.min(Duration::from_millis(ms / 4).max(INITIAL)),
+        Some(ms) if holding => {
+            let cap = Duration::from_millis(ms / 4).max(INITIAL);
+            if grown < cap {
+                return grown;
+            }
+            let least = (cap / 2).max(INITIAL);
+            least + (cap - least).mul_f64(jitter.clamp(0.0, 1.0))
+        }
         _ => grown,
+    }
+}
+
+/// Each handshake step's bound: a quarter of `LOST_AFTER_MS` (within [`DIAL_FLOOR`] and
+/// [`HANDSHAKE_TIMEOUT`]) while the agent holds work and has been `away` less than it, so
+/// that a hung dial leaves time for another before the edge gives the work up; the full
+/// timeout otherwise.
+pub fn handshake_timeout(holding: bool, lost_after_ms: Option<u64>, away: Duration) -> Duration {
+    match lost_after_ms {
+        Some(ms) if holding && away < Duration::from_millis(ms) => Duration::from_millis(ms / 4).clamp(DIAL_FLOOR, HANDSHAKE_TIMEOUT),
+        _ => HANDSHAKE_TIMEOUT,
     }
 }
 
@@ -100,9 +153,60 @@ mod tests {
         r.welcomed(Some(10_000));
         assert!(grown(&mut r, true) <= Duration::from_millis(2_500));
         // Never under the first delay, however low LOST_AFTER_MS is.
-        assert_eq!(capped(Duration::from_secs(20), true, Some(100)), INITIAL);
+        assert_eq!(capped(Duration::from_secs(20), true, Some(100), 1.0), INITIAL);
         // Under the cap, the delay is the backoff's.
-        assert_eq!(capped(Duration::from_millis(300), true, Some(10_000)), Duration::from_millis(300));
+        assert_eq!(capped(Duration::from_millis(300), true, Some(10_000), 1.0), Duration::from_millis(300));
+    }
+
+    /// A capped delay was the cap itself: every agent of a restarted edge that held work
+    /// redialed at the same quarter of LOST_AFTER_MS, in lockstep. It is spread below the
+    /// cap now, never above it.
+    #[test]
+    fn a_capped_delay_is_jittered_within_the_cap() {
+        let cap = Duration::from_millis(2_000);
+        let delays: Vec<Duration> =
+            [0.0, 0.25, 0.5, 1.0].iter().map(|&j| capped(Duration::from_secs(20), true, Some(8_000), j)).collect();
+        assert_eq!(delays.first(), Some(&Duration::from_millis(1_000)), "half the cap at least");
+        assert_eq!(delays.last(), Some(&cap), "the cap at most");
+        assert!(delays.windows(2).all(|w| w[0] < w[1]), "spread: {delays:?}");
+        // Never above the cap, and never under the first delay, whatever the jitter says.
+        assert_eq!(capped(Duration::from_secs(20), true, Some(8_000), 7.0), cap);
+        for j in [0.0, 0.5, 1.0] {
+            assert_eq!(capped(Duration::from_secs(20), true, Some(1_000), j), INITIAL);
+            assert_eq!(capped(Duration::from_secs(20), true, Some(600), j), INITIAL, "(250-ms cap)");
+        }
+        // A grown delay past a real Reconnect's cap lands within it.
+        let mut r = Reconnect::default();
+        r.welcomed(Some(8_000));
+        for _ in 0..12 {
+            let d = r.next(Duration::from_secs(1), true);
+            assert!(d <= cap, "{d:?}");
+        }
+    }
+
+    /// The cap bounded the sleep, not a dial: a hung dial took the handshake's 10 s and
+    /// outlasted a LOST_AFTER_MS of 8 s. While the agent holds work, within LOST_AFTER_MS
+    /// of losing the edge, each step is bounded by a quarter of it (at least 2 s).
+    #[test]
+    fn while_holding_work_a_dial_is_bounded_by_a_quarter_of_lost_after_ms() {
+        let away = Duration::from_secs(1);
+        assert_eq!(handshake_timeout(true, Some(8_000), away), Duration::from_secs(2));
+        assert_eq!(handshake_timeout(true, Some(20_000), away), Duration::from_secs(5));
+        // Never under the floor, never over the full timeout.
+        assert_eq!(handshake_timeout(true, Some(1_000), Duration::from_millis(100)), DIAL_FLOOR);
+        assert_eq!(handshake_timeout(true, Some(120_000), away), HANDSHAKE_TIMEOUT);
+        // Nothing held, an edge that did not say, or the work given up by the edge already
+        // (away longer than LOST_AFTER_MS: a slow link must still get through): the full one.
+        assert_eq!(handshake_timeout(false, Some(8_000), away), HANDSHAKE_TIMEOUT);
+        assert_eq!(handshake_timeout(true, None, away), HANDSHAKE_TIMEOUT);
+        assert_eq!(handshake_timeout(true, Some(8_000), Duration::from_secs(9)), HANDSHAKE_TIMEOUT);
+        // Counted from the end of the last welcomed connection; never welcomed: the full one.
+        let mut r = Reconnect::default();
+        assert_eq!(r.handshake_timeout(true), HANDSHAKE_TIMEOUT);
+        r.welcomed(Some(8_000));
+        r.next(Duration::from_secs(1), true);
+        assert_eq!(r.handshake_timeout(true), Duration::from_secs(2));
+        assert_eq!(r.handshake_timeout(false), HANDSHAKE_TIMEOUT);
     }
 
     #[test]
@@ -110,7 +214,7 @@ mod tests {
         let mut r = Reconnect::default();
         r.welcomed(Some(10_000));
         assert!(grown(&mut r, false) >= Duration::from_secs(15));
-        assert_eq!(capped(Duration::from_secs(20), false, Some(10_000)), Duration::from_secs(20));
+        assert_eq!(capped(Duration::from_secs(20), false, Some(10_000), 0.0), Duration::from_secs(20));
     }
 
     #[test]
@@ -118,7 +222,7 @@ mod tests {
         let mut r = Reconnect::default();
         r.welcomed(None);
         assert!(grown(&mut r, true) >= Duration::from_secs(15));
-        assert_eq!(capped(Duration::from_secs(20), true, None), Duration::from_secs(20));
+        assert_eq!(capped(Duration::from_secs(20), true, None, 0.0), Duration::from_secs(20));
     }
 
     #[test]

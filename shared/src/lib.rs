@@ -16,6 +16,7 @@
 //! - [`link`]: the keys of one connection: X25519 in the signed handshake, HMAC-SHA256.
 //! - [`ids`]: agent ids, plain ids and hex, checked and made the same way everywhere.
 //! - [`keys`]: base64 key encoding and the `AGENT_PUBLIC_KEYS` keyring.
+//! - [`setting`]: a setting's value as meant: trimmed, blank as unset (agent and edges).
 //! - [`text`]: cutting text to a byte budget on character boundaries; outside words as
 //!   one log line.
 //! - [`time`]: milliseconds since the epoch ⇄ RFC 3339 text.
@@ -30,6 +31,7 @@ pub mod oauth;
 pub mod placement;
 pub mod protocol;
 pub mod repo;
+pub mod setting;
 pub mod text;
 pub mod time;
 pub mod usage;

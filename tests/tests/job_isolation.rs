@@ -125,7 +125,7 @@ async fn a_job_cannot_open_its_wardens_or_the_launchers_memory() {
 /// Claude before its `exec`, which share a launcher's memory — holds none of the agent's
 /// secrets: a process that has none to lose is the second line after non-dumpable. Found
 /// in review: the fork came after `Cli::parse`, which copies `AGENT_SIGNING_KEY` (clap's
-/// `env`) onto the heap, and after `forget_empty_settings`, whose `var_os` copies every
+/// `env`) onto the heap, and after `tidy_settings`, whose `var_os` copies every
 /// setting's value; the key was in the zygote's and the launcher's heap for their lives.
 /// Read as root (CAP_SYS_PTRACE reads a non-dumpable process); as another user it cannot
 /// look, and says so.

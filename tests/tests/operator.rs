@@ -1299,6 +1299,47 @@ fn empty_settings_count_as_unset() {
     assert!(text.contains("oauth_token_env"), "{text}");
 }
 
+/// A blank setting is unset and every setting is read trimmed, as `.env.example` says and
+/// the edges read theirs: `DATA_DIR=' '` (a space an env file or a systemd
+/// `EnvironmentFile` kept) was a folder named ` ` of the working directory, for `status`
+/// and the agent alike, and `MAX_CONCURRENT_JOBS=' 2'` stopped the agent's start.
+#[test]
+fn a_blank_data_dir_is_unset_for_status() {
+    let home = TempDir::new("blank-data-dir-status");
+    let out = Command::new(bin("claude-runner"))
+        .arg("status")
+        .current_dir(home.path())
+        .env("HOME", home.path())
+        .env("DATA_DIR", " ")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let default = home.path().join(".local/share/claude-runner");
+    assert!(text.contains(&format!("DATA_DIR={} ", default.display())), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_reads_its_settings_trimmed_and_a_blank_data_dir_as_unset() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let cwd = TempDir::new("blank-data-dir-agent");
+    let home = cwd.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    // In a folder of its own (`env -C`), where a folder named ` ` would show.
+    let mut opts = AgentOpts::for_edge(&edge, "spark").env("DATA_DIR", " ").env("HOME", &home.display().to_string());
+    opts = opts.env("MAX_CONCURRENT_JOBS", " 2 ").env("AGENT_LABELS", " model=opus ");
+    opts.wrapper = vec!["env".into(), "-C".into(), cwd.path().display().to_string()];
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    assert!(
+        eventually(Duration::from_secs(60), || home.join(".local/share/claude-runner/status.json").exists()).await,
+        "the agent keeps its status in HOME's default DATA_DIR: {}",
+        agent.log()
+    );
+    client.wait_online().await;
+    assert!(!cwd.path().join(" ").exists(), "a folder named ` ` was made");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_canary_runs_a_job_through_the_cli_and_fails_one_that_changed_its_output() {
     let keys = Keys::new(&["spark"]);

@@ -157,7 +157,7 @@ pub fn pool_suffix(name: &str) -> String {
 impl Pools {
     /// `RUNNER_SECRET`, `AGENT_PUBLIC_KEYS`, `POOLS` and each listed pool's two settings.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Pools, ConfigError> {
-        let get = |name: &str| get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let get = |name: &str| get(name).as_deref().and_then(shared::setting::value).map(str::to_string);
         let runner_secret = get("RUNNER_SECRET").ok_or(ConfigError::Missing("RUNNER_SECRET"))?;
         if runner_secret.len() < 16 {
             return Err(ConfigError::WeakSecret);
@@ -304,7 +304,7 @@ impl Config {
         let all = Pools::from_lookup(&get)?;
         let Pool { name, runner_secret, agents, caller_secrets } =
             all.get(pool).cloned().ok_or_else(|| ConfigError::UnknownPool(shared::text::truncate(pool, 80).to_string()))?;
-        let get = |name: &str| get(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let get = |name: &str| get(name).as_deref().and_then(shared::setting::value).map(str::to_string);
         let required = |name: &'static str| get(name).ok_or(ConfigError::Missing(name));
         // A listed pool's own value (`MAX_QUEUED_JOBS_GPU`) before the edge's.
         let own = |name: &str| match name {

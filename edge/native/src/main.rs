@@ -74,14 +74,7 @@ fn run() -> anyhow::Result<()> {
 fn host_settings(get: impl Fn(&str) -> Option<std::ffi::OsString>) -> anyhow::Result<(SocketAddr, PathBuf)> {
     // Trimmed, blank as unset, as edge/core reads every other setting (a value that is not
     // UTF-8, which only a path may be, is taken as it is).
-    let get = |name: &str| {
-        get(name)
-            .map(|v| match v.to_str() {
-                Some(text) => text.trim().into(),
-                None => v,
-            })
-            .filter(|v| !v.is_empty())
-    };
+    let get = |name: &str| get(name).as_deref().and_then(shared::setting::os_value).map(std::ffi::OsStr::to_os_string);
     let listen = match get("LISTEN") {
         None => SocketAddr::from(([127, 0, 0, 1], 8787)),
         Some(text) => text
