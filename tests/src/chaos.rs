@@ -10,6 +10,8 @@
 //! - the stand-in's logs show each job started at most once;
 //! - no job whose caller was told `fallback: true` started after that answer, or ran on
 //!   to its end after it;
+//! - no job the stand-in ran to its end was given up by the edge as lost (its agent did
+//!   not bring the result back within `LOST_AFTER_MS`);
 //! - a probe job succeeds after the chaos.
 //!
 //! Every job carries its own idempotency key, so a request cut by an edge crash is sent
@@ -63,6 +65,10 @@ pub struct Report {
     pub doubled: u64,
     pub fallback_answers: u64,
     pub ran_after_fallback: u64,
+    /// Lost jobs the edge gave up on itself (`record::lost`: their agent away past
+    /// `LOST_AFTER_MS`), not ones an agent reported lost on starting again. One of them the
+    /// stand-in ran to its end is a success reported lost (8266150's defect): a problem.
+    pub given_up_by_edge: u64,
     /// Jobs no caller heard an answer for during the chaos, sent again (same key) after
     /// it: these went through less of the chaos than the rest.
     pub sent_again_after_chaos: u64,
@@ -362,12 +368,19 @@ pub async fn soak(opts: SoakOptions) -> Report {
     let ids: Vec<(usize, String)> = seen.iter().filter_map(|(i, s)| s.job_id.clone().map(|id| (*i, id))).collect();
     report.jobs_accepted = ids.len();
     let mut finals: HashMap<usize, String> = HashMap::new();
+    // The jobs ended lost by the edge's own word (`record::lost`), not an agent's.
+    let mut given_up: Vec<(usize, String)> = Vec::new();
     for (i, id) in &ids {
         let deadline = Instant::now() + Duration::from_secs(90);
         let state = loop {
             let a = client.get(&format!("/jobs/{id}")).await;
             match a.body["state"].as_str() {
-                Some(s) if TERMINAL.contains(&s) => break Some(s.to_string()),
+                Some(s) if TERMINAL.contains(&s) => {
+                    if s == "lost" && a.body["result"]["error"].as_str().is_some_and(|e| e.contains("did not come back in time")) {
+                        given_up.push((*i, id.clone()));
+                    }
+                    break Some(s.to_string());
+                }
                 _ if Instant::now() > deadline => break None,
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -418,6 +431,15 @@ pub async fn soak(opts: SoakOptions) -> Report {
     for (i, state) in &finals {
         if state == "succeeded" && !ends.contains_key(i) {
             report.problems.push(format!("soak-{i} succeeded but the stand-in never finished it"));
+        }
+    }
+    report.given_up_by_edge = given_up.len() as u64;
+    for (i, id) in &given_up {
+        // The stand-in finished it, and its agent did not report it lost on a restart (that
+        // result carries the agent's words, not the edge's): the agent kept a result it did
+        // not bring back before the edge gave up.
+        if ends.contains_key(i) {
+            report.problems.push(format!("job {id} (soak-{i}) ran to its end on its agent but the edge reported it lost (its agent did not come back within LOST_AFTER_MS)"));
         }
     }
 
