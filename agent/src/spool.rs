@@ -637,17 +637,22 @@ impl Spool {
     /// capped while the agent holds work), where [`Spool::all`] would open and decrypt
     /// every kept result, up to the whole spool each time.
     pub fn keeps_any(&self) -> bool {
-        {
+        let maybe_filed = {
             let kept = self.lock();
             let in_a_slot = kept.slots.iter().any(|s| matches!(s, Slot::Holding { .. } | Slot::Held(_)));
-            if in_a_slot || !kept.held.is_empty() || !kept.writing.is_empty() || !kept.filed.is_empty() {
+            if in_a_slot || !kept.held.is_empty() || !kept.writing.is_empty() {
                 return true;
             }
+            !kept.filed.is_empty()
+        };
+        // The folder's names, not `filed`: that is a superset (a name found at the start
+        // and moved aside since, a file removed as its result was acknowledged while it was
+        // written), which would say "kept" for as long as the agent runs. The folder also
+        // holds files left by an agent before this one, not yet read by a hello.
+        match std::fs::read_dir(&self.dir) {
+            Ok(d) => d.flatten().any(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".json"))),
+            Err(_) => maybe_filed,
         }
-        // A file left by an agent before this one, not yet read by a hello.
-        std::fs::read_dir(&self.dir)
-            .map(|d| d.flatten().any(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".json"))))
-            .unwrap_or(false)
     }
 
     /// Every kept result, in slots, in spool files or held in memory (those are written to
@@ -707,7 +712,9 @@ impl Spool {
                 }
                 _ => {
                     tracing::warn!(path = %path.display(), "a spooled result that cannot be read, whose seal is not this agent's, or that is another job's, moved aside");
-                    let _ = std::fs::rename(&path, path.with_extension("bad"));
+                    if std::fs::rename(&path, path.with_extension("bad")).is_ok() {
+                        self.lock().filed.remove(id);
+                    }
                 }
             }
         }
@@ -779,6 +786,23 @@ mod tests {
         std::fs::write(dir.join("spool/unread.json"), b"not a result").unwrap();
         assert!(spool.keeps_any());
         assert!(dir.join("spool/unread.json").exists(), "read and moved aside");
+    }
+
+    /// A file in the spool folder that is no kept result (planted by a job, changed on the
+    /// disk), found at the start and moved aside by the next hello, keeps nothing: the
+    /// agent holds no work for it. Its name, remembered at the start as a job that may
+    /// have a spool file, said "kept" for as long as the agent ran — its reconnect delay
+    /// capped at every disconnect, for good.
+    #[test]
+    fn a_file_moved_aside_is_no_longer_kept() {
+        let dir = dir("keeps-aside");
+        drop(open(&dir, 1));
+        std::fs::write(dir.join("spool/planted.json"), b"not a result").unwrap();
+        let (spool, _) = open(&dir, 1);
+        assert!(spool.keeps_any(), "an unread file counts until a hello reads it");
+        assert!(spool.all().is_empty());
+        assert!(dir.join("spool/planted.bad").exists());
+        assert!(!spool.keeps_any(), "a file moved aside still counted as a kept result");
     }
 
     /// The tests' agent key ([5; 32]) seals what they keep.

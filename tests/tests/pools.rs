@@ -410,3 +410,22 @@ async fn the_worker_routes_each_pool_to_its_agents_and_lists_pools() {
     assert_eq!(names, ["default", "gpu"], "{}", a.text);
     assert!(pools.iter().all(|p| p["agents_online"] == 1 && p["queued_jobs"] == 0), "{}", a.text);
 }
+
+/// A Worker var of another type than text or number (wrangler.toml's `[vars]` takes TOML
+/// booleans, arrays and tables) was read as unset, without a word: `MAX_QUEUED_JOBS = true`
+/// ran with the default, `CALLBACK_HOSTS = ["hooks.example"]` refused every callback as not
+/// listed. The edge now answers as misconfigured, naming the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(worker_tests), ignore = "needs the built Worker: run tests/run (it sets CLAUDE_RUNNER_WORKER_TESTS=1)")]
+async fn a_worker_var_that_is_neither_text_nor_a_number_is_refused_not_unset() {
+    require_worker_bundle();
+    let keys = Keys::new(&["spark"]);
+    let vars = TempDir::new("vars");
+    let file = vars.path().join("vars.json");
+    std::fs::write(&file, json!({"MAX_QUEUED_JOBS": true}).to_string()).unwrap();
+    let edge = EdgeServer::start(EdgeKind::Worker, &keys, &[("WORKER_BINDINGS_FILE", file.to_str().unwrap())]);
+    let client = Client::new(&edge.url());
+    let a = client.send("POST", "/execute", Some(SECRET), Some(json!({"prompt": "x"}).to_string().into_bytes())).await;
+    assert_eq!(a.status, 500, "{}", a.text);
+    assert!(a.text.contains("MAX_QUEUED_JOBS must be a whole number"), "{}", a.text);
+}

@@ -497,25 +497,80 @@ pub(crate) fn misconfigured(e: &ConfigError) -> String {
     )
 }
 
-/// A Worker setting by name: a secret or a var. Vars written as TOML numbers arrive as
-/// JS numbers; they count too.
+/// A Worker setting by name: a secret or a var, as [`setting_text`] reads its value.
 pub(crate) fn setting(env: &Env, name: &str) -> Option<String> {
     let env: &JsValue = env.as_ref();
     let value = worker::js_sys::Reflect::get(env, &JsValue::from_str(name)).ok()?;
-    if let Some(text) = value.as_string() {
-        return Some(text);
-    }
-    let number = value.as_f64().filter(|n| n.is_finite())?;
-    if number.fract() == 0.0 && number.abs() < 9e15 {
-        Some(format!("{}", number as i64))
+    let binding = if value.is_undefined() || value.is_null() {
+        Binding::Absent
+    } else if let Some(text) = value.as_string() {
+        Binding::Text(text)
+    } else if let Some(number) = value.as_f64() {
+        Binding::Number(number)
     } else {
-        Some(number.to_string())
+        let json = worker::js_sys::JSON::stringify(&value).ok().and_then(|s| s.as_string());
+        Binding::Other(json.unwrap_or_else(|| "(a value that is not text)".into()))
+    };
+    setting_text(binding)
+}
+
+/// A binding's value as the Worker gets it.
+#[derive(Debug)]
+pub(crate) enum Binding {
+    Absent,
+    Text(String),
+    /// A var written as a TOML number.
+    Number(f64),
+    /// A var written as a TOML boolean, array or table: its JSON text.
+    Other(String),
+}
+
+/// The text a setting reads: a TOML number's digits, so they count as written; any other
+/// value as its JSON text (`true`, `["a", "b"]`), which no setting takes, so the edge stops
+/// naming the setting — taken as unset, a wrong type went unsaid: the default applied
+/// (`CALLBACK_HOSTS = ["hooks.example"]`: every callback refused as not listed), or a
+/// pool's own setting fell back to the edge's (`CALLBACK_HOSTS_GPU`, `MAX_QUEUED_JOBS_GPU`).
+pub(crate) fn setting_text(binding: Binding) -> Option<String> {
+    match binding {
+        Binding::Absent => None,
+        Binding::Text(text) => Some(text),
+        Binding::Number(number) if number.is_finite() && number.fract() == 0.0 && number.abs() < 9e15 => Some(format!("{}", number as i64)),
+        Binding::Number(number) => Some(number.to_string()),
+        Binding::Other(json) => Some(json),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::moves_alarm;
+    use super::{moves_alarm, setting_text, Binding};
+
+    /// A var of another type than text or number (a TOML boolean, array or table) reads as
+    /// its JSON text, refused by the setting it is, not as unset; numbers as their digits.
+    #[test]
+    fn a_setting_of_another_type_is_not_unset() {
+        assert_eq!(setting_text(Binding::Absent), None);
+        assert_eq!(setting_text(Binding::Text("7".into())).as_deref(), Some("7"));
+        assert_eq!(setting_text(Binding::Number(600_000.0)).as_deref(), Some("600000"));
+        assert_eq!(setting_text(Binding::Number(1e20)).as_deref(), Some("100000000000000000000"));
+        assert_eq!(setting_text(Binding::Number(1.5)).as_deref(), Some("1.5"));
+        assert_eq!(setting_text(Binding::Number(f64::INFINITY)).as_deref(), Some("inf"));
+        assert_eq!(setting_text(Binding::Other("true".into())).as_deref(), Some("true"));
+        let set = |name: &str, value: Binding| {
+            let value = setting_text(value);
+            edge_core::Config::from_lookup(|k| match k {
+                "RUNNER_SECRET" => Some("0123456789abcdef0123".into()),
+                "EDGE_SIGNING_KEY" => Some("CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=".into()),
+                "AGENT_PUBLIC_KEYS" => Some("spark=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=".into()),
+                _ if k == name => value.clone(),
+                _ => None,
+            })
+        };
+        let err = set("MAX_QUEUED_JOBS", Binding::Other("true".into())).unwrap_err().to_string();
+        assert!(err.starts_with("MAX_QUEUED_JOBS must be a whole number"), "{err}");
+        let err = set("CALLBACK_HOSTS", Binding::Other(r#"["hooks.example"]"#.into())).unwrap_err().to_string();
+        assert!(err.contains("CALLBACK_HOSTS"), "{err}");
+        assert!(set("MAX_QUEUED_JOBS", Binding::Number(100_000.0)).is_ok());
+    }
 
     #[test]
     fn the_alarm_only_moves_earlier() {
