@@ -122,14 +122,8 @@ impl LocalArgs {
 }
 
 impl DataDirArgs {
-    /// Trimmed, blank as unset, as the edges read their settings (a value that is not
-    /// UTF-8, which only a path may be, is taken as it is).
     pub fn data_dir(&self) -> PathBuf {
-        let set = self.data_dir.as_ref().map(|dir| match dir.to_str() {
-            Some(text) => PathBuf::from(text.trim()),
-            None => dir.clone(),
-        });
-        set.filter(|dir| !dir.as_os_str().is_empty()).unwrap_or_else(|| crate::home().join(".local/share/claude-runner"))
+        self.data_dir.clone().unwrap_or_else(|| crate::home().join(".local/share/claude-runner"))
     }
 
     /// The `DATA_DIR` of the agent that `status`, `agent --drain`, `oauth-status` and
@@ -433,18 +427,6 @@ impl AgentArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// DATA_DIR is read trimmed, blank as unset, as the native edge reads it (814ff45) and
-    /// edge/core every setting: `DATA_DIR= ` (a space an env file kept) put the agent's
-    /// spool and workspaces — and `up`'s edge, its job store — in a folder named ` ` of the
-    /// working directory (`/` under systemd).
-    #[test]
-    fn a_blank_data_dir_is_unset_and_it_is_read_trimmed() {
-        let read = |set: &str| DataDirArgs { data_dir: Some(set.into()) }.data_dir();
-        assert_eq!(read(" \t"), DataDirArgs { data_dir: None }.data_dir());
-        assert_eq!(read(" /var/lib/claude-runner "), PathBuf::from("/var/lib/claude-runner"));
-        assert_eq!(read("/var/lib/claude-runner"), PathBuf::from("/var/lib/claude-runner"));
-    }
 
     /// An agent once run in DATA_DIR (long stopped: its status.json stays) and `up` running
     /// now with that DATA_DIR: `status` showed the stopped agent and `--drain` said there was
