@@ -291,12 +291,13 @@ async fn session(
     // An edge stopping now closes this connection with 4005 (goodbye and close, either may
     // be all that gets through), and the backoff starts over as on an established one: an
     // edge already stopping closes a new connection before its challenge, so this is once
-    // per stop, and the backoff still grows across a long stop's refused dials.
+    // per stop, and the backoff still grows across a long stop's refused dials. Before the
+    // welcome no key proved the words: once between welcomes (`reconnect`).
     let welcome = match timeout(step, next_edge_message(&mut ws)).await {
         Ok(Ok(EdgeMessage::Welcome { envelope })) => envelope,
         Ok(Ok(EdgeMessage::Goodbye { code, reason })) | Ok(Err(Cut::Closed(code, reason))) => {
             if code == close::SHUTTING_DOWN {
-                reconnect.edge_restarting();
+                reconnect.edge_restarting_before_welcome();
             }
             return ended_before_welcome(code, reason);
         }

@@ -1,7 +1,8 @@
 //! How long the agent waits before it dials the edge again: an exponential, jittered
 //! backoff (250 ms doubling, at most 30 s, jitter 0.5 — up to 45 s), started over after a
-//! connection that lasted a minute or one the edge closed because it was restarting, and
-//! capped while the agent holds work the edge waits on.
+//! connection that lasted a minute or one the edge closed because it was restarting (said
+//! before its welcome, by a peer no key proved yet: once between welcomes), and capped
+//! while the agent holds work the edge waits on.
 //!
 //! Why the cap: the edge gives a job up as `lost` (its caller told to run it elsewhere)
 //! when its agent has been away `LOST_AFTER_MS`. After a few short connections the grown
@@ -47,6 +48,8 @@ pub struct Reconnect {
     edge_restarting: bool,
     /// The last connection was welcomed: the agent is away from the edge from its end.
     connected: bool,
+    /// A restart said before a welcome started the backoff over since the last welcome.
+    unproven_restart: bool,
     /// When the last welcomed connection ended.
     away_since: Option<Instant>,
 }
@@ -65,6 +68,7 @@ impl Default for Reconnect {
             lost_after_ms: None,
             edge_restarting: false,
             connected: false,
+            unproven_restart: false,
             away_since: None,
         }
     }
@@ -75,12 +79,24 @@ impl Reconnect {
     pub fn welcomed(&mut self, lost_after_ms: Option<u64>) {
         self.lost_after_ms = lost_after_ms;
         self.connected = true;
+        self.unproven_restart = false;
     }
 
     /// The edge closed an established connection saying it is restarting: it is back in a
     /// moment, and the jobs it waits on are given up `LOST_AFTER_MS` after its restart.
     pub fn edge_restarting(&mut self) {
         self.edge_restarting = true;
+    }
+
+    /// The edge said it is restarting after the hello, before its welcome (a goodbye or a
+    /// close 4005). Words no key proved yet: anything answering at EDGE_URL can say them,
+    /// after every hello. So they start the backoff over once between welcomes — an edge
+    /// that began to stop during this handshake, once per stop — and not at every dial,
+    /// which would have the agent dial every 250 ms for as long as the peer says so.
+    pub fn edge_restarting_before_welcome(&mut self) {
+        if !std::mem::replace(&mut self.unproven_restart, true) {
+            self.edge_restarting = true;
+        }
     }
 
     /// The wait before the next dial, after a connection that lasted `lasted`; `holding`:
@@ -236,5 +252,34 @@ mod tests {
         assert!(r.next(Duration::from_secs(1), false) >= Duration::from_millis(250));
         grown(&mut r, false);
         assert!(r.next(Duration::from_secs(61), false) <= Duration::from_millis(375));
+    }
+
+    /// A 4005 before the welcome is the word of whoever answered at EDGE_URL, proven by
+    /// no key: a hostile or broken peer answering every hello with it had the agent dial
+    /// every 250 ms for ever. It starts the backoff over once between welcomes (an edge
+    /// that began to stop during this handshake); again, the backoff grows.
+    #[test]
+    fn a_restart_said_before_the_welcome_starts_the_backoff_over_once_between_welcomes() {
+        let mut r = Reconnect::default();
+        r.welcomed(None);
+        grown(&mut r, false);
+        r.edge_restarting_before_welcome();
+        assert!(r.next(Duration::from_millis(10), false) <= Duration::from_millis(375), "the first: over");
+        let mut last = Duration::ZERO;
+        for _ in 0..12 {
+            r.edge_restarting_before_welcome();
+            last = r.next(Duration::from_millis(10), false);
+        }
+        assert!(last >= Duration::from_secs(15), "every hello answered with 4005: dialed again after {last:?}");
+        // A welcome proves the edge: its next stop before a welcome starts it over again.
+        r.welcomed(None);
+        r.next(Duration::from_secs(1), false);
+        grown(&mut r, false);
+        r.edge_restarting_before_welcome();
+        assert!(r.next(Duration::from_millis(10), false) <= Duration::from_millis(375));
+        // A stop of an established connection (after a signed welcome) always does.
+        grown(&mut r, false);
+        r.edge_restarting();
+        assert!(r.next(Duration::from_millis(10), false) <= Duration::from_millis(375));
     }
 }

@@ -204,7 +204,10 @@ async fn an_edge_restart_starts_the_agents_grown_backoff_over() {
 /// at error as "the edge refused this agent" — though it retried — and kept its grown
 /// backoff. It is a lost connection, and the backoff starts over, as on an established
 /// one. Here a stand-in edge cuts four dials (the backoff grows to 2-6 s), then stops
-/// after the hello with a goodbye and a close; four more cuts, then only the close.
+/// after the hello with a goodbye and a close (a second agent: only the close). Then it
+/// answers every hello with 4005, which before a welcome no key proves: the backoff
+/// started over at each, the agent dialing every 250 ms for as long as the peer said so;
+/// it grows again after the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_stopping_before_its_welcome_is_a_lost_connection_and_starts_the_backoff_over() {
     use futures_util::{SinkExt, StreamExt};
@@ -213,61 +216,64 @@ async fn an_edge_stopping_before_its_welcome_is_a_lost_connection_and_starts_the
     use tokio_tungstenite::tungstenite::Message;
 
     let keys = Keys::new(&["spark"]);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let edge = tokio::spawn(async move {
-        for with_goodbye in [true, false] {
+    for with_goodbye in [true, false] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let edge = tokio::spawn(async move {
             for _ in 0..4 {
                 drop(listener.accept().await.unwrap());
             }
-            let (tcp, _) = listener.accept().await.unwrap();
-            let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
-            let challenge = EdgeMessage::Challenge { protocol: PROTOCOL_VERSION, nonce: "n".repeat(32), edge_version: "test".into(), server_time: 0 };
-            ws.send(Message::Text(serde_json::to_string(&challenge).unwrap().into())).await.unwrap();
-            let hello = ws.next().await.unwrap().unwrap();
-            assert!(hello.to_text().unwrap().contains("\"hello\""), "{hello}");
-            let reason = "the edge is restarting; reconnect shortly";
-            if with_goodbye {
-                let goodbye = EdgeMessage::Goodbye { code: close::SHUTTING_DOWN, reason: reason.into() };
-                ws.send(Message::Text(serde_json::to_string(&goodbye).unwrap().into())).await.unwrap();
+            // Every hello from now on is answered with a stop.
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { continue };
+                let challenge = EdgeMessage::Challenge { protocol: PROTOCOL_VERSION, nonce: "n".repeat(32), edge_version: "test".into(), server_time: 0 };
+                let _ = ws.send(Message::Text(serde_json::to_string(&challenge).unwrap().into())).await;
+                let Some(Ok(hello)) = ws.next().await else { continue };
+                assert!(hello.to_text().unwrap().contains("\"hello\""), "{hello}");
+                let reason = "the edge is restarting; reconnect shortly";
+                if with_goodbye {
+                    let goodbye = EdgeMessage::Goodbye { code: close::SHUTTING_DOWN, reason: reason.into() };
+                    let _ = ws.send(Message::Text(serde_json::to_string(&goodbye).unwrap().into())).await;
+                }
+                let _ = ws.close(Some(CloseFrame { code: CloseCode::from(close::SHUTTING_DOWN), reason: reason.into() })).await;
             }
-            let _ = ws.close(Some(CloseFrame { code: CloseCode::from(close::SHUTTING_DOWN), reason: reason.into() })).await;
-        }
-        // The next dial is not answered until the test ends.
-        let _kept = listener.accept().await;
-        std::future::pending::<()>().await;
-    });
-    let mut opts = AgentOpts {
-        id: "spark",
-        key: keys.agent("spark").clone(),
-        edge_public: shared::keys::encode_verifying(&keys.edge.verifying_key()),
-        edge_ws: format!("ws://127.0.0.1:{port}"),
-        claude_bin: bin("claude-standin"),
-        extra_env: Vec::new(),
-        wrapper: Vec::new(),
-    };
-    opts = opts.env("RUST_LOG", "info");
-    let agent = AgentProc::start(opts);
-    let stopped = |log: &str| log.lines().filter(|l| l.contains("restarting") && l.contains("connection to the edge lost")).count();
-    assert!(eventually(Duration::from_secs(60), || stopped(&agent.log()) == 2).await, "{}", agent.log());
-    assert!(eventually(Duration::from_secs(10), || agent.log().lines().filter(|l| l.contains("reconnecting")).count() >= 10).await);
-    edge.abort();
-    let log = agent.log();
-    assert!(!log.contains("refused"), "an edge stopping is no refusal:\n{log}");
-    let mut lines = log.lines();
-    for _ in 0..2 {
-        let after = lines
-            .by_ref()
-            .skip_while(|l| !(l.contains("restarting") && l.contains("connection to the edge lost")))
-            .find(|l| l.contains("reconnecting"))
-            .unwrap_or_else(|| panic!("no reconnect after the stop:\n{log}"));
-        let delay_ms: u64 = after
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("delay_ms="))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no delay_ms in `{after}`"));
+        });
+        let mut opts = AgentOpts {
+            id: "spark",
+            key: keys.agent("spark").clone(),
+            edge_public: shared::keys::encode_verifying(&keys.edge.verifying_key()),
+            edge_ws: format!("ws://127.0.0.1:{port}"),
+            claude_bin: bin("claude-standin"),
+            extra_env: Vec::new(),
+            wrapper: Vec::new(),
+        };
+        opts = opts.env("RUST_LOG", "info");
+        let agent = AgentProc::start(opts);
+        let stopped = |log: &str| log.lines().filter(|l| l.contains("restarting") && l.contains("connection to the edge lost")).count();
+        assert!(eventually(Duration::from_secs(90), || stopped(&agent.log()) >= 5).await, "{}", agent.log());
+        edge.abort();
+        let log = agent.log();
+        assert!(!log.contains("refused"), "an edge stopping is no refusal:\n{log}");
+        let delays: Vec<u64> = log
+            .lines()
+            .scan(false, |after_stop, l| {
+                let delay = (*after_stop && l.contains("reconnecting")).then(|| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix("delay_ms="))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or_else(|| panic!("no delay_ms in `{l}`"))
+                });
+                *after_stop = l.contains("restarting") && l.contains("connection to the edge lost");
+                Some(delay)
+            })
+            .flatten()
+            .collect();
+        assert!(delays.len() >= 5, "{delays:?}\n{log}");
         // The first delay, 250 ms jittered by half either way (grown, 2-6 s).
-        assert!(delay_ms <= 375, "the grown backoff was kept across the edge's stop: {delay_ms} ms\n{log}");
+        assert!(delays[0] <= 375, "the grown backoff was kept across the edge's stop: {delays:?}\n{log}");
+        // Then it grows again (doubling, at least half each time): the fifth at least 2 s.
+        assert!(delays[4] >= 2_000, "every hello answered with 4005 started the backoff over: {delays:?}\n{log}");
     }
 }
 
