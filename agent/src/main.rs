@@ -53,6 +53,7 @@ mod follow;
 mod keygen;
 mod launcher;
 mod link;
+mod lost_after;
 mod oauth;
 mod pidfd;
 mod process;
