@@ -63,6 +63,9 @@ impl Default for Reconnect {
     fn default() -> Self {
         Reconnect {
             policy: backoff::ExponentialBackoff {
+                // Both: the crate's default starts at 500 ms, and `initial_interval` is
+                // used only from the first reset on.
+                current_interval: INITIAL,
                 initial_interval: INITIAL,
                 randomization_factor: 0.5,
                 multiplier: 2.0,
@@ -304,6 +307,18 @@ mod tests {
         r.welcomed(None);
         assert!(grown(&mut r, true) >= Duration::from_secs(15));
         assert_eq!(capped(Duration::from_secs(20), true, None, 0.0), Duration::from_secs(20));
+    }
+
+    /// The first delay was 500 ms ±50 %: `..Default::default()` kept the backoff crate's
+    /// 500-ms current interval, and [`INITIAL`] counted only after a reset. A fresh state's
+    /// first delay is 250 ms jittered by half either way (checked on many: a 500-ms start
+    /// lands there only one time in four).
+    #[test]
+    fn the_first_delay_is_250_ms_jittered_by_half() {
+        for _ in 0..40 {
+            let d = Reconnect::default().next(Duration::from_secs(1), false);
+            assert!((Duration::from_millis(125)..=Duration::from_millis(375)).contains(&d), "{d:?}");
+        }
     }
 
     #[test]
