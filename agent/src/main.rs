@@ -66,6 +66,7 @@ mod report;
 mod replay;
 mod runner;
 mod serve;
+mod setting_value;
 mod sessions;
 mod signin;
 mod spool;

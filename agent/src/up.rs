@@ -16,7 +16,7 @@ pub struct UpArgs {
     #[arg(long, env = "LISTEN", default_value = "127.0.0.1:8787")]
     pub listen: SocketAddr,
     /// Jobs the agent runs at once.
-    #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 1)]
+    #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 1, value_parser = crate::config::max_concurrent_jobs())]
     pub max_concurrent_jobs: u32,
     #[command(flatten)]
     pub work: crate::config::WorkArgs,
