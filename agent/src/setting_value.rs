@@ -53,6 +53,14 @@ pub fn switch(name: &'static str) -> impl Fn(&str) -> Result<bool, String> + Clo
     }
 }
 
+/// The value parser of the address setting `name` (`host:port`, the host an IP address),
+/// `default` when unset.
+pub fn address(name: &'static str, default: &'static str) -> impl Fn(&str) -> Result<std::net::SocketAddr, String> + Clone + Send + Sync + 'static {
+    move |value: &str| {
+        value.parse().map_err(|_| format!("{name}: `{}` is not an IP address and port; write one like {default} or [::1]:8787 (unset, it is {default})", quoted(value)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,6 +78,13 @@ mod tests {
         assert!(drain("99999999999999999999").unwrap_err().contains("larger than any this setting holds; write a whole number of milliseconds of 0 or more"));
         let long = "9x".repeat(200);
         assert!(drain(&long).unwrap_err().len() < 300, "a value is quoted bounded");
+    }
+
+    #[test]
+    fn a_refused_address_says_what_to_write() {
+        let listen = address("LISTEN", "127.0.0.1:8787");
+        assert_eq!(listen("[::1]:9000").map(|a| a.port()), Ok(9000));
+        assert_eq!(listen("8787").unwrap_err(), "LISTEN: `8787` is not an IP address and port; write one like 127.0.0.1:8787 or [::1]:8787 (unset, it is 127.0.0.1:8787)");
     }
 
     #[test]

@@ -1744,7 +1744,8 @@ async fn submit_rides_through_an_edge_restart() {
 /// write (its range, and what it is unset), before anything else is checked.
 #[test]
 fn a_refused_setting_says_what_to_write() {
-    let cases: [(&[&str], &str, &str, &[&str]); 8] = [
+    let cases: [(&[&str], &str, &str, &[&str]); 9] = [
+        (&["up"], "LISTEN", "8787", &["is not an IP address and port", "like 127.0.0.1:8787", "unset, it is 127.0.0.1:8787"]),
         (&["agent"], "MAX_CONCURRENT_JOBS", "abc", &["is not a whole number", "from 1 to 64", "unset, it is 1"]),
         (&["agent"], "MAX_CONCURRENT_JOBS", "0", &["is under 1", "from 1 to 64"]),
         (&["agent"], "MAX_CONCURRENT_JOBS", "-3", &["is not a whole number", "from 1 to 64"]),
@@ -1763,7 +1764,7 @@ fn a_refused_setting_says_what_to_write() {
         for said in says {
             assert!(err.contains(said), "{name}={value}: not `{said}`:\n{err}");
         }
-        assert!(!err.contains("invalid digit") && !err.contains("not a boolean"), "{name}={value}:\n{err}");
+        assert!(!err.contains("invalid digit") && !err.contains("not a boolean") && !err.contains("invalid socket address"), "{name}={value}:\n{err}");
     }
     let out = Command::new(bin("claude-runner")).arg("agent").env("ALLOW_INSECURE_EDGE", "sure").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
