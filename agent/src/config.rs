@@ -31,10 +31,10 @@ pub struct AgentArgs {
     #[command(flatten)]
     pub local: LocalArgs,
     /// Jobs run at once.
-    #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 1)]
+    #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 1, value_parser = max_concurrent_jobs())]
     pub max_concurrent_jobs: u32,
     /// Accept plaintext ws:// to a host that is not this machine (only on a private path).
-    #[arg(long, env = "ALLOW_INSECURE_EDGE", value_parser = clap::builder::BoolishValueParser::new(),
+    #[arg(long, env = "ALLOW_INSECURE_EDGE", value_parser = crate::setting_value::switch("ALLOW_INSECURE_EDGE"),
           default_value = "false", num_args = 0..=1, default_missing_value = "true")]
     pub allow_insecure_edge: bool,
     #[command(flatten)]
@@ -51,7 +51,8 @@ pub struct AgentArgs {
 pub struct WorkArgs {
     /// On a stop (SIGTERM), how long running jobs may take to finish before they are
     /// handed back to the edge, in milliseconds.
-    #[arg(long, env = "DRAIN_TIMEOUT_MS", default_value_t = DEFAULT_DRAIN_TIMEOUT_MS)]
+    #[arg(long, env = "DRAIN_TIMEOUT_MS", default_value_t = DEFAULT_DRAIN_TIMEOUT_MS,
+          value_parser = crate::setting_value::whole("DRAIN_TIMEOUT_MS", "milliseconds", 0, None, DEFAULT_DRAIN_TIMEOUT_MS))]
     pub drain_timeout_ms: u64,
     /// Labels jobs may ask for, `key=value,…` (e.g. `model=opus,gpu=none,os=linux`).
     #[arg(long, env = "AGENT_LABELS", default_value = "")]
@@ -65,6 +66,14 @@ impl WorkArgs {
             .map_err(|e| anyhow::anyhow!("AGENT_LABELS: {e}; write them like `model=opus,gpu=none`"))?;
         Ok((labels, std::time::Duration::from_millis(self.drain_timeout_ms)))
     }
+}
+
+/// The most jobs an agent runs at once.
+pub const MAX_MAX_CONCURRENT_JOBS: u32 = 64;
+
+/// `MAX_CONCURRENT_JOBS`'s value parser: `agent`'s and `up`'s.
+pub fn max_concurrent_jobs() -> impl Fn(&str) -> Result<u32, String> + Clone + Send + Sync + 'static {
+    crate::setting_value::whole("MAX_CONCURRENT_JOBS", "jobs", 1, Some(MAX_MAX_CONCURRENT_JOBS), 1)
 }
 
 /// Five minutes: the default `timeout_ms` of a job.
@@ -383,8 +392,8 @@ impl AgentArgs {
         if !shared::ids::valid_agent_id(&agent_id) {
             anyhow::bail!("AGENT_ID `{agent_id}` is not valid: use 1-64 letters, digits, `-`, `_` or `.`");
         }
-        if self.max_concurrent_jobs == 0 || self.max_concurrent_jobs > 64 {
-            anyhow::bail!("MAX_CONCURRENT_JOBS must be between 1 and 64");
+        if self.max_concurrent_jobs == 0 || self.max_concurrent_jobs > MAX_MAX_CONCURRENT_JOBS {
+            anyhow::bail!("MAX_CONCURRENT_JOBS must be between 1 and {MAX_MAX_CONCURRENT_JOBS}");
         }
         let edge_url = self.edge_url.as_deref().ok_or_else(|| {
             anyhow::anyhow!("set EDGE_URL to the edge, e.g. wss://claude-runner-edge.<you>.workers.dev")

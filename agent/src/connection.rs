@@ -40,7 +40,9 @@ enum End {
 
 /// Connects, serves and reconnects until `shutdown` turns true.
 pub async fn run(agent: Arc<Agent>, mut uplink: mpsc::UnboundedReceiver<AgentMessage>, mut shutdown: watch::Receiver<bool>) {
-    let mut reconnect = Reconnect::default();
+    // The last welcome's LOST_AFTER_MS, from before this start: results this agent holds
+    // from then are given up by the edge after it, welcome or not.
+    let mut reconnect = Reconnect::remembering(crate::lost_after::read(&agent.cfg.data_dir, &agent.cfg.agent_id));
     loop {
         let began = Instant::now();
         // Its reasons may be the words of whoever answered at EDGE_URL (a close frame, a
@@ -349,7 +351,11 @@ async fn session(
         // Our edges refuse such a setting at their start: an edge of another release.
         warn!(agent_id = %cfg.agent_id, asked_ms = asked, heartbeat_ms = heartbeat.as_millis() as u64, "the edge asked for a heartbeat interval agents do not keep; heartbeating at the nearest they do");
     }
-    reconnect.welcomed(welcome.lost_after_ms);
+    if reconnect.welcomed(welcome.lost_after_ms) {
+        if let Err(e) = crate::lost_after::keep(&cfg.data_dir, welcome.lost_after_ms) {
+            warn!(agent_id = %cfg.agent_id, error = %e, "cannot keep the edge's LOST_AFTER_MS in DATA_DIR; after a restart the reconnect delay is capped from the first welcome only");
+        }
+    }
     info!(agent_id = %cfg.agent_id, session = %welcome.session_id, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the edge");
     agent.status.connected(heartbeat.as_millis() as u64);
 

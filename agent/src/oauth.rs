@@ -104,12 +104,20 @@ impl std::fmt::Debug for Reading {
 
 impl Login {
     pub fn new(config_dir: Option<&Path>) -> Login {
+        Login::from_variables(config_dir, |name| std::env::var(name).ok())
+    }
+
+    /// [`Login::new`], the variables read from `var`. A token set with surrounding
+    /// whitespace (a space or newline an env file or a secret mount keeps) reaches Claude
+    /// trimmed, as every setting is read; a blank one is unset.
+    fn from_variables(config_dir: Option<&Path>, var: impl Fn(&str) -> Option<String>) -> Login {
         let dir = config_dir.map(Path::to_path_buf).unwrap_or_else(|| crate::home().join(".claude"));
+        let token = |name: &str| var(name).as_deref().and_then(shared::setting::value).map(String::from);
         Login {
             credentials_path: dir.join(".credentials.json"),
             config_dir: dir,
-            oauth_token_env: std::env::var("CLAUDE_CODE_OAUTH_TOKEN").ok().filter(|v| !v.trim().is_empty()),
-            api_key_env: std::env::var("ANTHROPIC_API_KEY").ok().filter(|v| !v.trim().is_empty()),
+            oauth_token_env: token("CLAUDE_CODE_OAUTH_TOKEN"),
+            api_key_env: token("ANTHROPIC_API_KEY"),
             other_secrets: Vec::new(),
             redactors: RedactorCache::default(),
             readings: ReadingCache::default(),
@@ -386,6 +394,23 @@ mod tests {
         assert_eq!(login.claude_env(0), [("CLAUDE_CODE_OAUTH_TOKEN", "env-token-123456789".to_string())]);
         login.oauth_token_env = None;
         assert_eq!(login.claude_env(0), [("ANTHROPIC_API_KEY", "api-key-123456789".to_string())]);
+    }
+
+    /// A token variable set with surrounding whitespace went to Claude as it was (only a
+    /// blank one counted as unset): trimmed now.
+    #[test]
+    fn a_token_variable_reaches_claude_trimmed() {
+        let d = tempdir("trimmed");
+        let set = |oauth: &'static str, api: &'static str| {
+            Login::from_variables(Some(&d), move |name| match name {
+                "CLAUDE_CODE_OAUTH_TOKEN" => Some(oauth.to_string()),
+                "ANTHROPIC_API_KEY" => Some(api.to_string()),
+                _ => None,
+            })
+        };
+        assert_eq!(set(" tok-123456789\n", "").claude_env(0), [("CLAUDE_CODE_OAUTH_TOKEN", "tok-123456789".to_string())]);
+        assert_eq!(set(" \t", "\tapi-key-123456789 ").claude_env(0), [("ANTHROPIC_API_KEY", "api-key-123456789".to_string())]);
+        assert_eq!(set("", " ").claude_env(0), []);
     }
 
     #[tokio::test]

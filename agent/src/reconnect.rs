@@ -14,6 +14,13 @@
 //! lockstep. Without such work the backoff is as before: an edge with nothing to hear from
 //! this agent is not dialed more often.
 //!
+//! The value is kept in DATA_DIR (`lost_after`) and read at the agent's start: an agent
+//! started holding results while the edge is unreachable (a host reboot, a drain with the
+//! edge down) is capped from its first dial, not from its first welcome (its delay had
+//! grown to 30 s by then). A job of the agent's user can write that file: a value only
+//! ever lowers a delay, never under the first one, so the worst a planted one does is
+//! redial more often while the agent holds work.
+//!
 //! The cap bounds the sleep, not a dial: one hung dial (a lost SYN, an edge that accepts
 //! and says nothing) waited out the whole handshake timeout, 10 s a step, and outlasted a
 //! `LOST_AFTER_MS` of 8 s. So while the agent holds work, each step of the handshake is
@@ -41,8 +48,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(shared::protocol::
 /// The agent's reconnect state across connections.
 pub struct Reconnect {
     policy: backoff::ExponentialBackoff,
-    /// The edge's `LOST_AFTER_MS`, from its last welcome (`None`: never welcomed, or an
-    /// edge of before the field).
+    /// The edge's `LOST_AFTER_MS`, from its last welcome, or before the first one the
+    /// value the last welcome before the agent's start said (`None`: an edge of before the
+    /// field, or none known).
     lost_after_ms: Option<u64>,
     /// The last connection was closed by the edge because it is restarting.
     edge_restarting: bool,
@@ -58,6 +66,9 @@ impl Default for Reconnect {
     fn default() -> Self {
         Reconnect {
             policy: backoff::ExponentialBackoff {
+                // Both: the crate's default starts at 500 ms, and `initial_interval` is
+                // used only from the first reset on.
+                current_interval: INITIAL,
                 initial_interval: INITIAL,
                 randomization_factor: 0.5,
                 multiplier: 2.0,
@@ -75,11 +86,22 @@ impl Default for Reconnect {
 }
 
 impl Reconnect {
-    /// The edge welcomed the agent and said how long it waits for an agent that holds jobs.
-    pub fn welcomed(&mut self, lost_after_ms: Option<u64>) {
-        self.lost_after_ms = lost_after_ms;
+    /// The state of an agent that starts remembering `remembered`, the `LOST_AFTER_MS` of
+    /// the last welcome before its start (`lost_after` keeps it in DATA_DIR): an agent
+    /// started holding results while the edge is unreachable (a host reboot) must come
+    /// back before the edge gives them up, before any welcome could tell it when. It has
+    /// been away at least since its start.
+    pub fn remembering(remembered: Option<u64>) -> Self {
+        Reconnect { lost_after_ms: remembered, away_since: remembered.map(|_| Instant::now()), ..Reconnect::default() }
+    }
+
+    /// The edge welcomed the agent and said how long it waits for an agent that holds jobs
+    /// (`None`: an edge of before the field, uncapped). True when that is not what the
+    /// agent knew: the value to remember changed.
+    pub fn welcomed(&mut self, lost_after_ms: Option<u64>) -> bool {
         self.connected = true;
         self.unproven_restart = false;
+        std::mem::replace(&mut self.lost_after_ms, lost_after_ms) != lost_after_ms
     }
 
     /// The edge closed an established connection saying it is restarting: it is back in a
@@ -225,6 +247,68 @@ mod tests {
         assert_eq!(r.handshake_timeout(false), HANDSHAKE_TIMEOUT);
     }
 
+    /// soak2: the agent learned `LOST_AFTER_MS` only from the first welcome after its
+    /// start, so one started holding results while the edge was unreachable grew its delay
+    /// to 30 s (and more, jittered) and the edge gave those results up as lost. It starts
+    /// capped by the value the last welcome before its start said (kept in DATA_DIR), and
+    /// each dial step is bounded by a quarter of it until it has been away that long since
+    /// its start.
+    #[test]
+    fn an_agent_started_remembering_lost_after_ms_caps_its_delay_before_any_welcome() {
+        let mut r = Reconnect::remembering(Some(8_000));
+        assert_eq!(r.handshake_timeout(true), Duration::from_secs(2));
+        for _ in 0..12 {
+            let d = r.next(Duration::from_secs(1), true);
+            assert!(d <= Duration::from_secs(2), "{d:?}");
+        }
+        // Nothing held: as before.
+        assert!(grown(&mut Reconnect::remembering(Some(8_000)), false) >= Duration::from_secs(15));
+        // Nothing remembered: never welcomed, uncapped.
+        assert!(grown(&mut Reconnect::remembering(None), true) >= Duration::from_secs(15));
+        // A welcome from an edge of before the field, after one that said it: uncapped.
+        let mut r = Reconnect::remembering(Some(8_000));
+        r.welcomed(None);
+        assert!(grown(&mut r, true) >= Duration::from_secs(15));
+        // A welcome that says another value wins over the remembered one.
+        let mut r = Reconnect::remembering(Some(8_000));
+        r.welcomed(Some(40_000));
+        assert!(grown(&mut r, true) > Duration::from_secs(2));
+    }
+
+    /// A job of the agent's user can write the remembered value: the worst a planted one
+    /// does is dial more often while the agent holds work. It only ever lowers a delay, to
+    /// no less than the first delay (or the backoff's own, if less); a dial step is never
+    /// under [`DIAL_FLOOR`], and is the full one once the agent has been away that long.
+    #[test]
+    fn a_remembered_lost_after_ms_only_lowers_delays_within_bounds() {
+        for planted in [0, 1, 4, 1_000, 10_000, u64::MAX] {
+            for grown in [100, 250, 400, 1_000, 5_000, 30_000, 45_000].map(Duration::from_millis) {
+                for jitter in [0.0, 0.5, 1.0] {
+                    let d = capped(grown, true, Some(planted), jitter);
+                    assert!(d <= grown && d >= grown.min(INITIAL), "{planted} ms, {grown:?}: {d:?}");
+                }
+            }
+            let held_since_start = handshake_timeout(true, Some(planted), Duration::ZERO);
+            assert!((DIAL_FLOOR..=HANDSHAKE_TIMEOUT).contains(&held_since_start), "{planted} ms: {held_since_start:?}");
+        }
+        let r = Reconnect::remembering(Some(1));
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(r.handshake_timeout(true), HANDSHAKE_TIMEOUT, "away longer than the planted value");
+    }
+
+    /// The agent writes the value down only when a welcome changes it.
+    #[test]
+    fn a_welcome_says_whether_the_remembered_lost_after_ms_changed() {
+        let mut r = Reconnect::remembering(Some(8_000));
+        assert!(!r.welcomed(Some(8_000)));
+        assert!(r.welcomed(Some(10_000)));
+        assert!(!r.welcomed(Some(10_000)));
+        assert!(r.welcomed(None));
+        assert!(!r.welcomed(None));
+        let mut r = Reconnect::remembering(None);
+        assert!(r.welcomed(Some(10_000)));
+    }
+
     #[test]
     fn without_work_held_the_delay_grows_as_before() {
         let mut r = Reconnect::default();
@@ -239,6 +323,18 @@ mod tests {
         r.welcomed(None);
         assert!(grown(&mut r, true) >= Duration::from_secs(15));
         assert_eq!(capped(Duration::from_secs(20), true, None, 0.0), Duration::from_secs(20));
+    }
+
+    /// The first delay was 500 ms ±50 %: `..Default::default()` kept the backoff crate's
+    /// 500-ms current interval, and [`INITIAL`] counted only after a reset. A fresh state's
+    /// first delay is 250 ms jittered by half either way (checked on many: a 500-ms start
+    /// lands there only one time in four).
+    #[test]
+    fn the_first_delay_is_250_ms_jittered_by_half() {
+        for _ in 0..40 {
+            let d = Reconnect::default().next(Duration::from_secs(1), false);
+            assert!((Duration::from_millis(125)..=Duration::from_millis(375)).contains(&d), "{d:?}");
+        }
     }
 
     #[test]

@@ -13,10 +13,10 @@ use std::path::Path;
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
     /// Where the local edge listens.
-    #[arg(long, env = "LISTEN", default_value = "127.0.0.1:8787")]
+    #[arg(long, env = "LISTEN", default_value = "127.0.0.1:8787", value_parser = crate::setting_value::address("LISTEN", "127.0.0.1:8787"))]
     pub listen: SocketAddr,
     /// Jobs the agent runs at once.
-    #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 1)]
+    #[arg(long, env = "MAX_CONCURRENT_JOBS", default_value_t = 1, value_parser = crate::config::max_concurrent_jobs())]
     pub max_concurrent_jobs: u32,
     #[command(flatten)]
     pub work: crate::config::WorkArgs,

@@ -483,6 +483,39 @@ fn a_bad_max_connections_stops_the_edge_at_start_with_what_to_do() {
     }
 }
 
+/// A setting whose value is not UTF-8 (a NOTIFY_URL written in Latin-1) was read as unset:
+/// the edge started without alerts and said nothing. It stops at start naming the setting,
+/// never showing the value (a webhook's URL may hold its token).
+#[test]
+fn a_setting_that_is_not_text_stops_the_edge_at_start_naming_it() {
+    use std::os::unix::ffi::OsStrExt;
+    let keys = Keys::new(&["spark"]);
+    let data = TempDir::new("edge");
+    for name in ["NOTIFY_URL", "LOST_AFTER_MS", "LOG_FORMAT", "MAX_CONNECTIONS"] {
+        let mut edge = std::process::Command::new(bin("claude-runner-edge"))
+            .env("RUNNER_SECRET", SECRET)
+            .env("EDGE_SIGNING_KEY", shared::keys::encode_signing(&keys.edge))
+            .env("AGENT_PUBLIC_KEYS", keys.agent_public_keys())
+            .env("LISTEN", "127.0.0.1:0")
+            .env("DATA_DIR", data.path().join("db"))
+            .env(name, std::ffi::OsStr::from_bytes(b"https://ntfy.example/caf\xe9-topic-token"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // An edge that takes the setting serves on: it is stopped and the case fails.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while edge.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = edge.kill();
+        let out = edge.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(&format!("{name} is not UTF-8 text")), "{name}: {stderr}");
+        assert!(!stderr.contains("topic-token") && !stderr.contains("ntfy"), "{name}: the value is shown: {stderr}");
+    }
+}
+
 /// When every connection at MAX_CONNECTIONS is busy (here the agent's socket and three
 /// followers of a running job), a new one is closed at once, told why (429 `RUNNER_BUSY`,
 /// naming MAX_CONNECTIONS) — none of the busy ones is closed for it, and once one is done

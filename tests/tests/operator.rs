@@ -1737,3 +1737,36 @@ async fn submit_rides_through_an_edge_restart() {
         assert_eq!(err.lines().filter(|l| *l == line).count(), 1, "shown more than once: {line:?}\n{err}");
     }
 }
+
+/// A number or switch setting clap refused named the setting but not what to write
+/// (`MAX_CONCURRENT_JOBS=abc`: "invalid digit found in string"; a switch: "value was not a
+/// boolean"). Each refusal says the setting, what is wrong with the value and what to
+/// write (its range, and what it is unset), before anything else is checked.
+#[test]
+fn a_refused_setting_says_what_to_write() {
+    let cases: [(&[&str], &str, &str, &[&str]); 9] = [
+        (&["up"], "LISTEN", "8787", &["is not an IP address and port", "like 127.0.0.1:8787", "unset, it is 127.0.0.1:8787"]),
+        (&["agent"], "MAX_CONCURRENT_JOBS", "abc", &["is not a whole number", "from 1 to 64", "unset, it is 1"]),
+        (&["agent"], "MAX_CONCURRENT_JOBS", "0", &["is under 1", "from 1 to 64"]),
+        (&["agent"], "MAX_CONCURRENT_JOBS", "-3", &["is not a whole number", "from 1 to 64"]),
+        (&["up"], "MAX_CONCURRENT_JOBS", "99999999999", &["is over 64", "from 1 to 64"]),
+        (&["agent"], "DRAIN_TIMEOUT_MS", "5m", &["is not a whole number", "milliseconds", "unset, it is 300000"]),
+        (&["agent"], "MAX_DIFF_BYTES", "0", &["is under 1", "from 1 to 6291456", "unset, it is 5242880"]),
+        (&["agent"], "REPO_CACHE_MAX_BYTES", "20G", &["is not a whole number", "bytes"]),
+        (&["agent"], "KEEP_FAILED_WORKSPACES", "maybe", &["is neither on nor off", "1, true, yes or on", "unset, it is off"]),
+    ];
+    for (command, name, value, says) in cases {
+        let data = TempDir::new("setting");
+        let out = Command::new(bin("claude-runner")).args(command).env("DATA_DIR", data.path()).env(name, value).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}={value}: {err}");
+        assert!(err.contains(&format!("{name}: `{value}`")), "{name}={value} is not named with its value:\n{err}");
+        for said in says {
+            assert!(err.contains(said), "{name}={value}: not `{said}`:\n{err}");
+        }
+        assert!(!err.contains("invalid digit") && !err.contains("not a boolean") && !err.contains("invalid socket address"), "{name}={value}:\n{err}");
+    }
+    let out = Command::new(bin("claude-runner")).arg("agent").env("ALLOW_INSECURE_EDGE", "sure").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ALLOW_INSECURE_EDGE: `sure` is neither on nor off") && err.contains("unset, it is off"), "{err}");
+}

@@ -168,6 +168,43 @@ async fn an_agent_whose_backoff_has_grown_comes_back_for_its_job_before_the_edge
     assert_eq!(s.agent.claude_runs().len(), 1);
 }
 
+/// soak2: an agent learned `LOST_AFTER_MS` only from its first welcome, so one started
+/// holding a result while the edge was unreachable (a host reboot) grew its delay toward
+/// 30 s, and an edge with a low `LOST_AFTER_MS` gave the succeeded job up as lost once
+/// back. It keeps the last welcome's value in DATA_DIR and caps from its start: here a
+/// result is held in its slot record (the edge never got it), the agent is killed, and it
+/// starts again while the edge is down, for eight dials — uncapped, the seventh and eighth
+/// waits would be 8 and 16 s jittered by half, over a quarter of the 8 s. Read from the
+/// agent's log; then the edge comes back and the job succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_holding_a_result_while_the_edge_is_down_caps_its_delay_from_its_start() {
+    let mut s = ProxiedAgent::start(&[("LOST_AFTER_MS", "8000"), ("HEARTBEAT_INTERVAL_MS", "5000")]).await;
+    let job_id = s.run_job("@sleep=300 held across a reboot").await;
+    s.proxy.blackhole(Direction::Up);
+    let data = s.agent.data.path().join("data");
+    assert!(eventually(Duration::from_secs(60), || slot_record_names(&data, 0, &job_id) == (true, true)).await, "{}", s.agent.log());
+    s.agent.kill();
+    s.edge.stop();
+    s.proxy.reset();
+    let before = s.agent.log().len();
+    s.agent.restart();
+    let delays = |log: &str| -> Vec<u64> {
+        log[before..]
+            .lines()
+            .filter(|l| l.contains("reconnecting"))
+            .map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("delay_ms=")).and_then(|v| v.parse().ok()).unwrap_or(u64::MAX))
+            .collect()
+    };
+    assert!(eventually(Duration::from_secs(120), || delays(&s.agent.log()).len() >= 8).await, "{}", s.agent.log());
+    let log = s.agent.log();
+    let waits = delays(&log);
+    assert!(waits.iter().all(|&d| d <= 2_000), "waits over a quarter of LOST_AFTER_MS before any welcome: {waits:?}\n{log}");
+    s.edge.restart();
+    let job = s.client.wait_job(&job_id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}\n{}", s.agent.log(), s.edge.log());
+    assert_eq!(s.agent.claude_runs().len(), 1, "ran once");
+}
+
 /// An edge that stops says so (a goodbye and a close, both 4005: it is restarting): it is
 /// back in a moment, and the agent starts its reconnect backoff over instead of waiting out
 /// the one earlier short connections grew (after six, at least 8 s: 16 s jittered by half).

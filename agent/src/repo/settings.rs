@@ -27,14 +27,16 @@ pub struct RepoArgs {
     #[arg(long, env = "REPO_TOKENS", hide_env_values = true)]
     pub repo_tokens: Option<String>,
     /// Size the repository mirrors may take before the least recently used are removed.
-    #[arg(long, env = "REPO_CACHE_MAX_BYTES", default_value_t = DEFAULT_CACHE_MAX_BYTES)]
+    #[arg(long, env = "REPO_CACHE_MAX_BYTES", default_value_t = DEFAULT_CACHE_MAX_BYTES,
+          value_parser = crate::setting_value::whole("REPO_CACHE_MAX_BYTES", "bytes", 0, None, DEFAULT_CACHE_MAX_BYTES))]
     pub repo_cache_max_bytes: u64,
     /// Keep a failed job's checkout under DATA_DIR/workspaces for a post-mortem.
     /// (`1`, `true`, `yes` or `on`).
-    #[arg(long, env = "KEEP_FAILED_WORKSPACES", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, env = "KEEP_FAILED_WORKSPACES", action = clap::ArgAction::SetTrue, value_parser = crate::setting_value::switch("KEEP_FAILED_WORKSPACES"))]
     pub keep_failed_workspaces: bool,
     /// Largest `diff` a result carries; longer ones are cut (`diff_truncated`).
-    #[arg(long, env = "MAX_DIFF_BYTES", default_value_t = DEFAULT_MAX_DIFF_BYTES)]
+    #[arg(long, env = "MAX_DIFF_BYTES", default_value_t = DEFAULT_MAX_DIFF_BYTES,
+          value_parser = crate::setting_value::whole("MAX_DIFF_BYTES", "bytes", 1, Some(MAX_MAX_DIFF_BYTES), DEFAULT_MAX_DIFF_BYTES))]
     pub max_diff_bytes: usize,
     /// Author of the commits `push_branch` makes.
     #[arg(long, env = "GIT_AUTHOR_NAME", default_value = DEFAULT_AUTHOR_NAME)]

@@ -41,23 +41,23 @@ fn main() {
         println!("claude-runner-edge {}", env!("CARGO_PKG_VERSION"));
         return;
     }
-    match runtime::log_format(&std::env::var("LOG_FORMAT").unwrap_or_default()) {
+    let env = TextSettings::new(|name| std::env::var_os(name));
+    let format = env.get("LOG_FORMAT");
+    match env.refuse_any().and_then(|()| runtime::log_format(&format.unwrap_or_default()).map_err(anyhow::Error::msg)) {
         Ok(format) => runtime::init_logging(format),
         Err(e) => {
             eprintln!("claude-runner-edge: {e}");
             std::process::exit(1);
         }
     }
-    if let Err(e) = run() {
+    if let Err(e) = run(&env) {
         eprintln!("claude-runner-edge: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run() -> anyhow::Result<()> {
-    edge_native::one_pool_only(|name| std::env::var(name).ok())?;
-    let config = edge_core::Config::from_lookup(|name| std::env::var(name).ok())?;
-    let (listen, data_dir) = host_settings(|name| std::env::var_os(name))?;
+fn run(env: &TextSettings<impl Fn(&str) -> Option<std::ffi::OsString>>) -> anyhow::Result<()> {
+    let (config, listen, data_dir) = read_settings(env)?;
     // One thread: every request and frame goes through the one task that drives the
     // machine, so a second worker only added hand-offs between threads (a futex wake and
     // an epoll round per hop, about a fifth of the edge's CPU per job) and parallelism
@@ -67,6 +67,55 @@ fn run() -> anyhow::Result<()> {
         let server = Server::bind(ServerOptions { config, listen, data_dir }).await?;
         server.serve(runtime::shutdown_signal()).await
     })
+}
+
+/// Every setting the edge reads, checked: a value that is not text is refused before any
+/// other error about a setting read (it would read as unset, and be reported as missing,
+/// or not at all).
+fn read_settings(env: &TextSettings<impl Fn(&str) -> Option<std::ffi::OsString>>) -> anyhow::Result<(edge_core::Config, SocketAddr, PathBuf)> {
+    let pools = edge_native::one_pool_only(|name| env.get(name));
+    let config = edge_core::Config::from_lookup(|name| env.get(name));
+    // Read by the server as it binds.
+    env.get("MAX_CONNECTIONS");
+    env.refuse_any()?;
+    pools?;
+    let config = config?;
+    let (listen, data_dir) = host_settings(|name| (env.get_os)(name))?;
+    Ok((config, listen, data_dir))
+}
+
+/// The environment, read as text settings. `std::env::var(name).ok()` read a value that
+/// is not UTF-8 (a NOTIFY_URL written in Latin-1) as unset: the edge started without
+/// alerts, saying nothing. Such a setting is remembered as it is read, and refused.
+struct TextSettings<G> {
+    get_os: G,
+    not_text: std::cell::RefCell<Option<String>>,
+}
+
+impl<G: Fn(&str) -> Option<std::ffi::OsString>> TextSettings<G> {
+    fn new(get_os: G) -> Self {
+        TextSettings { get_os, not_text: std::cell::RefCell::new(None) }
+    }
+
+    /// The setting's value; `None` when unset, or not text (see [`TextSettings::refuse_any`]).
+    fn get(&self, name: &str) -> Option<String> {
+        match (self.get_os)(name)?.into_string() {
+            Ok(text) => Some(text),
+            Err(_) => {
+                self.not_text.borrow_mut().get_or_insert_with(|| name.to_string());
+                None
+            }
+        }
+    }
+
+    /// The first setting read that is not text, named; never its value (it may be a
+    /// secret, or a webhook's URL holding one).
+    fn refuse_any(&self) -> anyhow::Result<()> {
+        match self.not_text.borrow().as_deref() {
+            Some(name) => anyhow::bail!("{name} is not UTF-8 text (its value is not shown: it may hold a secret); set it again as plain UTF-8 text, or unset it"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// `LISTEN` and `DATA_DIR`, the settings only this host reads. Empty is unset, as for
@@ -120,6 +169,28 @@ mod tests {
         assert_eq!(data_dir, PathBuf::from("/home/spark/.local/share/claude-runner/edge"));
         let (listen, data_dir) = host_settings(settings(&[("LISTEN", " [::1]:9000 "), ("DATA_DIR", "/var/lib/e ")])).unwrap();
         assert_eq!((listen.to_string(), data_dir), ("[::1]:9000".to_string(), PathBuf::from("/var/lib/e")));
+    }
+
+    /// A value that is not UTF-8 was read as unset: refused, named, not shown, before any
+    /// other error (RUNNER_SECRET not text was "missing").
+    #[test]
+    fn a_setting_that_is_not_text_is_refused_by_name() {
+        use std::os::unix::ffi::OsStrExt;
+        for name in ["NOTIFY_URL", "RUNNER_SECRET", "LOST_AFTER_MS", "MAX_CONNECTIONS", "POOLS"] {
+            let env = TextSettings::new(|asked: &str| match asked {
+                _ if asked == name => Some(std::ffi::OsStr::from_bytes(b"https://h/caf\xe9-token").to_os_string()),
+                "RUNNER_SECRET" => Some("0123456789abcdef0123".into()),
+                "EDGE_SIGNING_KEY" => Some("CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=".into()),
+                "AGENT_PUBLIC_KEYS" => Some("spark=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=".into()),
+                _ => None,
+            });
+            let err = format!("{:#}", read_settings(&env).unwrap_err());
+            assert!(err.starts_with(&format!("{name} is not UTF-8 text")), "{name}: {err}");
+            assert!(!err.contains("caf") && !err.contains("https"), "the value is shown: {err}");
+        }
+        let env = TextSettings::new(|asked: &str| (asked == "LOG_FORMAT").then(|| std::ffi::OsString::from("json")));
+        assert_eq!(env.get("LOG_FORMAT").as_deref(), Some("json"));
+        assert!(env.refuse_any().is_ok());
     }
 
     /// A bad key was said twice on the one line the edge stops with ("…printed: …printed"):
