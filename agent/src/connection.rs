@@ -242,14 +242,20 @@ async fn session(
     let mut ws = match timeout(step, dial).await {
         Ok(Ok((ws, _))) => ws,
         Ok(Err(e)) => return dial_failed(&cfg.connect_url, &e),
-        Err(_) => return End::Lost(format!("no answer from the edge at {} within {} ms", cfg.connect_url, step.as_millis())),
+        Err(_) => {
+            reconnect.step_timed_out();
+            return End::Lost(format!("no answer from the edge at {} within {} ms", cfg.connect_url, step.as_millis()));
+        }
     };
 
     // 1. The edge's challenge.
     let challenge = match timeout(step, next_edge_message(&mut ws)).await {
         Ok(Ok(m)) => m,
         Ok(Err(cut)) => return cut.into(),
-        Err(_) => return End::Lost(format!("the edge sent no challenge within {} ms", step.as_millis())),
+        Err(_) => {
+            reconnect.step_timed_out();
+            return End::Lost(format!("the edge sent no challenge within {} ms", step.as_millis()));
+        }
     };
     let EdgeMessage::Challenge { protocol, nonce: challenge, edge_version, .. } = challenge else {
         return refuse(&mut ws, close::PROTOCOL_ERROR, "expected a challenge from the edge".into()).await;
@@ -305,7 +311,10 @@ async fn session(
         }
         Ok(Ok(_)) => return refuse(&mut ws, close::PROTOCOL_ERROR, "expected a welcome from the edge".into()).await,
         Ok(Err(Cut::Broken(why))) => return End::Lost(why),
-        Err(_) => return End::Lost(format!("the edge did not answer the hello within {} ms", step.as_millis())),
+        Err(_) => {
+            reconnect.step_timed_out();
+            return End::Lost(format!("the edge did not answer the hello within {} ms", step.as_millis()));
+        }
     };
     let welcome: Welcome = match welcome.open(Domain::Welcome, &cfg.edge_public_key) {
         Ok(w) => w,

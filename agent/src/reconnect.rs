@@ -25,7 +25,9 @@
 //! and says nothing) waited out the whole handshake timeout, 10 s a step, and outlasted a
 //! `LOST_AFTER_MS` of 8 s. So while the agent holds work, each step of the handshake is
 //! bounded by a quarter of `LOST_AFTER_MS` too, never under [`DIAL_FLOOR`] (a TLS dial
-//! over a slow link must still get through): a hung dial leaves time for others. Once
+//! over a slow link must still get through): a hung dial leaves time for others. A step
+//! that timed out doubles the next dial's bound (until a welcome), so a link slower than a
+//! quarter (3 s a step against 8 s) gets through at the second dial, not never. Once
 //! the agent has been away longer than `LOST_AFTER_MS` the edge has given that work up,
 //! and the full timeout is back — a link slower than the shortened bound is never kept
 //! from connecting for good (held results wait for it).
@@ -60,6 +62,8 @@ pub struct Reconnect {
     unproven_restart: bool,
     /// When the last welcomed connection ended.
     away_since: Option<Instant>,
+    /// Handshake steps that timed out since the last welcome.
+    slow_steps: u32,
 }
 
 impl Default for Reconnect {
@@ -81,6 +85,7 @@ impl Default for Reconnect {
             connected: false,
             unproven_restart: false,
             away_since: None,
+            slow_steps: 0,
         }
     }
 }
@@ -101,6 +106,7 @@ impl Reconnect {
     pub fn welcomed(&mut self, lost_after_ms: Option<u64>) -> bool {
         self.connected = true;
         self.unproven_restart = false;
+        self.slow_steps = 0;
         std::mem::replace(&mut self.lost_after_ms, lost_after_ms) != lost_after_ms
     }
 
@@ -135,11 +141,17 @@ impl Reconnect {
         capped(grown, holding, self.lost_after_ms, f64::from(jitter) / 255.0)
     }
 
+    /// A step of this dial's handshake timed out: the next dial's steps get twice as long
+    /// (see [`handshake_timeout`]), until a welcome.
+    pub fn step_timed_out(&mut self) {
+        self.slow_steps = self.slow_steps.saturating_add(1);
+    }
+
     /// The bound on each step of the next handshake (dial, challenge, hello, welcome);
     /// `holding` as for [`Reconnect::next`].
     pub fn handshake_timeout(&self, holding: bool) -> Duration {
         let away = self.away_since.map_or(Duration::ZERO, |since| since.elapsed());
-        handshake_timeout(holding, self.lost_after_ms, away)
+        handshake_timeout(holding, self.lost_after_ms, away, self.slow_steps)
     }
 }
 
@@ -163,11 +175,17 @@ pub fn capped(grown: Duration, holding: bool, lost_after_ms: Option<u64>, jitter
 
 /// Each handshake step's bound: a quarter of `LOST_AFTER_MS` (within [`DIAL_FLOOR`] and
 /// [`HANDSHAKE_TIMEOUT`]) while the agent holds work and has been `away` less than it, so
-/// that a hung dial leaves time for another before the edge gives the work up; the full
-/// timeout otherwise.
-pub fn handshake_timeout(holding: bool, lost_after_ms: Option<u64>, away: Duration) -> Duration {
+/// that a hung dial leaves time for another before the edge gives the work up; doubled for
+/// each of the `slow_steps` that timed out since the last welcome (up to the full timeout),
+/// so that a link slower than a quarter of it (3 s a step against LOST_AFTER_MS 8 s) gets
+/// through at the second dial instead of never within the budget; the full timeout
+/// otherwise.
+pub fn handshake_timeout(holding: bool, lost_after_ms: Option<u64>, away: Duration, slow_steps: u32) -> Duration {
     match lost_after_ms {
-        Some(ms) if holding && away < Duration::from_millis(ms) => Duration::from_millis(ms / 4).clamp(DIAL_FLOOR, HANDSHAKE_TIMEOUT),
+        Some(ms) if holding && away < Duration::from_millis(ms) => {
+            let quarter = Duration::from_millis(ms / 4).clamp(DIAL_FLOOR, HANDSHAKE_TIMEOUT);
+            quarter.saturating_mul(1u32 << slow_steps.min(8)).min(HANDSHAKE_TIMEOUT)
+        }
         _ => HANDSHAKE_TIMEOUT,
     }
 }
@@ -228,16 +246,16 @@ mod tests {
     #[test]
     fn while_holding_work_a_dial_is_bounded_by_a_quarter_of_lost_after_ms() {
         let away = Duration::from_secs(1);
-        assert_eq!(handshake_timeout(true, Some(8_000), away), Duration::from_secs(2));
-        assert_eq!(handshake_timeout(true, Some(20_000), away), Duration::from_secs(5));
+        assert_eq!(handshake_timeout(true, Some(8_000), away, 0), Duration::from_secs(2));
+        assert_eq!(handshake_timeout(true, Some(20_000), away, 0), Duration::from_secs(5));
         // Never under the floor, never over the full timeout.
-        assert_eq!(handshake_timeout(true, Some(1_000), Duration::from_millis(100)), DIAL_FLOOR);
-        assert_eq!(handshake_timeout(true, Some(120_000), away), HANDSHAKE_TIMEOUT);
+        assert_eq!(handshake_timeout(true, Some(1_000), Duration::from_millis(100), 0), DIAL_FLOOR);
+        assert_eq!(handshake_timeout(true, Some(120_000), away, 0), HANDSHAKE_TIMEOUT);
         // Nothing held, an edge that did not say, or the work given up by the edge already
         // (away longer than LOST_AFTER_MS: a slow link must still get through): the full one.
-        assert_eq!(handshake_timeout(false, Some(8_000), away), HANDSHAKE_TIMEOUT);
-        assert_eq!(handshake_timeout(true, None, away), HANDSHAKE_TIMEOUT);
-        assert_eq!(handshake_timeout(true, Some(8_000), Duration::from_secs(9)), HANDSHAKE_TIMEOUT);
+        assert_eq!(handshake_timeout(false, Some(8_000), away, 0), HANDSHAKE_TIMEOUT);
+        assert_eq!(handshake_timeout(true, None, away, 0), HANDSHAKE_TIMEOUT);
+        assert_eq!(handshake_timeout(true, Some(8_000), Duration::from_secs(9), 0), HANDSHAKE_TIMEOUT);
         // Counted from the end of the last welcomed connection; never welcomed: the full one.
         let mut r = Reconnect::default();
         assert_eq!(r.handshake_timeout(true), HANDSHAKE_TIMEOUT);
@@ -245,6 +263,33 @@ mod tests {
         r.next(Duration::from_secs(1), true);
         assert_eq!(r.handshake_timeout(true), Duration::from_secs(2));
         assert_eq!(r.handshake_timeout(false), HANDSHAKE_TIMEOUT);
+    }
+
+    /// rev18: a link that needs 3 s for a handshake step (a satellite hop, a slow TLS
+    /// proxy) with LOST_AFTER_MS 8 s: every step bounded at 2 s failed every dial until the
+    /// agent had been away 8 s — the edge had given the work up by then — where before the
+    /// bound it connected at the first dial. A step that timed out doubles the next dial's
+    /// bound (up to the full one), until a welcome: the second dial gets 4 s and connects,
+    /// and a hung dial still leaves time for another.
+    #[test]
+    fn a_step_that_timed_out_doubles_the_next_dials_bound() {
+        let mut r = Reconnect::default();
+        r.welcomed(Some(8_000));
+        r.next(Duration::from_secs(1), true);
+        assert_eq!(r.handshake_timeout(true), Duration::from_secs(2));
+        r.step_timed_out();
+        r.next(Duration::ZERO, true);
+        assert_eq!(r.handshake_timeout(true), Duration::from_secs(4), "a 3 s link never gets through within the budget");
+        r.step_timed_out();
+        assert_eq!(r.handshake_timeout(true), Duration::from_secs(8));
+        for _ in 0..40 {
+            r.step_timed_out();
+        }
+        assert_eq!(r.handshake_timeout(true), HANDSHAKE_TIMEOUT, "never over the full timeout");
+        // A welcome starts it over.
+        r.welcomed(Some(8_000));
+        r.next(Duration::from_secs(1), true);
+        assert_eq!(r.handshake_timeout(true), Duration::from_secs(2));
     }
 
     /// soak2: the agent learned `LOST_AFTER_MS` only from the first welcome after its
@@ -288,7 +333,7 @@ mod tests {
                     assert!(d <= grown && d >= grown.min(INITIAL), "{planted} ms, {grown:?}: {d:?}");
                 }
             }
-            let held_since_start = handshake_timeout(true, Some(planted), Duration::ZERO);
+            let held_since_start = handshake_timeout(true, Some(planted), Duration::ZERO, 0);
             assert!((DIAL_FLOOR..=HANDSHAKE_TIMEOUT).contains(&held_since_start), "{planted} ms: {held_since_start:?}");
         }
         let r = Reconnect::remembering(Some(1));
