@@ -362,7 +362,9 @@ async fn session(
     }
     if reconnect.welcomed(welcome.lost_after_ms) {
         if let Err(e) = crate::lost_after::keep(&cfg.data_dir, welcome.lost_after_ms) {
-            warn!(agent_id = %cfg.agent_id, error = %e, "cannot keep the edge's LOST_AFTER_MS in DATA_DIR; after a restart the reconnect delay is capped from the first welcome only");
+            // Written again at the next welcome, saying the same or not.
+            reconnect.not_kept();
+            warn!(agent_id = %cfg.agent_id, error = %e, "cannot keep the edge's LOST_AFTER_MS in DATA_DIR (free space there, or give the agent's user its files back); tried again at the next welcome, and until then a restart caps the reconnect delay from the value kept before, or from its first welcome");
         }
     }
     info!(agent_id = %cfg.agent_id, session = %welcome.session_id, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the edge");

@@ -64,6 +64,8 @@ pub struct Reconnect {
     away_since: Option<Instant>,
     /// Handshake steps that timed out since the last welcome.
     slow_steps: u32,
+    /// What the last welcome said is not in DATA_DIR (its write failed).
+    unkept: bool,
 }
 
 impl Default for Reconnect {
@@ -86,6 +88,7 @@ impl Default for Reconnect {
             unproven_restart: false,
             away_since: None,
             slow_steps: 0,
+            unkept: false,
         }
     }
 }
@@ -102,12 +105,20 @@ impl Reconnect {
 
     /// The edge welcomed the agent and said how long it waits for an agent that holds jobs
     /// (`None`: an edge of before the field, uncapped). True when that is not what the
-    /// agent knew: the value to remember changed.
+    /// agent knew, or what it knew could not be kept ([`Reconnect::not_kept`]): the value
+    /// to write down.
     pub fn welcomed(&mut self, lost_after_ms: Option<u64>) -> bool {
         self.connected = true;
         self.unproven_restart = false;
         self.slow_steps = 0;
-        std::mem::replace(&mut self.lost_after_ms, lost_after_ms) != lost_after_ms
+        let unkept = std::mem::take(&mut self.unkept);
+        std::mem::replace(&mut self.lost_after_ms, lost_after_ms) != lost_after_ms || unkept
+    }
+
+    /// What the last welcome said could not be written down (`lost_after::keep` failed):
+    /// the next welcome says it changed, so that it is written again.
+    pub fn not_kept(&mut self) {
+        self.unkept = true;
     }
 
     /// The edge closed an established connection saying it is restarting: it is back in a
@@ -352,6 +363,26 @@ mod tests {
         assert!(!r.welcomed(None));
         let mut r = Reconnect::remembering(None);
         assert!(r.welcomed(Some(10_000)));
+    }
+
+    /// rev19: a welcome that changed the value and could not write it down (DATA_DIR full
+    /// at that moment) was never written at a later welcome saying the same: the file kept
+    /// the old value (120 s where the edge now says 8 s), and an agent restarted holding
+    /// results while the edge was down capped its delay from it — 30 s, the jobs lost.
+    /// A value not kept is written again at the next welcome, until it is.
+    #[test]
+    fn a_value_that_could_not_be_kept_is_written_again_at_the_next_welcome() {
+        let mut r = Reconnect::remembering(Some(120_000));
+        assert!(r.welcomed(Some(8_000)));
+        r.not_kept();
+        r.next(Duration::from_secs(1), true);
+        assert!(r.welcomed(Some(8_000)), "the disk still says 120 s");
+        r.next(Duration::from_secs(1), true);
+        assert!(!r.welcomed(Some(8_000)), "kept at the last welcome");
+        // An edge of before the field, whose removal failed: removed again.
+        assert!(r.welcomed(None));
+        r.not_kept();
+        assert!(r.welcomed(None));
     }
 
     #[test]
