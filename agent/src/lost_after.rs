@@ -92,4 +92,26 @@ mod tests {
         assert_eq!(read(&dir, "a"), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A job of the agent's user plants a link or a pipe at the name: a link is not read
+    /// through, and the write replaces the link, never the file it names; a pipe is not
+    /// waited on (the agent's start would hang for ever).
+    #[test]
+    fn a_planted_link_or_pipe_is_neither_followed_nor_waited_on() {
+        let dir = std::env::temp_dir().join(format!("cr-lost-after-planted-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let other = dir.join("other");
+        std::fs::write(&other, b"9000").unwrap();
+        std::os::unix::fs::symlink(&other, path(&dir)).unwrap();
+        assert_eq!(read(&dir, "a"), None, "read through a link");
+        keep(&dir, Some(8_000)).unwrap();
+        assert_eq!(std::fs::read(&other).unwrap(), b"9000", "the write followed the link");
+        assert_eq!(read(&dir, "a"), Some(8_000));
+        std::fs::remove_file(path(&dir)).unwrap();
+        let fifo = std::ffi::CString::new(path(&dir).into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path it is given.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        assert_eq!(read(&dir, "a"), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
