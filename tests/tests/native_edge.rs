@@ -491,7 +491,7 @@ fn a_setting_that_is_not_text_stops_the_edge_at_start_naming_it() {
     use std::os::unix::ffi::OsStrExt;
     let keys = Keys::new(&["spark"]);
     let data = TempDir::new("edge");
-    for name in ["NOTIFY_URL", "LOST_AFTER_MS", "LOG_FORMAT", "MAX_CONNECTIONS"] {
+    for name in ["NOTIFY_URL", "LOST_AFTER_MS", "LOG_FORMAT", "MAX_CONNECTIONS", "RUST_LOG"] {
         let mut edge = std::process::Command::new(bin("claude-runner-edge"))
             .env("RUNNER_SECRET", SECRET)
             .env("EDGE_SIGNING_KEY", shared::keys::encode_signing(&keys.edge))

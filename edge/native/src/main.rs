@@ -43,6 +43,9 @@ fn main() {
     }
     let env = TextSettings::new(|name| std::env::var_os(name));
     let format = env.get("LOG_FORMAT");
+    // Read by the logger itself (`runtime::init_logging`), which takes a value that is not
+    // text as unset, the filter `info`, and says nothing.
+    env.get("RUST_LOG");
     match env.refuse_any().and_then(|()| runtime::log_format(&format.unwrap_or_default()).map_err(anyhow::Error::msg)) {
         Ok(format) => runtime::init_logging(format),
         Err(e) => {
