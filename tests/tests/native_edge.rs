@@ -446,6 +446,31 @@ fn the_listen_backlog_follows_max_connections() {
     assert_eq!(backlogs, [700.min(somaxconn)], "ss: {listed}\n{}", edge.log());
 }
 
+/// The native edge started with one setting added to a working set, stopped after 60 s if
+/// it is still running (an edge that takes the setting serves on, and the case fails): how
+/// it ended and what it said.
+fn edge_started_with(keys: &Keys, data: &TempDir, name: &str, value: &std::ffi::OsStr) -> (std::process::Output, String) {
+    let mut edge = std::process::Command::new(bin("claude-runner-edge"))
+        .env("RUNNER_SECRET", SECRET)
+        .env("EDGE_SIGNING_KEY", shared::keys::encode_signing(&keys.edge))
+        .env("AGENT_PUBLIC_KEYS", keys.agent_public_keys())
+        .env("LISTEN", "127.0.0.1:0")
+        .env("DATA_DIR", data.path().join("db"))
+        .env(name, value)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while edge.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = edge.kill();
+    let out = edge.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stderr)
+}
+
 /// A MAX_CONNECTIONS the edge cannot hold is refused at start, saying what to set; so is
 /// an SSE_KEEPALIVE_MS below 100 ms (it was raised to 100 without a word).
 #[test]
@@ -460,25 +485,7 @@ fn a_bad_max_connections_stops_the_edge_at_start_with_what_to_do() {
         ("SSE_KEEPALIVE_MS", "50", "at least 100 milliseconds"),
     ];
     for (name, value, says) in cases {
-        let mut edge = std::process::Command::new(bin("claude-runner-edge"))
-            .env("RUNNER_SECRET", SECRET)
-            .env("EDGE_SIGNING_KEY", shared::keys::encode_signing(&keys.edge))
-            .env("AGENT_PUBLIC_KEYS", keys.agent_public_keys())
-            .env("LISTEN", "127.0.0.1:0")
-            .env("DATA_DIR", data.path().join("db"))
-            .env(name, value)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        // An edge that takes the setting serves on: it is stopped and the case fails.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while edge.try_wait().unwrap().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = edge.kill();
-        let out = edge.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let (out, stderr) = edge_started_with(&keys, &data, name, value.as_ref());
         assert!(!out.status.success() && stderr.contains(name) && stderr.contains(says), "{name}={value}: {stderr}");
     }
 }
@@ -492,25 +499,7 @@ fn a_setting_that_is_not_text_stops_the_edge_at_start_naming_it() {
     let keys = Keys::new(&["spark"]);
     let data = TempDir::new("edge");
     for name in ["NOTIFY_URL", "LOST_AFTER_MS", "LOG_FORMAT", "MAX_CONNECTIONS", "RUST_LOG"] {
-        let mut edge = std::process::Command::new(bin("claude-runner-edge"))
-            .env("RUNNER_SECRET", SECRET)
-            .env("EDGE_SIGNING_KEY", shared::keys::encode_signing(&keys.edge))
-            .env("AGENT_PUBLIC_KEYS", keys.agent_public_keys())
-            .env("LISTEN", "127.0.0.1:0")
-            .env("DATA_DIR", data.path().join("db"))
-            .env(name, std::ffi::OsStr::from_bytes(b"https://ntfy.example/caf\xe9-topic-token"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        // An edge that takes the setting serves on: it is stopped and the case fails.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while edge.try_wait().unwrap().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = edge.kill();
-        let out = edge.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let (out, stderr) = edge_started_with(&keys, &data, name, std::ffi::OsStr::from_bytes(b"https://ntfy.example/caf\xe9-topic-token"));
         assert!(!out.status.success() && stderr.contains(&format!("{name} is not UTF-8 text")), "{name}: {stderr}");
         assert!(!stderr.contains("topic-token") && !stderr.contains("ntfy"), "{name}: the value is shown: {stderr}");
     }
