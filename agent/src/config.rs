@@ -217,17 +217,7 @@ fn settings_as_meant(
     cli: &clap::Command,
     lookup: impl Fn(&std::ffi::OsStr) -> Option<std::ffi::OsString>,
 ) -> Vec<(std::ffi::OsString, Option<std::ffi::OsString>)> {
-    fn names(cmd: &clap::Command, out: &mut Vec<std::ffi::OsString>) {
-        out.extend(cmd.get_arguments().filter_map(|a| a.get_env().map(|e| e.to_os_string())));
-        for sub in cmd.get_subcommands() {
-            names(sub, out);
-        }
-    }
-    let mut settings = Vec::new();
-    names(cli, &mut settings);
-    settings.sort();
-    settings.dedup();
-    settings
+    setting_names(cli, |_| true)
         .into_iter()
         .filter_map(|name| {
             let raw = lookup(&name)?;
@@ -235,6 +225,43 @@ fn settings_as_meant(
             (meant.as_ref() != Some(&raw)).then_some((name, meant))
         })
         .collect()
+}
+
+/// The variables the flags of `cli` read, in every subcommand, those `keep` keeps, sorted.
+fn setting_names(cli: &clap::Command, keep: impl Fn(&clap::Arg) -> bool + Copy) -> Vec<std::ffi::OsString> {
+    fn names(cmd: &clap::Command, keep: impl Fn(&clap::Arg) -> bool + Copy, out: &mut Vec<std::ffi::OsString>) {
+        out.extend(cmd.get_arguments().filter(|a| keep(a)).filter_map(|a| a.get_env().map(|e| e.to_os_string())));
+        for sub in cmd.get_subcommands() {
+            names(sub, keep, out);
+        }
+    }
+    let mut settings = Vec::new();
+    names(cli, keep, &mut settings);
+    settings.sort();
+    settings.dedup();
+    settings
+}
+
+/// Refuses, by name, a setting whose value is not UTF-8 text: every variable a flag of
+/// `cli` reads as text (a path may be any bytes), the secrets the agent reads itself
+/// ([`SECRET_VARS`]) and `RUST_LOG`. Clap refused such a flag's value without saying which
+/// ("invalid UTF-8 was detected in one or more arguments"); a token read by the agent
+/// (`CLAUDE_CODE_OAUTH_TOKEN`, `ANTHROPIC_API_KEY`) was taken as unset — Claude ran
+/// without it and it was not among the values redacted — and `RUST_LOG` as the filter
+/// `info`, each saying nothing. The native edge refuses its settings the same way.
+pub fn refuse_settings_not_text(cli: &clap::Command, lookup: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<(), shared::setting::NotText> {
+    let is_path = |a: &clap::Arg| {
+        let parser = a.get_value_parser().type_id();
+        parser == clap::builder::ValueParser::path_buf().type_id() || parser == clap::builder::ValueParser::os_string().type_id()
+    };
+    let env = shared::setting::TextSettings::new(lookup);
+    for name in setting_names(cli, |a| !is_path(a)) {
+        env.get(&name.to_string_lossy());
+    }
+    for name in SECRET_VARS.iter().chain(&["RUST_LOG"]) {
+        env.get(name);
+    }
+    env.refuse_any()
 }
 
 /// Variables that may hold a secret of the agent or of its edge, git or Anthropic account.
@@ -503,6 +530,27 @@ mod tests {
                 (os("RUNNER_SECRET"), None),
             ]
         );
+    }
+
+    /// A value that is not UTF-8 is refused by name (never shown), whichever of the
+    /// agent's text settings or secrets holds it; a path may be any bytes.
+    #[test]
+    fn a_setting_that_is_not_text_is_refused_by_name() {
+        use std::os::unix::ffi::OsStrExt;
+        let cli = <crate::Cli as clap::CommandFactory>::command();
+        let not_text = || std::ffi::OsStr::from_bytes(b"tok-\xe9-0123456789").to_os_string();
+        assert_eq!(refuse_settings_not_text(&cli, |_| Some("text".into())), Ok(()));
+        for name in ["CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "GITHUB_TOKEN", "REPO_TOKENS",
+            "AGENT_SIGNING_KEY", "RUNNER_SECRET", "EDGE_URL", "CLAUDE_MODEL", "MAX_CONCURRENT_JOBS", "LOG_FORMAT", "RUST_LOG",
+            "CLAUDE_RUNNER_URL"]
+        {
+            let err = refuse_settings_not_text(&cli, |asked| (asked == name).then(not_text)).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{name} is not UTF-8 text")), "{name}: {err}");
+            assert!(!err.contains("tok-") && !err.contains("0123456789"), "the value is shown: {err}");
+        }
+        for path in ["DATA_DIR", "CLAUDE_CONFIG_DIR", "AGENT_KEY_FILE"] {
+            assert_eq!(refuse_settings_not_text(&cli, |asked| (asked == path).then(not_text)), Ok(()), "{path} is a path");
+        }
     }
 
     #[test]

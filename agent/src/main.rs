@@ -167,7 +167,12 @@ fn main() {
     // (`AGENT_SIGNING_KEY` among them, clap's `env`), and the zygote's heap is every
     // launcher's, warden's and pre-exec Claude's. Which command runs is known only after.
     zygote::start();
-    config::tidy_settings(&<Cli as clap::CommandFactory>::command());
+    let command = <Cli as clap::CommandFactory>::command();
+    config::tidy_settings(&command);
+    if let Err(e) = config::refuse_settings_not_text(&command, |name| std::env::var_os(name)) {
+        eprintln!("claude-runner: {e}");
+        std::process::exit(1);
+    }
     let cli = Cli::parse();
     #[cfg(feature = "up")]
     let runs_jobs = matches!(cli.command, Command::Agent { drain: false, .. } | Command::Up(_));

@@ -1770,3 +1770,49 @@ fn a_refused_setting_says_what_to_write() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ALLOW_INSECURE_EDGE: `sure` is neither on nor off") && err.contains("unset, it is off"), "{err}");
 }
+
+/// A value that is not UTF-8 was refused by clap without a name ("invalid UTF-8 was
+/// detected in one or more arguments"), and a token the agent reads itself
+/// (`ANTHROPIC_API_KEY`, `CLAUDE_CODE_OAUTH_TOKEN`) or an edge setting `up` reads
+/// (`NOTIFY_URL`) was taken as unset, saying nothing. Each is now refused by name, its
+/// value never shown; a folder setting may still be any bytes.
+#[test]
+fn a_setting_that_is_not_text_is_refused_by_name() {
+    use std::os::unix::ffi::OsStrExt;
+    let not_text = std::ffi::OsStr::from_bytes(b"tok-caf\xe9-0123456789");
+    let cases: [(&[&str], &str); 5] = [
+        (&["agent"], "ANTHROPIC_API_KEY"),
+        (&["agent"], "CLAUDE_CODE_OAUTH_TOKEN"),
+        (&["agent"], "CLAUDE_MODEL"),
+        (&["status"], "RUST_LOG"),
+        (&["submit", "hello"], "RUNNER_SECRET"),
+    ];
+    for (command, name) in cases {
+        let data = TempDir::new("not-text");
+        let out = Command::new(bin("claude-runner")).args(command).env("DATA_DIR", data.path()).env(name, not_text).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: {err}");
+        assert!(err.contains(&format!("{name} is not UTF-8 text")), "{name} is not named:\n{err}");
+        assert!(!err.contains("tok-") && !err.contains("0123456789"), "{name}'s value is shown:\n{err}");
+    }
+    // `up` reads the edge's settings: NOTIFY_URL in Latin-1 meant no alerts, said nowhere.
+    let data = TempDir::new("not-text-up");
+    let fake = TempDir::new("not-text-bin");
+    std::os::unix::fs::symlink(bin("claude-standin"), fake.path().join("claude")).unwrap();
+    let path = format!("{}:{}", fake.path().display(), std::env::var("PATH").unwrap_or_default());
+    // Bounded: before, `up` started and served.
+    let out = Command::new("timeout")
+        .args(["30".as_ref(), bin("claude-runner").as_os_str(), "up".as_ref()])
+        .env("PATH", path)
+        .env("DATA_DIR", data.path())
+        .env("LISTEN", "127.0.0.1:0")
+        .env("NOTIFY_URL", not_text)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("NOTIFY_URL is not UTF-8 text"), "up:\n{err}");
+    // A folder may be any bytes: the status command starts and says no agent ran there.
+    let out = Command::new(bin("claude-runner")).arg("status").env("DATA_DIR", data.path().join(std::ffi::OsStr::from_bytes(b"caf\xe9"))).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!err.contains("not UTF-8"), "a folder setting was refused:\n{err}");
+}

@@ -2,6 +2,7 @@
 //! environment (README "Configuration"); `--help` lists it.
 
 use edge_native::{Server, ServerOptions};
+use shared::setting::TextSettings;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -46,7 +47,7 @@ fn main() {
     // Read by the logger itself (`runtime::init_logging`), which takes a value that is not
     // text as unset, the filter `info`, and says nothing.
     env.get("RUST_LOG");
-    match env.refuse_any().and_then(|()| runtime::log_format(&format.unwrap_or_default()).map_err(anyhow::Error::msg)) {
+    match env.refuse_any().map_err(anyhow::Error::from).and_then(|()| runtime::log_format(&format.unwrap_or_default()).map_err(anyhow::Error::msg)) {
         Ok(format) => runtime::init_logging(format),
         Err(e) => {
             eprintln!("claude-runner-edge: {e}");
@@ -83,42 +84,8 @@ fn read_settings(env: &TextSettings<impl Fn(&str) -> Option<std::ffi::OsString>>
     env.refuse_any()?;
     pools?;
     let config = config?;
-    let (listen, data_dir) = host_settings(|name| (env.get_os)(name))?;
+    let (listen, data_dir) = host_settings(|name| env.get_os(name))?;
     Ok((config, listen, data_dir))
-}
-
-/// The environment, read as text settings. `std::env::var(name).ok()` read a value that
-/// is not UTF-8 (a NOTIFY_URL written in Latin-1) as unset: the edge started without
-/// alerts, saying nothing. Such a setting is remembered as it is read, and refused.
-struct TextSettings<G> {
-    get_os: G,
-    not_text: std::cell::RefCell<Option<String>>,
-}
-
-impl<G: Fn(&str) -> Option<std::ffi::OsString>> TextSettings<G> {
-    fn new(get_os: G) -> Self {
-        TextSettings { get_os, not_text: std::cell::RefCell::new(None) }
-    }
-
-    /// The setting's value; `None` when unset, or not text (see [`TextSettings::refuse_any`]).
-    fn get(&self, name: &str) -> Option<String> {
-        match (self.get_os)(name)?.into_string() {
-            Ok(text) => Some(text),
-            Err(_) => {
-                self.not_text.borrow_mut().get_or_insert_with(|| name.to_string());
-                None
-            }
-        }
-    }
-
-    /// The first setting read that is not text, named; never its value (it may be a
-    /// secret, or a webhook's URL holding one).
-    fn refuse_any(&self) -> anyhow::Result<()> {
-        match self.not_text.borrow().as_deref() {
-            Some(name) => anyhow::bail!("{name} is not UTF-8 text (its value is not shown: it may hold a secret); set it again as plain UTF-8 text, or unset it"),
-            None => Ok(()),
-        }
-    }
 }
 
 /// `LISTEN` and `DATA_DIR`, the settings only this host reads. Empty is unset, as for
