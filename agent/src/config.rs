@@ -242,24 +242,44 @@ fn setting_names(cli: &clap::Command, keep: impl Fn(&clap::Arg) -> bool + Copy) 
     settings
 }
 
-/// Refuses, by name, a setting whose value is not UTF-8 text: every variable a flag of
-/// `cli` reads as text (a path may be any bytes), the secrets the agent reads itself
-/// ([`SECRET_VARS`]) and `RUST_LOG`. Clap refused such a flag's value without saying which
-/// ("invalid UTF-8 was detected in one or more arguments"); a token read by the agent
-/// (`CLAUDE_CODE_OAUTH_TOKEN`, `ANTHROPIC_API_KEY`) was taken as unset — Claude ran
-/// without it and it was not among the values redacted — and `RUST_LOG` as the filter
-/// `info`, each saying nothing. The native edge refuses its settings the same way.
-pub fn refuse_settings_not_text(cli: &clap::Command, lookup: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<(), shared::setting::NotText> {
-    let is_path = |a: &clap::Arg| {
+/// The commands that read the agent's secrets ([`SECRET_VARS`]) themselves: Claude's
+/// tokens through `oauth::Login`, the rest to redact.
+const READS_SECRETS: &[&str] = &["agent", "up", "doctor", "oauth-status"];
+
+/// Refuses, by name, a setting the command `args` asks for reads whose value is not UTF-8
+/// text: every variable a flag of that command (or a global one) reads as text — a path
+/// may be any bytes —, the secrets it reads itself ([`READS_SECRETS`]) and `RUST_LOG`
+/// (every command logs). Clap refused such a flag's value without saying which ("invalid
+/// UTF-8 was detected in one or more arguments"); a token read by the agent
+/// (`CLAUDE_CODE_OAUTH_TOKEN`, `ANTHROPIC_API_KEY`) was taken as unset — Claude ran without
+/// it and it was not among the values redacted — and `RUST_LOG` as the filter `info`, each
+/// saying nothing. Settings only other commands read are not looked at: a stray byte in
+/// `GIT_AUTHOR_NAME` does not stop `status` or `submit`, which never read it. The native
+/// edge refuses its settings the same way.
+pub fn refuse_settings_not_text(
+    cli: &clap::Command,
+    args: &[std::ffi::OsString],
+    lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<(), shared::setting::NotText> {
+    let text = |a: &clap::Arg| {
         let parser = a.get_value_parser().type_id();
-        parser == clap::builder::ValueParser::path_buf().type_id() || parser == clap::builder::ValueParser::os_string().type_id()
+        parser != clap::builder::ValueParser::path_buf().type_id() && parser != clap::builder::ValueParser::os_string().type_id()
     };
-    let env = shared::setting::TextSettings::new(lookup);
-    for name in setting_names(cli, |a| !is_path(a)) {
-        env.get(&name.to_string_lossy());
+    // The command asked for: the first argument that names one, as clap reads it (a
+    // prompt that names a command, `submit agent`, is submit's).
+    let asked = args.iter().skip(1).find_map(|a| a.to_str().and_then(|a| cli.find_subcommand(a)));
+    let mut names: Vec<std::ffi::OsString> =
+        cli.get_arguments().filter(|a| text(a)).filter_map(|a| a.get_env().map(|e| e.to_os_string())).collect();
+    if let Some(command) = asked {
+        names.extend(setting_names(command, text));
+        if READS_SECRETS.contains(&command.get_name()) {
+            names.extend(SECRET_VARS.iter().map(std::ffi::OsString::from));
+        }
     }
-    for name in SECRET_VARS.iter().chain(&["RUST_LOG"]) {
-        env.get(name);
+    names.push("RUST_LOG".into());
+    let env = shared::setting::TextSettings::new(lookup);
+    for name in names {
+        env.get(&name.to_string_lossy());
     }
     env.refuse_any()
 }
@@ -533,23 +553,48 @@ mod tests {
     }
 
     /// A value that is not UTF-8 is refused by name (never shown), whichever of the
-    /// agent's text settings or secrets holds it; a path may be any bytes.
+    /// command's text settings or secrets holds it; a path may be any bytes; a setting the
+    /// command does not read is not looked at.
     #[test]
     fn a_setting_that_is_not_text_is_refused_by_name() {
         use std::os::unix::ffi::OsStrExt;
         let cli = <crate::Cli as clap::CommandFactory>::command();
+        let args = |a: &[&str]| std::iter::once("claude-runner").chain(a.iter().copied()).map(std::ffi::OsString::from).collect::<Vec<_>>();
         let not_text = || std::ffi::OsStr::from_bytes(b"tok-\xe9-0123456789").to_os_string();
-        assert_eq!(refuse_settings_not_text(&cli, |_| Some("text".into())), Ok(()));
-        for name in ["CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "GITHUB_TOKEN", "REPO_TOKENS",
-            "AGENT_SIGNING_KEY", "RUNNER_SECRET", "EDGE_URL", "CLAUDE_MODEL", "MAX_CONCURRENT_JOBS", "LOG_FORMAT", "RUST_LOG",
-            "CLAUDE_RUNNER_URL"]
-        {
-            let err = refuse_settings_not_text(&cli, |asked| (asked == name).then(not_text)).unwrap_err().to_string();
-            assert!(err.starts_with(&format!("{name} is not UTF-8 text")), "{name}: {err}");
+        assert_eq!(refuse_settings_not_text(&cli, &args(&["agent"]), |_| Some("text".into())), Ok(()));
+        let refused: [(&[&str], &str); 15] = [
+            (&["agent"], "CLAUDE_CODE_OAUTH_TOKEN"),
+            (&["agent"], "ANTHROPIC_API_KEY"),
+            (&["agent"], "ANTHROPIC_AUTH_TOKEN"),
+            (&["agent"], "GITHUB_TOKEN"),
+            (&["agent"], "REPO_TOKENS"),
+            (&["agent"], "AGENT_SIGNING_KEY"),
+            (&["agent"], "EDGE_URL"),
+            (&["--log-format", "json", "agent", "--drain"], "CLAUDE_MODEL"),
+            (&["agent"], "MAX_CONCURRENT_JOBS"),
+            (&["status"], "LOG_FORMAT"),
+            (&["status"], "RUST_LOG"),
+            (&["submit", "agent"], "CLAUDE_RUNNER_URL"),
+            (&["submit", "hi"], "RUNNER_SECRET"),
+            (&["doctor"], "ANTHROPIC_API_KEY"),
+            (&["oauth-status"], "CLAUDE_CODE_OAUTH_TOKEN"),
+        ];
+        for (command, name) in refused {
+            let err = refuse_settings_not_text(&cli, &args(command), |asked| (asked == name).then(not_text)).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{name} is not UTF-8 text")), "{command:?} {name}: {err}");
             assert!(!err.contains("tok-") && !err.contains("0123456789"), "the value is shown: {err}");
         }
-        for path in ["DATA_DIR", "CLAUDE_CONFIG_DIR", "AGENT_KEY_FILE"] {
-            assert_eq!(refuse_settings_not_text(&cli, |asked| (asked == path).then(not_text)), Ok(()), "{path} is a path");
+        let taken: [(&[&str], &str); 7] = [
+            (&["agent"], "DATA_DIR"),
+            (&["agent"], "CLAUDE_CONFIG_DIR"),
+            (&["agent"], "AGENT_KEY_FILE"),
+            (&["status"], "GIT_AUTHOR_NAME"),
+            (&["status"], "ANTHROPIC_API_KEY"),
+            (&["submit", "agent"], "GITHUB_TOKEN"),
+            (&["keygen"], "EDGE_URL"),
+        ];
+        for (command, name) in taken {
+            assert_eq!(refuse_settings_not_text(&cli, &args(command), |asked| (asked == name).then(not_text)), Ok(()), "{command:?} {name}");
         }
     }
 

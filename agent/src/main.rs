@@ -169,11 +169,22 @@ fn main() {
     zygote::start();
     let command = <Cli as clap::CommandFactory>::command();
     config::tidy_settings(&command);
-    if let Err(e) = config::refuse_settings_not_text(&command, |name| std::env::var_os(name)) {
+    // Help and the version are answered whatever the settings hold (they read none), then
+    // a setting the command reads that is not text is refused by name before clap's own
+    // error, which names none.
+    let parsed = <Cli as clap::Parser>::try_parse();
+    if let Err(e) = &parsed {
+        use clap::error::ErrorKind::{DisplayHelp, DisplayHelpOnMissingArgumentOrSubcommand, DisplayVersion};
+        if matches!(e.kind(), DisplayHelp | DisplayHelpOnMissingArgumentOrSubcommand | DisplayVersion) {
+            e.exit();
+        }
+    }
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Err(e) = config::refuse_settings_not_text(&command, &args, |name| std::env::var_os(name)) {
         eprintln!("claude-runner: {e}");
         std::process::exit(1);
     }
-    let cli = Cli::parse();
+    let cli = parsed.unwrap_or_else(|e| e.exit());
     #[cfg(feature = "up")]
     let runs_jobs = matches!(cli.command, Command::Agent { drain: false, .. } | Command::Up(_));
     #[cfg(not(feature = "up"))]

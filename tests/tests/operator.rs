@@ -1811,6 +1811,23 @@ fn a_setting_that_is_not_text_is_refused_by_name() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("NOTIFY_URL is not UTF-8 text"), "up:\n{err}");
+    // A setting the command does not read is not looked at, and help and the version
+    // answer whatever the settings hold.
+    for command in [&["status"][..], &["--version"], &["agent", "--help"]] {
+        let out = Command::new(bin("claude-runner"))
+            .args(command)
+            .env("DATA_DIR", data.path())
+            .env("GIT_AUTHOR_NAME", std::ffi::OsStr::from_bytes(b"Ren\xe9"))
+            .env("ANTHROPIC_API_KEY", not_text)
+            .env("CLAUDE_MODEL", if command[0] == "status" { "opus".as_ref() } else { not_text })
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("not UTF-8") && !err.contains("invalid UTF-8"), "{command:?}:\n{err}");
+        if command[0] != "status" {
+            assert!(out.status.success(), "{command:?}:\n{err}");
+        }
+    }
     // A folder may be any bytes: the status command starts and says no agent ran there.
     let out = Command::new(bin("claude-runner")).arg("status").env("DATA_DIR", data.path().join(std::ffi::OsStr::from_bytes(b"caf\xe9"))).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
