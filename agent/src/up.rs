@@ -121,12 +121,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "AGENT_PUBLIC_KEYS" => Some(agent_public_keys.clone()),
         other => env.get(other),
     });
-    // Read by the server as it binds.
-    env.get("MAX_CONNECTIONS");
+    // Checked by the server as it binds.
+    let max_connections = env.get("MAX_CONNECTIONS");
     env.refuse_any()?;
     pools?;
     let config = config?;
-    let edge = edge_native::Server::bind(edge_native::ServerOptions { config, listen: args.listen, data_dir: root.join("edge") }).await?;
+    let edge = edge_native::Server::bind(edge_native::ServerOptions { config, listen: args.listen, data_dir: root.join("edge"), max_connections }).await?;
     let addr = edge.local_addr();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let edge_stop = {

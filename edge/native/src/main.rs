@@ -61,14 +61,14 @@ fn main() {
 }
 
 fn run(env: &TextSettings<impl Fn(&str) -> Option<std::ffi::OsString>>) -> anyhow::Result<()> {
-    let (config, listen, data_dir) = read_settings(env)?;
+    let options = read_settings(env)?;
     // One thread: every request and frame goes through the one task that drives the
     // machine, so a second worker only added hand-offs between threads (a futex wake and
     // an epoll round per hop, about a fifth of the edge's CPU per job) and parallelism
     // for nothing but socket reads and writes.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let server = Server::bind(ServerOptions { config, listen, data_dir }).await?;
+        let server = Server::bind(options).await?;
         server.serve(runtime::shutdown_signal()).await
     })
 }
@@ -76,16 +76,16 @@ fn run(env: &TextSettings<impl Fn(&str) -> Option<std::ffi::OsString>>) -> anyho
 /// Every setting the edge reads, checked: a value that is not text is refused before any
 /// other error about a setting read (it would read as unset, and be reported as missing,
 /// or not at all).
-fn read_settings(env: &TextSettings<impl Fn(&str) -> Option<std::ffi::OsString>>) -> anyhow::Result<(edge_core::Config, SocketAddr, PathBuf)> {
+fn read_settings(env: &TextSettings<impl Fn(&str) -> Option<std::ffi::OsString>>) -> anyhow::Result<ServerOptions> {
     let pools = edge_native::one_pool_only(|name| env.get(name));
     let config = edge_core::Config::from_lookup(|name| env.get(name));
-    // Read by the server as it binds.
-    env.get("MAX_CONNECTIONS");
+    // Checked by the server as it binds.
+    let max_connections = env.get("MAX_CONNECTIONS");
     env.refuse_any()?;
     pools?;
     let config = config?;
     let (listen, data_dir) = host_settings(|name| env.get_os(name))?;
-    Ok((config, listen, data_dir))
+    Ok(ServerOptions { config, listen, data_dir, max_connections })
 }
 
 /// `LISTEN` and `DATA_DIR`, the settings only this host reads. Empty is unset, as for
@@ -154,7 +154,7 @@ mod tests {
                 "AGENT_PUBLIC_KEYS" => Some("spark=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=".into()),
                 _ => None,
             });
-            let err = format!("{:#}", read_settings(&env).unwrap_err());
+            let err = format!("{:#}", read_settings(&env).err().expect("refused"));
             assert!(err.starts_with(&format!("{name} is not UTF-8 text")), "{name}: {err}");
             assert!(!err.contains("caf") && !err.contains("https"), "the value is shown: {err}");
         }

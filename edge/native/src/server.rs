@@ -41,6 +41,10 @@ pub struct ServerOptions {
     pub config: Config,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// `MAX_CONNECTIONS` as set (`None`: unset), checked here against the descriptor limit
+    /// in force: only this host holds sockets, and both the edge's binary and
+    /// `claude-runner up` start it through here, each reading its settings as text.
+    pub max_connections: Option<String>,
 }
 
 /// A bound, not yet serving, edge server.
@@ -63,8 +67,6 @@ impl Server {
         let config = Arc::new(opts.config.clone());
         let clock = Clock::start();
         let (machine, startup) = edge_core::Edge::restore(opts.config, jobs, Vec::new(), alerts, clock.now());
-        // Read here rather than with the machine's settings: only this host holds sockets,
-        // and both the edge's binary and `claude-runner up` start it through here.
         // Before anything is opened here; MAX_CONNECTIONS (its default, and its check)
         // follows the limit in force.
         let nofile = match runtime::nofile::raise() {
@@ -80,7 +82,7 @@ impl Server {
                 nofile
             }
         };
-        let max_connections = crate::connections::cap_setting(std::env::var("MAX_CONNECTIONS").ok().as_deref(), nofile)
+        let max_connections = crate::connections::cap_setting(opts.max_connections.as_deref(), nofile)
             .map_err(anyhow::Error::msg)?;
         let backlog = crate::listen::backlog(max_connections, crate::listen::somaxconn());
         let listener = crate::listen::listen(opts.listen, backlog).map_err(|e| {
