@@ -136,14 +136,33 @@ async fn send(ws: &mut Socket, msg: &AgentMessage, limit: Duration) -> Result<()
 
 /// A write to the edge, given up after `limit`.
 async fn within<T>(limit: Duration, write: impl std::future::Future<Output = Result<T, WsError>>) -> Result<T, End> {
+    within_or_slow(limit, write).await.map_err(|(end, _)| end)
+}
+
+/// [`within`], saying whether the write ran out of `limit` (`true`) or failed.
+async fn within_or_slow<T>(limit: Duration, write: impl std::future::Future<Output = Result<T, WsError>>) -> Result<T, (End, bool)> {
     match timeout(limit, write).await {
         Ok(Ok(done)) => Ok(done),
-        Ok(Err(e)) => Err(End::Lost(format!("send failed: {e}"))),
-        Err(_) => Err(End::Lost(format!(
-            "could not send to the edge within {} ms: the connection is stuck (half-open?)",
-            limit.as_millis()
-        ))),
+        Ok(Err(e)) => Err((End::Lost(format!("send failed: {e}")), false)),
+        Err(_) => Err((
+            End::Lost(format!("could not send to the edge within {} ms: the connection is stuck (half-open?)", limit.as_millis())),
+            true,
+        )),
     }
+}
+
+/// A handshake step's send (the hello): as [`send`], and one that ran out of `step` is a
+/// slow step, as a late answer is — the next dial's bound grows (`reconnect`). A hello
+/// names every result and running job the agent holds and its mirrors, so on a slow
+/// uplink it is the step that takes longest; counted as a failed write only, every dial
+/// was given the same short bound and failed alike.
+async fn send_step(ws: &mut Socket, msg: &AgentMessage, step: Duration, reconnect: &mut Reconnect) -> Result<(), End> {
+    within_or_slow(step, ws.send(Message::Text(msg.to_text().into()))).await.map_err(|(end, slow)| {
+        if slow {
+            reconnect.step_timed_out();
+        }
+        end
+    })
 }
 
 /// The most frames one write carries, and the bytes past which it takes no more.
@@ -291,7 +310,7 @@ async fn session(
     };
     let envelope = Envelope::seal(Domain::Hello, &hello, &cfg.signing_key);
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: cfg.agent_id.clone(), envelope };
-    if let Err(end) = send(&mut ws, &msg, step).await {
+    if let Err(end) = send_step(&mut ws, &msg, step, reconnect).await {
         return end;
     }
 
@@ -562,5 +581,32 @@ mod tests {
         assert_eq!(uplink.len(), FRAMES - in_one_write, "the rest waits for the next write");
         drop(ws);
         assert_eq!(reader.await.unwrap(), in_one_write, "a write's worth arrived, in one batch");
+    }
+
+    /// A hello that cannot go out within its step (an edge, or a link, that takes nothing)
+    /// counts as a slow step: the next dial's bound doubles, as for a late answer. It
+    /// counted as a failed write, and every dial got the same short bound.
+    #[tokio::test]
+    async fn a_hello_that_cannot_go_out_in_time_lengthens_the_next_dials_bound() {
+        let listener = tokio::net::TcpSocket::new_v4().unwrap();
+        listener.set_recv_buffer_size(4 * 1024).unwrap();
+        listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listener.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        client.set_send_buffer_size(4 * 1024).unwrap();
+        // The edge's side is accepted and never read.
+        let (client, _edge) = tokio::join!(client.connect(addr), listener.accept());
+        let mut ws: Socket = WebSocketStream::from_raw_socket(MaybeTlsStream::Plain(client.unwrap()), Role::Client, None).await;
+        let mut reconnect = Reconnect::default();
+        reconnect.welcomed(Some(8_000));
+        reconnect.next(Duration::from_secs(1), true);
+        let step = reconnect.handshake_timeout(true);
+        assert_eq!(step, Duration::from_secs(2));
+        // A hello as large as one holding many results and mirrors: more than the buffers.
+        let hello = AgentMessage::OrderRefused { reason: "x".repeat(4 * 1024 * 1024) };
+        let sent = send_step(&mut ws, &hello, Duration::from_millis(300), &mut reconnect).await;
+        assert!(matches!(sent, Err(End::Lost(ref why)) if why.contains("within 300 ms")), "{:?}", sent.err().map(|e| format!("{e:?}")));
+        assert_eq!(reconnect.handshake_timeout(true), Duration::from_secs(4), "the next dial's bound doubled");
     }
 }
