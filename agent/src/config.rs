@@ -246,7 +246,8 @@ fn setting_names(cli: &clap::Command, keep: impl Fn(&clap::Arg) -> bool + Copy) 
 /// tokens through `oauth::Login`, the rest to redact.
 const READS_SECRETS: &[&str] = &["agent", "up", "doctor", "oauth-status"];
 
-/// Refuses, by name, a setting the command `args` asks for reads whose value is not UTF-8
+/// Refuses, by name, a setting the command `args` asks for (`parsed`: its name, when clap
+/// could parse them) reads whose value is not UTF-8
 /// text: every variable a flag of that command (or a global one) reads as text — a path
 /// may be any bytes —, the secrets it reads itself ([`READS_SECRETS`]) and `RUST_LOG`
 /// (every command logs). Clap refused such a flag's value without saying which ("invalid
@@ -259,15 +260,20 @@ const READS_SECRETS: &[&str] = &["agent", "up", "doctor", "oauth-status"];
 pub fn refuse_settings_not_text(
     cli: &clap::Command,
     args: &[std::ffi::OsString],
+    parsed: Option<&str>,
     lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
 ) -> Result<(), shared::setting::NotText> {
     let text = |a: &clap::Arg| {
         let parser = a.get_value_parser().type_id();
         parser != clap::builder::ValueParser::path_buf().type_id() && parser != clap::builder::ValueParser::os_string().type_id()
     };
-    // The command asked for: the first argument that names one, as clap reads it (a
-    // prompt that names a command, `submit agent`, is submit's).
-    let asked = args.iter().skip(1).find_map(|a| a.to_str().and_then(|a| cli.find_subcommand(a)));
+    // The command asked for: clap's, or where clap could not parse the arguments (a
+    // setting it refused), the first argument that names one (a prompt that names a
+    // command, `submit agent`, is submit's).
+    let asked = match parsed {
+        Some(name) => cli.find_subcommand(name),
+        None => args.iter().skip(1).find_map(|a| a.to_str().and_then(|a| cli.find_subcommand(a))),
+    };
     let mut names: Vec<std::ffi::OsString> =
         cli.get_arguments().filter(|a| text(a)).filter_map(|a| a.get_env().map(|e| e.to_os_string())).collect();
     if let Some(command) = asked {
@@ -561,7 +567,7 @@ mod tests {
         let cli = <crate::Cli as clap::CommandFactory>::command();
         let args = |a: &[&str]| std::iter::once("claude-runner").chain(a.iter().copied()).map(std::ffi::OsString::from).collect::<Vec<_>>();
         let not_text = || std::ffi::OsStr::from_bytes(b"tok-\xe9-0123456789").to_os_string();
-        assert_eq!(refuse_settings_not_text(&cli, &args(&["agent"]), |_| Some("text".into())), Ok(()));
+        assert_eq!(refuse_settings_not_text(&cli, &args(&["agent"]), None, |_| Some("text".into())), Ok(()));
         let refused: [(&[&str], &str); 15] = [
             (&["agent"], "CLAUDE_CODE_OAUTH_TOKEN"),
             (&["agent"], "ANTHROPIC_API_KEY"),
@@ -580,7 +586,7 @@ mod tests {
             (&["oauth-status"], "CLAUDE_CODE_OAUTH_TOKEN"),
         ];
         for (command, name) in refused {
-            let err = refuse_settings_not_text(&cli, &args(command), |asked| (asked == name).then(not_text)).unwrap_err().to_string();
+            let err = refuse_settings_not_text(&cli, &args(command), None, |asked| (asked == name).then(not_text)).unwrap_err().to_string();
             assert!(err.starts_with(&format!("{name} is not UTF-8 text")), "{command:?} {name}: {err}");
             assert!(!err.contains("tok-") && !err.contains("0123456789"), "the value is shown: {err}");
         }
@@ -594,8 +600,13 @@ mod tests {
             (&["keygen"], "EDGE_URL"),
         ];
         for (command, name) in taken {
-            assert_eq!(refuse_settings_not_text(&cli, &args(command), |asked| (asked == name).then(not_text)), Ok(()), "{command:?} {name}");
+            assert_eq!(refuse_settings_not_text(&cli, &args(command), None, |asked| (asked == name).then(not_text)), Ok(()), "{command:?} {name}");
         }
+        // What clap parsed is the command: `--log-format agent status` is status (and its
+        // LOG_FORMAT is refused by clap), not agent.
+        let key = |asked: &str| (asked == "ANTHROPIC_API_KEY").then(not_text);
+        assert_eq!(refuse_settings_not_text(&cli, &args(&["--log-format", "agent", "status"]), Some("status"), key), Ok(()));
+        assert!(refuse_settings_not_text(&cli, &args(&["--log-format", "agent", "status"]), None, key).is_err(), "unparsed, the first name is taken");
     }
 
     #[test]

@@ -157,11 +157,17 @@ async fn within_or_slow<T>(limit: Duration, write: impl std::future::Future<Outp
 /// uplink it is the step that takes longest; counted as a failed write only, every dial
 /// was given the same short bound and failed alike.
 async fn send_step(ws: &mut Socket, msg: &AgentMessage, step: Duration, reconnect: &mut Reconnect) -> Result<(), End> {
-    within_or_slow(step, ws.send(Message::Text(msg.to_text().into()))).await.map_err(|(end, slow)| {
-        if slow {
-            reconnect.step_timed_out();
+    let text = msg.to_text();
+    let bytes = text.len();
+    within_or_slow(step, ws.send(Message::Text(text.into()))).await.map_err(|(end, slow)| {
+        if !slow {
+            return end;
         }
-        end
+        reconnect.step_timed_out();
+        End::Lost(format!(
+            "the hello ({bytes} bytes) did not go out to the edge within {} ms: a slow or stuck link; the next dial waits longer",
+            step.as_millis()
+        ))
     })
 }
 
@@ -310,6 +316,8 @@ async fn session(
     };
     let envelope = Envelope::seal(Domain::Hello, &hello, &cfg.signing_key);
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: cfg.agent_id.clone(), envelope };
+    // A hello too slow to go out lengthens the next dial's bound
+    // (`tests::a_hello_that_cannot_go_out_in_time_lengthens_the_next_dials_bound`).
     if let Err(end) = send_step(&mut ws, &msg, step, reconnect).await {
         return end;
     }
@@ -606,7 +614,7 @@ mod tests {
         // A hello as large as one holding many results and mirrors: more than the buffers.
         let hello = AgentMessage::OrderRefused { reason: "x".repeat(4 * 1024 * 1024) };
         let sent = send_step(&mut ws, &hello, Duration::from_millis(300), &mut reconnect).await;
-        assert!(matches!(sent, Err(End::Lost(ref why)) if why.contains("within 300 ms")), "{:?}", sent.err().map(|e| format!("{e:?}")));
+        assert!(matches!(sent, Err(End::Lost(ref why)) if why.contains("did not go out to the edge within 300 ms")), "{:?}", sent.err().map(|e| format!("{e:?}")));
         assert_eq!(reconnect.handshake_timeout(true), Duration::from_secs(4), "the next dial's bound doubled");
     }
 }

@@ -169,22 +169,32 @@ fn main() {
     zygote::start();
     let command = <Cli as clap::CommandFactory>::command();
     config::tidy_settings(&command);
-    // Help and the version are answered whatever the settings hold (they read none), then
-    // a setting the command reads that is not text is refused by name before clap's own
-    // error, which names none.
-    let parsed = <Cli as clap::Parser>::try_parse();
-    if let Err(e) = &parsed {
+    // Help and the version are answered whatever the settings hold (they read none). A
+    // setting the command reads that is not text is refused by name: in place of clap's
+    // error for it, which names none, or where clap took the arguments (a secret clap does
+    // not read); any other error of clap's is said first.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // Built again: clap takes each setting's value from the environment as the command is
+    // built, and `tidy_settings` has just changed some.
+    let mut parsing = <Cli as clap::CommandFactory>::command();
+    let matches = parsing.clone().try_get_matches_from(&args);
+    if let Err(e) = &matches {
         use clap::error::ErrorKind::{DisplayHelp, DisplayHelpOnMissingArgumentOrSubcommand, DisplayVersion};
         if matches!(e.kind(), DisplayHelp | DisplayHelpOnMissingArgumentOrSubcommand | DisplayVersion) {
             e.exit();
         }
     }
-    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if let Err(e) = config::refuse_settings_not_text(&command, &args, |name| std::env::var_os(name)) {
-        eprintln!("claude-runner: {e}");
-        std::process::exit(1);
+    let check = matches.as_ref().map_or_else(|e| e.kind() == clap::error::ErrorKind::InvalidUtf8, |_| true);
+    let parsed = matches.as_ref().ok().and_then(|m| m.subcommand_name());
+    if check {
+        if let Err(e) = config::refuse_settings_not_text(&command, &args, parsed, |name| std::env::var_os(name)) {
+            eprintln!("claude-runner: {e}");
+            std::process::exit(1);
+        }
     }
-    let cli = parsed.unwrap_or_else(|e| e.exit());
+    let cli = matches
+        .and_then(|mut m| <Cli as clap::FromArgMatches>::from_arg_matches_mut(&mut m).map_err(|e| e.format(&mut parsing)))
+        .unwrap_or_else(|e| e.exit());
     #[cfg(feature = "up")]
     let runs_jobs = matches!(cli.command, Command::Agent { drain: false, .. } | Command::Up(_));
     #[cfg(not(feature = "up"))]

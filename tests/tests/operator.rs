@@ -1828,6 +1828,16 @@ fn a_setting_that_is_not_text_is_refused_by_name() {
             assert!(out.status.success(), "{command:?}:\n{err}");
         }
     }
+    // Clap's own error comes first where it has one of its own: `--log-format agent
+    // status` is a bad LOG_FORMAT, not an agent whose key is not text.
+    let out = Command::new(bin("claude-runner"))
+        .args(["--log-format", "agent", "status"])
+        .env("DATA_DIR", data.path())
+        .env("ANTHROPIC_API_KEY", not_text)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("LOG_FORMAT must be") && !err.contains("ANTHROPIC_API_KEY"), "{err}");
     // A folder may be any bytes: the status command starts and says no agent ran there.
     let out = Command::new(bin("claude-runner")).arg("status").env("DATA_DIR", data.path().join(std::ffi::OsStr::from_bytes(b"caf\xe9"))).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
