@@ -557,17 +557,7 @@ mod tests {
         const FRAMES: usize = 64;
         let limit = Duration::from_secs(1);
         // Small socket buffers, so that the kernel does not take the whole batch at once.
-        let listener = tokio::net::TcpSocket::new_v4().unwrap();
-        listener.set_recv_buffer_size(32 * 1024).unwrap();
-        listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let listener = listener.listen(1).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let client = tokio::net::TcpSocket::new_v4().unwrap();
-        client.set_send_buffer_size(32 * 1024).unwrap();
-        let (client, accepted) = tokio::join!(client.connect(addr), listener.accept());
-        let mut ws: Socket = WebSocketStream::from_raw_socket(MaybeTlsStream::Plain(client.unwrap()), Role::Client, None).await;
-        let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
-        let mut edge = WebSocketStream::from_raw_socket(accepted.unwrap().0, Role::Server, Some(config)).await;
+        let (mut ws, mut edge) = linked_with_buffers(32 * 1024).await;
         let reader = tokio::spawn(async move {
             let mut read = 0;
             while let Some(Ok(Message::Text(_))) = edge.next().await {
@@ -591,21 +581,31 @@ mod tests {
         assert_eq!(reader.await.unwrap(), in_one_write, "a write's worth arrived, in one batch");
     }
 
+    /// An agent's socket and the edge's end of it over loopback, the edge's receive buffer
+    /// and the agent's send buffer set to `bytes`, so that the kernel holds little of what
+    /// is sent and not yet read.
+    async fn linked_with_buffers(bytes: u32) -> (Socket, WebSocketStream<tokio::net::TcpStream>) {
+        let listener = tokio::net::TcpSocket::new_v4().unwrap();
+        listener.set_recv_buffer_size(bytes).unwrap();
+        listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listener.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        client.set_send_buffer_size(bytes).unwrap();
+        let (client, accepted) = tokio::join!(client.connect(addr), listener.accept());
+        let ws: Socket = WebSocketStream::from_raw_socket(MaybeTlsStream::Plain(client.unwrap()), Role::Client, None).await;
+        let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
+        let edge = WebSocketStream::from_raw_socket(accepted.unwrap().0, Role::Server, Some(config)).await;
+        (ws, edge)
+    }
+
     /// A hello that cannot go out within its step (an edge, or a link, that takes nothing)
     /// counts as a slow step: the next dial's bound doubles, as for a late answer. It
     /// counted as a failed write, and every dial got the same short bound.
     #[tokio::test]
     async fn a_hello_that_cannot_go_out_in_time_lengthens_the_next_dials_bound() {
-        let listener = tokio::net::TcpSocket::new_v4().unwrap();
-        listener.set_recv_buffer_size(4 * 1024).unwrap();
-        listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let listener = listener.listen(1).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let client = tokio::net::TcpSocket::new_v4().unwrap();
-        client.set_send_buffer_size(4 * 1024).unwrap();
-        // The edge's side is accepted and never read.
-        let (client, _edge) = tokio::join!(client.connect(addr), listener.accept());
-        let mut ws: Socket = WebSocketStream::from_raw_socket(MaybeTlsStream::Plain(client.unwrap()), Role::Client, None).await;
+        // The edge's side is never read.
+        let (mut ws, _edge) = linked_with_buffers(4 * 1024).await;
         let mut reconnect = Reconnect::default();
         reconnect.welcomed(Some(8_000));
         reconnect.next(Duration::from_secs(1), true);
