@@ -136,18 +136,32 @@ async fn send(ws: &mut Socket, msg: &AgentMessage, limit: Duration) -> Result<()
 
 /// A write to the edge, given up after `limit`.
 async fn within<T>(limit: Duration, write: impl std::future::Future<Output = Result<T, WsError>>) -> Result<T, End> {
-    within_or_slow(limit, write).await.map_err(|(end, _)| end)
+    bounded(limit, write).await.map_err(End::from)
 }
 
-/// [`within`], saying whether the write ran out of `limit` (`true`) or failed.
-async fn within_or_slow<T>(limit: Duration, write: impl std::future::Future<Output = Result<T, WsError>>) -> Result<T, (End, bool)> {
+/// How a write bounded in time did not complete.
+enum WriteFailed {
+    Error(WsError),
+    /// It did not complete within this bound.
+    TimedOut(Duration),
+}
+
+impl From<WriteFailed> for End {
+    fn from(failed: WriteFailed) -> End {
+        match failed {
+            WriteFailed::Error(e) => End::Lost(format!("send failed: {e}")),
+            WriteFailed::TimedOut(limit) => {
+                End::Lost(format!("could not send to the edge within {} ms: the connection is stuck (half-open?)", limit.as_millis()))
+            }
+        }
+    }
+}
+
+/// A write, given up after `limit`.
+async fn bounded<T>(limit: Duration, write: impl std::future::Future<Output = Result<T, WsError>>) -> Result<T, WriteFailed> {
     match timeout(limit, write).await {
-        Ok(Ok(done)) => Ok(done),
-        Ok(Err(e)) => Err((End::Lost(format!("send failed: {e}")), false)),
-        Err(_) => Err((
-            End::Lost(format!("could not send to the edge within {} ms: the connection is stuck (half-open?)", limit.as_millis())),
-            true,
-        )),
+        Ok(done) => done.map_err(WriteFailed::Error),
+        Err(_) => Err(WriteFailed::TimedOut(limit)),
     }
 }
 
@@ -159,15 +173,15 @@ async fn within_or_slow<T>(limit: Duration, write: impl std::future::Future<Outp
 async fn send_step(ws: &mut Socket, msg: &AgentMessage, step: Duration, reconnect: &mut Reconnect) -> Result<(), End> {
     let text = msg.to_text();
     let bytes = text.len();
-    within_or_slow(step, ws.send(Message::Text(text.into()))).await.map_err(|(end, slow)| {
-        if !slow {
-            return end;
+    bounded(step, ws.send(Message::Text(text.into()))).await.map_err(|failed| match failed {
+        WriteFailed::TimedOut(step) => {
+            reconnect.step_timed_out();
+            End::Lost(format!(
+                "the hello ({bytes} bytes) did not go out to the edge within {} ms: a slow or stuck link; the next dial waits longer",
+                step.as_millis()
+            ))
         }
-        reconnect.step_timed_out();
-        End::Lost(format!(
-            "the hello ({bytes} bytes) did not go out to the edge within {} ms: a slow or stuck link; the next dial waits longer",
-            step.as_millis()
-        ))
+        failed => failed.into(),
     })
 }
 

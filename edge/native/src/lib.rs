@@ -47,6 +47,24 @@ pub fn one_pool_only(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<()>
     }
 }
 
+/// The settings of the edge's machine and of this host's sockets, as both starters of a
+/// native edge read them (`claude-runner-edge`, and `claude-runner up`, which supplies some
+/// itself through `given`): a value that is not text is refused by name before any other
+/// error about a setting read (it would read as unset, and be reported as missing, or not
+/// at all), then `POOLS`, then the machine's own checks. Returns the machine's settings and
+/// `MAX_CONNECTIONS` as set, which [`Server::bind`] checks against the descriptor limit.
+pub fn edge_settings<G: Fn(&str) -> Option<std::ffi::OsString>>(
+    env: &shared::setting::TextSettings<G>,
+    given: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<(edge_core::Config, Option<String>)> {
+    let pools = one_pool_only(|name| env.get(name));
+    let config = edge_core::Config::from_lookup(|name| given(name).or_else(|| env.get(name)));
+    let max_connections = env.get("MAX_CONNECTIONS");
+    env.refuse_any()?;
+    pools?;
+    Ok((config?, max_connections))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

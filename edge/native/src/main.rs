@@ -77,13 +77,7 @@ fn run(env: &TextSettings<impl Fn(&str) -> Option<std::ffi::OsString>>) -> anyho
 /// other error about a setting read (it would read as unset, and be reported as missing,
 /// or not at all).
 fn read_settings(env: &TextSettings<impl Fn(&str) -> Option<std::ffi::OsString>>) -> anyhow::Result<ServerOptions> {
-    let pools = edge_native::one_pool_only(|name| env.get(name));
-    let config = edge_core::Config::from_lookup(|name| env.get(name));
-    // Checked by the server as it binds.
-    let max_connections = env.get("MAX_CONNECTIONS");
-    env.refuse_any()?;
-    pools?;
-    let config = config?;
+    let (config, max_connections) = edge_native::edge_settings(env, |_| None)?;
     let (listen, data_dir) = host_settings(|name| env.get_os(name))?;
     Ok(ServerOptions { config, listen, data_dir, max_connections })
 }
