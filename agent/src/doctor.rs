@@ -6,8 +6,11 @@ use crate::config::AgentArgs;
 use crate::edge_url::connect_url;
 use crate::process::{find_binary, install_claude};
 use futures_util::StreamExt;
+use shared::envelope::{Domain, Envelope};
 use shared::keys;
-use shared::protocol::{EdgeMessage, PROTOCOL_VERSION};
+use shared::oauth::OAuthReport;
+use shared::protocol::{close, AgentMessage, EdgeMessage, Hello, Welcome, PROTOCOL_VERSION};
+use tokio_tungstenite::tungstenite::Message;
 use std::time::Duration;
 
 struct Report {
@@ -89,33 +92,82 @@ pub async fn run(args: AgentArgs, canary: bool) -> bool {
         r.fail("JOB_ENV_ALLOW", e.to_string());
     }
     let agent_id = args.agent_id();
-    match args.signing_key_text() {
-        Err(e) => r.fail("agent key", e.to_string()),
-        Ok(text) => match keys::signing_key("AGENT_SIGNING_KEY", &text) {
-            Ok(key) => r.ok(
-                "agent key",
-                format!("the edge's AGENT_PUBLIC_KEYS must contain `{agent_id}={}`", keys::encode_verifying(&key.verifying_key())),
-            ),
-            Err(e) => r.fail("agent key", e.to_string()),
-        },
-    }
-    match &args.edge_public_key {
-        None => r.fail("edge key", "EDGE_PUBLIC_KEY is not set; it is printed by `claude-runner keygen` next to EDGE_SIGNING_KEY"),
-        Some(text) => match keys::verifying_key("EDGE_PUBLIC_KEY", text) {
-            Ok(_) => r.ok("edge key", "EDGE_PUBLIC_KEY is a valid public key"),
-            Err(e) => r.fail("edge key", e.to_string()),
-        },
-    }
-
-    match &args.edge_url {
-        None => r.fail("edge", "EDGE_URL is not set; e.g. wss://claude-runner-edge.<you>.workers.dev"),
-        Some(url) => match connect_url(url, args.allow_insecure_edge) {
-            Err(e) => r.fail("edge", e.to_string()),
-            Ok(url) => match reach(&url).await {
-                Ok(detail) => r.ok("edge", detail),
-                Err(e) => r.fail("edge", e),
+    // Beside `up`, with none of an agent's own settings, these three checks are about an
+    // agent that does not exist: `up` keeps its keys in its own folder. Said as such, not
+    // as three failures a newcomer's first `doctor` took for `up` being broken.
+    let up_data = args.local.data_dir().join("up");
+    let beside_up = args.edge_url.is_none()
+        && args.agent_signing_key.is_none()
+        && args.agent_key_file.is_none()
+        && args.edge_public_key.is_none()
+        && crate::config::agent_has_run(&crate::config::up_agent_dir(&args.local.data_dir()));
+    if beside_up {
+        let why = format!(
+            "not set, as beside `claude-runner up`, which keeps its own in {}; set EDGE_URL, AGENT_SIGNING_KEY and EDGE_PUBLIC_KEY \
+             to check an agent of your own (`claude-runner status` shows up's)",
+            up_data.join("up.json").display()
+        );
+        for what in ["agent key", "edge key", "edge"] {
+            say("  --   ", what, &why);
+        }
+    } else {
+        let agent_key = match args.signing_key_text() {
+            Err(e) => {
+                r.fail("agent key", e.to_string());
+                None
+            }
+            Ok(text) => match keys::signing_key("AGENT_SIGNING_KEY", &text) {
+                Ok(key) => {
+                    r.ok(
+                        "agent key",
+                        format!("the edge's AGENT_PUBLIC_KEYS must contain `{agent_id}={}`", keys::encode_verifying(&key.verifying_key())),
+                    );
+                    Some(key)
+                }
+                Err(e) => {
+                    r.fail("agent key", e.to_string());
+                    None
+                }
             },
-        },
+        };
+        let edge_key = match &args.edge_public_key {
+            None => {
+                r.fail("edge key", "EDGE_PUBLIC_KEY is not set; it is printed by `claude-runner keygen` next to EDGE_SIGNING_KEY");
+                None
+            }
+            Some(text) => match keys::verifying_key("EDGE_PUBLIC_KEY", text) {
+                Ok(key) => {
+                    r.ok("edge key", "EDGE_PUBLIC_KEY is a valid public key");
+                    Some(key)
+                }
+                Err(e) => {
+                    r.fail("edge key", e.to_string());
+                    None
+                }
+            },
+        };
+        let probe = match (agent_key, edge_key) {
+            (Some(signing_key), Some(edge_public_key)) => Some(Probe { agent_id: agent_id.clone(), signing_key, edge_public_key, pool: args.edge_pool.clone() }),
+            _ => None,
+        };
+        match &args.edge_url {
+            None => r.fail("edge", "EDGE_URL is not set; e.g. wss://claude-runner-edge.<you>.workers.dev"),
+            Some(url) => match connect_url(url, args.allow_insecure_edge) {
+                Err(e) => r.fail("edge", e.to_string()),
+                Ok(url) => match reach(&url, probe.as_ref()).await {
+                    Ok((detail, keys)) => {
+                        r.ok("edge", detail);
+                        match keys {
+                            Some(Ok(agreed)) => r.ok("keys", agreed),
+                            Some(Err(KeysRefused::Fail(what, why))) => r.fail(what, why),
+                            Some(Err(KeysRefused::Unchecked(why))) => r.warn("keys", why),
+                            None => {}
+                        }
+                    }
+                    Err(e) => r.fail("edge", e),
+                },
+            },
+        }
     }
     if canary {
         match crate::canary::run(&args.local, agent_id.clone()).await {
@@ -131,24 +183,44 @@ pub async fn run(args: AgentArgs, canary: bool) -> bool {
         println!("All checks passed. `claude-runner status` shows whether the running agent is connected.");
     } else {
         println!("{} check(s) failed; fix them and run `claude-runner doctor` again.", r.failures);
-        // Beside `up`, a newcomer's doctor has none of the settings it checks: `up` keeps
-        // its own, and its agent is not the one these checks are about.
-        if args.edge_url.is_none() && crate::config::agent_has_run(&crate::config::up_agent_dir(&args.local.data_dir())) {
+        // Beside `up`, with some of an agent's settings but not all: `up` keeps its own,
+        // and its agent is not the one these checks are about.
+        if args.edge_url.is_none() && !beside_up && crate::config::agent_has_run(&crate::config::up_agent_dir(&args.local.data_dir())) {
             println!(
                 "(`claude-runner up` runs with keys of its own, in {}: these checks are for an agent you set up \
                  yourself; `claude-runner status` shows up's.)",
-                args.local.data_dir().join("up").display()
+                up_data.display()
             );
         }
     }
     r.failures == 0
 }
 
-/// Dials the edge and reads its challenge. It does not answer it: proving the agent's key
-/// would replace the connection of an agent already running with this id.
+/// Each step of the dial, and of the probe, is bounded as the agent's handshake is.
 const HANDSHAKE: Duration = Duration::from_millis(shared::protocol::HANDSHAKE_TIMEOUT_MS);
 
-async fn reach(url: &str) -> Result<String, String> {
+/// What the probe needs: the agent's identity as the agent would present it.
+struct Probe {
+    agent_id: String,
+    signing_key: ed25519_dalek::SigningKey,
+    edge_public_key: ed25519_dalek::VerifyingKey,
+    pool: String,
+}
+
+/// Why the keys were not found to agree: a check that fails (which one, why), or an edge
+/// that could not be asked.
+enum KeysRefused {
+    Fail(&'static str, String),
+    Unchecked(String),
+}
+
+type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Dials the edge and reads its challenge; with `probe`, answers it with a probe
+/// ([`AgentMessage::Probe`]): the edge checks the agent's key as it checks a hello and
+/// signs a welcome with its own, and the agent's running connection, if any, is left
+/// alone (a hello would replace it). Returns what the edge is, and what the probe found.
+async fn reach(url: &str, probe: Option<&Probe>) -> Result<(String, Option<Result<String, KeysRefused>>), String> {
     let dial = tokio_tungstenite::connect_async(url);
     let (mut ws, _) = match tokio::time::timeout(HANDSHAKE, dial).await {
         Ok(Ok(ok)) => ok,
@@ -156,11 +228,10 @@ async fn reach(url: &str) -> Result<String, String> {
         Err(_) => return Err(format!("no answer from {url} within {} s; check EDGE_URL and the network", HANDSHAKE.as_secs())),
     };
     let first = tokio::time::timeout(HANDSHAKE, ws.next()).await;
-    let _ = ws.close(None).await;
-    match first {
-        Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text)))) => match serde_json::from_str::<EdgeMessage>(&text) {
-            Ok(EdgeMessage::Challenge { protocol, edge_version, .. }) if protocol == PROTOCOL_VERSION => {
-                Ok(format!("{url} answers (edge {}, protocol v{protocol})", shared::text::one_line(&edge_version)))
+    let reached = match first {
+        Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str::<EdgeMessage>(&text) {
+            Ok(EdgeMessage::Challenge { protocol, edge_version, nonce, .. }) if protocol == PROTOCOL_VERSION => {
+                Ok((format!("{url} answers (edge {}, protocol v{protocol})", shared::text::one_line(&edge_version)), nonce))
             }
             Ok(EdgeMessage::Challenge { protocol, edge_version, .. }) => Err(format!(
                 "{url} speaks protocol v{protocol} (edge {}), this agent v{PROTOCOL_VERSION}: run the same claude-runner release on both",
@@ -169,5 +240,100 @@ async fn reach(url: &str) -> Result<String, String> {
             _ => Err(format!("{url} answered, but not as a claude-runner edge; check EDGE_URL")),
         },
         _ => Err(format!("{url} accepted the connection but sent no challenge; check EDGE_URL points at a claude-runner edge")),
+    };
+    let outcome = match (reached, probe) {
+        (Ok((detail, challenge)), Some(probe)) => Ok((detail, Some(ask(&mut ws, url, &challenge, probe).await))),
+        (Ok((detail, _)), None) => Ok((detail, None)),
+        (Err(e), _) => Err(e),
+    };
+    let _ = ws.close(None).await;
+    outcome
+}
+
+/// Sends the probe on a challenged connection and reads the edge's answer.
+async fn ask(ws: &mut WsStream, url: &str, challenge: &str, probe: &Probe) -> Result<String, KeysRefused> {
+    let agent_nonce = shared::keys::encode(&runtime::entropy::<24>());
+    let ephemeral = shared::link::Ephemeral::new(runtime::entropy());
+    let now = crate::now_ms();
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_id: probe.agent_id.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        challenge: challenge.to_string(),
+        agent_nonce: agent_nonce.clone(),
+        ephemeral: ephemeral.public(),
+        issued_at: now,
+        capacity: 0,
+        running: Vec::new(),
+        finished: Vec::new(),
+        more_finished: false,
+        oauth: OAuthReport::unconfigured(now),
+        claude_version: None,
+        labels: Default::default(),
+        mirrors: Vec::new(),
+    };
+    let envelope = Envelope::seal(Domain::Probe, &hello, &probe.signing_key);
+    let frame = AgentMessage::Probe { protocol: PROTOCOL_VERSION, agent_id: probe.agent_id.clone(), envelope }.to_text();
+    let unanswered = |why: String| KeysRefused::Unchecked(format!("the keys were not checked against the edge: {why}"));
+    match tokio::time::timeout(HANDSHAKE, futures_util::SinkExt::send(ws, Message::text(frame))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(unanswered(format!("the probe could not be sent ({e})"))),
+        Err(_) => return Err(unanswered(format!("the probe could not be sent within {} s", HANDSHAKE.as_secs()))),
+    }
+    let answer = loop {
+        match tokio::time::timeout(HANDSHAKE, ws.next()).await {
+            Err(_) => return Err(unanswered(format!("{url} did not answer within {} s", HANDSHAKE.as_secs()))),
+            Ok(None) | Ok(Some(Err(_))) => return Err(unanswered(format!("{url} closed the connection without a word"))),
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                let (code, reason) = frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((0, String::new()));
+                break EdgeMessage::Goodbye { code, reason };
+            }
+            Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str::<EdgeMessage>(&text) {
+                Ok(message) => break message,
+                Err(_) => return Err(unanswered(format!("{url} answered the probe with something else than a welcome"))),
+            },
+            Ok(Some(Ok(_))) => continue,
+        }
+    };
+    match answer {
+        EdgeMessage::Welcome { envelope } => {
+            let welcome: Welcome = envelope.open(Domain::Welcome, &probe.edge_public_key).map_err(|e| {
+                KeysRefused::Fail(
+                    "edge key",
+                    format!(
+                        "the edge's welcome does not verify with EDGE_PUBLIC_KEY ({e}): the edge signs with another key; set \
+                         EDGE_PUBLIC_KEY to the public half of the edge's EDGE_SIGNING_KEY, as printed by the `claude-runner keygen` \
+                         run that made it"
+                    ),
+                )
+            })?;
+            if welcome.agent_nonce != agent_nonce || welcome.agent_id != probe.agent_id {
+                return Err(KeysRefused::Fail("edge key", "the edge's welcome answers another connection; run doctor again".into()));
+            }
+            if welcome.pool != probe.pool {
+                return Err(KeysRefused::Fail(
+                    "edge",
+                    format!(
+                        "the edge welcomes this agent into pool `{}`, but it serves pool `{}`: point EDGE_URL at .../pool/{} (or set EDGE_POOL to the pool it dials)",
+                        shared::text::truncate(&welcome.pool, 64),
+                        probe.pool,
+                        probe.pool
+                    ),
+                ));
+            }
+            Ok(format!(
+                "the edge knows agent `{}` by this AGENT_SIGNING_KEY, and its welcome verifies with EDGE_PUBLIC_KEY (pool `{}`)",
+                probe.agent_id, probe.pool
+            ))
+        }
+        // An edge of before probes closes a connection whose first word is not a hello.
+        EdgeMessage::Goodbye { reason, .. } if reason.contains("must be a signed hello") => {
+            Err(unanswered("the edge is of an older release, which cannot be asked (the agent's own connection will say)".into()))
+        }
+        EdgeMessage::Goodbye { code: close::VERSION_MISMATCH, reason } => Err(KeysRefused::Fail("edge", shared::text::peer_words(&reason))),
+        EdgeMessage::Goodbye { reason, .. } if !reason.is_empty() => {
+            Err(KeysRefused::Fail("agent key", format!("the edge refuses agent `{}`: {}", probe.agent_id, shared::text::peer_words(&reason))))
+        }
+        _ => Err(unanswered(format!("{url} answered the probe with something else than a welcome"))),
     }
 }

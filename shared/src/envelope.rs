@@ -47,6 +47,9 @@ pub enum Domain {
     /// The agent → its own disk: which caller a Claude session belongs to, sealed so that
     /// a job cannot make one up or change one (never on the wire).
     KeptSession,
+    /// Agent → edge: a hello that asks only whether the keys agree (`claude-runner
+    /// doctor`), never taken for an agent's connection ([`crate::protocol::AgentMessage::Probe`]).
+    Probe,
 }
 
 impl Domain {
@@ -65,6 +68,7 @@ impl Domain {
             Domain::Heartbeat => b"claude-runner/v1/agent-heartbeat\n",
             Domain::KeptResult => b"claude-runner/v9/kept-result\n",
             Domain::KeptSession => b"claude-runner/v10/kept-session\n",
+            Domain::Probe => b"claude-runner/v10/agent-probe\n",
         }
     }
 }

@@ -8,7 +8,9 @@
 //! 3. edge → [`EdgeMessage::Welcome`]: a [`Welcome`] signed with the edge's key over the
 //!    agent's own nonce, so the agent knows it reached the real edge, with the edge's
 //!    fresh X25519 key. Both sides now hold this connection's two MAC keys
-//!    ([`crate::link`]): one for what the agent sends, one for what the edge sends;
+//!    ([`crate::link`]): one for what the agent sends, one for what the edge sends
+//!    (`claude-runner doctor` sends an [`AgentMessage::Probe`] in step 2 instead, and the
+//!    edge closes after its welcome);
 //! 4. then work: the agent states its free [`Slots`] (in a `Credit`, and again in every
 //!    heartbeat), the edge sends at most that many signed [`EdgeMessage::Job`]s (each bound
 //!    to this connection's challenge and numbered on it, [`JobOrder`]); the agent
@@ -139,6 +141,8 @@ pub mod close {
     pub const REPLACED: u16 = 4003;
     pub const SILENT: u16 = 4004;
     pub const SHUTTING_DOWN: u16 = 4005;
+    /// A probe answered ([`super::AgentMessage::Probe`]): the edge closes, its work done.
+    pub const PROBED: u16 = 1000;
 
     /// A close frame carries at most 123 bytes of reason (RFC 6455); a longer one is cut
     /// on a character boundary and marked. The whole reason travels in a `Goodbye` first.
@@ -199,6 +203,16 @@ pub enum AgentMessage {
     /// Signed [`Hello`]. `protocol` and `agent_id` are repeated outside the signature so
     /// the edge can pick the key to verify with and refuse another version by name.
     Hello { protocol: u32, agent_id: String, envelope: Envelope },
+    /// A [`Hello`] signed under its own domain ([`Domain::Probe`]) by `claude-runner
+    /// doctor`: the edge checks it as it checks a hello, answers with its signed
+    /// [`Welcome`] (or refuses it, saying why, as it refuses a hello) and closes the
+    /// connection. Nothing else happens: the agent's own connection is not replaced, its
+    /// jobs are not reconciled with the probe's empty lists. Why: whether the edge knows
+    /// the agent's key, and the agent the edge's, was said only by an agent that then
+    /// redialled for ever; a hello could not be sent to ask, since it replaces the
+    /// running agent's connection. Its own domain, and its own type: no probe can be
+    /// taken for a hello, and an edge that does not know it closes the connection.
+    Probe { protocol: u32, agent_id: String, envelope: Envelope },
     /// A MACed [`Beat`]: the agent's login, the jobs it holds and its slots, as of one
     /// moment. Sent every heartbeat interval, and at once when its login or usage window
     /// changes.

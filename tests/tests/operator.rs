@@ -211,7 +211,7 @@ impl Drop for Up {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ups_agent_offers_the_labels_of_agent_labels() {
     let data = TempDir::new("up-labels");
-    let mut up = Up::start(&data, &[("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-up-test-token"), ("AGENT_LABELS", "gpu=a100")]);
+    let up = Up::start(&data, &[("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-up-test-token"), ("AGENT_LABELS", "gpu=a100")]);
     let _ = up.printed();
     let client = Client::new(&up.base);
     client.wait_online().await;
@@ -428,6 +428,63 @@ async fn doctor_passes_a_good_setup_and_names_the_fix_for_a_bad_one() {
     for fix in ["npm install -g @anthropic-ai/claude-code", "claude auth login", "claude-runner keygen", "check EDGE_URL"] {
         assert!(out.contains(fix), "`{fix}` missing:\n{out}");
     }
+}
+
+/// `doctor` asks the edge whether the keys agree, with a probe the edge answers without
+/// touching the agent's own connection. Before, it said "All checks passed" for an
+/// EDGE_PUBLIC_KEY of another edge, or an AGENT_ID the edge does not know, and the agent
+/// then redialled for ever. A job running on `spark` through doctor's probes of `spark`
+/// ends well on the connection it started on. And an agent that refuses the edge's welcome
+/// says why in its close frame, which the edge's log now shows (it said "agent
+/// disconnected", nothing more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_the_keys_against_the_edge_and_leaves_the_running_agent_alone() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let job = client.submit(serde_json::json!({"prompt": "@sleep=3000 through doctor"})).await;
+    let job_id = job.body["job_id"].as_str().unwrap_or_else(|| panic!("{}", job.text)).to_string();
+    let claude_dir = TempDir::new("doctor-probe");
+    let other = Keys::new(&["spark"]);
+    let setup = |agent_id: &str, edge_public: String| {
+        vec![
+            ("EDGE_URL", edge.ws_url()),
+            ("AGENT_ID", agent_id.to_string()),
+            ("AGENT_SIGNING_KEY", shared::keys::encode_signing(keys.agent("spark"))),
+            ("EDGE_PUBLIC_KEY", edge_public),
+            ("CLAUDE_BIN", bin("claude-standin").display().to_string()),
+            ("CLAUDE_CONFIG_DIR", claude_dir.path().display().to_string()),
+            ("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-doctor".to_string()),
+        ]
+    };
+    let edge_public = shared::keys::encode_verifying(&keys.edge.verifying_key());
+    let (ok, out) = doctor(&setup("spark", edge_public.clone()));
+    assert!(ok && out.contains("ok    keys: the edge knows agent `spark`") && out.contains("All checks passed"), "{out}");
+
+    let (ok, out) = doctor(&setup("spark", shared::keys::encode_verifying(&other.edge.verifying_key())));
+    assert!(!ok && out.contains("FAIL  edge key: the edge's welcome does not verify with EDGE_PUBLIC_KEY") && out.contains("keygen"), "{out}");
+    assert!(!out.contains("All checks passed"), "{out}");
+
+    let (ok, out) = doctor(&setup("spork", edge_public));
+    assert!(!ok && out.contains("FAIL  agent key: the edge refuses agent `spork`") && out.contains("AGENT_PUBLIC_KEYS"), "{out}");
+
+    // Three probes later the job ends well, run once, on spark's first connection.
+    let done = client.wait_job(&job_id, Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(agent.claude_runs().len(), 1);
+    let log = agent.log();
+    assert_eq!(log.matches("connected to the edge").count(), 1, "the agent's connection was never replaced: {log}");
+    assert!(edge.log().contains("keys checked by a probe"), "{}", edge.log());
+
+    // An agent holding another edge's public key refuses the welcome; the edge says why.
+    let _wrong = AgentProc::start(AgentOpts { edge_public: shared::keys::encode_verifying(&other.edge.verifying_key()), ..AgentOpts::for_edge(&edge, "spark") });
+    assert!(
+        eventually(Duration::from_secs(60), || edge.log().lines().any(|l| l.contains("agent disconnected") && l.contains("could not prove its identity"))).await,
+        "{}",
+        edge.log()
+    );
 }
 
 /// `doctor` prints what `claude --version` says (a `claude` a job put on the agent's PATH,

@@ -278,8 +278,10 @@ pub fn source_of(peer: &str) -> String {
 }
 
 /// Checks an agent's hello against the challenge this connection was given. `wall` is the
-/// edge's wall clock: the hello's `issued_at` is the agent's.
+/// edge's wall clock: the hello's `issued_at` is the agent's. `domain` is the one it must
+/// be signed under: [`Domain::Hello`], or [`Domain::Probe`] for a probe's.
 pub fn verify_hello(
+    domain: Domain,
     protocol: u32,
     agent_id: &str,
     envelope: &Envelope,
@@ -309,7 +311,7 @@ pub fn verify_hello(
             format!("unknown agent `{agent_id}`: add `{agent_id}=<its public key>` to the edge's AGENT_PUBLIC_KEYS"),
         )
     })?;
-    let hello: Hello = envelope.open(Domain::Hello, key).map_err(|e| {
+    let hello: Hello = envelope.open(domain, key).map_err(|e| {
         Refused::new(
             close::UNAUTHORIZED,
             format!(

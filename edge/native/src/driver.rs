@@ -44,7 +44,8 @@ pub enum Command {
     Connect { outbox: mpsc::UnboundedSender<Outbound>, budget: Arc<AtomicUsize>, conn: Option<Conn>, peer: String, reply: oneshot::Sender<String> },
     Frame { session: String, text: String },
     BinaryFrame { session: String },
-    Disconnect { session: String },
+    /// With the peer's close frame (code, reason), when it sent one.
+    Disconnect { session: String, closed_with: Option<(u16, String)> },
     /// The edge is stopping: the machine tells callers and agents what happens next.
     Shutdown { done: oneshot::Sender<()> },
     /// A POST the machine asked for (an alert, a callback) went this way.
@@ -189,11 +190,11 @@ impl Driver {
                 let effects = self.edge.binary_frame(now, &session);
                 self.carry_out(effects);
             }
-            Command::Disconnect { session } => {
+            Command::Disconnect { session, closed_with } => {
                 self.outboxes.remove(&session);
                 self.budgets.remove(&session);
                 self.conns.remove(&session);
-                let effects = self.edge.disconnect(now, &session);
+                let effects = self.edge.peer_closed(now, &session, closed_with.as_ref().map(|(code, reason)| (*code, reason.as_str())));
                 self.carry_out(effects);
             }
             Command::Posted { id, outcome } => {

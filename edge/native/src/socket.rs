@@ -135,6 +135,8 @@ async fn agent_socket(state: AppState, socket: Socket, peer: String, budget: Arc
         }
     };
     let mut made_room = std::pin::pin!(made_room);
+    // The peer's close frame, if it sent one: the edge's log says why an agent left.
+    let mut closed_with: Option<(u16, String)> = None;
     loop {
         tokio::select! {
             () = &mut made_room => break,
@@ -148,14 +150,18 @@ async fn agent_socket(state: AppState, socket: Socket, peer: String, budget: Arc
                 Some(Ok(Message::Binary(_))) => {
                     let _ = state.driver.send(Command::BinaryFrame { session: session.clone() }).await;
                 }
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(Message::Close(frame))) => {
+                    closed_with = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                    break;
+                }
+                Some(Err(_)) | None => break,
                 Some(Ok(_)) => {}
             },
             _ = &mut writer, if grace.is_none() => grace = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE))),
             _ = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => break,
         }
     }
-    if let Err(e) = state.driver.send(Command::Disconnect { session: session.clone() }).await {
+    if let Err(e) = state.driver.send(Command::Disconnect { session: session.clone(), closed_with }).await {
         warn!(session = %session, error = %e, "driver gone while disconnecting");
     }
     writer.abort();

@@ -145,14 +145,16 @@ impl DurableObject for EdgeDurableObject {
     }
 
     async fn websocket_close(&self, ws: WebSocket, code: usize, reason: String, _was_clean: bool) -> worker::Result<()> {
-        self.gone(&ws, &format!("closed by the agent ({code} {reason})")).await;
+        let code = u16::try_from(code).unwrap_or(close::PROTOCOL_ERROR);
+        self.gone(&ws, Some((code, &reason))).await;
         // Answer the close handshake (the runtime may have done so already).
         let _ = ws.close(Some(1000), Some("closed"));
         Ok(())
     }
 
     async fn websocket_error(&self, ws: WebSocket, error: worker::Error) -> worker::Result<()> {
-        self.gone(&ws, &format!("failed: {error}")).await;
+        console_log!("agent connection failed: {}", shared::text::peer_words(&error.to_string()));
+        self.gone(&ws, None).await;
         Ok(())
     }
 }
@@ -433,15 +435,15 @@ impl EdgeDurableObject {
         }
     }
 
-    /// The agent's connection is gone: its jobs wait for it to come back.
-    async fn gone(&self, ws: &WebSocket, how: &str) {
+    /// The agent's connection is gone (`frame`: the close frame it sent, if it did): its
+    /// jobs wait for it to come back. The machine logs the agent's going, with the frame.
+    async fn gone(&self, ws: &WebSocket, frame: Option<(u16, &str)>) {
         let now = now_ms();
         let Some(session_id) = self.sockets().session_id(ws) else { return };
-        console_log!("session={session_id} agent connection {how}");
         if self.load(now).is_err() {
             return;
         }
-        let effects = self.with_edge(|edge| edge.disconnect(now, &session_id)).unwrap_or_default();
+        let effects = self.with_edge(|edge| edge.peer_closed(now, &session_id, frame)).unwrap_or_default();
         self.apply(effects, Some((&session_id, ws)));
         self.schedule(now).await;
     }

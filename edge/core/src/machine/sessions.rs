@@ -109,17 +109,35 @@ impl Edge {
 
     /// The connection closed (or errored). Its jobs wait for the agent to come back.
     pub fn disconnect(&mut self, now: impl Into<Now>, session_id: &str) -> Vec<Effect> {
+        self.peer_closed(now, session_id, None)
+    }
+
+    /// The connection closed, with the peer's close frame when it sent one (`code`,
+    /// `reason`): logged with the disconnection, since an agent that refuses the edge (its
+    /// welcome signed with another key than the agent's EDGE_PUBLIC_KEY) says why only
+    /// there, and the edge's log said "agent disconnected" and nothing else.
+    pub fn peer_closed(&mut self, now: impl Into<Now>, session_id: &str, frame: Option<(u16, &str)>) -> Vec<Effect> {
         let now = now.into();
         self.begin(Origin::Disconnect);
         let mut effects = Vec::new();
-        self.drop_session(now, session_id, &mut effects);
+        self.drop_session_closed(now, session_id, frame, &mut effects);
         effects
     }
 
     fn drop_session(&mut self, now: Now, session_id: &str, effects: &mut Vec<Effect>) {
+        self.drop_session_closed(now, session_id, None, effects);
+    }
+
+    fn drop_session_closed(&mut self, now: Now, session_id: &str, frame: Option<(u16, &str)>, effects: &mut Vec<Effect>) {
         let Some(session) = self.remove_session(session_id) else { return };
         let Some(agent) = session.agent() else { return };
-        info!(agent_id = %agent.agent_id, session = session_id, "agent disconnected");
+        match frame {
+            // The peer's words, not signed: one bounded line.
+            Some((code, reason)) => {
+                info!(agent_id = %agent.agent_id, session = session_id, code, reason = %shared::text::peer_words(reason), "agent disconnected")
+            }
+            None => info!(agent_id = %agent.agent_id, session = session_id, "agent disconnected"),
+        }
         if let Some(relay) = agent.login.clone() {
             self.login_lost(&relay, effects);
         }
@@ -217,28 +235,57 @@ impl Edge {
             Phase::Challenged { nonce, ephemeral } => Some((nonce.clone(), ephemeral.clone())),
             Phase::Ready(_) => None,
         };
-        match (challenged, msg) {
-            (Some((nonce, ephemeral)), AgentMessage::Hello { protocol, agent_id, envelope }) => {
-                let verified = session::verify_hello(protocol, &agent_id, &envelope, &nonce, &self.cfg.agents, now.wall)
-                    .and_then(|hello| session::agree(&hello, &ephemeral, &self.cfg.pool).map(|keys| (hello, keys)));
-                match verified {
-                    Ok((hello, (edge_public, keys))) => self.welcome(now, session_id, hello, edge_public, keys, &mut effects),
-                    Err(refused) => {
-                        self.stats_mut().refused_agents += 1;
-                        // The id is the peer's own words until verified: logged only if it is one.
-                        let shown = if shared::ids::valid_agent_id(&agent_id) { agent_id.as_str() } else { "-" };
-                        warn!(agent_id = shown, session = session_id, reason = %refused.reason, "agent refused");
-                        self.close(now, session_id, refused, &mut effects);
-                    }
-                }
-            }
+        let (domain, probe, protocol, agent_id, envelope) = match (&challenged, msg) {
+            (Some(_), AgentMessage::Hello { protocol, agent_id, envelope }) => (Domain::Hello, false, protocol, agent_id, envelope),
+            (Some(_), AgentMessage::Probe { protocol, agent_id, envelope }) => (Domain::Probe, true, protocol, agent_id, envelope),
             (Some(_), _) => {
                 let refused = Refused::new(close::PROTOCOL_ERROR, "the first message must be a signed hello");
                 self.close(now, session_id, refused, &mut effects);
+                return effects;
             }
-            (None, msg) => self.agent_message(now, session_id, msg, &mut effects),
+            (None, msg) => {
+                self.agent_message(now, session_id, msg, &mut effects);
+                return effects;
+            }
+        };
+        let (nonce, ephemeral) = challenged.expect("matched above");
+        let verified = session::verify_hello(domain, protocol, &agent_id, &envelope, &nonce, &self.cfg.agents, now.wall)
+            .and_then(|hello| session::agree(&hello, &ephemeral, &self.cfg.pool).map(|keys| (hello, keys)));
+        match verified {
+            Ok((hello, (edge_public, _))) if probe => self.answer_probe(now, session_id, &hello, edge_public, &mut effects),
+            Ok((hello, (edge_public, keys))) => self.welcome(now, session_id, hello, edge_public, keys, &mut effects),
+            Err(refused) => {
+                self.stats_mut().refused_agents += 1;
+                // The id is the peer's own words until verified: logged only if it is one.
+                let shown = if shared::ids::valid_agent_id(&agent_id) { agent_id.as_str() } else { "-" };
+                warn!(agent_id = shown, session = session_id, probe, reason = %refused.reason, "agent refused");
+                self.close(now, session_id, refused, &mut effects);
+            }
         }
         effects
+    }
+
+    /// A verified probe: the welcome an agent would get (signed over the probe's nonce, so
+    /// whoever sent it can check the edge's key as the agent does), then the connection
+    /// closed. The session never becomes an agent's: no older connection is replaced, no
+    /// job reconciled, nothing saved, the agent not counted as connected.
+    fn answer_probe(&mut self, now: Now, session_id: &str, hello: &Hello, edge_public: String, effects: &mut Vec<Effect>) {
+        let welcome = Welcome {
+            protocol: PROTOCOL_VERSION,
+            agent_id: hello.agent_id.clone(),
+            pool: self.cfg.pool.clone(),
+            agent_nonce: hello.agent_nonce.clone(),
+            ephemeral: edge_public,
+            session_id: session_id.to_string(),
+            heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
+            lost_after_ms: Some(self.cfg.lost_after_ms),
+            issued_at: now.wall,
+        };
+        let envelope = Envelope::seal(Domain::Welcome, &welcome, &self.cfg.signing_key);
+        effects.push(Effect::Send { session: session_id.to_string(), text: EdgeMessage::Welcome { envelope }.to_text() });
+        info!(agent_id = %hello.agent_id, session = session_id, "an agent's keys checked by a probe (claude-runner doctor); its connection, if any, is untouched");
+        let done = Refused::new(close::PROBED, "probe answered: the keys agree; this connection was only a check");
+        self.close(now, session_id, done, effects);
     }
 
     fn welcome(&mut self, now: Now, session_id: &str, hello: Hello, edge_public: String, keys: LinkKeys, effects: &mut Vec<Effect>) {
@@ -555,7 +602,7 @@ impl Edge {
             AgentMessage::Unknown => {
                 debug!(agent_id = %agent_id, "message kind not handled by this edge ignored");
             }
-            AgentMessage::Hello { .. } => {
+            AgentMessage::Hello { .. } | AgentMessage::Probe { .. } => {
                 let refused = Refused::new(close::PROTOCOL_ERROR, "hello sent twice");
                 self.close(now, session_id, refused, effects);
             }

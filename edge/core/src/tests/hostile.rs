@@ -690,3 +690,76 @@ fn leading_slashes_fold_to_one_and_nothing_else_does() {
         assert!(matches!(gate("POST", path, Some(SECRET)), Gate::Answer(_)), "{path} is not a route");
     }
 }
+
+/// `claude-runner doctor`'s probe ([`AgentMessage::Probe`]): checked as a hello is, answered
+/// with a welcome signed over its nonce, then closed — and nothing else. Before it, a
+/// hello was the only way to ask, and a hello replaces the agent's running connection and
+/// reconciles its jobs against the asker's empty lists (a running job would have ended
+/// lost). Tried here: a probe while `spark` runs a job; a probe from an unknown agent, with
+/// another agent's key, or answering another challenge; a hello's signature sent as a
+/// probe and a probe's as a hello (each domain its own); a probe on a proven connection.
+#[test]
+fn a_probe_is_answered_and_closed_and_touches_no_agent_and_no_job() {
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    let probe = |hello: &Hello, domain: Domain, key: &SigningKey| AgentMessage::Probe {
+        protocol: PROTOCOL_VERSION,
+        agent_id: hello.agent_id.clone(),
+        envelope: Envelope::seal(domain, hello, key),
+    };
+    let challenge = |edge: &mut Edge, seed: u8| {
+        let (pid, effects) = edge.connect(2, [seed; 64], PEER);
+        let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &pid)[0] else { panic!("challenge first") };
+        (pid, nonce.clone())
+    };
+
+    let (pid, nonce) = challenge(&mut edge, 90);
+    let asked = Hello { agent_nonce: "doctor-nonce".into(), capacity: 0, ..hello("spark", &nonce, 2) };
+    let effects = say(&mut edge, 2, &pid, probe(&asked, Domain::Probe, &agent_key(1)));
+    let Some(EdgeMessage::Welcome { envelope }) = sent(&effects, &pid).into_iter().next() else { panic!("a welcome first: {effects:?}") };
+    let welcome: Welcome = envelope.open(Domain::Welcome, &edge_key().verifying_key()).unwrap();
+    assert_eq!((welcome.agent_id.as_str(), welcome.agent_nonce.as_str(), welcome.pool.as_str()), ("spark", "doctor-nonce", "default"));
+    assert_eq!(closed(&effects).map(|(code, _)| code), Some(close::PROBED));
+    assert!(edge.session(&pid).is_none(), "the probe's connection is forgotten");
+    assert!(
+        !effects.iter().any(|e| matches!(e, Effect::Save(_) | Effect::SaveSession(_)) || matches!(e, Effect::Close { session, .. } if *session == sid)),
+        "nothing saved, spark's connection untouched: {effects:?}"
+    );
+    assert!(edge.session(&sid).and_then(|s| s.agent()).is_some(), "spark is still connected");
+    assert_eq!(edge.job("j1").map(|j| (j.state, j.session_id.clone())), Some((JobState::Running, Some(sid.clone()))));
+    assert_eq!(edge.stats().refused_agents, 0);
+
+    // Refused as a hello would be, saying why; nothing welcomed.
+    type Make<'a> = Box<dyn Fn(&str) -> AgentMessage + 'a>;
+    let cases: Vec<(&str, u8, Make, &str)> = vec![
+        ("unknown agent", 93, Box::new(|n| probe(&hello("nobody", n, 2), Domain::Probe, &agent_key(1))), "unknown agent `nobody`"),
+        ("another agent's key", 94, Box::new(|n| probe(&hello("spark", n, 2), Domain::Probe, &agent_key(2))), "failed to prove its identity"),
+        ("another challenge", 95, Box::new(|_| probe(&hello("spark", "not-this-one", 2), Domain::Probe, &agent_key(1))), "another connection's challenge"),
+        ("a hello's signature as a probe", 96, Box::new(|n| probe(&hello("spark", n, 2), Domain::Hello, &agent_key(1))), "failed to prove its identity"),
+        (
+            "a probe's signature as a hello",
+            97,
+            Box::new(|n| AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope: Envelope::seal(Domain::Probe, &hello("spark", n, 2), &agent_key(1)) }),
+            "failed to prove its identity",
+        ),
+    ];
+    for (what, seed, make, says) in cases {
+        let (pid, nonce) = challenge(&mut edge, seed);
+        let effects = say(&mut edge, 3, &pid, make(&nonce));
+        assert!(!sent(&effects, &pid).iter().any(|m| matches!(m, EdgeMessage::Welcome { .. })), "{what}: no welcome");
+        let (code, _) = closed(&effects).unwrap_or_else(|| panic!("{what}: closed"));
+        assert_eq!(code, close::UNAUTHORIZED, "{what}");
+        let goodbye = sent(&effects, &pid).into_iter().find_map(|m| match m {
+            EdgeMessage::Goodbye { reason, .. } => Some(reason),
+            _ => None,
+        });
+        assert!(goodbye.as_deref().is_some_and(|r| r.contains(says)), "{what}: {goodbye:?}");
+        assert!(edge.session(&sid).and_then(|s| s.agent()).is_some(), "{what}: spark is still connected");
+    }
+    assert_eq!(edge.job("j1").map(|j| j.state), Some(JobState::Running));
+
+    // On a proven connection a probe is a second hello: a protocol error.
+    let effects = say(&mut edge, 4, &sid, probe(&hello("spark", "x", 4), Domain::Probe, &agent_key(1)));
+    assert_eq!(closed(&effects).map(|(code, _)| code), Some(close::PROTOCOL_ERROR));
+}
