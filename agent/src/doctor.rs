@@ -103,13 +103,11 @@ pub async fn run(args: AgentArgs, canary: bool) -> bool {
         && crate::config::agent_has_run(&crate::config::up_agent_dir(&args.local.data_dir()));
     if beside_up {
         let why = format!(
-            "not set, as beside `claude-runner up`, which keeps its own in {}; set EDGE_URL, AGENT_SIGNING_KEY and EDGE_PUBLIC_KEY \
-             to check an agent of your own (`claude-runner status` shows up's)",
+            "not checked: beside `claude-runner up`, which keeps its own in {}; set EDGE_URL, AGENT_SIGNING_KEY and \
+             EDGE_PUBLIC_KEY to check an agent of your own (`claude-runner status` shows up's)",
             up_data.join("up.json").display()
         );
-        for what in ["agent key", "edge key", "edge"] {
-            say("  --   ", what, &why);
-        }
+        say("  --   ", "agent key, edge key, edge", &why);
     } else {
         let agent_key = match args.signing_key_text() {
             Err(e) => {
@@ -179,7 +177,9 @@ pub async fn run(args: AgentArgs, canary: bool) -> bool {
             }
         }
     }
-    if r.failures == 0 {
+    if r.failures == 0 && beside_up {
+        println!("The checks that apply beside `up` passed. `claude-runner status` shows whether up's agent is connected.");
+    } else if r.failures == 0 {
         println!("All checks passed. `claude-runner status` shows whether the running agent is connected.");
     } else {
         println!("{} check(s) failed; fix them and run `claude-runner doctor` again.", r.failures);
