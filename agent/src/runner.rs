@@ -97,9 +97,34 @@ pub struct Ended {
 /// Runs the job to its end.
 pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, stop: oneshot::Receiver<Stop>) -> Ended {
     let workspace = ctx.workspaces.join(job_id);
-    let (result, session) = run_in(ctx, job_id, spec, stop, &workspace).await;
+    let (mut result, session) = run_in(ctx, job_id, spec, stop, &workspace).await;
+    scrub(&mut result, || ctx.login.redactor(crate::now_ms()));
     let keep = !result.success && ctx.cfg.repos.keep_failed_workspaces;
     Ended { result, session, leftover: Leftover { workspace, keep, job_id: job_id.to_string(), agent_id: ctx.cfg.agent_id.clone() } }
+}
+
+/// Masks the secrets in the words of a result that are not Claude's output (redacted as
+/// it is read, [`run_in`]): the error, which can carry a path or a name the job chose (a
+/// file named after `$CLAUDE_CODE_OAUTH_TOKEN` too large to push was named in the
+/// `REPO_ERROR` sentence, and reached the caller in clear) or a git server's words, and
+/// the changed files' paths, a rename's old one included. One place, after every way a
+/// job ends, so no error set on the way out is missed. The redactor is asked for only
+/// when there is something to mask (reading the login is a file read): not for a plain
+/// job that succeeded.
+fn scrub(result: &mut JobResult, redactor: impl FnOnce() -> std::sync::Arc<crate::redact::Redactor>) {
+    if result.error.is_none() && result.files_changed.is_none() {
+        return;
+    }
+    let redactor = redactor();
+    if let Some(error) = result.error.as_mut() {
+        *error = redactor.redact(error);
+    }
+    for file in result.files_changed.iter_mut().flatten() {
+        file.path = redactor.redact(&file.path);
+        if let Some(old) = file.old_path.as_mut() {
+            *old = redactor.redact(old);
+        }
+    }
 }
 
 /// A finished job's workspace.
@@ -178,8 +203,10 @@ async fn run_in(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot
                     let result = match ended {
                         Ok(ending) => claude::result(&Transcript::default(), ending, "", ms),
                         Err(e) => {
-                            warn!(job_id, agent_id = %ctx.cfg.agent_id, error = %e, "the repository could not be prepared");
-                            JobResult::failure(ErrorCode::RepoError, e.to_string(), ms)
+                            // Redacted for the log too: a path or a server's words.
+                            let said = ctx.login.redactor(crate::now_ms()).redact(&e.to_string());
+                            warn!(job_id, agent_id = %ctx.cfg.agent_id, error = %said, "the repository could not be prepared");
+                            JobResult::failure(ErrorCode::RepoError, said, ms)
                         }
                     };
                     return (result, None);
@@ -212,7 +239,6 @@ async fn run_in(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot
     // Re-read: the tokens may have been rotated while Claude ran.
     let redactor = ctx.login.redactor(crate::now_ms());
     result.output = redactor.redact(&result.output);
-    result.error = result.error.map(|e| redactor.redact(&e));
     if let Some(prepared) = repo {
         hand_back(ctx, job_id, &spec, prepared, redactor, deadline, &mut result).await;
         result.duration_ms = started.elapsed().as_millis() as u64;
@@ -257,11 +283,13 @@ async fn hand_back(
             result.pushed_branch = outcome.pushed_branch;
         }
         Err(e) => {
-            warn!(job_id, agent_id = %ctx.cfg.agent_id, error = %e, "could not hand back the job's changes");
+            // Redacted for the log too: it may name a file the job made.
+            let said = ctx.login.redactor(crate::now_ms()).redact(&e.to_string());
+            warn!(job_id, agent_id = %ctx.cfg.agent_id, error = %said, "could not hand back the job's changes");
             if result.success {
                 result.success = false;
                 result.error_code = Some(ErrorCode::RepoError);
-                result.error = Some(e.to_string());
+                result.error = Some(said);
             }
         }
     }
@@ -420,6 +448,27 @@ async fn send_on_ticks(batch: &Mutex<Batch>, opened: &Notify, clock: &Arc<Progre
 
 #[cfg(test)]
 mod tests {
+
+    /// Every word of a result that is not Claude's output is masked, a rename's old path
+    /// too (the diff's redaction left it); a plain success never reads the login.
+    #[test]
+    fn scrub_masks_the_error_and_each_path_and_reads_the_login_only_when_needed() {
+        let secret = "sk-ant-oat01-scrub-0123456789";
+        let redactor = || std::sync::Arc::new(crate::redact::Redactor::new([secret.to_string()]));
+        let mut result = JobResult::failure(ErrorCode::RepoError, format!("`{secret}.bin` is 101 MiB"), 1);
+        result.files_changed = Some(vec![shared::job::FileChange {
+            path: format!("new-{secret}"),
+            status: shared::job::ChangeKind::Renamed,
+            old_path: Some(format!("old-{secret}")),
+        }]);
+        scrub(&mut result, redactor);
+        assert!(!serde_json::to_string(&result).unwrap().contains(secret), "{result:?}");
+        assert_eq!(result.error.as_deref(), Some("`[REDACTED].bin` is 101 MiB"));
+        let mut plain = JobResult { success: true, output: secret.into(), ..Default::default() };
+        scrub(&mut plain, || panic!("the login read for a plain success"));
+        assert_eq!(plain.output, secret, "Claude's output is redacted as it is read, not here");
+    }
+
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
 

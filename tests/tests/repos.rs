@@ -575,6 +575,24 @@ async fn big_files_are_not_pushed_and_pushes_do_not_hold_them_in_memory() {
     assert_eq!(on_server(&seed, "claude/dump"), None);
 }
 
+/// A `REPO_ERROR` sentence names what the job made (a file too big to push), and was sent
+/// to the caller, and logged, as it was: a job that named a file after Claude's token
+/// (`$CLAUDE_CODE_OAUTH_TOKEN`) got the token out in clear, past the redaction of
+/// Claude's output. Every error of a result is masked now, in one place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repo_error_naming_a_secret_is_redacted() {
+    let s = setup(None, &[]).await;
+    let (seed, _, _) = demo(&s.git);
+    let url = s.git.url("demo");
+    let token = s.agent.env_value("CLAUDE_CODE_OAUTH_TOKEN").unwrap();
+    let b = s.run(json!({"prompt": format!("@write_random={token}.bin,101"), "repo_url": url, "push_branch": "claude/leak", "timeout_ms": 120000})).await;
+    let e = repo_error(&b);
+    assert!(e.contains("100 MiB") && !e.contains(&token), "{e}");
+    assert!(!b.to_string().contains(&token), "{b:#}");
+    assert!(!s.agent.log().contains(&token), "{}", s.agent.log());
+    assert_eq!(on_server(&seed, "claude/leak"), None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_servers_words_cannot_forge_log_lines() {
     let s = setup(None, &[]).await;
