@@ -274,7 +274,17 @@ impl Agent {
     /// Tells the edge how many jobs it may send now.
     pub fn state_slots(&self) {
         let running = self.running.lock().expect("running lock");
-        let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
+        self.send_slots(&running);
+    }
+
+    /// The slots as the edge hears them: while the door is closed (draining, or a
+    /// `--one-job` agent with its job) a `Stopping` first, so the edge refuses at once an
+    /// `/execute` only this agent could take instead of queueing it for an agent going away.
+    fn send_slots(&self, running: &Running) {
+        if running.closed {
+            let _ = self.uplink.send(AgentMessage::Stopping);
+        }
+        let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(running) });
     }
 
     /// Queues a heartbeat: the login, the jobs held and the slots, as of one moment.
@@ -415,8 +425,10 @@ impl Agent {
         let (stop_tx, stop_rx) = oneshot::channel();
         running.jobs.insert(job_id.clone(), Some(stop_tx));
         if self.cfg.one_job {
-            // `--one-job`: this is the job; the slots say so from the next statement on.
+            // `--one-job`: this is the job; the slots say so from the next statement on,
+            // and the edge hears now that this agent takes no other.
             running.closed = true;
+            let _ = self.uplink.send(AgentMessage::Stopping);
         }
         info!(job_id = %job_id, agent_id = %self.cfg.agent_id, timeout_ms = order.spec.timeout_ms, "job accepted");
         let _ = self.uplink.send(AgentMessage::Accepted { job_id: job_id.clone() });
@@ -497,7 +509,7 @@ impl Agent {
                 running.mirrors_told = mirrors.clone();
                 let _ = self.uplink.send(AgentMessage::Mirrors { names: mirrors.clone() });
             }
-            let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
+            self.send_slots(&running);
             (running.ids(), mirrors)
         };
         self.status.job_ended(ids, mirrors);
@@ -578,7 +590,7 @@ impl Agent {
         let mut running = self.running.lock().expect("running lock");
         running.closed = true;
         // No free slot from now on: the edge hears it at once.
-        let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
+        self.send_slots(&running);
     }
 
     /// Stops every running job (the agent is shutting down); their results are spooled.

@@ -15,7 +15,8 @@ pub struct AgentArgs {
     /// This agent's id, as listed in the edge's AGENT_PUBLIC_KEYS (default: hostname).
     #[arg(long, env = "AGENT_ID")]
     pub agent_id: Option<String>,
-    /// base64 ed25519 seed of this agent (or use AGENT_KEY_FILE).
+    /// base64 ed25519 seed of this agent, from the environment only: the flag is refused,
+    /// since a command line is readable by every local user (or use AGENT_KEY_FILE).
     #[arg(long, env = "AGENT_SIGNING_KEY", hide_env_values = true)]
     pub agent_signing_key: Option<String>,
     /// File holding AGENT_SIGNING_KEY.

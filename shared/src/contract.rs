@@ -680,8 +680,12 @@ pub struct AgentInfo {
     /// An operator paused it: it finishes its jobs and takes no new ones.
     #[serde(default)]
     pub paused: bool,
-    /// Whether it can take a job now (connected, not paused, its login usable), free slot
-    /// or not.
+    /// It said it takes no new jobs: it is draining before it stops, or a `--one-job`
+    /// agent has its job.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopping: bool,
+    /// Whether it can take a job now (connected, not paused or stopping, its login
+    /// usable), free slot or not.
     #[serde(default)]
     pub takes_work: bool,
     /// Its login as the edge judges it: `good`, `attention_soon` or `broken`.

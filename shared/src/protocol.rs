@@ -219,6 +219,14 @@ pub enum AgentMessage {
     Heartbeat { envelope: Tagged },
     /// The agent's free slots now (sent after the welcome and whenever a job ends).
     Credit { slots: Slots },
+    /// The agent takes no new jobs: it is draining before it stops (a stop request), or,
+    /// started with `--one-job`, it has its job. Sent when its door closes and after each
+    /// welcome while it is closed. The edge refuses at once an `/execute` that only such
+    /// agents could take, as for paused ones, rather than queue it for an agent that is
+    /// going away (its caller waited out the whole drain, then fell back). Plain: a
+    /// made-up one refuses this agent's `/execute` jobs for this connection, as cutting the
+    /// connection — which anyone on the path can — does.
+    Stopping,
     /// The repositories the agent holds a mirror of now (names only), sent when a job
     /// ended: the edge prefers an agent holding a job's repository. An edge that does
     /// not route by it ignores the message.

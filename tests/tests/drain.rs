@@ -52,6 +52,25 @@ async fn sigterm_lets_the_running_job_finish_then_exits_0() {
     // A job submitted while draining is not taken: it waits in the edge's queue.
     let later = s.client.submit(json!({"prompt": "after the drain", "timeout_ms": 120000})).await;
     let later = later.body["job_id"].as_str().unwrap().to_string();
+    // The edge hears that the agent is stopping: `/health` says so, and no agent can work.
+    let mut stopping = false;
+    for _ in 0..600 {
+        let h = s.client.health_full().await;
+        if h.body["agents"][0]["stopping"] == true {
+            assert_eq!((h.status, h.body["agents_taking_work"].as_u64()), (503, Some(0)), "{}", h.text);
+            stopping = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(stopping, "the edge never heard the agent is stopping:\n{}", s.edge.log());
+    // An `/execute` only this agent could take is refused at once, its caller told to fall
+    // back, while the job the drain waits for still runs: before, it queued behind the whole
+    // drain (up to DRAIN_TIMEOUT_MS), then was refused.
+    let refused = s.client.execute(json!({"prompt": "execute while draining"})).await;
+    assert_eq!((refused.status, refused.body["fallback"].as_bool()), (503, Some(true)), "{}", refused.text);
+    assert!(refused.text.contains("stopping"), "{}", refused.text);
+    assert_eq!(s.client.get(&format!("/jobs/{job}")).await.body["state"], "running");
 
     let status = s.agent.wait_exit(Duration::from_secs(20)).await.expect("the drained agent exits by itself");
     assert!(status.success(), "exit status {status}:\n{}", s.agent.log());
@@ -64,10 +83,12 @@ async fn sigterm_lets_the_running_job_finish_then_exits_0() {
     let spool = s.agent.data.path().join("data/spool");
     assert_eq!(std::fs::read_dir(&spool).map(|d| d.count()).unwrap_or(0), 0, "results left in {}", spool.display());
 
-    // The next agent takes the waiting job.
+    // The next agent takes the waiting job, and `/execute` again.
     s.agent.start_again();
     let done = s.client.wait_job(&later, Duration::from_secs(20)).await;
     assert_eq!(done["state"], "succeeded", "{done}");
+    let again = s.client.execute(json!({"prompt": "after the restart"})).await;
+    assert_eq!((again.status, again.body["success"].as_bool()), (200, Some(true)), "{}", again.text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

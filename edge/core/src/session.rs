@@ -69,6 +69,10 @@ pub struct Agent {
     /// An operator paused it (`POST /agents/{id}/pause`): no new jobs.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+    /// The agent said it takes no new jobs ([`shared::protocol::AgentMessage::Stopping`]):
+    /// it is draining, or a `--one-job` agent has its job. For this connection only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopping: bool,
     /// Until when (edge time) the agent's usage window refuses work; cleared once passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_hold_until: Option<Millis>,
@@ -137,9 +141,17 @@ impl Agent {
     }
 
     /// Whether jobs may be sent to this agent now (credits aside): no operator paused
-    /// it, its login works, its usage window is open and no re-login is under way.
+    /// it, it is not stopping, its login works, its usage window is open and no re-login
+    /// is under way.
     pub fn takes_work(&self, now: crate::Now) -> bool {
-        !self.paused && !self.needs_login(now) && !self.usage_held(now) && self.login.is_none()
+        !self.held_back() && !self.needs_login(now) && !self.usage_held(now) && self.login.is_none()
+    }
+
+    /// Kept from new work by choice, not by its login: an operator paused it, or it is
+    /// stopping. Work does not wait for such an agent, and its login says nothing of
+    /// whether the others can work.
+    pub fn held_back(&self) -> bool {
+        self.paused || self.stopping
     }
 
     pub fn needs_login(&self, now: crate::Now) -> bool {
@@ -405,6 +417,7 @@ mod tests {
                 labels: shared::placement::parse_labels("gpu=none,os=linux").unwrap(),
                 mirrors: ["github.com/o/r".to_string()].into(),
                 paused: true,
+                stopping: false,
                 usage_hold_until: None,
                 login: Some(login.clone()),
             }),

@@ -214,20 +214,26 @@ impl Edge {
     }
 
     /// Why an `/execute` job cannot be placed now, if it cannot: no connected agent fits
-    /// its `agent_id` and labels, or every one that does is paused. Its caller falls back
+    /// its `agent_id` and labels, or every one that does is paused or stopping. Its caller falls back
     /// at once rather than wait for an agent that may never come. (Fitting agents that
     /// are there but cannot work — their login, their usage window — are
     /// [`Edge::refusal`]'s.)
     fn unplaceable(&self, placement: &shared::placement::Placement) -> Option<ApiError> {
         let fitting: Vec<&Agent> = self.fitting_agents(placement);
-        if fitting.iter().any(|a| !a.paused) {
+        if fitting.iter().any(|a| !a.held_back()) {
             return None;
         }
         let offered: Vec<String> = self.ready().map(|(_, a)| super::login::shown_agent(a)).collect();
+        // Paused (the operator's), stopping (the agent's own), or some of each.
+        let held = match (fitting.iter().all(|a| a.paused), fitting.iter().all(|a| a.stopping && !a.paused)) {
+            (true, _) => "paused (POST /agents/<id>/resume)",
+            (_, true) => "stopping (draining its running jobs before it exits)",
+            _ => "paused or stopping",
+        };
         let why = match (fitting.is_empty(), placement.needs()) {
             (true, needs) => format!("no connected agent offers {needs}"),
-            (false, needs) if needs.is_empty() => "every connected agent is paused (POST /agents/<id>/resume)".to_string(),
-            (false, needs) => format!("every agent that offers {needs} is paused"),
+            (false, needs) if needs.is_empty() => format!("every connected agent is {held}"),
+            (false, needs) => format!("every agent that offers {needs} is {held}"),
         };
         Some(ApiError::new(
             ErrorCode::RunnerOffline,

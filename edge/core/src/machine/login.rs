@@ -60,11 +60,11 @@ pub enum Availability {
 }
 
 /// Whether `agents` (the pool's, or those that fit one job) can run work now. A paused
-/// agent is the operator's choice, not its login's state: the verdict is the others'.
-/// With none left (all paused, or none at all) it is [`Availability::Ready`]: nothing
+/// agent is the operator's choice, and a stopping one its own, not its login's state: the
+/// verdict is the others'. With none left (all paused or stopping, or none at all) it is [`Availability::Ready`]: nothing
 /// about a login keeps the work back, and whether it may wait is decided elsewhere.
 fn verdict<'a>(now: Now, agents: impl Iterator<Item = &'a Agent>) -> Availability {
-    let agents: Vec<&Agent> = agents.filter(|a| !a.paused).collect();
+    let agents: Vec<&Agent> = agents.filter(|a| !a.held_back()).collect();
     if agents.is_empty() || agents.iter().any(|a| a.takes_work(now)) {
         return Availability::Ready;
     }
@@ -108,6 +108,9 @@ pub(crate) fn shown_agent(a: &Agent) -> String {
 pub(crate) fn why_not(a: &Agent, now: Now) -> Option<String> {
     if a.paused {
         return Some(format!("paused (POST /agents/{}/resume)", a.agent_id));
+    }
+    if a.stopping {
+        return Some("stopping: it finishes its running jobs and takes no new ones".into());
     }
     if a.needs_login(now) {
         return Some("its Claude OAuth login needs renewing".into());
@@ -205,9 +208,10 @@ impl Edge {
     /// can go.
     pub(super) fn settle_queue(&mut self, now: Now, effects: &mut Vec<Effect>) {
         let mut ended: Vec<(String, ApiError)> = Vec::new();
-        // While every agent not paused takes work, no job's fitting agents are all kept
-        // from it: the walk through the queue is skipped (this runs at every heartbeat).
-        let all_work = self.ready().all(|(_, a)| a.paused || a.takes_work(now));
+        // While every agent not paused or stopping takes work, no job's fitting agents are
+        // all kept from it by a login: the walk through the queue is skipped (this runs at
+        // every heartbeat).
+        let all_work = self.ready().all(|(_, a)| a.held_back() || a.takes_work(now));
         if !all_work {
             let mut verdicts: HashMap<(&Labels, Option<&str>), Option<ApiError>> = HashMap::new();
             for id in self.queue.ids() {

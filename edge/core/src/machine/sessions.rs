@@ -325,6 +325,7 @@ impl Edge {
             labels: hello.labels.clone(),
             mirrors: mirror_names(&hello.mirrors),
             paused,
+            stopping: false,
             usage_hold_until: None,
             login: None,
         });
@@ -588,6 +589,16 @@ impl Edge {
                 let key = &self.sessions[session_id].agent().expect("ready session").keys.edge_to_agent;
                 let ack = EdgeMessage::result_ack(&job_id, &agent_id, key);
                 effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
+            }
+            AgentMessage::Stopping => {
+                let session = self.session_mut(session_id).expect("session exists");
+                let agent = session.agent_mut().expect("ready session");
+                if !agent.stopping {
+                    agent.stopping = true;
+                    effects.push(Effect::SaveSession(Box::new(session.clone())));
+                    info!(agent_id = %agent_id, session = session_id, "agent stopping: it takes no new jobs, its running ones finish");
+                    self.observe(now, effects);
+                }
             }
             AgentMessage::Mirrors { names } => {
                 let session = self.session_mut(session_id).expect("session exists");

@@ -43,7 +43,7 @@ impl Edge {
             (LoginHealth::Good | LoginHealth::AttentionSoon, true) => 2,
             (LoginHealth::Broken, _) => 3,
         };
-        let takes_work = |a: &Agent| !a.paused && !a.needs_login(now) && !a.usage_held(now);
+        let takes_work = |a: &Agent| !a.held_back() && !a.needs_login(now) && !a.usage_held(now);
         let working = agents.iter().filter(|(_, a)| takes_work(a)).count();
         // With none able to work, the agent that says best when work may go again: not a
         // paused one (the operator's choice, not why work is refused), and of used-up
@@ -53,7 +53,7 @@ impl Edge {
             .iter()
             .filter(|(_, a)| takes_work(a))
             .min_by_key(|(_, a)| rank(a))
-            .or_else(|| agents.iter().min_by_key(|(_, a)| (a.paused, rank(a), opens_at(a))));
+            .or_else(|| agents.iter().min_by_key(|(_, a)| (a.held_back(), rank(a), opens_at(a))));
         let info = |(sid, a): &(&String, &Agent)| AgentInfo {
             connected: true,
             agent_id: a.agent_id.clone(),
@@ -64,6 +64,7 @@ impl Edge {
             claude_version: a.claude_version.clone(),
             labels: a.labels.clone(),
             paused: a.paused,
+            stopping: a.stopping,
             takes_work: takes_work(a),
             login: login_word(a.oauth.health(now.wall)).into(),
         };
@@ -89,6 +90,7 @@ impl Edge {
             claude_version: None,
             labels: Default::default(),
             paused: self.alerts.paused.contains(id),
+            stopping: false,
             takes_work: false,
             login: String::new(),
         });

@@ -31,9 +31,9 @@
   function renderStatus(health, oauth) {
     const agent = health.agent;
     const agents = health.agents || [];
-    if (agents.length > 1 || agents.some((a) => a.paused || !a.connected)) {
-      // Many agents: each with its state and load; paused and down ones say so.
-      const line = (a) => a.agent_id + " " + (!a.connected ? "down" : a.paused ? "paused" : a.takes_work ? "online" : "cannot work")
+    if (agents.length > 1 || agents.some((a) => a.paused || a.stopping || !a.connected)) {
+      // Many agents: each with its state and load; paused, stopping and down ones say so.
+      const line = (a) => a.agent_id + " " + (!a.connected ? "down" : a.paused ? "paused" : a.stopping ? "stopping" : a.takes_work ? "online" : "cannot work")
         + (a.connected ? " (" + a.running_jobs + "/" + a.capacity + " running)" : "");
       say("agent-state", agents.map(line).join("; "), agents.some((a) => a.takes_work) ? "ok" : "bad");
     } else if (agent) say("agent-state", "online: " + agent.agent_id + " (" + agent.running_jobs + "/" + agent.capacity + " running)", "ok");

@@ -236,6 +236,42 @@ fn a_paused_agent_finishes_its_jobs_takes_no_new_ones_and_shows_it() {
     assert_eq!(answer(&h).0, 404);
 }
 
+/// An agent that says it is stopping (draining, or a `--one-job` agent with its job) is
+/// held back as a paused one is, by its own word and for that connection: its running
+/// job finishes, an `/execute` only it could take is refused at once (it queued behind
+/// the drain), one another agent fits goes there, `POST /jobs` waits, `/health` shows it.
+/// Its next connection takes work again.
+#[test]
+fn a_stopping_agent_finishes_its_jobs_and_execute_falls_back_at_once() {
+    let mut edge = Edge::new(three_agents(), 0);
+    let spark = enter(&mut edge, 0, "spark", 1, 2, "gpu=a100", &[]);
+    let laptop = enter(&mut edge, 0, "laptop", 2, 1, "", &[]);
+    let running = submit(&mut edge, 1, SECRET, json!({"prompt": "x", "agent_id": "spark"}));
+    say(&mut edge, 2, &spark, AgentMessage::Accepted { job_id: running.clone() });
+    let effects = say(&mut edge, 3, &spark, AgentMessage::Stopping);
+    assert!(effects.iter().any(|e| matches!(e, Effect::SaveSession(_))), "kept with the session: {effects:?}");
+    assert!(say(&mut edge, 3, &spark, AgentMessage::Stopping).is_empty(), "said twice, nothing new");
+    let h = request(&mut edge, 4, SECRET, "POST", "/execute", json!({"prompt": "x", "labels": {"gpu": "a100"}}));
+    let (status, body) = answer(&h);
+    assert_eq!((status, body["fallback"].as_bool(), body["error_code"].as_str()), (503, Some(true), Some("RUNNER_OFFLINE")), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("stopping"), "{body}");
+    // One the other agent fits is placed there; a `POST /jobs` for spark waits.
+    let h = request(&mut edge, 5, SECRET, "POST", "/execute", json!({"prompt": "x"}));
+    assert!(h.effects.iter().any(|e| matches!(e, Effect::Send { session, .. } if *session == laptop)), "sent to laptop");
+    let waiting = submit(&mut edge, 6, SECRET, json!({"prompt": "x", "agent_id": "spark"}));
+    assert_eq!(edge.job(&waiting).unwrap().state, JobState::Queued);
+    let health = edge.health(7);
+    let shown = health.agents.iter().find(|a| a.agent_id == "spark").unwrap();
+    assert!(shown.stopping && !shown.takes_work && !shown.paused, "{shown:?}");
+    report(&mut edge, 8, &spark, &running, ok_result());
+    assert_eq!(edge.job(&running).unwrap().state, JobState::Succeeded);
+    // Back on a new connection (the agent started again): the waiting job goes to it.
+    edge.disconnect(9, &spark);
+    let spark = enter(&mut edge, 10, "spark", 1, 2, "gpu=a100", &[]);
+    assert_eq!(edge.job(&waiting).unwrap().session_id.as_deref(), Some(spark.as_str()));
+    assert!(!edge.health(11).agents.iter().any(|a| a.stopping));
+}
+
 #[test]
 fn health_lists_every_agent_and_is_degraded_while_one_is_down() {
     let mut edge = Edge::new(three_agents(), 0);
