@@ -39,6 +39,8 @@ pub enum RepoError {
     HandBackTooSlow { url: String },
     #[error("`{path}` is {mib} MiB, more than the {max_mib} MiB a push carries (git servers such as GitHub refuse bigger files), so nothing was pushed: have Claude leave it out of the repository (delete it, or list it in .gitignore)")]
     FileTooBig { path: String, mib: u64, max_mib: u64 },
+    #[error("a git setting the runner does not control (the checkout's .git/config, written by the job) redirected the push from {url} to {to}, so nothing was pushed: remove the `url.*.insteadOf` / `pushInsteadOf` setting, and ask Claude not to change git's configuration")]
+    PushRedirected { url: String, to: String },
     #[error("the changes contain a secret of the runner machine (a token), so nothing was pushed: ask Claude not to write credentials into the repository")]
     SecretInChanges,
     #[error("could not {action}: {detail}")]

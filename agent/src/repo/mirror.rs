@@ -379,6 +379,33 @@ fn open_or_create(dir: &Path, name: &str) -> Result<Repository, RepoError> {
     Repository::init_bare(dir).map_err(|e| local("create the mirror", e.message()))
 }
 
+/// Makes `repo` read the agent's settings `entries` (`section.key`, integers) and nothing
+/// else: not its config file, not `~/.gitconfig`, `$XDG_CONFIG_HOME/git/config` or the
+/// system's. Jobs run as the agent's user and can write each of those (a checkout's own
+/// `.git/config`, a mirror's through the checkout's `objects/info/alternates`), and libgit2
+/// takes from them, for a fetch or a push, `url.*.insteadOf` / `pushInsteadOf` (where the
+/// token goes) and `pack.*` (a push's memory). The settings are written to a memfd, which
+/// no other process can open (the agent is not dumpable), read, and kept as a snapshot.
+pub fn own_config(repo: &Repository, entries: &[(&str, i64)]) -> Result<(), git2::Error> {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let mut text = String::new();
+    for (key, value) in entries {
+        let (section, name) = key.split_once('.').ok_or_else(|| git2::Error::from_str("a setting without a section"))?;
+        text.push_str(&format!("[{section}]\n\t{name} = {value}\n"));
+    }
+    // SAFETY: a fresh descriptor, owned by the File from here on.
+    let fd = unsafe { libc::memfd_create(c"claude-runner-git-config".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(git2::Error::from_str(&format!("memfd_create: {}", std::io::Error::last_os_error())));
+    }
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.write_all(text.as_bytes()).map_err(|e| git2::Error::from_str(&e.to_string()))?;
+    let config = git2::Config::open(Path::new(&format!("/proc/self/fd/{fd}")))?.snapshot()?;
+    drop(file);
+    repo.set_config(&config)
+}
+
 /// Whether `url` (as libgit2 is about to send credentials to it) is on `host`.
 fn on_host(url: &str, host: &str) -> bool {
     shared::repo::RepoUrl::parse(url).is_ok_and(|u| u.host() == host)

@@ -431,3 +431,35 @@ async fn a_file_too_big_for_a_push_is_refused_in_claudes_commits_too() {
     let err = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).err().unwrap();
     assert!(matches!(&err, RepoError::FileTooBig { .. }), "{err}");
 }
+
+/// The push went where the checkout's own `.git/config` said: a job (which can write it)
+/// that set `url.<elsewhere>.pushInsteadOf <repo_url>` had the job's commit, with the
+/// runner's token, land in another repository of the same host, on a branch the "never
+/// the default branch" check had looked up in the requested repository, or in a local
+/// path. The push reads none of the checkout's config now, and goes to the requested URL.
+#[tokio::test]
+async fn the_checkouts_own_git_config_cannot_send_the_push_elsewhere() {
+    let tmp = TempDir::new("push-redirect");
+    let (bare, _work, _) = server(tmp.path());
+    let elsewhere = tmp.path().join("elsewhere.git");
+    git(tmp.path(), &["clone", "-q", "--bare", bare.to_str().unwrap(), elsewhere.to_str().unwrap()]);
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let url = format!("file://{}", bare.display());
+    let other = format!("file://{}", elsewhere.display());
+    // What the job writes into its checkout, through git itself.
+    git(&co.dir, &["config", &format!("url.{other}.pushInsteadOf"), &url]);
+    git(&co.dir, &["config", &format!("url.{other}.insteadOf"), &url]);
+    git(&co.dir, &["config", "remote.pushDefault", "evil"]);
+    git(&co.dir, &["config", "remote.evil.url", &other]);
+    std::fs::write(co.dir.join("README.md"), "changed by the job\n").unwrap();
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    let commit = staged.commit("Claude Runner", "cr@localhost", "Job changes").unwrap().unwrap();
+    let target = PushTarget { url, host: "local".into(), token: None, branch: "claude/x".into(), default_branch: Some("main".into()) };
+    staged.push(&target, commit, &AtomicBool::new(false)).unwrap();
+    assert_eq!(git(&bare, &["rev-parse", "refs/heads/claude/x"]), commit.to_string(), "the requested repository has it");
+    let elsewhere_refs = git(&elsewhere, &["for-each-ref", "--format=%(refname)"]);
+    assert!(!elsewhere_refs.contains("claude/x"), "the push went elsewhere: {elsewhere_refs}");
+    // Nor did the push write into the checkout's config (it set its pack limits there).
+    let config = std::fs::read_to_string(co.dir.join(".git/config")).unwrap();
+    assert!(!config.contains("deltaCacheSize"), "{config}");
+}
