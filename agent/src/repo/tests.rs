@@ -45,7 +45,7 @@ fn source(bare: &Path) -> Source {
 async fn checked_out(root: &Path, bare: &Path) -> (Arc<MirrorCache>, super::mirror::Lease, checkout::Checkout) {
     let cache = MirrorCache::open(root.join("repos"), u64::MAX).unwrap();
     let lease = cache.acquire(source(bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, &root.join("co"), None, "file://server").unwrap();
+    let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &root.join("co"), None, "file://server").unwrap();
     (cache, lease, co)
 }
 
@@ -60,17 +60,17 @@ async fn mirrors_fetch_prune_and_check_out_branches_tags_and_shas() {
     assert_eq!(cache.mirror_names(), [source(&bare).name]);
     let url = "file://server";
 
-    let co = checkout::create(&lease.dir, &tmp.path().join("co-default"), None, url).unwrap();
+    let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-default"), None, url).unwrap();
     assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), "hello again\n");
     assert_eq!(git(&co.dir, &["rev-parse", "--abbrev-ref", "HEAD"]), "main", "a local branch, for Claude's git commands");
     for (branch, readme) in [("feature", "hello\n"), ("v1", "hello\n"), ("light", "hello\n"), (&first[..10], "hello\n"), (&first[..], "hello\n")] {
-        let co = checkout::create(&lease.dir, &tmp.path().join(format!("co-{branch}")), Some(branch), url).unwrap();
+        let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{branch}")), Some(branch), url).unwrap();
         assert_eq!(co.commit.to_string(), first, "{branch}");
         assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), readme, "{branch}");
         assert_eq!(git(&co.dir, &["status", "--porcelain"]), "", "a clean checkout of {branch}");
     }
     for missing in ["nope", "deadbeef00", "v2"] {
-        let err = checkout::create(&lease.dir, &tmp.path().join(format!("co-{missing}")), Some(missing), url).err().unwrap();
+        let err = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{missing}")), Some(missing), url).err().unwrap();
         assert!(matches!(err, RepoError::BranchNotFound { .. }), "{missing}: {err}");
     }
     drop(lease);
@@ -82,15 +82,15 @@ async fn mirrors_fetch_prune_and_check_out_branches_tags_and_shas() {
     git(&work, &["push", "-q", "origin", "main"]);
     git(&work, &["push", "-q", "origin", "--delete", "feature"]);
     let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, &tmp.path().join("co-third"), None, url).unwrap();
+    let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-third"), None, url).unwrap();
     assert!(co.dir.join("new.txt").exists());
-    let gone = checkout::create(&lease.dir, &tmp.path().join("co-feature-gone"), Some("feature"), url).err().unwrap();
+    let gone = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-feature-gone"), Some("feature"), url).err().unwrap();
     assert!(matches!(gone, RepoError::BranchNotFound { .. }), "{gone}");
     // Each checkout is its own repository: Claude's commits stay in it.
     std::fs::write(co.dir.join("mine.txt"), "x").unwrap();
     git(&co.dir, &["add", "-A"]);
     git(&co.dir, &["commit", "-q", "-m", "claude"]);
-    let again = checkout::create(&lease.dir, &tmp.path().join("co-again"), None, url).unwrap();
+    let again = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-again"), None, url).unwrap();
     assert!(!again.dir.join("mine.txt").exists());
     assert_eq!(again.commit, co.commit);
 }
@@ -462,4 +462,69 @@ async fn the_checkouts_own_git_config_cannot_send_the_push_elsewhere() {
     // Nor did the push write into the checkout's config (it set its pack limits there).
     let config = std::fs::read_to_string(co.dir.join(".git/config")).unwrap();
     assert!(!config.contains("deltaCacheSize"), "{config}");
+}
+
+/// Another repository, `evil.git` under `root`, with a README of its own. Returns its URL.
+fn evil_server(root: &Path) -> String {
+    let (bare, work) = (root.join("evil.git"), root.join("evil-work"));
+    std::fs::create_dir_all(&work).unwrap();
+    git(root, &["init", "--bare", "-q", bare.to_str().unwrap()]);
+    git(&work, &["init", "-q", "-b", "main"]);
+    std::fs::write(work.join("README.md"), "EVIL\n").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "evil"]);
+    git(&work, &["push", "-q", bare.to_str().unwrap(), "main"]);
+    format!("file://{}", bare.display())
+}
+
+/// A job finds its mirror (its checkout's `objects/info/alternates` names it) and can
+/// write to it: a `url.<evil>.insteadOf <repo_url>` in the mirror's config made every
+/// later fetch of the repository, for every caller, come from elsewhere. A fetch reads no
+/// config file now, and the mirror's is put back before each use.
+#[tokio::test]
+async fn a_job_cannot_poison_later_fetches_through_the_mirrors_config() {
+    let tmp = TempDir::new("mirror-config");
+    let (bare, _work, _) = server(tmp.path());
+    let evil = evil_server(tmp.path());
+    let (cache, lease, co) = checked_out(tmp.path(), &bare).await;
+    let genuine = co.commit;
+    let mirror = lease.dir.clone();
+    drop(lease);
+    let alternates = std::fs::read_to_string(co.dir.join(".git/objects/info/alternates")).unwrap();
+    assert_eq!(Path::new(alternates.trim()).parent().unwrap(), mirror.canonicalize().unwrap(), "what a job finds");
+    git(&mirror, &["config", &format!("url.{evil}.insteadOf"), &source(&bare).url]);
+    git(&mirror, &["config", "fetch.prune", "false"]);
+    let lease = cache.acquire(source(&bare), false).await.unwrap();
+    let again = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-after"), None, "file://server").unwrap();
+    assert_eq!(std::fs::read_to_string(again.dir.join("README.md")).unwrap(), "hello again\n", "the fetch came from elsewhere");
+    assert_eq!(again.commit, genuine);
+    let config = std::fs::read_to_string(mirror.join("config")).unwrap();
+    assert!(!config.contains("insteadOf") && !config.contains("prune"), "the mirror's config is the agent's again: {config}");
+}
+
+/// Between a fetch and a later job's checkout, a job can move the mirror's refs (to
+/// objects it put there): a job that ran on the mirror without fetching again (it waited
+/// for another job's fetch, or the fetch failed and it allows stale) started from them.
+/// A checkout resolves `branch` against what the fetch found, kept in memory.
+#[tokio::test]
+async fn a_checkout_starts_from_what_the_fetch_found_not_from_refs_a_job_moved() {
+    let tmp = TempDir::new("mirror-refs");
+    let (bare, _work, first) = server(tmp.path());
+    let evil = evil_server(tmp.path());
+    let (cache, lease, co) = checked_out(tmp.path(), &bare).await;
+    let genuine = co.commit;
+    let mirror = lease.dir.clone();
+    drop(lease);
+    // What a job can do to the mirror: bring in objects, and move the branches and the tag.
+    git(&mirror, &["fetch", "-q", &evil, "+main:refs/heads/main", "+main:refs/heads/feature", "+main:refs/tags/v1"]);
+    let moved = git(&mirror, &["rev-parse", "main"]);
+    assert_ne!(moved, genuine.to_string());
+    // The server is unreachable; the job allows stale.
+    std::fs::rename(&bare, tmp.path().join("away.git")).unwrap();
+    let lease = cache.acquire(source(&bare), true).await.unwrap();
+    assert!(lease.stale);
+    for (branch, want) in [(None, genuine.to_string()), (Some("feature"), first.clone()), (Some("v1"), first.clone())] {
+        let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{branch:?}")), branch, "file://server").unwrap();
+        assert_eq!(co.commit.to_string(), want, "{branch:?} started from the commit a job put in the mirror");
+    }
 }
