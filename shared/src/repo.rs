@@ -203,7 +203,14 @@ pub fn ref_name_problem(name: &str) -> Option<&'static str> {
 
 /// Whether `text` looks like a commit id (abbreviated to at least 7 hex digits, or whole).
 pub fn looks_like_sha(text: &str) -> bool {
-    (7..=40).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_hexdigit())
+    ((7..=40).contains(&text.len()) || is_full_sha(text)) && text.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Whether `text` is a whole commit id: 40 hex digits (SHA-1) or 64 (SHA-256). Such a
+/// `branch` means that commit and nothing else, even when a branch or tag has that name
+/// (anyone who can push can make one, and serve other code to a caller pinning a commit).
+pub fn is_full_sha(text: &str) -> bool {
+    matches!(text.len(), 40 | 64) && text.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 #[cfg(test)]
@@ -296,5 +303,7 @@ mod tests {
         assert!(ref_name_problem(&"a".repeat(256)).is_some());
         assert!(looks_like_sha("0123abc") && looks_like_sha(&"f".repeat(40)));
         assert!(!looks_like_sha("main") && !looks_like_sha("012345") && !looks_like_sha(&"f".repeat(41)));
+        assert!(is_full_sha(&"f".repeat(40)) && is_full_sha(&"0".repeat(64)) && looks_like_sha(&"0".repeat(64)));
+        assert!(!is_full_sha(&"f".repeat(39)) && !is_full_sha(&"f".repeat(41)) && !is_full_sha(&"g".repeat(40)));
     }
 }

@@ -63,20 +63,27 @@ fn resolve(mirror: &Repository, fetched: Option<&Fetched>, branch: Option<&str>,
         let name = head.strip_prefix("refs/heads/").unwrap_or("main").to_string();
         return Ok(Start::Branch(name, commit));
     };
-    if let Some(commit) = refs.commit(&format!("refs/heads/{branch}")) {
-        let commit = commit.map_err(|e| local(action, e.message()))?;
-        return Ok(Start::Branch(branch.to_string(), commit));
+    let not_found = || RepoError::BranchNotFound { branch: branch.to_string(), url: url.to_string() };
+    // By id only (revparse would take a ref of that name first).
+    let as_commit = || shared::repo::looks_like_sha(branch).then(|| mirror.find_object_by_prefix(branch, None).and_then(|o| o.peel_to_commit()).ok().map(|c| c.id())).flatten();
+    if shared::repo::is_full_sha(branch) {
+        // A whole id is that commit, never a ref of that name: anyone who can push can
+        // make a branch named after a reviewed commit.
+        return as_commit().map(Start::Detached).ok_or_else(not_found);
     }
-    if let Some(Ok(commit)) = refs.commit(&format!("refs/tags/{branch}")) {
-        return Ok(Start::Detached(commit));
+    let named = match refs.commit(&format!("refs/heads/{branch}")) {
+        Some(commit) => Some(("branch", Start::Branch(branch.to_string(), commit.map_err(|e| local(action, e.message()))?))),
+        None => match refs.commit(&format!("refs/tags/{branch}")) {
+            Some(Ok(commit)) => Some(("tag", Start::Detached(commit))),
+            _ => None,
+        },
+    };
+    match (named, as_commit()) {
+        (Some((kind, _)), Some(commit)) => Err(RepoError::AmbiguousBranch { branch: branch.to_string(), kind, commit: commit.to_string(), url: url.to_string() }),
+        (Some((_, start)), None) => Ok(start),
+        (None, Some(commit)) => Ok(Start::Detached(commit)),
+        (None, None) => Err(not_found()),
     }
-    if shared::repo::looks_like_sha(branch) {
-        // Only hex reaches revparse, so it can mean nothing but an object id.
-        if let Ok(commit) = mirror.revparse_single(branch).and_then(|o| o.peel_to_commit()) {
-            return Ok(Start::Detached(commit.id()));
-        }
-    }
-    Err(RepoError::BranchNotFound { branch: branch.to_string(), url: url.to_string() })
 }
 
 /// Makes `dir` (which must not exist yet, or be empty) a checkout of `branch` (default:

@@ -15,6 +15,8 @@ pub enum RepoError {
     TokenRefused { url: String, host: String, access: &'static str },
     #[error("`{branch}` is neither a branch, a tag nor a commit of {url}: check `branch` (leave it out for the default branch)")]
     BranchNotFound { branch: String, url: String },
+    #[error("`{branch}` names both a {kind} of {url} and the commit {commit}, and the runner will not guess which was meant: send the whole sha ({commit}) to start from the commit, or give the {kind} a name that is not hex")]
+    AmbiguousBranch { branch: String, kind: &'static str, commit: String, url: String },
     #[error("{url} has no branches yet: push a first commit, or use another repository")]
     Empty { url: String },
     #[error("could not reach {url} ({detail}): check the runner machine's network and `repo_url`, then retry; send \"allow_stale\": true to run on the last fetched state while the server is unreachable")]

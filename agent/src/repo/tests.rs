@@ -528,3 +528,32 @@ async fn a_checkout_starts_from_what_the_fetch_found_not_from_refs_a_job_moved()
         assert_eq!(co.commit.to_string(), want, "{branch:?} started from the commit a job put in the mirror");
     }
 }
+
+/// A `branch` that is a whole commit id was looked up as a branch first: anyone who can
+/// push could make `refs/heads/<reviewed sha>` and serve other code to a caller pinning a
+/// reviewed commit. A whole id is that commit; a shorter one that is also a branch's or a
+/// tag's name is refused, naming both.
+#[tokio::test]
+async fn a_pinned_commit_is_that_commit_whatever_branches_are_named() {
+    let tmp = TempDir::new("pinned");
+    let (bare, work, first) = server(tmp.path());
+    let second = git(&work, &["rev-parse", "main"]);
+    // Branches named after the first commit, whole and short, and a tag after the second, short.
+    git(&work, &["push", "-q", "origin", &format!("{second}:refs/heads/{first}"), &format!("{second}:refs/heads/{}", &first[..12])]);
+    git(&work, &["push", "-q", "origin", &format!("{first}:refs/tags/{}", &second[..9])]);
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let lease = cache.acquire(source(&bare), false).await.unwrap();
+    let create = |branch: &str| checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{branch}")), Some(branch), "file://server");
+    let co = create(&first).unwrap();
+    assert_eq!(co.commit.to_string(), first, "the branch named after the commit won");
+    assert_eq!(git(&co.dir, &["rev-parse", "--abbrev-ref", "HEAD"]), "HEAD", "a detached HEAD, as for any commit");
+    for (short, kind, commit) in [(&first[..12], "branch", &first), (&second[..9], "tag", &second)] {
+        let err = create(short).err().expect(short);
+        assert!(matches!(err, RepoError::AmbiguousBranch { .. }), "{short}: {err}");
+        let said = err.to_string();
+        assert!(said.contains(&format!("names both a {kind}")) && said.contains(commit.as_str()) && said.contains("send the whole sha"), "{said}");
+    }
+    // A whole id of no commit is not found, even with a branch of that name elsewhere.
+    let err = create(&"e".repeat(40)).err().unwrap();
+    assert!(matches!(err, RepoError::BranchNotFound { .. }), "{err}");
+}
