@@ -128,11 +128,18 @@ impl RepoUrl {
         format!("https://{}/{}", self.host, self.path)
     }
 
-    /// The repository's name: host and path without a trailing `.git`, so `owner/repo`,
-    /// `https://github.com/owner/repo` and `…/repo.git` share one mirror. It is what the
-    /// agent names its mirror by, and what it reports when asked which mirrors it holds.
+    /// The repository's name: host and path, so that two names are one repository exactly
+    /// when the server says so. It is what the agent keys its mirror on, and what it reports
+    /// when asked which mirrors it holds. On github.com a trailing `.git` goes (GitHub serves
+    /// `repo` and `repo.git` as one repository and refuses names ending in `.git`), so
+    /// `owner/repo`, `https://github.com/owner/repo` and `…/repo.git` share one mirror; on
+    /// any other host the path stays as given, since a plain git server may hold `x` and
+    /// `x.git` as two repositories, and a job for one must never run on the other's code.
     pub fn name(&self) -> String {
-        let path = self.path.strip_suffix(".git").filter(|p| !p.is_empty() && !p.ends_with('/')).unwrap_or(&self.path);
+        let path = match self.host == GITHUB {
+            true => self.path.strip_suffix(".git").filter(|p| !p.is_empty() && !p.ends_with('/')).unwrap_or(&self.path),
+            false => &self.path,
+        };
         format!("{}/{}", self.host, path)
     }
 }
@@ -228,7 +235,7 @@ mod tests {
         assert_eq!(r.host(), "gitlab.example.com:8443");
         assert_eq!(r.host_name(), "gitlab.example.com");
         assert_eq!(r.url(), "https://gitlab.example.com:8443/group/sub/project.git");
-        assert_eq!(r.name(), "gitlab.example.com:8443/group/sub/project");
+        assert_eq!(r.name(), "gitlab.example.com:8443/group/sub/project.git");
 
         assert_eq!(RepoUrl::parse("https://github.com:443/a/b").unwrap().host(), "github.com");
 
@@ -238,6 +245,9 @@ mod tests {
             .map(|u| RepoUrl::parse(u).unwrap().name())
             .collect();
         assert!(names.iter().all(|n| n == "github.com/a/b"), "{names:?}");
+        // Elsewhere `x` and `x.git` may be two repositories: two names, two mirrors.
+        let (x, x_git) = (RepoUrl::parse("https://git.example.com/team/x").unwrap(), RepoUrl::parse("https://git.example.com/team/x.git").unwrap());
+        assert_ne!(x.name(), x_git.name());
     }
 
     #[test]

@@ -181,6 +181,13 @@ impl MirrorCache {
             if entry.file_name().to_string_lossy().starts_with('.') || !dir.is_dir() {
                 continue;
             }
+            let folder = entry.file_name().to_string_lossy().into_owned();
+            if read_name(&dir).is_none_or(|name| layout::folder(&name) != folder) {
+                warn!(mirror = %dir.display(), "removing a mirror whose name file does not name it (an older agent's, or put there)");
+                let _ = crate::files::remove_tree(&dir);
+                self.changed();
+                continue;
+            }
             if !usable(&dir) {
                 warn!(mirror = %dir.display(), "removing a mirror whose first fetch never finished");
                 let _ = crate::files::remove_tree(&dir);
@@ -422,7 +429,14 @@ fn reset_files(dir: &Path) -> Result<(), RepoError> {
     Ok(())
 }
 
+/// The mirror of the repository `name` at `dir`, made when missing. One whose name file
+/// names another repository (an older agent's, which kept `x` and `x.git` in one mirror;
+/// or one put there) is not trusted but made again.
 fn open_or_create(dir: &Path, name: &str) -> Result<Repository, RepoError> {
+    if dir.exists() && read_name(dir).as_deref() != Some(name) {
+        warn!(repo = %name, found = %read_name(dir).as_deref().map(one_line).unwrap_or_default(), "the mirror's name file names another repository; making it again");
+        crate::files::remove_tree(dir).map_err(|e| local("remove a mirror of another repository", e))?;
+    }
     if dir.exists() {
         reset_files(dir)?;
         match Repository::open_bare(dir) {

@@ -557,3 +557,44 @@ async fn a_pinned_commit_is_that_commit_whatever_branches_are_named() {
     let err = create(&"e".repeat(40)).err().unwrap();
     assert!(matches!(err, RepoError::BranchNotFound { .. }), "{err}");
 }
+
+/// `https://host/x` and `https://host/x.git` were one mirror (the name dropped `.git`),
+/// though a plain git server holds them as two repositories: a job for one could run on
+/// the other's commit (it took the other's fetch as its own). They are two mirrors now,
+/// and a mirror is used only by the repository its name file names: one made by an older
+/// agent (or put there) is fetched again, never run on, not even stale.
+#[tokio::test]
+async fn x_and_x_git_are_two_mirrors_and_a_mirror_serves_only_its_own_repository() {
+    let tmp = TempDir::new("dotgit");
+    let (bare, _work, _) = server(tmp.path());
+    let evil = evil_server(tmp.path());
+    let named = |url: &str, from: String| Source { name: shared::repo::RepoUrl::parse(url).unwrap().name(), url: from, host: "local".into(), token: None };
+    let x = named("https://git.example.com/team/x", evil.clone());
+    let x_git = named("https://git.example.com/team/x.git", source(&bare).url);
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let (lx, lxg) = (cache.acquire(x.clone(), false).await.unwrap(), cache.acquire(x_git.clone(), false).await.unwrap());
+    assert_ne!(lx.dir, lxg.dir, "one mirror for two repositories");
+    let co = checkout::create(&lxg.dir, lxg.fetched.as_deref(), &tmp.path().join("co"), None, "x.git").unwrap();
+    assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), "hello again\n");
+    let mirror = lxg.dir.clone();
+    drop((lx, lxg));
+
+    // x.git's folder holding x's code, as an older agent could leave it: its name file
+    // names x. The agent restarts (nothing in memory) and x.git's server is unreachable.
+    git(&mirror, &["fetch", "-q", &evil, "+main:refs/heads/main"]);
+    std::fs::write(mirror.join(super::layout::NAME_FILE), &x.name).unwrap();
+    std::fs::rename(&bare, tmp.path().join("away.git")).unwrap();
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let err = cache.acquire(x_git.clone(), true).await.err().expect("ran stale on a mirror of another repository");
+    assert!(matches!(err, RepoError::Network { .. }), "the fetch's own failure: {err}");
+    assert!(!mirror.exists(), "the untrusted mirror is gone");
+    // At a restart, a mirror whose name file does not name its folder goes too.
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let lx = cache.acquire(x.clone(), false).await.unwrap();
+    let old = lx.dir.clone();
+    drop(lx);
+    std::fs::remove_file(old.join(super::layout::NAME_FILE)).unwrap();
+    std::fs::write(old.join("claude-runner-name"), &x.name).unwrap();
+    cache.recover();
+    assert!(!old.exists(), "an older agent's mirror is not kept");
+}
