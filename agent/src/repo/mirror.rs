@@ -469,11 +469,12 @@ pub fn own_config(repo: &Repository, entries: &[(&str, i64)]) -> Result<(), git2
         let (section, name) = key.split_once('.').ok_or_else(|| git2::Error::from_str("a setting without a section"))?;
         text.push_str(&format!("[{section}]\n\t{name} = {value}\n"));
     }
-    // SAFETY: a fresh descriptor, owned by the File from here on.
+    // SAFETY: memfd_create takes a NUL-terminated name and returns a new descriptor or -1.
     let fd = unsafe { libc::memfd_create(c"claude-runner-git-config".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
         return Err(git2::Error::from_str(&format!("memfd_create: {}", std::io::Error::last_os_error())));
     }
+    // SAFETY: `fd` is that new descriptor, open and owned by nothing else: the File owns it.
     let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
     file.write_all(text.as_bytes()).map_err(|e| git2::Error::from_str(&e.to_string()))?;
     let config = git2::Config::open(Path::new(&format!("/proc/self/fd/{fd}")))?.snapshot()?;
