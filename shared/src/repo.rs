@@ -128,11 +128,18 @@ impl RepoUrl {
         format!("https://{}/{}", self.host, self.path)
     }
 
-    /// The repository's name: host and path without a trailing `.git`, so `owner/repo`,
-    /// `https://github.com/owner/repo` and `…/repo.git` share one mirror. It is what the
-    /// agent names its mirror by, and what it reports when asked which mirrors it holds.
+    /// The repository's name: host and path, so that two names are one repository exactly
+    /// when the server says so. It is what the agent keys its mirror on, and what it reports
+    /// when asked which mirrors it holds. On github.com a trailing `.git` goes (GitHub serves
+    /// `repo` and `repo.git` as one repository and refuses names ending in `.git`), so
+    /// `owner/repo`, `https://github.com/owner/repo` and `…/repo.git` share one mirror; on
+    /// any other host the path stays as given, since a plain git server may hold `x` and
+    /// `x.git` as two repositories, and a job for one must never run on the other's code.
     pub fn name(&self) -> String {
-        let path = self.path.strip_suffix(".git").filter(|p| !p.is_empty() && !p.ends_with('/')).unwrap_or(&self.path);
+        let path = match self.host == GITHUB {
+            true => self.path.strip_suffix(".git").filter(|p| !p.is_empty() && !p.ends_with('/')).unwrap_or(&self.path),
+            false => &self.path,
+        };
         format!("{}/{}", self.host, path)
     }
 }
@@ -203,7 +210,14 @@ pub fn ref_name_problem(name: &str) -> Option<&'static str> {
 
 /// Whether `text` looks like a commit id (abbreviated to at least 7 hex digits, or whole).
 pub fn looks_like_sha(text: &str) -> bool {
-    (7..=40).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_hexdigit())
+    ((7..=40).contains(&text.len()) || is_full_sha(text)) && text.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Whether `text` is a whole commit id: 40 hex digits (SHA-1) or 64 (SHA-256). Such a
+/// `branch` means that commit and nothing else, even when a branch or tag has that name
+/// (anyone who can push can make one, and serve other code to a caller pinning a commit).
+pub fn is_full_sha(text: &str) -> bool {
+    matches!(text.len(), 40 | 64) && text.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 #[cfg(test)]
@@ -221,7 +235,7 @@ mod tests {
         assert_eq!(r.host(), "gitlab.example.com:8443");
         assert_eq!(r.host_name(), "gitlab.example.com");
         assert_eq!(r.url(), "https://gitlab.example.com:8443/group/sub/project.git");
-        assert_eq!(r.name(), "gitlab.example.com:8443/group/sub/project");
+        assert_eq!(r.name(), "gitlab.example.com:8443/group/sub/project.git");
 
         assert_eq!(RepoUrl::parse("https://github.com:443/a/b").unwrap().host(), "github.com");
 
@@ -231,6 +245,9 @@ mod tests {
             .map(|u| RepoUrl::parse(u).unwrap().name())
             .collect();
         assert!(names.iter().all(|n| n == "github.com/a/b"), "{names:?}");
+        // Elsewhere `x` and `x.git` may be two repositories: two names, two mirrors.
+        let (x, x_git) = (RepoUrl::parse("https://git.example.com/team/x").unwrap(), RepoUrl::parse("https://git.example.com/team/x.git").unwrap());
+        assert_ne!(x.name(), x_git.name());
     }
 
     #[test]
@@ -296,5 +313,7 @@ mod tests {
         assert!(ref_name_problem(&"a".repeat(256)).is_some());
         assert!(looks_like_sha("0123abc") && looks_like_sha(&"f".repeat(40)));
         assert!(!looks_like_sha("main") && !looks_like_sha("012345") && !looks_like_sha(&"f".repeat(41)));
+        assert!(is_full_sha(&"f".repeat(40)) && is_full_sha(&"0".repeat(64)) && looks_like_sha(&"0".repeat(64)));
+        assert!(!is_full_sha(&"f".repeat(39)) && !is_full_sha(&"f".repeat(41)) && !is_full_sha(&"g".repeat(40)));
     }
 }

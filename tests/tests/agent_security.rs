@@ -418,7 +418,7 @@ async fn signed_jobs_with_hostile_repositories_never_reach_git_or_claude() {
     assert!(agent.claude_runs().is_empty(), "Claude never ran");
     assert!(!marker.exists(), "no command ran");
     let mirrors: Vec<String> = std::fs::read_dir(agent.data.path().join("data/repos")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-    assert_eq!(mirrors, [format!("127.0.0.1@{}+demo.git", git.port)], "only the allowed repository was fetched");
+    assert_eq!(mirrors, [format!("127.0.0.1@{}+demo.git.git", git.port)], "only the allowed repository was fetched");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

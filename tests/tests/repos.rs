@@ -604,3 +604,95 @@ async fn a_servers_words_cannot_forge_log_lines() {
     assert!(!e.contains(['\n', '\r', '\x1b']), "the error is one line: {e:?}");
     assert!(s.agent.log().lines().all(|l| !l.starts_with(forged)), "a forged line in the log:\n{}", s.agent.log());
 }
+
+/// What a job's own git configuration could steer, it steers no more. A `pushInsteadOf`
+/// in its checkout's `.git/config` sent the job's commit, with the runner's token, to
+/// another repository of the host — onto that one's default branch, past the check made
+/// on the requested one; an `insteadOf` in its mirror's config (found through the
+/// checkout's alternates) made every later job on the repository, whoever sent it, start
+/// from another repository's code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_git_config_sends_neither_its_push_nor_later_fetches_elsewhere() {
+    let git = GitServer::start(Some(TOKEN));
+    let right = format!("{}={TOKEN}", git.host());
+    let s = setup_with_git(git, &[("REPO_TOKENS", &right)]).await;
+    let (seed, _, second) = demo(&s.git);
+    let url = s.git.url("demo");
+    // Another repository of the host: the same history, its default branch `prod`.
+    let victim = s.git.bare("victim");
+    harness::git_server::git(s.git.dir.path(), &["clone", "-q", "--bare", seed.bare.to_str().unwrap(), victim.to_str().unwrap()]);
+    harness::git_server::git(&victim, &["branch", "prod", "main"]);
+    harness::git_server::git(&victim, &["symbolic-ref", "HEAD", "refs/heads/prod"]);
+    harness::git_server::git(&victim, &["config", "http.receivepack", "true"]);
+    s.git.seed("evil", &[("README.md", b"# EVIL\n")]);
+    let (victim_url, evil_url) = (s.git.url("victim"), s.git.url("evil"));
+
+    let prompt = format!("@write=CHANGELOG.md @git_config=url.{victim_url}.pushInsteadOf,{url} @mirror_git_config=url.{evil_url}.insteadOf,{url}");
+    let b = s.run(json!({"prompt": prompt, "repo_url": url, "push_branch": "prod"})).await;
+    ok(&b);
+    let pushed = b["pushed_commit"].as_str().expect("a commit was pushed");
+    assert_eq!(on_server(&seed, "prod").as_deref(), Some(pushed), "the requested repository has the commit");
+    assert_eq!(harness::git_server::git(&victim, &["rev-parse", "prod"]), second, "the other repository's default branch moved");
+
+    // A later job on the repository, as another caller would send it.
+    let b = s.run(json!({"prompt": "@print_file_b64=README.md", "repo_url": url})).await;
+    ok(&b);
+    assert_eq!(b["commit"], second.as_str(), "the later job started elsewhere");
+    assert_eq!(b["output"], format!("the file is {}", b64(b"# demo, second edition\n")));
+    let elsewhere: Vec<String> = s.git.requests().iter().filter(|r| !r.path.starts_with("/demo.git/")).map(|r| format!("{} {}", r.method, r.path)).collect();
+    assert!(elsewhere.is_empty(), "the runner talked to other repositories: {elsewhere:?}");
+}
+
+/// A `branch` that is a whole sha was looked up as a branch first: anyone who can push
+/// could make `refs/heads/<reviewed sha>` and serve other code to a caller pinning the
+/// reviewed commit. A whole sha is that commit; a short one that is also a branch's name
+/// is refused, naming both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_sha_is_that_commit_even_with_a_branch_of_that_name() {
+    let s = setup(None, &[]).await;
+    let (seed, first, second) = demo(&s.git);
+    let url = s.git.url("demo");
+    seed.git(&["push", "-q", "origin", &format!("{second}:refs/heads/{first}"), &format!("{second}:refs/heads/{}", &first[..12])]);
+    let b = s.run(json!({"prompt": "@print_file_b64=README.md", "repo_url": url, "branch": first})).await;
+    ok(&b);
+    assert_eq!(b["commit"], first.as_str(), "the branch named after the pinned commit won");
+    assert_eq!(b["output"], format!("the file is {}", b64(b"# demo\n")));
+    let e = repo_error(&s.run(json!({"prompt": "x", "repo_url": url, "branch": &first[..12]})).await);
+    assert!(e.contains("names both a branch") && e.contains(&first) && e.contains("send the whole sha"), "{e}");
+}
+
+/// `https://host/x` and `https://host/x.git` are two repositories on a plain git server,
+/// but were one mirror: a job for `x.git` that waited behind a fetch of `x` took that fetch
+/// as its own and ran on `x`'s code. Two mirrors now, each fetched for itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_and_x_git_are_two_repositories_and_never_share_a_fetch() {
+    let s = setup(None, &[("MAX_CONCURRENT_JOBS", "3")]).await;
+    let seed = s.git.seed("x", &[("README.md", b"# x.git\n")]);
+    let x_git_head = seed.git(&["rev-parse", "HEAD"]);
+    // Another repository at `x`, without `.git`, on the same server.
+    let other = seed.bare.with_file_name("x");
+    harness::git_server::git(s.git.dir.path(), &["init", "-q", "--bare", other.to_str().unwrap()]);
+    let work = s.git.dir.path().join("work/x-other");
+    std::fs::create_dir_all(&work).unwrap();
+    harness::git_server::git(&work, &["init", "-q"]);
+    std::fs::write(work.join("README.md"), "# x, another repository\n").unwrap();
+    harness::git_server::git(&work, &["add", "-A"]);
+    harness::git_server::git(&work, &["commit", "-q", "-m", "other"]);
+    harness::git_server::git(&work, &["push", "-q", other.to_str().unwrap(), "HEAD:refs/heads/main"]);
+    let x_head = harness::git_server::git(&work, &["rev-parse", "HEAD"]);
+    let x_git = s.git.url("x");
+    let x = x_git.strip_suffix(".git").unwrap().to_string();
+    // Slow fetches: the second job on `x` waits behind the first, the one on `x.git` behind both.
+    s.git.delay(Duration::from_millis(400));
+    let mut ids = Vec::new();
+    for url in [&x, &x, &x_git] {
+        let a = s.client.submit(json!({"prompt": "x", "repo_url": url})).await;
+        ids.push((url.clone(), a.body["job_id"].as_str().expect("accepted").to_string()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (url, id) in ids {
+        let r = s.client.wait_job(&id, Duration::from_secs(60)).await;
+        let want = if url == x_git { &x_git_head } else { &x_head };
+        assert_eq!(r["result"]["commit"].as_str(), Some(want.as_str()), "a job on {url} ran on the other repository's code: {r:#}");
+    }
+}

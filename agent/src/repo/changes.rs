@@ -6,7 +6,7 @@
 //! The diff compares the working tree directly, writing nothing; only a push stages.
 
 use super::error::{local, one_line, AuthSeen, RepoError, Talk};
-use super::mirror::callbacks;
+use super::mirror::{callbacks, own_config};
 use super::settings::Token;
 use git2::{Diff, DiffFindOptions, DiffFormat, DiffOptions, ErrorCode, IndexAddOption, Oid, PushOptions, RemoteRedirect, Repository, Signature, Status, StatusOptions};
 use shared::job::{ChangeKind, FileChange};
@@ -244,12 +244,17 @@ impl Staged {
             Talk { url: &push.url, host: &push.host, auth: auth.get(), action, pushing: true }.error(e.code(), e.class(), e.message())
         };
         self.check_own_commit_sizes()?;
-        if let Ok(mut config) = self.repo.config() {
-            for (key, value) in [("pack.deltaCacheSize", DELTA_MAX_OBJECT_BYTES), ("core.bigFileThreshold", DELTA_MAX_OBJECT_BYTES), ("pack.windowMemory", DELTA_WINDOW_BYTES)] {
-                config.set_i64(key, value).map_err(|e| local(action, e.message()))?;
-            }
-        }
+        // The checkout's config is the job's to write: read none of it (nor the user's),
+        // or its `pushInsteadOf` would send the commit, and the token, elsewhere.
+        let settings = [("pack.deltaCacheSize", DELTA_MAX_OBJECT_BYTES), ("core.bigFileThreshold", DELTA_MAX_OBJECT_BYTES), ("pack.windowMemory", DELTA_WINDOW_BYTES)];
+        own_config(&self.repo, &settings).map_err(|e| local(action, e.message()))?;
         let mut remote = self.repo.remote_anonymous(&push.url).map_err(|e| local(action, e.message()))?;
+        // What libgit2 would talk to, checked whatever it read: exactly the requested URL.
+        let (url, pushurl) = (remote.url_bytes().to_vec(), remote.pushurl_bytes().map(<[u8]>::to_vec));
+        if url != push.url.as_bytes() || pushurl.as_ref().is_some_and(|p| p != push.url.as_bytes()) {
+            let went = String::from_utf8_lossy(pushurl.as_deref().unwrap_or(&url)).into_owned();
+            return Err(RepoError::PushRedirected { url: push.url.clone(), to: one_line(&went) });
+        }
         let rejected: RefCell<Option<String>> = RefCell::new(None);
         let mut cb = callbacks(push.token.as_ref(), &push.host, &auth, abort);
         // The last moment to stop: after it the pack goes out and the server may take it.

@@ -4,6 +4,7 @@
 //! concurrent jobs. Claude may do anything in it; no other job sees it.
 
 use super::error::{local, RepoError};
+use super::mirror::Fetched;
 use git2::{build::CheckoutBuilder, Oid, Repository};
 use std::path::{Path, PathBuf};
 
@@ -22,38 +23,76 @@ enum Start {
     Detached(Oid),
 }
 
-fn resolve(mirror: &Repository, branch: Option<&str>, url: &str) -> Result<Start, RepoError> {
+/// The refs `branch` is looked up in: what the fetch found on the server when the agent
+/// has it (a job may have moved the mirror's refs since), else the mirror's own.
+struct Refs<'a> {
+    mirror: &'a Repository,
+    fetched: Option<&'a Fetched>,
+}
+
+impl Refs<'_> {
+    /// The object `name` (`refs/…`) points at.
+    fn get(&self, name: &str) -> Option<Oid> {
+        match self.fetched {
+            Some(f) => f.refs.get(name).copied(),
+            None => self.mirror.refname_to_id(name).ok(),
+        }
+    }
+
+    /// The default branch's ref name.
+    fn head(&self) -> Result<String, git2::Error> {
+        match self.fetched {
+            Some(f) => Ok(f.head.clone()),
+            None => Ok(self.mirror.find_reference("HEAD")?.symbolic_target()?.unwrap_or("refs/heads/main").to_string()),
+        }
+    }
+
+    /// The commit `name` leads to (through an annotated tag).
+    fn commit(&self, name: &str) -> Option<Result<Oid, git2::Error>> {
+        let id = self.get(name)?;
+        Some(self.mirror.find_object(id, None).and_then(|o| o.peel_to_commit()).map(|c| c.id()))
+    }
+}
+
+fn resolve(mirror: &Repository, fetched: Option<&Fetched>, branch: Option<&str>, url: &str) -> Result<Start, RepoError> {
     let action = "read the mirror";
+    let refs = Refs { mirror, fetched };
     let Some(branch) = branch else {
-        let head = mirror.head().map_err(|e| local(action, e.message()))?;
-        let commit = head.peel_to_commit().map_err(|e| local(action, e.message()))?.id();
-        let name = head.shorthand().unwrap_or("main").to_string();
+        let head = refs.head().map_err(|e| local(action, e.message()))?;
+        let commit = refs.commit(&head).ok_or_else(|| local(action, format!("{head} is missing")))?.map_err(|e| local(action, e.message()))?;
+        let name = head.strip_prefix("refs/heads/").unwrap_or("main").to_string();
         return Ok(Start::Branch(name, commit));
     };
-    if let Ok(r) = mirror.find_reference(&format!("refs/heads/{branch}")) {
-        let commit = r.peel_to_commit().map_err(|e| local(action, e.message()))?.id();
-        return Ok(Start::Branch(branch.to_string(), commit));
+    let not_found = || RepoError::BranchNotFound { branch: branch.to_string(), url: url.to_string() };
+    // By id only (revparse would take a ref of that name first).
+    let as_commit = || shared::repo::looks_like_sha(branch).then(|| mirror.find_object_by_prefix(branch, None).and_then(|o| o.peel_to_commit()).ok().map(|c| c.id())).flatten();
+    if shared::repo::is_full_sha(branch) {
+        // A whole id is that commit, never a ref of that name: anyone who can push can
+        // make a branch named after a reviewed commit.
+        return as_commit().map(Start::Detached).ok_or_else(not_found);
     }
-    if let Ok(r) = mirror.find_reference(&format!("refs/tags/{branch}")) {
-        if let Ok(commit) = r.peel_to_commit() {
-            return Ok(Start::Detached(commit.id()));
-        }
+    let named = match refs.commit(&format!("refs/heads/{branch}")) {
+        Some(commit) => Some(("branch", Start::Branch(branch.to_string(), commit.map_err(|e| local(action, e.message()))?))),
+        None => match refs.commit(&format!("refs/tags/{branch}")) {
+            Some(Ok(commit)) => Some(("tag", Start::Detached(commit))),
+            _ => None,
+        },
+    };
+    match (named, as_commit()) {
+        (Some((kind, _)), Some(commit)) => Err(RepoError::AmbiguousBranch { branch: branch.to_string(), kind, commit: commit.to_string(), url: url.to_string() }),
+        (Some((_, start)), None) => Ok(start),
+        (None, Some(commit)) => Ok(Start::Detached(commit)),
+        (None, None) => Err(not_found()),
     }
-    if shared::repo::looks_like_sha(branch) {
-        // Only hex reaches revparse, so it can mean nothing but an object id.
-        if let Ok(commit) = mirror.revparse_single(branch).and_then(|o| o.peel_to_commit()) {
-            return Ok(Start::Detached(commit.id()));
-        }
-    }
-    Err(RepoError::BranchNotFound { branch: branch.to_string(), url: url.to_string() })
 }
 
 /// Makes `dir` (which must not exist yet, or be empty) a checkout of `branch` (default:
 /// the mirror's HEAD) with the mirror's objects.
-pub fn create(mirror_dir: &Path, dir: &Path, branch: Option<&str>, url: &str) -> Result<Checkout, RepoError> {
+/// `fetched`: what the mirror's last fetch found ([`super::mirror::Lease::fetched`]).
+pub fn create(mirror_dir: &Path, fetched: Option<&Fetched>, dir: &Path, branch: Option<&str>, url: &str) -> Result<Checkout, RepoError> {
     let action = "check out the repository";
     let mirror = Repository::open_bare(mirror_dir).map_err(|e| local(action, e.message()))?;
-    let start = resolve(&mirror, branch, url)?;
+    let start = resolve(&mirror, fetched, branch, url)?;
     std::fs::create_dir_all(dir).map_err(|e| local(action, e))?;
     let repo = Repository::init(dir).map_err(|e| local(action, e.message()))?;
     let objects = mirror_dir.canonicalize().map_err(|e| local(action, e))?.join("objects");

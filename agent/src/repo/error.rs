@@ -15,6 +15,8 @@ pub enum RepoError {
     TokenRefused { url: String, host: String, access: &'static str },
     #[error("`{branch}` is neither a branch, a tag nor a commit of {url}: check `branch` (leave it out for the default branch)")]
     BranchNotFound { branch: String, url: String },
+    #[error("`{branch}` names both a {kind} of {url} and the commit {commit}, and the runner will not guess which was meant: send the whole sha ({commit}) to start from the commit, or give the {kind} a name that is not hex")]
+    AmbiguousBranch { branch: String, kind: &'static str, commit: String, url: String },
     #[error("{url} has no branches yet: push a first commit, or use another repository")]
     Empty { url: String },
     #[error("could not reach {url} ({detail}): check the runner machine's network and `repo_url`, then retry; send \"allow_stale\": true to run on the last fetched state while the server is unreachable")]
@@ -39,6 +41,8 @@ pub enum RepoError {
     HandBackTooSlow { url: String },
     #[error("`{path}` is {mib} MiB, more than the {max_mib} MiB a push carries (git servers such as GitHub refuse bigger files), so nothing was pushed: have Claude leave it out of the repository (delete it, or list it in .gitignore)")]
     FileTooBig { path: String, mib: u64, max_mib: u64 },
+    #[error("a git setting the runner does not control (the checkout's .git/config, written by the job) redirected the push from {url} to {to}, so nothing was pushed: remove the `url.*.insteadOf` / `pushInsteadOf` setting, and ask Claude not to change git's configuration")]
+    PushRedirected { url: String, to: String },
     #[error("the changes contain a secret of the runner machine (a token), so nothing was pushed: ask Claude not to write credentials into the repository")]
     SecretInChanges,
     #[error("could not {action}: {detail}")]

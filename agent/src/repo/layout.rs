@@ -3,8 +3,11 @@
 
 use shared::Millis;
 
-/// File in each mirror holding the repository's name (folder names may be shortened).
-pub const NAME_FILE: &str = "claude-runner-name";
+/// File in each mirror holding the repository's name (folder names may be shortened); a
+/// mirror is used only by the repository its name file names. Before, the file was
+/// `claude-runner-name`, and names folded `x.git` into `x` on every host: a mirror with
+/// only that file is not trusted, but fetched again.
+pub const NAME_FILE: &str = "claude-runner-repo";
 /// File in each mirror holding when a job last used it (ms since the epoch).
 pub const USED_FILE: &str = "claude-runner-last-used";
 /// Folder names longer than this are shortened and made unique with a hash.
@@ -22,14 +25,12 @@ pub fn folder(name: &str) -> String {
     if readable.len() <= MAX_FOLDER {
         return format!("{readable}.git");
     }
-    let cut = shared::text::truncate(&readable, MAX_FOLDER - 17);
-    format!("{cut}~{:016x}.git", fnv1a(name.as_bytes()))
-}
-
-/// FNV-1a: a stable 64-bit hash (std's hasher may change between Rust releases, and a
-/// folder name must not).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
+    // SHA-256: two names of one folder would share a mirror, so no one may make them (a
+    // 64-bit hash could be made to collide). Stable, unlike std's hasher.
+    use sha2::Digest;
+    let hash: String = sha2::Sha256::digest(name.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    let cut = shared::text::truncate(&readable, MAX_FOLDER - 65);
+    format!("{cut}~{hash}.git")
 }
 
 /// One mirror as the eviction sees it.
@@ -73,6 +74,9 @@ mod tests {
         assert_ne!(folder(&long_a), folder(&long_b));
         assert!(folder(&long_a).len() < 200);
         assert!(!folder(&long_a).contains('/'));
+        // The whole SHA-256 of the name, not a 64-bit hash anyone can make collide.
+        let hash = folder(&long_a).rsplit_once('~').unwrap().1.strip_suffix(".git").unwrap().to_string();
+        assert_eq!(hash, "b0cbb67d2584226bd0177dce4fca4fce0288200235bb35c50456409939fbecdb");
     }
 
     fn m(folder: &str, bytes: u64, last_used: Millis, in_use: bool) -> MirrorUse {

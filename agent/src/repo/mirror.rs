@@ -12,8 +12,13 @@
 //!   recently used mirrors without a lease go until the cache fits `REPO_CACHE_MAX_BYTES`.
 //! - Tokens reach libgit2 only through the credentials callback: no remote is ever
 //!   written into a mirror's config (fetches use anonymous remotes), no URL carries one.
+//! - A job can find its mirror (its checkout's `objects/info/alternates` names it) and
+//!   write to it, as the agent's user. So a fetch reads no git config file ([`own_config`]),
+//!   each use puts back the mirror's config file and removes what the agent never writes
+//!   there ([`reset_files`]), and a checkout resolves `branch` against the refs the last
+//!   fetch found on the server, kept in memory ([`Fetched`]), not the mirror's refs on disk.
 
-use super::error::{local, AuthSeen, RepoError, Talk};
+use super::error::{local, one_line, AuthSeen, RepoError, Talk};
 use super::layout::{self, MirrorUse, NAME_FILE, USED_FILE};
 use super::settings::Token;
 use git2::{AutotagOption, Cred, CredentialType, FetchOptions, Oid, RemoteCallbacks, RemoteRedirect, Repository};
@@ -69,6 +74,19 @@ struct Entry {
 struct FetchState {
     /// When the last successful fetch started.
     fetched_from: Option<Instant>,
+    /// What it found.
+    last: Option<Arc<Fetched>>,
+}
+
+/// What a fetch found on the server: the refs the mirror holds after it, and the default
+/// branch. The agent's own record, in memory: a job can move the mirror's refs on disk
+/// between a fetch and a later job's checkout, not this.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fetched {
+    /// `refs/heads/…` and `refs/tags/…`.
+    pub refs: HashMap<String, Oid>,
+    /// `refs/heads/<default branch>`.
+    pub head: String,
 }
 
 /// Keeps a mirror from being evicted while it lives.
@@ -94,6 +112,19 @@ pub struct Lease {
     pub stale: bool,
     /// How long bringing the mirror up to date took (waiting for another job's fetch included).
     pub fetch_ms: u64,
+    /// What the fetch the job runs on found; None only for a stale lease with no fetch
+    /// since the agent started (the mirror's refs on disk are all there is then).
+    pub fetched: Option<Arc<Fetched>>,
+}
+
+impl Lease {
+    /// The repository's default branch (`main`), as the fetch found it.
+    pub fn default_branch(&self) -> Option<String> {
+        match &self.fetched {
+            Some(f) => f.head.strip_prefix("refs/heads/").map(str::to_string),
+            None => default_branch(&self.dir),
+        }
+    }
 }
 
 impl Drop for Lease {
@@ -150,6 +181,13 @@ impl MirrorCache {
             if entry.file_name().to_string_lossy().starts_with('.') || !dir.is_dir() {
                 continue;
             }
+            let folder = entry.file_name().to_string_lossy().into_owned();
+            if read_name(&dir).is_none_or(|name| layout::folder(&name) != folder) {
+                warn!(mirror = %dir.display(), "removing a mirror whose name file does not name it (an older agent's, or put there)");
+                let _ = crate::files::remove_tree(&dir);
+                self.changed();
+                continue;
+            }
             if !usable(&dir) {
                 warn!(mirror = %dir.display(), "removing a mirror whose first fetch never finished");
                 let _ = crate::files::remove_tree(&dir);
@@ -184,10 +222,11 @@ impl MirrorCache {
         let folder = layout::folder(&source.name);
         let (hold, lock) = self.hold(&folder);
         let asked = Instant::now();
-        let mut lease = Lease { _hold: hold, dir: self.root.join(&folder), stale: false, fetch_ms: 0 };
+        let mut lease = Lease { _hold: hold, dir: self.root.join(&folder), stale: false, fetch_ms: 0, fetched: None };
         let guard = lock.lock_owned().await;
         if guard.fetched_from.is_some_and(|t| t >= asked) {
             lease.fetch_ms = asked.elapsed().as_millis() as u64;
+            lease.fetched = guard.last.clone();
             return Ok(lease);
         }
         let abort = Arc::new(AtomicBool::new(false));
@@ -198,19 +237,24 @@ impl MirrorCache {
         let fetched = tokio::task::spawn_blocking(move || {
             let (mut guard, _hold) = (guard, fetch_hold);
             let started = Instant::now();
-            let result = fetch(&dir, &fetching, &abort);
+            let result = fetch(&dir, &fetching, &abort).map(Arc::new);
             match &result {
-                Ok(()) => guard.fetched_from = Some(started),
+                Ok(found) => {
+                    guard.fetched_from = Some(started);
+                    guard.last = Some(Arc::clone(found));
+                }
                 // A first fetch that failed leaves nothing worth keeping (or listing).
                 Err(_) if !usable(&dir) => {
                     let _ = crate::files::remove_tree(&dir);
                 }
                 Err(_) => {}
             }
-            result
+            (result, guard.last.clone())
         })
         .await
-        .unwrap_or_else(|e| Err(local("fetch the repository", e)));
+        .unwrap_or_else(|e| (Err(local("fetch the repository", e)), None));
+        let (fetched, last) = fetched;
+        lease.fetched = last;
         // A first fetch made the mirror, or a failed one removed it.
         self.changed();
         lease.fetch_ms = asked.elapsed().as_millis() as u64;
@@ -364,8 +408,37 @@ fn usable(dir: &Path) -> bool {
     Repository::open_bare(dir).is_ok_and(|r| r.head().and_then(|h| h.peel_to_commit()).is_ok())
 }
 
+/// A mirror's config file, as the agent leaves it: what `git init --bare` writes. libgit2
+/// reads some of it as it opens the repository (the format, `extensions.*`).
+const MIRROR_CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = true\n";
+
+/// Puts back what a job may have changed in the mirror at `dir` and the agent reads: the
+/// config file (a `url.*.insteadOf` there poisoned every later fetch of the repository,
+/// for every caller), and removes what the agent never writes into a mirror:
+/// `objects/info/alternates` (objects from elsewhere), `info/grafts` and `shallow`
+/// (history rewritten). Refs need nothing here: each fetch sets them all from the server.
+fn reset_files(dir: &Path) -> Result<(), RepoError> {
+    let action = "restore the mirror";
+    crate::files::write_atomically(&dir.join("config"), MIRROR_CONFIG.as_bytes(), false).map_err(|e| local(action, e))?;
+    for planted in ["objects/info/alternates", "info/grafts", "shallow"] {
+        match std::fs::remove_file(dir.join(planted)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(local(action, e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The mirror of the repository `name` at `dir`, made when missing. One whose name file
+/// names another repository (an older agent's, which kept `x` and `x.git` in one mirror;
+/// or one put there) is not trusted but made again.
 fn open_or_create(dir: &Path, name: &str) -> Result<Repository, RepoError> {
+    if dir.exists() && read_name(dir).as_deref() != Some(name) {
+        warn!(repo = %name, found = %read_name(dir).as_deref().map(one_line).unwrap_or_default(), "the mirror's name file names another repository; making it again");
+        crate::files::remove_tree(dir).map_err(|e| local("remove a mirror of another repository", e))?;
+    }
     if dir.exists() {
+        reset_files(dir)?;
         match Repository::open_bare(dir) {
             Ok(repo) => return Ok(repo),
             Err(e) => {
@@ -376,7 +449,37 @@ fn open_or_create(dir: &Path, name: &str) -> Result<Repository, RepoError> {
     }
     std::fs::create_dir_all(dir).map_err(|e| local("create the mirror", e))?;
     std::fs::write(dir.join(NAME_FILE), name).map_err(|e| local("create the mirror", e))?;
-    Repository::init_bare(dir).map_err(|e| local("create the mirror", e.message()))
+    drop(Repository::init_bare(dir).map_err(|e| local("create the mirror", e.message()))?);
+    reset_files(dir)?;
+    Repository::open_bare(dir).map_err(|e| local("create the mirror", e.message()))
+}
+
+/// Makes `repo` read the agent's settings `entries` (`section.key`, integers) and nothing
+/// else: not its config file, not `~/.gitconfig`, `$XDG_CONFIG_HOME/git/config` or the
+/// system's. Jobs run as the agent's user and can write each of those (a checkout's own
+/// `.git/config`, a mirror's through the checkout's `objects/info/alternates`), and libgit2
+/// takes from them, for a fetch or a push, `url.*.insteadOf` / `pushInsteadOf` (where the
+/// token goes) and `pack.*` (a push's memory). The settings are written to a memfd, which
+/// no other process can open (the agent is not dumpable), read, and kept as a snapshot.
+pub fn own_config(repo: &Repository, entries: &[(&str, i64)]) -> Result<(), git2::Error> {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let mut text = String::new();
+    for (key, value) in entries {
+        let (section, name) = key.split_once('.').ok_or_else(|| git2::Error::from_str("a setting without a section"))?;
+        text.push_str(&format!("[{section}]\n\t{name} = {value}\n"));
+    }
+    // SAFETY: memfd_create takes a NUL-terminated name and returns a new descriptor or -1.
+    let fd = unsafe { libc::memfd_create(c"claude-runner-git-config".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(git2::Error::from_str(&format!("memfd_create: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: `fd` is that new descriptor, open and owned by nothing else: the File owns it.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.write_all(text.as_bytes()).map_err(|e| git2::Error::from_str(&e.to_string()))?;
+    let config = git2::Config::open(Path::new(&format!("/proc/self/fd/{fd}")))?.snapshot()?;
+    drop(file);
+    repo.set_config(&config)
 }
 
 /// Whether `url` (as libgit2 is about to send credentials to it) is on `host`.
@@ -418,8 +521,9 @@ pub fn callbacks<'a>(token: Option<&'a Token>, host: &'a str, auth: &'a Cell<Aut
 }
 
 /// Fetches every branch and tag of `source` into the mirror at `dir` (creating it), prunes
-/// what the server no longer has, and points the mirror's HEAD at the server's default branch.
-fn fetch(dir: &Path, source: &Source, abort: &AtomicBool) -> Result<(), RepoError> {
+/// what the server no longer has, and points the mirror's HEAD at the server's default
+/// branch. Returns what it found.
+fn fetch(dir: &Path, source: &Source, abort: &AtomicBool) -> Result<Fetched, RepoError> {
     let started = Instant::now();
     let repo = open_or_create(dir, &source.name)?;
     let auth = Cell::new(AuthSeen::default());
@@ -427,7 +531,12 @@ fn fetch(dir: &Path, source: &Source, abort: &AtomicBool) -> Result<(), RepoErro
     let fail = |e: git2::Error| {
         Talk { url: &source.url, host: &source.host, auth: auth.get(), action, pushing: false }.error(e.code(), e.class(), e.message())
     };
+    // No config file steers the fetch: a job could have written any of them.
+    own_config(&repo, &[]).map_err(|e| local(action, e.message()))?;
     let mut remote = repo.remote_anonymous(&source.url).map_err(|e| local(action, e.message()))?;
+    if remote.url_bytes() != source.url.as_bytes() || remote.pushurl_bytes().is_some() {
+        return Err(local(action, format!("a git setting made the fetch of {} go to {}: nothing was fetched; remove the setting (url.*.insteadOf)", source.url, one_line(&String::from_utf8_lossy(remote.url_bytes())))));
+    }
     let mut options = FetchOptions::new();
     options
         .remote_callbacks(callbacks(source.token.as_ref(), &source.host, &auth, abort))
@@ -472,12 +581,12 @@ fn fetch(dir: &Path, source: &Source, abort: &AtomicBool) -> Result<(), RepoErro
         .filter(|b| wanted.contains(b.as_str()))
         .or_else(|| ["refs/heads/main", "refs/heads/master"].into_iter().find(|b| wanted.contains(b)).map(String::from))
         .or_else(|| advertised.iter().map(|(n, _)| n.clone()).find(|n| n.starts_with("refs/heads/")));
-    match head {
-        Some(head) => repo.set_head(&head).map_err(|e| local(action, e.message()))?,
-        None => return Err(RepoError::Empty { url: source.url.clone() }),
-    }
+    let Some(head) = head else {
+        return Err(RepoError::Empty { url: source.url.clone() });
+    };
+    repo.set_head(&head).map_err(|e| local(action, e.message()))?;
     info!(repo = %source.name, refs = advertised.len(), ms = started.elapsed().as_millis() as u64, "mirror fetched");
-    Ok(())
+    Ok(Fetched { refs: advertised.into_iter().collect(), head })
 }
 
 /// The mirror's default branch (`main` for `refs/heads/main`), as last fetched.

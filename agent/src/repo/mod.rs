@@ -102,14 +102,14 @@ impl Repos {
         let lease = self.cache.acquire(self.source(&url), spec.allow_stale).await?;
         if let Some(branch) = &spec.push_branch {
             // Refused before Claude runs, not after it worked for nothing.
-            if mirror::default_branch(&lease.dir).as_deref() == Some(branch.as_str()) {
+            if lease.default_branch().as_deref() == Some(branch.as_str()) {
                 return Err(RepoError::PushToDefault { branch: branch.clone() });
             }
         }
-        let (mirror_dir, dir, branch, working_dir, shown) =
-            (lease.dir.clone(), workspace.to_path_buf(), spec.branch.clone(), spec.working_dir.clone(), url.url());
+        let (mirror_dir, fetched, dir, branch, working_dir, shown) =
+            (lease.dir.clone(), lease.fetched.clone(), workspace.to_path_buf(), spec.branch.clone(), spec.working_dir.clone(), url.url());
         let made = tokio::task::spawn_blocking(move || {
-            let checkout = checkout::create(&mirror_dir, &dir, branch.as_deref(), &shown)?;
+            let checkout = checkout::create(&mirror_dir, fetched.as_deref(), &dir, branch.as_deref(), &shown)?;
             let cwd = checkout::working_dir(&checkout.dir, working_dir.as_deref())?;
             Ok::<_, RepoError>((checkout, cwd))
         })
@@ -183,7 +183,7 @@ impl Prepared {
                         host: source.host.clone(),
                         token: source.token.clone(),
                         branch: branch.clone(),
-                        default_branch: mirror::default_branch(&prepared.lease.dir),
+                        default_branch: prepared.lease.default_branch(),
                     };
                     staged.push(&target, commit, &abort).map_err(|e| if given_up() { too_slow() } else { e })?;
                     outcome.pushed_commit = Some(commit.to_string());

@@ -45,7 +45,7 @@ fn source(bare: &Path) -> Source {
 async fn checked_out(root: &Path, bare: &Path) -> (Arc<MirrorCache>, super::mirror::Lease, checkout::Checkout) {
     let cache = MirrorCache::open(root.join("repos"), u64::MAX).unwrap();
     let lease = cache.acquire(source(bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, &root.join("co"), None, "file://server").unwrap();
+    let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &root.join("co"), None, "file://server").unwrap();
     (cache, lease, co)
 }
 
@@ -60,17 +60,17 @@ async fn mirrors_fetch_prune_and_check_out_branches_tags_and_shas() {
     assert_eq!(cache.mirror_names(), [source(&bare).name]);
     let url = "file://server";
 
-    let co = checkout::create(&lease.dir, &tmp.path().join("co-default"), None, url).unwrap();
+    let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-default"), None, url).unwrap();
     assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), "hello again\n");
     assert_eq!(git(&co.dir, &["rev-parse", "--abbrev-ref", "HEAD"]), "main", "a local branch, for Claude's git commands");
     for (branch, readme) in [("feature", "hello\n"), ("v1", "hello\n"), ("light", "hello\n"), (&first[..10], "hello\n"), (&first[..], "hello\n")] {
-        let co = checkout::create(&lease.dir, &tmp.path().join(format!("co-{branch}")), Some(branch), url).unwrap();
+        let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{branch}")), Some(branch), url).unwrap();
         assert_eq!(co.commit.to_string(), first, "{branch}");
         assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), readme, "{branch}");
         assert_eq!(git(&co.dir, &["status", "--porcelain"]), "", "a clean checkout of {branch}");
     }
     for missing in ["nope", "deadbeef00", "v2"] {
-        let err = checkout::create(&lease.dir, &tmp.path().join(format!("co-{missing}")), Some(missing), url).err().unwrap();
+        let err = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{missing}")), Some(missing), url).err().unwrap();
         assert!(matches!(err, RepoError::BranchNotFound { .. }), "{missing}: {err}");
     }
     drop(lease);
@@ -82,15 +82,15 @@ async fn mirrors_fetch_prune_and_check_out_branches_tags_and_shas() {
     git(&work, &["push", "-q", "origin", "main"]);
     git(&work, &["push", "-q", "origin", "--delete", "feature"]);
     let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, &tmp.path().join("co-third"), None, url).unwrap();
+    let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-third"), None, url).unwrap();
     assert!(co.dir.join("new.txt").exists());
-    let gone = checkout::create(&lease.dir, &tmp.path().join("co-feature-gone"), Some("feature"), url).err().unwrap();
+    let gone = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-feature-gone"), Some("feature"), url).err().unwrap();
     assert!(matches!(gone, RepoError::BranchNotFound { .. }), "{gone}");
     // Each checkout is its own repository: Claude's commits stay in it.
     std::fs::write(co.dir.join("mine.txt"), "x").unwrap();
     git(&co.dir, &["add", "-A"]);
     git(&co.dir, &["commit", "-q", "-m", "claude"]);
-    let again = checkout::create(&lease.dir, &tmp.path().join("co-again"), None, url).unwrap();
+    let again = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-again"), None, url).unwrap();
     assert!(!again.dir.join("mine.txt").exists());
     assert_eq!(again.commit, co.commit);
 }
@@ -430,4 +430,171 @@ async fn a_file_too_big_for_a_push_is_refused_in_claudes_commits_too() {
     git(&co.dir, &["add", "huge.img"]);
     let err = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).err().unwrap();
     assert!(matches!(&err, RepoError::FileTooBig { .. }), "{err}");
+}
+
+/// The push went where the checkout's own `.git/config` said: a job (which can write it)
+/// that set `url.<elsewhere>.pushInsteadOf <repo_url>` had the job's commit, with the
+/// runner's token, land in another repository of the same host, on a branch the "never
+/// the default branch" check had looked up in the requested repository, or in a local
+/// path. The push reads none of the checkout's config now, and goes to the requested URL.
+#[tokio::test]
+async fn the_checkouts_own_git_config_cannot_send_the_push_elsewhere() {
+    let tmp = TempDir::new("push-redirect");
+    let (bare, _work, _) = server(tmp.path());
+    let elsewhere = tmp.path().join("elsewhere.git");
+    git(tmp.path(), &["clone", "-q", "--bare", bare.to_str().unwrap(), elsewhere.to_str().unwrap()]);
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let url = format!("file://{}", bare.display());
+    let other = format!("file://{}", elsewhere.display());
+    // What the job writes into its checkout, through git itself.
+    git(&co.dir, &["config", &format!("url.{other}.pushInsteadOf"), &url]);
+    git(&co.dir, &["config", &format!("url.{other}.insteadOf"), &url]);
+    git(&co.dir, &["config", "remote.pushDefault", "evil"]);
+    git(&co.dir, &["config", "remote.evil.url", &other]);
+    std::fs::write(co.dir.join("README.md"), "changed by the job\n").unwrap();
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    let commit = staged.commit("Claude Runner", "cr@localhost", "Job changes").unwrap().unwrap();
+    let target = PushTarget { url, host: "local".into(), token: None, branch: "claude/x".into(), default_branch: Some("main".into()) };
+    staged.push(&target, commit, &AtomicBool::new(false)).unwrap();
+    assert_eq!(git(&bare, &["rev-parse", "refs/heads/claude/x"]), commit.to_string(), "the requested repository has it");
+    let elsewhere_refs = git(&elsewhere, &["for-each-ref", "--format=%(refname)"]);
+    assert!(!elsewhere_refs.contains("claude/x"), "the push went elsewhere: {elsewhere_refs}");
+    // Nor did the push write into the checkout's config (it set its pack limits there).
+    let config = std::fs::read_to_string(co.dir.join(".git/config")).unwrap();
+    assert!(!config.contains("deltaCacheSize"), "{config}");
+}
+
+/// Another repository, `evil.git` under `root`, with a README of its own. Returns its URL.
+fn evil_server(root: &Path) -> String {
+    let (bare, work) = (root.join("evil.git"), root.join("evil-work"));
+    std::fs::create_dir_all(&work).unwrap();
+    git(root, &["init", "--bare", "-q", bare.to_str().unwrap()]);
+    git(&work, &["init", "-q", "-b", "main"]);
+    std::fs::write(work.join("README.md"), "EVIL\n").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "evil"]);
+    git(&work, &["push", "-q", bare.to_str().unwrap(), "main"]);
+    format!("file://{}", bare.display())
+}
+
+/// A job finds its mirror (its checkout's `objects/info/alternates` names it) and can
+/// write to it: a `url.<evil>.insteadOf <repo_url>` in the mirror's config made every
+/// later fetch of the repository, for every caller, come from elsewhere. A fetch reads no
+/// config file now, and the mirror's is put back before each use.
+#[tokio::test]
+async fn a_job_cannot_poison_later_fetches_through_the_mirrors_config() {
+    let tmp = TempDir::new("mirror-config");
+    let (bare, _work, _) = server(tmp.path());
+    let evil = evil_server(tmp.path());
+    let (cache, lease, co) = checked_out(tmp.path(), &bare).await;
+    let genuine = co.commit;
+    let mirror = lease.dir.clone();
+    drop(lease);
+    let alternates = std::fs::read_to_string(co.dir.join(".git/objects/info/alternates")).unwrap();
+    assert_eq!(Path::new(alternates.trim()).parent().unwrap(), mirror.canonicalize().unwrap(), "what a job finds");
+    git(&mirror, &["config", &format!("url.{evil}.insteadOf"), &source(&bare).url]);
+    git(&mirror, &["config", "fetch.prune", "false"]);
+    let lease = cache.acquire(source(&bare), false).await.unwrap();
+    let again = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-after"), None, "file://server").unwrap();
+    assert_eq!(std::fs::read_to_string(again.dir.join("README.md")).unwrap(), "hello again\n", "the fetch came from elsewhere");
+    assert_eq!(again.commit, genuine);
+    let config = std::fs::read_to_string(mirror.join("config")).unwrap();
+    assert!(!config.contains("insteadOf") && !config.contains("prune"), "the mirror's config is the agent's again: {config}");
+}
+
+/// Between a fetch and a later job's checkout, a job can move the mirror's refs (to
+/// objects it put there): a job that ran on the mirror without fetching again (it waited
+/// for another job's fetch, or the fetch failed and it allows stale) started from them.
+/// A checkout resolves `branch` against what the fetch found, kept in memory.
+#[tokio::test]
+async fn a_checkout_starts_from_what_the_fetch_found_not_from_refs_a_job_moved() {
+    let tmp = TempDir::new("mirror-refs");
+    let (bare, _work, first) = server(tmp.path());
+    let evil = evil_server(tmp.path());
+    let (cache, lease, co) = checked_out(tmp.path(), &bare).await;
+    let genuine = co.commit;
+    let mirror = lease.dir.clone();
+    drop(lease);
+    // What a job can do to the mirror: bring in objects, and move the branches and the tag.
+    git(&mirror, &["fetch", "-q", &evil, "+main:refs/heads/main", "+main:refs/heads/feature", "+main:refs/tags/v1"]);
+    let moved = git(&mirror, &["rev-parse", "main"]);
+    assert_ne!(moved, genuine.to_string());
+    // The server is unreachable; the job allows stale.
+    std::fs::rename(&bare, tmp.path().join("away.git")).unwrap();
+    let lease = cache.acquire(source(&bare), true).await.unwrap();
+    assert!(lease.stale);
+    for (branch, want) in [(None, genuine.to_string()), (Some("feature"), first.clone()), (Some("v1"), first.clone())] {
+        let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{branch:?}")), branch, "file://server").unwrap();
+        assert_eq!(co.commit.to_string(), want, "{branch:?} started from the commit a job put in the mirror");
+    }
+}
+
+/// A `branch` that is a whole commit id was looked up as a branch first: anyone who can
+/// push could make `refs/heads/<reviewed sha>` and serve other code to a caller pinning a
+/// reviewed commit. A whole id is that commit; a shorter one that is also a branch's or a
+/// tag's name is refused, naming both.
+#[tokio::test]
+async fn a_pinned_commit_is_that_commit_whatever_branches_are_named() {
+    let tmp = TempDir::new("pinned");
+    let (bare, work, first) = server(tmp.path());
+    let second = git(&work, &["rev-parse", "main"]);
+    // Branches named after the first commit, whole and short, and a tag after the second, short.
+    git(&work, &["push", "-q", "origin", &format!("{second}:refs/heads/{first}"), &format!("{second}:refs/heads/{}", &first[..12])]);
+    git(&work, &["push", "-q", "origin", &format!("{first}:refs/tags/{}", &second[..9])]);
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let lease = cache.acquire(source(&bare), false).await.unwrap();
+    let create = |branch: &str| checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{branch}")), Some(branch), "file://server");
+    let co = create(&first).unwrap();
+    assert_eq!(co.commit.to_string(), first, "the branch named after the commit won");
+    assert_eq!(git(&co.dir, &["rev-parse", "--abbrev-ref", "HEAD"]), "HEAD", "a detached HEAD, as for any commit");
+    for (short, kind, commit) in [(&first[..12], "branch", &first), (&second[..9], "tag", &second)] {
+        let err = create(short).err().expect(short);
+        assert!(matches!(err, RepoError::AmbiguousBranch { .. }), "{short}: {err}");
+        let said = err.to_string();
+        assert!(said.contains(&format!("names both a {kind}")) && said.contains(commit.as_str()) && said.contains("send the whole sha"), "{said}");
+    }
+    // A whole id of no commit is not found, even with a branch of that name elsewhere.
+    let err = create(&"e".repeat(40)).err().unwrap();
+    assert!(matches!(err, RepoError::BranchNotFound { .. }), "{err}");
+}
+
+/// `https://host/x` and `https://host/x.git` were one mirror (the name dropped `.git`),
+/// though a plain git server holds them as two repositories: a job for one could run on
+/// the other's commit (it took the other's fetch as its own). They are two mirrors now,
+/// and a mirror is used only by the repository its name file names: one made by an older
+/// agent (or put there) is fetched again, never run on, not even stale.
+#[tokio::test]
+async fn x_and_x_git_are_two_mirrors_and_a_mirror_serves_only_its_own_repository() {
+    let tmp = TempDir::new("dotgit");
+    let (bare, _work, _) = server(tmp.path());
+    let evil = evil_server(tmp.path());
+    let named = |url: &str, from: String| Source { name: shared::repo::RepoUrl::parse(url).unwrap().name(), url: from, host: "local".into(), token: None };
+    let x = named("https://git.example.com/team/x", evil.clone());
+    let x_git = named("https://git.example.com/team/x.git", source(&bare).url);
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let (lx, lxg) = (cache.acquire(x.clone(), false).await.unwrap(), cache.acquire(x_git.clone(), false).await.unwrap());
+    assert_ne!(lx.dir, lxg.dir, "one mirror for two repositories");
+    let co = checkout::create(&lxg.dir, lxg.fetched.as_deref(), &tmp.path().join("co"), None, "x.git").unwrap();
+    assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), "hello again\n");
+    let mirror = lxg.dir.clone();
+    drop((lx, lxg));
+
+    // x.git's folder holding x's code, as an older agent could leave it: its name file
+    // names x. The agent restarts (nothing in memory) and x.git's server is unreachable.
+    git(&mirror, &["fetch", "-q", &evil, "+main:refs/heads/main"]);
+    std::fs::write(mirror.join(super::layout::NAME_FILE), &x.name).unwrap();
+    std::fs::rename(&bare, tmp.path().join("away.git")).unwrap();
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let err = cache.acquire(x_git.clone(), true).await.err().expect("ran stale on a mirror of another repository");
+    assert!(matches!(err, RepoError::Network { .. }), "the fetch's own failure: {err}");
+    assert!(!mirror.exists(), "the untrusted mirror is gone");
+    // At a restart, a mirror whose name file does not name its folder goes too.
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let lx = cache.acquire(x.clone(), false).await.unwrap();
+    let old = lx.dir.clone();
+    drop(lx);
+    std::fs::remove_file(old.join(super::layout::NAME_FILE)).unwrap();
+    std::fs::write(old.join("claude-runner-name"), &x.name).unwrap();
+    cache.recover();
+    assert!(!old.exists(), "an older agent's mirror is not kept");
 }

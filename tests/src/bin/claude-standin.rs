@@ -22,6 +22,9 @@
 //! non-text bytes · `@write_env=VAR,PATH` write the value of VAR into a file ·
 //! `@write_random=PATH,MIB` write MIB mebibytes of incompressible bytes ·
 //! `@delete=PATH` delete a file (may repeat) · `@exists=PATH` answer whether PATH exists ·
+//! `@git_config=KEY,VALUE` run `git config KEY VALUE` in the checkout, and
+//! `@mirror_git_config=KEY,VALUE` in its mirror (found through `objects/info/alternates`),
+//! as a job's command could (may repeat) ·
 //! `@rate_limited=SECS` end as the real CLI does when the usage window is used up (a
 //! rejected `rate_limit_event` resetting in SECS, then a 429 result) · `@usage_warning`
 //! report the window at 91 % · `@max_turns` / `@max_budget` stop as `--max-turns` /
@@ -73,6 +76,23 @@ fn directive<'a>(prompt: &'a str, name: &str) -> Option<&'a str> {
 /// Every value of a directive that may repeat.
 fn directives<'a>(prompt: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> {
     prompt.split_whitespace().filter_map(move |w| w.strip_prefix('@')?.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v))
+}
+
+/// `@git_config=KEY,VALUE`: `git config KEY VALUE` in the checkout, as a job's command
+/// could run it; `@mirror_git_config=KEY,VALUE` the same in the checkout's mirror, found as
+/// a job finds it (the checkout's `objects/info/alternates`).
+fn git_config(spec: &str, in_mirror: bool) {
+    let (key, value) = spec.split_once(',').expect("@git_config=KEY,VALUE");
+    let mut git = std::process::Command::new("git");
+    if in_mirror {
+        let out = std::process::Command::new("git").args(["rev-parse", "--absolute-git-dir"]).output().expect("git runs");
+        let git_dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let alternates = std::fs::read_to_string(std::path::Path::new(&git_dir).join("objects/info/alternates")).expect("a checkout borrows its mirror's objects");
+        let mirror = std::path::Path::new(alternates.trim()).parent().expect("the mirror's objects folder").to_path_buf();
+        git.arg(format!("--git-dir={}", mirror.display()));
+    }
+    let status = git.args(["config", key, value]).status().expect("git runs");
+    assert!(status.success(), "git config {key} {value}");
 }
 
 fn main() {
@@ -243,6 +263,11 @@ fn main() {
     }
     for path in directives(&prompt, "delete") {
         std::fs::remove_file(path).expect("the stand-in deletes");
+    }
+    for (name, in_mirror) in [("git_config", false), ("mirror_git_config", true)] {
+        for spec in directives(&prompt, name) {
+            git_config(spec, in_mirror);
+        }
     }
     let text = if let Some(path) = directive(&prompt, "exists") {
         format!("{path}: {}", if std::path::Path::new(path).exists() { "present" } else { "absent" })
