@@ -6,8 +6,12 @@
 //!
 //! - [`serve`]: the agent's life: connection, job tasks, graceful stop.
 //! - [`config`]: the agent's settings (environment and flags), checked once at start.
+//! - [`setting_value`]: the number and switch settings' parsers: a refusal says what to write.
 //! - [`drain`]: how a stop is asked for: signals, or `agent --drain` from another shell.
 //! - [`connection`]: the outbound WebSocket: handshake, heartbeats, reconnects.
+//! - [`reconnect`]: how long to wait before dialing again: backoff and jitter, capped
+//!   within the edge's `LOST_AFTER_MS` while the agent holds work.
+//! - [`lost_after`]: that `LOST_AFTER_MS`, kept in `DATA_DIR` from the last welcome.
 //! - [`agent`]: state that outlives connections; verifying, starting and cancelling orders.
 //! - [`link`]: the current connection's MAC keys, shared by the agent and its jobs.
 //! - [`runner`]: one job's life, given a narrow [`runner::JobContext`].
@@ -20,6 +24,8 @@
 //!   that no launcher is ever dumpable.
 //! - [`warden`]: the small process between the launcher and Claude that kills Claude's
 //!   whole tree with its job, even when the agent is killed.
+//! - [`rawsys`]: system calls that return `-errno` and leave `errno` alone, for the
+//!   wardens, which share the launcher's memory and so its `errno`.
 //! - [`pidfd`]: a process held as itself, never another that got its pid since.
 //! - [`cli_version`]: which Claude Code CLI runs here, reported in `/health`.
 //! - [`oauth`]: the login on this machine and the refresh gate.
