@@ -237,7 +237,9 @@ async fn up_runs_an_edge_and_a_connected_agent() {
     // `submit` finds the edge the way `up` says, as it says.
     let export = format!("export CLAUDE_RUNNER_URL={base} RUNNER_SECRET='{secret}'");
     assert!(printed.iter().any(|l| l.trim() == export), "{printed:?}");
-    assert!(printed.iter().any(|l| l.trim() == "claude-runner submit \"Write a haiku about home servers\""), "{printed:?}");
+    // Not on the test's PATH: named by its path, which a shell runs as it is pasted.
+    let this = std::fs::canonicalize(bin("claude-runner")).unwrap();
+    assert!(printed.iter().any(|l| l.trim() == format!("{} submit \"Write a haiku about home servers\"", this.display())), "{printed:?}");
     let submit = Command::new(bin("claude-runner"))
         .args(["submit", "hello from submit"])
         .env("CLAUDE_RUNNER_URL", &base)
@@ -288,6 +290,8 @@ async fn a_second_up_on_the_same_data_dir_leaves_the_first_ones_keys() {
     assert!(first.child.wait().unwrap().success(), "the first up stops cleanly on SIGTERM");
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(!second.status.success() && err.contains("another"), "{err}");
+    // A DATA_DIR of its own is not enough: the first holds the port.
+    assert!(err.contains("a DATA_DIR and a LISTEN of its own"), "{err}");
     assert!(!data.path().join("up/up.json").exists(), "the second up wrote keys the first does not use: {err}");
 }
 
@@ -298,9 +302,23 @@ async fn a_second_up_on_the_same_data_dir_leaves_the_first_ones_keys() {
 fn up_without_a_login_says_so_and_how_to_log_in() {
     let data = TempDir::new("up-nologin");
     let claude_dir = claude_dir_in(&data);
-    let up = Up::start(&data, &[("CLAUDE_CONFIG_DIR", claude_dir.to_str().unwrap())]);
+    // This one's PATH finds it as `claude-runner`: the lines to paste say so.
+    let path = format!("{}:{}", bin_dir().display(), std::env::var("PATH").unwrap_or_default());
+    let env = [("CLAUDE_CONFIG_DIR", claude_dir.to_str().unwrap()), ("PATH", &path), ("AGENT_ID", "someone-else"), ("EDGE_URL", "ws://127.0.0.1:9")];
+    let up = Up::start(&data, &env);
     let printed = up.printed().join("\n");
-    assert!(printed.contains("not logged in") && printed.contains("claude auth login"), "{printed}");
+    // The login where this agent reads it: CLAUDE_BIN's binary into CLAUDE_CONFIG_DIR (a
+    // plain `claude auth login` logged another binary into ~/.claude), or through the edge.
+    let login = format!("CLAUDE_CONFIG_DIR={} {} auth login", claude_dir.display(), bin("claude-standin").display());
+    assert!(printed.contains("not logged in") && printed.contains(&login), "{printed}");
+    assert!(printed.contains("`claude-runner login`") && printed.contains("claude-runner submit \""), "{printed}");
+    // The agent's settings it was given and does not read are named, once, on stderr.
+    let log = std::fs::read_to_string(data.path().join("up.log")).unwrap();
+    let notices: Vec<&str> = log.lines().filter(|l| l.contains("does not read")).collect();
+    assert_eq!(notices.len(), 1, "{log}");
+    for says in ["`AGENT_ID`, `EDGE_URL` are set", "up/up.json", "`claude-runner agent` is the command that reads them"] {
+        assert!(notices[0].contains(says), "{says}: {log}");
+    }
 }
 
 /// A login that failed to authenticate stays failed across a restart while the
