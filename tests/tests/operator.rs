@@ -1861,3 +1861,45 @@ fn a_setting_that_is_not_text_is_refused_by_name() {
     let err = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(!err.contains("not UTF-8"), "a folder setting was refused:\n{err}");
 }
+
+/// `claude-runner keygen | head -1` panicked ("failed printing to stdout: Broken pipe",
+/// exit 101), and `status` ended saying "Broken pipe". Each command whose output is for a
+/// person or a pipe ends quietly when its reader has gone, as Unix tools do: by SIGPIPE or
+/// its own exit status, saying nothing. Its stdout here is a pipe whose reader closed before
+/// it started, so its first write finds it closed, whatever the timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_each_command_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let _agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    Client::new(&edge.url()).wait_online().await;
+    let data = TempDir::new("closed-stdout");
+    let commands: &[&[&str]] = &[
+        &["keygen"], &["keygen", "--json"], &["keygen", "--env"], &["oauth-status"], &["status"], &["status", "--check"],
+        &["doctor"], &["--help"], &["--version"], &["submit", "a task whose answer has nowhere to go"],
+    ];
+    for args in commands {
+        let mut ends = [0; 2];
+        // SAFETY: pipe writes two descriptors into the array; each is then owned once.
+        assert_eq!(unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+        drop(reader);
+        let out = Command::new(bin("claude-runner"))
+            .args(*args)
+            .env("DATA_DIR", data.path())
+            .env("CLAUDE_CONFIG_DIR", data.path().join("claude"))
+            .env("CLAUDE_RUNNER_URL", edge.url())
+            .env("RUNNER_SECRET", SECRET)
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(writer))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{args:?} said: {err}");
+        assert_ne!(out.status.code(), Some(101), "{args:?}: {err}");
+        assert!(out.status.code().is_some() || out.status.signal() == Some(libc::SIGPIPE), "{args:?}: {:?}", out.status);
+    }
+}
