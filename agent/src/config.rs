@@ -83,7 +83,7 @@ pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 300_000;
 #[derive(Debug, Clone, Args)]
 pub struct LocalArgs {
     /// The Claude Code binary.
-    #[arg(long, env = "CLAUDE_BIN", default_value = "claude")]
+    #[arg(long, env = "CLAUDE_BIN", default_value = crate::process::DEFAULT_CLAUDE_BIN)]
     pub claude_bin: String,
     #[command(flatten)]
     pub login: ClaudeLoginArgs,
@@ -157,6 +157,11 @@ impl DataDirArgs {
         }
         data_dir
     }
+}
+
+/// Where `claude-runner up` run with `DATA_DIR` keeps its keys and runner secret.
+pub fn up_state_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("up").join("up.json")
 }
 
 /// Where `claude-runner up` run with `DATA_DIR` keeps its agent's files.

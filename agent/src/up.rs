@@ -258,7 +258,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ),
     };
     // Said, not refused: each is a choice someone may make on purpose.
-    if let Some(note) = ignored_notice(&ignored_settings(|name| std::env::var_os(name), &state.runner_secret), &root.join("up.json")) {
+    if let Some(note) = ignored_notice(&ignored_settings(|name| std::env::var_os(name), &state.runner_secret), &crate::config::up_state_file(&args.local.data_dir())) {
         eprintln!("claude-runner up: {note}");
     }
     if let Some(warning) = edge_native::listen::reachable_from_the_network(addr) {
@@ -281,7 +281,7 @@ Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both (running
         id = state.agent_id,
         secret = state.runner_secret,
         export = export_line(addr, &state.runner_secret),
-        keys_path = root.join("up.json").display(),
+        keys_path = crate::config::up_state_file(&args.local.data_dir()).display(),
     );
     let result = crate::serve::serve(agent_cfg, crate::drain::stop_requests()).await;
     let _ = stop_tx.send(true);

@@ -68,6 +68,9 @@ fn up_without_claude_says_how_to_install_it() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("npm install -g @anthropic-ai/claude-code"), "{err}");
+    // CLAUDE_BIN names another binary than the default: that one is not found, and
+    // CLAUDE_BIN is the first thing to check (a typo such as `claud`).
+    assert!(err.contains("No binary `claude-that-does-not-exist` was found") && err.contains("Check CLAUDE_BIN"), "{err}");
 }
 
 /// A running `claude-runner up` with `DATA_DIR` in `data`: its edge's URL, and every line
@@ -622,12 +625,14 @@ fn submit_and_login_without_the_edge_or_the_secret_name_the_settings() {
     for command in ["submit", "login"] {
         for (set, missing, says) in [
             (None, "CLAUDE_RUNNER_URL", "http://127.0.0.1:8787"),
-            (Some(("CLAUDE_RUNNER_URL", "http://127.0.0.1:9")), "RUNNER_SECRET", "up.json"),
+            (Some(("CLAUDE_RUNNER_URL", "http://127.0.0.1:9")), "RUNNER_SECRET", "/srv/runner/up/up.json"),
         ] {
+            // `up` with this DATA_DIR keeps its secret there, not in the default folder.
             let out = Command::new(bin("claude-runner"))
                 .args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
                 .env_remove("CLAUDE_RUNNER_URL")
                 .env_remove("RUNNER_SECRET")
+                .env("DATA_DIR", "/srv/runner")
                 .envs(set)
                 .stdin(Stdio::null())
                 .output()
