@@ -169,6 +169,13 @@ pub fn up_agent_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("up").join("agent")
 }
 
+/// Whether `dir` is the agent's folder of a `claude-runner up` ([`up_agent_dir`] of a
+/// `DATA_DIR` that holds `up`'s keys): its agent is started again by `up`, not by `agent`.
+pub fn is_up_agent_dir(dir: &Path) -> bool {
+    let Some(data_dir) = dir.parent().and_then(Path::parent) else { return false };
+    up_agent_dir(data_dir) == dir && std::fs::symlink_metadata(up_state_file(data_dir)).is_ok()
+}
+
 /// Whether an agent has run with this `DATA_DIR` (it left its status file there).
 pub fn agent_has_run(data_dir: &Path) -> bool {
     std::fs::symlink_metadata(data_dir.join(crate::status::FILE_NAME)).is_ok()
