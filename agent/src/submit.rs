@@ -115,6 +115,10 @@ pub(crate) fn request_error(e: &reqwest::Error) -> String {
         text = format!("{text}: {c}");
         cause = c.source();
     }
+    // https:// to a plain-http edge: rustls's words name no fix.
+    if let Some(hint) = e.url().and_then(|url| agent_core::edge_url::plain_edge_hint(url.as_str().trim_end_matches('/'), &text)) {
+        text = format!("{text}; {hint}");
+    }
     text
 }
 

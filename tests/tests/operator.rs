@@ -1908,3 +1908,44 @@ async fn a_closed_stdout_ends_each_command_quietly() {
         assert!(out.status.code().is_some() || out.status.signal() == Some(libc::SIGPIPE), "{args:?}: {:?}", out.status);
     }
 }
+
+/// `https://` to a plain-http edge (`up`'s) said only rustls's "received corrupt message of
+/// type InvalidContentType": `submit` and `login` now say to use http://.
+#[test]
+fn submit_and_login_over_https_to_a_plain_edge_are_told_to_use_http() {
+    let plain = edge_that_answers(|_, _| "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n".into());
+    for command in ["submit", "login"] {
+        let out = Command::new(bin("claude-runner"))
+            .args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
+            .env("CLAUDE_RUNNER_URL", format!("https://{plain}"))
+            .env("RUNNER_SECRET", SECRET)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+        assert!(err.contains(&format!("is http://{plain}")), "{command}: {err}");
+    }
+}
+
+/// An agent whose first dial fails logged "connection to the edge lost", for a connection
+/// there never was: a dial that connects to nothing says it could not connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_that_never_connected_is_not_called_a_lost_connection() {
+    let keys = Keys::new(&["spark"]);
+    let nobody = closed_port();
+    let opts = AgentOpts {
+        id: "spark",
+        key: keys.agent("spark").clone(),
+        edge_public: shared::keys::encode_verifying(&keys.edge.verifying_key()),
+        edge_ws: format!("ws://127.0.0.1:{}", nobody.port),
+        claude_bin: bin("claude-standin"),
+        extra_env: Vec::new(),
+        wrapper: Vec::new(),
+    }
+    .env("RUST_LOG", "info");
+    let agent = AgentProc::start(opts);
+    assert!(eventually(Duration::from_secs(30), || agent.log().contains("reconnecting")).await, "{}", agent.log());
+    let log = agent.log();
+    assert!(log.contains("could not connect to the edge") && !log.contains("connection to the edge lost"), "{log}");
+}
