@@ -240,10 +240,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         (true, false) => format!(
             "
   Claude is not logged in on this machine: /execute is refused (503 RUNNER_OAUTH_ERROR) and
-  POST /jobs waits until it is. Run `{claude_login}` in another terminal (the agent sees
-  the new login within seconds), or `{runner} login` there after the export line below (the
-  agent runs that login for you); or set CLAUDE_CODE_OAUTH_TOKEN (from `{setup_token}`)
-  and start `up` again.
+  POST /jobs waits until it is. Log in from another terminal (the agent sees the new login
+  within seconds), either here:
+    {claude_login}
+  or through the edge (the agent runs the login), after the export line below:
+    {runner} login
+  Or set CLAUDE_CODE_OAUTH_TOKEN (from `{setup_token}`) and start `up` again.
 ",
             setup_token = format!("{} setup-token", shell_word(&args.local.claude_bin)),
         ),

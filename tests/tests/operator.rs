@@ -313,8 +313,8 @@ fn up_without_a_login_says_so_and_how_to_log_in() {
     // The login where this agent reads it: CLAUDE_BIN's binary into CLAUDE_CONFIG_DIR (a
     // plain `claude auth login` logged another binary into ~/.claude), or through the edge.
     let login = format!("CLAUDE_CONFIG_DIR={} {} auth login", claude_dir.display(), bin("claude-standin").display());
-    assert!(printed.contains("not logged in") && printed.contains(&login), "{printed}");
-    assert!(printed.contains("`claude-runner login`") && printed.contains("claude-runner submit \""), "{printed}");
+    assert!(printed.contains("not logged in") && printed.contains(&format!("\n    {login}\n")), "{printed}");
+    assert!(printed.contains("\n    claude-runner login\n") && printed.contains("\n  claude-runner submit \""), "{printed}");
     // The agent's settings it was given and does not read are named, once, on stderr.
     let log = std::fs::read_to_string(data.path().join("up.log")).unwrap();
     let notices: Vec<&str> = log.lines().filter(|l| l.contains("does not read")).collect();
