@@ -78,6 +78,8 @@ fn up_without_claude_says_how_to_install_it() {
 struct Up {
     child: std::process::Child,
     base: String,
+    /// Its first line: where it listens.
+    first: String,
     lines: std::sync::mpsc::Receiver<String>,
 }
 
@@ -136,7 +138,7 @@ impl Up {
             .unwrap_or_else(|| panic!("no URL in `{first}`"))
             .trim_end_matches(',')
             .to_string();
-        Up { child, base, lines }
+        Up { child, base, first, lines }
     }
 
     /// What it printed after its first line, up to its last (how to stop it).
@@ -235,6 +237,8 @@ async fn up_runs_an_edge_and_a_connected_agent() {
     // The secret it made is the one it printed in the curl line.
     let secret = &up_secret(&data);
     let printed = up.printed();
+    // Printed before the agent's first dial: it is connecting, not yet connected.
+    assert!(up.first.ends_with("connecting to it."), "{}", up.first);
     assert!(printed.iter().any(|l| l.contains(&format!("X-Runner-Secret: {secret}"))), "{printed:?}");
     assert!(!printed.iter().any(|l| l.contains("not logged in")), "{printed:?}");
     // `submit` finds the edge the way `up` says, as it says.
