@@ -84,7 +84,7 @@ pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 300_000;
 #[derive(Debug, Clone, Args)]
 pub struct LocalArgs {
     /// The Claude Code binary.
-    #[arg(long, env = "CLAUDE_BIN", default_value = "claude")]
+    #[arg(long, env = "CLAUDE_BIN", default_value = crate::process::DEFAULT_CLAUDE_BIN)]
     pub claude_bin: String,
     #[command(flatten)]
     pub login: ClaudeLoginArgs,
@@ -160,9 +160,21 @@ impl DataDirArgs {
     }
 }
 
+/// Where `claude-runner up` run with `DATA_DIR` keeps its keys and runner secret.
+pub fn up_state_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("up").join("up.json")
+}
+
 /// Where `claude-runner up` run with `DATA_DIR` keeps its agent's files.
 pub fn up_agent_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("up").join("agent")
+}
+
+/// Whether `dir` is the agent's folder of a `claude-runner up` ([`up_agent_dir`] of a
+/// `DATA_DIR` that holds `up`'s keys): its agent is started again by `up`, not by `agent`.
+pub fn is_up_agent_dir(dir: &Path) -> bool {
+    let Some(data_dir) = dir.parent().and_then(Path::parent) else { return false };
+    up_agent_dir(data_dir) == dir && std::fs::symlink_metadata(up_state_file(data_dir)).is_ok()
 }
 
 /// Whether an agent has run with this `DATA_DIR` (it left its status file there).

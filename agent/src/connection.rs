@@ -29,6 +29,8 @@ enum End {
     Shutdown,
     /// Worth retrying.
     Lost(String),
+    /// The dial itself failed: no connection was made to lose (worth retrying).
+    Unreached(String),
     /// The edge refused us (a goodbye, a close after the hello, no such pool at EDGE_URL):
     /// retrying only helps once someone fixes the configuration.
     Refused(String),
@@ -50,6 +52,7 @@ pub async fn run(agent: Arc<Agent>, mut uplink: mpsc::UnboundedReceiver<AgentMes
         // bounded line before they reach the log or the status file.
         let end = match session(&agent, &mut uplink, &mut shutdown, &mut reconnect).await {
             End::Lost(why) => End::Lost(peer_words(&why)),
+            End::Unreached(why) => End::Unreached(peer_words(&why)),
             End::Refused(why) => End::Refused(peer_words(&why)),
             End::Refusing(why) => End::Refusing(peer_words(&why)),
             End::Shutdown => End::Shutdown,
@@ -60,10 +63,13 @@ pub async fn run(agent: Arc<Agent>, mut uplink: mpsc::UnboundedReceiver<AgentMes
                 return;
             }
             End::Lost(why) => warn!(agent_id = %agent.cfg.agent_id, reason = %why, "connection to the edge lost"),
+            // The first dial of a start that fails was logged as a connection lost, which
+            // there never was.
+            End::Unreached(why) => warn!(agent_id = %agent.cfg.agent_id, reason = %why, "could not connect to the edge"),
             End::Refused(why) => error!(agent_id = %agent.cfg.agent_id, reason = %why, "the edge refused this agent"),
             End::Refusing(why) => error!(agent_id = %agent.cfg.agent_id, reason = %why, "this agent refused the edge"),
         }
-        if let End::Lost(why) | End::Refused(why) | End::Refusing(why) = &end {
+        if let End::Lost(why) | End::Unreached(why) | End::Refused(why) | End::Refusing(why) = &end {
             agent.status.disconnected(why);
         }
         // Capped while jobs run here or results wait for the edge: it gives those up as
@@ -233,10 +239,11 @@ async fn refuse(ws: &mut Socket, code: u16, reason: String) -> End {
 /// edge's refusal, with what to set. Anything else may pass (worth retrying).
 fn dial_failed(connect_url: &str, e: &WsError) -> End {
     let WsError::Http(response) = e else {
-        return End::Lost(format!("cannot reach the edge at {connect_url}: {e}"));
+        let hint = agent_core::edge_url::plain_edge_hint(connect_url, &e.to_string()).map(|h| format!("; {h}")).unwrap_or_default();
+        return End::Unreached(format!("cannot reach the edge at {connect_url}: {e}{hint}"));
     };
     if response.status().as_u16() != 404 {
-        return End::Lost(format!("cannot reach the edge at {connect_url}: {e}"));
+        return End::Unreached(format!("cannot reach the edge at {connect_url}: {e}"));
     }
     let pool = connect_url
         .strip_suffix("/agent/connect")
@@ -283,7 +290,7 @@ async fn session(
         Ok(Err(e)) => return dial_failed(&cfg.connect_url, &e),
         Err(_) => {
             reconnect.step_timed_out();
-            return End::Lost(format!("no answer from the edge at {} within {} ms", cfg.connect_url, step.as_millis()));
+            return End::Unreached(format!("no answer from the edge at {} within {} ms", cfg.connect_url, step.as_millis()));
         }
     };
 
@@ -538,8 +545,8 @@ mod tests {
         let End::Refused(why) = dial_failed("wss://edge.example/runner/agent/connect", &not_found()) else { panic!("a refusal") };
         assert!(why.contains("EDGE_URL must be the edge's own URL") && !why.contains("POOLS"), "{why}");
         let unavailable = WsError::Http(tokio_tungstenite::tungstenite::http::Response::builder().status(503).body(None).unwrap().into());
-        assert!(matches!(dial_failed("wss://e/agent/connect", &unavailable), End::Lost(_)), "a 503 passes");
-        assert!(matches!(dial_failed("wss://e/agent/connect", &WsError::ConnectionClosed), End::Lost(_)));
+        assert!(matches!(dial_failed("wss://e/agent/connect", &unavailable), End::Unreached(_)), "a 503 passes");
+        assert!(matches!(dial_failed("wss://e/agent/connect", &WsError::ConnectionClosed), End::Unreached(_)));
     }
     /// After the hello, the edge's goodbye or close is its refusal of this agent — unless it
     /// says it is stopping (4005) or let go of an unproven connection (4004): those were

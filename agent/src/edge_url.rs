@@ -36,6 +36,25 @@ pub fn connect_url(edge_url: &str, allow_insecure: bool) -> Result<String, EdgeU
     Ok(if rest.ends_with("/agent/connect") { format!("{scheme}://{rest}") } else { format!("{scheme}://{rest}/agent/connect") })
 }
 
+/// What to do when a TLS dial to `url` failed with `error` because the server answered in
+/// plain text: rustls says "received corrupt message of type InvalidContentType", which
+/// names neither cause nor fix. A local edge (`claude-runner up`'s, a native edge without
+/// TLS in front) speaks plain http:// and ws://. `None` for any other failure.
+pub fn plain_edge_hint(url: &str, error: &str) -> Option<String> {
+    if !error.contains("InvalidContentType") {
+        return None;
+    }
+    let (plain, rest) = if let Some(rest) = url.strip_prefix("https://") {
+        ("http", rest)
+    } else {
+        ("ws", url.strip_prefix("wss://")?)
+    };
+    Some(format!(
+        "the server at {url} answered in plain text, not TLS: a local edge (`claude-runner up`, or `claude-runner-edge` with no TLS in front) is {plain}://{rest}",
+        rest = rest.strip_suffix("/agent/connect").unwrap_or(rest)
+    ))
+}
+
 /// The host of `authority[/path]`: without user info, port or IPv6 brackets.
 fn host_of(rest: &str) -> Option<&str> {
     let authority = rest.split(['/', '?', '#']).next()?;
@@ -64,6 +83,19 @@ pub fn is_loopback(host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An https:// or wss:// URL for a plain-text edge failed with rustls's "received
+    /// corrupt message of type InvalidContentType": the hint gives the plain URL.
+    #[test]
+    fn a_tls_dial_to_a_plain_edge_is_told_the_plain_url() {
+        let rustls = "error sending request: received corrupt message of type InvalidContentType";
+        let https = plain_edge_hint("https://127.0.0.1:8787", rustls).unwrap();
+        assert!(https.contains("is http://127.0.0.1:8787") && https.contains("claude-runner up"), "{https}");
+        let wss = plain_edge_hint("wss://127.0.0.1:8787/agent/connect", rustls).unwrap();
+        assert!(wss.ends_with("is ws://127.0.0.1:8787"), "{wss}");
+        assert_eq!(plain_edge_hint("http://127.0.0.1:8787", rustls), None);
+        assert_eq!(plain_edge_hint("https://e.example", "Connection refused (os error 111)"), None);
+    }
 
     #[test]
     fn builds_the_connect_url() {

@@ -6,8 +6,12 @@
 //!
 //! - [`serve`]: the agent's life: connection, job tasks, graceful stop.
 //! - [`config`]: the agent's settings (environment and flags), checked once at start.
+//! - [`setting_value`]: the number and switch settings' parsers: a refusal says what to write.
 //! - [`drain`]: how a stop is asked for: signals, or `agent --drain` from another shell.
 //! - [`connection`]: the outbound WebSocket: handshake, heartbeats, reconnects.
+//! - [`reconnect`]: how long to wait before dialing again: backoff and jitter, capped
+//!   within the edge's `LOST_AFTER_MS` while the agent holds work.
+//! - [`lost_after`]: that `LOST_AFTER_MS`, kept in `DATA_DIR` from the last welcome.
 //! - [`agent`]: state that outlives connections; verifying, starting and cancelling orders.
 //! - [`link`]: the current connection's MAC keys, shared by the agent and its jobs.
 //! - [`runner`]: one job's life, given a narrow [`runner::JobContext`].
@@ -20,6 +24,8 @@
 //!   that no launcher is ever dumpable.
 //! - [`warden`]: the small process between the launcher and Claude that kills Claude's
 //!   whole tree with its job, even when the agent is killed.
+//! - [`rawsys`]: system calls that return `-errno` and leave `errno` alone, for the
+//!   wardens, which share the launcher's memory and so its `errno`.
 //! - [`pidfd`]: a process held as itself, never another that got its pid since.
 //! - [`cli_version`]: which Claude Code CLI runs here, reported in `/health`.
 //! - [`oauth`]: the login on this machine and the refresh gate.
@@ -199,6 +205,7 @@ fn main() {
     let runs_jobs = matches!(cli.command, Command::Agent { drain: false, .. } | Command::Up(_));
     #[cfg(not(feature = "up"))]
     let runs_jobs = matches!(cli.command, Command::Agent { drain: false, .. });
+    quiet_on_a_closed_stdout(&cli.command);
     if runs_jobs {
         process::harden_agent();
     } else if !matches!(cli.command, Command::Doctor { canary: true, .. }) {
@@ -285,6 +292,9 @@ fn main() {
         }
     });
     if let Err(e) = result {
+        if closed_pipe(&e) && !runs_jobs {
+            end_as_a_closed_pipe_ends_a_tool();
+        }
         // As one line, its control characters escaped: an error may quote outside words (a
         // status file a job wrote, named in serde's "unknown variant"; an edge's answer).
         eprintln!("claude-runner: {}", shared::text::one_line(&format!("{e:#}")));
@@ -292,10 +302,80 @@ fn main() {
     }
 }
 
+/// A command whose output is for a person or a pipe ends quietly when that pipe closes
+/// (`claude-runner keygen | head -1`), as Unix tools do: it panicked ("failed printing to
+/// stdout: Broken pipe", exit 101). Rust ignores SIGPIPE, so a write to a closed pipe
+/// fails with EPIPE instead, which `println!` turns into a panic.
+///
+/// Where the command writes no pipe but stdout and stderr and no socket (`keygen`,
+/// `status`, `oauth-status`), SIGPIPE's default comes back: the kernel ends it at the
+/// first write, as it ends `cat`. Not where it holds sockets (`submit`, `login`, `doctor`):
+/// Rust writes sockets with `send(MSG_NOSIGNAL)` but `write_vectored` is a plain `writev`,
+/// which raises SIGPIPE on a socket the peer reset (hyper and rustls write so) — such a
+/// reset must stay an error said, not a silent death. Nor where Claude's stdin is a pipe
+/// (`agent`, `up`, `doctor --canary`): a Claude that dies before it reads its prompt must
+/// not kill the agent. There a failed print of std's ends the command quietly
+/// ([`end_as_a_closed_pipe_ends_a_tool`]) and an EPIPE returned up to `main` does too;
+/// `agent` and `up`, which run jobs, keep std's behaviour whole.
+fn quiet_on_a_closed_stdout(command: &Command) {
+    match command {
+        Command::Keygen { .. } | Command::Status { .. } | Command::OauthStatus { .. } => {
+            // SAFETY: sets a signal's disposition to its default; no handler runs.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+        }
+        Command::Doctor { .. } | Command::Submit(_) | Command::Login(_) => {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                let text = info.payload().downcast_ref::<String>().map(String::as_str).unwrap_or_default();
+                if failed_print_to_a_closed_pipe(text) {
+                    end_as_a_closed_pipe_ends_a_tool();
+                }
+                previous(info)
+            }));
+        }
+        _ => {}
+    }
+}
+
+/// Whether `panic` is std's for a print (`println!`, `eprintln!`) to a closed pipe:
+/// "failed printing to stdout: Broken pipe (os error 32)".
+fn failed_print_to_a_closed_pipe(panic: &str) -> bool {
+    let epipe = std::io::Error::from_raw_os_error(libc::EPIPE).to_string();
+    (panic.starts_with("failed printing to stdout: ") || panic.starts_with("failed printing to stderr: ")) && panic.ends_with(&epipe)
+}
+
+/// Whether `e` is a write to a closed pipe, returned up to `main` (`status`'s, `login`'s).
+fn closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+/// Ends the process as a closed pipe ends a Unix tool: by SIGPIPE, saying nothing (a shell
+/// sees status 141, as for `yes | head -1`).
+fn end_as_a_closed_pipe_ends_a_tool() -> ! {
+    // SAFETY: the default disposition, then the signal to this thread: the process ends.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::raise(libc::SIGPIPE);
+    }
+    std::process::exit(128 + libc::SIGPIPE)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    /// Only std's panic for a print to a closed pipe ends quietly; any other is said.
+    #[test]
+    fn only_a_print_to_a_closed_pipe_is_taken_for_one() {
+        let epipe = std::io::Error::from_raw_os_error(libc::EPIPE);
+        assert!(failed_print_to_a_closed_pipe(&format!("failed printing to stdout: {epipe}")));
+        assert!(failed_print_to_a_closed_pipe(&format!("failed printing to stderr: {epipe}")));
+        assert!(!failed_print_to_a_closed_pipe(&format!("failed printing to stdout: {}", std::io::Error::from_raw_os_error(libc::ENOSPC))));
+        assert!(!failed_print_to_a_closed_pipe(&format!("index out of bounds: {epipe}")));
+        assert!(closed_pipe(&anyhow::Error::from(epipe).context("writing the status")));
+        assert!(!closed_pipe(&anyhow::anyhow!("Broken pipe")));
+    }
 
     /// The settings a subcommand's `--help` names (each `[env: NAME]`).
     fn settings_of(subcommand: &str) -> std::collections::BTreeSet<String> {

@@ -32,19 +32,32 @@ const STDERR_TAIL_BYTES: usize = 8 * 1024;
 /// What to do when `bin` (CLAUDE_BIN) is not found: it names the binary looked for, which
 /// is not `claude` when CLAUDE_BIN says otherwise.
 pub fn install_claude(bin: &str) -> String {
-    let missing = if bin.contains('/') {
-        format!("Claude Code is not at `{bin}` (CLAUDE_BIN): no executable file there.")
-    } else {
-        format!("Claude Code is not installed (no `{bin}` on PATH).")
-    };
+    // A CLAUDE_BIN set to another name (`claud`) is most likely a typo or a binary not on
+    // this PATH: that is said first, where "not installed … npm install" sent the operator
+    // to install what may well be there.
+    if bin != DEFAULT_CLAUDE_BIN {
+        let missing = if bin.contains('/') {
+            format!("No Claude Code binary at `{bin}`, which CLAUDE_BIN names: no executable file there.")
+        } else {
+            format!("No binary `{bin}` was found on PATH; CLAUDE_BIN names it.")
+        };
+        return format!(
+            "{missing}
+Check CLAUDE_BIN (--claude-bin): set it to the Claude Code binary's name or path, or unset it for `{DEFAULT_CLAUDE_BIN}`.
+If Claude Code is not installed: npm install -g @anthropic-ai/claude-code, then `claude auth login`."
+        );
+    }
     format!(
-        "{missing}
+        "Claude Code is not installed (no `{bin}` on PATH).
 Install it and log in, then run this again:
     npm install -g @anthropic-ai/claude-code
     claude auth login          # or: export CLAUDE_CODE_OAUTH_TOKEN=... from `claude setup-token`
 Or point CLAUDE_BIN at the binary."
     )
 }
+
+/// CLAUDE_BIN when unset.
+pub const DEFAULT_CLAUDE_BIN: &str = "claude";
 
 /// Where `name` resolves on PATH, or the path itself if it has a slash.
 pub fn find_binary(name: &str) -> Option<PathBuf> {
@@ -474,10 +487,15 @@ mod tests {
     /// a path: the message now names what was looked for.
     #[test]
     fn a_missing_claude_is_named_as_claude_bin_gives_it() {
-        assert!(install_claude("claude").starts_with("Claude Code is not installed (no `claude` on PATH)."));
-        assert!(install_claude("claude-2.1").starts_with("Claude Code is not installed (no `claude-2.1` on PATH)."));
+        let default = install_claude("claude");
+        assert!(default.starts_with("Claude Code is not installed (no `claude` on PATH).") && default.contains("npm install -g"), "{default}");
+        // Set to another name (a typo: `claud`): no such binary, check CLAUDE_BIN — not
+        // "Claude Code is not installed".
+        let other = install_claude("claud");
+        assert!(other.starts_with("No binary `claud` was found on PATH; CLAUDE_BIN names it.") && other.contains("Check CLAUDE_BIN"), "{other}");
+        assert!(!other.contains("not installed ("), "{other}");
         let at = install_claude("/opt/claude/bin/claude");
-        assert!(at.starts_with("Claude Code is not at `/opt/claude/bin/claude` (CLAUDE_BIN)") && at.contains("npm install -g"), "{at}");
+        assert!(at.starts_with("No Claude Code binary at `/opt/claude/bin/claude`, which CLAUDE_BIN names") && at.contains("Check CLAUDE_BIN"), "{at}");
     }
 
     #[test]

@@ -23,14 +23,23 @@ async fn post(http: &reqwest::Client, url: &str, secret: &str, body: Value) -> R
 }
 
 pub async fn run(args: LoginArgs) -> anyhow::Result<i32> {
-    run_to(&mut std::io::stderr(), &mut std::io::stdout(), args).await
+    run_to(&mut std::io::stderr(), &mut std::io::stdout(), &mut std::io::stdin().lock(), args).await
+}
+
+/// The edge's words for a login that failed, as this command says them: the edge tells
+/// its HTTP callers to start again with `POST /oauth/login`, which from a terminal is
+/// running `claude-runner login` again.
+fn as_the_cli_says(edge_words: &str) -> String {
+    edge_words
+        .replace("Start again with POST /oauth/login", "Run `claude-runner login` again")
+        .replace("start again with POST /oauth/login", "run `claude-runner login` again")
 }
 
 /// [`run`], its messages written to `err` and the URL to `out`, each as one line with its
 /// control characters escaped ([`crate::status::say`]): they carry the edge's words (its
 /// `error`, the agent's id, the URL), and an edge, or whatever answers at its address, is
 /// outside.
-async fn run_to(err: &mut impl Write, out: &mut impl Write, args: LoginArgs) -> anyhow::Result<i32> {
+async fn run_to(err: &mut impl Write, out: &mut impl Write, input: &mut impl BufRead, args: LoginArgs) -> anyhow::Result<i32> {
     let (base, secret) = match args.edge.resolve() {
         Ok(edge) => edge,
         Err(what) => {
@@ -53,7 +62,7 @@ async fn run_to(err: &mut impl Write, out: &mut impl Write, args: LoginArgs) -> 
         }
     };
     let (Some(login_id), Some(url)) = (start["login_id"].as_str(), start["url"].as_str()) else {
-        say(err, format!("claude-runner login: the edge could not start a login ({status}): {}", crate::submit::refusal(status, &start)))?;
+        say(err, format!("claude-runner login: the edge could not start a login ({status}): {}", as_the_cli_says(&crate::submit::refusal(status, &start))))?;
         return Ok(2);
     };
     say(err, format!("Open this URL in a browser, sign in, and paste the code it shows (agent {}):", start["agent_id"].as_str().unwrap_or("?")))?;
@@ -61,7 +70,7 @@ async fn run_to(err: &mut impl Write, out: &mut impl Write, args: LoginArgs) -> 
     write!(err, "Code: ")?;
     err.flush()?;
     let mut code = String::new();
-    std::io::stdin().lock().read_line(&mut code)?;
+    input.read_line(&mut code)?;
     let code = code.trim();
     if code.is_empty() {
         say(err, "claude-runner login: no code given; the login on the runner is given up in 10 minutes (or start again)".into())?;
@@ -80,7 +89,7 @@ async fn run_to(err: &mut impl Write, out: &mut impl Write, args: LoginArgs) -> 
         say(err, format!("Logged in: {source} ({kind}), work runs again."))?;
         return Ok(0);
     }
-    say(err, format!("claude-runner login: the login failed ({status}): {}", done["error"].as_str().unwrap_or("no readable answer")))?;
+    say(err, format!("claude-runner login: the login failed ({status}): {}", as_the_cli_says(done["error"].as_str().unwrap_or("no readable answer"))))?;
     Ok(1)
 }
 
@@ -106,6 +115,27 @@ mod tests {
         format!("http://{addr}")
     }
 
+    /// A login that failed on the runner was told to "Start again with POST /oauth/login",
+    /// the edge's words for its HTTP callers: from the terminal, run `claude-runner login`
+    /// again.
+    #[tokio::test]
+    async fn a_failed_login_says_to_run_login_again() {
+        // One answer for both requests: the login started (its id and URL), then failed.
+        let body = serde_json::json!({
+            "login_id": "l1", "url": "https://claude.ai/oauth/authorize?x", "state": "failed",
+            "error": "the login on the runner failed: bad code. Start again with POST /oauth/login (or `claude auth login` on the runner)",
+        });
+        let edge = super::LoginArgs {
+            edge: crate::submit::EdgeArgs { edge: Some(edge_answering(502, body.to_string()).await), secret: Some("s".into()) },
+            agent_id: None,
+        };
+        let (mut err, mut out) = (Vec::new(), Vec::new());
+        assert_eq!(super::run_to(&mut err, &mut out, &mut &b"a-code\n"[..], edge).await.unwrap(), 1);
+        let said = String::from_utf8(err).unwrap();
+        assert!(said.contains("bad code. Run `claude-runner login` again (or `claude auth login` on the runner)"), "{said}");
+        assert!(!said.contains("POST /oauth/login"), "{said}");
+    }
+
     /// `login` printed the edge's words (its `error` when it refuses, the agent's id, the
     /// URL) raw to the operator's terminal, as `submit` did before 7a3aac0: an edge, or
     /// whatever answers at its address, is outside, and could set the terminal's
@@ -119,7 +149,7 @@ mod tests {
             agent_id: None,
         };
         let (mut err, mut out) = (Vec::new(), Vec::new());
-        assert_eq!(super::run_to(&mut err, &mut out, edge).await.unwrap(), 2);
+        assert_eq!(super::run_to(&mut err, &mut out, &mut &b""[..], edge).await.unwrap(), 2);
         let shown = String::from_utf8([err, out].concat()).unwrap();
         assert!(!shown.chars().any(|c| c.is_control() && c != '\n'), "{shown:?}");
         assert!(shown.contains("no agent") && shown.contains("fine"), "{shown}");

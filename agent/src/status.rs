@@ -397,7 +397,9 @@ fn show_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow:
     say(out, format!("agent     {} (pid {}, {})", status.agent_id, status.pid, if alive { "running" } else { "not running" }))?;
     say(out, format!("edge      {}", status.edge))?;
     if !alive {
-        say(out, "state     stopped; start it again with `claude-runner agent` (or `claude-runner up`, if up ran it)".into())?;
+        // `up`'s agent is started by `up` alone; `claude-runner agent` there has no keys.
+        let again = if crate::config::is_up_agent_dir(data_dir) { "`claude-runner up`" } else { "`claude-runner agent` (or `claude-runner up`, if up ran it)" };
+        say(out, format!("state     stopped; start it again with {again}"))?;
         return Ok(false);
     }
     if status.connected {
@@ -455,6 +457,33 @@ mod tests {
         let json = json_for_terminal("{\"agent_id\": \"a\u{202e}b\u{2029}c\"}");
         assert_eq!(json, "{\"agent_id\": \"a\\u202eb\\u2029c\"}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `status` of `up`'s stopped agent said "start it again with `claude-runner agent` (or
+    /// `claude-runner up`, if up ran it)", though it knew the folder was `up`'s: it says
+    /// `claude-runner up` there, and both elsewhere.
+    #[test]
+    fn a_stopped_agent_of_up_is_started_again_with_up() {
+        let data = std::env::temp_dir().join(format!("cr-status-up-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let ups = crate::config::up_agent_dir(&data);
+        std::fs::create_dir_all(&ups).unwrap();
+        std::fs::write(crate::config::up_state_file(&data), "{}").unwrap();
+        // A pid above the kernel's highest (4194304): no process has it.
+        let stopped = Status { agent_id: "spark".into(), pid: 4_194_305, ..Default::default() };
+        for dir in [&ups, &data] {
+            std::fs::write(dir.join("status.json"), serde_json::to_vec(&stopped).unwrap()).unwrap();
+        }
+        let shown = |dir: &std::path::Path| {
+            let mut shown = Vec::new();
+            assert!(!show_to(&mut shown, dir).unwrap());
+            String::from_utf8(shown).unwrap()
+        };
+        let up = shown(&ups);
+        assert!(up.contains("stopped; start it again with `claude-runner up`\n"), "{up}");
+        let own = shown(&data);
+        assert!(own.contains("start it again with `claude-runner agent` (or `claude-runner up`, if up ran it)"), "{own}");
+        std::fs::remove_dir_all(&data).unwrap();
     }
 
     /// A job (the agent's user) can hold a lock on DATA_DIR/agent.lock itself and plant

@@ -71,9 +71,10 @@ impl EdgeArgs {
                 .into());
         };
         let Some(secret) = &self.secret else {
-            return Err("no runner secret: set RUNNER_SECRET (or --secret); `claude-runner up` prints its own when it \
-                        starts and keeps it in ~/.local/share/claude-runner/up/up.json (`runner_secret`)"
-                .into());
+            // Where `up` run with this environment's DATA_DIR keeps it: the default folder
+            // was named whatever DATA_DIR said.
+            let data_dir = crate::config::DataDirArgs { data_dir: std::env::var_os("DATA_DIR").map(std::path::PathBuf::from) }.data_dir();
+            return Err(missing_secret(&crate::config::up_state_file(&data_dir)));
         };
         if !(edge.starts_with("http://") || edge.starts_with("https://")) {
             return Err(format!(
@@ -83,6 +84,14 @@ impl EdgeArgs {
         }
         Ok((edge.trim_end_matches('/').to_string(), secret.clone()))
     }
+}
+
+/// What to do without a runner secret: set one, or take `up`'s from `up_json`.
+fn missing_secret(up_json: &std::path::Path) -> String {
+    format!(
+        "no runner secret: set RUNNER_SECRET (or --secret); `claude-runner up` prints its own when it starts and keeps it in {} (`runner_secret`)",
+        up_json.display()
+    )
 }
 
 /// The edge's words for refusing a request (its `error`). The edge's 403 says to send the
@@ -105,6 +114,10 @@ pub(crate) fn request_error(e: &reqwest::Error) -> String {
     while let Some(c) = cause {
         text = format!("{text}: {c}");
         cause = c.source();
+    }
+    // https:// to a plain-http edge: rustls's words name no fix.
+    if let Some(hint) = e.url().and_then(|url| agent_core::edge_url::plain_edge_hint(url.as_str().trim_end_matches('/'), &text)) {
+        text = format!("{text}; {hint}");
     }
     text
 }

@@ -8,7 +8,7 @@ use crate::files::{private_dir, write_atomically};
 use serde::{Deserialize, Serialize};
 use shared::keys;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
@@ -88,6 +88,75 @@ fn export_line(addr: SocketAddr, secret: &str) -> String {
     format!("export CLAUDE_RUNNER_URL=http://{addr} RUNNER_SECRET='{secret}'")
 }
 
+/// `text` as one word for a POSIX shell: as it is when nothing in it is special, else in
+/// single quotes.
+fn shell_word(text: &str) -> String {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./:=@%+,".contains(&b)) {
+        return text.to_string();
+    }
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
+/// How the lines `up` prints name this program: `claude-runner` when that is what the shell
+/// finds on PATH (`on_path`), else the path of the running executable (`exe`), quoted for a
+/// shell. After `cargo run` the binary is in `target/`, and a pasted `claude-runner submit`
+/// was "command not found" — or ran another, older claude-runner found on PATH.
+fn runner_command(exe: Option<PathBuf>, on_path: Option<PathBuf>) -> String {
+    let canonical = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
+    match exe.map(canonical) {
+        Some(exe) if on_path.map(canonical).as_ref() != Some(&exe) => shell_word(&exe.to_string_lossy()),
+        _ => "claude-runner".to_string(),
+    }
+}
+
+/// The command that logs Claude in where this agent looks for the login: the binary
+/// CLAUDE_BIN names, into the folder CLAUDE_CONFIG_DIR names. A plain `claude auth login`
+/// ran another binary, or put the login in ~/.claude, where this agent does not read it.
+fn login_command(claude_bin: &str, config_dir: Option<&Path>) -> String {
+    let login = format!("{} auth login", shell_word(claude_bin));
+    match config_dir {
+        Some(dir) => format!("CLAUDE_CONFIG_DIR={} {login}", shell_word(&dir.to_string_lossy())),
+        None => login,
+    }
+}
+
+/// Settings of `claude-runner agent` and of `claude-runner-edge` that `up` does not read:
+/// it uses its own keys, runner secret, agent id and edge, from `up.json`.
+const NOT_READ_BY_UP: &[&str] = &[
+    "RUNNER_SECRET", "EDGE_SIGNING_KEY", "AGENT_PUBLIC_KEYS", "AGENT_ID", "EDGE_URL", "EDGE_POOL", "AGENT_SIGNING_KEY", "AGENT_KEY_FILE", "EDGE_PUBLIC_KEY",
+];
+
+/// Those of [`NOT_READ_BY_UP`] set in `lookup` (blank is unset). A RUNNER_SECRET that is
+/// `up`'s own is not one: `up`'s export line sets it, and `submit` reads it.
+fn ignored_settings(lookup: impl Fn(&str) -> Option<std::ffi::OsString>, own_secret: &str) -> Vec<&'static str> {
+    NOT_READ_BY_UP
+        .iter()
+        .copied()
+        .filter(|name| {
+            let Some(raw) = lookup(name) else { return false };
+            shared::setting::os_value(&raw).is_some_and(|value| !(*name == "RUNNER_SECRET" && value == own_secret))
+        })
+        .collect()
+}
+
+/// One line on the settings `up` was given and does not read: set for `up`, each was
+/// taken without a word, and a job signed or a secret sent with them was refused.
+fn ignored_notice(names: &[&str], up_json: &Path) -> Option<String> {
+    if names.is_empty() {
+        return None;
+    }
+    let list = names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+    let edge_only = names.iter().any(|n| matches!(*n, "EDGE_SIGNING_KEY" | "AGENT_PUBLIC_KEYS"));
+    Some(format!(
+        "{list} {are} set here and `up` does not read {them}: it uses its own keys, runner secret and agent id, kept in {path}, \
+         and its own edge. `claude-runner agent` is the command that reads {them}, to dial an edge of your own{edge}; unset {them} for `up`.",
+        are = if names.len() == 1 { "is" } else { "are" },
+        them = if names.len() == 1 { "it" } else { "them" },
+        path = up_json.display(),
+        edge = if edge_only { " (`claude-runner-edge` reads EDGE_SIGNING_KEY and AGENT_PUBLIC_KEYS)" } else { "" },
+    ))
+}
+
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if crate::process::find_binary(&args.local.claude_bin).is_none() {
         eprintln!("{}", crate::process::install_claude(&args.local.claude_bin));
@@ -103,9 +172,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", args.local.data_dir().display()))?
         .ok_or_else(|| {
             anyhow::anyhow!(
-                "another `claude-runner up` is running with DATA_DIR {} (it holds {}, let go when it exits: do not delete the file): stop it first, or give this one a DATA_DIR of its own",
+                "another `claude-runner up` is running with DATA_DIR {} (it holds {}, let go when it exits: do not delete the file): stop it first, or give this one a DATA_DIR and a LISTEN of its own (e.g. DATA_DIR=/tmp/up2 LISTEN=127.0.0.1:{} claude-runner up)",
                 args.local.data_dir().display(),
-                root.join("up.lock").display()
+                root.join("up.lock").display(),
+                // The first one's port is likely the default: the next one up.
+                args.listen.port().checked_add(1).filter(|_| args.listen.port() != 0).unwrap_or(8788)
             )
         })?;
     let state = load_or_create(&root)?;
@@ -161,25 +232,42 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let reporter = crate::report::Reporter::new(crate::oauth::Login::new(args.local.claude_config_dir()));
     reporter.resume(crate::status::read(&agent_cfg.data_dir).ok().flatten().as_ref(), now);
     let login = reporter.report().status(now);
+    // The lines to paste name this program as the shell will find it.
+    let runner = runner_command(std::env::current_exe().ok(), crate::process::find_binary("claude-runner"));
+    let claude_login = login_command(&args.local.claude_bin, args.local.claude_config_dir());
     let login_note = match (login.needs_login, login.configured) {
         (false, _) => String::new(),
-        (true, false) => "
+        (true, false) => format!(
+            "
   Claude is not logged in on this machine: /execute is refused (503 RUNNER_OAUTH_ERROR) and
-  POST /jobs waits until it is. Run `claude auth login` in another terminal (the agent sees
-  the new login within seconds), or set CLAUDE_CODE_OAUTH_TOKEN (from `claude setup-token`)
-  and start `up` again.
-"
-        .to_string(),
+  POST /jobs waits until it is. Log in from another terminal (the agent sees the new login
+  within seconds), either here:
+    {claude_login}
+  or through the edge (the agent runs the login), after the export line below:
+    {runner} login
+  Or set CLAUDE_CODE_OAUTH_TOKEN (from `{setup_token}`) and start `up` again.
+",
+            setup_token = format!("{} setup-token", shell_word(&args.local.claude_bin)),
+        ),
         (true, true) => format!(
             "
   Claude's login on this machine needs a person: /execute is refused (503 RUNNER_OAUTH_ERROR)
-  and POST /jobs waits until then. {}.
+  and POST /jobs waits until then. {}.{}
 ",
-            shared::text::one_line(login.next_step.as_deref().unwrap_or("run `claude auth login` in another terminal"))
+            shared::text::one_line(login.next_step.as_deref().unwrap_or("run `claude auth login` in another terminal")),
+            // The shared words name the default binary and folder; this machine's may differ.
+            if claude_login == "claude auth login" { String::new() } else { format!(" Here that login is `{claude_login}`.") },
         ),
     };
+    // Said, not refused: each is a choice someone may make on purpose.
+    if let Some(note) = ignored_notice(&ignored_settings(|name| std::env::var_os(name), &state.runner_secret), &crate::config::up_state_file(&args.local.data_dir())) {
+        eprintln!("claude-runner up: {note}");
+    }
+    if let Some(warning) = edge_native::listen::reachable_from_the_network(addr) {
+        eprintln!("claude-runner up: warning: {warning}.");
+    }
     println!(
-        "Claude Runner is up: edge http://{addr}, agent `{id}` connected to it.
+        "Claude Runner is up: edge http://{addr}, agent `{id}` connecting to it.
 {login_note}
   curl -s -X POST http://{addr}/execute \\
     -H 'Content-Type: application/json' -H 'X-Runner-Secret: {secret}' \\
@@ -188,14 +276,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
   curl -s -H 'X-Runner-Secret: {secret}' http://{addr}/health
 
   {export}
-  claude-runner submit \"Write a haiku about home servers\"
+  {runner} submit \"Write a haiku about home servers\"
 
-The status page: http://{addr}/ (it asks for the secret); `claude-runner status` shows the agent.
+The status page: http://{addr}/ (it asks for the secret); `{runner} status` shows the agent.
 Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both (running jobs finish first).",
         id = state.agent_id,
         secret = state.runner_secret,
         export = export_line(addr, &state.runner_secret),
-        keys_path = root.join("up.json").display(),
+        keys_path = crate::config::up_state_file(&args.local.data_dir()).display(),
     );
     let result = crate::serve::serve(agent_cfg, crate::drain::stop_requests()).await;
     let _ = stop_tx.send(true);
@@ -217,6 +305,70 @@ mod tests {
             let out = std::process::Command::new("bash").arg("-c").arg(format!("{line}\nprintf %s \"$RUNNER_SECRET\"")).output().unwrap();
             assert_eq!(String::from_utf8_lossy(&out.stdout), secret, "{line}");
         }
+    }
+
+    /// Each word pasted into a shell is the text itself, whatever it holds.
+    #[test]
+    fn a_shell_word_reads_back_as_itself() {
+        assert_eq!(shell_word("/work/x/target/release/claude-runner"), "/work/x/target/release/claude-runner");
+        for text in ["/home/a b/claude", "it's", "$(touch /tmp/owned)", "~root", ""] {
+            let word = shell_word(text);
+            let out = std::process::Command::new("bash").arg("-c").arg(format!("printf %s {word}")).output().unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), text, "{word}");
+        }
+    }
+
+    /// After `cargo run` nothing named claude-runner is on PATH (or another one is): the
+    /// pasted `claude-runner submit …` failed. The path of this executable is printed then.
+    #[test]
+    fn the_lines_to_paste_name_this_executable_unless_path_finds_it() {
+        let dir = dir("runner-command");
+        let exe = dir.join("claude-runner");
+        std::fs::write(&exe, "").unwrap();
+        let spaced = dir.join("my builds");
+        std::fs::create_dir_all(&spaced).unwrap();
+        std::fs::write(spaced.join("claude-runner"), "").unwrap();
+        let link = dir.join("bin-link");
+        std::os::unix::fs::symlink(&exe, &link).unwrap();
+        let shown = |p: &Path| std::fs::canonicalize(p).unwrap().display().to_string();
+        assert_eq!(runner_command(Some(exe.clone()), None), shown(&exe), "nothing on PATH");
+        assert_eq!(runner_command(Some(exe.clone()), Some(spaced.join("claude-runner"))), shown(&exe), "another on PATH");
+        assert_eq!(runner_command(Some(exe.clone()), Some(exe.clone())), "claude-runner");
+        assert_eq!(runner_command(Some(exe.clone()), Some(link)), "claude-runner", "a link to this one is this one");
+        assert_eq!(runner_command(Some(spaced.join("claude-runner")), None), format!("'{}'", shown(&spaced.join("claude-runner"))));
+        assert_eq!(runner_command(None, None), "claude-runner");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `claude auth login` ran the default binary into ~/.claude, where an agent with
+    /// CLAUDE_BIN or CLAUDE_CONFIG_DIR set does not look.
+    #[test]
+    fn the_login_command_is_this_machines_binary_and_folder() {
+        assert_eq!(login_command("claude", None), "claude auth login");
+        assert_eq!(login_command("/opt/claude-2/bin/claude", None), "/opt/claude-2/bin/claude auth login");
+        assert_eq!(login_command("claude", Some(Path::new("/srv/claude config"))), "CLAUDE_CONFIG_DIR='/srv/claude config' claude auth login");
+    }
+
+    /// The agent's and the edge's settings were taken without a word by `up`, which uses its
+    /// own: each set is named, once, with where `up`'s are and which command reads them.
+    #[test]
+    fn settings_up_does_not_read_are_named() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| move |name: &str| pairs.iter().find(|(n, _)| *n == name).map(|(_, v)| v.into());
+        let secret = "a".repeat(64);
+        assert!(ignored_settings(env(&[("CLAUDE_BIN", "claude"), ("DATA_DIR", "/d"), ("AGENT_ID", " ")]), &secret).is_empty(), "blank is unset");
+        let set = ignored_settings(env(&[("AGENT_ID", "spark"), ("EDGE_URL", "wss://e"), ("RUNNER_SECRET", "theirs-0123456789")]), &secret);
+        assert_eq!(set, ["RUNNER_SECRET", "AGENT_ID", "EDGE_URL"]);
+        let notice = ignored_notice(&set, Path::new("/d/up/up.json")).unwrap();
+        for says in ["`RUNNER_SECRET`, `AGENT_ID`, `EDGE_URL` are set", "/d/up/up.json", "`claude-runner agent` is the command that reads them"] {
+            assert!(notice.contains(says), "{says}: {notice}");
+        }
+        assert!(!notice.contains('\n'), "one line: {notice}");
+        // The secret the export line set is up's own: nothing ignored.
+        let own: &'static str = Box::leak(secret.clone().into_boxed_str());
+        let pairs: &'static [(&'static str, &'static str)] = Box::leak(vec![("RUNNER_SECRET", own)].into_boxed_slice());
+        assert!(ignored_settings(env(pairs), &secret).is_empty());
+        assert!(ignored_notice(&["EDGE_SIGNING_KEY"], Path::new("/u")).unwrap().contains("`claude-runner-edge` reads"));
+        assert_eq!(ignored_notice(&[], Path::new("/u")), None);
     }
 
     fn dir(name: &str) -> std::path::PathBuf {

@@ -125,6 +125,13 @@ pub struct ApiError {
     pub body: ErrorBody,
 }
 
+/// Every route the edge serves, as its 404 names them (it named four of them: a
+/// caller who mistyped `/oauth/login` was not shown it). Kept to the router in
+/// `edge/core/src/http.rs` by its test `the_404_names_every_route_the_edge_serves`.
+pub const EDGE_ROUTES: &str = "GET / (the status page), GET /health, POST /execute, POST /jobs, GET /jobs, GET /jobs/{id}, \
+DELETE /jobs/{id}, GET /jobs/{id}/events, GET /oauth/status, POST /oauth/login, POST /oauth/login/code, \
+POST /agents/{id}/pause, POST /agents/{id}/resume, GET /metrics, GET /pools; agents dial /agent/connect";
+
 impl ApiError {
     pub fn new(code: ErrorCode, error: impl Into<String>) -> Self {
         ApiError {
@@ -203,7 +210,7 @@ impl ApiError {
     }
 
     pub fn not_found(what: &str) -> Self {
-        Self::new(ErrorCode::NotFound, format!("{what} not found; check the URL (routes: /execute, /health, /oauth/status, /jobs)"))
+        Self::new(ErrorCode::NotFound, format!("{what} not found; check the URL (routes: {EDGE_ROUTES})"))
     }
 
     /// `job_id` is what the caller sent: shown only if it is a plain id.

@@ -68,6 +68,9 @@ fn up_without_claude_says_how_to_install_it() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("npm install -g @anthropic-ai/claude-code"), "{err}");
+    // CLAUDE_BIN names another binary than the default: that one is not found, and
+    // CLAUDE_BIN is the first thing to check (a typo such as `claud`).
+    assert!(err.contains("No binary `claude-that-does-not-exist` was found") && err.contains("Check CLAUDE_BIN"), "{err}");
 }
 
 /// A running `claude-runner up` with `DATA_DIR` in `data`: its edge's URL, and every line
@@ -75,6 +78,8 @@ fn up_without_claude_says_how_to_install_it() {
 struct Up {
     child: std::process::Child,
     base: String,
+    /// Its first line: where it listens.
+    first: String,
     lines: std::sync::mpsc::Receiver<String>,
 }
 
@@ -133,7 +138,7 @@ impl Up {
             .unwrap_or_else(|| panic!("no URL in `{first}`"))
             .trim_end_matches(',')
             .to_string();
-        Up { child, base, lines }
+        Up { child, base, first, lines }
     }
 
     /// What it printed after its first line, up to its last (how to stop it).
@@ -232,12 +237,16 @@ async fn up_runs_an_edge_and_a_connected_agent() {
     // The secret it made is the one it printed in the curl line.
     let secret = &up_secret(&data);
     let printed = up.printed();
+    // Printed before the agent's first dial: it is connecting, not yet connected.
+    assert!(up.first.ends_with("connecting to it."), "{}", up.first);
     assert!(printed.iter().any(|l| l.contains(&format!("X-Runner-Secret: {secret}"))), "{printed:?}");
     assert!(!printed.iter().any(|l| l.contains("not logged in")), "{printed:?}");
     // `submit` finds the edge the way `up` says, as it says.
     let export = format!("export CLAUDE_RUNNER_URL={base} RUNNER_SECRET='{secret}'");
     assert!(printed.iter().any(|l| l.trim() == export), "{printed:?}");
-    assert!(printed.iter().any(|l| l.trim() == "claude-runner submit \"Write a haiku about home servers\""), "{printed:?}");
+    // Not on the test's PATH: named by its path, which a shell runs as it is pasted.
+    let this = std::fs::canonicalize(bin("claude-runner")).unwrap();
+    assert!(printed.iter().any(|l| l.trim() == format!("{} submit \"Write a haiku about home servers\"", this.display())), "{printed:?}");
     let submit = Command::new(bin("claude-runner"))
         .args(["submit", "hello from submit"])
         .env("CLAUDE_RUNNER_URL", &base)
@@ -288,6 +297,8 @@ async fn a_second_up_on_the_same_data_dir_leaves_the_first_ones_keys() {
     assert!(first.child.wait().unwrap().success(), "the first up stops cleanly on SIGTERM");
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(!second.status.success() && err.contains("another"), "{err}");
+    // A DATA_DIR of its own is not enough: the first holds the port.
+    assert!(err.contains("a DATA_DIR and a LISTEN of its own"), "{err}");
     assert!(!data.path().join("up/up.json").exists(), "the second up wrote keys the first does not use: {err}");
 }
 
@@ -298,9 +309,23 @@ async fn a_second_up_on_the_same_data_dir_leaves_the_first_ones_keys() {
 fn up_without_a_login_says_so_and_how_to_log_in() {
     let data = TempDir::new("up-nologin");
     let claude_dir = claude_dir_in(&data);
-    let up = Up::start(&data, &[("CLAUDE_CONFIG_DIR", claude_dir.to_str().unwrap())]);
+    // This one's PATH finds it as `claude-runner`: the lines to paste say so.
+    let path = format!("{}:{}", bin_dir().display(), std::env::var("PATH").unwrap_or_default());
+    let env = [("CLAUDE_CONFIG_DIR", claude_dir.to_str().unwrap()), ("PATH", &path), ("AGENT_ID", "someone-else"), ("EDGE_URL", "ws://127.0.0.1:9")];
+    let up = Up::start(&data, &env);
     let printed = up.printed().join("\n");
-    assert!(printed.contains("not logged in") && printed.contains("claude auth login"), "{printed}");
+    // The login where this agent reads it: CLAUDE_BIN's binary into CLAUDE_CONFIG_DIR (a
+    // plain `claude auth login` logged another binary into ~/.claude), or through the edge.
+    let login = format!("CLAUDE_CONFIG_DIR={} {} auth login", claude_dir.display(), bin("claude-standin").display());
+    assert!(printed.contains("not logged in") && printed.contains(&format!("\n    {login}\n")), "{printed}");
+    assert!(printed.contains("\n    claude-runner login\n") && printed.contains("\n  claude-runner submit \""), "{printed}");
+    // The agent's settings it was given and does not read are named, once, on stderr.
+    let log = std::fs::read_to_string(data.path().join("up.log")).unwrap();
+    let notices: Vec<&str> = log.lines().filter(|l| l.contains("does not read")).collect();
+    assert_eq!(notices.len(), 1, "{log}");
+    for says in ["`AGENT_ID`, `EDGE_URL` are set", "up/up.json", "`claude-runner agent` is the command that reads them"] {
+        assert!(notices[0].contains(says), "{says}: {log}");
+    }
 }
 
 /// A login that failed to authenticate stays failed across a restart while the
@@ -663,12 +688,14 @@ fn submit_and_login_without_the_edge_or_the_secret_name_the_settings() {
     for command in ["submit", "login"] {
         for (set, missing, says) in [
             (None, "CLAUDE_RUNNER_URL", "http://127.0.0.1:8787"),
-            (Some(("CLAUDE_RUNNER_URL", "http://127.0.0.1:9")), "RUNNER_SECRET", "up.json"),
+            (Some(("CLAUDE_RUNNER_URL", "http://127.0.0.1:9")), "RUNNER_SECRET", "/srv/runner/up/up.json"),
         ] {
+            // `up` with this DATA_DIR keeps its secret there, not in the default folder.
             let out = Command::new(bin("claude-runner"))
                 .args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
                 .env_remove("CLAUDE_RUNNER_URL")
                 .env_remove("RUNNER_SECRET")
+                .env("DATA_DIR", "/srv/runner")
                 .envs(set)
                 .stdin(Stdio::null())
                 .output()
@@ -1901,4 +1928,87 @@ fn a_setting_that_is_not_text_is_refused_by_name() {
     let out = Command::new(bin("claude-runner")).arg("status").env("DATA_DIR", data.path().join(std::ffi::OsStr::from_bytes(b"caf\xe9"))).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(!err.contains("not UTF-8"), "a folder setting was refused:\n{err}");
+}
+
+/// `claude-runner keygen | head -1` panicked ("failed printing to stdout: Broken pipe",
+/// exit 101), and `status` ended saying "Broken pipe". Each command whose output is for a
+/// person or a pipe ends quietly when its reader has gone, as Unix tools do: by SIGPIPE or
+/// its own exit status, saying nothing. Its stdout here is a pipe whose reader closed before
+/// it started, so its first write finds it closed, whatever the timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_ends_each_command_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let _agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    Client::new(&edge.url()).wait_online().await;
+    let data = TempDir::new("closed-stdout");
+    let commands: &[&[&str]] = &[
+        &["keygen"], &["keygen", "--json"], &["keygen", "--env"], &["oauth-status"], &["status"], &["status", "--check"],
+        &["doctor"], &["--help"], &["--version"], &["submit", "a task whose answer has nowhere to go"],
+    ];
+    for args in commands {
+        let mut ends = [0; 2];
+        // SAFETY: pipe writes two descriptors into the array; each is then owned once.
+        assert_eq!(unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+        drop(reader);
+        let out = Command::new(bin("claude-runner"))
+            .args(*args)
+            .env("DATA_DIR", data.path())
+            .env("CLAUDE_CONFIG_DIR", data.path().join("claude"))
+            .env("CLAUDE_RUNNER_URL", edge.url())
+            .env("RUNNER_SECRET", SECRET)
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(writer))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{args:?} said: {err}");
+        assert_ne!(out.status.code(), Some(101), "{args:?}: {err}");
+        assert!(out.status.code().is_some() || out.status.signal() == Some(libc::SIGPIPE), "{args:?}: {:?}", out.status);
+    }
+}
+
+/// `https://` to a plain-http edge (`up`'s) said only rustls's "received corrupt message of
+/// type InvalidContentType": `submit` and `login` now say to use http://.
+#[test]
+fn submit_and_login_over_https_to_a_plain_edge_are_told_to_use_http() {
+    let plain = edge_that_answers(|_, _| "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n".into());
+    for command in ["submit", "login"] {
+        let out = Command::new(bin("claude-runner"))
+            .args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
+            .env("CLAUDE_RUNNER_URL", format!("https://{plain}"))
+            .env("RUNNER_SECRET", SECRET)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+        assert!(err.contains(&format!("is http://{plain}")), "{command}: {err}");
+    }
+}
+
+/// An agent whose first dial fails logged "connection to the edge lost", for a connection
+/// there never was: a dial that connects to nothing says it could not connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_that_never_connected_is_not_called_a_lost_connection() {
+    let keys = Keys::new(&["spark"]);
+    let nobody = closed_port();
+    let opts = AgentOpts {
+        id: "spark",
+        key: keys.agent("spark").clone(),
+        edge_public: shared::keys::encode_verifying(&keys.edge.verifying_key()),
+        edge_ws: format!("ws://127.0.0.1:{}", nobody.port),
+        claude_bin: bin("claude-standin"),
+        extra_env: Vec::new(),
+        wrapper: Vec::new(),
+    }
+    .env("RUST_LOG", "info");
+    let agent = AgentProc::start(opts);
+    assert!(eventually(Duration::from_secs(30), || agent.log().contains("reconnecting")).await, "{}", agent.log());
+    let log = agent.log();
+    assert!(log.contains("could not connect to the edge") && !log.contains("connection to the edge lost"), "{log}");
 }

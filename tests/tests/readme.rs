@@ -175,3 +175,43 @@ fn every_variable_the_code_reads_itself_is_in_the_readme() {
     assert!(files.len() > 50, "the sources were not found: {files:?}");
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// `tests/run --no-wroker` took the mistyped option for a test filter and ran the whole
+/// setup (25 minutes on a fresh machine) before matching no test. An unknown option is
+/// refused at once with the usage, and `--help` lists what it accepts; both before any
+/// step starts.
+#[test]
+fn tests_run_refuses_an_unknown_option_at_once() {
+    use std::os::unix::process::CommandExt;
+    let run = |arg: &str| {
+        let mut child = Command::new("bash")
+            .arg(harness::repo_root().join("tests/run"))
+            .arg(arg)
+            .process_group(0)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                // SAFETY: signalling the process group this test started.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                let _ = child.wait();
+                panic!("tests/run {arg} went on to its steps");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, out, err) = run("--no-wroker");
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(err.contains("unknown option --no-wroker") && err.contains("usage: tests/run"), "{err}");
+    assert!(!out.contains("=="), "a step started: {out}");
+    let (code, out, _) = run("--help");
+    assert_eq!(code, Some(0));
+    for option in ["--no-worker", "--no-fuzz", "--help", "-- ..."] {
+        assert!(out.contains(option), "{option}: {out}");
+    }
+}

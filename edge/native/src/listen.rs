@@ -38,9 +38,39 @@ pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.listen(backlog)
 }
 
+/// What to tell the operator when `LISTEN` (`addr`) takes connections from other machines:
+/// anything but a loopback address — `0.0.0.0`, `::`, a LAN address — lets callers on the
+/// network reach the edge, and anyone of them with the runner secret runs Claude, with its
+/// tools, on the machine of the agent. Allowed (a container's port, a LAN on purpose), but
+/// said: `claude-runner up` is a newcomer's and listened on a LAN address without a word.
+/// `None` for a loopback address. One wording for both starters of a native edge.
+pub fn reachable_from_the_network(addr: SocketAddr) -> Option<String> {
+    if addr.ip().is_loopback() {
+        return None;
+    }
+    let which = if addr.ip().is_unspecified() { "every address of this machine" } else { "an address other machines can reach" };
+    Some(format!(
+        "LISTEN {addr} is {which}: callers on the network can reach this edge, and anyone of them with the runner secret \
+         runs Claude, with its tools, on the agent's machine. Set LISTEN=127.0.0.1:{port} to serve this machine alone",
+        port = addr.port()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Loopback is quiet; every other address is said, the unspecified ones as such.
+    #[test]
+    fn an_address_off_loopback_is_said_to_be_reachable() {
+        for quiet in ["127.0.0.1:8787", "127.0.0.2:1", "[::1]:8787"] {
+            assert_eq!(reachable_from_the_network(quiet.parse().unwrap()), None, "{quiet}");
+        }
+        for (open, says) in [("0.0.0.0:8787", "every address"), ("[::]:8787", "every address"), ("192.168.1.20:8787", "other machines")] {
+            let said = reachable_from_the_network(open.parse().unwrap()).unwrap_or_else(|| panic!("{open} said nothing"));
+            assert!(said.contains(says) && said.contains("runner secret") && said.contains("LISTEN=127.0.0.1:8787"), "{said}");
+        }
+    }
 
     #[test]
     fn the_backlog_follows_the_cap_within_the_kernels_bound() {

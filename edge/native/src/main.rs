@@ -62,6 +62,10 @@ fn main() {
 
 fn run(env: &TextSettings<impl Fn(&str) -> Option<std::ffi::OsString>>) -> anyhow::Result<()> {
     let options = read_settings(env)?;
+    // Said, not refused: a container's edge listens on 0.0.0.0 on purpose (the Dockerfile).
+    if let Some(note) = edge_native::listen::reachable_from_the_network(options.listen) {
+        tracing::info!(listen = %options.listen, "{note}");
+    }
     // One thread: every request and frame goes through the one task that drives the
     // machine, so a second worker only added hand-offs between threads (a futex wake and
     // an epoll round per hop, about a fifth of the edge's CPU per job) and parallelism

@@ -1141,3 +1141,39 @@ fn a_callback_of_a_job_forgotten_early_does_not_leave_its_caller_past_its_share(
     round(&mut edge);
     assert_eq!(ended(&mut edge, 1_000_000, B_SECRET, true), 202, "b's callback is not crowded out by a's past its {}", MAX_PENDING_CALLBACKS / 2);
 }
+
+/// The 404 for a route the edge does not serve named four of its routes (`/execute`,
+/// `/health`, `/oauth/status`, `/jobs`): a caller who mistyped `/oauth/login` or
+/// `/metrics` was not shown them. It names every route, and each it names is served:
+/// none of them is answered with that 404.
+#[test]
+fn the_404_names_every_route_the_edge_serves() {
+    let mut edge = Edge::new(pool_config(), 0);
+    let h = request(&mut edge, 0, SECRET, "GET", "/oauth/logn", Value::Null);
+    let (status, body) = answer(&h);
+    assert_eq!(status, 404, "{body}");
+    let error = body["error"].as_str().unwrap();
+    let routes = error.split("(routes: ").nth(1).expect("the routes are named").trim_end_matches(')');
+    let routes = routes.split("; agents dial").next().unwrap();
+    let named: Vec<(&str, String)> = routes
+        .split(", ")
+        .map(|route| {
+            let (method, path) = route.split_once(' ').unwrap_or_else(|| panic!("`{route}` is not METHOD /path"));
+            (method, path.split(' ').next().unwrap().replace("{id}", "x"))
+        })
+        .collect();
+    for must in ["/oauth/login", "/oauth/login/code", "/agents/x/pause", "/agents/x/resume", "/metrics", "/pools", "/", "/jobs/x/events"] {
+        assert!(named.iter().any(|(_, path)| path == must), "{must} is not named: {error}");
+    }
+    for (method, path) in &named {
+        let h = request(&mut edge, 0, SECRET, method, path, json!({"prompt": "p", "code": "c", "login_id": "l"}));
+        // The page and the metrics answer in HTML and text; an error is JSON.
+        let answered = h.effects.iter().find_map(|e| match e {
+            Effect::Answer { caller, response } if *caller == h.caller => Some((response.status, response.body.clone())),
+            _ => None,
+        });
+        if let Some((status, body)) = answered {
+            assert!(!(status == 404 && body.contains("route")), "{method} {path} is named but not served: {body}");
+        }
+    }
+}
