@@ -591,6 +591,12 @@ async fn a_repo_error_naming_a_secret_is_redacted() {
     assert!(!b.to_string().contains(&token), "{b:#}");
     assert!(!s.agent.log().contains(&token), "{}", s.agent.log());
     assert_eq!(on_server(&seed, "claude/leak"), None);
+    // Empty, under the push's size limit: the name alone went to the server in the tree
+    // (hostile review rev22, F1). Refused now, as a secret in the changes is.
+    let b = s.run(json!({"prompt": format!("@write_random={token}.bin,0"), "repo_url": url, "push_branch": "claude/leak", "timeout_ms": 120000})).await;
+    let e = repo_error(&b);
+    assert!(!e.contains(&token) && !b.to_string().contains(&token), "{b:#}");
+    assert_eq!(on_server(&seed, "claude/leak"), None, "the token reached the git server as a file name");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

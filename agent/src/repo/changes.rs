@@ -158,17 +158,18 @@ impl Staged {
     }
 
     /// Whether anything the push would carry holds text `is_secret` flags: a line the job
-    /// added, and in Claude's own commits each one's added lines and message — a token
-    /// committed and taken out again by a later commit still travels in the history. The
-    /// whole diffs are read, uncapped: nothing may be pushed unseen.
+    /// added, a file's name (a rename's old one too), a binary file's bytes, and in Claude's
+    /// own commits each one's — and its message and names: a token committed and taken out
+    /// again by a later commit still travels in the history. The whole diffs are read,
+    /// uncapped: nothing may be pushed unseen.
     pub fn adds_secret(&self, is_secret: impl Fn(&str) -> bool) -> Result<bool, RepoError> {
-        if added_lines_hold(&self.diff()?, &is_secret)? {
+        if added_lines_hold(&self.repo, &self.diff()?, &is_secret)? {
             return Ok(true);
         }
         for (commit, diff) in self.own_commits()? {
             let (author, committer) = (commit.author(), commit.committer());
             let said = [commit.message_bytes(), author.name_bytes(), author.email_bytes(), committer.name_bytes(), committer.email_bytes()];
-            if said.iter().any(|text| is_secret(&String::from_utf8_lossy(text))) || added_lines_hold(&diff, &is_secret)? {
+            if said.iter().any(|text| is_secret(&String::from_utf8_lossy(text))) || added_lines_hold(&self.repo, &diff, &is_secret)? {
                 return Ok(true);
             }
         }
@@ -290,15 +291,40 @@ impl Staged {
 }
 
 /// Whether a line `diff` adds holds text `is_secret` flags.
-fn added_lines_hold(diff: &Diff<'_>, is_secret: &impl Fn(&str) -> bool) -> Result<bool, RepoError> {
+fn added_lines_hold(repo: &Repository, diff: &Diff<'_>, is_secret: &impl Fn(&str) -> bool) -> Result<bool, RepoError> {
+    // The names first: a file named after a token (`$CLAUDE_CODE_OAUTH_TOKEN.bin`, even
+    // empty) went to the server in the tree, since only added lines were read.
+    let named = |path: Option<&Path>| path.is_some_and(|p| is_secret(&p.to_string_lossy()));
+    if diff.deltas().any(|d| named(d.new_file().path()) || named(d.old_file().path())) {
+        return Ok(true);
+    }
     let found = Cell::new(false);
-    let printed = diff.print(DiffFormat::Patch, |_d, _h, line| {
-        if line.origin() == '+' && is_secret(&String::from_utf8_lossy(line.content())) {
+    let failed: RefCell<Option<String>> = RefCell::new(None);
+    let printed = diff.print(DiffFormat::Patch, |delta, _h, line| {
+        let hit = match line.origin() {
+            '+' => is_secret(&String::from_utf8_lossy(line.content())),
+            // A binary file prints as one "Binary files differ" line, no added lines: its
+            // bytes are read whole (a push carries none over MAX_PUSH_FILE_BYTES).
+            'B' => match repo.find_blob(delta.new_file().id()) {
+                Ok(blob) => is_secret(&String::from_utf8_lossy(blob.content())),
+                // A deleted binary file carries nothing new.
+                Err(_) if delta.new_file().id().is_zero() => false,
+                Err(e) => {
+                    *failed.borrow_mut() = Some(e.message().to_string());
+                    return false;
+                }
+            },
+            _ => false,
+        };
+        if hit {
             found.set(true);
             return false;
         }
         true
     });
+    if let Some(e) = failed.into_inner() {
+        return Err(local("read a binary file of the changes", &e));
+    }
     match printed {
         Err(e) if !found.get() => Err(local("compute the diff", e.message())),
         _ => Ok(found.get()),

@@ -598,3 +598,45 @@ async fn x_and_x_git_are_two_mirrors_and_a_mirror_serves_only_its_own_repository
     cache.recover();
     assert!(!old.exists(), "an older agent's mirror is not kept");
 }
+
+/// What a push carries is read whole for secrets: a token as a file's name (an empty file:
+/// no added line holds it), as a renamed file's old name, inside a file git takes for
+/// binary (a NUL byte first: it printed as "Binary files differ", no added lines), and in
+/// Claude's own commits the same (hostile review rev22, F1: each was pushed).
+#[tokio::test]
+async fn a_secret_as_a_file_name_or_in_a_binary_file_is_found() {
+    let tmp = TempDir::new("secret-names");
+    let (bare, _, _) = server(tmp.path());
+    let secret = |l: &str| l.contains("tok-0123456789");
+    let cases: [(&str, &dyn Fn(&std::path::Path)); 4] = [
+        ("a file named after it", &|dir| std::fs::write(dir.join("tok-0123456789.txt"), "").unwrap()),
+        ("in a binary file", &|dir| std::fs::write(dir.join("blob.bin"), b"\0\x01TOKEN=tok-0123456789\n").unwrap()),
+        ("a folder named after it", &|dir| {
+            std::fs::create_dir_all(dir.join("tok-0123456789")).unwrap();
+            std::fs::write(dir.join("tok-0123456789/x"), "x").unwrap();
+        }),
+        ("in Claude's own commit, as a binary file", &|dir| {
+            std::fs::write(dir.join("c.bin"), b"\0tok-0123456789").unwrap();
+            let git = |args: &[&str]| assert!(std::process::Command::new("git").args(args).current_dir(dir).status().unwrap().success());
+            git(&["add", "c.bin"]);
+            git(&["-c", "user.name=c", "-c", "user.email=c@x", "commit", "-qm", "binary"]);
+            git(&["rm", "-q", "c.bin"]);
+            git(&["-c", "user.name=c", "-c", "user.email=c@x", "commit", "-qm", "gone again"]);
+        }),
+    ];
+    for (i, (what, make)) in cases.iter().enumerate() {
+        let root = tmp.path().join(format!("case{i}"));
+        std::fs::create_dir_all(&root).unwrap();
+        let (_cache, _lease, co) = checked_out(&root, &bare).await;
+        make(&co.dir);
+        let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+        assert!(staged.adds_secret(secret).unwrap(), "{what}: not found");
+    }
+    // Nothing of it: a binary file and names without it are pushed.
+    let root = tmp.path().join("clean");
+    std::fs::create_dir_all(&root).unwrap();
+    let (_cache, _lease, co) = checked_out(&root, &bare).await;
+    std::fs::write(co.dir.join("plain.bin"), b"\0\x01nothing here\n").unwrap();
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    assert!(!staged.adds_secret(secret).unwrap());
+}
