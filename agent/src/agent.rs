@@ -271,20 +271,17 @@ impl Agent {
         names
     }
 
-    /// Tells the edge how many jobs it may send now.
+    /// Tells the edge how many jobs it may send now (after each welcome): while the door
+    /// is closed, with a heartbeat at once, which says so ([`Beat::stopping`]).
     pub fn state_slots(&self) {
-        let running = self.running.lock().expect("running lock");
-        self.send_slots(&running);
-    }
-
-    /// The slots as the edge hears them: while the door is closed (draining, or a
-    /// `--one-job` agent with its job) a `Stopping` first, so the edge refuses at once an
-    /// `/execute` only this agent could take instead of queueing it for an agent going away.
-    fn send_slots(&self, running: &Running) {
-        if running.closed {
-            let _ = self.uplink.send(AgentMessage::Stopping);
+        let closed = {
+            let running = self.running.lock().expect("running lock");
+            let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
+            running.closed
+        };
+        if closed {
+            self.heartbeat();
         }
-        let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(running) });
     }
 
     /// Queues a heartbeat: the login, the jobs held and the slots, as of one moment.
@@ -300,6 +297,7 @@ impl Agent {
             oauth,
             slots: self.slots(&running),
             claude_version: self.cli.current(),
+            stopping: running.closed,
         };
         self.link.seal_and_send(&self.uplink, |key| AgentMessage::heartbeat(&beat, key));
     }
@@ -426,9 +424,8 @@ impl Agent {
         running.jobs.insert(job_id.clone(), Some(stop_tx));
         if self.cfg.one_job {
             // `--one-job`: this is the job; the slots say so from the next statement on,
-            // and the edge hears now that this agent takes no other.
+            // and a heartbeat below tells the edge now that this agent takes no other.
             running.closed = true;
-            let _ = self.uplink.send(AgentMessage::Stopping);
         }
         info!(job_id = %job_id, agent_id = %self.cfg.agent_id, timeout_ms = order.spec.timeout_ms, "job accepted");
         let _ = self.uplink.send(AgentMessage::Accepted { job_id: job_id.clone() });
@@ -456,7 +453,11 @@ impl Agent {
             running.jobs.remove(&job_id);
         }
         let ids = running.ids();
+        let closed = running.closed;
         drop(running);
+        if closed {
+            self.heartbeat();
+        }
         self.status.running(ids);
     }
 
@@ -509,7 +510,7 @@ impl Agent {
                 running.mirrors_told = mirrors.clone();
                 let _ = self.uplink.send(AgentMessage::Mirrors { names: mirrors.clone() });
             }
-            self.send_slots(&running);
+            let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
             (running.ids(), mirrors)
         };
         self.status.job_ended(ids, mirrors);
@@ -589,8 +590,10 @@ impl Agent {
     pub fn close(&self) {
         let mut running = self.running.lock().expect("running lock");
         running.closed = true;
-        // No free slot from now on: the edge hears it at once.
-        self.send_slots(&running);
+        // No free slot from now on, and the agent stopping: the edge hears both at once.
+        let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
+        drop(running);
+        self.heartbeat();
     }
 
     /// Stops every running job (the agent is shutting down); their results are spooled.

@@ -326,14 +326,17 @@ async fn ask(ws: &mut WsStream, url: &str, challenge: &str, probe: &Probe) -> Re
                 probe.agent_id, probe.pool
             ))
         }
-        // An edge of before probes closes a connection whose first word is not a hello.
-        EdgeMessage::Goodbye { reason, .. } if reason.contains("must be a signed hello") => {
-            Err(unanswered("the edge is of an older release, which cannot be asked (the agent's own connection will say)".into()))
-        }
-        EdgeMessage::Goodbye { code: close::VERSION_MISMATCH, reason } => Err(KeysRefused::Fail("edge", shared::text::peer_words(&reason))),
-        EdgeMessage::Goodbye { reason, .. } if !reason.is_empty() => {
+        // Only a refusal of the agent's identity is the agent key's fault; anything else (an
+        // edge stopping, one that closed the probe to make room, an edge of before probes,
+        // which closes a connection whose first word is not a hello) leaves it unchecked.
+        EdgeMessage::Goodbye { code: close::UNAUTHORIZED, reason } => {
             Err(KeysRefused::Fail("agent key", format!("the edge refuses agent `{}`: {}", probe.agent_id, shared::text::peer_words(&reason))))
         }
+        EdgeMessage::Goodbye { code: close::VERSION_MISMATCH, reason } => Err(KeysRefused::Fail("edge", shared::text::peer_words(&reason))),
+        EdgeMessage::Goodbye { code: close::PROTOCOL_ERROR, .. } => {
+            Err(unanswered("the edge did not take the probe (an edge of an older release?); the agent's own connection will say".into()))
+        }
+        EdgeMessage::Goodbye { code, reason } => Err(unanswered(format!("{url} closed the probe ({code} {})", shared::text::peer_words(&reason)))),
         _ => Err(unanswered(format!("{url} answered the probe with something else than a welcome"))),
     }
 }

@@ -219,14 +219,6 @@ pub enum AgentMessage {
     Heartbeat { envelope: Tagged },
     /// The agent's free slots now (sent after the welcome and whenever a job ends).
     Credit { slots: Slots },
-    /// The agent takes no new jobs: it is draining before it stops (a stop request), or,
-    /// started with `--one-job`, it has its job. Sent when its door closes and after each
-    /// welcome while it is closed. The edge refuses at once an `/execute` that only such
-    /// agents could take, as for paused ones, rather than queue it for an agent that is
-    /// going away (its caller waited out the whole drain, then fell back). Plain: a
-    /// made-up one refuses this agent's `/execute` jobs for this connection, as cutting the
-    /// connection — which anyone on the path can — does.
-    Stopping,
     /// The repositories the agent holds a mirror of now (names only), sent when a job
     /// ended: the edge prefers an agent holding a job's repository. An edge that does
     /// not route by it ignores the message.
@@ -288,6 +280,15 @@ pub struct Beat {
     /// The Claude Code CLI's `--version` line (it can change under a running agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claude_version: Option<String>,
+    /// The agent takes no new jobs: it is draining before it stops (a stop request), or,
+    /// started with `--one-job`, it has its job. A beat goes at once when its door closes
+    /// (and after each welcome while it is closed). The edge then refuses an `/execute` only
+    /// such agents fit, and ends the queued ones, rather than hold them for an agent going
+    /// away (a caller waited out the whole drain, then fell back). MACed, in the beat: a
+    /// plain frame saying it, made up on the path, held the agent back for the whole
+    /// connection, where a made-up `Credit` lasts until the next beat.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopping: bool,
 }
 
 /// A job order refused, MACed by the agent ([`crate::envelope::Domain::Rejection`]) and
@@ -878,6 +879,7 @@ mod tests {
             oauth: OAuthReport::unconfigured(0),
             slots: Slots { free: 1, received: 3 },
             claude_version: None,
+            stopping: true,
         };
         let AgentMessage::Heartbeat { envelope } = decode(&AgentMessage::heartbeat(&beat, &key).to_text()).unwrap() else { panic!("a heartbeat") };
         assert_eq!(envelope.open::<Beat>(Domain::Heartbeat, &key).unwrap(), beat);

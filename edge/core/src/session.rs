@@ -69,7 +69,7 @@ pub struct Agent {
     /// An operator paused it (`POST /agents/{id}/pause`): no new jobs.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
-    /// The agent said it takes no new jobs ([`shared::protocol::AgentMessage::Stopping`]):
+    /// The agent said it takes no new jobs (in its last heartbeat, [`shared::protocol::Beat::stopping`]):
     /// it is draining, or a `--one-job` agent has its job. For this connection only.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopping: bool,

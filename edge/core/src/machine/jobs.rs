@@ -213,6 +213,14 @@ impl Edge {
         self.active.insert(job_id.to_string());
     }
 
+    /// [`Edge::unplaceable`]'s refusal when agents fit the job and every one is paused or
+    /// stopping: a queued `/execute` job then ends. (With none connected that fits, a queued
+    /// job is left to what an agent gone away leaves it to: its reconnect, or its loss.)
+    pub(super) fn held_back_only(&self, placement: &shared::placement::Placement) -> Option<ApiError> {
+        let fitting = self.fitting_agents(placement);
+        (!fitting.is_empty() && fitting.iter().all(|a| a.held_back())).then(|| self.unplaceable(placement)).flatten()
+    }
+
     /// Why an `/execute` job cannot be placed now, if it cannot: no connected agent fits
     /// its `agent_id` and labels, or every one that does is paused or stopping. Its caller falls back
     /// at once rather than wait for an agent that may never come. (Fitting agents that

@@ -208,19 +208,27 @@ impl Edge {
     /// can go.
     pub(super) fn settle_queue(&mut self, now: Now, effects: &mut Vec<Effect>) {
         let mut ended: Vec<(String, ApiError)> = Vec::new();
-        // While every agent not paused or stopping takes work, no job's fitting agents are
-        // all kept from it by a login: the walk through the queue is skipped (this runs at
-        // every heartbeat).
-        let all_work = self.ready().all(|(_, a)| a.held_back() || a.takes_work(now));
+        // While every agent takes work, no job's fitting agents are all kept from it: the
+        // walk through the queue is skipped (this runs at every heartbeat).
+        let all_work = self.ready().all(|(_, a)| a.takes_work(now));
         if !all_work {
             let mut verdicts: HashMap<(&Labels, Option<&str>), Option<ApiError>> = HashMap::new();
+            let mut held: HashMap<(&Labels, Option<&str>), Option<ApiError>> = HashMap::new();
             for id in self.queue.ids() {
                 let job = &self.jobs[id];
+                let placement = &job.placement;
+                let need = (&placement.labels, placement.agent_id.as_deref());
+                // An `/execute` caller whose fitting agents are all paused or stopping falls
+                // back now, as a new one is refused: it waited behind a whole drain.
+                if job.mode == Mode::Wait {
+                    if let Some(err) = held.entry(need).or_insert_with(|| self.held_back_only(placement)) {
+                        ended.push((id.clone(), err.clone()));
+                        continue;
+                    }
+                }
                 if job.mode == Mode::Detached && job.wait_for_usage {
                     continue;
                 }
-                let placement = &job.placement;
-                let need = (&placement.labels, placement.agent_id.as_deref());
                 let refused = verdicts.entry(need).or_insert_with(|| self.unrunnable(now, placement));
                 match refused {
                     Some(err) if job.mode == Mode::Wait || Self::impatient(err) => ended.push((id.clone(), err.clone())),
@@ -316,7 +324,8 @@ impl Edge {
         let pick = self
             .ready()
             .filter(|(_, a)| named.as_deref().is_none_or(|n| a.agent_id == n))
-            .max_by_key(|(_, a)| (a.login.is_some(), a.needs_login(now)))
+            // One under way first; then one that is not stopping (its login would end with it).
+            .max_by_key(|(_, a)| (a.login.is_some(), !a.stopping, a.needs_login(now)))
             .map(|(sid, a)| (sid.clone(), a.agent_id.clone(), a.login.clone()));
         let Some((session_id, agent_id, relay)) = pick else {
             let err = match named {

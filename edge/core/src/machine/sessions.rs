@@ -474,9 +474,13 @@ impl Edge {
                 // It settles jobs (reconciliation): the agent's own, for this connection, newer
                 // than the last one taken — or nothing.
                 let Some(beat) = self.open_report::<Beat>(session_id, &agent_id, &envelope, Domain::Heartbeat) else { return };
-                let Some(Beat { running, capacity, oauth, slots, claude_version: version, .. }) = self.take_beat(now, session_id, &agent_id, beat) else { return };
+                let Some(Beat { running, capacity, oauth, slots, claude_version: version, stopping, .. }) = self.take_beat(now, session_id, &agent_id, beat) else { return };
                 let session = self.session_mut(session_id).expect("session exists");
                 let agent = session.agent_mut().expect("ready session");
+                if agent.stopping != stopping {
+                    info!(agent_id = %agent_id, session = session_id, stopping, "{}", if stopping { "agent stopping: it takes no new jobs, its running ones finish" } else { "agent takes work again" });
+                }
+                agent.stopping = stopping;
                 agent.capacity = capacity;
                 agent.state(slots);
                 if let Some(v) = version {
@@ -589,16 +593,6 @@ impl Edge {
                 let key = &self.sessions[session_id].agent().expect("ready session").keys.edge_to_agent;
                 let ack = EdgeMessage::result_ack(&job_id, &agent_id, key);
                 effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
-            }
-            AgentMessage::Stopping => {
-                let session = self.session_mut(session_id).expect("session exists");
-                let agent = session.agent_mut().expect("ready session");
-                if !agent.stopping {
-                    agent.stopping = true;
-                    effects.push(Effect::SaveSession(Box::new(session.clone())));
-                    info!(agent_id = %agent_id, session = session_id, "agent stopping: it takes no new jobs, its running ones finish");
-                    self.observe(now, effects);
-                }
             }
             AgentMessage::Mirrors { names } => {
                 let session = self.session_mut(session_id).expect("session exists");

@@ -251,6 +251,7 @@ pub(super) fn beat(running: &[&str], free: u32, received: u64) -> Beat {
         oauth: oauth(),
         slots: Slots { free, received },
         claude_version: None,
+        stopping: false,
     }
 }
 

@@ -369,6 +369,7 @@ impl World {
                         oauth: oauth(),
                         slots: agent.slots(),
                         claude_version: None,
+                        stopping: false,
                     };
                     let key = &agent.link.as_ref().expect("a welcomed connection").agent_to_edge;
                     agent.up.push_back(AgentMessage::heartbeat(&beat, key));

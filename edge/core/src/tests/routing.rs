@@ -244,13 +244,21 @@ fn a_paused_agent_finishes_its_jobs_takes_no_new_ones_and_shows_it() {
 #[test]
 fn a_stopping_agent_finishes_its_jobs_and_execute_falls_back_at_once() {
     let mut edge = Edge::new(three_agents(), 0);
-    let spark = enter(&mut edge, 0, "spark", 1, 2, "gpu=a100", &[]);
+    let spark = enter(&mut edge, 0, "spark", 1, 1, "gpu=a100", &[]);
     let laptop = enter(&mut edge, 0, "laptop", 2, 1, "", &[]);
     let running = submit(&mut edge, 1, SECRET, json!({"prompt": "x", "agent_id": "spark"}));
     say(&mut edge, 2, &spark, AgentMessage::Accepted { job_id: running.clone() });
-    let effects = say(&mut edge, 3, &spark, AgentMessage::Stopping);
+    // An `/execute` spark alone fits, queued behind the running job before spark said it
+    // stops: it ends when spark says so (its caller falls back), not after the drain.
+    let only_spark = json!({"prompt": "x", "agent_id": "spark"}).to_string();
+    let only_spark = ExecuteRequest::parse(only_spark.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+    let queued = "w1".to_string();
+    edge.submit(3, queued.clone(), only_spark, Mode::Wait).unwrap();
+    assert_eq!(edge.job(&queued).unwrap().state, JobState::Queued);
+    let effects = pulse(&mut edge, 3, &spark, Beat { stopping: true, ..beat(&[&running], 0, 1) });
     assert!(effects.iter().any(|e| matches!(e, Effect::SaveSession(_))), "kept with the session: {effects:?}");
-    assert!(say(&mut edge, 3, &spark, AgentMessage::Stopping).is_empty(), "said twice, nothing new");
+    let ended = edge.job(&queued).unwrap();
+    assert_eq!((ended.state, ended.result.as_ref().and_then(|r| r.error_code)), (JobState::Failed, Some(shared::contract::ErrorCode::RunnerOffline)), "{ended:?}");
     let h = request(&mut edge, 4, SECRET, "POST", "/execute", json!({"prompt": "x", "labels": {"gpu": "a100"}}));
     let (status, body) = answer(&h);
     assert_eq!((status, body["fallback"].as_bool(), body["error_code"].as_str()), (503, Some(true), Some("RUNNER_OFFLINE")), "{body}");
@@ -265,6 +273,10 @@ fn a_stopping_agent_finishes_its_jobs_and_execute_falls_back_at_once() {
     assert!(shown.stopping && !shown.takes_work && !shown.paused, "{shown:?}");
     report(&mut edge, 8, &spark, &running, ok_result());
     assert_eq!(edge.job(&running).unwrap().state, JobState::Succeeded);
+    // Its beats say it until it goes: `stopping` is the beat's, so one that no longer
+    // says it (made up on the path, or not) lasts until the next.
+    pulse(&mut edge, 8, &spark, Beat { stopping: true, ..beat(&[], 0, 1) });
+    assert!(edge.health(8).agents.iter().any(|a| a.stopping));
     // Back on a new connection (the agent started again): the waiting job goes to it.
     edge.disconnect(9, &spark);
     let spark = enter(&mut edge, 10, "spark", 1, 2, "gpu=a100", &[]);
@@ -728,6 +740,7 @@ fn beat_with(edge: &mut Edge, now: u64, sid: &str, capacity: u32, running: &[&st
         oauth,
         slots: Slots { free, received },
         claude_version: None,
+        stopping: false,
     };
     say(edge, now, sid, AgentMessage::heartbeat(&beat, &agent.keys.agent_to_edge))
 }
