@@ -21,6 +21,7 @@ use shared::job::{JobResult, JobSpec};
 use shared::protocol::{AgentMessage, ProgressEvent};
 use std::path::{Path, PathBuf};
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -97,10 +98,11 @@ pub struct Ended {
 /// Runs the job to its end.
 pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, stop: oneshot::Receiver<Stop>) -> Ended {
     let workspace = ctx.workspaces.join(job_id);
-    let (mut result, session) = run_in(ctx, job_id, spec, stop, &workspace).await;
+    let mut checkout_done = None;
+    let (mut result, session) = run_in(ctx, job_id, spec, stop, &workspace, &mut checkout_done).await;
     scrub(&mut result, || ctx.login.redactor(crate::now_ms()));
     let keep = !result.success && ctx.cfg.repos.keep_failed_workspaces;
-    Ended { result, session, leftover: Leftover { workspace, keep, job_id: job_id.to_string(), agent_id: ctx.cfg.agent_id.clone() } }
+    Ended { result, session, leftover: Leftover { workspace, keep, job_id: job_id.to_string(), agent_id: ctx.cfg.agent_id.clone(), checkout_done } }
 }
 
 /// Masks the secrets in the words of a result that are not Claude's output (redacted as
@@ -134,6 +136,9 @@ pub struct Leftover {
     keep: bool,
     job_id: String,
     agent_id: String,
+    /// Resolves once a checkout into the workspace has ended: one cut off by the job's
+    /// timeout or a cancel goes on writing until then ([`crate::repo::Repos::prepare`]).
+    checkout_done: Option<oneshot::Receiver<()>>,
 }
 
 impl Leftover {
@@ -144,7 +149,11 @@ impl Leftover {
     }
 
     /// [`Leftover::clean_up`], blocking: for a caller already off the async threads.
-    pub fn clean_up_now(self) {
+    pub fn clean_up_now(mut self) {
+        if let Some(done) = self.checkout_done.take() {
+            // Sent nothing: resolves (as an error) when the checkout's work is dropped.
+            let _ = done.blocking_recv();
+        }
         if self.keep {
             info!(job_id = %self.job_id, agent_id = %self.agent_id, workspace = %self.workspace.display(), "workspace kept");
         } else {
@@ -156,7 +165,14 @@ impl Leftover {
 }
 
 /// The job's result, and the session to record as its caller's (none when Claude did not run).
-async fn run_in(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot::Receiver<Stop>, workspace: &Path) -> (JobResult, Option<String>) {
+async fn run_in(
+    ctx: &JobContext,
+    job_id: &str,
+    spec: JobSpec,
+    mut stop: oneshot::Receiver<Stop>,
+    workspace: &Path,
+    checkout_done: &mut Option<oneshot::Receiver<()>>,
+) -> (JobResult, Option<String>) {
     let workspace = workspace.to_path_buf();
     let started = Instant::now();
     // Every wait before Claude counts against the job's timeout, and a cancel ends it.
@@ -186,11 +202,19 @@ async fn run_in(ctx: &JobContext, job_id: &str, spec: JobSpec, mut stop: oneshot
             // A leftover of the same job (sent again) goes, as `workspace::prepare` removes one.
             let leftover = workspace.clone();
             let _ = tokio::task::spawn_blocking(move || workspace::remove(&leftover)).await;
+            let checking_out = Arc::new(AtomicBool::new(false));
+            let (done_tx, done_rx) = oneshot::channel();
+            *checkout_done = Some(done_rx);
+            let signals = crate::repo::CheckoutSignals { started: Arc::clone(&checking_out), done: done_tx };
             let prepared = tokio::select! {
-                prepared = ctx.repos.prepare(&spec, &workspace) => prepared.map_err(Err),
+                prepared = ctx.repos.prepare(&spec, &workspace, signals) => prepared.map_err(Err),
                 s = &mut stop => Err(Ok(Stop::ending(s))),
                 _ = tokio::time::sleep_until(deadline) => {
-                    Err(Err(RepoError::FetchTimedOut { url: url.clone(), timeout_ms: spec.timeout_ms }))
+                    let timeout_ms = spec.timeout_ms;
+                    Err(Err(match checking_out.load(Ordering::SeqCst) {
+                        true => RepoError::CheckoutTimedOut { url: url.clone(), timeout_ms },
+                        false => RepoError::FetchTimedOut { url: url.clone(), timeout_ms },
+                    }))
                 }
             };
             match prepared {
@@ -448,6 +472,32 @@ async fn send_on_ticks(batch: &Mutex<Batch>, opened: &Notify, clock: &Arc<Progre
 
 #[cfg(test)]
 mod tests {
+
+    /// A workspace is removed only once the checkout into it has ended: one cut off by the
+    /// job's timeout or a cancel went on writing while the folder was removed, which then
+    /// stayed (`Directory not empty`), a checkout's worth of disk a time (hostile review of
+    /// repositories, F4).
+    #[test]
+    fn a_workspace_is_removed_once_the_checkout_into_it_has_ended() {
+        let root = std::env::temp_dir().join(format!("leftover-{}", std::process::id()));
+        let workspace = root.join("job");
+        std::fs::create_dir_all(&workspace).unwrap();
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let writing = {
+            let workspace = workspace.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                std::fs::write(workspace.join("late.txt"), "written after the job ended").unwrap();
+                drop(done_tx);
+            })
+        };
+        let leftover = Leftover { workspace: workspace.clone(), keep: false, job_id: "j".into(), agent_id: "a".into(), checkout_done: Some(done_rx) };
+        leftover.clean_up_now();
+        writing.join().unwrap();
+        assert!(!workspace.exists(), "the workspace outlived its checkout");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
 
     /// Every word of a result that is not Claude's output is masked, a rename's old path
     /// too (the diff's redaction left it); a plain success never reads the login.

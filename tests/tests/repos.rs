@@ -599,6 +599,20 @@ async fn a_repo_error_naming_a_secret_is_redacted() {
     assert_eq!(on_server(&seed, "claude/leak"), None, "the token reached the git server as a file name");
 }
 
+/// `REPO_MAX_CHECKOUT_BYTES`: a commit whose files take more is refused before Claude
+/// runs, saying what to do, and leaves no workspace behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_over_repo_max_checkout_bytes_is_refused() {
+    let s = setup(None, &[("REPO_MAX_CHECKOUT_BYTES", "10")]).await;
+    demo(&s.git);
+    let b = s.run(json!({"prompt": "x", "repo_url": s.git.url("demo")})).await;
+    let e = repo_error(&b);
+    assert!(e.contains("too large to check out") && e.contains("REPO_MAX_CHECKOUT_BYTES"), "{e}");
+    assert!(s.agent.claude_runs().is_empty(), "Claude ran");
+    let workspaces = s.agent.data.path().join("data/workspaces");
+    assert!(eventually(Duration::from_secs(30), || std::fs::read_dir(&workspaces).map(|d| d.count() == 0).unwrap_or(true)).await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_servers_words_cannot_forge_log_lines() {
     let s = setup(None, &[]).await;

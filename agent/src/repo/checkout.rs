@@ -5,7 +5,8 @@
 
 use super::error::{local, RepoError};
 use super::mirror::Fetched;
-use git2::{build::CheckoutBuilder, Oid, Repository};
+use super::settings::MAX_CHECKOUT_FILE_BYTES;
+use git2::{build::CheckoutBuilder, ObjectType, Oid, Repository, TreeWalkMode, TreeWalkResult};
 use std::path::{Path, PathBuf};
 
 pub struct Checkout {
@@ -89,10 +90,14 @@ fn resolve(mirror: &Repository, fetched: Option<&Fetched>, branch: Option<&str>,
 /// Makes `dir` (which must not exist yet, or be empty) a checkout of `branch` (default:
 /// the mirror's HEAD) with the mirror's objects.
 /// `fetched`: what the mirror's last fetch found ([`super::mirror::Lease::fetched`]).
-pub fn create(mirror_dir: &Path, fetched: Option<&Fetched>, dir: &Path, branch: Option<&str>, url: &str) -> Result<Checkout, RepoError> {
+pub fn create(mirror_dir: &Path, fetched: Option<&Fetched>, dir: &Path, branch: Option<&str>, url: &str, max_bytes: u64) -> Result<Checkout, RepoError> {
     let action = "check out the repository";
     let mirror = Repository::open_bare(mirror_dir).map_err(|e| local(action, e.message()))?;
     let start = resolve(&mirror, fetched, branch, url)?;
+    let start_commit = match &start {
+        Start::Branch(_, commit) | Start::Detached(commit) => *commit,
+    };
+    fits(&mirror, start_commit, max_bytes, MAX_CHECKOUT_FILE_BYTES, url)?;
     std::fs::create_dir_all(dir).map_err(|e| local(action, e))?;
     let repo = Repository::init(dir).map_err(|e| local(action, e.message()))?;
     let objects = mirror_dir.canonicalize().map_err(|e| local(action, e))?.join("objects");
@@ -114,6 +119,47 @@ pub fn create(mirror_dir: &Path, fetched: Option<&Fetched>, dir: &Path, branch: 
     };
     repo.checkout_head(Some(CheckoutBuilder::new().force())).map_err(|e| local(action, e.message()))?;
     Ok(Checkout { dir: dir.to_path_buf(), commit })
+}
+
+/// Refuses a commit whose files would take more than `max_bytes` in all
+/// (`REPO_MAX_CHECKOUT_BYTES`), or hold one over `max_file` ([`MAX_CHECKOUT_FILE_BYTES`]), before a byte
+/// is written: sizes from the objects' headers, nothing read whole. A few packed megabytes
+/// (files of zeros) unpacked to gigabytes, and one file of 20 GiB, which libgit2 holds
+/// whole in memory as it writes it, took the agent down with every job it ran.
+pub(super) fn fits(repo: &Repository, commit: Oid, max_bytes: u64, max_file: u64, url: &str) -> Result<(), RepoError> {
+    let action = "measure the checkout";
+    let tree = repo.find_commit(commit).and_then(|c| c.tree()).map_err(|e| local(action, e.message()))?;
+    let odb = repo.odb().map_err(|e| local(action, e.message()))?;
+    let (mut total, mut refused) = (0u64, None);
+    let walked = tree.walk(TreeWalkMode::PreOrder, |folder, entry| {
+        if entry.kind() != Some(ObjectType::Blob) {
+            return TreeWalkResult::Ok;
+        }
+        let size = match odb.read_header(entry.id()) {
+            Ok((size, _)) => size as u64,
+            Err(e) => {
+                refused = Some(local(action, e.message()));
+                return TreeWalkResult::Abort;
+            }
+        };
+        let too_big = |what: String| RepoError::CheckoutTooBig { url: url.to_string(), commit: commit.to_string(), what };
+        if size > max_file {
+            let name = String::from_utf8_lossy(entry.name_bytes());
+            refused = Some(too_big(format!("`{}` is {} MiB", super::error::one_line(&format!("{folder}{name}")), size >> 20)));
+            return TreeWalkResult::Abort;
+        }
+        total = total.saturating_add(size);
+        if total > max_bytes {
+            refused = Some(too_big(format!("its files take more than REPO_MAX_CHECKOUT_BYTES, {max_bytes} bytes")));
+            return TreeWalkResult::Abort;
+        }
+        TreeWalkResult::Ok
+    });
+    match (refused, walked) {
+        (Some(e), _) => Err(e),
+        (None, Err(e)) => Err(local(action, e.message())),
+        (None, Ok(())) => Ok(()),
+    }
 }
 
 /// The folder Claude starts in: `working_dir` inside the checkout, after symlinks.

@@ -29,6 +29,10 @@ pub enum RepoError {
     DiskFull { detail: String },
     #[error("fetching {url} did not finish within the job's timeout_ms ({timeout_ms} ms): the git server is slow or not answering; retry, raise timeout_ms, or send \"allow_stale\": true")]
     FetchTimedOut { url: String, timeout_ms: u64 },
+    #[error("checking out {url} did not finish within the job's timeout_ms ({timeout_ms} ms), and nothing ran: the repository is large for this machine's disk; raise timeout_ms")]
+    CheckoutTimedOut { url: String, timeout_ms: u64 },
+    #[error("{url} at {commit} is too large to check out ({what}), and nothing ran: start from a smaller branch or commit, or raise REPO_MAX_CHECKOUT_BYTES on the runner machine (a file over 1 GiB is never checked out)")]
+    CheckoutTooBig { url: String, commit: String, what: String },
     #[error("`working_dir` `{dir}` {why}: give a folder of the repository, like `packages/api`")]
     WorkingDir { dir: String, why: &'static str },
     #[error("`push_branch` `{branch}` is the repository's default branch, and the runner never pushes to it: name another branch and open a pull request from it")]

@@ -41,6 +41,14 @@ pub struct Repos {
     cache: Arc<MirrorCache>,
 }
 
+/// What the runner learns of a job's checkout ([`Repos::prepare`]): `started` once it
+/// began, and `done` dropped once it has ended (its receiver then resolves), however the
+/// job ended meanwhile.
+pub struct CheckoutSignals {
+    pub started: Arc<AtomicBool>,
+    pub done: tokio::sync::oneshot::Sender<()>,
+}
+
 /// A job's repository, checked out and ready for Claude.
 pub struct Prepared {
     lease: Lease,
@@ -91,8 +99,12 @@ impl Repos {
     }
 
     /// Checks the host, brings the mirror up to date and makes the job's checkout in
-    /// `workspace` (which must be empty). Dropping the future stops the fetch.
-    pub async fn prepare(&self, spec: &JobSpec, workspace: &Path) -> Result<Prepared, RepoError> {
+    /// `workspace` (which must be empty). Dropping the future stops the fetch; a checkout
+    /// under way cannot be stopped (libgit2 offers no way to), so `checkout` says when one
+    /// began and when it has ended: the workspace is removed only then, and the mirror's
+    /// lease is held until then (a timeout or a cancel mid-checkout left the checkout
+    /// writing into a folder being removed, which stayed, and its mirror open to eviction).
+    pub async fn prepare(&self, spec: &JobSpec, workspace: &Path, checkout: CheckoutSignals) -> Result<Prepared, RepoError> {
         let text = spec.repo_url.as_deref().unwrap_or_default();
         // The edge checked it; the side that fetches checks again.
         let url = RepoUrl::parse(text).map_err(|e| local("read repo_url", e))?;
@@ -106,16 +118,23 @@ impl Repos {
                 return Err(RepoError::PushToDefault { branch: branch.clone() });
             }
         }
-        let (mirror_dir, fetched, dir, branch, working_dir, shown) =
-            (lease.dir.clone(), lease.fetched.clone(), workspace.to_path_buf(), spec.branch.clone(), spec.working_dir.clone(), url.url());
+        let (fetched, dir, branch, working_dir, shown, max_bytes) =
+            (lease.fetched.clone(), workspace.to_path_buf(), spec.branch.clone(), spec.working_dir.clone(), url.url(), self.settings.max_checkout_bytes);
+        let CheckoutSignals { started, done } = checkout;
+        started.store(true, Ordering::SeqCst);
+        // The lease goes with the work and comes back with it: dropped with it if this
+        // future is (then `done`, dropped last, says the workspace is the runner's again).
         let made = tokio::task::spawn_blocking(move || {
-            let checkout = checkout::create(&mirror_dir, fetched.as_deref(), &dir, branch.as_deref(), &shown)?;
-            let cwd = checkout::working_dir(&checkout.dir, working_dir.as_deref())?;
-            Ok::<_, RepoError>((checkout, cwd))
+            let made = checkout::create(&lease.dir, fetched.as_deref(), &dir, branch.as_deref(), &shown, max_bytes)
+                .and_then(|checkout| Ok((checkout::working_dir(&checkout.dir, working_dir.as_deref())?, checkout)));
+            let made = made.map(|(cwd, checkout)| (checkout, cwd, lease));
+            drop(done);
+            made
         })
         .await
         .unwrap_or_else(|e| Err(local("check out the repository", e)))?;
-        Ok(Prepared { lease, url, checkout: made.0, cwd: made.1 })
+        let (checkout, cwd, lease) = made;
+        Ok(Prepared { lease, url, checkout, cwd })
     }
 }
 

@@ -10,6 +10,13 @@ use std::fmt;
 
 pub const DEFAULT_CACHE_MAX_BYTES: u64 = 20 * 1024 * 1024 * 1024;
 pub const DEFAULT_MAX_DIFF_BYTES: usize = 5 * 1024 * 1024;
+/// What a job's checkout may hold in all: a few packed megabytes can unpack to gigabytes
+/// (files of zeros), which filled the disk beside the mirrors.
+pub const DEFAULT_MAX_CHECKOUT_BYTES: u64 = 20 * 1024 * 1024 * 1024;
+/// The largest file a checkout writes: libgit2 holds each file whole in memory as it
+/// writes it, so one of 20 GiB (some 20 MB packed) took the agent, and every job it ran,
+/// down with it.
+pub const MAX_CHECKOUT_FILE_BYTES: u64 = 1024 * 1024 * 1024;
 pub const DEFAULT_AUTHOR_NAME: &str = "Claude Runner";
 pub const DEFAULT_AUTHOR_EMAIL: &str = "claude-runner@localhost";
 /// The largest `MAX_DIFF_BYTES`: a result must fit one WebSocket frame with room to spare.
@@ -30,6 +37,10 @@ pub struct RepoArgs {
     #[arg(long, env = "REPO_CACHE_MAX_BYTES", default_value_t = DEFAULT_CACHE_MAX_BYTES,
           value_parser = crate::setting_value::whole("REPO_CACHE_MAX_BYTES", "bytes", 0, None, DEFAULT_CACHE_MAX_BYTES))]
     pub repo_cache_max_bytes: u64,
+    /// Size of the files a job's checkout may hold in all (each file at most 1 GiB).
+    #[arg(long, env = "REPO_MAX_CHECKOUT_BYTES", default_value_t = DEFAULT_MAX_CHECKOUT_BYTES,
+          value_parser = crate::setting_value::whole("REPO_MAX_CHECKOUT_BYTES", "bytes", 1, None, DEFAULT_MAX_CHECKOUT_BYTES))]
+    pub repo_max_checkout_bytes: u64,
     /// Keep a failed job's checkout under DATA_DIR/workspaces for a post-mortem.
     /// (`1`, `true`, `yes` or `on`).
     #[arg(long, env = "KEEP_FAILED_WORKSPACES", action = clap::ArgAction::SetTrue, value_parser = crate::setting_value::switch("KEEP_FAILED_WORKSPACES"))]
@@ -67,6 +78,7 @@ pub struct RepoSettings {
     /// Host (as in [`RepoUrl::host`]) → token.
     tokens: HashMap<String, Token>,
     pub cache_max_bytes: u64,
+    pub max_checkout_bytes: u64,
     pub keep_failed_workspaces: bool,
     pub max_diff_bytes: usize,
     pub author_name: String,
@@ -89,6 +101,7 @@ impl RepoArgs {
             allowed_hosts,
             tokens,
             cache_max_bytes: self.repo_cache_max_bytes,
+            max_checkout_bytes: self.repo_max_checkout_bytes,
             keep_failed_workspaces: self.keep_failed_workspaces,
             max_diff_bytes: self.max_diff_bytes,
             author_name: self.git_author_name,
@@ -104,6 +117,7 @@ impl Default for RepoSettings {
             allowed_hosts: vec![GITHUB.to_string()],
             tokens: HashMap::new(),
             cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
+            max_checkout_bytes: DEFAULT_MAX_CHECKOUT_BYTES,
             keep_failed_workspaces: false,
             max_diff_bytes: DEFAULT_MAX_DIFF_BYTES,
             author_name: DEFAULT_AUTHOR_NAME.to_string(),
@@ -173,6 +187,7 @@ mod tests {
             github_token: github.map(String::from),
             repo_tokens: tokens.map(String::from),
             repo_cache_max_bytes: 1,
+            repo_max_checkout_bytes: 1,
             keep_failed_workspaces: false,
             max_diff_bytes: 100,
             git_author_name: "A".into(),

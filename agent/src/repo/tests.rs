@@ -45,7 +45,7 @@ fn source(bare: &Path) -> Source {
 async fn checked_out(root: &Path, bare: &Path) -> (Arc<MirrorCache>, super::mirror::Lease, checkout::Checkout) {
     let cache = MirrorCache::open(root.join("repos"), u64::MAX).unwrap();
     let lease = cache.acquire(source(bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &root.join("co"), None, "file://server").unwrap();
+    let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &root.join("co"), None, "file://server", u64::MAX).unwrap();
     (cache, lease, co)
 }
 
@@ -60,17 +60,17 @@ async fn mirrors_fetch_prune_and_check_out_branches_tags_and_shas() {
     assert_eq!(cache.mirror_names(), [source(&bare).name]);
     let url = "file://server";
 
-    let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-default"), None, url).unwrap();
+    let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-default"), None, url, u64::MAX).unwrap();
     assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), "hello again\n");
     assert_eq!(git(&co.dir, &["rev-parse", "--abbrev-ref", "HEAD"]), "main", "a local branch, for Claude's git commands");
     for (branch, readme) in [("feature", "hello\n"), ("v1", "hello\n"), ("light", "hello\n"), (&first[..10], "hello\n"), (&first[..], "hello\n")] {
-        let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{branch}")), Some(branch), url).unwrap();
+        let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{branch}")), Some(branch), url, u64::MAX).unwrap();
         assert_eq!(co.commit.to_string(), first, "{branch}");
         assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), readme, "{branch}");
         assert_eq!(git(&co.dir, &["status", "--porcelain"]), "", "a clean checkout of {branch}");
     }
     for missing in ["nope", "deadbeef00", "v2"] {
-        let err = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{missing}")), Some(missing), url).err().unwrap();
+        let err = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{missing}")), Some(missing), url, u64::MAX).err().unwrap();
         assert!(matches!(err, RepoError::BranchNotFound { .. }), "{missing}: {err}");
     }
     drop(lease);
@@ -82,15 +82,15 @@ async fn mirrors_fetch_prune_and_check_out_branches_tags_and_shas() {
     git(&work, &["push", "-q", "origin", "main"]);
     git(&work, &["push", "-q", "origin", "--delete", "feature"]);
     let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-third"), None, url).unwrap();
+    let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-third"), None, url, u64::MAX).unwrap();
     assert!(co.dir.join("new.txt").exists());
-    let gone = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-feature-gone"), Some("feature"), url).err().unwrap();
+    let gone = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-feature-gone"), Some("feature"), url, u64::MAX).err().unwrap();
     assert!(matches!(gone, RepoError::BranchNotFound { .. }), "{gone}");
     // Each checkout is its own repository: Claude's commits stay in it.
     std::fs::write(co.dir.join("mine.txt"), "x").unwrap();
     git(&co.dir, &["add", "-A"]);
     git(&co.dir, &["commit", "-q", "-m", "claude"]);
-    let again = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-again"), None, url).unwrap();
+    let again = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-again"), None, url, u64::MAX).unwrap();
     assert!(!again.dir.join("mine.txt").exists());
     assert_eq!(again.commit, co.commit);
 }
@@ -495,7 +495,7 @@ async fn a_job_cannot_poison_later_fetches_through_the_mirrors_config() {
     git(&mirror, &["config", &format!("url.{evil}.insteadOf"), &source(&bare).url]);
     git(&mirror, &["config", "fetch.prune", "false"]);
     let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let again = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-after"), None, "file://server").unwrap();
+    let again = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-after"), None, "file://server", u64::MAX).unwrap();
     assert_eq!(std::fs::read_to_string(again.dir.join("README.md")).unwrap(), "hello again\n", "the fetch came from elsewhere");
     assert_eq!(again.commit, genuine);
     let config = std::fs::read_to_string(mirror.join("config")).unwrap();
@@ -524,7 +524,7 @@ async fn a_checkout_starts_from_what_the_fetch_found_not_from_refs_a_job_moved()
     let lease = cache.acquire(source(&bare), true).await.unwrap();
     assert!(lease.stale);
     for (branch, want) in [(None, genuine.to_string()), (Some("feature"), first.clone()), (Some("v1"), first.clone())] {
-        let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{branch:?}")), branch, "file://server").unwrap();
+        let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{branch:?}")), branch, "file://server", u64::MAX).unwrap();
         assert_eq!(co.commit.to_string(), want, "{branch:?} started from the commit a job put in the mirror");
     }
 }
@@ -543,7 +543,7 @@ async fn a_pinned_commit_is_that_commit_whatever_branches_are_named() {
     git(&work, &["push", "-q", "origin", &format!("{first}:refs/tags/{}", &second[..9])]);
     let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let create = |branch: &str| checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{branch}")), Some(branch), "file://server");
+    let create = |branch: &str| checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{branch}")), Some(branch), "file://server", u64::MAX);
     let co = create(&first).unwrap();
     assert_eq!(co.commit.to_string(), first, "the branch named after the commit won");
     assert_eq!(git(&co.dir, &["rev-parse", "--abbrev-ref", "HEAD"]), "HEAD", "a detached HEAD, as for any commit");
@@ -574,7 +574,7 @@ async fn x_and_x_git_are_two_mirrors_and_a_mirror_serves_only_its_own_repository
     let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let (lx, lxg) = (cache.acquire(x.clone(), false).await.unwrap(), cache.acquire(x_git.clone(), false).await.unwrap());
     assert_ne!(lx.dir, lxg.dir, "one mirror for two repositories");
-    let co = checkout::create(&lxg.dir, lxg.fetched.as_deref(), &tmp.path().join("co"), None, "x.git").unwrap();
+    let co = checkout::create(&lxg.dir, lxg.fetched.as_deref(), &tmp.path().join("co"), None, "x.git", u64::MAX).unwrap();
     assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), "hello again\n");
     let mirror = lxg.dir.clone();
     drop((lx, lxg));
@@ -639,4 +639,41 @@ async fn a_secret_as_a_file_name_or_in_a_binary_file_is_found() {
     std::fs::write(co.dir.join("plain.bin"), b"\0\x01nothing here\n").unwrap();
     let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
     assert!(!staged.adds_secret(secret).unwrap());
+}
+
+/// A checkout is measured before a byte is written: over `REPO_MAX_CHECKOUT_BYTES` in all,
+/// or with a file over the cap on one file, it is refused, saying which, and nothing is
+/// written (a few packed megabytes of zeros unpacked to gigabytes, and one file of 20 GiB,
+/// held whole in memory by libgit2, took the agent down: hostile review of repositories, F6).
+#[tokio::test]
+async fn a_checkout_too_large_in_all_or_in_one_file_is_refused_before_it_is_written() {
+    let tmp = TempDir::new("checkout-size");
+    let (bare, _, _) = server(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let lease = cache.acquire(source(&bare), false).await.unwrap();
+    let dir = tmp.path().join("co-small");
+    let err = checkout::create(&lease.dir, lease.fetched.as_deref(), &dir, None, "file://server", 10).err().unwrap();
+    assert!(matches!(&err, RepoError::CheckoutTooBig { .. }) && err.to_string().contains("REPO_MAX_CHECKOUT_BYTES, 10 bytes"), "{err}");
+    assert!(!dir.join("README.md").exists(), "nothing written");
+    let mirror = git2::Repository::open_bare(&lease.dir).unwrap();
+    let head = mirror.refname_to_id("refs/heads/main").unwrap();
+    let err = checkout::fits(&mirror, head, u64::MAX, 20, "file://server").err().unwrap();
+    assert!(err.to_string().contains("`old.txt` is 0 MiB"), "the file over the cap is named: {err}");
+    checkout::fits(&mirror, head, u64::MAX, 1 << 20, "file://server").unwrap();
+    // Within both: checked out.
+    checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co"), None, "file://server", 1 << 20).unwrap();
+}
+
+/// A binary file is read a window at a time: a secret across a window's end is found, and
+/// one written as UTF-16 (a NUL after each character) too.
+#[test]
+fn a_secret_in_a_binary_file_is_found_across_windows_and_in_utf16() {
+    let secret = |l: &str| l.contains("tok-0123456789");
+    let mut bytes = vec![0xffu8; (1 << 20) - 5];
+    bytes.extend_from_slice(b"tok-0123456789");
+    bytes.extend(std::iter::repeat_n(0xfe, 4096));
+    assert!(changes::binary_holds(&bytes, &secret), "across the first window's end");
+    let utf16: Vec<u8> = "x tok-0123456789 y".bytes().flat_map(|b| [b, 0]).collect();
+    assert!(changes::binary_holds(&utf16, &secret));
+    assert!(!changes::binary_holds(&vec![0xffu8; 3 << 20], &secret));
 }
