@@ -429,6 +429,10 @@ enum Step {
     /// Agent `a` finishes its oldest job and states its slots.
     Finish { a: usize },
     Pause { a: usize, pause: bool },
+    /// Agent `a` says in a heartbeat that it is stopping (a drain).
+    Stop { a: usize },
+    /// Agent `a`, holding nothing, connects again (a restarted agent: no longer stopping).
+    Reconnect { a: usize },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -436,6 +440,8 @@ fn step() -> impl Strategy<Value = Step> {
         3 => (0u8..3, 0u8..4, 0u8..10, any::<bool>()).prop_map(|(caller, need, priority, repo)| Step::Submit { caller, need, priority, repo }),
         2 => (0usize..3).prop_map(|a| Step::Finish { a }),
         1 => (0usize..3, any::<bool>()).prop_map(|(a, pause)| Step::Pause { a, pause }),
+        1 => (0usize..3).prop_map(|a| Step::Stop { a }),
+        1 => (0usize..3).prop_map(|a| Step::Reconnect { a }),
     ]
 }
 
@@ -443,7 +449,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
     /// Whatever mix of callers, labels, priorities, mirrors and pauses: no agent ever has
     /// more orders than its stated slots, and no job goes to an agent it does not fit or
-    /// that is paused. (Turns are the queue's own property test.)
+    /// that is paused or stopping. (Turns are the queue's own property test.)
     #[test]
     fn dispatch_keeps_credits_labels_pauses_and_turns(steps in proptest::collection::vec(step(), 1..120)) {
         let mut edge = Edge::new(three_agents(), 0);
@@ -457,6 +463,7 @@ proptest! {
         let mut held: Vec<Vec<String>> = vec![Vec::new(); 3];
         let mut received = [0u64; 3];
         let mut paused = [false; 3];
+        let mut stopping = [false; 3];
         let mut now = 1;
         for step in steps {
             now += 1;
@@ -474,7 +481,35 @@ proptest! {
                         out.extend(say(&mut edge, now, &sids[a], AgentMessage::Accepted { job_id: job.clone() }));
                         let msg = AgentMessage::result(&job, &edge.job(&job).unwrap().order_nonce(), ok_result(), &link(&edge, &sids[a]));
                         out.extend(say(&mut edge, now, &sids[a], msg));
+                        // A stopping agent says 0; free slots here test the edge's own rule.
                         out.extend(say(&mut edge, now, &sids[a], credit(caps[a] - held[a].len() as u32, received[a])));
+                    }
+                }
+                Step::Stop { a } => {
+                    stopping[a] = true;
+                    let running: Vec<&str> = held[a].iter().map(String::as_str).collect();
+                    let stop = Beat { capacity: caps[a], stopping: true, ..beat(&running, 0, received[a]) };
+                    out.extend(pulse(&mut edge, now, &sids[a], stop));
+                }
+                Step::Reconnect { a } => {
+                    if held[a].is_empty() {
+                        out.extend(edge.disconnect(now, &sids[a]));
+                        // As `enter`, keeping what its first credit sends.
+                        let (sid, effects) = edge.connect(now, [200 + a as u8; 64], PEER);
+                        let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
+                        let mirrors: &[&str] = if a == 1 { &["github.com/o/r"] } else { &[] };
+                        let hello = Hello {
+                            capacity: caps[a],
+                            labels: parse_labels(labels[a]).unwrap(),
+                            mirrors: mirrors.iter().map(|m| m.to_string()).collect(),
+                            ..hello(names[a], nonce, now)
+                        };
+                        let effects = edge.message(now, &sid, &hello_text(&hello, &agent_key(a as u8 + 1)));
+                        prop_assert!(closed(&effects).is_none(), "{:?}", effects);
+                        sids[a] = sid;
+                        stopping[a] = false;
+                        received[a] = 0;
+                        out.extend(say(&mut edge, now, &sids[a], credit(caps[a], 0)));
                     }
                 }
                 Step::Pause { a, pause } => {
@@ -490,6 +525,7 @@ proptest! {
                     let order: JobOrder = open_order(&envelope, Domain::Job, &edge_key().verifying_key(), Audience { agent_id: name, pool: "default" }, now).unwrap();
                     let job = edge.job(&order.header.job_id).unwrap();
                     prop_assert!(!paused[a], "job sent to paused {}", name);
+                    prop_assert!(!stopping[a], "job sent to stopping {}", name);
                     prop_assert!(job.placement.fits(name, &parse_labels(labels[a]).unwrap()), "{} does not fit {}", job.id, name);
                     held[a].push(job.id.clone());
                     received[a] += 1;
