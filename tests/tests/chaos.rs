@@ -8,7 +8,7 @@ use harness::EdgeKind;
 use std::time::Duration;
 
 async fn short_soak(kind: EdgeKind, jobs: usize) {
-    let options = SoakOptions { kind, jobs, callers: 6, max: Duration::from_secs(240), seed: std::process::id() as u64, faults: true };
+    let options = SoakOptions { kind, jobs, callers: 6, max: Duration::from_secs(240), seed: std::process::id() as u64, faults: true, usage: true };
     let report = soak(options).await;
     let text = serde_json::to_string_pretty(&report).unwrap();
     println!("{text}");
