@@ -20,7 +20,7 @@
 //! log says it forgot after it ended (a 404 it never said it forgot, or a forget before the
 //! job's end, is a loss), its end taken from the edge's "job finished" line; an `/execute`
 //! caller still heard that end, and a `POST /jobs` job's `callback_url` (the soak's own
-//! receiver on 127.0.0.1, which answers one post in six with a 503, so retries happen) got
+//! receiver on 127.0.0.1, which answers one post in ten with a 503, so retries happen) got
 //! it, in the state the job ended in.
 //!
 //! Usage windows: a phase makes both agents' Claude report its usage window used up
@@ -61,15 +61,18 @@ pub struct SoakOptions {
     pub max: Duration,
     pub seed: u64,
     pub faults: bool,
-    /// Usage-window phases among the faults (at least [`MIN_USAGE_PHASES`]).
+    /// Usage-window phases among the faults (until [`MIN_USAGE_HOLDS`] held).
     pub usage: bool,
 }
 
 /// Faults a soak injects at least (while its time lasts).
 pub const MIN_FAULTS: u64 = 3;
 
-/// Usage-window phases a soak goes through at least (while its time lasts).
-pub const MIN_USAGE_PHASES: u64 = 1;
+/// Usage holds a soak goes through at least (while its time lasts): phases are tried until
+/// one held the work, at most [`MAX_FORCED_USAGE_PHASES`] of them (a phase whose agent was
+/// away holds nothing on that agent).
+pub const MIN_USAGE_HOLDS: u64 = 1;
+const MAX_FORCED_USAGE_PHASES: u64 = 3;
 
 impl Default for SoakOptions {
     fn default() -> Self {
@@ -118,10 +121,18 @@ pub struct Report {
     /// named (an agent that forgot its window on a crash, or a success on its other slot,
     /// reopens it early: counted, not a problem).
     pub held_started_early: u64,
+    /// Each phase's wait for idle agents, and its whole time until the held jobs were
+    /// sent (ms): the callers hold off that long.
+    pub usage_phase_ms: Vec<(u64, u64)>,
     /// `/execute` calls told `USAGE_LIMIT` with `fallback: true`.
     pub usage_limit_fallbacks: u64,
     /// Alerts the soak's `NOTIFY_URL` receiver got, by kind.
     pub alerts: BTreeMap<String, u64>,
+    /// Until the chaos ended (the callers done, the faults over), until every job's end
+    /// was read, until the callbacks were in; `seconds` is the whole run.
+    pub chaos_seconds: f64,
+    pub ends_read_seconds: f64,
+    pub callbacks_seconds: f64,
     pub seconds: f64,
     pub problems: Vec<String>,
 }
@@ -214,6 +225,8 @@ struct World {
     held_off: AtomicBool,
     /// Where `POST /jobs` jobs have their results posted (the soak's receiver).
     callback_url: String,
+    /// Each usage phase's time until the agents were idle, and in all (ms).
+    phase_ms: Mutex<Vec<(u64, u64)>>,
 }
 
 impl World {
@@ -321,6 +334,7 @@ impl World {
     /// then holds all work, `held` jobs are sent to wait for the reset — followed by tasks
     /// returned here, so the chaos goes on while they wait. Returns whether work was held.
     async fn usage_phase(self: &Arc<Self>, secs: u64, held: usize, followers: &mut Vec<tokio::task::JoinHandle<()>>) -> bool {
+        let begun = Instant::now();
         self.held_off.store(true, Ordering::SeqCst);
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
@@ -343,6 +357,7 @@ impl World {
                 (i, body)
             })
             .collect();
+        let idle_after = begun.elapsed();
         let started = now_ms();
         let runs = limited.into_iter().map(|(i, body)| async move { self.run_job(i, body, false).await });
         futures_util::future::join_all(runs).await;
@@ -364,6 +379,7 @@ impl World {
             }
         }
         self.held_off.store(false, Ordering::SeqCst);
+        self.phase_ms.lock().unwrap().push((idle_after.as_millis() as u64, begun.elapsed().as_millis() as u64));
         all_held
     }
 }
@@ -498,10 +514,10 @@ pub async fn soak(opts: SoakOptions) -> Report {
         EdgeKind::Worker => ("15000", "60000"),
     };
     // Results and alerts land here: callbacks under /soak-N, alerts under /alerts. One post
-    // in six is answered 503, as a receiver busy a moment: the edge posts it again later,
-    // by when the caps have long passed its job by.
+    // in ten is answered 503, as a receiver busy a moment: the edge posts it again later
+    // (2 s, 4 s, …), by when the caps have long passed its job by.
     let mut statuses = Rng(opts.seed.wrapping_mul(0x9E37_79B9) | 1);
-    let hook = Webhook::start((0..20_000).map(|_| if statuses.below(6) == 0 { 503 } else { 200 }).collect());
+    let hook = Webhook::start((0..20_000).map(|_| if statuses.below(10) == 0 { 503 } else { 200 }).collect());
     let notify_url = hook.url("/alerts");
     let settings = [
         ("HEARTBEAT_INTERVAL_MS", heartbeat),
@@ -538,6 +554,7 @@ pub async fn soak(opts: SoakOptions) -> Report {
         quiet: AtomicBool::new(false),
         held_off: AtomicBool::new(false),
         callback_url: hook.url(""),
+        phase_ms: Mutex::default(),
     });
 
     let callers: Vec<_> =
@@ -547,12 +564,12 @@ pub async fn soak(opts: SoakOptions) -> Report {
     let mut rng = Rng(opts.seed.wrapping_mul(2654435761) | 1);
     let (mut usage_phases, mut usage_holds) = (0u64, 0u64);
     let mut held_followers = Vec::new();
-    let usage_due = |phases: u64| opts.usage && phases < MIN_USAGE_PHASES;
+    let usage_due = |phases: u64, holds: u64| opts.usage && holds < MIN_USAGE_HOLDS && phases < MAX_FORCED_USAGE_PHASES;
     // Until the callers are done — and at least MIN_FAULTS in all (each turn adds one), so
     // a run whose callers finish during one slow fault (an edge restart on a loaded
     // machine) still puts its jobs through enough chaos to mean something; and at least
-    // MIN_USAGE_PHASES usage phases.
-    while opts.faults && (callers.iter().any(|c| !c.is_finished()) || faults.values().sum::<u64>() < MIN_FAULTS || usage_due(usage_phases)) {
+    // MIN_USAGE_HOLDS usage holds.
+    while opts.faults && (callers.iter().any(|c| !c.is_finished()) || faults.values().sum::<u64>() < MIN_FAULTS || usage_due(usage_phases, usage_holds)) {
         if started.elapsed() > opts.max {
             world.stop.store(true, Ordering::SeqCst);
         }
@@ -564,23 +581,22 @@ pub async fn soak(opts: SoakOptions) -> Report {
             EdgeKind::Worker => &[2, 3, 4],
         };
         let mut fault = match opts.kind {
-            // Links (0-2), agents (3, 4), the edge (5, 6), usage phases (8).
-            EdgeKind::Native => [0, 1, 2, 3, 4, 5, 6, 8][rng.below(8) as usize],
-            // Resets, agents, quiet spells (7), usage phases.
-            EdgeKind::Worker => [2, 3, 4, 7, 8][rng.below(5) as usize],
+            // Links (0-2), agents (3, 4), the edge (5, 6).
+            EdgeKind::Native => rng.below(7),
+            // Resets, agents, quiet spells (7).
+            EdgeKind::Worker => [2, 3, 4, 7][rng.below(4) as usize],
         };
-        if !opts.usage && fault == 8 {
-            fault = 2;
-        }
-        // Half the jobs taken (or none left) and no usage phase yet: one now, while callers
-        // still send work.
+        // A usage phase (8): one fault in sixteen (a phase holds the callers a few seconds:
+        // more would thin the other faults out); and from half the jobs taken (or none
+        // left) until one held the work, while callers still send work.
         let half = world.next.load(Ordering::SeqCst) >= opts.jobs / 2;
-        if usage_due(usage_phases) && (half || callers.iter().all(|c| c.is_finished())) {
+        if opts.usage && (rng.below(16) == 0 || usage_due(usage_phases, usage_holds) && (half || callers.iter().all(|c| c.is_finished()))) {
             fault = 8;
         }
         let (name, pause) = if fault == 8 {
             usage_phases += 1;
-            let secs = 5 + rng.below(4);
+            // Long enough for an edge's restart to fall inside the hold.
+            let secs = 4 + rng.below(3);
             if world.usage_phase(secs, 3, &mut held_followers).await {
                 usage_holds += 1;
                 // Something breaks while the held jobs wait for the reset.
@@ -602,6 +618,7 @@ pub async fn soak(opts: SoakOptions) -> Report {
     for f in held_followers {
         let _ = f.await;
     }
+    let chaos_seconds = started.elapsed().as_secs_f64();
     let Rig { proxy, agents, edge } = rig;
 
     // Heal: agents up, links fresh, and every job whose fate a caller did not learn is
@@ -704,7 +721,10 @@ pub async fn soak(opts: SoakOptions) -> Report {
         }
     }
     report.lost = report.final_states.get("lost").copied().unwrap_or(0);
+    report.chaos_seconds = chaos_seconds;
+    report.ends_read_seconds = started.elapsed().as_secs_f64();
     report.held_jobs = seen.values().filter(|s| s.held).count() as u64;
+    report.usage_phase_ms = world.phase_ms.lock().unwrap().clone();
     report.usage_limit_fallbacks = seen.values().filter(|s| s.usage_limited).count() as u64;
 
     // Callbacks: every `POST /jobs` job that ended (forgotten or not) had its end posted,
@@ -727,6 +747,7 @@ pub async fn soak(opts: SoakOptions) -> Report {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let posted = posted(&hook);
+    report.callbacks_seconds = started.elapsed().as_secs_f64();
     for (i, id) in &expected {
         let Some(states) = posted.get(id) else {
             report.problems.push(format!("job {id} (soak-{i}) ended {} but its callback never came", finals[i]));
