@@ -27,7 +27,8 @@
 //! (`@rate_limited=S`, one job pinned to each agent while the callers hold off), then sends
 //! jobs that the edge must hold until the reset, and breaks something (an agent or, on the
 //! native edge, the edge killed or stopped) while they wait. The held jobs face the same
-//! checks as every other (one end, started at most once); the report counts the holds, the
+//! checks as every other (one end, started at most once), and none may start before the
+//! windows' reset; the report counts the holds, the
 //! held jobs, `/execute` calls told `USAGE_LIMIT`, and the `usage_rejected` / `usage_reset`
 //! alerts the soak's receiver got (alerts are told at most once: a crash between storing an
 //! alert's memory and posting it loses that post, so they are counted, not checked).
@@ -118,8 +119,8 @@ pub struct Report {
     pub held_jobs: u64,
     pub held_final_states: BTreeMap<String, u64>,
     /// Held jobs the stand-in started before the earliest reset their phase's Claude
-    /// named (an agent that forgot its window on a crash, or a success on its other slot,
-    /// reopens it early: counted, not a problem).
+    /// named: each a problem (41f6b8b's defect: an agent restarted twice within a
+    /// heartbeat interval forgot its window, and the edge let the held jobs go).
     pub held_started_early: u64,
     /// Each phase's wait for idle agents, and its whole time until the held jobs were
     /// sent (ms): the callers hold off that long.
@@ -786,8 +787,11 @@ pub async fn soak(opts: SoakOptions) -> Report {
         }
     }
     for (i, s) in &seen {
-        if s.held && starts.get(i).into_iter().flatten().any(|t| *t < s.held_until) {
+        // The phase waited for idle agents, so no success on another slot reopened a
+        // window early; nothing but a window forgotten lets a held job start before it.
+        if let Some(t) = starts.get(i).into_iter().flatten().find(|t| s.held && **t < s.held_until) {
             report.held_started_early += 1;
+            report.problems.push(format!("soak-{i} was held for the agents' usage windows, and started {} ms before they reset", s.held_until - t));
         }
         let Some(fell_back) = s.fallback_at else { continue };
         report.fallback_answers += 1;
