@@ -185,6 +185,7 @@ impl Agent {
         let (uplink, uplink_rx) = mpsc::unbounded_channel();
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
         let status = StatusFile::new(cfg.data_dir.join("status.json"), &cfg.agent_id, &cfg.connect_url);
+        status.resumed(&reporter.report(), reporter.fingerprint());
         let agent = Agent {
             status,
             cli: Default::default(),

@@ -191,6 +191,15 @@ impl StatusFile {
         });
     }
 
+    /// The login report the agent starts with, taken over from the file before it was
+    /// rewritten (`Reporter::resume`): kept in the new file from the start, so a second
+    /// restart before the first heartbeat takes it over again. Written only with the next
+    /// heartbeat, a used-up usage window was forgotten by an agent restarted twice within
+    /// one heartbeat interval, and the edge let held jobs go to a Claude that would refuse them.
+    pub fn resumed(&self, report: &shared::oauth::OAuthReport, fingerprint: u64) {
+        self.beat(report, fingerprint);
+    }
+
     /// A heartbeat went out with this report: the agent is alive and not stuck.
     pub fn beat(&self, report: &shared::oauth::OAuthReport, fingerprint: u64) {
         self.update(|s| {

@@ -213,12 +213,15 @@ impl ApiError {
         Self::new(ErrorCode::NotFound, format!("{what} not found; check the URL (routes: {EDGE_ROUTES})"))
     }
 
-    /// `job_id` is what the caller sent: shown only if it is a plain id.
+    /// `job_id` is what the caller sent: shown only if it is a plain id. An ended job is
+    /// also forgotten early under the caps, not only at its retention's end: the message
+    /// names all three, so a caller who saw the job a moment ago knows where to look.
     pub fn job_not_found(job_id: &str) -> Self {
         Self::new(
             ErrorCode::NotFound,
             format!(
-                "job `{}` not found: no such job, or it finished longer ago than JOB_RETENTION_MS",
+                "job `{}` not found: no such job, or it ended and is no longer kept (JOB_RETENTION_MS, or the \
+                 MAX_RETAINED_JOBS / MAX_RETAINED_BYTES caps); a job's callback_url hears its end even once it is forgotten",
                 crate::ids::shown_job_id(job_id)
             ),
         )

@@ -1030,6 +1030,8 @@ pub struct Hook {
     /// Header names in lower case.
     pub headers: HashMap<String, String>,
     pub body: String,
+    /// The status it was answered with (the script's).
+    pub answered: u16,
 }
 
 /// A local test webhook on 127.0.0.1: records every POST and answers each with the next
@@ -1070,8 +1072,8 @@ impl Webhook {
                 let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
                 let mut body = vec![0u8; len];
                 let _ = reader.read_exact(&mut body);
-                log.lock().unwrap().push(Hook { path, headers, body: String::from_utf8_lossy(&body).into_owned() });
                 let status = script.next().unwrap_or(200);
+                log.lock().unwrap().push(Hook { path, headers, body: String::from_utf8_lossy(&body).into_owned(), answered: status });
                 let _ = write!(stream, "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
             }
         });

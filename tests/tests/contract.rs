@@ -612,6 +612,42 @@ async fn a_used_up_usage_window_still_holds_work_after_the_agent_restarts(kind: 
     assert!(job["started_at"].as_str().unwrap() >= retry_at.as_str(), "ran before the reset at {retry_at}: {job}");
 }
 
+/// An agent restarted twice within one heartbeat interval forgot its used-up usage window:
+/// the status file its next start reads the window back from was rewritten at each start
+/// without the login report, which came back only with the next heartbeat (15 s as
+/// shipped). So a second restart before then started with the window open, told the edge
+/// so, and the edge let the held jobs go to a Claude that would refuse them. Found by the
+/// chaos soak's usage phases on the Worker (heartbeats 15 s there): held jobs started
+/// before the reset after an agent was stopped twice in a few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_up_usage_window_holds_across_two_quick_agent_restarts() {
+    let s = setup(EdgeKind::Native, &[("HEARTBEAT_INTERVAL_MS", "600000")], &[]).await;
+    let mut agent = s.agent;
+    let a = s.client.execute(json!({"prompt": "@rate_limited=60"})).await;
+    assert_eq!(a.body["error_code"], "USAGE_LIMIT", "{}", a.text);
+    let status = agent.data.path().join("data/status.json");
+    for restart in 1..=2 {
+        agent.restart();
+        // Connected as the new process (the file is the old one's until it starts).
+        let pid = agent.pid().unwrap();
+        let reconnected = eventually(Duration::from_secs(30), || {
+            std::fs::read_to_string(&status)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .is_some_and(|v| v["connected"] == true && v["pid"] == pid)
+        });
+        assert!(reconnected.await, "the agent never connected after restart {restart}");
+    }
+    let h = s.client.health_full().await;
+    assert_eq!((h.status, &h.body["usage"]["status"]), (503, &json!("rejected")), "the window was forgotten: {}", h.text);
+    let runs = agent.claude_runs().len();
+    let held = s.client.submit(json!({"prompt": "after the reset"})).await;
+    let held_id = held.body["job_id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.client.get(&format!("/jobs/{held_id}")).await.body["state"], "queued");
+    assert_eq!(agent.claude_runs().len(), runs, "nothing reached Claude while the window was used up");
+}
+
 async fn an_auth_failure_still_stands_after_the_agent_restarts(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     let mut agent = s.agent;

@@ -11,8 +11,10 @@ use std::time::Duration;
 const USAGE: &str = "Usage: soak [OPTIONS]
 
 The chaos soak (tests/src/chaos.rs): jobs from several callers through an edge and two
-agents while links are cut and the agents and the edge are killed and started again; then
-it checks every job ended once. Prints its report as JSON; exits 1 if a promise did not
+agents while links are cut and the agents and the edge are killed and started again, the
+edge keeping as few ended jobs as it may (MAX_RETAINED_JOBS=1), and the agents' usage
+windows used up and reset; then it checks every job ended once, and that its waiter or
+callback heard that end. Prints its report as JSON; exits 1 if a promise did not
 hold, 2 on a bad option. Build the binaries first (cargo build --bins).
 
 Options:
@@ -22,6 +24,7 @@ Options:
   --seed N          the faults' random seed                      (default 1)
   --edge KIND       native | worker                              (default native)
   --no-faults       no faults: a baseline run
+  --no-usage        no usage-window phases (agents' Claude used up, work held)
   --json PATH       also write the report to PATH
   -h, --help        print this";
 
@@ -54,6 +57,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Ask, String> {
                 }
             }
             "--no-faults" => opts.faults = false,
+            "--no-usage" => opts.usage = false,
             "--json" => json = Some(value()?),
             other => return Err(format!("unknown option `{other}`")),
         }
@@ -99,7 +103,7 @@ mod tests {
             let out = run(&[help]);
             let stdout = String::from_utf8_lossy(&out.stdout);
             assert!(out.status.success() && out.stderr.is_empty(), "{help}: {stdout} {}", String::from_utf8_lossy(&out.stderr));
-            for option in ["Usage: soak", "--jobs", "--callers", "--seconds", "--seed", "--edge", "--no-faults", "--json"] {
+            for option in ["Usage: soak", "--jobs", "--callers", "--seconds", "--seed", "--edge", "--no-faults", "--no-usage", "--json"] {
                 assert!(stdout.contains(option), "{option}: {stdout}");
             }
         }

@@ -346,14 +346,30 @@ impl Edge {
     /// read a 404; it goes once another has ended (or at its retention's end). Named by the
     /// caller, not taken as the last retained: that order is by when a job ended, then its
     /// id, and of two ending in one millisecond it is not always the later.
+    ///
+    /// A job whose result is still to be posted to its callback is kept past both caps and
+    /// not counted in them: forgotten, its callback would be given up (its retries need
+    /// the record), and its caller never told. They are at most `MAX_PENDING_CALLBACKS`;
+    /// the caps take them once their callback is taken or given up
+    /// ([`Edge::callback_settled`]).
     pub(super) fn keep_within_caps(&mut self, ended: Option<(shared::Millis, String)>, effects: &mut Vec<Effect>) {
+        let posting: std::collections::BTreeMap<(shared::Millis, String), u64> = self
+            .alerts
+            .callbacks
+            .keys()
+            .filter_map(|id| self.jobs.get(id))
+            .filter(|job| job.state.is_terminal())
+            .map(|job| (super::retained_entry(job), job.approximate_bytes()))
+            .filter(|(entry, _)| self.retained.contains(entry))
+            .collect();
+        let posting_bytes: u64 = posting.values().sum();
         loop {
-            let by_count = self.retained.len() > self.cfg.max_retained_jobs;
-            if !by_count && self.retained_bytes() <= self.cfg.max_retained_bytes {
+            let by_count = self.retained.len().saturating_sub(posting.len()) > self.cfg.max_retained_jobs;
+            if !by_count && self.retained_bytes().saturating_sub(posting_bytes) <= self.cfg.max_retained_bytes {
                 break;
             }
             let spared = if by_count { None } else { ended.as_ref() };
-            let not_spared = |entry: &&(shared::Millis, String)| Some(*entry) != spared;
+            let not_spared = |entry: &&(shared::Millis, String)| Some(*entry) != spared && !posting.contains_key(*entry);
             let held = |h: &super::Held| if by_count { h.jobs.len() as u64 } else { h.bytes };
             let most = self.retained_by.values().map(held).max().unwrap_or(0);
             // Of the owners holding the most, the one whose oldest job is oldest: each

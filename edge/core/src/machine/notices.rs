@@ -222,7 +222,10 @@ impl Edge {
         let mut effects = Vec::new();
         match record {
             Ok(Some(job)) if !job.header_only => self.attempt_callback(now, &job, &mut effects),
-            Ok(_) => self.give_up_callback(job_id, "its record is no longer kept", &mut effects),
+            Ok(_) => {
+                self.give_up_callback(job_id, "its record is no longer kept", &mut effects);
+                self.callback_settled(&mut effects);
+            }
             // Storage could not be read now: the callback stays due and is tried again.
             Err(e) => warn!(job_id, error = %e, "could not read a job's record for its callback; trying again later"),
         }
@@ -253,6 +256,7 @@ impl Edge {
                 None => self.give_up_callback(&id, "the job is no longer kept", effects),
             }
         }
+        self.callback_settled(effects);
         let posts: Vec<String> = self.alert_posts.iter().filter(|(_, p)| p.next_at <= now.at).map(|(id, _)| id.clone()).collect();
         for id in posts {
             let post = self.alert_posts.get_mut(&id).expect("listed above");
@@ -265,6 +269,12 @@ impl Edge {
             post.next_at = now.at + notify::DELIVERY_TIMEOUT_MS;
             effects.push(Effect::Post(post.delivery.clone()));
         }
+    }
+
+    /// A callback was taken or given up: its job, kept past the caps while it waited
+    /// ([`Edge::keep_within_caps`]), is now counted in them again.
+    fn callback_settled(&mut self, effects: &mut Vec<Effect>) {
+        self.keep_within_caps(None, effects);
     }
 
     pub(super) fn give_up_callback(&mut self, job_id: &str, why: &str, effects: &mut Vec<Effect>) {
@@ -301,6 +311,7 @@ impl Edge {
             } else if !retry || callback.attempts >= notify::MAX_ATTEMPTS {
                 self.give_up_callback(job_id, &what, &mut effects);
             } else {
+                // Not settled: it is posted again later.
                 let wait = notify::backoff(callback.attempts);
                 warn!(job_id, attempt, outcome = %what, retry_in_ms = wait, "callback failed; trying again");
                 let before = self.alerts.clone();
@@ -309,7 +320,9 @@ impl Edge {
                 }
                 self.note_alerts(before);
                 effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
+                return effects;
             }
+            self.callback_settled(&mut effects);
         } else if let Some(post) = self.alert_posts.get_mut(id) {
             if retry && post.attempts < notify::MAX_ATTEMPTS {
                 post.next_at = now.at + notify::backoff(post.attempts);

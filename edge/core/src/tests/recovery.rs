@@ -402,6 +402,48 @@ fn of_two_jobs_ending_in_one_millisecond_the_later_is_kept_past_the_size_cap() {
     assert_eq!(forgotten, vec!["jb".to_string()]);
 }
 
+/// A job whose result was still to be posted to its `callback_url` (its first post failed:
+/// the receiver down a moment) was forgotten under the caps like any other once newer jobs
+/// ended, and its callback given up with it — the retries the README promises (2 s, 4 s, …,
+/// 8 tries, kept across restarts) never came, and its caller never heard the end. Found by
+/// the chaos soak with `MAX_RETAINED_JOBS=1` and a receiver that fails some posts. It is
+/// kept past the caps, and not counted in them (at most `MAX_PENDING_CALLBACKS` such jobs),
+/// until its callback is taken or given up; then the caps forget it.
+#[test]
+fn a_job_whose_callback_is_still_to_be_posted_is_kept_past_the_caps() {
+    let cfg = Config { max_retained_jobs: 1, ..config() };
+    let mut edge = Edge::new(cfg.clone(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let body = json!({"prompt": "x", "callback_url": "https://hooks.example.com/r"}).to_string();
+    let sub = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+    edge.submit(0, "j0".into(), sub, Mode::Detached).unwrap();
+    say(&mut edge, 0, &sid, credit(1, 0));
+    let effects = report(&mut edge, 1, &sid, "j0", ok_result());
+    let record = effects.iter().find_map(|e| if let Effect::Save(j) = e { Some((**j).clone()) } else { None }).unwrap();
+    let post_id = |effects: &[Effect]| effects.iter().find_map(|e| if let Effect::Post(p) = e { Some(p.id.clone()) } else { None });
+    let first = post_id(&effects).expect("the result is posted as the job ends");
+    let failed = edge.posted(2, &first, Ok(503));
+    let alerts = failed.iter().find_map(|e| if let Effect::SaveAlerts(a) = e { Some((**a).clone()) } else { None }).unwrap();
+    // Two jobs without a callback end after it: the cap keeps the newer of them, and j0.
+    let mut forgotten = Vec::new();
+    for i in 1..3u64 {
+        forgotten.extend(run_to_its_end(&mut edge, &sid, i, 10));
+    }
+    assert_eq!(forgotten, vec!["j1".to_string()], "the job whose callback waits was forgotten");
+    assert!(edge.job("j0").is_some() && edge.job("j2").is_some());
+    // The same after a restart (the callback's state is stored with the alerts).
+    let stored: Vec<_> = ["j0", "j2"].iter().map(|id| edge.job(id).unwrap().clone()).collect();
+    let (mut edge, effects) = Edge::restore(cfg, stored, vec![], Some(alerts), 30);
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Forget { .. })), "{effects:?}");
+    // Its retry is made (from the whole record read back) and taken: now it goes.
+    let effects = edge.tick(2_002);
+    assert!(effects.iter().any(|e| matches!(e, Effect::Recall { job_id } if job_id == "j0")), "{effects:?}");
+    let again = post_id(&edge.recalled(2_003, "j0", Ok(Some(record)))).expect("the retry");
+    let effects = edge.posted(2_004, &again, Ok(200));
+    assert!(effects.iter().any(|e| matches!(e, Effect::Forget { job_id } if job_id == "j0")), "{effects:?}");
+    assert!(edge.job("j0").is_none() && edge.job("j2").is_some());
+}
+
 #[test]
 fn memory_keeps_an_ended_job_as_its_header_and_a_live_one_whole() {
     let spec = serde_json::from_value(json!({"prompt": "p".repeat(10_000), "timeout_ms": 1000})).unwrap();
