@@ -265,11 +265,9 @@ impl Edge {
         effects
     }
 
-    /// A verified probe: the welcome an agent would get (signed over the probe's nonce, so
-    /// whoever sent it can check the edge's key as the agent does), then the connection
-    /// closed. The session never becomes an agent's: no older connection is replaced, no
-    /// job reconciled, nothing saved, the agent not counted as connected.
-    fn answer_probe(&mut self, now: Now, session_id: &str, hello: &Hello, edge_public: String, effects: &mut Vec<Effect>) {
+    /// The signed welcome answering a verified hello (or probe) on this connection: over
+    /// the agent's nonce, with the edge's X25519 key for it.
+    fn welcome_for(&self, now: Now, session_id: &str, hello: &Hello, edge_public: String) -> Effect {
         let welcome = Welcome {
             protocol: PROTOCOL_VERSION,
             agent_id: hello.agent_id.clone(),
@@ -282,7 +280,15 @@ impl Edge {
             issued_at: now.wall,
         };
         let envelope = Envelope::seal(Domain::Welcome, &welcome, &self.cfg.signing_key);
-        effects.push(Effect::Send { session: session_id.to_string(), text: EdgeMessage::Welcome { envelope }.to_text() });
+        Effect::Send { session: session_id.to_string(), text: EdgeMessage::Welcome { envelope }.to_text() }
+    }
+
+    /// A verified probe: the welcome an agent would get (signed over the probe's nonce, so
+    /// whoever sent it can check the edge's key as the agent does), then the connection
+    /// closed. The session never becomes an agent's: no older connection is replaced, no
+    /// job reconciled, nothing saved, the agent not counted as connected.
+    fn answer_probe(&mut self, now: Now, session_id: &str, hello: &Hello, edge_public: String, effects: &mut Vec<Effect>) {
+        effects.push(self.welcome_for(now, session_id, hello, edge_public));
         info!(agent_id = %hello.agent_id, session = session_id, "an agent's keys checked by a probe (claude-runner doctor); its connection, if any, is untouched");
         let done = Refused::new(close::PROBED, "probe answered: the keys agree; this connection was only a check");
         self.close(now, session_id, done, effects);
@@ -332,20 +338,8 @@ impl Edge {
         session.agent_mut().expect("just made ready").report(hello.oauth.clone(), now);
         let hold = session.agent().and_then(|a| a.usage_hold_until);
         let saved = Effect::SaveSession(Box::new(session.clone()));
-        let welcome = Welcome {
-            protocol: PROTOCOL_VERSION,
-            agent_id: agent_id.clone(),
-            pool: self.cfg.pool.clone(),
-            agent_nonce: hello.agent_nonce.clone(),
-            ephemeral: edge_public,
-            session_id: session_id.to_string(),
-            heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
-            lost_after_ms: Some(self.cfg.lost_after_ms),
-            issued_at: now.wall,
-        };
-        let envelope = Envelope::seal(Domain::Welcome, &welcome, &self.cfg.signing_key);
         effects.push(saved);
-        effects.push(Effect::Send { session: session_id.to_string(), text: EdgeMessage::Welcome { envelope }.to_text() });
+        effects.push(self.welcome_for(now, session_id, &hello, edge_public));
         self.last_oauth = Some((agent_id.clone(), hello.oauth.clone()));
         self.keep_usage_hold(hold, effects);
         self.offline_since = None;
