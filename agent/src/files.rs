@@ -208,6 +208,40 @@ fn read_at_most(file: std::fs::File, path: &Path, max: usize, what: &str) -> std
 /// as it is reached, by descriptor: by path, one deeper than a path may name was never
 /// reached.
 pub fn remove_tree(top: &Path) -> std::io::Result<()> {
+    remove_tree_inner(top)
+}
+
+/// The entries under `top` (a folder, not followed if it is a link) that are neither a
+/// plain file nor a folder — FIFOs, sockets, devices, symbolic links — none followed; at
+/// most `max` of them. Why: libgit2 opens what it finds in a repository's folder by path,
+/// and a FIFO a job put there (the agent's user can write its checkout's `.git`, and its
+/// mirror through the checkout's alternates) blocked that open for ever — the job, its
+/// slot, every later fetch of the repository, and the agent's exit and start with it.
+pub fn odd_entries(top: &Path, max: usize) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut found = Vec::new();
+    if !std::fs::symlink_metadata(top)?.is_dir() {
+        found.push(top.to_path_buf());
+        return Ok(found);
+    }
+    let mut stack = vec![top.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if !kind.is_file() {
+                found.push(entry.path());
+                if found.len() >= max {
+                    return Ok(found);
+                }
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn remove_tree_inner(top: &Path) -> std::io::Result<()> {
     if !std::fs::symlink_metadata(top)?.is_dir() {
         return std::fs::remove_file(top);
     }

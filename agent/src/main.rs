@@ -300,6 +300,11 @@ fn main() {
         eprintln!("claude-runner: {}", shared::text::one_line(&format!("{e:#}")));
         std::process::exit(1);
     }
+    // Dropping the runtime waits for every blocking-pool thread: one stuck in libgit2 (a
+    // git server sending a byte at a time, within its read timeout) kept an agent that had
+    // drained and said "agent stopped" from exiting. Its work is given up: exit now.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    std::process::exit(0);
 }
 
 /// A command whose output is for a person or a pipe ends quietly when that pipe closes

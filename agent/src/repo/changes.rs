@@ -43,11 +43,25 @@ pub struct Patch {
     pub files: Vec<FileChange>,
 }
 
+/// Opens the checkout at `dir` after Claude ran, once its `.git` is a folder holding only
+/// files and folders: libgit2 opens what it finds there by path (config, HEAD, refs, the
+/// index, `commondir`, a `.git` file naming another folder), and a FIFO a job put there
+/// blocked the job's hand-back for ever — its slot, the agent's drain and exit with it.
+fn open_checkout(dir: &Path, action: &'static str) -> Result<Repository, RepoError> {
+    let git = dir.join(".git");
+    let odd = crate::files::odd_entries(&git, 1).map_err(|e| local(action, e))?;
+    if let Some(odd) = odd.first() {
+        let shown = odd.strip_prefix(dir).unwrap_or(odd).display().to_string();
+        return Err(RepoError::OddGitEntry { path: one_line(&shown) });
+    }
+    Repository::open(dir).map_err(|e| local(action, e.message()))
+}
+
 /// Stages everything in the checkout's working tree: the tree Claude left behind, to push.
 /// `abort` stops it between two files.
 pub fn stage(dir: &Path, base: Oid, abort: &AtomicBool) -> Result<Staged, RepoError> {
     let action = "collect the job's changes";
-    let repo = Repository::open(dir).map_err(|e| local(action, e.message()))?;
+    let repo = open_checkout(dir, action)?;
     // Sizes first, from the file system: nothing too big is ever read.
     if changed_bytes(&repo)? <= IN_MEMORY_MAX_BYTES {
         repo.odb().and_then(|odb| odb.add_new_mempack_backend(IN_MEMORY_PRIORITY).map(drop)).map_err(|e| local(action, e.message()))?;
@@ -93,7 +107,7 @@ fn too_big(path: &str, bytes: u64) -> Result<(), RepoError> {
 /// `max_bytes` (on a line boundary), and every changed path. Reads files; writes nothing.
 pub fn patch(dir: &Path, base: Oid, max_bytes: usize) -> Result<Patch, RepoError> {
     let action = "compute the diff";
-    let repo = Repository::open(dir).map_err(|e| local(action, e.message()))?;
+    let repo = open_checkout(dir, action)?;
     let old = repo.find_commit(base).and_then(|c| c.tree()).map_err(|e| local(action, e.message()))?;
     let mut options = DiffOptions::new();
     options.context_lines(3).include_untracked(true).recurse_untracked_dirs(true).show_untracked_content(true);
@@ -168,7 +182,9 @@ impl Staged {
         }
         for (commit, diff) in self.own_commits()? {
             let (author, committer) = (commit.author(), commit.committer());
-            let said = [commit.message_bytes(), author.name_bytes(), author.email_bytes(), committer.name_bytes(), committer.email_bytes()];
+            // The whole header, not only the names: any other line (`gpgsig`, `mergetag`,
+            // one made up) travels with the commit too.
+            let said = [commit.message_bytes(), commit.raw_header_bytes(), author.name_bytes(), author.email_bytes(), committer.name_bytes(), committer.email_bytes()];
             if said.iter().any(|text| is_secret(&String::from_utf8_lossy(text))) || added_lines_hold(&self.repo, &diff, &is_secret)? {
                 return Ok(true);
             }

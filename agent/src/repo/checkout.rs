@@ -5,7 +5,7 @@
 
 use super::error::{local, RepoError};
 use super::mirror::Fetched;
-use super::settings::MAX_CHECKOUT_FILE_BYTES;
+use super::settings::{MAX_CHECKOUT_ENTRIES, MAX_CHECKOUT_FILE_BYTES};
 use git2::{build::CheckoutBuilder, ObjectType, Oid, Repository, TreeWalkMode, TreeWalkResult};
 use std::path::{Path, PathBuf};
 
@@ -97,7 +97,7 @@ pub fn create(mirror_dir: &Path, fetched: Option<&Fetched>, dir: &Path, branch: 
     let start_commit = match &start {
         Start::Branch(_, commit) | Start::Detached(commit) => *commit,
     };
-    fits(&mirror, start_commit, max_bytes, MAX_CHECKOUT_FILE_BYTES, url)?;
+    fits(&mirror, start_commit, (max_bytes, MAX_CHECKOUT_FILE_BYTES, MAX_CHECKOUT_ENTRIES), url)?;
     std::fs::create_dir_all(dir).map_err(|e| local(action, e))?;
     let repo = Repository::init(dir).map_err(|e| local(action, e.message()))?;
     let objects = mirror_dir.canonicalize().map_err(|e| local(action, e))?.join("objects");
@@ -126,12 +126,20 @@ pub fn create(mirror_dir: &Path, fetched: Option<&Fetched>, dir: &Path, branch: 
 /// is written: sizes from the objects' headers, nothing read whole. A few packed megabytes
 /// (files of zeros) unpacked to gigabytes, and one file of 20 GiB, which libgit2 holds
 /// whole in memory as it writes it, took the agent down with every job it ran.
-pub(super) fn fits(repo: &Repository, commit: Oid, max_bytes: u64, max_file: u64, url: &str) -> Result<(), RepoError> {
+pub(super) fn fits(repo: &Repository, commit: Oid, (max_bytes, max_file, max_entries): (u64, u64, u64), url: &str) -> Result<(), RepoError> {
     let action = "measure the checkout";
     let tree = repo.find_commit(commit).and_then(|c| c.tree()).map_err(|e| local(action, e.message()))?;
     let odb = repo.odb().map_err(|e| local(action, e.message()))?;
-    let (mut total, mut refused) = (0u64, None);
+    let (mut total, mut entries, mut refused) = (0u64, 0u64, None);
     let walked = tree.walk(TreeWalkMode::PreOrder, |folder, entry| {
+        // Entries are counted too: a tree may name one subtree many times, so a few
+        // kilobytes made millions of empty files (inodes, and a walk of days).
+        entries += 1;
+        if entries > max_entries {
+            let what = format!("it has more than {max_entries} files and folders");
+            refused = Some(RepoError::CheckoutTooBig { url: url.to_string(), commit: commit.to_string(), what });
+            return TreeWalkResult::Abort;
+        }
         if entry.kind() != Some(ObjectType::Blob) {
             return TreeWalkResult::Ok;
         }

@@ -33,6 +33,10 @@ pub enum RepoError {
     CheckoutTimedOut { url: String, timeout_ms: u64 },
     #[error("{url} at {commit} is too large to check out ({what}), and nothing ran: start from a smaller branch or commit, or raise REPO_MAX_CHECKOUT_BYTES on the runner machine (a file over 1 GiB is never checked out)")]
     CheckoutTooBig { url: String, commit: String, what: String },
+    #[error("the checkout's `{path}` is neither a file nor a folder (a FIFO, a link, a device: a command of the job made it), so the job's changes were not read and nothing was pushed: ask Claude not to change the repository's .git folder")]
+    OddGitEntry { path: String },
+    #[error("handing back the job's changes ({url}) did not end within a minute past the job's timeout_ms and its grace, and was given up: a push may or may not have reached the server, so look at the branch there before running the job again")]
+    HandBackAbandoned { url: String },
     #[error("`working_dir` `{dir}` {why}: give a folder of the repository, like `packages/api`")]
     WorkingDir { dir: String, why: &'static str },
     #[error("`push_branch` `{branch}` is the repository's default branch, and the runner never pushes to it: name another branch and open a pull request from it")]

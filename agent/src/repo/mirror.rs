@@ -188,6 +188,7 @@ impl MirrorCache {
                 self.changed();
                 continue;
             }
+            remove_odd_entries(&dir);
             if !usable(&dir) {
                 warn!(mirror = %dir.display(), "removing a mirror whose first fetch never finished");
                 let _ = crate::files::remove_tree(&dir);
@@ -375,13 +376,21 @@ fn read_name(dir: &Path) -> Option<String> {
     String::from_utf8(bytes).ok().map(|name| name.trim().to_string())
 }
 
-/// libgit2's process-wide timeouts for servers that accept nothing or send nothing.
+/// libgit2's process-wide options: timeouts for servers that accept nothing or send
+/// nothing, and no config file outside a repository's own is looked for — the agent's
+/// user's `~/.gitconfig`, `$XDG_CONFIG_HOME/git/config`, the system's — since a job of that
+/// user can write (or make a FIFO of) each, and libgit2 opens them as it opens any
+/// repository, before [`own_config`] can replace them: a FIFO there hung every fetch.
 pub fn set_timeouts() {
     static ONCE: std::sync::Once = std::sync::Once::new();
-    // SAFETY: these set process-wide libgit2 options, once, before fetches use them.
+    // SAFETY: these set process-wide libgit2 options, once, at the mirror cache's opening,
+    // before any repository is opened by the agent.
     ONCE.call_once(|| unsafe {
         let _ = git2::opts::set_server_connect_timeout_in_milliseconds(CONNECT_TIMEOUT_MS);
         let _ = git2::opts::set_server_timeout_in_milliseconds(READ_TIMEOUT_MS);
+        for level in [git2::ConfigLevel::System, git2::ConfigLevel::XDG, git2::ConfigLevel::Global, git2::ConfigLevel::ProgramData] {
+            let _ = git2::opts::set_search_path(level, "");
+        }
     });
 }
 
@@ -403,6 +412,16 @@ fn disk_bytes(dir: &Path) -> u64 {
     total
 }
 
+/// Removes from a mirror what the agent never writes into one and libgit2 would open and
+/// wait on: a FIFO (or a link to one) a job put at `packed-refs` or a ref hung every later
+/// fetch of the repository, and, through [`MirrorCache::recover`], the agent's start.
+fn remove_odd_entries(dir: &Path) {
+    for odd in crate::files::odd_entries(dir, usize::MAX).unwrap_or_default() {
+        warn!(mirror = %dir.display(), entry = %odd.display(), "removing what is neither a file nor a folder from a mirror (a job's doing)");
+        let _ = std::fs::remove_file(&odd);
+    }
+}
+
 /// Whether a mirror has a commit to start from.
 fn usable(dir: &Path) -> bool {
     Repository::open_bare(dir).is_ok_and(|r| r.head().and_then(|h| h.peel_to_commit()).is_ok())
@@ -419,6 +438,7 @@ const MIRROR_CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tfilemode =
 /// (history rewritten). Refs need nothing here: each fetch sets them all from the server.
 fn reset_files(dir: &Path) -> Result<(), RepoError> {
     let action = "restore the mirror";
+    remove_odd_entries(dir);
     crate::files::write_atomically(&dir.join("config"), MIRROR_CONFIG.as_bytes(), false).map_err(|e| local(action, e))?;
     for planted in ["objects/info/alternates", "info/grafts", "shallow"] {
         match std::fs::remove_file(dir.join(planted)) {

@@ -49,6 +49,10 @@ pub struct CheckoutSignals {
     pub done: tokio::sync::oneshot::Sender<()>,
 }
 
+/// How long a hand-back given up at the job's end (plus its grace) is waited for before
+/// the job ends without knowing how its push ended.
+const HAND_BACK_ABANDON: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A job's repository, checked out and ready for Claude.
 pub struct Prepared {
     lease: Lease,
@@ -166,6 +170,7 @@ impl Prepared {
         }
         let settings = repos.settings.clone();
         let source = repos.source(&self.url);
+        let shown = source.url.clone();
         let spec = spec.clone();
         let message = spec.commit_message.clone().unwrap_or_else(|| format!("Changes by Claude Runner job {job_id}"));
         let abort = Arc::new(AtomicBool::new(false));
@@ -215,7 +220,13 @@ impl Prepared {
             done = &mut work => done,
             _ = tokio::time::sleep_until(give_up_at) => {
                 stop.store(true, Ordering::SeqCst);
-                work.await
+                // A push under way is waited for, so the result says how it ended on the
+                // server; bounded, since libgit2 may not return (a server sending a byte at
+                // a time): the job's slot is not held for ever.
+                match tokio::time::timeout(HAND_BACK_ABANDON, work).await {
+                    Ok(done) => done,
+                    Err(_) => Ok(Err(RepoError::HandBackAbandoned { url: shown })),
+                }
             }
         };
         done.unwrap_or_else(|e| Err(local("collect the job's changes", e)))

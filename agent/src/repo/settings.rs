@@ -17,6 +17,9 @@ pub const DEFAULT_MAX_CHECKOUT_BYTES: u64 = 20 * 1024 * 1024 * 1024;
 /// writes it, so one of 20 GiB (some 20 MB packed) took the agent, and every job it ran,
 /// down with it.
 pub const MAX_CHECKOUT_FILE_BYTES: u64 = 1024 * 1024 * 1024;
+/// The most files and folders a checkout makes: a tree naming one subtree ten times, ten
+/// levels deep, is a few kilobytes and 10^10 empty files.
+pub const MAX_CHECKOUT_ENTRIES: u64 = 1_000_000;
 pub const DEFAULT_AUTHOR_NAME: &str = "Claude Runner";
 pub const DEFAULT_AUTHOR_EMAIL: &str = "claude-runner@localhost";
 /// The largest `MAX_DIFF_BYTES`: a result must fit one WebSocket frame with room to spare.

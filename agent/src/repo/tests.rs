@@ -657,9 +657,13 @@ async fn a_checkout_too_large_in_all_or_in_one_file_is_refused_before_it_is_writ
     assert!(!dir.join("README.md").exists(), "nothing written");
     let mirror = git2::Repository::open_bare(&lease.dir).unwrap();
     let head = mirror.refname_to_id("refs/heads/main").unwrap();
-    let err = checkout::fits(&mirror, head, u64::MAX, 20, "file://server").err().unwrap();
+    let err = checkout::fits(&mirror, head, (u64::MAX, 20, u64::MAX), "file://server").err().unwrap();
     assert!(err.to_string().contains("`old.txt` is 0 MiB"), "the file over the cap is named: {err}");
-    checkout::fits(&mirror, head, u64::MAX, 1 << 20, "file://server").unwrap();
+    // Entries count, files and folders: a tree naming one subtree many times is a few
+    // bytes and millions of empty files (hostile review rev23, F3).
+    let err = checkout::fits(&mirror, head, (u64::MAX, u64::MAX, 3), "file://server").err().unwrap();
+    assert!(err.to_string().contains("more than 3 files and folders"), "{err}");
+    checkout::fits(&mirror, head, (u64::MAX, 1 << 20, 100), "file://server").unwrap();
     // Within both: checked out.
     checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co"), None, "file://server", 1 << 20).unwrap();
 }
@@ -676,4 +680,60 @@ fn a_secret_in_a_binary_file_is_found_across_windows_and_in_utf16() {
     let utf16: Vec<u8> = "x tok-0123456789 y".bytes().flat_map(|b| [b, 0]).collect();
     assert!(changes::binary_holds(&utf16, &secret));
     assert!(!changes::binary_holds(&vec![0xffu8; 3 << 20], &secret));
+}
+
+/// A FIFO a job puts where libgit2 opens a file — its checkout's `.git/config`, its
+/// mirror's `packed-refs` or a ref (found through the checkout's alternates) — hung the
+/// hand-back, every later fetch of the repository, and the agent's start (`recover`), each
+/// for good (hostile review rev23, F1, F2). The checkout's is refused, the mirror's removed.
+#[tokio::test]
+async fn a_fifo_where_libgit2_opens_a_file_is_refused_or_removed_not_waited_on() {
+    let tmp = TempDir::new("fifo-git");
+    let (bare, _, _) = server(tmp.path());
+    let (cache, lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::write(co.dir.join("a.txt"), "a\n").unwrap();
+    std::fs::remove_file(co.dir.join(".git/config")).unwrap();
+    crate::files::pipe_at(&co.dir.join(".git/config"));
+    let (dir, base) = (co.dir.clone(), co.commit);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send((changes::patch(&dir, base, 1 << 20).err(), changes::stage(&dir, base, &AtomicBool::new(false)).err()));
+    });
+    let (patch, stage) = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the hand-back waited on a FIFO");
+    for err in [patch, stage] {
+        let err = err.expect("refused");
+        assert!(matches!(&err, RepoError::OddGitEntry { .. }) && err.to_string().contains(".git/config"), "{err}");
+    }
+    let mirror = lease.dir.clone();
+    drop(lease);
+    for planted in ["packed-refs", "refs/heads/main"] {
+        let _ = std::fs::remove_file(mirror.join(planted));
+        crate::files::pipe_at(&mirror.join(planted));
+        let fetched = tokio::time::timeout(std::time::Duration::from_secs(30), cache.acquire(source(&bare), false)).await;
+        assert!(fetched.expect("a later fetch waited on a FIFO").is_ok(), "{planted}");
+    }
+    crate::files::pipe_at(&mirror.join("packed-refs"));
+    let recovering = Arc::clone(&cache);
+    let recovered = tokio::time::timeout(std::time::Duration::from_secs(30), tokio::task::spawn_blocking(move || recovering.recover())).await;
+    assert!(recovered.is_ok(), "recover waited on a FIFO");
+    assert!(std::fs::symlink_metadata(mirror.join("packed-refs")).is_err(), "the FIFO was removed");
+}
+
+/// Every line of Claude's commits' headers is read for a secret, not only the names and
+/// the message: any other line (`gpgsig`, `mergetag`, one made up) is pushed with it
+/// (hostile review rev23, F5).
+#[tokio::test]
+async fn a_secret_in_a_commit_header_line_is_found() {
+    let tmp = TempDir::new("header-secret");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::write(co.dir.join("a.txt"), "a\n").unwrap();
+    git(&co.dir, &["add", "-A"]);
+    let tree = git(&co.dir, &["write-tree"]);
+    let raw = format!("tree {tree}\nparent {}\nauthor c <c@x> 1700000000 +0000\ncommitter c <c@x> 1700000000 +0000\nx-note tok-0123456789\n\nplain\n", co.commit);
+    std::fs::write(tmp.path().join("raw"), &raw).unwrap();
+    let id = git(&co.dir, &["hash-object", "-t", "commit", "-w", "--literally", tmp.path().join("raw").to_str().unwrap()]);
+    git(&co.dir, &["update-ref", "HEAD", &id]);
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    assert!(staged.adds_secret(|l: &str| l.contains("tok-0123456789")).unwrap());
 }

@@ -44,7 +44,10 @@ impl Edge {
         info!(agent_id, paused = pause, connected = !sessions.is_empty(), "agent {}", if pause { "paused" } else { "resumed" });
         // A pause ends the queued `/execute` jobs only paused agents fit (their callers fall
         // back, as a new one is refused); a resume sends what waits.
-        self.settle_queue(now, &mut effects);
+        match pause {
+            true => self.end_held_back_waits(now, &mut effects),
+            false => self.dispatch(now, &mut effects),
+        }
         let running_jobs = self.active.iter().filter(|id| self.jobs[*id].agent_id.as_deref() == Some(agent_id)).count();
         Ok((AgentControl { agent_id: agent_id.to_string(), paused: pause, connected: !sessions.is_empty(), running_jobs }, effects))
     }

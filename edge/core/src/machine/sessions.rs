@@ -471,6 +471,7 @@ impl Edge {
                 let Some(Beat { running, capacity, oauth, slots, claude_version: version, stopping, .. }) = self.take_beat(now, session_id, &agent_id, beat) else { return };
                 let session = self.session_mut(session_id).expect("session exists");
                 let agent = session.agent_mut().expect("ready session");
+                let began_stopping = stopping && !agent.stopping;
                 if agent.stopping != stopping {
                     info!(agent_id = %agent_id, session = session_id, stopping, "{}", if stopping { "agent stopping: it takes no new jobs, its running ones finish" } else { "agent takes work again" });
                 }
@@ -487,7 +488,11 @@ impl Edge {
                 self.reconcile(now, session_id, &agent_id, &held, Heard::Beat { received: slots.received }, effects);
                 self.stop_ended(now, session_id, &agent_id, &running, effects);
                 // A login that works again, or a usage window that opened, lets held work go;
-                // one that stopped working sends /execute callers elsewhere.
+                // one that stopped working sends /execute callers elsewhere, as does an agent
+                // that stops.
+                if began_stopping {
+                    self.end_held_back_waits(now, effects);
+                }
                 self.settle_queue(now, effects);
             }
             AgentMessage::Credit { slots } => {
