@@ -211,13 +211,17 @@ pub fn remove_tree(top: &Path) -> std::io::Result<()> {
     remove_tree_inner(top)
 }
 
-/// The entries under `top` (a folder, not followed if it is a link) that are neither a
-/// plain file nor a folder — FIFOs, sockets, devices, symbolic links — none followed; at
-/// most `max` of them. Why: libgit2 opens what it finds in a repository's folder by path,
-/// and a FIFO a job put there (the agent's user can write its checkout's `.git`, and its
-/// mirror through the checkout's alternates) blocked that open for ever — the job, its
-/// slot, every later fetch of the repository, and the agent's exit and start with it.
+/// The entries under `top` (a folder, not followed if it is a link) that an `open` by
+/// path could wait on, or lead elsewhere from — FIFOs, devices, symbolic links — and the
+/// folders that cannot be read (a job's `chmod 000`: what is inside is unknown); at most
+/// `max` of them. Sockets are left (opening one fails at once). Why: libgit2 opens what it
+/// finds in a repository's folder by path, and a FIFO a job put there (the agent's user can
+/// write its checkout's `.git`, and its mirror through the checkout's alternates) blocked
+/// that open for ever — the job, its slot, every later fetch of the repository, and the
+/// agent's exit and start with it. An entry that vanishes during the walk is passed over;
+/// no error stops the walk (one unreadable folder hid every FIFO beside it).
 pub fn odd_entries(top: &Path, max: usize) -> std::io::Result<Vec<std::path::PathBuf>> {
+    use std::os::unix::fs::FileTypeExt;
     let mut found = Vec::new();
     if !std::fs::symlink_metadata(top)?.is_dir() {
         found.push(top.to_path_buf());
@@ -225,12 +229,18 @@ pub fn odd_entries(top: &Path, max: usize) -> std::io::Result<Vec<std::path::Pat
     }
     let mut stack = vec![top.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            let kind = entry.file_type()?;
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            found.push(dir);
+            if found.len() >= max {
+                return Ok(found);
+            }
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else { continue };
             if kind.is_dir() {
                 stack.push(entry.path());
-            } else if !kind.is_file() {
+            } else if !kind.is_file() && !kind.is_socket() {
                 found.push(entry.path());
                 if found.len() >= max {
                     return Ok(found);

@@ -49,7 +49,9 @@ pub struct Patch {
 /// blocked the job's hand-back for ever — its slot, the agent's drain and exit with it.
 fn open_checkout(dir: &Path, action: &'static str) -> Result<Repository, RepoError> {
     let git = dir.join(".git");
-    let odd = crate::files::odd_entries(&git, 1).map_err(|e| local(action, e))?;
+    let mut odd = crate::files::odd_entries(&git, 1).map_err(|e| local(action, e))?;
+    // `commondir` sends libgit2 to another folder for config, refs and objects.
+    odd.extend(["commondir", "gitdir"].map(|f| git.join(f)).into_iter().filter(|p| std::fs::symlink_metadata(p).is_ok()));
     if let Some(odd) = odd.first() {
         let shown = odd.strip_prefix(dir).unwrap_or(odd).display().to_string();
         return Err(RepoError::OddGitEntry { path: one_line(&shown) });

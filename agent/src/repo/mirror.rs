@@ -416,9 +416,14 @@ fn disk_bytes(dir: &Path) -> u64 {
 /// wait on: a FIFO (or a link to one) a job put at `packed-refs` or a ref hung every later
 /// fetch of the repository, and, through [`MirrorCache::recover`], the agent's start.
 fn remove_odd_entries(dir: &Path) {
-    for odd in crate::files::odd_entries(dir, usize::MAX).unwrap_or_default() {
-        warn!(mirror = %dir.display(), entry = %odd.display(), "removing what is neither a file nor a folder from a mirror (a job's doing)");
-        let _ = std::fs::remove_file(&odd);
+    let odd = crate::files::odd_entries(dir, usize::MAX).unwrap_or_default();
+    if let Some(first) = odd.first() {
+        warn!(mirror = %dir.display(), count = odd.len(), first = %first.display(), "removing what is neither a file nor a folder (or cannot be read) from a mirror: a job's doing");
+    }
+    for entry in odd {
+        // An unreadable folder goes whole (remove_tree opens it up as it goes).
+        let is_dir = std::fs::symlink_metadata(&entry).is_ok_and(|m| m.is_dir());
+        let _ = if is_dir { crate::files::remove_tree(&entry) } else { std::fs::remove_file(&entry) };
     }
 }
 
@@ -440,7 +445,7 @@ fn reset_files(dir: &Path) -> Result<(), RepoError> {
     let action = "restore the mirror";
     remove_odd_entries(dir);
     crate::files::write_atomically(&dir.join("config"), MIRROR_CONFIG.as_bytes(), false).map_err(|e| local(action, e))?;
-    for planted in ["objects/info/alternates", "info/grafts", "shallow"] {
+    for planted in ["objects/info/alternates", "info/grafts", "shallow", "commondir", "gitdir"] {
         match std::fs::remove_file(dir.join(planted)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(local(action, e)),
             _ => {}

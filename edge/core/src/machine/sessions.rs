@@ -120,7 +120,14 @@ impl Edge {
         let now = now.into();
         self.begin(Origin::Disconnect);
         let mut effects = Vec::new();
+        let was_working = self.session(session_id).and_then(|s| s.agent()).is_some_and(|a| !a.held_back());
         self.drop_session_closed(now, session_id, frame, &mut effects);
+        // The agents left that fit a queued `/execute` may all be paused or stopping now:
+        // it ends, as a new one is refused. (Not where the edge closes a connection itself:
+        // a replaced one's agent is back on the newer connection.)
+        if was_working {
+            self.end_held_back_waits(now, &mut effects);
+        }
         effects
     }
 
@@ -352,6 +359,10 @@ impl Edge {
         let all_named = !hello.more_finished && hello.finished.len() <= MAX_HELLO_FINISHED;
         self.reconcile(now, session_id, &agent_id, &held, Heard::Hello { all_named }, effects);
         self.stop_ended(now, session_id, &agent_id, &hello.running, effects);
+        if paused {
+            // Back paused (restored after an edge restart, or paused while away).
+            self.end_held_back_waits(now, effects);
+        }
         self.settle_queue(now, effects);
         self.observe(now, effects);
     }

@@ -284,6 +284,26 @@ fn a_stopping_agent_finishes_its_jobs_and_execute_falls_back_at_once() {
     assert!(!edge.health(11).agents.iter().any(|a| a.stopping));
 }
 
+/// A queued `/execute` ends as soon as every agent that fits it is held back, whichever way
+/// that comes: the working one leaves (the other paused), or a paused one is all that comes
+/// back (rev23 M3: both left it waiting out its whole queue wait).
+#[test]
+fn a_queued_execute_ends_when_the_only_working_agent_leaves_the_paused_one() {
+    let mut edge = Edge::new(three_agents(), 0);
+    let spark = enter(&mut edge, 0, "spark", 1, 1, "", &[]);
+    enter(&mut edge, 0, "laptop", 2, 1, "", &[]);
+    let h = request(&mut edge, 1, SECRET, "POST", "/agents/laptop/pause", Value::Null);
+    assert_eq!(answer(&h).0, 200);
+    let running = submit(&mut edge, 2, SECRET, json!({"prompt": "x"}));
+    say(&mut edge, 3, &spark, AgentMessage::Accepted { job_id: running });
+    let body = json!({"prompt": "x"}).to_string();
+    edge.submit(4, "w1".into(), ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap(), Mode::Wait).unwrap();
+    assert_eq!(edge.job("w1").unwrap().state, JobState::Queued, "spark is busy, laptop paused: it waits for spark");
+    edge.disconnect(5, &spark);
+    let ended = edge.job("w1").unwrap();
+    assert_eq!((ended.state, ended.result.as_ref().and_then(|r| r.error_code)), (JobState::Failed, Some(shared::contract::ErrorCode::RunnerOffline)), "{ended:?}");
+}
+
 #[test]
 fn health_lists_every_agent_and_is_degraded_while_one_is_down() {
     let mut edge = Edge::new(three_agents(), 0);
