@@ -209,6 +209,7 @@ mod tests {
                 labels: Default::default(),
                 mirrors: Default::default(),
                 paused: false,
+                stopping: false,
             }),
         }
     }
