@@ -196,21 +196,6 @@ fn read_at_most(file: std::fs::File, path: &Path, max: usize, what: &str) -> std
     Ok(bytes)
 }
 
-/// Removes `top` and everything under it, never through a link (a link goes, not what it
-/// points to), as `std::fs::remove_dir_all` does — but without recursing: std recurses
-/// once per level, and a job can leave a chain of folders deeper than any stack (std's
-/// overflowed the blocking pool's 2 MiB at some 15,000 levels, and the agent aborted).
-/// Folders are opened by descriptor from their parent (`openat`, `O_NOFOLLOW`), so a
-/// process the job left running cannot swap a link in to lead the removal elsewhere; at
-/// most [`MAX_OPEN_LEVELS`] are open at once, and a folder deeper than that is moved up
-/// under `top` (`renameat`, the entry itself) and removed from there. A folder closed to
-/// its owner (a job's `chmod 000`, `chmod -w`: the tree is the agent's user's) is opened up
-/// as it is reached, by descriptor: by path, one deeper than a path may name was never
-/// reached.
-pub fn remove_tree(top: &Path) -> std::io::Result<()> {
-    remove_tree_inner(top)
-}
-
 /// The entries under `top` (a folder, not followed if it is a link) that an `open` by
 /// path could wait on, or lead elsewhere from — FIFOs, devices, symbolic links — and the
 /// folders that cannot be read (a job's `chmod 000`: what is inside is unknown); at most
@@ -251,7 +236,18 @@ pub fn odd_entries(top: &Path, max: usize) -> std::io::Result<Vec<std::path::Pat
     Ok(found)
 }
 
-fn remove_tree_inner(top: &Path) -> std::io::Result<()> {
+/// Removes `top` and everything under it, never through a link (a link goes, not what it
+/// points to), as `std::fs::remove_dir_all` does — but without recursing: std recurses
+/// once per level, and a job can leave a chain of folders deeper than any stack (std's
+/// overflowed the blocking pool's 2 MiB at some 15,000 levels, and the agent aborted).
+/// Folders are opened by descriptor from their parent (`openat`, `O_NOFOLLOW`), so a
+/// process the job left running cannot swap a link in to lead the removal elsewhere; at
+/// most [`MAX_OPEN_LEVELS`] are open at once, and a folder deeper than that is moved up
+/// under `top` (`renameat`, the entry itself) and removed from there. A folder closed to
+/// its owner (a job's `chmod 000`, `chmod -w`: the tree is the agent's user's) is opened up
+/// as it is reached, by descriptor: by path, one deeper than a path may name was never
+/// reached.
+pub fn remove_tree(top: &Path) -> std::io::Result<()> {
     if !std::fs::symlink_metadata(top)?.is_dir() {
         return std::fs::remove_file(top);
     }

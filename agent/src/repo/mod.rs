@@ -183,10 +183,8 @@ impl Prepared {
             let mut outcome = Outcome::default();
             if spec.include_diff {
                 let mut patch = changes::patch(dir, base, settings.max_diff_bytes)?;
+                // The paths are redacted with the result's other words (`runner::scrub`).
                 patch.text = redactor.redact(&patch.text);
-                for f in &mut patch.files {
-                    f.path = redactor.redact(&f.path);
-                }
                 outcome.patch = Some(patch);
             }
             if let Some(branch) = spec.push_branch {

@@ -229,13 +229,18 @@ impl Edge {
                 }
             }
         }
+        self.end_queued(now, ended, "queued job ended: no agent that fits it can run it now", effects);
+        self.dispatch(now, effects);
+    }
+
+    /// Ends queued jobs, each with its refusal as its result (its `retry_at` kept).
+    fn end_queued(&mut self, now: Now, ended: Vec<(String, ApiError)>, why: &'static str, effects: &mut Vec<Effect>) {
         for (id, err) in ended {
-            info!(job_id = %id, error_code = ?err.body.error_code, "queued job ended: no agent that fits it can run it now");
+            info!(job_id = %id, error_code = ?err.body.error_code, "{why}");
             let mut result = JobResult::failure(err.body.error_code, err.body.error, 0);
             result.retry_at = err.body.retry_at;
             self.finish(now, &id, result, effects);
         }
-        self.dispatch(now, effects);
     }
 
     /// Ends the queued `/execute` jobs whose fitting agents are now all paused or stopping,
@@ -257,10 +262,7 @@ impl Edge {
                 ended.push((id.clone(), err.clone()));
             }
         }
-        for (id, err) in ended {
-            info!(job_id = %id, error_code = ?err.body.error_code, "queued job ended: every agent that fits it is paused or stopping");
-            self.finish(now, &id, JobResult::failure(err.body.error_code, err.body.error, 0), effects);
-        }
+        self.end_queued(now, ended, "queued job ended: every agent that fits it is paused or stopping", effects);
     }
 
     /// The result of a queued job whose wait ran out: why it could not run, as the agents
