@@ -175,9 +175,9 @@ impl Agent {
         let repos = crate::repo::Repos::open(&cfg.data_dir, cfg.repos.clone()).map_err(|e| {
             anyhow::anyhow!("cannot keep repository mirrors in {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.join("repos").display())
         })?;
-        // Like the spool's markers, the mirrors and workspaces are this agent's alone: what
-        // a killed predecessor left in them goes before the first job.
-        repos.recover();
+        // Like the spool's markers, the workspaces (and the mirrors: `serve` recovers them)
+        // are this agent's alone: what a killed predecessor left in them goes before the
+        // first job.
         let leftovers = crate::workspace::clear_leftovers(&cfg.data_dir.join("workspaces"), cfg.repos.keep_failed_workspaces);
         if leftovers > 0 {
             info!(agent_id = %cfg.agent_id, workspaces = leftovers, "removed the workspaces of jobs the agent was running when it last stopped");

@@ -71,7 +71,7 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 pub(crate) const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What an error that a helper was lost says to look for, after "If it fails again, ".
-pub(crate) const HELPERS_STOPPED: &str = "a process of the agent's user (a job's, perhaps) may be stopping or killing the agent's helpers (`claude-runner __zygote`, `__launcher`; `ps -u $USER -o pid,stat,args` shows them, `T` when stopped): end it, or restart the agent";
+pub(crate) const HELPERS_STOPPED: &str = "a process of the agent's user (a job's, perhaps) may be stopping or killing the agent's helpers (`claude-runner __zygote`, `__launcher`, `__git`; `ps -u $USER -o pid,stat,args` shows them, `T` when stopped): end it, or restart the agent";
 
 /// What Claude is started with: program, folder, arguments, the whole environment.
 pub struct Spawn<'a> {
@@ -213,30 +213,9 @@ impl Default for Launcher {
 }
 
 impl Running {
-    /// Starts a launcher from the one thread that starts them all (spawned on first use,
-    /// never ending): a zygote forked again from here ([`crate::zygote::launcher`]) is this
-    /// thread's child, and it and its launchers get their parent-death signal when this
-    /// thread ends, while the agent's other threads come and go (tokio's blocking pool ends
-    /// a thread idle for 10 s).
+    /// Starts a launcher from the one thread that starts them all ([`on_starter_thread`]).
     fn start() -> std::io::Result<Running> {
-        type Reply = std::sync::mpsc::Sender<std::io::Result<Running>>;
-        static STARTER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Reply>>> = std::sync::OnceLock::new();
-        let starter = STARTER.get_or_init(|| {
-            let (requests, asked) = std::sync::mpsc::channel::<Reply>();
-            let thread = std::thread::Builder::new().name("launcher-starter".into()).spawn(move || {
-                for reply in asked {
-                    let _ = reply.send(Running::spawn());
-                }
-            });
-            if let Err(e) = thread {
-                tracing::warn!(error = %e, "could not start the thread that starts the launcher");
-            }
-            Mutex::new(requests)
-        });
-        let (reply, answer) = std::sync::mpsc::channel();
-        let gone = || std::io::Error::other("the agent's thread that starts its launcher is gone: restart the agent");
-        starter.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).send(reply).map_err(|_| gone())?;
-        answer.recv().map_err(|_| gone())?
+        on_starter_thread(Running::spawn)?
     }
 
     /// The zygote clones it, given a copy of its end of the socket: the agent keeps its own
@@ -251,6 +230,35 @@ impl Running {
         let pidfd = crate::pidfd::open(process.pid as u32).ok();
         Running { socket, peer, process, pidfd }
     }
+}
+
+/// Runs `f` on the one thread that starts every launcher and git worker (spawned on first
+/// use, never ending), and waits for it: a zygote forked again there
+/// ([`crate::zygote::launcher`]) is that thread's child, and it, its launchers and workers
+/// get their parent-death signal when that thread ends, while the agent's other threads
+/// come and go (tokio's blocking pool ends a thread idle for 10 s).
+pub(crate) fn on_starter_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> std::io::Result<T> {
+    type Task = Box<dyn FnOnce() + Send>;
+    static STARTER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Task>>> = std::sync::OnceLock::new();
+    let starter = STARTER.get_or_init(|| {
+        let (requests, asked) = std::sync::mpsc::channel::<Task>();
+        let thread = std::thread::Builder::new().name("launcher-starter".into()).spawn(move || {
+            for task in asked {
+                task();
+            }
+        });
+        if let Err(e) = thread {
+            tracing::warn!(error = %e, "could not start the thread that starts the launcher");
+        }
+        Mutex::new(requests)
+    });
+    let (reply, answer) = std::sync::mpsc::channel();
+    let gone = || std::io::Error::other("the agent's thread that starts its launcher is gone: restart the agent");
+    let task: Task = Box::new(move || {
+        let _ = reply.send(f());
+    });
+    starter.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).send(task).map_err(|_| gone())?;
+    answer.recv().map_err(|_| gone())
 }
 
 /// A launcher process: the agent's child (the zygote clones it as such), so its pid is the

@@ -162,6 +162,20 @@ pub fn home() -> PathBuf {
     std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
 }
 
+/// The unit tests' zygote, forked before the test harness starts its threads, as `main`
+/// forks the agent's before anything: the repository tests' git workers are cloned from it
+/// and use libgit2, whose locks another test's thread could hold at a later fork (a
+/// zygote forked then would copy them locked, and a worker wait on them for ever).
+#[cfg(test)]
+#[used]
+#[link_section = ".init_array"]
+static FORK_THE_ZYGOTE_FIRST: extern "C" fn() = {
+    extern "C" fn fork_the_zygote() {
+        zygote::start();
+    }
+    fork_the_zygote
+};
+
 fn main() {
     // First: most commands hold a secret (the agent's keys, Claude's login, the runner
     // secret), and a process of the same user may open a dumpable process's memory. What is
@@ -214,8 +228,6 @@ fn main() {
     }
     runtime::init_logging(cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
-    // Before any thread starts: libgit2's set-up writes the process environment.
-    repo::init_libgit2();
     // One runtime thread. A job's path hops between the connection's task, the serve loop
     // and the job's task; on two workers each hop was a futex wake of the other thread and
     // an epoll round (as on the edge before it went to one thread). What may block goes to

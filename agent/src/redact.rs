@@ -114,8 +114,13 @@ fn hash(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0u64, |h, &b| h.wrapping_mul(BASE).wrapping_add(b as u64))
 }
 
-#[derive(Debug, Clone, Default)]
+/// Sent to another process (the git worker's hand-back, `repo::worker`) as the secrets it
+/// was made from, and made again there.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(into = "Vec<String>", from = "Vec<String>")]
 pub struct Redactor {
+    /// What it was made from.
+    secrets: Vec<String>,
     forms: Vec<Vec<u8>>,
     sets: Vec<WindowSet>,
     /// The widest window: how much of a field's end a [`Carry`] keeps.
@@ -140,12 +145,25 @@ impl Decoded {
     }
 }
 
+impl From<Redactor> for Vec<String> {
+    fn from(redactor: Redactor) -> Vec<String> {
+        redactor.secrets
+    }
+}
+
+impl From<Vec<String>> for Redactor {
+    fn from(secrets: Vec<String>) -> Redactor {
+        Redactor::new(secrets)
+    }
+}
+
 impl Redactor {
     pub fn new(secrets: impl IntoIterator<Item = String>) -> Redactor {
+        let secrets: Vec<String> = secrets.into_iter().filter(|s| s.len() >= MIN_SECRET).collect();
         let mut by_width: HashMap<usize, Vec<Vec<u8>>> = HashMap::new();
-        for secret in secrets.into_iter().filter(|s| s.len() >= MIN_SECRET) {
+        for secret in &secrets {
             let fragment = fragment_len(secret.len());
-            for (form, chars_per_byte, slack) in encodings(&secret, fragment) {
+            for (form, chars_per_byte, slack) in encodings(secret, fragment) {
                 // A window spans `fragment` bytes of the secret in this form's characters
                 // (less the bytes the form may lose at the edges of a piece).
                 let width = (((fragment - slack) as f64) * chars_per_byte).ceil() as usize;
@@ -155,7 +173,7 @@ impl Redactor {
                 }
             }
         }
-        let mut redactor = Redactor::default();
+        let mut redactor = Redactor { secrets: secrets.clone(), ..Redactor::default() };
         let mut widths: Vec<usize> = by_width.keys().copied().collect();
         widths.sort_unstable();
         for width in widths {

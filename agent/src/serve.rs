@@ -23,6 +23,10 @@ pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<Request>
     info!(agent_id = %cfg.agent_id, edge = %cfg.connect_url, capacity = cfg.max_concurrent_jobs, claude = %cfg.claude_bin, "agent starting");
     // Off the runtime thread: it reads DATA_DIR (the spool, the session log) whole.
     let (agent, queues) = tokio::task::spawn_blocking(move || Agent::new(cfg)).await.map_err(|e| anyhow::anyhow!("the agent failed while starting: {e}"))??;
+    // What a killed predecessor left in the mirrors goes before the first job (a git
+    // worker checks each mirror, so after `Agent::new`, off the runtime thread).
+    agent.repos.recover().await;
+    agent.status.mirrors(agent.repos.mirror_names());
     if let Err(e) = crate::process::start_launcher() {
         // Each job tries again, and fails with this in its error if it still cannot.
         warn!(agent_id = %agent.cfg.agent_id, error = %e, "could not start the launcher that starts Claude");

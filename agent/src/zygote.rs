@@ -172,6 +172,21 @@ pub fn stop() {
 /// within [`LAUNCHER_WITHIN`]: a zygote that does not answer by then is ended, and the
 /// next call forks a new one.
 pub fn launcher() -> std::io::Result<(UnixStream, OwnedFd, libc::pid_t)> {
+    clone_helper(LAUNCHER)
+}
+
+/// A new git worker ([`crate::repo::worker`]), the agent's child: the agent's end of its
+/// socket and its pid. As [`launcher`], but the agent keeps no copy of the worker's end
+/// (its death is then the socket's end).
+pub fn git_worker() -> std::io::Result<(UnixStream, libc::pid_t)> {
+    clone_helper(GIT_WORKER).map(|(ours, _theirs, pid)| (ours, pid))
+}
+
+/// What the zygote is asked to clone: a launcher, or a git worker.
+const LAUNCHER: u8 = b'L';
+const GIT_WORKER: u8 = b'G';
+
+fn clone_helper(kind: u8) -> std::io::Result<(UnixStream, OwnedFd, libc::pid_t)> {
     let deadline = std::time::Instant::now() + LAUNCHER_WITHIN;
     let mut zygote = ZYGOTE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut retried = false;
@@ -182,7 +197,7 @@ pub fn launcher() -> std::io::Result<(UnixStream, OwnedFd, libc::pid_t)> {
         let running = zygote.as_mut().expect("just forked");
         let (ours, theirs) = UnixStream::pair()?;
         let theirs = OwnedFd::from(theirs);
-        match running.ask(&theirs, deadline.saturating_duration_since(std::time::Instant::now())) {
+        match running.ask(kind, &theirs, deadline.saturating_duration_since(std::time::Instant::now())) {
             Ok(answer) => return answer.map(|pid| (ours, theirs, pid)),
             Err(e) => {
                 if let Some(gone) = zygote.take() {
@@ -245,9 +260,9 @@ impl Zygote {
 
     /// One launcher asked for. `Err`: the conversation failed (the zygote is gone or
     /// stuck); `Ok(Err)`: the zygote's clone failed (`EAGAIN`: out of processes).
-    fn ask(&mut self, socket: &OwnedFd, within: std::time::Duration) -> std::io::Result<std::io::Result<libc::pid_t>> {
+    fn ask(&mut self, kind: u8, socket: &OwnedFd, within: std::time::Duration) -> std::io::Result<std::io::Result<libc::pid_t>> {
         self.cloned.take();
-        send_with_fds(self.socket.as_raw_fd(), b"L", &[socket.as_raw_fd()])?;
+        send_with_fds(self.socket.as_raw_fd(), &[kind], &[socket.as_raw_fd()])?;
         let pidfd = self.pidfd.as_ref().map_or(-1, AsRawFd::as_raw_fd);
         answered_or_dead("the zygote", self.socket.as_raw_fd(), pidfd, self.pid, within)?;
         let mut answer = [0u8; 4];
@@ -358,9 +373,12 @@ fn live(socket: RawFd, cloned: *mut libc::pid_t, agent: libc::pid_t) -> ! {
                 // the shared page, mapped for the zygote's life.
                 let pid = unsafe { crate::rawsys::clone_sibling(cloned) };
                 if pid == 0 {
-                    // SAFETY: the zygote's socket is not the launcher's to hold.
+                    // SAFETY: the zygote's socket is not the launcher's (or worker's) to hold.
                     unsafe { libc::close(socket) };
-                    crate::launcher::serve(end, agent);
+                    match byte[0] {
+                        GIT_WORKER => crate::repo::worker::serve(end, agent),
+                        _ => crate::launcher::serve(end, agent),
+                    }
                 }
                 #[cfg(test)]
                 tests::hook_after_clone();
@@ -461,6 +479,9 @@ mod tests {
     /// and reaps it with the zygote, and the launcher asked for comes from a new zygote.
     #[test]
     fn a_launcher_whose_zygote_died_before_answering_is_reaped() {
+        if !in_own_process("zygote::tests::a_launcher_whose_zygote_died_before_answering_is_reaped") {
+            return;
+        }
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         stop();
         assert_eq!(my_children(), Vec::<libc::pid_t>::new());
@@ -484,6 +505,9 @@ mod tests {
     /// what to do; the next start forks a new zygote and gets its launcher.
     #[test]
     fn a_start_whose_zygotes_are_all_stopped_fails_at_once_and_the_next_forks_again() {
+        if !in_own_process("zygote::tests::a_start_whose_zygotes_are_all_stopped_fails_at_once_and_the_next_forks_again") {
+            return;
+        }
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         stop();
         STOP_WHEN_ASKED.store(true, Ordering::SeqCst);
@@ -500,8 +524,24 @@ mod tests {
         stop();
     }
 
-    /// Set in the process of its own that [`a_zygote_forked_after_a_raise_keeps_none_of_the_agents_stdin_and_stdout`] runs in.
+    /// Set in a process of its own that a test runs in ([`in_own_process`]).
     const OWN_PROCESS: &str = "CLAUDE_RUNNER_TEST_ZYGOTE_OWN_PROCESS";
+
+    /// Whether to run the test `name` here: true in a process of its own (this test binary
+    /// again, that test alone), which this starts when not in one, checking it passed. For
+    /// the tests that stop, kill or fork again this process's zygote, or change what the
+    /// process holds: the other tests' git workers must come from the zygote forked before
+    /// the test harness started its threads (`main.rs`), which copied no lock they hold.
+    fn in_own_process(name: &str) -> bool {
+        if std::env::var_os(OWN_PROCESS).is_some() {
+            return true;
+        }
+        let exe = std::env::current_exe().expect("this test binary");
+        let run = std::process::Command::new(exe).args([name, "--exact", "--test-threads=1"]).env(OWN_PROCESS, "1").output().expect("the test binary runs");
+        let said = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+        assert!(run.status.success() && said.contains("1 passed"), "in a process of its own: {said}");
+        false
+    }
 
     /// A zygote forked again from a `claude-runner up` that raised its descriptor limit, with
     /// `up` holding more descriptors than the limit it started with: the limit, lowered
@@ -513,12 +553,7 @@ mod tests {
     /// reader sees its end only if the zygote holds it no more.
     #[test]
     fn a_zygote_forked_after_a_raise_keeps_none_of_the_agents_stdin_and_stdout() {
-        const NAME: &str = "zygote::tests::a_zygote_forked_after_a_raise_keeps_none_of_the_agents_stdin_and_stdout";
-        if std::env::var_os(OWN_PROCESS).is_none() {
-            let exe = std::env::current_exe().expect("this test binary");
-            let run = std::process::Command::new(exe).args([NAME, "--exact", "--test-threads=1"]).env(OWN_PROCESS, "1").output().expect("the test binary runs");
-            let said = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
-            assert!(run.status.success() && said.contains("1 passed"), "in a process of its own: {said}");
+        if !in_own_process("zygote::tests::a_zygote_forked_after_a_raise_keeps_none_of_the_agents_stdin_and_stdout") {
             return;
         }
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -582,6 +617,9 @@ mod tests {
     /// zygote a job killed is forked again, and the launcher asked for meanwhile still comes.
     #[test]
     fn a_launcher_is_the_agents_child_and_a_killed_zygote_is_replaced() {
+        if !in_own_process("zygote::tests::a_launcher_is_the_agents_child_and_a_killed_zygote_is_replaced") {
+            return;
+        }
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let (ours, peer, first) = launcher().expect("a launcher");
         let zygote = zygote_pid().expect("a zygote");

@@ -36,7 +36,7 @@ const DELTA_MAX_OBJECT_BYTES: i64 = 8 << 20;
 const DELTA_WINDOW_BYTES: i64 = 32 << 20;
 
 /// The diff a result carries.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Patch {
     pub text: String,
     pub truncated: bool,
@@ -379,6 +379,7 @@ const BINARY_WINDOW: usize = 1 << 20;
 const BINARY_OVERLAP: usize = 16 * 1024;
 
 /// Where `push_branch` goes.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct PushTarget {
     pub url: String,
     pub host: String,

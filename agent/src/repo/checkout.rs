@@ -80,7 +80,7 @@ fn resolve(mirror: &Repository, fetched: Option<&Fetched>, branch: Option<&str>,
         },
     };
     match (named, as_commit()) {
-        (Some((kind, _)), Some(commit)) => Err(RepoError::AmbiguousBranch { branch: branch.to_string(), kind, commit: commit.to_string(), url: url.to_string() }),
+        (Some((kind, _)), Some(commit)) => Err(RepoError::AmbiguousBranch { branch: branch.to_string(), kind: kind.into(), commit: commit.to_string(), url: url.to_string() }),
         (Some((_, start)), None) => Ok(start),
         (None, Some(commit)) => Ok(Start::Detached(commit)),
         (None, None) => Err(not_found()),
@@ -175,7 +175,7 @@ pub fn working_dir(checkout: &Path, dir: Option<&str>) -> Result<PathBuf, RepoEr
     let Some(dir) = dir.filter(|d| !d.is_empty()) else {
         return checkout.canonicalize().map_err(|e| local("open the checkout", e));
     };
-    let bad = |why| RepoError::WorkingDir { dir: dir.to_string(), why };
+    let bad = |why: &'static str| RepoError::WorkingDir { dir: dir.to_string(), why: why.into() };
     // The edge checked it; the side that touches the disk checks again.
     let rel = shared::contract::checked_working_dir(dir).map_err(|_| bad("is not a relative path inside the repository"))?;
     let root = checkout.canonicalize().map_err(|e| local("open the checkout", e))?;

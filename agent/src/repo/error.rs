@@ -3,20 +3,25 @@
 
 use git2::{ErrorClass, ErrorCode};
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Words of an error that are mostly fixed but may come from another process (the git
+/// worker's answer, `super::worker`).
+pub type Text = std::borrow::Cow<'static, str>;
+
+/// Serialisable: most are found in the git worker (`super::worker`) and sent to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum RepoError {
     #[error("the repository host `{host}` is not allowed on this runner: add it to ALLOWED_REPO_HOSTS on the runner machine, or use a repository on an allowed host")]
     HostNotAllowed { host: String },
     #[error("the repository {url} was not found: check `repo_url`{hint}")]
-    NotFound { url: String, hint: &'static str },
+    NotFound { url: String, hint: Text },
     #[error("{url} needs authentication and the runner has no token for {host}: set GITHUB_TOKEN (github.com) or REPO_TOKENS=`{host}=<token>` on the runner machine, or check that `repo_url` names an existing repository")]
     NoToken { url: String, host: String },
     #[error("the git server refused the runner's token for {host}: renew the token (GITHUB_TOKEN for github.com, else REPO_TOKENS) on the runner machine, and check that it can {access} {url}")]
-    TokenRefused { url: String, host: String, access: &'static str },
+    TokenRefused { url: String, host: String, access: Text },
     #[error("`{branch}` is neither a branch, a tag nor a commit of {url}: check `branch` (leave it out for the default branch)")]
     BranchNotFound { branch: String, url: String },
     #[error("`{branch}` names both a {kind} of {url} and the commit {commit}, and the runner will not guess which was meant: send the whole sha ({commit}) to start from the commit, or give the {kind} a name that is not hex")]
-    AmbiguousBranch { branch: String, kind: &'static str, commit: String, url: String },
+    AmbiguousBranch { branch: String, kind: Text, commit: String, url: String },
     #[error("{url} has no branches yet: push a first commit, or use another repository")]
     Empty { url: String },
     #[error("could not reach {url} ({detail}): check the runner machine's network and `repo_url`, then retry; send \"allow_stale\": true to run on the last fetched state while the server is unreachable")]
@@ -38,7 +43,7 @@ pub enum RepoError {
     #[error("handing back the job's changes ({url}) did not end within a minute past the job's timeout_ms and its grace, and was given up: a push may or may not have reached the server, so look at the branch there before running the job again")]
     HandBackAbandoned { url: String },
     #[error("`working_dir` `{dir}` {why}: give a folder of the repository, like `packages/api`")]
-    WorkingDir { dir: String, why: &'static str },
+    WorkingDir { dir: String, why: Text },
     #[error("`push_branch` `{branch}` is the repository's default branch, and the runner never pushes to it: name another branch and open a pull request from it")]
     PushToDefault { branch: String },
     #[error("the branch `{branch}` already exists on the server and does not lead to the job's commit, and the runner never force-pushes: choose a new `push_branch`, or start the job from that branch (\"branch\": \"{branch}\")")]
@@ -54,7 +59,7 @@ pub enum RepoError {
     #[error("the changes contain a secret of the runner machine (a token), so nothing was pushed: ask Claude not to write credentials into the repository")]
     SecretInChanges,
     #[error("could not {action}: {detail}")]
-    Git { action: &'static str, detail: String },
+    Git { action: Text, detail: String },
 }
 
 /// What the credentials callback saw during one conversation with a git server.
@@ -88,7 +93,7 @@ impl Talk<'_> {
         }
         if self.auth.token_refused {
             let access = if self.pushing { "push to" } else { "read" };
-            return RepoError::TokenRefused { url, host, access };
+            return RepoError::TokenRefused { url, host, access: access.into() };
         }
         if self.auth.needed_without_token {
             return RepoError::NoToken { url, host };
@@ -101,11 +106,11 @@ impl Talk<'_> {
         }
         if lower.contains("status code: 404") || lower.contains("repository not found") || lower.contains("not found") && lower.contains("repository") {
             let hint = " (a private repository the runner's token cannot see also looks like this)";
-            return RepoError::NotFound { url, hint };
+            return RepoError::NotFound { url, hint: hint.into() };
         }
         if lower.contains("status code: 403") {
             let access = if self.pushing { "push to" } else { "read" };
-            return RepoError::TokenRefused { url, host, access };
+            return RepoError::TokenRefused { url, host, access: access.into() };
         }
         if class == ErrorClass::Ssl || code == ErrorCode::Certificate || lower.contains("certificate") {
             return RepoError::Tls { url, detail: message.to_string() };
@@ -113,7 +118,7 @@ impl Talk<'_> {
         if matches!(class, ErrorClass::Net | ErrorClass::Http | ErrorClass::Os) || code == ErrorCode::Timeout {
             return RepoError::Network { url, detail: message.to_string() };
         }
-        RepoError::Git { action: self.action, detail: message.to_string() }
+        RepoError::Git { action: self.action.into(), detail: message.to_string() }
     }
 }
 
@@ -130,7 +135,7 @@ pub use shared::text::one_line;
 /// A local git or file-system step that failed (no server involved).
 pub fn local(action: &'static str, message: impl ToString) -> RepoError {
     let message = one_line(&message.to_string());
-    disk_full(&message).unwrap_or(RepoError::Git { action, detail: message })
+    disk_full(&message).unwrap_or(RepoError::Git { action: action.into(), detail: message })
 }
 
 #[cfg(test)]

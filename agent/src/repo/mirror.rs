@@ -21,6 +21,7 @@
 use super::error::{local, one_line, AuthSeen, RepoError, Talk};
 use super::layout::{self, MirrorUse, NAME_FILE, USED_FILE};
 use super::settings::Token;
+use super::worker::{self, Answer, FetchAnswer, Work};
 use git2::{AutotagOption, Cred, CredentialType, FetchOptions, Oid, RemoteCallbacks, RemoteRedirect, Repository};
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
@@ -38,7 +39,7 @@ const CONNECT_TIMEOUT_MS: i32 = 15_000;
 const READ_TIMEOUT_MS: i32 = 30_000;
 
 /// Where a repository comes from, as a fetch needs it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Source {
     /// [`shared::repo::RepoUrl::name`].
     pub name: String,
@@ -81,12 +82,31 @@ struct FetchState {
 /// What a fetch found on the server: the refs the mirror holds after it, and the default
 /// branch. The agent's own record, in memory: a job can move the mirror's refs on disk
 /// between a fetch and a later job's checkout, not this.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Fetched {
     /// `refs/heads/…` and `refs/tags/…`.
+    #[serde(with = "oid_map")]
     pub refs: HashMap<String, Oid>,
     /// `refs/heads/<default branch>`.
     pub head: String,
+}
+
+/// [`Fetched::refs`] as the git worker sends it: object ids as hex.
+mod oid_map {
+    use git2::Oid;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::collections::HashMap;
+
+    pub fn serialize<S: Serializer>(refs: &HashMap<String, Oid>, s: S) -> Result<S::Ok, S::Error> {
+        refs.iter().map(|(name, oid)| (name, oid.to_string())).collect::<HashMap<_, _>>().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<HashMap<String, Oid>, D::Error> {
+        HashMap::<String, String>::deserialize(d)?
+            .into_iter()
+            .map(|(name, hex)| Ok((name, Oid::from_str(&hex).map_err(serde::de::Error::custom)?)))
+            .collect()
+    }
 }
 
 /// Keeps a mirror from being evicted while it lives.
@@ -115,6 +135,9 @@ pub struct Lease {
     /// What the fetch the job runs on found; None only for a stale lease with no fetch
     /// since the agent started (the mirror's refs on disk are all there is then).
     pub fetched: Option<Arc<Fetched>>,
+    /// The repository's default branch (`main`): as the fetch found it, else as the mirror
+    /// last had it (a stale lease with no fetch since the agent started).
+    on_disk_default: Option<String>,
 }
 
 impl Lease {
@@ -122,7 +145,7 @@ impl Lease {
     pub fn default_branch(&self) -> Option<String> {
         match &self.fetched {
             Some(f) => f.head.strip_prefix("refs/heads/").map(str::to_string),
-            None => default_branch(&self.dir),
+            None => self.on_disk_default.clone(),
         }
     }
 }
@@ -135,15 +158,6 @@ impl Drop for Lease {
     }
 }
 
-/// Sets the flag when dropped: a job that stops waiting aborts its fetch's transfer.
-struct AbortOnDrop(Arc<AtomicBool>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-}
-
 impl MirrorCache {
     pub fn open(root: PathBuf, max_bytes: u64) -> std::io::Result<Arc<MirrorCache>> {
         std::fs::create_dir_all(&root)?;
@@ -153,7 +167,6 @@ impl MirrorCache {
                 let _ = crate::files::remove_tree(&entry.path());
             }
         }
-        set_timeouts();
         Ok(Arc::new(MirrorCache {
             root,
             max_bytes,
@@ -175,7 +188,8 @@ impl MirrorCache {
     /// space, and a mirror whose first fetch never finished has nothing to run on. Only for
     /// the agent itself, at start: no fetch of this cache runs yet, and no other process
     /// fetches into it.
-    pub fn recover(&self) {
+    pub async fn recover(&self) {
+        let mut kept = Vec::new();
         for entry in std::fs::read_dir(&self.root).into_iter().flatten().flatten() {
             let dir = entry.path();
             if entry.file_name().to_string_lossy().starts_with('.') || !dir.is_dir() {
@@ -189,23 +203,26 @@ impl MirrorCache {
                 continue;
             }
             remove_odd_entries(&dir);
-            if !usable(&dir) {
+            clear_leftovers(&dir);
+            kept.push(dir);
+        }
+        if kept.is_empty() {
+            return;
+        }
+        // Opening each takes libgit2, so a worker: one for all of them.
+        let (answer, ()) = worker::run(Work::Usable { dirs: kept.clone() }, (), "check the mirrors", None).await;
+        let usable = match answer {
+            Ok(Answer::Usable(usable)) if usable.len() == kept.len() => usable,
+            other => {
+                warn!(error = ?other.err(), "could not check the mirrors at start; each is checked at its next fetch");
+                return;
+            }
+        };
+        for (dir, usable) in kept.into_iter().zip(usable) {
+            if !usable {
                 warn!(mirror = %dir.display(), "removing a mirror whose first fetch never finished");
                 let _ = crate::files::remove_tree(&dir);
                 self.changed();
-                continue;
-            }
-            let mut stack = vec![dir];
-            while let Some(d) = stack.pop() {
-                for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                    let (path, name) = (entry.path(), entry.file_name().to_string_lossy().into_owned());
-                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                        stack.push(path);
-                    } else if name.ends_with(".lock") || name.contains("_git2_") || crate::files::is_temporary(&entry.file_name()) {
-                        info!(file = %path.display(), "removing a file a killed fetch left in a mirror");
-                        let _ = std::fs::remove_file(&path);
-                    }
-                }
             }
         }
     }
@@ -218,49 +235,41 @@ impl MirrorCache {
     }
 
     /// Brings the repository's mirror up to date (or creates it) and holds it for a job.
-    /// Dropping the future stops the wait and aborts the transfer.
+    /// The fetch runs in a git worker ([`super::worker`]): dropping the future kills it, and
+    /// the repository's fetch lock goes only once it is dead.
     pub async fn acquire(self: &Arc<Self>, source: Source, allow_stale: bool) -> Result<Lease, RepoError> {
         let folder = layout::folder(&source.name);
         let (hold, lock) = self.hold(&folder);
         let asked = Instant::now();
-        let mut lease = Lease { _hold: hold, dir: self.root.join(&folder), stale: false, fetch_ms: 0, fetched: None };
+        let mut lease = Lease { _hold: hold, dir: self.root.join(&folder), stale: false, fetch_ms: 0, fetched: None, on_disk_default: None };
         let guard = lock.lock_owned().await;
         if guard.fetched_from.is_some_and(|t| t >= asked) {
             lease.fetch_ms = asked.elapsed().as_millis() as u64;
             lease.fetched = guard.last.clone();
             return Ok(lease);
         }
-        let abort = Arc::new(AtomicBool::new(false));
-        let _abort = AbortOnDrop(Arc::clone(&abort));
         let (fetch_hold, _) = self.hold(&folder);
-        let dir = lease.dir.clone();
-        let fetching = source.clone();
-        let fetched = tokio::task::spawn_blocking(move || {
-            let (mut guard, _hold) = (guard, fetch_hold);
-            let started = Instant::now();
-            let result = fetch(&dir, &fetching, &abort).map(Arc::new);
-            match &result {
-                Ok(found) => {
-                    guard.fetched_from = Some(started);
-                    guard.last = Some(Arc::clone(found));
-                }
-                // A first fetch that failed leaves nothing worth keeping (or listing).
-                Err(_) if !usable(&dir) => {
-                    let _ = crate::files::remove_tree(&dir);
-                }
-                Err(_) => {}
-            }
-            (result, guard.last.clone())
-        })
-        .await
-        .unwrap_or_else(|e| (Err(local("fetch the repository", e)), None));
-        let (fetched, last) = fetched;
-        lease.fetched = last;
+        let started = Instant::now();
+        let work = Work::Fetch { dir: lease.dir.clone(), source: source.clone() };
+        let (answer, (mut guard, fetch_hold)) = worker::run(work, (guard, fetch_hold), "fetch the repository", None).await;
+        let answer = match answer {
+            Ok(Answer::Fetched(answer)) => answer,
+            Ok(other) => FetchAnswer { result: Err(local("fetch the repository", format!("the git worker answered {other:?}"))), usable: false, default_branch: None },
+            // Whether the mirror is usable is not known: not run on.
+            Err(e) => FetchAnswer { result: Err(e), usable: false, default_branch: None },
+        };
+        if let Ok(found) = &answer.result {
+            guard.fetched_from = Some(started);
+            guard.last = Some(Arc::new(found.clone()));
+        }
+        lease.fetched = guard.last.clone();
+        lease.on_disk_default = answer.default_branch;
+        drop((guard, fetch_hold));
         // A first fetch made the mirror, or a failed one removed it.
         self.changed();
         lease.fetch_ms = asked.elapsed().as_millis() as u64;
-        if let Err(e) = fetched {
-            if !(allow_stale && usable(&lease.dir)) {
+        if let Err(e) = answer.result {
+            if !(allow_stale && answer.usable) {
                 return Err(e);
             }
             warn!(repo = %source.name, error = %e, "fetch failed; the job runs on the mirror's last fetched state (allow_stale)");
@@ -427,8 +436,45 @@ fn remove_odd_entries(dir: &Path) {
     }
 }
 
+/// What a job's fetch (killed with the job) or a killed agent left in the mirror at `dir`:
+/// libgit2's lock files (`*.lock`) would make every later fetch of the repository fail
+/// ("failed to lock file"), its temporary files (`*_git2_*`, such as a pack being
+/// received) only take space. Only where no fetch runs: at the agent's start, or under the
+/// repository's fetch lock, whose last holder is dead.
+fn clear_leftovers(dir: &Path) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let (path, name) = (entry.path(), entry.file_name().to_string_lossy().into_owned());
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(path);
+            } else if name.ends_with(".lock") || name.contains("_git2_") || crate::files::is_temporary(&entry.file_name()) {
+                info!(file = %path.display(), "removing a file a killed fetch left in a mirror");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
+/// In the git worker: [`fetch`], then what the agent needs of the mirror when it failed.
+/// A first fetch that failed leaves nothing worth keeping (or listing): removed.
+pub(super) fn fetch_into(dir: &Path, source: &Source, abort: &AtomicBool) -> FetchAnswer {
+    clear_leftovers(dir);
+    let result = fetch(dir, source, abort);
+    let usable = result.is_ok() || usable(dir);
+    if !usable {
+        let _ = crate::files::remove_tree(dir);
+    }
+    let default_branch = match &result {
+        Ok(found) => found.head.strip_prefix("refs/heads/").map(str::to_string),
+        Err(_) if usable => default_branch(dir),
+        Err(_) => None,
+    };
+    FetchAnswer { result, usable, default_branch }
+}
+
 /// Whether a mirror has a commit to start from.
-fn usable(dir: &Path) -> bool {
+pub(super) fn usable(dir: &Path) -> bool {
     Repository::open_bare(dir).is_ok_and(|r| r.head().and_then(|h| h.peel_to_commit()).is_ok())
 }
 
@@ -615,7 +661,7 @@ fn fetch(dir: &Path, source: &Source, abort: &AtomicBool) -> Result<Fetched, Rep
 }
 
 /// The mirror's default branch (`main` for `refs/heads/main`), as last fetched.
-pub fn default_branch(dir: &Path) -> Option<String> {
+pub(super) fn default_branch(dir: &Path) -> Option<String> {
     let repo = Repository::open_bare(dir).ok()?;
     let head = repo.find_reference("HEAD").ok()?;
     head.symbolic_target().ok()??.strip_prefix("refs/heads/").map(str::to_string)

@@ -8,6 +8,8 @@
 //! - [`mirror`]: the mirror cache (git2 fetches, per-repository locks, leases, eviction).
 //! - [`checkout`]: a job's independent checkout from a mirror; `working_dir` inside it.
 //! - [`changes`]: staging, the diff, `files_changed`, the commit and the push.
+//! - [`worker`]: the process each of those libgit2 operations runs in, killed when the job
+//!   no longer waits for it.
 //!
 //! URL rules live in `shared::repo`, so the edge refuses a bad address before queueing.
 
@@ -17,24 +19,20 @@ pub mod error;
 pub mod layout;
 pub mod mirror;
 pub mod settings;
+pub mod worker;
 
 use crate::redact::Redactor;
-use changes::{Patch, PushTarget};
-use checkout::Checkout;
+use changes::PushTarget;
 use error::{local, RepoError};
 use mirror::{Lease, MirrorCache, Source};
+pub use worker::Outcome;
+use worker::{Answer, CheckoutWork, HandBackWork, PushWork, Stop, Work};
 use settings::RepoSettings;
 use shared::job::{JobResult, JobSpec};
 use shared::repo::RepoUrl;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-
-/// Sets libgit2 up for the whole process. Call it before any other thread starts: its
-/// TLS set-up writes `SSL_CERT_FILE`/`SSL_CERT_DIR` into the environment when unset.
-pub fn init_libgit2() {
-    mirror::set_timeouts();
-}
 
 pub struct Repos {
     pub settings: RepoSettings,
@@ -57,17 +55,12 @@ const HAND_BACK_ABANDON: std::time::Duration = std::time::Duration::from_secs(60
 pub struct Prepared {
     lease: Lease,
     url: RepoUrl,
-    pub checkout: Checkout,
+    /// The job's checkout.
+    pub dir: PathBuf,
+    /// The commit Claude starts from.
+    commit: String,
     /// Where Claude starts: `working_dir` inside the checkout.
     pub cwd: PathBuf,
-}
-
-/// What the job handed back.
-#[derive(Debug, Default)]
-pub struct Outcome {
-    pub patch: Option<Patch>,
-    pub pushed_commit: Option<String>,
-    pub pushed_branch: Option<String>,
 }
 
 impl Repos {
@@ -78,8 +71,8 @@ impl Repos {
 
     /// Clears what an agent killed mid-fetch left in the mirrors (see
     /// [`MirrorCache::recover`]). Only the agent calls it, once, before its first job.
-    pub fn recover(&self) {
-        self.cache.recover();
+    pub async fn recover(&self) {
+        self.cache.recover().await;
     }
 
     /// The repositories whose mirror this agent holds (names as `shared::repo::RepoUrl::name`).
@@ -103,11 +96,11 @@ impl Repos {
     }
 
     /// Checks the host, brings the mirror up to date and makes the job's checkout in
-    /// `workspace` (which must be empty). Dropping the future stops the fetch; a checkout
-    /// under way cannot be stopped (libgit2 offers no way to), so `checkout` says when one
-    /// began and when it has ended: the workspace is removed only then, and the mirror's
-    /// lease is held until then (a timeout or a cancel mid-checkout left the checkout
-    /// writing into a folder being removed, which stayed, and its mirror open to eviction).
+    /// `workspace` (which must be empty), each in a git worker ([`worker`]). Dropping the
+    /// future kills the worker at work; `checkout` says when a checkout began and when it
+    /// has ended, its worker dead: the workspace is removed only then, and the mirror's
+    /// lease is held until then (a checkout cut off by a timeout or a cancel once went on
+    /// writing into a folder being removed, which stayed, its mirror open to eviction).
     pub async fn prepare(&self, spec: &JobSpec, workspace: &Path, checkout: CheckoutSignals) -> Result<Prepared, RepoError> {
         let text = spec.repo_url.as_deref().unwrap_or_default();
         // The edge checked it; the side that fetches checks again.
@@ -122,30 +115,35 @@ impl Repos {
                 return Err(RepoError::PushToDefault { branch: branch.clone() });
             }
         }
-        let (fetched, dir, branch, working_dir, shown, max_bytes) =
-            (lease.fetched.clone(), workspace.to_path_buf(), spec.branch.clone(), spec.working_dir.clone(), url.url(), self.settings.max_checkout_bytes);
+        let work = CheckoutWork {
+            mirror: lease.dir.clone(),
+            fetched: lease.fetched.as_deref().cloned(),
+            dir: workspace.to_path_buf(),
+            branch: spec.branch.clone(),
+            url: url.url(),
+            max_bytes: self.settings.max_checkout_bytes,
+            working_dir: spec.working_dir.clone(),
+        };
         let CheckoutSignals { started, done } = checkout;
         started.store(true, Ordering::SeqCst);
-        // The lease goes with the work and comes back with it: dropped with it if this
-        // future is (then `done`, dropped last, says the workspace is the runner's again).
-        let made = tokio::task::spawn_blocking(move || {
-            let made = checkout::create(&lease.dir, fetched.as_deref(), &dir, branch.as_deref(), &shown, max_bytes)
-                .and_then(|checkout| Ok((checkout::working_dir(&checkout.dir, working_dir.as_deref())?, checkout)));
-            let made = made.map(|(cwd, checkout)| (checkout, cwd, lease));
-            drop(done);
-            made
-        })
-        .await
-        .unwrap_or_else(|e| Err(local("check out the repository", e)))?;
-        let (checkout, cwd, lease) = made;
-        Ok(Prepared { lease, url, checkout, cwd })
+        // `done` and the lease go once the worker is dead (answered, or killed with this
+        // future): the workspace is the runner's again then.
+        let (answer, (done, lease)) = worker::run(Work::Checkout(work), (done, lease), "check out the repository", None).await;
+        drop(done);
+        match answer? {
+            Answer::CheckedOut(made) => {
+                let made = made?;
+                Ok(Prepared { lease, url, dir: workspace.to_path_buf(), commit: made.commit, cwd: made.cwd })
+            }
+            other => Err(local("check out the repository", format!("the git worker answered {other:?}"))),
+        }
     }
 }
 
 impl Prepared {
     /// The commit Claude started from.
     pub fn commit(&self) -> String {
-        self.checkout.commit.to_string()
+        self.commit.clone()
     }
 
     /// The job ran on the mirror's last fetched state because a fetch failed.
@@ -168,67 +166,62 @@ impl Prepared {
         if !spec.include_diff && spec.push_branch.is_none() {
             return Ok(Outcome::default());
         }
-        let settings = repos.settings.clone();
+        let settings = &repos.settings;
         let source = repos.source(&self.url);
-        let shown = source.url.clone();
-        let spec = spec.clone();
-        let message = spec.commit_message.clone().unwrap_or_else(|| format!("Changes by Claude Runner job {job_id}"));
-        let abort = Arc::new(AtomicBool::new(false));
-        let stop = Arc::clone(&abort);
-        let mut work = tokio::task::spawn_blocking(move || {
-            let prepared = self;
-            let (dir, base) = (&prepared.checkout.dir, prepared.checkout.commit);
-            let too_slow = || RepoError::HandBackTooSlow { url: source.url.clone() };
-            let given_up = || abort.load(Ordering::SeqCst);
-            let mut outcome = Outcome::default();
-            if spec.include_diff {
-                let mut patch = changes::patch(dir, base, settings.max_diff_bytes)?;
-                // The paths are redacted with the result's other words (`runner::scrub`).
-                patch.text = redactor.redact(&patch.text);
-                outcome.patch = Some(patch);
-            }
-            if let Some(branch) = spec.push_branch {
-                if given_up() {
-                    return Err(too_slow());
-                }
-                let staged = changes::stage(dir, base, &abort).map_err(|e| if given_up() { too_slow() } else { e })?;
-                if staged.adds_secret(|line| redactor.redact(line) != line)? {
-                    return Err(RepoError::SecretInChanges);
-                }
-                let commit = staged.commit(&settings.author_name, &settings.author_email, &message)?;
-                if let Some(commit) = commit {
-                    if given_up() {
-                        return Err(too_slow());
-                    }
-                    let target = PushTarget {
-                        url: source.url.clone(),
-                        host: source.host.clone(),
-                        token: source.token.clone(),
-                        branch: branch.clone(),
-                        default_branch: prepared.lease.default_branch(),
-                    };
-                    staged.push(&target, commit, &abort).map_err(|e| if given_up() { too_slow() } else { e })?;
-                    outcome.pushed_commit = Some(commit.to_string());
-                }
-                outcome.pushed_branch = Some(branch);
-            }
-            Ok(outcome)
+        let push = spec.push_branch.clone().map(|branch| PushWork {
+            target: PushTarget { url: source.url.clone(), host: source.host.clone(), token: source.token.clone(), branch, default_branch: self.lease.default_branch() },
+            author_name: settings.author_name.clone(),
+            author_email: settings.author_email.clone(),
+            message: spec.commit_message.clone().unwrap_or_else(|| format!("Changes by Claude Runner job {job_id}")),
         });
-        let done = tokio::select! {
-            done = &mut work => done,
-            _ = tokio::time::sleep_until(give_up_at) => {
-                stop.store(true, Ordering::SeqCst);
-                // A push under way is waited for, so the result says how it ended on the
-                // server; bounded, since libgit2 may not return (a server sending a byte at
-                // a time): the job's slot is not held for ever.
-                match tokio::time::timeout(HAND_BACK_ABANDON, work).await {
-                    Ok(done) => done,
-                    Err(_) => Ok(Err(RepoError::HandBackAbandoned { url: shown })),
-                }
-            }
-        };
-        done.unwrap_or_else(|e| Err(local("collect the job's changes", e)))
+        let work = HandBackWork { dir: self.dir.clone(), base: self.commit.clone(), diff_max_bytes: spec.include_diff.then_some(settings.max_diff_bytes), push, redactor: (*redactor).clone() };
+        // At `give_up_at` the worker is asked to stop; a push under way is waited for, so
+        // the result says how it ended on the server; bounded, since libgit2 may not return
+        // (a server sending a byte at a time): then the worker is killed.
+        let stop = Stop { at: give_up_at, then_within: HAND_BACK_ABANDON, abandoned: RepoError::HandBackAbandoned { url: source.url.clone() } };
+        // The lease (the mirror the checkout borrows objects from) is held until the worker is dead.
+        let (answer, _lease) = worker::run(Work::HandBack(work), self.lease, "collect the job's changes", Some(stop)).await;
+        match answer? {
+            Answer::HandedBack(outcome) => outcome,
+            other => Err(local("collect the job's changes", format!("the git worker answered {other:?}"))),
+        }
     }
+}
+
+/// In the git worker: the job's diff (`include_diff`, masked by `redactor`), then its
+/// commit and push (`push_branch`), refused when they would carry a secret. `abort` (the
+/// agent's stop) is checked before each step: a push not yet under way never starts.
+fn hand_back(work: HandBackWork, abort: &AtomicBool) -> Result<Outcome, RepoError> {
+    let HandBackWork { dir, base, diff_max_bytes, push, redactor } = work;
+    let base = git2::Oid::from_str(&base).map_err(|e| local("collect the job's changes", e.message()))?;
+    let given_up = || abort.load(Ordering::SeqCst);
+    let mut outcome = Outcome::default();
+    if let Some(max_bytes) = diff_max_bytes {
+        let mut patch = changes::patch(&dir, base, max_bytes)?;
+        // The paths are redacted with the result's other words (`runner::scrub`).
+        patch.text = redactor.redact(&patch.text);
+        outcome.patch = Some(patch);
+    }
+    if let Some(PushWork { target, author_name, author_email, message }) = push {
+        let too_slow = || RepoError::HandBackTooSlow { url: target.url.clone() };
+        if given_up() {
+            return Err(too_slow());
+        }
+        let staged = changes::stage(&dir, base, abort).map_err(|e| if given_up() { too_slow() } else { e })?;
+        if staged.adds_secret(|line| redactor.redact(line) != line)? {
+            return Err(RepoError::SecretInChanges);
+        }
+        let commit = staged.commit(&author_name, &author_email, &message)?;
+        if let Some(commit) = commit {
+            if given_up() {
+                return Err(too_slow());
+            }
+            staged.push(&target, commit, abort).map_err(|e| if given_up() { too_slow() } else { e })?;
+            outcome.pushed_commit = Some(commit.to_string());
+        }
+        outcome.pushed_branch = Some(target.branch);
+    }
+    Ok(outcome)
 }
 
 /// Shrinks a result that would not fit in `max_bytes` of its frame (a WebSocket frame,

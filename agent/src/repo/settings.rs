@@ -60,7 +60,7 @@ pub struct RepoArgs {
 }
 
 /// A token, kept out of `Debug` output so no log line can print it by accident.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Token(String);
 
 impl Token {

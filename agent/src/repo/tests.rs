@@ -367,7 +367,7 @@ async fn an_agent_killed_mid_fetch_leaves_nothing_that_blocks_the_next_one() {
 
     // The agent starts again.
     let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
-    cache.recover();
+    cache.recover().await;
     let lease = cache.acquire(source(&bare), false).await.expect("the mirror fetches again");
     assert_eq!(lease.dir, dir);
     assert!(!dir.join("objects/pack/pack_git2_a1b2c3").exists(), "the cut-short pack is gone");
@@ -595,7 +595,7 @@ async fn x_and_x_git_are_two_mirrors_and_a_mirror_serves_only_its_own_repository
     drop(lx);
     std::fs::remove_file(old.join(super::layout::NAME_FILE)).unwrap();
     std::fs::write(old.join("claude-runner-name"), &x.name).unwrap();
-    cache.recover();
+    cache.recover().await;
     assert!(!old.exists(), "an older agent's mirror is not kept");
 }
 
@@ -713,8 +713,7 @@ async fn a_fifo_where_libgit2_opens_a_file_is_refused_or_removed_not_waited_on()
         assert!(fetched.expect("a later fetch waited on a FIFO").is_ok(), "{planted}");
     }
     crate::files::pipe_at(&mirror.join("packed-refs"));
-    let recovering = Arc::clone(&cache);
-    let recovered = tokio::time::timeout(std::time::Duration::from_secs(30), tokio::task::spawn_blocking(move || recovering.recover())).await;
+    let recovered = tokio::time::timeout(std::time::Duration::from_secs(30), cache.recover()).await;
     assert!(recovered.is_ok(), "recover waited on a FIFO");
     assert!(std::fs::symlink_metadata(mirror.join("packed-refs")).is_err(), "the FIFO was removed");
 }

@@ -90,7 +90,7 @@ mod lock_tests {
 }
 
 /// How log lines are written (`LOG_FORMAT`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum LogFormat {
     Text,
     Json,
@@ -129,16 +129,33 @@ mod log_format_tests {
 /// Logs to stderr, one line per event: `text` (colour only on a terminal) or `json`,
 /// filtered by `RUST_LOG` (default `info`).
 pub fn init_logging(format: LogFormat) {
+    let _ = LOGGING.set(format);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // `try_init` also sends the `log` crate's records (rustls', tungstenite's) to it.
+    let _ = tracing_subscriber::util::SubscriberInitExt::try_init(logger(format, ansi, std::io::stderr));
+}
+
+/// The format [`init_logging`] was given, if it was called: a helper process of the agent's
+/// logs as the agent does.
+pub fn logging_format() -> Option<LogFormat> {
+    LOGGING.get().copied()
+}
+
+static LOGGING: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// [`init_logging`]'s logger, writing to `writer` (colours when `ansi`): for a process that
+/// makes it its thread's default (`tracing::dispatcher::with_default`) rather than the
+/// global one.
+pub fn logger<W>(format: LogFormat, ansi: bool, writer: W) -> tracing::Dispatch
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_timer(Stamp)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_timer(Stamp).with_writer(writer).with_ansi(ansi);
     if format == LogFormat::Json {
-        builder.json().init();
+        tracing::Dispatch::new(builder.json().finish())
     } else {
-        builder.init();
+        tracing::Dispatch::new(builder.finish())
     }
 }
 

@@ -1,0 +1,376 @@
+//! The git worker: every libgit2 operation of a job — the fetch into a mirror, the checkout,
+//! the hand-back (diff, commit, push), and the check of the mirrors at the agent's start —
+//! runs in a process of its own, which the agent kills when the job no longer waits for it.
+//!
+//! Why a process. libgit2 cannot be stopped mid-call, and a thread cannot be killed. A job
+//! runs as the agent's user and can put a FIFO where libgit2 opens a file (a mirror's
+//! `packed-refs`, another job's `.git/HEAD`) between the agent's check and the open; a git
+//! server can send a byte every 29 s, within libgit2's read timeout. Either held a thread of
+//! the agent's for ever, and with it the repository's fetch lock (every later job of the
+//! repository waited) or a slot of the blocking pool (about 512 of them, and the agent
+//! stalled). A process is killed: its job's time up, the worker goes, and with it whatever
+//! it held; the lock is let go once it is reaped, never while it may still write.
+//!
+//! Why the zygote ([`crate::zygote`]) clones it, as it clones launchers, rather than the
+//! agent forking itself or `exec`ing its binary. It holds a token (a fetch's, a push's):
+//! a process is dumpable from its `exec` until it says otherwise, and a job that opened its
+//! `/proc/<pid>/mem` then could read the token later; a clone of the zygote is never
+//! dumpable. A fork of the agent would copy locks other threads hold (libgit2's, the
+//! allocator's, the log's) into a process that then waits on them for ever; the zygote was
+//! forked when the agent had one thread. Nothing the agent's own threads use is used here:
+//! the agent runs no libgit2 at all, and the worker logs through a logger of its own that
+//! writes to its stderr with `write(2)` ([`RawStderr`]).
+//!
+//! The conversation, on a Unix socket: the agent sends one [`Request`] (a 4-byte length,
+//! then JSON); the worker answers one [`Answer`] the same way and exits. A byte
+//! [`STOP`] from the agent asks the hand-back to stop at its next step (a push not yet
+//! begun never begins); the socket's end (the agent gone, or done with it) ends the worker.
+//! The agent then kills it anyway and reaps it: a worker is the agent's child (the zygote
+//! clones it with `CLONE_PARENT`) and dies with it (`PR_SET_PDEATHSIG`).
+
+use super::changes::{Patch, PushTarget};
+use super::error::{local, RepoError};
+use super::mirror::{Fetched, Source};
+use crate::redact::Redactor;
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The word after the program's name in a worker's command line (`ps`).
+pub const COMMAND: &str = "__git";
+/// The byte that asks the worker's work to stop at its next step.
+const STOP: u8 = b'S';
+/// The largest message either side takes: a fetch's refs (a repository with a million tags
+/// is ~100 MB of them as JSON), a diff (`MAX_DIFF_BYTES`).
+const MAX_MESSAGE: usize = 1 << 30;
+
+/// What the agent asks of a worker.
+#[derive(Serialize, Deserialize)]
+struct Request {
+    work: Work,
+    /// The agent's TLS trust settings (`SSL_CERT_FILE`, `SSL_CERT_DIR`): the zygote's copy of
+    /// the environment is blank.
+    env: Vec<(String, String)>,
+    /// Log as the agent does (`None`: the agent does not log).
+    log: Option<runtime::LogFormat>,
+}
+
+/// One operation.
+#[derive(Serialize, Deserialize)]
+pub enum Work {
+    /// Brings the mirror at `dir` up to date from `source` ([`super::mirror::fetch_into`]).
+    Fetch { dir: PathBuf, source: Source },
+    /// Which of these mirrors have a commit to start from (the agent's start).
+    Usable { dirs: Vec<PathBuf> },
+    /// A job's checkout ([`super::checkout::create`]), and where Claude starts in it.
+    Checkout(CheckoutWork),
+    /// A job's diff and push ([`super::hand_back`]).
+    HandBack(HandBackWork),
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct CheckoutWork {
+    pub mirror: PathBuf,
+    pub fetched: Option<Fetched>,
+    pub dir: PathBuf,
+    pub branch: Option<String>,
+    pub url: String,
+    pub max_bytes: u64,
+    pub working_dir: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct HandBackWork {
+    pub dir: PathBuf,
+    /// The commit Claude started from.
+    pub base: String,
+    /// The diff's cap, when the job asked for one (`include_diff`).
+    pub diff_max_bytes: Option<usize>,
+    pub push: Option<PushWork>,
+    /// Masks the diff, and finds a secret in what would be pushed.
+    pub redactor: Redactor,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct PushWork {
+    pub target: PushTarget,
+    pub author_name: String,
+    pub author_email: String,
+    pub message: String,
+}
+
+/// What a fetch found, and what the agent needs to know of the mirror when it failed.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FetchAnswer {
+    pub result: Result<Fetched, RepoError>,
+    /// The mirror has a commit to start from (`allow_stale`).
+    pub usable: bool,
+    /// The default branch (`main`): the server's, or the mirror's as last fetched.
+    pub default_branch: Option<String>,
+}
+
+/// What a checkout made: the commit Claude starts from and the folder it starts in.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CheckedOut {
+    pub commit: String,
+    pub cwd: PathBuf,
+}
+
+/// The job's changes, handed back.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Outcome {
+    pub patch: Option<Patch>,
+    pub pushed_commit: Option<String>,
+    pub pushed_branch: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Answer {
+    Fetched(FetchAnswer),
+    Usable(Vec<bool>),
+    CheckedOut(Result<CheckedOut, RepoError>),
+    HandedBack(Result<Outcome, RepoError>),
+}
+
+/// When to ask a worker to stop, and how long to wait after that before it is killed and
+/// `abandoned` is the answer.
+pub struct Stop {
+    pub at: tokio::time::Instant,
+    pub then_within: std::time::Duration,
+    pub abandoned: RepoError,
+}
+
+/// Runs `work` in a new worker and waits for its answer. `held` is let go only once the
+/// worker is dead and reaped, however this ends: answered, failed, or this future dropped
+/// (the job gave up: the worker is killed). `action` names the work in errors.
+pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Option<Stop>) -> (Result<Answer, RepoError>, H) {
+    let mut worker = match Worker::start(held, action).await {
+        Ok(worker) => worker,
+        Err((e, held)) => return (Err(e), held),
+    };
+    let answer = async {
+        worker.send(&work).await?;
+        drop(work);
+        let Some(stop) = stop else { return worker.answer().await };
+        tokio::select! {
+            answer = worker.answer() => return answer,
+            _ = tokio::time::sleep_until(stop.at) => {}
+        }
+        worker.stop();
+        match tokio::time::timeout(stop.then_within, worker.answer()).await {
+            Ok(answer) => answer,
+            Err(_) => Err(stop.abandoned),
+        }
+    }
+    .await;
+    (answer, worker.end())
+}
+
+/// The agent's side of one worker: killed and reaped when dropped, and only then lets go
+/// of what it holds.
+struct Worker<H> {
+    stream: tokio::net::UnixStream,
+    process: Option<Process>,
+    held: Option<H>,
+    action: &'static str,
+}
+
+/// A worker process, the agent's child: killed and reaped when dropped (so its pid is no
+/// other process's until then).
+struct Process(libc::pid_t);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // SAFETY: a signal to, and a wait for, our own unreaped child. Once killed it ends
+        // within milliseconds (it holds no lock anyone waits on but its own).
+        unsafe {
+            libc::kill(self.0, libc::SIGKILL);
+            while libc::waitpid(self.0, std::ptr::null_mut(), 0) < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {}
+        }
+    }
+}
+
+impl<H> Worker<H> {
+    async fn start(held: H, action: &'static str) -> Result<Worker<H>, (RepoError, H)> {
+        // From the thread that starts launchers: a zygote forked again is that thread's
+        // child, and dies when its parent thread ends (see `crate::launcher`).
+        let cloned = tokio::task::spawn_blocking(|| crate::launcher::on_starter_thread(crate::zygote::git_worker).and_then(|r| r).map(|(s, pid)| (s, Process(pid)))).await;
+        let (stream, process) = match cloned {
+            Ok(Ok(cloned)) => cloned,
+            Ok(Err(e)) => return Err((local(action, format!("the agent could not start its git process ({e})")), held)),
+            Err(e) => return Err((local(action, e), held)),
+        };
+        let stream = stream.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(stream));
+        match stream {
+            Ok(stream) => Ok(Worker { stream, process: Some(process), held: Some(held), action }),
+            Err(e) => Err((local(action, e), held)),
+        }
+    }
+
+    fn lost(&self, e: impl std::fmt::Display) -> RepoError {
+        local(
+            self.action,
+            format!("the agent's git process (`claude-runner {COMMAND}`) ended before it answered ({e}): run the job again. If it fails again, {}", crate::launcher::HELPERS_STOPPED),
+        )
+    }
+
+    async fn send(&mut self, work: &Work) -> Result<(), RepoError> {
+        let env = ["SSL_CERT_FILE", "SSL_CERT_DIR"].iter().filter_map(|name| Some((name.to_string(), std::env::var(name).ok()?))).collect();
+        // The work is moved back out below: serialised through a borrow of the request.
+        #[derive(Serialize)]
+        struct Borrowed<'a> {
+            work: &'a Work,
+            env: Vec<(String, String)>,
+            log: Option<runtime::LogFormat>,
+        }
+        let body = serde_json::to_vec(&Borrowed { work, env, log: runtime::logging_format() }).map_err(|e| local(self.action, e))?;
+        let mut framed = (body.len() as u32).to_le_bytes().to_vec();
+        framed.extend_from_slice(&body);
+        self.stream.write_all(&framed).await.map_err(|e| self.lost(e))
+    }
+
+    async fn answer(&mut self) -> Result<Answer, RepoError> {
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len).await.map_err(|e| self.lost(e))?;
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_MESSAGE {
+            return Err(self.lost(format!("an answer of {len} bytes")));
+        }
+        let mut body = vec![0u8; len];
+        self.stream.read_exact(&mut body).await.map_err(|e| self.lost(e))?;
+        serde_json::from_slice(&body).map_err(|e| self.lost(format!("an answer that does not read: {e}")))
+    }
+
+    /// Asks the work to stop at its next step.
+    fn stop(&self) {
+        let _ = self.stream.try_write(&[STOP]);
+    }
+
+    /// Kills and reaps the worker (done already, or not), then gives back what it held.
+    fn end(mut self) -> H {
+        let held = self.held.take().expect("held until the end");
+        drop(self);
+        held
+    }
+}
+
+impl<H> Drop for Worker<H> {
+    fn drop(&mut self) {
+        // The process first (`Process`'s drop kills and reaps it): only then is what it
+        // held, the repository's fetch lock among it, let go.
+        drop(self.process.take());
+        drop(self.held.take());
+    }
+}
+
+/// The worker's life, in a fresh clone of the zygote (the agent, `agent`, is its parent):
+/// one request, one answer. Never returns; ends with `_exit` (no destructor, no flush of a
+/// copy of the agent's buffers).
+pub fn serve(socket: OwnedFd, agent: libc::pid_t) -> ! {
+    // SAFETY: process-wide settings of this single-threaded process, set before anything runs.
+    unsafe {
+        // Dies with the agent. Asked for after the start, so the agent may already be gone.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        // Never dumpable (it will hold a token): the flag came with the zygote's memory.
+        if libc::getppid() != agent || libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) != 0 {
+            libc::_exit(5);
+        }
+        crate::zygote::name_and_forget_the_agents_words(COMMAND);
+    }
+    let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| answer_one(socket))) {
+        Ok(Ok(())) => 0,
+        Ok(Err(_)) => 1,
+        Err(_) => 3,
+    };
+    // SAFETY: ends this process, running no destructor.
+    unsafe { libc::_exit(code) }
+}
+
+fn answer_one(socket: OwnedFd) -> std::io::Result<()> {
+    let mut stream = std::os::unix::net::UnixStream::from(socket);
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        return Err(std::io::Error::other("a request too large"));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body)?;
+    let request: Request = serde_json::from_slice(&body).map_err(std::io::Error::other)?;
+    drop(body);
+    for (name, value) in &request.env {
+        std::env::set_var(name, value);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    watch(stream.try_clone()?, Arc::clone(&stop));
+    let answer = match request.log {
+        Some(format) => {
+            // SAFETY: isatty reads a descriptor's kind.
+            let ansi = unsafe { libc::isatty(2) } == 1;
+            tracing::dispatcher::with_default(&runtime::logger(format, ansi, || RawStderr), || perform(request.work, &stop))
+        }
+        None => perform(request.work, &stop),
+    };
+    let body = serde_json::to_vec(&answer).map_err(std::io::Error::other)?;
+    let mut framed = (body.len() as u32).to_le_bytes().to_vec();
+    framed.extend_from_slice(&body);
+    stream.write_all(&framed)
+}
+
+/// Reads the agent's side of the socket on a thread of its own: [`STOP`] sets `stop`, the
+/// socket's end (the agent gone, or done with this worker) ends the process.
+fn watch(mut socket: std::os::unix::net::UnixStream, stop: Arc<AtomicBool>) {
+    let spawned = std::thread::Builder::new().name("stop-watch".into()).spawn(move || loop {
+        let mut byte = [0u8; 1];
+        match socket.read(&mut byte) {
+            Ok(1) if byte[0] == STOP => stop.store(true, Ordering::SeqCst),
+            Ok(1) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // SAFETY: ends this process, whose work nobody waits for any more.
+            _ => unsafe { libc::_exit(4) },
+        }
+    });
+    if spawned.is_err() {
+        // Without the watch no stop is heard; the agent kills the worker at its deadline.
+        tracing::warn!("the git worker could not start its stop-watch thread");
+    }
+}
+
+fn perform(work: Work, stop: &AtomicBool) -> Answer {
+    super::mirror::set_timeouts();
+    match work {
+        Work::Fetch { dir, source } => Answer::Fetched(super::mirror::fetch_into(&dir, &source, stop)),
+        Work::Usable { dirs } => Answer::Usable(dirs.iter().map(|dir| super::mirror::usable(dir)).collect()),
+        Work::Checkout(w) => Answer::CheckedOut(
+            super::checkout::create(&w.mirror, w.fetched.as_ref(), &w.dir, w.branch.as_deref(), &w.url, w.max_bytes).and_then(|checkout| {
+                let cwd = super::checkout::working_dir(&checkout.dir, w.working_dir.as_deref())?;
+                Ok(CheckedOut { commit: checkout.commit.to_string(), cwd })
+            }),
+        ),
+        Work::HandBack(w) => Answer::HandedBack(super::hand_back(w, stop)),
+    }
+}
+
+/// The worker's log lines go to its stderr (the agent's, inherited through the zygote) with
+/// `write(2)`: std's `stderr` has a lock, which another of the agent's threads may have
+/// held when a zygote was forked again from the running agent.
+struct RawStderr;
+
+impl Write for RawStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // SAFETY: writes from a buffer we own to descriptor 2.
+        let wrote = unsafe { libc::write(2, buf.as_ptr().cast(), buf.len()) };
+        if wrote < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(wrote as usize)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
