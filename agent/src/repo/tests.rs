@@ -736,3 +736,84 @@ async fn a_secret_in_a_commit_header_line_is_found() {
     let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
     assert!(staged.adds_secret(|l: &str| l.contains("tok-0123456789")).unwrap());
 }
+
+/// A git server that answers a byte at a time, each well within libgit2's read timeout,
+/// held a fetch thread, and the repository's fetch lock with it, for as long as it went on:
+/// every later job of the repository waited, whatever its timeout. The fetch runs in a git
+/// worker now: the job that gives up kills it, the server sees its connection end, and the
+/// next fetch of the repository runs at once.
+#[tokio::test]
+async fn a_fetch_given_up_on_a_trickling_server_ends_and_the_next_fetch_runs() {
+    use std::io::{Read, Write};
+    let tmp = TempDir::new("trickle");
+    let (bare, _, _) = server(tmp.path());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (ended_tx, ended_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else { return };
+        let mut request = [0u8; 4096];
+        let _ = conn.read(&mut request);
+        // A valid answer's start, then headers without end.
+        for byte in b"HTTP/1.1 200 OK\r\n".iter().chain(b"X-Slow: y\r\n".iter().cycle()) {
+            if conn.write_all(&[*byte]).is_err() {
+                let _ = ended_tx.send(());
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
+    let trickling = Source { name: "trickle/repo".into(), url: format!("http://127.0.0.1:{port}/trickle/repo.git"), host: "127.0.0.1".into(), token: None };
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let given_up = tokio::time::timeout(std::time::Duration::from_secs(3), cache.acquire(trickling.clone(), false)).await;
+    assert!(given_up.is_err(), "the trickling server's fetch ended: {:?}", given_up.map(|r| r.map(|l| l.dir.clone())));
+    ended_rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the server still talks to a fetch its job gave up");
+    // The same repository (by name), from a server that answers: its fetch lock is free.
+    let answering = Source { url: format!("file://{}", bare.display()), ..trickling };
+    let next = tokio::time::timeout(std::time::Duration::from_secs(30), cache.acquire(answering, false)).await;
+    let lease = next.expect("the next fetch waited for the one given up").expect("the next fetch");
+    assert!(lease.fetched.is_some());
+}
+
+/// The processes of this test binary's that wait to open a FIFO (`wait_for_partner`).
+fn children_waiting_on_a_fifo() -> usize {
+    let me = std::process::id().to_string();
+    let waiting = |pid: &str| -> Option<bool> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?.to_string();
+        let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).ok()?;
+        Some(ppid == me && wchan.trim() == "wait_for_partner")
+    };
+    std::fs::read_dir("/proc").unwrap().flatten().filter(|e| waiting(&e.file_name().to_string_lossy()) == Some(true)).count()
+}
+
+/// libgit2 opens what a checkout's config names (`include.path`), and a job can name a FIFO
+/// there (or plant one in `.git` after the agent's check): the hand-back waited on it for
+/// ever, a blocking thread of the agent's lost for good even once the job ended (some 512
+/// such and the agent stalled). The worker doing it is asked to stop at the job's time and
+/// killed when it has not answered within the bound: nothing is left waiting.
+#[tokio::test]
+async fn a_hand_back_stuck_on_a_fifo_is_killed_once_given_up() {
+    use super::worker::{self, HandBackWork, Stop, Work};
+    use std::io::Write;
+    let tmp = TempDir::new("stuck-hand-back");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let fifo = tmp.path().join("not-in-git");
+    crate::files::pipe_at(&fifo);
+    let mut config = std::fs::OpenOptions::new().append(true).open(co.dir.join(".git/config")).unwrap();
+    write!(config, "[include]\n\tpath = {}\n", fifo.display()).unwrap();
+    let work = Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), diff_max_bytes: Some(1 << 20), push: None, redactor: crate::redact::Redactor::default() });
+    let stop = Stop {
+        at: tokio::time::Instant::now() + std::time::Duration::from_secs(2),
+        then_within: std::time::Duration::from_secs(1),
+        abandoned: RepoError::HandBackAbandoned { url: "file://server".into() },
+    };
+    let before = children_waiting_on_a_fifo();
+    let handing_back = tokio::spawn(worker::run(work, (), "collect the job's changes", Some(stop)));
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(children_waiting_on_a_fifo(), before + 1, "the worker is not waiting on the FIFO");
+    let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), handing_back).await.expect("the hand-back was not given up").unwrap();
+    assert!(matches!(answer, Err(RepoError::HandBackAbandoned { .. })), "{answer:?}");
+    assert_eq!(children_waiting_on_a_fifo(), before, "the worker still waits on the FIFO");
+}
