@@ -312,9 +312,9 @@ fn main() {
         eprintln!("claude-runner: {}", shared::text::one_line(&format!("{e:#}")));
         std::process::exit(1);
     }
-    // Dropping the runtime waits for every blocking-pool thread: one stuck in libgit2 (a
-    // git server sending a byte at a time, within its read timeout) kept an agent that had
-    // drained and said "agent stopped" from exiting. Its work is given up: exit now.
+    // Dropping the runtime waits for every blocking-pool thread: one stuck (libgit2's, when
+    // it ran in the agent: a git server sending a byte at a time) kept an agent that had
+    // drained and said "agent stopped" from exiting. Whatever is left is given up: exit now.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     std::process::exit(0);
 }

@@ -1,5 +1,7 @@
-//! The zygote: the process every launcher ([`crate::launcher`]) is forked from, so that no
-//! launcher is ever dumpable, not even for its first instruction.
+//! The zygote: the process every launcher ([`crate::launcher`]) and every git worker
+//! ([`crate::repo::worker`]) is forked from, so that none is ever dumpable, not even for its
+//! first instruction. What follows says "launcher"; a git worker is cloned the same way
+//! (asked for with `G` rather than `L`), and the agent keeps no copy of its socket's end.
 //!
 //! Why. The launcher's memory is every warden's and, until its `exec`, every Claude's
 //! (`clone(CLONE_VM)`): the program, folder and environment of each job. A process is

@@ -1,9 +1,10 @@
 //! The mirror cache: one bare mirror per repository under `DATA_DIR/repos`, fetched with
 //! git2 (never a `git` subprocess) when a job uses it.
 //!
-//! - One fetch at a time per repository: a per-repository async lock, held by the fetch
-//!   itself (a blocking task), so even a fetch whose job gave up keeps it until libgit2
-//!   returns. Jobs on different repositories fetch in parallel.
+//! - One fetch at a time per repository: a per-repository async lock, held until the git
+//!   worker that fetches ([`super::worker`]) is dead — answered, or killed with the job that
+//!   gave up on it — never while it may still write. Jobs on different repositories fetch
+//!   in parallel.
 //! - A job that waited while another fetched *after* it asked takes that fetch's result
 //!   instead of fetching again.
 //! - A failed fetch with a usable mirror runs the job on the last fetched state only when

@@ -34,7 +34,7 @@ use super::mirror::{Fetched, Source};
 use crate::redact::Redactor;
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -48,12 +48,15 @@ const STOP: u8 = b'S';
 /// is ~100 MB of them as JSON), a diff (`MAX_DIFF_BYTES`).
 const MAX_MESSAGE: usize = 1 << 30;
 
+/// The agent's settings a worker takes from it: the zygote's copy of the environment is
+/// blank. TLS trust as OpenSSL reads it, and the log filter.
+const PASSED_ON: [&str; 4] = ["SSL_CERT_FILE", "SSL_CERT_DIR", "OPENSSL_CONF", "RUST_LOG"];
+
 /// What the agent asks of a worker.
 #[derive(Serialize, Deserialize)]
 struct Request {
     work: Work,
-    /// The agent's TLS trust settings (`SSL_CERT_FILE`, `SSL_CERT_DIR`): the zygote's copy of
-    /// the environment is blank.
+    /// [`PASSED_ON`], as the agent has them.
     env: Vec<(String, String)>,
     /// Log as the agent does (`None`: the agent does not log).
     log: Option<runtime::LogFormat>,
@@ -156,12 +159,18 @@ pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Optio
         worker.send(&work).await?;
         drop(work);
         let Some(stop) = stop else { return worker.answer().await };
+        let socket = worker.stream.as_raw_fd();
+        // One read of the answer throughout: one dropped mid-way would lose what it read.
+        let answer = worker.answer();
+        tokio::pin!(answer);
         tokio::select! {
-            answer = worker.answer() => return answer,
+            answer = &mut answer => return answer,
             _ = tokio::time::sleep_until(stop.at) => {}
         }
-        worker.stop();
-        match tokio::time::timeout(stop.then_within, worker.answer()).await {
+        // SAFETY: one byte written to the worker's socket, open as long as `worker`; the
+        // socket's buffer is empty of ours (the request was read whole before any answer).
+        unsafe { libc::write(socket, [STOP].as_ptr().cast(), 1) };
+        match tokio::time::timeout(stop.then_within, answer).await {
             Ok(answer) => answer,
             Err(_) => Err(stop.abandoned),
         }
@@ -219,7 +228,7 @@ impl<H> Worker<H> {
     }
 
     async fn send(&mut self, work: &Work) -> Result<(), RepoError> {
-        let env = ["SSL_CERT_FILE", "SSL_CERT_DIR"].iter().filter_map(|name| Some((name.to_string(), std::env::var(name).ok()?))).collect();
+        let env = PASSED_ON.iter().filter_map(|name| Some((name.to_string(), std::env::var(name).ok()?))).collect();
         // The work is moved back out below: serialised through a borrow of the request.
         #[derive(Serialize)]
         struct Borrowed<'a> {
@@ -243,11 +252,6 @@ impl<H> Worker<H> {
         let mut body = vec![0u8; len];
         self.stream.read_exact(&mut body).await.map_err(|e| self.lost(e))?;
         serde_json::from_slice(&body).map_err(|e| self.lost(format!("an answer that does not read: {e}")))
-    }
-
-    /// Asks the work to stop at its next step.
-    fn stop(&self) {
-        let _ = self.stream.try_write(&[STOP]);
     }
 
     /// Kills and reaps the worker (done already, or not), then gives back what it held.
