@@ -299,7 +299,7 @@ impl Zygote {
 }
 
 /// Kills and reaps a child of the agent's, not reaped yet (so its pid is no other process's).
-fn kill_and_reap(pid: libc::pid_t) {
+pub(crate) fn kill_and_reap(pid: libc::pid_t) {
     // SAFETY: a signal to, and a wait for, our own unreaped child.
     unsafe {
         libc::kill(pid, libc::SIGKILL);

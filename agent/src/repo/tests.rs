@@ -775,8 +775,8 @@ async fn a_fetch_given_up_on_a_trickling_server_ends_and_the_next_fetch_runs() {
     assert!(lease.fetched.is_some());
 }
 
-/// The processes of this test binary's that wait to open a FIFO (`wait_for_partner`).
-fn children_waiting_on_a_fifo() -> usize {
+/// The children of this test binary's that wait to open a FIFO (`wait_for_partner`).
+fn children_waiting_on_a_fifo() -> Vec<i32> {
     let me = std::process::id().to_string();
     let waiting = |pid: &str| -> Option<bool> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -784,14 +784,15 @@ fn children_waiting_on_a_fifo() -> usize {
         let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).ok()?;
         Some(ppid == me && wchan.trim() == "wait_for_partner")
     };
-    std::fs::read_dir("/proc").unwrap().flatten().filter(|e| waiting(&e.file_name().to_string_lossy()) == Some(true)).count()
+    std::fs::read_dir("/proc").unwrap().flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).filter(|pid: &i32| waiting(&pid.to_string()) == Some(true)).collect()
 }
 
 /// libgit2 opens what a checkout's config names (`include.path`), and a job can name a FIFO
 /// there (or plant one in `.git` after the agent's check): the hand-back waited on it for
 /// ever, a blocking thread of the agent's lost for good even once the job ended (some 512
 /// such and the agent stalled). The worker doing it is asked to stop at the job's time and
-/// killed when it has not answered within the bound: nothing is left waiting.
+/// killed when it has not answered within the bound: nothing is left waiting. And a worker
+/// a job kills (same user) ends its work at once, saying so and what to do.
 #[tokio::test]
 async fn a_hand_back_stuck_on_a_fifo_is_killed_once_given_up() {
     use super::worker::{self, HandBackWork, Stop, Work};
@@ -803,16 +804,36 @@ async fn a_hand_back_stuck_on_a_fifo_is_killed_once_given_up() {
     crate::files::pipe_at(&fifo);
     let mut config = std::fs::OpenOptions::new().append(true).open(co.dir.join(".git/config")).unwrap();
     write!(config, "[include]\n\tpath = {}\n", fifo.display()).unwrap();
-    let work = Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), diff_max_bytes: Some(1 << 20), push: None, redactor: crate::redact::Redactor::default() });
-    let stop = Stop {
-        at: tokio::time::Instant::now() + std::time::Duration::from_secs(2),
+    let work = || Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), diff_max_bytes: Some(1 << 20), push: None, redactor: crate::redact::Redactor::default() });
+    let stop = |after_ms| Stop {
+        at: tokio::time::Instant::now() + std::time::Duration::from_millis(after_ms),
         then_within: std::time::Duration::from_secs(1),
         abandoned: RepoError::HandBackAbandoned { url: "file://server".into() },
     };
     let before = children_waiting_on_a_fifo();
-    let handing_back = tokio::spawn(worker::run(work, (), "collect the job's changes", Some(stop)));
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    assert_eq!(children_waiting_on_a_fifo(), before + 1, "the worker is not waiting on the FIFO");
+    let waits_on_the_fifo = || async {
+        for _ in 0..100 {
+            let now = children_waiting_on_a_fifo();
+            if let Some(new) = now.iter().find(|pid| !before.contains(pid)) {
+                return *new;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the worker is not waiting on the FIFO");
+    };
+
+    // Killed by a job: the answer comes at once, long before the stop.
+    let handing_back = tokio::spawn(worker::run(work(), (), "collect the job's changes", Some(stop(60_000))));
+    let worker_pid = waits_on_the_fifo().await;
+    // SAFETY: a signal to the worker, this process's child, not reaped while it waits.
+    unsafe { libc::kill(worker_pid, libc::SIGKILL) };
+    let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), handing_back).await.expect("a killed worker was waited for").unwrap();
+    let said = answer.expect_err("a killed worker answered").to_string();
+    assert!(said.contains("claude-runner __git") && said.contains("run the job again"), "{said}");
+
+    // Given up: asked to stop, then killed.
+    let handing_back = tokio::spawn(worker::run(work(), (), "collect the job's changes", Some(stop(2000))));
+    waits_on_the_fifo().await;
     let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), handing_back).await.expect("the hand-back was not given up").unwrap();
     assert!(matches!(answer, Err(RepoError::HandBackAbandoned { .. })), "{answer:?}");
     assert_eq!(children_waiting_on_a_fifo(), before, "the worker still waits on the FIFO");

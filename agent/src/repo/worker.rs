@@ -194,12 +194,8 @@ struct Process(libc::pid_t);
 
 impl Drop for Process {
     fn drop(&mut self) {
-        // SAFETY: a signal to, and a wait for, our own unreaped child. Once killed it ends
-        // within milliseconds (it holds no lock anyone waits on but its own).
-        unsafe {
-            libc::kill(self.0, libc::SIGKILL);
-            while libc::waitpid(self.0, std::ptr::null_mut(), 0) < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {}
-        }
+        // Once killed it ends within milliseconds (it holds no lock anyone waits on).
+        crate::zygote::kill_and_reap(self.0);
     }
 }
 
