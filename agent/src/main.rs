@@ -228,6 +228,11 @@ fn main() {
     }
     runtime::init_logging(cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Before any thread starts (it writes the environment): where the system's CA
+    // certificates are, as `SSL_CERT_FILE`/`SSL_CERT_DIR` when unset. Each git worker is
+    // given them (`repo::worker`); searching the disk in each took 20 ms.
+    // SAFETY: one thread so far (the runtime is built below).
+    unsafe { openssl_probe::init_openssl_env_vars() };
     // One runtime thread. A job's path hops between the connection's task, the serve loop
     // and the job's task; on two workers each hop was a futex wake of the other thread and
     // an epoll round (as on the edge before it went to one thread). What may block goes to
