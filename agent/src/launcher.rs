@@ -254,8 +254,12 @@ pub(crate) fn on_starter_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send 
     });
     let (reply, answer) = std::sync::mpsc::channel();
     let gone = || std::io::Error::other("the agent's thread that starts its launcher is gone: restart the agent");
+    // A task that panics ends its own wait, not the thread: the thread's end would kill
+    // every helper whose parent-death signal is tied to it.
     let task: Task = Box::new(move || {
-        let _ = reply.send(f());
+        if let Ok(done) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            let _ = reply.send(done);
+        }
     });
     starter.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).send(task).map_err(|_| gone())?;
     answer.recv().map_err(|_| gone())

@@ -171,6 +171,10 @@ pub fn home() -> PathBuf {
 #[link_section = ".init_array"]
 static FORK_THE_ZYGOTE_FIRST: extern "C" fn() = {
     extern "C" fn fork_the_zygote() {
+        // As Rust's start does for `main`, later: the zygote's clones (git workers) get a
+        // write to a closed socket as EPIPE, as the agent's do.
+        // SAFETY: sets one signal's disposition, in a process of one thread.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
         zygote::start();
     }
     fork_the_zygote

@@ -184,6 +184,15 @@ pub fn git_worker() -> std::io::Result<(UnixStream, libc::pid_t)> {
     clone_helper(GIT_WORKER).map(|(ours, _theirs, pid)| (ours, pid))
 }
 
+/// Ends the zygote, so that the next launcher or git worker comes from a new one: for a
+/// zygote whose git workers wait on a lock it copied held (one forked again from the running
+/// agent, see [`crate::repo::worker`]).
+pub fn replace() {
+    if let Some(zygote) = ZYGOTE.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take() {
+        zygote.end();
+    }
+}
+
 /// What the zygote is asked to clone: a launcher, or a git worker.
 const LAUNCHER: u8 = b'L';
 const GIT_WORKER: u8 = b'G';
@@ -205,7 +214,7 @@ fn clone_helper(kind: u8) -> std::io::Result<(UnixStream, OwnedFd, libc::pid_t)>
                 if let Some(gone) = zygote.take() {
                     gone.end();
                 }
-                let what = "the agent's zygote, which starts its launchers,";
+                let what = "the agent's zygote, which starts its launchers and git workers,";
                 if e.kind() == std::io::ErrorKind::TimedOut || std::time::Instant::now() >= deadline {
                     tracing::warn!(error = %e, "the zygote that starts launchers did not answer in time; it was ended");
                     return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} failed ({e}); it was ended and the next job's start forks a new one: run the job again. If it fails again, the machine is overloaded, or {HELPERS_STOPPED}")));
@@ -237,7 +246,7 @@ impl Zygote {
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             let e = std::io::Error::last_os_error();
-            return Err(std::io::Error::new(e.kind(), format!("could not fork the agent's zygote, which starts its launchers ({e}): restart the agent")));
+            return Err(std::io::Error::new(e.kind(), format!("could not fork the agent's zygote, which starts its launchers and git workers ({e}): restart the agent")));
         }
         if pid == 0 {
             let socket = theirs.as_raw_fd();
@@ -523,6 +532,45 @@ mod tests {
         drop((ours, peer));
         // SAFETY: a wait for a child of this process.
         assert_eq!(unsafe { libc::waitpid(launcher, std::ptr::null_mut(), 0) }, launcher);
+        stop();
+    }
+
+    /// A job kills the zygote again and again, and each time the agent forks a new one from
+    /// itself, running, while another of its threads reads the environment (as the agent
+    /// does at every Claude start and every git step). The git workers of such a zygote
+    /// called std's `set_var`, whose lock the fork had copied held by that thread: about half
+    /// of them waited for ever, and every later fetch, checkout and hand-back with them
+    /// (hostile review rev24, H1). A worker takes no lock of std's now, and one that is not
+    /// ready within its bound has its zygote replaced.
+    #[test]
+    fn git_workers_of_a_zygote_forked_again_from_the_running_agent_do_not_hang() {
+        if !in_own_process("zygote::tests::git_workers_of_a_zygote_forked_again_from_the_running_agent_do_not_hang") {
+            return;
+        }
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        std::env::set_var("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt");
+        let reading = std::sync::Arc::new(AtomicBool::new(true));
+        let reader = {
+            let reading = std::sync::Arc::clone(&reading);
+            std::thread::spawn(move || {
+                while reading.load(Ordering::SeqCst) {
+                    std::hint::black_box(std::env::var("SSL_CERT_FILE").ok());
+                }
+            })
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        for round in 0..20 {
+            if let Some(pid) = zygote_pid() {
+                // SAFETY: a signal to this process's zygote, as a job may send it.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            let work = crate::repo::worker::Work::Usable { dirs: vec![] };
+            let checked = runtime.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(30), crate::repo::worker::run(work, (), "check the mirrors", None)).await });
+            let (answer, ()) = checked.unwrap_or_else(|_| panic!("round {round}: the git worker hung"));
+            assert!(matches!(answer, Ok(crate::repo::worker::Answer::Usable(_))), "round {round}: {answer:?}");
+        }
+        reading.store(false, Ordering::SeqCst);
+        reader.join().unwrap();
         stop();
     }
 

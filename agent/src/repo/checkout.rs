@@ -35,7 +35,7 @@ impl Refs<'_> {
     /// The object `name` (`refs/…`) points at.
     fn get(&self, name: &str) -> Option<Oid> {
         match self.fetched {
-            Some(f) => f.refs.get(name).copied(),
+            Some(f) => f.refs.get(name).and_then(|hex| Oid::from_str(hex).ok()),
             None => self.mirror.refname_to_id(name).ok(),
         }
     }

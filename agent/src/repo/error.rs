@@ -42,6 +42,8 @@ pub enum RepoError {
     OddGitEntry { path: String },
     #[error("handing back the job's changes ({url}) did not end within a minute past the job's timeout_ms and its grace, and was given up: a push may or may not have reached the server, so look at the branch there before running the job again")]
     HandBackAbandoned { url: String },
+    #[error("the agent's git process handing back the job's changes ({url}) ended before it answered (killed: by a job of the runner machine's user, or out of memory): a push may or may not have reached the server, so look at the branch there before running the job again")]
+    HandBackLost { url: String },
     #[error("`working_dir` `{dir}` {why}: give a folder of the repository, like `packages/api`")]
     WorkingDir { dir: String, why: Text },
     #[error("`push_branch` `{branch}` is the repository's default branch, and the runner never pushes to it: name another branch and open a pull request from it")]

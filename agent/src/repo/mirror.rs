@@ -85,28 +85,23 @@ struct FetchState {
 /// between a fetch and a later job's checkout, not this.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Fetched {
-    /// `refs/heads/…` and `refs/tags/…`.
-    #[serde(with = "oid_map")]
-    pub refs: HashMap<String, Oid>,
+    /// `refs/heads/…` and `refs/tags/…`, each to its object's id in hex: read as a
+    /// `git2::Oid` only in a git worker, since the agent runs no libgit2 (its set-up writes
+    /// the environment and takes locks a zygote forked again from the agent would copy).
+    pub refs: HashMap<String, String>,
     /// `refs/heads/<default branch>`.
     pub head: String,
 }
 
-/// [`Fetched::refs`] as the git worker sends it: object ids as hex.
-mod oid_map {
-    use git2::Oid;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-    use std::collections::HashMap;
-
-    pub fn serialize<S: Serializer>(refs: &HashMap<String, Oid>, s: S) -> Result<S::Ok, S::Error> {
-        refs.iter().map(|(name, oid)| (name, oid.to_string())).collect::<HashMap<_, _>>().serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<HashMap<String, Oid>, D::Error> {
-        HashMap::<String, String>::deserialize(d)?
-            .into_iter()
-            .map(|(name, hex)| Ok((name, Oid::from_str(&hex).map_err(serde::de::Error::custom)?)))
-            .collect()
+impl Fetched {
+    /// Only what a checkout of `branch` looks up (the ref it may name, as a branch or a
+    /// tag, and the default branch's): a repository may have a million tags, and the
+    /// checkout's request need not carry them.
+    pub fn for_checkout(&self, branch: Option<&str>) -> Fetched {
+        let wanted = |name: &String| {
+            *name == self.head || branch.is_some_and(|b| name.strip_prefix("refs/heads/").or_else(|| name.strip_prefix("refs/tags/")) == Some(b))
+        };
+        Fetched { refs: self.refs.iter().filter(|(name, _)| wanted(name)).map(|(n, id)| (n.clone(), id.clone())).collect(), head: self.head.clone() }
     }
 }
 
@@ -210,12 +205,18 @@ impl MirrorCache {
         if kept.is_empty() {
             return;
         }
-        // Opening each takes libgit2, so a worker: one for all of them.
-        let (answer, ()) = worker::run(Work::Usable { dirs: kept.clone() }, (), "check the mirrors", None).await;
-        let usable = match answer {
-            Ok(Answer::Usable(usable)) if usable.len() == kept.len() => usable,
+        // Opening each takes libgit2, so a worker: one for all of them, given a minute (a
+        // FIFO planted since the walk above would hold the agent's start).
+        let checked = tokio::time::timeout(RECOVER_WITHIN, worker::run(Work::Usable { dirs: kept.clone() }, (), "check the mirrors", None)).await;
+        let usable = match checked {
+            Ok((Ok(Answer::Usable(usable)), ())) if usable.len() == kept.len() => usable,
             other => {
-                warn!(error = ?other.err(), "could not check the mirrors at start; each is checked at its next fetch");
+                let error = match other {
+                    Ok((Err(e), ())) => e.to_string(),
+                    Ok((Ok(other), ())) => format!("the git worker answered with {}", other.kind()),
+                    Err(_) => format!("no answer within {RECOVER_WITHIN:?}"),
+                };
+                warn!(error, "could not check the mirrors at start; each is checked at its next fetch");
                 return;
             }
         };
@@ -255,22 +256,29 @@ impl MirrorCache {
         let (answer, (mut guard, fetch_hold)) = worker::run(work, (guard, fetch_hold), "fetch the repository", None).await;
         let answer = match answer {
             Ok(Answer::Fetched(answer)) => answer,
-            Ok(other) => FetchAnswer { result: Err(local("fetch the repository", format!("the git worker answered {other:?}"))), usable: false, default_branch: None },
-            // Whether the mirror is usable is not known: not run on.
-            Err(e) => FetchAnswer { result: Err(e), usable: false, default_branch: None },
+            // A worker lost (a job killed it) or that answered something else: the mirror is
+            // as a fetch of this agent's left it, if one did.
+            lost => {
+                let e = match lost {
+                    Err(e) => e,
+                    Ok(other) => local("fetch the repository", format!("the git worker answered with {}", other.kind())),
+                };
+                FetchAnswer { result: Err(e), usable: guard.last.is_some(), default_branch: None }
+            }
         };
-        if let Ok(found) = &answer.result {
+        let FetchAnswer { result, usable, default_branch } = answer;
+        let result = result.map(|found| {
             guard.fetched_from = Some(started);
-            guard.last = Some(Arc::new(found.clone()));
-        }
+            guard.last = Some(Arc::new(found));
+        });
         lease.fetched = guard.last.clone();
-        lease.on_disk_default = answer.default_branch;
+        lease.on_disk_default = default_branch;
         drop((guard, fetch_hold));
         // A first fetch made the mirror, or a failed one removed it.
         self.changed();
         lease.fetch_ms = asked.elapsed().as_millis() as u64;
-        if let Err(e) = answer.result {
-            if !(allow_stale && answer.usable) {
+        if let Err(e) = result {
+            if !(allow_stale && usable) {
                 return Err(e);
             }
             warn!(repo = %source.name, error = %e, "fetch failed; the job runs on the mirror's last fetched state (allow_stale)");
@@ -373,6 +381,9 @@ impl MirrorCache {
         }
     }
 }
+
+/// How long the agent's start waits for the check of its mirrors ([`MirrorCache::recover`]).
+const RECOVER_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The most bytes of mirror names an agent tells the edge (in its hello, whose whole the
 /// edge reads only up to `MAX_HELLO_BYTES`, 64 KiB): some hundreds of names.
@@ -658,7 +669,7 @@ fn fetch(dir: &Path, source: &Source, abort: &AtomicBool) -> Result<Fetched, Rep
     };
     repo.set_head(&head).map_err(|e| local(action, e.message()))?;
     info!(repo = %source.name, refs = advertised.len(), ms = started.elapsed().as_millis() as u64, "mirror fetched");
-    Ok(Fetched { refs: advertised.into_iter().collect(), head })
+    Ok(Fetched { refs: advertised.into_iter().map(|(name, oid)| (name, oid.to_string())).collect(), head })
 }
 
 /// The mirror's default branch (`main` for `refs/heads/main`), as last fetched.

@@ -117,7 +117,7 @@ impl Repos {
         }
         let work = CheckoutWork {
             mirror: lease.dir.clone(),
-            fetched: lease.fetched.as_deref().cloned(),
+            fetched: lease.fetched.as_deref().map(|f| f.for_checkout(spec.branch.as_deref())),
             dir: workspace.to_path_buf(),
             branch: spec.branch.clone(),
             url: url.url(),
@@ -135,7 +135,7 @@ impl Repos {
                 let made = made?;
                 Ok(Prepared { lease, url, dir: workspace.to_path_buf(), commit: made.commit, cwd: made.cwd })
             }
-            other => Err(local("check out the repository", format!("the git worker answered {other:?}"))),
+            other => Err(local("check out the repository", format!("the git worker answered with {}", other.kind()))),
         }
     }
 }
@@ -178,12 +178,14 @@ impl Prepared {
         // At `give_up_at` the worker is asked to stop; a push under way is waited for, so
         // the result says how it ended on the server; bounded, since libgit2 may not return
         // (a server sending a byte at a time): then the worker is killed.
-        let stop = Stop { at: give_up_at, then_within: HAND_BACK_ABANDON, abandoned: RepoError::HandBackAbandoned { url: source.url.clone() } };
+        // A worker lost once it had the push (a job killed it) may have pushed.
+        let lost = spec.push_branch.as_ref().map(|_| RepoError::HandBackLost { url: source.url.clone() });
+        let stop = Stop { at: give_up_at, then_within: HAND_BACK_ABANDON, abandoned: RepoError::HandBackAbandoned { url: source.url.clone() }, lost };
         // The lease (the mirror the checkout borrows objects from) is held until the worker is dead.
         let (answer, _lease) = worker::run(Work::HandBack(work), self.lease, "collect the job's changes", Some(stop)).await;
         match answer? {
             Answer::HandedBack(outcome) => outcome,
-            other => Err(local("collect the job's changes", format!("the git worker answered {other:?}"))),
+            other => Err(local("collect the job's changes", format!("the git worker answered with {}", other.kind()))),
         }
     }
 }

@@ -809,6 +809,7 @@ async fn a_hand_back_stuck_on_a_fifo_is_killed_once_given_up() {
         at: tokio::time::Instant::now() + std::time::Duration::from_millis(after_ms),
         then_within: std::time::Duration::from_secs(1),
         abandoned: RepoError::HandBackAbandoned { url: "file://server".into() },
+        lost: None,
     };
     let before = children_waiting_on_a_fifo();
     let waits_on_the_fifo = || async {

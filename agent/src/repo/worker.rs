@@ -139,44 +139,93 @@ pub enum Answer {
     HandedBack(Result<Outcome, RepoError>),
 }
 
+impl Answer {
+    /// Its kind, for an error that names what came instead of what was asked for.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Answer::Fetched(_) => "a fetch's answer",
+            Answer::Usable(_) => "a check of mirrors",
+            Answer::CheckedOut(_) => "a checkout's answer",
+            Answer::HandedBack(_) => "a hand-back's answer",
+        }
+    }
+}
+
 /// When to ask a worker to stop, and how long to wait after that before it is killed and
-/// `abandoned` is the answer.
+/// `abandoned` is the answer. `lost`, when given, is the answer for a worker that dies once
+/// it has its work (a push may have reached the server by then).
 pub struct Stop {
     pub at: tokio::time::Instant,
     pub then_within: std::time::Duration,
     pub abandoned: RepoError,
+    pub lost: Option<RepoError>,
 }
+
+/// How long a new worker has to say it is ready (its set-up: the environment, the log,
+/// libgit2): milliseconds, unless it waits on a lock copied held into a zygote forked again
+/// from the running agent (a job killed the first). Then the zygote is replaced, and the
+/// work goes to a worker of the new one: nothing of it was begun.
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+/// The byte a worker sends once set up, before it begins the work.
+const READY: u8 = b'R';
+/// Answers larger than this are read off the agent's runtime thread.
+const READ_ASIDE: usize = 256 * 1024;
 
 /// Runs `work` in a new worker and waits for its answer. `held` is let go only once the
 /// worker is dead and reaped, however this ends: answered, failed, or this future dropped
 /// (the job gave up: the worker is killed). `action` names the work in errors.
 pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Option<Stop>) -> (Result<Answer, RepoError>, H) {
-    let mut worker = match Worker::start(held, action).await {
-        Ok(worker) => worker,
-        Err((e, held)) => return (Err(e), held),
+    let mut held = held;
+    let mut tries = 0;
+    let mut worker = loop {
+        tries += 1;
+        let mut worker = match Worker::start(held, action).await {
+            Ok(worker) => worker,
+            Err((e, held)) => return (Err(e), held),
+        };
+        match worker.hand(&work).await {
+            Ok(()) => break worker,
+            Err(Unready::Lost(e)) => return (Err(e), worker.end()),
+            Err(Unready::Late) => {
+                held = worker.end();
+                tracing::warn!(action, "a git worker was not ready in time; its zygote is replaced");
+                crate::zygote::replace();
+                if tries == 2 {
+                    let e = local(action, format!("the agent's git process (`claude-runner {COMMAND}`) was not ready within {READY_WITHIN:?}, twice: run the job again. If it fails again, the machine is overloaded, or {}", crate::launcher::HELPERS_STOPPED));
+                    return (Err(e), held);
+                }
+            }
+        }
     };
+    drop(work);
     let answer = async {
-        worker.send(&work).await?;
-        drop(work);
         let Some(stop) = stop else { return worker.answer().await };
         let socket = worker.stream.as_raw_fd();
         // One read of the answer throughout: one dropped mid-way would lose what it read.
         let answer = worker.answer();
         tokio::pin!(answer);
         tokio::select! {
-            answer = &mut answer => return answer,
+            answer = &mut answer => return answer.map_err(|e| stop.lost.unwrap_or(e)),
             _ = tokio::time::sleep_until(stop.at) => {}
         }
         // SAFETY: one byte written to the worker's socket, open as long as `worker`; the
         // socket's buffer is empty of ours (the request was read whole before any answer).
         unsafe { libc::write(socket, [STOP].as_ptr().cast(), 1) };
         match tokio::time::timeout(stop.then_within, answer).await {
-            Ok(answer) => answer,
+            Ok(answer) => answer.map_err(|e| stop.lost.unwrap_or(e)),
             Err(_) => Err(stop.abandoned),
         }
     }
     .await;
     (answer, worker.end())
+}
+
+/// Why a worker did not take its work.
+enum Unready {
+    /// It died, or the socket failed.
+    Lost(RepoError),
+    /// It did not say it was ready within [`READY_WITHIN`].
+    Late,
 }
 
 /// The agent's side of one worker: killed and reaped when dropped, and only then lets go
@@ -202,7 +251,8 @@ impl Drop for Process {
 impl<H> Worker<H> {
     async fn start(held: H, action: &'static str) -> Result<Worker<H>, (RepoError, H)> {
         // From the thread that starts launchers: a zygote forked again is that thread's
-        // child, and dies when its parent thread ends (see `crate::launcher`).
+        // child, and dies when its parent thread ends (see `crate::launcher`). Should this
+        // future be dropped meanwhile, the worker is killed and reaped with the task's output.
         let cloned = tokio::task::spawn_blocking(|| crate::launcher::on_starter_thread(crate::zygote::git_worker).and_then(|r| r).map(|(s, pid)| (s, Process(pid)))).await;
         let (stream, process) = match cloned {
             Ok(Ok(cloned)) => cloned,
@@ -219,16 +269,24 @@ impl<H> Worker<H> {
     fn lost(&self, e: impl std::fmt::Display) -> RepoError {
         local(
             self.action,
-            format!("the agent's git process (`claude-runner {COMMAND}`) ended before it answered ({e}): run the job again. If it fails again, {}", crate::launcher::HELPERS_STOPPED),
+            format!("the agent's git process (`claude-runner {COMMAND}`) failed before it answered ({e}): run the job again. If it fails again, {}", crate::launcher::HELPERS_STOPPED),
         )
     }
 
-    async fn send(&mut self, work: &Work) -> Result<(), RepoError> {
+    /// Sends the work, and waits for the worker to say it is set up (it then begins).
+    async fn hand(&mut self, work: &Work) -> Result<(), Unready> {
         let env = PASSED_ON.iter().filter_map(|name| Some((name.to_string(), std::env::var(name).ok()?))).collect();
-        let body = serde_json::to_vec(&Request { work, env, log: runtime::logging_format() }).map_err(|e| local(self.action, e))?;
+        let body = serde_json::to_vec(&Request { work, env, log: runtime::logging_format() }).map_err(|e| Unready::Lost(local(self.action, e)))?;
         let mut framed = (body.len() as u32).to_le_bytes().to_vec();
         framed.extend_from_slice(&body);
-        self.stream.write_all(&framed).await.map_err(|e| self.lost(e))
+        self.stream.write_all(&framed).await.map_err(|e| Unready::Lost(self.lost(e)))?;
+        let mut ready = [0u8; 1];
+        match tokio::time::timeout(READY_WITHIN, self.stream.read_exact(&mut ready)).await {
+            Ok(Ok(_)) if ready[0] == READY => Ok(()),
+            Ok(Ok(_)) => Err(Unready::Lost(self.lost("it said something else than ready"))),
+            Ok(Err(e)) => Err(Unready::Lost(self.lost(e))),
+            Err(_) => Err(Unready::Late),
+        }
     }
 
     async fn answer(&mut self) -> Result<Answer, RepoError> {
@@ -240,7 +298,10 @@ impl<H> Worker<H> {
         }
         let mut body = vec![0u8; len];
         self.stream.read_exact(&mut body).await.map_err(|e| self.lost(e))?;
-        serde_json::from_slice(&body).map_err(|e| self.lost(format!("an answer that does not read: {e}")))
+        let read = |body: Vec<u8>| serde_json::from_slice::<Answer>(&body).map_err(|e| e.to_string());
+        // A fetch's refs may be a million: not on the thread every job's frames go through.
+        let answer = if len > READ_ASIDE { tokio::task::spawn_blocking(move || read(body)).await.map_err(|e| e.to_string()).and_then(|r| r) } else { read(body) };
+        answer.map_err(|e| self.lost(format!("an answer that does not read: {e}")))
     }
 
     /// Kills and reaps the worker (done already, or not), then gives back what it held.
@@ -283,6 +344,12 @@ pub fn serve(socket: OwnedFd, agent: libc::pid_t) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// The worker's one request. Its set-up takes what the agent's threads never take once the
+/// agent runs (they may have held it when a zygote was forked again from the agent, and
+/// it would be held here for ever): `setenv` through libc, not std's lock; a logger of its
+/// own writing with `write(2)`; libgit2 and OpenSSL, which the agent never runs. Should it
+/// wait on a lock all the same, it does so before it says it is ready, and the agent
+/// replaces its zygote ([`READY_WITHIN`]).
 fn answer_one(socket: OwnedFd) -> std::io::Result<()> {
     let mut stream = std::os::unix::net::UnixStream::from(socket);
     let mut len = [0u8; 4];
@@ -299,19 +366,29 @@ fn answer_one(socket: OwnedFd) -> std::io::Result<()> {
     let request: Request<serde_json::Value> = serde_json::from_slice(&body).map_err(std::io::Error::other)?;
     drop(body);
     for (name, value) in &request.env {
-        std::env::set_var(name, value);
+        let (Ok(name), Ok(value)) = (std::ffi::CString::new(name.as_str()), std::ffi::CString::new(value.as_str())) else { continue };
+        // SAFETY: two NUL-terminated strings; this process has one thread.
+        unsafe { libc::setenv(name.as_ptr(), value.as_ptr(), 1) };
     }
-    let request = Request { work: serde_json::from_value::<Work>(request.work).map_err(std::io::Error::other)?, env: request.env, log: request.log };
+    // The agent's own limit (`up` raises it), not the one the zygote was started with: a
+    // mirror fetched many times holds a pack file per fetch.
+    let _ = runtime::nofile::raise();
+    let work = serde_json::from_value::<Work>(request.work).map_err(std::io::Error::other)?;
+    let logger = request.log.map(|format| {
+        // SAFETY: isatty reads a descriptor's kind.
+        let ansi = unsafe { libc::isatty(2) } == 1;
+        runtime::logger(format, ansi, || RawStderr)
+    });
+    let _default = logger.as_ref().map(tracing::dispatcher::set_default);
+    // Each log line says it comes from a git worker; and the span's thread-local state is
+    // set up now, before the worker says it is ready.
+    let span = tracing::info_span!("git_worker");
+    let _in_span = span.enter();
+    super::mirror::set_timeouts();
     let stop = Arc::new(AtomicBool::new(false));
     watch(stream.try_clone()?, Arc::clone(&stop));
-    let answer = match request.log {
-        Some(format) => {
-            // SAFETY: isatty reads a descriptor's kind.
-            let ansi = unsafe { libc::isatty(2) } == 1;
-            tracing::dispatcher::with_default(&runtime::logger(format, ansi, || RawStderr), || perform(request.work, &stop))
-        }
-        None => perform(request.work, &stop),
-    };
+    stream.write_all(&[READY])?;
+    let answer = perform(work, &stop);
     let body = serde_json::to_vec(&answer).map_err(std::io::Error::other)?;
     let mut framed = (body.len() as u32).to_le_bytes().to_vec();
     framed.extend_from_slice(&body);
@@ -338,7 +415,6 @@ fn watch(mut socket: std::os::unix::net::UnixStream, stop: Arc<AtomicBool>) {
 }
 
 fn perform(work: Work, stop: &AtomicBool) -> Answer {
-    super::mirror::set_timeouts();
     match work {
         Work::Fetch { dir, source } => Answer::Fetched(super::mirror::fetch_into(&dir, &source, stop)),
         Work::Usable { dirs } => Answer::Usable(dirs.iter().map(|dir| super::mirror::usable(dir)).collect()),
