@@ -171,9 +171,10 @@ const READY: u8 = b'R';
 /// Answers larger than this are read off the agent's runtime thread.
 const READ_ASIDE: usize = 256 * 1024;
 
-/// Runs `work` in a new worker and waits for its answer. `held` is let go only once the
-/// worker is dead and reaped, however this ends: answered, failed, or this future dropped
-/// (the job gave up: the worker is killed). `action` names the work in errors.
+/// Runs `work` in a new worker and waits for its answer. `held` is let go only once every
+/// worker that was sent the work is dead and reaped, however this ends: answered, failed, or
+/// this future dropped (the job gave up: the worker is killed). `action` names the work in
+/// errors.
 pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Option<Stop>) -> (Result<Answer, RepoError>, H) {
     let mut held = held;
     let mut tries = 0;
