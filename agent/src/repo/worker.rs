@@ -22,7 +22,9 @@
 //! writes to its stderr with `write(2)` ([`RawStderr`]).
 //!
 //! The conversation, on a Unix socket: the agent sends one [`Request`] (a 4-byte length,
-//! then JSON); the worker answers one [`Answer`] the same way and exits. A byte
+//! then JSON); the worker sets itself up, says so with one byte ([`READY`]: one that does
+//! not within [`READY_WITHIN`] has its zygote replaced, and the work goes to a new worker,
+//! none of it begun), does the work, answers one [`Answer`] as the request came, and exits. A byte
 //! [`STOP`] from the agent asks the hand-back to stop at its next step (a push not yet
 //! begun never begins); the socket's end (the agent gone, or done with it) ends the worker.
 //! The agent then kills it anyway and reaps it: a worker is the agent's child (the zygote
