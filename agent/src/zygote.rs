@@ -97,6 +97,15 @@ struct Zygote {
     /// The zygote's pidfd (kernels 5.3 and later): its death ends a wait for its answer at
     /// once, even while a launcher it cloned still holds a copy of its socket.
     pidfd: Option<OwnedFd>,
+    /// Forked while the agent had one thread (at its start): it holds no lock copied held.
+    clean: bool,
+}
+
+/// Which zygote cloned a git worker: its pid, and whether it is [`Zygote::clean`].
+#[derive(Debug, Clone, Copy)]
+pub struct Origin {
+    pub zygote: libc::pid_t,
+    pub clean: bool,
 }
 
 /// One word of memory shared by the agent and its zygote (`MAP_SHARED`, mapped before the
@@ -174,22 +183,28 @@ pub fn stop() {
 /// within [`LAUNCHER_WITHIN`]: a zygote that does not answer by then is ended, and the
 /// next call forks a new one.
 pub fn launcher() -> std::io::Result<(UnixStream, OwnedFd, libc::pid_t)> {
-    clone_helper(LAUNCHER)
+    clone_helper(LAUNCHER).map(|(ours, theirs, pid, _)| (ours, theirs, pid))
 }
 
 /// A new git worker ([`crate::repo::worker`]), the agent's child: the agent's end of its
 /// socket and its pid. As [`launcher`], but the agent keeps no copy of the worker's end
 /// (its death is then the socket's end).
-pub fn git_worker() -> std::io::Result<(UnixStream, libc::pid_t)> {
-    clone_helper(GIT_WORKER).map(|(ours, _theirs, pid)| (ours, pid))
+pub fn git_worker() -> std::io::Result<(UnixStream, libc::pid_t, Origin)> {
+    clone_helper(GIT_WORKER).map(|(ours, _theirs, pid, origin)| (ours, pid, origin))
 }
 
-/// Ends the zygote, so that the next launcher or git worker comes from a new one: for a
-/// zygote whose git workers wait on a lock it copied held (one forked again from the running
-/// agent, see [`crate::repo::worker`]).
-pub fn replace() {
-    if let Some(zygote) = ZYGOTE.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take() {
-        zygote.end();
+/// Ends the zygote `origin` names, if it is still the agent's and was forked again from
+/// the running agent (not [`Zygote::clean`]), so that the next launcher or git worker comes
+/// from a new one: its git workers may wait on a lock it copied held (see
+/// [`crate::repo::worker`]). A clean zygote is kept: what held its worker up was load, or
+/// a job stopping it, and a new zygote could only be forked from the running agent.
+pub fn replace(origin: Origin) {
+    let mut zygote = ZYGOTE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if zygote.as_ref().is_some_and(|z| z.pid == origin.zygote && !z.clean) {
+        if let Some(gone) = zygote.take() {
+            tracing::warn!(zygote = gone.pid, "a zygote forked again from the running agent left a git worker waiting; it is replaced");
+            gone.end();
+        }
     }
 }
 
@@ -197,7 +212,7 @@ pub fn replace() {
 const LAUNCHER: u8 = b'L';
 const GIT_WORKER: u8 = b'G';
 
-fn clone_helper(kind: u8) -> std::io::Result<(UnixStream, OwnedFd, libc::pid_t)> {
+fn clone_helper(kind: u8) -> std::io::Result<(UnixStream, OwnedFd, libc::pid_t, Origin)> {
     let deadline = std::time::Instant::now() + LAUNCHER_WITHIN;
     let mut zygote = ZYGOTE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut retried = false;
@@ -209,7 +224,7 @@ fn clone_helper(kind: u8) -> std::io::Result<(UnixStream, OwnedFd, libc::pid_t)>
         let (ours, theirs) = UnixStream::pair()?;
         let theirs = OwnedFd::from(theirs);
         match running.ask(kind, &theirs, deadline.saturating_duration_since(std::time::Instant::now())) {
-            Ok(answer) => return answer.map(|pid| (ours, theirs, pid)),
+            Ok(answer) => return answer.map(|pid| (ours, theirs, pid, Origin { zygote: running.pid, clean: running.clean })),
             Err(e) => {
                 if let Some(gone) = zygote.take() {
                     gone.end();
@@ -241,6 +256,7 @@ impl Zygote {
             libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
             libc::getpid()
         };
+        let one_thread = threads() == Some(1);
         // SAFETY: the child runs only `live` (what it uses is safe after a fork, see the
         // module's note) and never returns here.
         let pid = unsafe { libc::fork() };
@@ -259,7 +275,7 @@ impl Zygote {
         drop(theirs);
         // Our own child, not reaped yet: the pidfd is surely this process's.
         let pidfd = crate::pidfd::open(pid as u32).ok();
-        let zygote = Zygote { socket: ours, pid, cloned, pidfd };
+        let zygote = Zygote { socket: ours, pid, cloned, pidfd, clean: one_thread };
         // A zygote forked is the agent's child to reap, whatever fails after.
         let bounded = zygote.socket.set_read_timeout(Some(ANSWER_WITHIN)).and_then(|()| zygote.socket.set_write_timeout(Some(ANSWER_WITHIN)));
         if let Err(e) = bounded {
@@ -305,6 +321,12 @@ impl Zygote {
             kill_and_reap(launcher);
         }
     }
+}
+
+/// This process's threads (`/proc/self/stat`, field 20), if `/proc` says.
+fn threads() -> Option<usize> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    stat.rsplit(')').next()?.split_whitespace().nth(20 - 3)?.parse().ok()
 }
 
 /// Kills and reaps a child of the agent's, not reaped yet (so its pid is no other process's).
@@ -587,7 +609,15 @@ mod tests {
             return true;
         }
         let exe = std::env::current_exe().expect("this test binary");
-        let run = std::process::Command::new(exe).args([name, "--exact", "--test-threads=1"]).env(OWN_PROCESS, "1").output().expect("the test binary runs");
+        // Without the CA settings this machine may have, as most have none: a worker then
+        // finds them itself (see `crate::repo::worker`).
+        let run = std::process::Command::new(exe)
+            .args([name, "--exact", "--test-threads=1"])
+            .env(OWN_PROCESS, "1")
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR")
+            .output()
+            .expect("the test binary runs");
         let said = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
         assert!(run.status.success() && said.contains("1 passed"), "in a process of its own: {said}");
         false

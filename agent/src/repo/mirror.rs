@@ -98,10 +98,12 @@ impl Fetched {
     /// tag, and the default branch's): a repository may have a million tags, and the
     /// checkout's request need not carry them.
     pub fn for_checkout(&self, branch: Option<&str>) -> Fetched {
-        let wanted = |name: &String| {
-            *name == self.head || branch.is_some_and(|b| name.strip_prefix("refs/heads/").or_else(|| name.strip_prefix("refs/tags/")) == Some(b))
-        };
-        Fetched { refs: self.refs.iter().filter(|(name, _)| wanted(name)).map(|(n, id)| (n.clone(), id.clone())).collect(), head: self.head.clone() }
+        let mut names = vec![self.head.clone()];
+        if let Some(branch) = branch {
+            names.extend([format!("refs/heads/{branch}"), format!("refs/tags/{branch}")]);
+        }
+        let refs = names.into_iter().filter_map(|name| self.refs.get(&name).cloned().map(|id| (name, id))).collect();
+        Fetched { refs, head: self.head.clone() }
     }
 }
 
@@ -629,13 +631,14 @@ fn fetch(dir: &Path, source: &Source, abort: &AtomicBool) -> Result<Fetched, Rep
         .follow_redirects(RemoteRedirect::None);
     // Downloads only what the mirror lacks; nothing at all when it is up to date.
     remote.fetch(&REFSPECS, Some(&mut options), Some("claude-runner fetch")).map_err(fail)?;
-    let advertised: Vec<(String, Oid)> = remote
-        .list()
-        .map_err(fail)?
-        .iter()
-        .map(|h| (h.name().to_string(), h.oid()))
-        .filter(|(name, _)| (name.starts_with("refs/heads/") || name.starts_with("refs/tags/")) && !name.ends_with("^{}"))
-        .collect();
+    let heads = remote.list().map_err(fail)?;
+    // git2 reads each advertised name as UTF-8 and panics on one that is not: a git server
+    // chooses its refs' names.
+    let advertised = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| heads.iter().map(|h| (h.name().to_string(), h.oid())).collect::<Vec<_>>()));
+    let Ok(advertised) = advertised else {
+        return Err(local(action, format!("{} advertises a ref whose name is not UTF-8, which the runner cannot read: rename it on the server, or use another repository", source.url)));
+    };
+    let advertised: Vec<(String, Oid)> = advertised.into_iter().filter(|(name, _)| (name.starts_with("refs/heads/") || name.starts_with("refs/tags/")) && !name.ends_with("^{}")).collect();
     let default_branch = remote.default_branch().ok().and_then(|b| b.as_str().ok().map(str::to_string));
     drop(remote);
     if advertised.is_empty() {

@@ -839,3 +839,19 @@ async fn a_hand_back_stuck_on_a_fifo_is_killed_once_given_up() {
     assert!(matches!(answer, Err(RepoError::HandBackAbandoned { .. })), "{answer:?}");
     assert_eq!(children_waiting_on_a_fifo(), before, "the worker still waits on the FIFO");
 }
+
+/// A git server chooses its refs' names, and git2 panicked reading one that is not UTF-8:
+/// the worker died, and the job was told its git process was lost, perhaps stopped by a
+/// job (hostile review rev25, L2). It is refused, saying why.
+#[tokio::test]
+async fn a_ref_name_that_is_not_utf8_is_refused_by_name() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = TempDir::new("not-utf8-ref");
+    let (bare, _, first) = server(tmp.path());
+    let name = std::ffi::OsStr::from_bytes(b"refs/heads/caf\xe9");
+    let made = std::process::Command::new("git").arg("-C").arg(&bare).arg("update-ref").arg(name).arg(&first).status().unwrap();
+    assert!(made.success());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let err = cache.acquire(source(&bare), false).await.err().expect("a ref git2 cannot read was taken");
+    assert!(err.to_string().contains("not UTF-8"), "{err}");
+}

@@ -58,8 +58,8 @@ const PASSED_ON: [&str; 4] = ["SSL_CERT_FILE", "SSL_CERT_DIR", "OPENSSL_CONF", "
 #[derive(Serialize, Deserialize)]
 struct Request<W = Work> {
     work: W,
-    /// [`PASSED_ON`], as the agent has them.
-    env: Vec<(String, String)>,
+    /// [`PASSED_ON`], as the agent has them (bytes: a path need not be UTF-8).
+    env: Vec<(String, Vec<u8>)>,
     /// Log as the agent does (`None`: the agent does not log).
     log: Option<runtime::LogFormat>,
 }
@@ -190,9 +190,10 @@ pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Optio
             Ok(()) => break worker,
             Err(Unready::Lost(e)) => return (Err(e), worker.end()),
             Err(Unready::Late) => {
+                let origin = worker.origin;
                 held = worker.end();
-                tracing::warn!(action, "a git worker was not ready in time; its zygote is replaced");
-                crate::zygote::replace();
+                tracing::warn!(action, zygote = origin.zygote, clean = origin.clean, "a git worker was not ready in time; it is ended and the work goes to another");
+                replace_zygote(origin).await;
                 if tries == 2 {
                     let e = local(action, format!("the agent's git process (`claude-runner {COMMAND}`) was not ready within {READY_WITHIN:?}, twice: run the job again. If it fails again, the machine is overloaded, or {}", crate::launcher::HELPERS_STOPPED));
                     return (Err(e), held);
@@ -220,7 +221,22 @@ pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Optio
         }
     }
     .await;
+    // A worker of a zygote forked again from the running agent that never answered may
+    // wait on a lock that zygote copied held (one its set-up does not take): the next
+    // worker comes from a new zygote.
+    if answer.is_err() && !worker.origin.clean {
+        let origin = worker.origin;
+        let held = worker.end();
+        replace_zygote(origin).await;
+        return (answer, held);
+    }
     (answer, worker.end())
+}
+
+/// [`crate::zygote::replace`], off the runtime thread (it waits for the zygote's lock, which
+/// a start holds for up to seconds, and reaps the zygote).
+async fn replace_zygote(origin: crate::zygote::Origin) {
+    let _ = tokio::task::spawn_blocking(move || crate::zygote::replace(origin)).await;
 }
 
 /// Why a worker did not take its work.
@@ -238,6 +254,7 @@ struct Worker<H> {
     process: Option<Process>,
     held: Option<H>,
     action: &'static str,
+    origin: crate::zygote::Origin,
 }
 
 /// A worker process, the agent's child: killed and reaped when dropped (so its pid is no
@@ -256,15 +273,15 @@ impl<H> Worker<H> {
         // From the thread that starts launchers: a zygote forked again is that thread's
         // child, and dies when its parent thread ends (see `crate::launcher`). Should this
         // future be dropped meanwhile, the worker is killed and reaped with the task's output.
-        let cloned = tokio::task::spawn_blocking(|| crate::launcher::on_starter_thread(crate::zygote::git_worker).and_then(|r| r).map(|(s, pid)| (s, Process(pid)))).await;
-        let (stream, process) = match cloned {
+        let cloned = tokio::task::spawn_blocking(|| crate::launcher::on_starter_thread(crate::zygote::git_worker).and_then(|r| r).map(|(s, pid, origin)| (s, Process(pid), origin))).await;
+        let (stream, process, origin) = match cloned {
             Ok(Ok(cloned)) => cloned,
             Ok(Err(e)) => return Err((local(action, format!("the agent could not start its git process ({e})")), held)),
             Err(e) => return Err((local(action, e), held)),
         };
         let stream = stream.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(stream));
         match stream {
-            Ok(stream) => Ok(Worker { stream, process: Some(process), held: Some(held), action }),
+            Ok(stream) => Ok(Worker { stream, process: Some(process), held: Some(held), action, origin }),
             Err(e) => Err((local(action, e), held)),
         }
     }
@@ -278,7 +295,8 @@ impl<H> Worker<H> {
 
     /// Sends the work, and waits for the worker to say it is set up (it then begins).
     async fn hand(&mut self, work: &Work) -> Result<(), Unready> {
-        let env = PASSED_ON.iter().filter_map(|name| Some((name.to_string(), std::env::var(name).ok()?))).collect();
+        use std::os::unix::ffi::OsStrExt;
+        let env = PASSED_ON.iter().filter_map(|name| Some((name.to_string(), std::env::var_os(name)?.as_bytes().to_vec()))).collect();
         let body = serde_json::to_vec(&Request { work, env, log: runtime::logging_format() }).map_err(|e| Unready::Lost(local(self.action, e)))?;
         let mut framed = (body.len() as u32).to_le_bytes().to_vec();
         framed.extend_from_slice(&body);
@@ -363,18 +381,27 @@ fn answer_one(socket: OwnedFd) -> std::io::Result<()> {
     }
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body)?;
-    // The work is read once the environment is set: reading an object id sets libgit2 up,
-    // and its TLS set-up searches the disk for certificates unless told where they are
-    // (`SSL_CERT_FILE`: 20 ms of every checkout's worker, measured).
     let request: Request<serde_json::Value> = serde_json::from_slice(&body).map_err(std::io::Error::other)?;
     drop(body);
     for (name, value) in &request.env {
-        let (Ok(name), Ok(value)) = (std::ffi::CString::new(name.as_str()), std::ffi::CString::new(value.as_str())) else { continue };
+        let (Ok(name), Ok(value)) = (std::ffi::CString::new(name.as_str()), std::ffi::CString::new(value.as_slice())) else { continue };
         // SAFETY: two NUL-terminated strings; this process has one thread.
         unsafe { libc::setenv(name.as_ptr(), value.as_ptr(), 1) };
     }
-    // The agent's own limit (`up` raises it), not the one the zygote was started with: a
-    // mirror fetched many times holds a pack file per fetch.
+    // libgit2's set-up (`set_timeouts` below) writes where the CA certificates are into the
+    // environment through std's `set_var` unless it finds them there already: written
+    // here first, through libc (the agent found them at its start, but a value may differ
+    // or be missing), so that std's lock is never written (its probe only reads, and
+    // checks paths; when the agent's told it, it searches nothing).
+    let found = openssl_probe::probe();
+    for (name, value) in [("SSL_CERT_FILE", found.cert_file), ("SSL_CERT_DIR", found.cert_dir)] {
+        use std::os::unix::ffi::OsStrExt;
+        let (Ok(name), Some(Ok(value))) = (std::ffi::CString::new(name), value.map(|v| std::ffi::CString::new(v.as_os_str().as_bytes()))) else { continue };
+        // SAFETY: as above.
+        unsafe { libc::setenv(name.as_ptr(), value.as_ptr(), 1) };
+    }
+    // The hard limit (what `up` raises the agent's to), not the one the zygote was started
+    // with: a mirror fetched many times holds a pack file per fetch.
     let _ = runtime::nofile::raise();
     let work = serde_json::from_value::<Work>(request.work).map_err(std::io::Error::other)?;
     let logger = request.log.map(|format| {
@@ -383,6 +410,9 @@ fn answer_one(socket: OwnedFd) -> std::io::Result<()> {
         runtime::logger(format, ansi, || RawStderr)
     });
     let _default = logger.as_ref().map(tracing::dispatcher::set_default);
+    // A panic (a bug, or an answer of a git server's that git2 does not read: a ref name
+    // that is not UTF-8) is one log line, written without std's stderr lock.
+    std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "the git worker failed")));
     // Each log line says it comes from a git worker; and the span's thread-local state is
     // set up now, before the worker says it is ready.
     let span = tracing::info_span!("git_worker");
