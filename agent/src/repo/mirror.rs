@@ -133,18 +133,13 @@ pub struct Lease {
     /// What the fetch the job runs on found; None only for a stale lease with no fetch
     /// since the agent started (the mirror's refs on disk are all there is then).
     pub fetched: Option<Arc<Fetched>>,
-    /// The repository's default branch (`main`): as the fetch found it, else as the mirror
-    /// last had it (a stale lease with no fetch since the agent started).
-    on_disk_default: Option<String>,
 }
 
 impl Lease {
-    /// The repository's default branch (`main`), as the fetch found it.
+    /// The repository's default branch (`main`), as the fetch found it; unknown on a stale
+    /// lease with no fetch since the agent started (the mirror's `HEAD` is a job's to write).
     pub fn default_branch(&self) -> Option<String> {
-        match &self.fetched {
-            Some(f) => f.head.strip_prefix("refs/heads/").map(str::to_string),
-            None => self.on_disk_default.clone(),
-        }
+        self.fetched.as_ref().and_then(|f| f.head.strip_prefix("refs/heads/").map(str::to_string))
     }
 }
 
@@ -245,7 +240,7 @@ impl MirrorCache {
         let folder = layout::folder(&source.name);
         let (hold, lock) = self.hold(&folder);
         let asked = Instant::now();
-        let mut lease = Lease { _hold: hold, dir: self.root.join(&folder), stale: false, fetch_ms: 0, fetched: None, on_disk_default: None };
+        let mut lease = Lease { _hold: hold, dir: self.root.join(&folder), stale: false, fetch_ms: 0, fetched: None };
         let guard = lock.lock_owned().await;
         if guard.fetched_from.is_some_and(|t| t >= asked) {
             lease.fetch_ms = asked.elapsed().as_millis() as u64;
@@ -265,16 +260,15 @@ impl MirrorCache {
                     Err(e) => e,
                     Ok(other) => local("fetch the repository", format!("the git worker answered with {}", other.kind())),
                 };
-                FetchAnswer { result: Err(e), usable: guard.last.is_some(), default_branch: None }
+                FetchAnswer { result: Err(e), usable: guard.last.is_some() }
             }
         };
-        let FetchAnswer { result, usable, default_branch } = answer;
+        let FetchAnswer { result, usable } = answer;
         let result = result.map(|found| {
             guard.fetched_from = Some(started);
             guard.last = Some(Arc::new(found));
         });
         lease.fetched = guard.last.clone();
-        lease.on_disk_default = default_branch;
         drop((guard, fetch_hold));
         // A first fetch made the mirror, or a failed one removed it.
         self.changed();
@@ -479,12 +473,7 @@ pub(super) fn fetch_into(dir: &Path, source: &Source, abort: &AtomicBool) -> Fet
     if !usable {
         let _ = crate::files::remove_tree(dir);
     }
-    let default_branch = match &result {
-        Ok(found) => found.head.strip_prefix("refs/heads/").map(str::to_string),
-        Err(_) if usable => default_branch(dir),
-        Err(_) => None,
-    };
-    FetchAnswer { result, usable, default_branch }
+    FetchAnswer { result, usable }
 }
 
 /// Whether a mirror has a commit to start from.
@@ -675,12 +664,6 @@ fn fetch(dir: &Path, source: &Source, abort: &AtomicBool) -> Result<Fetched, Rep
     Ok(Fetched { refs: advertised.into_iter().map(|(name, oid)| (name, oid.to_string())).collect(), head })
 }
 
-/// The mirror's default branch (`main` for `refs/heads/main`), as last fetched.
-pub(super) fn default_branch(dir: &Path) -> Option<String> {
-    let repo = Repository::open_bare(dir).ok()?;
-    let head = repo.find_reference("HEAD").ok()?;
-    head.symbolic_target().ok()??.strip_prefix("refs/heads/").map(str::to_string)
-}
 
 #[cfg(test)]
 mod tests {

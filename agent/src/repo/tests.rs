@@ -56,7 +56,7 @@ async fn mirrors_fetch_prune_and_check_out_branches_tags_and_shas() {
     let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let lease = cache.acquire(source(&bare), false).await.unwrap();
     assert!(!lease.stale);
-    assert_eq!(super::mirror::default_branch(&lease.dir).as_deref(), Some("main"));
+    assert_eq!(lease.default_branch().as_deref(), Some("main"));
     assert_eq!(cache.mirror_names(), [source(&bare).name]);
     let url = "file://server";
 

@@ -114,8 +114,6 @@ pub struct FetchAnswer {
     pub result: Result<Fetched, RepoError>,
     /// The mirror has a commit to start from (`allow_stale`).
     pub usable: bool,
-    /// The default branch (`main`): the server's, or the mirror's as last fetched.
-    pub default_branch: Option<String>,
 }
 
 /// What a checkout made: the commit Claude starts from and the folder it starts in.
