@@ -165,7 +165,7 @@ impl Drop for PidSlot {
 pub fn start() {
     let mut zygote = ZYGOTE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if zygote.is_none() {
-        *zygote = Zygote::fork().ok();
+        *zygote = Zygote::fork(true).ok();
     }
 }
 
@@ -218,7 +218,7 @@ fn clone_helper(kind: u8) -> std::io::Result<(UnixStream, OwnedFd, libc::pid_t, 
     let mut retried = false;
     loop {
         if zygote.is_none() {
-            *zygote = Some(Zygote::fork()?);
+            *zygote = Some(Zygote::fork(false)?);
         }
         let running = zygote.as_mut().expect("just forked");
         let (ours, theirs) = UnixStream::pair()?;
@@ -248,7 +248,7 @@ impl Zygote {
     /// Forks a zygote from this process, made non-dumpable first (`main` has already, for
     /// every command; a unit test's process has not), so that the zygote and every launcher
     /// after it are never dumpable.
-    fn fork() -> std::io::Result<Zygote> {
+    fn fork(at_start: bool) -> std::io::Result<Zygote> {
         let (ours, theirs) = UnixStream::pair()?;
         let cloned = PidSlot::new()?;
         // SAFETY: prctl and getpid change and read process attributes only.
@@ -256,7 +256,8 @@ impl Zygote {
             libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
             libc::getpid()
         };
-        let one_thread = threads() == Some(1);
+        // `/proc` unreadable: a fork from `start` (the agent's first, from `main`) is clean.
+        let one_thread = threads().map_or(at_start, |n| n == 1);
         // SAFETY: the child runs only `live` (what it uses is safe after a fork, see the
         // module's note) and never returns here.
         let pid = unsafe { libc::fork() };
@@ -593,6 +594,50 @@ mod tests {
         }
         reading.store(false, Ordering::SeqCst);
         reader.join().unwrap();
+        stop();
+    }
+
+    /// A git worker that waits for ever after it said it was ready (on a lock its set-up
+    /// does not take, copied held into a zygote forked again from the running agent; here a
+    /// FIFO where libgit2 opens a mirror's `config`) is killed with its job; when its zygote is
+    /// such a one, the next worker comes from a new zygote (before, every later fetch and
+    /// checkout waited on the same lock until the agent restarted: hostile review rev26,
+    /// M1). A clean zygote, forked at the start, is kept.
+    #[test]
+    fn a_zygote_forked_again_whose_worker_never_answered_is_replaced_a_clean_one_kept() {
+        if !in_own_process("zygote::tests::a_zygote_forked_again_whose_worker_never_answered_is_replaced_a_clean_one_kept") {
+            return;
+        }
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let tmp = harness::TempDir::new("stuck-worker");
+        let mirror = tmp.path().join("mirror.git");
+        std::fs::create_dir_all(mirror.join("objects")).unwrap();
+        std::fs::create_dir_all(mirror.join("refs")).unwrap();
+        std::fs::write(mirror.join("HEAD"), "ref: refs/heads/main\n").unwrap();
+        crate::files::pipe_at(&mirror.join("config"));
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let stuck = || {
+            let work = crate::repo::worker::Work::Usable { dirs: vec![mirror.clone()] };
+            let ran = runtime.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(2), crate::repo::worker::run(work, (), "check the mirrors", None)).await });
+            assert!(ran.is_err(), "the worker answered: {:?}", ran.map(|(a, ())| a));
+            // The replacement runs on the blocking pool: give it a moment.
+            runtime.block_on(async { tokio::time::sleep(std::time::Duration::from_millis(500)).await });
+        };
+        // This process's zygote was forked before the test harness's threads: clean.
+        let clean = zygote_pid().expect("the test binary's zygote");
+        stuck();
+        assert_eq!(zygote_pid(), Some(clean), "a clean zygote was replaced");
+        // A job kills it; the next is forked from the running process.
+        // SAFETY: a signal to this process's zygote, as a job may send it.
+        unsafe { libc::kill(clean, libc::SIGKILL) };
+        let (ours, peer, launcher) = launcher().expect("a launcher from a zygote forked again");
+        drop((ours, peer));
+        // SAFETY: a wait for a child of this process.
+        unsafe { libc::waitpid(launcher, std::ptr::null_mut(), 0) };
+        let forked_again = zygote_pid().expect("a zygote");
+        assert_ne!(forked_again, clean);
+        stuck();
+        assert_ne!(zygote_pid(), Some(forked_again), "the zygote whose worker never answered was kept");
         stop();
     }
 

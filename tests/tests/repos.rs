@@ -435,9 +435,10 @@ async fn a_failed_fetch_runs_on_the_last_fetched_state_only_with_allow_stale() {
 }
 
 /// After a restart with the server gone, a stale run knows the repository's default branch
-/// only from the mirror's `HEAD`, which a job can rewrite: a push checked against it could
-/// go to the real default branch. A push is refused then, before Claude runs; a run
-/// without one still runs stale (hostile review rev25, L6).
+/// only from the mirror's `HEAD`, which a job can rewrite (and, without a restart, from an
+/// earlier fetch, which may be out of date): a push checked against it could go to the
+/// real default branch. A push on a stale run is refused, before Claude runs; a run
+/// without one still runs stale (hostile reviews rev25 L6, rev26 M2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_run_with_no_fetch_since_the_start_pushes_nothing() {
     let mut s = setup(None, &[]).await;
@@ -448,7 +449,7 @@ async fn a_stale_run_with_no_fetch_since_the_start_pushes_nothing() {
     s.agent.restart();
     s.client.wait_online().await;
     let e = repo_error(&s.run(json!({"prompt": "@write=a.txt", "repo_url": url, "allow_stale": true, "push_branch": "claude/x"})).await);
-    assert!(e.contains("could not be fetched since the runner started") && e.contains("nothing ran"), "{e}");
+    assert!(e.contains("could not be fetched, so the runner does not know the repository's default branch") && e.contains("nothing ran"), "{e}");
     let b = s.run(json!({"prompt": "@exists=README.md", "repo_url": url, "allow_stale": true})).await;
     ok(&b);
     assert_eq!(b["commit"], second.as_str());

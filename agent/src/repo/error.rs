@@ -48,7 +48,7 @@ pub enum RepoError {
     WorkingDir { dir: String, why: Text },
     #[error("`push_branch` `{branch}` is the repository's default branch, and the runner never pushes to it: name another branch and open a pull request from it")]
     PushToDefault { branch: String },
-    #[error("{url} could not be fetched since the runner started, so it does not know the repository's default branch, which it never pushes to: nothing ran; retry with `push_branch` once the server answers, or leave `push_branch` out to run on the last fetched state")]
+    #[error("{url} could not be fetched, so the runner does not know the repository's default branch now, which it never pushes to: nothing ran; retry with `push_branch` once the server answers, or leave `push_branch` out to run on the last fetched state")]
     PushNeedsFetch { url: String },
     #[error("the branch `{branch}` already exists on the server and does not lead to the job's commit, and the runner never force-pushes: choose a new `push_branch`, or start the job from that branch (\"branch\": \"{branch}\")")]
     NotFastForward { branch: String },

@@ -111,8 +111,9 @@ impl Repos {
         let lease = self.cache.acquire(self.source(&url), spec.allow_stale).await?;
         if let Some(branch) = &spec.push_branch {
             // Refused before Claude runs, not after it worked for nothing. Which branch is the
-            // default one only a fetch says (the mirror's `HEAD` is a job's to rewrite).
-            if lease.fetched.is_none() {
+            // default one only this job's fetch says (the mirror's `HEAD` is a job's to
+            // rewrite, and an earlier fetch's answer may be out of date).
+            if lease.stale || lease.fetched.is_none() {
                 return Err(RepoError::PushNeedsFetch { url: url.url() });
             }
             if lease.default_branch().as_deref() == Some(branch.as_str()) {

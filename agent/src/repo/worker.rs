@@ -23,8 +23,8 @@
 //!
 //! The conversation, on a Unix socket: the agent sends one [`Request`] (a 4-byte length,
 //! then JSON); the worker sets itself up, says so with one byte ([`READY`]: one that does
-//! not within [`READY_WITHIN`] has its zygote replaced, and the work goes to a new worker,
-//! none of it begun), does the work, answers one [`Answer`] as the request came, and exits. A byte
+//! not within [`READY_WITHIN`] is ended and the work goes to a new worker, none of it
+//! begun; its zygote is replaced if it was forked again from the running agent), does the work, answers one [`Answer`] as the request came, and exits. A byte
 //! [`STOP`] from the agent asks the hand-back to stop at its next step (a push not yet
 //! begun never begins); the socket's end (the agent gone, or done with it) ends the worker.
 //! The agent then kills it anyway and reaps it: a worker is the agent's child (the zygote
@@ -189,6 +189,8 @@ pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Optio
             Err(Unready::Lost(e)) => return (Err(e), worker.end()),
             Err(Unready::Late) => {
                 let origin = worker.origin;
+                // Replaced here, before the retry, rather than as it is dropped.
+                worker.answered = true;
                 held = worker.end();
                 tracing::warn!(action, zygote = origin.zygote, clean = origin.clean, "a git worker was not ready in time; it is ended and the work goes to another");
                 replace_zygote(origin).await;
@@ -219,15 +221,6 @@ pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Optio
         }
     }
     .await;
-    // A worker of a zygote forked again from the running agent that never answered may
-    // wait on a lock that zygote copied held (one its set-up does not take): the next
-    // worker comes from a new zygote.
-    if answer.is_err() && !worker.origin.clean {
-        let origin = worker.origin;
-        let held = worker.end();
-        replace_zygote(origin).await;
-        return (answer, held);
-    }
     (answer, worker.end())
 }
 
@@ -253,6 +246,8 @@ struct Worker<H> {
     held: Option<H>,
     action: &'static str,
     origin: crate::zygote::Origin,
+    /// It answered (whatever the answer said).
+    answered: bool,
 }
 
 /// A worker process, the agent's child: killed and reaped when dropped (so its pid is no
@@ -279,7 +274,7 @@ impl<H> Worker<H> {
         };
         let stream = stream.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(stream));
         match stream {
-            Ok(stream) => Ok(Worker { stream, process: Some(process), held: Some(held), action, origin }),
+            Ok(stream) => Ok(Worker { stream, process: Some(process), held: Some(held), action, origin, answered: false }),
             Err(e) => Err((local(action, e), held)),
         }
     }
@@ -320,7 +315,9 @@ impl<H> Worker<H> {
         let read = |body: Vec<u8>| serde_json::from_slice::<Answer>(&body).map_err(|e| e.to_string());
         // A fetch's refs may be a million: not on the thread every job's frames go through.
         let answer = if len > READ_ASIDE { tokio::task::spawn_blocking(move || read(body)).await.map_err(|e| e.to_string()).and_then(|r| r) } else { read(body) };
-        answer.map_err(|e| self.lost(format!("an answer that does not read: {e}")))
+        let answer = answer.map_err(|e| self.lost(format!("an answer that does not read: {e}")))?;
+        self.answered = true;
+        Ok(answer)
     }
 
     /// Kills and reaps the worker (done already, or not), then gives back what it held.
@@ -337,6 +334,17 @@ impl<H> Drop for Worker<H> {
         // held, the repository's fetch lock among it, let go.
         drop(self.process.take());
         drop(self.held.take());
+        // One that never answered (killed with its job, or lost) may have waited on a lock
+        // its zygote copied held, if that zygote was forked again from the running agent
+        // (a lock its set-up does not take, so READY did not show it): the next worker comes
+        // from a new zygote. Off this thread, after what it held is let go.
+        if !self.answered && !self.origin.clean {
+            let origin = self.origin;
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || crate::zygote::replace(origin))),
+                Err(_) => crate::zygote::replace(origin),
+            }
+        }
     }
 }
 
