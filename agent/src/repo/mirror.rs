@@ -621,13 +621,19 @@ fn fetch(dir: &Path, source: &Source, abort: &AtomicBool) -> Result<Fetched, Rep
     // Downloads only what the mirror lacks; nothing at all when it is up to date.
     remote.fetch(&REFSPECS, Some(&mut options), Some("claude-runner fetch")).map_err(fail)?;
     let heads = remote.list().map_err(fail)?;
-    // git2 reads each advertised name as UTF-8 and panics on one that is not: a git server
-    // chooses its refs' names.
-    let advertised = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| heads.iter().map(|h| (h.name().to_string(), h.oid())).collect::<Vec<_>>()));
-    let Ok(advertised) = advertised else {
-        return Err(local(action, format!("{} advertises a ref whose name is not UTF-8, which the runner cannot read: rename it on the server, or use another repository", source.url)));
-    };
-    let advertised: Vec<(String, Oid)> = advertised.into_iter().filter(|(name, _)| (name.starts_with("refs/heads/") || name.starts_with("refs/tags/")) && !name.ends_with("^{}")).collect();
+    // git2 reads each advertised name as UTF-8 and panics on one that is not (a git server
+    // chooses its refs' names): such a ref is left out, here and below from the mirror, so
+    // that one odd name anywhere on the server does not stop every fetch of the repository.
+    // Quietly: the panic hook would log each as the worker's failure.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let read: Vec<Option<(String, Oid)>> = heads.iter().map(|h| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (h.name().to_string(), h.oid()))).ok()).collect();
+    std::panic::set_hook(hook);
+    let unreadable = read.iter().filter(|r| r.is_none()).count();
+    if unreadable > 0 {
+        warn!(repo = %source.name, count = unreadable, "the server advertises refs whose names are not UTF-8; they are left out");
+    }
+    let advertised: Vec<(String, Oid)> = read.into_iter().flatten().filter(|(name, _)| (name.starts_with("refs/heads/") || name.starts_with("refs/tags/")) && !name.ends_with("^{}")).collect();
     let default_branch = remote.default_branch().ok().and_then(|b| b.as_str().ok().map(str::to_string));
     drop(remote);
     if advertised.is_empty() {
@@ -639,10 +645,13 @@ fn fetch(dir: &Path, source: &Source, abort: &AtomicBool) -> Result<Fetched, Rep
     }
     let mut stale = Vec::new();
     for glob in ["refs/heads/*", "refs/tags/*"] {
-        for r in repo.references_glob(glob).map_err(|e| local(action, e.message()))?.flatten() {
-            if let Ok(name) = r.name() {
-                if !wanted.contains(name) {
-                    stale.push(name.to_string());
+        for mut r in repo.references_glob(glob).map_err(|e| local(action, e.message()))?.flatten() {
+            match r.name() {
+                Ok(name) if !wanted.contains(name) => stale.push(name.to_string()),
+                Ok(_) => {}
+                // Not UTF-8 (the fetch wrote what the server had): no job can name it.
+                Err(_) => {
+                    let _ = r.delete();
                 }
             }
         }
