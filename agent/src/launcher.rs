@@ -253,7 +253,7 @@ pub(crate) fn on_starter_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send 
         Mutex::new(requests)
     });
     let (reply, answer) = std::sync::mpsc::channel();
-    let gone = || std::io::Error::other("the agent's thread that starts its launcher is gone: restart the agent");
+    let gone = || std::io::Error::other("the agent's thread that starts its launcher and git workers is gone, or failed at this start: restart the agent");
     // A task that panics ends its own wait, not the thread: the thread's end would kill
     // every helper whose parent-death signal is tied to it.
     let task: Task = Box::new(move || {

@@ -23,8 +23,8 @@ pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<Request>
     info!(agent_id = %cfg.agent_id, edge = %cfg.connect_url, capacity = cfg.max_concurrent_jobs, claude = %cfg.claude_bin, "agent starting");
     // Off the runtime thread: it reads DATA_DIR (the spool, the session log) whole.
     let (agent, queues) = tokio::task::spawn_blocking(move || Agent::new(cfg)).await.map_err(|e| anyhow::anyhow!("the agent failed while starting: {e}"))??;
-    // What a killed predecessor left in the mirrors goes before the first job (a git
-    // worker checks each mirror, so after `Agent::new`, off the runtime thread).
+    // What a killed predecessor left in the mirrors goes before the first job (here, not
+    // in `Agent::new`: a git worker checks the mirrors, and waiting for it is async).
     agent.repos.recover().await;
     agent.status.mirrors(agent.repos.mirror_names());
     if let Err(e) = crate::process::start_launcher() {

@@ -601,15 +601,22 @@ async fn a_used_up_usage_window_still_holds_work_after_the_agent_restarts(kind: 
     // The window is still used up: the edge still knows, and work still waits.
     let h = s.client.health_full().await;
     assert_eq!((h.status, &h.body["status"], &h.body["usage"]["status"]), (503, &json!("unhealthy"), &json!("rejected")), "{}", h.text);
-    let runs = agent.claude_runs().len();
-    let held = s.client.submit(json!({"prompt": "after the reset"})).await;
-    let held_id = held.body["job_id"].as_str().unwrap().to_string();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(s.client.get(&format!("/jobs/{held_id}")).await.body["state"], "queued");
-    assert_eq!(agent.claude_runs().len(), runs, "nothing reached Claude while the window was used up");
+    let held_id = submit_held(&s.client, &agent).await;
     let job = s.client.wait_job(&held_id, Duration::from_secs(40)).await;
     assert_eq!(job["state"], "succeeded", "{job}");
     assert!(job["started_at"].as_str().unwrap() >= retry_at.as_str(), "ran before the reset at {retry_at}: {job}");
+}
+
+/// Submits a job while the agent's usage window is used up, and checks that it waits
+/// (queued, half a second on) and that nothing reached Claude. Its id.
+async fn submit_held(client: &Client, agent: &AgentProc) -> String {
+    let runs = agent.claude_runs().len();
+    let held = client.submit(json!({"prompt": "after the reset"})).await;
+    let held_id = held.body["job_id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(client.get(&format!("/jobs/{held_id}")).await.body["state"], "queued");
+    assert_eq!(agent.claude_runs().len(), runs, "nothing reached Claude while the window was used up");
+    held_id
 }
 
 /// An agent restarted twice within one heartbeat interval forgot its used-up usage window:
@@ -640,12 +647,7 @@ async fn a_used_up_usage_window_holds_across_two_quick_agent_restarts() {
     }
     let h = s.client.health_full().await;
     assert_eq!((h.status, &h.body["usage"]["status"]), (503, &json!("rejected")), "the window was forgotten: {}", h.text);
-    let runs = agent.claude_runs().len();
-    let held = s.client.submit(json!({"prompt": "after the reset"})).await;
-    let held_id = held.body["job_id"].as_str().unwrap().to_string();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(s.client.get(&format!("/jobs/{held_id}")).await.body["state"], "queued");
-    assert_eq!(agent.claude_runs().len(), runs, "nothing reached Claude while the window was used up");
+    submit_held(&s.client, &agent).await;
 }
 
 async fn an_auth_failure_still_stands_after_the_agent_restarts(kind: EdgeKind) {

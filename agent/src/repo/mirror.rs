@@ -210,7 +210,7 @@ impl MirrorCache {
             other => {
                 let error = match other {
                     Ok((Err(e), ())) => e.to_string(),
-                    Ok((Ok(other), ())) => format!("the git worker answered with {}", other.kind()),
+                    Ok((Ok(other), ())) => other.unexpected("check the mirrors").to_string(),
                     Err(_) => format!("no answer within {RECOVER_WITHIN:?}"),
                 };
                 warn!(error, "could not check the mirrors at start; each is checked at its next fetch");
@@ -255,13 +255,8 @@ impl MirrorCache {
             Ok(Answer::Fetched(answer)) => answer,
             // A worker lost (a job killed it) or that answered something else: the mirror is
             // as a fetch of this agent's left it, if one did.
-            lost => {
-                let e = match lost {
-                    Err(e) => e,
-                    Ok(other) => local("fetch the repository", format!("the git worker answered with {}", other.kind())),
-                };
-                FetchAnswer { result: Err(e), usable: guard.last.is_some() }
-            }
+            Ok(other) => FetchAnswer { result: Err(other.unexpected("fetch the repository")), usable: guard.last.is_some() },
+            Err(e) => FetchAnswer { result: Err(e), usable: guard.last.is_some() },
         };
         let FetchAnswer { result, usable } = answer;
         let result = result.map(|found| {
@@ -672,7 +667,6 @@ fn fetch(dir: &Path, source: &Source, abort: &AtomicBool) -> Result<Fetched, Rep
     info!(repo = %source.name, refs = advertised.len(), ms = started.elapsed().as_millis() as u64, "mirror fetched");
     Ok(Fetched { refs: advertised.into_iter().map(|(name, oid)| (name, oid.to_string())).collect(), head })
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -140,7 +140,7 @@ impl Repos {
                 let made = made?;
                 Ok(Prepared { lease, url, dir: workspace.to_path_buf(), commit: made.commit, cwd: made.cwd })
             }
-            other => Err(local("check out the repository", format!("the git worker answered with {}", other.kind()))),
+            other => Err(other.unexpected("check out the repository")),
         }
     }
 }
@@ -190,7 +190,7 @@ impl Prepared {
         let (answer, _lease) = worker::run(Work::HandBack(work), self.lease, "collect the job's changes", Some(stop)).await;
         match answer? {
             Answer::HandedBack(outcome) => outcome,
-            other => Err(local("collect the job's changes", format!("the git worker answered with {}", other.kind()))),
+            other => Err(other.unexpected("collect the job's changes")),
         }
     }
 }

@@ -140,14 +140,15 @@ pub enum Answer {
 }
 
 impl Answer {
-    /// Its kind, for an error that names what came instead of what was asked for.
-    pub fn kind(&self) -> &'static str {
-        match self {
+    /// The error for an answer to another work than `action`'s.
+    pub fn unexpected(&self, action: &'static str) -> RepoError {
+        let kind = match self {
             Answer::Fetched(_) => "a fetch's answer",
             Answer::Usable(_) => "a check of mirrors",
             Answer::CheckedOut(_) => "a checkout's answer",
             Answer::HandedBack(_) => "a hand-back's answer",
-        }
+        };
+        local(action, format!("the git worker answered with {kind}"))
     }
 }
 
@@ -189,10 +190,10 @@ pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Optio
             Err(Unready::Lost(e)) => return (Err(e), worker.end()),
             Err(Unready::Late) => {
                 let origin = worker.origin;
-                // Replaced here, before the retry, rather than as it is dropped.
-                worker.answered = true;
                 held = worker.end();
                 tracing::warn!(action, zygote = origin.zygote, clean = origin.clean, "a git worker was not ready in time; it is ended and the work goes to another");
+                // Its drop asked for that too; waited for here, so the retry's worker comes
+                // from the new zygote (the second ask finds it gone: one zygote goes).
                 replace_zygote(origin).await;
                 if tries == 2 {
                     let e = local(action, format!("the agent's git process (`claude-runner {COMMAND}`) was not ready within {READY_WITHIN:?}, twice: run the job again. If it fails again, the machine is overloaded, or {}", crate::launcher::HELPERS_STOPPED));
