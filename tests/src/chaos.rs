@@ -96,6 +96,9 @@ pub struct Report {
     /// `LOST_AFTER_MS`), not ones an agent reported lost on starting again. One of them the
     /// stand-in ran to its end is a success reported lost (8266150's defect): a problem.
     pub given_up_by_edge: u64,
+    /// Requests sent again with their key (their first answer lost) that were told their
+    /// job had run and been forgotten (410 `JOB_FORGOTTEN`) rather than running it again.
+    pub repeats_told_forgotten: u64,
     /// Jobs no caller heard an answer for during the chaos, sent again (same key) after
     /// it: these went through less of the chaos than the rest.
     pub sent_again_after_chaos: u64,
@@ -136,6 +139,10 @@ pub struct Report {
     pub callbacks_seconds: f64,
     pub seconds: f64,
     pub problems: Vec<String>,
+    /// Where the edge's, the agents' and the stand-in's logs of a run with problems were
+    /// kept (see [`keep_logs`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept_logs: Option<String>,
 }
 
 /// A small xorshift generator: the soak's randomness, from its seed.
@@ -172,6 +179,8 @@ struct Seen {
     held_until: u64,
     /// Told `USAGE_LIMIT` with `fallback: true`.
     usage_limited: bool,
+    /// A repeat of its request was told its job ran and was forgotten (`JOB_FORGOTTEN`).
+    told_forgotten: bool,
     /// Told (an answer, a poll, its callback) it ended lost by the edge's own word: its
     /// agent did not come back within `LOST_AFTER_MS` (`record::lost`).
     given_up: bool,
@@ -190,6 +199,11 @@ fn now_ms() -> u64 {
 fn state_of_answer(body: &Value) -> Option<String> {
     if body["success"] == true {
         return Some("succeeded".into());
+    }
+    // A repeat of a key whose job ran and was forgotten: told how it ended.
+    if body["error_code"] == "JOB_FORGOTTEN" {
+        body["job_id"].as_str()?;
+        return body["state"].as_str().map(str::to_string);
     }
     let state = match body["error_code"].as_str()? {
         "TIMEOUT" => "timed_out",
@@ -298,10 +312,12 @@ impl World {
                     if a.body["fallback"] == true {
                         s.fallback_at = Some(at);
                     }
-                    if wait {
+                    let forgotten = a.body["error_code"] == "JOB_FORGOTTEN";
+                    if wait || forgotten {
                         s.told.extend(state_of_answer(&a.body));
                         s.given_up |= given_up_by_edge(&a.body);
                     }
+                    s.told_forgotten |= forgotten;
                     s.usage_limited |= a.body["fallback"] == true && a.body["error_code"] == "USAGE_LIMIT";
                     // Told to follow its job elsewhere: the soak does, at the end.
                     s.unknown |= a.body["error_code"] == "EDGE_RESTARTING";
@@ -648,7 +664,14 @@ pub async fn soak(opts: SoakOptions) -> Report {
         // The same key and task: the job the cut request made, or a new one if it made none.
         let again = client.submit(body).await;
         if let Some(id) = again.body["job_id"].as_str() {
-            world.note(i, |s| s.job_id = Some(id.to_string()));
+            let forgotten = again.body["error_code"] == "JOB_FORGOTTEN";
+            world.note(i, |s| {
+                s.job_id = Some(id.to_string());
+                if forgotten {
+                    s.told.extend(state_of_answer(&again.body));
+                    s.told_forgotten = true;
+                }
+            });
         }
     }
 
@@ -732,6 +755,7 @@ pub async fn soak(opts: SoakOptions) -> Report {
     report.held_jobs = seen.values().filter(|s| s.held).count() as u64;
     report.usage_phase_ms = world.phase_ms.lock().unwrap().clone();
     report.usage_limit_fallbacks = seen.values().filter(|s| s.usage_limited).count() as u64;
+    report.repeats_told_forgotten = seen.values().filter(|s| s.told_forgotten).count() as u64;
 
     // Callbacks: every `POST /jobs` job that ended (forgotten or not) had its end posted,
     // in the state it ended in. A retry after a failed post waits 2 s, 4 s, …: up to a
@@ -776,19 +800,31 @@ pub async fn soak(opts: SoakOptions) -> Report {
     // The stand-in's word: each job started at most once; none after a fallback.
     let mut starts: HashMap<usize, Vec<u64>> = HashMap::new();
     let mut ends: HashMap<usize, Vec<u64>> = HashMap::new();
+    // Where and when each job started (agent, ms since the epoch), to name a doubled start.
+    let mut started_on: HashMap<usize, Vec<(String, u64)>> = HashMap::new();
     for a in &agents {
-        for line in a.lock().unwrap().standin_log() {
+        let a = a.lock().unwrap();
+        for line in a.standin_log() {
             let Some(i) = line["prompt"].as_str().and_then(|p| p.split("soak-").nth(1)).and_then(|n| n.trim().parse::<usize>().ok()) else {
                 continue;
             };
             let at = line["at"].as_u64().unwrap_or(0);
-            if line.get("end").is_some() { ends.entry(i).or_default().push(at) } else { starts.entry(i).or_default().push(at) }
+            if line.get("end").is_some() {
+                ends.entry(i).or_default().push(at)
+            } else {
+                starts.entry(i).or_default().push(at);
+                started_on.entry(i).or_default().push((a.id.clone(), at));
+            }
         }
     }
     for (i, at) in &starts {
         if at.len() > 1 {
             report.doubled += 1;
-            report.problems.push(format!("soak-{i} started {} times", at.len()));
+            let job = seen.get(i).and_then(|s| s.job_id.clone()).unwrap_or_else(|| "(no id heard)".into());
+            let mut on = started_on[i].clone();
+            on.sort_by_key(|(_, at)| *at);
+            let on: Vec<String> = on.iter().map(|(agent, at)| format!("{agent} at {at}")).collect();
+            report.problems.push(format!("soak-{i} (job {job}) started {} times: {}", at.len(), on.join(", ")));
         }
     }
     for (i, s) in &seen {
@@ -835,6 +871,39 @@ pub async fn soak(opts: SoakOptions) -> Report {
     if let Ok(path) = std::env::var("SOAK_EDGE_LOG") {
         let _ = std::fs::write(path, edge.lock().unwrap().log());
     }
+    // A run with problems cannot be run again (its faults fall where the clock put them):
+    // its logs are what is left to trace it by, so they outlive the soak's folders.
+    if !report.problems.is_empty() {
+        report.kept_logs = keep_logs(&edge.lock().unwrap(), &agents, opts.seed);
+    }
     drop(agents);
     report
+}
+
+/// Copies the edge's log and each agent's log and stand-in log into a folder of their own
+/// (`SOAK_KEEP_DIR`, else `claude-runner-soak-problems/<pid>-<seed>` under the temp
+/// folder), and names it; `None` (with the reason on stderr) if they could not be written.
+fn keep_logs(edge: &EdgeServer, agents: &[Arc<Mutex<AgentProc>>], seed: u64) -> Option<String> {
+    let dir = std::env::var_os("SOAK_KEEP_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("claude-runner-soak-problems").join(format!("{}-{seed}", std::process::id())));
+    let write = || -> std::io::Result<()> {
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("edge.log"), edge.log())?;
+        for a in agents {
+            let a = a.lock().unwrap();
+            std::fs::write(dir.join(format!("{}-agent.log", a.id)), a.log())?;
+            std::fs::copy(a.data.path().join("standin.log"), dir.join(format!("{}-standin.log", a.id))).map(drop).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }
+            })?;
+        }
+        Ok(())
+    };
+    match write() {
+        Ok(()) => Some(dir.display().to_string()),
+        Err(e) => {
+            eprintln!("the soak's logs could not be kept in {}: {e}", dir.display());
+            None
+        }
+    }
 }
