@@ -37,6 +37,9 @@ pub enum ErrorCode {
     /// The agent refused the signed job (bad signature, wrong audience, expired): the
     /// keys or clocks of edge and agent disagree.
     JobRejected,
+    /// The idempotency key names a job that already ran and ended (`state`), whose record
+    /// the edge no longer keeps: it is not run again, and its result cannot be given.
+    JobForgotten,
     InternalError,
 }
 
@@ -52,6 +55,7 @@ impl ErrorCode {
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::Conflict => 409,
+            ErrorCode::JobForgotten => 410,
             ErrorCode::RunnerBusy => 429,
             ErrorCode::RunnerOffline => 503,
             ErrorCode::RunnerLost => 502,
@@ -93,7 +97,8 @@ impl ErrorCode {
             | ErrorCode::RepoError
             | ErrorCode::MaxTurns
             | ErrorCode::BudgetExceeded
-            | ErrorCode::JobRejected => false,
+            | ErrorCode::JobRejected
+            | ErrorCode::JobForgotten => false,
         }
     }
 
@@ -116,6 +121,9 @@ pub struct ErrorBody {
     /// When to try again (RFC 3339), for `USAGE_LIMIT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<String>,
+    /// How the named job ended, for `JOB_FORGOTTEN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<crate::job::JobState>,
 }
 
 /// An error answer: status and body.
@@ -143,6 +151,7 @@ impl ApiError {
                 fallback: code.fallback().then_some(true),
                 job_id: None,
                 retry_at: None,
+                state: None,
             },
         }
     }

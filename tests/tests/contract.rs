@@ -1106,6 +1106,34 @@ async fn idempotent_submits_run_once(kind: EdgeKind) {
     assert_eq!(s.agent.claude_runs().len(), 1);
 }
 
+/// A caller whose answer was lost sends its key again after the caps forgot the job
+/// (`MAX_RETAINED_JOBS=1`: one other job ended meanwhile): it is told the job ran and how it
+/// ended (410 `JOB_FORGOTTEN`), on `/execute` and `POST /jobs`, and after the edge restarts —
+/// and the task does not run again (the chaos soak saw it run twice when the key went with
+/// the record).
+async fn a_key_outlives_its_forgotten_job_and_runs_nothing_again(kind: EdgeKind) {
+    let mut s = setup(kind, &[("MAX_RETAINED_JOBS", "1")], &[]).await;
+    let body = json!({"prompt": "once", "idempotency_key": "k-1"});
+    let first = s.client.execute(body.clone()).await;
+    assert_eq!(first.body["success"], true, "{}", first.text);
+    let id = first.body["job_id"].as_str().unwrap().to_string();
+    let other = s.client.execute(json!({"prompt": "another"})).await;
+    assert_eq!(other.body["success"], true, "{}", other.text);
+    assert_eq!(s.client.get(&format!("/jobs/{id}")).await.status, 404, "the cap forgot the first job");
+    let told = |a: &Answer| {
+        assert_eq!((a.status, &a.body["error_code"], &a.body["job_id"], &a.body["state"]), (410, &json!("JOB_FORGOTTEN"), &json!(id), &json!("succeeded")), "{}", a.text);
+        assert!(a.body.get("fallback").is_none(), "it ran: no fallback ({})", a.text);
+    };
+    told(&s.client.execute(body.clone()).await);
+    told(&s.client.submit(body.clone()).await);
+    s.edge.restart();
+    told(&s.client.submit(body.clone()).await);
+    let conflict = s.client.submit(json!({"prompt": "a different task", "idempotency_key": "k-1"})).await;
+    assert_eq!(conflict.status, 409, "{}", conflict.text);
+    let prompts: Vec<String> = s.agent.claude_runs().iter().map(|r| r["prompt"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(prompts, ["once", "another"], "the keyed task ran once");
+}
+
 /// A header's value may carry bytes past ASCII (`Idempotency-Key: clé`, as UTF-8): the
 /// native edge took such a header for no header at all, so a retried submit ran the task
 /// twice, and a `Last-Event-ID` never sent replayed the stream from the start instead of
@@ -1798,6 +1826,7 @@ contract!(
     a_vanished_agent_makes_the_job_lost,
     an_unknown_agent_is_refused,
     idempotent_submits_run_once,
+    a_key_outlives_its_forgotten_job_and_runs_nothing_again,
     unknown_jobs_and_routes_are_404,
     a_base_url_with_a_trailing_slash_still_reaches_every_route,
     a_silent_agent_is_reported_offline_within_two_heartbeats,

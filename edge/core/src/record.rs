@@ -79,6 +79,10 @@ pub struct Job {
     /// (`machine/jobs.rs::send_job`). Absent (a job an edge of before stored): not.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub caller_proven: bool,
+    /// The caps forgot this ended job before its retention ended: what is stored is only
+    /// what its idempotency key still answers ([`Job::spent_key`]; `machine/spent.rs`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forgotten: bool,
 }
 
 fn yes() -> bool {
@@ -140,7 +144,21 @@ impl Job {
             wait_for_usage: true,
             callback_url: None,
             caller_proven: false,
+            forgotten: false,
         }
+    }
+
+    /// What is stored of an ended job the caps forgot before its retention ended: its
+    /// header without the task's start or the result — its idempotency key, whose it is,
+    /// the task's digest, how and when it ended — marked [`Job::forgotten`].
+    pub fn spent_key(&self) -> Job {
+        let mut stub = self.header();
+        stub.spec.prompt = String::new();
+        stub.result = None;
+        stub.callback_url = None;
+        stub.bytes = 0;
+        stub.forgotten = true;
+        stub
     }
 
     /// The name of the repository it works on, as agents name their mirrors.

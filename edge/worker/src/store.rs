@@ -131,7 +131,8 @@ impl Store {
         let mut records = Vec::with_capacity(writes.saves.len());
         for job in &writes.saves {
             let encode = |job: &Job| serde_json::to_string(job).map_err(|e| format!("encoding job {}: {e}", job.id));
-            let record = if job.state.is_terminal() {
+            // A forgotten job's stub (its kept idempotency key) is all there is of it.
+            let record = if job.state.is_terminal() && !job.forgotten {
                 (job.id.clone(), encode(&job.header())?, Some(encode(job)?))
             } else {
                 (job.id.clone(), encode(job)?, None)

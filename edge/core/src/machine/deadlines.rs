@@ -28,11 +28,12 @@ impl Edge {
             .iter()
             .filter_map(|id| self.jobs[id].deadline(self.cfg.lost_after_ms, self.cfg.queue_ttl_ms, self.cfg.timeout_margin_ms));
         let retention = self.retained.first().map(|(t, _)| t.saturating_add(self.cfg.job_retention_ms));
+        let keys = self.spent.next_due(self.cfg.job_retention_ms);
         // A usage window's reset lets held work go; a relay is given up at its expiry.
         let holds = self.earliest_usage_hold().filter(|_| !self.queue.is_empty());
         let logins = self.earliest_login_expiry();
         let notices = self.notices_deadline();
-        let next = sessions.chain(queued).chain(active).chain(retention).chain(holds).chain(logins).chain(notices).min()?;
+        let next = sessions.chain(queued).chain(active).chain(retention).chain(keys).chain(holds).chain(logins).chain(notices).min()?;
         // After a failed write, not again before the retry time.
         Some(self.retry_at.map_or(next, |retry| next.max(retry)))
     }
@@ -143,6 +144,7 @@ impl Edge {
             }
             self.forget_oldest(&mut effects);
         }
+        self.expire_spent(now, &mut effects);
         effects
     }
 }

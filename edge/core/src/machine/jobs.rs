@@ -23,22 +23,23 @@ pub struct Submitted {
     pub effects: Vec<Effect>,
 }
 
-/// Why a submission whose idempotency key names `job` is not a repeat of it, if it is not.
-fn repeat_refused(job: &Job, submission: &Submission) -> Option<ApiError> {
+/// Why a submission whose idempotency key names job `id` — kept, or forgotten with its key
+/// kept (`spent.rs`) — is not a repeat of it, if it is not: `digest` and `proven` are that
+/// job's task digest and whether its caller sent it with its own secret.
+pub(super) fn repeat_refused(id: &str, digest: &str, proven: bool, caller: &str, submission: &Submission) -> Option<ApiError> {
     // The same key for a different task is a caller's mistake, not a repeat.
-    let error = if job.digest() != crate::record::spec_digest(&submission.spec) {
+    let error = if digest != crate::record::spec_digest(&submission.spec) {
         "this idempotency key was already used for a different task; use a new key for a new task".to_string()
-    } else if job.caller_proven != submission.caller_proven {
+    } else if proven != submission.caller_proven {
         // A caller with its own secret and the pool secret's name for it are two senders
         // (the one's job may be planted by the other, who guessed key and task): a 409 —
         // neither the other's job nor a second run of the task.
-        let caller = job.placement.caller();
-        let (used, now) = if job.caller_proven { ("its own secret", "the pool's secret") } else { ("the pool's secret", "its own secret") };
+        let (used, now) = if proven { ("its own secret", "the pool's secret") } else { ("the pool's secret", "its own secret") };
         format!("this idempotency key was used for caller `{caller}` with {used}, and this request comes with {now}; use a new key")
     } else {
         return None;
     };
-    Some(ApiError::new(ErrorCode::Conflict, error).with_job(&job.id))
+    Some(ApiError::new(ErrorCode::Conflict, error).with_job(id))
 }
 
 impl Edge {
@@ -49,7 +50,13 @@ impl Edge {
         let mut effects = Vec::new();
         let slot = submission.idempotency_key.as_ref().map(|k| (submission.placement.caller().to_string(), k.clone()));
         if let Some(existing) = slot.and_then(|slot| self.idempotency.get(&slot)) {
-            if let Some(refused) = self.jobs.get(existing).and_then(|job| repeat_refused(job, &submission)) {
+            if let Some(answer) = self.spent_repeat(now, existing, &submission) {
+                return Err(answer);
+            }
+            let refused = self.jobs.get(existing).and_then(|job| {
+                repeat_refused(&job.id, &job.digest(), job.caller_proven, job.placement.caller(), &submission)
+            });
+            if let Some(refused) = refused {
                 return Err(refused);
             }
             return Ok(Submitted { job_id: existing.clone(), existing: true, effects });
@@ -379,19 +386,20 @@ impl Edge {
             let oldest = self.retained_by.values().filter(|h| held(h) == most).filter_map(|h| h.jobs.iter().find(not_spared)).min();
             let Some(entry) = oldest.or_else(|| self.retained.iter().find(not_spared)).cloned() else { break };
             info!(job_id = %entry.1, kept = self.retained.len() - 1, "an ended job is forgotten early: over MAX_RETAINED_JOBS or MAX_RETAINED_BYTES");
-            self.forget_retained(entry, effects);
+            self.forget_retained(entry, true, effects);
         }
     }
 
-    /// Forgets the ended job whose retention ends first.
+    /// Forgets the ended job whose retention ends first (it has: its key goes with it).
     pub(super) fn forget_oldest(&mut self, effects: &mut Vec<Effect>) {
         if let Some(entry) = self.retained.first().cloned() {
-            self.forget_retained(entry, effects);
+            self.forget_retained(entry, false, effects);
         }
     }
 
-    /// Forgets the ended job at this place of `retained`.
-    fn forget_retained(&mut self, entry: (shared::Millis, String), effects: &mut Vec<Effect>) {
+    /// Forgets the ended job at this place of `retained`; with `keep_key` (forgotten before
+    /// its retention ended) its idempotency key, if it has one, stays (`spent.rs`).
+    fn forget_retained(&mut self, entry: (shared::Millis, String), keep_key: bool, effects: &mut Vec<Effect>) {
         match self.jobs.get(&entry.1).map(|j| (super::share_of(j).to_string(), j.approximate_bytes())) {
             Some((owner, bytes)) => self.count_retained_of(&owner, &entry, bytes, false),
             // Never expected (every retained id is a job's): taken out wherever it is, so
@@ -405,12 +413,17 @@ impl Edge {
             }
         }
         let id = entry.1;
+        // What stays of a keyed job forgotten before its retention ended (`spent.rs`).
+        let stub = self.jobs.get(&id).filter(|job| keep_key && job.idempotency_key.is_some()).map(Job::spent_key);
         self.forget_job(&id);
         // Its callback, if still waiting, cannot be made without the record (a retry
         // gives it up as no longer kept): it goes now, or it would hold its place among
         // the callbacks, no longer counted as its caller's, until its next retry.
         self.give_up_callback(&id, "the job is no longer kept (MAX_RETAINED_JOBS, MAX_RETAINED_BYTES or its retention)", effects);
-        effects.push(Effect::Forget { job_id: id });
+        match stub {
+            Some(stub) => self.spend(stub, effects),
+            None => effects.push(Effect::Forget { job_id: id }),
+        }
     }
 
     /// Ends a queued job that must never start (its caller was told to run it elsewhere,

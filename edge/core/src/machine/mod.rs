@@ -10,6 +10,8 @@
 //! - [`storage`]: what a failed store write means: the event is undone, then decided on.
 //! - [`stop`]: a clean stop: what each waiting caller is told, and which jobs end.
 //! - [`operator`]: pausing and resuming agents.
+//! - [`spent`]: the idempotency keys of jobs the caps forgot, kept until their retention
+//!   ends, so a repeat is told the job ran rather than running it again.
 //! - [`views`]: health, login status, the jobs list, metrics, the pool's summary for
 //!   `GET /pools`.
 //! - [`notices`]: alerts to `NOTIFY_URL` and result callbacks, posted and retried.
@@ -35,6 +37,7 @@ mod operator;
 mod login;
 mod notices;
 mod sessions;
+mod spent;
 mod stop;
 mod storage;
 mod views;
@@ -45,6 +48,7 @@ pub use operator::AgentControl;
 pub use login::{Availability, LOGIN_TTL_MS, LOGIN_WAIT_MS};
 pub use notices::Post;
 pub use sessions::{MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE};
+pub use spent::MIN_SPENT_KEYS;
 pub use stop::shutting_down;
 pub use storage::{split_writes, Writes, STORE_RETRY_MS};
 
@@ -141,6 +145,8 @@ pub struct Edge {
     /// Jobs by (caller, `Idempotency-Key`): each caller's keys are its own, so another
     /// caller's key (guessed or shared) never finds, and never waits on, its job.
     idempotency: HashMap<(String, String), String>,
+    /// Forgotten jobs whose keys are kept (their ids stay in `idempotency`).
+    spent: spent::SpentKeys,
     /// The newest OAuth report of any agent, kept while no agent is connected.
     last_oauth: Option<(String, OAuthReport)>,
     /// Since when no agent is connected (None while one is).
@@ -177,6 +183,7 @@ impl Edge {
             to_stow: Vec::new(),
             sessions: BTreeMap::new(),
             idempotency: HashMap::new(),
+            spent: spent::SpentKeys::default(),
             last_oauth: None,
             offline_since: Some(now.into().at),
             orders_sent: 0,
@@ -223,6 +230,10 @@ impl Edge {
         jobs.sort_by_key(|j| (j.created_at, j.id.clone()));
         let mut callerless = Vec::new();
         for job in jobs {
+            if job.forgotten {
+                edge.restore_spent(&job);
+                continue;
+            }
             let mut job = job.in_memory();
             if let Some(slot) = job.idempotency_slot() {
                 edge.idempotency.insert(slot, job.id.clone());
@@ -248,6 +259,7 @@ impl Edge {
         // Restored, the job that ended last is the last in the retained order.
         let last = edge.retained.last().cloned();
         edge.keep_within_caps(last, &mut effects);
+        edge.keep_spent_within_cap(&mut effects);
         (edge, effects)
     }
 

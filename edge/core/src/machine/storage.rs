@@ -112,6 +112,8 @@ pub(super) enum Origin {
 pub(super) struct Journal {
     pub origin: Origin,
     jobs: HashMap<String, Option<Job>>,
+    /// Forgotten jobs' kept keys (`spent.rs`), by job id.
+    spent: HashMap<String, Option<super::spent::Spent>>,
     sessions: HashMap<String, Option<Session>>,
     /// A job's (waiters, followers) lists.
     callers: HashMap<String, (Option<Vec<CallerId>>, Option<Vec<CallerId>>)>,
@@ -160,6 +162,14 @@ impl Edge {
             }
         }
         self.journal.jobs.entry(id.to_string()).or_insert(Some(job));
+    }
+
+    /// Notes a forgotten job's kept key (`spent.rs`) before it changes.
+    pub(super) fn note_spent(&mut self, id: &str) {
+        if !self.journal.spent.contains_key(id) {
+            let prior = self.spent_before(id);
+            self.journal.spent.insert(id.to_string(), prior);
+        }
     }
 
     /// A session to change, its version before noted.
@@ -298,6 +308,11 @@ impl Edge {
     fn undo(&mut self, now: Now) {
         let journal = std::mem::take(&mut self.journal);
         warn!(jobs = journal.jobs.len(), sessions = journal.sessions.len(), "undoing an event that could not be stored");
+        // Keys first: a job forgotten in the event took its key's slot, which the job,
+        // put back below, takes again.
+        for (id, prior) in journal.spent {
+            self.put_back_spent(&id, prior);
+        }
         let mut restored = Vec::new();
         for (id, prior) in journal.jobs {
             if let Some(current) = self.jobs.remove(&id) {

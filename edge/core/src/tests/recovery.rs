@@ -473,3 +473,79 @@ fn memory_keeps_an_ended_job_as_its_header_and_a_live_one_whole() {
     assert_eq!(kept.bytes, ended.approximate_bytes());
     assert_eq!(kept.spec_digest, ended.digest());
 }
+
+/// A caller whose answer was lost (its connection cut by an edge's crash) sends its
+/// idempotency key again. The caps had forgotten the job in between — it ended, and
+/// `MAX_RETAINED_JOBS` jobs ended after it — and the key went with its record, so the
+/// repeat made a new job, which ran the task a second time (the chaos soak saw it with
+/// `MAX_RETAINED_JOBS=1`). The key stays until the job's retention would have ended: the
+/// repeat is told the job ran and how it ended (410 `JOB_FORGOTTEN`), across a restart
+/// too; the same key with another task is still a conflict; once the retention is over
+/// the key is free.
+#[test]
+fn a_key_whose_job_the_caps_forgot_is_told_the_job_ran_not_run_again() {
+    let cfg = Config { max_retained_jobs: 1, ..config() };
+    let mut edge = Edge::new(cfg.clone(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let keyed = || submission("the task", 60_000, Some("k-1"));
+    edge.submit(0, "j0".into(), keyed(), Mode::Detached).unwrap();
+    say(&mut edge, 0, &sid, credit(1, 0));
+    report(&mut edge, 5, &sid, "j0", ok_result());
+    // Another job ends: the cap forgets j0, and stores what its key still answers.
+    edge.submit(10, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 10, &sid, credit(1, 1));
+    let effects = report(&mut edge, 11, &sid, "j1", ok_result());
+    assert!(edge.job("j0").is_none(), "the cap forgot j0");
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Forget { job_id } if job_id == "j0")), "{effects:?}");
+    let (writes, _) = crate::split_writes(effects);
+    let stub = writes.saves.iter().find(|j| j.id == "j0").expect("j0's key is stored").clone();
+    assert!(stub.forgotten && stub.result.is_none() && stub.spec.prompt.is_empty(), "{stub:?}");
+    let j1 = writes.saves.iter().find(|j| j.id == "j1").unwrap().clone();
+
+    let told = |edge: &mut Edge, now: u64| {
+        let err = edge.submit(now, format!("again-{now}"), keyed(), Mode::Wait).expect_err("a repeat of a forgotten job's key runs nothing");
+        assert!(edge.job(&format!("again-{now}")).is_none() && edge.queued() == 0 && edge.active_jobs() == 0);
+        err
+    };
+    let err = told(&mut edge, 20);
+    assert_eq!((err.status, err.body.error_code, err.body.job_id.as_deref()), (410, shared::contract::ErrorCode::JobForgotten, Some("j0")));
+    assert_eq!(err.body.state, Some(JobState::Succeeded));
+    assert_eq!(err.body.fallback, None, "it ran: running it elsewhere would run it twice");
+    assert!(err.body.error.contains("new idempotency key"), "{}", err.body.error);
+    let other = edge.submit(21, "j2".into(), submission("another task", 60_000, Some("k-1")), Mode::Detached).unwrap_err();
+    assert_eq!((other.status, other.body.error_code), (409, shared::contract::ErrorCode::Conflict));
+
+    // A restart reads the stub back.
+    let (mut edge, _) = Edge::restore(cfg, vec![stub, j1], vec![], None, 30);
+    assert_eq!(told(&mut edge, 40).body.error_code, shared::contract::ErrorCode::JobForgotten);
+    // Its retention over (it ended at 5), the key goes, and with it the stub.
+    let retention = config().job_retention_ms;
+    let effects = edge.tick(5 + retention - 1);
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Forget { job_id } if job_id == "j0")), "{effects:?}");
+    let effects = edge.tick(5 + retention);
+    assert!(effects.iter().any(|e| matches!(e, Effect::Forget { job_id } if job_id == "j0")), "{effects:?}");
+    let made = edge.submit(5 + retention + 1, "j3".into(), keyed(), Mode::Detached).unwrap();
+    assert!(!made.existing && edge.job("j3").is_some(), "past its retention the key makes a new job");
+}
+
+/// The kept keys are bounded: past `max(MAX_RETAINED_JOBS, MIN_SPENT_KEYS)` the oldest goes,
+/// its stub with it.
+#[test]
+fn kept_keys_of_forgotten_jobs_are_bounded_oldest_first() {
+    let mut edge = Edge::new(Config { max_retained_jobs: 1, ..config() }, 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let cap = crate::machine::MIN_SPENT_KEYS as u64;
+    let mut let_go = Vec::new();
+    for i in 0..cap + 3 {
+        edge.submit(i * 10, format!("j{i}"), submission("x", 60_000, Some(&format!("k{i}"))), Mode::Detached).unwrap();
+        say(&mut edge, i * 10, &sid, credit(1, i));
+        let effects = report(&mut edge, i * 10 + 1, &sid, &format!("j{i}"), ok_result());
+        let_go.extend(effects.into_iter().filter_map(|e| if let Effect::Forget { job_id } = e { Some(job_id) } else { None }));
+    }
+    // j0..j{cap+1} were forgotten (j{cap+2} is kept): cap + 2 keys, two over the cap.
+    assert_eq!(let_go, vec!["j0".to_string(), "j1".to_string()]);
+    let err = edge.submit(100_000, "n".into(), submission("x", 60_000, Some("k2")), Mode::Detached).unwrap_err();
+    assert_eq!(err.body.error_code, shared::contract::ErrorCode::JobForgotten);
+    let again = edge.submit(100_001, "n".into(), submission("x", 60_000, Some("k0")), Mode::Detached).unwrap();
+    assert!(!again.existing, "the oldest key was let go");
+}

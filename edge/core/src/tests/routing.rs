@@ -1246,3 +1246,39 @@ fn the_404_names_every_route_the_edge_serves() {
         }
     }
 }
+
+/// The kept keys of forgotten jobs (`spent.rs`) are bounded, and past the bound the oldest
+/// key of the owner holding the most goes: caller `a`'s stream of keyed jobs lets go of its
+/// own oldest keys, never `b`'s one (whose repeat would then run its task again).
+#[test]
+fn one_callers_flood_of_keyed_jobs_lets_go_of_its_own_kept_keys_not_anothers() {
+    let mut edge = Edge::new(Config { max_retained_jobs: 1, ..pool_config() }, 0);
+    let keyed = |edge: &mut Edge, now: u64, secret: &str, key: &str| {
+        let req = Request {
+            method: "POST".into(),
+            path: "/jobs".into(),
+            secret_header: Some(secret.into()),
+            authorization: None,
+            idempotency_key: Some(key.into()),
+            last_event_id: None,
+            body: Body::Bytes(json!({"prompt": "the task"}).to_string().into_bytes()),
+        };
+        let mut entropy = [0; 16];
+        entropy[..8].copy_from_slice(&now.to_le_bytes());
+        let (status, body) = answer(&http::handle(edge, now, entropy, req));
+        if status == 202 {
+            // Cancelled while queued: it ends, and the next end makes the cap forget it.
+            let id = body["job_id"].as_str().unwrap();
+            assert_eq!(answer(&request(edge, now, secret, "DELETE", &format!("/jobs/{id}"), Value::Null)).0, 202);
+        }
+        (status, body)
+    };
+    assert_eq!(keyed(&mut edge, 1, B_SECRET, "b-key").0, 202);
+    let cap = crate::machine::MIN_SPENT_KEYS as u64;
+    for i in 0..cap + 5 {
+        assert_eq!(keyed(&mut edge, 10 + i, A_SECRET, &format!("a-{i}")).0, 202);
+    }
+    let (status, body) = keyed(&mut edge, 5_000, B_SECRET, "b-key");
+    assert_eq!((status, &body["error_code"]), (410, &json!("JOB_FORGOTTEN")), "b's key was let go for a's: {body}");
+    assert_eq!(keyed(&mut edge, 5_001, A_SECRET, "a-0").0, 202, "a's oldest key went");
+}

@@ -283,3 +283,51 @@ fn a_job_forgotten_and_saved_in_one_event_is_written_as_it_ended() {
     assert_eq!(kept, vec![("a", 2)], "a is kept as last saved");
     assert_eq!(writes.forgets, vec!["b".to_string()], "b is gone, and a is not");
 }
+
+/// The caps forget a job whose key is kept (`spent.rs`), or let a kept key go, in an event
+/// whose writes fail: undone, the job and its key are as they were — a repeat of the key
+/// finds the job again, or is still told it ran — and nothing of either went to storage.
+#[test]
+fn forgetting_a_keyed_job_or_its_key_is_undone_with_a_failed_write() {
+    let mut host = Host::new(Edge::new(Config { max_retained_jobs: 1, job_retention_ms: 1_000, ..config() }, 0));
+    let (sid, _) = join(&mut host.edge, 0, "spark", &agent_key(1), vec![], 1);
+    let keyed = || submission("the task", 60_000, Some("k-1"));
+    let submitted = host.edge.submit(0, "j0".into(), keyed(), Mode::Detached).unwrap();
+    host.carry_out(0, submitted.effects);
+    host.say(0, &sid, credit(1, 0));
+    let msg = result_msg(&host.edge, "j0", ok_result());
+    host.say(5, &sid, msg);
+    let submitted = host.edge.submit(10, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    host.carry_out(10, submitted.effects);
+    host.say(10, &sid, credit(1, 1));
+
+    // j1's result would make the cap forget j0: the write fails, and the event is undone.
+    host.failing = true;
+    let msg = result_msg(&host.edge, "j1", ok_result());
+    host.say(11, &sid, msg);
+    assert!(host.edge.job("j0").is_some(), "j0 is back");
+    let again = host.edge.submit(12, "x".into(), keyed(), Mode::Detached).unwrap();
+    assert!(again.existing && again.job_id == "j0", "the key names j0 again: {again:?}");
+    assert!(!host.stored["j0"].forgotten);
+
+    // Stored this time: j0 goes, its key stays.
+    host.failing = false;
+    let (sid, _) = join(&mut host.edge, 20, "spark", &agent_key(1), vec!["j1".to_string()], 1);
+    let msg = result_msg(&host.edge, "j1", ok_result());
+    host.say(21, &sid, msg);
+    assert!(host.edge.job("j0").is_none() && host.stored["j0"].forgotten);
+    let told = |host: &mut Host, now: u64| host.edge.submit(now, format!("y{now}"), keyed(), Mode::Detached).unwrap_err().body.error_code;
+    assert_eq!(told(&mut host, 22), shared::contract::ErrorCode::JobForgotten);
+
+    // The key's retention ends (j0 ended at 5) in a tick whose write fails: kept, then let
+    // go by the tick that is stored.
+    host.failing = true;
+    host.tick(1_005);
+    assert_eq!(told(&mut host, 1_006), shared::contract::ErrorCode::JobForgotten);
+    assert!(host.stored.contains_key("j0"));
+    host.failing = false;
+    host.tick(1_005 + crate::machine::STORE_RETRY_MS);
+    assert!(!host.stored.contains_key("j0"), "the stub went with the key");
+    let made = host.edge.submit(3_000, "j2".into(), keyed(), Mode::Detached).unwrap();
+    assert!(!made.existing);
+}
