@@ -1160,6 +1160,29 @@ fn a_callback_is_never_signed_with_the_pools_secret_for_a_caller_gone() {
     assert!(!later.iter().any(|e| matches!(e, Effect::Post(_) | Effect::Recall { .. })), "{later:?}");
 }
 
+/// `POST /jobs` of `body` with `secret` (and `key`) at `now`, and a cancel of the job at once
+/// if it was taken (so it ends, queued no longer): the answer to the submit.
+fn cancelled_at_once(edge: &mut Edge, now: u64, secret: &str, body: Value, key: Option<&str>) -> (u16, Value) {
+    let req = Request {
+        method: "POST".into(),
+        path: "/jobs".into(),
+        secret_header: Some(secret.into()),
+        authorization: None,
+        idempotency_key: key.map(str::to_string),
+        last_event_id: None,
+        body: Body::Bytes(body.to_string().into_bytes()),
+    };
+    // Each job its own id (more of them than one byte of `now` tells apart).
+    let mut entropy = [0; 16];
+    entropy[..8].copy_from_slice(&now.to_le_bytes());
+    let (status, body) = answer(&http::handle(edge, now, entropy, req));
+    if status == 202 {
+        let id = body["job_id"].as_str().unwrap();
+        assert_eq!(answer(&request(edge, now, secret, "DELETE", &format!("/jobs/{id}"), Value::Null)).0, 202);
+    }
+    (status, body)
+}
+
 /// A caller's callbacks waiting for delivery count in its share (half the cap) for as long
 /// as they wait: one whose job was forgotten early (past `MAX_RETAINED_JOBS`, the caller's
 /// own flood of ended jobs pushing out its oldest) still waited in the edge's memory, but
@@ -1174,24 +1197,7 @@ fn a_callback_of_a_job_forgotten_early_does_not_leave_its_caller_past_its_share(
         if callback {
             body["callback_url"] = json!("https://hooks.example.com/r");
         }
-        let req = Request {
-            method: "POST".into(),
-            path: "/jobs".into(),
-            secret_header: Some(secret.into()),
-            authorization: None,
-            idempotency_key: None,
-            last_event_id: None,
-            body: Body::Bytes(body.to_string().into_bytes()),
-        };
-        // Each job its own id (more of them than one byte of `now` tells apart).
-        let mut entropy = [0; 16];
-        entropy[..8].copy_from_slice(&now.to_le_bytes());
-        let (status, body) = answer(&http::handle(edge, now, entropy, req));
-        if status == 202 {
-            let id = body["job_id"].as_str().unwrap();
-            assert_eq!(answer(&request(edge, now, secret, "DELETE", &format!("/jobs/{id}"), Value::Null)).0, 202);
-        }
-        status
+        cancelled_at_once(edge, now, secret, body, None).0
     };
     let mut now = 0;
     let mut round = |edge: &mut Edge| {
@@ -1253,26 +1259,8 @@ fn the_404_names_every_route_the_edge_serves() {
 #[test]
 fn one_callers_flood_of_keyed_jobs_lets_go_of_its_own_kept_keys_not_anothers() {
     let mut edge = Edge::new(Config { max_retained_jobs: 1, ..pool_config() }, 0);
-    let keyed = |edge: &mut Edge, now: u64, secret: &str, key: &str| {
-        let req = Request {
-            method: "POST".into(),
-            path: "/jobs".into(),
-            secret_header: Some(secret.into()),
-            authorization: None,
-            idempotency_key: Some(key.into()),
-            last_event_id: None,
-            body: Body::Bytes(json!({"prompt": "the task"}).to_string().into_bytes()),
-        };
-        let mut entropy = [0; 16];
-        entropy[..8].copy_from_slice(&now.to_le_bytes());
-        let (status, body) = answer(&http::handle(edge, now, entropy, req));
-        if status == 202 {
-            // Cancelled while queued: it ends, and the next end makes the cap forget it.
-            let id = body["job_id"].as_str().unwrap();
-            assert_eq!(answer(&request(edge, now, secret, "DELETE", &format!("/jobs/{id}"), Value::Null)).0, 202);
-        }
-        (status, body)
-    };
+    // Each cancelled while queued: it ends, and the next end makes the cap forget it.
+    let keyed = |edge: &mut Edge, now: u64, secret: &str, key: &str| cancelled_at_once(edge, now, secret, json!({"prompt": "the task"}), Some(key));
     assert_eq!(keyed(&mut edge, 1, B_SECRET, "b-key").0, 202);
     let cap = crate::machine::MIN_SPENT_KEYS as u64;
     for i in 0..cap + 5 {
