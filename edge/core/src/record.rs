@@ -153,12 +153,21 @@ impl Job {
     /// the task's digest, how and when it ended — marked [`Job::forgotten`].
     pub fn spent_key(&self) -> Job {
         let mut stub = self.header();
-        stub.spec.prompt = String::new();
+        // Nothing of the task but its digest: a stub is kept outside the retention caps.
+        stub.spec = serde_json::from_value(serde_json::json!({"prompt": "", "timeout_ms": self.spec.timeout_ms})).expect("a bare spec reads");
+        stub.placement = shared::placement::Placement { caller: self.placement.caller.clone(), ..Default::default() };
         stub.result = None;
         stub.callback_url = None;
         stub.bytes = 0;
         stub.forgotten = true;
         stub
+    }
+
+    /// Whether the job may have run: sent to an agent (it may have started, even if it was
+    /// lost). Once forgotten, only such a job's key is kept (`machine/spent.rs`): a job never
+    /// sent cannot run twice, and a repeat of its key makes a new job, as it did before.
+    pub fn may_have_run(&self) -> bool {
+        self.dispatched_at.is_some() || self.started_at.is_some()
     }
 
     /// The name of the repository it works on, as agents name their mirrors.
@@ -217,6 +226,11 @@ impl Job {
         // Headers stay in memory for the retention: they keep no room for the rest.
         self.spec.prompt.shrink_to_fit();
         self.spec.append_system_prompt = None;
+        // The task's long lists and texts are the whole record's (a request may carry
+        // 2 × 128 tools of 512 bytes and a 64 KiB commit message): memory keeps none.
+        self.spec.allowed_tools = Vec::new();
+        self.spec.disallowed_tools = Vec::new();
+        self.spec.commit_message = None;
         if let Some(result) = &mut self.result {
             result.output = String::new();
             result.diff = None;
@@ -247,8 +261,12 @@ impl Job {
         }
         let text = |s: Option<&str>| s.map_or(0, str::len) as u64;
         let r = self.result.as_ref();
+        let tools = |list: &[String]| list.iter().map(|t| t.len() as u64 + 3).sum::<u64>();
         512 + text(Some(&self.spec.prompt))
             + text(self.spec.append_system_prompt.as_deref())
+            + text(self.spec.commit_message.as_deref())
+            + tools(&self.spec.allowed_tools)
+            + tools(&self.spec.disallowed_tools)
             + text(r.map(|r| r.output.as_str()))
             + text(r.and_then(|r| r.diff.as_deref()))
             + text(r.and_then(|r| r.error.as_deref()))

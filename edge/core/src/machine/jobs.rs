@@ -414,7 +414,7 @@ impl Edge {
         }
         let id = entry.1;
         // What stays of a keyed job forgotten before its retention ended (`spent.rs`).
-        let stub = self.jobs.get(&id).filter(|job| keep_key && job.idempotency_key.is_some()).map(Job::spent_key);
+        let stub = self.jobs.get(&id).filter(|job| keep_key && job.idempotency_key.is_some() && job.may_have_run()).map(Job::spent_key);
         self.forget_job(&id);
         // Its callback, if still waiting, cannot be made without the record (a retry
         // gives it up as no longer kept): it goes now, or it would hold its place among

@@ -231,7 +231,7 @@ impl Edge {
         let mut callerless = Vec::new();
         for job in jobs {
             if job.forgotten {
-                edge.restore_spent(&job);
+                edge.restore_spent(&job, &mut effects);
                 continue;
             }
             let mut job = job.in_memory();

@@ -8,6 +8,9 @@
 //! job's retention would have ended: a repeat is told the job ran, how it ended and that
 //! its result is no longer kept (410 `JOB_FORGOTTEN`), and nothing runs.
 //!
+//! Only the keys of jobs that may have run (sent to an agent) are kept: a job never sent
+//! cannot run twice, and a repeat of its key makes a new job, which runs once.
+//!
 //! What is kept of such a job is small: in memory a [`Spent`] beside its key, in storage
 //! the record's stub ([`Job::spent_key`], marked `forgotten`), which a restore turns back
 //! into a [`Spent`]. At most [`Edge::spent_cap`] are kept; past it the oldest key of the
@@ -119,9 +122,9 @@ impl Edge {
             let mut err = ApiError::new(
                 ErrorCode::JobForgotten,
                 format!(
-                    "this idempotency key's job {id} already ran: it ended {} at {ended}, and the edge no longer keeps its \
-                     record (MAX_RETAINED_JOBS, MAX_RETAINED_BYTES), so its result cannot be given again. It will not run \
-                     again: send the task with a new idempotency key to run it once more",
+                    "this idempotency key's job {id} was sent to an agent and ended {} at {ended}, and the edge no longer \
+                     keeps its record (MAX_RETAINED_JOBS, MAX_RETAINED_BYTES), so its result cannot be given again. It will \
+                     not run again: send the task with a new idempotency key to run it once more",
                     spent.state.as_str()
                 ),
             )
@@ -164,9 +167,13 @@ impl Edge {
         }
     }
 
-    /// Takes a stored stub back in at a restore.
-    pub(super) fn restore_spent(&mut self, job: &Job) {
-        let Some(spent) = Spent::of(job) else { return };
+    /// Takes a stored stub back in at a restore (one that names no key, never written so,
+    /// goes).
+    pub(super) fn restore_spent(&mut self, job: &Job, effects: &mut Vec<Effect>) {
+        let Some(spent) = Spent::of(job) else {
+            effects.push(Effect::Forget { job_id: job.id.clone() });
+            return;
+        };
         self.idempotency.insert(spent.slot.clone(), job.id.clone());
         self.spent.insert(&job.id, spent);
     }

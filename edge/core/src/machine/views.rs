@@ -187,6 +187,13 @@ impl Edge {
         line("claude_runner_jobs_queued", "Jobs waiting for an agent.", "gauge", one(self.queue.len() as u64));
         line("claude_runner_jobs_active", "Jobs dispatched or running.", "gauge", one(self.active.len() as u64));
         line("claude_runner_agents_connected", "Agents connected.", "gauge", one(self.ready().count() as u64));
+        line("claude_runner_jobs_retained", "Ended jobs kept, readable.", "gauge", one(self.retained.len() as u64));
+        line(
+            "claude_runner_forgotten_job_keys",
+            "Idempotency keys of jobs forgotten early, kept until their retention ends (at most max(MAX_RETAINED_JOBS, 1000)).",
+            "gauge",
+            one(self.spent.len() as u64),
+        );
         out
     }
 }

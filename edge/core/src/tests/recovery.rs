@@ -496,6 +496,8 @@ fn a_key_whose_job_the_caps_forgot_is_told_the_job_ran_not_run_again() {
     say(&mut edge, 10, &sid, credit(1, 1));
     let effects = report(&mut edge, 11, &sid, "j1", ok_result());
     assert!(edge.job("j0").is_none(), "the cap forgot j0");
+    let metrics = edge.metrics();
+    assert!(metrics.contains("claude_runner_forgotten_job_keys 1\n") && metrics.contains("claude_runner_jobs_retained 1\n"), "{metrics}");
     assert!(!effects.iter().any(|e| matches!(e, Effect::Forget { job_id } if job_id == "j0")), "{effects:?}");
     let (writes, _) = crate::split_writes(effects);
     let stub = writes.saves.iter().find(|j| j.id == "j0").expect("j0's key is stored").clone();
@@ -548,4 +550,49 @@ fn kept_keys_of_forgotten_jobs_are_bounded_oldest_first() {
     assert_eq!(err.body.error_code, shared::contract::ErrorCode::JobForgotten);
     let again = edge.submit(100_001, "n".into(), submission("x", 60_000, Some("k0")), Mode::Detached).unwrap();
     assert!(!again.existing, "the oldest key was let go");
+}
+
+/// Only a job that may have run keeps its key once forgotten (hostile review rev27, M1): a
+/// `/execute` job ended before any agent had it (its caller told to fall back) was told, on
+/// a repeat, that it "already ran", without the `fallback` it had — and a caller that falls
+/// back only when told to never ran the task at all. Such a job cannot run twice: its
+/// key goes with it, and a repeat makes a new job, as before the kept keys.
+#[test]
+fn a_forgotten_job_that_was_never_sent_keeps_no_key() {
+    let mut edge = Edge::new(Config { max_retained_jobs: 1, ..config() }, 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    edge.submit(0, "j0".into(), submission("the task", 600_000, Some("k")), Mode::Wait).unwrap();
+    edge.disconnect(10, &sid);
+    assert_eq!(finished(&edge.tick(10 + LOST))[0].2["fallback"], true);
+    assert!(!edge.job("j0").unwrap().may_have_run());
+    let (sid, _) = join(&mut edge, 20_000, "spark", &agent_key(1), vec![], 2);
+    edge.submit(20_000, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 20_000, &sid, credit(1, 0));
+    let effects = report(&mut edge, 20_001, &sid, "j1", ok_result());
+    assert!(effects.iter().any(|e| matches!(e, Effect::Forget { job_id } if job_id == "j0")), "{effects:?}");
+    let again = edge.submit(20_002, "j2".into(), submission("the task", 600_000, Some("k")), Mode::Wait).unwrap();
+    assert!(!again.existing && edge.job("j2").is_some(), "the key made a new job");
+}
+
+/// A kept key's stub holds nothing of the task but its digest, and an ended job's header in
+/// memory none of its long lists (hostile review rev27, M2: a request's 2 × 128 tools of 512
+/// bytes and 64 KiB commit message made a stub of 196 kB, outside every byte cap, and
+/// `approximate_bytes` counted none of them in the caps on ended jobs either).
+#[test]
+fn a_stub_and_a_header_keep_none_of_the_tasks_long_fields() {
+    let tools: Vec<String> = (0..128).map(|i| format!("Tool{i}{}", "x".repeat(500))).collect();
+    let body = json!({"prompt": "p", "timeout_ms": 1000, "allowed_tools": tools, "disallowed_tools": tools, "commit_message": "m".repeat(60_000),
+                      "repo_url": "https://github.com/o/r", "push_branch": "claude/x", "labels": {"os": "linux"}});
+    let sub = ExecuteRequest::parse(body.to_string().as_bytes(), Some("k"), Limits { max_timeout_ms: 3_600_000 }).unwrap();
+    let mut job = crate::record::Job::new("a".into(), sub.spec, Mode::Detached, Some("k".into()), 0);
+    job.placement = sub.placement;
+    assert!(job.approximate_bytes() > 190_000, "the caps count the task's lists: {}", job.approximate_bytes());
+    job.dispatched_at = Some(1);
+    assert!(job.finish(ok_result(), 2));
+    let header = job.header();
+    assert!(serde_json::to_string(&header).unwrap().len() < 4_096, "the header keeps the long fields");
+    assert_eq!(header.repo_name(), job.repo_name(), "the header keeps what affinity reads");
+    let stub = job.spent_key();
+    assert!(serde_json::to_string(&stub).unwrap().len() < 1_024, "{}", serde_json::to_string(&stub).unwrap());
+    assert_eq!((stub.digest(), stub.idempotency_slot()), (job.digest(), job.idempotency_slot()));
 }

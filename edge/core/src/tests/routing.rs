@@ -1163,6 +1163,16 @@ fn a_callback_is_never_signed_with_the_pools_secret_for_a_caller_gone() {
 /// `POST /jobs` of `body` with `secret` (and `key`) at `now`, and a cancel of the job at once
 /// if it was taken (so it ends, queued no longer): the answer to the submit.
 fn cancelled_at_once(edge: &mut Edge, now: u64, secret: &str, body: Value, key: Option<&str>) -> (u16, Value) {
+    let (status, body) = post_job(edge, now, secret, body, key);
+    if status == 202 {
+        let id = body["job_id"].as_str().unwrap();
+        assert_eq!(answer(&request(edge, now, secret, "DELETE", &format!("/jobs/{id}"), Value::Null)).0, 202);
+    }
+    (status, body)
+}
+
+/// `POST /jobs` of `body` with `secret` (and `key`) at `now`: the answer.
+fn post_job(edge: &mut Edge, now: u64, secret: &str, body: Value, key: Option<&str>) -> (u16, Value) {
     let req = Request {
         method: "POST".into(),
         path: "/jobs".into(),
@@ -1175,12 +1185,7 @@ fn cancelled_at_once(edge: &mut Edge, now: u64, secret: &str, body: Value, key: 
     // Each job its own id (more of them than one byte of `now` tells apart).
     let mut entropy = [0; 16];
     entropy[..8].copy_from_slice(&now.to_le_bytes());
-    let (status, body) = answer(&http::handle(edge, now, entropy, req));
-    if status == 202 {
-        let id = body["job_id"].as_str().unwrap();
-        assert_eq!(answer(&request(edge, now, secret, "DELETE", &format!("/jobs/{id}"), Value::Null)).0, 202);
-    }
-    (status, body)
+    answer(&http::handle(edge, now, entropy, req))
 }
 
 /// A caller's callbacks waiting for delivery count in its share (half the cap) for as long
@@ -1259,8 +1264,19 @@ fn the_404_names_every_route_the_edge_serves() {
 #[test]
 fn one_callers_flood_of_keyed_jobs_lets_go_of_its_own_kept_keys_not_anothers() {
     let mut edge = Edge::new(Config { max_retained_jobs: 1, ..pool_config() }, 0);
-    // Each cancelled while queued: it ends, and the next end makes the cap forget it.
-    let keyed = |edge: &mut Edge, now: u64, secret: &str, key: &str| cancelled_at_once(edge, now, secret, json!({"prompt": "the task"}), Some(key));
+    let sid = enter(&mut edge, 0, "spark", 1, 1, "", &[]);
+    let mut sent = 0;
+    // Each runs on the agent (only a job that may have run keeps its key), and the next
+    // end makes the cap forget it.
+    let mut keyed = |edge: &mut Edge, now: u64, secret: &str, key: &str| {
+        let (status, body) = post_job(edge, now, secret, json!({"prompt": "the task"}), Some(key));
+        if status == 202 {
+            sent += 1;
+            report(edge, now, &sid, body["job_id"].as_str().unwrap(), ok_result());
+            say(edge, now, &sid, credit(1, sent));
+        }
+        (status, body)
+    };
     assert_eq!(keyed(&mut edge, 1, B_SECRET, "b-key").0, 202);
     let cap = crate::machine::MIN_SPENT_KEYS as u64;
     for i in 0..cap + 5 {
