@@ -250,7 +250,10 @@ impl Staged {
     /// Pushes `commit` to `branch` of `url`: never to `default_branch`, never over a
     /// branch tip that is not an ancestor of `commit` (no force), token via callback only,
     /// no redirects followed.
-    pub fn push(&self, push: &PushTarget, commit: Oid, abort: &AtomicBool) -> Result<(), RepoError> {
+    ///
+    /// `begins` is called at the last moment the push can stop: after it the pack goes out
+    /// and the server may take it. `false` from it (nobody heard) stops it there.
+    pub fn push(&self, push: &PushTarget, commit: Oid, abort: &AtomicBool, begins: &dyn Fn() -> bool) -> Result<(), RepoError> {
         let action = "push the job's commit";
         let branch = &push.branch;
         if push.default_branch.as_deref() == Some(branch.as_str()) {
@@ -277,7 +280,7 @@ impl Staged {
         let rejected: RefCell<Option<String>> = RefCell::new(None);
         let mut cb = callbacks(push.token.as_ref(), &push.host, &auth, abort);
         // The last moment to stop: after it the pack goes out and the server may take it.
-        cb.push_negotiation(|_| match abort.load(Ordering::SeqCst) {
+        cb.push_negotiation(|_| match abort.load(Ordering::SeqCst) || !begins() {
             true => Err(git2::Error::from_str("the push was given up before it started")),
             false => Ok(()),
         });

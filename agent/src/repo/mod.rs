@@ -26,7 +26,7 @@ use changes::PushTarget;
 use error::{local, RepoError};
 use mirror::{Lease, MirrorCache, Source};
 pub use worker::Outcome;
-use worker::{Answer, CheckoutWork, HandBackWork, PushWork, Stop, Work};
+use worker::{Answer, CheckoutWork, Gone, HandBackWork, PushWork, Stop, Work};
 use settings::RepoSettings;
 use shared::job::{JobResult, JobSpec};
 use shared::repo::RepoUrl;
@@ -182,10 +182,20 @@ impl Prepared {
         let work = HandBackWork { dir: self.dir.clone(), base: self.commit.clone(), diff_max_bytes: spec.include_diff.then_some(settings.max_diff_bytes), push, redactor: (*redactor).clone() };
         // At `give_up_at` the worker is asked to stop; a push under way is waited for, so
         // the result says how it ended on the server; bounded, since libgit2 may not return
-        // (a server sending a byte at a time): then the worker is killed.
-        // A worker lost once it had the push (a job killed it) may have pushed.
-        let lost = spec.push_branch.as_ref().map(|_| RepoError::HandBackLost { url: source.url.clone() });
-        let stop = Stop { at: give_up_at, then_within: HAND_BACK_ABANDON, abandoned: RepoError::HandBackAbandoned { url: source.url.clone() }, lost };
+        // (a server sending a byte at a time): then the worker is killed. A worker given up
+        // on, or lost (a job killed it), once it said its push was going out may have
+        // pushed; before that, nothing was.
+        let url = source.url.clone();
+        let gone = Box::new(move |gone| {
+            let url = url.clone();
+            match gone {
+                Gone::GivenUp { pushing: true } => RepoError::HandBackAbandoned { url },
+                Gone::GivenUp { pushing: false } => RepoError::HandBackTooSlow { url },
+                Gone::Died { pushing: true, .. } => RepoError::HandBackLost { url },
+                Gone::Died { pushing: false, error } => error,
+            }
+        });
+        let stop = Stop { at: give_up_at, then_within: HAND_BACK_ABANDON, gone };
         // The lease (the mirror the checkout borrows objects from) is held until the worker is dead.
         let (answer, _lease) = worker::run(Work::HandBack(work), self.lease, "collect the job's changes", Some(stop)).await;
         match answer? {
@@ -198,7 +208,8 @@ impl Prepared {
 /// In the git worker: the job's diff (`include_diff`, masked by `redactor`), then its
 /// commit and push (`push_branch`), refused when they would carry a secret. `abort` (the
 /// agent's stop) is checked before each step: a push not yet under way never starts.
-fn hand_back(work: HandBackWork, abort: &AtomicBool) -> Result<Outcome, RepoError> {
+/// `begins` tells the agent a push is about to go out (see [`changes::Staged::push`]).
+fn hand_back(work: HandBackWork, abort: &AtomicBool, begins: &dyn Fn() -> bool) -> Result<Outcome, RepoError> {
     let HandBackWork { dir, base, diff_max_bytes, push, redactor } = work;
     let base = git2::Oid::from_str(&base).map_err(|e| local("collect the job's changes", e.message()))?;
     let given_up = || abort.load(Ordering::SeqCst);
@@ -223,7 +234,7 @@ fn hand_back(work: HandBackWork, abort: &AtomicBool) -> Result<Outcome, RepoErro
             if given_up() {
                 return Err(too_slow());
             }
-            staged.push(&target, commit, abort).map_err(|e| if given_up() { too_slow() } else { e })?;
+            staged.push(&target, commit, abort, begins).map_err(|e| if given_up() { too_slow() } else { e })?;
             outcome.pushed_commit = Some(commit.to_string());
         }
         outcome.pushed_branch = Some(target.branch);

@@ -239,22 +239,22 @@ async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
     let commit = staged.commit("Claude Runner", "cr@localhost", "Job changes").unwrap().expect("there are changes");
     let target = |branch: &str| PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: branch.into(), default_branch: Some("main".into()) };
     // Given up (the job's time is over): nothing goes out, and staging stops too.
-    assert!(staged.push(&target("claude/given-up"), commit, &AtomicBool::new(true)).is_err());
+    assert!(staged.push(&target("claude/given-up"), commit, &AtomicBool::new(true), &|| true).is_err());
     assert!(std::process::Command::new("git").args(["rev-parse", "--verify", "-q", "claude/given-up"]).current_dir(&bare).status().is_ok_and(|s| !s.success()));
     assert!(changes::stage(&co.dir, co.commit, &AtomicBool::new(true)).is_err());
-    staged.push(&target("claude/job-1"), commit, &AtomicBool::new(false)).unwrap();
+    staged.push(&target("claude/job-1"), commit, &AtomicBool::new(false), &|| true).unwrap();
     assert_eq!(git(&bare, &["rev-parse", "refs/heads/claude/job-1"]), commit.to_string());
     assert_eq!(git(&bare, &["log", "-1", "--format=%an <%ae> %s", "claude/job-1"]), "Claude Runner <cr@localhost> Job changes");
     // Pushing the same commit again is a no-op fast-forward.
-    staged.push(&target("claude/job-1"), commit, &AtomicBool::new(false)).unwrap();
-    let err = staged.push(&target("main"), commit, &AtomicBool::new(false)).unwrap_err();
+    staged.push(&target("claude/job-1"), commit, &AtomicBool::new(false), &|| true).unwrap();
+    let err = staged.push(&target("main"), commit, &AtomicBool::new(false), &|| true).unwrap_err();
     assert!(matches!(err, RepoError::PushToDefault { .. }), "{err}");
     assert_ne!(git(&bare, &["rev-parse", "main"]), commit.to_string());
-    let err = staged.push(&target("diverged"), commit, &AtomicBool::new(false)).unwrap_err();
+    let err = staged.push(&target("diverged"), commit, &AtomicBool::new(false), &|| true).unwrap_err();
     assert!(matches!(err, RepoError::NotFastForward { .. }), "{err}");
     assert_ne!(git(&bare, &["rev-parse", "diverged"]), commit.to_string(), "a diverged branch is never forced");
     // A branch the commit descends from moves forward.
-    staged.push(&target("feature"), commit, &AtomicBool::new(false)).unwrap();
+    staged.push(&target("feature"), commit, &AtomicBool::new(false), &|| true).unwrap();
     assert_eq!(git(&bare, &["rev-parse", "feature"]), commit.to_string());
 }
 
@@ -343,7 +343,7 @@ async fn claudes_own_commits_are_in_the_diff_and_under_the_pushed_commit() {
     let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
     let commit = staged.commit("a", "a@b", "rest").unwrap().unwrap();
     let target = PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: "claude/own".into(), default_branch: Some("main".into()) };
-    staged.push(&target, commit, &AtomicBool::new(false)).unwrap();
+    staged.push(&target, commit, &AtomicBool::new(false), &|| true).unwrap();
     assert_eq!(git(&bare, &["rev-parse", "claude/own^"]), claudes, "Claude's commit is kept under the new one");
     assert_eq!(git(&bare, &["show", "claude/own:loose.txt"]), "not committed");
 }
@@ -420,7 +420,7 @@ async fn a_file_too_big_for_a_push_is_refused_in_claudes_commits_too() {
     let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
     let commit = staged.commit("a", "a@b", "m").unwrap().unwrap();
     let target = PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: "claude/big".into(), default_branch: Some("main".into()) };
-    let err = staged.push(&target, commit, &AtomicBool::new(false)).unwrap_err();
+    let err = staged.push(&target, commit, &AtomicBool::new(false), &|| true).unwrap_err();
     assert!(matches!(&err, RepoError::FileTooBig { path, mib: 101, .. } if path == "huge.img"), "{err}");
     // Staged by Claude's `git add` but not committed: refused before staging.
     let root = tmp.path().join("second");
@@ -455,7 +455,7 @@ async fn the_checkouts_own_git_config_cannot_send_the_push_elsewhere() {
     let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
     let commit = staged.commit("Claude Runner", "cr@localhost", "Job changes").unwrap().unwrap();
     let target = PushTarget { url, host: "local".into(), token: None, branch: "claude/x".into(), default_branch: Some("main".into()) };
-    staged.push(&target, commit, &AtomicBool::new(false)).unwrap();
+    staged.push(&target, commit, &AtomicBool::new(false), &|| true).unwrap();
     assert_eq!(git(&bare, &["rev-parse", "refs/heads/claude/x"]), commit.to_string(), "the requested repository has it");
     let elsewhere_refs = git(&elsewhere, &["for-each-ref", "--format=%(refname)"]);
     assert!(!elsewhere_refs.contains("claude/x"), "the push went elsewhere: {elsewhere_refs}");
@@ -795,7 +795,7 @@ fn children_waiting_on_a_fifo() -> Vec<i32> {
 /// a job kills (same user) ends its work at once, saying so and what to do.
 #[tokio::test]
 async fn a_hand_back_stuck_on_a_fifo_is_killed_once_given_up() {
-    use super::worker::{self, HandBackWork, Stop, Work};
+    use super::worker::{self, HandBackWork, Work};
     use std::io::Write;
     let tmp = TempDir::new("stuck-hand-back");
     let (bare, _, _) = server(tmp.path());
@@ -805,12 +805,7 @@ async fn a_hand_back_stuck_on_a_fifo_is_killed_once_given_up() {
     let mut config = std::fs::OpenOptions::new().append(true).open(co.dir.join(".git/config")).unwrap();
     write!(config, "[include]\n\tpath = {}\n", fifo.display()).unwrap();
     let work = || Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), diff_max_bytes: Some(1 << 20), push: None, redactor: crate::redact::Redactor::default() });
-    let stop = |after_ms| Stop {
-        at: tokio::time::Instant::now() + std::time::Duration::from_millis(after_ms),
-        then_within: std::time::Duration::from_secs(1),
-        abandoned: RepoError::HandBackAbandoned { url: "file://server".into() },
-        lost: None,
-    };
+    let stop = |after_ms| stop_within(after_ms, 1_000);
     let before = children_waiting_on_a_fifo();
     let waits_on_the_fifo = || async {
         for _ in 0..100 {
@@ -836,8 +831,148 @@ async fn a_hand_back_stuck_on_a_fifo_is_killed_once_given_up() {
     let handing_back = tokio::spawn(worker::run(work(), (), "collect the job's changes", Some(stop(2000))));
     waits_on_the_fifo().await;
     let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), handing_back).await.expect("the hand-back was not given up").unwrap();
-    assert!(matches!(answer, Err(RepoError::HandBackAbandoned { .. })), "{answer:?}");
+    assert!(matches!(answer, Err(RepoError::HandBackTooSlow { .. })), "no push had begun, so none was made: {answer:?}");
     assert_eq!(children_waiting_on_a_fifo(), before, "the worker still waits on the FIFO");
+}
+
+/// A hand-back's [`super::worker::Stop`] after `after_ms`, killed `then_ms` later, answering
+/// as `Prepared::finish` does for a worker that goes without an answer.
+fn stop_within(after_ms: u64, then_ms: u64) -> super::worker::Stop {
+    use super::worker::Gone;
+    super::worker::Stop {
+        at: tokio::time::Instant::now() + std::time::Duration::from_millis(after_ms),
+        then_within: std::time::Duration::from_millis(then_ms),
+        gone: Box::new(|gone| {
+            let url = "http://server".to_string();
+            match gone {
+                Gone::GivenUp { pushing: true } => RepoError::HandBackAbandoned { url },
+                Gone::GivenUp { pushing: false } => RepoError::HandBackTooSlow { url },
+                Gone::Died { pushing: true, .. } => RepoError::HandBackLost { url },
+                Gone::Died { pushing: false, error } => error,
+            }
+        }),
+    }
+}
+
+/// A worker given up on, or killed by a job, was reported as "a push may or may not have
+/// reached the server" whenever the job asked for a push — even one stuck on its diff,
+/// which never began to push: its caller had to look at the server for nothing. The worker
+/// says when its push is about to go out; before that the answer says nothing was pushed
+/// (`HandBackTooSlow`, or the worker's loss), after it that it may have been
+/// (`HandBackAbandoned`, `HandBackLost`). Here the push goes to a server that takes the
+/// pack and never answers.
+#[tokio::test]
+async fn a_lost_hand_back_says_a_push_may_have_landed_only_once_one_began() {
+    use super::worker::{self, HandBackWork, PushWork, Work};
+    use std::io::{BufRead, Read, Write};
+    let tmp = TempDir::new("push-begun");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::write(co.dir.join("new.txt"), "new\n").unwrap();
+    // A smart-HTTP server: refs from the bare repository, then a push it never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (posted_tx, posted) = std::sync::mpsc::channel();
+    let advertised = std::process::Command::new("git").args(["receive-pack", "--stateless-rpc", "--advertise-refs"]).arg(&bare).output().unwrap().stdout;
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let (advertised, posted_tx) = (advertised.clone(), posted_tx.clone());
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut conn = conn;
+                loop {
+                    let mut head = Vec::new();
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push(line);
+                    }
+                    if head[0].starts_with("GET") {
+                        let mut body = b"001f# service=git-receive-pack\n0000".to_vec();
+                        body.extend_from_slice(&advertised);
+                        let answer = format!("HTTP/1.1 200 OK\r\nContent-Type: application/x-git-receive-pack-advertisement\r\nContent-Length: {}\r\n\r\n", body.len());
+                        let _ = conn.write_all(answer.as_bytes()).and_then(|()| conn.write_all(&body));
+                    } else {
+                        let _ = posted_tx.send(());
+                        // Reads the pack and never answers, until the push is gone.
+                        let mut sink = [0u8; 4096];
+                        while reader.read(&mut sink).unwrap_or(0) > 0 {}
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let work = |push: bool| {
+        let push = push.then(|| PushWork {
+            target: PushTarget { url: format!("http://127.0.0.1:{port}/repo.git"), host: "127.0.0.1".into(), token: None, branch: "claude/job".into(), default_branch: Some("main".into()) },
+            author_name: "Claude Runner".into(),
+            author_email: "cr@localhost".into(),
+            message: "Job changes".into(),
+        });
+        Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), diff_max_bytes: Some(1 << 20), push, redactor: crate::redact::Redactor::default() })
+    };
+
+    // Given up once the push went out: it may have landed.
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(30), worker::run(work(true), (), "collect the job's changes", Some(stop_within(1_500, 500)))).await.expect("given up");
+    assert!(matches!(answer.0, Err(RepoError::HandBackAbandoned { .. })), "{:?}", answer.0);
+    posted.recv_timeout(std::time::Duration::from_secs(1)).expect("the push reached the server");
+
+    // Killed by a job once the push went out: it may have landed.
+    let handing_back = tokio::spawn(worker::run(work(true), (), "collect the job's changes", Some(stop_within(60_000, 1_000))));
+    // Waited for without blocking the runtime's thread, which runs the hand-back.
+    let mut pushed = false;
+    for _ in 0..400 {
+        pushed = posted.try_recv().is_ok();
+        if pushed {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(pushed, "the push did not reach the server");
+    let worker = git_workers().pop().expect("the worker runs");
+    // SAFETY: a signal to the worker, this process's child, not reaped while it runs.
+    unsafe { libc::kill(worker, libc::SIGKILL) };
+    let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), handing_back).await.expect("a killed worker was waited for").unwrap();
+    assert!(matches!(answer, Err(RepoError::HandBackLost { .. })), "{answer:?}");
+
+    // Killed by a job before any push began (stuck on its diff): nothing was pushed.
+    let fifo = tmp.path().join("not-in-git");
+    crate::files::pipe_at(&fifo);
+    let mut config = std::fs::OpenOptions::new().append(true).open(co.dir.join(".git/config")).unwrap();
+    write!(config, "[include]\n\tpath = {}\n", fifo.display()).unwrap();
+    let before = children_waiting_on_a_fifo();
+    let handing_back = tokio::spawn(worker::run(work(true), (), "collect the job's changes", Some(stop_within(60_000, 1_000))));
+    let stuck = loop {
+        if let Some(pid) = children_waiting_on_a_fifo().into_iter().find(|pid| !before.contains(pid)) {
+            break pid;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    // SAFETY: as above.
+    unsafe { libc::kill(stuck, libc::SIGKILL) };
+    let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), handing_back).await.unwrap().unwrap();
+    let said = answer.expect_err("a killed worker answered").to_string();
+    assert!(said.contains("claude-runner __git") && said.contains("run the job again"), "{said}");
+    assert!(posted.try_recv().is_err(), "no push went out");
+}
+
+/// The git workers among this test binary's children.
+fn git_workers() -> Vec<i32> {
+    let me = std::process::id().to_string();
+    let worker = |pid: &str| -> Option<bool> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?.to_string();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        Some(ppid == me && cmdline.split(|b| *b == 0).any(|w| w == super::worker::COMMAND.as_bytes()))
+    };
+    std::fs::read_dir("/proc").unwrap().flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).filter(|pid: &i32| worker(&pid.to_string()) == Some(true)).collect()
 }
 
 /// A git server chooses its refs' names, and git2 panicked reading one that is not UTF-8:

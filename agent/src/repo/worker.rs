@@ -24,7 +24,9 @@
 //! The conversation, on a Unix socket: the agent sends one [`Request`] (a 4-byte length,
 //! then JSON); the worker sets itself up, says so with one byte ([`READY`]: one that does
 //! not within [`READY_WITHIN`] is ended and the work goes to a new worker, none of it
-//! begun; its zygote is replaced if it was forked again from the running agent), does the work, answers one [`Answer`] as the request came, and exits. A byte
+//! begun; its zygote is replaced if it was forked again from the running agent), does the
+//! work, answers one [`Answer`] (a byte [`ANSWER`], then as the request came), and exits; a
+//! hand-back says [`PUSHING`] first when its push is about to go out. A byte
 //! [`STOP`] from the agent asks the hand-back to stop at its next step (a push not yet
 //! begun never begins); the socket's end (the agent gone, or done with it) ends the worker.
 //! The agent then kills it anyway and reaps it: a worker is the agent's child (the zygote
@@ -152,14 +154,21 @@ impl Answer {
     }
 }
 
-/// When to ask a worker to stop, and how long to wait after that before it is killed and
-/// `abandoned` is the answer. `lost`, when given, is the answer for a worker that dies once
-/// it has its work (a push may have reached the server by then).
+/// When to ask a worker to stop, and how long to wait after that before it is killed; and
+/// what to answer for a worker that goes without an answer ([`Gone`]).
 pub struct Stop {
     pub at: tokio::time::Instant,
     pub then_within: std::time::Duration,
-    pub abandoned: RepoError,
-    pub lost: Option<RepoError>,
+    pub gone: Box<dyn Fn(Gone) -> RepoError + Send + Sync>,
+}
+
+/// How a worker went without an answer, and whether it had said a push was going out
+/// ([`PUSHING`]): before that nothing was pushed, after it a push may have reached the server.
+pub enum Gone {
+    /// Asked to stop, it did not answer within [`Stop::then_within`], and was killed.
+    GivenUp { pushing: bool },
+    /// It died (a job killed it, out of memory) or its socket failed: `error` says so.
+    Died { pushing: bool, error: RepoError },
 }
 
 /// How long a new worker has to say it is ready (its set-up: the environment, the log,
@@ -169,6 +178,10 @@ pub struct Stop {
 const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// The byte a worker sends once set up, before it begins the work.
 const READY: u8 = b'R';
+/// The byte a worker sends when a push is about to go out (the last moment it could stop).
+const PUSHING: u8 = b'P';
+/// The byte before the worker's answer (its length, then JSON).
+const ANSWER: u8 = b'A';
 /// Answers larger than this are read off the agent's runtime thread.
 const READ_ASIDE: usize = 256 * 1024;
 
@@ -206,24 +219,40 @@ pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Optio
     let answer = async {
         let Some(stop) = stop else { return worker.answer().await };
         let socket = worker.stream.as_raw_fd();
+        let pid = worker.process.as_ref().map(|p| p.0);
+        let pushing = Arc::clone(&worker.pushing);
+        let died = |error| (stop.gone)(Gone::Died { pushing: pushing.load(Ordering::SeqCst), error });
         // One read of the answer throughout: one dropped mid-way would lose what it read.
         let answer = worker.answer();
         tokio::pin!(answer);
         tokio::select! {
-            answer = &mut answer => return answer.map_err(|e| stop.lost.unwrap_or(e)),
+            answer = &mut answer => return answer.map_err(died),
             _ = tokio::time::sleep_until(stop.at) => {}
         }
         // SAFETY: one byte written to the worker's socket, open as long as `worker`; the
         // socket's buffer is empty of ours (the request was read whole before any answer).
         unsafe { libc::write(socket, [STOP].as_ptr().cast(), 1) };
-        match tokio::time::timeout(stop.then_within, answer).await {
-            Ok(answer) => answer.map_err(|e| stop.lost.unwrap_or(e)),
-            Err(_) => Err(stop.abandoned),
+        if let Ok(answer) = tokio::time::timeout(stop.then_within, &mut answer).await {
+            return answer.map_err(died);
+        }
+        // Given up: killed first, then what it wrote before it died is read to its end, so
+        // a PUSHING sent a moment before is not missed (nothing it did after the kill can
+        // be). The pid stays its until `worker.end()` reaps it.
+        if let Some(pid) = pid {
+            // SAFETY: a signal to our child, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        match tokio::time::timeout(DRAINED_WITHIN, &mut answer).await {
+            Ok(Ok(answer)) => Ok(answer),
+            _ => Err((stop.gone)(Gone::GivenUp { pushing: pushing.load(Ordering::SeqCst) })),
         }
     }
     .await;
     (answer, worker.end())
 }
+
+/// How long what a killed worker wrote takes to read: its socket's buffer, at once.
+const DRAINED_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// [`crate::zygote::replace`], off the runtime thread (it waits for the zygote's lock, which
 /// a start holds for up to seconds, and reaps the zygote).
@@ -249,6 +278,8 @@ struct Worker<H> {
     origin: crate::zygote::Origin,
     /// It answered (whatever the answer said).
     answered: bool,
+    /// It said a push was going out ([`PUSHING`]).
+    pushing: Arc<AtomicBool>,
 }
 
 /// A worker process, the agent's child: killed and reaped when dropped (so its pid is no
@@ -275,7 +306,7 @@ impl<H> Worker<H> {
         };
         let stream = stream.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(stream));
         match stream {
-            Ok(stream) => Ok(Worker { stream, process: Some(process), held: Some(held), action, origin, answered: false }),
+            Ok(stream) => Ok(Worker { stream, process: Some(process), held: Some(held), action, origin, answered: false, pushing: Arc::default() }),
             Err(e) => Err((local(action, e), held)),
         }
     }
@@ -305,6 +336,15 @@ impl<H> Worker<H> {
     }
 
     async fn answer(&mut self) -> Result<Answer, RepoError> {
+        loop {
+            let mut said = [0u8; 1];
+            self.stream.read_exact(&mut said).await.map_err(|e| self.lost(e))?;
+            match said[0] {
+                ANSWER => break,
+                PUSHING => self.pushing.store(true, Ordering::SeqCst),
+                other => return Err(self.lost(format!("it said {other:#04x}, neither an answer nor a push's start"))),
+            }
+        }
         let mut len = [0u8; 4];
         self.stream.read_exact(&mut len).await.map_err(|e| self.lost(e))?;
         let len = u32::from_le_bytes(len) as usize;
@@ -428,9 +468,12 @@ fn answer_one(socket: OwnedFd) -> std::io::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     watch(stream.try_clone()?, Arc::clone(&stop));
     stream.write_all(&[READY])?;
-    let answer = perform(work, &stop);
+    // Said before a push may reach the server; unheard (the agent gone), it does not.
+    let begins = || (&stream).write_all(&[PUSHING]).is_ok();
+    let answer = perform(work, &stop, &begins);
     let body = serde_json::to_vec(&answer).map_err(std::io::Error::other)?;
-    let mut framed = (body.len() as u32).to_le_bytes().to_vec();
+    let mut framed = vec![ANSWER];
+    framed.extend_from_slice(&(body.len() as u32).to_le_bytes());
     framed.extend_from_slice(&body);
     stream.write_all(&framed)
 }
@@ -454,7 +497,7 @@ fn watch(mut socket: std::os::unix::net::UnixStream, stop: Arc<AtomicBool>) {
     }
 }
 
-fn perform(work: Work, stop: &AtomicBool) -> Answer {
+fn perform(work: Work, stop: &AtomicBool, begins: &dyn Fn() -> bool) -> Answer {
     match work {
         Work::Fetch { dir, source } => Answer::Fetched(super::mirror::fetch_into(&dir, &source, stop)),
         Work::Usable { dirs } => Answer::Usable(dirs.iter().map(|dir| super::mirror::usable(dir)).collect()),
@@ -464,7 +507,7 @@ fn perform(work: Work, stop: &AtomicBool) -> Answer {
                 Ok(CheckedOut { commit: checkout.commit.to_string(), cwd })
             }),
         ),
-        Work::HandBack(w) => Answer::HandedBack(super::hand_back(w, stop)),
+        Work::HandBack(w) => Answer::HandedBack(super::hand_back(w, stop, begins)),
     }
 }
 
