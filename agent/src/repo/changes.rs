@@ -251,8 +251,10 @@ impl Staged {
     /// branch tip that is not an ancestor of `commit` (no force), token via callback only,
     /// no redirects followed.
     ///
-    /// `begins` is called at the last moment the push can stop: after it the pack goes out
-    /// and the server may take it. `false` from it (nobody heard) stops it there.
+    /// `begins` is called at the last moment the push can stop (libgit2's push negotiation):
+    /// after it nothing more stops it, and the server may take it. `false` from it (nobody
+    /// heard) stops it there. A push that fails after it is in doubt
+    /// ([`RepoError::PushInDoubt`]) unless the server said no.
     pub fn push(&self, push: &PushTarget, commit: Oid, abort: &AtomicBool, begins: &dyn Fn() -> bool) -> Result<(), RepoError> {
         let action = "push the job's commit";
         let branch = &push.branch;
@@ -278,11 +280,15 @@ impl Staged {
             return Err(RepoError::PushRedirected { url: push.url.clone(), to: one_line(&went) });
         }
         let rejected: RefCell<Option<String>> = RefCell::new(None);
+        let began = Cell::new(false);
         let mut cb = callbacks(push.token.as_ref(), &push.host, &auth, abort);
-        // The last moment to stop: after it the pack goes out and the server may take it.
+        // The last moment to stop: after it nothing more stops the push, and the server may take it.
         cb.push_negotiation(|_| match abort.load(Ordering::SeqCst) || !begins() {
             true => Err(git2::Error::from_str("the push was given up before it started")),
-            false => Ok(()),
+            false => {
+                began.set(true);
+                Ok(())
+            }
         });
         cb.push_update_reference(|_refname, status| {
             if let Some(message) = status {
@@ -302,7 +308,16 @@ impl Staged {
             if e.code() == ErrorCode::NotFastForward || lower.contains("non-fastforward") || lower.contains("not present locally") {
                 return Err(RepoError::NotFastForward { branch: branch.clone() });
             }
-            return Err(fail(e));
+            let detail = one_line(e.message());
+            let said = fail(e);
+            // Once the commit may have gone out, only the server's own "no" (to the
+            // request, before it reads any of it) says nothing landed: a reset, a timeout,
+            // a 5xx may come after the server updated the branch.
+            let refused = matches!(said, RepoError::NoToken { .. } | RepoError::TokenRefused { .. } | RepoError::NotFound { .. } | RepoError::Redirected { .. });
+            if began.get() && !refused {
+                return Err(RepoError::PushInDoubt { url: push.url.clone(), branch: branch.clone(), detail });
+            }
+            return Err(said);
         }
         if let Some(message) = rejected.take() {
             return Err(RepoError::PushRejected { branch: branch.clone(), message: one_line(&message) });

@@ -56,6 +56,8 @@ pub enum RepoError {
     PushRejected { branch: String, message: String },
     #[error("handing back the job's changes ({url}) took longer than its timeout_ms plus the grace for it, so nothing was pushed: raise timeout_ms, or check the git server's speed")]
     HandBackTooSlow { url: String },
+    #[error("the push to `{branch}` of {url} broke off once the commit had begun to go out ({detail}): it may or may not have reached the server, so look at the branch there before running the job again")]
+    PushInDoubt { url: String, branch: String, detail: String },
     #[error("`{path}` is {mib} MiB, more than the {max_mib} MiB a push carries (git servers such as GitHub refuse bigger files), so nothing was pushed: have Claude leave it out of the repository (delete it, or list it in .gitignore)")]
     FileTooBig { path: String, mib: u64, max_mib: u64 },
     #[error("a git setting the runner does not control (the checkout's .git/config, written by the job) redirected the push from {url} to {to}, so nothing was pushed: remove the `url.*.insteadOf` / `pushInsteadOf` setting, and ask Claude not to change git's configuration")]

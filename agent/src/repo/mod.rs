@@ -186,8 +186,13 @@ impl Prepared {
         // on, or lost (a job killed it), once it said its push was going out may have
         // pushed; before that, nothing was.
         let url = source.url.clone();
+        let push_asked = spec.push_branch.is_some();
         let gone = Box::new(move |gone| {
             let url = url.clone();
+            let gone = match gone {
+                Gone::GivenUp { pushing } => Gone::GivenUp { pushing: pushing && push_asked },
+                Gone::Died { pushing, error } => Gone::Died { pushing: pushing && push_asked, error },
+            };
             match gone {
                 Gone::GivenUp { pushing: true } => RepoError::HandBackAbandoned { url },
                 Gone::GivenUp { pushing: false } => RepoError::HandBackTooSlow { url },
@@ -234,7 +239,8 @@ fn hand_back(work: HandBackWork, abort: &AtomicBool, begins: &dyn Fn() -> bool) 
             if given_up() {
                 return Err(too_slow());
             }
-            staged.push(&target, commit, abort, begins).map_err(|e| if given_up() { too_slow() } else { e })?;
+            // Given up meanwhile, a push in doubt stays in doubt: it may have landed.
+            staged.push(&target, commit, abort, begins).map_err(|e| if given_up() && !matches!(e, RepoError::PushInDoubt { .. }) { too_slow() } else { e })?;
             outcome.pushed_commit = Some(commit.to_string());
         }
         outcome.pushed_branch = Some(target.branch);

@@ -863,80 +863,25 @@ fn stop_within(after_ms: u64, then_ms: u64) -> super::worker::Stop {
 /// pack and never answers.
 #[tokio::test]
 async fn a_lost_hand_back_says_a_push_may_have_landed_only_once_one_began() {
-    use super::worker::{self, HandBackWork, PushWork, Work};
-    use std::io::{BufRead, Read, Write};
+    use super::worker;
+    use std::io::Write;
     let tmp = TempDir::new("push-begun");
     let (bare, _, _) = server(tmp.path());
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
     std::fs::write(co.dir.join("new.txt"), "new\n").unwrap();
-    // A smart-HTTP server: refs from the bare repository, then a push it never answers.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (posted_tx, posted) = std::sync::mpsc::channel();
-    let advertised = std::process::Command::new("git").args(["receive-pack", "--stateless-rpc", "--advertise-refs"]).arg(&bare).output().unwrap().stdout;
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { return };
-            let (advertised, posted_tx) = (advertised.clone(), posted_tx.clone());
-            std::thread::spawn(move || {
-                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
-                let mut conn = conn;
-                loop {
-                    let mut head = Vec::new();
-                    loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        head.push(line);
-                    }
-                    if head[0].starts_with("GET") {
-                        let mut body = b"001f# service=git-receive-pack\n0000".to_vec();
-                        body.extend_from_slice(&advertised);
-                        let answer = format!("HTTP/1.1 200 OK\r\nContent-Type: application/x-git-receive-pack-advertisement\r\nContent-Length: {}\r\n\r\n", body.len());
-                        let _ = conn.write_all(answer.as_bytes()).and_then(|()| conn.write_all(&body));
-                    } else {
-                        let _ = posted_tx.send(());
-                        // Reads the pack and never answers, until the push is gone.
-                        let mut sink = [0u8; 4096];
-                        while reader.read(&mut sink).unwrap_or(0) > 0 {}
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    let work = |push: bool| {
-        let push = push.then(|| PushWork {
-            target: PushTarget { url: format!("http://127.0.0.1:{port}/repo.git"), host: "127.0.0.1".into(), token: None, branch: "claude/job".into(), default_branch: Some("main".into()) },
-            author_name: "Claude Runner".into(),
-            author_email: "cr@localhost".into(),
-            message: "Job changes".into(),
-        });
-        Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), diff_max_bytes: Some(1 << 20), push, redactor: crate::redact::Redactor::default() })
-    };
+    let (port, posted) = push_server(&bare, Reply::Never);
+    let work = || hand_back_work(&co, port);
 
     // Given up once the push went out: it may have landed.
-    let answer = tokio::time::timeout(std::time::Duration::from_secs(30), worker::run(work(true), (), "collect the job's changes", Some(stop_within(1_500, 500)))).await.expect("given up");
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(30), worker::run(work(), (), "collect the job's changes", Some(stop_within(5_000, 500)))).await.expect("given up");
     assert!(matches!(answer.0, Err(RepoError::HandBackAbandoned { .. })), "{:?}", answer.0);
-    posted.recv_timeout(std::time::Duration::from_secs(1)).expect("the push reached the server");
+    assert!(posted.try_recv().is_ok(), "the push reached the server");
 
     // Killed by a job once the push went out: it may have landed.
-    let handing_back = tokio::spawn(worker::run(work(true), (), "collect the job's changes", Some(stop_within(60_000, 1_000))));
-    // Waited for without blocking the runtime's thread, which runs the hand-back.
-    let mut pushed = false;
-    for _ in 0..400 {
-        pushed = posted.try_recv().is_ok();
-        if pushed {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(pushed, "the push did not reach the server");
-    let worker = git_workers().pop().expect("the worker runs");
+    let handing_back = tokio::spawn(worker::run(work(), (), "collect the job's changes", Some(stop_within(60_000, 1_000))));
+    let peer = posted_within(&posted, 20).await.expect("the push reached the server");
+    // The worker talking to the server (not another test's).
+    let worker = git_workers().into_iter().find(|pid| holds_tcp_port(*pid, peer)).expect("the worker runs");
     // SAFETY: a signal to the worker, this process's child, not reaped while it runs.
     unsafe { libc::kill(worker, libc::SIGKILL) };
     let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), handing_back).await.expect("a killed worker was waited for").unwrap();
@@ -948,7 +893,7 @@ async fn a_lost_hand_back_says_a_push_may_have_landed_only_once_one_began() {
     let mut config = std::fs::OpenOptions::new().append(true).open(co.dir.join(".git/config")).unwrap();
     write!(config, "[include]\n\tpath = {}\n", fifo.display()).unwrap();
     let before = children_waiting_on_a_fifo();
-    let handing_back = tokio::spawn(worker::run(work(true), (), "collect the job's changes", Some(stop_within(60_000, 1_000))));
+    let handing_back = tokio::spawn(worker::run(work(), (), "collect the job's changes", Some(stop_within(60_000, 1_000))));
     let stuck = loop {
         if let Some(pid) = children_waiting_on_a_fifo().into_iter().find(|pid| !before.contains(pid)) {
             break pid;
@@ -961,6 +906,160 @@ async fn a_lost_hand_back_says_a_push_may_have_landed_only_once_one_began() {
     let said = answer.expect_err("a killed worker answered").to_string();
     assert!(said.contains("claude-runner __git") && said.contains("run the job again"), "{said}");
     assert!(posted.try_recv().is_err(), "no push went out");
+}
+
+/// A push the server took — the branch updated — whose answer never came back whole (a
+/// 502 from a proxy, a reset, libgit2's 30 s read timeout) was said to have failed for the
+/// network ("then retry"), or, with the job's time up meanwhile, to have pushed nothing
+/// (hostile review rev28, H1). Once the commit may have gone out, only the server's own
+/// refusal says nothing landed: anything else is a push in doubt, given up or not.
+#[tokio::test]
+async fn a_push_the_server_took_without_answering_is_in_doubt_never_nothing_pushed() {
+    use super::worker::{self, Answer};
+    let tmp = TempDir::new("push-doubt");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::write(co.dir.join("new.txt"), "new\n").unwrap();
+    for (delay_ms, stop_ms) in [(0, 60_000), (2_500, 1_500)] {
+        let (port, _posted) = push_server(&bare, Reply::AppliedThen502 { delay_ms });
+        let (answer, ()) = worker::run(hand_back_work(&co, port), (), "collect the job's changes", Some(stop_within(stop_ms, 30_000))).await;
+        let outcome = match answer {
+            Ok(Answer::HandedBack(outcome)) => outcome,
+            other => panic!("{other:?}"),
+        };
+        assert!(matches!(outcome, Err(RepoError::PushInDoubt { .. })), "502 after {delay_ms} ms, given up at {stop_ms} ms: {outcome:?}");
+        assert!(git(&bare, &["rev-parse", "--verify", "-q", "refs/heads/claude/job"]).len() == 40, "the server took the push");
+        git(&bare, &["update-ref", "-d", "refs/heads/claude/job"]);
+    }
+}
+
+/// A hand-back of `co`'s changes, pushed to `claude/job` of the test server on `port`.
+fn hand_back_work(co: &checkout::Checkout, port: u16) -> super::worker::Work {
+    use super::worker::{HandBackWork, PushWork, Work};
+    let push = PushWork {
+        target: PushTarget { url: format!("http://127.0.0.1:{port}/repo.git"), host: "127.0.0.1".into(), token: None, branch: "claude/job".into(), default_branch: Some("main".into()) },
+        author_name: "Claude Runner".into(),
+        author_email: "cr@localhost".into(),
+        message: "Job changes".into(),
+    };
+    Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), diff_max_bytes: Some(1 << 20), push: Some(push), redactor: crate::redact::Redactor::default() })
+}
+
+/// What the test's git server does with a push (`POST …/git-receive-pack`).
+#[derive(Clone, Copy)]
+enum Reply {
+    /// Reads the pack and never answers, until the connection is gone.
+    Never,
+    /// Applies it to the bare repository, then, `delay_ms` later, answers 502.
+    AppliedThen502 { delay_ms: u64 },
+}
+
+/// A smart-HTTP git server on loopback over `bare`: its refs to a push's first request, and
+/// `reply` to the push itself. Returns its port, and where the client port of each push
+/// request is sent as it arrives.
+fn push_server(bare: &Path, reply: Reply) -> (u16, std::sync::mpsc::Receiver<u16>) {
+    use std::io::{BufRead, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (posted_tx, posted) = std::sync::mpsc::channel();
+    let bare = bare.to_path_buf();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let (bare, posted_tx) = (bare.clone(), posted_tx.clone());
+            std::thread::spawn(move || {
+                let peer = conn.peer_addr().unwrap().port();
+                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                loop {
+                    let mut head = Vec::new();
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push(line.to_ascii_lowercase());
+                    }
+                    if head[0].starts_with("get") {
+                        let advertised = std::process::Command::new("git").args(["receive-pack", "--stateless-rpc", "--advertise-refs"]).arg(&bare).output().unwrap().stdout;
+                        let mut body = b"001f# service=git-receive-pack\n0000".to_vec();
+                        body.extend_from_slice(&advertised);
+                        let answer = format!("HTTP/1.1 200 OK\r\nContent-Type: application/x-git-receive-pack-advertisement\r\nContent-Length: {}\r\n\r\n", body.len());
+                        let _ = conn.write_all(answer.as_bytes()).and_then(|()| conn.write_all(&body));
+                        continue;
+                    }
+                    let _ = posted_tx.send(peer);
+                    let Reply::AppliedThen502 { delay_ms } = reply else {
+                        let mut sink = [0u8; 4096];
+                        while reader.read(&mut sink).unwrap_or(0) > 0 {}
+                        return;
+                    };
+                    let body = read_body(&mut reader, &head);
+                    let mut receive = std::process::Command::new("git")
+                        .args(["receive-pack", "--stateless-rpc"])
+                        .arg(&bare)
+                        .stdin(std::process::Stdio::piped())
+                        .stdout(std::process::Stdio::null())
+                        .spawn()
+                        .unwrap();
+                    receive.stdin.take().unwrap().write_all(&body).unwrap();
+                    assert!(receive.wait().unwrap().success());
+                    std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+                    let _ = conn.write_all(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                    return;
+                }
+            });
+        }
+    });
+    (port, posted)
+}
+
+/// A request's body after its `head` (lowered lines): chunked, or of its Content-Length.
+fn read_body(reader: &mut impl std::io::BufRead, head: &[String]) -> Vec<u8> {
+    if let Some(len) = head.iter().find_map(|h| h.strip_prefix("content-length:")).and_then(|v| v.trim().parse::<usize>().ok()) {
+        let mut body = vec![0; len];
+        reader.read_exact(&mut body).unwrap();
+        return body;
+    }
+    let mut body = Vec::new();
+    loop {
+        let mut size = String::new();
+        reader.read_line(&mut size).unwrap();
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        let mut chunk = vec![0; size + 2];
+        reader.read_exact(&mut chunk).unwrap();
+        if size == 0 {
+            return body;
+        }
+        body.extend_from_slice(&chunk[..size]);
+    }
+}
+
+/// Waits (without blocking the runtime's thread, which may run what is waited for) up to
+/// `secs` for a push request's client port.
+async fn posted_within(posted: &std::sync::mpsc::Receiver<u16>, secs: u64) -> Option<u16> {
+    for _ in 0..secs * 20 {
+        if let Ok(port) = posted.try_recv() {
+            return Some(port);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// Whether process `pid` holds the loopback TCP socket whose local port is `port`.
+fn holds_tcp_port(pid: i32, port: u16) -> bool {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let inode = tcp.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local_port = fields.get(1)?.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok())?;
+        (local_port == port).then(|| fields.get(9).map(|i| i.to_string())).flatten()
+    });
+    let Some(inode) = inode else { return false };
+    let wanted = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == wanted))
 }
 
 /// The git workers among this test binary's children.

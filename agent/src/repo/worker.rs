@@ -163,7 +163,8 @@ pub struct Stop {
 }
 
 /// How a worker went without an answer, and whether it had said a push was going out
-/// ([`PUSHING`]): before that nothing was pushed, after it a push may have reached the server.
+/// ([`PUSHING`]; or it cannot be known): before that nothing was pushed, after it a push
+/// may have reached the server.
 pub enum Gone {
     /// Asked to stop, it did not answer within [`Stop::then_within`], and was killed.
     GivenUp { pushing: bool },
@@ -178,7 +179,8 @@ pub enum Gone {
 const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// The byte a worker sends once set up, before it begins the work.
 const READY: u8 = b'R';
-/// The byte a worker sends when a push is about to go out (the last moment it could stop).
+/// The byte a worker sends at the last moment its push could stop (after it, the push may
+/// reach the server).
 const PUSHING: u8 = b'P';
 /// The byte before the worker's answer (its length, then JSON).
 const ANSWER: u8 = b'A';
@@ -244,7 +246,10 @@ pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Optio
         }
         match tokio::time::timeout(DRAINED_WITHIN, &mut answer).await {
             Ok(Ok(answer)) => Ok(answer),
-            _ => Err((stop.gone)(Gone::GivenUp { pushing: pushing.load(Ordering::SeqCst) })),
+            // Read to its end: whether it had said its push began is known.
+            Ok(Err(_)) => Err((stop.gone)(Gone::GivenUp { pushing: pushing.load(Ordering::SeqCst) })),
+            // Not read to its end (the agent's runtime stalled that long): not known, so it may have.
+            Err(_) => Err((stop.gone)(Gone::GivenUp { pushing: true })),
         }
     }
     .await;
