@@ -690,7 +690,8 @@ pub async fn soak(opts: SoakOptions) -> Report {
     let mut finals: HashMap<usize, String> = HashMap::new();
     // The jobs ended lost by the edge's own word (`record::lost`), not an agent's.
     let mut given_up: Vec<(usize, String)> = Vec::new();
-    // Read when the first job turns out forgotten: by then every job has ended.
+    // Read when the first job turns out forgotten (by then every job has ended), and again
+    // for a job forgotten since.
     let mut edge_log: Option<EdgeLog> = None;
     for (i, id) in &ids {
         let deadline = Instant::now() + Duration::from_secs(90);
@@ -707,6 +708,11 @@ pub async fn soak(opts: SoakOptions) -> Report {
                 // so — anything else is a job lost.
                 _ if a.status == 404 => {
                     let log = edge_log.get_or_insert_with(|| EdgeLog::read(&edge.lock().unwrap().log()));
+                    // A job whose callback was still to be posted is kept past the caps and
+                    // forgotten once it is taken: perhaps after the log was read.
+                    if log.forgotten_end(id).is_err() {
+                        *log = EdgeLog::read(&edge.lock().unwrap().log());
+                    }
                     match log.forgotten_end(id) {
                         Err(why) => {
                             report.problems.push(format!("job {id} (soak-{i}) is unknown to the edge (404), {why}"));
