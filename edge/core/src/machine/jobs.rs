@@ -347,12 +347,13 @@ impl Edge {
     /// take more than `MAX_RETAINED_BYTES`: the oldest of the owner holding the most (jobs,
     /// or bytes, whichever cap is passed; see `share_of`), so one caller's flood of
     /// jobs that end at once pushes out its own results, not other callers'. With one
-    /// owner, the oldest. The size cap spares `ended`, the job that ended last: one record
-    /// may be larger than the cap's least (Claude's output alone up to 1 MiB, its diff and
+    /// owner, the oldest. Both caps spare `ended`, the job that ended last: one record may
+    /// be larger than the size cap's least (Claude's output alone up to 1 MiB, its diff and
     /// task more), and forgotten as it ended its callback was given up and its caller's
-    /// read a 404; it goes once another has ended (or at its retention's end). Named by the
-    /// caller, not taken as the last retained: that order is by when a job ended, then its
-    /// id, and of two ending in one millisecond it is not always the later.
+    /// read a 404 (a cancel's own answer found it gone); it goes once another has ended (or
+    /// at its retention's end). Named by the caller, not taken as the last retained: that
+    /// order is by when a job ended, then its id, and of two ending in one millisecond it
+    /// is not always the later.
     ///
     /// A job whose result is still to be posted to its callback is kept past both caps and
     /// not counted in them: forgotten, its callback would be given up (its retries need
@@ -375,7 +376,10 @@ impl Edge {
             if !by_count && self.retained_bytes().saturating_sub(posting_bytes) <= self.cfg.max_retained_bytes {
                 break;
             }
-            let spared = if by_count { None } else { ended.as_ref() };
+            // The job that just ended is spared by both caps: forgotten in the event that
+            // ended it (a tie with another job ending in the same millisecond made it the
+            // "oldest" under the count cap), its own request — a cancel — found it gone.
+            let spared = ended.as_ref();
             let not_spared = |entry: &&(shared::Millis, String)| Some(*entry) != spared && !posting.contains_key(*entry);
             let held = |h: &super::Held| if by_count { h.jobs.len() as u64 } else { h.bytes };
             let most = self.retained_by.values().map(held).max().unwrap_or(0);

@@ -596,3 +596,23 @@ fn a_stub_and_a_header_keep_none_of_the_tasks_long_fields() {
     assert!(serde_json::to_string(&stub).unwrap().len() < 1_024, "{}", serde_json::to_string(&stub).unwrap());
     assert_eq!((stub.digest(), stub.idempotency_slot()), (job.digest(), job.idempotency_slot()));
 }
+
+/// Found by the model test once its edge kept two ended jobs: a queued job cancelled in the
+/// millisecond another job ended, its id the smaller, was the "oldest" of the retained
+/// (they go by when each ended, then by id) and the count cap forgot it in the event that
+/// ended it — and the cancel's answer, reading its view, panicked. The job that just ended
+/// is spared by both caps.
+#[test]
+fn a_job_cancelled_in_the_millisecond_another_ended_is_kept_and_answered() {
+    let mut edge = Edge::new(Config { max_retained_jobs: 1, ..config() }, 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    edge.submit(0, "j0".into(), submission("y", 60_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 0, &sid, credit(1, 0));
+    report(&mut edge, 5, &sid, "j1", ok_result());
+    assert_eq!(edge.job("j0").map(|j| j.state), Some(JobState::Queued));
+    let handled = call(&mut edge, 5, "DELETE", "/jobs/j0", Value::Null);
+    let (status, body) = answer_to(&handled.effects, handled.caller).expect("answered");
+    assert_eq!((status, &body["state"]), (202, &json!("cancelled")), "{body}");
+    assert!(edge.job("j0").is_some() && edge.job("j1").is_none(), "the job that ended first went");
+}
