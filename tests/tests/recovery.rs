@@ -733,3 +733,55 @@ async fn a_second_agent_on_the_same_data_dir_refuses_to_start_and_leaves_the_fir
     assert!(job["result"]["output"].as_str().unwrap_or_default().ends_with("the first agent's job"), "{job}");
     assert_eq!(agent.claude_runs().len(), 1, "ran once");
 }
+
+/// What a restart decides (here: the caps, lowered, forget an ended job) is stored before
+/// the native edge serves anything; when that fails — another process holds the database —
+/// the edge exits saying so, rather than serve on decisions it could not store (the model
+/// test found how that lost a job: ended in memory only, then forgotten, its record deleted
+/// with its end never written). Once the database is free it starts, and decides the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_cannot_store_what_its_restart_decided_does_not_serve() {
+    let keys = Keys::new(&["spark"]);
+    let mut edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let client = Client::new(&edge.url());
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let a = client.submit(json!({"prompt": "x"})).await;
+        let id = a.body["job_id"].as_str().unwrap().to_string();
+        assert_eq!(client.send("DELETE", &format!("/jobs/{id}"), Some(SECRET), None).await.status, 202);
+        ids.push(id);
+    }
+    edge.stop();
+    // Another process takes the database's write lock and keeps it.
+    let db = edge.data.path().join("db/edge.sqlite3");
+    let hold = "import sqlite3, sys, time\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\nc.execute('BEGIN IMMEDIATE')\nprint('held', flush=True)\ntime.sleep(600)\n";
+    let mut holder = std::process::Command::new("python3").arg("-c").arg(hold).arg(&db).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "held");
+    let mut cmd = std::process::Command::new(bin("claude-runner-edge"));
+    cmd.envs(&edge.env).env("MAX_RETAINED_JOBS", "1").env("LISTEN", "127.0.0.1:0").env("DATA_DIR", edge.data.path().join("db"));
+    let mut started = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = started.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the edge served on a restart it could not store");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut started.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot store what the restart decided") && stderr.contains("no other process holds the database"), "{stderr}");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    // Free again: it starts, forgets the same job, and keeps the other.
+    edge.env.insert("MAX_RETAINED_JOBS".into(), "1".into());
+    edge.restart();
+    let mut kept = Vec::new();
+    for id in &ids {
+        kept.push(client.get(&format!("/jobs/{id}")).await.status);
+    }
+    assert_eq!(kept, [404, 200]);
+}

@@ -60,13 +60,23 @@ pub struct Server {
 impl Server {
     /// Opens the store, restores the jobs and binds the port.
     pub async fn bind(opts: ServerOptions) -> anyhow::Result<Server> {
-        let store = Store::open(&opts.data_dir)?;
+        let mut store = Store::open(&opts.data_dir)?;
         let jobs = store.load()?;
         let alerts = store.load_alerts()?;
         let restored = jobs.len();
         let config = Arc::new(opts.config.clone());
         let clock = Clock::start();
         let (machine, startup) = edge_core::Edge::restore(opts.config, jobs, Vec::new(), alerts, clock.now());
+        // What the restart decided (jobs whose callers are gone ended, orphans marked, the
+        // caps) is stored before anything is served: served on unstored decisions, a later
+        // forget could delete a job whose end was never written (the model test found it).
+        let (writes, startup) = edge_core::split_writes(startup);
+        store.apply(&writes).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot store what the restart decided in {} ({e}): check DATA_DIR's disk space and permissions, and that no other process holds the database; nothing was served",
+                opts.data_dir.display()
+            )
+        })?;
         // Before anything is opened here; MAX_CONNECTIONS (its default, and its check)
         // follows the limit in force.
         let nofile = match runtime::nofile::raise() {

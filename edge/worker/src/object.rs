@@ -212,6 +212,14 @@ impl EdgeDurableObject {
         let (sessions, unknown) = self.sockets().restore();
         let (job_count, session_count) = (jobs.len(), sessions.len());
         let (edge, effects) = Edge::restore(config, jobs, sessions, alerts, now);
+        // What the rebuild decided is stored before the machine serves anything: not kept
+        // otherwise (the next event rebuilds it), or a later forget could delete a job whose
+        // end was never written.
+        let (writes, effects) = split_writes(effects);
+        if let Err(e) = self.store().apply(&writes) {
+            console_error!("storing the rebuild's decisions failed: {e}");
+            return Err(format!("the edge could not write its job storage ({e}); retry"));
+        }
         console_log!("edge rebuilt: {job_count} jobs from storage, {session_count} agent connections from sockets");
         *self.machine.borrow_mut() = Machine::Ready(Box::new(edge));
         self.apply(effects, None);

@@ -13,8 +13,12 @@
 //! - a tick: tried again [`STORE_RETRY_MS`] later;
 //! - a stop: the callers still waiting are told where to follow their jobs (whose
 //!   records are as they were), and agents to reconnect;
-//! - a lost connection, a restore: kept — they announce nothing, and the next restore
-//!   marks the same again.
+//! - a lost connection: kept — it announces nothing, and a restore marks the same again;
+//! - a restore: the hosts store its writes before they serve anything, and do not serve
+//!   when that fails (the native edge exits, the Worker's object rebuilds at its next
+//!   event): served on unstored decisions, a job ended in memory only could be forgotten
+//!   by the caps, its record deleted with its end never written. Kept here, should a host
+//!   report one all the same.
 //!
 //! The undo is a journal of first touches: before an event changes a job, a session or a
 //! job's caller lists for the first time, the version before is kept. The journal is
