@@ -755,9 +755,17 @@ async fn an_edge_that_cannot_store_what_its_restart_decided_does_not_serve() {
     // Another process takes the database's write lock and keeps it.
     let db = edge.data.path().join("db/edge.sqlite3");
     let hold = "import sqlite3, sys, time\nc = sqlite3.connect(sys.argv[1], isolation_level=None)\nc.execute('BEGIN IMMEDIATE')\nprint('held', flush=True)\ntime.sleep(600)\n";
-    let mut holder = std::process::Command::new("python3").arg("-c").arg(hold).arg(&db).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    /// Killed however the test ends: it holds the database's write lock.
+    struct Holder(std::process::Child);
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut holder = Holder(std::process::Command::new("python3").arg("-c").arg(hold).arg(&db).stdout(std::process::Stdio::piped()).spawn().unwrap());
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut line).unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.0.stdout.take().unwrap()), &mut line).unwrap();
     assert_eq!(line.trim(), "held");
     let mut cmd = std::process::Command::new(bin("claude-runner-edge"));
     cmd.envs(&edge.env).env("MAX_RETAINED_JOBS", "1").env("LISTEN", "127.0.0.1:0").env("DATA_DIR", edge.data.path().join("db"));
@@ -773,9 +781,8 @@ async fn an_edge_that_cannot_store_what_its_restart_decided_does_not_serve() {
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut started.stderr.take().unwrap(), &mut stderr).unwrap();
     assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("cannot store what the restart decided") && stderr.contains("no other process holds the database"), "{stderr}");
-    let _ = holder.kill();
-    let _ = holder.wait();
+    assert!(stderr.contains("cannot store what the restart decided") && stderr.contains("no other process holds its database"), "{stderr}");
+    drop(holder);
     // Free again: it starts, forgets the same job, and keeps the other.
     edge.env.insert("MAX_RETAINED_JOBS".into(), "1".into());
     edge.restart();

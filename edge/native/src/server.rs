@@ -73,7 +73,7 @@ impl Server {
         let (writes, startup) = edge_core::split_writes(startup);
         store.apply(&writes).map_err(|e| {
             anyhow::anyhow!(
-                "cannot store what the restart decided in {} ({e}): check DATA_DIR's disk space and permissions, and that no other process holds the database; nothing was served",
+                "cannot store what the restart decided in {} ({e}): check that folder's disk space and permissions, and that no other process holds its database; nothing was served",
                 opts.data_dir.display()
             )
         })?;

@@ -33,7 +33,7 @@ impl Edge {
         let holds = self.earliest_usage_hold().filter(|_| !self.queue.is_empty());
         let logins = self.earliest_login_expiry();
         let notices = self.notices_deadline();
-        let next = sessions.chain(queued).chain(active).chain(retention).chain(keys).chain(holds).chain(logins).chain(notices).min()?;
+        let next = sessions.chain(queued).chain(active).chain(retention).chain(keys).chain(holds).chain(logins).chain(notices).chain(self.held_back_due).min()?;
         // After a failed write, not again before the retry time.
         Some(self.retry_at.map_or(next, |retry| next.max(retry)))
     }
@@ -132,6 +132,11 @@ impl Edge {
             }
         }
 
+        if self.held_back_due.is_some_and(|due| due <= now.at) {
+            self.note_held_back_due();
+            self.held_back_due = None;
+            self.end_held_back_waits(now, &mut effects);
+        }
         self.expire_logins(now, &mut effects);
         self.lift_usage_holds(now, &mut effects);
         self.settle_queue(now, &mut effects);

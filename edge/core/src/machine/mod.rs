@@ -159,6 +159,10 @@ pub struct Edge {
     journal: storage::Journal,
     /// After a tick whose writes failed: when to try again.
     retry_at: Option<Millis>,
+    /// A working agent's connection closed: the queued `/execute` jobs whose fitting agents
+    /// are all held back now end in the next tick, an event retried when its writes fail
+    /// (a disconnect's failed writes are kept, not undone: its socket is gone for good).
+    held_back_due: Option<Millis>,
     /// The edge is stopping: no new work, no new agents.
     stopping: bool,
     stats: Stats,
@@ -191,6 +195,7 @@ impl Edge {
             callers: callers::Callers::default(),
             journal: storage::Journal::default(),
             retry_at: None,
+            held_back_due: None,
             stopping: false,
             stats: Stats::default(),
             alerts: crate::notify::AlertState::default(),

@@ -123,10 +123,12 @@ impl Edge {
         let was_working = self.session(session_id).and_then(|s| s.agent()).is_some_and(|a| !a.held_back());
         self.drop_session_closed(now, session_id, frame, &mut effects);
         // The agents left that fit a queued `/execute` may all be paused or stopping now:
-        // it ends, as a new one is refused. (Not where the edge closes a connection itself:
-        // a replaced one's agent is back on the newer connection.)
-        if was_working {
-            self.end_held_back_waits(now, &mut effects);
+        // it ends, as a new one is refused — in the next tick, at once: ended here, a
+        // failed write would leave it ended in memory only, its caller's answer dropped.
+        // (Not where the edge closes a connection itself: a replaced one's agent is back on
+        // the newer connection.)
+        if was_working && !self.queue.is_empty() {
+            self.held_back_due = Some(now.at);
         }
         effects
     }

@@ -13,7 +13,8 @@
 //! - a tick: tried again [`STORE_RETRY_MS`] later;
 //! - a stop: the callers still waiting are told where to follow their jobs (whose
 //!   records are as they were), and agents to reconnect;
-//! - a lost connection: kept — it announces nothing, and a restore marks the same again;
+//! - a lost connection: kept — it ends no job (the queued `/execute` jobs it leaves to
+//!   held-back agents end in the next tick), and a restore marks the same again;
 //! - a restore: the hosts store its writes before they serve anything, and do not serve
 //!   when that fails (the native edge exits, the Worker's object rebuilds at its next
 //!   event): served on unstored decisions, a job ended in memory only could be forgotten
@@ -127,6 +128,8 @@ pub(super) struct Journal {
     logins: Option<HashMap<String, Vec<CallerId>>>,
     /// Alerting's memory before the event changed it.
     alerts: Option<crate::notify::AlertState>,
+    /// [`Edge::held_back_due`] before the event changed it.
+    held_back_due: Option<Option<Millis>>,
 }
 
 impl Edge {
@@ -212,6 +215,13 @@ impl Edge {
         }
     }
 
+    /// Notes when the held-back `/execute` jobs were due to end, before a tick takes it.
+    pub(super) fn note_held_back_due(&mut self) {
+        if self.journal.held_back_due.is_none() {
+            self.journal.held_back_due = Some(self.held_back_due);
+        }
+    }
+
     /// Notes the relay's callers before they change.
     pub(super) fn note_logins(&mut self) {
         if self.journal.logins.is_none() {
@@ -240,7 +250,13 @@ impl Edge {
         error!(problem, event = ?origin, "the edge could not store an event's changes; undoing it");
         let mut effects = Vec::new();
         match origin {
-            Origin::Quiet | Origin::Disconnect | Origin::Restore => {}
+            Origin::Quiet | Origin::Disconnect => {}
+            // The hosts store a restore's writes themselves and serve nothing when that
+            // fails: kept (it announced nothing), but a host that calls this is wrong.
+            Origin::Restore => {
+                error!("a host reported a restore's failed writes instead of refusing to serve; the jobs it decided on are ended in memory only until the next start");
+                debug_assert!(false, "hosts store a restore's writes before serving");
+            }
             Origin::Request(caller) => {
                 self.undo(now);
                 let err = ApiError::new(
@@ -356,6 +372,9 @@ impl Edge {
         }
         if let Some(alerts) = journal.alerts {
             self.alerts = alerts;
+        }
+        if let Some(due) = journal.held_back_due {
+            self.held_back_due = due;
         }
     }
 }

@@ -219,6 +219,7 @@ impl World {
                 self.stored.insert(job.id.clone(), job);
             }
             for id in writes.forgets {
+                assert!(self.ended.contains_key(&id), "job {id} was forgotten before it ended");
                 self.stored.remove(&id);
             }
         }

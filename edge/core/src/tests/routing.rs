@@ -300,6 +300,9 @@ fn a_queued_execute_ends_when_the_only_working_agent_leaves_the_paused_one() {
     edge.submit(4, "w1".into(), ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap(), Mode::Wait).unwrap();
     assert_eq!(edge.job("w1").unwrap().state, JobState::Queued, "spark is busy, laptop paused: it waits for spark");
     edge.disconnect(5, &spark);
+    // At once, in the tick the disconnect asks for (retried should its writes fail).
+    assert_eq!(edge.next_deadline(), Some(5));
+    edge.tick(5);
     let ended = edge.job("w1").unwrap();
     assert_eq!((ended.state, ended.result.as_ref().and_then(|r| r.error_code)), (JobState::Failed, Some(shared::contract::ErrorCode::RunnerOffline)), "{ended:?}");
 }
@@ -1285,4 +1288,36 @@ fn one_callers_flood_of_keyed_jobs_lets_go_of_its_own_kept_keys_not_anothers() {
     let (status, body) = keyed(&mut edge, 5_000, B_SECRET, "b-key");
     assert_eq!((status, &body["error_code"]), (410, &json!("JOB_FORGOTTEN")), "b's key was let go for a's: {body}");
     assert_eq!(keyed(&mut edge, 5_001, A_SECRET, "a-0").0, 202, "a's oldest key went");
+}
+
+/// A disconnect's failed writes are kept, not undone (its socket is gone for good), and
+/// it used to end the queued `/execute` jobs its going left to held-back agents only: when
+/// its writes failed they ended in memory only, their callers' answers dropped (the caller
+/// hung), and the caps could later forget them with their end never written (hostile review
+/// rev29, M1). They end in the next tick, at once — an event undone and retried when its
+/// writes fail.
+#[test]
+fn a_disconnect_whose_writes_fail_ends_no_queued_execute_it_leaves_held_back() {
+    let mut edge = Edge::new(three_agents(), 0);
+    let spark = enter(&mut edge, 0, "spark", 1, 1, "", &[]);
+    enter(&mut edge, 0, "laptop", 2, 1, "", &[]);
+    assert_eq!(answer(&request(&mut edge, 1, SECRET, "POST", "/agents/laptop/pause", Value::Null)).0, 200);
+    let running = submit(&mut edge, 2, SECRET, json!({"prompt": "x"}));
+    say(&mut edge, 3, &spark, AgentMessage::Accepted { job_id: running });
+    let waiting = request(&mut edge, 4, SECRET, "POST", "/execute", json!({"prompt": "y"}));
+    assert!(answer_to(&waiting.effects, waiting.caller).is_none(), "it waits for spark");
+    let w1 = waiting.effects.iter().find_map(|e| if let Effect::Save(job) = e { Some(job.id.clone()) } else { None }).expect("queued");
+    let effects = edge.disconnect(5, &spark);
+    assert!(answer_to(&effects, waiting.caller).is_none() && effects.iter().any(Effect::is_write));
+    // The disconnect's writes (its running job's orphan mark) fail.
+    assert!(edge.store_failed(5, "disk I/O error").is_empty());
+    assert_eq!(edge.job(&w1).unwrap().state, JobState::Queued, "nothing ended in memory only");
+    // The tick's writes fail too: undone, tried again.
+    edge.tick(5);
+    edge.store_failed(5, "disk I/O error");
+    assert_eq!(edge.job(&w1).unwrap().state, JobState::Queued);
+    let effects = edge.tick(5 + crate::machine::STORE_RETRY_MS);
+    let (status, body) = answer_to(&effects, waiting.caller).expect("its caller is told");
+    assert_eq!((status, &body["error_code"], &body["fallback"]), (503, &json!("RUNNER_OFFLINE"), &json!(true)), "{body}");
+    assert_eq!(edge.job(&w1).unwrap().state, JobState::Failed);
 }
