@@ -1,7 +1,7 @@
 //! A property test of the whole machine against model agents: random interleavings of
 //! submissions (`/execute` and `/jobs`), callers hanging up, cancels, messages delivered
 //! each way in order on each connection (and lost with it), jobs ending, heartbeats,
-//! disconnections, reconnections, agent crashes (which report their running jobs lost, as
+//! disconnections, reconnections, agents paused and resumed, agent crashes (which report their running jobs lost, as
 //! the started markers make them), time passing, failed store writes and edge restarts
 //! (a clean stop, or a crash, then a restore from what was stored; a start whose writes
 //! fail serves nothing, as the hosts do). Most submissions carry one idempotency key, so
@@ -45,6 +45,9 @@ enum Step {
     Tick(u64),
     FailNextWrite,
     Restart { clean: bool },
+    /// The operator pauses the agent (no new jobs; its running ones finish), or resumes it.
+    Pause(usize),
+    Resume(usize),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -59,10 +62,12 @@ fn step() -> impl Strategy<Value = Step> {
         2 => agent.clone().prop_map(Step::Heartbeat),
         1 => agent.clone().prop_map(Step::Disconnect),
         2 => agent.clone().prop_map(Step::Rejoin),
-        1 => agent.prop_map(Step::Crash),
+        1 => agent.clone().prop_map(Step::Crash),
         2 => prop_oneof![Just(10u64), Just(700), Just(2_100), Just(5_100)].prop_map(Step::Tick),
         1 => Just(Step::FailNextWrite),
         1 => any::<bool>().prop_map(|clean| Step::Restart { clean }),
+        1 => agent.clone().prop_map(Step::Pause),
+        1 => agent.prop_map(Step::Resume),
     ]
 }
 
@@ -447,6 +452,14 @@ impl World {
                 self.carry_out(effects);
             }
             Step::FailNextWrite => self.fail_next = true,
+            Step::Pause(a) | Step::Resume(a) => {
+                let what = if matches!(step, Step::Pause(_)) { "pause" } else { "resume" };
+                let handled = call(&mut self.edge, self.now, "POST", &format!("/agents/{}/{what}", self.agents[a].id), Value::Null);
+                let status = answer_to(&handled.effects, handled.caller).map(|(status, _)| status);
+                // Taken (a failed write, below, undoes it and answers 500 instead).
+                assert_eq!(status, Some(200), "{what} answered");
+                self.carry_out(handled.effects);
+            }
             Step::Restart { clean } => {
                 if clean {
                     let effects = self.edge.shutdown(self.now);
@@ -470,6 +483,9 @@ impl World {
     /// Everything heals; returns when every job has ended.
     fn settle(&mut self) {
         self.fail_next = false;
+        for a in 0..self.agents.len() {
+            self.run(&Step::Resume(a));
+        }
         for round in 0..200 {
             for a in 0..self.agents.len() {
                 self.rejoin(a);
