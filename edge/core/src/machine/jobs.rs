@@ -394,7 +394,7 @@ impl Edge {
         }
     }
 
-    /// Forgets the ended job whose retention ends first (it has: its key goes with it).
+    /// Forgets the ended job whose retention ends first, now over: its key goes with it.
     pub(super) fn forget_oldest(&mut self, effects: &mut Vec<Effect>) {
         if let Some(entry) = self.retained.first().cloned() {
             self.forget_retained(entry, false, effects);
