@@ -6,7 +6,10 @@ use serde::{Deserialize, Serialize};
 
 /// A validated task. Built from an `/execute` body by [`crate::contract::ExecuteRequest::validate`];
 /// travels inside the signed job order, so the agent runs exactly what the edge accepted.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// `Default` is the empty task (no prompt, no timeout): not a valid one, only a base to
+/// build on (the edge's stub of a forgotten job keeps nothing of its task).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct JobSpec {
     pub prompt: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

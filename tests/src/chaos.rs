@@ -186,6 +186,27 @@ struct Seen {
     given_up: bool,
 }
 
+impl Seen {
+    /// Notes what the answer `body` to its request told its caller (at `at`, ms since the
+    /// epoch): an `/execute` answer (`wait`) tells the job's end, a `POST /jobs` one only
+    /// when it is a repeat told its job ran and was forgotten.
+    fn heard(&mut self, body: &Value, wait: bool, at: u64) {
+        self.job_id = self.job_id.clone().or(body["job_id"].as_str().map(str::to_string));
+        if body["fallback"] == true {
+            self.fallback_at = Some(at);
+        }
+        let forgotten = body["error_code"] == "JOB_FORGOTTEN";
+        if wait || forgotten {
+            self.told.extend(state_of_answer(body));
+            self.given_up |= given_up_by_edge(body);
+        }
+        self.told_forgotten |= forgotten;
+        self.usage_limited |= body["fallback"] == true && body["error_code"] == "USAGE_LIMIT";
+        // Told to follow its job elsewhere: the soak does, at the end.
+        self.unknown |= body["error_code"] == "EDGE_RESTARTING";
+    }
+}
+
 /// Whether a job's view or answer says the edge gave it up as lost itself.
 fn given_up_by_edge(body: &Value) -> bool {
     let error = body["result"]["error"].as_str().or(body["error"].as_str());
@@ -307,21 +328,7 @@ impl World {
             Some(a) => {
                 let job_id = a.body["job_id"].as_str().map(str::to_string);
                 let at = now_ms();
-                self.note(i, |s| {
-                    s.job_id = s.job_id.clone().or(job_id.clone());
-                    if a.body["fallback"] == true {
-                        s.fallback_at = Some(at);
-                    }
-                    let forgotten = a.body["error_code"] == "JOB_FORGOTTEN";
-                    if wait || forgotten {
-                        s.told.extend(state_of_answer(&a.body));
-                        s.given_up |= given_up_by_edge(&a.body);
-                    }
-                    s.told_forgotten |= forgotten;
-                    s.usage_limited |= a.body["fallback"] == true && a.body["error_code"] == "USAGE_LIMIT";
-                    // Told to follow its job elsewhere: the soak does, at the end.
-                    s.unknown |= a.body["error_code"] == "EDGE_RESTARTING";
-                });
+                self.note(i, |s| s.heard(&a.body, wait, at));
                 if let (false, Some(id)) = (wait, job_id) {
                     self.follow(i, &id, Duration::from_secs(60)).await;
                 }
@@ -663,16 +670,7 @@ pub async fn soak(opts: SoakOptions) -> Report {
     for (i, body) in unknown {
         // The same key and task: the job the cut request made, or a new one if it made none.
         let again = client.submit(body).await;
-        if let Some(id) = again.body["job_id"].as_str() {
-            let forgotten = again.body["error_code"] == "JOB_FORGOTTEN";
-            world.note(i, |s| {
-                s.job_id = Some(id.to_string());
-                if forgotten {
-                    s.told.extend(state_of_answer(&again.body));
-                    s.told_forgotten = true;
-                }
-            });
-        }
+        world.note(i, |s| s.heard(&again.body, false, now_ms()));
     }
 
     let mut faults = faults;
@@ -804,10 +802,9 @@ pub async fn soak(opts: SoakOptions) -> Report {
     }
 
     // The stand-in's word: each job started at most once; none after a fallback.
-    let mut starts: HashMap<usize, Vec<u64>> = HashMap::new();
+    // When each job started (ms since the epoch), and on which agent: a doubled start names them.
+    let mut starts: HashMap<usize, Vec<(u64, String)>> = HashMap::new();
     let mut ends: HashMap<usize, Vec<u64>> = HashMap::new();
-    // Where and when each job started (agent, ms since the epoch), to name a doubled start.
-    let mut started_on: HashMap<usize, Vec<(String, u64)>> = HashMap::new();
     for a in &agents {
         let a = a.lock().unwrap();
         for line in a.standin_log() {
@@ -818,31 +815,30 @@ pub async fn soak(opts: SoakOptions) -> Report {
             if line.get("end").is_some() {
                 ends.entry(i).or_default().push(at)
             } else {
-                starts.entry(i).or_default().push(at);
-                started_on.entry(i).or_default().push((a.id.clone(), at));
+                starts.entry(i).or_default().push((at, a.id.clone()));
             }
         }
     }
-    for (i, at) in &starts {
-        if at.len() > 1 {
+    for (i, started) in &starts {
+        if started.len() > 1 {
             report.doubled += 1;
             let job = seen.get(i).and_then(|s| s.job_id.clone()).unwrap_or_else(|| "(no id heard)".into());
-            let mut on = started_on[i].clone();
-            on.sort_by_key(|(_, at)| *at);
-            let on: Vec<String> = on.iter().map(|(agent, at)| format!("{agent} at {at}")).collect();
-            report.problems.push(format!("soak-{i} (job {job}) started {} times: {}", at.len(), on.join(", ")));
+            let mut started = started.clone();
+            started.sort();
+            let on: Vec<String> = started.iter().map(|(at, agent)| format!("{agent} at {at}")).collect();
+            report.problems.push(format!("soak-{i} (job {job}) started {} times: {}", started.len(), on.join(", ")));
         }
     }
     for (i, s) in &seen {
         // The phase waited for idle agents, so no success on another slot reopened a
         // window early; nothing but a window forgotten lets a held job start before it.
-        if let Some(t) = starts.get(i).into_iter().flatten().find(|t| s.held && **t < s.held_until) {
+        if let Some((t, _)) = starts.get(i).into_iter().flatten().find(|(t, _)| s.held && *t < s.held_until) {
             report.held_started_early += 1;
             report.problems.push(format!("soak-{i} was held for the agents' usage windows, and started {} ms before they reset", s.held_until - t));
         }
         let Some(fell_back) = s.fallback_at else { continue };
         report.fallback_answers += 1;
-        let late_start = starts.get(i).into_iter().flatten().any(|t| *t > fell_back);
+        let late_start = starts.get(i).into_iter().flatten().any(|(t, _)| *t > fell_back);
         let ran_on = ends.get(i).into_iter().flatten().any(|t| *t > fell_back);
         if late_start || ran_on {
             report.ran_after_fallback += 1;

@@ -185,22 +185,7 @@ impl Prepared {
         // (a server sending a byte at a time): then the worker is killed. A worker given up
         // on, or lost (a job killed it), once it said its push was going out may have
         // pushed; before that, nothing was.
-        let url = source.url.clone();
-        let push_asked = spec.push_branch.is_some();
-        let gone = Box::new(move |gone| {
-            let url = url.clone();
-            let gone = match gone {
-                Gone::GivenUp { pushing } => Gone::GivenUp { pushing: pushing && push_asked },
-                Gone::Died { pushing, error } => Gone::Died { pushing: pushing && push_asked, error },
-            };
-            match gone {
-                Gone::GivenUp { pushing: true } => RepoError::HandBackAbandoned { url },
-                Gone::GivenUp { pushing: false } => RepoError::HandBackTooSlow { url },
-                Gone::Died { pushing: true, .. } => RepoError::HandBackLost { url },
-                Gone::Died { pushing: false, error } => error,
-            }
-        });
-        let stop = Stop { at: give_up_at, then_within: HAND_BACK_ABANDON, gone };
+        let stop = Stop { at: give_up_at, then_within: HAND_BACK_ABANDON, gone: hand_back_gone(source.url.clone(), spec.push_branch.is_some()) };
         // The lease (the mirror the checkout borrows objects from) is held until the worker is dead.
         let (answer, _lease) = worker::run(Work::HandBack(work), self.lease, "collect the job's changes", Some(stop)).await;
         match answer? {
@@ -208,6 +193,21 @@ impl Prepared {
             other => Err(other.unexpected("collect the job's changes")),
         }
     }
+}
+
+/// What a job is told of a hand-back's worker that went without an answer ([`Gone`]): a
+/// push may have reached the server `url` only if one was asked for and the worker had said
+/// it was going out; otherwise nothing was pushed.
+fn hand_back_gone(url: String, push_asked: bool) -> Box<dyn Fn(Gone) -> RepoError + Send + Sync> {
+    Box::new(move |gone| {
+        let url = url.clone();
+        match gone {
+            Gone::GivenUp { pushing } if pushing && push_asked => RepoError::HandBackAbandoned { url },
+            Gone::GivenUp { .. } => RepoError::HandBackTooSlow { url },
+            Gone::Died { pushing, .. } if pushing && push_asked => RepoError::HandBackLost { url },
+            Gone::Died { error, .. } => error,
+        }
+    })
 }
 
 /// In the git worker: the job's diff (`include_diff`, masked by `redactor`), then its

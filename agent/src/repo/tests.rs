@@ -836,21 +836,12 @@ async fn a_hand_back_stuck_on_a_fifo_is_killed_once_given_up() {
 }
 
 /// A hand-back's [`super::worker::Stop`] after `after_ms`, killed `then_ms` later, answering
-/// as `Prepared::finish` does for a worker that goes without an answer.
+/// as `Prepared::finish` does for a worker that goes without an answer (a push asked for).
 fn stop_within(after_ms: u64, then_ms: u64) -> super::worker::Stop {
-    use super::worker::Gone;
     super::worker::Stop {
         at: tokio::time::Instant::now() + std::time::Duration::from_millis(after_ms),
         then_within: std::time::Duration::from_millis(then_ms),
-        gone: Box::new(|gone| {
-            let url = "http://server".to_string();
-            match gone {
-                Gone::GivenUp { pushing: true } => RepoError::HandBackAbandoned { url },
-                Gone::GivenUp { pushing: false } => RepoError::HandBackTooSlow { url },
-                Gone::Died { pushing: true, .. } => RepoError::HandBackLost { url },
-                Gone::Died { pushing: false, error } => error,
-            }
-        }),
+        gone: super::hand_back_gone("http://server".to_string(), true),
     }
 }
 

@@ -154,7 +154,7 @@ impl Job {
     pub fn spent_key(&self) -> Job {
         let mut stub = self.header();
         // Nothing of the task but its digest: a stub is kept outside the retention caps.
-        stub.spec = serde_json::from_value(serde_json::json!({"prompt": "", "timeout_ms": self.spec.timeout_ms})).expect("a bare spec reads");
+        stub.spec = JobSpec { timeout_ms: self.spec.timeout_ms, ..JobSpec::default() };
         stub.placement = shared::placement::Placement { caller: self.placement.caller.clone(), ..Default::default() };
         stub.result = None;
         stub.callback_url = None;

@@ -142,8 +142,7 @@ impl Edge {
             return;
         };
         self.note_spent(&stub.id);
-        self.idempotency.insert(spent.slot.clone(), stub.id.clone());
-        self.spent.insert(&stub.id, spent);
+        self.keep_spent(&stub.id, spent);
         effects.push(Effect::Save(Box::new(stub)));
         self.keep_spent_within_cap(effects);
     }
@@ -174,8 +173,13 @@ impl Edge {
             effects.push(Effect::Forget { job_id: job.id.clone() });
             return;
         };
-        self.idempotency.insert(spent.slot.clone(), job.id.clone());
-        self.spent.insert(&job.id, spent);
+        self.keep_spent(&job.id, spent);
+    }
+
+    /// Keeps forgotten job `id`'s key: its slot names the job again.
+    fn keep_spent(&mut self, id: &str, spent: Spent) {
+        self.idempotency.insert(spent.slot.clone(), id.to_string());
+        self.spent.insert(id, spent);
     }
 
     /// Drops the kept key of forgotten job `id`, and its stub.
@@ -197,8 +201,7 @@ impl Edge {
     pub(super) fn put_back_spent(&mut self, id: &str, prior: Option<Spent>) {
         self.remove_spent(id);
         if let Some(spent) = prior {
-            self.idempotency.insert(spent.slot.clone(), id.to_string());
-            self.spent.insert(id, spent);
+            self.keep_spent(id, spent);
         }
     }
 
