@@ -104,12 +104,36 @@ pub struct AlertState {
     /// edge's restarts (the native host restores no connections).
     #[serde(default)]
     pub paused: BTreeSet<String>,
+    /// Alerts on their way to `NOTIFY_URL`, by delivery id. Kept here, as callbacks are:
+    /// an alert's condition is `raised` when it is decided, so one whose post failed is
+    /// never decided again, and would be lost with the machine's memory (the Worker's
+    /// object leaves it after some seconds idle, the native edge at a restart).
+    #[serde(default)]
+    pub alert_posts: BTreeMap<String, AlertDelivery>,
+    /// Agents that were connected and went away, since when (edge time): `/health` lists
+    /// them as down for an hour. Kept here so the Worker, rebuilt from storage every few
+    /// seconds, shows them as the native edge does.
+    #[serde(default)]
+    pub departed: BTreeMap<String, Millis>,
 }
 
 /// A job's result callback on its way.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallbackState {
     pub url: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When (edge time) to try again: after a failure, or when the host never said how
+    /// the last attempt went.
+    pub next_at: Millis,
+}
+
+/// An alert on its way: what to post to `NOTIFY_URL` (the URL itself is not kept: it is
+/// the setting's at each attempt, and a webhook URL may hold its token).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertDelivery {
+    pub body: String,
+    pub headers: Vec<(String, String)>,
     /// Attempts made so far.
     pub attempts: u32,
     /// When (edge time) to try again: after a failure, or when the host never said how

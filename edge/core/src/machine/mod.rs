@@ -127,9 +127,6 @@ pub struct Edge {
     jobs: HashMap<String, Job>,
     /// Queued jobs: a lane per caller, callers in turn.
     queue: FairQueue,
-    /// Agents that were connected and are gone, since when (edge time): `/health` lists
-    /// them as down for [`DOWN_SHOWN_MS`].
-    departed: BTreeMap<String, Millis>,
     /// Dispatched or running job ids.
     active: BTreeSet<String>,
     /// Finished job ids in the order their retention ends (when each ended, then its id).
@@ -166,11 +163,10 @@ pub struct Edge {
     /// The edge is stopping: no new work, no new agents.
     stopping: bool,
     stats: Stats,
-    /// Alerting's memory (stored).
+    /// Alerting's memory (stored): alerts raised and on their way, callbacks on their
+    /// way, agents gone (shown as down for [`DOWN_SHOWN_MS`]), pauses.
     alerts: crate::notify::AlertState,
-    /// Alerts being posted.
-    alert_posts: notices::AlertPosts,
-    /// Makes each post's id unique.
+    /// Makes each alert post's id unique (with the ids of those on their way).
     posts_made: u64,
 }
 
@@ -180,7 +176,6 @@ impl Edge {
             cfg,
             jobs: HashMap::new(),
             queue: FairQueue::default(),
-            departed: BTreeMap::new(),
             active: BTreeSet::new(),
             retained: BTreeSet::new(),
             retained_by: BTreeMap::new(),
@@ -199,7 +194,6 @@ impl Edge {
             stopping: false,
             stats: Stats::default(),
             alerts: crate::notify::AlertState::default(),
-            alert_posts: notices::AlertPosts::new(),
             posts_made: 0,
         }
     }

@@ -2,20 +2,20 @@
 //! window is used up or opens, or no agent is connected for `OFFLINE_ALERT_MS`; and each
 //! job's result to its `callback_url`. The decisions are [`crate::notify`]'s; here the
 //! machine observes, asks the host to post ([`Effect::Post`]), hears how it went
-//! ([`Edge::posted`]) and tries again with backoff. What is still to be posted back is
-//! stored with alerting's memory ([`Effect::SaveAlerts`]), so a restart neither loses nor
-//! repeats a callback; a retry reads the job's whole record back from storage
+//! ([`Edge::posted`]) and tries again with backoff. What is still to be posted — alerts and
+//! callbacks, with their attempts and when the next is due — is stored with alerting's
+//! memory ([`Effect::SaveAlerts`]), so a restart neither loses nor repeats one; a callback's
+//! retry reads the job's whole record back from storage
 //! ([`Effect::Recall`], [`Edge::recalled`]), since memory keeps only an ended job's header.
 
 use super::{Edge, Effect};
 use crate::clock::Now;
 use crate::notify::{self, AlertKind, Observation, Outcome};
-use crate::notify::CallbackState;
+use crate::notify::{AlertDelivery, CallbackState};
 use crate::record::Job;
 use shared::oauth::OAuthSource;
 use shared::time::{rfc3339, spoken};
 use shared::Millis;
-use std::collections::BTreeMap;
 use tracing::{info, warn};
 
 /// One POST for the host to make, then report with [`Edge::posted`].
@@ -25,14 +25,6 @@ pub struct Post {
     pub url: String,
     pub body: String,
     pub headers: Vec<(String, String)>,
-}
-
-/// An alert being posted (kept in memory: alerts are notices, their memory is stored).
-#[derive(Debug, Clone)]
-pub(super) struct AlertPost {
-    delivery: Post,
-    attempts: u32,
-    next_at: Millis,
 }
 
 impl Edge {
@@ -46,16 +38,29 @@ impl Edge {
             for alert in notify::decide(&mut self.alerts, now.at, &observed, min) {
                 info!(alert = alert.kind.as_str(), agent_id = %alert.agent, pool = %self.cfg.pool, "alert posted");
                 let (body, headers) = notify::alert_request(&alert, &self.cfg.pool);
-                self.posts_made += 1;
-                let id = format!("alert:{}:{}", alert.kind.as_str(), self.posts_made);
-                let delivery = Post { id: id.clone(), url: url.clone(), body, headers };
-                self.alert_posts.insert(id, AlertPost { delivery: delivery.clone(), attempts: 1, next_at: now.at + notify::DELIVERY_TIMEOUT_MS });
-                effects.push(Effect::Post(delivery));
+                let id = self.alert_post_id(alert.kind);
+                // Kept until it is taken or given up: its condition is raised now, so it
+                // is not decided again.
+                let delivery = AlertDelivery { body, headers, attempts: 1, next_at: now.at + notify::DELIVERY_TIMEOUT_MS };
+                effects.push(Effect::Post(Post { id: id.clone(), url: url.clone(), body: delivery.body.clone(), headers: delivery.headers.clone() }));
+                self.alerts.alert_posts.insert(id, delivery);
             }
         }
         if self.alerts != before {
             self.note_alerts(before);
             effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
+        }
+    }
+
+    /// A new alert post's id: unique among those on their way, restored ones included
+    /// (this count starts again at each restore).
+    fn alert_post_id(&mut self, kind: AlertKind) -> String {
+        loop {
+            self.posts_made += 1;
+            let id = format!("alert:{}:{}", kind.as_str(), self.posts_made);
+            if !self.alerts.alert_posts.contains_key(&id) {
+                return id;
+            }
         }
     }
 
@@ -128,7 +133,7 @@ impl Edge {
             .filter(|(_, a)| self.alerts.is_raised(AlertKind::UsageRejected, &a.agent_id))
             .filter_map(|(_, a)| a.usage_hold_until)
             .min();
-        let posts = self.alert_posts.values().map(|p| p.next_at).min();
+        let posts = self.alerts.alert_posts.values().map(|p| p.next_at).min();
         let callbacks = self.alerts.callbacks.values().map(|c| c.next_at).min();
         [offline, resets, posts, callbacks].into_iter().flatten().min()
     }
@@ -257,18 +262,34 @@ impl Edge {
             }
         }
         self.callback_settled(effects);
-        let posts: Vec<String> = self.alert_posts.iter().filter(|(_, p)| p.next_at <= now.at).map(|(id, _)| id.clone()).collect();
-        for id in posts {
-            let post = self.alert_posts.get_mut(&id).expect("listed above");
+        let due: Vec<String> = self.alerts.alert_posts.iter().filter(|(_, p)| p.next_at <= now.at).map(|(id, _)| id.clone()).collect();
+        if due.is_empty() {
+            return;
+        }
+        let before = self.alerts.clone();
+        for id in due {
+            // NOTIFY_URL is read at each attempt: it may have been taken out since (the
+            // edge restarted with other settings).
+            let Some(url) = self.cfg.notify_url.clone() else {
+                warn!(delivery = %id, "alert given up: NOTIFY_URL is no longer set");
+                self.alerts.alert_posts.remove(&id);
+                continue;
+            };
+            let post = self.alerts.alert_posts.get_mut(&id).expect("listed above");
             if post.attempts >= notify::MAX_ATTEMPTS {
-                warn!(delivery = %id, "alert given up after {} attempts", post.attempts);
-                self.alert_posts.remove(&id);
+                warn!(delivery = %id, attempts = post.attempts, "alert given up: no answer");
+                self.alerts.alert_posts.remove(&id);
                 continue;
             }
             post.attempts += 1;
-            post.next_at = now.at + notify::DELIVERY_TIMEOUT_MS;
-            effects.push(Effect::Post(post.delivery.clone()));
+            // If the host never says how it went, try again after the timeout.
+            post.next_at = now.at.saturating_add(notify::DELIVERY_TIMEOUT_MS);
+            info!(delivery = %id, attempt = post.attempts, "posting an alert again");
+            effects.push(Effect::Post(Post { id, url, body: post.body.clone(), headers: post.headers.clone() }));
         }
+        // The attempt is stored before it goes out, as a callback's is.
+        self.note_alerts(before);
+        effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
     }
 
     /// A callback was taken or given up: its job, kept past the caps while it waited
@@ -323,25 +344,29 @@ impl Edge {
                 return effects;
             }
             self.callback_settled(&mut effects);
-        } else if let Some(post) = self.alert_posts.get_mut(id) {
-            if retry && post.attempts < notify::MAX_ATTEMPTS {
-                post.next_at = now.at + notify::backoff(post.attempts);
-                warn!(delivery = id, outcome = %what, "alert post failed; trying again");
-            } else {
-                if !taken {
-                    warn!(delivery = id, outcome = %what, "alert given up");
+        } else if let Some(attempts) = self.alerts.alert_posts.get(id).map(|p| p.attempts) {
+            let before = self.alerts.clone();
+            if retry && attempts < notify::MAX_ATTEMPTS {
+                let wait = notify::backoff(attempts);
+                warn!(delivery = id, attempt = attempts, outcome = %what, retry_in_ms = wait, "alert post failed; trying again");
+                if let Some(post) = self.alerts.alert_posts.get_mut(id) {
+                    post.next_at = now.at.saturating_add(wait);
                 }
-                self.alert_posts.remove(id);
+            } else {
+                match taken {
+                    true => info!(delivery = id, attempt = attempts, "alert delivered"),
+                    false => warn!(delivery = id, attempt = attempts, outcome = %what, "alert given up"),
+                }
+                self.alerts.alert_posts.remove(id);
             }
+            self.note_alerts(before);
+            effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
         }
         effects
     }
 
-    /// Alerts being posted, for tests and metrics.
+    /// Alerts on their way, for tests and metrics.
     pub fn alert_posts_pending(&self) -> usize {
-        self.alert_posts.len()
+        self.alerts.alert_posts.len()
     }
 }
-
-/// Alerts being posted, by delivery id.
-pub(super) type AlertPosts = BTreeMap<String, AlertPost>;

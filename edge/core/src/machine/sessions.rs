@@ -133,6 +133,23 @@ impl Edge {
         effects
     }
 
+    /// Lists an agent as gone since now (`/health` shows it down for
+    /// [`super::DOWN_SHOWN_MS`]), or no longer. Stored with alerting's memory, so the
+    /// Worker's rebuilt machine shows it too; those listed longer than that go then.
+    fn note_departed(&mut self, now: Now, agent_id: &str, gone: bool, effects: &mut Vec<Effect>) {
+        let before = self.alerts.clone();
+        let departed = &mut self.alerts.departed;
+        departed.retain(|_, t| t.saturating_add(super::DOWN_SHOWN_MS) > now.at);
+        match gone {
+            true => departed.insert(agent_id.to_string(), now.at),
+            false => departed.remove(agent_id),
+        };
+        if self.alerts != before {
+            self.note_alerts(before);
+            effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
+        }
+    }
+
     fn drop_session(&mut self, now: Now, session_id: &str, effects: &mut Vec<Effect>) {
         self.drop_session_closed(now, session_id, None, effects);
     }
@@ -152,7 +169,7 @@ impl Edge {
         }
         let agent_id = agent.agent_id.clone();
         if !self.ready().any(|(_, a)| a.agent_id == agent_id) {
-            self.departed.insert(agent_id, now.at);
+            self.note_departed(now, &agent_id, true, effects);
         }
         let orphans: Vec<String> = self
             .active
@@ -312,7 +329,6 @@ impl Edge {
             self.close(now, session_id, refused, effects);
             return;
         }
-        self.departed.remove(&agent_id);
         let paused = self.alerts.paused.contains(&agent_id);
         // One connection per agent: a newer one means the older is dead or a duplicate.
         let older: Vec<String> = self
@@ -324,6 +340,9 @@ impl Edge {
             let refused = Refused::new(close::REPLACED, "replaced by a newer connection of the same agent");
             self.close(now, &old, refused, effects);
         }
+        // Only after the older connection closed: this one is not ready yet, so its close
+        // listed the agent as gone.
+        self.note_departed(now, &agent_id, false, effects);
         let session = self.session_mut(session_id).expect("session exists");
         session.phase = Phase::Ready(Agent {
             agent_id: agent_id.clone(),

@@ -68,7 +68,7 @@ impl Edge {
             takes_work: takes_work(a),
             login: login_word(a.oauth.health(now.wall)).into(),
         };
-        let down: Vec<(&String, &Millis)> = self.departed.iter().filter(|(_, t)| t.saturating_add(DOWN_SHOWN_MS) > now.at).collect();
+        let down: Vec<(&String, &Millis)> = self.alerts.departed.iter().filter(|(_, t)| t.saturating_add(DOWN_SHOWN_MS) > now.at).collect();
         let some_down = !down.is_empty() || agents.iter().any(|(_, a)| a.oauth.health(now.wall) == LoginHealth::Broken);
         let status = match best {
             None => HealthStatus::Offline,

@@ -759,6 +759,38 @@ fn health_follows_agents_and_their_login() {
 }
 
 #[test]
+fn an_agent_back_on_a_new_connection_before_its_old_one_closed_is_not_listed_as_down() {
+    let mut edge = Edge::new(config(), 0);
+    let (first, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    // The same agent again while the edge still holds its first connection (half-open):
+    // the newer one replaces it.
+    let (second, _) = join(&mut edge, 5, "spark", &agent_key(1), vec![], 2);
+    assert!(edge.session(&first).is_none() && edge.session(&second).is_some());
+    let h = edge.health(10);
+    let agents: Vec<(String, bool)> = h.agents.iter().map(|a| (a.agent_id.clone(), a.connected)).collect();
+    assert_eq!(agents, vec![("spark".to_string(), true)]);
+    assert_eq!(serde_json::to_value(h.status).unwrap(), "healthy");
+}
+
+#[test]
+fn an_agent_gone_is_listed_as_down_for_an_hour_across_a_restart() {
+    let mut edge = Edge::new(config(), 0);
+    let (a, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    join(&mut edge, 0, "ember", &agent_key(2), vec![], 2);
+    let effects = edge.disconnect(1_000, &a);
+    let stored = effects.iter().rev().find_map(|e| match e {
+        Effect::SaveAlerts(s) => Some((**s).clone()),
+        _ => None,
+    });
+    let stored = stored.expect("an agent gone is stored with alerting's memory");
+    // The edge rebuilt from storage (the Worker's object, every few seconds idle).
+    let (edge, _) = Edge::restore(config(), vec![], vec![], Some(stored), 2_000);
+    let down = |edge: &Edge, t: u64| edge.health(t).agents.iter().filter(|a| !a.connected).map(|a| a.agent_id.clone()).collect::<Vec<_>>();
+    assert_eq!(down(&edge, 2_000), vec!["spark".to_string()]);
+    assert!(down(&edge, 1_000 + crate::machine::DOWN_SHOWN_MS).is_empty(), "shown for an hour");
+}
+
+#[test]
 fn health_shows_the_agents_claude_cli_version() {
     let mut edge = Edge::new(config(), 0);
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);

@@ -26,8 +26,9 @@ fn alert_kinds(effects: &[Effect]) -> Vec<String> {
         .collect()
 }
 
+/// Alerting's memory as an event stores it: its last `SaveAlerts` (see `split_writes`).
 fn saved_alerts(effects: &[Effect]) -> Option<AlertState> {
-    effects.iter().find_map(|e| match e {
+    effects.iter().rev().find_map(|e| match e {
         Effect::SaveAlerts(s) => Some((**s).clone()),
         _ => None,
     })
@@ -51,22 +52,82 @@ fn an_agent_away_for_offline_alert_ms_is_alerted_once_even_across_a_restart() {
     let alert = &posts(&effects)[0];
     assert_eq!(alert.url, "https://ntfy.example/topic");
     assert!(alert.body.contains("No agent has been connected to the edge for 10 seconds"), "{}", alert.body);
-    let stored = saved_alerts(&effects).unwrap();
-    // Not again, however long it lasts, nor after another restart.
+    let id = alert.id.clone();
+    let stored = saved_alerts(&edge.posted(11_100, &id, Ok(200))).unwrap();
+    // Delivered: not again, however long it lasts, nor after another restart.
     let (mut edge, _) = Edge::restore(notifying(), vec![], vec![], Some(stored), 20_000);
     for t in (20_000..200_000).step_by(10_000) {
         assert!(alert_kinds(&edge.tick(t)).is_empty());
     }
     // A failed post is tried again, with backoff; a delivered one is done.
-    assert_eq!(edge.alert_posts_pending(), 0, "restored edges start with no posts in flight");
     let mut edge2 = Edge::new(notifying(), 0);
     let effects = edge2.tick(10_000);
     let id2 = posts(&effects)[0].id.clone();
-    assert!(edge2.posted(10_100, &id2, Err("connection refused".into())).is_empty());
+    assert!(posts(&edge2.posted(10_100, &id2, Err("connection refused".into()))).is_empty());
     assert!(posts(&edge2.tick(10_100 + 1_999)).is_empty());
     assert_eq!(posts(&edge2.tick(10_100 + 2_000)).len(), 1, "retried after 2 s");
-    edge2.posted(12_200, &id2, Ok(200));
+    let effects = edge2.posted(12_200, &id2, Ok(200));
     assert_eq!(edge2.alert_posts_pending(), 0);
+    assert!(saved_alerts(&effects).unwrap().alert_posts.is_empty(), "stored as delivered");
+}
+
+#[test]
+fn an_alert_whose_post_failed_is_posted_again_after_a_restart() {
+    // The only agent goes away; its offline alert's post gets a 502; the edge leaves
+    // memory (the Worker's object, idle for some seconds) before the retry.
+    let mut edge = Edge::new(notifying(), 0);
+    let effects = edge.tick(10_000);
+    let first = posts(&effects)[0].clone();
+    let effects = edge.posted(10_100, &first.id, Ok(502));
+    let stored = saved_alerts(&effects).expect("the failed attempt is stored");
+    assert!(stored.is_raised(crate::notify::AlertKind::Offline, ""), "its condition is not decided again");
+    let (mut edge, _) = Edge::restore(notifying(), vec![], vec![], Some(stored), 11_000);
+    assert_eq!(edge.alert_posts_pending(), 1);
+    // Its retry is due as it was (2 s after the failure): the alarm is set for it.
+    assert_eq!(edge.next_deadline(), Some(12_100));
+    assert!(posts(&edge.tick(12_099)).is_empty());
+    let effects = edge.tick(12_100);
+    let again = posts(&effects);
+    assert_eq!(again.len(), 1);
+    assert_eq!((&again[0].id, &again[0].url, &again[0].body, &again[0].headers), (&first.id, &first.url, &first.body, &first.headers));
+    assert_eq!(saved_alerts(&effects).unwrap().alert_posts[&first.id].attempts, 2, "the attempt is stored before it goes out");
+    edge.posted(12_200, &first.id, Ok(200));
+    assert_eq!(edge.alert_posts_pending(), 0);
+}
+
+#[test]
+fn an_alert_is_given_up_after_max_attempts_across_restarts() {
+    let mut edge = Edge::new(notifying(), 0);
+    let id = posts(&edge.tick(10_000))[0].id.clone();
+    let mut t = 10_000;
+    let mut sent = 1;
+    loop {
+        t += 100;
+        let stored = saved_alerts(&edge.posted(t, &id, Err("connection reset".into()))).unwrap();
+        // Each time from storage, as the Worker's object after an eviction.
+        edge = Edge::restore(notifying(), vec![], vec![], Some(stored), t).0;
+        let Some(due) = edge.next_deadline() else { break };
+        t = due;
+        let effects = edge.tick(t);
+        match posts(&effects).len() {
+            1 => sent += 1,
+            _ => break,
+        }
+    }
+    assert_eq!(sent, crate::notify::MAX_ATTEMPTS);
+    assert_eq!(edge.alert_posts_pending(), 0, "given up");
+}
+
+#[test]
+fn an_alert_waiting_for_its_retry_is_given_up_once_notify_url_is_unset() {
+    let mut edge = Edge::new(notifying(), 0);
+    let id = posts(&edge.tick(10_000))[0].id.clone();
+    let stored = saved_alerts(&edge.posted(10_100, &id, Ok(503))).unwrap();
+    let (mut edge, _) = Edge::restore(config(), vec![], vec![], Some(stored), 11_000);
+    assert_eq!(edge.next_deadline(), Some(12_100));
+    let effects = edge.tick(12_100);
+    assert!(posts(&effects).is_empty());
+    assert!(saved_alerts(&effects).unwrap().alert_posts.is_empty());
 }
 
 #[test]
