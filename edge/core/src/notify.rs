@@ -240,6 +240,26 @@ pub fn retry_after(outcome: &Outcome) -> bool {
     }
 }
 
+/// A host's words on a failed POST as the machine logs them: one line of at most 200
+/// bytes, every URL in it (`scheme://…`) left out, since `NOTIFY_URL` and a `callback_url`
+/// may hold their token. The hosts keep the URL out of their own words (the native edge's
+/// HTTP client names it); this holds for words they did not foresee (a platform's error).
+pub fn failure_words(text: &str) -> String {
+    let scheme_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.');
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let start = rest[..at].char_indices().rev().find(|(_, c)| !scheme_char(*c)).map_or(0, |(i, c)| i + c.len_utf8());
+        let tail = &rest[at + 3..];
+        let end = tail.find(|c: char| c.is_whitespace() || matches!(c, '(' | ')' | '"' | '\'' | '`' | '<' | '>')).unwrap_or(tail.len());
+        out.push_str(&rest[..start]);
+        out.push_str("<url>");
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    shared::text::one_line(shared::text::truncate(&out, 200))
+}
+
 /// `X-Runner-Signature` of a callback: `sha256=` and the hex HMAC-SHA256, keyed with the
 /// secret the job was sent with (the pool's, or its caller's own), of `{timestamp}.{body}`
 /// (the timestamp is `X-Runner-Timestamp`).
@@ -412,6 +432,19 @@ mod tests {
         assert!(!retry_after(&Ok(204)));
         assert!(retry_after(&Ok(500)) && retry_after(&Ok(429)) && retry_after(&Err("refused".into())));
         assert!(!retry_after(&Ok(404)) && !retry_after(&Ok(400)));
+    }
+
+    #[test]
+    fn a_failed_posts_words_keep_no_url() {
+        let said = "error sending request for url (https://ntfy.example/tk_S3cr3t?auth=Qu3ry): connection refused";
+        assert_eq!(failure_words(said), "error sending request for url (<url>): connection refused");
+        let said = "TypeError: Fetch API cannot load: http://[::1]:8080/hook/tk_S3cr3t\nnext line";
+        assert_eq!(failure_words(said), "TypeError: Fetch API cannot load: <url>\\nnext line");
+        assert_eq!(failure_words("é https://h/x https://h/y"), "é <url> <url>");
+        assert_eq!(failure_words("connection reset"), "connection reset");
+        // Left out before the cut: a URL cut short would keep its start.
+        let long = format!("{} https://ntfy.example/tk_S3cr3t", "x".repeat(190));
+        assert!(!failure_words(&long).contains("ntfy"), "{}", failure_words(&long));
     }
 
     #[test]

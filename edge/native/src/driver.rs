@@ -52,6 +52,45 @@ pub enum Command {
     Posted { id: String, outcome: edge_core::notify::Outcome },
 }
 
+/// Makes one POST: the status it was answered with, or how it failed.
+async fn send(http: &reqwest::Client, delivery: &edge_core::machine::Post) -> edge_core::notify::Outcome {
+    let mut request = http.post(&delivery.url).body(delivery.body.clone());
+    for (name, value) in &delivery.headers {
+        request = request.header(name, value);
+    }
+    match request.send().await {
+        Ok(resp) => Ok(resp.status().as_u16()),
+        Err(e) => Err(failure(e)),
+    }
+}
+
+/// How a POST failed, in words that hold no part of its URL: reqwest's own text ends with
+/// ` for url (<the URL>)`, and `NOTIFY_URL` or a `callback_url` may hold its token (an
+/// ntfy topic, a webhook's path), which the machine would log with each failed attempt.
+/// The cause is named only in words fixed in advance — an I/O error's kind (`connection
+/// refused`), HTTP's (`connection closed before message completed`), a timeout — never in
+/// the words of the layers below, which may name the host (a TLS error does).
+fn failure(e: reqwest::Error) -> String {
+    let timeout = e.is_timeout();
+    let e = e.without_url();
+    let mut why = None;
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>().filter(|io| io.kind() != std::io::ErrorKind::Other) {
+            why = Some(io.kind().to_string());
+        } else if let Some(http) = c.downcast_ref::<hyper::Error>() {
+            // Its own words only, not its source's.
+            why = Some(http.to_string());
+        }
+        cause = c.source();
+    }
+    match (timeout, why) {
+        (true, _) => format!("{e}: timed out"),
+        (false, Some(why)) => format!("{e}: {why}"),
+        (false, None) => e.to_string(),
+    }
+}
+
 /// The machine's callers, as channels.
 enum Channel {
     Once(oneshot::Sender<Response>),
@@ -95,14 +134,7 @@ impl Driver {
             .clone();
         let commands = self.commands.clone();
         tokio::spawn(async move {
-            let mut request = http.post(&delivery.url).body(delivery.body);
-            for (name, value) in &delivery.headers {
-                request = request.header(name, value);
-            }
-            let outcome = match request.send().await {
-                Ok(resp) => Ok(resp.status().as_u16()),
-                Err(e) => Err(e.to_string()),
-            };
+            let outcome = send(&http, &delivery).await;
             if let Some(commands) = commands.upgrade() {
                 let _ = commands.send(Command::Posted { id: delivery.id, outcome }).await;
             }
@@ -280,6 +312,41 @@ impl Driver {
         }
         for caller in gone {
             self.edge.caller_gone(caller);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edge_core::machine::Post;
+
+    /// A failed POST's outcome (which the machine logs with each attempt) names no part of
+    /// the URL: its token, path, host or port.
+    #[tokio::test]
+    async fn a_failed_posts_outcome_holds_no_part_of_its_url() {
+        let http = reqwest::Client::new();
+        // A port nothing listens on: refused.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_port = closed.local_addr().unwrap().port();
+        drop(closed);
+        // One that takes the connection and drops it unanswered.
+        let resets = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let resets_port = resets.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = resets.accept().await {
+                drop(socket);
+            }
+        });
+        for port in [closed_port, resets_port] {
+            let url = format!("http://127.0.0.1:{port}/topic-tk_S3cr3tT0k3n?auth=tk_Qu3ryT0k3n");
+            let post = Post { id: "alert:offline:1".into(), url: url.clone(), body: "x".into(), headers: vec![] };
+            let outcome = send(&http, &post).await;
+            let text = outcome.expect_err("nothing answers");
+            for part in ["S3cr3tT0k3n", "Qu3ryT0k3n", "topic", "127.0.0.1", &port.to_string(), "http:"] {
+                assert!(!text.contains(part), "{part:?} in {text:?}");
+            }
+            assert!(!text.is_empty());
         }
     }
 }

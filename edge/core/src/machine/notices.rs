@@ -316,7 +316,7 @@ impl Edge {
         let taken = outcome.as_ref().is_ok_and(|s| (200..300).contains(s));
         let what = match &outcome {
             Ok(status) => format!("HTTP {status}"),
-            Err(e) => shared::text::truncate(e, 200).to_string(),
+            Err(e) => notify::failure_words(e),
         };
         if let Some(rest) = id.strip_prefix("callback:") {
             let Some((job_id, attempt)) = rest.rsplit_once(':') else { return effects };
