@@ -132,6 +132,14 @@ pub struct CallbackState {
 /// the setting's at each attempt, and a webhook URL may hold its token).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlertDelivery {
+    /// The condition it tells of (`kind:agent`): a post still on its way when the
+    /// condition ends is dropped, not told late ("no agent connected" with one back).
+    #[serde(default)]
+    pub key: String,
+    /// When it was decided (edge time): past [`ALERT_STALE_MS`] it is given up, however
+    /// many attempts are left (a restart a day later must not post a day-old alert).
+    #[serde(default)]
+    pub decided_at: Millis,
     pub body: String,
     pub headers: Vec<(String, String)>,
     /// Attempts made so far.
@@ -140,6 +148,23 @@ pub struct AlertDelivery {
     /// the last attempt went.
     pub next_at: Millis,
 }
+
+impl AlertDelivery {
+    /// The first attempt of `alert`'s post, made `now`.
+    pub fn new(alert: &Alert, body: String, headers: Vec<(String, String)>, now: Millis) -> AlertDelivery {
+        AlertDelivery { key: key(alert.kind, &alert.agent), decided_at: now, body, headers, attempts: 1, next_at: now.saturating_add(DELIVERY_TIMEOUT_MS) }
+    }
+
+    /// Too old to tell: decided longer ago than its attempts could take.
+    pub fn stale(&self, now: Millis) -> bool {
+        now.saturating_sub(self.decided_at) > ALERT_STALE_MS
+    }
+}
+
+/// How long an alert may wait for delivery: about its eight attempts' backoff and
+/// timeouts (6 minutes), with room for an edge restarted in between. Past it, what it
+/// says ("for 10 seconds") is no longer news but history.
+pub const ALERT_STALE_MS: Millis = 15 * 60_000;
 
 fn key(kind: AlertKind, agent: &str) -> String {
     format!("{}:{agent}", kind.as_str())
@@ -174,6 +199,9 @@ pub fn decide(state: &mut AlertState, now: Millis, observed: &[Observation], min
             }
             (false, true) => {
                 state.raised.remove(&k);
+                // Its post, if still on its way, would now say what is no longer so
+                // (and a "used up" retried after "open again" would be read last).
+                state.alert_posts.retain(|_, p| p.key != k);
                 if o.kind == AlertKind::UsageRejected {
                     send(state, AlertKind::UsageReset, &o.agent, &o.message);
                 }
@@ -250,11 +278,23 @@ pub fn failure_words(text: &str) -> String {
     let mut rest = text;
     while let Some(at) = rest.find("://") {
         let start = rest[..at].char_indices().rev().find(|(_, c)| !scheme_char(*c)).map_or(0, |(i, c)| i + c.len_utf8());
+        // A URL ends only at white space: `(`, `)`, `'` and a backtick are left as they
+        // are in its path and query, so ending it at one left what follows (the token
+        // after `cb(v2)?token=`) in the line.
         let tail = &rest[at + 3..];
-        let end = tail.find(|c: char| c.is_whitespace() || matches!(c, '(' | ')' | '"' | '\'' | '`' | '<' | '>')).unwrap_or(tail.len());
+        let run = tail.find(char::is_whitespace).unwrap_or(tail.len());
+        // Quoted or bracketed (`(https://…): refused`): the closer and the punctuation
+        // after it are kept when nothing but punctuation follows the last closer.
+        let closer = match rest[..start].chars().next_back() {
+            Some('(') => Some(')'),
+            Some('<') => Some('>'),
+            Some(c @ ('"' | '\'' | '`')) => Some(c),
+            _ => None,
+        };
+        let kept = closer.and_then(|c| tail[..run].rfind(c)).filter(|&i| !tail[i..run].chars().any(char::is_alphanumeric));
         out.push_str(&rest[..start]);
         out.push_str("<url>");
-        rest = &tail[end..];
+        rest = &tail[kept.unwrap_or(run)..];
     }
     out.push_str(rest);
     shared::text::one_line(shared::text::truncate(&out, 200))
@@ -445,6 +485,34 @@ mod tests {
         // Left out before the cut: a URL cut short would keep its start.
         let long = format!("{} https://ntfy.example/tk_S3cr3t", "x".repeat(190));
         assert!(!failure_words(&long).contains("ntfy"), "{}", failure_words(&long));
+    }
+
+    /// `(`, `)`, `'` and a backtick are left unencoded in a URL's path and query: a URL
+    /// ended at one of them left its token in the line.
+    #[test]
+    fn a_url_with_brackets_or_quotes_in_it_is_left_out_whole() {
+        for said in [
+            "TypeError: Fetch API cannot load: https://hook.example/cb(v2)?token=tk_S3cr3t",
+            "TypeError: Fetch API cannot load: https://hook.example/cb?x='a'&token=tk_S3cr3t",
+            "error (https://u:p(ss@hook.example/tk_S3cr3t): refused",
+            "error (https://hook.example/a)tk_S3cr3t: refused",
+            "'https://hook.example/it's/tk_S3cr3t'",
+        ] {
+            let words = failure_words(said);
+            assert!(!words.contains("S3cr3t") && !words.contains("hook"), "{said} -> {words}");
+        }
+        assert_eq!(failure_words("error (https://h/x(1)): refused"), "error (<url>): refused");
+        // Any mix of text, brackets and wide characters: no panic.
+        let parts = ["://", "é", "😀", "(", ")", " ", "h", "'", "\n"];
+        for a in parts {
+            for b in parts {
+                for c in parts {
+                    for d in parts {
+                        let _ = failure_words(&format!("{a}{b}{c}{d}"));
+                    }
+                }
+            }
+        }
     }
 
     #[test]

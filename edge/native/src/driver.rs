@@ -72,11 +72,12 @@ async fn send(http: &reqwest::Client, delivery: &edge_core::machine::Post) -> ed
 /// the words of the layers below, which may name the host (a TLS error does).
 fn failure(e: reqwest::Error) -> String {
     let timeout = e.is_timeout();
+    let connect = e.is_connect();
     let e = e.without_url();
     let mut why = None;
     let mut cause = std::error::Error::source(&e);
     while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>().filter(|io| io.kind() != std::io::ErrorKind::Other) {
+        if let Some(io) = c.downcast_ref::<std::io::Error>().filter(|io| said_plainly(io.kind())) {
             why = Some(io.kind().to_string());
         } else if let Some(http) = c.downcast_ref::<hyper::Error>() {
             // Its own words only, not its source's.
@@ -87,8 +88,20 @@ fn failure(e: reqwest::Error) -> String {
     match (timeout, why) {
         (true, _) => format!("{e}: timed out"),
         (false, Some(why)) => format!("{e}: {why}"),
+        // A name that does not resolve is an I/O error of no kind std names ("uncategorized
+        // error" said nothing); the connector's words would name the host.
+        (false, None) if connect => format!("{e}: could not connect (is the host's name right, and does it resolve here? its port open? its TLS certificate valid?)"),
         (false, None) => e.to_string(),
     }
+}
+
+/// The I/O error kinds whose name says what happened on a connection.
+fn said_plainly(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        kind,
+        ConnectionRefused | ConnectionReset | ConnectionAborted | NotConnected | AddrNotAvailable | BrokenPipe | TimedOut | UnexpectedEof | HostUnreachable | NetworkUnreachable | NetworkDown | PermissionDenied
+    )
 }
 
 /// The machine's callers, as channels.

@@ -140,8 +140,9 @@ impl Edge {
         self.expire_logins(now, &mut effects);
         self.lift_usage_holds(now, &mut effects);
         self.settle_queue(now, &mut effects);
-        self.retry_notices(now, &mut effects);
+        // Observed first: a condition that ended drops its alert still on its way.
         self.observe(now, &mut effects);
+        self.retry_notices(now, &mut effects);
 
         while let Some((finished_at, _)) = self.retained.first() {
             if finished_at.saturating_add(self.cfg.job_retention_ms) > now.at {

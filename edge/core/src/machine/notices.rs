@@ -41,7 +41,7 @@ impl Edge {
                 let id = self.alert_post_id(alert.kind);
                 // Kept until it is taken or given up: its condition is raised now, so it
                 // is not decided again.
-                let delivery = AlertDelivery { body, headers, attempts: 1, next_at: now.at + notify::DELIVERY_TIMEOUT_MS };
+                let delivery = AlertDelivery::new(&alert, body, headers, now.at);
                 effects.push(Effect::Post(Post { id: id.clone(), url: url.clone(), body: delivery.body.clone(), headers: delivery.headers.clone() }));
                 self.alerts.alert_posts.insert(id, delivery);
             }
@@ -276,6 +276,15 @@ impl Edge {
                 continue;
             };
             let post = self.alerts.alert_posts.get_mut(&id).expect("listed above");
+            if post.stale(now.at) {
+                warn!(delivery = %id, attempts = post.attempts, "alert given up: decided too long ago to be news (the edge was down meanwhile?); decided again if still so");
+                // Never told: its condition is looked at afresh, and told in today's words
+                // if it still holds.
+                let key = post.key.clone();
+                self.alerts.raised.remove(&key);
+                self.alerts.alert_posts.remove(&id);
+                continue;
+            }
             if post.attempts >= notify::MAX_ATTEMPTS {
                 warn!(delivery = %id, attempts = post.attempts, "alert given up: no answer");
                 self.alerts.alert_posts.remove(&id);

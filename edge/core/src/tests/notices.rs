@@ -346,3 +346,36 @@ fn a_callback_host_may_be_an_internationalised_name() {
         assert!(err.contains("is not allowed") && err.contains("CALLBACK_HOSTS"), "{refused}: {err}");
     }
 }
+
+/// An alert whose post failed, and whose condition ended before its retry (the edge
+/// restarted meanwhile), is dropped: "no agent connected" is not posted with one back.
+#[test]
+fn an_alert_on_its_way_is_dropped_once_its_condition_ends() {
+    let mut edge = Edge::new(notifying(), 0);
+    let first = posts(&edge.tick(10_000))[0].clone();
+    let stored = saved_alerts(&edge.posted(10_100, &first.id, Ok(502))).unwrap();
+    let (mut edge, _) = Edge::restore(notifying(), vec![], vec![], Some(stored), 11_000);
+    join(&mut edge, 11_500, "spark", &agent_key(1), vec![], 1);
+    assert!(edge.health(11_600).agents.iter().all(|a| a.connected));
+    let again = posts(&edge.tick(12_100));
+    assert!(again.is_empty(), "'no agent connected' posted while one is: {:?}", again.iter().map(|p| &p.body).collect::<Vec<_>>());
+    assert_eq!(edge.alert_posts_pending(), 0);
+}
+
+/// An alert decided long before a restart is not posted after it as news; its condition,
+/// still true, is decided again and told afresh.
+#[test]
+fn an_alert_decided_a_day_before_a_restart_is_decided_again_not_posted_stale() {
+    let mut edge = Edge::new(notifying(), 0);
+    let first = posts(&edge.tick(10_000))[0].clone();
+    let stored = saved_alerts(&edge.posted(10_100, &first.id, Ok(502))).unwrap();
+    let day = 86_400_000;
+    let (mut edge, _) = Edge::restore(notifying(), vec![], vec![], Some(stored), 10_000 + day);
+    let effects = edge.tick(10_000 + day);
+    assert!(posts(&effects).is_empty(), "a day-old alert posted: {:?}", posts(&effects).iter().map(|p| &p.body).collect::<Vec<_>>());
+    let stored = saved_alerts(&effects).expect("the stale post's end is stored");
+    assert!(stored.alert_posts.is_empty() && !stored.raised.iter().any(|k| k.starts_with("offline")), "{stored:?}");
+    // Still no agent: told again, as news of now.
+    let fresh = posts(&edge.tick(10_000 + day + 1_000));
+    assert_eq!(fresh.len(), 1, "the offline alert decided again");
+}
