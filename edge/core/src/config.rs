@@ -49,6 +49,10 @@ pub struct Config {
     pub max_retained_jobs: usize,
     /// …and at most this many bytes of their records, about.
     pub max_retained_bytes: u64,
+    /// The bytes of the jobs not ended yet (queued, sent, running), about: memory keeps
+    /// them whole, so past this a submission gets 429 (a caller with its own secret, past
+    /// half of it). At least `max_body_bytes`, so one job always fits.
+    pub max_pending_bytes: u64,
     pub edge_version: String,
     /// Where this pool's alerts are posted (an ntfy topic URL, or any webhook taking a
     /// POST): `NOTIFY_URL_<POOL>`, else `NOTIFY_URL`.
@@ -113,6 +117,9 @@ pub enum ConfigError {
     /// Refused rather than raised without a word: the edge would not do what was set.
     #[error("{name} must be at least {min} {unit}, got {value}: {why}; set it between {min} and {max} (unset, it is {default})")]
     TooSmall { name: String, value: u64, min: u64, max: u64, default: u64, unit: &'static str, why: &'static str },
+    /// Two settings that cannot both hold: named as set, with what to change.
+    #[error("{body} ({body_value}) is more than {pending} ({pending_value}): a job that large could never be queued; set {pending} to at least {body_value}, or lower {body}")]
+    BodyPastPending { body: String, body_value: u64, pending: String, pending_value: u64 },
     #[error("{name}: {error}")]
     PoolKeys { name: String, error: keys::KeyError },
     #[error("{0} is not set: every pool in POOLS needs its own callers' secret and agents; set it (e.g. with `wrangler secret put {0}`)")]
@@ -280,6 +287,10 @@ pub const DEFAULT_MAX_RETAINED_JOBS: usize = 10_000;
 /// Records of up to ~2 MiB each (a result, its diff, the task): 1 GiB is 500 of the
 /// largest, and far under a Durable Object's storage.
 pub const DEFAULT_MAX_RETAINED_BYTES: u64 = 1024 * 1024 * 1024;
+/// Jobs not ended are kept whole in memory, and a restart loads them all before it serves:
+/// 32 MiB of tasks, with the copies made while they are saved, keep a Durable Object
+/// (128 MB) well inside its memory.
+pub const DEFAULT_MAX_PENDING_BYTES: u64 = 32 * 1024 * 1024;
 
 impl Config {
     /// Whether `caller` has its own secret (`RUNNER_SECRETS`): the pool's secret may not
@@ -353,6 +364,24 @@ impl Config {
                 return Err(ConfigError::AdminSecretShared);
             }
         }
+        let max_body_bytes = bounded("MAX_BODY_BYTES", "bytes", DEFAULT_MAX_BODY_BYTES as u64, 64 * 1024 * 1024)?;
+        let max_pending_bytes = between(
+            "MAX_PENDING_BYTES",
+            "bytes",
+            DEFAULT_MAX_PENDING_BYTES,
+            1 << 20,
+            1 << 40,
+            "less would hold only a few jobs' tasks at once",
+        )?;
+        // One job of the largest body must fit, or it could never be queued.
+        if max_body_bytes > max_pending_bytes {
+            return Err(ConfigError::BodyPastPending {
+                body: own_name("MAX_BODY_BYTES"),
+                body_value: max_body_bytes,
+                pending: own_name("MAX_PENDING_BYTES"),
+                pending_value: max_pending_bytes,
+            });
+        }
         let nothing_queued = "0 would refuse every job with 429";
         let max_queued_jobs = between("MAX_QUEUED_JOBS", "jobs", DEFAULT_MAX_QUEUED_JOBS as u64, 1, 100_000, nothing_queued)? as usize;
         Ok(Config {
@@ -381,7 +410,7 @@ impl Config {
                 WEEK_MS,
                 "shorter, no job would have the time to start Claude",
             )?,
-            max_body_bytes: bounded("MAX_BODY_BYTES", "bytes", DEFAULT_MAX_BODY_BYTES as u64, 64 * 1024 * 1024)? as usize,
+            max_body_bytes: max_body_bytes as usize,
             job_retention_ms: between(
                 "JOB_RETENTION_MS",
                 "milliseconds",
@@ -409,6 +438,7 @@ impl Config {
                 1 << 40,
                 "less would keep little more than the result of the job that ended last",
             )?,
+            max_pending_bytes,
             edge_version: env!("CARGO_PKG_VERSION").to_string(),
             notify_url: match own("NOTIFY_URL") {
                 Some(url) if url.starts_with("https://") || url.starts_with("http://") => Some(url),
@@ -488,11 +518,12 @@ mod tests {
     /// and taken as set at the floor itself. A zero queue cap refused every job with 429.
     #[test]
     fn a_setting_below_its_floor_is_refused_not_raised() {
-        let floors: [(&str, &str, u64); 7] = [
+        let floors: [(&str, &str, u64); 8] = [
             ("JOB_RETENTION_MS", "milliseconds", 1_000),
             ("HEARTBEAT_INTERVAL_MS", "milliseconds", 100),
             ("MAX_TIMEOUT_MS", "milliseconds", 1_000),
             ("MAX_RETAINED_BYTES", "bytes", 1 << 20),
+            ("MAX_PENDING_BYTES", "bytes", 1 << 20),
             ("MAX_QUEUED_JOBS", "jobs", 1),
             ("MAX_QUEUED_PER_CALLER", "jobs", 1),
             ("MAX_RETAINED_JOBS", "jobs", 1),
@@ -522,6 +553,29 @@ mod tests {
         };
         let err = Config::for_pool(pooled, "gpu").unwrap_err().to_string();
         assert!(err.starts_with("MAX_QUEUED_JOBS_GPU must be at least 1 jobs, got 0"), "{err}");
+    }
+
+    /// The jobs not ended are held to `MAX_PENDING_BYTES`; a body larger than that could
+    /// never be queued, so such a pair of settings is refused at the start, naming both as
+    /// set and what to set — a pool's own included.
+    #[test]
+    fn the_largest_body_must_fit_the_bytes_of_jobs_not_ended() {
+        let cfg = Config::from_lookup(lookup(&[])).unwrap();
+        assert_eq!(cfg.max_pending_bytes, DEFAULT_MAX_PENDING_BYTES);
+        assert!(cfg.max_pending_bytes >= cfg.max_body_bytes as u64);
+        let err = Config::from_lookup(lookup(&[("MAX_BODY_BYTES", "67108864")])).unwrap_err().to_string();
+        assert!(
+            err.starts_with("MAX_BODY_BYTES (67108864) is more than MAX_PENDING_BYTES (33554432)")
+                && err.contains("set MAX_PENDING_BYTES to at least 67108864, or lower MAX_BODY_BYTES"),
+            "{err}"
+        );
+        let both = Config::from_lookup(lookup(&[("MAX_BODY_BYTES", "67108864"), ("MAX_PENDING_BYTES", "67108864")])).unwrap();
+        assert_eq!((both.max_body_bytes, both.max_pending_bytes), (64 << 20, 64 << 20));
+        let pools = two_pools(&[("MAX_PENDING_BYTES_GPU", "2097152"), ("MAX_BODY_BYTES_TEAM_B", "40000000")]);
+        assert_eq!(Config::for_pool(&pools, "gpu").unwrap().max_pending_bytes, 2 << 20);
+        assert_eq!(Config::for_pool(&pools, "default").unwrap().max_pending_bytes, DEFAULT_MAX_PENDING_BYTES);
+        let err = Config::for_pool(&pools, "team-b").unwrap_err().to_string();
+        assert!(err.starts_with("MAX_BODY_BYTES_TEAM_B (40000000) is more than MAX_PENDING_BYTES (33554432)"), "{err}");
     }
 
     /// An agent heartbeats at most every 10 minutes, whatever its welcome says (it takes an

@@ -551,6 +551,7 @@ pub fn config(data: &[u8]) {
         "TIMEOUT_MARGIN_MS",
         "SSE_KEEPALIVE_MS",
         "MAX_QUEUED_PER_CALLER",
+        "MAX_PENDING_BYTES",
         "POOLS",
         "RUNNER_SECRET_GPU",
         "AGENT_PUBLIC_KEYS_GPU",

@@ -105,6 +105,9 @@ impl Edge {
         job.wait_for_usage = submission.wait_for_usage;
         job.callback_url = submission.callback_url;
         job.caller_proven = submission.caller_proven;
+        if let Some(refused) = self.pending_full(&job) {
+            return Err(refused);
+        }
         if let Some(slot) = job.idempotency_slot() {
             self.idempotency.insert(slot, job_id.clone());
         }
@@ -325,6 +328,7 @@ impl Edge {
         let ended = super::retained_entry(&job);
         self.active.remove(job_id);
         self.queue.remove(job_id);
+        self.pending.remove(job_id);
         self.drop_backlog(job_id);
         self.count_retained(&job, true);
         *self.stats_mut().finished.entry(job.state.as_str()).or_default() += 1;

@@ -34,6 +34,7 @@ mod callers;
 mod deadlines;
 mod jobs;
 mod operator;
+mod pending;
 mod login;
 mod notices;
 mod sessions;
@@ -129,6 +130,9 @@ pub struct Edge {
     queue: FairQueue,
     /// Dispatched or running job ids.
     active: BTreeSet<String>,
+    /// The bytes of the jobs in `queue` and `active`, which memory keeps whole:
+    /// `MAX_PENDING_BYTES` bounds them ([`Edge::pending_full`]).
+    pending: pending::Pending,
     /// Finished job ids in the order their retention ends (when each ended, then its id).
     retained: BTreeSet<(Millis, String)>,
     /// Retained jobs by owner ([`share_of`]), each owner's in the same order, and their
@@ -177,6 +181,7 @@ impl Edge {
             jobs: HashMap::new(),
             queue: FairQueue::default(),
             active: BTreeSet::new(),
+            pending: pending::Pending::default(),
             retained: BTreeSet::new(),
             retained_by: BTreeMap::new(),
             to_stow: Vec::new(),
@@ -302,6 +307,7 @@ impl Edge {
             JobState::Queued => self.enqueue(job),
             JobState::Dispatched | JobState::Running => {
                 self.active.insert(job.id.clone());
+                self.pending.add(job);
             }
             _ => self.count_retained(job, true),
         }
@@ -348,8 +354,10 @@ impl Edge {
         }
     }
 
-    /// Queues a job in its caller's lane, where its priority and age put it.
+    /// Queues a job in its caller's lane, where its priority and age put it, counting it
+    /// among the jobs not ended (once: a job queued again was counted when it came).
     fn enqueue(&mut self, job: &Job) {
+        self.pending.add(job);
         let expires_at = job.created_at.saturating_add(job.queue_wait(self.cfg.queue_ttl_ms));
         self.queue.push(&job.id, job.placement.caller(), job.placement.priority, job.created_at, expires_at);
     }
@@ -358,6 +366,7 @@ impl Edge {
     fn unindex(&mut self, job: &Job) {
         self.queue.remove(&job.id);
         self.active.remove(&job.id);
+        self.pending.remove(&job.id);
         self.count_retained(job, false);
         if let Some(slot) = job.idempotency_slot() {
             if self.idempotency.get(&slot) == Some(&job.id) {

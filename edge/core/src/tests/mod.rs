@@ -10,12 +10,14 @@
 //! - [`login`]: work held or refused for the login and the usage window; the re-login relay;
 //! - [`notices`]: alerts and result callbacks through the machine;
 //! - [`routing`]: many agents: labels, affinity, callers' turns, pause, health.
+//! - [`pending`]: the bytes of the jobs not ended yet, held to `MAX_PENDING_BYTES`.
 
 mod hostile;
 mod hosts;
 mod login;
 mod model;
 mod notices;
+mod pending;
 mod recovery;
 mod routing;
 mod stop;
@@ -95,6 +97,7 @@ pub(super) fn config() -> Config {
         timeout_margin_ms: 1_000,
         max_retained_jobs: 1_000,
         max_retained_bytes: 64 * 1024 * 1024,
+        max_pending_bytes: crate::config::DEFAULT_MAX_PENDING_BYTES,
         edge_version: "test".into(),
         notify_url: None,
         oauth_warn_hours: 24.0,

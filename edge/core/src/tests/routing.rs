@@ -8,10 +8,10 @@ use crate::record::Job;
 use proptest::prelude::*;
 use shared::placement::parse_labels;
 
-const A_SECRET: &str = "caller-a-secret-0123456789";
-const B_SECRET: &str = "caller-b-secret-0123456789";
+pub(super) const A_SECRET: &str = "caller-a-secret-0123456789";
+pub(super) const B_SECRET: &str = "caller-b-secret-0123456789";
 
-fn pool_config() -> Config {
+pub(super) fn pool_config() -> Config {
     Config {
         caller_secrets: vec![("a".into(), A_SECRET.into()), ("b".into(), B_SECRET.into())],
         max_queued_jobs: 1_000,
@@ -48,7 +48,7 @@ fn three_agents() -> Config {
     }
 }
 
-fn request(edge: &mut Edge, now: u64, secret: &str, method: &str, path: &str, body: Value) -> Handled {
+pub(super) fn request(edge: &mut Edge, now: u64, secret: &str, method: &str, path: &str, body: Value) -> Handled {
     let req = Request {
         method: method.into(),
         path: path.into(),
@@ -61,7 +61,7 @@ fn request(edge: &mut Edge, now: u64, secret: &str, method: &str, path: &str, bo
     http::handle(edge, now, [now as u8; 16], req)
 }
 
-fn answer(h: &Handled) -> (u16, Value) {
+pub(super) fn answer(h: &Handled) -> (u16, Value) {
     answer_to(&h.effects, h.caller).expect("answered")
 }
 

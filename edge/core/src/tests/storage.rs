@@ -331,3 +331,47 @@ fn forgetting_a_keyed_job_or_its_key_is_undone_with_a_failed_write() {
     let made = host.edge.submit(3_000, "j2".into(), keyed(), Mode::Detached).unwrap();
     assert!(!made.existing);
 }
+
+/// The bytes of the jobs not ended (`MAX_PENDING_BYTES`) are put back with a failed
+/// write: a submission undone frees its bytes, a result or a cancel undone takes the job's
+/// bytes back. Counted wrong, either would leave room the edge does not have, or refuse
+/// jobs for room it has.
+#[test]
+fn the_bytes_of_jobs_not_ended_are_put_back_with_a_failed_write() {
+    // Room for two jobs of a 3,000-byte task (3,512 bytes each), not three.
+    let cfg = Config { max_pending_bytes: 8_000, max_body_bytes: 8_192, max_queued_jobs: 100, ..config() };
+    let mut host = Host::new(Edge::new(cfg, 0));
+    let (sid, out) = join(&mut host.edge, 0, "spark", &agent_key(1), vec![], 1);
+    host.carry_out(0, out);
+    host.say(0, &sid, credit(1, 0));
+    let task = json!({"prompt": "x".repeat(3_000), "timeout_ms": 60_000});
+    let status = |out: &[Effect], caller| answer_to(out, caller).map(|(status, _)| status);
+
+    host.failing = true;
+    let (caller, out) = host.call(1, "POST", "/jobs", task.clone());
+    assert_eq!(status(&out, caller), Some(500));
+    host.failing = false;
+    let (caller, out) = host.call(2, "POST", "/jobs", task.clone());
+    assert_eq!(status(&out, caller), Some(202), "the undone submission holds no bytes");
+    let running = order_of(&out, &sid, "spark", 2).header.job_id;
+    let (caller, out) = host.call(3, "POST", "/jobs", task.clone());
+    assert_eq!(status(&out, caller), Some(202));
+    let (caller, out) = host.call(4, "POST", "/jobs", task.clone());
+    assert_eq!(status(&out, caller), Some(429), "two fit, three do not");
+    let waiting = host.stored.keys().find(|id| **id != running).unwrap().clone();
+
+    // A result and a cancel that cannot be stored: both jobs are back, with their bytes.
+    host.failing = true;
+    let msg = result_msg(&host.edge, &running, ok_result());
+    host.say(5, &sid, msg);
+    let (caller, out) = host.call(6, "DELETE", &format!("/jobs/{waiting}"), Value::Null);
+    assert_eq!(status(&out, caller), Some(500));
+    host.failing = false;
+    assert_eq!(host.edge.job(&running).unwrap().state, JobState::Dispatched);
+    let (caller, out) = host.call(7, "POST", "/jobs", task.clone());
+    assert_eq!(status(&out, caller), Some(429), "the jobs not ended are still counted");
+    let (caller, out) = host.call(8, "DELETE", &format!("/jobs/{waiting}"), Value::Null);
+    assert_eq!(status(&out, caller), Some(202));
+    let (caller, out) = host.call(9, "POST", "/jobs", task);
+    assert_eq!(status(&out, caller), Some(202), "a stored cancel frees the bytes");
+}

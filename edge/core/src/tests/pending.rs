@@ -1,0 +1,124 @@
+//! The bytes of the jobs not ended yet — queued, sent, running — which memory keeps whole
+//! and a restore loads whole: held to `MAX_PENDING_BYTES` (half of it for a caller with
+//! its own secret), counted as jobs come, end, are cancelled, and come back at a restore.
+
+use super::routing::{answer, pool_config, request, A_SECRET, B_SECRET};
+use super::*;
+
+/// A task of `prompt_bytes`: a job of 512 bytes more ([`crate::record::Job::approximate_bytes`]).
+fn task(prompt_bytes: usize) -> Value {
+    json!({"prompt": "x".repeat(prompt_bytes), "timeout_ms": 60_000})
+}
+
+/// Room for two jobs of a 3,000-byte task (3,512 bytes each), not three.
+fn bounded() -> Config {
+    Config { max_pending_bytes: 10_000, max_body_bytes: 8_192, max_queued_jobs: 100, ..config() }
+}
+
+/// The refusal of a submission past the bound: 429 `RUNNER_BUSY` (as every busy refusal:
+/// retryable, no `fallback`), naming the setting.
+fn assert_refused(h: &http::Handled, names: &str) {
+    let (status, body) = answer_to(&h.effects, h.caller).expect("answered at once");
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error_code"], "RUNNER_BUSY", "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("MAX_PENDING_BYTES") && error.contains(names) && error.contains("retry when"), "{error}");
+}
+
+fn queued(edge: &mut Edge, now: u64, body: Value) -> String {
+    let h = call(edge, now, "POST", "/jobs", body);
+    let (status, body) = answer_to(&h.effects, h.caller).expect("answered");
+    assert_eq!(status, 202, "{body}");
+    body["job_id"].as_str().unwrap().to_string()
+}
+
+/// ~100 `POST /jobs` of 1 MiB prompts kept ~100 MiB of tasks in a Durable Object's memory
+/// (128 MB), and every event after loaded them all again: the pool was down until its
+/// storage was wiped. Past `MAX_PENDING_BYTES` a submission is refused, `/execute` too; a
+/// cancel and a job's end make room again.
+#[test]
+fn the_bytes_of_jobs_not_ended_are_bounded() {
+    let mut edge = Edge::new(bounded(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &sid, credit(1, 0));
+    let running = queued(&mut edge, 1, task(3_000));
+    assert_eq!(edge.job(&running).unwrap().state, JobState::Dispatched, "sent jobs count too");
+    let waiting = queued(&mut edge, 2, task(3_000));
+    assert_eq!(edge.job(&waiting).unwrap().state, JobState::Queued);
+    assert_refused(&call(&mut edge, 3, "POST", "/jobs", task(3_000)), "run the task elsewhere");
+    assert_refused(&call(&mut edge, 3, "POST", "/execute", task(3_000)), "run the task elsewhere");
+    // A task that still fits is taken: the bound is on bytes, not jobs.
+    let small = queued(&mut edge, 4, task(2_000));
+    assert_refused(&call(&mut edge, 4, "POST", "/jobs", task(100)), "MAX_PENDING_BYTES (10000)");
+
+    // A cancelled job makes room.
+    edge.cancel(5, &small).unwrap();
+    let again = queued(&mut edge, 6, task(2_000));
+    assert_refused(&call(&mut edge, 6, "POST", "/jobs", task(100)), "run the task elsewhere");
+    // So does a job's end; once ended, what memory keeps of it is its header, outside the
+    // bound (MAX_RETAINED_BYTES keeps those).
+    report(&mut edge, 7, &sid, &running, ok_result());
+    assert_eq!(edge.job(&running).unwrap().state, JobState::Succeeded);
+    queued(&mut edge, 8, task(3_000));
+    assert_refused(&call(&mut edge, 8, "POST", "/jobs", task(3_000)), "run the task elsewhere");
+    for id in [waiting, again] {
+        edge.cancel(9, &id).unwrap();
+    }
+    queued(&mut edge, 10, task(3_000));
+}
+
+/// A caller with its own secret holds half the bound at most, so it cannot take it all and
+/// leave the others refused; the pool secret's jobs (its holder is the operator) are held
+/// to the whole bound alone.
+#[test]
+fn a_caller_with_its_own_secret_holds_half_the_bound() {
+    let mut edge = Edge::new(Config { max_pending_bytes: 10_000, max_body_bytes: 8_192, ..pool_config() }, 0);
+    let job = |edge: &mut Edge, now: u64, secret: &str, body: Value| {
+        let h = request(edge, now, secret, "POST", "/jobs", body);
+        answer(&h)
+    };
+    assert_eq!(job(&mut edge, 1, A_SECRET, task(3_000)).0, 202);
+    let h = request(&mut edge, 2, A_SECRET, "POST", "/jobs", task(3_000));
+    let (status, body) = answer(&h);
+    assert_eq!((status, body["error_code"].as_str()), (429, Some("RUNNER_BUSY")), "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("caller `a`") && error.contains("half of MAX_PENDING_BYTES (5000)"), "{error}");
+    // The other callers still may: b with its own share, the pool's secret up to the whole.
+    assert_eq!(job(&mut edge, 3, B_SECRET, task(3_000)).0, 202);
+    assert_eq!(job(&mut edge, 4, SECRET, json!({"prompt": "x".repeat(2_000), "caller": "nightly"})).0, 202);
+    let (status, body) = job(&mut edge, 5, SECRET, task(1_000));
+    assert_eq!(status, 429, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("MAX_PENDING_BYTES (10000)"), "{body}");
+}
+
+/// A restore loads the jobs not ended and counts them, sent ones included; the queued
+/// `/execute` jobs it ends (their callers are gone) count no more.
+#[test]
+fn a_restore_counts_the_jobs_not_ended() {
+    let cfg = Config { max_pending_bytes: 12_000, ..bounded() };
+    let mut edge = Edge::new(cfg.clone(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    say(&mut edge, 0, &sid, credit(1, 0));
+    let prompt = "x".repeat(3_000);
+    let mut saved = std::collections::HashMap::new();
+    for (id, mode) in [("sent", Mode::Detached), ("waiting", Mode::Detached), ("execute", Mode::Wait)] {
+        for e in edge.submit(1, id.into(), submission(&prompt, 60_000, None), mode).unwrap().effects {
+            if let Effect::Save(job) = e {
+                saved.insert(job.id.clone(), *job);
+            }
+        }
+    }
+    assert_eq!(edge.job("sent").unwrap().state, JobState::Dispatched);
+    assert!(edge.submit(2, "fourth".into(), submission(&prompt, 60_000, None), Mode::Detached).is_err());
+
+    let (mut edge, _) = Edge::restore(cfg, saved.into_values().collect(), vec![], None, 100);
+    assert!(edge.job("execute").unwrap().state.is_terminal(), "a queued /execute job ends at a restore");
+    // 2 × 3,512 bytes are left: one more fits, and then no more.
+    edge.submit(101, "after".into(), submission(&prompt, 60_000, None), Mode::Detached).unwrap();
+    let refused = edge.submit(102, "past".into(), submission(&prompt, 60_000, None), Mode::Detached).unwrap_err();
+    assert_eq!((refused.status, refused.body.error_code), (429, shared::contract::ErrorCode::RunnerBusy));
+    assert!(refused.body.error.contains("MAX_PENDING_BYTES"), "{}", refused.body.error);
+    // The restored jobs' ends free their bytes as a new job's does.
+    edge.cancel(103, "waiting").unwrap();
+    edge.submit(104, "then".into(), submission(&prompt, 60_000, None), Mode::Detached).unwrap();
+}
