@@ -10,6 +10,7 @@
 //! - [`storage`]: what a failed store write means: the event is undone, then decided on.
 //! - [`stop`]: a clean stop: what each waiting caller is told, and which jobs end.
 //! - [`operator`]: pausing and resuming agents.
+//! - [`pending`]: the bytes of the jobs not ended yet, held to `MAX_PENDING_BYTES`.
 //! - [`spent`]: the idempotency keys of jobs the caps forgot, kept until their retention
 //!   ends, so a repeat is told the job ran rather than running it again.
 //! - [`views`]: health, login status, the jobs list, metrics, the pool's summary for
