@@ -359,6 +359,36 @@ async fn oversized_bodies_are_413(kind: EdgeKind) {
     // (Without the secret the body is not even read: see no_body_is_read_before_auth.)
 }
 
+/// The jobs not ended are kept whole in the edge's memory, and loaded whole at its start:
+/// ~100 `POST /jobs` of 1 MiB prompts ran a Worker pool's Durable Object out of memory at
+/// every event after. Past `MAX_PENDING_BYTES` a submission is refused `429 RUNNER_BUSY`
+/// saying so, after a restart too; a cancel makes room.
+async fn jobs_not_ended_are_held_to_max_pending_bytes(kind: EdgeKind) {
+    let keys = Keys::new(&["spark"]);
+    // No agent: the jobs wait. 1 MiB holds two of these tasks (about 400 KB each), not three.
+    let mut edge = EdgeServer::start(kind, &keys, &[("MAX_PENDING_BYTES", "1048576")]);
+    let client = Client::new(&edge.url());
+    let task = json!({"prompt": "x".repeat(400_000)});
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let a = client.submit(task.clone()).await;
+        assert_eq!(a.status, 202, "{}", a.text);
+        waiting.push(a.body["job_id"].as_str().unwrap().to_string());
+    }
+    let refused = |a: &Answer| {
+        assert_eq!(a.status, 429, "{}", a.text);
+        assert_eq!(a.body["error_code"], "RUNNER_BUSY", "{}", a.text);
+        assert!(a.body["error"].as_str().unwrap().contains("MAX_PENDING_BYTES (1048576)"), "{}", a.text);
+    };
+    refused(&client.submit(task.clone()).await);
+    // Restarted, the edge counts the jobs it loads.
+    edge.restart();
+    refused(&client.submit(task.clone()).await);
+    let cancelled = client.send("DELETE", &format!("/jobs/{}", waiting[0]), Some(SECRET), None).await;
+    assert_eq!(cancelled.status, 202, "{}", cancelled.text);
+    assert_eq!(client.submit(task).await.status, 202, "a cancel makes room");
+}
+
 async fn a_timeout_kills_claude_and_its_children(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     let pidfile = s.agent.data.path().join("child.pid");
@@ -1804,6 +1834,7 @@ contract!(
     secrets_are_checked,
     bad_requests_are_400,
     oversized_bodies_are_413,
+    jobs_not_ended_are_held_to_max_pending_bytes,
     a_timeout_kills_claude_and_its_children,
     claude_errors_are_failures,
     an_auth_failure_says_log_in_again,
