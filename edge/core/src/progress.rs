@@ -4,7 +4,7 @@
 //! chunk is made here.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// One SSE chunk. Shared, not copied: the backlog and every follower's queue hold the
@@ -23,6 +23,17 @@ pub const MAX_FOLLOWERS_PER_CALLER: usize = MAX_FOLLOWERS / 2;
 /// How far a follower may fall behind — bytes queued for its connection that it has not
 /// taken — before it is dropped: the whole backlog it is sent on joining, and 1 MiB.
 pub const MAX_FOLLOWER_LAG_BYTES: usize = MAX_BACKLOG_BYTES + 1024 * 1024;
+
+/// How far all followers together may be behind — the bytes queued for their connections
+/// and not taken — before the one whose next chunk would pass it is cut: one job's whole
+/// set of followers, each as far behind as it may be. Without it 64 followers of 64 jobs
+/// could hold 192 MiB, past a Worker isolate's 128 MB. (A chunk queued for many followers
+/// of one job is held once and counted for each: the bound is on more than the memory.)
+/// Counted per process — on the Worker per isolate, whose memory every object in it shares.
+pub const MAX_FOLLOWERS_LAG_BYTES: usize = MAX_FOLLOWERS_PER_JOB * MAX_FOLLOWER_LAG_BYTES;
+
+/// The bytes queued for every follower of this process ([`MAX_FOLLOWERS_LAG_BYTES`]).
+static FOLLOWERS_LAG: AtomicUsize = AtomicUsize::new(0);
 
 /// Progress kept per running job for followers who join late: the newest events, up to
 /// these bounds (the older ones are dropped, and the stream says how many).
@@ -82,33 +93,88 @@ pub fn restart_chunk(job_id: &str) -> String {
 }
 
 /// How far one follower's connection is behind: what its host queued for it and the
-/// connection has not taken yet. The host counts every chunk in and out; a follower that
-/// stops reading comes past [`MAX_FOLLOWER_LAG_BYTES`] and is dropped, so its queue stays
-/// bounded.
+/// connection has not taken yet, counted in the followers' total too. The host counts every
+/// chunk in and out; a follower that stops reading comes past [`MAX_FOLLOWER_LAG_BYTES`],
+/// or finds all followers past [`MAX_FOLLOWERS_LAG_BYTES`], and is dropped, so the queues
+/// stay bounded. What a connection gone leaves queued leaves the total with it.
 #[derive(Debug, Clone, Default)]
-pub struct Lag(Arc<(AtomicUsize, AtomicBool)>);
+pub struct Lag(Arc<LagState>);
+
+#[derive(Debug)]
+struct LagState {
+    queued: AtomicUsize,
+    /// Why it was cut, if it was: [`BEHIND`] or [`CROWDED`].
+    cut: AtomicU8,
+    /// All followers' bytes queued, this one's included.
+    total: &'static AtomicUsize,
+}
+
+const BEHIND: u8 = 1;
+const CROWDED: u8 = 2;
+
+impl Default for LagState {
+    fn default() -> Self {
+        LagState { queued: AtomicUsize::new(0), cut: AtomicU8::new(0), total: &FOLLOWERS_LAG }
+    }
+}
+
+impl Drop for LagState {
+    /// Its host and its connection both let go of it: what was queued and never taken is
+    /// freed with the queue.
+    fn drop(&mut self) {
+        let left = *self.queued.get_mut();
+        self.total.fetch_sub(left.min(self.total.load(Ordering::Relaxed)), Ordering::Relaxed);
+    }
+}
 
 impl Lag {
-    /// A chunk of `bytes` is queued for the connection. `false`: the follower is too far
-    /// behind; drop it instead of queueing more (it is marked [`Lag::cut`]).
+    /// A lag counted in `total` rather than the process's: tests' own.
+    #[cfg(test)]
+    fn within(total: &'static AtomicUsize) -> Lag {
+        Lag(Arc::new(LagState { queued: AtomicUsize::new(0), cut: AtomicU8::new(0), total }))
+    }
+
+    /// A chunk of `bytes` is to be queued for the connection. `false`: the follower is too
+    /// far behind, or all followers together are; drop it instead of queueing this (it is
+    /// marked [`Lag::cut`], and [`Lag::farewell`] says why).
     pub fn queued(&self, bytes: usize) -> bool {
-        let within = self.0 .0.fetch_add(bytes, Ordering::Relaxed).saturating_add(bytes) <= MAX_FOLLOWER_LAG_BYTES;
-        if !within {
-            self.0 .1.store(true, Ordering::Relaxed);
-        }
-        within
+        let own = self.0.queued.fetch_add(bytes, Ordering::Relaxed).saturating_add(bytes);
+        let all = self.0.total.fetch_add(bytes, Ordering::Relaxed).saturating_add(bytes);
+        let why = match () {
+            _ if own > MAX_FOLLOWER_LAG_BYTES => BEHIND,
+            _ if all > MAX_FOLLOWERS_LAG_BYTES => CROWDED,
+            _ => return true,
+        };
+        // Not queued: not counted.
+        self.taken(bytes);
+        self.0.cut.store(why, Ordering::Relaxed);
+        false
     }
 
     /// The connection took a chunk of `bytes`.
     pub fn taken(&self, bytes: usize) {
-        self.0 .0.fetch_sub(bytes.min(self.0 .0.load(Ordering::Relaxed)), Ordering::Relaxed);
+        let bytes = bytes.min(self.0.queued.load(Ordering::Relaxed));
+        self.0.queued.fetch_sub(bytes, Ordering::Relaxed);
+        self.0.total.fetch_sub(bytes.min(self.0.total.load(Ordering::Relaxed)), Ordering::Relaxed);
     }
 
     /// The follower was dropped for falling behind: when its queue runs out its host
     /// aborts the connection rather than ending the stream cleanly, so what the kernel
     /// still buffers for a peer that does not read is freed too.
     pub fn cut(&self) -> bool {
-        self.0 .1.load(Ordering::Relaxed)
+        self.0.cut.load(Ordering::Relaxed) != 0
+    }
+
+    /// For a follower just cut: the last chunk its host queues for it (uncounted, a line),
+    /// saying why and what to do — read by a follower that still reads, after what it had
+    /// yet to read.
+    pub fn farewell(&self) -> Option<Chunk> {
+        let why = match self.0.cut.load(Ordering::Relaxed) {
+            BEHIND => format!("this stream fell more than {MAX_FOLLOWER_LAG_BYTES} bytes behind the job's progress"),
+            CROWDED => format!("the streams of this edge together are more than {MAX_FOLLOWERS_LAG_BYTES} bytes behind"),
+            _ => return None,
+        };
+        Some(format!(": cut: {why}; reconnect with the Last-Event-ID of the last event read to read on, or read the result with GET /jobs/{{id}}\n\n").into())
     }
 }
 
@@ -227,7 +293,8 @@ mod tests {
 
     #[test]
     fn a_follower_that_stops_reading_falls_too_far_behind() {
-        let lag = Lag::default();
+        static TOTAL: AtomicUsize = AtomicUsize::new(0);
+        let lag = Lag::within(&TOTAL);
         assert!(lag.queued(MAX_BACKLOG_BYTES), "a whole backlog fits");
         lag.taken(MAX_BACKLOG_BYTES);
         for _ in 0..MAX_FOLLOWER_LAG_BYTES / 65_536 {
@@ -236,8 +303,41 @@ mod tests {
         assert!(!lag.cut());
         assert!(!lag.queued(65_536), "past the bound");
         assert!(lag.cut());
+        assert!(lag.farewell().unwrap().contains("fell more than"));
         lag.taken(usize::MAX);
         assert!(lag.queued(1), "taking never underflows");
+        drop(lag);
+        assert_eq!(TOTAL.load(Ordering::Relaxed), 0, "what a follower gone left queued leaves the total");
+    }
+
+    /// 64 followers of 64 jobs that stop reading held 64 × 3 MiB, past a Worker isolate's
+    /// 128 MB: together they are held to [`MAX_FOLLOWERS_LAG_BYTES`]. The one whose chunk
+    /// would pass it is cut and told why; once the others' connections go, followers are
+    /// taken again.
+    #[test]
+    fn all_followers_together_are_held_to_a_total() {
+        static TOTAL: AtomicUsize = AtomicUsize::new(0);
+        let piece = 64 * 1024;
+        let stalled: Vec<Lag> = (0..MAX_FOLLOWERS_LAG_BYTES / MAX_FOLLOWER_LAG_BYTES).map(|_| Lag::within(&TOTAL)).collect();
+        for lag in &stalled {
+            while lag.0.queued.load(Ordering::Relaxed) + piece <= MAX_FOLLOWER_LAG_BYTES {
+                assert!(lag.queued(piece));
+            }
+        }
+        let reader = Lag::within(&TOTAL);
+        let mut taken_in = 0;
+        while reader.queued(piece) {
+            taken_in += piece;
+            assert!(taken_in <= MAX_FOLLOWERS_LAG_BYTES, "the total never held it back");
+        }
+        assert!(reader.cut() && reader.0.queued.load(Ordering::Relaxed) < MAX_FOLLOWER_LAG_BYTES, "cut by the total, not its own lag");
+        let told = reader.farewell().unwrap();
+        assert!(told.starts_with(": cut: ") && told.contains("Last-Event-ID") && told.ends_with("\n\n"), "{told}");
+        assert!(TOTAL.load(Ordering::Relaxed) <= MAX_FOLLOWERS_LAG_BYTES);
+        drop(stalled);
+        drop(reader);
+        assert_eq!(TOTAL.load(Ordering::Relaxed), 0);
+        assert!(Lag::within(&TOTAL).queued(MAX_FOLLOWER_LAG_BYTES), "room again once they are gone");
     }
 
     #[test]

@@ -287,8 +287,11 @@ impl Driver {
                 }
                 Effect::Stream { caller, chunk } => {
                     if let Some(Channel::Stream(tx, lag)) = self.callers.get(&caller) {
-                        // A follower that stopped reading is dropped: its stream ends.
+                        // A follower too far behind is dropped: its stream ends, told why.
                         if !lag.queued(chunk.len()) || tx.send(chunk).is_err() {
+                            if let Some(why) = lag.farewell() {
+                                let _ = tx.send(why);
+                            }
                             self.callers.remove(&caller);
                             gone.push(caller);
                         }

@@ -266,8 +266,11 @@ impl EdgeDurableObject {
                 Effect::Stream { caller, chunk } => {
                     let mut callers = self.callers.borrow_mut();
                     if let Some(Channel::Stream(tx, lag)) = callers.get(&caller) {
-                        // A follower that stopped reading is dropped: its stream ends.
+                        // A follower too far behind is dropped: its stream ends, told why.
                         if !lag.queued(chunk.len()) || tx.unbounded_send(chunk).is_err() {
+                            if let Some(why) = lag.farewell() {
+                                let _ = tx.unbounded_send(why);
+                            }
                             callers.remove(&caller);
                             gone.push(caller);
                         }
