@@ -246,9 +246,13 @@ async fn reach(url: &str, probe: Option<&Probe>) -> Result<(String, Option<Resul
         (Ok((detail, _)), None) => Ok((detail, None)),
         (Err(e), _) => Err(e),
     };
-    let _ = ws.close(None).await;
+    // Bounded too: the close frame waits for room in a connection the edge may not read.
+    let _ = tokio::time::timeout(CLOSE_TIME, ws.close(None)).await;
     outcome
 }
+
+/// How long doctor tries to close its connection politely before it leaves it.
+const CLOSE_TIME: Duration = Duration::from_secs(2);
 
 /// Sends the probe on a challenged connection and reads the edge's answer.
 async fn ask(ws: &mut WsStream, url: &str, challenge: &str, probe: &Probe) -> Result<String, KeysRefused> {
@@ -280,8 +284,12 @@ async fn ask(ws: &mut WsStream, url: &str, challenge: &str, probe: &Probe) -> Re
         Ok(Err(e)) => return Err(unanswered(format!("the probe could not be sent ({e})"))),
         Err(_) => return Err(unanswered(format!("the probe could not be sent within {} s", HANDSHAKE.as_secs()))),
     }
+    // One deadline for the whole wait, as the agent's handshake has: a time for each frame
+    // started again at each ping or binary frame, and an edge that sent one every few
+    // seconds held doctor for ever.
+    let answer_by = tokio::time::Instant::now() + HANDSHAKE;
     let answer = loop {
-        match tokio::time::timeout(HANDSHAKE, ws.next()).await {
+        match tokio::time::timeout_at(answer_by, ws.next()).await {
             Err(_) => return Err(unanswered(format!("{url} did not answer within {} s", HANDSHAKE.as_secs()))),
             Ok(None) | Ok(Some(Err(_))) => return Err(unanswered(format!("{url} closed the connection without a word"))),
             Ok(Some(Ok(Message::Close(frame)))) => {

@@ -2012,3 +2012,48 @@ async fn a_dial_that_never_connected_is_not_called_a_lost_connection() {
     let log = agent.log();
     assert!(log.contains("could not connect to the edge") && !log.contains("connection to the edge lost"), "{log}");
 }
+
+/// `doctor` waited for the probe's answer 10 s from each frame: an edge that sent its
+/// challenge and then a binary frame every 100 ms held it for ever. One deadline bounds
+/// the whole wait (the handshake's, 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_gives_up_on_an_edge_that_answers_the_probe_with_noise() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
+                let challenge = serde_json::json!({"type": "challenge", "protocol": shared::protocol::PROTOCOL_VERSION, "nonce": "AAAA",
+                    "edge_version": "noisy", "server_time": 0});
+                if ws.send(Message::text(challenge.to_string())).await.is_err() {
+                    return;
+                }
+                while ws.send(Message::binary(vec![0u8])).await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+    });
+    let keys = Keys::new(&["spark"]);
+    let claude_dir = TempDir::new("doctor-noise");
+    let env = vec![
+        ("EDGE_URL", format!("ws://{addr}")),
+        ("AGENT_ID", "spark".to_string()),
+        ("AGENT_SIGNING_KEY", shared::keys::encode_signing(keys.agent("spark"))),
+        ("EDGE_PUBLIC_KEY", shared::keys::encode_verifying(&keys.edge.verifying_key())),
+        ("CLAUDE_BIN", bin("claude-standin").display().to_string()),
+        ("CLAUDE_CONFIG_DIR", claude_dir.path().display().to_string()),
+        ("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-doctor".to_string()),
+    ];
+    let started = std::time::Instant::now();
+    let doctor = tokio::task::spawn_blocking(move || doctor(&env));
+    let Ok(done) = tokio::time::timeout(Duration::from_secs(40), doctor).await else {
+        panic!("doctor still waits on an edge that sends only noise");
+    };
+    let (_, out) = done.unwrap();
+    assert!(out.contains("keys: the keys were not checked") && out.contains("did not answer within 10 s"), "{out}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+}
