@@ -343,31 +343,49 @@ fn main() {
 /// not kill the agent. There a failed print of std's ends the command quietly
 /// ([`end_as_a_closed_pipe_ends_a_tool`]) and an EPIPE returned up to `main` does too;
 /// `agent` and `up`, which run jobs, keep std's behaviour whole.
+///
+/// Any other failed print of these commands (stdout a file on a full disk: `keygen >
+/// keys.env`, `submit > result.txt`) panicked too, and said so with a backtrace hint and
+/// exit 101: it is said as a failed write instead, with the command's failure status
+/// (`submit` and `login`: 2, the others 1), and nothing more is printed.
 fn quiet_on_a_closed_stdout(command: &Command) {
-    match command {
+    let failure = match command {
         Command::Keygen { .. } | Command::Status { .. } | Command::OauthStatus { .. } => {
             // SAFETY: sets a signal's disposition to its default; no handler runs.
             unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            1
         }
-        Command::Doctor { .. } | Command::Submit(_) | Command::Login(_) => {
-            let previous = std::panic::take_hook();
-            std::panic::set_hook(Box::new(move |info| {
-                let text = info.payload().downcast_ref::<String>().map(String::as_str).unwrap_or_default();
-                if failed_print_to_a_closed_pipe(text) {
-                    end_as_a_closed_pipe_ends_a_tool();
-                }
-                previous(info)
-            }));
+        Command::Doctor { .. } => 1,
+        Command::Submit(_) | Command::Login(_) => 2,
+        _ => return,
+    };
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info.payload().downcast_ref::<String>().map(String::as_str).unwrap_or_default();
+        if failed_print_to_a_closed_pipe(text) {
+            end_as_a_closed_pipe_ends_a_tool();
         }
-        _ => {}
-    }
+        if let Some((stream, why)) = failed_print(text) {
+            // Perhaps to the stream that failed (stderr): then nothing can be said.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "claude-runner: could not write to {stream} ({why}): what it shows is cut short; run it again where {stream} can be written");
+            std::process::exit(failure);
+        }
+        previous(info)
+    }));
 }
 
-/// Whether `panic` is std's for a print (`println!`, `eprintln!`) to a closed pipe:
-/// "failed printing to stdout: Broken pipe (os error 32)".
+/// Which stream std's panic for a failed print (`println!`, `eprintln!`) is of, and why it
+/// failed: "failed printing to stdout: No space left on device (os error 28)".
+fn failed_print(panic: &str) -> Option<(&str, &str)> {
+    panic.strip_prefix("failed printing to ")?.split_once(": ").filter(|(stream, _)| matches!(*stream, "stdout" | "stderr"))
+}
+
+/// Whether `panic` is std's for a print to a closed pipe: "failed printing to stdout:
+/// Broken pipe (os error 32)".
 fn failed_print_to_a_closed_pipe(panic: &str) -> bool {
     let epipe = std::io::Error::from_raw_os_error(libc::EPIPE).to_string();
-    (panic.starts_with("failed printing to stdout: ") || panic.starts_with("failed printing to stderr: ")) && panic.ends_with(&epipe)
+    failed_print(panic).is_some_and(|(_, why)| why == epipe)
 }
 
 /// Whether `e` is a write to a closed pipe, returned up to `main` (`status`'s, `login`'s).
@@ -399,6 +417,9 @@ mod tests {
         assert!(failed_print_to_a_closed_pipe(&format!("failed printing to stderr: {epipe}")));
         assert!(!failed_print_to_a_closed_pipe(&format!("failed printing to stdout: {}", std::io::Error::from_raw_os_error(libc::ENOSPC))));
         assert!(!failed_print_to_a_closed_pipe(&format!("index out of bounds: {epipe}")));
+        let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC).to_string();
+        assert_eq!(failed_print(&format!("failed printing to stdout: {enospc}")), Some(("stdout", enospc.as_str())));
+        assert_eq!(failed_print(&format!("failed printing to a file: {enospc}")), None);
         assert!(closed_pipe(&anyhow::Error::from(epipe).context("writing the status")));
         assert!(!closed_pipe(&anyhow::anyhow!("Broken pipe")));
     }

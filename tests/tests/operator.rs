@@ -2012,6 +2012,20 @@ async fn a_dial_that_never_connected_is_not_called_a_lost_connection() {
     let log = agent.log();
     assert!(log.contains("could not connect to the edge") && !log.contains("connection to the edge lost"), "{log}");
 }
+/// A stdout on a full disk (`/dev/full`).
+fn full() -> Stdio {
+    Stdio::from(std::fs::File::create("/dev/full").unwrap())
+}
+
+/// `keygen > keys.env` on a full disk panicked ("failed printing to stdout", exit 101),
+/// as any failed print but to a closed pipe did: it says it could not write, and exits 1.
+#[test]
+fn keygen_says_a_stdout_it_cannot_write() {
+    let out = Command::new(bin("claude-runner")).args(["keygen"]).stdout(full()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("could not write to stdout") && !err.contains("panicked"), "{err}");
+}
 
 /// `doctor` waited for the probe's answer 10 s from each frame: an edge that sent its
 /// challenge and then a binary frame every 100 ms held it for ever. One deadline bounds
