@@ -1,6 +1,8 @@
 //! `EDGE_URL` → the URL the agent dials. Plaintext `ws://` carries the agent's session
 //! (every job's prompt and result) readable and forgeable on the way, so it is accepted
-//! only to a loopback host, or when the operator says `ALLOW_INSECURE_EDGE=1`.
+//! only to a loopback host, or when the operator says `ALLOW_INSECURE_EDGE=1`. `submit` and
+//! `login` hold `CLAUDE_RUNNER_URL`'s `http://`, which carries the runner secret, to the same
+//! rule ([`plaintext_beyond_this_machine`]).
 
 use std::net::IpAddr;
 
@@ -28,12 +30,23 @@ pub fn connect_url(edge_url: &str, allow_insecure: bool) -> Result<String, EdgeU
     } else {
         return Err(EdgeUrlError::Scheme(edge_url.to_string()));
     };
-    let host = host_of(rest).ok_or_else(|| EdgeUrlError::NoHost(edge_url.to_string()))?;
-    if !secure && !allow_insecure && !is_loopback(host) {
+    host_of(rest).ok_or_else(|| EdgeUrlError::NoHost(edge_url.to_string()))?;
+    if let Some(host) = plaintext_beyond_this_machine(url).filter(|_| !allow_insecure) {
         return Err(EdgeUrlError::Insecure { url: edge_url.to_string(), host: host.to_string() });
     }
     let scheme = if secure { "wss" } else { "ws" };
     Ok(if rest.ends_with("/agent/connect") { format!("{scheme}://{rest}") } else { format!("{scheme}://{rest}/agent/connect") })
+}
+
+/// The host a plaintext URL (`ws://`, `http://`) goes to when it is not this machine (a
+/// loopback host): what it carries would cross the network readable and forgeable. `None`
+/// for a TLS URL (`wss://`, `https://`), a loopback one, or one with no host. The one check
+/// of the agent's `EDGE_URL` and of `submit`'s and `login`'s `CLAUDE_RUNNER_URL`, each
+/// allowed past it by `ALLOW_INSECURE_EDGE=1`.
+pub fn plaintext_beyond_this_machine(url: &str) -> Option<&str> {
+    let url = url.trim();
+    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("ws://"))?;
+    host_of(rest).filter(|host| !is_loopback(host))
 }
 
 /// What to do when a TLS dial to `url` failed with `error` because the server answered in

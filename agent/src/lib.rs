@@ -7,7 +7,8 @@
 //! - [`redact`]: keeps secrets from leaving the machine, in plain and encoded forms.
 //! - [`credentials`]: Claude's `.credentials.json`, read from bytes.
 //! - [`sse`]: Server-Sent Events framing, for `submit` following a job.
-//! - [`edge_url`]: `EDGE_URL` → the URL dialed; plaintext only to loopback.
+//! - [`edge_url`]: `EDGE_URL` → the URL dialed; plaintext only to loopback (the rule
+//!   `submit` and `login` keep for `CLAUDE_RUNNER_URL` too).
 //! - [`progress`]: a job's progress events gathered into batches, one signed frame each.
 //! - [`record`]: the framing of the agent's slot records (started jobs, results), read
 //!   back safely after a torn write.

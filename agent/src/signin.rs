@@ -16,8 +16,33 @@ pub struct LoginArgs {
     pub agent_id: Option<String>,
 }
 
-async fn post(http: &reqwest::Client, url: &str, secret: &str, body: Value) -> Result<(u16, Value), String> {
-    let resp = http.post(url).header("X-Runner-Secret", secret).json(&body).send().await.map_err(|e| crate::submit::request_error(&e))?;
+/// Why a request to the edge brought no answer of its.
+enum Unanswered {
+    /// The exchange failed (why).
+    Failed(String),
+    /// Its address answered with a redirect, not followed ([`crate::submit::redirected`]).
+    Redirected(String),
+}
+
+/// The relay answers once the agent's `claude auth login` has printed its URL, or has the
+/// outcome: allow for the edge's own wait.
+const RELAY_TIME: std::time::Duration = std::time::Duration::from_secs(150);
+
+async fn post(http: &reqwest::Client, url: &str, secret: &str, body: Value) -> Result<(u16, Value), Unanswered> {
+    let resp = match http.post(url).header("X-Runner-Secret", secret).json(&body).timeout(RELAY_TIME).send().await {
+        Ok(resp) => resp,
+        Err(e) => {
+            let why = crate::submit::request_error(&e);
+            let base = url.rsplit_once("/oauth/").map_or(url, |(base, _)| base);
+            return Err(Unanswered::Failed(match crate::submit::speaks_tls(base).await {
+                Some(tls) => format!("{why}; {tls}"),
+                None => why,
+            }));
+        }
+    };
+    if let Some(why) = crate::submit::redirected(&resp) {
+        return Err(Unanswered::Redirected(why));
+    }
     let status = resp.status().as_u16();
     Ok((status, crate::submit::read_answer(resp).await))
 }
@@ -47,17 +72,19 @@ async fn run_to(err: &mut impl Write, out: &mut impl Write, input: &mut impl Buf
             return Ok(2);
         }
     };
-    // The relay answers once the agent's `claude auth login` has printed its URL, or has
-    // the outcome: allow for the edge's own wait.
-    let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(150)).build()?;
+    let http = crate::submit::edge_client()?;
     let body = match &args.agent_id {
         Some(id) => json!({"agent_id": id}),
         None => json!({}),
     };
     let (status, start) = match post(&http, &format!("{base}/oauth/login"), &secret, body).await {
         Ok(answer) => answer,
-        Err(e) => {
+        Err(Unanswered::Failed(e)) => {
             say(err, format!("claude-runner login: cannot reach the edge at {base}: {e}; check --edge (CLAUDE_RUNNER_URL)"))?;
+            return Ok(2);
+        }
+        Err(Unanswered::Redirected(why)) => {
+            say(err, format!("claude-runner login: the edge at {base} did not start a login: {why}"))?;
             return Ok(2);
         }
     };
@@ -78,8 +105,12 @@ async fn run_to(err: &mut impl Write, out: &mut impl Write, input: &mut impl Buf
     }
     let (status, done) = match post(&http, &format!("{base}/oauth/login/code"), &secret, json!({"login_id": login_id, "code": code})).await {
         Ok(answer) => answer,
-        Err(e) => {
+        Err(Unanswered::Failed(e)) => {
             say(err, format!("claude-runner login: lost the edge while sending the code: {e}; check GET /oauth/status"))?;
+            return Ok(2);
+        }
+        Err(Unanswered::Redirected(why)) => {
+            say(err, format!("claude-runner login: the edge at {base} did not take the code: {why}; run `claude-runner login` again"))?;
             return Ok(2);
         }
     };
@@ -126,7 +157,7 @@ mod tests {
             "error": "the login on the runner failed: bad code. Start again with POST /oauth/login (or `claude auth login` on the runner)",
         });
         let edge = super::LoginArgs {
-            edge: crate::submit::EdgeArgs { edge: Some(edge_answering(502, body.to_string()).await), secret: Some("s".into()) },
+            edge: crate::submit::EdgeArgs { edge: Some(edge_answering(502, body.to_string()).await), secret: Some("s".into()), allow_insecure_edge: false },
             agent_id: None,
         };
         let (mut err, mut out) = (Vec::new(), Vec::new());
@@ -145,7 +176,7 @@ mod tests {
     async fn the_edges_words_reach_the_terminal_without_their_control_sequences() {
         let body = serde_json::json!({"error": "no agent\x1b]52;c;ZXZpbA==\x07\x1b[2K\rfine"}).to_string();
         let edge = super::LoginArgs {
-            edge: crate::submit::EdgeArgs { edge: Some(edge_answering(503, body).await), secret: Some("s".into()) },
+            edge: crate::submit::EdgeArgs { edge: Some(edge_answering(503, body).await), secret: Some("s".into()), allow_insecure_edge: false },
             agent_id: None,
         };
         let (mut err, mut out) = (Vec::new(), Vec::new());

@@ -1,6 +1,7 @@
 //! `claude-runner submit`: send a task to an edge, show Claude's progress live (from
 //! `GET /jobs/{id}/events`), then print the result. Exit status: 0 when the task
-//! succeeded, 1 when it ran and failed, 2 when the edge could not take it.
+//! succeeded, 1 when it ran and failed, 2 when the edge could not take it, the result
+//! could not be brought back (the edge lost, a stdout it cannot write), or for a usage error.
 
 use crate::follow::{Next, Schedule};
 use futures_util::StreamExt;
@@ -60,6 +61,11 @@ pub struct EdgeArgs {
     /// The runner secret (the pool's RUNNER_SECRET, or a caller's own).
     #[arg(long, env = "RUNNER_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
+    /// Send the secret over plaintext http:// to a host that is not this machine too (only
+    /// on a private path: a VPN, an SSH tunnel).
+    #[arg(long, env = "ALLOW_INSECURE_EDGE", value_parser = crate::setting_value::switch("ALLOW_INSECURE_EDGE"),
+          default_value = "false", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_insecure_edge: bool,
 }
 
 impl EdgeArgs {
@@ -76,14 +82,76 @@ impl EdgeArgs {
             let data_dir = crate::config::DataDirArgs { data_dir: std::env::var_os("DATA_DIR").map(std::path::PathBuf::from) }.data_dir();
             return Err(missing_secret(&crate::config::up_state_file(&data_dir)));
         };
+        let edge = edge.trim_end_matches('/');
+        // Every message about the URL shows it so: a password in it is not for the screen.
+        let shown = shared::text::one_line(&without_userinfo(edge));
+        let write_it = "write it whole, e.g. http://127.0.0.1:8787 or https://claude-runner-edge.<you>.workers.dev";
         if !(edge.starts_with("http://") || edge.starts_with("https://")) {
+            return Err(format!("CLAUDE_RUNNER_URL (--edge) `{shown}` is not an http(s) URL: {write_it}"));
+        }
+        // Refused here, before anything is sent: as a request's error it read as "the
+        // exchange broke; the task may have been queued".
+        let url = reqwest::Url::parse(edge).map_err(|e| format!("CLAUDE_RUNNER_URL (--edge) `{shown}` is not a valid URL ({e}): {write_it}"))?;
+        if !url.username().is_empty() || url.password().is_some() {
             return Err(format!(
-                "CLAUDE_RUNNER_URL (--edge) `{edge}` is not an http(s) URL: write it whole, e.g. http://127.0.0.1:8787 or \
-                 https://claude-runner-edge.<you>.workers.dev"
+                "CLAUDE_RUNNER_URL (--edge) `{shown}` carries a user name or password: the edge reads none there; \
+                 give the runner secret as RUNNER_SECRET (or --secret) and the URL without it"
             ));
         }
-        Ok((edge.trim_end_matches('/').to_string(), secret.clone()))
+        if let Some(host) = agent_core::edge_url::plaintext_beyond_this_machine(edge).filter(|_| !self.allow_insecure_edge) {
+            return Err(format!(
+                "CLAUDE_RUNNER_URL (--edge) `{shown}` is plaintext http:// to `{}`, which is not this machine: the runner secret, \
+                 the task and its result would cross the network unencrypted. Use https:// (e.g. https://claude-runner-edge.<you>.workers.dev, \
+                 or TLS in front of a native edge), or set ALLOW_INSECURE_EDGE=1 if the path is private (a VPN, an SSH tunnel)",
+                shared::text::one_line(host)
+            ));
+        }
+        if reqwest::header::HeaderValue::from_str(secret).is_err() {
+            return Err("RUNNER_SECRET (--secret) is not valid in an HTTP header (it holds a line break or another control \
+                        character): nothing was sent; set it to the secret alone, as `claude-runner keygen` or `up` printed it"
+                .into());
+        }
+        Ok((edge.to_string(), secret.clone()))
     }
+}
+
+/// `url` without the user name and password of its authority (`user:password@`), if any:
+/// how an edge's URL may be shown.
+fn without_userinfo(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    let authority = rest.find(['/', '?', '#']).map_or(rest, |end| &rest[..end]);
+    match authority.rfind('@') {
+        Some(at) => format!("{scheme}{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
+/// The one HTTP client of the commands that send the runner secret to the edge (`submit`,
+/// `login`). It follows no redirect: one turned a task into a GET of another address
+/// (whose answer was taken for the edge's), and `login`'s code and the secret went wherever
+/// it led; the answer is said instead ([`redirected`]). Its connection gets
+/// [`CONNECT_TIME`].
+pub(crate) fn edge_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder().connect_timeout(CONNECT_TIME).redirect(reqwest::redirect::Policy::none()).build()?)
+}
+
+/// What a redirect (a 3xx) the edge's address answered with says, for a client that
+/// follows none ([`edge_client`]): where it sends, and what to do if that is the edge.
+/// `None` for an answer that is not one.
+pub(crate) fn redirected(answer: &reqwest::Response) -> Option<String> {
+    let status = answer.status();
+    if !status.is_redirection() {
+        return None;
+    }
+    let to = answer.headers().get(reqwest::header::LOCATION).and_then(|to| to.to_str().ok()).unwrap_or("nowhere said");
+    Some(format!(
+        "it answered {status}, sending it to {}; claude-runner follows no redirect (the runner secret would go along): \
+         if that is the edge's own address, set --edge (CLAUDE_RUNNER_URL) to it",
+        shared::text::one_line(shared::text::truncate(&without_userinfo(to), 200))
+    ))
 }
 
 /// What to do without a runner secret: set one, or take `up`'s from `up_json`.
@@ -122,9 +190,32 @@ pub(crate) fn request_error(e: &reqwest::Error) -> String {
     text
 }
 
+/// Whether the server at `base`, an http:// URL whose request broke with no answer, speaks
+/// TLS, and what to do if so: a TLS port closes a plain request unread (nothing of it was
+/// taken, let alone queued), which read as an edge that broke after it took the task. Asked
+/// with a request of no secret and no task (`GET /health`) to the same host and port over
+/// https://, the certificate unchecked: only whether TLS answers is asked.
+pub(crate) async fn speaks_tls(base: &str) -> Option<String> {
+    let rest = base.strip_prefix("http://")?;
+    let probe = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .ok()?;
+    probe.get(format!("https://{rest}/health")).send().await.ok()?;
+    Some(format!("the server at {base} speaks TLS, not plain http, and read nothing of the request: set --edge (CLAUDE_RUNNER_URL) to https://{rest}"))
+}
+
 fn fail(message: String) -> anyhow::Result<i32> {
-    eprintln!("{}", failure_line(&message));
-    Ok(2)
+    Ok(fail_with(message))
+}
+
+/// Says why `submit` gives up (on stderr, whatever becomes of that write: this is the last
+/// word) and gives its exit status, 2.
+fn fail_with(message: String) -> i32 {
+    let _ = writeln!(std::io::stderr(), "{}", failure_line(&message));
+    2
 }
 
 /// The most of an edge's answer (other than an event stream) `submit` and `login` read: its
@@ -234,8 +325,18 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     let prompt = match args.prompt.as_deref() {
         Some(p) if p != "-" => p.to_string(),
         _ => {
+            use std::io::IsTerminal;
+            let stdin = std::io::stdin();
+            // At a terminal, a `submit` with no prompt otherwise waits, saying nothing.
+            if stdin.is_terminal() {
+                eprintln!("· reading the prompt from stdin (Ctrl-D to end)…");
+            }
             let mut text = String::new();
-            std::io::stdin().read_to_string(&mut text)?;
+            // Exit 2, as clap's usage errors: 1 says the task ran and failed.
+            if let Err(e) = stdin.lock().read_to_string(&mut text) {
+                let what = if e.kind() == std::io::ErrorKind::InvalidData { "is not UTF-8 text".to_string() } else { format!("could not be read ({e})") };
+                return fail(format!("the prompt on stdin {what}: nothing was sent"));
+            }
             text
         }
     };
@@ -261,9 +362,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     if !args.disallowed_tools.is_empty() {
         body["disallowed_tools"] = json!(args.disallowed_tools);
     }
-    // No redirect is followed: a 301/302 turned the task into a GET of another address,
-    // whose answer was taken for the edge's, and the secret went wherever it led.
-    let http = reqwest::Client::builder().connect_timeout(CONNECT_TIME).redirect(reqwest::redirect::Policy::none()).build()?;
+    let http = edge_client()?;
     // The edge answers a task at once: the exchange is given ANSWER_TIME and its upload's
     // time at the slowest link's pace (an edge that took the task and never answered held
     // `submit`, which has no time limit, for good).
@@ -271,17 +370,20 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     let accepted = match tokio::time::timeout(within, http.post(format!("{base}/jobs")).header("X-Runner-Secret", &secret).json(&body).send()).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) if e.is_connect() => return fail(format!("cannot reach the edge at {base}: {}; check --edge (CLAUDE_RUNNER_URL)", request_error(&e))),
-        Ok(Err(e)) => return fail(format!("the exchange with the edge at {base} broke: {}; {MAY_BE_QUEUED}", request_error(&e))),
+        Ok(Err(e)) if e.is_builder() => {
+            return fail(format!("could not make the request to the edge at {base} ({}): nothing was sent; check --edge (CLAUDE_RUNNER_URL)", request_error(&e)))
+        }
+        Ok(Err(e)) => {
+            if let Some(tls) = speaks_tls(&base).await {
+                return fail(format!("the exchange with the edge at {base} broke: {}; {tls} (the task was not queued)", request_error(&e)));
+            }
+            return fail(format!("the exchange with the edge at {base} broke: {}; {MAY_BE_QUEUED}", request_error(&e)));
+        }
         Err(_) => return fail(format!("no answer from the edge at {base} within {} s; {MAY_BE_QUEUED}", within.as_secs())),
     };
     let status = accepted.status();
-    if status.is_redirection() {
-        let to = accepted.headers().get(reqwest::header::LOCATION).and_then(|to| to.to_str().ok()).unwrap_or("nowhere said");
-        return fail(format!(
-            "the edge at {base} did not take the task: it answered {status}, sending it to {}; submit follows no redirect \
-             (the secret would go along): if that is the edge's own address, set --edge (CLAUDE_RUNNER_URL) to it",
-            shared::text::truncate(to, 200)
-        ));
+    if let Some(why) = redirected(&accepted) {
+        return fail(format!("the edge at {base} did not take the task: {why}"));
     }
     let answer = read_answer(accepted).await;
     let Some(job_id) = answer["job_id"].as_str().filter(|_| status.is_success()).map(str::to_string) else {
@@ -419,7 +521,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
                             eprintln!("{line}");
                         }
                     }
-                    Some("result") => return Ok(finish(&value, args.json)),
+                    Some("result") => return Ok(finish(&value, args.json, &job_id)),
                     _ => {}
                 }
             }
@@ -488,24 +590,31 @@ fn brought(schedule: &mut Schedule, job_id: &str, quiet: bool) {
     }
 }
 
-fn finish(result: &Value, as_json: bool) -> i32 {
-    let mut out = std::io::stdout().lock();
-    if as_json {
-        // The job's words with DEL and the C1 controls escaped too (serde leaves them): the
-        // same JSON, safe to a terminal as well.
-        let _ = writeln!(out, "{}", crate::status::json_for_terminal(&serde_json::to_string_pretty(result).unwrap_or_default()));
-    } else if let Some(text) = result["output"].as_str().filter(|t| !t.is_empty()) {
-        // To a terminal, shown safe; to a file or a pipe, as Claude wrote it.
-        use std::io::IsTerminal;
-        let text = if out.is_terminal() { for_terminal(text).into() } else { std::borrow::Cow::Borrowed(text) };
-        let _ = writeln!(out, "{text}");
+/// Prints the job's result (`--json`: whole) and says how the task ended; its exit status.
+/// A result that could not be written (a full disk, a closed pipe) is said, with where to
+/// read it, and exits 2 as a follow given up does: it ended 0 with the result lost.
+fn finish(result: &Value, as_json: bool, job_id: &str) -> i32 {
+    if let Err(e) = print_result(&mut std::io::stdout().lock(), result, as_json) {
+        return fail_with(format!("could not write the result ({e}); read it with GET /jobs/{job_id}"));
     }
-    let _ = out.flush();
     if result["success"] == true {
         return 0;
     }
     eprintln!("{}", task_failed_line(result));
     if result["fallback"] == true { 2 } else { 1 }
+}
+
+fn print_result(out: &mut (impl Write + std::io::IsTerminal), result: &Value, as_json: bool) -> std::io::Result<()> {
+    if as_json {
+        // The job's words with DEL and the C1 controls escaped too (serde leaves them): the
+        // same JSON, safe to a terminal as well.
+        writeln!(out, "{}", crate::status::json_for_terminal(&serde_json::to_string_pretty(result).unwrap_or_default()))?;
+    } else if let Some(text) = result["output"].as_str().filter(|t| !t.is_empty()) {
+        // To a terminal, shown safe; to a file or a pipe, as Claude wrote it.
+        let text = if out.is_terminal() { for_terminal(text).into() } else { std::borrow::Cow::Borrowed(text) };
+        writeln!(out, "{text}")?;
+    }
+    out.flush()
 }
 
 /// The line `submit` ends a failed task with: one line, its error's line breaks escaped too
@@ -552,6 +661,41 @@ mod tests {
         let busy = json!({"error": "the queue is full"});
         assert_eq!(super::refusal(429, &busy), "the queue is full");
         assert_eq!(super::refusal(400, &json!("<html>")), "no readable answer");
+    }
+
+    fn resolved(edge: &str, secret: &str, allow_insecure_edge: bool) -> Result<(String, String), String> {
+        super::EdgeArgs { edge: Some(edge.into()), secret: Some(secret.into()), allow_insecure_edge }.resolve()
+    }
+
+    /// Plain http:// carries the runner secret only to this machine, unless
+    /// ALLOW_INSECURE_EDGE=1, as the agent's ws://.
+    #[test]
+    fn the_secret_goes_over_plain_http_only_to_this_machine() {
+        for ok in ["http://127.0.0.1:8787", "http://localhost:8787/", "http://[::1]:8787", "https://edge.example.com"] {
+            assert!(resolved(ok, "s", false).is_ok(), "{ok}");
+        }
+        for bad in ["http://10.0.0.1:8787", "http://edge.example.com", "http://127.0.0.1.evil.com"] {
+            let err = resolved(bad, "s", false).unwrap_err();
+            assert!(err.contains("not this machine") && err.contains("https://") && err.contains("ALLOW_INSECURE_EDGE=1"), "{bad}: {err}");
+            assert!(resolved(bad, "s", true).is_ok(), "{bad} with ALLOW_INSECURE_EDGE=1");
+        }
+    }
+
+    /// A secret with a line break, or a URL reqwest cannot read, failed as the request's
+    /// builder error, said as "the task may have been queued all the same"; a URL with a
+    /// password in it was shown whole in every message. Each is refused before anything is
+    /// sent, saying which setting is wrong, and no password is shown.
+    #[test]
+    fn a_secret_or_url_that_cannot_be_sent_is_refused_by_name() {
+        let err = resolved("http://127.0.0.1:8787", "s3cret\nX-Other: 1", false).unwrap_err();
+        assert!(err.contains("RUNNER_SECRET") && err.contains("not valid in an HTTP header") && !err.contains("s3cret"), "{err}");
+        let err = resolved("http://127.0.0.1:8787:99", "s", false).unwrap_err();
+        assert!(err.contains("CLAUDE_RUNNER_URL") && err.contains("not a valid URL"), "{err}");
+        for url in ["https://me:hunter2@edge.example.com", "me:hunter2@edge.example.com", "http://me:hunter2@[::1"] {
+            let err = resolved(url, "s", false).unwrap_err();
+            assert!(err.contains("CLAUDE_RUNNER_URL") && !err.contains("hunter2"), "{url}: {err}");
+        }
+        assert!(resolved("https://me:hunter2@edge.example.com", "s", false).unwrap_err().contains("RUNNER_SECRET"));
     }
 
     /// The edge's own words (its `error` when it refuses a task) are shown the same way.

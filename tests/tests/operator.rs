@@ -2012,9 +2012,103 @@ async fn a_dial_that_never_connected_is_not_called_a_lost_connection() {
     let log = agent.log();
     assert!(log.contains("could not connect to the edge") && !log.contains("connection to the edge lost"), "{log}");
 }
+
+/// `login` followed redirects (up to ten), sending the runner secret and then the sign-in
+/// code to wherever the edge's address sent it: here a 307 to another port. It follows
+/// none now, as `submit` (one client for both), and says where the answer sent it.
+#[test]
+fn login_follows_no_redirect_to_another_host() {
+    let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = elsewhere.local_addr().unwrap();
+    let reached = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let noted = reached.clone();
+    std::thread::spawn(move || {
+        for _ in elsewhere.incoming() {
+            noted.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let edge = edge_that_answers(move |_, _| {
+        format!("HTTP/1.1 307 Temporary Redirect\r\nlocation: http://{to}/oauth/login\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+    });
+    let out = Command::new(bin("claude-runner"))
+        .arg("login")
+        .env("CLAUDE_RUNNER_URL", format!("http://{edge}"))
+        .env("RUNNER_SECRET", SECRET)
+        .stdin(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("307") && err.contains(&to.to_string()) && err.contains("follows no redirect"), "{err}");
+    assert!(!reached.load(std::sync::atomic::Ordering::SeqCst), "the redirect was followed to {to}: {err}");
+}
+
+/// `submit` and `login` sent the runner secret (and the task, the sign-in code) over plain
+/// http:// to any host, where the agent refuses plaintext ws:// beyond this machine unless
+/// ALLOW_INSECURE_EDGE=1: the same rule, the same check (`edge_url`), before anything is sent.
+#[test]
+fn submit_and_login_send_the_secret_over_plain_http_only_to_this_machine() {
+    for command in ["submit", "login"] {
+        let out = Command::new(bin("claude-runner"))
+            .args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
+            .env("CLAUDE_RUNNER_URL", "http://192.0.2.1:8787")
+            .env("RUNNER_SECRET", SECRET)
+            .env_remove("ALLOW_INSECURE_EDGE")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+        assert!(err.contains("not this machine") && err.contains("https://") && err.contains("ALLOW_INSECURE_EDGE=1"), "{command}: {err}");
+    }
+}
+
+/// http:// to a TLS port (an edge behind TLS, its URL written with the wrong scheme): the
+/// server closes the request unread, and `submit` said the task "may have been queued all
+/// the same", which it surely was not. It asks whether the port speaks TLS, and says so.
+#[test]
+fn submit_and_login_to_a_tls_port_over_http_say_to_use_https() {
+    let tls = harness::git_server::GitServer::start(None);
+    for command in ["submit", "login"] {
+        let out = Command::new(bin("claude-runner"))
+            .args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
+            .env("CLAUDE_RUNNER_URL", format!("http://127.0.0.1:{}", tls.port))
+            .env("RUNNER_SECRET", SECRET)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+        assert!(err.contains("speaks TLS") && err.contains(&format!("https://127.0.0.1:{}", tls.port)), "{command}: {err}");
+        assert!(!err.contains("may have been queued"), "{command}: {err}");
+    }
+}
+
 /// A stdout on a full disk (`/dev/full`).
 fn full() -> Stdio {
     Stdio::from(std::fs::File::create("/dev/full").unwrap())
+}
+
+/// `submit > result.txt` on a full disk lost the result and exited 0 (its writes' errors
+/// were dropped): it says it could not write the result, where to read it, and exits 2.
+#[test]
+fn submit_says_a_result_it_cannot_write() {
+    let edge = edge_that_answers_follows(|_, _| {
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\nid: 1\nevent: result\ndata: {\"success\":true,\"output\":\"the answer\"}\n\n"
+            .to_string()
+    });
+    for args in [&[][..], &["--json"]] {
+        let out = Command::new(bin("claude-runner"))
+            .args(["submit", "--edge", &format!("http://{edge}"), "--secret", SECRET, "hello"])
+            .args(args)
+            .stdout(full())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("could not write the result") && err.contains("GET /jobs/j1"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }
 
 /// `keygen > keys.env` on a full disk panicked ("failed printing to stdout", exit 101),
@@ -2025,6 +2119,24 @@ fn keygen_says_a_stdout_it_cannot_write() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("could not write to stdout") && !err.contains("panicked"), "{err}");
+}
+
+/// A prompt on stdin that is not UTF-8 ended with exit 1, which says the task ran and
+/// failed: it is a usage error (2), and nothing was sent.
+#[test]
+fn submit_refuses_a_prompt_that_is_not_text() {
+    use std::io::Write;
+    let mut child = Command::new(bin("claude-runner"))
+        .args(["submit", "--edge", "http://127.0.0.1:9", "--secret", SECRET])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"caf\xe9\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("not UTF-8") && err.contains("nothing was sent"), "{err}");
 }
 
 /// `doctor` waited for the probe's answer 10 s from each frame: an edge that sent its
