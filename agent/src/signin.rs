@@ -1,7 +1,8 @@
 //! `claude-runner login`: log the runner's Claude in again from any terminal. The edge
 //! relays `claude auth login` to the agent (`POST /oauth/login`); this prints the URL to
 //! open, reads the code the sign-in page shows, and sends it (`POST /oauth/login/code`).
-//! Exit status: 0 logged in, 1 the login failed, 2 the edge could not start it.
+//! Exit status: 0 logged in, 1 the login failed, 2 the edge could not start it (or the URL
+//! could not be shown, the code not read).
 
 use serde_json::{json, Value};
 use crate::status::say;
@@ -48,7 +49,16 @@ async fn post(http: &reqwest::Client, url: &str, secret: &str, body: Value) -> R
 }
 
 pub async fn run(args: LoginArgs) -> anyhow::Result<i32> {
-    run_to(&mut std::io::stderr(), &mut std::io::stdout(), &mut std::io::stdin().lock(), args).await
+    match run_to(&mut std::io::stderr(), &mut std::io::stdout(), &mut std::io::stdin().lock(), args).await {
+        // The URL not written (stdout a file on a full disk), the code not read (stdin not
+        // text): said as the edge's failures are, with exit 2, not main's exit 1, which
+        // says the login failed. A closed pipe still ends it quietly, in main.
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() != std::io::ErrorKind::BrokenPipe) => {
+            let _ = writeln!(std::io::stderr(), "claude-runner login: could not show the sign-in URL or read the code ({}); run `claude-runner login` again", shared::text::one_line(&e.to_string()));
+            Ok(2)
+        }
+        ended => ended,
+    }
 }
 
 /// The edge's words for a login that failed, as this command says them: the edge tells

@@ -2183,3 +2183,25 @@ async fn doctor_gives_up_on_an_edge_that_answers_the_probe_with_noise() {
     assert!(out.contains("keys: the keys were not checked") && out.contains("did not answer within 10 s"), "{out}");
     assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
 }
+
+/// `login` with its stdout a file on a full disk: the URL could not be written, and the
+/// error reached main, which exits 1, "the login failed". It says what could not be done
+/// and exits 2, as when the edge could not start the login; no panic.
+#[test]
+fn login_says_a_url_it_cannot_write() {
+    let edge = edge_that_answers(|_, _| {
+        let body = r#"{"login_id":"l1","url":"https://claude.ai/oauth/authorize?x","agent_id":"spark","state":"awaiting_code"}"#;
+        format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+    });
+    let out = Command::new(bin("claude-runner"))
+        .arg("login")
+        .env("CLAUDE_RUNNER_URL", format!("http://{edge}"))
+        .env("RUNNER_SECRET", SECRET)
+        .stdin(Stdio::null())
+        .stdout(full())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("could not show the sign-in URL") && err.contains("claude-runner login") && !err.contains("panicked"), "{err}");
+}
