@@ -2205,3 +2205,34 @@ fn login_says_a_url_it_cannot_write() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("could not show the sign-in URL") && err.contains("claude-runner login") && !err.contains("panicked"), "{err}");
 }
+
+/// `submit` with no prompt at a terminal waited on stdin, saying nothing: it says it reads
+/// the prompt from stdin and how to end it. Its stdin here is a pseudo-terminal.
+#[test]
+fn submit_at_a_terminal_says_it_reads_the_prompt_from_stdin() {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    // SAFETY: a new pseudo-terminal pair, each end owned at once by a File.
+    let (mut terminal, line) = unsafe {
+        let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+        assert!(master >= 0 && libc::grantpt(master) == 0 && libc::unlockpt(master) == 0);
+        let name = std::ffi::CStr::from_ptr(libc::ptsname(master)).to_owned();
+        let line = libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY);
+        assert!(line >= 0);
+        (std::fs::File::from_raw_fd(master), std::fs::File::from_raw_fd(line))
+    };
+    let child = Command::new(bin("claude-runner"))
+        .args(["submit", "--edge", "http://127.0.0.1:9", "--secret", SECRET])
+        .stdin(Stdio::from(line))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A line, then Ctrl-D: the end of the prompt.
+    terminal.write_all(b"hello\n\x04").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reading the prompt from stdin (Ctrl-D to end)"), "{err}");
+    // Then on to the edge (none here).
+    assert!(err.contains("cannot reach the edge"), "{err}");
+}
