@@ -29,12 +29,12 @@ enum Unanswered {
 /// outcome: allow for the edge's own wait.
 const RELAY_TIME: std::time::Duration = std::time::Duration::from_secs(150);
 
-async fn post(http: &reqwest::Client, url: &str, secret: &str, body: Value) -> Result<(u16, Value), Unanswered> {
-    let resp = match http.post(url).header("X-Runner-Secret", secret).json(&body).timeout(RELAY_TIME).send().await {
+/// POSTs `body` to the edge at `base`, at `path`.
+async fn post(http: &reqwest::Client, base: &str, path: &str, secret: &str, body: Value) -> Result<(u16, Value), Unanswered> {
+    let resp = match http.post(format!("{base}{path}")).header("X-Runner-Secret", secret).json(&body).timeout(RELAY_TIME).send().await {
         Ok(resp) => resp,
         Err(e) => {
             let why = crate::submit::request_error(&e);
-            let base = url.rsplit_once("/oauth/").map_or(url, |(base, _)| base);
             return Err(Unanswered::Failed(match crate::submit::speaks_tls(base).await {
                 Some(tls) => format!("{why}; {tls}"),
                 None => why,
@@ -87,7 +87,7 @@ async fn run_to(err: &mut impl Write, out: &mut impl Write, input: &mut impl Buf
         Some(id) => json!({"agent_id": id}),
         None => json!({}),
     };
-    let (status, start) = match post(&http, &format!("{base}/oauth/login"), &secret, body).await {
+    let (status, start) = match post(&http, &base, "/oauth/login", &secret, body).await {
         Ok(answer) => answer,
         Err(Unanswered::Failed(e)) => {
             say(err, format!("claude-runner login: cannot reach the edge at {base}: {e}; check --edge (CLAUDE_RUNNER_URL)"))?;
@@ -113,7 +113,7 @@ async fn run_to(err: &mut impl Write, out: &mut impl Write, input: &mut impl Buf
         say(err, "claude-runner login: no code given; the login on the runner is given up in 10 minutes (or start again)".into())?;
         return Ok(1);
     }
-    let (status, done) = match post(&http, &format!("{base}/oauth/login/code"), &secret, json!({"login_id": login_id, "code": code})).await {
+    let (status, done) = match post(&http, &base, "/oauth/login/code", &secret, json!({"login_id": login_id, "code": code})).await {
         Ok(answer) => answer,
         Err(Unanswered::Failed(e)) => {
             say(err, format!("claude-runner login: lost the edge while sending the code: {e}; check GET /oauth/status"))?;
