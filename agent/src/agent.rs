@@ -99,6 +99,11 @@ pub struct Agent {
     jobs: mpsc::UnboundedSender<JobTask>,
     /// When the jobs' waiting progress batches go.
     progress_clock: Arc<crate::progress_clock::ProgressClock>,
+    /// This agent process's id, new at each start and in every hello it sends
+    /// ([`shared::protocol::Hello::process`]): the edge tells this process reconnecting
+    /// from another one proving the same AGENT_ID, which it refuses while this one is
+    /// connected.
+    pub process: String,
 }
 
 /// The file in DATA_DIR whose lock the agent holds while it lives: one agent per DATA_DIR.
@@ -206,6 +211,7 @@ impl Agent {
             link: Default::default(),
             jobs,
             progress_clock: Default::default(),
+            process: shared::ids::process_id(runtime::entropy()),
         };
         agent.status.mirrors(agent.repos.mirror_names());
         Ok((Arc::new(agent), Queues { uplink: uplink_rx, jobs: jobs_rx }))

@@ -38,6 +38,10 @@ enum End {
     /// it spoke another protocol): the fix is on this side's settings as often as the
     /// edge's, and the log must not send the operator to the edge alone.
     Refusing(String),
+    /// The edge refused us because another agent process is connected with this AGENT_ID
+    /// ([`close::DUPLICATE`]): retried with the backoff, so this one takes over once the
+    /// other is gone, but said at error every time, with the fix.
+    Duplicate(String),
 }
 
 /// Connects, serves and reconnects until `shutdown` turns true.
@@ -55,6 +59,7 @@ pub async fn run(agent: Arc<Agent>, mut uplink: mpsc::UnboundedReceiver<AgentMes
             End::Unreached(why) => End::Unreached(peer_words(&why)),
             End::Refused(why) => End::Refused(peer_words(&why)),
             End::Refusing(why) => End::Refusing(peer_words(&why)),
+            End::Duplicate(why) => End::Duplicate(peer_words(&why)),
             End::Shutdown => End::Shutdown,
         };
         match &end {
@@ -68,8 +73,9 @@ pub async fn run(agent: Arc<Agent>, mut uplink: mpsc::UnboundedReceiver<AgentMes
             End::Unreached(why) => warn!(agent_id = %agent.cfg.agent_id, reason = %why, "could not connect to the edge"),
             End::Refused(why) => error!(agent_id = %agent.cfg.agent_id, reason = %why, "the edge refused this agent"),
             End::Refusing(why) => error!(agent_id = %agent.cfg.agent_id, reason = %why, "this agent refused the edge"),
+            End::Duplicate(why) => error!(agent_id = %agent.cfg.agent_id, process = %agent.process, reason = %why, "another agent process is connected to the edge with this AGENT_ID"),
         }
-        if let End::Lost(why) | End::Unreached(why) | End::Refused(why) | End::Refusing(why) = &end {
+        if let End::Lost(why) | End::Unreached(why) | End::Refused(why) | End::Refusing(why) | End::Duplicate(why) = &end {
             agent.status.disconnected(why);
         }
         // Capped while jobs run here or results wait for the edge: it gives those up as
@@ -128,9 +134,15 @@ async fn next_edge_message(ws: &mut Socket) -> Result<EdgeMessage, Cut> {
 /// version, its labels — unless the edge said it is stopping (4005: it began to stop
 /// during this handshake and is back in a moment) or let go of a connection still
 /// unproven (4004: its handshake deadline, or room made for newer ones), both passing.
-fn ended_before_welcome(code: u16, reason: String) -> End {
+fn ended_before_welcome(agent_id: &str, code: u16, reason: String) -> End {
     match code {
         close::SHUTTING_DOWN | close::SILENT => End::Lost(reason),
+        // Said in our own words (what the edge said is not proven yet), with its words after.
+        close::DUPLICATE => End::Duplicate(format!(
+            "the edge refused this connection: another agent process is connected as `{agent_id}`. Give each machine its own AGENT_ID \
+             and key (`claude-runner keygen`, the public key added to the edge's AGENT_PUBLIC_KEYS), or stop the other agent; \
+             this one keeps retrying and takes over once the other is gone (the edge said: {reason})"
+        )),
         _ => End::Refused(reason),
     }
 }
@@ -334,6 +346,7 @@ async fn session(
         claude_version: agent.cli.current(),
         labels: cfg.labels.clone(),
         mirrors: agent.mirrors_for_hello(),
+        process: Some(agent.process.clone()),
     };
     let envelope = Envelope::seal(Domain::Hello, &hello, &cfg.signing_key);
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: cfg.agent_id.clone(), envelope };
@@ -355,7 +368,7 @@ async fn session(
             if code == close::SHUTTING_DOWN {
                 reconnect.edge_restarting_before_welcome();
             }
-            return ended_before_welcome(code, reason);
+            return ended_before_welcome(&cfg.agent_id, code, reason);
         }
         Ok(Ok(_)) => return refuse(&mut ws, close::PROTOCOL_ERROR, "expected a welcome from the edge".into()).await,
         Ok(Err(Cut::Broken(why))) => return End::Lost(why),
@@ -554,10 +567,22 @@ mod tests {
     #[test]
     fn an_edge_stopping_before_its_welcome_is_a_lost_connection_not_a_refusal() {
         for code in [close::SHUTTING_DOWN, close::SILENT] {
-            assert!(matches!(ended_before_welcome(code, "restarting".into()), End::Lost(_)), "{code}");
+            assert!(matches!(ended_before_welcome("spark", code, "restarting".into()), End::Lost(_)), "{code}");
         }
         for code in [close::UNAUTHORIZED, close::VERSION_MISMATCH, close::PROTOCOL_ERROR, close::INTERNAL_ERROR] {
-            assert!(matches!(ended_before_welcome(code, "no".into()), End::Refused(_)), "{code}");
+            assert!(matches!(ended_before_welcome("spark", code, "no".into()), End::Refused(_)), "{code}");
+        }
+    }
+
+    /// Refused because another process is connected as this AGENT_ID: said in the agent's
+    /// own words, with what to do, and the edge's words after them.
+    #[test]
+    fn a_duplicate_refusal_says_what_to_do() {
+        let End::Duplicate(why) = ended_before_welcome("spark", close::DUPLICATE, "since 2026-12-04T10:00:00Z".into()) else {
+            panic!("a duplicate")
+        };
+        for says in ["another agent process is connected as `spark`", "its own AGENT_ID", "stop the other", "keeps retrying", "since 2026-12-04T10:00:00Z"] {
+            assert!(why.contains(says), "{says}: {why}");
         }
     }
 

@@ -33,6 +33,22 @@ pub fn shown_job_id(id: &str) -> &str {
     }
 }
 
+/// Random bytes in an agent's process id ([`crate::protocol::Hello::process`]): enough that
+/// two processes never draw the same.
+pub const PROCESS_ID_BYTES: usize = 16;
+
+/// An agent's process id as made from `random` ([`PROCESS_ID_BYTES`] of them): lower-case hex.
+pub fn process_id(random: [u8; PROCESS_ID_BYTES]) -> String {
+    hex(&random)
+}
+
+/// A process id the edge takes into its records and logs: 1-64 letters or digits. The
+/// agent makes its own as [`process_id`]; anything else in a signed hello is the agent's
+/// bug, refused with the hello.
+pub fn valid_process_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -57,5 +73,7 @@ mod tests {
         assert_eq!(hex(&[0, 1, 0xab, 0xff]), "0001abff");
         assert_eq!(shown_job_id("0190abc-def_1"), "0190abc-def_1");
         assert_eq!(shown_job_id("j1\n2026-01-01 INFO forged"), "-");
+        assert!(valid_process_id(&process_id([0xab; PROCESS_ID_BYTES])) && process_id([0xab; PROCESS_ID_BYTES]).len() == 32);
+        assert!(!valid_process_id("") && !valid_process_id("a-b") && !valid_process_id(&"a".repeat(65)));
     }
 }

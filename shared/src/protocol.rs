@@ -141,6 +141,11 @@ pub mod close {
     pub const REPLACED: u16 = 4003;
     pub const SILENT: u16 = 4004;
     pub const SHUTTING_DOWN: u16 = 4005;
+    /// A hello refused because another agent process is connected with the same agent id
+    /// and is still heard from ([`super::Hello::process`]): the older connection is kept
+    /// untouched, its jobs with it. The agent retries (it takes over once the other one is
+    /// gone); the operator gives each machine its own id.
+    pub const DUPLICATE: u16 = 4006;
     /// A probe answered ([`super::AgentMessage::Probe`]): the edge closes, its work done.
     pub const PROBED: u16 = 1000;
 
@@ -341,6 +346,18 @@ pub struct Hello {
     /// The repositories it holds a mirror of (names, [`crate::repo::RepoUrl::name`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mirrors: Vec<String>,
+    /// Which agent process this is: random, made once at the agent's start and the same in
+    /// every hello it sends until it stops ([`crate::ids::valid_process_id`]). The edge
+    /// keeps one connection per agent id and took a newer hello for the same agent come
+    /// back (the older connection dead or half-open), ending the jobs it did not name. Two
+    /// processes given the same `AGENT_ID` and key (a `.env` copied to a second machine)
+    /// then took turns replacing each other, each hello ending the other's running jobs as
+    /// lost while they ran. With it the edge tells a reconnect of the same process, or a
+    /// restart after the old connection fell silent, from a second process while the first
+    /// is still heard: that one is refused ([`close::DUPLICATE`]). Absent (`None`: an agent
+    /// of before the field, or a probe) a hello is taken as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
 }
 
 /// The most finished jobs a hello names: a spool of results that were never acknowledged
@@ -696,6 +713,7 @@ mod tests {
             claude_version: None,
             labels: Default::default(),
             mirrors: Vec::new(),
+            process: Some(crate::ids::hex(&[0xff; crate::ids::PROCESS_ID_BYTES])),
         };
         let envelope = Envelope::seal(Domain::Hello, &hello, &SigningKey::from_bytes(&[7; 32]));
         let text = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope }.to_text();

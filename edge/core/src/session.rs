@@ -79,6 +79,10 @@ pub struct Agent {
     /// The re-login relayed to this agent, while one is under way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub login: Option<LoginRelay>,
+    /// The agent process on this connection, from its signed hello
+    /// ([`shared::protocol::Hello::process`]; `None` from an agent of before the field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
 }
 
 /// A `claude auth login` the edge relays to an agent: started by `POST /oauth/login`,
@@ -219,7 +223,8 @@ impl Session {
     /// the login again starts a new one); last the CLI's version (a character outside
     /// Latin-1 doubles the cost of the whole attachment, and the most labels an agent may
     /// offer then no longer fit; every heartbeat brings it back). What the machine decides
-    /// with — phase, credits, labels, pause, jobs, the relay's state — stays whole in each.
+    /// with — phase, credits, labels, pause, jobs, the relay's state, the agent's process —
+    /// stays whole in each.
     pub fn shorter_forms(&self) -> Vec<Session> {
         let mut cut = self.clone();
         if let Some(agent) = cut.agent_mut() {
@@ -340,6 +345,13 @@ pub fn verify_hello(
             "the hello answers another connection's challenge (a replay?); reconnect",
         ));
     }
+    // Signed, so the agent's own words, but they go into the edge's records and logs.
+    if hello.process.as_deref().is_some_and(|p| !shared::ids::valid_process_id(p)) {
+        return Err(Refused::new(
+            close::PROTOCOL_ERROR,
+            "the hello's process id is not 1-64 letters or digits; run the same claude-runner release on the agent and the edge",
+        ));
+    }
     if hello.issued_at.abs_diff(wall) > CLOCK_SKEW_MS {
         return Err(Refused::new(
             close::UNAUTHORIZED,
@@ -420,6 +432,7 @@ mod tests {
                 stopping: false,
                 usage_hold_until: None,
                 login: Some(login.clone()),
+                process: Some(shared::ids::process_id([7; shared::ids::PROCESS_ID_BYTES])),
             }),
         };
         let [cut, without_url, without_version] = <[Session; 3]>::try_from(session.shorter_forms()).unwrap();
@@ -437,5 +450,6 @@ mod tests {
         let (whole, kept) = (session.agent().unwrap(), agent);
         assert_eq!((kept.capacity, kept.slots, kept.sent, &kept.agent_id), (whole.capacity, whole.slots, whole.sent, &whole.agent_id));
         assert_eq!(without_version.agent().unwrap().keys, whole.keys, "the connection's keys stay whole in every form");
+        assert_eq!(without_version.agent().unwrap().process, whole.process, "the agent's process stays: it tells a duplicate from a reconnect");
     }
 }

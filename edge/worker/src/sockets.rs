@@ -210,6 +210,8 @@ mod tests {
                 mirrors: Default::default(),
                 paused: false,
                 stopping: false,
+                // As an agent makes it: the record keeps it in every form.
+                process: Some(shared::ids::process_id([0xff; shared::ids::PROCESS_ID_BYTES])),
             }),
         }
     }

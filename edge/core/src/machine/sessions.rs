@@ -329,8 +329,16 @@ impl Edge {
             self.close(now, session_id, refused, effects);
             return;
         }
+        if let Some(refused) = self.duplicate(now, &hello) {
+            self.stats_mut().refused_agents += 1;
+            let process = hello.process.as_deref().unwrap_or("-");
+            warn!(agent_id = %agent_id, session = session_id, process, reason = %refused.reason, "agent refused: another process of the same agent id is connected");
+            self.close(now, session_id, refused, effects);
+            return;
+        }
         let paused = self.alerts.paused.contains(&agent_id);
-        // One connection per agent: a newer one means the older is dead or a duplicate.
+        // One connection per agent: a newer one from the same process (or after the older
+        // fell silent, [`Edge::duplicate`]) means the older is dead or half-open.
         let older: Vec<String> = self
             .ready()
             .filter(|(_, a)| a.agent_id == agent_id)
@@ -362,6 +370,7 @@ impl Edge {
             stopping: false,
             usage_hold_until: None,
             login: None,
+            process: hello.process.clone(),
         });
         session.agent_mut().expect("just made ready").report(hello.oauth.clone(), now);
         let hold = session.agent().and_then(|a| a.usage_hold_until);
@@ -386,6 +395,38 @@ impl Edge {
         }
         self.settle_queue(now, effects);
         self.observe(now, effects);
+    }
+
+    /// Why a verified hello must be refused because another process of its agent id holds
+    /// the connection, if it must: that connection is still heard from (its silence
+    /// deadline, [`crate::session::Session::deadline`], not passed) and was proven by
+    /// another process ([`shared::protocol::Hello::process`]). Replacing it would end
+    /// every job the other process runs as lost while it runs them (the new hello does
+    /// not name them), and the two would take turns replacing each other for ever. So
+    /// the newer connection is refused and nothing of the older one is touched; once it
+    /// closes, or falls silent past its deadline (a power cut), the next hello takes
+    /// over. The same process again (its older connection half-open), or a hello or
+    /// connection that names no process (an agent of before the field), replaces it.
+    fn duplicate(&self, now: Now, hello: &Hello) -> Option<Refused> {
+        let process = hello.process.as_deref()?;
+        let hb = self.cfg.heartbeat_interval_ms;
+        let other = self
+            .sessions
+            .values()
+            .filter(|s| s.deadline(hb) > now.at)
+            .filter_map(|s| s.agent().map(|a| (s, a)))
+            .filter(|(_, a)| a.agent_id == hello.agent_id)
+            .find(|(_, a)| a.process.as_deref().is_some_and(|p| p != process))?;
+        let (session, agent) = other;
+        let since = shared::time::rfc3339(now.wall_of(session.connected_at));
+        Some(Refused::new(
+            close::DUPLICATE,
+            format!(
+                "another agent process is connected as `{}` (since {since}); give each machine its own AGENT_ID and key, or stop the other one. This one is let in once the other's connection closes or is silent for {} ms",
+                agent.agent_id,
+                2 * hb
+            ),
+        ))
     }
 
     /// Takes an agent's report of its login and usage window.

@@ -616,3 +616,110 @@ fn a_job_cancelled_in_the_millisecond_another_ended_is_kept_and_answered() {
     assert_eq!((status, &body["state"]), (202, &json!("cancelled")), "{body}");
     assert!(edge.job("j0").is_some() && edge.job("j1").is_none(), "the job that ended first went");
 }
+
+/// `spark`'s agent process `process` (`None`: an agent of before the field) connects at
+/// `now` with a hello naming `running`; the connection's id and what the edge did.
+fn join_process(edge: &mut Edge, now: u64, process: Option<&str>, running: &[&str], seed: u8) -> (String, Vec<Effect>) {
+    let (sid, effects) = edge.connect(now, [seed; 64], PEER);
+    let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
+    let hello = Hello {
+        running: running.iter().map(|s| s.to_string()).collect(),
+        process: process.map(str::to_string),
+        ..hello("spark", nonce, now)
+    };
+    let effects = edge.message(now, &sid, &hello_text(&hello, &agent_key(1)));
+    (sid, effects)
+}
+
+/// Process `a` of `spark` runs `/execute` job `j1` on its connection.
+fn running_on_a() -> (Edge, String) {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, effects) = join_process(&mut edge, 0, Some("a0"), &[], 1);
+    assert!(closed(&effects).is_none(), "{effects:?}");
+    say(&mut edge, 0, &sid, credit(1, 0));
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    assert_eq!(edge.job("j1").unwrap().state, JobState::Running);
+    (edge, sid)
+}
+
+/// The review's scenario: a `.env` copied to a second machine, so two agent processes
+/// prove the same AGENT_ID with the same key. The second one's hello (holding nothing)
+/// replaced the first's connection and ended its running job `lost` — its `/execute`
+/// caller told to fall back while the first agent still ran it — and the two took turns
+/// replacing each other. Now the second is refused, saying why and what to do, and the
+/// first keeps its connection and its job, whose result still ends it.
+#[test]
+fn a_second_process_of_the_same_agent_is_refused_and_the_first_keeps_its_jobs() {
+    let (mut edge, a) = running_on_a();
+    for (t, seed) in [(500, 2), (1_500, 3), (2_500, 4)] {
+        // The first is heard all along.
+        if t > 1_000 {
+            pulse(&mut edge, t - 500, &a, beat(&["j1"], 0, 1));
+        }
+        let (b, effects) = join_process(&mut edge, t, Some("b0"), &[], seed);
+        let (code, _) = closed(&effects).expect("the second process is refused");
+        assert_eq!(code, close::DUPLICATE);
+        let said = sent(&effects, &b).into_iter().find_map(|m| match m {
+            EdgeMessage::Goodbye { reason, .. } => Some(reason),
+            _ => None,
+        });
+        let said = said.expect("a goodbye says why in full");
+        for says in ["another agent process is connected as `spark` (since 1970-01-01T00:00:00Z)", "its own AGENT_ID and key", "stop the other one"] {
+            assert!(said.contains(says), "{says}: {said}");
+        }
+        assert!(finished(&effects).is_empty(), "nothing ends: {effects:?}");
+        assert!(!effects.iter().any(|e| matches!(e, Effect::Close { session, .. } if *session == a)), "the first's connection untouched");
+        assert!(edge.session(&b).is_none(), "the refused connection is gone");
+        let job = edge.job("j1").unwrap();
+        assert_eq!((job.state, job.session_id.as_deref(), job.orphaned_at), (JobState::Running, Some(a.as_str()), None));
+    }
+    assert_eq!(edge.stats().refused_agents, 3);
+    let done = finished(&report(&mut edge, 3_000, &a, "j1", ok_result()));
+    assert_eq!((done[0].0.as_str(), done[0].1, &done[0].2["success"]), ("j1", 200, &json!(true)), "{done:?}");
+}
+
+/// The same process again (its older connection half-open: it gave it up, the edge has not
+/// yet) replaces it, as before, and its job carries on on the new connection; so does a
+/// hello that names no process (an agent of before the field).
+#[test]
+fn the_same_process_reconnecting_replaces_its_older_connection() {
+    for process in [Some("a0"), None] {
+        let (mut edge, a) = running_on_a();
+        let (a2, effects) = join_process(&mut edge, 500, process, &["j1"], 2);
+        assert_eq!(closed(&effects), Some((close::REPLACED, "replaced by a newer connection of the same agent".into())), "{process:?}");
+        assert!(edge.session(&a).is_none() && edge.session(&a2).is_some());
+        assert_eq!(edge.job("j1").unwrap().session_id.as_deref(), Some(a2.as_str()));
+        let done = finished(&report(&mut edge, 600, &a2, "j1", ok_result()));
+        assert_eq!((done[0].1, &done[0].2["success"]), (200, &json!(true)), "{done:?}");
+    }
+}
+
+/// Another process once the older connection has been silent as long as the edge allows
+/// (two heartbeat intervals; the edge would close it at its next tick): the agent was
+/// restarted after a power cut. It takes over, and what the old one ran is lost at once,
+/// as before. A moment earlier it is still refused.
+#[test]
+fn another_process_replaces_a_connection_gone_silent() {
+    let (mut edge, a) = running_on_a();
+    let (_, effects) = join_process(&mut edge, 2 * HB - 1, Some("b0"), &[], 2);
+    assert_eq!(closed(&effects).map(|c| c.0), Some(close::DUPLICATE), "still within the window");
+    let (b, effects) = join_process(&mut edge, 2 * HB, Some("b0"), &[], 3);
+    assert_eq!(closed(&effects).map(|c| c.0), Some(close::REPLACED), "{effects:?}");
+    assert!(edge.session(&a).is_none() && edge.session(&b).is_some());
+    let done = finished(&effects);
+    assert_eq!((done[0].0.as_str(), done[0].1, &done[0].2["error_code"]), ("j1", 502, &json!("RUNNER_LOST")), "{done:?}");
+}
+
+/// A process id the edge would not keep (it goes into records and logs) refuses the hello.
+#[test]
+fn a_hello_with_a_malformed_process_id_is_refused() {
+    let mut edge = Edge::new(config(), 0);
+    for bad in ["", "a-b", "a\nb", &"a".repeat(65)] {
+        let (_, effects) = join_process(&mut edge, 0, Some(bad), &[], 1);
+        let (code, reason) = closed(&effects).expect("refused");
+        assert_eq!(code, close::PROTOCOL_ERROR, "{bad:?}");
+        assert!(reason.contains("process id"), "{reason}");
+    }
+    assert!(!edge.is_online());
+}
