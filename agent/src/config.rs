@@ -375,10 +375,24 @@ pub fn key_file_problem(path: &Path, mode: u32, data_dir: &Path) -> Option<Strin
     None
 }
 
-/// Whether the agent's key was given as a command-line flag: every local user (and every
-/// job) can read a process's command line in /proc, so that is refused.
-pub fn key_on_command_line(args: impl IntoIterator<Item = std::ffi::OsString>) -> bool {
-    args.into_iter().any(|a| a.to_str().is_some_and(|a| a == "--agent-signing-key" || a.starts_with("--agent-signing-key=")))
+/// Refuses a secret ([`SECRET_VARS`]) given as a flag to the command `matches` holds
+/// (parsed with `cli`): every local user, and every job (the agent's user), can read a
+/// process's command line in /proc for its whole life, and a job must never see the
+/// agent's secrets (README, What a job can see). Such a setting is taken from the
+/// environment (or a file, where there is one) only; the error names it.
+pub fn refuse_secret_flags(cli: &clap::Command, matches: &clap::ArgMatches) -> anyhow::Result<()> {
+    let Some((name, given)) = matches.subcommand() else { return Ok(()) };
+    let Some(command) = cli.find_subcommand(name) else { return Ok(()) };
+    for arg in command.get_arguments() {
+        let (Some(env), Some(flag)) = (arg.get_env().and_then(|e| e.to_str()), arg.get_long()) else { continue };
+        if SECRET_VARS.contains(&env) && given.value_source(arg.get_id().as_str()) == Some(clap::parser::ValueSource::CommandLine) {
+            let file = if env == "AGENT_SIGNING_KEY" { " or use AGENT_KEY_FILE (a file of mode 600)" } else { "" };
+            anyhow::bail!(
+                "--{flag} puts a secret in the process's command line, which every local user (and every job) can read: set {env} in the environment instead{file}"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The machine's hostname, made into a valid agent id.
@@ -429,11 +443,6 @@ impl AgentArgs {
 
     /// The text of the agent's signing key, from AGENT_SIGNING_KEY or AGENT_KEY_FILE.
     pub fn signing_key_text(&self) -> anyhow::Result<String> {
-        if key_on_command_line(std::env::args_os()) {
-            anyhow::bail!(
-                "--agent-signing-key puts the key in the process's command line, which every local user (and every job) can read: set AGENT_SIGNING_KEY in the environment or use AGENT_KEY_FILE"
-            );
-        }
         match (&self.agent_signing_key, &self.agent_key_file) {
             (Some(k), _) => Ok(k.clone()),
             (None, Some(path)) => {
@@ -652,13 +661,5 @@ mod tests {
             assert!(secrets.iter().any(|x| x == s), "{s} in {secrets:?}");
         }
         assert!(!secrets.iter().any(|s| s.trim().is_empty()));
-    }
-
-    #[test]
-    fn a_key_flag_on_the_command_line_is_noticed() {
-        let argv = |a: &[&str]| a.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
-        assert!(key_on_command_line(argv(&["claude-runner", "agent", "--agent-signing-key", "x"])));
-        assert!(key_on_command_line(argv(&["claude-runner", "agent", "--agent-signing-key=x"])));
-        assert!(!key_on_command_line(argv(&["claude-runner", "agent", "--agent-key-file", "/k"])));
     }
 }

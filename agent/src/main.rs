@@ -216,6 +216,12 @@ fn main() {
             std::process::exit(1);
         }
     }
+    // A secret given as a flag (`--github-token`, `--secret`, …) is refused before anything
+    // reads it: it is in /proc for this process's whole life.
+    if let Err(e) = matches.as_ref().map_or(Ok(()), |m| config::refuse_secret_flags(&command, m)) {
+        eprintln!("claude-runner: {e}");
+        std::process::exit(2);
+    }
     let cli = matches
         .and_then(|mut m| <Cli as clap::FromArgMatches>::from_arg_matches_mut(&mut m).map_err(|e| e.format(&mut parsing)))
         .unwrap_or_else(|e| e.exit());

@@ -58,7 +58,8 @@ pub struct EdgeArgs {
     /// The edge's HTTP(S) URL, e.g. https://claude-runner-edge.<you>.workers.dev
     #[arg(long, env = "CLAUDE_RUNNER_URL")]
     pub edge: Option<String>,
-    /// The runner secret (the pool's RUNNER_SECRET, or a caller's own).
+    /// The runner secret (the pool's, or a caller's own), from the environment only: the
+    /// flag is refused, since a command line is readable by every local user.
     #[arg(long, env = "RUNNER_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
     /// Send the secret over plaintext http:// to a host that is not this machine too (only
@@ -157,7 +158,7 @@ pub(crate) fn redirected(answer: &reqwest::Response) -> Option<String> {
 /// What to do without a runner secret: set one, or take `up`'s from `up_json`.
 fn missing_secret(up_json: &std::path::Path) -> String {
     format!(
-        "no runner secret: set RUNNER_SECRET (or --secret); `claude-runner up` prints its own when it starts and keeps it in {} (`runner_secret`)",
+        "no runner secret: set RUNNER_SECRET in the environment; `claude-runner up` prints its own when it starts and keeps it in {} (`runner_secret`)",
         up_json.display()
     )
 }
@@ -168,7 +169,7 @@ fn missing_secret(up_json: &std::path::Path) -> String {
 pub(crate) fn refusal(status: u16, answer: &Value) -> String {
     let error = answer["error"].as_str().unwrap_or("no readable answer");
     match status {
-        403 => format!("{error} (the secret sent is RUNNER_SECRET, or --secret: check it)"),
+        403 => format!("{error} (the secret sent is RUNNER_SECRET: check it)"),
         _ => error.to_string(),
     }
 }
@@ -657,7 +658,7 @@ mod tests {
     fn a_refused_secret_says_which_setting_to_check() {
         let answer = json!({"success": false, "error": "missing or wrong runner secret: send it in the X-Runner-Secret header (or Authorization: Bearer)", "error_code": "UNAUTHORIZED"});
         let line = super::refusal(403, &answer);
-        assert!(line.starts_with("missing or wrong runner secret") && line.contains("the secret sent is RUNNER_SECRET, or --secret"), "{line}");
+        assert!(line.starts_with("missing or wrong runner secret") && line.contains("the secret sent is RUNNER_SECRET: check it"), "{line}");
         let busy = json!({"error": "the queue is full"});
         assert_eq!(super::refusal(429, &busy), "the queue is full");
         assert_eq!(super::refusal(400, &json!("<html>")), "no readable answer");

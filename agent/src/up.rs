@@ -269,19 +269,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!(
         "Claude Runner is up: edge http://{addr}, agent `{id}` connecting to it.
 {login_note}
+  {export}
+
   curl -s -X POST http://{addr}/execute \\
-    -H 'Content-Type: application/json' -H 'X-Runner-Secret: {secret}' \\
+    -H 'Content-Type: application/json' -H \"X-Runner-Secret: $RUNNER_SECRET\" \\
     -d '{{\"prompt\": \"Write a haiku about home servers\"}}'
 
-  curl -s -H 'X-Runner-Secret: {secret}' http://{addr}/health
+  curl -s -H \"X-Runner-Secret: $RUNNER_SECRET\" http://{addr}/health
 
-  {export}
   {runner} submit \"Write a haiku about home servers\"
 
 The status page: http://{addr}/ (it asks for the secret); `{runner} status` shows the agent.
 Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both (running jobs finish first).",
         id = state.agent_id,
-        secret = state.runner_secret,
         export = export_line(addr, &state.runner_secret),
         keys_path = crate::config::up_state_file(&args.local.data_dir()).display(),
     );

@@ -55,6 +55,65 @@ fn keygen_env_prints_matching_settings_for_an_env_file() {
     assert_eq!(format!("spark={}", shared::keys::encode_verifying(&agent.verifying_key())), settings["AGENT_PUBLIC_KEYS"]);
 }
 
+/// A secret given as a flag is in the process's command line, which every local user and
+/// every job (the agent's user) can read in /proc for the process's whole life: only
+/// `--agent-signing-key` was refused; `--github-token`, `--repo-tokens` (`agent`, `up`,
+/// `doctor`) and `--secret` (`submit`, `login`) were taken. Each is refused, in both
+/// forms, naming the variable to set instead; that variable is still read.
+#[test]
+fn a_secret_given_as_a_flag_is_refused_and_its_variable_taken() {
+    let data = TempDir::new("secret-flags");
+    let value = "ghp_secret-on-the-command-line-0123456789";
+    let closed = closed_port();
+    // Each stops early where the secret is taken: no Claude to run, an edge that is not there.
+    let run = |command: &str, args: &[&str], env: Option<(&str, &str)>| {
+        let mut cmd = Command::new(bin("claude-runner"));
+        cmd.arg(command).args(args);
+        if command == "submit" {
+            cmd.arg("hello");
+        }
+        for var in ["AGENT_SIGNING_KEY", "AGENT_KEY_FILE", "EDGE_URL", "EDGE_PUBLIC_KEY", "GITHUB_TOKEN", "REPO_TOKENS", "RUNNER_SECRET"] {
+            cmd.env_remove(var);
+        }
+        let out = cmd
+            .envs(env)
+            .env("DATA_DIR", data.path())
+            .env("LISTEN", "127.0.0.1:0")
+            .env("CLAUDE_BIN", "claude-that-does-not-exist")
+            .env("CLAUDE_RUNNER_URL", format!("http://127.0.0.1:{}", closed.port))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let cases = [
+        ("agent", "--github-token", "GITHUB_TOKEN"),
+        ("agent", "--repo-tokens", "REPO_TOKENS"),
+        ("agent", "--agent-signing-key", "AGENT_SIGNING_KEY"),
+        ("up", "--github-token", "GITHUB_TOKEN"),
+        ("up", "--repo-tokens", "REPO_TOKENS"),
+        ("doctor", "--github-token", "GITHUB_TOKEN"),
+        ("submit", "--secret", "RUNNER_SECRET"),
+        ("login", "--secret", "RUNNER_SECRET"),
+    ];
+    for (command, flag, var) in cases {
+        let given = if var == "REPO_TOKENS" { format!("git.example.com={value}") } else { value.to_string() };
+        let joined = format!("{flag}={given}");
+        for args in [vec![flag, given.as_str()], vec![joined.as_str()]] {
+            let (code, err) = run(command, &args, None);
+            assert_eq!(code, Some(2), "{command} {args:?}: {err}");
+            assert!(
+                err.contains(&format!("{flag} puts a secret in the process's command line")) && err.contains(&format!("set {var} in the environment")),
+                "{command} {args:?}: {err}"
+            );
+            assert!(!err.contains(value), "the refusal repeats the secret: {err}");
+        }
+        // From the environment it is taken: what stops the command is something else.
+        let (_, err) = run(command, &[], Some((var, &given)));
+        assert!(!err.contains("command line") && !err.contains(&format!("set {var}")), "{command} with {var} set: {err}");
+    }
+}
+
 #[test]
 fn up_without_claude_says_how_to_install_it() {
     let data = TempDir::new("up-noclaude");
@@ -239,7 +298,20 @@ async fn up_runs_an_edge_and_a_connected_agent() {
     let printed = up.printed();
     // Printed before the agent's first dial: it is connecting, not yet connected.
     assert!(up.first.ends_with("connecting to it."), "{}", up.first);
-    assert!(printed.iter().any(|l| l.contains(&format!("X-Runner-Secret: {secret}"))), "{printed:?}");
+    // The curl lines read the secret the export line sets: pasted in order, as printed,
+    // they reach the edge; none holds the secret itself (a pasted line is kept in the
+    // shell's history).
+    let export_at = printed.iter().position(|l| l.trim_start().starts_with("export ")).expect("an export line");
+    let health = printed.iter().position(|l| l.contains("/health")).expect("a curl line for /health");
+    assert!(export_at < health, "{printed:?}");
+    assert!(!printed.iter().any(|l| l.contains("curl") && l.contains(secret.as_str())), "{printed:?}");
+    let pasted = Command::new("bash")
+        .arg("-c")
+        .arg(format!("{}\n{} -o /dev/null -w '%{{http_code}}'", printed[export_at].trim(), printed[health].trim()))
+        .env_remove("RUNNER_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&pasted.stdout), "200", "{printed:?} {}", String::from_utf8_lossy(&pasted.stderr));
     assert!(!printed.iter().any(|l| l.contains("not logged in")), "{printed:?}");
     // `submit` finds the edge the way `up` says, as it says.
     let export = format!("export CLAUDE_RUNNER_URL={base} RUNNER_SECRET='{secret}'");
@@ -1066,7 +1138,8 @@ fn submit_stopped_past_its_budget_reads_the_result_that_came_meanwhile() {
         }
     });
     let submit = Command::new(bin("claude-runner"))
-        .args(["submit", "--edge", &format!("http://{addr}"), "--secret", SECRET, "--follow-for", "1s", "hello"])
+        .env("RUNNER_SECRET", SECRET)
+        .args(["submit", "--edge", &format!("http://{addr}"), "--follow-for", "1s", "hello"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -1273,7 +1346,8 @@ fn submit_gives_up_after_follow_for_on_an_edge_that_stays_away() {
     assert_eq!(lost, ["· lost the edge (502 Bad Gateway); following job j1 again…"], "{err}");
     // The same, from the environment; and a time that is none is refused, saying how to write one.
     let out = Command::new(bin("claude-runner"))
-        .args(["submit", "--edge", &format!("http://{addr}"), "--secret", SECRET, "hello"])
+        .env("RUNNER_SECRET", SECRET)
+        .args(["submit", "--edge", &format!("http://{addr}"), "hello"])
         .env("CLAUDE_RUNNER_FOLLOW_FOR", "ten minutes")
         .output()
         .unwrap();
@@ -1309,7 +1383,8 @@ fn submit_hello_to(addr: std::net::SocketAddr, stuck: &str) -> std::process::Out
 /// [`submit_hello_to`] with more of `submit`'s options (`args`).
 fn submit_hello_with(addr: std::net::SocketAddr, args: &[&str], stuck: &str) -> std::process::Output {
     let child = Command::new(bin("claude-runner"))
-        .args(["submit", "--edge", &format!("http://{addr}"), "--secret", SECRET, "hello"])
+        .env("RUNNER_SECRET", SECRET)
+        .args(["submit", "--edge", &format!("http://{addr}"), "hello"])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1362,8 +1437,9 @@ async fn submit_shows_progress_and_prints_the_result() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("CLAUDE_ERROR"), "{err}");
 
-    let (code, _, err) = submit(&["x", "--secret", "wrong"], "");
-    assert_eq!(code, Some(2));
+    let wrong = Command::new(bin("claude-runner")).args(["submit", "x"]).env("CLAUDE_RUNNER_URL", edge.url()).env("RUNNER_SECRET", "wrong").output().unwrap();
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert_eq!(wrong.status.code(), Some(2), "{err}");
     assert!(err.contains("403"), "{err}");
 }
 
@@ -1719,7 +1795,8 @@ impl Submitting {
     fn start(args: &[&str]) -> Submitting {
         use tokio::io::AsyncBufReadExt;
         let mut child = tokio::process::Command::new(bin("claude-runner"))
-            .args(["submit", "--secret", SECRET])
+            .env("RUNNER_SECRET", SECRET)
+            .arg("submit")
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

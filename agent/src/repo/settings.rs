@@ -30,10 +30,13 @@ pub struct RepoArgs {
     /// Hosts `repo_url` may name, comma-separated (`host` or `host:port`).
     #[arg(long, env = "ALLOWED_REPO_HOSTS", default_value = GITHUB)]
     pub allowed_repo_hosts: String,
-    /// Token for private repositories on github.com.
+    /// Token for private repositories on github.com, from the environment only: the flag
+    /// is refused, since a command line is readable by every local user.
     #[arg(long, env = "GITHUB_TOKEN", hide_env_values = true)]
     pub github_token: Option<String>,
-    /// Tokens for other hosts: `host=token,…` (`host` as in ALLOWED_REPO_HOSTS).
+    /// Tokens for other hosts: `host=token,…` (`host` as in ALLOWED_REPO_HOSTS), from the
+    /// environment only: the flag is refused, since a command line is readable by every
+    /// local user.
     #[arg(long, env = "REPO_TOKENS", hide_env_values = true)]
     pub repo_tokens: Option<String>,
     /// Size the repository mirrors may take before the least recently used are removed.
