@@ -190,7 +190,7 @@ impl Agent {
         let (uplink, uplink_rx) = mpsc::unbounded_channel();
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
         let status = StatusFile::new(cfg.data_dir.join("status.json"), &cfg.agent_id, &cfg.connect_url);
-        status.resumed(&reporter.report(), reporter.fingerprint());
+        status.resumed(&reporter.report(), reporter.fingerprint(), &login.config_dir);
         let agent = Agent {
             status,
             cli: Default::default(),

@@ -52,7 +52,7 @@ pub async fn run(args: AgentArgs, canary: bool) -> bool {
         },
     }
 
-    let login = crate::oauth::Login::new(args.local.claude_config_dir());
+    let (login, read_in) = crate::report::local_login(args.local.claude_config_dir(), &args.local.running_agent_dir());
     let status = crate::report::local_report(&login, &args.local.running_agent_dir()).status(crate::now_ms());
     let source = serde_json::to_value(status.source).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
     if let Some(problem) = &status.problem {
@@ -60,14 +60,14 @@ pub async fn run(args: AgentArgs, canary: bool) -> bool {
     }
     if status.needs_login {
         let next = status.next_step.clone().unwrap_or_default();
-        r.fail("login", format!("Claude cannot authenticate ({source}): {next}; or set CLAUDE_CODE_OAUTH_TOKEN from `claude setup-token`"));
+        r.fail("login", format!("Claude cannot authenticate ({source}, {read_in}): {next}; or set CLAUDE_CODE_OAUTH_TOKEN from `claude setup-token`"));
     } else {
         let expiry = match (&status.expires_at, status.refreshable) {
             (Some(at), true) => format!(", access token until {at} (refreshed by Claude as needed)"),
             (Some(at), false) => format!(", valid until {at}: no refresh token, log in again before then"),
             (None, _) => String::new(),
         };
-        r.ok("login", format!("{source}{expiry}"));
+        r.ok("login", format!("{source}{expiry}, {read_in}"));
     }
     match &status.usage {
         Some(u) if u.status == shared::usage::UsageStatus::Rejected => r.warn(

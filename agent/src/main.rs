@@ -300,8 +300,11 @@ fn main() {
                 Ok(())
             }
             Command::OauthStatus { login: settings } => {
-                let login = oauth::Login::new(settings.claude_config_dir.as_deref());
-                let status = report::local_report(&login, &settings.dir.running_agent_dir()).status(now_ms());
+                let agent_dir = settings.dir.running_agent_dir();
+                let (login, read_in) = report::local_login(settings.claude_config_dir.as_deref(), &agent_dir);
+                let status = report::local_report(&login, &agent_dir).status(now_ms());
+                // On stderr: stdout is the JSON, for a program to read.
+                eprintln!("Claude's login {read_in}.");
                 // Its usage window is the status file's, a job's to write.
                 println!("{}", status::json_for_terminal(&serde_json::to_string_pretty(&status)?));
                 if let Some(next) = &status.next_step {

@@ -145,6 +145,31 @@ impl Reporter {
     }
 }
 
+/// The login `oauth-status` and `doctor` read, and a few words on where: `CLAUDE_CONFIG_DIR`
+/// (`config_dir`) when this shell sets it, else the folder the running agent of `data_dir`
+/// reads (its status file names it), else ~/.claude. `up` started with
+/// `CLAUDE_CONFIG_DIR=/x` reads its login in /x: these commands run from another shell
+/// without it read ~/.claude and said "not logged in" beside an agent that was. The
+/// agent's folder is taken only from the running agent's file ([`crate::status::running_agents`])
+/// and only as an absolute path; the words name it, so a folder a job wrote there is seen.
+pub fn local_login(config_dir: Option<&std::path::Path>, data_dir: &std::path::Path) -> (Login, String) {
+    if let Some(dir) = config_dir {
+        return (Login::new(Some(dir)), format!("read in {} (CLAUDE_CONFIG_DIR)", dir.display()));
+    }
+    let agents = crate::status::running_agents(data_dir).and_then(|s| s.claude_config_dir).filter(|d| d.is_absolute());
+    match agents {
+        Some(dir) => {
+            let words = format!("read in {}, where the running agent reads it (CLAUDE_CONFIG_DIR is not set here)", shared::text::one_line(&dir.display().to_string()));
+            (Login::new(Some(&dir)), words)
+        }
+        None => {
+            let login = Login::new(None);
+            let words = format!("read in {} (CLAUDE_CONFIG_DIR is not set here, nor by a running agent)", login.config_dir.display());
+            (login, words)
+        }
+    }
+}
+
 /// The login as this machine reads it, with what the running agent last reported that a
 /// file cannot show: a failed authentication, the usage window. For `oauth-status` and
 /// `doctor`.

@@ -42,6 +42,12 @@ pub struct Status {
     /// a restart keeps a failed authentication only for the same ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub login_fingerprint: Option<u64>,
+    /// Claude's config folder the agent reads its login from (its `CLAUDE_CONFIG_DIR`, or
+    /// ~/.claude): `oauth-status` and `doctor` read it there when their own shell does not
+    /// say, as `up` started with `CLAUDE_CONFIG_DIR=/x` reads /x and the next shell may not
+    /// set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claude_config_dir: Option<PathBuf>,
 }
 
 /// The least time between two background writes of the status file (job starts and
@@ -196,7 +202,8 @@ impl StatusFile {
     /// restart before the first heartbeat takes it over again. Written only with the next
     /// heartbeat, a used-up usage window was forgotten by an agent restarted twice within
     /// one heartbeat interval, and the edge let held jobs go to a Claude that would refuse them.
-    pub fn resumed(&self, report: &shared::oauth::OAuthReport, fingerprint: u64) {
+    pub fn resumed(&self, report: &shared::oauth::OAuthReport, fingerprint: u64, claude_config_dir: &std::path::Path) {
+        self.update(|s| s.claude_config_dir = Some(claude_config_dir.to_path_buf()));
         self.beat(report, fingerprint);
     }
 

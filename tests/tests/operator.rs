@@ -476,6 +476,51 @@ async fn status_drain_and_the_login_lines_find_the_agent_up_runs() {
     assert!(!ok && out.contains("not running") && out.contains("claude-runner up"), "{out}");
 }
 
+/// `up` started with `CLAUDE_CONFIG_DIR=/x` reads its login in /x; `oauth-status` and
+/// `doctor` run from another shell, without that setting, read ~/.claude and said "not
+/// logged in" (exit 1) beside an agent that was. They read the folder the running agent
+/// names in its status file, and say which folder they read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth_status_and_doctor_beside_up_read_the_login_where_its_agent_does() {
+    let data = TempDir::new("up-config-dir");
+    let claude_dir = claude_dir_in(&data);
+    let far = 4_102_444_800_000u64;
+    let creds = json!({"claudeAiOauth": {"accessToken": "sk-ant-oat01-folder", "refreshToken": "sk-ant-ort01-folder", "expiresAt": far, "scopes": ["user:inference"]}});
+    std::fs::write(claude_dir.join(".credentials.json"), creds.to_string()).unwrap();
+    let up = Up::start(&data, &[("CLAUDE_CONFIG_DIR", claude_dir.to_str().unwrap())]);
+    Client::new(&up.base).wait_online().await;
+    // This shell: no CLAUDE_CONFIG_DIR, a home with no login in it.
+    let home = TempDir::new("up-config-dir-home");
+    let run = |command: &str| {
+        let out = Command::new(bin("claude-runner"))
+            .arg(command)
+            .env("DATA_DIR", data.path())
+            .env("HOME", home.path())
+            .env("CLAUDE_BIN", bin("claude-standin"))
+            .env_remove("CLAUDE_CONFIG_DIR")
+            .env_remove("CLAUDE_CODE_OAUTH_TOKEN")
+            .env_remove("ANTHROPIC_API_KEY")
+            .env_remove("EDGE_URL")
+            .env_remove("AGENT_SIGNING_KEY")
+            .env_remove("EDGE_PUBLIC_KEY")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let read_in = format!("read in {}, where the running agent reads it", claude_dir.display());
+    let (code, out, err) = run("oauth-status");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    assert_eq!((code, &status["configured"]), (Some(0), &json!(true)), "{out}{err}");
+    assert!(err.contains(&read_in), "{err}");
+    let (code, out, err) = run("doctor");
+    let login = out.lines().find(|l| l.contains(" login: ")).unwrap_or_default();
+    assert!(login.trim_start().starts_with("ok") && login.contains(&read_in), "{code:?} {out}{err}");
+    // Set here, this shell's folder is the one read, and named.
+    let out = Command::new(bin("claude-runner")).arg("oauth-status").env("DATA_DIR", data.path()).env("CLAUDE_CONFIG_DIR", home.path()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("read in {} (CLAUDE_CONFIG_DIR)", home.path().display())), "{err}");
+}
+
 fn doctor(env: &[(&str, String)]) -> (bool, String) {
     doctor_with(&[], env)
 }
