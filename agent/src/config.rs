@@ -471,7 +471,9 @@ impl AgentArgs {
             anyhow::bail!("MAX_CONCURRENT_JOBS must be between 1 and {MAX_MAX_CONCURRENT_JOBS}");
         }
         let edge_url = self.edge_url.as_deref().ok_or_else(|| {
-            anyhow::anyhow!("set EDGE_URL to the edge, e.g. wss://claude-runner-edge.<you>.workers.dev")
+            anyhow::anyhow!(
+                "EDGE_URL is not set: set it to the edge, e.g. wss://claude-runner-edge.<you>.workers.dev (with docker compose's tunnel profile: ws://edge:8787, and ALLOW_INSECURE_EDGE=1)"
+            )
         })?;
         let edge_public_key = self.edge_public_key.as_deref().ok_or_else(|| {
             anyhow::anyhow!("set EDGE_PUBLIC_KEY (printed by `claude-runner keygen` next to EDGE_SIGNING_KEY)")
