@@ -27,6 +27,23 @@ pub fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> std::io::Re
     tmp.rename()
 }
 
+/// [`write_atomically`], durable: the new content and its name survive a power cut. The
+/// file's fsync keeps its bytes; its name, given by the rename, is the folder's, which is
+/// synced too — without that a power cut could leave the folder as before the rename (the
+/// old file, or none: `up` then made new keys, and every printed secret and key pasted
+/// elsewhere went stale). `new_folders` of its ancestors were made for it (by
+/// [`private_dir`]) and are synced too, each in its parent, so the path itself survives.
+pub fn write_durably(path: &Path, bytes: &[u8], new_folders: usize) -> std::io::Result<()> {
+    write_atomically(path, bytes, true)?;
+    let mut folder = path.parent();
+    for _ in 0..=new_folders {
+        let Some(dir) = folder.filter(|d| !d.as_os_str().is_empty()) else { break };
+        sync_folder(dir)?;
+        folder = dir.parent();
+    }
+    Ok(())
+}
+
 /// A file [`write_atomically`] writes, not yet renamed over its `path`: for a writer that
 /// fills it in steps (the session log's compaction, most of it off the log's lock).
 /// Removed if dropped before [`Temporary::rename`]: half a file on a full disk holds the

@@ -4,7 +4,7 @@
 
 use crate::config::{default_agent_id, AgentConfig, LocalArgs};
 use crate::keygen::{runner_secret, KeySet};
-use crate::files::{private_dir, write_atomically};
+use crate::files::{private_dir, write_durably};
 use serde::{Deserialize, Serialize};
 use shared::keys;
 use std::net::SocketAddr;
@@ -66,9 +66,23 @@ fn load_or_create(dir: &Path) -> anyhow::Result<UpState> {
         return Ok(state);
     }
     let state = UpState { keys: KeySet::generate(), runner_secret: runner_secret(), agent_id: default_agent_id() };
-    // Created owner-only: it holds both signing keys.
-    write_atomically(&path, &serde_json::to_vec_pretty(&state)?, true)?;
+    // Created owner-only: it holds both signing keys. Durable, its name too (`dir` may be
+    // new, made by `private_dir` above): after a power cut the next `up` must find these
+    // keys, not make others.
+    write_durably(&path, &serde_json::to_vec_pretty(&state)?, 1).map_err(|e| cannot_keep(&path, &e))?;
     Ok(state)
+}
+
+/// Why `up.json` could not be written, with the file and what to do: a full disk said only
+/// "No space left on device (os error 28)".
+fn cannot_keep(path: &Path, e: &std::io::Error) -> anyhow::Error {
+    let full = matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT));
+    let what = if full {
+        "the disk (or your quota) is full: free some space there, or set DATA_DIR to a folder on another disk, and start `claude-runner up` again"
+    } else {
+        "set DATA_DIR to a folder of yours that can be written, and start `claude-runner up` again"
+    };
+    anyhow::anyhow!("cannot write {}, where `up` keeps its keys and runner secret ({e}): {what}", path.display())
 }
 
 /// The most `up.json` holds: its keys and secret take well under 1 KiB.

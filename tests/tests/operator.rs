@@ -114,6 +114,58 @@ fn a_secret_given_as_a_flag_is_refused_and_its_variable_taken() {
     }
 }
 
+/// `up.json` (both key pairs and the runner secret) was written with an fsync of the file
+/// and none of its folder: after a power cut the folder could still lack the rename, and
+/// the next `up` made new keys, unlike every secret and key printed before. The folder it
+/// is in (new at a first `up`) and DATA_DIR, holding that folder, are synced after the
+/// rename. Seen with strace; `up` stops right after (its port is taken).
+#[test]
+fn ups_keys_are_synced_with_the_folders_that_name_them() {
+    let data = TempDir::new("up-durable");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let trace = data.path().join("strace.log");
+    let out = Command::new("strace")
+        .args(["-f", "-y", "-qq", "-e", "trace=fsync,rename,renameat,renameat2", "-o"])
+        .arg(&trace)
+        .arg(bin("claude-runner"))
+        .arg("up")
+        .env("CLAUDE_BIN", bin("claude-standin"))
+        .env("DATA_DIR", data.path())
+        .env("LISTEN", taken.local_addr().unwrap().to_string())
+        .output()
+        .expect("strace runs (Debian: apt-get install strace)");
+    assert!(data.path().join("up/up.json").exists(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    let renamed = lines.iter().position(|l| l.contains("rename") && l.contains("/up/up.json\"")).unwrap_or_else(|| panic!("no rename of up.json: {log}"));
+    let synced = |dir: &std::path::Path| lines[renamed..].iter().any(|l| l.contains("fsync(") && l.contains(&format!("<{}>)", dir.display())));
+    let real = std::fs::canonicalize(data.path()).unwrap();
+    assert!(synced(&real.join("up")), "DATA_DIR/up is not synced after the rename: {log}");
+    assert!(synced(&real), "DATA_DIR is not synced after the rename: {log}");
+}
+
+/// A full disk at `up`'s first start said only "No space left on device (os error 28)":
+/// which file, and what to do, are said. DATA_DIR is a full tmpfs in a mount namespace of
+/// the test's own.
+#[test]
+fn up_on_a_full_disk_names_its_file_and_what_to_do() {
+    let data = TempDir::new("up-full");
+    let mount_ns = if unsafe { libc::geteuid() } == 0 { "-m" } else { "-rm" };
+    let script = r#"mount -t tmpfs -o size=256k tmpfs "$DATA_DIR" && { head -c 1m /dev/zero > "$DATA_DIR/fill" 2>/dev/null; exec "$0" up; }"#;
+    let out = Command::new("unshare")
+        .args([mount_ns, "sh", "-c", script])
+        .arg(bin("claude-runner"))
+        .env("CLAUDE_BIN", bin("claude-standin"))
+        .env("DATA_DIR", data.path())
+        .env("LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let file = data.path().join("up/up.json");
+    assert!(err.contains(&format!("cannot write {}", file.display())) && err.contains("free some space there, or set DATA_DIR"), "{err}");
+}
+
 #[test]
 fn up_without_claude_says_how_to_install_it() {
     let data = TempDir::new("up-noclaude");
