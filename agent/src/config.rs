@@ -133,7 +133,7 @@ impl LocalArgs {
 
 impl DataDirArgs {
     pub fn data_dir(&self) -> PathBuf {
-        self.data_dir.clone().unwrap_or_else(|| crate::home().join(".local/share/claude-runner"))
+        self.data_dir.clone().unwrap_or_else(|| home().join(".local/share/claude-runner"))
     }
 
     /// The `DATA_DIR` of the agent that `status`, `agent --drain`, `oauth-status` and
@@ -157,6 +157,54 @@ impl DataDirArgs {
             return up_agent_dir(&data_dir);
         }
         data_dir
+    }
+}
+
+/// The home folder the defaults are under (`DATA_DIR`'s, Claude's ~/.claude): `HOME`, or
+/// where it is unset (or not an absolute path: a service manager, `env -i`, a cron job),
+/// the home of this user in the password database, where Claude (Node's `os.homedir()`)
+/// looks too. It was /root for every user: a user's agent wrote into root's folder, or
+/// could not. With neither, a default cannot be had: the command stops, saying what to
+/// set (only a command that needs one calls this).
+pub fn home() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    home_from(std::env::var_os("HOME"), || passwd_home(uid)).unwrap_or_else(|| {
+        eprintln!(
+            "claude-runner: HOME is not set and user {uid} has no home folder in the password database: set HOME, or set DATA_DIR (and CLAUDE_CONFIG_DIR, Claude's login folder)"
+        );
+        std::process::exit(2)
+    })
+}
+
+/// [`home`]'s choice: `HOME` when it is an absolute path, else `passwd`'s.
+fn home_from(home: Option<std::ffi::OsString>, passwd: impl FnOnce() -> Option<PathBuf>) -> Option<PathBuf> {
+    let absolute = |p: &PathBuf| p.is_absolute();
+    home.map(PathBuf::from).filter(absolute).or_else(|| passwd().filter(absolute))
+}
+
+/// The home folder of user `uid` in the password database (getpwuid_r: no static buffer
+/// another thread could overwrite).
+fn passwd_home(uid: libc::uid_t) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut size = 1024;
+    loop {
+        let mut buf = vec![0 as libc::c_char; size];
+        // SAFETY: a zeroed passwd is a valid value to be filled in.
+        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is to a live value of the right type; `buf` is `size` long.
+        let rc = unsafe { libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
+        if rc == libc::ERANGE && size < 1 << 20 {
+            size *= 4;
+            continue;
+        }
+        if rc != 0 || found.is_null() || entry.pw_dir.is_null() {
+            return None;
+        }
+        // SAFETY: pw_dir points into `buf`, NUL-terminated, alive until `buf` is dropped.
+        let dir = unsafe { std::ffi::CStr::from_ptr(entry.pw_dir) };
+        return Some(PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()))).filter(|d| !d.as_os_str().is_empty());
     }
 }
 
@@ -663,5 +711,25 @@ mod tests {
             assert!(secrets.iter().any(|x| x == s), "{s} in {secrets:?}");
         }
         assert!(!secrets.iter().any(|s| s.trim().is_empty()));
+    }
+
+    /// With HOME unset, the default folders were under /root for every user: the password
+    /// database's home is taken, and a HOME that is no absolute path is no home.
+    #[test]
+    fn the_home_is_homes_else_the_password_databases() {
+        let passwd = || Some(PathBuf::from("/home/runner"));
+        assert_eq!(home_from(Some("/srv/me".into()), passwd), Some(PathBuf::from("/srv/me")));
+        assert_eq!(home_from(None, passwd), Some(PathBuf::from("/home/runner")));
+        assert_eq!(home_from(Some("".into()), passwd), Some(PathBuf::from("/home/runner")));
+        assert_eq!(home_from(Some("relative".into()), passwd), Some(PathBuf::from("/home/runner")));
+        assert_eq!(home_from(None, || None), None);
+        assert_eq!(home_from(None, || Some(PathBuf::new())), None);
+        // This user's entry, as getent reads it.
+        let uid = unsafe { libc::geteuid() };
+        let getent = std::process::Command::new("getent").args(["passwd", &uid.to_string()]).output().unwrap();
+        let line = String::from_utf8(getent.stdout).unwrap();
+        let dir = line.trim_end().split(':').nth(5).expect("this user is in the password database");
+        assert_eq!(passwd_home(uid), Some(PathBuf::from(dir)));
+        assert_eq!(passwd_home(4_000_000_000), None, "no such user");
     }
 }

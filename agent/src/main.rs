@@ -87,7 +87,6 @@ mod zygote;
 use agent_core::{claude, credentials, edge_url, redact, sse};
 use clap::{Parser, Subcommand};
 use config::AgentArgs;
-use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(name = "claude-runner", version, about = "Run Claude Code on your own machine for cloud callers")]
@@ -157,10 +156,6 @@ enum Command {
 
 /// The one wall clock the agent reads (durations use `Instant`).
 pub use runtime::now_ms;
-
-pub fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
-}
 
 /// The unit tests' zygote, forked before the test harness starts its threads, as `main`
 /// forks the agent's before anything: the repository tests' git workers are cloned from it

@@ -111,7 +111,7 @@ impl Login {
     /// whitespace (a space or newline an env file or a secret mount keeps) reaches Claude
     /// trimmed, as every setting is read; a blank one is unset.
     fn from_variables(config_dir: Option<&Path>, var: impl Fn(&str) -> Option<String>) -> Login {
-        let dir = config_dir.map(Path::to_path_buf).unwrap_or_else(|| crate::home().join(".claude"));
+        let dir = config_dir.map(Path::to_path_buf).unwrap_or_else(|| crate::config::home().join(".claude"));
         let token = |name: &str| var(name).as_deref().and_then(shared::setting::value).map(String::from);
         Login {
             credentials_path: dir.join(".credentials.json"),

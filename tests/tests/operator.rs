@@ -166,6 +166,29 @@ fn up_on_a_full_disk_names_its_file_and_what_to_do() {
     assert!(err.contains(&format!("cannot write {}", file.display())) && err.contains("free some space there, or set DATA_DIR"), "{err}");
 }
 
+/// With HOME unset (a service manager, `env -i`, cron) every user's default folders were
+/// root's: /root/.local/share/claude-runner and /root/.claude. They are under the user's
+/// home in the password database. Run as `nobody` when the test is root (root's home is
+/// /root either way), else as this user.
+#[test]
+fn without_home_the_default_folders_are_the_users_own() {
+    use std::os::unix::process::CommandExt;
+    let root = unsafe { libc::geteuid() } == 0;
+    let uid: u32 = if root { 65534 } else { unsafe { libc::geteuid() } };
+    let getent = Command::new("getent").args(["passwd", &uid.to_string()]).output().unwrap();
+    let entry = String::from_utf8(getent.stdout).unwrap();
+    let home = entry.trim_end().split(':').nth(5).unwrap_or_else(|| panic!("no passwd entry for {uid}")).to_string();
+    assert_ne!(home, "/root");
+    let mut cmd = Command::new(bin("claude-runner"));
+    cmd.arg("oauth-status").env_remove("HOME").env_remove("DATA_DIR").env_remove("CLAUDE_CONFIG_DIR").env_remove("CLAUDE_CODE_OAUTH_TOKEN").env_remove("ANTHROPIC_API_KEY");
+    if root {
+        cmd.uid(uid).gid(uid);
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("read in {home}/.claude (")), "{err}");
+}
+
 #[test]
 fn up_without_claude_says_how_to_install_it() {
     let data = TempDir::new("up-noclaude");
