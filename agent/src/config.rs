@@ -713,6 +713,31 @@ mod tests {
         assert!(!secrets.iter().any(|s| s.trim().is_empty()));
     }
 
+    /// Every flag whose value is hidden in `--help` (a secret) reads one of SECRET_VARS,
+    /// so that the one refusal covers it: a secret flag added later is refused too.
+    #[test]
+    fn every_secret_flag_is_refused() {
+        use clap::CommandFactory;
+        let cli = crate::Cli::command();
+        let mut seen = 0;
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments().filter(|a| a.is_hide_env_values_set()) {
+                let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or_default();
+                assert!(SECRET_VARS.contains(&env), "{} --{:?} hides {env}, which SECRET_VARS lacks", sub.get_name(), arg.get_long());
+                let flag = format!("--{}=x", arg.get_long().unwrap());
+                let mut argv = vec!["claude-runner", sub.get_name(), &flag];
+                if sub.get_name() == "submit" {
+                    argv.push("hello");
+                }
+                let matches = cli.clone().try_get_matches_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+                let refused = refuse_secret_flags(&cli, &matches).err().unwrap_or_else(|| panic!("{argv:?} taken")).to_string();
+                assert!(refused.contains(&format!("set {env} in the environment")), "{refused}");
+                seen += 1;
+            }
+        }
+        assert!(seen >= 10, "agent's and doctor's three, up's two, submit's and login's one: {seen}");
+    }
+
     /// With HOME unset, the default folders were under /root for every user: the password
     /// database's home is taken, and a HOME that is no absolute path is no home.
     #[test]
