@@ -56,8 +56,26 @@ fn open_checkout(dir: &Path, action: &'static str) -> Result<Repository, RepoErr
         let shown = odd.strip_prefix(dir).unwrap_or(odd).display().to_string();
         return Err(RepoError::OddGitEntry { path: one_line(&shown) });
     }
-    Repository::open(dir).map_err(|e| local(action, e.message()))
+    // The `.git` folder itself, as a bare repository: no search upward, no `.git` file,
+    // and neither `core.worktree` nor `core.bare` of its config (the job's to write) read.
+    let err = |e: git2::Error| local(action, e.message());
+    let repo = Repository::open_bare(&git).map_err(err)?;
+    repo.set_workdir(dir, false).map_err(err)?;
+    // No config at all from here on: the checkout's `core.worktree` moved the tree diffed
+    // and staged outside the workspace, its `core.symlinks = false` had a link read as the
+    // file it names, `core.attributesFile`, `core.excludesFile` and `filter.*` run or read
+    // what the job chose (the user's and the system's files are not searched: see
+    // `mirror::set_timeouts`).
+    own_config(&repo, CHECKOUT_SETTINGS).map_err(err)?;
+    let same = |p: &Path| p.canonicalize().ok();
+    if repo.workdir().and_then(same).is_none_or(|w| Some(w) != same(dir)) {
+        return Err(local(action, "the checkout's working tree is not the job's workspace"));
+    }
+    Ok(repo)
 }
+
+/// What a checkout is read with in place of its config: links as links, modes as modes.
+const CHECKOUT_SETTINGS: &[(&str, i64)] = &[("core.symlinks", 1), ("core.filemode", 1)];
 
 /// Stages everything in the checkout's working tree: the tree Claude left behind, to push.
 /// `abort` stops it between two files.
@@ -268,9 +286,11 @@ impl Staged {
             Talk { url: &push.url, host: &push.host, auth: auth.get(), action, pushing: true }.error(e.code(), e.class(), e.message())
         };
         self.check_own_commit_sizes()?;
-        // The checkout's config is the job's to write: read none of it (nor the user's),
-        // or its `pushInsteadOf` would send the commit, and the token, elsewhere.
-        let settings = [("pack.deltaCacheSize", DELTA_MAX_OBJECT_BYTES), ("core.bigFileThreshold", DELTA_MAX_OBJECT_BYTES), ("pack.windowMemory", DELTA_WINDOW_BYTES)];
+        // The checkout's config is the job's to write: none of it is read (see
+        // `open_checkout`), or its `pushInsteadOf` would send the commit, and the token,
+        // elsewhere; the pack limits join the checkout's settings.
+        let pack = [("pack.deltaCacheSize", DELTA_MAX_OBJECT_BYTES), ("core.bigFileThreshold", DELTA_MAX_OBJECT_BYTES), ("pack.windowMemory", DELTA_WINDOW_BYTES)];
+        let settings: Vec<_> = CHECKOUT_SETTINGS.iter().copied().chain(pack).collect();
         own_config(&self.repo, &settings).map_err(|e| local(action, e.message()))?;
         let mut remote = self.repo.remote_anonymous(&push.url).map_err(|e| local(action, e.message()))?;
         // What libgit2 would talk to, checked whatever it read: exactly the requested URL.

@@ -1087,3 +1087,50 @@ async fn a_ref_name_that_is_not_utf8_is_left_out() {
     let listed = std::process::Command::new("git").arg("-C").arg(&lease.dir).args(["for-each-ref", "--format=%(refname)"]).output().unwrap();
     assert!(!listed.stdout.windows(3).any(|w| w == b"caf"), "kept in the mirror: {}", String::from_utf8_lossy(&listed.stdout));
 }
+
+/// The checkout's own `.git/config` is the job's to write, and the hand-back read it: its
+/// `core.worktree` moved the tree diffed and staged outside the workspace (a key file
+/// there came back in the diff and went out in the pushed branch), and its
+/// `core.symlinks = false` had a link read as the file it names (hostile review s33, 1).
+#[tokio::test]
+async fn the_checkouts_own_git_config_cannot_lead_the_diff_or_the_push_outside_the_workspace() {
+    let tmp = TempDir::new("worktree-outside");
+    let (bare, _work, _) = server(tmp.path());
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("id_key"), "PRIVATE-KEY of the runner machine\n").unwrap();
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    git(&co.dir, &["config", "core.worktree", outside.to_str().unwrap()]);
+    std::fs::write(co.dir.join("README.md"), "changed by the job\n").unwrap();
+    let patch = changes::patch(&co.dir, co.commit, 1 << 20).unwrap();
+    assert!(!patch.text.contains("PRIVATE-KEY") && !patch.files.iter().any(|f| f.path == "id_key"), "{}", patch.text);
+    assert!(patch.text.contains("+changed by the job"), "{}", patch.text);
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    let commit = staged.commit("a", "a@b", "m").unwrap().unwrap();
+    let target = PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: "claude/worktree".into(), default_branch: Some("main".into()) };
+    staged.push(&target, commit, &AtomicBool::new(false), &|| true).unwrap();
+    let pushed = git(&bare, &["ls-tree", "-r", "--name-only", "claude/worktree"]);
+    assert!(!pushed.contains("id_key") && pushed.contains("src/lib.rs"), "{pushed}");
+
+    // A link to a file outside, read with `core.symlinks = false`: the link, not the file.
+    git(&co.dir, &["config", "--unset", "core.worktree"]);
+    git(&co.dir, &["config", "core.symlinks", "false"]);
+    std::os::unix::fs::symlink(outside.join("id_key"), co.dir.join("key.pem")).unwrap();
+    let patch = changes::patch(&co.dir, co.commit, 1 << 20).unwrap();
+    assert!(!patch.text.contains("PRIVATE-KEY"), "{}", patch.text);
+    assert!(patch.text.contains("new file mode 120000") && patch.text.contains(&format!("+{}", outside.join("id_key").display())), "{}", patch.text);
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    assert!(!staged.adds_secret(|l| l.contains("PRIVATE-KEY")).unwrap(), "the pushed tree holds the link, not the file");
+
+    // `.git` as a link or a `.git` file naming a folder outside: refused, nothing read.
+    let git_dir = co.dir.join(".git");
+    let moved = tmp.path().join("moved.git");
+    std::fs::rename(&git_dir, &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &git_dir).unwrap();
+    let err = changes::patch(&co.dir, co.commit, 1 << 20).unwrap_err();
+    assert!(matches!(err, RepoError::OddGitEntry { .. }), "{err}");
+    std::fs::remove_file(&git_dir).unwrap();
+    std::fs::write(&git_dir, format!("gitdir: {}\n", moved.display())).unwrap();
+    let err = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).err().unwrap();
+    assert!(matches!(err, RepoError::OddGitEntry { .. }), "{err}");
+}
