@@ -11,6 +11,7 @@ use super::settings::Token;
 use git2::{Diff, DiffFindOptions, DiffFormat, DiffOptions, ErrorCode, IndexAddOption, Oid, PushOptions, RemoteRedirect, Repository, Signature, Status, StatusOptions};
 use shared::job::{ChangeKind, FileChange};
 use std::cell::{Cell, RefCell};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -93,7 +94,10 @@ pub fn stage(dir: &Path, base: Oid, abort: &AtomicBool) -> Result<Staged, RepoEr
         index.update_all(["*"], None).map_err(|e| local(action, e.message()))?;
         index.write_tree().map_err(|e| local(action, e.message()))?
     };
-    Ok(Staged { repo, base, tree })
+    let staged = Staged { repo, base, tree };
+    // Before anything reads a file's content (the search for secrets reads each whole).
+    staged.check_sizes()?;
+    Ok(staged)
 }
 
 /// The bytes of the files Claude added or changed in the working tree; a file over
@@ -108,9 +112,11 @@ fn changed_bytes(repo: &Repository) -> Result<u64, RepoError> {
         | Status::INDEX_NEW | Status::INDEX_MODIFIED | Status::INDEX_TYPECHANGE | Status::INDEX_RENAMED;
     let mut total = 0;
     for entry in repo.statuses(Some(&mut options)).map_err(err)?.iter().filter(|e| e.status().intersects(changed)) {
-        let path = String::from_utf8_lossy(entry.path_bytes()).into_owned();
-        let bytes = workdir.join(&path).symlink_metadata().map_or(0, |m| m.len());
-        too_big(&path, bytes)?;
+        // The name as its bytes: a lossy one (`big\xff.bin`) named no file, and counted 0.
+        let path = std::ffi::OsStr::from_bytes(entry.path_bytes());
+        let shown = || String::from_utf8_lossy(entry.path_bytes()).into_owned();
+        let bytes = workdir.join(path).symlink_metadata().map_err(|e| local("collect the job's changes", format!("{}: {e}", shown())))?.len();
+        too_big(&shown(), bytes)?;
         total += bytes;
     }
     Ok(total)
@@ -230,14 +236,26 @@ impl Staged {
         Ok(out)
     }
 
-    /// Files in Claude's own commits over [`MAX_PUSH_FILE_BYTES`] are an error, as in the
-    /// working tree (sizes from the object headers; nothing big is read).
-    fn check_own_commit_sizes(&self) -> Result<(), RepoError> {
-        let odb = self.repo.odb().map_err(|e| local("collect the job's changes", e.message()))?;
-        for (_, diff) in self.own_commits()? {
+    /// Every file the push would carry over [`MAX_PUSH_FILE_BYTES`] is an error: the staged
+    /// tree's and those of Claude's own commits, which the working tree no longer shows (a
+    /// 2 GB file committed was read whole, for secrets, before the push refused it). Sizes
+    /// from the object headers; nothing is read. The diffs look for no renames: that reads
+    /// the files.
+    fn check_sizes(&self) -> Result<(), RepoError> {
+        let err = |e: git2::Error| local("collect the job's changes", e.message());
+        let odb = self.repo.odb().map_err(err)?;
+        let old = self.repo.find_commit(self.base).and_then(|c| c.tree()).map_err(err)?;
+        let new = self.repo.find_tree(self.tree).map_err(err)?;
+        let staged = self.repo.diff_tree_to_tree(Some(&old), Some(&new), None).map_err(err)?;
+        let own = self.own_commits()?;
+        for diff in std::iter::once(&staged).chain(own.iter().map(|(_, d)| d)) {
             for delta in diff.deltas().filter(|d| !d.new_file().id().is_zero() && d.status() != git2::Delta::Deleted) {
-                let bytes = odb.read_header(delta.new_file().id()).map_or(0, |(size, _)| size as u64);
-                too_big(&delta.new_file().path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default(), bytes)?;
+                // A submodule's entry names a commit of another repository: no object here.
+                if delta.new_file().mode() == git2::FileMode::Commit {
+                    continue;
+                }
+                let (bytes, _) = odb.read_header(delta.new_file().id()).map_err(err)?;
+                too_big(&delta.new_file().path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default(), bytes as u64)?;
             }
         }
         Ok(())
@@ -285,7 +303,6 @@ impl Staged {
         let fail = |e: git2::Error| {
             Talk { url: &push.url, host: &push.host, auth: auth.get(), action, pushing: true }.error(e.code(), e.class(), e.message())
         };
-        self.check_own_commit_sizes()?;
         // The checkout's config is the job's to write: none of it is read (see
         // `open_checkout`), or its `pushInsteadOf` would send the commit, and the token,
         // elsewhere; the pack limits join the checkout's settings.

@@ -417,10 +417,9 @@ async fn a_file_too_big_for_a_push_is_refused_in_claudes_commits_too() {
     drop(big);
     git(&co.dir, &["add", "-A"]);
     git(&co.dir, &["commit", "-q", "-m", "an image"]);
-    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
-    let commit = staged.commit("a", "a@b", "m").unwrap().unwrap();
-    let target = PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: "claude/big".into(), default_branch: Some("main".into()) };
-    let err = staged.push(&target, commit, &AtomicBool::new(false), &|| true).unwrap_err();
+    // Refused as it is staged, before the search for secrets reads any file whole (it
+    // read a committed 2 GB file, and the push refused it only then).
+    let err = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).err().unwrap();
     assert!(matches!(&err, RepoError::FileTooBig { path, mib: 101, .. } if path == "huge.img"), "{err}");
     // Staged by Claude's `git add` but not committed: refused before staging.
     let root = tmp.path().join("second");
@@ -430,6 +429,15 @@ async fn a_file_too_big_for_a_push_is_refused_in_claudes_commits_too() {
     git(&co.dir, &["add", "huge.img"]);
     let err = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).err().unwrap();
     assert!(matches!(&err, RepoError::FileTooBig { .. }), "{err}");
+    // A name that is not UTF-8: its size is its file's (the lossy name named no file, and
+    // counted 0 bytes).
+    use std::os::unix::ffi::OsStrExt;
+    std::fs::remove_file(co.dir.join("huge.img")).unwrap();
+    git(&co.dir, &["add", "-A"]);
+    let odd = co.dir.join(std::ffi::OsStr::from_bytes(b"big\xff.bin"));
+    std::fs::File::create(&odd).unwrap().set_len(changes::MAX_PUSH_FILE_BYTES + 1).unwrap();
+    let err = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).err().unwrap();
+    assert!(matches!(&err, RepoError::FileTooBig { path, .. } if path.starts_with("big")), "{err}");
 }
 
 /// The push went where the checkout's own `.git/config` said: a job (which can write it)
