@@ -290,32 +290,32 @@ async fn hand_back(
     let handing = Instant::now();
     let give_up_at = deadline.max(tokio::time::Instant::now()) + FINISH_GRACE;
     let finished = prepared.finish(&ctx.repos, &wanted, job_id, redactor, give_up_at).await;
+    // A push's failure comes with the diff made before it.
+    let (outcome, failed) = match finished {
+        Ok(mut outcome) => {
+            let failed = outcome.error.take();
+            (outcome, failed)
+        }
+        Err(e) => (crate::repo::Outcome::default(), Some(e)),
+    };
     if wanted.include_diff || wanted.push_branch.is_some() {
-        info!(job_id, agent_id = %ctx.cfg.agent_id, ok = finished.is_ok(), ms = handing.elapsed().as_millis() as u64, "changes handed back");
+        info!(job_id, agent_id = %ctx.cfg.agent_id, ok = failed.is_none(), ms = handing.elapsed().as_millis() as u64, "changes handed back");
     }
-    match finished {
-        Ok(outcome) => {
-            if let Some(patch) = outcome.patch {
-                result.diff = Some(patch.text);
-                result.diff_truncated = Some(patch.truncated);
-                result.files_changed = Some(patch.files);
-            }
-            if outcome.pushed_branch.is_some() {
-                info!(job_id, agent_id = %ctx.cfg.agent_id, branch = outcome.pushed_branch.as_deref().unwrap_or(""), commit = outcome.pushed_commit.as_deref().unwrap_or("none"), "pushed");
-            }
-            result.pushed_commit = outcome.pushed_commit;
-            result.pushed_branch = outcome.pushed_branch;
-        }
-        Err(e) => {
-            // Redacted for the log too: it may name a file the job made.
-            let said = ctx.login.redactor(crate::now_ms()).redact(&e.to_string());
-            warn!(job_id, agent_id = %ctx.cfg.agent_id, error = %said, "could not hand back the job's changes");
-            if result.success {
-                result.success = false;
-                result.error_code = Some(ErrorCode::RepoError);
-                result.error = Some(said);
-            }
-        }
+    if let Some(patch) = outcome.patch {
+        result.diff = Some(patch.text);
+        result.diff_truncated = Some(patch.truncated);
+        result.files_changed = Some(patch.files);
+    }
+    if outcome.pushed_branch.is_some() {
+        info!(job_id, agent_id = %ctx.cfg.agent_id, branch = outcome.pushed_branch.as_deref().unwrap_or(""), commit = outcome.pushed_commit.as_deref().unwrap_or("none"), "pushed");
+    }
+    result.pushed_commit = outcome.pushed_commit;
+    result.pushed_branch = outcome.pushed_branch;
+    if let Some(e) = failed {
+        // Redacted for the log too: it may name a file the job made.
+        let said = ctx.login.redactor(crate::now_ms()).redact(&e.to_string());
+        warn!(job_id, agent_id = %ctx.cfg.agent_id, error = %said, "could not hand back the job's changes");
+        crate::repo::tell_hand_back_failed(result, said);
     }
 }
 

@@ -265,12 +265,14 @@ async fn a_private_repository_needs_the_token_which_never_leaks() {
     let mut answers = vec![b];
 
     // Claude writes a secret of the machine (its own OAuth token) into the repository:
-    // the diff is redacted and nothing is pushed.
+    // the diff is redacted and nothing is pushed; the diff comes back beside the refusal
+    // (it was thrown away with it: `"diff": null`).
     let leak = json!({"prompt": "@write_env=CLAUDE_CODE_OAUTH_TOKEN,leak.txt", "repo_url": url, "include_diff": true, "push_branch": "claude/leak"});
     let b = s.run(leak).await;
     let e = repo_error(&b);
     assert!(e.contains("contain a secret"), "{e}");
     assert!(b["pushed_commit"].is_null());
+    assert!(b["diff"].as_str().is_some_and(|d| d.contains("+[REDACTED]")), "{b}");
     let b = s.run(json!({"prompt": "@write_env=CLAUDE_CODE_OAUTH_TOKEN,leak.txt", "repo_url": url, "include_diff": true})).await;
     ok(&b);
     assert!(b["diff"].as_str().unwrap().contains("+[REDACTED]"), "{b}");

@@ -211,13 +211,11 @@ fn hand_back_gone(url: String, push_asked: bool) -> Box<dyn Fn(Gone) -> RepoErro
 }
 
 /// In the git worker: the job's diff (`include_diff`, masked by `redactor`), then its
-/// commit and push (`push_branch`), refused when they would carry a secret. `abort` (the
-/// agent's stop) is checked before each step: a push not yet under way never starts.
-/// `begins` tells the agent a push is about to go out (see [`changes::Staged::push`]).
+/// commit and push (`push_branch`). A push that fails leaves the diff in the outcome,
+/// beside its error (it was thrown away with it, a refusal for a secret too).
 fn hand_back(work: HandBackWork, abort: &AtomicBool, begins: &dyn Fn() -> bool) -> Result<Outcome, RepoError> {
     let HandBackWork { dir, base, diff_max_bytes, push, redactor } = work;
     let base = git2::Oid::from_str(&base).map_err(|e| local("collect the job's changes", e.message()))?;
-    let given_up = || abort.load(Ordering::SeqCst);
     let mut outcome = Outcome::default();
     if let Some(max_bytes) = diff_max_bytes {
         let mut patch = changes::patch(&dir, base, max_bytes)?;
@@ -225,27 +223,56 @@ fn hand_back(work: HandBackWork, abort: &AtomicBool, begins: &dyn Fn() -> bool) 
         patch.text = redactor.redact(&patch.text);
         outcome.patch = Some(patch);
     }
-    if let Some(PushWork { target, author_name, author_email, message }) = push {
-        let too_slow = || RepoError::HandBackTooSlow { url: target.url.clone() };
-        if given_up() {
-            return Err(too_slow());
-        }
-        let staged = changes::stage(&dir, base, abort).map_err(|e| if given_up() { too_slow() } else { e })?;
-        if staged.adds_secret(|line| redactor.redact(line) != line)? {
-            return Err(RepoError::SecretInChanges);
-        }
-        let commit = staged.commit(&author_name, &author_email, &message)?;
-        if let Some(commit) = commit {
-            if given_up() {
-                return Err(too_slow());
+    if let Some(push) = push {
+        let branch = push.target.branch.clone();
+        match push_changes(&dir, base, push, &redactor, abort, begins) {
+            Ok(commit) => {
+                outcome.pushed_commit = commit;
+                outcome.pushed_branch = Some(branch);
             }
-            // Given up meanwhile, a push in doubt stays in doubt: it may have landed.
-            staged.push(&target, commit, abort, begins).map_err(|e| if given_up() && !matches!(e, RepoError::PushInDoubt { .. }) { too_slow() } else { e })?;
-            outcome.pushed_commit = Some(commit.to_string());
+            Err(e) => outcome.error = Some(e),
         }
-        outcome.pushed_branch = Some(target.branch);
     }
     Ok(outcome)
+}
+
+/// The job's commit and push (`push_branch`), refused when they would carry a secret: the
+/// commit pushed (None when nothing changed). `abort` (the agent's stop) is checked before
+/// each step: a push not yet under way never starts. `begins` tells the agent a push is
+/// about to go out (see [`changes::Staged::push`]).
+fn push_changes(dir: &Path, base: git2::Oid, push: PushWork, redactor: &Redactor, abort: &AtomicBool, begins: &dyn Fn() -> bool) -> Result<Option<String>, RepoError> {
+    let PushWork { target, author_name, author_email, message } = push;
+    let given_up = || abort.load(Ordering::SeqCst);
+    let too_slow = || RepoError::HandBackTooSlow { url: target.url.clone() };
+    if given_up() {
+        return Err(too_slow());
+    }
+    let staged = changes::stage(dir, base, abort).map_err(|e| if given_up() { too_slow() } else { e })?;
+    if staged.adds_secret(|line| redactor.redact(line) != line)? {
+        return Err(RepoError::SecretInChanges);
+    }
+    let Some(commit) = staged.commit(&author_name, &author_email, &message)? else { return Ok(None) };
+    if given_up() {
+        return Err(too_slow());
+    }
+    // Given up meanwhile, a push in doubt stays in doubt: it may have landed.
+    staged.push(&target, commit, abort, begins).map_err(|e| if given_up() && !matches!(e, RepoError::PushInDoubt { .. }) { too_slow() } else { e })?;
+    Ok(Some(commit.to_string()))
+}
+
+/// Tells `result` that handing back the job's changes failed (`said`, redacted): a REPO_ERROR
+/// for a job Claude did, after the failure already told for one it did not (which stays the
+/// result's own: its code, its words first).
+pub fn tell_hand_back_failed(result: &mut JobResult, said: String) {
+    if result.success {
+        result.success = false;
+        result.error_code = Some(shared::contract::ErrorCode::RepoError);
+        result.error = Some(said);
+        return;
+    }
+    let told = result.error.take().filter(|e| !e.is_empty());
+    let also = format!("the job's changes could not be handed back either: {said}");
+    result.error = Some(told.map_or(also.clone(), |told| format!("{told}; {also}")));
 }
 
 /// Shrinks a result that would not fit in `max_bytes` of its frame (a WebSocket frame,

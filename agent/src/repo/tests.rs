@@ -923,10 +923,11 @@ async fn a_push_the_server_took_without_answering_is_in_doubt_never_nothing_push
         let (port, _posted) = push_server(&bare, Reply::AppliedThen502 { delay_ms });
         let (answer, ()) = worker::run(hand_back_work(&co, port), (), "collect the job's changes", Some(stop_within(stop_ms, 30_000))).await;
         let outcome = match answer {
-            Ok(Answer::HandedBack(outcome)) => outcome,
+            Ok(Answer::HandedBack(Ok(outcome))) => outcome,
             other => panic!("{other:?}"),
         };
-        assert!(matches!(outcome, Err(RepoError::PushInDoubt { .. })), "502 after {delay_ms} ms, given up at {stop_ms} ms: {outcome:?}");
+        assert!(matches!(outcome.error, Some(RepoError::PushInDoubt { .. })), "502 after {delay_ms} ms, given up at {stop_ms} ms: {outcome:?}");
+        assert!(outcome.patch.is_some(), "the diff comes back beside the push's error");
         assert!(git(&bare, &["rev-parse", "--verify", "-q", "refs/heads/claude/job"]).len() == 40, "the server took the push");
         git(&bare, &["update-ref", "-d", "refs/heads/claude/job"]);
     }
@@ -1141,4 +1142,40 @@ async fn the_checkouts_own_git_config_cannot_lead_the_diff_or_the_push_outside_t
     std::fs::write(&git_dir, format!("gitdir: {}\n", moved.display())).unwrap();
     let err = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).err().unwrap();
     assert!(matches!(err, RepoError::OddGitEntry { .. }), "{err}");
+}
+
+/// A push refused (here: a secret in the changes) threw away the diff computed before it
+/// (`"diff": null`), and a job Claude failed told nothing of its hand-back's failure, though
+/// a diff comes back when Claude failed too (hostile review s33, 3).
+#[tokio::test]
+async fn a_failed_push_keeps_the_diff_and_a_failed_job_tells_its_hand_backs_failure_too() {
+    use super::worker::{HandBackWork, PushWork};
+    let tmp = TempDir::new("push-fails-diff-stays");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::write(co.dir.join("notes.txt"), "a plain line\nthe token tok-0123456789abcdef\n").unwrap();
+    let push = PushWork {
+        target: PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: "claude/secret".into(), default_branch: Some("main".into()) },
+        author_name: "a".into(),
+        author_email: "a@b".into(),
+        message: "m".into(),
+    };
+    let redactor = crate::redact::Redactor::new(["tok-0123456789abcdef".to_string()]);
+    let work = HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), diff_max_bytes: Some(1 << 20), push: Some(push), redactor };
+    let outcome = super::hand_back(work, &AtomicBool::new(false), &|| true).unwrap();
+    assert!(matches!(outcome.error, Some(RepoError::SecretInChanges)), "{outcome:?}");
+    let patch = outcome.patch.expect("the diff comes back beside the push's error");
+    assert!(patch.text.contains("+a plain line") && !patch.text.contains("tok-0123456789abcdef"), "{}", patch.text);
+    assert!(outcome.pushed_branch.is_none() && outcome.pushed_commit.is_none());
+
+    // Told in the result: as the failure of a job Claude did, after Claude's own otherwise.
+    let said = RepoError::SecretInChanges.to_string();
+    let mut done = shared::job::JobResult { success: true, ..Default::default() };
+    super::tell_hand_back_failed(&mut done, said.clone());
+    assert!(!done.success && done.error_code == Some(shared::contract::ErrorCode::RepoError) && done.error.as_deref() == Some(said.as_str()));
+    let mut failed = shared::job::JobResult::failure(shared::contract::ErrorCode::Timeout, "the job ran out of time", 5);
+    super::tell_hand_back_failed(&mut failed, said.clone());
+    assert_eq!(failed.error_code, Some(shared::contract::ErrorCode::Timeout), "Claude's failure stays the result's");
+    let error = failed.error.unwrap();
+    assert!(error.starts_with("the job ran out of time; ") && error.ends_with(&said), "{error}");
 }

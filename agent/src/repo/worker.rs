@@ -131,6 +131,8 @@ pub struct Outcome {
     pub patch: Option<Patch>,
     pub pushed_commit: Option<String>,
     pub pushed_branch: Option<String>,
+    /// Why the push failed once the diff was made: the diff still comes back.
+    pub error: Option<RepoError>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
