@@ -14,8 +14,13 @@ pub const USED_FILE: &str = "claude-runner-last-used";
 const MAX_FOLDER: usize = 150;
 
 /// The folder of a repository's mirror, from its name (`host[:port]/path`): readable
-/// (`github.com+owner+repo.git`), never `.`-led (those are the cache's own), one path part.
-/// Names only hold letters, digits, `. _ - ~ : /`, so `+` and `@` cannot collide.
+/// (`github.com+owner+repo.git`), never `.`-led (those are the cache's own), one path part,
+/// and never another name's. Names only hold letters, digits, `. _ - ~ : /`
+/// (`shared::repo::could_be_name`), so `+` and `@` cannot collide, and `=` marks a
+/// shortened name: its `~` once did, and a short name spelled like a long one's folder
+/// (`cut~sha256`) got that folder, and its mirror. Folders of older agents named so are
+/// removed at the agent's start (their name file no longer names them), fetched again when
+/// used.
 pub fn folder(name: &str) -> String {
     let readable: String = name.chars().map(|c| match c {
         '/' => '+',
@@ -30,7 +35,7 @@ pub fn folder(name: &str) -> String {
     use sha2::Digest;
     let hash: String = sha2::Sha256::digest(name.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
     let cut = shared::text::truncate(&readable, MAX_FOLDER - 65);
-    format!("{cut}~{hash}.git")
+    format!("{cut}={hash}.git")
 }
 
 /// One mirror as the eviction sees it.
@@ -75,8 +80,14 @@ mod tests {
         assert!(folder(&long_a).len() < 200);
         assert!(!folder(&long_a).contains('/'));
         // The whole SHA-256 of the name, not a 64-bit hash anyone can make collide.
-        let hash = folder(&long_a).rsplit_once('~').unwrap().1.strip_suffix(".git").unwrap().to_string();
+        let hash = folder(&long_a).rsplit_once('=').unwrap().1.strip_suffix(".git").unwrap().to_string();
         assert_eq!(hash, "b0cbb67d2584226bd0177dce4fca4fce0288200235bb35c50456409939fbecdb");
+        // A short name spelled as a long one's folder is another folder (hostile review
+        // s33, 4: it was that folder, and one repository's fetch removed the other's mirror).
+        let spelled = long_a.replace('/', "+").replace(':', "@");
+        let short = format!("{}~{hash}", shared::text::truncate(&spelled, MAX_FOLDER - 65)).replace('+', "/").replace('@', ":");
+        assert!(short.len() <= MAX_FOLDER && shared::repo::could_be_name(&short), "{short}");
+        assert_ne!(folder(&short), folder(&long_a));
     }
 
     fn m(folder: &str, bytes: u64, last_used: Millis, in_use: bool) -> MirrorUse {

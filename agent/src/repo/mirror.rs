@@ -247,6 +247,13 @@ impl MirrorCache {
             lease.fetched = guard.last.clone();
             return Ok(lease);
         }
+        // A mirror whose name file names another repository (a job can rewrite it) is made
+        // again by the fetch: not under another job that holds it or waits for it (a
+        // checkout borrows its objects), which it removed mid-job.
+        let others = self.entries.lock().expect("mirror entries").get(&folder).is_some_and(|e| e.users > 1);
+        if others && lease.dir.exists() && read_name(&lease.dir).as_deref() != Some(source.name.as_str()) {
+            return Err(local("fetch the repository", format!("the mirror folder {folder} names another repository and other jobs use it, so it is neither used nor made again now: retry once they ended")));
+        }
         let (fetch_hold, _) = self.hold(&folder);
         let started = Instant::now();
         let work = Work::Fetch { dir: lease.dir.clone(), source: source.clone() };

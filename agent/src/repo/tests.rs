@@ -1179,3 +1179,41 @@ async fn a_failed_push_keeps_the_diff_and_a_failed_job_tells_its_hand_backs_fail
     let error = failed.error.unwrap();
     assert!(error.starts_with("the job ran out of time; ") && error.ends_with(&said), "{error}");
 }
+
+/// A mirror whose name file names another repository is made again by the next fetch:
+/// it was removed even while another job held it, its checkout borrowing its objects
+/// (hostile review s33, 4). It is refused while held, made again once free.
+#[tokio::test]
+async fn a_mirror_naming_another_repository_is_not_removed_under_a_job_that_holds_it() {
+    let tmp = TempDir::new("held-mirror");
+    let (bare, _, _) = server(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let held = cache.acquire(source(&bare), false).await.unwrap();
+    std::fs::write(held.dir.join(super::layout::NAME_FILE), "elsewhere.example/other").unwrap();
+    let err = cache.acquire(source(&bare), false).await.err().expect("a held mirror was made again");
+    assert!(err.to_string().contains("other jobs use it"), "{err}");
+    assert!(super::mirror::usable(&held.dir), "the held mirror is still there");
+    drop(held);
+    let again = cache.acquire(source(&bare), false).await.unwrap();
+    assert_eq!(std::fs::read_to_string(again.dir.join(super::layout::NAME_FILE)).unwrap(), source(&bare).name);
+}
+
+/// An older agent's shortened folder (`cut~sha256.git`) is not this agent's folder of its
+/// repository (`cut=sha256.git`): removed at the start, not left on disk for ever.
+#[tokio::test]
+async fn an_older_agents_shortened_mirror_folder_goes_at_the_start() {
+    let tmp = TempDir::new("old-layout");
+    let (bare, _, _) = server(tmp.path());
+    let long = Source { name: format!("local/{}", "a".repeat(200)), ..source(&bare) };
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let dir = cache.acquire(long.clone(), false).await.unwrap().dir.clone();
+    let name = dir.file_name().unwrap().to_str().unwrap().to_string();
+    assert!(name.contains('=') && !name.contains('~'), "{name}");
+    let old = dir.with_file_name(name.replace('=', "~"));
+    std::fs::rename(&dir, &old).unwrap();
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    cache.recover().await;
+    assert!(!old.exists(), "an older agent's folder stays");
+    cache.acquire(long, false).await.unwrap();
+    assert!(dir.exists());
+}
