@@ -399,7 +399,7 @@ fn closed_pipe(e: &anyhow::Error) -> bool {
 
 /// Ends the process as a closed pipe ends a Unix tool: by SIGPIPE, saying nothing (a shell
 /// sees status 141, as for `yes | head -1`).
-fn end_as_a_closed_pipe_ends_a_tool() -> ! {
+pub(crate) fn end_as_a_closed_pipe_ends_a_tool() -> ! {
     // SAFETY: the default disposition, then the signal to this thread: the process ends.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);

@@ -596,6 +596,11 @@ fn brought(schedule: &mut Schedule, job_id: &str, quiet: bool) {
 /// read it, and exits 2 as a follow given up does: it ended 0 with the result lost.
 fn finish(result: &Value, as_json: bool, job_id: &str) -> i32 {
     if let Err(e) = print_result(&mut std::io::stdout().lock(), result, as_json) {
+        // A reader that went away on purpose (`submit … | head -1`) ends it as it ends any
+        // tool: quietly, by SIGPIPE.
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            crate::end_as_a_closed_pipe_ends_a_tool();
+        }
         return fail_with(format!("could not write the result ({e}); read it with GET /jobs/{job_id}"));
     }
     if result["success"] == true {

@@ -698,6 +698,10 @@ async fn doctor_checks_the_keys_against_the_edge_and_leaves_the_running_agent_al
     assert!(edge.log().contains("keys checked by a probe"), "{}", edge.log());
 
     // An agent holding another edge's public key refuses the welcome; the edge says why.
+    // The first goes first: a second process proving `spark` while it is heard is refused
+    // before any welcome.
+    drop(agent);
+    assert!(eventually(Duration::from_secs(30), || edge.log().contains("agent disconnected")).await, "{}", edge.log());
     let _wrong = AgentProc::start(AgentOpts { edge_public: shared::keys::encode_verifying(&other.edge.verifying_key()), ..AgentOpts::for_edge(&edge, "spark") });
     assert!(
         eventually(Duration::from_secs(60), || edge.log().lines().any(|l| l.contains("agent disconnected") && l.contains("could not prove its identity"))).await,
@@ -2296,7 +2300,8 @@ fn submit_says_a_result_it_cannot_write() {
     });
     for args in [&[][..], &["--json"]] {
         let out = Command::new(bin("claude-runner"))
-            .args(["submit", "--edge", &format!("http://{edge}"), "--secret", SECRET, "hello"])
+            .args(["submit", "--edge", &format!("http://{edge}"), "hello"])
+            .env("RUNNER_SECRET", SECRET)
             .args(args)
             .stdout(full())
             .output()
@@ -2324,7 +2329,8 @@ fn keygen_says_a_stdout_it_cannot_write() {
 fn submit_refuses_a_prompt_that_is_not_text() {
     use std::io::Write;
     let mut child = Command::new(bin("claude-runner"))
-        .args(["submit", "--edge", "http://127.0.0.1:9", "--secret", SECRET])
+        .args(["submit", "--edge", "http://127.0.0.1:9"])
+        .env("RUNNER_SECRET", SECRET)
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -2419,7 +2425,8 @@ fn submit_at_a_terminal_says_it_reads_the_prompt_from_stdin() {
         (std::fs::File::from_raw_fd(master), std::fs::File::from_raw_fd(line))
     };
     let child = Command::new(bin("claude-runner"))
-        .args(["submit", "--edge", "http://127.0.0.1:9", "--secret", SECRET])
+        .args(["submit", "--edge", "http://127.0.0.1:9"])
+        .env("RUNNER_SECRET", SECRET)
         .stdin(Stdio::from(line))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
