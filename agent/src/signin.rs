@@ -82,7 +82,7 @@ async fn run_to(err: &mut impl Write, out: &mut impl Write, input: &mut impl Buf
             return Ok(2);
         }
     };
-    let http = crate::submit::edge_client()?;
+    let http = crate::submit::edge_client(&base)?;
     let body = match &args.agent_id {
         Some(id) => json!({"agent_id": id}),
         None => json!({}),

@@ -130,13 +130,18 @@ fn without_userinfo(url: &str) -> String {
     }
 }
 
-/// The one HTTP client of the commands that send the runner secret to the edge (`submit`,
-/// `login`). It follows no redirect: one turned a task into a GET of another address
-/// (whose answer was taken for the edge's), and `login`'s code and the secret went wherever
-/// it led; the answer is said instead ([`redirected`]). Its connection gets
-/// [`CONNECT_TIME`].
-pub(crate) fn edge_client() -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder().connect_timeout(CONNECT_TIME).redirect(reqwest::redirect::Policy::none()).build()?)
+/// The one HTTP client of the commands that send the runner secret to the edge at `base`
+/// (`submit`, `login`). It follows no redirect: one turned a task into a GET of another
+/// address (whose answer was taken for the edge's), and `login`'s code and the secret went
+/// wherever it led; the answer is said instead ([`redirected`]). Its connection gets
+/// [`CONNECT_TIME`]. A plain `http://` edge is dialled directly, whatever HTTP_PROXY or
+/// ALL_PROXY say: through a proxy the secret crossed the network in plain text (even for
+/// `http://127.0.0.1`, which a proxy elsewhere cannot reach anyway), the very thing the
+/// rule for http:// forbids. An `https://` edge goes through HTTPS_PROXY (ALL_PROXY) when
+/// set, as a network that allows no other way out needs: TLS still keeps the secret from it.
+pub(crate) fn edge_client(base: &str) -> anyhow::Result<reqwest::Client> {
+    let client = reqwest::Client::builder().connect_timeout(CONNECT_TIME).redirect(reqwest::redirect::Policy::none());
+    Ok(if base.starts_with("http://") { client.no_proxy() } else { client }.build()?)
 }
 
 /// What a redirect (a 3xx) the edge's address answered with says, for a client that
@@ -195,10 +200,12 @@ pub(crate) fn request_error(e: &reqwest::Error) -> String {
 /// TLS, and what to do if so: a TLS port closes a plain request unread (nothing of it was
 /// taken, let alone queued), which read as an edge that broke after it took the task. Asked
 /// with a request of no secret and no task (`GET /health`) to the same host and port over
-/// https://, the certificate unchecked: only whether TLS answers is asked.
+/// https://, directly (as the request that broke went: a proxy's TLS would answer for it),
+/// the certificate unchecked: only whether TLS answers is asked.
 pub(crate) async fn speaks_tls(base: &str) -> Option<String> {
     let rest = base.strip_prefix("http://")?;
     let probe = reqwest::Client::builder()
+        .no_proxy()
         .danger_accept_invalid_certs(true)
         .redirect(reqwest::redirect::Policy::none())
         .timeout(std::time::Duration::from_secs(5))
@@ -363,7 +370,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     if !args.disallowed_tools.is_empty() {
         body["disallowed_tools"] = json!(args.disallowed_tools);
     }
-    let http = edge_client()?;
+    let http = edge_client(&base)?;
     // The edge answers a task at once: the exchange is given ANSWER_TIME and its upload's
     // time at the slowest link's pace (an edge that took the task and never answered held
     // `submit`, which has no time limit, for good).

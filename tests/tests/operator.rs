@@ -2440,3 +2440,56 @@ fn submit_at_a_terminal_says_it_reads_the_prompt_from_stdin() {
     // Then on to the edge (none here).
     assert!(err.contains("cannot reach the edge"), "{err}");
 }
+
+/// reqwest reads HTTP_PROXY (ALL_PROXY, and their lower-case forms) and makes no exception
+/// for loopback: with one set, `submit` and `login` sent a plain http:// edge's requests,
+/// the runner secret in their head, to the proxy in plain text, even for http://127.0.0.1;
+/// and the https probe of a broken exchange asked the proxy (HTTPS_PROXY), whose TLS
+/// answered for the edge. A plain http:// edge is dialled directly: nothing reaches the proxy.
+#[test]
+fn submit_and_login_send_nothing_of_a_plain_edges_through_a_proxy() {
+    use std::sync::{Arc, Mutex};
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let through_proxy = Arc::new(Mutex::new(Vec::<String>::new()));
+    let noted = through_proxy.clone();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        for conn in proxy.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut head = vec![0; 4096];
+            let n = conn.read(&mut head).unwrap_or(0);
+            noted.lock().unwrap().push(String::from_utf8_lossy(&head[..n]).into_owned());
+        }
+    });
+    // An edge that reads each request and closes it unanswered: the exchange breaks, and
+    // the probe asks whether the port speaks TLS.
+    let reached_edge = Arc::new(Mutex::new(Vec::<String>::new()));
+    let noted = reached_edge.clone();
+    let edge = edge_that_answers(move |head, _| {
+        noted.lock().unwrap().push(head.to_string());
+        String::new()
+    });
+    for command in ["submit", "login"] {
+        let mut run = Command::new(bin("claude-runner"));
+        run.args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
+            .env("CLAUDE_RUNNER_URL", format!("http://{edge}"))
+            .env("RUNNER_SECRET", SECRET)
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .stdin(Stdio::null());
+        for proxy in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
+            run.env(proxy, &proxy_url);
+        }
+        let out = run.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+        assert!(err.contains(&format!("http://{edge}")) && !err.contains("speaks TLS"), "{command}: {err}");
+    }
+    assert_eq!(*through_proxy.lock().unwrap(), Vec::<String>::new(), "requests reached the proxy");
+    let reached_edge = reached_edge.lock().unwrap();
+    assert!(reached_edge.iter().any(|head| head.starts_with("POST /jobs") && head.contains(SECRET)), "the edge was not dialled directly: {reached_edge:?}");
+    assert!(reached_edge.iter().any(|head| head.starts_with("POST /oauth/login")), "{reached_edge:?}");
+}
+
