@@ -2,7 +2,8 @@
 //! (every job's prompt and result) readable and forgeable on the way, so it is accepted
 //! only to a loopback host, or when the operator says `ALLOW_INSECURE_EDGE=1`. `submit` and
 //! `login` hold `CLAUDE_RUNNER_URL`'s `http://`, which carries the runner secret, to the same
-//! rule ([`plaintext_beyond_this_machine`]).
+//! rule, read from the URL as their HTTP client parses it
+//! ([`dialled_in_plaintext_beyond_this_machine`]), with the same [`is_loopback`].
 
 use std::net::IpAddr;
 
@@ -40,13 +41,30 @@ pub fn connect_url(edge_url: &str, allow_insecure: bool) -> Result<String, EdgeU
 
 /// The host a plaintext URL (`ws://`, `http://`) goes to when it is not this machine (a
 /// loopback host): what it carries would cross the network readable and forgeable. `None`
-/// for a TLS URL (`wss://`, `https://`), a loopback one, or one with no host. The one check
-/// of the agent's `EDGE_URL` and of `submit`'s and `login`'s `CLAUDE_RUNNER_URL`, each
-/// allowed past it by `ALLOW_INSECURE_EDGE=1`.
+/// for a TLS URL (`wss://`, `https://`), a loopback one, or one with no host. The agent's
+/// check of `EDGE_URL` (which it dials as written here), allowed past it by
+/// `ALLOW_INSECURE_EDGE=1`.
 pub fn plaintext_beyond_this_machine(url: &str) -> Option<&str> {
     let url = url.trim();
     let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("ws://"))?;
     host_of(rest).filter(|host| !is_loopback(host))
+}
+
+/// The host a plaintext `http://` (or `ws://`) URL, as parsed (`url` is the address the
+/// client dials: `submit`'s and `login`'s `CLAUDE_RUNNER_URL`), goes to when it is not this
+/// machine ([`is_loopback`]); `"no host"` when it names none. `None` for any other scheme.
+/// Decided from the parsed host, not from the text: read by hand, `http:///edge.example.com`
+/// had no host (so passed for this machine) and `http://evil.com\@127.0.0.1` had 127.0.0.1,
+/// where the parser dials edge.example.com and evil.com.
+pub fn dialled_in_plaintext_beyond_this_machine(url: &reqwest::Url) -> Option<String> {
+    if !matches!(url.scheme(), "http" | "ws") {
+        return None;
+    }
+    // As parsed, a host is canonical: a name in lower case, an IPv4 address in dotted
+    // decimal (`127.1` and `2130706433` read as 127.0.0.1, as dialled), an IPv6 one in brackets.
+    let Some(host) = url.host_str() else { return Some("no host".to_string()) };
+    let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    (!is_loopback(bare)).then(|| host.to_string())
 }
 
 /// What to do when a TLS dial to `url` failed with `error` because the server answered in

@@ -83,28 +83,46 @@ impl EdgeArgs {
             let data_dir = crate::config::DataDirArgs { data_dir: std::env::var_os("DATA_DIR").map(std::path::PathBuf::from) }.data_dir();
             return Err(missing_secret(&crate::config::up_state_file(&data_dir)));
         };
-        let edge = edge.trim_end_matches('/');
-        // Every message about the URL shows it so: a password in it is not for the screen.
-        let shown = shared::text::one_line(&without_userinfo(edge));
         let write_it = "write it whole, e.g. http://127.0.0.1:8787 or https://claude-runner-edge.<you>.workers.dev";
-        if !(edge.starts_with("http://") || edge.starts_with("https://")) {
-            return Err(format!("CLAUDE_RUNNER_URL (--edge) `{shown}` is not an http(s) URL: {write_it}"));
-        }
         // Refused here, before anything is sent: as a request's error it read as "the
-        // exchange broke; the task may have been queued".
-        let url = reqwest::Url::parse(edge).map_err(|e| format!("CLAUDE_RUNNER_URL (--edge) `{shown}` is not a valid URL ({e}): {write_it}"))?;
-        if !url.username().is_empty() || url.password().is_some() {
+        // exchange broke; the task may have been queued". Read once, by the parser reqwest
+        // dials with: every check below is of the address dialled (read by hand,
+        // `http:///edge.example.com` had no host, so it passed for this machine, and
+        // `http://evil.com\@127.0.0.1` had 127.0.0.1, where the parser dials evil.com).
+        // Not shown when it does not parse: where its password ends is then not known.
+        let mut url = reqwest::Url::parse(edge.trim()).map_err(|e| {
+            format!("CLAUDE_RUNNER_URL (--edge) is not a valid URL ({e}); it is not shown, as it may hold a password: {write_it}")
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            // Only its scheme is shown: what follows it may be `user:password@host`.
             return Err(format!(
-                "CLAUDE_RUNNER_URL (--edge) `{shown}` carries a user name or password: the edge reads none there; \
-                 give the runner secret as RUNNER_SECRET (or --secret) and the URL without it"
+                "CLAUDE_RUNNER_URL (--edge) is not an http(s) URL (it starts with `{}:`): {write_it}",
+                shared::text::one_line(shared::text::truncate(url.scheme(), 40))
             ));
         }
-        if let Some(host) = agent_core::edge_url::plaintext_beyond_this_machine(edge).filter(|_| !self.allow_insecure_edge) {
+        let carries_userinfo = !url.username().is_empty() || url.password().is_some();
+        // Every message about the URL shows it so: a password in it is not for the screen.
+        // (An http(s) URL always has a host, which takes a user name and a password.)
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        let shown = shared::text::one_line(url.as_str().trim_end_matches('/'));
+        if carries_userinfo {
+            return Err(format!(
+                "CLAUDE_RUNNER_URL (--edge) `{shown}` carries a user name or password: the edge reads none there; \
+                 give the runner secret as RUNNER_SECRET and the URL without it"
+            ));
+        }
+        // The paths the commands add (`/jobs`, `/oauth/login`) go after the URL's: after a
+        // query or a fragment they would be part of it.
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(format!("CLAUDE_RUNNER_URL (--edge) `{shown}` has a query or a fragment (`?`, `#`): the edge reads none; {write_it}"));
+        }
+        if let Some(host) = agent_core::edge_url::dialled_in_plaintext_beyond_this_machine(&url).filter(|_| !self.allow_insecure_edge) {
             return Err(format!(
                 "CLAUDE_RUNNER_URL (--edge) `{shown}` is plaintext http:// to `{}`, which is not this machine: the runner secret, \
                  the task and its result would cross the network unencrypted. Use https:// (e.g. https://claude-runner-edge.<you>.workers.dev, \
                  or TLS in front of a native edge), or set ALLOW_INSECURE_EDGE=1 if the path is private (a VPN, an SSH tunnel)",
-                shared::text::one_line(host)
+                shared::text::one_line(&host)
             ));
         }
         if reqwest::header::HeaderValue::from_str(secret).is_err() {
@@ -112,7 +130,8 @@ impl EdgeArgs {
                         character): nothing was sent; set it to the secret alone, as `claude-runner keygen` or `up` printed it"
                 .into());
         }
-        Ok((edge.to_string(), secret.clone()))
+        // The address checked is the address dialled: the parser's own reading of it.
+        Ok((url.as_str().trim_end_matches('/').to_string(), secret.clone()))
     }
 }
 
@@ -709,6 +728,49 @@ mod tests {
             assert!(err.contains("CLAUDE_RUNNER_URL") && !err.contains("hunter2"), "{url}: {err}");
         }
         assert!(resolved("https://me:hunter2@edge.example.com", "s", false).unwrap_err().contains("RUNNER_SECRET"));
+    }
+
+    /// The loopback check read the URL by hand, the client by the URL parser, and they
+    /// disagreed: `http:///edge.example.com:8787` had no host to the check (so passed for
+    /// this machine) and is edge.example.com to the parser; `http://evil.com\@127.0.0.1`
+    /// was 127.0.0.1 to the check and is evil.com to the parser (`\` ends the host). Both
+    /// are refused now, and what is dialled is the URL as parsed.
+    #[test]
+    fn the_host_checked_is_the_host_dialled() {
+        for bad in ["http:///edge.example.com:8787", "http://evil.com\\@127.0.0.1:8787", "HTTP://Edge.Example.com", "http://127.0.0.2.nip.io"] {
+            let err = resolved(bad, "s", false).unwrap_err();
+            assert!(err.contains("not this machine") && err.contains("ALLOW_INSECURE_EDGE=1"), "{bad}: {err}");
+        }
+        for (ok, base) in [
+            ("http://LOCALHOST:8787/", "http://localhost:8787"),
+            ("http://2130706433:8787", "http://127.0.0.1:8787"),
+            ("http://[::ffff:127.0.0.1]:8787/edge/", "http://[::ffff:7f00:1]:8787/edge"),
+            ("HTTPS://Edge.Example.com:443", "https://edge.example.com"),
+        ] {
+            assert_eq!(resolved(ok, "s", false).map(|(base, _)| base), Ok(base.to_string()), "{ok}");
+        }
+        // The paths the commands add would go into a query or a fragment.
+        for bad in ["http://127.0.0.1:8787/?x=1", "http://127.0.0.1:8787#top"] {
+            assert!(resolved(bad, "s", false).unwrap_err().contains("query or a fragment"), "{bad}");
+        }
+    }
+
+    /// A URL that did not parse was shown with the part before its first `/`, `?` or `#`
+    /// taken for the host: a password with one of them in it was shown whole. A URL that
+    /// does not parse is not shown at all, and one that does without its user info.
+    #[test]
+    fn a_url_that_is_refused_shows_no_password() {
+        for url in [
+            "https://me:hun#ter2@edge.example.com",
+            "https://me:hun/ter2@edge.example.com",
+            "https://me:hun?ter2@edge.example.com:99999",
+            "https://me:hunter2@edge.example.com/x?y#z",
+            "http://me:hunter2@10.0.0.1",
+            "me:hunter2@edge.example.com",
+        ] {
+            let err = resolved(url, "s", false).unwrap_err();
+            assert!(err.contains("CLAUDE_RUNNER_URL") && !err.contains("hunter2") && !err.contains("hun") && !err.contains("ter2"), "{url}: {err}");
+        }
     }
 
     /// The edge's own words (its `error` when it refuses a task) are shown the same way.
