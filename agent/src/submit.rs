@@ -222,7 +222,7 @@ pub(crate) fn request_error(e: &reqwest::Error) -> String {
 /// https://, directly (as the request that broke went: a proxy's TLS would answer for it),
 /// the certificate unchecked: only whether TLS answers is asked.
 pub(crate) async fn speaks_tls(base: &str) -> Option<String> {
-    let rest = base.strip_prefix("http://")?;
+    let (https, health) = tls_probe(base)?;
     let probe = reqwest::Client::builder()
         .no_proxy()
         .danger_accept_invalid_certs(true)
@@ -230,8 +230,22 @@ pub(crate) async fn speaks_tls(base: &str) -> Option<String> {
         .timeout(std::time::Duration::from_secs(5))
         .build()
         .ok()?;
-    probe.get(format!("https://{rest}/health")).send().await.ok()?;
-    Some(format!("the server at {base} speaks TLS, not plain http, and read nothing of the request: set --edge (CLAUDE_RUNNER_URL) to https://{rest}"))
+    probe.get(health).send().await.ok()?;
+    Some(format!("the server at {base} speaks TLS, not plain http, and read nothing of the request: set --edge (CLAUDE_RUNNER_URL) to {https}"))
+}
+
+/// For an http:// `base`: the same address over https://, and its `/health`, on the same
+/// port. A URL without a port is dialled on 80: asked on 443 (https's own), another server
+/// answered, and a task a plain server on 80 had read was said not to be queued.
+fn tls_probe(base: &str) -> Option<(String, reqwest::Url)> {
+    let mut url = reqwest::Url::parse(base).ok().filter(|url| url.scheme() == "http")?;
+    let port = url.port_or_known_default();
+    // In this order: set first, 80 is http's own port and dropped, and https's 443 taken.
+    url.set_scheme("https").ok()?;
+    url.set_port(port).ok()?;
+    let https = url.as_str().trim_end_matches('/').to_string();
+    url.set_path(&format!("{}/health", url.path().trim_end_matches('/')));
+    Some((https, url))
 }
 
 fn fail(message: String) -> anyhow::Result<i32> {
@@ -771,6 +785,19 @@ mod tests {
             let err = resolved(url, "s", false).unwrap_err();
             assert!(err.contains("CLAUDE_RUNNER_URL") && !err.contains("hunter2") && !err.contains("hun") && !err.contains("ter2"), "{url}: {err}");
         }
+    }
+
+    /// The https probe of a broken exchange asks the port the request went to: for
+    /// `http://host` that is 80, where it asked 443 (https's own), so a server there that
+    /// speaks TLS had `submit` say "the task was not queued" of a task a plain server on
+    /// 80 had read.
+    #[test]
+    fn the_tls_probe_asks_the_port_the_request_went_to() {
+        let probe = |base: &str| super::tls_probe(base).map(|(https, health)| (https, health.to_string()));
+        assert_eq!(probe("http://127.0.0.1"), Some(("https://127.0.0.1:80".into(), "https://127.0.0.1:80/health".into())));
+        assert_eq!(probe("http://localhost:8787/edge"), Some(("https://localhost:8787/edge".into(), "https://localhost:8787/edge/health".into())));
+        assert_eq!(probe("http://[::1]:443"), Some(("https://[::1]".into(), "https://[::1]/health".into())));
+        assert_eq!(probe("https://127.0.0.1"), None);
     }
 
     /// The edge's own words (its `error` when it refuses a task) are shown the same way.
