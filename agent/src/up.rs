@@ -98,8 +98,31 @@ fn plain_secret(secret: &str) -> bool {
 /// quoted as in the curl lines: bare, one beginning with `~` (which [`plain_secret`]
 /// allows, and a job can write into up.json) was tilde-expanded by the shell, and the
 /// operator exported another secret than the edge's.
+/// Printed for the address the edge listens on (`LISTEN`) as this machine reaches it
+/// ([`reached_at`]). One that is not this machine's loopback (`LISTEN=192.168.1.5:8787`) is
+/// plaintext http:// that `submit` and `login` refuse without ALLOW_INSECURE_EDGE=1: a
+/// comment after the line says so, rather than a line that pasted, fails.
 fn export_line(addr: SocketAddr, secret: &str) -> String {
-    format!("export CLAUDE_RUNNER_URL=http://{addr} RUNNER_SECRET='{secret}'")
+    let addr = reached_at(addr);
+    let line = format!("export CLAUDE_RUNNER_URL=http://{addr} RUNNER_SECRET='{secret}'");
+    if addr.ip().is_loopback() {
+        return line;
+    }
+    format!(
+        "{line}\n  # http://{addr} is not this machine's loopback: submit and login send the secret over plain http:// \
+         only to 127.0.0.1, so add ALLOW_INSECURE_EDGE=1 to the line if the path to it is private, or listen on 127.0.0.1"
+    )
+}
+
+/// The address to reach an edge listening on `addr` at from this machine: for every
+/// address (`LISTEN=0.0.0.0:8787`, `[::]:8787`), the loopback one. Printed as it was,
+/// `http://0.0.0.0:8787` was refused by `submit` as "not this machine".
+fn reached_at(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, addr.port())),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
+        _ => addr,
+    }
 }
 
 /// `text` as one word for a POSIX shell: as it is when nothing in it is special, else in
@@ -280,6 +303,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if let Some(warning) = edge_native::listen::reachable_from_the_network(addr) {
         eprintln!("claude-runner up: warning: {warning}.");
     }
+    // The lines to paste name the address this machine reaches the edge at.
+    let listening = addr;
+    let addr = reached_at(listening);
     println!(
         "Claude Runner is up: edge http://{addr}, agent `{id}` connecting to it.
 {login_note}
@@ -296,7 +322,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 The status page: http://{addr}/ (it asks for the secret); `{runner} status` shows the agent.
 Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both (running jobs finish first).",
         id = state.agent_id,
-        export = export_line(addr, &state.runner_secret),
+        export = export_line(listening, &state.runner_secret),
         keys_path = crate::config::up_state_file(&args.local.data_dir()).display(),
     );
     let result = crate::serve::serve(agent_cfg, crate::drain::stop_requests()).await;
@@ -319,6 +345,25 @@ mod tests {
             let out = std::process::Command::new("bash").arg("-c").arg(format!("{line}\nprintf %s \"$RUNNER_SECRET\"")).output().unwrap();
             assert_eq!(String::from_utf8_lossy(&out.stdout), secret, "{line}");
         }
+    }
+
+    /// `LISTEN=0.0.0.0:8787` (or `[::]`) printed `export CLAUDE_RUNNER_URL=http://0.0.0.0:8787`,
+    /// which `submit` refuses as "not this machine": the line names the loopback address
+    /// instead, which `submit` takes; a specific address of the network is printed with
+    /// what `submit` needs to reach it.
+    #[test]
+    fn the_export_line_names_an_address_submit_takes() {
+        let url = |line: &str| line.split_whitespace().find_map(|w| w.strip_prefix("CLAUDE_RUNNER_URL=")).unwrap().to_string();
+        for (listen, reached) in [("0.0.0.0:8787", "http://127.0.0.1:8787"), ("[::]:8787", "http://[::1]:8787"), ("127.0.0.1:9", "http://127.0.0.1:9")] {
+            let line = export_line(listen.parse().unwrap(), "s");
+            assert_eq!(url(&line), reached, "{line}");
+            let edge = crate::submit::EdgeArgs { edge: Some(url(&line)), secret: Some("s".into()), allow_insecure_edge: false };
+            assert!(edge.resolve().is_ok(), "{line}");
+            assert_eq!(line.lines().count(), 1, "{line}");
+        }
+        let line = export_line("192.168.1.5:8787".parse().unwrap(), "s");
+        assert_eq!(url(&line), "http://192.168.1.5:8787");
+        assert!(line.lines().nth(1).is_some_and(|note| note.trim_start().starts_with('#') && note.contains("ALLOW_INSECURE_EDGE=1")), "{line}");
     }
 
     /// Each word pasted into a shell is the text itself, whatever it holds.
