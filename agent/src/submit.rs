@@ -63,9 +63,10 @@ pub struct EdgeArgs {
     #[arg(long, env = "RUNNER_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
     /// Send the secret over plaintext http:// to a host that is not this machine too (only
-    /// on a private path: a VPN, an SSH tunnel).
+    /// on a private path: a VPN, an SSH tunnel). A value only as `--allow-insecure-edge=1`:
+    /// a word after the flag is the prompt (it was taken as the flag's value, and refused).
     #[arg(long, env = "ALLOW_INSECURE_EDGE", value_parser = crate::setting_value::switch("ALLOW_INSECURE_EDGE"),
-          default_value = "false", num_args = 0..=1, default_missing_value = "true")]
+          default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub allow_insecure_edge: bool,
 }
 
@@ -798,6 +799,22 @@ mod tests {
         assert_eq!(probe("http://localhost:8787/edge"), Some(("https://localhost:8787/edge".into(), "https://localhost:8787/edge/health".into())));
         assert_eq!(probe("http://[::1]:443"), Some(("https://[::1]".into(), "https://[::1]/health".into())));
         assert_eq!(probe("https://127.0.0.1"), None);
+    }
+
+    /// `--allow-insecure-edge` took the word after it as its value: `submit
+    /// --allow-insecure-edge "fix the bug"` was refused as an invalid value. That word is
+    /// the prompt; a value is given only as `--allow-insecure-edge=…`.
+    #[test]
+    fn the_insecure_edge_flag_leaves_the_prompt_alone() {
+        use clap::Parser;
+        let submit = |args: &[&str]| match crate::Cli::try_parse_from([&["claude-runner", "submit"], args].concat()).map(|cli| cli.command) {
+            Ok(crate::Command::Submit(args)) => (args.prompt, args.edge.allow_insecure_edge),
+            Ok(_) => panic!("{args:?}: not read as submit"),
+            Err(e) => panic!("{args:?}: {e}"),
+        };
+        assert_eq!(submit(&["--allow-insecure-edge", "fix the bug"]), (Some("fix the bug".into()), true));
+        assert_eq!(submit(&["fix the bug", "--allow-insecure-edge"]), (Some("fix the bug".into()), true));
+        assert_eq!(submit(&["--allow-insecure-edge=0", "fix the bug"]), (Some("fix the bug".into()), false));
     }
 
     /// The edge's own words (its `error` when it refuses a task) are shown the same way.
