@@ -307,6 +307,16 @@ fn setting_names(cli: &clap::Command, keep: impl Fn(&clap::Arg) -> bool + Copy) 
 /// tokens through `oauth::Login`, the rest to redact.
 const READS_SECRETS: &[&str] = &["agent", "up", "doctor", "oauth-status"];
 
+/// The command asked for: clap's (`parsed`), or where clap could not parse the arguments (a
+/// setting it refused), the first argument that names one (a prompt that names a command,
+/// `submit agent`, is submit's).
+pub fn asked_command<'a>(cli: &'a clap::Command, args: &[std::ffi::OsString], parsed: Option<&str>) -> Option<&'a clap::Command> {
+    match parsed {
+        Some(name) => cli.find_subcommand(name),
+        None => args.iter().skip(1).find_map(|a| a.to_str().and_then(|a| cli.find_subcommand(a))),
+    }
+}
+
 /// Refuses, by name, a setting the command `args` asks for (`parsed`: its name, when clap
 /// could parse them) reads whose value is not UTF-8
 /// text: every variable a flag of that command (or a global one) reads as text — a path
@@ -328,13 +338,7 @@ pub fn refuse_settings_not_text(
         let parser = a.get_value_parser().type_id();
         parser != clap::builder::ValueParser::path_buf().type_id() && parser != clap::builder::ValueParser::os_string().type_id()
     };
-    // The command asked for: clap's, or where clap could not parse the arguments (a
-    // setting it refused), the first argument that names one (a prompt that names a
-    // command, `submit agent`, is submit's).
-    let asked = match parsed {
-        Some(name) => cli.find_subcommand(name),
-        None => args.iter().skip(1).find_map(|a| a.to_str().and_then(|a| cli.find_subcommand(a))),
-    };
+    let asked = asked_command(cli, args, parsed);
     let mut names: Vec<std::ffi::OsString> =
         cli.get_arguments().filter(|a| text(a)).filter_map(|a| a.get_env().map(|e| e.to_os_string())).collect();
     if let Some(command) = asked {

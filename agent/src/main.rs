@@ -208,7 +208,7 @@ fn main() {
     if check {
         if let Err(e) = config::refuse_settings_not_text(&command, &args, parsed, |name| std::env::var_os(name)) {
             eprintln!("claude-runner: {e}");
-            std::process::exit(1);
+            std::process::exit(not_text_status(config::asked_command(&command, &args, parsed)));
         }
     }
     // A secret given as a flag (`--github-token`, `--secret`, …) is refused before anything
@@ -352,6 +352,16 @@ fn main() {
 /// keys.env`, `submit > result.txt`) panicked too, and said so with a backtrace hint and
 /// exit 101: it is said as a failed write instead, with the command's failure status
 /// (`submit` and `login`: 2, the others 1), and nothing more is printed.
+/// The exit status for a setting refused as not text: `submit`'s and `login`'s usage error
+/// (2), as for any other wrong setting of theirs, since their 1 says the task ran and
+/// failed; the other commands' error (1).
+fn not_text_status(asked: Option<&clap::Command>) -> i32 {
+    match asked.map(clap::Command::get_name) {
+        Some("submit" | "login") => 2,
+        _ => 1,
+    }
+}
+
 fn quiet_on_a_closed_stdout(command: &Command) {
     let failure = match command {
         Command::Keygen { .. } | Command::Status { .. } | Command::OauthStatus { .. } => {

@@ -2493,3 +2493,25 @@ fn submit_and_login_send_nothing_of_a_plain_edges_through_a_proxy() {
     assert!(reached_edge.iter().any(|head| head.starts_with("POST /oauth/login")), "{reached_edge:?}");
 }
 
+/// A setting `submit` or `login` reads that is not UTF-8 text was refused with exit 1,
+/// which for `submit` says the task ran and failed; a wrong setting is their usage error, 2.
+#[test]
+fn submit_and_login_refuse_a_setting_that_is_not_text_as_a_usage_error() {
+    use std::os::unix::ffi::OsStrExt;
+    let not_text = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    for command in ["submit", "login"] {
+        for name in ["CLAUDE_RUNNER_URL", "RUNNER_SECRET", "ALLOW_INSECURE_EDGE"] {
+            let out = Command::new(bin("claude-runner"))
+                .args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
+                .env("CLAUDE_RUNNER_URL", "http://127.0.0.1:9")
+                .env("RUNNER_SECRET", SECRET)
+                .env(name, not_text)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{command} with {name} not text: {err}");
+            assert!(err.contains(&format!("{name} is not UTF-8 text")), "{command}: {err}");
+        }
+    }
+}
