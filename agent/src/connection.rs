@@ -247,13 +247,18 @@ async fn refuse(ws: &mut Socket, code: u16, reason: String) -> End {
 }
 
 /// Why a dial failed. A 404 is the edge saying it serves nothing at EDGE_URL — a pool it
-/// does not have, or a path that is not the edge's — which no retry mends: said as the
-/// edge's refusal, with what to set. Anything else may pass (worth retrying).
+/// does not have, or a path that is not the edge's — and a 401 that it did not take the
+/// agent's proof (`upgrade::refused`): no retry mends either, said as the edge's refusal,
+/// with what to set. Anything else may pass (worth retrying).
 fn dial_failed(connect_url: &str, e: &WsError) -> End {
     let WsError::Http(response) = e else {
         let hint = agent_core::edge_url::plain_edge_hint(connect_url, &e.to_string()).map(|h| format!("; {h}")).unwrap_or_default();
         return End::Unreached(format!("cannot reach the edge at {connect_url}: {e}{hint}"));
     };
+    // A refused proof (a wrong key, an unknown agent, a clock off): no retry mends it.
+    if let Some(why) = crate::upgrade::refused(connect_url, response) {
+        return End::Refused(why);
+    }
     if response.status().as_u16() != 404 {
         return End::Unreached(format!("cannot reach the edge at {connect_url}: {e}"));
     }
@@ -296,7 +301,12 @@ async fn session(
     let ws_config = WebSocketConfig::default().max_message_size(Some(protocol::MAX_FRAME_BYTES)).max_frame_size(Some(protocol::MAX_FRAME_BYTES));
     // TCP_NODELAY: frames are small and latency-bound; Nagle with delayed ACKs would add
     // ~40 ms to a job's round trip.
-    let dial = tokio_tungstenite::connect_async_with_config(cfg.connect_url.as_str(), Some(ws_config), true);
+    // The upgrade carries our proof: the edge gives no socket without it.
+    let request = match crate::upgrade::request(&cfg.connect_url, &cfg.agent_id, &cfg.pool, &cfg.signing_key) {
+        Ok(request) => request,
+        Err(e) => return dial_failed(&cfg.connect_url, &e),
+    };
+    let dial = tokio_tungstenite::connect_async_with_config(request, Some(ws_config), true);
     let mut ws = match timeout(step, dial).await {
         Ok(Ok((ws, _))) => ws,
         Ok(Err(e)) => return dial_failed(&cfg.connect_url, &e),

@@ -221,9 +221,22 @@ type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsSt
 /// signs a welcome with its own, and the agent's running connection, if any, is left
 /// alone (a hello would replace it). Returns what the edge is, and what the probe found.
 async fn reach(url: &str, probe: Option<&Probe>) -> Result<(String, Option<Result<String, KeysRefused>>), String> {
-    let dial = tokio_tungstenite::connect_async(url);
+    // With the agent's key, the upgrade carries its proof, as the agent's own dial does;
+    // without it the edge refuses the socket, which still shows it is there.
+    let request = match probe {
+        Some(p) => crate::upgrade::request(url, &p.agent_id, &p.pool, &p.signing_key),
+        None => tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url),
+    };
+    let request = request.map_err(|e| format!("cannot dial {url}: {e}; check EDGE_URL"))?;
+    let dial = tokio_tungstenite::connect_async(request);
     let (mut ws, _) = match tokio::time::timeout(HANDSHAKE, dial).await {
         Ok(Ok(ok)) => ok,
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) if response.status().as_u16() == 401 => {
+            let reached = format!("{url} answers, and opens agent connections only to agents that prove their key");
+            let why = crate::upgrade::refused(url, &response).map(|why| shared::text::peer_words(&why)).unwrap_or_default();
+            let refused = |p: &Probe| Err(KeysRefused::Fail("agent key", format!("the edge refuses agent `{}`: {why}", p.agent_id)));
+            return Ok((reached, probe.map(refused)));
+        }
         Ok(Err(e)) => return Err(format!("cannot reach {url}: {e}; check EDGE_URL and that the edge is deployed")),
         Err(_) => return Err(format!("no answer from {url} within {} s; check EDGE_URL and the network", HANDSHAKE.as_secs())),
     };

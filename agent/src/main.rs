@@ -9,6 +9,7 @@
 //! - [`setting_value`]: the number and switch settings' parsers: a refusal says what to write.
 //! - [`drain`]: how a stop is asked for: signals, or `agent --drain` from another shell.
 //! - [`connection`]: the outbound WebSocket: handshake, heartbeats, reconnects.
+//! - [`upgrade`]: the agent's proof on its dial, and the edge's refusal of it read.
 //! - [`reconnect`]: how long to wait before dialing again: backoff and jitter, capped
 //!   within the edge's `LOST_AFTER_MS` while the agent holds work.
 //! - [`lost_after`]: that `LOST_AFTER_MS`, kept in `DATA_DIR` from the last welcome.
@@ -80,6 +81,7 @@ mod status;
 mod submit;
 #[cfg(feature = "up")]
 mod up;
+mod upgrade;
 mod warden;
 mod workspace;
 mod zygote;

@@ -40,6 +40,12 @@ pub enum ErrorCode {
     /// The idempotency key names a job that already ran and ended (`state`), whose record
     /// the edge no longer keeps: it is not run again, and its result cannot be given.
     JobForgotten,
+    /// An upgrade to `/agent/connect` without an agent's proof (`X-Runner-Agent-Proof`):
+    /// an agent older than the edge, or not an agent at all.
+    AgentProofRequired,
+    /// An upgrade to `/agent/connect` whose agent's proof does not hold: an unknown
+    /// agent, a key that is not its `AGENT_PUBLIC_KEYS` entry, a clock too far off.
+    AgentProofInvalid,
     InternalError,
 }
 
@@ -56,6 +62,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::Conflict => 409,
             ErrorCode::JobForgotten => 410,
+            ErrorCode::AgentProofRequired | ErrorCode::AgentProofInvalid => 401,
             ErrorCode::RunnerBusy => 429,
             ErrorCode::RunnerOffline => 503,
             ErrorCode::RunnerLost => 502,
@@ -98,7 +105,9 @@ impl ErrorCode {
             | ErrorCode::MaxTurns
             | ErrorCode::BudgetExceeded
             | ErrorCode::JobRejected
-            | ErrorCode::JobForgotten => false,
+            | ErrorCode::JobForgotten
+            | ErrorCode::AgentProofRequired
+            | ErrorCode::AgentProofInvalid => false,
         }
     }
 

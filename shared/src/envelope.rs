@@ -12,6 +12,8 @@
 use crate::keys;
 use crate::link::{MacKey, MAC_BYTES};
 use crate::Millis;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -50,6 +52,9 @@ pub enum Domain {
     /// Agent → edge: a hello that asks only whether the keys agree (`claude-runner
     /// doctor`), never taken for an agent's connection ([`crate::protocol::AgentMessage::Probe`]).
     Probe,
+    /// Agent → edge: the proof on the WebSocket upgrade to `/agent/connect`, checked
+    /// before the edge gives the peer a socket ([`UpgradeProof`]).
+    Upgrade,
 }
 
 impl Domain {
@@ -69,6 +74,7 @@ impl Domain {
             Domain::KeptResult => b"claude-runner/v9/kept-result\n",
             Domain::KeptSession => b"claude-runner/v10/kept-session\n",
             Domain::Probe => b"claude-runner/v10/agent-probe\n",
+            Domain::Upgrade => b"claude-runner/v10/agent-upgrade\n",
         }
     }
 }
@@ -120,6 +126,65 @@ impl Envelope {
             .map_err(|_| EnvelopeError::BadSignature)?;
         serde_json::from_str(&self.payload).map_err(|e| EnvelopeError::MalformedPayload(e.to_string()))
     }
+}
+
+/// The request header that carries an agent's [`UpgradeProof`] on its dial of
+/// `/agent/connect`.
+pub const AGENT_PROOF_HEADER: &str = "x-runner-agent-proof";
+
+/// The longest proof header an edge reads: an agent id (64), a time (20 digits), a
+/// signature (86), two dots, and room to spare. Anything longer is refused unread.
+pub const MAX_AGENT_PROOF: usize = 256;
+
+/// An agent's proof, on the WebSocket upgrade itself, that it holds the key of an agent
+/// in the pool's `AGENT_PUBLIC_KEYS`: `<agent_id>.<unix ms>.<base64url signature>`, signed
+/// under [`Domain::Upgrade`] over the pool, the agent id and the time. It only decides
+/// whether the edge gives the peer a socket at all (so nobody without a key makes the edge
+/// hold a frame): it can be replayed within its clock window, so the hello still answers
+/// the connection's own challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradeProof<'a> {
+    /// Not yet checked to be a valid agent id: the peer's words until it is.
+    pub agent_id: &'a str,
+    /// The agent's wall clock when it signed, in unix ms.
+    pub issued_at: Millis,
+    sig: [u8; 64],
+}
+
+impl<'a> UpgradeProof<'a> {
+    /// The header value for `agent_id` dialing `pool` at `issued_at` (its wall clock).
+    pub fn sign(key: &SigningKey, pool: &str, agent_id: &str, issued_at: Millis) -> String {
+        let sig = key.sign(&signed_bytes(Domain::Upgrade, &upgrade_payload(pool, agent_id, issued_at)));
+        format!("{agent_id}.{issued_at}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+    }
+
+    /// Reads a header value; `None` when it is not of the proof's shape. An agent id may
+    /// hold dots, the time and the signature cannot: the last two dots split it.
+    pub fn parse(text: &'a str) -> Option<UpgradeProof<'a>> {
+        if text.len() > MAX_AGENT_PROOF {
+            return None;
+        }
+        let (rest, sig) = text.rsplit_once('.')?;
+        let (agent_id, issued_at) = rest.rsplit_once('.')?;
+        if issued_at.is_empty() || issued_at.len() > 20 || !issued_at.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let issued_at = issued_at.parse().ok()?;
+        let sig = URL_SAFE_NO_PAD.decode(sig).ok().and_then(|b| <[u8; 64]>::try_from(b.as_slice()).ok())?;
+        Some(UpgradeProof { agent_id, issued_at, sig })
+    }
+
+    /// Whether `key` signed this proof for `pool`.
+    pub fn verify(&self, pool: &str, key: &VerifyingKey) -> bool {
+        let signed = signed_bytes(Domain::Upgrade, &upgrade_payload(pool, self.agent_id, self.issued_at));
+        key.verify(&signed, &Signature::from_bytes(&self.sig)).is_ok()
+    }
+}
+
+/// What an upgrade proof signs: pool and agent ids are plain ids (no newline), so the
+/// three fields cannot be shifted into one another.
+fn upgrade_payload(pool: &str, agent_id: &str, issued_at: Millis) -> String {
+    format!("{pool}\n{agent_id}\n{issued_at}")
 }
 
 /// A payload and its MAC under one direction's key of one connection, as sent on the wire.

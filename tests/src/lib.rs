@@ -140,8 +140,37 @@ impl Keys {
     pub fn agent(&self, id: &str) -> &SigningKey {
         &self.agents.iter().find(|(a, _)| a == id).expect("known agent").1
     }
+    /// How agent `id` proves itself on its dial of `pool`'s `/agent/connect`.
+    pub fn prover(&self, id: &str, pool: &str) -> Prover {
+        Prover { agent_id: id.to_string(), pool: pool.to_string(), key: self.agent(id).clone() }
+    }
     pub fn agent_public_keys(&self) -> String {
         self.agents.iter().map(|(id, k)| format!("{id}={}", encode_verifying(&k.verifying_key()))).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// What an agent proves itself with on its dial of `/agent/connect` (the edge gives no
+/// socket without it): its id, the pool it dials, its key. Each proof is made when asked
+/// for, so a dial an hour into a test is as fresh as the first.
+#[derive(Clone)]
+pub struct Prover {
+    pub agent_id: String,
+    pub pool: String,
+    pub key: SigningKey,
+}
+
+impl Prover {
+    /// The `X-Runner-Agent-Proof` header's value, made now.
+    pub fn proof(&self) -> String {
+        shared::envelope::UpgradeProof::sign(&self.key, &self.pool, &self.agent_id, runtime::now_ms())
+    }
+
+    /// The upgrade request to `url` (`ws://…/agent/connect`) with a fresh proof.
+    pub fn request(&self, url: &str) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = url.into_client_request().expect("a WebSocket URL");
+        request.headers_mut().insert(shared::envelope::AGENT_PROOF_HEADER, self.proof().parse().expect("a proof is header text"));
+        request
     }
 }
 
@@ -719,9 +748,9 @@ pub fn answer_to_head(port: u16, head: &str, within: Duration) -> Option<String>
     text.lines().next().filter(|l| !l.is_empty()).map(str::to_string)
 }
 
-/// Connections to an edge's `/agent/connect` that never say a word — what anyone can
-/// open without a key: `n` of them, each dropped and opened again every `period`, until
-/// the crowd is dropped.
+/// Connections to an edge's `/agent/connect` that never say a word — what anyone holding
+/// an agent's proof can open (one played back within its window, or taken on the path):
+/// `n` of them, each dropped and opened again every `period`, until the crowd is dropped.
 pub struct SilentCrowd {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     opened: std::sync::Arc<AtomicU32>,
@@ -729,18 +758,18 @@ pub struct SilentCrowd {
 }
 
 impl SilentCrowd {
-    pub fn start(connect_url: &str, n: usize, period: Duration) -> SilentCrowd {
+    pub fn start(connect_url: &str, prover: &Prover, n: usize, period: Duration) -> SilentCrowd {
         use futures_util::StreamExt;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let opened = std::sync::Arc::new(AtomicU32::new(0));
         let tasks = (0..n)
             .map(|i| {
-                let (url, stop, opened) = (connect_url.to_string(), stop.clone(), opened.clone());
+                let (url, stop, opened, prover) = (connect_url.to_string(), stop.clone(), opened.clone(), prover.clone());
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(5 * i as u64)).await;
                     while !stop.load(Ordering::SeqCst) {
                         let renew = tokio::time::Instant::now() + period;
-                        if let Ok(Ok((mut ws, _))) = tokio::time::timeout(period, tokio_tungstenite::connect_async(url.as_str())).await {
+                        if let Ok(Ok((mut ws, _))) = tokio::time::timeout(period, tokio_tungstenite::connect_async(prover.request(&url))).await {
                             opened.fetch_add(1, Ordering::SeqCst);
                             // Read (the challenge, a close) but never answer, until renewal.
                             while let Ok(Some(Ok(_))) = tokio::time::timeout_at(renew, ws.next()).await {}
@@ -826,8 +855,18 @@ impl PathRelay {
         let kept = heard.clone();
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                let Ok(agent) = tokio_tungstenite::accept_async(tcp).await else { continue };
-                let Ok((upstream, _)) = tokio_tungstenite::connect_async(edge.as_str()).await else { continue };
+                // The agent's proof is passed on, as a proxy on the path would.
+                let mut proof = None;
+                let keep_proof = |request: &tokio_tungstenite::tungstenite::handshake::server::Request, response| {
+                    proof = request.headers().get(shared::envelope::AGENT_PROOF_HEADER).cloned();
+                    Ok(response)
+                };
+                let Ok(agent) = tokio_tungstenite::accept_hdr_async(tcp, keep_proof).await else { continue };
+                let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(edge.as_str()).unwrap();
+                if let Some(proof) = proof {
+                    request.headers_mut().insert(shared::envelope::AGENT_PROOF_HEADER, proof);
+                }
+                let Ok((upstream, _)) = tokio_tungstenite::connect_async(request).await else { continue };
                 let (mut to_agent, mut from_agent) = agent.split();
                 let (mut to_edge, mut from_edge) = upstream.split();
                 loop {

@@ -1115,8 +1115,11 @@ async fn an_unknown_agent_is_refused(kind: EdgeKind) {
     opts.key = random_key(); // not the key the edge knows
     let agent = AgentProc::start(opts);
     let client = Client::new(&edge.url());
-    assert!(eventually(Duration::from_secs(60), || agent.log().contains("refused")).await, "{}", agent.log());
-    assert!(agent.log().contains("AGENT_PUBLIC_KEYS"), "the reason says what to fix: {}", agent.log());
+    // Refused at the upgrade (no socket), and said at every dial, not once and then
+    // silence: an agent with a wrong key keeps saying so until someone fixes it.
+    let said = |log: &str| log.lines().filter(|l| l.contains("the edge refused this agent") && l.contains("AGENT_PROOF_INVALID")).count();
+    assert!(eventually(Duration::from_secs(60), || said(&agent.log()) >= 2).await, "{}", agent.log());
+    assert!(agent.log().contains("AGENT_SIGNING_KEY matches"), "the reason says what to fix: {}", agent.log());
     assert_eq!(client.health().await.status, 503);
     let mut opts = AgentOpts::for_edge(&edge, "spark");
     opts.id = "stranger";
@@ -1404,7 +1407,7 @@ async fn a_binary_frame_closes_the_connection_with_a_reason(kind: EdgeKind) {
     use tokio_tungstenite::tungstenite::Message;
     let keys = Keys::new(&["spark"]);
     let edge = EdgeServer::start(kind, &keys, &[]);
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/agent/connect", edge.ws_url())).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(keys.prover("spark", "default").request(&format!("{}/agent/connect", edge.ws_url()))).await.unwrap();
     let _challenge = ws.next().await;
     ws.send(Message::Binary(vec![0u8, 1, 2].into())).await.unwrap();
     let mut close_code = None;
@@ -1454,7 +1457,7 @@ async fn a_silent_agent_is_reported_offline_within_two_heartbeats(kind: EdgeKind
     let keys = Keys::new(&["spark"]);
     let edge = EdgeServer::start(kind, &keys, &[("HEARTBEAT_INTERVAL_MS", "1000")]);
     let client = Client::new(&edge.url());
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/agent/connect", edge.ws_url())).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(keys.prover("spark", "default").request(&format!("{}/agent/connect", edge.ws_url()))).await.unwrap();
     let Some(Ok(Message::Text(text))) = ws.next().await else { panic!("a challenge") };
     let EdgeMessage::Challenge { nonce, .. } = serde_json::from_str(&text).unwrap() else { panic!("a challenge") };
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
@@ -1502,12 +1505,48 @@ async fn a_silent_agent_is_reported_offline_within_two_heartbeats(kind: EdgeKind
     chatter.abort();
 }
 
-/// Anyone can open connections to `/agent/connect`; 80 that never prove themselves,
-/// renewed every 9 s (so none ever times out), must not keep the real agent out.
+/// The agents' socket is given only to a peer that proves an agent's key on the upgrade
+/// itself (`X-Runner-Agent-Proof`): without one, or with one that does not hold, the
+/// upgrade is answered 401 in the contract's shape, saying what to do, and no socket is
+/// made. Before, anyone got a socket, and the Worker's runtime copied whatever message
+/// (up to 32 MiB) it sent before the edge could weigh it against a hello's limit.
+async fn an_agent_socket_needs_an_agents_proof(kind: EdgeKind) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    let http = reqwest::Client::new();
+    let forged = Keys::new(&["spark"]).prover("spark", "default").proof();
+    for (proof, code) in [(None, "AGENT_PROOF_REQUIRED"), (Some(forged), "AGENT_PROOF_INVALID"), (Some("x".into()), "AGENT_PROOF_INVALID")] {
+        let mut upgrade = http
+            .get(format!("{}/agent/connect", edge.url()))
+            .header("upgrade", "websocket")
+            .header("connection", "Upgrade")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-version", "13");
+        if let Some(proof) = &proof {
+            upgrade = upgrade.header(shared::envelope::AGENT_PROOF_HEADER, proof);
+        }
+        let answer = upgrade.send().await.unwrap();
+        assert_eq!(answer.status().as_u16(), 401, "{proof:?}");
+        let body: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!((body["success"].as_bool(), body["error_code"].as_str()), (Some(false), Some(code)), "{proof:?}: {body}");
+        assert!(body["error"].as_str().is_some_and(|e| e.contains("X-Runner-Agent-Proof") || e.contains("AGENT_SIGNING_KEY")), "{body}");
+    }
+    let (mut ws, _) = tokio_tungstenite::connect_async(keys.prover("spark", "default").request(&format!("{}/agent/connect", edge.ws_url())))
+        .await
+        .unwrap();
+    let Some(Ok(Message::Text(text))) = ws.next().await else { panic!("a challenge") };
+    assert!(text.contains("\"challenge\""), "{text}");
+}
+
+/// Whoever holds a proof of the agent's (played back within its window, or taken on the
+/// path) can open connections to `/agent/connect`; 80 that never say hello, renewed every
+/// 9 s (so none ever times out), must not keep the real agent out.
 async fn silent_sockets_cannot_lock_the_agent_out(kind: EdgeKind) {
     let keys = Keys::new(&["spark"]);
     let edge = EdgeServer::start(kind, &keys, &[]);
-    let crowd = SilentCrowd::start(&format!("{}/agent/connect", edge.ws_url()), 80, Duration::from_secs(9));
+    let crowd = SilentCrowd::start(&format!("{}/agent/connect", edge.ws_url()), &keys.prover("spark", "default"), 80, Duration::from_secs(9));
     let deadline = Instant::now() + Duration::from_secs(20);
     while crowd.opened() < 80 {
         assert!(Instant::now() < deadline, "only {} silent connections opened", crowd.opened());
@@ -1542,7 +1581,7 @@ async fn unproven_connections_are_held_to_a_hello(kind: EdgeKind) {
     }
     // A frame just over the hello limit (but within what a host reads of an unproven
     // connection): refused with the reason.
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/agent/connect", edge.ws_url())).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(keys.prover("spark", "default").request(&format!("{}/agent/connect", edge.ws_url()))).await.unwrap();
     let _challenge = ws.next().await;
     let big = format!(r#"{{"type":"hello","pad":"{}"}}"#, "x".repeat(shared::protocol::MAX_HELLO_BYTES));
     ws.send(Message::Text(big.into())).await.unwrap();
@@ -1551,7 +1590,7 @@ async fn unproven_connections_are_held_to_a_hello(kind: EdgeKind) {
     assert!(reason.contains("limit"), "{reason}");
     // An agent id that would forge a log line: refused without echoing it.
     let forged = "spark\nINFO agent connected agent_id=mallory";
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/agent/connect", edge.ws_url())).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(keys.prover("spark", "default").request(&format!("{}/agent/connect", edge.ws_url()))).await.unwrap();
     let _challenge = ws.next().await;
     let envelope = shared::envelope::Envelope { payload: "{}".into(), sig: String::new() };
     let hello = shared::protocol::AgentMessage::Hello { protocol: shared::protocol::PROTOCOL_VERSION, agent_id: forged.into(), envelope };
@@ -1565,7 +1604,7 @@ async fn unproven_connections_are_held_to_a_hello(kind: EdgeKind) {
     }
     // A frame that does not read, whose error quotes the peer's words (a string where a
     // number belongs): at most quoted on the edge's own line, never a line of their own.
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/agent/connect", edge.ws_url())).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(keys.prover("spark", "default").request(&format!("{}/agent/connect", edge.ws_url()))).await.unwrap();
     let _challenge = ws.next().await;
     let frame = r#"{"type":"credit","slots":{"free":"x\n2026-01-01T00:00:00.000000Z  INFO claude_runner_edge: FORGEDLINE","received":0}}"#;
     ws.send(Message::Text(frame.into())).await.unwrap();
@@ -1873,6 +1912,7 @@ contract!(
     a_header_sent_twice_is_read_the_same_on_both_hosts,
     a_running_job_can_be_cancelled,
     a_binary_frame_closes_the_connection_with_a_reason,
+    an_agent_socket_needs_an_agents_proof,
     silent_sockets_cannot_lock_the_agent_out,
     unproven_connections_are_held_to_a_hello,
     followers_are_capped_and_those_that_stop_reading_are_dropped,

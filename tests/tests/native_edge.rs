@@ -135,13 +135,15 @@ async fn the_job_store_is_owner_only() {
     assert_eq!(mode("edge.sqlite3"), 0o600, "a database readable by others is made private again");
 }
 
-/// Opens a WebSocket to `/agent/connect` by hand and never writes again: a peer that
-/// will not answer a close.
-fn mute_agent_socket(port: u16) -> std::net::TcpStream {
+/// Opens a WebSocket to `/agent/connect` by hand (with `proof` as its
+/// `X-Runner-Agent-Proof`, if any) and never writes again: a peer that will not answer a
+/// close.
+fn mute_agent_socket(port: u16, proof: Option<&str>) -> std::net::TcpStream {
     let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let proof = proof.map(|p| format!("X-Runner-Agent-Proof: {p}\r\n")).unwrap_or_default();
     let request = format!(
         "GET /agent/connect HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{proof}\r\n"
     );
     tcp.write_all(request.as_bytes()).unwrap();
     tcp
@@ -164,14 +166,68 @@ fn read_to_end_within(mut tcp: std::net::TcpStream, within: Duration) -> Option<
     }
 }
 
+/// What the edge answers an upgrade carrying `proof` within 2 s, as text (the 101 and the
+/// challenge frame that follows it, or a refusal): the read stops at a challenge.
+fn upgrade_answer(port: u16, proof: Option<&str>) -> String {
+    let mut tcp = mute_agent_socket(port, proof);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("\"challenge\"") {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else { break };
+        tcp.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
+        match tcp.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// The edge gives a socket on `/agent/connect` only to a peer that proves an agent's key on
+/// the upgrade itself: anyone else is answered 401 with what to do, and never gets a
+/// socket (no 101, no challenge), so it cannot make the edge hold a frame of its choosing.
+/// Before, anyone was upgraded and challenged, and on the Worker a socket let anyone make
+/// the runtime copy 32 MiB messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_without_an_agents_proof_gets_401_and_no_socket() {
+    use shared::envelope::UpgradeProof;
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let (port, now, spark) = (edge.port, runtime::now_ms(), keys.agent("spark"));
+    let forger = Keys::new(&["spark"]);
+    let cases = [
+        (None, "AGENT_PROOF_REQUIRED", "upgrade claude-runner on the agent"),
+        (Some(forger.prover("spark", "default").proof()), "AGENT_PROOF_INVALID", "AGENT_SIGNING_KEY matches"),
+        (Some(keys.prover("spark", "gpu").proof()), "AGENT_PROOF_INVALID", "does not verify for pool `default`"),
+        (Some(UpgradeProof::sign(spark, "default", "nobody", now)), "AGENT_PROOF_INVALID", "unknown agent `nobody`"),
+        (Some(UpgradeProof::sign(spark, "default", "spark", now - 120_000)), "AGENT_PROOF_INVALID", "check the clock"),
+        (Some(UpgradeProof::sign(spark, "default", "spark", now + 120_000)), "AGENT_PROOF_INVALID", "check the clock"),
+        (Some("spark.1.x".to_string()), "AGENT_PROOF_INVALID", "is not `<agent_id>.<unix ms>"),
+    ];
+    for (proof, code, says) in cases {
+        let shown = proof.clone();
+        let seen = tokio::task::spawn_blocking(move || upgrade_answer(port, proof.as_deref())).await.unwrap();
+        assert!(seen.starts_with("HTTP/1.1 401"), "{shown:?}: {seen}");
+        assert!(seen.contains(code) && seen.contains(says), "{shown:?}: {seen}");
+        assert!(!seen.contains("challenge"), "{shown:?} got a socket: {seen}");
+    }
+    let proof = keys.prover("spark", "default").proof();
+    let seen = tokio::task::spawn_blocking(move || upgrade_answer(port, Some(&proof))).await.unwrap();
+    assert!(seen.starts_with("HTTP/1.1 101") && seen.contains("\"challenge\""), "{seen}");
+    // And the agent, which sends its proof, connects.
+    let _agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    Client::new(&edge.url()).wait_online().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sockets_the_edge_closed_do_not_linger() {
     let keys = Keys::new(&["spark"]);
     let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
     // An unproven connection whose peer never answers a close…
-    let port = edge.port;
+    let (port, proof) = (edge.port, keys.prover("spark", "default").proof());
     let mute = tokio::task::spawn_blocking(move || {
-        let tcp = mute_agent_socket(port);
+        let tcp = mute_agent_socket(port, Some(&proof));
         std::thread::sleep(Duration::from_millis(300));
         tcp
     })
@@ -180,7 +236,7 @@ async fn sockets_the_edge_closed_do_not_linger() {
     // …is the oldest of its source when more come, and is closed to make room.
     let mut pending = Vec::new();
     for _ in 0..MAX_PENDING_PER_SOURCE {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("{}/agent/connect", edge.ws_url())).await.unwrap();
+        let (ws, _) = tokio_tungstenite::connect_async(keys.prover("spark", "default").request(&format!("{}/agent/connect", edge.ws_url()))).await.unwrap();
         pending.push(ws);
     }
     let closed = tokio::task::spawn_blocking(move || read_to_end_within(mute, Duration::from_secs(60))).await.unwrap();
@@ -200,9 +256,9 @@ async fn sockets_the_edge_closed_do_not_linger() {
 async fn an_unproven_connection_is_cut_once_it_sends_more_than_a_hello() {
     let keys = Keys::new(&["spark"]);
     let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
-    let port = edge.port;
+    let (port, proof) = (edge.port, keys.prover("spark", "default").proof());
     let cut = tokio::task::spawn_blocking(move || {
-        let mut tcp = mute_agent_socket(port);
+        let mut tcp = mute_agent_socket(port, Some(&proof));
         let mut head = [0u8; 1024];
         let _ = tcp.read(&mut head);
         // A masked text frame of 1 MiB (RFC 6455: FIN|text, MASK|127, 64-bit length, key).
@@ -557,12 +613,13 @@ async fn silent_agent_sockets_make_room_at_the_cap_and_a_proven_agent_stays() {
     let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("MAX_CONNECTIONS", "4"), ("HEARTBEAT_INTERVAL_MS", "15000")]);
     let _spark = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
     Client::new(&edge.url()).wait_online().await;
-    let port = edge.port;
-    // Three silent upgrades, each read up to its 101: with spark's, the cap is full.
+    let (port, prover) = (edge.port, keys.prover("spark", "default"));
+    // Three silent upgrades (a proof played back), each read up to its 101: with spark's,
+    // the cap is full.
     let silent = tokio::task::spawn_blocking(move || {
         (0..3)
             .map(|_| {
-                let mut tcp = mute_agent_socket(port);
+                let mut tcp = mute_agent_socket(port, Some(&prover.proof()));
                 let mut head = [0u8; 12];
                 tcp.read_exact(&mut head).unwrap();
                 assert_eq!(&head, b"HTTP/1.1 101");

@@ -42,6 +42,13 @@ pub(crate) async fn agent_connect(state: AppState, mut request: Request) -> Resp
     let Some(upgrade) = request.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return into_response(edge_core::http::upgrade_required());
     };
+    // Only a peer that proves an agent's key gets a socket (the core decides, as on the
+    // Worker): anyone else is answered 401 and its connection stays an HTTP one.
+    // A value that is not text is no proof's shape: refused as malformed, not as missing.
+    let proof = request.headers().get(shared::envelope::AGENT_PROOF_HEADER).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    if let Err(refused) = edge_core::session::check_upgrade(proof, &state.config.pool, &state.config.agents, runtime::now_ms()) {
+        return into_response(edge_core::response::Response::error(refused));
+    }
     let peer = request.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0 .0.ip().to_string()).unwrap_or_default();
     // An agent's socket from here on (marked before the 101 goes out, so it is never idle
     // in between): closed to make room at MAX_CONNECTIONS only while unproven and only

@@ -356,12 +356,22 @@ impl EdgeDurableObject {
         if !upgrade.is_some_and(|u| u.trim().eq_ignore_ascii_case("websocket")) {
             return exchange::respond(http::upgrade_required());
         }
+        // Only a peer that proves an agent's key gets a socket: the runtime copies each
+        // message whole (up to 32 MiB) before the core can weigh it against the hello's
+        // limit, so a socket given to anyone let anyone fill the isolate's memory.
+        let now = now_ms();
+        let proof = req.headers().get(shared::envelope::AGENT_PROOF_HEADER).ok().flatten();
+        let checked = self.with_edge(|edge| edge_core::session::check_upgrade(proof.as_deref(), &edge.config().pool, &edge.config().agents, now));
+        match checked {
+            Some(Ok(_)) => {}
+            Some(Err(refused)) => return exchange::error(&refused),
+            None => return exchange::respond(not_loaded("/agent/connect")),
+        }
         let seed = match entropy::<64>() {
             Ok(seed) => seed,
             Err(e) => return exchange::error(&ApiError::new(ErrorCode::InternalError, e)),
         };
         let pair = WebSocketPair::new()?;
-        let now = now_ms();
         // Cloudflare sets the caller's address here (a client cannot): unproven connections
         // are bounded per source.
         let peer = req.headers().get("cf-connecting-ip").ok().flatten().unwrap_or_default();

@@ -332,7 +332,8 @@ impl Sim {
 
     /// A proven connection, its challenge (the heartbeats are bound to it) and its keys.
     async fn handshake(&self) -> anyhow::Result<(tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, String, LinkKeys)> {
-        let (mut ws, _) = tokio_tungstenite::connect_async(self.url.as_str()).await?;
+        let prover = harness::Prover { agent_id: self.id.clone(), pool: "default".into(), key: self.key.clone() };
+        let (mut ws, _) = tokio_tungstenite::connect_async(prover.request(&self.url)).await?;
         let challenge = next_text(&mut ws).await?;
         let EdgeMessage::Challenge { nonce, .. } = serde_json::from_str(&challenge)? else { anyhow::bail!("no challenge: {challenge}") };
         let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
