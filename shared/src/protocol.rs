@@ -1,6 +1,10 @@
 //! The agent ⇄ edge WebSocket protocol (ARCHITECTURE.md, "Protocol"). Every frame is one
 //! JSON text message with a `type`. A connection goes:
 //!
+//! 0. the agent's upgrade request carries its proof
+//!    ([`crate::envelope::UpgradeProof`], header `X-Runner-Agent-Proof`): without a valid
+//!    one the edge answers 401 and there is no connection (a proof can be played back
+//!    within its clock window, so the challenge below still proves this connection);
 //! 1. edge → [`EdgeMessage::Challenge`] (protocol version, fresh nonce);
 //! 2. agent → [`AgentMessage::Hello`]: a [`Hello`] signed with the agent's key over the
 //!    challenge — proof of identity that cannot be replayed on another connection — with
@@ -122,8 +126,9 @@ pub const PROTOCOL_VERSION: u32 = 10;
 /// Largest frame either side accepts. Results are capped well below this by the agent.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 
-/// Largest frame a connection may send before its hello is verified. Anyone can open a
-/// connection, so until it proves itself it may not make the edge hold more than this. A
+/// Largest frame a connection may send before its hello is verified. Whoever holds an
+/// agent's upgrade proof (one played back within its window) can open a connection, so
+/// until it answers its own challenge it may not make the edge hold more than this. A
 /// hello lists the agent's running and unacknowledged jobs: this holds about 1,900.
 pub const MAX_HELLO_BYTES: usize = 64 * 1024;
 

@@ -603,7 +603,8 @@ async fn when_every_connection_is_busy_a_newcomer_is_told_and_closed() {
     assert_eq!(edge.log().lines().filter(|l| l.contains("agent connected")).count(), 1, "{}", edge.log());
 }
 
-/// Upgraded `/agent/connect` sockets that never say hello (anyone can open them; the core
+/// Upgraded `/agent/connect` sockets that never say hello (whoever holds an agent's proof
+/// can open them, one played back; the core
 /// keeps 64 at most, 16 per address) are not agents yet: at MAX_CONNECTIONS they make room
 /// (after idle connections) for a caller or an agent, instead of locking every newcomer
 /// out until their handshake times out. A proven agent's socket is never closed for room.

@@ -12,7 +12,8 @@
 //! event stream) and an agent's socket are never chosen — a request without the secret
 //! does not count: pipelined and never read, such requests held the cap for anyone; only when every connection is one of those is the new one
 //! closed at once. An `/agent/connect` socket that has not proven itself yet is no agent's:
-//! anyone can open one, so, once no connection is idle, the oldest of those makes room
+//! whoever holds a proof of an agent's (one played back within its window) can open
+//! one, so, once no connection is idle, the oldest of those makes room
 //! (else 64 of them, what the core lets wait for a hello, would lock every newcomer out
 //! of a small cap until their handshake timed out).
 //!

@@ -121,6 +121,14 @@ pub fn http(data: &[u8]) {
         }
         let _ = claude::args(&submission.spec, None, &claude::Session::of(&submission.spec, || [7; 16]));
     }
+    // The secret's text as an agent's proof on the upgrade to `/agent/connect`: a 401,
+    // never a panic, and a way in only for an agent the edge lists (the seeds hold one).
+    if let Some(proof) = &secret {
+        match edge_core::session::check_upgrade(Some(proof), "default", &edge_config().agents, NOW) {
+            Ok(agent_id) => assert_eq!(agent_id, AGENT, "{proof:?}"),
+            Err(refused) => assert_eq!(refused.status, 401, "{proof:?}"),
+        }
+    }
     let secret = if flags & 1 == 1 { Some(SECRET.to_string()) } else { secret };
     let mut edge = Edge::new(edge_config(), NOW);
     if flags & 2 == 2 {
@@ -645,6 +653,17 @@ mod tests {
         assert_eq!(order.bind("fuzz-connection", 0), Ok(()));
         assert_eq!(order.caller, "ci");
         assert_eq!(shared::envelope::check_order(&order.header, ME, NOW), Ok(()));
+    }
+
+    /// The `http` seed whose secret is `spark`'s proof on the upgrade (made apart from the
+    /// code, with Python's `cryptography`): the edge lets it in, so mutations of it reach
+    /// every check of a proof, and the proof's bytes are what the README says.
+    #[test]
+    fn the_upgrade_proof_seed_lets_spark_in() {
+        let data = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/http/upgrade-proof")).unwrap();
+        let proof = String::from_utf8(data[2..].splitn(2, |b| *b == 0).nth(1).unwrap().to_vec()).unwrap();
+        assert_eq!(edge_core::session::check_upgrade(Some(&proof), "default", &edge_config().agents, NOW), Ok(AGENT.to_string()));
+        assert_eq!(shared::envelope::UpgradeProof::sign(agent_key(), "default", AGENT, NOW), proof);
     }
 
     /// A target and one of its seeds with bytes changed, cut or repeated: random inputs
