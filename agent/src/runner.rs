@@ -77,9 +77,12 @@ pub struct JobContext {
     pub owner: Owner,
 }
 
-/// After Claude, the diff and the push get the rest of the job's time and this much more
-/// (the edge waits `TIMEOUT_MARGIN_MS`, 30 s by default, beyond `timeout_ms`).
-const FINISH_GRACE: Duration = Duration::from_secs(20);
+/// After Claude, the diff and the push get the rest of the job's time and this much more.
+/// The edge waits `TIMEOUT_MARGIN_MS` (30 s by default) beyond `timeout_ms`: this, the
+/// wait for a push under way ([`crate::repo::HAND_BACK_ABANDON`]) and the read of a
+/// killed worker's last words end within it, with time to send the result, so the
+/// agent's answer (whether the push landed) comes before the edge's TIMEOUT.
+const FINISH_GRACE: Duration = Duration::from_secs(10);
 /// The largest result JSON: one WebSocket frame, less room for the message around it.
 pub(crate) const MAX_RESULT_BYTES: usize = shared::protocol::MAX_FRAME_BYTES - 64 * 1024;
 
@@ -251,7 +254,7 @@ async fn run_in(
     };
     let (mut result, session) = match admitted {
         Ok(refresher) => {
-            let ran = run_claude(ctx, job_id, &spec, &cwd, deadline, stop, started).await;
+            let ran = run_claude(ctx, job_id, &spec, &cwd, deadline, &mut stop, started).await;
             drop(refresher);
             ran
         }
@@ -264,7 +267,7 @@ async fn run_in(
     let redactor = ctx.login.redactor(crate::now_ms());
     result.output = redactor.redact(&result.output);
     if let Some(prepared) = repo {
-        hand_back(ctx, job_id, &spec, prepared, redactor, deadline, &mut result).await;
+        hand_back(ctx, job_id, &spec, prepared, redactor, deadline, &mut stop, &mut result).await;
         result.duration_ms = started.elapsed().as_millis() as u64;
         crate::repo::fit_result(&mut result, MAX_RESULT_BYTES);
     }
@@ -273,6 +276,10 @@ async fn run_in(
 
 /// Puts a repository job's commit, diff and push into its result. A diff is given even
 /// when Claude failed (it shows what was left half done); a push only when it succeeded.
+/// A cancel heard meanwhile (`stop`, not yet used up by Claude's run) stops a push not
+/// yet begun, and the job ends cancelled; a push under way is waited for, and the result
+/// says how it ended.
+#[allow(clippy::too_many_arguments)]
 async fn hand_back(
     ctx: &JobContext,
     job_id: &str,
@@ -280,6 +287,7 @@ async fn hand_back(
     prepared: crate::repo::Prepared,
     redactor: std::sync::Arc<crate::redact::Redactor>,
     deadline: tokio::time::Instant,
+    stop: &mut oneshot::Receiver<Stop>,
     result: &mut JobResult,
 ) {
     result.commit = Some(prepared.commit());
@@ -289,7 +297,14 @@ async fn hand_back(
     }
     let handing = Instant::now();
     let give_up_at = deadline.max(tokio::time::Instant::now()) + FINISH_GRACE;
-    let finished = prepared.finish(&ctx.repos, &wanted, job_id, redactor, give_up_at).await;
+    // A stop already heard (it ended Claude's run) is not waited for again: its job failed,
+    // so it pushes nothing.
+    let mut heard = None;
+    let cancel: Option<crate::repo::worker::Cancel<'_>> = (!stop.is_terminated()).then(|| {
+        let heard = &mut heard;
+        Box::pin(async move { *heard = Some(Stop::ending(stop.await)) }) as crate::repo::worker::Cancel<'_>
+    });
+    let finished = prepared.finish(&ctx.repos, &wanted, job_id, redactor, give_up_at, cancel).await;
     // A push's failure comes with the diff made before it.
     let (outcome, failed) = match finished {
         Ok(mut outcome) => {
@@ -311,11 +326,25 @@ async fn hand_back(
     }
     result.pushed_commit = outcome.pushed_commit;
     result.pushed_branch = outcome.pushed_branch;
-    if let Some(e) = failed {
-        // Redacted for the log too: it may name a file the job made.
-        let said = ctx.login.redactor(crate::now_ms()).redact(&e.to_string());
-        warn!(job_id, agent_id = %ctx.cfg.agent_id, error = %said, "could not hand back the job's changes");
-        crate::repo::tell_hand_back_failed(result, said);
+    match failed {
+        // Stopped by the cancel before its push began: nothing was pushed, and the job
+        // ends as a cancel ends it.
+        Some(RepoError::HandBackTooSlow { .. }) if heard.is_some() => {
+            let ending = heard.take().expect("heard");
+            info!(job_id, agent_id = %ctx.cfg.agent_id, ending = ?ending, "the job's push was stopped before it began");
+            let ended = claude::result(&Transcript::default(), ending, "", 0);
+            result.success = false;
+            result.error_code = ended.error_code;
+            result.retryable = ended.retryable;
+            result.error = ended.error.map(|e| format!("{e}; its changes were not pushed"));
+        }
+        Some(e) => {
+            // Redacted for the log too: it may name a file the job made.
+            let said = ctx.login.redactor(crate::now_ms()).redact(&e.to_string());
+            warn!(job_id, agent_id = %ctx.cfg.agent_id, error = %said, "could not hand back the job's changes");
+            crate::repo::tell_hand_back_failed(result, said);
+        }
+        None => {}
     }
 }
 
@@ -352,7 +381,7 @@ async fn run_claude(
     spec: &JobSpec,
     cwd: &std::path::Path,
     deadline: tokio::time::Instant,
-    mut stop: oneshot::Receiver<Stop>,
+    stop: &mut oneshot::Receiver<Stop>,
     started: Instant,
 ) -> (JobResult, Option<String>) {
     let cfg = &ctx.cfg;
@@ -418,7 +447,7 @@ async fn run_claude(
             format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry")
         })
     };
-    let run = process::run(launch, job_id, deadline, spec.timeout_ms, &mut stop, ready, on_line);
+    let run = process::run(launch, job_id, deadline, spec.timeout_ms, stop, ready, on_line);
     let finished = tokio::select! {
         finished = run => finished,
         never = timer => match never {},
@@ -521,6 +550,17 @@ mod tests {
 
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// The hand-back stopped at the job's deadline plus 20 s and waited 60 s more for a
+    /// push under way, against the edge's 30 s margin: the edge told the caller TIMEOUT,
+    /// retryable, and the push landed after (hostile review of repository jobs, 1). The
+    /// agent's whole hand-back now ends within the default margin, with 3 s to spare for
+    /// the result's way to the edge.
+    #[test]
+    fn a_hand_back_ends_within_the_edges_default_margin() {
+        let bound = FINISH_GRACE + crate::repo::HAND_BACK_ABANDON + crate::repo::worker::DRAINED_WITHIN + Duration::from_secs(3);
+        assert!(bound <= Duration::from_millis(shared::protocol::DEFAULT_TIMEOUT_MARGIN_MS), "the hand-back may end {bound:?} past timeout_ms");
+    }
 
     /// An event line over [`MAX_EVENT_BYTES`] is forwarded as a summary, which kept the
     /// event's `type` whole: a job can write its own lines into Claude's stdout

@@ -126,6 +126,11 @@ pub const PROTOCOL_VERSION: u32 = 10;
 /// Largest frame either side accepts. Results are capped well below this by the agent.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
 
+/// How long past a job's `timeout_ms` the edge waits for its agent's result unless
+/// `TIMEOUT_MARGIN_MS` says otherwise. The agent ends a job's work within it, a push under
+/// way included, so that its own answer (which says whether the push landed) comes first.
+pub const DEFAULT_TIMEOUT_MARGIN_MS: crate::Millis = 30_000;
+
 /// Largest frame a connection may send before its hello is verified. Whoever holds an
 /// agent's upgrade proof (one played back within its window) can open a connection, so
 /// until it answers its own challenge it may not make the edge hold more than this. A

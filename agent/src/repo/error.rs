@@ -40,7 +40,7 @@ pub enum RepoError {
     CheckoutTooBig { url: String, commit: String, what: String },
     #[error("the checkout's `{path}` is neither a file nor a folder (a FIFO, a link, a device: a command of the job made it), so the job's changes were not read and nothing was pushed: ask Claude not to change the repository's .git folder")]
     OddGitEntry { path: String },
-    #[error("handing back the job's changes ({url}) did not end within a minute past the job's timeout_ms and its grace, and was given up: a push may or may not have reached the server, so look at the branch there before running the job again")]
+    #[error("handing back the job's changes ({url}) did not end within 15 s past the job's timeout_ms and its grace, and was given up: a push may or may not have reached the server, so look at the branch there before running the job again")]
     HandBackAbandoned { url: String },
     #[error("the agent's git process handing back the job's changes ({url}) ended before it answered (killed: by a job of the runner machine's user, or out of memory): a push may or may not have reached the server, so look at the branch there before running the job again")]
     HandBackLost { url: String },

@@ -26,7 +26,7 @@ use changes::PushTarget;
 use error::{local, RepoError};
 use mirror::{Lease, MirrorCache, Source};
 pub use worker::Outcome;
-use worker::{Answer, CheckoutWork, Gone, HandBackWork, PushWork, Stop, Work};
+use worker::{Answer, Cancel, CheckoutWork, Gone, HandBackWork, PushWork, Stop, Work};
 use settings::RepoSettings;
 use shared::job::{JobResult, JobSpec};
 use shared::repo::RepoUrl;
@@ -48,8 +48,10 @@ pub struct CheckoutSignals {
 }
 
 /// How long a hand-back given up at the job's end (plus its grace) is waited for before
-/// the job ends without knowing how its push ended.
-const HAND_BACK_ABANDON: std::time::Duration = std::time::Duration::from_secs(60);
+/// the job ends without knowing how its push ended. With the grace it ends within the
+/// edge's default margin (see `runner::FINISH_GRACE`): a push that landed later would
+/// land after the edge had told the caller the job timed out.
+pub(crate) const HAND_BACK_ABANDON: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// A job's repository, checked out and ready for Claude.
 pub struct Prepared {
@@ -164,10 +166,11 @@ impl Prepared {
     /// After Claude: the diff (`include_diff`) and the push (`push_branch`). `redactor`
     /// masks the diff and refuses to push changes that hold a token.
     ///
-    /// At `give_up_at` the work is told to stop at its next step (a push not yet under
-    /// way never starts) and is then waited for: a push the server is already taking ends
-    /// first, so the answer says what happened, and nothing lands after it.
-    pub async fn finish(self, repos: &Repos, spec: &JobSpec, job_id: &str, redactor: std::sync::Arc<Redactor>, give_up_at: tokio::time::Instant) -> Result<Outcome, RepoError> {
+    /// At `give_up_at`, or once `cancel` resolves (the job cancelled), the work is told to
+    /// stop at its next step (a push not yet under way never starts) and is then waited
+    /// for: a push the server is already taking ends first, so the answer says what
+    /// happened, and nothing lands after it.
+    pub async fn finish(self, repos: &Repos, spec: &JobSpec, job_id: &str, redactor: std::sync::Arc<Redactor>, give_up_at: tokio::time::Instant, cancel: Option<Cancel<'_>>) -> Result<Outcome, RepoError> {
         if !spec.include_diff && spec.push_branch.is_none() {
             return Ok(Outcome::default());
         }
@@ -185,7 +188,7 @@ impl Prepared {
         // (a server sending a byte at a time): then the worker is killed. A worker given up
         // on, or lost (a job killed it), once it said its push was going out may have
         // pushed; before that, nothing was.
-        let stop = Stop { at: give_up_at, then_within: HAND_BACK_ABANDON, gone: hand_back_gone(source.url.clone(), spec.push_branch.is_some()) };
+        let stop = Stop { at: give_up_at, cancel, then_within: HAND_BACK_ABANDON, gone: hand_back_gone(source.url.clone(), spec.push_branch.is_some()) };
         // The lease (the mirror the checkout borrows objects from) is held until the worker is dead.
         let (answer, _lease) = worker::run(Work::HandBack(work), self.lease, "collect the job's changes", Some(stop)).await;
         match answer? {

@@ -845,9 +845,10 @@ async fn a_hand_back_stuck_on_a_fifo_is_killed_once_given_up() {
 
 /// A hand-back's [`super::worker::Stop`] after `after_ms`, killed `then_ms` later, answering
 /// as `Prepared::finish` does for a worker that goes without an answer (a push asked for).
-fn stop_within(after_ms: u64, then_ms: u64) -> super::worker::Stop {
+fn stop_within(after_ms: u64, then_ms: u64) -> super::worker::Stop<'static> {
     super::worker::Stop {
         at: tokio::time::Instant::now() + std::time::Duration::from_millis(after_ms),
+        cancel: None,
         then_within: std::time::Duration::from_millis(then_ms),
         gone: super::hand_back_gone("http://server".to_string(), true),
     }
@@ -905,6 +906,44 @@ async fn a_lost_hand_back_says_a_push_may_have_landed_only_once_one_began() {
     let said = answer.expect_err("a killed worker answered").to_string();
     assert!(said.contains("claude-runner __git") && said.contains("run the job again"), "{said}");
     assert!(posted.try_recv().is_err(), "no push went out");
+}
+
+/// A cancel during the hand-back went unheard (the job's stop was Claude's run's alone): a
+/// push not yet begun still went out after the caller cancelled (hostile review of
+/// repository jobs, 1). The cancel now stops the work as the deadline does: here it comes
+/// while the worker is held at its first step (a FIFO in the checkout's config), and no
+/// push reaches the server.
+#[tokio::test]
+async fn a_cancel_stops_a_push_not_yet_begun() {
+    use super::worker::{self, Answer};
+    let tmp = TempDir::new("push-cancelled");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::write(co.dir.join("new.txt"), "new\n").unwrap();
+    let (port, posted) = push_server(&bare, Reply::Never);
+    let fifo = tmp.path().join("not-in-git");
+    crate::files::pipe_at(&fifo);
+    let config_path = co.dir.join(".git/config");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(&config_path, format!("{config}[include]\n\tpath = {}\n", fifo.display())).unwrap();
+    let before = children_waiting_on_a_fifo();
+    let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut stop = stop_within(60_000, 1_000);
+    stop.cancel = Some(Box::pin(async move {
+        let _ = cancel_rx.await;
+    }));
+    let handing_back = tokio::spawn(worker::run(hand_back_work(&co, port), (), "collect the job's changes", Some(stop)));
+    while !children_waiting_on_a_fifo().iter().any(|pid| !before.contains(pid)) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    cancel_tx.send(()).unwrap();
+    // The stop reaches the worker's watch, then the worker is let go on.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    std::fs::write(&config_path, config).unwrap();
+    drop(std::fs::OpenOptions::new().write(true).open(&fifo).unwrap());
+    let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(20), handing_back).await.expect("the cancelled hand-back went on to push").unwrap();
+    assert!(matches!(answer, Ok(Answer::HandedBack(Err(RepoError::HandBackTooSlow { .. })))), "{answer:?}");
+    assert!(posted.try_recv().is_err(), "a push went out after the cancel");
 }
 
 /// A push the server took — the branch updated — whose answer never came back whole (a

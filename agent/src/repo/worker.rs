@@ -156,13 +156,18 @@ impl Answer {
     }
 }
 
-/// When to ask a worker to stop, and how long to wait after that before it is killed; and
-/// what to answer for a worker that goes without an answer ([`Gone`]).
-pub struct Stop {
+/// When to ask a worker to stop — at `at`, or once `cancel` resolves (the job cancelled, the
+/// agent stopping), whichever comes first — and how long to wait after that before it is
+/// killed; and what to answer for a worker that goes without an answer ([`Gone`]).
+pub struct Stop<'a> {
     pub at: tokio::time::Instant,
+    pub cancel: Option<Cancel<'a>>,
     pub then_within: std::time::Duration,
     pub gone: Box<dyn Fn(Gone) -> RepoError + Send + Sync>,
 }
+
+/// Resolves when the job no longer wants its work done: a cancel, or the agent stopping.
+pub type Cancel<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
 /// How a worker went without an answer, and whether it had said a push was going out
 /// ([`PUSHING`]; or it cannot be known): before that nothing was pushed, after it a push
@@ -193,7 +198,7 @@ const READ_ASIDE: usize = 256 * 1024;
 /// worker that was sent the work is dead and reaped, however this ends: answered, failed, or
 /// this future dropped (the job gave up: the worker is killed). `action` names the work in
 /// errors.
-pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Option<Stop>) -> (Result<Answer, RepoError>, H) {
+pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Option<Stop<'_>>) -> (Result<Answer, RepoError>, H) {
     let mut held = held;
     let mut tries = 0;
     let mut worker = loop {
@@ -221,7 +226,8 @@ pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Optio
     };
     drop(work);
     let answer = async {
-        let Some(stop) = stop else { return worker.answer().await };
+        let Some(mut stop) = stop else { return worker.answer().await };
+        let cancel = stop.cancel.take();
         let socket = worker.stream.as_raw_fd();
         let pid = worker.process.as_ref().map(|p| p.0);
         let pushing = Arc::clone(&worker.pushing);
@@ -229,9 +235,18 @@ pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Optio
         // One read of the answer throughout: one dropped mid-way would lose what it read.
         let answer = worker.answer();
         tokio::pin!(answer);
+        let cancelled = async {
+            match cancel {
+                Some(cancel) => cancel.await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             answer = &mut answer => return answer.map_err(died),
             _ = tokio::time::sleep_until(stop.at) => {}
+            // A cancel stops a push not yet begun as the deadline does; one under way is
+            // waited for, so the answer says whether it landed.
+            () = cancelled => {}
         }
         // SAFETY: one byte written to the worker's socket, open as long as `worker`; the
         // socket's buffer is empty of ours (the request was read whole before any answer).
@@ -259,7 +274,7 @@ pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Optio
 }
 
 /// How long what a killed worker wrote takes to read: its socket's buffer, at once.
-const DRAINED_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+pub(crate) const DRAINED_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// [`crate::zygote::replace`], off the runtime thread (it waits for the zygote's lock, which
 /// a start holds for up to seconds, and reaps the zygote).

@@ -115,14 +115,7 @@ impl Edge {
                 let result = record::lost(job, now.at);
                 self.finish(now, &id, result, &mut effects);
             } else {
-                let result = JobResult::failure(
-                    ErrorCode::Timeout,
-                    format!(
-                        "the agent did not report a result within timeout_ms ({} ms) and a {} ms margin",
-                        job.spec.timeout_ms, self.cfg.timeout_margin_ms
-                    ),
-                    job.elapsed(now.at),
-                );
+                let result = timed_out(job, self.cfg.timeout_margin_ms, now.at);
                 if let (Some(session), Some(agent)) = (job.session_id.clone(), job.agent_id.clone()) {
                     if self.sessions.contains_key(&session) {
                         self.send_cancel(now, &session, &agent, &id, "timed out at the edge", &mut effects);
@@ -153,4 +146,19 @@ impl Edge {
         self.expire_spent(now, &mut effects);
         effects
     }
+}
+
+/// The edge's TIMEOUT of a job whose agent did not answer in time. Sent again, a job is
+/// safe to run elsewhere — unless it asked for a push and went to an agent: its push may
+/// still be under way there, and land after this answer, so the caller is told to look at
+/// the branch first, and the result is not retryable.
+fn timed_out(job: &Job, margin_ms: u64, now: Millis) -> JobResult {
+    let said = format!("the agent did not report a result within timeout_ms ({} ms) and a {margin_ms} ms margin", job.spec.timeout_ms);
+    let mut result = JobResult::failure(ErrorCode::Timeout, said, job.elapsed(now));
+    if let Some(branch) = job.spec.push_branch.as_deref().filter(|_| job.agent_id.is_some()) {
+        let shown = shared::text::truncate(branch, 256);
+        result.error = result.error.map(|e| format!("{e}; it asked to push to `{shown}`, and a push may have landed on the server after this answer: look at the branch there before sending the job again"));
+        result.retryable = Some(false);
+    }
+    result
 }

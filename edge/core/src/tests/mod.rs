@@ -439,6 +439,33 @@ fn a_clock_that_steps_back_does_not_panic() {
     assert_eq!(edge.job("j2").unwrap().state, JobState::TimedOut);
 }
 
+/// A job that asked for a push ended TIMEOUT at the edge, "retryable", while its agent was
+/// still pushing: the branch landed on the server 23 s later, and a caller that sent the
+/// job again ran it twice (hostile review of repository jobs, 1). Sent to an agent, such a
+/// job's TIMEOUT now says a push may have landed, and is not retryable; one that pushes
+/// nothing stays retryable.
+#[test]
+fn the_edges_timeout_of_a_pushing_job_says_the_push_may_have_landed() {
+    let (mut edge, sid) = ready_edge();
+    let body = json!({"prompt": "p", "timeout_ms": 20_000, "repo_url": "https://github.com/o/r", "push_branch": "claude/x"}).to_string();
+    let pushing = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+    let s = edge.submit(1, "push".into(), pushing, Mode::Detached).unwrap();
+    assert_eq!(sent(&s.effects, &sid).len(), 1, "the job went to the agent");
+    let done = finished(&edge.tick(10_000_000));
+    let (_, status, body) = done.iter().find(|(id, ..)| id == "push").expect("the job timed out");
+    assert_eq!((*status, body["error_code"].as_str()), (200, Some("TIMEOUT")), "{body}");
+    assert_eq!(body["retryable"], false, "{body}");
+    let said = body["error"].as_str().unwrap();
+    assert!(said.contains("claude/x") && said.contains("may have landed"), "{said}");
+
+    // A job that pushes nothing may be sent again.
+    let (mut edge, sid) = ready_edge();
+    let s = edge.submit(1, "plain".into(), submission("p", 20_000, None), Mode::Detached).unwrap();
+    assert_eq!(sent(&s.effects, &sid).len(), 1, "the job went to the agent");
+    let done = finished(&edge.tick(10_000_000));
+    assert_eq!((done[0].2["error_code"].as_str(), &done[0].2["retryable"]), (Some("TIMEOUT"), &json!(true)), "{:?}", done[0].2);
+}
+
 #[test]
 fn refuses_unknown_forged_and_replayed_hellos() {
     let mut edge = Edge::new(config(), 0);
