@@ -48,6 +48,8 @@ pub struct Source {
     /// [`shared::repo::RepoUrl::host`]: named in errors.
     pub host: String,
     pub token: Option<Token>,
+    /// The most bytes a fetch of it may receive (`REPO_MAX_FETCH_BYTES`).
+    pub max_bytes: u64,
 }
 
 pub struct MirrorCache {
@@ -133,6 +135,10 @@ pub struct Lease {
     /// What the fetch the job runs on found; None only for a stale lease with no fetch
     /// since the agent started (the mirror's refs on disk are all there is then).
     pub fetched: Option<Arc<Fetched>>,
+    /// Given to a job: its end stamps the mirror's last use. A lease of a fetch that
+    /// failed is not (a mirror that cannot be used was stamped as just used, and so was
+    /// evicted last).
+    used: bool,
 }
 
 impl Lease {
@@ -145,6 +151,9 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        if !self.used {
+            return;
+        }
         // Last use, for the eviction order; losing it only makes the mirror look older.
         // Made anew, not opened as found: a pipe a job put there would hold this thread.
         let _ = crate::files::write_atomically(&self.dir.join(USED_FILE), crate::now_ms().to_string().as_bytes(), false);
@@ -240,11 +249,12 @@ impl MirrorCache {
         let folder = layout::folder(&source.name);
         let (hold, lock) = self.hold(&folder);
         let asked = Instant::now();
-        let mut lease = Lease { _hold: hold, dir: self.root.join(&folder), stale: false, fetch_ms: 0, fetched: None };
+        let mut lease = Lease { _hold: hold, dir: self.root.join(&folder), stale: false, fetch_ms: 0, fetched: None, used: false };
         let guard = lock.lock_owned().await;
         if guard.fetched_from.is_some_and(|t| t >= asked) {
             lease.fetch_ms = asked.elapsed().as_millis() as u64;
             lease.fetched = guard.last.clone();
+            lease.used = true;
             return Ok(lease);
         }
         // A mirror whose name file names another repository (a job can rewrite it) is made
@@ -257,7 +267,9 @@ impl MirrorCache {
         let (fetch_hold, _) = self.hold(&folder);
         let started = Instant::now();
         let work = Work::Fetch { dir: lease.dir.clone(), source: source.clone() };
-        let (answer, (mut guard, fetch_hold)) = worker::run(work, (guard, fetch_hold), "fetch the repository", None).await;
+        let held = FetchHeld { guard: Some(guard), hold: Some(fetch_hold), dir: lease.dir.clone(), succeeded: false };
+        let (answer, mut held) = worker::run(work, held, "fetch the repository", None).await;
+        let guard = held.guard.as_mut().expect("held until dropped");
         let answer = match answer {
             Ok(Answer::Fetched(answer)) => answer,
             // A worker lost (a job killed it) or that answered something else: the mirror is
@@ -271,10 +283,15 @@ impl MirrorCache {
             guard.last = Some(Arc::new(found));
         });
         lease.fetched = guard.last.clone();
-        drop((guard, fetch_hold));
+        held.succeeded = result.is_ok();
+        // A failed fetch's leftovers are cleared, still under the lock, before the
+        // eviction pass weighs the cache.
+        held.let_go().await;
         // A first fetch made the mirror, or a failed one removed it.
         self.changed();
         lease.fetch_ms = asked.elapsed().as_millis() as u64;
+        let cache = Arc::clone(self);
+        tokio::task::spawn_blocking(move || cache.evict(crate::now_ms()));
         if let Err(e) = result {
             if !(allow_stale && usable) {
                 return Err(e);
@@ -282,8 +299,7 @@ impl MirrorCache {
             warn!(repo = %source.name, error = %e, "fetch failed; the job runs on the mirror's last fetched state (allow_stale)");
             lease.stale = true;
         }
-        let cache = Arc::clone(self);
-        tokio::task::spawn_blocking(move || cache.evict(crate::now_ms()));
+        lease.used = true;
         Ok(lease)
     }
 
@@ -376,6 +392,52 @@ impl MirrorCache {
             self.changed();
             let _ = crate::files::remove_tree(&trash);
             info!(repo = %name.trim(), bytes = sizes.get(&folder).copied().unwrap_or(0), max_bytes = self.max_bytes, "mirror evicted (REPO_CACHE_MAX_BYTES)");
+        }
+    }
+}
+
+/// What a fetch holds until its worker is dead: the repository's fetch lock and a hold on
+/// the mirror. Let go after a fetch that failed, or was killed with its job, it first
+/// clears what the fetch left in the mirror, still under the lock: a pack being received
+/// stayed (827 MB from a server streaming without end) until the next fetch of the same
+/// repository or the agent's restart, which might never come.
+struct FetchHeld {
+    guard: Option<tokio::sync::OwnedMutexGuard<FetchState>>,
+    hold: Option<Hold>,
+    dir: PathBuf,
+    succeeded: bool,
+}
+
+impl FetchHeld {
+    /// Lets go, once any clearing is done.
+    async fn let_go(mut self) {
+        if let Some(clear) = self.clearing() {
+            let _ = tokio::task::spawn_blocking(clear).await;
+        }
+    }
+
+    /// The clearing to run (off the runtime thread: it walks the mirror), which lets go
+    /// of the lock and the hold at its end; None after a fetch that succeeded.
+    fn clearing(&mut self) -> Option<impl FnOnce() + Send + 'static> {
+        if self.succeeded {
+            return None;
+        }
+        let (guard, hold, dir) = (self.guard.take(), self.hold.take(), self.dir.clone());
+        Some(move || {
+            clear_leftovers(&dir);
+            drop((guard, hold));
+        })
+    }
+}
+
+impl Drop for FetchHeld {
+    fn drop(&mut self) {
+        // Killed with its job: the future is gone, so the clearing goes to the blocking pool.
+        if let Some(clear) = self.clearing() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(clear)),
+                Err(_) => clear(),
+            }
         }
     }
 }
@@ -613,9 +675,20 @@ fn fetch(dir: &Path, source: &Source, abort: &AtomicBool) -> Result<Fetched, Rep
     if remote.url_bytes() != source.url.as_bytes() || remote.pushurl_bytes().is_some() {
         return Err(local(action, format!("a git setting made the fetch of {} go to {}: nothing was fetched; remove the setting (url.*.insteadOf)", source.url, one_line(&String::from_utf8_lossy(remote.url_bytes())))));
     }
+    // What the server sends is counted as it arrives: past the cap the fetch stops (a
+    // server streaming a pack without end filled the disk within the job's timeout).
+    let over = Cell::new(false);
+    let fail = |e: git2::Error| if over.get() { RepoError::FetchTooBig { url: source.url.clone(), max_bytes: source.max_bytes } } else { fail(e) };
+    let mut cb = callbacks(source.token.as_ref(), &source.host, &auth, abort);
+    cb.transfer_progress(|progress| {
+        if progress.received_bytes() as u64 > source.max_bytes {
+            over.set(true);
+        }
+        !over.get() && !abort.load(Ordering::SeqCst)
+    });
     let mut options = FetchOptions::new();
     options
-        .remote_callbacks(callbacks(source.token.as_ref(), &source.host, &auth, abort))
+        .remote_callbacks(cb)
         .download_tags(AutotagOption::None)
         .update_fetchhead(false)
         // A redirect could lead off ALLOWED_REPO_HOSTS.

@@ -94,6 +94,7 @@ impl Repos {
             url: url.url(),
             host: url.host().to_string(),
             token: self.settings.token_for(url.host()).cloned(),
+            max_bytes: self.settings.max_fetch_bytes,
         }
     }
 

@@ -9,6 +9,9 @@ use std::collections::HashMap;
 use std::fmt;
 
 pub const DEFAULT_CACHE_MAX_BYTES: u64 = 20 * 1024 * 1024 * 1024;
+/// What one fetch may receive: a server can stream an endless pack, which filled the disk
+/// holding DATA_DIR (and the result spool) within the job's timeout.
+pub const DEFAULT_MAX_FETCH_BYTES: u64 = 20 * 1024 * 1024 * 1024;
 pub const DEFAULT_MAX_DIFF_BYTES: usize = 5 * 1024 * 1024;
 /// What a job's checkout may hold in all: a few packed megabytes can unpack to gigabytes
 /// (files of zeros), which filled the disk beside the mirrors.
@@ -43,6 +46,10 @@ pub struct RepoArgs {
     #[arg(long, env = "REPO_CACHE_MAX_BYTES", default_value_t = DEFAULT_CACHE_MAX_BYTES,
           value_parser = crate::setting_value::whole("REPO_CACHE_MAX_BYTES", "bytes", 0, None, DEFAULT_CACHE_MAX_BYTES))]
     pub repo_cache_max_bytes: u64,
+    /// Bytes one fetch of a repository may receive; past it the fetch fails.
+    #[arg(long, env = "REPO_MAX_FETCH_BYTES", default_value_t = DEFAULT_MAX_FETCH_BYTES,
+          value_parser = crate::setting_value::whole("REPO_MAX_FETCH_BYTES", "bytes", 1, None, DEFAULT_MAX_FETCH_BYTES))]
+    pub repo_max_fetch_bytes: u64,
     /// Size of the files a job's checkout may hold in all (each file at most 1 GiB).
     #[arg(long, env = "REPO_MAX_CHECKOUT_BYTES", default_value_t = DEFAULT_MAX_CHECKOUT_BYTES,
           value_parser = crate::setting_value::whole("REPO_MAX_CHECKOUT_BYTES", "bytes", 1, None, DEFAULT_MAX_CHECKOUT_BYTES))]
@@ -84,6 +91,7 @@ pub struct RepoSettings {
     /// Host (as in [`RepoUrl::host`]) → token.
     tokens: HashMap<String, Token>,
     pub cache_max_bytes: u64,
+    pub max_fetch_bytes: u64,
     pub max_checkout_bytes: u64,
     pub keep_failed_workspaces: bool,
     pub max_diff_bytes: usize,
@@ -107,6 +115,7 @@ impl RepoArgs {
             allowed_hosts,
             tokens,
             cache_max_bytes: self.repo_cache_max_bytes,
+            max_fetch_bytes: self.repo_max_fetch_bytes,
             max_checkout_bytes: self.repo_max_checkout_bytes,
             keep_failed_workspaces: self.keep_failed_workspaces,
             max_diff_bytes: self.max_diff_bytes,
@@ -123,6 +132,7 @@ impl Default for RepoSettings {
             allowed_hosts: vec![GITHUB.to_string()],
             tokens: HashMap::new(),
             cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
+            max_fetch_bytes: DEFAULT_MAX_FETCH_BYTES,
             max_checkout_bytes: DEFAULT_MAX_CHECKOUT_BYTES,
             keep_failed_workspaces: false,
             max_diff_bytes: DEFAULT_MAX_DIFF_BYTES,
@@ -193,6 +203,7 @@ mod tests {
             github_token: github.map(String::from),
             repo_tokens: tokens.map(String::from),
             repo_cache_max_bytes: 1,
+            repo_max_fetch_bytes: 1,
             repo_max_checkout_bytes: 1,
             keep_failed_workspaces: false,
             max_diff_bytes: 100,

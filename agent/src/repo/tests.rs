@@ -37,7 +37,7 @@ fn server(root: &Path) -> (PathBuf, PathBuf, String) {
 }
 
 fn source(bare: &Path) -> Source {
-    Source { name: format!("local{}", bare.display()), url: format!("file://{}", bare.display()), host: "local".into(), token: None }
+    Source { name: format!("local{}", bare.display()), url: format!("file://{}", bare.display()), host: "local".into(), token: None, max_bytes: u64::MAX }
 }
 
 /// A mirror of the server `bare` under `root/repos`, held, and a checkout of its default
@@ -106,7 +106,7 @@ async fn a_failed_fetch_uses_the_mirror_only_when_stale_is_allowed() {
     let lease = cache.acquire(source(&bare), true).await.unwrap();
     assert!(lease.stale);
     // No mirror at all: stale or not, nothing to run on.
-    let other = Source { name: "local/none".into(), url: format!("file://{}/none.git", tmp.path().display()), host: "local".into(), token: None };
+    let other = Source { name: "local/none".into(), url: format!("file://{}/none.git", tmp.path().display()), host: "local".into(), token: None, max_bytes: u64::MAX };
     assert!(cache.acquire(other, true).await.is_err());
     assert_eq!(cache.mirror_names(), [source(&bare).name], "a failed first fetch leaves no mirror behind");
 }
@@ -576,7 +576,7 @@ async fn x_and_x_git_are_two_mirrors_and_a_mirror_serves_only_its_own_repository
     let tmp = TempDir::new("dotgit");
     let (bare, _work, _) = server(tmp.path());
     let evil = evil_server(tmp.path());
-    let named = |url: &str, from: String| Source { name: shared::repo::RepoUrl::parse(url).unwrap().name(), url: from, host: "local".into(), token: None };
+    let named = |url: &str, from: String| Source { name: shared::repo::RepoUrl::parse(url).unwrap().name(), url: from, host: "local".into(), token: None, max_bytes: u64::MAX };
     let x = named("https://git.example.com/team/x", evil.clone());
     let x_git = named("https://git.example.com/team/x.git", source(&bare).url);
     let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
@@ -771,7 +771,7 @@ async fn a_fetch_given_up_on_a_trickling_server_ends_and_the_next_fetch_runs() {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     });
-    let trickling = Source { name: "trickle/repo".into(), url: format!("http://127.0.0.1:{port}/trickle/repo.git"), host: "127.0.0.1".into(), token: None };
+    let trickling = Source { name: "trickle/repo".into(), url: format!("http://127.0.0.1:{port}/trickle/repo.git"), host: "127.0.0.1".into(), token: None, max_bytes: u64::MAX };
     let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let given_up = tokio::time::timeout(std::time::Duration::from_secs(3), cache.acquire(trickling.clone(), false)).await;
     assert!(given_up.is_err(), "the trickling server's fetch ended: {:?}", given_up.map(|r| r.map(|l| l.dir.clone())));
@@ -781,6 +781,89 @@ async fn a_fetch_given_up_on_a_trickling_server_ends_and_the_next_fetch_runs() {
     let next = tokio::time::timeout(std::time::Duration::from_secs(30), cache.acquire(answering, false)).await;
     let lease = next.expect("the next fetch waited for the one given up").expect("the next fetch");
     assert!(lease.fetched.is_some());
+}
+
+/// A fetch had no byte budget: a server streaming a pack without end filled the disk
+/// holding DATA_DIR, and the partial pack a failed fetch left stayed, its mirror stamped as
+/// just used, so evicted last (hostile review of repository jobs, 2). A fetch now stops at
+/// `REPO_MAX_FETCH_BYTES` with an error that says so, what it received goes, and the
+/// mirror's last use is left as it was.
+#[tokio::test]
+async fn a_fetch_over_its_byte_cap_stops_and_leaves_nothing_behind() {
+    use std::io::Read;
+    let tmp = TempDir::new("fetch-cap");
+    let (bare, work, _) = server(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let capped = Source { max_bytes: 1 << 20, ..source(&bare) };
+    let mirror = cache.acquire(capped.clone(), false).await.expect("a small fetch fits the cap").dir.clone();
+    let used = std::fs::read_to_string(mirror.join(super::layout::USED_FILE)).unwrap();
+    // 4 MiB that do not compress: four times the cap.
+    let mut noise = vec![0u8; 4 << 20];
+    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut noise).unwrap();
+    std::fs::write(work.join("noise.bin"), &noise).unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "noise"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let err = cache.acquire(capped, false).await.err().expect("the fetch passed its cap");
+    assert!(matches!(err, RepoError::FetchTooBig { max_bytes: 1_048_576, .. }) && err.to_string().contains("REPO_MAX_FETCH_BYTES"), "{err}");
+    let mut left = Vec::new();
+    let mut stack = vec![mirror.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(entry.path());
+            } else if entry.metadata().unwrap().len() > 512 * 1024 || entry.file_name().to_string_lossy().contains("_git2_") {
+                left.push(entry.path());
+            }
+        }
+    }
+    assert!(left.is_empty(), "the failed fetch left {left:?}");
+    assert_eq!(std::fs::read_to_string(mirror.join(super::layout::USED_FILE)).unwrap(), used, "a failed fetch stamped the mirror as used");
+}
+
+/// A fetch killed with its job (here: given up on a server that never sends its pack)
+/// left its partial pack in the mirror until the next fetch of the same repository or the
+/// agent's restart. It goes as the fetch's lock is let go.
+#[tokio::test]
+async fn a_fetch_killed_with_its_job_leaves_no_partial_pack() {
+    use std::io::{Read, Write};
+    let tmp = TempDir::new("killed-fetch");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else { return };
+        let mut request = [0u8; 4096];
+        let _ = conn.read(&mut request);
+        for byte in b"HTTP/1.1 200 OK\r\n".iter().chain(b"X-Slow: y\r\n".iter().cycle()) {
+            if conn.write_all(&[*byte]).is_err() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
+    let stalled = Source { name: "stalled/repo".into(), url: format!("http://127.0.0.1:{port}/stalled/repo.git"), host: "127.0.0.1".into(), token: None, max_bytes: u64::MAX };
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let pack_dir = tmp.path().join("repos").join(super::layout::folder(&stalled.name)).join("objects/pack");
+    let fetching = {
+        let (cache, stalled) = (Arc::clone(&cache), stalled.clone());
+        tokio::spawn(async move { cache.acquire(stalled, false).await.map(|_| ()) })
+    };
+    while !pack_dir.is_dir() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // What libgit2 writes as a pack arrives.
+    let partial = pack_dir.join("pack_git2_0123456789abcdef");
+    std::fs::write(&partial, vec![7u8; 1 << 20]).unwrap();
+    fetching.abort();
+    let _ = fetching.await;
+    for _ in 0..100 {
+        if !partial.exists() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the killed fetch's partial pack stayed");
 }
 
 /// The children of this test binary's that wait to open a FIFO (`wait_for_partner`).
