@@ -320,6 +320,7 @@ async fn hand_back(
         result.diff = Some(patch.text);
         result.diff_truncated = Some(patch.truncated);
         result.files_changed = Some(patch.files);
+        result.files_changed_truncated = Some(patch.files_truncated);
     }
     if outcome.pushed_branch.is_some() {
         info!(job_id, agent_id = %ctx.cfg.agent_id, branch = outcome.pushed_branch.as_deref().unwrap_or(""), commit = outcome.pushed_commit.as_deref().unwrap_or("none"), "pushed");

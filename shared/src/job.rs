@@ -62,9 +62,13 @@ pub struct JobResult {
     /// Whether `diff` was cut at the agent's `MAX_DIFF_BYTES` (`include_diff`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diff_truncated: Option<bool>,
-    /// Each path the job changed (`include_diff`).
+    /// Each path the job changed (`include_diff`), up to a cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files_changed: Option<Vec<FileChange>>,
+    /// Whether `files_changed` was cut: the job changed more paths than a result carries
+    /// (`include_diff`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_changed_truncated: Option<bool>,
     pub error_code: Option<ErrorCode>,
     /// Whether the same request sent again (later, or elsewhere) may succeed; on failures.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -42,7 +42,17 @@ pub struct Patch {
     pub text: String,
     pub truncated: bool,
     pub files: Vec<FileChange>,
+    /// `files` stops at [`MAX_FILES_CHANGED`] or [`MAX_FILES_CHANGED_BYTES`].
+    pub files_truncated: bool,
 }
+
+/// The most paths `files_changed` lists. A job can change any number (150,000 files with
+/// 2 KB paths made the git worker hold 1.2 GB and the agent 600 MB, for a list the result's
+/// frame then cut to 2,343 without a word).
+pub const MAX_FILES_CHANGED: usize = 50_000;
+/// The most bytes the listed paths take as JSON in a result's frame (where each `"` and
+/// `\` of the JSON takes two): a quarter of the frame, with the diff beside it.
+pub const MAX_FILES_CHANGED_BYTES: usize = shared::protocol::MAX_FRAME_BYTES / 4;
 
 /// Opens the checkout at `dir` after Claude ran, once its `.git` is a folder holding only
 /// files and folders: libgit2 opens what it finds there by path (config, HEAD, refs, the
@@ -145,6 +155,7 @@ pub fn patch(dir: &Path, base: Oid, max_bytes: usize) -> Result<Patch, RepoError
 
 fn print(diff: &Diff<'_>, max_bytes: usize) -> Result<Patch, RepoError> {
     let mut files = Vec::new();
+    let (mut files_bytes, mut files_truncated) = (0, false);
     for delta in diff.deltas() {
         let path = |f: git2::DiffFile| f.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
         let (status, old_path) = match delta.status() {
@@ -154,7 +165,13 @@ fn print(diff: &Diff<'_>, max_bytes: usize) -> Result<Patch, RepoError> {
             _ => (ChangeKind::Modified, None),
         };
         let file = if status == ChangeKind::Deleted { delta.old_file() } else { delta.new_file() };
-        files.push(FileChange { path: path(file), status, old_path });
+        let change = FileChange { path: path(file), status, old_path };
+        files_bytes += framed_bytes(&change);
+        if files.len() == MAX_FILES_CHANGED || files_bytes > MAX_FILES_CHANGED_BYTES {
+            files_truncated = true;
+            break;
+        }
+        files.push(change);
     }
     let text = RefCell::new(String::new());
     let truncated = Cell::new(false);
@@ -178,7 +195,12 @@ fn print(diff: &Diff<'_>, max_bytes: usize) -> Result<Patch, RepoError> {
             return Err(local("compute the diff", e.message()));
         }
     }
-    Ok(Patch { text: text.into_inner(), truncated: truncated.get(), files })
+    Ok(Patch { text: text.into_inner(), truncated: truncated.get(), files, files_truncated })
+}
+
+/// The bytes `change` takes in a result's frame: its JSON, each `"` and `\` twice.
+fn framed_bytes(change: &FileChange) -> usize {
+    serde_json::to_string(change).map_or(usize::MAX / 2, |text| 1 + text.len() + text.bytes().filter(|b| matches!(b, b'"' | b'\\')).count())
 }
 
 impl Staged {

@@ -302,6 +302,7 @@ pub fn fit_result(result: &mut JobResult, max_bytes: usize) {
             _ => match &mut result.files_changed {
                 Some(files) if !files.is_empty() => {
                     files.truncate(files.len() / 2);
+                    result.files_changed_truncated = Some(true);
                 }
                 _ => return,
             },

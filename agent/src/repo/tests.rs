@@ -289,6 +289,35 @@ async fn working_dir_stays_inside_the_checkout_after_symlinks() {
     }
 }
 
+/// `files_changed` had no cap: 150,000 files with 2 KB paths made the git worker hold
+/// 1.2 GB and the agent 600 MB, and the result's frame then cut the list to 2,343 without
+/// a word (hostile review of repository jobs, 3). The worker lists up to
+/// `MAX_FILES_CHANGED_BYTES` of paths and says the list is cut.
+#[tokio::test]
+async fn the_list_of_changed_files_is_capped_and_says_so() {
+    use super::changes::{MAX_FILES_CHANGED_BYTES, MAX_FILES_CHANGED};
+    let tmp = TempDir::new("many-files");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    // Paths of some 2 KB: eight folders of 250 characters.
+    let deep: PathBuf = (0..8).map(|i| format!("{i}{}", "d".repeat(249))).collect();
+    std::fs::create_dir_all(co.dir.join(&deep)).unwrap();
+    let made = 1_500;
+    for i in 0..made {
+        std::fs::write(co.dir.join(&deep).join(format!("f{i}")), "x\n").unwrap();
+    }
+    let patch = changes::patch(&co.dir, co.commit, 1 << 20).unwrap();
+    assert!(patch.files_truncated, "{} of {made} files listed, not said to be cut", patch.files.len());
+    assert!(!patch.files.is_empty() && patch.files.len() < made && patch.files.len() <= MAX_FILES_CHANGED);
+    let json = serde_json::to_string(&patch.files).unwrap();
+    assert!(json.len() <= MAX_FILES_CHANGED_BYTES, "a list of {} bytes", json.len());
+    // A few files are listed whole.
+    std::fs::remove_dir_all(co.dir.join("0dddd".to_string() + &"d".repeat(245))).unwrap();
+    std::fs::write(co.dir.join("one.txt"), "1\n").unwrap();
+    let patch = changes::patch(&co.dir, co.commit, 1 << 20).unwrap();
+    assert!(!patch.files_truncated && patch.files.len() == 1, "{:?}", patch.files);
+}
+
 #[test]
 fn results_are_shrunk_to_fit_a_frame() {
     use shared::job::{FileChange, JobResult};
@@ -300,6 +329,9 @@ fn results_are_shrunk_to_fit_a_frame() {
     assert!(serde_json::to_vec(&r).unwrap().len() <= 2_000_000);
     assert_eq!(r.diff_truncated, Some(true));
     assert!(r.diff.as_deref().unwrap().ends_with('\n') || r.diff.as_deref() == Some(""));
+    // The list cut too says so (it was cut without a word: hostile review of repository jobs, 3).
+    assert!(r.files_changed.as_ref().unwrap().len() < 50_000);
+    assert_eq!(r.files_changed_truncated, Some(true));
     // A result that fits is left alone.
     let mut small = JobResult { diff: Some("+a\n".into()), diff_truncated: Some(false), ..JobResult::default() };
     super::fit_result(&mut small, 2_000_000);

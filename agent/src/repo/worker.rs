@@ -56,6 +56,19 @@ const MAX_MESSAGE: usize = 1 << 30;
 /// blank. TLS trust as OpenSSL reads it, and the log filter.
 const PASSED_ON: [&str; 4] = ["SSL_CERT_FILE", "SSL_CERT_DIR", "OPENSSL_CONF", "RUST_LOG"];
 
+impl Work {
+    /// The largest answer the agent reads for this work. A hand-back's holds a diff cut at
+    /// its cap (each byte at most 6 in JSON: a control character's `\u0001`) and a file
+    /// list cut at [`super::changes::MAX_FILES_CHANGED_BYTES`], and it was read up to
+    /// [`MAX_MESSAGE`] (1 GiB) into the agent's memory; a fetch's refs may be that many.
+    fn answer_limit(&self) -> usize {
+        match self {
+            Work::HandBack(w) => 6 * w.diff_max_bytes.unwrap_or(0) + super::changes::MAX_FILES_CHANGED_BYTES + (1 << 20),
+            _ => MAX_MESSAGE,
+        }
+    }
+}
+
 /// What the agent asks of a worker.
 #[derive(Serialize, Deserialize)]
 struct Request<W = Work> {
@@ -224,6 +237,7 @@ pub async fn run<H: Send>(work: Work, held: H, action: &'static str, stop: Optio
             }
         }
     };
+    worker.max_answer = work.answer_limit();
     drop(work);
     let answer = async {
         let Some(mut stop) = stop else { return worker.answer().await };
@@ -302,6 +316,8 @@ struct Worker<H> {
     answered: bool,
     /// It said a push was going out ([`PUSHING`]).
     pushing: Arc<AtomicBool>,
+    /// The largest answer read from it ([`Work::answer_limit`]).
+    max_answer: usize,
 }
 
 /// A worker process, the agent's child: killed and reaped when dropped (so its pid is no
@@ -328,7 +344,7 @@ impl<H> Worker<H> {
         };
         let stream = stream.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(stream));
         match stream {
-            Ok(stream) => Ok(Worker { stream, process: Some(process), held: Some(held), action, origin, answered: false, pushing: Arc::default() }),
+            Ok(stream) => Ok(Worker { stream, process: Some(process), held: Some(held), action, origin, answered: false, pushing: Arc::default(), max_answer: MAX_MESSAGE }),
             Err(e) => Err((local(action, e), held)),
         }
     }
@@ -370,8 +386,8 @@ impl<H> Worker<H> {
         let mut len = [0u8; 4];
         self.stream.read_exact(&mut len).await.map_err(|e| self.lost(e))?;
         let len = u32::from_le_bytes(len) as usize;
-        if len > MAX_MESSAGE {
-            return Err(self.lost(format!("an answer of {len} bytes")));
+        if len > self.max_answer {
+            return Err(self.lost(format!("an answer of {len} bytes, over the {} it may take", self.max_answer)));
         }
         let mut body = vec![0u8; len];
         self.stream.read_exact(&mut body).await.map_err(|e| self.lost(e))?;
