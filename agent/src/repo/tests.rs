@@ -708,6 +708,28 @@ async fn a_checkout_too_large_in_all_or_in_one_file_is_refused_before_it_is_writ
     checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co"), None, "file://server", 1 << 20).unwrap();
 }
 
+/// The checkout ran `.gitattributes` conversions after `fits` measured the objects: with
+/// `* text eol=crlf` a file of newlines was written twice its size (1e9 bytes measured,
+/// 2e9 written; hostile review of repository jobs, 4), and `ident` grows one more. Files
+/// are written as stored now: what was measured is what is written, and the job's
+/// changes show none it did not make.
+#[tokio::test]
+async fn a_checkout_writes_files_as_measured_without_gitattributes_conversions() {
+    let tmp = TempDir::new("checkout-filters");
+    let (bare, work, _) = server(tmp.path());
+    std::fs::write(work.join(".gitattributes"), "* text eol=crlf ident\n").unwrap();
+    std::fs::write(work.join("newlines.txt"), "\n".repeat(100_000)).unwrap();
+    std::fs::write(work.join("ids.txt"), "$Id$\n".repeat(1_000)).unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "attributes"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    assert_eq!(std::fs::metadata(co.dir.join("newlines.txt")).unwrap().len(), 100_000, "newlines converted to CRLF");
+    assert_eq!(std::fs::metadata(co.dir.join("ids.txt")).unwrap().len(), 5_000, "$Id$ expanded");
+    let patch = changes::patch(&co.dir, co.commit, 1 << 20).unwrap();
+    assert!(patch.files.is_empty() && patch.text.is_empty(), "the checkout shows changes nobody made: {:?}", patch.files);
+}
+
 /// A binary file is read a window at a time: a secret across a window's end is found, and
 /// one written as UTF-16 (a NUL after each character) too.
 #[test]
