@@ -469,6 +469,9 @@ pub fn set_timeouts() {
     ONCE.call_once(|| unsafe {
         let _ = git2::opts::set_server_connect_timeout_in_milliseconds(CONNECT_TIMEOUT_MS);
         let _ = git2::opts::set_server_timeout_in_milliseconds(READ_TIMEOUT_MS);
+        // Packs are read through mapped windows, up to 8 GiB of them by default: more than
+        // a git worker's whole address space (`worker::MAX_WORKER_MEMORY`).
+        let _ = git2::opts::set_mwindow_mapped_limit(1 << 30);
         for level in [git2::ConfigLevel::System, git2::ConfigLevel::XDG, git2::ConfigLevel::Global, git2::ConfigLevel::ProgramData] {
             let _ = git2::opts::set_search_path(level, "");
         }

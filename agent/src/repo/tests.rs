@@ -980,6 +980,39 @@ async fn a_hand_back_stuck_on_a_fifo_is_killed_once_given_up() {
     assert_eq!(children_waiting_on_a_fifo(), before, "the worker still waits on the FIFO");
 }
 
+/// A git worker had no memory limit: a 382-byte delta pack that expands to 1.5 GiB took
+/// the fetch's worker to 1.5 GB, and a converted checkout's to 3.9 GB, for the machine's
+/// OOM killer to end (hostile review of repository jobs, 4). Each worker limits its address
+/// space before it takes any work, so an allocation past it fails in that job's worker.
+#[tokio::test]
+async fn a_git_worker_limits_its_memory_before_it_works() {
+    use super::worker::{self, HandBackWork, Work, MAX_WORKER_MEMORY};
+    use std::io::Write;
+    let tmp = TempDir::new("worker-memory");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let fifo = tmp.path().join("not-in-git");
+    crate::files::pipe_at(&fifo);
+    let mut config = std::fs::OpenOptions::new().append(true).open(co.dir.join(".git/config")).unwrap();
+    write!(config, "[include]\n\tpath = {}\n", fifo.display()).unwrap();
+    let work = Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), diff_max_bytes: Some(1 << 20), push: None, redactor: crate::redact::Redactor::default() });
+    let before = children_waiting_on_a_fifo();
+    let handing_back = tokio::spawn(worker::run(work, (), "collect the job's changes", Some(stop_within(60_000, 1_000))));
+    let pid = loop {
+        if let Some(pid) = children_waiting_on_a_fifo().into_iter().find(|pid| !before.contains(pid)) {
+            break pid;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    // SAFETY: a signal to the worker, this process's child, not reaped while it waits.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), handing_back).await;
+    let line = limits.lines().find(|l| l.starts_with("Max address space")).unwrap();
+    let soft: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(soft, [MAX_WORKER_MEMORY.to_string(), MAX_WORKER_MEMORY.to_string()], "{line}");
+}
+
 /// A hand-back's [`super::worker::Stop`] after `after_ms`, killed `then_ms` later, answering
 /// as `Prepared::finish` does for a worker that goes without an answer (a push asked for).
 fn stop_within(after_ms: u64, then_ms: u64) -> super::worker::Stop<'static> {

@@ -52,6 +52,15 @@ const STOP: u8 = b'S';
 /// is ~100 MB of them as JSON), a diff (`MAX_DIFF_BYTES`).
 const MAX_MESSAGE: usize = 1 << 30;
 
+/// The most memory (address space, `RLIMIT_AS`) a git worker may take. A repository can
+/// be a bomb — a 382-byte delta pack that expands to 1.5 GiB in the fetch, a file libgit2
+/// holds whole — and without a limit the machine's OOM killer ended it, or chose another
+/// process (the agent, a job's Claude). With it an allocation fails and the worker ends,
+/// its job's `REPO_ERROR` saying so. 4 GiB: a checkout's largest file (1 GiB, held whole)
+/// and libgit2's pack windows (at most 1 GiB mapped, [`super::mirror::set_timeouts`]) with
+/// room to spare.
+pub const MAX_WORKER_MEMORY: u64 = 4 << 30;
+
 /// The agent's settings a worker takes from it: the zygote's copy of the environment is
 /// blank. TLS trust as OpenSSL reads it, and the log filter.
 const PASSED_ON: [&str; 4] = ["SSL_CERT_FILE", "SSL_CERT_DIR", "OPENSSL_CONF", "RUST_LOG"];
@@ -352,7 +361,11 @@ impl<H> Worker<H> {
     fn lost(&self, e: impl std::fmt::Display) -> RepoError {
         local(
             self.action,
-            format!("the agent's git process (`claude-runner {COMMAND}`) failed before it answered ({e}): run the job again. If it fails again, {}", crate::launcher::HELPERS_STOPPED),
+            format!(
+                "the agent's git process (`claude-runner {COMMAND}`) failed before it answered ({e}): run the job again. If it fails again, the repository may need more than the {} GiB of memory a git process may take (a file or pack that expands to gigabytes), or {}",
+                MAX_WORKER_MEMORY >> 30,
+                crate::launcher::HELPERS_STOPPED
+            ),
         )
     }
 
@@ -440,6 +453,13 @@ pub fn serve(socket: OwnedFd, agent: libc::pid_t) -> ! {
             libc::_exit(5);
         }
         crate::zygote::name_and_forget_the_agents_words(COMMAND);
+        // Before any work, with one system call each (no lock: see `answer_one`). Never
+        // above a hard limit already lower.
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_AS, &mut limit) == 0 {
+            let max = limit.rlim_max.min(MAX_WORKER_MEMORY);
+            libc::setrlimit(libc::RLIMIT_AS, &libc::rlimit { rlim_cur: max, rlim_max: max });
+        }
     }
     let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| answer_one(socket))) {
         Ok(Ok(())) => 0,
