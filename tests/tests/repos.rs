@@ -558,10 +558,11 @@ async fn a_push_that_outlasts_the_job_is_reported_as_it_ended_on_the_server() {
     let s = setup(None, &[]).await;
     let (seed, _, _) = demo(&s.git);
     // The server takes the push at once and answers after the job's timeout plus the
-    // agent's grace for handing changes back (20 s), within libgit2's 30 s wait for it.
-    // The job has 5 s: with 1 s, the fetch, checkout and Claude outlasted it on a loaded
-    // machine, and nothing was pushed at all.
-    s.git.delay_push_answers(Duration::from_secs(27));
+    // agent's grace for handing changes back (10 s), within the 15 s more the agent waits
+    // for a push under way (and libgit2's 30 s wait for an answer). The job has 5 s: with
+    // 1 s, the fetch, checkout and Claude outlasted it on a loaded machine, and nothing
+    // was pushed at all.
+    s.git.delay_push_answers(Duration::from_secs(20));
     let b = s.run(json!({"prompt": "@write=late.txt", "repo_url": s.git.url("demo"), "push_branch": "claude/late", "timeout_ms": 5000})).await;
     let on_server = on_server(&seed, "claude/late").expect("the server took the push");
     // The answer says what happened: the branch moved, so it is not "nothing pushed".
