@@ -570,6 +570,28 @@ async fn a_push_that_outlasts_the_job_is_reported_as_it_ended_on_the_server() {
     ok(&b);
 }
 
+/// A cancel during the hand-back went unheard (the job's stop was Claude's run's alone): a
+/// push not yet begun still went out after `DELETE /jobs/{id}` (hostile review of
+/// repository jobs, 1). Here the push waits for the server's first answer, its commit not
+/// yet on its way, when the cancel comes: nothing is pushed, and the job ends cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_during_the_hand_back_stops_a_push_not_yet_begun() {
+    let s = setup(None, &[]).await;
+    let (seed, _, _) = demo(&s.git);
+    let a = s.client.submit(json!({"prompt": "@write=late.txt @sleep=3000", "repo_url": s.git.url("demo"), "push_branch": "claude/cancelled", "timeout_ms": 120000})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(60), || !s.agent.claude_runs().is_empty()).await);
+    s.git.stall(Some("demo"));
+    assert!(eventually(Duration::from_secs(60), || s.agent.log().contains("claude finished")).await);
+    let d = s.client.send("DELETE", &format!("/jobs/{job_id}"), Some(SECRET), None).await;
+    assert_eq!(d.status, 202, "{}", d.text);
+    let job = s.client.wait_job(&job_id, Duration::from_secs(60)).await;
+    s.git.stall(None);
+    assert_eq!(job["state"], "cancelled", "{job}");
+    assert!(job["result"]["error"].as_str().unwrap().contains("not pushed"), "{job}");
+    assert_eq!(on_server(&seed, "claude/cancelled"), None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_files_are_not_pushed_and_pushes_do_not_hold_them_in_memory() {
     let s = setup(None, &[]).await;
