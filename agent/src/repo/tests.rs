@@ -1112,7 +1112,11 @@ async fn a_cancel_stops_a_push_not_yet_begun() {
     std::fs::write(&config_path, config).unwrap();
     drop(std::fs::OpenOptions::new().write(true).open(&fifo).unwrap());
     let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(20), handing_back).await.expect("the cancelled hand-back went on to push").unwrap();
-    assert!(matches!(answer, Ok(Answer::HandedBack(Err(RepoError::HandBackTooSlow { .. })))), "{answer:?}");
+    let outcome = match answer {
+        Ok(Answer::HandedBack(Ok(outcome))) => outcome,
+        other => panic!("{other:?}"),
+    };
+    assert!(matches!(outcome.error, Some(RepoError::HandBackTooSlow { .. })) && outcome.pushed_branch.is_none(), "{outcome:?}");
     assert!(posted.try_recv().is_err(), "a push went out after the cancel");
 }
 
