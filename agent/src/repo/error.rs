@@ -32,7 +32,7 @@ pub enum RepoError {
     Tls { url: String, detail: String },
     #[error("the disk holding DATA_DIR is full ({detail}): free space on the runner machine or lower REPO_CACHE_MAX_BYTES, then retry")]
     DiskFull { detail: String },
-    #[error("fetching {url} did not finish within the job's timeout_ms ({timeout_ms} ms): the git server is slow or not answering; retry, raise timeout_ms, or send \"allow_stale\": true")]
+    #[error("fetching {url} did not finish within the job's timeout_ms ({timeout_ms} ms): the git server is slow or not answering, or the repository is large for the time given; retry, raise timeout_ms, or send \"allow_stale\": true")]
     FetchTimedOut { url: String, timeout_ms: u64 },
     #[error("{url} sent more than REPO_MAX_FETCH_BYTES ({max_bytes} bytes) in one fetch, so the fetch was stopped and what it received removed: the repository is larger than this runner allows (or the server sends without end); raise REPO_MAX_FETCH_BYTES (and REPO_CACHE_MAX_BYTES, and the disk holding DATA_DIR) on the runner machine, or use a smaller repository")]
     FetchTooBig { url: String, max_bytes: u64 },
