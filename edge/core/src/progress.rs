@@ -4,8 +4,9 @@
 //! chunk is made here.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Waker};
 
 /// One SSE chunk. Shared, not copied: the backlog and every follower's queue hold the
 /// same text, so many followers of a job cost pointers, not copies of its progress.
@@ -25,15 +26,15 @@ pub const MAX_FOLLOWERS_PER_CALLER: usize = MAX_FOLLOWERS / 2;
 pub const MAX_FOLLOWER_LAG_BYTES: usize = MAX_BACKLOG_BYTES + 1024 * 1024;
 
 /// How far all followers together may be behind — the bytes queued for their connections
-/// and not taken — before the one whose next chunk would pass it is cut: one job's whole
-/// set of followers, each as far behind as it may be. Without it 64 followers of 64 jobs
-/// could hold 192 MiB, past a Worker isolate's 128 MB. (A chunk queued for many followers
-/// of one job is held once and counted for each: the bound is on more than the memory.)
-/// Counted per process — on the Worker per isolate, whose memory every object in it shares.
+/// and not taken — before the one furthest behind is cut: one job's whole set of
+/// followers, each as far behind as it may be. Without it 64 followers of 64 jobs could
+/// hold 192 MiB, past a Worker isolate's 128 MB. (A chunk queued for many followers of one
+/// job is held once and counted for each: the bound is on more than the memory.) Counted
+/// per process — on the Worker per isolate, whose memory every object in it shares.
 pub const MAX_FOLLOWERS_LAG_BYTES: usize = MAX_FOLLOWERS_PER_JOB * MAX_FOLLOWER_LAG_BYTES;
 
-/// The bytes queued for every follower of this process ([`MAX_FOLLOWERS_LAG_BYTES`]).
-static FOLLOWERS_LAG: AtomicUsize = AtomicUsize::new(0);
+/// Every follower of this process, for [`MAX_FOLLOWERS_LAG_BYTES`].
+static FOLLOWERS: Crowd = Crowd::new();
 
 /// Progress kept per running job for followers who join late: the newest events, up to
 /// these bounds (the older ones are dropped, and the stream says how many).
@@ -92,90 +93,228 @@ pub fn restart_chunk(job_id: &str) -> String {
     format!(": the edge is restarting; the job goes on: reconnect to GET /jobs/{job_id}/events\n\n")
 }
 
-/// How far one follower's connection is behind: what its host queued for it and the
-/// connection has not taken yet, counted in the followers' total too. The host counts every
-/// chunk in and out; a follower that stops reading comes past [`MAX_FOLLOWER_LAG_BYTES`],
-/// or finds all followers past [`MAX_FOLLOWERS_LAG_BYTES`], and is dropped, so the queues
-/// stay bounded. What a connection gone leaves queued leaves the total with it.
-#[derive(Debug, Clone, Default)]
-pub struct Lag(Arc<LagState>);
+/// All followers of a process: the bytes queued for them and not taken, and who they are,
+/// so that past [`MAX_FOLLOWERS_LAG_BYTES`] the one furthest behind is found and cut.
+#[derive(Debug)]
+struct Crowd {
+    bytes: AtomicUsize,
+    members: Mutex<Vec<Weak<FeedState>>>,
+}
+
+impl Crowd {
+    const fn new() -> Crowd {
+        Crowd { bytes: AtomicUsize::new(0), members: Mutex::new(Vec::new()) }
+    }
+
+    /// The member furthest behind.
+    fn furthest_behind(&self) -> Option<Arc<FeedState>> {
+        // Upgraded under the lock, compared and let go after it: a member whose last other
+        // holder lets go meanwhile is dropped here, and its drop takes the lock.
+        let members: Vec<Arc<FeedState>> = lock(&self.members).iter().filter_map(Weak::upgrade).collect();
+        members.into_iter().max_by_key(|m| m.queued.load(Ordering::Relaxed))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere leaves counts, never a half-made queue: go on with it.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A follower's queue: the chunks its host queued for its connection and the connection
+/// has not taken yet, counted in the followers' total. Its host holds the [`FeedIn`] and
+/// the connection the [`FeedOut`]. A follower that stops reading comes past
+/// [`MAX_FOLLOWER_LAG_BYTES`], or is the one furthest behind when all followers together
+/// come past [`MAX_FOLLOWERS_LAG_BYTES`], and is cut: its queue is emptied at once (the
+/// bytes leave the total then, not when its connection ends: a peer that never reads
+/// would hold them until a stall watcher noticed, and the Worker has none), leaving only a
+/// last line saying why. A follower that keeps up is never cut for the others.
+pub fn follower() -> (FeedIn, FeedOut) {
+    follower_in(&FOLLOWERS)
+}
+
+fn follower_in(crowd: &'static Crowd) -> (FeedIn, FeedOut) {
+    let state = Arc::new(FeedState { queued: AtomicUsize::new(0), queue: Mutex::new(Queue::default()), crowd });
+    lock(&crowd.members).push(Arc::downgrade(&state));
+    (FeedIn(state.clone()), FeedOut(state))
+}
+
+/// The host's half of a follower's queue ([`follower`]); letting go of it ends the stream
+/// after what is queued.
+#[derive(Debug)]
+pub struct FeedIn(Arc<FeedState>);
+
+/// The connection's half of a follower's queue ([`follower`]); letting go of it (the
+/// connection went) frees what is queued.
+#[derive(Debug)]
+pub struct FeedOut(Arc<FeedState>);
 
 #[derive(Debug)]
-struct LagState {
+struct FeedState {
+    /// The bytes of the chunks in `queue`, but the last line of one cut.
     queued: AtomicUsize,
+    queue: Mutex<Queue>,
+    crowd: &'static Crowd,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    chunks: VecDeque<Chunk>,
     /// Why it was cut, if it was: [`BEHIND`] or [`CROWDED`].
-    cut: AtomicU8,
-    /// All followers' bytes queued, this one's included.
-    total: &'static AtomicUsize,
+    cut: u8,
+    /// The host let go: the stream ends once the queue is read.
+    ended: bool,
+    /// The connection let go: nothing more is queued.
+    gone: bool,
+    /// The connection waiting for a chunk.
+    waker: Option<Waker>,
 }
 
 const BEHIND: u8 = 1;
 const CROWDED: u8 = 2;
 
-impl Default for LagState {
-    fn default() -> Self {
-        LagState { queued: AtomicUsize::new(0), cut: AtomicU8::new(0), total: &FOLLOWERS_LAG }
-    }
-}
-
-impl Drop for LagState {
-    /// Its host and its connection both let go of it: what was queued and never taken is
-    /// freed with the queue.
-    fn drop(&mut self) {
-        let left = *self.queued.get_mut();
-        self.total.fetch_sub(left.min(self.total.load(Ordering::Relaxed)), Ordering::Relaxed);
-    }
-}
-
-impl Lag {
-    /// A lag counted in `total` rather than the process's: tests' own.
-    #[cfg(test)]
-    fn within(total: &'static AtomicUsize) -> Lag {
-        Lag(Arc::new(LagState { queued: AtomicUsize::new(0), cut: AtomicU8::new(0), total }))
-    }
-
-    /// A chunk of `bytes` is to be queued for the connection. `false`: the follower is too
-    /// far behind, or all followers together are; drop it instead of queueing this (it is
-    /// marked [`Lag::cut`], and [`Lag::farewell`] says why).
-    pub fn queued(&self, bytes: usize) -> bool {
-        let own = self.0.queued.fetch_add(bytes, Ordering::Relaxed).saturating_add(bytes);
-        let all = self.0.total.fetch_add(bytes, Ordering::Relaxed).saturating_add(bytes);
-        let why = match () {
-            _ if own > MAX_FOLLOWER_LAG_BYTES => BEHIND,
-            _ if all > MAX_FOLLOWERS_LAG_BYTES => CROWDED,
-            _ => return true,
-        };
-        // Not queued: not counted.
-        self.taken(bytes);
-        self.0.cut.store(why, Ordering::Relaxed);
-        false
-    }
-
-    /// The connection took a chunk of `bytes`.
-    pub fn taken(&self, bytes: usize) {
-        let bytes = bytes.min(self.0.queued.load(Ordering::Relaxed));
-        self.0.queued.fetch_sub(bytes, Ordering::Relaxed);
-        self.0.total.fetch_sub(bytes.min(self.0.total.load(Ordering::Relaxed)), Ordering::Relaxed);
-    }
-
-    /// The follower was dropped for falling behind: when its queue runs out its host
+/// What a follower's connection writes next ([`FeedOut::poll_next`]).
+#[derive(Debug, PartialEq)]
+pub enum Follow {
+    Chunk(Chunk),
+    /// The stream is over: the job ended, or the edge let the follower go.
+    End,
+    /// The follower was cut for falling behind and has read the line saying why: its host
     /// aborts the connection rather than ending the stream cleanly, so what the kernel
     /// still buffers for a peer that does not read is freed too.
-    pub fn cut(&self) -> bool {
-        self.0.cut.load(Ordering::Relaxed) != 0
+    Cut,
+}
+
+impl FeedState {
+    /// Cuts the follower: its queue emptied and out of the total, the reason its last line.
+    fn cut(&self, why: u8) {
+        let mut queue = lock(&self.queue);
+        if queue.cut != 0 {
+            return;
+        }
+        queue.cut = why;
+        queue.chunks.clear();
+        self.release(self.queued.swap(0, Ordering::Relaxed));
+        if !queue.gone {
+            queue.chunks.push_back(farewell(why));
+        }
+        if let Some(waker) = queue.waker.take() {
+            waker.wake();
+        }
     }
 
-    /// For a follower just cut: the last chunk its host queues for it (uncounted, a line),
-    /// saying why and what to do — read by a follower that still reads, after what it had
-    /// yet to read.
-    pub fn farewell(&self) -> Option<Chunk> {
-        let why = match self.0.cut.load(Ordering::Relaxed) {
-            BEHIND => format!("this stream fell more than {MAX_FOLLOWER_LAG_BYTES} bytes behind the job's progress"),
-            CROWDED => format!("the streams of this edge together are more than {MAX_FOLLOWERS_LAG_BYTES} bytes behind"),
-            _ => return None,
-        };
-        Some(format!(": cut: {why}; reconnect with the Last-Event-ID of the last event read to read on, or read the result with GET /jobs/{{id}}\n\n").into())
+    fn release(&self, bytes: usize) {
+        let total = &self.crowd.bytes;
+        let _ = total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.saturating_sub(bytes)));
     }
+}
+
+impl Drop for FeedState {
+    fn drop(&mut self) {
+        let left = *self.queued.get_mut();
+        self.release(left);
+        lock(&self.crowd.members).retain(|m| m.strong_count() > 0);
+    }
+}
+
+impl FeedIn {
+    /// Queues a chunk for the connection. `false`: the follower was cut (now, or before)
+    /// or its connection went; the host lets it go and tells the machine.
+    pub fn send(&self, chunk: Chunk) -> bool {
+        let bytes = chunk.len();
+        {
+            let mut queue = lock(&self.0.queue);
+            if queue.cut != 0 || queue.gone {
+                return false;
+            }
+            if self.0.queued.load(Ordering::Relaxed).saturating_add(bytes) > MAX_FOLLOWER_LAG_BYTES {
+                drop(queue);
+                self.0.cut(BEHIND);
+                return false;
+            }
+            queue.chunks.push_back(chunk);
+            self.0.queued.fetch_add(bytes, Ordering::Relaxed);
+            self.0.crowd.bytes.fetch_add(bytes, Ordering::Relaxed);
+            if let Some(waker) = queue.waker.take() {
+                waker.wake();
+            }
+        }
+        // Past the total, the followers furthest behind are cut until it is kept again —
+        // this one only if none is further behind.
+        while self.0.crowd.bytes.load(Ordering::Relaxed) > MAX_FOLLOWERS_LAG_BYTES {
+            let Some(furthest) = self.0.crowd.furthest_behind() else { break };
+            if furthest.queued.load(Ordering::Relaxed) == 0 {
+                break;
+            }
+            furthest.cut(CROWDED);
+            if Arc::ptr_eq(&furthest, &self.0) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Whether the follower was cut for falling behind.
+    pub fn cut(&self) -> bool {
+        lock(&self.0.queue).cut != 0
+    }
+}
+
+impl Drop for FeedIn {
+    fn drop(&mut self) {
+        let mut queue = lock(&self.0.queue);
+        queue.ended = true;
+        if let Some(waker) = queue.waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+impl FeedOut {
+    /// The next chunk to write, in order; [`Follow::End`] or [`Follow::Cut`] once there are no
+    /// more; pending (woken by the host) while the stream goes on and nothing is queued.
+    pub fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Follow> {
+        let mut queue = lock(&self.0.queue);
+        if let Some(chunk) = queue.chunks.pop_front() {
+            if queue.cut == 0 {
+                self.0.queued.fetch_sub(chunk.len(), Ordering::Relaxed);
+                self.0.release(chunk.len());
+            }
+            return Poll::Ready(Follow::Chunk(chunk));
+        }
+        if queue.cut != 0 {
+            return Poll::Ready(Follow::Cut);
+        }
+        if queue.ended {
+            return Poll::Ready(Follow::End);
+        }
+        queue.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// [`FeedOut::poll_next`] as a future.
+    pub fn next(&self) -> impl std::future::Future<Output = Follow> + '_ {
+        std::future::poll_fn(|cx| self.poll_next(cx))
+    }
+}
+
+impl Drop for FeedOut {
+    fn drop(&mut self) {
+        let mut queue = lock(&self.0.queue);
+        queue.gone = true;
+        queue.chunks.clear();
+        queue.waker = None;
+        self.0.release(self.0.queued.swap(0, Ordering::Relaxed));
+    }
+}
+
+/// The last line of a follower cut (uncounted), saying why and what to do — read by a
+/// follower that still reads, in place of what it had yet to read.
+fn farewell(why: u8) -> Chunk {
+    let why = match why {
+        BEHIND => format!("this stream fell more than {MAX_FOLLOWER_LAG_BYTES} bytes behind the job's progress"),
+        _ => format!("the streams of this edge together are more than {MAX_FOLLOWERS_LAG_BYTES} bytes behind and this one is the furthest"),
+    };
+    format!(": cut: {why}; reconnect with the Last-Event-ID of the last event read to read on, or read the result with GET /jobs/{{id}}\n\n").into()
 }
 
 /// A running job's recent progress chunks, each with where it stands.
@@ -291,53 +430,115 @@ mod tests {
         }
     }
 
+    /// What the connection would write next, without waiting.
+    fn take(out: &FeedOut) -> Option<Follow> {
+        match out.poll_next(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(next) => Some(next),
+            Poll::Pending => None,
+        }
+    }
+
+    fn piece(bytes: usize) -> Chunk {
+        "x".repeat(bytes).into()
+    }
+
     #[test]
     fn a_follower_that_stops_reading_falls_too_far_behind() {
-        static TOTAL: AtomicUsize = AtomicUsize::new(0);
-        let lag = Lag::within(&TOTAL);
-        assert!(lag.queued(MAX_BACKLOG_BYTES), "a whole backlog fits");
-        lag.taken(MAX_BACKLOG_BYTES);
+        static CROWD: Crowd = Crowd::new();
+        let (feed, out) = follower_in(&CROWD);
+        assert!(feed.send(piece(MAX_BACKLOG_BYTES)), "a whole backlog fits");
+        assert!(matches!(take(&out), Some(Follow::Chunk(c)) if c.len() == MAX_BACKLOG_BYTES));
+        assert_eq!(take(&out), None, "nothing queued: the connection waits");
         for _ in 0..MAX_FOLLOWER_LAG_BYTES / 65_536 {
-            assert!(lag.queued(65_536));
+            assert!(feed.send(piece(65_536)));
         }
-        assert!(!lag.cut());
-        assert!(!lag.queued(65_536), "past the bound");
-        assert!(lag.cut());
-        assert!(lag.farewell().unwrap().contains("fell more than"));
-        lag.taken(usize::MAX);
-        assert!(lag.queued(1), "taking never underflows");
-        drop(lag);
-        assert_eq!(TOTAL.load(Ordering::Relaxed), 0, "what a follower gone left queued leaves the total");
+        assert!(!feed.cut());
+        assert!(!feed.send(piece(65_536)), "past the bound");
+        assert!(feed.cut());
+        assert_eq!(CROWD.bytes.load(Ordering::Relaxed), 0, "a follower cut leaves the total at once, its connection still open");
+        let Some(Follow::Chunk(told)) = take(&out) else { panic!("told why") };
+        assert!(told.contains("fell more than"), "{told}");
+        assert_eq!(take(&out), Some(Follow::Cut), "what it had yet to read is gone with the cut");
+        assert!(!feed.send(piece(1)), "nothing is queued after a cut");
+        drop(out);
+        drop(feed);
+        assert!(lock(&CROWD.members).is_empty());
+    }
+
+    #[test]
+    fn a_follower_ends_after_what_was_queued_and_a_gone_one_frees_its_queue() {
+        static CROWD: Crowd = Crowd::new();
+        let (feed, out) = follower_in(&CROWD);
+        assert!(feed.send(piece(10)));
+        drop(feed);
+        assert!(matches!(take(&out), Some(Follow::Chunk(_))));
+        assert_eq!(take(&out), Some(Follow::End));
+        let (feed, out) = follower_in(&CROWD);
+        assert!(feed.send(piece(1000)));
+        drop(out);
+        assert_eq!(CROWD.bytes.load(Ordering::Relaxed), 0, "what a follower gone left queued leaves the total");
+        assert!(!feed.send(piece(1)), "its host is told it is gone");
+    }
+
+    /// Followers that stopped reading and were cut for their own lag, their connections
+    /// still open, held the total: every other follower in the process — one that reads
+    /// everything at once, of any job — was then cut at its first chunk, and again at each
+    /// reconnect. (The review's case.)
+    #[test]
+    fn a_reader_that_keeps_up_is_not_cut_for_followers_already_cut() {
+        static CROWD: Crowd = Crowd::new();
+        let stalled: Vec<(FeedIn, FeedOut)> = (0..MAX_FOLLOWERS_PER_JOB).map(|_| follower_in(&CROWD)).collect();
+        for (feed, _) in &stalled {
+            while feed.send(piece(64 * 1024)) {}
+            assert!(feed.cut());
+        }
+        for attempt in 0..3 {
+            let (feed, out) = follower_in(&CROWD);
+            assert!(feed.send(piece(200)), "attempt {attempt}: a reader 0 bytes behind is cut");
+            assert!(matches!(take(&out), Some(Follow::Chunk(_))));
+        }
     }
 
     /// 64 followers of 64 jobs that stop reading held 64 × 3 MiB, past a Worker isolate's
-    /// 128 MB: together they are held to [`MAX_FOLLOWERS_LAG_BYTES`]. The one whose chunk
-    /// would pass it is cut and told why; once the others' connections go, followers are
-    /// taken again.
+    /// 128 MB: together they are held to [`MAX_FOLLOWERS_LAG_BYTES`]. Past it the one
+    /// furthest behind is cut and told why — never one that keeps up, whose chunk came
+    /// last.
     #[test]
     fn all_followers_together_are_held_to_a_total() {
-        static TOTAL: AtomicUsize = AtomicUsize::new(0);
-        let piece = 64 * 1024;
-        let stalled: Vec<Lag> = (0..MAX_FOLLOWERS_LAG_BYTES / MAX_FOLLOWER_LAG_BYTES).map(|_| Lag::within(&TOTAL)).collect();
-        for lag in &stalled {
-            while lag.0.queued.load(Ordering::Relaxed) + piece <= MAX_FOLLOWER_LAG_BYTES {
-                assert!(lag.queued(piece));
+        static CROWD: Crowd = Crowd::new();
+        let piece_bytes = 64 * 1024;
+        let stalled: Vec<(FeedIn, FeedOut)> = (0..MAX_FOLLOWERS_LAG_BYTES / MAX_FOLLOWER_LAG_BYTES).map(|_| follower_in(&CROWD)).collect();
+        for (feed, _) in &stalled {
+            while feed.0.queued.load(Ordering::Relaxed) + 2 * piece_bytes <= MAX_FOLLOWER_LAG_BYTES {
+                assert!(feed.send(piece(piece_bytes)));
             }
         }
-        let reader = Lag::within(&TOTAL);
-        let mut taken_in = 0;
-        while reader.queued(piece) {
-            taken_in += piece;
-            assert!(taken_in <= MAX_FOLLOWERS_LAG_BYTES, "the total never held it back");
+        // The furthest behind by a little.
+        assert!(stalled[3].0.send(piece(piece_bytes / 2)));
+        assert!(CROWD.bytes.load(Ordering::Relaxed) <= MAX_FOLLOWERS_LAG_BYTES);
+        // One a little behind, and one that keeps up, come past the total.
+        let (behind, _behind_out) = follower_in(&CROWD);
+        for _ in 0..MAX_FOLLOWER_LAG_BYTES / piece_bytes / 3 {
+            assert!(behind.send(piece(piece_bytes)), "a follower not the furthest behind is not cut");
         }
-        assert!(reader.cut() && reader.0.queued.load(Ordering::Relaxed) < MAX_FOLLOWER_LAG_BYTES, "cut by the total, not its own lag");
-        let told = reader.farewell().unwrap();
-        assert!(told.starts_with(": cut: ") && told.contains("Last-Event-ID") && told.ends_with("\n\n"), "{told}");
-        assert!(TOTAL.load(Ordering::Relaxed) <= MAX_FOLLOWERS_LAG_BYTES);
+        let (reader, out) = follower_in(&CROWD);
+        for _ in 0..1000 {
+            assert!(reader.send(piece(piece_bytes)), "a reader that keeps up is never cut");
+            assert!(matches!(take(&out), Some(Follow::Chunk(_))));
+        }
+        let cut: Vec<usize> = (0..stalled.len()).filter(|&i| stalled[i].0.cut()).collect();
+        assert_eq!(cut, [3], "the furthest behind is cut");
+        let Some(Follow::Chunk(told)) = take(&stalled[3].1) else { panic!("told why") };
+        assert!(told.starts_with(": cut: ") && told.contains("furthest") && told.contains("Last-Event-ID") && told.ends_with("\n\n"), "{told}");
+        assert!(CROWD.bytes.load(Ordering::Relaxed) <= MAX_FOLLOWERS_LAG_BYTES);
+        // One that falls behind with them is cut too once it is the furthest.
+        let (late, _late_out) = follower_in(&CROWD);
+        while late.send(piece(piece_bytes)) {}
+        assert!(CROWD.bytes.load(Ordering::Relaxed) <= MAX_FOLLOWERS_LAG_BYTES);
         drop(stalled);
-        drop(reader);
-        assert_eq!(TOTAL.load(Ordering::Relaxed), 0);
-        assert!(Lag::within(&TOTAL).queued(MAX_FOLLOWER_LAG_BYTES), "room again once they are gone");
+        drop((late, _late_out, behind, _behind_out));
+        assert_eq!(CROWD.bytes.load(Ordering::Relaxed), 0);
+        assert!(follower_in(&CROWD).0.send(piece(MAX_FOLLOWER_LAG_BYTES)), "room again once they are gone");
     }
 
     #[test]

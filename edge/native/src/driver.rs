@@ -8,7 +8,7 @@ use crate::server::Conn;
 use crate::store::Store;
 use runtime::entropy;
 use edge_core::http::{self, Reply};
-use edge_core::progress::{Chunk, Lag};
+use edge_core::progress::{FeedIn, FeedOut};
 use edge_core::{split_writes, CallerId, Edge, Effect, Response};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,7 +31,7 @@ pub enum Opened {
     Once { caller: CallerId, max_wait_ms: u64, answer: oneshot::Receiver<Response> },
     /// Server-Sent Events chunks until the channel closes; each one taken is counted off
     /// `lag`.
-    Stream { chunks: mpsc::UnboundedReceiver<Chunk>, lag: Lag },
+    Stream(FeedOut),
 }
 
 pub enum Command {
@@ -107,7 +107,7 @@ fn said_plainly(kind: std::io::ErrorKind) -> bool {
 /// The machine's callers, as channels.
 enum Channel {
     Once(oneshot::Sender<Response>),
-    Stream(mpsc::UnboundedSender<Chunk>, Lag),
+    Stream(FeedIn),
 }
 
 pub struct Driver {
@@ -200,10 +200,9 @@ impl Driver {
                         Opened::Once { caller: handled.caller, max_wait_ms, answer: rx }
                     }
                     Reply::Stream => {
-                        let (tx, rx) = mpsc::unbounded_channel();
-                        let lag = Lag::default();
-                        self.callers.insert(handled.caller, Channel::Stream(tx, lag.clone()));
-                        Opened::Stream { chunks: rx, lag }
+                        let (feed, out) = edge_core::progress::follower();
+                        self.callers.insert(handled.caller, Channel::Stream(feed));
+                        Opened::Stream(out)
                     }
                 };
                 self.carry_out(handled.effects);
@@ -286,12 +285,10 @@ impl Driver {
                     }
                 }
                 Effect::Stream { caller, chunk } => {
-                    if let Some(Channel::Stream(tx, lag)) = self.callers.get(&caller) {
-                        // A follower too far behind is dropped: its stream ends, told why.
-                        if !lag.queued(chunk.len()) || tx.send(chunk).is_err() {
-                            if let Some(why) = lag.farewell() {
-                                let _ = tx.send(why);
-                            }
+                    if let Some(Channel::Stream(feed)) = self.callers.get(&caller) {
+                        // A follower too far behind is cut (its stream ends, told why), or
+                        // its connection went: either way it is let go.
+                        if !feed.send(chunk) {
                             self.callers.remove(&caller);
                             gone.push(caller);
                         }

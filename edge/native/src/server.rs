@@ -15,7 +15,7 @@ use axum::routing::any;
 use axum::Router;
 use edge_core::body::{Intake, Next};
 use edge_core::http::Gate;
-use edge_core::progress::{Chunk, Lag, SSE_CONTENT_TYPE, SSE_KEEPALIVE};
+use edge_core::progress::{FeedOut, Follow, SSE_CONTENT_TYPE, SSE_KEEPALIVE};
 use edge_core::{CallerId, Config};
 use futures_util::StreamExt;
 use std::net::SocketAddr;
@@ -579,7 +579,7 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
     }
     let Ok(opened) = rx.await else { return into_response(edge_core::http::shutting_down()) };
     match opened {
-        Opened::Stream { chunks, lag } => event_stream(chunks, lag, state.config.sse_keepalive_ms),
+        Opened::Stream(out) => event_stream(out, state.config.sse_keepalive_ms),
         Opened::Once { caller, max_wait_ms, mut answer } => {
             let mut hang_up = HangUp { caller: Some(caller), driver: state.driver.clone() };
             let answered = match tokio::time::timeout(Duration::from_millis(max_wait_ms), &mut answer).await {
@@ -615,27 +615,21 @@ async fn over_share(over: Over, headers: &HeaderMap, body: Body) -> Response {
     into_response(edge_core::Response::error(error).with_header("connection", "close".into()))
 }
 
-/// A `text/event-stream` answer: the chunks as the connection takes them (each counted
-/// off `lag`), with a keep-alive comment after every `keepalive_ms` the job is quiet
-/// (`Config::sse_keepalive_ms`), until the driver closes the channel.
-fn event_stream(chunks: mpsc::UnboundedReceiver<Chunk>, lag: Lag, keepalive_ms: u64) -> Response {
+/// A `text/event-stream` answer: the follower's chunks as the connection takes them, with
+/// a keep-alive comment after every `keepalive_ms` the job is quiet
+/// (`Config::sse_keepalive_ms`), until the driver lets the follower go.
+fn event_stream(out: FeedOut, keepalive_ms: u64) -> Response {
     let keepalive = Duration::from_millis(keepalive_ms);
-    let stream = futures_util::stream::unfold(Some(chunks), move |chunks| {
-        let lag = lag.clone();
-        async move {
-            let mut chunks = chunks?;
-            let chunk = match tokio::time::timeout(keepalive, chunks.recv()).await {
-                Ok(Some(chunk)) => {
-                    lag.taken(chunk.len());
-                    chunk.to_string()
-                }
-                // Dropped for falling behind: an error aborts the connection.
-                Ok(None) if lag.cut() => return Some((Err(std::io::Error::other("the follower fell too far behind")), None)),
-                Ok(None) => return None,
-                Err(_) => SSE_KEEPALIVE.to_string(),
-            };
-            Some((Ok(chunk), Some(chunks)))
-        }
+    let stream = futures_util::stream::unfold(Some(out), move |out| async move {
+        let out = out?;
+        let chunk = match tokio::time::timeout(keepalive, out.next()).await {
+            Ok(Follow::Chunk(chunk)) => chunk.to_string(),
+            // Cut for falling behind: an error aborts the connection.
+            Ok(Follow::Cut) => return Some((Err(std::io::Error::other("the follower fell too far behind")), None)),
+            Ok(Follow::End) => return None,
+            Err(_) => SSE_KEEPALIVE.to_string(),
+        };
+        Some((Ok(chunk), Some(out)))
     });
     let mut out = Response::new(Body::from_stream(stream));
     out.headers_mut().insert("content-type", SSE_CONTENT_TYPE.parse().expect("static content types parse"));

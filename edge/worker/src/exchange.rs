@@ -3,7 +3,7 @@
 //! `MAX_BODY_BYTES` of a body is ever held in memory) and writes its answers out.
 
 use edge_core::body::{Body, Intake, Next};
-use edge_core::progress::{Chunk, Lag};
+use edge_core::progress::{Follow, FeedOut};
 use futures::StreamExt;
 use shared::contract::ApiError;
 use worker::{Request, Response};
@@ -17,34 +17,28 @@ pub fn respond(answer: edge_core::Response) -> worker::Result<Response> {
     Ok(builder.fixed(answer.body.into_bytes()))
 }
 
-/// A `text/event-stream` answer carrying the chunks (each counted off `lag` as the
-/// runtime takes it), with a keep-alive comment after every `keepalive_ms` the job is quiet
+/// A `text/event-stream` answer carrying the follower's chunks as the runtime takes them,
+/// with a keep-alive comment after every `keepalive_ms` the job is quiet
 /// (`Config::sse_keepalive_ms`, the native host's rule: a follower such as `submit` tells a
 /// quiet job from a dead connection by them, and a proxy in front keeps the stream open),
-/// until the sender side is dropped (the job ended, or the follower fell too far behind).
+/// until the object lets the follower go (the job ended, or it fell too far behind).
 /// The timer costs nothing to keep the object awake: an open response already does.
-pub fn event_stream(chunks: futures::channel::mpsc::UnboundedReceiver<Chunk>, lag: Lag, keepalive_ms: u64) -> worker::Result<Response> {
+pub fn event_stream(out: FeedOut, keepalive_ms: u64) -> worker::Result<Response> {
     let keepalive = std::time::Duration::from_millis(keepalive_ms);
-    let stream = futures::stream::unfold(Some(chunks), move |chunks| {
-        let lag = lag.clone();
-        async move {
-            let mut chunks = chunks?;
-            // Dropped unfired when a chunk comes first (its drop clears the timeout).
-            let quiet = std::pin::pin!(worker::Delay::from(keepalive));
-            let bytes = match futures::future::select(chunks.next(), quiet).await {
-                futures::future::Either::Left((Some(chunk), _)) => {
-                    lag.taken(chunk.len());
-                    chunk.as_bytes().to_vec()
-                }
-                // Dropped for falling behind: an error aborts the response.
-                futures::future::Either::Left((None, _)) if lag.cut() => {
-                    return Some((Err(worker::Error::RustError("the follower fell too far behind".into())), None))
-                }
-                futures::future::Either::Left((None, _)) => return None,
-                futures::future::Either::Right(_) => edge_core::progress::SSE_KEEPALIVE.as_bytes().to_vec(),
-            };
-            Some((Ok::<Vec<u8>, worker::Error>(bytes), Some(chunks)))
-        }
+    let stream = futures::stream::unfold(Some(out), move |out| async move {
+        let out = out?;
+        // Dropped unfired when a chunk comes first (its drop clears the timeout).
+        let quiet = std::pin::pin!(worker::Delay::from(keepalive));
+        let bytes = match futures::future::select(std::pin::pin!(out.next()), quiet).await {
+            futures::future::Either::Left((Follow::Chunk(chunk), _)) => chunk.as_bytes().to_vec(),
+            // Cut for falling behind: an error aborts the response.
+            futures::future::Either::Left((Follow::Cut, _)) => {
+                return Some((Err(worker::Error::RustError("the follower fell too far behind".into())), None))
+            }
+            futures::future::Either::Left((Follow::End, _)) => return None,
+            futures::future::Either::Right(_) => edge_core::progress::SSE_KEEPALIVE.as_bytes().to_vec(),
+        };
+        Some((Ok::<Vec<u8>, worker::Error>(bytes), Some(out)))
     });
     let mut response = Response::from_stream(stream)?;
     response.headers_mut().set("content-type", edge_core::progress::SSE_CONTENT_TYPE)?;

@@ -20,9 +20,9 @@ use crate::{entropy, now_ms};
 use edge_core::http::{self, Gate, Reply};
 use edge_core::config::ConfigError;
 use edge_core::machine::Post;
-use edge_core::progress::{Chunk, Lag};
+use edge_core::progress::FeedIn;
 use edge_core::{split_writes, CallerId, Config, Edge, Effect, Millis, Response};
-use futures::channel::{mpsc, oneshot};
+use futures::channel::oneshot;
 use futures::future::{select, Either};
 use futures::StreamExt;
 use shared::contract::{ApiError, ErrorCode};
@@ -48,7 +48,7 @@ enum Machine {
 /// A caller's channel: the machine's answers for it go here.
 enum Channel {
     Once(oneshot::Sender<Response>),
-    Stream(mpsc::UnboundedSender<Chunk>, Lag),
+    Stream(FeedIn),
 }
 
 #[durable_object]
@@ -265,12 +265,10 @@ impl EdgeDurableObject {
                 }
                 Effect::Stream { caller, chunk } => {
                     let mut callers = self.callers.borrow_mut();
-                    if let Some(Channel::Stream(tx, lag)) = callers.get(&caller) {
-                        // A follower too far behind is dropped: its stream ends, told why.
-                        if !lag.queued(chunk.len()) || tx.unbounded_send(chunk).is_err() {
-                            if let Some(why) = lag.farewell() {
-                                let _ = tx.unbounded_send(why);
-                            }
+                    if let Some(Channel::Stream(feed)) = callers.get(&caller) {
+                        // A follower too far behind is cut (its stream ends, told why), or
+                        // its connection went: either way it is let go.
+                        if !feed.send(chunk) {
                             callers.remove(&caller);
                             gone.push(caller);
                         }
@@ -419,13 +417,12 @@ impl EdgeDurableObject {
         // The caller's channel exists before the effects run: they may answer it.
         match handled.reply {
             Reply::Stream => {
-                let (tx, rx) = mpsc::unbounded::<Chunk>();
-                let lag = Lag::default();
-                self.callers.borrow_mut().insert(caller, Channel::Stream(tx, lag.clone()));
+                let (feed, out) = edge_core::progress::follower();
+                self.callers.borrow_mut().insert(caller, Channel::Stream(feed));
                 self.apply(handled.effects, None);
                 self.schedule(now).await;
                 let keepalive_ms = self.with_edge(|edge| edge.config().sse_keepalive_ms).unwrap_or(edge_core::progress::SSE_KEEPALIVE_MS);
-                exchange::event_stream(rx, lag, keepalive_ms)
+                exchange::event_stream(out, keepalive_ms)
             }
             Reply::Once { max_wait_ms } => {
                 let (tx, rx) = oneshot::channel();

@@ -93,7 +93,7 @@ pub enum Effect {
     /// Answer this HTTP caller; the host then forgets it.
     Answer { caller: CallerId, response: Response },
     /// Write this chunk on the caller's `text/event-stream` (counting it in the caller's
-    /// [`crate::progress::Lag`]: a follower too far behind is dropped, and the machine told
+    /// [`crate::progress::FeedIn`]: a follower too far behind is cut, and the machine told
     /// with [`Edge::caller_gone`]).
     Stream { caller: CallerId, chunk: crate::progress::Chunk },
     /// End the caller's stream; the host then forgets it.
