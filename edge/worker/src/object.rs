@@ -216,7 +216,7 @@ impl EdgeDurableObject {
         // otherwise (the next event rebuilds it), or a later forget could delete a job whose
         // end was never written.
         let (writes, effects) = split_writes(effects);
-        if let Err(e) = self.store().apply(&writes) {
+        if let Err(e) = self.store().apply(writes) {
             console_error!("storing the rebuild's decisions failed: {e}");
             return Err(format!("the edge could not write its job storage ({e}); retry"));
         }
@@ -244,7 +244,7 @@ impl EdgeDurableObject {
             return;
         }
         let (writes, mut rest) = split_writes(effects);
-        if let Err(e) = self.store().apply(&writes) {
+        if let Err(e) = self.store().apply(writes) {
             console_error!("job records could not be stored: {e}");
             rest = self.with_edge(|edge| edge.store_failed(now_ms(), &e)).unwrap_or_default();
         }

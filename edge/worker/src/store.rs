@@ -123,33 +123,34 @@ impl Store {
         Ok((jobs, problems))
     }
 
-    /// Stores one event's writes in one transaction: all of them, or none.
-    pub fn apply(&self, writes: &Writes) -> Result<(), String> {
+    /// Stores one event's writes in one transaction: all of them, or none. Each record is
+    /// encoded as it is written and let go after, with its job: encoded all first, as they
+    /// were, an event ending many pending jobs at once (a restore, a tick) held their JSON
+    /// beside them — another copy of up to `MAX_PENDING_BYTES` in an isolate of 128 MB.
+    pub fn apply(&self, writes: Writes) -> Result<(), String> {
         if writes.is_empty() {
             return Ok(());
         }
-        let mut records = Vec::with_capacity(writes.saves.len());
-        for job in &writes.saves {
-            let encode = |job: &Job| serde_json::to_string(job).map_err(|e| format!("encoding job {}: {e}", job.id));
-            // A forgotten job's stub (its kept idempotency key) is all there is of it.
-            let record = if job.state.is_terminal() && !job.forgotten {
-                (job.id.clone(), encode(&job.header())?, Some(encode(job)?))
-            } else {
-                (job.id.clone(), encode(job)?, None)
-            };
-            records.push(record);
-        }
-        let forgets = writes.forgets.clone();
-        let alerts = match &writes.alerts {
-            Some(a) => Some(serde_json::to_string(a).map_err(|e| format!("encoding the alert state: {e}"))?),
-            None => None,
-        };
+        let Writes { saves, forgets, alerts } = writes;
         let store = Store { sql: self.sql.clone(), storage: JsValue::UNDEFINED };
         // Thrown from inside the transaction, an error rolls it back.
         let body = Closure::once_into_js(move || -> Result<(), JsValue> {
-            for (id, record, whole) in &records {
-                store.save(id, record, whole.as_deref()).map_err(|e| JsValue::from_str(&e))?;
+            let encode = |job: &Job| serde_json::to_string(job).map_err(|e| JsValue::from_str(&format!("encoding job {}: {e}", job.id)));
+            for job in saves {
+                // A forgotten job's stub (its kept idempotency key) is all there is of it.
+                if job.state.is_terminal() && !job.forgotten {
+                    let (id, whole) = (job.id.clone(), encode(&job)?);
+                    // The job's header made from itself, not from a copy of it.
+                    let header = encode(&job.in_memory())?;
+                    store.save(&id, &header, Some(&whole)).map_err(|e| JsValue::from_str(&e))?;
+                } else {
+                    store.save(&job.id, &encode(&job)?, None).map_err(|e| JsValue::from_str(&e))?;
+                }
             }
+            let alerts = match &alerts {
+                Some(a) => Some(serde_json::to_string(a).map_err(|e| JsValue::from_str(&format!("encoding the alert state: {e}")))?),
+                None => None,
+            };
             for id in &forgets {
                 store.forget(id).map_err(|e| JsValue::from_str(&e))?;
             }

@@ -324,7 +324,13 @@ impl Edge {
         if !job.finish(result, now.at) {
             return;
         }
-        let job = job.clone();
+        // Memory keeps only the header from here on; the whole record goes to the store in
+        // this event's `Save` (the journal keeps the version before, should the write fail).
+        // Kept whole until the next event, as it was, a restore or a tick ending many
+        // pending jobs at once held them whole beside their `Save`s: twice
+        // MAX_PENDING_BYTES before the host's encoding of them.
+        let header = job.header();
+        let job = std::mem::replace(job, header);
         let ended = super::retained_entry(&job);
         self.active.remove(job_id);
         self.queue.remove(job_id);
@@ -340,10 +346,9 @@ impl Edge {
             "job finished"
         );
         let (status, body) = job.answer().expect("finished jobs have results");
-        effects.push(Effect::Save(Box::new(job)));
         self.announce_end(job_id, status, &body, effects);
-        self.start_callback(now, job_id, effects);
-        self.to_stow.push(job_id.to_string());
+        self.start_callback(now, &job, effects);
+        effects.push(Effect::Save(Box::new(job)));
         self.keep_within_caps(Some(ended), effects);
     }
 

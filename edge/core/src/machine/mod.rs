@@ -140,9 +140,6 @@ pub struct Edge {
     /// bytes: what the caps take from first ([`Edge::keep_within_caps`]), found without
     /// going through the others' jobs.
     retained_by: BTreeMap<String, Held>,
-    /// Jobs that ended in the current event: from the next one on, memory keeps only
-    /// their headers.
-    to_stow: Vec<String>,
     sessions: BTreeMap<String, Session>,
     /// Jobs by (caller, `Idempotency-Key`): each caller's keys are its own, so another
     /// caller's key (guessed or shared) never finds, and never waits on, its job.
@@ -185,7 +182,6 @@ impl Edge {
             pending: pending::Pending::default(),
             retained: BTreeSet::new(),
             retained_by: BTreeMap::new(),
-            to_stow: Vec::new(),
             sessions: BTreeMap::new(),
             idempotency: HashMap::new(),
             spent: spent::SpentKeys::default(),

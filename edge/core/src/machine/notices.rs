@@ -174,13 +174,12 @@ impl Edge {
     }
 
     /// A job ended (its whole record at hand): its result goes to its callback, if any.
-    pub(super) fn start_callback(&mut self, now: Now, job_id: &str, effects: &mut Vec<Effect>) {
-        let Some(url) = self.jobs.get(job_id).and_then(|j| j.callback_url.clone()) else { return };
+    pub(super) fn start_callback(&mut self, now: Now, job: &Job, effects: &mut Vec<Effect>) {
+        let Some(url) = job.callback_url.clone() else { return };
         let before = self.alerts.clone();
-        self.alerts.callbacks.insert(job_id.to_string(), CallbackState { url, attempts: 0, next_at: now.at });
+        self.alerts.callbacks.insert(job.id.clone(), CallbackState { url, attempts: 0, next_at: now.at });
         self.note_alerts(before);
-        let job = self.jobs[job_id].clone();
-        self.attempt_callback(now, &job, effects);
+        self.attempt_callback(now, job, effects);
     }
 
     /// Posts the job's result (its whole record) to its callback, counting the attempt.

@@ -136,13 +136,6 @@ impl Edge {
     /// Starts an event: what it changes from now on can be undone until the next one.
     pub(super) fn begin(&mut self, origin: Origin) {
         self.journal = Journal { origin, ..Journal::default() };
-        // Jobs that ended in the last event (and stayed ended: it was stored) shrink to
-        // their headers; the whole record is in storage.
-        for id in std::mem::take(&mut self.to_stow) {
-            if let Some(job) = self.jobs.remove(&id) {
-                self.jobs.insert(id, job.in_memory());
-            }
-        }
     }
 
     /// A job to change, its version before noted.

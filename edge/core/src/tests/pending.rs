@@ -122,3 +122,36 @@ fn a_restore_counts_the_jobs_not_ended() {
     edge.cancel(103, "waiting").unwrap();
     edge.submit(104, "then".into(), submission(&prompt, 60_000, None), Mode::Detached).unwrap();
 }
+
+/// A restore that ends every queued `/execute` job (their callers are gone) held about
+/// three copies of `MAX_PENDING_BYTES` at once (a review's finding): memory kept each ended
+/// job whole until the next event beside the whole copy in its `Save`, and the Worker
+/// encoded every saved record as JSON before its transaction. Now memory keeps only the
+/// headers at once and the hosts encode one record at a time, so what is held is the
+/// `Save`s and one record's JSON. (The event's journal also keeps each job's version
+/// before it ended until the next event: the undo of a write that failed needs it.)
+#[test]
+fn a_restore_ending_every_pending_job_holds_one_copy_of_them() {
+    let cfg = config();
+    let prompt = "x".repeat(1 << 20);
+    let jobs: Vec<crate::record::Job> = (0..30)
+        .map(|i| {
+            let s = submission(&prompt, 60_000, None);
+            crate::record::Job::new(format!("j{i:02}"), s.spec, Mode::Wait, None, i)
+        })
+        .collect();
+    let counted: u64 = jobs.iter().map(|j| j.approximate_bytes()).sum();
+    assert!(counted <= cfg.max_pending_bytes, "within the bound: {counted}");
+    let (edge, effects) = Edge::restore(cfg, jobs, vec![], None, 100);
+    let saves: Vec<&crate::record::Job> = effects.iter().filter_map(|e| if let Effect::Save(j) = e { Some(&**j) } else { None }).collect();
+    assert_eq!(saves.len(), 30, "every one ended, and is stored whole");
+    assert!(saves.iter().all(|j| j.state.is_terminal() && j.spec.prompt.len() == prompt.len()));
+    let saved: usize = saves.iter().map(|j| j.spec.prompt.len()).sum();
+    let kept: usize = (0..30).map(|i| edge.job(&format!("j{i:02}")).unwrap().spec.prompt.len()).sum();
+    let json = saves.iter().map(|j| serde_json::to_string(j).unwrap().len()).max().unwrap();
+    let held = kept + saved + json;
+    assert!(held <= counted as usize + (2 << 20), "{} MiB held at once for {} MiB counted", held >> 20, counted >> 20);
+    // What memory keeps of them still answers for them.
+    let header = edge.job("j00").unwrap();
+    assert!(header.header_only && header.approximate_bytes() > 1 << 20, "an ended job's header keeps the whole record's size");
+}
