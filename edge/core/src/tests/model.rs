@@ -534,8 +534,10 @@ fn run_case(steps: &[Step]) {
     let mut world = World::new();
     for s in steps {
         world.run(s);
+        world.edge.check_pending();
     }
     world.settle();
+    world.edge.check_pending();
     for id in &world.jobs {
         assert!(world.ended.contains_key(id), "job {id} never ended");
     }

@@ -111,6 +111,9 @@ fn a_restore_counts_the_jobs_not_ended() {
     assert_eq!(edge.job("sent").unwrap().state, JobState::Dispatched);
     assert!(edge.submit(2, "fourth".into(), submission(&prompt, 60_000, None), Mode::Detached).is_err());
 
+    // Rebuilt: the machine before is let go (its jobs leave the process's count, see
+    // `every_pool_of_one_process_together_is_held_to_the_bound`).
+    drop(edge);
     let (mut edge, _) = Edge::restore(cfg, saved.into_values().collect(), vec![], None, 100);
     assert!(edge.job("execute").unwrap().state.is_terminal(), "a queued /execute job ends at a restore");
     // 2 × 3,512 bytes are left: one more fits, and then no more.
@@ -154,4 +157,35 @@ fn a_restore_ending_every_pending_job_holds_one_copy_of_them() {
     // What memory keeps of them still answers for them.
     let header = edge.job("j00").unwrap();
     assert!(header.header_only && header.approximate_bytes() > 1 << 20, "an ended job's header keeps the whole record's size");
+}
+
+/// A Worker's memory is its isolate's, which the objects of several pools may share: with
+/// POOLS=gpu,team-b three objects held three times MAX_PENDING_BYTES. Every pool's jobs
+/// together are held to it, counted as they come and go, and a machine let go (a rebuild)
+/// takes its jobs out of the count.
+#[test]
+fn every_pool_of_one_process_together_is_held_to_the_bound() {
+    let mut gpu = Edge::new(bounded(), 0);
+    let mut team = Edge::new(bounded(), 0);
+    let sent = queued(&mut gpu, 1, task(3_000));
+    queued(&mut team, 1, task(3_000));
+    // 7,024 bytes held by two pools: the next 3,512 pass 10,000, whichever pool takes it.
+    let h = call(&mut team, 2, "POST", "/jobs", task(3_000));
+    let (status, body) = answer_to(&h.effects, h.caller).expect("answered at once");
+    assert_eq!((status, body["error_code"].as_str()), (429, Some("RUNNER_BUSY")), "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("every pool") && error.contains("hold 7024 bytes") && error.contains("MAX_PENDING_BYTES (10000)") && error.contains("retry when"), "{error}");
+    // One pool's job that ends makes room in the other.
+    gpu.cancel(3, &sent).unwrap();
+    let kept = queued(&mut team, 4, task(3_000));
+    assert_refused(&call(&mut gpu, 5, "POST", "/jobs", task(3_000)), "every pool");
+    // A pool's machine rebuilt from its records: the old one's jobs leave the count, the
+    // restored ones' come back.
+    let record = team.job(&kept).unwrap().clone();
+    drop(team);
+    queued(&mut gpu, 6, task(3_000));
+    let (team, _) = Edge::restore(bounded(), vec![record], vec![], None, 7);
+    assert_refused(&call(&mut gpu, 8, "POST", "/jobs", task(3_000)), "every pool");
+    drop(team);
+    queued(&mut gpu, 9, task(2_000));
 }
