@@ -51,7 +51,8 @@ pub struct Config {
     pub max_retained_bytes: u64,
     /// The bytes of the jobs not ended yet (queued, sent, running), about: memory keeps
     /// them whole, so past this a submission gets 429 (a caller with its own secret, past
-    /// half of it). At least `max_body_bytes`, so one job always fits.
+    /// half of it). At least `max_body_bytes` (unset, it follows it), so one job always fits
+    /// beside others.
     pub max_pending_bytes: u64,
     pub edge_version: String,
     /// Where this pool's alerts are posted (an ntfy topic URL, or any webhook taking a
@@ -118,7 +119,7 @@ pub enum ConfigError {
     #[error("{name} must be at least {min} {unit}, got {value}: {why}; set it between {min} and {max} (unset, it is {default})")]
     TooSmall { name: String, value: u64, min: u64, max: u64, default: u64, unit: &'static str, why: &'static str },
     /// Two settings that cannot both hold: named as set, with what to change.
-    #[error("{body} ({body_value}) is more than {pending} ({pending_value}): a job that large could never be queued; set {pending} to at least {body_value}, or lower {body}")]
+    #[error("{body} ({body_value}) is more than {pending} ({pending_value}): a job that large would be taken only while no other job is pending; set {pending} to at least {body_value}, lower {body}, or unset {pending} (unset, it is at least {body})")]
     BodyPastPending { body: String, body_value: u64, pending: String, pending_value: u64 },
     #[error("{name}: {error}")]
     PoolKeys { name: String, error: keys::KeyError },
@@ -365,15 +366,19 @@ impl Config {
             }
         }
         let max_body_bytes = bounded("MAX_BODY_BYTES", "bytes", DEFAULT_MAX_BODY_BYTES as u64, 64 * 1024 * 1024)?;
+        // Unset, it follows a larger MAX_BODY_BYTES (documented up to 64 MiB before this
+        // bound came): an edge set so before keeps starting, and keeps taking its largest
+        // bodies beside others.
         let max_pending_bytes = between(
             "MAX_PENDING_BYTES",
             "bytes",
-            DEFAULT_MAX_PENDING_BYTES,
+            DEFAULT_MAX_PENDING_BYTES.max(max_body_bytes),
             1 << 20,
             1 << 40,
             "less would hold only a few jobs' tasks at once",
         )?;
-        // One job of the largest body must fit, or it could never be queued.
+        // Both set, and a body larger than the bound: such a job would be taken only while
+        // nothing else is pending (`pending_full`), which was not what was meant.
         if max_body_bytes > max_pending_bytes {
             return Err(ConfigError::BodyPastPending {
                 body: own_name("MAX_BODY_BYTES"),
@@ -555,18 +560,25 @@ mod tests {
         assert!(err.starts_with("MAX_QUEUED_JOBS_GPU must be at least 1 jobs, got 0"), "{err}");
     }
 
-    /// The jobs not ended are held to `MAX_PENDING_BYTES`; a body larger than that could
-    /// never be queued, so such a pair of settings is refused at the start, naming both as
-    /// set and what to set — a pool's own included.
+    /// The jobs not ended are held to `MAX_PENDING_BYTES`; a body larger than that would be
+    /// taken only while nothing else is pending, so such a pair of settings is refused at
+    /// the start, naming both as set and what to set — a pool's own included. Unset, the
+    /// bound follows a larger MAX_BODY_BYTES: one set up to 64 MiB, as documented before
+    /// the bound came, stopped the edge at its next start.
     #[test]
     fn the_largest_body_must_fit_the_bytes_of_jobs_not_ended() {
         let cfg = Config::from_lookup(lookup(&[])).unwrap();
         assert_eq!(cfg.max_pending_bytes, DEFAULT_MAX_PENDING_BYTES);
         assert!(cfg.max_pending_bytes >= cfg.max_body_bytes as u64);
-        let err = Config::from_lookup(lookup(&[("MAX_BODY_BYTES", "67108864")])).unwrap_err().to_string();
+        let upgraded = Config::from_lookup(lookup(&[("MAX_BODY_BYTES", "67108864")])).unwrap();
+        assert_eq!(upgraded.max_pending_bytes, 64 << 20, "unset, the bound follows the body limit");
+        let smaller = Config::from_lookup(lookup(&[("MAX_BODY_BYTES", "2097152")])).unwrap();
+        assert_eq!(smaller.max_pending_bytes, DEFAULT_MAX_PENDING_BYTES);
+        let err = Config::from_lookup(lookup(&[("MAX_BODY_BYTES", "67108864"), ("MAX_PENDING_BYTES", "33554432")])).unwrap_err().to_string();
         assert!(
             err.starts_with("MAX_BODY_BYTES (67108864) is more than MAX_PENDING_BYTES (33554432)")
-                && err.contains("set MAX_PENDING_BYTES to at least 67108864, or lower MAX_BODY_BYTES"),
+                && err.contains("taken only while no other job is pending")
+                && err.contains("set MAX_PENDING_BYTES to at least 67108864, lower MAX_BODY_BYTES, or unset MAX_PENDING_BYTES"),
             "{err}"
         );
         let both = Config::from_lookup(lookup(&[("MAX_BODY_BYTES", "67108864"), ("MAX_PENDING_BYTES", "67108864")])).unwrap();
@@ -574,6 +586,8 @@ mod tests {
         let pools = two_pools(&[("MAX_PENDING_BYTES_GPU", "2097152"), ("MAX_BODY_BYTES_TEAM_B", "40000000")]);
         assert_eq!(Config::for_pool(&pools, "gpu").unwrap().max_pending_bytes, 2 << 20);
         assert_eq!(Config::for_pool(&pools, "default").unwrap().max_pending_bytes, DEFAULT_MAX_PENDING_BYTES);
+        assert_eq!(Config::for_pool(&pools, "team-b").unwrap().max_pending_bytes, 40_000_000);
+        let pools = two_pools(&[("MAX_PENDING_BYTES", "33554432"), ("MAX_BODY_BYTES_TEAM_B", "40000000")]);
         let err = Config::for_pool(&pools, "team-b").unwrap_err().to_string();
         assert!(err.starts_with("MAX_BODY_BYTES_TEAM_B (40000000) is more than MAX_PENDING_BYTES (33554432)"), "{err}");
     }
