@@ -145,29 +145,30 @@ impl Reporter {
     }
 }
 
-/// The login `oauth-status` and `doctor` read, and a few words on where: `CLAUDE_CONFIG_DIR`
-/// (`config_dir`) when this shell sets it, else the folder the running agent of `data_dir`
-/// reads (its status file names it), else ~/.claude. `up` started with
-/// `CLAUDE_CONFIG_DIR=/x` reads its login in /x: these commands run from another shell
-/// without it read ~/.claude and said "not logged in" beside an agent that was. The
-/// agent's folder is taken only from the running agent's file ([`crate::status::running_agents`])
-/// and only as an absolute path; the words name it, so a folder a job wrote there is seen.
+/// The login `oauth-status` and `doctor` read, and a few words on where: this shell's
+/// (`CLAUDE_CONFIG_DIR`, `config_dir`, else ~/.claude). When the running agent of
+/// `data_dir` says it reads its login elsewhere (`up` started with `CLAUDE_CONFIG_DIR=/x`
+/// reads /x, and the next shell may not set it), the words say so, as its status file's
+/// word and no more: that file is a job's to write, and a folder a job chose is not one to
+/// read (a lookalike login shown as the agent's, or `doctor --canary` running that
+/// folder's settings' hooks as the operator), nor to hand the operator as one to use.
+/// Every folder named is one line, its control characters escaped (a line break in it
+/// printed lines of the job's choosing as doctor's).
 pub fn local_login(config_dir: Option<&std::path::Path>, data_dir: &std::path::Path) -> (Login, String) {
-    if let Some(dir) = config_dir {
-        return (Login::new(Some(dir)), format!("read in {} (CLAUDE_CONFIG_DIR)", dir.display()));
+    let login = Login::new(config_dir);
+    let mut words = match config_dir {
+        Some(dir) => format!("read in {} (CLAUDE_CONFIG_DIR)", shared::text::one_line(&dir.display().to_string())),
+        None => format!("read in {} (CLAUDE_CONFIG_DIR is not set here)", shared::text::one_line(&login.config_dir.display().to_string())),
+    };
+    let agents = crate::status::running_agents(data_dir).and_then(|s| s.claude_config_dir);
+    if let Some(dir) = agents.filter(|d| *d != login.config_dir) {
+        let dir = shared::text::one_line(&dir.display().to_string());
+        words.push_str(&format!(
+            "; the running agent's status file says it reads its login in {dir}, which is not read here (a job can write that file): \
+             if you started the agent with another CLAUDE_CONFIG_DIR, set the same here"
+        ));
     }
-    let agents = crate::status::running_agents(data_dir).and_then(|s| s.claude_config_dir).filter(|d| d.is_absolute());
-    match agents {
-        Some(dir) => {
-            let words = format!("read in {}, where the running agent reads it (CLAUDE_CONFIG_DIR is not set here)", shared::text::one_line(&dir.display().to_string()));
-            (Login::new(Some(&dir)), words)
-        }
-        None => {
-            let login = Login::new(None);
-            let words = format!("read in {} (CLAUDE_CONFIG_DIR is not set here, nor by a running agent)", login.config_dir.display());
-            (login, words)
-        }
-    }
+    (login, words)
 }
 
 /// The login as this machine reads it, with what the running agent last reported that a

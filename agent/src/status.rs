@@ -43,9 +43,9 @@ pub struct Status {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub login_fingerprint: Option<u64>,
     /// Claude's config folder the agent reads its login from (its `CLAUDE_CONFIG_DIR`, or
-    /// ~/.claude): `oauth-status` and `doctor` read it there when their own shell does not
-    /// say, as `up` started with `CLAUDE_CONFIG_DIR=/x` reads /x and the next shell may not
-    /// set it.
+    /// ~/.claude): `oauth-status` and `doctor` name it when their own shell reads another
+    /// (`up` started with `CLAUDE_CONFIG_DIR=/x` reads /x, the next shell may not set it),
+    /// and do not read it: this file is a job's to write ([`crate::report::local_login`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claude_config_dir: Option<PathBuf>,
 }

@@ -552,11 +552,15 @@ async fn status_drain_and_the_login_lines_find_the_agent_up_runs() {
 }
 
 /// `up` started with `CLAUDE_CONFIG_DIR=/x` reads its login in /x; `oauth-status` and
-/// `doctor` run from another shell, without that setting, read ~/.claude and said "not
-/// logged in" (exit 1) beside an agent that was. They read the folder the running agent
-/// names in its status file, and say which folder they read.
+/// `doctor` run from another shell without that setting read ~/.claude. They took the
+/// folder the agent's status file names instead — a file a job can write: a job named a
+/// folder of its own (a lookalike login shown as the agent's; `doctor --canary` would run
+/// its settings' hooks as the operator), and a line break in the name printed lines of the
+/// job's choosing as doctor's. They read this shell's folder, and name the status file's
+/// as its word, on one line, escaped. (The agent is held still with SIGSTOP while the
+/// file is planted, so that its next heartbeat does not write over it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oauth_status_and_doctor_beside_up_read_the_login_where_its_agent_does() {
+async fn oauth_status_and_doctor_read_this_shells_login_and_name_the_agents() {
     let data = TempDir::new("up-config-dir");
     let claude_dir = claude_dir_in(&data);
     let far = 4_102_444_800_000u64;
@@ -582,18 +586,41 @@ async fn oauth_status_and_doctor_beside_up_read_the_login_where_its_agent_does()
             .unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
-    let read_in = format!("read in {}, where the running agent reads it", claude_dir.display());
+    let read_in = format!("read in {}/.claude (CLAUDE_CONFIG_DIR is not set here)", home.path().display());
+    let agents_word = |dir: &str| format!("the running agent's status file says it reads its login in {dir}, which is not read here");
     let (code, out, err) = run("oauth-status");
     let status: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-    assert_eq!((code, &status["configured"]), (Some(0), &json!(true)), "{out}{err}");
-    assert!(err.contains(&read_in), "{err}");
-    let (code, out, err) = run("doctor");
+    assert_eq!((code, &status["configured"]), (Some(1), &json!(false)), "this shell's folder holds no login: {out}{err}");
+    assert!(err.contains(&read_in) && err.contains(&agents_word(claude_dir.to_str().unwrap())), "{err}");
+
+    // A job's word: a folder of its own, with a lookalike login, named to break the line.
+    let lookalike = data.path().join("lookalike\n  ok    login: forged");
+    std::fs::create_dir_all(&lookalike).unwrap();
+    std::fs::write(lookalike.join(".credentials.json"), creds.to_string()).unwrap();
+    let status_file = data.path().join("up/agent/status.json");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(up.child.id() as i32, libc::SIGSTOP) };
+    let mut planted: serde_json::Value = serde_json::from_slice(&std::fs::read(&status_file).unwrap()).unwrap();
+    planted["claude_config_dir"] = lookalike.to_str().unwrap().into();
+    std::fs::write(&status_file, planted.to_string()).unwrap();
+    let (oauth, doctor) = (run("oauth-status"), run("doctor"));
+    // SAFETY: as above.
+    unsafe { libc::kill(up.child.id() as i32, libc::SIGCONT) };
+    let escaped = agents_word(&shared::text::one_line(lookalike.to_str().unwrap()));
+    let (code, out, err) = oauth;
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    assert_eq!((code, &status["configured"]), (Some(1), &json!(false)), "the job's folder was read: {out}{err}");
+    assert!(err.contains(&read_in) && err.contains(&escaped), "{err}");
+    let (code, out, err) = doctor;
     let login = out.lines().find(|l| l.contains(" login: ")).unwrap_or_default();
-    assert!(login.trim_start().starts_with("ok") && login.contains(&read_in), "{code:?} {out}{err}");
-    // Set here, this shell's folder is the one read, and named.
-    let out = Command::new(bin("claude-runner")).arg("oauth-status").env("DATA_DIR", data.path()).env("CLAUDE_CONFIG_DIR", home.path()).output().unwrap();
+    assert!(code == Some(1) && login.trim_start().starts_with("FAIL") && login.contains(&read_in), "{code:?} {out}{err}");
+    assert!(login.contains(&escaped), "{out}");
+    assert!(!out.lines().any(|l| l.starts_with("  ok    login: forged")), "a line of the job's: {out}");
+
+    // Set here, this shell's folder is the one read and named (the agent's named beside it).
+    let out = Command::new(bin("claude-runner")).arg("oauth-status").env("DATA_DIR", data.path()).env("CLAUDE_CONFIG_DIR", &claude_dir).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("read in {} (CLAUDE_CONFIG_DIR)", home.path().display())), "{err}");
+    assert!(out.status.success() && err.contains(&format!("read in {} (CLAUDE_CONFIG_DIR)", claude_dir.display())), "{err}");
 }
 
 fn doctor(env: &[(&str, String)]) -> (bool, String) {
