@@ -303,7 +303,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if let Some(warning) = edge_native::listen::reachable_from_the_network(addr) {
         eprintln!("claude-runner up: warning: {warning}.");
     }
-    // The lines to paste name the address this machine reaches the edge at.
+    // The lines to paste name the address this machine reaches the edge at. The secret
+    // reaches curl on its standard input (`-H @-`, from the shell's own `printf`): as
+    // `-H "X-Runner-Secret: $RUNNER_SECRET"` the shell put it in curl's command line, which
+    // every local user can read in /proc while curl runs.
     let listening = addr;
     let addr = reached_at(listening);
     println!(
@@ -311,11 +314,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 {login_note}
   {export}
 
-  curl -s -X POST http://{addr}/execute \\
-    -H 'Content-Type: application/json' -H \"X-Runner-Secret: $RUNNER_SECRET\" \\
-    -d '{{\"prompt\": \"Write a haiku about home servers\"}}'
+  printf 'X-Runner-Secret: %s\\n' \"$RUNNER_SECRET\" | curl -s -H @- -X POST http://{addr}/execute \\
+    -H 'Content-Type: application/json' -d '{{\"prompt\": \"Write a haiku about home servers\"}}'
 
-  curl -s -H \"X-Runner-Secret: $RUNNER_SECRET\" http://{addr}/health
+  printf 'X-Runner-Secret: %s\\n' \"$RUNNER_SECRET\" | curl -s -H @- http://{addr}/health
 
   {runner} submit \"Write a haiku about home servers\"
 

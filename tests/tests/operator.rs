@@ -375,18 +375,25 @@ async fn up_runs_an_edge_and_a_connected_agent() {
     assert!(up.first.ends_with("connecting to it."), "{}", up.first);
     // The curl lines read the secret the export line sets: pasted in order, as printed,
     // they reach the edge; none holds the secret itself (a pasted line is kept in the
-    // shell's history).
+    // shell's history), and none puts it in curl's command line either, which every local
+    // user can read in /proc while curl runs (a `curl` first on PATH here writes down its
+    // arguments, then runs the real one).
     let export_at = printed.iter().position(|l| l.trim_start().starts_with("export ")).expect("an export line");
     let health = printed.iter().position(|l| l.contains("/health")).expect("a curl line for /health");
-    assert!(export_at < health, "{printed:?}");
+    assert!(export_at < health && printed[export_at..health].iter().any(|l| l.contains("/execute")), "{printed:?}");
     assert!(!printed.iter().any(|l| l.contains("curl") && l.contains(secret.as_str())), "{printed:?}");
     let pasted = Command::new("bash")
         .arg("-c")
-        .arg(format!("{}\n{} -o /dev/null -w '%{{http_code}}'", printed[export_at].trim(), printed[health].trim()))
+        .arg(printed[export_at..=health].join("\n"))
+        .env("PATH", format!("{}:{}", wrapper.display(), std::env::var("PATH").unwrap_or_default()))
         .env_remove("RUNNER_SECRET")
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&pasted.stdout), "200", "{printed:?} {}", String::from_utf8_lossy(&pasted.stderr));
+    let answers = String::from_utf8_lossy(&pasted.stdout);
+    assert!(answers.contains("stand-in answer to: Write a haiku about home servers") && answers.contains("\"status\""), "{printed:?} {answers} {}", String::from_utf8_lossy(&pasted.stderr));
+    let argv = std::fs::read_to_string(&argv_log).unwrap_or_default();
+    assert_eq!(argv.lines().count(), 2, "both curl lines ran: {argv}");
+    assert!(!argv.contains(secret.as_str()), "the secret is in curl's command line: {argv}");
     assert!(!printed.iter().any(|l| l.contains("not logged in")), "{printed:?}");
     // `submit` finds the edge the way `up` says, as it says.
     let export = format!("export CLAUDE_RUNNER_URL={base} RUNNER_SECRET='{secret}'");
@@ -406,7 +413,6 @@ async fn up_runs_an_edge_and_a_connected_agent() {
     assert_eq!(a.status, 200, "{}", a.text);
     assert_eq!(a.body["output"], "stand-in answer to: hello from up");
     // Its keys, the edge's database and the agent's files are the owner's alone.
-    use std::os::unix::fs::PermissionsExt;
     let mode = |p: &str| std::fs::metadata(data.path().join(p)).map(|m| m.permissions().mode() & 0o777).unwrap();
     assert_eq!(mode("up"), 0o700);
     assert_eq!(mode("up/up.json"), 0o600);
@@ -422,6 +428,14 @@ async fn up_runs_an_edge_and_a_connected_agent() {
 /// A second `up` on the same `DATA_DIR` while one runs (or two first ones at once) read and
 /// wrote `up.json` before it found the edge's folder taken: with the file gone (deleted to
 /// make new keys, as `up` advises for a damaged one, or not yet written by the other) it
+    let real_curl = String::from_utf8(Command::new("sh").args(["-c", "command -v curl"]).output().unwrap().stdout).unwrap();
+    let wrapper = data.path().join("wrapper");
+    std::fs::create_dir_all(&wrapper).unwrap();
+    let argv_log = data.path().join("curl-argv.log");
+    let script = format!("#!/bin/sh\nprintf '%s\\n' \"$*\" >> '{}'\nexec '{}' \"$@\"\n", argv_log.display(), real_curl.trim());
+    std::fs::write(wrapper.join("curl"), script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(wrapper.join("curl"), std::fs::Permissions::from_mode(0o755)).unwrap();
 /// made new keys and a new secret there, then failed, and the running `up` went on with
 /// the secret it had printed while the file, and so every later `up`, held another. The
 /// second is refused before it touches `up.json`.
