@@ -506,20 +506,22 @@ pub fn sync_folder(dir: &Path) -> std::io::Result<()> {
 /// the folder whose mode was read. A link there is followed (an operator may put a folder
 /// of the agent's on another disk that way). A folder closed to its user (a job's
 /// `chmod 000`, `chmod -w`) is opened up to owner-only too, or the agent could not start.
-pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+///
+/// Returns how many folders it made (`dir` and its missing parents), for
+/// [`write_durably`]: each one's name is in its parent, which a durable file under it syncs.
+pub fn private_dir(dir: &Path) -> std::io::Result<usize> {
     private_dir_through(dir, "/proc/self/fd")
 }
 
 /// [`private_dir`], a folder closed to its user changed through its link in `fd_links`
 /// (/proc/self/fd).
-fn private_dir_through(dir: &Path, fd_links: &str) -> std::io::Result<()> {
+fn private_dir_through(dir: &Path, fd_links: &str) -> std::io::Result<usize> {
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
-    // What a job can put at the name (a fifo, a file, a link to a folder not the user's)
-    // stops the agent's start: the error says which name, and what to do.
-    let named = |e: std::io::Error| {
-        std::io::Error::new(e.kind(), format!("{} ({e}): it must be a folder of the agent's user, or absent: remove what stands in its place", dir.display()))
-    };
+    let named = |e: std::io::Error| unusable_folder(dir, e);
+    // Counted before: the mkdir says nothing of what it made. (A folder another process
+    // makes meanwhile is counted too, and synced for nothing.)
+    let missing = dir.ancestors().take_while(|a| !a.as_os_str().is_empty() && std::fs::symlink_metadata(a).is_err()).count();
     std::fs::DirBuilder::new().recursive(true).mode(PRIVATE_DIR).create(dir).map_err(named)?;
     let private = |mode: u32| mode & 0o777 == PRIVATE_DIR;
     // Changed by its descriptor where it opens for reading (no /proc needed).
@@ -528,7 +530,7 @@ fn private_dir_through(dir: &Path, fd_links: &str) -> std::io::Result<()> {
             if !private(folder.metadata().map_err(named)?.permissions().mode()) {
                 folder.set_permissions(std::fs::Permissions::from_mode(PRIVATE_DIR)).map_err(named)?;
             }
-            return Ok(());
+            return Ok(missing);
         }
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
         Err(e) => return Err(named(e)),
@@ -541,8 +543,31 @@ fn private_dir_through(dir: &Path, fd_links: &str) -> std::io::Result<()> {
             std::io::Error::new(e.kind(), format!("{} is closed to its owner and cannot be opened up ({e}; is /proc mounted?): chmod 700 it", dir.display()))
         })?;
     }
-    Ok(())
+    Ok(missing)
 }
+
+/// Why the folder `dir` cannot be made or used, with what to do (keeping `e`'s kind). What a
+/// job can put at the name (a fifo, a file, a link to a folder not the user's) stops the
+/// agent's start: the error says which name, and to remove it. A full disk is said as one:
+/// ext4 refuses a `mkdir` with ENOSPC once its blocks or inodes are used up, and the first
+/// `up` on such a disk was told to remove what stood in the place of DATA_DIR/up.
+fn unusable_folder(dir: &Path, e: std::io::Error) -> std::io::Error {
+    let what = if disk_full(&e) {
+        format!("cannot make {} ({e}): {FREE_SPACE}", dir.display())
+    } else {
+        format!("{} ({e}): it must be a folder of the agent's user, or absent: remove what stands in its place", dir.display())
+    };
+    std::io::Error::new(e.kind(), what)
+}
+
+/// Whether `e` is a full disk, or a full quota (ENOSPC, EDQUOT): by its kind, which the
+/// errors that name a path ([`private_dir`]'s, `runtime::hold_lock`'s) keep.
+pub fn disk_full(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+}
+
+/// What to do about a full disk under DATA_DIR ([`disk_full`]).
+pub const FREE_SPACE: &str = "the disk (or your quota) is full: free some space there, or set DATA_DIR to a folder on another disk";
 
 /// Takes group and other permissions off the open `file` if it has any: by its
 /// descriptor, never by its path, which a job (the agent's user) can swap for a link to
@@ -576,6 +601,37 @@ mod tests {
         write_atomically(&root.join("f.json"), b"new", false).unwrap();
         assert_eq!(std::fs::metadata(root.join("f.json")).unwrap().permissions().mode() & 0o777, 0o600);
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// The folders made are counted, for the durable file that goes under them
+    /// ([`write_durably`] syncs each in its parent).
+    #[test]
+    fn the_folders_made_are_counted() {
+        let root = std::env::temp_dir().join(format!("cr-files-count-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        assert_eq!(private_dir(&root.join("a/b/c")).unwrap(), 3);
+        assert_eq!(private_dir(&root.join("a/b/c")).unwrap(), 0);
+        assert_eq!(private_dir(&root.join("a/d")).unwrap(), 1);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A disk too full for a folder (ext4's ENOSPC at `mkdir`, a full quota's EDQUOT) was
+    /// said as something standing in the folder's place, to be removed. It is said as a
+    /// full disk, naming the folder. (The operator test fills a tmpfs's inodes; here the
+    /// error is the helper's own.)
+    #[test]
+    fn a_full_disk_is_said_as_one() {
+        let dir = Path::new("/data/claude-runner/up");
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let e = unusable_folder(dir, std::io::Error::from_raw_os_error(errno));
+            let said = e.to_string();
+            assert!(said.contains("cannot make /data/claude-runner/up") && said.contains("is full") && said.contains("free some space"), "{said}");
+            assert!(!said.contains("remove what stands"), "{said}");
+            assert!(disk_full(&e), "the kind is kept: {said}");
+        }
+        let said = unusable_folder(dir, std::io::Error::from_raw_os_error(libc::EEXIST)).to_string();
+        assert!(said.contains("remove what stands in its place"), "{said}");
     }
 
     /// What a job (the agent's user) can put at the name of one of the agent's folders — a
@@ -619,7 +675,7 @@ mod tests {
         let made = private_dir_through(&root, "/no-proc-here/self/fd").map_err(|e| e.to_string());
         let mode = std::fs::metadata(&root).unwrap().permissions().mode() & 0o777;
         let _ = std::fs::remove_dir_all(&root);
-        assert_eq!((made, mode), (Ok(()), PRIVATE_DIR));
+        assert_eq!((made, mode), (Ok(0), PRIVATE_DIR));
     }
 
     /// A job (the agent's user) can close a folder of the agent's to that user (`chmod 000
@@ -639,7 +695,7 @@ mod tests {
         let mode = std::fs::metadata(&closed).unwrap().permissions().mode() & 0o777;
         std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
         let _ = std::fs::remove_dir_all(&root);
-        assert_eq!((made, mode), (Ok(()), PRIVATE_DIR));
+        assert_eq!((made, mode), (Ok(0), PRIVATE_DIR));
     }
 
     /// A job (the agent's user) swaps a file the agent read for a link to another file of

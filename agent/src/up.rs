@@ -34,12 +34,14 @@ struct UpState {
     agent_id: String,
 }
 
-fn load_or_create(dir: &Path) -> anyhow::Result<UpState> {
+/// `up.json` in `dir`, read, or made when absent. `new_folders`: how many folders (`dir`
+/// and its parents) this run made for it, synced with it ([`write_durably`]).
+fn load_or_create(dir: &Path, new_folders: usize) -> anyhow::Result<UpState> {
     let path = dir.join("up.json");
     // Owner-only, folder and file: they hold both signing keys and the runner secret. One
     // left open by an older version is closed now rather than refused: `up` is the
     // newcomer's command.
-    private_dir(dir)?;
+    let new_folders = new_folders + private_dir(dir)?;
     if std::fs::symlink_metadata(&path).is_ok() {
         // Read as a file the agent keeps (bounded, never through a link, never waiting on a
         // pipe), and checked: a job runs as this user, and what is printed from here
@@ -66,23 +68,19 @@ fn load_or_create(dir: &Path) -> anyhow::Result<UpState> {
         return Ok(state);
     }
     let state = UpState { keys: KeySet::generate(), runner_secret: runner_secret(), agent_id: default_agent_id() };
-    // Created owner-only: it holds both signing keys. Durable, its name too (`dir` may be
-    // new, made by `private_dir` above): after a power cut the next `up` must find these
-    // keys, not make others.
-    write_durably(&path, &serde_json::to_vec_pretty(&state)?, 1).map_err(|e| cannot_keep(&path, &e))?;
+    // Created owner-only: it holds both signing keys. Durable, its name too, and the name of
+    // every folder made for it (a first `up` makes DATA_DIR and its missing parents): after
+    // a power cut the next `up` must find these keys, not make others. DATA_DIR at least,
+    // as before: its `up` may be a folder an earlier run made, and stopped before this file.
+    write_durably(&path, &serde_json::to_vec_pretty(&state)?, new_folders.max(1)).map_err(|e| cannot_keep(&path, &e))?;
     Ok(state)
 }
 
 /// Why `up.json` could not be written, with the file and what to do: a full disk said only
 /// "No space left on device (os error 28)".
 fn cannot_keep(path: &Path, e: &std::io::Error) -> anyhow::Error {
-    let full = matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT));
-    let what = if full {
-        "the disk (or your quota) is full: free some space there, or set DATA_DIR to a folder on another disk, and start `claude-runner up` again"
-    } else {
-        "set DATA_DIR to a folder of yours that can be written, and start `claude-runner up` again"
-    };
-    anyhow::anyhow!("cannot write {}, where `up` keeps its keys and runner secret ({e}): {what}", path.display())
+    let what = if crate::files::disk_full(e) { crate::files::FREE_SPACE } else { "set DATA_DIR to a folder of yours that can be written" };
+    anyhow::anyhow!("cannot write {}, where `up` keeps its keys and runner secret ({e}): {what}, and start `claude-runner up` again", path.display())
 }
 
 /// The most `up.json` holds: its keys and secret take well under 1 KiB.
@@ -204,9 +202,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // this folder found it taken only at the edge's lock, after it had made new keys where
     // the file was missing (deleted, or not yet written by the first), keys the running
     // one did not use and every later `up` would.
-    private_dir(&root)?;
+    let made = private_dir(&root)?;
     let _one_up = runtime::hold_lock(&root.join("up.lock"))
-        .map_err(|e| anyhow::anyhow!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", args.local.data_dir().display()))?
+        .map_err(|e| {
+            let what = if crate::files::disk_full(&e) { crate::files::FREE_SPACE } else { "set DATA_DIR to a writable folder" };
+            anyhow::anyhow!("cannot use DATA_DIR {}: {e}; {what}", args.local.data_dir().display())
+        })?
         .ok_or_else(|| {
             anyhow::anyhow!(
                 "another `claude-runner up` is running with DATA_DIR {} (it holds {}, let go when it exits: do not delete the file): stop it first, or give this one a DATA_DIR and a LISTEN of its own (e.g. DATA_DIR=/tmp/up2 LISTEN=127.0.0.1:{} claude-runner up)",
@@ -216,7 +217,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 args.listen.port().checked_add(1).filter(|_| args.listen.port() != 0).unwrap_or(8788)
             )
         })?;
-    let state = load_or_create(&root)?;
+    let state = load_or_create(&root, made)?;
     // The edge's settings, read as the edge reads them: one that is not text is refused
     // by name, not taken as unset (a NOTIFY_URL in Latin-1 meant no alerts, said nowhere).
     let env = shared::setting::TextSettings::new(|name| std::env::var_os(name));
@@ -446,29 +447,29 @@ mod tests {
     #[test]
     fn a_state_file_a_job_rewrote_is_refused_not_printed() {
         let dir = dir("hostile");
-        let made = load_or_create(&dir).unwrap();
+        let made = load_or_create(&dir, 0).unwrap();
         assert!(plain_secret(&made.runner_secret) && shared::ids::valid_agent_id(&made.agent_id));
-        let again = load_or_create(&dir).unwrap();
+        let again = load_or_create(&dir, 0).unwrap();
         assert_eq!((again.runner_secret, again.agent_id), (made.runner_secret.clone(), made.agent_id.clone()));
         let path = dir.join("up.json");
         let mut value: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         value["runner_secret"] = "0123456789abcdef' ; touch /tmp/owned ; echo '".into();
         std::fs::write(&path, serde_json::to_vec(&value).unwrap()).unwrap();
-        let e = load_or_create(&dir).err().expect("a secret that leaves its quotes is refused").to_string();
+        let e = load_or_create(&dir, 0).err().expect("a secret that leaves its quotes is refused").to_string();
         assert!(e.contains("runner_secret") && e.contains("delete it"), "{e}");
         value["runner_secret"] = made.runner_secret.clone().into();
         value["agent_id"] = "spark\u{1b}]52;c;ZXZpbA==\u{7}".into();
         std::fs::write(&path, serde_json::to_vec(&value).unwrap()).unwrap();
-        assert!(load_or_create(&dir).err().expect("an agent id of control characters is refused").to_string().contains("agent_id"));
+        assert!(load_or_create(&dir, 0).err().expect("an agent id of control characters is refused").to_string().contains("agent_id"));
         std::fs::remove_file(&path).unwrap();
         crate::files::pipe_at(&path);
         let (tx, rx) = std::sync::mpsc::channel();
         let reading = dir.clone();
-        std::thread::spawn(move || tx.send(load_or_create(&reading).is_err()).unwrap());
+        std::thread::spawn(move || tx.send(load_or_create(&reading, 0).is_err()).unwrap());
         assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(60)), Ok(true), "a pipe as up.json is refused, not waited on");
         std::fs::remove_file(&path).unwrap();
         std::fs::write(&path, vec![b' '; MAX_STATE_BYTES + 1]).unwrap();
-        assert!(load_or_create(&dir).err().unwrap().to_string().contains("damaged"));
+        assert!(load_or_create(&dir, 0).err().unwrap().to_string().contains("damaged"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -502,7 +503,7 @@ mod tests {
     #[test]
     fn keys_a_job_rewrote_are_refused() {
         let dir = dir("keys");
-        let made = load_or_create(&dir).unwrap();
+        let made = load_or_create(&dir, 0).unwrap();
         let path = dir.join("up.json");
         let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         let other = KeySet::generate();
@@ -517,7 +518,7 @@ mod tests {
             let mut bad = value.clone();
             bad[field] = text.clone().into();
             std::fs::write(&path, serde_json::to_vec(&bad).unwrap()).unwrap();
-            let e = load_or_create(&dir).err().unwrap_or_else(|| panic!("{field} = {text:?} is taken")).to_string();
+            let e = load_or_create(&dir, 0).err().unwrap_or_else(|| panic!("{field} = {text:?} is taken")).to_string();
             assert!(e.contains("damaged") && e.contains(field), "{e}");
         }
         let _ = std::fs::remove_dir_all(&dir);

@@ -117,11 +117,14 @@ fn a_secret_given_as_a_flag_is_refused_and_its_variable_taken() {
 /// `up.json` (both key pairs and the runner secret) was written with an fsync of the file
 /// and none of its folder: after a power cut the folder could still lack the rename, and
 /// the next `up` made new keys, unlike every secret and key printed before. The folder it
-/// is in (new at a first `up`) and DATA_DIR, holding that folder, are synced after the
-/// rename. Seen with strace; `up` stops right after (its port is taken).
+/// is in and every folder `up` made for it (a first `up` makes DATA_DIR and its missing
+/// parents too: only DATA_DIR/up and DATA_DIR were synced, and a folder above could be lost
+/// with everything under it) are synced after the rename, each in its parent. Seen with
+/// strace; `up` stops right after (its port is taken).
 #[test]
 fn ups_keys_are_synced_with_the_folders_that_name_them() {
     let data = TempDir::new("up-durable");
+    let data_dir = data.path().join("new/deeper");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let trace = data.path().join("strace.log");
     let out = Command::new("strace")
@@ -130,18 +133,20 @@ fn ups_keys_are_synced_with_the_folders_that_name_them() {
         .arg(bin("claude-runner"))
         .arg("up")
         .env("CLAUDE_BIN", bin("claude-standin"))
-        .env("DATA_DIR", data.path())
+        .env("DATA_DIR", &data_dir)
         .env("LISTEN", taken.local_addr().unwrap().to_string())
         .output()
         .expect("strace runs (Debian: apt-get install strace)");
-    assert!(data.path().join("up/up.json").exists(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(data_dir.join("up/up.json").exists(), "{}", String::from_utf8_lossy(&out.stderr));
     let log = std::fs::read_to_string(&trace).unwrap();
     let lines: Vec<&str> = log.lines().collect();
     let renamed = lines.iter().position(|l| l.contains("rename") && l.contains("/up/up.json\"")).unwrap_or_else(|| panic!("no rename of up.json: {log}"));
     let synced = |dir: &std::path::Path| lines[renamed..].iter().any(|l| l.contains("fsync(") && l.contains(&format!("<{}>)", dir.display())));
     let real = std::fs::canonicalize(data.path()).unwrap();
-    assert!(synced(&real.join("up")), "DATA_DIR/up is not synced after the rename: {log}");
-    assert!(synced(&real), "DATA_DIR is not synced after the rename: {log}");
+    for (dir, what) in [("new/deeper/up", "DATA_DIR/up"), ("new/deeper", "DATA_DIR"), ("new", "DATA_DIR's parent, made by up"), ("", "the folder holding the first one up made")] {
+        let dir = if dir.is_empty() { real.clone() } else { real.join(dir) };
+        assert!(synced(&dir), "{what} ({}) is not synced after the rename: {log}", dir.display());
+    }
 }
 
 /// A full disk at `up`'s first start said only "No space left on device (os error 28)":
@@ -164,6 +169,31 @@ fn up_on_a_full_disk_names_its_file_and_what_to_do() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     let file = data.path().join("up/up.json");
     assert!(err.contains(&format!("cannot write {}", file.display())) && err.contains("free some space there, or set DATA_DIR"), "{err}");
+}
+
+/// A disk too full to make a folder (ext4 says ENOSPC at `mkdir` once its blocks or inodes
+/// are used up) stopped the first `up` at DATA_DIR/up with "it must be a folder of the
+/// agent's user, or absent: remove what stands in its place", where nothing stood. It says
+/// the disk is full, and where. DATA_DIR is a tmpfs of the test's own with every inode
+/// used (`nr_inodes`), in a mount namespace.
+#[test]
+fn up_on_a_disk_too_full_for_a_folder_says_so() {
+    let data = TempDir::new("up-no-inodes");
+    let mount_ns = if unsafe { libc::geteuid() } == 0 { "-m" } else { "-rm" };
+    let script = r#"mount -t tmpfs -o size=1m,nr_inodes=4 tmpfs "$DATA_DIR" && { i=0; while touch "$DATA_DIR/f$i" 2>/dev/null; do i=$((i+1)); done; exec "$0" up; }"#;
+    let out = Command::new("unshare")
+        .args([mount_ns, "sh", "-c", script])
+        .arg(bin("claude-runner"))
+        .env("CLAUDE_BIN", bin("claude-standin"))
+        .env("DATA_DIR", data.path())
+        .env("LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let folder = data.path().join("up");
+    assert!(err.contains(&folder.display().to_string()) && err.contains("is full") && err.contains("free some space"), "{err}");
+    assert!(!err.contains("remove what stands in its place"), "{err}");
 }
 
 /// With HOME unset (a service manager, `env -i`, cron) every user's default folders were
