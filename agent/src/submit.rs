@@ -127,8 +127,9 @@ impl EdgeArgs {
             ));
         }
         if reqwest::header::HeaderValue::from_str(secret).is_err() {
-            return Err("RUNNER_SECRET (--secret) is not valid in an HTTP header (it holds a line break or another control \
-                        character): nothing was sent; set it to the secret alone, as `claude-runner keygen` or `up` printed it"
+            return Err("RUNNER_SECRET is not valid in an HTTP header (it holds a line break or another control \
+                        character): nothing was sent; set it in the environment to the secret alone, as `claude-runner keygen` \
+                        or `up` printed it"
                 .into());
         }
         // The address checked is the address dialled: the parser's own reading of it.
@@ -743,6 +744,21 @@ mod tests {
             assert!(err.contains("CLAUDE_RUNNER_URL") && !err.contains("hunter2"), "{url}: {err}");
         }
         assert!(resolved("https://me:hunter2@edge.example.com", "s", false).unwrap_err().contains("RUNNER_SECRET"));
+    }
+
+    /// `--secret` is refused (a command line is every local user's to read:
+    /// `config::refuse_secret_flags`), yet the refusal of a secret that cannot be sent said
+    /// "RUNNER_SECRET (--secret)", as if the flag were a way to give it. What `submit` and
+    /// `login` say of the secret names the variable alone, and where to set it.
+    #[test]
+    fn what_is_said_of_the_secret_names_no_flag_for_it() {
+        let cannot_be_sent = resolved("http://127.0.0.1:8787", "s3cret\nX-Other: 1", false).unwrap_err();
+        let missing = super::EdgeArgs { edge: Some("http://127.0.0.1:8787".into()), secret: None, allow_insecure_edge: false }.resolve().unwrap_err();
+        let refused = super::refusal(403, &json!({"error": "missing or wrong runner secret"}));
+        for said in [&cannot_be_sent, &missing, &refused] {
+            assert!(said.contains("RUNNER_SECRET") && !said.contains("--secret"), "{said}");
+        }
+        assert!(cannot_be_sent.contains("in the environment") && missing.contains("in the environment"), "{cannot_be_sent} / {missing}");
     }
 
     /// The loopback check read the URL by hand, the client by the URL parser, and they
