@@ -100,8 +100,9 @@ pub struct LocalArgs {
 /// Claude's login and the agent's folder: all `oauth-status` reads.
 #[derive(Debug, Clone, Args)]
 pub struct ClaudeLoginArgs {
-    /// Claude's config folder (holds .credentials.json; default ~/.claude).
-    #[arg(long, env = "CLAUDE_CONFIG_DIR")]
+    /// Claude's config folder (holds .credentials.json; default ~/.claude). A relative path
+    /// is taken from the folder the command starts in.
+    #[arg(long, env = "CLAUDE_CONFIG_DIR", value_parser = absolute_folder("CLAUDE_CONFIG_DIR"))]
     pub claude_config_dir: Option<PathBuf>,
     #[command(flatten)]
     pub dir: DataDirArgs,
@@ -114,6 +115,21 @@ pub struct DataDirArgs {
     /// its keys, edge and agent in DATA_DIR/up).
     #[arg(long, env = "DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+}
+
+/// A folder setting, read as an absolute path: a relative one is taken from the folder the
+/// command starts in, once, as it starts. Kept relative, `CLAUDE_CONFIG_DIR=claude` was
+/// the agent's `./claude` and each job's Claude's `claude` in its workspace (its working
+/// directory: no login there, and one a job could put), and `doctor` run from elsewhere
+/// read a third. Any bytes, as a path may be ([`refuse_settings_not_text`] knows a path by
+/// the type parsed).
+fn absolute_folder(name: &'static str) -> impl clap::builder::TypedValueParser<Value = PathBuf> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PathBufValueParser::new().try_map(move |path: PathBuf| {
+        std::path::absolute(&path).map_err(|e| {
+            format!("{name} is a relative path and the folder this command started in cannot be read ({e}): give {name} as an absolute path")
+        })
+    })
 }
 
 impl LocalArgs {
@@ -171,10 +187,29 @@ pub fn home() -> PathBuf {
     let uid = unsafe { libc::geteuid() };
     home_from(std::env::var_os("HOME"), || passwd_home(uid)).unwrap_or_else(|| {
         eprintln!(
-            "claude-runner: HOME is not set and user {uid} has no home folder in the password database: set HOME, or set DATA_DIR (and CLAUDE_CONFIG_DIR, Claude's login folder)"
+            "claude-runner: HOME is not set (or not an absolute path) and user {uid} has no home folder in the password database: set HOME, or set DATA_DIR (and CLAUDE_CONFIG_DIR, Claude's login folder)"
         );
         std::process::exit(2)
     })
+}
+
+/// Makes `HOME` the home [`home`] takes where it is set but is no absolute path (empty, or
+/// relative: a unit's `Environment=HOME=`): the agent took the password database's, while
+/// its children took `HOME` as it was — each job's Claude (Node's `os.homedir()` is `HOME`
+/// whenever it is set) read and wrote `.claude` in the job's workspace, its working
+/// directory, and `claude auth login` in the agent's. Unset, it stays unset: Claude then
+/// asks the password database too. Call it before any thread starts (it changes the
+/// environment).
+pub fn settle_home() {
+    let Some(set) = std::env::var_os("HOME") else { return };
+    if Path::new(&set).is_absolute() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if let Some(home) = home_from(Some(set), || passwd_home(uid)) {
+        std::env::set_var("HOME", home);
+    }
 }
 
 /// [`home`]'s choice: `HOME` when it is an absolute path, else `passwd`'s.
@@ -740,6 +775,28 @@ mod tests {
             }
         }
         assert!(seen >= 10, "agent's and doctor's three, up's two, submit's and login's one: {seen}");
+    }
+
+    /// A relative `CLAUDE_CONFIG_DIR` is made absolute as the command starts, from where it
+    /// starts: kept relative, each job's Claude read it in its own workspace. Taken as a
+    /// path still (any bytes).
+    #[test]
+    fn a_relative_claude_config_dir_is_taken_from_where_the_command_starts() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            login: ClaudeLoginArgs,
+        }
+        let here = std::env::current_dir().unwrap();
+        let parsed = Cli::try_parse_from(["x", "--claude-config-dir", "rel/claude"]).unwrap();
+        assert_eq!(parsed.login.claude_config_dir, Some(here.join("rel/claude")));
+        let parsed = Cli::try_parse_from(["x", "--claude-config-dir", "/srv/claude"]).unwrap();
+        assert_eq!(parsed.login.claude_config_dir, Some(PathBuf::from("/srv/claude")));
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = std::ffi::OsStr::from_bytes(b"/srv/\xff");
+        let parsed = Cli::try_parse_from([std::ffi::OsStr::new("x"), std::ffi::OsStr::new("--claude-config-dir"), bytes]).unwrap();
+        assert_eq!(parsed.login.claude_config_dir.as_deref(), Some(std::path::Path::new(bytes)));
     }
 
     /// With HOME unset, the default folders were under /root for every user: the password

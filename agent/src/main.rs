@@ -190,6 +190,7 @@ fn main() {
     zygote::start();
     let command = <Cli as clap::CommandFactory>::command();
     config::tidy_settings(&command);
+    config::settle_home();
     // Help and the version are answered whatever the settings hold (they read none). A
     // setting the command reads that is not text is refused by name: in place of clap's
     // error for it, which names none, or where clap took the arguments (a secret clap does

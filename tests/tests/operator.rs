@@ -256,6 +256,15 @@ impl Up {
     /// [`Up::start`], its soft descriptor limit set to `soft_nofile` (if given) before it
     /// starts, as a shell's `ulimit -Sn` would.
     fn start_with_nofile(data: &TempDir, env: &[(&str, &str)], soft_nofile: Option<u64>) -> Up {
+        Up::start_with(data, env, soft_nofile, None)
+    }
+
+    /// [`Up::start`], started in the folder `cwd`.
+    fn start_in(data: &TempDir, env: &[(&str, &str)], cwd: &std::path::Path) -> Up {
+        Up::start_with(data, env, None, Some(cwd))
+    }
+
+    fn start_with(data: &TempDir, env: &[(&str, &str)], soft_nofile: Option<u64>, cwd: Option<&std::path::Path>) -> Up {
         use std::io::BufRead;
         use std::os::unix::process::CommandExt;
         let log = std::fs::File::create(data.path().join("up.log")).unwrap();
@@ -275,6 +284,9 @@ impl Up {
                     Ok(())
                 });
             }
+        }
+        if let Some(cwd) = cwd {
+            command.current_dir(cwd);
         }
         let mut child = command
             .arg("up")
@@ -412,6 +424,14 @@ async fn up_runs_an_edge_and_a_connected_agent() {
     let health = printed.iter().position(|l| l.contains("/health")).expect("a curl line for /health");
     assert!(export_at < health && printed[export_at..health].iter().any(|l| l.contains("/execute")), "{printed:?}");
     assert!(!printed.iter().any(|l| l.contains("curl") && l.contains(secret.as_str())), "{printed:?}");
+    let real_curl = String::from_utf8(Command::new("sh").args(["-c", "command -v curl"]).output().unwrap().stdout).unwrap();
+    let wrapper = data.path().join("wrapper");
+    std::fs::create_dir_all(&wrapper).unwrap();
+    let argv_log = data.path().join("curl-argv.log");
+    let script = format!("#!/bin/sh\nprintf '%s\\n' \"$*\" >> '{}'\nexec '{}' \"$@\"\n", argv_log.display(), real_curl.trim());
+    std::fs::write(wrapper.join("curl"), script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(wrapper.join("curl"), std::fs::Permissions::from_mode(0o755)).unwrap();
     let pasted = Command::new("bash")
         .arg("-c")
         .arg(printed[export_at..=health].join("\n"))
@@ -458,14 +478,6 @@ async fn up_runs_an_edge_and_a_connected_agent() {
 /// A second `up` on the same `DATA_DIR` while one runs (or two first ones at once) read and
 /// wrote `up.json` before it found the edge's folder taken: with the file gone (deleted to
 /// make new keys, as `up` advises for a damaged one, or not yet written by the other) it
-    let real_curl = String::from_utf8(Command::new("sh").args(["-c", "command -v curl"]).output().unwrap().stdout).unwrap();
-    let wrapper = data.path().join("wrapper");
-    std::fs::create_dir_all(&wrapper).unwrap();
-    let argv_log = data.path().join("curl-argv.log");
-    let script = format!("#!/bin/sh\nprintf '%s\\n' \"$*\" >> '{}'\nexec '{}' \"$@\"\n", argv_log.display(), real_curl.trim());
-    std::fs::write(wrapper.join("curl"), script).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(wrapper.join("curl"), std::fs::Permissions::from_mode(0o755)).unwrap();
 /// made new keys and a new secret there, then failed, and the running `up` went on with
 /// the secret it had printed while the file, and so every later `up`, held another. The
 /// second is refused before it touches `up.json`.
@@ -665,6 +677,51 @@ async fn oauth_status_and_doctor_read_this_shells_login_and_name_the_agents() {
     let out = Command::new(bin("claude-runner")).arg("oauth-status").env("DATA_DIR", data.path()).env("CLAUDE_CONFIG_DIR", &claude_dir).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.contains(&format!("read in {} (CLAUDE_CONFIG_DIR)", claude_dir.display())), "{err}");
+}
+
+/// The agent, its jobs and `oauth-status` must agree on where Claude's login is. A relative
+/// `CLAUDE_CONFIG_DIR` was read by the agent against the folder it started in, and by
+/// each job's Claude against the job's workspace (its working directory), where no login
+/// is, and a job could put one; it is made absolute once, as the command starts. A `HOME`
+/// that is set but empty or relative (a unit's `Environment=HOME=`) was no home to the
+/// agent, which took the password database's, but reached each job as it was: Claude
+/// (Node's `os.homedir()` is `HOME` when set) read `.claude` in the workspace. Jobs are
+/// given the home the agent uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relative_claude_config_dir_and_a_homeless_home_mean_the_same_to_agent_and_jobs() {
+    let uid = unsafe { libc::geteuid() };
+    let getent = Command::new("getent").args(["passwd", &uid.to_string()]).output().unwrap();
+    let entry = String::from_utf8(getent.stdout).unwrap();
+    let passwd_home = entry.trim_end().split(':').nth(5).unwrap_or_else(|| panic!("no passwd entry for {uid}")).to_string();
+    for home in ["", "relative/home"] {
+        let data = TempDir::new("up-relative-config");
+        std::fs::create_dir_all(data.path().join("claude-rel")).unwrap();
+        let env = [("HOME", home), ("CLAUDE_CONFIG_DIR", "claude-rel"), ("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-up-test-token")];
+        let up = Up::start_in(&data, &env, data.path());
+        let client = Client::new(&up.base);
+        client.wait_online().await;
+        let secret = up_secret(&data);
+        let value_of = |var: &'static str| {
+            let client = &client;
+            let secret = &secret;
+            async move {
+                let a = client.send("POST", "/execute", Some(secret), Some(json!({"prompt": format!("@print_env={var}")}).to_string().into_bytes())).await;
+                assert_eq!(a.status, 200, "{}", a.text);
+                a.body["output"].as_str().unwrap_or_default().trim_start_matches("the value is ").to_string()
+            }
+        };
+        let config_dir = data.path().join("claude-rel");
+        assert_eq!(value_of("CLAUDE_CONFIG_DIR").await, config_dir.display().to_string(), "HOME={home:?}");
+        assert_eq!(value_of("HOME").await, passwd_home, "HOME={home:?}: the job's home is not the agent's");
+        // `oauth-status` in the same shell, the same folder: the one the agent reads.
+        let out = Command::new(bin("claude-runner")).arg("oauth-status").envs(env).env("DATA_DIR", data.path()).current_dir(data.path()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("read in {} (CLAUDE_CONFIG_DIR)", config_dir.display())) && !err.contains("status file says"), "{err}");
+        // Without CLAUDE_CONFIG_DIR, the password database's home, as the agent's.
+        let out = Command::new(bin("claude-runner")).arg("oauth-status").env("HOME", home).env_remove("CLAUDE_CONFIG_DIR").env("DATA_DIR", data.path()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("read in {passwd_home}/.claude (")), "HOME={home:?}: {err}");
+    }
 }
 
 fn doctor(env: &[(&str, String)]) -> (bool, String) {
