@@ -253,6 +253,52 @@ pub fn odd_entries(top: &Path, max: usize) -> std::io::Result<Vec<std::path::Pat
     Ok(found)
 }
 
+/// The size `lstat` gives the entry `rel` under the folder `top` (a link's own, never what
+/// it names), reached through folders only: `None` when it is gone, or when one of its
+/// parents is not a folder — a link among them is not followed (git sees the link, not
+/// what is beyond it). Each parent is opened from the one before (`openat`, `O_NOFOLLOW`),
+/// so a link swapped in meanwhile leads nowhere either. `rel` holds plain names only.
+pub fn size_beneath(top: &Path, rel: &Path) -> std::io::Result<Option<u64>> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    const FLAGS: libc::c_int = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    let c_name = |name: &std::ffi::OsStr| std::ffi::CString::new(name.as_bytes()).map_err(std::io::Error::other);
+    let mut names = Vec::new();
+    for part in rel.components() {
+        match part {
+            std::path::Component::Normal(name) => names.push(c_name(name)?),
+            _ => return Err(std::io::Error::other(format!("{} is not a path inside a folder", rel.display()))),
+        }
+    }
+    let Some(last) = names.pop() else { return Err(std::io::Error::other("an empty path names no file")) };
+    let top = c_name(top.as_os_str())?;
+    // SAFETY: open with a NUL-terminated path; the descriptor is owned at once below.
+    let fd = unsafe { libc::open(top.as_ptr(), FLAGS) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor, owned by nothing else.
+    let mut folder = unsafe { OwnedFd::from_raw_fd(fd) };
+    let gone = |e: &std::io::Error| matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP));
+    for name in names {
+        // SAFETY: openat relative to a folder we own, with a NUL-terminated name.
+        let fd = unsafe { libc::openat(folder.as_raw_fd(), name.as_ptr(), FLAGS) };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            return if gone(&e) { Ok(None) } else { Err(e) };
+        }
+        // SAFETY: as above.
+        folder = unsafe { OwnedFd::from_raw_fd(fd) };
+    }
+    // SAFETY: fstatat relative to a folder we own, not following a link; `st` is written by it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatat(folder.as_raw_fd(), last.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return if gone(&e) { Ok(None) } else { Err(e) };
+    }
+    Ok(Some(st.st_size as u64))
+}
+
 /// Removes `top` and everything under it, never through a link (a link goes, not what it
 /// points to), as `std::fs::remove_dir_all` does — but without recursing: std recurses
 /// once per level, and a job can leave a chain of folders deeper than any stack (std's

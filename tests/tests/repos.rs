@@ -210,6 +210,24 @@ async fn push_branch_pushes_a_commit_but_never_to_the_default_branch() {
     assert!(b["pushed_commit"].is_null());
 }
 
+/// A file Claude staged (`git add`) and then deleted failed the push: the sizes measured
+/// before it read every staged path from the working tree, where that one was gone
+/// (hostile review s34, 1). The push goes, without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_staged_then_deleted_does_not_fail_the_push() {
+    let s = setup(None, &[]).await;
+    let (seed, _, _) = demo(&s.git);
+    let prompt = "@write=scratch.txt @write=notes.txt @git_add=scratch.txt @git_add=notes.txt @delete=scratch.txt";
+    let b = s.run(json!({"prompt": prompt, "repo_url": s.git.url("demo"), "push_branch": "claude/staged", "include_diff": true})).await;
+    ok(&b);
+    let pushed = b["pushed_commit"].as_str().expect("a commit was pushed");
+    assert_eq!(on_server(&seed, "claude/staged").as_deref(), Some(pushed));
+    let files = seed.server_git(&["ls-tree", "-r", "--name-only", pushed]);
+    assert!(files.contains("notes.txt") && !files.contains("scratch.txt"), "{files}");
+    let listed: Vec<&str> = b["files_changed"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
+    assert_eq!(listed, ["notes.txt"], "{b}");
+}
+
 /// The commit the server's `branch` points at, if it has that branch.
 fn on_server(seed: &Seed, branch: &str) -> Option<String> {
     let out = std::process::Command::new("git").args(["rev-parse", "--verify", "-q", &format!("refs/heads/{branch}")]).current_dir(&seed.bare).output().unwrap();

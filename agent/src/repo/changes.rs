@@ -110,22 +110,41 @@ pub fn stage(dir: &Path, base: Oid, abort: &AtomicBool) -> Result<Staged, RepoEr
     Ok(staged)
 }
 
-/// The bytes of the files Claude added or changed in the working tree; a file over
-/// [`MAX_PUSH_FILE_BYTES`] is an error.
-fn changed_bytes(repo: &Repository) -> Result<u64, RepoError> {
-    let err = |e: git2::Error| local("collect the job's changes", e.message());
-    let workdir = repo.workdir().ok_or_else(|| local("collect the job's changes", "the checkout has no working tree"))?;
+/// The bytes of the files the push will carry that Claude added or changed, measured
+/// before any is read; a file over [`MAX_PUSH_FILE_BYTES`] is an error. Staging takes the
+/// working tree: a file changed there is measured there, by `lstat` (a link's own size,
+/// never through a linked folder: git sees the link, not what is beyond it); one only
+/// staged (Claude's `git add`, the working tree as staged) by its object's header, its
+/// blob unread. A file gone from the working tree is carried by no push, staged or not:
+/// it counts nothing (read from the working tree, a file staged then deleted failed the
+/// whole hand-back).
+pub(super) fn changed_bytes(repo: &Repository) -> Result<u64, RepoError> {
+    let action = "collect the job's changes";
+    let err = |e: git2::Error| local(action, e.message());
+    let workdir = repo.workdir().ok_or_else(|| local(action, "the checkout has no working tree"))?;
+    let odb = repo.odb().map_err(err)?;
     let mut options = StatusOptions::new();
     options.include_untracked(true).recurse_untracked_dirs(true).exclude_submodules(true);
-    // Changed in the working tree, or staged by Claude's own `git add`.
-    let changed = Status::WT_NEW | Status::WT_MODIFIED | Status::WT_TYPECHANGE | Status::WT_RENAMED
-        | Status::INDEX_NEW | Status::INDEX_MODIFIED | Status::INDEX_TYPECHANGE | Status::INDEX_RENAMED;
+    let in_tree = Status::WT_NEW | Status::WT_MODIFIED | Status::WT_TYPECHANGE;
+    let in_index = Status::INDEX_NEW | Status::INDEX_MODIFIED | Status::INDEX_TYPECHANGE | Status::INDEX_RENAMED;
     let mut total = 0;
-    for entry in repo.statuses(Some(&mut options)).map_err(err)?.iter().filter(|e| e.status().intersects(changed)) {
-        // The name as its bytes: a lossy one (`big\xff.bin`) named no file, and counted 0.
-        let path = std::ffi::OsStr::from_bytes(entry.path_bytes());
+    for entry in repo.statuses(Some(&mut options)).map_err(err)?.iter() {
+        let status = entry.status();
         let shown = || String::from_utf8_lossy(entry.path_bytes()).into_owned();
-        let bytes = workdir.join(path).symlink_metadata().map_err(|e| local("collect the job's changes", format!("{}: {e}", shown())))?.len();
+        let bytes = if status.intersects(in_tree) {
+            // The name as its bytes: a lossy one (`big\xff.bin`) named no file, and counted 0.
+            let path = Path::new(std::ffi::OsStr::from_bytes(entry.path_bytes()));
+            crate::files::size_beneath(workdir, path).map_err(|e| local(action, format!("{}: {e}", one_line(&shown()))))?.unwrap_or(0)
+        } else if status.intersects(Status::WT_DELETED) || !status.intersects(in_index) {
+            continue;
+        } else {
+            let Some(staged) = entry.head_to_index().map(|d| d.new_file()) else { continue };
+            // A submodule's entry names a commit of another repository: no object here.
+            if staged.id().is_zero() || staged.mode() == git2::FileMode::Commit {
+                continue;
+            }
+            odb.read_header(staged.id()).map_err(err)?.0 as u64
+        };
         too_big(&shown(), bytes)?;
         total += bytes;
     }

@@ -472,6 +472,74 @@ async fn a_file_too_big_for_a_push_is_refused_in_claudes_commits_too() {
     assert!(matches!(&err, RepoError::FileTooBig { path, .. } if path.starts_with("big")), "{err}");
 }
 
+/// Stages, commits and pushes what `co` holds to `branch` of the server `bare`: the commit.
+fn push_to(co: &checkout::Checkout, bare: &Path, branch: &str) -> String {
+    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    let commit = staged.commit("a", "a@b", "m").unwrap().expect("there are changes");
+    let target = PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: branch.into(), default_branch: Some("main".into()) };
+    staged.push(&target, commit, &AtomicBool::new(false), &|| true).unwrap();
+    commit.to_string()
+}
+
+/// A file Claude staged (`git add`) and then deleted failed the whole hand-back: the sizes
+/// measured before staging `lstat`ed every path the index or the working tree changed, and
+/// that one was gone (hostile review s34, 1). A file gone from the working tree counts
+/// nothing (the push does not carry it), one changed there is measured there, one only
+/// staged by its object's header.
+#[tokio::test]
+async fn a_file_staged_then_deleted_or_changed_is_measured_as_the_push_carries_it() {
+    let tmp = TempDir::new("staged-then");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let add = |path: &str, text: &str| {
+        std::fs::write(co.dir.join(path), text).unwrap();
+        git(&co.dir, &["add", path]);
+    };
+    add("gone.txt", "staged, then deleted\n");
+    std::fs::remove_file(co.dir.join("gone.txt")).unwrap();
+    add("changed.txt", "staged first\n");
+    std::fs::write(co.dir.join("changed.txt"), "then changed\n").unwrap();
+    add("kept.txt", "staged as it is\n");
+    // A tracked file changed and staged, then deleted.
+    add("old.txt", "changed and staged\n");
+    std::fs::remove_file(co.dir.join("old.txt")).unwrap();
+    let repo = git2::Repository::open(&co.dir).unwrap();
+    let measured = changes::changed_bytes(&repo).unwrap();
+    assert_eq!(measured, ("then changed\n".len() + "staged as it is\n".len()) as u64);
+    let commit = push_to(&co, &bare, "claude/staged");
+    let files = git(&bare, &["ls-tree", "-r", "--name-only", &commit]);
+    assert!(!files.contains("gone.txt") && !files.contains("old.txt") && files.contains("kept.txt"), "{files}");
+    assert_eq!(git(&bare, &["show", &format!("{commit}:changed.txt")]), "then changed");
+}
+
+/// A file staged in a folder the job then replaced with a link to a folder elsewhere was
+/// measured through the link, as what it names there (here: over what a push takes, so the
+/// push was refused for a file it would not carry). Git sees the link, not what it names:
+/// the staged file is gone from the working tree, the link is new.
+#[tokio::test]
+async fn a_file_staged_under_a_folder_now_a_link_is_not_measured_through_it() {
+    let tmp = TempDir::new("staged-linked");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::create_dir(co.dir.join("data")).unwrap();
+    std::fs::write(co.dir.join("data/big.bin"), "small when staged\n").unwrap();
+    git(&co.dir, &["add", "data/big.bin"]);
+    std::fs::remove_dir_all(co.dir.join("data")).unwrap();
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    // Sparse: over what a push takes, a few KiB on disk.
+    std::fs::File::create(outside.join("big.bin")).unwrap().set_len(changes::MAX_PUSH_FILE_BYTES + (1 << 20)).unwrap();
+    std::os::unix::fs::symlink(&outside, co.dir.join("data")).unwrap();
+    let repo = git2::Repository::open(&co.dir).unwrap();
+    assert_eq!(changes::changed_bytes(&repo).unwrap(), outside.as_os_str().len() as u64, "the link's own size");
+    let commit = push_to(&co, &bare, "claude/linked");
+    assert_eq!(git(&bare, &["ls-tree", &commit, "data"]).split_whitespace().next(), Some("120000"), "the link is pushed");
+    // The measure itself never goes through a linked folder.
+    assert_eq!(crate::files::size_beneath(&co.dir, Path::new("data/big.bin")).unwrap(), None);
+    assert_eq!(crate::files::size_beneath(&co.dir, Path::new("README.md")).unwrap(), Some("hello again\n".len() as u64));
+    assert_eq!(crate::files::size_beneath(&co.dir, Path::new("nothing/here")).unwrap(), None);
+}
+
 /// The push went where the checkout's own `.git/config` said: a job (which can write it)
 /// that set `url.<elsewhere>.pushInsteadOf <repo_url>` had the job's commit, with the
 /// runner's token, land in another repository of the same host, on a branch the "never
@@ -747,15 +815,17 @@ fn a_secret_in_a_binary_file_is_found_across_windows_and_in_utf16() {
 /// A FIFO a job puts where libgit2 opens a file — its checkout's `.git/config`, its
 /// mirror's `packed-refs` or a ref (found through the checkout's alternates) — hung the
 /// hand-back, every later fetch of the repository, and the agent's start (`recover`), each
-/// for good (hostile review rev23, F1, F2). The checkout's is refused, the mirror's removed.
+/// for good (hostile review rev23, F1, F2). The checkout's is refused (its config is put
+/// back instead: see `the_checkouts_config_is_put_back_before_libgit2_reads_it`), the
+/// mirror's removed.
 #[tokio::test]
 async fn a_fifo_where_libgit2_opens_a_file_is_refused_or_removed_not_waited_on() {
     let tmp = TempDir::new("fifo-git");
     let (bare, _, _) = server(tmp.path());
     let (cache, lease, co) = checked_out(tmp.path(), &bare).await;
     std::fs::write(co.dir.join("a.txt"), "a\n").unwrap();
-    std::fs::remove_file(co.dir.join(".git/config")).unwrap();
-    crate::files::pipe_at(&co.dir.join(".git/config"));
+    std::fs::remove_file(co.dir.join(".git/HEAD")).unwrap();
+    crate::files::pipe_at(&co.dir.join(".git/HEAD"));
     let (dir, base) = (co.dir.clone(), co.commit);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -764,7 +834,7 @@ async fn a_fifo_where_libgit2_opens_a_file_is_refused_or_removed_not_waited_on()
     let (patch, stage) = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the hand-back waited on a FIFO");
     for err in [patch, stage] {
         let err = err.expect("refused");
-        assert!(matches!(&err, RepoError::OddGitEntry { .. }) && err.to_string().contains(".git/config"), "{err}");
+        assert!(matches!(&err, RepoError::OddGitEntry { .. }) && err.to_string().contains(".git/HEAD"), "{err}");
     }
     let mirror = lease.dir.clone();
     drop(lease);
@@ -778,6 +848,50 @@ async fn a_fifo_where_libgit2_opens_a_file_is_refused_or_removed_not_waited_on()
     let recovered = tokio::time::timeout(std::time::Duration::from_secs(30), cache.recover()).await;
     assert!(recovered.is_ok(), "recover waited on a FIFO");
     assert!(std::fs::symlink_metadata(mirror.join("packed-refs")).is_err(), "the FIFO was removed");
+}
+
+/// libgit2 reads a checkout's `.git/config` as it opens the checkout, before the agent's
+/// own settings replace it, and what that config includes: an `include.path` naming a FIFO
+/// outside held the hand-back until the job's time, one naming a file outside chose how the
+/// checkout was read (here an extension libgit2 refuses, and the hand-back failed) (hostile
+/// review s34, 3). The config is put back, replaced whole, before each open: a FIFO at
+/// `.git/config` itself goes too, and the hand-back goes on.
+#[tokio::test]
+async fn the_checkouts_config_is_put_back_before_libgit2_reads_it() {
+    use std::io::Write;
+    let tmp = TempDir::new("config-put-back");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::write(co.dir.join("a.txt"), "a\n").unwrap();
+    let config = co.dir.join(".git/config");
+    let include = |path: &Path| {
+        let mut file = std::fs::OpenOptions::new().append(true).open(&config).unwrap();
+        write!(file, "[include]\n\tpath = {}\n", path.display()).unwrap();
+    };
+    let hand_back = || {
+        let (dir, base) = (co.dir.clone(), co.commit);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let staged = changes::stage(&dir, base, &AtomicBool::new(false)).and_then(|s| s.commit("a", "a@b", "m"));
+            let _ = tx.send((changes::patch(&dir, base, 1 << 20), staged));
+        });
+        let (patch, staged) = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the hand-back waited on a FIFO");
+        assert!(patch.expect("the diff").text.contains("+a"));
+        assert!(staged.expect("the commit").is_some());
+        let now = std::fs::read_to_string(&config).unwrap();
+        assert!(!now.contains("include"), "{now}");
+    };
+    let outside = tmp.path().join("outside.config");
+    std::fs::write(&outside, "[core]\n\trepositoryformatversion = 1\n[extensions]\n\tmadeUp = true\n").unwrap();
+    include(&outside);
+    hand_back();
+    let fifo = tmp.path().join("outside-fifo");
+    crate::files::pipe_at(&fifo);
+    include(&fifo);
+    hand_back();
+    std::fs::remove_file(&config).unwrap();
+    crate::files::pipe_at(&config);
+    hand_back();
 }
 
 /// Every line of Claude's commits' headers is read for a secret, not only the names and
@@ -920,6 +1034,14 @@ async fn a_fetch_killed_with_its_job_leaves_no_partial_pack() {
     panic!("the killed fetch's partial pack stayed");
 }
 
+/// Holds a hand-back of `co` at its first step, the diff, as a job can: a FIFO at its
+/// `.gitignore`, which libgit2 opens as it lists the working tree. Returns the FIFO.
+fn hold_at_a_fifo(co: &checkout::Checkout) -> PathBuf {
+    let fifo = co.dir.join(".gitignore");
+    crate::files::pipe_at(&fifo);
+    fifo
+}
+
 /// The children of this test binary's that wait to open a FIFO (`wait_for_partner`).
 fn children_waiting_on_a_fifo() -> Vec<i32> {
     let me = std::process::id().to_string();
@@ -932,23 +1054,19 @@ fn children_waiting_on_a_fifo() -> Vec<i32> {
     std::fs::read_dir("/proc").unwrap().flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).filter(|pid: &i32| waiting(&pid.to_string()) == Some(true)).collect()
 }
 
-/// libgit2 opens what a checkout's config names (`include.path`), and a job can name a FIFO
-/// there (or plant one in `.git` after the agent's check): the hand-back waited on it for
-/// ever, a blocking thread of the agent's lost for good even once the job ended (some 512
+/// libgit2 opens what a checkout's config named (`include.path`, before the config was put
+/// back), and a job can plant a FIFO where libgit2 opens a file (a `.gitignore`, or in
+/// `.git` after the agent's check): the hand-back waited on it for ever, a blocking thread of the agent's lost for good even once the job ended (some 512
 /// such and the agent stalled). The worker doing it is asked to stop at the job's time and
 /// killed when it has not answered within the bound: nothing is left waiting. And a worker
 /// a job kills (same user) ends its work at once, saying so and what to do.
 #[tokio::test]
 async fn a_hand_back_stuck_on_a_fifo_is_killed_once_given_up() {
     use super::worker::{self, HandBackWork, Work};
-    use std::io::Write;
     let tmp = TempDir::new("stuck-hand-back");
     let (bare, _, _) = server(tmp.path());
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
-    let fifo = tmp.path().join("not-in-git");
-    crate::files::pipe_at(&fifo);
-    let mut config = std::fs::OpenOptions::new().append(true).open(co.dir.join(".git/config")).unwrap();
-    write!(config, "[include]\n\tpath = {}\n", fifo.display()).unwrap();
+    hold_at_a_fifo(&co);
     let work = || Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), diff_max_bytes: Some(1 << 20), push: None, redactor: crate::redact::Redactor::default() });
     let stop = |after_ms| stop_within(after_ms, 1_000);
     let before = children_waiting_on_a_fifo();
@@ -987,14 +1105,10 @@ async fn a_hand_back_stuck_on_a_fifo_is_killed_once_given_up() {
 #[tokio::test]
 async fn a_git_worker_limits_its_memory_before_it_works() {
     use super::worker::{self, HandBackWork, Work, MAX_WORKER_MEMORY};
-    use std::io::Write;
     let tmp = TempDir::new("worker-memory");
     let (bare, _, _) = server(tmp.path());
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
-    let fifo = tmp.path().join("not-in-git");
-    crate::files::pipe_at(&fifo);
-    let mut config = std::fs::OpenOptions::new().append(true).open(co.dir.join(".git/config")).unwrap();
-    write!(config, "[include]\n\tpath = {}\n", fifo.display()).unwrap();
+    hold_at_a_fifo(&co);
     let work = Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), diff_max_bytes: Some(1 << 20), push: None, redactor: crate::redact::Redactor::default() });
     let before = children_waiting_on_a_fifo();
     let handing_back = tokio::spawn(worker::run(work, (), "collect the job's changes", Some(stop_within(60_000, 1_000))));
@@ -1034,7 +1148,6 @@ fn stop_within(after_ms: u64, then_ms: u64) -> super::worker::Stop<'static> {
 #[tokio::test]
 async fn a_lost_hand_back_says_a_push_may_have_landed_only_once_one_began() {
     use super::worker;
-    use std::io::Write;
     let tmp = TempDir::new("push-begun");
     let (bare, _, _) = server(tmp.path());
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
@@ -1058,10 +1171,7 @@ async fn a_lost_hand_back_says_a_push_may_have_landed_only_once_one_began() {
     assert!(matches!(answer, Err(RepoError::HandBackLost { .. })), "{answer:?}");
 
     // Killed by a job before any push began (stuck on its diff): nothing was pushed.
-    let fifo = tmp.path().join("not-in-git");
-    crate::files::pipe_at(&fifo);
-    let mut config = std::fs::OpenOptions::new().append(true).open(co.dir.join(".git/config")).unwrap();
-    write!(config, "[include]\n\tpath = {}\n", fifo.display()).unwrap();
+    hold_at_a_fifo(&co);
     let before = children_waiting_on_a_fifo();
     let handing_back = tokio::spawn(worker::run(work(), (), "collect the job's changes", Some(stop_within(60_000, 1_000))));
     let stuck = loop {
@@ -1081,7 +1191,7 @@ async fn a_lost_hand_back_says_a_push_may_have_landed_only_once_one_began() {
 /// A cancel during the hand-back went unheard (the job's stop was Claude's run's alone): a
 /// push not yet begun still went out after the caller cancelled (hostile review of
 /// repository jobs, 1). The cancel now stops the work as the deadline does: here it comes
-/// while the worker is held at its first step (a FIFO in the checkout's config), and no
+/// while the worker is held at its first step (a FIFO at the checkout's `.gitignore`), and no
 /// push reaches the server.
 #[tokio::test]
 async fn a_cancel_stops_a_push_not_yet_begun() {
@@ -1091,11 +1201,7 @@ async fn a_cancel_stops_a_push_not_yet_begun() {
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
     std::fs::write(co.dir.join("new.txt"), "new\n").unwrap();
     let (port, posted) = push_server(&bare, Reply::Never);
-    let fifo = tmp.path().join("not-in-git");
-    crate::files::pipe_at(&fifo);
-    let config_path = co.dir.join(".git/config");
-    let config = std::fs::read_to_string(&config_path).unwrap();
-    std::fs::write(&config_path, format!("{config}[include]\n\tpath = {}\n", fifo.display())).unwrap();
+    let fifo = hold_at_a_fifo(&co);
     let before = children_waiting_on_a_fifo();
     let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
     let mut stop = stop_within(60_000, 1_000);
@@ -1109,8 +1215,11 @@ async fn a_cancel_stops_a_push_not_yet_begun() {
     cancel_tx.send(()).unwrap();
     // The stop reaches the worker's watch, then the worker is let go on.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    std::fs::write(&config_path, config).unwrap();
-    drop(std::fs::OpenOptions::new().write(true).open(&fifo).unwrap());
+    // The worker's open ends as this one does; the FIFO goes before the worker reads
+    // its end (none: the writer is still open), so nothing opens it again.
+    let writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    std::fs::remove_file(&fifo).unwrap();
+    drop(writer);
     let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(20), handing_back).await.expect("the cancelled hand-back went on to push").unwrap();
     let outcome = match answer {
         Ok(Answer::HandedBack(Ok(outcome))) => outcome,

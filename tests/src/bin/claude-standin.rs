@@ -21,7 +21,8 @@
 //! file (relative to the working directory; may repeat) · `@write_binary=PATH` write a few
 //! non-text bytes · `@write_env=VAR,PATH` write the value of VAR into a file ·
 //! `@write_random=PATH,MIB` write MIB mebibytes of incompressible bytes ·
-//! `@delete=PATH` delete a file (may repeat) · `@exists=PATH` answer whether PATH exists ·
+//! `@git_add=PATH` stage a file with `git add`, after the writes and before the deletes
+//! (may repeat) · `@delete=PATH` delete a file (may repeat) · `@exists=PATH` answer whether PATH exists ·
 //! `@git_config=KEY,VALUE` run `git config KEY VALUE` in the checkout, and
 //! `@mirror_git_config=KEY,VALUE` in its mirror (found through `objects/info/alternates`),
 //! as a job's command could (may repeat) ·
@@ -260,6 +261,10 @@ fn main() {
     for spec in directives(&prompt, "write_env") {
         let (var, path) = spec.split_once(',').expect("@write_env=VAR,PATH");
         std::fs::write(path, format!("{}\n", std::env::var(var).unwrap_or_default())).expect("the stand-in writes");
+    }
+    for path in directives(&prompt, "git_add") {
+        let status = std::process::Command::new("git").args(["add", "--", path]).status().expect("git runs");
+        assert!(status.success(), "git add {path}");
     }
     for path in directives(&prompt, "delete") {
         std::fs::remove_file(path).expect("the stand-in deletes");
