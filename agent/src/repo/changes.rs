@@ -58,14 +58,20 @@ pub const MAX_FILES_CHANGED_BYTES: usize = shared::protocol::MAX_FRAME_BYTES / 4
 /// files and folders: libgit2 opens what it finds there by path (config, HEAD, refs, the
 /// index, `commondir`, a `.git` file naming another folder), and a FIFO a job put there
 /// blocked the job's hand-back for ever — its slot, the agent's drain and exit with it.
+/// Its config is the agent's again first ([`put_back_config`]).
 fn open_checkout(dir: &Path, action: &'static str) -> Result<Repository, RepoError> {
     let git = dir.join(".git");
+    let shown = |odd: &Path| one_line(&odd.strip_prefix(dir).unwrap_or(odd).display().to_string());
+    // A folder (not a link, not a `.git` file naming another) before anything is written in it.
+    if !std::fs::symlink_metadata(&git).map_err(|e| local(action, e))?.is_dir() {
+        return Err(RepoError::OddGitEntry { path: shown(&git) });
+    }
+    put_back_config(&git, CHECKOUT_CONFIG).map_err(|e| local(action, e))?;
     let mut odd = crate::files::odd_entries(&git, 1).map_err(|e| local(action, e))?;
     // `commondir` sends libgit2 to another folder for config, refs and objects.
     odd.extend(["commondir", "gitdir"].map(|f| git.join(f)).into_iter().filter(|p| std::fs::symlink_metadata(p).is_ok()));
     if let Some(odd) = odd.first() {
-        let shown = odd.strip_prefix(dir).unwrap_or(odd).display().to_string();
-        return Err(RepoError::OddGitEntry { path: one_line(&shown) });
+        return Err(RepoError::OddGitEntry { path: shown(odd) });
     }
     // The `.git` folder itself, as a bare repository: no search upward, no `.git` file,
     // and neither `core.worktree` nor `core.bare` of its config (the job's to write) read.
@@ -87,6 +93,23 @@ fn open_checkout(dir: &Path, action: &'static str) -> Result<Repository, RepoErr
 
 /// What a checkout is read with in place of its config: links as links, modes as modes.
 const CHECKOUT_SETTINGS: &[(&str, i64)] = &[("core.symlinks", 1), ("core.filemode", 1)];
+/// The checkout's `.git/config` as the agent puts it back ([`put_back_config`]).
+const CHECKOUT_CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tbare = false\n\tfilemode = true\n\tsymlinks = true\n";
+
+/// Replaces the checkout's config (in `git`, its `.git` folder) with the agent's `text`,
+/// whole and at once (a temporary renamed over it: what was there is never opened; a
+/// folder there goes first). libgit2 reads that file as it opens the repository, before
+/// [`own_config`] replaces what it read, and opens what it includes (`include.path`,
+/// `includeIf`): a FIFO named there held the hand-back until the job's time, a file outside
+/// chose how the checkout is read (an extension libgit2 refuses failed it). The job is
+/// over: nothing of Claude's writes there any more.
+fn put_back_config(git: &Path, text: &str) -> std::io::Result<()> {
+    let config = git.join("config");
+    if std::fs::symlink_metadata(&config).is_ok_and(|m| m.is_dir()) {
+        crate::files::remove_tree(&config)?;
+    }
+    crate::files::write_atomically(&config, text.as_bytes(), false)
+}
 
 /// Stages everything in the checkout's working tree: the tree Claude left behind, to push.
 /// `abort` stops it between two files.

@@ -892,6 +892,9 @@ async fn the_checkouts_config_is_put_back_before_libgit2_reads_it() {
     std::fs::remove_file(&config).unwrap();
     crate::files::pipe_at(&config);
     hand_back();
+    std::fs::remove_file(&config).unwrap();
+    std::fs::create_dir_all(config.join("inside")).unwrap();
+    hand_back();
 }
 
 /// Every line of Claude's commits' headers is read for a secret, not only the names and
@@ -1444,7 +1447,8 @@ async fn the_checkouts_own_git_config_cannot_lead_the_diff_or_the_push_outside_t
     assert!(!pushed.contains("id_key") && pushed.contains("src/lib.rs"), "{pushed}");
 
     // A link to a file outside, read with `core.symlinks = false`: the link, not the file.
-    git(&co.dir, &["config", "--unset", "core.worktree"]);
+    // (The hand-back put the checkout's config back: its `core.worktree` is gone.)
+    assert!(!std::fs::read_to_string(co.dir.join(".git/config")).unwrap().contains("worktree"));
     git(&co.dir, &["config", "core.symlinks", "false"]);
     std::os::unix::fs::symlink(outside.join("id_key"), co.dir.join("key.pem")).unwrap();
     let patch = changes::patch(&co.dir, co.commit, 1 << 20).unwrap();
