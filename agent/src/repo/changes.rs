@@ -5,6 +5,7 @@
 //!
 //! The diff compares the working tree directly, writing nothing; only a push stages.
 
+use super::checkout::FileSystem;
 use super::error::{local, one_line, AuthSeen, RepoError, Talk};
 use super::mirror::{callbacks, own_config};
 use super::settings::Token;
@@ -20,6 +21,7 @@ pub struct Staged {
     repo: Repository,
     base: Oid,
     tree: Oid,
+    fs: FileSystem,
 }
 
 /// Objects staging writes (blobs of changed files, trees, the commit) are kept in memory
@@ -59,14 +61,14 @@ pub const MAX_FILES_CHANGED_BYTES: usize = shared::protocol::MAX_FRAME_BYTES / 4
 /// index, `commondir`, a `.git` file naming another folder), and a FIFO a job put there
 /// blocked the job's hand-back for ever — its slot, the agent's drain and exit with it.
 /// Its config is the agent's again first ([`put_back_config`]).
-fn open_checkout(dir: &Path, action: &'static str) -> Result<Repository, RepoError> {
+fn open_checkout(dir: &Path, fs: FileSystem, action: &'static str) -> Result<Repository, RepoError> {
     let git = dir.join(".git");
     let shown = |odd: &Path| one_line(&odd.strip_prefix(dir).unwrap_or(odd).display().to_string());
     // A folder (not a link, not a `.git` file naming another) before anything is written in it.
     if !std::fs::symlink_metadata(&git).map_err(|e| local(action, e))?.is_dir() {
         return Err(RepoError::OddGitEntry { path: shown(&git) });
     }
-    put_back_config(&git, CHECKOUT_CONFIG).map_err(|e| local(action, e))?;
+    put_back_config(&git, fs).map_err(|e| local(action, e))?;
     let mut odd = crate::files::odd_entries(&git, 1).map_err(|e| local(action, e))?;
     // `commondir` sends libgit2 to another folder for config, refs and objects.
     odd.extend(["commondir", "gitdir"].map(|f| git.join(f)).into_iter().filter(|p| std::fs::symlink_metadata(p).is_ok()));
@@ -78,12 +80,13 @@ fn open_checkout(dir: &Path, action: &'static str) -> Result<Repository, RepoErr
     let err = |e: git2::Error| local(action, e.message());
     let repo = Repository::open_bare(&git).map_err(err)?;
     repo.set_workdir(dir, false).map_err(err)?;
-    // No config at all from here on: the checkout's `core.worktree` moved the tree diffed
-    // and staged outside the workspace, its `core.symlinks = false` had a link read as the
-    // file it names, `core.attributesFile`, `core.excludesFile` and `filter.*` run or read
-    // what the job chose (the user's and the system's files are not searched: see
+    // No config at all from here on but what libgit2 found the file system can hold: the
+    // checkout's `core.worktree` moved the tree diffed and staged outside the workspace,
+    // its `core.symlinks = false` had a link read as the file it names,
+    // `core.attributesFile`, `core.excludesFile` and `filter.*` run or read what the job
+    // chose (the user's and the system's files are not searched: see
     // `mirror::set_timeouts`).
-    own_config(&repo, CHECKOUT_SETTINGS).map_err(err)?;
+    own_config(&repo, &fs.settings()).map_err(err)?;
     let same = |p: &Path| p.canonicalize().ok();
     if repo.workdir().and_then(same).is_none_or(|w| Some(w) != same(dir)) {
         return Err(local(action, "the checkout's working tree is not the job's workspace"));
@@ -91,19 +94,17 @@ fn open_checkout(dir: &Path, action: &'static str) -> Result<Repository, RepoErr
     Ok(repo)
 }
 
-/// What a checkout is read with in place of its config: links as links, modes as modes.
-const CHECKOUT_SETTINGS: &[(&str, i64)] = &[("core.symlinks", 1), ("core.filemode", 1)];
-/// The checkout's `.git/config` as the agent puts it back ([`put_back_config`]).
-const CHECKOUT_CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tbare = false\n\tfilemode = true\n\tsymlinks = true\n";
-
-/// Replaces the checkout's config (in `git`, its `.git` folder) with the agent's `text`,
-/// whole and at once (a temporary renamed over it: what was there is never opened; a
-/// folder there goes first). libgit2 reads that file as it opens the repository, before
-/// [`own_config`] replaces what it read, and opens what it includes (`include.path`,
-/// `includeIf`): a FIFO named there held the hand-back until the job's time, a file outside
-/// chose how the checkout is read (an extension libgit2 refuses failed it). The job is
-/// over: nothing of Claude's writes there any more.
-fn put_back_config(git: &Path, text: &str) -> std::io::Result<()> {
+/// Replaces the checkout's config (in `git`, its `.git` folder) with the agent's — what
+/// libgit2 wrote as it made the checkout, `fs` as it found the file system — whole and at
+/// once (a temporary renamed over it: what was there is never opened; a folder there goes
+/// first). libgit2 reads that file as it opens the repository, before [`own_config`]
+/// replaces what it read, and opens what it includes (`include.path`, `includeIf`): a FIFO
+/// named there held the hand-back until the job's time, a file outside chose how the
+/// checkout is read (an extension libgit2 refuses failed it). One put there again after
+/// this (Claude's processes are gone by then) holds only the git worker.
+fn put_back_config(git: &Path, fs: FileSystem) -> std::io::Result<()> {
+    let FileSystem { filemode, symlinks, ignorecase } = fs;
+    let text = format!("[core]\n\trepositoryformatversion = 0\n\tbare = false\n\tfilemode = {filemode}\n\tsymlinks = {symlinks}\n\tignorecase = {ignorecase}\n");
     let config = git.join("config");
     if std::fs::symlink_metadata(&config).is_ok_and(|m| m.is_dir()) {
         crate::files::remove_tree(&config)?;
@@ -113,9 +114,9 @@ fn put_back_config(git: &Path, text: &str) -> std::io::Result<()> {
 
 /// Stages everything in the checkout's working tree: the tree Claude left behind, to push.
 /// `abort` stops it between two files.
-pub fn stage(dir: &Path, base: Oid, abort: &AtomicBool) -> Result<Staged, RepoError> {
+pub fn stage(dir: &Path, base: Oid, fs: FileSystem, abort: &AtomicBool) -> Result<Staged, RepoError> {
     let action = "collect the job's changes";
-    let repo = open_checkout(dir, action)?;
+    let repo = open_checkout(dir, fs, action)?;
     // Sizes first, from the file system: nothing too big is ever read.
     if changed_bytes(&repo)? <= IN_MEMORY_MAX_BYTES {
         repo.odb().and_then(|odb| odb.add_new_mempack_backend(IN_MEMORY_PRIORITY).map(drop)).map_err(|e| local(action, e.message()))?;
@@ -127,7 +128,7 @@ pub fn stage(dir: &Path, base: Oid, abort: &AtomicBool) -> Result<Staged, RepoEr
         index.update_all(["*"], None).map_err(|e| local(action, e.message()))?;
         index.write_tree().map_err(|e| local(action, e.message()))?
     };
-    let staged = Staged { repo, base, tree };
+    let staged = Staged { repo, base, tree, fs };
     // Before anything reads a file's content (the search for secrets reads each whole).
     staged.check_sizes()?;
     Ok(staged)
@@ -183,9 +184,9 @@ fn too_big(path: &str, bytes: u64) -> Result<(), RepoError> {
 
 /// The unified diff of everything in the working tree at `dir` against `base`, cut at
 /// `max_bytes` (on a line boundary), and every changed path. Reads files; writes nothing.
-pub fn patch(dir: &Path, base: Oid, max_bytes: usize) -> Result<Patch, RepoError> {
+pub fn patch(dir: &Path, base: Oid, fs: FileSystem, max_bytes: usize) -> Result<Patch, RepoError> {
     let action = "compute the diff";
-    let repo = open_checkout(dir, action)?;
+    let repo = open_checkout(dir, fs, action)?;
     let old = repo.find_commit(base).and_then(|c| c.tree()).map_err(|e| local(action, e.message()))?;
     let mut options = DiffOptions::new();
     options.context_lines(3).include_untracked(true).recurse_untracked_dirs(true).show_untracked_content(true);
@@ -369,9 +370,9 @@ impl Staged {
         };
         // The checkout's config is the job's to write: none of it is read (see
         // `open_checkout`), or its `pushInsteadOf` would send the commit, and the token,
-        // elsewhere; the pack limits join the checkout's settings.
+        // elsewhere; the pack limits join what the file system can hold.
         let pack = [("pack.deltaCacheSize", DELTA_MAX_OBJECT_BYTES), ("core.bigFileThreshold", DELTA_MAX_OBJECT_BYTES), ("pack.windowMemory", DELTA_WINDOW_BYTES)];
-        let settings: Vec<_> = CHECKOUT_SETTINGS.iter().copied().chain(pack).collect();
+        let settings: Vec<_> = self.fs.settings().into_iter().chain(pack).collect();
         own_config(&self.repo, &settings).map_err(|e| local(action, e.message()))?;
         let mut remote = self.repo.remote_anonymous(&push.url).map_err(|e| local(action, e.message()))?;
         // What libgit2 would talk to, checked whatever it read: exactly the requested URL.

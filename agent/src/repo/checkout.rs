@@ -13,6 +13,40 @@ pub struct Checkout {
     pub dir: PathBuf,
     /// The commit Claude starts from.
     pub commit: Oid,
+    /// What libgit2 found the checkout's file system can hold.
+    pub fs: FileSystem,
+}
+
+/// What libgit2 found the checkout's file system can hold as it made the checkout (`git
+/// init` tries it, and writes the answer into the new repository's config): exec bits
+/// (`core.filemode`), symbolic links (`core.symlinks`: without them a link is written as a
+/// file holding its target), names told apart only by case (`core.ignorecase`). The
+/// hand-back reads the checkout with these, carried from the checkout in memory: its
+/// config is the job's to write by then, and with values forced whatever the file system,
+/// on one without exec bits or links every such file read as changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileSystem {
+    pub filemode: bool,
+    pub symlinks: bool,
+    pub ignorecase: bool,
+}
+
+impl FileSystem {
+    /// What libgit2 wrote into the config of the repository at `git_dir` it just made
+    /// (before any job could write there); git's defaults for what it left out.
+    pub(super) fn detected(git_dir: &Path) -> Result<FileSystem, git2::Error> {
+        let config = git2::Config::open(&git_dir.join("config"))?;
+        let flag = |key: &str, default: bool| match config.get_bool(key) {
+            Err(e) if e.code() == git2::ErrorCode::NotFound => Ok(default),
+            read => read,
+        };
+        Ok(FileSystem { filemode: flag("core.filemode", true)?, symlinks: flag("core.symlinks", true)?, ignorecase: flag("core.ignorecase", false)? })
+    }
+
+    /// These as settings of a repository's config (`section.key`, 0 or 1).
+    pub fn settings(&self) -> [(&'static str, i64); 3] {
+        [("core.filemode", self.filemode.into()), ("core.symlinks", self.symlinks.into()), ("core.ignorecase", self.ignorecase.into())]
+    }
 }
 
 /// What `branch` named in the mirror.
@@ -100,6 +134,7 @@ pub fn create(mirror_dir: &Path, fetched: Option<&Fetched>, dir: &Path, branch: 
     fits(&mirror, start_commit, (max_bytes, MAX_CHECKOUT_FILE_BYTES, MAX_CHECKOUT_ENTRIES), url)?;
     std::fs::create_dir_all(dir).map_err(|e| local(action, e))?;
     let repo = Repository::init(dir).map_err(|e| local(action, e.message()))?;
+    let fs = FileSystem::detected(repo.path()).map_err(|e| local(action, e.message()))?;
     let objects = mirror_dir.canonicalize().map_err(|e| local(action, e))?.join("objects");
     std::fs::write(repo.path().join("objects/info/alternates"), format!("{}\n", objects.display())).map_err(|e| local(action, e))?;
     // Opened again: a repository reads its alternates when opened.
@@ -124,7 +159,7 @@ pub fn create(mirror_dir: &Path, fetched: Option<&Fetched>, dir: &Path, branch: 
     // were (staging cleans LF and an unexpanded `$Id$` to themselves): no change is seen
     // that the job did not make.
     repo.checkout_head(Some(CheckoutBuilder::new().force().disable_filters(true))).map_err(|e| local(action, e.message()))?;
-    Ok(Checkout { dir: dir.to_path_buf(), commit })
+    Ok(Checkout { dir: dir.to_path_buf(), commit, fs })
 }
 
 /// Refuses a commit whose files would take more than `max_bytes` in all

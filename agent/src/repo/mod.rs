@@ -61,6 +61,8 @@ pub struct Prepared {
     pub dir: PathBuf,
     /// The commit Claude starts from.
     commit: String,
+    /// What the checkout's file system can hold ([`checkout::FileSystem`]).
+    fs: checkout::FileSystem,
     /// Where Claude starts: `working_dir` inside the checkout.
     pub cwd: PathBuf,
 }
@@ -141,7 +143,7 @@ impl Repos {
         match answer? {
             Answer::CheckedOut(made) => {
                 let made = made?;
-                Ok(Prepared { lease, url, dir: workspace.to_path_buf(), commit: made.commit, cwd: made.cwd })
+                Ok(Prepared { lease, url, dir: workspace.to_path_buf(), commit: made.commit, fs: made.fs, cwd: made.cwd })
             }
             other => Err(other.unexpected("check out the repository")),
         }
@@ -183,7 +185,7 @@ impl Prepared {
             author_email: settings.author_email.clone(),
             message: spec.commit_message.clone().unwrap_or_else(|| format!("Changes by Claude Runner job {job_id}")),
         });
-        let work = HandBackWork { dir: self.dir.clone(), base: self.commit.clone(), diff_max_bytes: spec.include_diff.then_some(settings.max_diff_bytes), push, redactor: (*redactor).clone() };
+        let work = HandBackWork { dir: self.dir.clone(), base: self.commit.clone(), fs: self.fs, diff_max_bytes: spec.include_diff.then_some(settings.max_diff_bytes), push, redactor: (*redactor).clone() };
         // At `give_up_at` the worker is asked to stop; a push under way is waited for, so
         // the result says how it ended on the server; bounded, since libgit2 may not return
         // (a server sending a byte at a time): then the worker is killed. A worker given up
@@ -218,18 +220,18 @@ fn hand_back_gone(url: String, push_asked: bool) -> Box<dyn Fn(Gone) -> RepoErro
 /// commit and push (`push_branch`). A push that fails leaves the diff in the outcome,
 /// beside its error (it was thrown away with it, a refusal for a secret too).
 fn hand_back(work: HandBackWork, abort: &AtomicBool, begins: &dyn Fn() -> bool) -> Result<Outcome, RepoError> {
-    let HandBackWork { dir, base, diff_max_bytes, push, redactor } = work;
+    let HandBackWork { dir, base, fs, diff_max_bytes, push, redactor } = work;
     let base = git2::Oid::from_str(&base).map_err(|e| local("collect the job's changes", e.message()))?;
     let mut outcome = Outcome::default();
     if let Some(max_bytes) = diff_max_bytes {
-        let mut patch = changes::patch(&dir, base, max_bytes)?;
+        let mut patch = changes::patch(&dir, base, fs, max_bytes)?;
         // The paths are redacted with the result's other words (`runner::scrub`).
         patch.text = redactor.redact(&patch.text);
         outcome.patch = Some(patch);
     }
     if let Some(push) = push {
         let branch = push.target.branch.clone();
-        match push_changes(&dir, base, push, &redactor, abort, begins) {
+        match push_changes(&dir, base, fs, push, &redactor, abort, begins) {
             Ok(commit) => {
                 outcome.pushed_commit = commit;
                 outcome.pushed_branch = Some(branch);
@@ -244,14 +246,14 @@ fn hand_back(work: HandBackWork, abort: &AtomicBool, begins: &dyn Fn() -> bool) 
 /// commit pushed (None when nothing changed). `abort` (the agent's stop) is checked before
 /// each step: a push not yet under way never starts. `begins` tells the agent a push is
 /// about to go out (see [`changes::Staged::push`]).
-fn push_changes(dir: &Path, base: git2::Oid, push: PushWork, redactor: &Redactor, abort: &AtomicBool, begins: &dyn Fn() -> bool) -> Result<Option<String>, RepoError> {
+fn push_changes(dir: &Path, base: git2::Oid, fs: checkout::FileSystem, push: PushWork, redactor: &Redactor, abort: &AtomicBool, begins: &dyn Fn() -> bool) -> Result<Option<String>, RepoError> {
     let PushWork { target, author_name, author_email, message } = push;
     let given_up = || abort.load(Ordering::SeqCst);
     let too_slow = || RepoError::HandBackTooSlow { url: target.url.clone() };
     if given_up() {
         return Err(too_slow());
     }
-    let staged = changes::stage(dir, base, abort).map_err(|e| if given_up() { too_slow() } else { e })?;
+    let staged = changes::stage(dir, base, fs, abort).map_err(|e| if given_up() { too_slow() } else { e })?;
     if staged.adds_secret(|line| redactor.redact(line) != line)? {
         return Err(RepoError::SecretInChanges);
     }

@@ -198,7 +198,7 @@ async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
     std::fs::create_dir_all(co.dir.join("target")).unwrap();
     std::fs::write(co.dir.join("target/build.o"), "ignored").unwrap();
 
-    let patch = changes::patch(&co.dir, co.commit, 1 << 20).unwrap();
+    let patch = changes::patch(&co.dir, co.commit, co.fs, 1 << 20).unwrap();
     assert!(!patch.truncated);
     let t = &patch.text;
     assert!(t.contains("diff --git a/added.txt b/added.txt\nnew file mode 100644") && t.contains("+brand new"), "{t}");
@@ -219,12 +219,12 @@ async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
     ]);
     assert_eq!(patch.files.iter().find(|f| f.path == "renamed.txt").unwrap().old_path.as_deref(), Some("old.txt"));
 
-    let cut = changes::patch(&co.dir, co.commit, 200).unwrap();
+    let cut = changes::patch(&co.dir, co.commit, co.fs, 200).unwrap();
     assert!(cut.truncated && cut.text.len() <= 200 && cut.text.ends_with('\n'), "{}", cut.text);
     assert_eq!(cut.files.len(), 6, "the file list is whole even when the diff is cut");
 
     // What is pushed is what the diff shows.
-    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    let staged = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).unwrap();
     let loose = std::fs::read_dir(co.dir.join(".git/objects")).unwrap().flatten().filter(|e| e.file_name().len() == 2).count();
     assert_eq!(loose, 0, "staging writes no object files into the checkout");
     let mut pushed = staged.patch(1 << 20).unwrap().files;
@@ -241,7 +241,7 @@ async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
     // Given up (the job's time is over): nothing goes out, and staging stops too.
     assert!(staged.push(&target("claude/given-up"), commit, &AtomicBool::new(true), &|| true).is_err());
     assert!(std::process::Command::new("git").args(["rev-parse", "--verify", "-q", "claude/given-up"]).current_dir(&bare).status().is_ok_and(|s| !s.success()));
-    assert!(changes::stage(&co.dir, co.commit, &AtomicBool::new(true)).is_err());
+    assert!(changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(true)).is_err());
     staged.push(&target("claude/job-1"), commit, &AtomicBool::new(false), &|| true).unwrap();
     assert_eq!(git(&bare, &["rev-parse", "refs/heads/claude/job-1"]), commit.to_string());
     assert_eq!(git(&bare, &["log", "-1", "--format=%an <%ae> %s", "claude/job-1"]), "Claude Runner <cr@localhost> Job changes");
@@ -263,9 +263,9 @@ async fn nothing_changed_means_no_commit() {
     let tmp = TempDir::new("unchanged");
     let (bare, _, _) = server(tmp.path());
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
-    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    let staged = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).unwrap();
     assert_eq!(staged.commit("a", "a@b", "m").unwrap(), None);
-    assert!(changes::patch(&co.dir, co.commit, 1000).unwrap().files.is_empty());
+    assert!(changes::patch(&co.dir, co.commit, co.fs, 1000).unwrap().files.is_empty());
 }
 
 #[tokio::test]
@@ -306,7 +306,7 @@ async fn the_list_of_changed_files_is_capped_and_says_so() {
     for i in 0..made {
         std::fs::write(co.dir.join(&deep).join(format!("f{i}")), "x\n").unwrap();
     }
-    let patch = changes::patch(&co.dir, co.commit, 1 << 20).unwrap();
+    let patch = changes::patch(&co.dir, co.commit, co.fs, 1 << 20).unwrap();
     assert!(patch.files_truncated, "{} of {made} files listed, not said to be cut", patch.files.len());
     assert!(!patch.files.is_empty() && patch.files.len() < made && patch.files.len() <= MAX_FILES_CHANGED);
     let json = serde_json::to_string(&patch.files).unwrap();
@@ -314,7 +314,7 @@ async fn the_list_of_changed_files_is_capped_and_says_so() {
     // A few files are listed whole.
     std::fs::remove_dir_all(co.dir.join("0dddd".to_string() + &"d".repeat(245))).unwrap();
     std::fs::write(co.dir.join("one.txt"), "1\n").unwrap();
-    let patch = changes::patch(&co.dir, co.commit, 1 << 20).unwrap();
+    let patch = changes::patch(&co.dir, co.commit, co.fs, 1 << 20).unwrap();
     assert!(!patch.files_truncated && patch.files.len() == 1, "{:?}", patch.files);
 }
 
@@ -368,11 +368,11 @@ async fn claudes_own_commits_are_in_the_diff_and_under_the_pushed_commit() {
     git(&co.dir, &["commit", "-q", "-m", "claude's commit"]);
     let claudes = git(&co.dir, &["rev-parse", "HEAD"]);
     std::fs::write(co.dir.join("loose.txt"), "not committed\n").unwrap();
-    let patch = changes::patch(&co.dir, co.commit, 1 << 20).unwrap();
+    let patch = changes::patch(&co.dir, co.commit, co.fs, 1 << 20).unwrap();
     let mut paths: Vec<&str> = patch.files.iter().map(|f| f.path.as_str()).collect();
     paths.sort();
     assert_eq!(paths, ["committed.txt", "loose.txt"], "everything since the start commit");
-    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    let staged = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).unwrap();
     let commit = staged.commit("a", "a@b", "rest").unwrap().unwrap();
     let target = PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: "claude/own".into(), default_branch: Some("main".into()) };
     staged.push(&target, commit, &AtomicBool::new(false), &|| true).unwrap();
@@ -422,7 +422,7 @@ async fn a_secret_in_claudes_own_history_is_found_even_when_a_later_commit_remov
     git(&co.dir, &["add", "-A"]);
     git(&co.dir, &["commit", "-q", "-m", "oops"]);
     std::fs::write(co.dir.join("clean.txt"), "nothing to see\n").unwrap();
-    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    let staged = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).unwrap();
     assert!(staged.adds_secret(secret).unwrap(), "the token in an earlier commit is found");
 
     // In a commit message too.
@@ -434,7 +434,7 @@ async fn a_secret_in_claudes_own_history_is_found_even_when_a_later_commit_remov
     std::fs::write(co.dir.join("a.txt"), "a\n").unwrap();
     git(&co.dir, &["add", "-A"]);
     git(&co.dir, &["commit", "-q", "-m", "use tok-0123456789"]);
-    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    let staged = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).unwrap();
     assert!(staged.adds_secret(secret).unwrap(), "the token in a commit message is found");
 }
 
@@ -451,7 +451,7 @@ async fn a_file_too_big_for_a_push_is_refused_in_claudes_commits_too() {
     git(&co.dir, &["commit", "-q", "-m", "an image"]);
     // Refused as it is staged, before the search for secrets reads any file whole (it
     // read a committed 2 GB file, and the push refused it only then).
-    let err = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).err().unwrap();
+    let err = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).err().unwrap();
     assert!(matches!(&err, RepoError::FileTooBig { path, mib: 101, .. } if path == "huge.img"), "{err}");
     // Staged by Claude's `git add` but not committed: refused before staging.
     let root = tmp.path().join("second");
@@ -459,7 +459,7 @@ async fn a_file_too_big_for_a_push_is_refused_in_claudes_commits_too() {
     let (_cache, _lease, co) = checked_out(&root, &bare).await;
     std::fs::File::create(co.dir.join("huge.img")).unwrap().set_len(changes::MAX_PUSH_FILE_BYTES + 1).unwrap();
     git(&co.dir, &["add", "huge.img"]);
-    let err = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).err().unwrap();
+    let err = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).err().unwrap();
     assert!(matches!(&err, RepoError::FileTooBig { .. }), "{err}");
     // A name that is not UTF-8: its size is its file's (the lossy name named no file, and
     // counted 0 bytes).
@@ -468,17 +468,61 @@ async fn a_file_too_big_for_a_push_is_refused_in_claudes_commits_too() {
     git(&co.dir, &["add", "-A"]);
     let odd = co.dir.join(std::ffi::OsStr::from_bytes(b"big\xff.bin"));
     std::fs::File::create(&odd).unwrap().set_len(changes::MAX_PUSH_FILE_BYTES + 1).unwrap();
-    let err = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).err().unwrap();
+    let err = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).err().unwrap();
     assert!(matches!(&err, RepoError::FileTooBig { path, .. } if path.starts_with("big")), "{err}");
 }
 
 /// Stages, commits and pushes what `co` holds to `branch` of the server `bare`: the commit.
 fn push_to(co: &checkout::Checkout, bare: &Path, branch: &str) -> String {
-    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    let staged = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).unwrap();
     let commit = staged.commit("a", "a@b", "m").unwrap().expect("there are changes");
     let target = PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: branch.into(), default_branch: Some("main".into()) };
     staged.push(&target, commit, &AtomicBool::new(false), &|| true).unwrap();
     commit.to_string()
+}
+
+/// The hand-back read every checkout with `core.filemode` and `core.symlinks` forced on,
+/// whatever libgit2 had found the file system could hold as it made the checkout: on one
+/// without exec bits or links (where libgit2 writes a link as a file holding its target),
+/// each such file read as changed, and was pushed so (hostile review s34, 2). The checkout
+/// carries what libgit2 found, and the hand-back reads with it. This machine's file system
+/// has both: one without is stood in for by its files as libgit2 would leave them there.
+#[tokio::test]
+async fn the_hand_back_reads_the_checkout_as_libgit2_found_its_file_system() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = TempDir::new("fs-found");
+    let (bare, work, _) = server(tmp.path());
+    std::fs::write(work.join("run.sh"), "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(work.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("README.md", work.join("link")).unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "a script and a link"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    let (_cache, _lease, mut co) = checked_out(tmp.path(), &bare).await;
+    // What libgit2 wrote as it made the checkout.
+    let found = |key: &str| std::process::Command::new("git").args(["config", "--bool", key]).current_dir(&co.dir).output().unwrap().stdout;
+    assert_eq!(found("core.filemode"), b"true\n");
+    assert!(found("core.symlinks").is_empty() && found("core.ignorecase").is_empty(), "both default");
+    assert_eq!(co.fs, checkout::FileSystem { filemode: true, symlinks: true, ignorecase: false });
+    // What it writes on a file system without exec bits or links, and case-insensitive.
+    std::fs::write(tmp.path().join("config"), "[core]\n\tfilemode = false\n\tsymlinks = false\n\tignorecase = true\n").unwrap();
+    let without = checkout::FileSystem::detected(tmp.path()).unwrap();
+    assert_eq!(without, checkout::FileSystem { filemode: false, symlinks: false, ignorecase: true });
+
+    // A file system with neither: the script without its exec bit, the link a file.
+    std::fs::set_permissions(co.dir.join("run.sh"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::remove_file(co.dir.join("link")).unwrap();
+    std::fs::write(co.dir.join("link"), "README.md").unwrap();
+    co.fs = without;
+    let patch = changes::patch(&co.dir, co.commit, co.fs, 1 << 20).unwrap();
+    assert!(patch.files.is_empty(), "{}", patch.text);
+    let staged = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).unwrap();
+    assert_eq!(staged.commit("a", "a@b", "m").unwrap(), None, "nothing changed");
+    // A change there is seen, and the script and the link are pushed as they were.
+    std::fs::write(co.dir.join("run.sh"), "#!/bin/sh\necho\n").unwrap();
+    let commit = push_to(&co, &bare, "claude/fs");
+    let modes = git(&bare, &["ls-tree", &commit, "run.sh", "link"]);
+    assert!(modes.contains("100755 blob") && modes.contains("120000 blob"), "{modes}");
 }
 
 /// A file Claude staged (`git add`) and then deleted failed the whole hand-back: the sizes
@@ -560,7 +604,7 @@ async fn the_checkouts_own_git_config_cannot_send_the_push_elsewhere() {
     git(&co.dir, &["config", "remote.pushDefault", "evil"]);
     git(&co.dir, &["config", "remote.evil.url", &other]);
     std::fs::write(co.dir.join("README.md"), "changed by the job\n").unwrap();
-    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    let staged = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).unwrap();
     let commit = staged.commit("Claude Runner", "cr@localhost", "Job changes").unwrap().unwrap();
     let target = PushTarget { url, host: "local".into(), token: None, branch: "claude/x".into(), default_branch: Some("main".into()) };
     staged.push(&target, commit, &AtomicBool::new(false), &|| true).unwrap();
@@ -737,7 +781,7 @@ async fn a_secret_as_a_file_name_or_in_a_binary_file_is_found() {
         std::fs::create_dir_all(&root).unwrap();
         let (_cache, _lease, co) = checked_out(&root, &bare).await;
         make(&co.dir);
-        let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+        let staged = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).unwrap();
         assert!(staged.adds_secret(secret).unwrap(), "{what}: not found");
     }
     // Nothing of it: a binary file and names without it are pushed.
@@ -745,7 +789,7 @@ async fn a_secret_as_a_file_name_or_in_a_binary_file_is_found() {
     std::fs::create_dir_all(&root).unwrap();
     let (_cache, _lease, co) = checked_out(&root, &bare).await;
     std::fs::write(co.dir.join("plain.bin"), b"\0\x01nothing here\n").unwrap();
-    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    let staged = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).unwrap();
     assert!(!staged.adds_secret(secret).unwrap());
 }
 
@@ -794,7 +838,7 @@ async fn a_checkout_writes_files_as_measured_without_gitattributes_conversions()
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
     assert_eq!(std::fs::metadata(co.dir.join("newlines.txt")).unwrap().len(), 100_000, "newlines converted to CRLF");
     assert_eq!(std::fs::metadata(co.dir.join("ids.txt")).unwrap().len(), 5_000, "$Id$ expanded");
-    let patch = changes::patch(&co.dir, co.commit, 1 << 20).unwrap();
+    let patch = changes::patch(&co.dir, co.commit, co.fs, 1 << 20).unwrap();
     assert!(patch.files.is_empty() && patch.text.is_empty(), "the checkout shows changes nobody made: {:?}", patch.files);
 }
 
@@ -826,10 +870,10 @@ async fn a_fifo_where_libgit2_opens_a_file_is_refused_or_removed_not_waited_on()
     std::fs::write(co.dir.join("a.txt"), "a\n").unwrap();
     std::fs::remove_file(co.dir.join(".git/HEAD")).unwrap();
     crate::files::pipe_at(&co.dir.join(".git/HEAD"));
-    let (dir, base) = (co.dir.clone(), co.commit);
+    let (dir, base, fs) = (co.dir.clone(), co.commit, co.fs);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send((changes::patch(&dir, base, 1 << 20).err(), changes::stage(&dir, base, &AtomicBool::new(false)).err()));
+        let _ = tx.send((changes::patch(&dir, base, fs, 1 << 20).err(), changes::stage(&dir, base, fs, &AtomicBool::new(false)).err()));
     });
     let (patch, stage) = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the hand-back waited on a FIFO");
     for err in [patch, stage] {
@@ -869,11 +913,11 @@ async fn the_checkouts_config_is_put_back_before_libgit2_reads_it() {
         write!(file, "[include]\n\tpath = {}\n", path.display()).unwrap();
     };
     let hand_back = || {
-        let (dir, base) = (co.dir.clone(), co.commit);
+        let (dir, base, fs) = (co.dir.clone(), co.commit, co.fs);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let staged = changes::stage(&dir, base, &AtomicBool::new(false)).and_then(|s| s.commit("a", "a@b", "m"));
-            let _ = tx.send((changes::patch(&dir, base, 1 << 20), staged));
+            let staged = changes::stage(&dir, base, fs, &AtomicBool::new(false)).and_then(|s| s.commit("a", "a@b", "m"));
+            let _ = tx.send((changes::patch(&dir, base, fs, 1 << 20), staged));
         });
         let (patch, staged) = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the hand-back waited on a FIFO");
         assert!(patch.expect("the diff").text.contains("+a"));
@@ -912,7 +956,7 @@ async fn a_secret_in_a_commit_header_line_is_found() {
     std::fs::write(tmp.path().join("raw"), &raw).unwrap();
     let id = git(&co.dir, &["hash-object", "-t", "commit", "-w", "--literally", tmp.path().join("raw").to_str().unwrap()]);
     git(&co.dir, &["update-ref", "HEAD", &id]);
-    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    let staged = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).unwrap();
     assert!(staged.adds_secret(|l: &str| l.contains("tok-0123456789")).unwrap());
 }
 
@@ -1070,7 +1114,7 @@ async fn a_hand_back_stuck_on_a_fifo_is_killed_once_given_up() {
     let (bare, _, _) = server(tmp.path());
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
     hold_at_a_fifo(&co);
-    let work = || Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), diff_max_bytes: Some(1 << 20), push: None, redactor: crate::redact::Redactor::default() });
+    let work = || Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: None, redactor: crate::redact::Redactor::default() });
     let stop = |after_ms| stop_within(after_ms, 1_000);
     let before = children_waiting_on_a_fifo();
     let waits_on_the_fifo = || async {
@@ -1112,7 +1156,7 @@ async fn a_git_worker_limits_its_memory_before_it_works() {
     let (bare, _, _) = server(tmp.path());
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
     hold_at_a_fifo(&co);
-    let work = Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), diff_max_bytes: Some(1 << 20), push: None, redactor: crate::redact::Redactor::default() });
+    let work = Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: None, redactor: crate::redact::Redactor::default() });
     let before = children_waiting_on_a_fifo();
     let handing_back = tokio::spawn(worker::run(work, (), "collect the job's changes", Some(stop_within(60_000, 1_000))));
     let pid = loop {
@@ -1267,7 +1311,7 @@ fn hand_back_work(co: &checkout::Checkout, port: u16) -> super::worker::Work {
         author_email: "cr@localhost".into(),
         message: "Job changes".into(),
     };
-    Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), diff_max_bytes: Some(1 << 20), push: Some(push), redactor: crate::redact::Redactor::default() })
+    Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: Some(push), redactor: crate::redact::Redactor::default() })
 }
 
 /// What the test's git server does with a push (`POST …/git-receive-pack`).
@@ -1436,10 +1480,10 @@ async fn the_checkouts_own_git_config_cannot_lead_the_diff_or_the_push_outside_t
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
     git(&co.dir, &["config", "core.worktree", outside.to_str().unwrap()]);
     std::fs::write(co.dir.join("README.md"), "changed by the job\n").unwrap();
-    let patch = changes::patch(&co.dir, co.commit, 1 << 20).unwrap();
+    let patch = changes::patch(&co.dir, co.commit, co.fs, 1 << 20).unwrap();
     assert!(!patch.text.contains("PRIVATE-KEY") && !patch.files.iter().any(|f| f.path == "id_key"), "{}", patch.text);
     assert!(patch.text.contains("+changed by the job"), "{}", patch.text);
-    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    let staged = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).unwrap();
     let commit = staged.commit("a", "a@b", "m").unwrap().unwrap();
     let target = PushTarget { url: format!("file://{}", bare.display()), host: "local".into(), token: None, branch: "claude/worktree".into(), default_branch: Some("main".into()) };
     staged.push(&target, commit, &AtomicBool::new(false), &|| true).unwrap();
@@ -1451,10 +1495,10 @@ async fn the_checkouts_own_git_config_cannot_lead_the_diff_or_the_push_outside_t
     assert!(!std::fs::read_to_string(co.dir.join(".git/config")).unwrap().contains("worktree"));
     git(&co.dir, &["config", "core.symlinks", "false"]);
     std::os::unix::fs::symlink(outside.join("id_key"), co.dir.join("key.pem")).unwrap();
-    let patch = changes::patch(&co.dir, co.commit, 1 << 20).unwrap();
+    let patch = changes::patch(&co.dir, co.commit, co.fs, 1 << 20).unwrap();
     assert!(!patch.text.contains("PRIVATE-KEY"), "{}", patch.text);
     assert!(patch.text.contains("new file mode 120000") && patch.text.contains(&format!("+{}", outside.join("id_key").display())), "{}", patch.text);
-    let staged = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).unwrap();
+    let staged = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).unwrap();
     assert!(!staged.adds_secret(|l| l.contains("PRIVATE-KEY")).unwrap(), "the pushed tree holds the link, not the file");
 
     // `.git` as a link or a `.git` file naming a folder outside: refused, nothing read.
@@ -1462,11 +1506,11 @@ async fn the_checkouts_own_git_config_cannot_lead_the_diff_or_the_push_outside_t
     let moved = tmp.path().join("moved.git");
     std::fs::rename(&git_dir, &moved).unwrap();
     std::os::unix::fs::symlink(&moved, &git_dir).unwrap();
-    let err = changes::patch(&co.dir, co.commit, 1 << 20).unwrap_err();
+    let err = changes::patch(&co.dir, co.commit, co.fs, 1 << 20).unwrap_err();
     assert!(matches!(err, RepoError::OddGitEntry { .. }), "{err}");
     std::fs::remove_file(&git_dir).unwrap();
     std::fs::write(&git_dir, format!("gitdir: {}\n", moved.display())).unwrap();
-    let err = changes::stage(&co.dir, co.commit, &AtomicBool::new(false)).err().unwrap();
+    let err = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).err().unwrap();
     assert!(matches!(err, RepoError::OddGitEntry { .. }), "{err}");
 }
 
@@ -1487,7 +1531,7 @@ async fn a_failed_push_keeps_the_diff_and_a_failed_job_tells_its_hand_backs_fail
         message: "m".into(),
     };
     let redactor = crate::redact::Redactor::new(["tok-0123456789abcdef".to_string()]);
-    let work = HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), diff_max_bytes: Some(1 << 20), push: Some(push), redactor };
+    let work = HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: Some(push), redactor };
     let outcome = super::hand_back(work, &AtomicBool::new(false), &|| true).unwrap();
     assert!(matches!(outcome.error, Some(RepoError::SecretInChanges)), "{outcome:?}");
     let patch = outcome.patch.expect("the diff comes back beside the push's error");

@@ -33,6 +33,7 @@
 //! clones it with `CLONE_PARENT`) and dies with it (`PR_SET_PDEATHSIG`).
 
 use super::changes::{Patch, PushTarget};
+use super::checkout::FileSystem;
 use super::error::{local, RepoError};
 use super::mirror::{Fetched, Source};
 use crate::redact::Redactor;
@@ -117,6 +118,8 @@ pub struct HandBackWork {
     pub dir: PathBuf,
     /// The commit Claude started from.
     pub base: String,
+    /// What libgit2 found the checkout's file system can hold, as it made the checkout.
+    pub fs: FileSystem,
     /// The diff's cap, when the job asked for one (`include_diff`).
     pub diff_max_bytes: Option<usize>,
     pub push: Option<PushWork>,
@@ -140,11 +143,13 @@ pub struct FetchAnswer {
     pub usable: bool,
 }
 
-/// What a checkout made: the commit Claude starts from and the folder it starts in.
+/// What a checkout made: the commit Claude starts from, the folder it starts in, and what
+/// its file system can hold.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CheckedOut {
     pub commit: String,
     pub cwd: PathBuf,
+    pub fs: FileSystem,
 }
 
 /// The job's changes, handed back.
@@ -562,7 +567,7 @@ fn perform(work: Work, stop: &AtomicBool, begins: &dyn Fn() -> bool) -> Answer {
         Work::Checkout(w) => Answer::CheckedOut(
             super::checkout::create(&w.mirror, w.fetched.as_ref(), &w.dir, w.branch.as_deref(), &w.url, w.max_bytes).and_then(|checkout| {
                 let cwd = super::checkout::working_dir(&checkout.dir, w.working_dir.as_deref())?;
-                Ok(CheckedOut { commit: checkout.commit.to_string(), cwd })
+                Ok(CheckedOut { commit: checkout.commit.to_string(), cwd, fs: checkout.fs })
             }),
         ),
         Work::HandBack(w) => Answer::HandedBack(super::hand_back(w, stop, begins)),
