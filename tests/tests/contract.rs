@@ -1540,6 +1540,20 @@ async fn an_agent_socket_needs_an_agents_proof(kind: EdgeKind) {
     assert!(text.contains("\"challenge\""), "{text}");
 }
 
+/// A proof sent twice is read as the Worker's runtime reads it (the values joined with
+/// `, `, no proof's shape): the native edge took the first alone, so a valid proof then
+/// junk got a socket there and 401 on the Worker.
+async fn a_proof_sent_twice_is_read_the_same_on_both_hosts(kind: EdgeKind) {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    let mut request = keys.prover("spark", "default").request(&format!("{}/agent/connect", edge.ws_url()));
+    request.headers_mut().append(shared::envelope::AGENT_PROOF_HEADER, "junk".parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status().as_u16(), 401),
+        other => panic!("two proofs must be refused on both hosts: {:?}", other.map(|_| ())),
+    }
+}
+
 /// Whoever holds a proof of the agent's (played back within its window, or taken on the
 /// path) can open connections to `/agent/connect`; 80 that never say hello, renewed every
 /// 9 s (so none ever times out), must not keep the real agent out.
@@ -1913,6 +1927,7 @@ contract!(
     a_running_job_can_be_cancelled,
     a_binary_frame_closes_the_connection_with_a_reason,
     an_agent_socket_needs_an_agents_proof,
+    a_proof_sent_twice_is_read_the_same_on_both_hosts,
     silent_sockets_cannot_lock_the_agent_out,
     unproven_connections_are_held_to_a_hello,
     followers_are_capped_and_those_that_stop_reading_are_dropped,

@@ -505,7 +505,7 @@ async fn until_stopped(stopped: &mut tokio::sync::watch::Receiver<bool>) {
 /// A header sent more than once is its values joined with `, `, as Fetch's `get` joins
 /// them: the first alone let `X-Runner-Secret: <secret>` then `X-Runner-Secret: <other>`
 /// in here while the Worker refused it.
-fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+pub(crate) fn header(headers: &HeaderMap, name: &str) -> Option<String> {
     let mut values = headers.get_all(name).iter();
     let mut joined: String = values.next()?.as_bytes().iter().map(|&b| char::from(b)).collect();
     for value in values {

@@ -44,9 +44,11 @@ pub(crate) async fn agent_connect(state: AppState, mut request: Request) -> Resp
     };
     // Only a peer that proves an agent's key gets a socket (the core decides, as on the
     // Worker): anyone else is answered 401 and its connection stays an HTTP one.
-    // A value that is not text is no proof's shape: refused as malformed, not as missing.
-    let proof = request.headers().get(shared::envelope::AGENT_PROOF_HEADER).map(|v| v.to_str().unwrap_or("\u{fffd}"));
-    if let Err(refused) = edge_core::session::check_upgrade(proof, &state.config.pool, &state.config.agents, runtime::now_ms()) {
+    // Read as the Worker reads it (one helper for every header): a proof sent twice is
+    // the two joined, no proof's shape, so a valid one followed by junk is refused here
+    // as it is there, and bytes past ASCII are Latin-1 text, refused as malformed.
+    let proof = crate::server::header(request.headers(), shared::envelope::AGENT_PROOF_HEADER);
+    if let Err(refused) = edge_core::session::check_upgrade(proof.as_deref(), &state.config.pool, &state.config.agents, runtime::now_ms()) {
         return into_response(edge_core::response::Response::error(refused));
     }
     let peer = request.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0 .0.ip().to_string()).unwrap_or_default();
