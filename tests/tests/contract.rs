@@ -1988,6 +1988,12 @@ async fn worker_pools_are_isolated() {
     let rig_elsewhere = AgentProc::start(AgentOpts { edge_ws: edge.ws_url(), ..AgentOpts::for_edge(&edge, "rig") });
     assert!(eventually(Duration::from_secs(60), || rig_elsewhere.log().contains("unknown agent")).await, "{}", rig_elsewhere.log());
     drop(rig_elsewhere);
+    // Signing for gpu (EDGE_POOL=gpu) while dialing the root: the refusal names both pools
+    // and what to set.
+    let rig_astray = AgentProc::start(AgentOpts { edge_ws: edge.ws_url(), ..AgentOpts::for_edge(&edge, "rig") }.env("EDGE_POOL", "gpu"));
+    let named = |log: &str| log.contains("proof is for pool `gpu`") && log.contains("dials pool `default`") && log.contains("/pool/gpu");
+    assert!(eventually(Duration::from_secs(60), || named(&rig_astray.log())).await, "{}", rig_astray.log());
+    drop(rig_astray);
     let _rig = AgentProc::start(opts.env("EDGE_POOL", "gpu"));
     gpu.wait_online().await;
     assert_eq!(default.health().await.status, 503, "gpu's agent does not serve the default pool");

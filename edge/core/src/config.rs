@@ -33,6 +33,10 @@ pub struct Config {
     pub admin_secret: Option<String>,
     pub signing_key: SigningKey,
     pub agents: Keyring,
+    /// Every other pool this edge serves, with its agents' keys (none on the native edge,
+    /// which serves one): an agent's upgrade proof refused here is tried against them, so
+    /// the refusal can name the pool it was signed for ([`crate::upgrade::check_upgrade`]).
+    pub other_pools: Vec<(String, Keyring)>,
     pub heartbeat_interval_ms: u64,
     pub lost_after_ms: u64,
     pub max_timeout_ms: u64,
@@ -396,6 +400,7 @@ impl Config {
             pool: name,
             signing_key: keys::signing_key("EDGE_SIGNING_KEY", &required("EDGE_SIGNING_KEY")?)?,
             agents,
+            other_pools: all.iter().filter(|p| p.name != pool).map(|p| (p.name.clone(), p.agents.clone())).collect(),
             runner_secret,
             heartbeat_interval_ms: between(
                 "HEARTBEAT_INTERVAL_MS",

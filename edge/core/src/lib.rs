@@ -9,6 +9,7 @@
 //! - [`clock`]: the time an event carries — edge time for durations, wall time for dates.
 //! - [`record`]: one job's stored record and its timers.
 //! - [`session`]: one agent connection's record and the handshake check.
+//! - [`upgrade`]: the agents' door: the proof an upgrade to `/agent/connect` must carry.
 //! - [`machine`]: the [`Edge`] itself — sessions, jobs, callers, deadlines, storage
 //!   failures, stop, views — one `impl` block per concern.
 //! - [`queue`]: the pool's queue, fair between callers (turns, priorities).
@@ -36,6 +37,7 @@ pub mod record;
 pub mod response;
 pub mod routing;
 pub mod session;
+pub mod upgrade;
 
 pub use clock::Now;
 pub use config::Config;

@@ -4,7 +4,6 @@
 //! survives hibernation when the object's memory does not.
 
 use serde::{Deserialize, Serialize};
-use shared::contract::ApiError;
 use shared::envelope::{Domain, Envelope, CLOCK_SKEW_MS};
 use shared::keys::Keyring;
 use shared::link::{Ephemeral, LinkKeys, Transcript};
@@ -13,7 +12,6 @@ use shared::protocol::{close, Hello, Slots, HANDSHAKE_TIMEOUT_MS, MAX_FRAME_BYTE
 use shared::text::truncate;
 use shared::Millis;
 use std::net::IpAddr;
-use tracing::warn;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Session {
@@ -296,70 +294,6 @@ pub fn source_of(peer: &str) -> String {
     }
 }
 
-/// Whether a peer may have an agent's socket on `/agent/connect` at all, decided from its
-/// upgrade request's `X-Runner-Agent-Proof` (`proof`) before either host accepts the
-/// upgrade: only the holder of a key in the pool's `AGENT_PUBLIC_KEYS` gets one, so nobody
-/// without a key can make the edge hold a frame (the Worker's runtime copies a whole
-/// message, up to 32 MiB, before the hello's limit is looked at). `wall` is the edge's
-/// wall clock; the proof must be within [`CLOCK_SKEW_MS`] of it. The proof can be played
-/// back within that window, so it gates the socket only: the hello still answers the
-/// connection's own challenge. `Ok` is the agent's id; `Err` is the 401 to answer.
-pub fn check_upgrade(proof: Option<&str>, pool: &str, keyring: &Keyring, wall: Millis) -> Result<String, ApiError> {
-    use shared::contract::ErrorCode::{AgentProofInvalid, AgentProofRequired};
-    use shared::envelope::UpgradeProof;
-    let Some(text) = proof.map(str::trim).filter(|t| !t.is_empty()) else {
-        return Err(ApiError::new(
-            AgentProofRequired,
-            "/agent/connect opens a socket only for an agent that proves its key on the upgrade (the X-Runner-Agent-Proof header); \
-             an agent older than the edge does not send it: upgrade claude-runner on the agent to the edge's release",
-        ));
-    };
-    let Some(proof) = UpgradeProof::parse(text) else {
-        return Err(ApiError::new(
-            AgentProofInvalid,
-            "the X-Runner-Agent-Proof header is not `<agent_id>.<unix ms>.<base64url signature>`: run a claude-runner agent of the edge's release",
-        ));
-    };
-    // Checked before the id goes into any reason or log line.
-    if !shared::ids::valid_agent_id(proof.agent_id) {
-        return Err(ApiError::new(
-            AgentProofInvalid,
-            "the agent proof's agent id is not a valid agent id (1-64 letters, digits, `-`, `_` or `.`); set AGENT_ID to the id in AGENT_PUBLIC_KEYS",
-        ));
-    }
-    let agent_id = proof.agent_id;
-    let Some(key) = keyring.get(agent_id) else {
-        return Err(ApiError::new(
-            AgentProofInvalid,
-            format!("unknown agent `{agent_id}`: add `{agent_id}=<its public key>` to the AGENT_PUBLIC_KEYS of pool `{pool}`"),
-        ));
-    };
-    if !proof.verify(pool, key) {
-        warn!(agent_id, pool, "agent proof on /agent/connect does not verify");
-        return Err(ApiError::new(
-            AgentProofInvalid,
-            format!(
-                "agent `{agent_id}`'s proof does not verify for pool `{pool}`: check that its AGENT_SIGNING_KEY matches its entry in \
-                 AGENT_PUBLIC_KEYS, and that its EDGE_URL and EDGE_POOL name pool `{pool}`"
-            ),
-        ));
-    }
-    let off = proof.issued_at.abs_diff(wall);
-    if off > CLOCK_SKEW_MS {
-        let side = if proof.issued_at < wall { "behind" } else { "ahead of" };
-        warn!(agent_id, pool, off_ms = off, "agent proof on /agent/connect is outside the clock window");
-        return Err(ApiError::new(
-            AgentProofInvalid,
-            format!(
-                "agent `{agent_id}`'s clock is {} s {side} the edge's ({} s allowed): check the clock of both (e.g. enable NTP)",
-                off / 1000,
-                CLOCK_SKEW_MS / 1000
-            ),
-        ));
-    }
-    Ok(agent_id.to_string())
-}
-
 /// Checks an agent's hello against the challenge this connection was given. `wall` is the
 /// edge's wall clock: the hello's `issued_at` is the agent's. `domain` is the one it must
 /// be signed under: [`Domain::Hello`], or [`Domain::Probe`] for a probe's.
@@ -418,16 +352,24 @@ pub fn verify_hello(
             "the hello's process id is not 1-64 letters or digits; run the same claude-runner release on the agent and the edge",
         ));
     }
-    if hello.issued_at.abs_diff(wall) > CLOCK_SKEW_MS {
+    let off = hello.issued_at.abs_diff(wall);
+    if off > CLOCK_SKEW_MS {
         return Err(Refused::new(
             close::UNAUTHORIZED,
             format!(
-                "the agent's clock is {} s away from the edge's; fix the clock (e.g. enable NTP)",
-                hello.issued_at.abs_diff(wall) / 1000
+                "the agent's clock is {} s away from the edge's ({} s allowed); fix the clock (e.g. enable NTP)",
+                whole_seconds(off),
+                CLOCK_SKEW_MS / 1000
             ),
         ));
     }
     Ok(hello)
+}
+
+/// `ms` in whole seconds, rounded up: a clock said to be off by so many seconds is never
+/// said to be within the window it is outside of (60.5 s was said as 60 s, of 60 allowed).
+pub fn whole_seconds(ms: Millis) -> u64 {
+    ms.div_ceil(1000)
 }
 
 /// This connection's MAC keys, from the edge's key `mine` and the X25519 key in the
@@ -454,114 +396,16 @@ pub fn agree(hello: &Hello, mine: &Ephemeral, pool: &str) -> Result<(String, Lin
 mod tests {
     use super::*;
 
-    mod upgrade {
-        use super::super::check_upgrade;
-        use ed25519_dalek::SigningKey;
-        use shared::contract::ErrorCode;
-        use shared::envelope::{UpgradeProof, CLOCK_SKEW_MS};
-        use shared::keys::Keyring;
-
-        const NOW: u64 = 1_800_000_000_000;
-
-        fn key(seed: u8) -> SigningKey {
-            SigningKey::from_bytes(&[seed; 32])
-        }
-
-        fn keyring() -> Keyring {
-            Keyring::from_keys([("spark".to_string(), key(1).verifying_key()), ("rig.2".to_string(), key(2).verifying_key())])
-        }
-
-        fn check(proof: Option<&str>) -> Result<String, (ErrorCode, String)> {
-            check_upgrade(proof, "default", &keyring(), NOW).map_err(|e| {
-                assert_eq!(e.status, 401, "{e:?}");
-                (e.body.error_code, e.body.error)
-            })
-        }
-
-        fn refused(proof: &str, code: ErrorCode, says: &str) {
-            let (got, error) = check(Some(proof)).expect_err(proof);
-            assert_eq!(got, code, "{proof}: {error}");
-            assert!(error.contains(says), "{proof}: {error}");
-        }
-
-        #[test]
-        fn a_proof_signed_by_a_listed_agent_for_this_pool_within_the_clock_window_lets_it_in() {
-            assert_eq!(check(Some(&UpgradeProof::sign(&key(1), "default", "spark", NOW))), Ok("spark".into()));
-            // An id with dots; the edges of the window.
-            assert_eq!(check(Some(&UpgradeProof::sign(&key(2), "default", "rig.2", NOW - CLOCK_SKEW_MS))), Ok("rig.2".into()));
-            assert_eq!(check(Some(&UpgradeProof::sign(&key(1), "default", "spark", NOW + CLOCK_SKEW_MS))), Ok("spark".into()));
-        }
-
-        #[test]
-        fn no_proof_is_told_to_upgrade_the_agent() {
-            for missing in [None, Some(""), Some("  ")] {
-                let (code, error) = check(missing).expect_err("no proof");
-                assert_eq!(code, ErrorCode::AgentProofRequired);
-                assert!(error.contains("upgrade claude-runner on the agent"), "{error}");
-            }
-        }
-
-        #[test]
-        fn a_forged_proof_is_refused() {
-            // Another key signed it for `spark`.
-            refused(&UpgradeProof::sign(&key(9), "default", "spark", NOW), ErrorCode::AgentProofInvalid, "AGENT_SIGNING_KEY matches");
-            // `rig.2`'s own key does not make it `spark`.
-            refused(&UpgradeProof::sign(&key(2), "default", "spark", NOW), ErrorCode::AgentProofInvalid, "does not verify");
-        }
-
-        #[test]
-        fn a_tampered_proof_is_refused() {
-            let good = UpgradeProof::sign(&key(1), "default", "spark", NOW);
-            let (_, rest) = good.split_once('.').unwrap();
-            let (_, sig) = rest.split_once('.').unwrap();
-            // Its time moved (to play it back later), its id changed, its signature flipped.
-            refused(&format!("spark.{}.{sig}", NOW + 1), ErrorCode::AgentProofInvalid, "does not verify");
-            refused(&format!("rig.2.{NOW}.{sig}"), ErrorCode::AgentProofInvalid, "does not verify");
-            let mut flipped = sig.to_string().into_bytes();
-            flipped[0] = if flipped[0] == b'A' { b'B' } else { b'A' };
-            refused(&format!("spark.{NOW}.{}", String::from_utf8(flipped).unwrap()), ErrorCode::AgentProofInvalid, "does not verify");
-        }
-
-        #[test]
-        fn another_pools_proof_is_refused() {
-            refused(&UpgradeProof::sign(&key(1), "gpu", "spark", NOW), ErrorCode::AgentProofInvalid, "pool `default`");
-        }
-
-        #[test]
-        fn an_unknown_agent_is_told_to_be_listed() {
-            refused(&UpgradeProof::sign(&key(1), "default", "nobody", NOW), ErrorCode::AgentProofInvalid, "unknown agent `nobody`");
-        }
-
-        #[test]
-        fn a_proof_outside_the_clock_window_is_told_to_check_the_clock() {
-            refused(&UpgradeProof::sign(&key(1), "default", "spark", NOW - CLOCK_SKEW_MS - 1), ErrorCode::AgentProofInvalid, "s behind the edge's");
-            refused(&UpgradeProof::sign(&key(1), "default", "spark", NOW + CLOCK_SKEW_MS + 1), ErrorCode::AgentProofInvalid, "s ahead of the edge's");
-            refused(&UpgradeProof::sign(&key(1), "default", "spark", 0), ErrorCode::AgentProofInvalid, "check the clock");
-        }
-
-        #[test]
-        fn a_malformed_proof_is_refused_without_a_panic() {
-            let sig = UpgradeProof::sign(&key(1), "default", "spark", NOW).rsplit_once('.').unwrap().1.to_string();
-            let long = format!("{}.{NOW}.{sig}", "a".repeat(300));
-            for bad in [
-                "spark",
-                "spark.1",
-                &format!("spark.{NOW}"),
-                &format!("spark..{sig}"),
-                &format!("spark.-1.{sig}"),
-                &format!("spark.+1.{sig}"),
-                &format!("spark.99999999999999999999.{sig}"),
-                &format!("spark.{NOW}.not-base64!"),
-                &format!("spark.{NOW}.{}", &sig[..40]),
-                &format!("spark.{NOW}.{sig}AA"),
-                long.as_str(),
-                "..",
-            ] {
-                refused(bad, ErrorCode::AgentProofInvalid, "X-Runner-Agent-Proof header is not");
-            }
-            // The shape holds, the id does not: never echoed.
-            refused(&format!("evil\nline.{NOW}.{sig}"), ErrorCode::AgentProofInvalid, "not a valid agent id");
-            refused(&format!(".{NOW}.{sig}"), ErrorCode::AgentProofInvalid, "not a valid agent id");
+    /// A hello's clock off by a fraction of a second past the window is said rounded up:
+    /// 60.5 s was said as 60 s, which read as within the 60 allowed.
+    #[test]
+    fn a_hellos_clock_off_is_said_in_seconds_rounded_up() {
+        let now = 1_800_000_000_000;
+        for (issued_at, says) in [(now - CLOCK_SKEW_MS - 500, "61 s away"), (now + CLOCK_SKEW_MS + 1, "61 s away"), (now - 90_000, "90 s away")] {
+            let hello = crate::tests::hello("spark", "nonce", issued_at);
+            let envelope = Envelope::seal(Domain::Hello, &hello, &crate::tests::agent_key(1));
+            let refused = verify_hello(Domain::Hello, PROTOCOL_VERSION, "spark", &envelope, "nonce", &crate::tests::config().agents, now).unwrap_err();
+            assert!(refused.reason.contains(says) && refused.reason.contains("(60 s allowed)"), "{says:?} not in {}", refused.reason);
         }
     }
 

@@ -48,7 +48,7 @@ pub(crate) async fn agent_connect(state: AppState, mut request: Request) -> Resp
     // the two joined, no proof's shape, so a valid one followed by junk is refused here
     // as it is there, and bytes past ASCII are Latin-1 text, refused as malformed.
     let proof = crate::server::header(request.headers(), shared::envelope::AGENT_PROOF_HEADER);
-    if let Err(refused) = edge_core::session::check_upgrade(proof.as_deref(), &state.config.pool, &state.config.agents, runtime::now_ms()) {
+    if let Err(refused) = edge_core::upgrade::check_upgrade(proof.as_deref(), &state.config, runtime::now_ms()) {
         return into_response(edge_core::response::Response::error(refused));
     }
     let peer = request.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0 .0.ip().to_string()).unwrap_or_default();

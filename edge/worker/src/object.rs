@@ -359,7 +359,7 @@ impl EdgeDurableObject {
         // limit, so a socket given to anyone let anyone fill the isolate's memory.
         let now = now_ms();
         let proof = req.headers().get(shared::envelope::AGENT_PROOF_HEADER).ok().flatten();
-        let checked = self.with_edge(|edge| edge_core::session::check_upgrade(proof.as_deref(), &edge.config().pool, &edge.config().agents, now));
+        let checked = self.with_edge(|edge| edge_core::upgrade::check_upgrade(proof.as_deref(), edge.config(), now));
         match checked {
             Some(Ok(_)) => {}
             Some(Err(refused)) => return exchange::error(&refused),

@@ -124,7 +124,7 @@ pub fn http(data: &[u8]) {
     // The secret's text as an agent's proof on the upgrade to `/agent/connect`: a 401,
     // never a panic, and a way in only for an agent the edge lists (the seeds hold one).
     if let Some(proof) = &secret {
-        match edge_core::session::check_upgrade(Some(proof), "default", &edge_config().agents, NOW) {
+        match edge_core::upgrade::check_upgrade(Some(proof), &edge_config(), NOW) {
             Ok(agent_id) => assert_eq!(agent_id, AGENT, "{proof:?}"),
             Err(refused) => assert_eq!(refused.status, 401, "{proof:?}"),
         }
@@ -662,7 +662,7 @@ mod tests {
     fn the_upgrade_proof_seed_lets_spark_in() {
         let data = std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds/http/upgrade-proof")).unwrap();
         let proof = String::from_utf8(data[2..].splitn(2, |b| *b == 0).nth(1).unwrap().to_vec()).unwrap();
-        assert_eq!(edge_core::session::check_upgrade(Some(&proof), "default", &edge_config().agents, NOW), Ok(AGENT.to_string()));
+        assert_eq!(edge_core::upgrade::check_upgrade(Some(&proof), &edge_config(), NOW), Ok(AGENT.to_string()));
         assert_eq!(shared::envelope::UpgradeProof::sign(agent_key(), "default", AGENT, NOW), proof);
     }
 

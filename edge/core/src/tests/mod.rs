@@ -87,6 +87,7 @@ pub(super) fn config() -> Config {
             ("spark".to_string(), agent_key(1).verifying_key()),
             ("laptop".to_string(), agent_key(2).verifying_key()),
         ]),
+        other_pools: Vec::new(),
         heartbeat_interval_ms: HB,
         lost_after_ms: LOST,
         max_timeout_ms: 3_600_000,

@@ -1,0 +1,303 @@
+//! The agents' door: an upgrade to `/agent/connect` gets a socket only if it carries an
+//! agent's proof ([`check_upgrade`]).
+
+use crate::config::{pool_suffix, Config};
+use crate::session::whole_seconds;
+use shared::contract::ApiError;
+use shared::envelope::{UpgradeProof, CLOCK_SKEW_MS};
+use shared::ids::DEFAULT_POOL;
+use shared::Millis;
+
+/// Whether a peer may have an agent's socket on `/agent/connect` at all, decided from its
+/// upgrade request's `X-Runner-Agent-Proof` (`proof`: its values joined with `, ` when it
+/// was sent more than once, as Fetch's `get` reads them) before either host accepts the
+/// upgrade: only the holder of a key in the pool's `AGENT_PUBLIC_KEYS` gets one, so nobody
+/// without a key can make the edge hold a frame (the Worker's runtime copies a whole
+/// message, up to 32 MiB, before the hello's limit is looked at). `wall` is the edge's
+/// wall clock; the proof must be within [`CLOCK_SKEW_MS`] of it. The proof can be played
+/// back within that window, so it gates the socket only: the hello still answers the
+/// connection's own challenge. `Ok` is the agent's id; `Err` is the 401 to answer.
+pub fn check_upgrade(proof: Option<&str>, config: &Config, wall: Millis) -> Result<String, ApiError> {
+    use shared::contract::ErrorCode::{AgentProofInvalid, AgentProofRequired};
+    let pool = config.pool.as_str();
+    let Some(text) = proof.map(str::trim).filter(|t| !t.is_empty()) else {
+        return Err(ApiError::new(
+            AgentProofRequired,
+            "/agent/connect opens a socket only for an agent that proves its key on the upgrade (the X-Runner-Agent-Proof header); \
+             an agent older than the edge does not send it: upgrade claude-runner on the agent to the edge's release",
+        ));
+    };
+    let Some(proof) = UpgradeProof::parse(text) else {
+        return Err(ApiError::new(
+            AgentProofInvalid,
+            "the X-Runner-Agent-Proof header is not `<agent_id>.<unix ms>.<base64url signature>` (sent once): \
+             run a claude-runner agent of the edge's release",
+        ));
+    };
+    // Checked before the id goes into any reason or log line.
+    if !shared::ids::valid_agent_id(proof.agent_id) {
+        return Err(ApiError::new(
+            AgentProofInvalid,
+            "the agent proof's agent id is not a valid agent id (1-64 letters, digits, `-`, `_` or `.`), or the header was sent more \
+             than once: set AGENT_ID to the id in AGENT_PUBLIC_KEYS, and send the X-Runner-Agent-Proof header once",
+        ));
+    }
+    let agent_id = proof.agent_id;
+    let keys_setting = setting("AGENT_PUBLIC_KEYS", pool);
+    let Some(key) = config.agents.get(agent_id) else {
+        // Listed by another pool of this edge, and signed for it: the agent dials the
+        // wrong pool's URL.
+        let signed_for = config.other_pools.iter().find(|(name, ring)| ring.get(agent_id).is_some_and(|k| proof.verify(name, k)));
+        return Err(ApiError::new(
+            AgentProofInvalid,
+            match signed_for {
+                Some((other, _)) => format!(
+                    "agent `{agent_id}`'s proof is for pool `{other}`, which lists it, but its EDGE_URL dials pool `{pool}`, which does not: \
+                     point its EDGE_URL at {} — or, to serve pool `{pool}`, add `{agent_id}=<its public key>` to {keys_setting} and set its EDGE_POOL={pool}",
+                    url_of(other)
+                ),
+                None => format!("unknown agent `{agent_id}`: add `{agent_id}=<its public key>` to {keys_setting}, the agents of pool `{pool}`"),
+            },
+        ));
+    };
+    if !proof.verify(pool, key) {
+        // Its signature is over the pool it names (its EDGE_POOL), which the header does
+        // not say: a pool of this edge that it verifies for is the one (a key or a time
+        // changed does not verify for any). Tried only for a listed agent, once per pool.
+        let signed_for = config
+            .other_pools
+            .iter()
+            .find(|(name, ring)| proof.verify(name, ring.get(agent_id).unwrap_or(key)) || proof.verify(name, key));
+        return Err(ApiError::new(
+            AgentProofInvalid,
+            match signed_for {
+                Some((other, _)) => format!(
+                    "agent `{agent_id}`'s proof is for pool `{other}` (its EDGE_POOL), but its EDGE_URL dials pool `{pool}`: \
+                     to serve pool `{pool}` set its EDGE_POOL={pool}; to serve `{other}` point its EDGE_URL at {}",
+                    url_of(other)
+                ),
+                None => format!(
+                    "agent `{agent_id}`'s proof does not verify for pool `{pool}`, the pool its EDGE_URL dials{}: check that its \
+                     AGENT_SIGNING_KEY matches its entry in {keys_setting}, and that its EDGE_POOL is `{pool}` (an agent of another \
+                     pool dials that pool's URL, {})",
+                    if config.other_pools.is_empty() { "" } else { ", nor for any other pool this edge serves" },
+                    url_of("<name>")
+                ),
+            },
+        ));
+    }
+    let off = proof.issued_at.abs_diff(wall);
+    if off > CLOCK_SKEW_MS {
+        let side = if proof.issued_at < wall { "behind" } else { "ahead of" };
+        return Err(ApiError::new(
+            AgentProofInvalid,
+            format!(
+                "agent `{agent_id}`'s clock is {} s {side} the edge's ({} s allowed): check the clock of both (e.g. enable NTP)",
+                whole_seconds(off),
+                CLOCK_SKEW_MS / 1000
+            ),
+        ));
+    }
+    Ok(agent_id.to_string())
+}
+
+/// A pool's own name of the setting `base` (`AGENT_PUBLIC_KEYS_GPU` for pool `gpu`).
+fn setting(base: &str, pool: &str) -> String {
+    match pool {
+        DEFAULT_POOL => base.to_string(),
+        _ => format!("{base}_{}", pool_suffix(pool)),
+    }
+}
+
+/// Where an agent of `pool` dials, said for its EDGE_URL.
+fn url_of(pool: &str) -> String {
+    match pool {
+        DEFAULT_POOL => "the edge's own URL (no /pool/<name>)".to_string(),
+        _ => format!("the edge's URL with /pool/{pool}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+    use shared::contract::ErrorCode;
+    use shared::keys::Keyring;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn keyring() -> Keyring {
+        Keyring::from_keys([("spark".to_string(), key(1).verifying_key()), ("rig.2".to_string(), key(2).verifying_key())])
+    }
+
+    /// The default pool, listing `spark` and `rig.2`; `others` are the edge's other pools.
+    fn config(others: Vec<(String, Keyring)>) -> Config {
+        Config { agents: keyring(), other_pools: others, ..crate::tests::config() }
+    }
+
+    fn check(proof: Option<&str>) -> Result<String, (ErrorCode, String)> {
+        check_in(&config(Vec::new()), proof)
+    }
+
+    fn check_in(config: &Config, proof: Option<&str>) -> Result<String, (ErrorCode, String)> {
+        check_upgrade(proof, config, NOW).map_err(|e| {
+            assert_eq!(e.status, 401, "{e:?}");
+            (e.body.error_code, e.body.error)
+        })
+    }
+
+    fn refused(proof: &str, code: ErrorCode, says: &str) {
+        refused_in(&config(Vec::new()), proof, code, &[says]);
+    }
+
+    fn refused_in(config: &Config, proof: &str, code: ErrorCode, says: &[&str]) {
+        let (got, error) = check_in(config, Some(proof)).expect_err(proof);
+        assert_eq!(got, code, "{proof}: {error}");
+        for part in says {
+            assert!(error.contains(part), "{part:?} not in {error}");
+        }
+    }
+
+    #[test]
+    fn a_proof_signed_by_a_listed_agent_for_this_pool_within_the_clock_window_lets_it_in() {
+        assert_eq!(check(Some(&UpgradeProof::sign(&key(1), "default", "spark", NOW))), Ok("spark".into()));
+        // An id with dots; the edges of the window.
+        assert_eq!(check(Some(&UpgradeProof::sign(&key(2), "default", "rig.2", NOW - CLOCK_SKEW_MS))), Ok("rig.2".into()));
+        assert_eq!(check(Some(&UpgradeProof::sign(&key(1), "default", "spark", NOW + CLOCK_SKEW_MS))), Ok("spark".into()));
+    }
+
+    #[test]
+    fn no_proof_is_told_to_upgrade_the_agent() {
+        for missing in [None, Some(""), Some("  ")] {
+            let (code, error) = check(missing).expect_err("no proof");
+            assert_eq!(code, ErrorCode::AgentProofRequired);
+            assert!(error.contains("upgrade claude-runner on the agent"), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_forged_proof_is_refused() {
+        // Another key signed it for `spark`.
+        refused(&UpgradeProof::sign(&key(9), "default", "spark", NOW), ErrorCode::AgentProofInvalid, "AGENT_SIGNING_KEY matches");
+        // `rig.2`'s own key does not make it `spark`.
+        refused(&UpgradeProof::sign(&key(2), "default", "spark", NOW), ErrorCode::AgentProofInvalid, "does not verify");
+    }
+
+    #[test]
+    fn a_tampered_proof_is_refused() {
+        let good = UpgradeProof::sign(&key(1), "default", "spark", NOW);
+        let (_, rest) = good.split_once('.').unwrap();
+        let (_, sig) = rest.split_once('.').unwrap();
+        // Its time moved (to play it back later), its id changed, its signature flipped.
+        refused(&format!("spark.{}.{sig}", NOW + 1), ErrorCode::AgentProofInvalid, "does not verify");
+        refused(&format!("rig.2.{NOW}.{sig}"), ErrorCode::AgentProofInvalid, "does not verify");
+        let mut flipped = sig.to_string().into_bytes();
+        flipped[0] = if flipped[0] == b'A' { b'B' } else { b'A' };
+        refused(&format!("spark.{NOW}.{}", String::from_utf8(flipped).unwrap()), ErrorCode::AgentProofInvalid, "does not verify");
+    }
+
+    /// A proof sent twice reaches the check as the two joined (both hosts read a header
+    /// so): never the first alone, which a proof followed by anything would pass.
+    #[test]
+    fn a_proof_sent_twice_is_refused_as_malformed() {
+        let good = UpgradeProof::sign(&key(1), "default", "spark", NOW);
+        for joined in [format!("{good}, junk"), format!("{good}, {good}"), format!("junk, {good}")] {
+            let (code, error) = check(Some(&joined)).expect_err(&joined);
+            assert_eq!(code, ErrorCode::AgentProofInvalid, "{joined}: {error}");
+            assert!(error.contains("once"), "{joined}: {error}");
+        }
+    }
+
+    #[test]
+    fn another_pools_proof_names_both_pools_and_what_to_set() {
+        // The native edge serves one pool: it cannot name the other, and says where to look.
+        refused_in(
+            &config(Vec::new()),
+            &UpgradeProof::sign(&key(1), "gpu", "spark", NOW),
+            ErrorCode::AgentProofInvalid,
+            &["pool `default`", "EDGE_POOL is `default`", "/pool/<name>", "AGENT_SIGNING_KEY"],
+        );
+        // A Worker serving `gpu` too names it: the agent set EDGE_POOL=gpu, dialing the root.
+        let both = config(vec![("gpu".into(), keyring()), ("team-b".into(), Keyring::from_keys([]))]);
+        refused_in(
+            &both,
+            &UpgradeProof::sign(&key(1), "gpu", "spark", NOW),
+            ErrorCode::AgentProofInvalid,
+            &["proof is for pool `gpu`", "dials pool `default`", "EDGE_POOL=default", "/pool/gpu"],
+        );
+        // Listed only by `gpu`, whose proof it is: it dials the wrong URL.
+        let elsewhere = config(vec![("gpu".into(), Keyring::from_keys([("solo".to_string(), key(3).verifying_key())]))]);
+        refused_in(
+            &elsewhere,
+            &UpgradeProof::sign(&key(3), "gpu", "solo", NOW),
+            ErrorCode::AgentProofInvalid,
+            &["proof is for pool `gpu`", "which lists it", "dials pool `default`", "/pool/gpu", "AGENT_PUBLIC_KEYS", "EDGE_POOL=default"],
+        );
+        // A pool this edge does not serve, or another key: no pool is named.
+        for (proof, not) in [(UpgradeProof::sign(&key(1), "nowhere", "spark", NOW), "nowhere"), (UpgradeProof::sign(&key(9), "gpu", "spark", NOW), "is for pool")] {
+            let (_, error) = check_in(&both, Some(&proof)).unwrap_err();
+            assert!(!error.contains(not) && error.contains("nor for any other pool this edge serves"), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_listed_pools_own_settings_are_named() {
+        let gpu = Config { pool: "team-b".into(), ..config(Vec::new()) };
+        refused_in(&gpu, &UpgradeProof::sign(&key(1), "default", "nobody", NOW), ErrorCode::AgentProofInvalid, &["AGENT_PUBLIC_KEYS_TEAM_B"]);
+    }
+
+    #[test]
+    fn an_unknown_agent_is_told_to_be_listed() {
+        refused(&UpgradeProof::sign(&key(1), "default", "nobody", NOW), ErrorCode::AgentProofInvalid, "unknown agent `nobody`");
+    }
+
+    #[test]
+    fn a_proof_outside_the_clock_window_is_told_to_check_the_clock() {
+        refused(&UpgradeProof::sign(&key(1), "default", "spark", NOW - CLOCK_SKEW_MS - 1), ErrorCode::AgentProofInvalid, "s behind the edge's");
+        refused(&UpgradeProof::sign(&key(1), "default", "spark", NOW + CLOCK_SKEW_MS + 1), ErrorCode::AgentProofInvalid, "s ahead of the edge's");
+        refused(&UpgradeProof::sign(&key(1), "default", "spark", 0), ErrorCode::AgentProofInvalid, "check the clock");
+    }
+
+    /// Off by a fraction of a second past the window is said rounded up: 60.5 s was said
+    /// as "60 s behind (60 s allowed)", which read as within it.
+    #[test]
+    fn a_clock_off_is_said_in_seconds_rounded_up() {
+        for (issued_at, says) in [
+            (NOW - CLOCK_SKEW_MS - 500, "61 s behind"),
+            (NOW - CLOCK_SKEW_MS - 1, "61 s behind"),
+            (NOW + CLOCK_SKEW_MS + 999, "61 s ahead of"),
+            (NOW - 90_000, "90 s behind"),
+        ] {
+            refused(&UpgradeProof::sign(&key(1), "default", "spark", issued_at), ErrorCode::AgentProofInvalid, says);
+        }
+    }
+
+    #[test]
+    fn a_malformed_proof_is_refused_without_a_panic() {
+        let sig = UpgradeProof::sign(&key(1), "default", "spark", NOW).rsplit_once('.').unwrap().1.to_string();
+        let long = format!("{}.{NOW}.{sig}", "a".repeat(300));
+        for bad in [
+            "spark",
+            "spark.1",
+            &format!("spark.{NOW}"),
+            &format!("spark..{sig}"),
+            &format!("spark.-1.{sig}"),
+            &format!("spark.+1.{sig}"),
+            &format!("spark.99999999999999999999.{sig}"),
+            &format!("spark.{NOW}.not-base64!"),
+            &format!("spark.{NOW}.{}", &sig[..40]),
+            &format!("spark.{NOW}.{sig}AA"),
+            long.as_str(),
+            "..",
+        ] {
+            refused(bad, ErrorCode::AgentProofInvalid, "X-Runner-Agent-Proof header is not");
+        }
+        // The shape holds, the id does not: never echoed.
+        refused(&format!("evil\nline.{NOW}.{sig}"), ErrorCode::AgentProofInvalid, "not a valid agent id");
+        refused(&format!(".{NOW}.{sig}"), ErrorCode::AgentProofInvalid, "not a valid agent id");
+    }
+}
