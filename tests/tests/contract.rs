@@ -1554,6 +1554,44 @@ async fn a_proof_sent_twice_is_read_the_same_on_both_hosts(kind: EdgeKind) {
     }
 }
 
+/// Every dial refused for its proof is counted in `claude_runner_agents_refused_total` and
+/// logged with the peer's address and the reason, at most 10 a minute one by one, so a
+/// flood of dials cannot fill the log: neither was done before. On the Worker the entry
+/// refuses them without asking the pool's object (each one was a request to it), and hands
+/// the count to it with the next request it forwards.
+async fn refused_upgrades_are_counted_and_logged_with_a_bound(kind: EdgeKind) {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    let http = reqwest::Client::new();
+    let forged = Keys::new(&["spark"]).prover("spark", "default").proof();
+    for i in 0..25 {
+        let mut dial = http
+            .get(format!("{}/agent/connect", edge.url()))
+            .header("upgrade", "websocket")
+            .header("connection", "Upgrade")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-version", "13");
+        if i % 2 == 1 {
+            dial = dial.header(shared::envelope::AGENT_PROOF_HEADER, &forged);
+        }
+        assert_eq!(dial.send().await.unwrap().status().as_u16(), 401);
+    }
+    if kind == EdgeKind::Worker {
+        // The object logs this when it is first asked anything.
+        assert!(!edge.log().contains("edge rebuilt"), "a dial without a valid proof reached the pool's object:\n{}", edge.log());
+    }
+    let metrics = Client::new(&edge.url()).get("/metrics").await.text;
+    assert!(metrics.contains("claude_runner_agents_refused_total 25\n"), "{metrics}\n{}", edge.log());
+    let log = edge.log();
+    let logged: Vec<&str> = log.lines().filter(|l| l.contains("agent upgrade refused")).collect();
+    // Ten a minute: twenty if a minute turned meanwhile.
+    assert!((10..=20).contains(&logged.len()), "{} lines:\n{log}", logged.len());
+    assert!(logged.iter().any(|l| l.contains("AGENT_PROOF_REQUIRED")) && logged.iter().any(|l| l.contains("does not verify")), "{log}");
+    if kind == EdgeKind::Native {
+        assert!(logged.iter().all(|l| l.contains("127.0.0.1")), "the peer's address: {log}");
+    }
+}
+
 /// Whoever holds a proof of the agent's (played back within its window, or taken on the
 /// path) can open connections to `/agent/connect`; 80 that never say hello, renewed every
 /// 9 s (so none ever times out), must not keep the real agent out.
@@ -1928,6 +1966,7 @@ contract!(
     a_binary_frame_closes_the_connection_with_a_reason,
     an_agent_socket_needs_an_agents_proof,
     a_proof_sent_twice_is_read_the_same_on_both_hosts,
+    refused_upgrades_are_counted_and_logged_with_a_bound,
     silent_sockets_cannot_lock_the_agent_out,
     unproven_connections_are_held_to_a_hello,
     followers_are_capped_and_those_that_stop_reading_are_dropped,

@@ -9,7 +9,8 @@
 //! - [`clock`]: the time an event carries — edge time for durations, wall time for dates.
 //! - [`record`]: one job's stored record and its timers.
 //! - [`session`]: one agent connection's record and the handshake check.
-//! - [`upgrade`]: the agents' door: the proof an upgrade to `/agent/connect` must carry.
+//! - [`upgrade`]: the agents' door: the proof an upgrade to `/agent/connect` must carry,
+//!   and refusals counted and logged with a bound.
 //! - [`machine`]: the [`Edge`] itself — sessions, jobs, callers, deadlines, storage
 //!   failures, stop, views — one `impl` block per concern.
 //! - [`queue`]: the pool's queue, fair between callers (turns, priorities).

@@ -1,5 +1,9 @@
 //! The agents' door: an upgrade to `/agent/connect` gets a socket only if it carries an
-//! agent's proof ([`check_upgrade`]).
+//! agent's proof ([`check_upgrade`]), and every refusal is counted in
+//! `claude_runner_agents_refused_total` and logged, with a bound ([`Refusals`]). The
+//! machine does both for either host ([`crate::Edge::upgrade_refused`]); the Worker's
+//! entry, which refuses before the pool's object is asked, does the same with a
+//! [`Refusals`] of its own and hands the count on with the next request it forwards.
 
 use crate::config::{pool_suffix, Config};
 use crate::session::whole_seconds;
@@ -7,6 +11,14 @@ use shared::contract::ApiError;
 use shared::envelope::{UpgradeProof, CLOCK_SKEW_MS};
 use shared::ids::DEFAULT_POOL;
 use shared::Millis;
+use std::net::IpAddr;
+use tracing::warn;
+
+/// Refusals logged one by one per [`LOG_WINDOW_MS`], at most; the rest are summed in one
+/// line. Anyone may dial the door, so a line per refusal would let anyone fill the log.
+pub const LOGGED_PER_WINDOW: u32 = 10;
+/// See [`LOGGED_PER_WINDOW`].
+pub const LOG_WINDOW_MS: Millis = 60_000;
 
 /// Whether a peer may have an agent's socket on `/agent/connect` at all, decided from its
 /// upgrade request's `X-Runner-Agent-Proof` (`proof`: its values joined with `, ` when it
@@ -17,6 +29,8 @@ use shared::Millis;
 /// wall clock; the proof must be within [`CLOCK_SKEW_MS`] of it. The proof can be played
 /// back within that window, so it gates the socket only: the hello still answers the
 /// connection's own challenge. `Ok` is the agent's id; `Err` is the 401 to answer.
+///
+/// Pure: the hosts count and log a refusal through [`Refusals`].
 pub fn check_upgrade(proof: Option<&str>, config: &Config, wall: Millis) -> Result<String, ApiError> {
     use shared::contract::ErrorCode::{AgentProofInvalid, AgentProofRequired};
     let pool = config.pool.as_str();
@@ -114,6 +128,59 @@ fn url_of(pool: &str) -> String {
     match pool {
         DEFAULT_POOL => "the edge's own URL (no /pool/<name>)".to_string(),
         _ => format!("the edge's URL with /pool/{pool}"),
+    }
+}
+
+/// Refused upgrades of one pool: the count not yet added to a metric, and the log's bound.
+/// A few integers whatever comes in — no entry per peer — so a flood grows no memory; at
+/// most [`LOGGED_PER_WINDOW`] lines per [`LOG_WINDOW_MS`] name their peer and reason, and
+/// those past them are summed in one line with the next refusal after the window (the
+/// count has every one of them at once). A refused agent says the reason in its own log
+/// too, so one hidden here behind a flood is not lost to its operator.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Refusals {
+    /// Refusals not yet taken into a metric ([`Refusals::take`]).
+    uncounted: u64,
+    /// When (wall time) the log's current window began.
+    window: Option<Millis>,
+    /// Lines logged in it.
+    logged: u32,
+    /// Refusals in it not logged one by one.
+    unlogged: u64,
+}
+
+impl Refusals {
+    /// An upgrade from `peer` (its address, as the host knows it) refused with `refused`
+    /// at `wall`: counted, and logged if the window has room.
+    pub fn note(&mut self, wall: Millis, pool: &str, peer: &str, refused: &ApiError) {
+        self.uncounted = self.uncounted.saturating_add(1);
+        // A clock set back starts a window too: never one that would not end.
+        let ended = self.window.is_none_or(|start| wall < start || wall - start >= LOG_WINDOW_MS);
+        if ended {
+            if self.unlogged > 0 {
+                warn!(
+                    pool,
+                    unlogged = self.unlogged,
+                    "more agent upgrades were refused than the {LOGGED_PER_WINDOW} a minute logged one by one; claude_runner_agents_refused_total counts them all"
+                );
+            }
+            *self = Refusals { uncounted: self.uncounted, window: Some(wall), logged: 0, unlogged: 0 };
+        }
+        if self.logged >= LOGGED_PER_WINDOW {
+            self.unlogged = self.unlogged.saturating_add(1);
+            return;
+        }
+        self.logged += 1;
+        // The address as parsed, never the peer's own text (the Worker reads it from a header).
+        let peer = peer.trim().parse::<IpAddr>().map_or_else(|_| "unknown".to_string(), |ip| ip.to_string());
+        let code = serde_json::to_value(refused.body.error_code).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        // The reason names the agent only once its id is checked to be one ([`check_upgrade`]).
+        warn!(pool, peer = %peer, code = %code, reason = %refused.body.error, "agent upgrade refused");
+    }
+
+    /// The refusals noted since the last call, for the metric.
+    pub fn take(&mut self) -> u64 {
+        std::mem::take(&mut self.uncounted)
     }
 }
 
@@ -299,5 +366,41 @@ mod tests {
         // The shape holds, the id does not: never echoed.
         refused(&format!("evil\nline.{NOW}.{sig}"), ErrorCode::AgentProofInvalid, "not a valid agent id");
         refused(&format!(".{NOW}.{sig}"), ErrorCode::AgentProofInvalid, "not a valid agent id");
+    }
+
+    /// Every refusal is counted; at most [`LOGGED_PER_WINDOW`] a window are logged one by
+    /// one, the rest summed in one line when the next window begins.
+    #[test]
+    fn refusals_are_all_counted_and_logged_with_a_bound() {
+        let logs = crate::tests::logs::capture();
+        let refused = check(None).unwrap_err();
+        let refused = ApiError::new(refused.0, refused.1);
+        let mut refusals = Refusals::default();
+        for i in 0..25 {
+            refusals.note(NOW + i, "default", "203.0.113.7", &refused);
+        }
+        assert_eq!(refusals.take(), 25);
+        assert_eq!(refusals.take(), 0, "taken once");
+        let lines = logs.lines();
+        assert_eq!(lines.iter().filter(|l| l.contains("agent upgrade refused")).count(), LOGGED_PER_WINDOW as usize, "{lines:#?}");
+        let first = &lines[0];
+        for part in ["peer=203.0.113.7", "AGENT_PROOF_REQUIRED", "upgrade claude-runner on the agent", "pool=default"] {
+            assert!(first.contains(part), "{part:?} not in {first}");
+        }
+        assert!(!lines.iter().any(|l| l.contains("more agent upgrades")), "the window has not ended: {lines:#?}");
+        // The next window: the 15 not logged are summed, and this one is logged.
+        refusals.note(NOW + LOG_WINDOW_MS, "default", "not an address", &refused);
+        let lines = logs.lines();
+        assert!(lines.iter().any(|l| l.contains("more agent upgrades") && l.contains("unlogged=15")), "{lines:#?}");
+        assert!(lines.last().unwrap().contains("peer=unknown"), "a peer that is no address is not echoed: {lines:#?}");
+        assert_eq!(refusals.take(), 1);
+        // A clock set back starts a window rather than never ending the one it is in.
+        let mut back = Refusals::default();
+        for _ in 0..LOGGED_PER_WINDOW {
+            back.note(NOW, "default", "203.0.113.7", &refused);
+        }
+        let before = logs.lines().len();
+        back.note(NOW - 1, "default", "203.0.113.7", &refused);
+        assert_eq!(logs.lines().len(), before + 1, "{:#?}", logs.lines());
     }
 }

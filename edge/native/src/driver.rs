@@ -42,6 +42,8 @@ pub enum Command {
     /// An agent connection from `peer` (its address); `budget` is what its socket may
     /// still read before it proves itself.
     Connect { outbox: mpsc::UnboundedSender<Outbound>, budget: Arc<AtomicUsize>, conn: Option<Conn>, peer: String, reply: oneshot::Sender<String> },
+    /// An upgrade to `/agent/connect` from `peer` refused (checked where it was read).
+    UpgradeRefused { peer: String, refused: shared::contract::ApiError },
     Frame { session: String, text: String },
     BinaryFrame { session: String },
     /// With the peer's close frame (code, reason), when it sent one.
@@ -226,6 +228,7 @@ impl Driver {
                 self.carry_out(effects);
                 let _ = reply.send(session);
             }
+            Command::UpgradeRefused { peer, refused } => self.edge.upgrade_refused(now, &peer, &refused),
             Command::Frame { session, text } => {
                 let effects = self.edge.message(now, &session, &text);
                 self.carry_out(effects);

@@ -42,16 +42,19 @@ pub(crate) async fn agent_connect(state: AppState, mut request: Request) -> Resp
     let Some(upgrade) = request.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return into_response(edge_core::http::upgrade_required());
     };
+    let peer = request.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0 .0.ip().to_string()).unwrap_or_default();
     // Only a peer that proves an agent's key gets a socket (the core decides, as on the
-    // Worker): anyone else is answered 401 and its connection stays an HTTP one.
-    // Read as the Worker reads it (one helper for every header): a proof sent twice is
-    // the two joined, no proof's shape, so a valid one followed by junk is refused here
-    // as it is there, and bytes past ASCII are Latin-1 text, refused as malformed.
+    // Worker): anyone else is answered 401 and its connection stays an HTTP one. Read as
+    // the Worker reads it (one helper for every header): a proof sent twice is the two
+    // joined, no proof's shape, so a valid one followed by junk is refused here as it is
+    // there, and bytes past ASCII are Latin-1 text, refused as malformed. Checked here,
+    // off the machine's turn (a signature to verify for whoever dials); only a refusal
+    // goes to the machine, which counts and logs it.
     let proof = crate::server::header(request.headers(), shared::envelope::AGENT_PROOF_HEADER);
     if let Err(refused) = edge_core::upgrade::check_upgrade(proof.as_deref(), &state.config, runtime::now_ms()) {
+        let _ = state.driver.send(Command::UpgradeRefused { peer, refused: refused.clone() }).await;
         return into_response(edge_core::response::Response::error(refused));
     }
-    let peer = request.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0 .0.ip().to_string()).unwrap_or_default();
     // An agent's socket from here on (marked before the 101 goes out, so it is never idle
     // in between): closed to make room at MAX_CONNECTIONS only while unproven and only
     // when no connection is idle; never once its agent proved itself (the driver pins it).

@@ -6,6 +6,13 @@
 //! refuses (an unknown route, a missing secret) are answered here too, so they never
 //! occupy the object.
 //!
+//! An upgrade to `/agent/connect` is checked here too ([`edge_core::upgrade::check_upgrade`],
+//! as the object checks it again): one without an agent's proof is answered 401 without
+//! asking the pool's object, so whoever dials the door costs it nothing. Such refusals
+//! are logged here with the core's bound and counted here, per pool; the count goes to the
+//! pool's object with the next request forwarded to it ([`REFUSED_HEADER`]), which adds
+//! it to `claude_runner_agents_refused_total`.
+//!
 //! `GET /pools` (the admin secret, `ADMIN_SECRET`) is the one route no single object can
 //! answer: it asks each pool's object for its `/health` and lists what they say.
 
@@ -13,7 +20,10 @@ use crate::exchange;
 use edge_core::config::ConfigError;
 use edge_core::http::Gate;
 use shared::contract::{ApiError, Health, HealthStatus, PoolList, PoolSummary};
+use edge_core::upgrade::Refusals;
 use shared::ids::DEFAULT_POOL;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use worker::wasm_bindgen::JsValue;
 use worker::{console_error, event, web_sys, Context, Env, Request, Response};
 
@@ -22,6 +32,18 @@ pub const BINDING: &str = "EDGE";
 /// The header that tells a pool's object its name. Set here, on every request forwarded
 /// (whatever the caller sent in it): an object cannot learn the name it was made from.
 pub const POOL_HEADER: &str = "x-claude-runner-pool";
+/// The header that tells a pool's object how many upgrades this Worker instance refused
+/// for it since the last request it forwarded there (each logged here already). Set here
+/// alone, like [`POOL_HEADER`]: a caller's own is dropped.
+pub const REFUSED_HEADER: &str = "x-claude-runner-refused-upgrades";
+
+thread_local! {
+    /// Upgrades this instance refused, by pool: only pools the settings list reach it, so
+    /// it holds a few integers per pool whatever comes in. An instance let go before it
+    /// forwards another request to the pool takes its count with it (the object's
+    /// counters, kept in its memory, are lost the same way when it is rebuilt).
+    static REFUSED: RefCell<BTreeMap<String, Refusals>> = RefCell::default();
+}
 
 #[event(fetch)]
 async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
@@ -53,7 +75,20 @@ async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
             return exchange::respond(refused);
         }
         Gate::Handle { read_body } => read_body,
-        Gate::AgentSocket => false,
+        Gate::AgentSocket => {
+            if !exchange::asks_for_websocket(&req) {
+                return exchange::respond(edge_core::http::upgrade_required());
+            }
+            let proof = header(shared::envelope::AGENT_PROOF_HEADER);
+            let now = crate::now_ms();
+            if let Err(refused) = edge_core::upgrade::check_upgrade(proof.as_deref(), &config, now) {
+                // Cloudflare sets it (a client cannot).
+                let peer = header("cf-connecting-ip").unwrap_or_default();
+                REFUSED.with_borrow_mut(|all| all.entry(pool.clone()).or_default().note(now, &pool, &peer, &refused));
+                return exchange::error(&refused);
+            }
+            false
+        }
     };
     if pool == DEFAULT_POOL && method == "GET" && edge_core::path::segments(&path) == ["pools"] {
         return pools(&env).await;
@@ -125,6 +160,12 @@ async fn forward(req: &Request, mut url: worker::Url, env: &Env, pool: &str, pat
     init.set_method(&original.method());
     let headers = web_sys::Headers::new_with_headers(&original.headers())?;
     headers.set(POOL_HEADER, pool)?;
+    headers.delete(REFUSED_HEADER)?;
+    // Taken now: lost if this request does not reach the object.
+    let refused = REFUSED.with_borrow_mut(|all| all.get_mut(pool).map_or(0, Refusals::take));
+    if refused > 0 {
+        headers.set(REFUSED_HEADER, &refused.to_string())?;
+    }
     match original.body() {
         Some(body) if with_body => init.set_body(&JsValue::from(body)),
         _ => {

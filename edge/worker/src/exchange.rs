@@ -46,6 +46,13 @@ pub fn event_stream(out: FeedOut, keepalive_ms: u64) -> worker::Result<Response>
     Ok(response)
 }
 
+/// Whether the request asks to be upgraded to a WebSocket (`Upgrade: websocket`); one that
+/// does not is answered 426.
+pub fn asks_for_websocket(req: &Request) -> bool {
+    let upgrade = req.headers().get("upgrade").ok().flatten();
+    upgrade.is_some_and(|u| u.trim().eq_ignore_ascii_case("websocket"))
+}
+
 /// An error answer with the contract's JSON body.
 pub fn error(err: &ApiError) -> worker::Result<Response> {
     respond(edge_core::Response::error(err.clone()))

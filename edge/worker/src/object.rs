@@ -87,6 +87,10 @@ impl DurableObject for EdgeDurableObject {
             return exchange::respond(http::unavailable(&path, &message));
         }
         let header = |name: &str| req.headers().get(name).ok().flatten();
+        // Upgrades the entry refused without asking this object: counted here.
+        if let Some(count) = header(crate::entry::REFUSED_HEADER).and_then(|n| n.parse::<u64>().ok()) {
+            self.with_edge(|edge| edge.upgrades_refused_before(count));
+        }
         let (secret, authorization) = (header("x-runner-secret"), header("authorization"));
         let method = req.inner().method();
         let gate = self.with_edge(|edge| http::preflight(edge.config(), &method, &path, secret.as_deref(), authorization.as_deref()));
@@ -350,17 +354,21 @@ impl EdgeDurableObject {
 
     /// `GET /agent/connect`: accept the agent's WebSocket and send the challenge.
     async fn accept_agent(&self, req: &Request) -> worker::Result<worker::Response> {
-        let upgrade = req.headers().get("upgrade").ok().flatten();
-        if !upgrade.is_some_and(|u| u.trim().eq_ignore_ascii_case("websocket")) {
+        if !exchange::asks_for_websocket(req) {
             return exchange::respond(http::upgrade_required());
         }
+        // Cloudflare sets the caller's address here (a client cannot): unproven connections
+        // are bounded per source, and a refusal is logged with it.
+        let peer = req.headers().get("cf-connecting-ip").ok().flatten().unwrap_or_default();
         // Only a peer that proves an agent's key gets a socket: the runtime copies each
         // message whole (up to 32 MiB) before the core can weigh it against the hello's
-        // limit, so a socket given to anyone let anyone fill the isolate's memory.
+        // limit, so a socket given to anyone let anyone fill the isolate's memory. The
+        // entry checked it already; checked again here, where the socket is made, so that
+        // no way to this object skips it (a refusal here is counted and logged by the
+        // machine, as on the native edge).
         let now = now_ms();
         let proof = req.headers().get(shared::envelope::AGENT_PROOF_HEADER).ok().flatten();
-        let checked = self.with_edge(|edge| edge_core::upgrade::check_upgrade(proof.as_deref(), edge.config(), now));
-        match checked {
+        match self.with_edge(|edge| edge.check_upgrade(now, proof.as_deref(), &peer)) {
             Some(Ok(_)) => {}
             Some(Err(refused)) => return exchange::error(&refused),
             None => return exchange::respond(not_loaded("/agent/connect")),
@@ -370,9 +378,6 @@ impl EdgeDurableObject {
             Err(e) => return exchange::error(&ApiError::new(ErrorCode::InternalError, e)),
         };
         let pair = WebSocketPair::new()?;
-        // Cloudflare sets the caller's address here (a client cannot): unproven connections
-        // are bounded per source.
-        let peer = req.headers().get("cf-connecting-ip").ok().flatten().unwrap_or_default();
         let Some((session_id, effects)) = self.with_edge(|edge| edge.connect(now, seed, &peer)) else {
             return exchange::respond(not_loaded("/agent/connect"));
         };

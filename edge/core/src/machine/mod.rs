@@ -170,6 +170,8 @@ pub struct Edge {
     alerts: crate::notify::AlertState,
     /// Makes each alert post's id unique (with the ids of those on their way).
     posts_made: u64,
+    /// Upgrades to `/agent/connect` refused: counted into `stats`, logged with a bound.
+    upgrades: crate::upgrade::Refusals,
 }
 
 impl Edge {
@@ -197,6 +199,7 @@ impl Edge {
             stats: Stats::default(),
             alerts: crate::notify::AlertState::default(),
             posts_made: 0,
+            upgrades: crate::upgrade::Refusals::default(),
         }
     }
 

@@ -6,7 +6,7 @@ use super::{Edge, Effect};
 use crate::clock::Now;
 use crate::record::Job;
 use crate::session::{self, Agent, Phase, Refused, Session};
-use shared::contract::ErrorCode;
+use shared::contract::{ApiError, ErrorCode};
 use shared::envelope::{Domain, Envelope, EnvelopeError, Tagged};
 use shared::link::{Ephemeral, LinkKeys};
 use shared::ids::{hex, shown_job_id};
@@ -71,6 +71,34 @@ impl Edge {
         effects.push(Effect::Send { session: id.clone(), text: challenge.to_text() });
         self.insert_session(session);
         (id, effects)
+    }
+
+    /// An upgrade to `/agent/connect` from `peer` (its address) carrying `proof` (the
+    /// `X-Runner-Agent-Proof` header, its values joined with `, `): `Ok` is the agent's id,
+    /// and the host may accept the socket ([`Edge::connect`]); `Err` is the 401 to answer,
+    /// counted and logged ([`Edge::upgrade_refused`]).
+    pub fn check_upgrade(&mut self, now: impl Into<Now>, proof: Option<&str>, peer: &str) -> Result<String, ApiError> {
+        let now = now.into();
+        crate::upgrade::check_upgrade(proof, &self.cfg, now.wall).inspect_err(|refused| self.upgrade_refused(now, peer, refused))
+    }
+
+    /// An upgrade from `peer` refused with `refused` (by [`crate::upgrade::check_upgrade`],
+    /// which a host may run where it reads the request, off the machine's turn): counted
+    /// in `claude_runner_agents_refused_total`, logged with a bound ([`crate::upgrade::Refusals`]).
+    pub fn upgrade_refused(&mut self, now: impl Into<Now>, peer: &str, refused: &ApiError) {
+        let now = now.into();
+        self.begin(Origin::Quiet);
+        self.upgrades.note(now.wall, &self.cfg.pool, peer, refused);
+        let counted = self.upgrades.take();
+        self.stats_mut().refused_agents += counted;
+    }
+
+    /// Upgrades refused before they reached the machine, already logged where they were
+    /// (the Worker's entry, which refuses them without asking the pool's object): counted.
+    pub fn upgrades_refused_before(&mut self, count: u64) {
+        self.begin(Origin::Quiet);
+        let stats = self.stats_mut();
+        stats.refused_agents = stats.refused_agents.saturating_add(count);
     }
 
     /// Connections that have not proven themselves yet.

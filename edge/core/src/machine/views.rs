@@ -181,7 +181,7 @@ impl Edge {
             s.finished.iter().map(|(k, v)| (format!("{{state=\"{k}\"}}"), *v)).collect(),
         );
         line("claude_runner_orders_rejected_total", "Orders the agent refused.", "counter", one(s.rejected_orders));
-        line("claude_runner_agents_refused_total", "Agent connections refused.", "counter", one(s.refused_agents));
+        line("claude_runner_agents_refused_total", "Agent connections refused: upgrades without a valid agent proof, and hellos refused.", "counter", one(s.refused_agents));
         line("claude_runner_reports_refused_total", "Progress, results, login reports, refusals and heartbeats not MACed by their agent on their connection.", "counter", one(s.refused_reports));
         line("claude_runner_store_failures_total", "Events whose changes could not be stored (and were undone).", "counter", one(s.store_failures));
         line("claude_runner_jobs_queued", "Jobs waiting for an agent.", "gauge", one(self.queue.len() as u64));

@@ -11,10 +11,12 @@
 //! - [`notices`]: alerts and result callbacks through the machine;
 //! - [`routing`]: many agents: labels, affinity, callers' turns, pause, health.
 //! - [`pending`]: the bytes of the jobs not ended yet, held to `MAX_PENDING_BYTES`.
+//! - [`logs`]: the machine's log lines, captured.
 
 mod hostile;
 mod hosts;
 mod login;
+pub(crate) mod logs;
 mod model;
 mod notices;
 mod pending;
