@@ -99,11 +99,11 @@ pub struct Agent {
     jobs: mpsc::UnboundedSender<JobTask>,
     /// When the jobs' waiting progress batches go.
     progress_clock: Arc<crate::progress_clock::ProgressClock>,
-    /// This agent process's id, new at each start and in every hello it sends
-    /// ([`shared::protocol::Hello::process`]): the edge tells this process reconnecting
-    /// from another one proving the same AGENT_ID, which it refuses while this one is
-    /// connected.
-    pub process: String,
+    /// This agent's instance id, kept in DATA_DIR (`instance`) and in every hello it sends
+    /// ([`shared::protocol::Hello::instance`]): the edge tells this agent reconnecting or
+    /// restarted from another one proving the same AGENT_ID from another DATA_DIR, which it
+    /// refuses while this one may still run jobs of it.
+    pub instance: String,
 }
 
 /// The file in DATA_DIR whose lock the agent holds while it lives: one agent per DATA_DIR.
@@ -187,6 +187,7 @@ impl Agent {
         if leftovers > 0 {
             info!(agent_id = %cfg.agent_id, workspaces = leftovers, "removed the workspaces of jobs the agent was running when it last stopped");
         }
+        let instance = crate::instance::open(&cfg.data_dir, &cfg.agent_id);
         let (uplink, uplink_rx) = mpsc::unbounded_channel();
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
         let status = StatusFile::new(cfg.data_dir.join("status.json"), &cfg.agent_id, &cfg.connect_url);
@@ -211,7 +212,7 @@ impl Agent {
             link: Default::default(),
             jobs,
             progress_clock: Default::default(),
-            process: shared::ids::process_id(runtime::entropy()),
+            instance,
         };
         agent.status.mirrors(agent.repos.mirror_names());
         Ok((Arc::new(agent), Queues { uplink: uplink_rx, jobs: jobs_rx }))

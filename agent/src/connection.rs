@@ -38,10 +38,11 @@ enum End {
     /// it spoke another protocol): the fix is on this side's settings as often as the
     /// edge's, and the log must not send the operator to the edge alone.
     Refusing(String),
-    /// The edge refused us because another agent process is connected with this AGENT_ID
-    /// ([`close::DUPLICATE`]): retried with the backoff, so this one takes over once the
-    /// other is gone, but said at error every time, with the fix.
-    Duplicate(String),
+    /// The edge refused us because another agent (another DATA_DIR) proving this AGENT_ID
+    /// is connected or may still run jobs of it ([`close::DUPLICATE`]): retried when the
+    /// edge said it could let us in (else with the backoff), so this one takes over once
+    /// the other is gone, but said at error every time, with the fix.
+    Duplicate(String, Option<Duration>),
 }
 
 /// Connects, serves and reconnects until `shutdown` turns true.
@@ -59,7 +60,7 @@ pub async fn run(agent: Arc<Agent>, mut uplink: mpsc::UnboundedReceiver<AgentMes
             End::Unreached(why) => End::Unreached(peer_words(&why)),
             End::Refused(why) => End::Refused(peer_words(&why)),
             End::Refusing(why) => End::Refusing(peer_words(&why)),
-            End::Duplicate(why) => End::Duplicate(peer_words(&why)),
+            End::Duplicate(why, after) => End::Duplicate(peer_words(&why), after),
             End::Shutdown => End::Shutdown,
         };
         match &end {
@@ -73,14 +74,19 @@ pub async fn run(agent: Arc<Agent>, mut uplink: mpsc::UnboundedReceiver<AgentMes
             End::Unreached(why) => warn!(agent_id = %agent.cfg.agent_id, reason = %why, "could not connect to the edge"),
             End::Refused(why) => error!(agent_id = %agent.cfg.agent_id, reason = %why, "the edge refused this agent"),
             End::Refusing(why) => error!(agent_id = %agent.cfg.agent_id, reason = %why, "this agent refused the edge"),
-            End::Duplicate(why) => error!(agent_id = %agent.cfg.agent_id, process = %agent.process, reason = %why, "another agent process is connected to the edge with this AGENT_ID"),
+            End::Duplicate(why, _) => error!(agent_id = %agent.cfg.agent_id, instance = %agent.instance, reason = %why, "another agent with this AGENT_ID, from another DATA_DIR, is connected to the edge or may still run its jobs"),
         }
-        if let End::Lost(why) | End::Unreached(why) | End::Refused(why) | End::Refusing(why) | End::Duplicate(why) = &end {
+        if let End::Lost(why) | End::Unreached(why) | End::Refused(why) | End::Refusing(why) | End::Duplicate(why, _) = &end {
             agent.status.disconnected(why);
         }
         // Capped while jobs run here or results wait for the edge: it gives those up as
         // lost after its LOST_AFTER_MS.
-        let delay = reconnect.next(began.elapsed(), agent.holds_work());
+        let delay = match &end {
+            // The edge said when it could let this agent in: a refusal that says nothing of
+            // the edge's health does not grow the backoff (it came 15-45 s late).
+            End::Duplicate(_, Some(after)) => crate::reconnect::told(*after),
+            _ => reconnect.next(began.elapsed(), agent.holds_work()),
+        };
         info!(agent_id = %agent.cfg.agent_id, delay_ms = delay.as_millis() as u64, "reconnecting");
         let wake = tokio::time::sleep(delay);
         tokio::pin!(wake);
@@ -138,13 +144,24 @@ fn ended_before_welcome(agent_id: &str, code: u16, reason: String) -> End {
     match code {
         close::SHUTTING_DOWN | close::SILENT => End::Lost(reason),
         // Said in our own words (what the edge said is not proven yet), with its words after.
-        close::DUPLICATE => End::Duplicate(format!(
-            "the edge refused this connection: another agent process is connected as `{agent_id}`. Give each machine its own AGENT_ID \
-             and key (`claude-runner keygen`, the public key added to the edge's AGENT_PUBLIC_KEYS), or stop the other agent; \
-             this one keeps retrying and takes over once the other is gone (the edge said: {reason})"
-        )),
+        close::DUPLICATE => End::Duplicate(
+            format!(
+                "the edge refused this connection: another agent, from another DATA_DIR, is connected as `{agent_id}` or may still run jobs of it. \
+                 Give each machine its own AGENT_ID and key (`claude-runner keygen`, the public key added to the edge's AGENT_PUBLIC_KEYS), \
+                 or stop the other agent; this one keeps retrying and takes over once the other is gone (the edge said: {reason})"
+            ),
+            retry_after(&reason),
+        ),
         _ => End::Refused(reason),
     }
+}
+
+/// When a [`close::DUPLICATE`] refusal says the edge could let this agent in: its reason
+/// begins `retry after <ms> ms:`. The edge's words, not proven: bounded where used
+/// ([`crate::reconnect::told`]).
+fn retry_after(reason: &str) -> Option<Duration> {
+    let (ms, _) = reason.strip_prefix("retry after ")?.split_once(" ms:")?;
+    ms.parse().ok().map(Duration::from_millis)
 }
 
 /// Sends one frame, giving up after `limit`.
@@ -356,7 +373,7 @@ async fn session(
         claude_version: agent.cli.current(),
         labels: cfg.labels.clone(),
         mirrors: agent.mirrors_for_hello(),
-        process: Some(agent.process.clone()),
+        instance: Some(agent.instance.clone()),
     };
     let envelope = Envelope::seal(Domain::Hello, &hello, &cfg.signing_key);
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: cfg.agent_id.clone(), envelope };
@@ -584,16 +601,26 @@ mod tests {
         }
     }
 
-    /// Refused because another process is connected as this AGENT_ID: said in the agent's
-    /// own words, with what to do, and the edge's words after them.
+    /// Refused because another agent (another DATA_DIR) is connected as this AGENT_ID:
+    /// said in the agent's own words, with what to do, and the edge's words after them;
+    /// retried when the edge said it could let this one in, within the backoff's bounds.
     #[test]
-    fn a_duplicate_refusal_says_what_to_do() {
-        let End::Duplicate(why) = ended_before_welcome("spark", close::DUPLICATE, "since 2026-12-04T10:00:00Z".into()) else {
-            panic!("a duplicate")
-        };
-        for says in ["another agent process is connected as `spark`", "its own AGENT_ID", "stop the other", "keeps retrying", "since 2026-12-04T10:00:00Z"] {
+    fn a_duplicate_refusal_says_what_to_do_and_when_to_retry() {
+        let said = "retry after 4950 ms: another agent is connected as `spark` from another DATA_DIR (since 2026-12-04T10:00:00Z)";
+        let End::Duplicate(why, after) = ended_before_welcome("spark", close::DUPLICATE, said.into()) else { panic!("a duplicate") };
+        for says in ["another agent, from another DATA_DIR, is connected as `spark`", "its own AGENT_ID", "stop the other", "keeps retrying", "since 2026-12-04T10:00:00Z"] {
             assert!(why.contains(says), "{says}: {why}");
         }
+        assert_eq!(after, Some(Duration::from_millis(4950)));
+        assert_eq!(crate::reconnect::told(Duration::from_millis(4950)), Duration::from_millis(4950));
+        // An edge of before, or words that do not say: the backoff.
+        for reason in ["another agent process is connected", "retry after soon ms: x", "retry after 5 ms", "retry after -5 ms: x"] {
+            let End::Duplicate(_, after) = ended_before_welcome("spark", close::DUPLICATE, reason.into()) else { panic!("a duplicate") };
+            assert_eq!(after, None, "{reason}");
+        }
+        // Unproven words: never a dial every millisecond, never a wait past the backoff's most.
+        assert_eq!(crate::reconnect::told(Duration::ZERO), Duration::from_millis(250));
+        assert_eq!(crate::reconnect::told(Duration::from_secs(86_400)), Duration::from_secs(30));
     }
 
     use tokio_tungstenite::tungstenite::protocol::Role;

@@ -289,7 +289,7 @@ async fn ask(ws: &mut WsStream, url: &str, challenge: &str, probe: &Probe) -> Re
         labels: Default::default(),
         mirrors: Vec::new(),
         // A probe is no agent process: it replaces and refuses nothing.
-        process: None,
+        instance: None,
     };
     let envelope = Envelope::seal(Domain::Probe, &hello, &probe.signing_key);
     let frame = AgentMessage::Probe { protocol: PROTOCOL_VERSION, agent_id: probe.agent_id.clone(), envelope }.to_text();

@@ -57,6 +57,7 @@ mod doctor;
 mod drain;
 mod files;
 mod follow;
+mod instance;
 mod keygen;
 mod launcher;
 mod link;

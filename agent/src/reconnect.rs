@@ -47,6 +47,14 @@ pub const DIAL_FLOOR: Duration = Duration::from_secs(2);
 /// Each handshake step's bound otherwise (the edge waits as long for each).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(shared::protocol::HANDSHAKE_TIMEOUT_MS);
 
+/// The wait before the next dial when the edge refused this agent for another one with
+/// its AGENT_ID (`DUPLICATE`) and said when it could let it in: that, within the
+/// backoff's bounds (the words are not proven: never a dial every millisecond, never a
+/// wait past the backoff's longest). The backoff does not grow by it.
+pub fn told(after: Duration) -> Duration {
+    after.clamp(INITIAL, MOST)
+}
+
 /// The agent's reconnect state across connections.
 pub struct Reconnect {
     policy: backoff::ExponentialBackoff,

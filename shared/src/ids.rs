@@ -33,19 +33,19 @@ pub fn shown_job_id(id: &str) -> &str {
     }
 }
 
-/// Random bytes in an agent's process id ([`crate::protocol::Hello::process`]): enough that
-/// two processes never draw the same.
-pub const PROCESS_ID_BYTES: usize = 16;
+/// Random bytes in an agent's instance id ([`crate::protocol::Hello::instance`]): enough
+/// that two `DATA_DIR`s never draw the same.
+pub const INSTANCE_ID_BYTES: usize = 16;
 
-/// An agent's process id as made from `random` ([`PROCESS_ID_BYTES`] of them): lower-case hex.
-pub fn process_id(random: [u8; PROCESS_ID_BYTES]) -> String {
+/// An agent's instance id as made from `random` ([`INSTANCE_ID_BYTES`] of them): lower-case hex.
+pub fn instance_id(random: [u8; INSTANCE_ID_BYTES]) -> String {
     hex(&random)
 }
 
-/// A process id the edge takes into its records and logs: 1-64 letters or digits. The
-/// agent makes its own as [`process_id`]; anything else in a signed hello is the agent's
+/// An instance id the edge takes into its records and logs: 1-64 letters or digits. The
+/// agent makes its own as [`instance_id`]; anything else in a signed hello is the agent's
 /// bug, refused with the hello.
-pub fn valid_process_id(id: &str) -> bool {
+pub fn valid_instance_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
@@ -73,7 +73,7 @@ mod tests {
         assert_eq!(hex(&[0, 1, 0xab, 0xff]), "0001abff");
         assert_eq!(shown_job_id("0190abc-def_1"), "0190abc-def_1");
         assert_eq!(shown_job_id("j1\n2026-01-01 INFO forged"), "-");
-        assert!(valid_process_id(&process_id([0xab; PROCESS_ID_BYTES])) && process_id([0xab; PROCESS_ID_BYTES]).len() == 32);
-        assert!(!valid_process_id("") && !valid_process_id("a-b") && !valid_process_id(&"a".repeat(65)));
+        assert!(valid_instance_id(&instance_id([0xab; INSTANCE_ID_BYTES])) && instance_id([0xab; INSTANCE_ID_BYTES]).len() == 32);
+        assert!(!valid_instance_id("") && !valid_instance_id("a-b") && !valid_instance_id(&"a".repeat(65)));
     }
 }

@@ -151,10 +151,11 @@ pub mod close {
     pub const REPLACED: u16 = 4003;
     pub const SILENT: u16 = 4004;
     pub const SHUTTING_DOWN: u16 = 4005;
-    /// A hello refused because another agent process is connected with the same agent id
-    /// and is still heard from ([`super::Hello::process`]): the older connection is kept
-    /// untouched, its jobs with it. The agent retries (it takes over once the other one is
-    /// gone); the operator gives each machine its own id.
+    /// A hello refused because another agent instance (another `DATA_DIR`) proving the same
+    /// agent id is still heard from, or may still hold jobs of it ([`super::Hello::instance`]):
+    /// the other one's connection and jobs are kept untouched. The reason begins `retry
+    /// after <ms> ms:` (the earliest the edge could let it in); the agent retries then, and
+    /// the operator gives each machine its own id.
     pub const DUPLICATE: u16 = 4006;
     /// A probe answered ([`super::AgentMessage::Probe`]): the edge closes, its work done.
     pub const PROBED: u16 = 1000;
@@ -356,18 +357,20 @@ pub struct Hello {
     /// The repositories it holds a mirror of (names, [`crate::repo::RepoUrl::name`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mirrors: Vec<String>,
-    /// Which agent process this is: random, made once at the agent's start and the same in
-    /// every hello it sends until it stops ([`crate::ids::valid_process_id`]). The edge
-    /// keeps one connection per agent id and took a newer hello for the same agent come
-    /// back (the older connection dead or half-open), ending the jobs it did not name. Two
-    /// processes given the same `AGENT_ID` and key (a `.env` copied to a second machine)
-    /// then took turns replacing each other, each hello ending the other's running jobs as
-    /// lost while they ran. With it the edge tells a reconnect of the same process, or a
-    /// restart after the old connection fell silent, from a second process while the first
-    /// is still heard: that one is refused ([`close::DUPLICATE`]). Absent (`None`: an agent
-    /// of before the field, or a probe) a hello is taken as before.
+    /// Which agent instance this is: random, made once for its `DATA_DIR` and kept there
+    /// (`DATA_DIR/instance-id`; the `DATA_DIR` lock allows one agent process at a time), so
+    /// the same in every hello of every start ([`crate::ids::valid_instance_id`]). The edge
+    /// keeps one connection per agent id. A hello of the same instance is that agent come
+    /// back (restarted, or its older connection half-open): it replaces the older
+    /// connection at once and settles the agent's jobs. Two instances given the same
+    /// `AGENT_ID` and key (a `.env` copied to a second machine) took turns replacing each
+    /// other, each hello ending the other's running jobs as lost while they ran: now a
+    /// hello of another instance is refused ([`close::DUPLICATE`]) while the other is heard
+    /// or may hold a job within its orphan deadline, and once let in it settles none of the
+    /// other's jobs. Absent (`None`: an agent of before the field, or a probe) a hello is of
+    /// the instance that names none: it replaces only a connection that names none either.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub process: Option<String>,
+    pub instance: Option<String>,
 }
 
 /// The most finished jobs a hello names: a spool of results that were never acknowledged
@@ -723,7 +726,7 @@ mod tests {
             claude_version: None,
             labels: Default::default(),
             mirrors: Vec::new(),
-            process: Some(crate::ids::hex(&[0xff; crate::ids::PROCESS_ID_BYTES])),
+            instance: Some(crate::ids::hex(&[0xff; crate::ids::INSTANCE_ID_BYTES])),
         };
         let envelope = Envelope::seal(Domain::Hello, &hello, &SigningKey::from_bytes(&[7; 32]));
         let text = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope }.to_text();

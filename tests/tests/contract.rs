@@ -1477,7 +1477,7 @@ async fn a_silent_agent_is_reported_offline_within_two_heartbeats(kind: EdgeKind
         claude_version: None,
         labels: Default::default(),
         mirrors: Vec::new(),
-        process: None,
+        instance: None,
     };
     let envelope = Envelope::seal(Domain::Hello, &hello, keys.agent("spark"));
     let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: "spark".into(), envelope };

@@ -814,7 +814,7 @@ mod tests {
             claude_version: Some("v".repeat(100)),
             labels: (0..16).map(|i| (format!("k{i}"), "v".repeat(20))).collect(),
             mirrors,
-            process: Some(shared::ids::process_id([0xff; shared::ids::PROCESS_ID_BYTES])),
+            instance: Some(shared::ids::instance_id([0xff; shared::ids::INSTANCE_ID_BYTES])),
         };
         let envelope = shared::envelope::Envelope::seal(shared::envelope::Domain::Hello, &hello, &key);
         let frame = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: hello.agent_id.clone(), envelope }.to_text();

@@ -54,6 +54,14 @@ pub struct Job {
     /// turned out dead is not lost.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// The agent instance it was sent to, or that took it over
+    /// ([`shared::protocol::Hello::instance`]; `""`: an agent that names none), while it
+    /// is with one. Only that instance's hello settles it, and another instance proving
+    /// the same agent id is refused while the job may still be with this one, so that it
+    /// never ends lost, nor goes to the other, while its agent runs it. Absent (a job an
+    /// edge of before sent): any hello of its agent id settles it, as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     pub result: Option<JobResult>,
     /// What identifies the task for an idempotency key: the SHA-256 of its spec (kept in
     /// the header, which drops the spec's text).
@@ -135,6 +143,7 @@ impl Job {
             orphaned_at: None,
             order_no: 0,
             cancel_requested: false,
+            instance: None,
             result: None,
             spec_digest: spec_digest(&spec),
             spec,
@@ -316,6 +325,7 @@ impl Job {
         self.state = result.terminal_state();
         self.finished_at = Some(now);
         self.orphaned_at = None;
+        self.instance = None;
         self.result = Some(result);
         true
     }

@@ -79,10 +79,16 @@ pub struct Agent {
     /// The re-login relayed to this agent, while one is under way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub login: Option<LoginRelay>,
-    /// The agent process on this connection, from its signed hello
-    /// ([`shared::protocol::Hello::process`]; `None` from an agent of before the field).
+    /// The agent instance (its `DATA_DIR`) on this connection, from its signed hello
+    /// ([`shared::protocol::Hello::instance`]; `None` from an agent of before the field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub process: Option<String>,
+    pub instance: Option<String>,
+}
+
+/// An agent instance as told apart at the edge: `""` for an agent that names none (no
+/// valid instance id is empty, [`shared::ids::valid_instance_id`]).
+pub fn instance_key(instance: Option<&str>) -> &str {
+    instance.unwrap_or("")
 }
 
 /// A `claude auth login` the edge relays to an agent: started by `POST /oauth/login`,
@@ -132,6 +138,12 @@ impl LoginRelay {
 }
 
 impl Agent {
+    /// Its instance as jobs and other connections are told apart by: `""` for an agent that
+    /// names none, which is one instance of its own ([`shared::protocol::Hello::instance`]).
+    pub fn instance_key(&self) -> &str {
+        instance_key(self.instance.as_deref())
+    }
+
     /// Takes a report from the agent at `now`: its login and usage window, and until when
     /// (edge time) the window holds work back.
     pub fn report(&mut self, oauth: OAuthReport, now: crate::Now) {
@@ -223,7 +235,7 @@ impl Session {
     /// the login again starts a new one); last the CLI's version (a character outside
     /// Latin-1 doubles the cost of the whole attachment, and the most labels an agent may
     /// offer then no longer fit; every heartbeat brings it back). What the machine decides
-    /// with — phase, credits, labels, pause, jobs, the relay's state, the agent's process —
+    /// with — phase, credits, labels, pause, jobs, the relay's state, the agent's instance —
     /// stays whole in each.
     pub fn shorter_forms(&self) -> Vec<Session> {
         let mut cut = self.clone();
@@ -346,10 +358,10 @@ pub fn verify_hello(
         ));
     }
     // Signed, so the agent's own words, but they go into the edge's records and logs.
-    if hello.process.as_deref().is_some_and(|p| !shared::ids::valid_process_id(p)) {
+    if hello.instance.as_deref().is_some_and(|p| !shared::ids::valid_instance_id(p)) {
         return Err(Refused::new(
             close::PROTOCOL_ERROR,
-            "the hello's process id is not 1-64 letters or digits; run the same claude-runner release on the agent and the edge",
+            "the hello's instance id is not 1-64 letters or digits; run the same claude-runner release on the agent and the edge",
         ));
     }
     let off = hello.issued_at.abs_diff(wall);
@@ -453,7 +465,7 @@ mod tests {
                 stopping: false,
                 usage_hold_until: None,
                 login: Some(login.clone()),
-                process: Some(shared::ids::process_id([7; shared::ids::PROCESS_ID_BYTES])),
+                instance: Some(shared::ids::instance_id([7; shared::ids::INSTANCE_ID_BYTES])),
             }),
         };
         let [cut, without_url, without_version] = <[Session; 3]>::try_from(session.shorter_forms()).unwrap();
@@ -471,6 +483,6 @@ mod tests {
         let (whole, kept) = (session.agent().unwrap(), agent);
         assert_eq!((kept.capacity, kept.slots, kept.sent, &kept.agent_id), (whole.capacity, whole.slots, whole.sent, &whole.agent_id));
         assert_eq!(without_version.agent().unwrap().keys, whole.keys, "the connection's keys stay whole in every form");
-        assert_eq!(without_version.agent().unwrap().process, whole.process, "the agent's process stays: it tells a duplicate from a reconnect");
+        assert_eq!(without_version.agent().unwrap().instance, whole.instance, "the agent's instance stays: it tells a duplicate from a reconnect");
     }
 }

@@ -211,7 +211,7 @@ mod tests {
                 paused: false,
                 stopping: false,
                 // As an agent makes it: the record keeps it in every form.
-                process: Some(shared::ids::process_id([0xff; shared::ids::PROCESS_ID_BYTES])),
+                instance: Some(shared::ids::instance_id([0xff; shared::ids::INSTANCE_ID_BYTES])),
             }),
         }
     }

@@ -216,7 +216,7 @@ fn ready_records() -> &'static (Session, Job) {
             claude_version: Some("2.1.197 (Claude Code)".into()),
             labels: Default::default(),
             mirrors: Vec::new(),
-            process: None,
+            instance: None,
         };
         let envelope = Envelope::seal(Domain::Hello, &hello, agent_key());
         let frame = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: AGENT.into(), envelope }.to_text();
@@ -355,7 +355,7 @@ pub fn connections(data: &[u8]) {
                 claude_version: None,
                 labels: Default::default(),
                 mirrors: Vec::new(),
-                process: None,
+                instance: None,
             };
             let frame = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: AGENT.into(), envelope: Envelope::seal(Domain::Hello, &hello, agent_key()) }.to_text();
             let _ = edge.message(now, &session, &frame);

@@ -194,6 +194,7 @@ impl Edge {
         agent.sent += 1;
         let order_no = agent.sent;
         let agent_id = agent.agent_id.clone();
+        let instance = agent.instance_key().to_string();
         // The agent takes it on this connection only, numbered in the order sent.
         let challenge = agent.challenge.clone();
         let saved = Effect::SaveSession(Box::new(session.clone()));
@@ -202,6 +203,7 @@ impl Edge {
         job.dispatched_at = Some(now.at);
         job.agent_id = Some(agent_id.clone());
         job.session_id = Some(session_id.to_string());
+        job.instance = Some(instance);
         job.order_no = order_no;
         job.attempts += 1;
         let (nonce, spec, caller, sent_proven) = (job.order_nonce(), job.spec.clone(), job.placement.caller().to_string(), job.caller_proven);
@@ -474,6 +476,7 @@ impl Edge {
         job.state = JobState::Queued;
         job.agent_id = None;
         job.session_id = None;
+        job.instance = None;
         job.dispatched_at = None;
         job.orphaned_at = None;
         job.order_no = 0;

@@ -359,14 +359,15 @@ impl Edge {
         }
         if let Some(refused) = self.duplicate(now, &hello) {
             self.stats_mut().refused_agents += 1;
-            let process = hello.process.as_deref().unwrap_or("-");
-            warn!(agent_id = %agent_id, session = session_id, process, reason = %refused.reason, "agent refused: another process of the same agent id is connected");
+            let instance = hello.instance.as_deref().unwrap_or("-");
+            warn!(agent_id = %agent_id, session = session_id, instance, reason = %refused.reason, "agent refused: another instance of the same agent id is connected or may hold its jobs");
             self.close(now, session_id, refused, effects);
             return;
         }
         let paused = self.alerts.paused.contains(&agent_id);
-        // One connection per agent: a newer one from the same process (or after the older
-        // fell silent, [`Edge::duplicate`]) means the older is dead or half-open.
+        // One connection per agent: a newer one from the same instance (or another, once
+        // the older fell silent and its jobs' orphan deadlines passed, [`Edge::duplicate`])
+        // means the older is dead or half-open.
         let older: Vec<String> = self
             .ready()
             .filter(|(_, a)| a.agent_id == agent_id)
@@ -398,7 +399,7 @@ impl Edge {
             stopping: false,
             usage_hold_until: None,
             login: None,
-            process: hello.process.clone(),
+            instance: hello.instance.clone(),
         });
         session.agent_mut().expect("just made ready").report(hello.oauth.clone(), now);
         let hold = session.agent().and_then(|a| a.usage_hold_until);
@@ -425,35 +426,54 @@ impl Edge {
         self.observe(now, effects);
     }
 
-    /// Why a verified hello must be refused because another process of its agent id holds
-    /// the connection, if it must: that connection is still heard from (its silence
-    /// deadline, [`crate::session::Session::deadline`], not passed) and was proven by
-    /// another process ([`shared::protocol::Hello::process`]). Replacing it would end
-    /// every job the other process runs as lost while it runs them (the new hello does
-    /// not name them), and the two would take turns replacing each other for ever. So
-    /// the newer connection is refused and nothing of the older one is touched; once it
-    /// closes, or falls silent past its deadline (a power cut), the next hello takes
-    /// over. The same process again (its older connection half-open), or a hello or
-    /// connection that names no process (an agent of before the field), replaces it.
+    /// Why a verified hello must be refused because another instance of its agent id
+    /// (another `DATA_DIR`, [`shared::protocol::Hello::instance`]; one that names none is
+    /// an instance of its own) may still be at work, if it must: while a connection of
+    /// that instance is heard from (its silence deadline, [`crate::session::Session::deadline`],
+    /// not passed), and while a job it was sent or took over may still be with it — until
+    /// the job's orphan deadline, `LOST_AFTER_MS` after its connection went (counted from
+    /// now while that connection is open). Letting the hello in then would end those jobs
+    /// as lost while they run, or send them to this one too, and the two would take turns
+    /// replacing each other. So it is refused, nothing of the other's touched, and told
+    /// when to try again (`retry after <ms> ms`, first: a close reason is cut short).
+    /// A hello of the same instance (that agent restarted, or its older connection
+    /// half-open: the `DATA_DIR` lock allows one process at a time) is never refused here.
     fn duplicate(&self, now: Now, hello: &Hello) -> Option<Refused> {
-        let process = hello.process.as_deref()?;
+        let instance = session::instance_key(hello.instance.as_deref());
         let hb = self.cfg.heartbeat_interval_ms;
-        let other = self
+        let heard = self
             .sessions
             .values()
-            .filter(|s| s.deadline(hb) > now.at)
             .filter_map(|s| s.agent().map(|a| (s, a)))
-            .filter(|(_, a)| a.agent_id == hello.agent_id)
-            .find(|(_, a)| a.process.as_deref().is_some_and(|p| p != process))?;
-        let (session, agent) = other;
-        let since = shared::time::rfc3339(now.wall_of(session.connected_at));
+            .filter(|(s, a)| a.agent_id == hello.agent_id && a.instance_key() != instance && s.deadline(hb) > now.at)
+            .map(|(s, _)| (s.deadline(hb), s.connected_at))
+            .max();
+        let held = self
+            .active
+            .iter()
+            .map(|id| &self.jobs[id])
+            .filter(|job| job.agent_id.as_deref() == Some(hello.agent_id.as_str()))
+            .filter(|job| job.instance.as_deref().is_some_and(|i| i != instance))
+            .map(|job| job.orphaned_at.unwrap_or(now.at).saturating_add(self.cfg.lost_after_ms))
+            .filter(|&deadline| deadline > now.at)
+            .max();
+        // When the edge's answer could change with nothing more heard: the other's silence
+        // deadline while it is heard (it may then go quiet, and only its jobs keep this one
+        // out), else the last of its jobs' orphan deadlines.
+        let until = heard.map(|(deadline, _)| deadline).or(held)?;
+        let retry = until - now.at;
+        let what = match heard {
+            Some((_, connected_at)) => {
+                format!("another agent is connected as `{}` from another DATA_DIR (since {})", hello.agent_id, shared::time::rfc3339(now.wall_of(connected_at)))
+            }
+            None => format!(
+                "jobs of `{}` may still be with another agent proving it from another DATA_DIR (the edge waits LOST_AFTER_MS, {} ms, for an agent gone with its jobs)",
+                hello.agent_id, self.cfg.lost_after_ms
+            ),
+        };
         Some(Refused::new(
             close::DUPLICATE,
-            format!(
-                "another agent process is connected as `{}` (since {since}); give each machine its own AGENT_ID and key, or stop the other one. This one is let in once the other's connection closes or is silent for {} ms",
-                agent.agent_id,
-                2 * hb
-            ),
+            format!("retry after {retry} ms: {what}; give each machine its own AGENT_ID and key, or stop the other agent"),
         ))
     }
 
@@ -491,10 +511,15 @@ impl Edge {
     /// sends its results, refusals and statements in the order it makes them, a job the
     /// statement leaves out was neither running nor finished then.
     fn reconcile(&mut self, now: Now, session_id: &str, agent_id: &str, held: &BTreeSet<&str>, heard: Heard, effects: &mut Vec<Effect>) {
+        let instance = self.sessions[session_id].agent().expect("ready session").instance_key().to_string();
+        // Another instance's jobs (another DATA_DIR proving the same id, let in once their
+        // orphan deadlines passed, [`Edge::duplicate`]) are not this one's to settle: they
+        // end by that deadline, never sent to this one.
         let mine: Vec<String> = self
             .active
             .iter()
             .filter(|id| self.jobs[*id].agent_id.as_deref() == Some(agent_id))
+            .filter(|id| self.jobs[*id].instance.as_deref().is_none_or(|i| i == instance))
             .cloned()
             .collect();
         for id in mine {
@@ -509,6 +534,7 @@ impl Edge {
                 let job = self.job_mut(&id).expect("active jobs exist");
                 if !here {
                     job.session_id = Some(session_id.to_string());
+                    job.instance = Some(instance.clone());
                     job.orphaned_at = None;
                     job.order_no = 0;
                 }

@@ -220,7 +220,7 @@ pub(super) fn hello(agent: &str, nonce: &str, now: u64) -> Hello {
         oauth: oauth(),
         labels: Default::default(),
         mirrors: Vec::new(),
-        process: None,
+        instance: None,
     }
 }
 

@@ -617,24 +617,25 @@ fn a_job_cancelled_in_the_millisecond_another_ended_is_kept_and_answered() {
     assert!(edge.job("j0").is_some() && edge.job("j1").is_none(), "the job that ended first went");
 }
 
-/// `spark`'s agent process `process` (`None`: an agent of before the field) connects at
-/// `now` with a hello naming `running`; the connection's id and what the edge did.
-fn join_process(edge: &mut Edge, now: u64, process: Option<&str>, running: &[&str], seed: u8) -> (String, Vec<Effect>) {
+/// `spark`'s agent instance `instance` (its DATA_DIR; `None`: an agent of before the
+/// field) connects at `now` with a hello naming `running`; the connection's id and what
+/// the edge did.
+fn join_instance(edge: &mut Edge, now: u64, instance: Option<&str>, running: &[&str], seed: u8) -> (String, Vec<Effect>) {
     let (sid, effects) = edge.connect(now, [seed; 64], PEER);
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     let hello = Hello {
         running: running.iter().map(|s| s.to_string()).collect(),
-        process: process.map(str::to_string),
+        instance: instance.map(str::to_string),
         ..hello("spark", nonce, now)
     };
     let effects = edge.message(now, &sid, &hello_text(&hello, &agent_key(1)));
     (sid, effects)
 }
 
-/// Process `a` of `spark` runs `/execute` job `j1` on its connection.
+/// Instance `a0` of `spark` runs `/execute` job `j1` on its connection.
 fn running_on_a() -> (Edge, String) {
     let mut edge = Edge::new(config(), 0);
-    let (sid, effects) = join_process(&mut edge, 0, Some("a0"), &[], 1);
+    let (sid, effects) = join_instance(&mut edge, 0, Some("a0"), &[], 1);
     assert!(closed(&effects).is_none(), "{effects:?}");
     say(&mut edge, 0, &sid, credit(1, 0));
     edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
@@ -643,29 +644,37 @@ fn running_on_a() -> (Edge, String) {
     (edge, sid)
 }
 
-/// The review's scenario: a `.env` copied to a second machine, so two agent processes
-/// prove the same AGENT_ID with the same key. The second one's hello (holding nothing)
-/// replaced the first's connection and ended its running job `lost` — its `/execute`
-/// caller told to fall back while the first agent still ran it — and the two took turns
-/// replacing each other. Now the second is refused, saying why and what to do, and the
-/// first keeps its connection and its job, whose result still ends it.
+/// The goodbye's whole reason on a refused connection.
+fn goodbye(effects: &[Effect], sid: &str) -> String {
+    let said = sent(effects, sid).into_iter().find_map(|m| match m {
+        EdgeMessage::Goodbye { reason, .. } => Some(reason),
+        _ => None,
+    });
+    said.expect("a goodbye says why in full")
+}
+
+/// The review's scenario: a `.env` copied to a second machine, so two agents prove the
+/// same AGENT_ID with the same key from two DATA_DIRs. The second one's hello (holding
+/// nothing) replaced the first's connection and ended its running job `lost` — its
+/// `/execute` caller told to fall back while the first agent still ran it — and the two
+/// took turns replacing each other. Now the second is refused, saying why, what to do and
+/// when to try again, and the first keeps its connection and its job, whose result still
+/// ends it.
 #[test]
-fn a_second_process_of_the_same_agent_is_refused_and_the_first_keeps_its_jobs() {
+fn a_second_instance_of_the_same_agent_is_refused_and_the_first_keeps_its_jobs() {
     let (mut edge, a) = running_on_a();
     for (t, seed) in [(500, 2), (1_500, 3), (2_500, 4)] {
         // The first is heard all along.
         if t > 1_000 {
             pulse(&mut edge, t - 500, &a, beat(&["j1"], 0, 1));
         }
-        let (b, effects) = join_process(&mut edge, t, Some("b0"), &[], seed);
-        let (code, _) = closed(&effects).expect("the second process is refused");
+        let (b, effects) = join_instance(&mut edge, t, Some("b0"), &[], seed);
+        let (code, _) = closed(&effects).expect("the second instance is refused");
         assert_eq!(code, close::DUPLICATE);
-        let said = sent(&effects, &b).into_iter().find_map(|m| match m {
-            EdgeMessage::Goodbye { reason, .. } => Some(reason),
-            _ => None,
-        });
-        let said = said.expect("a goodbye says why in full");
-        for says in ["another agent process is connected as `spark` (since 1970-01-01T00:00:00Z)", "its own AGENT_ID and key", "stop the other one"] {
+        let said = goodbye(&effects, &b);
+        // When the first would be silent past its deadline, heard 500 ms ago.
+        assert!(said.starts_with(&format!("retry after {} ms: ", 2 * HB - 500)), "{said}");
+        for says in ["another agent is connected as `spark` from another DATA_DIR (since 1970-01-01T00:00:00Z)", "its own AGENT_ID and key", "stop the other agent"] {
             assert!(said.contains(says), "{says}: {said}");
         }
         assert!(finished(&effects).is_empty(), "nothing ends: {effects:?}");
@@ -679,47 +688,141 @@ fn a_second_process_of_the_same_agent_is_refused_and_the_first_keeps_its_jobs() 
     assert_eq!((done[0].0.as_str(), done[0].1, &done[0].2["success"]), ("j1", 200, &json!(true)), "{done:?}");
 }
 
-/// The same process again (its older connection half-open: it gave it up, the edge has not
-/// yet) replaces it, as before, and its job carries on on the new connection; so does a
-/// hello that names no process (an agent of before the field).
+/// The same instance again replaces its older connection at once, heard or not (the
+/// DATA_DIR lock allows one agent process at a time, so the older one is half-open or its
+/// process dead): reconnecting, its job carries on on the new connection; restarted (a
+/// crash the edge did not see, the hello holds nothing), the job ends lost at once, not
+/// after two heartbeat intervals of refusals. So does a hello that names no instance
+/// after a connection that names none (an agent of before the field).
 #[test]
-fn the_same_process_reconnecting_replaces_its_older_connection() {
-    for process in [Some("a0"), None] {
-        let (mut edge, a) = running_on_a();
-        let (a2, effects) = join_process(&mut edge, 500, process, &["j1"], 2);
-        assert_eq!(closed(&effects), Some((close::REPLACED, "replaced by a newer connection of the same agent".into())), "{process:?}");
+fn the_same_instance_reconnecting_or_restarted_replaces_its_older_connection_at_once() {
+    for instance in [Some("a0"), None] {
+        let mut edge = Edge::new(config(), 0);
+        let (a, _) = join_instance(&mut edge, 0, instance, &[], 1);
+        say(&mut edge, 0, &a, credit(1, 0));
+        edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
+        say(&mut edge, 1, &a, AgentMessage::Accepted { job_id: "j1".into() });
+        pulse(&mut edge, 400, &a, beat(&["j1"], 0, 1));
+        let (a2, effects) = join_instance(&mut edge, 500, instance, &["j1"], 2);
+        assert_eq!(closed(&effects), Some((close::REPLACED, "replaced by a newer connection of the same agent".into())), "{instance:?}");
         assert!(edge.session(&a).is_none() && edge.session(&a2).is_some());
         assert_eq!(edge.job("j1").unwrap().session_id.as_deref(), Some(a2.as_str()));
-        let done = finished(&report(&mut edge, 600, &a2, "j1", ok_result()));
-        assert_eq!((done[0].1, &done[0].2["success"]), (200, &json!(true)), "{done:?}");
+        pulse(&mut edge, 600, &a2, beat(&["j1"], 0, 0));
+        let (a3, effects) = join_instance(&mut edge, 700, instance, &[], 3);
+        assert_eq!(closed(&effects).map(|c| c.0), Some(close::REPLACED), "restarted: let in at once");
+        assert!(edge.session(&a3).is_some());
+        let done = finished(&effects);
+        assert_eq!((done[0].0.as_str(), done[0].1, &done[0].2["error_code"]), ("j1", 502, &json!("RUNNER_LOST")), "{done:?}");
     }
 }
 
-/// Another process once the older connection has been silent as long as the edge allows
-/// (two heartbeat intervals; the edge would close it at its next tick): the agent was
-/// restarted after a power cut. It takes over, and what the old one ran is lost at once,
-/// as before. A moment earlier it is still refused.
+/// Another instance once the first's connection has gone silent (a power cut): refused
+/// while that connection is heard, then while j1 may still be with the first — until
+/// LOST_AFTER_MS after the edge closed that connection — and told exactly when to come
+/// back. Let in then, its hello settles none of the first's jobs: j1 ends by its orphan
+/// deadline (saying LOST_AFTER_MS), and is never sent to it.
 #[test]
-fn another_process_replaces_a_connection_gone_silent() {
+fn another_instance_is_let_in_after_the_first_ones_jobs_orphan_deadline_and_settles_none() {
     let (mut edge, a) = running_on_a();
-    let (_, effects) = join_process(&mut edge, 2 * HB - 1, Some("b0"), &[], 2);
-    assert_eq!(closed(&effects).map(|c| c.0), Some(close::DUPLICATE), "still within the window");
-    let (b, effects) = join_process(&mut edge, 2 * HB, Some("b0"), &[], 3);
-    assert_eq!(closed(&effects).map(|c| c.0), Some(close::REPLACED), "{effects:?}");
-    assert!(edge.session(&a).is_none() && edge.session(&b).is_some());
+    let (b, effects) = join_instance(&mut edge, 2 * HB - 1, Some("b0"), &[], 2);
+    assert_eq!(closed(&effects).map(|c| c.0), Some(close::DUPLICATE), "still heard");
+    assert!(goodbye(&effects, &b).starts_with("retry after 1 ms: another agent is connected"));
+    let (b, effects) = join_instance(&mut edge, 2 * HB, Some("b0"), &[], 2);
+    let said = goodbye(&effects, &b);
+    assert!(said.starts_with(&format!("retry after {LOST} ms: jobs of `spark` may still be with another agent")), "j1 not yet orphaned: {said}");
+    edge.tick(2 * HB);
+    assert!(edge.session(&a).is_none(), "the silent connection closed");
+    assert_eq!(edge.job("j1").unwrap().orphaned_at, Some(2 * HB));
+    let (b, effects) = join_instance(&mut edge, 2 * HB + LOST - 1, Some("b0"), &[], 3);
+    assert_eq!(closed(&effects).map(|c| c.0), Some(close::DUPLICATE), "j1 may still be with the first");
+    let said = goodbye(&effects, &b);
+    assert!(said.starts_with("retry after 1 ms: jobs of `spark` may still be with another agent proving it from another DATA_DIR"), "{said}");
+    assert!(finished(&effects).is_empty(), "{effects:?}");
+    let (b, effects) = join_instance(&mut edge, 2 * HB + LOST, Some("b0"), &[], 4);
+    assert!(closed(&effects).is_none(), "{effects:?}");
+    assert!(finished(&effects).is_empty(), "the newcomer's hello settles none of the first's jobs: {effects:?}");
+    let effects = edge.tick(2 * HB + LOST);
     let done = finished(&effects);
     assert_eq!((done[0].0.as_str(), done[0].1, &done[0].2["error_code"]), ("j1", 502, &json!("RUNNER_LOST")), "{done:?}");
+    assert!(done[0].2["error"].as_str().unwrap().contains("LOST_AFTER_MS"), "ended by its deadline: {done:?}");
+    let effects = say(&mut edge, 2 * HB + LOST, &b, credit(1, 0));
+    assert!(!sent(&effects, &b).iter().any(|m| matches!(m, EdgeMessage::Job { .. })), "{effects:?}");
 }
 
-/// A process id the edge would not keep (it goes into records and logs) refuses the hello.
+/// Review: an agent of before the field (no instance id) and one of now sharing a `.env`
+/// were never told apart, and replaced each other as before. They are two instances.
 #[test]
-fn a_hello_with_a_malformed_process_id_is_refused() {
+fn review_an_old_agent_without_an_instance_id_is_refused_beside_a_heard_new_one() {
+    let (mut edge, a) = running_on_a();
+    pulse(&mut edge, 400, &a, beat(&["j1"], 0, 1));
+    let (_, effects) = join_instance(&mut edge, 500, None, &[], 2);
+    assert!(finished(&effects).is_empty(), "{:?}", finished(&effects));
+    assert_eq!(closed(&effects).map(|c| c.0), Some(close::DUPLICATE));
+}
+
+#[test]
+fn review_a_new_agent_is_refused_beside_a_heard_old_one() {
+    let mut edge = Edge::new(config(), 0);
+    let (a, _) = join_instance(&mut edge, 0, None, &[], 1);
+    say(&mut edge, 0, &a, credit(1, 0));
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
+    say(&mut edge, 1, &a, AgentMessage::Accepted { job_id: "j1".into() });
+    pulse(&mut edge, 400, &a, beat(&["j1"], 0, 1));
+    let (_, effects) = join_instance(&mut edge, 500, Some("b0"), &[], 2);
+    assert!(finished(&effects).is_empty(), "{:?}", finished(&effects));
+    assert_eq!(closed(&effects).map(|c| c.0), Some(close::DUPLICATE));
+}
+
+/// Review: the first's connection dropped briefly (an edge restart, a network blip) and
+/// the refused second got in, taken as speaking for all of the id's jobs: the first's
+/// running job ended lost while it ran, and the first was then locked out. Now the second
+/// stays out while the job may be with the first, and the first, back, carries on.
+#[test]
+fn review_a_blip_of_the_first_does_not_let_the_second_end_its_running_job() {
+    let (mut edge, a) = running_on_a();
+    edge.disconnect(100, &a);
+    let (b, effects) = join_instance(&mut edge, 150, Some("b0"), &[], 2);
+    assert_eq!(closed(&effects).map(|c| c.0), Some(close::DUPLICATE), "the second stays out");
+    assert!(goodbye(&effects, &b).starts_with(&format!("retry after {} ms: ", 100 + LOST - 150)));
+    assert!(finished(&effects).is_empty(), "{:?}", finished(&effects));
+    let (a2, back) = join_instance(&mut edge, 400, Some("a0"), &["j1"], 3);
+    assert_eq!(closed(&back), None, "the first is let back in");
+    assert!(finished(&back).is_empty(), "{:?}", finished(&back));
+    let done = finished(&report(&mut edge, 500, &a2, "j1", ok_result()));
+    assert_eq!((done[0].0.as_str(), done[0].1, &done[0].2["success"]), ("j1", 200, &json!(true)), "{done:?}");
+}
+
+/// Review: a job sent to the first that it had not acknowledged when its connection
+/// dropped was sent again to the second (it may run on both). Now it goes to nobody else
+/// while the first may have it: the first, back, says it runs it.
+#[test]
+fn review_a_job_sent_to_the_first_is_not_sent_to_the_second() {
+    let mut edge = Edge::new(config(), 0);
+    let (a, _) = join_instance(&mut edge, 0, Some("a0"), &[], 1);
+    say(&mut edge, 0, &a, credit(1, 0));
+    let d = edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+    assert!(sent(&d.effects, &a).iter().any(|m| matches!(m, EdgeMessage::Job { .. })));
+    edge.disconnect(100, &a);
+    let (b, effects) = join_instance(&mut edge, 150, Some("b0"), &[], 2);
+    assert_eq!(closed(&effects).map(|c| c.0), Some(close::DUPLICATE));
+    let effects = say(&mut edge, 160, &b, credit(1, 0));
+    let to_b = sent(&effects, &b).iter().any(|m| matches!(m, EdgeMessage::Job { .. }));
+    assert!(!to_b, "j1, which A may run, was sent to B too");
+    let (a2, back) = join_instance(&mut edge, 400, Some("a0"), &["j1"], 3);
+    assert_eq!(closed(&back), None);
+    let job = edge.job("j1").unwrap();
+    assert_eq!((job.state, job.session_id.as_deref(), job.attempts), (JobState::Running, Some(a2.as_str()), 1));
+}
+
+/// An instance id the edge would not keep (it goes into records and logs) refuses the hello.
+#[test]
+fn a_hello_with_a_malformed_instance_id_is_refused() {
     let mut edge = Edge::new(config(), 0);
     for bad in ["", "a-b", "a\nb", &"a".repeat(65)] {
-        let (_, effects) = join_process(&mut edge, 0, Some(bad), &[], 1);
+        let (_, effects) = join_instance(&mut edge, 0, Some(bad), &[], 1);
         let (code, reason) = closed(&effects).expect("refused");
         assert_eq!(code, close::PROTOCOL_ERROR, "{bad:?}");
-        assert!(reason.contains("process id"), "{reason}");
+        assert!(reason.contains("instance id"), "{reason}");
     }
     assert!(!edge.is_online());
 }

@@ -355,7 +355,7 @@ impl Sim {
             claude_version: None,
             labels: Default::default(),
             mirrors: vec![],
-            process: None,
+            instance: None,
         };
         let msg = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: self.id.clone(), envelope: Envelope::seal(Domain::Hello, &hello, &self.key) };
         ws.send(Message::text(msg.to_text())).await?;
