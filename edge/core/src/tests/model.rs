@@ -51,7 +51,7 @@ enum Step {
 }
 
 fn step() -> impl Strategy<Value = Step> {
-    let agent = 0..2usize;
+    let agent = 0..3usize;
     prop_oneof![
         3 => (any::<bool>(), prop_oneof![1 => Just(None), 2 => Just(Some(0u8))]).prop_map(|(wait, key)| Step::Submit { wait, key }),
         1 => (0..8usize).prop_map(Step::HangUp),
@@ -73,6 +73,8 @@ fn step() -> impl Strategy<Value = Step> {
 
 struct ModelAgent {
     id: &'static str,
+    /// Its DATA_DIR's instance id, the same after a crash.
+    instance: &'static str,
     key: u8,
     capacity: u32,
     session: Option<String>,
@@ -137,7 +139,10 @@ struct World {
     starts: HashMap<String, u32>,
     ended: HashMap<String, JobResult>,
     fell_back: BTreeSet<String>,
-    seed: u8,
+    /// Counts connections: each one's randomness, so no two share a session id (a refused
+    /// agent dials every round of a long settle: a byte of it wrapped, and a new connection
+    /// took an open one's id).
+    seed: u32,
     /// When each job ended (edge time).
     ended_at: HashMap<String, u64>,
     /// The jobs each idempotency key made, in order.
@@ -152,8 +157,9 @@ fn model_config() -> crate::Config {
 
 impl World {
     fn new() -> World {
-        let agent = |id, key, capacity| ModelAgent {
+        let agent = |id, instance, key, capacity| ModelAgent {
             id,
+            instance,
             key,
             capacity,
             session: None,
@@ -172,7 +178,9 @@ impl World {
             now: 0,
             stored: HashMap::new(),
             fail_next: false,
-            agents: vec![agent("spark", 1, 1), agent("laptop", 2, 2)],
+            // The third is `spark` again from another DATA_DIR: a `.env` copied to a second
+            // machine. It must never be sent a job the first may run, nor end one.
+            agents: vec![agent("spark", "i0", 1, 1), agent("laptop", "i1", 2, 2), agent("spark", "i2", 1, 1)],
             waiting: Vec::new(),
             jobs: Vec::new(),
             starts: HashMap::new(),
@@ -204,6 +212,11 @@ impl World {
             for (id, result) in ends {
                 if let Some(before) = self.ended.get(&id) {
                     assert_eq!(*before, result, "job {id} ended twice");
+                }
+                // Said only when its agent's hello or heartbeat left the job out: never while
+                // an agent runs it (another `spark` speaking for the first's jobs did).
+                if result.error.as_deref().is_some_and(|e| e.starts_with("the agent restarted and no longer has this job")) {
+                    assert!(self.agents.iter().all(|a| !a.running.contains(&id)), "job {id} ended lost while an agent runs it");
                 }
                 if !self.jobs.contains(&id) {
                     self.jobs.push(id.clone());
@@ -312,8 +325,10 @@ impl World {
         if self.agents[a].session.is_some() {
             return;
         }
-        self.seed = self.seed.wrapping_add(1);
-        let (sid, effects) = self.edge.connect(self.now, [self.seed; 64], PEER);
+        self.seed += 1;
+        let mut random = [self.seed as u8; 64];
+        random[..4].copy_from_slice(&self.seed.to_be_bytes());
+        let (sid, effects) = self.edge.connect(self.now, random, PEER);
         let agent = &mut self.agents[a];
         agent.session = Some(sid.clone());
         agent.received = 0;
@@ -334,6 +349,7 @@ impl World {
             capacity: agent.capacity,
             running: agent.running.iter().cloned().collect(),
             finished: agent.finished.keys().cloned().collect(),
+            instance: Some(agent.instance.to_string()),
             ..hello(agent.id, &nonce, self.now)
         };
         let text = hello_text(&hello, &agent_key(agent.key));
@@ -486,7 +502,7 @@ impl World {
         for a in 0..self.agents.len() {
             self.run(&Step::Resume(a));
         }
-        for round in 0..200 {
+        for round in 0..300 {
             for a in 0..self.agents.len() {
                 self.rejoin(a);
             }
@@ -517,7 +533,11 @@ impl World {
                 }
                 self.run(&Step::Heartbeat(a));
             }
-            self.now += 100;
+            // Then in longer steps (within a heartbeat interval, so no connection falls
+            // silent): an order sent to the other `spark` that its connection never saw
+            // taken ends only once it expired (ORDER_TTL_MS and the clock skew either way),
+            // as no hello of that instance can say it never got it.
+            self.now += if round < 100 { 100 } else { 1_000 };
             let effects = self.edge.tick(self.now);
             self.carry_out(effects);
         }
@@ -604,3 +624,13 @@ fn a_key_whose_job_ran_and_was_forgotten_makes_no_second_job() {
         Up(0), Finish(1, 0), Down(1), Up(1), Up(1), Up(1), Up(1), Restart { clean: false }, Tick(5100), keyed.clone(),
     ]);
 }
+
+/// The review's case in the model: the first `spark`'s connection drops while it runs a
+/// job, and the second `spark` (another DATA_DIR) dials: its hello ended the job lost
+/// while the first ran it. It is refused until the job's orphan deadline.
+#[test]
+fn the_second_spark_does_not_end_the_first_ones_job_after_a_blip() {
+    use Step::*;
+    run_case(&[Rejoin(0), Up(0), Submit { wait: false, key: None }, Down(0), Disconnect(0), Rejoin(2), Tick(10), Rejoin(0)]);
+}
+
