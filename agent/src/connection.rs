@@ -614,13 +614,15 @@ mod tests {
         assert_eq!(after, Some(Duration::from_millis(4950)));
         assert_eq!(crate::reconnect::told(Duration::from_millis(4950)), Duration::from_millis(4950));
         // An edge of before, or words that do not say: the backoff.
-        for reason in ["another agent process is connected", "retry after soon ms: x", "retry after 5 ms", "retry after -5 ms: x"] {
+        for reason in ["another agent process is connected", "retry after soon ms: x", "retry after 5 ms", "retry after -5 ms: x", "retry after 18446744073709551616 ms: x", "retry after  5 ms: x", "retry after 5ms: x"] {
             let End::Duplicate(_, after) = ended_before_welcome("spark", close::DUPLICATE, reason.into()) else { panic!("a duplicate") };
             assert_eq!(after, None, "{reason}");
         }
         // Unproven words: never a dial every millisecond, never a wait past the backoff's most.
-        assert_eq!(crate::reconnect::told(Duration::ZERO), Duration::from_millis(250));
+        assert_eq!(crate::reconnect::told(Duration::ZERO), Duration::from_secs(2));
         assert_eq!(crate::reconnect::told(Duration::from_secs(86_400)), Duration::from_secs(30));
+        let End::Duplicate(_, after) = ended_before_welcome("spark", close::DUPLICATE, format!("retry after {} ms: x", u64::MAX)) else { panic!("a duplicate") };
+        assert_eq!(after.map(crate::reconnect::told), Some(Duration::from_secs(30)), "the most u64 holds: the backoff's longest");
     }
 
     use tokio_tungstenite::tungstenite::protocol::Role;

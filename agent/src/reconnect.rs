@@ -47,12 +47,19 @@ pub const DIAL_FLOOR: Duration = Duration::from_secs(2);
 /// Each handshake step's bound otherwise (the edge waits as long for each).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_millis(shared::protocol::HANDSHAKE_TIMEOUT_MS);
 
+/// The least wait a `DUPLICATE` refusal's `retry after` sets. The edge says when the other
+/// agent's connection would fall silent (about a heartbeat interval, 15 s by default) or
+/// its jobs' orphan deadline; a shorter word is rare and once (that agent about to go
+/// silent). Read before any welcome, it is anyone's word at EDGE_URL: one saying `0` after
+/// every hello must not have the agent dial, and log at error, four times a second.
+const TOLD_LEAST: Duration = Duration::from_secs(2);
+
 /// The wait before the next dial when the edge refused this agent for another one with
-/// its AGENT_ID (`DUPLICATE`) and said when it could let it in: that, within the
-/// backoff's bounds (the words are not proven: never a dial every millisecond, never a
-/// wait past the backoff's longest). The backoff does not grow by it.
+/// its AGENT_ID (`DUPLICATE`) and said when it could let it in: that, within
+/// [`TOLD_LEAST`] and the backoff's longest (the words are not proven). The backoff does
+/// not grow by it.
 pub fn told(after: Duration) -> Duration {
-    after.clamp(INITIAL, MOST)
+    after.clamp(TOLD_LEAST, MOST)
 }
 
 /// The agent's reconnect state across connections.
@@ -461,5 +468,18 @@ mod tests {
         grown(&mut r, false);
         r.edge_restarting();
         assert!(r.next(Duration::from_millis(10), false) <= Duration::from_millis(375));
+    }
+
+    /// Review: `retry after <ms> ms` in a `DUPLICATE` refusal comes before the welcome, the
+    /// word of whoever answered at EDGE_URL: a peer saying `0` after every hello had the
+    /// agent dial, and log the refusal at error, every 250 ms for ever. A told wait is
+    /// never under two seconds, nor over the backoff's longest.
+    #[test]
+    fn a_told_wait_is_bounded_whatever_the_peer_says() {
+        for ms in [0, 1, 250, 1_999] {
+            assert_eq!(told(Duration::from_millis(ms)), Duration::from_secs(2), "{ms}");
+        }
+        assert_eq!(told(Duration::from_millis(4_950)), Duration::from_millis(4_950));
+        assert_eq!(told(Duration::from_millis(u64::MAX)), MOST);
     }
 }
