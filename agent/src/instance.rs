@@ -60,6 +60,22 @@ mod tests {
             assert!(shared::ids::valid_instance_id(&made) && made != first, "{made}");
             assert_eq!(open(&dir, "a"), made, "the new one is kept");
         }
+        // A link planted at the name (to another agent's id, say) is not followed, and a
+        // pipe is not waited on: each is replaced by a new id of its own, the link's target
+        // untouched.
+        let elsewhere = dir.join("elsewhere");
+        std::fs::write(&elsewhere, &first).unwrap();
+        std::fs::remove_file(path(&dir)).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, path(&dir)).unwrap();
+        let made = open(&dir, "a");
+        assert!(shared::ids::valid_instance_id(&made) && made != first, "{made}");
+        assert!(std::fs::symlink_metadata(path(&dir)).unwrap().is_file() && std::fs::read_to_string(&elsewhere).unwrap() == first);
+        std::fs::remove_file(path(&dir)).unwrap();
+        let fifo = std::ffi::CString::new(path(&dir).into_os_string().into_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let made = open(&dir, "a");
+        assert!(shared::ids::valid_instance_id(&made) && std::fs::symlink_metadata(path(&dir)).unwrap().is_file(), "{made}");
+        assert_eq!(open(&dir, "a"), made);
         // A folder planted at the name: a new id for this start, no panic.
         std::fs::remove_file(path(&dir)).unwrap();
         std::fs::create_dir(path(&dir)).unwrap();
