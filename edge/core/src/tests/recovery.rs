@@ -621,10 +621,16 @@ fn a_job_cancelled_in_the_millisecond_another_ended_is_kept_and_answered() {
 /// field) connects at `now` with a hello naming `running`; the connection's id and what
 /// the edge did.
 fn join_instance(edge: &mut Edge, now: u64, instance: Option<&str>, running: &[&str], seed: u8) -> (String, Vec<Effect>) {
+    join_holding(edge, now, instance, running, &[], seed)
+}
+
+/// [`join_instance`], the hello naming `finished` too: the results the agent holds.
+fn join_holding(edge: &mut Edge, now: u64, instance: Option<&str>, running: &[&str], finished: &[&str], seed: u8) -> (String, Vec<Effect>) {
     let (sid, effects) = edge.connect(now, [seed; 64], PEER);
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     let hello = Hello {
         running: running.iter().map(|s| s.to_string()).collect(),
+        finished: finished.iter().map(|s| s.to_string()).collect(),
         instance: instance.map(str::to_string),
         ..hello("spark", nonce, now)
     };
@@ -825,4 +831,107 @@ fn a_hello_with_a_malformed_instance_id_is_refused() {
         assert!(reason.contains("instance id"), "{reason}");
     }
     assert!(!edge.is_online());
+}
+
+/// An agent of before the field (no instance id) and one of now, both `spark`: each is
+/// kept out while a job of the other may be with it, the other's blip notwithstanding, and
+/// the one that blipped is let back in at once and carries on.
+#[test]
+fn an_old_and_a_new_agent_keep_each_other_out_across_a_blip() {
+    for (first, second) in [(None, Some("b0")), (Some("a0"), None)] {
+        let mut edge = Edge::new(config(), 0);
+        let (a, _) = join_instance(&mut edge, 0, first, &[], 1);
+        say(&mut edge, 0, &a, credit(1, 0));
+        edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
+        say(&mut edge, 1, &a, AgentMessage::Accepted { job_id: "j1".into() });
+        edge.disconnect(100, &a);
+        let (_, effects) = join_instance(&mut edge, 150, second, &[], 2);
+        assert_eq!(closed(&effects).map(|c| c.0), Some(close::DUPLICATE), "{first:?} then {second:?}");
+        assert!(finished(&effects).is_empty(), "{:?}", finished(&effects));
+        let (a2, back) = join_instance(&mut edge, 400, first, &["j1"], 3);
+        assert_eq!(closed(&back), None, "{first:?} back");
+        let done = finished(&report(&mut edge, 500, &a2, "j1", ok_result()));
+        assert_eq!((done[0].0.as_str(), done[0].1, &done[0].2["success"]), ("j1", 200, &json!(true)), "{done:?}");
+    }
+}
+
+/// The first restarted (the same DATA_DIR, a new process) while the second waits: let in
+/// at once, the job it no longer has ended lost at once (it said so), and the second still
+/// kept out while the first is heard.
+#[test]
+fn the_first_restarted_while_the_second_waits_is_let_in_at_once() {
+    let (mut edge, a) = running_on_a();
+    edge.disconnect(100, &a);
+    let (_, effects) = join_instance(&mut edge, 150, Some("b0"), &[], 2);
+    assert_eq!(closed(&effects).map(|c| c.0), Some(close::DUPLICATE));
+    let (a2, effects) = join_instance(&mut edge, 200, Some("a0"), &[], 3);
+    assert_eq!(closed(&effects), None, "let in at once");
+    let done = finished(&effects);
+    assert_eq!((done[0].0.as_str(), &done[0].2["error_code"]), ("j1", &json!("RUNNER_LOST")), "{done:?}");
+    let (b, effects) = join_instance(&mut edge, 300, Some("b0"), &[], 4);
+    assert_eq!(closed(&effects).map(|c| c.0), Some(close::DUPLICATE), "the first is heard");
+    assert!(goodbye(&effects, &b).starts_with(&format!("retry after {} ms: another agent is connected", 200 + 2 * HB - 300)));
+    assert!(edge.session(&a2).is_some());
+}
+
+/// The second let in once the first's job passed its orphan deadline (the first cut off
+/// longer than LOST_AFTER_MS): the first's job ends lost by that deadline, as any vanished
+/// agent's. The first, back, is kept out while the second is heard and while the second's
+/// own job may be with it — no turn-taking that ends a job while its agent runs it — and
+/// let in once both have passed; the second's job then ends by its own deadline, not by
+/// the first's hello.
+#[test]
+fn the_second_let_in_after_the_deadline_keeps_the_first_out_while_its_own_job_may_run() {
+    let (mut edge, a) = running_on_a();
+    edge.disconnect(100, &a);
+    let t = 100 + LOST;
+    let done = finished(&edge.tick(t));
+    assert_eq!((done[0].0.as_str(), &done[0].2["error_code"]), ("j1", &json!("RUNNER_LOST")), "{done:?}");
+    let (b, effects) = join_instance(&mut edge, t, Some("b0"), &[], 2);
+    assert_eq!(closed(&effects), None);
+    say(&mut edge, t, &b, credit(1, 0));
+    edge.submit(t, "j2".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
+    say(&mut edge, t + 1, &b, AgentMessage::Accepted { job_id: "j2".into() });
+    assert_eq!(edge.job("j2").unwrap().instance.as_deref(), Some("b0"));
+    // The first back, still running j1 (it never heard the edge end it).
+    let (_, effects) = join_instance(&mut edge, t + 100, Some("a0"), &["j1"], 3);
+    assert_eq!(closed(&effects).map(|c| c.0), Some(close::DUPLICATE), "the second is heard");
+    assert!(finished(&effects).is_empty(), "{:?}", finished(&effects));
+    edge.disconnect(t + 200, &b);
+    let (a2, effects) = join_instance(&mut edge, t + 300, Some("a0"), &["j1"], 4);
+    assert_eq!(closed(&effects).map(|c| c.0), Some(close::DUPLICATE), "j2 may be with the second");
+    assert!(goodbye(&effects, &a2).starts_with(&format!("retry after {} ms: jobs of `spark`", LOST - 100)), "told when j2's deadline passes");
+    assert!(finished(&effects).is_empty(), "{:?}", finished(&effects));
+    let (a3, effects) = join_instance(&mut edge, t + 200 + LOST, Some("a0"), &["j1"], 5);
+    assert_eq!(closed(&effects), None, "let in once j2 passed its deadline");
+    assert!(sent(&effects, &a3).iter().any(|m| matches!(m, EdgeMessage::Cancel { .. })), "told to stop j1, which the edge ended");
+    assert!(finished(&effects).is_empty(), "j2 is not the first's to settle: {:?}", finished(&effects));
+    let done = finished(&edge.tick(t + 200 + LOST));
+    assert_eq!((done[0].0.as_str(), &done[0].2["error_code"]), ("j2", &json!("RUNNER_LOST")), "{done:?}");
+}
+
+/// An edge restart: records kept (`Job::instance` with them, as stored), connections not.
+/// The first's job waits LOST_AFTER_MS from the restart, and keeps the second out all that
+/// time, whoever dials first; the first is let in at once and carries on.
+#[test]
+fn across_an_edge_restart_the_first_keeps_its_job_and_the_second_stays_out() {
+    let (mut edge, _) = running_on_a();
+    let effects = edge.shutdown(1_000);
+    let mut stored: std::collections::BTreeMap<String, crate::record::Job> = Default::default();
+    for e in effects {
+        if let Effect::Save(job) = e {
+            stored.insert(job.id.clone(), *job);
+        }
+    }
+    let job = edge.job("j1").unwrap();
+    let job: crate::record::Job = serde_json::from_str(&serde_json::to_string(job).unwrap()).unwrap();
+    assert_eq!(job.instance.as_deref(), Some("a0"), "stored with the job");
+    stored.insert(job.id.clone(), job);
+    let (mut edge, _) = Edge::restore(config(), stored.into_values().collect(), vec![], None, 60_000);
+    let (b, effects) = join_instance(&mut edge, 60_100, Some("b0"), &[], 2);
+    assert_eq!(closed(&effects).map(|c| c.0), Some(close::DUPLICATE));
+    assert!(goodbye(&effects, &b).starts_with(&format!("retry after {} ms: jobs of `spark`", LOST - 100)));
+    let (a2, effects) = join_instance(&mut edge, 60_200, Some("a0"), &["j1"], 3);
+    assert_eq!(closed(&effects), None);
+    assert_eq!(edge.job("j1").unwrap().session_id.as_deref(), Some(a2.as_str()));
 }
