@@ -56,7 +56,8 @@ pub struct Job {
     pub cancel_requested: bool,
     /// The agent instance it was sent to, or that took it over
     /// ([`shared::protocol::Hello::instance`]; `""`: an agent that names none), while it
-    /// is with one. Only that instance's hello settles it, and another instance proving
+    /// is with one. Only that instance's hello settles it (and, for `""`, one that names
+    /// it: that agent upgraded, `machine/sessions.rs::settles`), and another instance proving
     /// the same agent id is refused while the job may still be with this one, so that it
     /// never ends lost, nor goes to the other, while its agent runs it. Absent (a job an
     /// edge of before sent): any hello of its agent id settles it, as before.

@@ -357,7 +357,12 @@ impl Edge {
             self.close(now, session_id, refused, effects);
             return;
         }
-        if let Some(refused) = self.duplicate(now, &hello) {
+        // At most MAX_HELLO_FINISHED results named are taken; past them (the agent said it
+        // holds more, or sent more than it may) a job not named may have its result on the
+        // way: it is left to it, or to its orphan deadline.
+        let named = hello.finished.iter().take(MAX_HELLO_FINISHED);
+        let held: BTreeSet<&str> = hello.running.iter().chain(named).map(String::as_str).collect();
+        if let Some(refused) = self.duplicate(now, &hello, &held) {
             self.stats_mut().refused_agents += 1;
             let instance = hello.instance.as_deref().unwrap_or("-");
             warn!(agent_id = %agent_id, session = session_id, instance, reason = %refused.reason, "agent refused: another instance of the same agent id is connected or may hold its jobs");
@@ -410,11 +415,6 @@ impl Edge {
         self.keep_usage_hold(hold, effects);
         self.offline_since = None;
         info!(agent_id = %agent_id, session = session_id, version = %hello.agent_version, capacity = hello.capacity, "agent connected");
-        // At most MAX_HELLO_FINISHED results named are taken; past them (the agent said it
-        // holds more, or sent more than it may) a job not named may have its result on the
-        // way: it is left to it, or to its orphan deadline.
-        let named = hello.finished.iter().take(MAX_HELLO_FINISHED);
-        let held: BTreeSet<&str> = hello.running.iter().chain(named).map(String::as_str).collect();
         let all_named = !hello.more_finished && hello.finished.len() <= MAX_HELLO_FINISHED;
         self.reconcile(now, session_id, &agent_id, &held, Heard::Hello { all_named }, effects);
         self.stop_ended(now, session_id, &agent_id, &hello.running, effects);
@@ -437,8 +437,10 @@ impl Edge {
     /// replacing each other. So it is refused, nothing of the other's touched, and told
     /// when to try again (`retry after <ms> ms`, first: a close reason is cut short).
     /// A hello of the same instance (that agent restarted, or its older connection
-    /// half-open: the `DATA_DIR` lock allows one process at a time) is never refused here.
-    fn duplicate(&self, now: Now, hello: &Hello) -> Option<Refused> {
+    /// half-open: the `DATA_DIR` lock allows one process at a time) is never refused here,
+    /// nor kept out by a job it would settle ([`settles`]: one of before the field that it
+    /// names, `named`).
+    fn duplicate(&self, now: Now, hello: &Hello, named: &BTreeSet<&str>) -> Option<Refused> {
         let instance = session::instance_key(hello.instance.as_deref());
         let hb = self.cfg.heartbeat_interval_ms;
         let heard = self
@@ -453,7 +455,7 @@ impl Edge {
             .iter()
             .map(|id| &self.jobs[id])
             .filter(|job| job.agent_id.as_deref() == Some(hello.agent_id.as_str()))
-            .filter(|job| job.instance.as_deref().is_some_and(|i| i != instance))
+            .filter(|job| !settles(job, instance, named))
             .map(|job| job.orphaned_at.unwrap_or(now.at).saturating_add(self.cfg.lost_after_ms))
             .filter(|&deadline| deadline > now.at)
             .max();
@@ -519,7 +521,7 @@ impl Edge {
             .active
             .iter()
             .filter(|id| self.jobs[*id].agent_id.as_deref() == Some(agent_id))
-            .filter(|id| self.jobs[*id].instance.as_deref().is_none_or(|i| i == instance))
+            .filter(|id| settles(&self.jobs[*id], &instance, held))
             .cloned()
             .collect();
         for id in mine {
@@ -790,6 +792,22 @@ impl Edge {
         self.jobs
             .get(job_id)
             .filter(|j| !j.state.is_terminal() && j.agent_id.as_deref() == Some(agent_id))
+    }
+}
+
+/// Whether what agent instance `instance` ([`session::instance_key`]) says of the jobs it
+/// holds (`held`, as [`Edge::reconcile`] takes it) settles `job` of its agent id: a job of
+/// that instance, or kept by an edge of before the field (`None`: any instance), or — the
+/// one change of instance on a machine that can be told apart — a job an agent of before
+/// the field had (`""`) that it names: that agent upgraded, its spool reporting every job
+/// it had started. Such a job it does not name may be with another machine, and so may
+/// any job of another instance it names: a copy of that instance's `DATA_DIR` with its
+/// `instance-id` removed names the jobs its spool was running when copied.
+fn settles(job: &Job, instance: &str, held: &BTreeSet<&str>) -> bool {
+    match job.instance.as_deref() {
+        None => true,
+        Some(i) if i == instance => true,
+        Some(i) => i == session::instance_key(None) && held.contains(job.id.as_str()),
     }
 }
 

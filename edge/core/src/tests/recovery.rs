@@ -833,6 +833,51 @@ fn a_hello_with_a_malformed_instance_id_is_refused() {
     assert!(!edge.is_online());
 }
 
+/// Review: an agent of before the field (no instance id), upgraded — after a crash, or
+/// with results its drain could not hand over (the edge unreachable then) — was refused
+/// until the jobs it had had passed their orphan deadlines, though its hello named them
+/// (its spool reports every job it had started), and then settled none: the results it
+/// held were dropped and the jobs ended lost. A job of an agent of before the field that a
+/// hello names is that agent's: it keeps it out no longer, and it takes the job over. One
+/// it does not name may be with another machine, and still keeps it out; so does a job of
+/// another instance id even named (a copy of its DATA_DIR with `instance-id` removed names
+/// what its spool was running when copied).
+#[test]
+fn review_an_agent_upgraded_from_before_the_field_takes_over_the_jobs_it_names() {
+    let mut edge = Edge::new(config(), 0);
+    let (a, _) = join_instance(&mut edge, 0, None, &[], 1);
+    say(&mut edge, 0, &a, credit(1, 0));
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
+    say(&mut edge, 1, &a, AgentMessage::Accepted { job_id: "j1".into() });
+    say(&mut edge, 1, &a, credit(1, 1));
+    edge.submit(2, "j2".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
+    say(&mut edge, 3, &a, AgentMessage::Accepted { job_id: "j2".into() });
+    assert_eq!(edge.job("j2").unwrap().instance.as_deref(), Some(""));
+    edge.disconnect(100, &a);
+    // Naming j1 only: j2 may be with another machine.
+    let (b, effects) = join_holding(&mut edge, 150, Some("b0"), &[], &["j1"], 2);
+    assert_eq!(closed(&effects).map(|c| c.0), Some(close::DUPLICATE), "j2, not named, keeps it out");
+    assert!(goodbye(&effects, &b).starts_with(&format!("retry after {} ms: ", 100 + LOST - 150)));
+    let (b, effects) = join_holding(&mut edge, 200, Some("b0"), &["j2"], &["j1"], 3);
+    assert_eq!(closed(&effects), None, "it names every job the edge has with the agent");
+    assert!(finished(&effects).is_empty(), "{:?}", finished(&effects));
+    for id in ["j1", "j2"] {
+        let job = edge.job(id).unwrap();
+        assert_eq!((job.session_id.as_deref(), job.instance.as_deref(), job.orphaned_at), (Some(b.as_str()), Some("b0"), None), "{id}");
+    }
+    let done = finished(&report(&mut edge, 300, &b, "j1", ok_result()));
+    assert_eq!((done[0].0.as_str(), done[0].1, &done[0].2["success"]), ("j1", 200, &json!(true)), "{done:?}");
+    pulse(&mut edge, 400, &b, beat(&["j2"], 0, 0));
+    assert!(finished(&edge.tick(100 + LOST)).is_empty(), "j2 is with it, not lost");
+    // b0's own job, named by another instance id: kept out still.
+    let t = 100 + LOST;
+    edge.disconnect(t, &b);
+    let (c, effects) = join_holding(&mut edge, t + 100, Some("c0"), &["j2"], &[], 4);
+    assert_eq!(closed(&effects).map(|c| c.0), Some(close::DUPLICATE), "j2 is b0's");
+    let said = goodbye(&effects, &c);
+    assert!(said.starts_with(&format!("retry after {} ms: ", LOST - 100)), "{said}");
+}
+
 /// An agent of before the field (no instance id) and one of now, both `spark`: each is
 /// kept out while a job of the other may be with it, the other's blip notwithstanding, and
 /// the one that blipped is let back in at once and carries on.
