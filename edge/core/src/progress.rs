@@ -541,6 +541,49 @@ mod tests {
         assert!(follower_in(&CROWD).0.send(piece(MAX_FOLLOWER_LAG_BYTES)), "room again once they are gone");
     }
 
+    /// A job's result is one chunk, its whole `/execute` answer: with `include_diff` (the
+    /// agent's MAX_DIFF_BYTES is 5 MiB by default, its file list up to 2 MiB, a result up to
+    /// a frame of 8 MiB) it can pass MAX_FOLLOWER_LAG_BYTES alone. A follower with nothing
+    /// queued was cut by it — at the job's end, and again at each reconnect, where a late
+    /// follower is given the result alone (`Edge::give_ended`) — so no follower ever read
+    /// such a job's result, and `submit` followed again until `--follow-for` gave up.
+    #[test]
+    fn a_result_larger_than_the_lag_bound_reaches_a_follower_with_nothing_queued() {
+        static CROWD: Crowd = Crowd::new();
+        let (feed, out) = follower_in(&CROWD);
+        let body = serde_json::json!({"job_id": "j", "result": {"success": true, "diff": "+x\n".repeat(1 << 20)}}).to_string();
+        let chunk: Chunk = result_chunk(&body).into();
+        assert!(chunk.len() > MAX_FOLLOWER_LAG_BYTES);
+        assert!(feed.send(chunk), "a follower 0 bytes behind is cut by its job's result");
+        drop(feed);
+        assert!(matches!(take(&out), Some(Follow::Chunk(c)) if c.starts_with("event: result")));
+        assert_eq!(take(&out), Some(Follow::End));
+    }
+
+    /// A job's end queues its result for each of its followers in one event (on the Worker
+    /// no connection reads in between; on the native edge the driver does not wait for
+    /// them), one chunk counted once per follower. Sixteen followers of a job whose result is
+    /// under each one's bound, with another stream 2 MiB behind, came past the total, and
+    /// the ones cut as "furthest behind" were followers that keep up, holding only the
+    /// result they had had no moment to read — against "a stream that keeps up is never cut
+    /// for the others" (README) — while the one really behind was kept.
+    #[test]
+    fn followers_that_keep_up_are_not_cut_by_their_jobs_result() {
+        static CROWD: Crowd = Crowd::new();
+        let (slow, _slow_out) = follower_in(&CROWD);
+        assert!(slow.send(piece(MAX_BACKLOG_BYTES)), "a late follower given the whole backlog");
+        let readers: Vec<(FeedIn, FeedOut)> = (0..MAX_FOLLOWERS_PER_JOB).map(|_| follower_in(&CROWD)).collect();
+        let result = piece(MAX_FOLLOWER_LAG_BYTES - 64 * 1024);
+        for (i, (feed, _)) in readers.iter().enumerate() {
+            assert!(feed.send(result.clone()), "follower {i} of the job cut by its result");
+        }
+        let cut: Vec<usize> = (0..readers.len()).filter(|&i| readers[i].0.cut()).collect();
+        assert_eq!(cut, Vec::<usize>::new(), "followers that read all they were given cut");
+        for (i, (_, out)) in readers.iter().enumerate() {
+            assert!(matches!(take(out), Some(Follow::Chunk(c)) if c.len() == result.len()), "follower {i} read its result");
+        }
+    }
+
     #[test]
     fn a_result_is_one_data_line() {
         assert_eq!(result_chunk("{\"a\":\n1}"), "event: result\ndata: {\"a\": 1}\n\n");

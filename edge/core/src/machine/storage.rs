@@ -317,6 +317,12 @@ impl Edge {
         }
     }
 
+    /// The bytes of the whole records the current event's journal keeps for an undo.
+    #[cfg(test)]
+    pub(crate) fn journalled_bytes(&self) -> u64 {
+        self.journal.jobs.values().flatten().map(Job::approximate_bytes).sum()
+    }
+
     /// Puts back every job, session, caller list and backlog the current event changed.
     fn undo(&mut self, now: Now) {
         let journal = std::mem::take(&mut self.journal);

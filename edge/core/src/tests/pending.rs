@@ -189,3 +189,52 @@ fn every_pool_of_one_process_together_is_held_to_the_bound() {
     drop(team);
     queued(&mut gpu, 9, task(2_000));
 }
+
+/// On the Worker a pool's object is rebuilt after every eviction (workerd evicts an idle
+/// instance within about ten seconds, hibernated sockets or not: `object.rs`), and the
+/// instance evicted is never dropped: a wasm-bindgen object's Rust memory is freed only by
+/// a `FinalizationRegistry`, which workerd takes away unless the `enable_weak_ref`
+/// compatibility flag is set (wrangler.toml does not; workers-rs issue 722), and even then
+/// only when the garbage collector gets to it, after the new instance has restored. So
+/// `Pending::drop` does not run for the machine let go, and the process's count keeps its
+/// jobs beside the rebuilt machine's, the same jobs: each eviction of an object with jobs
+/// pending adds them again (a running job's agent heartbeat every 15 s wakes it), until
+/// every pool of the isolate is refused with nothing pending — against "a job always fits
+/// when none is pending" (README).
+#[test]
+fn a_machine_evicted_and_never_dropped_leaves_its_jobs_counted_once() {
+    let mut evicted = Edge::new(bounded(), 0);
+    let kept = queued(&mut evicted, 1, task(3_000));
+    let record = evicted.job(&kept).unwrap().clone();
+    // Evicted: its memory is never freed, its destructors never run.
+    std::mem::forget(evicted);
+    let (mut rebuilt, _) = Edge::restore(bounded(), vec![record], vec![], None, 2);
+    // 3,512 bytes pending in this process: 3,512 more fit (7,024 of 10,000).
+    let h = call(&mut rebuilt, 3, "POST", "/jobs", task(3_000));
+    assert_eq!(answer_to(&h.effects, h.caller).unwrap().0, 202, "one job pending, counted twice: {:?}", answer_to(&h.effects, h.caller));
+    // Nothing pending at all: a job of any size up to MAX_BODY_BYTES fits.
+    let second = answer_to(&h.effects, h.caller).unwrap().1["job_id"].as_str().unwrap().to_string();
+    for id in [kept, second] {
+        rebuilt.cancel(4, &id).unwrap();
+    }
+    let h = call(&mut rebuilt, 5, "POST", "/jobs", task(7_000));
+    assert_eq!(answer_to(&h.effects, h.caller).unwrap().0, 202, "nothing pending, yet refused: {:?}", answer_to(&h.effects, h.caller));
+}
+
+/// A restore is never undone — `store_failed` keeps it (the hosts store its writes before
+/// serving anything, and serve nothing when that fails) — yet each job it ends is
+/// journalled whole for an undo (`job_mut`), until the next event. A restore ending every
+/// queued `/execute` job so held them twice while the host wrote their `Save`s (on the
+/// Worker two copies of up to MAX_PENDING_BYTES, 64 MiB of an isolate's 128 MB, beside the
+/// headers), not once as `a_restore_ending_every_pending_job_holds_one_copy_of_them` says.
+#[test]
+fn a_restore_keeps_no_undo_copy_of_the_jobs_it_ends() {
+    let prompt = "x".repeat(1 << 20);
+    let jobs: Vec<crate::record::Job> = (0..30)
+        .map(|i| crate::record::Job::new(format!("j{i:02}"), submission(&prompt, 60_000, None).spec, Mode::Wait, None, i))
+        .collect();
+    let (edge, effects) = Edge::restore(config(), jobs, vec![], None, 100);
+    assert_eq!(effects.iter().filter(|e| matches!(e, Effect::Save(_))).count(), 30);
+    let journalled = edge.journalled_bytes();
+    assert!(journalled < 1 << 20, "{} MiB of whole records journalled for an undo that never comes", journalled >> 20);
+}
