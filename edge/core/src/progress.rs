@@ -22,7 +22,8 @@ pub const MAX_FOLLOWERS: usize = 64;
 pub const MAX_FOLLOWERS_PER_CALLER: usize = MAX_FOLLOWERS / 2;
 
 /// How far a follower may fall behind — bytes queued for its connection that it has not
-/// taken — before it is dropped: the whole backlog it is sent on joining, and 1 MiB.
+/// taken — before it is dropped: the whole backlog it is sent on joining, and 1 MiB. (One
+/// with nothing queued takes any one chunk: a job's result, which may be larger.)
 pub const MAX_FOLLOWER_LAG_BYTES: usize = MAX_BACKLOG_BYTES + 1024 * 1024;
 
 /// How far all followers together may be behind — the bytes queued for their connections
@@ -226,7 +227,11 @@ impl FeedIn {
             if queue.cut != 0 || queue.gone {
                 return false;
             }
-            if self.0.queued.load(Ordering::Relaxed).saturating_add(bytes) > MAX_FOLLOWER_LAG_BYTES {
+            // A follower with nothing queued takes any one chunk: a job's result is one chunk
+            // and may alone pass the bound (a diff of several MiB), and cut for it a follower
+            // would be cut again at each reconnect, given the result alone.
+            let queued = self.0.queued.load(Ordering::Relaxed);
+            if queued > 0 && queued.saturating_add(bytes) > MAX_FOLLOWER_LAG_BYTES {
                 drop(queue);
                 self.0.cut(BEHIND);
                 return false;
