@@ -141,7 +141,9 @@ impl Edge {
     /// A job to change, its version before noted.
     pub(super) fn job_mut(&mut self, id: &str) -> Option<&mut Job> {
         let job = self.jobs.get(id)?;
-        if !self.journal.jobs.contains_key(id) {
+        // A restore is never undone (see `store_failed`): a copy of each job it ends, whole,
+        // held beside its `Save` while the host writes them, would be waste.
+        if self.journal.origin != Origin::Restore && !self.journal.jobs.contains_key(id) {
             self.journal.jobs.insert(id.to_string(), Some(job.clone()));
         }
         self.jobs.get_mut(id)

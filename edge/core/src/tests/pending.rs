@@ -131,8 +131,9 @@ fn a_restore_counts_the_jobs_not_ended() {
 /// job whole until the next event beside the whole copy in its `Save`, and the Worker
 /// encoded every saved record as JSON before its transaction. Now memory keeps only the
 /// headers at once and the hosts encode one record at a time, so what is held is the
-/// `Save`s and one record's JSON. (The event's journal also keeps each job's version
-/// before it ended until the next event: the undo of a write that failed needs it.)
+/// `Save`s and one record's JSON. (A tick's journal also keeps each job's version before
+/// it ended until the next event, for the undo of a write that failed; a restore, never
+/// undone, keeps none: `a_restore_keeps_no_undo_copy_of_the_jobs_it_ends`.)
 #[test]
 fn a_restore_ending_every_pending_job_holds_one_copy_of_them() {
     let cfg = config();
