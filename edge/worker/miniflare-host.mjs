@@ -16,8 +16,9 @@
 //   --do-binding NAME     [WORKER_DO_BINDING]      default EDGE
 //   --do-sqlite 0|1       [WORKER_DO_SQLITE]       default 1 (matches `new_sqlite_classes`)
 //   --worker-name NAME    [WORKER_NAME]            default claude-runner-edge (part of the storage path)
-//   --compat-date DATE    [WORKER_COMPAT_DATE]     default 2025-01-01
-//   --compat-flags a,b    [WORKER_COMPAT_FLAGS]    default none
+//   --compat-date DATE    [WORKER_COMPAT_DATE]     default: the repository's wrangler.toml's
+//   --compat-flags a,b    [WORKER_COMPAT_FLAGS]    default: the repository's wrangler.toml's
+//                                                  (so tests run the Worker as it deploys)
 //   --log-level LEVEL     [WORKER_LOG_LEVEL]       none|error|warn|info|debug (default info)
 // Miniflare is loaded from MINIFLARE_PATH (the miniflare package dir, its entry file, or a
 // node_modules dir holding it), else $WORKER_TOOLS_DIR/node/node_modules/miniflare
@@ -82,8 +83,19 @@ const doClass = opt("do-class", "EdgeDurableObject");
 const doBinding = opt("do-binding", "EDGE");
 const doSqlite = !["0", "false", "no"].includes(String(opt("do-sqlite", "1")).toLowerCase());
 const workerName = opt("worker-name", "claude-runner-edge");
-const compatibilityDate = opt("compat-date", "2025-01-01");
-const compatibilityFlags = opt("compat-flags", "").split(",").map((s) => s.trim()).filter(Boolean);
+// What wrangler.toml deploys with (its top-level `compatibility_date` and
+// `compatibility_flags`), unless told otherwise.
+function deployed() {
+  let text = "";
+  try { text = fs.readFileSync(path.join(HERE, "..", "..", "wrangler.toml"), "utf8"); } catch { /* none: defaults */ }
+  const top = text.split(/^\[/m)[0];
+  const date = top.match(/^compatibility_date\s*=\s*"([^"]*)"/m)?.[1] ?? "2025-01-01";
+  const list = top.match(/^compatibility_flags\s*=\s*\[([^\]]*)\]/m)?.[1] ?? "";
+  const flags = [...list.matchAll(/"([^"]*)"/g)].map((m) => m[1]);
+  return { date, flags: flags.join(",") };
+}
+const compatibilityDate = opt("compat-date", deployed().date);
+const compatibilityFlags = opt("compat-flags", deployed().flags).split(",").map((s) => s.trim()).filter(Boolean);
 
 function parseBindings(text, where) {
   let v;
@@ -207,7 +219,8 @@ try {
   ownSignals();
   if (stopping) await new Promise(() => {});
   note(`worker ${scriptPath} (DO ${doBinding} -> ${doClass}${doSqlite ? ", sqlite" : ""}` +
-    `${persistDir ? `, persist ${options.durableObjectsPersist}` : ", in-memory storage"}; miniflare from ${from})`);
+    `${persistDir ? `, persist ${options.durableObjectsPersist}` : ", in-memory storage"}; ` +
+    `compatibility ${compatibilityDate}${compatibilityFlags.length ? ` + ${compatibilityFlags.join(",")}` : ""}; miniflare from ${from})`);
   process.stdout.write(`READY http://127.0.0.1:${url.port}\n`);
 } catch (e) {
   note(`failed to start: ${e?.stack ?? e}`);
