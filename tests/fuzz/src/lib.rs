@@ -260,7 +260,7 @@ pub fn agent_frames(data: &[u8]) {
         let _ = edge.message(now, &session, &AgentMessage::Credit { slots: shared::protocol::Slots { free: 1, received: 0 } }.to_text());
     }
     if flags & 17 == 17 {
-        let caller = edge.begin_request();
+        let caller = edge.begin_request(now);
         let _ = edge.start_login(now, caller, FUZZ_LOGIN_ENTROPY, b"");
     }
     for frame in frames.split(|b| *b == 0xff) {

@@ -45,11 +45,11 @@ impl Callers {
 }
 
 impl Edge {
-    /// Starts the event of one HTTP request and names its caller.
-    pub fn begin_request(&mut self) -> CallerId {
+    /// Starts the event of one HTTP request, at `now`, and names its caller.
+    pub fn begin_request(&mut self, now: impl Into<Now>) -> CallerId {
         self.callers.next += 1;
         let caller = CallerId(self.callers.next);
-        self.begin(super::storage::Origin::Request(caller));
+        self.begin(super::storage::Origin::Request(caller), Some(now.into()));
         caller
     }
 
@@ -121,8 +121,8 @@ impl Edge {
     /// The host's bound on a wait passed before the job ended (the machine ends every job
     /// by its deadline, so this guards only against a host that outlives its bound).
     pub fn wait_expired(&mut self, now: impl Into<Now>, caller: CallerId) -> Vec<Effect> {
-        let _ = now.into();
-        self.begin(super::storage::Origin::Quiet);
+        let now = now.into();
+        self.begin(super::storage::Origin::Quiet, Some(now));
         if let Some(effects) = self.login_wait_expired(caller) {
             return effects;
         }
@@ -187,7 +187,7 @@ impl Edge {
 
     /// The caller hung up (or its stream could not be written): nothing more goes to it.
     pub fn caller_gone(&mut self, caller: CallerId) {
-        self.begin(super::storage::Origin::Quiet);
+        self.begin(super::storage::Origin::Quiet, None);
         let job = Callers::job_of(&self.callers.waiters, caller).or_else(|| Callers::job_of(&self.callers.followers, caller));
         if let Some(job_id) = job {
             self.forget_caller(&job_id, caller);

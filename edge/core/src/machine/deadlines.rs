@@ -63,7 +63,7 @@ impl Edge {
     /// Acts on every deadline that has passed.
     pub fn tick(&mut self, now: impl Into<Now>) -> Vec<Effect> {
         let now = now.into();
-        self.begin(Origin::Tick);
+        self.begin(Origin::Tick, Some(now));
         self.retry_at = None;
         let mut effects = Vec::new();
         let hb = self.cfg.heartbeat_interval_ms;

@@ -105,7 +105,7 @@ impl Edge {
         job.wait_for_usage = submission.wait_for_usage;
         job.callback_url = submission.callback_url;
         job.caller_proven = submission.caller_proven;
-        if let Some(refused) = self.pending_full(&job) {
+        if let Some(refused) = self.pending_full(now.at, &job) {
             return Err(refused);
         }
         if let Some(slot) = job.idempotency_slot() {

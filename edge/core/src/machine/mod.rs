@@ -176,19 +176,20 @@ pub struct Edge {
 
 impl Edge {
     pub fn new(cfg: Config, now: impl Into<Now>) -> Edge {
+        let now = now.into();
         Edge {
+            pending: pending::Pending::new(&cfg.pool, cfg.heartbeat_interval_ms, now.at),
             cfg,
             jobs: HashMap::new(),
             queue: FairQueue::default(),
             active: BTreeSet::new(),
-            pending: pending::Pending::default(),
             retained: BTreeSet::new(),
             retained_by: BTreeMap::new(),
             sessions: BTreeMap::new(),
             idempotency: HashMap::new(),
             spent: spent::SpentKeys::default(),
             last_oauth: None,
-            offline_since: Some(now.into().at),
+            offline_since: Some(now.at),
             orders_sent: 0,
             progress: HashMap::new(),
             callers: callers::Callers::default(),
@@ -213,7 +214,7 @@ impl Edge {
     pub fn restore(cfg: Config, jobs: Vec<Job>, sessions: Vec<Session>, alerts: Option<crate::notify::AlertState>, now: impl Into<Now>) -> (Edge, Vec<Effect>) {
         let now = now.into();
         let mut edge = Edge::new(cfg, now);
-        edge.begin(storage::Origin::Restore);
+        edge.begin(storage::Origin::Restore, Some(now));
         let mut effects = Vec::new();
         if let Some(alerts) = alerts {
             edge.offline_since = alerts.offline_since.or(edge.offline_since);

@@ -222,7 +222,7 @@ impl Edge {
     /// The whole record of a job whose callback is due, read back from storage.
     pub fn recalled(&mut self, now: impl Into<Now>, job_id: &str, record: Result<Option<Job>, String>) -> Vec<Effect> {
         let now = now.into();
-        self.begin(super::storage::Origin::Tick);
+        self.begin(super::storage::Origin::Tick, Some(now));
         let mut effects = Vec::new();
         match record {
             Ok(Some(job)) if !job.header_only => self.attempt_callback(now, &job, &mut effects),
@@ -318,7 +318,7 @@ impl Edge {
     /// The host's word on one POST.
     pub fn posted(&mut self, now: impl Into<Now>, id: &str, outcome: Outcome) -> Vec<Effect> {
         let now = now.into();
-        self.begin(super::storage::Origin::Tick);
+        self.begin(super::storage::Origin::Tick, Some(now));
         let mut effects = Vec::new();
         let retry = notify::retry_after(&outcome);
         let taken = outcome.as_ref().is_ok_and(|s| (200..300).contains(s));

@@ -13,61 +13,139 @@
 //! taking out one that was not counted, changes nothing.
 //!
 //! A Worker's memory limit is its isolate's, and the objects of several pools (`POOLS`)
-//! may share one: so the bytes are also counted for the whole process, every pool's
-//! machine adding and taking out its own (a machine let go, at a rebuild, takes out all
-//! of its), and a submission is also refused when every pool's jobs together would pass
-//! its pool's bound. (The native edge serves one pool: there the two counts agree.)
+//! may share one: so each pool's bytes are also counted for the whole process, and a
+//! submission is also refused when every pool's jobs together would pass its pool's bound.
+//! (The native edge serves one pool: there the two counts agree.)
+//!
+//! The process's count is kept by pool ([`Registry`]), each pool's entry written by its
+//! newest machine alone: a machine takes a fresh generation when it is built, and its
+//! entry replaces the one of any machine of its pool before it, whose updates and whose
+//! drop then change nothing. A Worker's object is rebuilt after every eviction (about ten
+//! seconds idle) and the machine evicted is dropped late if ever — workerd frees a wasm
+//! object's memory only through a `FinalizationRegistry`, offered only with the
+//! `enable_weak_ref` compatibility flag (wrangler.toml sets it), and only when its garbage
+//! collector gets to it, after the rebuilt machine has restored — so a count that only a
+//! drop takes back counted each rebuilt pool's jobs once more at every rebuild, until
+//! every pool of the isolate was refused with nothing pending. And an object may be
+//! rebuilt in another isolate, leaving its entry in the one before for good: an entry
+//! counts for the other pools only while its machine handles events
+//! ([`counted_for`]: at least every heartbeat interval while an agent is connected). An
+//! idle pool, or one whose object went elsewhere, is then left out: what that costs is
+//! memory, never a refusal, and each pool alone is still held to its own bound.
 
 use super::Edge;
 use crate::record::Job;
 use shared::contract::{ApiError, ErrorCode};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use shared::Millis;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
 
-/// The bytes of every pool's jobs not ended yet in this process (a Worker's isolate).
-fn process_total() -> &'static AtomicU64 {
+/// How long after its machine last handled an event a pool's entry still counts for the
+/// others: a minute, or four heartbeat intervals if that is longer. A connected agent's
+/// heartbeat is an event at least every interval (and its session's deadline a tick two
+/// intervals after the last), so a pool with agents connected is always counted.
+fn counted_for(heartbeat_interval_ms: u64) -> Millis {
+    60_000u64.max(heartbeat_interval_ms.saturating_mul(4))
+}
+
+/// Every pool's jobs not ended yet in this process (a Worker's isolate), by pool.
+#[derive(Debug)]
+struct Registry {
+    /// The generation the next machine built takes.
+    next: u64,
+    pools: BTreeMap<String, Entry>,
+}
+
+/// One pool's count, as its newest machine keeps it.
+#[derive(Debug)]
+struct Entry {
+    generation: u64,
+    bytes: u64,
+    /// Edge time of the last event its machine handled.
+    touched: Millis,
+    /// How long after `touched` it counts for the others ([`counted_for`]).
+    counted_for: Millis,
+}
+
+fn registry() -> &'static Mutex<Registry> {
     #[cfg(not(test))]
     {
-        static TOTAL: AtomicU64 = AtomicU64::new(0);
-        &TOTAL
+        static REGISTRY: Mutex<Registry> = Mutex::new(Registry { next: 0, pools: BTreeMap::new() });
+        &REGISTRY
     }
     // Each test (a thread of its own) is a process of its own: tests run side by side.
     #[cfg(test)]
     {
-        thread_local!(static TOTAL: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0))));
-        TOTAL.with(|total| *total)
+        thread_local!(static REGISTRY: &'static Mutex<Registry> = Box::leak(Box::new(Mutex::new(Registry { next: 0, pools: BTreeMap::new() }))));
+        REGISTRY.with(|registry| *registry)
     }
 }
 
 /// The jobs not ended yet and their bytes ([`Job::approximate_bytes`]), in all and by
-/// owner, and counted in the process's total.
+/// owner, and the pool's entry in the process's count.
 #[derive(Debug)]
 pub(super) struct Pending {
     /// Each counted job's owner and bytes, as counted: taken out as they were put in.
     jobs: HashMap<String, (String, u64)>,
     by_owner: HashMap<String, u64>,
     bytes: u64,
-    /// Every pool's bytes in this process, this one's included.
-    process: &'static AtomicU64,
-}
-
-impl Default for Pending {
-    fn default() -> Self {
-        Pending { jobs: HashMap::new(), by_owner: HashMap::new(), bytes: 0, process: process_total() }
-    }
+    /// The pool whose entry this machine keeps in the process's count, and its generation.
+    pool: String,
+    generation: u64,
+    registry: &'static Mutex<Registry>,
 }
 
 impl Drop for Pending {
-    /// A machine let go (a Worker object rebuilds its own): its jobs leave the process's
-    /// count with it.
+    /// A machine let go (the native edge's, at its end): its pool leaves the process's
+    /// count, unless a newer machine of the pool has taken its entry over.
     fn drop(&mut self) {
-        self.release(self.bytes);
+        let mut registry = self.lock();
+        if registry.pools.get(&self.pool).is_some_and(|e| e.generation == self.generation) {
+            registry.pools.remove(&self.pool);
+        }
     }
 }
 
 impl Pending {
-    fn release(&self, bytes: u64) {
-        let _ = self.process.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.saturating_sub(bytes)));
+    /// A new machine's count of `pool`, nothing pending: its entry replaces the one of any
+    /// machine of the pool built before.
+    pub(super) fn new(pool: &str, heartbeat_interval_ms: u64, now: Millis) -> Pending {
+        let registry = registry();
+        let generation = {
+            let mut registry = lock(registry);
+            registry.next += 1;
+            let generation = registry.next;
+            let entry = Entry { generation, bytes: 0, touched: now, counted_for: counted_for(heartbeat_interval_ms) };
+            registry.pools.insert(pool.to_string(), entry);
+            generation
+        };
+        Pending { jobs: HashMap::new(), by_owner: HashMap::new(), bytes: 0, pool: pool.to_string(), generation, registry }
+    }
+
+    fn lock(&self) -> MutexGuard<'static, Registry> {
+        lock(self.registry)
+    }
+
+    /// The pool's entry, if this machine is still the one keeping it.
+    fn entry<'a>(&self, registry: &'a mut Registry) -> Option<&'a mut Entry> {
+        registry.pools.get_mut(&self.pool).filter(|e| e.generation == self.generation)
+    }
+
+    /// Writes this machine's bytes into its pool's entry.
+    fn publish(&self) {
+        let mut registry = self.lock();
+        if let Some(entry) = self.entry(&mut registry) {
+            entry.bytes = self.bytes;
+        }
+    }
+
+    /// The machine handles an event at `now`: its pool's entry counts for the others for
+    /// a while more.
+    pub(super) fn touch(&self, now: Millis) {
+        let mut registry = self.lock();
+        if let Some(entry) = self.entry(&mut registry) {
+            entry.touched = entry.touched.max(now);
+        }
     }
 
     /// Counts a job in (once).
@@ -78,21 +156,21 @@ impl Pending {
         let (owner, bytes) = (super::share_of(job).to_string(), job.approximate_bytes());
         *self.by_owner.entry(owner.clone()).or_default() += bytes;
         self.bytes += bytes;
-        self.process.fetch_add(bytes, Ordering::Relaxed);
         self.jobs.insert(job.id.clone(), (owner, bytes));
+        self.publish();
     }
 
     /// Counts a job out; one not counted changes nothing.
     pub(super) fn remove(&mut self, id: &str) {
         let Some((owner, bytes)) = self.jobs.remove(id) else { return };
         self.bytes = self.bytes.saturating_sub(bytes);
-        self.release(bytes);
         if let Some(held) = self.by_owner.get_mut(&owner) {
             *held = held.saturating_sub(bytes);
             if *held == 0 {
                 self.by_owner.remove(&owner);
             }
         }
+        self.publish();
     }
 
     /// The bytes of all the jobs not ended yet.
@@ -100,9 +178,16 @@ impl Pending {
         self.bytes
     }
 
-    /// The bytes of every pool's jobs not ended yet in this process.
-    pub(super) fn process_bytes(&self) -> u64 {
-        self.process.load(Ordering::Relaxed)
+    /// The bytes of every pool's jobs not ended yet in this process at `now`: this
+    /// machine's, and those of the other pools whose machines handled an event lately.
+    pub(super) fn process_bytes(&self, now: Millis) -> u64 {
+        let registry = self.lock();
+        let others = registry
+            .pools
+            .iter()
+            .filter(|(pool, entry)| **pool != self.pool && now <= entry.touched.saturating_add(entry.counted_for))
+            .map(|(_, entry)| entry.bytes);
+        others.fold(self.bytes, u64::saturating_add)
     }
 
     /// The bytes of one owner's jobs not ended yet.
@@ -111,13 +196,18 @@ impl Pending {
     }
 }
 
+fn lock(registry: &'static Mutex<Registry>) -> MutexGuard<'static, Registry> {
+    // A panic elsewhere leaves counts, never a half-made entry: go on with them.
+    registry.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl Edge {
     /// Why `job`, about to be queued, would take the jobs not ended yet past
     /// `MAX_PENDING_BYTES` (or its owner past half of it, for a caller with its own
     /// secret), if it would. A job always fits when nothing (of its owner's) is pending:
     /// the bound is at least `MAX_BODY_BYTES` (`config.rs`), and a job whose overhead takes
     /// it just past must still run.
-    pub(super) fn pending_full(&self, job: &Job) -> Option<ApiError> {
+    pub(super) fn pending_full(&self, now: Millis, job: &Job) -> Option<ApiError> {
         let (bytes, all, cap) = (job.approximate_bytes(), self.pending.bytes(), self.cfg.max_pending_bytes);
         if all > 0 && all.saturating_add(bytes) > cap {
             return Some(ApiError::new(
@@ -128,7 +218,7 @@ impl Edge {
                 ),
             ));
         }
-        let process = self.pending.process_bytes();
+        let process = self.pending.process_bytes(now);
         if process > 0 && process.saturating_add(bytes) > cap {
             return Some(ApiError::new(
                 ErrorCode::RunnerBusy,
@@ -161,15 +251,16 @@ impl Edge {
 
 #[cfg(test)]
 impl Edge {
-    /// The count equals the live jobs' bytes, recomputed, and (one machine in the test's
-    /// process) the process's count.
+    /// The count equals the live jobs' bytes, recomputed, and its pool's entry in the
+    /// process's count (this machine the pool's newest).
     pub(crate) fn check_pending(&self) {
         let live: std::collections::BTreeSet<&String> = self.queue.ids().chain(self.active.iter()).collect();
         let counted: std::collections::BTreeSet<&String> = self.pending.jobs.keys().collect();
         assert_eq!(live, counted, "pending ids vs queue+active");
         let sum: u64 = live.iter().map(|id| self.jobs[*id].approximate_bytes()).sum();
         assert_eq!(sum, self.pending.bytes, "pending bytes vs live jobs' bytes");
-        assert_eq!(self.pending.process_bytes(), self.pending.bytes, "the process's count vs its one machine's");
+        let published = self.pending.entry(&mut self.pending.lock()).map(|e| e.bytes);
+        assert_eq!(published, Some(self.pending.bytes), "the pool's entry in the process's count vs its machine's");
         for id in &live {
             assert!(!self.jobs[*id].state.is_terminal(), "terminal job {id} in queue/active");
         }

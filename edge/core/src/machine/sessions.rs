@@ -40,7 +40,7 @@ impl Edge {
     pub fn connect(&mut self, now: impl Into<Now>, entropy: [u8; 64], peer: &str) -> (String, Vec<Effect>) {
         let now = now.into();
         let id = hex(&entropy[..8]);
-        self.begin(Origin::Session(id.clone()));
+        self.begin(Origin::Session(id.clone()), Some(now));
         if self.stopping {
             let reason = "the edge is restarting; reconnect shortly".to_string();
             return (id.clone(), vec![Effect::Close { session: id, code: close::SHUTTING_DOWN, reason }]);
@@ -146,7 +146,7 @@ impl Edge {
     /// there, and the edge's log said "agent disconnected" and nothing else.
     pub fn peer_closed(&mut self, now: impl Into<Now>, session_id: &str, frame: Option<(u16, &str)>) -> Vec<Effect> {
         let now = now.into();
-        self.begin(Origin::Disconnect);
+        self.begin(Origin::Disconnect, Some(now));
         let mut effects = Vec::new();
         let was_working = self.session(session_id).and_then(|s| s.agent()).is_some_and(|a| !a.held_back());
         self.drop_session_closed(now, session_id, frame, &mut effects);
@@ -239,7 +239,7 @@ impl Edge {
     /// connection is closed like any other protocol error.
     pub fn binary_frame(&mut self, now: impl Into<Now>, session_id: &str) -> Vec<Effect> {
         let now = now.into();
-        self.begin(Origin::Session(session_id.to_string()));
+        self.begin(Origin::Session(session_id.to_string()), Some(now));
         if !self.sessions.contains_key(session_id) {
             return Self::unknown_connection(session_id);
         }
@@ -253,7 +253,7 @@ impl Edge {
     /// A text frame from an agent connection.
     pub fn message(&mut self, now: impl Into<Now>, session_id: &str, text: &str) -> Vec<Effect> {
         let now = now.into();
-        self.begin(Origin::Session(session_id.to_string()));
+        self.begin(Origin::Session(session_id.to_string()), Some(now));
         let mut effects = Vec::new();
         // Not journaled: a later last_seen is right whatever else is undone.
         let Some(session) = self.sessions.get_mut(session_id) else {

@@ -23,7 +23,7 @@ impl Edge {
     /// The edge is stopping. Hosts carry out the effects, then stop.
     pub fn shutdown(&mut self, now: impl Into<Now>) -> Vec<Effect> {
         let now = now.into();
-        self.begin(Origin::Shutdown);
+        self.begin(Origin::Shutdown, Some(now));
         self.stopping = true;
         let mut effects = Vec::new();
         let unstarted: Vec<String> =

@@ -133,9 +133,14 @@ pub(super) struct Journal {
 }
 
 impl Edge {
-    /// Starts an event: what it changes from now on can be undone until the next one.
-    pub(super) fn begin(&mut self, origin: Origin) {
+    /// Starts an event, at `now` (`None`: one the host gives no time, a caller gone): what
+    /// it changes from now on can be undone until the next one, and the machine's pool
+    /// counts in the process's pending bytes a while more (`pending.rs`).
+    pub(super) fn begin(&mut self, origin: Origin, now: Option<Now>) {
         self.journal = Journal { origin, ..Journal::default() };
+        if let Some(now) = now {
+            self.pending.touch(now.at);
+        }
     }
 
     /// A job to change, its version before noted.
@@ -292,7 +297,7 @@ impl Edge {
         // What is decided here is not stored (the store just failed): a restore rebuilds
         // the same from the records as they are.
         effects.retain(|e| !e.is_write());
-        self.begin(Origin::Quiet);
+        self.begin(Origin::Quiet, Some(now));
         effects
     }
 

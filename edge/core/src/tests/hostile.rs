@@ -214,7 +214,7 @@ fn followers_are_capped_per_job_and_in_all() {
         edge.submit(0, format!("j{j}"), submission("x", 60_000, None), Mode::Detached).unwrap();
     }
     let follow = |edge: &mut Edge, job: &str| {
-        let caller = edge.begin_request();
+        let caller = edge.begin_request(0);
         edge.follow(caller, job, None, &mut Vec::new()).map(|()| caller)
     };
     let first = follow(&mut edge, "j0").unwrap();
@@ -272,7 +272,7 @@ fn followed_job() -> (Edge, String, CallerId) {
     let (mut edge, sid) = ready_edge();
     edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
-    let follower = edge.begin_request();
+    let follower = edge.begin_request(1);
     edge.follow(follower, "j1", None, &mut Vec::new()).unwrap();
     (edge, sid, follower)
 }
@@ -357,7 +357,7 @@ fn progress_replayed_or_reordered_on_the_path_is_shown_once_in_order() {
         assert!(streamed(&effects, follower).0.is_empty(), "event {seq} shown again: {effects:?}");
     }
     assert_eq!(streamed(&say(&mut edge, 4, &sid, event(3)), follower).0.len(), 1, "the next one goes through");
-    let late = edge.begin_request();
+    let late = edge.begin_request(4);
     let mut effects = Vec::new();
     edge.follow(late, "j1", None, &mut effects).unwrap();
     let ids: Vec<String> = streamed(&effects, late).0.iter().map(|c| c.lines().next().unwrap_or_default().to_string()).collect();
@@ -385,7 +385,7 @@ fn a_progress_batch_reaches_followers_and_the_backlog_event_by_event() {
     // Gaps are the agent's (an event summarised away, or sent while the edge was away).
     let (chunks, _) = streamed(&say(&mut edge, 3, &sid, batch(&key, "j1", "j1:1", &[5, 9])), follower);
     assert_eq!(ids(&chunks), ["id: 5", "id: 9"]);
-    let late = edge.begin_request();
+    let late = edge.begin_request(3);
     let mut effects = Vec::new();
     edge.follow(late, "j1", None, &mut effects).unwrap();
     assert_eq!(ids(&streamed(&effects, late).0), ["id: 1", "id: 2", "id: 3", "id: 5", "id: 9"], "the backlog holds each event");
@@ -427,7 +427,7 @@ fn progress_batches_forged_replayed_misbound_or_malformed_are_refused_and_show_n
     // None of it showed; the agent's next batch goes through, and the connection stayed.
     let (chunks, _) = streamed(&say(&mut edge, 8, &sid, batch(&key, "j1", "j1:1", &[3, 4])), follower);
     assert_eq!(ids(&chunks), ["id: 3", "id: 4"]);
-    let late = edge.begin_request();
+    let late = edge.begin_request(8);
     let mut effects = Vec::new();
     edge.follow(late, "j1", None, &mut effects).unwrap();
     assert_eq!(ids(&streamed(&effects, late).0), ["id: 1", "id: 2", "id: 3", "id: 4"]);

@@ -927,7 +927,7 @@ fn a_follower_resuming_with_last_event_id_reads_only_what_it_missed() {
 fn followers_get_the_progress_so_far_then_the_result() {
     let (mut edge, sid) = ready_edge();
     edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
-    let early = edge.begin_request();
+    let early = edge.begin_request(0);
     let mut effects = Vec::new();
     assert!(edge.follow(early, "j1", None, &mut effects).is_ok());
     assert_eq!(streamed(&effects, early), (vec![], false));
@@ -941,7 +941,7 @@ fn followers_get_the_progress_so_far_then_the_result() {
     for seq in 2..=(crate::progress::MAX_BACKLOG_EVENTS as u64 + 5) {
         progress(&mut edge, 3, &sid, "j1", seq, json!({"type": "assistant"}));
     }
-    let late = edge.begin_request();
+    let late = edge.begin_request(3);
     let mut effects = Vec::new();
     edge.follow(late, "j1", None, &mut effects).unwrap();
     let (backlog, ended) = streamed(&effects, late);
@@ -956,7 +956,7 @@ fn followers_get_the_progress_so_far_then_the_result() {
         assert!(chunks[0].starts_with("event: result\ndata: {") && chunks[0].contains("\"output\":\"done\""), "{chunks:?}");
     }
     // A follower of a job that is over gets the result at once, read from storage.
-    let after = edge.begin_request();
+    let after = edge.begin_request(4);
     let mut effects = Vec::new();
     edge.follow(after, "j1", None, &mut effects).unwrap();
     assert!(matches!(&effects[..], [Effect::Deliver { form: crate::record::Form::Stream, .. }]), "{effects:?}");

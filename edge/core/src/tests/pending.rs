@@ -160,14 +160,24 @@ fn a_restore_ending_every_pending_job_holds_one_copy_of_them() {
     assert!(header.header_only && header.approximate_bytes() > 1 << 20, "an ended job's header keeps the whole record's size");
 }
 
+/// [`bounded`] for the pool `name`: each pool's object keeps its own entry in the
+/// process's count.
+fn pool(name: &str) -> Config {
+    Config { pool: name.into(), ..bounded() }
+}
+
+/// How long after its machine's last event a pool counts for the others: a minute (four
+/// heartbeat intervals are less here).
+const COUNTED_FOR: u64 = 60_000;
+
 /// A Worker's memory is its isolate's, which the objects of several pools may share: with
 /// POOLS=gpu,team-b three objects held three times MAX_PENDING_BYTES. Every pool's jobs
 /// together are held to it, counted as they come and go, and a machine let go (a rebuild)
 /// takes its jobs out of the count.
 #[test]
 fn every_pool_of_one_process_together_is_held_to_the_bound() {
-    let mut gpu = Edge::new(bounded(), 0);
-    let mut team = Edge::new(bounded(), 0);
+    let mut gpu = Edge::new(pool("gpu"), 0);
+    let mut team = Edge::new(pool("team-b"), 0);
     let sent = queued(&mut gpu, 1, task(3_000));
     queued(&mut team, 1, task(3_000));
     // 7,024 bytes held by two pools: the next 3,512 pass 10,000, whichever pool takes it.
@@ -185,17 +195,72 @@ fn every_pool_of_one_process_together_is_held_to_the_bound() {
     let record = team.job(&kept).unwrap().clone();
     drop(team);
     queued(&mut gpu, 6, task(3_000));
-    let (team, _) = Edge::restore(bounded(), vec![record], vec![], None, 7);
+    let (team, _) = Edge::restore(pool("team-b"), vec![record], vec![], None, 7);
     assert_refused(&call(&mut gpu, 8, "POST", "/jobs", task(3_000)), "every pool");
     drop(team);
     queued(&mut gpu, 9, task(2_000));
+}
+
+/// Two pools whose machines go on handling events (an agent's heartbeats, ticks) are
+/// counted together for as long as they do, however long that is.
+#[test]
+fn pools_whose_machines_handle_events_are_counted_together_for_good() {
+    // Queued jobs that wait as long as the test goes on.
+    let waiting = |name: &str| Config { queue_ttl_ms: 24 * 3_600_000, ..pool(name) };
+    let mut gpu = Edge::new(waiting("gpu"), 0);
+    let mut team = Edge::new(waiting("team-b"), 0);
+    queued(&mut gpu, 1, task(3_000));
+    queued(&mut team, 1, task(3_000));
+    let mut now = 1;
+    for _ in 0..5 {
+        now += COUNTED_FOR - 1;
+        gpu.tick(now);
+        assert_refused(&call(&mut team, now, "POST", "/jobs", task(3_000)), "every pool");
+        assert_refused(&call(&mut gpu, now, "POST", "/jobs", task(3_000)), "every pool");
+    }
+}
+
+/// A Worker's object may be rebuilt in another isolate, leaving its machine in the one
+/// before, never dropped and never to handle an event again: its entry stays there. It
+/// counts for the others only for a while after its last event; from then on it is left
+/// out (what that costs is memory, never a refusal), and each pool alone still has its
+/// own bound.
+#[test]
+fn a_pool_whose_machine_went_elsewhere_stops_counting_for_the_others() {
+    let mut gone = Edge::new(pool("gpu"), 0);
+    queued(&mut gone, 1, task(3_000));
+    // Rebuilt in another isolate: this one never hears of it again.
+    std::mem::forget(gone);
+    let mut team = Edge::new(pool("team-b"), 0);
+    queued(&mut team, 2, task(3_000));
+    assert_refused(&call(&mut team, 1 + COUNTED_FOR, "POST", "/jobs", task(3_000)), "every pool");
+    queued(&mut team, 2 + COUNTED_FOR, task(3_000));
+    assert_refused(&call(&mut team, 3 + COUNTED_FOR, "POST", "/jobs", task(3_000)), "run the task elsewhere");
+}
+
+/// The machine before a rebuild, let go only after the rebuilt one restored its jobs (a
+/// Worker's garbage collector, if ever), or still handed a change (an undo, a cancel):
+/// neither takes anything from the count its pool's newest machine keeps.
+#[test]
+fn a_rebuilt_machines_predecessor_changes_nothing_of_its_count() {
+    let mut gpu = Edge::new(pool("gpu"), 0);
+    let mut before = Edge::new(pool("team-b"), 0);
+    let kept = queued(&mut before, 1, task(3_000));
+    let record = before.job(&kept).unwrap().clone();
+    let (rebuilt, _) = Edge::restore(pool("team-b"), vec![record], vec![], None, 2);
+    before.cancel(3, &kept).unwrap();
+    drop(before);
+    queued(&mut gpu, 4, task(3_000));
+    assert_refused(&call(&mut gpu, 5, "POST", "/jobs", task(3_000)), "every pool");
+    drop(rebuilt);
+    queued(&mut gpu, 6, task(3_000));
 }
 
 /// On the Worker a pool's object is rebuilt after every eviction (workerd evicts an idle
 /// instance within about ten seconds, hibernated sockets or not: `object.rs`), and the
 /// instance evicted is never dropped: a wasm-bindgen object's Rust memory is freed only by
 /// a `FinalizationRegistry`, which workerd takes away unless the `enable_weak_ref`
-/// compatibility flag is set (wrangler.toml does not; workers-rs issue 722), and even then
+/// compatibility flag is set (wrangler.toml did not; workers-rs issue 722), and even then
 /// only when the garbage collector gets to it, after the new instance has restored. So
 /// `Pending::drop` does not run for the machine let go, and the process's count keeps its
 /// jobs beside the rebuilt machine's, the same jobs: each eviction of an object with jobs
