@@ -3,7 +3,7 @@
 //! joins late is given first. The machine decides who gets which chunk; the text of every
 //! chunk is made here.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
@@ -26,12 +26,15 @@ pub const MAX_FOLLOWERS_PER_CALLER: usize = MAX_FOLLOWERS / 2;
 /// with nothing queued takes any one chunk: a job's result, which may be larger.)
 pub const MAX_FOLLOWER_LAG_BYTES: usize = MAX_BACKLOG_BYTES + 1024 * 1024;
 
-/// How far all followers together may be behind — the bytes queued for their connections
-/// and not taken — before the one furthest behind is cut: one job's whole set of
-/// followers, each as far behind as it may be. Without it 64 followers of 64 jobs could
-/// hold 192 MiB, past a Worker isolate's 128 MB. (A chunk queued for many followers of one
-/// job is held once and counted for each: the bound is on more than the memory.) Counted
-/// per process — on the Worker per isolate, whose memory every object in it shares.
+/// How far all followers together may be behind — the bytes of the chunks queued for their
+/// connections and not taken — before the one furthest behind is cut: one job's whole set
+/// of followers, each as far behind as it may be. Without it 64 followers of 64 jobs could
+/// hold 192 MiB, past a Worker isolate's 128 MB. A chunk queued for many followers (a
+/// job's progress, its result) is one allocation, and counted once, however many queues
+/// hold it: the total is the memory the queues hold, and a job's end, its result queued for
+/// each of its followers at once, does not make the ones that keep up look far behind
+/// together. Counted per process — on the Worker per isolate, whose memory every object
+/// in it shares.
 pub const MAX_FOLLOWERS_LAG_BYTES: usize = MAX_FOLLOWERS_PER_JOB * MAX_FOLLOWER_LAG_BYTES;
 
 /// Every follower of this process, for [`MAX_FOLLOWERS_LAG_BYTES`].
@@ -94,17 +97,45 @@ pub fn restart_chunk(job_id: &str) -> String {
     format!(": the edge is restarting; the job goes on: reconnect to GET /jobs/{job_id}/events\n\n")
 }
 
-/// All followers of a process: the bytes queued for them and not taken, and who they are,
-/// so that past [`MAX_FOLLOWERS_LAG_BYTES`] the one furthest behind is found and cut.
+/// All followers of a process: the bytes of the chunks queued for them and not taken, and
+/// who they are, so that past [`MAX_FOLLOWERS_LAG_BYTES`] the one furthest behind is found
+/// and cut.
 #[derive(Debug)]
 struct Crowd {
+    /// The bytes of the distinct chunks in the members' queues (each counted once).
     bytes: AtomicUsize,
+    /// Each chunk queued (by its address, which stays its own while a queue holds it): in
+    /// how many places of the members' queues.
+    held: Mutex<BTreeMap<usize, usize>>,
     members: Mutex<Vec<Weak<FeedState>>>,
 }
 
 impl Crowd {
     const fn new() -> Crowd {
-        Crowd { bytes: AtomicUsize::new(0), members: Mutex::new(Vec::new()) }
+        Crowd { bytes: AtomicUsize::new(0), held: Mutex::new(BTreeMap::new()), members: Mutex::new(Vec::new()) }
+    }
+
+    /// A member queued `chunk`: its bytes join the total unless another queue holds it.
+    fn hold(&self, chunk: &Chunk) {
+        let mut held = lock(&self.held);
+        let places = held.entry(address(chunk)).or_default();
+        *places += 1;
+        if *places == 1 {
+            self.bytes.fetch_add(chunk.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// A member's queue let go of `chunk` (read, or dropped): its bytes leave the total
+    /// once no queue holds it.
+    fn let_go(&self, chunk: &Chunk) {
+        let mut held = lock(&self.held);
+        let key = address(chunk);
+        let Some(places) = held.get_mut(&key) else { return };
+        *places -= 1;
+        if *places == 0 {
+            held.remove(&key);
+            let _ = self.bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.saturating_sub(chunk.len())));
+        }
     }
 
     /// The member furthest behind.
@@ -114,6 +145,11 @@ impl Crowd {
         let members: Vec<Arc<FeedState>> = lock(&self.members).iter().filter_map(Weak::upgrade).collect();
         members.into_iter().max_by_key(|m| m.queued.load(Ordering::Relaxed))
     }
+}
+
+/// A chunk's one allocation, shared by every queue that holds it.
+fn address(chunk: &Chunk) -> usize {
+    Arc::as_ptr(chunk).cast::<u8>() as usize
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -151,7 +187,8 @@ pub struct FeedOut(Arc<FeedState>);
 
 #[derive(Debug)]
 struct FeedState {
-    /// The bytes of the chunks in `queue`, but the last line of one cut.
+    /// The bytes of the chunks in `queue`, but the last line of one cut: how far behind
+    /// this follower is (shared chunks counted in full: each is this follower's to read).
     queued: AtomicUsize,
     queue: Mutex<Queue>,
     crowd: &'static Crowd,
@@ -192,9 +229,8 @@ impl FeedState {
         if queue.cut != 0 {
             return;
         }
+        self.let_go_all(&mut queue);
         queue.cut = why;
-        queue.chunks.clear();
-        self.release(self.queued.swap(0, Ordering::Relaxed));
         if !queue.gone {
             queue.chunks.push_back(farewell(why));
         }
@@ -203,16 +239,23 @@ impl FeedState {
         }
     }
 
-    fn release(&self, bytes: usize) {
-        let total = &self.crowd.bytes;
-        let _ = total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.saturating_sub(bytes)));
+    /// Empties the queue, its chunks out of the total (after a cut, what is left is the
+    /// last line, never counted).
+    fn let_go_all(&self, queue: &mut Queue) {
+        let counted = queue.cut == 0;
+        for chunk in queue.chunks.drain(..) {
+            if counted {
+                self.crowd.let_go(&chunk);
+            }
+        }
+        self.queued.store(0, Ordering::Relaxed);
     }
 }
 
 impl Drop for FeedState {
     fn drop(&mut self) {
-        let left = *self.queued.get_mut();
-        self.release(left);
+        let mut queue = std::mem::take(&mut *lock(&self.queue));
+        self.let_go_all(&mut queue);
         lock(&self.crowd.members).retain(|m| m.strong_count() > 0);
     }
 }
@@ -236,9 +279,9 @@ impl FeedIn {
                 self.0.cut(BEHIND);
                 return false;
             }
+            self.0.crowd.hold(&chunk);
             queue.chunks.push_back(chunk);
             self.0.queued.fetch_add(bytes, Ordering::Relaxed);
-            self.0.crowd.bytes.fetch_add(bytes, Ordering::Relaxed);
             if let Some(waker) = queue.waker.take() {
                 waker.wake();
             }
@@ -282,7 +325,7 @@ impl FeedOut {
         if let Some(chunk) = queue.chunks.pop_front() {
             if queue.cut == 0 {
                 self.0.queued.fetch_sub(chunk.len(), Ordering::Relaxed);
-                self.0.release(chunk.len());
+                self.0.crowd.let_go(&chunk);
             }
             return Poll::Ready(Follow::Chunk(chunk));
         }
@@ -306,9 +349,8 @@ impl Drop for FeedOut {
     fn drop(&mut self) {
         let mut queue = lock(&self.0.queue);
         queue.gone = true;
-        queue.chunks.clear();
         queue.waker = None;
-        self.0.release(self.0.queued.swap(0, Ordering::Relaxed));
+        self.0.let_go_all(&mut queue);
     }
 }
 
@@ -567,11 +609,12 @@ mod tests {
 
     /// A job's end queues its result for each of its followers in one event (on the Worker
     /// no connection reads in between; on the native edge the driver does not wait for
-    /// them), one chunk counted once per follower. Sixteen followers of a job whose result is
-    /// under each one's bound, with another stream 2 MiB behind, came past the total, and
-    /// the ones cut as "furthest behind" were followers that keep up, holding only the
-    /// result they had had no moment to read — against "a stream that keeps up is never cut
-    /// for the others" (README) — while the one really behind was kept.
+    /// them), one chunk, which was counted once per follower. Sixteen followers of a job
+    /// whose result is under each one's bound, with another stream 2 MiB behind, came past
+    /// the total, and the ones cut as "furthest behind" were followers that keep up,
+    /// holding only the result they had had no moment to read — against "a stream that
+    /// keeps up is never cut for the others" (README) — while the one really behind was
+    /// kept.
     #[test]
     fn followers_that_keep_up_are_not_cut_by_their_jobs_result() {
         static CROWD: Crowd = Crowd::new();
@@ -587,6 +630,32 @@ mod tests {
         for (i, (_, out)) in readers.iter().enumerate() {
             assert!(matches!(take(out), Some(Follow::Chunk(c)) if c.len() == result.len()), "follower {i} read its result");
         }
+    }
+
+    /// The total is the memory the queues hold: a chunk queued for several followers is
+    /// one allocation, in the total once, until the last queue holding it lets it go (read,
+    /// cut, or its connection gone); each follower's own lag still counts it whole.
+    #[test]
+    fn a_chunk_queued_for_many_followers_is_counted_once_until_the_last_lets_go() {
+        static CROWD: Crowd = Crowd::new();
+        let total = || CROWD.bytes.load(Ordering::Relaxed);
+        let followers: Vec<(FeedIn, FeedOut)> = (0..3).map(|_| follower_in(&CROWD)).collect();
+        let shared = piece(1000);
+        for (feed, _) in &followers {
+            assert!(feed.send(shared.clone()));
+        }
+        assert!(followers[2].0.send(piece(10)));
+        assert_eq!(total(), 1010);
+        assert!(followers.iter().all(|(feed, _)| feed.0.queued.load(Ordering::Relaxed) >= 1000), "each one's lag counts the chunk whole");
+        assert!(matches!(take(&followers[0].1), Some(Follow::Chunk(_))));
+        assert_eq!(total(), 1010, "read by one, still held by two");
+        followers[1].0 .0.cut(CROWDED);
+        assert_eq!(total(), 1010, "let go by a cut one, still held by one");
+        let (feed, out) = followers.into_iter().nth(2).unwrap();
+        drop(out);
+        assert_eq!(total(), 0, "let go by the last");
+        drop(feed);
+        assert!(lock(&CROWD.held).is_empty());
     }
 
     #[test]
