@@ -116,6 +116,18 @@ pub fn spec_digest(spec: &JobSpec) -> String {
     shared::ids::hex(&sha2::Sha256::digest(&text))
 }
 
+/// A record's long texts, which a header leaves to storage ([`Job::header`]): the task's
+/// text, its long lists, and the result's output, diff and error.
+struct Long {
+    prompt: String,
+    append_system_prompt: Option<String>,
+    allowed_tools: Vec<String>,
+    disallowed_tools: Vec<String>,
+    commit_message: Option<String>,
+    /// The result's output, diff and error.
+    result: Option<(String, Option<String>, Option<String>)>,
+}
+
 /// How much of a prompt the jobs list shows (and a header keeps).
 pub const PROMPT_PREVIEW_BYTES: usize = 200;
 
@@ -227,30 +239,66 @@ impl Job {
         if self.header_only {
             return self;
         }
-        self.spec_digest = self.digest();
-        self.bytes = self.approximate_bytes();
-        self.header_only = true;
-        // The start of the task stays, for the jobs list (`GET /jobs`).
-        let preview = shared::text::truncate(&self.spec.prompt, PROMPT_PREVIEW_BYTES).len();
-        self.spec.prompt.truncate(preview);
-        // Headers stay in memory for the retention: they keep no room for the rest.
-        self.spec.prompt.shrink_to_fit();
-        self.spec.append_system_prompt = None;
-        // The task's long lists and texts are the whole record's (a request may carry
-        // 2 × 128 tools of 512 bytes and a 64 KiB commit message): memory keeps none.
-        self.spec.allowed_tools = Vec::new();
-        self.spec.disallowed_tools = Vec::new();
-        self.spec.commit_message = None;
-        if let Some(result) = &mut self.result {
-            result.output = String::new();
-            result.diff = None;
-            if let Some(error) = &mut result.error {
-                let kept = shared::text::truncate(error, HEADER_ERROR_BYTES).len();
-                error.truncate(kept);
-                error.shrink_to_fit();
-            }
-        }
+        let (digest, bytes) = (self.digest(), self.approximate_bytes());
+        let long = self.take_long();
+        self.cut_to_header(&long, digest, bytes);
         self
+    }
+
+    /// [`Job::header`] of this record, which stays whole, made without a copy of its long
+    /// texts: they are moved out for the copy and back. A job's end keeps the header in
+    /// memory and stores the whole record (`machine/jobs.rs::finish`).
+    pub fn header_apart(&mut self) -> Job {
+        if self.header_only {
+            return self.clone();
+        }
+        let (digest, bytes) = (self.digest(), self.approximate_bytes());
+        let long = self.take_long();
+        let mut header = self.clone();
+        header.cut_to_header(&long, digest, bytes);
+        self.put_long(long);
+        header
+    }
+
+    /// Takes out the texts a header leaves to storage.
+    fn take_long(&mut self) -> Long {
+        let spec = &mut self.spec;
+        Long {
+            prompt: std::mem::take(&mut spec.prompt),
+            append_system_prompt: spec.append_system_prompt.take(),
+            allowed_tools: std::mem::take(&mut spec.allowed_tools),
+            disallowed_tools: std::mem::take(&mut spec.disallowed_tools),
+            commit_message: spec.commit_message.take(),
+            result: self.result.as_mut().map(|r| (std::mem::take(&mut r.output), r.diff.take(), r.error.take())),
+        }
+    }
+
+    /// Puts back what [`Job::take_long`] took out.
+    fn put_long(&mut self, long: Long) {
+        let spec = &mut self.spec;
+        spec.prompt = long.prompt;
+        spec.append_system_prompt = long.append_system_prompt;
+        spec.allowed_tools = long.allowed_tools;
+        spec.disallowed_tools = long.disallowed_tools;
+        spec.commit_message = long.commit_message;
+        if let (Some(result), Some((output, diff, error))) = (&mut self.result, long.result) {
+            (result.output, result.diff, result.error) = (output, diff, error);
+        }
+    }
+
+    /// Makes this record, its long texts taken out (`long`), the header: the digest and
+    /// size of the whole, the start of its task and of its error.
+    fn cut_to_header(&mut self, long: &Long, digest: String, bytes: u64) {
+        self.spec_digest = digest;
+        self.bytes = bytes;
+        self.header_only = true;
+        // The start of the task stays, for the jobs list (`GET /jobs`). The task's long
+        // lists and texts are the whole record's (a request may carry 2 × 128 tools of 512
+        // bytes and a 64 KiB commit message): memory keeps none.
+        self.spec.prompt = shared::text::truncate(&long.prompt, PROMPT_PREVIEW_BYTES).to_string();
+        if let (Some(result), Some((_, _, Some(error)))) = (&mut self.result, &long.result) {
+            result.error = Some(shared::text::truncate(error, HEADER_ERROR_BYTES).to_string());
+        }
     }
 
     /// What memory keeps of this job: an ended one's [`header`](Job::header) (the whole

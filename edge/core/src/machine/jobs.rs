@@ -327,11 +327,12 @@ impl Edge {
             return;
         }
         // Memory keeps only the header from here on; the whole record goes to the store in
-        // this event's `Save` (the journal keeps the version before, should the write fail).
+        // this event's `Save` (the journal keeps the version before, should the write fail;
+        // a restore, never undone, keeps none), and the header is made without a copy of it.
         // Kept whole until the next event, as it was, a restore or a tick ending many
         // pending jobs at once held them whole beside their `Save`s: twice
         // MAX_PENDING_BYTES before the host's encoding of them.
-        let header = job.header();
+        let header = job.header_apart();
         let job = std::mem::replace(job, header);
         let ended = super::retained_entry(&job);
         self.active.remove(job_id);

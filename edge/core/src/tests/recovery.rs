@@ -472,6 +472,11 @@ fn memory_keeps_an_ended_job_as_its_header_and_a_live_one_whole() {
     assert_eq!(kept_error.capacity(), kept_error.len());
     assert_eq!(kept.bytes, ended.approximate_bytes());
     assert_eq!(kept.spec_digest, ended.digest());
+    // A job's end makes the header apart from the record, which it stores whole: the same
+    // header, the record as it was.
+    let whole = ended.clone();
+    assert_eq!(ended.header_apart(), kept);
+    assert_eq!(ended, whole);
 }
 
 /// A caller whose answer was lost (its connection cut by an edge's crash) sends its
