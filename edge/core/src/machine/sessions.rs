@@ -87,7 +87,7 @@ impl Edge {
     /// in `claude_runner_agents_refused_total`, logged with a bound ([`crate::upgrade::Refusals`]).
     pub fn upgrade_refused(&mut self, now: impl Into<Now>, peer: &str, refused: &ApiError) {
         let now = now.into();
-        self.begin(Origin::Quiet);
+        self.begin(Origin::Quiet, Some(now));
         self.upgrades.note(now.wall, &self.cfg.pool, peer, refused);
         let counted = self.upgrades.take();
         self.stats_mut().refused_agents += counted;
@@ -96,7 +96,7 @@ impl Edge {
     /// Upgrades refused before they reached the machine, already logged where they were
     /// (the Worker's entry, which refuses them without asking the pool's object): counted.
     pub fn upgrades_refused_before(&mut self, count: u64) {
-        self.begin(Origin::Quiet);
+        self.begin(Origin::Quiet, None);
         let stats = self.stats_mut();
         stats.refused_agents = stats.refused_agents.saturating_add(count);
     }
