@@ -124,8 +124,9 @@ struct Long {
     allowed_tools: Vec<String>,
     disallowed_tools: Vec<String>,
     commit_message: Option<String>,
-    /// The result's output, diff and error.
-    result: Option<(String, Option<String>, Option<String>)>,
+    /// The result's output, diff, error and changed files (a list a repository job's
+    /// result may carry up to a quarter of a frame of).
+    result: Option<(String, Option<String>, Option<String>, Option<Vec<shared::job::FileChange>>)>,
 }
 
 /// How much of a prompt the jobs list shows (and a header keeps).
@@ -269,7 +270,7 @@ impl Job {
             allowed_tools: std::mem::take(&mut spec.allowed_tools),
             disallowed_tools: std::mem::take(&mut spec.disallowed_tools),
             commit_message: spec.commit_message.take(),
-            result: self.result.as_mut().map(|r| (std::mem::take(&mut r.output), r.diff.take(), r.error.take())),
+            result: self.result.as_mut().map(|r| (std::mem::take(&mut r.output), r.diff.take(), r.error.take(), r.files_changed.take())),
         }
     }
 
@@ -281,8 +282,8 @@ impl Job {
         spec.allowed_tools = long.allowed_tools;
         spec.disallowed_tools = long.disallowed_tools;
         spec.commit_message = long.commit_message;
-        if let (Some(result), Some((output, diff, error))) = (&mut self.result, long.result) {
-            (result.output, result.diff, result.error) = (output, diff, error);
+        if let (Some(result), Some((output, diff, error, files))) = (&mut self.result, long.result) {
+            (result.output, result.diff, result.error, result.files_changed) = (output, diff, error, files);
         }
     }
 
@@ -296,7 +297,7 @@ impl Job {
         // lists and texts are the whole record's (a request may carry 2 × 128 tools of 512
         // bytes and a 64 KiB commit message): memory keeps none.
         self.spec.prompt = shared::text::truncate(&long.prompt, PROMPT_PREVIEW_BYTES).to_string();
-        if let (Some(result), Some((_, _, Some(error)))) = (&mut self.result, &long.result) {
+        if let (Some(result), Some((_, _, Some(error), _))) = (&mut self.result, &long.result) {
             result.error = Some(shared::text::truncate(error, HEADER_ERROR_BYTES).to_string());
         }
     }
@@ -328,6 +329,9 @@ impl Job {
             + text(r.map(|r| r.output.as_str()))
             + text(r.and_then(|r| r.diff.as_deref()))
             + text(r.and_then(|r| r.error.as_deref()))
+            + r.and_then(|r| r.files_changed.as_deref()).map_or(0, |files| {
+                files.iter().map(|f| 32 + f.path.len() as u64 + f.old_path.as_deref().map_or(0, str::len) as u64).sum()
+            })
     }
 
     /// When the edge must act on this job if nothing else happens first.

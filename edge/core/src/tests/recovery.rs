@@ -593,9 +593,19 @@ fn a_stub_and_a_header_keep_none_of_the_tasks_long_fields() {
     job.placement = sub.placement;
     assert!(job.approximate_bytes() > 190_000, "the caps count the task's lists: {}", job.approximate_bytes());
     job.dispatched_at = Some(1);
-    assert!(job.finish(ok_result(), 2));
+    // A repository job's list of changed files (the agent caps it at a quarter of a
+    // frame): kept by the whole record in storage, not by the header for the retention.
+    let files: Vec<shared::job::FileChange> = (0..2_000)
+        .map(|i| shared::job::FileChange { path: format!("src/{i}/{}", "f".repeat(200)), status: shared::job::ChangeKind::Modified, old_path: None })
+        .collect();
+    let result = JobResult { files_changed: Some(files.clone()), ..ok_result() };
+    assert!(job.finish(result, 2));
+    assert!(job.approximate_bytes() > 400_000, "the caps count the changed files: {}", job.approximate_bytes());
     let header = job.header();
     assert!(serde_json::to_string(&header).unwrap().len() < 4_096, "the header keeps the long fields");
+    let mut whole = job.clone();
+    assert_eq!(whole.header_apart(), header);
+    assert_eq!(whole.result.as_ref().and_then(|r| r.files_changed.as_ref()), Some(&files), "the whole record keeps them");
     assert_eq!(header.repo_name(), job.repo_name(), "the header keeps what affinity reads");
     let stub = job.spent_key();
     assert!(serde_json::to_string(&stub).unwrap().len() < 1_024, "{}", serde_json::to_string(&stub).unwrap());
