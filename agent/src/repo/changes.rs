@@ -139,9 +139,11 @@ pub fn stage(dir: &Path, base: Oid, fs: FileSystem, abort: &AtomicBool) -> Resul
 /// working tree: a file changed there is measured there, by `lstat` (a link's own size,
 /// never through a linked folder: git sees the link, not what is beyond it); one only
 /// staged (Claude's `git add`, the working tree as staged) by its object's header, its
-/// blob unread. A file gone from the working tree is carried by no push, staged or not:
-/// it counts nothing (read from the working tree, a file staged then deleted failed the
-/// whole hand-back).
+/// blob unread. A path left in conflict (a merge Claude did not finish) is staged from
+/// the working tree too, whole: measured there (the status says only "conflicted" of it,
+/// and it counted nothing). A file gone from the working tree is carried by no push,
+/// staged or not: it counts nothing (read from the working tree, a file staged then
+/// deleted failed the whole hand-back).
 pub(super) fn changed_bytes(repo: &Repository) -> Result<u64, RepoError> {
     let action = "collect the job's changes";
     let err = |e: git2::Error| local(action, e.message());
@@ -149,7 +151,7 @@ pub(super) fn changed_bytes(repo: &Repository) -> Result<u64, RepoError> {
     let odb = repo.odb().map_err(err)?;
     let mut options = StatusOptions::new();
     options.include_untracked(true).recurse_untracked_dirs(true).exclude_submodules(true);
-    let in_tree = Status::WT_NEW | Status::WT_MODIFIED | Status::WT_TYPECHANGE;
+    let in_tree = Status::WT_NEW | Status::WT_MODIFIED | Status::WT_TYPECHANGE | Status::CONFLICTED;
     let in_index = Status::INDEX_NEW | Status::INDEX_MODIFIED | Status::INDEX_TYPECHANGE | Status::INDEX_RENAMED;
     let mut total = 0;
     for entry in repo.statuses(Some(&mut options)).map_err(err)?.iter() {

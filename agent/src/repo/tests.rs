@@ -584,6 +584,43 @@ async fn a_file_staged_under_a_folder_now_a_link_is_not_measured_through_it() {
     assert_eq!(crate::files::size_beneath(&co.dir, Path::new("nothing/here")).unwrap(), None);
 }
 
+/// A merge Claude left half done (a path in conflict) was measured as nothing: the status
+/// says only "conflicted" of it, neither changed in the working tree nor staged, yet
+/// staging takes it from the working tree, whole, unmeasured — a file of gigabytes read
+/// into the git worker's memory, against the sizes-before-reading rule (hostile review s34
+/// reporev, 1). Measured in the working tree, as staging takes it.
+#[tokio::test]
+async fn a_file_left_in_conflict_is_measured_in_the_working_tree_as_staging_takes_it() {
+    let tmp = TempDir::new("conflicted");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let commit_on = |branch: &str, text: &str| {
+        git(&co.dir, &["checkout", "-q", "-B", branch]);
+        std::fs::write(co.dir.join("both.txt"), text).unwrap();
+        git(&co.dir, &["add", "both.txt"]);
+        git(&co.dir, &["commit", "-q", "-m", branch]);
+    };
+    commit_on("side", "side\n");
+    git(&co.dir, &["checkout", "-q", "main"]);
+    git(&co.dir, &["reset", "-q", "--hard", &co.commit.to_string()]);
+    commit_on("main", "main\n");
+    // Both added `both.txt`: the merge stops in conflict (git says so with status 1).
+    let merge = std::process::Command::new("git").args(["-c", "user.name=T", "-c", "user.email=t@e", "merge", "-q", "side"]).current_dir(&co.dir).env("GIT_CONFIG_NOSYSTEM", "1").env("GIT_CONFIG_GLOBAL", "/dev/null").output().unwrap();
+    assert!(!merge.status.success(), "the merge was meant to stop in conflict");
+    std::fs::write(co.dir.join("both.txt"), "resolved in the working tree\n").unwrap();
+    let repo = git2::Repository::open(&co.dir).unwrap();
+    assert_eq!(repo.status_file(Path::new("both.txt")).unwrap(), git2::Status::CONFLICTED);
+    assert_eq!(changes::changed_bytes(&repo).unwrap(), "resolved in the working tree\n".len() as u64);
+    // Over what a push takes (sparse): refused before staging reads it.
+    std::fs::File::options().write(true).open(co.dir.join("both.txt")).unwrap().set_len(changes::MAX_PUSH_FILE_BYTES + (1 << 20)).unwrap();
+    let err = changes::changed_bytes(&repo).err().expect("a conflicted file over what a push takes was not measured");
+    assert!(matches!(&err, RepoError::FileTooBig { path, .. } if path == "both.txt"), "{err}");
+    // Staging takes the working tree's file: that is what the push carries.
+    std::fs::write(co.dir.join("both.txt"), "resolved in the working tree\n").unwrap();
+    let commit = push_to(&co, &bare, "claude/conflicted");
+    assert_eq!(git(&bare, &["show", &format!("{commit}:both.txt")]), "resolved in the working tree");
+}
+
 /// The push went where the checkout's own `.git/config` said: a job (which can write it)
 /// that set `url.<elsewhere>.pushInsteadOf <repo_url>` had the job's commit, with the
 /// runner's token, land in another repository of the same host, on a branch the "never
