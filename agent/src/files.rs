@@ -378,6 +378,23 @@ const MAX_OPEN_LEVELS: usize = 64;
 /// The mode [`remove_tree`] gives a folder closed to its owner, to empty it.
 const OPENED_UP: libc::mode_t = 0o700;
 
+/// Opens the folder at `path` up to its owner (read, write, search) when a job closed it
+/// (`chmod -w`, `chmod 000`: the folder is the agent's user's), never through a link: the
+/// libc refuses to change a link's mode rather than follow it.
+pub fn open_up_folder(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    if std::fs::symlink_metadata(path)?.permissions().mode() & OPENED_UP == OPENED_UP {
+        return Ok(());
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: fchmodat with a NUL-terminated path, not following a link.
+    if unsafe { libc::fchmodat(libc::AT_FDCWD, c_path.as_ptr(), OPENED_UP, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A folder open for listing and for removing what it holds, by descriptor.
 struct Folder(std::ptr::NonNull<libc::DIR>);
 

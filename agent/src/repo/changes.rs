@@ -3,7 +3,8 @@
 //! `.gitignore` respected, binary files as one line, capped) with the list of changed
 //! paths, and for `push_branch` the working tree staged, committed and pushed without force.
 //!
-//! The diff compares the working tree directly, writing nothing; only a push stages.
+//! The diff compares the working tree directly, writing nothing but the checkout's
+//! `.git/config` (put back: [`put_back_config`]); only a push stages.
 
 use super::checkout::FileSystem;
 use super::error::{local, one_line, AuthSeen, RepoError, Talk};
@@ -106,6 +107,9 @@ fn put_back_config(git: &Path, fs: FileSystem) -> std::io::Result<()> {
     let FileSystem { filemode, symlinks, ignorecase } = fs;
     let text = format!("[core]\n\trepositoryformatversion = 0\n\tbare = false\n\tfilemode = {filemode}\n\tsymlinks = {symlinks}\n\tignorecase = {ignorecase}\n");
     let config = git.join("config");
+    // A job may leave `.git` read-only or closed, as any folder of its workspace: the
+    // diff, which wrote nothing there before, then failed. It is the agent's user's.
+    crate::files::open_up_folder(git)?;
     if std::fs::symlink_metadata(&config).is_ok_and(|m| m.is_dir()) {
         crate::files::remove_tree(&config)?;
     }
@@ -185,7 +189,8 @@ fn too_big(path: &str, bytes: u64) -> Result<(), RepoError> {
 }
 
 /// The unified diff of everything in the working tree at `dir` against `base`, cut at
-/// `max_bytes` (on a line boundary), and every changed path. Reads files; writes nothing.
+/// `max_bytes` (on a line boundary), and every changed path. Reads files; writes only the
+/// checkout's config ([`open_checkout`]).
 pub fn patch(dir: &Path, base: Oid, fs: FileSystem, max_bytes: usize) -> Result<Patch, RepoError> {
     let action = "compute the diff";
     let repo = open_checkout(dir, fs, action)?;

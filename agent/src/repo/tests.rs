@@ -978,6 +978,37 @@ async fn the_checkouts_config_is_put_back_before_libgit2_reads_it() {
     hand_back();
 }
 
+/// Putting the config back writes in `.git`, and a job may leave `.git` read-only (a
+/// `chmod -w`, as it may any folder: see `workspace::remove`): the diff, which read the
+/// checkout and wrote nothing before the config was put back, failed with "Permission
+/// denied", and the push with it (hostile review s34 reporev, 2). `.git` is the agent's
+/// user's: opened up to its owner, as the workspace is to remove it. A link at
+/// `.git/config` is replaced itself, never what it names.
+#[tokio::test]
+async fn the_config_is_put_back_in_a_read_only_git_and_over_a_link_not_through_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = TempDir::new("config-read-only");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::write(co.dir.join("a.txt"), "a\n").unwrap();
+    let (git_dir, config) = (co.dir.join(".git"), co.dir.join(".git/config"));
+    let elsewhere = tmp.path().join("precious.config");
+    std::fs::write(&elsewhere, "not the checkout's\n").unwrap();
+    std::fs::remove_file(&config).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &config).unwrap();
+    std::fs::set_permissions(&git_dir, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let (dir, base, fs) = (co.dir.clone(), co.commit, co.fs);
+    let (patch, staged) = crate::workspace::tests::as_an_ordinary_user(move || {
+        let patch = changes::patch(&dir, base, fs, 1 << 20);
+        (patch, changes::stage(&dir, base, fs, &AtomicBool::new(false)).and_then(|s| s.commit("a", "a@b", "m")))
+    });
+    let patch = patch.unwrap_or_else(|e| panic!("the diff of a checkout with a read-only .git: {e}"));
+    assert!(patch.text.contains("+a"), "{}", patch.text);
+    assert!(staged.unwrap_or_else(|e| panic!("the commit: {e}")).is_some());
+    assert!(!std::fs::symlink_metadata(&config).unwrap().file_type().is_symlink(), "the link is replaced");
+    assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "not the checkout's\n", "what the link named is untouched");
+}
+
 /// Every line of Claude's commits' headers is read for a secret, not only the names and
 /// the message: any other line (`gpgsig`, `mergetag`, one made up) is pushed with it
 /// (hostile review rev23, F5).
