@@ -149,6 +149,38 @@ fn ups_keys_are_synced_with_the_folders_that_name_them() {
     }
 }
 
+/// A relative DATA_DIR's first folder is named in the folder `up` starts in: write_durably
+/// walked the path's parents up to the empty one and stopped there, so the working
+/// directory, which holds the name of the first folder `up` made, was never synced, and a
+/// power cut could lose the keys with every folder under it.
+#[test]
+fn ups_keys_are_synced_with_the_folders_that_name_them_from_a_relative_data_dir() {
+    let data = TempDir::new("up-durable-rel");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let trace = data.path().join("strace.log");
+    let out = Command::new("strace")
+        .args(["-f", "-y", "-qq", "-e", "trace=fsync,rename,renameat,renameat2", "-o"])
+        .arg(&trace)
+        .arg(bin("claude-runner"))
+        .arg("up")
+        .current_dir(data.path())
+        .env("CLAUDE_BIN", bin("claude-standin"))
+        .env("DATA_DIR", "new/deeper")
+        .env("LISTEN", taken.local_addr().unwrap().to_string())
+        .output()
+        .expect("strace runs (Debian: apt-get install strace)");
+    assert!(data.path().join("new/deeper/up/up.json").exists(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    let renamed = lines.iter().position(|l| l.contains("rename") && l.contains("/up/up.json\"")).unwrap_or_else(|| panic!("no rename of up.json: {log}"));
+    let synced = |dir: &std::path::Path| lines[renamed..].iter().any(|l| l.contains("fsync(") && l.contains(&format!("<{}>)", dir.display())));
+    let real = std::fs::canonicalize(data.path()).unwrap();
+    for (dir, what) in [("new/deeper/up", "DATA_DIR/up"), ("new/deeper", "DATA_DIR"), ("new", "DATA_DIR's parent, made by up"), ("", "the working directory, holding the first folder up made")] {
+        let dir = if dir.is_empty() { real.clone() } else { real.join(dir) };
+        assert!(synced(&dir), "{what} ({}) is not synced after the rename: {log}", dir.display());
+    }
+}
+
 /// A full disk at `up`'s first start said only "No space left on device (os error 28)":
 /// which file, and what to do, are said. DATA_DIR is a full tmpfs in a mount namespace of
 /// the test's own.
