@@ -37,7 +37,11 @@ pub fn write_durably(path: &Path, bytes: &[u8], new_folders: usize) -> std::io::
     write_atomically(path, bytes, true)?;
     let mut folder = path.parent();
     for _ in 0..=new_folders {
-        let Some(dir) = folder.filter(|d| !d.as_os_str().is_empty()) else { break };
+        let Some(dir) = folder else { break };
+        // A relative path's first folder is named in the working directory: "" is there.
+        if dir.as_os_str().is_empty() {
+            return sync_folder(Path::new("."));
+        }
         sync_folder(dir)?;
         folder = dir.parent();
     }
