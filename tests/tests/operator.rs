@@ -228,6 +228,31 @@ fn up_on_a_disk_too_full_for_a_folder_says_so() {
     assert!(!err.contains("remove what stands in its place"), "{err}");
 }
 
+/// A DATA_DIR on a read-only disk (or under a folder this user cannot write) cannot hold
+/// the folder `up` makes: the refusal said "it must be a folder of the agent's user, or
+/// absent: remove what stands in its place", where nothing stood, as it said of a full disk.
+/// It says the folder cannot be made there and to set DATA_DIR to one this user can write.
+/// DATA_DIR is a read-only tmpfs in a mount namespace of the test's own.
+#[test]
+fn up_on_a_read_only_disk_says_the_folder_cannot_be_made() {
+    let data = TempDir::new("up-read-only");
+    let mount_ns = if unsafe { libc::geteuid() } == 0 { "-m" } else { "-rm" };
+    let script = r#"mount -t tmpfs -o ro tmpfs "$DATA_DIR" && exec "$0" up"#;
+    let out = Command::new("unshare")
+        .args([mount_ns, "sh", "-c", script])
+        .arg(bin("claude-runner"))
+        .env("CLAUDE_BIN", bin("claude-standin"))
+        .env("DATA_DIR", data.path())
+        .env("LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let folder = data.path().join("up");
+    assert!(err.contains(&format!("cannot make {}", folder.display())) && err.contains("set DATA_DIR"), "{err}");
+    assert!(!err.contains("remove what stands in its place"), "{err}");
+}
+
 /// With HOME unset (a service manager, `env -i`, cron) every user's default folders were
 /// root's: /root/.local/share/claude-runner and /root/.claude. They are under the user's
 /// home in the password database. Run as `nobody` when the test is root (root's home is
