@@ -617,10 +617,18 @@ fn private_dir_through(dir: &Path, fd_links: &str) -> std::io::Result<usize> {
 /// job can put at the name (a fifo, a file, a link to a folder not the user's) stops the
 /// agent's start: the error says which name, and to remove it. A full disk is said as one:
 /// ext4 refuses a `mkdir` with ENOSPC once its blocks or inodes are used up, and the first
-/// `up` on such a disk was told to remove what stood in the place of DATA_DIR/up.
+/// `up` on such a disk was told to remove what stood in the place of DATA_DIR/up. So is a
+/// read-only disk, or a parent this user cannot write: the folder cannot be made there.
 fn unusable_folder(dir: &Path, e: std::io::Error) -> std::io::Error {
+    // A read-only disk, or a parent this user cannot write with nothing at the name: the
+    // folder cannot be made there, and nothing is to be removed. (EPERM and EACCES are one
+    // kind: a folder of another owner, refused its chmod, stands at its name.)
+    let cannot_make = e.kind() == std::io::ErrorKind::ReadOnlyFilesystem
+        || (e.kind() == std::io::ErrorKind::PermissionDenied && std::fs::symlink_metadata(dir).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound));
     let what = if disk_full(&e) {
         format!("cannot make {} ({e}): {FREE_SPACE}", dir.display())
+    } else if cannot_make {
+        format!("cannot make {} ({e}): set DATA_DIR to a folder this user can write, on a disk that is not read-only", dir.display())
     } else {
         format!("{} ({e}): it must be a folder of the agent's user, or absent: remove what stands in its place", dir.display())
     };
@@ -699,6 +707,8 @@ mod tests {
         }
         let said = unusable_folder(dir, std::io::Error::from_raw_os_error(libc::EEXIST)).to_string();
         assert!(said.contains("remove what stands in its place"), "{said}");
+        let said = unusable_folder(dir, std::io::Error::from_raw_os_error(libc::EROFS)).to_string();
+        assert!(said.contains("cannot make /data/claude-runner/up") && said.contains("set DATA_DIR") && !said.contains("remove what stands"), "{said}");
     }
 
     /// What a job (the agent's user) can put at the name of one of the agent's folders — a
