@@ -11,6 +11,7 @@ use shared::contract::ApiError;
 use shared::envelope::{UpgradeProof, CLOCK_SKEW_MS};
 use shared::ids::DEFAULT_POOL;
 use shared::Millis;
+use ed25519_dalek::VerifyingKey;
 use std::net::IpAddr;
 use tracing::warn;
 
@@ -61,7 +62,7 @@ pub fn check_upgrade(proof: Option<&str>, config: &Config, wall: Millis) -> Resu
     let Some(key) = config.agents.get(agent_id) else {
         // Listed by another pool of this edge, and signed for it: the agent dials the
         // wrong pool's URL.
-        let signed_for = config.other_pools.iter().find(|(name, ring)| ring.get(agent_id).is_some_and(|k| proof.verify(name, k)));
+        let signed_for = config.other_pools.iter().find(|(name, ring)| ring.get(agent_id).is_some_and(|k| signed(&proof, name, k)));
         return Err(ApiError::new(
             AgentProofInvalid,
             match signed_for {
@@ -74,14 +75,14 @@ pub fn check_upgrade(proof: Option<&str>, config: &Config, wall: Millis) -> Resu
             },
         ));
     };
-    if !proof.verify(pool, key) {
+    if !signed(&proof, pool, key) {
         // Its signature is over the pool it names (its EDGE_POOL), which the header does
         // not say: a pool of this edge that it verifies for is the one (a key or a time
         // changed does not verify for any). Tried only for a listed agent, once per pool.
         let signed_for = config
             .other_pools
             .iter()
-            .find(|(name, ring)| proof.verify(name, ring.get(agent_id).unwrap_or(key)) || proof.verify(name, key));
+            .find(|(name, ring)| signed(&proof, name, ring.get(agent_id).unwrap_or(key)) || signed(&proof, name, key));
         return Err(ApiError::new(
             AgentProofInvalid,
             match signed_for {
@@ -113,6 +114,14 @@ pub fn check_upgrade(proof: Option<&str>, config: &Config, wall: Millis) -> Resu
         ));
     }
     Ok(agent_id.to_string())
+}
+
+/// Whether `key` signed `proof` for `pool`: every signature the door checks, for whoever
+/// dials, goes through here (counted in tests: the checks per refusal are the door's cost).
+fn signed(proof: &UpgradeProof, pool: &str, key: &VerifyingKey) -> bool {
+    #[cfg(test)]
+    tests::SIGNATURES_CHECKED.with(|n| n.set(n.get() + 1));
+    proof.verify(pool, key)
 }
 
 /// A pool's own name of the setting `base` (`AGENT_PUBLIC_KEYS_GPU` for pool `gpu`).
@@ -192,6 +201,18 @@ mod tests {
     use shared::keys::Keyring;
 
     const NOW: u64 = 1_800_000_000_000;
+
+    thread_local! {
+        /// Signatures [`signed`] checked on this thread (each test has its own).
+        pub(super) static SIGNATURES_CHECKED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// The signatures `check_upgrade` checks for `proof` in `config`.
+    fn signatures_checked(config: &Config, proof: &str) -> usize {
+        SIGNATURES_CHECKED.with(|n| n.set(0));
+        let _ = check_in(config, Some(proof));
+        SIGNATURES_CHECKED.with(std::cell::Cell::get)
+    }
 
     fn key(seed: u8) -> SigningKey {
         SigningKey::from_bytes(&[seed; 32])
@@ -309,6 +330,32 @@ mod tests {
             let (_, error) = check_in(&both, Some(&proof)).unwrap_err();
             assert!(!error.contains(not) && error.contains("nor for any other pool this edge serves"), "{error}");
         }
+    }
+
+    /// Anyone may dial with a listed agent's id and a made-up signature: the search for the
+    /// pool it was signed for checks each other pool's signature once per distinct key (the
+    /// key listed here, and that pool's own if it differs), never one key twice — it did,
+    /// two checks per pool where one would do, for every such dial.
+    #[test]
+    fn the_other_pools_search_checks_each_key_once() {
+        let other = Keyring::from_keys([("spark".to_string(), key(7).verifying_key())]);
+        let pools = config(vec![
+            ("same".into(), keyring()),                // lists `spark` with the key listed here
+            ("none".into(), Keyring::from_keys([])),   // does not list it
+            ("other".into(), other),                   // lists it with another key
+        ]);
+        let forged = UpgradeProof::sign(&key(9), "default", "spark", NOW);
+        // This pool's own, then 1 + 1 + 2.
+        assert_eq!(signatures_checked(&pools, &forged), 1 + 1 + 1 + 2);
+        // Listed only elsewhere: one check per pool that lists it.
+        let unlisted = UpgradeProof::sign(&key(9), "gpu", "solo", NOW);
+        let elsewhere = config(vec![
+            ("gpu".into(), Keyring::from_keys([("solo".to_string(), key(3).verifying_key())])),
+            ("none".into(), Keyring::from_keys([])),
+        ]);
+        assert_eq!(signatures_checked(&elsewhere, &unlisted), 1);
+        // A valid proof checks its one signature.
+        assert_eq!(signatures_checked(&pools, &UpgradeProof::sign(&key(1), "default", "spark", NOW)), 1);
     }
 
     #[test]
