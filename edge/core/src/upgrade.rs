@@ -78,11 +78,12 @@ pub fn check_upgrade(proof: Option<&str>, config: &Config, wall: Millis) -> Resu
     if !signed(&proof, pool, key) {
         // Its signature is over the pool it names (its EDGE_POOL), which the header does
         // not say: a pool of this edge that it verifies for is the one (a key or a time
-        // changed does not verify for any). Tried only for a listed agent, once per pool.
-        let signed_for = config
-            .other_pools
-            .iter()
-            .find(|(name, ring)| signed(&proof, name, ring.get(agent_id).unwrap_or(key)) || signed(&proof, name, key));
+        // changed does not verify for any). Tried only for a listed agent, once per pool
+        // and distinct key (the key listed here; that pool's own if it differs): anyone may
+        // dial with a listed id and a made-up signature, and each check is theirs to cost.
+        let signed_for = config.other_pools.iter().find(|(name, ring)| {
+            signed(&proof, name, key) || ring.get(agent_id).is_some_and(|theirs| theirs != key && signed(&proof, name, theirs))
+        });
         return Err(ApiError::new(
             AgentProofInvalid,
             match signed_for {
