@@ -90,13 +90,19 @@ impl Edge {
         self.begin(Origin::Quiet, Some(now));
         self.upgrades.note(now.wall, &self.cfg.pool, peer, refused);
         let counted = self.upgrades.take();
-        self.stats_mut().refused_agents += counted;
+        self.agents_refused(counted);
     }
 
     /// Upgrades refused before they reached the machine, already logged where they were
     /// (the Worker's entry, which refuses them without asking the pool's object): counted.
     pub fn upgrades_refused_before(&mut self, count: u64) {
         self.begin(Origin::Quiet, None);
+        self.agents_refused(count);
+    }
+
+    /// Adds to `claude_runner_agents_refused_total`, saturating: the Worker's object adds
+    /// whatever count its entry hands it, and a counter never panics or wraps to 0.
+    fn agents_refused(&mut self, count: u64) {
         let stats = self.stats_mut();
         stats.refused_agents = stats.refused_agents.saturating_add(count);
     }
@@ -309,7 +315,7 @@ impl Edge {
             Ok((hello, (edge_public, _))) if probe => self.answer_probe(now, session_id, &hello, edge_public, &mut effects),
             Ok((hello, (edge_public, keys))) => self.welcome(now, session_id, hello, edge_public, keys, &mut effects),
             Err(refused) => {
-                self.stats_mut().refused_agents += 1;
+                self.agents_refused(1);
                 // The id is the peer's own words until verified: logged only if it is one.
                 let shown = if shared::ids::valid_agent_id(&agent_id) { agent_id.as_str() } else { "-" };
                 warn!(agent_id = shown, session = session_id, probe, reason = %refused.reason, "agent refused");
@@ -363,7 +369,7 @@ impl Edge {
         let named = hello.finished.iter().take(MAX_HELLO_FINISHED);
         let held: BTreeSet<&str> = hello.running.iter().chain(named).map(String::as_str).collect();
         if let Some(refused) = self.duplicate(now, &hello, &held) {
-            self.stats_mut().refused_agents += 1;
+            self.agents_refused(1);
             let instance = hello.instance.as_deref().unwrap_or("-");
             warn!(agent_id = %agent_id, session = session_id, instance, reason = %refused.reason, "agent refused: another instance of the same agent id is connected or may hold its jobs");
             self.close(now, session_id, refused, effects);

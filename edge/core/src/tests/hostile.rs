@@ -763,3 +763,21 @@ fn a_probe_is_answered_and_closed_and_touches_no_agent_and_no_job() {
     let effects = say(&mut edge, 4, &sid, probe(&hello("spark", "x", 4), Domain::Probe, &agent_key(1)));
     assert_eq!(closed(&effects).map(|(code, _)| code), Some(close::PROTOCOL_ERROR));
 }
+
+/// The refused count is a counter nobody outside sets, but the Worker's object adds
+/// whatever count its entry hands it: added saturating on every path, never a panic
+/// (an overflow check) or a wrap to 0 of `claude_runner_agents_refused_total`.
+#[test]
+fn the_refused_count_saturates_on_every_path() {
+    let mut edge = Edge::new(config(), 0);
+    edge.upgrades_refused_before(u64::MAX);
+    edge.upgrades_refused_before(1);
+    let refused = crate::upgrade::check_upgrade(None, &config(), 1_000).unwrap_err();
+    edge.upgrade_refused(1_000, "203.0.113.7", &refused);
+    // A hello refused (another key than `spark`'s).
+    let (_, effects) = join(&mut edge, 1_000, "spark", &agent_key(9), vec![], 2);
+    assert!(closed(&effects).is_some(), "{effects:?}");
+    let metrics = call(&mut edge, 1_000, "GET", "/metrics", Value::Null).effects;
+    let text = format!("{metrics:?}");
+    assert!(text.contains(&format!("claude_runner_agents_refused_total {}", u64::MAX)), "{text}");
+}
