@@ -7,11 +7,11 @@
 
 use crate::config::{pool_suffix, Config};
 use crate::session::whole_seconds;
+use ed25519_dalek::VerifyingKey;
 use shared::contract::ApiError;
 use shared::envelope::{UpgradeProof, CLOCK_SKEW_MS};
 use shared::ids::DEFAULT_POOL;
 use shared::Millis;
-use ed25519_dalek::VerifyingKey;
 use std::net::IpAddr;
 use tracing::warn;
 
@@ -81,15 +81,24 @@ pub fn check_upgrade(proof: Option<&str>, config: &Config, wall: Millis) -> Resu
         // changed does not verify for any). Tried only for a listed agent, once per pool
         // and distinct key (the key listed here; that pool's own if it differs): anyone may
         // dial with a listed id and a made-up signature, and each check is theirs to cost.
-        let signed_for = config.other_pools.iter().find(|(name, ring)| {
-            signed(&proof, name, key) || ring.get(agent_id).is_some_and(|theirs| theirs != key && signed(&proof, name, theirs))
+        // With whether it verified only under that pool's own key, not the one listed here.
+        let signed_for = config.other_pools.iter().find_map(|(name, ring)| {
+            if signed(&proof, name, key) {
+                return Some((name, false));
+            }
+            ring.get(agent_id).is_some_and(|theirs| theirs != key && signed(&proof, name, theirs)).then_some((name, true))
         });
         return Err(ApiError::new(
             AgentProofInvalid,
             match signed_for {
-                Some((other, _)) => format!(
+                Some((other, key_differs)) => format!(
                     "agent `{agent_id}`'s proof is for pool `{other}` (its EDGE_POOL), but its EDGE_URL dials pool `{pool}`: \
-                     to serve pool `{pool}` set its EDGE_POOL={pool}; to serve `{other}` point its EDGE_URL at {}",
+                     to serve pool `{pool}` set its EDGE_POOL={pool}{}; to serve `{other}` point its EDGE_URL at {}",
+                    if key_differs {
+                        format!(" and list its public key in {keys_setting}, which lists another key as `{agent_id}`'s (the one `{other}` lists signed it)")
+                    } else {
+                        String::new()
+                    },
                     url_of(other)
                 ),
                 None => format!(
@@ -357,6 +366,22 @@ mod tests {
         assert_eq!(signatures_checked(&elsewhere, &unlisted), 1);
         // A valid proof checks its one signature.
         assert_eq!(signatures_checked(&pools, &UpgradeProof::sign(&key(1), "default", "spark", NOW)), 1);
+    }
+
+    /// Signed for `gpu` with the key `gpu` lists, which is not the key listed here: set
+    /// EDGE_POOL alone and it is still refused, so the advice names the key too.
+    #[test]
+    fn another_pools_proof_under_another_key_says_the_key_listed_here_is_not_its() {
+        let rotated = config(vec![("gpu".into(), Keyring::from_keys([("spark".to_string(), key(7).verifying_key())]))]);
+        refused_in(
+            &rotated,
+            &UpgradeProof::sign(&key(7), "gpu", "spark", NOW),
+            ErrorCode::AgentProofInvalid,
+            &["proof is for pool `gpu`", "EDGE_POOL=default", "AGENT_PUBLIC_KEYS"],
+        );
+        // Under the key listed here too, EDGE_POOL is all there is to set.
+        let (_, error) = check_in(&config(vec![("gpu".into(), keyring())]), Some(&UpgradeProof::sign(&key(1), "gpu", "spark", NOW))).unwrap_err();
+        assert!(error.contains("EDGE_POOL=default") && !error.contains("AGENT_PUBLIC_KEYS"), "{error}");
     }
 
     #[test]
