@@ -162,13 +162,42 @@ pub fn local_login(config_dir: Option<&std::path::Path>, data_dir: &std::path::P
     };
     let agents = crate::status::running_agents(data_dir).and_then(|s| s.claude_config_dir);
     if let Some(dir) = agents.filter(|d| *d != login.config_dir) {
-        let dir = shared::text::one_line(&dir.display().to_string());
-        words.push_str(&format!(
-            "; the running agent's status file says it reads its login in {dir}, which is not read here (a job can write that file): \
-             if you started the agent with another CLAUDE_CONFIG_DIR, set the same here"
-        ));
+        words.push_str(&agents_folder_words(&dir));
     }
     (login, words)
+}
+
+/// How much of the folder a status file names is shown: a real one is far shorter (a path
+/// is at most 4 KiB), and a job writing that file may make it megabytes long.
+const STATUS_FOLDER_SHOWN: usize = 512;
+
+/// The words on the folder the running agent's status file names: one line, escaped, cut
+/// at [`STATUS_FOLDER_SHOWN`] (said with `…`), as that file's word only.
+fn agents_folder_words(dir: &std::path::Path) -> String {
+    let full = dir.display().to_string();
+    let shown = shared::text::truncate(&full, STATUS_FOLDER_SHOWN);
+    let cut = if shown.len() < full.len() { "…" } else { "" };
+    let dir = shared::text::one_line(shown);
+    format!(
+        "; the running agent's status file says it reads its login in {dir}{cut}, which is not read here (a job can write that file): \
+         if you started the agent with another CLAUDE_CONFIG_DIR, set the same here"
+    )
+}
+
+#[cfg(test)]
+mod folder_words_tests {
+    /// A status file's folder of megabytes (a job writes that file) was printed whole, on
+    /// one line of doctor's: cut, and every control character still escaped.
+    #[test]
+    fn a_status_files_folder_is_shown_short_and_on_one_line() {
+        let long = std::path::PathBuf::from(format!("/x\n\u{1b}]52;c;{}", "a".repeat(4 << 20)));
+        let words = super::agents_folder_words(&long);
+        assert!(words.len() < 2 * super::STATUS_FOLDER_SHOWN + 300, "{} bytes", words.len());
+        assert!(!words.contains('\n') && !words.contains('\u{1b}'), "{words}");
+        assert!(words.contains("…, which is not read here"), "{words}");
+        let short = super::agents_folder_words(std::path::Path::new("/home/op/.claude-work"));
+        assert!(short.contains("in /home/op/.claude-work, which"), "{short}");
+    }
 }
 
 /// The login as this machine reads it, with what the running agent last reported that a
