@@ -62,7 +62,13 @@ pub fn check_upgrade(proof: Option<&str>, config: &Config, wall: Millis) -> Resu
     let Some(key) = config.agents.get(agent_id) else {
         // Listed by another pool of this edge, and signed for it: the agent dials the
         // wrong pool's URL.
-        let signed_for = config.other_pools.iter().find(|(name, ring)| ring.get(agent_id).is_some_and(|k| signed(&proof, name, k)));
+        // Among at most SEARCH_CHECKS of the pools that list it.
+        let signed_for = config
+            .other_pools
+            .iter()
+            .filter_map(|(name, ring)| Some((name, ring.get(agent_id)?)))
+            .take(SEARCH_CHECKS)
+            .find(|(name, k)| signed(&proof, name, k));
         return Err(ApiError::new(
             AgentProofInvalid,
             match signed_for {
@@ -82,11 +88,20 @@ pub fn check_upgrade(proof: Option<&str>, config: &Config, wall: Millis) -> Resu
         // and distinct key (the key listed here; that pool's own if it differs): anyone may
         // dial with a listed id and a made-up signature, and each check is theirs to cost.
         // With whether it verified only under that pool's own key, not the one listed here.
-        let signed_for = config.other_pools.iter().find_map(|(name, ring)| {
-            if signed(&proof, name, key) {
+        // At most SEARCH_CHECKS of them, whatever POOLS lists: pools that list the agent
+        // first (the likely one), so a made-up signature costs a bounded few checks.
+        let mut budget = SEARCH_CHECKS;
+        let mut check = |name: &str, k: &VerifyingKey| {
+            let spent = budget == 0;
+            budget = budget.saturating_sub(1);
+            !spent && signed(&proof, name, k)
+        };
+        let (listing, others): (Vec<_>, Vec<_>) = config.other_pools.iter().partition(|(_, ring)| ring.get(agent_id).is_some());
+        let signed_for = listing.into_iter().chain(others).find_map(|(name, ring)| {
+            if check(name, key) {
                 return Some((name, false));
             }
-            ring.get(agent_id).is_some_and(|theirs| theirs != key && signed(&proof, name, theirs)).then_some((name, true))
+            ring.get(agent_id).is_some_and(|theirs| theirs != key && check(name, theirs)).then_some((name, true))
         });
         return Err(ApiError::new(
             AgentProofInvalid,
@@ -125,6 +140,11 @@ pub fn check_upgrade(proof: Option<&str>, config: &Config, wall: Millis) -> Resu
     }
     Ok(agent_id.to_string())
 }
+
+/// How many signatures the search over the edge's other pools may check for one refused
+/// proof (beyond the one for the pool dialled): whoever dials with a listed agent id and a
+/// made-up signature spends them, so they must not grow with the number of pools.
+const SEARCH_CHECKS: usize = 8;
 
 /// Whether `key` signed `proof` for `pool`: every signature the door checks, for whoever
 /// dials, goes through here (counted in tests: the checks per refusal are the door's cost).
@@ -366,6 +386,24 @@ mod tests {
         assert_eq!(signatures_checked(&elsewhere, &unlisted), 1);
         // A valid proof checks its one signature.
         assert_eq!(signatures_checked(&pools, &UpgradeProof::sign(&key(1), "default", "spark", NOW)), 1);
+    }
+
+    /// Forty pools, each listing `spark` under a key of its own: a made-up signature cost
+    /// 1 + 2 × 40 checks, as many as POOLS lists. Bounded; and the pool that lists the
+    /// agent still comes first among many that do not.
+    #[test]
+    fn the_other_pools_search_is_bounded_whatever_pools_lists() {
+        let many: Vec<(String, Keyring)> =
+            (0..40u8).map(|i| (format!("p{i}"), Keyring::from_keys([("spark".to_string(), key(100 + i).verifying_key())]))).collect();
+        let forged = UpgradeProof::sign(&key(9), "default", "spark", NOW);
+        assert_eq!(signatures_checked(&config(many), &forged), 1 + SEARCH_CHECKS);
+        let mut crowd: Vec<(String, Keyring)> = (0..40u8).map(|i| (format!("q{i}"), Keyring::from_keys([]))).collect();
+        crowd.push(("gpu".into(), keyring()));
+        refused_in(&config(crowd), &UpgradeProof::sign(&key(1), "gpu", "spark", NOW), ErrorCode::AgentProofInvalid, &["proof is for pool `gpu`"]);
+        // Listed only elsewhere, by all forty.
+        let elsewhere: Vec<(String, Keyring)> =
+            (0..40u8).map(|i| (format!("p{i}"), Keyring::from_keys([("solo".to_string(), key(100 + i).verifying_key())]))).collect();
+        assert_eq!(signatures_checked(&config(elsewhere), &UpgradeProof::sign(&key(9), "p0", "solo", NOW)), SEARCH_CHECKS);
     }
 
     /// Signed for `gpu` with the key `gpu` lists, which is not the key listed here: set
