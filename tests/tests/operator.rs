@@ -125,28 +125,7 @@ fn a_secret_given_as_a_flag_is_refused_and_its_variable_taken() {
 fn ups_keys_are_synced_with_the_folders_that_name_them() {
     let data = TempDir::new("up-durable");
     let data_dir = data.path().join("new/deeper");
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let trace = data.path().join("strace.log");
-    let out = Command::new("strace")
-        .args(["-f", "-y", "-qq", "-e", "trace=fsync,rename,renameat,renameat2", "-o"])
-        .arg(&trace)
-        .arg(bin("claude-runner"))
-        .arg("up")
-        .env("CLAUDE_BIN", bin("claude-standin"))
-        .env("DATA_DIR", &data_dir)
-        .env("LISTEN", taken.local_addr().unwrap().to_string())
-        .output()
-        .expect("strace runs (Debian: apt-get install strace)");
-    assert!(data_dir.join("up/up.json").exists(), "{}", String::from_utf8_lossy(&out.stderr));
-    let log = std::fs::read_to_string(&trace).unwrap();
-    let lines: Vec<&str> = log.lines().collect();
-    let renamed = lines.iter().position(|l| l.contains("rename") && l.contains("/up/up.json\"")).unwrap_or_else(|| panic!("no rename of up.json: {log}"));
-    let synced = |dir: &std::path::Path| lines[renamed..].iter().any(|l| l.contains("fsync(") && l.contains(&format!("<{}>)", dir.display())));
-    let real = std::fs::canonicalize(data.path()).unwrap();
-    for (dir, what) in [("new/deeper/up", "DATA_DIR/up"), ("new/deeper", "DATA_DIR"), ("new", "DATA_DIR's parent, made by up"), ("", "the folder holding the first one up made")] {
-        let dir = if dir.is_empty() { real.clone() } else { real.join(dir) };
-        assert!(synced(&dir), "{what} ({}) is not synced after the rename: {log}", dir.display());
-    }
+    up_syncs_every_folder_it_made(&data, data_dir.as_os_str(), "the folder holding the first one up made");
 }
 
 /// A relative DATA_DIR's first folder is named in the folder `up` starts in: write_durably
@@ -156,6 +135,14 @@ fn ups_keys_are_synced_with_the_folders_that_name_them() {
 #[test]
 fn ups_keys_are_synced_with_the_folders_that_name_them_from_a_relative_data_dir() {
     let data = TempDir::new("up-durable-rel");
+    up_syncs_every_folder_it_made(&data, "new/deeper".as_ref(), "the working directory, holding the first folder up made");
+}
+
+/// Runs `up` under strace in `data` with `DATA_DIR` (`data`/new/deeper, given as
+/// `data_dir`), its port taken so it stops right after writing up.json, and checks that
+/// every folder from DATA_DIR/up to `data` itself (`top`: what holds the first folder up
+/// made) is synced after up.json's rename.
+fn up_syncs_every_folder_it_made(data: &TempDir, data_dir: &std::ffi::OsStr, top: &str) {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let trace = data.path().join("strace.log");
     let out = Command::new("strace")
@@ -165,7 +152,7 @@ fn ups_keys_are_synced_with_the_folders_that_name_them_from_a_relative_data_dir(
         .arg("up")
         .current_dir(data.path())
         .env("CLAUDE_BIN", bin("claude-standin"))
-        .env("DATA_DIR", "new/deeper")
+        .env("DATA_DIR", data_dir)
         .env("LISTEN", taken.local_addr().unwrap().to_string())
         .output()
         .expect("strace runs (Debian: apt-get install strace)");
@@ -175,7 +162,7 @@ fn ups_keys_are_synced_with_the_folders_that_name_them_from_a_relative_data_dir(
     let renamed = lines.iter().position(|l| l.contains("rename") && l.contains("/up/up.json\"")).unwrap_or_else(|| panic!("no rename of up.json: {log}"));
     let synced = |dir: &std::path::Path| lines[renamed..].iter().any(|l| l.contains("fsync(") && l.contains(&format!("<{}>)", dir.display())));
     let real = std::fs::canonicalize(data.path()).unwrap();
-    for (dir, what) in [("new/deeper/up", "DATA_DIR/up"), ("new/deeper", "DATA_DIR"), ("new", "DATA_DIR's parent, made by up"), ("", "the working directory, holding the first folder up made")] {
+    for (dir, what) in [("new/deeper/up", "DATA_DIR/up"), ("new/deeper", "DATA_DIR"), ("new", "DATA_DIR's parent, made by up"), ("", top)] {
         let dir = if dir.is_empty() { real.clone() } else { real.join(dir) };
         assert!(synced(&dir), "{what} ({}) is not synced after the rename: {log}", dir.display());
     }
