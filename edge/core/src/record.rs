@@ -410,6 +410,11 @@ impl Job {
                 let error = response.result.error.clone().unwrap_or_default();
                 let mut err = if code.status() != 200 { ApiError::new(code, error) } else { ApiError::refused(code, error) };
                 err.body.retry_at = response.result.retry_at.clone();
+                // "Run it elsewhere" is wrong advice for a job that must not be sent again
+                // (a push that may have landed: `push_may_have_landed`).
+                if response.result.retryable == Some(false) {
+                    err.body.fallback = None;
+                }
                 let err = err.with_job(&self.id);
                 Some((err.status, err.to_json()))
             }
@@ -443,9 +448,24 @@ pub fn lost(job: &Job, now: Millis) -> JobResult {
             job.elapsed(now),
         );
     }
-    JobResult::failure(
+    let result = JobResult::failure(
         ErrorCode::RunnerLost,
         "the agent running this job went away and did not come back in time (LOST_AFTER_MS); run the task elsewhere",
         job.elapsed(now),
-    )
+    );
+    push_may_have_landed(job, result)
+}
+
+/// A result the edge writes itself (its TIMEOUT, a job lost) for a job that asked for a
+/// push and went to an agent: that push may still be under way there, or have landed just
+/// before the agent went away, so sent again the job could push twice. The caller is told
+/// to look at the branch first, and the result is not retryable. A job that pushes
+/// nothing, or never reached an agent, is left as it is.
+pub fn push_may_have_landed(job: &Job, mut result: JobResult) -> JobResult {
+    if let Some(branch) = job.spec.push_branch.as_deref().filter(|_| job.agent_id.is_some()) {
+        let shown = shared::text::truncate(branch, 256);
+        result.error = result.error.map(|e| format!("{e}; it asked to push to `{shown}`, and a push may have landed on the server: look at the branch there before sending the job again"));
+        result.retryable = Some(false);
+    }
+    result
 }

@@ -149,16 +149,9 @@ impl Edge {
 }
 
 /// The edge's TIMEOUT of a job whose agent did not answer in time. Sent again, a job is
-/// safe to run elsewhere — unless it asked for a push and went to an agent: its push may
-/// still be under way there, and land after this answer, so the caller is told to look at
-/// the branch first, and the result is not retryable.
+/// safe to run elsewhere — unless it asked for a push and went to an agent
+/// ([`record::push_may_have_landed`]).
 fn timed_out(job: &Job, margin_ms: u64, now: Millis) -> JobResult {
     let said = format!("the agent did not report a result within timeout_ms ({} ms) and a {margin_ms} ms margin", job.spec.timeout_ms);
-    let mut result = JobResult::failure(ErrorCode::Timeout, said, job.elapsed(now));
-    if let Some(branch) = job.spec.push_branch.as_deref().filter(|_| job.agent_id.is_some()) {
-        let shown = shared::text::truncate(branch, 256);
-        result.error = result.error.map(|e| format!("{e}; it asked to push to `{shown}`, and a push may have landed on the server after this answer: look at the branch there before sending the job again"));
-        result.retryable = Some(false);
-    }
-    result
+    record::push_may_have_landed(job, JobResult::failure(ErrorCode::Timeout, said, job.elapsed(now)))
 }

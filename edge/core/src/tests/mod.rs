@@ -554,6 +554,50 @@ fn garbage_frames_close_the_connection_without_panicking() {
     assert!(!edge.is_online());
 }
 
+/// A pushing job lost with its agent ended RUNNER_LOST, retryable and `fallback: true`,
+/// though the agent may have pushed before it went away (or be pushing still, cut off
+/// from the edge): a caller that ran it elsewhere pushed twice. Lost, or gone from a
+/// restarted agent, such a job now says a push may have landed, not retryable, no
+/// fallback; one that pushes nothing is unchanged.
+#[test]
+fn a_lost_pushing_job_says_the_push_may_have_landed() {
+    let pushing = || {
+        let body = json!({"prompt": "p", "timeout_ms": 60_000, "repo_url": "https://github.com/o/r", "push_branch": "claude/x"}).to_string();
+        ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap()
+    };
+    // Its agent went away and did not come back in time.
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "push".into(), pushing(), Mode::Wait).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "push".into() });
+    edge.disconnect(100, &sid);
+    let done = finished(&edge.tick(100 + LOST));
+    assert_eq!((done[0].1, done[0].2["error_code"].as_str()), (502, Some("RUNNER_LOST")), "{:?}", done[0].2);
+    assert_eq!(done[0].2["fallback"], Value::Null, "{:?}", done[0].2);
+    let said = done[0].2["error"].as_str().unwrap();
+    assert!(said.contains("claude/x") && said.contains("may have landed"), "{said}");
+    let view = serde_json::to_value(edge.job("push").unwrap().response().unwrap()).unwrap();
+    assert_eq!(view["retryable"], false, "{view}");
+
+    // Its agent came back without it (restarted).
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "push".into(), pushing(), Mode::Detached).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "push".into() });
+    edge.disconnect(100, &sid);
+    join(&mut edge, 200, "spark", &agent_key(1), vec![], 1);
+    let view = serde_json::to_value(edge.job("push").unwrap().response().expect("ended lost at the hello")).unwrap();
+    assert_eq!((view["error_code"].as_str(), &view["retryable"]), (Some("RUNNER_LOST"), &json!(false)), "{view}");
+    let said = view["error"].as_str().unwrap();
+    assert!(said.contains("restarted") && said.contains("may have landed"), "{view}");
+
+    // A job that pushes nothing may still run elsewhere.
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "plain".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "plain".into() });
+    edge.disconnect(100, &sid);
+    let done = finished(&edge.tick(100 + LOST));
+    assert_eq!((done[0].2["fallback"].clone(), done[0].2["error_code"].as_str()), (json!(true), Some("RUNNER_LOST")));
+}
+
 #[test]
 fn a_job_waits_for_its_agent_then_is_lost() {
     let (mut edge, sid) = ready_edge();
