@@ -112,8 +112,9 @@ pub struct ClaudeLoginArgs {
 #[derive(Debug, Clone, Args)]
 pub struct DataDirArgs {
     /// Workspaces and the result spool (default ~/.local/share/claude-runner; `up` keeps
-    /// its keys, edge and agent in DATA_DIR/up).
-    #[arg(long, env = "DATA_DIR")]
+    /// its keys, edge and agent in DATA_DIR/up). A relative path is taken from the folder
+    /// the command starts in.
+    #[arg(long, env = "DATA_DIR", value_parser = absolute_folder("DATA_DIR"))]
     pub data_dir: Option<PathBuf>,
 }
 
@@ -185,7 +186,7 @@ impl DataDirArgs {
 pub fn home() -> PathBuf {
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
-    home_from(std::env::var_os("HOME"), || passwd_home(uid)).unwrap_or_else(|| {
+    runtime::home::this_users(std::env::var_os("HOME")).unwrap_or_else(|| {
         eprintln!(
             "claude-runner: HOME is not set (or not an absolute path) and user {uid} has no home folder in the password database: set HOME, or set DATA_DIR (and CLAUDE_CONFIG_DIR, Claude's login folder)"
         );
@@ -205,41 +206,8 @@ pub fn settle_home() {
     if Path::new(&set).is_absolute() {
         return;
     }
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    if let Some(home) = home_from(Some(set), || passwd_home(uid)) {
+    if let Some(home) = runtime::home::this_users(Some(set)) {
         std::env::set_var("HOME", home);
-    }
-}
-
-/// [`home`]'s choice: `HOME` when it is an absolute path, else `passwd`'s.
-fn home_from(home: Option<std::ffi::OsString>, passwd: impl FnOnce() -> Option<PathBuf>) -> Option<PathBuf> {
-    let absolute = |p: &PathBuf| p.is_absolute();
-    home.map(PathBuf::from).filter(absolute).or_else(|| passwd().filter(absolute))
-}
-
-/// The home folder of user `uid` in the password database (getpwuid_r: no static buffer
-/// another thread could overwrite).
-fn passwd_home(uid: libc::uid_t) -> Option<PathBuf> {
-    use std::os::unix::ffi::OsStrExt;
-    let mut size = 1024;
-    loop {
-        let mut buf = vec![0 as libc::c_char; size];
-        // SAFETY: a zeroed passwd is a valid value to be filled in.
-        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut found: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer is to a live value of the right type; `buf` is `size` long.
-        let rc = unsafe { libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
-        if rc == libc::ERANGE && size < 1 << 20 {
-            size *= 4;
-            continue;
-        }
-        if rc != 0 || found.is_null() || entry.pw_dir.is_null() {
-            return None;
-        }
-        // SAFETY: pw_dir points into `buf`, NUL-terminated, alive until `buf` is dropped.
-        let dir = unsafe { std::ffi::CStr::from_ptr(entry.pw_dir) };
-        return Some(PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()))).filter(|d| !d.as_os_str().is_empty());
     }
 }
 
@@ -797,25 +765,9 @@ mod tests {
         let bytes = std::ffi::OsStr::from_bytes(b"/srv/\xff");
         let parsed = Cli::try_parse_from([std::ffi::OsStr::new("x"), std::ffi::OsStr::new("--claude-config-dir"), bytes]).unwrap();
         assert_eq!(parsed.login.claude_config_dir.as_deref(), Some(std::path::Path::new(bytes)));
-    }
-
-    /// With HOME unset, the default folders were under /root for every user: the password
-    /// database's home is taken, and a HOME that is no absolute path is no home.
-    #[test]
-    fn the_home_is_homes_else_the_password_databases() {
-        let passwd = || Some(PathBuf::from("/home/runner"));
-        assert_eq!(home_from(Some("/srv/me".into()), passwd), Some(PathBuf::from("/srv/me")));
-        assert_eq!(home_from(None, passwd), Some(PathBuf::from("/home/runner")));
-        assert_eq!(home_from(Some("".into()), passwd), Some(PathBuf::from("/home/runner")));
-        assert_eq!(home_from(Some("relative".into()), passwd), Some(PathBuf::from("/home/runner")));
-        assert_eq!(home_from(None, || None), None);
-        assert_eq!(home_from(None, || Some(PathBuf::new())), None);
-        // This user's entry, as getent reads it.
-        let uid = unsafe { libc::geteuid() };
-        let getent = std::process::Command::new("getent").args(["passwd", &uid.to_string()]).output().unwrap();
-        let line = String::from_utf8(getent.stdout).unwrap();
-        let dir = line.trim_end().split(':').nth(5).expect("this user is in the password database");
-        assert_eq!(passwd_home(uid), Some(PathBuf::from(dir)));
-        assert_eq!(passwd_home(4_000_000_000), None, "no such user");
+        // DATA_DIR too: the workspaces' paths under it reach the launcher, each job's
+        // Claude and git, which run in other folders.
+        let parsed = Cli::try_parse_from(["x", "--data-dir", "rel/data"]).unwrap();
+        assert_eq!(parsed.login.dir.data_dir, Some(here.join("rel/data")));
     }
 }

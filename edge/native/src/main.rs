@@ -82,13 +82,22 @@ fn run(env: &TextSettings<impl Fn(&str) -> Option<std::ffi::OsString>>) -> anyho
 /// or not at all).
 fn read_settings(env: &TextSettings<impl Fn(&str) -> Option<std::ffi::OsString>>) -> anyhow::Result<ServerOptions> {
     let (config, max_connections) = edge_native::edge_settings(env, |_| None)?;
-    let (listen, data_dir) = host_settings(|name| env.get_os(name))?;
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let (listen, data_dir) = host_settings(|name| env.get_os(name), || runtime::home::passwd_home(uid))?;
     Ok(ServerOptions { config, listen, data_dir, max_connections })
 }
 
 /// `LISTEN` and `DATA_DIR`, the settings only this host reads. Empty is unset, as for
-/// every other setting (`LISTEN=` in a systemd `EnvironmentFile` or an `.env`).
-fn host_settings(get: impl Fn(&str) -> Option<std::ffi::OsString>) -> anyhow::Result<(SocketAddr, PathBuf)> {
+/// every other setting (`LISTEN=` in a systemd `EnvironmentFile` or an `.env`). `DATA_DIR`
+/// is made absolute once, here, and its default is under the user's home
+/// (`runtime::home`: `HOME` when absolute, else `passwd`'s, the home of this user in the
+/// password database): with `HOME` unset, empty or relative (a unit's `Environment=HOME=`),
+/// the job store went under whatever folder the edge started in (`/` under systemd).
+fn host_settings(
+    get: impl Fn(&str) -> Option<std::ffi::OsString>,
+    passwd: impl FnOnce() -> Option<PathBuf>,
+) -> anyhow::Result<(SocketAddr, PathBuf)> {
     // Trimmed, blank as unset, as edge/core reads every other setting (a value that is not
     // UTF-8, which only a path may be, is taken as it is).
     let get = |name: &str| get(name).as_deref().and_then(shared::setting::os_value).map(std::ffi::OsStr::to_os_string);
@@ -99,10 +108,18 @@ fn host_settings(get: impl Fn(&str) -> Option<std::ffi::OsString>) -> anyhow::Re
             .and_then(|t| t.parse().ok())
             .ok_or_else(|| anyhow::anyhow!("LISTEN must be an address like 127.0.0.1:8787, got `{}`", text.to_string_lossy()))?,
     };
-    let data_dir = get("DATA_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        let home = get("HOME").map(PathBuf::from).unwrap_or_else(|| ".".into());
-        home.join(".local/share/claude-runner/edge")
-    });
+    let data_dir = match get("DATA_DIR") {
+        Some(dir) => std::path::absolute(PathBuf::from(dir)).map_err(|e| {
+            anyhow::anyhow!("DATA_DIR is a relative path and the folder the edge started in cannot be read ({e}): give DATA_DIR as an absolute path")
+        })?,
+        None => runtime::home::home_from(get("HOME"), passwd)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "HOME is not set (or not an absolute path) and this user has no home folder in the password database: set DATA_DIR, the folder of the edge's job store (e.g. /var/lib/claude-runner-edge)"
+                )
+            })?
+            .join(".local/share/claude-runner/edge"),
+    };
     Ok((listen, data_dir))
 }
 
@@ -118,13 +135,35 @@ mod tests {
     /// `LISTEN=` stopped the start, where every other empty setting is unset.
     #[test]
     fn an_empty_listen_or_data_dir_is_unset() {
-        let (listen, data_dir) = host_settings(settings(&[("LISTEN", ""), ("DATA_DIR", ""), ("HOME", "/home/spark")])).unwrap();
+        let (listen, data_dir) = host_settings(settings(&[("LISTEN", ""), ("DATA_DIR", ""), ("HOME", "/home/spark")]), no_passwd).unwrap();
         assert_eq!(listen.to_string(), "127.0.0.1:8787");
         assert_eq!(data_dir, PathBuf::from("/home/spark/.local/share/claude-runner/edge"));
-        let (listen, data_dir) = host_settings(settings(&[("LISTEN", "[::1]:9000"), ("DATA_DIR", "/var/lib/e")])).unwrap();
+        let (listen, data_dir) = host_settings(settings(&[("LISTEN", "[::1]:9000"), ("DATA_DIR", "/var/lib/e")]), no_passwd).unwrap();
         assert_eq!((listen.to_string(), data_dir), ("[::1]:9000".to_string(), PathBuf::from("/var/lib/e")));
-        let err = host_settings(settings(&[("LISTEN", "8787")])).unwrap_err().to_string();
+        let err = host_settings(settings(&[("LISTEN", "8787")]), no_passwd).unwrap_err().to_string();
         assert!(err.contains("LISTEN must be an address like 127.0.0.1:8787") && err.contains("`8787`"), "{err}");
+    }
+
+    fn no_passwd() -> Option<PathBuf> {
+        None
+    }
+
+    /// With `HOME` unset, empty or relative, the job store went under the folder the edge
+    /// started in (`./.local/…`, `/` under systemd): the password database's home is taken,
+    /// and with none the start stops, saying to set DATA_DIR. A relative `DATA_DIR` is made
+    /// absolute once, from the folder the edge starts in.
+    #[test]
+    fn the_default_data_dir_is_under_a_real_home_and_a_relative_one_is_made_absolute() {
+        let passwd = || Some(PathBuf::from("/home/runner"));
+        for home in [None, Some(""), Some("relative/home")] {
+            let get = move |name: &str| (name == "HOME").then(|| home.map(std::ffi::OsString::from)).flatten();
+            let (_, data_dir) = host_settings(get, passwd).unwrap();
+            assert_eq!(data_dir, PathBuf::from("/home/runner/.local/share/claude-runner/edge"), "HOME {home:?}");
+            let err = host_settings(get, no_passwd).unwrap_err().to_string();
+            assert!(err.contains("HOME is not set") && err.contains("set DATA_DIR"), "{err}");
+        }
+        let (_, data_dir) = host_settings(settings(&[("DATA_DIR", "edge-data")]), no_passwd).unwrap();
+        assert_eq!(data_dir, std::env::current_dir().unwrap().join("edge-data"));
     }
 
     /// Every other setting is read trimmed, blank as unset (edge/core's config): `DATA_DIR= `
@@ -132,10 +171,10 @@ mod tests {
     /// and `LISTEN= ` or `LISTEN=127.0.0.1:8787 ` (a space an env file kept) stopped the start.
     #[test]
     fn a_blank_listen_or_data_dir_is_unset_and_both_are_read_trimmed() {
-        let (listen, data_dir) = host_settings(settings(&[("LISTEN", " "), ("DATA_DIR", " \t"), ("HOME", "/home/spark")])).unwrap();
+        let (listen, data_dir) = host_settings(settings(&[("LISTEN", " "), ("DATA_DIR", " \t"), ("HOME", "/home/spark")]), no_passwd).unwrap();
         assert_eq!(listen.to_string(), "127.0.0.1:8787");
         assert_eq!(data_dir, PathBuf::from("/home/spark/.local/share/claude-runner/edge"));
-        let (listen, data_dir) = host_settings(settings(&[("LISTEN", " [::1]:9000 "), ("DATA_DIR", "/var/lib/e ")])).unwrap();
+        let (listen, data_dir) = host_settings(settings(&[("LISTEN", " [::1]:9000 "), ("DATA_DIR", "/var/lib/e ")]), no_passwd).unwrap();
         assert_eq!((listen.to_string(), data_dir), ("[::1]:9000".to_string(), PathBuf::from("/var/lib/e")));
     }
 
@@ -191,10 +230,13 @@ mod tests {
             required.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
         })
         .unwrap();
-        host_settings(|name| {
-            asked.borrow_mut().push(name.to_string());
-            None
-        })
+        host_settings(
+            |name| {
+                asked.borrow_mut().push(name.to_string());
+                None
+            },
+            || Some("/home/runner".into()),
+        )
         .unwrap();
         let mut asked = asked.into_inner();
         asked.extend(["MAX_CONNECTIONS", "LOG_FORMAT", "RUST_LOG"].map(String::from));

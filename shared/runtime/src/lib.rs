@@ -4,6 +4,7 @@
 //! descriptor limit ([`nofile`]). The `shared` crate stays pure (it builds for wasm32 too); the
 //! Worker has its own clock and entropy from the Workers runtime.
 
+pub mod home;
 pub mod nofile;
 
 /// Milliseconds since the epoch, from the system clock. For timestamps people read and
