@@ -184,6 +184,16 @@ impl Edge {
 
     /// Posts the job's result (its whole record) to its callback, counting the attempt.
     fn attempt_callback(&mut self, now: Now, job: &Job, effects: &mut Vec<Effect>) {
+        // CALLBACK_HOSTS is read at each attempt, as the signing secret below and NOTIFY_URL
+        // are: the URL was checked when the job was submitted, and a host taken out since
+        // (the edge restarted with other settings) must not be posted the job, signed —
+        // neither one queued across the restart nor a retry.
+        let url = self.alerts.callbacks.get(&job.id).map(|c| c.url.as_str());
+        if let Some(Err(e)) = url.map(|url| notify::check_callback(url, &self.cfg.callback_hosts)) {
+            let why = format!("{e} (it was when the job was submitted)");
+            self.give_up_callback(&job.id, &why, effects);
+            return;
+        }
         // Signed with the secret the job was sent with, which its caller holds: a caller
         // with its own secret does not hold the pool's, and could not check the signature
         // (nor tell a forged callback) with it. One taken out of RUNNER_SECRETS since gets

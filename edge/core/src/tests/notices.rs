@@ -236,6 +236,61 @@ fn a_callback_refused_for_good_is_given_up() {
     assert_eq!(edge.submit(30, "k".into(), submission, Mode::Detached).unwrap_err().status, 400);
 }
 
+/// CALLBACK_HOSTS is read at each attempt, as the signing secret and NOTIFY_URL are: a
+/// host the operator took out (and restarted the edge) is posted nothing more — neither a
+/// job's that was still queued nor a callback waiting for its retry; each is given up
+/// with one line naming its job (review rev1).
+#[test]
+fn a_callback_host_taken_out_of_callback_hosts_is_posted_nothing_more() {
+    let (mut edge, sid) = ready_edge();
+    let mut stored = std::collections::HashMap::new();
+    let mut keep = |effects: &[Effect]| {
+        for e in effects {
+            if let Effect::Save(j) = e {
+                stored.insert(j.id.clone(), (**j).clone());
+            }
+        }
+    };
+    for id in ["retried", "queued"] {
+        let body = json!({"prompt": "x", "callback_url": "https://hooks.example.com/r"}).to_string();
+        let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+        keep(&edge.submit(0, id.into(), submission, Mode::Detached).unwrap().effects);
+    }
+    let result = result_msg(&edge, "retried", ok_result());
+    let effects = say(&mut edge, 10, &sid, result);
+    keep(&effects);
+    let d = posts(&effects)[0].clone();
+    let alerts = saved_alerts(&edge.posted(20, &d.id, Ok(500))).unwrap();
+    assert_eq!(alerts.callbacks["retried"].next_at, 2_020);
+    // The operator takes the host out and restarts the edge.
+    let after = Config { callback_hosts: vec!["127.0.0.1".into()], ..config() };
+    let jobs = stored.into_values().collect();
+    let (mut edge, _) = Edge::restore(after, jobs, vec![], Some(alerts), 100);
+    let logs = super::logs::capture();
+    let (sid, effects) = join(&mut edge, 200, "spark", &agent_key(1), vec![], 2);
+    let mut effects = [effects, say(&mut edge, 200, &sid, credit(1, 0))].concat();
+    let id = order_of(&effects, &sid, "spark", 200).header.job_id.clone();
+    assert_eq!(id, "queued");
+    effects.extend(say(&mut edge, 201, &sid, AgentMessage::Accepted { job_id: id.clone() }));
+    effects.extend(report(&mut edge, 202, &sid, &id, ok_result()));
+    // The retry falls due; the record is read back.
+    effects.extend(edge.tick(2_020));
+    let record = edge.job("retried").cloned().map(|mut j| {
+        j.header_only = false;
+        j.result = Some(ok_result());
+        j
+    });
+    effects.extend(edge.recalled(2_021, "retried", Ok(record)));
+    assert!(posts(&effects).is_empty(), "{:?}", posts(&effects).iter().map(|p| &p.url).collect::<Vec<_>>());
+    assert!(saved_alerts(&effects).unwrap().callbacks.is_empty(), "both given up");
+    let lines = logs.lines();
+    for id in ["queued", "retried"] {
+        let given_up: Vec<&String> = lines.iter().filter(|l| l.contains("callback given up") && l.contains(&format!("job_id={id}"))).collect();
+        assert_eq!(given_up.len(), 1, "{lines:#?}");
+        assert!(given_up[0].contains("CALLBACK_HOSTS"), "{}", given_up[0]);
+    }
+}
+
 /// A CALLBACK_HOSTS entry with a scheme or a path (`https://hooks.example`, a webhook's
 /// whole URL) was taken as written and matched no host, so every `callback_url` was refused
 /// as "not allowed … CALLBACK_HOSTS lists the hosts", naming the host the operator had
