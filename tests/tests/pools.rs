@@ -140,19 +140,19 @@ async fn a_repository_job_goes_to_the_agent_holding_its_mirror() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_from_one_caller_does_not_starve_another_caller() {
-    let settings: &[(&str, &str)] = &[("RUNNER_SECRETS", &format!("a={CALLER_A},b={CALLER_B}")), ("MAX_QUEUED_JOBS", "200")];
-    let p = pool(EdgeKind::Native, &[("spark", &[]), ("laptop", &[])], settings).await;
+/// Caller A queues a burst of 12 jobs of 1.5 s each (`burst_job(i)`: the secret and the
+/// body of the i-th); once two of them run (every slot busy), B queues one. Meanwhile the
+/// agents are paused, so the A jobs sent before B's was queued are known — not guessed
+/// from the clock: on a loaded machine a slot could free and another A job go out between
+/// the test's reading of the time and B's job reaching the edge, and count as overtaking
+/// B. B's job must start within agents × slots dispatches. Returns A's jobs and B's.
+async fn burst_then_one(p: &Pool, burst_job: impl Fn(usize) -> (&'static str, Value)) -> (Vec<String>, String) {
     let (agents, slots) = (2, 1);
-    // Caller A queues a burst of 12 jobs of 1.5 s each; once two of them run (every slot
-    // busy), B queues one. Meanwhile the agents are paused, so the A jobs sent before B's
-    // was queued are known — not guessed from the clock: on a loaded machine a slot could
-    // free and another A job go out between the test's reading of the time and B's job
-    // reaching the edge, and count as overtaking B.
     let mut burst = Vec::new();
     for i in 0..12 {
-        let a = submit_as(&p.client, CALLER_A, json!({"prompt": format!("@sleep=1500 burst {i}")})).await;
+        let (secret, mut body) = burst_job(i);
+        body["prompt"] = json!(format!("@sleep=1500 burst {i}"));
+        let a = submit_as(&p.client, secret, body).await;
         assert_eq!(a.status, 202, "{}", a.text);
         burst.push(a.body["job_id"].as_str().unwrap().to_string());
     }
@@ -185,6 +185,14 @@ async fn a_burst_from_one_caller_does_not_starve_another_caller() {
         .filter(|r| r["at"].as_u64().unwrap() < b_started)
         .count();
     assert!(overtook < agents * slots, "{overtook} of A's jobs started before B's single one");
+    (burst, b_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_from_one_caller_does_not_starve_another_caller() {
+    let settings: &[(&str, &str)] = &[("RUNNER_SECRETS", &format!("a={CALLER_A},b={CALLER_B}")), ("MAX_QUEUED_JOBS", "200")];
+    let p = pool(EdgeKind::Native, &[("spark", &[]), ("laptop", &[])], settings).await;
+    let (burst, b_id) = burst_then_one(&p, |_| (CALLER_A, json!({}))).await;
     // A named caller's secret is that caller: it cannot queue as another.
     let a = submit_as(&p.client, CALLER_A, json!({"prompt": "x", "caller": "b"})).await;
     assert_eq!(a.status, 403, "{}", a.text);
@@ -198,6 +206,18 @@ async fn a_burst_from_one_caller_does_not_starve_another_caller() {
     assert!(!a.text.contains(a_job.as_str()) && a.text.contains(b_id.as_str()), "{}", a.text);
     let a = p.client.send("GET", &format!("/jobs/{a_job}"), Some(CALLER_A), None).await;
     assert_eq!((a.status, a.body["job_id"].as_str()), (200, Some(a_job.as_str())), "{}", a.text);
+    for id in burst {
+        p.client.send("DELETE", &format!("/jobs/{id}"), Some(SECRET), None).await;
+    }
+}
+
+/// The pool's secret spreading its burst over names it makes up takes one owner's turns,
+/// not one per name: B, with its own secret, still goes within agents × slots (review rev1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_over_made_up_names_does_not_starve_a_caller_with_its_own_secret() {
+    let settings: &[(&str, &str)] = &[("RUNNER_SECRETS", &format!("a={CALLER_A},b={CALLER_B}")), ("MAX_QUEUED_JOBS", "200")];
+    let p = pool(EdgeKind::Native, &[("spark", &[]), ("laptop", &[])], settings).await;
+    let (burst, _) = burst_then_one(&p, |i| (SECRET, json!({"caller": format!("made-up-{i}")}))).await;
     for id in burst {
         p.client.send("DELETE", &format!("/jobs/{id}"), Some(SECRET), None).await;
     }

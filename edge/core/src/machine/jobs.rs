@@ -127,15 +127,14 @@ impl Edge {
     }
 
     /// Sends queued jobs while an agent can take one. The next job is found by
-    /// [`Edge::next_order`]: callers take turns, each caller's jobs go by priority then
-    /// age, and a job no free agent fits waits without holding up the jobs behind it.
+    /// [`Edge::next_order`]: owners take turns, then each owner's callers (`queue.rs`),
+    /// each caller's jobs go by priority then age, and a job no free agent fits waits without holding up the jobs behind it.
     /// An agent's credit is what it last stated free less the orders on their way to it
     /// ([`crate::session::Agent::credits`]); each order is numbered on its connection.
     pub(super) fn dispatch(&mut self, now: Now, effects: &mut Vec<Effect>) {
         while !self.queue.is_empty() {
-            let Some((caller, job_id, session_id)) = self.next_order(now) else { break };
-            self.queue.remove(&job_id);
-            self.queue.served(&caller);
+            let Some((job_id, session_id)) = self.next_order(now) else { break };
+            self.queue.dispatched(&job_id);
             self.send_job(now, &job_id, &session_id, effects);
         }
     }
@@ -159,17 +158,17 @@ impl Edge {
             .collect()
     }
 
-    /// The next job to send and the session to send it on, with the job's caller: the
-    /// callers in turn, each caller's jobs in lane order, the first job one of the
-    /// [`Edge::candidates`] fits ([`routing::choose`]).
-    fn next_order(&self, now: Now) -> Option<(String, String, String)> {
+    /// The next job to send and the session to send it on: the lanes in turn, each
+    /// lane's jobs in order, the first job one of the [`Edge::candidates`] fits
+    /// ([`routing::choose`]).
+    fn next_order(&self, now: Now) -> Option<(String, String)> {
         let candidates = self.candidates(now);
         if candidates.is_empty() {
             return None;
         }
         // What no candidate fits now need not be tried again for the next job asking it.
         let mut unfit: HashSet<(&Labels, Option<&str>)> = HashSet::new();
-        for (caller, ids) in self.queue.in_turn() {
+        for (_, _, ids) in self.queue.in_turn() {
             for id in ids {
                 let job = &self.jobs[id];
                 let need = (&job.placement.labels, job.placement.agent_id.as_deref());
@@ -177,7 +176,7 @@ impl Edge {
                     continue;
                 }
                 match routing::choose(&job.placement, job.repo_name().as_deref(), &candidates) {
-                    Some(i) => return Some((caller.to_string(), id.to_string(), candidates[i].session.to_string())),
+                    Some(i) => return Some((id.to_string(), candidates[i].session.to_string())),
                     None => {
                         unfit.insert(need);
                     }

@@ -356,11 +356,14 @@ impl Edge {
     }
 
     /// Queues a job in its caller's lane, where its priority and age put it, counting it
-    /// among the jobs not ended (once: a job queued again was counted when it came).
+    /// among the jobs not ended (once: a job queued again was counted when it came). Its
+    /// turns are its owner's ([`share_of`]), as its share of everything else is: the pool
+    /// secret's names, made up at will, take one owner's turns between them.
     fn enqueue(&mut self, job: &Job) {
         self.pending.add(job);
         let expires_at = job.created_at.saturating_add(job.queue_wait(self.cfg.queue_ttl_ms));
-        self.queue.push(&job.id, job.placement.caller(), job.placement.priority, job.created_at, expires_at);
+        let (owner, name, priority) = (share_of(job), job.placement.caller(), job.placement.priority);
+        self.queue.push(&job.id, owner, name, priority, job.created_at, expires_at);
     }
 
     /// Takes a job out of every index (the reverse of [`Edge::index`]).

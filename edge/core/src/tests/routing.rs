@@ -150,6 +150,25 @@ fn a_burst_from_one_caller_does_not_starve_another() {
     report(&mut edge, 602, &sid, &burst[0], ok_result());
     say(&mut edge, 602, &sid, credit(1, 2));
     assert_eq!(edge.job(&single).unwrap().state, JobState::Dispatched, "B's job went within agents x slots dispatches");
+    // The same holds whoever's names A and B are: the pool secret's, a caller's own
+    // secret's, or A's burst spread over names the pool secret made up.
+    type Sender = fn(usize) -> (&'static str, Value);
+    let a_proven: Sender = |_| (A_SECRET, json!({"prompt": "burst"}));
+    let a_named: Sender = |_| (SECRET, json!({"prompt": "burst", "caller": "nightly"}));
+    let a_made_up: Sender = |i| (SECRET, json!({"prompt": "burst", "caller": format!("made-up-{}", i % 50)}));
+    let b_proven: Sender = |_| (B_SECRET, json!({"prompt": "one"}));
+    let b_named: Sender = |_| (SECRET, json!({"prompt": "one", "caller": "ci"}));
+    for (a, b) in [(a_named, b_named), (a_named, b_proven), (a_proven, b_named), (a_made_up, b_proven)] {
+        let mut edge = Edge::new(pool_config(), 0);
+        let sid = enter(&mut edge, 0, "spark", 1, 2, "", &[]);
+        let burst: Vec<String> = (0..500).map(|i| { let (secret, body) = a(i); submit(&mut edge, 1 + i as u64, secret, body) }).collect();
+        let (secret, body) = b(0);
+        let single = submit(&mut edge, 600, secret, body.clone());
+        say(&mut edge, 601, &sid, AgentMessage::Accepted { job_id: burst[0].clone() });
+        report(&mut edge, 602, &sid, &burst[0], ok_result());
+        say(&mut edge, 602, &sid, credit(1, 2));
+        assert_eq!(edge.job(&single).unwrap().state, JobState::Dispatched, "{} then {body}", a(0).1);
+    }
     // A caller's cap: A may not queue more than MAX_QUEUED_PER_CALLER, B still may.
     let mut capped = Edge::new(Config { max_queued_per_caller: 3, ..pool_config() }, 0);
     for i in 0..3 {
@@ -160,6 +179,45 @@ fn a_burst_from_one_caller_does_not_starve_another() {
     assert_eq!(status, 429, "{body}");
     assert!(body["error"].as_str().unwrap().contains("MAX_QUEUED_PER_CALLER"), "{body}");
     submit(&mut capped, 5, B_SECRET, json!({"prompt": "x"}));
+}
+
+/// Turns go to owners first: a caller with its own secret is one, and every name the
+/// pool's secret sends under is one together — its names, made up at will, take one
+/// owner's turns between them, round-robin (review rev1).
+#[test]
+fn the_pool_secrets_names_share_one_owners_turns() {
+    let mut edge = Edge::new(pool_config(), 0);
+    let sid = enter(&mut edge, 0, "spark", 1, 1, "", &[]);
+    let mut now = 1;
+    // One job runs; behind it a (own secret) queues 5 jobs and the pool's secret 5 under
+    // each of 20 names, interleaved.
+    let mut running = submit(&mut edge, now, B_SECRET, json!({"prompt": "first"}));
+    let mut of = std::collections::HashMap::new();
+    for round in 0..5 {
+        now += 1;
+        of.insert(submit(&mut edge, now, A_SECRET, json!({"prompt": format!("a{round}")})), "a".to_string());
+        for n in 0..20 {
+            now += 1;
+            let name = format!("made-up-{n}");
+            of.insert(submit(&mut edge, now, SECRET, json!({"prompt": "m", "caller": name})), name);
+        }
+    }
+    let mut served = Vec::new();
+    for received in 1..=20 {
+        say(&mut edge, now, &sid, AgentMessage::Accepted { job_id: running.clone() });
+        report(&mut edge, now + 1, &sid, &running, ok_result());
+        let effects = say(&mut edge, now + 1, &sid, credit(1, received));
+        running = order_of(&effects, &sid, "spark", now + 1).header.job_id.clone();
+        served.push(of[&running].clone());
+        now += 2;
+    }
+    // a and the pool's secret take turns; a's 5 jobs go within the first 10.
+    let a_turns: Vec<usize> = served.iter().enumerate().filter(|(_, c)| *c == "a").map(|(i, _)| i).collect();
+    assert_eq!(a_turns.len(), 5, "{served:?}");
+    assert!(a_turns.iter().all(|i| *i < 10) && served.windows(2).take(9).all(|w| w[0] != w[1]), "{served:?}");
+    // Within the pool secret's share, its names take turns: 15 dispatches, 15 names.
+    let names: std::collections::HashSet<&String> = served.iter().filter(|c| *c != "a").collect();
+    assert_eq!(names.len(), 15, "{served:?}");
 }
 
 #[test]
