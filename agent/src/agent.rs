@@ -691,4 +691,62 @@ mod tests {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// Runs a script as Claude for one job through the runner and `finish`, as the serve
+    /// loop does; returns the job's error code and the usage window then reported.
+    async fn usage_after(name: &str, script: &str) -> (Option<ErrorCode>, Option<shared::usage::UsageWindow>) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cr-agent-usage-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let claude = dir.join("claude.sh");
+        std::fs::write(&claude, format!("#!/bin/sh\ncat >/dev/null\n{script}")).unwrap();
+        std::fs::set_permissions(&claude, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let local = crate::config::LocalArgs {
+            claude_bin: claude.to_string_lossy().into_owned(),
+            login: crate::config::ClaudeLoginArgs { claude_config_dir: Some(dir.join("cfg")), dir: crate::config::DataDirArgs { data_dir: Some(dir.join("data")) } },
+            claude_model: None,
+            job_env_allow: String::new(),
+        };
+        let (agent, _queues) = Agent::new(AgentConfig::local_only(&local, "spark".into())).unwrap();
+        let keys = shared::link::LinkKeys { agent_to_edge: shared::link::MacKey::from_bytes([1; 32]), edge_to_agent: shared::link::MacKey::from_bytes([2; 32]) };
+        agent.begin_session("challenge", keys);
+        let ctx = agent.job_context("j:1", "default", Some(false));
+        let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
+        let (_stop, stop_rx) = oneshot::channel();
+        let ended = runner::run(&ctx, "j", spec, stop_rx).await;
+        let code = ended.result.error_code;
+        agent.finish("j", "j:1", &ctx.owner, ended.result.clone(), None, None).await;
+        ended.leftover.clean_up().await;
+        let usage = agent.oauth_report().usage;
+        let _ = std::fs::remove_dir_all(&dir);
+        (code, usage)
+    }
+
+    /// A job can write into Claude's stdout (`/proc/<pid>/fd/1`, the same user). One line
+    /// of it — a rejected `rate_limit_event` resetting in 30 days — then Claude killed so
+    /// that no run succeeded, marked the agent's window used up for 8 days: the edge sent
+    /// it nothing, across restarts (hostile review rev2). A rejected window is believed
+    /// only when the run ended on the usage limit, and then for five hours at most.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_rejected_window_is_believed_only_from_a_run_that_ended_on_it() {
+        let reset_s = crate::now_ms() / 1000 + 30 * 86_400;
+        let rejected = format!(r#"{{"type":"rate_limit_event","rate_limit_info":{{"status":"rejected","resetsAt":{reset_s},"rateLimitType":"seven_day"}}}}"#);
+        // Forged: the line, then Claude gone without its result.
+        let (code, usage) = usage_after("forged", &format!("echo '{rejected}'\nexit 1\n")).await;
+        assert_eq!(code, Some(ErrorCode::ClaudeError));
+        let now = crate::now_ms();
+        assert!(usage.as_ref().is_none_or(|u| !u.blocks(now)), "a forged line blocked the agent: {usage:?}");
+        // As the CLI ends a run on a used-up window: the line, then its 429 result.
+        let result = r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":429,"result":"Weekly limit reached"}"#;
+        let before = crate::now_ms();
+        let (code, usage) = usage_after("ended", &format!("echo '{rejected}'\necho '{result}'\nexit 1\n")).await;
+        assert_eq!(code, Some(ErrorCode::UsageLimit));
+        let until = usage.as_ref().and_then(|u| u.blocked_until()).expect("the used-up window is held");
+        assert!(until > crate::now_ms() && until <= crate::now_ms() + shared::usage::MAX_BLOCK_MS, "held until {until}, {} h after it was seen", (until - before) / 3_600_000);
+        // A warning is reported mid-run as before, whatever the run's end.
+        let warning = r#"{"type":"rate_limit_event","rate_limit_info":{"status":"allowed_warning","resetsAt":1796150108,"utilization":0.91}}"#;
+        let (_, usage) = usage_after("warning", &format!("echo '{warning}'\nexit 1\n")).await;
+        assert_eq!(usage.map(|u| (u.status, u.utilization)), Some((shared::usage::UsageStatus::AllowedWarning, Some(0.91))));
+    }
 }

@@ -181,6 +181,15 @@ impl Transcript {
         Some(value)
     }
 
+    /// The rejected window the run ended on, when its result is a `USAGE_LIMIT`: the only
+    /// rejected window the agent believes. A job can write a line into Claude's stdout
+    /// (`/proc/<pid>/fd/1`, the same user) and end Claude before its own result; a rejected
+    /// window from a run that ended otherwise is not taken as the account's.
+    pub fn used_up(&self, result: &JobResult) -> Option<&UsageWindow> {
+        let ended_on_it = result.error_code == Some(ErrorCode::UsageLimit);
+        self.usage.as_ref().filter(|u| ended_on_it && u.status == UsageStatus::Rejected)
+    }
+
     /// The run ended because the usage window is used up: the CLI said so with a rejected
     /// `rate_limit_event` (2.1.197 and later), or with `api_error: "usage_limit_reached"`
     /// on its result (2.1.33x). A plain 429 without either is an ordinary API error.

@@ -314,9 +314,10 @@ mod tests {
 
     /// The window taken over at a restart comes from `DATA_DIR/status.json`, which a job
     /// (the agent's user) can write, then end the agent: a window "seen" in the year 33000
-    /// passed the cut at 8 days after it was seen, and held every caller's work on the
-    /// agent until then, across every restart (each rewrote it). A window is not seen after
-    /// the restart that reads it.
+    /// passed the cut after it was seen, and held every caller's work on the agent until
+    /// then, across every restart (each rewrote it). A window is not seen after the restart
+    /// that reads it, and blocks as one read from Claude then would: five hours at most
+    /// (it blocked 8 days, hostile review rev2).
     #[tokio::test]
     async fn a_window_taken_over_at_a_restart_was_seen_no_later_than_then() {
         let (r, _) = reporter("resume-future");
@@ -326,7 +327,7 @@ mod tests {
         let now = 2_000;
         r.resume(Some(&last), now);
         let until = r.report().usage.and_then(|u| u.blocked_until());
-        assert_eq!(until, Some(now + shared::usage::MAX_RESET_MS), "blocked until {until:?}");
+        assert_eq!(until, Some(now + shared::usage::MAX_BLOCK_MS), "blocked until {until:?}");
     }
 
     /// The window's `type` read from Claude's output is cut to 64 bytes, but the one taken

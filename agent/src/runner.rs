@@ -418,7 +418,10 @@ async fn run_claude(
             Err(text) => transcript.text(&text),
         };
         if let Some(event) = event {
-            if let Some(window) = shared::usage::UsageWindow::from_event(&event, crate::now_ms()) {
+            // A rejected window waits for the run's end (`Transcript::used_up`): a job can
+            // write this line. Other states hold nothing back and go to the edge at once.
+            let window = shared::usage::UsageWindow::from_event(&event, crate::now_ms());
+            if let Some(window) = window.filter(|w| w.status != shared::usage::UsageStatus::Rejected) {
                 ctx.reporter.saw_usage(window);
             }
             seq += 1;
@@ -466,6 +469,15 @@ async fn run_claude(
     let duration_ms = started.elapsed().as_millis() as u64;
     let result = claude::result(&transcript, finished.ending, &stderr, duration_ms);
     info!(job_id, agent_id = %cfg.agent_id, success = result.success, error_code = ?result.error_code, duration_ms, lines = transcript.lines, "claude finished");
+    // Told before the result goes, so the edge holds its next work for this agent first.
+    match transcript.used_up(&result) {
+        Some(window) => ctx.reporter.saw_usage(shared::usage::UsageWindow { seen_at: crate::now_ms(), ..window.clone() }),
+        None if transcript.usage.as_ref().is_some_and(|u| u.status == shared::usage::UsageStatus::Rejected) => warn!(
+            job_id, agent_id = %cfg.agent_id, error_code = ?result.error_code,
+            "Claude's output said the usage window is used up, but the run did not end on the usage limit: not believed (a job can write into Claude's stdout)"
+        ),
+        None => {}
+    }
     let ours = transcript.session.as_ref().map_or("-", Session::id);
     let session = match transcript.recorded() {
         Ok(session) => {
