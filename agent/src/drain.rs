@@ -65,10 +65,11 @@ pub async fn stop_now(stops: &mut mpsc::UnboundedReceiver<Request>) {
     }
 }
 
-/// Whether the process `pid` catches SIGUSR1 (its `SigCgt` in /proc). An agent from
-/// before `--drain` used SIGUSR1 does not, and would die of it: it gets SIGTERM instead.
-fn catches_usr1(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| caught_in(&status, libc::SIGUSR1))
+/// Whether the process `pid` catches `signal` (its `SigCgt` in /proc). An agent from
+/// before `--drain` used SIGUSR1 does not, and would die of it: it gets SIGTERM instead;
+/// one from before `--clear-usage` would die of SIGUSR2, and gets none.
+fn catches(pid: u32, signal: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| caught_in(&status, signal))
 }
 
 /// Whether `signal` is in the `SigCgt:` mask of a /proc/<pid>/status text.
@@ -280,72 +281,100 @@ pub async fn request(data_dir: &Path) -> anyhow::Result<bool> {
     request_to(&mut std::io::stdout(), data_dir).await
 }
 
-/// [`request`], written to `out`: what the status file says (a job's to write, as the
-/// agent's user) with its control characters escaped ([`status::say`]).
-async fn request_to(out: &mut impl std::io::Write, data_dir: &Path) -> anyhow::Result<bool> {
+/// The agent of a DATA_DIR as its status file names it, checked to be that folder's
+/// ([`is_agent_of`]) and held by its pidfd, so a signal reaches it and no process that got
+/// its pid since. For `agent --drain` and `agent --clear-usage`.
+pub(crate) struct Reached {
+    pub agent: status::Status,
+    held: Option<std::os::fd::OwnedFd>,
+    /// It catches the signal [`reach`] was asked about.
+    pub catches: bool,
+}
+
+impl Reached {
+    pub fn ended(&self) -> bool {
+        match &self.held {
+            Some(held) => pidfd::ended(held, Duration::ZERO),
+            None => !status::is_agent(self.agent.pid),
+        }
+    }
+
+    pub fn signal(&self, signal: i32) -> std::io::Result<()> {
+        match &self.held {
+            Some(held) => pidfd::signal(held, signal),
+            // SAFETY: kill(2) sends a signal; the pid was checked to be the agent of this
+            // DATA_DIR ([`reach`]).
+            None if unsafe { libc::kill(self.agent.pid as libc::pid_t, signal) } != 0 => Err(std::io::Error::last_os_error()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Finds the running agent of `data_dir` and whether it catches `signal`; None, with what
+/// was found said to `out` (what the status file says — a job's to write, as the agent's
+/// user — with its control characters escaped, [`status::say`]), when there is none to
+/// `what` (a verb: "drain").
+pub(crate) fn reach(out: &mut impl std::io::Write, data_dir: &Path, signal: i32, what: &str) -> anyhow::Result<Option<Reached>> {
     let Some(agent) = status::read(data_dir)? else {
-        status::say(out, format!("No agent has run with DATA_DIR={} (no status.json); nothing to drain.", data_dir.display()))?;
-        return Ok(false);
+        status::say(out, format!("No agent has run with DATA_DIR={} (no status.json); nothing to {what}.", data_dir.display()))?;
+        return Ok(None);
     };
     // Held from before the checks that it is this DATA_DIR's agent to the signal and the
     // wait: between them the agent may end and its pid go to another process, which the
     // signal would reach, and whose life the wait would follow (pidfd; a kernel before 5.3
     // has none, and the pid is used as before).
-    let not_running = |out: &mut _| status::say(out, format!("Agent {} (pid {}) is not running; nothing to drain.", agent.agent_id, agent.pid));
+    let not_running = |out: &mut _, agent: &status::Status| status::say(out, format!("Agent {} (pid {}) is not running; nothing to {what}.", agent.agent_id, agent.pid));
     let held = match pidfd::open(agent.pid) {
         Ok(held) => Some(held),
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
-            not_running(out)?;
-            return Ok(false);
+            not_running(out, &agent)?;
+            return Ok(None);
         }
         Err(e) => {
             tracing::debug!(pid = agent.pid, error = %e, "no pidfd for the agent: signalled by its pid");
             None
         }
     };
-    let ended = || match &held {
-        Some(held) => pidfd::ended(held, Duration::ZERO),
-        None => !status::is_agent(agent.pid),
-    };
     // What the process is, read before whether it has ended: an agent that ends while it is
     // read (its lock let go, its /proc gone) was said to be no agent of this DATA_DIR. One
     // that has not ended after was the one read (held by its pidfd).
     let named = status::is_agent(agent.pid);
     let of_this = named && is_agent_of(agent.pid, data_dir);
-    let catches = of_this && catches_usr1(agent.pid);
-    if !named || ended() {
-        not_running(out)?;
-        return Ok(false);
+    let catches = of_this && catches(agent.pid, signal);
+    let reached = Reached { agent, held, catches };
+    if !named || reached.ended() {
+        not_running(out, &reached.agent)?;
+        return Ok(None);
     }
     if !of_this {
         status::say(
             out,
             format!(
                 "Process {} (named by {}/status.json as agent {}) does not hold {}: it is not the agent of this DATA_DIR, and is not signalled. Is the agent running with another DATA_DIR?",
-                agent.pid,
+                reached.agent.pid,
                 data_dir.display(),
-                agent.agent_id,
+                reached.agent.agent_id,
                 data_dir.join(crate::agent::DATA_LOCK).display()
             ),
         )?;
-        return Ok(false);
+        return Ok(None);
     }
+    Ok(Some(reached))
+}
+
+/// [`request`], written to `out`.
+async fn request_to(out: &mut impl std::io::Write, data_dir: &Path) -> anyhow::Result<bool> {
+    let Some(reached) = reach(out, data_dir, libc::SIGUSR1, "drain")? else { return Ok(false) };
+    let agent = &reached.agent;
     // An older agent knows only SIGTERM; to it a second one means "hand the jobs back",
     // so it gets none while it drains already.
-    let signal = match (catches, agent.draining) {
+    let signal = match (reached.catches, agent.draining) {
         (true, _) => Some(libc::SIGUSR1),
         (false, false) => Some(libc::SIGTERM),
         (false, true) => None,
     };
     if let Some(signal) = signal {
-        let sent = match &held {
-            Some(held) => pidfd::signal(held, signal),
-            // SAFETY: kill(2) sends a signal; the pid was just checked to be the agent of
-            // this DATA_DIR.
-            None if unsafe { libc::kill(agent.pid as libc::pid_t, signal) } != 0 => Err(std::io::Error::last_os_error()),
-            None => Ok(()),
-        };
-        if let Err(e) = sent {
+        if let Err(e) = reached.signal(signal) {
             if e.raw_os_error() == Some(libc::ESRCH) {
                 status::say(out, format!("Agent {} (pid {}) stopped before it was asked to drain.", agent.agent_id, agent.pid))?;
                 return Ok(true);
@@ -356,7 +385,7 @@ async fn request_to(out: &mut impl std::io::Write, data_dir: &Path) -> anyhow::R
     }
     status::say(out, format!("Draining agent {} (pid {}): it takes no new jobs and exits once its jobs are done.", agent.agent_id, agent.pid))?;
     let mut said = None;
-    while !ended() {
+    while !reached.ended() {
         let running = status::read(data_dir).ok().flatten().map(|s| s.running).unwrap_or_default();
         if said.as_ref() != Some(&running) {
             if running.is_empty() {
@@ -672,6 +701,6 @@ pub(crate) mod tests {
         assert!(!caught_in(status, libc::SIGHUP));
         assert!(!caught_in("Name:\tx\n", libc::SIGUSR1));
         // This very process: the test harness catches no SIGUSR1.
-        assert!(!catches_usr1(std::process::id()));
+        assert!(!catches(std::process::id(), libc::SIGUSR1));
     }
 }

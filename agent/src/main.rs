@@ -7,7 +7,8 @@
 //! - [`serve`]: the agent's life: connection, job tasks, graceful stop.
 //! - [`config`]: the agent's settings (environment and flags), checked once at start.
 //! - [`setting_value`]: the number and switch settings' parsers: a refusal says what to write.
-//! - [`drain`]: how a stop is asked for: signals, or `agent --drain` from another shell.
+//! - [`drain`]: how a stop is asked for: signals, or `agent --drain` from another shell
+//!   (which finds the running agent as `agent --clear-usage` does).
 //! - [`connection`]: the outbound WebSocket: handshake, heartbeats, reconnects.
 //! - [`upgrade`]: the agent's proof on its dial, and the edge's refusal of it read.
 //! - [`reconnect`]: how long to wait before dialing again: backoff and jitter, capped
@@ -31,7 +32,7 @@
 //! - [`cli_version`]: which Claude Code CLI runs here, reported in `/health`.
 //! - [`oauth`]: the login on this machine and the refresh gate.
 //! - [`report`]: what the edge is told of the login and usage window, and when (at once
-//!   on a change: the credentials file is watched).
+//!   on a change: the credentials file is watched); `agent --clear-usage`.
 //! - [`relogin`]: `claude auth login` driven with pipes for the edge's re-login relay.
 //! - [`repo`]: jobs on repositories: git2 mirror cache, a checkout per job, diff and push.
 //! - [`spool`]: one record file per job slot: "started" records, and results until the
@@ -111,6 +112,11 @@ enum Command {
         /// jobs, then exit) and wait until it has.
         #[arg(long)]
         drain: bool,
+        /// Do not run one: tell the agent running with this DATA_DIR that Claude's usage
+        /// window is open again, so the edge sends it work (a used-up window otherwise holds
+        /// its work until the reset Claude named, five hours at most).
+        #[arg(long, conflicts_with = "drain")]
+        clear_usage: bool,
     },
     /// Make the edge and agent key pairs and print where each goes.
     Keygen {
@@ -225,9 +231,9 @@ fn main() {
         .and_then(|mut m| <Cli as clap::FromArgMatches>::from_arg_matches_mut(&mut m).map_err(|e| e.format(&mut parsing)))
         .unwrap_or_else(|e| e.exit());
     #[cfg(feature = "up")]
-    let runs_jobs = matches!(cli.command, Command::Agent { drain: false, .. } | Command::Up(_));
+    let runs_jobs = matches!(cli.command, Command::Agent { drain: false, clear_usage: false, .. } | Command::Up(_));
     #[cfg(not(feature = "up"))]
-    let runs_jobs = matches!(cli.command, Command::Agent { drain: false, .. });
+    let runs_jobs = matches!(cli.command, Command::Agent { drain: false, clear_usage: false, .. });
     quiet_on_a_closed_stdout(&cli.command);
     if runs_jobs {
         process::harden_agent();
@@ -252,13 +258,19 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio starts");
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Agent { args, drain: true } => {
+            Command::Agent { args, drain: true, .. } => {
                 if !drain::request(&args.local.running_agent_dir()).await? {
                     std::process::exit(1);
                 }
                 Ok(())
             }
-            Command::Agent { args, drain: false } => {
+            Command::Agent { args, clear_usage: true, .. } => {
+                if !report::ask_to_clear(&args.local.running_agent_dir())? {
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
+            Command::Agent { args, .. } => {
                 let cfg = args.resolve()?;
                 serve::serve(cfg, drain::stop_requests()).await
             }

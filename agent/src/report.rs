@@ -4,7 +4,8 @@
 //! authenticate or succeeded, Claude reported its usage window, a relayed login ended.
 //!
 //! A failed authentication marks the login broken until the credentials change or a run
-//! succeeds; a used-up usage window stays so until its reset or a successful run.
+//! succeeds; a used-up usage window stays so until its reset (five hours at most), a
+//! successful run, or the operator's `agent --clear-usage`.
 
 use crate::oauth::Login;
 use shared::oauth::OAuthReport;
@@ -97,13 +98,27 @@ impl Reporter {
     /// A run succeeded: the login works and the usage window is open.
     pub fn run_succeeded(&self) {
         self.auth_failed(false);
+        self.open_usage();
+    }
+
+    /// The operator said the usage window is open (`agent --clear-usage`): a used-up one
+    /// holds no more work. If Claude's window is really used up, the next job that reaches
+    /// it ends on the usage limit and the window is held again. Returns whether one was.
+    pub fn clear_usage(&self) -> bool {
+        let cleared = self.open_usage();
+        info!(cleared, "the operator cleared the usage window (agent --clear-usage)");
+        cleared
+    }
+
+    /// A used-up window is open from now; the edge is told at once. Returns whether one was.
+    fn open_usage(&self) -> bool {
         let mut usage = self.usage.lock().expect("usage lock");
-        if let Some(u) = usage.as_mut().filter(|u| u.status == UsageStatus::Rejected) {
-            u.status = UsageStatus::Allowed;
-            u.seen_at = crate::now_ms();
-            drop(usage);
-            self.tell();
-        }
+        let Some(u) = usage.as_mut().filter(|u| u.status == UsageStatus::Rejected) else { return false };
+        u.status = UsageStatus::Allowed;
+        u.seen_at = crate::now_ms();
+        drop(usage);
+        self.tell();
+        true
     }
 
     /// Looks at the credentials once: if they changed, a failed login is forgotten (the
@@ -143,6 +158,42 @@ impl Reporter {
         self.login.api_key_env.hash(&mut h);
         h.finish()
     }
+}
+
+/// `claude-runner agent --clear-usage`: tells the agent running with `data_dir` (SIGUSR2,
+/// as `--drain` finds and signals it, [`crate::drain::reach`]) that Claude's usage window
+/// is open again ([`Reporter::clear_usage`]). False if no such agent could be told.
+pub fn ask_to_clear(data_dir: &std::path::Path) -> anyhow::Result<bool> {
+    ask_to_clear_to(&mut std::io::stdout(), data_dir)
+}
+
+/// [`ask_to_clear`], written to `out`.
+fn ask_to_clear_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow::Result<bool> {
+    let Some(reached) = crate::drain::reach(out, data_dir, libc::SIGUSR2, "clear")? else { return Ok(false) };
+    let agent = &reached.agent;
+    if !reached.catches {
+        // SIGUSR2 would end it.
+        crate::status::say(
+            out,
+            format!("Agent {} (pid {}) is of a release before --clear-usage and is not signalled; upgrade and restart it (its used-up window then lasts five hours at most).", agent.agent_id, agent.pid),
+        )?;
+        return Ok(false);
+    }
+    if let Err(e) = reached.signal(libc::SIGUSR2) {
+        if e.raw_os_error() == Some(libc::ESRCH) {
+            crate::status::say(out, format!("Agent {} (pid {}) stopped before it was told.", agent.agent_id, agent.pid))?;
+            return Ok(false);
+        }
+        anyhow::bail!("cannot signal agent {} (pid {}): {e}; run this as the user the agent runs as", agent.agent_id, agent.pid);
+    }
+    crate::status::say(
+        out,
+        format!(
+            "Told agent {} (pid {}) that the usage window is open: the edge sends it work again (its log says \"the operator cleared the usage window\"). If Claude's window is really used up, the next job ends with USAGE_LIMIT and the window is held again.",
+            agent.agent_id, agent.pid
+        ),
+    )?;
+    Ok(true)
 }
 
 /// The login `oauth-status` and `doctor` read, and a few words on where: this shell's
@@ -297,6 +348,27 @@ mod tests {
         assert_eq!(r.report().usage.unwrap().status, UsageStatus::Rejected);
         r.run_succeeded();
         assert_eq!(r.report().usage.unwrap().status, UsageStatus::Allowed);
+    }
+
+    /// A used-up window held the agent's work until its reset or a successful run, which
+    /// never comes while the edge sends the agent nothing: the operator had no way to let
+    /// it work again (hostile review rev2). `agent --clear-usage` clears it; a window that
+    /// blocks nothing stays as it was.
+    #[tokio::test]
+    async fn the_operator_clears_a_used_up_window() {
+        let (r, _) = reporter("clear");
+        assert!(!r.clear_usage(), "nothing to clear");
+        let warning = UsageWindow { status: UsageStatus::AllowedWarning, kind: Some("five_hour".into()), resets_at: Some(5_000), utilization: Some(0.9), seen_at: 1 };
+        r.saw_usage(warning.clone());
+        assert!(!r.clear_usage());
+        assert_eq!(r.report().usage, Some(warning));
+        let now = crate::now_ms();
+        r.saw_usage(UsageWindow { status: UsageStatus::Rejected, kind: Some("five_hour".into()), resets_at: Some(now + 3_600_000), utilization: None, seen_at: now });
+        tokio::time::timeout(Duration::from_secs(1), r.changed()).await.expect("told");
+        assert!(r.clear_usage());
+        tokio::time::timeout(Duration::from_secs(1), r.changed()).await.expect("the edge is told at once");
+        let usage = r.report().usage.unwrap();
+        assert!(!usage.blocks(crate::now_ms()) && usage.status == UsageStatus::Allowed, "{usage:?}");
     }
 
     #[tokio::test]

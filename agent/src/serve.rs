@@ -46,6 +46,7 @@ pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<Request>
     let connection = tokio::spawn(connection::run(agent.clone(), queues.uplink, shutdown_rx));
     let reporter = std::sync::Arc::clone(&agent.reporter);
     let watcher = tokio::spawn(async move { reporter.watch().await });
+    let clears = clear_usage_on_request(&agent);
     let mut launches = queues.jobs;
     let mut jobs = JoinSet::new();
     loop {
@@ -103,11 +104,28 @@ pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<Request>
         }
     }
     watcher.abort();
+    clears.abort();
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(3), connection).await;
     cli_watch.abort();
     info!(agent_id = %agent.cfg.agent_id, "agent stopped");
     Ok(())
+}
+
+/// `agent --clear-usage`'s SIGUSR2 ([`crate::report::ask_to_clear`]), caught while the
+/// agent serves: each clears a used-up usage window, in the agent (the edge is told at
+/// once) and in its status file (a restart takes a window over from there).
+fn clear_usage_on_request(agent: &std::sync::Arc<Agent>) -> tokio::task::JoinHandle<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr2 = signal(SignalKind::user_defined2()).expect("signal handlers install");
+    let agent = agent.clone();
+    tokio::spawn(async move {
+        while usr2.recv().await.is_some() {
+            if agent.reporter.clear_usage() {
+                agent.status.beat(&agent.oauth_report(), agent.reporter.fingerprint());
+            }
+        }
+    })
 }
 
 fn log_abnormal(agent: &Agent, joined: Result<(), tokio::task::JoinError>) {

@@ -637,6 +637,27 @@ async fn a_used_up_usage_window_still_holds_work_after_the_agent_restarts(kind: 
     assert!(job["started_at"].as_str().unwrap() >= retry_at.as_str(), "ran before the reset at {retry_at}: {job}");
 }
 
+/// A used-up window held the agent's work until its reset or a successful run, which
+/// never came while the edge sent it nothing, and no operator could let it work again
+/// (hostile review rev2: a forged line held it 8 days). `agent --clear-usage` tells the
+/// running agent the window is open: the edge hears it at once and sends the held work.
+async fn the_operator_clears_a_used_up_usage_window(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let a = s.client.execute(json!({"prompt": "@rate_limited=3600"})).await;
+    assert_eq!(a.body["error_code"], "USAGE_LIMIT", "{}", a.text);
+    let held_id = submit_held(&s.client, &s.agent).await;
+    let data_dir = s.agent.data.path().join("data");
+    let out = tokio::task::spawn_blocking(move || std::process::Command::new(bin("claude-runner")).args(["agent", "--clear-usage"]).env("DATA_DIR", &data_dir).output().unwrap())
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && said.contains("the usage window is open"), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    let job = s.client.wait_job(&held_id, Duration::from_secs(30)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    s.client.wait_health(200).await;
+    assert!(s.agent.log().contains("the operator cleared the usage window"), "{}", s.agent.log());
+}
+
 /// Submits a job while the agent's usage window is used up, and checks that it waits
 /// (queued, half a second on) and that nothing reached Claude. Its id.
 async fn submit_held(client: &Client, agent: &AgentProc) -> String {
@@ -1933,6 +1954,7 @@ contract!(
     the_login_relay_logs_the_agent_in_again,
     a_used_up_usage_window_holds_work_until_its_reset,
     a_used_up_usage_window_still_holds_work_after_the_agent_restarts,
+    the_operator_clears_a_used_up_usage_window,
     an_auth_failure_still_stands_after_the_agent_restarts,
     failures_say_which_class_and_whether_to_retry,
     alerts_reach_a_webhook_once_each,
