@@ -1869,7 +1869,7 @@ fn oauth_status_shows_the_status_files_words_without_their_control_sequences() {
 /// The usage window `oauth-status` (and `doctor`) show from the running agent's status
 /// file is read back as the agent reads it at a restart (`UsageWindow::read_back`): the file
 /// is a job's to write, and a window "seen" in the year 33000, or a type of 100 kB, is
-/// shown as the agent would hold it — blocking at most 8 days from now, its type cut.
+/// shown as the agent would hold it — blocking at most five hours from now, its type cut.
 #[test]
 fn oauth_status_shows_the_status_files_usage_window_as_the_agent_reads_it_back() {
     let far = 1_000_000_000_000_000u64;
