@@ -727,7 +727,7 @@ mod tests {
     /// of it — a rejected `rate_limit_event` resetting in 30 days — then Claude killed so
     /// that no run succeeded, marked the agent's window used up for 8 days: the edge sent
     /// it nothing, across restarts (hostile review rev2). A rejected window is believed
-    /// only when the run ended on the usage limit, and then for five hours at most.
+    /// only when the run ended on the usage limit.
     #[tokio::test(flavor = "current_thread")]
     async fn a_rejected_window_is_believed_only_from_a_run_that_ended_on_it() {
         let reset_s = crate::now_ms() / 1000 + 30 * 86_400;
@@ -743,7 +743,7 @@ mod tests {
         let (code, usage) = usage_after("ended", &format!("echo '{rejected}'\necho '{result}'\nexit 1\n")).await;
         assert_eq!(code, Some(ErrorCode::UsageLimit));
         let until = usage.as_ref().and_then(|u| u.blocked_until()).expect("the used-up window is held");
-        assert!(until > crate::now_ms() && until <= crate::now_ms() + shared::usage::MAX_BLOCK_MS, "held until {until}, {} h after it was seen", (until - before) / 3_600_000);
+        assert!(until > crate::now_ms() && until <= crate::now_ms() + shared::usage::MAX_RESET_MS, "held until {until}, {} h after it was seen", (until - before) / 3_600_000);
         // A warning is reported mid-run as before, whatever the run's end.
         let warning = r#"{"type":"rate_limit_event","rate_limit_info":{"status":"allowed_warning","resetsAt":1796150108,"utilization":0.91}}"#;
         let (_, usage) = usage_after("warning", &format!("echo '{warning}'\nexit 1\n")).await;

@@ -114,7 +114,7 @@ enum Command {
         drain: bool,
         /// Do not run one: tell the agent running with this DATA_DIR that Claude's usage
         /// window is open again, so the edge sends it work (a used-up window otherwise holds
-        /// its work until the reset Claude named, five hours at most).
+        /// its work until the reset Claude named, eight days at most).
         #[arg(long, conflicts_with = "drain")]
         clear_usage: bool,
     },

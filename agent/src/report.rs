@@ -4,7 +4,7 @@
 //! authenticate or succeeded, Claude reported its usage window, a relayed login ended.
 //!
 //! A failed authentication marks the login broken until the credentials change or a run
-//! succeeds; a used-up usage window stays so until its reset (five hours at most), a
+//! succeeds; a used-up usage window stays so until its reset (eight days at most), a
 //! successful run, or the operator's `agent --clear-usage`.
 
 use crate::oauth::Login;
@@ -175,7 +175,7 @@ fn ask_to_clear_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) ->
         // SIGUSR2 would end it.
         crate::status::say(
             out,
-            format!("Agent {} (pid {}) is of a release before --clear-usage and is not signalled; upgrade and restart it (its used-up window then lasts five hours at most).", agent.agent_id, agent.pid),
+            format!("Agent {} (pid {}) is of a release before --clear-usage and is not signalled; upgrade and restart it (its used-up window lasts until its reset, eight days at most).", agent.agent_id, agent.pid),
         )?;
         return Ok(false);
     }
@@ -388,8 +388,8 @@ mod tests {
     /// (the agent's user) can write, then end the agent: a window "seen" in the year 33000
     /// passed the cut after it was seen, and held every caller's work on the agent until
     /// then, across every restart (each rewrote it). A window is not seen after the restart
-    /// that reads it, and blocks as one read from Claude then would: five hours at most
-    /// (it blocked 8 days, hostile review rev2).
+    /// that reads it, and blocks as one read from Claude then would: at most
+    /// `MAX_RESET_MS` after the restart (`agent --clear-usage` opens it before).
     #[tokio::test]
     async fn a_window_taken_over_at_a_restart_was_seen_no_later_than_then() {
         let (r, _) = reporter("resume-future");
@@ -399,7 +399,7 @@ mod tests {
         let now = 2_000;
         r.resume(Some(&last), now);
         let until = r.report().usage.and_then(|u| u.blocked_until());
-        assert_eq!(until, Some(now + shared::usage::MAX_BLOCK_MS), "blocked until {until:?}");
+        assert_eq!(until, Some(now + shared::usage::MAX_RESET_MS), "blocked until {until:?}");
     }
 
     /// The window's `type` read from Claude's output is cut to 64 bytes, but the one taken

@@ -11,7 +11,8 @@
 //! The agent keeps the newest such state ([`UsageWindow`]) and reports it with its login
 //! (a rejected one only when its run ended on the usage limit: `agent::runner`); the edge
 //! holds work while a window is rejected and lets it go at `resets_at`, at the latest
-//! [`MAX_BLOCK_MS`] after it was seen.
+//! [`MAX_RESET_MS`] after it was seen. `claude-runner agent --clear-usage` opens a window
+//! the operator knows to be open.
 
 use crate::Millis;
 use serde::{Deserialize, Serialize};
@@ -42,13 +43,14 @@ pub struct UsageWindow {
     pub seen_at: Millis,
 }
 
-/// The longest a rejected window is believed to block after it was seen, and how long
-/// one that names no reset blocks: the CLI's five-hour window. Claude's stdout is the only
-/// word on the window, and a job can write into it (`/proc/<pid>/fd/1`, the same user), so
-/// a reset named later is not taken at its word: a seven-day window used up is held five
-/// hours at a time (the next job that reaches Claude then finds it used up again, and it is
-/// held again).
-pub const MAX_BLOCK_MS: Millis = 5 * 3_600_000;
+/// A rejected window with no reset time named is assumed to last this long (the shortest
+/// window Claude subscriptions have is five hours; a later successful run clears it).
+pub const UNKNOWN_RESET_MS: Millis = 5 * 3_600_000;
+
+/// The longest a rejected window is believed to block after it was seen: a day more than
+/// the longest window Claude subscriptions have (seven days). A reset named later than
+/// that is not the CLI's word (a job can write into Claude's stdout) and counts as this.
+pub const MAX_RESET_MS: Millis = 8 * 86_400_000;
 
 /// Most of a window's `type` kept (Claude's are short words: `five_hour`, `seven_day`).
 pub const MAX_KIND_BYTES: usize = 64;
@@ -84,7 +86,7 @@ impl UsageWindow {
 
     /// A window read back from where it was kept (the agent's status file, which a job can
     /// write) as one read from Claude at `now` could be: seen no later than `now` (a window
-    /// "seen" in the future would outlast the cut at [`MAX_BLOCK_MS`] after it was seen),
+    /// "seen" in the future would outlast the cut at [`MAX_RESET_MS`] after it was seen),
     /// its `type` cut to [`MAX_KIND_BYTES`].
     pub fn read_back(self, now: Millis) -> UsageWindow {
         let kind = self.kind.map(|k| crate::text::truncate(&k, MAX_KIND_BYTES).to_string());
@@ -93,8 +95,8 @@ impl UsageWindow {
 
     /// Until when (wall time) the window refuses work, if it does.
     pub fn blocked_until(&self) -> Option<Millis> {
-        let latest = self.seen_at.saturating_add(MAX_BLOCK_MS);
-        (self.status == UsageStatus::Rejected).then(|| self.resets_at.map_or(latest, |t| t.min(latest)))
+        let latest = self.seen_at.saturating_add(MAX_RESET_MS);
+        (self.status == UsageStatus::Rejected).then(|| self.resets_at.unwrap_or(self.seen_at.saturating_add(UNKNOWN_RESET_MS)).min(latest))
     }
 
     /// Whether the window refuses work at wall time `now`.
@@ -103,8 +105,7 @@ impl UsageWindow {
     }
 
     /// As shown to people at wall time `now`: a rejected window whose reset has passed
-    /// shows as allowed; a rejected one's `resets_at` is when it stops blocking
-    /// ([`UsageWindow::blocked_until`]), not a later reset the line named.
+    /// shows as allowed.
     pub fn view(&self, now: Millis) -> UsageView {
         let status = if self.status == UsageStatus::Rejected && !self.blocks(now) { UsageStatus::Allowed } else { self.status };
         UsageView {
@@ -143,25 +144,22 @@ mod tests {
             assert!(UsageWindow::from_event(&other, 0).is_none(), "{other}");
         }
         let no_reset = UsageWindow { status: UsageStatus::Rejected, kind: None, resets_at: None, utilization: None, seen_at: 10 };
-        assert_eq!(no_reset.blocked_until(), Some(10 + MAX_BLOCK_MS));
+        assert_eq!(no_reset.blocked_until(), Some(10 + UNKNOWN_RESET_MS));
     }
 
     /// A line in Claude's output is not only Claude's: a job that runs commands can write
     /// into Claude's stdout (`/proc/<pid>/fd/1`, the same user), and a CLI could one day
-    /// give the time in another unit. A rejected window said to reset in 30 days held
-    /// every caller's work on the agent for 8 days (the old cut), kept across its
-    /// restarts (hostile review rev2). Claude's output is the only word on a window, so a
-    /// window blocks no longer than the CLI's five-hour window ([`MAX_BLOCK_MS`]) after it
-    /// was seen, whatever it says.
+    /// give the time in another unit. A rejected window said to reset in the year 33000
+    /// held every caller's work on the agent until then — kept across its restarts, as a
+    /// used-up window is. No subscription window is longer than seven days: a window
+    /// blocks no longer than [`MAX_RESET_MS`] after it was seen, whatever it says.
     #[test]
-    fn a_window_blocks_no_longer_than_the_five_hour_window() {
+    fn a_window_blocks_no_longer_than_the_longest_window() {
         let now = 1_796_150_000_000;
-        for resets_at in [json!(1e15), json!(now / 1000 + 30 * 86_400), json!(null)] {
-            let line = json!({"type":"rate_limit_event","rate_limit_info":{"status":"rejected","resetsAt":resets_at,"rateLimitType":"seven_day"}});
-            let w = UsageWindow::from_event(&line, now).unwrap();
-            assert!(w.blocks(now + MAX_BLOCK_MS - 1));
-            assert!(!w.blocks(now + MAX_BLOCK_MS), "{resets_at}: blocked until {:?}", w.blocked_until());
-        }
+        let line = json!({"type":"rate_limit_event","rate_limit_info":{"status":"rejected","resetsAt":1e15,"rateLimitType":"seven_day"}});
+        let w = UsageWindow::from_event(&line, now).unwrap();
+        assert!(w.blocks(now + MAX_RESET_MS - 1));
+        assert!(!w.blocks(now + MAX_RESET_MS), "blocked until {:?}", w.blocked_until());
         // A window that says less is taken at its word.
         let soon = json!({"type":"rate_limit_event","rate_limit_info":{"status":"rejected","resetsAt":1_796_150_600}});
         assert_eq!(UsageWindow::from_event(&soon, now).unwrap().blocked_until(), Some(1_796_150_600_000));
