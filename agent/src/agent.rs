@@ -31,8 +31,9 @@ pub type JobTask = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The ends of the agent's queues that its tasks read.
 pub struct Queues {
-    /// Messages for the edge: the connection sends them.
-    pub uplink: mpsc::UnboundedReceiver<AgentMessage>,
+    /// Messages for the edge, the agent's own and its jobs' progress: the connection
+    /// sends them ([`crate::uplink`]).
+    pub uplink: crate::uplink::Receivers,
     /// Job tasks to run: the serve loop spawns them.
     pub jobs: mpsc::UnboundedReceiver<JobTask>,
 }
@@ -91,9 +92,12 @@ pub struct Agent {
     workspaces: Arc<std::path::PathBuf>,
     /// The lock on `DATA_DIR/agent.lock`, held while the agent lives.
     _data_lock: std::fs::File,
-    /// Messages for the edge; the current connection sends them, or drops them while
-    /// there is none (results are spooled, credits recomputed, events are only progress).
+    /// The agent's own words for the edge (taken before the jobs' progress); the current
+    /// connection sends them, or drops them while there is none (results are spooled,
+    /// credits recomputed).
     pub uplink: mpsc::UnboundedSender<AgentMessage>,
+    /// Each job's progress queue, under the jobs' budgets ([`crate::uplink`]).
+    progress: crate::uplink::Progress,
     /// The current connection's keys: what goes on the uplink is MACed with them.
     pub link: crate::link::Link,
     jobs: mpsc::UnboundedSender<JobTask>,
@@ -188,7 +192,7 @@ impl Agent {
             info!(agent_id = %cfg.agent_id, workspaces = leftovers, "removed the workspaces of jobs the agent was running when it last stopped");
         }
         let instance = crate::instance::open(&cfg.data_dir, &cfg.agent_id);
-        let (uplink, uplink_rx) = mpsc::unbounded_channel();
+        let (uplink, progress, uplink_rx) = crate::uplink::channels();
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
         let status = StatusFile::new(cfg.data_dir.join("status.json"), &cfg.agent_id, &cfg.connect_url);
         status.resumed(&reporter.report(), reporter.fingerprint(), &login.config_dir);
@@ -209,6 +213,7 @@ impl Agent {
             workspaces: Arc::new(workspaces),
             _data_lock: data_lock,
             uplink,
+            progress,
             link: Default::default(),
             jobs,
             progress_clock: Default::default(),
@@ -228,7 +233,7 @@ impl Agent {
             login: Arc::clone(&self.login),
             inherited_env: Arc::clone(&self.inherited_env),
             gate: self.gate.clone(),
-            uplink: self.uplink.clone(),
+            progress: self.progress.job(),
             link: self.link.clone(),
             reporter: Arc::clone(&self.reporter),
             order_nonce: order_nonce.to_string(),
@@ -454,6 +459,9 @@ impl Agent {
                     (JobResult::failure(ErrorCode::InternalError, "the agent failed while running this job (see its log); retry", 0), None, None)
                 }
             };
+            // After the job's own progress: the edge ignores what comes after a result,
+            // and the connection takes the agent's words (the result) before progress.
+            ctx.progress.sent().await;
             agent.finish(&job_id, &ctx.order_nonce, &ctx.owner, result, session, leftover).await;
         };
         if self.jobs.send(Box::pin(task)).is_err() {
@@ -680,7 +688,7 @@ mod tests {
         loop {
             tokio::select! {
                 biased;
-                Some(msg) = queues.uplink.recv() => if matches!(msg, AgentMessage::Result { .. }) { break },
+                Some(out) = queues.uplink.next() => if matches!(out.msg, AgentMessage::Result { .. }) { break },
                 _ = &mut finishing, if !done => done = true,
             }
         }
@@ -748,5 +756,90 @@ mod tests {
         let warning = r#"{"type":"rate_limit_event","rate_limit_info":{"status":"allowed_warning","resetsAt":1796150108,"utilization":0.91}}"#;
         let (_, usage) = usage_after("warning", &format!("echo '{warning}'\nexit 1\n")).await;
         assert_eq!(usage.map(|u| (u.status, u.utilization)), Some((shared::usage::UsageStatus::AllowedWarning, Some(0.91))));
+    }
+}
+
+#[cfg(test)]
+mod flood_tests {
+    use super::*;
+
+    /// A job whose Claude prints `lines` assistant lines of about 1 KiB, as fast as it can.
+    fn flooding(dir: &std::path::Path, lines: usize) -> (Arc<Agent>, Queues) {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap();
+        let script = dir.join("flood.sh");
+        let pad = "x".repeat(1000);
+        std::fs::write(&script, format!("#!/bin/sh\ncat >/dev/null\nyes '{{\"type\":\"assistant\",\"m\":\"{pad}\"}}' | head -n {lines}\necho '{{\"type\":\"result\",\"subtype\":\"success\",\"result\":\"ok\"}}'\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let local = crate::config::LocalArgs {
+            claude_bin: script.to_string_lossy().into_owned(),
+            login: crate::config::ClaudeLoginArgs { claude_config_dir: Some(dir.join("cfg")), dir: crate::config::DataDirArgs { data_dir: Some(dir.join("data")) } },
+            claude_model: None,
+            job_env_allow: String::new(),
+        };
+        let (agent, queues) = Agent::new(AgentConfig::local_only(&local, "spark".into())).unwrap();
+        let keys = shared::link::LinkKeys { agent_to_edge: shared::link::MacKey::from_bytes([1; 32]), edge_to_agent: shared::link::MacKey::from_bytes([2; 32]) };
+        agent.begin_session("challenge", keys);
+        (agent, queues)
+    }
+
+    /// A job printing faster than the link to the edge carries (a slow uplink, a half-open
+    /// link whose writes block for up to two heartbeat intervals, or a job writing into
+    /// Claude's stdout on purpose) had every byte of it queued on the unbounded uplink:
+    /// 60 MiB here, with nobody reading — the agent's memory grew with the job's output
+    /// until the kernel killed it, and every job with it (hostile review 2, 1). What waits
+    /// unsent is now held to the job's budget; the rest is dropped, and one marker says
+    /// how many events were, so the events and the marker account for every line.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_flooding_jobs_unsent_progress_is_held_to_its_budget_and_the_rest_counted() {
+        let dir = std::env::temp_dir().join(format!("cr-flood-a-{}", std::process::id()));
+        let lines = 60_000;
+        let (agent, queues) = flooding(&dir, lines);
+        let ctx = agent.job_context("j1:1", "default", Some(false));
+        let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 600000})).unwrap();
+        let (_stop, stop_rx) = oneshot::channel();
+        let ended = runner::run(&ctx, "j1", spec, stop_rx).await;
+        let mut uplink = queues.uplink;
+        let (mut bytes, mut seqs, mut dropped, mut markers) = (0usize, Vec::new(), 0u64, 0);
+        while let Some(out) = uplink.try_next() {
+            if let AgentMessage::Event { envelope } = &out.msg {
+                bytes += envelope.payload.len();
+                let report: shared::protocol::ProgressReport = envelope.open(Domain::Progress, &shared::link::MacKey::from_bytes([1; 32])).unwrap();
+                for e in report.events {
+                    if e.event["type"] == "progress_dropped" {
+                        markers += 1;
+                        dropped += e.event["events"].as_u64().unwrap();
+                    }
+                    seqs.push(e.seq);
+                }
+            }
+        }
+        ended.leftover.clean_up().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(bytes <= agent_core::progress::JOB_BACKLOG_BYTES, "{} MiB of one job's progress queued unsent", bytes >> 20);
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "numbered strictly up");
+        assert!(markers >= 1, "no marker says events were dropped");
+        // Each marker stands in for the events it counts (it takes the last one's number).
+        assert_eq!(seqs.len() as u64 - markers + dropped, lines as u64 + 1, "every line is an event sent or one counted dropped");
+    }
+
+    /// The agent's other words — heartbeats, acceptances, results, statements of its slots —
+    /// were queued behind a flooding job's progress in one FIFO: on a slow link every other
+    /// job's result and the heartbeats that keep the connection waited for the backlog to
+    /// go. The connection now takes them first.
+    #[tokio::test(flavor = "current_thread")]
+    async fn heartbeats_and_results_go_before_a_progress_backlog() {
+        let dir = std::env::temp_dir().join(format!("cr-flood-b-{}", std::process::id()));
+        let (agent, mut queues) = flooding(&dir, 20_000);
+        let ctx = agent.job_context("j1:1", "default", Some(false));
+        let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 600000})).unwrap();
+        let (_stop, stop_rx) = oneshot::channel();
+        let ended = runner::run(&ctx, "j1", spec, stop_rx).await;
+        agent.heartbeat();
+        let next = queues.uplink.try_next().unwrap().msg;
+        ended.leftover.clean_up().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(matches!(next, AgentMessage::Heartbeat { .. }), "the connection's next frame: {}", &next.to_text()[..40]);
     }
 }

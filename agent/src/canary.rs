@@ -15,7 +15,7 @@ use shared::envelope::Domain;
 use shared::protocol::{AgentMessage, ProgressReport};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// The canary's task: small, one turn, no tools needed.
 const PROMPT: &str = "This is a health check from claude-runner. Reply with the single word: ok";
@@ -35,7 +35,7 @@ const RESULT_FIELDS: [(&str, fn(&Value) -> bool); 5] = [
 /// what to do.
 pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<String>> {
     let cfg = AgentConfig::local_only(local, agent_id);
-    let (uplink, mut events) = mpsc::unbounded_channel();
+    let (_control, progress, mut events) = crate::uplink::channels();
     let link = crate::link::Link::local();
     let repos = crate::repo::Repos::open(&cfg.data_dir, cfg.repos.clone())
         .map_err(|e| vec![format!("cannot use DATA_DIR {}: {e}; set DATA_DIR to a writable folder", cfg.data_dir.display())])?;
@@ -49,7 +49,7 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
         inherited_env: crate::process::inherited_environment(&cfg.job_env_allow).into(),
         login: Arc::new(login),
         gate: RefreshGate::default(),
-        uplink,
+        progress: progress.job(),
         link: link.clone(),
         reporter,
         repos: Arc::new(repos),
@@ -71,8 +71,8 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
     leftover.clean_up().await;
     drop(ctx);
     let mut lines = Vec::new();
-    while let Ok(message) = events.try_recv() {
-        if let AgentMessage::Event { envelope } = message {
+    while let Some(out) = events.try_next() {
+        if let AgentMessage::Event { envelope } = out.msg {
             if let Ok(report) = envelope.open::<ProgressReport>(Domain::Progress, &link.mine().expect("a local link")) {
                 lines.extend(report.events.into_iter().map(|e| e.event));
             }

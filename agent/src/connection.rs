@@ -7,13 +7,14 @@
 
 use crate::agent::Agent;
 use crate::reconnect::Reconnect;
+use crate::uplink::{Outgoing, Receivers};
 use futures_util::{SinkExt, StreamExt};
 use shared::envelope::{Domain, Envelope};
 use shared::protocol::{self, close, AgentMessage, EdgeMessage, Hello, Welcome, PROTOCOL_VERSION};
 use shared::text::peer_words;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -46,7 +47,7 @@ enum End {
 }
 
 /// Connects, serves and reconnects until `shutdown` turns true.
-pub async fn run(agent: Arc<Agent>, mut uplink: mpsc::UnboundedReceiver<AgentMessage>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(agent: Arc<Agent>, mut uplink: Receivers, mut shutdown: watch::Receiver<bool>) {
     // The last welcome's LOST_AFTER_MS, from before this start: results this agent holds
     // from then are given up by the edge after it, welcome or not.
     let mut reconnect = Reconnect::remembering(crate::lost_after::read(&agent.cfg.data_dir, &agent.cfg.agent_id));
@@ -96,7 +97,7 @@ pub async fn run(agent: Arc<Agent>, mut uplink: mpsc::UnboundedReceiver<AgentMes
                 _ = shutdown.changed() => return,
                 // While offline nothing can be sent; results are on disk and go out after
                 // the next hello, credits are recounted then.
-                m = uplink.recv() => if m.is_none() { return },
+                m = uplink.next() => if m.is_none() { return },
             }
         }
     }
@@ -224,23 +225,28 @@ async fn send_step(ws: &mut Socket, msg: &AgentMessage, step: Duration, reconnec
 const FRAMES_PER_WRITE: usize = 64;
 const BYTES_PER_WRITE: usize = 1024 * 1024;
 
-/// Sends `first` and whatever else is queued behind it by then (up to
-/// [`FRAMES_PER_WRITE`]), in order, in one write: a job's end queues its last progress, its
-/// result and a statement of the slots together, and one write is one wake-up of the edge
-/// instead of three. Gives up when one frame (or the last flush) takes longer than `limit`
+/// Sends `first` and whatever else is queued by then (up to [`FRAMES_PER_WRITE`]), the
+/// agent's own words before progress ([`Receivers::try_next`]), in one write: a job's end
+/// queues its result and a statement of the slots together, and one write is one wake-up
+/// of the edge instead of two. The progress frames' budget is let go once the write is
+/// flushed ([`crate::uplink::Held`]).
+/// Gives up when one frame (or the last flush) takes longer than `limit`
 /// to go, as a frame sent alone did: the bound finds a stuck link, and a batch of large
 /// frames on a slow one is not stuck. Returns the last heartbeat sent, read back (our own
 /// words, just MACed) for the status file.
 async fn send_queued(
     ws: &mut Socket,
-    first: AgentMessage,
-    uplink: &mut mpsc::UnboundedReceiver<AgentMessage>,
+    first: Outgoing,
+    uplink: &mut Receivers,
     limit: Duration,
 ) -> Result<Option<shared::protocol::Beat>, End> {
     let mut beat = None;
     let mut next = Some(first);
     let (mut frames, mut bytes) = (0, 0);
-    while let Some(msg) = next.take() {
+    // Held until the flush: only then has the connection written them.
+    let mut written = Vec::new();
+    while let Some(Outgoing { msg, held }) = next.take() {
+        written.extend(held);
         let text = msg.to_text();
         bytes += text.len();
         within(limit, ws.feed(Message::Text(text.into()))).await?;
@@ -251,10 +257,12 @@ async fn send_queued(
         // Small frames go together; big ones (results up to 8 MiB) end the batch, so the
         // edge's frames (acks, cancels) are read between them, not after all of them.
         if frames < FRAMES_PER_WRITE && bytes < BYTES_PER_WRITE {
-            next = uplink.try_recv().ok();
+            next = uplink.try_next();
         }
     }
-    within(limit, ws.flush()).await.map(|()| beat)
+    let flushed = within(limit, ws.flush()).await.map(|()| beat);
+    drop(written);
+    flushed
 }
 
 async fn refuse(ws: &mut Socket, code: u16, reason: String) -> End {
@@ -308,7 +316,7 @@ fn nonce() -> String {
 /// One connection, from dial to end.
 async fn session(
     agent: &Arc<Agent>,
-    uplink: &mut mpsc::UnboundedReceiver<AgentMessage>,
+    uplink: &mut Receivers,
     shutdown: &mut watch::Receiver<bool>,
     reconnect: &mut Reconnect,
 ) -> End {
@@ -467,7 +475,7 @@ async fn session(
     // orders, its heartbeats are bound to it, and its results are in the spool, sent below. Then the free slots, then every result the
     // edge has not acknowledged.
     agent.begin_session(&challenge, keys.clone());
-    while uplink.try_recv().is_ok() {}
+    uplink.clear();
     agent.state_slots();
     for (_, stored) in agent.spool.all() {
         if let Err(end) = send(&mut ws, &AgentMessage::result_text(stored.payload, &keys.agent_to_edge), limit).await {
@@ -487,8 +495,8 @@ async fn session(
             _ = shutdown.changed() => {
                 let frame = CloseFrame { code: CloseCode::from(close::SHUTTING_DOWN), reason: "agent shutting down".into() };
                 // Send what the jobs reported while stopping, then close.
-                while let Ok(msg) = uplink.try_recv() {
-                    if send(&mut ws, &msg, limit).await.is_err() {
+                while let Some(out) = uplink.try_next() {
+                    if send(&mut ws, &out.msg, limit).await.is_err() {
                         break;
                     }
                 }
@@ -525,7 +533,8 @@ async fn session(
                     None => return End::Lost("the edge closed the connection".into()),
                 }
             }
-            Some(msg) = uplink.recv() => {
+            // The agent's own words first, then the jobs' progress ([`crate::uplink`]).
+            Some(msg) = uplink.next() => {
                 // Results are kept and go out again after the reconnect.
                 let beat = match send_queued(&mut ws, msg, uplink, limit).await {
                     Ok(beat) => beat,
@@ -652,12 +661,12 @@ mod tests {
             read
         });
         let frame = || AgentMessage::OrderRefused { reason: "x".repeat(FRAME) };
-        let (tx, mut uplink) = mpsc::unbounded_channel();
+        let (tx, _progress, mut uplink) = crate::uplink::channels();
         for _ in 1..FRAMES {
             tx.send(frame()).unwrap();
         }
         let began = Instant::now();
-        let sent = send_queued(&mut ws, frame(), &mut uplink, limit).await;
+        let sent = send_queued(&mut ws, Outgoing { msg: frame(), held: None }, &mut uplink, limit).await;
         assert!(began.elapsed() > limit, "the edge took the batch slower than one bound, as meant");
         assert!(sent.is_ok(), "a link that takes every frame within the bound is not stuck: {:?}", sent.err());
         let in_one_write = BYTES_PER_WRITE.div_ceil(FRAME + 40);

@@ -80,8 +80,15 @@ impl Link {
     /// lock is held while it is queued, so a frame is queued before the next connection's
     /// keys are set (and dropped with the rest of the old queue) or not at all.
     pub fn send(&self, uplink: &UnboundedSender<AgentMessage>, sealed: Sealed) -> bool {
+        self.send_with(vec![sealed], |msgs| msgs.into_iter().all(|msg| uplink.send(msg).is_ok()))
+    }
+
+    /// [`Link::send`] of frames that go together or not at all (a job's progress, on its
+    /// queue, [`crate::uplink::JobProgress`]): `queue` is handed them while the lock is
+    /// held, if all were made with the current connection's key.
+    pub fn send_with(&self, sealed: Vec<Sealed>, queue: impl FnOnce(Vec<AgentMessage>) -> bool) -> bool {
         let current = self.lock();
-        current.connection == sealed.connection && uplink.send(sealed.msg).is_ok()
+        sealed.iter().all(|s| s.connection == current.connection) && queue(sealed.into_iter().map(|s| s.msg).collect())
     }
 
     /// [`Link::seal`] then [`Link::send`].

@@ -18,6 +18,8 @@
 //! - [`link`]: the current connection's MAC keys, shared by the agent and its jobs.
 //! - [`runner`]: one job's life, given a narrow [`runner::JobContext`].
 //! - [`progress_clock`]: when the jobs' waiting progress batches go (one clock for all).
+//! - [`uplink`]: the queues to the edge: the agent's own words first, the jobs' progress
+//!   under a byte budget (dropped past it, and counted).
 //! - [`workspace`]: a job's fresh folder, its working directory, a carried-over session.
 //! - [`process`]: Claude's process: start, read, stop (TERM, then KILL).
 //! - [`launcher`]: the small process that starts every Claude, so the agent itself never
@@ -84,6 +86,7 @@ mod submit;
 #[cfg(feature = "up")]
 mod up;
 mod upgrade;
+mod uplink;
 mod warden;
 mod workspace;
 mod zygote;

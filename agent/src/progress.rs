@@ -6,6 +6,11 @@
 //! its first event waits at most that long), when it is full ([`MAX_PROGRESS_EVENTS`]
 //! events, or [`MAX_PROGRESS_BYTES`] of Claude's output), and — whatever it holds — when
 //! Claude's run ends, before the job's result.
+//!
+//! What a job has queued for the edge and the connection has not written yet is held to a
+//! budget ([`admits`]): a job printing faster than the link carries has its batches past
+//! it dropped, never waited for (a pipe not read would stall Claude), and one event of
+//! the agent's own ([`Dropped`]) tells its followers how many.
 
 use shared::protocol::{ProgressEvent, MAX_PROGRESS_BYTES, MAX_PROGRESS_EVENTS};
 
@@ -17,6 +22,65 @@ use shared::protocol::{ProgressEvent, MAX_PROGRESS_BYTES, MAX_PROGRESS_EVENTS};
 /// stream, the network and the terminal already add as much. A job that ends sooner sends
 /// its events at its end, so short jobs wait for nothing.
 pub const PROGRESS_BATCH_MS: u64 = 50;
+
+/// Most bytes of one job's progress queued for the edge and not yet written by the
+/// connection. A job's batches go at the link's pace: past this, the link is slower than
+/// the job prints (a home uplink, a half-open link whose writes block for up to two
+/// heartbeat intervals, a job writing into Claude's stdout on purpose), and what it
+/// prints next is dropped rather than kept in the agent's memory. 8 MiB is 32 full
+/// batches, seconds of a busy Claude on any link that carries it at all.
+pub const JOB_BACKLOG_BYTES: usize = 8 * 1024 * 1024;
+/// Most bytes of all jobs' progress queued unsent, so that `MAX_CONCURRENT_JOBS` (up to 64)
+/// flooding jobs do not hold 64 budgets.
+pub const AGENT_BACKLOG_BYTES: usize = 32 * 1024 * 1024;
+/// What a job may queue even when the agent's budget is used up by others: a job that
+/// prints little is never silenced by ones that flood.
+pub const JOB_BACKLOG_FLOOR: usize = 1024 * 1024;
+
+/// Whether a progress frame of `bytes` may be queued when its job has `job` bytes queued
+/// unsent and all jobs together `all`: within the job's budget, and within the agent's or
+/// the job's floor. So all jobs together hold at most [`AGENT_BACKLOG_BYTES`] plus a
+/// floor each.
+pub fn admits(job: usize, all: usize, bytes: usize) -> bool {
+    let job_after = job.saturating_add(bytes);
+    job_after <= JOB_BACKLOG_BYTES && (all.saturating_add(bytes) <= AGENT_BACKLOG_BYTES || job_after <= JOB_BACKLOG_FLOOR)
+}
+
+/// The `type` of the event the agent puts in a job's progress where events were dropped
+/// ([`Dropped`]): `{"type":"progress_dropped","events":N}`, numbered as the last event it
+/// stands for, so a follower's ids skip the others.
+pub const DROPPED_TYPE: &str = "progress_dropped";
+
+/// The events of a job dropped since the last that went: what the marker will say.
+#[derive(Debug, Default)]
+pub struct Dropped {
+    events: u64,
+    last_seq: u64,
+}
+
+impl Dropped {
+    /// `events` events were dropped, the last numbered `last_seq`. True when they begin a
+    /// run of dropped events.
+    pub fn note(&mut self, events: u64, last_seq: u64) -> bool {
+        let begins = self.events == 0 && events > 0;
+        if events > 0 {
+            self.events += events;
+            self.last_seq = last_seq;
+        }
+        begins
+    }
+
+    /// The marker for the events dropped since the last one, if any; it takes the number of
+    /// the last of them, which was never sent, so the job's events stay numbered up.
+    pub fn marker(&self) -> Option<ProgressEvent> {
+        (self.events > 0).then(|| ProgressEvent { seq: self.last_seq, event: serde_json::json!({"type": DROPPED_TYPE, "events": self.events}) })
+    }
+
+    /// The marker went: what is dropped from now on is counted afresh.
+    pub fn told(&mut self) {
+        *self = Dropped::default();
+    }
+}
 
 /// The events of a job not sent yet.
 #[derive(Debug, Default)]
@@ -89,6 +153,33 @@ mod tests {
         assert_eq!(sent.len(), 2);
         assert!(sent.iter().all(|b| b.len() == MAX_PROGRESS_EVENTS));
         assert_eq!(seqs(&[batch.take().unwrap()]), [vec![2 * MAX_PROGRESS_EVENTS as u64 + 1]]);
+    }
+
+    /// A job's budget, the agent's, and the floor that keeps a quiet job heard while others
+    /// flood.
+    #[test]
+    fn a_frame_is_admitted_within_its_jobs_budget_and_the_agents_or_the_floor() {
+        assert!(admits(0, 0, JOB_BACKLOG_BYTES));
+        assert!(!admits(1, 0, JOB_BACKLOG_BYTES), "over the job's budget");
+        assert!(!admits(JOB_BACKLOG_FLOOR, AGENT_BACKLOG_BYTES, 1), "the agent's used up, the floor too");
+        assert!(admits(JOB_BACKLOG_FLOOR - 10, AGENT_BACKLOG_BYTES, 10), "within the floor whatever the others hold");
+        assert!(admits(2 * JOB_BACKLOG_FLOOR, AGENT_BACKLOG_BYTES - 10, 10));
+        assert!(!admits(usize::MAX, usize::MAX, usize::MAX), "no overflow");
+    }
+
+    /// Dropped events are counted until a marker goes, which takes the last one's number.
+    #[test]
+    fn a_marker_counts_the_events_dropped_since_the_last_and_takes_the_last_ones_number() {
+        let mut dropped = Dropped::default();
+        assert!(dropped.marker().is_none());
+        assert!(!dropped.note(0, 0), "nothing dropped");
+        assert!(dropped.note(3, 5), "a run begins");
+        assert!(!dropped.note(4, 9), "the same run");
+        let marker = dropped.marker().unwrap();
+        assert_eq!((marker.seq, &marker.event), (9, &json!({"type": DROPPED_TYPE, "events": 7})));
+        dropped.told();
+        assert!(dropped.marker().is_none());
+        assert!(dropped.note(1, 12), "a new run");
     }
 
     #[test]

@@ -18,13 +18,13 @@ use crate::sessions::{self, Owner, Sessions};
 use crate::workspace;
 use shared::contract::ErrorCode;
 use shared::job::{JobResult, JobSpec};
-use shared::protocol::{AgentMessage, ProgressEvent};
+use shared::protocol::ProgressEvent;
 use std::path::{Path, PathBuf};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{oneshot, Notify};
 use tracing::{info, warn};
 
 /// How often the redactor re-reads the login: Claude may rotate the tokens mid-job.
@@ -53,8 +53,9 @@ pub struct JobContext {
     /// The agent's environment as Claude may inherit it ([`process::inherited_environment`]).
     pub inherited_env: Arc<[(std::ffi::OsString, std::ffi::OsString)]>,
     pub gate: RefreshGate,
-    /// Progress events go out here (dropped while the agent is offline).
-    pub uplink: mpsc::UnboundedSender<AgentMessage>,
+    /// Progress events go out here, under the job's budget (dropped while the agent is
+    /// offline, or past the budget while the link is slower than Claude prints).
+    pub progress: crate::uplink::JobProgress,
     /// The current connection's keys: progress is MACed with them.
     pub link: crate::link::Link,
     /// Told of the usage window as Claude reports it, mid-run.
@@ -404,9 +405,7 @@ async fn run_claude(
     // result.
     let batch = Mutex::new(Batch::default());
     let opened = Notify::new();
-    let send = |events| {
-        ctx.link.seal_and_send(&ctx.uplink, |key| AgentMessage::progress(job_id, &ctx.order_nonce, events, key));
-    };
+    let send = |events| ctx.progress.forward(&ctx.link, job_id, &ctx.order_nonce, events);
     let on_line = |line: &[u8]| {
         if redactor_read.elapsed() > REDACTOR_REFRESH {
             redactor = ctx.login.redactor(crate::now_ms());
@@ -459,8 +458,13 @@ async fn run_claude(
     // Whatever ended the run (its end, a cancel, the timeout, Claude's death), what Claude
     // printed goes out.
     let last = batch.lock().expect("batch lock").take();
+    let last_went = last.is_some();
     if let Some(events) = last {
         send(events);
+    }
+    // And how many events were dropped since the last batch that went, if any were.
+    ctx.progress.end(&ctx.link, job_id, &ctx.order_nonce);
+    if last_went {
         // The connection's task (on the agent's one runtime thread) sends this batch now,
         // and the edge takes it in while the result is made here, rather than after it.
         tokio::task::yield_now().await;
@@ -562,6 +566,7 @@ mod tests {
     }
 
     use super::*;
+    use shared::protocol::AgentMessage;
     use std::sync::atomic::{AtomicU64, Ordering};
 
     /// The hand-back stopped at the job's deadline plus 20 s and waited 60 s more for a
