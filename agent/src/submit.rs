@@ -355,6 +355,10 @@ fn describe_raw(event: &Value) -> Option<String> {
             (!parts.is_empty()).then(|| parts.join("\n"))
         }
         "system" if event["subtype"] == "api_retry" => Some(format!("· API retry {}", event["attempt"])),
+        agent_core::progress::DROPPED_TYPE => Some(format!(
+            "· {} progress events dropped: the job printed faster than the link from its agent to the edge carries (its result is whole)",
+            event["events"].as_u64()?
+        )),
         _ => None,
     }
 }
@@ -697,6 +701,16 @@ mod tests {
         let shown = super::describe(&event).unwrap();
         assert!(!shown.contains(['\u{202e}', '\u{2066}', '\u{2069}', '\u{2028}']), "{shown:?}");
         assert!(shown.contains("approved") && shown.contains("line"), "{shown:?}");
+    }
+
+    /// Where the agent dropped a flooding job's progress (the link to the edge slower than
+    /// the job printed), its marker said nothing in `submit`: the person following saw
+    /// lines missing without a word. It says how many events were dropped, and why.
+    #[test]
+    fn dropped_progress_is_said() {
+        let event = json!({"type": agent_core::progress::DROPPED_TYPE, "events": 412});
+        let shown = super::describe(&event).expect("shown");
+        assert!(shown.contains("412 progress events") && shown.contains("dropped"), "{shown}");
     }
 
     /// The edge's 403 says "send it in the X-Runner-Secret header", which `submit` does:
