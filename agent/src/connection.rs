@@ -260,9 +260,11 @@ async fn send_queued(
             next = uplink.try_next();
         }
     }
-    let flushed = within(limit, ws.flush()).await.map(|()| beat);
-    drop(written);
-    flushed
+    within(limit, ws.flush()).await?;
+    // Not written (an error above): dropped with `written`, their events counted for the
+    // jobs' next markers.
+    written.into_iter().for_each(crate::uplink::Held::written);
+    Ok(beat)
 }
 
 async fn refuse(ws: &mut Socket, code: u16, reason: String) -> End {
@@ -498,6 +500,9 @@ async fn session(
                 while let Some(out) = uplink.try_next() {
                     if send(&mut ws, &out.msg, limit).await.is_err() {
                         break;
+                    }
+                    if let Some(held) = out.held {
+                        held.written();
                     }
                 }
                 let _ = timeout(Duration::from_secs(2), ws.close(Some(frame))).await;

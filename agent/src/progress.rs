@@ -65,7 +65,9 @@ impl Dropped {
         let begins = self.events == 0 && events > 0;
         if events > 0 {
             self.events += events;
-            self.last_seq = last_seq;
+            // A frame lost with its connection is counted when the connection lets go of it,
+            // which may be after later ones: the marker takes the highest number.
+            self.last_seq = self.last_seq.max(last_seq);
         }
         begins
     }

@@ -433,7 +433,8 @@ async fn run_claude(
             }
         }
     };
-    let timer = send_on_ticks(&batch, &opened, &ctx.progress_clock, send);
+    let tell = || ctx.progress.tell(&ctx.link, job_id, &ctx.order_nonce, false);
+    let timer = send_on_ticks(&batch, &opened, &ctx.progress_clock, &ctx.progress, send, tell);
     // Durably before Claude gets its prompt: if the agent dies now, its next run reports
     // the job lost instead of letting the edge send it again (it may not have heard it
     // started). Written while Claude starts (process::run waits for both).
@@ -463,7 +464,7 @@ async fn run_claude(
         send(events);
     }
     // And how many events were dropped since the last batch that went, if any were.
-    ctx.progress.end(&ctx.link, job_id, &ctx.order_nonce);
+    ctx.progress.tell(&ctx.link, job_id, &ctx.order_nonce, true);
     if last_went {
         // The connection's task (on the agent's one runtime thread) sends this batch now,
         // and the edge takes it in while the result is made here, rather than after it.
@@ -499,19 +500,33 @@ async fn run_claude(
 }
 
 /// Sends what `batch` holds at each tick of the progress clock that comes while it holds
-/// something; `opened` is told when it starts to. Runs as long as the job's run (it ends
-/// only by being dropped).
-async fn send_on_ticks(batch: &Mutex<Batch>, opened: &Notify, clock: &Arc<ProgressClock>, send: impl Fn(Vec<ProgressEvent>)) -> Infallible {
+/// something; `opened` is told when it starts to. A marker for dropped events waiting
+/// with no batch to go with it (Claude fell quiet after a flood, or what went was lost
+/// with a connection) goes alone at a tick once the job's budget has room, so followers
+/// hear of a gap while Claude is quiet. Runs as long as the job's run (it ends only by
+/// being dropped).
+async fn send_on_ticks(
+    batch: &Mutex<Batch>,
+    opened: &Notify,
+    clock: &Arc<ProgressClock>,
+    progress: &crate::uplink::JobProgress,
+    send: impl Fn(Vec<ProgressEvent>),
+    tell: impl Fn(),
+) -> Infallible {
     loop {
-        let waits = !batch.lock().expect("batch lock").is_empty();
+        let waits = !batch.lock().expect("batch lock").is_empty() || progress.marker_waits();
         if !waits {
-            opened.notified().await;
+            tokio::select! {
+                _ = opened.notified() => {}
+                _ = progress.dropped() => {}
+            }
             continue;
         }
         clock.next_tick().await;
         let events = batch.lock().expect("batch lock").take();
-        if let Some(events) = events {
-            send(events);
+        match events {
+            Some(events) => send(events),
+            None => tell(),
         }
     }
 }

@@ -10,7 +10,9 @@
 //!   ([`agent_core::progress::admits`]: a job's, and all jobs' together); a batch past it
 //!   is dropped, never waited for — Claude's stdout is read on whatever the link does, a
 //!   pipe not read would stall it — and the next frame that goes is a marker saying how
-//!   many events were ([`agent_core::progress::Dropped`]).
+//!   many events were ([`agent_core::progress::Dropped`]). Events lost with a connection's
+//!   queue (a stalled link given up on) are counted the same way, so a marker tells of
+//!   those too, and one lost itself is told again by the next.
 //!
 //! Why: in one unbounded FIFO, a job printing faster than the link carries (a home uplink,
 //! a half-open link whose writes block for up to two heartbeat intervals, a job writing
@@ -49,14 +51,7 @@ pub struct Progress {
 impl Progress {
     /// A new job's progress queue.
     pub fn job(&self) -> JobProgress {
-        JobProgress(Arc::new(Job {
-            tx: self.tx.clone(),
-            budget: Arc::clone(&self.budget),
-            queued: Arc::default(),
-            dropped: Mutex::default(),
-            dropped_total: AtomicU64::new(0),
-            warned: AtomicBool::new(false),
-        }))
+        JobProgress(Arc::new(Job { tx: self.tx.clone(), budget: Arc::clone(&self.budget), queue: Arc::default(), warned: AtomicBool::new(false) }))
     }
 }
 
@@ -66,25 +61,62 @@ struct Budget {
     all: Mutex<usize>,
 }
 
-/// The bytes of one job's progress queued and not yet written (changed under the
-/// [`Budget`]'s lock), and who waits for them to go.
+/// One job's progress on its way: its bytes queued and not yet written (changed under the
+/// [`Budget`]'s lock), who waits for them to go, and the events it has not delivered.
 #[derive(Default)]
 struct Queue {
     bytes: AtomicUsize,
     drained: Notify,
+    /// The events dropped (past the budget, or lost with a connection) since the last
+    /// marker was queued.
+    dropped: Mutex<Dropped>,
+    /// Events dropped in all.
+    dropped_total: AtomicU64,
+    /// Told when events are dropped (one waiter: the job's progress task).
+    noted: Notify,
+}
+
+impl Queue {
+    fn dropped(&self) -> std::sync::MutexGuard<'_, Dropped> {
+        self.dropped.lock().expect("dropped lock")
+    }
+
+    /// Counts `events` (the last numbered `last_seq`) not delivered; true when they begin
+    /// a run of such.
+    fn note(&self, dropped: &mut Dropped, events: u64, last_seq: u64) -> bool {
+        self.dropped_total.fetch_add(events, SeqCst);
+        self.noted.notify_one();
+        dropped.note(events, last_seq)
+    }
 }
 
 /// A progress frame's bytes, counted against its job's budget and the agent's until this
-/// is dropped: by the connection once it has written the frame, or with the frame when it
-/// is not sent (a lost connection's queue, the agent stopping).
+/// is dropped: by the connection once it has written the frame ([`Held::written`]), or
+/// with the frame when it is not sent (a lost connection's queue, the agent stopping) —
+/// then its events count as dropped, for the job's next marker.
 pub struct Held {
     budget: Arc<Budget>,
     queue: Arc<Queue>,
     bytes: usize,
+    /// The events the frame carries (a marker: those it stands for), the last one's number.
+    events: u64,
+    last_seq: u64,
+    delivered: bool,
+}
+
+impl Held {
+    /// The connection wrote the frame.
+    pub fn written(mut self) {
+        self.delivered = true;
+    }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
+        if !self.delivered {
+            let mut dropped = self.queue.dropped();
+            self.queue.note(&mut dropped, self.events, self.last_seq);
+        }
         let left = {
             let mut all = self.budget.all.lock().expect("budget lock");
             *all -= self.bytes;
@@ -151,11 +183,8 @@ pub struct JobProgress(Arc<Job>);
 struct Job {
     tx: UnboundedSender<Queued>,
     budget: Arc<Budget>,
-    queued: Arc<Queue>,
-    /// The events dropped since the last marker went.
-    dropped: Mutex<Dropped>,
-    /// Events dropped in all, and whether the log has said so.
-    dropped_total: AtomicU64,
+    queue: Arc<Queue>,
+    /// Whether the log has said the job's progress is dropped.
     warned: AtomicBool,
 }
 
@@ -173,90 +202,105 @@ impl JobProgress {
     /// else they are dropped and counted.
     pub fn forward(&self, link: &Link, job_id: &str, order_nonce: &str, events: Vec<ProgressEvent>) {
         let job = &self.0;
-        let mut dropped = job.dropped.lock().expect("dropped lock");
+        let mut dropped = job.queue.dropped();
         let (count, last) = (events.len() as u64, events.last().map_or(0, |e| e.seq));
         // Nothing is encoded and MACed for a batch with no room at all: a flood costs the
         // redaction of its lines, not their encoding too.
-        let room = admits(job.queued.bytes.load(SeqCst), *job.budget.all.lock().expect("budget lock"), 1);
+        let room = admits(job.queue.bytes.load(SeqCst), *job.budget.all.lock().expect("budget lock"), 1);
         let mut refused = !room;
         if room {
             let marker = dropped.marker();
-            let had_marker = marker.is_some();
+            // What each frame carries, counted again as dropped if it is lost: the marker
+            // what it stands for (its own words), the batch its events.
+            let mut counts: Vec<(u64, u64)> = marker.iter().map(|m| (m.event["events"].as_u64().unwrap_or(0), m.seq)).collect();
+            counts.push((count, last));
             let frames: Option<Vec<_>> = marker
                 .map(|m| vec![m])
                 .into_iter()
                 .chain(std::iter::once(events))
                 .map(|events| link.seal(|key| AgentMessage::progress(job_id, order_nonce, events, key)))
                 .collect();
-            // None before the first connection: there is nowhere to send it (as a frame of
-            // an ended connection's key, it is not counted as dropped: that connection's
-            // queue went with it).
+            // None before the first connection: there is nowhere to send it.
             let Some(frames) = frames else { return };
-            let queued = link.send_with(frames, |msgs| match self.hold(msgs, false) {
-                Some(()) => true,
-                None => {
-                    refused = true;
-                    false
-                }
+            let had_marker = counts.len() > 1;
+            let queued = link.send_with(frames, |msgs| {
+                let fits = self.hold(msgs, &counts, false);
+                refused = !fits;
+                fits
             });
             if queued && had_marker {
                 dropped.told();
             }
         }
-        if refused {
-            if dropped.note(count, last) && !job.warned.swap(true, SeqCst) {
-                warn!(
-                    job_id, budget_mib = JOB_BACKLOG_BYTES >> 20,
-                    "the job prints faster than the link to the edge carries: progress past its budget is dropped, and its followers are told how many events (its result is not affected)"
-                );
-            }
-            job.dropped_total.fetch_add(count, SeqCst);
+        if refused && job.queue.note(&mut dropped, count, last) && !job.warned.swap(true, SeqCst) {
+            warn!(
+                job_id, budget_mib = JOB_BACKLOG_BYTES >> 20,
+                "the job prints faster than the link to the edge carries: progress past its budget is dropped, and its followers are told how many events (its result is not affected)"
+            );
         }
     }
 
-    /// Claude's run ended: the marker for events dropped since the last batch went, queued
-    /// whatever the budget (one small frame, once).
-    pub fn end(&self, link: &Link, job_id: &str, order_nonce: &str) {
+    /// Queues the marker for the events dropped since the last one went, if any, alone: if
+    /// the budget has room, or `anyway` — at the end of Claude's run, whatever the budget
+    /// (one small frame), saying in the log how many were dropped in all.
+    pub fn tell(&self, link: &Link, job_id: &str, order_nonce: &str, anyway: bool) {
         let job = &self.0;
-        let mut dropped = job.dropped.lock().expect("dropped lock");
+        let mut dropped = job.queue.dropped();
         if let Some(marker) = dropped.marker() {
+            let counts = [(marker.event["events"].as_u64().unwrap_or(0), marker.seq)];
             if let Some(frame) = link.seal(|key| AgentMessage::progress(job_id, order_nonce, vec![marker], key)) {
-                link.send_with(vec![frame], |msgs| self.hold(msgs, true).is_some());
+                if link.send_with(vec![frame], |msgs| self.hold(msgs, &counts, anyway)) {
+                    dropped.told();
+                }
             }
-            dropped.told();
         }
-        let total = job.dropped_total.load(SeqCst);
-        if total > 0 {
-            info!(job_id, events = total, "progress events of the job dropped, the link to the edge being slower than the job printed");
+        drop(dropped);
+        let total = job.queue.dropped_total.load(SeqCst);
+        if anyway && total > 0 {
+            info!(job_id, events = total, "progress events of the job dropped: the link to the edge was slower than the job printed, or lost");
         }
     }
 
-    /// Counts `msgs` against the budgets and queues them, if they fit (or `anyway`).
-    fn hold(&self, msgs: Vec<AgentMessage>, anyway: bool) -> Option<()> {
+    /// Whether a marker waits to be sent.
+    pub fn marker_waits(&self) -> bool {
+        self.0.queue.dropped().marker().is_some()
+    }
+
+    /// Resolves when events are dropped (or were since the last call).
+    pub async fn dropped(&self) {
+        self.0.queue.noted.notified().await
+    }
+
+    /// Counts `msgs` (carrying `counts`: events, last number) against the budgets and
+    /// queues them, if they fit (or `anyway`). Called with the job's `dropped` locked.
+    fn hold(&self, msgs: Vec<AgentMessage>, counts: &[(u64, u64)], anyway: bool) -> bool {
         let job = &self.0;
         let sizes: Vec<usize> = msgs.iter().map(frame_bytes).collect();
         let bytes: usize = sizes.iter().sum();
         {
             let mut all = job.budget.all.lock().expect("budget lock");
-            if !anyway && !admits(job.queued.bytes.load(SeqCst), *all, bytes) {
-                return None;
+            if !anyway && !admits(job.queue.bytes.load(SeqCst), *all, bytes) {
+                return false;
             }
             *all += bytes;
-            job.queued.bytes.fetch_add(bytes, SeqCst);
+            job.queue.bytes.fetch_add(bytes, SeqCst);
         }
-        for (msg, bytes) in msgs.into_iter().zip(sizes) {
-            let held = Held { budget: Arc::clone(&job.budget), queue: Arc::clone(&job.queued), bytes };
-            // Closed: the agent is stopping; the frame and its count go here.
-            let _ = job.tx.send(Queued { msg, held });
+        for ((msg, bytes), &(events, last_seq)) in msgs.into_iter().zip(sizes).zip(counts) {
+            let held = Held { budget: Arc::clone(&job.budget), queue: Arc::clone(&job.queue), bytes, events, last_seq, delivered: false };
+            if let Err(mpsc::error::SendError(Queued { held, .. })) = job.tx.send(Queued { msg, held }) {
+                // The agent is stopping: nothing is delivered any more, and `dropped` is
+                // locked by the caller.
+                held.written();
+            }
         }
-        Some(())
+        true
     }
 
     /// Resolves once nothing of this job's progress waits to be written: it went, or was
     /// dropped with a lost connection's queue. A job's result is handed over after it, so
     /// that the edge, which ignores progress for a job it has ended, shows it all.
     pub async fn sent(&self) {
-        let queue = &self.0.queued;
+        let queue = &self.0.queue;
         loop {
             let drained = queue.drained.notified();
             tokio::pin!(drained);
@@ -271,7 +315,7 @@ impl JobProgress {
     /// The bytes of this job's progress queued and not yet written.
     #[cfg(test)]
     pub fn queued_bytes(&self) -> usize {
-        self.0.queued.bytes.load(SeqCst)
+        self.0.queue.bytes.load(SeqCst)
     }
 }
 
@@ -303,7 +347,7 @@ mod tests {
         let out = rx.try_next().expect("queued");
         assert!(out.held.is_some());
         assert!((&mut sent).now_or_never().is_none(), "taken, not yet written");
-        drop(out);
+        out.held.unwrap().written();
         assert_eq!(job.queued_bytes(), 0);
         assert!((&mut sent).now_or_never().is_some());
     }
@@ -329,5 +373,43 @@ mod tests {
         assert!(quiet.queued_bytes() > 0, "the quiet job's event was dropped");
         rx.clear();
         assert_eq!(floods.iter().chain([&quiet]).map(JobProgress::queued_bytes).sum::<usize>(), 0, "all let go with the queue");
+    }
+
+    fn read(out: Outgoing) -> Vec<ProgressEvent> {
+        let AgentMessage::Event { envelope } = &out.msg else { panic!("progress") };
+        let report: shared::protocol::ProgressReport = envelope.open(shared::envelope::Domain::Progress, &shared::link::MacKey::from_bytes([1; 32])).unwrap();
+        out.held.unwrap().written();
+        report.events
+    }
+
+    /// Progress lost with a connection's queue (a stalled link given up on) is counted as
+    /// dropped: the next batch to go is preceded by a marker for it, numbered as the last
+    /// event lost; a marker lost so is told again by the next.
+    #[test]
+    fn events_lost_with_a_connections_queue_are_told_by_the_next_marker() {
+        let (_control, progress, mut rx) = channels();
+        let (link, job) = (link(), progress.job());
+        job.forward(&link, "j", "j:1", batch(1..=2));
+        job.forward(&link, "j", "j:1", batch(3..=3));
+        rx.clear();
+        assert_eq!(job.queued_bytes(), 0);
+        job.forward(&link, "j", "j:1", batch(4..=4));
+        let (marker, next) = (read(rx.try_next().unwrap()), rx.try_next().unwrap());
+        assert_eq!(marker.len(), 1);
+        assert_eq!((marker[0].seq, &marker[0].event), (3, &serde_json::json!({"type": agent_core::progress::DROPPED_TYPE, "events": 3})));
+        // The batch after the marker is lost too, the marker written: 1 more.
+        drop(next);
+        job.forward(&link, "j", "j:1", batch(5..=5));
+        let marker = read(rx.try_next().unwrap());
+        assert_eq!((marker[0].seq, &marker[0].event["events"]), (4, &serde_json::json!(1)));
+        assert_eq!(read(rx.try_next().unwrap())[0].seq, 5);
+        // A marker lost is told again, with what was lost after it.
+        job.forward(&link, "j", "j:1", batch(6..=6));
+        drop(rx.try_next());
+        job.forward(&link, "j", "j:1", batch(7..=7));
+        let marker = read(rx.try_next().unwrap());
+        assert_eq!((marker[0].seq, &marker[0].event["events"]), (6, &serde_json::json!(1)));
+        assert_eq!(read(rx.try_next().unwrap())[0].seq, 7);
+        assert!(rx.try_next().is_none());
     }
 }

@@ -2,7 +2,9 @@
 //! connection is piped to the target port in both directions; on command the proxy
 //! black-holes one direction of every live connection (bytes are read and dropped, no
 //! FIN or RST passes: a true half-open link, as after a network cut), or resets every
-//! connection (RST both ways). New connections start healthy.
+//! connection (RST both ways), or pauses one direction (nothing more is read from its
+//! sender, whose writes block once the sockets' buffers are full, as on a link slower than
+//! the sender: a stall, then [`Proxy::resume`]). New connections start healthy.
 //!
 //! A cut may also wait for an event on the link itself ([`Proxy::blackhole_when`]): the
 //! first bytes one way that carry a pattern (the edge's WebSocket frames to the agent are
@@ -36,6 +38,8 @@ type Watched = Arc<Mutex<Option<Watch>>>;
 struct Link {
     up: Arc<AtomicBool>,
     down: Arc<AtomicBool>,
+    /// Whether each direction (up, down) is paused.
+    paused: [Arc<tokio::sync::watch::Sender<bool>>; 2],
     /// What each direction's pump watches for (up, down).
     watches: [Watched; 2],
     fds: [RawFd; 2],
@@ -69,13 +73,14 @@ impl Proxy {
                 let (sr, sw) = server.into_split();
                 let ended = Arc::new(tokio::sync::Notify::new());
                 let watches: [Watched; 2] = Default::default();
+                let paused = [Arc::new(tokio::sync::watch::channel(false).0), Arc::new(tokio::sync::watch::channel(false).0)];
                 let tasks = vec![
-                    tokio::spawn(pump(cr, sw, up.clone(), watches[0].clone(), ended.clone())),
-                    tokio::spawn(pump(sr, cw, down.clone(), watches[1].clone(), ended)),
+                    tokio::spawn(pump(cr, sw, up.clone(), watches[0].clone(), paused[0].subscribe(), ended.clone())),
+                    tokio::spawn(pump(sr, cw, down.clone(), watches[1].clone(), paused[1].subscribe(), ended)),
                 ];
                 let mut links = l.lock().unwrap();
                 links.retain(|link| link.tasks.iter().any(|t| !t.is_finished()));
-                links.push(Link { up, down, watches, fds, tasks });
+                links.push(Link { up, down, paused, watches, fds, tasks });
             }
         });
         Proxy { port, links, accepted, accept }
@@ -124,6 +129,26 @@ impl Proxy {
         links.len()
     }
 
+    /// From now on, every live connection stops reading what goes `direction` (it waits in
+    /// the sockets' buffers, and the sender's writes block once they are full), until
+    /// [`Proxy::resume`]. Returns the connections paused.
+    pub fn pause(&self, direction: Direction) -> usize {
+        self.set_paused(direction, true)
+    }
+
+    /// Every connection paused `direction` passes it again.
+    pub fn resume(&self, direction: Direction) -> usize {
+        self.set_paused(direction, false)
+    }
+
+    fn set_paused(&self, direction: Direction, paused: bool) -> usize {
+        let links = self.links.lock().unwrap();
+        for link in links.iter() {
+            link.paused[(direction == Direction::Down) as usize].send_replace(paused);
+        }
+        links.len()
+    }
+
     /// Resets every live connection: both peers get an RST.
     pub fn reset(&self) -> usize {
         let mut links = self.links.lock().unwrap();
@@ -157,19 +182,23 @@ impl Drop for Proxy {
 }
 
 /// Copies `from` to `to` until `from` ends; once `holed`, reads and drops instead, and
-/// passes no end of stream either. Bytes that carry what `watch` waits for set its cut
-/// before they pass.
+/// passes no end of stream either; while `paused`, reads nothing. Bytes that carry what
+/// `watch` waits for set its cut before they pass.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     holed: Arc<AtomicBool>,
     watch: Watched,
+    mut paused: tokio::sync::watch::Receiver<bool>,
     ended: Arc<tokio::sync::Notify>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     // The end of what passed before, for a pattern split between two reads.
     let mut tail: Vec<u8> = Vec::new();
     loop {
+        if paused.wait_for(|p| !*p).await.is_err() {
+            break;
+        }
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,

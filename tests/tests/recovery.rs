@@ -837,3 +837,76 @@ async fn a_second_agent_with_the_same_id_is_refused_and_the_first_keeps_its_job(
     assert_eq!(prompts(&first), vec!["@sleep=6000 the first agent's job".to_string()], "ran once");
     assert_eq!(prompts(&second), vec!["probe".to_string()]);
 }
+
+/// A job printing faster than its agent's link to the edge carries had every byte of its
+/// output queued in the agent's memory until the link took it (hostile review 2, 1): with
+/// the link stalled, 64 MiB printed grew the agent by as much — enough of it, and the
+/// kernel kills the agent and every job with it. The agent now holds each job's progress
+/// to a budget and drops the rest; once the link moves again the job's followers are told
+/// how many events were dropped (while Claude is still quiet), and its result comes whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_flooding_a_stalled_link_does_not_grow_the_agent_and_its_followers_are_told() {
+    let scene = ProxiedAgent::start(&[]).await;
+    let dir = TempDir::new("flood");
+    let (flooded, go) = (dir.path().join("flooded"), dir.path().join("go"));
+    let pid = scene.agent.pid().expect("the agent runs");
+    let before = proc_status_kib(pid, "VmHWM").unwrap();
+    // The agent's frames stay in the sockets' buffers, then its writes block.
+    assert_eq!(scene.proxy.pause(Direction::Up), 1);
+    let job_id = scene.run_job(&format!("@megabytes=64 @flooded={} @await={} flood", flooded.display(), go.display())).await;
+    assert!(eventually(Duration::from_secs(120), || flooded.exists()).await, "the stand-in never printed its 64 MiB:\n{}", scene.agent.log());
+    let grown_mib = proc_status_kib(pid, "VmHWM").unwrap().saturating_sub(before) / 1024;
+    assert!(grown_mib < 32, "the agent grew by {grown_mib} MiB while the link was stalled:\n{}", scene.agent.log());
+    scene.proxy.resume(Direction::Up);
+    // Claude waits (for `go`): the marker comes without another line to carry it.
+    let is_marker = |(name, data): &(String, String)| name == "progress" && data.contains(r#""type":"progress_dropped""#);
+    let mut follow = Follow::default();
+    follow.until(&scene.edge, &job_id, is_marker).await;
+    std::fs::write(&go, "").unwrap();
+    follow.until(&scene.edge, &job_id, |(name, _)| name == "result").await;
+    let markers: Vec<serde_json::Value> = follow.events.iter().filter(|e| is_marker(e)).map(|(_, data)| serde_json::from_str(data).unwrap()).collect();
+    assert!(markers.iter().all(|m| m["events"].as_u64().unwrap() > 0), "{markers:?}");
+    let result: serde_json::Value = serde_json::from_str(&follow.events.last().unwrap().1).unwrap();
+    assert_eq!(result["success"], true, "{result}");
+    assert!(result["output"].as_str().unwrap().contains("flood"), "{result}");
+}
+
+/// A follower of a job's events that reconnects as an `EventSource` does: one cut for
+/// falling behind (a flood of progress) follows on from the last id it read.
+#[derive(Default)]
+struct Follow {
+    events: Vec<(String, String)>,
+    last_id: Option<String>,
+}
+
+impl Follow {
+    /// Reads on until an event `wanted` is read.
+    async fn until(&mut self, edge: &EdgeServer, job_id: &str, wanted: impl Fn(&(String, String)) -> bool) {
+        use futures_util::StreamExt;
+        for _ in 0..20 {
+            // A client of its own each time: the connection of a stream the edge cut is not
+            // one to ask again on.
+            let mut body = Client::new(&edge.url()).resume_events(job_id, self.last_id.as_deref()).await.bytes_stream();
+            let mut text = String::new();
+            while let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_secs(60), body.next()).await {
+                text.push_str(&String::from_utf8_lossy(&chunk));
+                // Whole blocks only: the rest waits for the next chunk.
+                let Some(end) = text.rfind("\n\n") else { continue };
+                let blocks: String = text.drain(..end + 2).collect();
+                for block in blocks.split("\n\n") {
+                    let field = |name: &str| block.lines().find_map(|l| l.strip_prefix(name)).map(String::from);
+                    if let Some(id) = field("id: ") {
+                        self.last_id = Some(id);
+                    }
+                    if let (Some(name), Some(data)) = (field("event: "), field("data: ")) {
+                        self.events.push((name, data));
+                        if wanted(self.events.last().unwrap()) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        panic!("job {job_id}'s stream never brought what was waited for: {} events read", self.events.len());
+    }
+}

@@ -6,7 +6,8 @@
 //! `@auth_error` report a 401 · `@garbage` print non-JSON and no result ·
 //! `@spawn_child=PIDFILE` start a long-lived child in the same process group and write its
 //! pid to PIDFILE · `@megabytes=N` stream N MiB of assistant text first (in 64 KiB
-//! events, `@gap_ms=MS` apart) · `@lines=N` print N short assistant events (`line 1`, …)
+//! events, `@gap_ms=MS` apart; `@flooded=PATH` then makes the empty file PATH, once all of
+//! them went into stdout) · `@lines=N` print N short assistant events (`line 1`, …)
 //! at once · `@await=PATH` print an assistant event `waiting for PATH`, then wait until
 //! PATH exists (at most 2 minutes; may repeat, in order) ·
 //! `@print_env=VAR` answer with the value of VAR · `@print_file_b64=PATH` answer with
@@ -211,6 +212,10 @@ fn main() {
         for _ in 0..mb * 16 {
             emit(&mut out, serde_json::json!({"type":"assistant","session_id":session,"message":{"content":[{"type":"text","text":chunk}]}}));
             std::thread::sleep(std::time::Duration::from_millis(gap));
+        }
+        if let Some(path) = directive(&prompt, "flooded") {
+            let _ = out.flush();
+            std::fs::write(path, "").expect("the stand-in writes");
         }
     }
     let say = |out: &mut std::io::StdoutLock, text: &str| {
