@@ -10,10 +10,10 @@ use super::checkout::FileSystem;
 use super::error::{local, one_line, AuthSeen, RepoError, Talk};
 use super::mirror::{callbacks, own_config};
 use super::settings::Token;
-use git2::{Diff, DiffFindOptions, DiffFormat, DiffOptions, ErrorCode, IndexAddOption, Oid, PushOptions, RemoteRedirect, Repository, Signature, Status, StatusOptions};
+use super::staging;
+use git2::{Diff, DiffFindOptions, DiffFormat, DiffOptions, ErrorCode, Oid, PushOptions, RemoteRedirect, Repository, Signature};
 use shared::job::{ChangeKind, FileChange};
 use std::cell::{Cell, RefCell};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -117,71 +117,25 @@ fn put_back_config(git: &Path, fs: FileSystem) -> std::io::Result<()> {
 }
 
 /// Stages everything in the checkout's working tree: the tree Claude left behind, to push.
-/// `abort` stops it between two files.
+/// Each file is read from a descriptor, to at most what a push carries, never by its path
+/// (see [`super::staging`]). `abort` stops it between two files.
 pub fn stage(dir: &Path, base: Oid, fs: FileSystem, abort: &AtomicBool) -> Result<Staged, RepoError> {
     let action = "collect the job's changes";
     let repo = open_checkout(dir, fs, action)?;
     // Sizes first, from the file system: nothing too big is ever read.
-    if changed_bytes(&repo)? <= IN_MEMORY_MAX_BYTES {
+    let (mut index, plan) = staging::list(&repo, fs)?;
+    if plan.bytes <= IN_MEMORY_MAX_BYTES {
         repo.odb().and_then(|odb| odb.add_new_mempack_backend(IN_MEMORY_PRIORITY).map(drop)).map_err(|e| local(action, e.message()))?;
     }
-    let tree = {
-        let mut index = repo.index().map_err(|e| local(action, e.message()))?;
-        let mut each = |_: &Path, _: &[u8]| if abort.load(Ordering::SeqCst) { -1 } else { 0 };
-        index.add_all(["*"], IndexAddOption::DEFAULT, Some(&mut each)).map_err(|e| local(action, e.message()))?;
-        index.update_all(["*"], None).map_err(|e| local(action, e.message()))?;
-        index.write_tree().map_err(|e| local(action, e.message()))?
-    };
+    plan.stage(&repo, &mut index, fs, abort)?;
+    let tree = index.write_tree().map_err(|e| local(action, e.message()))?;
     let staged = Staged { repo, base, tree, fs };
     // Before anything reads a file's content (the search for secrets reads each whole).
     staged.check_sizes()?;
     Ok(staged)
 }
 
-/// The bytes of the files the push will carry that Claude added or changed, measured
-/// before any is read; a file over [`MAX_PUSH_FILE_BYTES`] is an error. Staging takes the
-/// working tree: a file changed there is measured there, by `lstat` (a link's own size,
-/// never through a linked folder: git sees the link, not what is beyond it); one only
-/// staged (Claude's `git add`, the working tree as staged) by its object's header, its
-/// blob unread. A path left in conflict (a merge Claude did not finish) is staged from
-/// the working tree too, whole: measured there (the status says only "conflicted" of it,
-/// and it counted nothing). A file gone from the working tree is carried by no push,
-/// staged or not: it counts nothing (read from the working tree, a file staged then
-/// deleted failed the whole hand-back).
-pub(super) fn changed_bytes(repo: &Repository) -> Result<u64, RepoError> {
-    let action = "collect the job's changes";
-    let err = |e: git2::Error| local(action, e.message());
-    let workdir = repo.workdir().ok_or_else(|| local(action, "the checkout has no working tree"))?;
-    let odb = repo.odb().map_err(err)?;
-    let mut options = StatusOptions::new();
-    options.include_untracked(true).recurse_untracked_dirs(true).exclude_submodules(true);
-    let in_tree = Status::WT_NEW | Status::WT_MODIFIED | Status::WT_TYPECHANGE | Status::CONFLICTED;
-    let in_index = Status::INDEX_NEW | Status::INDEX_MODIFIED | Status::INDEX_TYPECHANGE | Status::INDEX_RENAMED;
-    let mut total = 0;
-    for entry in repo.statuses(Some(&mut options)).map_err(err)?.iter() {
-        let status = entry.status();
-        let shown = || String::from_utf8_lossy(entry.path_bytes()).into_owned();
-        let bytes = if status.intersects(in_tree) {
-            // The name as its bytes: a lossy one (`big\xff.bin`) named no file, and counted 0.
-            let path = Path::new(std::ffi::OsStr::from_bytes(entry.path_bytes()));
-            crate::files::size_beneath(workdir, path).map_err(|e| local(action, format!("{}: {e}", one_line(&shown()))))?.unwrap_or(0)
-        } else if status.intersects(Status::WT_DELETED) || !status.intersects(in_index) {
-            continue;
-        } else {
-            let Some(staged) = entry.head_to_index().map(|d| d.new_file()) else { continue };
-            // A submodule's entry names a commit of another repository: no object here.
-            if staged.id().is_zero() || staged.mode() == git2::FileMode::Commit {
-                continue;
-            }
-            odb.read_header(staged.id()).map_err(err)?.0 as u64
-        };
-        too_big(&shown(), bytes)?;
-        total += bytes;
-    }
-    Ok(total)
-}
-
-fn too_big(path: &str, bytes: u64) -> Result<(), RepoError> {
+pub(super) fn too_big(path: &str, bytes: u64) -> Result<(), RepoError> {
     match bytes > MAX_PUSH_FILE_BYTES {
         true => Err(RepoError::FileTooBig { path: one_line(path), mib: bytes.div_ceil(1 << 20), max_mib: MAX_PUSH_FILE_BYTES >> 20 }),
         false => Ok(()),

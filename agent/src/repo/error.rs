@@ -62,6 +62,10 @@ pub enum RepoError {
     PushInDoubt { url: String, branch: String, detail: String },
     #[error("`{path}` is {mib} MiB, more than the {max_mib} MiB a push carries (git servers such as GitHub refuse bigger files), so nothing was pushed: have Claude leave it out of the repository (delete it, or list it in .gitignore)")]
     FileTooBig { path: String, mib: u64, max_mib: u64 },
+    #[error("`{path}` is {what}, which git cannot store, so nothing was pushed: have Claude remove it (or put back the file it replaced)")]
+    Unstageable { path: String, what: String },
+    #[error("`{path}` is a git repository of its own inside the checkout (a folder holding `.git`), which the runner does not push, as a submodule or otherwise, so nothing was pushed: have Claude remove it, or list it in .gitignore")]
+    NestedRepository { path: String },
     #[error("a git setting the runner does not control (the checkout's .git/config, written by the job) redirected the push from {url} to {to}, so nothing was pushed: remove the `url.*.insteadOf` / `pushInsteadOf` setting, and ask Claude not to change git's configuration")]
     PushRedirected { url: String, to: String },
     #[error("the changes contain a secret of the runner machine (a token), so nothing was pushed: ask Claude not to write credentials into the repository")]

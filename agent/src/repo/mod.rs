@@ -8,6 +8,8 @@
 //! - [`mirror`]: the mirror cache (git2 fetches, per-repository locks, leases, eviction).
 //! - [`checkout`]: a job's independent checkout from a mirror; `working_dir` inside it.
 //! - [`changes`]: staging, the diff, `files_changed`, the commit and the push.
+//! - [`staging`]: the working tree into the index, each file read from a descriptor (never
+//!   by its path), measured first.
 //! - [`worker`]: the process each of those libgit2 operations runs in, killed when the job
 //!   no longer waits for it.
 //!
@@ -19,6 +21,7 @@ pub mod error;
 pub mod layout;
 pub mod mirror;
 pub mod settings;
+mod staging;
 pub mod worker;
 
 use crate::redact::Redactor;

@@ -548,7 +548,7 @@ async fn a_file_staged_then_deleted_or_changed_is_measured_as_the_push_carries_i
     add("old.txt", "changed and staged\n");
     std::fs::remove_file(co.dir.join("old.txt")).unwrap();
     let repo = git2::Repository::open(&co.dir).unwrap();
-    let measured = changes::changed_bytes(&repo).unwrap();
+    let measured = super::staging::changed_bytes(&repo, co.fs).unwrap();
     assert_eq!(measured, ("then changed\n".len() + "staged as it is\n".len()) as u64);
     let commit = push_to(&co, &bare, "claude/staged");
     let files = git(&bare, &["ls-tree", "-r", "--name-only", &commit]);
@@ -575,13 +575,14 @@ async fn a_file_staged_under_a_folder_now_a_link_is_not_measured_through_it() {
     std::fs::File::create(outside.join("big.bin")).unwrap().set_len(changes::MAX_PUSH_FILE_BYTES + (1 << 20)).unwrap();
     std::os::unix::fs::symlink(&outside, co.dir.join("data")).unwrap();
     let repo = git2::Repository::open(&co.dir).unwrap();
-    assert_eq!(changes::changed_bytes(&repo).unwrap(), outside.as_os_str().len() as u64, "the link's own size");
+    assert_eq!(super::staging::changed_bytes(&repo, co.fs).unwrap(), outside.as_os_str().len() as u64, "the link's own size");
     let commit = push_to(&co, &bare, "claude/linked");
     assert_eq!(git(&bare, &["ls-tree", &commit, "data"]).split_whitespace().next(), Some("120000"), "the link is pushed");
     // The measure itself never goes through a linked folder.
-    assert_eq!(crate::files::size_beneath(&co.dir, Path::new("data/big.bin")).unwrap(), None);
-    assert_eq!(crate::files::size_beneath(&co.dir, Path::new("README.md")).unwrap(), Some("hello again\n".len() as u64));
-    assert_eq!(crate::files::size_beneath(&co.dir, Path::new("nothing/here")).unwrap(), None);
+    let size = |rel: &str| crate::files::StatBeneath::new(&co.dir).lstat(Path::new(rel)).unwrap().map(|st| st.st_size as u64);
+    assert_eq!(size("data/big.bin"), None);
+    assert_eq!(size("README.md"), Some("hello again\n".len() as u64));
+    assert_eq!(size("nothing/here"), None);
 }
 
 /// A merge Claude left half done (a path in conflict) was measured as nothing: the status
@@ -610,10 +611,10 @@ async fn a_file_left_in_conflict_is_measured_in_the_working_tree_as_staging_take
     std::fs::write(co.dir.join("both.txt"), "resolved in the working tree\n").unwrap();
     let repo = git2::Repository::open(&co.dir).unwrap();
     assert_eq!(repo.status_file(Path::new("both.txt")).unwrap(), git2::Status::CONFLICTED);
-    assert_eq!(changes::changed_bytes(&repo).unwrap(), "resolved in the working tree\n".len() as u64);
+    assert_eq!(super::staging::changed_bytes(&repo, co.fs).unwrap(), "resolved in the working tree\n".len() as u64);
     // Over what a push takes (sparse): refused before staging reads it.
     std::fs::File::options().write(true).open(co.dir.join("both.txt")).unwrap().set_len(changes::MAX_PUSH_FILE_BYTES + (1 << 20)).unwrap();
-    let err = changes::changed_bytes(&repo).err().expect("a conflicted file over what a push takes was not measured");
+    let err = super::staging::changed_bytes(&repo, co.fs).err().expect("a conflicted file over what a push takes was not measured");
     assert!(matches!(&err, RepoError::FileTooBig { path, .. } if path == "both.txt"), "{err}");
     // Staging takes the working tree's file: that is what the push carries.
     std::fs::write(co.dir.join("both.txt"), "resolved in the working tree\n").unwrap();
@@ -622,15 +623,15 @@ async fn a_file_left_in_conflict_is_measured_in_the_working_tree_as_staging_take
 }
 
 /// Stages `co` while a process the job left running (one it kept past its warden, or
-/// another job's) holds staging after the sizes were measured, and swaps `b/big.bin`,
-/// measured at 6 bytes, for a file over what a push takes. The hold: FIFOs at
-/// `a/.gitattributes` and `aa/.gitattributes` (ignored: not staged themselves), which
-/// libgit2 opens, as it stages `a/first.txt` and `aa/second.txt`, before `b/big.bin`; an
-/// open of a FIFO waits for the other end. Once the first is open, staging cannot be past
-/// the second: the swap comes before `b/big.bin` is read. A file of 65 MiB (`c/pad.bin`)
-/// keeps the objects on disk (not in memory), where they can be seen. Returns staging's
-/// error and the largest object it wrote.
-fn stage_with_a_file_swapped_while_held(co: &checkout::Checkout) -> (Option<RepoError>, usize) {
+/// another job's) holds staging after the sizes were measured, and runs `swap` on
+/// `b/big.bin`, measured at 6 bytes. The hold: FIFOs at `a/.gitattributes` and
+/// `aa/.gitattributes` (ignored: not staged themselves), which libgit2 opens, as it stages
+/// `a/first.txt` and `aa/second.txt`, before `b/big.bin`; an open of a FIFO waits for the
+/// other end. Once the first is open, staging cannot be past the second: the swap comes
+/// before `b/big.bin` is read. A file of 65 MiB (`c/pad.bin`) keeps the objects on disk
+/// (not in memory), where they can be seen. Returns staging's error and the largest object
+/// it wrote.
+fn stage_while_held(co: &checkout::Checkout, swap: impl FnOnce(&Path)) -> (Option<RepoError>, usize) {
     std::fs::write(co.dir.join(".gitignore"), "/a/.gitattributes\n/aa/.gitattributes\n").unwrap();
     for folder in ["a", "aa", "b", "c"] {
         std::fs::create_dir_all(co.dir.join(folder)).unwrap();
@@ -645,7 +646,7 @@ fn stage_with_a_file_swapped_while_held(co: &checkout::Checkout) -> (Option<Repo
     let staging = std::thread::spawn(move || changes::stage(&dir, base, fs, &AtomicBool::new(false)).err());
     let hold = |fifo: &PathBuf| std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
     let first = hold(&fifos[0]);
-    std::fs::File::options().write(true).open(co.dir.join("b/big.bin")).unwrap().set_len(changes::MAX_PUSH_FILE_BYTES + (1 << 20)).unwrap();
+    swap(&co.dir.join("b/big.bin"));
     let second = hold(&fifos[1]);
     drop((first, second));
     let err = staging.join().unwrap();
@@ -660,6 +661,11 @@ fn stage_with_a_file_swapped_while_held(co: &checkout::Checkout) -> (Option<Repo
     (err, largest)
 }
 
+/// [`stage_while_held`], `b/big.bin` made bigger than a push takes as staging is held.
+fn stage_with_a_file_swapped_while_held(co: &checkout::Checkout) -> (Option<RepoError>, usize) {
+    stage_while_held(co, |big| std::fs::File::options().write(true).open(big).unwrap().set_len(changes::MAX_PUSH_FILE_BYTES + (1 << 20)).unwrap())
+}
+
 /// A file swapped for a bigger one after the sizes were measured is read by staging, but
 /// the push refuses it still: the staged tree's sizes are checked, from the objects'
 /// headers, before the search for secrets reads any file (`Staged::check_sizes`).
@@ -672,21 +678,193 @@ async fn a_file_swapped_in_after_it_was_measured_is_never_pushed() {
     assert!(matches!(&err, Some(RepoError::FileTooBig { path, .. }) if path == "b/big.bin"), "{err:?}");
 }
 
-/// Sizes come before staging reads a file, but libgit2 reads each file by its path, after
+/// Sizes came before staging read a file, but libgit2 read each file by its path, after
 /// steps a job can hold at a FIFO (the `.gitattributes` and `.gitignore` it opens as it
-/// goes): a process the job left running swaps a file measured small for a huge one then,
-/// and staging reads it whole — into the worker's memory when the measured total was
+/// goes): a process the job left running swapped a file measured small for a huge one
+/// then, and staging read it whole — into the worker's memory when the measured total was
 /// small (up to its 4 GiB), to the disk otherwise — refused only once read (hostile review
-/// s34 reporev, 3). Not fixed: staging would have to read each file from a descriptor it
-/// measured (`openat`, `O_NOFOLLOW`, `fstat`), at most that many bytes, filters too.
+/// s34 reporev, 3). Each file is read from a descriptor now (`openat`, `O_NOFOLLOW`),
+/// refused by its `fstat` size, and read to at most what a push carries.
 #[tokio::test]
-#[ignore = "hostile review s34 reporev, 3: staging reads by path, after a point a FIFO holds; not fixed"]
 async fn a_file_swapped_in_after_it_was_measured_is_not_read_whole() {
     let tmp = TempDir::new("swapped-read");
     let (bare, _, _) = server(tmp.path());
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
     let (_, largest) = stage_with_a_file_swapped_while_held(&co);
     assert!(largest as u64 <= changes::MAX_PUSH_FILE_BYTES, "staging read and wrote an object of {largest} bytes");
+}
+
+/// A file swapped for a FIFO after the changes were listed: libgit2 opened it by its path
+/// and waited there for a writer (for ever, but for the git worker's kill), then staged
+/// what it read as a file. Each file is opened without waiting (`O_NONBLOCK`) and looked
+/// at through its descriptor: a FIFO is refused, saying so.
+#[tokio::test]
+async fn a_file_swapped_for_a_fifo_as_staging_is_held_is_refused_not_waited_on() {
+    let tmp = TempDir::new("swapped-fifo");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let mut writer = None;
+    let (err, _) = stage_while_held(&co, |big| {
+        std::fs::remove_file(big).unwrap();
+        crate::files::pipe_at(big);
+        // Its other end, so that an open that waits on it (the defect) goes on.
+        let fifo = big.to_path_buf();
+        writer = Some(std::thread::spawn(move || drop(std::fs::OpenOptions::new().write(true).open(fifo))));
+    });
+    // The writer waits for a reader: one that never came (staging did not open the FIFO
+    // to wait on it) is this one.
+    use std::os::unix::fs::OpenOptionsExt;
+    drop(std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(co.dir.join("b/big.bin")));
+    writer.unwrap().join().unwrap();
+    let said = err.map(|e| e.to_string()).unwrap_or_default();
+    assert!(said.contains("b/big.bin") && said.contains("FIFO"), "{said:?}");
+}
+
+/// A FIFO where a tracked file was: git refuses it ("can only add regular files, symbolic
+/// links or git-directories"), libgit2 staged it as the file's deletion. Refused, saying
+/// what to do; never opened to wait on.
+#[tokio::test]
+async fn a_fifo_in_place_of_a_tracked_file_is_refused() {
+    let tmp = TempDir::new("tracked-fifo");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::remove_file(co.dir.join("old.txt")).unwrap();
+    crate::files::pipe_at(&co.dir.join("old.txt"));
+    let said = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(said.contains("old.txt") && said.contains("FIFO") && said.contains("remove it"), "{said:?}");
+    // An untracked one is passed over, as git does.
+    std::fs::remove_file(co.dir.join("old.txt")).unwrap();
+    crate::files::pipe_at(&co.dir.join("new.fifo"));
+    let commit = push_to(&co, &bare, "claude/fifo");
+    assert_eq!(git(&bare, &["ls-tree", "-r", "--name-only", &commit]), ["README.md", "src/lib.rs"].join("\n"));
+}
+
+/// Staging takes the working tree as `git add -A` would: the `.gitattributes` conversions
+/// (`text`/`eol`: CRLF to LF, `ident`), the exec bit, a link as a link (its target the
+/// blob), a file turned into a link, into a folder, a folder into a file, deletions, a new
+/// file in new folders; ignored files left out, a tracked one that is ignored taken all
+/// the same.
+#[tokio::test]
+async fn staging_takes_the_working_tree_as_git_add_does() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = TempDir::new("stage-kinds");
+    let (bare, work, _) = server(tmp.path());
+    std::fs::write(work.join("build.log"), "tracked log\n").unwrap();
+    std::fs::write(work.join("notes.md"), "notes\n").unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "a log"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let d = &co.dir;
+    std::fs::write(d.join(".gitattributes"), "*.txt text eol=lf\n*.id ident\n").unwrap();
+    std::fs::write(d.join("crlf.txt"), "one\r\ntwo\r\n").unwrap();
+    std::fs::write(d.join("x.id"), "$Id: anything here$\n").unwrap();
+    std::fs::write(d.join("run.sh"), "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(d.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(d.join("old.txt"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("old.txt", d.join("link")).unwrap();
+    std::fs::remove_file(d.join("README.md")).unwrap();
+    std::os::unix::fs::symlink("src/lib.rs", d.join("README.md")).unwrap();
+    std::fs::remove_file(d.join("src/lib.rs")).unwrap();
+    std::fs::remove_dir(d.join("src")).unwrap();
+    std::fs::write(d.join("src"), "a file now\n").unwrap();
+    std::fs::remove_file(d.join("notes.md")).unwrap();
+    std::fs::create_dir(d.join("notes.md")).unwrap();
+    std::fs::write(d.join("notes.md/inside.md"), "inside\n").unwrap();
+    std::fs::create_dir_all(d.join("new/deep")).unwrap();
+    std::fs::write(d.join("new/deep/file.md"), "deep\n").unwrap();
+    std::fs::write(d.join(".gitignore"), "*.log\n").unwrap();
+    std::fs::write(d.join("other.log"), "ignored\n").unwrap();
+    std::fs::write(d.join("build.log"), "tracked log, changed\n").unwrap();
+    let commit = push_to(&co, &bare, "claude/kinds");
+    let tree = git(&bare, &["ls-tree", "-r", &commit]);
+    let entry = |path: &str| tree.lines().find(|l| l.ends_with(&format!("\t{path}"))).map(|l| l.split_whitespace().next().unwrap().to_string());
+    let show = |path: &str| git(&bare, &["cat-file", "-p", &format!("{commit}:{path}")]);
+    assert_eq!(show("crlf.txt"), "one\ntwo", "CRLF as LF");
+    assert_eq!(show("x.id"), "$Id$", "ident collapsed");
+    assert_eq!((entry("run.sh").as_deref(), entry("old.txt").as_deref()), (Some("100755"), Some("100755")), "{tree}");
+    assert_eq!((entry("link").as_deref(), show("link").as_str()), (Some("120000"), "old.txt"), "{tree}");
+    assert_eq!((entry("README.md").as_deref(), show("README.md").as_str()), (Some("120000"), "src/lib.rs"), "{tree}");
+    assert_eq!(entry("src/lib.rs"), None, "deleted: {tree}");
+    assert_eq!((entry("src").as_deref(), show("src").as_str()), (Some("100644"), "a file now"), "{tree}");
+    assert_eq!((entry("notes.md"), show("notes.md/inside.md").as_str()), (None, "inside"), "{tree}");
+    assert_eq!((entry("new/deep/file.md").as_deref(), show("new/deep/file.md").as_str()), (Some("100644"), "deep"), "{tree}");
+    assert_eq!((entry("other.log"), show("build.log").as_str()), (None, "tracked log, changed"), "{tree}");
+}
+
+/// A tracked file over what a push carries that the job only touched (its times changed,
+/// not its bytes) is unchanged to git, and nothing to push: libgit2 hashed it, by path, to
+/// tell. It is hashed from its descriptor a chunk at a time, never held in memory; changed,
+/// it is refused.
+#[tokio::test]
+async fn a_big_tracked_file_only_touched_is_not_refused() {
+    let tmp = TempDir::new("big-touched");
+    let (bare, work, _) = server(tmp.path());
+    let big = changes::MAX_PUSH_FILE_BYTES + (1 << 20);
+    std::fs::File::create(work.join("big.img")).unwrap().set_len(big).unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "a big image"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let touch = || std::fs::File::options().write(true).open(co.dir.join("big.img")).unwrap().set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5)).unwrap();
+    touch();
+    let staged = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).unwrap();
+    assert_eq!(staged.commit("a", "a@b", "m").unwrap(), None, "nothing changed");
+    // The same size, one byte changed: refused.
+    use std::os::unix::fs::FileExt;
+    std::fs::File::options().write(true).open(co.dir.join("big.img")).unwrap().write_all_at(b"x", 1000).unwrap();
+    touch();
+    let err = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).err().expect("a changed file over what a push carries was staged");
+    assert!(matches!(&err, RepoError::FileTooBig { path, .. } if path == "big.img"), "{err}");
+}
+
+/// A submodule is staged as libgit2 stages it, as a commit, its files unread: one the job
+/// checked out at another commit moves to it, one left as the checkout made it (an empty
+/// folder) stays. A repository the job made inside the checkout failed the push with
+/// "invalid path: 'nested/'" (libgit2's); it still does, saying what it is and what to do.
+#[tokio::test]
+async fn submodules_are_staged_as_their_commits_and_a_nested_repository_is_refused() {
+    let tmp = TempDir::new("stage-nested");
+    let (bare, work, _) = server(tmp.path());
+    let lib = tmp.path().join("lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    git(&lib, &["init", "-q", "-b", "main"]);
+    std::fs::write(lib.join("lib.txt"), "one\n").unwrap();
+    git(&lib, &["add", "-A"]);
+    git(&lib, &["commit", "-q", "-m", "one"]);
+    let first = git(&lib, &["rev-parse", "HEAD"]);
+    std::fs::write(lib.join("lib.txt"), "two\n").unwrap();
+    git(&lib, &["commit", "-q", "-am", "two"]);
+    let second = git(&lib, &["rev-parse", "HEAD"]);
+    for name in ["sub", "idle"] {
+        git(&work, &["update-index", "--add", "--cacheinfo", &format!("160000,{first},{name}")]);
+    }
+    std::fs::write(work.join(".gitmodules"), format!("[submodule \"sub\"]\n\tpath = sub\n\turl = {}\n[submodule \"idle\"]\n\tpath = idle\n\turl = {}\n", lib.display(), lib.display())).unwrap();
+    git(&work, &["add", ".gitmodules"]);
+    git(&work, &["commit", "-q", "-m", "submodules"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    assert!(co.dir.join("sub").is_dir() && co.dir.join("idle").is_dir());
+    // The job makes a repository of its own.
+    let nested = co.dir.join("nested");
+    std::fs::create_dir_all(&nested).unwrap();
+    git(&nested, &["init", "-q", "-b", "main"]);
+    std::fs::write(nested.join("inner.txt"), "inner\n").unwrap();
+    git(&nested, &["add", "-A"]);
+    git(&nested, &["commit", "-q", "-m", "inner"]);
+    let said = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(said.contains("`nested`") && said.contains("repository of its own") && said.contains(".gitignore"), "{said:?}");
+    std::fs::remove_dir_all(&nested).unwrap();
+    // It checks the submodule out, at the library's newest commit.
+    std::fs::remove_dir(co.dir.join("sub")).unwrap();
+    git(&co.dir, &["clone", "-q", lib.to_str().unwrap(), "sub"]);
+    std::fs::write(co.dir.join("top.txt"), "top\n").unwrap();
+    let commit = push_to(&co, &bare, "claude/nested");
+    let tree = git(&bare, &["ls-tree", "-r", &commit]);
+    let line = |path: &str| tree.lines().find(|l| l.ends_with(&format!("\t{path}"))).map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    assert_eq!(line("sub"), Some(format!("160000 commit {second}")), "{tree}");
+    assert_eq!(line("idle"), Some(format!("160000 commit {first}")), "{tree}");
+    assert!(line("top.txt").is_some() && line("sub/lib.txt").is_none(), "{tree}");
 }
 
 /// The push went where the checkout's own `.git/config` said: a job (which can write it)

@@ -1,0 +1,404 @@
+//! The job's working tree staged into its checkout's index, no file read by its path.
+//!
+//! libgit2's `add_all` read each file it staged by its path, after points a process the
+//! job left running can hold at a FIFO (the `.gitattributes` and `.gitignore` files libgit2
+//! opens as it goes): a file measured small and swapped for a huge one meanwhile was read
+//! whole — into the git worker's memory, up to its 4 GiB — and one swapped for a FIFO was
+//! waited on (hostile review s34 reporev, 3). Here libgit2 only lists what changed (its
+//! rules: `.gitignore`, conflicts, submodules), reading no file's content ([`list`]); each
+//! file is then opened here, beneath the checkout, from its descriptor
+//! ([`crate::files::open_beneath`]), refused by its `fstat` size over what a push carries,
+//! read to at most that, given its `.gitattributes` conversions ([`cleaned`]), and put in
+//! the index as a blob ([`Plan::stage`]).
+
+use super::changes::{too_big, MAX_PUSH_FILE_BYTES};
+use super::checkout::FileSystem;
+use super::error::{local, one_line, RepoError};
+use crate::files::Beneath;
+use git2::{Binding, Delta, DiffOptions, FileMode, Index, IndexEntry, IndexTime, ObjectType, Oid, Repository};
+use std::ffi::{c_char, c_int, c_void, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+const ACTION: &str = "collect the job's changes";
+
+const BLOB: u32 = 0o100644;
+const BLOB_EXECUTABLE: u32 = 0o100755;
+const LINK: u32 = 0o120000;
+
+/// What staging does to the index, path by path (in the index's order), decided before any
+/// file is read.
+pub(super) struct Plan {
+    steps: Vec<(Vec<u8>, Step)>,
+    /// What the files staged from the working tree measured as listed (`lstat`), and those
+    /// Claude staged itself (`git add`) by their objects' headers.
+    pub bytes: u64,
+}
+
+enum Step {
+    /// Read from the working tree and staged, with what the index held at the path.
+    Take(Option<Held>),
+    /// Gone from the working tree (or a folder now): out of the index.
+    Remove,
+    /// A submodule whose folder's HEAD moved: libgit2 stages it, as the commit it names (it
+    /// reads the nested repository, no file of the working tree).
+    Submodule,
+}
+
+/// What the index held at a path staged from the working tree: its stage-0 entry
+/// (`tracked`), else a conflict's side. Its mode is the one a file keeps on a file system
+/// without exec bits or links; a tracked file read unchanged keeps its entry.
+#[derive(Clone, Copy)]
+struct Held {
+    mode: u32,
+    id: Oid,
+    tracked: bool,
+}
+
+/// The index of `repo`, and what staging its working tree into it takes, measured before
+/// any file is read: a file over [`MAX_PUSH_FILE_BYTES`] is an error.
+///
+/// libgit2 lists the changes (new files, `.gitignore` respected; conflicts; submodules
+/// moved or gone) against a copy of the index in which every tracked file and link is
+/// "assumed unchanged": libgit2 reads, by path, a tracked file whose stat data changed to
+/// tell whether its content did. Those are told here from their stat data, as libgit2
+/// tells them ([`may_differ`]), and read as they are staged; one gone is told here too.
+///
+/// Measured in the working tree, by `lstat` (a link's own size, never through a linked
+/// folder: git sees the link, not what is beyond it): each file staged from there — a path
+/// left in conflict too (a merge Claude did not finish), whole. A tracked file whose size
+/// is still the index's may be one only touched: one over the limit is told as it is read
+/// ([`holds_blob`]). A file only staged (Claude's `git add`, the working tree as staged)
+/// counts by its object's header, its blob unread. A file gone from the working tree is
+/// carried by no push, staged or not: it counts nothing.
+pub(super) fn list(repo: &Repository, fs: FileSystem) -> Result<(Index, Plan), RepoError> {
+    let err = |e: git2::Error| local(ACTION, e.message());
+    let workdir = repo.workdir().ok_or_else(|| local(ACTION, "the checkout has no working tree"))?;
+    let failed = |path: &[u8], e: std::io::Error| local(ACTION, format!("{}: {e}", shown(path)));
+    // Before the index is read: an entry written no earlier than the index may hide a change.
+    let written = std::fs::symlink_metadata(repo.path().join("index")).ok().map(|m| (m.mtime() as i32, m.mtime_nsec() as u32));
+    let index = repo.index().map_err(err)?;
+    let mut steps = Vec::new();
+    let mut bytes = 0;
+    let mut listing = Index::new().map_err(err)?;
+    let mut stat = crate::files::StatBeneath::new(workdir);
+    for mut entry in index.iter() {
+        if checked_here(&entry) {
+            match stat.lstat(as_path(&entry.path)).map_err(|e| failed(&entry.path, e))? {
+                Some(st) if matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFLNK) => {
+                    if may_differ(&entry, &st, fs, written) {
+                        let size = st.st_size as u64;
+                        // Another size than the index's: changed for sure (libgit2's rule).
+                        if size as u32 != entry.file_size && entry.file_size != 0 {
+                            too_big(&shown(&entry.path), size)?;
+                        }
+                        bytes += size;
+                        steps.push((entry.path.clone(), Step::Take(Some(Held { mode: entry.mode, id: entry.id, tracked: true }))));
+                    }
+                }
+                // Gone, or a folder now (libgit2 lists what it holds, new). libgit2 lists no
+                // deletion of an entry "assumed unchanged".
+                Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => steps.push((entry.path.clone(), Step::Remove)),
+                None => steps.push((entry.path.clone(), Step::Remove)),
+                // git refuses it too ("can only add regular files, symbolic links or git-directories").
+                Some(st) => return Err(RepoError::Unstageable { path: shown(&entry.path), what: kind(st.st_mode).into() }),
+            }
+            entry.flags |= git2::IndexEntryFlag::VALID.bits();
+        }
+        listing.add(&entry).map_err(err)?;
+    }
+    let mut options = DiffOptions::new();
+    options.include_typechange(true).include_untracked(true).recurse_untracked_dirs(true);
+    let diff = repo.diff_index_to_workdir(Some(&listing), Some(&mut options)).map_err(err)?;
+    for delta in diff.deltas() {
+        let (old, new) = (delta.old_file(), delta.new_file());
+        let Some(path) = new.path_bytes().or(old.path_bytes()) else { continue };
+        let step = match delta.status() {
+            _ if !new.exists() => Step::Remove,
+            // A folder holding a `.git` (libgit2 names it with a `/`): libgit2 failed on it
+            // ("invalid path").
+            Delta::Untracked if path.ends_with(b"/") => return Err(RepoError::NestedRepository { path: shown(&path[..path.len() - 1]) }),
+            Delta::Untracked => Step::Take(None),
+            Delta::Conflicted => Step::Take(conflicted(&index, path)),
+            Delta::Modified | Delta::Typechange if new.mode() == FileMode::Commit => Step::Submodule,
+            // A submodule's folder turned into a file or a link.
+            Delta::Modified | Delta::Typechange => Step::Take(None),
+            _ => continue,
+        };
+        if let Step::Take(_) = step {
+            let size = stat.lstat(as_path(path)).map_err(|e| failed(path, e))?.map_or(0, |st| st.st_size as u64);
+            too_big(&shown(path), size)?;
+            bytes += size;
+        }
+        steps.push((path.to_vec(), step));
+    }
+    bytes += staged_bytes(repo, &index, &steps)?;
+    steps.sort_by(|(a, _), (b, _)| a.cmp(b));
+    Ok((index, Plan { steps, bytes }))
+}
+
+/// What the index holds that Claude staged itself (against HEAD) and the working tree does
+/// not change, by its objects' headers; one over [`MAX_PUSH_FILE_BYTES`] is an error.
+fn staged_bytes(repo: &Repository, index: &Index, steps: &[(Vec<u8>, Step)]) -> Result<u64, RepoError> {
+    let err = |e: git2::Error| local(ACTION, e.message());
+    let odb = repo.odb().map_err(err)?;
+    let head = repo.head().and_then(|h| h.peel_to_tree()).ok();
+    let from_tree: std::collections::HashSet<&[u8]> = steps.iter().map(|(path, _)| path.as_slice()).collect();
+    let mut bytes = 0;
+    for delta in repo.diff_tree_to_index(head.as_ref(), Some(index), None).map_err(err)?.deltas() {
+        let new = delta.new_file();
+        // A submodule's entry names a commit of another repository: no object here.
+        if delta.status() == Delta::Deleted || new.id().is_zero() || new.mode() == FileMode::Commit {
+            continue;
+        }
+        let Some(path) = new.path_bytes().filter(|p| !from_tree.contains(p)) else { continue };
+        let size = odb.read_header(new.id()).map_err(err)?.0 as u64;
+        too_big(&shown(path), size)?;
+        bytes += size;
+    }
+    Ok(bytes)
+}
+
+/// What [`list`] measured, for the tests.
+#[cfg(test)]
+pub(super) fn changed_bytes(repo: &Repository, fs: FileSystem) -> Result<u64, RepoError> {
+    Ok(list(repo, fs)?.1.bytes)
+}
+
+impl Plan {
+    /// Stages the working tree into `index` of `repo` as planned. `abort` stops it between
+    /// two files.
+    pub(super) fn stage(self, repo: &Repository, index: &mut Index, fs: FileSystem, abort: &AtomicBool) -> Result<(), RepoError> {
+        let err = |e: git2::Error| local(ACTION, e.message());
+        let workdir = repo.workdir().ok_or_else(|| local(ACTION, "the checkout has no working tree"))?;
+        let given_up = || match abort.load(Ordering::SeqCst) {
+            true => Err(local(ACTION, "given up")),
+            false => Ok(()),
+        };
+        given_up()?;
+        for (path, step) in self.steps {
+            given_up()?;
+            match step {
+                Step::Remove => index.remove_path(as_path(&path)).map_err(err)?,
+                Step::Submodule => index.add_path(as_path(&path)).map_err(err)?,
+                Step::Take(held) => take(repo, index, workdir, &path, held, fs)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Stages the entry `path` of the working tree at `workdir` as it is now, read from a
+/// descriptor: a plain file (at most [`MAX_PUSH_FILE_BYTES`], its `.gitattributes`
+/// conversions applied), a link (its target), nothing when it is gone.
+fn take(repo: &Repository, index: &mut Index, workdir: &Path, path: &[u8], held: Option<Held>, fs: FileSystem) -> Result<(), RepoError> {
+    use std::io::Read;
+    let err = |e: git2::Error| local(ACTION, e.message());
+    let failed = |e: std::io::Error| local(ACTION, format!("{}: {e}", shown(path)));
+    let (mode, blob) = match crate::files::open_beneath(workdir, as_path(path)).map_err(failed)? {
+        // Gone since it was listed: as a listing now would find it.
+        None => return index.remove_path(as_path(path)).map_err(err),
+        Some(Beneath::Link(target)) => (LINK, target),
+        Some(Beneath::File(file)) => {
+            let meta = file.metadata().map_err(failed)?;
+            let mode = file_mode(meta.mode(), held, fs);
+            if meta.len() > MAX_PUSH_FILE_BYTES {
+                let tracked = held.filter(|h| h.tracked && h.mode == mode);
+                if tracked.is_some_and(|h| holds_blob(repo, &file, h.id).unwrap_or(false)) {
+                    return Ok(());
+                }
+                return too_big(&shown(path), meta.len());
+            }
+            let mut bytes = Vec::with_capacity(meta.len() as usize);
+            // One byte more than a push carries: a file growing as it is read is told.
+            (&file).take(MAX_PUSH_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(failed)?;
+            too_big(&shown(path), bytes.len() as u64)?;
+            (mode, cleaned(repo, path, bytes).map_err(err)?)
+        }
+        Some(Beneath::Other(libc::S_IFDIR)) => {
+            return Err(local(ACTION, format!("{} turned from a file into a folder as it was staged: a command the job started may still be running; run the job again", shown(path))));
+        }
+        Some(Beneath::Other(other)) => return Err(RepoError::Unstageable { path: shown(path), what: kind(other).into() }),
+    };
+    // libgit2 refuses a link named `.gitmodules` (git reads it as the submodules' list).
+    let name = path.rsplit(|b| *b == b'/').next().unwrap_or(path);
+    if mode == LINK && is_gitmodules(name) {
+        return Err(local(ACTION, format!("invalid path: '{}' (a link named .gitmodules)", shown(path))));
+    }
+    if let Some(held) = held.filter(|h| h.tracked && h.mode == mode) {
+        if Oid::hash_object(ObjectType::Blob, &blob).map_err(err)? == held.id {
+            return Ok(());
+        }
+    }
+    let entry = IndexEntry {
+        ctime: IndexTime::new(0, 0),
+        mtime: IndexTime::new(0, 0),
+        dev: 0,
+        ino: 0,
+        mode,
+        uid: 0,
+        gid: 0,
+        file_size: blob.len() as u32,
+        id: Oid::ZERO_SHA1,
+        flags: 0,
+        flags_extended: 0,
+        path: path.to_vec(),
+    };
+    index.add_frombuffer(&entry, &blob).map_err(err)
+}
+
+/// Whether the working tree's entry, of `lstat` data `st`, may not be the index's `entry`
+/// any more: libgit2's test (its diff's `maybe_modified`) — where it hashed the file when
+/// only its times, inode or owner differ (or it is no older than the index, `written`), it
+/// is read here. Modes as the file system holds them: without exec bits the index's bits,
+/// without links a file where a link was is the link.
+fn may_differ(entry: &IndexEntry, st: &libc::stat, fs: FileSystem, written: Option<(i32, u32)>) -> bool {
+    let mut mode = match st.st_mode & libc::S_IFMT {
+        libc::S_IFLNK => LINK,
+        _ if st.st_mode & 0o100 != 0 => BLOB_EXECUTABLE,
+        _ => BLOB,
+    };
+    if entry.mode == LINK && mode != LINK && !fs.symlinks {
+        mode = LINK;
+    }
+    if !fs.filemode && mode != LINK && entry.mode != LINK {
+        mode = entry.mode;
+    }
+    let mtime = (st.st_mtime as i32, st.st_mtime_nsec as u32);
+    let same_time = |t: IndexTime, (s, ns): (i32, u32)| t.seconds() == s && t.nanoseconds() == ns;
+    mode != entry.mode
+        || entry.file_size != st.st_size as u32
+        || !same_time(entry.mtime, mtime)
+        || !same_time(entry.ctime, (st.st_ctime as i32, st.st_ctime_nsec as u32))
+        || entry.ino != st.st_ino as u32
+        || entry.uid != st.st_uid
+        || entry.gid != st.st_gid
+        || written.is_some_and(|w| w.0 != 0 && mtime >= w)
+}
+
+/// The mode git gives a plain file of `st_mode` (its `fstat`) where the index held `held`:
+/// executable as its owner's exec bit says — on a file system without exec bits, the mode
+/// held (a new file: not executable); without links, a link held stays one (libgit2 writes
+/// a link there as a file holding its target).
+fn file_mode(st_mode: u32, held: Option<Held>, fs: FileSystem) -> u32 {
+    match held.map(|h| h.mode) {
+        Some(LINK) if !fs.symlinks => LINK,
+        Some(held @ (BLOB | BLOB_EXECUTABLE)) if !fs.filemode => held,
+        _ if !fs.filemode => BLOB,
+        _ if st_mode & 0o100 != 0 => BLOB_EXECUTABLE,
+        _ => BLOB,
+    }
+}
+
+/// Whether the index entry is a tracked file or link whose working-tree state is checked
+/// here ([`may_differ`]): not a submodule, not a conflict's side, not one marked "assumed
+/// unchanged" or "skip worktree" (libgit2 leaves those as they are).
+fn checked_here(entry: &IndexEntry) -> bool {
+    // The conflict stage's bits (`GIT_INDEX_ENTRY_STAGEMASK`), which git2 does not name.
+    let stage = entry.flags & 0x3000;
+    let skipped = entry.flags & git2::IndexEntryFlag::VALID.bits() != 0 || entry.flags_extended & git2::IndexEntryExtendedFlag::SKIP_WORKTREE.bits() != 0;
+    stage == 0 && !skipped && matches!(entry.mode, BLOB | BLOB_EXECUTABLE | LINK)
+}
+
+/// What the index holds of a path left in conflict: "ours", else "theirs", else the base.
+fn conflicted(index: &Index, path: &[u8]) -> Option<Held> {
+    [2, 3, 1].into_iter().find_map(|stage| index.get_path(as_path(path), stage)).map(|e| Held { mode: e.mode, id: e.id, tracked: false })
+}
+
+/// Whether `file`, over what a push carries, holds the blob `id` byte for byte (as the
+/// checkout wrote it): a tracked file only touched, which git would find unchanged. Hashed
+/// from the descriptor a chunk at a time, never more than the blob's size.
+fn holds_blob(repo: &Repository, mut file: &std::fs::File, id: Oid) -> std::io::Result<bool> {
+    use sha1::{Digest, Sha1};
+    use std::io::Read;
+    let Ok((size, _)) = repo.odb().and_then(|odb| odb.read_header(id)) else { return Ok(false) };
+    let mut hash = Sha1::new();
+    hash.update(format!("blob {size}\0"));
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut left = size as u64;
+    while left > 0 {
+        let n = file.read(&mut chunk[..left.min(1 << 20) as usize])?;
+        if n == 0 {
+            return Ok(false);
+        }
+        hash.update(&chunk[..n]);
+        left -= n as u64;
+    }
+    // A byte more: longer than the blob.
+    Ok(file.read(&mut [0u8])? == 0 && hash.finalize().as_slice() == id.as_bytes())
+}
+
+/// `bytes`, read from the working tree's file at `path`, as git stores them: the
+/// `.gitattributes` conversions libgit2 applies as it adds a file from its path (`text`,
+/// `eol`, `crlf`: CRLF to LF; `ident`), which `Index::add_frombuffer` does not. libgit2
+/// loads them for the path (reading the attribute files, as `add_all` did) and runs them
+/// over the bytes read here. git2 binds neither call: they are libgit2's own, below.
+fn cleaned(repo: &Repository, path: &[u8], bytes: Vec<u8>) -> Result<Vec<u8>, git2::Error> {
+    struct Filters(*mut c_void);
+    impl Drop for Filters {
+        fn drop(&mut self) {
+            // SAFETY: a list `git_filter_list_load` made, or NULL (which it passes over), freed once.
+            unsafe { git_filter_list_free(self.0) }
+        }
+    }
+    let c_path = std::ffi::CString::new(path).map_err(|_| git2::Error::from_str("a path with a NUL byte"))?;
+    let mut filters = Filters(std::ptr::null_mut());
+    // SAFETY: `repo` is open for the call; `filters` receives a new list or NULL, which its
+    // Drop frees; the path is NUL-terminated.
+    let code = unsafe { git_filter_list_load(&mut filters.0, repo.raw().cast(), std::ptr::null_mut(), c_path.as_ptr(), GIT_FILTER_TO_ODB, GIT_FILTER_DEFAULT) };
+    if code < 0 {
+        return Err(git2::Error::last_error(code));
+    }
+    if filters.0.is_null() {
+        return Ok(bytes);
+    }
+    let out = git2::Buf::new();
+    // SAFETY: `out` is a git_buf git2 owns and disposes of; the input is `bytes`, of its length.
+    let code = unsafe { git_filter_list_apply_to_buffer(out.raw().cast(), filters.0, bytes.as_ptr().cast(), bytes.len()) };
+    if code < 0 {
+        return Err(git2::Error::last_error(code));
+    }
+    drop(bytes);
+    Ok(out.to_vec())
+}
+
+/// Whether `name` (one path component) is a name git reads as `.gitmodules` (its NTFS and
+/// HFS spellings too): libgit2's own test.
+fn is_gitmodules(name: &[u8]) -> bool {
+    // SAFETY: a pointer and length of a live slice; libgit2 reads only those bytes.
+    unsafe { git_path_is_gitfile(name.as_ptr().cast(), name.len(), GIT_PATH_GITFILE_GITMODULES, GIT_PATH_FS_GENERIC) == 1 }
+}
+
+// libgit2's own calls that git2 does not bind (`git2/filter.h`, `git2/sys/path.h`), from the
+// library git2 links.
+const GIT_FILTER_TO_ODB: c_int = 1;
+const GIT_FILTER_DEFAULT: u32 = 0;
+const GIT_PATH_GITFILE_GITMODULES: c_int = 1;
+const GIT_PATH_FS_GENERIC: c_int = 0;
+extern "C" {
+    fn git_filter_list_load(filters: *mut *mut c_void, repo: *mut c_void, blob: *mut c_void, path: *const c_char, mode: c_int, flags: u32) -> c_int;
+    fn git_filter_list_apply_to_buffer(out: *mut c_void, filters: *mut c_void, data: *const c_char, len: usize) -> c_int;
+    fn git_filter_list_free(filters: *mut c_void);
+    fn git_path_is_gitfile(path: *const c_char, len: usize, gitfile: c_int, fs: c_int) -> c_int;
+}
+
+/// What a file system entry that is not a file, a link or a folder is, in words.
+fn kind(mode: libc::mode_t) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFIFO => "a FIFO",
+        libc::S_IFSOCK => "a socket",
+        libc::S_IFCHR | libc::S_IFBLK => "a device",
+        _ => "neither a file nor a link",
+    }
+}
+
+fn as_path(path: &[u8]) -> &Path {
+    Path::new(OsStr::from_bytes(path))
+}
+
+/// A path (a name Claude chose) as one line of text.
+fn shown(path: &[u8]) -> String {
+    one_line(&String::from_utf8_lossy(path))
+}
