@@ -355,7 +355,9 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
                 Err(e) => answer(edge.refusal_response(now, e, &placement), Vec::new()),
                 Ok(submitted) => {
                     let mut effects = submitted.effects;
-                    edge.wait_for(caller, &submitted.job_id, &mut effects);
+                    if let Err(refused) = edge.wait_for(caller, &submitted.job_id, &mut effects) {
+                        return answer(Response::error(refused), effects);
+                    }
                     let cfg = edge.config();
                     // The machine ends the job by then; this bound only guards the host.
                     let max_wait_ms = timeout_ms

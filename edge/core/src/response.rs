@@ -4,6 +4,7 @@
 
 use shared::contract::ApiError;
 use shared::Millis;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Response {
@@ -11,12 +12,16 @@ pub struct Response {
     pub content_type: &'static str,
     /// Headers beyond the content type (`Retry-After`, the page's security headers).
     pub headers: Vec<(&'static str, String)>,
-    pub body: String,
+    /// Shared, not copied: the callers waiting on one job (its `/execute` caller and those
+    /// repeating its idempotency key) are each given the same result text, so that many of
+    /// them cost pointers, not one copy of a result of up to megabytes each — in the one
+    /// event that answers them all, and in the host's queue of answers to write.
+    pub body: Arc<str>,
 }
 
 impl Response {
-    pub fn json(status: u16, body: String) -> Response {
-        Response { status, content_type: "application/json", headers: Vec::new(), body }
+    pub fn json(status: u16, body: impl Into<Arc<str>>) -> Response {
+        Response { status, content_type: "application/json", headers: Vec::new(), body: body.into() }
     }
 
     pub fn error(err: ApiError) -> Response {
@@ -30,8 +35,8 @@ impl Response {
         Response::error(err).with_header("retry-after", secs.to_string())
     }
 
-    pub fn text(status: u16, content_type: &'static str, body: String) -> Response {
-        Response { status, content_type, headers: Vec::new(), body }
+    pub fn text(status: u16, content_type: &'static str, body: impl Into<Arc<str>>) -> Response {
+        Response { status, content_type, headers: Vec::new(), body: body.into() }
     }
 
     pub fn with_header(mut self, name: &'static str, value: String) -> Response {

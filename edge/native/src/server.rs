@@ -637,9 +637,20 @@ fn event_stream(out: FeedOut, keepalive_ms: u64) -> Response {
     out
 }
 
+/// A core answer's shared text as bytes a response body can hold without a copy.
+struct SharedText(std::sync::Arc<str>);
+
+impl AsRef<[u8]> for SharedText {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
 pub(crate) fn into_response(response: edge_core::Response) -> Response {
     let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut out = (status, response.body).into_response();
+    // The body the core shares among every caller given the same answer (the waiters of
+    // one job) is written from that one allocation, not copied for each connection.
+    let mut out = (status, axum::body::Bytes::from_owner(SharedText(response.body))).into_response();
     out.headers_mut().insert("content-type", response.content_type.parse().expect("static content types parse"));
     for (name, value) in response.headers {
         // The core makes these values; one that is not a valid header value is dropped.

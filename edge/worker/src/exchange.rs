@@ -14,7 +14,10 @@ pub fn respond(answer: edge_core::Response) -> worker::Result<Response> {
     for (name, value) in &answer.headers {
         builder = builder.with_header(name, value)?;
     }
-    Ok(builder.fixed(answer.body.into_bytes()))
+    // The text is shared with every caller given the same answer (the waiters of one job);
+    // each response copies it once more, into the runtime's memory, as it is sent — the
+    // copy made here lives only until then.
+    Ok(builder.fixed(answer.body.as_bytes().to_vec()))
 }
 
 /// A `text/event-stream` answer carrying the follower's chunks as the runtime takes them,

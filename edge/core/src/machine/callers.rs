@@ -7,14 +7,77 @@
 use super::{Edge, Effect};
 use crate::clock::Now;
 use crate::progress;
-use crate::record::{Form, Job};
+use crate::record::{Form, Job, Mode};
+use shared::job::JobState;
 use crate::response::Response;
 use shared::contract::{ApiError, ErrorCode};
 use std::collections::HashMap;
 
+/// `/execute` callers waiting on one job, at most: its own, and those that repeat its
+/// idempotency key (a caller whose answer was lost, another process of the same caller).
+/// Past it a repeat is answered 429. (The event-stream followers' cap, for the same reason:
+/// each of them is handed the job's result when it ends.)
+pub const MAX_WAITERS_PER_JOB: usize = progress::MAX_FOLLOWERS_PER_JOB;
+/// Callers waiting on jobs they did not submit themselves — repeats of an idempotency key —
+/// of all jobs together, at most (a job's own `/execute` caller is bounded by the queue's
+/// caps already, and is never refused for these).
+pub const MAX_WAITING_REPEATS: usize = progress::MAX_FOLLOWERS;
+/// Repeats waiting on the jobs of one caller with its own secret (`RUNNER_SECRETS`), at
+/// most: half the places, so no one caller can take them all.
+pub const MAX_WAITERS_PER_CALLER: usize = MAX_WAITING_REPEATS / 2;
+
 /// One HTTP caller, as the machine and its host both name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CallerId(pub u64);
+
+/// The two kinds of callers held to caps on how many a job, a caller and the edge take:
+/// each of them is handed the job's result when it ends.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Waiter,
+    Follower,
+}
+
+/// How many callers of one kind the machine takes: of one job, in all, and of the jobs of
+/// one caller with its own secret.
+struct Places {
+    per_job: usize,
+    all: usize,
+    per_caller: usize,
+}
+
+impl Kind {
+    fn places(self) -> Places {
+        match self {
+            Kind::Waiter => Places { per_job: MAX_WAITERS_PER_JOB, all: MAX_WAITING_REPEATS, per_caller: MAX_WAITERS_PER_CALLER },
+            Kind::Follower => Places {
+                per_job: progress::MAX_FOLLOWERS_PER_JOB,
+                all: progress::MAX_FOLLOWERS,
+                per_caller: progress::MAX_FOLLOWERS_PER_CALLER,
+            },
+        }
+    }
+
+    /// The places `n` callers of this kind on `job` hold against the caps in all and per
+    /// caller: every follower; every waiter but an `/execute` job's first — the job's own
+    /// caller, bounded with its job by the queue's caps —, so that only the waiters that
+    /// repeats of an idempotency key add count, and a new `/execute` is never refused for
+    /// them.
+    fn held(self, job: &Job, n: usize) -> usize {
+        match (self, job.mode) {
+            (Kind::Waiter, Mode::Wait) => n.saturating_sub(1),
+            _ => n,
+        }
+    }
+}
+
+/// Why a job takes no more callers of a kind.
+enum Crowded {
+    /// The caller with its own secret `share` holds `held` places, its share of them.
+    Share { share: String, held: usize },
+    /// The job has `of_job` callers of the kind, and all jobs hold `all` places.
+    Edge { of_job: usize, all: usize },
+}
 
 #[derive(Debug, Default)]
 pub(super) struct Callers {
@@ -54,12 +117,89 @@ impl Edge {
     }
 
     /// `caller` waits for the job's end (it is answered at once if the job is over).
-    pub fn wait_for(&mut self, caller: CallerId, job_id: &str, effects: &mut Vec<Effect>) {
+    /// Refused — only ever a repeat of the job's idempotency key, never the `/execute` that
+    /// made it — (429) when the job, the caller's share or the edge has as many waiting
+    /// repeats as it takes, and (503, no `fallback`) when the job is still queued and no
+    /// agent is connected: answered at once, as an `/execute` that finds no agent is, while
+    /// the job stays queued for one (running the task elsewhere too would run it twice).
+    pub fn wait_for(&mut self, caller: CallerId, job_id: &str, effects: &mut Vec<Effect>) -> Result<(), ApiError> {
         if self.give_ended(caller, job_id, Form::Answer, effects) {
-            return;
+            return Ok(());
+        }
+        if self.jobs.get(job_id).is_some_and(|j| j.state == JobState::Queued) && !self.is_online() {
+            let mut refused = ApiError::new(
+                ErrorCode::RunnerOffline,
+                format!(
+                    "no agent is connected to this edge; job {job_id}, which this idempotency key names, stays queued and runs \
+                     when one connects (unless its wait in the queue ends first): follow it with GET /jobs/{job_id}, or cancel \
+                     it with DELETE /jobs/{job_id} before running the task elsewhere (a job cancelled before it reached an \
+                     agent never runs)"
+                ),
+            )
+            .with_job(job_id);
+            refused.body.fallback = None;
+            return Err(refused);
+        }
+        match self.crowded(Kind::Waiter, job_id) {
+            None => {}
+            Some(Crowded::Share { share, held }) => {
+                return Err(ApiError::new(
+                    ErrorCode::RunnerBusy,
+                    format!(
+                        "caller `{share}` waits on its jobs {held} times over already, repeating their idempotency keys (at most \
+                         {MAX_WAITERS_PER_CALLER} per caller): read the job with GET /jobs/{job_id}, or follow it with \
+                         GET /jobs/{job_id}/events — it runs once whoever waits"
+                    ),
+                )
+                .with_job(job_id));
+            }
+            Some(Crowded::Edge { of_job, all }) => {
+                return Err(ApiError::new(
+                    ErrorCode::RunnerBusy,
+                    format!(
+                        "too many callers wait on this job already, repeating its idempotency key ({of_job} this one, {all} \
+                         repeats on all jobs; at most {MAX_WAITERS_PER_JOB} per job and {MAX_WAITING_REPEATS} in all): read the \
+                         job with GET /jobs/{job_id}, or follow it with GET /jobs/{job_id}/events — it runs once whoever waits"
+                    ),
+                )
+                .with_job(job_id));
+            }
         }
         self.note_callers(job_id);
         self.callers.waiters.entry(job_id.to_string()).or_default().push(caller);
+        Ok(())
+    }
+
+    /// Whether job `job_id` takes one more caller of this `kind`: not past the kind's caps
+    /// per job ([`Places::per_job`]), in all and per caller with its own secret. The caps
+    /// in all and per caller count the places each job's callers hold ([`Kind::held`]);
+    /// a caller that would hold none (an `/execute` job's own) is always taken.
+    fn crowded(&self, kind: Kind, job_id: &str) -> Option<Crowded> {
+        let job = self.jobs.get(job_id)?;
+        let list = match kind {
+            Kind::Waiter => &self.callers.waiters,
+            Kind::Follower => &self.callers.followers,
+        };
+        let of_job = list.get(job_id).map_or(0, Vec::len);
+        if kind.held(job, of_job + 1) == kind.held(job, of_job) {
+            return None;
+        }
+        let places = kind.places();
+        let held_by = |of: &dyn Fn(&Job) -> bool| -> usize {
+            list.iter().filter_map(|(id, callers)| self.jobs.get(id).filter(|j| of(j)).map(|j| kind.held(j, callers.len()))).sum()
+        };
+        // A caller with its own secret holds its own share of the places (the operator's
+        // jobs of it too), so it cannot take every one; the pool secret's are held to the
+        // caps per job and in all alone: its holder is the operator.
+        let share = super::share_of(job);
+        if !share.is_empty() {
+            let held = held_by(&|j| super::share_of(j) == share);
+            if held >= places.per_caller {
+                return Some(Crowded::Share { share: share.to_string(), held });
+            }
+        }
+        let all = held_by(&|_| true);
+        (of_job >= places.per_job || all >= places.all).then_some(Crowded::Edge { of_job, all })
     }
 
     /// `caller` follows the job's progress: what is kept so far at once — only what came
@@ -73,42 +213,31 @@ impl Edge {
         if self.give_ended(caller, job_id, Form::Stream, effects) {
             return Ok(());
         }
-        let of_job = self.callers.followers.get(job_id).map_or(0, Vec::len);
-        let all: usize = self.callers.followers.values().map(Vec::len).sum();
-        // A caller with its own secret follows its own jobs alone: the streams of its jobs
-        // (the operator's of them too) are held to its share, so it cannot take every place.
-        let share = super::share_of(&self.jobs[job_id]);
-        if !share.is_empty() {
-            let of_share: usize = self
-                .callers
-                .followers
-                .iter()
-                .filter(|(id, _)| self.jobs.get(*id).is_some_and(|j| super::share_of(j) == share))
-                .map(|(_, f)| f.len())
-                .sum();
-            if of_share >= progress::MAX_FOLLOWERS_PER_CALLER {
+        match self.crowded(Kind::Follower, job_id) {
+            None => {}
+            Some(Crowded::Share { share, held }) => {
                 return Err(ApiError::new(
                     ErrorCode::RunnerBusy,
                     format!(
-                        "caller `{share}` follows {of_share} streams already (at most {} per caller): read the job with \
+                        "caller `{share}` follows {held} streams already (at most {} per caller): read the job with \
                          GET /jobs/{job_id}, or follow it once another of your streams ends",
                         progress::MAX_FOLLOWERS_PER_CALLER
                     ),
                 )
                 .with_job(job_id));
             }
-        }
-        if of_job >= progress::MAX_FOLLOWERS_PER_JOB || all >= progress::MAX_FOLLOWERS {
-            return Err(ApiError::new(
-                ErrorCode::RunnerBusy,
-                format!(
-                    "too many streams follow jobs already ({of_job} this one, {all} in all; at most {} per job and {} in all): \
-                     read the job with GET /jobs/{job_id}, or follow it once another stream ends",
-                    progress::MAX_FOLLOWERS_PER_JOB,
-                    progress::MAX_FOLLOWERS
-                ),
-            )
-            .with_job(job_id));
+            Some(Crowded::Edge { of_job, all }) => {
+                return Err(ApiError::new(
+                    ErrorCode::RunnerBusy,
+                    format!(
+                        "too many streams follow jobs already ({of_job} this one, {all} in all; at most {} per job and {} in all): \
+                         read the job with GET /jobs/{job_id}, or follow it once another stream ends",
+                        progress::MAX_FOLLOWERS_PER_JOB,
+                        progress::MAX_FOLLOWERS
+                    ),
+                )
+                .with_job(job_id));
+            }
         }
         for chunk in self.progress.get(job_id).map(|b| b.replay(after)).unwrap_or_default() {
             effects.push(Effect::Stream { caller, chunk });
@@ -224,8 +353,13 @@ impl Edge {
                 effects.push(Effect::EndStream { caller });
             }
         }
-        for caller in self.callers.waiters.remove(job_id).unwrap_or_default() {
-            effects.push(Effect::Answer { caller, response: Response::json(status, body.to_string()) });
+        let waiters = self.callers.waiters.remove(job_id).unwrap_or_default();
+        if !waiters.is_empty() {
+            // One text for all of them (`Response::body` is shared).
+            let response = Response::json(status, body);
+            for caller in waiters {
+                effects.push(Effect::Answer { caller, response: response.clone() });
+            }
         }
     }
 

@@ -44,7 +44,7 @@ mod stop;
 mod storage;
 mod views;
 
-pub use callers::CallerId;
+pub use callers::{CallerId, MAX_WAITERS_PER_CALLER, MAX_WAITERS_PER_JOB, MAX_WAITING_REPEATS};
 pub use jobs::Submitted;
 pub use operator::AgentControl;
 pub use login::{Availability, LOGIN_TTL_MS, LOGIN_WAIT_MS};

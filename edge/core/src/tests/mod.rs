@@ -12,6 +12,7 @@
 //! - [`routing`]: many agents: labels, affinity, callers' turns, pause, health.
 //! - [`pending`]: the bytes of the jobs not ended yet, held to `MAX_PENDING_BYTES`.
 //! - [`logs`]: the machine's log lines, captured.
+//! - [`waiters`]: `/execute` callers waiting on one job: their caps, their shared answer.
 
 mod hostile;
 mod hosts;
@@ -24,6 +25,7 @@ mod recovery;
 mod routing;
 mod stop;
 mod storage;
+mod waiters;
 
 use crate::body::Body;
 use crate::http::{self, Reply, Request};
