@@ -1160,6 +1160,60 @@ async fn idempotent_submits_run_once(kind: EdgeKind) {
     assert_eq!(s.agent.claude_runs().len(), 1);
 }
 
+/// `/execute` callers repeating the key of a job wait on it, up to 16 (the next is told
+/// 429 at once, where to read the job). On the native edge one that hangs up gives its
+/// place back; the Worker's object is not told of a hang-up (the workerd these tests run
+/// aborted no request's signal when its client went, `enable_request_signal` or not), so
+/// there a hung-up caller keeps its place until the job ends — held to the same caps.
+async fn execute_repeats_of_one_job_are_capped(kind: EdgeKind) {
+    const PER_JOB: usize = 16; // edge_core::machine::MAX_WAITERS_PER_JOB
+    let s = setup(kind, &[], &[]).await;
+    let body = json!({"prompt": "@sleep=240000 held", "idempotency_key": "k-held"});
+    let queued = s.client.submit(body.clone()).await;
+    assert_eq!(queued.status, 202, "{}", queued.text);
+    let id = queued.body["job_id"].as_str().unwrap().to_string();
+    let repeat = |within: Option<Duration>| {
+        let mut http = reqwest::Client::builder().no_proxy();
+        if let Some(within) = within {
+            http = http.timeout(within);
+        }
+        http.build().unwrap().post(format!("{}/execute", s.edge.url())).header("X-Runner-Secret", SECRET).json(&body).send()
+    };
+    // One more than the job takes, at once: exactly one is refused, whichever came last.
+    let (told, mut answers) = tokio::sync::mpsc::unbounded_channel();
+    let waiting: Vec<_> = (0..=PER_JOB)
+        .map(|_| {
+            let (told, sent) = (told.clone(), repeat(None));
+            tokio::spawn(async move {
+                let r = sent.await.expect("the edge answers");
+                let _ = told.send((r.status().as_u16(), r.text().await.unwrap_or_default()));
+            })
+        })
+        .collect();
+    let (status, text) = answers.recv().await.unwrap();
+    assert_eq!(status, 429, "{text}");
+    assert!(text.contains(&id) && text.contains("RUNNER_BUSY"), "{text}");
+    let refused = s.client.execute(body.clone()).await;
+    assert_eq!((refused.status, &refused.body["error_code"], &refused.body["job_id"]), (429, &json!("RUNNER_BUSY"), &json!(id)), "{}", refused.text);
+    assert!(refused.text.contains(&format!("GET /jobs/{id}")), "{}", refused.text);
+    // They hang up. On the native edge a repeat waits again (its request still unanswered
+    // when this one gives up on it), and the job has not ended meanwhile.
+    for w in &waiting {
+        w.abort();
+    }
+    if kind == EdgeKind::Worker {
+        assert_eq!(s.client.send("DELETE", &format!("/jobs/{id}"), Some(SECRET), None).await.status, 202);
+        return;
+    }
+    // A 429 until the edge has seen them go.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(repeat(Some(Duration::from_secs(2))).await, Err(e) if e.is_timeout()) {
+        assert!(Instant::now() < deadline, "the callers that hung up still hold every place");
+    }
+    assert_eq!(s.client.get(&format!("/jobs/{id}")).await.body["state"], "running");
+    assert_eq!(s.client.send("DELETE", &format!("/jobs/{id}"), Some(SECRET), None).await.status, 202);
+}
+
 /// A caller whose answer was lost sends its key again after the caps forgot the job
 /// (`MAX_RETAINED_JOBS=1`: one other job ended meanwhile): it is told the job ran and how it
 /// ended (410 `JOB_FORGOTTEN`), on `/execute` and `POST /jobs`, and after the edge restarts —
@@ -1971,6 +2025,7 @@ contract!(
     a_vanished_agent_makes_the_job_lost,
     an_unknown_agent_is_refused,
     idempotent_submits_run_once,
+    execute_repeats_of_one_job_are_capped,
     a_key_outlives_its_forgotten_job_and_runs_nothing_again,
     unknown_jobs_and_routes_are_404,
     a_base_url_with_a_trailing_slash_still_reaches_every_route,
