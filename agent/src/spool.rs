@@ -181,13 +181,19 @@ fn safe_id(id: &str) -> bool {
     shared::ids::plain_id(id, shared::ids::MAX_JOB_ID)
 }
 
-/// The result of a job an earlier run of the agent started and did not finish.
+/// The result of a job an earlier run of the agent started and did not finish. Whether
+/// it may be sent again is left unsaid (`retryable` unset): the started record does not
+/// say whether the job asked for a push, which may have landed before the agent died;
+/// the edge, which has the job, decides (`edge_core::record::push_may_have_landed`).
 pub fn interrupted() -> JobResult {
-    JobResult::failure(
-        ErrorCode::RunnerLost,
-        "the agent stopped (it crashed or was killed) while this job ran; it was not run again: run the task again or elsewhere",
-        0,
-    )
+    JobResult {
+        retryable: None,
+        ..JobResult::failure(
+            ErrorCode::RunnerLost,
+            "the agent stopped (it crashed or was killed) while this job ran; it was not run again: run the task again or elsewhere",
+            0,
+        )
+    }
 }
 
 /// An older agent's marker holds its order's nonce, a short line; more is not one.

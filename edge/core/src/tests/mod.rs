@@ -559,8 +559,9 @@ fn garbage_frames_close_the_connection_without_panicking() {
 /// A pushing job lost with its agent ended RUNNER_LOST, retryable and `fallback: true`,
 /// though the agent may have pushed before it went away (or be pushing still, cut off
 /// from the edge): a caller that ran it elsewhere pushed twice. Lost, gone from a
-/// restarted agent, or reported lost by that agent itself, such a job now says a push may
-/// have landed, not retryable, no fallback; one that pushes nothing is unchanged.
+/// restarted agent, or reported lost by that agent itself (restarted, unsure), such a job
+/// now says a push may have landed, not retryable, no fallback; one its agent stopped on
+/// purpose (it knows nothing was pushed), or that pushes nothing, is unchanged.
 #[test]
 fn a_lost_pushing_job_says_the_push_may_have_landed() {
     let pushing = || {
@@ -596,13 +597,24 @@ fn a_lost_pushing_job_says_the_push_may_have_landed() {
     let (mut edge, sid) = ready_edge();
     edge.submit(0, "push".into(), pushing(), Mode::Wait).unwrap();
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "push".into() });
-    let interrupted = JobResult::failure(shared::contract::ErrorCode::RunnerLost, "the agent stopped (it crashed or was killed) while this job ran; it was not run again: run the task again or elsewhere", 0);
+    let interrupted = JobResult { retryable: None, ..JobResult::failure(shared::contract::ErrorCode::RunnerLost, "the agent stopped (it crashed or was killed) while this job ran; it was not run again: run the task again or elsewhere", 0) };
     let done = finished(&report(&mut edge, 5, &sid, "push", interrupted));
     assert_eq!((done[0].1, done[0].2["error_code"].as_str(), &done[0].2["fallback"]), (502, Some("RUNNER_LOST"), &Value::Null), "{:?}", done[0].2);
     let said = done[0].2["error"].as_str().unwrap();
     assert!(said.contains("may have landed") && said.matches("may have landed").count() == 1, "{said}");
     let view = serde_json::to_value(edge.job("push").unwrap().response().unwrap()).unwrap();
     assert_eq!(view["retryable"], false, "{view}");
+
+    // Its agent, stopped on purpose (a drain that ran out, a second SIGTERM), knows it
+    // pushed nothing (Claude was still running, or the push had not begun), and says so:
+    // retryable, with fallback (hostile review rev4, 1).
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "push".into(), pushing(), Mode::Wait).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "push".into() });
+    let stopping = JobResult::failure(shared::contract::ErrorCode::RunnerLost, "the agent on the runner machine stopped while Claude was running; run the task again or elsewhere", 0);
+    let done = finished(&report(&mut edge, 5, &sid, "push", stopping));
+    assert_eq!((done[0].1, &done[0].2["fallback"]), (502, &json!(true)), "{:?}", done[0].2);
+    assert!(!done[0].2["error"].as_str().unwrap().contains("may have landed"), "{:?}", done[0].2);
 
     // A job that pushes nothing may still run elsewhere.
     let (mut edge, sid) = ready_edge();
