@@ -5,11 +5,14 @@
 //! opens as it goes): a file measured small and swapped for a huge one meanwhile was read
 //! whole — into the git worker's memory, up to its 4 GiB — and one swapped for a FIFO was
 //! waited on (hostile review s34 reporev, 3). Here libgit2 only lists what changed (its
-//! rules: `.gitignore`, conflicts, submodules), reading no file's content ([`list`]); each
-//! file is then opened here, beneath the checkout, from its descriptor
+//! rules: `.gitignore`, conflicts), reading no file's content ([`list`]); each file is then
+//! opened here, beneath the checkout, from its descriptor
 //! ([`crate::files::open_beneath`]), refused by its `fstat` size over what a push carries,
 //! read to at most that, given its `.gitattributes` conversions ([`cleaned`]), and put in
-//! the index as a blob ([`Plan::stage`]).
+//! the index as a blob ([`Plan::stage`]). A submodule is staged as the commit its folder's
+//! HEAD names, read here too ([`submodule_head`]): libgit2 ran a status of the submodule's
+//! own repository (its config, index, HEAD, its changed files, all by path, all the job's
+//! to write) and staged it by its path, which a FIFO swapped in held (hostile review s35).
 
 use super::changes::{too_big, MAX_PUSH_FILE_BYTES};
 use super::checkout::FileSystem;
@@ -27,6 +30,13 @@ const ACTION: &str = "collect the job's changes";
 const BLOB: u32 = 0o100644;
 const BLOB_EXECUTABLE: u32 = 0o100755;
 const LINK: u32 = 0o120000;
+const GITLINK: u32 = 0o160000;
+
+/// The most a file git writes in a submodule's repository and staging reads — its `.git`
+/// file, `commondir`, `HEAD`, a loose ref — holds: one line, a path or a ref at most.
+const MAX_GIT_FILE_BYTES: u64 = 4096;
+/// The most a submodule's `packed-refs` staging reads holds (a line per branch and tag).
+const MAX_PACKED_REFS_BYTES: u64 = 64 << 20;
 
 /// What staging does to the index, path by path (in the index's order), decided before any
 /// file is read.
@@ -42,9 +52,9 @@ enum Step {
     Take(Option<Held>),
     /// Gone from the working tree (or a folder now): out of the index.
     Remove,
-    /// A submodule whose folder's HEAD moved: libgit2 stages it, as the commit it names (it
-    /// reads the nested repository, no file of the working tree).
-    Submodule,
+    /// A submodule whose folder's HEAD moved: staged as the commit it names, found as the
+    /// changes were listed ([`submodule_head`]), its path never opened again.
+    Submodule(Oid),
 }
 
 /// What the index held at a path staged from the working tree: its stage-0 entry
@@ -61,10 +71,13 @@ struct Held {
 /// any file is read: a file over [`MAX_PUSH_FILE_BYTES`] is an error.
 ///
 /// libgit2 lists the changes (new files, `.gitignore` respected; conflicts; submodules
-/// moved or gone) against a copy of the index in which every tracked file and link is
-/// "assumed unchanged": libgit2 reads, by path, a tracked file whose stat data changed to
-/// tell whether its content did. Those are told here from their stat data, as libgit2
-/// tells them ([`may_differ`]), and read as they are staged; one gone is told here too.
+/// gone or turned into files) against a copy of the index in which every tracked file and
+/// link is "assumed unchanged": libgit2 reads, by path, a tracked file whose stat data
+/// changed to tell whether its content did. Those are told here from their stat data, as
+/// libgit2 tells them ([`may_differ`]), and read as they are staged; one gone is told here
+/// too. Submodules are left out of libgit2's listing (it ran a status of each one's own
+/// repository, by path): one whose folder's HEAD names another commit than the index is
+/// told here ([`submodule_head`]).
 ///
 /// Measured in the working tree, by `lstat` (a link's own size, never through a linked
 /// folder: git sees the link, not what is beyond it): each file staged from there — a path
@@ -106,11 +119,18 @@ pub(super) fn list(repo: &Repository, fs: FileSystem) -> Result<(Index, Plan), R
                 Some(st) => return Err(RepoError::Unstageable { path: shown(&entry.path), what: kind(st.st_mode).into() }),
             }
             entry.flags |= git2::IndexEntryFlag::VALID.bits();
+        } else if entry.mode == GITLINK && not_skipped(&entry) {
+            if let Some(head) = moved_submodule(workdir, &mut stat, &entry)? {
+                steps.push((entry.path.clone(), Step::Submodule(head)));
+            }
         }
         listing.add(&entry).map_err(err)?;
     }
     let mut options = DiffOptions::new();
-    options.include_typechange(true).include_untracked(true).recurse_untracked_dirs(true);
+    // Submodules ignored: libgit2 opened each one's repository (its config, index, HEAD,
+    // `info/attributes`) and hashed its changed files, all by path; a submodule gone, or a
+    // file or link now, is still listed.
+    options.include_typechange(true).include_untracked(true).recurse_untracked_dirs(true).ignore_submodules(true);
     let diff = repo.diff_index_to_workdir(Some(&listing), Some(&mut options)).map_err(err)?;
     for delta in diff.deltas() {
         let (old, new) = (delta.old_file(), delta.new_file());
@@ -122,7 +142,6 @@ pub(super) fn list(repo: &Repository, fs: FileSystem) -> Result<(Index, Plan), R
             Delta::Untracked if path.ends_with(b"/") => return Err(RepoError::NestedRepository { path: shown(&path[..path.len() - 1]) }),
             Delta::Untracked => Step::Take(None),
             Delta::Conflicted => Step::Take(conflicted(&index, path)),
-            Delta::Modified | Delta::Typechange if new.mode() == FileMode::Commit => Step::Submodule,
             // A submodule's folder turned into a file or a link.
             Delta::Modified | Delta::Typechange => Step::Take(None),
             _ => continue,
@@ -182,7 +201,7 @@ impl Plan {
             given_up()?;
             match step {
                 Step::Remove => index.remove_path(as_path(&path)).map_err(err)?,
-                Step::Submodule => index.add_path(as_path(&path)).map_err(err)?,
+                Step::Submodule(head) => index.add(&entry(path, GITLINK, head, 0)).map_err(err)?,
                 Step::Take(held) => take(repo, index, workdir, &path, held, fs)?,
             }
         }
@@ -232,7 +251,13 @@ fn take(repo: &Repository, index: &mut Index, workdir: &Path, path: &[u8], held:
             return Ok(());
         }
     }
-    let entry = IndexEntry {
+    index.add_frombuffer(&entry(path.to_vec(), mode, Oid::ZERO_SHA1, blob.len() as u32), &blob).map_err(err)
+}
+
+/// An index entry of `path`, without stat data (git reads none of a blob added from
+/// memory, nor of a submodule).
+fn entry(path: Vec<u8>, mode: u32, id: Oid, file_size: u32) -> IndexEntry {
+    IndexEntry {
         ctime: IndexTime::new(0, 0),
         mtime: IndexTime::new(0, 0),
         dev: 0,
@@ -240,13 +265,12 @@ fn take(repo: &Repository, index: &mut Index, workdir: &Path, path: &[u8], held:
         mode,
         uid: 0,
         gid: 0,
-        file_size: blob.len() as u32,
-        id: Oid::ZERO_SHA1,
+        file_size,
+        id,
         flags: 0,
         flags_extended: 0,
-        path: path.to_vec(),
-    };
-    index.add_frombuffer(&entry, &blob).map_err(err)
+        path,
+    }
 }
 
 /// Whether the working tree's entry, of `lstat` data `st`, may not be the index's `entry`
@@ -296,10 +320,182 @@ fn file_mode(st_mode: u32, held: Option<Held>, fs: FileSystem) -> u32 {
 /// here ([`may_differ`]): not a submodule, not a conflict's side, not one marked "assumed
 /// unchanged" or "skip worktree" (libgit2 leaves those as they are).
 fn checked_here(entry: &IndexEntry) -> bool {
+    not_skipped(entry) && matches!(entry.mode, BLOB | BLOB_EXECUTABLE | LINK)
+}
+
+/// Whether the index entry is staged (no conflict's side) and its working tree looked at:
+/// not marked "assumed unchanged" or "skip worktree".
+fn not_skipped(entry: &IndexEntry) -> bool {
     // The conflict stage's bits (`GIT_INDEX_ENTRY_STAGEMASK`), which git2 does not name.
     let stage = entry.flags & 0x3000;
     let skipped = entry.flags & git2::IndexEntryFlag::VALID.bits() != 0 || entry.flags_extended & git2::IndexEntryExtendedFlag::SKIP_WORKTREE.bits() != 0;
-    stage == 0 && !skipped && matches!(entry.mode, BLOB | BLOB_EXECUTABLE | LINK)
+    stage == 0 && !skipped
+}
+
+/// The commit the folder of the submodule `entry` (the index's gitlink) is at, when it is
+/// another than the index's. A folder is read ([`submodule_head`]); a submodule gone, or a
+/// file or link now, is libgit2's to list (a deletion, a type change); a FIFO, socket or
+/// device there is refused, as one where a file was.
+fn moved_submodule(workdir: &Path, stat: &mut crate::files::StatBeneath<'_>, entry: &IndexEntry) -> Result<Option<Oid>, RepoError> {
+    let failed = |e: std::io::Error| local(ACTION, format!("{}: {e}", shown(&entry.path)));
+    match stat.lstat(as_path(&entry.path)).map_err(failed)? {
+        Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => Ok(submodule_head(workdir, &entry.path)?.filter(|head| *head != entry.id)),
+        None => Ok(None),
+        Some(st) if matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFLNK) => Ok(None),
+        Some(st) => Err(RepoError::Unstageable { path: shown(&entry.path), what: kind(st.st_mode).into() }),
+    }
+}
+
+/// The commit HEAD names in the repository of the submodule folder `sub` (beneath
+/// `workdir`), as git reads it to stage a submodule — `None` where git finds none and
+/// leaves the submodule as the index holds it: no `.git` (not checked out), a HEAD gone or
+/// naming a branch without a commit.
+///
+/// Read by a pass of its own, never libgit2's, which opened the submodule's repository by
+/// path (its config, index, `info/attributes`), each of them the job's to write, as a
+/// FIFO: `sub/.git` (a folder, or a file naming one, `gitdir: <path>`, which must be
+/// inside the checkout — as `git submodule` makes it, in the checkout's `.git/modules`),
+/// its `commondir` if any, `HEAD` and the ref it names (loose, else in `packed-refs`),
+/// each opened from a descriptor beneath the checkout ([`crate::files::open_beneath`]:
+/// `O_NOFOLLOW`, `O_NONBLOCK`), refused by its `fstat` size, read to at most that. A FIFO,
+/// link or device there, a file too big for what git writes, one git would not have
+/// written, is refused, saying which ([`RepoError::Submodule`]).
+fn submodule_head(workdir: &Path, sub: &[u8]) -> Result<Option<Oid>, RepoError> {
+    let refused = |why: String| RepoError::Submodule { path: shown(sub), why };
+    let folder = as_path(sub);
+    let dot_git = folder.join(".git");
+    let gitdir = match crate::files::open_beneath(workdir, &dot_git).map_err(|e| refused(format!("`{}`: {e}", shown_path(&dot_git))))? {
+        None => return Ok(None),
+        Some(Beneath::Other(libc::S_IFDIR)) => dot_git,
+        Some(Beneath::File(file)) => {
+            let text = read_git_file(&dot_git, file, MAX_GIT_FILE_BYTES).map_err(refused)?;
+            let named = trimmed(&text).strip_prefix(b"gitdir: ").ok_or_else(|| refused(format!("`{}` names no repository (`gitdir: <path>`)", shown_path(&dot_git))))?;
+            beneath(workdir, folder, named).ok_or_else(|| refused(format!("`{}` names a repository outside the checkout", shown_path(&dot_git))))?
+        }
+        Some(Beneath::Link(_)) => return Err(refused(format!("`{}` is a link", shown_path(&dot_git)))),
+        Some(Beneath::Other(other)) => return Err(refused(format!("`{}` is {}", shown_path(&dot_git), kind(other)))),
+    };
+    let open = |rel: &Path, max: u64| -> Result<Option<Vec<u8>>, RepoError> {
+        match git_file(workdir, rel, max).map_err(refused)? {
+            Some(file) => read_git_file(rel, file, max).map(Some).map_err(refused),
+            None => Ok(None),
+        }
+    };
+    // A linked worktree's refs are in the repository it names (`commondir`).
+    let common = match open(&gitdir.join("commondir"), MAX_GIT_FILE_BYTES)? {
+        Some(text) => beneath(workdir, &gitdir, trimmed(&text)).ok_or_else(|| refused(format!("`{}` names a repository outside the checkout", shown_path(&gitdir.join("commondir")))))?,
+        None => gitdir.clone(),
+    };
+    // HEAD, then the refs it leads to (git follows at most 5).
+    let mut file = gitdir.join("HEAD");
+    let mut name = b"HEAD".to_vec();
+    for _ in 0..=5 {
+        let text = match open(&file, MAX_GIT_FILE_BYTES)? {
+            Some(text) => text,
+            None if name == b"HEAD" => return Ok(None),
+            None => return packed_ref(workdir, &common.join("packed-refs"), &name).map_err(refused),
+        };
+        let text = trimmed(&text);
+        if let Some(id) = commit_id(text) {
+            return Ok(Some(id).filter(|id| !id.is_zero()));
+        }
+        let target = text.strip_prefix(b"ref: ").filter(|r| r.starts_with(b"refs/") && std::str::from_utf8(r).is_ok_and(git2::Reference::is_valid_name));
+        let Some(target) = target else { return Err(refused(format!("`{}` holds neither a commit nor a ref", shown_path(&file)))) };
+        name = target.to_vec();
+        file = common.join(as_path(&name));
+    }
+    Err(refused(format!("`{}` leads through more than 5 refs", shown_path(&gitdir.join("HEAD")))))
+}
+
+/// The ref `name` in the `packed-refs` file `rel` beneath `workdir`: `None` when it is not
+/// there (a branch without a commit). Read a line at a time, at most
+/// [`MAX_PACKED_REFS_BYTES`].
+fn packed_ref(workdir: &Path, rel: &Path, name: &[u8]) -> Result<Option<Oid>, String> {
+    use std::io::{BufRead, Read};
+    let Some(file) = git_file(workdir, rel, MAX_PACKED_REFS_BYTES)? else { return Ok(None) };
+    let failed = |e: std::io::Error| format!("`{}`: {e}", shown_path(rel));
+    // `<id> <name>` lines; `#` a header, `^` the commit of the tag above.
+    for line in std::io::BufReader::new(file.take(MAX_PACKED_REFS_BYTES)).split(b'\n') {
+        let line = line.map_err(failed)?;
+        let line = trimmed(&line);
+        if let Some((id, rest)) = line.split_at_checked(40) {
+            if rest.strip_prefix(b" ") == Some(name) {
+                return Ok(commit_id(id).filter(|id| !id.is_zero()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The plain file `rel` beneath `workdir`, one git writes in a submodule's repository, open:
+/// `None` when it is gone or a folder (git finds no such file there); refused, in words,
+/// when it is anything else but a plain file, or over `max` bytes by its `fstat` size.
+fn git_file(workdir: &Path, rel: &Path, max: u64) -> Result<Option<std::fs::File>, String> {
+    let failed = |e: std::io::Error| format!("`{}`: {e}", shown_path(rel));
+    match crate::files::open_beneath(workdir, rel).map_err(failed)? {
+        None | Some(Beneath::Other(libc::S_IFDIR)) => Ok(None),
+        Some(Beneath::File(file)) => {
+            let size = file.metadata().map_err(failed)?.len();
+            if size > max {
+                return Err(format!("`{}` is {size} bytes, more than git writes there", shown_path(rel)));
+            }
+            Ok(Some(file))
+        }
+        Some(Beneath::Link(_)) => Err(format!("`{}` is a link", shown_path(rel))),
+        Some(Beneath::Other(other)) => Err(format!("`{}` is {}", shown_path(rel), kind(other))),
+    }
+}
+
+/// What `file` (at `rel`) holds, at most `max` bytes: one grown past that as it is read is
+/// refused.
+fn read_git_file(rel: &Path, file: std::fs::File, max: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes).map_err(|e| format!("`{}`: {e}", shown_path(rel)))?;
+    if bytes.len() as u64 > max {
+        return Err(format!("`{}` is over {max} bytes, more than git writes there", shown_path(rel)));
+    }
+    Ok(bytes)
+}
+
+/// `text` without the line end (and spaces) git leaves after it.
+fn trimmed(text: &[u8]) -> &[u8] {
+    text.trim_ascii_end()
+}
+
+/// The commit a ref's `text` names, if it is one: 40 hex digits (`Oid::from_str` would
+/// take fewer, padded).
+fn commit_id(text: &[u8]) -> Option<Oid> {
+    let hex = std::str::from_utf8(text).ok().filter(|t| t.len() == 40 && t.bytes().all(|b| b.is_ascii_hexdigit()))?;
+    Oid::from_str(hex).ok()
+}
+
+/// The path `named` (from a file in the folder `base`, beneath `workdir`) as a path beneath
+/// `workdir`, or `None` when it leads outside. Resolved by its names alone (`..` takes the
+/// folder before): the folders on the way are opened from descriptors, never through a
+/// link ([`crate::files::open_beneath`]), so none leads elsewhere. An absolute path is
+/// taken inside the checkout as its folder is named, or named without links.
+fn beneath(workdir: &Path, base: &Path, named: &[u8]) -> Option<std::path::PathBuf> {
+    use std::path::Component;
+    let named = as_path(named);
+    let joined = match named.is_absolute() {
+        true => {
+            let real = std::fs::canonicalize(workdir).ok();
+            let rest = named.strip_prefix(workdir).ok().or_else(|| real.as_deref().and_then(|real| named.strip_prefix(real).ok()))?;
+            rest.to_path_buf()
+        }
+        false => base.join(named),
+    };
+    let mut inside = std::path::PathBuf::new();
+    for part in joined.components() {
+        match part {
+            Component::Normal(name) => inside.push(name),
+            Component::CurDir => {}
+            Component::ParentDir if inside.pop() => {}
+            _ => return None,
+        }
+    }
+    Some(inside)
 }
 
 /// What the index holds of a path left in conflict: "ours", else "theirs", else the base.
@@ -401,4 +597,8 @@ fn as_path(path: &[u8]) -> &Path {
 /// A path (a name Claude chose) as one line of text.
 fn shown(path: &[u8]) -> String {
     one_line(&String::from_utf8_lossy(path))
+}
+
+fn shown_path(path: &Path) -> String {
+    shown(path.as_os_str().as_bytes())
 }

@@ -818,15 +818,12 @@ async fn a_big_tracked_file_only_touched_is_not_refused() {
     assert!(matches!(&err, RepoError::FileTooBig { path, .. } if path == "big.img"), "{err}");
 }
 
-/// A submodule is staged as libgit2 stages it, as a commit, its files unread: one the job
-/// checked out at another commit moves to it, one left as the checkout made it (an empty
-/// folder) stays. A repository the job made inside the checkout failed the push with
-/// "invalid path: 'nested/'" (libgit2's); it still does, saying what it is and what to do.
-#[tokio::test]
-async fn submodules_are_staged_as_their_commits_and_a_nested_repository_is_refused() {
-    let tmp = TempDir::new("stage-nested");
-    let (bare, work, _) = server(tmp.path());
-    let lib = tmp.path().join("lib");
+/// A server whose `main` holds the submodules `names` (gitlinks, and `.gitmodules`), each at
+/// the first of two commits of the library repository `root/lib`, whose `main` is at the
+/// second. Returns (server, library, first commit, second commit).
+fn server_with_submodules(root: &Path, names: &[&str]) -> (PathBuf, PathBuf, String, String) {
+    let (bare, work, _) = server(root);
+    let lib = root.join("lib");
     std::fs::create_dir_all(&lib).unwrap();
     git(&lib, &["init", "-q", "-b", "main"]);
     std::fs::write(lib.join("lib.txt"), "one\n").unwrap();
@@ -836,13 +833,29 @@ async fn submodules_are_staged_as_their_commits_and_a_nested_repository_is_refus
     std::fs::write(lib.join("lib.txt"), "two\n").unwrap();
     git(&lib, &["commit", "-q", "-am", "two"]);
     let second = git(&lib, &["rev-parse", "HEAD"]);
-    for name in ["sub", "idle"] {
+    let mut modules = String::new();
+    for name in names {
         git(&work, &["update-index", "--add", "--cacheinfo", &format!("160000,{first},{name}")]);
+        modules += &format!("[submodule \"{name}\"]\n\tpath = {name}\n\turl = {}\n", lib.display());
     }
-    std::fs::write(work.join(".gitmodules"), format!("[submodule \"sub\"]\n\tpath = sub\n\turl = {}\n[submodule \"idle\"]\n\tpath = idle\n\turl = {}\n", lib.display(), lib.display())).unwrap();
+    std::fs::write(work.join(".gitmodules"), modules).unwrap();
     git(&work, &["add", ".gitmodules"]);
     git(&work, &["commit", "-q", "-m", "submodules"]);
     git(&work, &["push", "-q", "origin", "main"]);
+    (bare, lib, first, second)
+}
+
+/// A submodule is staged as git stages it, as the commit its folder's HEAD names, read
+/// here, its files unread: one the job checked out at another commit moves to it — a clone
+/// (a `.git` folder, its branch a loose ref, or packed), one `git submodule update --init`
+/// made (a `.git` file naming its repository in the checkout's `.git/modules`, a detached
+/// HEAD) —, one left as the checkout made it (an empty folder) stays. A repository the job
+/// made inside the checkout failed the push with "invalid path: 'nested/'" (libgit2's); it
+/// still does, saying what it is and what to do.
+#[tokio::test]
+async fn submodules_are_staged_as_their_commits_and_a_nested_repository_is_refused() {
+    let tmp = TempDir::new("stage-nested");
+    let (bare, lib, first, second) = server_with_submodules(tmp.path(), &["sub", "packed", "linked", "idle"]);
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
     assert!(co.dir.join("sub").is_dir() && co.dir.join("idle").is_dir());
     // The job makes a repository of its own.
@@ -855,16 +868,141 @@ async fn submodules_are_staged_as_their_commits_and_a_nested_repository_is_refus
     let said = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(said.contains("`nested`") && said.contains("repository of its own") && said.contains(".gitignore"), "{said:?}");
     std::fs::remove_dir_all(&nested).unwrap();
-    // It checks the submodule out, at the library's newest commit.
-    std::fs::remove_dir(co.dir.join("sub")).unwrap();
-    git(&co.dir, &["clone", "-q", lib.to_str().unwrap(), "sub"]);
+    // It checks submodules out, at the library's newest commit.
+    for name in ["sub", "packed"] {
+        std::fs::remove_dir(co.dir.join(name)).unwrap();
+        git(&co.dir, &["clone", "-q", lib.to_str().unwrap(), name]);
+    }
+    git(&co.dir.join("packed"), &["pack-refs", "--all"]);
+    assert!(!co.dir.join("packed/.git/refs/heads/main").exists());
+    git(&co.dir, &["-c", "protocol.file.allow=always", "submodule", "-q", "update", "--init", "linked"]);
+    git(&co.dir.join("linked"), &["checkout", "-q", &second]);
+    assert!(co.dir.join("linked/.git").is_file());
     std::fs::write(co.dir.join("top.txt"), "top\n").unwrap();
     let commit = push_to(&co, &bare, "claude/nested");
     let tree = git(&bare, &["ls-tree", "-r", &commit]);
     let line = |path: &str| tree.lines().find(|l| l.ends_with(&format!("\t{path}"))).map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
-    assert_eq!(line("sub"), Some(format!("160000 commit {second}")), "{tree}");
+    for name in ["sub", "packed", "linked"] {
+        assert_eq!(line(name), Some(format!("160000 commit {second}")), "{name}: {tree}");
+    }
     assert_eq!(line("idle"), Some(format!("160000 commit {first}")), "{tree}");
     assert!(line("top.txt").is_some() && line("sub/lib.txt").is_none(), "{tree}");
+}
+
+/// A writer at a FIFO made at `path`, for as long as it is held: an open of the FIFO for
+/// reading (an open by path, which waits for ever without a writer) meets it, is counted,
+/// and reads a line. While a reader holds it open, the writer opens again and again, each
+/// counted: the count is 0 only where no reader came. [`FifoWriter::finish`] lets it go,
+/// never waiting itself.
+struct FifoWriter {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    opened: Arc<std::sync::atomic::AtomicUsize>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl FifoWriter {
+    fn at(path: &Path) -> FifoWriter {
+        use std::sync::atomic::Ordering;
+        crate::files::pipe_at(path);
+        let (stop, opened) = (Arc::new(AtomicBool::new(false)), Arc::new(std::sync::atomic::AtomicUsize::new(0)));
+        let (fifo, until, count) = (path.to_path_buf(), stop.clone(), opened.clone());
+        let thread = std::thread::spawn(move || loop {
+            // Waits for a reader.
+            let mut file = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            if until.load(Ordering::SeqCst) {
+                return;
+            }
+            count.fetch_add(1, Ordering::SeqCst);
+            use std::io::Write;
+            let _ = file.write_all(b"read by its path\n");
+        });
+        FifoWriter { path: path.to_path_buf(), stop, opened, thread }
+    }
+
+    /// How many opens met the writer. Its own reader, opened without waiting and held until
+    /// the writer has ended, ends the writer's wait whenever it comes.
+    fn finish(self) -> usize {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let reader = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&self.path).unwrap();
+        self.thread.join().unwrap();
+        drop(reader);
+        self.opened.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A submodule the job moved, swapped for a FIFO by a process the job left running after
+/// the changes were listed: libgit2 staged a submodule by its path
+/// (`git_index_add_bypath`), and opened the FIFO to read it as a file, waiting for a writer
+/// until the job's time, or read a huge file swapped in whole (hostile review s35, 1). It is
+/// staged as the commit listed, its path never opened again.
+#[tokio::test]
+async fn a_submodule_swapped_for_a_fifo_after_listing_is_staged_as_listed_never_opened() {
+    let tmp = TempDir::new("sub-fifo");
+    let (bare, lib, _, second) = server_with_submodules(tmp.path(), &["sub"]);
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::remove_dir(co.dir.join("sub")).unwrap();
+    git(&co.dir, &["clone", "-q", lib.to_str().unwrap(), "sub"]);
+    let repo = git2::Repository::open(&co.dir).unwrap();
+    let (mut index, plan) = super::staging::list(&repo, co.fs).unwrap();
+    std::fs::remove_dir_all(co.dir.join("sub")).unwrap();
+    let writer = FifoWriter::at(&co.dir.join("sub"));
+    let staged = plan.stage(&repo, &mut index, co.fs, &AtomicBool::new(false));
+    assert_eq!(writer.finish(), 0, "staging opened the submodule's path");
+    staged.unwrap();
+    let entry = index.get_path(Path::new("sub"), 0).expect("the submodule is staged");
+    assert_eq!((entry.mode, entry.id.to_string()), (0o160000, second));
+}
+
+/// A submodule's own repository is the job's to write: libgit2's listing ran a status of
+/// it, opening by path its config, index, HEAD and refs and hashing its changed files — a
+/// FIFO at `sub/.git/config` held the worker until the job's time (hostile review s35, 2).
+/// Only its `.git`, HEAD and the ref HEAD names are read now, each from a descriptor
+/// (`O_NONBLOCK`), bounded: a FIFO or a huge file there is refused, saying which; a `.git`
+/// file naming a repository outside the checkout too.
+#[tokio::test]
+async fn a_submodules_own_repository_is_read_from_descriptors_bounded() {
+    let tmp = TempDir::new("sub-git-fifo");
+    let (bare, lib, _, second) = server_with_submodules(tmp.path(), &["sub"]);
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::remove_dir(co.dir.join("sub")).unwrap();
+    git(&co.dir, &["clone", "-q", lib.to_str().unwrap(), "sub"]);
+    let stage = || changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false));
+    // A FIFO at its config: never opened.
+    let config = co.dir.join("sub/.git/config");
+    let kept = std::fs::read(&config).unwrap();
+    std::fs::remove_file(&config).unwrap();
+    let writer = FifoWriter::at(&config);
+    let staged = stage();
+    assert_eq!(writer.finish(), 0, "staging opened sub/.git/config");
+    staged.unwrap();
+    std::fs::remove_file(&config).unwrap();
+    std::fs::write(&config, kept).unwrap();
+    // A FIFO at its HEAD: refused, as its descriptor says (opened without waiting: its
+    // writer, there should staging wait on it, meets that open too).
+    let head = co.dir.join("sub/.git/HEAD");
+    std::fs::remove_file(&head).unwrap();
+    let writer = FifoWriter::at(&head);
+    let said = stage().err().map(|e| e.to_string()).unwrap_or_default();
+    writer.finish();
+    assert!(said.contains("`sub/.git/HEAD` is a FIFO") && said.contains("submodule `sub`"), "{said:?}");
+    // A huge one (sparse): refused by its size, unread.
+    std::fs::remove_file(&head).unwrap();
+    std::fs::File::create(&head).unwrap().set_len(1 << 40).unwrap();
+    let said = stage().err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(said.contains("`sub/.git/HEAD` is 1099511627776 bytes"), "{said:?}");
+    // A `.git` file naming a repository outside the checkout.
+    std::fs::write(&head, "ref: refs/heads/main\n").unwrap();
+    std::fs::rename(co.dir.join("sub/.git"), tmp.path().join("outside.git")).unwrap();
+    std::fs::write(co.dir.join("sub/.git"), format!("gitdir: {}\n", tmp.path().join("outside.git").display())).unwrap();
+    let said = stage().err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(said.contains("outside the checkout") && said.contains("submodule `sub`"), "{said:?}");
+    // Back where git put it: staged as the commit it is at.
+    std::fs::remove_file(co.dir.join("sub/.git")).unwrap();
+    std::fs::rename(tmp.path().join("outside.git"), co.dir.join("sub/.git")).unwrap();
+    let commit = push_to(&co, &bare, "claude/sub");
+    assert_eq!(git(&bare, &["rev-parse", &format!("{commit}:sub")]), second);
 }
 
 /// The push went where the checkout's own `.git/config` said: a job (which can write it)
