@@ -459,9 +459,10 @@ impl Agent {
                     (JobResult::failure(ErrorCode::InternalError, "the agent failed while running this job (see its log); retry", 0), None, None)
                 }
             };
-            // After the job's own progress: the edge ignores what comes after a result,
-            // and the connection takes the agent's words (the result) before progress.
-            ctx.progress.sent().await;
+            // After the job's own progress (at most about a heartbeat interval): the edge
+            // ignores what comes after a result, and the connection takes the agent's
+            // words (the result) before progress.
+            ctx.progress.sent(&ctx.link, &job_id, &ctx.order_nonce).await;
             agent.finish(&job_id, &ctx.order_nonce, &ctx.owner, result, session, leftover).await;
         };
         if self.jobs.send(Box::pin(task)).is_err() {

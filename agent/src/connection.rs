@@ -478,6 +478,7 @@ async fn session(
     // edge has not acknowledged.
     agent.begin_session(&challenge, keys.clone());
     uplink.clear();
+    uplink.patience(heartbeat);
     agent.state_slots();
     for (_, stored) in agent.spool.all() {
         if let Err(end) = send(&mut ws, &AgentMessage::result_text(stored.payload, &keys.agent_to_edge), limit).await {

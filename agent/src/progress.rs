@@ -51,11 +51,19 @@ pub fn admits(job: usize, all: usize, bytes: usize) -> bool {
 /// stands for, so a follower's ids skip the others.
 pub const DROPPED_TYPE: &str = "progress_dropped";
 
-/// The events of a job dropped since the last that went: what the marker will say.
+/// The events of a job dropped since the last that went: what the marker will say. And
+/// how the job's events are numbered on the way out, so that a marker is never numbered
+/// as an event the edge may have shown: the edge ignores an event not newer than the last
+/// it showed of the job, and a frame whose write failed may still have arrived.
 #[derive(Debug, Default)]
 pub struct Dropped {
     events: u64,
     last_seq: u64,
+    /// The highest number of a frame the connection took and did not write (its write
+    /// failed): it may have reached the edge.
+    arrived: u64,
+    /// Added to the runner's numbers: one for each marker numbered past what was queued.
+    shift: u64,
 }
 
 impl Dropped {
@@ -72,15 +80,45 @@ impl Dropped {
         begins
     }
 
-    /// The marker for the events dropped since the last one, if any; it takes the number of
-    /// the last of them, which was never sent, so the job's events stay numbered up.
-    pub fn marker(&self) -> Option<ProgressEvent> {
-        (self.events > 0).then(|| ProgressEvent { seq: self.last_seq, event: serde_json::json!({"type": DROPPED_TYPE, "events": self.events}) })
+    /// The marker for the events dropped since the last one, if any. It takes the number
+    /// of the last of them, which was never sent, so the job's events stay numbered up and
+    /// a follower's ids skip the others; unless that one may have arrived (its write
+    /// failed): then the number past it, and the events after it are numbered one further
+    /// ([`Dropped::number`]). (A job's frames are taken in the order they are numbered, so
+    /// a frame never taken is numbered past every one that was.)
+    pub fn marker(&mut self) -> Option<ProgressEvent> {
+        if self.events == 0 {
+            return None;
+        }
+        if self.last_seq <= self.arrived {
+            self.last_seq = self.arrived + 1;
+            self.shift += 1;
+        }
+        Some(ProgressEvent { seq: self.last_seq, event: serde_json::json!({"type": DROPPED_TYPE, "events": self.events}) })
+    }
+
+    /// Whether a marker waits to be sent.
+    pub fn waits(&self) -> bool {
+        self.events > 0
+    }
+
+    /// Numbers the runner's `events` as they go out (the same, unless a marker took a
+    /// number of its own).
+    pub fn number(&self, events: &mut [ProgressEvent]) {
+        if self.shift > 0 {
+            events.iter_mut().for_each(|e| e.seq += self.shift);
+        }
+    }
+
+    /// A frame whose events end at number `last_seq` was taken by the connection and not
+    /// written: it may have reached the edge.
+    pub fn may_have_arrived(&mut self, last_seq: u64) {
+        self.arrived = self.arrived.max(last_seq);
     }
 
     /// The marker went: what is dropped from now on is counted afresh.
     pub fn told(&mut self) {
-        *self = Dropped::default();
+        (self.events, self.last_seq) = (0, 0);
     }
 }
 
@@ -182,6 +220,30 @@ mod tests {
         dropped.told();
         assert!(dropped.marker().is_none());
         assert!(dropped.note(1, 12), "a new run");
+    }
+
+    /// Events whose write failed may have reached the edge, which
+    /// ignores an event not newer than the last it showed: the marker for them takes the
+    /// number past them, and the events after it one more than the runner's.
+    #[test]
+    fn a_marker_for_events_that_may_have_arrived_is_numbered_past_them() {
+        let mut dropped = Dropped::default();
+        dropped.note(2, 4);
+        dropped.may_have_arrived(4);
+        let marker = dropped.marker().unwrap();
+        assert_eq!((marker.seq, &marker.event["events"]), (5, &json!(2)));
+        let mut next = vec![ProgressEvent { seq: 5, event: json!({}) }];
+        dropped.number(&mut next);
+        assert_eq!(next[0].seq, 6, "after the marker");
+        // Not sent: asked again, the same number.
+        assert_eq!(dropped.marker().unwrap().seq, 5);
+        dropped.told();
+        // Dropped before it was sent: its own number, nothing shifted further.
+        dropped.note(1, 7);
+        assert_eq!(dropped.marker().unwrap().seq, 7);
+        let mut next = vec![ProgressEvent { seq: 7, event: json!({}) }];
+        dropped.number(&mut next);
+        assert_eq!(next[0].seq, 8);
     }
 
     #[test]
