@@ -459,7 +459,7 @@ impl Agent {
                     (JobResult::failure(ErrorCode::InternalError, "the agent failed while running this job (see its log); retry", 0), None, None)
                 }
             };
-            // After the job's own progress (at most about a heartbeat interval): the edge
+            // After the job's own progress (a second at most: `uplink::MAX_RESULT_WAIT_MS`): the edge
             // ignores what comes after a result, and the connection takes the agent's
             // words (the result) before progress.
             ctx.progress.sent(&ctx.link, &job_id, &ctx.order_nonce).await;

@@ -587,11 +587,13 @@ mod tests {
     /// The hand-back stopped at the job's deadline plus 20 s and waited 60 s more for a
     /// push under way, against the edge's 30 s margin: the edge told the caller TIMEOUT,
     /// retryable, and the push landed after (hostile review of repository jobs, 1). The
-    /// agent's whole hand-back now ends within the default margin, with 3 s to spare for
-    /// the result's way to the edge.
+    /// agent's whole hand-back now ends within the default margin, with 2 s to spare for
+    /// the result's way to the edge, after the result's wait for its own progress (twice
+    /// `MAX_RESULT_WAIT_MS` at most).
     #[test]
     fn a_hand_back_ends_within_the_edges_default_margin() {
-        let bound = FINISH_GRACE + crate::repo::HAND_BACK_ABANDON + crate::repo::worker::DRAINED_WITHIN + Duration::from_secs(3);
+        let waits_for_its_progress = 2 * Duration::from_millis(crate::uplink::MAX_RESULT_WAIT_MS);
+        let bound = FINISH_GRACE + crate::repo::HAND_BACK_ABANDON + crate::repo::worker::DRAINED_WITHIN + waits_for_its_progress + Duration::from_secs(2);
         assert!(bound <= Duration::from_millis(shared::protocol::DEFAULT_TIMEOUT_MARGIN_MS), "the hand-back may end {bound:?} past timeout_ms");
     }
 

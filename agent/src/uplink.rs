@@ -28,7 +28,8 @@
 //! has ended, so the job's task waits for its progress to be written (or dropped with a
 //! lost connection) before it hands its result over ([`JobProgress::sent`]) — for its own
 //! frames only, as the connection takes one frame of each job in turn, and for at most
-//! about a heartbeat interval: what is still queued then is dropped, and a marker says so.
+//! half a second (twice, with the marker): what is still queued then is dropped, and a
+//! marker says so.
 
 use crate::link::Link;
 use agent_core::progress::{admits, Dropped, JOB_BACKLOG_BYTES};
@@ -48,15 +49,20 @@ pub fn channels() -> (UnboundedSender<AgentMessage>, Progress, Receivers) {
     let (ready, ready_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         all: Mutex::new(0),
-        patience_ms: AtomicU64::new(PATIENCE_BEFORE_A_CONNECTION_MS),
+        patience_ms: AtomicU64::new(MAX_RESULT_WAIT_MS),
     });
     let progress = Progress { ready: ready.clone(), shared: Arc::clone(&shared) };
     (control, progress, Receivers { control: control_rx, ready: ready_rx, again: ready, shared })
 }
 
-/// How long a job's result waits for its own progress at most until a connection says
-/// its heartbeat interval ([`Receivers::patience`]): the edge's default interval.
-const PATIENCE_BEFORE_A_CONNECTION_MS: u64 = 15_000;
+/// How long a job's result waits for its own progress at most, each of the two times it
+/// may wait ([`JobProgress::sent`]): on a link that works, a job's last batch is written
+/// within milliseconds. Kept short so that the whole wait (twice this) fits where the
+/// result must arrive: within the edge's timeout margin after the hand-back
+/// (`runner.rs`'s `a_hand_back_ends_within_the_edges_default_margin`), and within the
+/// stop's grace, before which the result must be in the spool (`serve.rs`). A heartbeat
+/// interval, as first set, let a result wait past both (hostile review s35, uplink 1-2).
+pub const MAX_RESULT_WAIT_MS: u64 = 500;
 
 /// Makes each job's progress queue; all share the agent's budget.
 #[derive(Clone)]
@@ -73,8 +79,8 @@ impl Progress {
 }
 
 /// What all jobs' queues share: the bytes of all jobs' progress queued and not yet
-/// written, and how long a job's result waits for its own progress at most (about the
-/// current connection's heartbeat interval).
+/// written, and how long a job's result waits for its own progress at most
+/// ([`MAX_RESULT_WAIT_MS`]).
 struct Shared {
     all: Mutex<usize>,
     patience_ms: AtomicU64,
@@ -257,11 +263,11 @@ impl Receivers {
         }
     }
 
-    /// How long a job's result waits for its own progress at most: about the
-    /// connection's heartbeat interval, so that a slow link delays a job's end by no more
-    /// than the link's own liveness checks allow.
+    /// How long a job's result waits for its own progress at most: the connection's
+    /// heartbeat interval if shorter than [`MAX_RESULT_WAIT_MS`] (tests set it shorter).
     pub fn patience(&self, heartbeat: Duration) {
-        self.shared.patience_ms.store(heartbeat.as_millis().try_into().unwrap_or(u64::MAX), SeqCst);
+        let ms = u64::try_from(heartbeat.as_millis()).unwrap_or(u64::MAX).min(MAX_RESULT_WAIT_MS);
+        self.shared.patience_ms.store(ms, SeqCst);
     }
 
     /// The agent's own frames queued, and the jobs with progress queued.
@@ -427,22 +433,38 @@ impl JobProgress {
     /// dropped with a lost connection's queue. A job's result is handed over after it, so
     /// that the edge, which ignores progress for a job it has ended, shows it all. The
     /// connection takes one frame of each job in turn, so this waits for the job's own
-    /// frames, not for other jobs' backlogs; and for at most about a heartbeat interval
+    /// frames, not for other jobs' backlogs; and for at most [`MAX_RESULT_WAIT_MS`]
     /// ([`Receivers::patience`]): on a link slower than the job printed, what is still
     /// queued then is dropped, a marker saying how many events were is queued in its place
-    /// and waited for as long again at most, and the result goes.
+    /// and waited for as long again at most, and the result goes. Events dropped before
+    /// (a lost connection's queue) and not told yet get their marker here too: nothing
+    /// comes after the result to carry it.
     pub async fn sent(&self, link: &Link, job_id: &str, order_nonce: &str) {
         if self.written_within().await {
+            if self.marker_waits() {
+                self.queue_marker(link, job_id, order_nonce, true);
+                self.cut_after_a_wait().await;
+            }
             return;
         }
         let before = self.0.queue.dropped_total.load(SeqCst);
         drop(self.0.queue.take_all());
         let dropped = self.0.queue.dropped_total.load(SeqCst) - before;
+        // Only a frame the connection is writing was left (a stalled link): nothing was
+        // dropped, and nothing is to be said.
+        if dropped == 0 && !self.marker_waits() {
+            return;
+        }
         warn!(
             job_id, dropped_events = dropped, waited_ms = self.0.shared.patience_ms.load(SeqCst),
-            "the job's progress was not written within a heartbeat interval of its end (the link to the edge is slower than it printed): the rest of it is dropped, so its result goes now"
+            "the job's progress was not written soon after its end (the link to the edge is slower than it printed): the rest of it is dropped, so its result goes now"
         );
         self.queue_marker(link, job_id, order_nonce, true);
+        self.cut_after_a_wait().await;
+    }
+
+    /// Waits for the job's queue once more (its marker), and drops what is left then.
+    async fn cut_after_a_wait(&self) {
         if !self.written_within().await {
             drop(self.0.queue.take_all());
         }
@@ -574,6 +596,23 @@ mod tests {
         assert!(rx.try_next().is_none());
     }
 
+    /// The job's last events lost with a connection's queue, and nothing after them: the
+    /// result went with no marker, as a marker rides on the next batch or a tick — and
+    /// after a job's end there is neither (hostile review s35, uplink 3). `sent` queues it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_last_events_lost_with_a_connection_are_told_before_the_result() {
+        let (_control, progress, mut rx) = channels();
+        let (link, job) = (link(), progress.job());
+        job.forward(&link, "j", "j:1", batch(1..=2));
+        rx.clear();
+        assert_eq!(job.queued_bytes(), 0);
+        let mut sent = Box::pin(job.sent(&link, "j", "j:1"));
+        assert!((&mut sent).now_or_never().is_none(), "the result went with the loss untold");
+        let marker = read(rx.try_next().expect("a marker is queued"));
+        assert_eq!((marker[0].seq, &marker[0].event["events"]), (2, &serde_json::json!(2)));
+        sent.await;
+    }
+
     /// All jobs' progress shared one FIFO: a quiet job's result (`sent`) waited for every
     /// frame another job had queued before it — up to that job's whole budget, minutes on
     /// a slow link, past the quiet job's deadline (hostile review 3, 1). Each job now has
@@ -633,7 +672,7 @@ mod tests {
         assert!(next[0].seq > marker[0].seq, "numbered up after the marker");
     }
 
-    /// A job's result waits for its own progress for about a heartbeat interval at most:
+    /// A job's result waits for its own progress for a short bound at most:
     /// on a link slower than the job printed, what is still queued then is dropped, and a
     /// marker says how many events were; if that does not go either, the result goes.
     #[tokio::test(flavor = "current_thread")]
