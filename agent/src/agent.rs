@@ -701,13 +701,12 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// Runs a script as Claude for one job through the runner and `finish`, as the serve
-    /// loop does; returns the job's error code and the usage window then reported.
-    async fn usage_after(name: &str, script: &str) -> (Option<ErrorCode>, Option<shared::usage::UsageWindow>) {
+    /// An agent in a fresh `dir` (its config and DATA_DIR there) whose Claude is the shell
+    /// `script` (after reading its prompt), in a session with fixed keys.
+    pub(super) fn agent_with_claude(dir: &std::path::Path, script: &str) -> (Arc<Agent>, Queues) {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("cr-agent-usage-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap();
         let claude = dir.join("claude.sh");
         std::fs::write(&claude, format!("#!/bin/sh\ncat >/dev/null\n{script}")).unwrap();
         std::fs::set_permissions(&claude, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -717,9 +716,17 @@ mod tests {
             claude_model: None,
             job_env_allow: String::new(),
         };
-        let (agent, _queues) = Agent::new(AgentConfig::local_only(&local, "spark".into())).unwrap();
+        let (agent, queues) = Agent::new(AgentConfig::local_only(&local, "spark".into())).unwrap();
         let keys = shared::link::LinkKeys { agent_to_edge: shared::link::MacKey::from_bytes([1; 32]), edge_to_agent: shared::link::MacKey::from_bytes([2; 32]) };
         agent.begin_session("challenge", keys);
+        (agent, queues)
+    }
+
+    /// Runs a script as Claude for one job through the runner and `finish`, as the serve
+    /// loop does; returns the job's error code and the usage window then reported.
+    async fn usage_after(name: &str, script: &str) -> (Option<ErrorCode>, Option<shared::usage::UsageWindow>) {
+        let dir = std::env::temp_dir().join(format!("cr-agent-usage-{name}-{}", std::process::id()));
+        let (agent, _queues) = agent_with_claude(&dir, script);
         let ctx = agent.job_context("j:1", "default", Some(false));
         let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
         let (_stop, stop_rx) = oneshot::channel();
@@ -766,23 +773,9 @@ mod flood_tests {
 
     /// A job whose Claude prints `lines` assistant lines of about 1 KiB, as fast as it can.
     fn flooding(dir: &std::path::Path, lines: usize) -> (Arc<Agent>, Queues) {
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::create_dir_all(dir).unwrap();
-        let script = dir.join("flood.sh");
         let pad = "x".repeat(1000);
-        std::fs::write(&script, format!("#!/bin/sh\ncat >/dev/null\nyes '{{\"type\":\"assistant\",\"m\":\"{pad}\"}}' | head -n {lines}\necho '{{\"type\":\"result\",\"subtype\":\"success\",\"result\":\"ok\"}}'\n")).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let local = crate::config::LocalArgs {
-            claude_bin: script.to_string_lossy().into_owned(),
-            login: crate::config::ClaudeLoginArgs { claude_config_dir: Some(dir.join("cfg")), dir: crate::config::DataDirArgs { data_dir: Some(dir.join("data")) } },
-            claude_model: None,
-            job_env_allow: String::new(),
-        };
-        let (agent, queues) = Agent::new(AgentConfig::local_only(&local, "spark".into())).unwrap();
-        let keys = shared::link::LinkKeys { agent_to_edge: shared::link::MacKey::from_bytes([1; 32]), edge_to_agent: shared::link::MacKey::from_bytes([2; 32]) };
-        agent.begin_session("challenge", keys);
-        (agent, queues)
+        let script = format!("yes '{{\"type\":\"assistant\",\"m\":\"{pad}\"}}' | head -n {lines}\necho '{{\"type\":\"result\",\"subtype\":\"success\",\"result\":\"ok\"}}'\n");
+        super::tests::agent_with_claude(dir, &script)
     }
 
     /// A job printing faster than the link to the edge carries (a slow uplink, a half-open

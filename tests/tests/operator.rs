@@ -168,22 +168,27 @@ fn up_syncs_every_folder_it_made(data: &TempDir, data_dir: &std::ffi::OsStr, top
     }
 }
 
-/// A full disk at `up`'s first start said only "No space left on device (os error 28)":
-/// which file, and what to do, are said. DATA_DIR is a full tmpfs in a mount namespace of
-/// the test's own.
-#[test]
-fn up_on_a_full_disk_names_its_file_and_what_to_do() {
-    let data = TempDir::new("up-full");
+/// Runs `up` with DATA_DIR `data` after `script` (`sh -c`, `$0` the agent's binary, which
+/// it `exec`s with `up`) made DATA_DIR a mount of the test's own, in a mount namespace.
+fn up_in_a_mount_of_its_own(data: &TempDir, script: &str) -> std::process::Output {
     let mount_ns = if unsafe { libc::geteuid() } == 0 { "-m" } else { "-rm" };
-    let script = r#"mount -t tmpfs -o size=256k tmpfs "$DATA_DIR" && { head -c 1m /dev/zero > "$DATA_DIR/fill" 2>/dev/null; exec "$0" up; }"#;
-    let out = Command::new("unshare")
+    Command::new("unshare")
         .args([mount_ns, "sh", "-c", script])
         .arg(bin("claude-runner"))
         .env("CLAUDE_BIN", bin("claude-standin"))
         .env("DATA_DIR", data.path())
         .env("LISTEN", "127.0.0.1:0")
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// A full disk at `up`'s first start said only "No space left on device (os error 28)":
+/// which file, and what to do, are said. DATA_DIR is a full tmpfs in a mount namespace of
+/// the test's own.
+#[test]
+fn up_on_a_full_disk_names_its_file_and_what_to_do() {
+    let data = TempDir::new("up-full");
+    let out = up_in_a_mount_of_its_own(&data, r#"mount -t tmpfs -o size=256k tmpfs "$DATA_DIR" && { head -c 1m /dev/zero > "$DATA_DIR/fill" 2>/dev/null; exec "$0" up; }"#);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     let file = data.path().join("up/up.json");
@@ -198,16 +203,7 @@ fn up_on_a_full_disk_names_its_file_and_what_to_do() {
 #[test]
 fn up_on_a_disk_too_full_for_a_folder_says_so() {
     let data = TempDir::new("up-no-inodes");
-    let mount_ns = if unsafe { libc::geteuid() } == 0 { "-m" } else { "-rm" };
-    let script = r#"mount -t tmpfs -o size=1m,nr_inodes=4 tmpfs "$DATA_DIR" && { i=0; while touch "$DATA_DIR/f$i" 2>/dev/null; do i=$((i+1)); done; exec "$0" up; }"#;
-    let out = Command::new("unshare")
-        .args([mount_ns, "sh", "-c", script])
-        .arg(bin("claude-runner"))
-        .env("CLAUDE_BIN", bin("claude-standin"))
-        .env("DATA_DIR", data.path())
-        .env("LISTEN", "127.0.0.1:0")
-        .output()
-        .unwrap();
+    let out = up_in_a_mount_of_its_own(&data, r#"mount -t tmpfs -o size=1m,nr_inodes=4 tmpfs "$DATA_DIR" && { i=0; while touch "$DATA_DIR/f$i" 2>/dev/null; do i=$((i+1)); done; exec "$0" up; }"#);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     let folder = data.path().join("up");
@@ -223,16 +219,7 @@ fn up_on_a_disk_too_full_for_a_folder_says_so() {
 #[test]
 fn up_on_a_read_only_disk_says_the_folder_cannot_be_made() {
     let data = TempDir::new("up-read-only");
-    let mount_ns = if unsafe { libc::geteuid() } == 0 { "-m" } else { "-rm" };
-    let script = r#"mount -t tmpfs -o ro tmpfs "$DATA_DIR" && exec "$0" up"#;
-    let out = Command::new("unshare")
-        .args([mount_ns, "sh", "-c", script])
-        .arg(bin("claude-runner"))
-        .env("CLAUDE_BIN", bin("claude-standin"))
-        .env("DATA_DIR", data.path())
-        .env("LISTEN", "127.0.0.1:0")
-        .output()
-        .unwrap();
+    let out = up_in_a_mount_of_its_own(&data, r#"mount -t tmpfs -o ro tmpfs "$DATA_DIR" && exec "$0" up"#);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     let folder = data.path().join("up");
