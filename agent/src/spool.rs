@@ -32,7 +32,6 @@
 
 use crate::files::{open_plain, write_atomically};
 use agent_core::record::{self, Region};
-use shared::contract::ErrorCode;
 use shared::envelope::{Domain, Envelope, Tagged};
 use shared::protocol::ResultReport;
 use shared::job::JobResult;
@@ -186,14 +185,7 @@ fn safe_id(id: &str) -> bool {
 /// say whether the job asked for a push, which may have landed before the agent died;
 /// the edge, which has the job, decides (`edge_core::record::push_may_have_landed`).
 pub fn interrupted() -> JobResult {
-    JobResult {
-        retryable: None,
-        ..JobResult::failure(
-            ErrorCode::RunnerLost,
-            "the agent stopped (it crashed or was killed) while this job ran; it was not run again: run the task again or elsewhere",
-            0,
-        )
-    }
+    JobResult::lost("the agent stopped (it crashed or was killed) while this job ran; it was not run again: run the task again or elsewhere", 0)
 }
 
 /// An older agent's marker holds its order's nonce, a short line; more is not one.
@@ -731,6 +723,7 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shared::contract::ErrorCode;
     use std::path::Path;
 
     use shared::protocol::ResultReport;

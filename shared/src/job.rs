@@ -124,6 +124,14 @@ impl JobResult {
         }
     }
 
+    /// A job lost by whoever found it so (the edge: its agent gone too long, or back
+    /// without it; a restarted agent: its started record without a result), who cannot
+    /// say whether it may be sent again: `retryable` is left unsaid, and the edge, which
+    /// has the job, decides when it ends it (a push it asked for may have landed).
+    pub fn lost(error: impl Into<String>, duration_ms: u64) -> Self {
+        JobResult { retryable: None, ..JobResult::failure(ErrorCode::RunnerLost, error, duration_ms) }
+    }
+
     /// The terminal state this result puts its job in.
     pub fn terminal_state(&self) -> JobState {
         match (self.success, self.error_code) {

@@ -448,17 +448,13 @@ pub fn lost(job: &Job, now: Millis) -> JobResult {
             job.elapsed(now),
         );
     }
-    let result = JobResult::failure(
-        ErrorCode::RunnerLost,
-        "the agent running this job went away and did not come back in time (LOST_AFTER_MS); run the task elsewhere",
-        job.elapsed(now),
-    );
-    push_may_have_landed(job, result)
+    // Whether it may be sent again is `Edge::finish`'s to say (`push_may_have_landed`).
+    JobResult::lost("the agent running this job went away and did not come back in time (LOST_AFTER_MS); run the task elsewhere", job.elapsed(now))
 }
 
-/// A result the edge writes itself (its TIMEOUT, a job lost), or an agent's RUNNER_LOST
-/// that leaves unsaid whether the job may be sent again (`Edge::finish`), for a job that
-/// asked for a push and went to an agent: that push may still be under way there, or have landed just
+/// The edge's own TIMEOUT, or a job lost by whoever found it so (`JobResult::lost`,
+/// which leaves `retryable` unsaid: `Edge::finish`), for a job that asked for a push and
+/// went to an agent: that push may still be under way there, or have landed just
 /// before the agent went away, so sent again the job could push twice. The caller is told
 /// to look at the branch first, and the result is not retryable. A job that pushes
 /// nothing, or never reached an agent, is left as it is.

@@ -317,10 +317,10 @@ impl Edge {
         let Some(job) = self.job_mut(job_id) else { return };
         // Lost by its agent after its caller cancelled it: it ends cancelled, whoever
         // found it lost (see `record::lost`) — `lost` would tell a waiter to run it
-        // elsewhere, against the cancel. Reported lost by an agent that leaves unsaid
-        // whether it may be sent again (restarted, it found the job's started record: it
-        // does not know whether a push landed), a pushing job's push may have landed. An
-        // agent that stopped on purpose says (retryable): it pushed nothing.
+        // elsewhere, against the cancel. Lost by whoever found it so (`JobResult::lost`:
+        // the edge, or a restarted agent that found the job's started record), a pushing
+        // job's push may have landed. An agent that stopped on purpose says `retryable`:
+        // it pushed nothing.
         let result = match result.error_code {
             Some(ErrorCode::RunnerLost) if job.cancel_requested => crate::record::lost(job, now.at),
             Some(ErrorCode::RunnerLost) if result.retryable.is_none() => crate::record::push_may_have_landed(job, result),

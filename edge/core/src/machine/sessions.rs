@@ -569,14 +569,7 @@ impl Edge {
                 self.send_again(now, &id, effects);
             } else {
                 warn!(job_id = %id, agent_id, "the agent no longer has a job it ran");
-                let result = crate::record::push_may_have_landed(
-                    job,
-                    JobResult::failure(
-                        ErrorCode::RunnerLost,
-                        "the agent restarted and no longer has this job; run the task again",
-                        job.elapsed(now.at),
-                    ),
-                );
+                let result = JobResult::lost("the agent restarted and no longer has this job; run the task again", job.elapsed(now.at));
                 self.finish(now, &id, result, effects);
             }
         }
