@@ -624,8 +624,16 @@ fn event_stream(out: FeedOut, keepalive_ms: u64) -> Response {
         let out = out?;
         let chunk = match tokio::time::timeout(keepalive, out.next()).await {
             Ok(Follow::Chunk(chunk)) => chunk.to_string(),
-            // Cut for falling behind: an error aborts the connection.
-            Ok(Follow::Cut) => return Some((Err(std::io::Error::other("the follower fell too far behind")), None)),
+            // Cut for falling behind: an error aborts the connection — once hyper has had a
+            // turn to write what it holds. An abort drops hyper's buffer, and a follower cut
+            // before its first write (a reconnect given its backlog as a flood came in) saw
+            // no answer at all, not even the line saying why and what to do. One yield is
+            // enough: the body pending, hyper flushes (or finds the peer not reading); the
+            // next poll aborts, so a peer that does not read is still let go at once.
+            Ok(Follow::Cut) => {
+                tokio::task::yield_now().await;
+                return Some((Err(std::io::Error::other("the follower fell too far behind")), None));
+            }
             Ok(Follow::End) => return None,
             Err(_) => SSE_KEEPALIVE.to_string(),
         };
@@ -707,6 +715,40 @@ mod tests {
         for errno in [libc::EPROTO, libc::EPERM, libc::ENETDOWN, libc::EHOSTUNREACH, libc::ECONNABORTED, libc::ECONNRESET] {
             assert!(!super::out_of_resources(&std::io::Error::from_raw_os_error(errno)), "{errno}");
         }
+    }
+
+    /// A follower cut before its connection wrote anything (a reconnect given a backlog
+    /// while a flood of progress came in, before its task ran) still reads the answer's
+    /// head and the line saying why and what to do: the abort had dropped hyper's buffered
+    /// head with it, and the follower saw a connection closed before any answer.
+    #[tokio::test]
+    async fn a_follower_cut_before_its_first_write_still_reads_why() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (feed, out) = edge_core::progress::follower();
+        assert!(feed.send("id: 1\nevent: progress\ndata: {}\n\n".into()));
+        let flood: String = "x".repeat(edge_core::progress::MAX_FOLLOWER_LAG_BYTES);
+        assert!(!feed.send(flood.into()), "the flood cuts the follower");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let out = std::sync::Mutex::new(Some(out));
+        let serve = tokio::spawn(async move {
+            let (io, _) = listener.accept().await.unwrap();
+            let service = hyper::service::service_fn(move |_request| {
+                let out = out.lock().unwrap().take().expect("one request");
+                std::future::ready(Ok::<_, std::convert::Infallible>(super::event_stream(out, 60_000)))
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(io), service).await;
+        });
+        let mut peer = tokio::net::TcpStream::connect(addr).await.unwrap();
+        peer.write_all(b"GET /jobs/j/events HTTP/1.1\r\nhost: edge\r\n\r\n").await.unwrap();
+        let mut read = Vec::new();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), peer.read_to_end(&mut read)).await;
+        let read = String::from_utf8_lossy(&read);
+        assert!(read.starts_with("HTTP/1.1 200"), "{read:?}");
+        assert!(read.contains(": cut: this stream fell more than"), "{read:?}");
+        assert!(!read.contains("xxxx"), "what it had yet to read went with the cut");
+        drop(feed);
+        serve.await.unwrap();
     }
 
     /// A listener that is broken fails every accept alike: its error is not taken for one
