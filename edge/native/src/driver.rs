@@ -208,7 +208,13 @@ impl Driver {
                     }
                 };
                 self.carry_out(handled.effects);
-                let _ = reply.send(opened);
+                // The caller hung up while its request waited here (its handler, dropped,
+                // holds no `HangUp` yet to say so): its place — a waiter's, a follower's —
+                // is given back now, not at the job's end.
+                if reply.send(opened).is_err() {
+                    self.callers.remove(&handled.caller);
+                    self.edge.caller_gone(handled.caller);
+                }
             }
             Command::WaitExpired { caller } => {
                 let effects = self.edge.wait_expired(now, caller);
@@ -336,6 +342,56 @@ impl Driver {
 mod tests {
     use super::*;
     use edge_core::machine::Post;
+
+    /// A follower that hung up while its request waited for the driver (its handler
+    /// dropped before it took the answer, so no `HangUp` of its own told the driver) gives
+    /// its place back at once: 16 such followers of a quiet queued job held every place of
+    /// the job until it ended, and the next follower was refused 429.
+    #[tokio::test]
+    async fn a_caller_gone_before_its_answer_gives_its_place_back() {
+        let get = |name: &str| {
+            let value = match name {
+                "RUNNER_SECRET" => "0123456789abcdef0123",
+                "EDGE_SIGNING_KEY" => "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=",
+                "AGENT_PUBLIC_KEYS" => "spark=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=",
+                _ => return None,
+            };
+            Some(value.to_string())
+        };
+        let dir = std::env::temp_dir().join(format!("cr-driver-gone-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let clock = Clock::start();
+        let edge = Edge::new(edge_core::Config::from_lookup(get).unwrap(), clock.now());
+        let (commands, _rx) = mpsc::channel(1);
+        let mut driver = Driver::new(edge, Store::open(&dir).unwrap(), clock, commands.downgrade());
+        let request = |method: &str, path: &str, body: &str| http::Request {
+            method: method.into(),
+            path: path.into(),
+            secret_header: Some("0123456789abcdef0123".into()),
+            authorization: None,
+            idempotency_key: None,
+            last_event_id: None,
+            body: edge_core::body::Body::Bytes(body.as_bytes().to_vec()),
+        };
+        let (reply, opened) = oneshot::channel();
+        driver.handle(Command::Http { req: request("POST", "/jobs", r#"{"prompt":"quiet"}"#), reply });
+        let Ok(Opened::Once { answer, .. }) = opened.await else { panic!("POST /jobs is answered once") };
+        let queued: serde_json::Value = serde_json::from_str(&answer.await.unwrap().body).unwrap();
+        let events = format!("/jobs/{}/events", queued["job_id"].as_str().expect("a job id"));
+        for _ in 0..edge_core::progress::MAX_FOLLOWERS_PER_JOB {
+            let (reply, hung_up) = oneshot::channel();
+            drop(hung_up);
+            driver.handle(Command::Http { req: request("GET", &events, ""), reply });
+        }
+        let (reply, opened) = oneshot::channel();
+        driver.handle(Command::Http { req: request("GET", &events, ""), reply });
+        match opened.await.unwrap() {
+            Opened::Stream(_) => {}
+            Opened::Once { answer, .. } => panic!("the next follower was refused: {}", answer.await.unwrap().body),
+        }
+        drop(driver);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// A failed POST's outcome (which the machine logs with each attempt) names no part of
     /// the URL: its token, path, host or port.
