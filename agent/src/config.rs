@@ -148,9 +148,14 @@ impl LocalArgs {
     }
 }
 
+/// `DATA_DIR` when it is not set.
+pub fn default_data_dir() -> PathBuf {
+    home().join(".local/share/claude-runner")
+}
+
 impl DataDirArgs {
     pub fn data_dir(&self) -> PathBuf {
-        self.data_dir.clone().unwrap_or_else(|| home().join(".local/share/claude-runner"))
+        self.data_dir.clone().unwrap_or_else(default_data_dir)
     }
 
     /// The `DATA_DIR` of the agent that `status`, `agent --drain`, `oauth-status` and

@@ -123,6 +123,15 @@ fn reached_at(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// The `status` line to paste: with `up`'s `DATA_DIR` when it is not the default, which a
+/// plain `claude-runner status` in another shell reads (it said no agent ever ran there).
+fn status_command(runner: &str, data_dir: &Path, default: &Path) -> String {
+    if data_dir == default {
+        return format!("{runner} status");
+    }
+    format!("DATA_DIR={} {runner} status", shell_word(&data_dir.to_string_lossy()))
+}
+
 /// `text` as one word for a POSIX shell: as it is when nothing in it is special, else in
 /// single quotes.
 fn shell_word(text: &str) -> String {
@@ -322,10 +331,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
   {runner} submit \"Write a haiku about home servers\"
 
-The status page: http://{addr}/ (it asks for the secret); `{runner} status` shows the agent.
+The status page: http://{addr}/ (it asks for the secret); `{status}` shows the agent.
 Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both (running jobs finish first).",
         id = state.agent_id,
         export = export_line(listening, &state.runner_secret),
+        status = status_command(&runner, &args.local.data_dir(), &crate::config::default_data_dir()),
         keys_path = crate::config::up_state_file(&args.local.data_dir()).display(),
     );
     let result = crate::serve::serve(agent_cfg, crate::drain::stop_requests()).await;
@@ -340,6 +350,16 @@ mod tests {
 
     /// The export line, pasted into a shell, sets the very secret `up` holds, whatever
     /// characters [`plain_secret`] lets through (a `~` first was expanded to a home folder).
+    /// `up` with a `DATA_DIR` of its own names it in the `status` line to paste: a plain
+    /// `status` in another shell reads the default folder and found no agent.
+    #[test]
+    fn the_status_line_names_a_data_dir_that_is_not_the_default() {
+        let default = Path::new("/home/me/.local/share/claude-runner");
+        assert_eq!(status_command("claude-runner", default, default), "claude-runner status");
+        assert_eq!(status_command("claude-runner", Path::new("/tmp/standin-up"), default), "DATA_DIR=/tmp/standin-up claude-runner status");
+        assert_eq!(status_command("claude-runner", Path::new("/tmp/it's here"), default), "DATA_DIR='/tmp/it'\\''s here' claude-runner status");
+    }
+
     #[test]
     fn the_export_line_sets_the_secret_as_it_is() {
         for secret in ["~root/0123456789abcdef", "a+b/c=d~e-f_g.h0123456789"] {
