@@ -60,7 +60,9 @@ const STALE_SLACK_MS: u64 = 10_000;
 impl Status {
     /// Whether this status describes a working agent at `now`: running (`alive`, read
     /// from /proc by the caller), connected, and writing its file. The reason either way.
-    pub fn health(&self, alive: bool, now: u64) -> Result<String, String> {
+    /// `full`: `DATA_DIR`'s file system has no space left ([`no_space_left`]), which is
+    /// why a working agent stops writing its file — not a reason to restart it.
+    pub fn health(&self, alive: bool, full: bool, now: u64) -> Result<String, String> {
         if !alive {
             return Err(format!("agent {} (pid {}) is not running; start it with `claude-runner agent` (or `claude-runner up`, if up ran it)", self.agent_id, self.pid));
         }
@@ -70,6 +72,14 @@ impl Status {
         }
         let silent = now.saturating_sub(self.updated_ms);
         if self.heartbeat_ms > 0 && silent > 3 * self.heartbeat_ms + STALE_SLACK_MS {
+            if full {
+                return Err(format!(
+                    "agent {} has not written its status for {} s: DATA_DIR's {}",
+                    self.agent_id,
+                    silent / 1000,
+                    crate::files::FREE_SPACE
+                ));
+            }
             return Err(format!(
                 "agent {} has not written its status for {} s (heartbeat every {} s): it looks stuck; restart it",
                 self.agent_id,
@@ -98,7 +108,12 @@ struct Behind {
     /// The number of the snapshot on disk; held while the file is written.
     written: Mutex<u64>,
     queue: Mutex<Queue>,
+    /// When a failed write was last logged.
+    warned_ms: Mutex<u64>,
 }
+
+/// A status file that cannot be written is logged at most once per this.
+const WARN_GAP_MS: u64 = 60_000;
 
 #[derive(Default)]
 struct Queue {
@@ -125,7 +140,15 @@ impl Behind {
             return;
         }
         if let Err(e) = write_atomically(path, bytes, false) {
-            tracing::debug!(path = %path.display(), error = %e, "could not write the status file");
+            // Said once a minute at most (it is tried at every heartbeat and job): `status
+            // --check` goes unhealthy when the file is stale, and the log must say why.
+            let now = crate::now_ms();
+            let mut warned = self.warned_ms.lock().expect("status warn lock");
+            if now.saturating_sub(*warned) >= WARN_GAP_MS {
+                *warned = now;
+                let next = if crate::files::disk_full(&e) { crate::files::FREE_SPACE } else { "check that the agent's user can write DATA_DIR" };
+                tracing::warn!(path = %path.display(), error = %e, "could not write the status file (status --check will say the agent is unhealthy): {next}");
+            }
         }
         *written = seq;
     }
@@ -364,7 +387,7 @@ fn check_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow
         say(out, format!("unhealthy: {line}"))?;
         return Ok(false);
     }
-    match status.health(is_agent(status.pid), crate::now_ms()) {
+    match status.health(is_agent(status.pid), no_space_left(data_dir), crate::now_ms()) {
         Ok(line) => {
             say(out, format!("healthy: {line}"))?;
             Ok(true)
@@ -374,6 +397,21 @@ fn check_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow
             Ok(false)
         }
     }
+}
+
+/// Whether the file system holding `dir` has no block left for the agent's user
+/// (`statvfs`'s `f_bavail`): a status file gone stale there was not written for want of
+/// room. A quota spent is not seen here; the agent's own log says so.
+fn no_space_left(dir: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a buffer of the type statvfs fills.
+    if unsafe { libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: statvfs succeeded, so it filled the buffer.
+    unsafe { stats.assume_init() }.f_bavail == 0
 }
 
 /// Writes one line of what `status` shows, its control characters escaped: what it says
@@ -654,20 +692,23 @@ mod tests {
     #[test]
     fn healthy_only_when_running_connected_and_fresh() {
         let now = 1_000_000;
-        assert!(connected_at(now - 20_000).health(true, now).is_ok());
+        assert!(connected_at(now - 20_000).health(true, false, now).is_ok());
         // Three missed heartbeats and the slack: stuck.
-        let stuck = connected_at(now - 56_000).health(true, now).unwrap_err();
+        let stuck = connected_at(now - 56_000).health(true, false, now).unwrap_err();
         assert!(stuck.contains("looks stuck"), "{stuck}");
-        let dead = connected_at(now).health(false, now).unwrap_err();
+        // Stale for want of room: said so, with what to do, not "restart it".
+        let full = connected_at(now - 56_000).health(true, true, now).unwrap_err();
+        assert!(full.contains("full") && full.contains("free some space") && !full.contains("restart"), "{full}");
+        let dead = connected_at(now).health(false, false, now).unwrap_err();
         assert!(dead.contains("not running"), "{dead}");
         let mut offline = connected_at(now);
         offline.connected = false;
         offline.last_error = Some("cannot reach the edge".into());
-        let why = offline.health(true, now).unwrap_err();
+        let why = offline.health(true, false, now).unwrap_err();
         assert!(why.contains("cannot reach the edge"), "{why}");
         // A file from before this version (no heartbeat recorded) is judged on the rest.
         let mut old = connected_at(0);
         old.heartbeat_ms = 0;
-        assert!(old.health(true, now).is_ok());
+        assert!(old.health(true, false, now).is_ok());
     }
 }

@@ -1,6 +1,7 @@
 //! The operator's commands, run as a user would: `keygen`, `up`.
 
 use harness::*;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -170,7 +171,7 @@ fn up_syncs_every_folder_it_made(data: &TempDir, data_dir: &std::ffi::OsStr, top
 
 /// Runs `up` with DATA_DIR `data` after `script` (`sh -c`, `$0` the agent's binary, which
 /// it `exec`s with `up`) made DATA_DIR a mount of the test's own, in a mount namespace.
-fn up_in_a_mount_of_its_own(data: &TempDir, script: &str) -> std::process::Output {
+fn up_in_a_mount_of_its_own(data: &TempDir, script: &str, env: &[(&str, &Path)]) -> std::process::Output {
     let mount_ns = if unsafe { libc::geteuid() } == 0 { "-m" } else { "-rm" };
     Command::new("unshare")
         .args([mount_ns, "sh", "-c", script])
@@ -178,6 +179,7 @@ fn up_in_a_mount_of_its_own(data: &TempDir, script: &str) -> std::process::Outpu
         .env("CLAUDE_BIN", bin("claude-standin"))
         .env("DATA_DIR", data.path())
         .env("LISTEN", "127.0.0.1:0")
+        .envs(env.iter().copied())
         .output()
         .unwrap()
 }
@@ -188,7 +190,7 @@ fn up_in_a_mount_of_its_own(data: &TempDir, script: &str) -> std::process::Outpu
 #[test]
 fn up_on_a_full_disk_names_its_file_and_what_to_do() {
     let data = TempDir::new("up-full");
-    let out = up_in_a_mount_of_its_own(&data, r#"mount -t tmpfs -o size=256k tmpfs "$DATA_DIR" && { head -c 1m /dev/zero > "$DATA_DIR/fill" 2>/dev/null; exec "$0" up; }"#);
+    let out = up_in_a_mount_of_its_own(&data, r#"mount -t tmpfs -o size=256k tmpfs "$DATA_DIR" && { head -c 1m /dev/zero > "$DATA_DIR/fill" 2>/dev/null; exec "$0" up; }"#, &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     let file = data.path().join("up/up.json");
@@ -203,12 +205,40 @@ fn up_on_a_full_disk_names_its_file_and_what_to_do() {
 #[test]
 fn up_on_a_disk_too_full_for_a_folder_says_so() {
     let data = TempDir::new("up-no-inodes");
-    let out = up_in_a_mount_of_its_own(&data, r#"mount -t tmpfs -o size=1m,nr_inodes=4 tmpfs "$DATA_DIR" && { i=0; while touch "$DATA_DIR/f$i" 2>/dev/null; do i=$((i+1)); done; exec "$0" up; }"#);
+    let out = up_in_a_mount_of_its_own(&data, r#"mount -t tmpfs -o size=1m,nr_inodes=4 tmpfs "$DATA_DIR" && { i=0; while touch "$DATA_DIR/f$i" 2>/dev/null; do i=$((i+1)); done; exec "$0" up; }"#, &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     let folder = data.path().join("up");
     assert!(err.contains(&folder.display().to_string()) && err.contains("is full") && err.contains("free some space"), "{err}");
     assert!(!err.contains("remove what stands in its place"), "{err}");
+}
+
+/// A disk that fills while the agent works: its status file goes stale, and `status
+/// --check` (the container's HEALTHCHECK) said "it looks stuck; restart it" — which cannot
+/// help — while the agent's log said nothing (the failed writes were at debug level). It
+/// says the disk is full and what to do, and the log says why the file is not written.
+/// DATA_DIR is a tmpfs of the test's own, filled once `up` is healthy.
+#[test]
+fn a_disk_filled_under_a_working_agent_is_named_by_status_check() {
+    let data = TempDir::new("up-fills");
+    let logs = TempDir::new("up-fills-logs");
+    let script = r#"mount -t tmpfs -o size=8m tmpfs "$DATA_DIR" && {
+        HEARTBEAT_INTERVAL_MS=1000 "$0" up > "$LOGS/up.log" 2>&1 & up=$!
+        i=0; until "$0" status --check > "$LOGS/check" 2>&1; do
+            i=$((i+1)); if [ $i -gt 600 ]; then echo "never healthy: $(cat "$LOGS/check")"; kill $up; exit 3; fi; sleep 0.1
+        done
+        head -c 16m /dev/zero > "$DATA_DIR/fill" 2>/dev/null
+        i=0; while "$0" status --check > "$LOGS/check" 2>&1; do
+            i=$((i+1)); if [ $i -gt 1200 ]; then break; fi; sleep 0.1
+        done
+        kill -INT $up; wait $up; cat "$LOGS/check"
+    }"#;
+    let out = up_in_a_mount_of_its_own(&data, script, &[("LOGS", logs.path())]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    let log = std::fs::read_to_string(logs.path().join("up.log")).unwrap_or_default();
+    assert!(said.starts_with("unhealthy:") && said.contains("full") && said.contains("free some space"), "{said}\n{log}");
+    assert!(!said.contains("restart it"), "{said}");
+    assert!(log.contains("could not write the status file") && log.contains("free some space"), "{log}");
 }
 
 /// A DATA_DIR on a read-only disk (or under a folder this user cannot write) cannot hold
@@ -219,7 +249,7 @@ fn up_on_a_disk_too_full_for_a_folder_says_so() {
 #[test]
 fn up_on_a_read_only_disk_says_the_folder_cannot_be_made() {
     let data = TempDir::new("up-read-only");
-    let out = up_in_a_mount_of_its_own(&data, r#"mount -t tmpfs -o ro tmpfs "$DATA_DIR" && exec "$0" up"#);
+    let out = up_in_a_mount_of_its_own(&data, r#"mount -t tmpfs -o ro tmpfs "$DATA_DIR" && exec "$0" up"#, &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     let folder = data.path().join("up");
