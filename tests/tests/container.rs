@@ -293,6 +293,20 @@ async fn the_systemd_units_run_harden_and_drain() {
     let status = sh("su -s /bin/sh claude-runner -c 'DATA_DIR=/var/lib/claude-runner/data claude-runner status --check'");
     assert!(status.starts_with("healthy"), "{status}");
 
+    // A job runs as the agent's user, so it can signal the agent: a drain asked by anyone
+    // but systemd ends in a clean exit, and the unit starts the agent again (it stayed
+    // offline under `Restart=on-failure`).
+    let main_pid = || sh("systemctl show -p MainPID --value claude-runner-agent").trim().to_string();
+    let first = main_pid();
+    sh(&format!("su -s /bin/sh claude-runner -c 'kill -TERM {first}'"));
+    let restarted = eventually(Duration::from_secs(60), || {
+        let now = main_pid();
+        now != first && now != "0"
+    })
+    .await;
+    assert!(restarted, "the agent was not started again:\n{}", sh("journalctl -u claude-runner-agent -o cat --no-pager"));
+    client.wait_online().await;
+
     // `systemctl stop` drains: the running job finishes, the service ends cleanly.
     let job = client.submit(json!({"prompt": "@sleep=3000 finish under systemd", "timeout_ms": 30000})).await;
     let job = job.body["job_id"].as_str().unwrap().to_string();
