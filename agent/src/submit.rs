@@ -284,9 +284,21 @@ const CONNECT_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 const FOLLOW_SILENCE: std::time::Duration = std::time::Duration::from_millis(3 * shared::contract::SSE_KEEPALIVE_MS);
 
 /// What to do when the task went out but its answer did not come back whole: the edge may
-/// have queued it, and sending it again as it was would run it twice.
-const MAY_BE_QUEUED: &str = "the task may have been queued all the same: look for it with `GET /jobs` before sending it again \
-     (sent with --idempotency-key, it can be sent again with the same key: the edge answers with the first job)";
+/// have queued it, and sending it again under another key would run it twice. Every task
+/// goes with a key (`key`: `--idempotency-key`, or one made up for it), so the way to send
+/// it again safely is always there to say.
+fn may_be_queued(key: &str) -> String {
+    format!(
+        "the task may have been queued all the same: send it again with --idempotency-key {} (the edge answers with the first job, \
+         so it runs once), or look for it with `GET /jobs`",
+        crate::up::shell_word(key)
+    )
+}
+
+/// A key made up for a task sent without `--idempotency-key`: 128 random bits.
+fn made_up_key() -> String {
+    format!("submit-{}", shared::ids::hex(&crate::keygen::random_bytes::<16>()))
+}
 
 /// The slowest upload a task's time allows for: 16 KiB/s (the edge takes 1 MiB by default,
 /// so some 64 s more).
@@ -396,13 +408,16 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
         ("append_system_prompt", args.append_system_prompt.clone().map(Value::from)),
         ("session_id", args.session_id.clone().map(Value::from)),
         ("working_dir", args.working_dir.clone().map(Value::from)),
-        ("idempotency_key", args.idempotency_key.clone().map(Value::from)),
     ];
     for (name, value) in fields {
         if let Some(v) = value {
             body[name] = v;
         }
     }
+    // Always a key: an answer lost on the way back (a reset, a proxy giving up) left a task
+    // sent without one impossible to send again safely.
+    let key = args.idempotency_key.clone().unwrap_or_else(made_up_key);
+    body["idempotency_key"] = Value::from(key.as_str());
     if !args.allowed_tools.is_empty() {
         body["allowed_tools"] = json!(args.allowed_tools);
     }
@@ -414,8 +429,23 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     // time at the slowest link's pace (an edge that took the task and never answered held
     // `submit`, which has no time limit, for good).
     let within = ANSWER_TIME + std::time::Duration::from_secs((serde_json::to_vec(&body)?.len() / SLOWEST_UPLOAD_BYTES_PER_S) as u64);
-    let accepted = match tokio::time::timeout(within, http.post(format!("{base}/jobs")).header("X-Runner-Secret", &secret).json(&body).send()).await {
+    let post = || tokio::time::timeout(within, http.post(format!("{base}/jobs")).header("X-Runner-Secret", &secret).json(&body).send());
+    let mut sent = post().await;
+    let mut retried = false;
+    // An exchange that broke after the connection was made (a reset, a connection closed
+    // before the answer) is sent once more, under the same key: the edge answers with the
+    // job the first one made, if it made one, so the task runs once either way.
+    if matches!(&sent, Ok(Err(e)) if !e.is_connect() && !e.is_builder()) {
+        tracing::debug!("the exchange with the edge broke; sending the task again under its key");
+        sent = post().await;
+        retried = true;
+    }
+    let accepted = match sent {
         Ok(Ok(r)) => r,
+        // The first send reached the edge: what it did with the task is not known.
+        Ok(Err(e)) if e.is_connect() && retried => {
+            return fail(format!("the exchange with the edge at {base} broke, and it could not be reached again: {}; {}", request_error(&e), may_be_queued(&key)))
+        }
         Ok(Err(e)) if e.is_connect() => return fail(format!("cannot reach the edge at {base}: {}; check --edge (CLAUDE_RUNNER_URL)", request_error(&e))),
         Ok(Err(e)) if e.is_builder() => {
             return fail(format!("could not make the request to the edge at {base} ({}): nothing was sent; check --edge (CLAUDE_RUNNER_URL)", request_error(&e)))
@@ -424,9 +454,9 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
             if let Some(tls) = speaks_tls(&base).await {
                 return fail(format!("the exchange with the edge at {base} broke: {}; {tls} (the task was not queued)", request_error(&e)));
             }
-            return fail(format!("the exchange with the edge at {base} broke: {}; {MAY_BE_QUEUED}", request_error(&e)));
+            return fail(format!("the exchange with the edge at {base} broke (twice): {}; {}", request_error(&e), may_be_queued(&key)));
         }
-        Err(_) => return fail(format!("no answer from the edge at {base} within {} s; {MAY_BE_QUEUED}", within.as_secs())),
+        Err(_) => return fail(format!("no answer from the edge at {base} within {} s; {}", within.as_secs(), may_be_queued(&key))),
     };
     let status = accepted.status();
     if let Some(why) = redirected(&accepted) {
@@ -436,12 +466,12 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     let Some(job_id) = answer["job_id"].as_str().filter(|_| status.is_success()).map(str::to_string) else {
         let error = refusal(status.as_u16(), &answer);
         if status.is_success() {
-            return fail(format!("the edge took the task ({status}) but sent no readable answer; {MAY_BE_QUEUED}"));
+            return fail(format!("the edge took the task ({status}) but sent no readable answer; {}", may_be_queued(&key)));
         }
         // The edge's own refusals say why; a 5xx that does not is a gateway's between here
         // and the edge (a proxy that gave up waiting): the task may have reached the edge.
         if status.is_server_error() && answer["error"].as_str().is_none() {
-            return fail(format!("no answer of the edge's: {status} from whatever answers at {base} (a proxy in between?); {MAY_BE_QUEUED}"));
+            return fail(format!("no answer of the edge's: {status} from whatever answers at {base} (a proxy in between?); {}", may_be_queued(&key)));
         }
         // An edge's own 5xx is a failure of its own, not a refusal: its words say whether
         // the task may have been queued (the native edge's storage failure: nothing was).

@@ -134,7 +134,7 @@ fn status_command(runner: &str, data_dir: &Path, default: &Path) -> String {
 
 /// `text` as one word for a POSIX shell: as it is when nothing in it is special, else in
 /// single quotes.
-fn shell_word(text: &str) -> String {
+pub(crate) fn shell_word(text: &str) -> String {
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./:=@%+,".contains(&b)) {
         return text.to_string();
     }

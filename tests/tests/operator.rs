@@ -1162,6 +1162,58 @@ fn submit_refuses_an_edge_answer_that_stops_coming() {
     assert!(err.contains("may have been queued") && err.contains("--idempotency-key"), "{err}");
 }
 
+/// A task's answer lost on the way back (the connection closed before it) left a task sent
+/// without `--idempotency-key` impossible to send again safely. Every task goes with a key
+/// (one made up when none is given), and an exchange that broke is sent once more under it:
+/// the edge answers with the job the first one made, so the task runs once.
+#[test]
+fn submit_sends_a_broken_exchange_again_under_the_same_key() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let edge = std::thread::spawn(move || {
+        let mut bodies = Vec::new();
+        for answer in [None, Some("HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 74\r\n\r\n{\"success\":false,\"error\":\"made-up refusal\",\"error_code\":\"INVALID_REQUEST\"}")] {
+            let Ok((mut conn, _)) = listener.accept() else { break };
+            // The whole request: its head, then the body its length announces.
+            let mut request = Vec::new();
+            let mut buf = [0; 64 * 1024];
+            let body = loop {
+                let n = conn.read(&mut buf).unwrap_or(0);
+                if n == 0 {
+                    // The test's own knock: submit sent nothing more.
+                    return bodies;
+                }
+                request.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&request).into_owned();
+                let Some(end) = text.find("\r\n\r\n") else { continue };
+                let length: usize = text.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap())).unwrap();
+                if request.len() >= end + 4 + length {
+                    break String::from_utf8_lossy(&request[end + 4..end + 4 + length]).into_owned();
+                }
+            };
+            bodies.push(serde_json::from_str::<serde_json::Value>(&body).unwrap());
+            match answer {
+                // Closed with the task taken and no answer.
+                None => drop(conn),
+                Some(answer) => conn.write_all(answer.as_bytes()).unwrap(),
+            }
+        }
+        bodies
+    });
+    let out = submit_hello_to(addr, "submit did not give up");
+    // Lets the edge's thread go if submit sent the task once only.
+    drop(std::net::TcpStream::connect(addr));
+    let bodies = edge.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("made-up refusal"), "the second send was not made or not answered: {err}\n{bodies:?}");
+    assert_eq!(bodies.len(), 2, "{bodies:?}");
+    let key = bodies[0]["idempotency_key"].as_str().expect("a key made up for the task");
+    assert!(key.starts_with("submit-") && key.len() > 20, "{key}");
+    assert_eq!(bodies[1]["idempotency_key"], bodies[0]["idempotency_key"]);
+    assert_eq!(bodies[1]["prompt"], "hello");
+}
+
 /// Nor did anything bound the wait for the answer's head: an edge that took the task and
 /// never answered held `submit` for good. The exchange is given 30 s and a time for the
 /// task's upload (at 16 KiB/s), then given up as the edge not reached.
