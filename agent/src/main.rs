@@ -28,6 +28,7 @@
 //!   that no launcher is ever dumpable.
 //! - [`warden`]: the small process between the launcher and Claude that kills Claude's
 //!   whole tree with its job, even when the agent is killed.
+//! - [`watchdog`]: systemd's watchdog told the agent is alive, from its runtime thread.
 //! - [`rawsys`]: system calls that return `-errno` and leave `errno` alone, for the
 //!   wardens, which share the launcher's memory and so its `errno`.
 //! - [`pidfd`]: a process held as itself, never another that got its pid since.
@@ -88,6 +89,7 @@ mod up;
 mod upgrade;
 mod uplink;
 mod warden;
+mod watchdog;
 mod workspace;
 mod zygote;
 

@@ -21,6 +21,8 @@ const DELIVERY_GRACE: Duration = Duration::from_secs(10);
 /// Runs the agent until a stop request arrives on `stops`, then drains and returns.
 pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<Request>) -> anyhow::Result<()> {
     info!(agent_id = %cfg.agent_id, edge = %cfg.connect_url, capacity = cfg.max_concurrent_jobs, claude = %cfg.claude_bin, "agent starting");
+    // First: reading DATA_DIR below may take a while, and systemd counts from the start.
+    let watchdog = crate::watchdog::start();
     // Off the runtime thread: it reads DATA_DIR (the spool, the session log) whole.
     let (agent, queues) = tokio::task::spawn_blocking(move || Agent::new(cfg)).await.map_err(|e| anyhow::anyhow!("the agent failed while starting: {e}"))??;
     // What a killed predecessor left in the mirrors goes before the first job (here, not
@@ -108,6 +110,9 @@ pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<Request>
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(3), connection).await;
     cli_watch.abort();
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     info!(agent_id = %agent.cfg.agent_id, "agent stopped");
     Ok(())
 }

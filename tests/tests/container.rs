@@ -306,6 +306,23 @@ async fn the_systemd_units_run_harden_and_drain() {
     .await;
     assert!(restarted, "the agent was not started again:\n{}", sh("journalctl -u claude-runner-agent -o cat --no-pager"));
     client.wait_online().await;
+    // Nor can a job freeze it for good: stopped (SIGSTOP), it no longer tells systemd's
+    // watchdog it is alive, and is killed and started again (WatchdogSec=30s).
+    let second = main_pid();
+    // It does tell it: the watchdog's time moves on while the agent lives on (without the
+    // pings it moved only when systemd killed and started the agent, 30 s in).
+    let pinged = || sh("systemctl show -p WatchdogTimestampMonotonic --value claude-runner-agent").trim().to_string();
+    let first_ping = pinged();
+    assert!(eventually(Duration::from_secs(60), || pinged() != first_ping).await, "no ping in 60 s");
+    assert_eq!(main_pid(), second, "the agent was started again while it ran:\n{}", sh("journalctl -u claude-runner-agent -o cat --no-pager"));
+    sh(&format!("su -s /bin/sh claude-runner -c 'kill -STOP {second}'"));
+    let restarted = eventually(Duration::from_secs(120), || {
+        let now = main_pid();
+        now != second && now != "0"
+    })
+    .await;
+    assert!(restarted, "the stopped agent was not started again:\n{}", sh("journalctl -u claude-runner-agent -o cat --no-pager"));
+    client.wait_online().await;
 
     // `systemctl stop` drains: the running job finishes, the service ends cleanly.
     let job = client.submit(json!({"prompt": "@sleep=3000 finish under systemd", "timeout_ms": 30000})).await;
