@@ -1,10 +1,12 @@
-//! What a job changed in its checkout, and handing it back: a unified diff of the working
-//! tree against the commit Claude started from (new, changed, deleted and renamed files,
-//! `.gitignore` respected, binary files as one line, capped) with the list of changed
-//! paths, and for `push_branch` the working tree staged, committed and pushed without force.
+//! What a job changed in its checkout, and handing it back: the working tree staged
+//! ([`stage`], see [`super::staging`]), a unified diff of it against the commit Claude
+//! started from (new, changed, deleted and renamed files, `.gitignore` respected, binary
+//! files as one line, capped) with the list of changed paths, and for `push_branch` the
+//! staged tree committed and pushed without force.
 //!
-//! The diff compares the working tree directly, writing nothing but the checkout's
-//! `.git/config` (put back: [`put_back_config`]); only a push stages.
+//! The diff is the staged tree's ([`Staged::patch`]): the working tree is read once, from
+//! descriptors, for the diff and the push alike. libgit2's own diff of the working tree
+//! read each file by its path (a FIFO swapped in held it, a huge file was read whole).
 
 use super::checkout::FileSystem;
 use super::error::{local, one_line, AuthSeen, RepoError, Talk};
@@ -23,6 +25,10 @@ pub struct Staged {
     base: Oid,
     tree: Oid,
     fs: FileSystem,
+    /// Why the staged tree may not be pushed, though its diff is shown: a file over
+    /// [`MAX_PUSH_FILE_BYTES`] (staged unread), a FIFO where a tracked file was, a
+    /// repository the job made inside the checkout ([`super::staging::Plan::unpushable`]).
+    unpushable: Option<RepoError>,
 }
 
 /// Objects staging writes (blobs of changed files, trees, the commit) are kept in memory
@@ -59,9 +65,13 @@ pub const MAX_FILES_CHANGED_BYTES: usize = shared::protocol::MAX_FRAME_BYTES / 4
 
 /// Opens the checkout at `dir` after Claude ran, once its `.git` is a folder holding only
 /// files and folders: libgit2 opens what it finds there by path (config, HEAD, refs, the
-/// index, `commondir`, a `.git` file naming another folder), and a FIFO a job put there
-/// blocked the job's hand-back for ever — its slot, the agent's drain and exit with it.
-/// Its config is the agent's again first ([`put_back_config`]).
+/// index, `commondir`, a `.git` file naming another folder, `info/attributes`), and a FIFO
+/// a job put there blocked the job's hand-back for ever — its slot, the agent's drain and
+/// exit with it. Its config is the agent's again first ([`put_back_config`]).
+///
+/// Opened as a bare repository, without the working tree: libgit2 reads nothing of it
+/// (staging lists and reads it from descriptors, [`super::staging`]), and takes the
+/// attributes from the index, as staged.
 fn open_checkout(dir: &Path, fs: FileSystem, action: &'static str) -> Result<Repository, RepoError> {
     let git = dir.join(".git");
     let shown = |odd: &Path| one_line(&odd.strip_prefix(dir).unwrap_or(odd).display().to_string());
@@ -76,22 +86,23 @@ fn open_checkout(dir: &Path, fs: FileSystem, action: &'static str) -> Result<Rep
     if let Some(odd) = odd.first() {
         return Err(RepoError::OddGitEntry { path: shown(odd) });
     }
+    // libgit2 reads it whole, by path, for the attributes of each file staged or diffed.
+    let attributes = git.join("info/attributes");
+    if let Ok(meta) = std::fs::symlink_metadata(&attributes) {
+        if meta.len() > super::untracked::MAX_IGNORE_BYTES {
+            return Err(local(action, format!("the checkout's `.git/info/attributes` is {} bytes, more than git reads of one ({} MiB): ask Claude not to change the repository's .git folder", meta.len(), super::untracked::MAX_IGNORE_BYTES >> 20)));
+        }
+    }
     // The `.git` folder itself, as a bare repository: no search upward, no `.git` file,
     // and neither `core.worktree` nor `core.bare` of its config (the job's to write) read.
     let err = |e: git2::Error| local(action, e.message());
     let repo = Repository::open_bare(&git).map_err(err)?;
-    repo.set_workdir(dir, false).map_err(err)?;
     // No config at all from here on but what libgit2 found the file system can hold: the
-    // checkout's `core.worktree` moved the tree diffed and staged outside the workspace,
-    // its `core.symlinks = false` had a link read as the file it names,
+    // checkout's `core.symlinks = false` had a link read as the file it names,
     // `core.attributesFile`, `core.excludesFile` and `filter.*` run or read what the job
     // chose (the user's and the system's files are not searched: see
     // `mirror::set_timeouts`).
     own_config(&repo, &fs.settings()).map_err(err)?;
-    let same = |p: &Path| p.canonicalize().ok();
-    if repo.workdir().and_then(same).is_none_or(|w| Some(w) != same(dir)) {
-        return Err(local(action, "the checkout's working tree is not the job's workspace"));
-    }
     Ok(repo)
 }
 
@@ -116,23 +127,28 @@ fn put_back_config(git: &Path, fs: FileSystem) -> std::io::Result<()> {
     crate::files::write_atomically(&config, text.as_bytes(), false)
 }
 
-/// Stages everything in the checkout's working tree: the tree Claude left behind, to push.
-/// Each file is read from a descriptor, to at most what a push carries, never by its path
-/// (see [`super::staging`]). `abort` stops it between two files.
+/// Stages everything in the checkout's working tree: the tree Claude left behind, for its
+/// diff and to push. Each file is read from a descriptor, to at most what a push carries,
+/// never by its path (see [`super::staging`]); what a push may not carry is kept aside
+/// ([`Staged::pushable`]). `abort` stops it between two files.
 pub fn stage(dir: &Path, base: Oid, fs: FileSystem, abort: &AtomicBool) -> Result<Staged, RepoError> {
+    stage_then(dir, base, fs, abort, || ())
+}
+
+/// [`stage`], running `listed` once the changes are listed and measured, before any file
+/// is read (the tests' hold there, as a process the job left running may swap a file).
+pub(super) fn stage_then(dir: &Path, base: Oid, fs: FileSystem, abort: &AtomicBool, listed: impl FnOnce()) -> Result<Staged, RepoError> {
     let action = "collect the job's changes";
     let repo = open_checkout(dir, fs, action)?;
     // Sizes first, from the file system: nothing too big is ever read.
-    let (mut index, plan) = staging::list(&repo, fs)?;
+    let (mut index, plan) = staging::list(&repo, dir, fs, abort)?;
     if plan.bytes <= IN_MEMORY_MAX_BYTES {
         repo.odb().and_then(|odb| odb.add_new_mempack_backend(IN_MEMORY_PRIORITY).map(drop)).map_err(|e| local(action, e.message()))?;
     }
-    plan.stage(&repo, &mut index, fs, abort)?;
+    listed();
+    let unpushable = plan.stage(&repo, &mut index, dir, fs, abort)?;
     let tree = index.write_tree().map_err(|e| local(action, e.message()))?;
-    let staged = Staged { repo, base, tree, fs };
-    // Before anything reads a file's content (the search for secrets reads each whole).
-    staged.check_sizes()?;
-    Ok(staged)
+    Ok(Staged { repo, base, tree, fs, unpushable })
 }
 
 pub(super) fn too_big(path: &str, bytes: u64) -> Result<(), RepoError> {
@@ -142,22 +158,14 @@ pub(super) fn too_big(path: &str, bytes: u64) -> Result<(), RepoError> {
     }
 }
 
-/// The unified diff of everything in the working tree at `dir` against `base`, cut at
-/// `max_bytes` (on a line boundary), and every changed path. Reads files; writes only the
-/// checkout's config ([`open_checkout`]).
+/// The unified diff of everything in the working tree at `dir` against `base`, as a
+/// hand-back makes it ([`Staged::patch`]), for the tests.
+#[cfg(test)]
 pub fn patch(dir: &Path, base: Oid, fs: FileSystem, max_bytes: usize) -> Result<Patch, RepoError> {
-    let action = "compute the diff";
-    let repo = open_checkout(dir, fs, action)?;
-    let old = repo.find_commit(base).and_then(|c| c.tree()).map_err(|e| local(action, e.message()))?;
-    let mut options = DiffOptions::new();
-    options.context_lines(3).include_untracked(true).recurse_untracked_dirs(true).show_untracked_content(true);
-    // Through the index, whose stat data spare hashing the files nobody touched.
-    let mut diff = repo.diff_tree_to_workdir_with_index(Some(&old), Some(&mut options)).map_err(|e| local(action, e.message()))?;
-    diff.find_similar(Some(DiffFindOptions::new().renames(true).for_untracked(true))).map_err(|e| local(action, e.message()))?;
-    print(&diff, max_bytes)
+    stage(dir, base, fs, &AtomicBool::new(false))?.patch(max_bytes)
 }
 
-fn print(diff: &Diff<'_>, max_bytes: usize) -> Result<Patch, RepoError> {
+pub(super) fn print(diff: &Diff<'_>, max_bytes: usize) -> Result<Patch, RepoError> {
     let mut files = Vec::new();
     let (mut files_bytes, mut files_truncated) = (0, false);
     for delta in diff.deltas() {
@@ -212,15 +220,32 @@ impl Staged {
         let action = "compute the diff";
         let old = self.repo.find_commit(self.base).and_then(|c| c.tree()).map_err(|e| local(action, e.message()))?;
         let new = self.repo.find_tree(self.tree).map_err(|e| local(action, e.message()))?;
-        let mut diff = self.repo.diff_tree_to_tree(Some(&old), Some(&new), None).map_err(|e| local(action, e.message()))?;
+        let mut options = DiffOptions::new();
+        // A blob over what a push carries is binary, its content never loaded: one Claude
+        // staged itself (`git add`), which the push refuses.
+        options.context_lines(3).max_size(MAX_PUSH_FILE_BYTES as i64);
+        let mut diff = self.repo.diff_tree_to_tree(Some(&old), Some(&new), Some(&mut options)).map_err(|e| local(action, e.message()))?;
         diff.find_similar(Some(DiffFindOptions::new().renames(true))).map_err(|e| local(action, e.message()))?;
         Ok(diff)
     }
 
-    /// The diff of what would be pushed (as [`patch`] gives it for the working tree).
-    #[cfg(test)]
+    /// The unified diff of the staged tree — the working tree, as read — against the start
+    /// commit, cut at `max_bytes` (on a line boundary), and every changed path: a job's
+    /// `include_diff`. A file over what a push carries shows as a binary change, unread.
     pub fn patch(&self, max_bytes: usize) -> Result<Patch, RepoError> {
         print(&self.diff()?, max_bytes)
+    }
+
+    /// Whether the push may carry the staged tree: the first reason it may not, kept aside
+    /// as it was staged (a file over [`MAX_PUSH_FILE_BYTES`], a FIFO where a tracked file
+    /// was, a repository inside the checkout), else every file of the tree and of Claude's
+    /// own commits under [`MAX_PUSH_FILE_BYTES`] ([`Staged::check_sizes`]). Before anything
+    /// reads a file's content for the push (the search for secrets reads each whole).
+    pub fn pushable(&self) -> Result<(), RepoError> {
+        if let Some(why) = &self.unpushable {
+            return Err(why.clone());
+        }
+        self.check_sizes()
     }
 
     /// Whether anything the push would carry holds text `is_secret` flags: a line the job
@@ -297,6 +322,8 @@ impl Staged {
     /// Commits the staged tree on top of what Claude left at HEAD (its own commits kept
     /// when they follow the start commit). None when nothing changed since the start.
     pub fn commit(&self, author_name: &str, author_email: &str, message: &str) -> Result<Option<Oid>, RepoError> {
+        // Never a commit of a tree the push may not carry (a file staged unread).
+        self.pushable()?;
         let action = "commit the job's changes";
         let err = |e: git2::Error| local(action, e.message());
         let parent = self.claudes_head().unwrap_or(self.base);

@@ -66,8 +66,10 @@ pub enum RepoError {
     Unstageable { path: String, what: String },
     #[error("`{path}` is a git repository of its own inside the checkout (a folder holding `.git`), which the runner does not push, as a submodule or otherwise, so nothing was pushed: have Claude remove it, or list it in .gitignore")]
     NestedRepository { path: String },
-    #[error("the commit the submodule `{path}` is at could not be read ({why}), so nothing was pushed: have Claude leave the submodule's git files as git made them, or empty its folder to keep the submodule at the commit it was")]
+    #[error("the commit the submodule `{path}` is at could not be read ({why}), so the job's changes were not read and nothing was pushed: have Claude leave the submodule's git files as git made them, or empty its folder to keep the submodule at the commit it was")]
     Submodule { path: String, why: String },
+    #[error("`{path}` {why}, so the job's changes were not read and nothing was pushed: have Claude make it a plain file of ignore rules, or remove it")]
+    IgnoreFile { path: String, why: String },
     #[error("a git setting the runner does not control (the checkout's .git/config, written by the job) redirected the push from {url} to {to}, so nothing was pushed: remove the `url.*.insteadOf` / `pushInsteadOf` setting, and ask Claude not to change git's configuration")]
     PushRedirected { url: String, to: String },
     #[error("the changes contain a secret of the runner machine (a token), so nothing was pushed: ask Claude not to write credentials into the repository")]

@@ -9,7 +9,8 @@
 //! - [`checkout`]: a job's independent checkout from a mirror; `working_dir` inside it.
 //! - [`changes`]: staging, the diff, `files_changed`, the commit and the push.
 //! - [`staging`]: the working tree into the index, each file read from a descriptor (never
-//!   by its path), measured first.
+//!   by its path), measured first; [`untracked`]: its untracked files, listed from
+//!   descriptors, `.gitignore` read there too.
 //! - [`worker`]: the process each of those libgit2 operations runs in, killed when the job
 //!   no longer waits for it.
 //!
@@ -22,6 +23,7 @@ pub mod layout;
 pub mod mirror;
 pub mod settings;
 mod staging;
+mod untracked;
 pub mod worker;
 
 use crate::redact::Redactor;
@@ -188,7 +190,16 @@ impl Prepared {
             author_email: settings.author_email.clone(),
             message: spec.commit_message.clone().unwrap_or_else(|| format!("Changes by Claude Runner job {job_id}")),
         });
-        let work = HandBackWork { dir: self.dir.clone(), base: self.commit.clone(), fs: self.fs, diff_max_bytes: spec.include_diff.then_some(settings.max_diff_bytes), push, redactor: (*redactor).clone() };
+        let work = HandBackWork {
+            dir: self.dir.clone(),
+            base: self.commit.clone(),
+            fs: self.fs,
+            diff_max_bytes: spec.include_diff.then_some(settings.max_diff_bytes),
+            push,
+            redactor: (*redactor).clone(),
+            #[cfg(test)]
+            hold_at: None,
+        };
         // At `give_up_at` the worker is asked to stop; a push under way is waited for, so
         // the result says how it ended on the server; bounded, since libgit2 may not return
         // (a server sending a byte at a time): then the worker is killed. A worker given up
@@ -219,22 +230,46 @@ fn hand_back_gone(url: String, push_asked: bool) -> Box<dyn Fn(Gone) -> RepoErro
     })
 }
 
-/// In the git worker: the job's diff (`include_diff`, masked by `redactor`), then its
-/// commit and push (`push_branch`). A push that fails leaves the diff in the outcome,
-/// beside its error (it was thrown away with it, a refusal for a secret too).
+/// In the git worker: the job's working tree staged once ([`changes::stage`]), its diff
+/// (`include_diff`, masked by `redactor`) made from what was staged, then its commit and
+/// push (`push_branch`). A push that fails leaves the diff in the outcome, beside its error
+/// (it was thrown away with it, a refusal for a secret too).
+///
+/// A diff asked for is made whatever the agent's stop (`abort`), as when the diff read the
+/// working tree itself: the stop is the push's, heard before each of its steps.
 fn hand_back(work: HandBackWork, abort: &AtomicBool, begins: &dyn Fn() -> bool) -> Result<Outcome, RepoError> {
-    let HandBackWork { dir, base, fs, diff_max_bytes, push, redactor } = work;
+    // The tests hold the worker here, at its first step, as anything that does not return
+    // would (a FIFO a job plants in `.git` once it was checked).
+    #[cfg(test)]
+    if let Some(fifo) = &work.hold_at {
+        let _ = std::fs::read(fifo);
+    }
+    let HandBackWork { dir, base, fs, diff_max_bytes, push, redactor, .. } = work;
     let base = git2::Oid::from_str(&base).map_err(|e| local("collect the job's changes", e.message()))?;
     let mut outcome = Outcome::default();
+    let unstopped = AtomicBool::new(false);
+    let staged = match changes::stage(&dir, base, fs, if diff_max_bytes.is_some() { &unstopped } else { abort }) {
+        Ok(staged) => staged,
+        // No diff asked for: the push's failure, as any other of its steps'.
+        Err(e) if diff_max_bytes.is_none() => {
+            let given_up = abort.load(Ordering::SeqCst);
+            outcome.error = Some(match push {
+                Some(push) if given_up => RepoError::HandBackTooSlow { url: push.target.url },
+                _ => e,
+            });
+            return Ok(outcome);
+        }
+        Err(e) => return Err(e),
+    };
     if let Some(max_bytes) = diff_max_bytes {
-        let mut patch = changes::patch(&dir, base, fs, max_bytes)?;
+        let mut patch = staged.patch(max_bytes)?;
         // The paths are redacted with the result's other words (`runner::scrub`).
         patch.text = redactor.redact(&patch.text);
         outcome.patch = Some(patch);
     }
     if let Some(push) = push {
         let branch = push.target.branch.clone();
-        match push_changes(&dir, base, fs, push, &redactor, abort, begins) {
+        match push_changes(&staged, push, &redactor, abort, begins) {
             Ok(commit) => {
                 outcome.pushed_commit = commit;
                 outcome.pushed_branch = Some(branch);
@@ -245,18 +280,19 @@ fn hand_back(work: HandBackWork, abort: &AtomicBool, begins: &dyn Fn() -> bool) 
     Ok(outcome)
 }
 
-/// The job's commit and push (`push_branch`), refused when they would carry a secret: the
-/// commit pushed (None when nothing changed). `abort` (the agent's stop) is checked before
-/// each step: a push not yet under way never starts. `begins` tells the agent a push is
-/// about to go out (see [`changes::Staged::push`]).
-fn push_changes(dir: &Path, base: git2::Oid, fs: checkout::FileSystem, push: PushWork, redactor: &Redactor, abort: &AtomicBool, begins: &dyn Fn() -> bool) -> Result<Option<String>, RepoError> {
+/// The job's commit of `staged` and its push (`push_branch`), refused when they would carry
+/// a secret, or what a push may not ([`changes::Staged::pushable`]): the commit pushed
+/// (None when nothing changed). `abort` (the agent's stop) is checked before each step: a
+/// push not yet under way never starts. `begins` tells the agent a push is about to go out
+/// (see [`changes::Staged::push`]).
+fn push_changes(staged: &changes::Staged, push: PushWork, redactor: &Redactor, abort: &AtomicBool, begins: &dyn Fn() -> bool) -> Result<Option<String>, RepoError> {
     let PushWork { target, author_name, author_email, message } = push;
     let given_up = || abort.load(Ordering::SeqCst);
     let too_slow = || RepoError::HandBackTooSlow { url: target.url.clone() };
     if given_up() {
         return Err(too_slow());
     }
-    let staged = changes::stage(dir, base, fs, abort).map_err(|e| if given_up() { too_slow() } else { e })?;
+    staged.pushable()?;
     if staged.adds_secret(|line| redactor.redact(line) != line)? {
         return Err(RepoError::SecretInChanges);
     }

@@ -4,21 +4,33 @@
 //! job left running can hold at a FIFO (the `.gitattributes` and `.gitignore` files libgit2
 //! opens as it goes): a file measured small and swapped for a huge one meanwhile was read
 //! whole — into the git worker's memory, up to its 4 GiB — and one swapped for a FIFO was
-//! waited on (hostile review s34 reporev, 3). Here libgit2 only lists what changed (its
-//! rules: `.gitignore`, conflicts), reading no file's content ([`list`]); each file is then
-//! opened here, beneath the checkout, from its descriptor
-//! ([`crate::files::open_beneath`]), refused by its `fstat` size over what a push carries,
-//! read to at most that, given its `.gitattributes` conversions ([`cleaned`]), and put in
-//! the index as a blob ([`Plan::stage`]). A submodule is staged as the commit its folder's
-//! HEAD names, read here too ([`submodule_head`]): libgit2 ran a status of the submodule's
-//! own repository (its config, index, HEAD, its changed files, all by path, all the job's
-//! to write) and staged it by its path, which a FIFO swapped in held (hostile review s35).
+//! waited on (hostile review s34 reporev, 3). libgit2 is not handed the working tree at
+//! all now (the checkout is opened as a bare repository: `changes::open_checkout`). What
+//! changed is listed here ([`list`]): tracked files by their `lstat` data against the
+//! index's, untracked ones by a listing of our own, each folder and each `.gitignore`
+//! opened from a descriptor ([`super::untracked`]). Each file is then opened here, beneath
+//! the checkout, from its descriptor ([`crate::files::open_beneath`]), refused by its
+//! `fstat` size over what a push carries, read to at most that, given its `.gitattributes`
+//! conversions ([`cleaned`]) — the attributes read by libgit2 from the `.gitattributes`
+//! files as staged (from the index: a bare repository has no other), which are staged
+//! first ([`Plan::stage`]) —, and put in the index as a blob. A submodule is staged as the
+//! commit its folder's HEAD names, read here too ([`submodule_head`]): libgit2 ran a
+//! status of the submodule's own repository (its config, index, HEAD, its changed files,
+//! all by path, all the job's to write) and staged it by its path, which a FIFO swapped in
+//! held (hostile review s35).
+//!
+//! The diff a job asks for (`include_diff`) is the staged tree's (`changes::Staged::patch`):
+//! one reading of the working tree for the diff and the push. What only a push cannot
+//! carry — a file over [`MAX_PUSH_FILE_BYTES`], a FIFO where a tracked file was, a
+//! repository the job made inside the checkout — is kept aside ([`Plan::unpushable`]) and
+//! refuses the push, while the diff shows what it can: a file too big as a binary change,
+//! unread ([`OVERSIZED`]).
 
 use super::changes::{too_big, MAX_PUSH_FILE_BYTES};
 use super::checkout::FileSystem;
 use super::error::{local, one_line, RepoError};
 use crate::files::Beneath;
-use git2::{Binding, Delta, DiffOptions, FileMode, Index, IndexEntry, IndexTime, ObjectType, Oid, Repository};
+use git2::{Binding, Delta, FileMode, Index, IndexEntry, IndexTime, ObjectType, Oid, Repository};
 use std::ffi::{c_char, c_int, c_void, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -38,6 +50,11 @@ const MAX_GIT_FILE_BYTES: u64 = 4096;
 /// The most a submodule's `packed-refs` staging reads holds (a line per branch and tag).
 const MAX_PACKED_REFS_BYTES: u64 = 64 << 20;
 
+/// What a file over [`MAX_PUSH_FILE_BYTES`] is staged as, unread, for the diff: binary (a
+/// NUL byte), so the diff says only that it changed. A tree holding it is never pushed
+/// (the push is refused: [`Plan::unpushable`]).
+const OVERSIZED: &[u8] = b"\0claude-runner: a file over what a push carries, not read\n";
+
 /// What staging does to the index, path by path (in the index's order), decided before any
 /// file is read.
 pub(super) struct Plan {
@@ -45,6 +62,12 @@ pub(super) struct Plan {
     /// What the files staged from the working tree measured as listed (`lstat`), and those
     /// Claude staged itself (`git add`) by their objects' headers.
     pub bytes: u64,
+    /// Why the staged tree may not be pushed, found as the changes were listed: a file over
+    /// what a push carries (staged as [`OVERSIZED`]), a repository the job made inside the
+    /// checkout (not staged), a FIFO, socket or device where a tracked file was (staged as
+    /// the file's deletion, as libgit2's diff showed it). The first found; [`Plan::stage`]
+    /// may find one too.
+    pub unpushable: Option<RepoError>,
 }
 
 enum Step {
@@ -67,100 +90,139 @@ struct Held {
     tracked: bool,
 }
 
-/// The index of `repo`, and what staging its working tree into it takes, measured before
-/// any file is read: a file over [`MAX_PUSH_FILE_BYTES`] is an error.
+/// Keeps the first reason a push may not carry the staged tree.
+fn keep_first(unpushable: &mut Option<RepoError>, why: RepoError) {
+    unpushable.get_or_insert(why);
+}
+
+/// A file of `size` bytes at `path`, too big for a push: kept aside as the reason the
+/// push is refused.
+fn measured(unpushable: &mut Option<RepoError>, path: &[u8], size: u64) {
+    if let Err(why) = too_big(&shown(path), size) {
+        keep_first(unpushable, why);
+    }
+}
+
+/// The index of `repo` (a checkout opened without a working tree) and what staging its
+/// working tree, at `workdir`, into it takes, measured before any file is read. `abort`
+/// stops it between two folders listed.
 ///
-/// libgit2 lists the changes (new files, `.gitignore` respected; conflicts; submodules
-/// gone or turned into files) against a copy of the index in which every tracked file and
-/// link is "assumed unchanged": libgit2 reads, by path, a tracked file whose stat data
-/// changed to tell whether its content did. Those are told here from their stat data, as
-/// libgit2 tells them ([`may_differ`]), and read as they are staged; one gone is told here
-/// too. Submodules are left out of libgit2's listing (it ran a status of each one's own
-/// repository, by path): one whose folder's HEAD names another commit than the index is
-/// told here ([`submodule_head`]).
+/// Each tracked file or link is looked at by its `lstat` data, as libgit2 tells a change
+/// ([`may_differ`]): one whose stat data changed is read as it is staged; one gone is taken
+/// out; a FIFO, socket or device where one was is kept aside ([`Plan::unpushable`]). A
+/// path left in conflict (a merge Claude did not finish) is taken from the working tree,
+/// whole. A submodule whose
+/// folder's HEAD names another commit than the index is told here ([`submodule_head`]);
+/// one gone, or a file or link now, too. What the index does not hold is listed by
+/// [`super::untracked::list`] (`.gitignore` respected).
 ///
 /// Measured in the working tree, by `lstat` (a link's own size, never through a linked
-/// folder: git sees the link, not what is beyond it): each file staged from there — a path
-/// left in conflict too (a merge Claude did not finish), whole. A tracked file whose size
-/// is still the index's may be one only touched: one over the limit is told as it is read
-/// ([`holds_blob`]). A file only staged (Claude's `git add`, the working tree as staged)
-/// counts by its object's header, its blob unread. A file gone from the working tree is
-/// carried by no push, staged or not: it counts nothing.
-pub(super) fn list(repo: &Repository, fs: FileSystem) -> Result<(Index, Plan), RepoError> {
+/// folder: git sees the link, not what is beyond it): each file staged from there. A
+/// tracked file whose size is still the index's may be one only touched: one over the
+/// limit is told as it is read ([`holds_blob`]). A file only staged (Claude's `git add`,
+/// the working tree as staged) counts by its object's header, its blob unread. A file gone
+/// from the working tree is carried by no push, staged or not: it counts nothing.
+pub(super) fn list(repo: &Repository, workdir: &Path, fs: FileSystem, abort: &AtomicBool) -> Result<(Index, Plan), RepoError> {
     let err = |e: git2::Error| local(ACTION, e.message());
-    let workdir = repo.workdir().ok_or_else(|| local(ACTION, "the checkout has no working tree"))?;
     let failed = |path: &[u8], e: std::io::Error| local(ACTION, format!("{}: {e}", shown(path)));
+    let given_up = || match abort.load(Ordering::SeqCst) {
+        true => Err(local(ACTION, "given up")),
+        false => Ok(()),
+    };
+    given_up()?;
     // Before the index is read: an entry written no earlier than the index may hide a change.
     let written = std::fs::symlink_metadata(repo.path().join("index")).ok().map(|m| (m.mtime() as i32, m.mtime_nsec() as u32));
     let index = repo.index().map_err(err)?;
     let mut steps = Vec::new();
     let mut bytes = 0;
-    let mut listing = Index::new().map_err(err)?;
+    let mut unpushable = None;
     let mut stat = crate::files::StatBeneath::new(workdir);
-    for mut entry in index.iter() {
-        if checked_here(&entry) {
+    let mut tracked = super::untracked::Tracked::new(fs);
+    let mut take = |path: &[u8], held: Option<Held>, size: u64, steps: &mut Vec<(Vec<u8>, Step)>, unpushable: &mut Option<RepoError>| {
+        measured(unpushable, path, size);
+        if size <= MAX_PUSH_FILE_BYTES {
+            bytes += size;
+        }
+        steps.push((path.to_vec(), Step::Take(held)));
+    };
+    let mut last_conflict: Option<Vec<u8>> = None;
+    for entry in index.iter() {
+        tracked.add(&entry.path, entry.mode == GITLINK);
+        if stage_of(&entry) != 0 {
+            // Its sides follow one another: the path is looked at once.
+            if last_conflict.as_deref() == Some(entry.path.as_slice()) {
+                continue;
+            }
+            last_conflict = Some(entry.path.clone());
+            let sides: Vec<IndexEntry> = (1..=3).filter_map(|stage| index.get_path(as_path(&entry.path), stage)).collect();
+            match stat.lstat(as_path(&entry.path)).map_err(|e| failed(&entry.path, e))? {
+                Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR && sides.iter().any(|s| s.mode == GITLINK) => steps.push((entry.path.clone(), Step::Take(conflicted(&index, &entry.path)))),
+                Some(st) if matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFLNK) => take(&entry.path, conflicted(&index, &entry.path), st.st_size as u64, &mut steps, &mut unpushable),
+                // Gone, or a folder now (what it holds is untracked).
+                None => steps.push((entry.path.clone(), Step::Remove)),
+                Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => steps.push((entry.path.clone(), Step::Remove)),
+                Some(st) => {
+                    keep_first(&mut unpushable, RepoError::Unstageable { path: shown(&entry.path), what: kind(st.st_mode).into() });
+                    steps.push((entry.path.clone(), Step::Remove));
+                }
+            }
+        } else if checked_here(&entry) {
             match stat.lstat(as_path(&entry.path)).map_err(|e| failed(&entry.path, e))? {
                 Some(st) if matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFLNK) => {
                     if may_differ(&entry, &st, fs, written) {
                         let size = st.st_size as u64;
                         // Another size than the index's: changed for sure (libgit2's rule).
-                        if size as u32 != entry.file_size && entry.file_size != 0 {
-                            too_big(&shown(&entry.path), size)?;
-                        }
-                        bytes += size;
-                        steps.push((entry.path.clone(), Step::Take(Some(Held { mode: entry.mode, id: entry.id, tracked: true }))));
+                        // The same: maybe only touched, told as it is read.
+                        let changed_size = size as u32 != entry.file_size && entry.file_size != 0;
+                        take(&entry.path, Some(Held { mode: entry.mode, id: entry.id, tracked: true }), if changed_size { size } else { size.min(MAX_PUSH_FILE_BYTES) }, &mut steps, &mut unpushable);
                     }
                 }
-                // Gone, or a folder now (libgit2 lists what it holds, new). libgit2 lists no
-                // deletion of an entry "assumed unchanged".
+                // Gone, or a folder now (what it holds is untracked).
                 Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => steps.push((entry.path.clone(), Step::Remove)),
                 None => steps.push((entry.path.clone(), Step::Remove)),
-                // git refuses it too ("can only add regular files, symbolic links or git-directories").
+                // git refuses it too ("can only add regular files, symbolic links or
+                // git-directories"); libgit2's diff showed the file deleted.
+                Some(st) => {
+                    keep_first(&mut unpushable, RepoError::Unstageable { path: shown(&entry.path), what: kind(st.st_mode).into() });
+                    steps.push((entry.path.clone(), Step::Remove));
+                }
+            }
+        } else if entry.mode == GITLINK && not_skipped(&entry) {
+            match stat.lstat(as_path(&entry.path)).map_err(|e| failed(&entry.path, e))? {
+                Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+                    let head = submodule_head(workdir, &entry.path)?;
+                    if let Some(head) = head.filter(|head| *head != entry.id) {
+                        steps.push((entry.path.clone(), Step::Submodule(head)));
+                    }
+                }
+                None => steps.push((entry.path.clone(), Step::Remove)),
+                // The submodule's folder turned into a file or a link.
+                Some(st) if matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFLNK) => take(&entry.path, None, st.st_size as u64, &mut steps, &mut unpushable),
                 Some(st) => return Err(RepoError::Unstageable { path: shown(&entry.path), what: kind(st.st_mode).into() }),
             }
-            entry.flags |= git2::IndexEntryFlag::VALID.bits();
-        } else if entry.mode == GITLINK && not_skipped(&entry) {
-            if let Some(head) = moved_submodule(workdir, &mut stat, &entry)? {
-                steps.push((entry.path.clone(), Step::Submodule(head)));
-            }
         }
-        listing.add(&entry).map_err(err)?;
     }
-    let mut options = DiffOptions::new();
-    // Submodules ignored: libgit2 opened each one's repository (its config, index, HEAD,
-    // `info/attributes`) and hashed its changed files, all by path; a submodule gone, or a
-    // file or link now, is still listed.
-    options.include_typechange(true).include_untracked(true).recurse_untracked_dirs(true).ignore_submodules(true);
-    let diff = repo.diff_index_to_workdir(Some(&listing), Some(&mut options)).map_err(err)?;
-    for delta in diff.deltas() {
-        let (old, new) = (delta.old_file(), delta.new_file());
-        let Some(path) = new.path_bytes().or(old.path_bytes()) else { continue };
-        let step = match delta.status() {
-            _ if !new.exists() => Step::Remove,
-            // A folder holding a `.git` (libgit2 names it with a `/`): libgit2 failed on it
-            // ("invalid path").
-            Delta::Untracked if path.ends_with(b"/") => return Err(RepoError::NestedRepository { path: shown(&path[..path.len() - 1]) }),
-            Delta::Untracked => Step::Take(None),
-            Delta::Conflicted => Step::Take(conflicted(&index, path)),
-            // A submodule's folder turned into a file or a link.
-            Delta::Modified | Delta::Typechange => Step::Take(None),
-            _ => continue,
-        };
-        if let Step::Take(_) = step {
-            let size = stat.lstat(as_path(path)).map_err(|e| failed(path, e))?.map_or(0, |st| st.st_size as u64);
-            too_big(&shown(path), size)?;
-            bytes += size;
-        }
-        steps.push((path.to_vec(), step));
+    let found = super::untracked::list(workdir, &tracked, abort)?;
+    if let Some(repository) = found.repositories.first() {
+        keep_first(&mut unpushable, RepoError::NestedRepository { path: shown(repository) });
     }
-    bytes += staged_bytes(repo, &index, &steps)?;
+    for (path, size) in &found.files {
+        take(path, None, *size, &mut steps, &mut unpushable);
+    }
+    bytes += staged_bytes(repo, &index, &steps, &mut unpushable)?;
     steps.sort_by(|(a, _), (b, _)| a.cmp(b));
-    Ok((index, Plan { steps, bytes }))
+    Ok((index, Plan { steps, bytes, unpushable }))
+}
+
+/// The conflict stage of an index entry (0: none).
+fn stage_of(entry: &IndexEntry) -> u16 {
+    // The conflict stage's bits (`GIT_INDEX_ENTRY_STAGEMASK`), which git2 does not name.
+    (entry.flags & 0x3000) >> 12
 }
 
 /// What the index holds that Claude staged itself (against HEAD) and the working tree does
-/// not change, by its objects' headers; one over [`MAX_PUSH_FILE_BYTES`] is an error.
-fn staged_bytes(repo: &Repository, index: &Index, steps: &[(Vec<u8>, Step)]) -> Result<u64, RepoError> {
+/// not change, by its objects' headers; one over [`MAX_PUSH_FILE_BYTES`] is kept aside.
+fn staged_bytes(repo: &Repository, index: &Index, steps: &[(Vec<u8>, Step)], unpushable: &mut Option<RepoError>) -> Result<u64, RepoError> {
     let err = |e: git2::Error| local(ACTION, e.message());
     let odb = repo.odb().map_err(err)?;
     let head = repo.head().and_then(|h| h.peel_to_tree()).ok();
@@ -174,84 +236,164 @@ fn staged_bytes(repo: &Repository, index: &Index, steps: &[(Vec<u8>, Step)]) -> 
         }
         let Some(path) = new.path_bytes().filter(|p| !from_tree.contains(p)) else { continue };
         let size = odb.read_header(new.id()).map_err(err)?.0 as u64;
-        too_big(&shown(path), size)?;
-        bytes += size;
+        measured(unpushable, path, size);
+        bytes += size.min(MAX_PUSH_FILE_BYTES);
     }
     Ok(bytes)
 }
 
-/// What [`list`] measured, for the tests.
+/// What [`list`] measured, for the tests: a file over what a push carries is an error.
 #[cfg(test)]
-pub(super) fn changed_bytes(repo: &Repository, fs: FileSystem) -> Result<u64, RepoError> {
-    Ok(list(repo, fs)?.1.bytes)
+pub(super) fn changed_bytes(repo: &Repository, workdir: &Path, fs: FileSystem) -> Result<u64, RepoError> {
+    let plan = list(repo, workdir, fs, &AtomicBool::new(false))?.1;
+    match plan.unpushable {
+        Some(e @ RepoError::FileTooBig { .. }) => Err(e),
+        _ => Ok(plan.bytes),
+    }
 }
 
 impl Plan {
-    /// Stages the working tree into `index` of `repo` as planned. `abort` stops it between
-    /// two files.
-    pub(super) fn stage(self, repo: &Repository, index: &mut Index, fs: FileSystem, abort: &AtomicBool) -> Result<(), RepoError> {
+    /// Stages the working tree at `workdir` into `index` of `repo` as planned; what the push
+    /// may not carry is returned (the first reason: [`Plan::unpushable`]'s, else one found
+    /// as a file was read). `abort` stops it between two files.
+    ///
+    /// The `.gitattributes` files go first, as they are in the working tree: the
+    /// conversions each other file is given ([`cleaned`]) come from them as staged (libgit2
+    /// reads the attributes of a repository without a working tree from its index), as git
+    /// reads them from the working tree. Each is then given its own conversions too.
+    pub(super) fn stage(self, repo: &Repository, index: &mut Index, workdir: &Path, fs: FileSystem, abort: &AtomicBool) -> Result<Option<RepoError>, RepoError> {
         let err = |e: git2::Error| local(ACTION, e.message());
-        let workdir = repo.workdir().ok_or_else(|| local(ACTION, "the checkout has no working tree"))?;
         let given_up = || match abort.load(Ordering::SeqCst) {
             true => Err(local(ACTION, "given up")),
             false => Ok(()),
         };
         given_up()?;
-        for (path, step) in self.steps {
+        let mut unpushable = self.unpushable;
+        let is_attributes = |path: &[u8]| path.rsplit(|b| *b == b'/').next() == Some(b".gitattributes".as_slice());
+        let (attributes, others): (Vec<_>, Vec<_>) = self.steps.into_iter().partition(|(path, _)| is_attributes(path));
+        let mut raw = Vec::new();
+        for (path, step) in attributes {
+            given_up()?;
+            match step {
+                Step::Take(held) => match read(repo, workdir, &path, held, fs, &mut unpushable)? {
+                    Read::File { mode, bytes } => {
+                        put(index, &path, mode, &bytes, held)?;
+                        raw.push((path, mode, bytes, held));
+                    }
+                    other => other.put(index, &path, held)?,
+                },
+                Step::Remove => index.remove_path(as_path(&path)).map_err(err)?,
+                Step::Submodule(head) => index.add(&entry(path, GITLINK, head, 0)).map_err(err)?,
+            }
+        }
+        for (path, mode, bytes, held) in raw {
+            let clean = cleaned(repo, &path, bytes.clone()).map_err(err)?;
+            if clean != bytes {
+                put(index, &path, mode, &clean, held)?;
+            }
+        }
+        for (path, step) in others {
             given_up()?;
             match step {
                 Step::Remove => index.remove_path(as_path(&path)).map_err(err)?,
                 Step::Submodule(head) => index.add(&entry(path, GITLINK, head, 0)).map_err(err)?,
-                Step::Take(held) => take(repo, index, workdir, &path, held, fs)?,
+                Step::Take(held) => match read(repo, workdir, &path, held, fs, &mut unpushable)? {
+                    Read::File { mode, bytes } => put(index, &path, mode, &cleaned(repo, &path, bytes).map_err(err)?, held)?,
+                    other => other.put(index, &path, held)?,
+                },
             }
         }
-        Ok(())
+        Ok(unpushable)
     }
 }
 
-/// Stages the entry `path` of the working tree at `workdir` as it is now, read from a
-/// descriptor: a plain file (at most [`MAX_PUSH_FILE_BYTES`], its `.gitattributes`
-/// conversions applied), a link (its target), nothing when it is gone.
-fn take(repo: &Repository, index: &mut Index, workdir: &Path, path: &[u8], held: Option<Held>, fs: FileSystem) -> Result<(), RepoError> {
-    use std::io::Read;
-    let err = |e: git2::Error| local(ACTION, e.message());
-    let failed = |e: std::io::Error| local(ACTION, format!("{}: {e}", shown(path)));
-    let (mode, blob) = match crate::files::open_beneath(workdir, as_path(path)).map_err(failed)? {
-        // Gone since it was listed: as a listing now would find it.
-        None => return index.remove_path(as_path(path)).map_err(err),
-        Some(Beneath::Link(target)) => (LINK, target),
-        Some(Beneath::File(file)) => {
-            let meta = file.metadata().map_err(failed)?;
-            let mode = file_mode(meta.mode(), held, fs);
-            if meta.len() > MAX_PUSH_FILE_BYTES {
-                let tracked = held.filter(|h| h.tracked && h.mode == mode);
-                if tracked.is_some_and(|h| holds_blob(repo, &file, h.id).unwrap_or(false)) {
-                    return Ok(());
-                }
-                return too_big(&shown(path), meta.len());
-            }
-            let mut bytes = Vec::with_capacity(meta.len() as usize);
-            // One byte more than a push carries: a file growing as it is read is told.
-            (&file).take(MAX_PUSH_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(failed)?;
-            too_big(&shown(path), bytes.len() as u64)?;
-            (mode, cleaned(repo, path, bytes).map_err(err)?)
+/// What [`read`] found at a path of the working tree.
+enum Read {
+    /// Gone since it was listed: out of the index, as a listing now would find it.
+    Gone,
+    /// Left as the index holds it (a tracked file over what a push carries, only touched).
+    Unchanged,
+    /// A plain file: its mode and its bytes, as read (no conversion yet).
+    File { mode: u32, bytes: Vec<u8> },
+    /// A link (its target), or a file over what a push carries ([`OVERSIZED`]): staged
+    /// as it is.
+    Blob { mode: u32, blob: Vec<u8> },
+}
+
+impl Read {
+    /// Puts what was read (not a [`Read::File`], which has its conversions first) in the index.
+    fn put(self, index: &mut Index, path: &[u8], held: Option<Held>) -> Result<(), RepoError> {
+        match self {
+            Read::Gone => index.remove_path(as_path(path)).map_err(|e| local(ACTION, e.message())),
+            Read::Unchanged => Ok(()),
+            Read::File { mode, bytes } | Read::Blob { mode, blob: bytes } => put(index, path, mode, &bytes, held),
         }
+    }
+}
+
+/// The entry `path` of the working tree at `workdir` as it is now, read from a descriptor:
+/// a plain file (at most [`MAX_PUSH_FILE_BYTES`]; one bigger is [`OVERSIZED`], unread, and
+/// kept aside in `unpushable`), a link (its target), nothing when it is gone. A FIFO,
+/// socket or device swapped in since the listing is kept aside too, and the path is left
+/// out; a folder is an error (the listing found a file: something the job started is
+/// still at work).
+fn read(repo: &Repository, workdir: &Path, path: &[u8], held: Option<Held>, fs: FileSystem, unpushable: &mut Option<RepoError>) -> Result<Read, RepoError> {
+    use std::io::Read as _;
+    let failed = |e: std::io::Error| local(ACTION, format!("{}: {e}", shown(path)));
+    let file = match crate::files::open_beneath(workdir, as_path(path)).map_err(failed)? {
+        None => return Ok(Read::Gone),
+        Some(Beneath::Link(target)) => return link(path, target),
+        Some(Beneath::File(file)) => file,
         Some(Beneath::Other(libc::S_IFDIR)) => {
             return Err(local(ACTION, format!("{} turned from a file into a folder as it was staged: a command the job started may still be running; run the job again", shown(path))));
         }
-        Some(Beneath::Other(other)) => return Err(RepoError::Unstageable { path: shown(path), what: kind(other).into() }),
+        Some(Beneath::Other(other)) => {
+            keep_first(unpushable, RepoError::Unstageable { path: shown(path), what: kind(other).into() });
+            return Ok(Read::Gone);
+        }
     };
+    let meta = file.metadata().map_err(failed)?;
+    let mode = file_mode(meta.mode(), held, fs);
+    let oversized = |unpushable: &mut Option<RepoError>, size: u64| {
+        measured(unpushable, path, size);
+        Ok(Read::Blob { mode, blob: OVERSIZED.to_vec() })
+    };
+    if meta.len() > MAX_PUSH_FILE_BYTES {
+        let tracked = held.filter(|h| h.tracked && h.mode == mode);
+        if tracked.is_some_and(|h| holds_blob(repo, &file, h.id).unwrap_or(false)) {
+            return Ok(Read::Unchanged);
+        }
+        return oversized(unpushable, meta.len());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // One byte more than a push carries: a file growing as it is read is told.
+    (&file).take(MAX_PUSH_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(failed)?;
+    if bytes.len() as u64 > MAX_PUSH_FILE_BYTES {
+        return oversized(unpushable, bytes.len() as u64);
+    }
+    Ok(Read::File { mode, bytes })
+}
+
+/// A link at `path` holding `target`, as staged.
+fn link(path: &[u8], target: Vec<u8>) -> Result<Read, RepoError> {
     // libgit2 refuses a link named `.gitmodules` (git reads it as the submodules' list).
     let name = path.rsplit(|b| *b == b'/').next().unwrap_or(path);
-    if mode == LINK && is_gitmodules(name) {
+    if is_gitmodules(name) {
         return Err(local(ACTION, format!("invalid path: '{}' (a link named .gitmodules)", shown(path))));
     }
+    Ok(Read::Blob { mode: LINK, blob: target })
+}
+
+/// Puts `blob` in the index at `path` with `mode`; a tracked file read unchanged keeps its
+/// entry (and its stat data).
+fn put(index: &mut Index, path: &[u8], mode: u32, blob: &[u8], held: Option<Held>) -> Result<(), RepoError> {
+    let err = |e: git2::Error| local(ACTION, e.message());
     if let Some(held) = held.filter(|h| h.tracked && h.mode == mode) {
-        if Oid::hash_object(ObjectType::Blob, &blob).map_err(err)? == held.id {
+        if Oid::hash_object(ObjectType::Blob, blob).map_err(err)? == held.id {
             return Ok(());
         }
     }
-    index.add_frombuffer(&entry(path.to_vec(), mode, Oid::ZERO_SHA1, blob.len() as u32), &blob).map_err(err)
+    index.add_frombuffer(&entry(path.to_vec(), mode, Oid::ZERO_SHA1, blob.len() as u32), blob).map_err(err)
 }
 
 /// An index entry of `path`, without stat data (git reads none of a blob added from
@@ -330,20 +472,6 @@ fn not_skipped(entry: &IndexEntry) -> bool {
     let stage = entry.flags & 0x3000;
     let skipped = entry.flags & git2::IndexEntryFlag::VALID.bits() != 0 || entry.flags_extended & git2::IndexEntryExtendedFlag::SKIP_WORKTREE.bits() != 0;
     stage == 0 && !skipped
-}
-
-/// The commit the folder of the submodule `entry` (the index's gitlink) is at, when it is
-/// another than the index's. A folder is read ([`submodule_head`]); a submodule gone, or a
-/// file or link now, is libgit2's to list (a deletion, a type change); a FIFO, socket or
-/// device there is refused, as one where a file was.
-fn moved_submodule(workdir: &Path, stat: &mut crate::files::StatBeneath<'_>, entry: &IndexEntry) -> Result<Option<Oid>, RepoError> {
-    let failed = |e: std::io::Error| local(ACTION, format!("{}: {e}", shown(&entry.path)));
-    match stat.lstat(as_path(&entry.path)).map_err(failed)? {
-        Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => Ok(submodule_head(workdir, &entry.path)?.filter(|head| *head != entry.id)),
-        None => Ok(None),
-        Some(st) if matches!(st.st_mode & libc::S_IFMT, libc::S_IFREG | libc::S_IFLNK) => Ok(None),
-        Some(st) => Err(RepoError::Unstageable { path: shown(&entry.path), what: kind(st.st_mode).into() }),
-    }
 }
 
 /// The commit HEAD names in the repository of the submodule folder `sub` (beneath
@@ -581,7 +709,7 @@ extern "C" {
 }
 
 /// What a file system entry that is not a file, a link or a folder is, in words.
-fn kind(mode: libc::mode_t) -> &'static str {
+pub(super) fn kind(mode: libc::mode_t) -> &'static str {
     match mode & libc::S_IFMT {
         libc::S_IFIFO => "a FIFO",
         libc::S_IFSOCK => "a socket",
@@ -595,7 +723,7 @@ fn as_path(path: &[u8]) -> &Path {
 }
 
 /// A path (a name Claude chose) as one line of text.
-fn shown(path: &[u8]) -> String {
+pub(super) fn shown(path: &[u8]) -> String {
     one_line(&String::from_utf8_lossy(path))
 }
 

@@ -258,6 +258,74 @@ async fn changes_become_a_diff_a_file_list_a_commit_and_a_push() {
     assert_eq!(git(&bare, &["rev-parse", "feature"]), commit.to_string());
 }
 
+/// The diff a job asks for (`include_diff`) is the staged tree's now, no longer libgit2's
+/// diff of the working tree (which read each file by its path): for ordinary files — new,
+/// changed, deleted, renamed (moved into a new folder too), binary, a link, an exec bit,
+/// `.gitignore` (nested, negated), `.gitattributes` conversions, a file Claude staged and
+/// changed again, Claude's own commit — the text and the file list are libgit2's, byte for
+/// byte. A file `.gitattributes` marks `binary` is one line, as git prints it (libgit2's
+/// diff of the working tree printed `old mode 0` and `/dev/null` for both sides).
+#[tokio::test]
+async fn the_diff_is_libgit2s_diff_of_the_working_tree_for_ordinary_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = TempDir::new("diff-as-before");
+    let (bare, work, _) = server(tmp.path());
+    std::fs::write(work.join("keep.txt"), "a\nb\nc\nd\ne\nf\ng\nh\n").unwrap();
+    std::fs::write(work.join("move.txt"), "one line\nanother line\nthird line\nfourth\nfifth\n").unwrap();
+    std::os::unix::fs::symlink("keep.txt", work.join("link")).unwrap();
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "more"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let d = &co.dir;
+    std::fs::write(d.join("added.txt"), "brand new\n").unwrap();
+    std::fs::write(d.join("src/lib.rs"), "fn a() {}\nfn b() {}\n").unwrap();
+    std::fs::remove_file(d.join("README.md")).unwrap();
+    std::fs::write(d.join("image.bin"), [0u8, 159, 146, 150, 0, 1, 2]).unwrap();
+    std::fs::rename(d.join("old.txt"), d.join("renamed.txt")).unwrap();
+    std::fs::create_dir_all(d.join("sub")).unwrap();
+    std::fs::rename(d.join("move.txt"), d.join("sub/moved.txt")).unwrap();
+    std::fs::write(d.join("keep.txt"), "a\nb\nc\nD\ne\nf\ng\nh\n").unwrap();
+    std::fs::set_permissions(d.join("keep.txt"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::remove_file(d.join("link")).unwrap();
+    std::os::unix::fs::symlink("renamed.txt", d.join("link")).unwrap();
+    std::fs::write(d.join(".gitignore"), "target/\n*.log\n!keep.log\n").unwrap();
+    std::fs::create_dir_all(d.join("target")).unwrap();
+    std::fs::write(d.join("target/build.o"), "ignored").unwrap();
+    std::fs::write(d.join("x.log"), "ignored").unwrap();
+    std::fs::write(d.join("keep.log"), "kept").unwrap();
+    std::fs::create_dir_all(d.join("deep/er/est")).unwrap();
+    std::fs::write(d.join("deep/er/est/f.txt"), "deep\n").unwrap();
+    std::fs::write(d.join("deep/.gitignore"), "est/\n").unwrap();
+    std::fs::write(d.join("deep/er/g.txt"), "g\n").unwrap();
+    std::fs::write(d.join("empty.txt"), "").unwrap();
+    std::fs::write(d.join("noeol.txt"), "no newline").unwrap();
+    std::fs::write(d.join(".gitattributes"), "*.crlf text eol=lf\n").unwrap();
+    std::fs::write(d.join("win.crlf"), "one\r\ntwo\r\n").unwrap();
+    std::fs::write(d.join("staged.txt"), "staged\n").unwrap();
+    git(d, &["add", "staged.txt"]);
+    std::fs::write(d.join("staged.txt"), "staged, then changed\n").unwrap();
+    std::fs::write(d.join("committed.txt"), "committed by Claude\n").unwrap();
+    git(d, &["add", "committed.txt"]);
+    git(d, &["commit", "-q", "-m", "claude's"]);
+    let new = changes::patch(&co.dir, co.commit, co.fs, 1 << 20).unwrap();
+    let repo = git2::Repository::open(&co.dir).unwrap();
+    let old_tree = repo.find_commit(co.commit).unwrap().tree().unwrap();
+    let mut options = git2::DiffOptions::new();
+    options.context_lines(3).include_untracked(true).recurse_untracked_dirs(true).show_untracked_content(true);
+    let mut diff = repo.diff_tree_to_workdir_with_index(Some(&old_tree), Some(&mut options)).unwrap();
+    diff.find_similar(Some(git2::DiffFindOptions::new().renames(true).for_untracked(true))).unwrap();
+    let old = changes::print(&diff, 1 << 20).unwrap();
+    assert_eq!(new.text, old.text);
+    assert_eq!(new.files, old.files);
+    assert!(new.text.contains("rename from move.txt\nrename to sub/moved.txt") && new.text.contains("+two\n") && !new.text.contains('\r'), "{}", new.text);
+    // The attributes the diff reads are the staged `.gitattributes`'.
+    std::fs::write(d.join(".gitattributes"), "*.bin2 binary\n").unwrap();
+    std::fs::write(d.join("text.bin2"), "plain text, marked binary\n").unwrap();
+    let new = changes::patch(&co.dir, co.commit, co.fs, 1 << 20).unwrap();
+    assert!(new.text.contains("new file mode 100644\nindex 0000000..ba024bc\nBinary files /dev/null and b/text.bin2 differ\n"), "{}", new.text);
+}
+
 #[tokio::test]
 async fn nothing_changed_means_no_commit() {
     let tmp = TempDir::new("unchanged");
@@ -451,7 +519,7 @@ async fn a_file_too_big_for_a_push_is_refused_in_claudes_commits_too() {
     git(&co.dir, &["commit", "-q", "-m", "an image"]);
     // Refused as it is staged, before the search for secrets reads any file whole (it
     // read a committed 2 GB file, and the push refused it only then).
-    let err = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).err().unwrap();
+    let err = to_push(&co).err().unwrap();
     assert!(matches!(&err, RepoError::FileTooBig { path, mib: 101, .. } if path == "huge.img"), "{err}");
     // Staged by Claude's `git add` but not committed: refused before staging.
     let root = tmp.path().join("second");
@@ -459,7 +527,7 @@ async fn a_file_too_big_for_a_push_is_refused_in_claudes_commits_too() {
     let (_cache, _lease, co) = checked_out(&root, &bare).await;
     std::fs::File::create(co.dir.join("huge.img")).unwrap().set_len(changes::MAX_PUSH_FILE_BYTES + 1).unwrap();
     git(&co.dir, &["add", "huge.img"]);
-    let err = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).err().unwrap();
+    let err = to_push(&co).err().unwrap();
     assert!(matches!(&err, RepoError::FileTooBig { .. }), "{err}");
     // A name that is not UTF-8: its size is its file's (the lossy name named no file, and
     // counted 0 bytes).
@@ -468,8 +536,15 @@ async fn a_file_too_big_for_a_push_is_refused_in_claudes_commits_too() {
     git(&co.dir, &["add", "-A"]);
     let odd = co.dir.join(std::ffi::OsStr::from_bytes(b"big\xff.bin"));
     std::fs::File::create(&odd).unwrap().set_len(changes::MAX_PUSH_FILE_BYTES + 1).unwrap();
-    let err = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).err().unwrap();
+    let err = to_push(&co).err().unwrap();
     assert!(matches!(&err, RepoError::FileTooBig { path, .. } if path.starts_with("big")), "{err}");
+}
+
+/// What `co` holds, staged as a push takes it: what the push may not carry is an error.
+fn to_push(co: &checkout::Checkout) -> Result<changes::Staged, RepoError> {
+    let staged = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false))?;
+    staged.pushable()?;
+    Ok(staged)
 }
 
 /// Stages, commits and pushes what `co` holds to `branch` of the server `bare`: the commit.
@@ -548,7 +623,7 @@ async fn a_file_staged_then_deleted_or_changed_is_measured_as_the_push_carries_i
     add("old.txt", "changed and staged\n");
     std::fs::remove_file(co.dir.join("old.txt")).unwrap();
     let repo = git2::Repository::open(&co.dir).unwrap();
-    let measured = super::staging::changed_bytes(&repo, co.fs).unwrap();
+    let measured = super::staging::changed_bytes(&repo, &co.dir, co.fs).unwrap();
     assert_eq!(measured, ("then changed\n".len() + "staged as it is\n".len()) as u64);
     let commit = push_to(&co, &bare, "claude/staged");
     let files = git(&bare, &["ls-tree", "-r", "--name-only", &commit]);
@@ -575,7 +650,7 @@ async fn a_file_staged_under_a_folder_now_a_link_is_not_measured_through_it() {
     std::fs::File::create(outside.join("big.bin")).unwrap().set_len(changes::MAX_PUSH_FILE_BYTES + (1 << 20)).unwrap();
     std::os::unix::fs::symlink(&outside, co.dir.join("data")).unwrap();
     let repo = git2::Repository::open(&co.dir).unwrap();
-    assert_eq!(super::staging::changed_bytes(&repo, co.fs).unwrap(), outside.as_os_str().len() as u64, "the link's own size");
+    assert_eq!(super::staging::changed_bytes(&repo, &co.dir, co.fs).unwrap(), outside.as_os_str().len() as u64, "the link's own size");
     let commit = push_to(&co, &bare, "claude/linked");
     assert_eq!(git(&bare, &["ls-tree", &commit, "data"]).split_whitespace().next(), Some("120000"), "the link is pushed");
     // The measure itself never goes through a linked folder.
@@ -611,10 +686,10 @@ async fn a_file_left_in_conflict_is_measured_in_the_working_tree_as_staging_take
     std::fs::write(co.dir.join("both.txt"), "resolved in the working tree\n").unwrap();
     let repo = git2::Repository::open(&co.dir).unwrap();
     assert_eq!(repo.status_file(Path::new("both.txt")).unwrap(), git2::Status::CONFLICTED);
-    assert_eq!(super::staging::changed_bytes(&repo, co.fs).unwrap(), "resolved in the working tree\n".len() as u64);
+    assert_eq!(super::staging::changed_bytes(&repo, &co.dir, co.fs).unwrap(), "resolved in the working tree\n".len() as u64);
     // Over what a push takes (sparse): refused before staging reads it.
     std::fs::File::options().write(true).open(co.dir.join("both.txt")).unwrap().set_len(changes::MAX_PUSH_FILE_BYTES + (1 << 20)).unwrap();
-    let err = super::staging::changed_bytes(&repo, co.fs).err().expect("a conflicted file over what a push takes was not measured");
+    let err = super::staging::changed_bytes(&repo, &co.dir, co.fs).err().expect("a conflicted file over what a push takes was not measured");
     assert!(matches!(&err, RepoError::FileTooBig { path, .. } if path == "both.txt"), "{err}");
     // Staging takes the working tree's file: that is what the push carries.
     std::fs::write(co.dir.join("both.txt"), "resolved in the working tree\n").unwrap();
@@ -623,33 +698,19 @@ async fn a_file_left_in_conflict_is_measured_in_the_working_tree_as_staging_take
 }
 
 /// Stages `co` while a process the job left running (one it kept past its warden, or
-/// another job's) holds staging after the sizes were measured, and runs `swap` on
-/// `b/big.bin`, measured at 6 bytes. The hold: FIFOs at `a/.gitattributes` and
-/// `aa/.gitattributes` (ignored: not staged themselves), which libgit2 opens, as it stages
-/// `a/first.txt` and `aa/second.txt`, before `b/big.bin`; an open of a FIFO waits for the
-/// other end. Once the first is open, staging cannot be past the second: the swap comes
-/// before `b/big.bin` is read. A file of 65 MiB (`c/pad.bin`) keeps the objects on disk
-/// (not in memory), where they can be seen. Returns staging's error and the largest object
-/// it wrote.
+/// another job's) runs `swap` on `b/big.bin`, measured at 6 bytes: once the changes are
+/// listed and measured, before any file is read (`changes::stage_then`). A file of 65 MiB
+/// (`c/pad.bin`) keeps the objects on disk (not in memory), where they can be seen.
+/// Returns staging's error, or else why the push may not carry what was staged, and the
+/// largest object staging wrote.
 fn stage_while_held(co: &checkout::Checkout, swap: impl FnOnce(&Path)) -> (Option<RepoError>, usize) {
-    std::fs::write(co.dir.join(".gitignore"), "/a/.gitattributes\n/aa/.gitattributes\n").unwrap();
-    for folder in ["a", "aa", "b", "c"] {
+    for folder in ["b", "c"] {
         std::fs::create_dir_all(co.dir.join(folder)).unwrap();
     }
-    std::fs::write(co.dir.join("a/first.txt"), "a\n").unwrap();
-    std::fs::write(co.dir.join("aa/second.txt"), "aa\n").unwrap();
     std::fs::write(co.dir.join("b/big.bin"), "small\n").unwrap();
     std::fs::File::create(co.dir.join("c/pad.bin")).unwrap().set_len(65 << 20).unwrap();
-    let fifos = [co.dir.join("a/.gitattributes"), co.dir.join("aa/.gitattributes")];
-    fifos.iter().for_each(|fifo| crate::files::pipe_at(fifo));
-    let (dir, base, fs) = (co.dir.clone(), co.commit, co.fs);
-    let staging = std::thread::spawn(move || changes::stage(&dir, base, fs, &AtomicBool::new(false)).err());
-    let hold = |fifo: &PathBuf| std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
-    let first = hold(&fifos[0]);
-    swap(&co.dir.join("b/big.bin"));
-    let second = hold(&fifos[1]);
-    drop((first, second));
-    let err = staging.join().unwrap();
+    let big = co.dir.join("b/big.bin");
+    let err = changes::stage_then(&co.dir, co.commit, co.fs, &AtomicBool::new(false), || swap(&big)).and_then(|staged| staged.pushable()).err();
     let repo = git2::Repository::open(&co.dir).unwrap();
     let odb = repo.odb().unwrap();
     let mut largest = 0;
@@ -666,9 +727,9 @@ fn stage_with_a_file_swapped_while_held(co: &checkout::Checkout) -> (Option<Repo
     stage_while_held(co, |big| std::fs::File::options().write(true).open(big).unwrap().set_len(changes::MAX_PUSH_FILE_BYTES + (1 << 20)).unwrap())
 }
 
-/// A file swapped for a bigger one after the sizes were measured is read by staging, but
-/// the push refuses it still: the staged tree's sizes are checked, from the objects'
-/// headers, before the search for secrets reads any file (`Staged::check_sizes`).
+/// A file swapped for a bigger one after the sizes were measured was read by staging, and
+/// the push refused it only by the staged tree's sizes. Staged unread now (its `fstat`
+/// size says it is too big), it is never pushed all the same: the push is refused.
 #[tokio::test]
 async fn a_file_swapped_in_after_it_was_measured_is_never_pushed() {
     let tmp = TempDir::new("swapped-pushed");
@@ -733,7 +794,7 @@ async fn a_fifo_in_place_of_a_tracked_file_is_refused() {
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
     std::fs::remove_file(co.dir.join("old.txt")).unwrap();
     crate::files::pipe_at(&co.dir.join("old.txt"));
-    let said = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).err().map(|e| e.to_string()).unwrap_or_default();
+    let said = to_push(&co).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(said.contains("old.txt") && said.contains("FIFO") && said.contains("remove it"), "{said:?}");
     // An untracked one is passed over, as git does.
     std::fs::remove_file(co.dir.join("old.txt")).unwrap();
@@ -817,7 +878,7 @@ async fn a_big_tracked_file_only_touched_is_not_refused() {
     use std::os::unix::fs::FileExt;
     std::fs::File::options().write(true).open(co.dir.join("big.img")).unwrap().write_all_at(b"x", 1000).unwrap();
     touch();
-    let err = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).err().expect("a changed file over what a push carries was staged");
+    let err = to_push(&co).err().expect("a changed file over what a push carries was staged");
     assert!(matches!(&err, RepoError::FileTooBig { path, .. } if path == "big.img"), "{err}");
 }
 
@@ -868,7 +929,7 @@ async fn submodules_are_staged_as_their_commits_and_a_nested_repository_is_refus
     std::fs::write(nested.join("inner.txt"), "inner\n").unwrap();
     git(&nested, &["add", "-A"]);
     git(&nested, &["commit", "-q", "-m", "inner"]);
-    let said = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).err().map(|e| e.to_string()).unwrap_or_default();
+    let said = to_push(&co).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(said.contains("`nested`") && said.contains("repository of its own") && said.contains(".gitignore"), "{said:?}");
     std::fs::remove_dir_all(&nested).unwrap();
     // It checks submodules out, at the library's newest commit.
@@ -948,10 +1009,10 @@ async fn a_submodule_swapped_for_a_fifo_after_listing_is_staged_as_listed_never_
     std::fs::remove_dir(co.dir.join("sub")).unwrap();
     git(&co.dir, &["clone", "-q", lib.to_str().unwrap(), "sub"]);
     let repo = git2::Repository::open(&co.dir).unwrap();
-    let (mut index, plan) = super::staging::list(&repo, co.fs).unwrap();
+    let (mut index, plan) = super::staging::list(&repo, &co.dir, co.fs, &AtomicBool::new(false)).unwrap();
     std::fs::remove_dir_all(co.dir.join("sub")).unwrap();
     let writer = FifoWriter::at(&co.dir.join("sub"));
-    let staged = plan.stage(&repo, &mut index, co.fs, &AtomicBool::new(false));
+    let staged = plan.stage(&repo, &mut index, &co.dir, co.fs, &AtomicBool::new(false));
     assert_eq!(writer.finish(), 0, "staging opened the submodule's path");
     staged.unwrap();
     let entry = index.get_path(Path::new("sub"), 0).expect("the submodule is staged");
@@ -1006,6 +1067,137 @@ async fn a_submodules_own_repository_is_read_from_descriptors_bounded() {
     std::fs::rename(tmp.path().join("outside.git"), co.dir.join("sub/.git")).unwrap();
     let commit = push_to(&co, &bare, "claude/sub");
     assert_eq!(git(&bare, &["rev-parse", &format!("{commit}:sub")]), second);
+}
+
+/// Runs `work` on a thread and waits up to 30 s for it: one that waits on a FIFO fails the
+/// test rather than hanging it. Then each of `fifos` is given a writer, opened without
+/// waiting (a reader waiting in its open meets it) and closed, so that the thread ends.
+fn within_30s<T: Send + 'static>(what: &str, fifos: &[PathBuf], work: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(work());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+        Ok(done) => done,
+        Err(_) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            for fifo in fifos {
+                drop(std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(fifo));
+            }
+            panic!("{what} waited on a FIFO");
+        }
+    }
+}
+
+/// The job's diff and its staging for a push, each on its own, within 30 s: the diff's text,
+/// and whether staging went through.
+fn diff_and_stage(co: &checkout::Checkout, what: &str, fifos: &[PathBuf]) -> (Result<String, RepoError>, Result<(), RepoError>) {
+    let (dir, base, fs) = (co.dir.clone(), co.commit, co.fs);
+    within_30s(what, fifos, move || (changes::patch(&dir, base, fs, 1 << 20).map(|p| p.text), changes::stage(&dir, base, fs, &AtomicBool::new(false)).map(drop)))
+}
+
+/// libgit2 read the `.gitignore` of each folder it listed, and the `.gitattributes` of
+/// each file it staged or diffed, by their paths: a FIFO there (root or nested) held the
+/// hand-back until the job's time, a link there was followed (to a FIFO outside too), a
+/// huge one was read whole. The working tree is listed here now, each `.gitignore` read
+/// from a descriptor beneath the checkout, bounded — a FIFO or an oversized one refused,
+/// naming it; a link not followed, as git does —, and the attributes come from the
+/// `.gitattributes` files as staged, read from descriptors like any file: libgit2 is
+/// never handed the working tree.
+#[tokio::test]
+async fn a_fifo_or_huge_gitignore_or_gitattributes_holds_neither_the_diff_nor_the_push() {
+    let tmp = TempDir::new("fifo-ignore");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::create_dir_all(co.dir.join("sub/deeper")).unwrap();
+    std::fs::write(co.dir.join("sub/deeper/new.txt"), "new\n").unwrap();
+    std::fs::write(co.dir.join("src/lib.rs"), "fn b() {}\n").unwrap();
+    for name in [".gitignore", "sub/.gitignore", "sub/deeper/.gitignore"] {
+        let fifo = co.dir.join(name);
+        crate::files::pipe_at(&fifo);
+        let (patch, staged) = diff_and_stage(&co, name, &[fifo.clone()]);
+        for said in [patch.err(), staged.err()].map(|e| e.map(|e| e.to_string()).unwrap_or_default()) {
+            assert!(said.contains(&format!("`{name}` is a FIFO")), "{name}: {said:?}");
+        }
+        std::fs::remove_file(&fifo).unwrap();
+    }
+    // Not a file git stores: passed over, as any FIFO that is not tracked.
+    for name in [".gitattributes", "sub/.gitattributes", "sub/deeper/.gitattributes"] {
+        let fifo = co.dir.join(name);
+        crate::files::pipe_at(&fifo);
+        let (patch, staged) = diff_and_stage(&co, name, &[fifo.clone()]);
+        let patch = patch.unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(patch.contains("+new") && patch.contains("+fn b() {}") && !patch.contains(".gitattributes"), "{name}: {patch}");
+        staged.unwrap_or_else(|e| panic!("{name}: {e}"));
+        std::fs::remove_file(&fifo).unwrap();
+    }
+    // Bigger than git reads as a list of ignored files (sparse): refused by its size, unread.
+    std::fs::File::create(co.dir.join("sub/.gitignore")).unwrap().set_len(1 << 30).unwrap();
+    let (patch, staged) = diff_and_stage(&co, "a huge .gitignore", &[]);
+    for said in [patch.err(), staged.err()].map(|e| e.map(|e| e.to_string()).unwrap_or_default()) {
+        assert!(said.contains("`sub/.gitignore` is 1073741824 bytes"), "{said:?}");
+    }
+    std::fs::remove_file(co.dir.join("sub/.gitignore")).unwrap();
+    // A link is not followed, as git does not follow one (a FIFO outside held libgit2).
+    let outside = tmp.path().join("outside-fifo");
+    crate::files::pipe_at(&outside);
+    std::os::unix::fs::symlink(&outside, co.dir.join(".gitignore")).unwrap();
+    let (patch, staged) = diff_and_stage(&co, "a .gitignore linked to a FIFO", &[outside]);
+    let patch = patch.unwrap();
+    assert!(patch.contains("+new") && patch.contains("new file mode 120000"), "{patch}");
+    staged.unwrap();
+}
+
+/// The diff (`include_diff`) was libgit2's of the working tree, which read each file by its
+/// path as it printed it — after the listing, and after a point a job can hold (it opened
+/// `b/.gitattributes` there, by path): a file swapped for a FIFO meanwhile was opened and
+/// waited on, a huge one read whole. The diff is the staged tree's now: each file read
+/// once, from a descriptor, as the push takes it.
+#[tokio::test]
+async fn the_diff_reads_no_file_by_its_path_once_the_changes_are_listed() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = TempDir::new("diff-by-path");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::create_dir_all(co.dir.join("b")).unwrap();
+    std::fs::write(co.dir.join("b/y.txt"), "y\n").unwrap();
+    let attrs = co.dir.join("b/.gitattributes");
+    crate::files::pipe_at(&attrs);
+    let (dir, base, fs) = (co.dir.clone(), co.commit, co.fs);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(changes::patch(&dir, base, fs, 1 << 20).map(|p| p.text));
+    });
+    // Done, or held at `b/.gitattributes` (a reader waits in its open: a writer opened
+    // without waiting meets it).
+    let (mut held, mut done) = (None, None);
+    for _ in 0..3000 {
+        if let Ok(writer) = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&attrs) {
+            held = Some(writer);
+            break;
+        }
+        if let Ok(patch) = rx.recv_timeout(std::time::Duration::from_millis(10)) {
+            done = Some(patch);
+            break;
+        }
+    }
+    let mut opened = 0;
+    let patch = match (held, done) {
+        // `b/y.txt` is swapped for a FIFO, then the diff let go on.
+        (Some(writer), _) => {
+            std::fs::remove_file(co.dir.join("b/y.txt")).unwrap();
+            let swapped = FifoWriter::at(&co.dir.join("b/y.txt"));
+            drop(writer);
+            let patch = rx.recv_timeout(std::time::Duration::from_secs(30));
+            opened = swapped.finish();
+            patch.expect("the diff waited on b/y.txt, a FIFO")
+        }
+        (None, Some(patch)) => patch,
+        (None, None) => panic!("the diff neither ended nor opened b/.gitattributes within 30 s"),
+    };
+    assert_eq!(opened, 0, "the diff opened b/y.txt by its path after the changes were listed: {patch:?}");
+    let patch = patch.unwrap();
+    assert!(patch.contains("+y") && !patch.contains(".gitattributes"), "{patch}");
 }
 
 /// The push went where the checkout's own `.git/config` said: a job (which can write it)
@@ -1536,12 +1728,25 @@ async fn a_fetch_killed_with_its_job_leaves_no_partial_pack() {
     panic!("the killed fetch's partial pack stayed");
 }
 
-/// Holds a hand-back of `co` at its first step, the diff, as a job can: a FIFO at its
-/// `.gitignore`, which libgit2 opens as it lists the working tree. Returns the FIFO.
+/// A FIFO beside the checkout `co` that holds a hand-back at its first step, until it is
+/// written to, as anything that does not return would (a job could plant a FIFO where
+/// libgit2 opens a file — a `.gitignore` before staging listed the working tree itself —,
+/// and can still in `.git` once it was checked): the hand-back's `hold_at` ([`held`]).
 fn hold_at_a_fifo(co: &checkout::Checkout) -> PathBuf {
-    let fifo = co.dir.join(".gitignore");
+    let fifo = co.dir.with_file_name("hold");
     crate::files::pipe_at(&fifo);
     fifo
+}
+
+/// `work`, a hand-back, held at the FIFO `fifo` ([`hold_at_a_fifo`]) before it begins.
+fn held(work: super::worker::Work, fifo: &Path) -> super::worker::Work {
+    match work {
+        super::worker::Work::HandBack(mut w) => {
+            w.hold_at = Some(fifo.to_path_buf());
+            super::worker::Work::HandBack(w)
+        }
+        other => other,
+    }
 }
 
 /// The children of this test binary's that wait to open a FIFO (`wait_for_partner`).
@@ -1557,19 +1762,21 @@ fn children_waiting_on_a_fifo() -> Vec<i32> {
 }
 
 /// libgit2 opens what a checkout's config named (`include.path`, before the config was put
-/// back), and a job can plant a FIFO where libgit2 opens a file (a `.gitignore`, or in
-/// `.git` after the agent's check): the hand-back waited on it for ever, a blocking thread of the agent's lost for good even once the job ended (some 512
-/// such and the agent stalled). The worker doing it is asked to stop at the job's time and
-/// killed when it has not answered within the bound: nothing is left waiting. And a worker
-/// a job kills (same user) ends its work at once, saying so and what to do.
+/// back), and a job can plant a FIFO where libgit2 opens a file (a `.gitignore` before
+/// staging listed the working tree itself, in `.git` after the agent's check still): the
+/// hand-back waited on it for ever, a blocking thread of the agent's lost for good even
+/// once the job ended (some 512 such and the agent stalled). The worker doing it (held
+/// here by [`hold_at_a_fifo`]) is asked to stop at the job's time and killed when it has
+/// not answered within the bound: nothing is left waiting. And a worker a job kills (same
+/// user) ends its work at once, saying so and what to do.
 #[tokio::test]
 async fn a_hand_back_stuck_on_a_fifo_is_killed_once_given_up() {
     use super::worker::{self, HandBackWork, Work};
     let tmp = TempDir::new("stuck-hand-back");
     let (bare, _, _) = server(tmp.path());
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
-    hold_at_a_fifo(&co);
-    let work = || Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: None, redactor: crate::redact::Redactor::default() });
+    let fifo = hold_at_a_fifo(&co);
+    let work = || Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: None, redactor: crate::redact::Redactor::default(), hold_at: Some(fifo.clone()) });
     let stop = |after_ms| stop_within(after_ms, 1_000);
     let before = children_waiting_on_a_fifo();
     // Up to 30 s: under CI's load (four tests at once on two cores) the worker can take a
@@ -1613,8 +1820,8 @@ async fn a_git_worker_limits_its_memory_before_it_works() {
     let tmp = TempDir::new("worker-memory");
     let (bare, _, _) = server(tmp.path());
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
-    hold_at_a_fifo(&co);
-    let work = Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: None, redactor: crate::redact::Redactor::default() });
+    let fifo = hold_at_a_fifo(&co);
+    let work = Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: None, redactor: crate::redact::Redactor::default(), hold_at: Some(fifo) });
     let before = children_waiting_on_a_fifo();
     let handing_back = tokio::spawn(worker::run(work, (), "collect the job's changes", Some(stop_within(60_000, 1_000))));
     let pid = loop {
@@ -1675,10 +1882,10 @@ async fn a_lost_hand_back_says_a_push_may_have_landed_only_once_one_began() {
     let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), handing_back).await.expect("a killed worker was waited for").unwrap();
     assert!(matches!(answer, Err(RepoError::HandBackLost { .. })), "{answer:?}");
 
-    // Killed by a job before any push began (stuck on its diff): nothing was pushed.
-    hold_at_a_fifo(&co);
+    // Killed by a job before any push began (held before it): nothing was pushed.
+    let fifo = hold_at_a_fifo(&co);
     let before = children_waiting_on_a_fifo();
-    let handing_back = tokio::spawn(worker::run(work(), (), "collect the job's changes", Some(stop_within(60_000, 1_000))));
+    let handing_back = tokio::spawn(worker::run(held(work(), &fifo), (), "collect the job's changes", Some(stop_within(60_000, 1_000))));
     let stuck = loop {
         if let Some(pid) = children_waiting_on_a_fifo().into_iter().find(|pid| !before.contains(pid)) {
             break pid;
@@ -1696,8 +1903,8 @@ async fn a_lost_hand_back_says_a_push_may_have_landed_only_once_one_began() {
 /// A cancel during the hand-back went unheard (the job's stop was Claude's run's alone): a
 /// push not yet begun still went out after the caller cancelled (hostile review of
 /// repository jobs, 1). The cancel now stops the work as the deadline does: here it comes
-/// while the worker is held at its first step (a FIFO at the checkout's `.gitignore`), and no
-/// push reaches the server.
+/// while the worker is held at its first step ([`hold_at_a_fifo`]), and no push reaches the
+/// server.
 #[tokio::test]
 async fn a_cancel_stops_a_push_not_yet_begun() {
     use super::worker::{self, Answer};
@@ -1713,7 +1920,7 @@ async fn a_cancel_stops_a_push_not_yet_begun() {
     stop.cancel = Some(Box::pin(async move {
         let _ = cancel_rx.await;
     }));
-    let handing_back = tokio::spawn(worker::run(hand_back_work(&co, port), (), "collect the job's changes", Some(stop)));
+    let handing_back = tokio::spawn(worker::run(held(hand_back_work(&co, port), &fifo), (), "collect the job's changes", Some(stop)));
     while !children_waiting_on_a_fifo().iter().any(|pid| !before.contains(pid)) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
@@ -1769,7 +1976,7 @@ fn hand_back_work(co: &checkout::Checkout, port: u16) -> super::worker::Work {
         author_email: "cr@localhost".into(),
         message: "Job changes".into(),
     };
-    Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: Some(push), redactor: crate::redact::Redactor::default() })
+    Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: Some(push), redactor: crate::redact::Redactor::default(), hold_at: None })
 }
 
 /// What the test's git server does with a push (`POST …/git-receive-pack`).
@@ -1968,7 +2175,7 @@ async fn the_checkouts_own_git_config_cannot_lead_the_diff_or_the_push_outside_t
     assert!(matches!(err, RepoError::OddGitEntry { .. }), "{err}");
     std::fs::remove_file(&git_dir).unwrap();
     std::fs::write(&git_dir, format!("gitdir: {}\n", moved.display())).unwrap();
-    let err = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(false)).err().unwrap();
+    let err = to_push(&co).err().unwrap();
     assert!(matches!(err, RepoError::OddGitEntry { .. }), "{err}");
 }
 
@@ -1989,7 +2196,7 @@ async fn a_failed_push_keeps_the_diff_and_a_failed_job_tells_its_hand_backs_fail
         message: "m".into(),
     };
     let redactor = crate::redact::Redactor::new(["tok-0123456789abcdef".to_string()]);
-    let work = HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: Some(push), redactor };
+    let work = HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: Some(push), redactor, hold_at: None };
     let outcome = super::hand_back(work, &AtomicBool::new(false), &|| true).unwrap();
     assert!(matches!(outcome.error, Some(RepoError::SecretInChanges)), "{outcome:?}");
     let patch = outcome.patch.expect("the diff comes back beside the push's error");
