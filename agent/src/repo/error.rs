@@ -68,6 +68,10 @@ pub enum RepoError {
     NestedRepository { path: String },
     #[error("the commit the submodule `{path}` is at could not be read ({why}), so the job's changes were not read and nothing was pushed: have Claude leave the submodule's git files as git made them, or empty its folder to keep the submodule at the commit it was")]
     Submodule { path: String, why: String },
+    #[error("the submodule `{path}` keeps its refs in a reftable (`{table}`: git's `--ref-format=reftable`), which the runner does not read, so the job's changes were not read and nothing was pushed: have Claude clone the submodule with git's default ref format, or empty its folder to keep the submodule at the commit it was")]
+    SubmoduleReftable { path: String, table: String },
+    #[error("the submodule `{path}` is left in conflict (a merge, rebase or cherry-pick Claude did not finish), so the job's changes were not read and nothing was pushed: have Claude check out in `{path}` the commit it should be at and run `git add {path}`, or abort the merge (`git merge --abort`)")]
+    SubmoduleConflicted { path: String },
     #[error("`{path}` {why}, so the job's changes were not read and nothing was pushed: have Claude make it a plain file of ignore rules, or remove it")]
     IgnoreFile { path: String, why: String },
     #[error("a git setting the runner does not control (the checkout's .git/config, written by the job) redirected the push from {url} to {to}, so nothing was pushed: remove the `url.*.insteadOf` / `pushInsteadOf` setting, and ask Claude not to change git's configuration")]

@@ -1200,6 +1200,90 @@ async fn the_diff_reads_no_file_by_its_path_once_the_changes_are_listed() {
     assert!(patch.contains("+y") && !patch.contains(".gitattributes"), "{patch}");
 }
 
+/// A submodule checked out as the job left it, at the library's newest commit: a clone at
+/// `name` in the checkout `co` (the `lib` repository of [`server_with_submodules`]).
+fn clone_submodule(co: &checkout::Checkout, lib: &Path, name: &str, extra: &[&str]) {
+    std::fs::remove_dir(co.dir.join(name)).unwrap();
+    let mut args = vec!["clone", "-q"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[lib.to_str().unwrap(), name]);
+    git(&co.dir, &args);
+}
+
+/// The submodule pass read as git does, and said clearly what it would not read: a HEAD
+/// `ref:` without a space (git takes it) was refused as "neither a commit nor a ref"; a
+/// repository keeping its refs in a reftable was refused just so; a link on the way to a
+/// ref (here `refs/heads`) left the submodule at the index's commit without a word; a
+/// submodule left in conflict was "turned from a file into a folder as it was staged: a
+/// command the job started may still be running".
+#[tokio::test]
+async fn submodules_are_read_as_git_reads_them_or_refused_saying_why() {
+    let tmp = TempDir::new("sub-as-git");
+    let (bare, lib, first, second) = server_with_submodules(tmp.path(), &["sub", "table"]);
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let stage = || to_push(&co).err().map(|e| e.to_string()).unwrap_or_default();
+    clone_submodule(&co, &lib, "sub", &[]);
+    std::fs::write(co.dir.join("sub/.git/HEAD"), "ref:refs/heads/main\n").unwrap();
+    // A reftable: refused, naming it (git's HEAD there names `refs/heads/.invalid`).
+    clone_submodule(&co, &lib, "table", &["--ref-format=reftable"]);
+    let said = stage();
+    assert!(said.contains("submodule `table`") && said.contains("reftable"), "{said:?}");
+    std::fs::remove_dir_all(co.dir.join("table")).unwrap();
+    std::fs::create_dir(co.dir.join("table")).unwrap();
+    // `ref:` without a space, as git reads it.
+    let commit = push_to(&co, &bare, "claude/ref-no-space");
+    assert_eq!(git(&bare, &["rev-parse", &format!("{commit}:sub")]), second);
+    // A link on the way to the ref HEAD names: refused, naming it.
+    let heads = co.dir.join("sub/.git/refs/heads");
+    std::fs::rename(&heads, co.dir.join("sub/.git/refs/elsewhere")).unwrap();
+    std::os::unix::fs::symlink("elsewhere", &heads).unwrap();
+    let said = stage();
+    assert!(said.contains("submodule `sub`") && said.contains("`sub/.git/refs/heads` is a link"), "{said:?}");
+    std::fs::remove_file(&heads).unwrap();
+    std::fs::rename(co.dir.join("sub/.git/refs/elsewhere"), &heads).unwrap();
+    // Left in conflict (a merge or rebase Claude did not finish): said so, and what to do.
+    git(&co.dir, &["update-index", "--force-remove", "sub"]);
+    let stages = format!("160000 {first} 1\tsub\n160000 {second} 2\tsub\n160000 {first} 3\tsub\n");
+    let mut index_info = std::process::Command::new("git").args(["update-index", "--index-info"]).current_dir(&co.dir).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(index_info.stdin.as_mut().unwrap(), stages.as_bytes()).unwrap();
+    drop(index_info.stdin.take());
+    assert!(index_info.wait().unwrap().success());
+    let said = stage();
+    assert!(said.contains("submodule `sub`") && said.contains("conflict") && said.contains("git add sub"), "{said:?}");
+}
+
+/// The submodule pass read each submodule's `packed-refs` up to 64 MiB, however many
+/// submodules there were: N of them cost N × 64 MiB of reading. What it reads is bounded
+/// for the whole pass now, and the job's stop is heard between two submodules.
+#[tokio::test]
+async fn the_submodule_pass_is_bounded_as_a_whole_and_stops_when_asked() {
+    let tmp = TempDir::new("sub-budget");
+    let names = ["s1", "s2", "s3"];
+    let (bare, lib, _, _) = server_with_submodules(tmp.path(), &names);
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    // 60 MiB of refs, none of them the branch HEAD names (one without a commit yet): each
+    // submodule's `packed-refs` is read whole, and each is under the 64 MiB one may be.
+    let refs = tmp.path().join("packed-refs");
+    let line = format!("{} refs/tags/t\n", "1".repeat(40));
+    std::fs::write(&refs, line.repeat((60 << 20) / line.len())).unwrap();
+    for name in names {
+        clone_submodule(&co, &lib, name, &[]);
+        std::fs::write(co.dir.join(name).join(".git/HEAD"), "ref: refs/heads/unborn\n").unwrap();
+        std::fs::remove_file(co.dir.join(name).join(".git/refs/heads/main")).unwrap();
+        let _ = std::fs::remove_file(co.dir.join(name).join(".git/packed-refs"));
+        std::fs::hard_link(&refs, co.dir.join(name).join(".git/packed-refs")).unwrap();
+    }
+    let said = to_push(&co).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(said.contains("submodule `s3`") && said.contains("together"), "{said:?}");
+    // Asked to stop: no submodule is read. (A FIFO at the first one's HEAD, whose writer
+    // counts the opens that meet it.)
+    std::fs::remove_file(co.dir.join("s1/.git/HEAD")).unwrap();
+    let writer = FifoWriter::at(&co.dir.join("s1/.git/HEAD"));
+    let said = changes::stage(&co.dir, co.commit, co.fs, &AtomicBool::new(true)).err().map(|e| e.to_string()).unwrap_or_default();
+    assert_eq!(writer.finish(), 0, "a submodule was read after the stop: {said}");
+    assert!(said.contains("given up"), "{said:?}");
+}
+
 /// The push went where the checkout's own `.git/config` said: a job (which can write it)
 /// that set `url.<elsewhere>.pushInsteadOf <repo_url>` had the job's commit, with the
 /// runner's token, land in another repository of the same host, on a branch the "never
