@@ -584,9 +584,88 @@ fn on_edge_message(agent: &Arc<Agent>, msg: EdgeMessage) -> Option<End> {
     None
 }
 
+/// A hello frame as large as this agent can make one, but for `oauth` and `mirrors`: for
+/// tests that what the agent reads from disks a job can write keeps it under
+/// [`protocol::MAX_HELLO_BYTES`] (over it, the edge refuses the agent at every connection).
+/// Every other piece at its most: the longest agent id, the most running jobs and named
+/// results with the longest ids, the longest CLI version line of control characters (each
+/// escaped twice: in the payload, then in the envelope), the most labels.
+#[cfg(test)]
+pub(crate) fn largest_hello(oauth: shared::oauth::OAuthReport, mirrors: Vec<String>) -> String {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    let long_id = |i: usize| format!("{i:0>width$}", width = shared::ids::MAX_JOB_ID);
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_id: "a".repeat(64),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        // The edge's own nonce (32 characters): an edge that sent a longer one would only
+        // refuse its own connection's hello.
+        challenge: "c".repeat(32),
+        agent_nonce: nonce(),
+        ephemeral: shared::link::Ephemeral::new([9; 32]).public(),
+        issued_at: u64::MAX,
+        capacity: crate::config::MAX_MAX_CONCURRENT_JOBS,
+        running: (0..crate::config::MAX_MAX_CONCURRENT_JOBS as usize).map(long_id).collect(),
+        finished: (0..protocol::MAX_HELLO_FINISHED).map(long_id).collect(),
+        more_finished: true,
+        oauth,
+        claude_version: Some("\u{1}".repeat(protocol::MAX_CLAUDE_VERSION_BYTES)),
+        labels: (0..shared::placement::MAX_LABELS)
+            .map(|i| (format!("k{i:0>2}"), "v".repeat(shared::placement::MAX_LABELS_BYTES / shared::placement::MAX_LABELS - 3)))
+            .collect(),
+        mirrors,
+        instance: Some(shared::ids::instance_id([0xff; shared::ids::INSTANCE_ID_BYTES])),
+    };
+    let envelope = Envelope::seal(Domain::Hello, &hello, &key);
+    AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: hello.agent_id.clone(), envelope }.to_text()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A credentials file is the agent's user's to write, and so a job's: one holding a
+    /// string of 900 KB where the login goes made the login's `problem` quote it whole, the
+    /// hello passed what the edge reads of one (64 KiB), and the agent was refused at every
+    /// connection, for good, with no log saying why. Whatever the file, a usage window
+    /// Claude printed and the mirror names hold, the hello fits.
+    #[test]
+    fn a_hello_fits_what_the_edge_reads_whatever_the_agents_files_hold() {
+        let dir = std::env::temp_dir().join(format!("cr-hello-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let login = crate::oauth::Login::new(Some(&dir));
+        let names = (0..).map(|i| format!("github.com/{}/r{i}", "o".repeat(90))).take_while({
+            let mut bytes = 0;
+            move |n: &String| {
+                bytes += n.len() + 3;
+                bytes <= crate::repo::mirror::MAX_NAMES_BYTES
+            }
+        });
+        let mirrors: Vec<String> = names.collect();
+        let worst_usage = shared::usage::UsageWindow {
+            status: shared::usage::UsageStatus::Rejected,
+            kind: Some("\\".repeat(shared::usage::MAX_KIND_BYTES)),
+            resets_at: Some(u64::MAX),
+            utilization: Some(f64::MAX),
+            seen_at: u64::MAX,
+        };
+        // Each of these decodes to a backslash, a quote and a control character: 3 bytes of
+        // the value, over 20 once escaped twice.
+        let quoted = r#"\\\"\u0001"#.repeat(90_000);
+        for body in [
+            format!(r#"{{"claudeAiOauth":"{}"}}"#, "A".repeat(900_000)),
+            format!(r#"{{"claudeAiOauth":"{quoted}"}}"#),
+            format!(r#"{{"{quoted}"#),
+            format!(r#"{{"claudeAiOauth":{{"accessToken":"a","subscriptionType":"{}"}}}}"#, r#"\\\""#.repeat(32)),
+        ] {
+            std::fs::write(&login.credentials_path, &body).unwrap();
+            let reporter = crate::report::Reporter::new(login.clone());
+            reporter.saw_usage(worst_usage.clone());
+            let frame = largest_hello(reporter.report(), mirrors.clone());
+            assert!(frame.len() <= protocol::MAX_HELLO_BYTES, "a hello of {} bytes, over the edge's {}", frame.len(), protocol::MAX_HELLO_BYTES);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// "HTTP error: 404 Not Found", at every retry, was all an agent dialing a pool the edge
     /// does not serve said: the edge refused it, and the reason says what to set.

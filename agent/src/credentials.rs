@@ -40,10 +40,30 @@ pub struct Credentials {
 pub enum CredentialsError {
     #[error("it is over {} MiB; it is not a credentials file", MAX_BYTES / (1024 * 1024))]
     TooLarge,
-    #[error("it is not valid JSON ({0}); run `claude auth login` to rewrite it")]
-    NotJson(String),
+    /// Where the file stops being what Claude writes, and how. Never serde's own words:
+    /// they quote the value they found (a token written in the wrong place, a megabyte a
+    /// job wrote), and this error travels to the edge and is shown there.
+    #[error("{}, at line {line}, column {column}; run `claude auth login` to rewrite it", what(*.category))]
+    NotJson { category: serde_json::error::Category, line: usize, column: usize },
     #[error("it has no claudeAiOauth login; run `claude auth login`")]
     NoLogin,
+}
+
+/// How a file that is not Claude's credentials went wrong, in words of no content of it.
+fn what(category: serde_json::error::Category) -> &'static str {
+    use serde_json::error::Category;
+    match category {
+        Category::Syntax => "it is not valid JSON",
+        Category::Eof => "it is cut short (not whole JSON)",
+        Category::Data => "it is JSON, but not shaped as Claude writes its login (a value of the wrong kind)",
+        Category::Io => "it could not be read",
+    }
+}
+
+impl CredentialsError {
+    fn not_json(e: &serde_json::Error) -> CredentialsError {
+        CredentialsError::NotJson { category: e.classify(), line: e.line(), column: e.column() }
+    }
 }
 
 /// A timestamp that should be milliseconds; seconds (a common mistake) are converted.
@@ -61,7 +81,7 @@ pub fn parse(bytes: &[u8]) -> Result<Credentials, CredentialsError> {
     if bytes.len() > MAX_BYTES {
         return Err(CredentialsError::TooLarge);
     }
-    let file: File = serde_json::from_slice(bytes).map_err(|e| CredentialsError::NotJson(e.to_string()))?;
+    let file: File = serde_json::from_slice(bytes).map_err(|e| CredentialsError::not_json(&e))?;
     let entry = file.claude_ai_oauth.ok_or(CredentialsError::NoLogin)?;
     let access_token = entry.access_token.filter(|t| !t.is_empty()).ok_or(CredentialsError::NoLogin)?;
     let subscription_type = entry
@@ -100,9 +120,11 @@ mod tests {
 
     #[test]
     fn odd_files_are_errors_or_dropped_fields() {
-        assert_eq!(parse(b"{"), Err(CredentialsError::NotJson("EOF while parsing an object at line 1 column 1".into())));
+        use serde_json::error::Category;
+        assert_eq!(parse(b"{"), Err(CredentialsError::NotJson { category: Category::Eof, line: 1, column: 1 }));
+        assert_eq!(parse(b"{\n x"), Err(CredentialsError::NotJson { category: Category::Syntax, line: 2, column: 2 }));
         for body in ["[]", "null", "1"] {
-            assert!(matches!(parse(body.as_bytes()), Err(CredentialsError::NotJson(_))), "{body}");
+            assert!(matches!(parse(body.as_bytes()), Err(CredentialsError::NotJson { category: Category::Data, .. })), "{body}");
         }
         for body in [r#"{}"#, r#"{"claudeAiOauth":null}"#, r#"{"claudeAiOauth":{"accessToken":""}}"#] {
             assert_eq!(parse(body.as_bytes()), Err(CredentialsError::NoLogin), "{body}");
@@ -110,5 +132,27 @@ mod tests {
         let c = parse(br#"{"claudeAiOauth":{"accessToken":"a","expiresAt":-5,"refreshTokenExpiresAt":1e300,"subscriptionType":"a\nb"}}"#).unwrap();
         assert_eq!((c.expires_at, c.refresh_expires_at, c.subscription_type), (None, Some(u64::MAX), None));
         assert_eq!(parse(&vec![b' '; MAX_BYTES + 1]), Err(CredentialsError::TooLarge));
+    }
+
+    /// serde's words for a value of the wrong type quote the value: a token in the wrong
+    /// place (`{"claudeAiOauth":"sk-ant-…"}`) reached the login's `problem`, and with it
+    /// `/oauth/status`, `/health` and doctor; a megabyte of it took the hello past what the
+    /// edge reads. The error says what kind of fault and where, never what the file holds.
+    #[test]
+    fn an_error_never_quotes_the_file() {
+        let secret = "sk-ant-oat01-VERYSECRETVERYSECRET";
+        let big = "A".repeat(900_000);
+        for body in [
+            format!(r#"{{"claudeAiOauth":"{secret}"}}"#),
+            format!(r#"{{"claudeAiOauth":{{"accessToken":["{secret}"]}}}}"#),
+            format!(r#"{{"claudeAiOauth":{{"{secret}":1,}}}}"#),
+            format!(r#"{{"{secret}"#),
+            format!(r#"{{"claudeAiOauth":"{big}"}}"#),
+            format!(r#"{{"claudeAiOauth":{{"accessToken":"a","expiresAt":1}}, "{big}": x}}"#),
+        ] {
+            let said = parse(body.as_bytes()).unwrap_err().to_string();
+            assert!(!said.contains("VERYSECRET") && !said.contains("AAAA"), "{said}");
+            assert!(said.len() < 200 && said.contains("line 1, column") && said.contains("claude auth login"), "{said}");
+        }
     }
 }

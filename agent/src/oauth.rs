@@ -185,7 +185,19 @@ impl Login {
         } else if self.api_key_env.is_some() {
             report.source = OAuthSource::ApiKey;
         }
+        report.problem = report.problem.map(|problem| self.told(&problem, &tokens));
         Reading { report, tokens }
+    }
+
+    /// A problem as the report carries it, the one way every report (each heartbeat and
+    /// hello, `oauth-status`, doctor) gets it: redacted (the problem names the folder, which
+    /// is the machine's own), on one line, and at most [`shared::oauth::MAX_PROBLEM_BYTES`]
+    /// (a hello over what the edge reads of one is refused at every connection).
+    fn told(&self, problem: &str, tokens: &[String]) -> String {
+        let mut secrets = tokens.to_vec();
+        secrets.extend(self.other_secrets.iter().cloned());
+        let redacted = self.redactor_of(secrets).redact(problem);
+        shared::text::truncate(&shared::text::one_line(&redacted), shared::oauth::MAX_PROBLEM_BYTES).to_string()
     }
 
     /// How Claude logs in, as environment variables: the token variable the agent read,
@@ -204,6 +216,11 @@ impl Login {
     pub fn redactor(&self, now: Millis) -> Arc<Redactor> {
         let mut secrets = self.read(now).tokens;
         secrets.extend(self.other_secrets.iter().cloned());
+        self.redactor_of(secrets)
+    }
+
+    /// A redactor of `secrets`: the last one built if it was of the same.
+    fn redactor_of(&self, secrets: Vec<String>) -> Arc<Redactor> {
         // A poisoned lock only means a panic elsewhere mid-swap: the cache is rebuilt.
         let mut cache = self.redactors.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         match cache.as_ref() {
@@ -381,6 +398,27 @@ mod tests {
         let missing = Login { config_dir: d.clone(), credentials_path: d.join("nope.json"), oauth_token_env: Some("tok-123456789".into()), api_key_env: None, other_secrets: Vec::new(), redactors: RedactorCache::default(), readings: ReadingCache::default() };
         assert_eq!(missing.read(0).report.source, OAuthSource::OauthTokenEnv);
         assert_eq!(missing.claude_env(0), [("CLAUDE_CODE_OAUTH_TOKEN", "tok-123456789".to_string())]);
+    }
+
+    /// What the report says of a file it could not read is what the edge shows and every
+    /// hello carries: never a token, never the file's content, never long. The folder's
+    /// path is the one thing of the machine it names: cut, and redacted as output is.
+    #[test]
+    fn a_problem_is_short_and_redacted() {
+        let secret = "sk-ant-oat01-VERYSECRETVERYSECRET";
+        let d = tempdir("problem");
+        let r = login_with(&d, &format!(r#"{{"claudeAiOauth":"{secret}"}}"#)).read(0);
+        let problem = r.report.problem.expect("a problem");
+        assert!(!problem.contains("VERYSECRET") && problem.contains("claude auth login"), "{problem}");
+        // A repository token in the folder's name (the machine's other secrets are masked
+        // too), and a folder named at length.
+        let token = "ghp_QwErTyUiOpAsDfGhJkL0123456789";
+        let named = d.join(token).join("x".repeat(200)).join("y".repeat(200));
+        std::fs::create_dir_all(&named).unwrap();
+        let login = login_with(&named, "{").with_secrets([token]);
+        let problem = login.read(0).report.problem.expect("a problem");
+        assert!(!problem.contains(token) && problem.contains(crate::redact::MASK), "{problem}");
+        assert!(problem.len() <= shared::oauth::MAX_PROBLEM_BYTES, "{} bytes", problem.len());
     }
 
     #[test]

@@ -19,6 +19,10 @@ pub enum OAuthSource {
     None,
 }
 
+/// The longest [`OAuthReport::problem`] an agent sends (and an edge keeps): a few words of
+/// what is wrong and what to do, never a file's content.
+pub const MAX_PROBLEM_BYTES: usize = 300;
+
 /// What the agent knows of its login. Never carries a token.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OAuthReport {

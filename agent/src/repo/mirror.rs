@@ -447,7 +447,7 @@ const RECOVER_WITHIN: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The most bytes of mirror names an agent tells the edge (in its hello, whose whole the
 /// edge reads only up to `MAX_HELLO_BYTES`, 64 KiB): some hundreds of names.
-const MAX_NAMES_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_NAMES_BYTES: usize = 16 * 1024;
 
 /// The repository name kept in the mirror at `dir` ([`NAME_FILE`]), if it holds one: read
 /// as a file the agent keeps ([`crate::files::read_plain`]), since a job can put anything
@@ -795,30 +795,9 @@ mod tests {
     /// That a hello with `mirrors`, and the rest as large as an agent makes it, is one the
     /// edge reads.
     fn assert_fits_a_hello(mirrors: Vec<String>) {
-        use shared::protocol::{AgentMessage, Hello, MAX_HELLO_BYTES, PROTOCOL_VERSION};
-        let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
-        let hello = Hello {
-            protocol: PROTOCOL_VERSION,
-            agent_id: "a".repeat(64),
-            agent_version: "0.0.0".into(),
-            challenge: "c".repeat(64),
-            agent_nonce: "n".repeat(32),
-            ephemeral: "e".repeat(44),
-            issued_at: 1,
-            capacity: 4,
-            // As many as an agent names: MAX_CONCURRENT_JOBS at most 64.
-            running: (0..64).map(|i| format!("{i:0>128}")).collect(),
-            finished: (0..shared::protocol::MAX_HELLO_FINISHED).map(|i| format!("{i:0>128}")).collect(),
-            more_finished: true,
-            oauth: shared::oauth::OAuthReport::unconfigured(1),
-            claude_version: Some("v".repeat(100)),
-            labels: (0..16).map(|i| (format!("k{i}"), "v".repeat(20))).collect(),
-            mirrors,
-            instance: Some(shared::ids::instance_id([0xff; shared::ids::INSTANCE_ID_BYTES])),
-        };
-        let envelope = shared::envelope::Envelope::seal(shared::envelope::Domain::Hello, &hello, &key);
-        let frame = AgentMessage::Hello { protocol: PROTOCOL_VERSION, agent_id: hello.agent_id.clone(), envelope }.to_text();
-        assert!(frame.len() <= MAX_HELLO_BYTES, "a hello of {} bytes, over the edge's {MAX_HELLO_BYTES}", frame.len());
+        let frame = crate::connection::largest_hello(shared::oauth::OAuthReport::unconfigured(1), mirrors);
+        let max = shared::protocol::MAX_HELLO_BYTES;
+        assert!(frame.len() <= max, "a hello of {} bytes, over the edge's {max}", frame.len());
     }
 
     /// A name passed if it was its own folder's; but a folder may be named anything, and a

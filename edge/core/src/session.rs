@@ -243,7 +243,7 @@ impl Session {
             agent.mirrors.clear();
             agent.version = truncate(&agent.version, 64).to_string();
             agent.oauth.subscription_type = agent.oauth.subscription_type.as_deref().map(|s| truncate(s, 64).to_string());
-            agent.oauth.problem = agent.oauth.problem.as_deref().map(|s| truncate(s, 300).to_string());
+            agent.oauth.problem = agent.oauth.problem.as_deref().map(|s| truncate(s, shared::oauth::MAX_PROBLEM_BYTES).to_string());
         }
         let mut without_url = cut.clone();
         if let Some(login) = without_url.agent_mut().and_then(|a| a.login.as_mut()) {
