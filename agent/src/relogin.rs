@@ -104,14 +104,34 @@ fn progress(agent: &Agent, login_id: &str, order_nonce: &str, state: LoginState,
     agent.link.seal_and_send(&agent.uplink, |key| AgentMessage::login(&report, key));
 }
 
-/// The authorization URL in what `claude auth login` printed so far: the first `https://`
-/// word that is an OAuth authorize URL.
-pub fn find_url(printed: &str) -> Option<String> {
-    printed
-        .split(|c: char| c.is_whitespace())
-        .map(|w| w.trim_end_matches(['.', ',', ')', '>']))
-        .find(|w| w.starts_with("https://") && w.contains("/oauth/authorize") && w.len() <= 4096)
-        .map(str::to_string)
+/// What [`find_url`] found in what `claude auth login` printed so far.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// The sign-in URL, if it printed one.
+    pub url: Option<String>,
+    /// Why each authorization URL before it was passed over (words of
+    /// [`shared::oauth::sign_in_host`], which name the host, never the whole URL).
+    pub refused: Vec<String>,
+}
+
+/// The sign-in URL in what `claude auth login` printed so far: the first `https://` word
+/// that is an authorization URL of Anthropic's ([`shared::oauth::sign_in_host`]). Another
+/// process may write into the CLI's output too (one a job left running can, through
+/// `/proc/<pid>/fd/1`, before the CLI prints its own URL): an authorization URL elsewhere
+/// is passed over.
+pub fn find_url(printed: &str) -> Found {
+    let mut found = Found::default();
+    let words = printed.split(|c: char| c.is_whitespace()).map(|w| w.trim_end_matches(['.', ',', ')', '>']));
+    for word in words.filter(|w| w.starts_with("https://") && w.contains("/oauth/authorize")) {
+        match shared::oauth::sign_in_host(word) {
+            Ok(_) => {
+                found.url = Some(word.to_string());
+                break;
+            }
+            Err(why) => found.refused.push(why),
+        }
+    }
+    found
 }
 
 /// Why a login failed, from what it printed: its last meaningful line, without the code.
@@ -235,8 +255,16 @@ async fn drive(
         // Both pipes closed: what it printed is all there is, but it may still run (and
         // hang): its exit, the URL wait and a newer login still end it.
         let mut closed = false;
+        // Each URL passed over is logged once (by its host: the URL is never logged).
+        let mut told = std::collections::HashSet::new();
         let url = loop {
-            if let Some(url) = find_url(&printed.lock().expect("output lock")) {
+            let found = find_url(&printed.lock().expect("output lock"));
+            for why in found.refused {
+                if told.insert(why.clone()) {
+                    warn!(agent_id = %cfg.agent_id, login_id, reason = %why, "`claude auth login`'s output holds an authorization URL that is not Anthropic's sign-in page (written there by another process?): not passed on");
+                }
+            }
+            if let Some(url) = found.url {
                 break url;
             }
             tokio::select! {
@@ -244,7 +272,7 @@ async fn drive(
                 _ = child.wait() => {
                     // Output may still be in the pipes.
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    if let Some(url) = find_url(&printed.lock().expect("output lock")) { break url; }
+                    if let Some(url) = find_url(&printed.lock().expect("output lock")).url { break url; }
                     return Err(Some(format!("`claude auth login` exited without printing a URL: {}", failure_reason(&printed.lock().expect("output lock"), ""))));
                 }
                 _ = tokio::time::sleep_until(url_by) => return Err(Some(format!("`claude auth login` printed no authorization URL within {} s", URL_WAIT.as_secs()))),
@@ -295,10 +323,32 @@ mod tests {
         // 2.1.197: the URL on the "visit:" line; 2.1.332: on a line of its own.
         let old = "Opening browser to sign in…\nIf the browser didn't open, visit: https://claude.com/cai/oauth/authorize?code=true&client_id=x&state=y\nPaste code here if prompted > ";
         let new = "Opening browser to sign in…\nIf the browser didn't open, visit:\nhttps://claude.ai/oauth/authorize?code=true&state=z\n\nPaste code here if prompted > ";
-        assert_eq!(find_url(old).as_deref(), Some("https://claude.com/cai/oauth/authorize?code=true&client_id=x&state=y"));
-        assert_eq!(find_url(new).as_deref(), Some("https://claude.ai/oauth/authorize?code=true&state=z"));
-        assert_eq!(find_url("Opening browser to sign in…\nhttps://example.com/not-this"), None);
-        assert_eq!(find_url("Opening browser"), None);
+        assert_eq!(find_url(old).url.as_deref(), Some("https://claude.com/cai/oauth/authorize?code=true&client_id=x&state=y"));
+        assert_eq!(find_url(new).url.as_deref(), Some("https://claude.ai/oauth/authorize?code=true&state=z"));
+        assert_eq!(find_url("Opening browser to sign in…\nhttps://example.com/not-this").url, None);
+        assert_eq!(find_url("Opening browser").url, None);
+    }
+
+    /// A process a job left behind can write into `claude auth login`'s stdout (through
+    /// `/proc/<pid>/fd/1`) before the CLI prints its URL: the first `https://` word with
+    /// `/oauth/authorize` in it went to the operator as the sign-in page. Only a URL on one
+    /// of Anthropic's sign-in hosts is taken; the others are passed over (and named).
+    #[test]
+    fn only_a_url_on_anthropics_sign_in_hosts_is_taken() {
+        let real = "https://claude.com/cai/oauth/authorize?code=true&state=y";
+        for planted in [
+            "https://evil.example/oauth/authorize?code=true",
+            "https://claude.ai@evil.example/oauth/authorize?x",
+            "https://claude.ai.evil.example/oauth/authorize?x",
+            "https://claude.ai:8443/oauth/authorize?x",
+            "https://claude.ai/phish?next=/oauth/authorize",
+        ] {
+            let printed = format!("{planted}\nOpening browser to sign in…\nIf the browser didn't open, visit: {real}\n");
+            let found = find_url(&printed);
+            assert_eq!(found.url.as_deref(), Some(real), "{planted}");
+            assert_eq!(found.refused.len(), 1, "{planted}: {:?}", found.refused);
+            assert_eq!(find_url(planted).url, None, "{planted}");
+        }
     }
 
     #[test]

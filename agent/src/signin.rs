@@ -102,7 +102,17 @@ async fn run_to(err: &mut impl Write, out: &mut impl Write, input: &mut impl Buf
         say(err, format!("claude-runner login: the edge could not start a login ({status}): {}", as_the_cli_says(&crate::submit::refusal(status, &start))))?;
         return Ok(2);
     };
-    say(err, format!("Open this URL in a browser, sign in, and paste the code it shows (agent {}):", start["agent_id"].as_str().unwrap_or("?")))?;
+    // The edge passes on only a sign-in page of Anthropic's; checked again here, where it
+    // is shown, since whatever answers at the edge's address is outside.
+    let host = match shared::oauth::sign_in_host(url) {
+        Ok(host) => host,
+        Err(why) => {
+            say(err, format!("claude-runner login: the edge's sign-in URL is not shown: {why}; run `claude-runner login` again, and check that CLAUDE_RUNNER_URL is your edge"))?;
+            return Ok(2);
+        }
+    };
+    let agent = start["agent_id"].as_str().unwrap_or("?");
+    say(err, format!("Open this URL in a browser (Anthropic's sign-in page, on {host}), sign in, and paste the code it shows (agent {agent}):"))?;
     say(out, url.to_string())?;
     write!(err, "Code: ")?;
     err.flush()?;
@@ -175,6 +185,29 @@ mod tests {
         let said = String::from_utf8(err).unwrap();
         assert!(said.contains("bad code. Run `claude-runner login` again (or `claude auth login` on the runner)"), "{said}");
         assert!(!said.contains("POST /oauth/login"), "{said}");
+    }
+
+    /// The URL is the sign-in page's only if it is on one of Anthropic's sign-in hosts,
+    /// which is shown plainly beside it; any other (an edge's, or a URL planted in the
+    /// runner's `claude auth login` output) is not shown at all.
+    #[tokio::test]
+    async fn only_a_sign_in_url_of_anthropics_is_shown_and_its_host_named() {
+        let run = |url: &'static str| async move {
+            let body = serde_json::json!({"login_id": "l1", "url": url, "agent_id": "spark", "state": "logged_in", "oauth": {}});
+            let edge = super::LoginArgs {
+                edge: crate::submit::EdgeArgs { edge: Some(edge_answering(200, body.to_string()).await), secret: Some("s".into()), allow_insecure_edge: false },
+                agent_id: None,
+            };
+            let (mut err, mut out) = (Vec::new(), Vec::new());
+            let code = super::run_to(&mut err, &mut out, &mut &b"a-code\n"[..], edge).await.unwrap();
+            (code, String::from_utf8(err).unwrap(), String::from_utf8(out).unwrap())
+        };
+        let (code, err, out) = run("https://claude.ai/oauth/authorize?code=true").await;
+        assert_eq!((code, out.trim()), (0, "https://claude.ai/oauth/authorize?code=true"), "{err}");
+        assert!(err.contains("claude.ai"), "{err}");
+        let (code, err, out) = run("https://evil.example/oauth/authorize?code=true").await;
+        assert_eq!((code, out.as_str()), (2, ""), "{err}");
+        assert!(err.contains("evil.example") && err.contains("claude.ai"), "{err}");
     }
 
     /// `login` printed the edge's words (its `error` when it refuses, the agent's id, the

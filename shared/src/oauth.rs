@@ -19,6 +19,47 @@ pub enum OAuthSource {
     None,
 }
 
+/// The hosts of the sign-in pages `claude auth login` sends a person to, and the only ones
+/// whose URL the re-login relay shows (the agent takes, the edge passes on, the page and
+/// `claude-runner login` show): a process a job left running can write into the CLI's
+/// output before the CLI prints its URL, and anything else it wrote is a phishing link.
+/// Claude Code 2.1.197 prints `https://claude.com/cai/oauth/authorize?…` for a
+/// subscription and `https://platform.claude.com/oauth/authorize?…` for a Console login,
+/// 2.1.33x `https://claude.ai/oauth/authorize?…`, releases before them
+/// `console.anthropic.com`; `claude.fedstart.com` is the one other its
+/// `CLAUDE_CODE_CUSTOM_OAUTH_URL` accepts for customers.
+pub const SIGN_IN_HOSTS: &[&str] = &["claude.ai", "claude.com", "platform.claude.com", "console.anthropic.com", "claude.fedstart.com"];
+
+/// The longest sign-in URL passed on (the CLI's are about 450 bytes).
+pub const MAX_SIGN_IN_URL_BYTES: usize = 2048;
+
+/// The host of `url` if it is a sign-in page of Anthropic's: `https://`, one word of
+/// printable characters, at most [`MAX_SIGN_IN_URL_BYTES`], its authority exactly one of
+/// [`SIGN_IN_HOSTS`] (no user, no port), its path ending `/oauth/authorize`. Else why not,
+/// in words fit for a log and a person (the host as written, cut and escaped; never the
+/// whole URL, which carries the login's state).
+pub fn sign_in_host(url: &str) -> Result<&'static str, String> {
+    let Some(rest) = url.strip_prefix("https://") else { return Err("it is not an https:// URL".into()) };
+    if url.len() > MAX_SIGN_IN_URL_BYTES {
+        return Err(format!("it is over {MAX_SIGN_IN_URL_BYTES} bytes"));
+    }
+    if url.chars().any(|c| c.is_whitespace() || crate::text::acts_on_display(c)) {
+        return Err("it is not one word of printable characters".into());
+    }
+    let (authority, tail) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    let Some(host) = SIGN_IN_HOSTS.iter().find(|h| **h == authority) else {
+        return Err(format!(
+            "its host `{}` is not one of Anthropic's sign-in hosts ({})",
+            crate::text::one_line(crate::text::truncate(authority, 100)),
+            SIGN_IN_HOSTS.join(", ")
+        ));
+    };
+    if !tail.split(['?', '#']).next().unwrap_or_default().ends_with("/oauth/authorize") {
+        return Err(format!("it is on {host} but not its sign-in page (/oauth/authorize)"));
+    }
+    Ok(host)
+}
+
 /// The longest [`OAuthReport::problem`] an agent sends (and an edge keeps): a few words of
 /// what is wrong and what to do, never a file's content.
 pub const MAX_PROBLEM_BYTES: usize = 300;
@@ -188,6 +229,38 @@ mod tests {
             reported_at: 0,
             usage: None,
         }
+    }
+
+    #[test]
+    fn only_anthropics_sign_in_pages_are_sign_in_urls() {
+        for (url, host) in [
+            ("https://claude.com/cai/oauth/authorize?code=true&client_id=x", "claude.com"),
+            ("https://claude.ai/oauth/authorize?code=true", "claude.ai"),
+            ("https://platform.claude.com/oauth/authorize", "platform.claude.com"),
+            ("https://console.anthropic.com/oauth/authorize#x", "console.anthropic.com"),
+        ] {
+            assert_eq!(sign_in_host(url), Ok(host), "{url}");
+        }
+        for (url, why) in [
+            ("https://evil.example/oauth/authorize", "host `evil.example`"),
+            ("https://claude.ai@evil.example/oauth/authorize", "host `claude.ai@evil.example`"),
+            ("https://claude.ai.evil.example/oauth/authorize", "host `claude.ai.evil.example`"),
+            ("https://CLAUDE.AI/oauth/authorize", "host `CLAUDE.AI`"),
+            ("https://claude.ai:8443/oauth/authorize", "host `claude.ai:8443`"),
+            ("https://claude.ai/x?next=/oauth/authorize", "not its sign-in page"),
+            ("https://claude.ai/oauth/authorize/x", "not its sign-in page"),
+            ("http://claude.ai/oauth/authorize", "not an https"),
+            ("javascript:alert(1)", "not an https"),
+            ("https://claude.ai/oauth/authorize?\u{202e}x", "printable"),
+            ("https://claude.ai/oauth/authorize?a b", "printable"),
+        ] {
+            let said = sign_in_host(url).unwrap_err();
+            assert!(said.contains(why), "{url}: {said}");
+        }
+        let long = format!("https://claude.ai/oauth/authorize?{}", "x".repeat(MAX_SIGN_IN_URL_BYTES));
+        assert!(sign_in_host(&long).unwrap_err().contains("over"));
+        let said = sign_in_host(&format!("https://{}/oauth/authorize", "e".repeat(500))).unwrap_err();
+        assert!(said.len() < 300, "{said}");
     }
 
     #[test]

@@ -88,7 +88,9 @@ try {
     await page.waitForSelector("#login-steps:not([hidden])");
     const href = await page.getAttribute("#login-url", "href");
     if (!href || !href.startsWith("https://") || !href.includes("/oauth/authorize")) fail("no sign-in URL: " + href);
-    step("sign-in URL shown");
+    const host = await page.textContent("#login-host");
+    if (!host.includes(new URL(href).host)) fail("the sign-in page's host is not shown: " + host);
+    step("sign-in URL shown, on " + host);
     await page.fill("#code", process.env.LOGIN_CODE);
     await shot("relogin-3-code");
     await page.click("#send-code");

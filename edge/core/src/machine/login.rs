@@ -41,8 +41,6 @@ pub const LOGIN_TTL_MS: Millis = 10 * 60_000 + 30_000;
 pub const LOGIN_WAIT_MS: u64 = 90_000;
 /// Longest authorization code accepted (real ones are about 100 characters).
 const MAX_CODE_BYTES: usize = 2048;
-/// Longest authorization URL passed on (real ones are about 450 characters).
-const MAX_URL_BYTES: usize = 2048;
 
 /// Whether the pool can run work now, and if not, why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -436,7 +434,15 @@ impl Edge {
             warn!(agent_id = %agent_id, login_id, "login progress for an order this edge never sent ignored");
             return;
         }
-        let url = url.filter(|u| plausible_url(u));
+        // Only a sign-in page of Anthropic's is shown to the operator: another process on
+        // the runner may have written into the output the agent read it from.
+        let url = url.filter(|u| match shared::oauth::sign_in_host(u) {
+            Ok(_) => true,
+            Err(why) => {
+                warn!(agent_id = %agent_id, login_id, reason = %why, "the agent's login URL is not Anthropic's sign-in page: not passed on");
+                false
+            }
+        });
         match (state, url) {
             (LoginState::AwaitingCode, Some(url)) => {
                 info!(agent_id = %agent_id, login_id, "re-login waits for its code");
@@ -547,17 +553,15 @@ fn answer(caller: CallerId, response: Response, mut effects: Vec<Effect>) -> Vec
     effects
 }
 
+/// The answer while a login waits for its code: with the sign-in page's host, for the page
+/// and `claude-runner login` to show plainly beside the link.
 fn awaiting_code(login_id: &str, agent_id: &str, url: &str, expires_at_wall: Millis) -> Value {
     json!({
         "state": "awaiting_code", "login_id": login_id, "agent_id": agent_id, "url": url,
+        "host": shared::oauth::sign_in_host(url).ok(),
         "expires_at": rfc3339(expires_at_wall),
         "next": "open the URL, sign in, and send the code it shows with POST /oauth/login/code {\"login_id\", \"code\"}",
     })
-}
-
-/// An authorization URL worth passing on: https, short, one printable word.
-fn plausible_url(url: &str) -> bool {
-    url.starts_with("https://") && url.len() <= MAX_URL_BYTES && !url.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 /// A JSON object body, or no body at all (an empty object).

@@ -124,9 +124,13 @@
     say("login-result", "Starting the login on the runner…");
     try {
       const r = await call("POST", "oauth/login", {});
-      if (r.status === 200 && r.data && r.data.url) {
+      // The edge passes on only a sign-in page of Anthropic's, and names its host: shown
+      // plainly, so the person sees where the link goes before opening it.
+      if (r.status === 200 && r.data && r.data.url && r.data.host) {
         loginId = r.data.login_id;
         $("login-url").href = r.data.url;
+        $("login-url").textContent = "Open the sign-in page";
+        $("login-host").textContent = " on " + r.data.host + " (Anthropic's)";
         show("login-steps", true);
         say("login-result", "Waiting for the code (the login is given up at " + when(r.data.expires_at) + ").");
       } else {

@@ -304,6 +304,46 @@ fn progress_for_a_login_the_edge_is_not_relaying_is_ignored() {
     assert_eq!(answer_to(&effects, start.caller).unwrap().0, 502);
 }
 
+/// A process a job left behind can write into `claude auth login`'s stdout before the CLI
+/// prints its URL (`/proc/<pid>/fd/1`): any https URL with `/oauth/authorize` in it was
+/// passed on to the operator as the sign-in page. Only a sign-in page on one of Anthropic's
+/// hosts is, and the answer names the host, for the page and `claude-runner login` to show.
+#[test]
+fn a_sign_in_url_not_on_anthropics_hosts_is_never_passed_on() {
+    let (mut edge, sid) = ready_edge();
+    for (t, url) in [
+        "https://evil.example/oauth/authorize?code=true",
+        "https://claude.ai@evil.example/oauth/authorize?x",
+        "https://claude.ai.evil.example/oauth/authorize?x",
+        "https://evil.example/claude.ai/oauth/authorize?x",
+        "https://claude.ai:8443/oauth/authorize?x",
+        "https://claude.ai/phish?x=/oauth/authorize",
+        "http://claude.ai/oauth/authorize?x",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let t = t as u64 * 10;
+        let start = call(&mut edge, t, "POST", "/oauth/login", Value::Null);
+        let login_id = login_order(&start.effects, &sid, t).header.job_id;
+        let msg = login_msg(&edge, &login_id, LoginStep::Start, LoginState::AwaitingCode, Some(url.into()), None, None);
+        let effects = say(&mut edge, t + 1, &sid, msg);
+        let (status, body) = answer_to(&effects, start.caller).unwrap();
+        assert_eq!(status, 502, "{url}: {body}");
+        assert!(!body.to_string().contains("evil"), "{url}: {body}");
+    }
+    for (url, host) in [("https://claude.com/cai/oauth/authorize?code=true", "claude.com"), ("https://platform.claude.com/oauth/authorize?x", "platform.claude.com")] {
+        let start = call(&mut edge, 100, "POST", "/oauth/login", Value::Null);
+        let login_id = login_order(&start.effects, &sid, 100).header.job_id;
+        let msg = login_msg(&edge, &login_id, LoginStep::Start, LoginState::AwaitingCode, Some(url.into()), None, None);
+        let effects = say(&mut edge, 101, &sid, msg);
+        let (status, body) = answer_to(&effects, start.caller).unwrap();
+        assert_eq!((status, body["url"].as_str(), body["host"].as_str()), (200, Some(url), Some(host)), "{body}");
+        let failed = login_msg(&edge, &login_id, LoginStep::Start, LoginState::Failed, None, Some("x".into()), None);
+        say(&mut edge, 102, &sid, failed);
+    }
+}
+
 #[test]
 fn a_relay_that_lost_its_url_or_its_start_is_started_anew_and_its_code_still_goes() {
     let (mut edge, sid) = ready_edge();
