@@ -48,6 +48,8 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
     let ctx = JobContext {
         inherited_env: crate::process::inherited_environment(&cfg.job_env_allow).into(),
         login: Arc::new(login),
+        // Backed by the lock in Claude's config folder: beside a running agent on the same
+        // login, only one of the two lets a Claude refresh it.
         gate: RefreshGate::default(),
         progress: progress.job(),
         link: link.clone(),

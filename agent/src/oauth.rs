@@ -4,8 +4,9 @@
 //! Claude Code refreshes an expired access token itself while a refresh token exists, and
 //! rotates the refresh token when it does. Two processes refreshing together can each
 //! spend the same refresh token and leave the login dead, so while the token is expired
-//! (or about to be) only one job may start; the others wait until the credentials file
-//! shows a fresh token or that job ends.
+//! (or about to be) only one Claude may start, of all the processes on this config folder
+//! ([`REFRESH_LOCK`]); the others wait until the credentials file shows a fresh token or
+//! that one ends.
 
 use crate::credentials;
 use crate::redact::Redactor;
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
+use tracing::{info, warn};
 
 /// A token closer than this to expiry counts as expiring: the job would refresh it.
 pub const NEAR_EXPIRY_MS: Millis = 5 * 60_000;
@@ -241,34 +243,88 @@ pub fn needs_refresh(report: &OAuthReport, now: Millis) -> bool {
         && report.expires_at.is_some_and(|t| t <= now + NEAR_EXPIRY_MS)
 }
 
-/// Lets one job through while the token needs a refresh.
+/// The file in Claude's config folder whose lock (`flock`) the refresher holds. Every
+/// process that lets Claude run on this login takes the gate, and so this lock: the
+/// agent's jobs, `doctor --canary`, the relay's `claude auth login`, another agent (or
+/// `up`) whose Claude shares the folder. Made owner-only, never through a link, never
+/// removed (a lock file removed while held lets two holders in).
+pub const REFRESH_LOCK: &str = ".claude-runner-refresh.lock";
+
+/// Lets one Claude through while the token needs a refresh: one of this process's jobs,
+/// and one process of all those on the same config folder ([`REFRESH_LOCK`]). The lock
+/// is tried, never waited on (the agent's runtime has one thread): the others look again
+/// every half second, or at once when a refresher of this process lets go.
 #[derive(Clone, Default)]
 pub struct RefreshGate {
+    /// This process's refresher: one at a time, whatever becomes of the lock.
     refreshing: Arc<AtomicBool>,
     released: Arc<Notify>,
 }
 
-/// Held by the job allowed to refresh; dropping it lets the others re-check.
+/// Held by the one allowed to refresh; dropping it lets the others re-check.
 pub struct Refresher {
     gate: RefreshGate,
+    /// The lock on [`REFRESH_LOCK`]; `None` when the file could not be used (the gate is
+    /// then this process's alone, as its log said).
+    lock: Option<std::fs::File>,
 }
 
 impl Drop for Refresher {
     fn drop(&mut self) {
+        // Closing the file lets the lock go.
+        drop(self.lock.take());
         self.gate.refreshing.store(false, Ordering::SeqCst);
         self.gate.released.notify_waiters();
     }
 }
 
+/// What one look at the gate found.
+enum Look {
+    /// No refresh is needed: go.
+    Free,
+    /// This one lets Claude refresh.
+    Refresher(Refresher),
+    /// Another refreshes (`elsewhere`: another process holds the lock): wait.
+    Busy { elsewhere: bool },
+}
+
 impl RefreshGate {
-    /// Waits until this job may start. Returns a guard when this job is the refresher.
-    pub async fn admit(&self, login: &Login) -> Option<Refresher> {
-        loop {
-            if !needs_refresh(&login.read(crate::now_ms()).report, crate::now_ms()) {
-                return None;
+    fn look(&self, login: &Login, who: &str) -> Look {
+        if !needs_refresh(&login.read(crate::now_ms()).report, crate::now_ms()) {
+            return Look::Free;
+        }
+        if self.refreshing.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+            return Look::Busy { elsewhere: false };
+        }
+        let path = login.config_dir.join(REFRESH_LOCK);
+        match runtime::hold_lock(&path) {
+            Ok(Some(lock)) => Look::Refresher(Refresher { gate: self.clone(), lock: Some(lock) }),
+            Ok(None) => {
+                self.refreshing.store(false, Ordering::SeqCst);
+                Look::Busy { elsewhere: true }
             }
-            if self.refreshing.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
-                return Some(Refresher { gate: self.clone() });
+            // Claude writes its refreshed login into this folder: a lock file that cannot
+            // be made there is a link or a folder put in its place (a job's doing?).
+            Err(e) => {
+                warn!(who, error = %e, "Claude's login needs a refresh and the refresh lock cannot be used: only this process's jobs are kept from refreshing at once; remove what is in its place");
+                Look::Refresher(Refresher { gate: self.clone(), lock: None })
+            }
+        }
+    }
+
+    /// Waits until `who` (a job, the canary, a relayed login) may let Claude run. Returns
+    /// a guard when it is the refresher.
+    pub async fn admit(&self, login: &Login, who: &str) -> Option<Refresher> {
+        let mut told = false;
+        loop {
+            match self.look(login, who) {
+                Look::Free => return None,
+                Look::Refresher(refresher) => return Some(refresher),
+                Look::Busy { elsewhere: true } if !told => {
+                    told = true;
+                    info!(who, lock = %login.config_dir.join(REFRESH_LOCK).display(), "another process lets a Claude refresh this login (doctor --canary, another agent on the same config folder?): waiting until the token is fresh or it lets go");
+                }
+                Look::Busy { .. } => {}
             }
             // Re-read the file every half second: the refresher's Claude writes the fresh
             // token there, which frees everyone at once.
@@ -451,16 +507,66 @@ mod tests {
         assert_eq!(set("", " ").claude_env(0), []);
     }
 
+    /// The gate was this process's alone, but two processes run Claude on one login as the
+    /// README has them: `doctor --canary` beside the running agent, a second agent or `up`
+    /// sharing `~/.claude`; each let a Claude refresh, and two refreshes at once can
+    /// destroy the login. The refresher holds a lock on a file in Claude's config folder:
+    /// a gate of another process (here another gate, on its own open file) waits for it.
+    #[tokio::test]
+    async fn two_gates_on_one_config_folder_let_one_claude_refresh() {
+        let d = tempdir("two-gates");
+        let stale = r#"{"claudeAiOauth":{"accessToken":"a","refreshToken":"r","expiresAt":1000}}"#;
+        let (mine, theirs) = (login_with(&d, stale), login_with(&d, stale));
+        let first = RefreshGate::default().admit(&mine, "j1").await;
+        assert!(first.is_some(), "the first becomes the refresher");
+        let other = RefreshGate::default();
+        assert!(matches!(other.look(&theirs, "j2"), Look::Busy { elsewhere: true }), "the other process's gate waits while the first holds the lock");
+        let lock = d.join(REFRESH_LOCK);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::symlink_metadata(&lock).unwrap().permissions().mode() & 0o777, 0o600);
+        drop(first);
+        // Let go: the other's next look takes it (a child forked meanwhile by another test
+        // may hold the descriptor until its exec: the wait looks again).
+        assert!(other.admit(&theirs, "j2").await.is_some(), "the other process's job refreshes next");
+    }
+
+    /// Another process, for real: `flock(1)` holds the lock, as an agent of another release
+    /// or `doctor --canary` would, until its stdin closes.
+    #[tokio::test]
+    async fn a_gate_waits_for_the_lock_another_process_holds() {
+        let d = tempdir("other-process");
+        let login = login_with(&d, r#"{"claudeAiOauth":{"accessToken":"a","refreshToken":"r","expiresAt":1000}}"#);
+        let mut holder = std::process::Command::new("flock")
+            .arg(d.join(REFRESH_LOCK))
+            .args(["sh", "-c", "read x"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let gate = RefreshGate::default();
+        // Until flock(1) holds it, the gate may take it itself: let go, look again.
+        while !matches!(gate.look(&login, "j1"), Look::Busy { .. }) {
+            assert!(holder.try_wait().unwrap().is_none(), "flock(1) ended without holding the lock");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let waiting = {
+            let (gate, login) = (gate.clone(), login.clone());
+            tokio::spawn(async move { gate.admit(&login, "j1").await.is_some() })
+        };
+        drop(holder.stdin.take());
+        holder.wait().unwrap();
+        assert!(waiting.await.unwrap(), "the job refreshes once the other process let go");
+    }
+
     #[tokio::test]
     async fn only_one_job_refreshes_at_a_time() {
         let d = tempdir("gate");
         let login = login_with(&d, r#"{"claudeAiOauth":{"accessToken":"a","refreshToken":"r","expiresAt":1000}}"#);
         let gate = RefreshGate::default();
-        let first = gate.admit(&login).await;
+        let first = gate.admit(&login, "j1").await;
         assert!(first.is_some(), "the first job becomes the refresher");
         let second = {
             let (gate, login) = (gate.clone(), login.clone());
-            tokio::spawn(async move { gate.admit(&login).await.is_some() })
+            tokio::spawn(async move { gate.admit(&login, "j2").await.is_some() })
         };
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!second.is_finished(), "the second waits while the token is stale");

@@ -292,6 +292,14 @@ async fn drive(
             _ = &mut stop_rx => return Err(None),
             status = child.wait() => return Err(Some(format!("`claude auth login` ended ({status:?}) before the code came: {}", failure_reason(&printed.lock().expect("output lock"), "")))),
         };
+        // With the code, `claude auth login` writes the new login: not while another Claude
+        // on this login refreshes the old one (whose write would then replace the new
+        // login), and no job starts a refresh until it is done. The gate of every job.
+        let _refresher = tokio::select! {
+            refresher = agent.gate.admit(&agent.login, login_id) => refresher,
+            _ = tokio::time::sleep(FINISH_WAIT) => return Err(Some(format!("another Claude on this login was still refreshing it after {} s; start again", FINISH_WAIT.as_secs()))),
+            _ = &mut stop_rx => return Err(None),
+        };
         stdin.write_all(format!("{code}\n").as_bytes()).await.map_err(|e| Some(format!("could not pass the code on: {e}")))?;
         let _ = stdin.flush().await;
         // 3. The outcome.

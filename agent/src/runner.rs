@@ -249,7 +249,7 @@ async fn run_in(
     }
     // While the token is stale only one job starts; see oauth::RefreshGate.
     let admitted = tokio::select! {
-        refresher = ctx.gate.admit(&ctx.login) => Ok(refresher),
+        refresher = ctx.gate.admit(&ctx.login, job_id) => Ok(refresher),
         s = &mut stop => Err(Stop::ending(s)),
         _ = tokio::time::sleep_until(deadline) => Err(Ending::TimedOut { after_ms: spec.timeout_ms }),
     };

@@ -741,6 +741,50 @@ async fn a_login_that_closes_its_output_and_hangs_is_ended() {
     assert!(gone.await, "the hung `claude auth login` ({pid}) was left running");
 }
 
+/// A relayed login writes Claude's new login once it has the code: not while another
+/// process on the same login (`doctor --canary`, another agent on the folder) lets a Claude
+/// refresh it, whose write would then replace the new login. It waits at the refresh gate,
+/// the lock in Claude's config folder, and goes on once the other lets go. (Agent-side;
+/// the native edge only.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_login_waits_for_a_refresh_another_process_lets_run() {
+    let s = setup_with(EdgeKind::Native, &[], &[("CLAUDE_CODE_OAUTH_TOKEN", "")], false).await;
+    let config = s.agent.data.path().join("claude-config");
+    // A login whose access token expired and that can be refreshed: a refresh is due.
+    let stale = json!({"claudeAiOauth": {"accessToken": "sk-ant-oat01-stale-0123456789", "refreshToken": "sk-ant-ort01-stale-0123456789", "expiresAt": 1_000u64}});
+    std::fs::write(config.join(".credentials.json"), stale.to_string()).unwrap();
+    // Another process lets its Claude refresh it: it holds the lock until its stdin closes.
+    let lock = config.join(".claude-runner-refresh.lock");
+    let mut other = std::process::Command::new("flock").arg(&lock).args(["sh", "-c", "read x"]).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    let held = eventually(Duration::from_secs(30), || {
+        std::fs::File::open(&lock).is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+    });
+    assert!(held.await, "flock(1) never took the lock");
+    let client = s.client.clone();
+    let connected = eventually_async(Duration::from_secs(30), || {
+        let client = client.clone();
+        async move { client.health_full().await.body["agent"]["connected"] == true }
+    });
+    assert!(connected.await, "the agent never connected");
+    let start = s.client.send("POST", "/oauth/login", Some(SECRET), Some(b"{}".to_vec())).await;
+    assert_eq!(start.status, 200, "{}", start.text);
+    let login_id = start.body["login_id"].as_str().unwrap().to_string();
+    let client = s.client.clone();
+    let code = json!({"login_id": login_id, "code": "good-code-42"}).to_string().into_bytes();
+    let done = tokio::spawn(async move { client.send("POST", "/oauth/login/code", Some(SECRET), Some(code)).await });
+    let waits = eventually(Duration::from_secs(60), || {
+        let log = s.agent.log();
+        log.lines().any(|l| l.contains("another process lets a Claude refresh this login") && l.contains(&login_id))
+    });
+    assert!(waits.await, "the login did not wait for the other process's refresh:\n{}", s.agent.log());
+    // Still held: the login cannot have gone on.
+    assert!(!done.is_finished(), "the login was answered while the other process held the lock");
+    drop(other.stdin.take());
+    other.wait().unwrap();
+    let done = done.await.unwrap();
+    assert_eq!((done.status, &done.body["state"]), (200, &json!("logged_in")), "{}", done.text);
+}
+
 async fn failures_say_which_class_and_whether_to_retry(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     for (prompt, code, retryable) in [("@max_turns", "MAX_TURNS", false), ("@max_budget", "BUDGET_EXCEEDED", false), ("@is_error", "CLAUDE_ERROR", true)] {
