@@ -69,8 +69,8 @@ impl WorkArgs {
     }
 }
 
-/// The most jobs an agent runs at once.
-pub const MAX_MAX_CONCURRENT_JOBS: u32 = 64;
+/// The most jobs an agent runs at once: the most the edge lets an agent hold.
+pub const MAX_MAX_CONCURRENT_JOBS: u32 = shared::protocol::MAX_CAPACITY;
 
 /// `MAX_CONCURRENT_JOBS`'s value parser: `agent`'s and `up`'s.
 pub fn max_concurrent_jobs() -> impl Fn(&str) -> Result<u32, String> + Clone + Send + Sync + 'static {

@@ -373,6 +373,12 @@ pub struct Hello {
     pub instance: Option<String>,
 }
 
+/// The most jobs an agent runs at once: the top of its `MAX_CONCURRENT_JOBS`. An agent
+/// states its capacity in every hello and heartbeat, and names every job it runs: the edge
+/// takes a capacity past this as this, and closes a connection whose hello or heartbeat
+/// names more running jobs than its agent can hold (`edge/core`, `machine/sessions.rs`).
+pub const MAX_CAPACITY: u32 = 64;
+
 /// The most finished jobs a hello names: a spool of results that were never acknowledged
 /// (an edge away for long, one that could not open them) can hold any number, and a hello
 /// must fit [`MAX_HELLO_BYTES`] — one over it is refused, and the agent could never

@@ -13,7 +13,7 @@ use shared::ids::{hex, shown_job_id};
 use shared::job::{JobResult, JobState};
 use shared::keys;
 use shared::oauth::OAuthReport;
-use shared::protocol::{self, close, AgentMessage, Beat, EdgeMessage, Hello, LoginReport, ProgressEvent, ProgressReport, Rejection, ResultReport, Slots, Welcome, MAX_HELLO_FINISHED, PROTOCOL_VERSION};
+use shared::protocol::{self, close, AgentMessage, Beat, EdgeMessage, Hello, LoginReport, ProgressEvent, ProgressReport, Rejection, ResultReport, Slots, Welcome, MAX_CAPACITY, MAX_HELLO_FINISHED, PROTOCOL_VERSION};
 use std::collections::{BTreeMap, BTreeSet};
 use tracing::{debug, info, warn};
 
@@ -23,6 +23,30 @@ use tracing::{debug, info, warn};
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
 /// Unproven connections from one source ([`session::source_of`]), at most.
 pub const MAX_PENDING_PER_SOURCE: usize = 16;
+
+/// Jobs an agent holds that the edge has no record of, cancelled at most in one hello or
+/// heartbeat (the rest in the next ones, in turn; see [`Edge::stop_ended`]).
+pub const MAX_STRAY_CANCELS: usize = 8;
+
+/// Why a hello or heartbeat (`what`) naming `running` jobs as running, from an agent that
+/// states `capacity`, closes its connection, if it does. No agent runs more jobs than its
+/// capacity, nor than [`MAX_CAPACITY`]: a list past that is a broken agent or its key in
+/// other hands, and each name in it costs the edge work (and named a job the edge did not
+/// know, a signed cancel — 100,000 made-up names in one 3 MB beat took the native edge's
+/// one driver thread 2.75 s, every beat). Closed rather than cut short: a cut list would
+/// leave jobs it drops taken for gone.
+fn overfull(what: &str, running: usize, capacity: u32) -> Option<Refused> {
+    let most = capacity.min(MAX_CAPACITY);
+    (running > most as usize).then(|| {
+        Refused::new(
+            close::PROTOCOL_ERROR,
+            format!(
+                "a {what} naming {running} running jobs, more than the agent's capacity of {most} (MAX_CONCURRENT_JOBS, at most {MAX_CAPACITY}): \
+                 no agent runs more; upgrade the agent, or check who else holds its key"
+            ),
+        )
+    })
+}
 
 /// A frame on a connection the machine does not know (it closed it, or its record was
 /// lost with the host's memory) can never be served: the agent reconnects and proves
@@ -363,6 +387,11 @@ impl Edge {
             self.close(now, session_id, refused, effects);
             return;
         }
+        if let Some(refused) = overfull("hello", hello.running.len(), hello.capacity) {
+            warn!(agent_id = %agent_id, session = session_id, running = hello.running.len(), capacity = hello.capacity, "agent refused: its hello names more running jobs than it can hold");
+            self.close(now, session_id, refused, effects);
+            return;
+        }
         // At most MAX_HELLO_FINISHED results named are taken; past them (the agent said it
         // holds more, or sent more than it may) a job not named may have its result on the
         // way: it is left to it, or to its orphan deadline.
@@ -395,7 +424,8 @@ impl Edge {
         session.phase = Phase::Ready(Agent {
             agent_id: agent_id.clone(),
             version: hello.agent_version.clone(),
-            capacity: hello.capacity,
+            // Held to the most an agent runs: free slots are counted up to it.
+            capacity: hello.capacity.min(MAX_CAPACITY),
             slots: Slots::default(),
             sent: 0,
             // Verified equal to the challenge this connection was given.
@@ -420,10 +450,10 @@ impl Edge {
         self.last_oauth = Some((agent_id.clone(), hello.oauth.clone()));
         self.keep_usage_hold(hold, effects);
         self.offline_since = None;
-        info!(agent_id = %agent_id, session = session_id, version = %hello.agent_version, capacity = hello.capacity, "agent connected");
+        info!(agent_id = %agent_id, session = session_id, version = %hello.agent_version, capacity = hello.capacity.min(MAX_CAPACITY), "agent connected");
         let all_named = !hello.more_finished && hello.finished.len() <= MAX_HELLO_FINISHED;
         self.reconcile(now, session_id, &agent_id, &held, Heard::Hello { all_named }, effects);
-        self.stop_ended(now, session_id, &agent_id, &hello.running, effects);
+        self.stop_ended(now, session_id, &agent_id, &hello.running, 0, effects);
         if paused {
             // Back paused (restored after an edge restart, or paused while away).
             self.end_held_back_waits(now, effects);
@@ -580,15 +610,39 @@ impl Edge {
     /// result. (An agent comes to hold a job the edge has elsewhere only by an order held
     /// back on the path and let through late, after the edge sent the job again: its copy
     /// stops now, not at its end beside the other run.)
-    fn stop_ended(&mut self, now: Now, session_id: &str, agent_id: &str, running: &[String], effects: &mut Vec<Effect>) {
+    ///
+    /// `running` is at most the agent's capacity ([`overfull`]). A job the edge has a
+    /// record of is the edge's own: each is cancelled at once. Of the ids it has no record
+    /// of — a job the caps forgot while its agent was away, or names made up by whoever
+    /// holds the agent's key — at most [`MAX_STRAY_CANCELS`] are, starting at a place
+    /// that moves on with `turn` (the heartbeat's number; 0 at the hello): an agent still
+    /// running them names them again in its next beats, so each is told within a few,
+    /// and a made-up list costs a few signatures a beat, not one for every name.
+    fn stop_ended(&mut self, now: Now, session_id: &str, agent_id: &str, running: &[String], turn: u64, effects: &mut Vec<Effect>) {
+        let mut strays = Vec::new();
         for id in running {
             let reason = match self.jobs.get(id) {
                 Some(job) if job.state.is_terminal() => "the edge already ended this job",
                 Some(job) if job.agent_id.as_deref() == Some(agent_id) => continue,
                 Some(_) => "the edge has this job queued or on another agent (this order reached the agent late)",
-                None => "the edge has no record of this job",
+                None => {
+                    strays.push(id);
+                    continue;
+                }
             };
             self.send_cancel(now, session_id, agent_id, id, reason, effects);
+        }
+        if strays.is_empty() {
+            return;
+        }
+        let n = strays.len();
+        let start = (turn % n as u64) as usize * MAX_STRAY_CANCELS % n;
+        let now_told = n.min(MAX_STRAY_CANCELS);
+        if n > now_told {
+            warn!(agent_id, session = session_id, unknown = n, cancelled = now_told, "the agent runs jobs the edge has no record of; some cancelled now, the rest at its next heartbeats");
+        }
+        for id in strays.into_iter().cycle().skip(start).take(now_told) {
+            self.send_cancel(now, session_id, agent_id, id, "the edge has no record of this job", effects);
         }
     }
 
@@ -599,7 +653,12 @@ impl Edge {
                 // It settles jobs (reconciliation): the agent's own, for this connection, newer
                 // than the last one taken — or nothing.
                 let Some(beat) = self.open_report::<Beat>(session_id, &agent_id, &envelope, Domain::Heartbeat) else { return };
-                let Some(Beat { running, capacity, oauth, slots, claude_version: version, stopping, .. }) = self.take_beat(now, session_id, &agent_id, beat) else { return };
+                let Some(Beat { running, capacity, oauth, slots, claude_version: version, stopping, seq, .. }) = self.take_beat(now, session_id, &agent_id, beat) else { return };
+                if let Some(refused) = overfull("heartbeat", running.len(), capacity) {
+                    warn!(agent_id = %agent_id, session = session_id, running = running.len(), capacity, "a heartbeat names more running jobs than its agent can hold; closing the connection");
+                    self.close(now, session_id, refused, effects);
+                    return;
+                }
                 let session = self.session_mut(session_id).expect("session exists");
                 let agent = session.agent_mut().expect("ready session");
                 let began_stopping = stopping && !agent.stopping;
@@ -607,7 +666,7 @@ impl Edge {
                     info!(agent_id = %agent_id, session = session_id, stopping, "{}", if stopping { "agent stopping: it takes no new jobs, its running ones finish" } else { "agent takes work again" });
                 }
                 agent.stopping = stopping;
-                agent.capacity = capacity;
+                agent.capacity = capacity.min(MAX_CAPACITY);
                 agent.state(slots);
                 if let Some(v) = version {
                     agent.claude_version = Some(claude_version(&v));
@@ -617,7 +676,7 @@ impl Edge {
                 effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
                 let held: BTreeSet<&str> = running.iter().map(String::as_str).collect();
                 self.reconcile(now, session_id, &agent_id, &held, Heard::Beat { received: slots.received }, effects);
-                self.stop_ended(now, session_id, &agent_id, &running, effects);
+                self.stop_ended(now, session_id, &agent_id, &running, seq, effects);
                 // A login that works again, or a usage window that opened, lets held work go;
                 // one that stopped working sends /execute callers elsewhere, as does an agent
                 // that stops.

@@ -781,3 +781,96 @@ fn the_refused_count_saturates_on_every_path() {
     let text = format!("{metrics:?}");
     assert!(text.contains(&format!("claude_runner_agents_refused_total {}", u64::MAX)), "{text}");
 }
+
+/// The job ids these effects tell session `sid`'s agent (`spark`) to cancel.
+fn cancelled_on(effects: &[Effect], sid: &str) -> Vec<String> {
+    sent(effects, sid)
+        .into_iter()
+        .filter_map(|m| match m {
+            EdgeMessage::Cancel { envelope } => Some(serde_json::from_str::<shared::protocol::CancelOrder>(&envelope.payload).unwrap().header.job_id),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whoever holds one agent's key (the agent's own MAC on its own connection) names
+/// thousands of jobs in one heartbeat, far past what any agent runs: every id the edge did
+/// not know got a signed cancel of its own (100,000 of them took the native edge's one
+/// driver thread 2.75 s and queued 37 MB for the socket, every beat). The beat closes the
+/// connection instead, and nothing is signed for it.
+#[test]
+fn a_heartbeat_naming_more_jobs_than_its_agent_can_hold_closes_the_connection() {
+    let (mut edge, sid) = ready_edge();
+    let ids: Vec<String> = (0..5_000).map(|n| format!("made-up-{n}")).collect();
+    let hb = Beat { capacity: u32::MAX, running: ids, ..beat(&[], 0, 0) };
+    let effects = pulse(&mut edge, 1, &sid, hb);
+    assert!(cancelled_on(&effects, &sid).is_empty(), "{} cancels", cancelled_on(&effects, &sid).len());
+    let (code, reason) = closed(&effects).expect("the connection is closed");
+    assert_eq!(code, close::PROTOCOL_ERROR);
+    assert!(reason.contains("5000 running jobs") && reason.contains("64"), "{reason}");
+    assert!(edge.session(&sid).is_none() && !edge.is_online());
+
+    // Its capacity as stated (1): two jobs named are one too many.
+    let (sid, _) = join(&mut edge, 2, "spark", &agent_key(1), vec![], 2);
+    let effects = pulse(&mut edge, 3, &sid, beat(&["a", "b"], 0, 0));
+    assert_eq!(closed(&effects).map(|c| c.0), Some(close::PROTOCOL_ERROR), "{effects:?}");
+    assert!(cancelled_on(&effects, &sid).is_empty());
+}
+
+/// The same at the hello: one naming more running jobs than its capacity is refused, no
+/// cancel signed.
+#[test]
+fn a_hello_naming_more_jobs_than_its_agent_can_hold_is_refused() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, effects) = edge.connect(0, [1; 64], PEER);
+    let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
+    let running: Vec<String> = (0..1_000).map(|n| format!("made-up-{n}")).collect();
+    let hello = Hello { capacity: u32::MAX, running, ..hello("spark", nonce, 0) };
+    let effects = edge.message(0, &sid, &hello_text(&hello, &agent_key(1)));
+    assert!(cancelled_on(&effects, &sid).is_empty());
+    assert!(!sent(&effects, &sid).iter().any(|m| matches!(m, EdgeMessage::Welcome { .. })), "{effects:?}");
+    let (code, reason) = closed(&effects).expect("the connection is closed");
+    assert_eq!(code, close::PROTOCOL_ERROR);
+    assert!(reason.contains("1000 running jobs"), "{reason}");
+    assert!(!edge.is_online());
+}
+
+/// A capacity past the most an agent runs (`MAX_CONCURRENT_JOBS` is at most 64) is taken
+/// as that most, at the hello and in every beat: the edge never counts on more slots, nor
+/// shows more, than an agent can have.
+#[test]
+fn an_agents_capacity_is_held_to_the_most_an_agent_runs() {
+    use shared::protocol::MAX_CAPACITY;
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join_with(&mut edge, 0, "spark", &agent_key(1), vec![], 1, u32::MAX);
+    assert_eq!(edge.session(&sid).and_then(|s| s.agent()).unwrap().capacity, MAX_CAPACITY);
+    pulse(&mut edge, 1, &sid, Beat { capacity: 2, ..beat(&[], 2, 0) });
+    assert_eq!(edge.session(&sid).and_then(|s| s.agent()).unwrap().capacity, 2);
+    pulse(&mut edge, 2, &sid, Beat { capacity: u32::MAX, ..beat(&[], u32::MAX, 0) });
+    assert_eq!(edge.health(3).agents[0].capacity, MAX_CAPACITY);
+}
+
+/// Ids the edge has no record of (a job the caps forgot while its agent was away, or made
+/// up) within the agent's capacity: a few cancels each beat, in turn, so each is told in a
+/// few beats — not one signed cancel for every id in every beat.
+#[test]
+fn jobs_the_edge_never_heard_of_are_cancelled_a_few_per_beat_in_turn() {
+    use crate::machine::MAX_STRAY_CANCELS;
+    use shared::protocol::MAX_CAPACITY;
+    let mut edge = Edge::new(config(), 0);
+    let ids: Vec<String> = (0..MAX_CAPACITY).map(|n| format!("forgotten-{n:02}")).collect();
+    let (sid, effects) = join_with(&mut edge, 0, "spark", &agent_key(1), ids.clone(), 1, MAX_CAPACITY);
+    assert!(closed(&effects).is_none(), "{effects:?}");
+    let mut told: std::collections::BTreeSet<String> = cancelled_on(&effects, &sid).into_iter().collect();
+    assert_eq!(told.len(), MAX_STRAY_CANCELS);
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let beats = (MAX_CAPACITY as usize).div_ceil(MAX_STRAY_CANCELS);
+    for t in 1..=beats as u64 {
+        let effects = pulse(&mut edge, t, &sid, Beat { capacity: MAX_CAPACITY, ..beat(&refs, 0, 0) });
+        assert!(closed(&effects).is_none(), "{effects:?}");
+        let now = cancelled_on(&effects, &sid);
+        assert!(now.len() <= MAX_STRAY_CANCELS, "{} cancels in one beat", now.len());
+        told.extend(now);
+    }
+    assert_eq!(told.len(), ids.len(), "every one told within {beats} beats");
+}
