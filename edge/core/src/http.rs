@@ -305,17 +305,26 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
     // Routes open to anyone.
     match (method, segments.as_slice()) {
         ("GET" | "HEAD", ["health"]) => {
-            let health = edge.health(now);
-            let status = health.status.http_status();
             // Without a secret only the verdict: which agents, versions, jobs and login
-            // details an edge has is nobody else's business. A named caller sees what it
-            // needs to send work or fall back, and its own queue; the operator all.
-            let body = match who(edge.config(), req.secret_header.as_deref(), req.authorization.as_deref()) {
-                Some(Who::Pool) => to_json(&health),
-                Some(Who::Caller(name)) => to_json(&edge.caller_health(now, &name)),
-                None => to_json(&PublicHealth { status: health.status }),
+            // details an edge has is nobody else's business — nor is the work of counting
+            // every agent's load done for it (anyone may ask, as often as they like). A
+            // named caller sees what it needs to send work or fall back, and its own
+            // queue; the operator all.
+            let (status, body) = match who(edge.config(), req.secret_header.as_deref(), req.authorization.as_deref()) {
+                Some(Who::Pool) => {
+                    let health = edge.health(now);
+                    (health.status, to_json(&health))
+                }
+                Some(Who::Caller(name)) => {
+                    let health = edge.caller_health(now, &name);
+                    (health.status, to_json(&health))
+                }
+                None => {
+                    let status = edge.health_status(now);
+                    (status, to_json(&PublicHealth { status }))
+                }
             };
-            return answer(Response::json(status, body), Vec::new());
+            return answer(Response::json(status.http_status(), body), Vec::new());
         }
         ("GET" | "HEAD", [""] | []) => return answer(crate::page::page(), Vec::new()),
         _ => {}

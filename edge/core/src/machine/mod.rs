@@ -53,6 +53,8 @@ pub use sessions::{MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE, MAX_STRAY_CAN
 pub use spent::MIN_SPENT_KEYS;
 pub use stop::shutting_down;
 pub use storage::{split_writes, Writes, STORE_RETRY_MS};
+#[cfg(test)]
+pub(crate) use views::FULL_VIEWS;
 
 use crate::clock::Now;
 use crate::config::Config;

@@ -9,6 +9,7 @@ use shared::contract::{AgentInfo, CallerAgent, CallerHealth, Health, HealthStatu
 use shared::oauth::{LoginHealth, OAuthStatus};
 use shared::time::rfc3339;
 use shared::Millis;
+use std::collections::BTreeMap;
 
 /// A login's health as `/health` words it per agent.
 fn login_word(health: LoginHealth) -> &'static str {
@@ -19,55 +20,65 @@ fn login_word(health: LoginHealth) -> &'static str {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Operator's `/health` views (every agent's load, login and details) built on this
+    /// thread: tests show which answers build none.
+    pub(crate) static FULL_VIEWS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How an agent's login and usage window rank for `/health`'s verdict: best first.
+fn rank(a: &Agent, now: Now) -> u8 {
+    match (a.oauth.health(now.wall), a.usage_held(now)) {
+        (LoginHealth::Good, false) => 0,
+        (LoginHealth::AttentionSoon, false) => 1,
+        (LoginHealth::Good | LoginHealth::AttentionSoon, true) => 2,
+        (LoginHealth::Broken, _) => 3,
+    }
+}
+
+/// Whether `/health` counts the agent as able to take work now.
+fn takes_work(a: &Agent, now: Now) -> bool {
+    !a.held_back() && !a.needs_login(now) && !a.usage_held(now)
+}
+
+/// What every view of `/health` rests on, found without looking at a job: the anonymous
+/// answer (the verdict alone), a caller's, `/pools` and `/oauth/status` need no more, and
+/// anyone may ask for the first, which the edge answers on its one thread.
+struct Verdict<'a> {
+    status: HealthStatus,
+    /// The connected agents (their session id and record).
+    agents: Vec<(&'a String, &'a Agent)>,
+    /// The agent `/health` speaks for: the best able to work, else the one that says best
+    /// when work may go again.
+    best: Option<(&'a String, &'a Agent)>,
+    /// How many of `agents` can take work.
+    working: usize,
+    /// Agents gone within [`DOWN_SHOWN_MS`], and since when.
+    down: Vec<(&'a String, &'a Millis)>,
+}
+
 impl Edge {
-    /// `/health`: 200 while at least one agent can take work (connected, not paused, its
-    /// login usable, its usage window open), `degraded` when it can but something needs a
-    /// look — the best agent's login soon, or an agent that is down (gone within
-    /// [`DOWN_SHOWN_MS`], or connected with a login that does not work). With agents
+    /// `/health`'s verdict: 200 while at least one agent can take work (connected, not
+    /// paused, its login usable, its usage window open), `degraded` when it can but
+    /// something needs a look — the best agent's login soon, or an agent that is down (gone
+    /// within [`DOWN_SHOWN_MS`], or connected with a login that does not work). With agents
     /// connected and none able to work, `unhealthy` and 503: a caller that decides by the
     /// status code alone must fall back, as `/execute` would tell it to. An agent being
-    /// logged in again still counts: work waits for it rather than being refused. Every
-    /// agent is listed with its labels, load and login.
-    pub fn health(&self, now: impl Into<Now>) -> Health {
-        let now = now.into();
+    /// logged in again still counts: work waits for it rather than being refused.
+    fn verdict(&self, now: Now) -> Verdict<'_> {
         let agents: Vec<(&String, &Agent)> = self.ready().collect();
-        let running = |session_id: &str| {
-            self.active
-                .iter()
-                .filter(|id| self.jobs[*id].session_id.as_deref() == Some(session_id))
-                .count()
-        };
-        let rank = |a: &Agent| match (a.oauth.health(now.wall), a.usage_held(now)) {
-            (LoginHealth::Good, false) => 0,
-            (LoginHealth::AttentionSoon, false) => 1,
-            (LoginHealth::Good | LoginHealth::AttentionSoon, true) => 2,
-            (LoginHealth::Broken, _) => 3,
-        };
-        let takes_work = |a: &Agent| !a.held_back() && !a.needs_login(now) && !a.usage_held(now);
-        let working = agents.iter().filter(|(_, a)| takes_work(a)).count();
+        let working = agents.iter().filter(|(_, a)| takes_work(a, now)).count();
         // With none able to work, the agent that says best when work may go again: not a
         // paused one (the operator's choice, not why work is refused), and of used-up
         // windows the one that opens first — so `usage` says what `/execute`'s `retry_at` says.
         let opens_at = |a: &Agent| a.usage_held(now).then(|| a.oauth.usage.as_ref().and_then(|u| u.blocked_until())).flatten();
         let best = agents
             .iter()
-            .filter(|(_, a)| takes_work(a))
-            .min_by_key(|(_, a)| rank(a))
-            .or_else(|| agents.iter().min_by_key(|(_, a)| (a.held_back(), rank(a), opens_at(a))));
-        let info = |(sid, a): &(&String, &Agent)| AgentInfo {
-            connected: true,
-            agent_id: a.agent_id.clone(),
-            version: a.version.clone(),
-            last_seen: rfc3339(now.wall_of(self.sessions[*sid].last_seen)),
-            running_jobs: running(sid),
-            capacity: a.capacity,
-            claude_version: a.claude_version.clone(),
-            labels: a.labels.clone(),
-            paused: a.paused,
-            stopping: a.stopping,
-            takes_work: takes_work(a),
-            login: login_word(a.oauth.health(now.wall)).into(),
-        };
+            .filter(|(_, a)| takes_work(a, now))
+            .min_by_key(|(_, a)| rank(a, now))
+            .or_else(|| agents.iter().min_by_key(|(_, a)| (a.held_back(), rank(a, now), opens_at(a))))
+            .copied();
         let down: Vec<(&String, &Millis)> = self.alerts.departed.iter().filter(|(_, t)| t.saturating_add(DOWN_SHOWN_MS) > now.at).collect();
         let some_down = !down.is_empty() || agents.iter().any(|(_, a)| a.oauth.health(now.wall) == LoginHealth::Broken);
         let status = match best {
@@ -80,67 +91,115 @@ impl Edge {
                 LoginHealth::Broken => HealthStatus::Unhealthy,
             },
         };
-        let gone = down.into_iter().map(|(id, t)| AgentInfo {
+        Verdict { status, agents, best, working, down }
+    }
+
+    /// `/health` as anyone without a secret sees it: the verdict alone ([`Edge::health`]).
+    pub fn health_status(&self, now: impl Into<Now>) -> HealthStatus {
+        self.verdict(now.into()).status
+    }
+
+    /// The usage window `/health` shows: the best agent's, else the last one reported.
+    fn usage_shown(&self, verdict: &Verdict, now: Now) -> Option<shared::usage::UsageView> {
+        verdict
+            .best
+            .and_then(|(_, a)| a.oauth.usage.as_ref())
+            .or_else(|| self.last_oauth.as_ref().and_then(|(_, r)| r.usage.as_ref()))
+            .map(|u| u.view(now.wall))
+    }
+
+    /// `/health` as the operator sees it: the verdict ([`Edge::verdict`]) and every agent
+    /// with its labels, load and login.
+    pub fn health(&self, now: impl Into<Now>) -> Health {
+        let now = now.into();
+        #[cfg(test)]
+        FULL_VIEWS.with(|n| n.set(n.get() + 1));
+        let verdict = self.verdict(now);
+        // Each connection's jobs, counted in one pass over the running ones.
+        let mut running: BTreeMap<&str, usize> = BTreeMap::new();
+        for id in &self.active {
+            if let Some(sid) = self.jobs[id].session_id.as_deref() {
+                *running.entry(sid).or_default() += 1;
+            }
+        }
+        let info = |(sid, a): &(&String, &Agent)| AgentInfo {
+            connected: true,
+            agent_id: a.agent_id.clone(),
+            version: a.version.clone(),
+            last_seen: rfc3339(now.wall_of(self.sessions[*sid].last_seen)),
+            running_jobs: running.get(sid.as_str()).copied().unwrap_or(0),
+            capacity: a.capacity,
+            claude_version: a.claude_version.clone(),
+            labels: a.labels.clone(),
+            paused: a.paused,
+            stopping: a.stopping,
+            takes_work: takes_work(a, now),
+            login: login_word(a.oauth.health(now.wall)).into(),
+        };
+        let gone = verdict.down.iter().map(|(id, t)| AgentInfo {
             connected: false,
-            agent_id: id.clone(),
+            agent_id: (*id).clone(),
             version: String::new(),
-            last_seen: rfc3339(now.wall_of(*t)),
+            last_seen: rfc3339(now.wall_of(**t)),
             running_jobs: 0,
             capacity: 0,
             claude_version: None,
             labels: Default::default(),
-            paused: self.alerts.paused.contains(id),
+            paused: self.alerts.paused.contains(*id),
             stopping: false,
             takes_work: false,
             login: String::new(),
         });
-        let usage = best
-            .and_then(|(_, a)| a.oauth.usage.as_ref())
-            .or_else(|| self.last_oauth.as_ref().and_then(|(_, r)| r.usage.as_ref()))
-            .map(|u| u.view(now.wall));
         Health {
-            status,
+            status: verdict.status,
             service: "claude-runner".into(),
             timestamp: rfc3339(now.wall),
-            agent: best.map(info),
-            oauth: best
-                .map(|(_, a)| a.oauth.status(now.wall))
-                .or_else(|| self.last_oauth.as_ref().map(|(_, r)| r.status(now.wall))),
-            agents: agents.iter().map(info).chain(gone).collect(),
+            agent: verdict.best.as_ref().map(info),
+            oauth: self.login_shown(&verdict, now),
+            agents: verdict.agents.iter().map(info).chain(gone).collect(),
             queued_jobs: self.queue.len(),
-            agents_taking_work: working,
-            usage,
+            agents_taking_work: verdict.working,
+            usage: self.usage_shown(&verdict, now),
         }
     }
 
-    /// `/health` as a named caller sees it: [`Edge::health`] without the operator's
-    /// details, and the queue counted in that caller's jobs alone.
+    /// The login `/health` and `/oauth/status` show: the best agent's, else the last one
+    /// reported.
+    fn login_shown(&self, verdict: &Verdict, now: Now) -> Option<OAuthStatus> {
+        verdict
+            .best
+            .map(|(_, a)| a.oauth.status(now.wall))
+            .or_else(|| self.last_oauth.as_ref().map(|(_, r)| r.status(now.wall)))
+    }
+
+    /// `/health` as a named caller sees it: the verdict without the operator's details,
+    /// and the queue counted in that caller's jobs alone.
     pub fn caller_health(&self, now: impl Into<Now>, caller: &str) -> CallerHealth {
-        let health = self.health(now);
+        let now = now.into();
+        let verdict = self.verdict(now);
         CallerHealth {
-            status: health.status,
-            service: health.service,
-            timestamp: health.timestamp,
-            agents: health
+            status: verdict.status,
+            service: "claude-runner".into(),
+            timestamp: rfc3339(now.wall),
+            agents: verdict
                 .agents
-                .into_iter()
-                .filter(|a| a.connected)
-                .map(|a| CallerAgent { agent_id: a.agent_id, labels: a.labels, takes_work: a.takes_work })
+                .iter()
+                .map(|(_, a)| CallerAgent { agent_id: a.agent_id.clone(), labels: a.labels.clone(), takes_work: takes_work(a, now) })
                 .collect(),
-            agents_taking_work: health.agents_taking_work,
+            agents_taking_work: verdict.working,
             queued_jobs: self.queue.len_of(caller),
-            usage: health.usage,
+            usage: self.usage_shown(&verdict, now),
         }
     }
 
     /// This pool in `GET /pools`.
     pub fn pool_summary(&self, now: impl Into<Now>) -> PoolSummary {
-        let health = self.health(now);
+        let verdict = self.verdict(now.into());
         PoolSummary {
             pool: self.cfg.pool.clone(),
-            status: health.status,
-            agents_online: self.ready().count(),
-            agents_taking_work: health.agents_taking_work,
+            status: verdict.status,
+            agents_online: verdict.agents.len(),
+            agents_taking_work: verdict.working,
             queued_jobs: self.queue.len(),
         }
     }
@@ -159,7 +218,8 @@ impl Edge {
 
     /// The best connected agent's login, else the last one reported.
     pub fn oauth_status(&self, now: impl Into<Now>) -> Option<OAuthStatus> {
-        self.health(now).oauth
+        let now = now.into();
+        self.login_shown(&self.verdict(now), now)
     }
 
     /// `/metrics`: Prometheus text.

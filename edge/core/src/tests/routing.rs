@@ -1379,3 +1379,33 @@ fn a_disconnect_whose_writes_fail_ends_no_queued_execute_it_leaves_held_back() {
     assert_eq!((status, &body["error_code"], &body["fallback"]), (503, &json!("RUNNER_OFFLINE"), &json!(true)), "{body}");
     assert_eq!(edge.job(&w1).unwrap().state, JobState::Failed);
 }
+
+/// `/health` is open to anyone, and the edge answers it on its one thread: the operator's
+/// view (every agent with its load, counted over the jobs that run) is built for the
+/// operator's secret alone. Without a secret only the verdict is worked out — 200 agents
+/// with 4 jobs each cost 5 ms a request when every agent's load was counted over every
+/// running job — and a caller's view, `/pools` and `/oauth/status` need no agent's load.
+#[test]
+fn only_the_operators_health_builds_every_agents_view() {
+    use crate::machine::FULL_VIEWS;
+    let mut edge = Edge::new(three_agents(), 0);
+    enter(&mut edge, 0, "spark", 1, 2, "", &[]);
+    enter(&mut edge, 0, "laptop", 2, 2, "", &[]);
+    for i in 0..3 {
+        submit(&mut edge, 1 + i, B_SECRET, json!({"prompt": "x"}));
+    }
+    let built = || FULL_VIEWS.with(|n| n.get());
+    let before = built();
+    for (secret, path, status) in [("", "/health", 200), ("wrong-secret-0000000", "/health", 200), (A_SECRET, "/health", 200), (SECRET, "/oauth/status", 200)] {
+        let (got, body) = answer(&request(&mut edge, 5, secret, "GET", path, Value::Null));
+        assert_eq!(got, status, "{path}: {body}");
+        assert_eq!(built(), before, "{path} with {secret:?} built the operator's view: {body}");
+    }
+    // `GET /pools` (ADMIN_SECRET) asks each pool for its summary.
+    assert_eq!(edge.pool_summary(5).agents_taking_work, 2);
+    assert_eq!(built(), before, "the pool's summary built the operator's view");
+    let (_, body) = answer(&request(&mut edge, 5, SECRET, "GET", "/health", Value::Null));
+    assert_eq!(built(), before + 1);
+    let load: Vec<u64> = body["agents"].as_array().unwrap().iter().map(|a| a["running_jobs"].as_u64().unwrap()).collect();
+    assert_eq!(load.iter().sum::<u64>(), 3, "{body}");
+}
