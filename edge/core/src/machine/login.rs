@@ -317,10 +317,13 @@ impl Edge {
         }
     }
 
-    /// Remembers the hold an agent's report set, in the stored memory when it changed.
+    /// Remembers the hold an agent's report set, in the stored memory when it changed
+    /// (noted for the undo: a report whose writes fail is taken back whole).
     pub(super) fn keep_usage_hold(&mut self, hold: Option<Millis>, effects: &mut Vec<Effect>) {
         if self.alerts.usage_hold != hold {
+            let before = self.alerts.clone();
             self.alerts.usage_hold = hold;
+            self.note_alerts(before);
             effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
         }
     }

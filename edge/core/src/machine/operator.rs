@@ -31,8 +31,13 @@ impl Edge {
             ));
         }
         let mut effects = Vec::new();
+        // Noted for the undo, as every change of alerting's memory is: a pause whose write
+        // fails is answered "nothing was done", so nothing must be — kept in memory, it held
+        // the agent back from its next hello and was stored with the next save.
+        let before = self.alerts.clone();
         let changed = if pause { self.alerts.paused.insert(agent_id.to_string()) } else { self.alerts.paused.remove(agent_id) };
         if changed {
+            self.note_alerts(before);
             effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
         }
         let sessions: Vec<String> = self.ready().filter(|(_, a)| a.agent_id == agent_id).map(|(id, _)| id.clone()).collect();

@@ -11,12 +11,14 @@ use std::collections::HashMap;
 struct Host {
     edge: Edge,
     stored: HashMap<String, Job>,
+    /// Alerting's memory as last stored.
+    memory: Option<crate::notify::AlertState>,
     failing: bool,
 }
 
 impl Host {
     fn new(edge: Edge) -> Host {
-        Host { edge, stored: HashMap::new(), failing: false }
+        Host { edge, stored: HashMap::new(), memory: None, failing: false }
     }
 
     /// Carries out one event's effects; returns what went out (sends, answers, closes…).
@@ -32,6 +34,9 @@ impl Host {
         }
         for id in writes.forgets {
             self.stored.remove(&id);
+        }
+        if let Some(memory) = writes.alerts {
+            self.memory = Some(memory);
         }
         rest
     }
@@ -374,4 +379,51 @@ fn the_bytes_of_jobs_not_ended_are_put_back_with_a_failed_write() {
     assert_eq!(status(&out, caller), Some(202));
     let (caller, out) = host.call(9, "POST", "/jobs", task);
     assert_eq!(status(&out, caller), Some(202), "a stored cancel frees the bytes");
+}
+
+/// A pause whose write failed was answered "nothing was done" and kept all the same: the
+/// paused set was changed outside the event's undo. The agent, paused from its next
+/// hello, took no work, and the next save of alerting's memory stored the pause.
+#[test]
+fn a_pause_that_cannot_be_stored_is_not_kept() {
+    let (mut host, sid) = ready_host();
+    host.failing = true;
+    let (caller, out) = host.call(1, "POST", "/agents/spark/pause", Value::Null);
+    let (status, answer) = answer_to(&out, caller).expect("answered at once");
+    assert_eq!(status, 500, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("nothing was done"), "{answer}");
+    host.failing = false;
+    // The agent goes and comes back: its departure and return are stored, the pause not.
+    let out = host.edge.disconnect(2, &sid);
+    host.carry_out(2, out);
+    let (sid, out) = join(&mut host.edge, 3, "spark", &agent_key(1), vec![], 2);
+    host.carry_out(3, out);
+    let memory = host.memory.clone().expect("alerting's memory was stored");
+    assert!(memory.paused.is_empty(), "the pause nothing was done for was stored: {:?}", memory.paused);
+    host.say(3, &sid, credit(1, 0));
+    let (_, out) = host.call(4, "POST", "/jobs", json!({"prompt": "x"}));
+    assert!(sent(&out, &sid).iter().any(|m| matches!(m, EdgeMessage::Job { .. })), "the agent takes work: {out:?}");
+    assert!(!host.edge.health(5).agents[0].paused);
+}
+
+/// The same for the usage window an agent's report holds work for: kept outside the undo
+/// of a heartbeat whose writes failed, it was stored with the next save of alerting's
+/// memory, though the edge had taken nothing of that heartbeat.
+#[test]
+fn a_usage_hold_that_cannot_be_stored_is_not_kept() {
+    use shared::usage::{UsageStatus, UsageWindow};
+    let (mut host, sid) = ready_host();
+    let usage = UsageWindow { status: UsageStatus::Rejected, kind: Some("five_hour".into()), resets_at: Some(200_000), utilization: None, seen_at: 0 };
+    let used_up = Beat { oauth: OAuthReport { usage: Some(usage), ..oauth() }, ..beat(&[], 1, 0) };
+    host.failing = true;
+    let msg = signed(&host.edge, &sid, used_up);
+    let out = host.say(1, &sid, msg);
+    assert_eq!(closed(&out).map(|c| c.0), Some(close::INTERNAL_ERROR), "{out:?}");
+    host.failing = false;
+    // While the agent is away the operator pauses another: the pause is stored, the hold not.
+    let (caller, out) = host.call(2, "POST", "/agents/laptop/pause", Value::Null);
+    assert_eq!(answer_to(&out, caller).map(|a| a.0), Some(200));
+    let memory = host.memory.clone().expect("alerting's memory was stored");
+    assert!(memory.paused.contains("laptop"), "{memory:?}");
+    assert_eq!(memory.usage_hold, None, "a hold from a heartbeat the edge undid was stored");
 }
