@@ -196,6 +196,33 @@ async fn a_named_callers_secret_is_that_caller_alone(kind: EdgeKind) {
     assert_eq!(a.status, 403, "{}", a.text);
 }
 
+/// A caller given its own secret (`RUNNER_SECRETS`) after the pool's secret sent jobs in
+/// its name is not their sender: its new secret neither reads, lists nor cancels them
+/// (their prompts and results stay the pool secret's), and reaches what it sends itself.
+async fn a_callers_new_secret_reaches_no_job_the_pools_secret_sent_in_its_name(kind: EdgeKind) {
+    const CI: &str = "caller-ci-secret-0123456789";
+    let mut s = setup(kind, &[], &[]).await;
+    let body = |v: serde_json::Value| Some(v.to_string().into_bytes());
+    let before = s.client.send("POST", "/execute", Some(SECRET), body(json!({"prompt": "the pool's plans", "caller": "ci"}))).await;
+    assert_eq!((before.status, before.body["success"].as_bool()), (200, Some(true)), "{}", before.text);
+    let id = before.body["job_id"].as_str().unwrap().to_string();
+    s.edge.env.insert("RUNNER_SECRETS".into(), format!("ci={CI}"));
+    s.edge.restart();
+    s.client.wait_online().await;
+    for (method, path) in [("GET", format!("/jobs/{id}")), ("GET", format!("/jobs/{id}/events")), ("DELETE", format!("/jobs/{id}"))] {
+        let a = s.client.send(method, &path, Some(CI), None).await;
+        assert_eq!(a.status, 404, "{method} {path} with ci's new secret: {}", a.text);
+        assert!(!a.text.contains("plans"), "{}", a.text);
+    }
+    let list = s.client.send("GET", "/jobs", Some(CI), None).await;
+    assert!(list.status == 200 && !list.text.contains(&id), "{}", list.text);
+    let pool = s.client.send("GET", &format!("/jobs/{id}"), Some(SECRET), None).await;
+    assert_eq!((pool.status, pool.body["state"].as_str()), (200, Some("succeeded")), "{}", pool.text);
+    let own = s.client.send("POST", "/execute", Some(CI), body(json!({"prompt": "ci's own"}))).await;
+    let own = own.body["job_id"].as_str().unwrap().to_string();
+    assert_eq!(s.client.send("GET", &format!("/jobs/{own}"), Some(CI), None).await.status, 200);
+}
+
 /// `session_id` resumes a Claude session only for the caller whose job made it: with two
 /// callers' secrets (`RUNNER_SECRETS`), b — knowing the id a's job returned — is refused
 /// before Claude runs, and a's transcript is not copied into b's job; nor may the pool's
@@ -2039,6 +2066,7 @@ contract!(
     health_follows_the_agent,
     health_without_the_secret_says_only_its_status,
     a_named_callers_secret_is_that_caller_alone,
+    a_callers_new_secret_reaches_no_job_the_pools_secret_sent_in_its_name,
     a_session_is_resumed_by_its_own_caller_alone,
     the_agent_records_whether_a_sessions_caller_was_proven,
     no_body_is_read_before_auth,

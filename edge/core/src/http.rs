@@ -342,9 +342,10 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
     let key = req.idempotency_key.as_deref();
     let who = who(edge.config(), req.secret_header.as_deref(), req.authorization.as_deref());
     let parse = |edge: &Edge, body: &[u8]| ExecuteRequest::parse(body, key, limits).and_then(|s| with_caller(edge.config(), s, who.as_ref()));
-    // A named caller's own secret reaches that caller's jobs only: another's is unknown to it.
+    // A named caller's own secret reaches the jobs it sent only: another's — and one the
+    // pool's secret sent in its name — is unknown to it.
     let own = |job: &crate::record::Job| match &who {
-        Some(Who::Caller(name)) => job.placement.caller() == name,
+        Some(Who::Caller(name)) => job.sent_by_own_secret_of(name),
         _ => true,
     };
     if let ["jobs", id, ..] = segments.as_slice() {

@@ -136,6 +136,14 @@ pub const PROMPT_PREVIEW_BYTES: usize = 200;
 const HEADER_ERROR_BYTES: usize = 512;
 
 impl Job {
+    /// Whether caller `name`'s own secret (`RUNNER_SECRETS`) reaches this job: one it sent
+    /// with that secret. A job the pool's secret sent naming `name` is not its — the name
+    /// may have had no secret then (it was given one since) and the pool's secret may name
+    /// anyone — as its idempotency key is not ([`crate::machine`], `repeat_refused`).
+    pub fn sent_by_own_secret_of(&self, name: &str) -> bool {
+        self.caller_proven && self.placement.caller() == name
+    }
+
     /// Where its `Idempotency-Key` is kept: under its caller, whose keys are its own.
     pub fn idempotency_slot(&self) -> Option<(String, String)> {
         self.idempotency_key.as_ref().map(|key| (self.placement.caller().to_string(), key.clone()))

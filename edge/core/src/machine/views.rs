@@ -205,10 +205,11 @@ impl Edge {
     }
 
     /// `GET /jobs`: what waits or runs, oldest first, then the last finished, newest first;
-    /// with `caller`, that caller's jobs only (a named caller's own secret sees no other's).
+    /// with `caller`, the jobs that caller sent with its own secret only (it sees no other
+    /// caller's, nor those the pool's secret sent in its name).
     pub fn job_list(&self, now: impl Into<Now>, caller: Option<&str>) -> JobList {
         let now = now.into();
-        let listed = |j: &&crate::record::Job| caller.is_none_or(|c| j.placement.caller() == c);
+        let listed = |j: &&crate::record::Job| caller.is_none_or(|c| j.sent_by_own_secret_of(c));
         let mut active: Vec<&crate::record::Job> =
             self.queue.ids().chain(self.active.iter()).filter_map(|id| self.jobs.get(id)).filter(listed).collect();
         active.sort_by_key(|j| (j.created_at, j.id.clone()));

@@ -1409,3 +1409,37 @@ fn only_the_operators_health_builds_every_agents_view() {
     let load: Vec<u64> = body["agents"].as_array().unwrap().iter().map(|a| a["running_jobs"].as_u64().unwrap()).collect();
     assert_eq!(load.iter().sum::<u64>(), 3, "{body}");
 }
+
+/// A caller given its own secret (`RUNNER_SECRETS`) after the pool's secret sent jobs in
+/// its name (`"caller": "ci"`) is not their sender: whoever holds the new secret read
+/// their prompts and results, followed and cancelled them, since the edge compared names
+/// alone. They stay the pool secret's; the new secret reaches only what it sends.
+#[test]
+fn a_callers_new_secret_reaches_no_job_the_pools_secret_sent_in_its_name() {
+    const CI_SECRET: &str = "caller-ci-secret-0123456789";
+    let mut edge = Edge::new(pool_config(), 0);
+    let spark = enter(&mut edge, 0, "spark", 1, 1, "", &[]);
+    let running = submit(&mut edge, 1, SECRET, json!({"prompt": "the pool's plans", "caller": "ci"}));
+    let queued = submit(&mut edge, 2, SECRET, json!({"prompt": "more of them", "caller": "ci"}));
+    assert_eq!(edge.job(&running).unwrap().session_id.as_deref(), Some(spark.as_str()));
+    // The operator gives `ci` its own secret: the edge starts again with it.
+    let jobs = [&running, &queued].map(|id| edge.job(id).unwrap().clone()).to_vec();
+    let with_ci = Config { caller_secrets: vec![("a".into(), A_SECRET.into()), ("ci".into(), CI_SECRET.into())], ..pool_config() };
+    let (mut edge, _) = Edge::restore(with_ci, jobs, vec![], None, 3);
+    for id in [&running, &queued] {
+        for (method, path) in [("GET", format!("/jobs/{id}")), ("GET", format!("/jobs/{id}/events")), ("DELETE", format!("/jobs/{id}"))] {
+            let (status, body) = answer(&request(&mut edge, 4, CI_SECRET, method, &path, Value::Null));
+            assert_eq!((status, body["error_code"].as_str()), (404, Some("NOT_FOUND")), "{method} {path}: {body}");
+            assert!(!body.to_string().contains("plans"), "{body}");
+        }
+        assert!(!edge.job(id).unwrap().cancel_requested && !edge.job(id).unwrap().state.is_terminal(), "ci's secret cancelled {id}");
+        assert_eq!(answer(&request(&mut edge, 5, SECRET, "GET", &format!("/jobs/{id}"), Value::Null)).0, 200, "still the pool secret's");
+    }
+    let (_, list) = answer(&request(&mut edge, 6, CI_SECRET, "GET", "/jobs", Value::Null));
+    assert_eq!(list["active"], json!([]), "{list}");
+    // What ci sends with its own secret is its own.
+    let own = submit(&mut edge, 7, CI_SECRET, json!({"prompt": "x"}));
+    assert_eq!(answer(&request(&mut edge, 8, CI_SECRET, "GET", &format!("/jobs/{own}"), Value::Null)).0, 200);
+    let (_, list) = answer(&request(&mut edge, 8, CI_SECRET, "GET", "/jobs", Value::Null));
+    assert_eq!(list["active"].as_array().map(|a| a.len()), Some(1), "{list}");
+}
