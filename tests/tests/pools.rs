@@ -190,7 +190,7 @@ async fn burst_then_one(p: &Pool, burst_job: impl Fn(usize) -> (&'static str, Va
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_from_one_caller_does_not_starve_another_caller() {
-    let settings: &[(&str, &str)] = &[("RUNNER_SECRETS", &format!("a={CALLER_A},b={CALLER_B}")), ("MAX_QUEUED_JOBS", "200")];
+    let settings: &[(&str, &str)] = &[("RUNNER_SECRETS", &format!("a={CALLER_A},b={CALLER_B}"))];
     let p = pool(EdgeKind::Native, &[("spark", &[]), ("laptop", &[])], settings).await;
     let (burst, b_id) = burst_then_one(&p, |_| (CALLER_A, json!({}))).await;
     // A named caller's secret is that caller: it cannot queue as another.
@@ -215,12 +215,38 @@ async fn a_burst_from_one_caller_does_not_starve_another_caller() {
 /// not one per name: B, with its own secret, still goes within agents × slots (review rev1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_over_made_up_names_does_not_starve_a_caller_with_its_own_secret() {
-    let settings: &[(&str, &str)] = &[("RUNNER_SECRETS", &format!("a={CALLER_A},b={CALLER_B}")), ("MAX_QUEUED_JOBS", "200")];
+    let settings: &[(&str, &str)] = &[("RUNNER_SECRETS", &format!("a={CALLER_A},b={CALLER_B}"))];
     let p = pool(EdgeKind::Native, &[("spark", &[]), ("laptop", &[])], settings).await;
     let (burst, _) = burst_then_one(&p, |i| (SECRET, json!({"caller": format!("made-up-{i}")}))).await;
     for id in burst {
         p.client.send("DELETE", &format!("/jobs/{id}"), Some(SECRET), None).await;
     }
+}
+
+/// At the default caps (README: `MAX_QUEUED_JOBS` 100, `MAX_QUEUED_PER_CALLER` the same),
+/// caller A filling the queue with jobs no agent can take shut every other caller out, the
+/// operator too, while the agent sat idle (review rev7, 1). Now A alone is refused: B's
+/// `/execute` runs at once on the idle agent, and the operator's job is queued and runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_caller_filling_the_queue_shuts_no_one_else_out() {
+    let settings: &[(&str, &str)] = &[("RUNNER_SECRETS", &format!("a={CALLER_A},b={CALLER_B}"))];
+    let p = pool(EdgeKind::Native, &[("spark", &[("AGENT_LABELS", "gpu=none")])], settings).await;
+    let mut queued = 0;
+    let refused = loop {
+        let a = submit_as(&p.client, CALLER_A, json!({"prompt": "never runs", "labels": {"gpu": format!("g{queued}")}})).await;
+        match a.status {
+            202 => queued += 1,
+            _ => break a,
+        }
+        assert!(queued <= 100, "A queued past the default MAX_QUEUED_JOBS");
+    };
+    assert_eq!((queued, refused.status, refused.body["error_code"].as_str()), (100, 429, Some("RUNNER_BUSY")), "{}", refused.text);
+    let b = p.client.send("POST", "/execute", Some(CALLER_B), Some(json!({"prompt": "b's task"}).to_string().into_bytes())).await;
+    assert_eq!((b.status, b.body["success"].as_bool()), (200, Some(true)), "{}", b.text);
+    let op = p.client.submit(json!({"prompt": "the operator's"})).await;
+    assert_eq!(op.status, 202, "{}", op.text);
+    let done = p.client.wait_job(op.body["job_id"].as_str().unwrap(), Duration::from_secs(60)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

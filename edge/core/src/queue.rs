@@ -103,6 +103,8 @@ pub struct FairQueue {
     owners: HashMap<String, Owner>,
     /// Jobs queued per caller name, whichever owner's: a caller's cap and its `/health`.
     per_name: HashMap<String, usize>,
+    /// Jobs queued per owner: who holds how much of a full queue.
+    per_owner: HashMap<String, usize>,
     /// Counts serves and arrivals: the stamps of the turns.
     clock: u64,
     /// Each queued job's owner and caller, place and the time it gives up waiting.
@@ -131,6 +133,16 @@ impl FairQueue {
         self.per_name.get(name).copied().unwrap_or(0)
     }
 
+    /// Jobs owner `owner` (`crate::machine::share_of`) has waiting, whatever its callers.
+    pub fn len_of_owner(&self, owner: &str) -> usize {
+        self.per_owner.get(owner).copied().unwrap_or(0)
+    }
+
+    /// How many owners have jobs waiting.
+    pub fn owners_waiting(&self) -> usize {
+        self.per_owner.len()
+    }
+
     /// Queues a job of `owner` (`crate::machine::share_of`) in the lane of its caller
     /// `name`, where its priority and age put it (a job put back after a dispatch that
     /// never ran goes back where it was). An owner or caller new to the queue has its turn
@@ -152,6 +164,7 @@ impl FairQueue {
         }
         lane.insert(place.clone());
         *self.per_name.entry(name.to_string()).or_default() += 1;
+        *self.per_owner.entry(owner.to_string()).or_default() += 1;
         self.places.insert(id.to_string(), ((owner.to_string(), name.to_string()), place, expires_at));
         self.expiries.insert((expires_at, id.to_string()));
     }
@@ -175,10 +188,12 @@ impl FairQueue {
     fn take(&mut self, id: &str) -> Option<Lane> {
         let ((owner, name), place, expires_at) = self.places.remove(id)?;
         self.expiries.remove(&(expires_at, id.to_string()));
-        if let Some(n) = self.per_name.get_mut(&name) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_name.remove(&name);
+        for (counts, key) in [(&mut self.per_name, &name), (&mut self.per_owner, &owner)] {
+            if let Some(n) = counts.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(key);
+                }
             }
         }
         let of = self.owners.get_mut(&owner).expect("a queued job's owner is kept");
@@ -329,6 +344,12 @@ mod tests {
                 prop_assert_eq!(owners.len(), q.turns.waiting.len(), "an owner's lanes follow each other");
                 prop_assert!(lanes.iter().all(|(o, c)| *o == owner_of(c) && q.len_of(c) > 0));
                 prop_assert_eq!(q.expiries.len(), q.len());
+                let mut held: HashMap<&str, usize> = HashMap::new();
+                for ((owner, _), _, _) in q.places.values() {
+                    *held.entry(owner.as_str()).or_default() += 1;
+                }
+                prop_assert_eq!(q.owners_waiting(), held.len());
+                prop_assert!(held.iter().all(|(o, n)| q.len_of_owner(o) == *n), "each owner's count is its jobs'");
             }
         }
     }

@@ -81,21 +81,8 @@ impl Edge {
                 return Err(refused);
             }
         }
-        if self.queue.len() >= self.cfg.max_queued_jobs {
-            return Err(ApiError::new(
-                ErrorCode::RunnerBusy,
-                format!("{} jobs are already waiting for the agent (MAX_QUEUED_JOBS); retry later or run the task elsewhere", self.queue.len()),
-            ));
-        }
-        let caller = submission.placement.caller();
-        if self.queue.len_of(caller) >= self.cfg.max_queued_per_caller {
-            return Err(ApiError::new(
-                ErrorCode::RunnerBusy,
-                format!(
-                    "caller `{caller}` has {} jobs waiting already (MAX_QUEUED_PER_CALLER); retry when some have started",
-                    self.queue.len_of(caller)
-                ),
-            ));
+        if let Some(refused) = self.queue_full(now, &submission) {
+            return Err(refused);
         }
         if self.jobs.contains_key(&job_id) {
             return Err(ApiError::new(ErrorCode::InternalError, "job id collision; retry"));
@@ -124,6 +111,54 @@ impl Edge {
             effects.push(Effect::Save(Box::new(job.clone())));
         }
         Ok(Submitted { job_id, existing: false, effects })
+    }
+
+    /// Why the queue has no room for this submission, if it has none. The caps bound
+    /// what waits, and how much of it one owner ([`super::share`]: a caller with its own
+    /// secret, or all the pool secret's names together) may hold:
+    /// - a job a free agent takes at once does not wait, and is never refused for them (no
+    ///   queued job fits a free agent — dispatch would have sent it — so the one sent now
+    ///   is this one, and the queue is no longer after than before);
+    /// - `MAX_QUEUED_PER_CALLER` jobs of one caller name;
+    /// - past `MAX_QUEUED_JOBS`, an owner holding its even share of it or more — the cap
+    ///   divided among the owners with jobs waiting, this one counted — is refused, and an
+    ///   owner holding less is not: one caller's burst fills the queue for itself, not for
+    ///   everyone else (review rev7: a caller filled it with jobs nobody could take, and
+    ///   the others, the operator too, got 429). An owner holds at most its even share of
+    ///   what passes the cap, but shares grow as owners leave, so twice `MAX_QUEUED_JOBS`
+    ///   is the bound of what waits, past which every job that would wait is refused.
+    fn queue_full(&self, now: Now, submission: &Submission) -> Option<ApiError> {
+        let placement = &submission.placement;
+        if self.candidates(now).iter().any(|c| placement.fits(c.agent_id, c.labels)) {
+            return None;
+        }
+        let (cap, waiting) = (self.cfg.max_queued_jobs, self.queue.len());
+        let busy = |error: String| Some(ApiError::new(ErrorCode::RunnerBusy, error));
+        if waiting >= cap.saturating_mul(2) {
+            return busy(format!(
+                "{waiting} jobs are already waiting for the agents (twice MAX_QUEUED_JOBS, the most that ever waits); retry later or run the task elsewhere"
+            ));
+        }
+        let caller = placement.caller();
+        if self.queue.len_of(caller) >= self.cfg.max_queued_per_caller {
+            return busy(format!(
+                "caller `{caller}` has {} jobs waiting already (MAX_QUEUED_PER_CALLER); retry when some have started",
+                self.queue.len_of(caller)
+            ));
+        }
+        let owner = super::share(submission.caller_proven, placement);
+        let held = self.queue.len_of_owner(owner);
+        let owners = self.queue.owners_waiting() + usize::from(held == 0);
+        if waiting >= cap && held.saturating_mul(owners) >= cap {
+            let who = match owner {
+                "" => "the pool secret's callers (one share together)".to_string(),
+                _ => format!("caller `{caller}`"),
+            };
+            return busy(format!(
+                "{waiting} jobs are already waiting for the agents (MAX_QUEUED_JOBS {cap}), and {who} hold {held} of them, at least an even share among the {owners} callers with jobs waiting; retry when some have started"
+            ));
+        }
+        None
     }
 
     /// Sends queued jobs while an agent can take one. The next job is found by

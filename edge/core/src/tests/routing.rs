@@ -181,6 +181,108 @@ fn a_burst_from_one_caller_does_not_starve_another() {
     submit(&mut capped, 5, B_SECRET, json!({"prompt": "x"}));
 }
 
+/// The queue's caps as an edge started without `MAX_QUEUED_JOBS` or
+/// `MAX_QUEUED_PER_CALLER` set has them, with `pool_config`'s callers and agents.
+fn default_caps() -> Config {
+    let unset = Config::from_lookup(|name| match name {
+        "RUNNER_SECRET" => Some(SECRET.into()),
+        "EDGE_SIGNING_KEY" => Some("CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=".into()),
+        "AGENT_PUBLIC_KEYS" => Some("spark=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=".into()),
+        _ => None,
+    })
+    .unwrap();
+    Config { max_queued_jobs: unset.max_queued_jobs, max_queued_per_caller: unset.max_queued_per_caller, ..pool_config() }
+}
+
+/// At the default caps one caller filled the whole queue (its cap was the pool's) with
+/// jobs nobody could take, and every other caller — the operator too — got 429, even for
+/// a job the idle agent would have taken at once (review rev7, 1). Now a job a free agent
+/// takes at once is never refused for the queue, and a full queue refuses the owner
+/// holding its even share of it, not one holding less.
+#[test]
+fn one_caller_filling_the_queue_at_the_default_caps_shuts_no_one_else_out() {
+    let cfg = default_caps();
+    let cap = cfg.max_queued_jobs;
+    let mut edge = Edge::new(cfg, 0);
+    let sid = enter(&mut edge, 0, "spark", 1, 1, "gpu=none", &[]);
+    let mut now = 1;
+    // A fills the queue with jobs asking for GPUs nobody offers: they wait QUEUE_TTL_MS.
+    for i in 0..cap {
+        let id = submit(&mut edge, now, A_SECRET, json!({"prompt": "x", "labels": {"gpu": format!("g{i}")}}));
+        assert_eq!(edge.job(&id).unwrap().state, JobState::Queued);
+        now += 1;
+    }
+    let h = request(&mut edge, now, A_SECRET, "POST", "/jobs", json!({"prompt": "x", "labels": {"gpu": "one-more"}}));
+    let (status, body) = answer(&h);
+    assert_eq!((status, body["error_code"].as_str()), (429, Some("RUNNER_BUSY")), "A holds the whole queue: {body}");
+    // B's /execute, which the idle agent takes at once, is not refused for A's queue.
+    let h = request(&mut edge, now, B_SECRET, "POST", "/execute", json!({"prompt": "b's task"}));
+    assert!(answer_to(&h.effects, h.caller).is_none(), "B's /execute was answered at once: {:?}", answer_to(&h.effects, h.caller));
+    let order = order_of(&h.effects, &sid, "spark", now);
+    assert_eq!(order.spec.prompt, "b's task");
+    // The agent is busy now: the operator's job and B's wait, though the queue is full —
+    // neither holds any of it.
+    now += 1;
+    let op = submit(&mut edge, now, SECRET, json!({"prompt": "the operator's"}));
+    assert_eq!(edge.job(&op).unwrap().state, JobState::Queued);
+    let mut b_queued = 0;
+    loop {
+        now += 1;
+        let h = request(&mut edge, now, B_SECRET, "POST", "/jobs", json!({"prompt": "b's"}));
+        match answer(&h) {
+            (202, _) => b_queued += 1,
+            (429, body) => {
+                let error = body["error"].as_str().unwrap();
+                assert!(error.contains("MAX_QUEUED_JOBS") && error.contains("`b`"), "{error}");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Three owners wait (A, B, the pool's secret): B had its even share of the cap.
+    assert_eq!(b_queued, cap.div_ceil(3), "B queued {b_queued}");
+    assert!(edge.queued() < 2 * cap);
+}
+
+/// Past `MAX_QUEUED_JOBS` each owner may still queue up to its even share of it, the
+/// share taken as the owners waiting are counted when it asks: owners coming one after
+/// another could take the queue far past the cap, so twice the cap is where every job
+/// that would wait is refused. A job a free agent takes at once is not refused, there nor
+/// past its caller's cap.
+#[test]
+fn what_waits_past_the_cap_is_bounded_and_a_job_taken_at_once_never_waits() {
+    let callers = ["a", "b", "c"].map(|c| (c.to_string(), format!("caller-{c}-secret-0123456789")));
+    let cfg = Config { caller_secrets: callers.to_vec(), max_queued_jobs: 4, max_queued_per_caller: 4, ..pool_config() };
+    let mut edge = Edge::new(cfg, 0);
+    let sid = enter(&mut edge, 0, "spark", 1, 1, "gpu=none", &[]);
+    let mut now = 0;
+    let mut queue = |edge: &mut Edge, secret: &str, body: Value| {
+        now += 1;
+        let h = request(edge, now, secret, "POST", "/jobs", body);
+        answer(&h)
+    };
+    let unfit = json!({"prompt": "x", "labels": "gpu=a100"});
+    // a fills the cap; b, then the pool's secret, each take their even share past it.
+    for (secret, share) in [(&callers[0].1, 4), (&callers[1].1, 2), (&SECRET.to_string(), 2)] {
+        for _ in 0..share {
+            assert_eq!(queue(&mut edge, secret, unfit.clone()).0, 202);
+        }
+        let (status, body) = queue(&mut edge, secret, unfit.clone());
+        assert_eq!(status, 429, "{body}");
+    }
+    assert_eq!(edge.queued(), 8);
+    // c holds none, but twice the cap waits: refused, saying so.
+    let (status, body) = queue(&mut edge, &callers[2].1, unfit.clone());
+    assert_eq!(status, 429, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("twice MAX_QUEUED_JOBS"), "{body}");
+    // A job the idle agent takes at once does not wait: taken, from a too, past its cap.
+    let (status, body) = queue(&mut edge, &callers[0].1, json!({"prompt": "runs now"}));
+    assert_eq!(status, 202, "{body}");
+    let job = body["job_id"].as_str().unwrap();
+    assert_eq!((edge.job(job).unwrap().state, edge.queued()), (JobState::Dispatched, 8));
+    let _ = sid;
+}
+
 /// Turns go to owners first: a caller with its own secret is one, and every name the
 /// pool's secret sends under is one together — its names, made up at will, take one
 /// owner's turns between them, round-robin (review rev1).
