@@ -6,11 +6,13 @@
 //! to its callers. At both levels the one served least recently goes first (one new to
 //! the queue before any served one), so one caller's burst of 500 jobs waits behind — not
 //! in front of — another caller's single job, whoever's names they are.
-//! Pure bookkeeping: which job may go where is [`crate::machine`]'s dispatch.
+//! Pure bookkeeping: which job may go where is [`crate::machine`]'s dispatch, which may
+//! also set a job aside ([`FairQueue::set_aside`]): still queued, counted and expiring, but
+//! out of its lane, so the walk for the next job to send no longer passes it.
 
 use shared::Millis;
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// A queued job's place in its lane.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -112,6 +114,8 @@ pub struct FairQueue {
     /// Queued jobs by the time they give up waiting: the next deadline of the queue
     /// without a walk through it.
     expiries: BTreeSet<(Millis, String)>,
+    /// Queued jobs set aside: in `places`, not in their lanes.
+    aside: HashSet<String>,
     pushed: u64,
 }
 
@@ -153,6 +157,16 @@ impl FairQueue {
         }
         self.pushed += 1;
         let place = Place { priority: Reverse(priority), created_at, seq: self.pushed, id: id.to_string() };
+        self.into_lane(owner, name, place.clone());
+        *self.per_name.entry(name.to_string()).or_default() += 1;
+        *self.per_owner.entry(owner.to_string()).or_default() += 1;
+        self.places.insert(id.to_string(), ((owner.to_string(), name.to_string()), place, expires_at));
+        self.expiries.insert((expires_at, id.to_string()));
+    }
+
+    /// Puts a queued job in its lane, where its place says; the lane has its turn again
+    /// if it had none.
+    fn into_lane(&mut self, owner: &str, name: &str, place: Place) {
         let of = self.owners.entry(owner.to_string()).or_default();
         let lane = of.lanes.entry(name.to_string()).or_default();
         if lane.is_empty() {
@@ -162,11 +176,48 @@ impl FairQueue {
             }
             of.turns.arrive(name, self.clock);
         }
-        lane.insert(place.clone());
-        *self.per_name.entry(name.to_string()).or_default() += 1;
-        *self.per_owner.entry(owner.to_string()).or_default() += 1;
-        self.places.insert(id.to_string(), ((owner.to_string(), name.to_string()), place, expires_at));
-        self.expiries.insert((expires_at, id.to_string()));
+        lane.insert(place);
+    }
+
+    /// Takes a job out of its lane; a lane left empty has no turn, nor an owner left
+    /// with no lane.
+    fn out_of_lane(&mut self, owner: &str, name: &str, place: &Place) {
+        let of = self.owners.get_mut(owner).expect("a queued job's owner is kept");
+        let lane = of.lanes.get_mut(name).expect("a queued job's lane exists");
+        lane.remove(place);
+        if lane.is_empty() {
+            of.lanes.remove(name);
+            of.turns.leave(name);
+            if of.turns.waiting.is_empty() {
+                self.turns.leave(owner);
+            }
+        }
+    }
+
+    /// Sets a queued job aside: it stays queued (counted, expiring, removable) but leaves
+    /// its lane, so [`FairQueue::in_turn`] no longer lists it, until
+    /// [`FairQueue::put_back`]. False if it was not queued, or already aside.
+    pub fn set_aside(&mut self, id: &str) -> bool {
+        let Some(((owner, name), place, _)) = self.places.get(id).cloned() else { return false };
+        if !self.aside.insert(id.to_string()) {
+            return false;
+        }
+        self.out_of_lane(&owner, &name, &place);
+        true
+    }
+
+    /// Puts every job set aside back in its lane, where its place says (a lane new to the
+    /// turns then has its turn as any returning one: after those served since it was).
+    pub fn put_back(&mut self) {
+        for id in std::mem::take(&mut self.aside) {
+            let ((owner, name), place, _) = self.places[&id].clone();
+            self.into_lane(&owner, &name, place);
+        }
+    }
+
+    /// How many queued jobs are set aside.
+    pub fn aside(&self) -> usize {
+        self.aside.len()
     }
 
     /// Takes a job out of the queue; false if it was not in it.
@@ -196,22 +247,15 @@ impl FairQueue {
                 }
             }
         }
-        let of = self.owners.get_mut(&owner).expect("a queued job's owner is kept");
-        let lane = of.lanes.get_mut(&name).expect("a queued job's lane exists");
-        lane.remove(&place);
-        if lane.is_empty() {
-            of.lanes.remove(&name);
-            of.turns.leave(&name);
-            if of.turns.waiting.is_empty() {
-                self.turns.leave(&owner);
-            }
+        if !self.aside.remove(id) {
+            self.out_of_lane(&owner, &name, &place);
         }
         Some((owner, name))
     }
 
     /// The lanes in turn order — the owners in turn, each owner's callers in turn — each
-    /// as (owner, caller, its jobs in lane order): the order dispatch looks for a job an
-    /// agent can take. Each step is a map look-up or a step in an ordered set: no walk
+    /// as (owner, caller, its jobs in lane order, those set aside left out): the order
+    /// dispatch looks for a job an agent can take. Each step is a map look-up or a step in an ordered set: no walk
     /// of the queue to find whose turn it is.
     pub fn in_turn(&self) -> impl Iterator<Item = (&str, &str, impl Iterator<Item = &str>)> {
         self.turns.in_turn().flat_map(move |owner| {
@@ -308,11 +352,12 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever is pushed, removed and sent: every queued job is in exactly one lane,
+        /// Whatever is pushed, removed, sent, set aside and put back: every queued job is
+        /// in exactly one lane or aside,
         /// every owner with jobs has exactly one turn and its callers' lanes follow each
         /// other, and an owner just served comes last, its caller last among its own.
         #[test]
-        fn the_queue_stays_consistent(ops in proptest::collection::vec((0u8..3, 0u8..5, 0u8..12, 0u8..10), 1..200)) {
+        fn the_queue_stays_consistent(ops in proptest::collection::vec((0u8..5, 0u8..5, 0u8..12, 0u8..10), 1..200)) {
             let mut q = FairQueue::default();
             // c0 and c1 have secrets of their own; the pool's secret's names are one owner.
             let owner_of = |c: &str| if c == "c0" || c == "c1" { c.to_string() } else { String::new() };
@@ -322,6 +367,11 @@ mod tests {
                 match op {
                     0 => q.push(&id, &owner_of(&caller), &caller, priority, i as u64, i as u64 + 7),
                     1 => { q.remove(&id); }
+                    3 => {
+                        let queued_in_lane = q.contains(&id) && !q.aside.contains(&id);
+                        prop_assert_eq!(q.set_aside(&id), queued_in_lane);
+                    }
+                    4 => q.put_back(),
                     _ => {
                         if let Some(((owner, name), _, _)) = q.places.get(&id).cloned() {
                             prop_assert!(q.dispatched(&id));
@@ -335,8 +385,9 @@ mod tests {
                         }
                     }
                 }
-                let listed: usize = q.in_turn().map(|(_, _, ids)| ids.count()).sum();
-                prop_assert_eq!(listed, q.len());
+                let listed: Vec<&str> = q.in_turn().flat_map(|(_, _, ids)| ids).collect();
+                prop_assert_eq!(listed.len() + q.aside(), q.len());
+                prop_assert!(listed.iter().all(|id| !q.aside.contains(*id)), "a job set aside is not listed");
                 let lanes: Vec<(&str, &str)> = q.in_turn().map(|(o, c, _)| (o, c)).collect();
                 prop_assert_eq!(lanes.iter().collect::<BTreeSet<_>>().len(), lanes.len(), "one turn a lane");
                 let mut owners: Vec<&str> = lanes.iter().map(|(o, _)| *o).collect();

@@ -7,12 +7,21 @@ use crate::record::{Job, Mode};
 use crate::routing::{self, Candidate};
 use crate::session::Agent;
 use shared::placement::Labels;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use shared::contract::{ApiError, ErrorCode, Submission};
 use shared::envelope::{Audience, Domain, Envelope, OrderHeader};
 use shared::job::{JobResult, JobState};
 use shared::protocol::{CancelOrder, EdgeMessage, JobOrder};
 use tracing::info;
+
+/// What [`Edge::next_order`] found: the job to send and its session, if any; the jobs it
+/// passed that no agent taking work fits; how many it looked at.
+#[derive(Debug, Default)]
+struct Walk {
+    order: Option<(String, String)>,
+    unfit: Vec<String>,
+    examined: usize,
+}
 
 /// Outcome of a submission.
 #[derive(Debug)]
@@ -166,12 +175,46 @@ impl Edge {
     /// each caller's jobs go by priority then age, and a job no free agent fits waits without holding up the jobs behind it.
     /// An agent's credit is what it last stated free less the orders on their way to it
     /// ([`crate::session::Agent::credits`]); each order is numbered on its connection.
+    ///
+    /// A job that fits none of the agents taking work, credits aside (labels nobody
+    /// offers, an `agent_id` not connected, or fitting only agents paused, stopping or kept
+    /// from work by their login), is set aside after one look
+    /// ([`crate::queue::FairQueue::set_aside`]): the walk for the next job no longer passes
+    /// it. It was looked at again at every dispatch — first in turn, as its lane is never
+    /// served — and a caller giving each job labels of its own defeated the walk's memo
+    /// (review rev7, 2). Jobs set aside go back in their lanes, in their places, as soon as
+    /// a dispatch finds the agents taking work, or what they offer, other than they were
+    /// when the jobs were set aside ([`Edge::workers`] against `set_aside_for`). Jobs that
+    /// fit only agents without a credit are still walked, once per need (labels and
+    /// `agent_id`) in each walk.
     pub(super) fn dispatch(&mut self, now: Now, effects: &mut Vec<Effect>) {
+        if self.queue.is_empty() {
+            return;
+        }
+        if self.queue.aside() > 0 && !self.workers(now).eq(self.set_aside_for.iter().map(|(id, labels)| (id, labels))) {
+            self.queue.put_back();
+        }
         while !self.queue.is_empty() {
-            let Some((job_id, session_id)) = self.next_order(now) else { break };
+            let walk = self.next_order(now);
+            self.walked += walk.examined as u64;
+            if !walk.unfit.is_empty() {
+                // The same agents as the jobs already aside were set aside for, or those
+                // were put back above.
+                self.set_aside_for = self.workers(now).map(|(id, labels)| (id.clone(), labels.clone())).collect();
+                for id in &walk.unfit {
+                    self.queue.set_aside(id);
+                }
+            }
+            let Some((job_id, session_id)) = walk.order else { break };
             self.queue.dispatched(&job_id);
             self.send_job(now, &job_id, &session_id, effects);
         }
+    }
+
+    /// The agents taking work now, credits aside ([`Agent::takes_work`]), and what they
+    /// offer: what a job set aside fitted none of.
+    fn workers(&self, now: Now) -> impl Iterator<Item = (&String, &Labels)> {
+        self.ready().filter(move |(_, a)| a.takes_work(now)).map(|(_, a)| (&a.agent_id, &a.labels))
     }
 
     /// The agents that can take a job now: ready, with a credit, taking work (not paused,
@@ -195,30 +238,43 @@ impl Edge {
 
     /// The next job to send and the session to send it on: the lanes in turn, each
     /// lane's jobs in order, the first job one of the [`Edge::candidates`] fits
-    /// ([`routing::choose`]).
-    fn next_order(&self, now: Now) -> Option<(String, String)> {
+    /// ([`routing::choose`]); and the jobs passed on the way that no agent taking work
+    /// fits, to set aside.
+    fn next_order(&self, now: Now) -> Walk {
+        let mut walk = Walk::default();
         let candidates = self.candidates(now);
         if candidates.is_empty() {
-            return None;
+            return walk;
         }
-        // What no candidate fits now need not be tried again for the next job asking it.
-        let mut unfit: HashSet<(&Labels, Option<&str>)> = HashSet::new();
+        let mut workers: Option<Vec<(&String, &Labels)>> = None;
+        // Whether a need (labels, agent_id) fits any agent taking work, for those no
+        // candidate fits: the next job asking it is not tried again.
+        let mut unfit: HashMap<(&Labels, Option<&str>), bool> = HashMap::new();
         for (_, _, ids) in self.queue.in_turn() {
             for id in ids {
+                walk.examined += 1;
                 let job = &self.jobs[id];
-                let need = (&job.placement.labels, job.placement.agent_id.as_deref());
-                if unfit.contains(&need) {
-                    continue;
-                }
-                match routing::choose(&job.placement, job.repo_name().as_deref(), &candidates) {
-                    Some(i) => return Some((id.to_string(), candidates[i].session.to_string())),
-                    None => {
-                        unfit.insert(need);
-                    }
+                let placement = &job.placement;
+                let need = (&placement.labels, placement.agent_id.as_deref());
+                let nobody = match unfit.get(&need) {
+                    Some(nobody) => *nobody,
+                    None => match routing::choose(placement, job.repo_name().as_deref(), &candidates) {
+                        Some(i) => {
+                            walk.order = Some((id.to_string(), candidates[i].session.to_string()));
+                            return walk;
+                        }
+                        None => {
+                            let workers = workers.get_or_insert_with(|| self.workers(now).collect());
+                            *unfit.entry(need).or_insert(!workers.iter().any(|(agent, labels)| placement.fits(agent, labels)))
+                        }
+                    },
+                };
+                if nobody {
+                    walk.unfit.push(id.to_string());
                 }
             }
         }
-        None
+        walk
     }
 
     /// Sends one queued job on a session whose agent has a credit for it.

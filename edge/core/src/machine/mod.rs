@@ -174,6 +174,11 @@ pub struct Edge {
     posts_made: u64,
     /// Upgrades to `/agent/connect` refused: counted into `stats`, logged with a bound.
     upgrades: crate::upgrade::Refusals,
+    /// The queued jobs dispatch has looked at so far ([`Edge::jobs_walked`]).
+    walked: u64,
+    /// The agents taking work, and their labels, when the queue's jobs now set aside were
+    /// found to fit none of them (`jobs.rs::dispatch`).
+    set_aside_for: Vec<(String, shared::placement::Labels)>,
 }
 
 impl Edge {
@@ -203,6 +208,8 @@ impl Edge {
             alerts: crate::notify::AlertState::default(),
             posts_made: 0,
             upgrades: crate::upgrade::Refusals::default(),
+            walked: 0,
+            set_aside_for: Vec::new(),
         }
     }
 
@@ -284,6 +291,12 @@ impl Edge {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// How many queued jobs dispatch has looked at, in all, to find the ones to send: what
+    /// the tests bound (a job no agent fits is not looked at again at every dispatch).
+    pub fn jobs_walked(&self) -> u64 {
+        self.walked
     }
 
     /// Agent sessions that finished the handshake.

@@ -283,6 +283,47 @@ fn what_waits_past_the_cap_is_bounded_and_a_job_taken_at_once_never_waits() {
     let _ = sid;
 }
 
+/// Jobs no agent fits were looked at again at every dispatch: a lane whose jobs nobody
+/// fits is never served, so it stays first in turn, and the walk's memo of what fits
+/// nothing was keyed by the labels asked for, which a caller varies at will (review
+/// rev7, 2: 1,000 such jobs made each dispatch ten times dearer). Now each is looked at
+/// once, then set aside until the agents taking work, or what they offer, change.
+#[test]
+fn jobs_no_agent_fits_are_not_walked_at_every_dispatch() {
+    let mut edge = Edge::new(Config { max_queued_jobs: 2_000, max_queued_per_caller: 2_000, ..three_agents() }, 0);
+    let spark = enter(&mut edge, 0, "spark", 1, 1, "gpu=none", &[]);
+    let unfit = 1_000;
+    // A's jobs each ask for something else nobody offers; one names an agent not here.
+    let pinned = submit(&mut edge, 1, A_SECRET, json!({"prompt": "x", "agent_id": "laptop"}));
+    let mut waiting = vec![pinned.clone()];
+    for i in 1..unfit {
+        waiting.push(submit(&mut edge, 1 + i as u64, A_SECRET, json!({"prompt": "x", "labels": {"need": format!("n{i}")}})));
+    }
+    // B's jobs run one after another on spark: each dispatch looks at B's job, not A's.
+    let (rounds, before) = (200u64, edge.jobs_walked());
+    let mut now = 10_000;
+    for _ in 0..rounds {
+        now += 1;
+        let job = submit(&mut edge, now, B_SECRET, json!({"prompt": "b"}));
+        assert_eq!(agent_of(&edge, &job).as_deref(), Some("spark"));
+        say(&mut edge, now, &spark, AgentMessage::Accepted { job_id: job.clone() });
+        report(&mut edge, now, &spark, &job, ok_result());
+        let received = edge.session(&spark).and_then(|s| s.agent()).unwrap().sent;
+        say(&mut edge, now, &spark, credit(1, received));
+    }
+    let walked = edge.jobs_walked() - before;
+    assert!(walked <= 2 * rounds, "{rounds} dispatches looked at {walked} queued jobs");
+    // An agent that offers what some of them need comes: they are looked at again, once
+    // each, and go to it.
+    let before = edge.jobs_walked();
+    enter(&mut edge, now + 1, "laptop", 2, 2, "need=n7", &[]);
+    assert_eq!(agent_of(&edge, &pinned).as_deref(), Some("laptop"));
+    assert_eq!(agent_of(&edge, &waiting[7]).as_deref(), Some("laptop"));
+    let walked = edge.jobs_walked() - before;
+    assert!(walked <= 2 * unfit as u64, "an agent's coming looked at {walked} queued jobs");
+    assert_eq!(edge.queued(), unfit - 2);
+}
+
 /// Turns go to owners first: a caller with its own secret is one, and every name the
 /// pool's secret sends under is one together — its names, made up at will, take one
 /// owner's turns between them, round-robin (review rev1).
@@ -607,38 +648,44 @@ fn a_wrong_method_is_told_the_routes_methods() {
 /// One step of the property test below.
 #[derive(Debug, Clone)]
 enum Step {
-    /// A job from caller `caller` needing label value `need` (none when 3), priority `p`.
+    /// A job from caller `caller` needing label value `need` (none when 4; `k=3` only an
+    /// agent that reconnected offering it offers), priority `p`.
     Submit { caller: u8, need: u8, priority: u8, repo: bool },
     /// Agent `a` finishes its oldest job and states its slots.
     Finish { a: usize },
     Pause { a: usize, pause: bool },
     /// Agent `a` says in a heartbeat that it is stopping (a drain).
     Stop { a: usize },
-    /// Agent `a`, holding nothing, connects again (a restarted agent: no longer stopping).
-    Reconnect { a: usize },
+    /// Agent `a`, holding nothing, connects again (a restarted agent: no longer stopping);
+    /// with `relabel`, offering `k=3` instead of its own label, or its own again.
+    Reconnect { a: usize, relabel: bool },
 }
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        3 => (0u8..3, 0u8..4, 0u8..10, any::<bool>()).prop_map(|(caller, need, priority, repo)| Step::Submit { caller, need, priority, repo }),
+        3 => (0u8..3, 0u8..5, 0u8..10, any::<bool>()).prop_map(|(caller, need, priority, repo)| Step::Submit { caller, need, priority, repo }),
         2 => (0usize..3).prop_map(|a| Step::Finish { a }),
         1 => (0usize..3, any::<bool>()).prop_map(|(a, pause)| Step::Pause { a, pause }),
         1 => (0usize..3).prop_map(|a| Step::Stop { a }),
-        1 => (0usize..3).prop_map(|a| Step::Reconnect { a }),
+        1 => (0usize..3, any::<bool>()).prop_map(|(a, relabel)| Step::Reconnect { a, relabel }),
     ]
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
-    /// Whatever mix of callers, labels, priorities, mirrors and pauses: no agent ever has
-    /// more orders than its stated slots, and no job goes to an agent it does not fit or
-    /// that is paused or stopping. (Turns are the queue's own property test.)
+    /// Whatever mix of callers, labels, priorities, mirrors, pauses and agents coming
+    /// back offering other labels: no agent ever has more orders than its stated slots, no
+    /// job goes to an agent it does not fit or that is paused or stopping, and no job
+    /// waits that an agent with a free slot, taking work, fits (one set aside when nobody
+    /// fitted it goes when one does). (Turns are the queue's own property test.)
     #[test]
     fn dispatch_keeps_credits_labels_pauses_and_turns(steps in proptest::collection::vec(step(), 1..120)) {
         let mut edge = Edge::new(three_agents(), 0);
         let names = ["spark", "laptop", "gpu"];
         let caps = [2u32, 1, 3];
-        let labels = ["k=0", "k=1", "k=2"];
+        let own = ["k=0", "k=1", "k=2"];
+        let mut labels = own;
+        let mut submitted = Vec::new();
         let mut sids = Vec::new();
         for (i, name) in names.iter().enumerate() {
             sids.push(enter(&mut edge, 0, name, i as u8 + 1, caps[i], labels[i], if i == 1 { &["github.com/o/r"] } else { &[] }));
@@ -654,9 +701,13 @@ proptest! {
             match step {
                 Step::Submit { caller, need, priority, repo } => {
                     let mut body = json!({"prompt": "x", "caller": format!("c{caller}"), "priority": priority});
-                    if need < 3 { body["labels"] = json!(format!("k={need}")); }
+                    if need < 4 { body["labels"] = json!(format!("k={need}")); }
                     if repo { body["repo_url"] = json!("o/r"); }
-                    out.extend(request(&mut edge, now, SECRET, "POST", "/jobs", body).effects);
+                    let h = request(&mut edge, now, SECRET, "POST", "/jobs", body);
+                    if let Some((202, body)) = answer_to(&h.effects, h.caller) {
+                        submitted.push(body["job_id"].as_str().unwrap().to_string());
+                    }
+                    out.extend(h.effects);
                 }
                 Step::Finish { a } => {
                     if !held[a].is_empty() {
@@ -674,8 +725,11 @@ proptest! {
                     let stop = Beat { capacity: caps[a], stopping: true, ..beat(&running, 0, received[a]) };
                     out.extend(pulse(&mut edge, now, &sids[a], stop));
                 }
-                Step::Reconnect { a } => {
+                Step::Reconnect { a, relabel } => {
                     if held[a].is_empty() {
+                        if relabel {
+                            labels[a] = if labels[a] == "k=3" { own[a] } else { "k=3" };
+                        }
                         out.extend(edge.disconnect(now, &sids[a]));
                         // As `enter`, keeping what its first credit sends.
                         let (sid, effects) = edge.connect(now, [200 + a as u8; 64], PEER);
@@ -714,6 +768,16 @@ proptest! {
                     received[a] += 1;
                 }
                 prop_assert!(held[a].len() as u32 <= caps[a], "{} holds {} orders with {} slots", name, held[a].len(), caps[a]);
+            }
+            for id in &submitted {
+                let job = edge.job(id).unwrap();
+                if job.state != JobState::Queued {
+                    continue;
+                }
+                for (a, name) in names.iter().enumerate() {
+                    let free = !paused[a] && !stopping[a] && (held[a].len() as u32) < caps[a];
+                    prop_assert!(!free || !job.placement.fits(name, &parse_labels(labels[a]).unwrap()), "{} waits while {} is free and fits it", id, name);
+                }
             }
         }
     }
