@@ -88,6 +88,9 @@ usage: cargo run --release -p claude-runner-tests --bin bench -- [options]
   --scale-jobs N       jobs queued, then drained (default 20000)
   --scale-rate N       jobs per second in the latency run (default 1000)
   --scale-seconds N    length of the latency run (default 5)
+  --scale-unfit N      before the fill, queue N jobs each asking for a label no agent
+                       offers (they wait the whole run): what such jobs cost dispatch
+                       (default 0)
   --retention          measure what a job's end costs the native edge past MAX_RETAINED_JOBS,
                        with one owner of the retained jobs and with two
   --retention-jobs N   MAX_RETAINED_JOBS (default 10000)
@@ -146,6 +149,7 @@ fn parse_args() -> Result<Opts, String> {
             "--scale-jobs" => opts.scale.get_or_insert_with(Default::default).jobs = number(value()?)?,
             "--scale-rate" => opts.scale.get_or_insert_with(Default::default).rate = number(value()?)?,
             "--scale-seconds" => opts.scale.get_or_insert_with(Default::default).seconds = number(value()?)? as u64,
+            "--scale-unfit" => opts.scale.get_or_insert_with(Default::default).unfit = number(value()?)?,
             "--scale-agents" => {
                 let list = value()?;
                 let counts: Result<Vec<usize>, String> = list.split(',').map(|n| number(n.trim().to_string())).collect();

@@ -7,7 +7,10 @@
 //!
 //! For each agent count (10 … 200), on a fresh edge:
 //! 1. connect: the agents connect and prove themselves, stating no slot free;
-//! 2. fill: `--scale-jobs` jobs are queued with `POST /jobs` (16 clients);
+//! 2. fill: `--scale-jobs` jobs are queued with `POST /jobs` (16 clients) — after, with
+//!    `--scale-unfit N`, N jobs each asking for a label of its own that no agent offers,
+//!    from a caller of their own (its lane, never served, is first in turn throughout:
+//!    what a queue of jobs nobody can take costs every dispatch);
 //! 3. drain: every agent states its slots free at once; dispatch throughput is the jobs
 //!    sent per second until the last one reached its agent;
 //! 4. latency: jobs are submitted at `--scale-rate` per second for `--scale-seconds`;
@@ -40,11 +43,13 @@ pub struct ScaleOpts {
     pub jobs: usize,
     pub rate: usize,
     pub seconds: u64,
+    /// Jobs no agent fits, queued before the fill and left waiting.
+    pub unfit: usize,
 }
 
 impl Default for ScaleOpts {
     fn default() -> Self {
-        ScaleOpts { agents: vec![10, 50, 100, 200], slots: 4, jobs: 20_000, rate: 1_000, seconds: 5 }
+        ScaleOpts { agents: vec![10, 50, 100, 200], slots: 4, jobs: 20_000, rate: 1_000, seconds: 5, unfit: 0 }
     }
 }
 
@@ -94,6 +99,7 @@ pub async fn run(opts: ScaleOpts, edges: &[EdgeKind]) -> Value {
     out.insert("jobs".into(), json!(opts.jobs));
     out.insert("latency_rate_per_s".into(), json!(opts.rate));
     out.insert("latency_seconds".into(), json!(opts.seconds));
+    out.insert("unfit_jobs_waiting".into(), json!(opts.unfit));
     Value::Object(out)
 }
 
@@ -102,7 +108,7 @@ async fn one(kind: EdgeKind, n: usize, opts: &ScaleOpts) -> anyhow::Result<Value
     let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     let keys = Keys::new(&id_refs);
     let latency_jobs = opts.rate * opts.seconds as usize;
-    let max_queued = (opts.jobs + latency_jobs + 1_000).to_string();
+    let max_queued = (opts.jobs + latency_jobs + opts.unfit + 1_000).to_string();
     let settings = [
         ("HEARTBEAT_INTERVAL_MS", "15000"),
         ("LOST_AFTER_MS", "120000"),
@@ -148,7 +154,8 @@ async fn one(kind: EdgeKind, n: usize, opts: &ScaleOpts) -> anyhow::Result<Value
     }
     let connect = connect_started.elapsed();
 
-    // 2. Fill the queue while no agent has a slot free.
+    // 2. Fill the queue while no agent has a slot free (the jobs nobody fits first).
+    submit_unfit(&edge.url(), opts.unfit).await?;
     let load_start = super::loadavg();
     let fill_started = Instant::now();
     let cpu_fill = cpu_of_tree(edge_pid).own;
@@ -211,6 +218,18 @@ async fn one(kind: EdgeKind, n: usize, opts: &ScaleOpts) -> anyhow::Result<Value
         "refused_orders": seen.refused.load(Ordering::Relaxed),
         "edge_memory": { "idle": idle_memory, "queue_full": filled_memory, "end": end_memory },
     }))
+}
+
+/// Queues `count` jobs that no agent fits, each asking for a label of its own, from the
+/// caller `unfit`.
+async fn submit_unfit(base: &str, count: usize) -> anyhow::Result<()> {
+    let http = super::http_client();
+    for i in 0..count {
+        let body = json!({"prompt": format!("unfit {i}"), "caller": "unfit", "labels": {"need": format!("u{i}")}});
+        let resp = http.post(format!("{base}/jobs")).header("X-Runner-Secret", SECRET).json(&body).send().await?;
+        anyhow::ensure!(resp.status().as_u16() == 202, "POST /jobs answered {}: {}", resp.status(), resp.text().await.unwrap_or_default());
+    }
+    Ok(())
 }
 
 /// Submits `count` jobs with `clients` concurrent clients; with `paced`, at that many per
