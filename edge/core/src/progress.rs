@@ -45,6 +45,19 @@ static FOLLOWERS: Crowd = Crowd::new();
 pub const MAX_BACKLOG_EVENTS: usize = 1_000;
 pub const MAX_BACKLOG_BYTES: usize = 2 * 1024 * 1024;
 
+/// The backlogs of all running jobs together, at most (give or take
+/// [`BACKLOG_FLOOR_BYTES`] each): past it, a job's new event drops its own oldest down to
+/// the floor. Each job may keep 2 MiB, and an edge runs as many jobs as its agents take —
+/// 64 chatty ones held 128 MiB, a Worker isolate's whole memory. Counted per process (on
+/// the Worker per isolate), as the followers' queues are ([`MAX_FOLLOWERS_LAG_BYTES`]).
+pub const MAX_BACKLOGS_BYTES: usize = 24 * 1024 * 1024;
+/// What a job's backlog keeps while all of them together are past [`MAX_BACKLOGS_BYTES`]
+/// (and its newest event, whatever its size).
+pub const BACKLOG_FLOOR_BYTES: usize = 128 * 1024;
+
+/// The bytes of every backlog of this process, for [`MAX_BACKLOGS_BYTES`].
+static BACKLOGS: AtomicUsize = AtomicUsize::new(0);
+
 pub const SSE_CONTENT_TYPE: &str = "text/event-stream";
 /// Written while a job is quiet so proxies keep the stream open (a Cloudflare Tunnel cuts
 /// a silent response at ~100 s).
@@ -365,7 +378,7 @@ fn farewell(why: u8) -> Chunk {
 }
 
 /// A running job's recent progress chunks, each with where it stands.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug)]
 pub struct Backlog {
     chunks: VecDeque<(At, Chunk)>,
     bytes: usize,
@@ -374,9 +387,28 @@ pub struct Backlog {
     dropped_newest: Option<At>,
     /// The newest event taken.
     newest: Option<At>,
+    /// The bytes of every backlog it is counted with ([`BACKLOGS`]; the tests' own).
+    total: &'static AtomicUsize,
+}
+
+impl Default for Backlog {
+    fn default() -> Backlog {
+        Backlog::counted_in(&BACKLOGS)
+    }
+}
+
+impl Drop for Backlog {
+    fn drop(&mut self) {
+        let bytes = self.bytes;
+        let _ = self.total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.saturating_sub(bytes)));
+    }
 }
 
 impl Backlog {
+    fn counted_in(total: &'static AtomicUsize) -> Backlog {
+        Backlog { chunks: VecDeque::new(), bytes: 0, dropped: 0, dropped_newest: None, newest: None, total }
+    }
+
     /// Whether an event at `at` comes after every one taken so far; if so it becomes the
     /// newest.
     pub fn advance(&mut self, at: At) -> bool {
@@ -388,12 +420,21 @@ impl Backlog {
     }
 
     /// Keeps the chunk of the event at `at`, dropping the oldest ones past the bounds.
+    /// Past [`MAX_BACKLOGS_BYTES`] for all jobs together, down to [`BACKLOG_FLOOR_BYTES`]
+    /// (its newest event kept): the job whose progress comes gives way, so what all keep
+    /// grows no further, and a job gone quiet keeps what a follower joining late reads.
     pub fn push(&mut self, at: At, chunk: Chunk) {
         self.bytes += chunk.len();
+        self.total.fetch_add(chunk.len(), Ordering::Relaxed);
         self.chunks.push_back((at, chunk));
-        while self.chunks.len() > MAX_BACKLOG_EVENTS || self.bytes > MAX_BACKLOG_BYTES {
+        loop {
+            let crowded = self.total.load(Ordering::Relaxed) > MAX_BACKLOGS_BYTES && self.bytes > BACKLOG_FLOOR_BYTES && self.chunks.len() > 1;
+            if !(crowded || self.chunks.len() > MAX_BACKLOG_EVENTS || self.bytes > MAX_BACKLOG_BYTES) {
+                break;
+            }
             let Some((old_at, old)) = self.chunks.pop_front() else { break };
             self.bytes -= old.len();
+            let _ = self.total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.saturating_sub(old.len())));
             self.dropped += 1;
             self.dropped_newest = Some(old_at);
         }
@@ -438,6 +479,31 @@ mod tests {
         // A follower resuming after what was dropped misses nothing: no note.
         let resumed: Vec<String> = big.replay(Some((1, 1))).iter().map(|c| c.to_string()).collect();
         assert_eq!(resumed, vec!["y".to_string()]);
+    }
+
+    /// 64 chatty jobs kept 2 MiB each, 128 MiB, a Worker isolate's whole memory: all the
+    /// backlogs together are held near [`MAX_BACKLOGS_BYTES`]; each job keeps its newest
+    /// events, and a backlog let go gives its bytes back.
+    #[test]
+    fn all_backlogs_together_are_bounded() {
+        static TOTAL: AtomicUsize = AtomicUsize::new(0);
+        let piece: Chunk = "p".repeat(16 * 1024).into();
+        let mut jobs: Vec<Backlog> = (0..64).map(|_| Backlog::counted_in(&TOTAL)).collect();
+        for seq in 0..(MAX_BACKLOG_BYTES / piece.len()) as u64 {
+            for job in jobs.iter_mut() {
+                job.push((1, seq), piece.clone());
+                assert!(TOTAL.load(Ordering::Relaxed) <= MAX_BACKLOGS_BYTES + 64 * BACKLOG_FLOOR_BYTES + piece.len());
+            }
+        }
+        assert_eq!(TOTAL.load(Ordering::Relaxed), jobs.iter().map(|j| j.bytes).sum::<usize>());
+        let last = (MAX_BACKLOG_BYTES / piece.len()) as u64 - 1;
+        for job in &jobs {
+            let replay = job.replay(None);
+            assert!(replay[0].contains("earlier progress events are no longer kept"), "{}", replay[0]);
+            assert_eq!(job.chunks.back().map(|(at, _)| *at), Some((1, last)), "the newest is kept");
+        }
+        drop(jobs);
+        assert_eq!(TOTAL.load(Ordering::Relaxed), 0);
     }
 
     #[test]
