@@ -399,8 +399,8 @@ fn check_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow
     }
 }
 
-/// Whether the file system holding `dir` has no block left for the agent's user
-/// (`statvfs`'s `f_bavail`): a status file gone stale there was not written for want of
+/// Whether the file system holding `dir` has no block or inode left for the agent's user
+/// (`statvfs`'s `f_bavail`, `f_favail`): a status file gone stale there was not written for want of
 /// room. A quota spent is not seen here; the agent's own log says so.
 fn no_space_left(dir: &std::path::Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
@@ -411,7 +411,10 @@ fn no_space_left(dir: &std::path::Path) -> bool {
         return false;
     }
     // SAFETY: statvfs succeeded, so it filled the buffer.
-    unsafe { stats.assume_init() }.f_bavail == 0
+    let stats = unsafe { stats.assume_init() };
+    // Out of blocks, or of inodes (a job that made millions of empty files): either way a
+    // new file cannot be written.
+    stats.f_bavail == 0 || stats.f_favail == 0
 }
 
 /// Writes one line of what `status` shows, its control characters escaped: what it says

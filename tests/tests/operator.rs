@@ -220,20 +220,36 @@ fn up_on_a_disk_too_full_for_a_folder_says_so() {
 /// DATA_DIR is a tmpfs of the test's own, filled once `up` is healthy.
 #[test]
 fn a_disk_filled_under_a_working_agent_is_named_by_status_check() {
+    status_check_once_the_disk_fills("size=8m", r#"head -c 16m /dev/zero > "$DATA_DIR/fill" 2>/dev/null"#);
+}
+
+/// The same with the disk's inodes used up (a job that made many empty files): blocks are
+/// left, and "looks stuck; restart it" was said.
+#[test]
+fn a_disk_out_of_inodes_under_a_working_agent_is_named_by_status_check() {
+    status_check_once_the_disk_fills("size=64m,nr_inodes=400", r#"mkdir "$DATA_DIR/many"; i=0; while touch "$DATA_DIR/many/f$i" 2>/dev/null; do i=$((i+1)); done"#);
+}
+
+/// `up` on a tmpfs DATA_DIR of the test's own (`mount_options`), `fill` run once it is
+/// healthy: `status --check` then says the disk is full and what to do, and the agent's
+/// log why the status file is not written.
+fn status_check_once_the_disk_fills(mount_options: &str, fill: &str) {
     let data = TempDir::new("up-fills");
     let logs = TempDir::new("up-fills-logs");
-    let script = r#"mount -t tmpfs -o size=8m tmpfs "$DATA_DIR" && {
+    let script = format!(
+        r#"mount -t tmpfs -o {mount_options} tmpfs "$DATA_DIR" && {{
         HEARTBEAT_INTERVAL_MS=1000 "$0" up > "$LOGS/up.log" 2>&1 & up=$!
         i=0; until "$0" status --check > "$LOGS/check" 2>&1; do
             i=$((i+1)); if [ $i -gt 600 ]; then echo "never healthy: $(cat "$LOGS/check")"; kill $up; exit 3; fi; sleep 0.1
         done
-        head -c 16m /dev/zero > "$DATA_DIR/fill" 2>/dev/null
+        {fill}
         i=0; while "$0" status --check > "$LOGS/check" 2>&1; do
             i=$((i+1)); if [ $i -gt 1200 ]; then break; fi; sleep 0.1
         done
         kill -INT $up; wait $up; cat "$LOGS/check"
-    }"#;
-    let out = up_in_a_mount_of_its_own(&data, script, &[("LOGS", logs.path())]);
+    }}"#
+    );
+    let out = up_in_a_mount_of_its_own(&data, &script, &[("LOGS", logs.path())]);
     let said = String::from_utf8_lossy(&out.stdout);
     let log = std::fs::read_to_string(logs.path().join("up.log")).unwrap_or_default();
     assert!(said.starts_with("unhealthy:") && said.contains("full") && said.contains("free some space"), "{said}\n{log}");
