@@ -45,18 +45,43 @@ static FOLLOWERS: Crowd = Crowd::new();
 pub const MAX_BACKLOG_EVENTS: usize = 1_000;
 pub const MAX_BACKLOG_BYTES: usize = 2 * 1024 * 1024;
 
-/// The backlogs of all running jobs together, at most (give or take
-/// [`BACKLOG_FLOOR_BYTES`] each): past it, a job's new event drops its own oldest down to
-/// the floor. Each job may keep 2 MiB, and an edge runs as many jobs as its agents take —
-/// 64 chatty ones held 128 MiB, a Worker isolate's whole memory. Counted per process (on
-/// the Worker per isolate), as the followers' queues are ([`MAX_FOLLOWERS_LAG_BYTES`]).
+/// The backlogs of all running jobs together, at most (give or take half of it): past
+/// it, a job's new event drops its own oldest down to its floor — [`BACKLOG_FLOOR_BYTES`],
+/// or less with many jobs: half of this shared among the backlogs kept, so that however
+/// many jobs run, all of them keep at most one and a half times this. Each job may keep
+/// 2 MiB, and an edge runs as many jobs as its agents take — 64 chatty ones held 128 MiB,
+/// a Worker isolate's whole memory. Counted per process (on the Worker per isolate), as
+/// the followers' queues are ([`MAX_FOLLOWERS_LAG_BYTES`]).
 pub const MAX_BACKLOGS_BYTES: usize = 24 * 1024 * 1024;
-/// What a job's backlog keeps while all of them together are past [`MAX_BACKLOGS_BYTES`]
-/// (and its newest event, whatever its size).
+/// What a job's backlog keeps, at most, while all of them together are past
+/// [`MAX_BACKLOGS_BYTES`].
 pub const BACKLOG_FLOOR_BYTES: usize = 128 * 1024;
 
-/// The bytes of every backlog of this process, for [`MAX_BACKLOGS_BYTES`].
-static BACKLOGS: AtomicUsize = AtomicUsize::new(0);
+/// Every backlog of this process, for [`MAX_BACKLOGS_BYTES`].
+static BACKLOGS: Kept = Kept::new();
+
+/// Backlogs counted together: their bytes, and how many there are.
+#[derive(Debug)]
+struct Kept {
+    bytes: AtomicUsize,
+    backlogs: AtomicUsize,
+}
+
+impl Kept {
+    const fn new() -> Kept {
+        Kept { bytes: AtomicUsize::new(0), backlogs: AtomicUsize::new(0) }
+    }
+
+    /// What one backlog keeps while all are past the bound.
+    fn floor(&self) -> usize {
+        let backlogs = self.backlogs.load(Ordering::Relaxed).max(1);
+        BACKLOG_FLOOR_BYTES.min(MAX_BACKLOGS_BYTES / 2 / backlogs)
+    }
+
+    fn less(&self, bytes: usize) {
+        let _ = self.bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.saturating_sub(bytes)));
+    }
+}
 
 pub const SSE_CONTENT_TYPE: &str = "text/event-stream";
 /// Written while a job is quiet so proxies keep the stream open (a Cloudflare Tunnel cuts
@@ -387,8 +412,8 @@ pub struct Backlog {
     dropped_newest: Option<At>,
     /// The newest event taken.
     newest: Option<At>,
-    /// The bytes of every backlog it is counted with ([`BACKLOGS`]; the tests' own).
-    total: &'static AtomicUsize,
+    /// The backlogs it is counted with ([`BACKLOGS`]; the tests' own).
+    kept: &'static Kept,
 }
 
 impl Default for Backlog {
@@ -399,14 +424,15 @@ impl Default for Backlog {
 
 impl Drop for Backlog {
     fn drop(&mut self) {
-        let bytes = self.bytes;
-        let _ = self.total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.saturating_sub(bytes)));
+        self.kept.less(self.bytes);
+        self.kept.backlogs.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl Backlog {
-    fn counted_in(total: &'static AtomicUsize) -> Backlog {
-        Backlog { chunks: VecDeque::new(), bytes: 0, dropped: 0, dropped_newest: None, newest: None, total }
+    fn counted_in(kept: &'static Kept) -> Backlog {
+        kept.backlogs.fetch_add(1, Ordering::Relaxed);
+        Backlog { chunks: VecDeque::new(), bytes: 0, dropped: 0, dropped_newest: None, newest: None, kept }
     }
 
     /// Whether an event at `at` comes after every one taken so far; if so it becomes the
@@ -420,21 +446,22 @@ impl Backlog {
     }
 
     /// Keeps the chunk of the event at `at`, dropping the oldest ones past the bounds.
-    /// Past [`MAX_BACKLOGS_BYTES`] for all jobs together, down to [`BACKLOG_FLOOR_BYTES`]
-    /// (its newest event kept): the job whose progress comes gives way, so what all keep
-    /// grows no further, and a job gone quiet keeps what a follower joining late reads.
+    /// Past [`MAX_BACKLOGS_BYTES`] for all jobs together, down to its floor
+    /// ([`Kept::floor`]; its newest event too, if that alone is more): the job whose
+    /// progress comes gives way, so what all keep grows no further, and a job gone quiet
+    /// keeps what a follower joining late reads.
     pub fn push(&mut self, at: At, chunk: Chunk) {
         self.bytes += chunk.len();
-        self.total.fetch_add(chunk.len(), Ordering::Relaxed);
+        self.kept.bytes.fetch_add(chunk.len(), Ordering::Relaxed);
         self.chunks.push_back((at, chunk));
         loop {
-            let crowded = self.total.load(Ordering::Relaxed) > MAX_BACKLOGS_BYTES && self.bytes > BACKLOG_FLOOR_BYTES && self.chunks.len() > 1;
+            let crowded = self.kept.bytes.load(Ordering::Relaxed) > MAX_BACKLOGS_BYTES && self.bytes > self.kept.floor();
             if !(crowded || self.chunks.len() > MAX_BACKLOG_EVENTS || self.bytes > MAX_BACKLOG_BYTES) {
                 break;
             }
             let Some((old_at, old)) = self.chunks.pop_front() else { break };
             self.bytes -= old.len();
-            let _ = self.total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.saturating_sub(old.len())));
+            self.kept.less(old.len());
             self.dropped += 1;
             self.dropped_newest = Some(old_at);
         }
@@ -486,24 +513,30 @@ mod tests {
     /// events, and a backlog let go gives its bytes back.
     #[test]
     fn all_backlogs_together_are_bounded() {
-        static TOTAL: AtomicUsize = AtomicUsize::new(0);
-        let piece: Chunk = "p".repeat(16 * 1024).into();
-        let mut jobs: Vec<Backlog> = (0..64).map(|_| Backlog::counted_in(&TOTAL)).collect();
-        for seq in 0..(MAX_BACKLOG_BYTES / piece.len()) as u64 {
-            for job in jobs.iter_mut() {
-                job.push((1, seq), piece.clone());
-                assert!(TOTAL.load(Ordering::Relaxed) <= MAX_BACKLOGS_BYTES + 64 * BACKLOG_FLOOR_BYTES + piece.len());
+        // 64 jobs keep their newest; 512 (the bound shared among them) stay under it too,
+        // where a floor of 128 KiB each let them keep 24 + 64 MiB.
+        for (jobs, piece_bytes) in [(64, 16 * 1024), (512, 16 * 1024), (512, 256 * 1024)] {
+            static KEPT: Kept = Kept::new();
+            let piece: Chunk = "p".repeat(piece_bytes).into();
+            let mut backlogs: Vec<Backlog> = (0..jobs).map(|_| Backlog::counted_in(&KEPT)).collect();
+            let pieces = (MAX_BACKLOG_BYTES / piece.len()) as u64;
+            for seq in 0..pieces {
+                for backlog in backlogs.iter_mut() {
+                    backlog.push((1, seq), piece.clone());
+                    assert!(KEPT.bytes.load(Ordering::Relaxed) <= MAX_BACKLOGS_BYTES * 3 / 2 + piece.len(), "{jobs} jobs");
+                }
             }
+            assert_eq!(KEPT.bytes.load(Ordering::Relaxed), backlogs.iter().map(|j| j.bytes).sum::<usize>());
+            for backlog in &backlogs {
+                let replay = backlog.replay(None);
+                assert!(replay[0].contains("earlier progress events are no longer kept"), "{}", replay[0]);
+                if jobs == 64 {
+                    assert_eq!(backlog.chunks.back().map(|(at, _)| *at), Some((1, pieces - 1)), "the newest is kept");
+                }
+            }
+            drop(backlogs);
+            assert_eq!((KEPT.bytes.load(Ordering::Relaxed), KEPT.backlogs.load(Ordering::Relaxed)), (0, 0));
         }
-        assert_eq!(TOTAL.load(Ordering::Relaxed), jobs.iter().map(|j| j.bytes).sum::<usize>());
-        let last = (MAX_BACKLOG_BYTES / piece.len()) as u64 - 1;
-        for job in &jobs {
-            let replay = job.replay(None);
-            assert!(replay[0].contains("earlier progress events are no longer kept"), "{}", replay[0]);
-            assert_eq!(job.chunks.back().map(|(at, _)| *at), Some((1, last)), "the newest is kept");
-        }
-        drop(jobs);
-        assert_eq!(TOTAL.load(Ordering::Relaxed), 0);
     }
 
     #[test]
