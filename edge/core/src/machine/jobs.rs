@@ -135,7 +135,8 @@ impl Edge {
     ///   everyone else (review rev7: a caller filled it with jobs nobody could take, and
     ///   the others, the operator too, got 429). An owner holds at most its even share of
     ///   what passes the cap, but shares grow as owners leave, so twice `MAX_QUEUED_JOBS`
-    ///   is the bound of what waits, past which every job that would wait is refused.
+    ///   is the bound of what waits, past which every job that would wait is refused —
+    ///   but one of an owner holding none (there are only so many owners).
     fn queue_full(&self, now: Now, submission: &Submission) -> Option<ApiError> {
         let placement = &submission.placement;
         if self.candidates(now).iter().any(|c| placement.fits(c.agent_id, c.labels)) {
@@ -143,7 +144,13 @@ impl Edge {
         }
         let (cap, waiting) = (self.cfg.max_queued_jobs, self.queue.len());
         let busy = |error: String| Some(ApiError::new(ErrorCode::RunnerBusy, error));
-        if waiting >= cap.saturating_mul(2) {
+        let owner = super::share(submission.caller_proven, placement);
+        let held = self.queue.len_of_owner(owner);
+        // An owner holding none still gets one job in (review rev9: four owners' shares
+        // came past twice the cap, and a fifth holding nothing was refused). Owners are
+        // the callers with secrets of their own and the pool secret's, all configured, so
+        // this grows what waits by their number at most.
+        if waiting >= cap.saturating_mul(2) && held > 0 {
             return busy(format!(
                 "{waiting} jobs are already waiting for the agents (twice MAX_QUEUED_JOBS, the most that ever waits); retry later or run the task elsewhere"
             ));
@@ -155,8 +162,6 @@ impl Edge {
                 self.queue.len_of(caller)
             ));
         }
-        let owner = super::share(submission.caller_proven, placement);
-        let held = self.queue.len_of_owner(owner);
         let owners = self.queue.owners_waiting() + usize::from(held == 0);
         if waiting >= cap && held.saturating_mul(owners) >= cap {
             let who = match owner {
