@@ -490,6 +490,12 @@ impl Agent {
         match (result.success, result.error_code) {
             (false, Some(ErrorCode::RunnerOauthError)) => self.reporter.auth_failed(true),
             (true, _) => self.reporter.run_succeeded(),
+            // The used-up window the run ended on (`runner::run` told the reporter) goes in
+            // a heartbeat queued ahead of the result, so the edge holds this agent's next
+            // work before the caller has the answer. Told only through the reporter, it
+            // waited for the connection's loop, which took the result first now and then:
+            // a caller's next job, sent on the answer, reached the agent and ran.
+            (false, Some(ErrorCode::UsageLimit)) => self.heartbeat(),
             _ => {}
         }
         // Whose the session is, decided in memory now: the result may reach the caller,
