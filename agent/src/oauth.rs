@@ -6,7 +6,7 @@
 //! spend the same refresh token and leave the login dead, so while the token is expired
 //! (or about to be) only one Claude may start, of all the processes on this config folder
 //! ([`REFRESH_LOCK`]); the others wait until the credentials file shows a fresh token or
-//! that one ends.
+//! that one ends — a lock another process holds, for at most [`LOCK_WAIT`].
 
 use crate::credentials;
 use crate::redact::Redactor;
@@ -135,7 +135,38 @@ impl Login {
     /// The login as of now. The credentials file is looked at (`stat`) each time, and read
     /// and parsed again only when it changed since the last reading (or changed within
     /// [`SETTLED`] of it): Claude may rotate the tokens at any moment.
+    ///
+    /// While the token needs a refresh and another process has held the refresh lock for
+    /// [`LOCK_WAIT`] of it, the report's problem names that process (see [`lock_stall`]).
     pub fn read(&self, now: Millis) -> Reading {
+        let mut reading = self.read_cached(now);
+        if reading.report.problem.is_none() {
+            if let Some(stall) = self.refresh_stall(&reading.report, now) {
+                reading.report.problem = Some(self.told(&stall, &reading.tokens));
+            }
+        }
+        reading
+    }
+
+    /// What [`Login::read`] says of the refresh lock: something only when the token has
+    /// needed a refresh for [`LOCK_WAIT`] or longer and a process other than this one holds
+    /// the lock now (a refresh takes seconds; this process's own refresher is its job's
+    /// business). Read from the kernel, so the agent, `doctor` and `oauth-status` all see it.
+    fn refresh_stall(&self, report: &OAuthReport, now: Millis) -> Option<String> {
+        if !needs_refresh(report, now) {
+            return None;
+        }
+        let stale_for = now.checked_sub(report.expires_at?.saturating_sub(NEAR_EXPIRY_MS))?;
+        if stale_for < LOCK_WAIT.as_millis() as Millis {
+            return None;
+        }
+        let path = self.config_dir.join(REFRESH_LOCK);
+        let pid = lock_holder(&path)?;
+        (pid != std::process::id()).then(|| lock_stall(&path, Some(pid), &format!("while the token has needed a refresh for {} s", stale_for / 1000)))
+    }
+
+    /// The login as of now, without a look at the refresh lock.
+    fn read_cached(&self, now: Millis) -> Reading {
         let looked = std::time::SystemTime::now();
         let stamp = match std::fs::metadata(&self.credentials_path) {
             Ok(meta) => FileStamp::of(&self.credentials_path, &meta),
@@ -195,7 +226,7 @@ impl Login {
     /// hello, `oauth-status`, doctor) gets it: redacted (the problem names the folder, which
     /// is the machine's own), on one line, and at most [`shared::oauth::MAX_PROBLEM_BYTES`]
     /// (a hello over what the edge reads of one is refused at every connection).
-    fn told(&self, problem: &str, tokens: &[String]) -> String {
+    pub fn told(&self, problem: &str, tokens: &[String]) -> String {
         let mut secrets = tokens.to_vec();
         secrets.extend(self.other_secrets.iter().cloned());
         let redacted = self.redactor_of(secrets).redact(problem);
@@ -250,15 +281,92 @@ pub fn needs_refresh(report: &OAuthReport, now: Millis) -> bool {
 /// removed (a lock file removed while held lets two holders in).
 pub const REFRESH_LOCK: &str = ".claude-runner-refresh.lock";
 
+/// How long a job, the canary or a relayed login waits on a refresh lock another process
+/// holds before it fails, naming the holder. A refresh takes Claude seconds; the lock held
+/// longer while the token stays stale is a process that will not refresh (a job's leftover
+/// or a cron line holding it, a Claude whose refresh hangs), and without a bound every job
+/// on the login waited for its whole deadline and ended timed out, saying nothing.
+pub const LOCK_WAIT: Duration = Duration::from_secs(120);
+
+/// The process holding the `flock` on `path` (from `/proc/locks`), if the kernel says.
+/// `/proc/locks` names a lock's file by device and inode; the device as `stat` gives it
+/// differs on some file systems (overlayfs), so a lock on the same inode is taken as this
+/// file's when the device matches or the holder has this file open.
+pub fn lock_holder(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    let dev = meta.dev();
+    let (major, minor) = (((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff), (dev & 0xff) | ((dev >> 12) & !0xff));
+    let exact = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    let inode = format!(":{}", meta.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a waiter's line has "->" after
+    // the number, and is not a holder.
+    let holders = locks.lines().filter_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (kind, pid, file) = (fields.get(1)?, fields.get(4)?, fields.get(5)?);
+        (*kind == "FLOCK" && file.ends_with(&inode)).then(|| Some((pid.parse::<u32>().ok()?, *file == exact))).flatten()
+    });
+    let has_open = |pid: u32| {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+        fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == path))
+    };
+    let mut candidates: Vec<(u32, bool)> = holders.collect();
+    candidates.sort_by_key(|(_, exact)| !exact);
+    candidates.into_iter().find(|(pid, exact)| *exact || has_open(*pid)).map(|(pid, _)| pid)
+}
+
+/// A process's command line as `/proc` has it, its arguments escaped (a job can name a
+/// process anything, control characters too) and cut short; `?` when it cannot be read.
+fn command_line(pid: u32) -> String {
+    let Ok(bytes) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return "?".into() };
+    let words: Vec<String> =
+        bytes.split(|b| *b == 0).filter(|w| !w.is_empty()).map(|w| String::from_utf8_lossy(w).escape_debug().to_string()).collect();
+    let line = if words.is_empty() { "?".to_string() } else { words.join(" ") };
+    // Short: the login's problem is at most 300 bytes, and must keep what to do.
+    shared::text::truncate(&line, 60).to_string()
+}
+
+/// What is said (the login's problem, the failed job's error, the log) of a refresh lock
+/// held too long: by whom, and what to do. `how_long` says for how long, as the speaker
+/// knows it.
+pub fn lock_stall(path: &Path, holder: Option<u32>, how_long: &str) -> String {
+    let (who, end) = match holder {
+        Some(pid) => (format!("pid {pid} ({})", command_line(pid)), format!("end it (`kill {pid}`)")),
+        None => ("another process".to_string(), format!("find it (`fuser -v {}`) and end it", path.display())),
+    };
+    format!(
+        "the refresh lock {} is held by {who} {how_long}: no Claude on this login starts until it lets go; unless it is a claude-runner or Claude refreshing it, {end}",
+        path.display()
+    )
+}
+
 /// Lets one Claude through while the token needs a refresh: one of this process's jobs,
 /// and one process of all those on the same config folder ([`REFRESH_LOCK`]). The lock
 /// is tried, never waited on (the agent's runtime has one thread): the others look again
 /// every half second, or at once when a refresher of this process lets go.
-#[derive(Clone, Default)]
+///
+/// A lock another process holds is waited on for at most [`LOCK_WAIT`]; then the one
+/// waiting fails, naming the holder. It does not go ahead as the refresher even when the
+/// holder looks like neither claude-runner nor Claude: a command line proves nothing (an
+/// agent of another release, a wrapper script, an operator's `flock` holding refreshes
+/// back on purpose), and two refreshes at once can destroy the login, while a failed job
+/// only asks to be sent again.
+#[derive(Clone)]
 pub struct RefreshGate {
     /// This process's refresher: one at a time, whatever becomes of the lock.
     refreshing: Arc<AtomicBool>,
     released: Arc<Notify>,
+    /// [`LOCK_WAIT`], shorter in tests.
+    lock_wait: Duration,
+    /// The holder last warned of: one warning per holder, not one per job.
+    warned: Arc<std::sync::Mutex<Option<Option<u32>>>>,
+}
+
+impl Default for RefreshGate {
+    fn default() -> RefreshGate {
+        RefreshGate { refreshing: Arc::default(), released: Arc::default(), lock_wait: LOCK_WAIT, warned: Arc::default() }
+    }
 }
 
 /// Held by the one allowed to refresh; dropping it lets the others re-check.
@@ -289,6 +397,12 @@ enum Look {
 }
 
 impl RefreshGate {
+    /// A gate that waits `lock_wait` on a lock another process holds.
+    #[cfg(test)]
+    fn with_lock_wait(lock_wait: Duration) -> RefreshGate {
+        RefreshGate { lock_wait, ..RefreshGate::default() }
+    }
+
     fn look(&self, login: &Login, who: &str) -> Look {
         if !needs_refresh(&login.read(crate::now_ms()).report, crate::now_ms()) {
             return Look::Free;
@@ -313,18 +427,40 @@ impl RefreshGate {
     }
 
     /// Waits until `who` (a job, the canary, a relayed login) may let Claude run. Returns
-    /// a guard when it is the refresher.
-    pub async fn admit(&self, login: &Login, who: &str) -> Option<Refresher> {
+    /// a guard when it is the refresher; an error naming the holder (redacted, on one line)
+    /// when another process held the refresh lock for the gate's bound ([`LOCK_WAIT`]).
+    pub async fn admit(&self, login: &Login, who: &str) -> Result<Option<Refresher>, String> {
         let mut told = false;
+        // Since when another process has held the lock, as this one saw it.
+        let mut held_since: Option<std::time::Instant> = None;
         loop {
             match self.look(login, who) {
-                Look::Free => return None,
-                Look::Refresher(refresher) => return Some(refresher),
-                Look::Busy { elsewhere: true } if !told => {
-                    told = true;
-                    info!(who, lock = %login.config_dir.join(REFRESH_LOCK).display(), "another process lets a Claude refresh this login (doctor --canary, another agent on the same config folder?): waiting until the token is fresh or it lets go");
+                Look::Free => return Ok(None),
+                Look::Refresher(refresher) => {
+                    // A holder that comes later is warned of again.
+                    *self.warned.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+                    return Ok(Some(refresher));
                 }
-                Look::Busy { .. } => {}
+                Look::Busy { elsewhere: true } => {
+                    let since = *held_since.get_or_insert_with(std::time::Instant::now);
+                    let path = login.config_dir.join(REFRESH_LOCK);
+                    if !told {
+                        told = true;
+                        info!(who, lock = %path.display(), "another process lets a Claude refresh this login (doctor --canary, another agent on the same config folder?): waiting until the token is fresh or it lets go");
+                    }
+                    if since.elapsed() >= self.lock_wait {
+                        let holder = lock_holder(&path);
+                        let stall = lock_stall(&path, holder, &format!("for at least {} s", since.elapsed().as_secs()));
+                        let stall = login.told(&stall, &login.read(crate::now_ms()).tokens);
+                        let mut warned = self.warned.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                        if *warned != Some(holder) {
+                            *warned = Some(holder);
+                            warn!(who, problem = %stall, "a process holds the refresh lock and does not refresh: jobs on this login fail until it lets go");
+                        }
+                        return Err(stall);
+                    }
+                }
+                Look::Busy { elsewhere: false } => held_since = None,
             }
             // Re-read the file every half second: the refresher's Claude writes the fresh
             // token there, which frees everyone at once.
@@ -517,7 +653,7 @@ mod tests {
         let d = tempdir("two-gates");
         let stale = r#"{"claudeAiOauth":{"accessToken":"a","refreshToken":"r","expiresAt":1000}}"#;
         let (mine, theirs) = (login_with(&d, stale), login_with(&d, stale));
-        let first = RefreshGate::default().admit(&mine, "j1").await;
+        let first = RefreshGate::default().admit(&mine, "j1").await.unwrap();
         assert!(first.is_some(), "the first becomes the refresher");
         let other = RefreshGate::default();
         assert!(matches!(other.look(&theirs, "j2"), Look::Busy { elsewhere: true }), "the other process's gate waits while the first holds the lock");
@@ -527,7 +663,7 @@ mod tests {
         drop(first);
         // Let go: the other's next look takes it (a child forked meanwhile by another test
         // may hold the descriptor until its exec: the wait looks again).
-        assert!(other.admit(&theirs, "j2").await.is_some(), "the other process's job refreshes next");
+        assert!(other.admit(&theirs, "j2").await.unwrap().is_some(), "the other process's job refreshes next");
     }
 
     /// Another process, for real: `flock(1)` holds the lock, as an agent of another release
@@ -550,11 +686,47 @@ mod tests {
         }
         let waiting = {
             let (gate, login) = (gate.clone(), login.clone());
-            tokio::spawn(async move { gate.admit(&login, "j1").await.is_some() })
+            tokio::spawn(async move { gate.admit(&login, "j1").await.unwrap().is_some() })
         };
         drop(holder.stdin.take());
         holder.wait().unwrap();
         assert!(waiting.await.unwrap(), "the job refreshes once the other process let go");
+    }
+
+    /// A process of the same user held the refresh lock and did nothing (`flock -n
+    /// ~/.claude/.claude-runner-refresh.lock sleep 3600`): every job on the login waited
+    /// for its whole deadline and ended timed out, nobody refreshed, and the report said
+    /// nothing. Now the wait on a lock another process holds is bounded (here nothing), the
+    /// job fails naming the holder, and the login's report names it too.
+    #[tokio::test]
+    async fn a_lock_held_by_a_process_that_does_not_refresh_is_named_not_waited_on() {
+        let d = tempdir("stuck");
+        let login = login_with(&d, r#"{"claudeAiOauth":{"accessToken":"a","refreshToken":"r","expiresAt":1000}}"#);
+        let mut holder = std::process::Command::new("flock")
+            .arg(d.join(REFRESH_LOCK))
+            .args(["sh", "-c", "read x"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = holder.id().to_string();
+        let gate = RefreshGate::with_lock_wait(Duration::ZERO);
+        // Until flock(1) holds it, the gate takes it itself: let go, look again.
+        let stalled = loop {
+            match gate.admit(&login, "j1").await {
+                Err(stalled) => break stalled,
+                Ok(_) => assert!(holder.try_wait().unwrap().is_none(), "flock(1) ended without holding the lock"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let report = login.read(crate::now_ms()).report;
+        drop(holder.stdin.take());
+        holder.wait().unwrap();
+        assert!(stalled.contains(&format!("held by pid {pid} (flock ")) && stalled.contains(&format!("kill {pid}")), "{stalled}");
+        let problem = report.problem.expect("the report names the holder");
+        assert!(problem.contains(&format!("pid {pid} (flock ")) && problem.contains(REFRESH_LOCK), "{problem}");
+        assert!(problem.len() <= shared::oauth::MAX_PROBLEM_BYTES);
+        // Let go: the report says nothing of it any more.
+        assert_eq!(login.read(crate::now_ms()).report.problem, None);
     }
 
     #[tokio::test]
@@ -562,11 +734,11 @@ mod tests {
         let d = tempdir("gate");
         let login = login_with(&d, r#"{"claudeAiOauth":{"accessToken":"a","refreshToken":"r","expiresAt":1000}}"#);
         let gate = RefreshGate::default();
-        let first = gate.admit(&login, "j1").await;
+        let first = gate.admit(&login, "j1").await.unwrap();
         assert!(first.is_some(), "the first job becomes the refresher");
         let second = {
             let (gate, login) = (gate.clone(), login.clone());
-            tokio::spawn(async move { gate.admit(&login, "j2").await.is_some() })
+            tokio::spawn(async move { gate.admit(&login, "j2").await.unwrap().is_some() })
         };
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!second.is_finished(), "the second waits while the token is stale");

@@ -296,7 +296,7 @@ async fn drive(
         // on this login refreshes the old one (whose write would then replace the new
         // login), and no job starts a refresh until it is done. The gate of every job.
         let _refresher = tokio::select! {
-            refresher = agent.gate.admit(&agent.login, login_id) => refresher,
+            refresher = agent.gate.admit(&agent.login, login_id) => refresher.map_err(Some)?,
             _ = tokio::time::sleep(FINISH_WAIT) => return Err(Some(format!("another Claude on this login was still refreshing it after {} s; start again", FINISH_WAIT.as_secs()))),
             _ = &mut stop_rx => return Err(None),
         };

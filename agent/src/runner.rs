@@ -248,10 +248,11 @@ async fn run_in(
         }
     }
     // While the token is stale only one job starts; see oauth::RefreshGate.
+    // Err(Err(_)): another process held the refresh lock too long; the gate says who.
     let admitted = tokio::select! {
-        refresher = ctx.gate.admit(&ctx.login, job_id) => Ok(refresher),
-        s = &mut stop => Err(Stop::ending(s)),
-        _ = tokio::time::sleep_until(deadline) => Err(Ending::TimedOut { after_ms: spec.timeout_ms }),
+        refresher = ctx.gate.admit(&ctx.login, job_id) => refresher.map_err(Err),
+        s = &mut stop => Err(Ok(Stop::ending(s))),
+        _ = tokio::time::sleep_until(deadline) => Err(Ok(Ending::TimedOut { after_ms: spec.timeout_ms })),
     };
     let (mut result, session) = match admitted {
         Ok(refresher) => {
@@ -259,9 +260,15 @@ async fn run_in(
             drop(refresher);
             ran
         }
-        Err(ending) => {
+        Err(Ok(ending)) => {
             info!(job_id, agent_id = %ctx.cfg.agent_id, ending = ?ending, "job ended while waiting for the login refresh");
             (claude::result(&Transcript::default(), ending, "", started.elapsed().as_millis() as u64), None)
+        }
+        // Not an OAuth error: the login is fine, a process keeps it from being refreshed
+        // (the gate warned once, naming it).
+        Err(Err(stalled)) => {
+            info!(job_id, agent_id = %ctx.cfg.agent_id, "job failed: the refresh lock is held by a process that does not refresh");
+            (JobResult::failure(ErrorCode::ClaudeError, stalled, started.elapsed().as_millis() as u64), None)
         }
     };
     // Re-read: the tokens may have been rotated while Claude ran.
