@@ -109,29 +109,40 @@ fn progress(agent: &Agent, login_id: &str, order_nonce: &str, state: LoginState,
 pub struct Found {
     /// The sign-in URL, if it printed one.
     pub url: Option<String>,
-    /// Why each authorization URL before it was passed over (words of
+    /// Why each authorization URL was passed over (words of
     /// [`shared::oauth::sign_in_host`], which name the host, never the whole URL).
     pub refused: Vec<String>,
+    /// How many other sign-in URLs (genuine, different from `url`) it holds: each is
+    /// another `claude auth login`'s, written here by another process.
+    pub others: usize,
 }
 
 /// The sign-in URL in what `claude auth login` printed so far: the first `https://` word
 /// that is an authorization URL of Anthropic's ([`shared::oauth::sign_in_host`]). Another
 /// process may write into the CLI's output too (one a job left running can, through
 /// `/proc/<pid>/fd/1`, before the CLI prints its own URL): an authorization URL elsewhere
-/// is passed over.
+/// is passed over, and other genuine ones are counted ([`written_over`]).
 pub fn find_url(printed: &str) -> Found {
     let mut found = Found::default();
     let words = printed.split(|c: char| c.is_whitespace()).map(|w| w.trim_end_matches(['.', ',', ')', '>']));
     for word in words.filter(|w| w.starts_with("https://") && w.contains("/oauth/authorize")) {
-        match shared::oauth::sign_in_host(word) {
-            Ok(_) => {
-                found.url = Some(word.to_string());
-                break;
-            }
-            Err(why) => found.refused.push(why),
+        match (shared::oauth::sign_in_host(word), &found.url) {
+            (Ok(_), None) => found.url = Some(word.to_string()),
+            (Ok(_), Some(first)) if first == word => {}
+            (Ok(_), Some(_)) => found.others += 1,
+            (Err(why), _) => found.refused.push(why),
         }
     }
     found
+}
+
+/// Why the login must stop when what `claude auth login` printed holds more than one
+/// sign-in URL: a genuine one of another `claude auth login` (its own state and PKCE)
+/// cannot be told from the CLI's own, whichever came first, so neither is trusted.
+pub fn written_over(printed: &str) -> Option<String> {
+    (find_url(printed).others > 0).then(|| {
+        "`claude auth login` printed more than one sign-in URL: another process wrote to this login's output (look for processes the jobs left running, `ps -u` the agent's user, and end them); start the login again".to_string()
+    })
 }
 
 /// Why a login failed, from what it printed: its last meaningful line, without the code.
@@ -264,6 +275,9 @@ async fn drive(
                     warn!(agent_id = %cfg.agent_id, login_id, reason = %why, "`claude auth login`'s output holds an authorization URL that is not Anthropic's sign-in page (written there by another process?): not passed on");
                 }
             }
+            if found.others > 0 {
+                return Err(written_over(&printed.lock().expect("output lock")));
+            }
             if let Some(url) = found.url {
                 break url;
             }
@@ -281,16 +295,26 @@ async fn drive(
         };
         info!(agent_id = %cfg.agent_id, login_id, "login waits for its code");
         progress(agent, login_id, answering, LoginState::AwaitingCode, Some(url), None);
-        // 2. The code.
-        let code = tokio::select! {
-            code = code_rx => {
-                let (code, nonce) = code.map_err(|_| None)?;
-                *answering = nonce;
-                code
+        // 2. The code. Meanwhile a second sign-in URL (the URL passed on may be the other
+        // process's, printed just before the CLI's own) ends the login.
+        let mut code_rx = code_rx;
+        let code_by = tokio::time::sleep(CODE_WAIT);
+        tokio::pin!(code_by);
+        let code = loop {
+            if let Some(why) = written_over(&printed.lock().expect("output lock")) {
+                return Err(Some(why));
             }
-            _ = tokio::time::sleep(CODE_WAIT) => return Err(Some(format!("no code came within {} minutes; start again", CODE_WAIT.as_secs() / 60))),
-            _ = &mut stop_rx => return Err(None),
-            status = child.wait() => return Err(Some(format!("`claude auth login` ended ({status:?}) before the code came: {}", failure_reason(&printed.lock().expect("output lock"), "")))),
+            tokio::select! {
+                code = &mut code_rx => {
+                    let (code, nonce) = code.map_err(|_| None)?;
+                    *answering = nonce;
+                    break code;
+                }
+                n = news.recv(), if !closed => closed = n.is_none(),
+                _ = &mut code_by => return Err(Some(format!("no code came within {} minutes; start again", CODE_WAIT.as_secs() / 60))),
+                _ = &mut stop_rx => return Err(None),
+                status = child.wait() => return Err(Some(format!("`claude auth login` ended ({status:?}) before the code came: {}", failure_reason(&printed.lock().expect("output lock"), "")))),
+            }
         };
         // With the code, `claude auth login` writes the new login: not while another Claude
         // on this login refreshes the old one (whose write would then replace the new
@@ -300,6 +324,10 @@ async fn drive(
             _ = tokio::time::sleep(FINISH_WAIT) => return Err(Some(format!("another Claude on this login was still refreshing it after {} s; start again", FINISH_WAIT.as_secs()))),
             _ = &mut stop_rx => return Err(None),
         };
+        // The last look before the code goes to a `claude auth login`.
+        if let Some(why) = written_over(&printed.lock().expect("output lock")) {
+            return Err(Some(why));
+        }
         stdin.write_all(format!("{code}\n").as_bytes()).await.map_err(|e| Some(format!("could not pass the code on: {e}")))?;
         let _ = stdin.flush().await;
         // 3. The outcome.
@@ -357,6 +385,23 @@ mod tests {
             assert_eq!(found.refused.len(), 1, "{planted}: {:?}", found.refused);
             assert_eq!(find_url(planted).url, None, "{planted}");
         }
+    }
+
+    /// A process a job left running can also write a genuine sign-in URL, of its own
+    /// `claude auth login` (its own state and PKCE), before the CLI prints its own: the
+    /// first was taken. Two different sign-in URLs in one login's output fail the login.
+    #[test]
+    fn two_sign_in_urls_fail_the_login() {
+        let theirs = "https://claude.ai/oauth/authorize?code=true&state=theirs";
+        let ours = "https://claude.com/cai/oauth/authorize?code=true&state=ours";
+        let printed = format!("{theirs}\nOpening browser to sign in…\nIf the browser didn't open, visit: {ours}\n");
+        let why = written_over(&printed).expect("the login fails");
+        assert!(why.contains("another process") && why.contains("left running") && !why.contains("state="), "{why}");
+        // The CLI's own URL, printed twice (the same one): one URL.
+        assert_eq!(written_over(&format!("visit: {ours}\n{ours}.\n")), None);
+        assert_eq!(written_over(&format!("visit: {ours}\n")), None);
+        // A URL passed over (not a sign-in page) is not a second one.
+        assert_eq!(written_over(&format!("https://claude.ai/x/oauth/authorize?state=theirs\nvisit: {ours}\n")), None);
     }
 
     #[test]

@@ -33,10 +33,14 @@ pub const SIGN_IN_HOSTS: &[&str] = &["claude.ai", "claude.com", "platform.claude
 /// The longest sign-in URL passed on (the CLI's are about 450 bytes).
 pub const MAX_SIGN_IN_URL_BYTES: usize = 2048;
 
+/// The paths of the sign-in pages: `/cai/oauth/authorize` for a subscription on
+/// claude.com, `/oauth/authorize` for the others (a path merely ending so could be any page).
+pub const SIGN_IN_PATHS: &[&str] = &["/oauth/authorize", "/cai/oauth/authorize"];
+
 /// The host of `url` if it is a sign-in page of Anthropic's: `https://`, one word of
 /// printable characters, at most [`MAX_SIGN_IN_URL_BYTES`], its authority exactly one of
-/// [`SIGN_IN_HOSTS`] (no user, no port), its path ending `/oauth/authorize`. Else why not,
-/// in words fit for a log and a person (the host as written, cut and escaped; never the
+/// [`SIGN_IN_HOSTS`] (no user, no port), its path exactly one of [`SIGN_IN_PATHS`]. Else
+/// why not, in words fit for a log and a person (the host as written, cut and escaped; never the
 /// whole URL, which carries the login's state).
 pub fn sign_in_host(url: &str) -> Result<&'static str, String> {
     let Some(rest) = url.strip_prefix("https://") else { return Err("it is not an https:// URL".into()) };
@@ -54,8 +58,8 @@ pub fn sign_in_host(url: &str) -> Result<&'static str, String> {
             SIGN_IN_HOSTS.join(", ")
         ));
     };
-    if !tail.split(['?', '#']).next().unwrap_or_default().ends_with("/oauth/authorize") {
-        return Err(format!("it is on {host} but not its sign-in page (/oauth/authorize)"));
+    if !SIGN_IN_PATHS.contains(&tail.split(['?', '#']).next().unwrap_or_default()) {
+        return Err(format!("it is on {host} but not its sign-in page ({})", SIGN_IN_PATHS.join(" or ")));
     }
     Ok(host)
 }
@@ -249,6 +253,9 @@ mod tests {
             ("https://claude.ai:8443/oauth/authorize", "host `claude.ai:8443`"),
             ("https://claude.ai/x?next=/oauth/authorize", "not its sign-in page"),
             ("https://claude.ai/oauth/authorize/x", "not its sign-in page"),
+            ("https://claude.ai/evil/oauth/authorize", "not its sign-in page"),
+            ("https://claude.ai/x/cai/oauth/authorize", "not its sign-in page"),
+            ("https://claude.ai//oauth/authorize", "not its sign-in page"),
             ("http://claude.ai/oauth/authorize", "not an https"),
             ("javascript:alert(1)", "not an https"),
             ("https://claude.ai/oauth/authorize?\u{202e}x", "printable"),
