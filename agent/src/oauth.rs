@@ -226,7 +226,7 @@ impl Login {
     /// hello, `oauth-status`, doctor) gets it: redacted (the problem names the folder, which
     /// is the machine's own), on one line, and at most [`shared::oauth::MAX_PROBLEM_BYTES`]
     /// (a hello over what the edge reads of one is refused at every connection).
-    pub fn told(&self, problem: &str, tokens: &[String]) -> String {
+    fn told(&self, problem: &str, tokens: &[String]) -> String {
         let mut secrets = tokens.to_vec();
         secrets.extend(self.other_secrets.iter().cloned());
         let redacted = self.redactor_of(secrets).redact(problem);
@@ -292,7 +292,7 @@ pub const LOCK_WAIT: Duration = Duration::from_secs(120);
 /// `/proc/locks` names a lock's file by device and inode; the device as `stat` gives it
 /// differs on some file systems (overlayfs), so a lock on the same inode is taken as this
 /// file's when the device matches or the holder has this file open.
-pub fn lock_holder(path: &Path) -> Option<u32> {
+fn lock_holder(path: &Path) -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::symlink_metadata(path).ok()?;
     let dev = meta.dev();
@@ -330,7 +330,7 @@ fn command_line(pid: u32) -> String {
 /// What is said (the login's problem, the failed job's error, the log) of a refresh lock
 /// held too long: by whom, and what to do. `how_long` says for how long, as the speaker
 /// knows it.
-pub fn lock_stall(path: &Path, holder: Option<u32>, how_long: &str) -> String {
+fn lock_stall(path: &Path, holder: Option<u32>, how_long: &str) -> String {
     let (who, end) = match holder {
         Some(pid) => (format!("pid {pid} ({})", command_line(pid)), format!("end it (`kill {pid}`)")),
         None => ("another process".to_string(), format!("find it (`fuser -v {}`) and end it", path.display())),
