@@ -475,3 +475,54 @@ async fn a_worker_var_that_is_neither_text_nor_a_number_is_refused_not_unset() {
     assert_eq!(a.status, 500, "{}", a.text);
     assert!(a.text.contains("MAX_QUEUED_JOBS must be a whole number"), "{}", a.text);
 }
+
+/// Pools are units of isolation: one pool's bad setting (a typo in its agents' keys)
+/// answered every pool's requests 503 on the Worker, which read every pool's settings at
+/// each request. The other pools serve on now; the bad one says what to fix, and
+/// `GET /pools` lists it offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(worker_tests), ignore = "needs the built Worker: run tests/run (it sets CLAUDE_RUNNER_WORKER_TESTS=1)")]
+async fn one_pools_bad_setting_leaves_the_other_pools_serving() {
+    require_worker_bundle();
+    let keys = Keys::new(&["spark", "rig"]);
+    let gpu_secret = "gpu-pool-secret-0123456789";
+    let team_secret = "team-b-pool-secret-0123456789";
+    let key_of = |id: &str| format!("{id}={}", shared::keys::encode_verifying(&keys.agent(id).verifying_key()));
+    let settings: Vec<(&str, String)> = vec![
+        ("ADMIN_SECRET", ADMIN.to_string()),
+        ("AGENT_PUBLIC_KEYS", key_of("spark")),
+        ("POOLS", "gpu,team-b".to_string()),
+        ("RUNNER_SECRET_GPU", gpu_secret.to_string()),
+        ("AGENT_PUBLIC_KEYS_GPU", key_of("rig")),
+        ("RUNNER_SECRET_TEAM_B", team_secret.to_string()),
+        ("AGENT_PUBLIC_KEYS_TEAM_B", "laptop=not-a-key".to_string()),
+    ];
+    let refs: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let edge = EdgeServer::start(EdgeKind::Worker, &keys, &refs);
+    let _spark = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    let mut rig_opts = AgentOpts::for_edge(&edge, "rig").env("EDGE_POOL", "gpu");
+    rig_opts.edge_ws = format!("{}/pool/gpu", edge.ws_url());
+    let rig = AgentProc::start(rig_opts);
+    let client = Client::new(&edge.url());
+    let gpu = Client::new(&format!("{}/pool/gpu", edge.url()));
+    let team = Client::new(&format!("{}/pool/team-b", edge.url()));
+    let a = team.send("GET", "/health", Some(team_secret), None).await;
+    assert_eq!(a.status, 503, "{}", a.text);
+    assert!(a.text.contains("AGENT_PUBLIC_KEYS_TEAM_B"), "the bad pool says what to fix: {}", a.text);
+    client.wait_online().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gpu.send("GET", "/health", None, None).await.status != 200 {
+        assert!(Instant::now() < deadline, "the gpu pool's agent never connected:\n{}", rig.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let a = client.send("POST", "/execute", Some(SECRET), Some(json!({"prompt": "on the default pool"}).to_string().into_bytes())).await;
+    assert_eq!((a.status, a.body["agent_id"].as_str()), (200, Some("spark")), "{}", a.text);
+    let a = gpu.send("POST", "/execute", Some(gpu_secret), Some(json!({"prompt": "on the rig"}).to_string().into_bytes())).await;
+    assert_eq!((a.status, a.body["agent_id"].as_str()), (200, Some("rig")), "{}", a.text);
+    let a = client.send("GET", "/pools", Some(ADMIN), None).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let listed: Vec<(&str, &str)> = a.body["pools"].as_array().unwrap().iter().map(|p| (p["pool"].as_str().unwrap(), p["status"].as_str().unwrap())).collect();
+    assert_eq!(listed.len(), 3, "{}", a.text);
+    assert_eq!(listed[2], ("team-b", "offline"), "{}", a.text);
+    assert!(listed[..2].iter().all(|(_, status)| *status != "offline"), "{}", a.text);
+}

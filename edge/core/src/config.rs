@@ -5,8 +5,11 @@
 //! Pools: the edge serves the `default` pool (callers' secret `RUNNER_SECRET`, agents
 //! `AGENT_PUBLIC_KEYS`) and each pool named in `POOLS`, every one with its own secret and
 //! agents (`RUNNER_SECRET_<POOL>`, `AGENT_PUBLIC_KEYS_<POOL>`, see [`pool_suffix`]).
-//! [`Pools`] is that whole list, parsed once; a [`Config`] is one pool's settings with the
-//! edge's shared ones. A pool that is not listed does not exist.
+//! A [`Config`] is one pool's settings with the edge's shared ones. A pool that is not
+//! listed does not exist. Pools are units of isolation: [`Config::for_pool`] (the Worker,
+//! at each request) checks that pool's own settings and the shared ones, and another
+//! pool's bad setting costs that pool alone; [`Config::from_lookup`] (the native edge, at
+//! start) checks every pool's too ([`Pools::from_lookup`]), and does not start on any.
 //!
 //! Callers: besides the pool's `RUNNER_SECRET`, `RUNNER_SECRETS` (`name=secret,…`;
 //! `RUNNER_SECRETS_<POOL>` for a listed pool) gives named callers their own secrets — the
@@ -138,6 +141,9 @@ pub enum ConfigError {
     PoolClash(String, String),
     #[error("{name}: {error}; write it like `ci=<secret>,nightly=<secret>` (names of letters, digits, `-`, `_`; secrets of at least 16 characters)")]
     CallerSecrets { name: String, error: String },
+    /// Both pools' settings named, with the fix.
+    #[error("{} (pool `{}`) is also {} (pool `{}`): whoever holds it would be both pools' operator; give each pool its own", settings[0], pools[0], settings[1], pools[1])]
+    PoolSecretShared { pools: [String; 2], settings: [String; 2] },
     #[error("ADMIN_SECRET is also a pool's RUNNER_SECRET or a caller's secret (RUNNER_SECRETS): give it a value of its own")]
     AdminSecretShared,
     #[error("there is no pool `{0}` on this edge: list it in POOLS and set RUNNER_SECRET_<POOL> and AGENT_PUBLIC_KEYS_<POOL>")]
@@ -166,59 +172,130 @@ pub fn pool_suffix(name: &str) -> String {
     name.to_ascii_uppercase().replace('-', "_")
 }
 
-impl Pools {
-    /// `RUNNER_SECRET`, `AGENT_PUBLIC_KEYS`, `POOLS` and each listed pool's two settings.
-    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Pools, ConfigError> {
-        let get = |name: &str| get(name).as_deref().and_then(shared::setting::value).map(str::to_string);
-        let runner_secret = get("RUNNER_SECRET").ok_or(ConfigError::Missing("RUNNER_SECRET"))?;
-        if runner_secret.len() < 16 {
-            return Err(ConfigError::WeakSecret);
+/// A setting's name for `pool`: `base` for the default pool, `base_<POOL>` for another.
+fn pool_setting(pool: &str, base: &str) -> String {
+    match pool {
+        DEFAULT_POOL => base.to_string(),
+        _ => format!("{base}_{}", pool_suffix(pool)),
+    }
+}
+
+/// Settings read as the edge reads them: an empty one is unset.
+fn read(get: &impl Fn(&str) -> Option<String>, name: &str) -> Option<String> {
+    get(name).as_deref().and_then(shared::setting::value).map(str::to_string)
+}
+
+/// The names `POOLS` lists, as written (not checked).
+fn listed(get: &impl Fn(&str) -> Option<String>) -> Vec<String> {
+    let listed = read(get, "POOLS").unwrap_or_default();
+    listed.split([',', ' ', '\n']).map(str::trim).filter(|n| !n.is_empty()).map(str::to_string).collect()
+}
+
+/// Whether `name` may be a listed pool's: a plain name, not `default`.
+fn pool_name_ok(name: &str) -> bool {
+    shared::ids::plain_id(name, MAX_POOL_NAME) && name != DEFAULT_POOL
+}
+
+impl Pool {
+    /// One pool's own settings (`RUNNER_SECRET[_<POOL>]`, `AGENT_PUBLIC_KEYS[_<POOL>]`,
+    /// `RUNNER_SECRETS[_<POOL>]`), checked alone: not against the other pools'
+    /// ([`check_secrets`]).
+    fn read(get: &impl Fn(&str) -> Option<String>, name: &str) -> Result<Pool, ConfigError> {
+        let secrets_name = pool_setting(name, "RUNNER_SECRETS");
+        if name == DEFAULT_POOL {
+            let runner_secret = read(get, "RUNNER_SECRET").ok_or(ConfigError::Missing("RUNNER_SECRET"))?;
+            if runner_secret.len() < 16 {
+                return Err(ConfigError::WeakSecret);
+            }
+            let agents = Keyring::parse(&read(get, "AGENT_PUBLIC_KEYS").ok_or(ConfigError::Missing("AGENT_PUBLIC_KEYS"))?)?;
+            let caller_secrets = parse_caller_secrets(&secrets_name, read(get, &secrets_name), &runner_secret)?;
+            return Ok(Pool { name: name.to_string(), runner_secret, agents, caller_secrets });
         }
-        let agents = Keyring::parse(&get("AGENT_PUBLIC_KEYS").ok_or(ConfigError::Missing("AGENT_PUBLIC_KEYS"))?)?;
-        let caller_secrets = parse_caller_secrets("RUNNER_SECRETS", get("RUNNER_SECRETS"), &runner_secret)?;
-        let mut pools = vec![Pool { name: DEFAULT_POOL.to_string(), runner_secret, agents, caller_secrets }];
-        let listed = get("POOLS").unwrap_or_default();
-        let names: Vec<&str> = listed.split([',', ' ', '\n']).map(str::trim).filter(|n| !n.is_empty()).collect();
+        let (secret_name, keys_name) = (pool_setting(name, "RUNNER_SECRET"), pool_setting(name, "AGENT_PUBLIC_KEYS"));
+        let runner_secret = read(get, &secret_name).ok_or_else(|| ConfigError::PoolMissing(secret_name.clone()))?;
+        if runner_secret.len() < 16 {
+            return Err(ConfigError::PoolWeakSecret { name: secret_name });
+        }
+        let keys = read(get, &keys_name).ok_or_else(|| ConfigError::PoolMissing(keys_name.clone()))?;
+        let agents = Keyring::parse(&keys).map_err(|error| ConfigError::PoolKeys { name: keys_name, error })?;
+        let caller_secrets = parse_caller_secrets(&secrets_name, read(get, &secrets_name), &runner_secret)?;
+        Ok(Pool { name: name.to_string(), runner_secret, agents, caller_secrets })
+    }
+}
+
+/// Refuses `pool`'s secrets where one is also another pool's: its RUNNER_SECRET another
+/// pool's, a caller's secret of it another pool's RUNNER_SECRET, or another pool's
+/// caller's secret its RUNNER_SECRET. Whoever holds such a secret would be a pool's
+/// operator (any caller name, pauses, the login relay, every job) while the settings say
+/// they are another pool's, or one caller. Among `pools`: those whose settings read.
+fn check_secrets(pools: &[Pool], pool: &str) -> Result<(), ConfigError> {
+    for of in pools {
+        for (caller, secret) in &of.caller_secrets {
+            // Its own pool's is refused as it is parsed.
+            let Some(other) = pools.iter().find(|other| other.runner_secret == *secret && (of.name == pool || other.name == pool)) else {
+                continue;
+            };
+            let error = format!(
+                "the secret of `{caller}` is {}, pool `{}`'s own secret, which would make `{caller}` that pool's operator; give it its own",
+                pool_setting(&other.name, "RUNNER_SECRET"),
+                other.name
+            );
+            return Err(ConfigError::CallerSecrets { name: pool_setting(&of.name, "RUNNER_SECRETS"), error });
+        }
+    }
+    let Some(this) = pools.iter().find(|p| p.name == pool) else { return Ok(()) };
+    if let Some(other) = pools.iter().find(|p| p.name != pool && p.runner_secret == this.runner_secret) {
+        let (mine, theirs) = (pool_setting(pool, "RUNNER_SECRET"), pool_setting(&other.name, "RUNNER_SECRET"));
+        return Err(ConfigError::PoolSecretShared { pools: [pool.to_string(), other.name.clone()], settings: [mine, theirs] });
+    }
+    Ok(())
+}
+
+impl Pools {
+    /// Every pool's settings, all checked: `RUNNER_SECRET`, `AGENT_PUBLIC_KEYS`, `POOLS`
+    /// and each listed pool's own. For a host that reads them once at start and should
+    /// not start on any bad one ([`Config::from_lookup`]).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Pools, ConfigError> {
+        let default = Pool::read(&get, DEFAULT_POOL)?;
+        let names = listed(&get);
         for (i, name) in names.iter().enumerate() {
-            if !shared::ids::plain_id(name, MAX_POOL_NAME) || *name == DEFAULT_POOL {
+            if !pool_name_ok(name) {
                 return Err(ConfigError::PoolName(shared::text::truncate(name, 80).to_string()));
             }
             if let Some(other) = names[..i].iter().find(|n| pool_suffix(n) == pool_suffix(name)) {
                 return Err(ConfigError::PoolClash(other.to_string(), name.to_string()));
             }
         }
+        let mut pools = vec![default];
         for name in names {
-            let suffix = pool_suffix(name);
-            let (secret_name, keys_name) = (format!("RUNNER_SECRET_{suffix}"), format!("AGENT_PUBLIC_KEYS_{suffix}"));
-            let runner_secret = get(&secret_name).ok_or_else(|| ConfigError::PoolMissing(secret_name.clone()))?;
-            if runner_secret.len() < 16 {
-                return Err(ConfigError::PoolWeakSecret { name: secret_name });
-            }
-            let keys = get(&keys_name).ok_or_else(|| ConfigError::PoolMissing(keys_name.clone()))?;
-            let agents = Keyring::parse(&keys).map_err(|error| ConfigError::PoolKeys { name: keys_name, error })?;
-            let secrets_name = format!("RUNNER_SECRETS_{suffix}");
-            let caller_secrets = parse_caller_secrets(&secrets_name, get(&secrets_name), &runner_secret)?;
-            pools.push(Pool { name: name.to_string(), runner_secret, agents, caller_secrets });
+            pools.push(Pool::read(&get, &name)?);
         }
-        // A caller's secret is no pool's own, on any pool: whoever holds it would be that
-        // pool's operator (its own pool's is refused as it is parsed).
-        let setting = |pool: &str, base: &str| match pool {
-            DEFAULT_POOL => base.to_string(),
-            _ => format!("{base}_{}", pool_suffix(pool)),
-        };
         for pool in &pools {
-            for (caller, secret) in &pool.caller_secrets {
-                if let Some(other) = pools.iter().find(|other| other.runner_secret == *secret) {
-                    let error = format!(
-                        "the secret of `{caller}` is {}, pool `{}`'s own secret, which would make `{caller}` that pool's operator; give it its own",
-                        setting(&other.name, "RUNNER_SECRET"),
-                        other.name
-                    );
-                    return Err(ConfigError::CallerSecrets { name: setting(&pool.name, "RUNNER_SECRETS"), error });
-                }
-            }
+            check_secrets(&pools, &pool.name)?;
         }
         Ok(Pools(pools))
+    }
+
+    /// Every pool `POOLS` lists (and the default one, first), each with its own settings
+    /// as they read — for the Worker, which serves each pool apart: one pool's bad setting
+    /// is that pool's alone. A listed name that is no pool name is left out; of two whose
+    /// settings would have the same names, each is [`ConfigError::PoolClash`]. Not checked
+    /// against each other ([`Config::for_pool`] does, for the pool it reads).
+    pub fn each(get: impl Fn(&str) -> Option<String>) -> Vec<(String, Result<Pool, ConfigError>)> {
+        let names = listed(&get);
+        let mut out = vec![(DEFAULT_POOL.to_string(), Pool::read(&get, DEFAULT_POOL))];
+        for name in names.iter().filter(|n| pool_name_ok(n)) {
+            if out.iter().any(|(n, _)| n == name) {
+                continue;
+            }
+            let clash = names.iter().find(|other| *other != name && pool_suffix(other) == pool_suffix(name));
+            let read = match clash {
+                Some(other) => Err(ConfigError::PoolClash(other.clone(), name.clone())),
+                None => Pool::read(&get, name),
+            };
+            out.push((name.clone(), read));
+        }
+        out
     }
 
     pub fn get(&self, name: &str) -> Option<&Pool> {
@@ -311,15 +388,33 @@ impl Config {
     }
 
     /// The default pool's settings (the native edge serves that pool alone).
+    /// Every pool's settings are checked too ([`Pools::from_lookup`]): the native edge
+    /// reads its settings once, at start, and does not start on any bad one, where an
+    /// operator sees it at once.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        Pools::from_lookup(&get)?;
         Config::for_pool(get, DEFAULT_POOL)
     }
 
-    /// One pool's settings; [`ConfigError::UnknownPool`] if `POOLS` does not list it.
+    /// One pool's settings; [`ConfigError::UnknownPool`] if `POOLS` does not list it. Only
+    /// this pool's own settings and the edge's shared ones are checked: another pool's
+    /// that do not read cost that pool alone (the Worker reads them at each request, and
+    /// pools are units of isolation), and it is left out of what this pool compares with
+    /// other pools — the secrets none may share ([`check_secrets`]), the keys an agent's
+    /// proof refused here is tried against ([`Config::other_pools`]).
     pub fn for_pool(get: impl Fn(&str) -> Option<String>, pool: &str) -> Result<Config, ConfigError> {
-        let all = Pools::from_lookup(&get)?;
-        let Pool { name, runner_secret, agents, caller_secrets } =
-            all.get(pool).cloned().ok_or_else(|| ConfigError::UnknownPool(shared::text::truncate(pool, 80).to_string()))?;
+        let mut each = Pools::each(&get);
+        let Some(at) = each.iter().position(|(name, _)| name == pool) else {
+            if listed(&get).iter().any(|name| name == pool) {
+                return Err(ConfigError::PoolName(shared::text::truncate(pool, 80).to_string()));
+            }
+            return Err(ConfigError::UnknownPool(shared::text::truncate(pool, 80).to_string()));
+        };
+        let this = each.remove(at).1?;
+        // This pool first, then the others whose own settings read.
+        let all: Vec<Pool> = std::iter::once(this).chain(each.into_iter().filter_map(|(_, read)| read.ok())).collect();
+        check_secrets(&all, pool)?;
+        let Pool { name, runner_secret, agents, caller_secrets } = all[0].clone();
         let get = |name: &str| get(name).as_deref().and_then(shared::setting::value).map(str::to_string);
         let required = |name: &'static str| get(name).ok_or(ConfigError::Missing(name));
         // A listed pool's own value (`MAX_QUEUED_JOBS_GPU`) before the edge's.
@@ -362,9 +457,11 @@ impl Config {
             return Err(ConfigError::PoolWeakSecret { name: "ADMIN_SECRET".into() });
         }
         // The admin secret sees every pool: as one pool's or caller's secret it would open
-        // them all to whoever holds that one.
+        // them all to whoever holds that one. Checked by that pool, and by the default
+        // pool, which answers `GET /pools`.
         if let Some(admin) = &admin_secret {
-            let shared = all.iter().flat_map(|p| std::iter::once(&p.runner_secret).chain(p.caller_secrets.iter().map(|(_, s)| s)));
+            let compared = all.iter().filter(|p| p.name == pool || pool == DEFAULT_POOL);
+            let shared = compared.flat_map(|p| std::iter::once(&p.runner_secret).chain(p.caller_secrets.iter().map(|(_, s)| s)));
             if shared.into_iter().any(|s| s == admin) {
                 return Err(ConfigError::AdminSecretShared);
             }
@@ -400,7 +497,7 @@ impl Config {
             pool: name,
             signing_key: keys::signing_key("EDGE_SIGNING_KEY", &required("EDGE_SIGNING_KEY")?)?,
             agents,
-            other_pools: all.iter().filter(|p| p.name != pool).map(|p| (p.name.clone(), p.agents.clone())).collect(),
+            other_pools: all[1..].iter().map(|p| (p.name.clone(), p.agents.clone())).collect(),
             runner_secret,
             heartbeat_interval_ms: between(
                 "HEARTBEAT_INTERVAL_MS",
@@ -863,5 +960,65 @@ mod tests {
             assert!(err.to_string().contains("ADMIN_SECRET"), "{err}");
         }
         assert!(Config::from_lookup(lookup(&[("ADMIN_SECRET", "admin-secret-0123456789")])).is_ok());
+    }
+
+    /// Pools are units of isolation. On the Worker every request read every pool's
+    /// settings, so one pool's typo (`AGENT_PUBLIC_KEYS_TEAM_B`), or its secret missing or
+    /// short, answered every pool's requests 500/503. Only the pool asked for is checked
+    /// strictly now; another pool's errors cost that pool alone (and leave it out of the
+    /// upgrade hint that searches other pools). The native edge, which reads its settings
+    /// once at start, still refuses any bad one ([`Config::from_lookup`]).
+    #[test]
+    fn one_pools_bad_setting_costs_that_pool_alone() {
+        let cases: [(&'static [(&'static str, &'static str)], &str); 4] = [
+            (&[("AGENT_PUBLIC_KEYS_TEAM_B", "rig=not-a-key")], "AGENT_PUBLIC_KEYS_TEAM_B"),
+            (&[("RUNNER_SECRET_TEAM_B", "short")], "RUNNER_SECRET_TEAM_B is too short"),
+            (&[("RUNNER_SECRET_TEAM_B", "")], "RUNNER_SECRET_TEAM_B is not set"),
+            (&[("RUNNER_SECRETS_TEAM_B", "ci")], "RUNNER_SECRETS_TEAM_B"),
+        ];
+        for (broken, named) in cases {
+            let pools = two_pools(broken);
+            let err = Config::for_pool(&pools, "team-b").err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(named), "{named}: {err}");
+            for fine in ["default", "gpu"] {
+                let cfg = Config::for_pool(&pools, fine).unwrap_or_else(|e| panic!("{fine} refused for team-b's {named}: {e}"));
+                let others: Vec<&str> = cfg.other_pools.iter().map(|(name, _)| name.as_str()).collect();
+                assert!(!others.contains(&"team-b"), "{fine}: a broken pool is searched: {others:?}");
+                assert!(others.contains(&if fine == "gpu" { "default" } else { "gpu" }), "{fine}: {others:?}");
+            }
+            // A host that reads its settings once at start refuses every bad one.
+            let err = Config::from_lookup(&pools).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(named), "{named}: {err}");
+        }
+        // The default pool's own settings are its own too.
+        let no_default = |name: &str| if name == "RUNNER_SECRET" { None } else { two_pools(&[])(name) };
+        assert!(matches!(Config::for_pool(no_default, "default"), Err(ConfigError::Missing("RUNNER_SECRET"))));
+        let gpu = Config::for_pool(no_default, "gpu").expect("the default pool's missing secret is its own problem");
+        assert_eq!(gpu.other_pools.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["team-b"]);
+        // An entry of POOLS that is no pool name costs only itself; one that clashes, the
+        // pools it clashes with.
+        let odd = |list: &'static str| move |name: &str| if name == "POOLS" { Some(list.to_string()) } else { two_pools(&[])(name) };
+        assert!(Config::for_pool(odd("gpu,a.b,team-b"), "gpu").is_ok());
+        assert!(Config::for_pool(odd("gpu,a.b,team-b"), "team-b").is_ok());
+        assert!(matches!(Config::from_lookup(odd("gpu,a.b,team-b")), Err(ConfigError::PoolName(_))));
+        assert!(matches!(Config::for_pool(odd("gpu,team-b,team_b"), "team-b"), Err(ConfigError::PoolClash(..))));
+        assert!(Config::for_pool(odd("gpu,team-b,team_b"), "gpu").is_ok());
+    }
+
+    /// Two pools with one RUNNER_SECRET: whoever holds it is both pools' operator, which
+    /// neither setting says (a caller's secret that is another pool's was refused already;
+    /// this is the same check).
+    #[test]
+    fn two_pools_may_not_share_a_secret() {
+        let pools = two_pools(&[("RUNNER_SECRET_TEAM_B", "gpu-secret-0123456789")]);
+        for pool in ["gpu", "team-b"] {
+            let err = Config::for_pool(&pools, pool).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("RUNNER_SECRET_GPU") && err.contains("RUNNER_SECRET_TEAM_B") && err.contains("its own"), "{pool}: {err}");
+        }
+        assert!(Config::for_pool(&pools, "default").is_ok(), "a pool with its own secret is not refused for two others'");
+        assert!(Config::from_lookup(&pools).is_err());
+        let with_default = two_pools(&[("RUNNER_SECRET_GPU", "0123456789abcdef0123")]);
+        let err = Config::for_pool(&with_default, "default").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("RUNNER_SECRET_GPU") && err.contains("RUNNER_SECRET "), "{err}");
     }
 }

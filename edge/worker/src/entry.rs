@@ -22,8 +22,10 @@ use edge_core::http::Gate;
 use shared::contract::{ApiError, Health, HealthStatus, PoolList, PoolSummary};
 use edge_core::upgrade::Refusals;
 use shared::ids::DEFAULT_POOL;
+use edge_core::Config;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 use worker::wasm_bindgen::JsValue;
 use worker::{console_error, event, web_sys, Context, Env, Request, Response};
 
@@ -43,6 +45,47 @@ thread_local! {
     /// forwards another request to the pool takes its count with it (the object's
     /// counters, kept in its memory, are lost the same way when it is rebuilt).
     static REFUSED: RefCell<BTreeMap<String, Refusals>> = RefCell::default();
+    /// Each pool's settings as this instance last read them, read again only when a value
+    /// they were read from changed: reading them parses the agents' keys of every pool
+    /// (the upgrade hint searches the others), which every request paid for, refused or
+    /// not. Only pools whose settings read are kept: a few per pool the settings list.
+    static SETTINGS: RefCell<Settings> = RefCell::default();
+}
+
+/// Pools' settings as last read, by pool, each with the values it was read from.
+#[derive(Default)]
+pub struct Settings(BTreeMap<String, (Vec<(String, Option<String>)>, Rc<Config>)>);
+
+impl Settings {
+    /// `pool`'s settings ([`Config::for_pool`]): those read before if every value they were
+    /// read from is still the same, else read again.
+    pub fn config(&mut self, get: impl Fn(&str) -> Option<String>, pool: &str) -> Result<Rc<Config>, ConfigError> {
+        if let Some((values, config)) = self.0.get(pool) {
+            if values.iter().all(|(name, value)| get(name) == *value) {
+                return Ok(Rc::clone(config));
+            }
+        }
+        let values = RefCell::new(BTreeMap::new());
+        let read = Config::for_pool(
+            |name| {
+                let value = get(name);
+                values.borrow_mut().insert(name.to_string(), value.clone());
+                value
+            },
+            pool,
+        );
+        match read {
+            Ok(config) => {
+                let config = Rc::new(config);
+                self.0.insert(pool.to_string(), (values.into_inner().into_iter().collect(), Rc::clone(&config)));
+                Ok(config)
+            }
+            Err(e) => {
+                self.0.remove(pool);
+                Err(e)
+            }
+        }
+    }
 }
 
 #[event(fetch)]
@@ -55,7 +98,7 @@ async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
         Ok(p) => p,
         Err(e) => return exchange::error(&e),
     };
-    let config = match edge_core::Config::for_pool(|name| crate::object::setting(&env, name), &pool) {
+    let config = match SETTINGS.with_borrow_mut(|read| read.config(|name| crate::object::setting(&env, name), &pool)) {
         Ok(config) => config,
         Err(ConfigError::UnknownPool(_)) => {
             exchange::drain_refused(&mut req).await;
@@ -112,14 +155,20 @@ async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
 
 /// `GET /pools`, once the gate checked the admin secret: every pool's summary from its
 /// object's `/health` (asked with that pool's own secret). A pool whose object does not
-/// answer is listed `offline`.
+/// answer, or whose own settings do not read (each pool's are its own: one bad pool does
+/// not close the list), is listed `offline`.
 async fn pools(env: &Env) -> worker::Result<Response> {
-    let all = match edge_core::config::Pools::from_lookup(|name| crate::object::setting(env, name)) {
-        Ok(all) => all,
-        Err(e) => return exchange::respond(edge_core::http::unavailable("/pools", &crate::object::misconfigured(&e))),
-    };
     let mut list = Vec::new();
-    for pool in all.iter() {
+    for (name, read) in edge_core::config::Pools::each(|name| crate::object::setting(env, name)) {
+        let offline = PoolSummary { pool: name.clone(), status: HealthStatus::Offline, agents_online: 0, agents_taking_work: 0, queued_jobs: 0 };
+        let pool = match read {
+            Ok(pool) => pool,
+            Err(e) => {
+                console_error!("pool={name} {}", crate::object::misconfigured(&e));
+                list.push(offline);
+                continue;
+            }
+        };
         let summary = match pool_health(env, &pool.name, &pool.runner_secret).await {
             Ok(health) => PoolSummary {
                 pool: pool.name.clone(),
@@ -130,7 +179,7 @@ async fn pools(env: &Env) -> worker::Result<Response> {
             },
             Err(e) => {
                 console_error!("pool={} its object did not answer /health: {e}", pool.name);
-                PoolSummary { pool: pool.name.clone(), status: HealthStatus::Offline, agents_online: 0, agents_taking_work: 0, queued_jobs: 0 }
+                offline
             }
         };
         list.push(summary);
@@ -177,4 +226,43 @@ async fn forward(req: &Request, mut url: worker::Url, env: &Env, pool: &str, pat
     let forwarded = web_sys::Request::new_with_str_and_init(url.as_str(), &init)?;
     let stub = env.durable_object(BINDING)?.id_from_name(pool)?.get_stub()?;
     stub.fetch_with_request(forwarded.into()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Settings;
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+
+    /// A pool's settings are read once while the values they were read from stay the
+    /// same, and again as soon as one changes: another pool's too, since this pool
+    /// compares its secrets with the others' and searches their agents' keys.
+    #[test]
+    fn settings_are_read_again_only_when_a_value_changed() {
+        let values: RefCell<BTreeMap<&str, String>> = RefCell::new(
+            [
+                ("RUNNER_SECRET", "0123456789abcdef0123"),
+                ("EDGE_SIGNING_KEY", "CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk="),
+                ("AGENT_PUBLIC_KEYS", "spark=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
+                ("POOLS", "gpu"),
+                ("RUNNER_SECRET_GPU", "gpu-secret-0123456789"),
+                ("AGENT_PUBLIC_KEYS_GPU", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k, v.to_string()))
+            .collect(),
+        );
+        let get = |name: &str| values.borrow().get(name).cloned();
+        let mut settings = Settings::default();
+        let first = settings.config(get, "default").unwrap();
+        let again = settings.config(get, "default").unwrap();
+        assert!(std::rc::Rc::ptr_eq(&first, &again), "read again with nothing changed");
+        values.borrow_mut().insert("RUNNER_SECRET_GPU", "0123456789abcdef0123".into());
+        let err = settings.config(get, "default").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("RUNNER_SECRET_GPU"), "another pool's changed value is seen: {err}");
+        values.borrow_mut().insert("RUNNER_SECRET_GPU", "gpu-secret-0123456789".into());
+        values.borrow_mut().insert("MAX_QUEUED_JOBS", "7".into());
+        assert_eq!(settings.config(get, "default").unwrap().max_queued_jobs, 7);
+        assert_eq!(settings.config(get, "gpu").unwrap().max_queued_jobs, 7);
+    }
 }
