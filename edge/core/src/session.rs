@@ -227,20 +227,61 @@ impl Session {
         self.agent().map(|a| a.agent_id.as_str())
     }
 
-    /// Shorter forms of this record, each shorter than the one before, for a host that can
-    /// keep only so many bytes of it (the Worker's socket attachment): first the agent's
-    /// free text is cut (version, subscription, login problem) and its mirror names go (a
-    /// routing preference: its next report after a job brings them back); then a relayed
-    /// login loses its URL too (the relay goes on: the code can still be sent; asking for
-    /// the login again starts a new one); last the CLI's version (a character outside
-    /// Latin-1 doubles the cost of the whole attachment, and the most labels an agent may
-    /// offer then no longer fit; every heartbeat brings it back). What the machine decides
-    /// with — phase, credits, labels, pause, jobs, the relay's state, the agent's instance —
-    /// stays whole in each.
+    /// This record as a host that keeps at most so many bytes of it (the Worker's socket
+    /// attachment) may keep it: whole if it `fits`, else the first of its shorter forms
+    /// ([`Session::shorter_forms`]) that fits with as many of its mirror names as fit
+    /// beside the rest — the first by name (the edge keeps them as a set, and the agent
+    /// reports them in no order of use). `None` if not even the shortest fits.
+    ///
+    /// The names are cut, not dropped: the agent tells them again only when its set
+    /// changes, so what a record rebuilt after the host's eviction lacks stays lacking
+    /// (repository affinity is a preference, not a promise). `fits` must hold for a
+    /// record whenever it holds for one with more names.
+    pub fn fitted(&self, fits: impl Fn(&Session) -> bool) -> Option<Session> {
+        if fits(self) {
+            return Some(self.clone());
+        }
+        self.shorter_forms().into_iter().find_map(|form| form.with_mirrors_that_fit(&fits))
+    }
+
+    /// This record with the most of its first mirror names (by name) that `fits`; `None`
+    /// if it does not fit even with none.
+    fn with_mirrors_that_fit(mut self, fits: &impl Fn(&Session) -> bool) -> Option<Session> {
+        let names: Vec<String> = self.agent().map(|a| a.mirrors.iter().cloned().collect()).unwrap_or_default();
+        let keep = |session: &mut Session, n: usize| {
+            if let Some(agent) = session.agent_mut() {
+                agent.mirrors = names[..n].iter().cloned().collect();
+            }
+        };
+        // The most that fit, by halving: a few serialisations of a 2 KB record.
+        let (mut fitting, mut over) = (None, names.len() + 1);
+        let mut low = 0;
+        while low < over {
+            let n = low + (over - low) / 2;
+            keep(&mut self, n);
+            if fits(&self) {
+                fitting = Some(n);
+                low = n + 1;
+            } else {
+                over = n;
+            }
+        }
+        keep(&mut self, fitting?);
+        Some(self)
+    }
+
+    /// Shorter forms of this record, each shorter than the one before (with all its
+    /// mirror names: [`Session::fitted`] cuts them to fit each): first the agent's free
+    /// text is cut (version, subscription, login problem); then a relayed login loses its
+    /// URL too (the relay goes on: the code can still be sent; asking for the login again
+    /// starts a new one); last the CLI's version (a character outside Latin-1 doubles the
+    /// cost of the whole attachment, and the most labels an agent may offer then no longer
+    /// fit; every heartbeat brings it back). What the machine decides with — phase,
+    /// credits, labels, pause, jobs, the relay's state, the agent's instance — stays whole
+    /// in each.
     pub fn shorter_forms(&self) -> Vec<Session> {
         let mut cut = self.clone();
         if let Some(agent) = cut.agent_mut() {
-            agent.mirrors.clear();
             agent.version = truncate(&agent.version, 64).to_string();
             agent.oauth.subscription_type = agent.oauth.subscription_type.as_deref().map(|s| truncate(s, 64).to_string());
             agent.oauth.problem = agent.oauth.problem.as_deref().map(|s| truncate(s, shared::oauth::MAX_PROBLEM_BYTES).to_string());
@@ -433,7 +474,7 @@ mod tests {
     }
 
     #[test]
-    fn shorter_forms_cut_free_text_and_mirrors_then_the_login_url_then_the_cli_version() {
+    fn shorter_forms_cut_free_text_then_the_login_url_then_the_cli_version() {
         let login = LoginRelay {
             id: "0123456789abcdef".into(),
             url: Some("https://claude.com/cai/oauth/authorize?code=true".into()),
@@ -470,7 +511,7 @@ mod tests {
         };
         let [cut, without_url, without_version] = <[Session; 3]>::try_from(session.shorter_forms()).unwrap();
         let agent = cut.agent().unwrap();
-        assert!(agent.mirrors.is_empty(), "mirrors go first");
+        assert_eq!(agent.mirrors, session.agent().unwrap().mirrors, "mirrors are cut by `fitted`, to what fits");
         assert_eq!((&agent.labels, agent.paused), (&session.agent().unwrap().labels, true), "labels and pause stay");
         assert_eq!((agent.version.len(), agent.oauth.subscription_type.as_ref().unwrap().len()), (64, 64));
         assert_eq!(agent.oauth.problem.as_ref().unwrap().len(), 300);
@@ -484,5 +525,59 @@ mod tests {
         assert_eq!((kept.capacity, kept.slots, kept.sent, &kept.agent_id), (whole.capacity, whole.slots, whole.sent, &whole.agent_id));
         assert_eq!(without_version.agent().unwrap().keys, whole.keys, "the connection's keys stay whole in every form");
         assert_eq!(without_version.agent().unwrap().instance, whole.instance, "the agent's instance stays: it tells a duplicate from a reconnect");
+    }
+
+    /// A record past the host's budget lost all its mirror names (the agent tells them
+    /// again only when its set changes): as many as fit are kept, the first by name.
+    #[test]
+    fn fitted_keeps_as_many_mirror_names_as_fit() {
+        let mut session = Session {
+            id: "s".into(),
+            source: "203.0.113.7".into(),
+            connected_at: 1,
+            last_seen: 2,
+            phase: Phase::Challenged { nonce: "c".repeat(32), ephemeral: shared::link::Ephemeral::new([8; 32]) },
+        };
+        let size = |s: &Session| serde_json::to_string(s).unwrap().len();
+        let within = |bound: usize| move |s: &Session| size(s) <= bound;
+        // Not an agent yet: whole, or nothing.
+        assert_eq!(session.fitted(within(size(&session))), Some(session.clone()));
+        assert_eq!(session.fitted(within(size(&session) - 1)), None);
+        session.phase = Phase::Ready(Agent {
+            agent_id: "spark".into(),
+            version: "0.1.0".into(),
+            capacity: 1,
+            slots: Slots { free: 1, received: 0 },
+            sent: 0,
+            challenge: "c".repeat(32),
+            keys: shared::link::LinkKeys::derive(&[1; 32], &shared::link::Transcript { challenge: "c", agent_nonce: "n", agent_public: "a", edge_public: "e", agent_id: "spark", pool: "default" }),
+            beat: 0,
+            oauth: OAuthReport::unconfigured(5),
+            claude_version: Some("2.1.197 (Claude Code)".into()),
+            labels: Default::default(),
+            mirrors: (0..100).map(|i| format!("github.com/acme-corp/service-{i:02}")).collect(),
+            paused: false,
+            stopping: false,
+            usage_hold_until: None,
+            login: None,
+            instance: None,
+        });
+        assert_eq!(session.fitted(within(size(&session))), Some(session.clone()), "whole when it fits");
+        let mut bare = session.clone();
+        bare.agent_mut().unwrap().mirrors.clear();
+        for bound in [size(&bare), size(&bare) + 40, 1_000, 2_000, size(&session) - 1] {
+            let fitted = session.fitted(within(bound)).unwrap();
+            assert!(size(&fitted) <= bound, "{bound}");
+            let kept = &fitted.agent().unwrap().mirrors;
+            assert!(kept.iter().zip(&session.agent().unwrap().mirrors).all(|(a, b)| a == b), "{bound}: the first by name");
+            let mut one_more = fitted.clone();
+            one_more.agent_mut().unwrap().mirrors = session.agent().unwrap().mirrors.iter().take(kept.len() + 1).cloned().collect();
+            assert!(size(&one_more) > bound, "{bound}: {} kept, one more fits too", kept.len());
+            assert_eq!(fitted.agent().unwrap().claude_version, session.agent().unwrap().claude_version, "{bound}: names are cut before the version");
+        }
+        // Past what even no names fit: the CLI's version goes, and names fit again.
+        let fitted = session.fitted(within(size(&bare) - 5)).unwrap();
+        assert_eq!(fitted.agent().unwrap().claude_version, None);
+        assert!(session.fitted(|_| false).is_none());
     }
 }

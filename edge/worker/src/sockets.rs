@@ -143,17 +143,19 @@ pub fn close_socket(ws: &WebSocket, code: u16, reason: &str) {
 }
 
 /// The session record as attachment text, within the attachment budget: the record
-/// whole, or the first of its shorter forms ([`Session::shorter_forms`]) that fits.
+/// whole, or the form of it that fits ([`Session::fitted`]: free text cut, as many mirror
+/// names as fit, …).
 pub fn encode_session(session: &Session) -> Result<String, String> {
-    let mut text = serde_json::to_string(session).map_err(|e| e.to_string())?;
-    let mut shorter = session.shorter_forms().into_iter();
-    while attachment_cost(&text) > ATTACHMENT_BUDGET {
-        let Some(form) = shorter.next() else {
-            return Err(format!("the record is {} bytes, over the 2,048-byte attachment limit", text.len()));
-        };
-        text = serde_json::to_string(&form).map_err(|e| e.to_string())?;
+    let text = |s: &Session| serde_json::to_string(s).map_err(|e| e.to_string());
+    let whole = text(session)?;
+    if attachment_cost(&whole) <= ATTACHMENT_BUDGET {
+        return Ok(whole);
     }
-    Ok(text)
+    let fits = |s: &Session| text(s).is_ok_and(|t| attachment_cost(&t) <= ATTACHMENT_BUDGET);
+    match session.fitted(fits) {
+        Some(form) => text(&form),
+        None => Err(format!("the record is {} bytes, over the 2,048-byte attachment limit", whole.len())),
+    }
 }
 
 /// Reads a record back, checking it belongs to the socket's tag.
@@ -217,10 +219,10 @@ mod tests {
     }
 
     #[test]
-    fn the_most_labels_fit_and_mirrors_go_first() {
+    fn the_most_labels_fit_and_mirrors_are_cut_first() {
         // As many labels as an agent may offer (512 bytes of keys and values), a full list
         // of mirrors, a paused agent in the middle of a relayed login, the costliest
-        // version string: the labels and the pause stay, the mirrors and the URL go.
+        // version string: the labels and the pause stay, the mirrors are cut to what fits.
         let mut session = relaying(&"😀".repeat(shared::protocol::MAX_CLAUDE_VERSION_BYTES / 4));
         let agent = session.agent_mut().unwrap();
         agent.labels = (0..8).map(|i| (format!("key{i:02}-{}", "k".repeat(26)), "v".repeat(32))).collect();
@@ -232,13 +234,41 @@ mod tests {
         let back = decode_session(&text, Some("0011223344556677")).unwrap();
         let agent = back.agent().unwrap();
         assert_eq!(agent.labels, session.agent().unwrap().labels);
-        assert!(agent.paused && agent.mirrors.is_empty());
+        assert!(agent.paused && agent.mirrors.len() < shared::placement::MAX_MIRRORS);
+        assert!(agent.mirrors.iter().zip(&session.agent().unwrap().mirrors).all(|(a, b)| a == b), "the first by name");
         assert_eq!(agent.keys, session.agent().unwrap().keys, "the connection's keys survive what the session survives");
         // A few mirrors fit whole.
         let mut small = ready("none");
         small.agent_mut().unwrap().mirrors = ["github.com/acme/api".to_string()].into();
         let text = encode_session(&small).unwrap();
         assert_eq!(decode_session(&text, Some("0011223344556677")).unwrap(), small);
+    }
+
+    /// Repository affinity outlives the object's eviction: a record whose mirror names
+    /// passed the attachment's budget lost them all (some 30 names of 31 characters did),
+    /// and the agent tells them again only when its set changes. As many as fit are kept,
+    /// the first by name.
+    #[test]
+    fn a_long_mirror_list_is_cut_to_what_fits_not_dropped() {
+        let mut session = ready("none");
+        session.agent_mut().unwrap().claude_version = Some("2.1.197 (Claude Code)".into());
+        let names: Vec<String> = (0..60).map(|i| format!("github.com/acme-corp/service-{i:02}")).collect();
+        assert_eq!(names[0].len(), 31);
+        session.agent_mut().unwrap().mirrors = names.iter().cloned().collect();
+        let text = encode_session(&session).unwrap();
+        assert!(attachment_cost(&text) <= ATTACHMENT_BUDGET);
+        let back = decode_session(&text, Some("0011223344556677")).unwrap();
+        let kept: Vec<&String> = back.agent().unwrap().mirrors.iter().collect();
+        assert!(kept.len() >= 30, "{} of 60 mirror names kept", kept.len());
+        assert!(kept.iter().zip(&names).all(|(k, n)| *k == n), "the first by name are kept: {kept:?}");
+        // As many as fit: one more would not.
+        let mut more = back.clone();
+        more.agent_mut().unwrap().mirrors.insert(names[kept.len()].clone());
+        assert!(attachment_cost(&serde_json::to_string(&more).unwrap()) > ATTACHMENT_BUDGET);
+        // Everything else is whole.
+        let mut whole = back.clone();
+        whole.agent_mut().unwrap().mirrors = session.agent().unwrap().mirrors.clone();
+        assert_eq!(whole, session);
     }
 
     /// A ready session in the middle of a relayed login, with a usage window reported.
