@@ -19,6 +19,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use shared::Millis;
+use shared::contract::JobView;
 use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -126,6 +127,11 @@ pub struct CallbackState {
     /// When (edge time) to try again: after a failure, or when the host never said how
     /// the last attempt went.
     pub next_at: Millis,
+    /// Handed to the host (posted, or its record being read back to post) and not heard
+    /// of yet: one of the `MAX_CALLBACKS_IN_FLIGHT`. Not stored: what a restarted edge's
+    /// host had in flight is gone with it.
+    #[serde(skip)]
+    pub in_flight: bool,
 }
 
 /// An alert on its way: what to post to `NOTIFY_URL` (the URL itself is not kept: it is
@@ -241,6 +247,123 @@ pub fn alert_request(alert: &Alert, pool: &str) -> (String, Vec<(String, String)
         headers.push(("x-claude-runner-pool".to_string(), pool.to_string()));
     }
     (body, headers)
+}
+
+/// The most bytes of a callback's body: a view larger than this (a large diff, an output
+/// past what the agent cuts it to) is sent without its long parts ([`callback_body`]).
+pub const MAX_CALLBACK_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// What a callback's body left out of the job's view to stay within
+/// [`MAX_CALLBACK_BODY_BYTES`], and where the whole is read.
+#[derive(Debug, Clone, Serialize)]
+struct Partial {
+    /// Of `diff`, `files_changed`, `output`, `error` (a text: cut), or the whole `result`.
+    left_out: Vec<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_bytes_left_out: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_bytes_left_out: Option<u64>,
+    /// `GET /jobs/{id}` (under `/pool/<name>` for another pool than the default one).
+    whole: String,
+}
+
+#[derive(Serialize)]
+struct CallbackBody<'a> {
+    #[serde(flatten)]
+    view: &'a JobView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partial: Option<&'a Partial>,
+}
+
+/// The body of a callback: the job's view (`GET /jobs/{id}`'s answer) whole when it is at
+/// most [`MAX_CALLBACK_BODY_BYTES`]; else without its `diff`, then without its
+/// `files_changed`, then with its `output` and then its `error` cut, until it fits (a
+/// result whose other fields alone pass the bound, which no agent's does, goes whole) —
+/// with `partial` saying what was left out and where to read the whole (`pool` says
+/// where). Bounded so that the callbacks in flight at once are bounded in bytes, not only
+/// in count ([`crate::machine::MAX_CALLBACKS_IN_FLIGHT`]).
+pub fn callback_body(mut view: JobView, pool: &str) -> String {
+    let text = |view: &JobView, partial: Option<&Partial>| serde_json::to_string(&CallbackBody { view, partial }).expect("views serialise");
+    let whole = text(&view, None);
+    if whole.len() <= MAX_CALLBACK_BODY_BYTES || view.result.is_none() {
+        return whole;
+    }
+    drop(whole);
+    let place = match pool {
+        shared::ids::DEFAULT_POOL => String::new(),
+        pool => format!("/pool/{pool}"),
+    };
+    let mut partial = Partial { left_out: Vec::new(), output_bytes_left_out: None, error_bytes_left_out: None, whole: format!("GET {place}/jobs/{}", view.job_id) };
+    let fits = |view: &JobView, partial: &Partial| text(view, Some(partial)).len() <= MAX_CALLBACK_BODY_BYTES;
+    fn result(view: &mut JobView) -> &mut shared::job::JobResult {
+        &mut view.result.as_mut().expect("checked above").result
+    }
+    if result(&mut view).diff.take().is_some() {
+        partial.left_out.push("diff");
+    }
+    if !fits(&view, &partial) && result(&mut view).files_changed.take().is_some() {
+        partial.left_out.push("files_changed");
+    }
+    for field in ["output", "error"] {
+        if fits(&view, &partial) {
+            break;
+        }
+        let mut value = match field {
+            "output" => std::mem::take(&mut result(&mut view).output),
+            _ => result(&mut view).error.take().unwrap_or_default(),
+        };
+        // The room it has: the bound less the rest, with what `partial` will say of it at
+        // its widest.
+        let mut widest = partial.clone();
+        widest.left_out.push(field);
+        *widest.left_of(field) = Some(u64::MAX);
+        let room = MAX_CALLBACK_BODY_BYTES.saturating_sub(text(&view, Some(&widest)).len());
+        let kept = longest_prefix_within(&value, room);
+        if kept < value.len() {
+            partial.left_out.push(field);
+            *partial.left_of(field) = Some((value.len() - kept) as u64);
+            value.truncate(kept);
+        }
+        match field {
+            "output" => result(&mut view).output = value,
+            _ => result(&mut view).error = Some(value).filter(|v| !v.is_empty()),
+        }
+    }
+    if !fits(&view, &partial) {
+        // Only fields an agent has no reason to fill so (its session id, a branch name):
+        // the result goes, the view's other fields stay.
+        view.result = None;
+        partial = Partial { left_out: vec!["result"], output_bytes_left_out: None, error_bytes_left_out: None, ..partial };
+    }
+    text(&view, Some(&partial))
+}
+
+impl Partial {
+    fn left_of(&mut self, field: &str) -> &mut Option<u64> {
+        match field {
+            "output" => &mut self.output_bytes_left_out,
+            _ => &mut self.error_bytes_left_out,
+        }
+    }
+}
+
+/// The length of the longest start of `text` (cut at a character's boundary) whose JSON
+/// string, quotes aside, takes at most `room` bytes as serde_json writes it: `"`, `\\` and
+/// `\b \t \n \f \r` two bytes each, other control characters six (`\u00XX`), the
+/// rest as they are.
+fn longest_prefix_within(text: &str, room: usize) -> usize {
+    let mut used = 0;
+    for (at, c) in text.char_indices() {
+        used += match c {
+            '"' | '\\' | '\u{8}' | '\t' | '\n' | '\u{c}' | '\r' => 2,
+            c if (c as u32) < 0x20 => 6,
+            c => c.len_utf8(),
+        };
+        if used > room {
+            return at;
+        }
+    }
+    text.len()
 }
 
 /// Tries of one delivery, at most.
@@ -408,6 +531,20 @@ pub fn check_callback(url: &str, allowed: &[String]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The room a cut output is given is counted as serde_json writes the text.
+    #[test]
+    fn a_texts_json_length_is_counted_as_serde_json_writes_it() {
+        let all: String = (0u32..0x300).filter_map(char::from_u32).chain("😀\"\\é".chars()).collect();
+        for end in (0..=all.len()).filter(|i| all.is_char_boundary(*i)) {
+            let prefix = &all[..end];
+            let written = serde_json::to_string(prefix).unwrap().len() - 2;
+            assert_eq!(longest_prefix_within(prefix, written), prefix.len(), "{prefix:?}");
+            if !prefix.is_empty() {
+                assert!(longest_prefix_within(prefix, written - 1) < prefix.len(), "{prefix:?}");
+            }
+        }
+    }
 
     fn obs(kind: AlertKind, active: bool) -> Observation {
         Observation { kind, agent: "spark".into(), active, message: format!("{kind:?} {active}") }

@@ -36,8 +36,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 /// File descriptors the default `MAX_CONNECTIONS` leaves for what is not a caller's or an
-/// agent's connection: the result callbacks the machine may post at once
-/// ([`edge_core::machine::MAX_PENDING_CALLBACKS`]), and 64 for the rest — standard
+/// agent's connection: the result callbacks' — the machine has at most
+/// [`edge_core::machine::MAX_CALLBACKS_IN_FLIGHT`] posted at once, but the HTTP client
+/// keeps its connection to each receiver posted to lately open a while, one per pending
+/// callback at most ([`edge_core::machine::MAX_PENDING_CALLBACKS`]) — and 64 for the rest — standard
 /// streams, the SQLite database with its WAL, shared memory and journal, the data
 /// directory's lock, the runtime's epoll and wake-up descriptors, the listener, alerts to
 /// `NOTIFY_URL`, DNS look-ups — with room to spare.

@@ -54,9 +54,10 @@ pub enum Command {
     Posted { id: String, outcome: edge_core::notify::Outcome },
 }
 
-/// Makes one POST: the status it was answered with, or how it failed.
-async fn send(http: &reqwest::Client, delivery: &edge_core::machine::Post) -> edge_core::notify::Outcome {
-    let mut request = http.post(&delivery.url).body(delivery.body.clone());
+/// Makes one POST: the status it was answered with, or how it failed. The body is moved
+/// into the request, not copied (a callback's is up to 2 MiB).
+async fn send(http: &reqwest::Client, delivery: edge_core::machine::Post) -> edge_core::notify::Outcome {
+    let mut request = http.post(&delivery.url).body(delivery.body);
     for (name, value) in &delivery.headers {
         request = request.header(name, value);
     }
@@ -134,7 +135,9 @@ impl Driver {
         Driver { edge, store, clock, outboxes: HashMap::new(), budgets: HashMap::new(), conns: HashMap::new(), callers: HashMap::new(), commands, http: None }
     }
 
-    /// Makes one POST in its own task; its outcome comes back as [`Command::Posted`].
+    /// Makes one POST in its own task; its outcome comes back as [`Command::Posted`]. The
+    /// machine bounds how many are on their way: at most
+    /// [`edge_core::machine::MAX_CALLBACKS_IN_FLIGHT`] callbacks, besides a few alerts.
     fn post(&mut self, delivery: edge_core::machine::Post) {
         let http = self
             .http
@@ -149,9 +152,10 @@ impl Driver {
             .clone();
         let commands = self.commands.clone();
         tokio::spawn(async move {
-            let outcome = send(&http, &delivery).await;
+            let id = delivery.id.clone();
+            let outcome = send(&http, delivery).await;
             if let Some(commands) = commands.upgrade() {
-                let _ = commands.send(Command::Posted { id: delivery.id, outcome }).await;
+                let _ = commands.send(Command::Posted { id, outcome }).await;
             }
         });
     }
@@ -413,7 +417,7 @@ mod tests {
         for port in [closed_port, resets_port] {
             let url = format!("http://127.0.0.1:{port}/topic-tk_S3cr3tT0k3n?auth=tk_Qu3ryT0k3n");
             let post = Post { id: "alert:offline:1".into(), url: url.clone(), body: "x".into(), headers: vec![] };
-            let outcome = send(&http, &post).await;
+            let outcome = send(&http, post).await;
             let text = outcome.expect_err("nothing answers");
             for part in ["S3cr3tT0k3n", "Qu3ryT0k3n", "topic", "127.0.0.1", &port.to_string(), "http:"] {
                 assert!(!text.contains(part), "{part:?} in {text:?}");

@@ -304,14 +304,16 @@ impl EdgeDurableObject {
     /// meanwhile. They go out together, and those other events ask for meanwhile join
     /// them (looked for every [`DELIVERY_POLL_MS`]): made one after another, every callback
     /// and alert waited behind a receiver that never answers, 15 s each time it was tried.
-    /// The machine's deadlines that come meanwhile are met here too.
+    /// How many is the machine's to bound: it hands out at most
+    /// [`edge_core::machine::MAX_CALLBACKS_IN_FLIGHT`] callbacks at once, the next as an
+    /// outcome comes back. The machine's deadlines that come meanwhile are met here too.
     async fn deliver(&self) {
         let mut on_their_way = futures::stream::FuturesUnordered::new();
         loop {
             for delivery in std::mem::take(&mut *self.deliveries.borrow_mut()) {
                 on_their_way.push(async move {
-                    let outcome = post(&delivery).await;
-                    (delivery.id, outcome)
+                    let id = delivery.id.clone();
+                    (id, post(delivery).await)
                 });
             }
             if on_their_way.is_empty() {
@@ -493,7 +495,8 @@ fn not_loaded(path: &str) -> Response {
 }
 
 /// One POST, bounded in time; its status, or why it failed.
-async fn post(delivery: &Post) -> edge_core::notify::Outcome {
+/// The body is let go once the runtime holds its copy (a callback's is up to 2 MiB).
+async fn post(delivery: Post) -> edge_core::notify::Outcome {
     let headers = worker::Headers::new();
     for (name, value) in &delivery.headers {
         headers.set(name, value).map_err(|e| e.to_string())?;
@@ -503,6 +506,7 @@ async fn post(delivery: &Post) -> edge_core::notify::Outcome {
         .with_headers(headers)
         .with_redirect(worker::RequestRedirect::Manual)
         .with_body(Some(JsValue::from_str(&delivery.body)));
+    drop(delivery.body);
     let request = worker::Request::new_with_init(&delivery.url, &init).map_err(|e| e.to_string())?;
     let fetcher = worker::Fetch::Request(request);
     let fetch = std::pin::pin!(fetcher.send());

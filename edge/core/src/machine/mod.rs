@@ -76,6 +76,11 @@ pub const DOWN_SHOWN_MS: Millis = 3_600_000;
 /// the cap a job asking for a callback is refused (429) until some are delivered or given
 /// up ([`Edge::callbacks_full`]).
 pub const MAX_PENDING_CALLBACKS: usize = 256;
+/// Result callbacks handed to the host at once, at most: each POST carries its job's view
+/// (up to [`crate::notify::MAX_CALLBACK_BODY_BYTES`]), and a restore can find every
+/// pending one overdue. The next is handed out when one's outcome comes back
+/// ([`Edge::posted`]), or when one went unheard past its timeout.
+pub const MAX_CALLBACKS_IN_FLIGHT: usize = 8;
 
 /// What the host must do. Writes (`Save`, `Forget`) come first and together: see
 /// [`split_writes`] and [`Edge::store_failed`]. The rest in order.

@@ -8,7 +8,7 @@
 //! retry reads the job's whole record back from storage
 //! ([`Effect::Recall`], [`Edge::recalled`]), since memory keeps only an ended job's header.
 
-use super::{Edge, Effect};
+use super::{Edge, Effect, MAX_CALLBACKS_IN_FLIGHT};
 use crate::clock::Now;
 use crate::notify::{self, AlertKind, Observation, Outcome};
 use crate::notify::{AlertDelivery, CallbackState};
@@ -134,7 +134,10 @@ impl Edge {
             .filter_map(|(_, a)| a.usage_hold_until)
             .min();
         let posts = self.alerts.alert_posts.values().map(|p| p.next_at).min();
-        let callbacks = self.alerts.callbacks.values().map(|c| c.next_at).min();
+        // While every place is taken, the ones waiting for a place are not due: the next
+        // time is one in flight going unheard past its timeout (or its outcome, an event).
+        let full = self.callbacks_in_flight() >= MAX_CALLBACKS_IN_FLIGHT;
+        let callbacks = self.alerts.callbacks.values().filter(|c| c.in_flight || !full).map(|c| c.next_at).min();
         [offline, resets, posts, callbacks].into_iter().flatten().min()
     }
 
@@ -173,13 +176,72 @@ impl Edge {
         ))
     }
 
-    /// A job ended (its whole record at hand): its result goes to its callback, if any.
+    /// A job ended (its whole record at hand): its result goes to its callback, if any —
+    /// now, or once fewer than [`MAX_CALLBACKS_IN_FLIGHT`] are on their way (it is due
+    /// from now: [`Edge::hand_out_callbacks`] takes it, its record read back).
     pub(super) fn start_callback(&mut self, now: Now, job: &Job, effects: &mut Vec<Effect>) {
         let Some(url) = job.callback_url.clone() else { return };
         let before = self.alerts.clone();
-        self.alerts.callbacks.insert(job.id.clone(), CallbackState { url, attempts: 0, next_at: now.at });
+        self.alerts.callbacks.insert(job.id.clone(), CallbackState { url, attempts: 0, next_at: now.at, in_flight: false });
         self.note_alerts(before);
-        self.attempt_callback(now, job, effects);
+        if self.callbacks_in_flight() < MAX_CALLBACKS_IN_FLIGHT {
+            self.attempt_callback(now, job, effects);
+        } else {
+            info!(job_id = %job.id, in_flight = MAX_CALLBACKS_IN_FLIGHT, "the job's callback waits for one of those on their way");
+        }
+    }
+
+    /// Callbacks handed to the host and not heard of yet.
+    fn callbacks_in_flight(&self) -> usize {
+        self.alerts.callbacks.values().filter(|c| c.in_flight).count()
+    }
+
+    /// Hands the host the callbacks that are due, oldest due first, while fewer than
+    /// [`MAX_CALLBACKS_IN_FLIGHT`] are on their way: each POST carries up to
+    /// [`notify::MAX_CALLBACK_BODY_BYTES`], and a restore (or a burst of jobs ending) finds
+    /// many due at once. Called when one's outcome comes back and at each tick; an attempt
+    /// the host never told of stops holding its place at its timeout. Gives up those out
+    /// of attempts, whatever the places.
+    fn hand_out_callbacks(&mut self, now: Now, effects: &mut Vec<Effect>) {
+        let unheard: Vec<String> =
+            self.alerts.callbacks.iter().filter(|(_, c)| c.in_flight && c.next_at <= now.at).map(|(id, _)| id.clone()).collect();
+        if !unheard.is_empty() {
+            let before = self.alerts.clone();
+            for id in &unheard {
+                if let Some(c) = self.alerts.callbacks.get_mut(id) {
+                    c.in_flight = false;
+                }
+            }
+            self.note_alerts(before);
+        }
+        let mut due: Vec<(Millis, String, u32)> =
+            self.alerts.callbacks.iter().filter(|(_, c)| !c.in_flight && c.next_at <= now.at).map(|(id, c)| (c.next_at, id.clone(), c.attempts)).collect();
+        due.sort();
+        for (_, id, attempts) in due {
+            if attempts >= notify::MAX_ATTEMPTS {
+                self.give_up_callback(&id, "no answer", effects);
+                continue;
+            }
+            if self.callbacks_in_flight() >= MAX_CALLBACKS_IN_FLIGHT {
+                continue;
+            }
+            // Not again before the host has read the record back, or said how it went.
+            let before = self.alerts.clone();
+            if let Some(c) = self.alerts.callbacks.get_mut(&id) {
+                c.next_at = now.at.saturating_add(notify::DELIVERY_TIMEOUT_MS);
+                c.in_flight = true;
+            }
+            self.note_alerts(before);
+            match self.jobs.get(&id) {
+                Some(job) if !job.header_only => {
+                    let job = job.clone();
+                    self.attempt_callback(now, &job, effects);
+                }
+                Some(_) => effects.push(Effect::Recall { job_id: id }),
+                None => self.give_up_callback(&id, "the job is no longer kept", effects),
+            }
+        }
+        self.callback_settled(effects);
     }
 
     /// Posts the job's result (its whole record) to its callback, counting the attempt.
@@ -212,11 +274,12 @@ impl Edge {
         let before = self.alerts.clone();
         let Some(callback) = self.alerts.callbacks.get_mut(&job.id) else { return };
         callback.attempts += 1;
+        callback.in_flight = true;
         // If the host never says how it went, try again after the timeout.
         callback.next_at = now.at.saturating_add(notify::DELIVERY_TIMEOUT_MS);
         let (url, attempt) = (callback.url.clone(), callback.attempts);
         self.note_alerts(before);
-        let body = serde_json::to_string(&job.view(now)).expect("views serialise");
+        let body = notify::callback_body(job.view(now), &self.cfg.pool);
         let timestamp = now.wall;
         let headers = vec![
             ("content-type".to_string(), "application/json".to_string()),
@@ -240,37 +303,25 @@ impl Edge {
                 self.give_up_callback(job_id, "its record is no longer kept", &mut effects);
                 self.callback_settled(&mut effects);
             }
-            // Storage could not be read now: the callback stays due and is tried again.
-            Err(e) => warn!(job_id, error = %e, "could not read a job's record for its callback; trying again later"),
+            // Storage could not be read now: the callback is tried again at the time set
+            // when it was handed out, and gives its place up meanwhile.
+            Err(e) => {
+                warn!(job_id, error = %e, "could not read a job's record for its callback; trying again later");
+                if self.alerts.callbacks.get(job_id).is_some_and(|c| c.in_flight) {
+                    let before = self.alerts.clone();
+                    if let Some(c) = self.alerts.callbacks.get_mut(job_id) {
+                        c.in_flight = false;
+                    }
+                    self.note_alerts(before);
+                }
+            }
         }
         effects
     }
 
     /// Retries what is due: callbacks and alerts whose last attempt failed or went unheard.
     pub(super) fn retry_notices(&mut self, now: Now, effects: &mut Vec<Effect>) {
-        let due: Vec<(String, u32)> =
-            self.alerts.callbacks.iter().filter(|(_, c)| c.next_at <= now.at).map(|(id, c)| (id.clone(), c.attempts)).collect();
-        for (id, attempts) in due {
-            if attempts >= notify::MAX_ATTEMPTS {
-                self.give_up_callback(&id, "no answer", effects);
-                continue;
-            }
-            // Not again before the host has read the record back.
-            let before = self.alerts.clone();
-            if let Some(c) = self.alerts.callbacks.get_mut(&id) {
-                c.next_at = now.at.saturating_add(notify::DELIVERY_TIMEOUT_MS);
-            }
-            self.note_alerts(before);
-            match self.jobs.get(&id) {
-                Some(job) if !job.header_only => {
-                    let job = job.clone();
-                    self.attempt_callback(now, &job, effects);
-                }
-                Some(_) => effects.push(Effect::Recall { job_id: id }),
-                None => self.give_up_callback(&id, "the job is no longer kept", effects),
-            }
-        }
-        self.callback_settled(effects);
+        self.hand_out_callbacks(now, effects);
         let due: Vec<String> = self.alerts.alert_posts.iter().filter(|(_, p)| p.next_at <= now.at).map(|(id, _)| id.clone()).collect();
         if due.is_empty() {
             return;
@@ -350,18 +401,19 @@ impl Edge {
             } else if !retry || callback.attempts >= notify::MAX_ATTEMPTS {
                 self.give_up_callback(job_id, &what, &mut effects);
             } else {
-                // Not settled: it is posted again later.
+                // Posted again later; its place goes to the next meanwhile.
                 let wait = notify::backoff(callback.attempts);
                 warn!(job_id, attempt, outcome = %what, retry_in_ms = wait, "callback failed; trying again");
                 let before = self.alerts.clone();
                 if let Some(c) = self.alerts.callbacks.get_mut(job_id) {
                     c.next_at = now.at.saturating_add(wait);
+                    c.in_flight = false;
                 }
                 self.note_alerts(before);
                 effects.push(Effect::SaveAlerts(Box::new(self.alerts.clone())));
-                return effects;
             }
-            self.callback_settled(&mut effects);
+            // The place it held goes to the next due (settling, if it was settled, with it).
+            self.hand_out_callbacks(now, &mut effects);
         } else if let Some(attempts) = self.alerts.alert_posts.get(id).map(|p| p.attempts) {
             let before = self.alerts.clone();
             if retry && attempts < notify::MAX_ATTEMPTS {

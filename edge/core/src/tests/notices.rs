@@ -434,3 +434,128 @@ fn an_alert_decided_a_day_before_a_restart_is_decided_again_not_posted_stale() {
     let fresh = posts(&edge.tick(10_000 + day + 1_000));
     assert_eq!(fresh.len(), 1, "the offline alert decided again");
 }
+
+/// The POSTs and recalls of callbacks the machine handed the host in `effects`, by job.
+fn handed_out(effects: &[Effect]) -> Vec<String> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Post(p) => p.id.strip_prefix("callback:").and_then(|r| r.rsplit_once(':')).map(|(job, _)| job.to_string()),
+            Effect::Recall { job_id } => Some(job_id.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Each callback carries its job's view (output up to 1 MiB, a diff up to 6 MiB), and the
+/// hosts posted every one the machine handed them at once: twenty jobs ending together
+/// (or a restore finding them overdue) were twenty bodies in flight. The machine hands
+/// out at most `MAX_CALLBACKS_IN_FLIGHT`; the next goes when one's outcome comes back, or
+/// when one's attempt went unheard past its timeout.
+#[test]
+fn callbacks_in_flight_are_capped_and_the_next_goes_when_one_is_heard() {
+    use crate::machine::MAX_CALLBACKS_IN_FLIGHT;
+    use crate::notify::DELIVERY_TIMEOUT_MS;
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join_with(&mut edge, 0, "spark", &agent_key(1), vec![], 1, 20);
+    say(&mut edge, 0, &sid, credit(20, 0));
+    let stored = std::cell::RefCell::new(std::collections::HashMap::new());
+    let alerts = std::cell::RefCell::new(None);
+    let keep = |effects: &[Effect]| {
+        for e in effects {
+            match e {
+                Effect::Save(j) => drop(stored.borrow_mut().insert(j.id.clone(), (**j).clone())),
+                Effect::SaveAlerts(a) => *alerts.borrow_mut() = Some((**a).clone()),
+                _ => {}
+            }
+        }
+    };
+    for i in 0..20 {
+        let body = json!({"prompt": "x", "callback_url": "https://hooks.example.com/r"}).to_string();
+        let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+        keep(&edge.submit(0, format!("j{i:02}"), submission, Mode::Detached).unwrap().effects);
+    }
+    let mut first = Vec::new();
+    for i in 0..20 {
+        let effects = report(&mut edge, 10, &sid, &format!("j{i:02}"), ok_result());
+        keep(&effects);
+        first.extend(posts(&effects));
+    }
+    assert_eq!(first.len(), MAX_CALLBACKS_IN_FLIGHT, "{:?}", first.iter().map(|p| &p.id).collect::<Vec<_>>());
+    // The others wait their turn without the machine spinning on them.
+    assert!(edge.next_deadline().is_some_and(|at| at > 10), "{:?}", edge.next_deadline());
+    assert!(handed_out(&edge.tick(1_000)).is_empty());
+    // One taken: the next goes (its record read back: memory keeps an ended job's header).
+    let effects = edge.posted(1_000, &first[0].id, Ok(200));
+    keep(&effects);
+    assert_eq!(handed_out(&effects), ["j08"]);
+    let whole = stored.borrow().get("j08").cloned();
+    let effects = edge.recalled(1_001, "j08", Ok(whole));
+    keep(&effects);
+    assert_eq!(posts(&effects).len(), 1);
+    // One failed, to be tried again later: it gives its place up meanwhile.
+    let effects = edge.posted(1_002, &first[1].id, Ok(503));
+    keep(&effects);
+    assert_eq!(handed_out(&effects), ["j09"]);
+    // A stale or unknown outcome frees nothing.
+    assert!(handed_out(&edge.posted(1_003, &first[0].id, Ok(200))).is_empty());
+    assert!(handed_out(&edge.posted(1_003, "callback:nope:1", Ok(200))).is_empty());
+    // Attempts never heard of stop holding their places at their timeout; then at most
+    // the cap are handed out again.
+    let effects = edge.tick(10 + DELIVERY_TIMEOUT_MS);
+    keep(&effects);
+    let again = handed_out(&effects);
+    assert!(!again.is_empty() && again.len() <= MAX_CALLBACKS_IN_FLIGHT, "{again:?}");
+    // After a restore every overdue one is due at once: still at most the cap.
+    let alerts = alerts.take().expect("stored");
+    assert!(alerts.callbacks.len() > MAX_CALLBACKS_IN_FLIGHT);
+    let (mut restored, effects) = Edge::restore(config(), stored.take().into_values().collect(), vec![], Some(alerts), 100_000);
+    let mut out = handed_out(&effects);
+    out.extend(handed_out(&restored.tick(100_000)));
+    assert_eq!(out.len(), MAX_CALLBACKS_IN_FLIGHT, "{out:?}");
+}
+
+/// A callback's body is bounded: the view whole when it fits `MAX_CALLBACK_BODY_BYTES`,
+/// else without its diff (and the list of changed files, then the output and error cut),
+/// saying so in `partial` with where to read the whole. The signature is over what is
+/// sent.
+#[test]
+fn a_callbacks_body_is_bounded_and_says_what_it_left_out() {
+    use crate::notify::MAX_CALLBACK_BODY_BYTES;
+    let (mut edge, sid) = ready_edge();
+    let body = json!({"prompt": "x", "callback_url": "https://hooks.example.com/r"}).to_string();
+    let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+    edge.submit(0, "j".into(), submission, Mode::Detached).unwrap();
+    let output = "o".repeat(1 << 20);
+    let result = JobResult { diff: Some("d".repeat(3 << 19)), output: output.clone(), ..ok_result() };
+    let effects = report(&mut edge, 10, &sid, "j", result);
+    let post = posts(&effects).pop().expect("posted");
+    assert!(post.body.len() <= MAX_CALLBACK_BODY_BYTES, "{} bytes", post.body.len());
+    let header = |name: &str| post.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap();
+    let ts: u64 = header("x-runner-timestamp").parse().unwrap();
+    assert_eq!(header("x-runner-signature"), crate::notify::signature(SECRET, ts, &post.body));
+    let view: Value = serde_json::from_str(&post.body).unwrap();
+    assert_eq!(view["result"]["output"].as_str(), Some(output.as_str()), "the output whole");
+    assert!(view["result"]["diff"].is_null(), "the diff left out");
+    assert_eq!(view["partial"]["left_out"], json!(["diff"]), "{}", view["partial"]);
+    assert_eq!(view["partial"]["whole"], "GET /jobs/j");
+    // Output past what the body holds (an agent is bounded by its frames, not by 1 MiB) is cut.
+    let (mut edge, sid) = ready_edge();
+    let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+    edge.submit(0, "k".into(), submission, Mode::Detached).unwrap();
+    let result = JobResult { output: "é\n".repeat(800_000), ..ok_result() };
+    let post = posts(&report(&mut edge, 10, &sid, "k", result)).pop().expect("posted");
+    assert!(post.body.len() <= MAX_CALLBACK_BODY_BYTES, "{} bytes", post.body.len());
+    let view: Value = serde_json::from_str(&post.body).unwrap();
+    let kept = view["result"]["output"].as_str().unwrap().len();
+    assert!(kept > MAX_CALLBACK_BODY_BYTES / 2 && kept < 2_400_000, "{kept}");
+    assert_eq!(view["partial"]["left_out"], json!(["output"]), "{}", view["partial"]);
+    assert_eq!(view["partial"]["output_bytes_left_out"].as_u64(), Some(2_400_000 - kept as u64));
+    // A result that fits is the view itself, as GET /jobs/{id} shows it.
+    let (mut edge, sid) = ready_edge();
+    let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+    edge.submit(0, "m".into(), submission, Mode::Detached).unwrap();
+    let post = posts(&report(&mut edge, 10, &sid, "m", JobResult { diff: Some("small".into()), ..ok_result() })).pop().unwrap();
+    let view: Value = serde_json::from_str(&post.body).unwrap();
+    assert!(view.get("partial").is_none() && view["result"]["diff"] == "small", "{view}");
+}
