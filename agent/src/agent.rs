@@ -56,6 +56,10 @@ struct Running {
     beats: u64,
     /// The mirror names the edge was last told of (in a hello or a `Mirrors`).
     mirrors_told: Vec<String>,
+    /// The results sent that the edge has not acknowledged: each heartbeat names them
+    /// ([`Beat::finished`]), so the edge waits for a result dropped on the way rather than
+    /// take its job for lost.
+    unacked: std::collections::BTreeSet<String>,
 }
 
 impl Running {
@@ -277,6 +281,12 @@ impl Agent {
         running.beats = 0;
     }
 
+    /// A result the spool keeps is sent (again) on this connection: heartbeats name it
+    /// until the edge acknowledges it.
+    pub fn resending(&self, job_id: &str) {
+        self.running.lock().expect("running lock").unacked.insert(job_id.to_string());
+    }
+
     /// The mirror names for a hello, remembered as what the edge knows.
     pub fn mirrors_for_hello(&self) -> Vec<String> {
         let names = self.repos.mirror_names_from_disk();
@@ -306,12 +316,16 @@ impl Agent {
             challenge: running.challenge.clone(),
             seq: running.beats,
             running: running.ids(),
+            finished: Vec::new(),
+            more_finished: false,
             capacity: self.cfg.max_concurrent_jobs,
             oauth,
             slots: self.slots(&running),
             claude_version: self.cli.current(),
             stopping: running.closed,
         };
+        let (finished, more_finished) = shared::protocol::Hello::name_finished(running.unacked.iter().cloned());
+        let beat = Beat { finished, more_finished, ..beat };
         self.link.seal_and_send(&self.uplink, |key| AgentMessage::heartbeat(&beat, key));
     }
 
@@ -524,6 +538,7 @@ impl Agent {
         let (ids, mirrors) = {
             let mut running = self.running.lock().expect("running lock");
             running.jobs.remove(job_id);
+            running.unacked.insert(job_id.to_string());
             let mirrors = self.repos.mirror_names();
             if let Some(report) = report {
                 self.link.send(&self.uplink, report);
@@ -573,7 +588,10 @@ impl Agent {
     pub fn on_result_ack(&self, envelope: &Tagged) {
         let Some(key) = self.link.edges() else { return };
         match envelope.open::<shared::protocol::Acknowledgement>(Domain::ResultAck, &key) {
-            Ok(ack) if ack.agent_id == self.cfg.agent_id => self.spool.remove(&ack.job_id),
+            Ok(ack) if ack.agent_id == self.cfg.agent_id => {
+                self.spool.remove(&ack.job_id);
+                self.running.lock().expect("running lock").unacked.remove(&ack.job_id);
+            }
             Ok(_) => warn!(agent_id = %self.cfg.agent_id, "an acknowledgement for another agent ignored"),
             Err(e) => warn!(agent_id = %self.cfg.agent_id, error = %e, "an acknowledgement not MACed by the edge on this connection ignored; its result stays"),
         }

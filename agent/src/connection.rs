@@ -165,9 +165,22 @@ fn retry_after(reason: &str) -> Option<Duration> {
     ms.parse().ok().map(Duration::from_millis)
 }
 
-/// Sends one frame, giving up after `limit`.
+/// Sends one frame, giving up after `limit` and the time its size takes at the slowest
+/// uplink served ([`for_bytes`]).
 async fn send(ws: &mut Socket, msg: &AgentMessage, limit: Duration) -> Result<(), End> {
-    within(limit, ws.send(Message::Text(msg.to_text().into()))).await
+    let text = msg.to_text();
+    let limit = for_bytes(limit, text.len());
+    within(limit, ws.send(Message::Text(text.into()))).await
+}
+
+/// How long a write of `bytes` may take: `limit` (two heartbeat intervals: a stuck link is
+/// found) plus the bytes at [`shared::contract::MIN_UPLINK_BYTES_PER_SEC`]. A flat bound
+/// gave up a large result on a slow uplink that was not stuck — and the same result went
+/// first again after every reconnect, so the agent never got past it; the edge counts the
+/// bytes arriving at that rate as the agent heard.
+fn for_bytes(limit: Duration, bytes: usize) -> Duration {
+    let bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+    limit.saturating_add(Duration::from_millis(bytes.saturating_mul(1000) / shared::contract::MIN_UPLINK_BYTES_PER_SEC))
 }
 
 /// A write to the edge, given up after `limit`.
@@ -233,13 +246,13 @@ const BYTES_PER_WRITE: usize = 1024 * 1024;
 /// Gives up when one frame (or the last flush) takes longer than `limit`
 /// to go, as a frame sent alone did: the bound finds a stuck link, and a batch of large
 /// frames on a slow one is not stuck. Returns the last heartbeat sent, read back (our own
-/// words, just MACed) for the status file.
+/// words, just MACed) for the status file, and the bytes written.
 async fn send_queued(
     ws: &mut Socket,
     first: Outgoing,
     uplink: &mut Receivers,
     limit: Duration,
-) -> Result<Option<shared::protocol::Beat>, End> {
+) -> Result<(Option<shared::protocol::Beat>, usize), End> {
     let mut beat = None;
     let mut next = Some(first);
     let (mut frames, mut bytes) = (0, 0);
@@ -249,7 +262,8 @@ async fn send_queued(
         written.extend(held);
         let text = msg.to_text();
         bytes += text.len();
-        within(limit, ws.feed(Message::Text(text.into()))).await?;
+        // Feeding writes out what no longer fits the buffer: up to this frame and the one before.
+        within(for_bytes(limit, bytes), ws.feed(Message::Text(text.into()))).await?;
         if let AgentMessage::Heartbeat { envelope } = &msg {
             beat = serde_json::from_str::<shared::protocol::Beat>(&envelope.payload).ok().or(beat);
         }
@@ -260,11 +274,11 @@ async fn send_queued(
             next = uplink.try_next();
         }
     }
-    within(limit, ws.flush()).await?;
+    within(for_bytes(limit, bytes), ws.flush()).await?;
     // Not written (an error above): dropped with `written`, their events counted for the
     // jobs' next markers.
     written.into_iter().for_each(crate::uplink::Held::written);
-    Ok(beat)
+    Ok((beat, bytes))
 }
 
 async fn refuse(ws: &mut Socket, code: u16, reason: String) -> End {
@@ -468,8 +482,9 @@ async fn session(
     info!(agent_id = %cfg.agent_id, session = %welcome.session_id, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the edge");
     agent.status.connected(heartbeat.as_millis() as u64);
 
-    // Every send from here on must finish within two heartbeat intervals: the edge itself
-    // drops a connection that silent.
+    // Every send from here on must finish within two heartbeat intervals, and the time its
+    // size takes on the slowest uplink served ([`for_bytes`]): the edge itself drops a
+    // connection that silent.
     let limit = 2 * heartbeat;
 
     // 4. Work. Orders and heartbeats are counted from zero on this connection, and what
@@ -480,8 +495,25 @@ async fn session(
     uplink.clear();
     uplink.patience(heartbeat);
     agent.state_slots();
-    for (_, stored) in agent.spool.all() {
-        if let Err(end) = send(&mut ws, &AgentMessage::result_text(stored.payload, &keys.agent_to_edge), limit).await {
+    // Bytes written since the edge was last heard: the socket's buffers take a large
+    // result at once, and on a slow uplink the heartbeats behind it — and so the edge's
+    // answers — come late by the time those bytes take to go ([`for_bytes`]).
+    let mut unanswered = 0;
+    for (job_id, stored) in agent.spool.all() {
+        agent.resending(&job_id);
+        // A heartbeat before each: results of megabytes on a slow uplink go out one after
+        // another before the work loop's first beat, and an edge that sees only whole
+        // frames (the Worker) hears the agent in its heartbeats.
+        agent.heartbeat();
+        while let Some(out) = uplink.try_next() {
+            match send_queued(&mut ws, out, uplink, limit).await {
+                Ok((_, bytes)) => unanswered += bytes,
+                Err(end) => return end,
+            }
+        }
+        let result = AgentMessage::result_text(stored.payload, &keys.agent_to_edge);
+        unanswered += result.to_text().len();
+        if let Err(end) = send(&mut ws, &result, limit).await {
             return end;
         }
     }
@@ -489,7 +521,7 @@ async fn session(
     let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     let mut last_heard = Instant::now();
     loop {
-        let silent_at = last_heard + 2 * heartbeat;
+        let silent_at = last_heard + for_bytes(2 * heartbeat, unanswered);
         // Biased: a stop is seen first; then a frame that came in during a long write is
         // read before the silence timer is looked at, so a healthy edge is never taken for
         // a silent one.
@@ -511,6 +543,7 @@ async fn session(
             }
             frame = ws.next() => {
                 last_heard = Instant::now();
+                unanswered = 0;
                 match frame {
                     Some(Ok(Message::Text(text))) => match protocol::decode::<EdgeMessage>(&text) {
                         Ok(msg) => {
@@ -543,7 +576,10 @@ async fn session(
             Some(msg) = uplink.next() => {
                 // Results are kept and go out again after the reconnect.
                 let beat = match send_queued(&mut ws, msg, uplink, limit).await {
-                    Ok(beat) => beat,
+                    Ok((beat, bytes)) => {
+                        unanswered += bytes;
+                        beat
+                    }
                     Err(end) => return end,
                 };
                 if let Some(beat) = beat {
@@ -556,7 +592,8 @@ async fn session(
             // The login or usage window changed: the edge hears it now, not at the next beat.
             _ = agent.reporter.changed() => agent.heartbeat(),
             _ = tokio::time::sleep_until(silent_at) => {
-                return End::Lost(format!("nothing from the edge for {} ms (two heartbeat intervals)", 2 * heartbeat.as_millis()));
+                let waited = for_bytes(2 * heartbeat, unanswered).as_millis();
+                return End::Lost(format!("nothing from the edge for {waited} ms (two heartbeat intervals, and the time the {unanswered} bytes sent since take at the slowest uplink served)"));
             }
         }
     }

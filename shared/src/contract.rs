@@ -269,6 +269,12 @@ pub const SSE_KEEPALIVE_MS: u64 = 15_000;
 pub const MIN_HEARTBEAT_INTERVAL_MS: u64 = 100;
 pub const MAX_HEARTBEAT_INTERVAL_MS: u64 = 600_000;
 
+/// The slowest uplink an agent is served on: a frame that is arriving at least this fast
+/// is a sign of life on both ends, however long it takes (a result is up to ~8 MiB). An
+/// agent gives a frame two heartbeat intervals plus its size at this rate to go out; the
+/// native edge counts a frame's bytes arriving at up to this rate as the agent heard.
+pub const MIN_UPLINK_BYTES_PER_SEC: u64 = 16 * 1024;
+
 pub const DEFAULT_TIMEOUT_MS: u64 = 300_000;
 pub const MIN_TIMEOUT_MS: u64 = 100;
 pub const MAX_TOOLS: usize = 128;

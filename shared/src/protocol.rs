@@ -305,6 +305,15 @@ pub struct Beat {
     /// connection, where a made-up `Credit` lasts until the next beat.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopping: bool,
+    /// The results it holds that the edge has not acknowledged, named as a hello names
+    /// them ([`Hello::name_finished`]; `more_finished`: there are more). The edge waits for
+    /// such a job's result rather than take it for lost: a frame-aware hop (a TLS proxy,
+    /// plain `ws://`) can drop the result frame alone, and the agent sends it again. Empty
+    /// from an agent of before the field, which named ended jobs nowhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub finished: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more_finished: bool,
 }
 
 /// A job order refused, MACed by the agent ([`crate::envelope::Domain::Rejection`]) and
@@ -917,6 +926,8 @@ mod tests {
             slots: Slots { free: 1, received: 3 },
             claude_version: None,
             stopping: true,
+            finished: vec!["j0".into()],
+            more_finished: true,
         };
         let AgentMessage::Heartbeat { envelope } = decode(&AgentMessage::heartbeat(&beat, &key).to_text()).unwrap() else { panic!("a heartbeat") };
         assert_eq!(envelope.open::<Beat>(Domain::Heartbeat, &key).unwrap(), beat);

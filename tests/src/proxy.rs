@@ -10,6 +10,9 @@
 //! first bytes one way that carry a pattern (the edge's WebSocket frames to the agent are
 //! not masked, so an order's `{"type":"job"` shows as such) cut the other way before they
 //! pass — no fixed wait for the moment to arrive.
+//!
+//! One direction may be throttled ([`Proxy::throttle`]): every connection, live or new,
+//! passes at most so many bytes a second that way, as a slow uplink does.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,9 +49,13 @@ struct Link {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// Bytes a second each direction (up, down) passes at most; 0: as fast as it goes.
+type Rates = Arc<[AtomicU64; 2]>;
+
 pub struct Proxy {
     port: u16,
     links: Arc<Mutex<Vec<Link>>>,
+    rates: Rates,
     accepted: Arc<AtomicU64>,
     accept: JoinHandle<()>,
 }
@@ -60,7 +67,8 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let links: Arc<Mutex<Vec<Link>>> = Arc::default();
         let accepted = Arc::new(AtomicU64::new(0));
-        let (l, a) = (links.clone(), accepted.clone());
+        let rates: Rates = Arc::default();
+        let (l, a, r) = (links.clone(), accepted.clone(), rates.clone());
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await else { continue };
@@ -75,19 +83,25 @@ impl Proxy {
                 let watches: [Watched; 2] = Default::default();
                 let paused = [Arc::new(tokio::sync::watch::channel(false).0), Arc::new(tokio::sync::watch::channel(false).0)];
                 let tasks = vec![
-                    tokio::spawn(pump(cr, sw, up.clone(), watches[0].clone(), paused[0].subscribe(), ended.clone())),
-                    tokio::spawn(pump(sr, cw, down.clone(), watches[1].clone(), paused[1].subscribe(), ended)),
+                    tokio::spawn(pump(cr, sw, up.clone(), watches[0].clone(), paused[0].subscribe(), (r.clone(), 0), ended.clone())),
+                    tokio::spawn(pump(sr, cw, down.clone(), watches[1].clone(), paused[1].subscribe(), (r.clone(), 1), ended)),
                 ];
                 let mut links = l.lock().unwrap();
                 links.retain(|link| link.tasks.iter().any(|t| !t.is_finished()));
                 links.push(Link { up, down, paused, watches, fds, tasks });
             }
         });
-        Proxy { port, links, accepted, accept }
+        Proxy { port, links, rates, accept, accepted }
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// From now on every connection, live or new, passes at most `bytes_per_sec` going
+    /// `direction` (0: no limit), as a slow link does.
+    pub fn throttle(&self, direction: Direction, bytes_per_sec: u64) {
+        self.rates[(direction == Direction::Down) as usize].store(bytes_per_sec, Ordering::Relaxed);
     }
 
     /// Connections accepted so far.
@@ -190,6 +204,7 @@ async fn pump(
     holed: Arc<AtomicBool>,
     watch: Watched,
     mut paused: tokio::sync::watch::Receiver<bool>,
+    (rates, way): (Rates, usize),
     ended: Arc<tokio::sync::Notify>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
@@ -199,10 +214,19 @@ async fn pump(
         if paused.wait_for(|p| !*p).await.is_err() {
             break;
         }
-        let n = match from.read(&mut buf).await {
+        // Throttled: a tenth of a second's worth at a time, then the rest of that tenth.
+        let rate = rates[way].load(Ordering::Relaxed);
+        let most = match rate {
+            0 => buf.len(),
+            rate => usize::try_from(rate / 10).unwrap_or(usize::MAX).clamp(1, buf.len()),
+        };
+        let n = match from.read(&mut buf[..most]).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if rate > 0 {
+            tokio::time::sleep(std::time::Duration::from_micros(n as u64 * 1_000_000 / rate)).await;
+        }
         watch_for(&watch, &mut tail, &buf[..n]);
         if holed.load(Ordering::Relaxed) {
             continue;

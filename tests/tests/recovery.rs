@@ -101,6 +101,26 @@ async fn a_result_whose_acknowledgement_was_lost_is_sent_again_and_changes_nothi
     assert_eq!(s.agent.claude_runs().len(), 1, "ran once");
 }
 
+/// Hostile review rev8, 1: a result of hundreds of KiB on a slow uplink (the proxy passes
+/// 64 KiB/s from the agent: ~10 s, five heartbeat intervals, for one frame no heartbeat can
+/// pass) is delivered — the edge does not close the connection as silent while the frame
+/// arrives, nor does the agent give up its write — and the agent serves the next job. It
+/// ended `timed_out`, the agent re-sending the same result first on every reconnect and
+/// failing alike, taking nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_result_on_a_slow_uplink_is_delivered_and_the_agent_works_on() {
+    let s = ProxiedAgent::start(&[("HEARTBEAT_INTERVAL_MS", "2000"), ("TIMEOUT_MARGIN_MS", "5000")]).await;
+    s.proxy.throttle(Direction::Up, 64 * 1024);
+    // The stand-in answers with its prompt.
+    let big = format!("slow uplink {}", "x".repeat(600 * 1024));
+    let job_id = s.run_job(&big).await;
+    let job = s.client.wait_job(&job_id, Duration::from_secs(180)).await;
+    assert_eq!(job["state"], "succeeded", "{}\n{}\n{}", job.to_string().chars().take(2000).collect::<String>(), s.agent.log(), s.edge.log());
+    assert!(job["result"]["output"].as_str().unwrap_or_default().ends_with(&big[big.len() - 64..]), "the whole answer came");
+    let next = s.client.execute(json!({"prompt": "after the large one", "timeout_ms": 120000})).await;
+    assert_eq!(next.status, 200, "{}\n{}", next.text, s.edge.log());
+}
+
 /// Issue item 1, from outside: the edge is down while a job ends, so the agent's credit for
 /// it is lost; once the edge is back the next job must run, not wait forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

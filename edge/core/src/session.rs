@@ -24,6 +24,21 @@ pub struct Session {
     pub connected_at: Millis,
     pub last_seen: Millis,
     pub phase: Phase,
+    /// A frame of a proven agent's on its way (as the host saw its bytes arrive,
+    /// [`crate::Edge::arriving`]): until it is whole the connection is not silent. Ends with
+    /// the frame; never kept (a host that keeps records does not count bytes).
+    #[serde(skip)]
+    pub arriving: Option<Arriving>,
+}
+
+/// The bytes of one frame arriving: from `base` (the host's count when it began) at `since`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Arriving {
+    pub since: Millis,
+    pub base: u64,
+    /// Heard until: `since` plus the frame's bytes so far at
+    /// [`shared::contract::MIN_UPLINK_BYTES_PER_SEC`], never past the last report.
+    pub until: Millis,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,6 +98,11 @@ pub struct Agent {
     /// ([`shared::protocol::Hello::instance`]; `None` from an agent of before the field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// The jobs whose results were heard on this connection: only a result new on it is a
+    /// sign of life (one played back by the path again and again is not). Not kept: after
+    /// a Worker's hibernation each may count once more.
+    #[serde(skip)]
+    pub results_heard: std::collections::BTreeSet<String>,
 }
 
 /// An agent instance as told apart at the edge: `""` for an agent that names none (no
@@ -317,11 +337,12 @@ impl Session {
     }
 
     /// When the edge must act on this connection if the agent stays silent: a handshake
-    /// not finished in time, or no heartbeat taken for two heartbeat intervals (`last_seen`).
+    /// not finished in time, or for two heartbeat intervals no heartbeat taken, no new
+    /// result (`last_seen`) and no frame arriving at the floor rate (`arriving`).
     pub fn deadline(&self, heartbeat_interval_ms: u64) -> Millis {
         match self.phase {
             Phase::Challenged { .. } => self.connected_at + HANDSHAKE_TIMEOUT_MS,
-            Phase::Ready(_) => self.last_seen + 2 * heartbeat_interval_ms,
+            Phase::Ready(_) => self.last_seen.max(self.arriving.map_or(0, |a| a.until)) + 2 * heartbeat_interval_ms,
         }
     }
 }
@@ -488,6 +509,7 @@ mod tests {
             source: "203.0.113.7".into(),
             connected_at: 1,
             last_seen: 2,
+            arriving: None,
             phase: Phase::Ready(Agent {
                 agent_id: "spark".into(),
                 version: "v".repeat(500),
@@ -507,6 +529,7 @@ mod tests {
                 usage_hold_until: None,
                 login: Some(login.clone()),
                 instance: Some(shared::ids::instance_id([7; shared::ids::INSTANCE_ID_BYTES])),
+                results_heard: Default::default(),
             }),
         };
         let [cut, without_url, without_version] = <[Session; 3]>::try_from(session.shorter_forms()).unwrap();

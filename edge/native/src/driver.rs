@@ -45,6 +45,8 @@ pub enum Command {
     /// An upgrade to `/agent/connect` from `peer` refused (checked where it was read).
     UpgradeRefused { peer: String, refused: shared::contract::ApiError },
     Frame { session: String, text: String },
+    /// Bytes arrived on an agent connection: `read` is all read from it so far.
+    Arriving { session: String, read: u64 },
     BinaryFrame { session: String },
     /// With the peer's close frame (code, reason), when it sent one.
     Disconnect { session: String, closed_with: Option<(u16, String)> },
@@ -243,6 +245,7 @@ impl Driver {
                 let effects = self.edge.message(now, &session, &text);
                 self.carry_out(effects);
             }
+            Command::Arriving { session, read } => self.edge.arriving(now, &session, read),
             Command::BinaryFrame { session } => {
                 let effects = self.edge.binary_frame(now, &session);
                 self.carry_out(effects);

@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use shared::protocol::MAX_FRAME_BYTES;
 use crate::stall::Peer;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -63,10 +63,11 @@ pub(crate) async fn agent_connect(state: AppState, mut request: Request) -> Resp
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else { return };
         let budget = Arc::new(AtomicUsize::new(edge_core::session::UNPROVEN_READ_BUDGET));
-        let io = Metered { inner: TokioIo::new(upgraded), read: 0, budget: Arc::clone(&budget) };
+        let read = Arc::new(AtomicU64::new(0));
+        let io = Metered { inner: TokioIo::new(upgraded), read: Arc::clone(&read), budget: Arc::clone(&budget) };
         let config = WebSocketConfig::default().max_message_size(Some(MAX_FRAME_BYTES)).max_frame_size(Some(MAX_FRAME_BYTES));
         let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-        agent_socket(state, socket, peer, budget, conn, made_room).await;
+        agent_socket(state, socket, peer, budget, read, conn, made_room).await;
     });
     let mut response = Response::new(axum::body::Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -96,10 +97,21 @@ fn accept_key(method: &Method, headers: &HeaderMap) -> Option<HeaderValue> {
     HeaderValue::from_str(&derive_accept_key(key.as_bytes())).ok()
 }
 
+/// How often a socket's task looks whether bytes arrived.
+const ARRIVING_EVERY: Duration = Duration::from_millis(500);
+
 type Socket = WebSocketStream<Metered<TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// One agent connection, from the upgrade to the socket's end.
-async fn agent_socket(state: AppState, socket: Socket, peer: String, budget: Arc<AtomicUsize>, conn: Option<Conn>, made_room: Option<oneshot::Receiver<()>>) {
+async fn agent_socket(
+    state: AppState,
+    socket: Socket,
+    peer: String,
+    budget: Arc<AtomicUsize>,
+    read: Arc<AtomicU64>,
+    conn: Option<Conn>,
+    made_room: Option<oneshot::Receiver<()>>,
+) {
     let (mut sink, mut stream) = socket.split();
     let (outbox, mut outgoing) = mpsc::unbounded_channel();
     let (tx, rx) = oneshot::channel();
@@ -149,9 +161,23 @@ async fn agent_socket(state: AppState, socket: Socket, peer: String, budget: Arc
     let mut made_room = std::pin::pin!(made_room);
     // The peer's close frame, if it sent one: the edge's log says why an agent left.
     let mut closed_with: Option<(u16, String)> = None;
+    // Bytes of a frame not yet whole are told to the machine (`Edge::arriving`): a large
+    // result on a slow uplink keeps its connection from being taken for a silent one.
+    let mut looked = tokio::time::interval(ARRIVING_EVERY);
+    looked.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut told = 0;
     loop {
         tokio::select! {
             () = &mut made_room => break,
+            _ = looked.tick() => {
+                let now = read.load(Ordering::Relaxed);
+                if now != told {
+                    told = now;
+                    if state.driver.send(Command::Arriving { session: session.clone(), read: now }).await.is_err() {
+                        break;
+                    }
+                }
+            }
             frame = stream.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
                     let cmd = Command::Frame { session: session.clone(), text: text.to_string() };
@@ -184,7 +210,8 @@ async fn agent_socket(state: AppState, socket: Socket, peer: String, budget: Arc
 /// connection ends.
 pub(crate) struct Metered<S> {
     inner: S,
-    read: usize,
+    /// All read so far; the socket's task reports it ([`Command::Arriving`]).
+    read: Arc<AtomicU64>,
     budget: Arc<AtomicUsize>,
 }
 
@@ -194,8 +221,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &polled {
             let got = buf.filled().len() - before;
-            self.read = self.read.saturating_add(got);
-            if self.read > self.budget.load(Ordering::Relaxed) {
+            let read = self.read.fetch_add(got as u64, Ordering::Relaxed).saturating_add(got as u64);
+            if read > self.budget.load(Ordering::Relaxed) as u64 {
                 return Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     "the peer sent more than an unproven connection may",

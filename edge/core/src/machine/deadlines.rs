@@ -75,7 +75,7 @@ impl Edge {
             .collect();
         for (id, ready) in overdue {
             let reason = if ready {
-                format!("no heartbeat from the agent for {} ms (two heartbeat intervals)", 2 * hb)
+                format!("nothing from the agent for {} ms (two heartbeat intervals: no heartbeat, no new result, no frame arriving)", 2 * hb)
             } else {
                 format!("no signed hello within {} s", HANDSHAKE_TIMEOUT_MS / 1000)
             };

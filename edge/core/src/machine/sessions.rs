@@ -5,8 +5,8 @@ use super::storage::Origin;
 use super::{Edge, Effect};
 use crate::clock::Now;
 use crate::record::Job;
-use crate::session::{self, Agent, Phase, Refused, Session};
-use shared::contract::{ApiError, ErrorCode};
+use crate::session::{self, Agent, Arriving, Phase, Refused, Session};
+use shared::contract::{ApiError, ErrorCode, MIN_UPLINK_BYTES_PER_SEC};
 use shared::envelope::{Domain, Envelope, EnvelopeError, Tagged};
 use shared::link::{Ephemeral, LinkKeys};
 use shared::ids::{hex, shown_job_id};
@@ -83,6 +83,7 @@ impl Edge {
             source,
             connected_at: now.at,
             last_seen: now.at,
+            arriving: None,
             phase: Phase::Challenged { nonce: nonce.clone(), ephemeral },
         };
         let challenge = EdgeMessage::Challenge {
@@ -295,6 +296,9 @@ impl Edge {
         if session.agent().is_none() {
             session.last_seen = now.at;
         }
+        // The frame that was arriving is whole: it counts as life only if it is (a new
+        // heartbeat or result, below).
+        session.arriving = None;
         if text.len() > session.frame_limit() {
             // Before the hello is verified only a hello's worth: anyone can open connections.
             let (limit, source) = (session.frame_limit(), session.source.clone());
@@ -441,6 +445,7 @@ impl Edge {
             usage_hold_until: None,
             login: None,
             instance: hello.instance.clone(),
+            results_heard: Default::default(),
         });
         session.agent_mut().expect("just made ready").report(hello.oauth.clone(), now);
         let hold = session.agent().and_then(|a| a.usage_hold_until);
@@ -588,7 +593,7 @@ impl Edge {
             }
             let missing = match heard {
                 Heard::Hello { all_named } => all_named,
-                Heard::Beat { received } => here && job.order_no <= received,
+                Heard::Beat { received, all_named } => all_named && here && job.order_no <= received,
             };
             if !missing {
                 continue;
@@ -653,7 +658,7 @@ impl Edge {
                 // It settles jobs (reconciliation): the agent's own, for this connection, newer
                 // than the last one taken — or nothing.
                 let Some(beat) = self.open_report::<Beat>(session_id, &agent_id, &envelope, Domain::Heartbeat) else { return };
-                let Some(Beat { running, capacity, oauth, slots, claude_version: version, stopping, seq, .. }) = self.take_beat(now, session_id, &agent_id, beat) else { return };
+                let Some(Beat { running, capacity, oauth, slots, claude_version: version, stopping, seq, finished, more_finished, .. }) = self.take_beat(now, session_id, &agent_id, beat) else { return };
                 if let Some(refused) = overfull("heartbeat", running.len(), capacity) {
                     warn!(agent_id = %agent_id, session = session_id, running = running.len(), capacity, "a heartbeat names more running jobs than its agent can hold; closing the connection");
                     self.close(now, session_id, refused, effects);
@@ -674,8 +679,11 @@ impl Edge {
                 self.take_report(now, session_id, oauth, effects);
                 let ack = EdgeMessage::HeartbeatAck { server_time: now.wall };
                 effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
-                let held: BTreeSet<&str> = running.iter().map(String::as_str).collect();
-                self.reconcile(now, session_id, &agent_id, &held, Heard::Beat { received: slots.received }, effects);
+                // A result it holds is on its way (or was dropped on the path and is sent
+                // again): that job is not lost.
+                let held: BTreeSet<&str> = running.iter().chain(finished.iter().take(MAX_HELLO_FINISHED)).map(String::as_str).collect();
+                let heard = Heard::Beat { received: slots.received, all_named: !more_finished };
+                self.reconcile(now, session_id, &agent_id, &held, heard, effects);
                 self.stop_ended(now, session_id, &agent_id, &running, seq, effects);
                 // A login that works again, or a usage window that opened, lets held work go;
                 // one that stopped working sends /execute callers elsewhere, as does an agent
@@ -764,6 +772,7 @@ impl Edge {
                 let Some(report) = self.open_report::<ResultReport>(session_id, &agent_id, &envelope, Domain::Result) else { return };
                 let (job_id, result) = (report.job_id, report.result);
                 let shown = shown_job_id(&job_id);
+                self.result_heard(now, session_id, &job_id);
                 match self.jobs.get(&job_id) {
                     Some(job) if job.agent_id.as_deref() != Some(agent_id.as_str()) && !job.state.is_terminal() => {
                         warn!(job_id = shown, agent_id = %agent_id, "result for a job of another agent ignored");
@@ -826,6 +835,47 @@ impl Edge {
         }
     }
 
+    /// A result the agent MACed on this connection: the agent is there — it may have taken
+    /// longer than two heartbeat intervals to arrive, on a slow uplink, with no heartbeat
+    /// able to pass it — if it is the first result for that job heard on this connection
+    /// (the path can play one back, as it can a heartbeat).
+    fn result_heard(&mut self, now: Now, session_id: &str, job_id: &str) {
+        /// Past this many, the list starts again (each result may count once more).
+        const MAX_RESULTS_HEARD: usize = 1024;
+        let session = self.session_mut(session_id).expect("ready session");
+        let agent = session.agent_mut().expect("ready session");
+        if agent.results_heard.len() >= MAX_RESULTS_HEARD {
+            agent.results_heard.clear();
+        }
+        if agent.results_heard.insert(job_id.to_string()) {
+            session.last_seen = now.at;
+        }
+    }
+
+    /// Bytes arriving on a proven connection: `read` is all the host has read from it so
+    /// far, while a frame is not yet whole. A result of megabytes on a slow uplink takes
+    /// longer than two heartbeat intervals, and no heartbeat passes it: the connection is
+    /// not silent while it arrives at [`MIN_UPLINK_BYTES_PER_SEC`] or faster. At most a
+    /// frame's worth (`MAX_FRAME_BYTES` at that rate) of life for bytes that do not end in
+    /// a heartbeat or a new result (the credit ends with the frame). Hosts that see only
+    /// whole frames (the Worker) do not call it.
+    pub fn arriving(&mut self, now: impl Into<Now>, session_id: &str, read: u64) {
+        let now: Now = now.into();
+        let Some(session) = self.sessions.get_mut(session_id) else { return };
+        if session.agent().is_none() {
+            return;
+        }
+        // Not journaled, like `last_seen`.
+        // The first look only marks where the frame began: bytes read before it may be of a
+        // frame already whole (and counted, or not, as such).
+        let arriving = session.arriving.get_or_insert(Arriving { since: now.at, base: read, until: 0 });
+        let bytes = read.saturating_sub(arriving.base);
+        if bytes > 0 {
+            let earned = bytes.saturating_mul(1000) / MIN_UPLINK_BYTES_PER_SEC;
+            arriving.until = arriving.until.max(arriving.since.saturating_add(earned).min(now.at));
+        }
+    }
+
     /// A verified heartbeat, if it is for this connection and newer than the last one taken
     /// (which it then becomes, and the moment the agent was last heard); else `None`,
     /// logged (the agent's own MAC on this connection, so not counted as a forgery, like
@@ -878,7 +928,8 @@ fn settles(job: &Job, instance: &str, held: &BTreeSet<&str>) -> bool {
 #[derive(Clone, Copy)]
 enum Heard {
     Hello { all_named: bool },
-    Beat { received: u64 },
+    /// `all_named`: it named every result it holds (else one it left out may be one).
+    Beat { received: u64, all_named: bool },
 }
 
 /// The mirror names an agent reported, as the edge keeps them: at most

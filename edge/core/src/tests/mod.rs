@@ -261,6 +261,8 @@ pub(super) fn beat(running: &[&str], free: u32, received: u64) -> Beat {
         slots: Slots { free, received },
         claude_version: None,
         stopping: false,
+        finished: Vec::new(),
+        more_finished: false,
     }
 }
 

@@ -447,6 +447,8 @@ impl World {
                         slots: agent.slots(),
                         claude_version: None,
                         stopping: false,
+                        finished: Vec::new(),
+                        more_finished: false,
                     };
                     let key = &agent.link.as_ref().expect("a welcomed connection").agent_to_edge;
                     agent.up.push_back(AgentMessage::heartbeat(&beat, key));

@@ -995,3 +995,60 @@ fn across_an_edge_restart_the_first_keeps_its_job_and_the_second_stays_out() {
     assert_eq!(closed(&effects), None);
     assert_eq!(edge.job("j1").unwrap().session_id.as_deref(), Some(a2.as_str()));
 }
+
+/// Hostile review rev8, 2: a result dropped on the path alone (a frame-aware hop) while the
+/// agent holds it: the next heartbeat names it as held, and the job waits for its result
+/// — it is not taken for lost — which, sent again, ends it as the agent had it.
+#[test]
+fn a_heartbeat_naming_a_held_result_keeps_its_job_waiting_for_it() {
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    // The result frame is made, and lost on the way: the edge never reads it.
+    let _dropped = result_msg(&edge, "j1", done("held"));
+    pulse(&mut edge, 10, &sid, Beat { finished: vec!["j1".into()], ..beat(&[], 1, 1) });
+    assert_eq!(edge.job("j1").unwrap().state, JobState::Running, "waits for the result the agent holds");
+    report(&mut edge, 20, &sid, "j1", done("held"));
+    assert_eq!(edge.job("j1").unwrap().state, JobState::Succeeded, "ended as the agent had it");
+    // Without the name the job is lost, as before.
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j2".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j2".into() });
+    pulse(&mut edge, 10, &sid, beat(&[], 1, 1));
+    assert_eq!(edge.job("j2").unwrap().state, JobState::Lost);
+}
+
+/// Hostile review rev8, 1: a proven connection is not silent while a frame arrives at the
+/// floor rate (bytes told by the host), nor when a new result ends it; bytes slower than
+/// that rate, or a frame that ends as nothing new (a result played back), earn nothing.
+#[test]
+fn a_large_frame_arriving_or_a_new_result_is_a_sign_of_life() {
+    use shared::contract::MIN_UPLINK_BYTES_PER_SEC as RATE;
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 600_000, None), Mode::Wait).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    let quiet = edge.session(&sid).unwrap().deadline(HB);
+    // A frame of 20 intervals' worth at the floor rate begins, and arrives at that rate.
+    edge.arriving(quiet - 1, &sid, 1_000);
+    let mut t = quiet - 1;
+    for step in 1..=40u64 {
+        t = quiet - 1 + step * HB / 2;
+        edge.arriving(t, &sid, 1_000 + step * RATE * HB / 2 / 1000);
+        assert!(closed(&edge.tick(t)).is_none(), "closed while the frame arrived at {t}");
+    }
+    // It ends as the job's result: heard.
+    report(&mut edge, t, &sid, "j1", done("big"));
+    assert_eq!(edge.job("j1").unwrap().state, JobState::Succeeded, "ended as the agent had it");
+    assert!(closed(&edge.tick(t + 2 * HB - 1)).is_none());
+    // The same result again (played back on the path), after bytes at a tenth of the rate:
+    // no life from either; the connection is silent once two intervals pass.
+    edge.arriving(t + HB, &sid, 10_000_000);
+    edge.arriving(t + 2 * HB - 1, &sid, 10_000_000 + RATE / 10);
+    report(&mut edge, t + 2 * HB - 1, &sid, "j1", done("big"));
+    assert_eq!(closed(&edge.tick(t + 2 * HB)).map(|c| c.0), Some(shared::protocol::close::SILENT));
+}
+
+/// A result that succeeded, saying `output`.
+fn done(output: &str) -> JobResult {
+    JobResult { success: true, error_code: None, error: None, output: output.into(), ..JobResult::failure(shared::contract::ErrorCode::Cancelled, "", 1) }
+}

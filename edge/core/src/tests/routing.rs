@@ -1030,6 +1030,8 @@ fn beat_with(edge: &mut Edge, now: u64, sid: &str, capacity: u32, running: &[&st
         slots: Slots { free, received },
         claude_version: None,
         stopping: false,
+        finished: Vec::new(),
+        more_finished: false,
     };
     say(edge, now, sid, AgentMessage::heartbeat(&beat, &agent.keys.agent_to_edge))
 }
