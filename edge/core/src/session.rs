@@ -559,6 +559,7 @@ mod tests {
             source: "203.0.113.7".into(),
             connected_at: 1,
             last_seen: 2,
+            arriving: None,
             phase: Phase::Challenged { nonce: "c".repeat(32), ephemeral: shared::link::Ephemeral::new([8; 32]) },
         };
         let size = |s: &Session| serde_json::to_string(s).unwrap().len();
@@ -584,6 +585,7 @@ mod tests {
             usage_hold_until: None,
             login: None,
             instance: None,
+            results_heard: Default::default(),
         });
         assert_eq!(session.fitted(within(size(&session))), Some(session.clone()), "whole when it fits");
         let mut bare = session.clone();
