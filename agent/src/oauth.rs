@@ -666,18 +666,18 @@ mod tests {
         assert!(other.admit(&theirs, "j2").await.unwrap().is_some(), "the other process's job refreshes next");
     }
 
+    /// `flock(1)` holding the refresh lock of the login in `dir` until its stdin closes.
+    fn flock_holder(dir: &std::path::Path) -> std::process::Child {
+        std::process::Command::new("flock").arg(dir.join(REFRESH_LOCK)).args(["sh", "-c", "read x"]).stdin(std::process::Stdio::piped()).spawn().unwrap()
+    }
+
     /// Another process, for real: `flock(1)` holds the lock, as an agent of another release
     /// or `doctor --canary` would, until its stdin closes.
     #[tokio::test]
     async fn a_gate_waits_for_the_lock_another_process_holds() {
         let d = tempdir("other-process");
         let login = login_with(&d, r#"{"claudeAiOauth":{"accessToken":"a","refreshToken":"r","expiresAt":1000}}"#);
-        let mut holder = std::process::Command::new("flock")
-            .arg(d.join(REFRESH_LOCK))
-            .args(["sh", "-c", "read x"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut holder = flock_holder(&d);
         let gate = RefreshGate::default();
         // Until flock(1) holds it, the gate may take it itself: let go, look again.
         while !matches!(gate.look(&login, "j1"), Look::Busy { .. }) {
@@ -702,12 +702,7 @@ mod tests {
     async fn a_lock_held_by_a_process_that_does_not_refresh_is_named_not_waited_on() {
         let d = tempdir("stuck");
         let login = login_with(&d, r#"{"claudeAiOauth":{"accessToken":"a","refreshToken":"r","expiresAt":1000}}"#);
-        let mut holder = std::process::Command::new("flock")
-            .arg(d.join(REFRESH_LOCK))
-            .args(["sh", "-c", "read x"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut holder = flock_holder(&d);
         let pid = holder.id().to_string();
         let gate = RefreshGate::with_lock_wait(Duration::ZERO);
         // Until flock(1) holds it, the gate takes it itself: let go, look again.
