@@ -164,6 +164,33 @@ async fn a_job_running_across_an_edge_stop_longer_than_lost_after_ms_is_not_lost
     assert_eq!(s.agent.claude_runs().len(), 1);
 }
 
+/// rev8: the edge is killed (SIGKILL: it stores nothing more) while its agent is away, and
+/// stays down longer than `LOST_AFTER_MS`. No agent could come back to it meanwhile, so at
+/// the restart the job waits for its agent again, as after a clean stop — it kept the time
+/// its agent went, and the first tick after the restart ended it `lost`, its caller told to
+/// fall back, while the agent still ran it. The agent is frozen (SIGSTOP) past two
+/// heartbeat intervals, so the edge drops it and stores that before it is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_agent_was_away_when_the_edge_was_killed_is_not_lost_at_the_restart() {
+    // LOST_AFTER_MS from the restart for the agent to come back: 10 s, as in the clean
+    // stop's test above; the edge is down longer, the job longer than both.
+    let (mut edge, agent, client) = setup(&[QUICK_HEARTBEATS, ("LOST_AFTER_MS", "10000")]).await;
+    let a = client.submit(json!({"prompt": "@sleep=15000 across a kill"})).await;
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(60), || edge.log().contains("job running")).await, "{}", edge.log());
+    agent.signal(libc::SIGSTOP);
+    assert!(eventually(Duration::from_secs(60), || edge.log().contains("closing silent connection")).await, "{}", edge.log());
+    // Answered after the event that dropped the agent, whose writes go first: stored.
+    assert_eq!(client.get(&format!("/jobs/{job_id}")).await.body["state"], "running");
+    edge.kill();
+    tokio::time::sleep(Duration::from_millis(11000)).await;
+    edge.restart();
+    agent.signal(libc::SIGCONT);
+    let job = client.wait_job(&job_id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", edge.log());
+    assert_eq!(agent.claude_runs().len(), 1);
+}
+
 /// The chaos soak's lost successes: after several short connections the agent's reconnect
 /// backoff has grown past a low `LOST_AFTER_MS`, and its link is cut while a job runs. The
 /// job ended while the agent was away and the agent came back too late: the edge had given

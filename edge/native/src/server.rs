@@ -66,7 +66,9 @@ impl Server {
         let restored = jobs.len();
         let config = Arc::new(opts.config.clone());
         let clock = Clock::start();
-        let (machine, startup) = edge_core::Edge::restore(opts.config, jobs, Vec::new(), alerts, clock.now());
+        // A process start: the edge was down, so every job waiting for its agent waits again
+        // from now (the core's `Resumed::AfterDowntime`).
+        let (machine, startup) = edge_core::Edge::restart(opts.config, jobs, alerts, clock.now());
         // What the restart decided (jobs whose callers are gone ended, orphans marked, the
         // caps) is stored before anything is served: served on unstored decisions, a later
         // forget could delete a job whose end was never written (the model test found it).

@@ -215,6 +215,8 @@ impl EdgeDurableObject {
         }
         let (sessions, unknown) = self.sockets().restore();
         let (job_count, session_count) = (jobs.len(), sessions.len());
+        // A rebuild, not a restart (`Edge::restart`): an agent coming back wakes the evicted
+        // object, so a job waiting for its agent waits on from when it went.
         let (edge, effects) = Edge::restore(config, jobs, sessions, alerts, now);
         // What the rebuild decided is stored before the machine serves anything: not kept
         // otherwise (the next event rebuilds it), or a later forget could delete a job whose

@@ -26,7 +26,8 @@
 //!   age, and among the agents that fit, one holding the job's repository goes first;
 //! - every accepted job ends in exactly one terminal state ([`Job::finish`] refuses a
 //!   second one), which its caller can read until retention ends;
-//! - a job whose agent vanished waits `LOST_AFTER_MS` for it before it is `lost`;
+//! - a job whose agent vanished waits `LOST_AFTER_MS` for it before it is `lost`, counted
+//!   again from a restart after the edge was down ([`Edge::restart`]);
 //! - `/execute` with no agent that fits it and can work is refused at once (the caller
 //!   falls back), and a caller told to fall back never has its job started;
 //! - nothing is announced (sent, answered) before the writes it depends on are stored.
@@ -116,6 +117,23 @@ pub enum Effect {
     /// Read this ended job's whole record from storage and hand it to [`Edge::recalled`]
     /// (a callback to post again).
     Recall { job_id: String },
+}
+
+/// What a restore follows: whether agents could have come back to the edge meanwhile,
+/// which says whether the time before it counts against a job's agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resumed {
+    /// The edge was down: the native server's process started again (after a clean stop,
+    /// a kill or a power cut). No agent could come back to it meanwhile, so every job
+    /// waiting for its agent waits `LOST_AFTER_MS` again from the restart.
+    AfterDowntime,
+    /// The edge was up all along and only rebuilt its memory: the Durable Object, evicted
+    /// when idle (about 10 s) and rebuilt at its next event, which an agent coming back
+    /// is. A job's wait goes on from when its agent went: resetting it at each rebuild
+    /// would let a job whose agent never comes back wait for ever, the object being
+    /// rebuilt by every alarm. (A Worker deploy restarts the object too, but it answers
+    /// again at once: the gap is not one an agent could not come back in.)
+    Rebuilt,
 }
 
 /// Counters for `/metrics`.
@@ -218,15 +236,26 @@ impl Edge {
         }
     }
 
-    /// Rebuilds the machine from stored job records and the sessions whose connections
-    /// survived (the Durable Object's hibernated sockets; none for the native host). Jobs
-    /// whose connection did not survive start their `LOST_AFTER_MS` wait now. No caller
+    /// Rebuilds the machine of an edge that was up all along (the Durable Object after an
+    /// eviction: `Resumed::Rebuilt`) from stored job records and the sessions whose
+    /// connections survived (its hibernated sockets). Jobs whose connection did not survive
+    /// start their `LOST_AFTER_MS` wait now; those waiting already wait on. No caller
     /// survives a restart, so a queued `/execute` job — whose caller is gone, and was
     /// perhaps told to fall back — ends here without ever starting.
     /// `alerts` is alerting's stored memory (how long no agent has been connected
     /// included), if any.
     pub fn restore(cfg: Config, jobs: Vec<Job>, sessions: Vec<Session>, alerts: Option<crate::notify::AlertState>, now: impl Into<Now>) -> (Edge, Vec<Effect>) {
-        let now = now.into();
+        Edge::resume(cfg, jobs, sessions, alerts, now.into(), Resumed::Rebuilt)
+    }
+
+    /// [`Edge::restore`] of an edge that was down (`Resumed::AfterDowntime`: the native
+    /// server's start, after a clean stop or a crash): no connection survived, and every
+    /// job waiting for its agent waits `LOST_AFTER_MS` again from now.
+    pub fn restart(cfg: Config, jobs: Vec<Job>, alerts: Option<crate::notify::AlertState>, now: impl Into<Now>) -> (Edge, Vec<Effect>) {
+        Edge::resume(cfg, jobs, Vec::new(), alerts, now.into(), Resumed::AfterDowntime)
+    }
+
+    fn resume(cfg: Config, jobs: Vec<Job>, sessions: Vec<Session>, alerts: Option<crate::notify::AlertState>, now: Now, how: Resumed) -> (Edge, Vec<Effect>) {
         let mut edge = Edge::new(cfg, now);
         edge.begin(storage::Origin::Restore, Some(now));
         let mut effects = Vec::new();
@@ -262,7 +291,11 @@ impl Edge {
                 JobState::Queued => {}
                 JobState::Dispatched | JobState::Running => {
                     let connected = job.session_id.as_ref().is_some_and(|s| edge.sessions.contains_key(s));
-                    if !connected && job.orphaned_at.is_none() {
+                    // The edge's own downtime is not the agent's: after it, a job that was
+                    // waiting for its agent before a crash waits again from now, as after a
+                    // clean stop (`machine/stop.rs`). Otherwise a kill longer than
+                    // LOST_AFTER_MS lost every job whose agent was away, at the first tick.
+                    if !connected && (job.orphaned_at.is_none() || how == Resumed::AfterDowntime) {
                         job.orphaned_at = Some(now.at);
                         effects.push(Effect::Save(Box::new(job.clone())));
                     }

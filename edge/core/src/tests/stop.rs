@@ -163,3 +163,60 @@ fn a_job_whose_agent_was_away_when_the_edge_stopped_waits_for_it_again() {
     let done = finished(&edge.tick(back + LOST));
     assert_eq!((done.len(), done[0].2["error_code"].as_str()), (1, Some("RUNNER_LOST")));
 }
+
+/// The edge is killed (or loses power) while an agent is away, and stays down longer than
+/// `LOST_AFTER_MS`: no agent could come back to it meanwhile, so at the restart the job
+/// waits for its agent again, as after a clean stop (rev8: the kill stored nothing, so the
+/// job kept the time its agent went, and the first tick after the restart ended it
+/// `RUNNER_LOST`, `fallback: true`, while its agent still ran it).
+#[test]
+fn a_job_whose_agent_was_away_when_the_edge_was_killed_waits_for_it_again() {
+    let (mut edge, sid) = ready_edge();
+    let mut stored = HashMap::new();
+    keep(&mut stored, &call(&mut edge, 0, "POST", "/jobs", json!({"prompt": "long", "timeout_ms": 600000})).effects);
+    let job_id = stored.keys().next().unwrap().clone();
+    keep(&mut stored, &say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: job_id.clone() }));
+    keep(&mut stored, &edge.disconnect(1_000, &sid));
+    assert_eq!(stored[&job_id].orphaned_at, Some(1_000), "the wait for the agent is stored");
+    // Killed: nothing more is stored.
+    drop(edge);
+
+    let back = 2_000 + LOST + 1_000;
+    let (mut edge, effects) = Edge::restart(config(), stored.clone().into_values().collect(), None, back);
+    keep(&mut stored, &effects);
+    assert!(finished(&effects).is_empty());
+    assert!(finished(&edge.tick(back)).is_empty(), "lost before its agent could come back");
+    assert_eq!(stored[&job_id].orphaned_at, Some(back), "the new wait is stored before anything is served");
+    let (_, effects) = join(&mut edge, back + LOST - 1, "spark", &agent_key(1), vec![job_id.clone()], 2);
+    assert!(finished(&effects).is_empty());
+    assert_eq!(edge.job(&job_id).unwrap().state, JobState::Running, "its agent took it back");
+
+    // An agent that does not come back loses the job LOST_AFTER_MS after the restart.
+    let (mut edge, _) = Edge::restart(config(), stored.into_values().collect(), None, back);
+    assert!(finished(&edge.tick(back + LOST - 1)).is_empty());
+    let done = finished(&edge.tick(back + LOST));
+    assert_eq!((done.len(), done[0].2["error_code"].as_str()), (1, Some("RUNNER_LOST")));
+}
+
+/// The Durable Object is evicted when idle and rebuilt at its next event, an agent coming
+/// back among them: its rebuild is not downtime, so a job's wait goes on from when its
+/// agent went. (Restarted at each rebuild, it would never end: every alarm rebuilds it.)
+#[test]
+fn a_rebuild_of_an_edge_that_was_up_keeps_each_jobs_wait() {
+    let (mut edge, sid) = ready_edge();
+    let mut stored = HashMap::new();
+    keep(&mut stored, &call(&mut edge, 0, "POST", "/jobs", json!({"prompt": "long", "timeout_ms": 600000})).effects);
+    let job_id = stored.keys().next().unwrap().clone();
+    keep(&mut stored, &say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: job_id.clone() }));
+    keep(&mut stored, &edge.disconnect(1_000, &sid));
+    let mut at = 1_000;
+    for _ in 0..3 {
+        at += LOST / 4;
+        let (mut rebuilt, effects) = Edge::restore(config(), stored.clone().into_values().collect(), vec![], None, at);
+        keep(&mut stored, &effects);
+        assert!(finished(&rebuilt.tick(at)).is_empty());
+    }
+    let (mut edge, _) = Edge::restore(config(), stored.into_values().collect(), vec![], None, at);
+    let done = finished(&edge.tick(1_000 + LOST));
+    assert_eq!((done.len(), done[0].2["error_code"].as_str()), (1, Some("RUNNER_LOST")), "lost LOST_AFTER_MS after its agent went");
+}
