@@ -41,8 +41,14 @@ pub struct Job {
     pub agent_id: Option<String>,
     /// The connection it was sent on, or that took it over after a reconnect.
     pub session_id: Option<String>,
-    /// How many times it was sent (the order nonce is `id:attempt`, [`Job::order_nonce`]).
+    /// How many times it was sent (each order's nonce is `id:attempt:tag`,
+    /// [`Job::order_nonce`]).
     pub attempts: u32,
+    /// The tags of its latest orders ([`order_tag`]), the last one order `attempts`'s; at
+    /// most [`MAX_ORDER_TAGS`]. Empty: every order it had an edge of before sent, whose
+    /// nonces were `id:attempt`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub order_tags: Vec<String>,
     /// Since when its agent's connection is gone; it is lost `LOST_AFTER_MS` later.
     pub orphaned_at: Option<Millis>,
     /// Its number among the orders sent on its connection (see
@@ -96,6 +102,23 @@ pub struct Job {
 
 fn yes() -> bool {
     true
+}
+
+/// How many of a job's latest orders [`Job::order_tags`] keeps. A job is sent again only
+/// once its agent refused the order or was found never to have received it, so an older
+/// order's report does not come; one that did would be ignored.
+pub const MAX_ORDER_TAGS: usize = 16;
+
+/// The tag of the order numbered `order_no` on the connection whose challenge is
+/// `challenge` (a fresh random nonce of each connection): no two orders share one, across
+/// the edge's restarts too, and no one off that connection can guess it. 16 hex digits.
+pub fn order_tag(challenge: &str, order_no: u64) -> String {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    hash.update(b"claude-runner order tag\0");
+    hash.update(challenge.as_bytes());
+    hash.update(order_no.to_le_bytes());
+    shared::ids::hex(&hash.finalize()[..8])
 }
 
 /// What a caller is given from a job's whole record, read from storage.
@@ -162,6 +185,7 @@ impl Job {
             agent_id: None,
             session_id: None,
             attempts: 0,
+            order_tags: Vec::new(),
             orphaned_at: None,
             order_no: 0,
             cancel_requested: false,
@@ -207,24 +231,51 @@ impl Job {
         shared::repo::RepoUrl::parse(url).ok().map(|u| u.name())
     }
 
-    /// The nonce of the job's latest order: its id and how many times it was sent. The
-    /// agent binds the progress and result it signs to it.
-    pub fn order_nonce(&self) -> String {
-        format!("{}:{}", self.id, self.attempts)
+    /// Counts a new order of the job, the `order_no`th on the connection whose challenge
+    /// is `challenge`, and keeps its tag.
+    pub fn new_order(&mut self, challenge: &str, order_no: u64) {
+        self.attempts += 1;
+        if self.order_tags.len() >= MAX_ORDER_TAGS {
+            self.order_tags.remove(0);
+        }
+        self.order_tags.push(order_tag(challenge, order_no));
     }
 
-    /// Whether `nonce` is one of the orders the edge sent for this job (any attempt).
+    /// The nonce of the job's latest order: its id, how many times it was sent, and the
+    /// order's tag. The agent binds the progress and result it signs to it.
+    pub fn order_nonce(&self) -> String {
+        match self.order_tags.last() {
+            Some(tag) => format!("{}:{}:{tag}", self.id, self.attempts),
+            None => format!("{}:{}", self.id, self.attempts),
+        }
+    }
+
+    /// Whether `nonce` is one of the orders the edge sent for this job (any attempt whose
+    /// tag is kept).
     pub fn issued(&self, nonce: &str) -> bool {
         self.attempt_of(nonce).is_some()
     }
 
     /// Which of the orders the edge sent for this job `nonce` names (1 for the first).
+    /// The number alone does not say: an order whose stored dispatch a power cut lost was
+    /// numbered as the next one is, and its report must not be taken for that one's — the
+    /// tag does ([`order_tag`]).
     pub fn attempt_of(&self, nonce: &str) -> Option<u32> {
-        nonce
-            .strip_prefix(self.id.as_str())
-            .and_then(|rest| rest.strip_prefix(':'))
-            .and_then(|n| n.parse::<u32>().ok())
-            .filter(|&n| n >= 1 && n <= self.attempts && nonce == format!("{}:{n}", self.id))
+        let rest = nonce.strip_prefix(self.id.as_str())?.strip_prefix(':')?;
+        let (number, tag) = match rest.split_once(':') {
+            Some((number, tag)) => (number, Some(tag)),
+            None => (rest, None),
+        };
+        let n = number.parse::<u32>().ok().filter(|&n| n >= 1 && n <= self.attempts && number == n.to_string())?;
+        match tag {
+            Some(tag) => {
+                let back = (self.attempts - n) as usize;
+                let kept = self.order_tags.len().checked_sub(back + 1).map(|i| self.order_tags[i].as_str());
+                (kept == Some(tag)).then_some(n)
+            }
+            // Every order of it an edge of before sent, untagged.
+            None => self.order_tags.is_empty().then_some(n),
+        }
     }
 
     /// The digest of its spec (computed for records stored before digests were kept).

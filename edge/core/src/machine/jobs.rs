@@ -300,7 +300,7 @@ impl Edge {
         job.session_id = Some(session_id.to_string());
         job.instance = Some(instance);
         job.order_no = order_no;
-        job.attempts += 1;
+        job.new_order(&challenge, order_no);
         let (nonce, spec, caller, sent_proven) = (job.order_nonce(), job.spec.clone(), job.placement.caller().to_string(), job.caller_proven);
         effects.push(Effect::Save(Box::new(job.clone())));
         let to = Audience { agent_id: &agent_id, pool: &self.cfg.pool };

@@ -282,11 +282,12 @@ fn forged_results_and_progress_from_the_path_are_refused_and_change_nothing() {
     let (mut edge, sid, follower) = followed_job();
     let forger = forged_link(77);
     let fake = JobResult { success: true, output: "forged".into(), ..Default::default() };
+    let nonce = edge.job("j1").unwrap().order_nonce();
 
     // Made up by whoever sits between agent and edge: another key.
     for forged in [
-        AgentMessage::result("j1", "j1:1", fake.clone(), &forger),
-        AgentMessage::progress("j1", "j1:1", vec![ProgressEvent { seq: 1, event: json!({"type": "assistant", "forged": true}) }], &forger),
+        AgentMessage::result("j1", &nonce, fake.clone(), &forger),
+        AgentMessage::progress("j1", &nonce, vec![ProgressEvent { seq: 1, event: json!({"type": "assistant", "forged": true}) }], &forger),
     ] {
         let effects = say(&mut edge, 2, &sid, forged);
         assert!(effects.is_empty(), "nothing done, nothing acknowledged: {effects:?}");
@@ -329,24 +330,69 @@ fn orders_and_reports_share_one_nonce_per_attempt() {
     let (mut edge, sid) = ready_edge();
     edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
     let job = edge.job("j1").unwrap();
-    assert_eq!(job.order_nonce(), "j1:1");
-    assert!(job.issued("j1:1"));
-    for never in ["j1:0", "j1:2", "j1:01", "j1:+1", "j2:1", "j1", "j1:1:1", ""] {
+    // `id:attempt:tag`, the tag the connection's and the order's own (rev8: a power cut
+    // that lost a dispatch numbered the next order as the forgotten one was).
+    let first = job.order_nonce();
+    let (number, tag) = first.strip_prefix("j1:").and_then(|rest| rest.split_once(':')).unwrap();
+    assert_eq!((number, tag.len()), ("1", 16), "{first}");
+    assert!(job.issued(&first));
+    let never = [
+        "j1:0", "j1:2", "j1:01", "j1:+1", "j2:1", "j1", "j1:1", "j1:1:1", "",
+        &format!("j1:01:{tag}"), &format!("j1:2:{tag}"), &format!("j2:1:{tag}"), &format!("{first}0"), &format!("{first}:"),
+    ];
+    for never in never {
         assert!(!job.issued(never), "{never}");
     }
-    // Sent again after a refusal for want of a slot: both orders are the edge's.
+    // Sent again after a refusal for want of a slot: both orders are the edge's, each
+    // under its own tag.
     refuse(&mut edge, 1, &sid, "j1", "no free slot", true);
     say(&mut edge, 2, &sid, credit(1, 1));
     let job = edge.job("j1").unwrap();
-    assert_eq!(job.order_nonce(), "j1:2");
-    assert!(job.issued("j1:1") && job.issued("j1:2") && !job.issued("j1:3"));
+    let second = job.order_nonce();
+    let second_tag = second.strip_prefix("j1:2:").unwrap();
+    assert_ne!(second_tag, tag);
+    assert!(job.issued(&first) && job.issued(&second));
+    for never in [format!("j1:3:{second_tag}"), format!("j1:1:{second_tag}"), format!("j1:2:{tag}"), "j1:2".into()] {
+        assert!(!job.issued(&never), "{never}");
+    }
+}
+
+/// A job an edge of before sent (its orders `id:attempt`, no tags kept) still takes its
+/// agent's reports for those orders after the upgrade; once this edge sent it again, only
+/// tagged ones. Only a job's latest orders are kept ([`MAX_ORDER_TAGS`]).
+#[test]
+fn orders_sent_before_tags_and_the_oldest_orders_of_many() {
+    use crate::record::{Job, MAX_ORDER_TAGS};
+    let spec = serde_json::from_value(json!({"prompt": "x", "timeout_ms": 1000})).unwrap();
+    let mut job = Job::new("j1".into(), spec, Mode::Detached, None, 0);
+    job.attempts = 2;
+    let stored: Job = serde_json::from_str(&serde_json::to_string(&job).unwrap()).unwrap();
+    assert!(stored.order_tags.is_empty());
+    assert!(stored.issued("j1:1") && stored.issued("j1:2") && !stored.issued("j1:3"));
+    assert_eq!(stored.order_nonce(), "j1:2");
+    job.new_order("challenge", 1);
+    assert!(job.order_nonce().starts_with("j1:3:") && job.issued(&job.order_nonce()));
+    assert!(!job.issued("j1:1") && !job.issued("j1:3"), "plain nonces only while no order is tagged");
+
+    let mut job = Job::new("j2".into(), serde_json::from_value(json!({"prompt": "x", "timeout_ms": 1000})).unwrap(), Mode::Detached, None, 0);
+    let mut nonces = Vec::new();
+    for n in 1..=MAX_ORDER_TAGS as u64 + 1 {
+        job.new_order("challenge", n);
+        nonces.push(job.order_nonce());
+    }
+    assert_eq!(job.order_tags.len(), MAX_ORDER_TAGS);
+    assert!(!job.issued(&nonces[0]), "the oldest order's tag is no longer kept");
+    assert!(nonces[1..].iter().all(|n| job.issued(n)), "{nonces:?}");
+    assert_eq!(job.attempt_of(nonces.last().unwrap()), Some(MAX_ORDER_TAGS as u32 + 1));
+    assert_eq!(job.attempt_of(&nonces[1]), Some(2));
 }
 
 #[test]
 fn progress_replayed_or_reordered_on_the_path_is_shown_once_in_order() {
     let (mut edge, sid, follower) = followed_job();
     let key = link(&edge, &sid);
-    let event = |seq: u64| AgentMessage::progress("j1", "j1:1", vec![ProgressEvent { seq, event: json!({"n": seq}) }], &key);
+    let nonce = edge.job("j1").unwrap().order_nonce();
+    let event = |seq: u64| AgentMessage::progress("j1", &nonce, vec![ProgressEvent { seq, event: json!({"n": seq}) }], &key);
     for seq in [1, 2] {
         assert_eq!(streamed(&say(&mut edge, 2, &sid, event(seq)), follower).0.len(), 1, "the agent's own event {seq}");
     }
@@ -379,11 +425,12 @@ fn ids(chunks: &[String]) -> Vec<String> {
 fn a_progress_batch_reaches_followers_and_the_backlog_event_by_event() {
     let (mut edge, sid, follower) = followed_job();
     let key = link(&edge, &sid);
-    let (chunks, _) = streamed(&say(&mut edge, 2, &sid, batch(&key, "j1", "j1:1", &[1, 2, 3])), follower);
+    let nonce = edge.job("j1").unwrap().order_nonce();
+    let (chunks, _) = streamed(&say(&mut edge, 2, &sid, batch(&key, "j1", &nonce, &[1, 2, 3])), follower);
     assert_eq!(ids(&chunks), ["id: 1", "id: 2", "id: 3"]);
     assert!(chunks[1].contains(r#"data: {"n":2}"#), "{chunks:?}");
     // Gaps are the agent's (an event summarised away, or sent while the edge was away).
-    let (chunks, _) = streamed(&say(&mut edge, 3, &sid, batch(&key, "j1", "j1:1", &[5, 9])), follower);
+    let (chunks, _) = streamed(&say(&mut edge, 3, &sid, batch(&key, "j1", &nonce, &[5, 9])), follower);
     assert_eq!(ids(&chunks), ["id: 5", "id: 9"]);
     let late = edge.begin_request(3);
     let mut effects = Vec::new();
@@ -395,37 +442,39 @@ fn a_progress_batch_reaches_followers_and_the_backlog_event_by_event() {
 fn progress_batches_forged_replayed_misbound_or_malformed_are_refused_and_show_nothing() {
     let (mut edge, sid, follower) = followed_job();
     let key = link(&edge, &sid);
-    let good = batch(&key, "j1", "j1:1", &[1, 2]);
+    let nonce = edge.job("j1").unwrap().order_nonce();
+    let good = batch(&key, "j1", &nonce, &[1, 2]);
     assert_eq!(streamed(&say(&mut edge, 2, &sid, good.clone()), follower).0.len(), 2);
 
     // Played back on the path: shown already.
     assert!(streamed(&say(&mut edge, 3, &sid, good), follower).0.is_empty(), "a replayed batch shown again");
     // Made up with another key, or the agent's own altered on the way (an event added).
-    let forged = AgentMessage::progress("j1", "j1:1", vec![ProgressEvent { seq: 3, event: json!("forged") }], &forged_link(77));
+    let forged = AgentMessage::progress("j1", &nonce, vec![ProgressEvent { seq: 3, event: json!("forged") }], &forged_link(77));
     assert!(say(&mut edge, 4, &sid, forged).is_empty());
-    let AgentMessage::Event { mut envelope } = batch(&key, "j1", "j1:1", &[3]) else { panic!("progress") };
+    let AgentMessage::Event { mut envelope } = batch(&key, "j1", &nonce, &[3]) else { panic!("progress") };
     envelope.payload = envelope.payload.replace(r#"{"seq":3,"event":{"n":3}}"#, r#"{"seq":3,"event":{"n":3}},{"seq":4,"event":"added"}"#);
     assert!(envelope.payload.contains("added"));
     assert!(say(&mut edge, 4, &sid, AgentMessage::Event { envelope }).is_empty());
     assert_eq!(edge.stats().refused_reports, 2, "both counted as forgeries");
 
     // Signed by the agent, but bound to an order the edge never sent, or to another job's.
-    for (job, nonce) in [("j1", "j1:9"), ("j2", "j1:1"), ("j1", "j2:1")] {
+    let (other_job, another_tag) = (nonce.replacen("j1", "j2", 1), format!("{}{}", &nonce[..nonce.len() - 1], if nonce.ends_with('0') { '1' } else { '0' }));
+    for (job, nonce) in [("j1", "j1:9"), ("j1", "j1:1"), ("j1", another_tag.as_str()), ("j2", nonce.as_str()), ("j1", other_job.as_str())] {
         assert!(say(&mut edge, 5, &sid, batch(&key, job, nonce, &[3])).is_empty(), "{job} {nonce}");
     }
     // Not a batch the agent makes: empty, numbered down or twice, too many events.
     let over: Vec<u64> = (3..=3 + shared::protocol::MAX_PROGRESS_EVENTS as u64).collect();
     for seqs in [&[][..], &[4, 3], &[3, 3], &over] {
-        assert!(say(&mut edge, 6, &sid, batch(&key, "j1", "j1:1", seqs)).is_empty(), "{seqs:?}");
+        assert!(say(&mut edge, 6, &sid, batch(&key, "j1", &nonce, seqs)).is_empty(), "{seqs:?}");
     }
     // Over the size limit: refused before its signature is even checked.
     let huge = json!("x".repeat(shared::protocol::MAX_PROGRESS_PAYLOAD_BYTES));
-    let big = AgentMessage::progress("j1", "j1:1", vec![ProgressEvent { seq: 3, event: huge }], &key);
+    let big = AgentMessage::progress("j1", &nonce, vec![ProgressEvent { seq: 3, event: huge }], &key);
     assert!(say(&mut edge, 7, &sid, big).is_empty());
     assert_eq!(edge.stats().refused_reports, 2, "the agent's own signature: not counted as forgeries");
 
     // None of it showed; the agent's next batch goes through, and the connection stayed.
-    let (chunks, _) = streamed(&say(&mut edge, 8, &sid, batch(&key, "j1", "j1:1", &[3, 4])), follower);
+    let (chunks, _) = streamed(&say(&mut edge, 8, &sid, batch(&key, "j1", &nonce, &[3, 4])), follower);
     assert_eq!(ids(&chunks), ["id: 3", "id: 4"]);
     let late = edge.begin_request(8);
     let mut effects = Vec::new();
@@ -448,29 +497,31 @@ fn refusals_made_up_altered_or_played_back_on_the_path_never_send_a_job_again() 
     let (spark, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
     say(&mut edge, 0, &spark, credit(1, 0));
     edge.submit(1, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
-    assert_eq!(edge.job("j1").unwrap().order_nonce(), "j1:1");
+    let n1 = edge.job("j1").unwrap().order_nonce();
+    assert!(n1.starts_with("j1:1:"), "{n1}");
     let refusal = |job_id: &str, nonce: &str, key: &MacKey| AgentMessage::rejected(job_id, nonce, "no free slot", true, key);
     let spark_key = link(&edge, &spark);
 
     // The agent's own refusal of j1's first order, for want of a slot: it goes out again.
-    let first = refusal("j1", "j1:1", &spark_key);
+    let first = refusal("j1", &n1, &spark_key);
     let effects = say(&mut edge, 2, &spark, first.clone());
     assert!(finished(&effects).is_empty());
     assert!(any_order(&say(&mut edge, 3, &spark, credit(1, 1))), "sent again");
-    assert_eq!(edge.job("j1").unwrap().order_nonce(), "j1:2");
+    let n2 = edge.job("j1").unwrap().order_nonce();
+    assert!(n2.starts_with("j1:2:"), "{n2}");
     // Another agent with a free slot: whatever requeued j1 now would run it there too.
     let (laptop, _) = join(&mut edge, 4, "laptop", &agent_key(2), vec![], 2);
     say(&mut edge, 4, &laptop, credit(1, 0));
 
     let laptop_key = link(&edge, &laptop);
-    let AgentMessage::Rejected { envelope: genuine } = refusal("j9", "j9:1", &spark_key) else { unreachable!() };
+    let AgentMessage::Rejected { envelope: genuine } = refusal("j9", &n2.replacen("j1", "j9", 1), &spark_key) else { unreachable!() };
     let mut altered = genuine.clone();
     altered.payload = altered.payload.replace("j9", "j1");
     let attacks: Vec<(&str, &str, AgentMessage)> = vec![
-        ("made up with another key", &spark, refusal("j1", "j1:2", &forged_link(77))),
+        ("made up with another key", &spark, refusal("j1", &n2, &forged_link(77))),
         ("the agent's refusal of another job, altered to name this one", &spark, AgentMessage::Rejected { envelope: altered }),
-        ("another connection's key on this agent's connection", &spark, refusal("j1", "j1:2", &laptop_key)),
-        ("another agent's own refusal, on its own connection", &laptop, refusal("j1", "j1:2", &laptop_key)),
+        ("another connection's key on this agent's connection", &spark, refusal("j1", &n2, &laptop_key)),
+        ("another agent's own refusal, on its own connection", &laptop, refusal("j1", &n2, &laptop_key)),
         ("the agent's refusal of the earlier order, played back", &spark, first.clone()),
     ];
     for accepted in [false, true] {
@@ -491,7 +542,7 @@ fn refusals_made_up_altered_or_played_back_on_the_path_never_send_a_job_again() 
     assert!(effects.is_empty(), "{effects:?}");
     // The agent's own refusal of the latest order still counts — even after an
     // `Accepted`, which the path could have made up (`shared::protocol`, "Signed or not").
-    let effects = say(&mut edge, 8, &spark, refusal("j1", "j1:2", &spark_key));
+    let effects = say(&mut edge, 8, &spark, refusal("j1", &n2, &spark_key));
     assert!(any_order(&effects), "sent again, to the agent with a free slot");
     assert_eq!(edge.job("j1").unwrap().agent_id.as_deref(), Some("laptop"));
 }
@@ -655,7 +706,7 @@ fn job_orders_name_their_connection_and_their_number_on_it() {
     let sent2 = orders(&pulse(&mut edge, 2, &sid, beat(&["b"], 1, 2)), &sid);
     let numbered: Vec<(&str, &str, u64)> = sent2.iter().map(|o| (o.header.job_id.as_str(), o.challenge.as_str(), o.order_no)).collect();
     assert_eq!(numbered, [("a", first.as_str(), 3)]);
-    assert_eq!(sent2[0].header.nonce, "a:2");
+    assert!(sent2[0].header.nonce.starts_with("a:2:"), "{}", sent2[0].header.nonce);
     // A new connection: its own challenge, numbers from 1 again.
     edge.disconnect(3, &sid);
     let (sid2, effects) = join_with(&mut edge, 4, "spark", &agent_key(1), vec!["b".into()], 2, 2);
@@ -665,7 +716,11 @@ fn job_orders_name_their_connection_and_their_number_on_it() {
     resent.extend(orders(&say(&mut edge, 5, &sid2, credit(1, 0)), &sid2));
     let numbered: Vec<(&str, &str, u64)> = resent.iter().map(|o| (o.header.job_id.as_str(), o.challenge.as_str(), o.order_no)).collect();
     assert_eq!(numbered, [("a", second.as_str(), 1)]);
-    assert_eq!(resent[0].header.nonce, "a:3");
+    assert!(resent[0].header.nonce.starts_with("a:3:"), "{}", resent[0].header.nonce);
+    // Each order's nonce carries its own tag, made from its connection and its number.
+    let tags: std::collections::BTreeSet<&str> = [&sent1[0], &sent2[0], &resent[0]].iter().map(|o| o.header.nonce.rsplit(':').next().unwrap()).collect();
+    assert_eq!(tags.len(), 3);
+    assert_eq!(resent[0].header.nonce, format!("a:3:{}", crate::record::order_tag(&second, 1)));
 }
 
 /// A client whose base URL ends in `/` sends `//execute`: a leading run of slashes is the

@@ -1052,3 +1052,46 @@ fn a_large_frame_arriving_or_a_new_result_is_a_sign_of_life() {
 fn done(output: &str) -> JobResult {
     JobResult { success: true, error_code: None, error: None, output: output.into(), ..JobResult::failure(shared::contract::ErrorCode::Cancelled, "", 1) }
 }
+
+/// rev8: a power cut at the native edge (SQLite's WAL not yet synced) can lose the stored
+/// dispatch of a job whose order went out: back, the edge has it queued and sends it again
+/// — to the same agent, which still runs the first copy and is told to stop it. Every
+/// order's nonce was `<job>:<attempt>`, so the new order was `<job>:1` again, and the
+/// stopped copy's `cancelled` result, bound to the forgotten order, was taken for the new
+/// one's. Each order's nonce now carries a tag of the connection it went on: no result of
+/// a forgotten order is taken for a new one.
+#[test]
+fn a_result_of_an_order_the_edge_forgot_is_never_taken_for_a_new_order() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let mut stored: std::collections::BTreeMap<String, crate::record::Job> = Default::default();
+    for e in edge.submit(0, "j".into(), submission("x", 600_000, None), Mode::Detached).unwrap().effects {
+        if let Effect::Save(job) = e {
+            stored.insert(job.id.clone(), *job);
+        }
+    }
+    // Dispatched on the agent's statement of slots: the power cut loses that event's save.
+    let first = order_of(&say(&mut edge, 1, &sid, credit(1, 0)), &sid, "spark", 1);
+    say(&mut edge, 2, &sid, AgentMessage::Accepted { job_id: "j".into() });
+    drop(edge);
+
+    let (mut edge, _) = Edge::restart(config(), stored.into_values().collect(), None, 100);
+    assert_eq!(edge.job("j").unwrap().state, JobState::Queued);
+    // The agent is back still running the first copy: told to stop it, and sent the job
+    // again on its next statement of slots.
+    let (sid2, effects) = rejoin(&mut edge, 101, &["j"], &[], 2);
+    assert_eq!(cancels(&effects, &sid2), vec!["j".to_string()]);
+    let again = order_of(&say(&mut edge, 102, &sid2, credit(1, 0)), &sid2, "spark", 102);
+    assert_eq!(again.header.job_id, "j");
+    assert_ne!(again.header.nonce, first.header.nonce, "a new order has a nonce of its own");
+    // The stopped copy's result, bound to the forgotten order: acknowledged, not taken.
+    let stopped = JobResult::failure(shared::contract::ErrorCode::Cancelled, "cancelled by the edge", 3);
+    let stale = AgentMessage::result("j", &first.header.nonce, stopped, &link(&edge, &sid2));
+    let effects = say(&mut edge, 103, &sid2, stale);
+    assert!(finished(&effects).is_empty(), "the forgotten order's result ended the new one: {effects:?}");
+    assert!(matches!(sent(&effects, &sid2)[..], [EdgeMessage::ResultAck { .. }]));
+    assert!(!edge.job("j").unwrap().state.is_terminal());
+    // The new order's own result ends it.
+    let done = finished(&report(&mut edge, 104, &sid2, "j", ok_result()));
+    assert_eq!((done.len(), done[0].2["success"].as_bool()), (1, Some(true)), "{done:?}");
+}
