@@ -72,7 +72,11 @@ impl Store {
             .map_err(|e| anyhow::anyhow!("cannot open {}: {e}; check DATA_DIR's permissions", path.display()))?;
         // WAL + NORMAL: a commit survives a process crash; a power cut may lose the commits
         // since the WAL was last synced — at a checkpoint, every `CHECKPOINT_PAGES` pages
-        // written (sooner in practice: the kernel writes the WAL back within about 30 s).
+        // written (sooner in practice: the kernel writes the WAL back within about 30 s) —
+        // and with them jobs accepted, dispatches (the job runs twice) and results (it ends
+        // lost): README's guarantees. FULL closes that window at about four fifths of the
+        // edge's throughput (BENCHMARKS.md, "The native edge's SQLite with
+        // `synchronous=FULL`"), so it is not taken.
         conn.execute_batch(&format!(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout={BUSY_TIMEOUT_MS};
              PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES};
