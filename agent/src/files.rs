@@ -35,8 +35,14 @@ pub fn write_atomically(path: &Path, bytes: &[u8], durable: bool) -> std::io::Re
 /// [`private_dir`]) and are synced too, each in its parent, so the path itself survives.
 pub fn write_durably(path: &Path, bytes: &[u8], new_folders: usize) -> std::io::Result<()> {
     write_atomically(path, bytes, true)?;
-    let mut folder = path.parent();
-    for _ in 0..=new_folders {
+    sync_up(path.parent(), new_folders + 1)
+}
+
+/// Syncs `folder` and the `levels - 1` folders above it, each holding the name of the one
+/// below: what makes the names of a new file's folder and of `levels - 1` new folders on
+/// its path ([`private_dir`]'s count) survive a power cut.
+pub fn sync_up(mut folder: Option<&Path>, levels: usize) -> std::io::Result<()> {
+    for _ in 0..levels {
         let Some(dir) = folder else { break };
         // A relative path's first folder is named in the working directory: "" is there.
         if dir.as_os_str().is_empty() {
@@ -675,7 +681,22 @@ pub(crate) fn pipe_at(path: &Path) {
 /// and an open of those takes the terminal for the session's or waits for ever.
 pub fn sync_folder(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_NOCTTY).open(dir)?.sync_all()
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK | libc::O_NOCTTY).open(dir)?.sync_all()?;
+    #[cfg(test)]
+    SYNCED.with(|synced| synced.borrow_mut().push(dir.to_path_buf()));
+    Ok(())
+}
+
+#[cfg(test)]
+thread_local! {
+    static SYNCED: std::cell::RefCell<Vec<std::path::PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The folders this thread synced ([`sync_folder`]) since it last asked: what a test's
+/// writes made durable beside their files.
+#[cfg(test)]
+pub(crate) fn synced_folders() -> Vec<std::path::PathBuf> {
+    SYNCED.with(|synced| std::mem::take(&mut *synced.borrow_mut()))
 }
 
 /// Creates `dir` (and missing parents) owner-only, and makes an existing one owner-only

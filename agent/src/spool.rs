@@ -1,7 +1,8 @@
 //! What the agent keeps on disk so that nothing is lost and nothing runs twice, in one
 //! record file per job slot (`DATA_DIR/records/<n>`, framed by [`agent_core::record`]),
 //! overwritten in place — a job's records cost an in-place write and an `fdatasync`,
-//! never a file created, synced and deleted:
+//! never a file created, synced and deleted (a slot's file is made at its first use, its
+//! name synced into `records/` then: [`Spool::slot_file`]):
 //!
 //! - "started", per job: its id and its order's nonce, written (and synced) into a free
 //!   slot's record before Claude gets its prompt ([`Spool::started`]). A started record
@@ -230,9 +231,15 @@ impl Spool {
     /// each lost ([`interrupted`], [`Spool::put`], which keeps it in the job's
     /// slot, or for an older agent's marker in a spool file, and removes the marker).
     pub fn open(dir: PathBuf, started: PathBuf, records: PathBuf, slots: usize, seal: Seal) -> std::io::Result<(Spool, Vec<Interrupted>)> {
-        crate::files::private_dir(&dir)?;
+        // A folder made here (and the parents made with it) is named in its parent: synced,
+        // or a power cut could take the folder with the results and records later made
+        // durable in it. (Older agents' markers are only read and removed: nothing in
+        // `started` must survive a power cut.)
+        for folder in [&dir, &records] {
+            let made = crate::files::private_dir(folder)?;
+            crate::files::sync_up(folder.parent(), made)?;
+        }
         crate::files::private_dir(&started)?;
-        crate::files::private_dir(&records)?;
         // A crash's half-written results (opened by the agent holding DATA_DIR's lock).
         crate::files::remove_leftovers(&dir);
         let mut found = Vec::new();
@@ -370,6 +377,12 @@ impl Spool {
             return Ok(file.clone());
         }
         let file = std::sync::Arc::new(open_plain(&self.slot_path(n), true, "slot record")?);
+        // Its name is the records folder's, which a record's sync does not write: synced as
+        // the file is first opened (made, for a new slot), or a power cut could take the
+        // file and the started record synced into it — its job then never reported lost,
+        // and run again. Once per slot for the agent's run (again after a failed write),
+        // never per job.
+        crate::files::sync_folder(&self.records)?;
         open[n] = Some(file.clone());
         Ok(file)
     }
@@ -921,6 +934,31 @@ mod tests {
         let started = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("refused at once, not waited on for ever");
         let error = started.unwrap_err();
         assert!(error.contains("records/0") && error.contains("not a plain file"), "{error}");
+    }
+
+    /// rev8: a slot's record file is made at its first use, and its name is the records
+    /// folder's: unsynced, a power cut after the first job of a slot started could lose the
+    /// file and with it the job's started record (synced into the file, not its name) — the
+    /// job then never reported lost, and sent again. Its name is synced as the slot is first
+    /// used, and the folders the spool makes are synced into their parents; a slot used
+    /// again syncs no folder (not the per-job path).
+    #[test]
+    fn a_slot_files_name_is_made_durable_at_its_first_use_only() {
+        let dir = dir("slot-names");
+        std::fs::create_dir_all(&dir).unwrap();
+        crate::files::synced_folders();
+        let (spool, _) = open(&dir, 2);
+        let made = crate::files::synced_folders();
+        assert!(made.contains(&dir), "records/ and spool/, made by the spool, named durably in DATA_DIR: {made:?}");
+        spool.started("job-1", "job-1:1:t").unwrap();
+        assert_eq!(crate::files::synced_folders(), vec![dir.join("records")], "the first slot file's name");
+        spool.put("job-1", &ok("job-1", "x")).unwrap();
+        spool.remove("job-1");
+        spool.started("job-2", "job-2:1:t").unwrap();
+        assert_eq!(crate::files::synced_folders(), Vec::<PathBuf>::new(), "a slot used again syncs no folder");
+        spool.started("job-3", "job-3:1:t").unwrap();
+        assert_eq!(crate::files::synced_folders(), vec![dir.join("records")], "the second slot's file, made now");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A job's records are overwrites of one file per slot: however many jobs run, the
