@@ -686,7 +686,7 @@ fn commit_id(text: &[u8]) -> Option<Oid> {
 /// folder before): the folders on the way are opened from descriptors, never through a
 /// link ([`crate::files::open_beneath`]), so none leads elsewhere. An absolute path is
 /// taken inside the checkout as its folder is named, or named without links.
-fn beneath(workdir: &Path, base: &Path, named: &[u8]) -> Option<std::path::PathBuf> {
+pub(super) fn beneath(workdir: &Path, base: &Path, named: &[u8]) -> Option<std::path::PathBuf> {
     use std::path::Component;
     let named = as_path(named);
     let joined = match named.is_absolute() {

@@ -953,6 +953,65 @@ async fn submodules_are_staged_as_their_commits_and_a_nested_repository_is_refus
     assert!(line("top.txt").is_some() && line("sub/lib.txt").is_none(), "{tree}");
 }
 
+/// An untracked folder holding a `.git` that is no repository — a file of other words, an
+/// empty folder a failed clone left, a FIFO, a `gitdir:` naming nothing, a folder without
+/// `objects` — is listed as `git add -A` lists it, its `.git` left out; only a repository
+/// as git tells one (a `.git` folder, or a `gitdir:` file naming one) is left out, and
+/// refuses the push. Any `.git` was taken for a repository: the folders' files were left
+/// out of the diff and the push refused (hostile review rev9, 1). Compared with git's own
+/// `add -A --dry-run` of the same working tree.
+#[tokio::test]
+async fn a_folder_holding_a_dot_git_that_is_no_repository_is_listed_as_git_lists_it() {
+    let tmp = TempDir::new("stage-dotgit");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let d = &co.dir;
+    for (folder, file) in [("garbage", "a.txt"), ("empty", "b.txt"), ("fifo", "c.txt"), ("nowhere", "d.txt"), ("nohead", "e.txt"), ("noobjects", "f.txt")] {
+        std::fs::create_dir_all(d.join(folder)).unwrap();
+        std::fs::write(d.join(folder).join(file), "listed\n").unwrap();
+    }
+    std::fs::write(d.join("garbage/.git"), "garbage\n").unwrap();
+    std::fs::create_dir(d.join("empty/.git")).unwrap();
+    crate::files::pipe_at(&d.join("fifo/.git"));
+    std::fs::write(d.join("nowhere/.git"), "gitdir: ../not-there\n").unwrap();
+    for (folder, head) in [("nohead", "not a head\n"), ("noobjects", "ref: refs/heads/main\n")] {
+        std::fs::create_dir_all(d.join(folder).join(".git/refs")).unwrap();
+        std::fs::write(d.join(folder).join(".git/HEAD"), head).unwrap();
+    }
+    std::fs::create_dir(d.join("nohead/.git/objects")).unwrap();
+    let files = |co: &checkout::Checkout| {
+        let mut files: Vec<String> = changes::patch(&co.dir, co.commit, co.fs, 1 << 20).unwrap().files.into_iter().map(|f| f.path).collect();
+        files.sort();
+        files
+    };
+    let gits = |co: &checkout::Checkout| {
+        let said = git(&co.dir, &["add", "-A", "--dry-run"]);
+        let mut files: Vec<String> = said.lines().filter_map(|l| l.strip_prefix("add '")?.strip_suffix('\'').map(str::to_string)).collect();
+        files.sort();
+        files
+    };
+    assert_eq!(files(&co), gits(&co), "as git lists them");
+    assert_eq!(files(&co).len(), 6, "{:?}", files(&co));
+    assert!(to_push(&co).is_ok(), "nothing there is a repository");
+    // Repositories as git tells them: a `.git` folder, a `gitdir:` file naming one.
+    let real = d.join("real");
+    std::fs::create_dir(&real).unwrap();
+    git(&real, &["init", "-q", "-b", "main"]);
+    std::fs::write(real.join("inner.txt"), "inner\n").unwrap();
+    git(&real, &["add", "-A"]);
+    git(&real, &["commit", "-q", "-m", "inner"]);
+    std::fs::create_dir(d.join("pointing")).unwrap();
+    std::fs::write(d.join("pointing/.git"), "gitdir: ../real/.git\n").unwrap();
+    std::fs::write(d.join("pointing/p.txt"), "p\n").unwrap();
+    // git adds each as a submodule's entry (the runner pushes none: refused below).
+    let repositories = ["pointing", "real"];
+    let listed: Vec<String> = gits(&co).into_iter().filter(|f| !repositories.contains(&f.trim_end_matches('/'))).collect();
+    assert_eq!(files(&co), listed, "as git lists them");
+    assert!(!files(&co).iter().any(|f| f.starts_with("real/") || f.starts_with("pointing/")), "{:?}", files(&co));
+    let err = to_push(&co).err().expect("a repository inside refuses the push");
+    assert!(matches!(&err, RepoError::NestedRepository { path } if path == "pointing"), "{err}");
+}
+
 /// A writer at a FIFO made at `path`, for as long as it is held: an open of the FIFO for
 /// reading (an open by path, which waits for ever without a writer) meets it, is counted,
 /// and reads a line. While a reader holds it open, the writer opens again and again, each

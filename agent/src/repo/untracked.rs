@@ -85,8 +85,9 @@ pub(super) struct Listing {
 /// `.git/info/exclude`) respected as git respects them: folders ignored are not listed
 /// (those holding something tracked are, all they hold untracked being ignored), a file
 /// or link only where the index holds nothing, a FIFO, socket or device passed over (git
-/// stores none), a submodule's folder not listed, an untracked folder holding `.git` named
-/// as a repository and not listed. `abort` stops it between two folders.
+/// stores none), a submodule's folder not listed, an untracked folder that is a repository
+/// of its own as git tells one ([`is_repository`]) named and not listed; one holding a
+/// `.git` that is no repository is listed, its `.git` left out, as `git add -A` does. `abort` stops it between two folders.
 pub(super) fn list(workdir: &Path, tracked: &Tracked, abort: &AtomicBool) -> Result<Listing, RepoError> {
     let failed = |path: &[u8], e: std::io::Error| local(ACTION, format!("{}: {e}", if path.is_empty() { ".".to_string() } else { shown(path) }));
     let case = if tracked.fold { Case::Fold } else { Case::Sensitive };
@@ -140,7 +141,7 @@ pub(super) fn list(workdir: &Path, tracked: &Tracked, abort: &AtomicBool) -> Res
                     Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EACCES)) => continue,
                     Err(e) => return Err(failed(&path, e)),
                 };
-                if !holds_tracked && child.holds(c".git") {
+                if !holds_tracked && child.holds(c".git") && is_repository(workdir, &path) {
                     found.repositories.push(path);
                     continue;
                 }
@@ -157,6 +158,122 @@ pub(super) fn list(workdir: &Path, tracked: &Tracked, abort: &AtomicBool) -> Res
         }
     }
     Ok(found)
+}
+
+/// The most of a `.git` file git reads (`read_gitfile_gently`): a bigger one names no
+/// repository.
+const MAX_GITFILE_BYTES: u64 = 1 << 20;
+/// What git reads of a `HEAD` to tell a repository (`validate_headref`).
+const HEAD_BYTES: u64 = 255;
+
+/// Whether the untracked folder `path` beneath `workdir`, holding an entry `.git`, is a
+/// repository of its own as `git add -A` tells one (`is_nonbare_repository_dir`): its `.git`
+/// a folder git takes for a repository ([`is_git_directory`]), or a file starting `gitdir: `
+/// naming one, or a file git cannot open or read whole. Anything else there — a file of
+/// other words, an empty folder a failed clone left, a FIFO, socket or device — is no
+/// repository: git lists what the folder holds (not `.git`), and so does the listing. (The
+/// listing counted any `.git` as one: the folder's files were left out of the diff and
+/// the push was refused; hostile review rev9, 1.)
+///
+/// Everything is opened beneath the checkout from descriptors, without waiting
+/// ([`crate::files::open_beneath`]), bounded as git bounds it. Where git would follow a
+/// link (`.git`, or `objects` and `refs` in it, a link) or a path outside the checkout (a
+/// `gitdir:` or `commondir` naming one), and where git gives up (a `commondir` it cannot
+/// read), the runner does not look: it counts the folder as a repository, left out, which
+/// refuses the push naming it.
+fn is_repository(workdir: &Path, path: &[u8]) -> bool {
+    use std::io::Read;
+    let folder = Path::new(std::ffi::OsStr::from_bytes(path));
+    let dot_git = folder.join(".git");
+    match crate::files::open_beneath(workdir, &dot_git) {
+        // git: a `.git` file it cannot open is taken for one.
+        Err(_) => true,
+        Ok(None) => false,
+        Ok(Some(Beneath::Link(_))) => true,
+        Ok(Some(Beneath::Other(libc::S_IFDIR))) => is_git_directory(workdir, &dot_git),
+        // A FIFO, socket or device: git's `stat` finds no file, nor a folder holding `HEAD`.
+        Ok(Some(Beneath::Other(_))) => false,
+        Ok(Some(Beneath::File(file))) => {
+            let Ok(size) = file.metadata().map(|m| m.len()) else { return true };
+            if size > MAX_GITFILE_BYTES {
+                return false;
+            }
+            let mut text = Vec::new();
+            // git reads its `fstat` size, whole: less or more (it changed meanwhile) is a
+            // read that failed, taken for a repository.
+            if file.take(size + 1).read_to_end(&mut text).is_err() || text.len() as u64 != size {
+                return true;
+            }
+            let Some(named) = text.strip_prefix(b"gitdir: ") else { return false };
+            let mut named = named;
+            while let [rest @ .., b'\n' | b'\r'] = named {
+                named = rest;
+            }
+            if named.is_empty() {
+                return false;
+            }
+            match super::staging::beneath(workdir, folder, named) {
+                Some(gitdir) => is_git_directory(workdir, &gitdir),
+                None => true,
+            }
+        }
+    }
+}
+
+/// Whether the folder `gitdir` beneath `workdir` is a git directory as git's
+/// `is_git_directory` tells one: a `HEAD` naming a ref under `refs/` (`ref: refs/…`, or a
+/// link to `refs/…`) or starting with a commit id, and `objects` and `refs` (in the folder
+/// its `commondir` names, if it has one) that git can enter.
+fn is_git_directory(workdir: &Path, gitdir: &Path) -> bool {
+    use std::io::Read;
+    let head = match crate::files::open_beneath(workdir, &gitdir.join("HEAD")) {
+        Ok(Some(Beneath::Link(target))) => target.starts_with(b"refs/"),
+        Ok(Some(Beneath::File(file))) => {
+            let mut text = Vec::new();
+            match file.take(HEAD_BYTES).read_to_end(&mut text) {
+                Err(_) => false,
+                Ok(_) => match text.strip_prefix(b"ref:") {
+                    Some(rest) => rest.trim_ascii_start().starts_with(b"refs/"),
+                    None => text.len() >= 40 && text[..40].iter().all(u8::is_ascii_hexdigit),
+                },
+            }
+        }
+        _ => false,
+    };
+    if !head {
+        return false;
+    }
+    let mut stat = crate::files::StatBeneath::new(workdir);
+    let common = match stat.lstat(&gitdir.join("commondir")) {
+        Ok(None) => gitdir.to_path_buf(),
+        // One there: the folder it names (git dies where it cannot read it).
+        Ok(Some(_)) => match crate::files::open_beneath(workdir, &gitdir.join("commondir")) {
+            Ok(Some(Beneath::File(file))) => {
+                let mut text = Vec::new();
+                if file.take(MAX_GITFILE_BYTES + 1).read_to_end(&mut text).is_err() || text.len() as u64 > MAX_GITFILE_BYTES {
+                    return true;
+                }
+                let mut named = text.as_slice();
+                while let [rest @ .., b'\n' | b'\r'] = named {
+                    named = rest;
+                }
+                match super::staging::beneath(workdir, gitdir, named) {
+                    Some(common) => common,
+                    None => return true,
+                }
+            }
+            _ => return true,
+        },
+        Err(_) => return true,
+    };
+    // `access(X_OK)`: a folder, or a file with an execute bit; a link git follows is
+    // counted as one.
+    let enterable = |stat: &mut crate::files::StatBeneath, name: &str| match stat.lstat(&common.join(name)) {
+        Ok(Some(st)) => matches!(st.st_mode & libc::S_IFMT, libc::S_IFDIR | libc::S_IFLNK) || st.st_mode & 0o111 != 0,
+        Ok(None) => false,
+        Err(_) => true,
+    };
+    enterable(&mut stat, "objects") && enterable(&mut stat, "refs")
 }
 
 /// A folder being listed.
