@@ -29,6 +29,9 @@ pub struct Staged {
     /// [`MAX_PUSH_FILE_BYTES`] (staged unread), a FIFO where a tracked file was, a
     /// repository the job made inside the checkout ([`super::staging::Plan::unpushable`]).
     unpushable: Option<RepoError>,
+    /// Files were staged unread, past what staging reads ([`MAX_DIFF_READ_BYTES`] for a
+    /// diff alone): the diff says it was cut.
+    cut: bool,
 }
 
 /// Objects staging writes (blobs of changed files, trees, the commit) are kept in memory
@@ -36,6 +39,17 @@ pub struct Staged {
 /// files cost more than the rest of a push. The push reads them from there.
 const IN_MEMORY_PRIORITY: i32 = 1000;
 const IN_MEMORY_MAX_BYTES: u64 = 64 << 20;
+/// The most of the working tree's files a hand-back without a push (`include_diff` alone)
+/// reads, all kept in memory: nothing of them is written to the checkout's object store.
+/// Past it each file is staged unread ([`super::staging`]'s `UNREAD`), shown as a binary
+/// change, and the diff says it was cut. A diff shows at most `MAX_DIFF_BYTES` (6 MiB):
+/// a job writing 20 GB of output had it all written to DATA_DIR's disk for that.
+pub const MAX_DIFF_READ_BYTES: u64 = IN_MEMORY_MAX_BYTES;
+/// The most of the working tree's files a push carries together: more is refused, by the
+/// sizes listed, before any file is read ([`RepoError::ChangesTooBig`]); each file read
+/// counts, so files grown since are refused as they are read. A push's blobs past
+/// [`IN_MEMORY_MAX_BYTES`] are written to the checkout's object store, on DATA_DIR's disk.
+pub const MAX_PUSH_BYTES: u64 = 1 << 30;
 /// The largest file a push carries: git servers refuse bigger ones (GitHub: 100 MiB), and
 /// a push holds a file in memory about twice over.
 pub const MAX_PUSH_FILE_BYTES: u64 = 100 << 20;
@@ -132,23 +146,41 @@ fn put_back_config(git: &Path, fs: FileSystem) -> std::io::Result<()> {
 /// never by its path (see [`super::staging`]); what a push may not carry is kept aside
 /// ([`Staged::pushable`]). `abort` stops it between two files.
 pub fn stage(dir: &Path, base: Oid, fs: FileSystem, abort: &AtomicBool) -> Result<Staged, RepoError> {
-    stage_then(dir, base, fs, abort, || ())
+    stage_then(dir, base, fs, true, abort, || ())
 }
 
-/// [`stage`], running `listed` once the changes are listed and measured, before any file
-/// is read (the tests' hold there, as a process the job left running may swap a file).
-pub(super) fn stage_then(dir: &Path, base: Oid, fs: FileSystem, abort: &AtomicBool, listed: impl FnOnce()) -> Result<Staged, RepoError> {
+/// [`stage`] for a push (`push`), or for a diff alone: then at most [`MAX_DIFF_READ_BYTES`]
+/// of the files is read, kept in memory, the rest staged unread (the diff says it was cut),
+/// and nothing of them written to the checkout's object store. A push of more than
+/// [`MAX_PUSH_BYTES`] is staged as a diff alone, and refused.
+pub fn stage_for(dir: &Path, base: Oid, fs: FileSystem, push: bool, abort: &AtomicBool) -> Result<Staged, RepoError> {
+    stage_then(dir, base, fs, push, abort, || ())
+}
+
+/// [`stage_for`], running `listed` once the changes are listed and measured, before any
+/// file is read (the tests' hold there, as a process the job left running may swap a file).
+pub(super) fn stage_then(dir: &Path, base: Oid, fs: FileSystem, push: bool, abort: &AtomicBool, listed: impl FnOnce()) -> Result<Staged, RepoError> {
     let action = "collect the job's changes";
     let repo = open_checkout(dir, fs, action)?;
     // Sizes first, from the file system: nothing too big is ever read.
-    let (mut index, plan) = staging::list(&repo, dir, fs, abort)?;
-    if plan.bytes <= IN_MEMORY_MAX_BYTES {
+    let (mut index, mut plan) = staging::list(&repo, dir, fs, abort)?;
+    let too_much = |bytes: u64| RepoError::ChangesTooBig { mib: bytes.div_ceil(1 << 20), max_mib: MAX_PUSH_BYTES >> 20 };
+    if push && plan.bytes > MAX_PUSH_BYTES {
+        plan.unpushable.get_or_insert(too_much(plan.bytes));
+    }
+    let pushing = push && plan.unpushable.is_none();
+    let budget = if pushing { MAX_PUSH_BYTES } else { MAX_DIFF_READ_BYTES };
+    if !pushing || plan.bytes <= IN_MEMORY_MAX_BYTES {
         repo.odb().and_then(|odb| odb.add_new_mempack_backend(IN_MEMORY_PRIORITY).map(drop)).map_err(|e| local(action, e.message()))?;
     }
     listed();
-    let unpushable = plan.stage(&repo, &mut index, dir, fs, abort)?;
+    let staging::Staging { mut unpushable, unread } = plan.stage(&repo, &mut index, dir, fs, budget, abort)?;
+    // Files grown past the push's bytes since they were measured: never pushed unread.
+    if let Some(at_least) = unread.filter(|_| pushing) {
+        unpushable.get_or_insert(too_much(at_least));
+    }
     let tree = index.write_tree().map_err(|e| local(action, e.message()))?;
-    Ok(Staged { repo, base, tree, fs, unpushable })
+    Ok(Staged { repo, base, tree, fs, unpushable, cut: unread.is_some() })
 }
 
 pub(super) fn too_big(path: &str, bytes: u64) -> Result<(), RepoError> {
@@ -162,7 +194,7 @@ pub(super) fn too_big(path: &str, bytes: u64) -> Result<(), RepoError> {
 /// hand-back makes it ([`Staged::patch`]), for the tests.
 #[cfg(test)]
 pub fn patch(dir: &Path, base: Oid, fs: FileSystem, max_bytes: usize) -> Result<Patch, RepoError> {
-    stage(dir, base, fs, &AtomicBool::new(false))?.patch(max_bytes)
+    stage_for(dir, base, fs, false, &AtomicBool::new(false))?.patch(max_bytes)
 }
 
 pub(super) fn print(diff: &Diff<'_>, max_bytes: usize) -> Result<Patch, RepoError> {
@@ -231,9 +263,12 @@ impl Staged {
 
     /// The unified diff of the staged tree — the working tree, as read — against the start
     /// commit, cut at `max_bytes` (on a line boundary), and every changed path: a job's
-    /// `include_diff`. A file over what a push carries shows as a binary change, unread.
+    /// `include_diff`. A file over what a push carries shows as a binary change, unread, as
+    /// does one past what staging read (then the diff is cut: `truncated`).
     pub fn patch(&self, max_bytes: usize) -> Result<Patch, RepoError> {
-        print(&self.diff()?, max_bytes)
+        let mut patch = print(&self.diff()?, max_bytes)?;
+        patch.truncated |= self.cut;
+        Ok(patch)
     }
 
     /// Whether the push may carry the staged tree: the first reason it may not, kept aside

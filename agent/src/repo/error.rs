@@ -62,6 +62,8 @@ pub enum RepoError {
     PushInDoubt { url: String, branch: String, detail: String },
     #[error("`{path}` is {mib} MiB, more than the {max_mib} MiB a push carries (git servers such as GitHub refuse bigger files), so nothing was pushed: have Claude leave it out of the repository (delete it, or list it in .gitignore)")]
     FileTooBig { path: String, mib: u64, max_mib: u64 },
+    #[error("the files the job changed come to {mib} MiB or more together, more than the {max_mib} MiB a push carries of them, so nothing was pushed (they were not read): have Claude leave big outputs out of the repository (delete them, or list them in .gitignore)")]
+    ChangesTooBig { mib: u64, max_mib: u64 },
     #[error("`{path}` is {what}, which git cannot store, so nothing was pushed: have Claude remove it (or put back the file it replaced)")]
     Unstageable { path: String, what: String },
     #[error("`{path}` is a git repository of its own inside the checkout (a folder holding `.git`), which the runner does not push, as a submodule or otherwise, so nothing was pushed: have Claude remove it, or list it in .gitignore")]

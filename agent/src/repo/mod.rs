@@ -236,7 +236,10 @@ fn hand_back_gone(url: String, push_asked: bool) -> Box<dyn Fn(Gone) -> RepoErro
 /// (it was thrown away with it, a refusal for a secret too).
 ///
 /// A diff asked for is made whatever the agent's stop (`abort`), as when the diff read the
-/// working tree itself: the stop is the push's, heard before each of its steps.
+/// working tree itself: the stop is the push's, heard before each of its steps. Staging
+/// for it is bounded: a diff alone reads at most [`changes::MAX_DIFF_READ_BYTES`] of the
+/// files, kept in memory (the rest shown unread, the diff cut), a push
+/// [`changes::MAX_PUSH_BYTES`] (more is refused, and staged as for a diff alone).
 fn hand_back(work: HandBackWork, abort: &AtomicBool, begins: &dyn Fn() -> bool) -> Result<Outcome, RepoError> {
     // The tests hold the worker here, at its first step, as anything that does not return
     // would (a FIFO a job plants in `.git` once it was checked).
@@ -248,7 +251,9 @@ fn hand_back(work: HandBackWork, abort: &AtomicBool, begins: &dyn Fn() -> bool) 
     let base = git2::Oid::from_str(&base).map_err(|e| local("collect the job's changes", e.message()))?;
     let mut outcome = Outcome::default();
     let unstopped = AtomicBool::new(false);
-    let staged = match changes::stage(&dir, base, fs, if diff_max_bytes.is_some() { &unstopped } else { abort }) {
+    // A diff alone reads at most `MAX_DIFF_READ_BYTES` of the files and writes none of them
+    // to disk; a push at most `MAX_PUSH_BYTES`.
+    let staged = match changes::stage_for(&dir, base, fs, push.is_some(), if diff_max_bytes.is_some() { &unstopped } else { abort }) {
         Ok(staged) => staged,
         // No diff asked for: the push's failure, as any other of its steps'.
         Err(e) if diff_max_bytes.is_none() => {

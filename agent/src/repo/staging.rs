@@ -58,6 +58,19 @@ const MAX_SUBMODULE_BYTES: u64 = 2 * MAX_PACKED_REFS_BYTES;
 /// NUL byte), so the diff says only that it changed. A tree holding it is never pushed
 /// (the push is refused: [`Plan::unpushable`]).
 const OVERSIZED: &[u8] = b"\0claude-runner: a file over what a push carries, not read\n";
+/// What a file past what staging reads ([`Plan::stage`]'s budget) is staged as, unread,
+/// for the diff: binary, so the diff says only that it changed (and that it was cut). A
+/// tree holding it is never pushed.
+const UNREAD: &[u8] = b"\0claude-runner: a file past what the runner reads of the changes, not read\n";
+
+/// What [`Plan::stage`] found as it read the files.
+pub(super) struct Staging {
+    /// Why the push may not carry the staged tree (the first reason).
+    pub unpushable: Option<RepoError>,
+    /// Files were staged unread, past the bytes staging reads: at least this many bytes
+    /// were there to read.
+    pub unread: Option<u64>,
+}
 
 /// What staging does to the index, path by path (in the index's order), decided before any
 /// file is read.
@@ -264,13 +277,16 @@ pub(super) fn changed_bytes(repo: &Repository, workdir: &Path, fs: FileSystem) -
 impl Plan {
     /// Stages the working tree at `workdir` into `index` of `repo` as planned; what the push
     /// may not carry is returned (the first reason: [`Plan::unpushable`]'s, else one found
-    /// as a file was read). `abort` stops it between two files.
+    /// as a file was read). `abort` stops it between two files. At most `budget` bytes of
+    /// the files are read: past it a file is staged unread ([`UNREAD`]; a tracked one of its
+    /// blob's size is hashed from its descriptor and left unchanged when it is), and told
+    /// ([`Staging::unread`]).
     ///
     /// The `.gitattributes` files go first, as they are in the working tree: the
     /// conversions each other file is given ([`cleaned`]) come from them as staged (libgit2
     /// reads the attributes of a repository without a working tree from its index), as git
     /// reads them from the working tree. Each is then given its own conversions too.
-    pub(super) fn stage(self, repo: &Repository, index: &mut Index, workdir: &Path, fs: FileSystem, abort: &AtomicBool) -> Result<Option<RepoError>, RepoError> {
+    pub(super) fn stage(self, repo: &Repository, index: &mut Index, workdir: &Path, fs: FileSystem, budget: u64, abort: &AtomicBool) -> Result<Staging, RepoError> {
         let err = |e: git2::Error| local(ACTION, e.message());
         let given_up = || match abort.load(Ordering::SeqCst) {
             true => Err(local(ACTION, "given up")),
@@ -278,13 +294,14 @@ impl Plan {
         };
         given_up()?;
         let mut unpushable = self.unpushable;
+        let mut reading = Reading { left: budget, budget, unread: None };
         let is_attributes = |path: &[u8]| path.rsplit(|b| *b == b'/').next() == Some(b".gitattributes".as_slice());
         let (attributes, others): (Vec<_>, Vec<_>) = self.steps.into_iter().partition(|(path, _)| is_attributes(path));
         let mut raw = Vec::new();
         for (path, step) in attributes {
             given_up()?;
             match step {
-                Step::Take(held) => match read(repo, workdir, &path, held, fs, &mut unpushable)? {
+                Step::Take(held) => match read(repo, workdir, &path, held, fs, &mut unpushable, &mut reading)? {
                     Read::File { mode, bytes } => {
                         put(index, &path, mode, &bytes, held)?;
                         raw.push((path, mode, bytes, held));
@@ -306,13 +323,29 @@ impl Plan {
             match step {
                 Step::Remove => index.remove_path(as_path(&path)).map_err(err)?,
                 Step::Submodule(head) => index.add(&entry(path, GITLINK, head, 0)).map_err(err)?,
-                Step::Take(held) => match read(repo, workdir, &path, held, fs, &mut unpushable)? {
+                Step::Take(held) => match read(repo, workdir, &path, held, fs, &mut unpushable, &mut reading)? {
                     Read::File { mode, bytes } => put(index, &path, mode, &cleaned(repo, &path, bytes).map_err(err)?, held)?,
                     other => other.put(index, &path, held)?,
                 },
             }
         }
-        Ok(unpushable)
+        Ok(Staging { unpushable, unread: reading.unread })
+    }
+}
+
+/// What is left of the bytes [`Plan::stage`] reads of the files.
+struct Reading {
+    left: u64,
+    budget: u64,
+    /// At least how many bytes there were to read, once a file was passed over.
+    unread: Option<u64>,
+}
+
+impl Reading {
+    /// A file of (at least) `size` bytes passed over, unread.
+    fn passed_over(&mut self, size: u64) {
+        let seen = self.budget - self.left + size;
+        self.unread = Some(self.unread.map_or(seen, |u| u.max(seen)));
     }
 }
 
@@ -346,8 +379,8 @@ impl Read {
 /// socket or device swapped in since the listing is kept aside too, and the path is left
 /// out; a folder is an error (the listing found a file: something the job started is
 /// still at work).
-fn read(repo: &Repository, workdir: &Path, path: &[u8], held: Option<Held>, fs: FileSystem, unpushable: &mut Option<RepoError>) -> Result<Read, RepoError> {
-    use std::io::Read as _;
+fn read(repo: &Repository, workdir: &Path, path: &[u8], held: Option<Held>, fs: FileSystem, unpushable: &mut Option<RepoError>, reading: &mut Reading) -> Result<Read, RepoError> {
+    use std::io::{Read as _, Seek};
     let failed = |e: std::io::Error| local(ACTION, format!("{}: {e}", shown(path)));
     let file = match crate::files::open_beneath(workdir, as_path(path)).map_err(failed)? {
         None => return Ok(Read::Gone),
@@ -367,19 +400,38 @@ fn read(repo: &Repository, workdir: &Path, path: &[u8], held: Option<Held>, fs: 
         measured(unpushable, path, size);
         Ok(Read::Blob { mode, blob: OVERSIZED.to_vec() })
     };
+    let tracked = held.filter(|h| h.tracked && h.mode == mode);
     if meta.len() > MAX_PUSH_FILE_BYTES {
-        let tracked = held.filter(|h| h.tracked && h.mode == mode);
         if tracked.is_some_and(|h| holds_blob(repo, &file, h.id).unwrap_or(false)) {
             return Ok(Read::Unchanged);
         }
         return oversized(unpushable, meta.len());
     }
+    // Past what is left to read: unread (a tracked file only touched, hashed, is unchanged).
+    let unread = |reading: &mut Reading, size: u64| {
+        if tracked.is_some_and(|h| holds_blob(repo, &file, h.id).unwrap_or(false)) {
+            return Ok(Read::Unchanged);
+        }
+        reading.passed_over(size);
+        Ok(Read::Blob { mode, blob: UNREAD.to_vec() })
+    };
+    if meta.len() > reading.left {
+        return unread(reading, meta.len());
+    }
+    let cap = MAX_PUSH_FILE_BYTES.min(reading.left);
     let mut bytes = Vec::with_capacity(meta.len() as usize);
-    // One byte more than a push carries: a file growing as it is read is told.
-    (&file).take(MAX_PUSH_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(failed)?;
+    // One byte more than may be read: a file growing as it is read is told.
+    (&file).take(cap + 1).read_to_end(&mut bytes).map_err(failed)?;
     if bytes.len() as u64 > MAX_PUSH_FILE_BYTES {
         return oversized(unpushable, bytes.len() as u64);
     }
+    if bytes.len() as u64 > cap {
+        let size = bytes.len() as u64;
+        drop(bytes);
+        (&file).seek(std::io::SeekFrom::Start(0)).map_err(failed)?;
+        return unread(reading, size);
+    }
+    reading.left -= bytes.len() as u64;
     Ok(Read::File { mode, bytes })
 }
 

@@ -710,7 +710,7 @@ fn stage_while_held(co: &checkout::Checkout, swap: impl FnOnce(&Path)) -> (Optio
     std::fs::write(co.dir.join("b/big.bin"), "small\n").unwrap();
     std::fs::File::create(co.dir.join("c/pad.bin")).unwrap().set_len(65 << 20).unwrap();
     let big = co.dir.join("b/big.bin");
-    let err = changes::stage_then(&co.dir, co.commit, co.fs, &AtomicBool::new(false), || swap(&big)).and_then(|staged| staged.pushable()).err();
+    let err = changes::stage_then(&co.dir, co.commit, co.fs, true, &AtomicBool::new(false), || swap(&big)).and_then(|staged| staged.pushable()).err();
     let repo = git2::Repository::open(&co.dir).unwrap();
     let odb = repo.odb().unwrap();
     let mut largest = 0;
@@ -1012,6 +1012,80 @@ async fn a_folder_holding_a_dot_git_that_is_no_repository_is_listed_as_git_lists
     assert!(matches!(&err, RepoError::NestedRepository { path } if path == "pointing"), "{err}");
 }
 
+/// The bytes the checkout's object store takes on disk.
+fn objects_bytes(co: &checkout::Checkout) -> u64 {
+    fn walk(dir: &Path) -> u64 {
+        std::fs::read_dir(dir).map_or(0, |entries| {
+            entries.flatten().map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => walk(&e.path()),
+                _ => e.metadata().map_or(0, |m| m.len()),
+            }).sum()
+        })
+    }
+    walk(&co.dir.join(".git/objects"))
+}
+
+/// `bytes` bytes no compression shrinks, from `seed`.
+fn random_bytes(seed: u64, bytes: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..bytes / 8).flat_map(|_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x.to_le_bytes()
+    }).collect()
+}
+
+/// A diff alone (`include_diff`, no `push_branch`) staged the whole working tree, every
+/// blob written to the checkout's object store once the files passed 64 MiB together, each
+/// file read to 100 MiB, nothing bounding them all: a job writing 20 GB of output filled
+/// DATA_DIR's disk for a diff cut at MAX_DIFF_BYTES (hostile review rev9, 2). It reads at
+/// most `MAX_DIFF_READ_BYTES` now, kept in memory: the files past it are shown unread, as
+/// binary changes, and the diff says it was cut.
+#[tokio::test]
+async fn a_diff_alone_writes_none_of_the_files_to_disk_and_reads_a_bounded_part() {
+    let tmp = TempDir::new("diff-bounded");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::create_dir(co.dir.join("out")).unwrap();
+    let (files, each) = (24, 4 << 20);
+    assert!((files * each) as u64 > changes::MAX_DIFF_READ_BYTES);
+    for i in 0..files {
+        std::fs::write(co.dir.join(format!("out/{i:02}.bin")), random_bytes(i as u64 + 7, each)).unwrap();
+    }
+    let before = objects_bytes(&co);
+    let staged = changes::stage_for(&co.dir, co.commit, co.fs, false, &AtomicBool::new(false)).unwrap();
+    let patch = staged.patch(1 << 20).unwrap();
+    let written = objects_bytes(&co) - before;
+    assert!(written < 1 << 20, "a diff alone wrote {written} bytes to the object store");
+    assert!(patch.truncated, "the diff says it was cut");
+    assert_eq!(patch.files.len(), files, "every file listed, read or not");
+    assert!(patch.files.iter().all(|f| f.status == ChangeKind::Added), "{:?}", patch.files);
+    assert_eq!(patch.text.matches("Binary files").count(), files, "{}", patch.text);
+}
+
+/// A push carried any total of files under 100 MiB each. Past `MAX_PUSH_BYTES` together it
+/// is refused, saying the total and the limit, by the sizes listed: nothing is read for it
+/// (staged as for a diff alone), nothing written to disk. Sparse files: no disk used.
+#[tokio::test]
+async fn a_push_of_more_than_its_total_is_refused_naming_it_unread() {
+    let tmp = TempDir::new("push-total");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    std::fs::create_dir(co.dir.join("out")).unwrap();
+    let files = changes::MAX_PUSH_BYTES / changes::MAX_PUSH_FILE_BYTES + 1;
+    for i in 0..files {
+        std::fs::File::create(co.dir.join(format!("out/{i:02}.bin"))).unwrap().set_len(changes::MAX_PUSH_FILE_BYTES).unwrap();
+    }
+    let before = objects_bytes(&co);
+    let err = to_push(&co).err().expect("refused");
+    let said = err.to_string();
+    let total = files * (changes::MAX_PUSH_FILE_BYTES >> 20);
+    // The racy-clean tracked files (no older than the index) are counted too: a little more.
+    assert!(matches!(err, RepoError::ChangesTooBig { mib, max_mib: 1024 } if mib >= total) && said.contains("1024 MiB"), "{said}");
+    assert!(objects_bytes(&co) - before < 1 << 20, "nothing written for a push refused");
+}
+
 /// A writer at a FIFO made at `path`, for as long as it is held: an open of the FIFO for
 /// reading (an open by path, which waits for ever without a writer) meets it, is counted,
 /// and reads a line. While a reader holds it open, the writer opens again and again, each
@@ -1071,7 +1145,7 @@ async fn a_submodule_swapped_for_a_fifo_after_listing_is_staged_as_listed_never_
     let (mut index, plan) = super::staging::list(&repo, &co.dir, co.fs, &AtomicBool::new(false)).unwrap();
     std::fs::remove_dir_all(co.dir.join("sub")).unwrap();
     let writer = FifoWriter::at(&co.dir.join("sub"));
-    let staged = plan.stage(&repo, &mut index, &co.dir, co.fs, &AtomicBool::new(false));
+    let staged = plan.stage(&repo, &mut index, &co.dir, co.fs, u64::MAX, &AtomicBool::new(false));
     assert_eq!(writer.finish(), 0, "staging opened the submodule's path");
     staged.unwrap();
     let entry = index.get_path(Path::new("sub"), 0).expect("the submodule is staged");
