@@ -144,7 +144,9 @@ fn put_back_config(git: &Path, fs: FileSystem) -> std::io::Result<()> {
 /// Stages everything in the checkout's working tree: the tree Claude left behind, for its
 /// diff and to push. Each file is read from a descriptor, to at most what a push carries,
 /// never by its path (see [`super::staging`]); what a push may not carry is kept aside
-/// ([`Staged::pushable`]). `abort` stops it between two files.
+/// ([`Staged::pushable`]). `abort` stops it between two files. For the tests: the
+/// hand-back stages with [`stage_for`].
+#[cfg(test)]
 pub fn stage(dir: &Path, base: Oid, fs: FileSystem, abort: &AtomicBool) -> Result<Staged, RepoError> {
     stage_then(dir, base, fs, true, abort, || ())
 }
