@@ -193,6 +193,7 @@ mod tests {
             source: "2001:db8:1:2::/64".into(),
             connected_at: u64::MAX - 1,
             last_seen: 1_700_000_000_000,
+            arriving: None,
             phase: Phase::Ready(Agent {
                 agent_id: "spark".into(),
                 version: "1.2.3".into(),
@@ -214,6 +215,7 @@ mod tests {
                 stopping: false,
                 // As an agent makes it: the record keeps it in every form.
                 instance: Some(shared::ids::instance_id([0xff; shared::ids::INSTANCE_ID_BYTES])),
+                results_heard: Default::default(),
             }),
         }
     }
