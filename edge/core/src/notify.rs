@@ -488,6 +488,37 @@ fn is_callback_host_entry(entry: &str) -> bool {
 /// Checks a `callback_url` against `CALLBACK_HOSTS`: `https://` (or `http://` on
 /// loopback) to a host on the list. Returns what to fix.
 pub fn check_callback(url: &str, allowed: &[String]) -> Result<(), String> {
+    let (scheme, host, port) = callback_parts(url)?;
+    match scheme {
+        "https" => {}
+        "http" if LOOPBACK.contains(&host.as_str()) => {}
+        _ => return Err("`callback_url` must be an https:// URL".into()),
+    }
+    // An entry `host` allows any port of that host; `host:port` that port only.
+    let listed = |entry: &String| match (entry.eq_ignore_ascii_case(&host), port) {
+        (true, _) => true,
+        (false, Some(port)) => entry.eq_ignore_ascii_case(&format!("{host}:{port}")),
+        (false, None) => false,
+    };
+    if !allowed.iter().any(listed) {
+        return Err(format!(
+            "`callback_url`'s host `{host}` is not allowed: the edge's CALLBACK_HOSTS lists the hosts results may be posted to"
+        ));
+    }
+    Ok(())
+}
+
+/// The receiver a `callback_url` posts to, for sharing out the places of the callbacks in
+/// flight: its host, lowercased (punycode for an internationalised name), whatever its
+/// port — a `CALLBACK_HOSTS` entry without a port allows every port of its host, and one
+/// machine answering on many ports is still one receiver. `None` for a URL
+/// [`check_callback`] refuses.
+pub fn callback_receiver(url: &str) -> Option<String> {
+    callback_parts(url).ok().map(|(_, host, _)| host)
+}
+
+/// A `callback_url`'s scheme, host (lowercased, punycode) and port, if it names one.
+fn callback_parts(url: &str) -> Result<(&str, String, Option<&str>), String> {
     let (scheme, rest) = url.split_once("://").ok_or("`callback_url` must be an https:// URL")?;
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     if authority.contains('@') {
@@ -509,23 +540,7 @@ pub fn check_callback(url: &str, allowed: &[String]) -> Result<(), String> {
         true => written.to_ascii_lowercase(),
         false => ascii_host(written).ok_or("`callback_url`'s host is not a valid domain name")?,
     };
-    match scheme {
-        "https" => {}
-        "http" if LOOPBACK.contains(&host.as_str()) => {}
-        _ => return Err("`callback_url` must be an https:// URL".into()),
-    }
-    // An entry `host` allows any port of that host; `host:port` that port only.
-    let listed = |entry: &String| match (entry.eq_ignore_ascii_case(&host), port) {
-        (true, _) => true,
-        (false, Some(port)) => entry.eq_ignore_ascii_case(&format!("{host}:{port}")),
-        (false, None) => false,
-    };
-    if !allowed.iter().any(listed) {
-        return Err(format!(
-            "`callback_url`'s host `{host}` is not allowed: the edge's CALLBACK_HOSTS lists the hosts results may be posted to"
-        ));
-    }
-    Ok(())
+    Ok((scheme, host, port))
 }
 
 #[cfg(test)]

@@ -82,6 +82,10 @@ pub const MAX_PENDING_CALLBACKS: usize = 256;
 /// pending one overdue. The next is handed out when one's outcome comes back
 /// ([`Edge::posted`]), or when one went unheard past its timeout.
 pub const MAX_CALLBACKS_IN_FLIGHT: usize = 8;
+/// Of those, to one receiver (a callback URL's host) at most: a receiver that is slow to
+/// answer, or never does, holds its places up to each attempt's timeout, and the others'
+/// results still go meanwhile.
+pub const MAX_CALLBACKS_PER_RECEIVER: usize = MAX_CALLBACKS_IN_FLIGHT / 2;
 
 /// What the host must do. Writes (`Save`, `Forget`) come first and together: see
 /// [`split_writes`] and [`Edge::store_failed`]. The rest in order.

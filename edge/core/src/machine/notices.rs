@@ -8,7 +8,7 @@
 //! retry reads the job's whole record back from storage
 //! ([`Effect::Recall`], [`Edge::recalled`]), since memory keeps only an ended job's header.
 
-use super::{Edge, Effect, MAX_CALLBACKS_IN_FLIGHT};
+use super::{Edge, Effect, MAX_CALLBACKS_IN_FLIGHT, MAX_CALLBACKS_PER_RECEIVER};
 use crate::clock::Now;
 use crate::notify::{self, AlertKind, Observation, Outcome};
 use crate::notify::{AlertDelivery, CallbackState};
@@ -16,6 +16,7 @@ use crate::record::Job;
 use shared::oauth::OAuthSource;
 use shared::time::{rfc3339, spoken};
 use shared::Millis;
+use std::collections::BTreeMap;
 use tracing::{info, warn};
 
 /// One POST for the host to make, then report with [`Edge::posted`].
@@ -134,10 +135,11 @@ impl Edge {
             .filter_map(|(_, a)| a.usage_hold_until)
             .min();
         let posts = self.alerts.alert_posts.values().map(|p| p.next_at).min();
-        // While every place is taken, the ones waiting for a place are not due: the next
-        // time is one in flight going unheard past its timeout (or its outcome, an event).
-        let full = self.callbacks_in_flight() >= MAX_CALLBACKS_IN_FLIGHT;
-        let callbacks = self.alerts.callbacks.values().filter(|c| c.in_flight || !full).map(|c| c.next_at).min();
+        // Those waiting for a place (every place taken, or their receiver's) are not due:
+        // the next time is one in flight going unheard past its timeout (or its outcome,
+        // an event).
+        let flying = self.callbacks_in_flight();
+        let callbacks = self.alerts.callbacks.values().filter(|c| c.in_flight || flying.has_place(&c.url)).map(|c| c.next_at).min();
         [offline, resets, posts, callbacks].into_iter().flatten().min()
     }
 
@@ -182,18 +184,23 @@ impl Edge {
     pub(super) fn start_callback(&mut self, now: Now, job: &Job, effects: &mut Vec<Effect>) {
         let Some(url) = job.callback_url.clone() else { return };
         let before = self.alerts.clone();
-        self.alerts.callbacks.insert(job.id.clone(), CallbackState { url, attempts: 0, next_at: now.at, in_flight: false });
+        self.alerts.callbacks.insert(job.id.clone(), CallbackState { url: url.clone(), attempts: 0, next_at: now.at, in_flight: false });
         self.note_alerts(before);
-        if self.callbacks_in_flight() < MAX_CALLBACKS_IN_FLIGHT {
+        let flying = self.callbacks_in_flight();
+        if flying.has_place(&url) {
             self.attempt_callback(now, job, effects);
         } else {
-            info!(job_id = %job.id, in_flight = MAX_CALLBACKS_IN_FLIGHT, "the job's callback waits for one of those on their way");
+            info!(job_id = %job.id, in_flight = flying.all, "the job's callback waits for one of those on their way (to its receiver, or in all)");
         }
     }
 
-    /// Callbacks handed to the host and not heard of yet.
-    fn callbacks_in_flight(&self) -> usize {
-        self.alerts.callbacks.values().filter(|c| c.in_flight).count()
+    /// Callbacks handed to the host and not heard of yet, in all and by receiver.
+    fn callbacks_in_flight(&self) -> InFlight {
+        let mut flying = InFlight::default();
+        for c in self.alerts.callbacks.values().filter(|c| c.in_flight) {
+            flying.take(&c.url);
+        }
+        flying
     }
 
     /// Hands the host the callbacks that are due, oldest due first, while fewer than
@@ -217,14 +224,17 @@ impl Edge {
         let mut due: Vec<(Millis, String, u32)> =
             self.alerts.callbacks.iter().filter(|(_, c)| !c.in_flight && c.next_at <= now.at).map(|(id, c)| (c.next_at, id.clone(), c.attempts)).collect();
         due.sort();
+        let mut flying = self.callbacks_in_flight();
         for (_, id, attempts) in due {
             if attempts >= notify::MAX_ATTEMPTS {
                 self.give_up_callback(&id, "no answer", effects);
                 continue;
             }
-            if self.callbacks_in_flight() >= MAX_CALLBACKS_IN_FLIGHT {
+            let Some(url) = self.alerts.callbacks.get(&id).map(|c| c.url.clone()) else { continue };
+            if !flying.has_place(&url) {
                 continue;
             }
+            flying.take(&url);
             // Not again before the host has read the record back, or said how it went.
             let before = self.alerts.clone();
             if let Some(c) = self.alerts.callbacks.get_mut(&id) {
@@ -438,5 +448,27 @@ impl Edge {
     /// Alerts on their way, for tests and metrics.
     pub fn alert_posts_pending(&self) -> usize {
         self.alerts.alert_posts.len()
+    }
+}
+
+/// The callbacks in flight, counted for [`Edge::hand_out_callbacks`]'s places.
+#[derive(Default)]
+struct InFlight {
+    all: usize,
+    /// By receiver ([`notify::callback_receiver`]; `None` for a URL no longer allowed,
+    /// which is given up when its turn comes).
+    to: BTreeMap<Option<String>, usize>,
+}
+
+impl InFlight {
+    /// Whether a callback to `url` may go now: a place free in all, and one of its
+    /// receiver's ([`MAX_CALLBACKS_PER_RECEIVER`]).
+    fn has_place(&self, url: &str) -> bool {
+        self.all < MAX_CALLBACKS_IN_FLIGHT && self.to.get(&notify::callback_receiver(url)).copied().unwrap_or(0) < MAX_CALLBACKS_PER_RECEIVER
+    }
+
+    fn take(&mut self, url: &str) {
+        self.all += 1;
+        *self.to.entry(notify::callback_receiver(url)).or_default() += 1;
     }
 }

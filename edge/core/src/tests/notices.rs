@@ -470,8 +470,10 @@ fn callbacks_in_flight_are_capped_and_the_next_goes_when_one_is_heard() {
             }
         }
     };
+    // Two receivers, taking turns: one alone gets only its share of the places (below).
     for i in 0..20 {
-        let body = json!({"prompt": "x", "callback_url": "https://hooks.example.com/r"}).to_string();
+        let url = ["https://hooks.example.com/r", "http://127.0.0.1:9/r"][i % 2];
+        let body = json!({"prompt": "x", "callback_url": url}).to_string();
         let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
         keep(&edge.submit(0, format!("j{i:02}"), submission, Mode::Detached).unwrap().effects);
     }
@@ -513,6 +515,42 @@ fn callbacks_in_flight_are_capped_and_the_next_goes_when_one_is_heard() {
     let mut out = handed_out(&effects);
     out.extend(handed_out(&restored.tick(100_000)));
     assert_eq!(out.len(), MAX_CALLBACKS_IN_FLIGHT, "{out:?}");
+}
+
+/// One receiver that is slow to answer (or never does) holds at most its share of the
+/// places, each up to its attempt's timeout: another receiver's result goes at once. Before,
+/// eight callbacks to one slow host held every place, and every other caller's result
+/// waited out their timeouts.
+#[test]
+fn a_slow_receiver_holds_only_its_share_of_the_callbacks_in_flight() {
+    use crate::machine::MAX_CALLBACKS_PER_RECEIVER;
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join_with(&mut edge, 0, "spark", &agent_key(1), vec![], 1, 20);
+    say(&mut edge, 0, &sid, credit(20, 0));
+    let submit = |edge: &mut Edge, id: &str, url: &str| {
+        let body = json!({"prompt": "x", "callback_url": url}).to_string();
+        let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+        edge.submit(0, id.into(), submission, Mode::Detached).unwrap();
+    };
+    for i in 0..10 {
+        submit(&mut edge, &format!("slow{i}"), "https://HOOKS.example.com:8443/r");
+    }
+    submit(&mut edge, "other", "http://127.0.0.1:9/r");
+    let mut slow = Vec::new();
+    for i in 0..10 {
+        slow.extend(posts(&report(&mut edge, 10, &sid, &format!("slow{i}"), ok_result())));
+    }
+    // Another port of the same host is the same receiver.
+    submit(&mut edge, "slow-too", "https://hooks.example.com:9443/r");
+    slow.extend(posts(&report(&mut edge, 10, &sid, "slow-too", ok_result())));
+    assert_eq!(slow.len(), MAX_CALLBACKS_PER_RECEIVER, "{:?}", slow.iter().map(|p| &p.id).collect::<Vec<_>>());
+    // The waiting ones are not due while their receiver's places are taken: no spinning.
+    assert!(edge.next_deadline().is_some_and(|at| at > 10), "{:?}", edge.next_deadline());
+    assert!(handed_out(&edge.tick(1_000)).is_empty());
+    let other = posts(&report(&mut edge, 1_000, &sid, "other", ok_result()));
+    assert_eq!(other.len(), 1, "another receiver's result goes while the slow one's wait");
+    // One of the slow receiver's answered: its next goes.
+    assert_eq!(handed_out(&edge.posted(1_001, &slow[0].id, Ok(200))).len(), 1);
 }
 
 /// A callback's body is bounded: the view whole when it fits `MAX_CALLBACK_BODY_BYTES`,
