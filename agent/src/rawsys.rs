@@ -134,6 +134,12 @@ pub unsafe fn open(path: *const libc::c_char, flags: libc::c_int) -> Ret {
     call(libc::SYS_openat, libc::AT_FDCWD as usize, path as usize, flags as usize, 0, 0, 0)
 }
 
+/// `getdents64`: the entries of the folder open at `fd`, as the kernel's `linux_dirent64`
+/// records, into `buf`; 0 at the end.
+pub unsafe fn getdents64(fd: RawFd, buf: *mut u8, len: usize) -> Ret {
+    call(libc::SYS_getdents64, fd as usize, buf as usize, len, 0, 0, 0)
+}
+
 pub unsafe fn close(fd: RawFd) -> Ret {
     call(libc::SYS_close, fd as usize, 0, 0, 0, 0, 0)
 }

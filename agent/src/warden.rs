@@ -134,19 +134,14 @@ unsafe fn reap(claude: libc::pid_t, status: &mut Option<libc::c_int>) {
     }
 }
 
-/// Signals Claude's process group and each of the warden's children (and the group it may
-/// lead: a `setsid` daemon). With SIGKILL it goes on until none is left — each one killed
-/// hands its own children to the warden — for at most two seconds.
+/// Signals Claude's process group and every process of its tree (and the group each may
+/// lead: a `setsid` daemon). With SIGKILL it goes on until none is left, for at most two
+/// seconds: a process killed while it forked hands its new child to the warden, which the
+/// next round finds.
 unsafe fn kill_all(claude: libc::pid_t, sig: libc::c_int) {
     let mut ignored = None;
     for _ in 0..200 {
-        sys::kill(-claude, sig);
-        let mut any = false;
-        each_child(|pid| {
-            any = true;
-            sys::kill(-pid, sig);
-            sys::kill(pid, sig);
-        });
+        let any = signal_tree(claude, sig);
         if sig != libc::SIGKILL || !any {
             return;
         }
@@ -155,41 +150,140 @@ unsafe fn kill_all(claude: libc::pid_t, sig: libc::c_int) {
     }
 }
 
-/// Calls `f` with each of the warden's children, read from the kernel's list into a
-/// fixed buffer (no allocation).
-unsafe fn each_child(mut f: impl FnMut(libc::pid_t)) {
-    // "/proc/self/task/<pid>/children": the warden has one thread, whose id is its pid.
-    let mut path = [0u8; 64];
-    let mut at = 0;
-    let mut put = |bytes: &[u8]| {
+/// The processes one walk of the tree holds at most (4 KiB of the warden's stack). A bigger
+/// tree takes more rounds: the children of those killed are handed to the warden, whose
+/// own children are walked first.
+const WALK: usize = 1024;
+
+/// Signals Claude's group and every descendant of the warden, each with the group it may
+/// lead; returns whether the warden has any child. The whole tree in one round, each
+/// process's children read before it is signalled: signalling only the warden's children
+/// reached one level of a chain per round (the next came into reach once its parent died
+/// and it was handed to the warden), and a chain deeper than the rounds, each level in a
+/// session of its own, outlived its job (hostile review rev11).
+unsafe fn signal_tree(claude: libc::pid_t, sig: libc::c_int) -> bool {
+    sys::kill(-claude, sig);
+    let mut walk = [0 as libc::pid_t; WALK];
+    let mut len = 0;
+    each_child(sys::getpid(), &mut |pid| note(&mut walk, &mut len, pid));
+    let any = len > 0;
+    let mut next = 0;
+    while next < len {
+        let pid = walk.get(next).copied().unwrap_or(0);
+        next += 1;
+        // Never 0 or less: `kill(0)` would be the warden's own group.
+        if pid <= 0 {
+            continue;
+        }
+        each_child(pid, &mut |child| note(&mut walk, &mut len, child));
+        sys::kill(-pid, sig);
+        sys::kill(pid, sig);
+    }
+    any
+}
+
+/// Adds `pid` to the walk, if it has room left.
+fn note(walk: &mut [libc::pid_t; WALK], len: &mut usize, pid: libc::pid_t) {
+    if let Some(slot) = walk.get_mut(*len) {
+        *slot = pid;
+        *len += 1;
+    }
+}
+
+/// A `/proc` path built without allocation.
+struct ProcPath {
+    bytes: [u8; 64],
+    len: usize,
+}
+
+impl ProcPath {
+    fn new() -> ProcPath {
+        ProcPath { bytes: [0; 64], len: 0 }
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> &mut ProcPath {
         for &b in bytes {
-            if let Some(slot) = path.get_mut(at) {
+            // The last byte stays NUL: a path cut short names nothing rather than another file.
+            if let Some(slot) = self.bytes.get_mut(self.len).filter(|_| self.len + 1 < 64) {
                 *slot = b;
-                at += 1;
+                self.len += 1;
             }
         }
-    };
-    put(b"/proc/self/task/");
-    let mut digits = [0u8; 20];
-    let n = write_number(&mut digits, sys::getpid() as u64);
-    put(digits.get(..n).unwrap_or_default());
-    put(b"/children\0");
-    let fd = sys::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC);
+        self
+    }
+
+    fn number(&mut self, n: u64) -> &mut ProcPath {
+        let mut digits = [0u8; 20];
+        let count = write_number(&mut digits, n);
+        self.put(digits.get(..count).unwrap_or_default())
+    }
+
+    fn c_str(&self) -> *const libc::c_char {
+        self.bytes.as_ptr().cast()
+    }
+}
+
+/// Calls `f` with each child of `pid`: the kernel lists a process's children by the thread
+/// that made them (`/proc/<pid>/task/<tid>/children`), so every thread's list is read — a
+/// tool forking from a thread other than its first is not missed. Read into fixed buffers
+/// (no allocation).
+unsafe fn each_child(pid: libc::pid_t, f: &mut impl FnMut(libc::pid_t)) {
+    let mut tasks = ProcPath::new();
+    tasks.put(b"/proc/").number(pid as u64).put(b"/task");
+    let dir = sys::open(tasks.c_str(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC);
+    if dir < 0 {
+        return;
+    }
+    let mut entries = [0u8; 1024];
+    loop {
+        let n = sys::getdents64(dir as RawFd, entries.as_mut_ptr(), entries.len());
+        if n <= 0 {
+            break;
+        }
+        let mut at = 0usize;
+        while let Some(record) = entries.get(at..n as usize) {
+            // linux_dirent64: d_ino (8), d_off (8), d_reclen (2), d_type (1), d_name (NUL-ended).
+            let Some(&[lo, hi]) = record.get(16..18) else { break };
+            let reclen = u16::from_ne_bytes([lo, hi]) as usize;
+            if reclen == 0 {
+                break;
+            }
+            let name = record.get(19..reclen.min(record.len())).unwrap_or_default();
+            let name = name.split(|&b| b == 0).next().unwrap_or_default();
+            if !name.is_empty() && name.iter().all(u8::is_ascii_digit) {
+                let mut children = ProcPath::new();
+                children.put(b"/proc/").number(pid as u64).put(b"/task/").put(name).put(b"/children");
+                each_listed(&children, f);
+            }
+            at += reclen;
+        }
+    }
+    sys::close(dir as RawFd);
+}
+
+/// Calls `f` with each pid in the space-separated list at `path`, however long.
+unsafe fn each_listed(path: &ProcPath, f: &mut impl FnMut(libc::pid_t)) {
+    let fd = sys::open(path.c_str(), libc::O_RDONLY | libc::O_CLOEXEC);
     if fd < 0 {
         return;
     }
     let mut buf = [0u8; 4096];
-    let n = sys::read(fd as RawFd, buf.as_mut_ptr(), buf.len());
-    sys::close(fd as RawFd);
     let mut pid: libc::pid_t = 0;
-    for &b in buf.get(..n.max(0) as usize).unwrap_or_default() {
-        if b.is_ascii_digit() {
-            pid = pid.wrapping_mul(10).wrapping_add((b - b'0') as libc::pid_t);
-        } else if pid > 0 {
-            f(pid);
-            pid = 0;
+    loop {
+        let n = sys::read(fd as RawFd, buf.as_mut_ptr(), buf.len());
+        if n <= 0 {
+            break;
+        }
+        for &b in buf.get(..n as usize).unwrap_or_default() {
+            if b.is_ascii_digit() {
+                pid = pid.wrapping_mul(10).wrapping_add((b - b'0') as libc::pid_t);
+            } else if pid > 0 {
+                f(pid);
+                pid = 0;
+            }
         }
     }
+    sys::close(fd as RawFd);
     if pid > 0 {
         f(pid);
     }

@@ -417,6 +417,69 @@ async fn a_writer_claude_leaves_in_its_workspace_is_dead_when_the_caller_has_the
     assert!(!workspace.exists(), "nothing wrote the workspace back after its removal");
 }
 
+/// A chain of processes, each in a session (and group) of its own, each the parent of the
+/// next: killing the warden's children and their groups reached one level of it per round,
+/// the next level only once its parent died and it was handed to the warden. The warden
+/// gave up after 200 rounds, and a job that left a chain 300 deep (hostile review rev11)
+/// kept about 100 of them running, its result a success. Each round now walks the whole
+/// tree, so a chain of any depth dies with its job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_processes_deeper_than_the_wardens_rounds_dies_with_its_job() {
+    const DEPTH: usize = 300;
+    let dir = TempDir::new("chain");
+    let pids = dir.path().join("chain.pids");
+    let chain = dir.path().join("chain");
+    // Each level notes its pid, starts the next in a session of its own, and becomes a
+    // sleep (for 60 s at most whatever happens).
+    std::fs::write(
+        &chain,
+        format!("#!/bin/sh\necho $$ >> '{pids}'\n[ \"$1\" -gt 1 ] && setsid '{me}' $(($1 - 1)) </dev/null >/dev/null 2>&1 &\nexec sleep 60\n", pids = pids.display(), me = chain.display()),
+    )
+    .unwrap();
+    let script = dir.path().join("claude");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ncase \"$PWD\" in */workspaces/*)\n\
+             setsid '{chain}' {DEPTH} </dev/null >/dev/null 2>&1 &\n\
+             while [ \"$(wc -l < '{pids}' 2>/dev/null || echo 0)\" -lt {DEPTH} ]; do sleep 0.05; done;;\nesac\nexec {standin} \"$@\"\n",
+            chain = chain.display(),
+            pids = pids.display(),
+            standin = bin("claude-standin").display()
+        ),
+    )
+    .unwrap();
+    for file in [&chain, &script] {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // Whatever the outcome, nothing of the chain outlives the test.
+    struct Reap(std::path::PathBuf);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            for pid in std::fs::read_to_string(&self.0).unwrap_or_default().lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                // SAFETY: kill with a pid this test's chain noted.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    let _reap = Reap(pids.clone());
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    opts.claude_bin = script;
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+
+    let a = client.execute(json!({"prompt": "@exit=0", "timeout_ms": 60000})).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["success"], true, "{}\n{}", a.text, agent.log());
+    let noted: Vec<i32> = std::fs::read_to_string(&pids).unwrap().lines().filter_map(|l| l.trim().parse().ok()).collect();
+    assert_eq!(noted.len(), DEPTH, "the whole chain was started");
+    let left: Vec<i32> = noted.into_iter().filter(|pid| alive(*pid)).collect();
+    assert!(left.is_empty(), "{} of the chain's {DEPTH} processes outlived their job: {left:?}", left.len());
+}
+
 /// `claude --version`, which the agent runs at its start and again whenever the binary
 /// changes (an upgrade), is a process of the agent's user that nothing makes non-dumpable:
 /// any other process of that user (a job's, or one a job left behind) may read its
