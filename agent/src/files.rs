@@ -483,7 +483,7 @@ pub fn remove_tree(top: &Path) -> std::io::Result<()> {
             moved_in_pass = true;
             continue;
         }
-        match here.open_child(&name) {
+        match here.open_child_to_remove(&name) {
             Ok(child) => open.push((child, name)),
             // Gone, or no longer a folder (swapped for a file or a link): listed again.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -517,19 +517,22 @@ pub fn open_up_folder(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A folder open for listing and for removing what it holds, by descriptor.
-struct Folder(std::ptr::NonNull<libc::DIR>);
+/// A folder open by descriptor, never through a link, for what it holds: listed, looked
+/// at, removed ([`remove_tree`]), or listed as a working tree (`repo::untracked`).
+pub(crate) struct Folder(std::ptr::NonNull<libc::DIR>);
 
 impl Folder {
-    fn open(path: &Path) -> std::io::Result<Folder> {
+    /// `O_NOFOLLOW`: a link in a folder's place is refused (ELOOP), not followed.
+    /// `O_NONBLOCK`: what is opened is looked at before anything waits on it (a FIFO put
+    /// where a folder was fails `O_DIRECTORY` at once).
+    const FLAGS: libc::c_int = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+
+    pub(crate) fn open(path: &Path) -> std::io::Result<Folder> {
         use std::os::unix::ffi::OsStrExt;
         let path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
         // SAFETY: open with a NUL-terminated path; the descriptor is handed to `from_fd`.
-        let fd = unsafe { libc::open(path.as_ptr(), Self::FLAGS) };
-        Self::from_fd(fd)
+        Self::from_fd(unsafe { libc::open(path.as_ptr(), Self::FLAGS) })
     }
-
-    const FLAGS: libc::c_int = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK;
 
     fn from_fd(fd: libc::c_int) -> std::io::Result<Folder> {
         if fd < 0 {
@@ -554,21 +557,25 @@ impl Folder {
         unsafe { libc::dirfd(self.0.as_ptr()) }
     }
 
-    fn open_child(&self, name: &std::ffi::CStr) -> std::io::Result<Folder> {
-        let open = || {
-            // SAFETY: openat relative to a folder we own, with a NUL-terminated name.
-            let fd = unsafe { libc::openat(self.fd(), name.as_ptr(), Self::FLAGS) };
-            Self::from_fd(fd)
-        };
-        match open() {
-            // Closed by the job (`chmod 000`): opened up, never through a link (the libc
-            // refuses to change a link's mode rather than follow it), and opened again.
+    /// The folder `name` in this one, never through a link; one closed to its owner fails
+    /// (EACCES), its mode left as it is: a listing only reads (`repo::untracked` passes
+    /// over such a folder, as git does, and changes nothing of the job's working tree).
+    pub(crate) fn open_child(&self, name: &std::ffi::CStr) -> std::io::Result<Folder> {
+        // SAFETY: openat relative to a folder we own, with a NUL-terminated name.
+        Self::from_fd(unsafe { libc::openat(self.fd(), name.as_ptr(), Self::FLAGS) })
+    }
+
+    /// [`Folder::open_child`] for a removal: a folder closed by the job (`chmod 000`) is
+    /// opened up, never through a link (the libc refuses to change a link's mode rather
+    /// than follow it), and opened again — it is going anyway.
+    fn open_child_to_remove(&self, name: &std::ffi::CStr) -> std::io::Result<Folder> {
+        match self.open_child(name) {
             Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
                 // SAFETY: fchmodat relative to a folder we own, with a NUL-terminated name.
                 if unsafe { libc::fchmodat(self.fd(), name.as_ptr(), OPENED_UP, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
                     return Err(e);
                 }
-                open()
+                self.open_child(name)
             }
             opened => opened,
         }
@@ -588,8 +595,21 @@ impl Folder {
         if change() == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
     }
 
-    /// The next entry (not `.` or `..`): its name and whether it is a folder (not a link).
-    fn next(&self) -> std::io::Result<Option<(std::ffi::CString, bool)>> {
+    /// What `lstat` says of the entry `name` (a link itself, never what it names); `None`
+    /// when it is gone or cannot be looked at.
+    fn lstat(&self, name: &std::ffi::CStr) -> Option<libc::stat> {
+        // SAFETY: fstatat relative to a folder we own, not following a link; `st` is written by it.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        (unsafe { libc::fstatat(self.fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } == 0).then_some(st)
+    }
+
+    /// Whether this folder holds an entry `name` (of any kind, a link not followed).
+    pub(crate) fn holds(&self, name: &std::ffi::CStr) -> bool {
+        self.lstat(name).is_some()
+    }
+
+    /// The next entry (not `.` or `..`): its name and its `d_type`.
+    fn read(&self) -> std::io::Result<Option<(std::ffi::CString, u8)>> {
         loop {
             // SAFETY: readdir on a DIR we own; errno is cleared first to tell its end from
             // an error. The entry is copied out before the next call.
@@ -603,21 +623,34 @@ impl Folder {
             }
             // SAFETY: a non-null entry from readdir, valid until the next call.
             let (name, kind) = unsafe { (std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()).to_owned(), (*entry).d_type) };
-            if name.as_bytes() == b"." || name.as_bytes() == b".." {
-                continue;
+            if name.as_bytes() != b"." && name.as_bytes() != b".." {
+                return Ok(Some((name, kind)));
             }
-            let is_dir = match kind {
-                libc::DT_DIR => true,
-                libc::DT_UNKNOWN => {
-                    // SAFETY: fstatat relative to a folder we own, not following a link.
-                    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-                    let r = unsafe { libc::fstatat(self.fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
-                    r == 0 && st.st_mode & libc::S_IFMT == libc::S_IFDIR
-                }
-                _ => false,
-            };
-            return Ok(Some((name, is_dir)));
         }
+    }
+
+    /// The next entry (not `.` or `..`): its name and whether it is a folder (not a link).
+    fn next(&self) -> std::io::Result<Option<(std::ffi::CString, bool)>> {
+        let Some((name, kind)) = self.read()? else { return Ok(None) };
+        let is_dir = match kind {
+            libc::DT_DIR => true,
+            libc::DT_UNKNOWN => self.lstat(&name).is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR),
+            _ => false,
+        };
+        Ok(Some((name, is_dir)))
+    }
+
+    /// Its entries (not `.` or `..`), sorted by name, each with what `lstat` says of it;
+    /// one gone or that cannot be looked at since it was listed is left out.
+    pub(crate) fn entries(&self) -> std::io::Result<Vec<(std::ffi::CString, libc::stat)>> {
+        let mut entries = Vec::new();
+        while let Some((name, _)) = self.read()? {
+            if let Some(st) = self.lstat(&name) {
+                entries.push((name, st));
+            }
+        }
+        entries.sort_by(|(a, _), (b, _)| a.cmp(b));
+        Ok(entries)
     }
 
     /// Removes the entry `name` (a folder, empty, when `folder`); one already gone is fine.
@@ -643,7 +676,7 @@ impl Folder {
         // Moved to another parent, a folder has its `..` rewritten: it must be open to its
         // owner too, not only the folders it leaves and enters (a job's `chmod -w` or
         // `chmod 000` of it, where it is moved up, failed the removal there). Never through
-        // a link, as in `open_child`.
+        // a link, as in `open_child_to_remove`.
         // SAFETY: fchmod / fchmodat of folders we own, by descriptor, with a NUL-terminated name.
         unsafe {
             libc::fchmod(self.fd(), OPENED_UP);

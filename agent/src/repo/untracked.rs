@@ -14,12 +14,12 @@
 use super::checkout::FileSystem;
 use super::error::{local, RepoError};
 use super::staging::{kind, shown};
-use crate::files::Beneath;
+use crate::files::{Beneath, Folder};
 use gix_ignore::glob::pattern::Case;
 use gix_ignore::glob::search::pattern::List;
 use gix_ignore::search::Ignore;
 use std::collections::HashSet;
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -137,7 +137,8 @@ pub(super) fn list(workdir: &Path, tracked: &Tracked, abort: &AtomicBool) -> Res
                 let child = match frame.folder.open_child(&name) {
                     Ok(child) => child,
                     // Gone, swapped for a file or a link since it was listed, or closed to
-                    // its owner: libgit2 passed over a folder it could not open, as git does.
+                    // its owner: libgit2 passed over a folder it could not open, as git does
+                    // (not opened up, as a removal's open does: a listing changes nothing).
                     Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP | libc::EACCES)) => continue,
                     Err(e) => return Err(failed(&path, e)),
                 };
@@ -335,94 +336,4 @@ fn read_ignore_file(workdir: &Path, rel: &[u8], left: &mut u64) -> Result<Option
     }
     *left -= bytes.len() as u64;
     Ok(Some(bytes))
-}
-
-/// A folder open for listing, by descriptor.
-struct Folder(std::ptr::NonNull<libc::DIR>);
-
-impl Folder {
-    /// `O_NONBLOCK`: what is opened is looked at before anything waits on it (a FIFO put
-    /// where a folder was fails `O_DIRECTORY` at once).
-    const FLAGS: libc::c_int = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
-
-    fn open(path: &Path) -> std::io::Result<Folder> {
-        let path = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-        // SAFETY: open with a NUL-terminated path; the descriptor is handed to `from_fd`.
-        Self::from_fd(unsafe { libc::open(path.as_ptr(), Self::FLAGS) })
-    }
-
-    /// The folder `name` in this one, never through a link.
-    fn open_child(&self, name: &CStr) -> std::io::Result<Folder> {
-        // SAFETY: openat relative to a folder we own, with a NUL-terminated name.
-        Self::from_fd(unsafe { libc::openat(self.fd(), name.as_ptr(), Self::FLAGS) })
-    }
-
-    fn from_fd(fd: libc::c_int) -> std::io::Result<Folder> {
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is an open folder we own; `fdopendir` takes it over (closed on
-        // failure by us, on success by `closedir`).
-        match std::ptr::NonNull::new(unsafe { libc::fdopendir(fd) }) {
-            Some(dir) => Ok(Folder(dir)),
-            None => {
-                let e = std::io::Error::last_os_error();
-                // SAFETY: closes the descriptor fdopendir did not take.
-                unsafe { libc::close(fd) };
-                Err(e)
-            }
-        }
-    }
-
-    fn fd(&self) -> libc::c_int {
-        // SAFETY: a DIR we own.
-        unsafe { libc::dirfd(self.0.as_ptr()) }
-    }
-
-    /// Whether this folder holds an entry `name` (of any kind, a link not followed).
-    fn holds(&self, name: &CStr) -> bool {
-        // SAFETY: fstatat relative to a folder we own, not following a link; `st` is written by it.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        unsafe { libc::fstatat(self.fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) == 0 }
-    }
-
-    /// Its entries (not `.` or `..`), by name, each with what `lstat` says of it; one gone
-    /// or that cannot be looked at since the listing is left out.
-    fn entries(&self) -> std::io::Result<Vec<(CString, libc::stat)>> {
-        let mut entries = Vec::new();
-        loop {
-            // SAFETY: readdir on a DIR we own; errno is cleared first to tell its end from
-            // an error. The entry is copied out before the next call.
-            let entry = unsafe {
-                *libc::__errno_location() = 0;
-                libc::readdir(self.0.as_ptr())
-            };
-            if entry.is_null() {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(0) {
-                    break;
-                }
-                return Err(e);
-            }
-            // SAFETY: a non-null entry from readdir, valid until the next call.
-            let name = unsafe { CStr::from_ptr((*entry).d_name.as_ptr()) }.to_owned();
-            if name.as_bytes() == b"." || name.as_bytes() == b".." {
-                continue;
-            }
-            // SAFETY: as in `holds`.
-            let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            if unsafe { libc::fstatat(self.fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) } == 0 {
-                entries.push((name, st));
-            }
-        }
-        entries.sort_by(|(a, _), (b, _)| a.cmp(b));
-        Ok(entries)
-    }
-}
-
-impl Drop for Folder {
-    fn drop(&mut self) {
-        // SAFETY: a DIR we own, closed once.
-        unsafe { libc::closedir(self.0.as_ptr()) };
-    }
 }
