@@ -387,8 +387,7 @@ impl Staged {
         if push.default_branch.as_deref() == Some(branch.as_str()) {
             return Err(RepoError::PushToDefault { branch: branch.clone() });
         }
-        const LOCAL: &str = "refs/claude-runner/push";
-        self.repo.reference(LOCAL, commit, true, "claude-runner push").map_err(|e| local(action, e.message()))?;
+        self.repo.reference(PUSH_REF, commit, true, "claude-runner push").map_err(|e| local(action, e.message()))?;
         let auth = Cell::new(AuthSeen::default());
         let fail = |e: git2::Error| {
             Talk { url: &push.url, host: &push.host, auth: auth.get(), action, pushing: true }.error(e.code(), e.class(), e.message())
@@ -427,7 +426,7 @@ impl Staged {
         options.remote_callbacks(cb).follow_redirects(RemoteRedirect::None);
         // No `+`: libgit2 refuses a branch tip that is not an ancestor of the commit, and the
         // server's compare-and-swap on the old tip closes the race with another push.
-        let pushed = remote.push(&[format!("{LOCAL}:refs/heads/{branch}")], Some(&mut options));
+        let pushed = remote.push(&[format!("{PUSH_REF}:refs/heads/{branch}")], Some(&mut options));
         drop(options);
         drop(remote);
         if let Err(e) = pushed {
@@ -452,6 +451,10 @@ impl Staged {
         Ok(())
     }
 }
+
+/// The checkout's ref naming the commit pushed: libgit2 pushes a ref, and looks it up by
+/// its path (`.git/refs/claude-runner/push`) once the server has told its branches.
+pub(super) const PUSH_REF: &str = "refs/claude-runner/push";
 
 /// Whether a line `diff` adds holds text `is_secret` flags.
 fn added_lines_hold(repo: &Repository, diff: &Diff<'_>, is_secret: &impl Fn(&str) -> bool) -> Result<bool, RepoError> {

@@ -197,8 +197,6 @@ impl Prepared {
             diff_max_bytes: spec.include_diff.then_some(settings.max_diff_bytes),
             push,
             redactor: (*redactor).clone(),
-            #[cfg(test)]
-            hold_at: None,
         };
         // At `give_up_at` the worker is asked to stop; a push under way is waited for, so
         // the result says how it ended on the server; bounded, since libgit2 may not return
@@ -241,13 +239,7 @@ fn hand_back_gone(url: String, push_asked: bool) -> Box<dyn Fn(Gone) -> RepoErro
 /// files, kept in memory (the rest shown unread, the diff cut), a push
 /// [`changes::MAX_PUSH_BYTES`] (more is refused, and staged as for a diff alone).
 fn hand_back(work: HandBackWork, abort: &AtomicBool, begins: &dyn Fn() -> bool) -> Result<Outcome, RepoError> {
-    // The tests hold the worker here, at its first step, as anything that does not return
-    // would (a FIFO a job plants in `.git` once it was checked).
-    #[cfg(test)]
-    if let Some(fifo) = &work.hold_at {
-        let _ = std::fs::read(fifo);
-    }
-    let HandBackWork { dir, base, fs, diff_max_bytes, push, redactor, .. } = work;
+    let HandBackWork { dir, base, fs, diff_max_bytes, push, redactor } = work;
     let base = git2::Oid::from_str(&base).map_err(|e| local("collect the job's changes", e.message()))?;
     let mut outcome = Outcome::default();
     let unstopped = AtomicBool::new(false);

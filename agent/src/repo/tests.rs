@@ -1945,25 +1945,53 @@ async fn a_fetch_killed_with_its_job_leaves_no_partial_pack() {
     panic!("the killed fetch's partial pack stayed");
 }
 
-/// A FIFO beside the checkout `co` that holds a hand-back at its first step, until it is
-/// written to, as anything that does not return would (a job could plant a FIFO where
-/// libgit2 opens a file — a `.gitignore` before staging listed the working tree itself —,
-/// and can still in `.git` once it was checked): the hand-back's `hold_at` ([`held`]).
-fn hold_at_a_fifo(co: &checkout::Checkout) -> PathBuf {
-    let fifo = co.dir.with_file_name("hold");
+/// A hand-back of `co`'s changes (a file added, pushed to the test server over `bare`)
+/// run with `stop`, and held where a job can hold one after the agent's checks of `.git`
+/// (a process it left running, or one it started that outlived it): a FIFO in place of
+/// the ref the worker wrote for the push ([`changes::PUSH_REF`]), which libgit2 opens by
+/// its path once the server has told its branches, before the push can begin. The
+/// server holds back its branches until the FIFO is there: the worker has checked `.git`
+/// and written the ref by then, and reads the ref only after. Returns once the worker
+/// waits on the FIFO.
+async fn hand_back_held_on_a_fifo(co: &checkout::Checkout, bare: &Path, stop: super::worker::Stop<'static>) -> HeldHandBack {
+    let fifo = co.dir.join(".git").join(changes::PUSH_REF);
+    // One an earlier hold left would be refused by the checks (`OddGitEntry`).
+    let _ = std::fs::remove_file(&fifo);
+    std::fs::write(co.dir.join("held.txt"), "held\n").unwrap();
+    let (port, posted, asked) = push_server_holding_refs(bare);
+    let before = children_waiting_on_a_fifo();
+    let handing_back = tokio::spawn(super::worker::run(hand_back_work(co, port), (), "collect the job's changes", Some(stop)));
+    // Up to 30 s each: under CI's load (four tests at once on two cores) the worker can
+    // take a while to get there; a bound on being there, not on speed.
+    let mut asking = None;
+    for _ in 0..600 {
+        if let Ok(go) = asked.try_recv() {
+            asking = Some(go);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let go = asking.expect("the worker asked the server for its branches");
+    std::fs::remove_file(&fifo).expect("the worker wrote the push's ref before it asked");
     crate::files::pipe_at(&fifo);
-    fifo
+    drop(go);
+    for _ in 0..600 {
+        if let Some(worker) = children_waiting_on_a_fifo().into_iter().find(|pid| !before.contains(pid)) {
+            return HeldHandBack { handing_back, worker, fifo, posted };
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the worker is not waiting on the FIFO");
 }
 
-/// `work`, a hand-back, held at the FIFO `fifo` ([`hold_at_a_fifo`]) before it begins.
-fn held(work: super::worker::Work, fifo: &Path) -> super::worker::Work {
-    match work {
-        super::worker::Work::HandBack(mut w) => {
-            w.hold_at = Some(fifo.to_path_buf());
-            super::worker::Work::HandBack(w)
-        }
-        other => other,
-    }
+/// A hand-back held on a FIFO ([`hand_back_held_on_a_fifo`]).
+struct HeldHandBack {
+    handing_back: tokio::task::JoinHandle<(Result<super::worker::Answer, RepoError>, ())>,
+    /// The worker's pid: it waits on the FIFO.
+    worker: i32,
+    fifo: PathBuf,
+    /// The client port of each push request the server heard.
+    posted: std::sync::mpsc::Receiver<u16>,
 }
 
 /// The children of this test binary's that wait to open a FIFO (`wait_for_partner`).
@@ -1983,48 +2011,32 @@ fn children_waiting_on_a_fifo() -> Vec<i32> {
 /// staging listed the working tree itself, in `.git` after the agent's check still): the
 /// hand-back waited on it for ever, a blocking thread of the agent's lost for good even
 /// once the job ended (some 512 such and the agent stalled). The worker doing it (held
-/// here by [`hold_at_a_fifo`]) is asked to stop at the job's time and killed when it has
-/// not answered within the bound: nothing is left waiting. And a worker a job kills (same
-/// user) ends its work at once, saying so and what to do.
+/// here on a FIFO in `.git`, [`hand_back_held_on_a_fifo`]) is asked to stop at the job's
+/// time and killed when it has not answered within the bound: nothing is left waiting.
+/// And a worker a job kills (same user) ends its work at once, saying so and what to do.
 #[tokio::test]
 async fn a_hand_back_stuck_on_a_fifo_is_killed_once_given_up() {
-    use super::worker::{self, HandBackWork, Work};
     let tmp = TempDir::new("stuck-hand-back");
     let (bare, _, _) = server(tmp.path());
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
-    let fifo = hold_at_a_fifo(&co);
-    let work = || Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: None, redactor: crate::redact::Redactor::default(), hold_at: Some(fifo.clone()) });
-    let stop = |after_ms| stop_within(after_ms, 1_000);
-    let before = children_waiting_on_a_fifo();
-    // Up to 30 s: under CI's load (four tests at once on two cores) the worker can take a
-    // while to reach the FIFO; a bound on being there, not on speed.
-    let waits_on_the_fifo = || async {
-        for _ in 0..600 {
-            let now = children_waiting_on_a_fifo();
-            if let Some(new) = now.iter().find(|pid| !before.contains(pid)) {
-                return *new;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        panic!("the worker is not waiting on the FIFO");
-    };
 
     // Killed by a job: the answer comes at once, long before the stop.
-    let handing_back = tokio::spawn(worker::run(work(), (), "collect the job's changes", Some(stop(60_000))));
-    let worker_pid = waits_on_the_fifo().await;
+    let held = hand_back_held_on_a_fifo(&co, &bare, stop_within(60_000, 1_000)).await;
     // SAFETY: a signal to the worker, this process's child, not reaped while it waits.
-    unsafe { libc::kill(worker_pid, libc::SIGKILL) };
-    let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), handing_back).await.expect("a killed worker was waited for").unwrap();
+    unsafe { libc::kill(held.worker, libc::SIGKILL) };
+    let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), held.handing_back).await.expect("a killed worker was waited for").unwrap();
     let said = answer.expect_err("a killed worker answered").to_string();
     assert!(said.contains("claude-runner __git") && said.contains("run the job again"), "{said}");
 
-    // Given up: asked to stop, then killed.
-    let handing_back = tokio::spawn(worker::run(work(), (), "collect the job's changes", Some(stop(2000))));
-    let stuck = waits_on_the_fifo().await;
-    let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), handing_back).await.expect("the hand-back was not given up").unwrap();
+    // Given up: asked to stop, then killed. The job's time is some seconds: the worker
+    // stages, commits and asks the server before it waits on the FIFO (as a push given
+    // up once it went out gets there in `a_lost_hand_back_says_…`).
+    let held = hand_back_held_on_a_fifo(&co, &bare, stop_within(5_000, 1_000)).await;
+    let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(15), held.handing_back).await.expect("the hand-back was not given up").unwrap();
     assert!(matches!(answer, Err(RepoError::HandBackTooSlow { .. })), "no push had begun, so none was made: {answer:?}");
     // That worker alone: another test's may wait on a FIFO of its own meanwhile.
-    assert!(!children_waiting_on_a_fifo().contains(&stuck), "the worker still waits on the FIFO");
+    assert!(!children_waiting_on_a_fifo().contains(&held.worker), "the worker still waits on the FIFO");
+    assert!(held.posted.try_recv().is_err(), "no push went out");
 }
 
 /// A git worker had no memory limit: a 382-byte delta pack that expands to 1.5 GiB took
@@ -2033,24 +2045,15 @@ async fn a_hand_back_stuck_on_a_fifo_is_killed_once_given_up() {
 /// space before it takes any work, so an allocation past it fails in that job's worker.
 #[tokio::test]
 async fn a_git_worker_limits_its_memory_before_it_works() {
-    use super::worker::{self, HandBackWork, Work, MAX_WORKER_MEMORY};
+    use super::worker::MAX_WORKER_MEMORY;
     let tmp = TempDir::new("worker-memory");
     let (bare, _, _) = server(tmp.path());
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
-    let fifo = hold_at_a_fifo(&co);
-    let work = Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: None, redactor: crate::redact::Redactor::default(), hold_at: Some(fifo) });
-    let before = children_waiting_on_a_fifo();
-    let handing_back = tokio::spawn(worker::run(work, (), "collect the job's changes", Some(stop_within(60_000, 1_000))));
-    let pid = loop {
-        if let Some(pid) = children_waiting_on_a_fifo().into_iter().find(|pid| !before.contains(pid)) {
-            break pid;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let held = hand_back_held_on_a_fifo(&co, &bare, stop_within(60_000, 1_000)).await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", held.worker)).unwrap();
     // SAFETY: a signal to the worker, this process's child, not reaped while it waits.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), handing_back).await;
+    unsafe { libc::kill(held.worker, libc::SIGKILL) };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), held.handing_back).await;
     let line = limits.lines().find(|l| l.starts_with("Max address space")).unwrap();
     let soft: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
     assert_eq!(soft, [MAX_WORKER_MEMORY.to_string(), MAX_WORKER_MEMORY.to_string()], "{line}");
@@ -2099,63 +2102,49 @@ async fn a_lost_hand_back_says_a_push_may_have_landed_only_once_one_began() {
     let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), handing_back).await.expect("a killed worker was waited for").unwrap();
     assert!(matches!(answer, Err(RepoError::HandBackLost { .. })), "{answer:?}");
 
-    // Killed by a job before any push began (held before it): nothing was pushed.
-    let fifo = hold_at_a_fifo(&co);
-    let before = children_waiting_on_a_fifo();
-    let handing_back = tokio::spawn(worker::run(held(work(), &fifo), (), "collect the job's changes", Some(stop_within(60_000, 1_000))));
-    let stuck = loop {
-        if let Some(pid) = children_waiting_on_a_fifo().into_iter().find(|pid| !before.contains(pid)) {
-            break pid;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    // Killed by a job before any push began (held on a FIFO before it): nothing was pushed.
+    let held = hand_back_held_on_a_fifo(&co, &bare, stop_within(60_000, 1_000)).await;
     // SAFETY: as above.
-    unsafe { libc::kill(stuck, libc::SIGKILL) };
-    let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), handing_back).await.unwrap().unwrap();
+    unsafe { libc::kill(held.worker, libc::SIGKILL) };
+    let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), held.handing_back).await.unwrap().unwrap();
     let said = answer.expect_err("a killed worker answered").to_string();
     assert!(said.contains("claude-runner __git") && said.contains("run the job again"), "{said}");
-    assert!(posted.try_recv().is_err(), "no push went out");
+    assert!(held.posted.try_recv().is_err(), "no push went out");
 }
 
 /// A cancel during the hand-back went unheard (the job's stop was Claude's run's alone): a
 /// push not yet begun still went out after the caller cancelled (hostile review of
 /// repository jobs, 1). The cancel now stops the work as the deadline does: here it comes
-/// while the worker is held at its first step ([`hold_at_a_fifo`]), and no push reaches the
-/// server.
+/// while the worker is held on a FIFO before the push can begin
+/// ([`hand_back_held_on_a_fifo`]), and no push reaches the server.
 #[tokio::test]
 async fn a_cancel_stops_a_push_not_yet_begun() {
-    use super::worker::{self, Answer};
+    use super::worker::Answer;
     let tmp = TempDir::new("push-cancelled");
     let (bare, _, _) = server(tmp.path());
     let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
-    std::fs::write(co.dir.join("new.txt"), "new\n").unwrap();
-    let (port, posted) = push_server(&bare, Reply::Never);
-    let fifo = hold_at_a_fifo(&co);
-    let before = children_waiting_on_a_fifo();
     let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
     let mut stop = stop_within(60_000, 1_000);
     stop.cancel = Some(Box::pin(async move {
         let _ = cancel_rx.await;
     }));
-    let handing_back = tokio::spawn(worker::run(held(hand_back_work(&co, port), &fifo), (), "collect the job's changes", Some(stop)));
-    while !children_waiting_on_a_fifo().iter().any(|pid| !before.contains(pid)) {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let held = hand_back_held_on_a_fifo(&co, &bare, stop).await;
     cancel_tx.send(()).unwrap();
     // The stop reaches the worker's watch, then the worker is let go on.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     // The worker's open ends as this one does; the FIFO goes before the worker reads
-    // its end (none: the writer is still open), so nothing opens it again.
-    let writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
-    std::fs::remove_file(&fifo).unwrap();
+    // its end (none: the writer is still open), so nothing opens it again. The ref it
+    // reads is empty: the push fails there, told as given up only if the cancel was heard.
+    let writer = std::fs::OpenOptions::new().write(true).open(&held.fifo).unwrap();
+    std::fs::remove_file(&held.fifo).unwrap();
     drop(writer);
-    let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(20), handing_back).await.expect("the cancelled hand-back went on to push").unwrap();
+    let (answer, ()) = tokio::time::timeout(std::time::Duration::from_secs(20), held.handing_back).await.expect("the cancelled hand-back went on to push").unwrap();
     let outcome = match answer {
         Ok(Answer::HandedBack(Ok(outcome))) => outcome,
         other => panic!("{other:?}"),
     };
     assert!(matches!(outcome.error, Some(RepoError::HandBackTooSlow { .. })) && outcome.pushed_branch.is_none(), "{outcome:?}");
-    assert!(posted.try_recv().is_err(), "a push went out after the cancel");
+    assert!(held.posted.try_recv().is_err(), "a push went out after the cancel");
 }
 
 /// A push the server took — the branch updated — whose answer never came back whole (a
@@ -2193,7 +2182,7 @@ fn hand_back_work(co: &checkout::Checkout, port: u16) -> super::worker::Work {
         author_email: "cr@localhost".into(),
         message: "Job changes".into(),
     };
-    Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: Some(push), redactor: crate::redact::Redactor::default(), hold_at: None })
+    Work::HandBack(HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: Some(push), redactor: crate::redact::Redactor::default() })
 }
 
 /// What the test's git server does with a push (`POST …/git-receive-pack`).
@@ -2209,6 +2198,20 @@ enum Reply {
 /// `reply` to the push itself. Returns its port, and where the client port of each push
 /// request is sent as it arrives.
 fn push_server(bare: &Path, reply: Reply) -> (u16, std::sync::mpsc::Receiver<u16>) {
+    serve_pushes(bare, reply, None)
+}
+
+/// [`push_server`], never answering a push (`Reply::Never`), its refs held back from each
+/// push's first request until the test lets them go: the request sends the sender that
+/// does so (sent to, or dropped) where the third value receives.
+fn push_server_holding_refs(bare: &Path) -> (u16, std::sync::mpsc::Receiver<u16>, std::sync::mpsc::Receiver<std::sync::mpsc::Sender<()>>) {
+    let (asked_tx, asked) = std::sync::mpsc::channel();
+    let (port, posted) = serve_pushes(bare, Reply::Never, Some(asked_tx));
+    (port, posted, asked)
+}
+
+/// [`push_server`], its refs held back as [`push_server_holding_refs`] says when `hold_refs`.
+fn serve_pushes(bare: &Path, reply: Reply, hold_refs: Option<std::sync::mpsc::Sender<std::sync::mpsc::Sender<()>>>) -> (u16, std::sync::mpsc::Receiver<u16>) {
     use std::io::{BufRead, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -2217,7 +2220,7 @@ fn push_server(bare: &Path, reply: Reply) -> (u16, std::sync::mpsc::Receiver<u16
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { return };
-            let (bare, posted_tx) = (bare.clone(), posted_tx.clone());
+            let (bare, posted_tx, hold_refs) = (bare.clone(), posted_tx.clone(), hold_refs.clone());
             std::thread::spawn(move || {
                 let peer = conn.peer_addr().unwrap().port();
                 let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
@@ -2234,6 +2237,12 @@ fn push_server(bare: &Path, reply: Reply) -> (u16, std::sync::mpsc::Receiver<u16
                         head.push(line.to_ascii_lowercase());
                     }
                     if head[0].starts_with("get") {
+                        if let Some(asked) = &hold_refs {
+                            let (go, let_go) = std::sync::mpsc::channel::<()>();
+                            if asked.send(go).is_ok() {
+                                let _ = let_go.recv();
+                            }
+                        }
                         let advertised = std::process::Command::new("git").args(["receive-pack", "--stateless-rpc", "--advertise-refs"]).arg(&bare).output().unwrap().stdout;
                         let mut body = b"001f# service=git-receive-pack\n0000".to_vec();
                         body.extend_from_slice(&advertised);
@@ -2413,7 +2422,7 @@ async fn a_failed_push_keeps_the_diff_and_a_failed_job_tells_its_hand_backs_fail
         message: "m".into(),
     };
     let redactor = crate::redact::Redactor::new(["tok-0123456789abcdef".to_string()]);
-    let work = HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: Some(push), redactor, hold_at: None };
+    let work = HandBackWork { dir: co.dir.clone(), base: co.commit.to_string(), fs: co.fs, diff_max_bytes: Some(1 << 20), push: Some(push), redactor };
     let outcome = super::hand_back(work, &AtomicBool::new(false), &|| true).unwrap();
     assert!(matches!(outcome.error, Some(RepoError::SecretInChanges)), "{outcome:?}");
     let patch = outcome.patch.expect("the diff comes back beside the push's error");

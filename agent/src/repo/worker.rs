@@ -125,11 +125,6 @@ pub struct HandBackWork {
     pub push: Option<PushWork>,
     /// Masks the diff, and finds a secret in what would be pushed.
     pub redactor: Redactor,
-    /// The tests': a FIFO the worker reads before it begins (`super::hand_back`), which
-    /// holds it there until the test writes to it.
-    #[cfg(test)]
-    #[serde(default)]
-    pub hold_at: Option<PathBuf>,
 }
 
 #[derive(Serialize, Deserialize)]
