@@ -144,9 +144,31 @@ pub fn holder(config: &Config, secret_header: Option<&str>, authorization: Optio
 }
 
 /// How many holders `config` has: the pool, each named caller, the admin if its secret is
-/// set. A host that shares something out among them equally divides by this.
+/// set. A host that shares something out among them equally divides by this
+/// ([`equal_share`]).
 pub fn holders(config: &Config) -> usize {
-    1 + config.caller_secrets.len() + usize::from(config.admin_secret.is_some())
+    owners(config) + usize::from(config.admin_secret.is_some())
+}
+
+/// How many of the [`holders`] send jobs, and so hold what comes with them — their event
+/// streams, the repeats waiting on them, their bytes until they end, their callbacks: the
+/// pool's callers as one, and each named caller (`ADMIN_SECRET` sends none). The machine
+/// shares those out among them ([`crate::machine`], `Edge::caller_share`).
+pub fn owners(config: &Config) -> usize {
+    1 + config.caller_secrets.len()
+}
+
+/// One holder's share of `all` shared equally among `holders`, at least 1. Equal shares,
+/// not "half each": with three holders or more, two halves would leave the third nothing
+/// (review rev10), while equal shares always leave each its own.
+pub fn equal_share<T>(all: T, holders: usize) -> T
+where
+    T: Copy + Ord + From<u8> + TryFrom<usize> + std::ops::Div<Output = T>,
+{
+    let one = T::from(1);
+    // A count of holders fits the counts shared (places and bytes: `usize`, `u64`).
+    let holders = T::try_from(holders).ok().filter(|h| *h >= one).unwrap_or(one);
+    (all / holders).max(one)
 }
 
 /// What a host does with a request before it reads anything of its body. Nothing is read

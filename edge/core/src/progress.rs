@@ -16,10 +16,8 @@ pub type Chunk = Arc<str>;
 /// past these a new one is answered 429.
 pub const MAX_FOLLOWERS_PER_JOB: usize = 16;
 pub const MAX_FOLLOWERS: usize = 64;
-/// Followers of the jobs of one caller with its own secret (`RUNNER_SECRETS`), at most:
-/// half the places, so no one caller can take them all and leave the others' refused.
-/// (The pool secret's are held to the two caps above alone: its holder is the operator.)
-pub const MAX_FOLLOWERS_PER_CALLER: usize = MAX_FOLLOWERS / 2;
+/// (Those of the jobs of one caller with its own secret, `RUNNER_SECRETS`, at most its
+/// equal share of [`MAX_FOLLOWERS`]: `crate::machine`, `Edge::caller_share`.)
 
 /// How far a follower may fall behind — bytes queued for its connection that it has not
 /// taken — before it is dropped: the whole backlog it is sent on joining, and 1 MiB. (One

@@ -216,7 +216,7 @@ impl<T> Connections<T> {
         Connections {
             cap,
             callers,
-            share: (callers / holders).max(1),
+            share: edge_core::http::equal_share(callers, holders),
             holders,
             held: HashMap::new(),
             entries: HashMap::new(),

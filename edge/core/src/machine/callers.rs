@@ -22,9 +22,9 @@ pub const MAX_WAITERS_PER_JOB: usize = progress::MAX_FOLLOWERS_PER_JOB;
 /// of all jobs together, at most (a job's own `/execute` caller is bounded by the queue's
 /// caps already, and is never refused for these).
 pub const MAX_WAITING_REPEATS: usize = progress::MAX_FOLLOWERS;
-/// Repeats waiting on the jobs of one caller with its own secret (`RUNNER_SECRETS`), at
-/// most: half the places, so no one caller can take them all.
-pub const MAX_WAITERS_PER_CALLER: usize = MAX_WAITING_REPEATS / 2;
+// Repeats waiting on the jobs of one caller with its own secret (`RUNNER_SECRETS`), and
+// streams following them, at most its equal share of all ([`Edge::caller_share`]), so no
+// one caller, nor two, can take them all.
 
 /// One HTTP caller, as the machine and its host both name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -38,23 +38,18 @@ enum Kind {
     Follower,
 }
 
-/// How many callers of one kind the machine takes: of one job, in all, and of the jobs of
-/// one caller with its own secret.
+/// How many callers of one kind the machine takes: of one job, and in all (of the jobs of
+/// one caller with its own secret, an equal share of all).
 struct Places {
     per_job: usize,
     all: usize,
-    per_caller: usize,
 }
 
 impl Kind {
     fn places(self) -> Places {
         match self {
-            Kind::Waiter => Places { per_job: MAX_WAITERS_PER_JOB, all: MAX_WAITING_REPEATS, per_caller: MAX_WAITERS_PER_CALLER },
-            Kind::Follower => Places {
-                per_job: progress::MAX_FOLLOWERS_PER_JOB,
-                all: progress::MAX_FOLLOWERS,
-                per_caller: progress::MAX_FOLLOWERS_PER_CALLER,
-            },
+            Kind::Waiter => Places { per_job: MAX_WAITERS_PER_JOB, all: MAX_WAITING_REPEATS },
+            Kind::Follower => Places { per_job: progress::MAX_FOLLOWERS_PER_JOB, all: progress::MAX_FOLLOWERS },
         }
     }
 
@@ -73,8 +68,9 @@ impl Kind {
 
 /// Why a job takes no more callers of a kind.
 enum Crowded {
-    /// The caller with its own secret `share` holds `held` places, its share of them.
-    Share { share: String, held: usize },
+    /// The caller with its own secret `share` holds `held` places, its share of them
+    /// (`cap`), of `all` shared among `owners`.
+    Share { share: String, held: usize, cap: usize, all: usize, owners: usize },
     /// The job has `of_job` callers of the kind, and all jobs hold `all` places.
     Edge { of_job: usize, all: usize },
 }
@@ -142,13 +138,13 @@ impl Edge {
         }
         match self.crowded(Kind::Waiter, job_id) {
             None => {}
-            Some(Crowded::Share { share, held }) => {
+            Some(Crowded::Share { share, held, cap, all, owners }) => {
                 return Err(ApiError::new(
                     ErrorCode::RunnerBusy,
                     format!(
                         "caller `{share}` waits on its jobs {held} times over already, repeating their idempotency keys (at most \
-                         {MAX_WAITERS_PER_CALLER} per caller): read the job with GET /jobs/{job_id}, or follow it with \
-                         GET /jobs/{job_id}/events — it runs once whoever waits"
+                         {cap} per caller: an equal share of the {all} places among the {owners} secrets that send jobs): read \
+                         the job with GET /jobs/{job_id}, or follow it with GET /jobs/{job_id}/events — it runs once whoever waits"
                     ),
                 )
                 .with_job(job_id));
@@ -189,13 +185,15 @@ impl Edge {
             list.iter().filter_map(|(id, callers)| self.jobs.get(id).filter(|j| of(j)).map(|j| kind.held(j, callers.len()))).sum()
         };
         // A caller with its own secret holds its own share of the places (the operator's
-        // jobs of it too), so it cannot take every one; the pool secret's are held to the
-        // caps per job and in all alone: its holder is the operator.
+        // callers of its jobs too), so it cannot take every one; the pool secret's are held
+        // to the caps per job and in all alone: its holder is the operator.
         let share = super::share_of(job);
         if !share.is_empty() {
             let held = held_by(&|j| super::share_of(j) == share);
-            if held >= places.per_caller {
-                return Some(Crowded::Share { share: share.to_string(), held });
+            let cap = self.caller_share(places.all);
+            if held >= cap {
+                let owners = crate::http::owners(&self.cfg);
+                return Some(Crowded::Share { share: share.to_string(), held, cap, all: places.all, owners });
             }
         }
         let all = held_by(&|_| true);
@@ -215,13 +213,13 @@ impl Edge {
         }
         match self.crowded(Kind::Follower, job_id) {
             None => {}
-            Some(Crowded::Share { share, held }) => {
+            Some(Crowded::Share { share, held, cap, all, owners }) => {
                 return Err(ApiError::new(
                     ErrorCode::RunnerBusy,
                     format!(
-                        "caller `{share}` follows {held} streams already (at most {} per caller): read the job with \
-                         GET /jobs/{job_id}, or follow it once another of your streams ends",
-                        progress::MAX_FOLLOWERS_PER_CALLER
+                        "caller `{share}` follows {held} streams already (at most {cap} per caller: an equal share of the {all} \
+                         places among the {owners} secrets that send jobs): read the job with GET /jobs/{job_id}, or follow it \
+                         once another of your streams ends"
                     ),
                 )
                 .with_job(job_id));

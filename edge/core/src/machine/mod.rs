@@ -45,7 +45,7 @@ mod stop;
 mod storage;
 mod views;
 
-pub use callers::{CallerId, MAX_WAITERS_PER_CALLER, MAX_WAITERS_PER_JOB, MAX_WAITING_REPEATS};
+pub use callers::{CallerId, MAX_WAITERS_PER_JOB, MAX_WAITING_REPEATS};
 pub use jobs::Submitted;
 pub use operator::AgentControl;
 pub use login::{Availability, LOGIN_TTL_MS, LOGIN_WAIT_MS};
@@ -72,7 +72,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 /// How long `/health` shows an agent that went away as down (and the pool `degraded`).
 pub const DOWN_SHOWN_MS: Millis = 3_600_000;
 /// Result callbacks waiting for delivery (their receiver down or slow), or for their job's
-/// end, at most; those of one caller with its own secret, half of it. They are kept in alerting's memory, which
+/// end, at most; those of one caller with its own secret, its equal share of them
+/// ([`Edge::caller_share`]). They are kept in alerting's memory, which
 /// is stored whole at each change, so each one more makes every such event cost more: past
 /// the cap a job asking for a callback is refused (429) until some are delivered or given
 /// up ([`Edge::callbacks_full`]).
@@ -458,6 +459,22 @@ fn retained_entry(job: &Job) -> (Millis, String) {
 /// sessions).
 pub(crate) fn share_of(job: &Job) -> &str {
     share(job.caller_proven, &job.placement)
+}
+
+impl Edge {
+    /// The most a caller with its own secret holds of `all` — places or bytes every caller
+    /// draws on: event streams, repeats waiting on jobs, the bytes of jobs not ended,
+    /// callbacks waiting — an equal share among those who send jobs
+    /// ([`crate::http::owners`]: the pool secret's callers as one, each named caller). The
+    /// pool secret's own are held to `all` alone: its holder is the operator. Half each let
+    /// two named callers take everything, the operator's and a third caller's part too
+    /// (review rev10).
+    pub(crate) fn caller_share<T>(&self, all: T) -> T
+    where
+        T: Copy + Ord + From<u8> + TryFrom<usize> + std::ops::Div<Output = T>,
+    {
+        crate::http::equal_share(all, crate::http::owners(&self.cfg))
+    }
 }
 
 /// [`share_of`] a job sent as `placement` says, with its caller's own secret or not: a

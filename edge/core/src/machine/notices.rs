@@ -144,9 +144,10 @@ impl Edge {
     }
 
     /// Why a job asking for a callback is refused now, if it is: [`super::MAX_PENDING_CALLBACKS`]
-    /// wait for delivery or for their job's end, or half as many of its caller's (a caller with its own secret;
-    /// see [`super::share_of`]), so one caller's receiver being down does not refuse every
-    /// other caller's callbacks.
+    /// wait for delivery or for their job's end, or its caller's equal share of them (a
+    /// caller with its own secret, see [`super::share_of`]; [`Edge::caller_share`]), so one
+    /// caller's receiver being down, or two callers', does not refuse every other caller's
+    /// callbacks.
     /// A job holds its place from when it is taken, not only once it ended: counted only
     /// once ended, a caller's whole queue of jobs with callbacks, taken while none of its
     /// own waited and cancelled at once, all waited for a receiver that is down.
@@ -164,16 +165,18 @@ impl Edge {
                 waiting.count() + coming.iter().filter(|s| **s == share).count()
             }
         };
-        let (all, of_one) = (super::MAX_PENDING_CALLBACKS, super::MAX_PENDING_CALLBACKS / 2);
+        let (all, of_one) = (super::MAX_PENDING_CALLBACKS, self.caller_share(super::MAX_PENDING_CALLBACKS));
         if pending < all && (share.is_empty() || mine < of_one) {
             return None;
         }
+        let owners = crate::http::owners(&self.cfg);
         Some(shared::contract::ApiError::new(
             shared::contract::ErrorCode::RunnerBusy,
             format!(
                 "{pending} jobs with a callback_url wait for their end or for their result's delivery already ({mine} of them \
-                 this caller's; at most {all} in all, {of_one} of one caller's): their receiver may be down; retry later, \
-                 or submit without callback_url and read the result with GET /jobs/{{id}}"
+                 this caller's; at most {all} in all, {of_one} of one caller with its own secret's: an equal share among the \
+                 {owners} secrets that send jobs): their receiver may be down; retry later, or submit without callback_url \
+                 and read the result with GET /jobs/{{id}}"
             ),
         ))
     }

@@ -203,8 +203,8 @@ fn lock(registry: &'static Mutex<Registry>) -> MutexGuard<'static, Registry> {
 
 impl Edge {
     /// Why `job`, about to be queued, would take the jobs not ended yet past
-    /// `MAX_PENDING_BYTES` (or its owner past half of it, for a caller with its own
-    /// secret), if it would. A job always fits when nothing (of its owner's) is pending:
+    /// `MAX_PENDING_BYTES` (or its owner past its equal share of it, for a caller with its
+    /// own secret: [`Edge::caller_share`]), if it would. A job always fits when nothing (of its owner's) is pending:
     /// the bound is at least `MAX_BODY_BYTES` (`config.rs`), and a job whose overhead takes
     /// it just past must still run.
     pub(super) fn pending_full(&self, now: Millis, job: &Job) -> Option<ApiError> {
@@ -235,13 +235,15 @@ impl Edge {
             // operator, as with the other shares.
             return None;
         }
-        let (mine, share) = (self.pending.bytes_of(owner), cap / 2);
+        let (mine, share) = (self.pending.bytes_of(owner), self.caller_share(cap));
         if mine > 0 && mine.saturating_add(bytes) > share {
+            let owners = crate::http::owners(&self.cfg);
             return Some(ApiError::new(
                 ErrorCode::RunnerBusy,
                 format!(
                     "caller `{owner}`'s jobs not ended yet hold {mine} bytes of tasks already, and this one {bytes} more \
-                     would pass its share: half of MAX_PENDING_BYTES ({share}); retry when some of its jobs have ended"
+                     would pass its share ({share}): an equal share of MAX_PENDING_BYTES ({cap}) among the {owners} secrets \
+                     that send jobs; retry when some of its jobs have ended"
                 ),
             ));
         }

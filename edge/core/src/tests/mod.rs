@@ -13,6 +13,7 @@
 //! - [`pending`]: the bytes of the jobs not ended yet, held to `MAX_PENDING_BYTES`.
 //! - [`logs`]: the machine's log lines, captured.
 //! - [`waiters`]: `/execute` callers waiting on one job: their caps, their shared answer.
+//! - [`shares`]: what callers with secrets of their own hold of what every caller draws on.
 
 mod hostile;
 mod hosts;
@@ -23,6 +24,7 @@ mod notices;
 mod pending;
 mod recovery;
 mod routing;
+mod shares;
 mod stop;
 mod storage;
 mod waiters;

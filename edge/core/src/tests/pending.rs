@@ -1,6 +1,6 @@
 //! The bytes of the jobs not ended yet — queued, sent, running — which memory keeps whole
-//! and a restore loads whole: held to `MAX_PENDING_BYTES` (half of it for a caller with
-//! its own secret), counted as jobs come, end, are cancelled, and come back at a restore.
+//! and a restore loads whole: held to `MAX_PENDING_BYTES` (an equal share of it for a
+//! caller with its own secret), counted as jobs come, end, are cancelled, and come back at a restore.
 
 use super::routing::{answer, pool_config, request, A_SECRET, B_SECRET};
 use super::*;
@@ -67,11 +67,11 @@ fn the_bytes_of_jobs_not_ended_are_bounded() {
     queued(&mut edge, 10, task(3_000));
 }
 
-/// A caller with its own secret holds half the bound at most, so it cannot take it all and
-/// leave the others refused; the pool secret's jobs (its holder is the operator) are held
-/// to the whole bound alone.
+/// A caller with its own secret holds its equal share of the bound at most (a third: the
+/// pool's callers, a and b), so it cannot take it all and leave the others refused; the
+/// pool secret's jobs (its holder is the operator) are held to the whole bound alone.
 #[test]
-fn a_caller_with_its_own_secret_holds_half_the_bound() {
+fn a_caller_with_its_own_secret_holds_its_share_of_the_bound() {
     let mut edge = Edge::new(Config { max_pending_bytes: 10_000, max_body_bytes: 8_192, ..pool_config() }, 0);
     let job = |edge: &mut Edge, now: u64, secret: &str, body: Value| {
         let h = request(edge, now, secret, "POST", "/jobs", body);
@@ -82,7 +82,7 @@ fn a_caller_with_its_own_secret_holds_half_the_bound() {
     let (status, body) = answer(&h);
     assert_eq!((status, body["error_code"].as_str()), (429, Some("RUNNER_BUSY")), "{body}");
     let error = body["error"].as_str().unwrap();
-    assert!(error.contains("caller `a`") && error.contains("half of MAX_PENDING_BYTES (5000)"), "{error}");
+    assert!(error.contains("caller `a`") && error.contains("its share (3333): an equal share of MAX_PENDING_BYTES (10000) among the 3"), "{error}");
     // The other callers still may: b with its own share, the pool's secret up to the whole.
     assert_eq!(job(&mut edge, 3, B_SECRET, task(3_000)).0, 202);
     assert_eq!(job(&mut edge, 4, SECRET, json!({"prompt": "x".repeat(2_000), "caller": "nightly"})).0, 202);

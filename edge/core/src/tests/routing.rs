@@ -1205,8 +1205,8 @@ fn one_callers_flood_of_ended_jobs_does_not_push_out_anothers_results() {
 }
 
 /// Event streams are capped in all (`MAX_FOLLOWERS`): a caller with its own secret may hold
-/// at most [`crate::progress::MAX_FOLLOWERS_PER_CALLER`] of them, so it cannot take every
-/// place and leave the other callers' streams refused (429).
+/// at most its equal share of them (a third: the pool's callers, a and b), so it cannot
+/// take every place and leave the other callers' streams refused (429).
 #[test]
 fn one_caller_cannot_take_every_event_stream() {
     let mut edge = Edge::new(pool_config(), 0);
@@ -1224,7 +1224,7 @@ fn one_caller_cannot_take_every_event_stream() {
             }
         }
     }
-    assert_eq!(followed, crate::progress::MAX_FOLLOWERS_PER_CALLER, "a holds its share of the streams, no more");
+    assert_eq!(followed, crate::progress::MAX_FOLLOWERS / 3, "a holds its share of the streams, no more");
     let of_b = submit(&mut edge, 6, B_SECRET, json!({"prompt": "b"}));
     let h = request(&mut edge, 7, B_SECRET, "GET", &format!("/jobs/{of_b}/events"), Value::Null);
     assert_eq!(h.reply, crate::http::Reply::Stream, "b's stream was refused: a holds every place");
@@ -1298,7 +1298,7 @@ fn a_made_up_job_id_is_not_echoed_whole() {
 /// Callbacks not yet delivered (their receiver down, or never answering) are kept in the
 /// edge's memory and stored whole at every change, so each one more made every event
 /// that touched them cost more: 5,000 of them wrote half a megabyte per event. They are
-/// capped (`MAX_PENDING_CALLBACKS`; a caller with its own secret half of it): past the cap
+/// capped (`MAX_PENDING_CALLBACKS`; a caller with its own secret an equal share of it): past the cap
 /// a job asking for a callback is refused 429, one without is taken, and another caller's
 /// callbacks are not crowded out.
 #[test]
@@ -1320,7 +1320,9 @@ fn callbacks_waiting_for_delivery_are_capped() {
         assert_eq!(answer(&h).0, 202);
         (202, body)
     };
-    for i in 0..MAX_PENDING_CALLBACKS as u64 / 2 {
+    // A third: the pool's callers, a and b.
+    let share = MAX_PENDING_CALLBACKS / 3;
+    for i in 0..share as u64 {
         assert_eq!(ended(&mut edge, i, A_SECRET, true).0, 202);
     }
     let (status, body) = ended(&mut edge, 1_000, A_SECRET, true);
@@ -1334,7 +1336,7 @@ fn callbacks_waiting_for_delivery_are_capped() {
             taken += 1;
         }
     }
-    assert_eq!(taken, MAX_PENDING_CALLBACKS - MAX_PENDING_CALLBACKS / 2 - 1, "the pool's secret up to the cap in all");
+    assert_eq!(taken, MAX_PENDING_CALLBACKS - share - 1, "the pool's secret up to the cap in all");
 }
 
 /// A job asking for a callback holds its place among the callbacks from when it is taken,
@@ -1355,7 +1357,7 @@ fn jobs_not_yet_ended_hold_their_callbacks_place() {
             _ => assert_eq!((status, answer["error_code"].as_str()), (429, Some("RUNNER_BUSY")), "{answer}"),
         }
     }
-    assert_eq!(taken.len(), MAX_PENDING_CALLBACKS / 2, "a's jobs with callbacks, queued, are a's callbacks");
+    assert_eq!(taken.len(), MAX_PENDING_CALLBACKS / 3, "a's jobs with callbacks, queued, are a's callbacks (its third)");
     for id in &taken {
         assert_eq!(answer(&request(&mut edge, 500, A_SECRET, "DELETE", &format!("/jobs/{id}"), Value::Null)).0, 202);
     }
@@ -1423,10 +1425,10 @@ fn post_job(edge: &mut Edge, now: u64, secret: &str, body: Value, key: Option<&s
     answer(&http::handle(edge, now, entropy, req))
 }
 
-/// A caller's callbacks waiting for delivery count in its share (half the cap) for as long
+/// A caller's callbacks waiting for delivery count in its share (of the cap) for as long
 /// as they wait: one whose job was forgotten early (past `MAX_RETAINED_JOBS`, the caller's
 /// own flood of ended jobs pushing out its oldest) still waited in the edge's memory, but
-/// no longer counted as the caller's, so the caller took places past its half, up to the
+/// no longer counted as the caller's, so the caller took places past its share, up to the
 /// cap in all, and another caller's callback was refused.
 #[test]
 fn a_callback_of_a_job_forgotten_early_does_not_leave_its_caller_past_its_share() {
@@ -1441,7 +1443,7 @@ fn a_callback_of_a_job_forgotten_early_does_not_leave_its_caller_past_its_share(
     };
     let mut now = 0;
     let mut round = |edge: &mut Edge| {
-        // a's callbacks up to its half (their receiver never answers), then a flood of
+        // a's callbacks up to its share (their receiver never answers), then a flood of
         // ended jobs that pushes a's oldest — those with callbacks — out.
         while {
             now += 1;
@@ -1454,7 +1456,7 @@ fn a_callback_of_a_job_forgotten_early_does_not_leave_its_caller_past_its_share(
     };
     round(&mut edge);
     round(&mut edge);
-    assert_eq!(ended(&mut edge, 1_000_000, B_SECRET, true), 202, "b's callback is not crowded out by a's past its {}", MAX_PENDING_CALLBACKS / 2);
+    assert_eq!(ended(&mut edge, 1_000_000, B_SECRET, true), 202, "b's callback is not crowded out by a's past its {}", MAX_PENDING_CALLBACKS / 3);
 }
 
 /// The 404 for a route the edge does not serve named four of its routes (`/execute`,

@@ -5,7 +5,7 @@
 use super::routing::{answer, pool_config, A_SECRET, B_SECRET};
 use super::*;
 use crate::http::Handled;
-use crate::machine::{MAX_WAITERS_PER_CALLER, MAX_WAITERS_PER_JOB, MAX_WAITING_REPEATS};
+use crate::machine::{MAX_WAITERS_PER_JOB, MAX_WAITING_REPEATS};
 
 fn keyed(edge: &mut Edge, now: u64, path: &str, secret: &str, key: &str, body: &Value) -> Handled {
     let req = Request {
@@ -79,7 +79,8 @@ fn waiters_on_one_job_are_capped_and_share_one_answer() {
     assert!(bodies.iter().all(|(_, b)| b.as_ptr() == bodies[0].1.as_ptr()), "every waiter holds its own copy of the result");
 }
 
-/// A caller with its own secret holds at most [`MAX_WAITERS_PER_CALLER`] places repeating
+/// A caller with its own secret holds at most its equal share of [`MAX_WAITING_REPEATS`]
+/// (a third: the pool's callers, a and b) places repeating
 /// the keys of its jobs, over all of them; another caller's repeats still wait, and a new
 /// `/execute` of its own is never refused for them: its job's one waiter is not a repeat.
 #[test]
@@ -87,7 +88,8 @@ fn one_caller_cannot_take_every_waiting_place() {
     let mut edge = Edge::new(pool_config(), 0);
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
     say(&mut edge, 0, &sid, credit(0, 0));
-    let jobs = MAX_WAITERS_PER_CALLER / MAX_WAITERS_PER_JOB + 1;
+    let share = MAX_WAITING_REPEATS / 3;
+    let jobs = share / MAX_WAITERS_PER_JOB + 1;
     let mut waiting = 0;
     for j in 0..jobs {
         let key = format!("a{j}");
@@ -102,7 +104,7 @@ fn one_caller_cannot_take_every_waiting_place() {
             }
         }
     }
-    assert_eq!(waiting, MAX_WAITERS_PER_CALLER, "a holds its share of the places, no more");
+    assert_eq!(waiting, share, "a holds its share of the places, no more");
     queued(&mut edge, B_SECRET, "b");
     assert!(repeat(&mut edge, B_SECRET, "b").is_ok(), "b's repeat was refused: a holds every place");
     assert!(repeat(&mut edge, A_SECRET, "a new task").is_ok(), "a's own new /execute was refused");
