@@ -1228,6 +1228,9 @@ async fn idempotent_submits_run_once(kind: EdgeKind) {
     s.client.wait_job(a.body["job_id"].as_str().unwrap(), Duration::from_secs(20)).await;
     let c = s.client.execute(body).await;
     assert_eq!(c.body["job_id"], a.body["job_id"]);
+    // The same key and task placed elsewhere is not a repeat (review rev10, 4).
+    let elsewhere = s.client.submit(json!({"prompt": "once", "idempotency_key": "k-1", "labels": "gpu=x"})).await;
+    assert_eq!((elsewhere.status, &elsewhere.body["job_id"]), (409, &a.body["job_id"]), "{}", elsewhere.text);
     assert_eq!(s.agent.claude_runs().len(), 1);
 }
 
@@ -1309,6 +1312,9 @@ async fn a_key_outlives_its_forgotten_job_and_runs_nothing_again(kind: EdgeKind)
     told(&s.client.submit(body.clone()).await);
     let conflict = s.client.submit(json!({"prompt": "a different task", "idempotency_key": "k-1"})).await;
     assert_eq!(conflict.status, 409, "{}", conflict.text);
+    // So is the same task for another agent: the forgotten job's key keeps its placement's digest.
+    let elsewhere = s.client.submit(json!({"prompt": "once", "idempotency_key": "k-1", "agent_id": "other"})).await;
+    assert_eq!(elsewhere.status, 409, "{}", elsewhere.text);
     let prompts: Vec<String> = s.agent.claude_runs().iter().map(|r| r["prompt"].as_str().unwrap_or("").to_string()).collect();
     assert_eq!(prompts, ["once", "another"], "the keyed task ran once");
 }

@@ -74,6 +74,12 @@ pub struct Job {
     /// the header, which drops the spec's text).
     #[serde(default)]
     pub spec_digest: String,
+    /// What else identifies the request for an idempotency key: the digest of where the
+    /// job may run and whom its result goes to ([`terms_digest`]; kept in the stub of a
+    /// forgotten job, which drops both). Empty: a record stored before it was kept
+    /// ([`Job::terms`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub terms_digest: String,
     /// This is a header: the text of the spec and of the result are in storage only.
     #[serde(default)]
     pub header_only: bool,
@@ -139,6 +145,24 @@ pub fn spec_digest(spec: &JobSpec) -> String {
     shared::ids::hex(&sha2::Sha256::digest(&text))
 }
 
+/// The digest of a request's placement — `labels`, `agent_id`, `priority`; its caller is
+/// its idempotency key's slot already — and its `callback_url`, as kept in
+/// [`Job::terms_digest`]: a key used again with other ones is not a repeat (review rev10:
+/// it was answered with the first job, which runs where and tells whom the first said).
+pub fn terms_digest(placement: &shared::placement::Placement, callback_url: Option<&str>) -> String {
+    use sha2::Digest;
+    let terms = serde_json::json!({
+        "labels": placement.labels,
+        "agent_id": placement.agent_id,
+        "priority": placement.priority,
+        "callback_url": callback_url,
+    });
+    let mut hash = sha2::Sha256::new();
+    hash.update(b"claude-runner repeat terms\0");
+    hash.update(terms.to_string().as_bytes());
+    shared::ids::hex(&hash.finalize())
+}
+
 /// A record's long texts, which a header leaves to storage ([`Job::header`]): the task's
 /// text, its long lists, and the result's output, diff and error.
 struct Long {
@@ -162,7 +186,7 @@ impl Job {
     /// Whether caller `name`'s own secret (`RUNNER_SECRETS`) reaches this job: one it sent
     /// with that secret. A job the pool's secret sent naming `name` is not its — the name
     /// may have had no secret then (it was given one since) and the pool's secret may name
-    /// anyone — as its idempotency key is not ([`crate::machine`], `repeat_refused`).
+    /// anyone — as its idempotency key is not ([`crate::machine`], `Repeatable`).
     pub fn sent_by_own_secret_of(&self, name: &str) -> bool {
         self.caller_proven && self.placement.caller() == name
     }
@@ -192,6 +216,7 @@ impl Job {
             instance: None,
             result: None,
             spec_digest: spec_digest(&spec),
+            terms_digest: String::new(),
             spec,
             header_only: false,
             bytes: 0,
@@ -208,6 +233,8 @@ impl Job {
     /// the task's digest, how and when it ended — marked [`Job::forgotten`].
     pub fn spent_key(&self) -> Job {
         let mut stub = self.header();
+        // Its placement and callback go: what a repeat is compared on stays.
+        stub.terms_digest = self.terms().unwrap_or_default();
         // Nothing of the task but its digest: a stub is kept outside the retention caps.
         stub.spec = JobSpec { timeout_ms: self.spec.timeout_ms, ..JobSpec::default() };
         stub.placement = shared::placement::Placement { caller: self.placement.caller.clone(), ..Default::default() };
@@ -284,6 +311,19 @@ impl Job {
             spec_digest(&self.spec)
         } else {
             self.spec_digest.clone()
+        }
+    }
+
+    /// Its [`terms_digest`]: kept, or computed from its placement and callback for a record
+    /// stored before it was kept. `None` for such a record of a forgotten job, whose stub
+    /// kept neither: its repeats are compared on the task alone, as they were.
+    pub fn terms(&self) -> Option<String> {
+        if !self.terms_digest.is_empty() {
+            Some(self.terms_digest.clone())
+        } else if self.forgotten {
+            None
+        } else {
+            Some(terms_digest(&self.placement, self.callback_url.as_deref()))
         }
     }
 

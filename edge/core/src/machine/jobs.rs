@@ -32,23 +32,62 @@ pub struct Submitted {
     pub effects: Vec<Effect>,
 }
 
-/// Why a submission whose idempotency key names job `id` — kept, or forgotten with its key
-/// kept (`spent.rs`) — is not a repeat of it, if it is not: `digest` and `proven` are that
-/// job's task digest and whether its caller sent it with its own secret.
-pub(super) fn repeat_refused(id: &str, digest: &str, proven: bool, caller: &str, submission: &Submission) -> Option<ApiError> {
-    // The same key for a different task is a caller's mistake, not a repeat.
-    let error = if digest != crate::record::spec_digest(&submission.spec) {
-        "this idempotency key was already used for a different task; use a new key for a new task".to_string()
-    } else if proven != submission.caller_proven {
-        // A caller with its own secret and the pool secret's name for it are two senders
-        // (the one's job may be planted by the other, who guessed key and task): a 409 —
-        // neither the other's job nor a second run of the task.
-        let (used, now) = if proven { ("its own secret", "the pool's secret") } else { ("the pool's secret", "its own secret") };
-        format!("this idempotency key was used for caller `{caller}` with {used}, and this request comes with {now}; use a new key")
-    } else {
-        return None;
-    };
-    Some(ApiError::new(ErrorCode::Conflict, error).with_job(id))
+/// What a repeat of a job's idempotency key is compared on: kept with the job, and with its
+/// key once the caps forgot it (`spent.rs`).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Repeatable {
+    /// The task's digest ([`crate::record::spec_digest`]).
+    digest: String,
+    /// Its placement's and callback's ([`crate::record::terms_digest`]). `None`: not known
+    /// (the stub of a job an edge of before forgot), and not compared.
+    terms: Option<String>,
+    /// Its `wait_for_usage`, if a `POST /jobs` job (an `/execute` says none).
+    usage_wait: Option<bool>,
+    /// Sent with its caller's own secret.
+    proven: bool,
+    /// Its caller's name.
+    caller: String,
+}
+
+impl Repeatable {
+    pub(super) fn of(job: &Job) -> Repeatable {
+        Repeatable {
+            digest: job.digest(),
+            terms: job.terms(),
+            usage_wait: (job.mode == Mode::Detached).then_some(job.wait_for_usage),
+            proven: job.caller_proven,
+            caller: job.placement.caller().to_string(),
+        }
+    }
+
+    /// Why `submission` (sent as `mode`), whose idempotency key names job `id` — kept, or
+    /// forgotten with its key kept — is not a repeat of it, if it is not.
+    pub(super) fn refused(&self, id: &str, submission: &Submission, mode: Mode) -> Option<ApiError> {
+        let terms = || crate::record::terms_digest(&submission.placement, submission.callback_url.as_deref());
+        // `wait_for_usage` is a `POST /jobs` field: an `/execute` repeating a job's key, or
+        // a `POST /jobs` repeating an `/execute`'s, says nothing of it.
+        let usage_wait = self.usage_wait.filter(|_| mode == Mode::Detached);
+        // The same key for a different task is a caller's mistake, not a repeat.
+        let error = if self.digest != crate::record::spec_digest(&submission.spec) {
+            "this idempotency key was already used for a different task; use a new key for a new task".to_string()
+        } else if self.proven != submission.caller_proven {
+            // A caller with its own secret and the pool secret's name for it are two senders
+            // (the one's job may be planted by the other, who guessed key and task): a 409 —
+            // neither the other's job nor a second run of the task.
+            let (used, now) = if self.proven { ("its own secret", "the pool's secret") } else { ("the pool's secret", "its own secret") };
+            let caller = &self.caller;
+            format!("this idempotency key was used for caller `{caller}` with {used}, and this request comes with {now}; use a new key")
+        } else if self.terms.as_ref().is_some_and(|kept| *kept != terms()) || usage_wait.is_some_and(|w| w != submission.wait_for_usage) {
+            // So is the same task placed or delivered otherwise: answered with the first
+            // job, the caller would take it for what it asked (review rev10, 4).
+            "this idempotency key was already used for the same task with other labels, agent_id, priority, callback_url \
+             or wait_for_usage; send the first request as it was to repeat it, or use a new key for a new job"
+                .to_string()
+        } else {
+            return None;
+        };
+        Some(ApiError::new(ErrorCode::Conflict, error).with_job(id))
+    }
 }
 
 impl Edge {
@@ -59,12 +98,10 @@ impl Edge {
         let mut effects = Vec::new();
         let slot = submission.idempotency_key.as_ref().map(|k| (submission.placement.caller().to_string(), k.clone()));
         if let Some(existing) = slot.and_then(|slot| self.idempotency.get(&slot)) {
-            if let Some(answer) = self.spent_repeat(now, existing, &submission) {
+            if let Some(answer) = self.spent_repeat(now, existing, &submission, mode) {
                 return Err(answer);
             }
-            let refused = self.jobs.get(existing).and_then(|job| {
-                repeat_refused(&job.id, &job.digest(), job.caller_proven, job.placement.caller(), &submission)
-            });
+            let refused = self.jobs.get(existing).and_then(|job| Repeatable::of(job).refused(&job.id, &submission, mode));
             if let Some(refused) = refused {
                 return Err(refused);
             }
@@ -101,6 +138,7 @@ impl Edge {
         job.wait_for_usage = submission.wait_for_usage;
         job.callback_url = submission.callback_url;
         job.caller_proven = submission.caller_proven;
+        job.terms_digest = crate::record::terms_digest(&job.placement, job.callback_url.as_deref());
         if let Some(refused) = self.pending_full(now.at, &job) {
             return Err(refused);
         }

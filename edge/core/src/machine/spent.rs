@@ -39,9 +39,9 @@ pub(super) struct Spent {
     owner: String,
     state: JobState,
     finished_at: Millis,
-    /// The task's digest: the same key with another task is a conflict, as before.
-    digest: String,
-    caller_proven: bool,
+    /// What a repeat is compared on: the same key with another task, placement or
+    /// callback is a conflict, as for a kept job.
+    repeatable: super::jobs::Repeatable,
 }
 
 impl Spent {
@@ -51,8 +51,7 @@ impl Spent {
             owner: super::share_of(job).to_string(),
             state: job.state,
             finished_at: job.finished_at?,
-            digest: job.digest(),
-            caller_proven: job.caller_proven,
+            repeatable: super::jobs::Repeatable::of(job),
         })
     }
 }
@@ -112,11 +111,12 @@ impl Edge {
     }
 
     /// The answer to a repeat of the key of forgotten job `id`, if it is one's: a
-    /// conflict when the task or the sender differs (as for a kept job), else
+    /// conflict when the task, its placement or callback, or the sender differs (as for a
+    /// kept job), else
     /// `JOB_FORGOTTEN`.
-    pub(super) fn spent_repeat(&self, now: Now, id: &str, submission: &shared::contract::Submission) -> Option<ApiError> {
+    pub(super) fn spent_repeat(&self, now: Now, id: &str, submission: &shared::contract::Submission, mode: crate::record::Mode) -> Option<ApiError> {
         let spent = self.spent.by_id.get(id)?;
-        let refused = super::jobs::repeat_refused(id, &spent.digest, spent.caller_proven, &spent.slot.0, submission);
+        let refused = spent.repeatable.refused(id, submission, mode);
         Some(refused.unwrap_or_else(|| {
             let ended = shared::time::rfc3339(now.wall_of(spent.finished_at));
             let mut err = ApiError::new(

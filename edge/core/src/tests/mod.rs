@@ -767,6 +767,71 @@ fn idempotency_keys_return_the_same_job() {
     assert_eq!(err.body.job_id.as_deref(), Some("j1"));
 }
 
+/// Review rev10, 4: a key used again with another placement (`labels`, `agent_id`,
+/// `priority`), `callback_url` or `wait_for_usage` was answered with the first job, as if
+/// it were the same request, though that job runs where, how and telling whom the first
+/// said. It is a `409`, as for another task: while the job is kept and once the caps forgot
+/// it (its key kept). An `/execute` repeating a `POST /jobs` key is not compared on
+/// `wait_for_usage`, which only `POST /jobs` says.
+#[test]
+fn a_key_used_again_for_another_placement_or_delivery_is_a_conflict() {
+    let cfg = Config { max_retained_jobs: 1, ..config() };
+    let mut edge = Edge::new(cfg.clone(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let first = || submission("x", 60_000, Some("k"));
+    edge.submit(0, "j1".into(), first(), Mode::Detached).unwrap();
+    type Change = fn(&mut Submission);
+    let changes: [(&str, Change); 5] = [
+        ("agent_id", |s| s.placement.agent_id = Some("other".into())),
+        ("labels", |s| drop(s.placement.labels.insert("gpu".into(), "x".into()))),
+        ("priority", |s| s.placement.priority = 9),
+        ("callback_url", |s| s.callback_url = Some("https://hooks.example.com/r".into())),
+        ("wait_for_usage", |s| s.wait_for_usage = false),
+    ];
+    let conflicts = |edge: &mut Edge, now: u64| {
+        for (what, change) in changes {
+            let mut again = first();
+            change(&mut again);
+            let err = edge.submit(now, "j2".into(), again, Mode::Detached).expect_err(what);
+            assert_eq!((err.status, err.body.job_id.as_deref()), (409, Some("j1")), "{what}: {}", err.body.error);
+            assert!(err.body.error.contains("new key"), "{what}: says what to do: {}", err.body.error);
+        }
+    };
+    conflicts(&mut edge, 1);
+    assert!(edge.submit(1, "j2".into(), first(), Mode::Detached).unwrap().existing, "the same request is still a repeat");
+    let mut execute = first();
+    execute.wait_for_usage = false;
+    assert!(edge.submit(1, "j2".into(), execute, Mode::Wait).unwrap().existing, "an /execute repeat is not compared on wait_for_usage");
+    // j1 ends, then another job: the cap forgets j1 and keeps its key.
+    say(&mut edge, 2, &sid, credit(1, 0));
+    report(&mut edge, 3, &sid, "j1", ok_result());
+    edge.submit(4, "j9".into(), submission("y", 60_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 4, &sid, credit(1, 1));
+    let effects = report(&mut edge, 5, &sid, "j9", ok_result());
+    assert!(edge.job("j1").is_none(), "the cap forgot j1");
+    conflicts(&mut edge, 6);
+    let forgotten = |edge: &mut Edge, again: Submission| {
+        let err = edge.submit(6, "j2".into(), again, Mode::Detached).unwrap_err();
+        assert_eq!(err.body.error_code, shared::contract::ErrorCode::JobForgotten, "{}", err.body.error);
+    };
+    forgotten(&mut edge, first());
+    // Restored from its stub, the key answers the same.
+    let (writes, _) = crate::split_writes(effects);
+    let stub = writes.saves.iter().find(|j| j.id == "j1").expect("j1's key is stored").clone();
+    let (mut edge, _) = Edge::restore(cfg.clone(), vec![stub.clone()], vec![], None, 6);
+    conflicts(&mut edge, 6);
+    // The stub of an edge of before kept no digest of the placement and callback (nor
+    // them): its repeats are compared on the task and the sender alone, as they were.
+    let before = crate::record::Job { terms_digest: String::new(), ..stub };
+    let (mut edge, _) = Edge::restore(cfg, vec![before], vec![], None, 6);
+    let mut elsewhere = first();
+    elsewhere.placement.agent_id = Some("other".into());
+    forgotten(&mut edge, elsewhere);
+    let mut changed = first();
+    changed.spec.prompt = "another task".into();
+    assert_eq!(edge.submit(6, "j2".into(), changed, Mode::Detached).unwrap_err().status, 409);
+}
+
 #[test]
 fn cancel_ends_a_queued_job_and_asks_the_agent_for_a_running_one() {
     let mut edge = Edge::new(config(), 0);
