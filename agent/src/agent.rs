@@ -224,7 +224,17 @@ impl Agent {
             instance,
         };
         agent.status.mirrors(agent.repos.mirror_names());
-        Ok((Arc::new(agent), Queues { uplink: uplink_rx, jobs: jobs_rx }))
+        let agent = Arc::new(agent);
+        // A change of the login or the usage window queues its heartbeat there and then,
+        // ahead of what the changer queues next (a run's result): see `Reporter::tell_with`.
+        // Weak: the reporter is the agent's.
+        let weak = Arc::downgrade(&agent);
+        agent.reporter.tell_with(move || {
+            if let Some(agent) = weak.upgrade() {
+                agent.heartbeat();
+            }
+        });
+        Ok((agent, Queues { uplink: uplink_rx, jobs: jobs_rx }))
     }
 
     /// What a job runner gets to see: its order's nonce and its caller (and whether the
@@ -504,12 +514,6 @@ impl Agent {
         match (result.success, result.error_code) {
             (false, Some(ErrorCode::RunnerOauthError)) => self.reporter.auth_failed(true),
             (true, _) => self.reporter.run_succeeded(),
-            // The used-up window the run ended on (`runner::run` told the reporter) goes in
-            // a heartbeat queued ahead of the result, so the edge holds this agent's next
-            // work before the caller has the answer. Told only through the reporter, it
-            // waited for the connection's loop, which took the result first now and then:
-            // a caller's next job, sent on the answer, reached the agent and ran.
-            (false, Some(ErrorCode::UsageLimit)) => self.heartbeat(),
             _ => {}
         }
         // Whose the session is, decided in memory now: the result may reach the caller,
@@ -761,6 +765,55 @@ mod tests {
         let usage = agent.oauth_report().usage;
         let _ = std::fs::remove_dir_all(&dir);
         (code, usage)
+    }
+
+    /// The agent's frames as the connection takes them, each heartbeat read as the usage
+    /// status it carries ("beat <status>"), a result as "result", others by kind.
+    fn taken(uplink: &mut crate::uplink::Receivers) -> Vec<String> {
+        let key = shared::link::MacKey::from_bytes([1; 32]);
+        std::iter::from_fn(|| uplink.try_next())
+            .filter_map(|out| match out.msg {
+                AgentMessage::Heartbeat { envelope } => {
+                    let beat: Beat = envelope.open(Domain::Heartbeat, &key).unwrap();
+                    Some(format!("beat {:?}", beat.oauth.usage.map(|u| u.status)))
+                }
+                AgentMessage::Result { .. } => Some("result".into()),
+                AgentMessage::Credit { .. } => Some("credit".into()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A run that ended on the usage limit told the reporter of the used-up window, which
+    /// only woke the connection's loop: the loop queued a heartbeat when it got to it, and
+    /// now and then took the run's result first. The caller had its answer while the edge
+    /// still took the window for open, and its next job, sent on that answer, reached a
+    /// Claude whose window was used up (CI's contract usage-window test, on both hosts). A
+    /// change of the login or the usage window now queues its heartbeat as it happens,
+    /// ahead of every frame queued after it — whatever changed it (here the run, then the
+    /// operator's `--clear-usage`).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_change_of_the_login_reaches_the_edge_before_any_frame_queued_after_it() {
+        let dir = std::env::temp_dir().join(format!("cr-agent-told-{}", std::process::id()));
+        let reset_s = crate::now_ms() / 1000 + 3600;
+        let rejected = format!(r#"{{"type":"rate_limit_event","rate_limit_info":{{"status":"rejected","resetsAt":{reset_s},"rateLimitType":"five_hour"}}}}"#);
+        let result = r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":429,"result":"5-hour limit reached"}"#;
+        let (agent, mut queues) = agent_with_claude(&dir, &format!("echo '{rejected}'\necho '{result}'\nexit 1\n"));
+        let ctx = agent.job_context("j:1", "default", Some(false));
+        let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
+        let (_stop, stop_rx) = oneshot::channel();
+        let ended = runner::run(&ctx, "j", spec, stop_rx).await;
+        assert_eq!(ended.result.error_code, Some(ErrorCode::UsageLimit));
+        agent.finish("j", "j:1", &ctx.owner, ended.result.clone(), None, None).await;
+        ended.leftover.clean_up().await;
+        let frames = taken(&mut queues.uplink);
+        let _ = std::fs::remove_dir_all(&dir);
+        let result_at = frames.iter().position(|f| f == "result").expect("the result is queued");
+        assert!(frames[..result_at].iter().any(|f| f == "beat Some(Rejected)"), "the result goes before the edge hears of the used-up window: {frames:?}");
+        assert!(agent.reporter.clear_usage());
+        agent.state_slots();
+        let frames = taken(&mut queues.uplink);
+        assert_eq!(frames.first().map(String::as_str), Some("beat Some(Allowed)"), "the slots go before the edge hears the window is open: {frames:?}");
     }
 
     /// A job can write into Claude's stdout (`/proc/<pid>/fd/1`, the same user). One line

@@ -381,6 +381,8 @@ async fn session(
     let ephemeral = shared::link::Ephemeral::new(runtime::entropy());
     // Results named in the order they are sent below; those left out follow all the same.
     let (running, finished, more_finished) = agent.held_for_hello();
+    // The login's changes told before the hello's report is read (below).
+    let told = agent.reporter.changes();
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         agent_id: cfg.agent_id.clone(),
@@ -495,6 +497,12 @@ async fn session(
     uplink.clear();
     uplink.patience(heartbeat);
     agent.state_slots();
+    // A change of the login or the usage window queues its own heartbeat
+    // (`Reporter::tell_with`); one told after the hello read the report and before this
+    // connection's keys and queue went with the queue just dropped, or failed to queue.
+    if agent.reporter.changes() != told {
+        agent.heartbeat();
+    }
     // Bytes written since the edge was last heard: the socket's buffers take a large
     // result at once, and on a slow uplink the heartbeats behind it — and so the edge's
     // answers — come late by the time those bytes take to go ([`for_bytes`]).
@@ -587,10 +595,9 @@ async fn session(
                 }
             }
             // Queued behind what the agent said before it, so the edge reads the agent's
-            // states in order.
+            // states in order. A change of the login or the usage window queues a beat of
+            // its own as it happens (`Reporter::tell_with`).
             _ = ticker.tick() => agent.heartbeat(),
-            // The login or usage window changed: the edge hears it now, not at the next beat.
-            _ = agent.reporter.changed() => agent.heartbeat(),
             _ = tokio::time::sleep_until(silent_at) => {
                 let waited = for_bytes(2 * heartbeat, unanswered).as_millis();
                 return End::Lost(format!("nothing from the edge for {waited} ms (two heartbeat intervals, and the time the {unanswered} bytes sent since take at the slowest uplink served)"));

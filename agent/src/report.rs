@@ -2,6 +2,8 @@
 //! window, and when: with every heartbeat, and at once when it changes — the credentials
 //! file changed (seen within a second: [`Reporter::watch`] polls it), a run failed to
 //! authenticate or succeeded, Claude reported its usage window, a relayed login ended.
+//! "At once" is a heartbeat queued by the change itself ([`Reporter::tell_with`]), so it
+//! goes to the edge ahead of every frame queued after the change.
 //!
 //! A failed authentication marks the login broken until the credentials change or a run
 //! succeeds; a used-up usage window stays so until its reset (eight days at most), a
@@ -11,10 +13,9 @@ use crate::oauth::Login;
 use shared::oauth::OAuthReport;
 use shared::usage::{UsageStatus, UsageWindow};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
-use tokio::sync::Notify;
 use tracing::info;
 
 /// How often the credentials file is looked at.
@@ -24,14 +25,24 @@ pub struct Reporter {
     login: Login,
     auth_failed: AtomicBool,
     usage: Mutex<Option<UsageWindow>>,
-    changed: Notify,
+    /// Queues what tells the edge of a change (the agent's heartbeat), at the change.
+    teller: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// How many changes were told ([`Reporter::changes`]).
+    changes: AtomicU64,
     /// What the credentials looked like at the last look.
     seen: Mutex<Option<u64>>,
 }
 
 impl Reporter {
     pub fn new(login: Login) -> Reporter {
-        let reporter = Reporter { login, auth_failed: AtomicBool::new(false), usage: Mutex::new(None), changed: Notify::new(), seen: Mutex::new(None) };
+        let reporter = Reporter {
+            login,
+            auth_failed: AtomicBool::new(false),
+            usage: Mutex::new(None),
+            teller: OnceLock::new(),
+            changes: AtomicU64::new(0),
+            seen: Mutex::new(None),
+        };
         *reporter.seen.lock().expect("seen lock") = Some(reporter.fingerprint());
         reporter
     }
@@ -44,14 +55,32 @@ impl Reporter {
         report
     }
 
-    /// Resolves when something worth telling the edge at once changed.
-    pub async fn changed(&self) {
-        self.changed.notified().await
+    /// Sets what each change calls to tell the edge (the agent: queue a heartbeat, which
+    /// reads [`Reporter::report`]). Called in the changer's own order, before the change's
+    /// method returns, so the heartbeat is queued ahead of whatever the caller queues next:
+    /// a run's result on the usage limit goes after the used-up window it reported. Woken
+    /// by the change, the connection's loop queued the heartbeat when it got to it — now
+    /// and then after the result, and a caller's next job, sent on that answer, reached a
+    /// Claude whose window was used up. `teller` must not take a lock held around a change
+    /// (the agent's calls come with none of its own held). Set once; later calls are
+    /// ignored.
+    pub fn tell_with(&self, teller: impl Fn() + Send + Sync + 'static) {
+        let _ = self.teller.set(Box::new(teller));
     }
 
+    /// How many changes were told so far: a connection compares the count when its hello
+    /// took the report with the count once its queue is cleared, as a change told between
+    /// went with the queue of the connection before.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::SeqCst)
+    }
+
+    /// Tells the edge of a change, with no lock of the reporter's held.
     fn tell(&self) {
-        // notify_one keeps the wake-up for the connection even if it is busy sending.
-        self.changed.notify_one();
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        if let Some(teller) = self.teller.get() {
+            teller();
+        }
     }
 
     /// Claude failed to authenticate (`true`), or authenticated (`false`).
@@ -278,6 +307,16 @@ mod tests {
         (Reporter::new(login), dir)
     }
 
+    /// Counts the changes `r` tells the edge of.
+    fn told(r: &Reporter) -> std::sync::Arc<AtomicU64> {
+        let count = std::sync::Arc::new(AtomicU64::new(0));
+        let counted = std::sync::Arc::clone(&count);
+        r.tell_with(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        count
+    }
+
     /// `oauth-status` and `doctor` take the usage window (and a standing auth failure)
     /// from the status file when it is the running agent's. A job (the agent's user) can
     /// hold DATA_DIR's lock itself and plant a status.json naming another running
@@ -322,29 +361,31 @@ mod tests {
         assert_eq!(not_an_agent, None, "a claude-runner that is no agent was taken for the agent");
     }
 
-    #[tokio::test]
-    async fn an_auth_failure_lasts_until_the_credentials_change() {
+    #[test]
+    fn an_auth_failure_lasts_until_the_credentials_change() {
         let (r, dir) = reporter("auth");
+        let told = told(&r);
         r.auth_failed(true);
+        assert_eq!(told.load(Ordering::SeqCst), 1, "the edge is told at the change");
         assert!(r.report().auth_failed);
         assert!(!r.look(), "nothing changed");
         assert!(r.report().auth_failed, "still broken until the credentials change");
         std::fs::write(dir.join(".credentials.json"), r#"{"claudeAiOauth":{"accessToken":"a","expiresAt":4102444800000}}"#).unwrap();
         assert!(r.look());
         assert!(!r.report().auth_failed, "a new login clears it");
-        // Each change wakes the connection, even when nobody was waiting at that moment.
-        tokio::time::timeout(Duration::from_secs(1), r.changed()).await.expect("told");
+        assert_eq!(told.load(Ordering::SeqCst), 2, "a new login is told");
         r.auth_failed(true);
         r.run_succeeded();
         assert!(!r.report().auth_failed, "a successful run clears it too");
     }
 
-    #[tokio::test]
-    async fn usage_is_kept_until_a_run_succeeds() {
+    #[test]
+    fn usage_is_kept_until_a_run_succeeds() {
         let (r, _) = reporter("usage");
+        let told = told(&r);
         let w = UsageWindow { status: UsageStatus::Rejected, kind: Some("five_hour".into()), resets_at: Some(9_000_000_000_000), utilization: None, seen_at: 1 };
         r.saw_usage(w.clone());
-        tokio::time::timeout(Duration::from_secs(1), r.changed()).await.expect("told");
+        assert_eq!(told.load(Ordering::SeqCst), 1, "told");
         assert_eq!(r.report().usage.unwrap().status, UsageStatus::Rejected);
         r.run_succeeded();
         assert_eq!(r.report().usage.unwrap().status, UsageStatus::Allowed);
@@ -354,9 +395,10 @@ mod tests {
     /// never comes while the edge sends the agent nothing: the operator had no way to let
     /// it work again (hostile review rev2). `agent --clear-usage` clears it; a window that
     /// blocks nothing stays as it was.
-    #[tokio::test]
-    async fn the_operator_clears_a_used_up_window() {
+    #[test]
+    fn the_operator_clears_a_used_up_window() {
         let (r, _) = reporter("clear");
+        let told = told(&r);
         assert!(!r.clear_usage(), "nothing to clear");
         let warning = UsageWindow { status: UsageStatus::AllowedWarning, kind: Some("five_hour".into()), resets_at: Some(5_000), utilization: Some(0.9), seen_at: 1 };
         r.saw_usage(warning.clone());
@@ -364,9 +406,9 @@ mod tests {
         assert_eq!(r.report().usage, Some(warning));
         let now = crate::now_ms();
         r.saw_usage(UsageWindow { status: UsageStatus::Rejected, kind: Some("five_hour".into()), resets_at: Some(now + 3_600_000), utilization: None, seen_at: now });
-        tokio::time::timeout(Duration::from_secs(1), r.changed()).await.expect("told");
+        let before = told.load(Ordering::SeqCst);
         assert!(r.clear_usage());
-        tokio::time::timeout(Duration::from_secs(1), r.changed()).await.expect("the edge is told at once");
+        assert_eq!(told.load(Ordering::SeqCst), before + 1, "the edge is told at once");
         let usage = r.report().usage.unwrap();
         assert!(!usage.blocks(crate::now_ms()) && usage.status == UsageStatus::Allowed, "{usage:?}");
     }
