@@ -1,11 +1,12 @@
 //! The agent's one outbound WebSocket: dial, prove who we are, check the edge proves who
 //! it is, then carry messages both ways with heartbeats until the connection ends; then
 //! dial again after an exponential, jittered backoff. A connection silent for two
-//! heartbeat intervals (half-open) is given up on, and so is every send that does not
-//! complete in time: a write into a half-open link blocks once the socket's buffer is
-//! full, and nothing may hang the agent.
+//! heartbeat intervals (half-open) is given up on, and so is every send during which the
+//! link takes no byte for as long ([`crate::metered`]): a write into a half-open link
+//! blocks once the socket's buffer is full, and nothing may hang the agent.
 
 use crate::agent::Agent;
+use crate::metered::{Meter, Metered};
 use crate::reconnect::Reconnect;
 use crate::uplink::{Outgoing, Receivers};
 use futures_util::{SinkExt, StreamExt};
@@ -103,7 +104,33 @@ pub async fn run(agent: Arc<Agent>, mut uplink: Receivers, mut shutdown: watch::
     }
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+/// The agent's end of a connection, its writes metered ([`crate::metered`]).
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<Metered<tokio::net::TcpStream>>>;
+
+/// When `ws`'s link last took bytes.
+fn meter(ws: &Socket) -> Meter {
+    ws.get_ref().get_ref().meter()
+}
+
+/// Dials the edge as `tokio_tungstenite::connect_async_with_config` does (TCP_NODELAY,
+/// TLS for `wss`), the socket's writes metered.
+async fn dial(request: tokio_tungstenite::tungstenite::handshake::client::Request, config: WebSocketConfig) -> Result<Socket, WsError> {
+    use tokio_tungstenite::tungstenite::error::UrlError;
+    let uri = request.uri();
+    let host = uri.host().ok_or(WsError::Url(UrlError::NoHostName))?;
+    // An IPv6 address is bracketed in a URL, not in a socket address.
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host).to_string();
+    let default_port = match uri.scheme_str() {
+        Some("wss") => Some(443),
+        Some("ws") => Some(80),
+        _ => None,
+    };
+    let port = uri.port_u16().or(default_port).ok_or(WsError::Url(UrlError::UnsupportedUrlScheme))?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(WsError::Io)?;
+    tcp.set_nodelay(true).map_err(WsError::Io)?;
+    let (ws, _) = tokio_tungstenite::client_async_tls_with_config(request, Metered::new(tcp), Some(config), None).await?;
+    Ok(ws)
+}
 
 /// How the handshake's wait for the edge's next message failed.
 enum Cut {
@@ -165,33 +192,32 @@ fn retry_after(reason: &str) -> Option<Duration> {
     ms.parse().ok().map(Duration::from_millis)
 }
 
-/// Sends one frame, giving up after `limit` and the time its size takes at the slowest
-/// uplink served ([`for_bytes`]).
+/// Sends one frame, giving up once the link takes no byte for `limit` ([`bounded`]).
 async fn send(ws: &mut Socket, msg: &AgentMessage, limit: Duration) -> Result<(), End> {
-    let text = msg.to_text();
-    let limit = for_bytes(limit, text.len());
-    within(limit, ws.send(Message::Text(text.into()))).await
+    let meter = meter(ws);
+    within(limit, &meter, ws.send(Message::Text(msg.to_text().into()))).await
 }
 
-/// How long a write of `bytes` may take: `limit` (two heartbeat intervals: a stuck link is
-/// found) plus the bytes at [`shared::contract::MIN_UPLINK_BYTES_PER_SEC`]. A flat bound
-/// gave up a large result on a slow uplink that was not stuck — and the same result went
-/// first again after every reconnect, so the agent never got past it; the edge counts the
-/// bytes arriving at that rate as the agent heard.
+/// How long the edge may stay silent after `bytes` were written since it was last heard:
+/// `limit` (two heartbeat intervals) plus the bytes at
+/// [`shared::contract::MIN_UPLINK_BYTES_PER_SEC`]. The socket's buffers take a large
+/// result at once, and on a slow uplink the heartbeats behind it — and so the edge's
+/// answers — come late by the time those bytes take to go; the edge counts the bytes
+/// arriving at that rate as the agent heard.
 fn for_bytes(limit: Duration, bytes: usize) -> Duration {
     let bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
     limit.saturating_add(Duration::from_millis(bytes.saturating_mul(1000) / shared::contract::MIN_UPLINK_BYTES_PER_SEC))
 }
 
-/// A write to the edge, given up after `limit`.
-async fn within<T>(limit: Duration, write: impl std::future::Future<Output = Result<T, WsError>>) -> Result<T, End> {
-    bounded(limit, write).await.map_err(End::from)
+/// A write to the edge, given up once the link takes no byte for `limit`.
+async fn within<T>(limit: Duration, meter: &Meter, write: impl std::future::Future<Output = Result<T, WsError>>) -> Result<T, End> {
+    bounded(limit, meter, write).await.map_err(End::from)
 }
 
-/// How a write bounded in time did not complete.
+/// How a bounded write did not complete.
 enum WriteFailed {
     Error(WsError),
-    /// It did not complete within this bound.
+    /// The link took no byte of it for this long.
     TimedOut(Duration),
 }
 
@@ -200,33 +226,46 @@ impl From<WriteFailed> for End {
         match failed {
             WriteFailed::Error(e) => End::Lost(format!("send failed: {e}")),
             WriteFailed::TimedOut(limit) => {
-                End::Lost(format!("could not send to the edge within {} ms: the connection is stuck (half-open?)", limit.as_millis()))
+                End::Lost(format!("the link to the edge took no byte for {} ms of a send: the connection is stuck (half-open?)", limit.as_millis()))
             }
         }
     }
 }
 
-/// A write, given up after `limit`.
-async fn bounded<T>(limit: Duration, write: impl std::future::Future<Output = Result<T, WsError>>) -> Result<T, WriteFailed> {
-    match timeout(limit, write).await {
-        Ok(done) => done.map_err(WriteFailed::Error),
-        Err(_) => Err(WriteFailed::TimedOut(limit)),
+/// A write, given up once the link has taken no byte of it for `limit`
+/// ([`crate::metered`]): a link that moves, however slowly, is not stuck, and one that
+/// takes nothing is found within `limit` whatever is left to send.
+async fn bounded<T>(limit: Duration, meter: &Meter, write: impl std::future::Future<Output = Result<T, WsError>>) -> Result<T, WriteFailed> {
+    tokio::pin!(write);
+    let began = Instant::now();
+    loop {
+        let moved = meter.last_taken().max(began);
+        tokio::select! {
+            biased;
+            done = &mut write => return done.map_err(WriteFailed::Error),
+            _ = tokio::time::sleep_until(moved + limit) => {
+                if meter.last_taken().max(began) == moved {
+                    return Err(WriteFailed::TimedOut(limit));
+                }
+            }
+        }
     }
 }
 
-/// A handshake step's send (the hello): as [`send`], and one that ran out of `step` is a
-/// slow step, as a late answer is — the next dial's bound grows (`reconnect`). A hello
-/// names every result and running job the agent holds and its mirrors, so on a slow
-/// uplink it is the step that takes longest; counted as a failed write only, every dial
-/// was given the same short bound and failed alike.
+/// A handshake step's send (the hello): as [`send`], the link taking no byte for `step`
+/// giving it up, and one given up so is a slow step, as a late answer is — the next
+/// dial's bound grows (`reconnect`). A hello names every result and running job the agent
+/// holds and its mirrors, so on a slow uplink it is the step that takes longest; counted
+/// as a failed write only, every dial was given the same short bound and failed alike.
 async fn send_step(ws: &mut Socket, msg: &AgentMessage, step: Duration, reconnect: &mut Reconnect) -> Result<(), End> {
     let text = msg.to_text();
     let bytes = text.len();
-    bounded(step, ws.send(Message::Text(text.into()))).await.map_err(|failed| match failed {
+    let meter = meter(ws);
+    bounded(step, &meter, ws.send(Message::Text(text.into()))).await.map_err(|failed| match failed {
         WriteFailed::TimedOut(step) => {
             reconnect.step_timed_out();
             End::Lost(format!(
-                "the hello ({bytes} bytes) did not go out to the edge within {} ms: a slow or stuck link; the next dial waits longer",
+                "the hello ({bytes} bytes) did not go out to the edge: the link took no byte of it for {} ms, a slow or stuck link; the next dial waits longer",
                 step.as_millis()
             ))
         }
@@ -243,16 +282,17 @@ const BYTES_PER_WRITE: usize = 1024 * 1024;
 /// queues its result and a statement of the slots together, and one write is one wake-up
 /// of the edge instead of two. The progress frames' budget is let go once the write is
 /// flushed ([`crate::uplink::Held`]).
-/// Gives up when one frame (or the last flush) takes longer than `limit`
-/// to go, as a frame sent alone did: the bound finds a stuck link, and a batch of large
-/// frames on a slow one is not stuck. Returns the last heartbeat sent, read back (our own
-/// words, just MACed) for the status file, and the bytes written.
+/// Gives up when the link takes no byte for `limit`, as a frame sent alone does
+/// ([`bounded`]): the bound finds a stuck link, and a batch of large frames on a slow one
+/// is not stuck. Returns the last heartbeat sent, read back (our own words, just MACed)
+/// for the status file, and the bytes written.
 async fn send_queued(
     ws: &mut Socket,
     first: Outgoing,
     uplink: &mut Receivers,
     limit: Duration,
 ) -> Result<(Option<shared::protocol::Beat>, usize), End> {
+    let meter = meter(ws);
     let mut beat = None;
     let mut next = Some(first);
     let (mut frames, mut bytes) = (0, 0);
@@ -263,7 +303,7 @@ async fn send_queued(
         let text = msg.to_text();
         bytes += text.len();
         // Feeding writes out what no longer fits the buffer: up to this frame and the one before.
-        within(for_bytes(limit, bytes), ws.feed(Message::Text(text.into()))).await?;
+        within(limit, &meter, ws.feed(Message::Text(text.into()))).await?;
         if let AgentMessage::Heartbeat { envelope } = &msg {
             beat = serde_json::from_str::<shared::protocol::Beat>(&envelope.payload).ok().or(beat);
         }
@@ -274,7 +314,7 @@ async fn send_queued(
             next = uplink.try_next();
         }
     }
-    within(for_bytes(limit, bytes), ws.flush()).await?;
+    within(limit, &meter, ws.flush()).await?;
     // Not written (an error above): dropped with `written`, their events counted for the
     // jobs' next markers.
     written.into_iter().for_each(crate::uplink::Held::written);
@@ -347,9 +387,8 @@ async fn session(
         Ok(request) => request,
         Err(e) => return dial_failed(&cfg.connect_url, &e),
     };
-    let dial = tokio_tungstenite::connect_async_with_config(request, Some(ws_config), true);
-    let mut ws = match timeout(step, dial).await {
-        Ok(Ok((ws, _))) => ws,
+    let mut ws = match timeout(step, dial(request, ws_config)).await {
+        Ok(Ok(ws)) => ws,
         Ok(Err(e)) => return dial_failed(&cfg.connect_url, &e),
         Err(_) => {
             reconnect.step_timed_out();
@@ -484,9 +523,8 @@ async fn session(
     info!(agent_id = %cfg.agent_id, session = %welcome.session_id, heartbeat_ms = heartbeat.as_millis() as u64, "connected to the edge");
     agent.status.connected(heartbeat.as_millis() as u64);
 
-    // Every send from here on must finish within two heartbeat intervals, and the time its
-    // size takes on the slowest uplink served ([`for_bytes`]): the edge itself drops a
-    // connection that silent.
+    // Every send from here on is given up once the link takes no byte for two heartbeat
+    // intervals ([`bounded`]): the edge itself drops a connection that silent.
     let limit = 2 * heartbeat;
 
     // 4. Work. Orders and heartbeats are counted from zero on this connection, and what
@@ -767,13 +805,13 @@ mod tests {
     use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
     /// Frames queued together go out in one write, but the bound on a write is there to
-    /// find a stuck link, not a busy one: each frame gets `limit`, as when each was sent
-    /// alone. Here an edge that reads steadily, one 64 KiB frame every 100 ms, takes a
-    /// write's worth of them ([`BYTES_PER_WRITE`]: 16, over a second and a half) while each
-    /// frame goes within a fraction of the bound. Bounding the whole batch by one `limit`
-    /// dropped such a link as "stuck (half-open?)" — on a slow uplink, a few large results
-    /// queued together did that again at every reconnect. The frames past the write's bytes
-    /// wait for the next write, so the edge's own frames are read between.
+    /// find a stuck link, not a busy one: the link taking no byte for `limit` gives it up,
+    /// as when each frame was sent alone. Here an edge that reads steadily, one 64 KiB frame
+    /// every 100 ms, takes a write's worth of them ([`BYTES_PER_WRITE`]: 16, over a second
+    /// and a half). Bounding the whole batch by one `limit` dropped such a link as "stuck
+    /// (half-open?)" — on a slow uplink, a few large results queued together did that again
+    /// at every reconnect. The frames past the write's bytes wait for the next write, so the
+    /// edge's own frames are read between.
     #[tokio::test]
     async fn a_batch_of_frames_is_bounded_per_frame_not_as_a_whole() {
         const FRAME: usize = 64 * 1024;
@@ -808,6 +846,13 @@ mod tests {
     /// and the agent's send buffer set to `bytes`, so that the kernel holds little of what
     /// is sent and not yet read.
     async fn linked_with_buffers(bytes: u32) -> (Socket, WebSocketStream<tokio::net::TcpStream>) {
+        let (ws, edge) = linked_raw(bytes).await;
+        let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
+        (ws, WebSocketStream::from_raw_socket(edge, Role::Server, Some(config)).await)
+    }
+
+    /// [`linked_with_buffers`], the edge's end its bare TCP stream.
+    async fn linked_raw(bytes: u32) -> (Socket, tokio::net::TcpStream) {
         let listener = tokio::net::TcpSocket::new_v4().unwrap();
         listener.set_recv_buffer_size(bytes).unwrap();
         listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -816,10 +861,37 @@ mod tests {
         let client = tokio::net::TcpSocket::new_v4().unwrap();
         client.set_send_buffer_size(bytes).unwrap();
         let (client, accepted) = tokio::join!(client.connect(addr), listener.accept());
-        let ws: Socket = WebSocketStream::from_raw_socket(MaybeTlsStream::Plain(client.unwrap()), Role::Client, None).await;
-        let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
-        let edge = WebSocketStream::from_raw_socket(accepted.unwrap().0, Role::Server, Some(config)).await;
-        (ws, edge)
+        let ws: Socket = WebSocketStream::from_raw_socket(MaybeTlsStream::Plain(Metered::new(client.unwrap())), Role::Client, None).await;
+        (ws, accepted.unwrap().0)
+    }
+
+    /// A send was given up after two heartbeat intervals plus the frame's size at 16 KiB/s
+    /// (`MIN_UPLINK_BYTES_PER_SEC`): a link slower than that but moving was taken for a
+    /// stuck one, and the same frame went first again at every reconnect; and a stuck link
+    /// under a result of 8 MiB was found only after nine minutes. A send is now given up
+    /// when the link takes no byte for the bound, whatever the frame's size. Here the edge
+    /// takes a 64 KiB frame at 4 KiB/s, 1 KiB every 250 ms (the kernel lets the writer on
+    /// about once a second: the receive window opens by halves), the bound 3 s: it goes.
+    #[tokio::test]
+    async fn a_send_on_a_slow_link_that_moves_is_not_given_up() {
+        use tokio::io::AsyncReadExt;
+        let (mut ws, mut edge) = linked_raw(4 * 1024).await;
+        let frame = AgentMessage::OrderRefused { reason: "x".repeat(64 * 1024) };
+        let bytes = frame.to_text().len();
+        let reader = tokio::spawn(async move {
+            let (mut buf, mut read) = ([0u8; 1024], 0);
+            while read < bytes {
+                match edge.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n,
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            read
+        });
+        let sent = send(&mut ws, &frame, Duration::from_secs(3)).await;
+        assert!(sent.is_ok(), "a link that takes bytes steadily was given up: {:?}", sent.err());
+        assert!(reader.await.unwrap() >= bytes, "the whole frame arrived");
     }
 
     /// A hello that cannot go out within its step (an edge, or a link, that takes nothing)
@@ -837,7 +909,7 @@ mod tests {
         // A hello as large as one holding many results and mirrors: more than the buffers.
         let hello = AgentMessage::OrderRefused { reason: "x".repeat(4 * 1024 * 1024) };
         let sent = send_step(&mut ws, &hello, Duration::from_millis(300), &mut reconnect).await;
-        assert!(matches!(sent, Err(End::Lost(ref why)) if why.contains("did not go out to the edge within 300 ms")), "{:?}", sent.err().map(|e| format!("{e:?}")));
+        assert!(matches!(sent, Err(End::Lost(ref why)) if why.contains("the link took no byte of it for 300 ms")), "{:?}", sent.err().map(|e| format!("{e:?}")));
         assert_eq!(reconnect.handshake_timeout(true), Duration::from_secs(4), "the next dial's bound doubled");
     }
 }

@@ -10,6 +10,8 @@
 //! - [`drain`]: how a stop is asked for: signals, or `agent --drain` from another shell
 //!   (which finds the running agent as `agent --clear-usage` does).
 //! - [`connection`]: the outbound WebSocket: handshake, heartbeats, reconnects.
+//! - [`metered`]: its socket's writes metered, so that a send is given up when the link
+//!   takes nothing, not when a large frame is slow.
 //! - [`upgrade`]: the agent's proof on its dial, and the edge's refusal of it read.
 //! - [`reconnect`]: how long to wait before dialing again: backoff and jitter, capped
 //!   within the edge's `LOST_AFTER_MS` while the agent holds work.
@@ -66,6 +68,7 @@ mod keygen;
 mod launcher;
 mod link;
 mod lost_after;
+mod metered;
 mod oauth;
 mod pidfd;
 mod process;

@@ -88,10 +88,7 @@ impl FakeEdge {
     }
 
     async fn accept(&self) -> Ws {
-        // Long enough for an agent to give up a stuck link: a send may take two heartbeat
-        // intervals and its size at the slowest uplink allowed (16 KiB/s: 65 s for a 1 MiB
-        // result), so that a slow link is not taken for a stuck one.
-        let (tcp, _) = tokio::time::timeout(Duration::from_secs(240), self.listener.accept()).await.expect("the agent dials").unwrap();
+        let (tcp, _) = tokio::time::timeout(Duration::from_secs(60), self.listener.accept()).await.expect("the agent dials").unwrap();
         tokio_tungstenite::accept_async(tcp).await.unwrap()
     }
 
@@ -717,9 +714,10 @@ async fn a_result_moved_out_of_its_slot_survives_a_crash_during_the_next_job() {
 
 /// A link that goes half-open right after the welcome, while the agent is sending the
 /// results it kept: every send is bounded, so the agent gives the link up and dials again
-/// instead of hanging until the kernel gives up (~15 min). The bound grows with the frame
-/// (16 KiB/s, the slowest uplink served: about a minute here for 1 MiB), so that a slow
-/// link is not taken for a stuck one.
+/// instead of hanging until the kernel gives up (~15 min). A send is given up once the
+/// link takes no byte for two intervals, whatever its size: the bound grew with the frame
+/// (two intervals and its size at 16 KiB/s, 65 s for each 1 MiB result here), and the
+/// agent dialled again only after the minute this waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_open_link_right_after_the_welcome_does_not_hang_the_agent() {
     let edge = FakeEdge::with_heartbeat(500).await;
