@@ -58,28 +58,22 @@ enum Start {
     Detached(Oid),
 }
 
-/// The refs `branch` is looked up in: what the fetch found on the server when the agent
-/// has it (a job may have moved the mirror's refs since), else the mirror's own.
+/// The refs `branch` is looked up in: what the fetch found on the server, never the
+/// mirror's own refs (a job may have moved or planted them).
 struct Refs<'a> {
     mirror: &'a Repository,
-    fetched: Option<&'a Fetched>,
+    fetched: &'a Fetched,
 }
 
 impl Refs<'_> {
     /// The object `name` (`refs/…`) points at.
     fn get(&self, name: &str) -> Option<Oid> {
-        match self.fetched {
-            Some(f) => f.refs.get(name).and_then(|hex| Oid::from_str(hex).ok()),
-            None => self.mirror.refname_to_id(name).ok(),
-        }
+        self.fetched.refs.get(name).and_then(|hex| Oid::from_str(hex).ok())
     }
 
     /// The default branch's ref name.
-    fn head(&self) -> Result<String, git2::Error> {
-        match self.fetched {
-            Some(f) => Ok(f.head.clone()),
-            None => Ok(self.mirror.find_reference("HEAD")?.symbolic_target()?.unwrap_or("refs/heads/main").to_string()),
-        }
+    fn head(&self) -> &str {
+        &self.fetched.head
     }
 
     /// The commit `name` leads to (through an annotated tag).
@@ -91,9 +85,11 @@ impl Refs<'_> {
 
 fn resolve(mirror: &Repository, fetched: Option<&Fetched>, branch: Option<&str>, url: &str) -> Result<Start, RepoError> {
     let action = "read the mirror";
+    // Every lease carries its fetch's record (`super::mirror::Lease::fetched`).
+    let fetched = fetched.ok_or_else(|| local(action, "the agent has no record of a fetch of the repository to start from: run the job again"))?;
     let refs = Refs { mirror, fetched };
     let Some(branch) = branch else {
-        let head = refs.head().map_err(|e| local(action, e.message()))?;
+        let head = refs.head().to_string();
         let commit = refs.commit(&head).ok_or_else(|| local(action, format!("{head} is missing")))?.map_err(|e| local(action, e.message()))?;
         let name = head.strip_prefix("refs/heads/").unwrap_or("main").to_string();
         return Ok(Start::Branch(name, commit));
@@ -122,7 +118,7 @@ fn resolve(mirror: &Repository, fetched: Option<&Fetched>, branch: Option<&str>,
 }
 
 /// Makes `dir` (which must not exist yet, or be empty) a checkout of `branch` (default:
-/// the mirror's HEAD) with the mirror's objects.
+/// the default branch the fetch found) with the mirror's objects.
 /// `fetched`: what the mirror's last fetch found ([`super::mirror::Lease::fetched`]).
 pub fn create(mirror_dir: &Path, fetched: Option<&Fetched>, dir: &Path, branch: Option<&str>, url: &str, max_bytes: u64) -> Result<Checkout, RepoError> {
     let action = "check out the repository";

@@ -50,6 +50,8 @@ pub enum RepoError {
     WorkingDir { dir: String, why: Text },
     #[error("`push_branch` `{branch}` is the repository's default branch, and the runner never pushes to it: name another branch and open a pull request from it")]
     PushToDefault { branch: String },
+    #[error("{cause}; `allow_stale` could not help: this agent has no fetched state of {url} of its own to run on (it has not fetched it since it started, or its mirror was removed), and it does not run on the mirror's refs on disk, which a job may have changed: retry once the server answers")]
+    NoStaleState { cause: String, url: String },
     #[error("{url} could not be fetched, so the runner does not know the repository's default branch now, which it never pushes to: nothing ran; retry with `push_branch` once the server answers, or leave `push_branch` out to run on the last fetched state")]
     PushNeedsFetch { url: String },
     #[error("the branch `{branch}` already exists on the server and does not lead to the job's commit, and the runner never force-pushes: choose a new `push_branch`, or start the job from that branch (\"branch\": \"{branch}\")")]

@@ -8,7 +8,8 @@
 //! - A job that waited while another fetched *after* it asked takes that fetch's result
 //!   instead of fetching again.
 //! - A failed fetch with a usable mirror runs the job on the last fetched state only when
-//!   the job allows it (`allow_stale`).
+//!   the job allows it (`allow_stale`), and only on a state this agent fetched since it
+//!   started ([`Fetched`], in memory).
 //! - Every job holds a [`Lease`] on its mirror until it ends; after each fetch the least
 //!   recently used mirrors without a lease go until the cache fits `REPO_CACHE_MAX_BYTES`.
 //! - Tokens reach libgit2 only through the credentials callback: no remote is ever
@@ -16,14 +17,16 @@
 //! - A job can find its mirror (its checkout's `objects/info/alternates` names it) and
 //!   write to it, as the agent's user. So a fetch reads no git config file ([`own_config`]),
 //!   each use puts back the mirror's config file and removes what the agent never writes
-//!   there ([`reset_files`]), and a checkout resolves `branch` against the refs the last
-//!   fetch found on the server, kept in memory ([`Fetched`]), not the mirror's refs on disk.
+//!   there ([`reset_files`]), the refs a fetch negotiates with are only those the agent's
+//!   last fetch found (kept in memory, [`Fetched`]; none after a restart: the mirror is
+//!   made anew), and a checkout resolves `branch` against that record, never against the
+//!   mirror's refs on disk.
 
 use super::error::{local, one_line, AuthSeen, RepoError, Talk};
 use super::layout::{self, MirrorUse, NAME_FILE, USED_FILE};
 use super::settings::Token;
 use super::worker::{self, Answer, FetchAnswer, Work};
-use git2::{AutotagOption, Cred, CredentialType, FetchOptions, Oid, RemoteCallbacks, RemoteRedirect, Repository};
+use git2::{AutotagOption, Cred, CredentialType, ErrorClass, FetchOptions, Oid, RemoteCallbacks, RemoteRedirect, Repository};
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -84,7 +87,8 @@ struct FetchState {
 
 /// What a fetch found on the server: the refs the mirror holds after it, and the default
 /// branch. The agent's own record, in memory: a job can move the mirror's refs on disk
-/// between a fetch and a later job's checkout, not this.
+/// between a fetch and a later job's checkout, not this. The next fetch puts these back as
+/// the mirror's refs before it negotiates ([`put_back_refs`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Fetched {
     /// `refs/heads/…` and `refs/tags/…`, each to its object's id in hex: read as a
@@ -132,8 +136,8 @@ pub struct Lease {
     pub stale: bool,
     /// How long bringing the mirror up to date took (waiting for another job's fetch included).
     pub fetch_ms: u64,
-    /// What the fetch the job runs on found; None only for a stale lease with no fetch
-    /// since the agent started (the mirror's refs on disk are all there is then).
+    /// What the fetch the job runs on found: Some on every lease [`MirrorCache::acquire`]
+    /// gives (a stale one included: no fetch since the agent started means no stale run).
     pub fetched: Option<Arc<Fetched>>,
     /// Given to a job: its end stamps the mirror's last use. A lease of a fetch that
     /// failed is not (a mirror that cannot be used was stamped as just used, and so was
@@ -142,8 +146,7 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// The repository's default branch (`main`), as the fetch found it; unknown on a stale
-    /// lease with no fetch since the agent started (the mirror's `HEAD` is a job's to write).
+    /// The repository's default branch (`main`), as the fetch found it.
     pub fn default_branch(&self) -> Option<String> {
         self.fetched.as_ref().and_then(|f| f.head.strip_prefix("refs/heads/").map(str::to_string))
     }
@@ -266,7 +269,11 @@ impl MirrorCache {
         }
         let (fetch_hold, _) = self.hold(&folder);
         let started = Instant::now();
-        let work = Work::Fetch { dir: lease.dir.clone(), source: source.clone() };
+        // The refs the fetch starts from are the agent's record, none else; with none (no
+        // fetch since the agent started) the mirror is made anew, unless another job waits
+        // for it (it then keeps its objects, not its refs).
+        let known = guard.last.as_deref().cloned();
+        let work = Work::Fetch { dir: lease.dir.clone(), source: source.clone(), known, alone: !others };
         let held = FetchHeld { guard: Some(guard), hold: Some(fetch_hold), dir: lease.dir.clone(), succeeded: false };
         let (answer, mut held) = worker::run(work, held, "fetch the repository", None).await;
         let guard = held.guard.as_mut().expect("held until dropped");
@@ -282,6 +289,11 @@ impl MirrorCache {
             guard.fetched_from = Some(started);
             guard.last = Some(Arc::new(found));
         });
+        if !usable {
+            // The mirror went (or never held the record's commits): the record goes with it.
+            guard.last = None;
+            guard.fetched_from = None;
+        }
         lease.fetched = guard.last.clone();
         held.succeeded = result.is_ok();
         // A failed fetch's leftovers are cleared, still under the lock, before the
@@ -293,8 +305,16 @@ impl MirrorCache {
         let cache = Arc::clone(self);
         tokio::task::spawn_blocking(move || cache.evict(crate::now_ms()));
         if let Err(e) = result {
-            if !(allow_stale && usable) {
+            if !allow_stale {
                 return Err(e);
+            }
+            // Only what this agent fetched is run on: the refs on disk are a job's to move.
+            if lease.fetched.is_none() {
+                let cause = match e {
+                    RepoError::Network { url, detail } => format!("could not reach {url} ({detail})"),
+                    e => e.to_string(),
+                };
+                return Err(RepoError::NoStaleState { cause, url: source.url.clone() });
             }
             warn!(repo = %source.name, error = %e, "fetch failed; the job runs on the mirror's last fetched state (allow_stale)");
             lease.stale = true;
@@ -532,20 +552,59 @@ fn clear_leftovers(dir: &Path) {
 }
 
 /// In the git worker: [`fetch`], then what the agent needs of the mirror when it failed.
-/// A first fetch that failed leaves nothing worth keeping (or listing): removed.
-pub(super) fn fetch_into(dir: &Path, source: &Source, abort: &AtomicBool) -> FetchAnswer {
+/// `known` is what the agent's last fetch found (the only refs the fetch starts from);
+/// `alone`, that no other job holds or waits for the mirror, so it may be made anew. A fetch
+/// that fails for a reason of the mirror's own (its refs, its objects: a job can write
+/// there) is tried once more from no refs at all, the mirror made anew when `alone`. A
+/// mirror that does not hold the commits of `known` (a first fetch that failed, one made
+/// anew) leaves nothing worth keeping (or listing): removed.
+pub(super) fn fetch_into(dir: &Path, source: &Source, known: Option<&Fetched>, alone: bool, abort: &AtomicBool) -> FetchAnswer {
     clear_leftovers(dir);
-    let result = fetch(dir, source, abort);
-    let usable = result.is_ok() || usable(dir);
+    let mut result = fetch(dir, source, known, alone && known.is_none(), abort);
+    if let Err(Failed { error, mirror: true }) = &result {
+        if !abort.load(Ordering::SeqCst) {
+            warn!(repo = %source.name, error = %error, remade = alone, "the fetch failed on what the mirror holds; fetching once more from no refs");
+            result = fetch(dir, source, None, alone, abort);
+        }
+    }
+    let result = result.map_err(|f| f.error);
+    let usable = result.is_ok() || known.is_some_and(|k| holds(dir, k));
     if !usable {
         let _ = crate::files::remove_tree(dir);
     }
     FetchAnswer { result, usable }
 }
 
-/// Whether a mirror has a commit to start from.
+/// Whether a mirror has a commit to start from (its `HEAD`'s: at the agent's start).
 pub(super) fn usable(dir: &Path) -> bool {
     Repository::open_bare(dir).is_ok_and(|r| r.head().and_then(|h| h.peel_to_commit()).is_ok())
+}
+
+/// Whether the mirror at `dir` holds the commit `known`'s default branch leads to.
+fn holds(dir: &Path, known: &Fetched) -> bool {
+    let Some(id) = known.refs.get(&known.head).and_then(|id| Oid::from_str(id).ok()) else { return false };
+    Repository::open_bare(dir).is_ok_and(|r| r.find_object(id, None).and_then(|o| o.peel_to_commit()).is_ok())
+}
+
+/// A fetch that failed, and whether on what the mirror holds (a ref, an object: a job can
+/// write them) rather than on the server, the network or the disk.
+struct Failed {
+    error: RepoError,
+    mirror: bool,
+}
+
+impl From<RepoError> for Failed {
+    fn from(error: RepoError) -> Failed {
+        Failed { error, mirror: false }
+    }
+}
+
+impl Failed {
+    /// A step on the mirror's refs or objects that failed.
+    fn in_mirror(error: RepoError) -> Failed {
+        let mirror = matches!(error, RepoError::Git { .. });
+        Failed { error, mirror }
+    }
 }
 
 /// A mirror's config file, as the agent leaves it: what `git init --bare` writes. libgit2
@@ -554,34 +613,76 @@ const MIRROR_CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tfilemode =
 
 /// Puts back what a job may have changed in the mirror at `dir` and the agent reads: the
 /// config file (a `url.*.insteadOf` there poisoned every later fetch of the repository,
-/// for every caller), and removes what the agent never writes into a mirror:
-/// `objects/info/alternates` (objects from elsewhere), `info/grafts` and `shallow`
-/// (history rewritten). Refs need nothing here: each fetch sets them all from the server.
-fn reset_files(dir: &Path) -> Result<(), RepoError> {
+/// for every caller) and `HEAD` (to `head`), and removes what the agent never writes into
+/// a mirror: `objects/info/alternates` (objects from elsewhere), `info/grafts` and
+/// `shallow` (history rewritten), and every ref. libgit2's negotiation walks every ref
+/// under `refs/`, and a job's were taken in: one to an object the mirror lacks, or a folder
+/// where a branch or tag was, failed every later fetch of the repository, for good (rev11,
+/// 1). The agent's own refs are put back once the mirror is open ([`put_back_refs`]).
+fn reset_files(dir: &Path, head: &str) -> Result<(), RepoError> {
     let action = "restore the mirror";
     remove_odd_entries(dir);
     crate::files::write_atomically(&dir.join("config"), MIRROR_CONFIG.as_bytes(), false).map_err(|e| local(action, e))?;
-    for planted in ["objects/info/alternates", "info/grafts", "shallow", "commondir", "gitdir"] {
+    for planted in ["objects/info/alternates", "info/grafts", "shallow", "commondir", "gitdir", "packed-refs"] {
         match std::fs::remove_file(dir.join(planted)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(local(action, e)),
             _ => {}
         }
     }
-    Ok(())
+    match crate::files::remove_tree(&dir.join("refs")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(local(action, e)),
+        _ => {}
+    }
+    for folder in ["refs/heads", "refs/tags"] {
+        std::fs::create_dir_all(dir.join(folder)).map_err(|e| local(action, e))?;
+    }
+    crate::files::write_atomically(&dir.join("HEAD"), format!("ref: {head}\n").as_bytes(), false).map_err(|e| local(action, e))
 }
 
-/// The mirror of the repository `name` at `dir`, made when missing. One whose name file
-/// names another repository (an older agent's, which kept `x` and `x.git` in one mirror;
-/// or one put there) is not trusted but made again.
-fn open_or_create(dir: &Path, name: &str) -> Result<Repository, RepoError> {
+/// Writes the refs of `known` (the agent's last fetch) whose objects the mirror holds as the
+/// mirror's refs, in one `packed-refs` file: the fetch negotiates from them, so it brings
+/// only what is new. A mirror with no refs (none known) is fetched whole.
+fn put_back_refs(repo: &Repository, dir: &Path, known: Option<&Fetched>) -> Result<(), RepoError> {
+    let action = "restore the mirror's refs";
+    let Some(known) = known else { return Ok(()) };
+    let odb = repo.odb().map_err(|e| local(action, e.message()))?;
+    let mut refs: Vec<(&str, Oid)> = known
+        .refs
+        .iter()
+        .filter(|(name, _)| (name.starts_with("refs/heads/") || name.starts_with("refs/tags/")) && git2::Reference::is_valid_name(name))
+        .filter_map(|(name, id)| Some((name.as_str(), Oid::from_str(id).ok()?)))
+        .filter(|(_, id)| odb.exists(*id))
+        .collect();
+    refs.sort_unstable();
+    let mut text = String::from("# pack-refs with: sorted \n");
+    for (name, id) in refs {
+        text.push_str(&format!("{id} {name}\n"));
+    }
+    crate::files::write_atomically(&dir.join("packed-refs"), text.as_bytes(), false).map_err(|e| local(action, e))
+}
+
+/// The mirror of the repository `name` at `dir`, made when missing, with the refs of
+/// `known` only ([`reset_files`], [`put_back_refs`]). One whose name file names another
+/// repository (an older agent's, which kept `x` and `x.git` in one mirror; or one put
+/// there) is not trusted but made again; so is one when `remake` (no fetch of it since the
+/// agent started: without refs its objects would only be fetched again beside themselves).
+fn open_or_create(dir: &Path, name: &str, known: Option<&Fetched>, remake: bool) -> Result<Repository, RepoError> {
     if dir.exists() && read_name(dir).as_deref() != Some(name) {
         warn!(repo = %name, found = %read_name(dir).as_deref().map(one_line).unwrap_or_default(), "the mirror's name file names another repository; making it again");
         crate::files::remove_tree(dir).map_err(|e| local("remove a mirror of another repository", e))?;
     }
+    if dir.exists() && remake {
+        info!(repo = %name, "making the mirror anew: the agent has not fetched it since it started, so none of its refs on disk is the agent's");
+        crate::files::remove_tree(dir).map_err(|e| local("remove a mirror to make it anew", e))?;
+    }
+    let head = known.map_or("refs/heads/main", |k| k.head.as_str());
     if dir.exists() {
-        reset_files(dir)?;
+        reset_files(dir, head)?;
         match Repository::open_bare(dir) {
-            Ok(repo) => return Ok(repo),
+            Ok(repo) => {
+                put_back_refs(&repo, dir, known)?;
+                return Ok(repo);
+            }
             Err(e) => {
                 warn!(repo = %name, error = %e.message(), "the mirror is unreadable; making it again");
                 crate::files::remove_tree(dir).map_err(|e| local("remove a broken mirror", e))?;
@@ -591,7 +692,7 @@ fn open_or_create(dir: &Path, name: &str) -> Result<Repository, RepoError> {
     std::fs::create_dir_all(dir).map_err(|e| local("create the mirror", e))?;
     std::fs::write(dir.join(NAME_FILE), name).map_err(|e| local("create the mirror", e))?;
     drop(Repository::init_bare(dir).map_err(|e| local("create the mirror", e.message()))?);
-    reset_files(dir)?;
+    reset_files(dir, head)?;
     Repository::open_bare(dir).map_err(|e| local("create the mirror", e.message()))
 }
 
@@ -661,27 +762,30 @@ pub fn callbacks<'a>(token: Option<&'a Token>, host: &'a str, auth: &'a Cell<Aut
     cb
 }
 
-/// Fetches every branch and tag of `source` into the mirror at `dir` (creating it), prunes
-/// what the server no longer has, and points the mirror's HEAD at the server's default
-/// branch. Returns what it found.
-fn fetch(dir: &Path, source: &Source, abort: &AtomicBool) -> Result<Fetched, RepoError> {
+/// Fetches every branch and tag of `source` into the mirror at `dir` (creating it, or
+/// anew when `remake`) from the refs of `known`, prunes what the server no longer has, and
+/// points the mirror's HEAD at the server's default branch. Returns what it found.
+fn fetch(dir: &Path, source: &Source, known: Option<&Fetched>, remake: bool, abort: &AtomicBool) -> Result<Fetched, Failed> {
     let started = Instant::now();
-    let repo = open_or_create(dir, &source.name)?;
+    let repo = open_or_create(dir, &source.name, known, remake)?;
     let auth = Cell::new(AuthSeen::default());
     let action = "fetch the repository";
     let fail = |e: git2::Error| {
-        Talk { url: &source.url, host: &source.host, auth: auth.get(), action, pushing: false }.error(e.code(), e.class(), e.message())
+        let error = Talk { url: &source.url, host: &source.host, auth: auth.get(), action, pushing: false }.error(e.code(), e.class(), e.message());
+        // libgit2 read the mirror's refs or objects (its negotiation walks them) and failed.
+        let mirror = matches!(e.class(), ErrorClass::Reference | ErrorClass::Odb | ErrorClass::Object | ErrorClass::Tree | ErrorClass::Repository);
+        if mirror { Failed::in_mirror(error) } else { Failed::from(error) }
     };
     // No config file steers the fetch: a job could have written any of them.
     own_config(&repo, &[]).map_err(|e| local(action, e.message()))?;
     let mut remote = repo.remote_anonymous(&source.url).map_err(|e| local(action, e.message()))?;
     if remote.url_bytes() != source.url.as_bytes() || remote.pushurl_bytes().is_some() {
-        return Err(local(action, format!("a git setting made the fetch of {} go to {}: nothing was fetched; remove the setting (url.*.insteadOf)", source.url, one_line(&String::from_utf8_lossy(remote.url_bytes())))));
+        return Err(local(action, format!("a git setting made the fetch of {} go to {}: nothing was fetched; remove the setting (url.*.insteadOf)", source.url, one_line(&String::from_utf8_lossy(remote.url_bytes())))).into());
     }
     // What the server sends is counted as it arrives: past the cap the fetch stops (a
     // server streaming a pack without end filled the disk within the job's timeout).
     let over = Cell::new(false);
-    let fail = |e: git2::Error| if over.get() { RepoError::FetchTooBig { url: source.url.clone(), max_bytes: source.max_bytes } } else { fail(e) };
+    let fail = |e: git2::Error| if over.get() { RepoError::FetchTooBig { url: source.url.clone(), max_bytes: source.max_bytes }.into() } else { fail(e) };
     let mut cb = callbacks(source.token.as_ref(), &source.host, &auth, abort);
     cb.transfer_progress(|progress| {
         if progress.received_bytes() as u64 > source.max_bytes {
@@ -715,15 +819,20 @@ fn fetch(dir: &Path, source: &Source, abort: &AtomicBool) -> Result<Fetched, Rep
     let default_branch = remote.default_branch().ok().and_then(|b| b.as_str().ok().map(str::to_string));
     drop(remote);
     if advertised.is_empty() {
-        return Err(RepoError::Empty { url: source.url.clone() });
+        return Err(RepoError::Empty { url: source.url.clone() }.into());
     }
     let wanted: HashSet<&str> = advertised.iter().map(|(n, _)| n.as_str()).collect();
+    let in_mirror = |e: git2::Error| Failed::in_mirror(local(action, e.message()));
     for (name, oid) in &advertised {
-        repo.reference(name, *oid, true, "claude-runner fetch").map_err(|e| local(action, e.message()))?;
+        // Unchanged since the refs were put back: not written again (a repository may have
+        // a hundred thousand tags).
+        if repo.refname_to_id(name).ok() != Some(*oid) {
+            repo.reference(name, *oid, true, "claude-runner fetch").map_err(in_mirror)?;
+        }
     }
     let mut stale = Vec::new();
     for glob in ["refs/heads/*", "refs/tags/*"] {
-        for mut r in repo.references_glob(glob).map_err(|e| local(action, e.message()))?.flatten() {
+        for mut r in repo.references_glob(glob).map_err(in_mirror)?.flatten() {
             match r.name() {
                 Ok(name) if !wanted.contains(name) => stale.push(name.to_string()),
                 Ok(_) => {}
@@ -744,9 +853,9 @@ fn fetch(dir: &Path, source: &Source, abort: &AtomicBool) -> Result<Fetched, Rep
         .or_else(|| ["refs/heads/main", "refs/heads/master"].into_iter().find(|b| wanted.contains(b)).map(String::from))
         .or_else(|| advertised.iter().map(|(n, _)| n.clone()).find(|n| n.starts_with("refs/heads/")));
     let Some(head) = head else {
-        return Err(RepoError::Empty { url: source.url.clone() });
+        return Err(RepoError::Empty { url: source.url.clone() }.into());
     };
-    repo.set_head(&head).map_err(|e| local(action, e.message()))?;
+    repo.set_head(&head).map_err(in_mirror)?;
     info!(repo = %source.name, refs = advertised.len(), ms = started.elapsed().as_millis() as u64, "mirror fetched");
     Ok(Fetched { refs: advertised.into_iter().map(|(name, oid)| (name, oid.to_string())).collect(), head })
 }

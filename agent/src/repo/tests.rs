@@ -1571,7 +1571,7 @@ async fn x_and_x_git_are_two_mirrors_and_a_mirror_serves_only_its_own_repository
     std::fs::rename(&bare, tmp.path().join("away.git")).unwrap();
     let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let err = cache.acquire(x_git.clone(), true).await.err().expect("ran stale on a mirror of another repository");
-    assert!(matches!(err, RepoError::Network { .. }), "the fetch's own failure: {err}");
+    assert!(matches!(err, RepoError::NoStaleState { .. }) && err.to_string().starts_with("could not reach"), "the fetch's own failure: {err}");
     assert!(!mirror.exists(), "the untrusted mirror is gone");
     // At a restart, a mirror whose name file does not name its folder goes too.
     let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
@@ -1721,6 +1721,7 @@ async fn a_fifo_where_libgit2_opens_a_file_is_refused_or_removed_not_waited_on()
         let fetched = tokio::time::timeout(std::time::Duration::from_secs(30), cache.acquire(source(&bare), false)).await;
         assert!(fetched.expect("a later fetch waited on a FIFO").is_ok(), "{planted}");
     }
+    let _ = std::fs::remove_file(mirror.join("packed-refs"));
     crate::files::pipe_at(&mirror.join("packed-refs"));
     let recovered = tokio::time::timeout(std::time::Duration::from_secs(30), cache.recover()).await;
     assert!(recovered.is_ok(), "recover waited on a FIFO");
@@ -2477,4 +2478,142 @@ async fn an_older_agents_shortened_mirror_folder_goes_at_the_start() {
     assert!(!old.exists(), "an older agent's folder stays");
     cache.acquire(long, false).await.unwrap();
     assert!(dir.exists());
+}
+
+/// What a job can plant among its mirror's refs (it finds the mirror through its
+/// checkout's `objects/info/alternates`): a ref to an object the mirror does not have
+/// (libgit2's negotiation walks every ref under `refs/`, and fails on it).
+fn plant_missing_ref(mirror: &Path) {
+    std::fs::write(mirror.join("refs/evil"), format!("{}\n", "1".repeat(40))).unwrap();
+}
+
+/// A new commit on the server's `main`: what the next fetch must bring.
+fn advance(work: &Path, file: &str) -> String {
+    std::fs::write(work.join(file), "new\n").unwrap();
+    git(work, &["add", "-A"]);
+    git(work, &["commit", "-q", "-m", file]);
+    git(work, &["push", "-q", "origin", "main"]);
+    git(work, &["rev-parse", "HEAD"])
+}
+
+/// `git daemon` serving the repositories under `root` over `git://` on 127.0.0.1: a smart
+/// transport, which negotiates with the mirror's refs (`file://` copies objects without).
+struct Daemon {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Daemon {
+    fn start(root: &Path) -> Daemon {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = std::process::Command::new("git")
+            .args(["daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1", &format!("--port={port}"), &format!("--base-path={}", root.display())])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("git daemon");
+        let mut daemon = Daemon { child, port };
+        for _ in 0..3000 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return daemon;
+            }
+            assert!(daemon.child.try_wait().unwrap().is_none(), "git daemon ended");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("git daemon never listened");
+    }
+
+    /// The repository `root/<name>`, fetched through the daemon.
+    fn source(&self, name: &str) -> Source {
+        Source { name: format!("daemon/{name}"), url: format!("git://127.0.0.1:{}/{name}", self.port), host: "local".into(), token: None, max_bytes: u64::MAX }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A ref a job planted to an object the mirror lacks made every later fetch of the
+/// repository fail ("object not found": libgit2's negotiation walks every ref under
+/// `refs/`), for every caller, across restarts (rev11, 1a).
+#[tokio::test]
+async fn a_ref_planted_to_a_missing_object_does_not_stop_later_fetches() {
+    let tmp = TempDir::new("planted-missing-ref");
+    let (_bare, work, _) = server(tmp.path());
+    let daemon = Daemon::start(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let mirror = cache.acquire(daemon.source("server.git"), false).await.unwrap().dir.clone();
+    plant_missing_ref(&mirror);
+    let new = advance(&work, "a.txt");
+    let lease = cache.acquire(daemon.source("server.git"), false).await.expect("the fetch after a planted ref");
+    assert_eq!(lease.fetched.as_ref().unwrap().refs["refs/heads/main"], new);
+    assert!(!mirror.join("refs/evil").exists(), "the planted ref is still in the mirror");
+}
+
+/// A folder a job put where a ref was (`refs/tags/v1/x`) made every later fetch fail
+/// ("cannot lock ref 'refs/tags/v1', there are refs beneath that folder") (rev11, 1b).
+#[tokio::test]
+async fn a_folder_planted_where_a_ref_was_does_not_stop_later_fetches() {
+    let tmp = TempDir::new("planted-ref-folder");
+    let (bare, work, _) = server(tmp.path());
+    let (cache, lease, _co) = checked_out(tmp.path(), &bare).await;
+    let mirror = lease.dir.clone();
+    let v1 = lease.fetched.as_ref().unwrap().refs["refs/tags/v1"].clone();
+    drop(lease);
+    let _ = std::fs::remove_file(mirror.join("refs/tags/v1"));
+    std::fs::create_dir_all(mirror.join("refs/tags/v1")).unwrap();
+    std::fs::write(mirror.join("refs/tags/v1/x"), format!("{v1}\n")).unwrap();
+    let new = advance(&work, "b.txt");
+    let lease = cache.acquire(source(&bare), false).await.expect("the fetch after a planted folder");
+    let fetched = lease.fetched.as_ref().unwrap();
+    assert_eq!((fetched.refs["refs/heads/main"].as_str(), fetched.refs["refs/tags/v1"].as_str()), (new.as_str(), v1.as_str()));
+}
+
+/// A job moved its mirror's `main` to its own commit and planted a ref that made the next
+/// fetch fail; after the agent's restart (the job can kill the agent) the next caller's
+/// `allow_stale` job ran on the job's commit, as the refs on disk had it (rev11, 1c).
+#[tokio::test]
+async fn after_a_restart_no_job_runs_on_refs_a_job_planted() {
+    let tmp = TempDir::new("planted-restart");
+    let (_bare, work, _) = server(tmp.path());
+    let evil = evil_server(tmp.path());
+    let daemon = Daemon::start(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let mirror = cache.acquire(daemon.source("server.git"), false).await.unwrap().dir.clone();
+    drop(cache);
+    git(&mirror, &["fetch", "-q", &evil, "+main:refs/heads/main"]);
+    let planted = git(&mirror, &["rev-parse", "main"]);
+    plant_missing_ref(&mirror);
+    let new = advance(&work, "c.txt");
+    // The agent starts again.
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    cache.recover().await;
+    let lease = cache.acquire(daemon.source("server.git"), true).await.expect("the fetch after a restart");
+    assert!(!lease.stale, "the fetch failed on the planted ref");
+    let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-after"), None, "file://server", u64::MAX).unwrap();
+    assert_ne!(co.commit.to_string(), planted, "ran on the job's commit");
+    assert_eq!(co.commit.to_string(), new);
+}
+
+/// With no fetch since the agent started, the mirror's refs on disk are all there is, and
+/// a job may have moved them: a failed fetch does not run stale on them.
+#[tokio::test]
+async fn after_a_restart_a_failed_fetch_does_not_run_stale_on_the_refs_on_disk() {
+    let tmp = TempDir::new("stale-restart");
+    let (bare, _work, _) = server(tmp.path());
+    let evil = evil_server(tmp.path());
+    let (cache, lease, _co) = checked_out(tmp.path(), &bare).await;
+    let mirror = lease.dir.clone();
+    drop(lease);
+    drop(cache);
+    git(&mirror, &["fetch", "-q", &evil, "+main:refs/heads/main"]);
+    std::fs::rename(&bare, tmp.path().join("away.git")).unwrap();
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    cache.recover().await;
+    let err = cache.acquire(source(&bare), true).await.err().expect("ran stale on the refs on disk");
+    assert!(err.to_string().contains("`allow_stale` could not help"), "{err}");
 }

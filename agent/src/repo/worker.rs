@@ -92,8 +92,10 @@ struct Request<W = Work> {
 /// One operation.
 #[derive(Serialize, Deserialize)]
 pub enum Work {
-    /// Brings the mirror at `dir` up to date from `source` ([`super::mirror::fetch_into`]).
-    Fetch { dir: PathBuf, source: Source },
+    /// Brings the mirror at `dir` up to date from `source` ([`super::mirror::fetch_into`]),
+    /// starting from the refs the agent's last fetch found (`known`); `alone`: no other
+    /// job holds or waits for the mirror.
+    Fetch { dir: PathBuf, source: Source, known: Option<Fetched>, alone: bool },
     /// Which of these mirrors have a commit to start from (the agent's start).
     Usable { dirs: Vec<PathBuf> },
     /// A job's checkout ([`super::checkout::create`]), and where Claude starts in it.
@@ -562,7 +564,7 @@ fn watch(mut socket: std::os::unix::net::UnixStream, stop: Arc<AtomicBool>) {
 
 fn perform(work: Work, stop: &AtomicBool, begins: &dyn Fn() -> bool) -> Answer {
     match work {
-        Work::Fetch { dir, source } => Answer::Fetched(super::mirror::fetch_into(&dir, &source, stop)),
+        Work::Fetch { dir, source, known, alone } => Answer::Fetched(super::mirror::fetch_into(&dir, &source, known.as_ref(), alone, stop)),
         Work::Usable { dirs } => Answer::Usable(dirs.iter().map(|dir| super::mirror::usable(dir)).collect()),
         Work::Checkout(w) => Answer::CheckedOut(
             super::checkout::create(&w.mirror, w.fetched.as_ref(), &w.dir, w.branch.as_deref(), &w.url, w.max_bytes).and_then(|checkout| {
