@@ -36,6 +36,8 @@ pub enum RepoError {
     FetchTimedOut { url: String, timeout_ms: u64 },
     #[error("{url} sent more than REPO_MAX_FETCH_BYTES ({max_bytes} bytes) in one fetch, so the fetch was stopped and what it received removed: the repository is larger than this runner allows (or the server sends without end); raise REPO_MAX_FETCH_BYTES (and REPO_CACHE_MAX_BYTES, and the disk holding DATA_DIR) on the runner machine, or use a smaller repository")]
     FetchTooBig { url: String, max_bytes: u64 },
+    #[error("{url} has {count} branches and tags, more than the {max} the runner takes from one repository, so none was fetched: delete old tags or branches on the server, or use another repository")]
+    TooManyRefs { url: String, count: usize, max: usize },
     #[error("checking out {url} did not finish within the job's timeout_ms ({timeout_ms} ms), and nothing ran: the repository is large for this machine's disk; raise timeout_ms")]
     CheckoutTimedOut { url: String, timeout_ms: u64 },
     #[error("{url} at {commit} is too large to check out ({what}), and nothing ran: start from a smaller branch or commit, or raise REPO_MAX_CHECKOUT_BYTES on the runner machine (a file over 1 GiB is never checked out)")]

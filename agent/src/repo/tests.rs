@@ -2617,3 +2617,48 @@ async fn after_a_restart_a_failed_fetch_does_not_run_stale_on_the_refs_on_disk()
     let err = cache.acquire(source(&bare), true).await.err().expect("ran stale on the refs on disk");
     assert!(err.to_string().contains("`allow_stale` could not help"), "{err}");
 }
+
+/// A repository with more refs than a fetch may bring is refused before any is written,
+/// naming both counts: each fetch rewrote them all, and the agent kept them in memory
+/// (rev11, 3).
+#[tokio::test]
+async fn a_fetch_of_more_refs_than_the_cap_is_refused() {
+    let tmp = TempDir::new("many-refs");
+    let (bare, _work, first) = server(tmp.path());
+    let max = super::mirror::MAX_FETCH_REFS;
+    let mut packed = String::from("# pack-refs with: sorted\n");
+    let mut names: Vec<String> = (0..max).map(|i| format!("refs/tags/t{i}")).collect();
+    names.sort();
+    for name in names {
+        packed.push_str(&format!("{first} {name}\n"));
+    }
+    std::fs::write(bare.join("packed-refs"), packed).unwrap();
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    // main, feature, v1 and light, and the cap's worth more.
+    let err = cache.acquire(source(&bare), false).await.err().expect("a fetch of too many refs");
+    let said = err.to_string();
+    assert!(said.contains(&format!("{} branches and tags", max + 4)) && said.contains(&max.to_string()), "{said}");
+}
+
+/// An evicted mirror's refs, as its last fetch found them, are not kept in memory for good.
+#[tokio::test]
+async fn an_evicted_mirrors_fetched_refs_are_let_go() {
+    let tmp = TempDir::new("evict-fetched");
+    let (bare, _, _) = server(tmp.path());
+    let copy = tmp.path().join("copy.git");
+    git(tmp.path(), &["clone", "-q", "--bare", bare.to_str().unwrap(), copy.to_str().unwrap()]);
+    let cache = MirrorCache::open(tmp.path().join("repos"), 1).unwrap();
+    let a = cache.acquire(source(&bare), false).await.unwrap();
+    let a_dir = a.dir.clone();
+    drop(a);
+    assert!(cache.holds_fetched(&source(&bare).name));
+    let _b = cache.acquire(source(&copy), false).await.unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while a_dir.exists() && std::time::Instant::now() < until {
+        cache.evict(crate::now_ms());
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(!a_dir.exists(), "the idle mirror went");
+    assert!(!cache.holds_fetched(&source(&bare).name), "its fetched refs stay in memory");
+    assert!(cache.holds_fetched(&source(&copy).name));
+}
