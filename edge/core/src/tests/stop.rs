@@ -13,6 +13,40 @@ fn keep(stored: &mut HashMap<String, Job>, effects: &[Effect]) {
     }
 }
 
+/// A job its agent runs on a ready edge: the edge, the agent's session, the job records
+/// stored so far, the job's id.
+fn a_running_job() -> (Edge, String, HashMap<String, Job>, String) {
+    let (mut edge, sid) = ready_edge();
+    let mut stored = HashMap::new();
+    keep(&mut stored, &call(&mut edge, 0, "POST", "/jobs", json!({"prompt": "long", "timeout_ms": 600000})).effects);
+    let job_id = stored.keys().next().unwrap().clone();
+    keep(&mut stored, &say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: job_id.clone() }));
+    (edge, sid, stored, job_id)
+}
+
+/// The edge is brought back at `back` by `restart` (`Edge::restore` after a clean stop,
+/// `Edge::restart` after a kill) from what was `stored` while it ran `job_id`, its agent
+/// away: the job waits `LOST_AFTER_MS` for its agent from `back`, that wait stored before
+/// anything is served. Its agent takes it back within that time; without it, the job is
+/// lost when the time is up.
+fn waits_for_its_agent_again(restart: impl Fn(Vec<Job>, u64) -> (Edge, Vec<Effect>), back: u64, mut stored: HashMap<String, Job>, job_id: &str) {
+    let (mut edge, effects) = restart(stored.clone().into_values().collect(), back);
+    keep(&mut stored, &effects);
+    assert!(finished(&effects).is_empty());
+    let effects = edge.tick(back);
+    assert!(finished(&effects).is_empty(), "lost before its agent could come back: {effects:?}");
+    assert_eq!(stored[job_id].orphaned_at, Some(back), "the new wait is stored before anything is served");
+    let (_, effects) = join(&mut edge, back + LOST - 1, "spark", &agent_key(1), vec![job_id.to_string()], 2);
+    assert!(finished(&effects).is_empty());
+    assert_eq!(edge.job(job_id).unwrap().state, JobState::Running, "its agent took it back");
+
+    // An agent that does not come back loses the job LOST_AFTER_MS after the restart.
+    let (mut edge, _) = restart(stored.into_values().collect(), back);
+    assert!(finished(&edge.tick(back + LOST - 1)).is_empty());
+    let done = finished(&edge.tick(back + LOST));
+    assert_eq!((done.len(), done[0].2["error_code"].as_str()), (1, Some("RUNNER_LOST")));
+}
+
 #[test]
 fn a_clean_stop_tells_each_caller_the_truth() {
     let (mut edge, sid) = ready_edge();
@@ -118,29 +152,11 @@ fn a_stop_whose_writes_fail_tells_every_caller_to_follow_its_job() {
 /// time. A crash, which stores nothing, did not lose it.)
 #[test]
 fn a_job_running_across_a_long_edge_stop_waits_for_its_agent_again() {
-    let (mut edge, sid) = ready_edge();
-    let mut stored = HashMap::new();
-    keep(&mut stored, &call(&mut edge, 0, "POST", "/jobs", json!({"prompt": "long", "timeout_ms": 600000})).effects);
-    let job_id = stored.keys().next().unwrap().clone();
-    keep(&mut stored, &say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: job_id.clone() }));
+    let (mut edge, _, mut stored, job_id) = a_running_job();
     keep(&mut stored, &edge.shutdown(10));
     assert_eq!(stored[&job_id].orphaned_at, None, "the stop did not start the wait for the agent");
 
-    let back = 10 + 3 * LOST;
-    let (mut edge, effects) = Edge::restore(config(), stored.clone().into_values().collect(), vec![], None, back);
-    keep(&mut stored, &effects);
-    assert!(finished(&effects).is_empty());
-    let effects = edge.tick(back);
-    assert!(finished(&effects).is_empty(), "lost before its agent could come back: {effects:?}");
-    let (_, effects) = join(&mut edge, back + LOST - 1, "spark", &agent_key(1), vec![job_id.clone()], 2);
-    assert!(finished(&effects).is_empty());
-    assert_eq!(edge.job(&job_id).unwrap().state, JobState::Running, "its agent took it back");
-
-    // An agent that does not come back loses the job LOST_AFTER_MS after the restart.
-    let (mut edge, _) = Edge::restore(config(), stored.into_values().collect(), vec![], None, back);
-    assert!(finished(&edge.tick(back + LOST - 1)).is_empty());
-    let done = finished(&edge.tick(back + LOST));
-    assert_eq!((done.len(), done[0].2["error_code"].as_str()), (1, Some("RUNNER_LOST")));
+    waits_for_its_agent_again(|jobs, at| Edge::restore(config(), jobs, vec![], None, at), 10 + 3 * LOST, stored, &job_id);
 }
 
 /// The same when the agent was already away as the edge stopped: it could not come back
@@ -148,11 +164,7 @@ fn a_job_running_across_a_long_edge_stop_waits_for_its_agent_again() {
 /// running out during the edge's own downtime.
 #[test]
 fn a_job_whose_agent_was_away_when_the_edge_stopped_waits_for_it_again() {
-    let (mut edge, sid) = ready_edge();
-    let mut stored = HashMap::new();
-    keep(&mut stored, &call(&mut edge, 0, "POST", "/jobs", json!({"prompt": "long", "timeout_ms": 600000})).effects);
-    let job_id = stored.keys().next().unwrap().clone();
-    keep(&mut stored, &say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: job_id.clone() }));
+    let (mut edge, sid, mut stored, _) = a_running_job();
     keep(&mut stored, &edge.disconnect(100, &sid));
     keep(&mut stored, &edge.shutdown(100 + LOST / 2));
 
@@ -171,31 +183,13 @@ fn a_job_whose_agent_was_away_when_the_edge_stopped_waits_for_it_again() {
 /// `RUNNER_LOST`, `fallback: true`, while its agent still ran it).
 #[test]
 fn a_job_whose_agent_was_away_when_the_edge_was_killed_waits_for_it_again() {
-    let (mut edge, sid) = ready_edge();
-    let mut stored = HashMap::new();
-    keep(&mut stored, &call(&mut edge, 0, "POST", "/jobs", json!({"prompt": "long", "timeout_ms": 600000})).effects);
-    let job_id = stored.keys().next().unwrap().clone();
-    keep(&mut stored, &say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: job_id.clone() }));
+    let (mut edge, sid, mut stored, job_id) = a_running_job();
     keep(&mut stored, &edge.disconnect(1_000, &sid));
     assert_eq!(stored[&job_id].orphaned_at, Some(1_000), "the wait for the agent is stored");
     // Killed: nothing more is stored.
     drop(edge);
 
-    let back = 2_000 + LOST + 1_000;
-    let (mut edge, effects) = Edge::restart(config(), stored.clone().into_values().collect(), None, back);
-    keep(&mut stored, &effects);
-    assert!(finished(&effects).is_empty());
-    assert!(finished(&edge.tick(back)).is_empty(), "lost before its agent could come back");
-    assert_eq!(stored[&job_id].orphaned_at, Some(back), "the new wait is stored before anything is served");
-    let (_, effects) = join(&mut edge, back + LOST - 1, "spark", &agent_key(1), vec![job_id.clone()], 2);
-    assert!(finished(&effects).is_empty());
-    assert_eq!(edge.job(&job_id).unwrap().state, JobState::Running, "its agent took it back");
-
-    // An agent that does not come back loses the job LOST_AFTER_MS after the restart.
-    let (mut edge, _) = Edge::restart(config(), stored.into_values().collect(), None, back);
-    assert!(finished(&edge.tick(back + LOST - 1)).is_empty());
-    let done = finished(&edge.tick(back + LOST));
-    assert_eq!((done.len(), done[0].2["error_code"].as_str()), (1, Some("RUNNER_LOST")));
+    waits_for_its_agent_again(|jobs, at| Edge::restart(config(), jobs, None, at), 2_000 + LOST + 1_000, stored, &job_id);
 }
 
 /// The Durable Object is evicted when idle and rebuilt at its next event, an agent coming
@@ -203,11 +197,7 @@ fn a_job_whose_agent_was_away_when_the_edge_was_killed_waits_for_it_again() {
 /// agent went. (Restarted at each rebuild, it would never end: every alarm rebuilds it.)
 #[test]
 fn a_rebuild_of_an_edge_that_was_up_keeps_each_jobs_wait() {
-    let (mut edge, sid) = ready_edge();
-    let mut stored = HashMap::new();
-    keep(&mut stored, &call(&mut edge, 0, "POST", "/jobs", json!({"prompt": "long", "timeout_ms": 600000})).effects);
-    let job_id = stored.keys().next().unwrap().clone();
-    keep(&mut stored, &say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: job_id.clone() }));
+    let (mut edge, sid, mut stored, _) = a_running_job();
     keep(&mut stored, &edge.disconnect(1_000, &sid));
     let mut at = 1_000;
     for _ in 0..3 {
