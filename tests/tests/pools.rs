@@ -417,35 +417,69 @@ async fn an_agent_dialing_a_pool_the_edge_does_not_serve_is_told_what_to_set() {
     assert!(eventually(Duration::from_secs(60), || told(&rig.log())).await, "{}", rig.log());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(not(worker_tests), ignore = "needs the built Worker: run tests/run (it sets CLAUDE_RUNNER_WORKER_TESTS=1)")]
-async fn the_worker_routes_each_pool_to_its_agents_and_lists_pools() {
+const GPU_SECRET: &str = "gpu-pool-secret-0123456789";
+
+/// The Worker's default pool, with its agent `spark`, and its pool `gpu` (`GPU_SECRET`),
+/// with its agent `rig`.
+struct WorkerPools {
+    edge: EdgeServer,
+    _spark: AgentProc,
+    rig: AgentProc,
+    /// The default pool's.
+    client: Client,
+    gpu: Client,
+}
+
+/// Starts the Worker and both agents (`WorkerPools::wait_agents` waits for them), the
+/// Worker serving also the `more` pools, each `(name, RUNNER_SECRET_<NAME>,
+/// AGENT_PUBLIC_KEYS_<NAME>)`, with no agent.
+fn worker_pools(more: &[(&str, &str, &str)]) -> WorkerPools {
     require_worker_bundle();
     let keys = Keys::new(&["spark", "rig"]);
-    let gpu_secret = "gpu-pool-secret-0123456789";
     let key_of = |id: &str| format!("{id}={}", shared::keys::encode_verifying(&keys.agent(id).verifying_key()));
-    let settings: Vec<(&str, String)> = vec![
-        ("ADMIN_SECRET", ADMIN.to_string()),
-        ("AGENT_PUBLIC_KEYS", key_of("spark")),
-        ("POOLS", "gpu".to_string()),
-        ("RUNNER_SECRET_GPU", gpu_secret.to_string()),
-        ("AGENT_PUBLIC_KEYS_GPU", key_of("rig")),
+    let pools: Vec<&str> = std::iter::once("gpu").chain(more.iter().map(|(name, _, _)| *name)).collect();
+    let mut settings: Vec<(String, String)> = vec![
+        ("ADMIN_SECRET".into(), ADMIN.to_string()),
+        ("AGENT_PUBLIC_KEYS".into(), key_of("spark")),
+        ("POOLS".into(), pools.join(",")),
+        ("RUNNER_SECRET_GPU".into(), GPU_SECRET.to_string()),
+        ("AGENT_PUBLIC_KEYS_GPU".into(), key_of("rig")),
     ];
-    let refs: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    for (name, secret, agent_keys) in more {
+        let name = name.to_uppercase().replace('-', "_");
+        settings.push((format!("RUNNER_SECRET_{name}"), secret.to_string()));
+        settings.push((format!("AGENT_PUBLIC_KEYS_{name}"), agent_keys.to_string()));
+    }
+    let refs: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let edge = EdgeServer::start(EdgeKind::Worker, &keys, &refs);
     let _spark = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
     let mut rig_opts = AgentOpts::for_edge(&edge, "rig").env("EDGE_POOL", "gpu");
     rig_opts.edge_ws = format!("{}/pool/gpu", edge.ws_url());
     let rig = AgentProc::start(rig_opts);
     let client = Client::new(&edge.url());
-    client.wait_online().await;
     let gpu = Client::new(&format!("{}/pool/gpu", edge.url()));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while gpu.send("GET", "/health", None, None).await.status != 200 {
-        assert!(Instant::now() < deadline, "the gpu pool's agent never connected:\n{}", rig.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    WorkerPools { edge, _spark, rig, client, gpu }
+}
+
+impl WorkerPools {
+    /// Waits until both agents are connected, each to its pool.
+    async fn wait_agents(&self) {
+        self.client.wait_online().await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.gpu.send("GET", "/health", None, None).await.status != 200 {
+            assert!(Instant::now() < deadline, "the gpu pool's agent never connected:\n{}", self.rig.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
-    let a = gpu.send("POST", "/execute", Some(gpu_secret), Some(json!({"prompt": "on the rig"}).to_string().into_bytes())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(worker_tests), ignore = "needs the built Worker: run tests/run (it sets CLAUDE_RUNNER_WORKER_TESTS=1)")]
+async fn the_worker_routes_each_pool_to_its_agents_and_lists_pools() {
+    let p = worker_pools(&[]);
+    let (client, gpu) = (&p.client, &p.gpu);
+    p.wait_agents().await;
+    let a = gpu.send("POST", "/execute", Some(GPU_SECRET), Some(json!({"prompt": "on the rig"}).to_string().into_bytes())).await;
     assert_eq!((a.status, a.body["agent_id"].as_str()), (200, Some("rig")), "{}", a.text);
     let a = client.send("GET", "/pools", Some(SECRET), None).await;
     assert_eq!(a.status, 403, "the pool's secret is not the admin's");
@@ -483,41 +517,17 @@ async fn a_worker_var_that_is_neither_text_nor_a_number_is_refused_not_unset() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(worker_tests), ignore = "needs the built Worker: run tests/run (it sets CLAUDE_RUNNER_WORKER_TESTS=1)")]
 async fn one_pools_bad_setting_leaves_the_other_pools_serving() {
-    require_worker_bundle();
-    let keys = Keys::new(&["spark", "rig"]);
-    let gpu_secret = "gpu-pool-secret-0123456789";
     let team_secret = "team-b-pool-secret-0123456789";
-    let key_of = |id: &str| format!("{id}={}", shared::keys::encode_verifying(&keys.agent(id).verifying_key()));
-    let settings: Vec<(&str, String)> = vec![
-        ("ADMIN_SECRET", ADMIN.to_string()),
-        ("AGENT_PUBLIC_KEYS", key_of("spark")),
-        ("POOLS", "gpu,team-b".to_string()),
-        ("RUNNER_SECRET_GPU", gpu_secret.to_string()),
-        ("AGENT_PUBLIC_KEYS_GPU", key_of("rig")),
-        ("RUNNER_SECRET_TEAM_B", team_secret.to_string()),
-        ("AGENT_PUBLIC_KEYS_TEAM_B", "laptop=not-a-key".to_string()),
-    ];
-    let refs: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let edge = EdgeServer::start(EdgeKind::Worker, &keys, &refs);
-    let _spark = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
-    let mut rig_opts = AgentOpts::for_edge(&edge, "rig").env("EDGE_POOL", "gpu");
-    rig_opts.edge_ws = format!("{}/pool/gpu", edge.ws_url());
-    let rig = AgentProc::start(rig_opts);
-    let client = Client::new(&edge.url());
-    let gpu = Client::new(&format!("{}/pool/gpu", edge.url()));
-    let team = Client::new(&format!("{}/pool/team-b", edge.url()));
+    let p = worker_pools(&[("team-b", team_secret, "laptop=not-a-key")]);
+    let (client, gpu) = (&p.client, &p.gpu);
+    let team = Client::new(&format!("{}/pool/team-b", p.edge.url()));
     let a = team.send("GET", "/health", Some(team_secret), None).await;
     assert_eq!(a.status, 503, "{}", a.text);
     assert!(a.text.contains("AGENT_PUBLIC_KEYS_TEAM_B"), "the bad pool says what to fix: {}", a.text);
-    client.wait_online().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while gpu.send("GET", "/health", None, None).await.status != 200 {
-        assert!(Instant::now() < deadline, "the gpu pool's agent never connected:\n{}", rig.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    p.wait_agents().await;
     let a = client.send("POST", "/execute", Some(SECRET), Some(json!({"prompt": "on the default pool"}).to_string().into_bytes())).await;
     assert_eq!((a.status, a.body["agent_id"].as_str()), (200, Some("spark")), "{}", a.text);
-    let a = gpu.send("POST", "/execute", Some(gpu_secret), Some(json!({"prompt": "on the rig"}).to_string().into_bytes())).await;
+    let a = gpu.send("POST", "/execute", Some(GPU_SECRET), Some(json!({"prompt": "on the rig"}).to_string().into_bytes())).await;
     assert_eq!((a.status, a.body["agent_id"].as_str()), (200, Some("rig")), "{}", a.text);
     let a = client.send("GET", "/pools", Some(ADMIN), None).await;
     assert_eq!(a.status, 200, "{}", a.text);
