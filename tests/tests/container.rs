@@ -297,13 +297,18 @@ async fn the_systemd_units_run_harden_and_drain() {
     // but systemd ends in a clean exit, and the unit starts the agent again (it stayed
     // offline under `Restart=on-failure`).
     let main_pid = || sh("systemctl show -p MainPID --value claude-runner-agent").trim().to_string();
-    let first = main_pid();
-    sh(&format!("su -s /bin/sh claude-runner -c 'kill -TERM {first}'"));
-    let restarted = eventually(Duration::from_secs(60), || {
-        let now = main_pid();
-        now != first && now != "0"
-    })
-    .await;
+    // Whether the agent, sent `signal` by its own user (as a job would), runs again under
+    // another pid within `within`.
+    let restarted_after = async |signal: &str, within: Duration| {
+        let pid = main_pid();
+        sh(&format!("su -s /bin/sh claude-runner -c 'kill -{signal} {pid}'"));
+        eventually(within, || {
+            let now = main_pid();
+            now != pid && now != "0"
+        })
+        .await
+    };
+    let restarted = restarted_after("TERM", Duration::from_secs(60)).await;
     assert!(restarted, "the agent was not started again:\n{}", sh("journalctl -u claude-runner-agent -o cat --no-pager"));
     client.wait_online().await;
     // Nor can a job freeze it for good: stopped (SIGSTOP), it no longer tells systemd's
@@ -315,12 +320,7 @@ async fn the_systemd_units_run_harden_and_drain() {
     let first_ping = pinged();
     assert!(eventually(Duration::from_secs(60), || pinged() != first_ping).await, "no ping in 60 s");
     assert_eq!(main_pid(), second, "the agent was started again while it ran:\n{}", sh("journalctl -u claude-runner-agent -o cat --no-pager"));
-    sh(&format!("su -s /bin/sh claude-runner -c 'kill -STOP {second}'"));
-    let restarted = eventually(Duration::from_secs(120), || {
-        let now = main_pid();
-        now != second && now != "0"
-    })
-    .await;
+    let restarted = restarted_after("STOP", Duration::from_secs(120)).await;
     assert!(restarted, "the stopped agent was not started again:\n{}", sh("journalctl -u claude-runner-agent -o cat --no-pager"));
     client.wait_online().await;
 
