@@ -1322,7 +1322,9 @@ async fn a_key_outlives_its_forgotten_job_and_runs_nothing_again(kind: EdgeKind)
 /// A header's value may carry bytes past ASCII (`Idempotency-Key: clé`, as UTF-8): the
 /// native edge took such a header for no header at all, so a retried submit ran the task
 /// twice, and a `Last-Event-ID` never sent replayed the stream from the start instead of
-/// the 400 the Worker gives.
+/// the 400 the Worker gives. Then it read them as Latin-1 (a character a byte) and trimmed
+/// Unicode's whitespace where the Worker reads UTF-8 and trims HTTP's: the same request got
+/// another status on each host. Each answer below is the one both hosts give.
 async fn headers_with_bytes_past_ascii_are_read_not_dropped(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     let key = "clé-1".as_bytes();
@@ -1336,6 +1338,27 @@ async fn headers_with_bytes_past_ascii_are_read_not_dropped(kind: EdgeKind) {
     let resumed = s.client.send_with_header("GET", &format!("/jobs/{job_id}/events"), None, "Last-Event-ID", "١٢".as_bytes()).await;
     assert_eq!(resumed.status, 400, "{}", resumed.text);
     assert!(resumed.text.contains("Last-Event-ID"), "{}", resumed.text);
+    // 100 × `é`: 200 bytes of UTF-8, under the key's 256 (as Latin-1, 400).
+    let long = "é".repeat(100);
+    let keyed = s.client.send_with_header("POST", "/jobs", Some(json!({"prompt": "keyed"})), "Idempotency-Key", long.as_bytes()).await;
+    assert_eq!(keyed.status, 202, "{}", keyed.text);
+    // The secret and HTTP's own whitespace around it opens the edge; followed by anything
+    // else (byte A0, U+00A0 in UTF-8, U+3000) it is a wrong secret.
+    let http = reqwest::Client::new();
+    let with_secret = |bytes: Vec<u8>| {
+        let value = reqwest::header::HeaderValue::from_bytes(&bytes).expect("a header value's bytes");
+        http.get(format!("{}/jobs", s.edge.url())).header("X-Runner-Secret", value).send()
+    };
+    let around = |before: &[u8], after: &[u8]| [before, SECRET.as_bytes(), after].concat();
+    for (bytes, status) in [
+        (around(b" \t", b"\t "), 200),
+        (around(b"", b"\xa0"), 403),
+        (around(b"", "\u{a0}".as_bytes()), 403),
+        (around("\u{3000}".as_bytes(), b""), 403),
+    ] {
+        let answer = with_secret(bytes.clone()).await.expect("the edge answers");
+        assert_eq!(answer.status().as_u16(), status, "{bytes:?}: {}", answer.text().await.unwrap_or_default());
+    }
 }
 
 /// A header sent twice is read as the Worker's runtime reads it (Fetch joins the values

@@ -144,6 +144,9 @@ pub enum ConfigError {
     /// Both pools' settings named, with the fix.
     #[error("{} (pool `{}`) is also {} (pool `{}`): whoever holds it would be both pools' operator; give each pool its own", settings[0], pools[0], settings[1], pools[1])]
     PoolSecretShared { pools: [String; 2], settings: [String; 2] },
+    /// Without the secret or where the character is, as [`ConfigError::WeakSecret`].
+    #[error("{name} has a character that is not visible ASCII (a space, a control character or a letter past ASCII, such as `é`): HTTP clients send such a header in different bytes and the edge would refuse them; use letters, digits and punctuation only, e.g. `openssl rand -hex 32`")]
+    SecretNotAscii { name: String },
     #[error("ADMIN_SECRET is also a pool's RUNNER_SECRET or a caller's secret (RUNNER_SECRETS): give it a value of its own")]
     AdminSecretShared,
     #[error("there is no pool `{0}` on this edge: list it in POOLS and set RUNNER_SECRET_<POOL> and AGENT_PUBLIC_KEYS_<POOL>")]
@@ -191,6 +194,14 @@ fn listed(get: &impl Fn(&str) -> Option<String>) -> Vec<String> {
     listed.split([',', ' ', '\n']).map(str::trim).filter(|n| !n.is_empty()).map(str::to_string).collect()
 }
 
+/// Whether a secret is only visible ASCII (`!` to `~`). A header's bytes past ASCII are
+/// read as UTF-8 on both hosts, but a client may send `é` as UTF-8 or as Latin-1 (curl
+/// sends what the shell gives it), and a space or a control may be trimmed or refused on
+/// the way: such a secret would work from one client and not another.
+fn secret_chars_ok(secret: &str) -> bool {
+    secret.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// Whether `name` may be a listed pool's: a plain name, not `default`.
 fn pool_name_ok(name: &str) -> bool {
     shared::ids::plain_id(name, MAX_POOL_NAME) && name != DEFAULT_POOL
@@ -207,6 +218,9 @@ impl Pool {
             if runner_secret.len() < 16 {
                 return Err(ConfigError::WeakSecret);
             }
+            if !secret_chars_ok(&runner_secret) {
+                return Err(ConfigError::SecretNotAscii { name: "RUNNER_SECRET".into() });
+            }
             let agents = Keyring::parse(&read(get, "AGENT_PUBLIC_KEYS").ok_or(ConfigError::Missing("AGENT_PUBLIC_KEYS"))?)?;
             let caller_secrets = parse_caller_secrets(&secrets_name, read(get, &secrets_name), &runner_secret)?;
             return Ok(Pool { name: name.to_string(), runner_secret, agents, caller_secrets });
@@ -215,6 +229,9 @@ impl Pool {
         let runner_secret = read(get, &secret_name).ok_or_else(|| ConfigError::PoolMissing(secret_name.clone()))?;
         if runner_secret.len() < 16 {
             return Err(ConfigError::PoolWeakSecret { name: secret_name });
+        }
+        if !secret_chars_ok(&runner_secret) {
+            return Err(ConfigError::SecretNotAscii { name: secret_name });
         }
         let keys = read(get, &keys_name).ok_or_else(|| ConfigError::PoolMissing(keys_name.clone()))?;
         let agents = Keyring::parse(&keys).map_err(|error| ConfigError::PoolKeys { name: keys_name, error })?;
@@ -336,6 +353,12 @@ fn parse_caller_secrets(setting: &str, text: Option<String>, runner_secret: &str
         if secret.len() < 16 {
             return Err(refuse(format!("the secret of entry {entry} is shorter than 16 characters (it is `name=secret`, the name first)")));
         }
+        if !secret_chars_ok(secret) {
+            return Err(refuse(format!(
+                "the secret of entry {entry} has a character that is not visible ASCII (a space, a control character or a letter past ASCII, such as `é`), \
+                 which HTTP clients send in different bytes; use letters, digits and punctuation only"
+            )));
+        }
         if secret == runner_secret {
             return Err(refuse(format!(
                 "the secret of `{name}` is the pool's RUNNER_SECRET, which would make `{name}` the operator; give it its own"
@@ -455,6 +478,9 @@ impl Config {
         let admin_secret = get("ADMIN_SECRET");
         if admin_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return Err(ConfigError::PoolWeakSecret { name: "ADMIN_SECRET".into() });
+        }
+        if admin_secret.as_ref().is_some_and(|s| !secret_chars_ok(s)) {
+            return Err(ConfigError::SecretNotAscii { name: "ADMIN_SECRET".into() });
         }
         // The admin secret sees every pool: as one pool's or caller's secret it would open
         // them all to whoever holds that one. Checked by that pool, and by the default
@@ -888,6 +914,41 @@ mod tests {
                 assert!(!err.contains(h), "{key}: `{h}` shown: {err}");
             }
         }
+    }
+
+    /// A secret past visible ASCII is read differently by the two hosts' clients (curl sends
+    /// `ä` in UTF-8, or in Latin-1 from a Latin-1 shell; a trailing U+00A0 was trimmed on
+    /// the native edge alone): refused at load, each setting named, the secret not shown.
+    #[test]
+    fn secrets_past_visible_ascii_are_refused() {
+        let gpu = |name: &'static str, value: &'static str| {
+            let base = lookup(&[
+                ("POOLS", "gpu"),
+                ("RUNNER_SECRET_GPU", "gpu-secret-0123456789"),
+                ("AGENT_PUBLIC_KEYS_GPU", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg="),
+            ]);
+            move |n: &str| if n == name { Some(value.to_string()) } else { base(n) }
+        };
+        for secret in ["pässwört-0123456789", "secret-0123456789\u{a0}x", "secret 0123456789", "secret\t0123456789"] {
+            let leaked = |err: &str| err.contains(secret) || err.contains("0123456789");
+            for name in ["RUNNER_SECRET", "ADMIN_SECRET"] {
+                let set: &'static [(&'static str, &'static str)] = Box::leak(Box::new([(name, secret)]));
+                let err = Config::from_lookup(lookup(set)).err().map(|e| e.to_string()).unwrap_or_default();
+                assert!(err.starts_with(&format!("{name} has a character that is not visible ASCII")), "{name} {secret:?}: {err}");
+                assert!(!leaked(&err), "{err}");
+            }
+            let err = Config::for_pool(gpu("RUNNER_SECRET_GPU", secret), "gpu").err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.starts_with("RUNNER_SECRET_GPU has a character that is not visible ASCII") && !leaked(&err), "{secret:?}: {err}");
+            let callers: &'static str = Box::leak(format!("ci={secret}").into_boxed_str());
+            for (name, read) in [
+                ("RUNNER_SECRETS", Config::from_lookup(lookup(Box::leak(Box::new([("RUNNER_SECRETS", callers)]))))),
+                ("RUNNER_SECRETS_GPU", Config::for_pool(gpu("RUNNER_SECRETS_GPU", callers), "gpu")),
+            ] {
+                let err = read.err().map(|e| e.to_string()).unwrap_or_default();
+                assert!(err.starts_with(&format!("{name}: the secret of entry 1 has a character that is not visible ASCII")) && !leaked(&err), "{secret:?}: {err}");
+            }
+        }
+        assert!(Config::from_lookup(lookup(&[("RUNNER_SECRET", "!#$%&'()*+-./0123456789:;<=>?@[]^_`{|}~")])).is_ok());
     }
 
     #[test]

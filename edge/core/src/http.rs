@@ -65,7 +65,7 @@ struct Presented(Vec<[u8; 32]>);
 impl Presented {
     fn of(secret_header: Option<&str>, authorization: Option<&str>) -> Presented {
         let bearer = authorization.and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")));
-        Presented([secret_header, bearer].into_iter().flatten().map(|given| digest(given.trim())).collect())
+        Presented([secret_header, bearer].into_iter().flatten().map(|given| digest(ows_trimmed(given))).collect())
     }
 
     /// Whether one of them is `secret`, in a time that tells nothing of either: digests
@@ -76,6 +76,14 @@ impl Presented {
         let secret = digest(secret);
         self.0.iter().any(|given| bool::from(given.ct_eq(&secret)))
     }
+}
+
+/// `text` without the whitespace HTTP allows around a header's value (OWS: spaces and
+/// tabs, RFC 9110 §5.6.3), as the Worker's runtime strips it; `str::trim` took Unicode
+/// whitespace too, so a secret followed by U+00A0 was let in on the native edge and
+/// refused on the Worker.
+fn ows_trimmed(text: &str) -> &str {
+    text.trim_matches([' ', '\t'])
 }
 
 fn digest(text: &str) -> [u8; 32] {

@@ -501,18 +501,21 @@ async fn until_stopped(stopped: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;
 }
 
-/// A header's value as the Worker reads it (a Fetch `ByteString`: each byte one character,
-/// Latin-1), so both hosts see the same key: `to_str` refused bytes past ASCII, and a
-/// header so sent was taken for none (an `Idempotency-Key` ignored, a retry run twice).
-/// A header sent more than once is its values joined with `, `, as Fetch's `get` joins
-/// them: the first alone let `X-Runner-Secret: <secret>` then `X-Runner-Secret: <other>`
-/// in here while the Worker refused it.
+/// A header's value as the Worker reads it: under workerd each value's bytes are UTF-8,
+/// a byte sequence that is not decoded as U+FFFD, so both hosts see the same text (read
+/// here as Latin-1, one character a byte, `Idempotency-Key: <100 × é>` was 200 characters
+/// of 400 bytes, too long here and taken there, and a secret followed by byte A0 was
+/// let in here, its U+00A0 trimmed, and refused there). `to_str` refused bytes past ASCII
+/// outright, and a header so sent was taken for none (an `Idempotency-Key` ignored, a
+/// retry run twice). A header sent more than once is its values joined with `, `, as
+/// Fetch's `get` joins them: the first alone let `X-Runner-Secret: <secret>` then
+/// `X-Runner-Secret: <other>` in here while the Worker refused it.
 pub(crate) fn header(headers: &HeaderMap, name: &str) -> Option<String> {
     let mut values = headers.get_all(name).iter();
-    let mut joined: String = values.next()?.as_bytes().iter().map(|&b| char::from(b)).collect();
+    let mut joined = String::from_utf8_lossy(values.next()?.as_bytes()).into_owned();
     for value in values {
         joined.push_str(", ");
-        joined.extend(value.as_bytes().iter().map(|&b| char::from(b)));
+        joined.push_str(&String::from_utf8_lossy(value.as_bytes()));
     }
     Some(joined)
 }

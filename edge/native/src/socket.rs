@@ -47,7 +47,7 @@ pub(crate) async fn agent_connect(state: AppState, mut request: Request) -> Resp
     // Worker): anyone else is answered 401 and its connection stays an HTTP one. Read as
     // the Worker reads it (one helper for every header): a proof sent twice is the two
     // joined, no proof's shape, so a valid one followed by junk is refused here as it is
-    // there, and bytes past ASCII are Latin-1 text, refused as malformed. Checked here,
+    // there, and bytes past ASCII are UTF-8 text, refused as malformed. Checked here,
     // off the machine's turn (a signature to verify for whoever dials); only a refusal
     // goes to the machine, which counts and logs it.
     let proof = crate::server::header(request.headers(), shared::envelope::AGENT_PROOF_HEADER);

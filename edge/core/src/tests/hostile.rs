@@ -55,7 +55,15 @@ fn only_the_secret_itself_opens_the_edge() {
         assert!(http::who(&config(), None, Some(&format!("Bearer {wrong}"))).is_none(), "bearer {wrong:?}");
     }
     assert_eq!(http::who(&config(), Some(&format!(" {SECRET} ")), None), Some(http::Who::Pool));
+    assert_eq!(http::who(&config(), Some(&format!("\t{SECRET}\t")), None), Some(http::Who::Pool));
     assert_eq!(http::who(&config(), None, Some(&format!("Bearer {SECRET}"))), Some(http::Who::Pool));
+    // Only HTTP's own whitespace (spaces and tabs) is trimmed, as the Worker's runtime
+    // trims a header: Unicode's (U+00A0, U+3000) was too, so the native edge let in what
+    // the Worker refused.
+    for near in ["\u{a0}", "\u{3000}", "\u{2003}", "\u{85}"] {
+        assert!(http::who(&config(), Some(&format!("{SECRET}{near}")), None).is_none(), "{near:?}");
+        assert!(http::who(&config(), None, Some(&format!("Bearer {near}{SECRET}"))).is_none(), "bearer {near:?}");
+    }
 }
 
 #[test]
