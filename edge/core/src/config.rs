@@ -426,12 +426,16 @@ impl Config {
     /// other pools — the secrets none may share ([`check_secrets`]), the keys an agent's
     /// proof refused here is tried against ([`Config::other_pools`]).
     pub fn for_pool(get: impl Fn(&str) -> Option<String>, pool: &str) -> Result<Config, ConfigError> {
+        // A pool `POOLS` does not list is refused on `POOLS` alone, before any pool's settings
+        // are read: the Worker keeps only settings that read, so each request to a made-up
+        // pool (anyone may send one, without a secret) read and parsed every pool's.
+        if pool != DEFAULT_POOL && !listed(&get).iter().any(|name| name == pool) {
+            return Err(ConfigError::UnknownPool(shared::text::truncate(pool, 80).to_string()));
+        }
         let mut each = Pools::each(&get);
         let Some(at) = each.iter().position(|(name, _)| name == pool) else {
-            if listed(&get).iter().any(|name| name == pool) {
-                return Err(ConfigError::PoolName(shared::text::truncate(pool, 80).to_string()));
-            }
-            return Err(ConfigError::UnknownPool(shared::text::truncate(pool, 80).to_string()));
+            // Listed, but not as a pool name.
+            return Err(ConfigError::PoolName(shared::text::truncate(pool, 80).to_string()));
         };
         let this = each.remove(at).1?;
         // This pool first, then the others whose own settings read.

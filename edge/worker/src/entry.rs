@@ -265,4 +265,32 @@ mod tests {
         assert_eq!(settings.config(get, "default").unwrap().max_queued_jobs, 7);
         assert_eq!(settings.config(get, "gpu").unwrap().max_queued_jobs, 7);
     }
+
+    /// A request to a pool `POOLS` does not list (anyone may send one, no secret needed)
+    /// reads `POOLS` and nothing else: it read every pool's settings and parsed their
+    /// agents' keys, at each such request, since only settings that read are kept.
+    #[test]
+    fn an_unknown_pool_reads_no_pools_settings() {
+        let read = RefCell::new(Vec::new());
+        let get = |name: &str| {
+            read.borrow_mut().push(name.to_string());
+            match name {
+                "RUNNER_SECRET" => Some("0123456789abcdef0123".to_string()),
+                "EDGE_SIGNING_KEY" => Some("CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=".to_string()),
+                "AGENT_PUBLIC_KEYS" => Some("spark=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=".to_string()),
+                "POOLS" => Some("gpu".to_string()),
+                "RUNNER_SECRET_GPU" => Some("gpu-secret-0123456789".to_string()),
+                "AGENT_PUBLIC_KEYS_GPU" => Some("rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=".to_string()),
+                _ => None,
+            }
+        };
+        let mut settings = Settings::default();
+        for _ in 0..2 {
+            let err = settings.config(get, "nowhere").err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("no pool `nowhere`"), "{err}");
+        }
+        assert_eq!(*read.borrow(), ["POOLS", "POOLS"], "settings read for an unknown pool");
+        // A listed pool still reads.
+        assert!(settings.config(get, "gpu").is_ok());
+    }
 }
