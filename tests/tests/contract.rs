@@ -1601,6 +1601,42 @@ async fn unknown_jobs_and_routes_are_404(kind: EdgeKind) {
     assert_eq!(s.client.get("/nope").await.status, 404);
 }
 
+/// Answers the two hosts gave each their own way. `/pool/default/…` is no pool's path (the
+/// default pool is the one without the prefix): the Worker served it as the default pool,
+/// the native edge answered 404. An upgrade to `/agent/connect` without
+/// `Sec-WebSocket-Key` is no WebSocket handshake: the native edge answered 426, the Worker
+/// 401 (it looked at the proof first), which sent a caller hunting for a key it had.
+async fn the_default_pools_prefix_and_a_handshake_without_its_key_are_answered_alike(kind: EdgeKind) {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    let client = Client::new(&edge.url());
+    for path in ["/pool/default/health", "/pool/default/jobs", "/pool/default"] {
+        for secret in [Some(SECRET), None] {
+            let a = client.send("GET", path, secret, None).await;
+            assert_eq!((a.status, a.body["error_code"].as_str()), (404, Some("NOT_FOUND")), "{path} {secret:?}: {}", a.text);
+        }
+    }
+    let http = reqwest::Client::new();
+    let dial = |key: Option<&str>| {
+        let request = http
+            .get(format!("{}/agent/connect", edge.url()))
+            .header("upgrade", "websocket")
+            .header("connection", "Upgrade")
+            .header("sec-websocket-version", "13");
+        match key {
+            Some(key) => request.header("sec-websocket-key", key),
+            None => request,
+        }
+        .send()
+    };
+    let keyless = dial(None).await.unwrap();
+    assert_eq!(keyless.status().as_u16(), 426);
+    let body: serde_json::Value = keyless.json().await.unwrap();
+    assert!(body["error"].as_str().is_some_and(|e| e.contains("Sec-WebSocket-Key") && e.contains("claude-runner agent")), "{body}");
+    // With its key (and no proof) it is a handshake, refused for its proof.
+    assert_eq!(dial(Some("dGhlIHNhbXBsZSBub25jZQ==")).await.unwrap().status().as_u16(), 401);
+}
+
 /// A caller whose base URL ends in `/` (CLAUDE_RUNNER_URL=https://edge/) sends `//execute`:
 /// served as `/execute`, on every route; a slash inside the path or an encoded one is not.
 async fn a_base_url_with_a_trailing_slash_still_reaches_every_route(kind: EdgeKind) {
@@ -2129,6 +2165,7 @@ contract!(
     execute_repeats_of_one_job_are_capped,
     a_key_outlives_its_forgotten_job_and_runs_nothing_again,
     unknown_jobs_and_routes_are_404,
+    the_default_pools_prefix_and_a_handshake_without_its_key_are_answered_alike,
     a_base_url_with_a_trailing_slash_still_reaches_every_route,
     a_silent_agent_is_reported_offline_within_two_heartbeats,
     an_agent_that_stops_mid_job_tells_the_caller_to_fall_back,

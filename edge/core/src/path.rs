@@ -31,6 +31,8 @@ pub fn segments(path: &str) -> Vec<&str> {
 /// Splits `/pool/{name}/rest` into the pool's name and the path its pool sees (`/rest`,
 /// or `/` when nothing follows). Any other path belongs to the default pool unchanged.
 /// The Worker serves pools; the native edge serves the default pool alone.
+/// `/pool/default/…` is a 404: the default pool is the one without a prefix (`POOLS` may
+/// not list it), and the native edge, which has no `/pool/…` route, answers it 404 too.
 pub fn pool_of(path: &str) -> Result<(String, String), ApiError> {
     let path = fold(path);
     let rest = match path.strip_prefix("/pool") {
@@ -47,6 +49,11 @@ pub fn pool_of(path: &str) -> Result<(String, String), ApiError> {
             "bad pool name in {}: a pool name is 1-{MAX_POOL_NAME} characters of A-Z, a-z, 0-9, _ and - \
              (e.g. /pool/spark/execute); leave the prefix out to use the default pool",
             shared::text::truncate(path, 200)
+        )));
+    }
+    if name == DEFAULT_POOL {
+        return Err(ApiError::not_found(&format!(
+            "pool `{DEFAULT_POOL}` under /pool/ (the default pool is the one without a prefix: /health, not /pool/{DEFAULT_POOL}/health)"
         )));
     }
     Ok((name.to_string(), inner.to_string()))
@@ -99,6 +106,17 @@ mod tests {
         assert_eq!(pool_of(&format!("/pool/{}/health", "x".repeat(64))).unwrap().1, "/health");
         // A second prefix inside a pool is no route of that pool, never another pool.
         assert_eq!(segments(&pool_of("/pool/a//pool/b/execute").unwrap().1), ["pool", "b", "execute"]);
+    }
+
+    /// The default pool has no prefix: the Worker served `/pool/default/…` as it, the
+    /// native edge (no `/pool/…` route) answered 404.
+    #[test]
+    fn the_default_pool_under_a_prefix_is_404() {
+        for path in ["/pool/default", "/pool/default/", "/pool/default/health", "//pool/default/execute"] {
+            let err = pool_of(path).unwrap_err();
+            assert_eq!((err.status, err.body.error_code), (404, ErrorCode::NotFound), "{path}");
+            assert!(err.body.error.contains("without a prefix"), "{}", err.body.error);
+        }
     }
 
     #[test]

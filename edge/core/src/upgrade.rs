@@ -21,6 +21,19 @@ pub const LOGGED_PER_WINDOW: u32 = 10;
 /// See [`LOGGED_PER_WINDOW`].
 pub const LOG_WINDOW_MS: Millis = 60_000;
 
+/// Whether a request to `/agent/connect` is a WebSocket handshake (RFC 6455 §4.2.1): a
+/// `GET` with `Upgrade: websocket`, `Sec-WebSocket-Version: 13` and a `Sec-WebSocket-Key`
+/// (`header` reads one by its lower-case name). Anything else is answered
+/// [`crate::http::upgrade_required`] by either host before the proof is looked at: the
+/// Worker asked only for the `Upgrade` header and answered a handshake without its key 401
+/// for its proof, where the native edge answered 426.
+pub fn is_handshake(method: &str, header: impl Fn(&str) -> Option<String>) -> bool {
+    let upgrade = header("upgrade").is_some_and(|v| v.split(',').any(|token| token.trim_matches([' ', '\t']).eq_ignore_ascii_case("websocket")));
+    let version = header("sec-websocket-version").is_some_and(|v| v.trim_matches([' ', '\t']) == "13");
+    let key = header("sec-websocket-key").is_some_and(|k| !k.trim_matches([' ', '\t']).is_empty());
+    method == "GET" && upgrade && version && key
+}
+
 /// Whether a peer may have an agent's socket on `/agent/connect` at all, decided from its
 /// upgrade request's `X-Runner-Agent-Proof` (`proof`: its values joined with `, ` when it
 /// was sent more than once, as Fetch's `get` reads them) before either host accepts the

@@ -79,18 +79,12 @@ pub(crate) async fn agent_connect(state: AppState, mut request: Request) -> Resp
 }
 
 /// The `Sec-WebSocket-Accept` for a valid WebSocket upgrade request (RFC 6455 §4.2.1),
-/// or `None` if the request is not one.
+/// or `None` if the request is not one: the core's [`edge_core::upgrade::is_handshake`],
+/// as the Worker asks it, and `Connection: upgrade`, which hyper's upgrade rests on here.
 fn accept_key(method: &Method, headers: &HeaderMap) -> Option<HeaderValue> {
-    let has = |name: header::HeaderName, token: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|part| part.trim().eq_ignore_ascii_case(token)))
-    };
-    if method != Method::GET || !has(header::CONNECTION, "upgrade") || !has(header::UPGRADE, "websocket") {
-        return None;
-    }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+    let connection_upgrade = crate::server::header(headers, "connection")
+        .is_some_and(|v| v.split(',').any(|part| part.trim().eq_ignore_ascii_case("upgrade")));
+    if !connection_upgrade || !edge_core::upgrade::is_handshake(method.as_str(), |name| crate::server::header(headers, name)) {
         return None;
     }
     let key = headers.get(header::SEC_WEBSOCKET_KEY)?;

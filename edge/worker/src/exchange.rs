@@ -49,11 +49,10 @@ pub fn event_stream(out: FeedOut, keepalive_ms: u64) -> worker::Result<Response>
     Ok(response)
 }
 
-/// Whether the request asks to be upgraded to a WebSocket (`Upgrade: websocket`); one that
-/// does not is answered 426.
+/// Whether the request is a WebSocket handshake ([`edge_core::upgrade::is_handshake`], as
+/// the native edge asks it); one that is not is answered 426, before its proof is looked at.
 pub fn asks_for_websocket(req: &Request) -> bool {
-    let upgrade = req.headers().get("upgrade").ok().flatten();
-    upgrade.is_some_and(|u| u.trim().eq_ignore_ascii_case("websocket"))
+    edge_core::upgrade::is_handshake(req.inner().method().as_str(), |name| req.headers().get(name).ok().flatten())
 }
 
 /// An error answer with the contract's JSON body.

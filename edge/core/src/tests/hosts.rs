@@ -67,7 +67,29 @@ fn a_broken_upload_is_a_400_and_an_oversized_one_a_413() {
     assert!(answer.headers.iter().any(|(name, value)| *name == "connection" && value == "close"), "{:?}", answer.headers);
     let upgrade = http::upgrade_required();
     assert_eq!(upgrade.status, 426);
-    assert!(upgrade.body.contains("Upgrade: websocket"), "{}", upgrade.body);
+    assert!(upgrade.body.contains("Upgrade: websocket") && upgrade.body.contains("Sec-WebSocket-Key"), "{}", upgrade.body);
+}
+
+/// What either host takes for a WebSocket handshake before it looks at the proof.
+#[test]
+fn a_handshake_needs_its_upgrade_version_and_key() {
+    let full = [("upgrade", "websocket"), ("sec-websocket-version", "13"), ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")];
+    let with = |skip: &str, set: &[(&str, &str)]| {
+        let headers: Vec<(String, String)> = full
+            .iter()
+            .filter(|(n, _)| *n != skip)
+            .map(|(n, v)| (n.to_string(), set.iter().find(|(m, _)| m == n).map_or(*v, |(_, v)| *v).to_string()))
+            .collect();
+        move |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+    };
+    assert!(crate::upgrade::is_handshake("GET", with("", &[])));
+    assert!(crate::upgrade::is_handshake("GET", with("", &[("upgrade", "h2c, WebSocket")])));
+    assert!(!crate::upgrade::is_handshake("POST", with("", &[])));
+    for missing in ["upgrade", "sec-websocket-version", "sec-websocket-key"] {
+        assert!(!crate::upgrade::is_handshake("GET", with(missing, &[])), "{missing}");
+    }
+    assert!(!crate::upgrade::is_handshake("GET", with("", &[("sec-websocket-version", "8")])));
+    assert!(!crate::upgrade::is_handshake("GET", with("", &[("sec-websocket-key", " ")])));
 }
 
 #[test]
