@@ -139,7 +139,7 @@ impl Edge {
         // the next time is one in flight going unheard past its timeout (or its outcome,
         // an event).
         let flying = self.callbacks_in_flight();
-        let callbacks = self.alerts.callbacks.values().filter(|c| c.in_flight || flying.has_place(&c.url)).map(|c| c.next_at).min();
+        let callbacks = self.alerts.callbacks.values().filter(|c| c.in_flight || flying.has_place(&notify::callback_receiver(&c.url))).map(|c| c.next_at).min();
         [offline, resets, posts, callbacks].into_iter().flatten().min()
     }
 
@@ -190,7 +190,7 @@ impl Edge {
         self.alerts.callbacks.insert(job.id.clone(), CallbackState { url: url.clone(), attempts: 0, next_at: now.at, in_flight: false });
         self.note_alerts(before);
         let flying = self.callbacks_in_flight();
-        if flying.has_place(&url) {
+        if flying.has_place(&notify::callback_receiver(&url)) {
             self.attempt_callback(now, job, effects);
         } else {
             info!(job_id = %job.id, in_flight = flying.all, "the job's callback waits for one of those on their way (to its receiver, or in all)");
@@ -201,7 +201,7 @@ impl Edge {
     fn callbacks_in_flight(&self) -> InFlight {
         let mut flying = InFlight::default();
         for c in self.alerts.callbacks.values().filter(|c| c.in_flight) {
-            flying.take(&c.url);
+            flying.take(notify::callback_receiver(&c.url));
         }
         flying
     }
@@ -227,17 +227,28 @@ impl Edge {
         let mut due: Vec<(Millis, String, u32)> =
             self.alerts.callbacks.iter().filter(|(_, c)| !c.in_flight && c.next_at <= now.at).map(|(id, c)| (c.next_at, id.clone(), c.attempts)).collect();
         due.sort();
+        for (_, id, _) in due.iter().filter(|(_, _, attempts)| *attempts >= notify::MAX_ATTEMPTS) {
+            self.give_up_callback(id, "no answer", effects);
+        }
+        // Each due one with its receiver; the places go to those whose receiver has the
+        // fewest on their way, then the oldest due: a receiver that has taken places (a slow
+        // one holds them until each times out) never goes ahead of one that has none.
+        let mut waiting: Vec<(Millis, String, Option<String>)> = due
+            .into_iter()
+            .filter(|(_, _, attempts)| *attempts < notify::MAX_ATTEMPTS)
+            .filter_map(|(at, id, _)| Some((at, id.clone(), notify::callback_receiver(&self.alerts.callbacks.get(&id)?.url))))
+            .collect();
         let mut flying = self.callbacks_in_flight();
-        for (_, id, attempts) in due {
-            if attempts >= notify::MAX_ATTEMPTS {
-                self.give_up_callback(&id, "no answer", effects);
-                continue;
-            }
-            let Some(url) = self.alerts.callbacks.get(&id).map(|c| c.url.clone()) else { continue };
-            if !flying.has_place(&url) {
-                continue;
-            }
-            flying.take(&url);
+        loop {
+            let next = waiting
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, _, to))| flying.has_place(to))
+                .min_by_key(|(_, (at, id, to))| (flying.of(to), *at, id.clone()))
+                .map(|(i, _)| i);
+            let Some(next) = next else { break };
+            let (_, id, to) = waiting.swap_remove(next);
+            flying.take(to);
             // Not again before the host has read the record back, or said how it went.
             let before = self.alerts.clone();
             if let Some(c) = self.alerts.callbacks.get_mut(&id) {
@@ -464,14 +475,22 @@ struct InFlight {
 }
 
 impl InFlight {
-    /// Whether a callback to `url` may go now: a place free in all, and one of its
-    /// receiver's ([`MAX_CALLBACKS_PER_RECEIVER`]).
-    fn has_place(&self, url: &str) -> bool {
-        self.all < MAX_CALLBACKS_IN_FLIGHT && self.to.get(&notify::callback_receiver(url)).copied().unwrap_or(0) < MAX_CALLBACKS_PER_RECEIVER
+    /// Whether a callback to `to` (a receiver, [`notify::callback_receiver`]) may go now: a
+    /// place free in all, and one of its receiver's ([`MAX_CALLBACKS_PER_RECEIVER`]). The
+    /// last free place goes only to a receiver with none on its way, so two slow receivers
+    /// together never hold every place: a third's callback still goes at once.
+    fn has_place(&self, to: &Option<String>) -> bool {
+        let theirs = self.of(to);
+        self.all < MAX_CALLBACKS_IN_FLIGHT && theirs < MAX_CALLBACKS_PER_RECEIVER && (theirs == 0 || self.all + 1 < MAX_CALLBACKS_IN_FLIGHT)
     }
 
-    fn take(&mut self, url: &str) {
+    /// How many are on their way to `to`.
+    fn of(&self, to: &Option<String>) -> usize {
+        self.to.get(to).copied().unwrap_or(0)
+    }
+
+    fn take(&mut self, to: Option<String>) {
         self.all += 1;
-        *self.to.entry(notify::callback_receiver(url)).or_default() += 1;
+        *self.to.entry(to).or_default() += 1;
     }
 }

@@ -456,7 +456,10 @@ fn handed_out(effects: &[Effect]) -> Vec<String> {
 fn callbacks_in_flight_are_capped_and_the_next_goes_when_one_is_heard() {
     use crate::machine::MAX_CALLBACKS_IN_FLIGHT;
     use crate::notify::DELIVERY_TIMEOUT_MS;
-    let mut edge = Edge::new(config(), 0);
+    // Eight receivers, taking turns: one alone gets only its share of the places (below).
+    let hosts: Vec<String> = (0..8).map(|i| format!("h{i}.example.com")).collect();
+    let cfg = || Config { callback_hosts: hosts.clone(), ..config() };
+    let mut edge = Edge::new(cfg(), 0);
     let (sid, _) = join_with(&mut edge, 0, "spark", &agent_key(1), vec![], 1, 20);
     say(&mut edge, 0, &sid, credit(20, 0));
     let stored = std::cell::RefCell::new(std::collections::HashMap::new());
@@ -470,9 +473,8 @@ fn callbacks_in_flight_are_capped_and_the_next_goes_when_one_is_heard() {
             }
         }
     };
-    // Two receivers, taking turns: one alone gets only its share of the places (below).
     for i in 0..20 {
-        let url = ["https://hooks.example.com/r", "http://127.0.0.1:9/r"][i % 2];
+        let url = format!("https://h{}.example.com/r", i % 8);
         let body = json!({"prompt": "x", "callback_url": url}).to_string();
         let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
         keep(&edge.submit(0, format!("j{i:02}"), submission, Mode::Detached).unwrap().effects);
@@ -511,7 +513,7 @@ fn callbacks_in_flight_are_capped_and_the_next_goes_when_one_is_heard() {
     // After a restore every overdue one is due at once: still at most the cap.
     let alerts = alerts.take().expect("stored");
     assert!(alerts.callbacks.len() > MAX_CALLBACKS_IN_FLIGHT);
-    let (mut restored, effects) = Edge::restore(config(), stored.take().into_values().collect(), vec![], Some(alerts), 100_000);
+    let (mut restored, effects) = Edge::restore(cfg(), stored.take().into_values().collect(), vec![], Some(alerts), 100_000);
     let mut out = handed_out(&effects);
     out.extend(handed_out(&restored.tick(100_000)));
     assert_eq!(out.len(), MAX_CALLBACKS_IN_FLIGHT, "{out:?}");
@@ -551,6 +553,65 @@ fn a_slow_receiver_holds_only_its_share_of_the_callbacks_in_flight() {
     assert_eq!(other.len(), 1, "another receiver's result goes while the slow one's wait");
     // One of the slow receiver's answered: its next goes.
     assert_eq!(handed_out(&edge.posted(1_001, &slow[0].id, Ok(200))).len(), 1);
+}
+
+/// Two receivers that are slow to answer hold at most all places but one: the last goes
+/// only to a receiver with none on its way, so a third receiver's result goes at once
+/// (hostile review rev12: 4 + 4 held every place). And a place that frees goes to the
+/// receiver with the fewest on their way before the oldest due.
+#[test]
+fn two_slow_receivers_leave_a_place_and_the_next_goes_to_a_receiver_with_none_on_its_way() {
+    use crate::machine::MAX_CALLBACKS_IN_FLIGHT;
+    let hosts: Vec<String> = ["a", "b", "c", "d"].iter().map(|h| format!("{h}.example.com")).collect();
+    let mut edge = Edge::new(Config { callback_hosts: hosts, ..config() }, 0);
+    let (sid, _) = join_with(&mut edge, 0, "spark", &agent_key(1), vec![], 1, 30);
+    say(&mut edge, 0, &sid, credit(30, 0));
+    let end = |edge: &mut Edge, at: u64, id: &str, host: &str| {
+        let body = json!({"prompt": "x", "callback_url": format!("https://{host}.example.com/r")}).to_string();
+        let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+        edge.submit(at, id.into(), submission, Mode::Detached).unwrap();
+        posts(&report(edge, at, &sid, id, ok_result()))
+    };
+    let mut slow = Vec::new();
+    for i in 0..10 {
+        slow.extend(end(&mut edge, 10, &format!("a{i}"), "a"));
+        slow.extend(end(&mut edge, 10, &format!("b{i}"), "b"));
+    }
+    assert_eq!(slow.len(), MAX_CALLBACKS_IN_FLIGHT - 1, "{:?}", slow.iter().map(|p| &p.id).collect::<Vec<_>>());
+    assert_eq!(end(&mut edge, 20, "c0", "c").len(), 1, "a third receiver's callback goes at once");
+    // Every place taken now: d's waits, and gets the first that frees, before a's and b's
+    // older ones.
+    assert!(end(&mut edge, 30, "d0", "d").is_empty());
+    let a = slow.iter().find(|p| p.id.starts_with("callback:a")).unwrap();
+    assert_eq!(handed_out(&edge.posted(40, &a.id, Ok(200))), ["d0"]);
+}
+
+/// A place that frees goes to the waiting callback whose receiver has the fewest on their
+/// way, before an older one of a receiver that holds more: the places are spread, not taken
+/// by whoever ended first.
+#[test]
+fn a_freed_place_goes_to_the_receiver_with_the_fewest_on_their_way() {
+    let hosts: Vec<String> = ["a", "b", "c"].iter().map(|h| format!("{h}.example.com")).collect();
+    let mut edge = Edge::new(Config { callback_hosts: hosts, ..config() }, 0);
+    let (sid, _) = join_with(&mut edge, 0, "spark", &agent_key(1), vec![], 1, 30);
+    say(&mut edge, 0, &sid, credit(30, 0));
+    let end = |edge: &mut Edge, at: u64, id: &str, host: &str| {
+        let body = json!({"prompt": "x", "callback_url": format!("https://{host}.example.com/r")}).to_string();
+        let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+        edge.submit(at, id.into(), submission, Mode::Detached).unwrap();
+        posts(&report(edge, at, &sid, id, ok_result()))
+    };
+    let mut c = Vec::new();
+    for (id, host) in [("a0", "a"), ("a1", "a"), ("a2", "a"), ("b0", "b"), ("c0", "c"), ("c1", "c"), ("c2", "c")] {
+        let posted = end(&mut edge, 10, id, host);
+        assert_eq!(posted.len(), 1, "{id}");
+        c.extend(posted.into_iter().filter(|p| p.id.starts_with("callback:c")));
+    }
+    // Seven on their way: the last place is kept for a receiver with none.
+    assert!(end(&mut edge, 20, "a3", "a").is_empty());
+    assert!(end(&mut edge, 30, "b1", "b").is_empty());
+    // One of c's answered: b (one on its way) before a's older one (three).
+    assert_eq!(handed_out(&edge.posted(40, &c[0].id, Ok(200))), ["b1"]);
 }
 
 /// A callback's body is bounded: the view whole when it fits `MAX_CALLBACK_BODY_BYTES`,
