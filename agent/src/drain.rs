@@ -89,9 +89,57 @@ fn data_lock(data_dir: &Path) -> Option<std::fs::Metadata> {
     std::fs::symlink_metadata(data_dir.join(crate::agent::DATA_LOCK)).ok().filter(|lock| lock.is_file())
 }
 
-/// /proc/locks, read once per question.
-fn proc_locks() -> Option<String> {
-    std::fs::read_to_string("/proc/locks").ok()
+/// /proc/locks as one reading shows it, read once per question. Each read(2) of it is a
+/// pass of its own over the kernel's list of every lock, which starts again at the number
+/// of locks already shown: a lock let go between two passes (any process's) shifts the
+/// rest, and one line goes unseen — the agent's, whose lock was then "held by no agent"
+/// (`read_to_string` began with reads of 32 bytes: a pass every line or two). A pass shows
+/// at most a page (some 80 locks) and is read whole, so a shorter /proc/locks is one
+/// reading. A longer one is read again until two readings agree on the lines `agree_on`
+/// picks (those of the lock file), at most [`MAX_READINGS`] times.
+fn proc_locks(agree_on: impl Fn(&str) -> bool) -> Option<String> {
+    let picked = |text: &str| -> Vec<String> {
+        // Without their numbers, which another lock's coming or going changes.
+        text.lines().filter(|l| agree_on(l)).map(|l| l.split_once(':').map_or(l, |(_, rest)| rest).to_string()).collect()
+    };
+    let mut last: Option<(String, Vec<String>)> = None;
+    for _ in 0..MAX_READINGS {
+        let (text, passes) = read_proc_locks()?;
+        if passes <= 1 {
+            return Some(text);
+        }
+        let lines = picked(&text);
+        if last.as_ref().is_some_and(|(_, before)| *before == lines) {
+            return Some(text);
+        }
+        last = Some((text, lines));
+    }
+    last.map(|(text, _)| text)
+}
+
+/// The most readings of a /proc/locks longer than one pass [`proc_locks`] takes to find
+/// two that agree.
+const MAX_READINGS: usize = 4;
+
+/// /proc/locks, and in how many passes (read(2)s that gave lines) it was read.
+fn read_proc_locks() -> Option<(String, usize)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open("/proc/locks").ok()?;
+    // More than a pass ever gives: each read takes a whole pass.
+    let mut chunk = vec![0u8; 64 << 10];
+    let (mut text, mut passes) = (Vec::new(), 0);
+    loop {
+        match file.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                text.extend_from_slice(&chunk[..n]);
+                passes += 1;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    String::from_utf8(text).ok().map(|text| (text, passes))
 }
 
 /// The locks on DATA_DIR's lock file, from /proc/locks read once. /proc/locks names a
@@ -151,7 +199,7 @@ impl DataLocks {
                 (format!("{device}:{}", inode(&lock).unwrap_or(metadata.ino())), true)
             }
         };
-        let text = proc_locks()?
+        let text = proc_locks(|l| Line::of(l).is_some_and(|line| line.file == file))?
             .lines()
             .filter(|l| !Line::of(l).is_some_and(|line| line.is_ours()))
             .map(|l| format!("{l}\n"))
@@ -226,7 +274,7 @@ fn holds_data_lock(pid: u32, data_dir: &Path) -> bool {
 pub(crate) fn is_agent_of(pid: u32, data_dir: &Path) -> bool {
     let holds_none = |locks: &str| !locks.lines().filter_map(Line::of).any(|line| !line.waits && line.pid == Some(pid));
     if data_lock(data_dir).is_none() {
-        return proc_locks().is_some_and(|locks| holds_none(&locks)) && status::runs_agent(pid);
+        return proc_locks(|l| Line::of(l).is_some_and(|line| line.pid == Some(pid))).is_some_and(|locks| holds_none(&locks)) && status::runs_agent(pid);
     }
     match DataLocks::read(data_dir) {
         Some(locks) if locks.held_by(pid) => true,
@@ -242,10 +290,13 @@ pub fn lock_taken(data_dir: &Path) -> bool {
     DataLocks::read(data_dir).is_some_and(|locks| locks.taken())
 }
 
-/// The processes that hold (not wait for) a flock of DATA_DIR's lock file ([`DataLocks`]):
-/// the agent of `data_dir` while it lives. A POSIX lock of the file (a job's) is none.
-pub fn lock_holders(data_dir: &Path) -> Vec<u32> {
-    DataLocks::read(data_dir).map(|locks| locks.flock_holders().collect()).unwrap_or_default()
+/// The processes that hold (not wait for) a flock of DATA_DIR's lock file ([`DataLocks`]),
+/// the agent of `data_dir` while it lives — a POSIX lock of the file (a job's) is none —
+/// where anyone holds or waits for it ([`lock_taken`]); None where nobody does. Both from
+/// one reading of /proc/locks: from two, a lock held throughout was once held by nobody in
+/// one and taken in the other ("locked, but no agent holds it").
+pub fn lock_holders(data_dir: &Path) -> Option<Vec<u32>> {
+    DataLocks::read(data_dir).filter(DataLocks::taken).map(|locks| locks.flock_holders().collect())
 }
 
 /// A /proc/locks line: `1: FLOCK  ADVISORY  WRITE 4242 08:01:1311 0 EOF`, or a wait for a
@@ -652,7 +703,7 @@ pub(crate) mod tests {
         let _ = (end_group(&mut agent), end_group(&mut job));
         let _ = std::fs::remove_dir_all(&dir);
         assert!(job_alive && matches!(by_job, Ok(false)) && said_by_job.contains("does not hold") && !job_trusted, "{by_job:?} {said_by_job}");
-        assert_eq!(holders, vec![agent.id()]);
+        assert_eq!(holders, Some(vec![agent.id()]));
         assert!(matches!(by_agent, Ok(true)) && agent_trusted && agent_ended_by == Some(libc::SIGTERM), "{by_agent:?} {said_by_agent}");
     }
 
@@ -679,7 +730,7 @@ pub(crate) mod tests {
         let _ = end_group(&mut job);
         let _ = std::fs::remove_dir_all(&dir);
         assert!(job_alive && matches!(by_job, Ok(false)) && said.contains("does not hold") && !trusted, "{by_job:?} {said}");
-        assert_eq!(holders, Vec::<u32>::new());
+        assert_eq!(holders, Some(Vec::new()), "taken, by no flock");
     }
 
     #[tokio::test]
