@@ -97,7 +97,7 @@ fn data_lock(data_dir: &Path) -> Option<std::fs::Metadata> {
 /// at most a page (some 80 locks) and is read whole, so a shorter /proc/locks is one
 /// reading. A longer one is read again until two readings agree on the lines `agree_on`
 /// picks (those of the lock file), at most [`MAX_READINGS`] times.
-fn proc_locks(agree_on: impl Fn(&str) -> bool) -> Option<String> {
+pub(crate) fn proc_locks(agree_on: impl Fn(&str) -> bool) -> Option<String> {
     let picked = |text: &str| -> Vec<String> {
         // Without their numbers, which another lock's coming or going changes.
         text.lines().filter(|l| agree_on(l)).map(|l| l.split_once(':').map_or(l, |(_, rest)| rest).to_string()).collect()
@@ -600,6 +600,35 @@ pub(crate) mod tests {
         assert!(!free.in_the_way && in_the_way.in_the_way);
         assert_eq!(in_the_way.file, free.file);
         assert!(in_the_way.taken() && !in_the_way.held_by(job.id()));
+    }
+
+    /// Other locks (other agents', tests', builds'), taken and let go over and over on
+    /// files in `dir` by two threads until this is dropped.
+    pub(crate) struct Churn {
+        done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        threads: Vec<std::thread::JoinHandle<()>>,
+    }
+
+    pub(crate) fn other_locks_coming_and_going(dir: &Path) -> Churn {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..2)
+            .map(|i| {
+                let (done, file) = (std::sync::Arc::clone(&done), dir.join(format!("other-lock-{i}")));
+                std::thread::spawn(move || {
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        drop(runtime::hold_lock(&file).unwrap());
+                    }
+                })
+            })
+            .collect();
+        Churn { done, threads }
+    }
+
+    impl Drop for Churn {
+        fn drop(&mut self) {
+            self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.threads.drain(..).for_each(|t| t.join().unwrap());
+        }
     }
 
     /// A child that holds DATA_DIR's flock as the agent does (flock(1), which keeps it

@@ -299,7 +299,9 @@ fn lock_holder(path: &Path) -> Option<u32> {
     let (major, minor) = (((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff), (dev & 0xff) | ((dev >> 12) & !0xff));
     let exact = format!("{major:02x}:{minor:02x}:{}", meta.ino());
     let inode = format!(":{}", meta.ino());
-    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    // Read as DATA_DIR's lock is: in whole passes, agreeing on this inode's lines (a line
+    // goes unseen between two passes when another lock is let go).
+    let locks = crate::drain::proc_locks(|line| line.contains(&format!("{inode} ")))?;
     // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a waiter's line has "->" after
     // the number, and is not a holder.
     let holders = locks.lines().filter_map(|line| {
@@ -664,6 +666,22 @@ mod tests {
         // Let go: the other's next look takes it (a child forked meanwhile by another test
         // may hold the descriptor until its exec: the wait looks again).
         assert!(other.admit(&theirs, "j2").await.unwrap().is_some(), "the other process's job refreshes next");
+    }
+
+    /// The refresh lock's holder is named from /proc/locks, which was read in many pieces
+    /// (`read_to_string`): a lock of another process let go between two reads hid the
+    /// holder's line, named "another process". Here this process holds it, while other
+    /// locks come and go: it is named every time.
+    #[test]
+    fn the_holder_of_the_refresh_lock_is_named_while_other_locks_come_and_go() {
+        let d = tempdir("named-churn");
+        let lock = d.join(REFRESH_LOCK);
+        let _held = runtime::hold_lock(&lock).unwrap().expect("nobody else holds it");
+        let churn = crate::drain::tests::other_locks_coming_and_going(&d);
+        let unnamed = (0..3000).map(|_| lock_holder(&lock)).find(|holder| *holder != Some(std::process::id()));
+        drop(churn);
+        let _ = std::fs::remove_dir_all(&d);
+        assert_eq!(unnamed, None);
     }
 
     /// `flock(1)` holding the refresh lock of the login in `dir` until its stdin closes.

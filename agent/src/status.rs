@@ -614,24 +614,12 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let _held = runtime::hold_lock(&dir.join(crate::agent::DATA_LOCK)).unwrap().expect("nobody else holds it");
         let status = Status { agent_id: "a".into(), pid: std::process::id(), ..Default::default() };
-        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // Other locks, taken and let go over and over (other agents, tests, builds).
-        let churn: Vec<_> = (0..2)
-            .map(|i| {
-                let (done, file) = (std::sync::Arc::clone(&done), dir.join(format!("other-{i}")));
-                std::thread::spawn(move || {
-                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                        drop(runtime::hold_lock(&file).unwrap());
-                    }
-                })
-            })
-            .collect();
+        let churn = crate::drain::tests::other_locks_coming_and_going(&dir);
         // Judged its own by `status` and by `agent --drain` (which takes it for the agent of
         // the folder only when a reading shows it holding the lock) every time.
         let judged = || not_the_lock_holders(&dir, &status).or_else(|| (!crate::drain::is_agent_of(status.pid, &dir)).then(|| "not the agent of its folder".to_string()));
         let misjudged: Vec<String> = (0..3000).filter_map(|_| judged()).take(1).collect();
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        churn.into_iter().for_each(|t| t.join().unwrap());
+        drop(churn);
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(misjudged.is_empty(), "{misjudged:?}");
     }
