@@ -224,10 +224,8 @@ fn a_disk_filled_under_a_working_agent_is_named_by_status_check() {
 }
 
 /// The same with the disk's inodes used up (a job that made many empty files): blocks are
-/// left, and "looks stuck; restart it" was said. Ignored: under CI's load its `status
-/// --check` once said the agent's lock was held by no agent (not understood yet).
+/// left, and "looks stuck; restart it" was said.
 #[test]
-#[ignore = "flaky under load: status --check once took up's agent lock for another's; run it alone"]
 fn a_disk_out_of_inodes_under_a_working_agent_is_named_by_status_check() {
     status_check_once_the_disk_fills("size=64m,nr_inodes=400", r#"mkdir "$DATA_DIR/many"; i=0; while touch "$DATA_DIR/many/f$i" 2>/dev/null; do i=$((i+1)); done"#);
 }
