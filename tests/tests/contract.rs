@@ -386,6 +386,75 @@ async fn oversized_bodies_are_413(kind: EdgeKind) {
     // (Without the secret the body is not even read: see no_body_is_read_before_auth.)
 }
 
+/// The bodies being read are held together to `MAX_PENDING_BYTES`, each secret's holder to
+/// an equal share (here 1 MiB among the pool secret, alpha and beta: 349525 bytes). alpha
+/// opens three uploads of 300000 bytes and sends 1000 of each: one is read, the two past
+/// its share are refused 429 before the edge reads them, saying whose bodies and what to
+/// do — while beta's request is still served. Finished, the body read is answered (400:
+/// it is not JSON). Before, nothing bounded the bodies being read together: a caller's
+/// uploads held half sent grew a Worker isolate past its 128 MB.
+async fn bodies_being_read_are_held_to_a_share_each(kind: EdgeKind) {
+    use std::io::{Read, Write};
+    const ALPHA: &str = "caller-alpha-secret-0123456789";
+    const BETA: &str = "caller-beta-secret-0123456789";
+    const LENGTH: usize = 300_000;
+    let keys = Keys::new(&["spark"]);
+    let callers = format!("alpha={ALPHA},beta={BETA}");
+    let edge = EdgeServer::start(kind, &keys, &[("RUNNER_SECRETS", &callers), ("MAX_PENDING_BYTES", "1048576")]);
+    let head = format!(
+        "POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Runner-Secret: {ALPHA}\r\nContent-Type: application/json\r\n\
+         Content-Length: {LENGTH}\r\n\r\n"
+    );
+    // Each upload's answer is read as it comes: a refused one's at once, a held one's once
+    // its body is finished.
+    let (answered, mut answers) = tokio::sync::mpsc::unbounded_channel();
+    let mut uploads = Vec::new();
+    for n in 0..3 {
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", edge.port)).expect("the edge listens");
+        tcp.write_all(head.as_bytes()).expect("the head is sent");
+        tcp.write_all(&[b' '; 1000]).expect("the body's start is sent");
+        let mut reader = tcp.try_clone().unwrap();
+        let answered = answered.clone();
+        std::thread::spawn(move || {
+            // The answer's head, then its body: the connection may stay open after it.
+            let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+            reader.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+            let whole = |seen: &[u8]| {
+                let text = String::from_utf8_lossy(seen);
+                let Some((head, body)) = text.split_once("\r\n\r\n") else { return false };
+                let length = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()));
+                length.and_then(|l| l.parse::<usize>().ok()).is_none_or(|l| body.len() >= l)
+            };
+            while !whole(&seen) {
+                match reader.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(got) => seen.extend_from_slice(&buf[..got]),
+                }
+            }
+            let _ = answered.send((n, String::from_utf8_lossy(&seen).into_owned()));
+        });
+        uploads.push(tcp);
+    }
+    let mut refused = Vec::new();
+    for _ in 0..2 {
+        let answer = tokio::time::timeout(Duration::from_secs(90), answers.recv()).await.ok().flatten();
+        let (n, answer) = answer.unwrap_or_else(|| panic!("alpha's uploads past its share were not refused: {refused:?}\n{}", edge.log()));
+        assert!(answer.starts_with("HTTP/1.1 429 "), "{answer}");
+        assert!(answer.contains("RUNNER_BUSY") && answer.contains("caller alpha") && answer.contains("MAX_PENDING_BYTES"), "{answer}");
+        refused.push(n);
+    }
+    let client = Client::new(&edge.url());
+    let beta = client.send("POST", "/jobs", Some(BETA), Some(json!({"prompt": "beta's task"}).to_string().into_bytes())).await;
+    assert_eq!(beta.status, 202, "beta was refused while alpha held an upload: {}", beta.text);
+    let held = (0..3).find(|n| !refused.contains(n)).unwrap();
+    uploads[held].write_all(&vec![b' '; LENGTH - 1000]).expect("the rest of the body is sent");
+    let answer = tokio::time::timeout(Duration::from_secs(90), answers.recv()).await.ok().flatten();
+    let (n, answer) = answer.expect("the upload read is answered");
+    assert_eq!(n, held);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "the body read is answered: {answer}");
+    drop(uploads);
+}
+
 /// The jobs not ended are kept whole in the edge's memory, and loaded whole at its start:
 /// ~100 `POST /jobs` of 1 MiB prompts ran a Worker pool's Durable Object out of memory at
 /// every event after. Past `MAX_PENDING_BYTES` a submission is refused `429 RUNNER_BUSY`
@@ -2138,6 +2207,7 @@ contract!(
     secrets_are_checked,
     bad_requests_are_400,
     oversized_bodies_are_413,
+    bodies_being_read_are_held_to_a_share_each,
     jobs_not_ended_are_held_to_max_pending_bytes,
     a_timeout_kills_claude_and_its_children,
     claude_errors_are_failures,

@@ -860,3 +860,79 @@ async fn a_request_whose_body_never_arrives_is_answered_408_and_closed() {
         assert!(answer.contains("send the request again"), "{what}: {answer}");
     }
 }
+
+/// One named caller holding many bodies half sent — each declaring `MAX_BODY_BYTES` (1 MiB),
+/// all of it sent but its last byte — holds at most its share of the bytes in flight
+/// (`MAX_PENDING_BYTES`, 32 MiB, split equally among the pool secret, alpha and beta):
+/// past it, a body of its is refused 429 before any of it is read, saying whose bodies and
+/// what to do, and the edge's memory grows by less than the bound. Another caller's
+/// request is still served, and alpha's again once its uploads are let go. Before, nothing
+/// bounded the bodies being read together: 400 such uploads took the edge from 30 to
+/// 770 MiB (each body's buffer doubling as it grew), and none was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_caller_holding_many_half_sent_bodies_is_held_to_its_share_of_memory() {
+    const ALPHA: &str = "caller-alpha-secret-0123456789";
+    const BETA: &str = "caller-beta-secret-0123456789";
+    const MIB: usize = 1024 * 1024;
+    let keys = Keys::new(&["spark"]);
+    let callers = format!("alpha={ALPHA},beta={BETA}");
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("RUNNER_SECRETS", &callers), ("MAX_PENDING_BYTES", "33554432")]);
+    let (port, pid) = (edge.port, edge.pid().expect("the edge runs"));
+    let before = harness::rss_kib(pid).expect("the edge's memory");
+    let (held, refused) = tokio::task::spawn_blocking(move || {
+        let head = format!(
+            "POST /jobs HTTP/1.1\r\nHost: edge\r\nX-Runner-Secret: {ALPHA}\r\nContent-Type: application/json\r\n\
+             Content-Length: {MIB}\r\nExpect: 100-continue\r\n\r\n"
+        );
+        let (mut held, mut refused) = (Vec::new(), Vec::new());
+        for _ in 0..64 {
+            let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the kernel takes the connection");
+            tcp.write_all(head.as_bytes()).expect("the head is sent");
+            let mut seen = Vec::new();
+            let mut byte = [0u8; 1];
+            tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            while !seen.ends_with(b"\r\n\r\n") && matches!(tcp.read(&mut byte), Ok(1)) {
+                seen.push(byte[0]);
+            }
+            if seen.starts_with(b"HTTP/1.1 100 ") {
+                // All of it but its last byte: the edge keeps what came, waiting for the rest.
+                tcp.write_all(&vec![b' '; MIB - 1]).expect("the body is sent");
+                held.push(tcp);
+                continue;
+            }
+            let rest = read_to_end_within(tcp, Duration::from_secs(60)).unwrap_or_default();
+            seen.extend_from_slice(&rest);
+            refused.push(String::from_utf8_lossy(&seen).into_owned());
+        }
+        (held, refused)
+    })
+    .await
+    .unwrap();
+    // What the edge read of the held bodies is in its memory by the time a request after
+    // them is answered: each connection's bytes were taken in order.
+    let beta = Client::new(&edge.url());
+    let job = json!({"prompt": "beta's task"}).to_string().into_bytes();
+    let answer = beta.send("POST", "/jobs", Some(BETA), Some(job.clone())).await;
+    assert_eq!(answer.status, 202, "beta was refused while alpha held {} bodies: {}", held.len(), answer.text);
+    let grown = harness::rss_kib(pid).expect("the edge's memory").saturating_sub(before) / 1024;
+    assert!(!refused.is_empty(), "alpha held {} bodies of 1 MiB, none refused; the edge grew by {grown} MiB", held.len());
+    let first = &refused[0];
+    assert!(
+        first.starts_with("HTTP/1.1 429 ") && first.contains("RUNNER_BUSY") && first.contains("caller alpha") && first.contains("MAX_PENDING_BYTES"),
+        "{first}"
+    );
+    assert!(held.len() >= 8, "alpha's share (a third of 32 MiB) holds 10 bodies of 1 MiB, it held {}", held.len());
+    assert!(grown < 32, "the edge grew by {grown} MiB holding {} bodies", held.len());
+    // Let go, alpha's bodies no longer count: its next request is read.
+    drop(held);
+    let alpha = Client::new(&edge.url());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = alpha.send("POST", "/jobs", Some(ALPHA), Some(job.clone())).await;
+        if answer.status == 202 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "alpha was still refused after letting its uploads go: {}", answer.text);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -2,6 +2,14 @@
 //! what an upload that broke off means. Hosts feed the chunks they receive to an
 //! [`Intake`] and stop when it says so; the [`Body`] it ends with is what the HTTP routing
 //! answers from, so both hosts answer an oversized or broken upload the same way.
+//!
+//! Bodies being read are bounded together, not only each alone: every [`Intake`] of a
+//! request holds its bytes against the process's bodies in flight ([`Bound`]), so that a
+//! caller holding many uploads half sent — each one allowed, held until its time is up —
+//! cannot take the edge's memory (a Worker isolate's 128 MB), nor another caller's part.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
 
 /// How much of an oversized body is read (and dropped, never held) so the caller is still
 /// listening when its 413 comes: answering while the caller still sends makes the
@@ -61,35 +69,191 @@ pub enum Next {
     Stop,
 }
 
+/// The bodies being read in this process — on the Worker its isolate, whose memory every
+/// object in it shares — counted together and by holder ([`Intake::reserve`]).
+#[derive(Debug)]
+pub struct InFlight(Mutex<Held>);
+
+#[derive(Debug)]
+struct Held {
+    bytes: usize,
+    /// By holder, as the host names it (pool and secret): only holders with bytes in flight.
+    by_holder: BTreeMap<String, usize>,
+}
+
+/// Every body being read in this process.
+static IN_FLIGHT: InFlight = InFlight::new();
+
+impl InFlight {
+    pub(crate) const fn new() -> InFlight {
+        InFlight(Mutex::new(Held { bytes: 0, by_holder: BTreeMap::new() }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Held> {
+        // A panic elsewhere leaves counts, never a half-made entry: go on with them.
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The bytes in flight: all, and `holder`'s.
+    #[cfg(test)]
+    fn bytes(&self, holder: &str) -> (usize, usize) {
+        let held = self.lock();
+        (held.bytes, held.by_holder.get(holder).copied().unwrap_or(0))
+    }
+}
+
+/// What the bodies being read may hold: `whole` bytes together (`MAX_PENDING_BYTES`: what
+/// the jobs they become may hold too), each of the `holders` sharing it (the pool's secret,
+/// each named caller, the admin: [`crate::http::holders`]) an equal share — equal, not
+/// "half", so that two holders together never leave a third nothing — and always one body,
+/// if the whole has room for it (a share may be less than `MAX_BODY_BYTES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    pub whole: usize,
+    pub holders: usize,
+}
+
+impl Bound {
+    pub fn share(&self) -> usize {
+        self.whole / self.holders.max(1)
+    }
+}
+
+/// A body refused before any of it is read, for the bodies in flight: 429.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Crowded {
+    /// What the body would hold ([`Intake::reserve`]).
+    pub wanted: usize,
+    /// What its holder's bodies hold already (all bodies together, if `whole`).
+    pub held: usize,
+    /// All bodies together are at the bound, not its holder at its share.
+    pub whole: bool,
+    pub bound: Bound,
+}
+
+/// What one body holds of the bodies in flight; given back when it is dropped (its body
+/// finished, refused, or its connection gone).
+#[derive(Debug)]
+struct Charge {
+    in_flight: &'static InFlight,
+    holder: String,
+    bytes: usize,
+}
+
+impl Charge {
+    /// The body holds `bytes` now, more than reserved only if it outgrew what its host said
+    /// it would be: counted whatever the bound, as that memory is held anyway.
+    fn cover(&mut self, bytes: usize) {
+        if bytes <= self.bytes {
+            return;
+        }
+        let more = bytes - self.bytes;
+        let mut held = self.in_flight.lock();
+        held.bytes = held.bytes.saturating_add(more);
+        *held.by_holder.entry(self.holder.clone()).or_default() += more;
+        self.bytes = bytes;
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        let mut held = self.in_flight.lock();
+        held.bytes = held.bytes.saturating_sub(self.bytes);
+        if let Some(mine) = held.by_holder.get_mut(&self.holder) {
+            *mine = mine.saturating_sub(self.bytes);
+            if *mine == 0 {
+                held.by_holder.remove(&self.holder);
+            }
+        }
+    }
+}
+
 /// One body being read.
 #[derive(Debug)]
 pub struct Intake {
     limit: usize,
     drain: usize,
     bytes: Vec<u8>,
+    /// What its buffer may grow to before it outgrows its reservation.
+    reserved: usize,
+    /// Its part of the bodies in flight (none for a refused request's: nothing is kept).
+    charge: Option<Charge>,
     seen: usize,
     broken: Option<String>,
     timed_out: Option<u64>,
 }
 
 impl Intake {
-    /// `limit` is `MAX_BODY_BYTES`.
-    pub fn new(limit: usize) -> Intake {
-        Intake { limit, drain: DRAIN_LIMIT, bytes: Vec::new(), seen: 0, broken: None, timed_out: None }
+    /// A body of an uncounted limit, for tests of what is kept.
+    #[cfg(test)]
+    pub(crate) fn new(limit: usize) -> Intake {
+        Intake::with(limit, DRAIN_LIMIT, limit, None)
+    }
+
+    fn with(limit: usize, drain: usize, reserved: usize, charge: Option<Charge>) -> Intake {
+        Intake { limit, drain, bytes: Vec::new(), reserved, charge, seen: 0, broken: None, timed_out: None }
     }
 
     /// The body of a request about to be refused: nothing kept, at most
     /// [`REFUSAL_DRAIN_LIMIT`] read (hosts also stop after [`REFUSAL_DRAIN_MS`]).
     pub fn refused() -> Intake {
-        Intake { limit: 0, drain: REFUSAL_DRAIN_LIMIT, bytes: Vec::new(), seen: 0, broken: None, timed_out: None }
+        Intake::with(0, REFUSAL_DRAIN_LIMIT, 0, None)
+    }
+
+    /// A body of `holder`'s (the host's name for it: pool and secret) to be read, at most
+    /// `limit` (`MAX_BODY_BYTES`) kept: it holds `min(declared, limit)` of the process's
+    /// bodies in flight from the start (`declared` is its `Content-Length`; `None`, a
+    /// chunked body, holds the limit), or it is refused ([`Crowded`]) before any of it is
+    /// read. Reserved up front, not charged as it comes: a body refused half way would
+    /// have been read for nothing, and its buffer grows to the reservation and no further,
+    /// where a growing buffer doubled — a 1 MiB body held nearly 2.
+    pub fn reserve(limit: usize, declared: Option<u64>, holder: &str, bound: Bound) -> Result<Intake, Crowded> {
+        Intake::reserve_in(&IN_FLIGHT, limit, declared, holder, bound)
+    }
+
+    pub(crate) fn reserve_in(
+        in_flight: &'static InFlight,
+        limit: usize,
+        declared: Option<u64>,
+        holder: &str,
+        bound: Bound,
+    ) -> Result<Intake, Crowded> {
+        let wanted = declared.map_or(limit, |d| usize::try_from(d).unwrap_or(usize::MAX).min(limit));
+        let mut held = in_flight.lock();
+        let mine = held.by_holder.get(holder).copied().unwrap_or(0);
+        // A holder with nothing in flight may always start one body, if the whole has room.
+        if mine > 0 && mine.saturating_add(wanted) > bound.share() {
+            return Err(Crowded { wanted, held: mine, whole: false, bound });
+        }
+        if held.bytes.saturating_add(wanted) > bound.whole {
+            return Err(Crowded { wanted, held: held.bytes, whole: true, bound });
+        }
+        held.bytes += wanted;
+        *held.by_holder.entry(holder.to_string()).or_default() += wanted;
+        drop(held);
+        let charge = Charge { in_flight, holder: holder.to_string(), bytes: wanted };
+        Ok(Intake::with(limit, DRAIN_LIMIT, wanted, Some(charge)))
     }
 
     pub fn chunk(&mut self, chunk: &[u8]) -> Next {
         self.seen = self.seen.saturating_add(chunk.len());
         if self.seen > self.limit {
-            // Over the limit: nothing more is kept, but the caller is heard out.
+            // Over the limit: nothing more is kept (nor held against the bodies in flight),
+            // but the caller is heard out.
             self.bytes = Vec::new();
+            self.charge = None;
             return if self.seen > self.drain { Next::Stop } else { Next::Read };
+        }
+        let needed = self.bytes.len() + chunk.len();
+        if needed > self.bytes.capacity() {
+            // Doubling, as a growing buffer does, but never past the reservation unless
+            // the body outgrows it.
+            let to = needed.max(self.bytes.capacity().saturating_mul(2)).min(self.reserved.max(needed));
+            self.bytes.reserve_exact(to - self.bytes.len());
+            let capacity = self.bytes.capacity();
+            if let Some(charge) = &mut self.charge {
+                charge.cover(capacity);
+            }
         }
         self.bytes.extend_from_slice(chunk);
         Next::Read
@@ -140,6 +304,70 @@ mod tests {
         assert_eq!(i.chunk(b"ab"), Next::Read);
         assert_eq!(i.chunk(b"cde"), Next::Read);
         assert_eq!(i.finish(), Body::Bytes(b"abcde".to_vec()));
+    }
+
+    /// Two bodies of the limit each, on a bound of one and a half: the second is refused
+    /// before any of it is read, until the first is done. Before, each body was its own
+    /// buffer and nothing bounded them together: 400 uploads held half sent took a native
+    /// edge to 770 MiB, and a Worker isolate past its 128 MB.
+    #[test]
+    fn bodies_in_flight_are_held_to_the_bound_together() {
+        static IN_FLIGHT: InFlight = InFlight::new();
+        let limit = 1000;
+        let bound = Bound { whole: limit * 3 / 2, holders: 2 };
+        let reserve = |holder: &str, declared: Option<u64>| Intake::reserve_in(&IN_FLIGHT, limit, declared, holder, bound);
+        let mut first = reserve("a", Some(limit as u64)).expect("the first fits");
+        assert_eq!(first.chunk(&vec![b' '; limit]), Next::Read);
+        let crowded = reserve("b", Some(limit as u64)).expect_err("the second would pass the bound");
+        assert_eq!((crowded.wanted, crowded.held, crowded.whole), (limit, limit, true));
+        assert!(reserve("b", None).is_err(), "a chunked body holds the limit");
+        let small = reserve("b", Some(400)).expect("a body within what is left fits");
+        assert_eq!(first.finish(), Body::Bytes(vec![b' '; limit]));
+        drop(small);
+        assert_eq!(IN_FLIGHT.bytes("a"), (0, 0), "finished and dropped bodies hold nothing");
+        let mut second = reserve("b", Some(limit as u64)).expect("the first is done");
+        second.chunk(&vec![b' '; limit + 1]);
+        assert_eq!(IN_FLIGHT.bytes("b"), (0, 0), "an oversized body, drained, holds nothing");
+    }
+
+    /// Each holder may hold an equal share: one at its share is refused, saying so, while
+    /// the others still get theirs; one with nothing in flight always gets one body, even a
+    /// body larger than its share, if the whole has room.
+    #[test]
+    fn each_holder_holds_an_equal_share_and_always_one_body() {
+        static IN_FLIGHT: InFlight = InFlight::new();
+        let bound = Bound { whole: 3000, holders: 3 };
+        let reserve = |holder: &str, declared: u64| Intake::reserve_in(&IN_FLIGHT, 1500, Some(declared), holder, bound);
+        let a = [reserve("a", 600).unwrap(), reserve("a", 400).unwrap()];
+        let crowded = reserve("a", 1).expect_err("a holds its share");
+        assert_eq!((crowded.held, crowded.whole, crowded.bound.share()), (1000, false, 1000));
+        let b = reserve("b", 1000).expect("b's share is its own");
+        let c = reserve("c", 1000).expect("c's share is its own");
+        drop((a, b, c));
+        let big = reserve("a", 1500).expect("a body past the share, with nothing else of a's in flight");
+        assert!(reserve("a", 1).is_err());
+        let b = reserve("b", 1000).expect("b's share is its own");
+        assert!(reserve("c", 1000).unwrap_err().whole, "the whole is full: 2500 held");
+        drop((big, b));
+    }
+
+    /// A body's buffer grows to its declared length and no further: it never holds twice
+    /// what it keeps, and it is counted at what it holds.
+    #[test]
+    fn a_body_never_holds_more_than_it_declared() {
+        static IN_FLIGHT: InFlight = InFlight::new();
+        let bound = Bound { whole: 1 << 20, holders: 1 };
+        let mut body = Intake::reserve_in(&IN_FLIGHT, 1 << 20, Some(100_000), "pool", bound).unwrap();
+        for _ in 0..1000 {
+            body.chunk(&[b'x'; 100]);
+        }
+        assert_eq!(body.bytes.capacity(), 100_000);
+        assert_eq!(IN_FLIGHT.bytes("pool"), (100_000, 100_000));
+        // A runtime that let through more than the declared length: what is held is counted.
+        body.chunk(&[b'x'; 100]);
+        assert_eq!(IN_FLIGHT.bytes("pool").0, body.bytes.capacity());
+        drop(body);
+        assert_eq!(IN_FLIGHT.bytes("pool"), (0, 0));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! the machine (a refusal before the body is read, no WebSocket upgrade, the edge gone)
 //! are made here too.
 
-use crate::body::Body;
+use crate::body::{Body, Bound, Crowded, Intake};
 use crate::clock::Now;
 use crate::machine::{CallerId, Edge, Effect};
 use crate::progress;
@@ -309,6 +309,52 @@ pub fn body_timed_out(ms: u64) -> Response {
     ));
     err.status = 408;
     Response::error(err).with_header("connection", "close".into())
+}
+
+/// How a host reads the body of a request [`preflight`] said to read
+/// ([`Gate::Handle`] with `read_body`): an [`Intake`] holding `min(declared, MAX_BODY_BYTES)`
+/// of the bodies this process (a Worker's isolate) is reading, or — past its holder's
+/// share of them, or past all of them together — the answer to give instead, before any
+/// of the body is read: 429 `RUNNER_BUSY` saying whose bodies and what to do, its
+/// connection closed (the body was not read: what comes next could not be told from a
+/// request). The bodies together are bounded by `MAX_PENDING_BYTES`, what the jobs they
+/// become may hold too, and each holder ([`holder`]: the pool's secret, each named caller,
+/// the admin) gets an equal share ([`holders`]). `declared` is the body's
+/// `Content-Length` (`None`: chunked). A request without a secret of the edge's reads
+/// nothing: [`handle`] refuses it from its headers.
+pub fn intake(config: &Config, secret_header: Option<&str>, authorization: Option<&str>, declared: Option<u64>) -> Result<Intake, Response> {
+    let Some(holder) = holder(config, secret_header, authorization) else {
+        return Ok(Intake::refused());
+    };
+    // Pools of a Worker share its isolate: each counts its own holders, all the bytes.
+    let name = format!("{}/{holder}", config.pool);
+    let bound = Bound { whole: usize::try_from(config.max_pending_bytes).unwrap_or(usize::MAX), holders: holders(config) };
+    Intake::reserve(config.max_body_bytes, declared, &name, bound).map_err(|crowded| {
+        tracing::debug!(pool = %config.pool, holder = %holder, held = crowded.held, whole = crowded.whole, "request body refused: the bodies in flight are at their bound");
+        Response::error(ApiError::new(ErrorCode::RunnerBusy, bodies_crowded(&holder, &crowded))).with_header("connection", "close".into())
+    })
+}
+
+/// What a caller refused for the bodies in flight ([`intake`]) is told.
+fn bodies_crowded(holder: &Holder, crowded: &Crowded) -> String {
+    let Crowded { wanted, held, whole, bound } = crowded;
+    if *whole {
+        format!(
+            "the request bodies this edge is reading hold {held} bytes of its memory (a Worker's: every pool's in its isolate), \
+             and this one's {wanted} more would pass MAX_PENDING_BYTES ({}), which bounds them together; \
+             send this again once some have arrived (uploads left unfinished are let go when their time is up)",
+            bound.whole
+        )
+    } else {
+        format!(
+            "the request bodies of {holder} being read hold {held} bytes of this edge's memory, and this one's {wanted} more \
+             would pass its share: MAX_PENDING_BYTES ({}) split among {} secrets ({}); finish or close the uploads it \
+             leaves unfinished and send this again",
+            bound.whole,
+            bound.holders,
+            bound.share()
+        )
+    }
 }
 
 /// The answer to a request that arrives while the edge stops (the machine is gone).

@@ -569,6 +569,16 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
         Gate::AgentSocket => return socket::agent_connect(state, Request::from_parts(parts, body)).await,
         Gate::Handle { read_body } => read_body,
     };
+    let body = if read {
+        // hyper's body knows its `Content-Length` (exact), and none for a chunked one.
+        let declared = axum::body::HttpBody::size_hint(&body).exact();
+        match edge_core::http::intake(&state.config, secret.as_deref(), authorization.as_deref(), declared) {
+            Ok(intake) => read_request_body(body, intake, declared, state.config.max_body_bytes).await,
+            Err(crowded) => return refuse_unread(crowded, &parts.headers, body).await,
+        }
+    } else {
+        edge_core::body::Body::Bytes(Vec::new())
+    };
     let req = edge_core::http::Request {
         method: parts.method.as_str().to_string(),
         path: parts.uri.path().to_string(),
@@ -576,7 +586,7 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
         authorization,
         idempotency_key: header(&parts.headers, "idempotency-key"),
         last_event_id: header(&parts.headers, "last-event-id"),
-        body: if read { read_request_body(body, state.config.max_body_bytes).await } else { edge_core::body::Body::Bytes(Vec::new()) },
+        body,
     };
     let (tx, rx) = oneshot::channel();
     if state.driver.send(Command::Http { req, reply: tx }).await.is_err() {
@@ -606,18 +616,24 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
 
 /// The answer to a request whose secret's holder holds all the connections it may
 /// ([`Over`]): 429 `RUNNER_BUSY` saying whose and what to do, and its connection closed
-/// (`connection: close`: hyper closes it once the answer is written; never read, the
-/// answer still leaves the connection idle, first to go at the cap). As with a refusal
-/// before the body ([`Gate::Answer`]), a little of the body is heard out so the caller
-/// reads the answer rather than a reset — unless the request waits for `100 Continue`:
-/// reading would tell it to send the body it need not send.
+/// (never read, the answer still leaves the connection idle, first to go at the cap).
 async fn over_share(over: Over, headers: &HeaderMap, body: Body) -> Response {
+    let error = shared::contract::ApiError::new(shared::contract::ErrorCode::RunnerBusy, over.to_string());
+    refuse_unread(edge_core::Response::error(error).with_header("connection", "close".into()), headers, body).await
+}
+
+/// `refused`, the answer to a request whose body is not read (its holder is past a share:
+/// [`over_share`], [`edge_core::http::intake`]); it says `connection: close`, and hyper
+/// closes the connection once it is written. As with a refusal before the body
+/// ([`Gate::Answer`]), a little of the body is heard out so the caller reads the answer
+/// rather than a reset — unless the request waits for `100 Continue`: reading would tell it
+/// to send the body it need not send.
+async fn refuse_unread(refused: edge_core::Response, headers: &HeaderMap, body: Body) -> Response {
     let expects_continue = header(headers, "expect").is_some_and(|e| e.trim().eq_ignore_ascii_case("100-continue"));
     if !expects_continue {
         read_body(body, Intake::refused(), edge_core::body::REFUSAL_DRAIN_MS).await;
     }
-    let error = shared::contract::ApiError::new(shared::contract::ErrorCode::RunnerBusy, over.to_string());
-    into_response(edge_core::Response::error(error).with_header("connection", "close".into()))
+    into_response(refused)
 }
 
 /// A `text/event-stream` answer: the follower's chunks as the connection takes them, with
@@ -700,10 +716,8 @@ async fn read_body(body: Body, mut intake: Intake, within_ms: u64) -> edge_core:
 /// ([`edge_core::body::read_within_ms`]): a head that arrived and a body that never does
 /// (a `Content-Length` never reached, an `Expect: 100-continue` answered and nothing sent)
 /// is answered 408 and its connection closed, rather than held busy for ever.
-async fn read_request_body(body: Body, limit: usize) -> edge_core::body::Body {
-    // hyper's body knows its `Content-Length` (exact), and none for a chunked one.
-    let declared = axum::body::HttpBody::size_hint(&body).exact();
-    read_body(body, Intake::new(limit), edge_core::body::read_within_ms(declared, limit)).await
+async fn read_request_body(body: Body, intake: Intake, declared: Option<u64>, limit: usize) -> edge_core::body::Body {
+    read_body(body, intake, edge_core::body::read_within_ms(declared, limit)).await
 }
 
 #[cfg(test)]

@@ -408,8 +408,19 @@ impl EdgeDurableObject {
             (header("x-runner-secret"), header("authorization"), header("idempotency-key"), header("last-event-id"));
         let method = req.inner().method();
         let body = if read_body {
-            let limit = self.with_edge(|edge| edge.config().max_body_bytes).unwrap_or(0);
-            exchange::read_body(&mut req, edge_core::body::Intake::new(limit)).await
+            // The core holds the body against the isolate's bodies in flight, or refuses it
+            // unread (429); a body is never read before that.
+            let declared = header("content-length").and_then(|length| length.trim().parse().ok());
+            let intake = self.with_edge(|edge| http::intake(edge.config(), secret_header.as_deref(), authorization.as_deref(), declared));
+            match intake {
+                Some(Ok(intake)) => exchange::read_body(&mut req, intake).await,
+                Some(Err(crowded)) => {
+                    exchange::drain_refused(&mut req).await;
+                    return exchange::respond(crowded);
+                }
+                // Not loaded: the request is answered so (`handle` below), nothing kept.
+                None => exchange::read_body(&mut req, edge_core::body::Intake::refused()).await,
+            }
         } else {
             edge_core::body::Body::Bytes(Vec::new())
         };

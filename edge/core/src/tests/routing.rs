@@ -1619,3 +1619,31 @@ fn a_callers_new_secret_reaches_no_job_the_pools_secret_sent_in_its_name() {
     let (_, list) = answer(&request(&mut edge, 8, CI_SECRET, "GET", "/jobs", Value::Null));
     assert_eq!(list["active"].as_array().map(|a| a.len()), Some(1), "{list}");
 }
+
+/// The body a host reads for a request is held against the process's bodies in flight by
+/// the request's holder: past its share it is refused before any of it is read, 429
+/// naming whose bodies and what to do, its connection closed; another holder's body is
+/// still read. A request without a secret reads nothing (its answer is the 401).
+#[test]
+fn a_body_past_its_holders_share_of_the_bodies_in_flight_is_refused_unread() {
+    use crate::http::intake;
+    // A pool of its own: the process's bodies in flight are shared with every other test.
+    let config = Config { pool: "bodies-test".into(), max_body_bytes: 1000, max_pending_bytes: 3000, ..pool_config() };
+    let held = intake(&config, Some(A_SECRET), None, Some(1000)).expect("a's first body");
+    let refused = intake(&config, Some(A_SECRET), None, Some(10)).expect_err("a holds its share: a third of 3000");
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert!(
+        refused.body.contains("RUNNER_BUSY") && refused.body.contains("caller a ") && refused.body.contains("MAX_PENDING_BYTES (3000) split among 3 secrets"),
+        "{}",
+        refused.body
+    );
+    assert!(refused.body.contains("finish or close the uploads"), "{}", refused.body);
+    assert!(refused.headers.iter().any(|(name, value)| *name == "connection" && value == "close"), "{:?}", refused.headers);
+    let others = [intake(&config, Some(B_SECRET), None, Some(1000)), intake(&config, Some(SECRET), None, None)];
+    assert!(others.iter().all(Result::is_ok), "b's and the pool's shares are their own");
+    let mut anonymous = intake(&config, None, None, Some(1000)).expect("nothing to hold");
+    anonymous.chunk(b"{}");
+    assert_eq!(anonymous.finish(), crate::body::Body::TooLarge, "nothing kept (`handle` answers 401 from its headers)");
+    drop((held, others));
+    assert!(intake(&config, Some(A_SECRET), None, Some(1000)).is_ok(), "a's body done, its share is free again");
+}
