@@ -103,10 +103,10 @@ impl InFlight {
 }
 
 /// What the bodies being read may hold: `whole` bytes together (`MAX_PENDING_BYTES`: what
-/// the jobs they become may hold too), each of the `holders` sharing it (the pool's secret,
-/// each named caller, the admin: [`crate::http::holders`]) an equal share — equal, not
-/// "half", so that two holders together never leave a third nothing — and always one body,
-/// if the whole has room for it (a share may be less than `MAX_BODY_BYTES`).
+/// the jobs they become may hold too), each of the `holders` sharing it (the pool's
+/// callers as one and each named caller: [`crate::http::owners`], the secrets a body is
+/// read for) an equal share ([`crate::http::equal_share`]) — and always one body, if the
+/// whole has room for it (a share may be less than `MAX_BODY_BYTES`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bound {
     pub whole: usize,
@@ -115,7 +115,7 @@ pub struct Bound {
 
 impl Bound {
     pub fn share(&self) -> usize {
-        self.whole / self.holders.max(1)
+        crate::http::equal_share(self.whole, self.holders)
     }
 }
 

@@ -318,8 +318,8 @@ pub fn body_timed_out(ms: u64) -> Response {
 /// of the body is read: 429 `RUNNER_BUSY` saying whose bodies and what to do, its
 /// connection closed (the body was not read: what comes next could not be told from a
 /// request). The bodies together are bounded by `MAX_PENDING_BYTES`, what the jobs they
-/// become may hold too, and each holder ([`holder`]: the pool's secret, each named caller,
-/// the admin) gets an equal share ([`holders`]). `declared` is the body's
+/// become may hold too, and each holder ([`holder`]: the pool's callers as one, each named
+/// caller — the secrets a body is read for, [`owners`]) gets an equal share. `declared` is the body's
 /// `Content-Length` (`None`: chunked). A request without a secret of the edge's reads
 /// nothing: [`handle`] refuses it from its headers.
 pub fn intake(config: &Config, secret_header: Option<&str>, authorization: Option<&str>, declared: Option<u64>) -> Result<Intake, Response> {
@@ -328,7 +328,7 @@ pub fn intake(config: &Config, secret_header: Option<&str>, authorization: Optio
     };
     // Pools of a Worker share its isolate: each counts its own holders, all the bytes.
     let name = format!("{}/{holder}", config.pool);
-    let bound = Bound { whole: usize::try_from(config.max_pending_bytes).unwrap_or(usize::MAX), holders: holders(config) };
+    let bound = Bound { whole: usize::try_from(config.max_pending_bytes).unwrap_or(usize::MAX), holders: owners(config) };
     Intake::reserve(config.max_body_bytes, declared, &name, bound).map_err(|crowded| {
         tracing::debug!(pool = %config.pool, holder = %holder, held = crowded.held, whole = crowded.whole, "request body refused: the bodies in flight are at their bound");
         Response::error(ApiError::new(ErrorCode::RunnerBusy, bodies_crowded(&holder, &crowded))).with_header("connection", "close".into())

@@ -1628,7 +1628,9 @@ fn a_callers_new_secret_reaches_no_job_the_pools_secret_sent_in_its_name() {
 fn a_body_past_its_holders_share_of_the_bodies_in_flight_is_refused_unread() {
     use crate::http::intake;
     // A pool of its own: the process's bodies in flight are shared with every other test.
-    let config = Config { pool: "bodies-test".into(), max_body_bytes: 1000, max_pending_bytes: 3000, ..pool_config() };
+    // The admin's secret is read no body: it takes no share.
+    let admin = Some("admin-secret-0123456789".to_string());
+    let config = Config { pool: "bodies-test".into(), max_body_bytes: 1000, max_pending_bytes: 3000, admin_secret: admin, ..pool_config() };
     let held = intake(&config, Some(A_SECRET), None, Some(1000)).expect("a's first body");
     let refused = intake(&config, Some(A_SECRET), None, Some(10)).expect_err("a holds its share: a third of 3000");
     assert_eq!(refused.status, 429, "{}", refused.body);
