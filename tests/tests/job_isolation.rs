@@ -373,6 +373,22 @@ async fn a_nul_in_a_callers_value_cannot_set_claudes_environment() {
     assert!(s.agent.claude_runs().is_empty(), "claude ran: {:?}", s.agent.claude_runs());
 }
 
+/// A native edge and an agent whose Claude is the script `claude`, and the answer to one
+/// job that succeeded through them (both kept running for the caller to look at).
+async fn one_job_with(claude: std::path::PathBuf) -> (EdgeServer, AgentProc, Answer) {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    opts.claude_bin = claude;
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let a = client.execute(json!({"prompt": "@exit=0", "timeout_ms": 60000})).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["success"], true, "{}\n{}", a.text, agent.log());
+    (edge, agent, a)
+}
+
 /// Claude's end is read from its warden's four status bytes, not the status pipe's close:
 /// they must still mean that nothing of the job runs. A Claude that ends by itself while a
 /// process it left in a session of its own (`setsid`, its output closed: nothing holds
@@ -398,17 +414,7 @@ async fn a_writer_claude_leaves_in_its_workspace_is_dead_when_the_caller_has_the
     )
     .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let keys = Keys::new(&["spark"]);
-    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
-    let mut opts = AgentOpts::for_edge(&edge, "spark");
-    opts.claude_bin = script;
-    let agent = AgentProc::start(opts);
-    let client = Client::new(&edge.url());
-    client.wait_online().await;
-
-    let a = client.execute(json!({"prompt": "@exit=0", "timeout_ms": 60000})).await;
-    assert_eq!(a.status, 200, "{}", a.text);
-    assert_eq!(a.body["success"], true, "{}\n{}", a.text, agent.log());
+    let (_edge, agent, a) = one_job_with(script).await;
     let writer: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     assert!(!alive(writer), "the writer Claude left behind ({writer}) still runs when the caller has the answer");
     let workspace = agent.data.path().join("data/workspaces").join(a.body["job_id"].as_str().unwrap());
@@ -463,17 +469,7 @@ async fn a_chain_of_processes_deeper_than_the_wardens_rounds_dies_with_its_job()
         }
     }
     let _reap = Reap(pids.clone());
-    let keys = Keys::new(&["spark"]);
-    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
-    let mut opts = AgentOpts::for_edge(&edge, "spark");
-    opts.claude_bin = script;
-    let agent = AgentProc::start(opts);
-    let client = Client::new(&edge.url());
-    client.wait_online().await;
-
-    let a = client.execute(json!({"prompt": "@exit=0", "timeout_ms": 60000})).await;
-    assert_eq!(a.status, 200, "{}", a.text);
-    assert_eq!(a.body["success"], true, "{}\n{}", a.text, agent.log());
+    let _ran = one_job_with(script).await;
     let noted: Vec<i32> = std::fs::read_to_string(&pids).unwrap().lines().filter_map(|l| l.trim().parse().ok()).collect();
     assert_eq!(noted.len(), DEPTH, "the whole chain was started");
     let left: Vec<i32> = noted.into_iter().filter(|pid| alive(*pid)).collect();

@@ -555,6 +555,24 @@ fn a_slow_receiver_holds_only_its_share_of_the_callbacks_in_flight() {
     assert_eq!(handed_out(&edge.posted(1_001, &slow[0].id, Ok(200))).len(), 1);
 }
 
+/// An edge allowing callbacks to `<host>.example.com` for each of `hosts`, with an agent
+/// taking 30 jobs.
+fn posting_to(hosts: &[&str]) -> (Edge, String) {
+    let hosts = hosts.iter().map(|h| format!("{h}.example.com")).collect();
+    let mut edge = Edge::new(Config { callback_hosts: hosts, ..config() }, 0);
+    let (sid, _) = join_with(&mut edge, 0, "spark", &agent_key(1), vec![], 1, 30);
+    say(&mut edge, 0, &sid, credit(30, 0));
+    (edge, sid)
+}
+
+/// Job `id`, with its callback to `host`, sent and ended at `at`: what was posted then.
+fn ended_with_callback(edge: &mut Edge, sid: &str, at: u64, id: &str, host: &str) -> Vec<Post> {
+    let body = json!({"prompt": "x", "callback_url": format!("https://{host}.example.com/r")}).to_string();
+    let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+    edge.submit(at, id.into(), submission, Mode::Detached).unwrap();
+    posts(&report(edge, at, sid, id, ok_result()))
+}
+
 /// Two receivers that are slow to answer hold at most all places but one: the last goes
 /// only to a receiver with none on its way, so a third receiver's result goes at once
 /// (hostile review rev12: 4 + 4 held every place). And a place that frees goes to the
@@ -562,16 +580,8 @@ fn a_slow_receiver_holds_only_its_share_of_the_callbacks_in_flight() {
 #[test]
 fn two_slow_receivers_leave_a_place_and_the_next_goes_to_a_receiver_with_none_on_its_way() {
     use crate::machine::MAX_CALLBACKS_IN_FLIGHT;
-    let hosts: Vec<String> = ["a", "b", "c", "d"].iter().map(|h| format!("{h}.example.com")).collect();
-    let mut edge = Edge::new(Config { callback_hosts: hosts, ..config() }, 0);
-    let (sid, _) = join_with(&mut edge, 0, "spark", &agent_key(1), vec![], 1, 30);
-    say(&mut edge, 0, &sid, credit(30, 0));
-    let end = |edge: &mut Edge, at: u64, id: &str, host: &str| {
-        let body = json!({"prompt": "x", "callback_url": format!("https://{host}.example.com/r")}).to_string();
-        let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
-        edge.submit(at, id.into(), submission, Mode::Detached).unwrap();
-        posts(&report(edge, at, &sid, id, ok_result()))
-    };
+    let (mut edge, sid) = posting_to(&["a", "b", "c", "d"]);
+    let end = |edge: &mut Edge, at: u64, id: &str, host: &str| ended_with_callback(edge, &sid, at, id, host);
     let mut slow = Vec::new();
     for i in 0..10 {
         slow.extend(end(&mut edge, 10, &format!("a{i}"), "a"));
@@ -591,16 +601,8 @@ fn two_slow_receivers_leave_a_place_and_the_next_goes_to_a_receiver_with_none_on
 /// by whoever ended first.
 #[test]
 fn a_freed_place_goes_to_the_receiver_with_the_fewest_on_their_way() {
-    let hosts: Vec<String> = ["a", "b", "c"].iter().map(|h| format!("{h}.example.com")).collect();
-    let mut edge = Edge::new(Config { callback_hosts: hosts, ..config() }, 0);
-    let (sid, _) = join_with(&mut edge, 0, "spark", &agent_key(1), vec![], 1, 30);
-    say(&mut edge, 0, &sid, credit(30, 0));
-    let end = |edge: &mut Edge, at: u64, id: &str, host: &str| {
-        let body = json!({"prompt": "x", "callback_url": format!("https://{host}.example.com/r")}).to_string();
-        let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
-        edge.submit(at, id.into(), submission, Mode::Detached).unwrap();
-        posts(&report(edge, at, &sid, id, ok_result()))
-    };
+    let (mut edge, sid) = posting_to(&["a", "b", "c"]);
+    let end = |edge: &mut Edge, at: u64, id: &str, host: &str| ended_with_callback(edge, &sid, at, id, host);
     let mut c = Vec::new();
     for (id, host) in [("a0", "a"), ("a1", "a"), ("a2", "a"), ("b0", "b"), ("c0", "c"), ("c1", "c"), ("c2", "c")] {
         let posted = end(&mut edge, 10, id, host);
