@@ -734,6 +734,20 @@ async fn a_flood_that_stops_is_counted_in_full() {
     drop(crowd);
 }
 
+/// Connects, sends a request's `head`, and reads the first answer's head, whichever it is
+/// (an interim `100 Continue`, or the final answer): the connection and that head.
+fn first_answer_head(port: u16, head: &str) -> (std::net::TcpStream, Vec<u8>) {
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the kernel takes the connection");
+    tcp.write_all(head.as_bytes()).expect("the head is sent");
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    while !seen.ends_with(b"\r\n\r\n") && matches!(tcp.read(&mut byte), Ok(1)) {
+        seen.push(byte[0]);
+    }
+    (tcp, seen)
+}
+
 /// Opens connections, each sending the head of a `POST /jobs` with `secret` that waits for
 /// `100 Continue` and then never sends its body: what a caller's script that trickles its
 /// bodies (or never finishes them) holds. The `100 Continue` says the edge took the
@@ -749,15 +763,7 @@ fn hold_busy(port: u16, secret: &str, n: usize) -> (Vec<std::net::TcpStream>, Op
     );
     let mut held = Vec::new();
     for _ in 0..n {
-        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the kernel takes the connection");
-        tcp.write_all(head.as_bytes()).expect("the head is sent");
-        // The first answer's head, whichever it is.
-        let mut seen = Vec::new();
-        let mut byte = [0u8; 1];
-        tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        while !seen.ends_with(b"\r\n\r\n") && matches!(tcp.read(&mut byte), Ok(1)) {
-            seen.push(byte[0]);
-        }
+        let (tcp, mut seen) = first_answer_head(port, &head);
         if seen.starts_with(b"HTTP/1.1 100 ") {
             held.push(tcp);
             continue;
@@ -886,14 +892,7 @@ async fn a_named_caller_holding_many_half_sent_bodies_is_held_to_its_share_of_me
         );
         let (mut held, mut refused) = (Vec::new(), Vec::new());
         for _ in 0..64 {
-            let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the kernel takes the connection");
-            tcp.write_all(head.as_bytes()).expect("the head is sent");
-            let mut seen = Vec::new();
-            let mut byte = [0u8; 1];
-            tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-            while !seen.ends_with(b"\r\n\r\n") && matches!(tcp.read(&mut byte), Ok(1)) {
-                seen.push(byte[0]);
-            }
+            let (mut tcp, mut seen) = first_answer_head(port, &head);
             if seen.starts_with(b"HTTP/1.1 100 ") {
                 // All of it but its last byte: the edge keeps what came, waiting for the rest.
                 tcp.write_all(&vec![b' '; MIB - 1]).expect("the body is sent");
