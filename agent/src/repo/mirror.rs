@@ -633,19 +633,24 @@ const MIRROR_CONFIG: &str = "[core]\n\trepositoryformatversion = 0\n\tfilemode =
 /// under `refs/`, and a job's were taken in: one to an object the mirror lacks, or a folder
 /// where a branch or tag was, failed every later fetch of the repository, for good (rev11,
 /// 1). The agent's own refs are put back once the mirror is open ([`put_back_refs`]).
+/// Each goes whatever a job made of it: a folder where a file was (`mkdir packed-refs`)
+/// failed every later fetch ("Is a directory"), the mirror kept (rev12, 1).
 fn reset_files(dir: &Path, head: &str) -> Result<(), RepoError> {
     let action = "restore the mirror";
     remove_odd_entries(dir);
-    crate::files::write_atomically(&dir.join("config"), MIRROR_CONFIG.as_bytes(), false).map_err(|e| local(action, e))?;
-    for planted in ["objects/info/alternates", "info/grafts", "shallow", "commondir", "gitdir", "packed-refs"] {
-        match std::fs::remove_file(dir.join(planted)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(local(action, e)),
-            _ => {}
+    let remove = |name: &str| match crate::files::remove_tree(&dir.join(name)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(local(action, e)),
+        _ => Ok(()),
+    };
+    // Written anew below, by a rename, which a folder in their place would refuse.
+    for written in ["config", "HEAD"] {
+        if std::fs::symlink_metadata(dir.join(written)).is_ok_and(|m| m.is_dir()) {
+            remove(written)?;
         }
     }
-    match crate::files::remove_tree(&dir.join("refs")) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(local(action, e)),
-        _ => {}
+    crate::files::write_atomically(&dir.join("config"), MIRROR_CONFIG.as_bytes(), false).map_err(|e| local(action, e))?;
+    for planted in ["objects/info/alternates", "info/grafts", "shallow", "commondir", "gitdir", "packed-refs", "refs"] {
+        remove(planted)?;
     }
     for folder in ["refs/heads", "refs/tags"] {
         std::fs::create_dir_all(dir.join(folder)).map_err(|e| local(action, e))?;
@@ -781,7 +786,9 @@ pub fn callbacks<'a>(token: Option<&'a Token>, host: &'a str, auth: &'a Cell<Aut
 /// points the mirror's HEAD at the server's default branch. Returns what it found.
 fn fetch(dir: &Path, source: &Source, known: Option<&Fetched>, remake: bool, abort: &AtomicBool) -> Result<Fetched, Failed> {
     let started = Instant::now();
-    let repo = open_or_create(dir, &source.name, known, remake)?;
+    // A job can leave in the mirror what the agent cannot put back (a folder it cannot
+    // remove): the second try makes the mirror anew when it may.
+    let repo = open_or_create(dir, &source.name, known, remake).map_err(Failed::in_mirror)?;
     let auth = Cell::new(AuthSeen::default());
     let action = "fetch the repository";
     let fail = |e: git2::Error| {

@@ -2662,3 +2662,21 @@ async fn an_evicted_mirrors_fetched_refs_are_let_go() {
     assert!(!cache.holds_fetched(&source(&bare).name), "its fetched refs stay in memory");
     assert!(cache.holds_fetched(&source(&copy).name));
 }
+
+/// A folder a job made where the agent puts back or removes a file of its mirror
+/// (`packed-refs`, `commondir`, `gitdir`, `config`, `HEAD`) made every later fetch fail
+/// ("restore the mirror: Is a directory"), for every caller, the mirror kept (rev12, 1).
+#[tokio::test]
+async fn a_folder_planted_where_a_mirror_file_goes_does_not_stop_later_fetches() {
+    let tmp = TempDir::new("planted-file-folders");
+    let (bare, work, _) = server(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let mirror = cache.acquire(source(&bare), false).await.unwrap().dir.clone();
+    for (i, planted) in ["packed-refs", "commondir", "gitdir", "config", "HEAD"].into_iter().enumerate() {
+        let _ = std::fs::remove_file(mirror.join(planted));
+        std::fs::create_dir_all(mirror.join(planted).join("x")).unwrap();
+        let new = advance(&work, &format!("planted-{i}.txt"));
+        let lease = cache.acquire(source(&bare), false).await.unwrap_or_else(|e| panic!("the fetch after a folder at {planted}: {e}"));
+        assert_eq!(lease.fetched.as_ref().unwrap().refs["refs/heads/main"], new, "{planted}");
+    }
+}
