@@ -6,7 +6,7 @@
 use super::error::{local, RepoError};
 use super::mirror::Fetched;
 use super::settings::{MAX_CHECKOUT_ENTRIES, MAX_CHECKOUT_FILE_BYTES};
-use git2::{build::CheckoutBuilder, ObjectType, Oid, Repository, TreeWalkMode, TreeWalkResult};
+use git2::{build::CheckoutBuilder, ErrorClass, ErrorCode, ObjectType, Oid, Repository, TreeWalkMode, TreeWalkResult};
 use std::path::{Path, PathBuf};
 
 pub struct Checkout {
@@ -83,6 +83,20 @@ impl Refs<'_> {
     }
 }
 
+/// A failure reading an object the mirror must hold (the commit the fetch's record names,
+/// its trees and files): [`RepoError::MirrorBroken`] when the mirror's objects are at fault
+/// (missing, or bytes that do not inflate or hash right: a job can overwrite its mirror's
+/// packs, found through its checkout's `objects/info/alternates`), so that the next fetch
+/// makes the mirror anew ([`super::mirror::Lease::broken`]); every checkout of the
+/// commit failed until the agent restarted (rev12, 2).
+fn reading(action: &'static str, url: &str, e: git2::Error) -> RepoError {
+    // A tag that leads to no commit is the repository's, not the mirror's.
+    if matches!(e.class(), ErrorClass::Odb | ErrorClass::Zlib | ErrorClass::Object) && e.code() != ErrorCode::Peel {
+        return RepoError::MirrorBroken { url: url.to_string(), detail: super::error::one_line(e.message()) };
+    }
+    local(action, e.message())
+}
+
 fn resolve(mirror: &Repository, fetched: Option<&Fetched>, branch: Option<&str>, url: &str) -> Result<Start, RepoError> {
     let action = "read the mirror";
     // Every lease carries its fetch's record (`super::mirror::Lease::fetched`).
@@ -90,7 +104,7 @@ fn resolve(mirror: &Repository, fetched: Option<&Fetched>, branch: Option<&str>,
     let refs = Refs { mirror, fetched };
     let Some(branch) = branch else {
         let head = refs.head().to_string();
-        let commit = refs.commit(&head).ok_or_else(|| local(action, format!("{head} is missing")))?.map_err(|e| local(action, e.message()))?;
+        let commit = refs.commit(&head).ok_or_else(|| local(action, format!("{head} is missing")))?.map_err(|e| reading(action, url, e))?;
         let name = head.strip_prefix("refs/heads/").unwrap_or("main").to_string();
         return Ok(Start::Branch(name, commit));
     };
@@ -103,7 +117,7 @@ fn resolve(mirror: &Repository, fetched: Option<&Fetched>, branch: Option<&str>,
         return as_commit().map(Start::Detached).ok_or_else(not_found);
     }
     let named = match refs.commit(&format!("refs/heads/{branch}")) {
-        Some(commit) => Some(("branch", Start::Branch(branch.to_string(), commit.map_err(|e| local(action, e.message()))?))),
+        Some(commit) => Some(("branch", Start::Branch(branch.to_string(), commit.map_err(|e| reading(action, url, e))?))),
         None => match refs.commit(&format!("refs/tags/{branch}")) {
             Some(Ok(commit)) => Some(("tag", Start::Detached(commit))),
             _ => None,
@@ -154,7 +168,7 @@ pub fn create(mirror_dir: &Path, fetched: Option<&Fetched>, dir: &Path, branch: 
     // converted file twice would not bound it either. Unconverted files read back as they
     // were (staging cleans LF and an unexpanded `$Id$` to themselves): no change is seen
     // that the job did not make.
-    repo.checkout_head(Some(CheckoutBuilder::new().force().disable_filters(true))).map_err(|e| local(action, e.message()))?;
+    repo.checkout_head(Some(CheckoutBuilder::new().force().disable_filters(true))).map_err(|e| reading(action, url, e))?;
     Ok(Checkout { dir: dir.to_path_buf(), commit, fs })
 }
 
@@ -165,7 +179,7 @@ pub fn create(mirror_dir: &Path, fetched: Option<&Fetched>, dir: &Path, branch: 
 /// whole in memory as it writes it, took the agent down with every job it ran.
 pub(super) fn fits(repo: &Repository, commit: Oid, (max_bytes, max_file, max_entries): (u64, u64, u64), url: &str) -> Result<(), RepoError> {
     let action = "measure the checkout";
-    let tree = repo.find_commit(commit).and_then(|c| c.tree()).map_err(|e| local(action, e.message()))?;
+    let tree = repo.find_commit(commit).and_then(|c| c.tree()).map_err(|e| reading(action, url, e))?;
     let odb = repo.odb().map_err(|e| local(action, e.message()))?;
     let (mut total, mut entries, mut refused) = (0u64, 0u64, None);
     let walked = tree.walk(TreeWalkMode::PreOrder, |folder, entry| {
@@ -183,7 +197,7 @@ pub(super) fn fits(repo: &Repository, commit: Oid, (max_bytes, max_file, max_ent
         let size = match odb.read_header(entry.id()) {
             Ok((size, _)) => size as u64,
             Err(e) => {
-                refused = Some(local(action, e.message()));
+                refused = Some(reading(action, url, e));
                 return TreeWalkResult::Abort;
             }
         };
@@ -202,7 +216,7 @@ pub(super) fn fits(repo: &Repository, commit: Oid, (max_bytes, max_file, max_ent
     });
     match (refused, walked) {
         (Some(e), _) => Err(e),
-        (None, Err(e)) => Err(local(action, e.message())),
+        (None, Err(e)) => Err(reading(action, url, e)),
         (None, Ok(())) => Ok(()),
     }
 }

@@ -38,6 +38,8 @@ pub enum RepoError {
     FetchTooBig { url: String, max_bytes: u64 },
     #[error("{url} has {count} branches and tags, more than the {max} the runner takes from one repository, so none was fetched: delete old tags or branches on the server, or use another repository")]
     TooManyRefs { url: String, count: usize, max: usize },
+    #[error("the runner's mirror of {url} is damaged ({detail}: a job on this runner may have written into it), so nothing ran; the agent fetches it anew for the next job: run the job again")]
+    MirrorBroken { url: String, detail: String },
     #[error("checking out {url} did not finish within the job's timeout_ms ({timeout_ms} ms), and nothing ran: the repository is large for this machine's disk; raise timeout_ms")]
     CheckoutTimedOut { url: String, timeout_ms: u64 },
     #[error("{url} at {commit} is too large to check out ({what}), and nothing ran: start from a smaller branch or commit, or raise REPO_MAX_CHECKOUT_BYTES on the runner machine (a file over 1 GiB is never checked out)")]

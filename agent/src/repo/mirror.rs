@@ -135,7 +135,7 @@ impl Drop for Hold {
 
 /// A job's hold on its repository's mirror.
 pub struct Lease {
-    _hold: Hold,
+    hold: Hold,
     pub dir: PathBuf,
     /// The fetch failed and the job runs on the last fetched state (`allow_stale`).
     pub stale: bool,
@@ -154,6 +154,26 @@ impl Lease {
     /// The repository's default branch (`main`), as the fetch found it.
     pub fn default_branch(&self) -> Option<String> {
         self.fetched.as_ref().and_then(|f| f.head.strip_prefix("refs/heads/").map(str::to_string))
+    }
+
+    /// A checkout from this lease failed on the mirror's objects
+    /// ([`RepoError::MirrorBroken`]): the record of the fetch it ran on is let go, unless a
+    /// later fetch replaced it, so that the next fetch makes the mirror anew (when no other
+    /// job uses it) rather than starting from objects that cannot be read.
+    pub async fn broken(&self) {
+        let lock = {
+            let entries = self.hold.cache.entries.lock().expect("mirror entries");
+            entries.get(&self.hold.folder).map(|e| Arc::clone(&e.lock))
+        };
+        let Some(lock) = lock else { return };
+        let mut state = lock.lock().await;
+        if let (Some(last), Some(mine)) = (&state.last, &self.fetched) {
+            if Arc::ptr_eq(last, mine) {
+                warn!(mirror = %self.dir.display(), "the mirror's objects cannot be read; the next fetch makes it anew");
+                state.last = None;
+                state.fetched_from = None;
+            }
+        }
     }
 }
 
@@ -257,7 +277,7 @@ impl MirrorCache {
         let folder = layout::folder(&source.name);
         let (hold, lock) = self.hold(&folder);
         let asked = Instant::now();
-        let mut lease = Lease { _hold: hold, dir: self.root.join(&folder), stale: false, fetch_ms: 0, fetched: None, used: false };
+        let mut lease = Lease { hold, dir: self.root.join(&folder), stale: false, fetch_ms: 0, fetched: None, used: false };
         let guard = lock.lock_owned().await;
         if guard.fetched_from.is_some_and(|t| t >= asked) {
             lease.fetch_ms = asked.elapsed().as_millis() as u64;
@@ -793,9 +813,12 @@ fn fetch(dir: &Path, source: &Source, known: Option<&Fetched>, remake: bool, abo
     let action = "fetch the repository";
     let fail = |e: git2::Error| {
         let error = Talk { url: &source.url, host: &source.host, auth: auth.get(), action, pushing: false }.error(e.code(), e.class(), e.message());
-        // libgit2 read the mirror's refs or objects (its negotiation walks them) and failed.
-        let mirror = matches!(e.class(), ErrorClass::Reference | ErrorClass::Odb | ErrorClass::Object | ErrorClass::Tree | ErrorClass::Repository);
-        if mirror { Failed::in_mirror(error) } else { Failed::from(error) }
+        // Only the talk with the server can fail for the server's or the network's reasons;
+        // anything else read the mirror (its negotiation walks the refs' commits, the pack
+        // may be indexed against its objects), which a job can write: a commit's bytes
+        // overwritten in a pack fail as zlib's, and were taken as the server's (rev12, 2).
+        let server = matches!(e.class(), ErrorClass::Net | ErrorClass::Http | ErrorClass::Ssl | ErrorClass::Ssh | ErrorClass::Callback);
+        if server { Failed::from(error) } else { Failed::in_mirror(error) }
     };
     // No config file steers the fetch: a job could have written any of them.
     own_config(&repo, &[]).map_err(|e| local(action, e.message()))?;

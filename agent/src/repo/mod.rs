@@ -147,7 +147,14 @@ impl Repos {
         drop(done);
         match answer? {
             Answer::CheckedOut(made) => {
-                let made = made?;
+                let made = match made {
+                    Err(e @ RepoError::MirrorBroken { .. }) => {
+                        // The next fetch makes the mirror anew instead of every job failing.
+                        lease.broken().await;
+                        return Err(e);
+                    }
+                    made => made?,
+                };
                 Ok(Prepared { lease, url, dir: workspace.to_path_buf(), commit: made.commit, fs: made.fs, cwd: made.cwd })
             }
             other => Err(other.unexpected("check out the repository")),
