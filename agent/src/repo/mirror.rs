@@ -26,7 +26,7 @@ use super::error::{local, one_line, AuthSeen, RepoError, Talk};
 use super::layout::{self, MirrorUse, NAME_FILE, USED_FILE};
 use super::settings::Token;
 use super::worker::{self, Answer, FetchAnswer, Work};
-use git2::{AutotagOption, Cred, CredentialType, ErrorClass, FetchOptions, Oid, RemoteCallbacks, RemoteRedirect, Repository};
+use git2::{AutotagOption, Cred, CredentialType, Direction, ErrorClass, FetchOptions, Oid, RemoteCallbacks, RemoteRedirect, Repository};
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -821,10 +821,40 @@ fn fetch(dir: &Path, source: &Source, known: Option<&Fetched>, remake: bool, abo
         if server { Failed::from(error) } else { Failed::in_mirror(error) }
     };
     // No config file steers the fetch: a job could have written any of them.
-    own_config(&repo, &[]).map_err(|e| local(action, e.message()))?;
+    // A redirect could lead off ALLOWED_REPO_HOSTS: none is followed to another host
+    // (libgit2's policy is by host name), from the first request on. The connection below
+    // takes this setting (libgit2's default there follows the first request's redirect);
+    // the download, its own `follow_redirects`.
+    own_config(&repo, &[("http.followRedirects", 0)]).map_err(|e| local(action, e.message()))?;
     let mut remote = repo.remote_anonymous(&source.url).map_err(|e| local(action, e.message()))?;
     if remote.url_bytes() != source.url.as_bytes() || remote.pushurl_bytes().is_some() {
         return Err(local(action, format!("a git setting made the fetch of {} go to {}: nothing was fetched; remove the setting (url.*.insteadOf)", source.url, one_line(&String::from_utf8_lossy(remote.url_bytes())))).into());
+    }
+    // The refs are counted as the server advertises them, before anything is downloaded, on
+    // the connection the download then takes: counted after it, a repository of too many
+    // refs sent its whole pack (up to REPO_MAX_FETCH_BYTES) at every fetch, under the
+    // repository's lock, before being refused (rev12, 3).
+    let mut connection = remote.connect_auth(Direction::Fetch, Some(callbacks(source.token.as_ref(), &source.host, &auth, abort)), None).map_err(fail)?;
+    let heads = connection.list().map_err(fail)?;
+    // git2 reads each advertised name as UTF-8 and panics on one that is not (a git server
+    // chooses its refs' names): such a ref is left out, here and below from the mirror, so
+    // that one odd name anywhere on the server does not stop every fetch of the repository.
+    // Quietly: the panic hook would log each as the worker's failure.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let read: Vec<Option<(String, Oid)>> = heads.iter().map(|h| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (h.name().to_string(), h.oid()))).ok()).collect();
+    std::panic::set_hook(hook);
+    let unreadable = read.iter().filter(|r| r.is_none()).count();
+    if unreadable > 0 {
+        warn!(repo = %source.name, count = unreadable, "the server advertises refs whose names are not UTF-8; they are left out");
+    }
+    let advertised: Vec<(String, Oid)> = read.into_iter().flatten().filter(|(name, _)| (name.starts_with("refs/heads/") || name.starts_with("refs/tags/")) && !name.ends_with("^{}")).collect();
+    let default_branch = connection.default_branch().ok().and_then(|b| b.as_str().ok().map(str::to_string));
+    if advertised.is_empty() {
+        return Err(RepoError::Empty { url: source.url.clone() }.into());
+    }
+    if advertised.len() > MAX_FETCH_REFS {
+        return Err(RepoError::TooManyRefs { url: source.url.clone(), count: advertised.len(), max: MAX_FETCH_REFS }.into());
     }
     // What the server sends is counted as it arrives: past the cap the fetch stops (a
     // server streaming a pack without end filled the disk within the job's timeout).
@@ -842,33 +872,12 @@ fn fetch(dir: &Path, source: &Source, known: Option<&Fetched>, remake: bool, abo
         .remote_callbacks(cb)
         .download_tags(AutotagOption::None)
         .update_fetchhead(false)
-        // A redirect could lead off ALLOWED_REPO_HOSTS.
         .follow_redirects(RemoteRedirect::None);
     // Downloads only what the mirror lacks; nothing at all when it is up to date. No ref is
-    // written here (libgit2's update of the tips is left out): only below, once counted.
-    remote.download(&REFSPECS, Some(&mut options)).map_err(fail)?;
-    let heads = remote.list().map_err(fail)?;
-    // git2 reads each advertised name as UTF-8 and panics on one that is not (a git server
-    // chooses its refs' names): such a ref is left out, here and below from the mirror, so
-    // that one odd name anywhere on the server does not stop every fetch of the repository.
-    // Quietly: the panic hook would log each as the worker's failure.
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let read: Vec<Option<(String, Oid)>> = heads.iter().map(|h| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (h.name().to_string(), h.oid()))).ok()).collect();
-    std::panic::set_hook(hook);
-    let unreadable = read.iter().filter(|r| r.is_none()).count();
-    if unreadable > 0 {
-        warn!(repo = %source.name, count = unreadable, "the server advertises refs whose names are not UTF-8; they are left out");
-    }
-    let advertised: Vec<(String, Oid)> = read.into_iter().flatten().filter(|(name, _)| (name.starts_with("refs/heads/") || name.starts_with("refs/tags/")) && !name.ends_with("^{}")).collect();
-    let default_branch = remote.default_branch().ok().and_then(|b| b.as_str().ok().map(str::to_string));
+    // written here (libgit2's update of the tips is left out): only below.
+    connection.remote().download(&REFSPECS, Some(&mut options)).map_err(fail)?;
+    drop(connection);
     drop(remote);
-    if advertised.is_empty() {
-        return Err(RepoError::Empty { url: source.url.clone() }.into());
-    }
-    if advertised.len() > MAX_FETCH_REFS {
-        return Err(RepoError::TooManyRefs { url: source.url.clone(), count: advertised.len(), max: MAX_FETCH_REFS }.into());
-    }
     let wanted: HashSet<&str> = advertised.iter().map(|(n, _)| n.as_str()).collect();
     let in_mirror = |e: git2::Error| Failed::in_mirror(local(action, e.message()));
     for (name, oid) in &advertised {

@@ -2766,3 +2766,28 @@ async fn a_blob_corrupted_in_the_mirrors_pack_fails_one_checkout_and_the_next_fe
     }
     panic!("every checkout failed: {said:?}");
 }
+
+/// The cap on refs was checked once the whole pack had been received: a repository of
+/// more than MAX_FETCH_REFS tags sent its pack (up to REPO_MAX_FETCH_BYTES) at every fetch,
+/// under the repository's lock, before being refused (rev12, 3). Nothing is downloaded now.
+#[tokio::test]
+async fn a_fetch_of_more_refs_than_the_cap_downloads_nothing() {
+    let tmp = TempDir::new("many-refs-first");
+    let (bare, work, first) = server(tmp.path());
+    let daemon = Daemon::start(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let mirror = cache.acquire(daemon.source("server.git"), false).await.unwrap().dir.clone();
+    let new = advance(&work, "before-the-tags.txt");
+    let max = super::mirror::MAX_FETCH_REFS;
+    let mut names: Vec<String> = (0..max).map(|i| format!("refs/tags/t{i}")).collect();
+    names.sort();
+    let mut packed = String::from("# pack-refs with: sorted\n");
+    for name in names {
+        packed.push_str(&format!("{first} {name}\n"));
+    }
+    std::fs::write(bare.join("packed-refs"), packed).unwrap();
+    let err = cache.acquire(daemon.source("server.git"), false).await.err().expect("a fetch of too many refs");
+    assert!(matches!(err, RepoError::TooManyRefs { .. }), "{err}");
+    let repo = git2::Repository::open_bare(&mirror).unwrap();
+    assert!(repo.find_commit(git2::Oid::from_str(&new).unwrap()).is_err(), "the refused fetch downloaded the new commit");
+}
