@@ -288,8 +288,8 @@ pub fn host_failed(method: &str, path: &str, what: &str) -> Response {
 /// `/agent/connect` without a WebSocket upgrade.
 pub fn upgrade_required() -> Response {
     let mut err = ApiError::invalid(
-        "/agent/connect is the agents' WebSocket endpoint: it needs a WebSocket handshake (a GET with `Upgrade: websocket`, \
-         `Sec-WebSocket-Version: 13` and a `Sec-WebSocket-Key`, as WebSocket clients send); run `claude-runner agent` with EDGE_URL pointing here",
+        "/agent/connect is the agents' WebSocket endpoint: it needs a WebSocket handshake (a GET with `Connection: Upgrade`, \
+         `Upgrade: websocket`, `Sec-WebSocket-Version: 13` and a `Sec-WebSocket-Key`, as WebSocket clients send); run `claude-runner agent` with EDGE_URL pointing here",
     );
     err.status = 426;
     Response::error(err)

@@ -67,7 +67,7 @@ fn a_broken_upload_is_a_400_and_an_oversized_one_a_413() {
     assert!(answer.headers.iter().any(|(name, value)| *name == "connection" && value == "close"), "{:?}", answer.headers);
     let upgrade = http::upgrade_required();
     assert_eq!(upgrade.status, 426);
-    assert!(upgrade.body.contains("Upgrade: websocket") && upgrade.body.contains("Sec-WebSocket-Key"), "{}", upgrade.body);
+    assert!(upgrade.body.contains("Upgrade: websocket") && upgrade.body.contains("Sec-WebSocket-Key") && upgrade.body.contains("Connection: Upgrade"), "{}", upgrade.body);
 }
 
 /// What either host takes for a WebSocket handshake before it looks at the proof.
