@@ -455,6 +455,46 @@ async fn bodies_being_read_are_held_to_a_share_each(kind: EdgeKind) {
     drop(uploads);
 }
 
+/// A body cut short — its head declares 1000 bytes, 10 come, then nothing — is answered
+/// 408 once its time is up (`edge_core::body::read_within_ms`: 30 s and a little more),
+/// saying to send it again, on both hosts. Before, the Worker read such a body for ever,
+/// its place among the isolate's bodies in flight (`MAX_PENDING_BYTES`) held with it: a
+/// caller trickling bytes could hold the isolate's bound, every other pool's bodies 429.
+async fn a_body_cut_short_is_answered_408(kind: EdgeKind) {
+    use std::io::{Read, Write};
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    let port = edge.port;
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("the edge listens");
+        let head = format!(
+            "POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Runner-Secret: {SECRET}\r\nContent-Type: application/json\r\n\
+             Content-Length: 1000\r\n\r\n{{\"prompt\":"
+        );
+        tcp.write_all(head.as_bytes()).expect("the head and the body's start are sent");
+        tcp.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+        // The answer until its body is whole (or the connection closed, or 90 s passed).
+        let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+        loop {
+            let text = String::from_utf8_lossy(&seen).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()));
+                if length.and_then(|l| l.parse::<usize>().ok()).is_none_or(|l| body.len() >= l) {
+                    return text;
+                }
+            }
+            match tcp.read(&mut buf) {
+                Ok(0) | Err(_) => return text,
+                Ok(got) => seen.extend_from_slice(&buf[..got]),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408 "), "a body cut short: {answer:?}\n{}", edge.log());
+    assert!(answer.contains("INVALID_REQUEST") && answer.contains("send the request again"), "{answer}");
+}
+
 /// The jobs not ended are kept whole in the edge's memory, and loaded whole at its start:
 /// ~100 `POST /jobs` of 1 MiB prompts ran a Worker pool's Durable Object out of memory at
 /// every event after. Past `MAX_PENDING_BYTES` a submission is refused `429 RUNNER_BUSY`
@@ -2208,6 +2248,7 @@ contract!(
     bad_requests_are_400,
     oversized_bodies_are_413,
     bodies_being_read_are_held_to_a_share_each,
+    a_body_cut_short_is_answered_408,
     jobs_not_ended_are_held_to_max_pending_bytes,
     a_timeout_kills_claude_and_its_children,
     claude_errors_are_failures,

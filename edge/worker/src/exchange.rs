@@ -64,28 +64,40 @@ pub fn error(err: &ApiError) -> worker::Result<Response> {
 /// [`edge_core::body::REFUSAL_DRAIN_MS`]) so its caller reads the refusal rather than a
 /// reset connection; nothing is kept.
 pub async fn drain_refused(req: &mut Request) {
-    let drain = std::pin::pin!(read_body(req, Intake::refused()));
-    let bound = std::pin::pin!(worker::Delay::from(std::time::Duration::from_millis(edge_core::body::REFUSAL_DRAIN_MS)));
-    let _ = futures::future::select(drain, bound).await;
+    read_body(req, Intake::refused(), edge_core::body::REFUSAL_DRAIN_MS).await;
 }
 
 /// Reads the body as the core's [`Intake`] says: kept up to its limit, drained past it
-/// (never held), a broken upload reported as such.
-pub async fn read_body(req: &mut Request, mut intake: Intake) -> Body {
+/// (never held), a broken upload reported as such, for `within_ms` at most (then it is
+/// [`Body::TimedOut`], answered 408 as on the native edge). Why the bound: a body the
+/// client trickles, or never finishes, would hold its place among the isolate's bodies in
+/// flight (`MAX_PENDING_BYTES`) for as long — one caller could keep every other pool's
+/// bodies refused 429. Give a request's body [`edge_core::body::read_within_ms`].
+pub async fn read_body(req: &mut Request, mut intake: Intake, within_ms: u64) -> Body {
+    let timed_out = {
+        let read = std::pin::pin!(take_body(req, &mut intake));
+        // Dropped unfired when the body comes first (its drop clears the timeout).
+        let bound = std::pin::pin!(worker::Delay::from(std::time::Duration::from_millis(within_ms)));
+        matches!(futures::future::select(read, bound).await, futures::future::Either::Right(_))
+    };
+    if timed_out {
+        intake.timed_out(within_ms);
+    }
+    intake.finish()
+}
+
+/// Feeds the body's chunks to `intake` until it has all it wants or the body ends.
+async fn take_body(req: &mut Request, intake: &mut Intake) {
     if req.inner().body().is_none() {
-        return intake.finish();
+        return;
     }
     let mut stream = match req.stream() {
         Ok(stream) => stream,
-        Err(e) => {
-            intake.failed(e.to_string());
-            return intake.finish();
-        }
+        Err(e) => return intake.failed(e.to_string()),
     };
     while let Some(chunk) = stream.next().await {
         if intake.take(chunk.as_deref().map_err(|e| e.to_string())) == Next::Stop {
             break;
         }
     }
-    intake.finish()
 }
