@@ -2537,16 +2537,34 @@ impl Drop for Daemon {
     }
 }
 
+/// A repository served by a git daemon (`server.git`: negotiating as a real server does,
+/// which `file://` does not) and a mirror cache that fetched it once.
+struct Mirrored {
+    bare: PathBuf,
+    work: PathBuf,
+    /// Its first commit.
+    first: String,
+    daemon: Daemon,
+    cache: std::sync::Arc<MirrorCache>,
+    /// The mirror's folder.
+    mirror: PathBuf,
+}
+
+async fn mirrored_once(tmp: &TempDir) -> Mirrored {
+    let (bare, work, first) = server(tmp.path());
+    let daemon = Daemon::start(tmp.path());
+    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
+    let mirror = cache.acquire(daemon.source("server.git"), false).await.unwrap().dir.clone();
+    Mirrored { bare, work, first, daemon, cache, mirror }
+}
+
 /// A ref a job planted to an object the mirror lacks made every later fetch of the
 /// repository fail ("object not found": libgit2's negotiation walks every ref under
 /// `refs/`), for every caller, across restarts (rev11, 1a).
 #[tokio::test]
 async fn a_ref_planted_to_a_missing_object_does_not_stop_later_fetches() {
     let tmp = TempDir::new("planted-missing-ref");
-    let (_bare, work, _) = server(tmp.path());
-    let daemon = Daemon::start(tmp.path());
-    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
-    let mirror = cache.acquire(daemon.source("server.git"), false).await.unwrap().dir.clone();
+    let Mirrored { work, daemon, cache, mirror, .. } = mirrored_once(&tmp).await;
     plant_missing_ref(&mirror);
     let new = advance(&work, "a.txt");
     let lease = cache.acquire(daemon.source("server.git"), false).await.expect("the fetch after a planted ref");
@@ -2579,11 +2597,8 @@ async fn a_folder_planted_where_a_ref_was_does_not_stop_later_fetches() {
 #[tokio::test]
 async fn after_a_restart_no_job_runs_on_refs_a_job_planted() {
     let tmp = TempDir::new("planted-restart");
-    let (_bare, work, _) = server(tmp.path());
+    let Mirrored { work, daemon, cache, mirror, .. } = mirrored_once(&tmp).await;
     let evil = evil_server(tmp.path());
-    let daemon = Daemon::start(tmp.path());
-    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
-    let mirror = cache.acquire(daemon.source("server.git"), false).await.unwrap().dir.clone();
     drop(cache);
     git(&mirror, &["fetch", "-q", &evil, "+main:refs/heads/main"]);
     let planted = git(&mirror, &["rev-parse", "main"]);
@@ -2717,12 +2732,7 @@ fn corrupt_object(mirror: &Path, id: &str) {
 #[tokio::test]
 async fn a_commit_corrupted_in_the_mirrors_pack_does_not_stop_later_fetches() {
     let tmp = TempDir::new("corrupt-commit");
-    let (_bare, work, _) = server(tmp.path());
-    let daemon = Daemon::start(tmp.path());
-    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
-    let lease = cache.acquire(daemon.source("server.git"), false).await.unwrap();
-    let mirror = lease.dir.clone();
-    drop(lease);
+    let Mirrored { work, daemon, cache, mirror, .. } = mirrored_once(&tmp).await;
     corrupt_object(&mirror, &git(&work, &["rev-parse", "HEAD"]));
     let new = advance(&work, "after-corruption.txt");
     let lease = cache.acquire(daemon.source("server.git"), false).await.expect("the fetch after a corrupted commit");
@@ -2738,12 +2748,7 @@ async fn a_commit_corrupted_in_the_mirrors_pack_does_not_stop_later_fetches() {
 #[tokio::test]
 async fn a_blob_corrupted_in_the_mirrors_pack_fails_one_checkout_and_the_next_fetch_makes_the_mirror_anew() {
     let tmp = TempDir::new("corrupt-blob");
-    let (_bare, work, _) = server(tmp.path());
-    let daemon = Daemon::start(tmp.path());
-    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
-    let lease = cache.acquire(daemon.source("server.git"), false).await.unwrap();
-    let mirror = lease.dir.clone();
-    drop(lease);
+    let Mirrored { work, daemon, cache, mirror, .. } = mirrored_once(&tmp).await;
     corrupt_object(&mirror, &git(&work, &["rev-parse", "HEAD:README.md"]));
     let mut said = Vec::new();
     for attempt in 0..2 {
@@ -2773,10 +2778,7 @@ async fn a_blob_corrupted_in_the_mirrors_pack_fails_one_checkout_and_the_next_fe
 #[tokio::test]
 async fn a_fetch_of_more_refs_than_the_cap_downloads_nothing() {
     let tmp = TempDir::new("many-refs-first");
-    let (bare, work, first) = server(tmp.path());
-    let daemon = Daemon::start(tmp.path());
-    let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
-    let mirror = cache.acquire(daemon.source("server.git"), false).await.unwrap().dir.clone();
+    let Mirrored { bare, work, first, daemon, cache, mirror } = mirrored_once(&tmp).await;
     let new = advance(&work, "before-the-tags.txt");
     let max = super::mirror::MAX_FETCH_REFS;
     let mut names: Vec<String> = (0..max).map(|i| format!("refs/tags/t{i}")).collect();
