@@ -2506,8 +2506,12 @@ struct Daemon {
 impl Daemon {
     fn start(root: &Path) -> Daemon {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        // A group of its own: `git daemon` runs `git-daemon` as its child, which outlived a
+        // kill of `git` alone (every test left one listening).
+        use std::os::unix::process::CommandExt;
         let child = std::process::Command::new("git")
             .args(["daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1", &format!("--port={port}"), &format!("--base-path={}", root.display())])
+            .process_group(0)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -2532,7 +2536,8 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SAFETY: kill of the group this test's daemon leads.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
         let _ = self.child.wait();
     }
 }
