@@ -175,9 +175,7 @@ fn login_and_usage_alerts_follow_the_reports() {
 #[test]
 fn a_callback_is_retried_with_backoff_until_taken_and_survives_a_restart() {
     let (mut edge, sid) = ready_edge();
-    let body = json!({"prompt": "x", "callback_url": "https://hooks.example.com/r"}).to_string();
-    let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
-    edge.submit(0, "j".into(), submission, Mode::Detached).unwrap();
+    sent_with_callback(&mut edge, 0, "j", "https://hooks.example.com/r");
     let mut stored_jobs = std::collections::HashMap::new();
     let report = result_msg(&edge, "j", ok_result());
     let effects = say(&mut edge, 10, &sid, report);
@@ -221,9 +219,7 @@ fn a_callback_is_retried_with_backoff_until_taken_and_survives_a_restart() {
 #[test]
 fn a_callback_refused_for_good_is_given_up() {
     let (mut edge, sid) = ready_edge();
-    let body = json!({"prompt": "x", "callback_url": "https://hooks.example.com/r"}).to_string();
-    let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
-    edge.submit(0, "j".into(), submission, Mode::Detached).unwrap();
+    sent_with_callback(&mut edge, 0, "j", "https://hooks.example.com/r");
     let report = result_msg(&edge, "j", ok_result());
     let d = posts(&say(&mut edge, 10, &sid, report))[0].clone();
     let stored = saved_alerts(&edge.posted(20, &d.id, Ok(404))).unwrap();
@@ -529,11 +525,7 @@ fn a_slow_receiver_holds_only_its_share_of_the_callbacks_in_flight() {
     let mut edge = Edge::new(config(), 0);
     let (sid, _) = join_with(&mut edge, 0, "spark", &agent_key(1), vec![], 1, 20);
     say(&mut edge, 0, &sid, credit(20, 0));
-    let submit = |edge: &mut Edge, id: &str, url: &str| {
-        let body = json!({"prompt": "x", "callback_url": url}).to_string();
-        let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
-        edge.submit(0, id.into(), submission, Mode::Detached).unwrap();
-    };
+    let submit = |edge: &mut Edge, id: &str, url: &str| drop(sent_with_callback(edge, 0, id, url));
     for i in 0..10 {
         submit(&mut edge, &format!("slow{i}"), "https://HOOKS.example.com:8443/r");
     }
@@ -567,10 +559,15 @@ fn posting_to(hosts: &[&str]) -> (Edge, String) {
 
 /// Job `id`, with its callback to `host`, sent and ended at `at`: what was posted then.
 fn ended_with_callback(edge: &mut Edge, sid: &str, at: u64, id: &str, host: &str) -> Vec<Post> {
-    let body = json!({"prompt": "x", "callback_url": format!("https://{host}.example.com/r")}).to_string();
-    let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
-    edge.submit(at, id.into(), submission, Mode::Detached).unwrap();
+    sent_with_callback(edge, at, id, &format!("https://{host}.example.com/r"));
     posts(&report(edge, at, sid, id, ok_result()))
+}
+
+/// Job `id` sent at `at`, detached, asking for its result at `url`: what the submit did.
+fn sent_with_callback(edge: &mut Edge, at: u64, id: &str, url: &str) -> Vec<Effect> {
+    let body = json!({"prompt": "x", "callback_url": url}).to_string();
+    let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+    edge.submit(at, id.into(), submission, Mode::Detached).unwrap().effects
 }
 
 /// Two receivers that are slow to answer hold at most all places but one: the last goes
@@ -624,9 +621,7 @@ fn a_freed_place_goes_to_the_receiver_with_the_fewest_on_their_way() {
 fn a_callbacks_body_is_bounded_and_says_what_it_left_out() {
     use crate::notify::MAX_CALLBACK_BODY_BYTES;
     let (mut edge, sid) = ready_edge();
-    let body = json!({"prompt": "x", "callback_url": "https://hooks.example.com/r"}).to_string();
-    let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
-    edge.submit(0, "j".into(), submission, Mode::Detached).unwrap();
+    sent_with_callback(&mut edge, 0, "j", "https://hooks.example.com/r");
     let output = "o".repeat(1 << 20);
     let result = JobResult { diff: Some("d".repeat(3 << 19)), output: output.clone(), ..ok_result() };
     let effects = report(&mut edge, 10, &sid, "j", result);
@@ -642,8 +637,7 @@ fn a_callbacks_body_is_bounded_and_says_what_it_left_out() {
     assert_eq!(view["partial"]["whole"], "GET /jobs/j");
     // Output past what the body holds (an agent is bounded by its frames, not by 1 MiB) is cut.
     let (mut edge, sid) = ready_edge();
-    let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
-    edge.submit(0, "k".into(), submission, Mode::Detached).unwrap();
+    sent_with_callback(&mut edge, 0, "k", "https://hooks.example.com/r");
     let result = JobResult { output: "é\n".repeat(800_000), ..ok_result() };
     let post = posts(&report(&mut edge, 10, &sid, "k", result)).pop().expect("posted");
     assert!(post.body.len() <= MAX_CALLBACK_BODY_BYTES, "{} bytes", post.body.len());
@@ -654,8 +648,7 @@ fn a_callbacks_body_is_bounded_and_says_what_it_left_out() {
     assert_eq!(view["partial"]["output_bytes_left_out"].as_u64(), Some(2_400_000 - kept as u64));
     // A result that fits is the view itself, as GET /jobs/{id} shows it.
     let (mut edge, sid) = ready_edge();
-    let submission = ExecuteRequest::parse(body.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
-    edge.submit(0, "m".into(), submission, Mode::Detached).unwrap();
+    sent_with_callback(&mut edge, 0, "m", "https://hooks.example.com/r");
     let post = posts(&report(&mut edge, 10, &sid, "m", JobResult { diff: Some("small".into()), ..ok_result() })).pop().unwrap();
     let view: Value = serde_json::from_str(&post.body).unwrap();
     assert!(view.get("partial").is_none() && view["result"]["diff"] == "small", "{view}");
