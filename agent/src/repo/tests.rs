@@ -126,6 +126,8 @@ async fn one_fetch_at_a_time_per_repository() {
     }
 }
 
+/// Unused mirrors go, least recently used first, and with each the refs its last fetch
+/// found, which an agent kept in memory for good (hostile review rev11, 3).
 #[tokio::test]
 async fn unused_mirrors_are_evicted_least_recently_used_first() {
     let tmp = TempDir::new("evict");
@@ -140,6 +142,7 @@ async fn unused_mirrors_are_evicted_least_recently_used_first() {
     // Asked while the lease is held: once it is dropped, the eviction pass the acquire
     // started in the background may remove the mirror (the cache holds 1 byte) first.
     assert_eq!(cache.mirror_names(), [source(&bare).name]);
+    assert!(cache.holds_fetched(&source(&bare).name));
     drop(a);
     let b = cache.acquire(source(&copy), false).await.unwrap();
     // (The eviction each acquire starts in the background may have removed the idle one.)
@@ -152,6 +155,9 @@ async fn unused_mirrors_are_evicted_least_recently_used_first() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert!(!a_dir.exists(), "the idle mirror went");
+    // And what its last fetch found leaves memory with it (rev11, 3).
+    assert!(!cache.holds_fetched(&source(&bare).name), "its fetched refs stay in memory");
+    assert!(cache.holds_fetched(&source(&copy).name));
     assert!(b.dir.exists(), "the one in use stays, even over the limit");
     assert_eq!(cache.mirror_names(), [source(&copy).name]);
     drop(b);
@@ -2658,29 +2664,6 @@ async fn a_fetch_of_more_refs_than_the_cap_is_refused() {
     let err = cache.acquire(source(&bare), false).await.err().expect("a fetch of too many refs");
     let said = err.to_string();
     assert!(said.contains(&format!("{} branches and tags", max + 4)) && said.contains(&max.to_string()), "{said}");
-}
-
-/// An evicted mirror's refs, as its last fetch found them, are not kept in memory for good.
-#[tokio::test]
-async fn an_evicted_mirrors_fetched_refs_are_let_go() {
-    let tmp = TempDir::new("evict-fetched");
-    let (bare, _, _) = server(tmp.path());
-    let copy = tmp.path().join("copy.git");
-    git(tmp.path(), &["clone", "-q", "--bare", bare.to_str().unwrap(), copy.to_str().unwrap()]);
-    let cache = MirrorCache::open(tmp.path().join("repos"), 1).unwrap();
-    let a = cache.acquire(source(&bare), false).await.unwrap();
-    let a_dir = a.dir.clone();
-    drop(a);
-    assert!(cache.holds_fetched(&source(&bare).name));
-    let _b = cache.acquire(source(&copy), false).await.unwrap();
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while a_dir.exists() && std::time::Instant::now() < until {
-        cache.evict(crate::now_ms());
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    assert!(!a_dir.exists(), "the idle mirror went");
-    assert!(!cache.holds_fetched(&source(&bare).name), "its fetched refs stay in memory");
-    assert!(cache.holds_fetched(&source(&copy).name));
 }
 
 /// A folder a job made where the agent puts back or removes a file of its mirror
