@@ -235,6 +235,13 @@ impl Intake {
         Ok(Intake::with(limit, DRAIN_LIMIT, wanted, Some(charge)))
     }
 
+    /// The time this body is given to arrive: [`read_within_ms`] of what it reserved (its
+    /// declared length, at most the limit; the limit for a chunked one). Both hosts stop
+    /// reading then and answer 408.
+    pub fn within_ms(&self) -> u64 {
+        read_within_ms(Some(self.reserved as u64), self.limit)
+    }
+
     pub fn chunk(&mut self, chunk: &[u8]) -> Next {
         self.seen = self.seen.saturating_add(chunk.len());
         if self.seen > self.limit {

@@ -82,8 +82,14 @@ impl Presented {
 /// tabs, RFC 9110 §5.6.3), as the Worker's runtime strips it; `str::trim` took Unicode
 /// whitespace too, so a secret followed by U+00A0 was let in on the native edge and
 /// refused on the Worker.
-fn ows_trimmed(text: &str) -> &str {
+pub fn ows_trimmed(text: &str) -> &str {
     text.trim_matches([' ', '\t'])
+}
+
+/// Whether a comma-separated header value (`Upgrade`, `Connection`) lists `token`, in any
+/// case.
+pub fn lists_token(value: &str, token: &str) -> bool {
+    value.split(',').any(|part| ows_trimmed(part).eq_ignore_ascii_case(token))
 }
 
 fn digest(text: &str) -> [u8; 32] {

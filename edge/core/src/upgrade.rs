@@ -28,9 +28,10 @@ pub const LOG_WINDOW_MS: Millis = 60_000;
 /// Worker asked only for the `Upgrade` header and answered a handshake without its key 401
 /// for its proof, where the native edge answered 426.
 pub fn is_handshake(method: &str, header: impl Fn(&str) -> Option<String>) -> bool {
-    let upgrade = header("upgrade").is_some_and(|v| v.split(',').any(|token| token.trim_matches([' ', '\t']).eq_ignore_ascii_case("websocket")));
-    let version = header("sec-websocket-version").is_some_and(|v| v.trim_matches([' ', '\t']) == "13");
-    let key = header("sec-websocket-key").is_some_and(|k| !k.trim_matches([' ', '\t']).is_empty());
+    use crate::http::{lists_token, ows_trimmed};
+    let upgrade = header("upgrade").is_some_and(|v| lists_token(&v, "websocket"));
+    let version = header("sec-websocket-version").is_some_and(|v| ows_trimmed(&v) == "13");
+    let key = header("sec-websocket-key").is_some_and(|k| !ows_trimmed(&k).is_empty());
     method == "GET" && upgrade && version && key
 }
 

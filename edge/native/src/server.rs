@@ -573,7 +573,13 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
         // hyper's body knows its `Content-Length` (exact), and none for a chunked one.
         let declared = axum::body::HttpBody::size_hint(&body).exact();
         match edge_core::http::intake(&state.config, secret.as_deref(), authorization.as_deref(), declared) {
-            Ok(intake) => read_request_body(body, intake, declared, state.config.max_body_bytes).await,
+            Ok(intake) => {
+                // A head that arrived and a body that never does (a `Content-Length` never
+                // reached, an `Expect: 100-continue` answered and nothing sent) is answered
+                // 408 and its connection closed, rather than held busy for ever.
+                let within_ms = intake.within_ms();
+                read_body(body, intake, within_ms).await
+            }
             Err(crowded) => return refuse_unread(crowded, &parts.headers, body).await,
         }
     } else {
@@ -710,14 +716,6 @@ async fn read_body(body: Body, mut intake: Intake, within_ms: u64) -> edge_core:
         }
     }
     intake.finish()
-}
-
-/// A request's body, given the time its declared length earns it
-/// ([`edge_core::body::read_within_ms`]): a head that arrived and a body that never does
-/// (a `Content-Length` never reached, an `Expect: 100-continue` answered and nothing sent)
-/// is answered 408 and its connection closed, rather than held busy for ever.
-async fn read_request_body(body: Body, intake: Intake, declared: Option<u64>, limit: usize) -> edge_core::body::Body {
-    read_body(body, intake, edge_core::body::read_within_ms(declared, limit)).await
 }
 
 #[cfg(test)]

@@ -82,8 +82,7 @@ pub(crate) async fn agent_connect(state: AppState, mut request: Request) -> Resp
 /// or `None` if the request is not one: the core's [`edge_core::upgrade::is_handshake`],
 /// as the Worker asks it, and `Connection: upgrade`, which hyper's upgrade rests on here.
 fn accept_key(method: &Method, headers: &HeaderMap) -> Option<HeaderValue> {
-    let connection_upgrade = crate::server::header(headers, "connection")
-        .is_some_and(|v| v.split(',').any(|part| part.trim().eq_ignore_ascii_case("upgrade")));
+    let connection_upgrade = crate::server::header(headers, "connection").is_some_and(|v| edge_core::http::lists_token(&v, "upgrade"));
     if !connection_upgrade || !edge_core::upgrade::is_handshake(method.as_str(), |name| crate::server::header(headers, name)) {
         return None;
     }

@@ -413,18 +413,21 @@ impl EdgeDurableObject {
             let declared = header("content-length").and_then(|length| length.trim().parse().ok());
             // Read within the time its declared length earns it, as on the native edge: a
             // body trickled or never finished is answered 408 and its place let go.
-            let intake = self.with_edge(|edge| {
-                let within_ms = edge_core::body::read_within_ms(declared, edge.config().max_body_bytes);
-                http::intake(edge.config(), secret_header.as_deref(), authorization.as_deref(), declared).map(|intake| (intake, within_ms))
-            });
+            let intake = self.with_edge(|edge| http::intake(edge.config(), secret_header.as_deref(), authorization.as_deref(), declared));
             match intake {
-                Some(Ok((intake, within_ms))) => exchange::read_body(&mut req, intake, within_ms).await,
+                Some(Ok(intake)) => {
+                    let within_ms = intake.within_ms();
+                    exchange::read_body(&mut req, intake, within_ms).await
+                }
                 Some(Err(crowded)) => {
                     exchange::drain_refused(&mut req).await;
                     return exchange::respond(crowded);
                 }
-                // Not loaded: the request is answered so (`handle` below), nothing kept.
-                None => exchange::read_body(&mut req, edge_core::body::Intake::refused(), edge_core::body::REFUSAL_DRAIN_MS).await,
+                // Not loaded: answered so, nothing kept.
+                None => {
+                    exchange::drain_refused(&mut req).await;
+                    return exchange::respond(not_loaded(path));
+                }
             }
         } else {
             edge_core::body::Body::Bytes(Vec::new())
