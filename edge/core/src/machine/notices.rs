@@ -249,19 +249,22 @@ impl Edge {
             let Some(next) = next else { break };
             let (_, id, to) = waiting.swap_remove(next);
             flying.take(to);
-            // Not again before the host has read the record back, or said how it went.
-            let before = self.alerts.clone();
-            if let Some(c) = self.alerts.callbacks.get_mut(&id) {
-                c.next_at = now.at.saturating_add(notify::DELIVERY_TIMEOUT_MS);
-                c.in_flight = true;
-            }
-            self.note_alerts(before);
             match self.jobs.get(&id) {
+                // Posted now: the attempt marks it on its way.
                 Some(job) if !job.header_only => {
                     let job = job.clone();
                     self.attempt_callback(now, &job, effects);
                 }
-                Some(_) => effects.push(Effect::Recall { job_id: id }),
+                Some(_) => {
+                    // Not again before the host has read the record back, or said how it went.
+                    let before = self.alerts.clone();
+                    if let Some(c) = self.alerts.callbacks.get_mut(&id) {
+                        c.next_at = now.at.saturating_add(notify::DELIVERY_TIMEOUT_MS);
+                        c.in_flight = true;
+                    }
+                    self.note_alerts(before);
+                    effects.push(Effect::Recall { job_id: id });
+                }
                 None => self.give_up_callback(&id, "the job is no longer kept", effects),
             }
         }
