@@ -319,17 +319,17 @@ pub fn lock_holders(data_dir: &Path) -> Option<Vec<u32>> {
 
 /// A /proc/locks line: `1: FLOCK  ADVISORY  WRITE 4242 08:01:1311 0 EOF`, or a wait for a
 /// lock, `1: -> FLOCK  ADVISORY  WRITE 4243 08:01:1311 0 EOF` (its fields one further on).
-struct Line<'a> {
-    waits: bool,
-    kind: &'a str,
+pub(crate) struct Line<'a> {
+    pub(crate) waits: bool,
+    pub(crate) kind: &'a str,
     /// -1 (none) for a lock of an open file description (OFDLCK).
-    pid: Option<u32>,
+    pub(crate) pid: Option<u32>,
     /// The file, `major:minor:inode`.
-    file: &'a str,
+    pub(crate) file: &'a str,
 }
 
 impl<'a> Line<'a> {
-    fn of(line: &'a str) -> Option<Line<'a>> {
+    pub(crate) fn of(line: &'a str) -> Option<Line<'a>> {
         let mut fields = line.split_whitespace().skip(1).peekable();
         let waits = fields.next_if_eq(&"->").is_some();
         let kind = fields.next()?;

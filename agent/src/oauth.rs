@@ -302,13 +302,12 @@ fn lock_holder(path: &Path) -> Option<u32> {
     // Read as DATA_DIR's lock is: in whole passes, agreeing on this inode's lines (a line
     // goes unseen between two passes when another lock is let go).
     let locks = crate::drain::proc_locks(|line| line.contains(&format!("{inode} ")))?;
-    // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a waiter's line has "->" after
-    // the number, and is not a holder.
-    let holders = locks.lines().filter_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (kind, pid, file) = (fields.get(1)?, fields.get(4)?, fields.get(5)?);
-        (*kind == "FLOCK" && file.ends_with(&inode)).then(|| Some((pid.parse::<u32>().ok()?, *file == exact))).flatten()
-    });
+    // A waiter's line is not a holder's.
+    let holders = locks
+        .lines()
+        .filter_map(crate::drain::Line::of)
+        .filter(|line| !line.waits && line.kind == "FLOCK" && line.file.ends_with(&inode))
+        .filter_map(|line| Some((line.pid?, line.file == exact)));
     let has_open = |pid: u32| {
         let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
         fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == path))
