@@ -397,11 +397,12 @@ impl MirrorCache {
         names
     }
 
-    /// Whether the cache keeps what a fetch of the repository `name` found.
+    /// Whether the cache keeps what a fetch of the repository `name` found (false while a
+    /// fetch holds it: a test asks between fetches, and a held lock says nothing).
     #[cfg(test)]
     pub fn holds_fetched(&self, name: &str) -> bool {
         let entries = self.entries.lock().expect("mirror entries");
-        entries.get(&layout::folder(name)).is_some_and(|e| e.lock.try_lock().map_or(true, |state| state.last.is_some()))
+        entries.get(&layout::folder(name)).is_some_and(|e| e.lock.try_lock().is_ok_and(|state| state.last.is_some()))
     }
 
     /// Removes least recently used mirrors no job holds until the cache fits.
