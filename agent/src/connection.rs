@@ -420,6 +420,8 @@ async fn session(
     let ephemeral = shared::link::Ephemeral::new(runtime::entropy());
     // Results named in the order they are sent below; those left out follow all the same.
     let (running, finished, more_finished) = agent.held_for_hello();
+    // The login's changes told before the hello's report is read (below).
+    let told = agent.reporter.changes();
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         agent_id: cfg.agent_id.clone(),
@@ -535,9 +537,10 @@ async fn session(
     agent.state_slots();
     // A change of the login or the usage window queues its own heartbeat
     // (`Reporter::tell_with`); one told after the hello read the report and before this
-    // connection's keys and queue went with the queue just dropped, or failed to queue:
-    // one heartbeat now says the login as it is.
-    agent.heartbeat();
+    // connection's keys and queue went with the queue just dropped, or failed to queue.
+    if agent.reporter.changes() != told {
+        agent.heartbeat();
+    }
     // Bytes written since the edge was last heard: the socket's buffers take a large
     // result at once, and on a slow uplink the heartbeats behind it — and so the edge's
     // answers — come late by the time those bytes take to go ([`for_bytes`]).

@@ -13,7 +13,7 @@ use crate::oauth::Login;
 use shared::oauth::OAuthReport;
 use shared::usage::{UsageStatus, UsageWindow};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 use tracing::info;
@@ -27,6 +27,8 @@ pub struct Reporter {
     usage: Mutex<Option<UsageWindow>>,
     /// Queues what tells the edge of a change (the agent's heartbeat), at the change.
     teller: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// How many changes were told ([`Reporter::changes`]).
+    changes: AtomicU64,
     /// What the credentials looked like at the last look.
     seen: Mutex<Option<u64>>,
 }
@@ -38,6 +40,7 @@ impl Reporter {
             auth_failed: AtomicBool::new(false),
             usage: Mutex::new(None),
             teller: OnceLock::new(),
+            changes: AtomicU64::new(0),
             seen: Mutex::new(None),
         };
         *reporter.seen.lock().expect("seen lock") = Some(reporter.fingerprint());
@@ -65,8 +68,16 @@ impl Reporter {
         let _ = self.teller.set(Box::new(teller));
     }
 
+    /// How many changes were told so far: a connection compares the count when its hello
+    /// took the report with the count once its queue is cleared, as a change told between
+    /// went with the queue of the connection before.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::SeqCst)
+    }
+
     /// Tells the edge of a change, with no lock of the reporter's held.
     fn tell(&self) {
+        self.changes.fetch_add(1, Ordering::SeqCst);
         if let Some(teller) = self.teller.get() {
             teller();
         }
@@ -287,7 +298,6 @@ pub fn local_report(login: &Login, data_dir: &std::path::Path) -> OAuthReport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU64;
 
     fn reporter(name: &str) -> (Reporter, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!("cr-report-{name}-{}", std::process::id()));
