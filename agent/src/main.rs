@@ -196,8 +196,7 @@ fn main() {
     // First: most commands hold a secret (the agent's keys, Claude's login, the runner
     // secret), and a process of the same user may open a dumpable process's memory. What is
     // left is the window from the `exec` to here (README, What a job can see).
-    // SAFETY: prctl changes a process attribute only.
-    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    runtime::not_dumpable();
     // Next the zygote, while this process has one thread and has read nothing: not even its
     // command line, since parsing it copies settings' values onto the heap
     // (`AGENT_SIGNING_KEY` among them, clap's `env`), and the zygote's heap is every

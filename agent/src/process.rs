@@ -95,11 +95,9 @@ impl Stop {
 /// or `fd/`; only root, or a holder of CAP_SYS_PTRACE, can), and everything it creates
 /// owner-only (umask 077; Claude inherits it, so workspaces stay private too).
 pub fn harden_agent() {
-    // SAFETY: prctl and umask change process attributes only; no memory is involved.
-    unsafe {
-        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-        libc::umask(0o077);
-    }
+    runtime::not_dumpable();
+    // SAFETY: umask changes a process attribute only; no memory is involved.
+    unsafe { libc::umask(0o077) };
 }
 
 /// Variables Claude may inherit from the agent, by exact name: what a shell and Node need

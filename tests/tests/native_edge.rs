@@ -135,6 +135,28 @@ async fn the_job_store_is_owner_only() {
     assert_eq!(mode("edge.sqlite3"), 0o600, "a database readable by others is made private again");
 }
 
+/// The edge holds its signing key and the callers' secrets in its environment; run as the
+/// agent's user (README, "The agent by hand"), every job of that user could read them in
+/// `/proc/<edge>/environ` (found in review). It is not dumpable, as the agent is not, so
+/// a process of its own user cannot. As root, the edge and the reader both go without the
+/// capabilities that read any process whatever it says (CAP_SYS_PTRACE, and CAP_SYS_ADMIN
+/// and CAP_PERFMON on this kernel), as `job_isolation`'s agent tests do: a reader lacking
+/// a capability the edge holds is refused for that alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_of_the_edges_own_user_cannot_read_its_environment() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let without: Vec<String> = if root { vec!["setpriv".into(), "--bounding-set=-sys_ptrace,-sys_admin,-perfmon".into()] } else { Vec::new() };
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start_wrapped(EdgeKind::Native, &keys, &[], without.clone());
+    let pid = edge.pid().expect("the native edge is a process");
+    let reader: Vec<String> = without.into_iter().chain(["cat".to_string(), format!("/proc/{pid}/environ")]).collect();
+    let out = std::process::Command::new(&reader[0]).args(&reader[1..]).output().expect("the reader runs");
+    let (read, said) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!read.contains("EDGE_SIGNING_KEY") && !read.contains(SECRET), "the edge's environment was read: {read}");
+    assert!(!out.status.success() && said.contains("Permission denied"), "{said}");
+}
+
 /// Opens a WebSocket to `/agent/connect` by hand (with `proof` as its
 /// `X-Runner-Agent-Proof`, if any) and never writes again: a peer that will not answer a
 /// close.

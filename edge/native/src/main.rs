@@ -34,6 +34,10 @@ Environment:
 `claude-runner keygen` makes the keys and prints what to set.";
 
 fn main() {
+    // First: the environment holds EDGE_SIGNING_KEY and the callers' secrets, and run as
+    // the agent's user (README, "The agent by hand") every job of that user could read a
+    // dumpable edge's /proc/<pid>/environ. What is left is the window from the `exec` to here.
+    runtime::not_dumpable();
     if std::env::args().any(|a| a == "--help" || a == "-h") {
         println!("{HELP}");
         return;

@@ -1,11 +1,21 @@
 //! What the two native binaries (`claude-runner` and `claude-runner-edge`) need from the
-//! operating system, in one place: the wall clock, fresh entropy, logging to stderr, the
-//! stop signals and the lock that makes a data folder one process's own, and the
-//! descriptor limit ([`nofile`]). The `shared` crate stays pure (it builds for wasm32 too); the
+//! operating system, in one place: the wall clock, fresh entropy, being non-dumpable,
+//! logging to stderr, the stop signals and the lock that makes a data folder one process's
+//! own, and the descriptor limit ([`nofile`]). The `shared` crate stays pure (it builds for wasm32 too); the
 //! Worker has its own clock and entropy from the Workers runtime.
 
 pub mod home;
 pub mod nofile;
+
+/// Makes this process non-dumpable: a process of the same user can then neither read its
+/// `/proc/<pid>/environ` (where both binaries' secrets are given) nor its memory, nor trace
+/// it; only root or a holder of CAP_SYS_PTRACE can. Both binaries call it first in `main`:
+/// from the `exec` until here a process of the same user could still read them (README,
+/// "What a job can see").
+pub fn not_dumpable() {
+    // SAFETY: prctl changes a process attribute only; no memory is involved.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+}
 
 /// Milliseconds since the epoch, from the system clock. For timestamps people read and
 /// for expiry checks against the other side's clock; durations use a monotonic clock.
