@@ -90,18 +90,26 @@ RUN useradd --uid 10001 --user-group --home-dir /home/runner --create-home runne
 COPY --from=binaries /out/claude-runner /usr/local/bin/claude-runner
 # The login lives in CLAUDE_CONFIG_DIR (a volume), so it outlives the container. The CLI
 # must never replace itself: its version is this image's CLAUDE_CODE_VERSION.
+# HOME is the runner's, not root's: the container starts as root (below).
 ENV CLAUDE_CONFIG_DIR=/home/runner/.claude \
     DATA_DIR=/data \
     DISABLE_AUTOUPDATER=1 \
+    HOME=/home/runner \
     LOG_FORMAT=json
-USER 10001:10001
+# No USER: the container starts as root, and only the command drops to the runner (the
+# ENTRYPOINT). Jobs run as the runner and can read the environment of every dumpable
+# process of that user, and the container's environment holds the agent's key and the
+# tokens: PID 1 (tini) and what `exec` starts (the HEALTHCHECK, `docker compose exec`)
+# hold it too, so they are root's. The agent holds it as the runner, non-dumpable.
 WORKDIR /home/runner
 VOLUME ["/home/runner/.claude", "/data"]
 # No EXPOSE: the agent dials out and listens nowhere. Healthy = running, connected to
-# the edge and not stuck, as its status file says.
+# the edge and not stuck, as its status file says (read as root; it writes nothing).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
   CMD ["claude-runner", "status", "--check"]
 # tini is PID 1: it forwards `docker stop`'s SIGTERM to the agent (which drains) and
-# reaps what Claude's tools leave behind.
-ENTRYPOINT ["tini", "--"]
+# reaps what Claude's tools leave behind. setpriv runs the command (the agent, or what
+# `docker compose run` names: `claude auth login` writes into the login volume as the
+# runner) as the runner, with no way back to root's privileges.
+ENTRYPOINT ["tini", "--", "setpriv", "--reuid=10001", "--regid=10001", "--init-groups", "--no-new-privs", "--"]
 CMD ["claude-runner", "agent"]

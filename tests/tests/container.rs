@@ -1,7 +1,7 @@
 //! The container images, run for real with podman (issue 10): the agent image dialing a
 //! native edge on the host and completing a job, its HEALTHCHECK turning healthy, a
-//! `stop` that drains, the first login landing in the login volume, and the edge image
-//! serving an agent container. The stand-in is mounted over the image's `claude`, so the
+//! `stop` that drains, no secret in any process its jobs can read, the first login landing
+//! in the login volume, and the edge image serving an agent container. The stand-in is mounted over the image's `claude`, so the
 //! containers run exactly their own commands (`claude-runner agent`, `claude auth login`).
 //!
 //! Runs when `CLAUDE_RUNNER_CONTAINER_IMAGE` (and `CLAUDE_RUNNER_CONTAINER_EDGE_IMAGE`)
@@ -146,9 +146,9 @@ async fn the_agent_image_runs_a_job_for_a_host_edge_turns_healthy_and_drains_on_
 
     // The HEALTHCHECK (`claude-runner status --check`) passes, with no port to ask.
     assert_eq!(agent.wait_healthy().await, "healthy");
-    // tini is PID 1 and the agent runs as the image's own non-root user.
+    // tini is PID 1 and the agent, its child, runs as the image's own non-root user.
     assert_eq!(text(&agent.exec(&["cat", "/proc/1/comm"])).trim(), "tini");
-    assert_eq!(text(&agent.exec(&["id", "-u"])).trim(), "10001");
+    assert_eq!(agent_user(&agent), "claude-runner 10001");
     let status = text(&agent.exec(&["claude-runner", "status"]));
     assert!(status.contains("connected since"), "{status}");
     // JSON logs, one line per event, naming the agent.
@@ -169,6 +169,48 @@ async fn the_agent_image_runs_a_job_for_a_host_edge_turns_healthy_and_drains_on_
     assert_eq!(done["state"], "succeeded", "{done}\n{}", agent.logs());
     assert!(took < Duration::from_secs(30), "stopped once the job was done, not at the stop timeout ({took:?})");
     assert!(agent.logs().contains("agent draining"), "{}", agent.logs());
+}
+
+/// The agent's process (tini's child): its name and user id.
+fn agent_user(agent: &Ctr) -> String {
+    let out = agent.exec(&["sh", "-c", "read -r pid _ </proc/1/task/1/children; echo \"$(cat /proc/$pid/comm) $(stat -c %u /proc/$pid)\""]);
+    text(&out).trim().to_string()
+}
+
+/// A job runs as the image's user (10001) and can read the environment of every dumpable
+/// process of that user. Found in review: PID 1 (tini) ran as that user with the
+/// container's whole environment — the agent's key, the tokens — and so did every process
+/// `exec` started (the HEALTHCHECK's `status --check`, `docker compose exec agent
+/// claude-runner status`) until its first line. Now tini and what `exec` starts run as
+/// root, which a job cannot read, and only the agent (non-dumpable) holds the secrets as
+/// the jobs' user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_in_the_agent_container_finds_no_secret_in_any_process() {
+    let Some((image, _)) = images() else { return };
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let client = Client::new(&edge.url());
+    let mut env = agent_env(&edge.ws_url(), &keys);
+    env.push(("GITHUB_TOKEN", "ghp_container0test0token0000000000000000".into()));
+    env.push(("REPO_TOKENS", "git.example=container-test-repo-token".into()));
+    let agent = Ctr::run(&image, &env, &[], "agent");
+    client.wait_online().await;
+    assert_eq!(agent_user(&agent), "claude-runner 10001", "the agent runs as the jobs' user");
+    // A process started by `exec`, as the HEALTHCHECK's is, alive while the job looks.
+    let out = podman(&["exec", "-d", &agent.name, "sleep", "600"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let sleeping = eventually(Duration::from_secs(30), || text(&agent.exec(&["sh", "-c", "grep -lx sleep /proc/[0-9]*/comm"])).contains("/comm")).await;
+    assert!(sleeping, "the exec'd process never started");
+
+    let a = client.execute(json!({"prompt": "@print_environ_of=1"})).await;
+    let out = a.body["output"].as_str().unwrap_or_default().to_string();
+    assert!(out.starts_with("environ of 1 unreadable"), "a job read PID 1's environment: {}\n{}", a.text, agent.logs());
+    for var in ["AGENT_SIGNING_KEY", "GITHUB_TOKEN", "REPO_TOKENS", "CLAUDE_CODE_OAUTH_TOKEN", "EDGE_PUBLIC_KEY"] {
+        let a = client.execute(json!({"prompt": format!("@environs_holding={var}")})).await;
+        assert_eq!(a.body["output"], format!("holding {var}: none"), "a job read {var} from another process: {}\n{}", a.text, agent.logs());
+    }
+    // The HEALTHCHECK, run as root, still reads the agent's status.
+    assert_eq!(agent.wait_healthy().await, "healthy");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,10 @@
 //! `base64 FILE` prints it (wrapped at 76 columns), first as a tool's output (a Bash
 //! tool_result) · `@print_parent_environ` answer with the agent's
 //! `/proc/<ppid>/environ`, or why it cannot be read · `@print_environ_of=PID` the same for
-//! any process (Claude's parent is its warden, not the agent) · `@open_ancestors_mem`
+//! any process (Claude's parent is its warden, not the agent) · `@environs_holding=VAR`
+//! answer with every other process whose `/proc/<pid>/environ` it can read and that holds
+//! VAR (`pid (comm)`, comma-separated, or `none`), as a hostile job looks for secrets ·
+//! `@open_ancestors_mem`
 //! answer whether `/proc/<pid>/mem` of its warden and of the warden's parent opens · `@race_new_launcher` kill the agent's children (launcher, zygote) and open the memory of those started in their place, as they start · `@print_mode=PATH` answer with a
 //! path's permission bits (octal) · `@no_result` end without a result line ·
 //! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it) · `@write=PATH` write a text
@@ -301,6 +304,21 @@ fn main() {
             Ok(bytes) => format!("environ of {pid}: {}", String::from_utf8_lossy(&bytes).replace('\0', " ")),
             Err(e) => format!("environ of {pid} unreadable: {e}"),
         }
+    } else if let Some(var) = directive(&prompt, "environs_holding") {
+        let me = std::process::id().to_string();
+        let wanted = format!("{var}=");
+        let holders: Vec<String> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()) && *pid != me)
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| env.split(|&b| b == 0).any(|v| v.starts_with(wanted.as_bytes())))
+            })
+            .map(|pid| format!("{pid} ({})", std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim()))
+            .collect();
+        format!("holding {var}: {}", if holders.is_empty() { "none".to_string() } else { holders.join(", ") })
     } else if directive(&prompt, "open_ancestors_mem").is_some() {
         // Its warden and the warden's parent (the launcher), whose memory they share.
         let warden = std::os::unix::process::parent_id();
