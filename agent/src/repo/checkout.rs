@@ -97,10 +97,8 @@ fn reading(action: &'static str, url: &str, e: git2::Error) -> RepoError {
     local(action, e.message())
 }
 
-fn resolve(mirror: &Repository, fetched: Option<&Fetched>, branch: Option<&str>, url: &str) -> Result<Start, RepoError> {
+fn resolve(mirror: &Repository, fetched: &Fetched, branch: Option<&str>, url: &str) -> Result<Start, RepoError> {
     let action = "read the mirror";
-    // Every lease carries its fetch's record (`super::mirror::Lease::fetched`).
-    let fetched = fetched.ok_or_else(|| local(action, "the agent has no record of a fetch of the repository to start from: run the job again"))?;
     let refs = Refs { mirror, fetched };
     let Some(branch) = branch else {
         let head = refs.head().to_string();
@@ -134,7 +132,7 @@ fn resolve(mirror: &Repository, fetched: Option<&Fetched>, branch: Option<&str>,
 /// Makes `dir` (which must not exist yet, or be empty) a checkout of `branch` (default:
 /// the default branch the fetch found) with the mirror's objects.
 /// `fetched`: what the mirror's last fetch found ([`super::mirror::Lease::fetched`]).
-pub fn create(mirror_dir: &Path, fetched: Option<&Fetched>, dir: &Path, branch: Option<&str>, url: &str, max_bytes: u64) -> Result<Checkout, RepoError> {
+pub fn create(mirror_dir: &Path, fetched: &Fetched, dir: &Path, branch: Option<&str>, url: &str, max_bytes: u64) -> Result<Checkout, RepoError> {
     let action = "check out the repository";
     let mirror = Repository::open_bare(mirror_dir).map_err(|e| local(action, e.message()))?;
     let start = resolve(&mirror, fetched, branch, url)?;

@@ -84,10 +84,14 @@ struct Entry {
 
 #[derive(Default)]
 struct FetchState {
-    /// When the last successful fetch started.
-    fetched_from: Option<Instant>,
-    /// What it found.
-    last: Option<Arc<Fetched>>,
+    /// The last successful fetch, while the mirror holds what it found.
+    last: Option<LastFetch>,
+}
+
+/// A successful fetch: when it started, and what it found.
+struct LastFetch {
+    started: Instant,
+    found: Arc<Fetched>,
 }
 
 /// What a fetch found on the server: the refs the mirror holds after it, and the default
@@ -141,9 +145,9 @@ pub struct Lease {
     pub stale: bool,
     /// How long bringing the mirror up to date took (waiting for another job's fetch included).
     pub fetch_ms: u64,
-    /// What the fetch the job runs on found: Some on every lease [`MirrorCache::acquire`]
-    /// gives (a stale one included: no fetch since the agent started means no stale run).
-    pub fetched: Option<Arc<Fetched>>,
+    /// What the fetch the job runs on found (a stale lease's too: with no fetch since the
+    /// agent started, [`MirrorCache::acquire`] refuses a stale run).
+    pub fetched: Arc<Fetched>,
     /// Given to a job: its end stamps the mirror's last use. A lease of a fetch that
     /// failed is not (a mirror that cannot be used was stamped as just used, and so was
     /// evicted last).
@@ -153,7 +157,7 @@ pub struct Lease {
 impl Lease {
     /// The repository's default branch (`main`), as the fetch found it.
     pub fn default_branch(&self) -> Option<String> {
-        self.fetched.as_ref().and_then(|f| f.head.strip_prefix("refs/heads/").map(str::to_string))
+        self.fetched.head.strip_prefix("refs/heads/").map(str::to_string)
     }
 
     /// A checkout from this lease failed on the mirror's objects
@@ -167,12 +171,9 @@ impl Lease {
         };
         let Some(lock) = lock else { return };
         let mut state = lock.lock().await;
-        if let (Some(last), Some(mine)) = (&state.last, &self.fetched) {
-            if Arc::ptr_eq(last, mine) {
-                warn!(mirror = %self.dir.display(), "the mirror's objects cannot be read; the next fetch makes it anew");
-                state.last = None;
-                state.fetched_from = None;
-            }
+        if state.last.as_ref().is_some_and(|last| Arc::ptr_eq(&last.found, &self.fetched)) {
+            warn!(mirror = %self.dir.display(), "the mirror's objects cannot be read; the next fetch makes it anew");
+            state.last = None;
         }
     }
 }
@@ -277,19 +278,19 @@ impl MirrorCache {
         let folder = layout::folder(&source.name);
         let (hold, lock) = self.hold(&folder);
         let asked = Instant::now();
-        let mut lease = Lease { hold, dir: self.root.join(&folder), stale: false, fetch_ms: 0, fetched: None, used: false };
+        let dir = self.root.join(&folder);
+        // Given to the job only with what a fetch found: a lease dropped unmade (an error)
+        // lets go of its hold without stamping the mirror's last use.
+        let lease = |fetched, stale| Lease { hold, dir: dir.clone(), stale, fetch_ms: asked.elapsed().as_millis() as u64, fetched, used: true };
         let guard = lock.lock_owned().await;
-        if guard.fetched_from.is_some_and(|t| t >= asked) {
-            lease.fetch_ms = asked.elapsed().as_millis() as u64;
-            lease.fetched = guard.last.clone();
-            lease.used = true;
-            return Ok(lease);
+        if let Some(last) = guard.last.as_ref().filter(|last| last.started >= asked) {
+            return Ok(lease(Arc::clone(&last.found), false));
         }
         // A mirror whose name file names another repository (a job can rewrite it) is made
         // again by the fetch: not under another job that holds it or waits for it (a
         // checkout borrows its objects), which it removed mid-job.
         let others = self.entries.lock().expect("mirror entries").get(&folder).is_some_and(|e| e.users > 1);
-        if others && lease.dir.exists() && read_name(&lease.dir).as_deref() != Some(source.name.as_str()) {
+        if others && dir.exists() && read_name(&dir).as_deref() != Some(source.name.as_str()) {
             return Err(local("fetch the repository", format!("the mirror folder {folder} names another repository and other jobs use it, so it is neither used nor made again now: retry once they ended")));
         }
         let (fetch_hold, _) = self.hold(&folder);
@@ -297,9 +298,9 @@ impl MirrorCache {
         // The refs the fetch starts from are the agent's record, none else; with none (no
         // fetch since the agent started) the mirror is made anew, unless another job waits
         // for it (it then keeps its objects, not its refs).
-        let known = guard.last.as_deref().cloned();
-        let work = Work::Fetch { dir: lease.dir.clone(), source: source.clone(), known, alone: !others };
-        let held = FetchHeld { guard: Some(guard), hold: Some(fetch_hold), dir: lease.dir.clone(), succeeded: false };
+        let known = guard.last.as_ref().map(|last| Fetched::clone(&last.found));
+        let work = Work::Fetch { dir: dir.clone(), source: source.clone(), known, alone: !others };
+        let held = FetchHeld { guard: Some(guard), hold: Some(fetch_hold), dir: dir.clone(), succeeded: false };
         let (answer, mut held) = worker::run(work, held, "fetch the repository", None).await;
         let guard = held.guard.as_mut().expect("held until dropped");
         let answer = match answer {
@@ -310,42 +311,45 @@ impl MirrorCache {
             Err(e) => FetchAnswer { result: Err(e), usable: guard.last.is_some() },
         };
         let FetchAnswer { result, usable } = answer;
-        let result = result.map(|found| {
-            guard.fetched_from = Some(started);
-            guard.last = Some(Arc::new(found));
-        });
-        if !usable {
-            // The mirror went (or never held the record's commits): the record goes with it.
-            guard.last = None;
-            guard.fetched_from = None;
-        }
-        lease.fetched = guard.last.clone();
+        let result = match result {
+            Ok(found) => {
+                let found = Arc::new(found);
+                guard.last = Some(LastFetch { started, found: Arc::clone(&found) });
+                Ok(found)
+            }
+            Err(e) => {
+                if !usable {
+                    // The mirror went (or never held the record's commits): the record goes with it.
+                    guard.last = None;
+                }
+                // What a stale run would start from.
+                Err((e, guard.last.as_ref().map(|last| Arc::clone(&last.found))))
+            }
+        };
         held.succeeded = result.is_ok();
         // A failed fetch's leftovers are cleared, still under the lock, before the
         // eviction pass weighs the cache.
         held.let_go().await;
         // A first fetch made the mirror, or a failed one removed it.
         self.changed();
-        lease.fetch_ms = asked.elapsed().as_millis() as u64;
         let cache = Arc::clone(self);
         tokio::task::spawn_blocking(move || cache.evict(crate::now_ms()));
-        if let Err(e) = result {
-            if !allow_stale {
-                return Err(e);
-            }
+        match result {
+            Ok(found) => Ok(lease(found, false)),
+            Err((e, _)) if !allow_stale => Err(e),
             // Only what this agent fetched is run on: the refs on disk are a job's to move.
-            if lease.fetched.is_none() {
+            Err((e, None)) => {
                 let cause = match e {
                     RepoError::Network { url, detail } => format!("could not reach {url} ({detail})"),
                     e => e.to_string(),
                 };
-                return Err(RepoError::NoStaleState { cause, url: source.url.clone() });
+                Err(RepoError::NoStaleState { cause, url: source.url.clone() })
             }
-            warn!(repo = %source.name, error = %e, "fetch failed; the job runs on the mirror's last fetched state (allow_stale)");
-            lease.stale = true;
+            Err((e, Some(last))) => {
+                warn!(repo = %source.name, error = %e, "fetch failed; the job runs on the mirror's last fetched state (allow_stale)");
+                Ok(lease(last, true))
+            }
         }
-        lease.used = true;
-        Ok(lease)
     }
 
     /// The repositories this cache holds a mirror of (names only, no size walk): what an

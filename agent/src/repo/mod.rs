@@ -123,7 +123,7 @@ impl Repos {
             // Refused before Claude runs, not after it worked for nothing. Which branch is the
             // default one only this job's fetch says (the mirror's `HEAD` is a job's to
             // rewrite, and an earlier fetch's answer may be out of date).
-            if lease.stale || lease.fetched.is_none() {
+            if lease.stale {
                 return Err(RepoError::PushNeedsFetch { url: url.url() });
             }
             if lease.default_branch().as_deref() == Some(branch.as_str()) {
@@ -132,7 +132,7 @@ impl Repos {
         }
         let work = CheckoutWork {
             mirror: lease.dir.clone(),
-            fetched: lease.fetched.as_deref().map(|f| f.for_checkout(spec.branch.as_deref())),
+            fetched: lease.fetched.for_checkout(spec.branch.as_deref()),
             dir: workspace.to_path_buf(),
             branch: spec.branch.clone(),
             url: url.url(),

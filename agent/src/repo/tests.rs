@@ -45,7 +45,7 @@ fn source(bare: &Path) -> Source {
 async fn checked_out(root: &Path, bare: &Path) -> (Arc<MirrorCache>, super::mirror::Lease, checkout::Checkout) {
     let cache = MirrorCache::open(root.join("repos"), u64::MAX).unwrap();
     let lease = cache.acquire(source(bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &root.join("co"), None, "file://server", u64::MAX).unwrap();
+    let co = checkout::create(&lease.dir, &lease.fetched, &root.join("co"), None, "file://server", u64::MAX).unwrap();
     (cache, lease, co)
 }
 
@@ -60,17 +60,17 @@ async fn mirrors_fetch_prune_and_check_out_branches_tags_and_shas() {
     assert_eq!(cache.mirror_names(), [source(&bare).name]);
     let url = "file://server";
 
-    let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-default"), None, url, u64::MAX).unwrap();
+    let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-default"), None, url, u64::MAX).unwrap();
     assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), "hello again\n");
     assert_eq!(git(&co.dir, &["rev-parse", "--abbrev-ref", "HEAD"]), "main", "a local branch, for Claude's git commands");
     for (branch, readme) in [("feature", "hello\n"), ("v1", "hello\n"), ("light", "hello\n"), (&first[..10], "hello\n"), (&first[..], "hello\n")] {
-        let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{branch}")), Some(branch), url, u64::MAX).unwrap();
+        let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join(format!("co-{branch}")), Some(branch), url, u64::MAX).unwrap();
         assert_eq!(co.commit.to_string(), first, "{branch}");
         assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), readme, "{branch}");
         assert_eq!(git(&co.dir, &["status", "--porcelain"]), "", "a clean checkout of {branch}");
     }
     for missing in ["nope", "deadbeef00", "v2"] {
-        let err = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{missing}")), Some(missing), url, u64::MAX).err().unwrap();
+        let err = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join(format!("co-{missing}")), Some(missing), url, u64::MAX).err().unwrap();
         assert!(matches!(err, RepoError::BranchNotFound { .. }), "{missing}: {err}");
     }
     drop(lease);
@@ -82,15 +82,15 @@ async fn mirrors_fetch_prune_and_check_out_branches_tags_and_shas() {
     git(&work, &["push", "-q", "origin", "main"]);
     git(&work, &["push", "-q", "origin", "--delete", "feature"]);
     let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-third"), None, url, u64::MAX).unwrap();
+    let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-third"), None, url, u64::MAX).unwrap();
     assert!(co.dir.join("new.txt").exists());
-    let gone = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-feature-gone"), Some("feature"), url, u64::MAX).err().unwrap();
+    let gone = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-feature-gone"), Some("feature"), url, u64::MAX).err().unwrap();
     assert!(matches!(gone, RepoError::BranchNotFound { .. }), "{gone}");
     // Each checkout is its own repository: Claude's commits stay in it.
     std::fs::write(co.dir.join("mine.txt"), "x").unwrap();
     git(&co.dir, &["add", "-A"]);
     git(&co.dir, &["commit", "-q", "-m", "claude"]);
-    let again = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-again"), None, url, u64::MAX).unwrap();
+    let again = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-again"), None, url, u64::MAX).unwrap();
     assert!(!again.dir.join("mine.txt").exists());
     assert_eq!(again.commit, co.commit);
 }
@@ -1486,7 +1486,7 @@ async fn a_job_cannot_poison_later_fetches_through_the_mirrors_config() {
     git(&mirror, &["config", &format!("url.{evil}.insteadOf"), &source(&bare).url]);
     git(&mirror, &["config", "fetch.prune", "false"]);
     let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let again = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-after"), None, "file://server", u64::MAX).unwrap();
+    let again = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-after"), None, "file://server", u64::MAX).unwrap();
     assert_eq!(std::fs::read_to_string(again.dir.join("README.md")).unwrap(), "hello again\n", "the fetch came from elsewhere");
     assert_eq!(again.commit, genuine);
     let config = std::fs::read_to_string(mirror.join("config")).unwrap();
@@ -1515,7 +1515,7 @@ async fn a_checkout_starts_from_what_the_fetch_found_not_from_refs_a_job_moved()
     let lease = cache.acquire(source(&bare), true).await.unwrap();
     assert!(lease.stale);
     for (branch, want) in [(None, genuine.to_string()), (Some("feature"), first.clone()), (Some("v1"), first.clone())] {
-        let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{branch:?}")), branch, "file://server", u64::MAX).unwrap();
+        let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join(format!("co-{branch:?}")), branch, "file://server", u64::MAX).unwrap();
         assert_eq!(co.commit.to_string(), want, "{branch:?} started from the commit a job put in the mirror");
     }
 }
@@ -1534,7 +1534,7 @@ async fn a_pinned_commit_is_that_commit_whatever_branches_are_named() {
     git(&work, &["push", "-q", "origin", &format!("{first}:refs/tags/{}", &second[..9])]);
     let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let lease = cache.acquire(source(&bare), false).await.unwrap();
-    let create = |branch: &str| checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{branch}")), Some(branch), "file://server", u64::MAX);
+    let create = |branch: &str| checkout::create(&lease.dir, &lease.fetched, &tmp.path().join(format!("co-{branch}")), Some(branch), "file://server", u64::MAX);
     let co = create(&first).unwrap();
     assert_eq!(co.commit.to_string(), first, "the branch named after the commit won");
     assert_eq!(git(&co.dir, &["rev-parse", "--abbrev-ref", "HEAD"]), "HEAD", "a detached HEAD, as for any commit");
@@ -1565,7 +1565,7 @@ async fn x_and_x_git_are_two_mirrors_and_a_mirror_serves_only_its_own_repository
     let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let (lx, lxg) = (cache.acquire(x.clone(), false).await.unwrap(), cache.acquire(x_git.clone(), false).await.unwrap());
     assert_ne!(lx.dir, lxg.dir, "one mirror for two repositories");
-    let co = checkout::create(&lxg.dir, lxg.fetched.as_deref(), &tmp.path().join("co"), None, "x.git", u64::MAX).unwrap();
+    let co = checkout::create(&lxg.dir, &lxg.fetched, &tmp.path().join("co"), None, "x.git", u64::MAX).unwrap();
     assert_eq!(std::fs::read_to_string(co.dir.join("README.md")).unwrap(), "hello again\n");
     let mirror = lxg.dir.clone();
     drop((lx, lxg));
@@ -1643,7 +1643,7 @@ async fn a_checkout_too_large_in_all_or_in_one_file_is_refused_before_it_is_writ
     let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let lease = cache.acquire(source(&bare), false).await.unwrap();
     let dir = tmp.path().join("co-small");
-    let err = checkout::create(&lease.dir, lease.fetched.as_deref(), &dir, None, "file://server", 10).err().unwrap();
+    let err = checkout::create(&lease.dir, &lease.fetched, &dir, None, "file://server", 10).err().unwrap();
     assert!(matches!(&err, RepoError::CheckoutTooBig { .. }) && err.to_string().contains("REPO_MAX_CHECKOUT_BYTES, 10 bytes"), "{err}");
     assert!(!dir.join("README.md").exists(), "nothing written");
     let mirror = git2::Repository::open_bare(&lease.dir).unwrap();
@@ -1656,7 +1656,7 @@ async fn a_checkout_too_large_in_all_or_in_one_file_is_refused_before_it_is_writ
     assert!(err.to_string().contains("more than 3 files and folders"), "{err}");
     checkout::fits(&mirror, head, (u64::MAX, 1 << 20, 100), "file://server").unwrap();
     // Within both: checked out.
-    checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co"), None, "file://server", 1 << 20).unwrap();
+    checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co"), None, "file://server", 1 << 20).unwrap();
 }
 
 /// The checkout ran `.gitattributes` conversions after `fits` measured the objects: with
@@ -1866,7 +1866,7 @@ async fn a_fetch_given_up_on_a_trickling_server_ends_and_the_next_fetch_runs() {
     let answering = Source { url: format!("file://{}", bare.display()), ..trickling };
     let next = tokio::time::timeout(std::time::Duration::from_secs(30), cache.acquire(answering, false)).await;
     let lease = next.expect("the next fetch waited for the one given up").expect("the next fetch");
-    assert!(lease.fetched.is_some());
+    assert!(lease.fetched.refs.contains_key(&lease.fetched.head), "{:?}", lease.fetched);
 }
 
 /// A fetch had no byte budget: a server streaming a pack without end filled the disk
@@ -2357,7 +2357,7 @@ async fn a_ref_name_that_is_not_utf8_is_left_out() {
     }
     let cache = MirrorCache::open(tmp.path().join("repos"), u64::MAX).unwrap();
     let lease = cache.acquire(source(&bare), false).await.expect("the fetch");
-    let fetched = lease.fetched.clone().unwrap();
+    let fetched = Arc::clone(&lease.fetched);
     assert!(fetched.refs.contains_key("refs/heads/main") && fetched.refs.contains_key("refs/tags/v1"), "{:?}", fetched.refs);
     assert!(fetched.refs.keys().all(|name| !name.contains("caf")), "{:?}", fetched.refs);
     let listed = std::process::Command::new("git").arg("-C").arg(&lease.dir).args(["for-each-ref", "--format=%(refname)"]).output().unwrap();
@@ -2579,7 +2579,7 @@ async fn a_ref_planted_to_a_missing_object_does_not_stop_later_fetches() {
     plant_missing_ref(&mirror);
     let new = advance(&work, "a.txt");
     let lease = cache.acquire(daemon.source("server.git"), false).await.expect("the fetch after a planted ref");
-    assert_eq!(lease.fetched.as_ref().unwrap().refs["refs/heads/main"], new);
+    assert_eq!(lease.fetched.refs["refs/heads/main"], new);
     assert!(!mirror.join("refs/evil").exists(), "the planted ref is still in the mirror");
 }
 
@@ -2591,14 +2591,14 @@ async fn a_folder_planted_where_a_ref_was_does_not_stop_later_fetches() {
     let (bare, work, _) = server(tmp.path());
     let (cache, lease, _co) = checked_out(tmp.path(), &bare).await;
     let mirror = lease.dir.clone();
-    let v1 = lease.fetched.as_ref().unwrap().refs["refs/tags/v1"].clone();
+    let v1 = lease.fetched.refs["refs/tags/v1"].clone();
     drop(lease);
     let _ = std::fs::remove_file(mirror.join("refs/tags/v1"));
     std::fs::create_dir_all(mirror.join("refs/tags/v1")).unwrap();
     std::fs::write(mirror.join("refs/tags/v1/x"), format!("{v1}\n")).unwrap();
     let new = advance(&work, "b.txt");
     let lease = cache.acquire(source(&bare), false).await.expect("the fetch after a planted folder");
-    let fetched = lease.fetched.as_ref().unwrap();
+    let fetched = &lease.fetched;
     assert_eq!((fetched.refs["refs/heads/main"].as_str(), fetched.refs["refs/tags/v1"].as_str()), (new.as_str(), v1.as_str()));
 }
 
@@ -2620,7 +2620,7 @@ async fn after_a_restart_no_job_runs_on_refs_a_job_planted() {
     cache.recover().await;
     let lease = cache.acquire(daemon.source("server.git"), true).await.expect("the fetch after a restart");
     assert!(!lease.stale, "the fetch failed on the planted ref");
-    let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co-after"), None, "file://server", u64::MAX).unwrap();
+    let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co-after"), None, "file://server", u64::MAX).unwrap();
     assert_ne!(co.commit.to_string(), planted, "ran on the job's commit");
     assert_eq!(co.commit.to_string(), new);
 }
@@ -2680,7 +2680,7 @@ async fn a_folder_planted_where_a_mirror_file_goes_does_not_stop_later_fetches()
         std::fs::create_dir_all(mirror.join(planted).join("x")).unwrap();
         let new = advance(&work, &format!("planted-{i}.txt"));
         let lease = cache.acquire(source(&bare), false).await.unwrap_or_else(|e| panic!("the fetch after a folder at {planted}: {e}"));
-        assert_eq!(lease.fetched.as_ref().unwrap().refs["refs/heads/main"], new, "{planted}");
+        assert_eq!(lease.fetched.refs["refs/heads/main"], new, "{planted}");
     }
 }
 
@@ -2724,8 +2724,8 @@ async fn a_commit_corrupted_in_the_mirrors_pack_does_not_stop_later_fetches() {
     corrupt_object(&mirror, &git(&work, &["rev-parse", "HEAD"]));
     let new = advance(&work, "after-corruption.txt");
     let lease = cache.acquire(daemon.source("server.git"), false).await.expect("the fetch after a corrupted commit");
-    assert_eq!(lease.fetched.as_ref().unwrap().refs["refs/heads/main"], new);
-    let co = checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join("co"), None, "git://server", u64::MAX).expect("the checkout after a corrupted commit");
+    assert_eq!(lease.fetched.refs["refs/heads/main"], new);
+    let co = checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co"), None, "git://server", u64::MAX).expect("the checkout after a corrupted commit");
     assert_eq!(co.commit.to_string(), new);
 }
 
@@ -2741,7 +2741,7 @@ async fn a_blob_corrupted_in_the_mirrors_pack_fails_one_checkout_and_the_next_fe
     let mut said = Vec::new();
     for attempt in 0..2 {
         let lease = cache.acquire(daemon.source("server.git"), false).await.expect("a fetch after a corrupted blob");
-        match checkout::create(&lease.dir, lease.fetched.as_deref(), &tmp.path().join(format!("co-{attempt}")), None, "git://server", u64::MAX) {
+        match checkout::create(&lease.dir, &lease.fetched, &tmp.path().join(format!("co-{attempt}")), None, "git://server", u64::MAX) {
             Ok(co) => {
                 assert_eq!(co.commit.to_string(), git(&work, &["rev-parse", "HEAD"]));
                 let [broken] = &said[..] else { panic!("not one failed checkout first: {said:?}") };

@@ -107,7 +107,7 @@ pub enum Work {
 #[derive(Serialize, Deserialize)]
 pub struct CheckoutWork {
     pub mirror: PathBuf,
-    pub fetched: Option<Fetched>,
+    pub fetched: Fetched,
     pub dir: PathBuf,
     pub branch: Option<String>,
     pub url: String,
@@ -141,7 +141,8 @@ pub struct PushWork {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct FetchAnswer {
     pub result: Result<Fetched, RepoError>,
-    /// The mirror has a commit to start from (`allow_stale`).
+    /// After a failed fetch, whether the mirror still has a commit to start from
+    /// (`allow_stale`); a fetch that succeeded left one.
     pub usable: bool,
 }
 
@@ -567,7 +568,7 @@ fn perform(work: Work, stop: &AtomicBool, begins: &dyn Fn() -> bool) -> Answer {
         Work::Fetch { dir, source, known, alone } => Answer::Fetched(super::mirror::fetch_into(&dir, &source, known.as_ref(), alone, stop)),
         Work::Usable { dirs } => Answer::Usable(dirs.iter().map(|dir| super::mirror::usable(dir)).collect()),
         Work::Checkout(w) => Answer::CheckedOut(
-            super::checkout::create(&w.mirror, w.fetched.as_ref(), &w.dir, w.branch.as_deref(), &w.url, w.max_bytes).and_then(|checkout| {
+            super::checkout::create(&w.mirror, &w.fetched, &w.dir, w.branch.as_deref(), &w.url, w.max_bytes).and_then(|checkout| {
                 let cwd = super::checkout::working_dir(&checkout.dir, w.working_dir.as_deref())?;
                 Ok(CheckedOut { commit: checkout.commit.to_string(), cwd, fs: checkout.fs })
             }),
