@@ -44,9 +44,12 @@ const BLOB_EXECUTABLE: u32 = 0o100755;
 const LINK: u32 = 0o120000;
 const GITLINK: u32 = 0o160000;
 
-/// The most a file git writes in a submodule's repository and staging reads — its `.git`
-/// file, `commondir`, `HEAD`, a loose ref — holds: one line, a path or a ref at most.
+/// The most a file git writes in a submodule's repository and staging reads — its `HEAD`,
+/// a loose ref — holds: one line, a ref at most.
 const MAX_GIT_FILE_BYTES: u64 = 4096;
+/// The most of a `.git` file git reads (`read_gitfile_gently`: a bigger one names no
+/// repository), and what the runner reads of a `commondir` (git writes a path there).
+const MAX_DOT_GIT_BYTES: u64 = 1 << 20;
 /// The most a submodule's `packed-refs` staging reads holds (a line per branch and tag).
 const MAX_PACKED_REFS_BYTES: u64 = 64 << 20;
 /// The most the submodule pass reads of all the submodules' git files together: two
@@ -545,7 +548,8 @@ fn not_skipped(entry: &IndexEntry) -> bool {
 /// path (its config, index, `info/attributes`), each of them the job's to write, as a
 /// FIFO: `sub/.git` (a folder, or a file naming one, `gitdir: <path>`, which must be
 /// inside the checkout — as `git submodule` makes it, in the checkout's `.git/modules`),
-/// its `commondir` if any, `HEAD` and the ref it names (loose, else in `packed-refs`),
+/// its `commondir` if any (that walk shared with the listing's `is_repository`:
+/// [`GitFiles::git_dir`], [`GitFiles::common_dir`]), `HEAD` and the ref it names (loose, else in `packed-refs`),
 /// each opened from a descriptor beneath the checkout ([`crate::files::open_beneath`]:
 /// `O_NOFOLLOW`, `O_NONBLOCK`), refused by its `fstat` size, read to at most that. A FIFO,
 /// link or device there, a file too big for what git writes, one git would not have
@@ -558,24 +562,10 @@ fn not_skipped(entry: &IndexEntry) -> bool {
 fn submodule_head(workdir: &Path, sub: &[u8], left: &mut u64) -> Result<Option<Oid>, RepoError> {
     let refused = |why: String| RepoError::Submodule { path: shown(sub), why };
     let mut files = GitFiles { workdir, left };
-    let folder = as_path(sub);
-    let dot_git = folder.join(".git");
-    let gitdir = match crate::files::open_beneath(workdir, &dot_git).map_err(|e| refused(format!("`{}`: {e}", shown_path(&dot_git))))? {
-        None => return Ok(None),
-        Some(Beneath::Other(libc::S_IFDIR)) => dot_git,
-        Some(Beneath::File(file)) => {
-            let text = files.read_from(&dot_git, file, MAX_GIT_FILE_BYTES).map_err(refused)?;
-            let named = trimmed(&text).strip_prefix(b"gitdir: ").ok_or_else(|| refused(format!("`{}` names no repository (`gitdir: <path>`)", shown_path(&dot_git))))?;
-            beneath(workdir, folder, named).ok_or_else(|| refused(format!("`{}` names a repository outside the checkout", shown_path(&dot_git))))?
-        }
-        Some(Beneath::Link(_)) => return Err(refused(format!("`{}` is a link", shown_path(&dot_git)))),
-        Some(Beneath::Other(other)) => return Err(refused(format!("`{}` is {}", shown_path(&dot_git), kind(other)))),
-    };
+    // Whatever git would make of a `.git` or `commondir` not followed, it is refused.
+    let Some(gitdir) = files.git_dir(as_path(sub)).map_err(|e| refused(e.why))? else { return Ok(None) };
     // A linked worktree's refs are in the repository it names (`commondir`).
-    let common = match files.read(&gitdir.join("commondir"), MAX_GIT_FILE_BYTES).map_err(refused)? {
-        Some(text) => beneath(workdir, &gitdir, trimmed(&text)).ok_or_else(|| refused(format!("`{}` names a repository outside the checkout", shown_path(&gitdir.join("commondir")))))?,
-        None => gitdir.clone(),
-    };
+    let common = files.common_dir(&gitdir).map_err(|e| refused(e.why))?;
     // Its HEAD there names `refs/heads/.invalid`, which no git reads as a ref.
     let table = common.join("reftable");
     if let Ok(Some(Beneath::Other(libc::S_IFDIR))) = crate::files::open_beneath(workdir, &table) {
@@ -603,15 +593,100 @@ fn submodule_head(workdir: &Path, sub: &[u8], left: &mut u64) -> Result<Option<O
     Err(refused(format!("`{}` leads through more than 5 refs", shown_path(&gitdir.join("HEAD")))))
 }
 
-/// The files git writes in submodules' repositories, read beneath `workdir`: each bounded,
-/// and all of them together at most what is `left` of [`MAX_SUBMODULE_BYTES`]. Refusals
-/// are in words, naming the file.
-struct GitFiles<'a> {
+/// The files git writes in repositories — submodules', and those the job made inside the
+/// checkout ([`super::untracked`]) —, read beneath `workdir`: each bounded, and all of them
+/// together at most what is `left` (of [`MAX_SUBMODULE_BYTES`] for the submodule pass).
+/// Refusals are in words, naming the file.
+pub(super) struct GitFiles<'a> {
     workdir: &'a Path,
     left: &'a mut u64,
 }
 
-impl GitFiles<'_> {
+/// A `.git` or `commondir` the walk to a repository's files did not follow
+/// ([`GitFiles::git_dir`], [`GitFiles::common_dir`]): why, naming it, and whether git reads
+/// it and finds no repository there (`no_repository`) — otherwise git cannot read it (or
+/// dies on it), or it leads where the runner does not go (a link, outside the checkout).
+/// Each caller makes of it what git's rules for it say.
+pub(super) struct Unfollowed {
+    pub why: String,
+    pub no_repository: bool,
+}
+
+impl<'a> GitFiles<'a> {
+    pub(super) fn new(workdir: &'a Path, left: &'a mut u64) -> GitFiles<'a> {
+        GitFiles { workdir, left }
+    }
+
+    /// The git directory of the folder `folder` (beneath `workdir`), as git finds it
+    /// (`read_gitfile_gently`): its `.git` folder, or the folder a `.git` file names
+    /// (`gitdir: <path>`), which must be inside the checkout ([`beneath`]). `None` when
+    /// there is no `.git`. A FIFO, socket or device there, a file of other words, or one
+    /// bigger than git reads, is no repository to git.
+    pub(super) fn git_dir(&mut self, folder: &Path) -> Result<Option<std::path::PathBuf>, Unfollowed> {
+        let dot_git = folder.join(".git");
+        let unread = |why: String| Unfollowed { why, no_repository: false };
+        let none = |why: String| Unfollowed { why, no_repository: true };
+        let file = match crate::files::open_beneath(self.workdir, &dot_git).map_err(|e| unread(format!("`{}`: {e}", shown_path(&dot_git))))? {
+            None => return Ok(None),
+            Some(Beneath::Other(libc::S_IFDIR)) => return Ok(Some(dot_git)),
+            Some(Beneath::File(file)) => file,
+            Some(Beneath::Link(_)) => return Err(unread(format!("`{}` is a link", shown_path(&dot_git)))),
+            // git's `stat` finds no file there, nor a folder holding `HEAD`.
+            Some(Beneath::Other(other)) => return Err(none(format!("`{}` is {}", shown_path(&dot_git), kind(other)))),
+        };
+        let text = self.read_whole(&dot_git, file)?;
+        let named = text.strip_prefix(b"gitdir: ").map(line).filter(|named| !named.is_empty());
+        let named = named.ok_or_else(|| none(format!("`{}` names no repository (`gitdir: <path>`)", shown_path(&dot_git))))?;
+        let gitdir = beneath(self.workdir, folder, named).ok_or_else(|| unread(format!("`{}` names a repository outside the checkout", shown_path(&dot_git))))?;
+        Ok(Some(gitdir))
+    }
+
+    /// The folder holding the refs and objects of the repository whose git directory is
+    /// `gitdir` (`get_common_dir`): the one its `commondir` names (a linked worktree's),
+    /// which must be inside the checkout, else `gitdir` itself. A `commondir` that cannot
+    /// be read is never taken for no repository: git dies on one.
+    pub(super) fn common_dir(&mut self, gitdir: &Path) -> Result<std::path::PathBuf, Unfollowed> {
+        let rel = gitdir.join("commondir");
+        let unread = |why: String| Unfollowed { why, no_repository: false };
+        let file = match crate::files::open_beneath(self.workdir, &rel).map_err(|e| unread(format!("`{}`: {e}", shown_path(&rel))))? {
+            None => {
+                return match link_on_the_way(self.workdir, &rel) {
+                    Some(link) => Err(unread(format!("`{}` is a link", shown_path(&link)))),
+                    None => Ok(gitdir.to_path_buf()),
+                }
+            }
+            Some(Beneath::File(file)) => file,
+            Some(Beneath::Link(_)) => return Err(unread(format!("`{}` is a link", shown_path(&rel)))),
+            Some(Beneath::Other(libc::S_IFDIR)) => return Err(unread(format!("`{}` is a folder", shown_path(&rel)))),
+            Some(Beneath::Other(other)) => return Err(unread(format!("`{}` is {}", shown_path(&rel), kind(other)))),
+        };
+        let text = self.read_whole(&rel, file).map_err(|e| unread(e.why))?;
+        beneath(self.workdir, gitdir, line(&text)).ok_or_else(|| unread(format!("`{}` names a repository outside the checkout", shown_path(&rel))))
+    }
+
+    /// What `file` (the plain file at `rel`) holds, read whole as git reads a `.git` file:
+    /// at most [`MAX_DOT_GIT_BYTES`] (a bigger one is no repository to git), and exactly its
+    /// `fstat` size (less or more: it changed as it was read, a read that failed).
+    fn read_whole(&mut self, rel: &Path, file: std::fs::File) -> Result<Vec<u8>, Unfollowed> {
+        use std::io::Read;
+        let unread = |why: String| Unfollowed { why, no_repository: false };
+        let failed = |e: std::io::Error| unread(format!("`{}`: {e}", shown_path(rel)));
+        let size = file.metadata().map_err(failed)?.len();
+        if size > MAX_DOT_GIT_BYTES {
+            return Err(Unfollowed { why: format!("`{}` is {size} bytes, more than git reads of one", shown_path(rel)), no_repository: true });
+        }
+        if size > *self.left {
+            return Err(unread(self.over()));
+        }
+        let mut text = Vec::new();
+        file.take(size + 1).read_to_end(&mut text).map_err(failed)?;
+        if text.len() as u64 != size {
+            return Err(unread(format!("`{}` changed as it was read", shown_path(rel))));
+        }
+        self.count(size).map_err(unread)?;
+        Ok(text)
+    }
+
     /// The plain file `rel`, open: `None` when it is gone or a folder (git finds no such
     /// file there); refused when it is anything else but a plain file, or over `max` bytes
     /// by its `fstat` size, or over what is left to read, or when a folder on the way to
@@ -724,6 +799,15 @@ fn link_on_the_way(workdir: &Path, rel: &Path) -> Option<std::path::PathBuf> {
 /// `text` without the line end (and spaces) git leaves after it.
 fn trimmed(text: &[u8]) -> &[u8] {
     text.trim_ascii_end()
+}
+
+/// A path read from a `.git` file or a `commondir`, without the line ends git cuts there
+/// (`\n`, `\r`), spaces kept: a path may end with one.
+fn line(mut text: &[u8]) -> &[u8] {
+    while let [rest @ .., b'\n' | b'\r'] = text {
+        text = rest;
+    }
+    text
 }
 
 /// The commit a ref's `text` names, if it is one: 40 hex digits (`Oid::from_str` would

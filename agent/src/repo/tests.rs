@@ -930,11 +930,7 @@ async fn submodules_are_staged_as_their_commits_and_a_nested_repository_is_refus
     assert!(co.dir.join("sub").is_dir() && co.dir.join("idle").is_dir());
     // The job makes a repository of its own.
     let nested = co.dir.join("nested");
-    std::fs::create_dir_all(&nested).unwrap();
-    git(&nested, &["init", "-q", "-b", "main"]);
-    std::fs::write(nested.join("inner.txt"), "inner\n").unwrap();
-    git(&nested, &["add", "-A"]);
-    git(&nested, &["commit", "-q", "-m", "inner"]);
+    inner_repository(&nested);
     let said = to_push(&co).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(said.contains("`nested`") && said.contains("repository of its own") && said.contains(".gitignore"), "{said:?}");
     std::fs::remove_dir_all(&nested).unwrap();
@@ -957,6 +953,31 @@ async fn submodules_are_staged_as_their_commits_and_a_nested_repository_is_refus
     }
     assert_eq!(line("idle"), Some(format!("160000 commit {first}")), "{tree}");
     assert!(line("top.txt").is_some() && line("sub/lib.txt").is_none(), "{tree}");
+}
+
+/// A repository of one commit (`inner.txt`), made by git at `dir`.
+fn inner_repository(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    git(dir, &["init", "-q", "-b", "main"]);
+    std::fs::write(dir.join("inner.txt"), "inner\n").unwrap();
+    git(dir, &["add", "-A"]);
+    git(dir, &["commit", "-q", "-m", "inner"]);
+}
+
+/// The paths the diff of `co`'s working tree lists, sorted.
+fn diff_files(co: &checkout::Checkout) -> Vec<String> {
+    let mut files: Vec<String> = changes::patch(&co.dir, co.commit, co.fs, 1 << 20).unwrap().files.into_iter().map(|f| f.path).collect();
+    files.sort();
+    files
+}
+
+/// What git's own `git add -A --dry-run` of `co` adds, sorted: files, and a repository
+/// inside as its folder (`name/`).
+fn git_adds(co: &checkout::Checkout) -> Vec<String> {
+    let said = git(&co.dir, &["add", "-A", "--dry-run"]);
+    let mut files: Vec<String> = said.lines().filter_map(|l| l.strip_prefix("add '")?.strip_suffix('\'').map(str::to_string)).collect();
+    files.sort();
+    files
 }
 
 /// An untracked folder holding a `.git` that is no repository — a file of other words, an
@@ -985,27 +1006,13 @@ async fn a_folder_holding_a_dot_git_that_is_no_repository_is_listed_as_git_lists
         std::fs::write(d.join(folder).join(".git/HEAD"), head).unwrap();
     }
     std::fs::create_dir(d.join("nohead/.git/objects")).unwrap();
-    let files = |co: &checkout::Checkout| {
-        let mut files: Vec<String> = changes::patch(&co.dir, co.commit, co.fs, 1 << 20).unwrap().files.into_iter().map(|f| f.path).collect();
-        files.sort();
-        files
-    };
-    let gits = |co: &checkout::Checkout| {
-        let said = git(&co.dir, &["add", "-A", "--dry-run"]);
-        let mut files: Vec<String> = said.lines().filter_map(|l| l.strip_prefix("add '")?.strip_suffix('\'').map(str::to_string)).collect();
-        files.sort();
-        files
-    };
+    let (files, gits) = (diff_files, git_adds);
     assert_eq!(files(&co), gits(&co), "as git lists them");
     assert_eq!(files(&co).len(), 6, "{:?}", files(&co));
     assert!(to_push(&co).is_ok(), "nothing there is a repository");
     // Repositories as git tells them: a `.git` folder, a `gitdir:` file naming one.
     let real = d.join("real");
-    std::fs::create_dir(&real).unwrap();
-    git(&real, &["init", "-q", "-b", "main"]);
-    std::fs::write(real.join("inner.txt"), "inner\n").unwrap();
-    git(&real, &["add", "-A"]);
-    git(&real, &["commit", "-q", "-m", "inner"]);
+    inner_repository(&real);
     std::fs::create_dir(d.join("pointing")).unwrap();
     std::fs::write(d.join("pointing/.git"), "gitdir: ../real/.git\n").unwrap();
     std::fs::write(d.join("pointing/p.txt"), "p\n").unwrap();
@@ -1016,6 +1023,47 @@ async fn a_folder_holding_a_dot_git_that_is_no_repository_is_listed_as_git_lists
     assert!(!files(&co).iter().any(|f| f.starts_with("real/") || f.starts_with("pointing/")), "{:?}", files(&co));
     let err = to_push(&co).err().expect("a repository inside refuses the push");
     assert!(matches!(&err, RepoError::NestedRepository { path } if path == "pointing"), "{err}");
+}
+
+/// A `.git` is followed as `git add -A` follows it, by the walk the submodule pass shares
+/// (`staging::GitFiles::git_dir`, `common_dir`): a linked worktree's `.git` file and its
+/// `commondir` lead to a repository; a `commondir` naming a folder without `objects`, a
+/// `.git` file bigger than git reads (whatever it names), one naming no path, or a path
+/// ending with a space (git cuts only line ends), to none; a `.git` link, or a `gitdir:`
+/// outside the checkout, is not followed but taken for a repository, as git takes these.
+/// Compared with git's own `add -A --dry-run`. A `commondir` git dies on (a folder) is
+/// taken for a repository too.
+#[tokio::test]
+async fn a_dot_git_is_followed_through_gitdir_and_commondir_as_git_follows_it() {
+    let tmp = TempDir::new("stage-gitdirs");
+    let (bare, _, _) = server(tmp.path());
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let d = &co.dir;
+    let real = d.join("real");
+    inner_repository(&real);
+    git(&real, &["worktree", "add", "-q", "-b", "wt", "../worktree"]);
+    git(&real, &["worktree", "add", "-q", "-b", "wt2", "../elsewhere"]);
+    std::fs::write(real.join(".git/worktrees/elsewhere/commondir"), "../../refs\n").unwrap();
+    let away = tmp.path().join("away-repo");
+    inner_repository(&away);
+    for (folder, dot_git) in [("big", format!("gitdir: ../real/.git{}", "\n".repeat(1 << 20))), ("nopath", "gitdir: \n".into()), ("spaced", "gitdir: ../real/.git \n".into()), ("away", format!("gitdir: {}\n", away.join(".git").display()))] {
+        std::fs::create_dir(d.join(folder)).unwrap();
+        std::fs::write(d.join(folder).join(".git"), dot_git).unwrap();
+        std::fs::write(d.join(folder).join("f.txt"), "f\n").unwrap();
+    }
+    std::fs::create_dir(d.join("linked")).unwrap();
+    std::os::unix::fs::symlink("../real/.git", d.join("linked/.git")).unwrap();
+    std::fs::write(d.join("linked/f.txt"), "f\n").unwrap();
+    let files = diff_files;
+    let (repositories, gits): (Vec<String>, Vec<String>) = git_adds(&co).into_iter().partition(|f| f.ends_with('/'));
+    assert_eq!(repositories, ["away/", "linked/", "real/", "worktree/"], "git's repositories");
+    assert_eq!(files(&co), gits, "as git lists them");
+    assert!(["big/f.txt", "elsewhere/inner.txt", "nopath/f.txt", "spaced/f.txt"].iter().all(|f| gits.contains(&f.to_string())), "{gits:?}");
+    // A `commondir` git dies on: a repository, left out.
+    let commondir = real.join(".git/worktrees/elsewhere/commondir");
+    std::fs::remove_file(&commondir).unwrap();
+    std::fs::create_dir(&commondir).unwrap();
+    assert!(!files(&co).iter().any(|f| f.starts_with("elsewhere/")), "{:?}", files(&co));
 }
 
 /// The bytes the checkout's object store takes on disk.
@@ -1389,6 +1437,58 @@ async fn submodules_are_read_as_git_reads_them_or_refused_saying_why() {
     assert!(index_info.wait().unwrap().success());
     let said = stage();
     assert!(said.contains("submodule `sub`") && said.contains("conflict") && said.contains("git add sub"), "{said:?}");
+}
+
+/// A submodule's `.git` and `commondir` are followed as git follows them, by the walk the
+/// listing's `is_repository` shares (`staging::GitFiles::git_dir`, `common_dir`): a
+/// submodule checked out as a linked worktree (its `.git` file names its git directory,
+/// whose `commondir` names the repository holding its branch) is staged as the commit its
+/// branch is at. A `commondir` naming a folder outside the checkout, or a folder itself,
+/// and a `.git` that is a link, a FIFO, a file naming no repository or bigger than git
+/// reads, are refused, saying which.
+#[tokio::test]
+async fn a_submodules_gitdir_and_commondir_are_followed_or_refused_saying_why() {
+    let tmp = TempDir::new("sub-gitdirs");
+    let (bare, lib, _, second) = server_with_submodules(tmp.path(), &["sub"]);
+    let (_cache, _lease, co) = checked_out(tmp.path(), &bare).await;
+    let stage = || to_push(&co).err().map(|e| e.to_string()).unwrap_or_default();
+    // The library cloned inside the checkout's `.git` (never listed); the submodule, a
+    // worktree of it on a branch of its own.
+    let main = co.dir.join(".git/lib-main");
+    git(&co.dir, &["clone", "-q", lib.to_str().unwrap(), main.to_str().unwrap()]);
+    std::fs::remove_dir(co.dir.join("sub")).unwrap();
+    git(&main, &["worktree", "add", "-q", "-b", "wt", co.dir.join("sub").to_str().unwrap(), &second]);
+    let gitdir = main.join(".git/worktrees/sub");
+    assert!(!gitdir.join("refs/heads/wt").exists() && main.join(".git/refs/heads/wt").exists());
+    let commit = push_to(&co, &bare, "claude/worktree");
+    assert_eq!(git(&bare, &["rev-parse", &format!("{commit}:sub")]), second);
+    let commondir = gitdir.join("commondir");
+    let kept = std::fs::read(&commondir).unwrap();
+    std::fs::write(&commondir, format!("{}\n", lib.join(".git").display())).unwrap();
+    let said = stage();
+    assert!(said.contains("submodule `sub`") && said.contains("commondir` names a repository outside the checkout"), "{said:?}");
+    std::fs::remove_file(&commondir).unwrap();
+    std::fs::create_dir(&commondir).unwrap();
+    let said = stage();
+    assert!(said.contains("submodule `sub`") && said.contains("commondir` is a folder"), "{said:?}");
+    std::fs::remove_dir(&commondir).unwrap();
+    std::fs::write(&commondir, kept).unwrap();
+    let dot_git = co.dir.join("sub/.git");
+    let kept = std::fs::read(&dot_git).unwrap();
+    for (what, told) in [("link", "is a link"), ("fifo", "is a FIFO"), ("words", "names no repository"), ("big", "is 1099511627776 bytes, more than git reads of one")] {
+        std::fs::remove_file(&dot_git).unwrap();
+        match what {
+            "link" => std::os::unix::fs::symlink(&gitdir, &dot_git).unwrap(),
+            "fifo" => crate::files::pipe_at(&dot_git),
+            "words" => std::fs::write(&dot_git, "garbage\n").unwrap(),
+            _ => std::fs::File::create(&dot_git).unwrap().set_len(1 << 40).unwrap(),
+        }
+        let said = stage();
+        assert!(said.contains("submodule `sub`") && said.contains(&format!("`sub/.git` {told}")), "{what}: {said:?}");
+    }
+    std::fs::remove_file(&dot_git).unwrap();
+    std::fs::write(&dot_git, kept).unwrap();
+    to_push(&co).expect("the worktree's `.git` put back");
 }
 
 /// The submodule pass read each submodule's `packed-refs` up to 64 MiB, however many

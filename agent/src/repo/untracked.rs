@@ -13,7 +13,7 @@
 
 use super::checkout::FileSystem;
 use super::error::{local, RepoError};
-use super::staging::{kind, shown};
+use super::staging::{kind, shown, GitFiles};
 use crate::files::{Beneath, Folder};
 use gix_ignore::glob::pattern::Case;
 use gix_ignore::glob::search::pattern::List;
@@ -161,9 +161,6 @@ pub(super) fn list(workdir: &Path, tracked: &Tracked, abort: &AtomicBool) -> Res
     Ok(found)
 }
 
-/// The most of a `.git` file git reads (`read_gitfile_gently`): a bigger one names no
-/// repository.
-const MAX_GITFILE_BYTES: u64 = 1 << 20;
 /// What git reads of a `HEAD` to tell a repository (`validate_headref`).
 const HEAD_BYTES: u64 = 255;
 
@@ -176,48 +173,22 @@ const HEAD_BYTES: u64 = 255;
 /// listing counted any `.git` as one: the folder's files were left out of the diff and
 /// the push was refused; hostile review rev9, 1.)
 ///
-/// Everything is opened beneath the checkout from descriptors, without waiting
-/// ([`crate::files::open_beneath`]), bounded as git bounds it. Where git would follow a
-/// link (`.git`, or `objects` and `refs` in it, a link) or a path outside the checkout (a
+/// The `.git` and `commondir` are read as the submodule pass reads them
+/// ([`GitFiles::git_dir`], [`GitFiles::common_dir`]): opened beneath the checkout from
+/// descriptors, without waiting, bounded as git bounds them. Where git would follow a link
+/// (`.git`, `commondir`, or `objects` and `refs`, a link) or a path outside the checkout (a
 /// `gitdir:` or `commondir` naming one), and where git gives up (a `commondir` it cannot
 /// read), the runner does not look: it counts the folder as a repository, left out, which
 /// refuses the push naming it.
 fn is_repository(workdir: &Path, path: &[u8]) -> bool {
-    use std::io::Read;
-    let folder = Path::new(std::ffi::OsStr::from_bytes(path));
-    let dot_git = folder.join(".git");
-    match crate::files::open_beneath(workdir, &dot_git) {
-        // git: a `.git` file it cannot open is taken for one.
-        Err(_) => true,
+    // Each file is bounded on its own: git bounds no listing's reads together.
+    let mut left = u64::MAX;
+    let mut files = GitFiles::new(workdir, &mut left);
+    match files.git_dir(Path::new(std::ffi::OsStr::from_bytes(path))) {
         Ok(None) => false,
-        Ok(Some(Beneath::Link(_))) => true,
-        Ok(Some(Beneath::Other(libc::S_IFDIR))) => is_git_directory(workdir, &dot_git),
-        // A FIFO, socket or device: git's `stat` finds no file, nor a folder holding `HEAD`.
-        Ok(Some(Beneath::Other(_))) => false,
-        Ok(Some(Beneath::File(file))) => {
-            let Ok(size) = file.metadata().map(|m| m.len()) else { return true };
-            if size > MAX_GITFILE_BYTES {
-                return false;
-            }
-            let mut text = Vec::new();
-            // git reads its `fstat` size, whole: less or more (it changed meanwhile) is a
-            // read that failed, taken for a repository.
-            if file.take(size + 1).read_to_end(&mut text).is_err() || text.len() as u64 != size {
-                return true;
-            }
-            let Some(named) = text.strip_prefix(b"gitdir: ") else { return false };
-            let mut named = named;
-            while let [rest @ .., b'\n' | b'\r'] = named {
-                named = rest;
-            }
-            if named.is_empty() {
-                return false;
-            }
-            match super::staging::beneath(workdir, folder, named) {
-                Some(gitdir) => is_git_directory(workdir, &gitdir),
-                None => true,
-            }
-        }
+        Ok(Some(gitdir)) => is_git_directory(workdir, &mut files, &gitdir),
+        // git takes a `.git` it cannot open or read for a repository.
+        Err(e) => !e.no_repository,
     }
 }
 
@@ -225,7 +196,7 @@ fn is_repository(workdir: &Path, path: &[u8]) -> bool {
 /// `is_git_directory` tells one: a `HEAD` naming a ref under `refs/` (`ref: refs/…`, or a
 /// link to `refs/…`) or starting with a commit id, and `objects` and `refs` (in the folder
 /// its `commondir` names, if it has one) that git can enter.
-fn is_git_directory(workdir: &Path, gitdir: &Path) -> bool {
+fn is_git_directory(workdir: &Path, files: &mut GitFiles, gitdir: &Path) -> bool {
     use std::io::Read;
     let head = match crate::files::open_beneath(workdir, &gitdir.join("HEAD")) {
         Ok(Some(Beneath::Link(target))) => target.starts_with(b"refs/"),
@@ -244,31 +215,11 @@ fn is_git_directory(workdir: &Path, gitdir: &Path) -> bool {
     if !head {
         return false;
     }
-    let mut stat = crate::files::StatBeneath::new(workdir);
-    let common = match stat.lstat(&gitdir.join("commondir")) {
-        Ok(None) => gitdir.to_path_buf(),
-        // One there: the folder it names (git dies where it cannot read it).
-        Ok(Some(_)) => match crate::files::open_beneath(workdir, &gitdir.join("commondir")) {
-            Ok(Some(Beneath::File(file))) => {
-                let mut text = Vec::new();
-                if file.take(MAX_GITFILE_BYTES + 1).read_to_end(&mut text).is_err() || text.len() as u64 > MAX_GITFILE_BYTES {
-                    return true;
-                }
-                let mut named = text.as_slice();
-                while let [rest @ .., b'\n' | b'\r'] = named {
-                    named = rest;
-                }
-                match super::staging::beneath(workdir, gitdir, named) {
-                    Some(common) => common,
-                    None => return true,
-                }
-            }
-            _ => return true,
-        },
-        Err(_) => return true,
-    };
+    // Read after `HEAD`, as git reads it: one git dies on is counted a repository.
+    let Ok(common) = files.common_dir(gitdir) else { return true };
     // `access(X_OK)`: a folder, or a file with an execute bit; a link git follows is
     // counted as one.
+    let mut stat = crate::files::StatBeneath::new(workdir);
     let enterable = |stat: &mut crate::files::StatBeneath, name: &str| match stat.lstat(&common.join(name)) {
         Ok(Some(st)) => matches!(st.st_mode & libc::S_IFMT, libc::S_IFDIR | libc::S_IFLNK) || st.st_mode & 0o111 != 0,
         Ok(None) => false,
