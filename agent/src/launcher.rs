@@ -16,8 +16,9 @@
 //! and this one never is (see there). `ps` shows it as `claude-runner __launcher`.
 //!
 //! The conversation, over a Unix socket (the zygote hands the launcher its end):
-//! - request: a 4-byte length with the job's five pipe ends attached (`SCM_RIGHTS`:
-//!   Claude's stdin, stdout and stderr, the warden's control pipe and its status pipe),
+//! - request: a 4-byte length with the job's five ends attached (`SCM_RIGHTS`: Claude's
+//!   stdin, stdout and stderr — sockets, [`socket_pair`] — the warden's control pipe and
+//!   its status pipe),
 //!   then the body: NUL-separated fields `program, folder, argc, args…, NAME=value…`;
 //! - answer: `errno` (0 when Claude's `exec` succeeded) and the warden's pid, with a pidfd
 //!   of the warden attached when the kernel has them (the agent's last resort to kill it).
@@ -81,7 +82,7 @@ pub struct Spawn<'a> {
     pub env: &'a [(OsString, OsString)],
 }
 
-/// Claude's pipe ends that the launcher passes on (the agent keeps the other ends).
+/// The child's ends that the launcher passes on (the agent keeps the other ends).
 pub struct ChildEnds {
     pub stdin: OwnedFd,
     pub stdout: OwnedFd,
@@ -649,12 +650,26 @@ fn wait_readable(socket: RawFd, children: RawFd) -> bool {
     fds[0].revents != 0
 }
 
-/// A pipe, both ends close-on-exec: (read, write). The agent's pipes to Claude and the
-/// launcher's exec-error pipe are all made here.
+/// A pipe, both ends close-on-exec: (read, write). The wardens' control and status
+/// pipes and the launcher's exec-error pipe are made here.
 pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills two fds we then own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A connected pair of Unix stream sockets, both close-on-exec: (the agent's end,
+/// Claude's end). Claude's stdin, stdout and stderr are made here: unlike a pipe's, a
+/// socket's `/proc/<pid>/fd/N` does not open (ENXIO), so no other process of the agent's
+/// user can read or write Claude's streams through it (see `process::Claude::pipes`).
+pub fn socket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair fills two fds we then own.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: both fds were just created and are owned by nothing else.

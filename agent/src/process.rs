@@ -13,10 +13,11 @@ use crate::claude::Ending;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use crate::launcher::{pipe, ChildEnds, Launcher, Spawn};
+use crate::launcher::{pipe, socket_pair, ChildEnds, Launcher, Spawn};
 use std::os::fd::OwnedFd;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::pipe;
+use tokio::net::UnixStream;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
@@ -191,10 +192,10 @@ impl Control {
     }
 }
 
-/// The agent's end of a pipe made by [`pipe`], made non-blocking for the runtime: one
-/// `fcntl` (the end was just made, so its other flags are known: none). Tokio's checked
-/// constructors would `fstat` it and read its flags first, three calls per pipe, four
-/// pipes per job.
+/// The agent's end of a pipe made by [`pipe`] or a socket made by [`socket_pair`], made
+/// non-blocking for the runtime: one `fcntl` (the end was just made, so its other flags
+/// are known: none). Tokio's checked pipe constructors would `fstat` it and read its flags
+/// first, three calls per pipe, four ends per job.
 fn nonblocking(end: OwnedFd) -> std::io::Result<OwnedFd> {
     use std::os::fd::AsRawFd;
     // SAFETY: sets the status flags of a descriptor we own.
@@ -212,14 +213,19 @@ pub fn start_launcher() -> std::io::Result<()> {
     LAUNCHER.start()
 }
 
-/// A running Claude, as the agent holds it: its warden's pid, the pipes, and the exit
-/// status to come.
+/// The agent's end of one of Claude's standard streams, registered with the runtime.
+fn stream(end: OwnedFd) -> std::io::Result<UnixStream> {
+    UnixStream::from_std(std::os::unix::net::UnixStream::from(nonblocking(end)?))
+}
+
+/// A running Claude, as the agent holds it: its warden's pid, its standard streams (the
+/// agent's ends of three socket pairs), and the exit status to come.
 struct Claude {
     pid: u32,
     pidfd: Option<OwnedFd>,
-    stdin: Option<pipe::Sender>,
-    stdout: Option<pipe::Receiver>,
-    stderr: Option<pipe::Receiver>,
+    stdin: Option<UnixStream>,
+    stdout: Option<UnixStream>,
+    stderr: Option<UnixStream>,
     control: Option<Control>,
     /// Reads the warden's status pipe to its end.
     exited: Option<tokio::task::JoinHandle<Option<i32>>>,
@@ -227,17 +233,24 @@ struct Claude {
 }
 
 impl Claude {
-    /// The pipes of a Claude about to start: the agent's ends (registered with the
-    /// runtime) in a `Claude` whose pid comes with [`Claude::started`], and the child's
+    /// The streams and pipes of a Claude about to start: the agent's ends (registered with
+    /// the runtime) in a `Claude` whose pid comes with [`Claude::started`], and the child's
     /// ends for the launcher. Claude's exit (and its tree's) is then seen as the ends of
-    /// these pipes: the agent keeps no copy of the child's ends once they are sent.
+    /// these: the agent keeps no copy of the child's ends once they are sent.
+    ///
+    /// Claude's stdin, stdout and stderr are socket pairs, not pipes: Claude is dumpable
+    /// after its `exec`, so any process of the agent's user — another caller's job — may
+    /// open its `/proc/<pid>/fd/N`, which reopens a pipe (to read its prompt or its lines,
+    /// or to write a forged result line into its stdout) but refuses a socket (ENXIO). As a
+    /// pipe's, a socket's end of input comes when every holder of the other end has closed
+    /// it (Claude and whatever it started).
     fn pipes() -> std::io::Result<(Claude, ChildEnds)> {
-        let (stdin_read, stdin_write) = pipe()?;
-        let (stdout_read, stdout_write) = pipe()?;
-        let (stderr_read, stderr_write) = pipe()?;
+        let (stdin_agent, stdin_claude) = socket_pair()?;
+        let (stdout_agent, stdout_claude) = socket_pair()?;
+        let (stderr_agent, stderr_claude) = socket_pair()?;
         let (status_read, status_write) = pipe()?;
         let (control, control_read) = Control::pipe()?;
-        let ends = ChildEnds { stdin: stdin_read, stdout: stdout_write, stderr: stderr_write, control: control_read, status: status_write };
+        let ends = ChildEnds { stdin: stdin_claude, stdout: stdout_claude, stderr: stderr_claude, control: control_read, status: status_write };
         let mut status = pipe::Receiver::from_owned_fd_unchecked(nonblocking(status_read)?)?;
         let exited = tokio::spawn(async move {
             // The warden writes the status once Claude's tree is gone, then exits: its four
@@ -253,9 +266,9 @@ impl Claude {
         let claude = Claude {
             pid: 0,
             pidfd: None,
-            stdin: Some(pipe::Sender::from_owned_fd_unchecked(nonblocking(stdin_write)?)?),
-            stdout: Some(pipe::Receiver::from_owned_fd_unchecked(nonblocking(stdout_read)?)?),
-            stderr: Some(pipe::Receiver::from_owned_fd_unchecked(nonblocking(stderr_read)?)?),
+            stdin: Some(stream(stdin_agent)?),
+            stdout: Some(stream(stdout_agent)?),
+            stderr: Some(stream(stderr_agent)?),
             control: Some(control),
             exited: Some(exited),
             exit: None,
@@ -330,20 +343,24 @@ pub async fn run(
     let start = tokio::task::spawn_blocking(move || LAUNCHER.spawn(&Spawn { program: &program, cwd: &cwd, args: &args, env: &env }, ends));
     // `ready` (the job's durable "started" marker) is made while Claude starts, and the
     // prompt — Claude's work — goes into its stdin the moment it is done, whether or not
-    // Claude is up yet (a pipe holds it). Until then stdin stays open and empty: a Claude
-    // killed for want of the marker never reads a prompt, not even an empty one.
+    // Claude is up yet (the socket holds it). Until then stdin stays open and empty: a
+    // Claude killed for want of the marker never reads a prompt, not even an empty one.
     let mut stdin = child.stdin.take();
     let feed = async {
         ready.await?;
         if let Some(mut stdin) = stdin.take() {
-            // Most prompts fit the pipe's buffer: written at once, and the pipe closed here.
-            // The rest of a larger one goes in while Claude reads it. Dropping the pipe
-            // closes Claude's stdin.
+            // Most prompts fit the socket's buffer: written at once, and stdin ended here.
+            // The rest of a larger one goes in while Claude reads it. The shutdown ends
+            // Claude's input whoever else may hold the agent's end (a process the agent
+            // forks holds it until its `exec`); it does not wait.
             let written = stdin.try_write(prompt.as_bytes()).unwrap_or(0);
             if written < prompt.len() {
                 tokio::spawn(async move {
                     let _ = stdin.write_all(&prompt.as_bytes()[written..]).await;
+                    let _ = stdin.shutdown().await;
                 });
+            } else {
+                let _ = stdin.shutdown().await;
             }
         }
         Ok::<(), String>(())
@@ -382,7 +399,7 @@ pub async fn run(
             String::from_utf8_lossy(&tail[tail.len().saturating_sub(STDERR_TAIL_BYTES)..]).into_owned()
         })
     });
-    let mut stdout = BufReader::with_capacity(64 * 1024, child.stdout.take().expect("stdout is piped"));
+    let mut stdout = BufReader::with_capacity(64 * 1024, child.stdout.take().expect("stdout is the agent's"));
     let mut control = child.control.take().expect("the control pipe is ours");
 
     let mut stdout_open = true;

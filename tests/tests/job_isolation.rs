@@ -120,6 +120,32 @@ async fn a_job_cannot_open_its_wardens_or_the_launchers_memory() {
     assert!(!out.contains(&format!("mem of {launcher} ")), "{out}");
 }
 
+/// Another caller's job runs as the same user: it must neither read a running Claude's
+/// output nor write into it. Found in review: Claude's stdout was a pipe, which any process
+/// of the agent's user reopens through `/proc/<pid>/fd/1` (Claude is dumpable after its
+/// `exec`); a job wrote a forged `result` line into another job's Claude, killed it, and
+/// the agent signed the forgery as that caller's answer (`success: true`). Claude's
+/// stdin, stdout and stderr are now socket ends, which `/proc` does not reopen (ENXIO).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cannot_read_or_forge_another_jobs_claude_output() {
+    let s = setup(&[("MAX_CONCURRENT_JOBS", "2")], Vec::new()).await;
+    let dir = TempDir::new("forge");
+    let go = dir.path().join("go");
+    let victim = s.client.submit(json!({"prompt": format!("@await={} the victim's own work", go.display()), "timeout_ms": 60000})).await;
+    assert_eq!(victim.status, 202, "{}", victim.text);
+    let victim_job = victim.body["job_id"].as_str().expect("a job id").to_string();
+    assert!(eventually(Duration::from_secs(60), || !s.agent.claude_runs().is_empty()).await, "{}", s.agent.log());
+    let pid = s.agent.claude_runs()[0]["pid"].as_i64().expect("the stand-in logs its pid");
+    let attacker = output(&s, &format!("@open_stdout_of={pid}")).await;
+    std::fs::write(&go, "").unwrap();
+    let done = s.client.wait_job(&victim_job, Duration::from_secs(60)).await;
+    let result = &done["result"];
+    assert!(!result["output"].as_str().unwrap_or_default().contains("FORGED"), "another job forged this one's result: {done}");
+    assert_eq!((&done["state"], &result["success"]), (&json!("succeeded"), &json!(true)), "{done}\n{}", s.agent.log());
+    assert!(result["output"].as_str().unwrap_or_default().contains("the victim's own work"), "{done}");
+    assert!(attacker.starts_with("read: refused") && attacker.contains("; write: refused"), "a job opened another job's Claude's stdout: {attacker}");
+}
+
 /// The zygote is forked before the agent reads any secret, and zeroes the environment it
 /// was copied with, so that it — and every launcher cloned from it, every warden and every
 /// Claude before its `exec`, which share a launcher's memory — holds none of the agent's
