@@ -205,6 +205,40 @@ fn nonblocking(end: OwnedFd) -> std::io::Result<OwnedFd> {
     Ok(end)
 }
 
+/// Bytes of output Claude may write ahead of the agent's reads: the send buffer of
+/// Claude's end of stdout (the kernel counts twice this, with its bookkeeping). The CLI
+/// writes to a socket (or a pipe) asynchronously and exits right after its result line;
+/// what the kernel did not take by then is lost (anthropics/claude-code#77112: a pipe's
+/// 64 KiB; a socket's default, `net.core.wmem_default`, is about 200 KB). The last lines
+/// carry the answer twice (its assistant message and its result, up to [`MAX_OUTPUT_BYTES`]
+/// each as the agent keeps them), so this holds both of a 1 MiB answer. The memory is
+/// taken only while Claude is ahead of the agent, which reads as Claude writes.
+///
+/// [`MAX_OUTPUT_BYTES`]: crate::claude::MAX_OUTPUT_BYTES
+const STDOUT_BUFFER: libc::c_int = 4 * 1024 * 1024;
+
+/// Whether `SO_SNDBUFFORCE` was refused (it needs CAP_NET_ADMIN): then only `SO_SNDBUF`
+/// is asked, which the kernel caps at `net.core.wmem_max` — one call per job, not two.
+static FORCE_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Gives Claude's end of stdout [`STDOUT_BUFFER`], or as much of it as this agent may:
+/// past `net.core.wmem_max` only with CAP_NET_ADMIN (an agent run as root). Best effort:
+/// a smaller buffer only means a large last line may be cut, as the CLI cuts it anyway.
+fn widen_stdout(end: &OwnedFd) {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::Ordering::Relaxed;
+    let set = |option| {
+        // SAFETY: sets an integer option of a socket we own, from a value on our stack.
+        unsafe {
+            libc::setsockopt(end.as_raw_fd(), libc::SOL_SOCKET, option, (&STDOUT_BUFFER as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+        }
+    };
+    if FORCE_REFUSED.load(Relaxed) || set(libc::SO_SNDBUFFORCE) != 0 {
+        FORCE_REFUSED.store(true, Relaxed);
+        set(libc::SO_SNDBUF);
+    }
+}
+
 /// This agent's launcher (see [`crate::launcher`]), started with the first job.
 static LAUNCHER: Launcher = Launcher::new();
 
@@ -247,6 +281,7 @@ impl Claude {
     fn pipes() -> std::io::Result<(Claude, ChildEnds)> {
         let (stdin_agent, stdin_claude) = socket_pair()?;
         let (stdout_agent, stdout_claude) = socket_pair()?;
+        widen_stdout(&stdout_claude);
         let (stderr_agent, stderr_claude) = socket_pair()?;
         let (status_read, status_write) = pipe()?;
         let (control, control_read) = Control::pipe()?;

@@ -12,7 +12,8 @@ Python 3.11 standard library only. Listens on 127.0.0.1 (never anything else) an
   anything else                   404 with an Anthropic-shaped error body
 
 Scenarios (--mode, or env FAKE_ANTHROPIC_MODE):
-  ok            every message request gets the text answer (--text / FAKE_ANTHROPIC_TEXT)
+  ok            every message request gets the text answer (--text / FAKE_ANTHROPIC_TEXT,
+                repeated --text-repeat / FAKE_ANTHROPIC_TEXT_REPEAT times: a large answer)
   unauthorized  every message request gets 401 authentication_error
   tool_use      the first message request of a conversation (no tool_result in it yet)
                 gets a tool_use block (--tool / FAKE_ANTHROPIC_TOOL, JSON {"name","input"};
@@ -227,7 +228,9 @@ def main():
     p.add_argument("--tool", default=os.environ.get("FAKE_ANTHROPIC_TOOL", '{"name": "Read", "input": {"file_path": "/etc/hostname"}}'))
     p.add_argument("--reset-in", type=int, default=int(os.environ.get("FAKE_ANTHROPIC_RESET_IN", "3600")))
     p.add_argument("--text", default=os.environ.get("FAKE_ANTHROPIC_TEXT", DEFAULT_TEXT))
+    p.add_argument("--text-repeat", type=int, default=int(os.environ.get("FAKE_ANTHROPIC_TEXT_REPEAT", "1")))
     opts = p.parse_args()
+    opts.text = opts.text * max(opts.text_repeat, 1)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", opts.port), Handler)
     server.daemon_threads = True
     server.opts = opts

@@ -67,8 +67,13 @@ impl Real {
 
     /// With the fake's tool call (`tool_use` mode) and more agent settings.
     async fn start_with(claude: &Path, mode: &str, tool: Option<&Value>, agent_env: &[(&str, &str)]) -> Real {
+        Real::start_answering(claude, mode, tool, agent_env, 1).await
+    }
+
+    /// With the fake's text answer repeated `text_repeat` times.
+    async fn start_answering(claude: &Path, mode: &str, tool: Option<&Value>, agent_env: &[(&str, &str)], text_repeat: usize) -> Real {
         let dir = TempDir::new("real-claude");
-        let wrapper = write_wrapper(dir.path(), claude, mode, tool);
+        let wrapper = write_wrapper(dir.path(), claude, mode, tool, text_repeat);
         let keys = Keys::new(&["spark"]);
         let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
         let mut opts = AgentOpts::for_edge(&edge, "spark");
@@ -115,7 +120,7 @@ impl Real {
 }
 
 /// Writes the agent's `CLAUDE_BIN`: the real CLI in a new network namespace with the fake API.
-fn write_wrapper(dir: &Path, claude: &Path, mode: &str, tool: Option<&Value>) -> PathBuf {
+fn write_wrapper(dir: &Path, claude: &Path, mode: &str, tool: Option<&Value>, text_repeat: usize) -> PathBuf {
     let server = repo_root().join("tests/fake-anthropic/server.py");
     assert!(server.exists(), "{} is missing", server.display());
     for p in [dir, claude, server.as_path()] {
@@ -133,7 +138,8 @@ FAKE_SERVER='{server}'
 FAKE_DIR='{dir}'
 FAKE_ANTHROPIC_MODE='{mode}'
 FAKE_ANTHROPIC_TOOL='{tool}'
-export REAL_CLAUDE FAKE_SERVER FAKE_DIR FAKE_ANTHROPIC_MODE FAKE_ANTHROPIC_TOOL
+FAKE_ANTHROPIC_TEXT_REPEAT={text_repeat}
+export REAL_CLAUDE FAKE_SERVER FAKE_DIR FAKE_ANTHROPIC_MODE FAKE_ANTHROPIC_TOOL FAKE_ANTHROPIC_TEXT_REPEAT
 exec unshare {netns} /bin/sh -c '
 PATH=$PATH:/usr/sbin:/sbin
 ip link set lo up || {{ echo "claude-in-netns: cannot bring up loopback in the new namespace" >&2; exit 97; }}
@@ -166,6 +172,7 @@ exit $rc
         server = server.display(),
         dir = dir.display(),
         tool = tool,
+        text_repeat = text_repeat,
         netns = unshare_flags().expect("checked by real_claude()"),
     );
     let path = dir.join("claude-in-netns");
@@ -249,6 +256,33 @@ async fn the_real_cli_runs_a_job_with_every_option() {
     for req in r.requests() {
         let path = req["path"].as_str().unwrap_or_default();
         assert!(path == "/" || path.starts_with("/api/hello") || path.starts_with("/v1/messages"), "unexpected request {req}");
+    }
+}
+
+/// Claude's stdout is a socket (not a pipe: another job could reopen a pipe through
+/// `/proc/<pid>/fd/1`). The CLI writes to a pipe or a socket asynchronously and exits
+/// right after its result: a result larger than the socket's buffer must still arrive
+/// whole, its last line included. 640 KB, twice per run (the assistant message and the
+/// result), a few runs. Before, a pipe (64 KiB) cut the assistant line, a socket with the
+/// default buffer (~200 KB) the result line: "exited with code 0 without a result".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_result_arrives_whole() {
+    let Some(claude) = real_claude() else { return };
+    // The agent widens the buffer to 4 MiB as root (SO_SNDBUFFORCE); as another user up to
+    // net.core.wmem_max (the kernel counts twice it): the answer is sized to what it gets.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let wmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/wmem_max").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(212_992);
+    let repeat = if root || wmem_max >= 4 << 20 { 20_000 } else { wmem_max / FAKE_TEXT.len() / 2 };
+    let r = Real::start_answering(&claude, "ok", None, &[], repeat).await;
+    let expected = FAKE_TEXT.repeat(repeat);
+    for run in 0..3 {
+        let a = r.execute(json!({"prompt": "say it at length", "timeout_ms": 120000})).await;
+        let b = &a.body;
+        assert_eq!(b["success"], true, "run {run}: {}\n{}", shared::text::truncate(&a.text, 2000), r.logs());
+        let output = b["output"].as_str().unwrap_or_default();
+        assert!(output == expected, "run {run}: {} bytes of {} arrived", output.len(), expected.len());
+        assert_eq!(b["truncated"], false, "run {run}");
     }
 }
 
@@ -531,7 +565,7 @@ async fn the_canary_passes_with_this_cli_and_names_a_refused_login() {
     let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
     for (mode, passes) in [("ok", true), ("unauthorized", false)] {
         let dir = TempDir::new("real-canary");
-        let wrapper = write_wrapper(dir.path(), &claude, mode, None);
+        let wrapper = write_wrapper(dir.path(), &claude, mode, None, 1);
         let out = std::process::Command::new(bin("claude-runner"))
             .args(["doctor", "--canary"])
             .env_remove("ANTHROPIC_API_KEY")
