@@ -348,7 +348,7 @@ fn plaintext_to_a_host_beyond_loopback_is_refused() {
 }
 
 /// Claude starts as a fresh process would (it is forked by a warden, forked by the
-/// launcher, which ignores some signals and blocks SIGCHLD): only its three pipes open,
+/// launcher, which ignores some signals and blocks SIGCHLD): only its three streams open,
 /// no signal blocked, the agent's umask, a process group of its own, and its warden a
 /// non-dumpable process with no environment left (zeroed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,6 +370,11 @@ async fn claude_starts_with_only_its_pipes_and_no_signal_blocked() {
     let after: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
     let (ppid, pgrp): (i64, i64) = (after[1].parse().unwrap(), after[2].parse().unwrap());
     assert_eq!(fds, ["0", "1", "2"], "{:?}", fds.iter().map(|fd| std::fs::read_link(format!("/proc/{claude}/fd/{fd}"))).collect::<Vec<_>>());
+    // Sockets, not pipes: another job cannot reopen them through `/proc/<pid>/fd/N`.
+    for fd in &fds {
+        let target = std::fs::read_link(format!("/proc/{claude}/fd/{fd}")).unwrap();
+        assert!(target.to_string_lossy().starts_with("socket:["), "fd {fd} is {}", target.display());
+    }
     assert_eq!(field("SigBlk"), "0000000000000000");
     // The stand-in is a Rust program: Rust ignores SIGPIPE itself before main. Nothing else
     // is ignored (before the fix glibc's own 32 and 33 were, as posix_spawn left them).
