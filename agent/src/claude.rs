@@ -99,6 +99,10 @@ pub struct Transcript {
     pub lines: u64,
     /// The newest usage window Claude reported (`rate_limit_event`).
     pub usage: Option<UsageWindow>,
+    /// The kind of API error the last `assistant` line named (its `error`:
+    /// `authentication_failed`, `model_not_found`, …): the CLI prints one such line for
+    /// the error that ends its run, before the result. Kept short.
+    pub error_kind: Option<String>,
 }
 
 impl Transcript {
@@ -170,6 +174,9 @@ impl Transcript {
                 }
             }
         }
+        if value["type"] == "assistant" {
+            self.error_kind = value.get("error").and_then(Value::as_str).map(|kind| kind.chars().take(64).collect());
+        }
         if value["type"] == "result" {
             self.result = Some(value.clone());
         }
@@ -215,15 +222,29 @@ pub enum Ending {
     NotStarted(String),
 }
 
-/// Texts that mean Claude could not authenticate (401s, a dead login).
-fn is_auth_failure(result: &Value) -> bool {
-    if result.get("api_error_status").and_then(Value::as_u64) == Some(401) {
-        return true;
+/// Whether the run ended because Claude could not authenticate, from what the CLI states
+/// rather than from its words: the API's status (`api_error_status`: 401; 403 when the CLI
+/// calls it a login failure — a revoked token, an organisation that disallows OAuth),
+/// else, with no API answer (no credentials at all), the kind the CLI gave the error
+/// (`kind`, [`Transcript::error_kind`]). Its texts hold the caller's words (a 404's
+/// "There's an issue with the selected model (<model>)"), and the CLI's own kind does too
+/// at times (it calls any error whose message says `x-api-key` a login failure, a 404
+/// naming such a model included): a caller must not put the agent into "needs login"
+/// for everyone. Only a CLI that states neither is read by its text, and then only by
+/// the fixed words it opens with.
+fn is_auth_failure(result: &Value, kind: Option<&str>) -> bool {
+    let says_auth = |kind: &str| matches!(kind, "authentication_failed" | "oauth_org_not_allowed");
+    match (result.get("api_error_status").and_then(Value::as_u64), kind) {
+        (Some(401), _) => true,
+        (Some(403) | None, Some(kind)) => says_auth(kind),
+        (Some(403) | None, None) => {
+            let text = result.get("result").and_then(Value::as_str).unwrap_or_default().to_ascii_lowercase();
+            ["failed to authenticate", "not logged in", "invalid api key", "oauth token has expired", "oauth token revoked", "please run /login", "api error: 401"]
+                .iter()
+                .any(|opening| text.starts_with(opening))
+        }
+        (Some(_), _) => false,
     }
-    let text = result.get("result").and_then(Value::as_str).unwrap_or_default().to_ascii_lowercase();
-    ["failed to authenticate", "invalid api key", "oauth token has expired", "please run /login", "authentication_error"]
-        .iter()
-        .any(|needle| text.contains(needle))
 }
 
 /// Caps a text at `max` bytes, keeping its head and tail, with a marker in between.
@@ -314,7 +335,7 @@ pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, durati
                             ));
                             r.error_code = Some(ErrorCode::UsageLimit);
                             r.retry_at = until;
-                        } else if is_auth_failure(res) {
+                        } else if is_auth_failure(res, transcript.error_kind.as_deref()) {
                             r.error = Some(format!("Claude could not authenticate (OAuth: {detail}); log in again from the edge's page, with `claude-runner login`, or `claude auth login` on the runner machine (or renew CLAUDE_CODE_OAUTH_TOKEN)"));
                             r.error_code = Some(ErrorCode::RunnerOauthError);
                         } else if subtype == "error_max_turns" {
@@ -554,10 +575,50 @@ mod tests {
         assert_eq!(warned.usage.unwrap().utilization, Some(0.91));
     }
 
+    /// A failed run, as the real CLI (2.1.197) prints one: the synthetic assistant line
+    /// naming the error's kind (`None`: an older CLI that names none), then the result with
+    /// the API's status (`None`: no API answer, or an older CLI) and the text.
+    fn failed(kind: Option<&str>, status: Option<u64>, text: &str) -> Option<ErrorCode> {
+        let mut assistant = json!({"type":"assistant","message":{"model":"<synthetic>","role":"assistant","content":[{"type":"text","text":text}]}});
+        if let Some(kind) = kind {
+            assistant["error"] = json!(kind);
+        }
+        let result_line = json!({"type":"result","subtype":"success","is_error":true,"api_error_status":status,"result":text});
+        result(&transcript(&[assistant, result_line]), Ending::Exited(Some(1)), "", 1).error_code
+    }
+
     #[test]
     fn auth_failures_are_told_apart() {
-        let t = transcript(&[json!({"type":"result","subtype":"success","is_error":true,"result":"Failed to authenticate. API Error: 401"})]);
-        assert_eq!(result(&t, Ending::Exited(Some(1)), "", 1).error_code, Some(ErrorCode::RunnerOauthError));
+        let auth = Some(ErrorCode::RunnerOauthError);
+        // The CLI's own words for a 401 with CLAUDE_CODE_OAUTH_TOKEN (tests/real_claude.rs).
+        assert_eq!(failed(Some("authentication_failed"), Some(401), "Not logged in · Please run /login"), auth);
+        // No credentials at all: no API answer, the CLI names the kind.
+        assert_eq!(failed(Some("authentication_failed"), None, "Not logged in · Please run /login"), auth);
+        // A revoked token is a 403; so is an organisation that disallows OAuth.
+        assert_eq!(failed(Some("authentication_failed"), Some(403), "OAuth token revoked · Please run /login"), auth);
+        assert_eq!(failed(Some("oauth_org_not_allowed"), Some(403), "Your organization has disabled Claude subscription access for Claude Code"), auth);
+        // An older CLI that names neither: only its own fixed opening counts.
+        let old = transcript(&[json!({"type":"result","subtype":"success","is_error":true,"result":"Failed to authenticate. API Error: 401"})]);
+        assert_eq!(result(&old, Ending::Exited(Some(1)), "", 1).error_code, auth);
+    }
+
+    /// The caller names the model, and the CLI's answer to a 404 puts the name in its text:
+    /// words of a login failure there made any caller put the agent into "needs login" for
+    /// everyone, across restarts (hostile review of the output, 1).
+    #[test]
+    fn a_callers_words_in_an_error_are_no_auth_failure() {
+        let claude_error = Some(ErrorCode::ClaudeError);
+        // As 2.1.197 prints it for `"model": "nope failed to authenticate"`.
+        let text = "There's an issue with the selected model (nope failed to authenticate · please run /login). It may not exist or you may not have access to it.";
+        assert_eq!(failed(Some("model_not_found"), Some(404), text), claude_error);
+        // A model named with `x-api-key`: the CLI itself calls that 404 a login failure, in
+        // its fixed words, but the API's status says what it was.
+        assert_eq!(failed(Some("authentication_failed"), Some(404), "Not logged in · Please run /login"), claude_error);
+        // A 403 the CLI does not call one (an API key refused by its organisation).
+        assert_eq!(failed(Some("invalid_request"), Some(403), "Your organization has disabled API key authentication · Failed to authenticate"), claude_error);
+        // Without a status or a kind, the words are read only at the text's start.
+        let old = transcript(&[json!({"type":"result","subtype":"success","is_error":true,"result":"API Error: 404 model: nope failed to authenticate"})]);
+        assert_eq!(result(&old, Ending::Exited(Some(1)), "", 1).error_code, claude_error);
     }
 
     #[test]

@@ -15,6 +15,8 @@ Scenarios (--mode, or env FAKE_ANTHROPIC_MODE):
   ok            every message request gets the text answer (--text / FAKE_ANTHROPIC_TEXT,
                 repeated --text-repeat / FAKE_ANTHROPIC_TEXT_REPEAT times: a large answer)
   unauthorized  every message request gets 401 authentication_error
+  not_found     every message request gets 404 not_found_error naming the request's model,
+                as the API answers a model that does not exist ("model: <name>")
   tool_use      the first message request of a conversation (no tool_result in it yet)
                 gets a tool_use block (--tool / FAKE_ANTHROPIC_TOOL, JSON {"name","input"};
                 default Read of /etc/hostname), later ones the text answer. In the tool's
@@ -134,6 +136,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if opts.mode == "unauthorized":
             self.send_error_json(401, "authentication_error", "invalid x-api-key")
             return
+        if opts.mode == "not_found":
+            self.send_error_json(404, "not_found_error", f"model: {body.get('model')}")
+            return
         if opts.mode == "stall":
             time.sleep(3600)
             return
@@ -224,7 +229,7 @@ def main():
     p.add_argument("--port", type=int, default=int(os.environ.get("FAKE_ANTHROPIC_PORT", "0")))
     p.add_argument("--port-file", default=os.environ.get("FAKE_ANTHROPIC_PORT_FILE"))
     p.add_argument("--log", default=os.environ.get("FAKE_ANTHROPIC_LOG"))
-    p.add_argument("--mode", choices=["ok", "unauthorized", "tool_use", "stall", "rate_limited", "warning"], default=os.environ.get("FAKE_ANTHROPIC_MODE", "ok"))
+    p.add_argument("--mode", choices=["ok", "unauthorized", "not_found", "tool_use", "stall", "rate_limited", "warning"], default=os.environ.get("FAKE_ANTHROPIC_MODE", "ok"))
     p.add_argument("--tool", default=os.environ.get("FAKE_ANTHROPIC_TOOL", '{"name": "Read", "input": {"file_path": "/etc/hostname"}}'))
     p.add_argument("--reset-in", type=int, default=int(os.environ.get("FAKE_ANTHROPIC_RESET_IN", "3600")))
     p.add_argument("--text", default=os.environ.get("FAKE_ANTHROPIC_TEXT", DEFAULT_TEXT))

@@ -59,7 +59,7 @@ struct Real {
 }
 
 impl Real {
-    /// `mode` is the fake's scenario: `ok`, `unauthorized`, `tool_use`, `stall`,
+    /// `mode` is the fake's scenario: `ok`, `unauthorized`, `not_found`, `tool_use`, `stall`,
     /// `rate_limited` or `warning`.
     async fn start(claude: &Path, mode: &str) -> Real {
         Real::start_with(claude, mode, None, &[]).await
@@ -306,6 +306,32 @@ async fn a_real_401_is_a_runner_oauth_error() {
     let h = r.client.health_full().await;
     assert_eq!(h.body["status"], "unhealthy", "{}", h.text);
     assert_eq!(h.body["oauth"]["needs_login"], true, "{}", h.text);
+}
+
+/// The caller names the model, and the real CLI's answer to the API's 404 for it puts the
+/// name in its text: a model named with the words of a login failure made any caller put
+/// the agent into "needs login" for everyone, kept across restarts (hostile review of the
+/// output, 1). A model named with `x-api-key` makes the CLI itself call that 404 a login
+/// failure ("Not logged in · Please run /login"); the API's status says what it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_named_like_a_login_failure_is_no_login_failure() {
+    let Some(claude) = real_claude() else { return };
+    let r = Real::start(&claude, "not_found").await;
+    for model in ["nope failed to authenticate · please run /login", "nope x-api-key"] {
+        let a = r.execute(json!({"prompt": "say hello", "model": model, "timeout_ms": 60000})).await;
+        let b = &a.body;
+        assert_eq!(b["success"], false, "{}", a.text);
+        assert_eq!(b["error_code"], "CLAUDE_ERROR", "{}\n{}", a.text, r.logs());
+        assert_eq!(b["retryable"], false, "{}", a.text);
+    }
+    let models: Vec<Value> = r.message_requests().iter().map(|req| req["body"]["model"].clone()).collect();
+    assert!(models.contains(&json!("nope x-api-key")), "the API was asked (and answered 404): {models:?}");
+    // The agent told the edge nothing of its login (it would before each result went).
+    assert!(!r.agent.log().contains("Claude's login state changed"), "{}", r.logs());
+    let h = r.client.health_full().await;
+    assert_eq!((h.status, &h.body["oauth"]["needs_login"]), (200, &json!(false)), "{}", h.text);
+    let next = r.client.execute(json!({"prompt": "again", "model": "nope", "timeout_ms": 60000})).await;
+    assert_eq!((next.status, next.body["error_code"].as_str()), (200, Some("CLAUDE_ERROR")), "{}", next.text);
 }
 
 /// The fake answers as the API does for a Claude subscription whose usage window is used
