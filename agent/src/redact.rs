@@ -20,6 +20,7 @@ use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use serde_json::Value;
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 
 /// What replaces a secret.
 pub const MASK: &str = "[REDACTED]";
@@ -244,14 +245,17 @@ impl Redactor {
     }
 
     fn redact_field(&self, text: &str, path: &str, carry: &mut Carry) -> String {
-        // Paths come from Claude's output: a flood of distinct keys must not grow memory.
-        if carry.ends.len() > MAX_CARRIED_FIELDS && !carry.ends.contains_key(path) {
+        // Paths come from Claude's output, as long as a line: a field is known by its
+        // path's hash (keyed per job: a job cannot make two paths share one on purpose),
+        // and a flood of distinct keys must not grow memory.
+        let path = carry.paths.hash_one(path);
+        if carry.ends.len() > MAX_CARRIED_FIELDS && !carry.ends.contains_key(&path) {
             carry.ends.clear();
         }
-        let before = carry.ends.get(path).map(Vec::as_slice).unwrap_or_default();
+        let before = carry.ends.get(&path).map(Vec::as_slice).unwrap_or_default();
         let (out, end) = self.redact_after(before, text);
-        if !end.is_empty() || carry.ends.contains_key(path) {
-            carry.ends.insert(path.to_string(), end);
+        if !end.is_empty() || carry.ends.contains_key(&path) {
+            carry.ends.insert(path, end);
         }
         out
     }
@@ -279,11 +283,21 @@ impl Redactor {
 /// Fields whose ends a [`Carry`] keeps at most.
 const MAX_CARRIED_FIELDS: usize = 1024;
 
-/// The decoded end of each field (by its path in the JSON, array positions left out) of
-/// the lines seen so far: one per job.
+/// The decoded end of each field (by the hash of its path in the JSON, array positions
+/// left out) of the lines seen so far: one per job. At most [`MAX_CARRIED_FIELDS`] ends
+/// of under [`Redactor`]'s widest window each: a few tens of KiB, whatever the lines.
 #[derive(Debug, Default)]
 pub struct Carry {
-    ends: HashMap<String, Vec<u8>>,
+    ends: HashMap<u64, Vec<u8>>,
+    paths: std::collections::hash_map::RandomState,
+}
+
+#[cfg(test)]
+impl Carry {
+    /// The bytes of the paths and ends it holds.
+    fn held_bytes(&self) -> usize {
+        self.ends.values().map(|end| std::mem::size_of::<u64>() + end.len()).sum()
+    }
 }
 
 /// A secret and the forms it takes inside encoded text, each with how many characters of

@@ -423,6 +423,30 @@ fn a_secret_split_between_two_lines_is_masked_on_both() {
     assert_eq!(through(&r, &lines), ["token: opaqu", "[REDACTED] done"]);
 }
 
+/// Fields are carried by their path in the JSON, which comes from Claude's output: lines
+/// of distinct 1 MiB keys held 1,024 copies of them for the job's run, up to 16 GiB with
+/// lines of 16 MiB (hostile review of the output, 2).
+#[test]
+fn a_flood_of_long_keys_holds_little_between_lines() {
+    let r = Redactor::new(["opaque-refresh-value-fedcba9876543210".to_string()]);
+    let mut carry = Carry::default();
+    // 100 of 64 KiB held 6.4 MiB (and a run with the fix takes seconds unoptimised).
+    for n in 0..100 {
+        let key = format!("{n:03}{}", "k".repeat(64 * 1024));
+        let line = serde_json::json!({"type": "assistant", key: "x"}).to_string();
+        r.redact_line(&line, &mut carry).unwrap();
+    }
+    assert!(carry.held_bytes() < 1024 * 1024, "the carry holds {} bytes", carry.held_bytes());
+    // And a field's end is still carried to its next line.
+    let secret = "opaque-refresh-value-fedcba9876543210";
+    let lines = [json_line("assistant", &format!("token: {}", &secret[..30])), json_line("assistant", &format!("{} done", &secret[30..]))];
+    let out: Vec<String> = lines
+        .iter()
+        .map(|line| r.redact_line(line, &mut carry).unwrap()["message"]["content"][0]["content"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(out, ["token: [REDACTED]", "[REDACTED] done"]);
+}
+
 #[test]
 fn hex_dumps_and_escapes_are_masked() {
     let secret = "sk-live-0123456789abcdefghij";
