@@ -34,6 +34,12 @@ const REDACTOR_REFRESH: Duration = Duration::from_secs(2);
 const MAX_EVENT_BYTES: usize = shared::protocol::MAX_PROGRESS_BYTES;
 /// Most of an event's `type` a summary of it keeps.
 const MAX_SUMMARY_TYPE_BYTES: usize = 64;
+/// Deepest nesting (objects and arrays) of an event forwarded as it is; deeper ones are
+/// summarised. The edge reads a batch with serde_json, whose recursion limit lets 127
+/// levels through, and an event sits 3 levels down in its batch (the report, its
+/// `events`, the event's entry): a deeper one made the whole batch unreadable. Claude's
+/// own lines nest a few levels; a line a job wrote may nest as deep as the agent reads.
+const MAX_EVENT_DEPTH: usize = 100;
 
 /// What is forwarded of an event whose line is over [`MAX_EVENT_BYTES`], and its size: its
 /// `type` cut to [`MAX_SUMMARY_TYPE_BYTES`] (Claude's are short words; a line a job wrote
@@ -43,6 +49,27 @@ fn summarised(event: &serde_json::Value, line_bytes: usize) -> (serde_json::Valu
     let summary = serde_json::json!({"type": kind, "truncated": true, "bytes": line_bytes});
     let bytes = summary.to_string().len();
     (summary, bytes)
+}
+
+/// What is forwarded of an event read from a line of `line_bytes`, and its size: the event,
+/// or its summary ([`summarised`]) when the line is over [`MAX_EVENT_BYTES`] or the event
+/// nested deeper than [`MAX_EVENT_DEPTH`].
+fn forwarded(event: serde_json::Value, line_bytes: usize) -> (serde_json::Value, usize) {
+    if line_bytes > MAX_EVENT_BYTES || nesting(&event) > MAX_EVENT_DEPTH {
+        summarised(&event, line_bytes)
+    } else {
+        (event, line_bytes)
+    }
+}
+
+/// How many objects and arrays deep `value` nests (0 for a plain value). Recursion is
+/// bounded: the value was read by serde_json, which stops at 128 levels.
+fn nesting(value: &serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::Array(items) => 1 + items.iter().map(nesting).max().unwrap_or(0),
+        serde_json::Value::Object(map) => 1 + map.values().map(nesting).max().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// What a job needs from the agent, and nothing more.
@@ -431,7 +458,7 @@ async fn run_claude(
                 ctx.reporter.saw_usage(window);
             }
             seq += 1;
-            let (event, bytes) = if line.len() > MAX_EVENT_BYTES { summarised(&event, line.len()) } else { (event, line.len()) };
+            let (event, bytes) = forwarded(event, line.len());
             let mut batch = batch.lock().expect("batch lock");
             let opens = batch.is_empty();
             batch.push(seq, event, bytes, send);
@@ -627,6 +654,35 @@ mod tests {
         assert!(envelope.payload.len() <= MAX_PROGRESS_PAYLOAD_BYTES, "a payload of {} bytes", envelope.payload.len());
         let frame = AgentMessage::Event { envelope }.to_text();
         assert!(frame.len() <= MAX_FRAME_BYTES, "a frame of {} bytes", frame.len());
+    }
+
+    /// serde_json reads at most 127 levels of nesting (its recursion limit), and an event
+    /// sits 3 levels down in its batch: a line a job wrote 126 levels deep was forwarded as
+    /// it was, and the edge could not read its batch (`recursion limit exceeded`) and
+    /// dropped it whole, with every other event in it, and no word of a gap (hostile review
+    /// of the output, 3). Too deep an event goes as a summary; one of ordinary depth as it is.
+    #[test]
+    fn a_batch_with_a_deeply_nested_event_reads_on_the_edge() {
+        use shared::envelope::Domain;
+        use shared::protocol::ProgressReport;
+        let nested = |depth: usize| format!(r#"{{"type":"user","x":{}1{}}}"#, "[".repeat(depth - 1), "]".repeat(depth - 1));
+        let key = shared::link::MacKey::from_bytes([7; 32]);
+        for (depth, whole) in [(126, false), (100, true)] {
+            let line = nested(depth);
+            let event: serde_json::Value = serde_json::from_str(&line).expect("the agent reads the line");
+            let (event, bytes) = forwarded(event, line.len());
+            assert!(bytes <= MAX_EVENT_BYTES);
+            let others = ProgressEvent { seq: 1, event: serde_json::json!({"type": "assistant"}) };
+            let AgentMessage::Event { envelope } = AgentMessage::progress("j", "j:1", vec![others, ProgressEvent { seq: 2, event }], &key) else {
+                unreachable!()
+            };
+            // As the edge opens it (edge/core's `open_report`).
+            let report = envelope.open::<ProgressReport>(Domain::Progress, &key);
+            let report = report.unwrap_or_else(|e| panic!("{depth} levels deep: the edge cannot read the batch: {e}"));
+            assert_eq!(report.events.len(), 2);
+            let event = &report.events[1].event;
+            assert_eq!((event["type"].as_str(), event["truncated"].is_null()), (Some("user"), whole), "{depth} levels deep: {}", shared::text::truncate(&event.to_string(), 200));
+        }
     }
 
     /// Carrying a session over lists every project folder Claude made on this machine (one
