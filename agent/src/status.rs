@@ -57,21 +57,82 @@ const BACKGROUND_WRITE_GAP: std::time::Duration = std::time::Duration::from_mill
 /// Slack on top of three missed heartbeats before a connected agent counts as stuck.
 const STALE_SLACK_MS: u64 = 10_000;
 
+/// How far ahead of the clock a status file may be dated and still be the agent's: the
+/// agent and `status --check` read the same clock, so only a step of it back between the
+/// write and the check (set by NTP, or by hand) gives a file written a little ahead.
+const AHEAD_SLACK_MS: u64 = 10_000;
+
+/// What /proc says of the process a status file names ([`liveness`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Gone, or no claude-runner any more.
+    NotRunning,
+    /// Stopped (SIGSTOP, SIGTSTP) or held by a debugger: it does nothing, and the file it
+    /// left, or one a job writes in its name, can look as fresh as anyone likes.
+    Stopped,
+    Running,
+}
+
+/// Whether `pid` is a claude-runner ([`is_agent`]) and, if so, whether it runs or is
+/// stopped: its state in /proc/<pid>/stat, `T` (stopped by a signal) or `t` (stopped by a
+/// debugger tracing it).
+pub fn liveness(pid: u32) -> Liveness {
+    if !is_agent(pid) {
+        return Liveness::NotRunning;
+    }
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // `pid (comm) S …`: the name may hold spaces and parentheses, so the state is read
+    // after its last `)`.
+    let state = stat.iter().rposition(|&b| b == b')').and_then(|end| stat.get(end + 2));
+    match state {
+        Some(b'T' | b't') => Liveness::Stopped,
+        _ => Liveness::Running,
+    }
+}
+
+/// What to say of a stopped agent, and what to do.
+fn stopped(agent_id: &str, pid: u32) -> String {
+    format!(
+        "agent {agent_id} (pid {pid}) is stopped (by a signal such as SIGSTOP, or by a debugger): it runs nothing and answers the edge nothing; \
+         resume it with `kill -CONT {pid}` (a debugger must let it go), or restart it — if nobody here stopped it, a job of its user may have"
+    )
+}
+
 impl Status {
-    /// Whether this status describes a working agent at `now`: running (`alive`, read
-    /// from /proc by the caller), connected, and writing its file. The reason either way.
-    /// `full`: `DATA_DIR`'s file system has no space left ([`no_space_left`]), which is
-    /// why a working agent stops writing its file — not a reason to restart it.
-    pub fn health(&self, alive: bool, full: bool, now: u64) -> Result<String, String> {
-        if !alive {
-            return Err(format!("agent {} (pid {}) is not running; start it with `claude-runner agent` (or `claude-runner up`, if up ran it)", self.agent_id, self.pid));
+    /// Whether this status describes a working agent at `now`: running (`process`, read
+    /// from /proc by the caller: not stopped), connected, and writing its file. The reason
+    /// either way. `full`: `DATA_DIR`'s file system has no space left ([`no_space_left`]),
+    /// which is why a working agent stops writing its file — not a reason to restart it.
+    pub fn health(&self, process: Liveness, full: bool, now: u64) -> Result<String, String> {
+        match process {
+            Liveness::NotRunning => {
+                return Err(format!("agent {} (pid {}) is not running; start it with `claude-runner agent` (or `claude-runner up`, if up ran it)", self.agent_id, self.pid));
+            }
+            Liveness::Stopped => return Err(stopped(&self.agent_id, self.pid)),
+            Liveness::Running => {}
         }
         if !self.connected {
             let why = self.last_error.as_deref().unwrap_or("not connected yet");
             return Err(format!("agent {} is not connected to {} since {}: {why}", self.agent_id, self.edge, self.since));
         }
+        // Both checks below read the file's word for when it was written and how often it
+        // is: a job (the agent's user) can write it. Dated ahead, a file never goes stale,
+        // and without an interval it is never judged: neither is the agent's writing.
+        if self.updated_ms > now.saturating_add(AHEAD_SLACK_MS) {
+            return Err(format!(
+                "agent {}'s status file is dated {} s ahead of this machine's clock: the agent did not write that (a job of its user can write the file), unless the clock was set back since; if the next heartbeat does not mend it, restart the agent",
+                self.agent_id,
+                (self.updated_ms - now) / 1000
+            ));
+        }
+        if self.heartbeat_ms == 0 {
+            return Err(format!(
+                "agent {}'s status file says it is connected but records no heartbeat interval, which no agent of this release writes (a job of its user can write the file); restart the agent",
+                self.agent_id
+            ));
+        }
         let silent = now.saturating_sub(self.updated_ms);
-        if self.heartbeat_ms > 0 && silent > 3 * self.heartbeat_ms + STALE_SLACK_MS {
+        if silent > 3 * self.heartbeat_ms + STALE_SLACK_MS {
             if full {
                 return Err(format!(
                     "agent {} has not written its status for {} s: DATA_DIR's {}",
@@ -384,7 +445,7 @@ fn check_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow
         say(out, format!("unhealthy: {line}"))?;
         return Ok(false);
     }
-    match status.health(is_agent(status.pid), no_space_left(data_dir), crate::now_ms()) {
+    match status.health(liveness(status.pid), no_space_left(data_dir), crate::now_ms()) {
         Ok(line) => {
             say(out, format!("healthy: {line}"))?;
             Ok(true)
@@ -447,10 +508,19 @@ fn show_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow:
         say(out, line)?;
         return Ok(false);
     }
-    let alive = is_agent(status.pid);
-    say(out, format!("agent     {} (pid {}, {})", status.agent_id, status.pid, if alive { "running" } else { "not running" }))?;
+    let process = liveness(status.pid);
+    let state = match process {
+        Liveness::NotRunning => "not running",
+        Liveness::Stopped => "stopped",
+        Liveness::Running => "running",
+    };
+    say(out, format!("agent     {} (pid {}, {state})", status.agent_id, status.pid))?;
     say(out, format!("edge      {}", status.edge))?;
-    if !alive {
+    if process == Liveness::Stopped {
+        say(out, format!("state     {}", stopped(&status.agent_id, status.pid)))?;
+        return Ok(false);
+    }
+    if process == Liveness::NotRunning {
         // `up`'s agent is started by `up` alone; `claude-runner agent` there has no keys.
         let again = if crate::config::is_up_agent_dir(data_dir) { "`claude-runner up`" } else { "`claude-runner agent` (or `claude-runner up`, if up ran it)" };
         say(out, format!("state     stopped; start it again with {again}"))?;
@@ -716,23 +786,81 @@ mod tests {
     #[test]
     fn healthy_only_when_running_connected_and_fresh() {
         let now = 1_000_000;
-        assert!(connected_at(now - 20_000).health(true, false, now).is_ok());
+        assert!(connected_at(now - 20_000).health(Liveness::Running, false, now).is_ok());
         // Three missed heartbeats and the slack: stuck.
-        let stuck = connected_at(now - 56_000).health(true, false, now).unwrap_err();
+        let stuck = connected_at(now - 56_000).health(Liveness::Running, false, now).unwrap_err();
         assert!(stuck.contains("looks stuck"), "{stuck}");
         // Stale for want of room: said so, with what to do, not "restart it".
-        let full = connected_at(now - 56_000).health(true, true, now).unwrap_err();
+        let full = connected_at(now - 56_000).health(Liveness::Running, true, now).unwrap_err();
         assert!(full.contains("full") && full.contains("free some space") && !full.contains("restart"), "{full}");
-        let dead = connected_at(now).health(false, false, now).unwrap_err();
+        let dead = connected_at(now).health(Liveness::NotRunning, false, now).unwrap_err();
         assert!(dead.contains("not running"), "{dead}");
+        let held = connected_at(now).health(Liveness::Stopped, false, now).unwrap_err();
+        assert!(held.contains("is stopped") && held.contains("kill -CONT"), "{held}");
         let mut offline = connected_at(now);
         offline.connected = false;
         offline.last_error = Some("cannot reach the edge".into());
-        let why = offline.health(true, false, now).unwrap_err();
+        let why = offline.health(Liveness::Running, false, now).unwrap_err();
         assert!(why.contains("cannot reach the edge"), "{why}");
-        // A file from before this version (no heartbeat recorded) is judged on the rest.
-        let mut old = connected_at(0);
-        old.heartbeat_ms = 0;
-        assert!(old.health(true, false, now).is_ok());
+        // A file that says connected with no heartbeat interval was not written by an agent
+        // of this release (a job, the agent's user, can write it): no staleness check would
+        // ever turn it unhealthy.
+        let mut unbeating = connected_at(now);
+        unbeating.heartbeat_ms = 0;
+        let why = unbeating.health(Liveness::Running, false, now).unwrap_err();
+        assert!(why.contains("no heartbeat interval") && why.contains("restart"), "{why}");
+        // Dated ahead of the clock (past a little slack): never stale, so not believed.
+        assert!(connected_at(now + 5_000).health(Liveness::Running, false, now).is_ok(), "a clock a little behind the writer's");
+        for ahead in [now + 60_000, 1 << 63, u64::MAX] {
+            let why = connected_at(ahead).health(Liveness::Running, false, now).unwrap_err();
+            assert!(why.contains("ahead of this machine's clock") && why.contains("restart"), "{why}");
+        }
+    }
+
+    /// A job (the agent's user) could SIGSTOP the agent and rewrite status.json dated far
+    /// ahead (`updated_ms` 2^63): `status --check`, the container's health check, said
+    /// healthy for ever. A stopped lock holder is unhealthy, said to be stopped, with what
+    /// to do; so is a file dated ahead, from a running one.
+    #[test]
+    fn a_stopped_agent_or_a_file_dated_ahead_is_not_healthy() {
+        use std::os::unix::process::CommandExt;
+        let dir = std::env::temp_dir().join(format!("cr-status-stopped-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let lock = dir.join(crate::agent::DATA_LOCK);
+        // The stand-in agent: holds the lock itself (flock(1)), `claude-runner … agent` by
+        // its command line.
+        let mut agent = std::process::Command::new("flock").arg0("claude-runner").arg(&lock).args(["sh", "-c", "sleep 60", "agent"]).spawn().unwrap();
+        let pid = agent.id();
+        while !crate::drain::lock_taken(&dir) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let checked = |updated_ms: u64| {
+            let status = Status { agent_id: "a".into(), edge: "wss://e".into(), pid, connected: true, since: "then".into(), heartbeat_ms: 15_000, updated_ms, ..Default::default() };
+            std::fs::write(dir.join("status.json"), serde_json::to_vec(&status).unwrap()).unwrap();
+            let mut shown = Vec::new();
+            let healthy = check_to(&mut shown, &dir).unwrap();
+            let mut more = Vec::new();
+            let shown_ok = show_to(&mut more, &dir).unwrap();
+            (healthy, shown_ok, String::from_utf8(shown).unwrap() + &String::from_utf8(more).unwrap())
+        };
+        let running = checked(crate::now_ms());
+        let ahead = checked(1 << 63);
+        // SAFETY: a signal to our own child, then a wait (WUNTRACED) until it has stopped.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGSTOP);
+            libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WUNTRACED);
+        }
+        let stopped = checked(crate::now_ms());
+        let stopped_ahead = checked(1 << 63);
+        let _ = (agent.kill(), agent.wait());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(running.0 && running.1, "{}", running.2);
+        assert!(!ahead.0 && ahead.2.contains("ahead of this machine's clock"), "{}", ahead.2);
+        for (healthy, shown_ok, said) in [stopped, stopped_ahead] {
+            assert!(!healthy && !shown_ok, "{said}");
+            assert!(said.contains(&format!("(pid {pid}) is stopped")) && said.contains(&format!("kill -CONT {pid}")), "{said}");
+            assert!(!said.contains("connected since"), "a stopped agent shown as connected: {said}");
+        }
     }
 }

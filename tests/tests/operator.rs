@@ -1053,6 +1053,16 @@ async fn status_tells_whether_the_agent_runs_and_is_connected() {
     let written = || std::fs::metadata(data_dir.join("status.json")).unwrap().modified().unwrap();
     let before = written();
     assert!(eventually(Duration::from_secs(60), || written() > before).await, "status.json is refreshed by heartbeats");
+    // Stopped (SIGSTOP: by hand, or by one of its jobs), it is unhealthy at once, whatever
+    // its file says, and said to be stopped, with what to do; resumed, healthy again.
+    let pid = agent.pid().expect("the agent runs");
+    agent.signal(libc::SIGSTOP);
+    let mut stopped = (true, String::new());
+    assert!(eventually(Duration::from_secs(60), || { stopped = check(); !stopped.0 }).await, "{}", stopped.1);
+    agent.signal(libc::SIGCONT);
+    assert!(stopped.1.starts_with(&format!("unhealthy: agent spark (pid {pid}) is stopped")) && stopped.1.contains(&format!("kill -CONT {pid}")), "{}", stopped.1);
+    let mut again = (false, String::new());
+    assert!(eventually(Duration::from_secs(60), || { again = check(); again.0 }).await, "{}", again.1);
     agent.stop();
     let (ok, out) = status();
     assert!(!ok);
