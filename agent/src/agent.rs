@@ -820,7 +820,9 @@ mod tests {
     /// of it — a rejected `rate_limit_event` resetting in 30 days — then Claude killed so
     /// that no run succeeded, marked the agent's window used up for 8 days: the edge sent
     /// it nothing, across restarts (hostile review rev2). A rejected window is believed
-    /// only when the run ended on the usage limit.
+    /// only when the run ended on the usage limit. The job could also write the CLI's 429
+    /// result after the line and then kill Claude (hostile review, session 38): a run
+    /// ends on the usage limit only when Claude exited by itself, not by a signal.
     #[tokio::test(flavor = "current_thread")]
     async fn a_rejected_window_is_believed_only_from_a_run_that_ended_on_it() {
         let reset_s = crate::now_ms() / 1000 + 30 * 86_400;
@@ -837,6 +839,15 @@ mod tests {
         assert_eq!(code, Some(ErrorCode::UsageLimit));
         let until = usage.as_ref().and_then(|u| u.blocked_until()).expect("the used-up window is held");
         assert!(until > crate::now_ms() && until <= crate::now_ms() + shared::usage::MAX_RESET_MS, "held until {until}, {} h after it was seen", (until - before) / 3_600_000);
+        // Forged whole: both lines written into Claude's stdout, then Claude killed (SIGKILL)
+        // before its own end. Only a Claude that exited by itself ended on the usage limit.
+        let (code, usage) = usage_after("killed", &format!("echo '{rejected}'\necho '{result}'\nkill -9 $$\n")).await;
+        assert_eq!(code, Some(ErrorCode::ClaudeError), "a killed Claude's result taken as the usage limit");
+        assert!(usage.as_ref().is_none_or(|u| !u.blocks(crate::now_ms())), "forged lines and a kill blocked the agent: {usage:?}");
+        // Or sent SIGTERM, which the CLI catches, exiting 143 with no result of its own.
+        let (code, usage) = usage_after("terminated", &format!("trap 'exit 143' TERM\necho '{rejected}'\necho '{result}'\nkill -TERM $$\n")).await;
+        assert_eq!(code, Some(ErrorCode::ClaudeError), "a Claude ended by SIGTERM: its result taken as the usage limit");
+        assert!(usage.as_ref().is_none_or(|u| !u.blocks(crate::now_ms())), "forged lines and a SIGTERM blocked the agent: {usage:?}");
         // A warning is reported mid-run as before, whatever the run's end.
         let warning = r#"{"type":"rate_limit_event","rate_limit_info":{"status":"allowed_warning","resetsAt":1796150108,"utilization":0.91}}"#;
         let (_, usage) = usage_after("warning", &format!("echo '{warning}'\nexit 1\n")).await;

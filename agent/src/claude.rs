@@ -191,7 +191,9 @@ impl Transcript {
     /// The rejected window the run ended on, when its result is a `USAGE_LIMIT`: the only
     /// rejected window the agent believes. A job can write a line into Claude's stdout
     /// (`/proc/<pid>/fd/1`, the same user) and end Claude before its own result; a rejected
-    /// window from a run that ended otherwise is not taken as the account's.
+    /// window from a run that ended otherwise is not taken as the account's. Nor is one
+    /// from a Claude killed by a signal, whatever result line preceded its death: [`result`]
+    /// makes that run no `USAGE_LIMIT`.
     pub fn used_up(&self, result: &JobResult) -> Option<&UsageWindow> {
         let ended_on_it = result.error_code == Some(ErrorCode::UsageLimit);
         self.usage.as_ref().filter(|u| ended_on_it && u.status == UsageStatus::Rejected)
@@ -199,9 +201,13 @@ impl Transcript {
 
     /// The run ended because the usage window is used up: the CLI said so with a rejected
     /// `rate_limit_event` (2.1.197 and later), or with `api_error: "usage_limit_reached"`
-    /// on its result (2.1.33x). A plain 429 without either is an ordinary API error.
+    /// on its result (2.1.33x). A plain 429 without either is an ordinary API error. The
+    /// rejected window counts only for a result that is a 429 itself: a job can write the
+    /// line into Claude's stdout, and then have the run end on another error of Claude's
+    /// own (on SIGINT the CLI prints `error_during_execution`).
     fn usage_limit(&self, result: &Value) -> Option<Option<shared::Millis>> {
-        let rejected = self.usage.as_ref().filter(|u| u.status == UsageStatus::Rejected);
+        let a_429 = result.get("api_error_status").and_then(Value::as_u64) == Some(429);
+        let rejected = self.usage.as_ref().filter(|u| a_429 && u.status == UsageStatus::Rejected);
         let said = result.get("api_error").and_then(Value::as_str) == Some("usage_limit_reached");
         // The reset the API named, when it named one.
         (rejected.is_some() || said).then(|| rejected.and_then(|u| u.resets_at))
@@ -220,6 +226,14 @@ pub enum Ending {
     /// The agent could not prepare the run (the durable "started" marker): Claude never
     /// got its prompt.
     NotStarted(String),
+}
+
+/// Whether a Claude that exited with `code` ended by itself, not by a signal: killed by
+/// one, it has no code; exiting on one it caught, the code is 128 and the signal's number,
+/// as a shell reports a death by signal — the CLI (2.1.197) exits 143 on SIGTERM and 129
+/// on SIGHUP, printing no result of its own.
+fn exited_by_itself(code: Option<i32>) -> bool {
+    code.is_some_and(|c| (0..128).contains(&c))
 }
 
 /// Whether the run ended because Claude could not authenticate, from what the CLI states
@@ -327,7 +341,20 @@ pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, durati
                             (true, true) => subtype.to_string(),
                         };
                         let api_status = res.get("api_error_status").and_then(Value::as_u64);
-                        if let Some(retry_at) = transcript.usage_limit(res) {
+                        // Believed from a Claude that exited by itself only: a job can write
+                        // both lines into Claude's stdout (`/proc/<pid>/fd/1`, the same user)
+                        // and then end Claude before it prints anything of its own, and the
+                        // usage window holds the agent's work for days. The CLI ends a run on
+                        // a used-up window with exit code 1.
+                        let usage_limit = transcript.usage_limit(res);
+                        if usage_limit.is_some() && !exited_by_itself(code) {
+                            let how = code.map_or("killed".to_string(), |c| format!("exit code {c}"));
+                            r.error = Some(format!(
+                                "Claude was ended by a signal ({how}) after output saying the usage window is used up ({detail}); not taken as the usage limit, \
+                                 as a process of the runner's user can write that output and end Claude (see what ended it in the runner's log)"
+                            ));
+                            r.error_code = Some(ErrorCode::ClaudeError);
+                        } else if let Some(retry_at) = usage_limit {
                             let until = retry_at.map(shared::time::rfc3339);
                             r.error = Some(format!(
                                 "the Claude subscription's usage window is used up ({detail}); retry after {}, or run the task elsewhere",
@@ -562,6 +589,32 @@ mod tests {
         // 2.1.33x also names it on the result line.
         let named = transcript(&[json!({"type":"result","subtype":"success","is_error":true,"api_error_status":429,"api_error":"usage_limit_reached","result":"You've hit your 5-hour limit"})]);
         assert_eq!(result(&named, Ending::Exited(Some(1)), "", 1).error_code, Some(ErrorCode::UsageLimit));
+        // The same lines from a Claude ended by a signal (a job can write them into its
+        // stdout, then kill it): not the usage limit, and not believed as the account's.
+        // Killed (no exit code), or exiting on one it caught: the CLI (2.1.197) exits 143
+        // on SIGTERM and 129 on SIGHUP, printing no result of its own.
+        for t in [&t, &named] {
+            for ending in [Ending::Exited(None), Ending::Exited(Some(143)), Ending::Exited(Some(129))] {
+                let r = result(t, ending.clone(), "", 1);
+                assert_eq!(r.error_code, Some(ErrorCode::ClaudeError), "{ending:?}: {r:?}");
+                assert!(r.error.as_deref().is_some_and(|e| e.contains("by a signal")), "{r:?}");
+                assert!(t.used_up(&r).is_none());
+            }
+        }
+        // A rejected line (written by a job), then Claude's own result of another error (on
+        // SIGINT the CLI prints `error_during_execution` and exits 0; or max_turns): the run
+        // did not end on the usage limit, whose result is a 429.
+        for own in [
+            json!({"type":"result","subtype":"error_during_execution","is_error":true,"errors":["interrupted"]}),
+            json!({"type":"result","subtype":"error_max_turns","is_error":true,"errors":["Reached maximum number of turns (1)"]}),
+        ] {
+            let t = transcript(&[lines[0].clone(), own]);
+            for code in [0, 1] {
+                let r = result(&t, Ending::Exited(Some(code)), "", 1);
+                assert_ne!(r.error_code, Some(ErrorCode::UsageLimit), "{r:?}");
+                assert!(t.used_up(&r).is_none());
+            }
+        }
         // A 429 that is not about the subscription's window (a plain rate limit) is not.
         let plain = transcript(&[json!({"type":"result","subtype":"success","is_error":true,"api_error_status":429,"result":"API Error: 429 rate limited"})]);
         let r = result(&plain, Ending::Exited(Some(1)), "", 1);
