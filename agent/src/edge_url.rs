@@ -18,22 +18,34 @@ pub enum EdgeUrlError {
          Use wss:// (e.g. wss://claude-runner-edge.<you>.workers.dev, or TLS in front of a native edge), or set ALLOW_INSECURE_EDGE=1 if the path is private (a VPN, an SSH tunnel)"
     )]
     Insecure { url: String, host: String },
+    #[error(
+        "EDGE_URL `{0}` carries a user name or password (not shown here): the edge reads none there (the agent proves itself with AGENT_SIGNING_KEY), \
+         and the agent would write it into its log and status file; set EDGE_URL without it"
+    )]
+    UserInfo(String),
 }
 
 /// `ws(s)://host[:port][/prefix]` (or http/https) → the `/agent/connect` URL.
 /// `allow_insecure` is `ALLOW_INSECURE_EDGE=1`.
+/// A user name or password in it (`user:password@`) is refused: the edge reads none (the
+/// agent proves itself with its key), and the URL is logged at every dial and written to
+/// the status file. No error shows them.
 pub fn connect_url(edge_url: &str, allow_insecure: bool) -> Result<String, EdgeUrlError> {
+    let shown = without_userinfo(edge_url.trim());
     let url = edge_url.trim().trim_end_matches('/');
     let (secure, rest) = if let Some(rest) = url.strip_prefix("https://").or_else(|| url.strip_prefix("wss://")) {
         (true, rest)
     } else if let Some(rest) = url.strip_prefix("http://").or_else(|| url.strip_prefix("ws://")) {
         (false, rest)
     } else {
-        return Err(EdgeUrlError::Scheme(edge_url.to_string()));
+        return Err(EdgeUrlError::Scheme(shown));
     };
-    host_of(rest).ok_or_else(|| EdgeUrlError::NoHost(edge_url.to_string()))?;
+    if authority(rest).contains('@') {
+        return Err(EdgeUrlError::UserInfo(shown));
+    }
+    host_of(rest).ok_or_else(|| EdgeUrlError::NoHost(shown.clone()))?;
     if let Some(host) = plaintext_beyond_this_machine(url).filter(|_| !allow_insecure) {
-        return Err(EdgeUrlError::Insecure { url: edge_url.to_string(), host: host.to_string() });
+        return Err(EdgeUrlError::Insecure { url: shown, host: host.to_string() });
     }
     let scheme = if secure { "wss" } else { "ws" };
     Ok(if rest.ends_with("/agent/connect") { format!("{scheme}://{rest}") } else { format!("{scheme}://{rest}/agent/connect") })
@@ -86,9 +98,28 @@ pub fn plain_edge_hint(url: &str, error: &str) -> Option<String> {
     ))
 }
 
+/// The authority of `authority[/path]` (`[user[:password]@]host[:port]`).
+fn authority(rest: &str) -> &str {
+    rest.split(['/', '?', '#']).next().unwrap_or_default()
+}
+
+/// `url` as an error may show it: without the user name and password of its authority
+/// (what comes before its last `@`), with or without a scheme.
+fn without_userinfo(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let rest = authority(rest).rsplit_once('@').map_or(rest, |(userinfo, _)| &rest[userinfo.len() + 1..]);
+    match scheme {
+        Some(scheme) => format!("{scheme}://{rest}"),
+        None => rest.to_string(),
+    }
+}
+
 /// The host of `authority[/path]`: without user info, port or IPv6 brackets.
 fn host_of(rest: &str) -> Option<&str> {
-    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority(rest);
     let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
     let host = if let Some(v6) = authority.strip_prefix('[') {
         v6.split_once(']')?.0
@@ -140,7 +171,7 @@ mod tests {
 
     #[test]
     fn plaintext_only_to_loopback_unless_allowed() {
-        for ok in ["ws://localhost:8787", "ws://127.0.0.1", "ws://127.8.9.10:1/x", "http://[::1]:8787", "ws://[::ffff:127.0.0.1]:1", "ws://u:p@127.0.0.1"] {
+        for ok in ["ws://localhost:8787", "ws://127.0.0.1", "ws://127.8.9.10:1/x", "http://[::1]:8787", "ws://[::ffff:127.0.0.1]:1"] {
             assert!(connect_url(ok, false).is_ok(), "{ok}");
         }
         for bad in [
@@ -148,7 +179,6 @@ mod tests {
             "ws://10.0.0.1:8787/agent/connect",
             "http://edge.example.com",
             "ws://localhost.evil.com",
-            "ws://127.0.0.1@evil.com",
             "ws://0.0.0.0:8787",
             "ws://[::2]:1",
         ] {
@@ -157,5 +187,31 @@ mod tests {
             assert!(err.to_string().contains("ALLOW_INSECURE_EDGE=1"));
             assert!(connect_url(bad, true).is_ok(), "{bad} with ALLOW_INSECURE_EDGE=1");
         }
+    }
+
+    /// A password in EDGE_URL (`wss://user:pass@host`) was logged at every dial and written
+    /// to status.json, and never used (the agent proves itself with its key). A user name
+    /// or password there is refused at the start, naming the setting and never showing
+    /// them; so too beside a loopback host, where ALLOW_INSECURE_EDGE is not asked.
+    #[test]
+    fn a_user_name_or_password_in_edge_url_is_refused_and_not_shown() {
+        for url in ["wss://user:hunter2@edge.example.com", "wss://hunter2@edge.example.com/pool/p", "https://:hunter2@e.x", "ws://u:hunter2@127.0.0.1:8787", "ws://127.0.0.1@evil.com"] {
+            for allow_insecure in [false, true] {
+                let err = connect_url(url, allow_insecure).unwrap_err();
+                assert!(matches!(err, EdgeUrlError::UserInfo(_)), "{url}: {err}");
+                let said = err.to_string();
+                assert!(said.contains("EDGE_URL") && said.contains("without"), "{said}");
+                assert!(!said.contains("hunter2") && !said.contains("user:") && !said.contains("127.0.0.1@"), "{said}");
+            }
+        }
+        let said = connect_url("wss://user:hunter2@edge.example.com/x", false).unwrap_err().to_string();
+        assert!(said.contains("`wss://edge.example.com/x`"), "{said}");
+        // Nor is a password shown by the other refusals.
+        for url in ["user:hunter2@edge.example.com", "ftp://user:hunter2@edge.example.com"] {
+            let said = connect_url(url, false).unwrap_err().to_string();
+            assert!(!said.contains("hunter2"), "{said}");
+        }
+        // An `@` past the authority is the path's.
+        assert!(connect_url("wss://edge.example.com/pool/a@b", false).is_ok());
     }
 }
