@@ -704,6 +704,27 @@ async fn the_login_relay_logs_the_agent_in_again(kind: EdgeKind) {
     assert!(s.agent.log().contains("login succeeded"), "{}", s.agent.log());
 }
 
+/// A relayed login started and abandoned before its code (the page closed, Ctrl-C or an
+/// empty line given to `claude-runner login`) changes nothing on the runner: the agent
+/// takes work, `/health` says so, and an `/execute` runs. Before, `/health` said healthy
+/// while dispatch held every job for the ten minutes the relay waited, each `/execute`
+/// waiting its whole `timeout_ms` to end TIMEOUT.
+async fn a_login_abandoned_before_its_code_holds_no_work(kind: EdgeKind) {
+    let s = setup(kind, &[], &[]).await;
+    let start = s.client.send("POST", "/oauth/login", Some(SECRET), Some(b"{}".to_vec())).await;
+    assert_eq!((start.status, &start.body["state"]), (200, &json!("awaiting_code")), "{}", start.text);
+    let h = s.client.health_full().await;
+    assert_eq!((h.status, &h.body["status"], &h.body["agents_taking_work"]), (200, &json!("healthy"), &json!(1)), "{}", h.text);
+    assert_eq!(h.body["agents"][0]["takes_work"], true, "{}", h.text);
+    let a = s.client.execute(json!({"prompt": "while a login waits for its code", "timeout_ms": 60_000})).await;
+    assert_eq!((a.status, &a.body["success"]), (200, &json!(true)), "{}", a.text);
+    // The login is still there to finish: its code logs the agent in.
+    let login_id = start.body["login_id"].as_str().unwrap();
+    let code = json!({"login_id": login_id, "code": "good-code-42"}).to_string().into_bytes();
+    let done = s.client.send("POST", "/oauth/login/code", Some(SECRET), Some(code)).await;
+    assert_eq!((done.status, &done.body["state"]), (200, &json!("logged_in")), "{}", done.text);
+}
+
 async fn a_used_up_usage_window_holds_work_until_its_reset(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     let a = s.client.execute(json!({"prompt": "@rate_limited=4"})).await;
@@ -915,10 +936,19 @@ async fn a_relayed_login_waits_for_a_refresh_another_process_lets_run() {
     assert!(waits.await, "the login did not wait for the other process's refresh:\n{}", s.agent.log());
     // Still held: the login cannot have gone on.
     assert!(!done.is_finished(), "the login was answered while the other process held the lock");
+    // With its code passed on, the login may change at any moment: work waits for it, and
+    // /health counts the agent out as dispatch does.
+    let h = s.client.health_full().await;
+    assert_eq!((h.status, &h.body["agents_taking_work"]), (503, &json!(0)), "{}", h.text);
+    let held = s.client.submit(json!({"prompt": "after the new login"})).await;
+    let held_id = held.body["job_id"].as_str().unwrap().to_string();
+    assert_eq!(s.client.get(&format!("/jobs/{held_id}")).await.body["state"], "queued");
     drop(other.stdin.take());
     other.wait().unwrap();
     let done = done.await.unwrap();
     assert_eq!((done.status, &done.body["state"]), (200, &json!("logged_in")), "{}", done.text);
+    let job = s.client.wait_job(&held_id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
 }
 
 async fn failures_say_which_class_and_whether_to_retry(kind: EdgeKind) {
@@ -2254,6 +2284,7 @@ contract!(
     claude_errors_are_failures,
     an_auth_failure_says_log_in_again,
     the_login_relay_logs_the_agent_in_again,
+    a_login_abandoned_before_its_code_holds_no_work,
     a_used_up_usage_window_holds_work_until_its_reset,
     a_used_up_usage_window_still_holds_work_after_the_agent_restarts,
     the_operator_clears_a_used_up_usage_window,

@@ -2136,6 +2136,35 @@ async fn login_from_a_terminal_relays_the_url_and_the_code() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the edge"));
 }
 
+/// `echo | claude-runner login`: the login is started on the runner and no code comes
+/// (an empty line, as Ctrl-C or a closed page leave it too). Nothing on the runner changed,
+/// so work goes on: `/health` says the agent takes work and an `/execute` runs at once —
+/// before, both said healthy while every `/execute` waited its whole `timeout_ms` for the
+/// ten minutes the relay waited for its code, and ended TIMEOUT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_given_no_code_holds_no_work() {
+    use std::io::Write;
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let _agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let mut child = against_the_edge(&edge, "login", &[]);
+    child.stdin.take().unwrap().write_all(b"\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no code given") && err.contains("work goes on"), "{err}");
+    // The relay waits for its code on the edge, and holds nothing.
+    let h = client.health_full().await;
+    assert_eq!((h.status, &h.body["status"], &h.body["agents_taking_work"]), (200, &json!("healthy"), &json!(1)), "{}", h.text);
+    let a = client.execute(json!({"prompt": "while a login waits for a code nobody sends", "timeout_ms": 60_000})).await;
+    assert_eq!((a.status, &a.body["success"]), (200, &json!(true)), "{}", a.text);
+    // Asked again, the edge shows the same login, still waiting for its code.
+    let again = client.send("POST", "/oauth/login", Some(SECRET), None).await;
+    assert_eq!((again.status, &again.body["state"]), (200, &json!("awaiting_code")), "{}", again.text);
+}
+
 /// How a follow of `submit`'s breaks mid-job (between the proxy's `submit` side and the edge).
 #[derive(Clone, Copy)]
 enum Break {

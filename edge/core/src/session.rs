@@ -177,10 +177,25 @@ impl Agent {
     }
 
     /// Whether jobs may be sent to this agent now (credits aside): no operator paused
-    /// it, it is not stopping, its login works, its usage window is open and no re-login
-    /// is under way.
+    /// it, it is not stopping, its login works, its usage window is open and no relayed
+    /// login is writing a new one ([`Agent::login_changing`]). Dispatch, `/health` (its
+    /// status, `agents_taking_work`, each agent's `takes_work`) and `/execute`'s refusal
+    /// all judge by this one predicate.
     pub fn takes_work(&self, now: crate::Now) -> bool {
-        !self.held_back() && !self.needs_login(now) && !self.usage_held(now) && self.login.is_none()
+        !self.held_back() && !self.needs_login(now) && !self.usage_held(now) && !self.login_changing()
+    }
+
+    /// Whether a relayed login may be changing this agent's login now: its code was passed
+    /// on and the outcome is not in. With the code, `claude auth login` exchanges it and
+    /// writes the new login into the folder every job's Claude reads (and refreshes) its
+    /// login from: a job started meanwhile would start on the login being replaced. So
+    /// work waits for the outcome, which the agent bounds (`relogin.rs`: `FINISH_WAIT`)
+    /// and the edge too ([`crate::machine::LOGIN_WAIT_MS`] for the caller, the relay's
+    /// `expires_at`). Before the code nothing on the runner changes, and a relay may wait
+    /// ten minutes for a code nobody sends (an empty line or Ctrl-C given to
+    /// `claude-runner login`, the page closed): that holds no work.
+    pub fn login_changing(&self) -> bool {
+        self.login.as_ref().is_some_and(|l| l.code_sent)
     }
 
     /// Kept from new work by choice, not by its login: an operator paused it, or it is

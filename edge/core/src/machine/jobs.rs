@@ -261,7 +261,7 @@ impl Edge {
     }
 
     /// The agents that can take a job now: ready, with a credit, taking work (not paused,
-    /// login usable, usage window open, no re-login under way: [`Agent::takes_work`]).
+    /// login usable, usage window open, no relayed login writing a new one: [`Agent::takes_work`]).
     fn candidates(&self, now: Now) -> Vec<Candidate<'_>> {
         self.sessions
             .values()

@@ -1,7 +1,7 @@
 //! When work may go to an agent at all, and the re-login relay.
 //!
 //! An agent takes work only while its login works, its usage window is open and no
-//! re-login is under way ([`crate::session::Agent::takes_work`]). [`Edge::availability`]
+//! relayed login is writing a new one ([`crate::session::Agent::takes_work`]). [`Edge::availability`]
 //! sums that up for the pool, [`Edge::availability_for`] for the agents one job fits: an
 //! `/execute` is refused at once (503, `fallback: true`) when no agent that fits it can take
 //! work because their login needs a person (`RUNNER_OAUTH_ERROR`) or their usage window is
@@ -14,8 +14,9 @@
 //! `claude auth login`; the agent answers with the authorization URL, which the caller
 //! gets. `POST /oauth/login/code` sends the code the person pasted, in a second signed
 //! order; the agent answers with the outcome and its login as it now reads it. One relay
-//! per agent at a time, given up after [`LOGIN_TTL_MS`]. The URL and the code are never
-//! logged.
+//! per agent at a time, given up after [`LOGIN_TTL_MS`]. Work waits for a relay only from
+//! its code to its outcome ([`crate::session::Agent::login_changing`]): one abandoned
+//! before its code holds nothing. The URL and the code are never logged.
 
 use super::{CallerId, Edge, Effect};
 use crate::clock::Now;
@@ -49,7 +50,8 @@ pub enum Availability {
     Ready,
     /// No agent is connected.
     Offline,
-    /// The only agents with a usable login are being logged in again: work waits.
+    /// The only agents with a usable login are finishing a relayed login (its code passed
+    /// on, [`Agent::login_changing`]): work waits for the outcome.
     LoggingIn,
     /// The usage window is used up until this wall time.
     UsageLimited { until: Millis },
@@ -67,7 +69,7 @@ fn verdict<'a>(now: Now, agents: impl Iterator<Item = &'a Agent>) -> Availabilit
         return Availability::Ready;
     }
     let usable = |a: &&&Agent| !a.needs_login(now);
-    if agents.iter().filter(usable).any(|a| a.login.is_some() && !a.usage_held(now)) {
+    if agents.iter().filter(usable).any(|a| a.login_changing() && !a.usage_held(now)) {
         return Availability::LoggingIn;
     }
     let until = agents
@@ -120,7 +122,7 @@ pub(crate) fn why_not(a: &Agent, now: Now) -> Option<String> {
             None => "its usage window is used up".into(),
         });
     }
-    a.login.is_some().then(|| "being logged in again".into())
+    a.login_changing().then(|| "its new login is being written (a relayed login's code was passed on)".into())
 }
 
 impl Edge {

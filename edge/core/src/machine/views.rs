@@ -37,11 +37,6 @@ fn rank(a: &Agent, now: Now) -> u8 {
     }
 }
 
-/// Whether `/health` counts the agent as able to take work now.
-fn takes_work(a: &Agent, now: Now) -> bool {
-    !a.held_back() && !a.needs_login(now) && !a.usage_held(now)
-}
-
 /// What every view of `/health` rests on, found without looking at a job: the anonymous
 /// answer (the verdict alone), a caller's, `/pools` and `/oauth/status` need no more, and
 /// anyone may ask for the first, which the edge answers on its one thread.
@@ -59,23 +54,25 @@ struct Verdict<'a> {
 }
 
 impl Edge {
-    /// `/health`'s verdict: 200 while at least one agent can take work (connected, not
-    /// paused, its login usable, its usage window open), `degraded` when it can but
-    /// something needs a look — the best agent's login soon, or an agent that is down (gone
-    /// within [`DOWN_SHOWN_MS`], or connected with a login that does not work). With agents
-    /// connected and none able to work, `unhealthy` and 503: a caller that decides by the
-    /// status code alone must fall back, as `/execute` would tell it to. An agent being
-    /// logged in again still counts: work waits for it rather than being refused.
+    /// `/health`'s verdict: 200 while at least one agent can take work — as dispatch
+    /// judges it ([`Agent::takes_work`]: connected, not paused nor stopping, its login
+    /// usable, its usage window open, no relayed login writing a new one) — `degraded`
+    /// when it can but something needs a look — the best agent's login soon, or an agent
+    /// that is down (gone within [`DOWN_SHOWN_MS`], or connected with a login that does
+    /// not work). With agents connected and none able to work, `unhealthy` and 503: a
+    /// caller that decides by the status code alone must fall back, as `/execute` tells it
+    /// to — except while a relayed login finishes (its code passed on, seconds as a rule),
+    /// when an `/execute` waits for the outcome instead ([`super::Availability::LoggingIn`]).
     fn verdict(&self, now: Now) -> Verdict<'_> {
         let agents: Vec<(&String, &Agent)> = self.ready().collect();
-        let working = agents.iter().filter(|(_, a)| takes_work(a, now)).count();
+        let working = agents.iter().filter(|(_, a)| a.takes_work(now)).count();
         // With none able to work, the agent that says best when work may go again: not a
         // paused one (the operator's choice, not why work is refused), and of used-up
         // windows the one that opens first — so `usage` says what `/execute`'s `retry_at` says.
         let opens_at = |a: &Agent| a.usage_held(now).then(|| a.oauth.usage.as_ref().and_then(|u| u.blocked_until())).flatten();
         let best = agents
             .iter()
-            .filter(|(_, a)| takes_work(a, now))
+            .filter(|(_, a)| a.takes_work(now))
             .min_by_key(|(_, a)| rank(a, now))
             .or_else(|| agents.iter().min_by_key(|(_, a)| (a.held_back(), rank(a, now), opens_at(a))))
             .copied();
@@ -133,7 +130,7 @@ impl Edge {
             labels: a.labels.clone(),
             paused: a.paused,
             stopping: a.stopping,
-            takes_work: takes_work(a, now),
+            takes_work: a.takes_work(now),
             login: login_word(a.oauth.health(now.wall)).into(),
         };
         let gone = verdict.down.iter().map(|(id, t)| AgentInfo {
@@ -184,7 +181,7 @@ impl Edge {
             agents: verdict
                 .agents
                 .iter()
-                .map(|(_, a)| CallerAgent { agent_id: a.agent_id.clone(), labels: a.labels.clone(), takes_work: takes_work(a, now) })
+                .map(|(_, a)| CallerAgent { agent_id: a.agent_id.clone(), labels: a.labels.clone(), takes_work: a.takes_work(now) })
                 .collect(),
             agents_taking_work: verdict.working,
             queued_jobs: self.queue.len_of(caller),

@@ -246,20 +246,86 @@ fn the_relay_starts_once_passes_the_code_and_lets_held_work_go() {
     assert_eq!(order_of(&effects, &sid, "spark", 50).header.job_id, "held");
 }
 
+/// A relay waiting for its code whom nobody will send one (`claude-runner login` given an
+/// empty line or Ctrl-C, the page closed) changes nothing on the runner: work goes on, and
+/// `/health` says so. Only once the code is passed on — `claude auth login` then writes the
+/// new login, which a job's Claude starting on the old one could write over — does work
+/// wait, until the outcome; `/health` then counts the agent out, as dispatch does.
 #[test]
-fn jobs_wait_while_a_relogin_is_under_way() {
+fn jobs_wait_only_while_a_relogin_can_change_the_login() {
     let (mut edge, sid) = ready_edge();
     let start = call(&mut edge, 0, "POST", "/oauth/login", Value::Null);
     let login_id = login_order(&start.effects, &sid, 0).header.job_id;
-    // The login works, but a re-login is under way: /execute waits instead of failing.
-    let s = edge.submit(1, "j".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
-    assert!(sent(&s.effects, &sid).is_empty());
-    let failed = login_msg(&edge, &login_id, LoginStep::Start, LoginState::Failed, None, Some("Login failed: x".into()), None);
-    let effects = say(&mut edge, 2, &sid, failed);
-    let (status, body) = answer_to(&effects, start.caller).unwrap();
-    assert_eq!((status, body["error_code"].as_str()), (502, Some("RUNNER_OAUTH_ERROR")));
-    assert!(body["error"].as_str().unwrap().contains("Login failed: x"));
-    assert_eq!(order_of(&effects, &sid, "spark", 2).header.job_id, "j", "the relay is over: work goes on");
+    let url = Some("https://claude.ai/oauth/authorize?x".to_string());
+    let msg = login_msg(&edge, &login_id, LoginStep::Start, LoginState::AwaitingCode, url, None, None);
+    say(&mut edge, 1, &sid, msg);
+    // Abandoned before its code: the agent still takes work.
+    let health = edge.health(2);
+    assert_eq!((health.status.http_status(), health.agents_taking_work, health.agents[0].takes_work), (200, 1, true));
+    let s = edge.submit(2, "before".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
+    assert_eq!(order_of(&s.effects, &sid, "spark", 2).header.job_id, "before", "an /execute waited on a login awaiting its code");
+    let done = result_msg(&edge, "before", ok_result());
+    say(&mut edge, 3, &sid, done);
+    say(&mut edge, 3, &sid, credit(1, 1));
+    // The code goes: the login can change now, and work waits for its outcome.
+    call(&mut edge, 4, "POST", "/oauth/login/code", json!({"login_id": login_id, "code": "c0de"}));
+    let health = edge.health(5);
+    assert_eq!((health.status.http_status(), health.agents_taking_work, health.agents[0].takes_work), (503, 0, false));
+    let s = edge.submit(5, "j".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
+    assert!(sent(&s.effects, &sid).is_empty(), "a job went while the new login was being written");
+    assert!(finished(&s.effects).is_empty(), "an /execute was refused while a login it can wait for was finishing");
+    let failed = login_msg(&edge, &login_id, LoginStep::Code, LoginState::Failed, None, Some("Login failed: x".into()), None);
+    let effects = say(&mut edge, 6, &sid, failed);
+    assert_eq!(answer_to(&effects, start.caller).map(|(status, _)| status), None, "the start was answered already");
+    assert_eq!(order_of(&effects, &sid, "spark", 6).header.job_id, "j", "the relay is over: work goes on");
+    assert_eq!(edge.health(7).agents_taking_work, 1);
+}
+
+/// `/health` counts an agent as taking work exactly when dispatch would send it a job:
+/// one predicate ([`crate::session::Agent::takes_work`]) for both, whatever holds the
+/// agent back.
+#[test]
+fn health_counts_an_agent_taking_work_exactly_when_dispatch_sends_it_work() {
+    type Setup = fn(&mut Edge, &str);
+    let cases: [(&str, Setup); 6] = [
+        ("working", |_, _| {}),
+        ("paused", |edge, _| {
+            call(edge, 1, "POST", "/agents/spark/pause", Value::Null);
+        }),
+        ("login broken", |edge, sid| {
+            beat(edge, 1, sid, broken());
+        }),
+        ("window used up", |edge, sid| {
+            beat(edge, 1, sid, rejected(1_000_000));
+        }),
+        ("relay awaiting its code", |edge, sid| {
+            let start = call(&mut *edge, 1, "POST", "/oauth/login", Value::Null);
+            let login_id = login_order(&start.effects, sid, 1).header.job_id;
+            let url = Some("https://claude.ai/oauth/authorize?x".to_string());
+            let msg = login_msg(edge, &login_id, LoginStep::Start, LoginState::AwaitingCode, url, None, None);
+            say(edge, 1, sid, msg);
+        }),
+        ("relay finishing with its code", |edge, sid| {
+            let start = call(&mut *edge, 1, "POST", "/oauth/login", Value::Null);
+            let login_id = login_order(&start.effects, sid, 1).header.job_id;
+            let url = Some("https://claude.ai/oauth/authorize?x".to_string());
+            let msg = login_msg(edge, &login_id, LoginStep::Start, LoginState::AwaitingCode, url, None, None);
+            say(edge, 1, sid, msg);
+            call(edge, 1, "POST", "/oauth/login/code", json!({"login_id": login_id, "code": "c0de"}));
+        }),
+    ];
+    for (what, setup) in cases {
+        let (mut edge, sid) = ready_edge();
+        setup(&mut edge, &sid);
+        let health = edge.health(2);
+        let caller = edge.caller_health(2, "someone");
+        let s = edge.submit(2, "j".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
+        let dispatched = sent(&s.effects, &sid).iter().any(|m| matches!(m, EdgeMessage::Job { .. }));
+        assert_eq!(health.agents[0].takes_work, dispatched, "{what}: /health's agent");
+        assert_eq!(health.agents_taking_work, usize::from(dispatched), "{what}: /health's count");
+        assert_eq!(caller.agents[0].takes_work, dispatched, "{what}: a caller's /health");
+        assert_eq!(health.status.http_status() == 200, dispatched, "{what}: /health's status {:?}", health.status);
+    }
 }
 
 #[test]
