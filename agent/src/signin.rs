@@ -120,7 +120,7 @@ async fn run_to(err: &mut impl Write, out: &mut impl Write, input: &mut impl Buf
     input.read_line(&mut code)?;
     let code = code.trim();
     if code.is_empty() {
-        say(err, "claude-runner login: no code given; the login on the runner is given up in 10 minutes (or start again)".into())?;
+        say(err, "claude-runner login: no code given: nothing changed on the runner, and work goes on; its login waits 10 minutes for a code (`claude-runner login` again shows the same URL), then is given up".into())?;
         return Ok(1);
     }
     let (status, done) = match post(&http, &base, "/oauth/login/code", &secret, json!({"login_id": login_id, "code": code})).await {
