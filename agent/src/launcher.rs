@@ -135,6 +135,17 @@ impl Launcher {
         Ok(())
     }
 
+    /// Ends the launcher, if it runs, and reaps it: the agent's last act before a clean
+    /// exit. Left to its parent-death signal, it died while systemd swept the unit's
+    /// processes after the agent's exit, and systemd on a cgroup v1 host could lose track
+    /// of it and wait out TimeoutStopSec (330 s) before the restart or the stop ended.
+    pub fn stop(&self) {
+        if let Some(mut running) = self.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take() {
+            running.process.kill();
+            let _ = running.process.wait();
+        }
+    }
+
     /// A new launcher, every send and receive to it bounded (SO_SNDTIMEO and SO_RCVTIMEO
     /// apply to sendmsg and recvmsg too): a timeout is an error like the launcher's death.
     fn new_launcher(&self) -> std::io::Result<Running> {

@@ -252,6 +252,14 @@ fn stream(end: OwnedFd) -> std::io::Result<UnixStream> {
     UnixStream::from_std(std::os::unix::net::UnixStream::from(nonblocking(end)?))
 }
 
+/// Ends and reaps the agent's helpers (its launcher, then the zygote), so that the agent
+/// exits alone: what it leaves running dies of its parent-death signal only as the agent
+/// exits, racing the service manager's sweep of what is left (see [`Launcher::stop`]).
+pub fn end_helpers() {
+    LAUNCHER.stop();
+    crate::zygote::stop();
+}
+
 /// A running Claude, as the agent holds it: its warden's pid, its standard streams (the
 /// agent's ends of three socket pairs), and the exit status to come.
 struct Claude {

@@ -113,6 +113,9 @@ pub async fn serve(cfg: AgentConfig, mut stops: mpsc::UnboundedReceiver<Request>
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
+    // Nothing of the agent's left when it exits: its jobs have ended, and its helpers end
+    // here (a kill and a reap each; off the runtime thread, as every launcher call is).
+    let _ = tokio::task::spawn_blocking(crate::process::end_helpers).await;
     info!(agent_id = %agent.cfg.agent_id, "agent stopped");
     Ok(())
 }

@@ -169,7 +169,8 @@ pub fn start() {
     }
 }
 
-/// Ends the zygote [`start`] forked, for a command that starts no Claude.
+/// Ends the zygote [`start`] (or a start since) forked, and reaps it: for a command that
+/// starts no Claude, and at the agent's clean exit ([`crate::process::end_helpers`]).
 pub fn stop() {
     if let Some(zygote) = ZYGOTE.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take() {
         zygote.end();
