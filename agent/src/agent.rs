@@ -56,10 +56,6 @@ struct Running {
     beats: u64,
     /// The mirror names the edge was last told of (in a hello or a `Mirrors`).
     mirrors_told: Vec<String>,
-    /// The results sent that the edge has not acknowledged: each heartbeat names them
-    /// ([`Beat::finished`]), so the edge waits for a result dropped on the way rather than
-    /// take its job for lost.
-    unacked: std::collections::BTreeSet<String>,
 }
 
 impl Running {
@@ -291,12 +287,6 @@ impl Agent {
         running.beats = 0;
     }
 
-    /// A result the spool keeps is sent (again) on this connection: heartbeats name it
-    /// until the edge acknowledges it.
-    pub fn resending(&self, job_id: &str) {
-        self.running.lock().expect("running lock").unacked.insert(job_id.to_string());
-    }
-
     /// The mirror names for a hello, remembered as what the edge knows.
     pub fn mirrors_for_hello(&self) -> Vec<String> {
         let names = self.repos.mirror_names_from_disk();
@@ -317,7 +307,11 @@ impl Agent {
         }
     }
 
-    /// Queues a heartbeat: the login, the jobs held and the slots, as of one moment.
+    /// Queues a heartbeat: the login, the jobs held and the slots, as of one moment. The
+    /// results kept are named as the hello names them — every one the spool keeps, sent on
+    /// this connection yet or not ([`Beat::finished`]): the edge waits for a result dropped
+    /// on the way rather than take its job for lost, and takes a job of this connection
+    /// that a beat leaves out for lost.
     pub fn heartbeat(&self) {
         let oauth = self.oauth_report();
         let mut running = self.running.lock().expect("running lock");
@@ -334,7 +328,7 @@ impl Agent {
             claude_version: self.cli.current(),
             stopping: running.closed,
         };
-        let (finished, more_finished) = shared::protocol::Hello::name_finished(running.unacked.iter().cloned());
+        let (finished, more_finished) = shared::protocol::Hello::name_finished(self.spool.kept_ids());
         let beat = Beat { finished, more_finished, ..beat };
         self.link.seal_and_send(&self.uplink, |key| AgentMessage::heartbeat(&beat, key));
     }
@@ -542,7 +536,6 @@ impl Agent {
         let (ids, mirrors) = {
             let mut running = self.running.lock().expect("running lock");
             running.jobs.remove(job_id);
-            running.unacked.insert(job_id.to_string());
             let mirrors = self.repos.mirror_names();
             if let Some(report) = report {
                 self.link.send(&self.uplink, report);
@@ -594,7 +587,6 @@ impl Agent {
         match envelope.open::<shared::protocol::Acknowledgement>(Domain::ResultAck, &key) {
             Ok(ack) if ack.agent_id == self.cfg.agent_id => {
                 self.spool.remove(&ack.job_id);
-                self.running.lock().expect("running lock").unacked.remove(&ack.job_id);
             }
             Ok(_) => warn!(agent_id = %self.cfg.agent_id, "an acknowledgement for another agent ignored"),
             Err(e) => warn!(agent_id = %self.cfg.agent_id, error = %e, "an acknowledgement not MACed by the edge on this connection ignored; its result stays"),

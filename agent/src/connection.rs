@@ -545,8 +545,7 @@ async fn session(
     // result at once, and on a slow uplink the heartbeats behind it — and so the edge's
     // answers — come late by the time those bytes take to go ([`for_bytes`]).
     let mut unanswered = 0;
-    for (job_id, stored) in agent.spool.all() {
-        agent.resending(&job_id);
+    for (_, stored) in agent.spool.all() {
         // A heartbeat before each: results of megabytes on a slow uplink go out one after
         // another before the work loop's first beat, and an edge that sees only whole
         // frames (the Worker) hears the agent in its heartbeats.

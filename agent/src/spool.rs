@@ -666,6 +666,28 @@ impl Spool {
         }
     }
 
+    /// The jobs whose results are kept, sorted: those [`Spool::all`] returns, named without
+    /// opening a file — asked at every heartbeat ([`shared::protocol::Beat::finished`]).
+    /// The spool files found at the start are opened by the `all` of the first hello, before
+    /// any heartbeat: one that is not the agent's is moved aside, its name forgotten.
+    pub fn kept_ids(&self) -> Vec<String> {
+        let (mut ids, filed) = {
+            let kept = self.lock();
+            let mut ids: std::collections::BTreeSet<String> = kept.held.keys().chain(kept.writing.keys()).cloned().collect();
+            ids.extend(kept.slots.iter().filter_map(|s| match s {
+                Slot::Holding { job_id, .. } => Some(job_id.clone()),
+                _ => None,
+            }));
+            let filed: Vec<String> = kept.filed.iter().filter(|id| !ids.contains(*id)).cloned().collect();
+            (ids, filed)
+        };
+        // `filed` is a superset (a result acknowledged while its file was written): a name
+        // is kept while its file is there, a stat each (spool files are few: results the
+        // edge is slow to acknowledge).
+        ids.extend(filed.into_iter().filter(|id| self.path(id).is_some_and(|p| p.exists())));
+        ids.into_iter().collect()
+    }
+
     /// Every kept result, in slots, in spool files or held in memory (those are written to
     /// spool files first if the disk now allows). Unreadable files are moved aside rather
     /// than resent forever.
@@ -815,6 +837,34 @@ mod tests {
         assert!(spool.all().is_empty());
         assert!(dir.join("spool/planted.bad").exists());
         assert!(!spool.keeps_any(), "a file moved aside still counted as a kept result");
+        assert!(spool.kept_ids().is_empty(), "nor is it named in a heartbeat");
+    }
+
+    /// What a heartbeat names, read without opening a result: what `all` returns — in a
+    /// slot, moved to a spool file, being written, filed without a slot — and not one
+    /// acknowledged (nor a file `all` moved aside: `a_file_moved_aside_is_no_longer_kept`).
+    #[test]
+    fn the_kept_ids_are_those_all_returns() {
+        let dir = dir("kept-ids");
+        let (spool, _) = open(&dir, 1);
+        let named = |expected: &[&str]| {
+            assert_eq!(spool.kept_ids(), expected);
+            assert_eq!(spool.kept_ids(), ids(spool.all()));
+        };
+        spool.started("moved", "moved:1").unwrap();
+        spool.put("moved", &ok("moved", "x")).unwrap();
+        named(&["moved"]);
+        // A new job takes the slot ("moved" goes to a spool file), its result being written.
+        spool.started("sending", "sending:1").unwrap();
+        spool.sending("sending", &ok("sending", "x"));
+        for id in ["no-slot", "acked"] {
+            spool.put(id, &ok(id, "x")).unwrap();
+        }
+        spool.remove("acked");
+        named(&["moved", "no-slot", "sending"]);
+        spool.remove("moved");
+        spool.write_sent("sending").unwrap();
+        named(&["no-slot", "sending"]);
     }
 
     /// The tests' agent key ([5; 32]) seals what they keep.

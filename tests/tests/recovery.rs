@@ -101,6 +101,46 @@ async fn a_result_whose_acknowledgement_was_lost_is_sent_again_and_changes_nothi
     assert_eq!(s.agent.claude_runs().len(), 1, "ran once");
 }
 
+/// Two jobs ended while the edge heard nothing of the agent (its messages black-holed), and
+/// the agent is killed: the restarted agent holds both results, names both in its hello and
+/// sends both. Its heartbeats named only the results it had sent again on the new
+/// connection — the one before the first result named that one alone — so the edge, having
+/// taken both jobs over at the hello, ended the other `lost` before its result came, and a
+/// job that succeeded was reported lost to its caller. Each heartbeat names every result
+/// the agent keeps, as its hello does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_result_a_restarted_agent_keeps_is_named_in_its_heartbeats() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &MUTED_LINK_KEPT);
+    let proxy = Proxy::start(edge.port).await;
+    let opts = AgentOpts { edge_ws: format!("ws://127.0.0.1:{}", proxy.port()), ..AgentOpts::for_edge(&edge, "spark") };
+    let agent = AgentProc::start(opts.env("MAX_CONCURRENT_JOBS", "2"));
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let mut s = ProxiedAgent { edge, agent, client, proxy };
+    let jobs = [s.run_job("@sleep=3000 first of two").await, s.run_job("@sleep=3000 second of two").await];
+    // Both running as the edge sees them (the edge takes a job it did not see start for one
+    // never sent, and sends it again): then the agent's messages go nowhere.
+    for id in &jobs {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while s.client.get(&format!("/jobs/{id}")).await.body["state"] != "running" {
+            assert!(Instant::now() < deadline, "{id} never running:\n{}", s.edge.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    s.proxy.blackhole(Direction::Up);
+    let data = s.agent.data.path().join("data");
+    let kept = |id: &str| (0..2).any(|n| slot_record_names(&data, n, id) == (true, true));
+    assert!(eventually(Duration::from_secs(60), || jobs.iter().all(|id| kept(id))).await, "{}", s.agent.log());
+    s.agent.kill();
+    s.agent.restart();
+    for id in &jobs {
+        let job = s.client.wait_job(id, Duration::from_secs(60)).await;
+        assert_eq!(job["state"], "succeeded", "{job}\n{}\n{}", s.agent.log(), s.edge.log());
+    }
+    assert_eq!(s.agent.claude_runs().len(), 2, "each ran once");
+}
+
 /// Hostile review rev8, 1: a result of hundreds of KiB on a slow uplink (the proxy passes
 /// 64 KiB/s from the agent: ~10 s, five heartbeat intervals, for one frame no heartbeat can
 /// pass) is delivered — the edge does not close the connection as silent while the frame
