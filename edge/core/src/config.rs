@@ -139,6 +139,8 @@ pub enum ConfigError {
     PoolName(String),
     #[error("POOLS names `{0}` and `{1}`, whose settings would have the same names; rename one")]
     PoolClash(String, String),
+    #[error("POOLS lists `{0}` twice; list each pool once")]
+    PoolTwice(String),
     #[error("{name}: {error}; write it like `ci=<secret>,nightly=<secret>` (names of letters, digits, `-`, `_`; secrets of at least 16 characters)")]
     CallerSecrets { name: String, error: String },
     /// Both pools' settings named, with the fix.
@@ -270,45 +272,47 @@ fn check_secrets(pools: &[Pool], pool: &str) -> Result<(), ConfigError> {
 
 impl Pools {
     /// Every pool's settings, all checked: `RUNNER_SECRET`, `AGENT_PUBLIC_KEYS`, `POOLS`
-    /// and each listed pool's own. For a host that reads them once at start and should
-    /// not start on any bad one ([`Config::from_lookup`]).
+    /// and each listed pool's own ([`Pools::each`]), and against each other. For a host
+    /// that reads them once at start and should not start on any bad one
+    /// ([`Config::from_lookup`]).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Pools, ConfigError> {
-        let default = Pool::read(&get, DEFAULT_POOL)?;
-        let names = listed(&get);
-        for (i, name) in names.iter().enumerate() {
-            if !pool_name_ok(name) {
-                return Err(ConfigError::PoolName(shared::text::truncate(name, 80).to_string()));
-            }
-            if let Some(other) = names[..i].iter().find(|n| pool_suffix(n) == pool_suffix(name)) {
-                return Err(ConfigError::PoolClash(other.to_string(), name.to_string()));
-            }
-        }
-        let mut pools = vec![default];
-        for name in names {
-            pools.push(Pool::read(&get, &name)?);
-        }
+        let pools = Pools::each(get).into_iter().map(|(_, read)| read).collect::<Result<Vec<Pool>, ConfigError>>()?;
         for pool in &pools {
             check_secrets(&pools, &pool.name)?;
         }
         Ok(Pools(pools))
     }
 
-    /// Every pool `POOLS` lists (and the default one, first), each with its own settings
-    /// as they read — for the Worker, which serves each pool apart: one pool's bad setting
-    /// is that pool's alone. A listed name that is no pool name is left out; of two whose
-    /// settings would have the same names, each is [`ConfigError::PoolClash`]. Not checked
-    /// against each other ([`Config::for_pool`] does, for the pool it reads).
+    /// The default pool (first) and every name `POOLS` lists, once each, with its own
+    /// settings as they read — the one reading of `POOLS` both hosts make: the native edge
+    /// refuses to start on any error ([`Pools::from_lookup`]); the Worker serves each pool
+    /// apart, and one pool's error is that pool's alone. Refused, naming `POOLS`: an entry
+    /// that is no pool name ([`ConfigError::PoolName`]; `default` listed: the default
+    /// pool's), a pool listed twice, and two names whose settings would have the same
+    /// names ([`ConfigError::PoolClash`], each of the two). Not checked against each other
+    /// ([`Config::for_pool`] does, for the pool it reads).
     pub fn each(get: impl Fn(&str) -> Option<String>) -> Vec<(String, Result<Pool, ConfigError>)> {
         let names = listed(&get);
-        let mut out = vec![(DEFAULT_POOL.to_string(), Pool::read(&get, DEFAULT_POOL))];
-        for name in names.iter().filter(|n| pool_name_ok(n)) {
-            if out.iter().any(|(n, _)| n == name) {
+        let not_a_name = |name: &str| ConfigError::PoolName(shared::text::truncate(name, 80).to_string());
+        let default = match names.iter().any(|n| n == DEFAULT_POOL) {
+            true => Err(not_a_name(DEFAULT_POOL)),
+            false => Pool::read(&get, DEFAULT_POOL),
+        };
+        let mut out = vec![(DEFAULT_POOL.to_string(), default)];
+        for (i, name) in names.iter().enumerate() {
+            if name == DEFAULT_POOL || names[..i].contains(name) {
+                // Its entry is there already, saying so.
                 continue;
             }
             let clash = names.iter().find(|other| *other != name && pool_suffix(other) == pool_suffix(name));
-            let read = match clash {
-                Some(other) => Err(ConfigError::PoolClash(other.clone(), name.clone())),
-                None => Pool::read(&get, name),
+            let read = if !pool_name_ok(name) {
+                Err(not_a_name(name))
+            } else if names[i + 1..].contains(name) {
+                Err(ConfigError::PoolTwice(name.clone()))
+            } else if let Some(other) = clash {
+                Err(ConfigError::PoolClash(other.clone(), name.clone()))
+            } else {
+                Pool::read(&get, name)
             };
             out.push((name.clone(), read));
         }
@@ -434,8 +438,8 @@ impl Config {
         }
         let mut each = Pools::each(&get);
         let Some(at) = each.iter().position(|(name, _)| name == pool) else {
-            // Listed, but not as a pool name.
-            return Err(ConfigError::PoolName(shared::text::truncate(pool, 80).to_string()));
+            // Not reached: every listed name has its entry, a bad one its error.
+            return Err(ConfigError::UnknownPool(shared::text::truncate(pool, 80).to_string()));
         };
         let this = each.remove(at).1?;
         // This pool first, then the others whose own settings read.
@@ -1068,6 +1072,43 @@ mod tests {
         assert!(matches!(Config::from_lookup(odd("gpu,a.b,team-b")), Err(ConfigError::PoolName(_))));
         assert!(matches!(Config::for_pool(odd("gpu,team-b,team_b"), "team-b"), Err(ConfigError::PoolClash(..))));
         assert!(Config::for_pool(odd("gpu,team-b,team_b"), "gpu").is_ok());
+    }
+
+    /// `POOLS` is read by one rule on both hosts: what the native edge refuses at its start
+    /// (an entry that is no pool name, `default` listed, a pool listed twice, two whose
+    /// settings would have the same names), the Worker refuses for the pools concerned,
+    /// naming `POOLS` — not left out or served as if listed once — and serves the others.
+    #[test]
+    fn pools_is_read_by_one_rule_on_both_hosts() {
+        let odd = |list: &'static str| move |name: &str| if name == "POOLS" { Some(list.to_string()) } else { two_pools(&[])(name) };
+        let cases: [(&str, &[&str]); 5] = [
+            ("gpu,a.b,team-b", &["a.b"]),
+            ("gpu,team-b,gpu", &["gpu"]),
+            ("gpu,team-b,default", &["default"]),
+            ("gpu,team-b,team_b", &["team-b", "team_b"]),
+            ("gpu team-b", &[]),
+        ];
+        for (list, refused) in cases {
+            let each = Pools::each(odd(list));
+            for (name, read) in &each {
+                match read {
+                    Err(e) => assert!(refused.contains(&name.as_str()) && e.to_string().contains("POOLS"), "{list}: {name}: {e}"),
+                    Ok(pool) => assert!(!refused.contains(&name.as_str()) && pool.name == *name, "{list}: {name} taken"),
+                }
+            }
+            for name in refused {
+                assert_eq!(each.iter().filter(|(n, _)| n == name).count(), 1, "{list}: {name} is reported, once");
+                let err = Config::for_pool(odd(list), name).err().map(|e| e.to_string()).unwrap_or_default();
+                assert!(err.contains("POOLS"), "{list}: {name}: {err}");
+            }
+            for fine in ["default", "gpu", "team-b"].into_iter().filter(|n| !refused.contains(n)) {
+                assert!(Config::for_pool(odd(list), fine).is_ok(), "{list}: {fine}");
+            }
+            match Config::from_lookup(odd(list)) {
+                Ok(_) => assert!(refused.is_empty(), "{list} taken at start"),
+                Err(e) => assert!(!refused.is_empty() && e.to_string().contains("POOLS"), "{list}: {e}"),
+            }
+        }
     }
 
     /// Two pools with one RUNNER_SECRET: whoever holds it is both pools' operator, which
