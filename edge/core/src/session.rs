@@ -263,46 +263,49 @@ impl Session {
     }
 
     /// This record as a host that keeps at most so many bytes of it (the Worker's socket
-    /// attachment) may keep it: whole if it `fits`, else the first of its shorter forms
-    /// ([`Session::shorter_forms`]) that fits with as many of its mirror names as fit
+    /// attachment) may keep it, in the host's form: `keep` gives a record's form (its
+    /// encoding) if the host can keep it, `None` if it is too large — the one check of the
+    /// size, each form encoded once. Whole if it is kept, else the first of its shorter
+    /// forms ([`Session::shorter_forms`]) that is with as many of its mirror names as fit
     /// beside the rest — the first by name (the edge keeps them as a set, and the agent
-    /// reports them in no order of use). `None` if not even the shortest fits.
+    /// reports them in no order of use). `None` if not even the shortest is kept.
     ///
     /// The names are cut, not dropped: the agent tells them again only when its set
     /// changes, so what a record rebuilt after the host's eviction lacks stays lacking
-    /// (repository affinity is a preference, not a promise). `fits` must hold for a
-    /// record whenever it holds for one with more names.
-    pub fn fitted(&self, fits: impl Fn(&Session) -> bool) -> Option<Session> {
-        if fits(self) {
-            return Some(self.clone());
+    /// (repository affinity is a preference, not a promise). `keep` must keep a record
+    /// whenever it keeps one with more names.
+    pub fn fitted<T>(&self, keep: impl Fn(&Session) -> Option<T>) -> Option<T> {
+        if let Some(kept) = keep(self) {
+            return Some(kept);
         }
-        self.shorter_forms().into_iter().find_map(|form| form.with_mirrors_that_fit(&fits))
+        self.shorter_forms().into_iter().find_map(|form| form.with_mirrors_that_fit(&keep))
     }
 
-    /// This record with the most of its first mirror names (by name) that `fits`; `None`
-    /// if it does not fit even with none.
-    fn with_mirrors_that_fit(mut self, fits: &impl Fn(&Session) -> bool) -> Option<Session> {
+    /// This record with the most of its first mirror names (by name) that `keep` keeps,
+    /// as kept; `None` if it is not kept even with none.
+    fn with_mirrors_that_fit<T>(mut self, keep: &impl Fn(&Session) -> Option<T>) -> Option<T> {
         let names: Vec<String> = self.agent().map(|a| a.mirrors.iter().cloned().collect()).unwrap_or_default();
-        let keep = |session: &mut Session, n: usize| {
+        let first = |session: &mut Session, n: usize| {
             if let Some(agent) = session.agent_mut() {
                 agent.mirrors = names[..n].iter().cloned().collect();
             }
         };
-        // The most that fit, by halving: a few serialisations of a 2 KB record.
+        // The most that fit, by halving: a few serialisations of a 2 KB record. Each kept
+        // one has more names than the one before, so the last is the most.
         let (mut fitting, mut over) = (None, names.len() + 1);
         let mut low = 0;
         while low < over {
             let n = low + (over - low) / 2;
-            keep(&mut self, n);
-            if fits(&self) {
-                fitting = Some(n);
-                low = n + 1;
-            } else {
-                over = n;
+            first(&mut self, n);
+            match keep(&self) {
+                Some(kept) => {
+                    fitting = Some(kept);
+                    low = n + 1;
+                }
+                None => over = n,
             }
         }
-        keep(&mut self, fitting?);
-        Some(self)
+        fitting
     }
 
     /// Shorter forms of this record, each shorter than the one before (with all its
@@ -578,7 +581,7 @@ mod tests {
             phase: Phase::Challenged { nonce: "c".repeat(32), ephemeral: shared::link::Ephemeral::new([8; 32]) },
         };
         let size = |s: &Session| serde_json::to_string(s).unwrap().len();
-        let within = |bound: usize| move |s: &Session| size(s) <= bound;
+        let within = |bound: usize| move |s: &Session| (size(s) <= bound).then(|| s.clone());
         // Not an agent yet: whole, or nothing.
         assert_eq!(session.fitted(within(size(&session))), Some(session.clone()));
         assert_eq!(session.fitted(within(size(&session) - 1)), None);
@@ -618,6 +621,6 @@ mod tests {
         // Past what even no names fit: the CLI's version goes, and names fit again.
         let fitted = session.fitted(within(size(&bare) - 5)).unwrap();
         assert_eq!(fitted.agent().unwrap().claude_version, None);
-        assert!(session.fitted(|_| false).is_none());
+        assert!(session.fitted(|_| None::<Session>).is_none());
     }
 }

@@ -143,19 +143,14 @@ pub fn close_socket(ws: &WebSocket, code: u16, reason: &str) {
 }
 
 /// The session record as attachment text, within the attachment budget: the record
-/// whole, or the form of it that fits ([`Session::fitted`]: free text cut, as many mirror
-/// names as fit, …).
+/// whole, or the form of it that fits ([`Session::fitted`], which checks the size: free
+/// text cut, as many mirror names as fit, …).
 pub fn encode_session(session: &Session) -> Result<String, String> {
-    let text = |s: &Session| serde_json::to_string(s).map_err(|e| e.to_string());
-    let whole = text(session)?;
-    if attachment_cost(&whole) <= ATTACHMENT_BUDGET {
-        return Ok(whole);
-    }
-    let fits = |s: &Session| text(s).is_ok_and(|t| attachment_cost(&t) <= ATTACHMENT_BUDGET);
-    match session.fitted(fits) {
-        Some(form) => text(&form),
-        None => Err(format!("the record is {} bytes, over the 2,048-byte attachment limit", whole.len())),
-    }
+    let kept = |s: &Session| serde_json::to_string(s).ok().filter(|text| attachment_cost(text) <= ATTACHMENT_BUDGET);
+    session.fitted(kept).ok_or_else(|| match serde_json::to_string(session) {
+        Ok(whole) => format!("the record is {} bytes, over the 2,048-byte attachment limit", whole.len()),
+        Err(e) => e.to_string(),
+    })
 }
 
 /// Reads a record back, checking it belongs to the socket's tag.
