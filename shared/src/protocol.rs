@@ -121,6 +121,9 @@ use serde::{Deserialize, Serialize};
 /// (`None`) and weighs its caller as it did before too, an owner by itself — not as
 /// unproven: with every caller of an edge of before unproven, all of a pool's names would
 /// be one owner, and any one caller's flood of new sessions would push out every other's.
+/// 10, unchanged: the heartbeat ack names the beat it answers (`EdgeMessage::HeartbeatAck`'s
+/// `beat`). An agent of before ignores it; one of now, told none by an edge of before,
+/// takes what it wrote as read at each ack, as before.
 pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
@@ -204,7 +207,17 @@ pub enum EdgeMessage {
     /// [`Acknowledgement`] MACed with the connection's edge→agent key, so that no one on
     /// the path can make the agent drop a result the edge never got.
     ResultAck { envelope: Tagged },
-    HeartbeatAck { server_time: Millis },
+    /// `beat`: the number of the heartbeat ([`Beat::seq`]) this answers. The agent judges
+    /// the edge's silence from it: what it wrote after that beat may still be on its way
+    /// (in a hop that buffers — ssh -L, a proxy, a slow uplink's queues), so only the bytes
+    /// written up to it are known read. Added within protocol 10: an edge of before sends
+    /// none (`None`), and the agent then takes all it wrote as read, as it did; an agent of
+    /// before ignores the field.
+    HeartbeatAck {
+        server_time: Millis,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        beat: Option<u64>,
+    },
     /// Sent just before the edge closes the socket, with the reason in full (close
     /// frames only carry 123 bytes).
     Goodbye { code: u16, reason: String },
@@ -827,6 +840,18 @@ mod tests {
         let envelope = Envelope::seal(Domain::Job, &old, &key);
         let opened: JobOrder = envelope.open(Domain::Job, &key.verifying_key()).unwrap();
         assert_eq!((opened.caller.as_str(), opened.caller_proven), ("a", None));
+    }
+
+    /// The ack's beat number is additive within protocol 10: an edge of before sends none,
+    /// and what an edge of now sends reads the same without it for an agent of before
+    /// (serde ignores a field it does not know).
+    #[test]
+    fn a_heartbeat_ack_names_its_beat_and_reads_without_it() {
+        let m: EdgeMessage = decode(r#"{"type":"heartbeat_ack","server_time":5}"#).unwrap();
+        assert_eq!(m, EdgeMessage::HeartbeatAck { server_time: 5, beat: None });
+        let m = EdgeMessage::HeartbeatAck { server_time: 5, beat: Some(3) };
+        assert_eq!(decode::<EdgeMessage>(&m.to_text()).unwrap(), m);
+        assert!(m.to_text().contains(r#""beat":3"#), "{}", m.to_text());
     }
 
     #[test]

@@ -826,7 +826,7 @@ async fn heartbeats_and_refusals_are_signed_bound_and_numbered() {
             assert_eq!(beat.challenge, hello.challenge, "bound to this connection's challenge");
             seqs.push(beat.seq);
             // Answered, as the edge does, so the agent does not leave a silent edge.
-            ws.send(Message::Text(EdgeMessage::HeartbeatAck { server_time: now() }.to_text().into())).await.unwrap();
+            ws.send(Message::Text(EdgeMessage::HeartbeatAck { server_time: now(), beat: Some(beat.seq) }.to_text().into())).await.unwrap();
         }
         assert_eq!(seqs, [1, 2, 3], "numbered from 1 on each connection");
         challenges.push(hello.challenge);

@@ -677,7 +677,9 @@ impl Edge {
                     agent.claude_version = Some(claude_version(&v));
                 }
                 self.take_report(now, session_id, oauth, effects);
-                let ack = EdgeMessage::HeartbeatAck { server_time: now.wall };
+                // Naming the beat: the agent then knows what it wrote before it was read, and
+                // gives what it wrote since the time it takes to come.
+                let ack = EdgeMessage::HeartbeatAck { server_time: now.wall, beat: Some(seq) };
                 effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
                 // A result it holds is on its way (or was dropped on the path and is sent
                 // again): that job is not lost.

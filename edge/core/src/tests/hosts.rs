@@ -143,7 +143,7 @@ fn a_wall_clock_jump_neither_times_out_running_jobs_nor_breaks_orders() {
     for t in (1_000..=5_000).step_by(1_000) {
         let effects = edge.message(jumped(t), &sid, &signed(&edge, &sid, beat(&[&order.header.job_id], 0, 1)).to_text());
         let ack = sent(&effects, &sid);
-        assert!(matches!(ack[..], [EdgeMessage::HeartbeatAck { server_time }] if server_time == WALL + t + JUMP));
+        assert!(matches!(ack[..], [EdgeMessage::HeartbeatAck { server_time, .. }] if server_time == WALL + t + JUMP));
         assert!(edge.tick(jumped(t)).is_empty(), "nothing is due two hours early");
     }
     assert_eq!(edge.job(&order.header.job_id).unwrap().state, JobState::Running, "the heartbeat says it runs");

@@ -687,7 +687,8 @@ fn a_silent_agent_is_dropped_within_two_heartbeats() {
     let mut edge = Edge::new(config(), 0);
     let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
     let effects = pulse(&mut edge, 500, &sid, beat(&[], 1, 0));
-    assert!(matches!(sent(&effects, &sid)[..], [EdgeMessage::HeartbeatAck { .. }]));
+    // Naming the beat it answers (the agent's silence bound counts from it).
+    assert!(matches!(sent(&effects, &sid)[..], [EdgeMessage::HeartbeatAck { beat: Some(1), .. }]), "{:?}", sent(&effects, &sid));
     assert_eq!(edge.next_deadline(), Some(500 + 2 * HB));
     assert!(closed(&edge.tick(500 + 2 * HB - 1)).is_none());
     assert_eq!(closed(&edge.tick(500 + 2 * HB)).unwrap().0, close::SILENT);
