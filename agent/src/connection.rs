@@ -198,8 +198,8 @@ async fn send(ws: &mut Socket, msg: &AgentMessage, limit: Duration) -> Result<()
     within(limit, &meter, ws.send(Message::Text(msg.to_text().into()))).await
 }
 
-/// How long the edge may stay silent after `bytes` were written since it was last heard:
-/// `limit` (two heartbeat intervals) plus the bytes at
+/// How long the edge may stay silent after `bytes` it is not known to have read
+/// ([`Unanswered`]): `limit` (two heartbeat intervals) plus the bytes at
 /// [`shared::contract::MIN_UPLINK_BYTES_PER_SEC`]. The socket's buffers take a large
 /// result at once, and on a slow uplink the heartbeats behind it — and so the edge's
 /// answers — come late by the time those bytes take to go; the edge counts the bytes
@@ -207,6 +207,75 @@ async fn send(ws: &mut Socket, msg: &AgentMessage, limit: Duration) -> Result<()
 fn for_bytes(limit: Duration, bytes: usize) -> Duration {
     let bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
     limit.saturating_add(Duration::from_millis(bytes.saturating_mul(1000) / shared::contract::MIN_UPLINK_BYTES_PER_SEC))
+}
+
+/// What the agent wrote on this connection that the edge is not known to have read, for
+/// the silence bound ([`for_bytes`]). The edge's heartbeat ack names the beat it answers,
+/// and the bytes are a stream: it read everything written up to that beat, and nothing
+/// is known of what came after. A hop that buffers (ssh -L, a local proxy, a slow
+/// uplink's router or kernel queues) takes a large result at once, so the ack of a beat
+/// sent before it comes back quickly; taking that ack for "all read" gave the megabytes
+/// still in the hop two heartbeat intervals, and the agent dropped its own connection
+/// every time, the same result first again after each reconnect.
+#[derive(Debug, Default)]
+struct Unanswered {
+    /// Bytes written on this connection.
+    written: u64,
+    /// Of those, the bytes the edge is known to have read.
+    read: u64,
+    /// The beats not answered yet, in the order sent: number, and `written` just after it.
+    beats: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl Unanswered {
+    /// Beats remembered: at one a heartbeat interval, more than any allowance lasts. Past
+    /// it the oldest is forgotten, and its ack (or a later one) still answers what it can.
+    const MAX_BEATS: usize = 64;
+
+    fn wrote(&mut self, bytes: usize) {
+        self.written = self.written.saturating_add(u64::try_from(bytes).unwrap_or(u64::MAX));
+    }
+
+    /// Heartbeat `seq` was just written (its bytes counted by [`Unanswered::wrote`]).
+    fn beat(&mut self, seq: u64) {
+        if self.beats.len() == Self::MAX_BEATS {
+            self.beats.pop_front();
+        }
+        self.beats.push_back((seq, self.written));
+    }
+
+    /// The edge answered heartbeat `beat`. An edge of before names none: then all that was
+    /// written counts as read, as it did. The ack is plain (whoever sits on the path can
+    /// make one up, as it can hold frames back): one naming a beat not sent yet answers
+    /// what was written up to the last one sent, no more.
+    fn answered(&mut self, beat: Option<u64>) {
+        let Some(answered) = beat else {
+            self.read = self.written;
+            self.beats.clear();
+            return;
+        };
+        while let Some(&(seq, through)) = self.beats.front() {
+            if seq > answered {
+                break;
+            }
+            self.read = self.read.max(through);
+            self.beats.pop_front();
+        }
+    }
+
+    /// Bytes written that the edge is not known to have read.
+    fn bytes(&self) -> usize {
+        usize::try_from(self.written.saturating_sub(self.read)).unwrap_or(usize::MAX)
+    }
+}
+
+/// The order results kept for the edge go out again in after a reconnect: smallest
+/// first. A result of megabytes on a slow uplink takes minutes; sent first (the spool's
+/// order is the job ids'), every small one behind it waited for it, and on a link that
+/// broke before it was through, for ever, their jobs timing out.
+fn resend_order(mut results: Vec<(String, crate::spool::StoredResult)>) -> Vec<(String, crate::spool::StoredResult)> {
+    results.sort_by_key(|(_, stored)| stored.payload.len());
+    results
 }
 
 /// A write to the edge, given up once the link takes no byte for `limit`.
@@ -285,13 +354,14 @@ const BYTES_PER_WRITE: usize = 1024 * 1024;
 /// Gives up when the link takes no byte for `limit`, as a frame sent alone does
 /// ([`bounded`]): the bound finds a stuck link, and a batch of large frames on a slow one
 /// is not stuck. Returns the last heartbeat sent, read back (our own words, just MACed)
-/// for the status file, and the bytes written.
+/// for the status file; counts the bytes and heartbeats written in `sent`.
 async fn send_queued(
     ws: &mut Socket,
     first: Outgoing,
     uplink: &mut Receivers,
     limit: Duration,
-) -> Result<(Option<shared::protocol::Beat>, usize), End> {
+    sent: &mut Unanswered,
+) -> Result<Option<shared::protocol::Beat>, End> {
     let meter = meter(ws);
     let mut beat = None;
     let mut next = Some(first);
@@ -303,9 +373,14 @@ async fn send_queued(
         let text = msg.to_text();
         bytes += text.len();
         // Feeding writes out what no longer fits the buffer: up to this frame and the one before.
+        sent.wrote(text.len());
         within(limit, &meter, ws.feed(Message::Text(text.into()))).await?;
         if let AgentMessage::Heartbeat { envelope } = &msg {
-            beat = serde_json::from_str::<shared::protocol::Beat>(&envelope.payload).ok().or(beat);
+            let this = serde_json::from_str::<shared::protocol::Beat>(&envelope.payload).ok();
+            if let Some(b) = &this {
+                sent.beat(b.seq);
+            }
+            beat = this.or(beat);
         }
         frames += 1;
         // Small frames go together; big ones (results up to 8 MiB) end the batch, so the
@@ -318,7 +393,7 @@ async fn send_queued(
     // Not written (an error above): dropped with `written`, their events counted for the
     // jobs' next markers.
     written.into_iter().for_each(crate::uplink::Held::written);
-    Ok((beat, bytes))
+    Ok(beat)
 }
 
 async fn refuse(ws: &mut Socket, code: u16, reason: String) -> End {
@@ -541,23 +616,22 @@ async fn session(
     if agent.reporter.changes() != told {
         agent.heartbeat();
     }
-    // Bytes written since the edge was last heard: the socket's buffers take a large
-    // result at once, and on a slow uplink the heartbeats behind it — and so the edge's
-    // answers — come late by the time those bytes take to go ([`for_bytes`]).
-    let mut unanswered = 0;
-    for (_, stored) in agent.spool.all() {
+    // Bytes the edge is not known to have read: the socket's buffers (and any hop's) take
+    // a large result at once, and on a slow uplink the heartbeats behind it — and so the
+    // edge's answers — come late by the time those bytes take to go ([`for_bytes`]).
+    let mut unanswered = Unanswered::default();
+    for (_, stored) in resend_order(agent.spool.all()) {
         // A heartbeat before each: results of megabytes on a slow uplink go out one after
         // another before the work loop's first beat, and an edge that sees only whole
         // frames (the Worker) hears the agent in its heartbeats.
         agent.heartbeat();
         while let Some(out) = uplink.try_next() {
-            match send_queued(&mut ws, out, uplink, limit).await {
-                Ok((_, bytes)) => unanswered += bytes,
-                Err(end) => return end,
+            if let Err(end) = send_queued(&mut ws, out, uplink, limit, &mut unanswered).await {
+                return end;
             }
         }
         let result = AgentMessage::result_text(stored.payload, &keys.agent_to_edge);
-        unanswered += result.to_text().len();
+        unanswered.wrote(result.to_text().len());
         if let Err(end) = send(&mut ws, &result, limit).await {
             return end;
         }
@@ -566,7 +640,7 @@ async fn session(
     let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     let mut last_heard = Instant::now();
     loop {
-        let silent_at = last_heard + for_bytes(2 * heartbeat, unanswered);
+        let silent_at = last_heard + for_bytes(2 * heartbeat, unanswered.bytes());
         // Biased: a stop is seen first; then a frame that came in during a long write is
         // read before the silence timer is looked at, so a healthy edge is never taken for
         // a silent one.
@@ -587,11 +661,15 @@ async fn session(
                 return End::Shutdown;
             }
             frame = ws.next() => {
+                // Heard; but only the ack of a beat says how much of what was written it
+                // has read (a job order or a result's ack may cross megabytes in a hop).
                 last_heard = Instant::now();
-                unanswered = 0;
                 match frame {
                     Some(Ok(Message::Text(text))) => match protocol::decode::<EdgeMessage>(&text) {
                         Ok(msg) => {
+                            if let EdgeMessage::HeartbeatAck { beat, .. } = &msg {
+                                unanswered.answered(*beat);
+                            }
                             // The goodbye before the close frame: either may be all that
                             // gets through a link cut as the edge stops.
                             if matches!(msg, EdgeMessage::Goodbye { code: close::SHUTTING_DOWN, .. }) {
@@ -620,11 +698,8 @@ async fn session(
             // The agent's own words first, then the jobs' progress ([`crate::uplink`]).
             Some(msg) = uplink.next() => {
                 // Results are kept and go out again after the reconnect.
-                let beat = match send_queued(&mut ws, msg, uplink, limit).await {
-                    Ok((beat, bytes)) => {
-                        unanswered += bytes;
-                        beat
-                    }
+                let beat = match send_queued(&mut ws, msg, uplink, limit, &mut unanswered).await {
+                    Ok(beat) => beat,
                     Err(end) => return end,
                 };
                 if let Some(beat) = beat {
@@ -636,8 +711,9 @@ async fn session(
             // its own as it happens (`Reporter::tell_with`).
             _ = ticker.tick() => agent.heartbeat(),
             _ = tokio::time::sleep_until(silent_at) => {
-                let waited = for_bytes(2 * heartbeat, unanswered).as_millis();
-                return End::Lost(format!("nothing from the edge for {waited} ms (two heartbeat intervals, and the time the {unanswered} bytes sent since take at the slowest uplink served)"));
+                let bytes = unanswered.bytes();
+                let waited = for_bytes(2 * heartbeat, bytes).as_millis();
+                return End::Lost(format!("nothing from the edge for {waited} ms (two heartbeat intervals, and the time the {bytes} bytes sent since the last heartbeat it answered take at the slowest uplink served)"));
             }
         }
     }
@@ -800,6 +876,55 @@ mod tests {
         assert_eq!(after.map(crate::reconnect::told), Some(Duration::from_secs(30)), "the most u64 holds: the backoff's longest");
     }
 
+    /// The silence bound counts what was written after the last beat the edge answered:
+    /// the ack of a beat sent before a large result leaves the result unanswered (it may
+    /// sit in a hop that took it at once). Any frame from the edge took everything as read,
+    /// and the agent dropped its connection two heartbeat intervals after that ack.
+    #[test]
+    fn the_ack_of_a_beat_answers_what_was_written_up_to_it_only() {
+        let mut sent = Unanswered::default();
+        sent.wrote(100);
+        sent.beat(1);
+        sent.wrote(4_000_000);
+        sent.wrote(100);
+        sent.beat(2);
+        sent.wrote(50);
+        assert_eq!(sent.bytes(), 4_000_250);
+        sent.answered(Some(1));
+        assert_eq!(sent.bytes(), 4_000_150, "the result after beat 1 is not known read");
+        sent.answered(Some(1));
+        assert_eq!(sent.bytes(), 4_000_150, "an ack again changes nothing");
+        sent.answered(Some(2));
+        assert_eq!(sent.bytes(), 50);
+        // One naming a beat never sent answers up to the last one sent, no more.
+        sent.beat(3);
+        sent.wrote(70);
+        sent.answered(Some(99));
+        assert_eq!(sent.bytes(), 70);
+        // An edge of before names none: all is taken as read, as it was.
+        sent.answered(None);
+        assert_eq!(sent.bytes(), 0);
+        // Beats past the remembered ones: the oldest forgotten, a later ack still answers.
+        for seq in 10..10 + 2 * Unanswered::MAX_BEATS as u64 {
+            sent.wrote(1);
+            sent.beat(seq);
+        }
+        assert_eq!(sent.beats.len(), Unanswered::MAX_BEATS);
+        sent.answered(Some(10));
+        assert_eq!(sent.bytes(), 2 * Unanswered::MAX_BEATS, "a forgotten beat answers nothing");
+        sent.answered(Some(10 + Unanswered::MAX_BEATS as u64));
+        assert_eq!(sent.bytes(), Unanswered::MAX_BEATS - 1);
+    }
+
+    /// Small results go out again first: a large one on a slow link held every one behind
+    /// it (the spool's order is the job ids'), and their jobs timed out.
+    #[test]
+    fn results_go_out_again_smallest_first() {
+        let stored = |id: &str, n: usize| (id.to_string(), crate::spool::StoredResult { payload: "x".repeat(n) });
+        let order: Vec<String> = resend_order(vec![stored("a", 4_000_000), stored("b", 10), stored("c", 500), stored("d", 10)]).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(order, ["b", "d", "c", "a"]);
+    }
+
     use tokio_tungstenite::tungstenite::protocol::Role;
     use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -832,7 +957,7 @@ mod tests {
             tx.send(frame()).unwrap();
         }
         let began = Instant::now();
-        let sent = send_queued(&mut ws, Outgoing { msg: frame(), held: None }, &mut uplink, limit).await;
+        let sent = send_queued(&mut ws, Outgoing { msg: frame(), held: None }, &mut uplink, limit, &mut Unanswered::default()).await;
         assert!(began.elapsed() > limit, "the edge took the batch slower than one bound, as meant");
         assert!(sent.is_ok(), "a link that takes every frame within the bound is not stuck: {:?}", sent.err());
         let in_one_write = BYTES_PER_WRITE.div_ceil(FRAME + 40);

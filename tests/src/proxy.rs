@@ -12,7 +12,11 @@
 //! pass — no fixed wait for the moment to arrive.
 //!
 //! One direction may be throttled ([`Proxy::throttle`]): every connection, live or new,
-//! passes at most so many bytes a second that way, as a slow uplink does.
+//! passes at most so many bytes a second that way, as a slow uplink does. And it may read
+//! ahead ([`Proxy::read_ahead`]): take what its sender writes at once, up to so many
+//! bytes held, and pass it on at the throttled rate — as ssh -L, a local proxy or a slow
+//! uplink's deep buffers do, where a sender's large write is done long before its bytes
+//! arrive.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -49,8 +53,17 @@ struct Link {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// Bytes a second each direction (up, down) passes at most; 0: as fast as it goes.
-type Rates = Arc<[AtomicU64; 2]>;
+/// Bytes a second each direction (up, down) passes at most; 0: as fast as it goes. And the
+/// bytes each reads ahead of what it passed; 0: none.
+#[derive(Default)]
+struct Pace {
+    rates: [AtomicU64; 2],
+    ahead: [AtomicU64; 2],
+    /// Bytes taken from each direction's senders, over every connection.
+    taken: [AtomicU64; 2],
+}
+
+type Rates = Arc<Pace>;
 
 pub struct Proxy {
     port: u16,
@@ -101,7 +114,23 @@ impl Proxy {
     /// From now on every connection, live or new, passes at most `bytes_per_sec` going
     /// `direction` (0: no limit), as a slow link does.
     pub fn throttle(&self, direction: Direction, bytes_per_sec: u64) {
-        self.rates[(direction == Direction::Down) as usize].store(bytes_per_sec, Ordering::Relaxed);
+        self.rates.rates[(direction == Direction::Down) as usize].store(bytes_per_sec, Ordering::Relaxed);
+    }
+
+    /// From now on every connection, live or new, reads what goes `direction` as soon as
+    /// it comes, holding up to `bytes` not passed yet (0: none, as before), and passes it
+    /// on at the throttled rate ([`Proxy::throttle`]): its sender's writes end long before
+    /// the bytes arrive. A connection reading ahead is no longer paused by
+    /// [`Proxy::pause`].
+    pub fn read_ahead(&self, direction: Direction, bytes: u64) {
+        self.rates.ahead[(direction == Direction::Down) as usize].store(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes taken so far from what goes `direction` (read from its senders, over every
+    /// connection), passed on or not yet: with [`Proxy::read_ahead`], a sign that a large
+    /// write is done, its bytes in the proxy.
+    pub fn taken(&self, direction: Direction) -> u64 {
+        self.rates.taken[(direction == Direction::Down) as usize].load(Ordering::Relaxed)
     }
 
     /// Connections accepted so far.
@@ -211,11 +240,15 @@ async fn pump(
     // The end of what passed before, for a pattern split between two reads.
     let mut tail: Vec<u8> = Vec::new();
     loop {
+        if rates.ahead[way].load(Ordering::Relaxed) > 0 {
+            read_ahead(&mut from, &mut to, &holed, &watch, (&rates, way), &mut tail).await;
+            break;
+        }
         if paused.wait_for(|p| !*p).await.is_err() {
             break;
         }
         // Throttled: a tenth of a second's worth at a time, then the rest of that tenth.
-        let rate = rates[way].load(Ordering::Relaxed);
+        let rate = rates.rates[way].load(Ordering::Relaxed);
         let most = match rate {
             0 => buf.len(),
             rate => usize::try_from(rate / 10).unwrap_or(usize::MAX).clamp(1, buf.len()),
@@ -224,6 +257,7 @@ async fn pump(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        rates.taken[way].fetch_add(n as u64, Ordering::Relaxed);
         if rate > 0 {
             tokio::time::sleep(std::time::Duration::from_micros(n as u64 * 1_000_000 / rate)).await;
         }
@@ -243,6 +277,53 @@ async fn pump(
         let _ = to.shutdown().await;
     }
     ended.notify_one();
+}
+
+/// [`pump`] reading ahead ([`Proxy::read_ahead`]) until `from` ends and what it held is
+/// passed (or `to` fails): reads while it holds less than the read-ahead, and passes a
+/// tenth of a second's worth at a time at the throttled rate.
+async fn read_ahead(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    holed: &AtomicBool,
+    watch: &Watched,
+    (rates, way): (&Pace, usize),
+    tail: &mut Vec<u8>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut held = std::collections::VecDeque::<u8>::new();
+    let mut open = true;
+    let mut next = tokio::time::Instant::now();
+    while open || !held.is_empty() {
+        let ahead = usize::try_from(rates.ahead[way].load(Ordering::Relaxed)).unwrap_or(usize::MAX).max(1);
+        let room = ahead.saturating_sub(held.len()).min(buf.len());
+        tokio::select! {
+            read = from.read(&mut buf[..room]), if open && room > 0 => match read {
+                Ok(0) | Err(_) => open = false,
+                Ok(n) => {
+                    rates.taken[way].fetch_add(n as u64, Ordering::Relaxed);
+                    watch_for(watch, tail, &buf[..n]);
+                    if !holed.load(Ordering::Relaxed) {
+                        held.extend(&buf[..n]);
+                    }
+                }
+            },
+            _ = tokio::time::sleep_until(next), if !held.is_empty() => {
+                let rate = rates.rates[way].load(Ordering::Relaxed);
+                let n = match rate {
+                    0 => held.len(),
+                    rate => usize::try_from(rate / 10).unwrap_or(usize::MAX).clamp(1, held.len()),
+                };
+                let chunk: Vec<u8> = held.drain(..n).collect();
+                if to.write_all(&chunk).await.is_err() {
+                    return;
+                }
+                if rate > 0 {
+                    next = tokio::time::Instant::now() + std::time::Duration::from_micros(n as u64 * 1_000_000 / rate);
+                }
+            }
+        }
+    }
 }
 
 /// Looks for what `watch` waits for in `chunk`, after `tail` (the end of what passed

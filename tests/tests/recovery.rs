@@ -161,6 +161,52 @@ async fn a_large_result_on_a_slow_uplink_is_delivered_and_the_agent_works_on() {
     assert_eq!(next.status, 200, "{}\n{}", next.text, s.edge.log());
 }
 
+/// Hostile review (session 38): a hop that buffers — ssh -L, a local proxy, a slow
+/// uplink's deep queues; here one that reads up to 16 MiB ahead and passes 32 KiB/s, as
+/// ssh does — takes a result of a megabyte at once, and the edge's ack of the heartbeat
+/// sent before it comes back at once. That ack counted as hearing all that was written:
+/// two heartbeat intervals later, the result still in the hop, the agent dropped its own
+/// connection ("nothing from the edge"), sent the same result first again on the next, and
+/// so for ever; the small job behind it never got through either. Any frame from the edge
+/// did the same: here the order for a small job, sent once the result is in the hop. Now
+/// the ack names its beat, and what was written after that beat keeps its time to arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_result_behind_a_hop_that_buffers_is_delivered_without_dropping_the_link() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("HEARTBEAT_INTERVAL_MS", "2000"), ("MAX_BODY_BYTES", "4194304"), ("TIMEOUT_MARGIN_MS", "5000")]);
+    let proxy = Proxy::start(edge.port).await;
+    proxy.throttle(Direction::Up, 32 * 1024);
+    proxy.read_ahead(Direction::Up, 16 * 1024 * 1024);
+    let opts = AgentOpts { edge_ws: format!("ws://127.0.0.1:{}", proxy.port()), ..AgentOpts::for_edge(&edge, "spark") };
+    let agent = AgentProc::start(opts.env("MAX_CONCURRENT_JOBS", "2"));
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    // The stand-in answers with its prompt: a result of a megabyte, 32 s through the hop.
+    let big = format!("behind a buffering hop {}", "x".repeat(1024 * 1024));
+    let submit = |prompt: String| {
+        let client = &client;
+        async move {
+            let a = client.submit(json!({"prompt": prompt, "timeout_ms": 120000})).await;
+            assert_eq!(a.status, 202, "{}", a.text.chars().take(2000).collect::<String>());
+            a.body["job_id"].as_str().expect("a job id").to_string()
+        }
+    };
+    let before = proxy.taken(Direction::Up);
+    let large = submit(big.clone()).await;
+    // Its result written (into the hop, which took it at once), the edge's order for the
+    // next job is the first frame the agent reads after it: the moment it counted as
+    // everything read, ending the link two intervals later.
+    let written = eventually(Duration::from_secs(120), || proxy.taken(Direction::Up) >= before + big.len() as u64).await;
+    assert!(written, "the result never went out:\n{}", agent.log());
+    let small = submit("a small one beside it".into()).await;
+    for (job_id, ends_with) in [(&large, &big[big.len() - 64..]), (&small, "a small one beside it")] {
+        let job = client.wait_job(job_id, Duration::from_secs(200)).await;
+        assert_eq!(job["state"], "succeeded", "{}\n{}\n{}", job.to_string().chars().take(2000).collect::<String>(), agent.log(), edge.log());
+        assert!(job["result"]["output"].as_str().unwrap_or_default().ends_with(ends_with), "the whole answer came");
+    }
+    assert!(!agent.log().contains("nothing from the edge"), "the agent dropped a link that was delivering:\n{}", agent.log());
+}
+
 /// Issue item 1, from outside: the edge is down while a job ends, so the agent's credit for
 /// it is lost; once the edge is back the next job must run, not wait forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
