@@ -19,7 +19,8 @@
 //!    heartbeat), the edge sends at most that many signed [`EdgeMessage::Job`]s (each bound
 //!    to this connection's challenge and numbered on it, [`JobOrder`]); the agent
 //!    answers `Accepted` (or a MACed `Rejected`), streams `Event`s, and sends a `Result`
-//!    it keeps on disk until the edge's `ResultAck`. Both sides heartbeat; the agent's
+//!    it keeps on disk until the edge's `ResultAck` (one that says the edge did not take
+//!    it — another edge issued that job — keeps it for a later connection). Both sides heartbeat; the agent's
 //!    heartbeat — a MACed [`Beat`], bound to this connection and numbered — carries its
 //!    OAuth report, the jobs it runs and its slots.
 //!
@@ -124,6 +125,10 @@ use serde::{Deserialize, Serialize};
 /// 10, unchanged: the heartbeat ack names the beat it answers (`EdgeMessage::HeartbeatAck`'s
 /// `beat`). An agent of before ignores it; one of now, told none by an edge of before,
 /// takes what it wrote as read at each ack, as before.
+/// 10, unchanged too: a result acknowledgement may say the edge did not take the result
+/// ([`Acknowledgement::not_taken`]). No new version: a version-10 agent of before drops
+/// the result on it, as it did on every acknowledgement; an edge of before acknowledges
+/// every result, as before.
 pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
@@ -643,7 +648,14 @@ impl EdgeMessage {
     /// The edge stored `agent_id`'s result of `job_id`, MACed with the connection's
     /// edge→agent key.
     pub fn result_ack(job_id: &str, agent_id: &str, key: &MacKey) -> EdgeMessage {
-        let ack = Acknowledgement { job_id: job_id.to_string(), agent_id: agent_id.to_string() };
+        let ack = Acknowledgement { job_id: job_id.to_string(), agent_id: agent_id.to_string(), not_taken: false };
+        EdgeMessage::ResultAck { envelope: Tagged::seal(Domain::ResultAck, &ack, key) }
+    }
+
+    /// The edge did not take `agent_id`'s result of `job_id` ([`Acknowledgement::not_taken`]),
+    /// MACed with the connection's edge→agent key.
+    pub fn result_not_taken(job_id: &str, agent_id: &str, key: &MacKey) -> EdgeMessage {
+        let ack = Acknowledgement { job_id: job_id.to_string(), agent_id: agent_id.to_string(), not_taken: true };
         EdgeMessage::ResultAck { envelope: Tagged::seal(Domain::ResultAck, &ack, key) }
     }
 }
@@ -654,6 +666,14 @@ impl EdgeMessage {
 pub struct Acknowledgement {
     pub job_id: String,
     pub agent_id: String,
+    /// The edge did not take the result — it never issued that job, or not that order of
+    /// it, or the job is another agent's — so another edge (the agent moved, its
+    /// `EDGE_URL` changed, a tunnel flipped) may be the one waiting for it: the agent
+    /// keeps it, sends it no more on this connection, and sends it again on the next.
+    /// Added in protocol 10 without a new version: an agent of before reads this as an
+    /// acknowledgement and drops the result, as it did; an edge of before never says it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_taken: bool,
 }
 
 impl AgentMessage {
@@ -869,6 +889,28 @@ mod tests {
         }
         let huge = format!(r#"{{"type":"credit","slots":{{"free":1,"received":0}},"pad":"{}"}}"#, "x".repeat(MAX_FRAME_BYTES));
         assert!(decode::<AgentMessage>(&huge).unwrap_err().contains("limit"));
+    }
+
+    /// The "not taken" answer is additive: a taking acknowledgement is the frame it was
+    /// (an edge of before sends the same, an agent of before reads it), and one of an edge
+    /// of before, without the field, reads as taken.
+    #[test]
+    fn a_not_taken_answer_is_additive_to_the_acknowledgement() {
+        let key = MacKey::from_bytes([1; 32]);
+        let EdgeMessage::ResultAck { envelope } = EdgeMessage::result_ack("j", "spark", &key) else { unreachable!() };
+        assert_eq!(envelope.payload, r#"{"job_id":"j","agent_id":"spark"}"#);
+        let EdgeMessage::ResultAck { envelope } = EdgeMessage::result_not_taken("j", "spark", &key) else { unreachable!() };
+        let ack: Acknowledgement = envelope.open(Domain::ResultAck, &key).unwrap();
+        assert!(ack.not_taken);
+        #[derive(Deserialize)]
+        struct Before {
+            job_id: String,
+            agent_id: String,
+        }
+        let before: Before = serde_json::from_str(&envelope.payload).expect("an agent of before reads it");
+        assert_eq!((before.job_id.as_str(), before.agent_id.as_str()), ("j", "spark"));
+        let old: Acknowledgement = serde_json::from_str(r#"{"job_id":"j","agent_id":"spark"}"#).unwrap();
+        assert!(!old.not_taken);
     }
 
     #[test]

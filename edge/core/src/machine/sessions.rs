@@ -775,24 +775,38 @@ impl Edge {
                 let (job_id, result) = (report.job_id, report.result);
                 let shown = shown_job_id(&job_id);
                 self.result_heard(now, session_id, &job_id);
-                match self.jobs.get(&job_id) {
+                // A result this edge did not take is answered "not taken", not acknowledged:
+                // another edge may have issued that job (the agent moved, its EDGE_URL
+                // changed, a tunnel flipped), and the agent keeps the result for it —
+                // sending it no more on this connection.
+                let taken = match self.jobs.get(&job_id) {
                     Some(job) if job.agent_id.as_deref() != Some(agent_id.as_str()) && !job.state.is_terminal() => {
-                        warn!(job_id = shown, agent_id = %agent_id, "result for a job of another agent ignored");
+                        warn!(job_id = shown, agent_id = %agent_id, "result for a job of another agent not taken");
+                        false
                     }
                     Some(job) if !job.issued(&report.order_nonce) => {
-                        warn!(job_id = shown, agent_id = %agent_id, "result for an order this edge never sent ignored");
+                        warn!(job_id = shown, agent_id = %agent_id, "result for an order this edge never sent not taken");
+                        false
                     }
                     Some(job) if job.state.is_terminal() => {
                         debug!(job_id = shown, agent_id = %agent_id, "duplicate result acknowledged");
+                        true
                     }
-                    Some(_) => self.finish(now, &job_id, result, effects),
-                    None => warn!(job_id = shown, agent_id = %agent_id, "result for an unknown job acknowledged"),
-                }
-                // Acknowledged in every case so the agent stops re-sending it — but only
-                // once the result is stored: the ack goes out after this event's writes.
+                    Some(_) => {
+                        self.finish(now, &job_id, result, effects);
+                        true
+                    }
+                    None => {
+                        warn!(job_id = shown, agent_id = %agent_id, "result for a job this edge does not know not taken");
+                        false
+                    }
+                };
+                // Answered in every case so the agent stops sending it on this connection —
+                // but only once the result is stored: the answer goes out after this
+                // event's writes.
                 let key = &self.sessions[session_id].agent().expect("ready session").keys.edge_to_agent;
-                let ack = EdgeMessage::result_ack(&job_id, &agent_id, key);
-                effects.push(Effect::Send { session: session_id.to_string(), text: ack.to_text() });
+                let answer = if taken { EdgeMessage::result_ack(&job_id, &agent_id, key) } else { EdgeMessage::result_not_taken(&job_id, &agent_id, key) };
+                effects.push(Effect::Send { session: session_id.to_string(), text: answer.to_text() });
             }
             AgentMessage::Mirrors { names } => {
                 let session = self.session_mut(session_id).expect("session exists");

@@ -319,18 +319,72 @@ fn forged_results_and_progress_from_the_path_are_refused_and_change_nothing() {
     assert!(edge.metrics().contains("claude_runner_reports_refused_total 5\n"), "{}", edge.metrics());
     assert_eq!(edge.stats().refused_reports, 5);
 
-    // MACed by the agent but for an order this edge never sent: acknowledged (so it is not
-    // sent forever), not applied.
+    // MACed by the agent but for an order this edge never sent: answered "not taken" (so
+    // it is not sent again on this connection), not applied.
     let stray = AgentMessage::result("j1", "j1:9", fake, &link(&edge, &sid));
     let effects = say(&mut edge, 3, &sid, stray);
     assert!(finished(&effects).is_empty());
-    assert!(matches!(sent(&effects, &sid)[..], [EdgeMessage::ResultAck { .. }]));
+    assert_eq!(answers(&edge, &effects, &sid), vec![("j1".to_string(), true)]);
 
     // The agent's real progress and result go through.
     let (chunks, _) = streamed(&progress(&mut edge, 4, &sid, "j1", 1, json!({"type": "system"})), follower);
     assert_eq!(chunks.len(), 1);
     let done = finished(&report(&mut edge, 5, &sid, "j1", ok_result()));
     assert_eq!(done[0].2["output"], "done");
+}
+
+/// The result answers on `sid` in `effects`, opened with its edge→agent key: each job id
+/// and whether the edge said it did not take it.
+fn answers(edge: &Edge, effects: &[Effect], sid: &str) -> Vec<(String, bool)> {
+    let key = edge.session(sid).unwrap().agent().unwrap().keys.edge_to_agent.clone();
+    sent(effects, sid)
+        .into_iter()
+        .filter_map(|m| match m {
+            EdgeMessage::ResultAck { envelope } => Some(envelope.open::<shared::protocol::Acknowledgement>(Domain::ResultAck, &key).expect("MACed by the edge")),
+            _ => None,
+        })
+        .map(|ack| (ack.job_id, ack.not_taken))
+        .collect()
+}
+
+/// Hostile review s38: a result the edge did not take — a job it does not know, another
+/// agent's running job, an order of the job it never sent — was acknowledged, and the
+/// agent dropped it for good, while the edge that issued the job (the agent had moved, or
+/// its EDGE_URL changed) waited for it and ended it `lost`. Each is now answered "not
+/// taken", and changes nothing; a result the edge stores, or has, is acknowledged.
+#[test]
+fn a_result_the_edge_did_not_take_is_answered_not_taken() {
+    let (mut edge, sid, _follower) = followed_job();
+    let nonce = edge.job("j1").unwrap().order_nonce();
+    let fake = JobResult { success: true, output: "elsewhere".into(), ..Default::default() };
+
+    // A job this edge never had (another edge issued it).
+    let key = link(&edge, &sid);
+    let effects = say(&mut edge, 2, &sid, AgentMessage::result("j-of-e1", "j-of-e1:1", fake.clone(), &key));
+    assert!(finished(&effects).is_empty());
+    assert_eq!(answers(&edge, &effects, &sid), vec![("j-of-e1".to_string(), true)]);
+    assert!(edge.job("j-of-e1").is_none());
+
+    // An order of j1 this edge never sent.
+    let effects = say(&mut edge, 3, &sid, AgentMessage::result("j1", "j1:9", fake.clone(), &key));
+    assert!(finished(&effects).is_empty());
+    assert_eq!(answers(&edge, &effects, &sid), vec![("j1".to_string(), true)]);
+
+    // j1 is spark's: another agent's result for it, MACed on its own connection.
+    let (laptop, _) = join(&mut edge, 4, "laptop", &agent_key(2), vec![], 9);
+    let other = link(&edge, &laptop);
+    let effects = say(&mut edge, 4, &laptop, AgentMessage::result("j1", &nonce, fake, &other));
+    assert!(finished(&effects).is_empty());
+    assert_eq!(answers(&edge, &effects, &laptop), vec![("j1".to_string(), true)]);
+    assert_eq!(edge.job("j1").unwrap().state, JobState::Running, "the job is unaffected");
+
+    // Its own agent's result is taken, and acknowledged; sent again, acknowledged again.
+    let effects = report(&mut edge, 5, &sid, "j1", ok_result());
+    assert_eq!(finished(&effects).len(), 1);
+    assert_eq!(answers(&edge, &effects, &sid), vec![("j1".to_string(), false)]);
+    let effects = report(&mut edge, 6, &sid, "j1", ok_result());
+    assert!(finished(&effects).is_empty());
+    assert_eq!(answers(&edge, &effects, &sid), vec![("j1".to_string(), false)]);
 }
 
 #[test]
