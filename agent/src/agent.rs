@@ -24,7 +24,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// One job's whole task, from start to its result on the uplink; the serve loop runs it.
 pub type JobTask = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -56,6 +56,10 @@ struct Running {
     beats: u64,
     /// The mirror names the edge was last told of (in a hello or a `Mirrors`).
     mirrors_told: Vec<String>,
+    /// The results an edge answered "not taken" ([`Agent::on_result_ack`]), with when one
+    /// first was since the agent started: kept for another edge up to [`NOT_TAKEN_KEPT_MS`]
+    /// from then, and logged once.
+    not_taken: HashMap<String, shared::Millis>,
 }
 
 impl Running {
@@ -109,6 +113,13 @@ pub struct Agent {
     /// refuses while this one may still run jobs of it.
     pub instance: String,
 }
+
+/// How long a result no edge takes is kept, from the first "not taken" answer: the edges'
+/// default `JOB_RETENTION_MS` (24 h). The edge that issued the job may be away (restarting,
+/// or no longer the one `EDGE_URL` names) and take it later; one gone for good never will,
+/// and the spool must not grow with such results for ever. Counted in the agent's memory:
+/// a restart of the agent counts it again from the next answer.
+pub const NOT_TAKEN_KEPT_MS: u64 = 24 * 3_600_000;
 
 /// The file in DATA_DIR whose lock the agent holds while it lives: one agent per DATA_DIR.
 pub const DATA_LOCK: &str = "agent.lock";
@@ -582,14 +593,56 @@ impl Agent {
     /// The edge stored a result: it is forgotten here, once the edge's MAC on this
     /// connection says so (an acknowledgement made up on the path would lose it for good).
     /// Any other is ignored, and the result goes out again after the next reconnect.
+    /// One the edge did not take ([`shared::protocol::Acknowledgement::not_taken`]) is
+    /// kept for the edge that issued its job: see [`Agent::not_taken`].
     pub fn on_result_ack(&self, envelope: &Tagged) {
         let Some(key) = self.link.edges() else { return };
         match envelope.open::<shared::protocol::Acknowledgement>(Domain::ResultAck, &key) {
+            Ok(ack) if ack.agent_id == self.cfg.agent_id && ack.not_taken => self.not_taken(&ack.job_id, crate::now_ms()),
             Ok(ack) if ack.agent_id == self.cfg.agent_id => {
                 self.spool.remove(&ack.job_id);
+                self.running.lock().expect("running lock").not_taken.remove(&ack.job_id);
             }
             Ok(_) => warn!(agent_id = %self.cfg.agent_id, "an acknowledgement for another agent ignored"),
             Err(e) => warn!(agent_id = %self.cfg.agent_id, error = %e, "an acknowledgement not MACed by the edge on this connection ignored; its result stays"),
+        }
+    }
+
+    /// The edge of this connection did not take `job_id`'s result: it never issued that job
+    /// (another edge did: the agent moved to another edge or pool, its `EDGE_URL` changed,
+    /// a tunnel flipped), or not that order of it, or the job is another agent's. The
+    /// result stays in the spool — named in heartbeats and hellos as every kept result is,
+    /// sent no more on this connection — and the next connection sends it again,
+    /// up to [`NOT_TAKEN_KEPT_MS`] after the first such answer; then it is given up.
+    fn not_taken(&self, job_id: &str, now: shared::Millis) {
+        let (agent_id, edge, pool) = (&self.cfg.agent_id, &self.cfg.connect_url, &self.cfg.pool);
+        let first = {
+            let mut running = self.running.lock().expect("running lock");
+            match running.not_taken.get(job_id) {
+                Some(&since) if now.saturating_sub(since) >= NOT_TAKEN_KEPT_MS => {
+                    running.not_taken.remove(job_id);
+                    None
+                }
+                Some(_) => Some(false),
+                None => {
+                    running.not_taken.insert(job_id.to_string(), now);
+                    Some(true)
+                }
+            }
+        };
+        match first {
+            Some(true) => warn!(
+                job_id, agent_id = %agent_id, edge = %edge, pool = %pool, kept_ms = NOT_TAKEN_KEPT_MS,
+                "the edge did not take this job's result: it did not issue the job (another edge or pool did?); kept, and sent again on the next connection"
+            ),
+            Some(false) => debug!(job_id, agent_id = %agent_id, edge = %edge, pool = %pool, "the edge did not take this job's result again; kept"),
+            None => {
+                self.spool.remove(job_id);
+                warn!(
+                    job_id, agent_id = %agent_id, edge = %edge, pool = %pool, kept_ms = NOT_TAKEN_KEPT_MS,
+                    "no edge took this job's result since it was first not taken: given up (the edge that issued the job ends it lost)"
+                );
+            }
         }
     }
 
@@ -718,6 +771,50 @@ mod tests {
         if !done {
             finishing.await;
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Hostile review s38: an edge that never issued a job (the agent had moved to it from
+    /// the edge that did) acknowledged its result, and the agent dropped it for good — the
+    /// issuing edge ended the job `lost`. An answer "not taken" keeps it in the spool (its
+    /// heartbeats and hellos name it still); the next connection sends it again; after
+    /// [`NOT_TAKEN_KEPT_MS`] it is given up. An acknowledgement still drops it.
+    #[test]
+    fn a_result_the_edge_did_not_take_is_kept_for_another_and_given_up_in_time() {
+        let dir = std::env::temp_dir().join(format!("cr-agent-not-taken-{}", std::process::id()));
+        let (agent, mut queues) = agent_with_claude(&dir, "exit 0\n");
+        let edge_key = shared::link::MacKey::from_bytes([2; 32]);
+        let keep = |job: &str| {
+            let report = ResultReport { job_id: job.into(), order_nonce: format!("{job}:1"), result: JobResult::default() };
+            agent.spool.put(job, &StoredResult::of(&report)).unwrap();
+        };
+        let answer = |job: &str, taken: bool| {
+            let msg = if taken { shared::protocol::EdgeMessage::result_ack(job, "spark", &edge_key) } else { shared::protocol::EdgeMessage::result_not_taken(job, "spark", &edge_key) };
+            let shared::protocol::EdgeMessage::ResultAck { envelope } = msg else { unreachable!() };
+            agent.on_result_ack(&envelope);
+        };
+        let named = |queues: &mut Queues| {
+            while queues.uplink.try_next().is_some() {}
+            agent.heartbeat();
+            let Some(AgentMessage::Heartbeat { envelope }) = queues.uplink.try_next().map(|out| out.msg) else { panic!("a heartbeat") };
+            envelope.open::<Beat>(Domain::Heartbeat, &shared::link::MacKey::from_bytes([1; 32])).unwrap().finished
+        };
+        keep("of-e1");
+        keep("of-e2");
+        assert_eq!(named(&mut queues), vec!["of-e1", "of-e2"]);
+        answer("of-e1", false);
+        assert!(agent.spool.get("of-e1").is_some(), "a result the edge did not take was dropped");
+        assert_eq!(named(&mut queues), vec!["of-e1", "of-e2"], "still named as kept");
+        assert_eq!(agent.held_for_hello().1, vec!["of-e1", "of-e2"], "named in the next hello");
+        answer("of-e2", true);
+        assert!(agent.spool.get("of-e2").is_none(), "an acknowledged result is kept");
+        // Another connection: sent again, and not taken again, within the time kept.
+        let first = agent.running.lock().unwrap().not_taken["of-e1"];
+        agent.not_taken("of-e1", first + NOT_TAKEN_KEPT_MS - 1);
+        assert!(agent.spool.get("of-e1").is_some());
+        agent.not_taken("of-e1", first + NOT_TAKEN_KEPT_MS);
+        assert!(agent.spool.get("of-e1").is_none(), "a result no edge takes is kept for ever");
+        assert!(agent.running.lock().unwrap().not_taken.is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -490,6 +490,12 @@ impl AgentProc {
         std::fs::read_to_string(self.data.path().join("agent.log")).unwrap_or_default()
     }
 
+    /// Sets `name` for the agent's next start (e.g. `EDGE_URL`, to move it to another edge).
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.args.retain(|(k, _)| k != name);
+        self.args.push((name.into(), value.into()));
+    }
+
     /// The value the agent was started with for `name`.
     pub fn env_value(&self, name: &str) -> Option<String> {
         self.args.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone())

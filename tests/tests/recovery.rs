@@ -141,6 +141,47 @@ async fn every_result_a_restarted_agent_keeps_is_named_in_its_heartbeats() {
     assert_eq!(s.agent.claude_runs().len(), 2, "each ran once");
 }
 
+/// Hostile review s38: a job runs on edge e1, which is killed; the job ends and its
+/// result is spooled; the agent restarts pointed at edge e2 (same keys), which never
+/// issued the job. e2 acknowledged the result ("for an unknown job") and the agent
+/// dropped it, so when e1 came back and the agent returned to it the job ended `lost`
+/// although it had succeeded. e2 now answers "not taken": the agent keeps the result,
+/// and e1 gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_another_edge_did_not_take_reaches_the_edge_that_issued_its_job() {
+    let keys = Keys::new(&["spark"]);
+    let mut e1 = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let e2 = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let mut agent = AgentProc::start(AgentOpts::for_edge(&e1, "spark"));
+    let client = Client::new(&e1.url());
+    client.wait_online().await;
+    let a = client.submit(json!({"prompt": "@sleep=1000 issued by e1"})).await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(60), || !agent.claude_runs().is_empty()).await, "{}", agent.log());
+    e1.kill();
+    let data = agent.data.path().join("data");
+    assert!(eventually(Duration::from_secs(60), || slot_record_names(&data, 0, &job_id) == (true, true)).await, "{}", agent.log());
+
+    agent.kill();
+    agent.set_env("EDGE_URL", &e2.ws_url());
+    agent.start_again();
+    // e2 answers the result (it names the job in its log), and the agent has the answer.
+    let answered = || e2.log().contains(&job_id) && (agent.log().contains("did not take") || !slot_record_names(&data, 0, &job_id).0);
+    assert!(eventually(Duration::from_secs(60), answered).await, "{}\n{}", e2.log(), agent.log());
+    assert_eq!(slot_record_names(&data, 0, &job_id), (true, true), "the result was dropped on e2's word: {}", agent.log());
+
+    e1.restart();
+    agent.kill();
+    agent.set_env("EDGE_URL", &e1.ws_url());
+    agent.start_again();
+    let job = client.wait_job(&job_id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}\n{}", e1.log(), agent.log());
+    assert!(job["result"]["output"].as_str().unwrap_or_default().ends_with("issued by e1"), "{job}");
+    assert_eq!(agent.claude_runs().len(), 1, "ran once");
+    assert!(eventually(Duration::from_secs(60), || slot_record_names(&data, 0, &job_id).0 == false).await, "{}", agent.log());
+}
+
 /// Hostile review rev8, 1: a result of hundreds of KiB on a slow uplink (the proxy passes
 /// 64 KiB/s from the agent: ~10 s, five heartbeat intervals, for one frame no heartbeat can
 /// pass) is delivered — the edge does not close the connection as silent while the frame
