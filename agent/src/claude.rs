@@ -341,17 +341,24 @@ pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, durati
                             (true, true) => subtype.to_string(),
                         };
                         let api_status = res.get("api_error_status").and_then(Value::as_u64);
-                        // Believed from a Claude that exited by itself only: a job can write
-                        // both lines into Claude's stdout (`/proc/<pid>/fd/1`, the same user)
-                        // and then end Claude before it prints anything of its own, and the
-                        // usage window holds the agent's work for days. The CLI ends a run on
-                        // a used-up window with exit code 1.
+                        // Both believed from a Claude that exited by itself only: a process
+                        // that can trace Claude (ptrace; at `ptrace_scope` 0 any process of
+                        // the agent's user, a job's) can write these lines into its stdout
+                        // and then end it before it prints anything of its own; a used-up
+                        // window holds the agent's work for days, a login failure for
+                        // everyone until someone logs in again. The CLI ends a run on either
+                        // with exit code 1.
                         let usage_limit = transcript.usage_limit(res);
-                        if usage_limit.is_some() && !exited_by_itself(code) {
+                        let auth_failure = usage_limit.is_none() && is_auth_failure(res, transcript.error_kind.as_deref());
+                        if (usage_limit.is_some() || auth_failure) && !exited_by_itself(code) {
                             let how = code.map_or("killed".to_string(), |c| format!("exit code {c}"));
+                            let (said, taken) = match usage_limit {
+                                Some(_) => ("the usage window is used up", "the usage limit"),
+                                None => ("Claude could not authenticate", "a login failure"),
+                            };
                             r.error = Some(format!(
-                                "Claude was ended by a signal ({how}) after output saying the usage window is used up ({detail}); not taken as the usage limit, \
-                                 as a process of the runner's user can write that output and end Claude (see what ended it in the runner's log)"
+                                "Claude was ended by a signal ({how}) after output saying {said} ({detail}); not taken as {taken}, \
+                                 as a process that can trace Claude can write that output and end it (see what ended it in the runner's log)"
                             ));
                             r.error_code = Some(ErrorCode::ClaudeError);
                         } else if let Some(retry_at) = usage_limit {
@@ -362,7 +369,7 @@ pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, durati
                             ));
                             r.error_code = Some(ErrorCode::UsageLimit);
                             r.retry_at = until;
-                        } else if is_auth_failure(res, transcript.error_kind.as_deref()) {
+                        } else if auth_failure {
                             r.error = Some(format!("Claude could not authenticate (OAuth: {detail}); log in again from the edge's page, with `claude-runner login`, or `claude auth login` on the runner machine (or renew CLAUDE_CODE_OAUTH_TOKEN)"));
                             r.error_code = Some(ErrorCode::RunnerOauthError);
                         } else if subtype == "error_max_turns" {
@@ -653,6 +660,28 @@ mod tests {
         // An older CLI that names neither: only its own fixed opening counts.
         let old = transcript(&[json!({"type":"result","subtype":"success","is_error":true,"result":"Failed to authenticate. API Error: 401"})]);
         assert_eq!(result(&old, Ending::Exited(Some(1)), "", 1).error_code, auth);
+    }
+
+    /// A login failure puts the agent into "needs login" for every caller, across restarts,
+    /// until someone logs in again. A process that can trace Claude (ptrace, at
+    /// `ptrace_scope` 0 any process of the agent's user) can write the CLI's 401 lines into
+    /// its stdout and then SIGTERM it: the CLI (2.1.197) exits 143 on SIGTERM and 129 on
+    /// SIGHUP, printing nothing of its own. As for the usage window, a login failure is
+    /// believed only from a Claude that exited by itself.
+    #[test]
+    fn a_login_failure_is_believed_only_from_a_claude_that_exited_by_itself() {
+        let assistant = json!({"type":"assistant","message":{"model":"<synthetic>","role":"assistant","content":[{"type":"text","text":"Not logged in · Please run /login"}]},"error":"authentication_failed"});
+        let forged = transcript(&[assistant, json!({"type":"result","subtype":"success","is_error":true,"api_error_status":401,"result":"Not logged in · Please run /login"})]);
+        let old = transcript(&[json!({"type":"result","subtype":"success","is_error":true,"result":"Failed to authenticate. API Error: 401"})]);
+        for t in [&forged, &old] {
+            assert_eq!(result(t, Ending::Exited(Some(1)), "", 1).error_code, Some(ErrorCode::RunnerOauthError));
+            for ending in [Ending::Exited(None), Ending::Exited(Some(143)), Ending::Exited(Some(129))] {
+                let r = result(t, ending.clone(), "", 1);
+                assert_eq!(r.error_code, Some(ErrorCode::ClaudeError), "{ending:?}: {r:?}");
+                assert!(!r.success, "{r:?}");
+                assert!(r.error.as_deref().is_some_and(|e| e.contains("signal")), "{ending:?}: {r:?}");
+            }
+        }
     }
 
     /// The caller names the model, and the CLI's answer to a 404 puts the name in its text:
