@@ -673,10 +673,10 @@ pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// A connected pair of Unix stream sockets, both close-on-exec: (the agent's end,
-/// Claude's end). Claude's stdin, stdout and stderr are made here: unlike a pipe's, a
-/// socket's `/proc/<pid>/fd/N` does not open (ENXIO), so no other process of the agent's
-/// user can read or write Claude's streams through it (see `process::Claude::pipes`).
+/// A connected pair of Unix stream sockets, both close-on-exec: (the agent's end, the
+/// child's end). The standard streams of Claude and of `claude auth login` are made here
+/// (`process::stream`): unlike a pipe's, a socket's `/proc/<pid>/fd/N` does not open
+/// (ENXIO), so no other process of the agent's user can read or write them through it.
 pub fn socket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: socketpair fills two fds we then own.

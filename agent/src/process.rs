@@ -247,9 +247,16 @@ pub fn start_launcher() -> std::io::Result<()> {
     LAUNCHER.start()
 }
 
-/// The agent's end of one of Claude's standard streams, registered with the runtime.
-fn stream(end: OwnedFd) -> std::io::Result<UnixStream> {
-    UnixStream::from_std(std::os::unix::net::UnixStream::from(nonblocking(end)?))
+/// One standard stream of a child the agent starts (Claude, `claude auth login`): a socket
+/// pair ([`socket_pair`]), the agent's end registered with the runtime, and the child's.
+/// Not a pipe: the child is dumpable after its `exec`, so any process of the agent's user
+/// — a job's — may open its `/proc/<pid>/fd/N`, which reopens a pipe (to read what goes
+/// in or comes out, or to write into it) but refuses a socket (ENXIO). As a pipe's, a
+/// socket's end of input comes when every holder of the child's end has closed it (the
+/// child and whatever it started): the agent keeps no copy of it once the child has it.
+pub fn stream() -> std::io::Result<(UnixStream, OwnedFd)> {
+    let (agent, child) = socket_pair()?;
+    Ok((UnixStream::from_std(std::os::unix::net::UnixStream::from(nonblocking(agent)?))?, child))
 }
 
 /// Ends and reaps the agent's helpers (its launcher, then the zygote), so that the agent
@@ -280,17 +287,14 @@ impl Claude {
     /// ends for the launcher. Claude's exit (and its tree's) is then seen as the ends of
     /// these: the agent keeps no copy of the child's ends once they are sent.
     ///
-    /// Claude's stdin, stdout and stderr are socket pairs, not pipes: Claude is dumpable
-    /// after its `exec`, so any process of the agent's user — another caller's job — may
-    /// open its `/proc/<pid>/fd/N`, which reopens a pipe (to read its prompt or its lines,
-    /// or to write a forged result line into its stdout) but refuses a socket (ENXIO). As a
-    /// pipe's, a socket's end of input comes when every holder of the other end has closed
-    /// it (Claude and whatever it started).
+    /// Claude's stdin, stdout and stderr are socket pairs, not pipes ([`stream`]): another
+    /// caller's job could reopen a pipe to read Claude's prompt or its lines, or to write
+    /// a forged result line into its stdout.
     fn pipes() -> std::io::Result<(Claude, ChildEnds)> {
-        let (stdin_agent, stdin_claude) = socket_pair()?;
-        let (stdout_agent, stdout_claude) = socket_pair()?;
+        let (stdin_agent, stdin_claude) = stream()?;
+        let (stdout_agent, stdout_claude) = stream()?;
         widen_stdout(&stdout_claude);
-        let (stderr_agent, stderr_claude) = socket_pair()?;
+        let (stderr_agent, stderr_claude) = stream()?;
         let (status_read, status_write) = pipe()?;
         let (control, control_read) = Control::pipe()?;
         let ends = ChildEnds { stdin: stdin_claude, stdout: stdout_claude, stderr: stderr_claude, control: control_read, status: status_write };
@@ -309,9 +313,9 @@ impl Claude {
         let claude = Claude {
             pid: 0,
             pidfd: None,
-            stdin: Some(stream(stdin_agent)?),
-            stdout: Some(stream(stdout_agent)?),
-            stderr: Some(stream(stderr_agent)?),
+            stdin: Some(stdin_agent),
+            stdout: Some(stdout_agent),
+            stderr: Some(stderr_agent),
             control: Some(control),
             exited: Some(exited),
             exit: None,

@@ -1,9 +1,12 @@
 //! The agent's side of the re-login relay: a signed order from the edge starts
-//! `claude auth login` with pipes, its authorization URL goes back to the edge, a second
+//! `claude auth login`, its authorization URL goes back to the edge, a second
 //! signed order hands it the code the person pasted, and the outcome (with the login as
 //! the agent now reads it) goes back too. One login at a time: a new start replaces the
 //! one under way. The process is killed after [`CODE_WAIT`] without a code. The URL and
-//! the code are never logged; the credentials it writes stay on this machine.
+//! the code are never logged; the credentials it writes stay on this machine. Its stdin,
+//! stdout and stderr are socket pairs ([`crate::process::stream`]), not pipes: a job (the
+//! agent's user) could reopen a pipe of the dumpable CLI through `/proc/<pid>/fd/N`, to
+//! read the code as it goes in or write a sign-in URL of its own for the operator.
 //!
 //! What the real CLI does (checked with 2.1.197, the version the tests pin, inside
 //! `unshare -n`; 2.1.332 behaves the same but prints the URL on a line of its own):
@@ -20,7 +23,6 @@
 use crate::agent::Agent;
 use shared::oauth::LoginHealth;
 use shared::protocol::{AgentMessage, LoginAction, LoginOrder, LoginReport, LoginState};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -119,9 +121,11 @@ pub struct Found {
 
 /// The sign-in URL in what `claude auth login` printed so far: the first `https://` word
 /// that is an authorization URL of Anthropic's ([`shared::oauth::sign_in_host`]). Another
-/// process may write into the CLI's output too (one a job left running can, through
-/// `/proc/<pid>/fd/1`, before the CLI prints its own URL): an authorization URL elsewhere
-/// is passed over, and other genuine ones are counted ([`written_over`]).
+/// process may write into the CLI's output too, before the CLI prints its own URL: its
+/// stdout is a socket no other process reopens, but one that can trace the CLI can (at
+/// `kernel.yama.ptrace_scope` 0 any process of the agent's user, one a job left
+/// running). An authorization URL elsewhere is passed over, and other genuine ones are
+/// counted ([`written_over`]).
 pub fn find_url(printed: &str) -> Found {
     let mut found = Found::default();
     let words = printed.split(|c: char| c.is_whitespace()).map(|w| w.trim_end_matches(['.', ',', ')', '>']));
@@ -197,11 +201,11 @@ async fn run(agent: Arc<Agent>, login_id: String, start_nonce: String, code_rx: 
     }
 }
 
-/// Reads a pipe into a shared buffer (the newest [`KEEP_BYTES`]) until it closes.
-fn collect(mut pipe: impl AsyncRead + Unpin + Send + 'static, into: Arc<Mutex<String>>, news: mpsc::UnboundedSender<()>) {
+/// Reads an output stream into a shared buffer (the newest [`KEEP_BYTES`]) until it ends.
+fn collect(mut output: impl AsyncRead + Unpin + Send + 'static, into: Arc<Mutex<String>>, news: mpsc::UnboundedSender<()>) {
     tokio::spawn(async move {
         let mut buf = [0u8; 4096];
-        while let Ok(n) = pipe.read(&mut buf).await {
+        while let Ok(n) = output.read(&mut buf).await {
             if n == 0 {
                 break;
             }
@@ -237,11 +241,13 @@ async fn drive(
     if let Some(dir) = &cfg.claude_config_dir {
         cmd.env("CLAUDE_CONFIG_DIR", dir);
     }
+    let stream = |what| crate::process::stream().map_err(|e| Some(format!("could not make `claude auth login`'s {what} ({e}); the agent may be out of file descriptors")));
+    let ((mut stdin, stdin_cli), (stdout, stdout_cli), (stderr, stderr_cli)) = (stream("stdin")?, stream("stdout")?, stream("stderr")?);
     // A server has no browser to open; the URL goes to the person instead.
     cmd.env("BROWSER", "true")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdin(stdin_cli)
+        .stdout(stdout_cli)
+        .stderr(stderr_cli)
         .process_group(0)
         .kill_on_drop(true);
     // SAFETY: prctl only sets a flag on the child between fork and exec: the login dies
@@ -253,18 +259,21 @@ async fn drive(
             runtime::nofile::restore_in_child()
         });
     }
-    let mut child = cmd.spawn().map_err(|e| Some(format!("could not start `{} auth login`: {e}; check CLAUDE_BIN", cfg.claude_bin)))?;
+    let spawned = cmd.spawn();
+    // The command holds the CLI's ends of its streams: closed now, so that its output ends
+    // when the CLI (and what it started) closes it.
+    drop(cmd);
+    let mut child = spawned.map_err(|e| Some(format!("could not start `{} auth login`: {e}; check CLAUDE_BIN", cfg.claude_bin)))?;
     let pgid = child.id().unwrap_or(0);
     let printed = Arc::new(Mutex::new(String::new()));
     let (news_tx, mut news) = mpsc::unbounded_channel();
-    collect(child.stdout.take().expect("stdout is piped"), Arc::clone(&printed), news_tx.clone());
-    collect(child.stderr.take().expect("stderr is piped"), Arc::clone(&printed), news_tx);
-    let mut stdin = child.stdin.take().expect("stdin is piped");
+    collect(stdout, Arc::clone(&printed), news_tx.clone());
+    collect(stderr, Arc::clone(&printed), news_tx);
     let outcome = async {
         // 1. The URL.
         let url_by = tokio::time::Instant::now() + URL_WAIT;
-        // Both pipes closed: what it printed is all there is, but it may still run (and
-        // hang): its exit, the URL wait and a newer login still end it.
+        // Its stdout and stderr both ended: what it printed is all there is, but it may
+        // still run (and hang): its exit, the URL wait and a newer login still end it.
         let mut closed = false;
         // Each URL passed over is logged once (by its host: the URL is never logged).
         let mut told = std::collections::HashSet::new();
@@ -284,7 +293,7 @@ async fn drive(
             tokio::select! {
                 n = news.recv(), if !closed => closed = n.is_none(),
                 _ = child.wait() => {
-                    // Output may still be in the pipes.
+                    // Output may still be on its way.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     if let Some(url) = find_url(&printed.lock().expect("output lock")).url { break url; }
                     return Err(Some(format!("`claude auth login` exited without printing a URL: {}", failure_reason(&printed.lock().expect("output lock"), ""))));
@@ -336,7 +345,7 @@ async fn drive(
             _ = tokio::time::sleep(FINISH_WAIT) => return Err(Some(format!("`claude auth login` did not finish within {} s of getting the code", FINISH_WAIT.as_secs()))),
             _ = &mut stop_rx => return Err(None),
         };
-        // Let the pipes drain so the reason is complete.
+        // Let its output drain so the reason is complete.
         tokio::time::sleep(Duration::from_millis(100)).await;
         if status.success() {
             Ok(())
@@ -365,8 +374,9 @@ mod tests {
         assert_eq!(find_url("Opening browser").url, None);
     }
 
-    /// A process a job left behind can write into `claude auth login`'s stdout (through
-    /// `/proc/<pid>/fd/1`) before the CLI prints its URL: the first `https://` word with
+    /// A process a job left behind could write into `claude auth login`'s stdout (through
+    /// `/proc/<pid>/fd/1` while it was a pipe; one that can trace the CLI still can)
+    /// before the CLI prints its URL: the first `https://` word with
     /// `/oauth/authorize` in it went to the operator as the sign-in page. Only a URL on one
     /// of Anthropic's sign-in hosts is taken; the others are passed over (and named).
     #[test]

@@ -898,6 +898,34 @@ async fn a_login_that_closes_its_output_and_hangs_is_ended() {
     assert!(gone.await, "the hung `claude auth login` ({pid}) was left running");
 }
 
+/// A job runs as the agent's user, and `claude auth login` is dumpable after its `exec`:
+/// its stdin, stdout and stderr were pipes, which any process of that user reopens
+/// through `/proc/<pid>/fd/N` — to read the code the operator pasted as it goes into the
+/// CLI, or to write a sign-in URL of its own for the operator to follow. They are socket
+/// pairs now, which `/proc` does not reopen (ENXIO), and the CLI still takes its code.
+/// (Agent-side; the native edge only. The real CLI: real_claude.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_cannot_reopen_a_relayed_logins_streams() {
+    let s = setup_with(EdgeKind::Native, &[], &[("CLAUDE_CODE_OAUTH_TOKEN", "")], false).await;
+    s.client.wait_needs_login().await;
+    let start = s.client.send("POST", "/oauth/login", Some(SECRET), Some(b"{}".to_vec())).await;
+    assert_eq!((start.status, &start.body["state"]), (200, &json!("awaiting_code")), "{}", start.text);
+    let config = s.agent.data.path().join("claude-config");
+    let pid: i32 = std::fs::read_to_string(config.join("standin-login.pid")).unwrap().trim().parse().unwrap();
+    for fd in 0..3 {
+        let path = format!("/proc/{pid}/fd/{fd}");
+        let target = std::fs::read_link(&path).unwrap();
+        assert!(target.to_string_lossy().starts_with("socket:["), "fd {fd} of `claude auth login` is {}", target.display());
+        for write in [false, true] {
+            let opened = std::fs::OpenOptions::new().read(!write).write(write).open(&path);
+            assert!(opened.is_err(), "{path} opened for {}", if write { "writing" } else { "reading" });
+        }
+    }
+    let code = json!({"login_id": start.body["login_id"], "code": "good-code-7"}).to_string().into_bytes();
+    let done = s.client.send("POST", "/oauth/login/code", Some(SECRET), Some(code)).await;
+    assert_eq!((done.status, &done.body["state"]), (200, &json!("logged_in")), "{}\n{}", done.text, s.agent.log());
+}
+
 /// A relayed login writes Claude's new login once it has the code: not while another
 /// process on the same login (`doctor --canary`, another agent on the folder) lets a Claude
 /// refresh it, whose write would then replace the new login. It waits at the refresh gate,

@@ -65,9 +65,9 @@
 //! them): it prints an authorization URL and `Paste code here if prompted > `, reads the
 //! pasted code from stdin and writes `.credentials.json` (mode 0600) into
 //! `$CLAUDE_CONFIG_DIR` (else `~/.claude`), with tokens derived from the code. A code
-//! starting with `wrong` fails as a refused code does (`Login failed: …`, exit 1). With a
-//! file `standin-login-mute` in that folder it closes its output and hangs instead (its
-//! pid in `standin-login.pid` there).
+//! starting with `wrong` fails as a refused code does (`Login failed: …`, exit 1). Its pid
+//! goes into `standin-login.pid` in that folder first. With a file `standin-login-mute`
+//! there it closes its output and hangs instead.
 
 use std::io::{Read, Write};
 
@@ -459,9 +459,11 @@ fn auth_login() {
     let dir = std::env::var_os("CLAUDE_CONFIG_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".claude"));
+    // Its pid goes where the tests find it (before it prints its URL).
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(dir.join("standin-login.pid"), std::process::id().to_string());
     if dir.join("standin-login-mute").exists() {
-        // A login that closes its output and hangs: its pid goes where the test finds it.
-        let _ = std::fs::write(dir.join("standin-login.pid"), std::process::id().to_string());
+        // A login that closes its output and hangs.
         // SAFETY: closing this process's own stdout and stderr; nothing else uses them.
         unsafe {
             libc::close(1);
