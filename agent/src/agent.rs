@@ -905,11 +905,13 @@ mod tests {
         assert_eq!(frames.first().map(String::as_str), Some("beat Some(Allowed)"), "the slots go before the edge hears the window is open: {frames:?}");
     }
 
-    /// A job can write into Claude's stdout (`/proc/<pid>/fd/1`, the same user). One line
-    /// of it — a rejected `rate_limit_event` resetting in 30 days — then Claude killed so
-    /// that no run succeeded, marked the agent's window used up for 8 days: the edge sent
-    /// it nothing, across restarts (hostile review rev2). A rejected window is believed
-    /// only when the run ended on the usage limit. The job could also write the CLI's 429
+    /// A job could write into Claude's stdout (`/proc/<pid>/fd/1`, the same user, while it
+    /// was a pipe; since it is a socket, only a process that can trace Claude can: at
+    /// `kernel.yama.ptrace_scope` 0 any process of the agent's user). One line of it — a
+    /// rejected `rate_limit_event` resetting in 30 days — then Claude killed so that no
+    /// run succeeded, marked the agent's window used up for 8 days: the edge sent it
+    /// nothing, across restarts (hostile review rev2). A rejected window is believed only
+    /// when the run ended on the usage limit. The job could also write the CLI's 429
     /// result after the line and then kill Claude (hostile review, session 38): a run
     /// ends on the usage limit only when Claude exited by itself, not by a signal.
     #[tokio::test(flavor = "current_thread")]

@@ -13,9 +13,10 @@ use shared::usage::{UsageStatus, UsageWindow};
 /// The Claude session a run is in, chosen by the agent before Claude starts: a new one
 /// under an id the agent made (`--session-id`), or the one the job may resume (`--resume`
 /// without `--fork-session` keeps its id). It is what the agent records as the job's
-/// caller's (the agent's `sessions.rs`), never an id read from Claude's output: another
-/// job of the same user can write into Claude's stdout (`/proc/<pid>/fd/1`) before
-/// Claude's own first line, and a job's commands can once tools run.
+/// caller's (the agent's `sessions.rs`), never an id read from Claude's output: a process
+/// that can trace Claude (`ptrace`; at `kernel.yama.ptrace_scope` 0 any process of the
+/// agent's user, another caller's job) can write into its stdout before Claude's own
+/// first line, and a job's commands can once tools run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Session {
     New(String),
@@ -87,8 +88,8 @@ pub struct Transcript {
     /// Whether a `system`/`init` line named that session: Claude began (or resumed) it.
     pub confirmed: bool,
     /// The first `system`/`init` line's session, when it named another: a CLI that did not
-    /// take the agent's id, or a line another process wrote into Claude's stdout (a job of
-    /// the same user, through `/proc/<pid>/fd/1`), or a job's command once tools run.
+    /// take the agent's id, or a line another process wrote into Claude's stdout (one that
+    /// can trace Claude, see [`Session`]), or a job's command once tools run.
     pub named_other: Option<String>,
     /// The final `{"type":"result",…}` line.
     pub result: Option<Value>,
@@ -189,11 +190,11 @@ impl Transcript {
     }
 
     /// The rejected window the run ended on, when its result is a `USAGE_LIMIT`: the only
-    /// rejected window the agent believes. A job can write a line into Claude's stdout
-    /// (`/proc/<pid>/fd/1`, the same user) and end Claude before its own result; a rejected
-    /// window from a run that ended otherwise is not taken as the account's. Nor is one
-    /// from a Claude killed by a signal, whatever result line preceded its death: [`result`]
-    /// makes that run no `USAGE_LIMIT`.
+    /// rejected window the agent believes. A process that can trace Claude (see
+    /// [`Session`]) can write a line into its stdout and end it before its own result; a
+    /// rejected window from a run that ended otherwise is not taken as the account's. Nor
+    /// is one from a Claude killed by a signal, whatever result line preceded its death:
+    /// [`result`] makes that run no `USAGE_LIMIT`.
     pub fn used_up(&self, result: &JobResult) -> Option<&UsageWindow> {
         let ended_on_it = result.error_code == Some(ErrorCode::UsageLimit);
         self.usage.as_ref().filter(|u| ended_on_it && u.status == UsageStatus::Rejected)
@@ -202,9 +203,9 @@ impl Transcript {
     /// The run ended because the usage window is used up: the CLI said so with a rejected
     /// `rate_limit_event` (2.1.197 and later), or with `api_error: "usage_limit_reached"`
     /// on its result (2.1.33x). A plain 429 without either is an ordinary API error. The
-    /// rejected window counts only for a result that is a 429 itself: a job can write the
-    /// line into Claude's stdout, and then have the run end on another error of Claude's
-    /// own (on SIGINT the CLI prints `error_during_execution`).
+    /// rejected window counts only for a result that is a 429 itself: a process that can
+    /// trace Claude can write the line into its stdout, and then have the run end on
+    /// another error of Claude's own (on SIGINT the CLI prints `error_during_execution`).
     fn usage_limit(&self, result: &Value) -> Option<Option<shared::Millis>> {
         let a_429 = result.get("api_error_status").and_then(Value::as_u64) == Some(429);
         let rejected = self.usage.as_ref().filter(|u| a_429 && u.status == UsageStatus::Rejected);
@@ -596,8 +597,9 @@ mod tests {
         // 2.1.33x also names it on the result line.
         let named = transcript(&[json!({"type":"result","subtype":"success","is_error":true,"api_error_status":429,"api_error":"usage_limit_reached","result":"You've hit your 5-hour limit"})]);
         assert_eq!(result(&named, Ending::Exited(Some(1)), "", 1).error_code, Some(ErrorCode::UsageLimit));
-        // The same lines from a Claude ended by a signal (a job can write them into its
-        // stdout, then kill it): not the usage limit, and not believed as the account's.
+        // The same lines from a Claude ended by a signal (a process that can trace Claude
+        // can write them into its stdout, then kill it): not the usage limit, and not
+        // believed as the account's.
         // Killed (no exit code), or exiting on one it caught: the CLI (2.1.197) exits 143
         // on SIGTERM and 129 on SIGHUP, printing no result of its own.
         for t in [&t, &named] {

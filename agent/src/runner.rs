@@ -451,8 +451,9 @@ async fn run_claude(
             Err(text) => transcript.text(&text),
         };
         if let Some(event) = event {
-            // A rejected window waits for the run's end (`Transcript::used_up`): a job can
-            // write this line. Other states hold nothing back and go to the edge at once.
+            // A rejected window waits for the run's end (`Transcript::used_up`): a process
+            // that can trace Claude (at `ptrace_scope` 0 a job's) can write this line. Other
+            // states hold nothing back and go to the edge at once.
             let window = shared::usage::UsageWindow::from_event(&event, crate::now_ms());
             if let Some(window) = window.filter(|w| w.status != shared::usage::UsageStatus::Rejected) {
                 ctx.reporter.saw_usage(window);
@@ -513,7 +514,7 @@ async fn run_claude(
         Some(window) => ctx.reporter.saw_usage(shared::usage::UsageWindow { seen_at: crate::now_ms(), ..window.clone() }),
         None if transcript.usage.as_ref().is_some_and(|u| u.status == shared::usage::UsageStatus::Rejected) => warn!(
             job_id, agent_id = %cfg.agent_id, error_code = ?result.error_code,
-            "Claude's output said the usage window is used up, but the run did not end on the usage limit: not believed (a job can write into Claude's stdout)"
+            "Claude's output said the usage window is used up, but the run did not end on the usage limit: not believed (a process that can trace Claude can write into its stdout)"
         ),
         None => {}
     }
@@ -632,8 +633,9 @@ mod tests {
     }
 
     /// An event line over [`MAX_EVENT_BYTES`] is forwarded as a summary, which kept the
-    /// event's `type` whole: a job can write its own lines into Claude's stdout
-    /// (`/proc/<pid>/fd/1`), and one line of 16 MiB (the most a line may be) that was all
+    /// event's `type` whole: a job could write its own lines into Claude's stdout
+    /// (`/proc/<pid>/fd/1` while it was a pipe; now a process that can trace Claude can),
+    /// and one line of 16 MiB (the most a line may be) that was all
     /// `type` made a batch the edge refuses unread (over 4 MiB), or a frame over its 8 MiB
     /// limit, at which it closed the agent's connection: every other job's progress and
     /// orders on it went with it, once a line, as often as the job liked.

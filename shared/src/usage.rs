@@ -49,7 +49,8 @@ pub const UNKNOWN_RESET_MS: Millis = 5 * 3_600_000;
 
 /// The longest a rejected window is believed to block after it was seen: a day more than
 /// the longest window Claude subscriptions have (seven days). A reset named later than
-/// that is not the CLI's word (a job can write into Claude's stdout) and counts as this.
+/// that is not the CLI's word (a process that can trace Claude can write into its stdout,
+/// at `ptrace_scope` 0 a job's) and counts as this.
 pub const MAX_RESET_MS: Millis = 8 * 86_400_000;
 
 /// Most of a window's `type` kept (Claude's are short words: `five_hour`, `seven_day`).
@@ -147,8 +148,9 @@ mod tests {
         assert_eq!(no_reset.blocked_until(), Some(10 + UNKNOWN_RESET_MS));
     }
 
-    /// A line in Claude's output is not only Claude's: a job that runs commands can write
-    /// into Claude's stdout (`/proc/<pid>/fd/1`, the same user), and a CLI could one day
+    /// A line in Claude's output is not only Claude's: a process that can trace Claude (at
+    /// `ptrace_scope` 0 any of the agent's user, a job's) can write into its stdout (through
+    /// `/proc/<pid>/fd/1` too, while it was a pipe), and a CLI could one day
     /// give the time in another unit. A rejected window said to reset in the year 33000
     /// held every caller's work on the agent until then — kept across its restarts, as a
     /// used-up window is. No subscription window is longer than seven days: a window

@@ -370,10 +370,11 @@ fn progress_for_a_login_the_edge_is_not_relaying_is_ignored() {
     assert_eq!(answer_to(&effects, start.caller).unwrap().0, 502);
 }
 
-/// A process a job left behind can write into `claude auth login`'s stdout before the CLI
-/// prints its URL (`/proc/<pid>/fd/1`): any https URL with `/oauth/authorize` in it was
-/// passed on to the operator as the sign-in page. Only a sign-in page on one of Anthropic's
-/// hosts is, and the answer names the host, for the page and `claude-runner login` to show.
+/// A process a job left behind could write into `claude auth login`'s stdout before the
+/// CLI prints its URL (`/proc/<pid>/fd/1` while it was a pipe; one that can trace the CLI
+/// still can): any https URL with `/oauth/authorize` in it was passed on to the operator
+/// as the sign-in page. Only a sign-in page on one of Anthropic's hosts is, and the answer
+/// names the host, for the page and `claude-runner login` to show.
 #[test]
 fn a_sign_in_url_not_on_anthropics_hosts_is_never_passed_on() {
     let (mut edge, sid) = ready_edge();
