@@ -291,6 +291,34 @@ async fn a_job_running_across_an_edge_stop_longer_than_lost_after_ms_is_not_lost
     assert_eq!(s.agent.claude_runs().len(), 1);
 }
 
+/// An `/execute` caller that hangs up while its job waits in the queue (the agent's one
+/// slot taken) may run the task elsewhere: the job ends there, unstarted, and never runs.
+/// (It stayed queued, and ran once the slot was free.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_execute_job_whose_caller_hung_up_never_runs() {
+    let (edge, agent, client) = setup(&[]).await;
+    let a = client.submit(json!({"prompt": "@sleep=5000 holding the one slot"})).await;
+    let a_id = a.body["job_id"].as_str().expect("a job id").to_string();
+    assert!(eventually(Duration::from_secs(60), || edge.log().contains("job running")).await, "{}", edge.log());
+    let impatient = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(1)).build().unwrap();
+    let gone = impatient
+        .post(format!("{}/execute", edge.url()))
+        .header("X-Runner-Secret", SECRET)
+        .header("content-type", "application/json")
+        .body(json!({"prompt": "hung up on"}).to_string())
+        .send()
+        .await;
+    assert!(gone.is_err(), "queued behind the running job, it had no answer yet: {gone:?}");
+    assert!(eventually(Duration::from_secs(60), || edge.log().contains("queued job ended before it started")).await, "{}", edge.log());
+    assert_eq!(client.wait_job(&a_id, Duration::from_secs(60)).await["state"], "succeeded");
+    // The slot is free again; a job queued behind the one hung up on runs after it.
+    let next = client.execute(json!({"prompt": "the next one"})).await;
+    assert_eq!(next.body["success"], true, "{}", next.text);
+    let prompts: Vec<String> = agent.claude_runs().iter().map(|r| r["prompt"].to_string()).collect();
+    assert_eq!(prompts.len(), 2, "{prompts:?}");
+    assert!(!prompts.iter().any(|p| p.contains("hung up on")), "the job hung up on ran: {prompts:?}");
+}
+
 /// rev8: the edge is killed (SIGKILL: it stores nothing more) while its agent is away, and
 /// stays down longer than `LOST_AFTER_MS`. No agent could come back to it meanwhile, so at
 /// the restart the job waits for its agent again, as after a clean stop — it kept the time

@@ -219,7 +219,8 @@ impl Driver {
                 // is given back now, not at the job's end.
                 if reply.send(opened).is_err() {
                     self.callers.remove(&handled.caller);
-                    self.edge.caller_gone(handled.caller);
+                    let effects = self.edge.caller_gone(self.clock.now(), handled.caller);
+                    self.carry_out(effects);
                 }
             }
             Command::WaitExpired { caller } => {
@@ -228,7 +229,8 @@ impl Driver {
             }
             Command::CallerGone { caller } => {
                 self.callers.remove(&caller);
-                self.edge.caller_gone(caller);
+                let effects = self.edge.caller_gone(now, caller);
+                self.carry_out(effects);
             }
             Command::Connect { outbox, budget, conn, peer, reply } => {
                 let (session, effects) = self.edge.connect(now, entropy(), &peer);
@@ -340,7 +342,8 @@ impl Driver {
             }
         }
         for caller in gone {
-            self.edge.caller_gone(caller);
+            let effects = self.edge.caller_gone(self.clock.now(), caller);
+            self.carry_out(effects);
         }
     }
 }

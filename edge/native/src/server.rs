@@ -530,8 +530,16 @@ struct HangUp {
 impl Drop for HangUp {
     fn drop(&mut self) {
         if let Some(caller) = self.caller {
-            // A full queue only delays the cleanup to the job's end.
-            let _ = self.driver.try_send(Command::CallerGone { caller });
+            // Not only a cleanup: it ends the queued `/execute` job of a caller that may now
+            // run the task elsewhere. A full queue must not drop it, so it waits its turn.
+            if let Err(mpsc::error::TrySendError::Full(command)) = self.driver.try_send(Command::CallerGone { caller }) {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let driver = self.driver.clone();
+                    runtime.spawn(async move {
+                        let _ = driver.send(command).await;
+                    });
+                }
+            }
         }
     }
 }

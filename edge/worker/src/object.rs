@@ -297,7 +297,8 @@ impl EdgeDurableObject {
             }
         }
         for caller in gone {
-            self.with_edge(|edge| edge.caller_gone(caller));
+            let effects = self.with_edge(|edge| edge.caller_gone(now_ms(), caller)).unwrap_or_default();
+            self.apply(effects, at_hand);
         }
     }
 

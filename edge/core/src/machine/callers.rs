@@ -313,10 +313,34 @@ impl Edge {
     }
 
     /// The caller hung up (or its stream could not be written): nothing more goes to it.
-    pub fn caller_gone(&mut self, caller: CallerId) {
-        self.begin(super::storage::Origin::Quiet, None);
-        let job = Callers::job_of(&self.callers.waiters, caller).or_else(|| Callers::job_of(&self.callers.followers, caller));
-        if let Some(job_id) = job {
+    /// A queued `/execute` job whose last waiter this was ends here, unstarted: its
+    /// caller may run the task elsewhere, as it is told to when no answer comes
+    /// (`fallback`), and the job must then never run as well — as when such a job never
+    /// reaches its agent (`jobs.rs::send_again`) or outlives a restart. A job already sent
+    /// goes on: it may be running.
+    pub fn caller_gone(&mut self, now: impl Into<Now>, caller: CallerId) -> Vec<Effect> {
+        let now = now.into();
+        self.begin(super::storage::Origin::Gone(caller), Some(now));
+        let mut effects = Vec::new();
+        if let Some(job_id) = self.let_caller_go(caller) {
+            self.end_abandoned(now, &job_id, &mut effects);
+        }
+        effects
+    }
+
+    /// Ends `job_id`, unstarted, if it is a queued `/execute` job nobody waits for any more.
+    pub(super) fn end_abandoned(&mut self, now: Now, job_id: &str, effects: &mut Vec<Effect>) {
+        if self.unwaited_in_queue(job_id) {
+            let why = "its caller hung up before it started (it may have run the task elsewhere); it will not run: submit it again";
+            self.end_unstarted(now, job_id, why, effects);
+        }
+    }
+
+    /// Forgets `caller` wherever it waits, follows or relays; returns the job it waited
+    /// on, if it was a waiter.
+    pub(super) fn let_caller_go(&mut self, caller: CallerId) -> Option<String> {
+        let waited = Callers::job_of(&self.callers.waiters, caller);
+        if let Some(job_id) = waited.clone().or_else(|| Callers::job_of(&self.callers.followers, caller)) {
             self.forget_caller(&job_id, caller);
         }
         if self.callers.logins.values().any(|c| c.contains(&caller)) {
@@ -326,6 +350,19 @@ impl Edge {
             }
             self.callers.logins.retain(|_, c| !c.is_empty());
         }
+        waited
+    }
+
+    /// Whether no caller waits any more for this `/execute` job (its own, or one that
+    /// repeated its idempotency key). Followers of its events do not count: they watch a
+    /// run someone else asked for.
+    pub(super) fn unwaited(&self, job: &Job) -> bool {
+        job.mode == Mode::Wait && !self.callers.waiters.get(&job.id).is_some_and(|w| !w.is_empty())
+    }
+
+    /// Whether `job_id` is a queued `/execute` job nobody waits for any more.
+    pub(super) fn unwaited_in_queue(&self, job_id: &str) -> bool {
+        self.jobs.get(job_id).is_some_and(|job| job.state == JobState::Queued && self.unwaited(job))
     }
 
     fn forget_caller(&mut self, job_id: &str, caller: CallerId) {

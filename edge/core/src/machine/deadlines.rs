@@ -33,7 +33,19 @@ impl Edge {
         let holds = self.earliest_usage_hold().filter(|_| !self.queue.is_empty());
         let logins = self.earliest_login_expiry();
         let notices = self.notices_deadline();
-        let next = sessions.chain(queued).chain(active).chain(retention).chain(keys).chain(holds).chain(logins).chain(notices).chain(self.held_back_due).min()?;
+        // Jobs abandoned in an event whose writes failed end at the retry.
+        let abandoned = self.retry_at.filter(|_| !self.abandoned.is_empty());
+        let next = sessions
+            .chain(queued)
+            .chain(active)
+            .chain(retention)
+            .chain(keys)
+            .chain(holds)
+            .chain(logins)
+            .chain(notices)
+            .chain(self.held_back_due)
+            .chain(abandoned)
+            .min()?;
         // After a failed write, not again before the retry time.
         Some(self.retry_at.map_or(next, |retry| next.max(retry)))
     }
@@ -125,6 +137,12 @@ impl Edge {
             }
         }
 
+        if !self.abandoned.is_empty() {
+            self.note_abandoned();
+            for id in std::mem::take(&mut self.abandoned) {
+                self.end_abandoned(now, &id, &mut effects);
+            }
+        }
         if self.held_back_due.is_some_and(|due| due <= now.at) {
             self.note_held_back_due();
             self.held_back_due = None;

@@ -580,7 +580,7 @@ impl Edge {
     }
 
     /// Ends a queued job that must never start (its caller was told to run it elsewhere,
-    /// or is gone with a restart): it is not dispatched, now or after a restart.
+    /// hung up, or is gone with a restart): it is not dispatched, now or after a restart.
     pub(super) fn end_unstarted(&mut self, now: Now, job_id: &str, why: &str, effects: &mut Vec<Effect>) {
         info!(job_id, "queued job ended before it started");
         let result = JobResult::failure(ErrorCode::RunnerOffline, why, 0);
@@ -593,11 +593,10 @@ impl Edge {
     /// starts — or one its caller cancelled meanwhile, which ends cancelled.
     pub(super) fn send_again(&mut self, now: Now, job_id: &str, effects: &mut Vec<Effect>) {
         let Some(job) = self.jobs.get(job_id) else { return };
-        let waited_on = self.callers.waiters.get(job_id).is_some_and(|w| !w.is_empty());
         if job.cancel_requested {
             let result = JobResult::failure(ErrorCode::Cancelled, "cancelled before it started", 0);
             self.finish(now, job_id, result, effects);
-        } else if job.mode == Mode::Wait && !waited_on {
+        } else if self.unwaited(job) {
             let why = "the job never reached its agent and its caller is gone (it may have run the task elsewhere); \
                        it will not run: submit it again";
             self.end_unstarted(now, job_id, why, effects);

@@ -192,6 +192,11 @@ pub struct Edge {
     /// are all held back now end in the next tick, an event retried when its writes fail
     /// (a disconnect's failed writes are kept, not undone: its socket is gone for good).
     held_back_due: Option<Millis>,
+    /// Queued `/execute` jobs whose last waiter hung up in an event whose writes failed
+    /// (`callers.rs::caller_gone`): they end, unstarted, in the next tick (at
+    /// [`storage::STORE_RETRY_MS`]) — unless dispatched meanwhile, which the failing store
+    /// makes unlikely.
+    abandoned: Vec<String>,
     /// The edge is stopping: no new work, no new agents.
     stopping: bool,
     stats: Stats,
@@ -231,6 +236,7 @@ impl Edge {
             journal: storage::Journal::default(),
             retry_at: None,
             held_back_due: None,
+            abandoned: Vec::new(),
             stopping: false,
             stats: Stats::default(),
             alerts: crate::notify::AlertState::default(),

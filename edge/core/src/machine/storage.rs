@@ -11,6 +11,8 @@
 //!   closed (1011), so the agent reconnects and sends again what the edge did not
 //!   acknowledge — its spooled results;
 //! - a tick: tried again [`STORE_RETRY_MS`] later;
+//! - a caller gone: its places are given back all the same, and the queued `/execute` job
+//!   it no longer waits for ends at the next tick, tried [`STORE_RETRY_MS`] later;
 //! - a stop: the callers still waiting are told where to follow their jobs (whose
 //!   records are as they were), and agents to reconnect;
 //! - a lost connection: kept — it ends no job (the queued `/execute` jobs it leaves to
@@ -100,10 +102,12 @@ impl Effect {
 /// What started the current event.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(super) enum Origin {
-    /// Nothing that writes (a caller gone, a wait bound passed).
+    /// Nothing that writes (a wait bound passed).
     #[default]
     Quiet,
     Request(CallerId),
+    /// This caller hung up (it may end the queued `/execute` job it waited on).
+    Gone(CallerId),
     /// A frame (or a new connection) on this agent session.
     Session(String),
     Disconnect,
@@ -130,10 +134,12 @@ pub(super) struct Journal {
     alerts: Option<crate::notify::AlertState>,
     /// [`Edge::held_back_due`] before the event changed it.
     held_back_due: Option<Option<Millis>>,
+    /// [`Edge::abandoned`] before the event changed it.
+    abandoned: Option<Vec<String>>,
 }
 
 impl Edge {
-    /// Starts an event, at `now` (`None`: one the host gives no time, a caller gone): what
+    /// Starts an event, at `now` (`None`: one the host gives no time, an upgrade counted): what
     /// it changes from now on can be undone until the next one, and the machine's pool
     /// counts in the process's pending bytes a while more (`pending.rs`).
     pub(super) fn begin(&mut self, origin: Origin, now: Option<Now>) {
@@ -222,6 +228,14 @@ impl Edge {
         }
     }
 
+    /// Notes the jobs abandoned by callers in events whose writes failed, before a tick
+    /// takes them.
+    pub(super) fn note_abandoned(&mut self) {
+        if self.journal.abandoned.is_none() {
+            self.journal.abandoned = Some(self.abandoned.clone());
+        }
+    }
+
     /// Notes the relay's callers before they change.
     pub(super) fn note_logins(&mut self) {
         if self.journal.logins.is_none() {
@@ -287,6 +301,17 @@ impl Edge {
             Origin::Tick => {
                 self.undo(now);
                 self.retry_at = Some(now.at.saturating_add(STORE_RETRY_MS));
+            }
+            // The caller is gone all the same: its places are given back again, and the
+            // queued `/execute` job it left ends unstarted at the next tick.
+            Origin::Gone(caller) => {
+                self.undo(now);
+                if let Some(job_id) = self.let_caller_go(caller) {
+                    if self.unwaited_in_queue(&job_id) && !self.abandoned.contains(&job_id) {
+                        self.abandoned.push(job_id);
+                        self.retry_at = Some(now.at.saturating_add(STORE_RETRY_MS));
+                    }
+                }
             }
             Origin::Shutdown => {
                 self.undo(now);
@@ -381,6 +406,9 @@ impl Edge {
         }
         if let Some(due) = journal.held_back_due {
             self.held_back_due = due;
+        }
+        if let Some(abandoned) = journal.abandoned {
+            self.abandoned = abandoned;
         }
     }
 }

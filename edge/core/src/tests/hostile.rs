@@ -233,7 +233,7 @@ fn followers_are_capped_per_job_and_in_all() {
     assert_eq!(refused.status, 429);
     assert!(refused.body.error.contains("GET /jobs/j0"), "{}", refused.body.error);
     // One that leaves makes room.
-    edge.caller_gone(first);
+    assert!(edge.caller_gone(0, first).is_empty());
     follow(&mut edge, "j0").unwrap();
     for j in 1..jobs - 1 {
         for _ in 0..MAX_FOLLOWERS_PER_JOB {

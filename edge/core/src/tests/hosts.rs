@@ -107,7 +107,7 @@ fn every_caller_of_a_job_gets_its_answer_once() {
     assert!(answer["error"].as_str().unwrap().contains(&format!("GET /jobs/{job_id}")), "{answer}");
     assert!(edge.wait_expired(2, second.caller).is_empty(), "answered once");
     // Another hung up.
-    edge.caller_gone(third.caller);
+    assert!(edge.caller_gone(2, third.caller).is_empty());
     let effects = report(&mut edge, 3, &sid, &job_id, ok_result());
     assert_eq!(answer_to(&effects, first.caller).unwrap().0, 200);
     let answers = effects.iter().filter(|e| matches!(e, Effect::Answer { .. })).count();

@@ -416,7 +416,8 @@ impl World {
             Step::HangUp(i) => {
                 if !self.waiting.is_empty() {
                     let (caller, _) = self.waiting.remove(i % self.waiting.len());
-                    self.edge.caller_gone(caller);
+                    let effects = self.edge.caller_gone(self.now, caller);
+                    self.carry_out(effects);
                 }
             }
             Step::Cancel(i) => {

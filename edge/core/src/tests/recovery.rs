@@ -253,7 +253,7 @@ fn a_dispatched_execute_job_whose_caller_is_gone_is_not_sent_again() {
     let (mut edge, sid) = ready_edge();
     let gone = call(&mut edge, 0, "POST", "/execute", json!({"prompt": "a", "timeout_ms": 60000}));
     let gone_id = order_of(&gone.effects, &sid, "spark", 0).header.job_id;
-    edge.caller_gone(gone.caller);
+    assert!(edge.caller_gone(0, gone.caller).is_empty(), "sent: it may be running");
     edge.disconnect(1, &sid);
     let (sid2, effects) = rejoin(&mut edge, 2, &[], &[], 2);
     let done = finished(&effects);
@@ -269,6 +269,45 @@ fn a_dispatched_execute_job_whose_caller_is_gone_is_not_sent_again() {
     let (sid3, effects) = rejoin(&mut edge, 6, &[], &[], 3);
     assert!(finished(&effects).is_empty());
     assert_eq!(orders(&say(&mut edge, 7, &sid3, credit(1, 0)), &sid3), vec![waiting_id]);
+}
+
+/// A queued `/execute` job whose caller hangs up before it is sent never runs: the caller
+/// may run the task elsewhere. It ends as one that never reached its agent does — unless
+/// another caller, repeating its key, still waits for it.
+#[test]
+fn a_queued_execute_job_whose_caller_hung_up_is_never_sent() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let saved = |effects: &[Effect]| effects.iter().find_map(|e| if let Effect::Save(j) = e { Some(j.id.clone()) } else { None }).unwrap();
+    let gone = call(&mut edge, 1, "POST", "/execute", json!({"prompt": "b", "timeout_ms": 60000, "idempotency_key": "kb1"}));
+    assert!(answer_to(&gone.effects, gone.caller).is_none(), "queued: its caller waits");
+    let id = saved(&gone.effects);
+    let follower = call(&mut edge, 1, "GET", &format!("/jobs/{id}/events"), Value::Null);
+    let effects = edge.caller_gone(2, gone.caller);
+    assert!(orders(&say(&mut edge, 3, &sid, credit(1, 0)), &sid).is_empty(), "never sent");
+    let done = finished(&effects);
+    assert_eq!(done.len(), 1, "{effects:?}");
+    assert_eq!((done[0].0.as_str(), done[0].2["error_code"].as_str()), (id.as_str(), Some("RUNNER_OFFLINE")), "{done:?}");
+    assert!(done[0].2["error"].as_str().unwrap().contains("hung up"), "{done:?}");
+    assert!(streamed(&effects, follower.caller).1, "its follower is given the end");
+    assert!(edge.job(&id).unwrap().started_at.is_none());
+
+    // One still waited on by a repeat of its key goes on.
+    let first = call(&mut edge, 4, "POST", "/execute", json!({"prompt": "c", "timeout_ms": 60000, "idempotency_key": "kc1"}));
+    let kept = saved(&first.effects);
+    assert_eq!(orders(&first.effects, &sid), vec![kept.clone()], "sent at once: the agent has a slot");
+    let id = {
+        say(&mut edge, 5, &sid, AgentMessage::Accepted { job_id: kept.clone() });
+        let queued = call(&mut edge, 6, "POST", "/execute", json!({"prompt": "d", "timeout_ms": 60000, "idempotency_key": "kd1"}));
+        let id = saved(&queued.effects);
+        let repeat = call(&mut edge, 7, "POST", "/execute", json!({"prompt": "d", "timeout_ms": 60000, "idempotency_key": "kd1"}));
+        assert!(answer_to(&repeat.effects, repeat.caller).is_none(), "the repeat waits");
+        assert!(finished(&edge.caller_gone(8, queued.caller)).is_empty(), "its repeat still waits");
+        id
+    };
+    let effects = report(&mut edge, 9, &sid, &kept, ok_result());
+    assert!(finished(&effects).iter().any(|(j, ..)| *j == kept));
+    assert_eq!(orders(&say(&mut edge, 10, &sid, credit(1, 1)), &sid), vec![id]);
 }
 
 /// Memory keeps an ended job's header only; its whole record is read from storage when

@@ -172,6 +172,34 @@ fn a_tick_that_cannot_be_stored_announces_nothing_and_is_tried_again() {
     assert_eq!(host.stored[&job_id].state, JobState::TimedOut);
 }
 
+/// A caller hangs up while the store fails: the end of the queued `/execute` job it left
+/// cannot be stored, so it is undone — but the caller is gone all the same, and the job
+/// ends, unstarted, at the retry, before any agent can take it.
+#[test]
+fn a_hang_up_whose_end_cannot_be_stored_ends_the_job_at_the_retry() {
+    let mut host = Host::new(Edge::new(config(), 0));
+    let (sid, _) = join(&mut host.edge, 0, "spark", &agent_key(1), vec![], 1);
+    let (caller, out) = host.call(1, "POST", "/execute", json!({"prompt": "x", "timeout_ms": 60000}));
+    assert!(answer_to(&out, caller).is_none(), "queued: no free slot");
+    let job_id = host.stored.keys().next().unwrap().clone();
+    host.failing = true;
+    let effects = host.edge.caller_gone(2, caller);
+    assert!(host.carry_out(2, effects).is_empty());
+    assert_eq!(host.edge.job(&job_id).unwrap().state, JobState::Queued, "undone");
+    assert_eq!(host.edge.callers_waiting(), 0, "the caller is gone all the same");
+    assert_eq!(host.edge.next_deadline(), Some(2 + crate::machine::STORE_RETRY_MS), "tried again a second later");
+    // The retry fails too: the job stays to be ended.
+    assert!(host.tick(2 + crate::machine::STORE_RETRY_MS).is_empty());
+    assert_eq!(host.edge.job(&job_id).unwrap().state, JobState::Queued);
+    host.failing = false;
+    let at = host.edge.next_deadline().unwrap();
+    host.tick(at);
+    let stored = &host.stored[&job_id];
+    assert_eq!(stored.result.as_ref().and_then(|r| r.error_code), Some(shared::contract::ErrorCode::RunnerOffline), "{stored:?}");
+    assert!(stored.dispatched_at.is_none());
+    assert!(sent(&host.say(at, &sid, credit(1, 0)), &sid).is_empty(), "never sent");
+}
+
 #[test]
 fn a_cancel_that_cannot_be_stored_leaves_the_job_queued() {
     let mut host = Host::new(Edge::new(config(), 0));

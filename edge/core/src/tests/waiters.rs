@@ -57,7 +57,7 @@ fn waiters_on_one_job_are_capped_and_share_one_answer() {
     assert!(error.contains(&format!("GET /jobs/{id}")) && error.contains(&MAX_WAITERS_PER_JOB.to_string()), "{error}");
     assert!(refused.get("fallback").is_none(), "the job runs: running the task elsewhere too would run it twice: {refused}");
     // One that hangs up makes room.
-    edge.caller_gone(waiters[0]);
+    assert!(edge.caller_gone(2, waiters[0]).is_empty(), "others wait");
     let last = repeat(&mut edge, A_SECRET, "k").expect("room was made");
 
     say(&mut edge, 3, &sid, AgentMessage::Accepted { job_id: id.clone() });
