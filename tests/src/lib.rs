@@ -315,10 +315,16 @@ impl EdgeServer {
         std::fs::read_to_string(self.data.path().join("edge.log")).unwrap_or_default()
     }
 
-    /// Stops the process (SIGTERM, then SIGKILL) and keeps its storage.
+    /// Stops the process (SIGTERM, then SIGKILL after 5 s) and keeps its storage.
     pub fn stop(&mut self) {
+        self.stop_within(Duration::from_secs(5));
+    }
+
+    /// Stops the process (SIGTERM, then SIGKILL after `grace`, as systemd's
+    /// `TimeoutStopSec` would) and keeps its storage.
+    pub fn stop_within(&mut self, grace: Duration) {
         if let Some(child) = self.child.take() {
-            stop_child(child);
+            stop_child(child, grace);
         }
     }
 
@@ -372,14 +378,15 @@ fn port_taken(log: &str) -> bool {
     log.contains("Address already in use") || log.contains("EADDRINUSE")
 }
 
-/// SIGTERM (a clean stop), then SIGKILL to whatever is left of its process group.
-fn stop_child(mut child: Child) {
+/// SIGTERM (a clean stop), then, after `grace`, SIGKILL to whatever is left of its process
+/// group.
+fn stop_child(mut child: Child, grace: Duration) {
     let pid = child.id() as i32;
     // SAFETY: signalling a child we own and the group it leads.
     unsafe {
         libc::kill(pid, libc::SIGTERM);
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
             break;
@@ -518,7 +525,7 @@ impl AgentProc {
 
     pub fn stop(&mut self) {
         if let Some(child) = self.child.take() {
-            stop_child(child);
+            stop_child(child, Duration::from_secs(5));
         }
     }
 
@@ -1088,6 +1095,12 @@ pub struct Webhook {
 
 impl Webhook {
     pub fn start(script: Vec<u16>) -> Webhook {
+        Webhook::answering_after(Duration::ZERO, script)
+    }
+
+    /// A receiver that takes each POST (recorded at once) and answers it only `delay`
+    /// later, one at a time.
+    pub fn answering_after(delay: Duration, script: Vec<u16>) -> Webhook {
         use std::io::{BufRead, BufReader, Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -1119,6 +1132,7 @@ impl Webhook {
                 let _ = reader.read_exact(&mut body);
                 let status = script.next().unwrap_or(200);
                 log.lock().unwrap().push(Hook { path, headers, body: String::from_utf8_lossy(&body).into_owned(), answered: status });
+                std::thread::sleep(delay);
                 let _ = write!(stream, "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
             }
         });

@@ -319,6 +319,26 @@ async fn a_queued_execute_job_whose_caller_hung_up_never_runs() {
     assert!(!prompts.iter().any(|p| p.contains("hung up on")), "the job hung up on ran: {prompts:?}");
 }
 
+/// A clean stop (SIGTERM) while a job's callback is on its way to a slow receiver: the
+/// edge waits for the answer and stores it before it exits, so its restart has no
+/// callback left to post. (It exited 3 s after the stop whatever was on its way, and the
+/// restart posted the callback again.) The stop is given systemd's `TimeoutStopSec`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_on_its_way_at_a_clean_stop_is_not_posted_again() {
+    let hook = Webhook::answering_after(Duration::from_secs(6), vec![]);
+    let (mut edge, _agent, client) = setup(&[("CALLBACK_HOSTS", "127.0.0.1")]).await;
+    let a = client.submit(json!({"prompt": "call me back once", "callback_url": hook.url("/cb")})).await;
+    assert!(a.body["job_id"].is_string(), "{}", a.text);
+    assert!(eventually(Duration::from_secs(60), || !hook.received().is_empty()).await, "{}", edge.log());
+    edge.stop_within(Duration::from_secs(30));
+    assert!(edge.log().contains("callback delivered"), "the edge exited before the receiver answered:\n{}", edge.log());
+    edge.restart();
+    let log = edge.log();
+    let ready: serde_json::Value = log.lines().filter(|l| l.contains("edge ready")).filter_map(|l| serde_json::from_str(l).ok()).last().unwrap();
+    assert_eq!(ready["fields"]["callbacks"], 0, "the restart has the callback still to post:\n{log}");
+    assert_eq!(hook.received().len(), 1);
+}
+
 /// rev8: the edge is killed (SIGKILL: it stores nothing more) while its agent is away, and
 /// stays down longer than `LOST_AFTER_MS`. No agent could come back to it meanwhile, so at
 /// the restart the job waits for its agent again, as after a clean stop — it kept the time

@@ -15,7 +15,24 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Duration, Instant};
-use tracing::error;
+use tracing::{error, info};
+
+/// How long a stopping edge waits, at most, for the outcomes of the POSTs on their way
+/// when it stopped: each is bounded by [`edge_core::notify::DELIVERY_TIMEOUT_MS`], and its
+/// outcome comes back a moment after. Stopped before an outcome is stored, the edge would
+/// post the same callback again after its restart. (The systemd unit's `TimeoutStopSec`
+/// and the container's `stop_grace_period` leave it this time.)
+pub const DRAIN_POSTS: Duration = Duration::from_millis(edge_core::notify::DELIVERY_TIMEOUT_MS + 1_000);
+
+/// How the driver ended.
+#[derive(Debug, PartialEq)]
+pub enum Ended {
+    /// Asked to stop ([`Command::Shutdown`]), with the outcomes of its POSTs stored (or
+    /// after [`DRAIN_POSTS`]).
+    Stopped,
+    /// Every sender of commands was dropped without a stop.
+    Orphaned,
+}
 
 /// What an agent connection's writer is told to do.
 #[derive(Debug)]
@@ -130,17 +147,41 @@ pub struct Driver {
     commands: mpsc::WeakSender<Command>,
     /// Made at the first POST (an edge without alerts or callbacks never builds it).
     http: Option<reqwest::Client>,
+    /// POSTs handed to their tasks whose outcome has not come back yet.
+    posts_on_their_way: usize,
+    /// Set by [`Command::Shutdown`]: the driver ends once no POST is on its way, or at
+    /// this instant.
+    stopping_by: Option<Instant>,
 }
 
 impl Driver {
     pub fn new(edge: Edge, store: Store, clock: Clock, commands: mpsc::WeakSender<Command>) -> Driver {
-        Driver { edge, store, clock, outboxes: HashMap::new(), budgets: HashMap::new(), conns: HashMap::new(), callers: HashMap::new(), commands, http: None }
+        Driver {
+            edge,
+            store,
+            clock,
+            outboxes: HashMap::new(),
+            budgets: HashMap::new(),
+            conns: HashMap::new(),
+            callers: HashMap::new(),
+            commands,
+            http: None,
+            posts_on_their_way: 0,
+            stopping_by: None,
+        }
     }
 
     /// Makes one POST in its own task; its outcome comes back as [`Command::Posted`]. The
     /// machine bounds how many are on their way: at most
     /// [`edge_core::machine::MAX_CALLBACKS_IN_FLIGHT`] callbacks, besides a few alerts.
     fn post(&mut self, delivery: edge_core::machine::Post) {
+        // Once stopping, none goes out that the stop would not wait for: its attempt is
+        // stored as on its way, so it is made after the restart, once.
+        if self.stopping_by.is_some() {
+            info!(delivery = %delivery.id, "not posted: the edge is stopping; it is posted after the restart");
+            return;
+        }
+        self.posts_on_their_way += 1;
         let http = self
             .http
             .get_or_insert_with(|| {
@@ -162,7 +203,9 @@ impl Driver {
         });
     }
 
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, startup: Vec<Effect>) {
+    /// Drives the machine until a stop ([`Command::Shutdown`]) has had the outcomes of the
+    /// POSTs on their way then (at most [`DRAIN_POSTS`]), or until no one can send commands.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>, startup: Vec<Effect>) -> Ended {
         self.carry_out(startup);
         // One timer, moved only when the machine's next deadline moves: most commands
         // leave it where it was, and a timer made afresh for each would be registered and
@@ -172,17 +215,31 @@ impl Driver {
         tokio::pin!(timer);
         let mut set_for = None;
         loop {
+            if let Some(by) = self.stopping_by {
+                if self.posts_on_their_way == 0 {
+                    return Ended::Stopped;
+                }
+                if Instant::now() >= by {
+                    error!(
+                        posts = self.posts_on_their_way,
+                        "stopping without the outcome of the POSTs still on their way; each is made again after the restart"
+                    );
+                    return Ended::Stopped;
+                }
+            }
             let deadline = self.edge.next_deadline();
             if deadline != set_for || deadline.is_none() && timer.is_elapsed() {
                 let at = deadline.map(|at| Instant::from_std(self.clock.instant_of(at))).unwrap_or_else(idle);
                 timer.as_mut().reset(at);
                 set_for = deadline;
             }
+            let stop_by = self.stopping_by;
             let command = tokio::select! {
                 c = commands.recv() => match c {
                     Some(c) => c,
-                    None => return,
+                    None => return Ended::Orphaned,
                 },
+                () = async { sleep_until(stop_by.expect("only while stopping")).await }, if stop_by.is_some() => continue,
                 () = &mut timer => {
                     // Fired: a tick is due (or the idle hour passed); set it again below.
                     set_for = None;
@@ -260,10 +317,17 @@ impl Driver {
                 self.carry_out(effects);
             }
             Command::Posted { id, outcome } => {
+                self.posts_on_their_way = self.posts_on_their_way.saturating_sub(1);
                 let effects = self.edge.posted(now, &id, outcome);
                 self.carry_out(effects);
             }
             Command::Shutdown { done } => {
+                // From here the driver waits for the POSTs on their way (their outcomes
+                // stored), and starts none.
+                self.stopping_by = Some(Instant::now() + DRAIN_POSTS);
+                if self.posts_on_their_way > 0 {
+                    info!(posts = self.posts_on_their_way, "edge stopping once the POSTs on their way are answered");
+                }
                 let effects = self.edge.shutdown(now);
                 self.carry_out(effects);
                 let _ = done.send(());

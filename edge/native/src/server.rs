@@ -3,7 +3,7 @@
 
 use crate::clock::Clock;
 use crate::connections::{Admit, Connections, Id, Over};
-use crate::driver::{Command, Driver, Opened};
+use crate::driver::{Command, Driver, Ended, Opened, DRAIN_POSTS};
 use crate::socket;
 use crate::stall::Peer;
 use crate::store::Store;
@@ -100,7 +100,8 @@ impl Server {
         let listener = crate::listen::listen(opts.listen, backlog).map_err(|e| {
             anyhow::anyhow!("cannot listen on {}: {e}; is another edge running there? set LISTEN to a free address", opts.listen)
         })?;
-        info!(listen = %listener.local_addr()?, restored, data_dir = %opts.data_dir.display(), max_connections, nofile, backlog, "edge ready");
+        let callbacks = machine.callbacks_pending();
+        info!(listen = %listener.local_addr()?, restored, callbacks, data_dir = %opts.data_dir.display(), max_connections, nofile, backlog, "edge ready");
         let (tx, commands) = mpsc::channel(1024);
         let driver = Driver::new(machine, store, clock, tx.downgrade());
         Ok(Server {
@@ -147,11 +148,29 @@ impl Server {
             stopped(stopped_rx).await;
             tokio::time::sleep(Duration::from_secs(3)).await;
         };
-        let result = tokio::select! {
-            () = server => Ok(()),
-            _ = bound => Ok(()),
-            r = &mut driver_task => Err(anyhow::anyhow!("the edge's state machine stopped unexpectedly ({r:?}); restart the edge")),
+        tokio::pin!(server, bound);
+        // The driver ends after the stop once the POSTs on their way are answered: then
+        // the answers it gave are still served out.
+        let mut driver_stopped = false;
+        let result = loop {
+            tokio::select! {
+                () = &mut server => break Ok(()),
+                _ = &mut bound => break Ok(()),
+                r = &mut driver_task, if !driver_stopped => match r {
+                    Ok(Ended::Stopped) => driver_stopped = true,
+                    r => break Err(anyhow::anyhow!("the edge's state machine stopped unexpectedly ({r:?}); restart the edge")),
+                },
+            }
         };
+        // A callback on its way when the edge stopped has its outcome stored before the
+        // edge exits; exited first, the restart would post it again. The driver bounds
+        // the wait itself (DRAIN_POSTS); this bound only guards against a driver that
+        // does not.
+        if result.is_ok() && !driver_stopped {
+            if tokio::time::timeout(DRAIN_POSTS + Duration::from_secs(1), &mut driver_task).await.is_err() {
+                warn!("the edge's state machine did not stop in time; stopping it");
+            }
+        }
         driver_task.abort();
         if result.is_ok() {
             info!("edge stopped");

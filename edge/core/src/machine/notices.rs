@@ -466,6 +466,12 @@ impl Edge {
     pub fn alert_posts_pending(&self) -> usize {
         self.alerts.alert_posts.len()
     }
+
+    /// Callbacks still to be posted (due, on their way, or waiting for a retry): logged
+    /// at a start, and for tests.
+    pub fn callbacks_pending(&self) -> usize {
+        self.alerts.callbacks.len()
+    }
 }
 
 /// The callbacks in flight, counted for [`Edge::hand_out_callbacks`]'s places.
