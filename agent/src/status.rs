@@ -131,8 +131,18 @@ impl Status {
                 self.agent_id
             ));
         }
+        // Nor can an interval no edge can set (the protocol's longest): one of 10^15 ms kept
+        // a file a day old fresh, and three of u64::MAX/2 overflowed.
+        if self.heartbeat_ms > shared::contract::MAX_HEARTBEAT_INTERVAL_MS {
+            return Err(format!(
+                "agent {}'s status file records a heartbeat interval of {} ms, longer than any edge can set ({} ms), which no agent writes (a job of its user can write the file); restart the agent",
+                self.agent_id,
+                self.heartbeat_ms,
+                shared::contract::MAX_HEARTBEAT_INTERVAL_MS
+            ));
+        }
         let silent = now.saturating_sub(self.updated_ms);
-        if silent > 3 * self.heartbeat_ms + STALE_SLACK_MS {
+        if silent > self.heartbeat_ms.saturating_mul(3).saturating_add(STALE_SLACK_MS) {
             if full {
                 return Err(format!(
                     "agent {} has not written its status for {} s: DATA_DIR's {}",
@@ -815,6 +825,19 @@ mod tests {
             let why = connected_at(ahead).health(Liveness::Running, false, now).unwrap_err();
             assert!(why.contains("ahead of this machine's clock") && why.contains("restart"), "{why}");
         }
+        // An interval no edge can set (the protocol's longest is 600 s): a file a day old
+        // was healthy for one of 10^15 ms, and 3 × u64::MAX/2 overflowed.
+        let day_old = 86_400_000 * 2;
+        for beat in [1_000_000_000_000_000, u64::MAX / 2, u64::MAX] {
+            let mut forged = connected_at(day_old - 86_400_000);
+            forged.heartbeat_ms = beat;
+            let why = forged.health(Liveness::Running, false, day_old).unwrap_err();
+            assert!(why.contains("heartbeat interval") && why.contains("restart"), "{why}");
+        }
+        // The longest an edge can set is taken as is.
+        let mut slow = connected_at(now - 1_000_000);
+        slow.heartbeat_ms = shared::contract::MAX_HEARTBEAT_INTERVAL_MS;
+        assert!(slow.health(Liveness::Running, false, now + 500_000).is_ok());
     }
 
     /// A job (the agent's user) could SIGSTOP the agent and rewrite status.json dated far
