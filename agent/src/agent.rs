@@ -96,6 +96,9 @@ pub struct Agent {
     workspaces: Arc<std::path::PathBuf>,
     /// The lock on `DATA_DIR/agent.lock`, held while the agent lives.
     _data_lock: std::fs::File,
+    /// A shared lock of DATA_DIR itself, held while the agent lives: how `status --check`
+    /// finds this agent stopped when a job has replaced `agent.lock` ([`crate::drain::hold_folder`]).
+    _folder_lock: Option<std::fs::File>,
     /// The agent's own words for the edge (taken before the jobs' progress); the current
     /// connection sends them, or drops them while there is none (results are spooled,
     /// credits recomputed).
@@ -142,6 +145,21 @@ impl Agent {
                     cfg.data_dir.display()
                 )
             })?;
+        // No agent holds the folder exclusively: whoever does is no agent, and would hide a
+        // stopped agent from `status --check`. A file system without flocks of folders
+        // loses only that check.
+        let folder_lock = match crate::drain::hold_folder(&cfg.data_dir) {
+            Ok(Some(folder)) => Some(folder),
+            Ok(None) => anyhow::bail!(
+                "cannot use DATA_DIR {}: another process holds a lock of the folder itself, which no agent does (a job of this user can take one); see what holds it (`lslocks | grep {}`), stop that, and start the agent again",
+                cfg.data_dir.display(),
+                cfg.data_dir.display()
+            ),
+            Err(e) => {
+                tracing::warn!(data_dir = %cfg.data_dir.display(), error = %e, "could not lock DATA_DIR itself: `status --check` cannot see this agent stopped if a job replaces agent.lock");
+                None
+            }
+        };
         // What a crash left of a write (status, replay memory, session log): no write is
         // under way before the lock, and none of another agent's after it.
         crate::files::remove_leftovers(&cfg.data_dir);
@@ -223,6 +241,7 @@ impl Agent {
             running: Mutex::new(Running::default()),
             workspaces: Arc::new(workspaces),
             _data_lock: data_lock,
+            _folder_lock: folder_lock,
             uplink,
             progress,
             link: Default::default(),

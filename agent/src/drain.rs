@@ -317,6 +317,38 @@ pub fn lock_holders(data_dir: &Path) -> Option<Vec<u32>> {
     DataLocks::read(data_dir).filter(DataLocks::taken).map(|locks| locks.flock_holders().collect())
 }
 
+/// A shared flock of DATA_DIR itself, the folder, which every agent takes at its start and
+/// holds while it lives (beside its lock of `agent.lock`): a job (the agent's user) can
+/// rename or replace `agent.lock` and lock the new file itself, but it cannot move the
+/// agent's lock off the folder the agent opened, so this is how `status --check` finds an
+/// agent of the folder whatever became of its lock file ([`folder_flock_holders`]).
+/// `Ok(None)` when another process holds the folder exclusively (no agent does).
+pub fn hold_folder(data_dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let folder = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(data_dir)?;
+    match folder.try_lock_shared() {
+        Ok(()) => Ok(Some(folder)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// The processes holding (not waiting for) a flock of DATA_DIR, the folder ([`hold_folder`]):
+/// its agents while they live, and whatever else flocks it (a job can). From /proc/locks,
+/// the folder named there as [`DataLocks`] learns a name, by a POSIX read lock of this
+/// process's own on it. Empty where it cannot be read.
+pub fn folder_flock_holders(data_dir: &Path) -> Vec<u32> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(folder) = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(data_dir) else {
+        return Vec::new();
+    };
+    let Ok(name) = own_read_lock(&folder) else { return Vec::new() };
+    let on_folder = |l: &str| Line::of(l).is_some_and(|line| line.file == name);
+    let Some(text) = proc_locks(on_folder) else { return Vec::new() };
+    let holders = text.lines().filter_map(Line::of).filter(|line| line.file == name && line.kind == "FLOCK" && !line.waits);
+    holders.filter_map(|line| line.pid).collect()
+}
+
 /// A /proc/locks line: `1: FLOCK  ADVISORY  WRITE 4242 08:01:1311 0 EOF`, or a wait for a
 /// lock, `1: -> FLOCK  ADVISORY  WRITE 4243 08:01:1311 0 EOF` (its fields one further on).
 pub(crate) struct Line<'a> {

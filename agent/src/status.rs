@@ -435,6 +435,48 @@ fn not_the_lock_holders(data_dir: &std::path::Path, status: &Status) -> Option<S
     ))
 }
 
+/// What the processes say of the agent the status file names, past its lock
+/// ([`not_the_lock_holders`]), from what a job (the agent's user) cannot write: its state, a
+/// stopped agent of the folder, and the program it runs. The lock file is found by its
+/// name, which a job can point at a file of its own: it can stop the agent, move
+/// `agent.lock` aside, lock a new one with any program whose command line starts with
+/// `claude-runner`, and write a fresh status file naming that. So:
+/// - an agent of `data_dir` that is stopped makes it stopped, whatever the file names: found
+///   by its lock of the folder itself ([`crate::drain::folder_flock_holders`]), which a job
+///   cannot move; its pid is the one returned;
+/// - the process named must run this very program (`/proc/<pid>/exe` the same file as
+///   `/proc/self/exe`) where that can be read: by the same user of a dumpable process, or
+///   with `CAP_SYS_PTRACE`. The agent is not dumpable, and the container's root holds no
+///   `CAP_SYS_PTRACE`: there the program is not judged (a job's stand-in that stops no agent
+///   is still caught by the lock's and the state's checks — what it can still do is said in
+///   README 3a).
+fn judge(data_dir: &std::path::Path, status: &Status) -> Result<(Liveness, u32), String> {
+    let stopped = crate::drain::folder_flock_holders(data_dir).into_iter().find(|&pid| runs_agent(pid) && liveness(pid) == Liveness::Stopped);
+    if let Some(pid) = stopped {
+        return Ok((Liveness::Stopped, pid));
+    }
+    let process = liveness(status.pid);
+    if process == Liveness::Running && same_program(status.pid) == Some(false) {
+        return Err(format!(
+            "process {} that {}/status.json names (and that holds its lock) does not run this claude-runner ({}): it is no agent of this release — a job of the agent's user can lock the file and write both — or an agent whose program was since replaced on disk; restart the agent",
+            status.pid,
+            data_dir.display(),
+            std::fs::read_link("/proc/self/exe").map_or_else(|_| "?".into(), |p| p.display().to_string())
+        ));
+    }
+    Ok((process, status.pid))
+}
+
+/// Whether `pid` runs the program this process runs (the same file, by device and inode:
+/// a path can name another file since); None where its `/proc/<pid>/exe` cannot be read
+/// (gone, or not dumpable and no `CAP_SYS_PTRACE` here).
+fn same_program(pid: u32) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let ours = std::fs::metadata("/proc/self/exe").ok()?;
+    let theirs = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
+    Some((ours.dev(), ours.ino()) == (theirs.dev(), theirs.ino()))
+}
+
 fn no_agent(data_dir: &std::path::Path) -> String {
     format!("No agent has run with DATA_DIR={} (no status.json). Start one: `claude-runner agent` (or `up`).", data_dir.display())
 }
@@ -447,7 +489,7 @@ pub fn check(data_dir: &std::path::Path) -> anyhow::Result<bool> {
 
 /// [`check`], written to `out`.
 fn check_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow::Result<bool> {
-    let Some(status) = read(data_dir)? else {
+    let Some(mut status) = read(data_dir)? else {
         say(out, no_agent(data_dir))?;
         return Ok(false);
     };
@@ -455,7 +497,17 @@ fn check_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow
         say(out, format!("unhealthy: {line}"))?;
         return Ok(false);
     }
-    match status.health(liveness(status.pid), no_space_left(data_dir), crate::now_ms()) {
+    let process = match judge(data_dir, &status) {
+        Ok((process, pid)) => {
+            status.pid = pid;
+            process
+        }
+        Err(line) => {
+            say(out, format!("unhealthy: {line}"))?;
+            return Ok(false);
+        }
+    };
+    match status.health(process, no_space_left(data_dir), crate::now_ms()) {
         Ok(line) => {
             say(out, format!("healthy: {line}"))?;
             Ok(true)
@@ -510,7 +562,7 @@ pub fn show(data_dir: &std::path::Path) -> anyhow::Result<bool> {
 
 /// [`show`], written to `out`.
 fn show_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow::Result<bool> {
-    let Some(status) = read(data_dir)? else {
+    let Some(mut status) = read(data_dir)? else {
         say(out, no_agent(data_dir))?;
         return Ok(false);
     };
@@ -518,7 +570,16 @@ fn show_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow:
         say(out, line)?;
         return Ok(false);
     }
-    let process = liveness(status.pid);
+    let process = match judge(data_dir, &status) {
+        Ok((process, pid)) => {
+            status.pid = pid;
+            process
+        }
+        Err(line) => {
+            say(out, line)?;
+            return Ok(false);
+        }
+    };
     let state = match process {
         Liveness::NotRunning => "not running",
         Liveness::Stopped => "stopped",
@@ -631,13 +692,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cr-status-lock-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let lock = dir.join(crate::agent::DATA_LOCK);
-        // Holds the lock itself (flock(1) takes it in its own process), looks like an agent.
-        let mut agent = std::process::Command::new("flock").arg0("claude-runner").arg(&lock).args(["sh", "-c", "sleep 60", "agent"]).spawn().unwrap();
+        // Holds the lock itself, this program, `claude-runner agent` by its command line.
+        let mut agent = stand_in(&dir);
         let pid = agent.id();
-        while !crate::drain::lock_taken(&dir) {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
         let status = |pid: u32| Status { agent_id: "planted".into(), edge: "wss://planted".into(), pid, connected: true, since: "then".into(), ..Default::default() };
         let shown = |status: &Status| {
             std::fs::write(dir.join("status.json"), serde_json::to_vec(status).unwrap()).unwrap();
@@ -782,6 +839,35 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A stand-in agent for the tests: this very program (so `/proc/<pid>/exe` is the
+    /// checker's own), `claude-runner agent …` by its command line, holding DATA_DIR's
+    /// locks as the agent takes them. Does nothing unless [`stand_in`] starts it.
+    #[test]
+    #[ignore = "started by stand_in"]
+    fn stand_in_agent() {
+        let Some(dir) = std::env::var_os("CR_STAND_IN_DATA_DIR") else { return };
+        let dir = PathBuf::from(dir);
+        let _lock = runtime::hold_lock(&dir.join(crate::agent::DATA_LOCK)).unwrap().expect("nobody else holds it");
+        let _folder = crate::drain::hold_folder(&dir).unwrap().expect("nobody holds the folder");
+        std::thread::sleep(std::time::Duration::from_secs(120));
+    }
+
+    /// Starts [`stand_in_agent`] for `dir`, once it holds both locks.
+    fn stand_in(dir: &std::path::Path) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let agent = std::process::Command::new(std::env::current_exe().unwrap())
+            .arg0("claude-runner")
+            .args(["agent", "--exact", "--ignored", "status::tests::stand_in_agent"])
+            .env("CR_STAND_IN_DATA_DIR", dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        while !crate::drain::folder_flock_holders(dir).contains(&agent.id()) || !crate::drain::lock_holders(dir).is_some_and(|h| h.contains(&agent.id())) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        agent
+    }
+
     fn connected_at(updated_ms: u64) -> Status {
         Status {
             agent_id: "spark".into(),
@@ -851,14 +937,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let lock = dir.join(crate::agent::DATA_LOCK);
-        // The stand-in agent: holds the lock itself (flock(1)), `claude-runner … agent` by
-        // its command line.
-        let mut agent = std::process::Command::new("flock").arg0("claude-runner").arg(&lock).args(["sh", "-c", "sleep 60", "agent"]).spawn().unwrap();
+        let mut agent = stand_in(&dir);
         let pid = agent.id();
-        while !crate::drain::lock_taken(&dir) {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        let checked = |updated_ms: u64| {
+        let checked_as = |pid: u32, updated_ms: u64| {
             let status = Status { agent_id: "a".into(), edge: "wss://e".into(), pid, connected: true, since: "then".into(), heartbeat_ms: 15_000, updated_ms, ..Default::default() };
             std::fs::write(dir.join("status.json"), serde_json::to_vec(&status).unwrap()).unwrap();
             let mut shown = Vec::new();
@@ -867,6 +948,7 @@ mod tests {
             let shown_ok = show_to(&mut more, &dir).unwrap();
             (healthy, shown_ok, String::from_utf8(shown).unwrap() + &String::from_utf8(more).unwrap())
         };
+        let checked = |updated_ms: u64| checked_as(pid, updated_ms);
         let running = checked(crate::now_ms());
         let ahead = checked(1 << 63);
         // SAFETY: a signal to our own child, then a wait (WUNTRACED) until it has stopped.
@@ -876,14 +958,29 @@ mod tests {
         }
         let stopped = checked(crate::now_ms());
         let stopped_ahead = checked(1 << 63);
-        let _ = (agent.kill(), agent.wait());
+        // The lock file swapped: the stopped agent's moved aside, a new one locked by a
+        // `claude-runner` by its first argument (flock(1)), and a fresh file naming that.
+        std::fs::rename(&lock, dir.join("x")).unwrap();
+        std::fs::write(&lock, b"").unwrap();
+        let mut job = std::process::Command::new("flock").arg0("claude-runner").arg(&lock).args(["sleep", "60"]).spawn().unwrap();
+        while !crate::drain::lock_holders(&dir).is_some_and(|holders| holders.contains(&job.id())) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let swapped = checked_as(job.id(), crate::now_ms());
+        // The agent resumed, the job's stand-in still named: not this program.
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        let other_program = checked_as(job.id(), crate::now_ms());
+        let _ = (agent.kill(), agent.wait(), job.kill(), job.wait());
         let _ = std::fs::remove_dir_all(&dir);
         assert!(running.0 && running.1, "{}", running.2);
         assert!(!ahead.0 && ahead.2.contains("ahead of this machine's clock"), "{}", ahead.2);
-        for (healthy, shown_ok, said) in [stopped, stopped_ahead] {
+        for (healthy, shown_ok, said) in [stopped, stopped_ahead, swapped] {
             assert!(!healthy && !shown_ok, "{said}");
             assert!(said.contains(&format!("(pid {pid}) is stopped")) && said.contains(&format!("kill -CONT {pid}")), "{said}");
             assert!(!said.contains("connected since"), "a stopped agent shown as connected: {said}");
         }
+        assert!(!other_program.0 && !other_program.1 && other_program.2.contains("does not run this claude-runner"), "{}", other_program.2);
+        assert!(!other_program.2.contains("connected since"), "{}", other_program.2);
     }
 }
