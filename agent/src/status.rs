@@ -447,9 +447,9 @@ fn not_the_lock_holders(data_dir: &std::path::Path, status: &Status) -> Option<S
 /// - the process named must run this very program (`/proc/<pid>/exe` the same file as
 ///   `/proc/self/exe`) where that can be read: by the same user of a dumpable process, or
 ///   with `CAP_SYS_PTRACE`. The agent is not dumpable, and the container's root holds no
-///   `CAP_SYS_PTRACE`: there the program is not judged (a job's stand-in that stops no agent
-///   is still caught by the lock's and the state's checks — what it can still do is said in
-///   README 3a).
+///   `CAP_SYS_PTRACE`: there the program is not judged, and a job's stand-in of another
+///   program passes while the real agent runs, stuck but not stopped (README 3a says what a
+///   job can still fake).
 fn judge(data_dir: &std::path::Path, status: &Status) -> Result<(Liveness, u32), String> {
     let stopped = crate::drain::folder_flock_holders(data_dir).into_iter().find(|&pid| runs_agent(pid) && liveness(pid) == Liveness::Stopped);
     if let Some(pid) = stopped {
