@@ -88,20 +88,23 @@ RUN useradd --uid 10001 --user-group --home-dir /home/runner --create-home runne
  && chown runner:runner /home/runner/.claude /data \
  && chmod 700 /home/runner/.claude /data
 COPY --from=binaries /out/claude-runner /usr/local/bin/claude-runner
-# The login lives in CLAUDE_CONFIG_DIR (a volume), so it outlives the container. The CLI
-# must never replace itself: its version is this image's CLAUDE_CODE_VERSION.
-# HOME is the runner's, not root's: the container starts as root (below).
-ENV CLAUDE_CONFIG_DIR=/home/runner/.claude \
-    DATA_DIR=/data \
+# The CLI must never replace itself: its version is this image's CLAUDE_CODE_VERSION.
+# DATA_DIR is here for `claude-runner status` as root (the HEALTHCHECK), which only reads
+# it, taking what a job may have written there as hostile.
+ENV DATA_DIR=/data \
     DISABLE_AUTOUPDATER=1 \
-    HOME=/home/runner \
     LOG_FORMAT=json
 # No USER: the container starts as root, and only the command drops to the runner (the
 # ENTRYPOINT). Jobs run as the runner and can read the environment of every dumpable
 # process of that user, and the container's environment holds the agent's key and the
 # tokens: PID 1 (tini) and what `exec` starts (the HEALTHCHECK, `docker compose exec`)
 # hold it too, so they are root's. The agent holds it as the runner, non-dumpable.
-WORKDIR /home/runner
+# Jobs write the runner's home, so root must not start anything from there: no HOME,
+# CLAUDE_CONFIG_DIR or working directory of the runner's for the whole image (a job's
+# ~/.bashrc, ~/.gitconfig or ~/.claude/settings.json would run as root in the operator's
+# next `docker compose exec agent bash`, `git` or `claude`). `exec` keeps root's /root and
+# starts in /; a shell, git or claude for the runner is `exec --user 10001`.
+WORKDIR /
 VOLUME ["/home/runner/.claude", "/data"]
 # No EXPOSE: the agent dials out and listens nowhere. Healthy = running, connected to
 # the edge and not stuck, as its status file says (read as root; it writes nothing).
@@ -110,6 +113,9 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
 # tini is PID 1: it forwards `docker stop`'s SIGTERM to the agent (which drains) and
 # reaps what Claude's tools leave behind. setpriv runs the command (the agent, or what
 # `docker compose run` names: `claude auth login` writes into the login volume as the
-# runner) as the runner, with no way back to root's privileges.
-ENTRYPOINT ["tini", "--", "setpriv", "--reuid=10001", "--regid=10001", "--init-groups", "--no-new-privs", "--"]
+# runner) as the runner, with no way back to root's privileges, and env gives that
+# command alone the runner's home, folder and login folder (CLAUDE_CONFIG_DIR, a volume,
+# so the login outlives the container).
+ENTRYPOINT ["tini", "--", "setpriv", "--reuid=10001", "--regid=10001", "--init-groups", "--no-new-privs", "--", \
+            "env", "--chdir=/home/runner", "HOME=/home/runner", "CLAUDE_CONFIG_DIR=/home/runner/.claude"]
 CMD ["claude-runner", "agent"]

@@ -213,6 +213,43 @@ async fn a_job_in_the_agent_container_finds_no_secret_in_any_process() {
     assert_eq!(agent.wait_healthy().await, "healthy");
 }
 
+/// What `exec` starts runs as root and must not take its start-up files from where a job
+/// writes. Found in review: the image set `HOME=/home/runner` (and `CLAUDE_CONFIG_DIR`, and
+/// the working directory) for every process, so a job's `~/.bashrc`, `~/.gitconfig` or
+/// `~/.claude/settings.json` ran as root, holding every secret, in the operator's next
+/// `docker compose exec agent bash` / `git` / `claude`. Now only the dropped command (the
+/// agent, its jobs, `compose run`'s login) has the runner's home.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_exec_starts_as_root_reads_nothing_a_job_wrote() {
+    let Some((image, _)) = images() else { return };
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let client = Client::new(&edge.url());
+    let agent = Ctr::run(&image, &agent_env(&edge.ws_url(), &keys), &[], "agent");
+    client.wait_online().await;
+
+    // The job's own HOME is the runner's, and it plants a start-up file there.
+    let a = client.execute(json!({"prompt": "@print_env=HOME"})).await;
+    assert_eq!(a.body["output"], "the value is /home/runner", "{}\n{}", a.text, agent.logs());
+    use base64::Engine;
+    let bashrc = base64::engine::general_purpose::STANDARD.encode("touch /tmp/pwned-$(id -u)\n");
+    let a = client.execute(json!({"prompt": format!("@write_b64=/home/runner/.bashrc,{bashrc}")})).await;
+    assert_eq!(a.body["success"], true, "{}\n{}", a.text, agent.logs());
+
+    // The operator's shell in the container, as root: the job's file is not its own.
+    let out = agent.exec(&["bash", "-ic", "true"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = agent.exec(&["sh", "-c", "ls /tmp/pwned-* 2>/dev/null; echo \"$(id -u) $HOME ${CLAUDE_CONFIG_DIR-unset} $(pwd)\""]);
+    assert_eq!(text(&out).trim(), "0 /root unset /", "root's exec took the job's HOME, CLAUDE_CONFIG_DIR or folder");
+    // The runner's shell (`exec --user 10001`, README 3a) does read it: the file works.
+    let out = podman(&["exec", "--user", "10001", &agent.name, "bash", "-ic", "true"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = agent.exec(&["sh", "-c", "ls /tmp/pwned-*"]);
+    assert_eq!(text(&out).trim(), "/tmp/pwned-10001");
+    // The HEALTHCHECK, run as root with root's HOME, still finds the agent's status.
+    assert_eq!(agent.wait_healthy().await, "healthy");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_login_lands_in_the_login_volume() {
     let Some((image, _)) = images() else { return };

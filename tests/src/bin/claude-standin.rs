@@ -24,6 +24,7 @@
 //! `@ignore_term` ignore SIGTERM (so only SIGKILL stops it) · `@write=PATH` write a text
 //! file (relative to the working directory; may repeat) · `@write_binary=PATH` write a few
 //! non-text bytes · `@write_env=VAR,PATH` write the value of VAR into a file ·
+//! `@write_b64=PATH,BASE64` write the bytes BASE64 encodes (a script, say) into a file ·
 //! `@write_random=PATH,MIB` write MIB mebibytes of incompressible bytes ·
 //! `@git_add=PATH` stage a file with `git add`, after the writes and before the deletes
 //! (may repeat) · `@delete=PATH` delete a file (may repeat) · `@exists=PATH` answer whether PATH exists ·
@@ -273,6 +274,12 @@ fn main() {
     for spec in directives(&prompt, "write_env") {
         let (var, path) = spec.split_once(',').expect("@write_env=VAR,PATH");
         std::fs::write(path, format!("{}\n", std::env::var(var).unwrap_or_default())).expect("the stand-in writes");
+    }
+    for spec in directives(&prompt, "write_b64") {
+        use base64::Engine;
+        let (path, b64) = spec.split_once(',').expect("@write_b64=PATH,BASE64");
+        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).expect("@write_b64=PATH,BASE64");
+        std::fs::write(path, bytes).expect("the stand-in writes");
     }
     for path in directives(&prompt, "git_add") {
         let status = std::process::Command::new("git").args(["add", "--", path]).status().expect("git runs");
