@@ -278,6 +278,7 @@ impl Agent {
             reporter: Arc::clone(&self.reporter),
             order_nonce: order_nonce.to_string(),
             spool: Some(Arc::clone(&self.spool)),
+            uplink: Some(self.uplink.clone()),
             repos: Arc::clone(&self.repos),
             progress_clock: Arc::clone(&self.progress_clock),
             workspaces: Arc::clone(&self.workspaces),

@@ -59,6 +59,7 @@ pub async fn run(local: &LocalArgs, agent_id: String) -> Result<String, Vec<Stri
         order_nonce: "canary:1".into(),
         progress_clock: Default::default(),
         spool: None,
+        uplink: None,
         workspaces,
         // The canary resumes no session and leaves none to resume.
         sessions: None,

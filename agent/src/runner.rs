@@ -90,6 +90,9 @@ pub struct JobContext {
     /// Where the job's "started" marker is written before Claude is spawned (None for a
     /// job no edge knows of, such as `doctor --canary`'s).
     pub spool: Option<Arc<Spool>>,
+    /// Where the agent tells the edge the job started, once that marker is durable (None
+    /// for a job no edge knows of).
+    pub uplink: Option<tokio::sync::mpsc::UnboundedSender<shared::protocol::AgentMessage>>,
     /// Repository mirrors, for jobs with a `repo_url`.
     pub repos: Arc<Repos>,
     /// The nonce of the job's order: every progress batch is MACed bound to it.
@@ -484,7 +487,13 @@ async fn run_claude(
         };
         written.map_err(|e| {
             format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry")
-        })
+        })?;
+        // Told once the record is durable: until the edge hears it, it sends the job again
+        // if the agent no longer names it (restarted before this), rather than end it lost.
+        if let Some(uplink) = &ctx.uplink {
+            ctx.link.seal_and_send(uplink, |key| shared::protocol::AgentMessage::started(job_id, &ctx.order_nonce, key));
+        }
+        Ok(())
     };
     let run = process::run(launch, job_id, deadline, spec.timeout_ms, stop, ready, on_line);
     let finished = tokio::select! {

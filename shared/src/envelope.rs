@@ -43,6 +43,8 @@ pub enum Domain {
     Rejection,
     /// Agent → edge: a heartbeat (its login, the jobs it holds, its slots).
     Heartbeat,
+    /// Agent → edge: a job's started record is durable, its Claude gets the prompt.
+    Started,
     /// The agent → its own disk: a result kept until acknowledged, sealed so that one
     /// changed there is not sent (never on the wire).
     KeptResult,
@@ -75,6 +77,7 @@ impl Domain {
             Domain::KeptSession => b"claude-runner/v10/kept-session\n",
             Domain::Probe => b"claude-runner/v10/agent-probe\n",
             Domain::Upgrade => b"claude-runner/v10/agent-upgrade\n",
+            Domain::Started => b"claude-runner/v10/agent-started\n",
         }
     }
 }

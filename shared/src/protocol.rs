@@ -259,6 +259,12 @@ pub enum AgentMessage {
     Mirrors { names: Vec<String> },
     /// The job verified and is starting. Not signed (see "Signed or not").
     Accepted { job_id: String },
+    /// The job's durable started record is written and its Claude gets the prompt now: a
+    /// MACed [`StartReport`], bound to the order. Until the edge hears it, a job the agent
+    /// accepted had not started: one the agent's next hello (or beat) does not name is sent
+    /// again, not ended `lost`. Added without a new version: an edge of before ignores it
+    /// (`Unknown`), and ends such a job `lost` as it did.
+    Started { envelope: Tagged },
     /// A job order refused, nothing ran: a MACed [`Rejection`], bound to the order.
     Rejected { envelope: Tagged },
     /// An order refused that the agent cannot tie to a job of the edge's: it did not
@@ -348,6 +354,20 @@ pub struct Rejection {
     /// queue the job again.
     #[serde(default)]
     pub retry: bool,
+}
+
+/// A job started, MACed by the agent ([`crate::envelope::Domain::Started`]) and bound to
+/// the order it answers: sent once its started record is durable, as its Claude gets the
+/// prompt. From then on the edge never sends the job again (a Claude may have run it);
+/// before it, a job the agent accepted and then no longer names was never started, and is
+/// sent again. MACed so that no one on the path can keep one from counting by making up
+/// the other case: a made-up one could only end a job `lost` that could have been sent
+/// again, which holding frames does anyway — but a plain one would let anyone make it so.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartReport {
+    pub job_id: String,
+    /// The nonce of the order it answers ([`OrderHeader::nonce`]).
+    pub order_nonce: String,
 }
 
 /// What the agent signs to answer the challenge.
@@ -690,6 +710,13 @@ impl AgentMessage {
     pub fn rejected(job_id: &str, order_nonce: &str, reason: &str, retry: bool, key: &MacKey) -> AgentMessage {
         let rejection = Rejection { job_id: job_id.to_string(), order_nonce: order_nonce.to_string(), reason: reason.to_string(), retry };
         AgentMessage::Rejected { envelope: Tagged::seal(Domain::Rejection, &rejection, key) }
+    }
+
+    /// The job `order_nonce` ordered started (its started record is durable), MACed with
+    /// the connection's agent→edge key.
+    pub fn started(job_id: &str, order_nonce: &str, key: &MacKey) -> AgentMessage {
+        let report = StartReport { job_id: job_id.to_string(), order_nonce: order_nonce.to_string() };
+        AgentMessage::Started { envelope: Tagged::seal(Domain::Started, &report, key) }
     }
 
     /// A batch of progress events of the job `order_nonce` ordered, MACed with the

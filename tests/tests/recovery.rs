@@ -57,6 +57,58 @@ async fn a_job_started_before_the_agent_died_is_lost_not_run_again() {
     assert_eq!(prompts, vec!["@sleep=60000 once only".to_string(), "probe".to_string()]);
 }
 
+/// A job the agent accepted and had not started — it waits at the login's refresh gate
+/// (the token expired, another process holds the refresh lock), its Claude has no prompt
+/// and there is no started record — when the agent is killed: the edge had it `running`
+/// since `Accepted`, and the restarted agent's hello does not name it. It is sent again and
+/// runs once, not ended `lost` (a push job's "may have landed, not retryable" was false).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_accepted_but_not_started_when_the_agent_died_is_sent_again() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let mut agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark").env("CLAUDE_CODE_OAUTH_TOKEN", ""));
+    let client = Client::new(&edge.url());
+    let config = agent.data.path().join("claude-config");
+    let stale = json!({"claudeAiOauth": {"accessToken": "sk-ant-oat01-stale-0123456789", "refreshToken": "sk-ant-ort01-stale-0123456789", "expiresAt": 1_000u64}});
+    std::fs::write(config.join(".credentials.json"), stale.to_string()).unwrap();
+    // Another process lets its Claude refresh the login: it holds the lock until its stdin closes.
+    let lock = config.join(".claude-runner-refresh.lock");
+    let mut other = std::process::Command::new("flock").arg(&lock).args(["sh", "-c", "read x"]).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    let held = eventually(Duration::from_secs(30), || {
+        std::fs::File::open(&lock).is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+    });
+    assert!(held.await, "flock(1) never took the lock");
+    let until = Instant::now() + Duration::from_secs(30);
+    while client.health_full().await.body["agent"]["connected"] != true {
+        assert!(Instant::now() < until, "the agent never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let a = client.submit(json!({"prompt": "waits for the gate, once", "timeout_ms": 120000})).await;
+    assert_eq!(a.status, 202, "{}", a.text);
+    let job_id = a.body["job_id"].as_str().unwrap().to_string();
+    let waits = eventually(Duration::from_secs(60), || {
+        agent.log().lines().any(|l| l.contains("another process lets a Claude refresh this login") && l.contains(&job_id))
+    });
+    assert!(waits.await, "the job never waited at the gate:
+{}", agent.log());
+    let until = Instant::now() + Duration::from_secs(30);
+    while client.get(&format!("/jobs/{job_id}")).await.body["state"] != "running" {
+        assert!(Instant::now() < until, "the edge never heard it accepted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.kill();
+    // The other process is done: the login is fresh, the lock free.
+    let fresh = json!({"claudeAiOauth": {"accessToken": "sk-ant-oat01-fresh-0123456789", "refreshToken": "sk-ant-ort01-fresh-0123456789", "expiresAt": 4_000_000_000_000u64}});
+    std::fs::write(config.join(".credentials.json"), fresh.to_string()).unwrap();
+    drop(other.stdin.take());
+    other.wait().unwrap();
+    agent.restart();
+    let job = client.wait_job(&job_id, Duration::from_secs(120)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", agent.log());
+    let prompts: Vec<String> = agent.claude_runs().iter().map(|r| r["prompt"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(prompts, vec!["waits for the gate, once".to_string()], "ran once");
+}
+
 /// Issue 11's slot records, a crash point: the job ended and its result went into its
 /// slot's record, but the edge never got it (the agent's messages are black-holed), and
 /// the agent is killed. The restarted agent sends the result from the record: the job

@@ -60,6 +60,14 @@ pub struct Job {
     /// turned out dead is not lost.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// Its agent accepted it (`Accepted`) but has not said it started ([`shared::protocol::StartReport`]):
+    /// its Claude has not got the prompt, so if the agent's hello (or beat) no longer
+    /// names it — the agent restarted before its start — it is sent again, not ended
+    /// `lost`. Set only by the agent's acceptance and cleared by its MACed `Started`:
+    /// absent (an edge of before stored the job, or a hello took it over), the job may
+    /// have started, and is ended `lost` as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unstarted: bool,
     /// The agent instance it was sent to, or that took it over
     /// ([`shared::protocol::Hello::instance`]; `""`: an agent that names none), while it
     /// is with one. Only that instance's hello settles it (and, for `""`, one that names
@@ -213,6 +221,7 @@ impl Job {
             orphaned_at: None,
             order_no: 0,
             cancel_requested: false,
+            unstarted: false,
             instance: None,
             result: None,
             spec_digest: spec_digest(&spec),

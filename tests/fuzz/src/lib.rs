@@ -269,6 +269,7 @@ pub fn agent_frames(data: &[u8]) {
             let domain = match flags & 56 {
                 0 => Domain::Progress,
                 8 => Domain::Result,
+                16 => Domain::Started,
                 32 => Domain::Rejection,
                 40 => Domain::Heartbeat,
                 _ => Domain::LoginReport,
@@ -282,6 +283,7 @@ pub fn agent_frames(data: &[u8]) {
                 Domain::LoginReport => AgentMessage::LoginProgress { envelope },
                 Domain::Rejection => AgentMessage::Rejected { envelope },
                 Domain::Heartbeat => AgentMessage::Heartbeat { envelope },
+                Domain::Started => AgentMessage::Started { envelope },
                 _ => AgentMessage::Event { envelope },
             }
             .to_text()

@@ -611,6 +611,7 @@ impl Edge {
     fn requeue(&mut self, job_id: &str, effects: &mut Vec<Effect>) {
         let job = self.job_mut(job_id).expect("requeued jobs exist");
         job.state = JobState::Queued;
+        job.unstarted = false;
         job.agent_id = None;
         job.session_id = None;
         job.instance = None;

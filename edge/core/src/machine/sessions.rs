@@ -13,7 +13,7 @@ use shared::ids::{hex, shown_job_id};
 use shared::job::{JobResult, JobState};
 use shared::keys;
 use shared::oauth::OAuthReport;
-use shared::protocol::{self, close, AgentMessage, Beat, EdgeMessage, Hello, LoginReport, ProgressEvent, ProgressReport, Rejection, ResultReport, Slots, Welcome, MAX_CAPACITY, MAX_HELLO_FINISHED, PROTOCOL_VERSION};
+use shared::protocol::{self, close, AgentMessage, Beat, EdgeMessage, Hello, LoginReport, ProgressEvent, ProgressReport, Rejection, ResultReport, Slots, StartReport, Welcome, MAX_CAPACITY, MAX_HELLO_FINISHED, PROTOCOL_VERSION};
 use std::collections::{BTreeMap, BTreeSet};
 use tracing::{debug, info, warn};
 
@@ -602,6 +602,14 @@ impl Edge {
                 // Sent, but the agent never got it (or refused it): nothing ran.
                 info!(job_id = %id, agent_id, "the agent does not have a job it was sent");
                 self.send_again(now, &id, effects);
+            } else if job.unstarted {
+                // Accepted, but never said started: its started record was never written
+                // (the agent writes it, durably, before its Claude gets the prompt, and
+                // names every job it has one of until its result is acknowledged), so its
+                // Claude never got the prompt — the agent restarted while it fetched the
+                // repository or waited for the login refresh.
+                info!(job_id = %id, agent_id, "the agent no longer has a job it accepted but never started");
+                self.send_again(now, &id, effects);
             } else {
                 warn!(job_id = %id, agent_id, "the agent no longer has a job it ran");
                 let result = JobResult::lost("the agent restarted and no longer has this job; run the task again", job.elapsed(now.at));
@@ -706,7 +714,32 @@ impl Edge {
                     let job = self.job_mut(&job_id).expect("active jobs exist");
                     job.state = JobState::Running;
                     job.started_at = Some(now.at);
+                    // Not started until the agent's MACed `Started` says so (a plain frame
+                    // anyone on the path could make up must not count as that).
+                    job.unstarted = true;
                     info!(job_id = %job_id, agent_id = %agent_id, "job running");
+                    effects.push(Effect::Save(Box::new(job.clone())));
+                }
+            }
+            AgentMessage::Started { envelope } => {
+                // From now on the job is never sent again: its Claude may have the prompt.
+                let Some(report) = self.open_report::<StartReport>(session_id, &agent_id, &envelope, Domain::Started) else { return };
+                let StartReport { job_id: id, order_nonce } = report;
+                let latest = self.own_active_job(&id, &agent_id).is_some_and(|j| j.attempt_of(&order_nonce) == Some(j.attempts));
+                if !latest {
+                    warn!(job_id = shown_job_id(&id), agent_id = %agent_id, "a start of an order that is not its job's latest ignored (replayed, or the job moved on)");
+                    return;
+                }
+                let job = self.job_mut(&id).expect("active jobs exist");
+                // Its `Accepted` may be held back on the path, or lost with a connection.
+                let accepted = job.state == JobState::Dispatched;
+                if accepted {
+                    job.state = JobState::Running;
+                    job.started_at = Some(now.at);
+                }
+                if accepted || job.unstarted {
+                    job.unstarted = false;
+                    info!(job_id = %id, agent_id = %agent_id, "job started: its Claude has the prompt");
                     effects.push(Effect::Save(Box::new(job.clone())));
                 }
             }

@@ -631,6 +631,7 @@ fn heartbeats_made_up_altered_or_played_back_never_end_a_running_job_lost() {
     say(&mut edge, 10, &sid, credit(1, 0));
     edge.submit(11, "j1".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
     say(&mut edge, 12, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    start(&mut edge, 12, &sid, "j1");
     let holding = pulse(&mut edge, 13, &sid, beat(&["j1"], 0, 1));
     assert!(finished(&holding).is_empty());
     let challenge = edge.session(&sid).unwrap().agent().unwrap().challenge.clone();

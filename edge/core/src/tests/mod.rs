@@ -340,6 +340,14 @@ pub(super) fn refuse(edge: &mut Edge, now: u64, sid: &str, job_id: &str, reason:
     say(edge, now, sid, AgentMessage::rejected(job_id, &nonce, reason, retry, &key))
 }
 
+/// `spark` says the job started (its started record is durable), MACed and bound to its
+/// latest order.
+pub(super) fn start(edge: &mut Edge, now: u64, sid: &str, job_id: &str) -> Vec<Effect> {
+    let nonce = edge.job(job_id).map_or(format!("{job_id}:1"), |j| j.order_nonce());
+    let key = link(edge, sid);
+    say(edge, now, sid, AgentMessage::started(job_id, &nonce, &key))
+}
+
 /// `spark` reports a progress event of the job, signed and bound to its latest order.
 pub(super) fn progress(edge: &mut Edge, now: u64, sid: &str, job_id: &str, seq: u64, event: Value) -> Vec<Effect> {
     let msg = progress_msg(edge, job_id, seq, event);
@@ -590,6 +598,7 @@ fn a_lost_pushing_job_says_the_push_may_have_landed() {
     let (mut edge, sid) = ready_edge();
     edge.submit(0, "push".into(), pushing(), Mode::Detached).unwrap();
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "push".into() });
+    start(&mut edge, 1, &sid, "push");
     edge.disconnect(100, &sid);
     join(&mut edge, 200, "spark", &agent_key(1), vec![], 1);
     let view = serde_json::to_value(edge.job("push").unwrap().response().expect("ended lost at the hello")).unwrap();
@@ -669,6 +678,7 @@ fn an_agent_that_restarted_without_the_job_settles_it() {
     edge.submit(0, "run".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
     edge.submit(0, "sent".into(), submission("x", 60_000, None), Mode::Detached).unwrap();
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "run".into() });
+    start(&mut edge, 1, &sid, "run");
     edge.disconnect(2, &sid);
     let (sid2, effects) = join(&mut edge, 3, "spark", &agent_key(1), vec![], 2);
     let done = finished(&effects);

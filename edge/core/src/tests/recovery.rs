@@ -211,6 +211,7 @@ fn heartbeats_settle_disagreements_at_once() {
     }
     say(&mut edge, 0, &sid, AgentMessage::Credit { slots: Slots { free: 3, received: 0 } });
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "ran".into() });
+    start(&mut edge, 1, &sid, "ran");
     // The agent has received two of the three orders and holds neither.
     let hb = Beat { capacity: 3, ..beat(&[], 3, 2) };
     let effects = pulse(&mut edge, 2, &sid, hb);
@@ -228,6 +229,82 @@ fn heartbeats_settle_disagreements_at_once() {
     stopped.sort();
     assert_eq!(stopped, vec!["ran".to_string(), "stranger".to_string()]);
     assert_eq!(edge.job("late").unwrap().state, JobState::Running, "a heartbeat that lists it says it started");
+}
+
+/// A job the agent accepted but had not started (it fetched the repository, or waited
+/// for the login refresh: no started record, its Claude never had the prompt) when it
+/// restarted is not named by its next hello: it is sent again, not ended `lost` — as one
+/// its hello or beat leaves out on the same connection. One it said started is lost.
+#[test]
+fn a_job_accepted_but_never_started_is_sent_again_when_its_agent_no_longer_has_it() {
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "waits".into(), submission("x", 600_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "waits".into() });
+    assert_eq!(edge.job("waits").unwrap().state, JobState::Running);
+    // kill -9 before its start; the agent comes back holding nothing.
+    edge.disconnect(2, &sid);
+    let (sid2, effects) = rejoin(&mut edge, 3, &[], &[], 2);
+    assert!(finished(&effects).is_empty(), "not lost: {effects:?}");
+    assert_eq!(edge.job("waits").unwrap().state, JobState::Queued, "queued again");
+    assert_eq!(orders(&say(&mut edge, 4, &sid2, credit(1, 0)), &sid2), vec!["waits".to_string()], "sent again");
+    assert_eq!(edge.job("waits").unwrap().attempts, 2);
+
+    // Accepted again, and started this time: a hello that leaves it out ends it lost.
+    say(&mut edge, 5, &sid2, AgentMessage::Accepted { job_id: "waits".into() });
+    start(&mut edge, 6, &sid2, "waits");
+    edge.disconnect(7, &sid2);
+    let (sid3, effects) = rejoin(&mut edge, 8, &[], &[], 3);
+    let done = finished(&effects);
+    assert_eq!(done.len(), 1, "{effects:?}");
+    assert_eq!(done[0].2["error_code"], "RUNNER_LOST", "{:?}", done[0]);
+
+    // A beat on its own connection that leaves out an accepted, unstarted job sends it
+    // again too; a `Started` of an older order (played back) does not count for the new one.
+    say(&mut edge, 9, &sid3, credit(1, 0));
+    edge.submit(10, "beat".into(), submission("y", 600_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 11, &sid3, AgentMessage::Accepted { job_id: "beat".into() });
+    let effects = pulse(&mut edge, 12, &sid3, beat(&[], 1, 1));
+    assert!(finished(&effects).is_empty(), "not lost: {effects:?}");
+    assert_eq!(orders(&effects, &sid3), vec!["beat".to_string()], "sent again");
+    let old = {
+        let job = edge.job("beat").unwrap();
+        format!("{}:{}:{}", job.id, job.attempts - 1, job.order_tags[job.order_tags.len() - 2])
+    };
+    let key = link(&edge, &sid3);
+    say(&mut edge, 13, &sid3, AgentMessage::started("beat", &old, &key));
+    assert_eq!(edge.job("beat").unwrap().state, JobState::Dispatched, "an older order's start is ignored");
+}
+
+/// A `Started` that comes before its `Accepted` (held back on the path, or lost with a
+/// connection) makes the job running and started all the same; a made-up `Accepted` after
+/// it does not make it unstarted again.
+#[test]
+fn a_start_counts_without_its_acceptance_and_is_not_undone_by_one() {
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 600_000, None), Mode::Detached).unwrap();
+    start(&mut edge, 1, &sid, "j1");
+    assert_eq!(edge.job("j1").unwrap().state, JobState::Running);
+    say(&mut edge, 2, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    assert!(!edge.job("j1").unwrap().unstarted);
+    edge.disconnect(3, &sid);
+    let (_, effects) = rejoin(&mut edge, 4, &[], &[], 2);
+    let done = finished(&effects);
+    assert_eq!(done.len(), 1, "{effects:?}");
+    assert_eq!(done[0].2["error_code"], "RUNNER_LOST", "{:?}", done[0]);
+}
+
+/// A `Started` not MACed with the connection's key (made up on the path) is refused: the
+/// job stays unstarted — it is a made-up start that could end a job lost that should go again.
+#[test]
+fn a_forged_start_is_refused() {
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 600_000, None), Mode::Detached).unwrap();
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    let nonce = edge.job("j1").unwrap().order_nonce();
+    let before = edge.stats().refused_reports;
+    say(&mut edge, 2, &sid, AgentMessage::started("j1", &nonce, &shared::link::MacKey::from_bytes([9; 32])));
+    assert_eq!(edge.stats().refused_reports, before + 1);
+    assert!(edge.job("j1").unwrap().unstarted);
 }
 
 /// The SIGSTOP scenario: the agent froze long enough for the edge to drop its connection;
@@ -700,6 +777,7 @@ fn running_on_a() -> (Edge, String) {
     say(&mut edge, 0, &sid, credit(1, 0));
     edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    start(&mut edge, 1, &sid, "j1");
     assert_eq!(edge.job("j1").unwrap().state, JobState::Running);
     (edge, sid)
 }
@@ -762,6 +840,7 @@ fn the_same_instance_reconnecting_or_restarted_replaces_its_older_connection_at_
         say(&mut edge, 0, &a, credit(1, 0));
         edge.submit(0, "j1".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
         say(&mut edge, 1, &a, AgentMessage::Accepted { job_id: "j1".into() });
+        start(&mut edge, 1, &a, "j1");
         pulse(&mut edge, 400, &a, beat(&["j1"], 0, 1));
         let (a2, effects) = join_instance(&mut edge, 500, instance, &["j1"], 2);
         assert_eq!(closed(&effects), Some((close::REPLACED, "replaced by a newer connection of the same agent".into())), "{instance:?}");
@@ -1053,6 +1132,7 @@ fn a_heartbeat_naming_a_held_result_keeps_its_job_waiting_for_it() {
     let (mut edge, sid) = ready_edge();
     edge.submit(0, "j2".into(), submission("x", 60_000, None), Mode::Wait).unwrap();
     say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j2".into() });
+    start(&mut edge, 1, &sid, "j2");
     pulse(&mut edge, 10, &sid, beat(&[], 1, 1));
     assert_eq!(edge.job("j2").unwrap().state, JobState::Lost);
 }
