@@ -18,7 +18,8 @@
 //! 4. then work: the agent states its free [`Slots`] (in a `Credit`, and again in every
 //!    heartbeat), the edge sends at most that many signed [`EdgeMessage::Job`]s (each bound
 //!    to this connection's challenge and numbered on it, [`JobOrder`]); the agent
-//!    answers `Accepted` (or a MACed `Rejected`), streams `Event`s, and sends a `Result`
+//!    answers `Accepted` (or a MACed `Rejected`), a MACed `Started` once the job's durable
+//!    started record is written and its Claude gets the prompt, streams `Event`s, and sends a `Result`
 //!    it keeps on disk until the edge's `ResultAck` (one that says the edge did not take
 //!    it — another edge issued that job — keeps it for a later connection). Both sides heartbeat; the agent's
 //!    heartbeat — a MACed [`Beat`], bound to this connection and numbered — carries its
@@ -37,7 +38,7 @@
 //!
 //! MACed (HMAC-SHA256 with one direction's key of this connection, [`crate::envelope::Tagged`]):
 //! the agent's progress, results, login reports, refusals of job orders ([`Rejection`],
-//! bound to the order's nonce) and heartbeats ([`Beat`], bound to the connection's
+//! bound to the order's nonce), starts ([`StartReport`], bound likewise) and heartbeats ([`Beat`], bound to the connection's
 //! challenge and numbered) — each can end, requeue or settle a job or a login — and the
 //! edge's result acknowledgements. A MAC costs 1-2 µs where a signature cost ~20 µs to
 //! make and ~45 µs to check, on every job. It keeps the promise the signatures kept:
@@ -54,11 +55,12 @@
 //! Plain JSON, because a forgery there decides nothing that a signed or MACed frame does
 //! not settle, or only what whoever sits on the path can do anyway by holding frames back:
 //!
-//! - `Accepted` moves a job from dispatched to running. The edge still honours the
-//!   agent's MACed refusal of the job's latest order after it, so a made-up one cannot
-//!   turn a refusal into a loss; the most it does, together with an order the path kept
-//!   from the agent, is end that job `lost` (nothing ran, nothing runs twice) — what
-//!   holding the connection's frames does anyway.
+//! - `Accepted` moves a job from dispatched to running, not started: the edge still
+//!   honours the agent's MACed refusal of the job's latest order after it, and a job
+//!   running but not started that the agent's hello or beat leaves out is sent again as a
+//!   dispatched one is — only the MACed `Started` makes the edge end such a job `lost`
+//!   instead. So a made-up `Accepted` changes nothing that matters (nothing is lost or
+//!   runs twice by it).
 //! - `Credit` states free slots, after every job (the same hot path). A made-up surplus
 //!   sends orders the agent refuses, MACed, with `retry` (the jobs go back to the queue);
 //!   a made-up shortage holds work back, like holding frames. The edge caps `received` at

@@ -544,7 +544,10 @@ impl Edge {
     /// - a job it holds is its, on this connection (taken over after a reconnect, with
     ///   the caller's cancel sent again if there was one);
     /// - a job it should hold but does not: if it never started it is sent again (or
-    ///   ended, see [`Edge::send_again`]); if it ran, it is lost — the agent restarted.
+    ///   ended, see [`Edge::send_again`]) — never received, or accepted and not said
+    ///   started ([`Job::unstarted`]: the agent names every job it has a durable started
+    ///   record of, made before its Claude gets the prompt); if it may have run (the agent
+    ///   said `Started`, or the edge cannot tell), it is lost — the agent restarted.
     ///
     /// At a hello every job of the agent's is accounted for (the hello is made after its
     /// earlier connection ended) — unless it could not name every result it holds
