@@ -12,7 +12,7 @@ use shared::envelope::{Domain, Envelope, OrderHeader, Tagged};
 use shared::link::{Ephemeral, LinkKeys, MacKey, Transcript};
 use shared::job::JobSpec;
 use shared::keys::encode_verifying;
-use shared::protocol::{AgentMessage, Beat, EdgeMessage, Hello, JobOrder, ProgressReport, Rejection, ResultReport, Welcome, PROTOCOL_VERSION};
+use shared::protocol::{AgentMessage, Beat, EdgeMessage, Hello, JobOrder, ProgressReport, Rejection, ResultReport, StartReport, Welcome, PROTOCOL_VERSION};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
@@ -259,7 +259,7 @@ async fn answer(ws: &mut Ws, envelope: Envelope) -> AgentMessage {
         match recv(ws).await.expect("the agent answers") {
             // Credits, progress, results and mirror reports of earlier jobs are not the
             // answer to this one.
-            AgentMessage::Credit { .. } | AgentMessage::Event { .. } | AgentMessage::Result { .. } | AgentMessage::Mirrors { .. } => continue,
+            AgentMessage::Credit { .. } | AgentMessage::Started { .. } | AgentMessage::Event { .. } | AgentMessage::Result { .. } | AgentMessage::Mirrors { .. } => continue,
             m => return m,
         }
     }
@@ -329,9 +329,21 @@ async fn forged_tampered_misdirected_expired_and_replayed_jobs_never_run() {
     assert!(matches!(answer(&mut ws, good.clone()).await, AgentMessage::Accepted { .. }));
     let agent_key = edge.link().agent_to_edge;
     let mut progress = 0;
+    // Its start first — once its started record is durable, before anything Claude printed —
+    // MACed and bound to the order: until the edge hears it, a job the agent no longer
+    // names after a restart is sent again rather than ended lost.
+    let mut started = false;
     loop {
         match recv(&mut ws).await.expect("a result") {
+            AgentMessage::Started { envelope } => {
+                assert!(envelope.open::<StartReport>(Domain::Started, &edge.link().edge_to_agent).is_err(), "the edge's direction");
+                let report: StartReport = envelope.open(Domain::Started, &agent_key).expect("MACed by the agent");
+                assert_eq!((report.job_id.as_str(), report.order_nonce.as_str()), ("good", "good:1"));
+                assert!(!started && progress == 0, "once, before its progress");
+                started = true;
+            }
             AgentMessage::Event { envelope } => {
+                assert!(started, "its start before its progress");
                 let report: ProgressReport = envelope.open(Domain::Progress, &agent_key).expect("MACed by the agent");
                 assert!(envelope.open::<ProgressReport>(Domain::Progress, &edge.link().edge_to_agent).is_err(), "the edge's direction");
                 assert_eq!((report.job_id.as_str(), report.order_nonce.as_str()), ("good", "good:1"));
