@@ -362,9 +362,8 @@ pub struct Rejection {
 /// the order it answers: sent once its started record is durable, as its Claude gets the
 /// prompt. From then on the edge never sends the job again (a Claude may have run it);
 /// before it, a job the agent accepted and then no longer names was never started, and is
-/// sent again. MACed so that no one on the path can keep one from counting by making up
-/// the other case: a made-up one could only end a job `lost` that could have been sent
-/// again, which holding frames does anyway — but a plain one would let anyone make it so.
+/// sent again. MACed: one made up on the path would have the edge end `lost` a job whose
+/// agent restarted before its start, which it should send again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StartReport {
     pub job_id: String,
