@@ -103,8 +103,10 @@ pub struct FairQueue {
     /// The owners with jobs queued, in turn.
     turns: Turns,
     owners: HashMap<String, Owner>,
-    /// Jobs queued per caller name, whichever owner's: a caller's cap and its `/health`.
-    per_name: HashMap<String, usize>,
+    /// Jobs queued per lane — caller name as one owner's: a caller's cap and its
+    /// `/health`. Not per name alone: jobs the pool's secret queued under a name before
+    /// the name had a secret of its own stay the pool secret's, and fill neither.
+    per_lane: HashMap<Lane, usize>,
     /// Jobs queued per owner: who holds how much of a full queue.
     per_owner: HashMap<String, usize>,
     /// Counts serves and arrivals: the stamps of the turns.
@@ -132,9 +134,11 @@ impl FairQueue {
         self.places.contains_key(id)
     }
 
-    /// Jobs caller `name` has waiting (sent with its own secret or with the pool's).
-    pub fn len_of(&self, name: &str) -> usize {
-        self.per_name.get(name).copied().unwrap_or(0)
+    /// Jobs caller `name` of owner `owner` (`crate::machine::share`) has waiting: a
+    /// name's jobs sent with its own secret and those the pool's secret sent under it are
+    /// counted apart.
+    pub fn len_of(&self, owner: &str, name: &str) -> usize {
+        self.per_lane.get(&(owner.to_string(), name.to_string())).copied().unwrap_or(0)
     }
 
     /// Jobs owner `owner` (`crate::machine::share_of`) has waiting, whatever its callers.
@@ -158,7 +162,7 @@ impl FairQueue {
         self.pushed += 1;
         let place = Place { priority: Reverse(priority), created_at, seq: self.pushed, id: id.to_string() };
         self.into_lane(owner, name, place.clone());
-        *self.per_name.entry(name.to_string()).or_default() += 1;
+        *self.per_lane.entry((owner.to_string(), name.to_string())).or_default() += 1;
         *self.per_owner.entry(owner.to_string()).or_default() += 1;
         self.places.insert(id.to_string(), ((owner.to_string(), name.to_string()), place, expires_at));
         self.expiries.insert((expires_at, id.to_string()));
@@ -237,9 +241,9 @@ impl FairQueue {
 
     /// Takes a job out of every index; its owner and caller, if it was queued.
     fn take(&mut self, id: &str) -> Option<Lane> {
-        let ((owner, name), place, expires_at) = self.places.remove(id)?;
+        let (lane, place, expires_at) = self.places.remove(id)?;
         self.expiries.remove(&(expires_at, id.to_string()));
-        for (counts, key) in [(&mut self.per_name, &name), (&mut self.per_owner, &owner)] {
+        fn drop_one<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {
             if let Some(n) = counts.get_mut(key) {
                 *n -= 1;
                 if *n == 0 {
@@ -247,6 +251,9 @@ impl FairQueue {
                 }
             }
         }
+        drop_one(&mut self.per_lane, &lane);
+        drop_one(&mut self.per_owner, &lane.0);
+        let (owner, name) = lane;
         if !self.aside.remove(id) {
             self.out_of_lane(&owner, &name, &place);
         }
@@ -322,7 +329,7 @@ mod tests {
         q.remove("c1");
         assert!(q.remove("b2") && !q.remove("b2"));
         assert_eq!(order(&q).len(), 1);
-        assert_eq!((q.len(), q.len_of("a"), q.len_of("b")), (2, 2, 0));
+        assert_eq!((q.len(), q.len_of("a", "a"), q.len_of("b", "b")), (2, 2, 0));
     }
 
     /// Turns go to owners first, then to an owner's callers: the pool secret's twenty
@@ -347,7 +354,7 @@ mod tests {
         // owner new to the queue goes first.
         q.push("x-pool", "", "x", 0, 9, 100);
         q.push("x-own", "x", "x", 0, 9, 100);
-        assert_eq!(q.len_of("x"), 2);
+        assert_eq!((q.len_of("", "x"), q.len_of("x", "x")), (1, 1), "counted apart");
         assert_eq!(q.in_turn().filter(|(_, c, _)| *c == "x").map(|(o, _, _)| o).collect::<Vec<_>>(), ["x", ""]);
     }
 
@@ -393,7 +400,7 @@ mod tests {
                 let mut owners: Vec<&str> = lanes.iter().map(|(o, _)| *o).collect();
                 owners.dedup();
                 prop_assert_eq!(owners.len(), q.turns.waiting.len(), "an owner's lanes follow each other");
-                prop_assert!(lanes.iter().all(|(o, c)| *o == owner_of(c) && q.len_of(c) > 0));
+                prop_assert!(lanes.iter().all(|(o, c)| *o == owner_of(c) && q.len_of(o, c) > 0));
                 prop_assert_eq!(q.expiries.len(), q.len());
                 let mut held: HashMap<&str, usize> = HashMap::new();
                 for ((owner, _), _, _) in q.places.values() {

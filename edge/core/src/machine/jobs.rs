@@ -166,7 +166,8 @@ impl Edge {
     /// - a job a free agent takes at once does not wait, and is never refused for them (no
     ///   queued job fits a free agent — dispatch would have sent it — so the one sent now
     ///   is this one, and the queue is no longer after than before);
-    /// - `MAX_QUEUED_PER_CALLER` jobs of one caller name;
+    /// - `MAX_QUEUED_PER_CALLER` jobs of one caller name, as one owner's (those the pool's
+    ///   secret queued under a name before it had a secret of its own are not the name's);
     /// - past `MAX_QUEUED_JOBS`, an owner holding its even share of it or more — the cap
     ///   divided among the owners with jobs waiting, this one counted — is refused, and an
     ///   owner holding less is not: one caller's burst fills the queue for itself, not for
@@ -194,11 +195,9 @@ impl Edge {
             ));
         }
         let caller = placement.caller();
-        if self.queue.len_of(caller) >= self.cfg.max_queued_per_caller {
-            return busy(format!(
-                "caller `{caller}` has {} jobs waiting already (MAX_QUEUED_PER_CALLER); retry when some have started",
-                self.queue.len_of(caller)
-            ));
+        let mine = self.queue.len_of(owner, caller);
+        if mine >= self.cfg.max_queued_per_caller {
+            return busy(format!("caller `{caller}` has {mine} jobs waiting already (MAX_QUEUED_PER_CALLER); retry when some have started"));
         }
         let owners = self.queue.owners_waiting() + usize::from(held == 0);
         if waiting >= cap && held.saturating_mul(owners) >= cap {

@@ -184,7 +184,8 @@ impl Edge {
                 .map(|(_, a)| CallerAgent { agent_id: a.agent_id.clone(), labels: a.labels.clone(), takes_work: a.takes_work(now) })
                 .collect(),
             agents_taking_work: verdict.working,
-            queued_jobs: self.queue.len_of(caller),
+            // Its own secret's jobs: not those the pool's secret queued under its name.
+            queued_jobs: self.queue.len_of(caller, caller),
             usage: self.usage_shown(&verdict, now),
         }
     }

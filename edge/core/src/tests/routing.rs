@@ -1649,3 +1649,26 @@ fn a_body_past_its_holders_share_of_the_bodies_in_flight_is_refused_unread() {
     drop((held, others));
     assert!(intake(&config, Some(A_SECRET), None, Some(1000)).is_ok(), "a's body done, its share is free again");
 }
+
+/// Jobs the pool's secret queued as `ci` before `ci` had a secret of its own stay the pool
+/// secret's: neither counted in ci's `/health` nor against its MAX_QUEUED_PER_CALLER.
+#[test]
+fn jobs_the_pool_secret_queued_under_a_name_are_not_the_names_own() {
+    const CI_SECRET: &str = "caller-ci-secret-0123456789";
+    let mut edge = Edge::new(Config { max_queued_per_caller: 2, ..pool_config() }, 0);
+    let mut saved = Vec::new();
+    for now in 1..=2 {
+        let h = request(&mut edge, now, SECRET, "POST", "/jobs", json!({"prompt": "x", "caller": "ci"}));
+        assert_eq!(answer(&h).0, 202);
+        saved.extend(h.effects.into_iter().filter_map(|e| if let Effect::Save(j) = e { Some(*j) } else { None }));
+    }
+    let after = Config { caller_secrets: vec![("ci".into(), CI_SECRET.into())], max_queued_per_caller: 2, ..pool_config() };
+    let (mut edge, _) = Edge::restore(after, saved, vec![], None, 10);
+    assert_eq!(edge.queued(), 2);
+    let (status, body) = answer(&request(&mut edge, 11, CI_SECRET, "GET", "/health", Value::Null));
+    assert_eq!((status, body["queued_jobs"].as_u64()), (503, Some(0)), "no agent yet; none of the 2 is ci's: {body}");
+    let h = request(&mut edge, 12, CI_SECRET, "POST", "/jobs", json!({"prompt": "ci's own"}));
+    assert_eq!(answer(&h).0, 202, "{:?}", answer(&h).1);
+    let (_, body) = answer(&request(&mut edge, 13, CI_SECRET, "GET", "/health", Value::Null));
+    assert_eq!(body["queued_jobs"].as_u64(), Some(1), "{body}");
+}
