@@ -227,9 +227,6 @@ impl Edge {
             self.login_lost(&relay, effects);
         }
         let agent_id = agent.agent_id.clone();
-        if !self.ready().any(|(_, a)| a.agent_id == agent_id) {
-            self.note_departed(now, &agent_id, true, effects);
-        }
         let orphans: Vec<String> = self
             .active
             .iter()
@@ -239,6 +236,17 @@ impl Edge {
             })
             .cloned()
             .collect();
+        if !self.ready().any(|(_, a)| a.agent_id == agent_id) {
+            // An agent that said it stops and leaves with no job on it (a drain, a
+            // `--one-job` exit) stopped on purpose: not down. Listed down, a pool of
+            // one-job workers kept `/health` degraded for good, each key listed an hour.
+            // A crash, a kill, or leaving with jobs still on it is down.
+            let stopped = agent.stopping && orphans.is_empty();
+            if stopped {
+                info!(agent_id = %agent_id, session = session_id, "agent stopped");
+            }
+            self.note_departed(now, &agent_id, !stopped, effects);
+        }
         for id in orphans {
             let job = self.job_mut(&id).expect("active jobs exist");
             job.orphaned_at = Some(now.at);

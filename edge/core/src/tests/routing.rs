@@ -514,6 +514,28 @@ fn a_queued_execute_ends_when_the_only_working_agent_leaves_the_paused_one() {
     assert_eq!((ended.state, ended.result.as_ref().and_then(|r| r.error_code)), (JobState::Failed, Some(shared::contract::ErrorCode::RunnerOffline)), "{ended:?}");
 }
 
+/// An agent that said it stops and left with nothing running (a drain, a `--one-job`
+/// exit) is not down: `/health` stays healthy and does not list it. One that leaves with
+/// jobs, or without saying so, is.
+#[test]
+fn an_agent_that_stopped_on_purpose_is_not_down() {
+    let mut edge = Edge::new(three_agents(), 0);
+    let spark = enter(&mut edge, 0, "spark", 1, 1, "", &[]);
+    enter(&mut edge, 0, "laptop", 2, 1, "", &[]);
+    pulse(&mut edge, 1, &spark, Beat { stopping: true, ..beat(&[], 1, 0) });
+    edge.disconnect(2, &spark);
+    let health = edge.health(3);
+    assert_eq!(health.status, shared::contract::HealthStatus::Healthy, "{health:?}");
+    assert!(!health.agents.iter().any(|a| a.agent_id == "spark"), "{health:?}");
+    // Stopping with a job it did not finish: down.
+    let spark = enter(&mut edge, 4, "spark", 1, 1, "", &[]);
+    let running = submit(&mut edge, 5, SECRET, json!({"prompt": "x", "agent_id": "spark"}));
+    say(&mut edge, 6, &spark, AgentMessage::Accepted { job_id: running.clone() });
+    pulse(&mut edge, 7, &spark, Beat { stopping: true, ..beat(&[&running], 0, 1) });
+    edge.disconnect(8, &spark);
+    assert_eq!(edge.health(9).status, shared::contract::HealthStatus::Degraded);
+}
+
 #[test]
 fn health_lists_every_agent_and_is_degraded_while_one_is_down() {
     let mut edge = Edge::new(three_agents(), 0);
