@@ -11,7 +11,9 @@ use crate::session::Refused;
 use shared::contract::{ApiError, ErrorCode};
 use shared::job::JobResult;
 use shared::protocol::{close, HANDSHAKE_TIMEOUT_MS};
+use shared::placement::Labels;
 use shared::Millis;
+use std::collections::{BTreeMap, HashMap};
 use tracing::warn;
 
 impl Edge {
@@ -23,6 +25,7 @@ impl Edge {
             true => Box::new(self.queue.first_expiry().into_iter()),
             false => Box::new(self.queue.ids().map(|id| self.queued_deadline(&self.jobs[id]))),
         };
+        let unfit = self.unfit_due().map(|(_, due)| due);
         let active = self
             .active
             .iter()
@@ -37,6 +40,7 @@ impl Edge {
         let abandoned = self.retry_at.filter(|_| !self.abandoned.is_empty());
         let next = sessions
             .chain(queued)
+            .chain(unfit)
             .chain(active)
             .chain(retention)
             .chain(keys)
@@ -50,12 +54,12 @@ impl Edge {
         Some(self.retry_at.map_or(next, |retry| next.max(retry)))
     }
 
-    /// Whether every queued job waits its own time, which the queue keeps in order: while
-    /// an agent is connected and no usage window holds work. Otherwise a waiting caller's
-    /// deadline moves (no agent), or a held job's (the window's reset), and the queue is
-    /// walked.
+    /// Whether every queued job waits its own time, which the queue keeps in order (those
+    /// no connected agent fits aside: [`Edge::unfit_due`]): while no usage window holds
+    /// work (that of the agents connected, or with none connected the last one reported).
+    /// Otherwise a held job's deadline moves (the window's reset), and the queue is walked.
     fn own_waits(&self) -> bool {
-        self.offline_since.is_none() && self.earliest_usage_hold().is_none()
+        self.queue_usage_hold().is_none()
     }
 
     fn queued_deadline(&self, job: &Job) -> Millis {
@@ -64,12 +68,42 @@ impl Edge {
         if let (Mode::Detached, true, Some(hold)) = (job.mode, job.wait_for_usage, self.queue_usage_hold()) {
             own = own.max(hold.saturating_add(self.cfg.queue_ttl_ms));
         }
-        match (job.mode, self.offline_since) {
-            // A waiting caller should fall back rather than wait out its whole timeout
-            // for an agent that is gone.
-            (Mode::Wait, Some(since)) => own.min(since.max(job.created_at).saturating_add(self.cfg.lost_after_ms)),
+        // A waiting caller should fall back rather than wait out its whole timeout for an
+        // agent that is gone: `LOST_AFTER_MS` after no connected agent fits its job (the
+        // whole edge offline, or the agents it names or whose labels it needs gone), an
+        // agent's brief reconnect tolerated.
+        match self.unfit_since.get(&job.id) {
+            Some(since) if job.mode == Mode::Wait => own.min(since.max(&job.created_at).saturating_add(self.cfg.lost_after_ms)),
             _ => own,
         }
+    }
+
+    /// The queued `/execute` jobs no connected agent fits, each with its deadline.
+    fn unfit_due(&self) -> impl Iterator<Item = (&String, Millis)> {
+        self.unfit_since
+            .keys()
+            .filter(|id| self.queue.contains(id))
+            .map(|id| (id, self.queued_deadline(&self.jobs[id])))
+    }
+
+    /// Notes which queued `/execute` jobs no connected agent fits now, and since when
+    /// (kept for those noted already): called as agents come and go, and as an event is
+    /// undone. A job that fits one again — its agent back — waits on as before.
+    pub(super) fn note_unfit(&mut self, now: Now) {
+        let mut fits: HashMap<(&Labels, Option<&str>), bool> = HashMap::new();
+        let mut unfit = BTreeMap::new();
+        for id in self.queue.ids() {
+            let job = &self.jobs[id];
+            if job.mode != Mode::Wait {
+                continue;
+            }
+            let placement = &job.placement;
+            let need = (&placement.labels, placement.agent_id.as_deref());
+            if !*fits.entry(need).or_insert_with(|| !self.fitting_agents(placement).is_empty()) {
+                unfit.insert(id.clone(), self.unfit_since.get(id).copied().unwrap_or(now.at));
+            }
+        }
+        self.unfit_since = unfit;
     }
 
     /// Acts on every deadline that has passed.
@@ -95,17 +129,24 @@ impl Edge {
             self.close(now, &id, Refused::new(close::SILENT, reason), &mut effects);
         }
 
-        let expired: Vec<String> = match self.own_waits() {
+        let mut expired: Vec<String> = match self.own_waits() {
             true => self.queue.expired(now.at),
             false => self.queue.ids().filter(|id| self.queued_deadline(&self.jobs[*id]) <= now.at).cloned().collect(),
         };
+        let unfit: Vec<String> = self.unfit_due().filter(|(id, due)| *due <= now.at && !expired.contains(id)).map(|(id, _)| id.clone()).collect();
+        expired.extend(unfit);
         for id in expired {
             let job = &self.jobs[&id];
             let waited = now.at.saturating_sub(job.created_at);
-            let result = if !self.is_online() && job.mode == Mode::Wait {
-                JobResult::failure(ErrorCode::RunnerOffline, ApiError::offline().body.error, waited)
-            } else {
-                self.expired_in_queue(now, &job.placement, waited, job.queue_wait(self.cfg.queue_ttl_ms))
+            // Its caller falls back, told why: as a new `/execute` would be refused.
+            let gone = match (job.mode, self.unfit_since.contains_key(&id), self.is_online()) {
+                (Mode::Wait, true, false) => Some(ApiError::offline()),
+                (Mode::Wait, true, true) => self.unplaceable(&job.placement),
+                _ => None,
+            };
+            let result = match gone {
+                Some(err) => JobResult::failure(err.body.error_code, err.body.error, waited),
+                None => self.expired_in_queue(now, &job.placement, waited, job.queue_wait(self.cfg.queue_ttl_ms)),
             };
             self.finish(now, &id, result, &mut effects);
         }

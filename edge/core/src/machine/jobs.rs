@@ -359,7 +359,7 @@ impl Edge {
 
     /// [`Edge::unplaceable`]'s refusal when agents fit the job and every one is paused or
     /// stopping: a queued `/execute` job then ends. (With none connected that fits, a queued
-    /// job is left to what an agent gone away leaves it to: its reconnect, or its loss.)
+    /// one waits `LOST_AFTER_MS` for one to come back: [`Edge::note_unfit`].)
     pub(super) fn held_back_only(&self, placement: &shared::placement::Placement) -> Option<ApiError> {
         let fitting = self.fitting_agents(placement);
         (!fitting.is_empty() && fitting.iter().all(|a| a.held_back())).then(|| self.unplaceable(placement)).flatten()
@@ -370,7 +370,7 @@ impl Edge {
     /// at once rather than wait for an agent that may never come. (Fitting agents that
     /// are there but cannot work — their login, their usage window — are
     /// [`Edge::refusal`]'s.)
-    fn unplaceable(&self, placement: &shared::placement::Placement) -> Option<ApiError> {
+    pub(super) fn unplaceable(&self, placement: &shared::placement::Placement) -> Option<ApiError> {
         let fitting: Vec<&Agent> = self.fitting_agents(placement);
         if fitting.iter().any(|a| !a.held_back()) {
             return None;

@@ -197,6 +197,10 @@ pub struct Edge {
     /// [`storage::STORE_RETRY_MS`]) — unless dispatched meanwhile, which the failing store
     /// makes unlikely.
     abandoned: Vec<String>,
+    /// The queued `/execute` jobs no connected agent fits (none connected included), and
+    /// since when ([`Edge::note_unfit`], as agents come and go; entries of jobs no longer
+    /// queued are left for the next): each ends `LOST_AFTER_MS` after.
+    unfit_since: BTreeMap<String, Millis>,
     /// The edge is stopping: no new work, no new agents.
     stopping: bool,
     stats: Stats,
@@ -237,6 +241,7 @@ impl Edge {
             retry_at: None,
             held_back_due: None,
             abandoned: Vec::new(),
+            unfit_since: BTreeMap::new(),
             stopping: false,
             stats: Stats::default(),
             alerts: crate::notify::AlertState::default(),

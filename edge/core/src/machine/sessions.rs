@@ -255,6 +255,7 @@ impl Edge {
         if !self.is_online() {
             self.offline_since = Some(now.at);
         }
+        self.note_unfit(now);
         self.observe(now, effects);
     }
 
@@ -463,6 +464,7 @@ impl Edge {
         self.last_oauth = Some((agent_id.clone(), hello.oauth.clone()));
         self.keep_usage_hold(hold, effects);
         self.offline_since = None;
+        self.note_unfit(now);
         info!(agent_id = %agent_id, session = session_id, version = %hello.agent_version, capacity = hello.capacity.min(MAX_CAPACITY), "agent connected");
         let all_named = !hello.more_finished && hello.finished.len() <= MAX_HELLO_FINISHED;
         self.reconcile(now, session_id, &agent_id, &held, Heard::Hello { all_named }, effects);

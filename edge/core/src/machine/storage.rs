@@ -389,6 +389,7 @@ impl Edge {
         } else if self.offline_since.is_none() {
             self.offline_since = Some(now.at);
         }
+        self.note_unfit(now);
         for (job_id, (waiters, followers)) in journal.callers {
             self.callers.set(&job_id, waiters, followers);
         }

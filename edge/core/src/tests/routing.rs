@@ -514,6 +514,52 @@ fn a_queued_execute_ends_when_the_only_working_agent_leaves_the_paused_one() {
     assert_eq!((ended.state, ended.result.as_ref().and_then(|r| r.error_code)), (JobState::Failed, Some(shared::contract::ErrorCode::RunnerOffline)), "{ended:?}");
 }
 
+/// A queued `/execute` only one agent fits ends RUNNER_OFFLINE, with `fallback`, once that
+/// agent has been gone `LOST_AFTER_MS` while others stay: it waited out its whole
+/// `timeout_ms` (the shorter wait held only while the whole edge was offline).
+#[test]
+fn a_queued_execute_ends_once_the_only_agent_that_fits_it_has_been_gone_lost_after_ms() {
+    // Heartbeats far apart: laptop stays connected through the test without beating.
+    let mut edge = Edge::new(Config { heartbeat_interval_ms: 10 * LOST, ..three_agents() }, 0);
+    let spark = enter(&mut edge, 0, "spark", 1, 1, "", &[]);
+    enter(&mut edge, 0, "laptop", 2, 1, "", &[]);
+    let running = submit(&mut edge, 1, SECRET, json!({"prompt": "x", "agent_id": "spark"}));
+    say(&mut edge, 2, &spark, AgentMessage::Accepted { job_id: running });
+    let only_spark = json!({"prompt": "x", "agent_id": "spark"}).to_string();
+    let only_spark = ExecuteRequest::parse(only_spark.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+    edge.submit(3, "w1".into(), only_spark, Mode::Wait).unwrap();
+    assert_eq!(edge.job("w1").unwrap().state, JobState::Queued, "spark is busy: it waits for spark");
+    edge.disconnect(4, &spark);
+    edge.tick(4);
+    // A brief reconnect is tolerated: it still waits.
+    assert_eq!(edge.job("w1").unwrap().state, JobState::Queued);
+    assert_eq!(edge.next_deadline(), Some(4 + LOST), "its wait is cut to LOST_AFTER_MS (the running job's loss is due then too)");
+    edge.tick(4 + LOST - 1);
+    assert_eq!(edge.job("w1").unwrap().state, JobState::Queued);
+    edge.tick(4 + LOST + 1);
+    let ended = edge.job("w1").unwrap();
+    let result = ended.result.as_ref().unwrap();
+    assert_eq!((ended.state, result.error_code), (JobState::Failed, Some(shared::contract::ErrorCode::RunnerOffline)), "{ended:?}");
+    assert!(result.error.as_deref().unwrap_or("").contains("spark"), "says whom it waited for: {result:?}");
+}
+
+/// Back within `LOST_AFTER_MS`, the agent takes the job that waited for it.
+#[test]
+fn a_queued_execute_goes_to_its_agent_back_within_lost_after_ms() {
+    let mut edge = Edge::new(three_agents(), 0);
+    let spark = enter(&mut edge, 0, "spark", 1, 1, "", &[]);
+    enter(&mut edge, 0, "laptop", 2, 1, "", &[]);
+    let running = submit(&mut edge, 1, SECRET, json!({"prompt": "x", "agent_id": "spark"}));
+    say(&mut edge, 2, &spark, AgentMessage::Accepted { job_id: running });
+    let only_spark = json!({"prompt": "x", "agent_id": "spark"}).to_string();
+    let only_spark = ExecuteRequest::parse(only_spark.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+    edge.submit(3, "w1".into(), only_spark, Mode::Wait).unwrap();
+    edge.disconnect(4, &spark);
+    edge.tick(5);
+    let spark = enter(&mut edge, 5, "spark", 1, 2, "", &[]);
+    assert_eq!(edge.job("w1").unwrap().session_id.as_deref(), Some(spark.as_str()));
+}
+
 /// An agent that said it stops and left with nothing running (a drain, a `--one-job`
 /// exit) is not down: `/health` stays healthy and does not list it. One that leaves with
 /// jobs, or without saying so, is.
