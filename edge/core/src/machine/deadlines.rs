@@ -11,9 +11,7 @@ use crate::session::Refused;
 use shared::contract::{ApiError, ErrorCode};
 use shared::job::JobResult;
 use shared::protocol::{close, HANDSHAKE_TIMEOUT_MS};
-use shared::placement::Labels;
 use shared::Millis;
-use std::collections::{BTreeMap, HashMap};
 use tracing::warn;
 
 impl Edge {
@@ -90,19 +88,14 @@ impl Edge {
     /// (kept for those noted already): called as agents come and go, and as an event is
     /// undone. A job that fits one again — its agent back — waits on as before.
     pub(super) fn note_unfit(&mut self, now: Now) {
-        let mut fits: HashMap<(&Labels, Option<&str>), bool> = HashMap::new();
-        let mut unfit = BTreeMap::new();
-        for id in self.queue.ids() {
-            let job = &self.jobs[id];
-            if job.mode != Mode::Wait {
-                continue;
-            }
-            let placement = &job.placement;
-            let need = (&placement.labels, placement.agent_id.as_deref());
-            if !*fits.entry(need).or_insert_with(|| !self.fitting_agents(placement).is_empty()) {
-                unfit.insert(id.clone(), self.unfit_since.get(id).copied().unwrap_or(now.at));
-            }
-        }
+        let unfit = self
+            .queued_waits_judged(|placement| self.fitting_agents(placement).is_empty().then_some(()))
+            .into_iter()
+            .map(|(id, ())| {
+                let since = self.unfit_since.get(&id).copied().unwrap_or(now.at);
+                (id, since)
+            })
+            .collect();
         self.unfit_since = unfit;
     }
 

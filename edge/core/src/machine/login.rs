@@ -180,6 +180,28 @@ impl Edge {
     }
 
     /// The connected agents that fit a placement.
+    /// The queued `/execute` jobs for which `judge`, given the job's placement, has a
+    /// verdict, with it: judged once per (labels, `agent_id`) however many jobs share them,
+    /// so that a walk of 20,000 queued jobs costs a walk, not 20,000 looks at the agents.
+    /// Both walks that end or time waits as agents come and go use it
+    /// ([`Edge::end_held_back_waits`], [`Edge::note_unfit`]).
+    pub(super) fn queued_waits_judged<T: Clone>(&self, judge: impl Fn(&Placement) -> Option<T>) -> Vec<(String, T)> {
+        let mut judged: HashMap<(&Labels, Option<&str>), Option<T>> = HashMap::new();
+        let mut found = Vec::new();
+        for id in self.queue.ids() {
+            let job = &self.jobs[id];
+            if job.mode != Mode::Wait {
+                continue;
+            }
+            let placement = &job.placement;
+            let need = (&placement.labels, placement.agent_id.as_deref());
+            if let Some(verdict) = judged.entry(need).or_insert_with(|| judge(placement)) {
+                found.push((id.clone(), verdict.clone()));
+            }
+        }
+        found
+    }
+
     pub(super) fn fitting_agents(&self, placement: &Placement) -> Vec<&Agent> {
         self.ready().map(|(_, a)| a).filter(|a| placement.fits(&a.agent_id, &a.labels)).collect()
     }
@@ -249,19 +271,7 @@ impl Edge {
     /// a pause, a heartbeat that says it stops — not at every heartbeat: a walk of 20,000
     /// queued jobs took 8 ms, at each beat of each agent for a whole drain.
     pub(super) fn end_held_back_waits(&mut self, now: Now, effects: &mut Vec<Effect>) {
-        let mut held: HashMap<(&Labels, Option<&str>), Option<ApiError>> = HashMap::new();
-        let mut ended: Vec<(String, ApiError)> = Vec::new();
-        for id in self.queue.ids() {
-            let job = &self.jobs[id];
-            if job.mode != Mode::Wait {
-                continue;
-            }
-            let placement = &job.placement;
-            let need = (&placement.labels, placement.agent_id.as_deref());
-            if let Some(err) = held.entry(need).or_insert_with(|| self.held_back_only(placement)) {
-                ended.push((id.clone(), err.clone()));
-            }
-        }
+        let ended = self.queued_waits_judged(|placement| self.held_back_only(placement));
         self.end_queued(now, ended, "queued job ended: every agent that fits it is paused or stopping", effects);
     }
 
