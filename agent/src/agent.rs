@@ -1030,7 +1030,11 @@ mod flood_tests {
         let (_stop, stop_rx) = oneshot::channel();
         let ended = runner::run(&ctx, "j1", spec, stop_rx).await;
         agent.heartbeat();
-        let next = queues.uplink.try_next().unwrap().msg;
+        // The job's start was told as it began, before its progress and this beat.
+        let mut next = queues.uplink.try_next().unwrap().msg;
+        while matches!(next, AgentMessage::Started { .. }) {
+            next = queues.uplink.try_next().unwrap().msg;
+        }
         ended.leftover.clean_up().await;
         let _ = std::fs::remove_dir_all(&dir);
         assert!(matches!(next, AgentMessage::Heartbeat { .. }), "the connection's next frame: {}", &next.to_text()[..40]);
