@@ -950,6 +950,22 @@ pub fn slot_record_names(data_dir: &Path, n: usize, job_id: &str) -> (bool, bool
 }
 
 /// Waits up to `within` for `cond`.
+/// A Claude login in `config` whose access token expired and can be refreshed (a refresh is
+/// due), with the agent's refresh lock held by another process, as another Claude refreshing
+/// it would: `flock(1)` holds it until its stdin closes (drop or close the child's stdin to
+/// let it go). Returns once the lock is seen held.
+pub async fn stale_login_with_the_refresh_held(config: &Path) -> Child {
+    let stale = serde_json::json!({"claudeAiOauth": {"accessToken": "sk-ant-oat01-stale-0123456789", "refreshToken": "sk-ant-ort01-stale-0123456789", "expiresAt": 1_000u64}});
+    std::fs::write(config.join(".credentials.json"), stale.to_string()).unwrap();
+    let lock = config.join(".claude-runner-refresh.lock");
+    let other = Command::new("flock").arg(&lock).args(["sh", "-c", "read x"]).stdin(Stdio::piped()).spawn().unwrap();
+    let held = eventually(Duration::from_secs(30), || {
+        std::fs::File::open(&lock).is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+    });
+    assert!(held.await, "flock(1) never took the lock");
+    other
+}
+
 pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {

@@ -936,15 +936,8 @@ async fn a_relayed_login_waits_for_a_refresh_another_process_lets_run() {
     let s = setup_with(EdgeKind::Native, &[], &[("CLAUDE_CODE_OAUTH_TOKEN", "")], false).await;
     let config = s.agent.data.path().join("claude-config");
     // A login whose access token expired and that can be refreshed: a refresh is due.
-    let stale = json!({"claudeAiOauth": {"accessToken": "sk-ant-oat01-stale-0123456789", "refreshToken": "sk-ant-ort01-stale-0123456789", "expiresAt": 1_000u64}});
-    std::fs::write(config.join(".credentials.json"), stale.to_string()).unwrap();
-    // Another process lets its Claude refresh it: it holds the lock until its stdin closes.
-    let lock = config.join(".claude-runner-refresh.lock");
-    let mut other = std::process::Command::new("flock").arg(&lock).args(["sh", "-c", "read x"]).stdin(std::process::Stdio::piped()).spawn().unwrap();
-    let held = eventually(Duration::from_secs(30), || {
-        std::fs::File::open(&lock).is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
-    });
-    assert!(held.await, "flock(1) never took the lock");
+    // A login due a refresh, which another process holds the lock to make.
+    let mut other = stale_login_with_the_refresh_held(&config).await;
     let client = s.client.clone();
     let connected = eventually_async(Duration::from_secs(30), || {
         let client = client.clone();

@@ -69,15 +69,8 @@ async fn a_job_accepted_but_not_started_when_the_agent_died_is_sent_again() {
     let mut agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark").env("CLAUDE_CODE_OAUTH_TOKEN", ""));
     let client = Client::new(&edge.url());
     let config = agent.data.path().join("claude-config");
-    let stale = json!({"claudeAiOauth": {"accessToken": "sk-ant-oat01-stale-0123456789", "refreshToken": "sk-ant-ort01-stale-0123456789", "expiresAt": 1_000u64}});
-    std::fs::write(config.join(".credentials.json"), stale.to_string()).unwrap();
-    // Another process lets its Claude refresh the login: it holds the lock until its stdin closes.
-    let lock = config.join(".claude-runner-refresh.lock");
-    let mut other = std::process::Command::new("flock").arg(&lock).args(["sh", "-c", "read x"]).stdin(std::process::Stdio::piped()).spawn().unwrap();
-    let held = eventually(Duration::from_secs(30), || {
-        std::fs::File::open(&lock).is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
-    });
-    assert!(held.await, "flock(1) never took the lock");
+    // A login due a refresh, which another process holds the lock to make.
+    let mut other = stale_login_with_the_refresh_held(&config).await;
     let until = Instant::now() + Duration::from_secs(30);
     while client.health_full().await.body["agent"]["connected"] != true {
         assert!(Instant::now() < until, "the agent never connected");
