@@ -521,13 +521,7 @@ fn a_queued_execute_ends_when_the_only_working_agent_leaves_the_paused_one() {
 fn a_queued_execute_ends_once_the_only_agent_that_fits_it_has_been_gone_lost_after_ms() {
     // Heartbeats far apart: laptop stays connected through the test without beating.
     let mut edge = Edge::new(Config { heartbeat_interval_ms: 10 * LOST, ..three_agents() }, 0);
-    let spark = enter(&mut edge, 0, "spark", 1, 1, "", &[]);
-    enter(&mut edge, 0, "laptop", 2, 1, "", &[]);
-    let running = submit(&mut edge, 1, SECRET, json!({"prompt": "x", "agent_id": "spark"}));
-    say(&mut edge, 2, &spark, AgentMessage::Accepted { job_id: running });
-    let only_spark = json!({"prompt": "x", "agent_id": "spark"}).to_string();
-    let only_spark = ExecuteRequest::parse(only_spark.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
-    edge.submit(3, "w1".into(), only_spark, Mode::Wait).unwrap();
+    let spark = spark_busy_and_an_execute_waiting_for_it(&mut edge);
     assert_eq!(edge.job("w1").unwrap().state, JobState::Queued, "spark is busy: it waits for spark");
     edge.disconnect(4, &spark);
     edge.tick(4);
@@ -547,13 +541,7 @@ fn a_queued_execute_ends_once_the_only_agent_that_fits_it_has_been_gone_lost_aft
 #[test]
 fn a_queued_execute_goes_to_its_agent_back_within_lost_after_ms() {
     let mut edge = Edge::new(three_agents(), 0);
-    let spark = enter(&mut edge, 0, "spark", 1, 1, "", &[]);
-    enter(&mut edge, 0, "laptop", 2, 1, "", &[]);
-    let running = submit(&mut edge, 1, SECRET, json!({"prompt": "x", "agent_id": "spark"}));
-    say(&mut edge, 2, &spark, AgentMessage::Accepted { job_id: running });
-    let only_spark = json!({"prompt": "x", "agent_id": "spark"}).to_string();
-    let only_spark = ExecuteRequest::parse(only_spark.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
-    edge.submit(3, "w1".into(), only_spark, Mode::Wait).unwrap();
+    let spark = spark_busy_and_an_execute_waiting_for_it(&mut edge);
     edge.disconnect(4, &spark);
     edge.tick(5);
     let spark = enter(&mut edge, 5, "spark", 1, 2, "", &[]);
@@ -1739,4 +1727,17 @@ fn jobs_the_pool_secret_queued_under_a_name_are_not_the_names_own() {
     assert_eq!(answer(&h).0, 202, "{:?}", answer(&h).1);
     let (_, body) = answer(&request(&mut edge, 13, CI_SECRET, "GET", "/health", Value::Null));
     assert_eq!(body["queued_jobs"].as_u64(), Some(1), "{body}");
+}
+
+/// spark (busy with a job) and laptop connected, and an `/execute` for spark alone (`w1`)
+/// queued at 3: the set-up of the tests of a wait for one agent that leaves.
+fn spark_busy_and_an_execute_waiting_for_it(edge: &mut Edge) -> String {
+    let spark = enter(edge, 0, "spark", 1, 1, "", &[]);
+    enter(edge, 0, "laptop", 2, 1, "", &[]);
+    let running = submit(edge, 1, SECRET, json!({"prompt": "x", "agent_id": "spark"}));
+    say(edge, 2, &spark, AgentMessage::Accepted { job_id: running });
+    let only_spark = json!({"prompt": "x", "agent_id": "spark"}).to_string();
+    let only_spark = ExecuteRequest::parse(only_spark.as_bytes(), None, Limits { max_timeout_ms: 3_600_000 }).unwrap();
+    edge.submit(3, "w1".into(), only_spark, Mode::Wait).unwrap();
+    spark
 }
