@@ -128,14 +128,23 @@ fn agent_env(edge_ws: &str, keys: &Keys) -> Vec<(&'static str, String)> {
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agent_image_runs_a_job_for_a_host_edge_turns_healthy_and_drains_on_stop() {
-    let Some((image, _)) = images() else { return };
+/// A native edge on the host and the agent image dialing it (with `extra_env` beside the
+/// agent's settings), once the agent is online: the edge, a client of it, the container.
+async fn agent_for_a_host_edge(image: &str, extra_env: &[(&'static str, String)]) -> (EdgeServer, Client, Ctr) {
     let keys = Keys::new(&["spark"]);
     let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
     let client = Client::new(&edge.url());
-    let agent = Ctr::run(&image, &agent_env(&edge.ws_url(), &keys), &[], "agent");
+    let mut env = agent_env(&edge.ws_url(), &keys);
+    env.extend_from_slice(extra_env);
+    let agent = Ctr::run(image, &env, &[], "agent");
     client.wait_online().await;
+    (edge, client, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_image_runs_a_job_for_a_host_edge_turns_healthy_and_drains_on_stop() {
+    let Some((image, _)) = images() else { return };
+    let (_edge, client, agent) = agent_for_a_host_edge(&image, &[]).await;
 
     let a = client.execute(json!({"prompt": "hello from a container", "timeout_ms": 30000})).await;
     assert_eq!(a.status, 200, "{}\n{}", a.text, agent.logs());
@@ -187,14 +196,8 @@ fn agent_user(agent: &Ctr) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_in_the_agent_container_finds_no_secret_in_any_process() {
     let Some((image, _)) = images() else { return };
-    let keys = Keys::new(&["spark"]);
-    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
-    let client = Client::new(&edge.url());
-    let mut env = agent_env(&edge.ws_url(), &keys);
-    env.push(("GITHUB_TOKEN", "ghp_container0test0token0000000000000000".into()));
-    env.push(("REPO_TOKENS", "git.example=container-test-repo-token".into()));
-    let agent = Ctr::run(&image, &env, &[], "agent");
-    client.wait_online().await;
+    let tokens = [("GITHUB_TOKEN", "ghp_container0test0token0000000000000000".into()), ("REPO_TOKENS", "git.example=container-test-repo-token".into())];
+    let (_edge, client, agent) = agent_for_a_host_edge(&image, &tokens).await;
     assert_eq!(agent_user(&agent), "claude-runner 10001", "the agent runs as the jobs' user");
     // A process started by `exec`, as the HEALTHCHECK's is, alive while the job looks.
     let out = podman(&["exec", "-d", &agent.name, "sleep", "600"]);
@@ -222,11 +225,7 @@ async fn a_job_in_the_agent_container_finds_no_secret_in_any_process() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_exec_starts_as_root_reads_nothing_a_job_wrote() {
     let Some((image, _)) = images() else { return };
-    let keys = Keys::new(&["spark"]);
-    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
-    let client = Client::new(&edge.url());
-    let agent = Ctr::run(&image, &agent_env(&edge.ws_url(), &keys), &[], "agent");
-    client.wait_online().await;
+    let (_edge, client, agent) = agent_for_a_host_edge(&image, &[]).await;
 
     // The job's own HOME is the runner's, and it plants a start-up file there.
     let a = client.execute(json!({"prompt": "@print_env=HOME"})).await;
