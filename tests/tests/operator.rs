@@ -1038,11 +1038,7 @@ async fn status_tells_whether_the_agent_runs_and_is_connected() {
         let out = Command::new(bin("claude-runner")).arg("status").env("DATA_DIR", &data_dir).output().unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    // `status --check`, the container's health check: one line, the verdict in the exit code.
-    let check = || {
-        let out = Command::new(bin("claude-runner")).args(["status", "--check"]).env("DATA_DIR", &data_dir).output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let check = || status_check(&data_dir);
     let mut last = (false, String::new());
     assert!(eventually(Duration::from_secs(60), || { last = status(); last.0 }).await, "{}", last.1);
     assert!(last.1.contains("connected since"), "{}", last.1);
@@ -1070,6 +1066,54 @@ async fn status_tells_whether_the_agent_runs_and_is_connected() {
     let (ok, out) = check();
     assert!(!ok, "{out}");
     assert!(out.starts_with("unhealthy: agent spark (pid"), "{out}");
+}
+
+/// `status --check`, the container's health check, for the agent of `data_dir`: one line,
+/// the verdict in the exit code.
+fn status_check(data_dir: &Path) -> (bool, String) {
+    let out = Command::new(bin("claude-runner")).args(["status", "--check"]).env("DATA_DIR", data_dir).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A job runs as the agent's user: it can stop the agent (SIGSTOP), move `DATA_DIR/agent.lock`
+/// aside and start an agent of its own on the same DATA_DIR — the same program, connected
+/// to an edge of its choosing, holding the new `agent.lock` and writing a fresh status.json
+/// that names it. `status --check` still finds the stopped agent, by the agent's shared
+/// lock of DATA_DIR itself (`drain::hold_folder`), which the job cannot move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_check_finds_a_stopped_agent_whose_lock_file_a_job_replaced() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
+    let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    Client::new(&edge.url()).wait_online().await;
+    let data_dir = agent.data.path().join("data");
+    let pid = agent.pid().expect("the agent runs");
+    let mut last = (false, String::new());
+    assert!(eventually(Duration::from_secs(60), || { last = status_check(&data_dir); last.0 }).await, "{}", last.1);
+    // Stopped, unhealthy; resumed, healthy again.
+    let stopped = |said: &str| said.starts_with(&format!("unhealthy: agent spark (pid {pid}) is stopped")) && said.contains(&format!("kill -CONT {pid}"));
+    agent.signal(libc::SIGSTOP);
+    assert!(eventually(Duration::from_secs(60), || { last = status_check(&data_dir); stopped(&last.1) }).await, "{}", last.1);
+    agent.signal(libc::SIGCONT);
+    assert!(eventually(Duration::from_secs(60), || { last = status_check(&data_dir); last.0 }).await, "{}", last.1);
+
+    // Stopped again, and the job's agent in its place: the lock file swapped, the status
+    // file its own (connected, fresh, naming it).
+    agent.signal(libc::SIGSTOP);
+    assert!(eventually(Duration::from_secs(60), || { last = status_check(&data_dir); stopped(&last.1) }).await, "{}", last.1);
+    std::fs::rename(data_dir.join("agent.lock"), data_dir.join("agent.lock.aside")).unwrap();
+    let its_edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
+    let impostor = AgentProc::start(AgentOpts::for_edge(&its_edge, "spark").env("DATA_DIR", &data_dir.display().to_string()));
+    Client::new(&its_edge.url()).wait_online().await;
+    let impostor_pid = impostor.pid().expect("the job's agent runs");
+    let names_the_impostor = || {
+        let status: serde_json::Value = serde_json::from_slice(&std::fs::read(data_dir.join("status.json")).unwrap_or_default()).unwrap_or_default();
+        status["pid"] == impostor_pid && status["connected"] == true
+    };
+    assert!(eventually(Duration::from_secs(60), names_the_impostor).await, "{}", impostor.log());
+    let (healthy, said) = status_check(&data_dir);
+    agent.signal(libc::SIGCONT);
+    assert!(!healthy && stopped(&said), "a job's agent on a swapped lock file passed for the stopped one: {said}");
 }
 
 #[test]
