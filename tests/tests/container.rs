@@ -227,26 +227,60 @@ async fn what_exec_starts_as_root_reads_nothing_a_job_wrote() {
     let Some((image, _)) = images() else { return };
     let (_edge, client, agent) = agent_for_a_host_edge(&image, &[]).await;
 
-    // The job's own HOME is the runner's, and it plants a start-up file there.
+    // The job's own HOME and CLAUDE_CONFIG_DIR are the runner's, and it plants a start-up
+    // file of each kind there, each leaving `/tmp/pwned-<kind>-<uid>` when it runs: the
+    // shell's, git's (a command every `git status` runs) and Claude's (a hook its every
+    // session runs; the stand-in runs it even for `--version`).
     let a = client.execute(json!({"prompt": "@print_env=HOME"})).await;
     assert_eq!(a.body["output"], "the value is /home/runner", "{}\n{}", a.text, agent.logs());
+    let a = client.execute(json!({"prompt": "@print_env=CLAUDE_CONFIG_DIR"})).await;
+    assert_eq!(a.body["output"], "the value is /home/runner/.claude", "{}\n{}", a.text, agent.logs());
+    let hook = json!({"standin_runs_hooks": true, "hooks": {"SessionStart": [{"hooks": [{"type": "command", "command": "touch /tmp/pwned-claude-$(id -u)"}]}]}});
+    let planted = [
+        ("/home/runner/.bashrc", "touch /tmp/pwned-bashrc-$(id -u)\n".to_string()),
+        ("/home/runner/.gitconfig", "[core]\n\tfsmonitor = sh -c 'touch /tmp/pwned-gitconfig-$(id -u)' -\n".to_string()),
+        ("/home/runner/.claude/settings.json", hook.to_string()),
+    ];
     use base64::Engine;
-    let bashrc = base64::engine::general_purpose::STANDARD.encode("touch /tmp/pwned-$(id -u)\n");
-    let a = client.execute(json!({"prompt": format!("@write_b64=/home/runner/.bashrc,{bashrc}")})).await;
+    let writes: Vec<String> = planted.iter().map(|(path, body)| format!("@write_b64={path},{}", base64::engine::general_purpose::STANDARD.encode(body))).collect();
+    let a = client.execute(json!({"prompt": writes.join(" ")})).await;
     assert_eq!(a.body["success"], true, "{}\n{}", a.text, agent.logs());
 
-    // The operator's shell in the container, as root: the job's file is not its own.
-    let out = agent.exec(&["bash", "-ic", "true"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let out = agent.exec(&["sh", "-c", "ls /tmp/pwned-* 2>/dev/null; echo \"$(id -u) $HOME ${CLAUDE_CONFIG_DIR-unset} $(pwd)\""]);
-    assert_eq!(text(&out).trim(), "0 /root unset /", "root's exec took the job's HOME, CLAUDE_CONFIG_DIR or folder");
-    // The runner's shell (`exec --user 10001`, README 3a) does read it: the file works.
-    let out = podman(&["exec", "--user", "10001", &agent.name, "bash", "-ic", "true"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let out = agent.exec(&["sh", "-c", "ls /tmp/pwned-*"]);
-    assert_eq!(text(&out).trim(), "/tmp/pwned-10001");
+    // What the operator runs in the container as root (README 3a, 3c, Monitoring): a shell,
+    // git in a repository of root's, `status`, `doctor` (which starts `claude --version`),
+    // `oauth-status`, `claude` itself, and the HEALTHCHECK (`status --check`). Each runs;
+    // none runs a file the job wrote.
+    let git = "rm -rf /tmp/roots-repo && git init -q /tmp/roots-repo && cd /tmp/roots-repo && echo x >f && git add f && git status --short";
+    let root_runs: [(&[&str], &str); 6] = [
+        (&["bash", "-ic", "echo shell ran"], "shell ran"),
+        (&["sh", "-c", git], "A  f"),
+        (&["claude-runner", "status"], "connected since"),
+        (&["claude-runner", "doctor"], "0.0.0 (Claude Code stand-in)"),
+        (&["claude-runner", "oauth-status"], "\"configured\": true"),
+        (&["claude", "--version"], "0.0.0 (Claude Code stand-in)"),
+    ];
+    for (cmd, says) in root_runs {
+        let out = agent.exec(cmd);
+        assert!(text(&out).contains(says), "root's {cmd:?} did not run as it should ({says:?}): {}", text(&out));
+    }
     // The HEALTHCHECK, run as root with root's HOME, still finds the agent's status.
     assert_eq!(agent.wait_healthy().await, "healthy");
+    let out = agent.exec(&["sh", "-c", "ls /tmp/pwned-*-0 2>/dev/null; echo \"$(id -u) $HOME ${CLAUDE_CONFIG_DIR-unset} $(pwd)\""]);
+    assert_eq!(text(&out).trim(), "0 /root unset /", "root's exec ran a file the job wrote, or took the job's HOME, CLAUDE_CONFIG_DIR or folder");
+
+    // The runner's shell, git and claude (`exec --user 10001`, README 3a) do read them:
+    // the files work.
+    let out = agent.exec(&["rm", "-f", "/tmp/pwned-bashrc-10001", "/tmp/pwned-gitconfig-10001", "/tmp/pwned-claude-10001"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let git = "git init -q /tmp/runners-repo && cd /tmp/runners-repo && echo x >f && git add f && git status --short";
+    for cmd in [&["bash", "-ic", "true"][..], &["sh", "-c", git], &["claude", "--version"]] {
+        let mut args = vec!["exec", "--user", "10001", &agent.name];
+        args.extend(cmd);
+        let out = podman(&args);
+        assert!(out.status.success(), "{cmd:?}: {}", text(&out));
+    }
+    let out = agent.exec(&["sh", "-c", "ls /tmp/pwned-*"]);
+    assert_eq!(text(&out).trim(), "/tmp/pwned-bashrc-10001\n/tmp/pwned-claude-10001\n/tmp/pwned-gitconfig-10001");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

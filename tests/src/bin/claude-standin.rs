@@ -69,6 +69,14 @@
 //! starting with `wrong` fails as a refused code does (`Login failed: …`, exit 1). Its pid
 //! goes into `standin-login.pid` in that folder first. With a file `standin-login-mute`
 //! there it closes its output and hangs instead.
+//!
+//! Every start (`--version` and `auth login` too, which the real CLI may spare: the worst
+//! case, for tests of who reads that file) first runs the `SessionStart` hook commands of
+//! `settings.json` in `$CLAUDE_CONFIG_DIR` (else `~/.claude`), as the real CLI runs a
+//! session's hooks: `{"hooks": {"SessionStart": [{"hooks": [{"type": "command",
+//! "command": "…"}]}]}}`, each with `sh -c`, its output discarded — only from a file that
+//! also says `"standin_runs_hooks": true`, so a developer's own `~/.claude/settings.json`
+//! never runs in a test.
 
 use std::io::{Read, Write};
 
@@ -105,7 +113,31 @@ fn git_config(spec: &str, in_mirror: bool) {
     assert!(status.success(), "git config {key} {value}");
 }
 
+/// The `SessionStart` hooks of the settings file Claude reads (module doc).
+fn run_session_start_hooks() {
+    let dir = std::env::var_os("CLAUDE_CONFIG_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| std::path::Path::new(&home).join(".claude")));
+    let Some(settings) = dir.and_then(|d| std::fs::read(d.join("settings.json")).ok()) else { return };
+    let Ok(settings) = serde_json::from_slice::<serde_json::Value>(&settings) else { return };
+    if settings["standin_runs_hooks"] != true {
+        return;
+    }
+    let groups = settings["hooks"]["SessionStart"].as_array().cloned().unwrap_or_default();
+    for hook in groups.iter().filter_map(|g| g["hooks"].as_array()).flatten() {
+        if let (Some("command"), Some(command)) = (hook["type"].as_str(), hook["command"].as_str()) {
+            let _ = std::process::Command::new("sh")
+                .args(["-c", command])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
 fn main() {
+    run_session_start_hooks();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--version") {
         println!("0.0.0 (Claude Code stand-in)");
