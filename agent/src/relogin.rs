@@ -102,7 +102,10 @@ impl Relogin {
 /// answers (the edge lets held work go on a `LoggedIn`: nobody on the path may forge one).
 fn progress(agent: &Agent, login_id: &str, order_nonce: &str, state: LoginState, url: Option<String>, error: Option<String>) {
     let oauth = (state == LoginState::LoggedIn).then(|| agent.reporter.report());
-    let report = LoginReport { login_id: login_id.to_string(), order_nonce: order_nonce.to_string(), state, url, error, oauth };
+    // The URL under this agent's own key, which the edge cannot make: `claude-runner
+    // login` shows no URL the edge (or a hop in front of it) put there instead.
+    let url_proof = url.as_ref().map(|url| shared::protocol::LoginUrlClaim::sign(&agent.cfg.signing_key, login_id, &agent.cfg.agent_id, url, crate::now_ms()));
+    let report = LoginReport { login_id: login_id.to_string(), order_nonce: order_nonce.to_string(), state, url, error, oauth, url_proof };
     agent.link.seal_and_send(&agent.uplink, |key| AgentMessage::login(&report, key));
 }
 

@@ -15,6 +15,49 @@ pub struct LoginArgs {
     /// The agent to log in (default: the one that needs it).
     #[arg(long)]
     pub agent_id: Option<String>,
+    /// The agents' public keys, `id=key,…` as the edge has them: the sign-in URL is shown
+    /// only under its agent's signature. Unset, `up`'s own agent's key is used when the
+    /// secret is `up`'s; else the URL is trusted from the edge (said once).
+    #[arg(long, env = "AGENT_PUBLIC_KEYS")]
+    pub agent_public_keys: Option<String>,
+}
+
+/// Whose signatures a sign-in URL is checked against: the keys given, or `up`'s own agent's
+/// when the secret is `up`'s (its `up.json` under this environment's `DATA_DIR`); `None`:
+/// none known, the URL is trusted from the edge.
+fn trusted_keys(given: Option<&str>, secret: &str) -> Result<Option<shared::keys::Keyring>, String> {
+    if let Some(text) = given {
+        return shared::keys::Keyring::parse(text)
+            .map(Some)
+            .map_err(|e| format!("AGENT_PUBLIC_KEYS (or --agent-public-keys) does not read: {e}; give it as the edge has it, `id=base64 key,…`"));
+    }
+    let data_dir = crate::config::DataDirArgs { data_dir: std::env::var_os("DATA_DIR").map(std::path::PathBuf::from) }.data_dir();
+    Ok(up_agent_key(&crate::config::up_state_file(&data_dir), secret))
+}
+
+/// `up`'s agent and its public key, from `up.json` at `path`, when `up` holds `secret`:
+/// then this command talks to that `up`'s edge, whose agent is that one.
+fn up_agent_key(path: &std::path::Path, secret: &str) -> Option<shared::keys::Keyring> {
+    let bytes = crate::files::read_private(path, 64 * 1024, "claude-runner up state").ok()?;
+    let state: Value = serde_json::from_slice(&bytes).ok()?;
+    if state["runner_secret"].as_str() != Some(secret) {
+        return None;
+    }
+    let (id, key) = (state["agent_id"].as_str()?, state["agent_public_key"].as_str()?);
+    shared::keys::Keyring::parse(&format!("{id}={key}")).ok()
+}
+
+/// Whether the URL the edge passed on is the one the agent signed, by the keys known.
+/// `Ok(None)`: no key known (trusted from the edge); `Ok(Some(_))`: checked.
+fn url_signed(keys: Option<&shared::keys::Keyring>, answer: &Value, login_id: &str, agent: &str, url: &str) -> Result<Option<()>, String> {
+    let Some(keys) = keys else { return Ok(None) };
+    let Some(key) = keys.get(agent) else {
+        return Err(format!("the edge names agent `{agent}`, whose public key is not in AGENT_PUBLIC_KEYS; add it (`{agent}=<its public key>`, as the edge has it) or name the agent with --agent-id"));
+    };
+    let Some(proof) = answer["url_proof"].as_str() else {
+        return Err("the edge passed on no signature of the agent's over the URL (an agent older than this command signs none: upgrade it; or the edge, or something in front of it, put its own URL there)".into());
+    };
+    shared::protocol::LoginUrlClaim::check(proof, key, login_id, agent, url).map(|_| Some(()))
 }
 
 /// Why a request to the edge brought no answer of its.
@@ -112,7 +155,29 @@ async fn run_to(err: &mut impl Write, out: &mut impl Write, input: &mut impl Buf
         }
     };
     let agent = start["agent_id"].as_str().unwrap_or("?");
-    say(err, format!("Open this URL in a browser (Anthropic's sign-in page, on {host}), sign in, and paste the code it shows (agent {agent}):"))?;
+    // Only the agent's own key vouches for the URL: the report that carried it to the edge
+    // is MACed with a key the edge holds, so an edge (or a hop ending TLS in front of it)
+    // could show a genuine sign-in page of its own `claude auth login`, and take the code
+    // with the operator's account (rev21-2).
+    let keys = match trusted_keys(args.agent_public_keys.as_deref(), &secret) {
+        Ok(keys) => keys,
+        Err(why) => {
+            say(err, format!("claude-runner login: {why}"))?;
+            return Ok(2);
+        }
+    };
+    let vouched = match url_signed(keys.as_ref(), &start, login_id, agent, url) {
+        Ok(Some(())) => format!(", signed by agent {agent}'s key"),
+        Ok(None) => {
+            say(err, "note: no agent key to check the URL against, so it is trusted from the edge and whatever is in front of it; set AGENT_PUBLIC_KEYS (the agent's `id=public key`, as the edge has it) to check it is your agent's".into())?;
+            String::new()
+        }
+        Err(why) => {
+            say(err, format!("claude-runner login: the sign-in URL is not shown: {why}. Do not sign in through a URL the edge gave; check CLAUDE_RUNNER_URL and AGENT_PUBLIC_KEYS, then run `claude-runner login` again"))?;
+            return Ok(2);
+        }
+    };
+    say(err, format!("Open this URL in a browser (Anthropic's sign-in page, on {host}{vouched}), sign in, and paste the code it shows (agent {agent}):"))?;
     say(out, url.to_string())?;
     write!(err, "Code: ")?;
     err.flush()?;
@@ -179,6 +244,7 @@ mod tests {
         let edge = super::LoginArgs {
             edge: crate::submit::EdgeArgs { edge: Some(edge_answering(502, body.to_string()).await), secret: Some("s".into()), allow_insecure_edge: false },
             agent_id: None,
+            agent_public_keys: None,
         };
         let (mut err, mut out) = (Vec::new(), Vec::new());
         assert_eq!(super::run_to(&mut err, &mut out, &mut &b"a-code\n"[..], edge).await.unwrap(), 1);
@@ -197,6 +263,7 @@ mod tests {
             let edge = super::LoginArgs {
                 edge: crate::submit::EdgeArgs { edge: Some(edge_answering(200, body.to_string()).await), secret: Some("s".into()), allow_insecure_edge: false },
                 agent_id: None,
+                agent_public_keys: None,
             };
             let (mut err, mut out) = (Vec::new(), Vec::new());
             let code = super::run_to(&mut err, &mut out, &mut &b"a-code\n"[..], edge).await.unwrap();
@@ -221,11 +288,82 @@ mod tests {
         let edge = super::LoginArgs {
             edge: crate::submit::EdgeArgs { edge: Some(edge_answering(503, body).await), secret: Some("s".into()), allow_insecure_edge: false },
             agent_id: None,
+            agent_public_keys: None,
         };
         let (mut err, mut out) = (Vec::new(), Vec::new());
         assert_eq!(super::run_to(&mut err, &mut out, &mut &b""[..], edge).await.unwrap(), 2);
         let shown = String::from_utf8([err, out].concat()).unwrap();
         assert!(!shown.chars().any(|c| c.is_control() && c != '\n'), "{shown:?}");
         assert!(shown.contains("no agent") && shown.contains("fine"), "{shown}");
+    }
+
+    /// An edge (or a hop ending TLS in front of it) answered with a genuine sign-in page of
+    /// its own `claude auth login` — Anthropic's host, the attacker's PKCE state — and the
+    /// operator's code went to it with their account (rev21-2). With the agent's key known,
+    /// a URL without the agent's signature, with another key's, or with the agent's over
+    /// another URL is not shown, and no code is read.
+    #[tokio::test]
+    async fn a_url_the_agent_did_not_sign_is_not_shown_and_no_code_is_read() {
+        use ed25519_dalek::SigningKey;
+        let agent = SigningKey::from_bytes(&[7; 32]);
+        let keys = format!("spark={}", shared::keys::encode_verifying(&agent.verifying_key()));
+        let url = "https://claude.ai/oauth/authorize?code=true&state=agents";
+        let attackers = "https://claude.ai/oauth/authorize?code=true&state=attackers";
+        let signed = |key: &SigningKey, over: &str| shared::protocol::LoginUrlClaim::sign(key, "l1", "spark", over, 1);
+        let run = |shown: &'static str, proof: Option<String>, keys: Option<String>| async move {
+            let mut body = serde_json::json!({"login_id": "l1", "url": shown, "agent_id": "spark", "state": "logged_in", "oauth": {}});
+            if let Some(proof) = proof {
+                body["url_proof"] = proof.into();
+            }
+            let edge = super::LoginArgs {
+                edge: crate::submit::EdgeArgs { edge: Some(edge_answering(200, body.to_string()).await), secret: Some("s".into()), allow_insecure_edge: false },
+                agent_id: None,
+                agent_public_keys: keys,
+            };
+            let (mut err, mut out, mut input) = (Vec::new(), Vec::new(), &b"operators-code\n"[..]);
+            let code = super::run_to(&mut err, &mut out, &mut input, edge).await.unwrap();
+            (code, String::from_utf8(err).unwrap(), String::from_utf8(out).unwrap(), input.is_empty())
+        };
+        let other = SigningKey::from_bytes(&[8; 32]);
+        for (what, shown, proof) in [
+            ("no signature", attackers, None),
+            ("another key's", attackers, Some(signed(&other, attackers))),
+            ("the agent's, over its own URL", attackers, Some(signed(&agent, url))),
+            ("garbage", attackers, Some("1.xyz".to_string())),
+        ] {
+            let (code, err, out, code_read) = run(shown, proof, Some(keys.clone())).await;
+            assert_eq!((code, out.as_str(), code_read), (2, "", false), "{what}: {err}");
+            assert!(err.contains("is not shown") && err.contains("AGENT_PUBLIC_KEYS"), "{what}: {err}");
+        }
+        // An agent the keys do not name: not shown either.
+        let (code, err, _, code_read) = run(url, Some(signed(&agent, url)), Some(format!("rig={}", shared::keys::encode_verifying(&agent.verifying_key())))).await;
+        assert_eq!((code, code_read), (2, false), "{err}");
+        assert!(err.contains("spark"), "{err}");
+        // Keys that do not read: said, nothing shown.
+        let (code, err, _, _) = run(url, Some(signed(&agent, url)), Some("spark".into())).await;
+        assert!(code == 2 && err.contains("AGENT_PUBLIC_KEYS"), "{err}");
+        // The agent's own signature over the URL shown: shown, said so, the code read.
+        let (code, err, out, code_read) = run(url, Some(signed(&agent, url)), Some(keys.clone())).await;
+        assert_eq!((code, out.trim(), code_read), (0, url, true), "{err}");
+        assert!(err.contains("signed by agent spark's key"), "{err}");
+        // No key known: shown, with a note that it is trusted from the edge.
+        let (code, err, out, _) = run(url, None, None).await;
+        assert_eq!((code, out.trim()), (0, url), "{err}");
+        assert!(err.contains("trusted from the edge") && err.contains("AGENT_PUBLIC_KEYS"), "{err}");
+    }
+
+    /// `up`'s own agent's key is known without a setting when the secret is `up`'s: the
+    /// login of a newcomer's `up` is checked too.
+    #[test]
+    fn ups_agent_key_is_known_when_the_secret_is_ups() {
+        let dir = harness::TempDir::new("signin-up-key");
+        let path = dir.path().join("up.json");
+        let agent = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let state = serde_json::json!({"runner_secret": "up-secret-0123456789", "agent_id": "spark", "agent_public_key": shared::keys::encode_verifying(&agent.verifying_key()), "agent_signing_key": "x"});
+        std::fs::write(&path, state.to_string()).unwrap();
+        let keys = super::up_agent_key(&path, "up-secret-0123456789").expect("up's agent");
+        assert_eq!(keys.get("spark"), Some(&agent.verifying_key()));
+        assert!(super::up_agent_key(&path, "another-secret-0123456789").is_none(), "another edge's secret");
+        assert!(super::up_agent_key(&dir.path().join("none.json"), "up-secret-0123456789").is_none());
     }
 }

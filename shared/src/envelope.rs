@@ -57,6 +57,10 @@ pub enum Domain {
     /// Agent → edge: the proof on the WebSocket upgrade to `/agent/connect`, checked
     /// before the edge gives the peer a socket ([`UpgradeProof`]).
     Upgrade,
+    /// Agent → whoever runs `claude-runner login`: the sign-in URL of a relayed login is
+    /// the one this agent's `claude auth login` printed, signed with the agent's own key
+    /// ([`crate::protocol::LoginUrlClaim`]). The edge passes it on and cannot make one.
+    LoginUrl,
 }
 
 impl Domain {
@@ -78,6 +82,7 @@ impl Domain {
             Domain::Probe => b"claude-runner/v10/agent-probe\n",
             Domain::Upgrade => b"claude-runner/v10/agent-upgrade\n",
             Domain::Started => b"claude-runner/v10/agent-started\n",
+            Domain::LoginUrl => b"claude-runner/v10/agent-login-url\n",
         }
     }
 }

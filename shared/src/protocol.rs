@@ -544,6 +544,64 @@ pub struct LoginReport {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oauth: Option<OAuthReport>,
+    /// With `url`: the agent's signature over it ([`LoginUrlClaim`]), which the edge passes
+    /// on to `claude-runner login` as it is (additive: an older agent sends none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_proof: Option<String>,
+}
+
+/// What an agent signs, with its own key (`AGENT_SIGNING_KEY`, under
+/// [`Domain::LoginUrl`]), over the sign-in URL of a relayed login. The report that carries
+/// the URL is MACed with a connection key the edge holds, so the edge — or anything that
+/// ends TLS in front of it — could put its own URL there: a genuine sign-in page of
+/// Anthropic's for a `claude auth login` it runs itself, whose code the operator would then
+/// hand it with the login to their account. Only the agent's key makes this claim, so
+/// `claude-runner login` shows a URL only when the claim holds for the agent it names.
+///
+/// On the wire a claim is `<issued_at>.<base64url signature>` (about 100 characters: the
+/// session record that keeps it on the Worker has 2 KiB in all); the login id, the agent
+/// id and the URL it covers travel beside it, so a claim moved to another login, agent or
+/// URL does not hold.
+pub struct LoginUrlClaim;
+
+/// The longest claim read: a time (20 digits), a dot, a signature (86).
+pub const MAX_LOGIN_URL_PROOF: usize = 128;
+
+impl LoginUrlClaim {
+    pub fn sign(key: &ed25519_dalek::SigningKey, login_id: &str, agent_id: &str, url: &str, issued_at: Millis) -> String {
+        use base64::Engine;
+        use ed25519_dalek::Signer;
+        let sig = key.sign(&Self::signed(login_id, agent_id, url, issued_at));
+        format!("{issued_at}.{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig.to_bytes()))
+    }
+
+    /// When `agent_id` signed, with `key`, that `url` is login `login_id`'s; else why not.
+    /// The time is shown, not checked: an old claim names an old `claude auth login`, whose
+    /// code is of no use without that process.
+    pub fn check(proof: &str, key: &ed25519_dalek::VerifyingKey, login_id: &str, agent_id: &str, url: &str) -> Result<Millis, String> {
+        use base64::Engine;
+        let unreadable = || "the agent's signature over the URL is not of its shape".to_string();
+        if proof.len() > MAX_LOGIN_URL_PROOF {
+            return Err(unreadable());
+        }
+        let (issued_at, sig) = proof.split_once('.').ok_or_else(unreadable)?;
+        if issued_at.is_empty() || issued_at.len() > 20 || !issued_at.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(unreadable());
+        }
+        let issued_at: Millis = issued_at.parse().map_err(|_| unreadable())?;
+        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(sig).ok().and_then(|b| <[u8; 64]>::try_from(b.as_slice()).ok()).ok_or_else(unreadable)?;
+        key.verify_strict(&Self::signed(login_id, agent_id, url, issued_at), &ed25519_dalek::Signature::from_bytes(&sig))
+            .map_err(|_| "the agent's signature over the URL does not hold: the URL is not the one its agent printed for this login, or the key is not that agent's".to_string())?;
+        Ok(issued_at)
+    }
+
+    /// The signed bytes: ids are plain (no newline) and the URL a sign-in page's (no
+    /// newline either, [`crate::oauth::sign_in_host`]), so no field shifts into another.
+    fn signed(login_id: &str, agent_id: &str, url: &str, issued_at: Millis) -> Vec<u8> {
+        let mut bytes = Domain::LoginUrl.prefix().to_vec();
+        bytes.extend_from_slice(format!("{login_id}\n{agent_id}\n{issued_at}\n{url}").as_bytes());
+        bytes
+    }
 }
 
 /// What the edge signs to answer the hello.
@@ -952,7 +1010,7 @@ mod tests {
         assert_eq!((report.job_id.as_str(), report.order_nonce.as_str()), ("j1", "j1:1"));
         assert!(envelope.open::<ResultReport>(Domain::Progress, &key).is_err(), "a result is not progress");
         assert!(envelope.open::<ResultReport>(Domain::Result, &MacKey::from_bytes([2; 32])).is_err(), "another key");
-        let login = LoginReport { login_id: "l1".into(), order_nonce: "l1:start".into(), state: LoginState::AwaitingCode, url: None, error: None, oauth: None };
+        let login = LoginReport { login_id: "l1".into(), order_nonce: "l1:start".into(), state: LoginState::AwaitingCode, url: None, error: None, oauth: None, url_proof: None };
         let AgentMessage::LoginProgress { envelope } = decode::<AgentMessage>(&AgentMessage::login(&login, &key).to_text()).unwrap() else { panic!("a login report") };
         assert_eq!(envelope.open::<LoginReport>(Domain::LoginReport, &key).unwrap(), login);
         assert!(envelope.open::<LoginReport>(Domain::Result, &key).is_err(), "a login report is not a result");
@@ -963,6 +1021,30 @@ mod tests {
         // A result kept as text and MACed again is the same frame.
         let AgentMessage::Result { envelope } = AgentMessage::result("j1", "j1:1", JobResult::default(), &key) else { unreachable!() };
         assert_eq!(AgentMessage::result_text(envelope.payload.clone(), &key), AgentMessage::Result { envelope });
+    }
+
+    /// A relayed login's sign-in URL is shown only under its agent's own signature: one
+    /// by another key (an edge's made-up claim), for another login or agent, or over
+    /// another URL (an edge's own `claude auth login`'s page) does not hold (rev21-2).
+    #[test]
+    fn a_login_url_holds_only_under_its_agents_key() {
+        let agent = SigningKey::from_bytes(&[7; 32]);
+        let url = "https://claude.ai/oauth/authorize?code=true&state=agents";
+        let proof = LoginUrlClaim::sign(&agent, "l1", "spark", url, 1_796_000_000_000);
+        assert!(proof.len() <= MAX_LOGIN_URL_PROOF, "{proof}");
+        let key = agent.verifying_key();
+        assert_eq!(LoginUrlClaim::check(&proof, &key, "l1", "spark", url), Ok(1_796_000_000_000));
+        let by_another = LoginUrlClaim::sign(&SigningKey::from_bytes(&[8; 32]), "l1", "spark", url, 1);
+        assert!(LoginUrlClaim::check(&by_another, &key, "l1", "spark", url).unwrap_err().contains("does not hold"));
+        let attackers = "https://claude.ai/oauth/authorize?code=true&state=attackers";
+        assert!(LoginUrlClaim::check(&proof, &key, "l1", "spark", attackers).unwrap_err().contains("does not hold"));
+        assert!(LoginUrlClaim::check(&proof, &key, "l2", "spark", url).is_err(), "another login");
+        assert!(LoginUrlClaim::check(&proof, &key, "l1", "rig", url).is_err(), "another agent");
+        let (at, sig) = proof.split_once('.').unwrap();
+        assert!(LoginUrlClaim::check(&format!("{}.{sig}", at.parse::<u64>().unwrap() + 1), &key, "l1", "spark", url).is_err(), "another time");
+        for garbage in ["", ".", "1.", ".abc", "x.abc", &"9".repeat(200), &format!("1.{}", "A".repeat(86))] {
+            assert!(LoginUrlClaim::check(garbage, &key, "l1", "spark", url).is_err(), "{garbage}");
+        }
     }
 
     fn batch(seqs: &[u64]) -> ProgressReport {

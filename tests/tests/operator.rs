@@ -2154,7 +2154,10 @@ async fn login_from_a_terminal_relays_the_url_and_the_code() {
     let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark").env("CLAUDE_CODE_OAUTH_TOKEN", ""));
     let client = Client::new(&edge.url());
     client.wait_needs_login().await;
-    let mut child = against_the_edge(&edge, "login", &[]);
+    // With the agent's public key, as the edge has it: the URL is shown only under the
+    // agent's own signature, which came through the edge untouched.
+    let agent_keys = keys.agent_public_keys();
+    let mut child = against_the_edge(&edge, "login", &["--agent-public-keys", &agent_keys]);
     // The URL comes on stdout; then the code goes in.
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut url = String::new();
@@ -2165,6 +2168,7 @@ async fn login_from_a_terminal_relays_the_url_and_the_code() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("Logged in") && err.contains("credentials_file"), "{err}");
+    assert!(err.contains("signed by agent spark's key") && !err.contains("trusted from the edge"), "{err}");
     client.wait_online().await;
     assert!(agent.data.path().join("claude-config/.credentials.json").exists());
     // Without a reachable edge it says so (exit 2).

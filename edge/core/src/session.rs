@@ -121,6 +121,10 @@ pub struct LoginRelay {
     /// that cannot keep a record this long drops it: see `awaiting_code`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// The agent's signature over `url` ([`shared::protocol::LoginUrlClaim`]), passed on
+    /// to whoever asks for the URL as it came; kept and cut with the URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_proof: Option<String>,
     /// `claude auth login` printed its URL and waits for the code.
     #[serde(default)]
     pub awaiting_code: bool,
@@ -327,6 +331,7 @@ impl Session {
         let mut without_url = cut.clone();
         if let Some(login) = without_url.agent_mut().and_then(|a| a.login.as_mut()) {
             login.url = None;
+            login.url_proof = None;
         }
         let mut without_version = without_url.clone();
         if let Some(agent) = without_version.agent_mut() {
@@ -517,6 +522,7 @@ mod tests {
         let login = LoginRelay {
             id: "0123456789abcdef".into(),
             url: Some("https://claude.com/cai/oauth/authorize?code=true".into()),
+            url_proof: None,
             awaiting_code: true,
             code_sent: false,
             started_at: 1,

@@ -286,6 +286,7 @@ mod tests {
         agent.login = Some(edge_core::session::LoginRelay {
             id: "0123456789abcdef".into(),
             url: Some(url),
+            url_proof: None,
             awaiting_code: true,
             code_sent: false,
             started_at: u64::MAX - 1,

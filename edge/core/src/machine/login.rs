@@ -368,8 +368,8 @@ impl Edge {
             return answer(caller, Response::error(err), effects);
         };
         match relay {
-            Some(LoginRelay { id, url: Some(url), awaiting_code: true, code_sent: false, expires_at, .. }) => {
-                let body = awaiting_code(&id, &agent_id, &url, now.wall_until(expires_at));
+            Some(LoginRelay { id, url: Some(url), url_proof, awaiting_code: true, code_sent: false, expires_at, .. }) => {
+                let body = awaiting_code(&id, &agent_id, &url, url_proof.as_deref(), now.wall_until(expires_at));
                 answer(caller, Response::json(200, body.to_string()), effects)
             }
             Some(LoginRelay { code_sent: true, .. }) => {
@@ -388,6 +388,7 @@ impl Edge {
                 let relay = LoginRelay {
                     id: id.clone(),
                     url: None,
+                    url_proof: None,
                     awaiting_code: false,
                     code_sent: false,
                     started_at: now.at,
@@ -437,7 +438,7 @@ impl Edge {
 
     /// The agent's word on a relayed login (its signature checked already).
     pub(super) fn login_progress(&mut self, now: Now, session_id: &str, report: LoginReport, effects: &mut Vec<Effect>) {
-        let LoginReport { login_id, order_nonce, state, url, error, oauth } = report;
+        let LoginReport { login_id, order_nonce, state, url, error, oauth, url_proof } = report;
         let login_id = login_id.as_str();
         let agent = self.sessions.get(session_id).and_then(|s| s.agent()).expect("ready session");
         let agent_id = agent.agent_id.clone();
@@ -458,11 +459,15 @@ impl Edge {
                 false
             }
         });
+        // Passed on unread but bounded: a claim is about 100 characters, and the relay keeps it.
+        let url_proof = url_proof.filter(|p| p.len() <= shared::protocol::MAX_LOGIN_URL_PROOF);
         match (state, url) {
             (LoginState::AwaitingCode, Some(url)) => {
                 info!(agent_id = %agent_id, login_id, "re-login waits for its code");
-                let body = awaiting_code(login_id, &agent_id, &url, now.wall_until(relay.expires_at));
-                self.set_relay(session_id, Some(LoginRelay { url: Some(url), awaiting_code: true, ..relay }), effects);
+                // The agent's signature over the URL goes on as it came: the edge has no key
+                // to make one, and `claude-runner login` checks it against the agent's.
+                let body = awaiting_code(login_id, &agent_id, &url, url_proof.as_deref(), now.wall_until(relay.expires_at));
+                self.set_relay(session_id, Some(LoginRelay { url: Some(url), url_proof, awaiting_code: true, ..relay }), effects);
                 self.answer_login(login_id, Response::json(200, body.to_string()), effects);
             }
             (LoginState::LoggedIn, _) => {
@@ -570,13 +575,17 @@ fn answer(caller: CallerId, response: Response, mut effects: Vec<Effect>) -> Vec
 
 /// The answer while a login waits for its code: with the sign-in page's host, for the page
 /// and `claude-runner login` to show plainly beside the link.
-fn awaiting_code(login_id: &str, agent_id: &str, url: &str, expires_at_wall: Millis) -> Value {
-    json!({
+fn awaiting_code(login_id: &str, agent_id: &str, url: &str, url_proof: Option<&str>, expires_at_wall: Millis) -> Value {
+    let mut body = json!({
         "state": "awaiting_code", "login_id": login_id, "agent_id": agent_id, "url": url,
         "host": shared::oauth::sign_in_host(url).ok(),
         "expires_at": rfc3339(expires_at_wall),
         "next": "open the URL, sign in, and send the code it shows with POST /oauth/login/code {\"login_id\", \"code\"}",
-    })
+    });
+    if let Some(proof) = url_proof {
+        body["url_proof"] = json!(proof);
+    }
+    body
 }
 
 /// A JSON object body, or no body at all (an empty object).

@@ -42,7 +42,7 @@ fn login_order(effects: &[Effect], sid: &str, now: u64) -> LoginOrder {
 
 /// The agent's MACed report on the login `login_id`, answering its order for `step`.
 fn login_msg(edge: &Edge, login_id: &str, step: LoginStep, state: LoginState, url: Option<String>, error: Option<String>, oauth: Option<OAuthReport>) -> AgentMessage {
-    let report = LoginReport { login_id: login_id.to_string(), order_nonce: LoginRelay::nonce(login_id, step), state, url, error, oauth };
+    let report = LoginReport { login_id: login_id.to_string(), order_nonce: LoginRelay::nonce(login_id, step), state, url, error, oauth, url_proof: None };
     AgentMessage::login(&report, &link_of(edge, "spark"))
 }
 
@@ -450,7 +450,7 @@ fn a_login_report_counts_only_signed_by_its_agent_and_bound_to_an_order_of_that_
     let login_id = order.header.job_id;
     let spark_key = link(&edge, &sid);
     let logged_in = |nonce: String, key: &MacKey| {
-        let report = LoginReport { login_id: login_id.clone(), order_nonce: nonce, state: LoginState::LoggedIn, url: None, error: None, oauth: Some(oauth()) };
+        let report = LoginReport { login_id: login_id.clone(), order_nonce: nonce, state: LoginState::LoggedIn, url: None, error: None, oauth: Some(oauth()), url_proof: None };
         AgentMessage::login(&report, key)
     };
     let nothing_happened = |effects: &[Effect], edge: &Edge| {
@@ -468,7 +468,7 @@ fn a_login_report_counts_only_signed_by_its_agent_and_bound_to_an_order_of_that_
     let effects = say(&mut edge, 4, &sid, logged_in(LoginRelay::nonce("0123456789abcdef", LoginStep::Start), &spark_key));
     nothing_happened(&effects, &edge);
     // A result's MAC is not a login report's.
-    let report = LoginReport { login_id: login_id.clone(), order_nonce: LoginRelay::nonce(&login_id, LoginStep::Start), state: LoginState::LoggedIn, url: None, error: None, oauth: Some(oauth()) };
+    let report = LoginReport { login_id: login_id.clone(), order_nonce: LoginRelay::nonce(&login_id, LoginStep::Start), state: LoginState::LoggedIn, url: None, error: None, oauth: Some(oauth()), url_proof: None };
     let envelope = shared::envelope::Tagged::seal(Domain::Result, &report, &spark_key);
     let effects = say(&mut edge, 5, &sid, AgentMessage::LoginProgress { envelope });
     nothing_happened(&effects, &edge);
