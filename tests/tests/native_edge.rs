@@ -583,6 +583,48 @@ fn a_setting_that_is_not_text_stops_the_edge_at_start_naming_it() {
     }
 }
 
+/// A file at `DATA_DIR/edge.sqlite3` that is not an edge's job store (another program's
+/// file, a truncated copy) stopped the edge with "file is not a database" alone: no path,
+/// nothing to do. It names the file, and says to move it aside or set another DATA_DIR.
+#[test]
+fn a_job_store_that_is_not_a_database_stops_the_edge_naming_it_and_what_to_do() {
+    let keys = Keys::new(&["spark"]);
+    let data = TempDir::new("edge-garbage");
+    let dir = data.path().join("db");
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = dir.join("edge.sqlite3");
+    std::fs::write(&store, b"these are not the pages of a SQLite database, whatever its name says. ".repeat(100)).unwrap();
+    let (out, stderr) = edge_started_with(&keys, &data, "LOG_FORMAT", "text".as_ref());
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("{} is not an edge's job store", store.display())), "{stderr}");
+    assert!(stderr.contains("move it aside") && stderr.contains("DATA_DIR"), "{stderr}");
+}
+
+/// A DATA_DIR on a full disk stopped the edge with "database or disk is full" alone: it
+/// names the store and says to free space or set DATA_DIR elsewhere. DATA_DIR is a full
+/// tmpfs in a mount namespace of the test's own.
+#[test]
+fn a_full_disk_stops_the_edge_naming_its_store_and_what_to_do() {
+    let keys = Keys::new(&["spark"]);
+    let data = TempDir::new("edge-full");
+    let mount_ns = if unsafe { libc::geteuid() } == 0 { "-m" } else { "-rm" };
+    let script = r#"mount -t tmpfs -o size=256k tmpfs "$DATA_DIR" && { head -c 1m /dev/zero > "$DATA_DIR/fill" 2>/dev/null; exec "$0"; }"#;
+    let out = std::process::Command::new("unshare")
+        .args([mount_ns, "sh", "-c", script])
+        .arg(bin("claude-runner-edge"))
+        .env("RUNNER_SECRET", SECRET)
+        .env("EDGE_SIGNING_KEY", shared::keys::encode_signing(&keys.edge))
+        .env("AGENT_PUBLIC_KEYS", keys.agent_public_keys())
+        .env("LISTEN", "127.0.0.1:0")
+        .env("DATA_DIR", data.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&data.path().join("edge.sqlite3").display().to_string()), "{stderr}");
+    assert!(stderr.contains("free space on DATA_DIR's disk or set DATA_DIR elsewhere"), "{stderr}");
+}
+
 /// When every connection at MAX_CONNECTIONS is busy (here the agent's socket and three
 /// followers of a running job), a new one is closed at once, told why (429 `RUNNER_BUSY`,
 /// naming MAX_CONNECTIONS) — none of the busy ones is closed for it, and once one is done

@@ -314,6 +314,29 @@ fn up_without_claude_says_how_to_install_it() {
     assert!(err.contains("No binary `claude-that-does-not-exist` was found") && err.contains("Check CLAUDE_BIN"), "{err}");
 }
 
+/// `up` keeps its edge's jobs in `DATA_DIR/up/edge/edge.sqlite3`; a file there that is
+/// not a job store stopped it with "file is not a database" alone. It names the file and
+/// says what to do, as the edge's own binary does.
+#[test]
+fn up_with_a_job_store_that_is_not_a_database_names_it_and_what_to_do() {
+    use std::os::unix::fs::DirBuilderExt;
+    let data = TempDir::new("up-garbage");
+    let edge = data.path().join("up/edge");
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&edge).unwrap();
+    let store = edge.join("edge.sqlite3");
+    std::fs::write(&store, b"not a database, whatever its name says. ".repeat(200)).unwrap();
+    let out = Command::new(bin("claude-runner"))
+        .arg("up")
+        .env("CLAUDE_BIN", bin("claude-standin"))
+        .env("DATA_DIR", data.path())
+        .env("LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("{} is not an edge's job store", store.display())) && err.contains("move it aside"), "{err}");
+}
+
 /// A running `claude-runner up` with `DATA_DIR` in `data`: its edge's URL, and every line
 /// it prints to stdout, as it prints them.
 struct Up {

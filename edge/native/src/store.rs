@@ -6,10 +6,12 @@ use edge_core::record::Job;
 use edge_core::Writes;
 use rusqlite::{params, Connection};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub struct Store {
     conn: Connection,
+    /// `DATA_DIR/edge.sqlite3`, named by the errors met reading it at start.
+    path: PathBuf,
     /// A record's JSON is written here before it is bound: one buffer for the edge's life
     /// rather than a new string, grown several times over, for every save.
     record: Vec<u8>,
@@ -35,6 +37,27 @@ pub const CHECKPOINT_PAGES: u32 = 400;
 /// The most the record buffer keeps between saves (a job's record with a short result is
 /// about 1 KiB; a long output's is let go after its save).
 const RECORD_BUFFER_KEPT: usize = 64 * 1024;
+
+/// Why the job store at `path` (`DATA_DIR/edge.sqlite3`) cannot be opened or read at
+/// start, naming it, with what to do: SQLite's words alone ("file is not a database")
+/// named no file and no way on.
+fn unusable(path: &Path, e: rusqlite::Error) -> anyhow::Error {
+    let path = path.display();
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) => {
+            anyhow::anyhow!("{path} is not an edge's job store ({e}): move it aside (its jobs are lost) or set another DATA_DIR")
+        }
+        Some(rusqlite::ErrorCode::DatabaseCorrupt) => anyhow::anyhow!(
+            "{path} is damaged, not an edge's job store as it is ({e}): move it aside (its jobs are lost; `sqlite3 {path} .recover` may save some) or set another DATA_DIR"
+        ),
+        Some(rusqlite::ErrorCode::DiskFull) => {
+            anyhow::anyhow!("cannot write the job store {path} ({e}): free space on DATA_DIR's disk or set DATA_DIR elsewhere")
+        }
+        _ => anyhow::anyhow!(
+            "cannot use the job store {path} ({e}): check DATA_DIR's permissions and disk, and that no other program holds the file"
+        ),
+    }
+}
 
 impl Store {
     /// Opens (or creates) the store in `dir`. The records hold callers' prompts and
@@ -68,8 +91,7 @@ impl Store {
                 private(&dir.join(journal))?;
             }
         }
-        let conn = Connection::open(&path)
-            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}; check DATA_DIR's permissions", path.display()))?;
+        let conn = Connection::open(&path).map_err(|e| unusable(&path, e))?;
         // WAL + NORMAL: a commit survives a process crash; a power cut may lose the commits
         // since the WAL was last synced — at a checkpoint, every `CHECKPOINT_PAGES` pages
         // written (sooner in practice: the kernel writes the WAL back within about 30 s) —
@@ -82,8 +104,9 @@ impl Store {
              PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES};
              CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, record TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-        ))?;
-        Ok(Store { conn, record: Vec::new(), _lock: lock })
+        ))
+        .map_err(|e| unusable(&path, e))?;
+        Ok(Store { conn, path, record: Vec::new(), _lock: lock })
     }
 
     /// Every stored job, an ended one as its header: the whole records of every retained
@@ -92,11 +115,12 @@ impl Store {
     /// ([`Store::load_one`]). A record that no longer parses is skipped with a warning
     /// rather than stopping the edge from starting.
     pub fn load(&self) -> anyhow::Result<Vec<Job>> {
-        let mut stmt = self.conn.prepare("SELECT id, record FROM jobs")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let named = |e| unusable(&self.path, e);
+        let mut stmt = self.conn.prepare("SELECT id, record FROM jobs").map_err(named)?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))).map_err(named)?;
         let mut jobs = Vec::new();
         for row in rows {
-            let (id, record) = row?;
+            let (id, record) = row.map_err(named)?;
             match serde_json::from_str::<Job>(&record) {
                 Ok(job) => jobs.push(job.in_memory()),
                 Err(e) => tracing::warn!(job_id = %id, error = %e, "skipping unreadable job record"),
@@ -122,7 +146,8 @@ impl Store {
             .conn
             .query_row("SELECT value FROM meta WHERE key = 'alerts'", [], |r| r.get(0))
             .map(Some)
-            .or_else(|e| if matches!(e, rusqlite::Error::QueryReturnedNoRows) { Ok(None) } else { Err(e) })?;
+            .or_else(|e| if matches!(e, rusqlite::Error::QueryReturnedNoRows) { Ok(None) } else { Err(e) })
+            .map_err(|e| unusable(&self.path, e))?;
         Ok(text.and_then(|t| match serde_json::from_str(&t) {
             Ok(state) => Some(state),
             Err(e) => {
