@@ -264,7 +264,7 @@ async fn run_in(
                             // Redacted for the log too: a path or a server's words.
                             let said = ctx.login.redactor(crate::now_ms()).redact(&e.to_string());
                             warn!(job_id, agent_id = %ctx.cfg.agent_id, error = %said, "the repository could not be prepared");
-                            JobResult::failure(ErrorCode::RepoError, said, ms)
+                            JobResult { retryable: Some(e.retryable()), ..JobResult::failure(ErrorCode::RepoError, said, ms) }
                         }
                     };
                     return (result, None);

@@ -330,11 +330,15 @@ async fn setup_with_git(git: GitServer, agent_env: &[(&str, &str)]) -> Setup {
     Setup { _edge: edge, agent, client, git }
 }
 
+/// Each says what to do; a server that cannot be reached answered `retryable: false`
+/// while its words said "then retry" (rev22 5): it is the one that is retryable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_repositories_and_disallowed_hosts_are_clear_repo_errors() {
     let s = setup(None, &[]).await;
-    let e = repo_error(&s.run(json!({"prompt": "x", "repo_url": s.git.url("no-such-repo")})).await);
+    let missing = s.run(json!({"prompt": "x", "repo_url": s.git.url("no-such-repo")})).await;
+    let e = repo_error(&missing);
     assert!(e.contains("was not found: check `repo_url`"), "{e}");
+    assert_eq!(missing["retryable"], false, "the same request finds no repository later: {missing:#}");
     // A host not in ALLOWED_REPO_HOSTS: refused before any connection is made.
     let before = s.git.requests().len();
     let other = format!("https://localhost:{}/demo.git", s.git.port);
@@ -345,8 +349,12 @@ async fn missing_repositories_and_disallowed_hosts_are_clear_repo_errors() {
     let nobody = closed_port();
     let closed = format!("https://127.0.0.1:{}/demo.git", nobody.port);
     let s2 = setup_with_git(GitServer::start(None), &[("ALLOWED_REPO_HOSTS", &closed[8..closed.len() - 9])]).await;
-    let e = repo_error(&s2.run(json!({"prompt": "x", "repo_url": closed})).await);
+    let unreachable = s2.run(json!({"prompt": "x", "repo_url": closed})).await;
+    let e = repo_error(&unreachable);
     assert!(e.contains("could not reach") && e.contains("allow_stale"), "{e}");
+    // Its words say "then retry": the same request may work once the server answers (or
+    // on another runner), and `retryable` says so too.
+    assert_eq!(unreachable["retryable"], true, "{unreachable:#}");
     assert!(s.agent.claude_runs().is_empty() && s2.agent.claude_runs().is_empty(), "Claude never ran");
 }
 

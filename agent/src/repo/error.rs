@@ -90,6 +90,16 @@ pub enum RepoError {
     Git { action: Text, detail: String },
 }
 
+impl RepoError {
+    /// Whether the same job sent again (later, or to another runner) may work as it is: a
+    /// server that could not be reached may answer then, and nothing ran. Every other
+    /// sentence asks for a change first (a setting, `repo_url`, the server's contents), or
+    /// tells of a push that may have landed.
+    pub fn retryable(&self) -> bool {
+        matches!(self, RepoError::Network { .. })
+    }
+}
+
 /// What the credentials callback saw during one conversation with a git server.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct AuthSeen {
