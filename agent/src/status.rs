@@ -90,6 +90,27 @@ pub fn liveness(pid: u32) -> Liveness {
     }
 }
 
+/// The command that starts the agent of `data_dir` again once it has exited.
+fn start_again(data_dir: &std::path::Path) -> String {
+    start_again_given(data_dir, &crate::config::default_data_dir())
+}
+
+/// [`start_again`], `default` being the default `DATA_DIR`. `up`'s agent is started by
+/// `up` alone (`claude-runner agent` there has no keys), run with the `DATA_DIR` that holds
+/// its folder: a plain `claude-runner up` with another one set would start another `up`,
+/// in the default folder, with other keys and secret. Its other settings of this machine
+/// are not in its folder, so they are named for the operator to give again.
+fn start_again_given(data_dir: &std::path::Path, default: &std::path::Path) -> String {
+    if !crate::config::is_up_agent_dir(data_dir) {
+        return "`claude-runner agent` (or `claude-runner up`, if up ran it)".into();
+    }
+    let up_data_dir = data_dir.parent().and_then(std::path::Path::parent).unwrap_or(data_dir);
+    // Absolute: pasted in another folder, a relative one names another.
+    let up_data_dir = std::path::absolute(up_data_dir).unwrap_or_else(|_| up_data_dir.to_path_buf());
+    let setting = if up_data_dir == default { String::new() } else { format!("DATA_DIR={} ", crate::up::shell_word(&up_data_dir.to_string_lossy())) };
+    format!("`{setting}claude-runner up` (with the LISTEN, CLAUDE_BIN and CLAUDE_CONFIG_DIR it ran with, if you set any)")
+}
+
 /// What to say of a stopped agent, and what to do.
 fn stopped(agent_id: &str, pid: u32) -> String {
     format!(
@@ -103,10 +124,11 @@ impl Status {
     /// from /proc by the caller: not stopped), connected, and writing its file. The reason
     /// either way. `full`: `DATA_DIR`'s file system has no space left ([`no_space_left`]),
     /// which is why a working agent stops writing its file — not a reason to restart it.
-    pub fn health(&self, process: Liveness, full: bool, now: u64) -> Result<String, String> {
+    /// `data_dir`: the agent's folder, which says how to start it again.
+    pub fn health(&self, data_dir: &std::path::Path, process: Liveness, full: bool, now: u64) -> Result<String, String> {
         match process {
             Liveness::NotRunning => {
-                return Err(format!("agent {} (pid {}) is not running; start it with `claude-runner agent` (or `claude-runner up`, if up ran it)", self.agent_id, self.pid));
+                return Err(format!("agent {} (pid {}) is not running; start it again with {}", self.agent_id, self.pid, start_again(data_dir)));
             }
             Liveness::Stopped => return Err(stopped(&self.agent_id, self.pid)),
             Liveness::Running => {}
@@ -507,7 +529,7 @@ fn check_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow
             return Ok(false);
         }
     };
-    match status.health(process, no_space_left(data_dir), crate::now_ms()) {
+    match status.health(data_dir, process, no_space_left(data_dir), crate::now_ms()) {
         Ok(line) => {
             say(out, format!("healthy: {line}"))?;
             Ok(true)
@@ -592,9 +614,7 @@ fn show_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow:
         return Ok(false);
     }
     if process == Liveness::NotRunning {
-        // `up`'s agent is started by `up` alone; `claude-runner agent` there has no keys.
-        let again = if crate::config::is_up_agent_dir(data_dir) { "`claude-runner up`" } else { "`claude-runner agent` (or `claude-runner up`, if up ran it)" };
-        say(out, format!("state     stopped; start it again with {again}"))?;
+        say(out, format!("state     stopped; start it again with {}", start_again(data_dir)))?;
         return Ok(false);
     }
     if status.connected {
@@ -656,7 +676,8 @@ mod tests {
 
     /// `status` of `up`'s stopped agent said "start it again with `claude-runner agent` (or
     /// `claude-runner up`, if up ran it)", though it knew the folder was `up`'s: it says
-    /// `claude-runner up` there, and both elsewhere.
+    /// `claude-runner up` there, with `up`'s DATA_DIR unless it is the default one, and
+    /// both elsewhere; `status --check` says the same.
     #[test]
     fn a_stopped_agent_of_up_is_started_again_with_up() {
         let data = std::env::temp_dir().join(format!("cr-status-up-{}", std::process::id()));
@@ -674,8 +695,19 @@ mod tests {
             assert!(!show_to(&mut shown, dir).unwrap());
             String::from_utf8(shown).unwrap()
         };
+        // Not the default DATA_DIR: a plain `claude-runner up` would start another, in the
+        // default folder, with other keys (rev22 8). The folder is named, and the settings
+        // it ran with.
         let up = shown(&ups);
-        assert!(up.contains("stopped; start it again with `claude-runner up`\n"), "{up}");
+        let again = format!("start it again with `DATA_DIR={} claude-runner up`", data.display());
+        assert!(up.contains(&format!("stopped; {again}")) && up.contains("LISTEN, CLAUDE_BIN and CLAUDE_CONFIG_DIR"), "{up}");
+        let mut checked = Vec::new();
+        assert!(!check_to(&mut checked, &ups).unwrap());
+        let checked = String::from_utf8(checked).unwrap();
+        assert!(checked.contains(&format!("is not running; {again}")) && checked.contains("LISTEN, CLAUDE_BIN and CLAUDE_CONFIG_DIR"), "{checked}");
+        // In the default DATA_DIR, no setting to give.
+        let plain = start_again_given(&ups, &data);
+        assert!(plain.starts_with("`claude-runner up` (with the LISTEN"), "{plain}");
         let own = shown(&data);
         assert!(own.contains("start it again with `claude-runner agent` (or `claude-runner up`, if up ran it)"), "{own}");
         std::fs::remove_dir_all(&data).unwrap();
@@ -882,33 +914,34 @@ mod tests {
     #[test]
     fn healthy_only_when_running_connected_and_fresh() {
         let now = 1_000_000;
-        assert!(connected_at(now - 20_000).health(Liveness::Running, false, now).is_ok());
+        let dir = std::path::Path::new("/nowhere");
+        assert!(connected_at(now - 20_000).health(dir, Liveness::Running, false, now).is_ok());
         // Three missed heartbeats and the slack: stuck.
-        let stuck = connected_at(now - 56_000).health(Liveness::Running, false, now).unwrap_err();
+        let stuck = connected_at(now - 56_000).health(dir, Liveness::Running, false, now).unwrap_err();
         assert!(stuck.contains("looks stuck"), "{stuck}");
         // Stale for want of room: said so, with what to do, not "restart it".
-        let full = connected_at(now - 56_000).health(Liveness::Running, true, now).unwrap_err();
+        let full = connected_at(now - 56_000).health(dir, Liveness::Running, true, now).unwrap_err();
         assert!(full.contains("full") && full.contains("free some space") && !full.contains("restart"), "{full}");
-        let dead = connected_at(now).health(Liveness::NotRunning, false, now).unwrap_err();
+        let dead = connected_at(now).health(dir, Liveness::NotRunning, false, now).unwrap_err();
         assert!(dead.contains("not running"), "{dead}");
-        let held = connected_at(now).health(Liveness::Stopped, false, now).unwrap_err();
+        let held = connected_at(now).health(dir, Liveness::Stopped, false, now).unwrap_err();
         assert!(held.contains("is stopped") && held.contains("kill -CONT"), "{held}");
         let mut offline = connected_at(now);
         offline.connected = false;
         offline.last_error = Some("cannot reach the edge".into());
-        let why = offline.health(Liveness::Running, false, now).unwrap_err();
+        let why = offline.health(dir, Liveness::Running, false, now).unwrap_err();
         assert!(why.contains("cannot reach the edge"), "{why}");
         // A file that says connected with no heartbeat interval was not written by an agent
         // of this release (a job, the agent's user, can write it): no staleness check would
         // ever turn it unhealthy.
         let mut unbeating = connected_at(now);
         unbeating.heartbeat_ms = 0;
-        let why = unbeating.health(Liveness::Running, false, now).unwrap_err();
+        let why = unbeating.health(dir, Liveness::Running, false, now).unwrap_err();
         assert!(why.contains("no heartbeat interval") && why.contains("restart"), "{why}");
         // Dated ahead of the clock (past a little slack): never stale, so not believed.
-        assert!(connected_at(now + 5_000).health(Liveness::Running, false, now).is_ok(), "a clock a little behind the writer's");
+        assert!(connected_at(now + 5_000).health(dir, Liveness::Running, false, now).is_ok(), "a clock a little behind the writer's");
         for ahead in [now + 60_000, 1 << 63, u64::MAX] {
-            let why = connected_at(ahead).health(Liveness::Running, false, now).unwrap_err();
+            let why = connected_at(ahead).health(dir, Liveness::Running, false, now).unwrap_err();
             assert!(why.contains("ahead of this machine's clock") && why.contains("restart"), "{why}");
         }
         // An interval no edge can set (the protocol's longest is 600 s): a file a day old
@@ -917,13 +950,13 @@ mod tests {
         for beat in [1_000_000_000_000_000, u64::MAX / 2, u64::MAX] {
             let mut forged = connected_at(day_old - 86_400_000);
             forged.heartbeat_ms = beat;
-            let why = forged.health(Liveness::Running, false, day_old).unwrap_err();
+            let why = forged.health(dir, Liveness::Running, false, day_old).unwrap_err();
             assert!(why.contains("heartbeat interval") && why.contains("restart"), "{why}");
         }
         // The longest an edge can set is taken as is.
         let mut slow = connected_at(now - 1_000_000);
         slow.heartbeat_ms = shared::contract::MAX_HEARTBEAT_INTERVAL_MS;
-        assert!(slow.health(Liveness::Running, false, now + 500_000).is_ok());
+        assert!(slow.health(dir, Liveness::Running, false, now + 500_000).is_ok());
     }
 
     /// A job (the agent's user) could SIGSTOP the agent and rewrite status.json dated far
