@@ -215,3 +215,37 @@ fn tests_run_refuses_an_unknown_option_at_once() {
         assert!(out.contains(option), "{option}: {out}");
     }
 }
+
+/// README's text under the heading line that starts with `heading` (`## …`, `### …`), up to
+/// the next heading of any level.
+fn section(heading: &str) -> &'static str {
+    let after = README.split(&format!("\n{heading}")).nth(1).unwrap_or_else(|| panic!("README has no heading `{heading}`"));
+    let body = after.split_once('\n').map_or("", |(_, body)| body);
+    // Headings only outside code blocks: a `# comment` in a shell block is none.
+    let mut in_code = false;
+    let mut end = body.len();
+    let mut at = 0;
+    for line in body.split_inclusive('\n') {
+        if line.starts_with("```") {
+            in_code = !in_code;
+        } else if !in_code && line.starts_with('#') {
+            end = at;
+            break;
+        }
+        at += line.len();
+    }
+    &body[..end]
+}
+
+/// A caller Worker on workers.dev fetching the edge's Worker on workers.dev of the same
+/// account is refused by Cloudflare (error 1042, a Worker fetching a Worker of the same
+/// zone) unless the caller has the `global_fetch_strictly_public` compatibility flag or a
+/// service binding, or the edge is on a hostname of another zone (rev22 1). README's
+/// callers' section says what the caller needs.
+#[test]
+fn the_callers_section_says_what_a_worker_needs_to_reach_the_edge() {
+    let callers = section("### 4. Callers");
+    for needed in ["1042", "global_fetch_strictly_public", "compatibility_flags", "service binding", "another zone"] {
+        assert!(callers.contains(needed), "README §4 does not name {needed}");
+    }
+}
