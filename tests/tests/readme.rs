@@ -237,6 +237,19 @@ fn section(heading: &str) -> &'static str {
     &body[..end]
 }
 
+/// README's first command, `up`, builds git2 with https, which builds openssl-sys against
+/// the system's OpenSSL: a C compiler, pkg-config and OpenSSL's headers. README named them
+/// only for `tests/run`, so a newcomer's first `cargo run` failed in openssl-sys (rev22 4).
+/// They are named where `up` is introduced, before `tests/run`'s own needs.
+#[test]
+fn the_first_command_names_what_it_builds_with() {
+    let intro = section("## The two commands");
+    let before_tests = intro.split("`tests/run` needs").next().unwrap();
+    for needed in ["C compiler", "pkg-config", "OpenSSL", "sudo apt-get install build-essential pkg-config libssl-dev"] {
+        assert!(before_tests.contains(needed), "README's introduction of `up` does not name {needed}");
+    }
+}
+
 /// A caller Worker on workers.dev fetching the edge's Worker on workers.dev of the same
 /// account is refused by Cloudflare (error 1042, a Worker fetching a Worker of the same
 /// zone) unless the caller has the `global_fetch_strictly_public` compatibility flag or a
