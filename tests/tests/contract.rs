@@ -58,11 +58,30 @@ async fn a_job_returns_every_response_field(kind: EdgeKind) {
     assert_eq!(job.body["result"]["output"], b["output"]);
 }
 
-async fn task_is_an_alias_of_prompt(kind: EdgeKind) {
+/// The two callers of the service this one replaces, as they call it
+/// (CALLERS.md): TextGenerationWorkflow sends `task`, not `prompt`, and an `options` object
+/// the runner does not know, which is taken and ignored; sandbox-executor sends its
+/// `X-Request-ID` and, in front of a Tunnel, a Cloudflare Access service token's headers,
+/// which the edge lets by.
+async fn the_existing_callers_are_served_as_they_call(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
-    let a = s.client.execute(json!({"task": "via task"})).await;
+    let a = s.client.execute(json!({"task": "You write haiku.\n\nvia task", "options": {"max_tokens": 5}})).await;
     assert_eq!(a.status, 200, "{}", a.text);
-    assert_eq!(a.body["output"], "stand-in answer to: via task");
+    assert_eq!(a.body["success"], true, "{}", a.text);
+    assert_eq!(a.body["output"], "stand-in answer to: You write haiku.\n\nvia task");
+    let headers = [
+        ("X-Request-ID", "req-3f9a1c2e-sandbox"),
+        ("CF-Access-Client-Id", "0123456789abcdef.access"),
+        ("CF-Access-Client-Secret", "access-client-secret-0123456789abcdef"),
+    ];
+    let body = json!({"prompt": "from the sandbox", "timeout_ms": 300000, "allowed_tools": ["Read"], "max_turns": 3});
+    let b = s.client.execute_with_headers(body, &headers).await;
+    assert_eq!(b.status, 200, "{}", b.text);
+    assert_eq!(b.body["success"], true, "{}", b.text);
+    assert_eq!(b.body["output"], "stand-in answer to: from the sandbox");
+    let runs = s.agent.claude_runs();
+    let argv: Vec<String> = serde_json::from_value(runs.last().unwrap()["argv"].clone()).unwrap();
+    assert!(argv.contains(&"--allowedTools=Read".to_string()) && argv.contains(&"--max-turns=3".to_string()), "{argv:?}");
 }
 
 async fn request_options_reach_claude_as_flags(kind: EdgeKind) {
@@ -2285,7 +2304,7 @@ macro_rules! contract {
 
 contract!(
     a_job_returns_every_response_field,
-    task_is_an_alias_of_prompt,
+    the_existing_callers_are_served_as_they_call,
     request_options_reach_claude_as_flags,
     offline_is_answered_at_once_with_fallback,
     health_follows_the_agent,
