@@ -231,14 +231,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // by name, not taken as unset (a NOTIFY_URL in Latin-1 meant no alerts, said nowhere).
     let env = shared::setting::TextSettings::new(|name| std::env::var_os(name));
     let agent_public_keys = format!("{}={}", state.agent_id, state.keys.agent_public_key);
-    let (config, max_connections) = edge_native::edge_settings(&env, |name| match name {
+    let edge_native::EdgeSettings { config, max_connections, execute_keepalive_ms } = edge_native::edge_settings(&env, |name| match name {
         "RUNNER_SECRET" => Some(state.runner_secret.clone()),
         "EDGE_SIGNING_KEY" => Some(state.keys.edge_signing_key.clone()),
         "AGENT_PUBLIC_KEYS" => Some(agent_public_keys.clone()),
         _ => None,
     })?;
     let (labels, drain_timeout) = args.work.resolve()?;
-    let edge = edge_native::Server::bind(edge_native::ServerOptions { config, listen: args.listen, data_dir: root.join("edge"), max_connections }).await?;
+    let edge = edge_native::Server::bind(edge_native::ServerOptions { config, listen: args.listen, data_dir: root.join("edge"), max_connections, execute_keepalive_ms }).await?;
     let addr = edge.local_addr();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let edge_stop = {

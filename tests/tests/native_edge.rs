@@ -999,3 +999,96 @@ async fn a_named_caller_holding_many_half_sent_bodies_is_held_to_its_share_of_me
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A proxy in front of the edge that cuts an answer silent for `silence`, as Cloudflare
+/// does in front of a Tunnel (after about 100 s, with a 524 page): the caller's connection
+/// is closed once the edge has sent nothing for that long.
+async fn silence_cutting_proxy(edge_port: u16, silence: Duration) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((caller, _)) = listener.accept().await {
+            let Ok(edge) = tokio::net::TcpStream::connect(("127.0.0.1", edge_port)).await else { continue };
+            let (mut caller_in, mut caller_out) = caller.into_split();
+            let (mut edge_in, mut edge_out) = edge.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut caller_in, &mut edge_out).await;
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0; 64 * 1024];
+                while let Ok(Ok(n @ 1..)) = tokio::time::timeout(silence, edge_in.read(&mut buf)).await {
+                    if caller_out.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                // Silent too long, or the edge closed: the caller's connection ends here.
+            });
+        }
+    });
+    port
+}
+
+/// `/execute` through a proxy that cuts silent answers (rev22-6): both existing callers
+/// wait for a synchronous `/execute`, and behind a Cloudflare Tunnel any job over about
+/// 100 s was cut (the caller fell back while the job ran on). With
+/// `EXECUTE_KEEPALIVE_MS`, an answer not ready within it is `200` with spaces until the
+/// JSON comes, which the proxy passes; one ready sooner keeps its own status; and an end
+/// that would have had another status (the edge stopping) says so in the body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execute_kept_alive_passes_a_proxy_that_cuts_silent_answers() {
+    let cut_after = Duration::from_millis(1500);
+    let execute = |port: u16, body: serde_json::Value| async move {
+        reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{port}/execute"))
+            .header("X-Runner-Secret", SECRET)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+    };
+    // Without it, the proxy cuts a job longer than its silence.
+    let (edge, _agent, _) = edge_with_agent().await;
+    let proxy = silence_cutting_proxy(edge.port, cut_after).await;
+    let cut = match execute(proxy, json!({"prompt": "@sleep=3000 unkept"})).await {
+        Ok(resp) => resp.text().await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    assert!(cut.is_err(), "the proxy passed a silent answer: the test proves nothing");
+    drop(edge);
+
+    let keys = Keys::new(&["spark"]);
+    let mut edge = EdgeServer::start(EdgeKind::Native, &keys, &[("EXECUTE_KEEPALIVE_MS", "300")]);
+    let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    Client::new(&edge.url()).wait_online().await;
+    let proxy = silence_cutting_proxy(edge.port, cut_after).await;
+    let resp = execute(proxy, json!({"prompt": "@sleep=3000 kept alive"})).await.expect("answered");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let text = resp.text().await.expect("the whole answer");
+    assert!(text.starts_with(' '), "{text:?}");
+    let body: serde_json::Value = serde_json::from_str(&text).expect("JSON after the spaces");
+    assert_eq!(body["success"], true, "{text}");
+    assert!(body["output"].is_string(), "{text}");
+    // Answered before the first interval: its own status, no spaces.
+    let resp = execute(proxy, json!({"prompt": 5})).await.expect("answered");
+    assert_eq!(resp.status().as_u16(), 400);
+    assert!(resp.text().await.unwrap().starts_with('{'));
+    // The edge stopping under a kept-alive answer: 200 already sent, so the body says it
+    // (EDGE_RESTARTING, where to follow the job), as JSON whole.
+    let (headed, head) = tokio::sync::oneshot::channel();
+    let proxied = tokio::spawn(async move {
+        let resp = execute(proxy, json!({"prompt": "@sleep=4000 over a stop"})).await.expect("answered");
+        let _ = headed.send(());
+        (resp.status().as_u16(), resp.text().await.expect("the whole answer"))
+    });
+    // Once the head came (the 200 committed, after the first interval), the edge stops.
+    head.await.unwrap();
+    assert!(eventually(Duration::from_secs(60), || agent.claude_runs().iter().any(|r| r["prompt"].as_str().is_some_and(|p| p.contains("over a stop")))).await);
+    edge.stop();
+    let (status, text) = proxied.await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    let body: serde_json::Value = serde_json::from_str(&text).expect("JSON after the spaces");
+    assert_eq!(body["error_code"], "EDGE_RESTARTING", "{text}");
+    assert!(body["job_id"].is_string(), "{text}");
+}

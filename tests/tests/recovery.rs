@@ -364,6 +364,36 @@ async fn a_queued_execute_job_whose_caller_hung_up_never_runs() {
     assert!(!prompts.iter().any(|p| p.contains("hung up on")), "the job hung up on ran: {prompts:?}");
 }
 
+/// The same with `EXECUTE_KEEPALIVE_MS`: the caller had its `200` and spaces, then hung
+/// up. Its job, still queued, ends unstarted and never runs — a hang-up is one, kept
+/// alive or not (the stream dropped tells the machine as the handler's drop does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_execute_kept_alive_whose_caller_hung_up_never_runs() {
+    let (edge, agent, client) = setup(&[("EXECUTE_KEEPALIVE_MS", "200")]).await;
+    let a = client.submit(json!({"prompt": "@sleep=5000 holding the one slot"})).await;
+    let a_id = a.body["job_id"].as_str().expect("a job id").to_string();
+    assert!(eventually(Duration::from_secs(60), || edge.log().contains("job running")).await, "{}", edge.log());
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("{}/execute", edge.url()))
+        .header("X-Runner-Secret", SECRET)
+        .header("content-type", "application/json")
+        .body(json!({"prompt": "hung up on"}).to_string())
+        .send()
+        .await
+        .expect("kept alive: the head comes after the first interval");
+    assert_eq!(resp.status().as_u16(), 200);
+    drop(resp);
+    assert!(eventually(Duration::from_secs(60), || edge.log().contains("queued job ended before it started")).await, "{}", edge.log());
+    assert_eq!(client.wait_job(&a_id, Duration::from_secs(60)).await["state"], "succeeded");
+    let next = client.execute(json!({"prompt": "the next one"})).await;
+    assert_eq!(next.body["success"], true, "{}", next.text);
+    let prompts: Vec<String> = agent.claude_runs().iter().map(|r| r["prompt"].to_string()).collect();
+    assert!(!prompts.iter().any(|p| p.contains("hung up on")), "the job hung up on ran: {prompts:?}");
+}
+
 /// A clean stop (SIGTERM) while a job's callback is on its way to a slow receiver: the
 /// edge waits for the answer and stores it before it exits, so its restart has no
 /// callback left to post. (It exited 3 s after the stop whatever was on its way, and the

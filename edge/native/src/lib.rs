@@ -30,6 +30,7 @@ pub mod store;
 
 pub use server::{Server, ServerOptions};
 
+
 /// The native edge serves one pool: its `RUNNER_SECRET` and `AGENT_PUBLIC_KEYS`, on `/`.
 /// `POOLS` is the Worker's (its `/pool/<name>/` routes); set here it would be read and its
 /// pools' settings checked, and then nothing of them served, so the start stops instead
@@ -51,18 +52,48 @@ pub fn one_pool_only(get: impl Fn(&str) -> Option<String>) -> anyhow::Result<()>
 /// native edge read them (`claude-runner-edge`, and `claude-runner up`, which supplies some
 /// itself through `given`): a value that is not text is refused by name before any other
 /// error about a setting read (it would read as unset, and be reported as missing, or not
-/// at all), then `POOLS`, then the machine's own checks. Returns the machine's settings and
-/// `MAX_CONNECTIONS` as set, which [`Server::bind`] checks against the descriptor limit.
+/// at all), then `POOLS`, then the machine's own checks.
 pub fn edge_settings<G: Fn(&str) -> Option<std::ffi::OsString>>(
     env: &shared::setting::TextSettings<G>,
     given: impl Fn(&str) -> Option<String>,
-) -> anyhow::Result<(edge_core::Config, Option<String>)> {
+) -> anyhow::Result<EdgeSettings> {
     let pools = one_pool_only(|name| env.get(name));
     let config = edge_core::Config::from_lookup(|name| given(name).or_else(|| env.get(name)));
     let max_connections = env.get("MAX_CONNECTIONS");
+    let execute_keepalive_ms = env.get("EXECUTE_KEEPALIVE_MS");
     env.refuse_any()?;
     pools?;
-    Ok((config?, max_connections))
+    Ok(EdgeSettings { config: config?, max_connections, execute_keepalive_ms: execute_keepalive(execute_keepalive_ms)? })
+}
+
+/// What [`edge_settings`] read.
+pub struct EdgeSettings {
+    pub config: edge_core::Config,
+    /// `MAX_CONNECTIONS` as set, which [`Server::bind`] checks against the descriptor limit.
+    pub max_connections: Option<String>,
+    /// `EXECUTE_KEEPALIVE_MS`: see [`execute_keepalive`].
+    pub execute_keepalive_ms: Option<u64>,
+}
+
+/// The shortest and longest `EXECUTE_KEEPALIVE_MS`. Longest: a proxy that cuts an answer
+/// silent for 100 s (Cloudflare's, in front of a Tunnel) must hear a byte before then.
+pub const EXECUTE_KEEPALIVE_RANGE_MS: std::ops::RangeInclusive<u64> = 100..=90_000;
+
+/// `EXECUTE_KEEPALIVE_MS`, this host's alone: after that long with no answer, an
+/// `/execute` is answered `200` at once and a space is sent every so often until its JSON
+/// follows ([`server`]) — for a proxy in front that cuts a silent answer (a Cloudflare
+/// Tunnel, after about 100 s). Unset (or empty): off, each answer with its own status.
+/// The Worker has no such cut between Workers, so it has no such setting.
+pub fn execute_keepalive(text: Option<String>) -> anyhow::Result<Option<u64>> {
+    let Some(text) = text.map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) else { return Ok(None) };
+    let (low, high) = (*EXECUTE_KEEPALIVE_RANGE_MS.start(), *EXECUTE_KEEPALIVE_RANGE_MS.end());
+    match text.parse::<u64>() {
+        Ok(ms) if EXECUTE_KEEPALIVE_RANGE_MS.contains(&ms) => Ok(Some(ms)),
+        _ => anyhow::bail!(
+            "EXECUTE_KEEPALIVE_MS must be milliseconds from {low} to {high} (20000 behind a Cloudflare Tunnel, which cuts an answer silent for 100 s), or unset for none; got `{}`",
+            shared::text::truncate(&text, 40)
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -79,5 +110,17 @@ mod tests {
         }
         assert!(one_pool_only(|_| None).is_ok());
         assert!(one_pool_only(|name| (name == "POOLS").then(|| " ".to_string())).is_ok(), "empty is unset");
+    }
+
+    #[test]
+    fn the_execute_keepalive_is_off_unset_and_refused_outside_its_range() {
+        assert_eq!(execute_keepalive(None).unwrap(), None);
+        assert_eq!(execute_keepalive(Some(" ".into())).unwrap(), None, "empty is unset");
+        assert_eq!(execute_keepalive(Some("20000".into())).unwrap(), Some(20_000));
+        assert_eq!(execute_keepalive(Some(" 100 ".into())).unwrap(), Some(100));
+        for bad in ["99", "90001", "0", "-5", "20s", "1e4"] {
+            let err = execute_keepalive(Some(bad.into())).unwrap_err().to_string();
+            assert!(err.contains("EXECUTE_KEEPALIVE_MS") && err.contains("20000") && err.contains(&format!("`{bad}`")), "{err}");
+        }
     }
 }

@@ -28,6 +28,9 @@ Environment:
                          is closed; callers' requests in flight hold at most 3/4,
                          each secret an equal share of that (429 past it)
                                       (default: the descriptor limit less 320, <= 16384)
+  EXECUTE_KEEPALIVE_MS   an /execute not answered within it gets 200 and a space
+                         every so often until its JSON (behind a Cloudflare Tunnel,
+                         which cuts answers silent for 100 s: 20000) (default off)
   LOG_FORMAT             text | json                                (default text)
   RUST_LOG               log filter                                 (default info)
 
@@ -85,11 +88,11 @@ fn run(env: &TextSettings<impl Fn(&str) -> Option<std::ffi::OsString>>) -> anyho
 /// other error about a setting read (it would read as unset, and be reported as missing,
 /// or not at all).
 fn read_settings(env: &TextSettings<impl Fn(&str) -> Option<std::ffi::OsString>>) -> anyhow::Result<ServerOptions> {
-    let (config, max_connections) = edge_native::edge_settings(env, |_| None)?;
+    let edge_native::EdgeSettings { config, max_connections, execute_keepalive_ms } = edge_native::edge_settings(env, |_| None)?;
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
     let (listen, data_dir) = host_settings(|name| env.get_os(name), || runtime::home::passwd_home(uid))?;
-    Ok(ServerOptions { config, listen, data_dir, max_connections })
+    Ok(ServerOptions { config, listen, data_dir, max_connections, execute_keepalive_ms })
 }
 
 /// `LISTEN` and `DATA_DIR`, the settings only this host reads. Empty is unset, as for
@@ -243,7 +246,7 @@ mod tests {
         )
         .unwrap();
         let mut asked = asked.into_inner();
-        asked.extend(["MAX_CONNECTIONS", "LOG_FORMAT", "RUST_LOG"].map(String::from));
+        asked.extend(["MAX_CONNECTIONS", "EXECUTE_KEEPALIVE_MS", "LOG_FORMAT", "RUST_LOG"].map(String::from));
         let listed = |name: &str| HELP.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).any(|w| w == name);
         // POOLS: pools are the Worker's (README); HOME: the default DATA_DIR's.
         let missing: Vec<_> = asked.iter().filter(|n| !listed(n) && !["POOLS", "HOME"].contains(&n.as_str())).collect();

@@ -35,6 +35,8 @@ use tracing::{info, warn};
 pub(crate) struct AppState {
     pub driver: mpsc::Sender<Command>,
     pub config: Arc<Config>,
+    /// `EXECUTE_KEEPALIVE_MS` ([`crate::execute_keepalive`]).
+    pub execute_keepalive: Option<Duration>,
 }
 
 pub struct ServerOptions {
@@ -45,6 +47,8 @@ pub struct ServerOptions {
     /// in force: only this host holds sockets, and both the edge's binary and
     /// `claude-runner up` start it through here, each reading its settings as text.
     pub max_connections: Option<String>,
+    /// `EXECUTE_KEEPALIVE_MS` as read ([`crate::execute_keepalive`]; `None`: off).
+    pub execute_keepalive_ms: Option<u64>,
 }
 
 /// A bound, not yet serving, edge server.
@@ -106,7 +110,7 @@ impl Server {
         let driver = Driver::new(machine, store, clock, tx.downgrade());
         Ok(Server {
             listener,
-            state: AppState { driver: tx, config },
+            state: AppState { driver: tx, config, execute_keepalive: opts.execute_keepalive_ms.map(Duration::from_millis) },
             driver,
             commands,
             startup,
@@ -612,6 +616,9 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
     } else {
         edge_core::body::Body::Bytes(Vec::new())
     };
+    // An `/execute` answer may be kept alive (`EXECUTE_KEEPALIVE_MS`): none else, since
+    // only it is a synchronous wait that existing callers make through a Tunnel.
+    let keepalive = state.execute_keepalive.filter(|_| parts.method == axum::http::Method::POST && parts.uri.path() == "/execute");
     let req = edge_core::http::Request {
         method: parts.method.as_str().to_string(),
         path: parts.uri.path().to_string(),
@@ -630,7 +637,20 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
         Opened::Stream(out) => event_stream(out, state.config.sse_keepalive_ms),
         Opened::Once { caller, max_wait_ms, mut answer } => {
             let mut hang_up = HangUp { caller: Some(caller), driver: state.driver.clone() };
-            let answered = match tokio::time::timeout(Duration::from_millis(max_wait_ms), &mut answer).await {
+            let max_wait = Duration::from_millis(max_wait_ms);
+            if let Some(every) = keepalive.filter(|every| *every < max_wait) {
+                match tokio::time::timeout(every, &mut answer).await {
+                    Ok(answered) => {
+                        hang_up.caller = None;
+                        return match answered {
+                            Ok(response) => into_response(response),
+                            Err(_) => into_response(edge_core::http::shutting_down()),
+                        };
+                    }
+                    Err(_) => return kept_alive(answer, hang_up, max_wait - every, every),
+                }
+            }
+            let answered = match tokio::time::timeout(max_wait, &mut answer).await {
                 Ok(answered) => answered,
                 Err(_) => {
                     let _ = state.driver.send(Command::WaitExpired { caller }).await;
@@ -645,6 +665,57 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
             }
         }
     }
+}
+
+/// An `/execute` not answered within `EXECUTE_KEEPALIVE_MS` (`every`): `200` with the
+/// JSON content type now, a space at once and after every `every` of silence, then the
+/// answer's JSON — whatever its status would have been, which the body says (`success`,
+/// `error_code`, `fallback`): both existing callers read those from the body of a 2xx
+/// (docs: README, "Tunnel"). A proxy that cuts an answer silent for 100 s (Cloudflare's,
+/// in front of a Tunnel) then passes one that takes longer. JSON allows the spaces before
+/// the value. The wait is the same as without: `WaitExpired` after `max_wait` more, then
+/// the machine's answer; a caller that hangs up drops the stream, and with it `hang_up`,
+/// which tells the machine as it does unkept.
+fn kept_alive(answer: oneshot::Receiver<edge_core::Response>, hang_up: HangUp, max_wait: Duration, every: Duration) -> Response {
+    struct Waiting {
+        answer: oneshot::Receiver<edge_core::Response>,
+        hang_up: HangUp,
+        expires: Option<tokio::time::Instant>,
+    }
+    let waiting = Waiting { answer, hang_up, expires: Some(tokio::time::Instant::now() + max_wait) };
+    // The first space at once: the head alone may sit in a proxy's buffer.
+    let first = futures_util::stream::once(async { Ok::<_, std::io::Error>(axum::body::Bytes::from_static(b" ")) });
+    let rest = futures_util::stream::unfold(Some(waiting), move |waiting| async move {
+        let mut w = waiting?;
+        let tick = tokio::time::sleep(every);
+        tokio::pin!(tick);
+        loop {
+            let expiry = async {
+                match w.expires {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                answered = &mut w.answer => {
+                    w.hang_up.caller = None;
+                    let response = answered.unwrap_or_else(|_| edge_core::http::shutting_down());
+                    return Some((Ok(axum::body::Bytes::from_owner(SharedText(response.body))), None));
+                }
+                _ = expiry => {
+                    w.expires = None;
+                    if let Some(caller) = w.hang_up.caller {
+                        let _ = w.hang_up.driver.send(Command::WaitExpired { caller }).await;
+                    }
+                }
+                _ = &mut tick => return Some((Ok(axum::body::Bytes::from_static(b" ")), Some(w))),
+            }
+        }
+    });
+    let mut out = Response::new(Body::from_stream(first.chain(rest)));
+    out.headers_mut().insert("content-type", "application/json".parse().expect("static content types parse"));
+    out.headers_mut().insert("cache-control", "no-cache".parse().expect("static header parses"));
+    out
 }
 
 /// The answer to a request whose secret's holder holds all the connections it may
