@@ -153,7 +153,12 @@ impl Talk<'_> {
         if class == ErrorClass::Ssl || code == ErrorCode::Certificate || lower.contains("certificate") {
             return RepoError::Tls { url, detail: message.to_string() };
         }
-        if matches!(class, ErrorClass::Net | ErrorClass::Http | ErrorClass::Os) || code == ErrorCode::Timeout {
+        // libgit2 reports a socket's failure (connect, resolve, a read timing out) in the
+        // OS class too, beside the local file system's: only the first is the server out of
+        // reach, retryable. "failed to make directory …: Permission denied" in the mirror
+        // is a local fault (`Git`, which the mirror's rebuild looks for), not "then retry".
+        let socket = ["connect", "resolve", "timed out", "timeout", "connection", "socket", "network", "host"].iter().any(|w| lower.contains(w));
+        if matches!(class, ErrorClass::Net | ErrorClass::Http) || class == ErrorClass::Os && socket || code == ErrorCode::Timeout {
             return RepoError::Network { url, detail: message.to_string() };
         }
         RepoError::Git { action: self.action.into(), detail: message.to_string() }
@@ -199,6 +204,15 @@ mod tests {
         assert!(e.to_string().contains("REPO_CACHE_MAX_BYTES"));
         let e = t.error(ErrorCode::Auth, ErrorClass::Http, "authentication required but no callback set");
         assert!(matches!(e, RepoError::NoToken { .. }), "{e}");
+        // libgit2's OS class: a socket's failure is the server out of reach (retryable); the
+        // local file system's is the mirror's own fault, not "could not reach … then retry"
+        // (rev23-5).
+        let e = t.error(ErrorCode::GenericError, ErrorClass::Os, "failed to connect to 127.0.0.1: Connection refused");
+        assert!(matches!(e, RepoError::Network { .. }) && e.retryable(), "{e}");
+        let e = t.error(ErrorCode::GenericError, ErrorClass::Os, "failed to resolve address for git.example.com: Name or service not known");
+        assert!(matches!(e, RepoError::Network { .. }), "{e}");
+        let e = t.error(ErrorCode::GenericError, ErrorClass::Os, "failed to make directory '/m/objects/pack': Permission denied");
+        assert!(matches!(e, RepoError::Git { .. }) && !e.retryable(), "{e}");
     }
 
     #[test]
