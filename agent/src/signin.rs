@@ -20,7 +20,18 @@ pub struct LoginArgs {
     /// secret is `up`'s; else the URL is trusted from the edge (said once).
     #[arg(long, env = "AGENT_PUBLIC_KEYS")]
     pub agent_public_keys: Option<String>,
+    /// Show the sign-in URL without an agent key to check it against: trusting the edge
+    /// and whatever is in front of it (a hop ending TLS could show its own sign-in page and
+    /// take the code with your account).
+    #[arg(long)]
+    pub trust_edge_url: bool,
 }
+
+/// How old an agent's claim over a sign-in URL may be: a relayed login waits 10 minutes
+/// for its code, and `login` run again shows the same URL; with clocks some minutes apart.
+const CLAIM_MAX_AGE_MS: u64 = 20 * 60 * 1000;
+/// How far ahead of this machine's clock a claim may be dated (the agent's clock ahead).
+const CLAIM_MAX_AHEAD_MS: u64 = 5 * 60 * 1000;
 
 /// Whose signatures a sign-in URL is checked against: the keys given, or `up`'s own agent's
 /// when the secret is `up`'s (its `up.json` under this environment's `DATA_DIR`); `None`:
@@ -47,9 +58,10 @@ fn up_agent_key(path: &std::path::Path, secret: &str) -> Option<shared::keys::Ke
     shared::keys::Keyring::parse(&format!("{id}={key}")).ok()
 }
 
-/// Whether the URL the edge passed on is the one the agent signed, by the keys known.
-/// `Ok(None)`: no key known (trusted from the edge); `Ok(Some(_))`: checked.
-fn url_signed(keys: Option<&shared::keys::Keyring>, answer: &Value, login_id: &str, agent: &str, url: &str) -> Result<Option<()>, String> {
+/// Whether the URL the edge passed on is the one agent `agent` signed for login
+/// `login_id`, by the keys known, recently by this machine's clock `now`. `Ok(None)`: no
+/// key known (the caller decides whether the edge is trusted); `Ok(Some(_))`: checked.
+fn url_signed(keys: Option<&shared::keys::Keyring>, answer: &Value, login_id: &str, agent: &str, url: &str, now: u64) -> Result<Option<()>, String> {
     let Some(keys) = keys else { return Ok(None) };
     let Some(key) = keys.get(agent) else {
         return Err(format!("the edge names agent `{agent}`, whose public key is not in AGENT_PUBLIC_KEYS; add it (`{agent}=<its public key>`, as the edge has it) or name the agent with --agent-id"));
@@ -57,7 +69,16 @@ fn url_signed(keys: Option<&shared::keys::Keyring>, answer: &Value, login_id: &s
     let Some(proof) = answer["url_proof"].as_str() else {
         return Err("the edge passed on no signature of the agent's over the URL (an agent older than this command signs none: upgrade it; or the edge, or something in front of it, put its own URL there)".into());
     };
-    shared::protocol::LoginUrlClaim::check(proof, key, login_id, agent, url).map(|_| Some(()))
+    let issued_at = shared::protocol::LoginUrlClaim::check(proof, key, login_id, agent, url)?;
+    // An old claim names an old `claude auth login`, whose code is of no use without that
+    // process; still, a URL shown as the agent's is one of this login's.
+    if issued_at.saturating_add(CLAIM_MAX_AGE_MS) < now || issued_at > now.saturating_add(CLAIM_MAX_AHEAD_MS) {
+        return Err(format!(
+            "the agent signed this URL at {} by its clock, not within the last 20 minutes by this machine's (a URL of an old login played back; or a clock far off: check both)",
+            shared::time::rfc3339(issued_at)
+        ));
+    }
+    Ok(Some(()))
 }
 
 /// Why a request to the edge brought no answer of its.
@@ -125,6 +146,20 @@ async fn run_to(err: &mut impl Write, out: &mut impl Write, input: &mut impl Buf
             return Ok(2);
         }
     };
+    // Before anything is started on the agent: keys that do not read, or none and no leave
+    // to trust the edge, start no `claude auth login` there.
+    let keys = match trusted_keys(args.agent_public_keys.as_deref(), &secret) {
+        Ok(Some(keys)) => Some(keys),
+        Ok(None) if args.trust_edge_url => None,
+        Ok(None) => {
+            say(err, "claude-runner login: no agent key to check the sign-in URL against, so nothing was started: set AGENT_PUBLIC_KEYS to the agent's `id=public key` as the edge has it (`claude-runner keygen` printed it; with `up`, set DATA_DIR to up's), or pass --trust-edge-url to trust the edge and whatever is in front of it with your login".into())?;
+            return Ok(2);
+        }
+        Err(why) => {
+            say(err, format!("claude-runner login: {why}"))?;
+            return Ok(2);
+        }
+    };
     let http = crate::submit::edge_client(&base)?;
     let body = match &args.agent_id {
         Some(id) => json!({"agent_id": id}),
@@ -155,21 +190,20 @@ async fn run_to(err: &mut impl Write, out: &mut impl Write, input: &mut impl Buf
         }
     };
     let agent = start["agent_id"].as_str().unwrap_or("?");
+    if let Some(asked) = args.agent_id.as_deref().filter(|asked| *asked != agent) {
+        // The login is the agent's that takes the code: another's would log in with the
+        // account meant for the one asked (a shared machine given a personal login).
+        say(err, format!("claude-runner login: the edge started a login on agent `{agent}`, not on `{asked}` as asked: no code read; run `claude-runner login --agent-id {asked}` again, and check CLAUDE_RUNNER_URL is your edge"))?;
+        return Ok(2);
+    }
     // Only the agent's own key vouches for the URL: the report that carried it to the edge
     // is MACed with a key the edge holds, so an edge (or a hop ending TLS in front of it)
     // could show a genuine sign-in page of its own `claude auth login`, and take the code
     // with the operator's account (rev21-2).
-    let keys = match trusted_keys(args.agent_public_keys.as_deref(), &secret) {
-        Ok(keys) => keys,
-        Err(why) => {
-            say(err, format!("claude-runner login: {why}"))?;
-            return Ok(2);
-        }
-    };
-    let vouched = match url_signed(keys.as_ref(), &start, login_id, agent, url) {
+    let vouched = match url_signed(keys.as_ref(), &start, login_id, agent, url, crate::now_ms()) {
         Ok(Some(())) => format!(", signed by agent {agent}'s key"),
         Ok(None) => {
-            say(err, "note: no agent key to check the URL against, so it is trusted from the edge and whatever is in front of it; set AGENT_PUBLIC_KEYS (the agent's `id=public key`, as the edge has it) to check it is your agent's".into())?;
+            say(err, "note: --trust-edge-url: the URL is not checked, trusted from the edge and whatever is in front of it".into())?;
             String::new()
         }
         Err(why) => {
@@ -245,6 +279,7 @@ mod tests {
             edge: crate::submit::EdgeArgs { edge: Some(edge_answering(502, body.to_string()).await), secret: Some("s".into()), allow_insecure_edge: false },
             agent_id: None,
             agent_public_keys: None,
+            trust_edge_url: true,
         };
         let (mut err, mut out) = (Vec::new(), Vec::new());
         assert_eq!(super::run_to(&mut err, &mut out, &mut &b"a-code\n"[..], edge).await.unwrap(), 1);
@@ -264,6 +299,7 @@ mod tests {
                 edge: crate::submit::EdgeArgs { edge: Some(edge_answering(200, body.to_string()).await), secret: Some("s".into()), allow_insecure_edge: false },
                 agent_id: None,
                 agent_public_keys: None,
+                trust_edge_url: true,
             };
             let (mut err, mut out) = (Vec::new(), Vec::new());
             let code = super::run_to(&mut err, &mut out, &mut &b"a-code\n"[..], edge).await.unwrap();
@@ -289,6 +325,7 @@ mod tests {
             edge: crate::submit::EdgeArgs { edge: Some(edge_answering(503, body).await), secret: Some("s".into()), allow_insecure_edge: false },
             agent_id: None,
             agent_public_keys: None,
+            trust_edge_url: true,
         };
         let (mut err, mut out) = (Vec::new(), Vec::new());
         assert_eq!(super::run_to(&mut err, &mut out, &mut &b""[..], edge).await.unwrap(), 2);
@@ -309,47 +346,69 @@ mod tests {
         let keys = format!("spark={}", shared::keys::encode_verifying(&agent.verifying_key()));
         let url = "https://claude.ai/oauth/authorize?code=true&state=agents";
         let attackers = "https://claude.ai/oauth/authorize?code=true&state=attackers";
-        let signed = |key: &SigningKey, over: &str| shared::protocol::LoginUrlClaim::sign(key, "l1", "spark", over, 1);
-        let run = |shown: &'static str, proof: Option<String>, keys: Option<String>| async move {
-            let mut body = serde_json::json!({"login_id": "l1", "url": shown, "agent_id": "spark", "state": "logged_in", "oauth": {}});
-            if let Some(proof) = proof {
+        let now = crate::now_ms();
+        let signed_at = |key: &SigningKey, over: &str, at: u64| shared::protocol::LoginUrlClaim::sign(key, "l1", "spark", over, at);
+        let signed = |key: &SigningKey, over: &str| signed_at(key, over, now);
+        struct Run {
+            shown: &'static str,
+            proof: Option<String>,
+            keys: Option<String>,
+            trust: bool,
+            asked: Option<&'static str>,
+        }
+        let run = |r: Run| async move {
+            let mut body = serde_json::json!({"login_id": "l1", "url": r.shown, "agent_id": "spark", "state": "logged_in", "oauth": {}});
+            if let Some(proof) = r.proof {
                 body["url_proof"] = proof.into();
             }
             let edge = super::LoginArgs {
                 edge: crate::submit::EdgeArgs { edge: Some(edge_answering(200, body.to_string()).await), secret: Some("s".into()), allow_insecure_edge: false },
-                agent_id: None,
-                agent_public_keys: keys,
+                agent_id: r.asked.map(str::to_string),
+                agent_public_keys: r.keys,
+                trust_edge_url: r.trust,
             };
             let (mut err, mut out, mut input) = (Vec::new(), Vec::new(), &b"operators-code\n"[..]);
             let code = super::run_to(&mut err, &mut out, &mut input, edge).await.unwrap();
             (code, String::from_utf8(err).unwrap(), String::from_utf8(out).unwrap(), input.is_empty())
         };
+        let keyed = |shown, proof| Run { shown, proof, keys: Some(keys.clone()), trust: false, asked: None };
         let other = SigningKey::from_bytes(&[8; 32]);
-        for (what, shown, proof) in [
-            ("no signature", attackers, None),
-            ("another key's", attackers, Some(signed(&other, attackers))),
-            ("the agent's, over its own URL", attackers, Some(signed(&agent, url))),
-            ("garbage", attackers, Some("1.xyz".to_string())),
+        for (what, r) in [
+            ("no signature", keyed(attackers, None)),
+            ("another key's", keyed(attackers, Some(signed(&other, attackers)))),
+            ("the agent's, over its own URL", keyed(attackers, Some(signed(&agent, url)))),
+            ("garbage", keyed(attackers, Some("1.xyz".to_string()))),
+            ("the agent's, an hour old (played back)", keyed(url, Some(signed_at(&agent, url, now - 3_600_000)))),
+            ("the agent's, an hour ahead", keyed(url, Some(signed_at(&agent, url, now + 3_600_000)))),
         ] {
-            let (code, err, out, code_read) = run(shown, proof, Some(keys.clone())).await;
+            let (code, err, out, code_read) = run(r).await;
             assert_eq!((code, out.as_str(), code_read), (2, "", false), "{what}: {err}");
-            assert!(err.contains("is not shown") && err.contains("AGENT_PUBLIC_KEYS"), "{what}: {err}");
+            assert!(err.contains("is not shown"), "{what}: {err}");
         }
         // An agent the keys do not name: not shown either.
-        let (code, err, _, code_read) = run(url, Some(signed(&agent, url)), Some(format!("rig={}", shared::keys::encode_verifying(&agent.verifying_key())))).await;
+        let rig_only = format!("rig={}", shared::keys::encode_verifying(&agent.verifying_key()));
+        let (code, err, _, code_read) = run(Run { keys: Some(rig_only), ..keyed(url, Some(signed(&agent, url))) }).await;
         assert_eq!((code, code_read), (2, false), "{err}");
         assert!(err.contains("spark"), "{err}");
         // Keys that do not read: said, nothing shown.
-        let (code, err, _, _) = run(url, Some(signed(&agent, url)), Some("spark".into())).await;
+        let (code, err, _, _) = run(Run { keys: Some("spark".into()), ..keyed(url, Some(signed(&agent, url))) }).await;
         assert!(code == 2 && err.contains("AGENT_PUBLIC_KEYS"), "{err}");
-        // The agent's own signature over the URL shown: shown, said so, the code read.
-        let (code, err, out, code_read) = run(url, Some(signed(&agent, url)), Some(keys.clone())).await;
+        // Another agent than the one asked for, even signed by its own key: not shown (rev23-3).
+        let (code, err, out, code_read) = run(Run { asked: Some("rig"), ..keyed(url, Some(signed(&agent, url))) }).await;
+        assert_eq!((code, out.as_str(), code_read), (2, "", false), "{err}");
+        assert!(err.contains("not on `rig`"), "{err}");
+        // The agent's own signature over the URL shown, now: shown, said so, the code read.
+        let (code, err, out, code_read) = run(keyed(url, Some(signed(&agent, url)))).await;
         assert_eq!((code, out.trim(), code_read), (0, url, true), "{err}");
         assert!(err.contains("signed by agent spark's key"), "{err}");
-        // No key known: shown, with a note that it is trusted from the edge.
-        let (code, err, out, _) = run(url, None, None).await;
+        // No key known: nothing shown, nothing started, what to set said (rev23-1)...
+        let (code, err, out, code_read) = run(Run { shown: url, proof: None, keys: None, trust: false, asked: None }).await;
+        assert_eq!((code, out.as_str(), code_read), (2, "", false), "{err}");
+        assert!(err.contains("AGENT_PUBLIC_KEYS") && err.contains("--trust-edge-url") && err.contains("nothing was started"), "{err}");
+        // ...unless told to trust the edge: shown, with a note saying so.
+        let (code, err, out, _) = run(Run { shown: url, proof: None, keys: None, trust: true, asked: None }).await;
         assert_eq!((code, out.trim()), (0, url), "{err}");
-        assert!(err.contains("trusted from the edge") && err.contains("AGENT_PUBLIC_KEYS"), "{err}");
+        assert!(err.contains("trusted from the edge"), "{err}");
     }
 
     /// `up`'s own agent's key is known without a setting when the secret is `up`'s: the

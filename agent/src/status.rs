@@ -108,7 +108,12 @@ fn start_again_given(data_dir: &std::path::Path, default: &std::path::Path) -> S
     // Absolute: pasted in another folder, a relative one names another.
     let up_data_dir = std::path::absolute(up_data_dir).unwrap_or_else(|_| up_data_dir.to_path_buf());
     let setting = if up_data_dir == default { String::new() } else { format!("DATA_DIR={} ", crate::up::shell_word(&up_data_dir.to_string_lossy())) };
-    format!("`{setting}claude-runner up` (with the LISTEN, CLAUDE_BIN and CLAUDE_CONFIG_DIR it ran with, if you set any)")
+    // Every setting, not three: up.json keeps none of them, and one left out silently goes
+    // back to its default (ALLOWED_REPO_HOSTS narrowed to one host opened again, rev23-6).
+    format!(
+        "`{setting}claude-runner up` (with every other setting it ran with, if you set any: LISTEN, CLAUDE_BIN, CLAUDE_CONFIG_DIR, \
+         ALLOWED_REPO_HOSTS, GITHUB_TOKEN/REPO_TOKENS, MAX_CONCURRENT_JOBS, AGENT_LABELS, …)"
+    )
 }
 
 /// What to say of a stopped agent, and what to do.
@@ -700,14 +705,14 @@ mod tests {
         // it ran with.
         let up = shown(&ups);
         let again = format!("start it again with `DATA_DIR={} claude-runner up`", data.display());
-        assert!(up.contains(&format!("stopped; {again}")) && up.contains("LISTEN, CLAUDE_BIN and CLAUDE_CONFIG_DIR"), "{up}");
+        assert!(up.contains(&format!("stopped; {again}")) && up.contains("every other setting") && up.contains("ALLOWED_REPO_HOSTS"), "{up}");
         let mut checked = Vec::new();
         assert!(!check_to(&mut checked, &ups).unwrap());
         let checked = String::from_utf8(checked).unwrap();
-        assert!(checked.contains(&format!("is not running; {again}")) && checked.contains("LISTEN, CLAUDE_BIN and CLAUDE_CONFIG_DIR"), "{checked}");
+        assert!(checked.contains(&format!("is not running; {again}")) && checked.contains("every other setting"), "{checked}");
         // In the default DATA_DIR, no setting to give.
         let plain = start_again_given(&ups, &data);
-        assert!(plain.starts_with("`claude-runner up` (with the LISTEN"), "{plain}");
+        assert!(plain.starts_with("`claude-runner up` (with every other setting"), "{plain}");
         let own = shown(&data);
         assert!(own.contains("start it again with `claude-runner agent` (or `claude-runner up`, if up ran it)"), "{own}");
         std::fs::remove_dir_all(&data).unwrap();

@@ -125,11 +125,11 @@ fn reached_at(addr: SocketAddr) -> SocketAddr {
 
 /// The `status` line to paste: with `up`'s `DATA_DIR` when it is not the default, which a
 /// plain `claude-runner status` in another shell reads (it said no agent ever ran there).
-fn status_command(runner: &str, data_dir: &Path, default: &Path) -> String {
+fn runner_in(runner: &str, command: &str, data_dir: &Path, default: &Path) -> String {
     if data_dir == default {
-        return format!("{runner} status");
+        return format!("{runner} {command}");
     }
-    format!("DATA_DIR={} {runner} status", shell_word(&data_dir.to_string_lossy()))
+    format!("DATA_DIR={} {runner} {command}", shell_word(&data_dir.to_string_lossy()))
 }
 
 /// `text` as one word for a POSIX shell: as it is when nothing in it is special, else in
@@ -291,10 +291,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
   within seconds), either here:
     {claude_login}
   or through the edge (the agent runs the login), after the export line below:
-    {runner} login
+    {runner_login}
   Or set CLAUDE_CODE_OAUTH_TOKEN (from `{setup_token}`) and start `up` again.
 ",
             setup_token = format!("{} setup-token", shell_word(&args.local.claude_bin)),
+            // In `up`'s DATA_DIR: `login` finds there the agent's key that checks the URL.
+            runner_login = runner_in(&runner, "login", &args.local.data_dir(), &crate::config::default_data_dir()),
         ),
         (true, true) => format!(
             "
@@ -335,7 +337,7 @@ The status page: http://{addr}/ (it asks for the secret); `{status}` shows the a
 Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both (running jobs finish first).",
         id = state.agent_id,
         export = export_line(listening, &state.runner_secret),
-        status = status_command(&runner, &args.local.data_dir(), &crate::config::default_data_dir()),
+        status = runner_in(&runner, "status", &args.local.data_dir(), &crate::config::default_data_dir()),
         keys_path = crate::config::up_state_file(&args.local.data_dir()).display(),
     );
     let result = crate::serve::serve(agent_cfg, crate::drain::stop_requests()).await;
@@ -355,9 +357,9 @@ mod tests {
     #[test]
     fn the_status_line_names_a_data_dir_that_is_not_the_default() {
         let default = Path::new("/home/me/.local/share/claude-runner");
-        assert_eq!(status_command("claude-runner", default, default), "claude-runner status");
-        assert_eq!(status_command("claude-runner", Path::new("/tmp/standin-up"), default), "DATA_DIR=/tmp/standin-up claude-runner status");
-        assert_eq!(status_command("claude-runner", Path::new("/tmp/it's here"), default), "DATA_DIR='/tmp/it'\\''s here' claude-runner status");
+        assert_eq!(runner_in("claude-runner", "status", default, default), "claude-runner status");
+        assert_eq!(runner_in("claude-runner", "status", Path::new("/tmp/standin-up"), default), "DATA_DIR=/tmp/standin-up claude-runner status");
+        assert_eq!(runner_in("claude-runner", "status", Path::new("/tmp/it's here"), default), "DATA_DIR='/tmp/it'\\''s here' claude-runner status");
     }
 
     #[test]

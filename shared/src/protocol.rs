@@ -595,6 +595,14 @@ impl LoginUrlClaim {
         Ok(issued_at)
     }
 
+    /// Whether `proof` has a claim's shape (digits, a dot, 86 base64url characters): what
+    /// an edge keeps and passes on; anything else costs it room (a character outside
+    /// Latin-1 doubles a Worker's whole session record) and proves nothing.
+    pub fn well_formed(proof: &str) -> bool {
+        let Some((at, sig)) = proof.split_once('.') else { return false };
+        (1..=20).contains(&at.len()) && at.bytes().all(|b| b.is_ascii_digit()) && sig.len() == 86 && sig.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }
+
     /// The signed bytes: ids are plain (no newline) and the URL a sign-in page's (no
     /// newline either, [`crate::oauth::sign_in_host`]), so no field shifts into another.
     fn signed(login_id: &str, agent_id: &str, url: &str, issued_at: Millis) -> Vec<u8> {
@@ -1044,6 +1052,10 @@ mod tests {
         assert!(LoginUrlClaim::check(&format!("{}.{sig}", at.parse::<u64>().unwrap() + 1), &key, "l1", "spark", url).is_err(), "another time");
         for garbage in ["", ".", "1.", ".abc", "x.abc", &"9".repeat(200), &format!("1.{}", "A".repeat(86))] {
             assert!(LoginUrlClaim::check(garbage, &key, "l1", "spark", url).is_err(), "{garbage}");
+        }
+        assert!(LoginUrlClaim::well_formed(&proof));
+        for bad in ["", "1.", &format!("1.{}", "A".repeat(85)), &format!("1.{}é", "A".repeat(85)), &format!("1x.{}", "A".repeat(86)), &format!("{}.{}", "1".repeat(21), "A".repeat(86))] {
+            assert!(!LoginUrlClaim::well_formed(bad), "{bad}");
         }
     }
 

@@ -683,9 +683,15 @@ async fn the_login_relay_logs_the_agent_in_again(kind: EdgeKind) {
     let url = start.body["url"].as_str().unwrap().to_string();
     assert!(url.starts_with("https://claude.ai/oauth/authorize?"), "{url}");
     let login_id = start.body["login_id"].as_str().unwrap().to_string();
-    // One login at a time: asking again gives the same one.
+    // The agent's signature over the URL came through the host untouched: it holds under
+    // the agent's key for this login, agent and URL (what `claude-runner login` checks).
+    let proof = start.body["url_proof"].as_str().expect("the agent's signature over the URL").to_string();
+    let agent_key = s.edge.keys.agent("spark").verifying_key();
+    shared::protocol::LoginUrlClaim::check(&proof, &agent_key, &login_id, "spark", &url).expect("the agent's claim holds");
+    // One login at a time: asking again gives the same one, with its signature kept.
     let again = s.client.send("POST", "/oauth/login", Some(SECRET), None).await;
     assert_eq!(again.body["login_id"], login_id.as_str(), "{}", again.text);
+    assert_eq!(again.body["url_proof"], proof.as_str(), "{}", again.text);
     let code = |login_id: &str, code: &str| json!({"login_id": login_id, "code": code}).to_string().into_bytes();
     let unknown = s.client.send("POST", "/oauth/login/code", Some(SECRET), Some(code("nope", "good-1"))).await;
     assert_eq!(unknown.status, 404, "{}", unknown.text);

@@ -621,7 +621,9 @@ fn up_without_a_login_says_so_and_how_to_log_in() {
     // plain `claude auth login` logged another binary into ~/.claude), or through the edge.
     let login = format!("CLAUDE_CONFIG_DIR={} {} auth login", claude_dir.display(), bin("claude-standin").display());
     assert!(printed.contains("not logged in") && printed.contains(&format!("\n    {login}\n")), "{printed}");
-    assert!(printed.contains("\n    claude-runner login\n") && printed.contains("\n  claude-runner submit \""), "{printed}");
+    // In up's DATA_DIR: `login` finds there the key that checks the URL.
+    let login_line = format!("\n    DATA_DIR={} claude-runner login\n", data.path().display());
+    assert!(printed.contains(&login_line) && printed.contains("\n  claude-runner submit \""), "{printed}");
     // The agent's settings it was given and does not read are named, once, on stderr.
     let log = std::fs::read_to_string(data.path().join("up.log")).unwrap();
     let notices: Vec<&str> = log.lines().filter(|l| l.contains("does not read")).collect();
@@ -1175,7 +1177,7 @@ fn submit_and_login_without_the_edge_or_the_secret_name_the_settings() {
         ] {
             // `up` with this DATA_DIR keeps its secret there, not in the default folder.
             let out = Command::new(bin("claude-runner"))
-                .args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
+                .args(if command == "submit" { ["submit", "hello"] } else { ["login", "--trust-edge-url"] })
                 .env_remove("CLAUDE_RUNNER_URL")
                 .env_remove("RUNNER_SECRET")
                 .env("DATA_DIR", "/srv/runner")
@@ -1202,7 +1204,7 @@ fn submit_and_login_say_why_the_edge_cannot_be_reached() {
     for command in ["submit", "login"] {
         for (url, says) in [(closed.to_string(), "http://"), (format!("http://{closed}"), "Connection refused")] {
             let out = Command::new(bin("claude-runner"))
-                .args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
+                .args(if command == "submit" { ["submit", "hello"] } else { ["login", "--trust-edge-url"] })
                 .env("CLAUDE_RUNNER_URL", &url)
                 .env("RUNNER_SECRET", SECRET)
                 .stdin(Stdio::null())
@@ -2197,7 +2199,7 @@ async fn login_from_a_terminal_relays_the_url_and_the_code() {
     // Without a reachable edge it says so (exit 2).
     let nobody = closed_port();
     let out = Command::new(bin("claude-runner"))
-        .arg("login")
+        .args(["login", "--trust-edge-url"])
         .env("CLAUDE_RUNNER_URL", format!("http://127.0.0.1:{}", nobody.port))
         .env("RUNNER_SECRET", SECRET)
         .stdin(Stdio::null())
@@ -2220,7 +2222,8 @@ async fn a_login_given_no_code_holds_no_work() {
     let _agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
     let client = Client::new(&edge.url());
     client.wait_online().await;
-    let mut child = against_the_edge(&edge, "login", &[]);
+    let agent_keys = keys.agent_public_keys();
+    let mut child = against_the_edge(&edge, "login", &["--agent-public-keys", &agent_keys]);
     child.stdin.take().unwrap().write_all(b"\n").unwrap();
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -2552,7 +2555,7 @@ fn submit_and_login_over_https_to_a_plain_edge_are_told_to_use_http() {
     let plain = edge_that_answers(|_, _| "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n".into());
     for command in ["submit", "login"] {
         let out = Command::new(bin("claude-runner"))
-            .args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
+            .args(if command == "submit" { ["submit", "hello"] } else { ["login", "--trust-edge-url"] })
             .env("CLAUDE_RUNNER_URL", format!("https://{plain}"))
             .env("RUNNER_SECRET", SECRET)
             .stdin(Stdio::null())
@@ -2604,7 +2607,7 @@ fn login_follows_no_redirect_to_another_host() {
         format!("HTTP/1.1 307 Temporary Redirect\r\nlocation: http://{to}/oauth/login\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
     });
     let out = Command::new(bin("claude-runner"))
-        .arg("login")
+        .args(["login", "--trust-edge-url"])
         .env("CLAUDE_RUNNER_URL", format!("http://{edge}"))
         .env("RUNNER_SECRET", SECRET)
         .stdin(Stdio::piped())
@@ -2623,7 +2626,7 @@ fn login_follows_no_redirect_to_another_host() {
 fn submit_and_login_send_the_secret_over_plain_http_only_to_this_machine() {
     for command in ["submit", "login"] {
         let out = Command::new(bin("claude-runner"))
-            .args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
+            .args(if command == "submit" { ["submit", "hello"] } else { ["login", "--trust-edge-url"] })
             .env("CLAUDE_RUNNER_URL", "http://192.0.2.1:8787")
             .env("RUNNER_SECRET", SECRET)
             .env_remove("ALLOW_INSECURE_EDGE")
@@ -2644,7 +2647,7 @@ fn submit_and_login_to_a_tls_port_over_http_say_to_use_https() {
     let tls = harness::git_server::GitServer::start(None);
     for command in ["submit", "login"] {
         let out = Command::new(bin("claude-runner"))
-            .args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
+            .args(if command == "submit" { ["submit", "hello"] } else { ["login", "--trust-edge-url"] })
             .env("CLAUDE_RUNNER_URL", format!("http://127.0.0.1:{}", tls.port))
             .env("RUNNER_SECRET", SECRET)
             .stdin(Stdio::null())
@@ -2769,7 +2772,7 @@ fn login_says_a_url_it_cannot_write() {
         format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
     });
     let out = Command::new(bin("claude-runner"))
-        .arg("login")
+        .args(["login", "--trust-edge-url"])
         .env("CLAUDE_RUNNER_URL", format!("http://{edge}"))
         .env("RUNNER_SECRET", SECRET)
         .stdin(Stdio::null())
@@ -2845,7 +2848,7 @@ fn submit_and_login_send_nothing_of_a_plain_edges_through_a_proxy() {
     });
     for command in ["submit", "login"] {
         let mut run = Command::new(bin("claude-runner"));
-        run.args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
+        run.args(if command == "submit" { ["submit", "hello"] } else { ["login", "--trust-edge-url"] })
             .env("CLAUDE_RUNNER_URL", format!("http://{edge}"))
             .env("RUNNER_SECRET", SECRET)
             .env_remove("NO_PROXY")
@@ -2874,7 +2877,7 @@ fn submit_and_login_refuse_a_setting_that_is_not_text_as_a_usage_error() {
     for command in ["submit", "login"] {
         for name in ["CLAUDE_RUNNER_URL", "RUNNER_SECRET", "ALLOW_INSECURE_EDGE"] {
             let out = Command::new(bin("claude-runner"))
-                .args([command, "hello"][..if command == "submit" { 2 } else { 1 }].iter())
+                .args(if command == "submit" { ["submit", "hello"] } else { ["login", "--trust-edge-url"] })
                 .env("CLAUDE_RUNNER_URL", "http://127.0.0.1:9")
                 .env("RUNNER_SECRET", SECRET)
                 .env(name, not_text)

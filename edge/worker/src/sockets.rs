@@ -286,7 +286,8 @@ mod tests {
         agent.login = Some(edge_core::session::LoginRelay {
             id: "0123456789abcdef".into(),
             url: Some(url),
-            url_proof: None,
+            // As long as a real one (a time and an ed25519 signature, base64url).
+            url_proof: Some(format!("1796150000000.{}", "A".repeat(86))),
             awaiting_code: true,
             code_sent: false,
             started_at: u64::MAX - 1,
@@ -307,7 +308,7 @@ mod tests {
         assert!(attachment_cost(&text) <= ATTACHMENT_BUDGET);
         let back = decode_session(&text, Some("0011223344556677")).unwrap();
         let login = back.agent().unwrap().login.clone().unwrap();
-        assert!(login.url.is_none() && login.awaiting_code && login.id == "0123456789abcdef");
+        assert!(login.url.is_none() && login.url_proof.is_none() && login.awaiting_code && login.id == "0123456789abcdef");
     }
 
     #[test]

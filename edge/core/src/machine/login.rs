@@ -459,8 +459,9 @@ impl Edge {
                 false
             }
         });
-        // Passed on unread but bounded: a claim is about 100 characters, and the relay keeps it.
-        let url_proof = url_proof.filter(|p| p.len() <= shared::protocol::MAX_LOGIN_URL_PROOF);
+        // Passed on unchecked (the edge is not who must believe it), but only in a claim's
+        // shape: the relay keeps it, in a Worker's session record of 2 KiB in all.
+        let url_proof = url_proof.filter(|p| shared::protocol::LoginUrlClaim::well_formed(p));
         match (state, url) {
             (LoginState::AwaitingCode, Some(url)) => {
                 info!(agent_id = %agent_id, login_id, "re-login waits for its code");
