@@ -581,6 +581,41 @@ pub struct ExecuteResponse {
 pub struct Accepted {
     pub job_id: String,
     pub state: JobState,
+    /// Why the job waits, while it is queued (as [`JobView::waiting_for`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<WaitingFor>,
+}
+
+/// Why a queued job has not started, and what would start it: the edge's judgement of the
+/// agents that fit the job, the same that refuses an `/execute` at once. A queued job
+/// without one of the other reasons waits for a free slot (`busy`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WaitingFor {
+    pub code: WaitCode,
+    /// One sentence for a person: what keeps the job back and what to do next.
+    pub message: String,
+}
+
+/// [`WaitingFor::code`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitCode {
+    /// No agent is connected to the edge.
+    NoAgent,
+    /// No connected agent offers the job's labels or `agent_id`.
+    NoFittingAgent,
+    /// Every agent that fits the job is paused (some may be stopping).
+    Paused,
+    /// Every agent that fits the job is stopping (draining before it exits).
+    Stopping,
+    /// The Claude OAuth login of every agent that fits the job needs a person.
+    Login,
+    /// Their usage window is used up (until `retry_at` of an `/execute`).
+    UsageLimit,
+    /// A relayed login's code was passed on: the job starts once its outcome is in.
+    LoginFinishing,
+    /// Every agent that fits the job is busy with other jobs.
+    Busy,
 }
 
 /// The answer of `GET /jobs/{id}`.
@@ -596,6 +631,9 @@ pub struct JobView {
     /// The start of the job's prompt (the first 200 bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
+    /// Why it waits, while it is queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<WaitingFor>,
 }
 
 /// The answer of `GET /jobs`: jobs waiting or running (oldest first), then the most

@@ -15,6 +15,7 @@ use crate::response::Response;
 use crate::Config;
 use shared::contract::{Accepted, ApiError, ErrorCode, ExecuteRequest, Limits, PublicHealth};
 use shared::ids::hex;
+use shared::job::JobState;
 use shared::Millis;
 use subtle::ConstantTimeEq;
 
@@ -471,9 +472,10 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
             match edge.submit(now, job_id(now.at, entropy), submission, Mode::Detached) {
                 Err(e) => answer(edge.refusal_response(now, e, &placement), Vec::new()),
                 Ok(submitted) => {
-                    let state = edge.job(&submitted.job_id).map(|j| j.state).expect("submitted jobs exist");
+                    let job = edge.job(&submitted.job_id).expect("submitted jobs exist");
+                    let (state, waiting_for) = (job.state, (job.state == JobState::Queued).then(|| edge.waiting_for(now, &job.placement)));
                     let status = if submitted.existing { 200 } else { 202 };
-                    let body = to_json(&Accepted { job_id: submitted.job_id, state });
+                    let body = to_json(&Accepted { job_id: submitted.job_id, state, waiting_for });
                     answer(Response::json(status, body), submitted.effects)
                 }
             }
@@ -521,7 +523,7 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
                 edge.give_ended(caller, id, crate::record::Form::View, &mut effects);
                 Handled { caller, reply: once, effects }
             }
-            Some(job) => answer(Response::json(200, to_json(&job.view(now))), Vec::new()),
+            Some(job) => answer(Response::json(200, to_json(&edge.job_view(now, job))), Vec::new()),
             None => answer(Response::error(ApiError::job_not_found(id)), Vec::new()),
         },
         ("DELETE", ["jobs", id]) => match edge.cancel(now, id) {

@@ -541,6 +541,7 @@ impl Job {
             finished_at: self.finished_at.map(shown),
             result: self.response(),
             prompt: Some(shared::text::truncate(&self.spec.prompt, PROMPT_PREVIEW_BYTES).to_string()),
+            waiting_for: None,
         }
     }
 }

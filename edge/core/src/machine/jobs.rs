@@ -1,11 +1,11 @@
 //! Jobs: submission, dispatch to agents with credit in queue order, cancel, requeue, and
 //! [`Edge::finish`] — the one way a job ends, which stores it and tells its callers.
 
+use super::waiting::{Held, Hindrance};
 use super::{Edge, Effect};
 use crate::clock::Now;
 use crate::record::{Job, Mode};
 use crate::routing::{self, Candidate};
-use crate::session::Agent;
 use shared::placement::Labels;
 use std::collections::HashMap;
 use shared::contract::{ApiError, ErrorCode, Submission};
@@ -109,14 +109,6 @@ impl Edge {
         }
         if self.stopping {
             return Err(super::stop::shutting_down());
-        }
-        if mode == Mode::Wait && !self.is_online() {
-            return Err(ApiError::offline());
-        }
-        if mode == Mode::Wait {
-            if let Some(refused) = self.unplaceable(&submission.placement) {
-                return Err(refused);
-            }
         }
         if let Some(refused) = self.refusal(now, mode, &submission) {
             return Err(refused);
@@ -253,14 +245,14 @@ impl Edge {
         }
     }
 
-    /// The agents taking work now, credits aside ([`Agent::takes_work`]), and what they
+    /// The agents taking work now, credits aside ([`crate::session::Agent::takes_work`]), and what they
     /// offer: what a job set aside fitted none of.
     fn workers(&self, now: Now) -> impl Iterator<Item = (&String, &Labels)> {
         self.ready().filter(move |(_, a)| a.takes_work(now)).map(|(_, a)| (&a.agent_id, &a.labels))
     }
 
     /// The agents that can take a job now: ready, with a credit, taking work (not paused,
-    /// login usable, usage window open, no relayed login writing a new one: [`Agent::takes_work`]).
+    /// login usable, usage window open, no relayed login writing a new one: [`crate::session::Agent::takes_work`]).
     fn candidates(&self, now: Now) -> Vec<Candidate<'_>> {
         self.sessions
             .values()
@@ -361,31 +353,27 @@ impl Edge {
     /// stopping: a queued `/execute` job then ends. (With none connected that fits, a queued
     /// one waits `LOST_AFTER_MS` for one to come back: [`Edge::note_unfit`].)
     pub(super) fn held_back_only(&self, placement: &shared::placement::Placement) -> Option<ApiError> {
-        let fitting = self.fitting_agents(placement);
-        (!fitting.is_empty() && fitting.iter().all(|a| a.held_back())).then(|| self.unplaceable(placement)).flatten()
+        matches!(self.unplaced(placement), Some(Hindrance::HeldBack(_))).then(|| self.unplaceable(placement)).flatten()
     }
 
     /// Why an `/execute` job cannot be placed now, if it cannot: no connected agent fits
     /// its `agent_id` and labels, or every one that does is paused or stopping. Its caller falls back
     /// at once rather than wait for an agent that may never come. (Fitting agents that
     /// are there but cannot work — their login, their usage window — are
-    /// [`Edge::refusal`]'s.)
+    /// [`Edge::refusal`]'s.) Judged by [`Edge::unplaced`], as a queued job's `waiting_for` is.
     pub(super) fn unplaceable(&self, placement: &shared::placement::Placement) -> Option<ApiError> {
-        let fitting: Vec<&Agent> = self.fitting_agents(placement);
-        if fitting.iter().any(|a| !a.held_back()) {
-            return None;
-        }
+        let unplaced = self.unplaced(placement)?;
         let offered: Vec<String> = self.ready().map(|(_, a)| super::login::shown_agent(a)).collect();
         // Paused (the operator's), stopping (the agent's own), or some of each.
-        let held = match (fitting.iter().all(|a| a.paused), fitting.iter().all(|a| a.stopping && !a.paused)) {
-            (true, _) => "paused (POST /agents/<id>/resume)",
-            (_, true) => "stopping (draining its running jobs before it exits)",
+        let held = match unplaced {
+            Hindrance::HeldBack(Held::Paused) => "paused (POST /agents/<id>/resume)",
+            Hindrance::HeldBack(Held::Stopping) => "stopping (draining its running jobs before it exits)",
             _ => "paused or stopping",
         };
-        let why = match (fitting.is_empty(), placement.needs()) {
-            (true, needs) => format!("no connected agent offers {needs}"),
-            (false, needs) if needs.is_empty() => format!("every connected agent is {held}"),
-            (false, needs) => format!("every agent that offers {needs} is {held}"),
+        let why = match (unplaced, placement.needs()) {
+            (Hindrance::NoneFits, needs) => format!("no connected agent offers {needs}"),
+            (_, needs) if needs.is_empty() => format!("every connected agent is {held}"),
+            (_, needs) => format!("every agent that offers {needs} is {held}"),
         };
         Some(ApiError::new(
             ErrorCode::RunnerOffline,

@@ -148,15 +148,15 @@ impl Edge {
     }
 
     /// Why a new job of this kind is refused at once, if it is. Both kinds are judged by
-    /// the agents that fit them: an `/execute` job ([`Mode::Wait`]; [`Edge::unplaceable`]
-    /// has said that some do) when none of them can run it now; a `POST /jobs` job waits,
-    /// unless it asked not to wait for the usage window ([`Edge::impatient`]) and theirs is
-    /// used up.
+    /// the agents that fit them: an `/execute` job ([`Mode::Wait`]) when none of them can
+    /// run it now ([`Edge::hindrance`], the judgement a queued job's `waiting_for` says);
+    /// a `POST /jobs` job waits, unless it asked not to wait for the usage window
+    /// ([`Edge::impatient`]) and theirs is used up.
     pub(super) fn refusal(&self, now: Now, mode: Mode, submission: &Submission) -> Option<ApiError> {
-        let refused = self.unrunnable(now, &submission.placement);
+        let placement = &submission.placement;
         match mode {
-            Mode::Wait => refused,
-            Mode::Detached => refused.filter(|_| !submission.wait_for_usage).filter(Self::impatient),
+            Mode::Wait => self.refused_at_once(now, placement, self.hindrance(now, placement)?),
+            Mode::Detached => self.unrunnable(now, placement).filter(|_| !submission.wait_for_usage).filter(Self::impatient),
         }
     }
 
@@ -170,7 +170,7 @@ impl Edge {
     /// Why no agent that fits this placement can run a job now — each one's login needs a
     /// person, or its usage window is used up — if so: the refusal of an `/execute` job,
     /// naming each fitting agent and why.
-    fn unrunnable(&self, now: Now, placement: &Placement) -> Option<ApiError> {
+    pub(super) fn unrunnable(&self, now: Now, placement: &Placement) -> Option<ApiError> {
         let err = match self.availability_for(now, placement) {
             Availability::NeedsLogin => ApiError::needs_login(),
             Availability::UsageLimited { until } => ApiError::usage_limit(until),

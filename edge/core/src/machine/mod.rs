@@ -44,6 +44,7 @@ mod spent;
 mod stop;
 mod storage;
 mod views;
+mod waiting;
 
 pub use callers::{CallerId, MAX_WAITERS_PER_JOB, MAX_WAITING_REPEATS};
 pub use jobs::Submitted;

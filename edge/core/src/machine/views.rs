@@ -9,7 +9,10 @@ use shared::contract::{AgentInfo, CallerAgent, CallerHealth, Health, HealthStatu
 use shared::oauth::{LoginHealth, OAuthStatus};
 use shared::time::rfc3339;
 use shared::Millis;
-use std::collections::BTreeMap;
+use shared::contract::WaitingFor;
+use shared::job::JobState;
+use shared::placement::Labels;
+use std::collections::{BTreeMap, HashMap};
 
 /// A login's health as `/health` words it per agent.
 fn login_word(health: LoginHealth) -> &'static str {
@@ -212,7 +215,18 @@ impl Edge {
             self.queue.ids().chain(self.active.iter()).filter_map(|id| self.jobs.get(id)).filter(listed).collect();
         active.sort_by_key(|j| (j.created_at, j.id.clone()));
         let finished = self.retained.iter().rev().filter_map(|(_, id)| self.jobs.get(id)).filter(listed).take(LISTED_FINISHED_JOBS);
-        JobList { active: active.into_iter().map(|j| j.view(now)).collect(), finished: finished.map(|j| j.view(now)).collect() }
+        // Why each queued job waits, judged once per (labels, agent_id) however many share them.
+        let mut judged: HashMap<(&Labels, Option<&str>), WaitingFor> = HashMap::new();
+        let mut shown = Vec::with_capacity(active.len());
+        for j in active {
+            let mut view = j.view(now);
+            if j.state == JobState::Queued {
+                let need = (&j.placement.labels, j.placement.agent_id.as_deref());
+                view.waiting_for = Some(judged.entry(need).or_insert_with(|| self.waiting_for(now, &j.placement)).clone());
+            }
+            shown.push(view);
+        }
+        JobList { active: shown, finished: finished.map(|j| j.view(now)).collect() }
     }
 
     /// The best connected agent's login, else the last one reported.

@@ -14,6 +14,7 @@
 //! - [`logs`]: the machine's log lines, captured.
 //! - [`waiters`]: `/execute` callers waiting on one job: their caps, their shared answer.
 //! - [`shares`]: what callers with secrets of their own hold of what every caller draws on.
+//! - [`waiting`]: why a queued job waits (`waiting_for`), judged as `/execute` is refused.
 
 mod hostile;
 mod hosts;
@@ -28,6 +29,7 @@ mod shares;
 mod stop;
 mod storage;
 mod waiters;
+mod waiting;
 
 use crate::body::Body;
 use crate::http::{self, Reply, Request};

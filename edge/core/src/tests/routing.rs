@@ -22,7 +22,7 @@ pub(super) fn pool_config() -> Config {
 
 /// Agent `agent` (key `key`) joins with `capacity` slots, these labels and mirrors, and
 /// states its slots free.
-fn enter(edge: &mut Edge, now: u64, agent: &str, key: u8, capacity: u32, labels: &str, mirrors: &[&str]) -> String {
+pub(super) fn enter(edge: &mut Edge, now: u64, agent: &str, key: u8, capacity: u32, labels: &str, mirrors: &[&str]) -> String {
     let (sid, effects) = edge.connect(now, [key + 100; 64], PEER);
     let EdgeMessage::Challenge { nonce, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
     let hello = Hello {
@@ -37,7 +37,7 @@ fn enter(edge: &mut Edge, now: u64, agent: &str, key: u8, capacity: u32, labels:
     sid
 }
 
-fn three_agents() -> Config {
+pub(super) fn three_agents() -> Config {
     Config {
         agents: Keyring::from_keys([
             ("spark".to_string(), agent_key(1).verifying_key()),
@@ -78,7 +78,7 @@ fn keyed(secret: &str, body: Value) -> Request {
     }
 }
 
-fn submit(edge: &mut Edge, now: u64, secret: &str, body: Value) -> String {
+pub(super) fn submit(edge: &mut Edge, now: u64, secret: &str, body: Value) -> String {
     let h = request(edge, now, secret, "POST", "/jobs", body);
     let (status, body) = answer(&h);
     assert_eq!(status, 202, "{body}");

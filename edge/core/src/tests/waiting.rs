@@ -1,0 +1,130 @@
+//! Why a queued job waits: `waiting_for` in `POST /jobs`'s answer and the job's view, one
+//! reason for each way the agents that fit it cannot take it, judged as `/execute` is
+//! refused at once (review rev22, 3: a job queued for a login nobody knew was needed said
+//! only `queued` for 15 minutes).
+
+use super::routing::{answer, enter, request, three_agents};
+use super::*;
+use shared::usage::{UsageStatus, UsageWindow};
+
+/// `POST /jobs` of `body`: the job's id and `waiting_for` as its answer says it.
+fn queued(edge: &mut Edge, now: u64, body: Value) -> (String, Value) {
+    let h = request(edge, now, SECRET, "POST", "/jobs", body);
+    let (status, body) = answer(&h);
+    assert_eq!((status, body["state"].as_str()), (202, Some("queued")), "{body}");
+    (body["job_id"].as_str().unwrap().to_string(), body["waiting_for"].clone())
+}
+
+/// `waiting_for` in `GET /jobs/{id}`, and in the job's entry of `GET /jobs`.
+fn shown(edge: &mut Edge, now: u64, id: &str) -> Value {
+    let (status, view) = answer(&request(edge, now, SECRET, "GET", &format!("/jobs/{id}"), Value::Null));
+    assert_eq!(status, 200, "{view}");
+    let (_, list) = answer(&request(edge, now, SECRET, "GET", "/jobs", Value::Null));
+    let listed = list["active"].as_array().unwrap().iter().find(|j| j["job_id"] == id).expect("listed").clone();
+    assert_eq!(listed["waiting_for"], view["waiting_for"], "{list}");
+    view["waiting_for"].clone()
+}
+
+/// An `/execute` of `body`: its status and error code.
+fn refused(edge: &mut Edge, now: u64, body: Value) -> (u16, Value) {
+    let (status, body) = answer(&request(edge, now, SECRET, "POST", "/execute", body));
+    (status, body["error_code"].clone())
+}
+
+fn code(waiting: &Value) -> &str {
+    waiting["code"].as_str().unwrap_or_else(|| panic!("no waiting_for code: {waiting}"))
+}
+
+fn message(waiting: &Value) -> &str {
+    waiting["message"].as_str().unwrap_or_else(|| panic!("no waiting_for message: {waiting}"))
+}
+
+#[test]
+fn a_job_queued_for_the_login_says_so_and_names_the_login_command() {
+    let (mut edge, sid) = ready_edge();
+    pulse(&mut edge, 1, &sid, Beat { oauth: OAuthReport { auth_failed: true, ..oauth() }, ..beat(&[], 1, 0) });
+    // The same judgement refuses an `/execute` at once.
+    assert_eq!(refused(&mut edge, 2, json!({"prompt": "x"})), (503, json!("RUNNER_OAUTH_ERROR")));
+    let (id, waiting) = queued(&mut edge, 3, json!({"prompt": "x"}));
+    assert_eq!(code(&waiting), "login", "{waiting}");
+    assert!(message(&waiting).contains("`claude-runner login`") && message(&waiting).contains("spark"), "{waiting}");
+    assert_eq!(shown(&mut edge, 4, &id), waiting);
+    // Logged in again: the job goes, and its view no longer says it waits.
+    let effects = pulse(&mut edge, 5, &sid, beat(&[], 1, 0));
+    assert_eq!(order_of(&effects, &sid, "spark", 5).header.job_id, id);
+    assert!(shown(&mut edge, 6, &id).is_null());
+}
+
+#[test]
+fn a_job_queued_for_the_usage_window_says_until_when() {
+    let (mut edge, sid) = ready_edge();
+    let reset = 100_000;
+    let usage = UsageWindow { status: UsageStatus::Rejected, kind: Some("five_hour".into()), resets_at: Some(reset), utilization: None, seen_at: 0 };
+    pulse(&mut edge, 1, &sid, Beat { oauth: OAuthReport { usage: Some(usage), ..oauth() }, ..beat(&[], 1, 0) });
+    assert_eq!(refused(&mut edge, 2, json!({"prompt": "x"})), (503, json!("USAGE_LIMIT")));
+    let (id, waiting) = queued(&mut edge, 3, json!({"prompt": "x"}));
+    assert_eq!(code(&waiting), "usage_limit", "{waiting}");
+    assert!(message(&waiting).contains(&shared::time::rfc3339(reset)), "{waiting}");
+    assert_eq!(shown(&mut edge, 4, &id), waiting);
+}
+
+#[test]
+fn a_job_no_connected_agent_fits_says_what_it_asks_for() {
+    let mut edge = Edge::new(three_agents(), 0);
+    enter(&mut edge, 0, "spark", 1, 1, "gpu=none", &[]);
+    assert_eq!(refused(&mut edge, 1, json!({"prompt": "x", "labels": "gpu=a100"})), (503, json!("RUNNER_OFFLINE")));
+    let (id, waiting) = queued(&mut edge, 2, json!({"prompt": "x", "labels": "gpu=a100"}));
+    assert_eq!(code(&waiting), "no_fitting_agent", "{waiting}");
+    assert!(message(&waiting).contains("gpu=a100") && message(&waiting).contains("AGENT_LABELS"), "{waiting}");
+    assert_eq!(shown(&mut edge, 3, &id), waiting);
+    let (_, waiting) = queued(&mut edge, 4, json!({"prompt": "x", "agent_id": "laptop"}));
+    assert_eq!(code(&waiting), "no_fitting_agent", "{waiting}");
+    assert!(message(&waiting).contains("agent `laptop`"), "{waiting}");
+}
+
+#[test]
+fn a_job_whose_agents_are_paused_or_stopping_says_which() {
+    let mut edge = Edge::new(three_agents(), 0);
+    let spark = enter(&mut edge, 0, "spark", 1, 1, "", &[]);
+    assert_eq!(answer(&request(&mut edge, 1, SECRET, "POST", "/agents/spark/pause", Value::Null)).0, 200);
+    assert_eq!(refused(&mut edge, 2, json!({"prompt": "x"})), (503, json!("RUNNER_OFFLINE")));
+    let (id, waiting) = queued(&mut edge, 3, json!({"prompt": "x"}));
+    assert_eq!(code(&waiting), "paused", "{waiting}");
+    assert!(message(&waiting).contains("POST /agents/spark/resume"), "{waiting}");
+    assert_eq!(shown(&mut edge, 4, &id), waiting);
+    assert_eq!(answer(&request(&mut edge, 5, SECRET, "POST", "/agents/spark/resume", Value::Null)).0, 200);
+    // Running it, spark says it stops: the next job waits for an agent that is not.
+    pulse(&mut edge, 6, &spark, Beat { stopping: true, ..beat(&[&id], 0, 1) });
+    let (_, waiting) = queued(&mut edge, 7, json!({"prompt": "x"}));
+    assert_eq!(code(&waiting), "stopping", "{waiting}");
+    assert!(message(&waiting).contains("spark: stopping"), "{waiting}");
+}
+
+#[test]
+fn a_job_queued_with_no_agent_connected_says_to_start_one() {
+    let mut edge = Edge::new(config(), 0);
+    assert_eq!(refused(&mut edge, 1, json!({"prompt": "x"})), (503, json!("RUNNER_OFFLINE")));
+    let (id, waiting) = queued(&mut edge, 2, json!({"prompt": "x"}));
+    assert_eq!(code(&waiting), "no_agent", "{waiting}");
+    assert!(message(&waiting).contains("claude-runner agent"), "{waiting}");
+    assert_eq!(shown(&mut edge, 3, &id), waiting);
+}
+
+#[test]
+fn a_job_behind_busy_agents_says_it_waits_for_a_slot() {
+    let (mut edge, _sid) = ready_edge();
+    let (first, waiting) = {
+        let h = request(&mut edge, 1, SECRET, "POST", "/jobs", json!({"prompt": "x"}));
+        let (_, body) = answer(&h);
+        (body["job_id"].as_str().unwrap().to_string(), body["waiting_for"].clone())
+    };
+    assert!(waiting.is_null(), "a job sent at once does not wait: {waiting}");
+    assert!(shown_view(&mut edge, 2, &first).get("waiting_for").is_none());
+    let (id, waiting) = queued(&mut edge, 3, json!({"prompt": "x"}));
+    assert_eq!(code(&waiting), "busy", "{waiting}");
+    assert_eq!(shown(&mut edge, 4, &id), waiting);
+}
+
+fn shown_view(edge: &mut Edge, now: u64, id: &str) -> Value {
+    answer(&request(edge, now, SECRET, "GET", &format!("/jobs/{id}"), Value::Null)).1
+}
