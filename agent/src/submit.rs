@@ -492,6 +492,16 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     if !args.quiet {
         eprintln!("· job {}", shared::text::one_line(&format!("{job_id} ({})", answer["state"].as_str().unwrap_or("queued"))));
     }
+    // Why a queued job waits (a login to renew, no agent that fits…), said as the edge
+    // first judged it, then again whenever that changes, until the job starts. Told only
+    // `queued`, a person waited out QUEUE_TTL_MS for a login nobody knew was needed.
+    let _waiting = (!args.quiet && answer["state"] == "queued").then(|| {
+        let said = answer.get("waiting_for").filter(|w| !w.is_null()).cloned();
+        if let Some(line) = said.as_ref().and_then(waiting_line) {
+            eprintln!("{line}");
+        }
+        Watch(tokio::spawn(watch_waiting(http.clone(), format!("{base}/jobs/{job_id}"), secret.clone(), said)))
+    });
     // Follow until the result; if the stream breaks (an edge restart) or stays silent past
     // FOLLOW_SILENCE (a half-open connection: the edge's host died, a NAT dropped the flow),
     // follow again from the last event read (`Last-Event-ID`), so no progress line is shown
@@ -629,6 +639,54 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<i32> {
     ))
 }
 
+/// How often `submit` asks why its queued job waits, until the job leaves the queue.
+const WAITING_POLL: std::time::Duration = std::time::Duration::from_secs(5);
+/// The longest reason shown: the edge's sentences are far shorter.
+const MAX_WAITING_BYTES: usize = 600;
+
+/// A task that ends with `submit`'s follow, however that ends.
+struct Watch(tokio::task::JoinHandle<()>);
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A job's `waiting_for` as `submit` says it: one line, its control characters escaped
+/// (the edge's words), bounded.
+fn waiting_line(waiting: &Value) -> Option<String> {
+    let message = waiting["message"].as_str().filter(|m| !m.trim().is_empty())?;
+    Some(format!("· waiting: {}", shared::text::one_line(shared::text::truncate(message.trim(), MAX_WAITING_BYTES))))
+}
+
+/// Reads the job's view every [`WAITING_POLL`] while it is queued and says its
+/// `waiting_for` when that changes from what was `said`. A view that cannot be read is
+/// asked again later: the follow, not this, tells of a lost edge.
+async fn watch_waiting(http: reqwest::Client, url: String, secret: String, mut said: Option<Value>) {
+    loop {
+        tokio::time::sleep(WAITING_POLL).await;
+        let Ok(Ok(view)) = tokio::time::timeout(ANSWER_TIME, http.get(&url).header("X-Runner-Secret", &secret).send()).await else {
+            continue;
+        };
+        if !view.status().is_success() {
+            continue;
+        }
+        let view = read_answer(view).await;
+        if view["state"].as_str().is_some_and(|state| state != "queued") {
+            return;
+        }
+        let waiting = view.get("waiting_for").filter(|w| !w.is_null()).cloned();
+        if waiting.is_none() || waiting == said {
+            continue;
+        }
+        if let Some(line) = waiting.as_ref().and_then(waiting_line) {
+            eprintln!("{line}");
+        }
+        said = waiting;
+    }
+}
+
 /// Whether the cut `at` that just fired came long after it was due ([`crate::follow::overslept`]).
 fn overslept(at: Option<Instant>) -> bool {
     at.is_some_and(|at| crate::follow::overslept(at, Instant::now()))
@@ -712,6 +770,16 @@ fn task_failed_line(result: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+
+    /// Why a job waits is the edge's words: said on one line, escaped, bounded.
+    #[test]
+    fn why_a_job_waits_is_one_line_of_the_edges_words() {
+        let line = super::waiting_line(&json!({"code": "login", "message": "log in\n\u{1b}]52;c;eA==\u{7}"})).unwrap();
+        assert!(line.starts_with("· waiting: log in") && !line.contains('\n') && !line.contains('\u{1b}'), "{line}");
+        assert!(super::waiting_line(&json!(null)).is_none());
+        assert!(super::waiting_line(&json!({"code": "busy", "message": " "})).is_none());
+        assert!(super::waiting_line(&json!({"message": "x".repeat(5000)})).unwrap().len() < 700);
+    }
 
     /// Claude's words come from the prompt, the repository and what its tools printed: a
     /// job can put terminal control sequences in them, and `submit` printed them raw to the

@@ -657,6 +657,48 @@ async fn an_auth_failure_says_log_in_again(kind: EdgeKind) {
     assert_eq!(s.client.execute(json!({"prompt": "fine now"})).await.body["success"], true);
 }
 
+/// A job queued while the agent is not logged in says so, and what to do: its view has
+/// `waiting_for` naming the login, and `claude-runner submit` prints it (review rev22, 3:
+/// `submit` said `queued`, then nothing for `QUEUE_TTL_MS`).
+async fn a_job_queued_for_the_login_says_so_and_submit_shows_it(kind: EdgeKind) {
+    // The wait bounds a submit that never says it: its job then ends, and submit with it.
+    let s = setup_with(kind, &[("QUEUE_TTL_MS", "60000")], &[("CLAUDE_CODE_OAUTH_TOKEN", "")], false).await;
+    let client = s.client.clone();
+    let connected = eventually_async(Duration::from_secs(30), || {
+        let client = client.clone();
+        async move { client.health_full().await.body["agent"]["connected"] == true }
+    });
+    assert!(connected.await, "the agent never connected");
+    let queued = s.client.submit(json!({"prompt": "held for the login"})).await;
+    assert_eq!((queued.status, queued.body["waiting_for"]["code"].as_str()), (202, Some("login")), "{}", queued.text);
+    let job_id = queued.body["job_id"].as_str().unwrap();
+    let view = s.client.get(&format!("/jobs/{job_id}")).await;
+    assert_eq!((view.body["state"].as_str(), &view.body["waiting_for"]), (Some("queued"), &queued.body["waiting_for"]), "{}", view.text);
+    let message = view.body["waiting_for"]["message"].as_str().unwrap();
+    assert!(message.contains("login") && message.contains("`claude-runner login`"), "{message}");
+    // `submit` says it, once, then waits on.
+    let mut submit = std::process::Command::new(bin("claude-runner"))
+        .args(["submit", "--edge", &s.edge.url(), "also held"])
+        .env("RUNNER_SECRET", SECRET)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufRead::lines(std::io::BufReader::new(submit.stderr.take().unwrap()));
+    let mut said = Vec::new();
+    for line in stderr.map_while(Result::ok) {
+        let waiting = line.starts_with("· waiting:");
+        said.push(line);
+        if waiting {
+            break;
+        }
+    }
+    let _ = submit.kill();
+    let _ = submit.wait();
+    let waiting = said.iter().find(|l| l.starts_with("· waiting:")).unwrap_or_else(|| panic!("submit never said why its job waits: {said:?}"));
+    assert!(waiting.contains("`claude-runner login`"), "{said:?}");
+}
+
 async fn the_login_relay_logs_the_agent_in_again(kind: EdgeKind) {
     // No login at all on the agent: no credentials file, no token.
     let s = setup_with(kind, &[], &[("CLAUDE_CODE_OAUTH_TOKEN", "")], false).await;
@@ -2330,6 +2372,7 @@ contract!(
     claude_errors_are_failures,
     an_auth_failure_says_log_in_again,
     the_login_relay_logs_the_agent_in_again,
+    a_job_queued_for_the_login_says_so_and_submit_shows_it,
     a_login_abandoned_before_its_code_holds_no_work,
     a_used_up_usage_window_holds_work_until_its_reset,
     a_used_up_usage_window_still_holds_work_after_the_agent_restarts,
