@@ -273,7 +273,7 @@ mod tests {
         // One answer for both requests: the login started (its id and URL), then failed.
         let body = serde_json::json!({
             "login_id": "l1", "url": "https://claude.ai/oauth/authorize?x", "state": "failed",
-            "error": "the login on the runner failed: bad code. Start again with POST /oauth/login (or `claude auth login` on the runner)",
+            "error": "the login on the runner failed: bad code. Start again with POST /oauth/login (or log in on the runner machine as README's \"First login\" says)",
         });
         let edge = super::LoginArgs {
             edge: crate::submit::EdgeArgs { edge: Some(edge_answering(502, body.to_string()).await), secret: Some("s".into()), allow_insecure_edge: false },
@@ -284,7 +284,7 @@ mod tests {
         let (mut err, mut out) = (Vec::new(), Vec::new());
         assert_eq!(super::run_to(&mut err, &mut out, &mut &b"a-code\n"[..], edge).await.unwrap(), 1);
         let said = String::from_utf8(err).unwrap();
-        assert!(said.contains("bad code. Run `claude-runner login` again (or `claude auth login` on the runner)"), "{said}");
+        assert!(said.contains("bad code. Run `claude-runner login` again (or log in on the runner machine as README's \"First login\" says)"), "{said}");
         assert!(!said.contains("POST /oauth/login"), "{said}");
     }
 

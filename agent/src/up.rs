@@ -303,9 +303,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
   Claude's login on this machine needs a person: /execute is refused (503 RUNNER_OAUTH_ERROR)
   and POST /jobs waits until then. {}.{}
 ",
-            shared::text::one_line(login.next_step.as_deref().unwrap_or("run `claude auth login` in another terminal")),
-            // The shared words name the default binary and folder; this machine's may differ.
-            if claude_login == "claude auth login" { String::new() } else { format!(" Here that login is `{claude_login}`.") },
+            shared::text::one_line(login.next_step.as_deref().unwrap_or("log in from another terminal")),
+            // The shared words point to README's "First login"; `up` knows this machine's.
+            format!(" Here that login is `{claude_login}`."),
         ),
     };
     // Said, not refused: each is a choice someone may make on purpose.

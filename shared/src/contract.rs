@@ -179,7 +179,8 @@ impl ApiError {
         Self::refused(
             ErrorCode::RunnerOauthError,
             "the runner's Claude OAuth login needs renewing, so the task was not started: run it elsewhere; \
-             the runner's owner can log in again from the edge's page (GET /), `claude-runner login`, or `claude auth login` on the runner",
+             the runner's owner can log in again from the edge's page (GET /) or with `claude-runner login` \
+             (on the runner machine: as README's \"First login\" says)",
         )
     }
 

@@ -169,7 +169,11 @@ impl OAuthReport {
 
     /// What a person should do about this login now, if anything.
     pub fn next_step(&self, now: Millis) -> Option<String> {
-        const RELOGIN: &str = "log in again: open the edge's page (GET /) and follow \"Log in again\", run `claude-runner login` from anywhere, or `claude auth login` on the runner machine";
+        // Not a bare `claude auth login` "on the runner machine": that logs in to the
+        // `~/.claude` of whoever runs it, not to the agent's own CLAUDE_CONFIG_DIR as its
+        // own user (compose, systemd, `up`), which README's "First login" spells out.
+        const RELOGIN: &str = "log in again: open the edge's page (GET /) and follow \"Log in again\", or run `claude-runner login` from anywhere; \
+                               on the runner machine, log in as the agent's user into its CLAUDE_CONFIG_DIR, as README's \"First login\" says";
         match self.health(now) {
             LoginHealth::Broken if self.auth_failed => Some(format!("Claude's last run failed to authenticate (OAuth); {RELOGIN}")),
             LoginHealth::Broken if self.source == OAuthSource::None => Some(format!("Claude is not logged in (OAuth); {RELOGIN}")),

@@ -699,6 +699,30 @@ async fn a_job_queued_for_the_login_says_so_and_submit_shows_it(kind: EdgeKind) 
     assert!(waiting.contains("`claude-runner login`"), "{said:?}");
 }
 
+/// The edge's advice to log in again offered a bare `claude auth login` "on the runner
+/// machine", which logs in to `~/.claude` of whoever runs it: not the login of an agent
+/// with a CLAUDE_CONFIG_DIR of its own (compose, systemd, `up`; review rev22, 9). It points
+/// to README's "First login" instead, and its failure sentence still says `OAuth`.
+async fn the_login_advice_offers_no_bare_claude_auth_login(kind: EdgeKind) {
+    // The harness's agent has a CLAUDE_CONFIG_DIR of its own; no login is in it.
+    let s = setup_with(kind, &[], &[("CLAUDE_CODE_OAUTH_TOKEN", "")], false).await;
+    let client = s.client.clone();
+    let connected = eventually_async(Duration::from_secs(30), || {
+        let client = client.clone();
+        async move { client.health_full().await.body["agent"]["connected"] == true }
+    });
+    assert!(connected.await, "the agent never connected");
+    let h = s.client.health_full().await;
+    let next_step = h.body["oauth"]["next_step"].as_str().unwrap_or_else(|| panic!("no next_step: {}", h.text));
+    assert!(!next_step.contains("`claude auth login`") && next_step.contains("First login") && next_step.contains("`claude-runner login`"), "{next_step}");
+    let status = s.client.get("/oauth/status").await;
+    assert_eq!(status.body["next_step"].as_str(), Some(next_step), "{}", status.text);
+    let a = s.client.execute(json!({"prompt": "x"})).await;
+    assert_eq!(a.body["error_code"], "RUNNER_OAUTH_ERROR", "{}", a.text);
+    let error = a.body["error"].as_str().unwrap();
+    assert!(error.contains("OAuth") && !error.contains("`claude auth login`") && error.contains("First login"), "{error}");
+}
+
 async fn the_login_relay_logs_the_agent_in_again(kind: EdgeKind) {
     // No login at all on the agent: no credentials file, no token.
     let s = setup_with(kind, &[], &[("CLAUDE_CODE_OAUTH_TOKEN", "")], false).await;
@@ -2373,6 +2397,7 @@ contract!(
     an_auth_failure_says_log_in_again,
     the_login_relay_logs_the_agent_in_again,
     a_job_queued_for_the_login_says_so_and_submit_shows_it,
+    the_login_advice_offers_no_bare_claude_auth_login,
     a_login_abandoned_before_its_code_holds_no_work,
     a_used_up_usage_window_holds_work_until_its_reset,
     a_used_up_usage_window_still_holds_work_after_the_agent_restarts,

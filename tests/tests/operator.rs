@@ -654,7 +654,8 @@ async fn up_started_again_after_a_failed_login_says_so() {
     assert!(up.child.wait().unwrap().success());
     let again = Up::start(&data, &env);
     let printed = again.printed().join("\n");
-    assert!(printed.contains("needs a person") && printed.contains("claude auth login"), "{printed}");
+    let login = format!("CLAUDE_CONFIG_DIR={} {} auth login", claude_dir.display(), bin("claude-standin").display());
+    assert!(printed.contains("needs a person") && printed.contains(&format!("Here that login is `{login}`.")), "{printed}");
 }
 
 /// `up`'s agent keeps its files under `DATA_DIR/up/agent`: `claude-runner status` and

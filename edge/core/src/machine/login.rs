@@ -491,7 +491,7 @@ impl Edge {
                 self.set_relay(session_id, None, effects);
                 let mut err = ApiError::new(
                     ErrorCode::RunnerOauthError,
-                    format!("the login on the runner failed: {why}. Start again with POST /oauth/login (or `claude auth login` on the runner)"),
+                    format!("the login on the runner failed: {why}. Start again with POST /oauth/login (or log in on the runner machine as README's \"First login\" says)"),
                 );
                 err.status = 502;
                 self.answer_login(login_id, Response::error(err), effects);
