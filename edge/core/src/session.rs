@@ -29,6 +29,11 @@ pub struct Session {
     /// the frame; never kept (a host that keeps records does not count bytes).
     #[serde(skip)]
     pub arriving: Option<Arriving>,
+    /// When the last frame arrived that the host's socket read whole and the machine has
+    /// not handled yet ([`crate::Edge::frame_waiting`]): until it is handled the
+    /// connection is not silent from then on. Never kept.
+    #[serde(skip)]
+    pub waiting: Option<Millis>,
 }
 
 /// The bytes of one frame arriving: from `base` (the host's count when it began) at `since`.
@@ -361,11 +366,22 @@ impl Session {
 
     /// When the edge must act on this connection if the agent stays silent: a handshake
     /// not finished in time, or for two heartbeat intervals no heartbeat taken, no new
-    /// result (`last_seen`) and no frame arriving at the floor rate (`arriving`).
+    /// result (`last_seen`), no frame arriving at the floor rate (`arriving`) and none read
+    /// since then still waiting for the machine (`waiting`).
     pub fn deadline(&self, heartbeat_interval_ms: u64) -> Millis {
         match self.phase {
-            Phase::Challenged { .. } => self.connected_at + HANDSHAKE_TIMEOUT_MS,
-            Phase::Ready(_) => self.last_seen.max(self.arriving.map_or(0, |a| a.until)) + 2 * heartbeat_interval_ms,
+            // A hello read in time and waiting to be verified: judged once it is.
+            Phase::Challenged { .. } => {
+                let due = self.connected_at + HANDSHAKE_TIMEOUT_MS;
+                match self.waiting {
+                    Some(at) if at <= due => due.max(at.saturating_add(HANDSHAKE_TIMEOUT_MS)),
+                    _ => due,
+                }
+            }
+            Phase::Ready(_) => {
+                let heard = self.last_seen.max(self.arriving.map_or(0, |a| a.until)).max(self.waiting.unwrap_or(0));
+                heard + 2 * heartbeat_interval_ms
+            }
         }
     }
 }
@@ -534,6 +550,7 @@ mod tests {
             connected_at: 1,
             last_seen: 2,
             arriving: None,
+            waiting: None,
             phase: Phase::Ready(Agent {
                 agent_id: "spark".into(),
                 version: "v".repeat(500),
@@ -584,6 +601,7 @@ mod tests {
             connected_at: 1,
             last_seen: 2,
             arriving: None,
+            waiting: None,
             phase: Phase::Challenged { nonce: "c".repeat(32), ephemeral: shared::link::Ephemeral::new([8; 32]) },
         };
         let size = |s: &Session| serde_json::to_string(s).unwrap().len();

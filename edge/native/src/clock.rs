@@ -6,6 +6,8 @@
 use edge_core::{Millis, Now};
 use std::time::Instant;
 
+/// Copied wherever an event is stamped (a socket's task stamps the frames it reads).
+#[derive(Clone, Copy)]
 pub struct Clock {
     /// Wall time at start-up: edge time's epoch.
     epoch: Millis,

@@ -5,6 +5,7 @@
 
 use crate::clock::Clock;
 use crate::server::Conn;
+use crate::socket::Arrivals;
 use crate::store::Store;
 use runtime::entropy;
 use edge_core::http::{self, Reply};
@@ -58,7 +59,15 @@ pub enum Command {
     CallerGone { caller: CallerId },
     /// An agent connection from `peer` (its address); `budget` is what its socket may
     /// still read before it proves itself.
-    Connect { outbox: mpsc::UnboundedSender<Outbound>, budget: Arc<AtomicUsize>, conn: Option<Conn>, peer: String, reply: oneshot::Sender<String> },
+    /// `arrivals`: the frames its socket's task read, stamped as they came.
+    Connect {
+        outbox: mpsc::UnboundedSender<Outbound>,
+        budget: Arc<AtomicUsize>,
+        conn: Option<Conn>,
+        peer: String,
+        arrivals: Arc<Arrivals>,
+        reply: oneshot::Sender<String>,
+    },
     /// An upgrade to `/agent/connect` from `peer` refused (checked where it was read).
     UpgradeRefused { peer: String, refused: shared::contract::ApiError },
     Frame { session: String, text: String },
@@ -142,6 +151,8 @@ pub struct Driver {
     /// Each connection's entry among the open connections: pinned once its agent proves
     /// itself, so that it is never closed to make room at MAX_CONNECTIONS.
     conns: HashMap<String, Conn>,
+    /// Each connection's frames as its socket read them, and how many the machine has had.
+    arrivals: HashMap<String, (Arc<Arrivals>, u64)>,
     callers: HashMap<CallerId, Channel>,
     /// Back to this driver, for the outcome of POSTs made in their own tasks.
     commands: mpsc::WeakSender<Command>,
@@ -163,6 +174,7 @@ impl Driver {
             outboxes: HashMap::new(),
             budgets: HashMap::new(),
             conns: HashMap::new(),
+            arrivals: HashMap::new(),
             callers: HashMap::new(),
             commands,
             http: None,
@@ -243,12 +255,28 @@ impl Driver {
                 () = &mut timer => {
                     // Fired: a tick is due (or the idle hour passed); set it again below.
                     set_for = None;
+                    self.tell_waiting_frames();
                     let effects = self.edge.tick(self.clock.now());
                     self.carry_out(effects);
                     continue;
                 }
             };
             self.handle(command);
+        }
+    }
+
+    /// Tells the machine, before it judges which connections are silent, which have frames
+    /// read that still wait in the queue for it, and since when.
+    fn tell_waiting_frames(&mut self) {
+        for (session, (arrivals, handled)) in &self.arrivals {
+            self.edge.frame_waiting(session, arrivals.waiting(*handled));
+        }
+    }
+
+    /// One more frame of `session`'s reached the machine.
+    fn handled_frame(&mut self, session: &str) {
+        if let Some((_, handled)) = self.arrivals.get_mut(session) {
+            *handled += 1;
         }
     }
 
@@ -289,8 +317,9 @@ impl Driver {
                 let effects = self.edge.caller_gone(now, caller);
                 self.carry_out(effects);
             }
-            Command::Connect { outbox, budget, conn, peer, reply } => {
+            Command::Connect { outbox, budget, conn, peer, arrivals, reply } => {
                 let (session, effects) = self.edge.connect(now, entropy(), &peer);
+                self.arrivals.insert(session.clone(), (arrivals, 0));
                 self.outboxes.insert(session.clone(), outbox);
                 self.budgets.insert(session.clone(), budget);
                 if let Some(conn) = conn {
@@ -301,11 +330,13 @@ impl Driver {
             }
             Command::UpgradeRefused { peer, refused } => self.edge.upgrade_refused(now, &peer, &refused),
             Command::Frame { session, text } => {
+                self.handled_frame(&session);
                 let effects = self.edge.message(now, &session, &text);
                 self.carry_out(effects);
             }
             Command::Arriving { session, read } => self.edge.arriving(now, &session, read),
             Command::BinaryFrame { session } => {
+                self.handled_frame(&session);
                 let effects = self.edge.binary_frame(now, &session);
                 self.carry_out(effects);
             }
@@ -313,6 +344,7 @@ impl Driver {
                 self.outboxes.remove(&session);
                 self.budgets.remove(&session);
                 self.conns.remove(&session);
+                self.arrivals.remove(&session);
                 let effects = self.edge.peer_closed(now, &session, closed_with.as_ref().map(|(code, reason)| (*code, reason.as_str())));
                 self.carry_out(effects);
             }
@@ -357,6 +389,7 @@ impl Driver {
                 Effect::Close { session, code, reason } => {
                     self.budgets.remove(&session);
                     self.conns.remove(&session);
+                    self.arrivals.remove(&session);
                     if let Some(outbox) = self.outboxes.remove(&session) {
                         let _ = outbox.send(Outbound::Close(code, reason));
                     }

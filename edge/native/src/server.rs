@@ -37,6 +37,8 @@ pub(crate) struct AppState {
     pub config: Arc<Config>,
     /// `EXECUTE_KEEPALIVE_MS` ([`crate::execute_keepalive`]).
     pub execute_keepalive: Option<Duration>,
+    /// The driver's clock: agents' sockets stamp the frames they read with it.
+    pub clock: Clock,
 }
 
 pub struct ServerOptions {
@@ -110,7 +112,7 @@ impl Server {
         let driver = Driver::new(machine, store, clock, tx.downgrade());
         Ok(Server {
             listener,
-            state: AppState { driver: tx, config, execute_keepalive: opts.execute_keepalive_ms.map(Duration::from_millis) },
+            state: AppState { driver: tx, config, clock, execute_keepalive: opts.execute_keepalive_ms.map(Duration::from_millis) },
             driver,
             commands,
             startup,

@@ -108,7 +108,9 @@ async fn agent_socket(
     let (mut sink, mut stream) = socket.split();
     let (outbox, mut outgoing) = mpsc::unbounded_channel();
     let (tx, rx) = oneshot::channel();
-    if state.driver.send(Command::Connect { outbox, budget, conn, peer, reply: tx }).await.is_err() {
+    let arrivals = Arc::new(Arrivals::default());
+    let connect = Command::Connect { outbox, budget, conn, peer, arrivals: Arc::clone(&arrivals), reply: tx };
+    if state.driver.send(connect).await.is_err() {
         return;
     }
     let Ok(session) = rx.await else { return };
@@ -173,12 +175,14 @@ async fn agent_socket(
             }
             frame = stream.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
+                    arrivals.read_one(state.clock.now().at);
                     let cmd = Command::Frame { session: session.clone(), text: text.to_string() };
                     if state.driver.send(cmd).await.is_err() {
                         break;
                     }
                 }
                 Some(Ok(Message::Binary(_))) => {
+                    arrivals.read_one(state.clock.now().at);
                     let _ = state.driver.send(Command::BinaryFrame { session: session.clone() }).await;
                 }
                 Some(Ok(Message::Close(frame))) => {
@@ -196,6 +200,28 @@ async fn agent_socket(
         warn!(session = %session, error = %e, "driver gone while disconnecting");
     }
     writer.abort();
+}
+
+/// The frames a socket's task read whole and sent the driver, and when the last arrived
+/// (edge time): stamped here, as they come off the socket, not when the driver gets to
+/// them — behind a flood of requests a heartbeat can wait in the driver's queue past its
+/// connection's deadline ([`edge_core::Edge::frame_waiting`]).
+#[derive(Debug, Default)]
+pub struct Arrivals {
+    frames: AtomicU64,
+    last_at: AtomicU64,
+}
+
+impl Arrivals {
+    fn read_one(&self, at: edge_core::Millis) {
+        self.last_at.store(at, Ordering::Relaxed);
+        self.frames.fetch_add(1, Ordering::Release);
+    }
+
+    /// When the last frame arrived, if any of them is past the `handled` the driver has had.
+    pub fn waiting(&self, handled: u64) -> Option<edge_core::Millis> {
+        (self.frames.load(Ordering::Acquire) > handled).then(|| self.last_at.load(Ordering::Relaxed))
+    }
 }
 
 /// A socket whose reads are counted against a budget the driver sets from the session's

@@ -189,6 +189,7 @@ mod tests {
             connected_at: u64::MAX - 1,
             last_seen: 1_700_000_000_000,
             arriving: None,
+            waiting: None,
             phase: Phase::Ready(Agent {
                 agent_id: "spark".into(),
                 version: "1.2.3".into(),

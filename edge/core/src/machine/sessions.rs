@@ -12,6 +12,7 @@ use shared::link::{Ephemeral, LinkKeys};
 use shared::ids::{hex, shown_job_id};
 use shared::job::{JobResult, JobState};
 use shared::keys;
+use shared::Millis;
 use shared::oauth::OAuthReport;
 use shared::protocol::{self, close, AgentMessage, Beat, EdgeMessage, Hello, LoginReport, ProgressEvent, ProgressReport, Rejection, ResultReport, Slots, StartReport, Welcome, MAX_CAPACITY, MAX_HELLO_FINISHED, PROTOCOL_VERSION};
 use std::collections::{BTreeMap, BTreeSet};
@@ -84,6 +85,7 @@ impl Edge {
             connected_at: now.at,
             last_seen: now.at,
             arriving: None,
+            waiting: None,
             phase: Phase::Challenged { nonce: nonce.clone(), ephemeral },
         };
         let challenge = EdgeMessage::Challenge {
@@ -306,8 +308,9 @@ impl Edge {
             session.last_seen = now.at;
         }
         // The frame that was arriving is whole: it counts as life only if it is (a new
-        // heartbeat or result, below).
+        // heartbeat or result, below). So is the credit of a frame waiting its turn.
         session.arriving = None;
+        session.waiting = None;
         if text.len() > session.frame_limit() {
             // Before the hello is verified only a hello's worth: anyone can open connections.
             let (limit, source) = (session.frame_limit(), session.source.clone());
@@ -911,6 +914,21 @@ impl Edge {
         }
         if agent.results_heard.insert(job_id.to_string()) {
             session.last_seen = now.at;
+        }
+    }
+
+    /// Whether a frame this connection's socket read whole waits for the machine's turn,
+    /// and when the last of those arrived (edge time, as the socket stamped it): a host
+    /// that reads sockets apart from the machine (the native edge) says so before each
+    /// [`Edge::tick`]. A heartbeat read in time but still queued behind a flood of requests
+    /// is not the agent's silence: the connection is judged once its frames are handled
+    /// (`message` ends the credit). Bounded by the host's queue, never by the frame's
+    /// content: what turns out to be nothing new earns nothing. Hosts that hand each frame
+    /// to the machine as it arrives (the Worker: a `webSocketMessage` event) never call it.
+    pub fn frame_waiting(&mut self, session_id: &str, arrived_at: Option<Millis>) {
+        if let Some(session) = self.sessions.get_mut(session_id) {
+            // Not journaled, like `last_seen`.
+            session.waiting = arrived_at;
         }
     }
 

@@ -1167,6 +1167,32 @@ fn a_large_frame_arriving_or_a_new_result_is_a_sign_of_life() {
     assert_eq!(closed(&edge.tick(t + 2 * HB)).map(|c| c.0), Some(shared::protocol::close::SILENT));
 }
 
+/// rev20, 1: a host that reads sockets apart from the machine (the native edge) may have a
+/// heartbeat read whole and still waiting for the machine's turn — behind a flood of
+/// requests — when the connection's deadline comes: the connection is not judged silent
+/// while a frame it sent before then waits (`Edge::frame_waiting`, stamped by the socket),
+/// and is judged as usual once the frames are handled: a heartbeat among them keeps it, and
+/// frames that were nothing new leave it silent.
+#[test]
+fn a_frame_read_in_time_and_waiting_for_its_turn_keeps_the_connection() {
+    let (mut edge, sid) = ready_edge();
+    let due = edge.session(&sid).unwrap().deadline(HB);
+    // A heartbeat arrived before the deadline; the machine has not had it yet.
+    edge.frame_waiting(&sid, Some(due - 10));
+    assert!(closed(&edge.tick(due + HB)).is_none(), "closed while the heartbeat it sent in time waited for its turn");
+    // Its turn comes: heard, and the connection lives on.
+    pulse(&mut edge, due + HB, &sid, beat(&[], 1, 1));
+    edge.frame_waiting(&sid, None);
+    assert!(closed(&edge.tick(due + 2 * HB)).is_none());
+    // A frame that waited and turned out to be nothing new earns nothing once handled.
+    let due = edge.session(&sid).unwrap().deadline(HB);
+    edge.frame_waiting(&sid, Some(due - 10));
+    assert!(closed(&edge.tick(due)).is_none());
+    say(&mut edge, due, &sid, credit(1, 0));
+    edge.frame_waiting(&sid, None);
+    assert_eq!(closed(&edge.tick(due)).map(|c| c.0), Some(shared::protocol::close::SILENT));
+}
+
 /// A result that succeeded, saying `output`.
 fn done(output: &str) -> JobResult {
     JobResult { success: true, error_code: None, error: None, output: output.into(), ..JobResult::failure(shared::contract::ErrorCode::Cancelled, "", 1) }
