@@ -1091,4 +1091,66 @@ async fn an_execute_kept_alive_passes_a_proxy_that_cuts_silent_answers() {
     let body: serde_json::Value = serde_json::from_str(&text).expect("JSON after the spaces");
     assert_eq!(body["error_code"], "EDGE_RESTARTING", "{text}");
     assert!(body["job_id"].is_string(), "{text}");
+
+/// rev20, 1: a caller with the secret that sends a few thousand `GET /jobs/{id}` of one
+/// ended job with a result of about 1 MiB, and never reads the answers, neither silences
+/// the connected agent nor swells the edge: the readers share one copy of the answer, and
+/// a heartbeat read behind the flood counts from when its socket read it, not from when
+/// the machine got round to it. Before, each GET built its own copy (800 took the debug
+/// edge past a gigabyte), the edge answered nothing for tens of seconds, and closed the
+/// agent for "no heartbeat".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unread_reads_of_a_large_result_neither_silences_the_agent_nor_swells_the_edge() {
+    const READERS: usize = 2_000;
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("HEARTBEAT_INTERVAL_MS", "15000")]);
+    let _agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    // The stand-in answers with the prompt: a result of about 1 MiB.
+    let prompt = format!("big {}", "x".repeat(1_000_000));
+    let job = client.submit(json!({ "prompt": prompt })).await;
+    assert_eq!(job.status, 202, "{}", job.text);
+    let job_id = job.body["job_id"].as_str().expect("a job id").to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let view = client.get(&format!("/jobs/{job_id}")).await;
+        if view.body["state"] == "succeeded" {
+            assert!(view.text.len() > 1_000_000, "the result is about 1 MiB: {} bytes", view.text.len());
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job never ended: {}", shared::text::truncate(&view.text, 300));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = edge.peak_rss_kib();
+    let port = edge.port;
+    let head = format!("GET /jobs/{job_id} HTTP/1.1\r\nHost: edge\r\nX-Runner-Secret: {SECRET}\r\n\r\n");
+    let readers = tokio::task::spawn_blocking(move || {
+        (0..READERS)
+            .filter_map(|_| {
+                let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+                tcp.write_all(head.as_bytes()).ok()?;
+                Some(tcp)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert!(readers.len() > READERS / 2, "only {} readers connected", readers.len());
+    // While they hold their answers unread: three heartbeat intervals, past the two after
+    // which a silent agent is closed, with `/health` asked all along.
+    let until = Instant::now() + Duration::from_secs(45);
+    while Instant::now() < until {
+        let health = client.health_full().await;
+        assert_eq!(health.status, 200, "{}", shared::text::truncate(&health.text, 500));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let health = client.health_full().await;
+    let agents = health.body["agents"].to_string();
+    assert!(agents.contains("spark"), "spark is gone from /health: {}", shared::text::truncate(&health.text, 500));
+    let log = edge.log();
+    assert!(!log.contains("closing silent connection"), "the agent was closed as silent:\n{}", shared::text::truncate(&log, 20_000));
+    let grown = edge.peak_rss_kib().saturating_sub(before) / 1024;
+    assert!(grown < 300, "the edge grew by {grown} MiB holding {} unread answers of one job", readers.len());
+    drop(readers);
 }

@@ -518,7 +518,9 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
             }
         }
         ("GET", ["jobs", id]) => match edge.job(id) {
-            Some(job) if job.header_only => {
+            // An ended job's view is shared by its readers while their answers are on their
+            // way (`Edge::give_ended`): a flood of reads holds one copy of its result.
+            Some(job) if job.header_only || job.state.is_terminal() => {
                 let mut effects = Vec::new();
                 edge.give_ended(caller, id, crate::record::Form::View, &mut effects);
                 Handled { caller, reply: once, effects }

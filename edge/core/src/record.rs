@@ -136,7 +136,7 @@ pub fn order_tag(challenge: &str, order_no: u64) -> String {
 }
 
 /// What a caller is given from a job's whole record, read from storage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Form {
     /// The `/execute` answer ([`Job::answer`]).
     Answer,

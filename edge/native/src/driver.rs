@@ -426,7 +426,7 @@ impl Driver {
                 }
                 Effect::Deliver { caller, job_id, form } => {
                     let record = self.store.load_one(&job_id).map_err(|e| e.to_string());
-                    let delivered = Edge::deliver(caller, form, record, self.clock.now());
+                    let delivered = self.edge.delivered(caller, &job_id, form, record, self.clock.now());
                     self.carry_out(delivered);
                 }
                 Effect::Post(post) => self.post(post),

@@ -285,7 +285,12 @@ impl EdgeDurableObject {
                 }
                 Effect::Deliver { caller, job_id, form } => {
                     let record = self.store().load_one(&job_id);
-                    self.apply(Edge::deliver(caller, form, record, now_ms().into()), at_hand);
+                    let mut record = Some(record);
+                    let now = now_ms().into();
+                    let delivered = self
+                        .with_edge(|edge| edge.delivered(caller, &job_id, form, record.take().expect("read once"), now))
+                        .unwrap_or_else(|| Edge::deliver(caller, form, record.take().expect("not given"), now));
+                    self.apply(delivered, at_hand);
                 }
                 Effect::Post(post) => self.deliveries.borrow_mut().push(post),
                 Effect::Recall { job_id } => {

@@ -12,6 +12,7 @@ use shared::job::JobState;
 use crate::response::Response;
 use shared::contract::{ApiError, ErrorCode};
 use std::collections::HashMap;
+use std::sync::{Arc, Weak};
 
 /// `/execute` callers waiting on one job, at most: its own, and those that repeat its
 /// idempotency key (a caller whose answer was lost, another process of the same caller).
@@ -84,6 +85,36 @@ pub(super) struct Callers {
     pub followers: HashMap<String, Vec<CallerId>>,
     /// Callers of the re-login relay, by login id.
     pub logins: HashMap<String, Vec<CallerId>>,
+    /// The ends of jobs given to callers whose answers may still be on their way.
+    given: Given,
+}
+
+/// The ends of ended jobs given out (by job and form: status and text), kept only as long
+/// as an answer given holds them: a caller given the same end meanwhile shares that text
+/// (read from storage once), as the waiters of one job share its answer — so N readers of
+/// a result of a megabyte that do not read their answers hold one copy, not N. Not kept
+/// past the answers (a weak reference: the host drops the text once it is written, or its
+/// connection gone), nor part of any event's undo (the text of an ended job never changes).
+#[derive(Debug, Default)]
+struct Given(HashMap<(String, Form), (u16, Weak<str>)>);
+
+impl Given {
+    /// The end of `job_id` in `form` an answer still holds, if any. Lets go of those no
+    /// answer holds any more: a weak reference keeps its text's memory until it goes.
+    fn get(&mut self, job_id: &str, form: Form) -> Option<(u16, Arc<str>)> {
+        self.let_go();
+        let (status, text) = self.0.get(&(job_id.to_string(), form))?;
+        Some((*status, text.upgrade()?))
+    }
+
+    /// Lets go of the texts no answer holds any more.
+    fn let_go(&mut self) {
+        self.0.retain(|_, (_, text)| text.strong_count() > 0);
+    }
+
+    fn keep(&mut self, job_id: &str, form: Form, status: u16, text: &Arc<str>) {
+        self.0.insert((job_id.to_string(), form), (status, Arc::downgrade(text)));
+    }
 }
 
 impl Callers {
@@ -266,16 +297,47 @@ impl Edge {
         effects
     }
 
-    /// If the job has ended, gives `caller` its end in `form` — from memory if the whole
-    /// record is still there, else from storage ([`Effect::Deliver`]) — and returns true.
-    pub(crate) fn give_ended(&self, caller: CallerId, job_id: &str, form: Form, effects: &mut Vec<Effect>) -> bool {
+    /// If the job has ended, gives `caller` its end in `form` — the text an answer on its
+    /// way holds already ([`Given`]), else from memory if the whole record is still there,
+    /// else from storage ([`Effect::Deliver`], then [`Edge::delivered`]) — and returns true.
+    pub(crate) fn give_ended(&mut self, caller: CallerId, job_id: &str, form: Form, effects: &mut Vec<Effect>) -> bool {
         let Some(job) = self.jobs.get(job_id).filter(|j| j.state.is_terminal()) else { return false };
-        if job.header_only {
+        if let Some((status, text)) = self.callers.given.get(job_id, form) {
+            effects.extend(Edge::given(caller, form, status, text));
+        } else if job.header_only {
             effects.push(Effect::Deliver { caller, job_id: job_id.to_string(), form });
         } else {
-            effects.extend(Edge::deliver(caller, form, Ok(Some(job.clone())), crate::clock::Now::from(0)));
+            match Edge::end_of(job, form, crate::clock::Now::from(0)) {
+                Some((status, text)) => {
+                    self.callers.given.keep(job_id, form, status, &text);
+                    effects.extend(Edge::given(caller, form, status, text));
+                }
+                None => effects.extend(Edge::deliver(caller, form, Err("the record has no result".into()), crate::clock::Now::from(0))),
+            }
         }
         true
+    }
+
+    /// Lets go of the ended jobs' texts no answer holds any more (each tick, besides each
+    /// time one is given): otherwise the last one given stays until the next read.
+    pub(super) fn let_go_of_given(&mut self) {
+        self.callers.given.let_go();
+    }
+
+    /// What `caller` is given of `job_id`'s record as the host read it from storage (after
+    /// [`Effect::Deliver`]): [`Edge::deliver`], its text shared with the other callers
+    /// given the same end while their answers are on their way.
+    pub fn delivered(&mut self, caller: CallerId, job_id: &str, form: Form, record: Result<Option<Job>, String>, now: Now) -> Vec<Effect> {
+        if let Some((status, text)) = self.callers.given.get(job_id, form) {
+            return Edge::given(caller, form, status, text);
+        }
+        if let Ok(Some(job)) = &record {
+            if let Some((status, text)) = Edge::end_of(job, form, now) {
+                self.callers.given.keep(job_id, form, status, &text);
+                return Edge::given(caller, form, status, text);
+            }
+        }
+        Edge::deliver(caller, form, record, now)
     }
 
     /// What `caller` is given from a job's whole record (`record`: what the host read from
@@ -299,16 +361,28 @@ impl Edge {
                 };
             }
         };
+        match Edge::end_of(&job, form, now) {
+            Some((status, text)) => Edge::given(caller, form, status, text),
+            None => Edge::deliver(caller, form, Err("the record has no result".into()), now),
+        }
+    }
+
+    /// The end of an ended job's record in `form`: its status and text (for a stream, the
+    /// result's chunk). `None` if the record has no result.
+    fn end_of(job: &Job, form: Form, now: Now) -> Option<(u16, Arc<str>)> {
         match (form, job.answer()) {
-            (Form::View, _) => {
-                let body = serde_json::to_string(&job.view(now)).expect("views serialise");
-                vec![Effect::Answer { caller, response: Response::json(200, body) }]
-            }
-            (Form::Answer, Some((status, body))) => vec![Effect::Answer { caller, response: Response::json(status, body) }],
-            (Form::Stream, Some((_, body))) => {
-                vec![Effect::Stream { caller, chunk: progress::result_chunk(&body).into() }, Effect::EndStream { caller }]
-            }
-            (_, None) => Edge::deliver(caller, form, Err("the record has no result".into()), now),
+            (Form::View, _) => Some((200, serde_json::to_string(&job.view(now)).expect("views serialise").into())),
+            (Form::Answer, Some((status, body))) => Some((status, body.into())),
+            (Form::Stream, Some((status, body))) => Some((status, progress::result_chunk(&body).into())),
+            (_, None) => None,
+        }
+    }
+
+    /// The effects that give `caller` an end made by [`Edge::end_of`].
+    fn given(caller: CallerId, form: Form, status: u16, text: Arc<str>) -> Vec<Effect> {
+        match form {
+            Form::View | Form::Answer => vec![Effect::Answer { caller, response: Response::json(status, text) }],
+            Form::Stream => vec![Effect::Stream { caller, chunk: text }, Effect::EndStream { caller }],
         }
     }
 

@@ -196,6 +196,7 @@ impl Edge {
             self.forget_oldest(&mut effects);
         }
         self.expire_spent(now, &mut effects);
+        self.let_go_of_given();
         effects
     }
 }

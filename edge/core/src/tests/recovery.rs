@@ -1193,6 +1193,59 @@ fn a_frame_read_in_time_and_waiting_for_its_turn_keeps_the_connection() {
     assert_eq!(closed(&edge.tick(due)).map(|c| c.0), Some(shared::protocol::close::SILENT));
 }
 
+/// rev20, 1: the callers reading one ended job while the others' answers are still on
+/// their way share one text of it, read from storage once, so a flood of readers that
+/// never read their answers holds one copy, not one each (800 such readers of a 1 MiB
+/// result took the native edge past a gigabyte). None is kept once no answer holds it.
+#[test]
+fn readers_of_an_ended_job_share_one_text_of_it() {
+    use std::sync::Arc;
+    let (mut edge, sid) = ready_edge();
+    let first = call(&mut edge, 0, "POST", "/execute", json!({"prompt": "p", "timeout_ms": 60000}));
+    let job_id = order_of(&first.effects, &sid, "spark", 0).header.job_id;
+    let effects = report(&mut edge, 1, &sid, &job_id, JobResult { output: "o".repeat(100_000), ..ok_result() });
+    let whole = effects.iter().find_map(|e| match e {
+        Effect::Save(job) if job.state.is_terminal() => Some((**job).clone()),
+        _ => None,
+    });
+    let whole = whole.expect("the whole record is stored");
+    let path = format!("/jobs/{job_id}");
+    let body_of = |effects: &[Effect], caller: CallerId| -> Arc<str> {
+        effects
+            .iter()
+            .find_map(|e| match e {
+                Effect::Answer { caller: c, response } if *c == caller => Some(Arc::clone(&response.body)),
+                _ => None,
+            })
+            .expect("answered")
+    };
+    // Once ended only its header is in memory: read from storage once, then shared.
+    assert!(edge.job(&job_id).unwrap().header_only);
+    let read = |edge: &mut Edge| -> (CallerId, Vec<Effect>, bool) {
+        let handled = call(edge, 3, "GET", &path, Value::Null);
+        let deliver = handled.effects.iter().find_map(|e| match e {
+            Effect::Deliver { caller, job_id, form } => Some((*caller, job_id.clone(), *form)),
+            _ => None,
+        });
+        match deliver {
+            Some((caller, id, form)) => (caller, edge.delivered(caller, &id, form, Ok(Some(whole.clone())), 3.into()), true),
+            None => (handled.caller, handled.effects, false),
+        }
+    };
+    let c = {
+        let (c, effects, stored) = read(&mut edge);
+        assert!(stored, "the first reader's answer is read from storage");
+        body_of(&effects, c)
+    };
+    let (d, effects, stored) = read(&mut edge);
+    assert!(!stored, "read from storage again while the first reader's answer was still on its way");
+    assert!(Arc::ptr_eq(&c, &body_of(&effects, d)), "two readers of one ended job were each given a copy");
+    drop(c);
+    drop(effects);
+    let (_, _, stored) = read(&mut edge);
+    assert!(stored, "a text no answer holds any more is not kept");
+}
+
 /// A result that succeeded, saying `output`.
 fn done(output: &str) -> JobResult {
     JobResult { success: true, error_code: None, error: None, output: output.into(), ..JobResult::failure(shared::contract::ErrorCode::Cancelled, "", 1) }
