@@ -377,6 +377,45 @@ async fn a_connection_that_never_finishes_its_request_head_is_closed() {
     assert!(slow.is_some(), "a connection that sent a header line every 5 s, never ending its head, was still open after 100 s");
 }
 
+/// rev20, 2: a request head is held to what the edge's largest legitimate head needs:
+/// past 16 KiB it is answered 431 and its connection closed. hyper's default let each
+/// unfinished head hold up to ~408 KiB (its 8 KiB buffer grown to 400 KiB), no secret
+/// needed: 2,000 such connections took the debug edge from 17 to 822 MB, where an idle
+/// connection is said to cost about 14 KiB. A head of 12 KiB — the secret, an
+/// `Idempotency-Key` of its greatest length, an agent's proof, and kilobytes of cookies a
+/// browser may add — is still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_past_16_kib_is_refused_431_and_the_largest_legitimate_one_is_answered() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let port = edge.port;
+    let (long, largest) = tokio::task::spawn_blocking(move || {
+        let long = format!("GET /health HTTP/1.1\r\nHost: edge\r\nX-Padding: {}\r\n\r\n", "p".repeat(64 * 1024));
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        // The edge may stop reading (and close) before all of it is sent.
+        let _ = tcp.write_all(long.as_bytes());
+        let long = read_to_end_within(tcp, Duration::from_secs(60)).unwrap_or_default();
+        let key = "k".repeat(shared::contract::MAX_IDEMPOTENCY_KEY);
+        let proof = format!("spark.1700000000000.{}", "s".repeat(86));
+        let cookies = "c".repeat(11 * 1024);
+        let largest = format!(
+            "GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36\r\n\
+             Accept: application/json\r\nX-Runner-Secret: {SECRET}\r\nIdempotency-Key: {key}\r\nX-Runner-Agent-Proof: {proof}\r\n\
+             Cookie: {cookies}\r\nConnection: close\r\n\r\n"
+        );
+        assert!(largest.len() > 12 * 1024 - 512, "{}", largest.len());
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        tcp.write_all(largest.as_bytes()).unwrap();
+        (String::from_utf8_lossy(&long).into_owned(), read_to_end_within(tcp, Duration::from_secs(60)).map(|b| String::from_utf8_lossy(&b).into_owned()))
+    })
+    .await
+    .unwrap();
+    assert!(long.starts_with("HTTP/1.1 431 "), "a head of 64 KiB was answered {:?}", shared::text::truncate(&long, 300));
+    let largest = largest.expect("the edge closes the connection once it answered (connection: close)");
+    assert!(largest.starts_with("HTTP/1.1 200 ") || largest.starts_with("HTTP/1.1 503 "), "the largest legitimate head: {largest}");
+    assert!(largest.contains("\"status\""), "{largest}");
+}
+
 /// `n` connections that never send a byte: what anyone who reaches the port can open, no
 /// secret needed. The kernel completes each handshake whether or not the edge accepts it.
 fn idle_connections(port: u16, n: usize) -> Vec<std::net::TcpStream> {
