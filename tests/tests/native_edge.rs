@@ -1130,6 +1130,8 @@ async fn an_execute_kept_alive_passes_a_proxy_that_cuts_silent_answers() {
     let body: serde_json::Value = serde_json::from_str(&text).expect("JSON after the spaces");
     assert_eq!(body["error_code"], "EDGE_RESTARTING", "{text}");
     assert!(body["job_id"].is_string(), "{text}");
+}
+
 
 /// rev20, 1: a caller with the secret that sends a few thousand `GET /jobs/{id}` of one
 /// ended job with a result of about 1 MiB, and never reads the answers, neither silences
