@@ -56,10 +56,6 @@ struct Running {
     beats: u64,
     /// The mirror names the edge was last told of (in a hello or a `Mirrors`).
     mirrors_told: Vec<String>,
-    /// The results an edge answered "not taken" ([`Agent::on_result_ack`]), with when one
-    /// first was since the agent started: kept for another edge up to [`NOT_TAKEN_KEPT_MS`]
-    /// from then, and logged once.
-    not_taken: HashMap<String, shared::Millis>,
 }
 
 impl Running {
@@ -120,8 +116,9 @@ pub struct Agent {
 /// How long a result no edge takes is kept, from the first "not taken" answer: the edges'
 /// default `JOB_RETENTION_MS` (24 h). The edge that issued the job may be away (restarting,
 /// or no longer the one `EDGE_URL` names) and take it later; one gone for good never will,
-/// and the spool must not grow with such results for ever. Counted in the agent's memory:
-/// a restart of the agent counts it again from the next answer.
+/// and the spool must not grow with such results for ever. Counted from the time kept with
+/// the result in the spool ([`Spool::not_taken`]), so across restarts of the agent (a result
+/// the disk refuses keeps it in memory, as it keeps the result).
 pub const NOT_TAKEN_KEPT_MS: u64 = 24 * 3_600_000;
 
 /// The file in DATA_DIR whose lock the agent holds while it lives: one agent per DATA_DIR.
@@ -619,10 +616,7 @@ impl Agent {
         let Some(key) = self.link.edges() else { return };
         match envelope.open::<shared::protocol::Acknowledgement>(Domain::ResultAck, &key) {
             Ok(ack) if ack.agent_id == self.cfg.agent_id && ack.not_taken => self.not_taken(&ack.job_id, crate::now_ms()),
-            Ok(ack) if ack.agent_id == self.cfg.agent_id => {
-                self.spool.remove(&ack.job_id);
-                self.running.lock().expect("running lock").not_taken.remove(&ack.job_id);
-            }
+            Ok(ack) if ack.agent_id == self.cfg.agent_id => self.spool.remove(&ack.job_id),
             Ok(_) => warn!(agent_id = %self.cfg.agent_id, "an acknowledgement for another agent ignored"),
             Err(e) => warn!(agent_id = %self.cfg.agent_id, error = %e, "an acknowledgement not MACed by the edge on this connection ignored; its result stays"),
         }
@@ -633,23 +627,15 @@ impl Agent {
     /// a tunnel flipped), or not that order of it, or the job is another agent's. The
     /// result stays in the spool — named in heartbeats and hellos as every kept result is,
     /// sent no more on this connection — and the next connection sends it again,
-    /// up to [`NOT_TAKEN_KEPT_MS`] after the first such answer; then it is given up.
+    /// up to [`NOT_TAKEN_KEPT_MS`] after the first such answer (its time kept with the
+    /// result, [`Spool::not_taken`], so counted across restarts); then it is given up.
     fn not_taken(&self, job_id: &str, now: shared::Millis) {
         let (agent_id, edge, pool) = (&self.cfg.agent_id, &self.cfg.connect_url, &self.cfg.pool);
-        let first = {
-            let mut running = self.running.lock().expect("running lock");
-            match running.not_taken.get(job_id) {
-                Some(&since) if now.saturating_sub(since) >= NOT_TAKEN_KEPT_MS => {
-                    running.not_taken.remove(job_id);
-                    None
-                }
-                Some(_) => Some(false),
-                None => {
-                    running.not_taken.insert(job_id.to_string(), now);
-                    Some(true)
-                }
-            }
+        let Some((since, first)) = self.spool.not_taken(job_id, now) else {
+            debug!(job_id, agent_id = %agent_id, "the edge did not take a result no longer kept (acknowledged meanwhile)");
+            return;
         };
+        let first = (now.saturating_sub(since) < NOT_TAKEN_KEPT_MS).then_some(first);
         match first {
             Some(true) => warn!(
                 job_id, agent_id = %agent_id, edge = %edge, pool = %pool, kept_ms = NOT_TAKEN_KEPT_MS,
@@ -829,12 +815,47 @@ mod tests {
         answer("of-e2", true);
         assert!(agent.spool.get("of-e2").is_none(), "an acknowledged result is kept");
         // Another connection: sent again, and not taken again, within the time kept.
-        let first = agent.running.lock().unwrap().not_taken["of-e1"];
+        let first = agent.spool.get("of-e1").and_then(|r| r.not_taken).expect("the first answer's time kept with the result");
         agent.not_taken("of-e1", first + NOT_TAKEN_KEPT_MS - 1);
         assert!(agent.spool.get("of-e1").is_some());
         agent.not_taken("of-e1", first + NOT_TAKEN_KEPT_MS);
         assert!(agent.spool.get("of-e1").is_none(), "a result no edge takes is kept for ever");
-        assert!(agent.running.lock().unwrap().not_taken.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Carried from s38: the 24 h a result no edge takes is kept were counted in the agent's
+    /// memory from the first "not taken" after each start, so an agent restarted within
+    /// them (daily, or crash-looping) kept such a result, sent again on every connection,
+    /// for ever. The first answer's time is kept with the result in the spool: after a
+    /// restart the 24 h run on from it — for a result in its job's slot and for one in a
+    /// spool file alike.
+    #[test]
+    fn a_result_not_taken_is_given_up_24_h_after_the_first_answer_across_restarts() {
+        let dir = std::env::temp_dir().join(format!("cr-agent-not-taken-restart-{}", std::process::id()));
+        let (agent, queues) = agent_with_claude(&dir, "exit 0\n");
+        let report = |job: &str| StoredResult::of(&ResultReport { job_id: job.into(), order_nonce: format!("{job}:1"), result: JobResult::default() });
+        // In its job's slot (started, then finished) and in a spool file (no slot).
+        agent.spool.started("in-slot", "in-slot:1").unwrap();
+        agent.spool.put("in-slot", &report("in-slot")).unwrap();
+        agent.spool.put("in-file", &report("in-file")).unwrap();
+        let first = 1_000_000;
+        for job in ["in-slot", "in-file"] {
+            agent.not_taken(job, first);
+        }
+        drop((agent, queues));
+        let (agent, queues) = agent_in(&dir);
+        for job in ["in-slot", "in-file"] {
+            assert!(agent.spool.get(job).is_some(), "{job} lost in the restart");
+            agent.not_taken(job, first + NOT_TAKEN_KEPT_MS - 1);
+            assert!(agent.spool.get(job).is_some(), "{job} given up before its time");
+        }
+        drop((agent, queues));
+        let (agent, _queues) = agent_in(&dir);
+        for job in ["in-slot", "in-file"] {
+            agent.not_taken(job, first + NOT_TAKEN_KEPT_MS);
+            assert!(agent.spool.get(job).is_none(), "{job}, not taken for 24 h across restarts, still kept");
+        }
+        assert!(agent.spool.all().is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -847,13 +868,22 @@ mod tests {
         let claude = dir.join("claude.sh");
         std::fs::write(&claude, format!("#!/bin/sh\ncat >/dev/null\n{script}")).unwrap();
         std::fs::set_permissions(&claude, std::fs::Permissions::from_mode(0o755)).unwrap();
+        agent_in(dir)
+    }
+
+    /// The agent of [`agent_with_claude`]'s `dir` started (again) on what it holds.
+    fn agent_in(dir: &std::path::Path) -> (Arc<Agent>, Queues) {
+        let claude = dir.join("claude.sh");
         let local = crate::config::LocalArgs {
             claude_bin: claude.to_string_lossy().into_owned(),
             login: crate::config::ClaudeLoginArgs { claude_config_dir: Some(dir.join("cfg")), dir: crate::config::DataDirArgs { data_dir: Some(dir.join("data")) } },
             claude_model: None,
             job_env_allow: String::new(),
         };
-        let (agent, queues) = Agent::new(AgentConfig::local_only(&local, "spark".into())).unwrap();
+        let mut cfg = AgentConfig::local_only(&local, "spark".into());
+        // The same key at every start, as an agent's: what it sealed on its disk is its own.
+        cfg.signing_key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let (agent, queues) = Agent::new(cfg).unwrap();
         let keys = shared::link::LinkKeys { agent_to_edge: shared::link::MacKey::from_bytes([1; 32]), edge_to_agent: shared::link::MacKey::from_bytes([2; 32]) };
         agent.begin_session("challenge", keys);
         (agent, queues)

@@ -920,7 +920,7 @@ mod tests {
     /// it (the spool's order is the job ids'), and their jobs timed out.
     #[test]
     fn results_go_out_again_smallest_first() {
-        let stored = |id: &str, n: usize| (id.to_string(), crate::spool::StoredResult { payload: "x".repeat(n) });
+        let stored = |id: &str, n: usize| (id.to_string(), crate::spool::StoredResult { payload: "x".repeat(n), not_taken: None });
         let order: Vec<String> = resend_order(vec![stored("a", 4_000_000), stored("b", 10), stored("c", 500), stored("d", 10)]).into_iter().map(|(id, _)| id).collect();
         assert_eq!(order, ["b", "d", "c", "a"]);
     }

@@ -49,13 +49,24 @@ use std::sync::Mutex;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StoredResult {
     pub payload: String,
+    /// When an edge first answered "not taken" for it ([`Spool::not_taken`]): the agent
+    /// gives it up [`crate::agent::NOT_TAKEN_KEPT_MS`] later, counted across its restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_taken: Option<shared::Millis>,
 }
 
 impl StoredResult {
     pub fn of(report: &ResultReport) -> StoredResult {
-        StoredResult { payload: serde_json::to_string(report).expect("results serialise") }
+        StoredResult { payload: serde_json::to_string(report).expect("results serialise"), not_taken: None }
     }
 }
+
+/// The field of a written result that holds [`StoredResult::not_taken`], beside its
+/// payload and MAC. Outside the MAC, so the format stays one the agent of before reads (it
+/// ignores a field it does not know, and this one reads its files, which lack it): a job
+/// that can change it can remove the result itself, and a time ahead of the clock is
+/// read as now.
+const NOT_TAKEN_FIELD: &str = "not_taken_ms";
 
 /// What proves a result read back from the disk is one this agent kept. A job that runs
 /// commands runs as the agent's user and can write `DATA_DIR`; under protocol 8 a kept
@@ -78,7 +89,11 @@ impl Seal {
     /// A result as it is written: its payload and its MAC, the connections' [`Tagged`]
     /// form under the seal's own key and domain.
     fn sealed(&self, result: &StoredResult) -> serde_json::Value {
-        serde_json::to_value(Tagged::seal_text(Domain::KeptResult, result.payload.clone(), &self.key)).expect("results serialise")
+        let mut written = serde_json::to_value(Tagged::seal_text(Domain::KeptResult, result.payload.clone(), &self.key)).expect("results serialise");
+        if let (Some(at), Some(fields)) = (result.not_taken, written.as_object_mut()) {
+            fields.insert(NOT_TAKEN_FIELD.into(), at.into());
+        }
+        written
     }
 
     fn sealed_bytes(&self, result: &StoredResult) -> Vec<u8> {
@@ -98,15 +113,17 @@ impl Seal {
             payload: String,
             mac: Option<String>,
             sig: Option<String>,
+            #[serde(default, rename = "not_taken_ms")]
+            not_taken: Option<shared::Millis>,
         }
-        let Written { payload, mac, sig } = serde_json::from_value(written).ok()?;
+        let Written { payload, mac, sig, not_taken } = serde_json::from_value(written).ok()?;
         let report: ResultReport = match (mac, sig) {
             (Some(mac), None) => Tagged { payload: payload.clone(), mac }.open(Domain::KeptResult, &self.key).ok()?,
             (None, Some(sig)) => Envelope { payload: payload.clone(), sig }.open(Domain::Result, &self.own).ok()?,
             _ => return None,
         };
         let its = report.job_id == job_id && order_nonce.is_none_or(|nonce| report.order_nonce == nonce);
-        its.then_some(StoredResult { payload })
+        its.then_some(StoredResult { payload, not_taken })
     }
 
     fn open_bytes(&self, bytes: &[u8], job_id: &str) -> Option<StoredResult> {
@@ -163,8 +180,9 @@ enum Slot {
     /// it is in a spool file or acknowledged: the record stays, so that an agent dying
     /// meanwhile reports the job lost rather than forgetting it.
     Held(String),
-    /// Acknowledged, its record being cleared: no new job may take it until it is free,
-    /// or the clearing would overwrite that job's started record.
+    /// Acknowledged, its record being cleared — or its result moving to a spool file
+    /// ([`Spool::not_taken`]): no new job may take it until it is free, or the clearing
+    /// would overwrite that job's started record.
     Clearing,
 }
 
@@ -525,12 +543,13 @@ impl Spool {
                 let bytes = record::finished(&record::Finished { job_id: job_id.to_string(), order_nonce, envelope });
                 let written = self.write_slot(n, record::RESULT_AT, &bytes, true);
                 let mut kept = self.lock();
-                if kept.writing.remove(job_id).is_none() {
+                // The copy in memory, which may have been answered "not taken" meanwhile.
+                let Some(result) = kept.writing.remove(job_id) else {
                     // Acknowledged while it was written: the slot owes nothing.
                     drop(kept);
                     self.clear(n);
                     return Ok(());
-                }
+                };
                 match written {
                     Ok(()) => {
                         kept.slots[n] = Slot::Holding { job_id: job_id.to_string(), result };
@@ -567,6 +586,85 @@ impl Spool {
                 written
             }
         }
+    }
+
+    /// When an edge first answered "not taken" for `job_id`'s kept result, and whether that
+    /// is now: the time kept with the result, or `now`, which is then kept with it. So the
+    /// time it is kept for ([`crate::agent::NOT_TAKEN_KEPT_MS`]) runs on across restarts of
+    /// the agent. A result in its job's slot moves to a spool file of its own for that
+    /// (written whole and renamed into place, the slot freed: never the one copy rewritten
+    /// in place, where a power cut could tear it; a result no edge takes is kept long, and
+    /// a slot is for the jobs running); one the disk refuses keeps the time in memory, as it
+    /// keeps the result. None: no such result is kept (acknowledged meanwhile).
+    pub fn not_taken(&self, job_id: &str, now: shared::Millis) -> Option<(shared::Millis, bool)> {
+        if !safe_id(job_id) {
+            return None;
+        }
+        // Dated ahead of the clock (a job can write the file): read as now.
+        let first = |result: &mut StoredResult| match result.not_taken {
+            Some(at) => (at.min(now), false),
+            None => {
+                result.not_taken = Some(now);
+                (now, true)
+            }
+        };
+        let (mut result, slot) = {
+            let mut kept = self.lock();
+            // In memory only: the disk refuses it, or it is being written.
+            if let Some(result) = kept.held.get_mut(job_id) {
+                return Some(first(result));
+            }
+            if let Some(result) = kept.writing.get_mut(job_id) {
+                return Some(first(result));
+            }
+            match kept.slots.iter().position(|s| matches!(s, Slot::Holding { job_id: id, .. } if id == job_id)) {
+                Some(n) => {
+                    // Still named and found while it moves; an acknowledgement takes it.
+                    let Slot::Holding { result, .. } = std::mem::replace(&mut kept.slots[n], Slot::Clearing) else { unreachable!("a holding slot") };
+                    (result, Some(n))
+                }
+                None if kept.filed.contains(job_id) => {
+                    drop(kept);
+                    let mut result = self.get(job_id)?;
+                    let since = first(&mut result);
+                    if !since.1 {
+                        return Some(since);
+                    }
+                    let mut kept = self.lock();
+                    if !kept.filed.contains(job_id) {
+                        return None;
+                    }
+                    kept.writing.insert(job_id.to_string(), result.clone());
+                    drop(kept);
+                    if let Err(e) = self.move_out(job_id, &result) {
+                        // The file stays as it was; the next answer tries again.
+                        self.lock().writing.remove(job_id);
+                        tracing::warn!(job_id, error = %e, "could not keep when this result was first not taken with it: counted from the next answer after a restart");
+                    }
+                    return Some(since);
+                }
+                None => return None,
+            }
+        };
+        let since = first(&mut result);
+        self.lock().writing.insert(job_id.to_string(), result.clone());
+        let moved = self.move_out(job_id, &result);
+        let n = slot.expect("from a slot");
+        match moved {
+            Ok(()) => self.clear(n),
+            Err(e) => {
+                tracing::warn!(job_id, error = %e, "could not move a result not taken to a spool file: it stays in its slot, when it was first not taken kept in memory only");
+                let mut kept = self.lock();
+                match kept.writing.remove(job_id) {
+                    Some(result) => kept.slots[n] = Slot::Holding { job_id: job_id.to_string(), result },
+                    None => {
+                        drop(kept);
+                        self.clear(n);
+                    }
+                }
+            }
+        }
+        Some(since)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
@@ -1103,7 +1201,7 @@ mod tests {
         let (spool, interrupted_jobs) = open(&dir, 1);
         assert!(interrupted_jobs.is_empty(), "the slot's result was read: {interrupted_jobs:?}");
         let all = spool.all();
-        assert_eq!(all, vec![("filed".to_string(), StoredResult { payload: filed.payload }), ("in-slot".to_string(), StoredResult { payload: in_slot.payload })]);
+        assert_eq!(all, vec![("filed".to_string(), StoredResult { payload: filed.payload, not_taken: None }), ("in-slot".to_string(), StoredResult { payload: in_slot.payload, not_taken: None })]);
         assert_eq!(opened(&all[1].1).result.output, "kept in a slot");
     }
 
@@ -1258,6 +1356,41 @@ mod tests {
         std::fs::remove_dir(dir.join("records/0")).unwrap();
         crate::files::pipe_at(&dir.join("records/0"));
         assert!(refused(&dir).contains("move it out of the way"), "a pipe does not hold the start");
+    }
+
+    /// When a result was first not taken is kept with it: its slot is freed for it (the
+    /// result moves to a spool file), an acknowledgement still removes it, and the file
+    /// stays one the agent of before reads as its result (the field outside the seal is
+    /// one it does not know), as this one reads that agent's files (without it).
+    #[test]
+    fn the_first_not_taken_time_is_kept_with_the_result_in_a_format_both_releases_read() {
+        let dir = dir("not-taken");
+        let (spool, _) = open(&dir, 1);
+        let r = ok("first", "not taken");
+        spool.started("first", "first:1").unwrap();
+        spool.put("first", &r).unwrap();
+        assert_eq!(spool.not_taken("first", 5_000), Some((5_000, true)));
+        assert_eq!(spool.not_taken("first", 6_000), Some((5_000, false)));
+        assert_eq!(regions(&dir, 0).0, Region::Empty, "its slot freed");
+        assert_eq!(spool.not_taken("unknown", 6_000), None);
+        // What the agent of before read a kept result as: a payload and its seal.
+        #[derive(serde::Deserialize)]
+        struct WrittenBefore {
+            payload: String,
+            mac: Option<String>,
+        }
+        let written: WrittenBefore = serde_json::from_slice(&std::fs::read(dir.join("spool/first.json")).unwrap()).unwrap();
+        let sealed = Tagged { payload: written.payload.clone(), mac: written.mac.unwrap() };
+        assert!(sealed.open::<ResultReport>(Domain::KeptResult, &seal().key).is_ok(), "the agent of before no longer reads it");
+        assert_eq!(written.payload, r.payload);
+        drop(spool);
+        let (spool, _) = open(&dir, 1);
+        assert_eq!(spool.get("first").and_then(|r| r.not_taken), Some(5_000), "forgotten in a restart");
+        // A time ahead of the clock (a job can write the file) reads as now.
+        assert_eq!(spool.not_taken("first", 4_000), Some((4_000, false)));
+        spool.remove("first");
+        assert!(spool.all().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// The edge is slow to acknowledge: a new job needs a slot whose result is not yet
