@@ -699,29 +699,6 @@ pub(crate) mod tests {
         }
     }
 
-    /// A child that holds DATA_DIR's flock as the agent does (flock(1), which keeps it
-    /// while its command runs), `claude-runner … agent` by its command line; in a process
-    /// group of its own, which [`end_group`] ends (flock(1) leaves its command behind).
-    fn flock_holder(dir: &Path) -> std::process::Child {
-        use std::os::unix::process::CommandExt;
-        let holder = std::process::Command::new("flock")
-            .arg0("claude-runner")
-            .arg("-o")
-            .arg(dir.join(crate::agent::DATA_LOCK))
-            .args(["sh", "-c", "sleep 60", "agent"])
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        for _ in 0..6000 {
-            if holds_data_lock(holder.id(), dir) {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        assert!(holds_data_lock(holder.id(), dir), "flock(1) took no lock");
-        holder
-    }
-
     /// A job's process (the agent's user) holding a POSIX lock of `kind` (`F_WRLCK`,
     /// `F_RDLCK`) of the whole of DATA_DIR's lock file, `claude-runner … agent` by its
     /// command line (tail follows /dev/null whatever the missing "agent" file).
@@ -790,7 +767,8 @@ pub(crate) mod tests {
         let dir = std::env::temp_dir().join(format!("cr-drain-beside-{kind}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let mut agent = flock_holder(&dir);
+        // The agent: this program (`oauth-status` checks the program a file names runs).
+        let mut agent = crate::status::tests::stand_in(&dir);
         let mut job = posix_locker(&dir, kind);
         let holders = lock_holders(&dir);
         let (by_job, said_by_job, job_trusted) = drain_named(&dir, job.id()).await;

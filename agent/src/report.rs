@@ -326,13 +326,9 @@ mod tests {
     fn a_planted_status_files_usage_window_is_not_taken_as_the_agents() {
         use std::os::unix::process::CommandExt;
         let (r, dir) = reporter("planted");
-        let lock = dir.join(crate::agent::DATA_LOCK);
-        // Holds the lock itself (flock(1) takes it in its own process, and with -o keeps it
-        // from its command: killed, it lets go), looks like an agent.
-        let mut holder = std::process::Command::new("flock").arg0("claude-runner").arg("-o").arg(&lock).args(["sh", "-c", "sleep 60", "agent"]).spawn().unwrap();
-        while !crate::drain::lock_taken(&dir) {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        // Holds the lock itself, a stand-in agent of this program (the program a file names
+        // must be this one where that can be read).
+        let mut holder = crate::status::tests::stand_in(&dir);
         // Another claude-runner agent, not holding this lock.
         let mut other = std::process::Command::new("tail").arg0("claude-runner").args(["agent", "-f", "/dev/null"]).stderr(std::process::Stdio::null()).spawn().unwrap();
         while !crate::status::runs_agent(other.id()) {

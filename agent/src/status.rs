@@ -125,48 +125,16 @@ fn stopped(agent_id: &str, pid: u32) -> String {
 }
 
 impl Status {
-    /// Whether this status describes a working agent at `now`: running (`process`, read
-    /// from /proc by the caller: not stopped), connected, and writing its file. The reason
-    /// either way. `full`: `DATA_DIR`'s file system has no space left ([`no_space_left`]),
-    /// which is why a working agent stops writing its file — not a reason to restart it.
-    /// `data_dir`: the agent's folder, which says how to start it again.
+    /// Whether this status describes a working agent at `now`: a live one ([`Status::alive`]),
+    /// connected, and writing its file. The reason either way. `full`: `DATA_DIR`'s file
+    /// system has no space left ([`no_space_left`]), which is why a working agent stops
+    /// writing its file — not a reason to restart it. `data_dir`: the agent's folder, which
+    /// says how to start it again.
     pub fn health(&self, data_dir: &std::path::Path, process: Liveness, full: bool, now: u64) -> Result<String, String> {
-        match process {
-            Liveness::NotRunning => {
-                return Err(format!("agent {} (pid {}) is not running; start it again with {}", self.agent_id, self.pid, start_again(data_dir)));
-            }
-            Liveness::Stopped => return Err(stopped(&self.agent_id, self.pid)),
-            Liveness::Running => {}
-        }
+        self.alive(data_dir, process, now)?;
         if !self.connected {
             let why = self.last_error.as_deref().unwrap_or("not connected yet");
             return Err(format!("agent {} is not connected to {} since {}: {why}", self.agent_id, self.edge, self.since));
-        }
-        // Both checks below read the file's word for when it was written and how often it
-        // is: a job (the agent's user) can write it. Dated ahead, a file never goes stale,
-        // and without an interval it is never judged: neither is the agent's writing.
-        if self.updated_ms > now.saturating_add(AHEAD_SLACK_MS) {
-            return Err(format!(
-                "agent {}'s status file is dated {} s ahead of this machine's clock: the agent did not write that (a job of its user can write the file), unless the clock was set back since; if the next heartbeat does not mend it, restart the agent",
-                self.agent_id,
-                (self.updated_ms - now) / 1000
-            ));
-        }
-        if self.heartbeat_ms == 0 {
-            return Err(format!(
-                "agent {}'s status file says it is connected but records no heartbeat interval, which no agent of this release writes (a job of its user can write the file); restart the agent",
-                self.agent_id
-            ));
-        }
-        // Nor can an interval no edge can set (the protocol's longest): one of 10^15 ms kept
-        // a file a day old fresh, and three of u64::MAX/2 overflowed.
-        if self.heartbeat_ms > shared::contract::MAX_HEARTBEAT_INTERVAL_MS {
-            return Err(format!(
-                "agent {}'s status file records a heartbeat interval of {} ms, longer than any edge can set ({} ms), which no agent writes (a job of its user can write the file); restart the agent",
-                self.agent_id,
-                self.heartbeat_ms,
-                shared::contract::MAX_HEARTBEAT_INTERVAL_MS
-            ));
         }
         let silent = now.saturating_sub(self.updated_ms);
         if silent > self.heartbeat_ms.saturating_mul(3).saturating_add(STALE_SLACK_MS) {
@@ -186,6 +154,47 @@ impl Status {
             ));
         }
         Ok(format!("agent {} is connected to {} since {}", self.agent_id, self.edge, self.since))
+    }
+
+    /// Whether this status is a live agent's at `now`, as far as `process` (read from
+    /// /proc by the caller, [`judge`]) and the file say: running, not stopped, and a file
+    /// an agent could have written. Asked by the health check and by [`live_agent`].
+    fn alive(&self, data_dir: &std::path::Path, process: Liveness, now: u64) -> Result<(), String> {
+        match process {
+            Liveness::NotRunning => {
+                return Err(format!("agent {} (pid {}) is not running; start it again with {}", self.agent_id, self.pid, start_again(data_dir)));
+            }
+            Liveness::Stopped => return Err(stopped(&self.agent_id, self.pid)),
+            Liveness::Running => {}
+        }
+        // The checks below read the file's word for when it was written and how often it
+        // is: a job (the agent's user) can write it. Dated ahead, a file never goes stale,
+        // and without an interval it is never judged: neither is the agent's writing.
+        if self.updated_ms > now.saturating_add(AHEAD_SLACK_MS) {
+            return Err(format!(
+                "agent {}'s status file is dated {} s ahead of this machine's clock: the agent did not write that (a job of its user can write the file), unless the clock was set back since; if the next heartbeat does not mend it, restart the agent",
+                self.agent_id,
+                (self.updated_ms - now) / 1000
+            ));
+        }
+        // An agent not connected yet has no interval.
+        if self.connected && self.heartbeat_ms == 0 {
+            return Err(format!(
+                "agent {}'s status file says it is connected but records no heartbeat interval, which no agent of this release writes (a job of its user can write the file); restart the agent",
+                self.agent_id
+            ));
+        }
+        // Nor can an interval no edge can set (the protocol's longest): one of 10^15 ms kept
+        // a file a day old fresh, and three of u64::MAX/2 overflowed.
+        if self.heartbeat_ms > shared::contract::MAX_HEARTBEAT_INTERVAL_MS {
+            return Err(format!(
+                "agent {}'s status file records a heartbeat interval of {} ms, longer than any edge can set ({} ms), which no agent writes (a job of its user can write the file); restart the agent",
+                self.agent_id,
+                self.heartbeat_ms,
+                shared::contract::MAX_HEARTBEAT_INTERVAL_MS
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -420,14 +429,44 @@ fn command_line(pid: u32) -> Option<Vec<u8>> {
     std::fs::read(format!("/proc/{pid}/cmdline")).ok()
 }
 
-/// The status file when it is the running agent's: the process it names is the agent of
-/// `data_dir` as `agent --drain` judges it ([`crate::drain::is_agent_of`]: the holder of
-/// the lock's flock, or a `claude-runner agent` where nobody locks the file — any
-/// `claude-runner` passed, a `submit` too). That judgement holds [`not_the_lock_holders`]'
-/// (a file it takes is never one that says why not). What a command takes from the file as
-/// the agent's (the login and usage window `oauth-status` shows) is read through here.
+/// The status file when it is a live agent's ([`live_agent`]). What a command takes from
+/// the file as the agent's (the login and usage window `oauth-status` and `doctor` show)
+/// is read through here.
 pub fn running_agents(data_dir: &std::path::Path) -> Option<Status> {
-    read(data_dir).ok().flatten().filter(|s| is_agent(s.pid) && crate::drain::is_agent_of(s.pid, data_dir))
+    let mut status = read(data_dir).ok().flatten()?;
+    live_agent(data_dir, &mut status, crate::now_ms()).ok()?;
+    Some(status)
+}
+
+/// Whether `status`, read from `data_dir`, is a live agent's at `now`: the one predicate
+/// `status --check` and what `oauth-status` and `doctor` take from the file share.
+/// - No other process holds DATA_DIR's lock ([`not_the_lock_holders`]);
+/// - no stopped agent holds the folder's own lock, and the process named runs this very
+///   program where that can be read ([`judge`]; a stopped agent found so is the status's
+///   pid from then on);
+/// - it runs, and the file is one an agent could have written ([`Status::alive`]);
+/// - it is the agent of `data_dir` as `agent --drain` judges it
+///   ([`crate::drain::is_agent_of`]: the holder of the lock's flock, or a `claude-runner
+///   agent` where nobody locks the file).
+///
+/// Not whether it is connected or writing its file: [`Status::health`] adds those.
+/// `Ok`: how its process runs; Err says why the file is not a live agent's.
+fn live_agent(data_dir: &std::path::Path, status: &mut Status, now: u64) -> Result<Liveness, String> {
+    if let Some(line) = not_the_lock_holders(data_dir, status) {
+        return Err(line);
+    }
+    let (process, pid) = judge(data_dir, status)?;
+    status.pid = pid;
+    status.alive(data_dir, process, now)?;
+    if !crate::drain::is_agent_of(status.pid, data_dir) {
+        return Err(format!(
+            "process {} that {}/status.json names is no `claude-runner agent` of this DATA_DIR (nobody holds its lock, and it runs another command); start the agent again with {}",
+            status.pid,
+            data_dir.display(),
+            start_again(data_dir)
+        ));
+    }
+    Ok(process)
 }
 
 /// Why the status file is not the agent's, when DATA_DIR's lock is held but not by the
@@ -520,21 +559,15 @@ fn check_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow
         say(out, no_agent(data_dir))?;
         return Ok(false);
     };
-    if let Some(line) = not_the_lock_holders(data_dir, &status) {
-        say(out, format!("unhealthy: {line}"))?;
-        return Ok(false);
-    }
-    let process = match judge(data_dir, &status) {
-        Ok((process, pid)) => {
-            status.pid = pid;
-            process
-        }
+    let now = crate::now_ms();
+    let process = match live_agent(data_dir, &mut status, now) {
+        Ok(process) => process,
         Err(line) => {
             say(out, format!("unhealthy: {line}"))?;
             return Ok(false);
         }
     };
-    match status.health(data_dir, process, no_space_left(data_dir), crate::now_ms()) {
+    match status.health(data_dir, process, no_space_left(data_dir), now) {
         Ok(line) => {
             say(out, format!("healthy: {line}"))?;
             Ok(true)
@@ -643,7 +676,7 @@ fn show_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow:
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The status file is a job's to write (the agent's user), and `status` and `status
@@ -876,6 +909,55 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Carried from s38: `oauth-status` and `doctor` add to their own reading of the login
+    /// what the running agent's status file says (a failed authentication, the usage
+    /// window: [`running_agents`]), and took the file as the running agent's by its lock
+    /// alone — not by what `status --check` had learnt since: a stopped agent's file, or
+    /// one a job (the agent's user) wrote dated ahead or with a heartbeat interval no agent
+    /// writes, was believed. One predicate of a live agent ([`live_agent`]) serves all three.
+    #[test]
+    fn oauth_status_and_doctor_take_no_stopped_or_faked_agent_for_the_running_one() {
+        let dir = std::env::temp_dir().join(format!("cr-status-live-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let login = crate::oauth::Login::new(Some(&dir.join("cfg")));
+        let mut failed = login.read(crate::now_ms()).report;
+        failed.auth_failed = true;
+        let mut agent = stand_in(&dir);
+        let pid = agent.id();
+        let live = Status { agent_id: "a".into(), edge: "wss://e".into(), pid, connected: true, since: "then".into(), heartbeat_ms: 15_000, login: Some(failed), ..Default::default() };
+        // Whether `oauth-status` and `doctor` take the file's failed authentication as the
+        // running agent's.
+        let believed = |change: &dyn Fn(&mut Status)| {
+            let mut status = Status { updated_ms: crate::now_ms(), ..live.clone() };
+            change(&mut status);
+            std::fs::write(dir.join("status.json"), serde_json::to_vec(&status).unwrap()).unwrap();
+            (running_agents(&dir).is_some(), crate::report::local_report(&login, &dir).auth_failed)
+        };
+        let running = believed(&|_| {});
+        let disconnected = believed(&|s| (s.connected, s.heartbeat_ms) = (false, 0));
+        let ahead = believed(&|s| s.updated_ms = 1 << 63);
+        let unbeating = believed(&|s| s.heartbeat_ms = 0);
+        let forged_beat = believed(&|s| s.heartbeat_ms = shared::contract::MAX_HEARTBEAT_INTERVAL_MS + 1);
+        // SAFETY: a signal to our own child, then a wait (WUNTRACED) until it has stopped.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGSTOP);
+            libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WUNTRACED);
+        }
+        let stopped = believed(&|_| {});
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        let resumed = believed(&|_| {});
+        let _ = (agent.kill(), agent.wait());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(running, (true, true), "the running agent's file");
+        assert_eq!(disconnected, (true, true), "a running agent not connected yet writes no interval");
+        assert_eq!(resumed, (true, true), "resumed");
+        for (what, judged) in [("dated ahead", ahead), ("connected with no interval", unbeating), ("an interval no edge sets", forged_beat), ("stopped", stopped)] {
+            assert_eq!(judged, (false, false), "a file {what} taken as the running agent's");
+        }
+    }
+
     /// A stand-in agent for the tests: this very program (so `/proc/<pid>/exe` is the
     /// checker's own), `claude-runner agent …` by its command line, holding DATA_DIR's
     /// locks as the agent takes them. Does nothing unless [`stand_in`] starts it.
@@ -889,14 +971,16 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_secs(120));
     }
 
-    /// Starts [`stand_in_agent`] for `dir`, once it holds both locks.
-    fn stand_in(dir: &std::path::Path) -> std::process::Child {
+    /// Starts [`stand_in_agent`] for `dir`, once it holds both locks (in a process group
+    /// of its own, as `crate::drain::tests::end_group` ends one).
+    pub(crate) fn stand_in(dir: &std::path::Path) -> std::process::Child {
         use std::os::unix::process::CommandExt;
         let agent = std::process::Command::new(std::env::current_exe().unwrap())
             .arg0("claude-runner")
             .args(["agent", "--exact", "--ignored", "status::tests::stand_in_agent"])
             .env("CR_STAND_IN_DATA_DIR", dir)
             .stdout(std::process::Stdio::null())
+            .process_group(0)
             .spawn()
             .unwrap();
         while !crate::drain::folder_flock_holders(dir).contains(&agent.id()) || !crate::drain::lock_holders(dir).is_some_and(|h| h.contains(&agent.id())) {

@@ -762,15 +762,21 @@ async fn oauth_status_and_doctor_read_this_shells_login_and_name_the_agents() {
     std::fs::create_dir_all(&lookalike).unwrap();
     std::fs::write(lookalike.join(".credentials.json"), creds.to_string()).unwrap();
     let status_file = data.path().join("up/agent/status.json");
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(up.child.id() as i32, libc::SIGSTOP) };
-    let mut planted: serde_json::Value = serde_json::from_slice(&std::fs::read(&status_file).unwrap()).unwrap();
-    planted["claude_config_dir"] = lookalike.to_str().unwrap().into();
-    std::fs::write(&status_file, planted.to_string()).unwrap();
-    let (oauth, doctor) = (run("oauth-status"), run("doctor"));
-    // SAFETY: as above.
-    unsafe { libc::kill(up.child.id() as i32, libc::SIGCONT) };
     let escaped = agents_word(&shared::text::one_line(lookalike.to_str().unwrap()));
+    // Written over the running agent's file (a stopped agent's file is not taken as a
+    // running one's), until both commands read it before the agent's next write.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (oauth, doctor) = loop {
+        let mut planted: serde_json::Value = serde_json::from_slice(&std::fs::read(&status_file).unwrap()).unwrap();
+        planted["claude_config_dir"] = lookalike.to_str().unwrap().into();
+        let staged = status_file.with_extension("planted");
+        std::fs::write(&staged, planted.to_string()).unwrap();
+        std::fs::rename(&staged, &status_file).unwrap();
+        let (oauth, doctor) = (run("oauth-status"), run("doctor"));
+        if (oauth.2.contains(&escaped) && doctor.1.contains(&escaped)) || std::time::Instant::now() > deadline {
+            break (oauth, doctor);
+        }
+    };
     let (code, out, err) = oauth;
     let status: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
     assert_eq!((code, &status["configured"]), (Some(1), &json!(false)), "the job's folder was read: {out}{err}");
@@ -2030,7 +2036,9 @@ fn oauth_status(claude_dir: &std::path::Path, data_dir: &std::path::Path, token:
 #[test]
 fn oauth_status_shows_the_status_files_words_without_their_control_sequences() {
     let kind = "five_hour\u{9b}2J\u{9d}0;owned\u{9c}\u{7f}";
-    let shown = oauth_status_with_usage("oauth-words", json!({"status": "rejected", "kind": kind, "resets_at": 4_000_000_000_000u64, "seen_at": 1_000}));
+    // Seen now: a window still used up, which the agent takes over as it starts.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let shown = oauth_status_with_usage("oauth-words", json!({"status": "rejected", "kind": kind, "resets_at": 4_000_000_000_000u64, "seen_at": now}));
     assert!(!shown.chars().any(|c| c.is_control() && c != '\n'), "{shown:?}");
     let read: serde_json::Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(read["usage"]["type"], kind, "{shown}");
@@ -2057,25 +2065,41 @@ fn oauth_status_with_usage(name: &str, usage: serde_json::Value) -> String {
     shown_with_usage("oauth-status", name, usage)
 }
 
-/// What `claude-runner <command>` prints while a running agent's status file (written here,
-/// as a job could) holds `usage` as its login's usage window.
+/// What `claude-runner <command>` prints while a running agent's status file holds `usage`
+/// as its login's usage window: written here first, as a job could (the agent's user can),
+/// then taken over by the agent as it starts (read back) and kept in its own — a file the
+/// command takes as a live agent's only when the agent is (`status::live_agent`: this
+/// program, holding DATA_DIR's locks; a planted file naming a look-alike is not).
 fn shown_with_usage(command: &str, name: &str, usage: serde_json::Value) -> String {
     let dir = TempDir::new(name);
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
-    // A process the status file can name as its agent: `claude-runner … agent` by its
-    // command line, where nobody holds DATA_DIR's lock (an agent of a release before the
-    // lock, as `agent --drain` takes it): its subcommand `agent` (tail follows /dev/null
-    // whatever the missing "agent" file).
-    let mut agent = {
-        use std::os::unix::process::CommandExt;
-        Command::new("tail").arg0("claude-runner").args(["agent", "-f", "/dev/null"]).stderr(std::process::Stdio::null()).spawn().unwrap()
-    };
     let login = json!({"source": "none", "expires_at": null, "refreshable": false, "refresh_expires_at": null,
         "subscription_type": null, "auth_failed": false, "problem": null, "reported_at": 0, "usage": usage});
-    let status = json!({"agent_id": "spark", "edge": "", "pid": agent.id(), "connected": true, "since": "", "last_error": null,
+    let planted = json!({"agent_id": "spark", "edge": "", "pid": 0, "connected": false, "since": "", "last_error": null,
         "running": [], "updated_at": "", "login": login});
-    std::fs::write(data.join("status.json"), status.to_string()).unwrap();
+    std::fs::write(data.join("status.json"), planted.to_string()).unwrap();
+    // An agent of the folder, its edge away (nothing listens on port 9 here: it retries).
+    let keys = Keys::new(&["spark"]);
+    let opts = AgentOpts {
+        id: "spark",
+        key: keys.agent("spark").clone(),
+        edge_public: shared::keys::encode_verifying(&keys.edge.verifying_key()),
+        edge_ws: "ws://127.0.0.1:9".into(),
+        claude_bin: bin("claude-standin"),
+        extra_env: Vec::new(),
+        wrapper: Vec::new(),
+    };
+    let mut agent = AgentProc::start(opts.env("DATA_DIR", data.to_str().unwrap()));
+    let taken_over = || {
+        let status: serde_json::Value = std::fs::read(data.join("status.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        status["pid"] != 0 && status["login"]["usage"].is_object()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !taken_over() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(taken_over(), "the agent did not take the usage window over into its status file: {}", agent.log());
     let out = Command::new(bin("claude-runner"))
         .arg(command)
         .env_remove("EDGE_URL")
@@ -2087,8 +2111,7 @@ fn shown_with_usage(command: &str, name: &str, usage: serde_json::Value) -> Stri
         .env("CLAUDE_CODE_OAUTH_TOKEN", "sk-ant-oat01-test-token-not-real-0123456789")
         .output()
         .unwrap();
-    let _ = agent.kill();
-    let _ = agent.wait();
+    agent.kill();
     String::from_utf8(out.stdout).unwrap()
 }
 
