@@ -47,9 +47,9 @@ pub fn admits(job: usize, all: usize, bytes: usize) -> bool {
 }
 
 /// The `type` of the event the agent puts in a job's progress where events were dropped
-/// ([`Dropped`]): `{"type":"progress_dropped","events":N}`, numbered as the last event it
-/// stands for, so a follower's ids skip the others.
-pub const DROPPED_TYPE: &str = "progress_dropped";
+/// ([`Dropped`], [`shared::protocol::progress_dropped`]), as the edge does for a batch it
+/// cannot show.
+pub const DROPPED_TYPE: &str = shared::protocol::PROGRESS_DROPPED_TYPE;
 
 /// The events of a job dropped since the last that went: what the marker will say. And
 /// how the job's events are numbered on the way out, so that a marker is never numbered
@@ -94,7 +94,7 @@ impl Dropped {
             self.last_seq = self.arrived + 1;
             self.shift += 1;
         }
-        Some(ProgressEvent { seq: self.last_seq, event: serde_json::json!({"type": DROPPED_TYPE, "events": self.events}) })
+        Some(ProgressEvent { seq: self.last_seq, event: shared::protocol::progress_dropped(self.events) })
     }
 
     /// Whether a marker waits to be sent.

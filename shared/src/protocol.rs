@@ -472,6 +472,17 @@ pub struct ProgressEvent {
     pub event: serde_json::Value,
 }
 
+/// The `type` of the event that stands, in a job's progress, for events dropped on the way
+/// ([`progress_dropped`]): by the agent (its link slower than the job prints), or by the
+/// edge (a batch of the agent's it could not show).
+pub const PROGRESS_DROPPED_TYPE: &str = "progress_dropped";
+
+/// That event, `{"type":"progress_dropped","events":N}`: numbered as the last event it
+/// stands for, so a follower's ids skip the others.
+pub fn progress_dropped(events: u64) -> serde_json::Value {
+    serde_json::json!({"type": PROGRESS_DROPPED_TYPE, "events": events})
+}
+
 /// Most events in one progress batch.
 pub const MAX_PROGRESS_EVENTS: usize = 64;
 

@@ -800,11 +800,25 @@ impl Edge {
                     warn!(agent_id = %agent_id, session = session_id, bytes, limit, "a progress batch over the size limit refused unread");
                     return;
                 }
-                let Some(report) = self.open_report::<ProgressReport>(session_id, &agent_id, &envelope, Domain::Progress) else { return };
+                let report = match self.read_report::<ProgressReport>(session_id, &agent_id, &envelope, Domain::Progress) {
+                    Ok(report) => report,
+                    Err(Unread::Malformed) => {
+                        // The agent's own MAC over what reads as no batch: what can still be
+                        // read of it is whose events were lost.
+                        if let Ok(unread) = serde_json::from_str::<UnreadBatch>(&envelope.payload) {
+                            let last_seq = unread.events.iter().filter_map(|e| e.get("seq").and_then(serde_json::Value::as_u64)).max();
+                            self.progress_lost(&agent_id, &unread.job_id, &unread.order_nonce, unread.events.len(), last_seq, effects);
+                        }
+                        return;
+                    }
+                    Err(Unread::Refused) => return,
+                };
                 if let Err(fault) = report.check() {
                     // The agent's own MAC over a batch it never makes: its bug, or its key
-                    // misused; nothing of it is shown.
-                    warn!(job_id = shown_job_id(&report.job_id), agent_id = %agent_id, session = session_id, error = %fault, "a progress batch refused");
+                    // misused; none of its events is shown, and their loss is.
+                    warn!(job_id = shown_job_id(&report.job_id), agent_id = %agent_id, session = session_id, error = %fault, "a progress batch refused: its events are told to followers as dropped");
+                    let last_seq = report.events.iter().map(|e| e.seq).max();
+                    self.progress_lost(&agent_id, &report.job_id, &report.order_nonce, report.events.len(), last_seq, effects);
                     return;
                 }
                 let ProgressReport { job_id, order_nonce, events } = report;
@@ -883,21 +897,42 @@ impl Edge {
     /// connection or sent back from the edge's own frames. The connection stays: whoever
     /// forged it is on the path, not the agent, and the agent's own reports still count.
     fn open_report<T: serde::de::DeserializeOwned>(&mut self, session_id: &str, agent_id: &str, envelope: &Tagged, domain: Domain) -> Option<T> {
+        self.read_report(session_id, agent_id, envelope, domain).ok()
+    }
+
+    /// [`Edge::open_report`], saying why a report was not read.
+    fn read_report<T: serde::de::DeserializeOwned>(&mut self, session_id: &str, agent_id: &str, envelope: &Tagged, domain: Domain) -> Result<T, Unread> {
         let key = &self.sessions[session_id].agent().expect("ready session").keys.agent_to_edge;
         match envelope.open::<T>(domain, key) {
-            Ok(report) => Some(report),
+            Ok(report) => Ok(report),
             // The agent's own MAC over something it should not have sent: its bug, not a
             // forgery.
             Err(EnvelopeError::MalformedPayload(why)) => {
-                warn!(agent_id = %agent_id, session = session_id, kind = ?domain, error = %why, "a report the agent MACed does not read; ignored");
-                None
+                warn!(agent_id = %agent_id, session = session_id, kind = ?domain, error = %why, "a report the agent MACed does not read; ignored (a progress batch's events are told to followers as dropped)");
+                Err(Unread::Malformed)
             }
             Err(e) => {
                 self.stats_mut().refused_reports += 1;
                 warn!(agent_id = %agent_id, session = session_id, kind = ?domain, error = %e, "a report not MACed by the agent on this connection refused (forged, altered on the way, or replayed from another connection)");
-                None
+                Err(Unread::Refused)
             }
         }
+    }
+
+    /// `events` of a progress batch the agent MACed for `job_id`'s order `order_nonce` that
+    /// the edge cannot show (no batch the agent makes, or no batch at all): lost, and told
+    /// as the agent tells its own drops — one [`protocol::progress_dropped`] event for the
+    /// job, numbered as the last of them (`last_seq`: the agent numbers on past it, so its
+    /// next events still go through), shown and kept as any event is. A batch for no
+    /// running order of this agent's, or with no number to give the marker, is only logged.
+    fn progress_lost(&mut self, agent_id: &str, job_id: &str, order_nonce: &str, events: usize, last_seq: Option<u64>, effects: &mut Vec<Effect>) {
+        let Some(attempt) = self.own_active_job(job_id, agent_id).and_then(|j| j.attempt_of(order_nonce)) else {
+            debug!(job_id = shown_job_id(job_id), agent_id = %agent_id, events, "an unreadable progress batch for no running order of this agent's ignored");
+            return;
+        };
+        let Some(seq) = last_seq.filter(|_| events > 0) else { return };
+        debug!(job_id = %job_id, agent_id = %agent_id, events, seq, "progress events of the agent's that cannot be shown told to followers as dropped");
+        self.announce_progress(job_id, (attempt, seq), &protocol::progress_dropped(events as u64), effects);
     }
 
     /// A result the agent MACed on this connection: the agent is there — it may have taken
@@ -1000,6 +1035,24 @@ fn settles(job: &Job, instance: &str, held: &BTreeSet<&str>) -> bool {
         Some(i) if i == instance => true,
         Some(i) => i == session::instance_key(None) && held.contains(job.id.as_str()),
     }
+}
+
+/// Why a MACed report of the agent's was not read ([`Edge::read_report`]).
+enum Unread {
+    /// Not MACed by the agent on this connection: nothing in it is the agent's word.
+    Refused,
+    /// MACed by the agent, but not the report it should be.
+    Malformed,
+}
+
+/// What the edge can still read of a progress payload the agent MACed that is no
+/// [`ProgressReport`]: whose events they were, how many, and their numbers where they read.
+#[derive(serde::Deserialize)]
+struct UnreadBatch {
+    job_id: String,
+    order_nonce: String,
+    #[serde(default)]
+    events: Vec<serde_json::Value>,
 }
 
 /// What an agent said of the jobs it holds, for [`Edge::reconcile`]: its hello (naming every
