@@ -63,9 +63,10 @@ pub struct Job {
     /// Its agent accepted it (`Accepted`) but has not said it started ([`shared::protocol::StartReport`]):
     /// its Claude has not got the prompt, so if the agent's hello (or beat) no longer
     /// names it — the agent restarted before its start — it is sent again, not ended
-    /// `lost`. Set only by the agent's acceptance and cleared by its MACed `Started`:
-    /// absent (an edge of before stored the job, or a hello took it over), the job may
-    /// have started, and is ended `lost` as before.
+    /// `lost`. Set by the agent's acceptance, or by its hello or beat naming the job while
+    /// the edge had it dispatched (no `Started` heard, which would have made it running),
+    /// and cleared by its MACed `Started`: absent (an edge of before stored the job), the
+    /// job may have started, and is ended `lost` as before.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unstarted: bool,
     /// The agent instance it was sent to, or that took it over

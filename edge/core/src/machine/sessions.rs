@@ -557,10 +557,11 @@ impl Edge {
     /// - a job it holds is its, on this connection (taken over after a reconnect, with
     ///   the caller's cancel sent again if there was one);
     /// - a job it should hold but does not: if it never started it is sent again (or
-    ///   ended, see [`Edge::send_again`]) — never received, or accepted and not said
-    ///   started ([`Job::unstarted`]: the agent names every job it has a durable started
-    ///   record of, made before its Claude gets the prompt); if it may have run (the agent
-    ///   said `Started`, or the edge cannot tell), it is lost — the agent restarted.
+    ///   ended, see [`Edge::send_again`]) — never received, or accepted (or named by the
+    ///   agent while the edge had it dispatched) and not said started ([`Job::unstarted`]:
+    ///   the agent names every job it has a durable started record of, made before its
+    ///   Claude gets the prompt); if it may have run (the agent said `Started`, or the edge
+    ///   cannot tell), it is lost — the agent restarted.
     ///
     /// At a hello every job of the agent's is accounted for (the hello is made after its
     /// earlier connection ended) — unless it could not name every result it holds
@@ -600,6 +601,12 @@ impl Edge {
                 if job.state == JobState::Dispatched {
                     job.state = JobState::Running;
                     job.started_at = Some(now.at);
+                    // Named, but never said started (its `Started` would have made it
+                    // running): as after an `Accepted`, it may not have started, and a
+                    // later hello that leaves it out sends it again. Ending it `lost` there
+                    // lost a job that never ran — its `Accepted` lost with a connection,
+                    // the agent restarted before the start (found by the model).
+                    job.unstarted = true;
                 }
                 effects.push(Effect::Save(Box::new(job.clone())));
                 if resend_cancel {
