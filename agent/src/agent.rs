@@ -18,10 +18,11 @@ use shared::contract::ErrorCode;
 use shared::envelope::{check_order, Audience, Domain, Envelope, OrderHeader, Refusal, Tagged};
 use shared::job::JobResult;
 use shared::oauth::OAuthReport;
-use shared::protocol::{AgentMessage, Beat, CancelOrder, JobOrder, LoginOrder, ResultReport, Slots};
+use shared::protocol::{AgentMessage, Beat, CancelOrder, JobOrder, LoginOrder, ResultReport, Slots, MAX_UNPROVEN_FRAMES};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
@@ -88,6 +89,12 @@ pub struct Agent {
     /// Whose each Claude session is.
     sessions: Arc<Sessions>,
     running: Mutex<Running>,
+    /// Frames of the current connection a real edge never sends: orders refused naming no
+    /// order (a signature that fails, a copy of an order, one of another connection),
+    /// frames that do not read, acknowledgements not MACed on the connection. Counted apart
+    /// from `running`, whose lock `on_job` holds while it refuses; the connection ends at
+    /// [`MAX_UNPROVEN_FRAMES`].
+    unproven: AtomicU32,
     /// `DATA_DIR/workspaces`, symlinks resolved.
     workspaces: Arc<std::path::PathBuf>,
     /// The lock on `DATA_DIR/agent.lock`, held while the agent lives.
@@ -236,6 +243,7 @@ impl Agent {
             repos: Arc::new(repos),
             sessions: Arc::new(sessions),
             running: Mutex::new(Running::default()),
+            unproven: AtomicU32::new(0),
             workspaces: Arc::new(workspaces),
             _data_lock: data_lock,
             _folder_lock: folder_lock,
@@ -313,6 +321,19 @@ impl Agent {
         running.received = 0;
         running.challenge = challenge.to_string();
         running.beats = 0;
+        self.unproven.store(0, SeqCst);
+    }
+
+    /// A frame of this connection that a real edge never sends and that the agent did not
+    /// refuse by itself (one that does not read): counted with the refused ones.
+    pub fn unreadable_frame(&self) {
+        self.unproven.fetch_add(1, SeqCst);
+    }
+
+    /// How many frames a real edge never sends came on this connection, when that is
+    /// [`MAX_UNPROVEN_FRAMES`] or more: the connection is to end.
+    pub fn too_many_unproven(&self) -> Option<u32> {
+        Some(self.unproven.load(SeqCst)).filter(|&n| n >= MAX_UNPROVEN_FRAMES)
     }
 
     /// The mirror names for a hello, remembered as what the edge knows.
@@ -389,6 +410,9 @@ impl Agent {
         match named {
             Some(header) => self.reject(header, &refusal.to_string(), false),
             None => {
+                // One a real edge may have sent (an expired cancel, on a clock that is off)
+                // counts as well: it is refused all the same, and a reconnect costs nothing.
+                self.unproven.fetch_add(1, SeqCst);
                 let _ = self.uplink.send(AgentMessage::OrderRefused { reason: refusal.to_string() });
             }
         }
@@ -618,7 +642,11 @@ impl Agent {
             Ok(ack) if ack.agent_id == self.cfg.agent_id && ack.not_taken => self.not_taken(&ack.job_id, crate::now_ms()),
             Ok(ack) if ack.agent_id == self.cfg.agent_id => self.spool.remove(&ack.job_id),
             Ok(_) => warn!(agent_id = %self.cfg.agent_id, "an acknowledgement for another agent ignored"),
-            Err(e) => warn!(agent_id = %self.cfg.agent_id, error = %e, "an acknowledgement not MACed by the edge on this connection ignored; its result stays"),
+            Err(e) => {
+                // Not the edge's on this connection: made up or copied on the path.
+                self.unproven.fetch_add(1, SeqCst);
+                warn!(agent_id = %self.cfg.agent_id, error = %e, "an acknowledgement not MACed by the edge on this connection ignored; its result stays");
+            }
         }
     }
 

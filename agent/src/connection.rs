@@ -639,11 +639,15 @@ async fn session(
 
     let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     let mut last_heard = Instant::now();
+    let mut reads_in_a_row = 0;
     loop {
         let silent_at = last_heard + for_bytes(2 * heartbeat, unanswered.bytes());
         // Biased: a stop is seen first; then a frame that came in during a long write is
         // read before the silence timer is looked at, so a healthy edge is never taken for
-        // a silent one.
+        // a silent one. But never more than MAX_READS_IN_A_ROW frames before the rest has
+        // its turn: under a steady stream of frames (anyone who can write into the
+        // connection can make one) the uplink was never written — no heartbeat, no result
+        // — and the edge dropped the agent as silent while it read (rev21, 1).
         tokio::select! {
             biased;
             _ = shutdown.changed() => {
@@ -660,7 +664,8 @@ async fn session(
                 let _ = timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
                 return End::Shutdown;
             }
-            frame = ws.next() => {
+            frame = ws.next(), if reads_in_a_row < MAX_READS_IN_A_ROW => {
+                reads_in_a_row += 1;
                 // Heard; but only the ack of a beat says how much of what was written it
                 // has read (a job order or a result's ack may cross megabytes in a hop).
                 last_heard = Instant::now();
@@ -679,7 +684,10 @@ async fn session(
                                 return end;
                             }
                         }
-                        Err(e) => warn!(agent_id = %cfg.agent_id, error = %peer_words(&e), "unreadable frame from the edge ignored"),
+                        Err(e) => {
+                            agent.unreadable_frame();
+                            warn!(agent_id = %cfg.agent_id, error = %peer_words(&e), "unreadable frame from the edge ignored");
+                        }
                     },
                     Some(Ok(Message::Close(frame))) => {
                         // Only on an established connection: an edge still stopping closes
@@ -694,9 +702,13 @@ async fn session(
                     Some(Err(e)) => return End::Lost(format!("connection error: {e}")),
                     None => return End::Lost("the edge closed the connection".into()),
                 }
+                if let Some(count) = agent.too_many_unproven() {
+                    return hang_up(&mut ws, count).await;
+                }
             }
             // The agent's own words first, then the jobs' progress ([`crate::uplink`]).
             Some(msg) = uplink.next() => {
+                reads_in_a_row = 0;
                 // Results are kept and go out again after the reconnect.
                 let beat = match send_queued(&mut ws, msg, uplink, limit, &mut unanswered).await {
                     Ok(beat) => beat,
@@ -709,7 +721,12 @@ async fn session(
             // Queued behind what the agent said before it, so the edge reads the agent's
             // states in order. A change of the login or the usage window queues a beat of
             // its own as it happens (`Reporter::tell_with`).
-            _ = ticker.tick() => agent.heartbeat(),
+            _ = ticker.tick() => {
+                reads_in_a_row = 0;
+                agent.heartbeat();
+            }
+            // Reads had their turn and nothing else was due: read on.
+            _ = std::future::ready(()), if reads_in_a_row >= MAX_READS_IN_A_ROW => reads_in_a_row = 0,
             _ = tokio::time::sleep_until(silent_at) => {
                 let bytes = unanswered.bytes();
                 let waited = for_bytes(2 * heartbeat, bytes).as_millis();
@@ -717,6 +734,22 @@ async fn session(
             }
         }
     }
+}
+
+/// How many frames the work loop reads in a row at most before the uplink, the heartbeat
+/// and the silence timer have their turn (a real edge sends a few at a time: orders up to
+/// the agent's free slots, acks).
+const MAX_READS_IN_A_ROW: u32 = 32;
+
+/// Ends a connection on which `count` frames came that a real edge never sends
+/// ([`protocol::MAX_UNPROVEN_FRAMES`]): something on the path writes into it. The
+/// close says why (the edge logs it), as does the log, once; the agent dials again, with
+/// the backoff of a connection lost (it grows while such connections end at once).
+async fn hang_up(ws: &mut Socket, count: u32) -> End {
+    let reason = format!("{count} frames no edge sends (failed signatures, copies of orders, unreadable): hanging up to dial again");
+    let frame = CloseFrame { code: CloseCode::from(close::PROTOCOL_ERROR), reason: close::reason(&reason).into() };
+    let _ = timeout(HANDSHAKE_TIMEOUT, ws.close(Some(frame))).await;
+    End::Lost(format!("{reason}; something on the path to the edge writes into the connection (a TLS-terminating proxy, or plain ws://?)"))
 }
 
 /// Handles one message from the edge. Returns how the connection ends, if it does.

@@ -5,7 +5,10 @@
 //! - what the agent says of its jobs, slots and login — acceptances, refusals, results,
 //!   statements of its slots, heartbeats, login reports —, made and queued in the order it
 //!   happened (see [`crate::agent`]), small, and bounded by what the agent does (a result
-//!   per job, a beat per interval);
+//!   per job, a beat per interval) — not by what comes in: a refusal of a frame a real
+//!   edge never sends is queued for at most [`shared::protocol::MAX_UNPROVEN_FRAMES`] of a
+//!   connection's, then the agent hangs up (a flood of such frames had this queue grow
+//!   by a refusal each, without bound);
 //! - each job's progress, as much as Claude prints, on a queue of its own. Each job's
 //!   frames count against its budget from when they are queued until the connection has
 //!   written them ([`agent_core::progress::admits`]: a job's, and all jobs' together); a

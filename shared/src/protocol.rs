@@ -147,6 +147,14 @@ pub const DEFAULT_TIMEOUT_MARGIN_MS: crate::Millis = 30_000;
 /// hello lists the agent's running and unacknowledged jobs: this holds about 1,900.
 pub const MAX_HELLO_BYTES: usize = 64 * 1024;
 
+/// How many frames a real edge never sends the agent takes on a connection before it hangs
+/// up and dials again (orders that fail their signature or are copies, frames that do not
+/// read, acknowledgements not MACed on the connection). Whoever can write into the
+/// connection (a hop that ends TLS, plain ws://) can write such frames as fast as the link
+/// carries them, no key needed: each cost a log line and a queued refusal, without bound
+/// (hostile review rev21, 1). A few are kept for the operator to see why.
+pub const MAX_UNPROVEN_FRAMES: u32 = 8;
+
 /// How long either side waits for each step of the handshake (challenge, hello,
 /// welcome) before giving the connection up.
 pub const HANDSHAKE_TIMEOUT_MS: crate::Millis = 10_000;

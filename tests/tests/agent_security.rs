@@ -1191,3 +1191,65 @@ async fn a_claude_that_names_another_session_has_its_session_not_recorded() {
     let refused = edge.result_of(&mut ws, order("a-2", Some(&session), "which word?")).await;
     assert_eq!(refused.error_code, Some(ErrorCode::InvalidRequest), "{refused:?}");
 }
+
+/// Anyone who can write into the agent's connection after the welcome (a hop that ends
+/// TLS, plain ws:// with ALLOW_INSECURE_EDGE) writes job frames no one signed, as fast as
+/// it can. Each used to cost the agent a log line and a queued refusal, and its reads went
+/// first so nothing it queued was written: its memory and log grew without bound and its
+/// heartbeats stopped, so the edge dropped it as silent while it believed it was
+/// connected (hostile review rev21, 1). A real edge never sends such a frame: after a few
+/// the agent hangs up, saying so, and dials again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unsigned_orders_ends_the_connection_and_the_agent_dials_again() {
+    const FRAMES: usize = 50_000;
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let (ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    let (mut sink, mut stream) = ws.split();
+    let frame = r#"{"type":"job","envelope":{"payload":"","sig":""}}"#;
+    // Written non-stop, whatever the agent does meanwhile; stops once the agent has gone.
+    let writer = tokio::spawn(async move {
+        let mut written = 0;
+        while written < FRAMES {
+            if sink.feed(Message::Text(frame.into())).await.is_err() {
+                break;
+            }
+            written += 1;
+            if written % 256 == 0 && sink.flush().await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.flush().await;
+        written
+    });
+    // Everything the agent sends until it ends the connection.
+    let (mut refused, mut closed) = (0, None);
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(60), stream.next()).await;
+        match frame {
+            Err(_) => panic!("the agent neither closed the connection nor ended it within 60 s ({refused} refusals)\n{}", shared::text::truncate(&agent.log(), 20_000)),
+            Ok(Some(Ok(Message::Text(text)))) => {
+                if let Ok(AgentMessage::OrderRefused { .. }) = serde_json::from_str::<AgentMessage>(&text) {
+                    refused += 1;
+                }
+            }
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                closed = frame.map(|f| f.reason.to_string());
+                break;
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(_)) | None) => break,
+        }
+    }
+    let written = writer.await.unwrap();
+    assert!(refused < 100, "{refused} refusals sent for {written} frames");
+    let why = closed.expect("the agent closes with a reason");
+    assert!(why.contains("signature"), "{why}");
+    // It dials again (a new connection, a new challenge), and its log says it once.
+    let (_ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some(), "{}", agent.log());
+    let log = agent.log();
+    assert!(log.lines().filter(|l| l.contains("order refused")).count() < 100, "{}", shared::text::truncate(&log, 20_000));
+    assert_eq!(log.matches("hanging up").count(), 1, "{}", shared::text::truncate(&log, 20_000));
+}
