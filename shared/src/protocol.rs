@@ -147,12 +147,14 @@ pub const DEFAULT_TIMEOUT_MARGIN_MS: crate::Millis = 30_000;
 /// hello lists the agent's running and unacknowledged jobs: this holds about 1,900.
 pub const MAX_HELLO_BYTES: usize = 64 * 1024;
 
-/// How many frames a real edge never sends the agent takes on a connection before it hangs
-/// up and dials again (orders that fail their signature or are copies, frames that do not
-/// read, acknowledgements not MACed on the connection). Whoever can write into the
-/// connection (a hop that ends TLS, plain ws://) can write such frames as fast as the link
-/// carries them, no key needed: each cost a log line and a queued refusal, without bound
-/// (hostile review rev21, 1). A few are kept for the operator to see why.
+/// How many frames a real peer never sends one side takes on a connection before it acts:
+/// the agent hangs up and dials again (orders that fail their signature or are copies,
+/// frames that do not read, acknowledgements not MACed on the connection); the edge logs
+/// that many of the agent's (reports not MACed on the connection, refusals that name no
+/// order), then only counts them. Whoever can write into the connection (a hop that ends
+/// TLS, plain ws://) can write such frames as fast as the link carries them, no key
+/// needed: each cost a log line at both ends and a queued refusal at the agent, without
+/// bound (hostile review rev21, 1). A few are kept for the operator to see why.
 pub const MAX_UNPROVEN_FRAMES: u32 = 8;
 
 /// How long either side waits for each step of the handshake (challenge, hello,
@@ -280,7 +282,8 @@ pub enum AgentMessage {
     /// An order refused that the agent cannot tie to a job of the edge's: it did not
     /// verify (garbage, a forgery, tampered on the way), it was a replay, or it was a
     /// cancel or login order (refusing those changes no job). Not signed: the edge only
-    /// counts and logs it — it names nothing the edge could act on.
+    /// counts and logs it — it names nothing the edge could act on (and past
+    /// [`MAX_UNPROVEN_FRAMES`] of a connection's, only counts it).
     OrderRefused { reason: String },
     /// Progress events of a running job, in a batch: a MACed [`ProgressReport`].
     Event { envelope: Tagged },

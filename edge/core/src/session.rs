@@ -108,6 +108,11 @@ pub struct Agent {
     /// a Worker's hibernation each may count once more.
     #[serde(skip)]
     pub results_heard: std::collections::BTreeSet<String>,
+    /// How many frames no agent sends came on this connection (reports not MACed on it,
+    /// refusals that name no order): past [`shared::protocol::MAX_UNPROVEN_FRAMES`] they
+    /// are counted, not logged. Not kept: after a Worker's hibernation a few more are logged.
+    #[serde(skip)]
+    pub unproven: u32,
 }
 
 /// An agent instance as told apart at the edge: `""` for an agent that names none (no
@@ -571,6 +576,7 @@ mod tests {
                 login: Some(login.clone()),
                 instance: Some(shared::ids::instance_id([7; shared::ids::INSTANCE_ID_BYTES])),
                 results_heard: Default::default(),
+                unproven: 0,
             }),
         };
         let [cut, without_url, without_version] = <[Session; 3]>::try_from(session.shorter_forms()).unwrap();
@@ -628,6 +634,7 @@ mod tests {
             login: None,
             instance: None,
             results_heard: Default::default(),
+            unproven: 0,
         });
         assert_eq!(session.fitted(within(size(&session))), Some(session.clone()), "whole when it fits");
         let mut bare = session.clone();

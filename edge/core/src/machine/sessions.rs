@@ -458,6 +458,7 @@ impl Edge {
             login: None,
             instance: hello.instance.clone(),
             results_heard: Default::default(),
+            unproven: 0,
         });
         session.agent_mut().expect("just made ready").report(hello.oauth.clone(), now);
         let hold = session.agent().and_then(|a| a.usage_hold_until);
@@ -750,7 +751,9 @@ impl Edge {
                 let StartReport { job_id: id, order_nonce } = report;
                 let latest = self.own_active_job(&id, &agent_id).is_some_and(|j| j.attempt_of(&order_nonce) == Some(j.attempts));
                 if !latest {
-                    warn!(job_id = shown_job_id(&id), agent_id = %agent_id, "a start of an order that is not its job's latest ignored (replayed, or the job moved on)");
+                    if self.unproven_logged(session_id, &agent_id) {
+                        warn!(job_id = shown_job_id(&id), agent_id = %agent_id, "a start of an order that is not its job's latest ignored (replayed, or the job moved on)");
+                    }
                     return;
                 }
                 let job = self.job_mut(&id).expect("active jobs exist");
@@ -771,15 +774,18 @@ impl Edge {
                 let Some(refusal) = self.open_report::<Rejection>(session_id, &agent_id, &envelope, Domain::Rejection) else { return };
                 let Rejection { job_id: id, order_nonce, reason, retry } = refusal;
                 self.stats_mut().rejected_orders += 1;
-                warn!(job_id = shown_job_id(&id), agent_id = %agent_id, reason = ?reason, retry, "agent refused an order");
                 // Running too: nothing the agent sends makes a job running between its
                 // refusal of the latest order and that order, but an `Accepted` made up on
                 // the path could (see `shared::protocol`, "Signed or not").
                 let latest = self.own_active_job(&id, &agent_id).is_some_and(|j| j.attempt_of(&order_nonce) == Some(j.attempts));
                 if !latest {
-                    warn!(job_id = shown_job_id(&id), agent_id = %agent_id, "a refusal of an order that is not its job's latest ignored (replayed, or the job moved on)");
+                    // The path can play the agent's own refusal back as often as it likes.
+                    if self.unproven_logged(session_id, &agent_id) {
+                        warn!(job_id = shown_job_id(&id), agent_id = %agent_id, reason = ?reason, retry, "a refusal of an order that is not its job's latest ignored (replayed, or the job moved on)");
+                    }
                     return;
                 }
+                warn!(job_id = shown_job_id(&id), agent_id = %agent_id, reason = ?reason, retry, "agent refused an order");
                 if retry {
                     self.send_again(now, &id, effects);
                     self.dispatch(now, effects);
@@ -797,7 +803,9 @@ impl Edge {
             AgentMessage::OrderRefused { reason } => {
                 // Names no job: counted and logged, nothing else (anyone on the path could send it).
                 self.stats_mut().rejected_orders += 1;
-                warn!(agent_id = %agent_id, reason = ?shared::text::peer_words(&reason), "agent refused an order it could not tie to a job");
+                if self.unproven_logged(session_id, &agent_id) {
+                    warn!(agent_id = %agent_id, reason = ?shared::text::peer_words(&reason), "agent refused an order it could not tie to a job");
+                }
             }
             AgentMessage::Event { envelope } => {
                 // A batch of events under one MAC (protocol 8, MACed since 9): bounded before
@@ -920,7 +928,9 @@ impl Edge {
             }
             Err(e) => {
                 self.stats_mut().refused_reports += 1;
-                warn!(agent_id = %agent_id, session = session_id, kind = ?domain, error = %e, "a report not MACed by the agent on this connection refused (forged, altered on the way, or replayed from another connection)");
+                if self.unproven_logged(session_id, agent_id) {
+                    warn!(agent_id = %agent_id, session = session_id, kind = ?domain, error = %e, "a report not MACed by the agent on this connection refused (forged, altered on the way, or replayed from another connection)");
+                }
                 Err(Unread::Refused)
             }
         }
@@ -940,6 +950,24 @@ impl Edge {
         let Some(seq) = last_seq.filter(|_| events > 0) else { return };
         debug!(job_id = %job_id, agent_id = %agent_id, events, seq, "progress events of the agent's that cannot be shown told to followers as dropped");
         self.announce_progress(job_id, (attempt, seq), &protocol::progress_dropped(events as u64), effects);
+    }
+
+    /// Whether a frame no agent sends (one not MACed on its connection, a refusal naming no
+    /// order, one of the agent's own played back), on a ready session, is logged: the first
+    /// [`shared::protocol::MAX_UNPROVEN_FRAMES`] of its connection are; the one after them
+    /// says the rest are only counted (the metrics count each). Whoever can write into the
+    /// connection writes them as fast as the link carries them (rev21, 1).
+    fn unproven_logged(&mut self, session_id: &str, agent_id: &str) -> bool {
+        // Not journaled: a count for the log, whatever else is undone.
+        let Some(agent) = self.sessions.get_mut(session_id).and_then(|s| s.agent_mut()) else { return true };
+        agent.unproven = agent.unproven.saturating_add(1);
+        if agent.unproven == shared::protocol::MAX_UNPROVEN_FRAMES + 1 {
+            warn!(
+                agent_id = %agent_id, session = session_id, logged = shared::protocol::MAX_UNPROVEN_FRAMES,
+                "more frames no agent sends on this connection (something on the path writes into it?): only counted from now on (claude_runner_reports_refused_total, claude_runner_orders_rejected_total)"
+            );
+        }
+        agent.unproven <= shared::protocol::MAX_UNPROVEN_FRAMES
     }
 
     /// A result the agent MACed on this connection: the agent is there — it may have taken
@@ -1017,7 +1045,9 @@ impl Edge {
             session.last_seen = now.at;
             return Some(beat);
         };
-        warn!(agent_id = %agent_id, session = session_id, seq = beat.seq, why, "a heartbeat refused");
+        if self.unproven_logged(session_id, agent_id) {
+            warn!(agent_id = %agent_id, session = session_id, seq = beat.seq, why, "a heartbeat refused");
+        }
         None
     }
 

@@ -1031,3 +1031,28 @@ fn jobs_the_edge_never_heard_of_are_cancelled_a_few_per_beat_in_turn() {
     }
     assert_eq!(told.len(), ids.len(), "every one told within {beats} beats");
 }
+
+/// Whoever can write into an agent's connection (a hop that ends TLS) writes frames no
+/// agent sends — reports not MACed on the connection, refusals that name no order — as
+/// fast as the link carries them: each used to write a line to the edge's log (rev21, 1).
+/// A few per connection are logged, then one line says the rest are only counted (the
+/// metrics count every one), and the agent's own reports still count.
+#[test]
+fn a_flood_of_frames_no_agent_sends_logs_a_few_lines_per_connection() {
+    let mut edge = Edge::new(config(), 0);
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let logs = super::logs::capture();
+    let forged = AgentMessage::result("j", "j:1", ok_result(), &forged_link(9));
+    for _ in 0..1_000 {
+        say(&mut edge, 1, &sid, AgentMessage::OrderRefused { reason: "x".into() });
+        say(&mut edge, 1, &sid, forged.clone());
+    }
+    assert_eq!((edge.stats().rejected_orders, edge.stats().refused_reports), (1_000, 1_000), "all counted");
+    let lines = logs.lines();
+    let about = |what: &str| lines.iter().filter(|l| l.contains(what)).count();
+    let logged = about("could not tie to a job") + about("not MACed by the agent on this connection");
+    assert_eq!(logged, shared::protocol::MAX_UNPROVEN_FRAMES as usize, "{lines:#?}");
+    assert_eq!(about("only counted"), 1, "{lines:#?}");
+    // The connection's own reports still count: its heartbeat is taken and answered.
+    assert!(!pulse(&mut edge, 2, &sid, beat(&[], 1, 1)).is_empty());
+}
