@@ -452,8 +452,20 @@ impl Agent {
         true
     }
 
-    fn verify<T: serde::de::DeserializeOwned + shared::envelope::HasHeader>(&self, envelope: &Envelope, domain: Domain) -> Option<T> {
+    /// A verified order taken on its own connection only (`bind`, with the connection's
+    /// challenge), for this agent and pool, fresh and new; refused otherwise.
+    fn verify<T: serde::de::DeserializeOwned + shared::envelope::HasHeader>(
+        &self,
+        envelope: &Envelope,
+        domain: Domain,
+        bind: impl FnOnce(&T, &str) -> Result<(), Refusal>,
+    ) -> Option<T> {
         let order: T = self.open(envelope, domain)?;
+        let bound = bind(&order, &self.running.lock().expect("running lock").challenge);
+        if let Err(refusal) = bound {
+            self.refuse(domain, Some(order.header()), &refusal);
+            return None;
+        }
         self.admit(order.header(), domain).then_some(order)
     }
 
@@ -627,7 +639,7 @@ impl Agent {
 
     /// A signed login order: start `claude auth login`, or pass it the code.
     pub fn on_login(self: &Arc<Self>, envelope: &Envelope) {
-        let Some(order) = self.verify::<LoginOrder>(envelope, Domain::Login) else { return };
+        let Some(order) = self.verify(envelope, Domain::Login, LoginOrder::bind) else { return };
         self.relogin.on_order(self, order);
     }
 
@@ -681,7 +693,7 @@ impl Agent {
     }
 
     pub fn on_cancel(&self, envelope: &Envelope) {
-        let Some(order) = self.verify::<CancelOrder>(envelope, Domain::Cancel) else { return };
+        let Some(order) = self.verify(envelope, Domain::Cancel, CancelOrder::bind) else { return };
         // The id stays listed as running until the job task ends and removes it.
         let handle = self.running.lock().expect("running lock").jobs.get_mut(&order.header.job_id).and_then(Option::take);
         match handle {

@@ -32,9 +32,9 @@
 //! # Signed, MACed or plain
 //!
 //! Signed (ed25519, each side's long-term key): the agent's hello, the edge's welcome and
-//! its job, cancel and login orders. These are what anyone holding the signer's public key
-//! must be able to check, and an order is what runs code on the agent: it stays signed by
-//! `EDGE_SIGNING_KEY` alone.
+//! its job, cancel and login orders (each bound to its connection's challenge). These are
+//! what anyone holding the signer's public key must be able to check, and an order is what
+//! runs code on the agent: it stays signed by `EDGE_SIGNING_KEY` alone.
 //!
 //! MACed (HMAC-SHA256 with one direction's key of this connection, [`crate::envelope::Tagged`]):
 //! the agent's progress, results, login reports, refusals of job orders ([`Rejection`],
@@ -690,9 +690,7 @@ impl JobOrder {
     /// later one (or past the connection's end) is refused: by then the agent's statement
     /// of `received` has the edge settle it as arrived and not held, and send it again.
     pub fn bind(&self, challenge: &str, highest: u64) -> Result<(), Refusal> {
-        if self.challenge != challenge {
-            return Err(Refusal::OtherConnection);
-        }
+        same_connection(Some(&self.challenge), challenge)?;
         if self.order_no <= highest {
             return Err(Refusal::OutOfOrder { order_no: self.order_no, highest });
         }
@@ -700,11 +698,36 @@ impl JobOrder {
     }
 }
 
+/// Whether an order sealed for the connection of `sent_on` may be taken on the one of
+/// `challenge`. `None`: an edge of before cancels and logins were bound (added within
+/// protocol 10), which names no connection; taken as before. The field is inside the
+/// signature, so the path cannot take it off an order of an edge that sets it.
+fn same_connection(sent_on: Option<&str>, challenge: &str) -> Result<(), Refusal> {
+    match sent_on {
+        Some(sent_on) if sent_on != challenge => Err(Refusal::OtherConnection),
+        _ => Ok(()),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CancelOrder {
     #[serde(flatten)]
     pub header: OrderHeader,
+    /// The challenge nonce of the connection the edge sent it on, as a [`JobOrder`]'s: the
+    /// agent takes it on that connection only, so a cancel the path held back from one
+    /// connection cannot stop a job on the next, within its expiry (the edge sends a
+    /// cancel again on each connection while its job runs). Added within protocol 10:
+    /// `None` from an edge of before ([`CancelOrder::bind`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub challenge: Option<String>,
     pub reason: String,
+}
+
+impl CancelOrder {
+    /// Whether this cancel, verified, may be taken on the connection of `challenge`.
+    pub fn bind(&self, challenge: &str) -> Result<(), Refusal> {
+        same_connection(self.challenge.as_deref(), challenge)
+    }
 }
 
 /// Where a relayed login stands, as the agent reports it.
@@ -723,7 +746,19 @@ pub enum LoginState {
 pub struct LoginOrder {
     #[serde(flatten)]
     pub header: OrderHeader,
+    /// The challenge nonce of the connection the edge sent it on, as a [`CancelOrder`]'s:
+    /// a login start or code the path held back cannot be played on the next connection.
+    /// Added within protocol 10: `None` from an edge of before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub challenge: Option<String>,
     pub action: LoginAction,
+}
+
+impl LoginOrder {
+    /// Whether this login order, verified, may be taken on the connection of `challenge`.
+    pub fn bind(&self, challenge: &str) -> Result<(), Refusal> {
+        same_connection(self.challenge.as_deref(), challenge)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1005,6 +1040,26 @@ mod tests {
         }
         let huge = format!(r#"{{"type":"credit","slots":{{"free":1,"received":0}},"pad":"{}"}}"#, "x".repeat(MAX_FRAME_BYTES));
         assert!(decode::<AgentMessage>(&huge).unwrap_err().contains("limit"));
+    }
+
+    /// Cancels and login orders are bound to their connection as job orders are (rev21,
+    /// 4), additively: one of an edge of before names no connection and is taken as before.
+    #[test]
+    fn cancels_and_logins_are_taken_on_their_own_connection_only() {
+        let header = OrderHeader { job_id: "j".into(), agent_id: "spark".into(), pool: "default".into(), issued_at: 1, expires_at: 2, nonce: "n".into() };
+        let cancel = |challenge: Option<&str>| CancelOrder { header: header.clone(), challenge: challenge.map(String::from), reason: "stop".into() };
+        let login = |challenge: Option<&str>| LoginOrder { header: header.clone(), challenge: challenge.map(String::from), action: LoginAction::Start };
+        assert_eq!((cancel(Some("c2")).bind("c2"), login(Some("c2")).bind("c2")), (Ok(()), Ok(())));
+        assert_eq!((cancel(Some("c1")).bind("c2"), login(Some("c1")).bind("c2")), (Err(Refusal::OtherConnection), Err(Refusal::OtherConnection)));
+        assert_eq!((cancel(Some("")).bind("c2"), login(Some("")).bind("c2")), (Err(Refusal::OtherConnection), Err(Refusal::OtherConnection)));
+        // An edge of before: no field, taken as before.
+        let before = r#"{"job_id":"j","agent_id":"spark","pool":"default","issued_at":1,"expires_at":2,"nonce":"n","reason":"stop"}"#;
+        let read: CancelOrder = serde_json::from_str(before).unwrap();
+        assert_eq!((read.challenge.as_deref(), read.bind("c2")), (None, Ok(())));
+        let before = serde_json::to_string(&login(None)).unwrap();
+        assert!(!before.contains("challenge"), "{before}");
+        let read: LoginOrder = serde_json::from_str(&before).unwrap();
+        assert_eq!(read.bind("c2"), Ok(()));
     }
 
     /// The "not taken" answer is additive: a taking acknowledgement is the frame it was

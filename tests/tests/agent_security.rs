@@ -452,6 +452,7 @@ async fn only_the_edge_can_cancel_a_job() {
                 expires_at: t + 60_000,
                 nonce: nonce.into(),
             },
+            challenge: None,
             reason: "stop".into(),
         };
         let envelope = Envelope::seal(Domain::Cancel, &order, key);
@@ -1252,4 +1253,57 @@ async fn a_flood_of_unsigned_orders_ends_the_connection_and_the_agent_dials_agai
     let log = agent.log();
     assert!(log.lines().filter(|l| l.contains("order refused")).count() < 100, "{}", shared::text::truncate(&log, 20_000));
     assert_eq!(log.matches("hanging up").count(), 1, "{}", shared::text::truncate(&log, 20_000));
+}
+
+/// A cancel is bound to its connection as a job order is: one the path held back from
+/// connection 1 and delivers on connection 2, within its two minutes, is refused and
+/// stops nothing (hostile review rev21, 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_held_back_from_an_earlier_connection_is_refused() {
+    use shared::protocol::CancelOrder;
+    let edge = FakeEdge::new().await;
+    let agent = edge.start_agent();
+    let t = now();
+    let cancel = |challenge: &str| {
+        let order = CancelOrder {
+            header: OrderHeader {
+                job_id: "long".into(),
+                agent_id: "spark".into(),
+                pool: "default".into(),
+                issued_at: t,
+                expires_at: t + 60_000,
+                nonce: format!("long:cancel:{challenge}"),
+            },
+            challenge: Some(challenge.to_string()),
+            reason: "stop".into(),
+        };
+        EdgeMessage::Cancel { envelope: Envelope::seal(Domain::Cancel, &order, &edge.edge_key) }.to_text()
+    };
+    // Connection 1: the path keeps a cancel the edge sealed for it, and cuts the connection.
+    let (ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    let held = cancel(&hello.expect("a hello").challenge);
+    drop(ws);
+    // Connection 2: a job runs until the test lets it end; the held cancel arrives.
+    let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    let go = agent.data.path().join("go");
+    let job = Envelope::seal(Domain::Job, &edge.order("long", "spark", t, t + 60_000, &format!("@await={} long", go.display())), &edge.edge_key);
+    assert!(matches!(answer(&mut ws, job).await, AgentMessage::Accepted { .. }));
+    ws.send(Message::Text(held.into())).await.unwrap();
+    let refusal = loop {
+        match recv(&mut ws).await.expect("a refusal") {
+            m @ (AgentMessage::Rejected { .. } | AgentMessage::OrderRefused { .. }) => break m,
+            _ => continue,
+        }
+    };
+    assert!(rejected(&refusal).contains("another connection"), "{refusal:?}");
+    assert!(edge.named(&refusal).is_none(), "{refusal:?}");
+    // The job was not stopped: it ends as it would have.
+    std::fs::write(&go, b"").unwrap();
+    let result = loop {
+        match recv(&mut ws).await.expect("the result") {
+            AgentMessage::Result { envelope } => break edge.report(&envelope).result,
+            _ => continue,
+        }
+    };
+    assert!(result.success, "{result:?}");
 }

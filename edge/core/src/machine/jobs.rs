@@ -388,7 +388,9 @@ impl Edge {
         let nonce = format!("{job_id}:cancel:{}:{}", now.wall, self.orders_sent);
         self.orders_sent += 1;
         let to = Audience { agent_id, pool: &self.cfg.pool };
-        let order = CancelOrder { header: OrderHeader::new(job_id, to, now.wall, nonce), reason: reason.to_string() };
+        // Bound to this connection, as a job order is: the path cannot hold it back for the next.
+        let challenge = self.session_challenge(session_id);
+        let order = CancelOrder { header: OrderHeader::new(job_id, to, now.wall, nonce), challenge, reason: reason.to_string() };
         let envelope = Envelope::seal(Domain::Cancel, &order, &self.cfg.signing_key);
         effects.push(Effect::Send { session: session_id.to_string(), text: EdgeMessage::Cancel { envelope }.to_text() });
     }

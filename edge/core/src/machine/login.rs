@@ -551,7 +551,9 @@ impl Edge {
         // nonce is unique and the agent's report can be bound to it (LoginRelay::issued).
         let nonce = LoginRelay::nonce(login_id, step);
         let to = Audience { agent_id, pool: &self.cfg.pool };
-        let order = LoginOrder { header: OrderHeader::new(login_id, to, now.wall, nonce), action };
+        // Bound to this connection, as a job order is: the path cannot hold it back for the next.
+        let challenge = self.session_challenge(session_id);
+        let order = LoginOrder { header: OrderHeader::new(login_id, to, now.wall, nonce), challenge, action };
         let envelope = Envelope::seal(Domain::Login, &order, &self.cfg.signing_key);
         effects.push(Effect::Send { session: session_id.to_string(), text: EdgeMessage::Login { envelope }.to_text() });
     }

@@ -906,6 +906,12 @@ impl Edge {
         }
     }
 
+    /// The challenge of a ready session's connection: every order sent on it is bound to
+    /// it (the agent takes an order on that connection only).
+    pub(super) fn session_challenge(&self, session_id: &str) -> Option<String> {
+        self.sessions.get(session_id).and_then(|s| s.agent()).map(|a| a.challenge.clone())
+    }
+
     /// A report (progress, a result, a login report, a refusal, a heartbeat) as its agent
     /// MACed it on this connection, or `None` — counted and logged — when the MAC is not
     /// this connection's agent→edge one: made up, altered on the way, taken from another

@@ -273,6 +273,9 @@ fn the_pool_is_signed_into_the_welcome_and_every_order() {
     });
     let order: shared::protocol::CancelOrder = open_order(&cancel.unwrap(), Domain::Cancel, &edge_key().verifying_key(), gpu, 2).unwrap();
     assert_eq!(order.header.pool, "gpu");
+    // Bound to the connection, as a job order is: the path cannot hold it for the next (rev21, 4).
+    let challenge = edge.session(&sid).and_then(|s| s.agent()).unwrap().challenge.clone();
+    assert_eq!(order.challenge.as_deref(), Some(challenge.as_str()));
 }
 
 /// An edge whose agent `spark` runs `j1` (order `j1:1`), which a caller follows.

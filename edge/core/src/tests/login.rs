@@ -214,6 +214,9 @@ fn the_relay_starts_once_passes_the_code_and_lets_held_work_go() {
     assert!(answer_to(&first.effects, first.caller).is_none(), "answered when the URL comes");
     let order = login_order(&first.effects, &sid, 10);
     assert_eq!(order.action, LoginAction::Start);
+    // Bound to the connection, as a job order is: the path cannot hold it for the next (rev21, 4).
+    let challenge = edge.session(&sid).and_then(|s| s.agent()).unwrap().challenge.clone();
+    assert_eq!(order.challenge.as_deref(), Some(challenge.as_str()));
     let login_id = order.header.job_id.clone();
     // A second caller joins the same login.
     let second = call(&mut edge, 11, "POST", "/oauth/login", Value::Null);
@@ -235,7 +238,8 @@ fn the_relay_starts_once_passes_the_code_and_lets_held_work_go() {
     assert_eq!((body["login_id"].as_str(), body["expires_at"].as_str()), (Some(login_id.as_str()), Some(expires_at.as_str())), "{body}");
     // The code goes to the agent in a signed order.
     let code = call(&mut edge, 40, "POST", "/oauth/login/code", json!({"login_id": login_id, "code": "abc#def"}));
-    assert_eq!(login_order(&code.effects, &sid, 40).action, LoginAction::Code { code: "abc#def".into() });
+    let order = login_order(&code.effects, &sid, 40);
+    assert_eq!((order.action, order.challenge.as_deref()), (LoginAction::Code { code: "abc#def".into() }, Some(challenge.as_str())));
     let twice = call(&mut edge, 41, "POST", "/oauth/login/code", json!({"login_id": login_id, "code": "abc#def"}));
     assert_eq!(answer_to(&twice.effects, twice.caller).unwrap().0, 409);
     // Logged in: the caller hears it with the new login, and the held job goes.
