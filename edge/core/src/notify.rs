@@ -158,7 +158,7 @@ pub struct AlertDelivery {
 impl AlertDelivery {
     /// The first attempt of `alert`'s post, made `now`.
     pub fn new(alert: &Alert, body: String, headers: Vec<(String, String)>, now: Millis) -> AlertDelivery {
-        AlertDelivery { key: key(alert.kind, &alert.agent), decided_at: now, body, headers, attempts: 1, next_at: now.saturating_add(DELIVERY_TIMEOUT_MS) }
+        AlertDelivery { key: key(alert.kind, &alert.agent), decided_at: now, body, headers, attempts: 1, next_at: now.saturating_add(UNHEARD_AFTER_MS) }
     }
 
     /// Too old to tell: decided longer ago than its attempts could take.
@@ -370,6 +370,12 @@ fn longest_prefix_within(text: &str, room: usize) -> usize {
 pub const MAX_ATTEMPTS: u32 = 8;
 /// How long a host may take over one POST before the machine counts it failed.
 pub const DELIVERY_TIMEOUT_MS: Millis = 15_000;
+/// When an attempt the host never told of is tried again (it held its place until then).
+/// Later than [`DELIVERY_TIMEOUT_MS`]: the host's own timer on the attempt starts a moment
+/// after the machine handed it out, and until the host gives it up its connection is still
+/// open. Free at the same moment, the place went to a new attempt while the old one's
+/// connection still stood: one more open to the receiver than its share.
+pub const UNHEARD_AFTER_MS: Millis = DELIVERY_TIMEOUT_MS + 5_000;
 
 /// The wait after failed attempt number `attempt` (1, 2, …): 2 s, 4 s, 8 s, … up to five
 /// minutes.

@@ -259,7 +259,7 @@ impl Edge {
                     // Not again before the host has read the record back, or said how it went.
                     let before = self.alerts.clone();
                     if let Some(c) = self.alerts.callbacks.get_mut(&id) {
-                        c.next_at = now.at.saturating_add(notify::DELIVERY_TIMEOUT_MS);
+                        c.next_at = now.at.saturating_add(notify::UNHEARD_AFTER_MS);
                         c.in_flight = true;
                     }
                     self.note_alerts(before);
@@ -302,8 +302,8 @@ impl Edge {
         let Some(callback) = self.alerts.callbacks.get_mut(&job.id) else { return };
         callback.attempts += 1;
         callback.in_flight = true;
-        // If the host never says how it went, try again after the timeout.
-        callback.next_at = now.at.saturating_add(notify::DELIVERY_TIMEOUT_MS);
+        // If the host never says how it went, try again a while after its timeout.
+        callback.next_at = now.at.saturating_add(notify::UNHEARD_AFTER_MS);
         let (url, attempt) = (callback.url.clone(), callback.attempts);
         self.note_alerts(before);
         let body = notify::callback_body(job.view(now), &self.cfg.pool);
@@ -378,8 +378,8 @@ impl Edge {
                 continue;
             }
             post.attempts += 1;
-            // If the host never says how it went, try again after the timeout.
-            post.next_at = now.at.saturating_add(notify::DELIVERY_TIMEOUT_MS);
+            // If the host never says how it went, try again a while after its timeout.
+            post.next_at = now.at.saturating_add(notify::UNHEARD_AFTER_MS);
             info!(delivery = %id, attempt = post.attempts, "posting an alert again");
             effects.push(Effect::Post(Post { id, url, body: post.body.clone(), headers: post.headers.clone() }));
         }

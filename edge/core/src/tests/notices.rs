@@ -451,7 +451,6 @@ fn handed_out(effects: &[Effect]) -> Vec<String> {
 #[test]
 fn callbacks_in_flight_are_capped_and_the_next_goes_when_one_is_heard() {
     use crate::machine::MAX_CALLBACKS_IN_FLIGHT;
-    use crate::notify::DELIVERY_TIMEOUT_MS;
     // Eight receivers, taking turns: one alone gets only its share of the places (below).
     let hosts: Vec<String> = (0..8).map(|i| format!("h{i}.example.com")).collect();
     let cfg = || Config { callback_hosts: hosts.clone(), ..config() };
@@ -502,7 +501,7 @@ fn callbacks_in_flight_are_capped_and_the_next_goes_when_one_is_heard() {
     assert!(handed_out(&edge.posted(1_003, "callback:nope:1", Ok(200))).is_empty());
     // Attempts never heard of stop holding their places at their timeout; then at most
     // the cap are handed out again.
-    let effects = edge.tick(10 + DELIVERY_TIMEOUT_MS);
+    let effects = edge.tick(10 + crate::notify::UNHEARD_AFTER_MS);
     keep(&effects);
     let again = handed_out(&effects);
     assert!(!again.is_empty() && again.len() <= MAX_CALLBACKS_IN_FLIGHT, "{again:?}");
@@ -545,6 +544,34 @@ fn a_slow_receiver_holds_only_its_share_of_the_callbacks_in_flight() {
     assert_eq!(other.len(), 1, "another receiver's result goes while the slow one's wait");
     // One of the slow receiver's answered: its next goes.
     assert_eq!(handed_out(&edge.posted(1_001, &slow[0].id, Ok(200))).len(), 1);
+}
+
+/// An attempt still holds its place when the host's own bound on it
+/// (`DELIVERY_TIMEOUT_MS`) runs out: the host says how it went then (a timeout, its
+/// connection closed), and only that frees the place. The machine counted its place free
+/// at that same moment, so a host whose timer fired a moment after the machine's handed
+/// the receiver a fifth connection while the fourth was still open; the machine now waits
+/// a while longer before it takes an attempt as never heard of.
+#[test]
+fn an_attempt_holds_its_place_until_the_host_gives_it_up() {
+    use crate::machine::MAX_CALLBACKS_PER_RECEIVER;
+    use crate::notify::DELIVERY_TIMEOUT_MS;
+    let (mut edge, sid) = posting_to(&["mute"]);
+    let mut first = Vec::new();
+    for i in 0..2 * MAX_CALLBACKS_PER_RECEIVER {
+        first.extend(ended_with_callback(&mut edge, &sid, 10, &format!("m{i}"), "mute"));
+    }
+    assert_eq!(first.len(), MAX_CALLBACKS_PER_RECEIVER);
+    // The host's bound on them runs out: nothing more goes to the receiver before the host
+    // says so.
+    assert!(handed_out(&edge.tick(10 + DELIVERY_TIMEOUT_MS)).is_empty(), "handed out while the host still held the attempts");
+    // Its word on each frees a place for the next.
+    let effects = edge.posted(15 + DELIVERY_TIMEOUT_MS, &first[0].id, Err("timed out".into()));
+    assert_eq!(handed_out(&effects).len(), 1);
+    // One it never tells of is taken as unheard a while later.
+    let late = 10 + crate::notify::UNHEARD_AFTER_MS;
+    assert!(crate::notify::UNHEARD_AFTER_MS > DELIVERY_TIMEOUT_MS);
+    assert!(!handed_out(&edge.tick(late)).is_empty());
 }
 
 /// An edge allowing callbacks to `<host>.example.com` for each of `hosts`, with an agent
