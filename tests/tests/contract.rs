@@ -1300,6 +1300,90 @@ async fn callbacks_on_their_way_hold_up_no_deadline(kind: EdgeKind) {
     drop(held);
 }
 
+/// What a receiver that never answers saw of the edge's connections to it: how many it
+/// took, how many the edge closed, and the most open at once.
+#[derive(Default, Clone, Copy, Debug)]
+struct Seen {
+    opened: usize,
+    closed: usize,
+    most_open: usize,
+}
+
+/// A receiver on 127.0.0.1 that takes connections, reads what comes and never answers,
+/// noting each the edge closes. One thread, sockets polled without blocking: after taking
+/// new connections it looks at every open one for its close before it counts them, so an
+/// edge that closed one connection before it opened the next is never counted as holding
+/// both (two threads could see the two the other way round).
+fn mute_receiver_that_counts() -> (u16, std::sync::Arc<std::sync::Mutex<Seen>>) {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+    let noting = std::sync::Arc::downgrade(&seen);
+    std::thread::spawn(move || {
+        let mut open: Vec<std::net::TcpStream> = Vec::new();
+        let mut buf = [0u8; 64 * 1024];
+        // Until the test lets go of what it reads.
+        while let Some(seen) = noting.upgrade() {
+            let mut took = 0;
+            while let Ok((stream, _)) = listener.accept() {
+                stream.set_nonblocking(true).unwrap();
+                open.push(stream);
+                took += 1;
+            }
+            let before = open.len();
+            open.retain_mut(|stream| loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => return false,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => return false,
+                }
+            });
+            let mut seen = seen.lock().unwrap();
+            seen.opened += took;
+            seen.closed += before - open.len();
+            seen.most_open = seen.most_open.max(open.len());
+            drop(seen);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    (port, seen)
+}
+
+/// An attempt the edge gives up on (its receiver did not answer within the delivery
+/// timeout, 15 s) closes its connection, so a receiver that never answers holds no more
+/// than its share of the edge's connections. The Worker dropped only its own wait: the
+/// runtime's fetch went on, its connection open for good, and each new attempt opened
+/// another (64 open after three minutes) — while Cloudflare lets an invocation wait on a
+/// few connections at once and queues the rest, so other receivers' callbacks and
+/// NOTIFY_URL alerts never went out.
+async fn a_callback_attempt_given_up_closes_its_connection(kind: EdgeKind) {
+    // edge_core::machine::MAX_CALLBACKS_PER_RECEIVER (the tests do not link the core).
+    const MAX_CALLBACKS_PER_RECEIVER: usize = 4;
+    let (port, seen) = mute_receiver_that_counts();
+    // No agent: a job cancelled while queued posts its callback at once.
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[("CALLBACK_HOSTS", "127.0.0.1")]);
+    let client = Client::new(&edge.url());
+    for i in 0..8 {
+        let a = client.submit(json!({"prompt": format!("job {i}"), "callback_url": format!("http://127.0.0.1:{port}/cb")})).await;
+        let job_id = a.body["job_id"].as_str().unwrap_or_else(|| panic!("{}", a.text)).to_string();
+        let d = client.send("DELETE", &format!("/jobs/{job_id}"), Some(SECRET), None).await;
+        assert_eq!(d.body["state"], "cancelled", "{}", d.text);
+    }
+    let now = || *seen.lock().unwrap();
+    assert!(eventually(Duration::from_secs(60), || now().opened >= MAX_CALLBACKS_PER_RECEIVER).await, "{:?}\n{}", now(), edge.log());
+    // Each attempt of the first round is given up at its timeout and its connection
+    // closed; then the next round's (the other jobs' first attempts) are given up too.
+    let closed = eventually(Duration::from_secs(120), || now().closed >= 2 * MAX_CALLBACKS_PER_RECEIVER).await;
+    assert!(closed, "the edge left the connections of attempts it gave up open: {:?}\n{}", now(), edge.log());
+    let seen = now();
+    assert!(seen.most_open <= MAX_CALLBACKS_PER_RECEIVER, "more connections open at once than the receiver's share: {seen:?}");
+}
+
 async fn megabytes_of_output_do_not_hang(kind: EdgeKind) {
     let s = setup(kind, &[], &[]).await;
     let a = s.client.execute(json!({"prompt": "@megabytes=8", "timeout_ms": 60000})).await;
@@ -2410,6 +2494,7 @@ contract!(
     callbacks_are_signed_and_retried,
     a_callback_receiver_that_never_answers_holds_up_no_other,
     callbacks_on_their_way_hold_up_no_deadline,
+    a_callback_attempt_given_up_closes_its_connection,
     megabytes_of_output_do_not_hang,
     a_missing_claude_binary_is_a_clear_failure,
     tokens_never_leave_the_machine,

@@ -523,6 +523,13 @@ fn not_loaded(path: &str) -> Response {
 
 /// One POST, bounded in time; its status, or why it failed.
 /// The body is let go once the runtime holds its copy (a callback's is up to 2 MiB).
+///
+/// However the attempt ends — answered, failed, past its time, or this future dropped —
+/// the runtime's fetch ends with it ([`AbortOnDrop`]), and an answer's body is not waited
+/// for (cancelled unread). Dropping the Rust future alone left the fetch going: its
+/// connection stayed open to a receiver that never answers, each new attempt opened
+/// another, and since an invocation waits on only a few connections at once (Cloudflare
+/// queues the rest), other receivers' callbacks and NOTIFY_URL alerts never went out.
 async fn post(delivery: Post) -> edge_core::notify::Outcome {
     let headers = worker::Headers::new();
     for (name, value) in &delivery.headers {
@@ -536,12 +543,38 @@ async fn post(delivery: Post) -> edge_core::notify::Outcome {
     drop(delivery.body);
     let request = worker::Request::new_with_init(&delivery.url, &init).map_err(|e| e.to_string())?;
     let fetcher = worker::Fetch::Request(request);
-    let fetch = std::pin::pin!(fetcher.send());
+    let abort = AbortOnDrop(Some(worker::AbortController::default()));
+    let signal = abort.signal();
+    let fetch = std::pin::pin!(fetcher.send_with_signal(&signal));
     let limit = std::pin::pin!(Delay::from(Duration::from_millis(edge_core::notify::DELIVERY_TIMEOUT_MS)));
     match select(fetch, limit).await {
-        Either::Left((Ok(response), _)) => Ok(response.status_code()),
+        Either::Left((Ok(response), _)) => {
+            // Only the status counts: the body is let go unread, not held open.
+            if let worker::ResponseBody::Stream(body) = response.body() {
+                let _ = body.cancel();
+            }
+            Ok(response.status_code())
+        }
         Either::Left((Err(e), _)) => Err(e.to_string()),
         Either::Right(_) => Err(format!("no answer within {} ms", edge_core::notify::DELIVERY_TIMEOUT_MS)),
+    }
+}
+
+/// Aborts its fetch when dropped: the connection (and a body still being sent or read)
+/// goes with the attempt, whichever way [`post`] returns.
+struct AbortOnDrop(Option<worker::AbortController>);
+
+impl AbortOnDrop {
+    fn signal(&self) -> worker::AbortSignal {
+        self.0.as_ref().map(worker::AbortController::signal).unwrap_or_else(worker::AbortSignal::abort)
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(controller) = self.0.take() {
+            controller.abort();
+        }
     }
 }
 
