@@ -2532,6 +2532,33 @@ contract!(
     repository_jobs_carry_their_fields,
 );
 
+/// One Worker alarm takes new posts for its budget only (5 minutes; here 1 s, through the
+/// Worker's test-only ALARM_DELIVERY_BUDGET_MS), waits for those on their way, and leaves
+/// the rest to the next alarm, which posts them: an alarm that kept taking posts while
+/// others kept coming ran past the 15 minutes Cloudflare gives an alarm handler, and the
+/// outcomes on their way were lost (each posted again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(worker_tests), ignore = "needs the built Worker: run tests/run (it sets CLAUDE_RUNNER_WORKER_TESTS=1)")]
+async fn a_worker_alarm_hands_posts_past_its_budget_to_the_next() {
+    harness::require_worker_bundle();
+    let (port, seen) = mute_receiver_that_counts();
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Worker, &keys, &[("CALLBACK_HOSTS", "127.0.0.1"), ("ALARM_DELIVERY_BUDGET_MS", "1000")]);
+    let client = Client::new(&edge.url());
+    for i in 0..8 {
+        let a = client.submit(json!({"prompt": format!("job {i}"), "callback_url": format!("http://127.0.0.1:{port}/cb")})).await;
+        let job_id = a.body["job_id"].as_str().unwrap_or_else(|| panic!("{}", a.text)).to_string();
+        let d = client.send("DELETE", &format!("/jobs/{job_id}"), Some(SECRET), None).await;
+        assert_eq!(d.body["state"], "cancelled", "{}", d.text);
+    }
+    // The first four go out in one alarm; the next four are handed out when those time
+    // out, past that alarm's budget: the next alarm posts them.
+    let now = || *seen.lock().unwrap();
+    assert!(eventually(Duration::from_secs(120), || now().opened >= 8).await, "the posts left over were never made: {:?}\n{}", now(), edge.log());
+    let log = edge.log();
+    assert!(log.contains("posts left for the next alarm"), "no alarm handed its posts on:\n{log}");
+}
+
 /// The Worker's pools (`POOLS`): each with its own secret and agents, none that is not
 /// configured, and the pool signed into what the agent accepts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -315,17 +315,34 @@ impl EdgeDurableObject {
     /// How many is the machine's to bound: it hands out at most
     /// [`edge_core::machine::MAX_CALLBACKS_IN_FLIGHT`] callbacks at once, the next as an
     /// outcome comes back. The machine's deadlines that come meanwhile are met here too.
+    ///
+    /// One alarm takes new POSTs for [`alarm_budget_ms`] only, then waits for those on
+    /// their way (each bounded by the delivery timeout) and returns ([`delivery_round`]):
+    /// Cloudflare gives an alarm handler 15 minutes of wall time, and one that kept taking
+    /// them while others kept coming ran past it, losing the outcomes on their way (each
+    /// posted again: a callback twice). Those left are the next alarm's, set at once
+    /// ([`Self::schedule`]).
     async fn deliver(&self) {
+        let (started, budget_ms) = (now_ms(), alarm_budget_ms(setting(&self.env, ALARM_BUDGET_SETTING).as_deref()));
         let mut on_their_way = futures::stream::FuturesUnordered::new();
         loop {
-            for delivery in std::mem::take(&mut *self.deliveries.borrow_mut()) {
-                on_their_way.push(async move {
-                    let id = delivery.id.clone();
-                    (id, post(delivery).await)
-                });
-            }
-            if on_their_way.is_empty() {
-                return;
+            let queued = self.deliveries.borrow().len();
+            match delivery_round(now_ms().saturating_sub(started), budget_ms, queued, on_their_way.len()) {
+                Round::Take => {
+                    for delivery in std::mem::take(&mut *self.deliveries.borrow_mut()) {
+                        on_their_way.push(async move {
+                            let id = delivery.id.clone();
+                            (id, post(delivery).await)
+                        });
+                    }
+                }
+                Round::Wait => {}
+                Round::Done => {
+                    if queued > 0 {
+                        console_log!("alarm: {queued} posts left for the next alarm after {budget_ms} ms of taking them");
+                    }
+                    return;
+                }
             }
             let poll = std::pin::pin!(Delay::from(Duration::from_millis(DELIVERY_POLL_MS)));
             if let Either::Left((Some((id, outcome)), _)) = select(on_their_way.next(), poll).await {
@@ -504,6 +521,43 @@ impl EdgeDurableObject {
 /// How often POSTs asked for while others are on their way are sent too ([`EdgeDurableObject::deliver`]).
 const DELIVERY_POLL_MS: u64 = 200;
 
+/// How long one alarm takes new POSTs: a third of the 15 minutes of wall time Cloudflare
+/// gives an alarm handler, leaving the delivery timeout for the last ones to come back
+/// and ample room besides.
+const ALARM_BUDGET_MS: Millis = 5 * 60_000;
+
+/// A shorter [`ALARM_BUDGET_MS`], for tests: not documented as a setting. Harmless in
+/// production: it can only shorten the budget (at least 1 s), and a shorter one only hands
+/// POSTs to the next alarm sooner; a value that is no whole number is ignored.
+const ALARM_BUDGET_SETTING: &str = "ALARM_DELIVERY_BUDGET_MS";
+
+/// One alarm's budget for taking POSTs, from [`ALARM_BUDGET_SETTING`] if set.
+fn alarm_budget_ms(setting: Option<&str>) -> Millis {
+    setting.and_then(|v| v.trim().parse::<Millis>().ok()).map_or(ALARM_BUDGET_MS, |ms| ms.clamp(1_000, ALARM_BUDGET_MS))
+}
+
+/// What an alarm's delivery loop does next ([`delivery_round`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Round {
+    /// Send the POSTs asked for, then wait on those on their way.
+    Take,
+    /// Take none: wait on those on their way.
+    Wait,
+    /// Return; any left are the next alarm's.
+    Done,
+}
+
+/// The stop rule of one alarm's delivery loop, `elapsed_ms` into it: POSTs asked for are
+/// taken within its budget only; past it the loop waits for those on their way (each
+/// bounded by the delivery timeout), then ends.
+fn delivery_round(elapsed_ms: Millis, budget_ms: Millis, queued: usize, on_their_way: usize) -> Round {
+    match (elapsed_ms < budget_ms && queued > 0, on_their_way > 0) {
+        (true, _) => Round::Take,
+        (false, true) => Round::Wait,
+        (false, false) => Round::Done,
+    }
+}
+
 /// Whether the alarm, set by this instance for `set` (if it did), must be rewritten for the
 /// machine's next deadline `next`: only when that comes sooner. Setting the alarm is a
 /// storage operation (under Miniflare a transaction of its own and an fsync), and most
@@ -631,7 +685,7 @@ pub(crate) fn setting_text(binding: Binding) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{moves_alarm, setting_text, Binding};
+    use super::{alarm_budget_ms, delivery_round, moves_alarm, setting_text, Binding, Round, ALARM_BUDGET_MS};
 
     /// A var of another type than text or number (a TOML boolean, array or table) reads as
     /// its JSON text, refused by the setting it is, not as unset; numbers as their digits.
@@ -671,5 +725,37 @@ mod tests {
         // deadline on): the alarm stays, fires early, and is set again then.
         assert!(!moves_alarm(Some(5_000), 5_000));
         assert!(!moves_alarm(Some(5_000), 35_000));
+    }
+
+    /// One alarm takes POSTs within its budget only, then waits for those on their way and
+    /// ends, whatever is still asked for: an alarm that took them while others kept coming
+    /// ran past the 15 minutes Cloudflare gives it.
+    #[test]
+    fn an_alarm_stops_taking_posts_after_its_budget() {
+        let budget = ALARM_BUDGET_MS;
+        // Within the budget: what is asked for goes out; with none, it waits on those on
+        // their way, and ends when there are none.
+        assert_eq!(delivery_round(0, budget, 3, 0), Round::Take);
+        assert_eq!(delivery_round(budget - 1, budget, 1, 8), Round::Take);
+        assert_eq!(delivery_round(10, budget, 0, 2), Round::Wait);
+        assert_eq!(delivery_round(10, budget, 0, 0), Round::Done);
+        // Past it: nothing more is taken, however much is asked for; those on their way are
+        // waited for, then the alarm ends.
+        assert_eq!(delivery_round(budget, budget, 5, 2), Round::Wait);
+        assert_eq!(delivery_round(budget + 60_000, budget, 5, 1), Round::Wait);
+        assert_eq!(delivery_round(budget, budget, 5, 0), Round::Done);
+        // Taking for the budget, then the delivery timeout for the last to come back, stays
+        // well inside an alarm's 15 minutes.
+        assert!(ALARM_BUDGET_MS + edge_core::notify::DELIVERY_TIMEOUT_MS < 15 * 60_000 / 2);
+    }
+
+    /// The test setting can only shorten the budget; a value that is no number is ignored.
+    #[test]
+    fn the_alarm_budget_setting_only_shortens_it() {
+        assert_eq!(alarm_budget_ms(None), ALARM_BUDGET_MS);
+        assert_eq!(alarm_budget_ms(Some("2000")), 2_000);
+        assert_eq!(alarm_budget_ms(Some("0")), 1_000);
+        assert_eq!(alarm_budget_ms(Some("86400000")), ALARM_BUDGET_MS);
+        assert_eq!(alarm_budget_ms(Some("soon")), ALARM_BUDGET_MS);
     }
 }
