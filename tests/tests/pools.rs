@@ -536,3 +536,36 @@ async fn one_pools_bad_setting_leaves_the_other_pools_serving() {
     assert_eq!(listed[2], ("team-b", "offline"), "{}", a.text);
     assert!(listed[..2].iter().all(|(_, status)| *status != "offline"), "{}", a.text);
 }
+
+/// `GET /pools` lists a default pool whose own setting is bad (here a RUNNER_SECRET of 15
+/// characters) offline, as it lists any other pool's: the Worker read the default pool's
+/// settings before it answered the route, so one bad default-pool setting answered the
+/// list itself 503, and the admin could see no pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(worker_tests), ignore = "needs the built Worker: run tests/run (it sets CLAUDE_RUNNER_WORKER_TESTS=1)")]
+async fn get_pools_lists_a_misconfigured_default_pool_offline() {
+    require_worker_bundle();
+    let keys = Keys::new(&["rig"]);
+    let rig = format!("rig={}", shared::keys::encode_verifying(&keys.agent("rig").verifying_key()));
+    let settings = [
+        ("ADMIN_SECRET", ADMIN),
+        ("RUNNER_SECRET", "fifteen-chars-x"),
+        ("POOLS", "gpu"),
+        ("RUNNER_SECRET_GPU", GPU_SECRET),
+        ("AGENT_PUBLIC_KEYS_GPU", rig.as_str()),
+    ];
+    let edge = EdgeServer::start(EdgeKind::Worker, &keys, &settings);
+    let client = Client::new(&edge.url());
+    // The default pool itself says what to fix.
+    let a = client.send("GET", "/health", Some("fifteen-chars-x"), None).await;
+    assert_eq!(a.status, 503, "{}", a.text);
+    assert!(a.text.contains("RUNNER_SECRET"), "{}", a.text);
+    // The list answers, the default pool in it offline, the others as they are.
+    let a = client.send("GET", "/pools", Some(ADMIN), None).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let listed: Vec<(&str, &str)> = a.body["pools"].as_array().unwrap().iter().map(|p| (p["pool"].as_str().unwrap(), p["status"].as_str().unwrap())).collect();
+    assert_eq!(listed, [("default", "offline"), ("gpu", "offline")], "{}", a.text);
+    // Still the admin's alone: without its secret, refused as before.
+    let a = client.send("GET", "/pools", Some(GPU_SECRET), None).await;
+    assert_eq!(a.status, 403, "{}", a.text);
+}

@@ -270,6 +270,34 @@ fn check_secrets(pools: &[Pool], pool: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `ADMIN_SECRET`, the secret of `GET /pools`, read and checked without any one pool's
+/// settings: that route lists every pool, the default one too, offline while its own
+/// settings do not read — so its gate cannot hang on them. Compared with the secrets of
+/// every pool whose settings read, as the default pool's settings compare it.
+pub fn admin_secret(get: impl Fn(&str) -> Option<String>) -> Result<Option<String>, ConfigError> {
+    let pools: Vec<Pool> = Pools::each(&get).into_iter().filter_map(|(_, read)| read.ok()).collect();
+    read_admin_secret(&get, pools.iter())
+}
+
+/// `ADMIN_SECRET` checked alone (16+ characters, visible ASCII) and against the secrets
+/// of `compared`: none may be a pool's or a caller's.
+fn read_admin_secret<'a>(get: &impl Fn(&str) -> Option<String>, compared: impl Iterator<Item = &'a Pool>) -> Result<Option<String>, ConfigError> {
+    let admin_secret = read(get, "ADMIN_SECRET");
+    if admin_secret.as_ref().is_some_and(|s| s.len() < 16) {
+        return Err(ConfigError::PoolWeakSecret { name: "ADMIN_SECRET".into() });
+    }
+    if admin_secret.as_ref().is_some_and(|s| !secret_chars_ok(s)) {
+        return Err(ConfigError::SecretNotAscii { name: "ADMIN_SECRET".into() });
+    }
+    if let Some(admin) = &admin_secret {
+        let mut shared = compared.flat_map(|p| std::iter::once(&p.runner_secret).chain(p.caller_secrets.iter().map(|(_, s)| s)));
+        if shared.any(|s| s == admin) {
+            return Err(ConfigError::AdminSecretShared);
+        }
+    }
+    Ok(admin_secret)
+}
+
 impl Pools {
     /// Every pool's settings, all checked: `RUNNER_SECRET`, `AGENT_PUBLIC_KEYS`, `POOLS`
     /// and each listed pool's own ([`Pools::each`]), and against each other. For a host
@@ -445,6 +473,10 @@ impl Config {
         // This pool first, then the others whose own settings read.
         let all: Vec<Pool> = std::iter::once(this).chain(each.into_iter().filter_map(|(_, read)| read.ok())).collect();
         check_secrets(&all, pool)?;
+        // The admin secret sees every pool: as one pool's or caller's secret it would open
+        // them all to whoever holds that one. Checked by that pool; the default pool's
+        // requests and `GET /pools` ([`admin_secret`]) check it against every pool's.
+        let admin_secret = read_admin_secret(&get, all.iter().filter(|p| p.name == pool || pool == DEFAULT_POOL))?;
         let Pool { name, runner_secret, agents, caller_secrets } = all[0].clone();
         let get = |name: &str| get(name).as_deref().and_then(shared::setting::value).map(str::to_string);
         let required = |name: &'static str| get(name).ok_or(ConfigError::Missing(name));
@@ -483,23 +515,6 @@ impl Config {
                 value => Ok(value),
             }
         };
-        let admin_secret = get("ADMIN_SECRET");
-        if admin_secret.as_ref().is_some_and(|s| s.len() < 16) {
-            return Err(ConfigError::PoolWeakSecret { name: "ADMIN_SECRET".into() });
-        }
-        if admin_secret.as_ref().is_some_and(|s| !secret_chars_ok(s)) {
-            return Err(ConfigError::SecretNotAscii { name: "ADMIN_SECRET".into() });
-        }
-        // The admin secret sees every pool: as one pool's or caller's secret it would open
-        // them all to whoever holds that one. Checked by that pool, and by the default
-        // pool, which answers `GET /pools`.
-        if let Some(admin) = &admin_secret {
-            let compared = all.iter().filter(|p| p.name == pool || pool == DEFAULT_POOL);
-            let shared = compared.flat_map(|p| std::iter::once(&p.runner_secret).chain(p.caller_secrets.iter().map(|(_, s)| s)));
-            if shared.into_iter().any(|s| s == admin) {
-                return Err(ConfigError::AdminSecretShared);
-            }
-        }
         let max_body_bytes = bounded("MAX_BODY_BYTES", "bytes", DEFAULT_MAX_BODY_BYTES as u64, 64 * 1024 * 1024)?;
         // Unset, it follows a larger MAX_BODY_BYTES (documented up to 64 MiB before this
         // bound came): an edge set so before keeps starting, and keeps taking its largest
@@ -1029,6 +1044,31 @@ mod tests {
             assert!(err.to_string().contains("ADMIN_SECRET"), "{err}");
         }
         assert!(Config::from_lookup(lookup(&[("ADMIN_SECRET", "admin-secret-0123456789")])).is_ok());
+    }
+
+    /// `GET /pools` is gated on ADMIN_SECRET read without the default pool's settings
+    /// (`admin_secret`): a bad one of those (a short RUNNER_SECRET) still lets the admin
+    /// see the list, while the admin secret is still checked alone and against every
+    /// pool's secrets that read.
+    #[test]
+    fn the_admin_secret_reads_without_any_pools_settings() {
+        let gpu = [("POOLS", "gpu"), ("RUNNER_SECRET_GPU", "gpu-secret-0123456789"), ("AGENT_PUBLIC_KEYS_GPU", "rig=A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=")];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let all: Vec<(&'static str, &'static str)> = extra.iter().chain(gpu.iter()).copied().collect();
+            lookup(Box::leak(all.into_boxed_slice()))
+        };
+        let admin = ("ADMIN_SECRET", "admin-secret-0123456789");
+        let broken_default = with(&[admin, ("RUNNER_SECRET", "fifteen-chars-x")]);
+        assert!(Config::for_pool(&broken_default, DEFAULT_POOL).is_err());
+        assert_eq!(admin_secret(&broken_default).unwrap().as_deref(), Some(admin.1));
+        assert_eq!(admin_secret(with(&[])).unwrap(), None);
+        let weak = admin_secret(with(&[("ADMIN_SECRET", "short")])).unwrap_err().to_string();
+        assert!(weak.contains("ADMIN_SECRET"), "{weak}");
+        // Another pool's secret, or the default pool's, is refused as the admin's.
+        for shared in ["gpu-secret-0123456789", "0123456789abcdef0123"] {
+            let err = admin_secret(with(&[("ADMIN_SECRET", shared)])).unwrap_err();
+            assert!(matches!(err, ConfigError::AdminSecretShared), "{err}");
+        }
     }
 
     /// Pools are units of isolation. On the Worker every request read every pool's

@@ -122,7 +122,29 @@ pub fn who(config: &Config, secret_header: Option<&str>, authorization: Option<&
 
 /// The admin secret of `GET /pools`.
 pub fn admin(config: &Config, secret_header: Option<&str>, authorization: Option<&str>) -> bool {
-    config.admin_secret.as_deref().is_some_and(|s| Presented::of(secret_header, authorization).carries(s))
+    carries_admin(config.admin_secret.as_deref(), secret_header, authorization)
+}
+
+fn carries_admin(admin_secret: Option<&str>, secret_header: Option<&str>, authorization: Option<&str>) -> bool {
+    admin_secret.is_some_and(|s| Presented::of(secret_header, authorization).carries(s))
+}
+
+/// The gate of `/pools`, from `ADMIN_SECRET` alone ([`crate::config::admin_secret`] reads
+/// it without any pool's settings, so the Worker can list a pool whose own settings do
+/// not read): handled for its holder, else refused.
+pub fn pools_gate(admin_secret: Option<&str>, secret_header: Option<&str>, authorization: Option<&str>) -> Gate {
+    if carries_admin(admin_secret, secret_header, authorization) {
+        return Gate::Handle { read_body: false };
+    }
+    // Said plainly (the holder of the right runner secret was told it was wrong), and
+    // the same whether or not ADMIN_SECRET is set: a caller without it learns nothing
+    // of the edge's settings.
+    let mut refused = ApiError::unauthorized();
+    refused.body.error = "GET /pools needs ADMIN_SECRET, not a pool's or a caller's secret: send it in the X-Runner-Secret header \
+                          (or Authorization: Bearer); an edge without ADMIN_SECRET keeps the route closed: set ADMIN_SECRET \
+                          (16+ characters, a value of its own) in the edge's settings to open it"
+        .into();
+    Gate::Answer(Response::error(refused))
 }
 
 /// Whose secret a request carries, as a host counts what it spends on each: the pool's
@@ -215,18 +237,7 @@ pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Optio
         _ => {}
     }
     if segments.as_slice() == ["pools"] {
-        if admin(config, secret_header, authorization) {
-            return Gate::Handle { read_body: false };
-        }
-        // Said plainly (the holder of the right runner secret was told it was wrong), and
-        // the same whether or not ADMIN_SECRET is set: a caller without it learns nothing
-        // of the edge's settings.
-        let mut refused = ApiError::unauthorized();
-        refused.body.error = "GET /pools needs ADMIN_SECRET, not a pool's or a caller's secret: send it in the X-Runner-Secret header \
-                              (or Authorization: Bearer); an edge without ADMIN_SECRET keeps the route closed: set ADMIN_SECRET \
-                              (16+ characters, a value of its own) in the edge's settings to open it"
-            .into();
-        return Gate::Answer(Response::error(refused));
+        return pools_gate(config.admin_secret.as_deref(), secret_header, authorization);
     }
     // Pausing agents, logging the machine into an account, and reading its login and
     // its counters are the operator's: a named caller's own secret reaches its own jobs

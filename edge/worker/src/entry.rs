@@ -98,6 +98,28 @@ async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
         Ok(p) => p,
         Err(e) => return exchange::error(&e),
     };
+    let header = |name: &str| req.headers().get(name).ok().flatten();
+    let (secret, authorization) = (header("x-runner-secret"), header("authorization"));
+    let method = req.inner().method();
+    // `GET /pools` before the default pool's settings are read: it lists every pool, that
+    // one too (offline while its settings do not read, as any other pool's), and its gate
+    // is ADMIN_SECRET alone, read without any pool's settings. Read after them, one bad
+    // default-pool setting answered the whole list 503.
+    if pool == DEFAULT_POOL && edge_core::path::segments(&path) == ["pools"] {
+        let admin = match edge_core::config::admin_secret(|name| crate::object::setting(&env, name)) {
+            Ok(admin) => admin,
+            Err(e) => return exchange::respond(edge_core::http::unavailable(&path, &crate::object::misconfigured(&e))),
+        };
+        match edge_core::http::pools_gate(admin.as_deref(), secret.as_deref(), authorization.as_deref()) {
+            Gate::Answer(refused) => {
+                exchange::drain_refused(&mut req).await;
+                return exchange::respond(refused);
+            }
+            _ if method == "GET" => return pools(&env).await,
+            // Another method: answered by the pool's object, as any route's.
+            _ => {}
+        }
+    }
     let config = match SETTINGS.with_borrow_mut(|read| read.config(|name| crate::object::setting(&env, name), &pool)) {
         Ok(config) => config,
         Err(ConfigError::UnknownPool(_)) => {
@@ -107,9 +129,6 @@ async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
         // Answered here too: no object is touched until the settings say which exist.
         Err(e) => return exchange::respond(edge_core::http::unavailable(&path, &crate::object::misconfigured(&e))),
     };
-    let header = |name: &str| req.headers().get(name).ok().flatten();
-    let (secret, authorization) = (header("x-runner-secret"), header("authorization"));
-    let method = req.inner().method();
     let with_body = match edge_core::http::preflight(&config, &method, &path, secret.as_deref(), authorization.as_deref()) {
         // Refused at once, with at most a few KiB of the body heard out (for at most a
         // second): a caller without the secret cannot make the edge read or wait.
@@ -133,9 +152,6 @@ async fn route(mut req: Request, env: Env, _ctx: Context) -> worker::Result<Resp
             false
         }
     };
-    if pool == DEFAULT_POOL && method == "GET" && edge_core::path::segments(&path) == ["pools"] {
-        return pools(&env).await;
-    }
     match forward(&req, url, &env, &pool, &path, with_body).await {
         Ok(response) => Ok(response),
         Err(e) => {
