@@ -1109,6 +1109,21 @@ async fn an_execute_kept_alive_passes_a_proxy_that_cuts_silent_answers() {
     let body: serde_json::Value = serde_json::from_str(&text).expect("JSON after the spaces");
     assert_eq!(body["success"], true, "{text}");
     assert!(body["output"].is_string(), "{text}");
+    // The route as the core reads it: a base URL ending in `/` sends `//execute` (rev24-1).
+    for path in ["//execute", "/execute/"] {
+        let resp = reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{proxy}{path}"))
+            .header("X-Runner-Secret", SECRET)
+            .header("content-type", "application/json")
+            .body(json!({"prompt": "@sleep=3000 kept alive too"}).to_string())
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(resp.status().as_u16(), 200, "{path}");
+        let text = resp.text().await.expect("the whole answer");
+        assert!(text.starts_with(' '), "{path}: {text:?}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap()["success"], true, "{path}: {text}");
+    }
     // Answered before the first interval: its own status, no spaces.
     let resp = execute(proxy, json!({"prompt": 5})).await.expect("answered");
     assert_eq!(resp.status().as_u16(), 400);

@@ -157,7 +157,16 @@ impl Talk<'_> {
         // OS class too, beside the local file system's: only the first is the server out of
         // reach, retryable. "failed to make directory …: Permission denied" in the mirror
         // is a local fault (`Git`, which the mirror's rebuild looks for), not "then retry".
-        let socket = ["connect", "resolve", "timed out", "timeout", "connection", "socket", "network", "host"].iter().any(|w| lower.contains(w));
+        // Read outside the quoted paths libgit2 puts in its words: a mirror's folder is the
+        // repository's name (`github.com+TryGhost+Ghost.git`, `socket.io`), and a word
+        // there is no socket (rev24-3).
+        let unquoted: String = lower.split('\'').step_by(2).collect::<Vec<_>>().join(" ");
+        let socket = [
+            "failed to connect", "failed to resolve", "could not resolve", "timed out", "connection refused", "connection reset",
+            "connection aborted", "no route to host", "network is unreachable", "host is unreachable", "broken pipe",
+        ]
+        .iter()
+        .any(|w| unquoted.contains(w));
         if matches!(class, ErrorClass::Net | ErrorClass::Http) || class == ErrorClass::Os && socket || code == ErrorCode::Timeout {
             return RepoError::Network { url, detail: message.to_string() };
         }
@@ -213,6 +222,14 @@ mod tests {
         assert!(matches!(e, RepoError::Network { .. }), "{e}");
         let e = t.error(ErrorCode::GenericError, ErrorClass::Os, "failed to make directory '/m/objects/pack': Permission denied");
         assert!(matches!(e, RepoError::Git { .. }) && !e.retryable(), "{e}");
+        // A socket's word in the path (the mirror's folder is the repository's name) is no
+        // socket's failure (rev24-3).
+        for path in ["/m/github.com+TryGhost+Ghost.git/objects/pack", "/d/socket.io.git/x", "/srv/hosting/neural-network/connection-timeout.git"] {
+            let e = t.error(ErrorCode::GenericError, ErrorClass::Os, &format!("failed to make directory '{path}': Permission denied"));
+            assert!(matches!(e, RepoError::Git { .. }) && !e.retryable(), "{path}: {e}");
+        }
+        let e = t.error(ErrorCode::GenericError, ErrorClass::Os, "failed to send request: Connection reset by peer");
+        assert!(matches!(e, RepoError::Network { .. }), "{e}");
     }
 
     #[test]

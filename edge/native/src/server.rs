@@ -628,7 +628,9 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
     };
     // An `/execute` answer may be kept alive (`EXECUTE_KEEPALIVE_MS`): none else, since
     // only it is a synchronous wait that existing callers make through a Tunnel.
-    let keepalive = state.execute_keepalive.filter(|_| parts.method == axum::http::Method::POST && parts.uri.path() == "/execute");
+    // The route as the core reads it: `//execute` (a base URL ending in `/`) and `/execute/`
+    // are `/execute` too (rev24-1).
+    let keepalive = state.execute_keepalive.filter(|_| parts.method == axum::http::Method::POST && edge_core::path::segments(parts.uri.path()) == ["execute"]);
     let req = edge_core::http::Request {
         method: parts.method.as_str().to_string(),
         path: parts.uri.path().to_string(),
