@@ -103,11 +103,6 @@ pub struct Agent {
     /// ([`shared::protocol::Hello::instance`]; `None` from an agent of before the field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
-    /// The jobs whose results were heard on this connection: only a result new on it is a
-    /// sign of life (one played back by the path again and again is not). Not kept: after
-    /// a Worker's hibernation each may count once more.
-    #[serde(skip)]
-    pub results_heard: std::collections::BTreeSet<String>,
     /// How many frames no agent sends came on this connection (reports not MACed on it,
     /// refusals that name no order): past [`shared::protocol::MAX_UNPROVEN_FRAMES`] they
     /// are counted, not logged. Not kept: after a Worker's hibernation a few more are logged.
@@ -575,7 +570,6 @@ mod tests {
                 usage_hold_until: None,
                 login: Some(login.clone()),
                 instance: Some(shared::ids::instance_id([7; shared::ids::INSTANCE_ID_BYTES])),
-                results_heard: Default::default(),
                 unproven: 0,
             }),
         };
@@ -633,7 +627,6 @@ mod tests {
             usage_hold_until: None,
             login: None,
             instance: None,
-            results_heard: Default::default(),
             unproven: 0,
         });
         assert_eq!(session.fitted(within(size(&session))), Some(session.clone()), "whole when it fits");

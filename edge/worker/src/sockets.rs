@@ -211,7 +211,6 @@ mod tests {
                 stopping: false,
                 // As an agent makes it: the record keeps it in every form.
                 instance: Some(shared::ids::instance_id([0xff; shared::ids::INSTANCE_ID_BYTES])),
-                results_heard: Default::default(),
                 unproven: 0,
             }),
         }

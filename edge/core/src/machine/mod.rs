@@ -68,7 +68,7 @@ use shared::job::JobState;
 use shared::oauth::OAuthReport;
 use shared::Millis;
 use crate::queue::FairQueue;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// How long `/health` shows an agent that went away as down (and the pool `degraded`).
 pub const DOWN_SHOWN_MS: Millis = 3_600_000;
@@ -217,6 +217,13 @@ pub struct Edge {
     /// The agents taking work, and their labels, when the queue's jobs now set aside were
     /// found to fit none of them (`jobs.rs::dispatch`).
     set_aside_for: Vec<(String, shared::placement::Labels)>,
+    /// The jobs whose results were heard on each proven connection, by session id: only a
+    /// result new on its connection is a sign of life (one played back by the path again
+    /// and again is not). Apart from the session's record, which each event that changes
+    /// it copies (for an undo, and into `SaveSession`): up to `MAX_RESULTS_HEARD` ids
+    /// there were copied a few times per job. Not kept, not undone: after a Worker's
+    /// hibernation, or an event undone, a result may count once more.
+    results_heard: HashMap<String, HashSet<String>>,
 }
 
 impl Edge {
@@ -250,6 +257,7 @@ impl Edge {
             upgrades: crate::upgrade::Refusals::default(),
             walked: 0,
             set_aside_for: Vec::new(),
+            results_heard: HashMap::new(),
         }
     }
 

@@ -15,7 +15,7 @@ use shared::keys;
 use shared::Millis;
 use shared::oauth::OAuthReport;
 use shared::protocol::{self, close, AgentMessage, Beat, EdgeMessage, Hello, LoginReport, ProgressEvent, ProgressReport, Rejection, ResultReport, Slots, StartReport, Welcome, MAX_CAPACITY, MAX_HELLO_FINISHED, PROTOCOL_VERSION};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use tracing::{debug, info, warn};
 
 /// Connections that have not answered their challenge yet, at most. Past it a new one is
@@ -457,7 +457,6 @@ impl Edge {
             usage_hold_until: None,
             login: None,
             instance: hello.instance.clone(),
-            results_heard: Default::default(),
             unproven: 0,
         });
         session.agent_mut().expect("just made ready").report(hello.oauth.clone(), now);
@@ -983,13 +982,15 @@ impl Edge {
     fn result_heard(&mut self, now: Now, session_id: &str, job_id: &str) {
         /// Past this many, the list starts again (each result may count once more).
         const MAX_RESULTS_HEARD: usize = 1024;
-        let session = self.session_mut(session_id).expect("ready session");
-        let agent = session.agent_mut().expect("ready session");
-        if agent.results_heard.len() >= MAX_RESULTS_HEARD {
-            agent.results_heard.clear();
+        if !self.results_heard.contains_key(session_id) {
+            self.results_heard.insert(session_id.to_string(), HashSet::new());
         }
-        if agent.results_heard.insert(job_id.to_string()) {
-            session.last_seen = now.at;
+        let heard = self.results_heard.get_mut(session_id).expect("just made");
+        if heard.len() >= MAX_RESULTS_HEARD {
+            heard.clear();
+        }
+        if heard.insert(job_id.to_string()) {
+            self.session_mut(session_id).expect("ready session").last_seen = now.at;
         }
     }
 

@@ -202,6 +202,7 @@ impl Edge {
 
     pub(super) fn remove_session(&mut self, id: &str) -> Option<Session> {
         let session = self.sessions.remove(id)?;
+        self.results_heard.remove(id);
         self.journal.sessions.entry(id.to_string()).or_insert_with(|| Some(session.clone()));
         Some(session)
     }

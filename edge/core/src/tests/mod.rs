@@ -1,6 +1,7 @@
 //! The machine driven with simulated time by a scripted agent.
 //!
 //! - this file: the helpers, and the flow of jobs, sessions and deadlines;
+//! - [`cost`]: what one job costs the machine, in allocations, after many;
 //! - [`storage`]: failed store writes, through a host whose store can be made to fail;
 //! - [`stop`]: a clean stop and what each waiting caller is told;
 //! - [`hosts`]: the cases where the two hosts used to decide differently, and time;
@@ -16,6 +17,7 @@
 //! - [`shares`]: what callers with secrets of their own hold of what every caller draws on.
 //! - [`waiting`]: why a queued job waits (`waiting_for`), judged as `/execute` is refused.
 
+mod cost;
 mod hostile;
 mod hosts;
 mod login;
