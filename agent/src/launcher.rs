@@ -492,24 +492,30 @@ fn not_answering(e: std::io::Error, within: std::time::Duration) -> std::io::Err
 /// of a caller's value (an `append_system_prompt`) would become the next argument or an
 /// environment variable of its choosing.
 fn encode(spawn: &Spawn) -> std::io::Result<Vec<u8>> {
-    let mut body = Vec::new();
+    // Sized once and each `NAME=value` written in place: a job's request is built on the
+    // agent's one runtime thread, and a copy per variable was most of its allocations.
+    let size = spawn.program.as_os_str().len()
+        + spawn.cwd.as_os_str().len()
+        + 24
+        + spawn.args.iter().map(|a| a.len() + 1).sum::<usize>()
+        + spawn.env.iter().map(|(n, v)| n.len() + v.len() + 2).sum::<usize>();
+    let mut body = Vec::with_capacity(size);
     let mut nul = false;
-    let mut field = |bytes: &[u8]| {
-        nul |= bytes.contains(&0);
-        body.extend_from_slice(bytes);
+    let mut field = |parts: &[&[u8]]| {
+        for part in parts {
+            nul |= part.contains(&0);
+            body.extend_from_slice(part);
+        }
         body.push(0);
     };
-    field(spawn.program.as_os_str().as_bytes());
-    field(spawn.cwd.as_os_str().as_bytes());
-    field(spawn.args.len().to_string().as_bytes());
+    field(&[spawn.program.as_os_str().as_bytes()]);
+    field(&[spawn.cwd.as_os_str().as_bytes()]);
+    field(&[spawn.args.len().to_string().as_bytes()]);
     for arg in spawn.args {
-        field(arg.as_bytes());
+        field(&[arg.as_bytes()]);
     }
     for (name, value) in spawn.env {
-        let mut pair = name.clone();
-        pair.push("=");
-        pair.push(value);
-        field(pair.as_bytes());
+        field(&[name.as_bytes(), b"=", value.as_bytes()]);
     }
     if nul {
         return Err(std::io::Error::new(
