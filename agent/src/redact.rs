@@ -19,6 +19,7 @@
 use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 
@@ -202,7 +203,7 @@ impl Redactor {
     /// masked here. Returns the text and the new decoded end to carry.
     fn redact_after(&self, before: &[u8], text: &str) -> (String, Vec<u8>) {
         if self.sets.is_empty() || text.is_empty() {
-            return (mask_token_shapes(text), before.to_vec());
+            return (mask_token_shapes(text).into_owned(), before.to_vec());
         }
         // Two readings: with spaces and line breaks left out, and with escapes decoded
         // too (only when there is one: a `%` or `\` right before a secret must not hide
@@ -227,7 +228,13 @@ impl Redactor {
         // The end of this text (after the earlier one's, if this is short) goes on.
         let keep = self.widest.saturating_sub(1);
         let carry = plain.bytes[plain.bytes.len().saturating_sub(keep)..].to_vec();
-        (mask_token_shapes(&mask(text, &spans)), carry)
+        // One copy of the text, made by whichever step changes it (most change nothing).
+        let masked = mask(text, &spans);
+        let shaped = match mask_token_shapes(&masked) {
+            Cow::Owned(shaped) => Some(shaped),
+            Cow::Borrowed(_) => None,
+        };
+        (shaped.unwrap_or_else(|| masked.into_owned()), carry)
     }
 
     /// Redacts one line of Claude's stdout: a JSON value has each string (and key)
@@ -484,9 +491,9 @@ fn unicode_escape(t: &[u8]) -> Option<(usize, char)> {
 }
 
 /// `text` with the (sorted) byte spans replaced by [`MASK`], widened to whole characters.
-fn mask(text: &str, spans: &[(usize, usize)]) -> String {
+fn mask<'a>(text: &'a str, spans: &[(usize, usize)]) -> Cow<'a, str> {
     if spans.is_empty() {
-        return text.to_string();
+        return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len());
     let mut done = 0;
@@ -508,16 +515,16 @@ fn mask(text: &str, spans: &[(usize, usize)]) -> String {
         done = end;
     }
     out.push_str(&text[done..]);
-    out
+    Cow::Owned(out)
 }
 
 fn is_token_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '-' || c == '_'
 }
 
-fn mask_token_shapes(text: &str) -> String {
+fn mask_token_shapes(text: &str) -> Cow<'_, str> {
     if !text.contains(TOKEN_PREFIX) {
-        return text.to_string();
+        return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -529,7 +536,7 @@ fn mask_token_shapes(text: &str) -> String {
         rest = &tail[end..];
     }
     out.push_str(rest);
-    out
+    Cow::Owned(out)
 }
 
 #[cfg(test)]
