@@ -946,6 +946,41 @@ mod tests {
         (code, usage)
     }
 
+    /// An agent cut off from the edge while a job it accepted was checking out its
+    /// repository (or waiting at the refresh gate) started the job once that was done, long
+    /// after the edge had ended it `lost` and told its `/execute` caller to fall back: the
+    /// task ran twice. Away longer than the edge's LOST_AFTER_MS (0 here), Claude is not
+    /// started and the result says so; connected, the job runs as before.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_job_the_edge_gave_up_while_the_agent_was_away_is_not_started() {
+        let dir = std::env::temp_dir().join(format!("cr-agent-away-{}", std::process::id()));
+        let ran = dir.join("ran");
+        let (agent, _queues) = agent_with_claude(&dir, &format!("touch '{}'", ran.display()));
+        let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
+        let run = |agent: Arc<Agent>, spec: shared::job::JobSpec| async move {
+            let ctx = agent.job_context("j:1", "default", Some(false));
+            let (_stop, stop_rx) = oneshot::channel();
+            let ended = runner::run(&ctx, "j", spec, stop_rx).await;
+            ended.leftover.clean_up().await;
+            ended.result
+        };
+        agent.link.welcomed(Some(0));
+        agent.link.away();
+        // Any time at all away is longer than LOST_AFTER_MS 0.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let result = run(Arc::clone(&agent), spec.clone()).await;
+        assert!(!ran.exists(), "Claude was started after the edge gave the job up");
+        assert_eq!(result.error_code, Some(ErrorCode::RunnerLost), "{result:?}");
+        assert_eq!(result.retryable, Some(true));
+        let said = result.error.unwrap_or_default();
+        assert!(said.starts_with("not started: the edge had given the job up after 0 ms") && said.ends_with("run it again"), "{said}");
+        // Connected again: the job runs.
+        agent.link.welcomed(Some(0));
+        run(Arc::clone(&agent), spec).await;
+        assert!(ran.exists(), "a connected agent did not start the job");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// The agent's frames as the connection takes them, each heartbeat read as the usage
     /// status it carries ("beat <status>"), a result as "result", others by kind.
     fn taken(uplink: &mut crate::uplink::Receivers) -> Vec<String> {

@@ -57,7 +57,11 @@ pub async fn run(agent: Arc<Agent>, mut uplink: Receivers, mut shutdown: watch::
         // Its reasons may be the words of whoever answered at EDGE_URL (a close frame, a
         // goodbye, a version), heard before or without any proof that it is the edge: one
         // bounded line before they reach the log or the status file.
-        let end = match session(&agent, &mut uplink, &mut shutdown, &mut reconnect).await {
+        let ended = session(&agent, &mut uplink, &mut shutdown, &mut reconnect).await;
+        // Away from the edge from here (counted from its last frame): a job accepted on the
+        // connection that ended does not start once the edge has given it up.
+        agent.link.away();
+        let end = match ended {
             End::Lost(why) => End::Lost(peer_words(&why)),
             End::Unreached(why) => End::Unreached(peer_words(&why)),
             End::Refused(why) => End::Refused(peer_words(&why)),
@@ -588,6 +592,7 @@ async fn session(
         // Our edges refuse such a setting at their start: an edge of another release.
         warn!(agent_id = %cfg.agent_id, asked_ms = asked, heartbeat_ms = heartbeat.as_millis() as u64, "the edge asked for a heartbeat interval agents do not keep; heartbeating at the nearest they do");
     }
+    agent.link.welcomed(welcome.lost_after_ms);
     if reconnect.welcomed(welcome.lost_after_ms) {
         if let Err(e) = crate::lost_after::keep(&cfg.data_dir, welcome.lost_after_ms) {
             // Written again at the next welcome, saying the same or not.
@@ -669,6 +674,7 @@ async fn session(
                 // Heard; but only the ack of a beat says how much of what was written it
                 // has read (a job order or a result's ack may cross megabytes in a hop).
                 last_heard = Instant::now();
+                agent.link.heard();
                 match frame {
                     Some(Ok(Message::Text(text))) => match protocol::decode::<EdgeMessage>(&text) {
                         Ok(msg) => {

@@ -16,6 +16,7 @@
 use shared::link::{LinkKeys, MacKey};
 use shared::protocol::AgentMessage;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 #[derive(Clone, Default)]
@@ -26,6 +27,26 @@ struct Current {
     keys: Option<LinkKeys>,
     /// Counts the connections whose keys were set: which one a [`Sealed`] frame is for.
     connection: u64,
+    /// A welcomed connection is up (the agent has not seen it end).
+    connected: bool,
+    /// When the agent last heard a frame from the edge (its welcome included).
+    last_heard: Option<Instant>,
+    /// The last welcome's `LOST_AFTER_MS` (`None`: an edge of before the field).
+    lost_after_ms: Option<u64>,
+}
+
+/// How long the agent has been away from the edge at `now`, if the edge has given up the
+/// jobs it holds by then: no welcomed connection, and nothing heard from the edge for
+/// longer than its `LOST_AFTER_MS`. The edge counts its wait from when it lost the agent,
+/// which is no earlier than the agent's last frame from it, so this never says "given up"
+/// before the edge has (or is about to). While a connection is up nothing is given up,
+/// whatever the heartbeat interval is against `LOST_AFTER_MS`.
+pub fn given_up(connected: bool, last_heard: Option<Instant>, lost_after_ms: Option<u64>, now: Instant) -> Option<Duration> {
+    if connected {
+        return None;
+    }
+    let away = now.saturating_duration_since(last_heard?);
+    (away > Duration::from_millis(lost_after_ms?)).then_some(away)
 }
 
 /// A frame MACed with one connection's key, for [`Link::send`].
@@ -52,6 +73,33 @@ impl Link {
         let mut current = self.lock();
         current.keys = Some(keys);
         current.connection += 1;
+    }
+
+    /// The edge welcomed the agent, saying its `LOST_AFTER_MS`.
+    pub fn welcomed(&self, lost_after_ms: Option<u64>) {
+        let mut current = self.lock();
+        (current.connected, current.last_heard, current.lost_after_ms) = (true, Some(Instant::now()), lost_after_ms);
+    }
+
+    /// A frame from the edge was read.
+    pub fn heard(&self) {
+        self.lock().last_heard = Some(Instant::now());
+    }
+
+    /// The connection ended (or none was made): the agent is away from the edge, counted
+    /// from the last frame it heard.
+    pub fn away(&self) {
+        self.lock().connected = false;
+    }
+
+    /// [`given_up`] now: checked before a job accepted while connected starts (its
+    /// repository checkout or the refresh gate may have outlasted a cut link). The edge
+    /// ended such a job `lost` and told an `/execute` caller to fall back: started now, the
+    /// task would run twice.
+    pub fn given_up(&self) -> Option<(Duration, u64)> {
+        let current = self.lock();
+        let away = given_up(current.connected, current.last_heard, current.lost_after_ms, Instant::now())?;
+        Some((away, current.lost_after_ms.unwrap_or_default()))
     }
 
     /// The key the agent MACs its frames with on this connection, if there is one.
@@ -110,6 +158,43 @@ mod tests {
     fn result(key: &MacKey) -> AgentMessage {
         let report = ResultReport { job_id: "j1".into(), order_nonce: "j1:1".into(), result: Default::default() };
         AgentMessage::result_text(serde_json::to_string(&report).unwrap(), key)
+    }
+
+    /// An agent cut off from the edge while a job it accepted was still checking out its
+    /// repository started the job after the edge had ended it `lost` (its caller told to
+    /// fall back): the task ran twice. Past `LOST_AFTER_MS` without the edge it must not
+    /// start; connected, or away less, nothing changes.
+    #[test]
+    fn a_job_is_given_up_only_once_the_agent_has_been_away_longer_than_lost_after_ms() {
+        let heard = Instant::now();
+        let after = |ms| heard + Duration::from_millis(ms);
+        // Away longer than LOST_AFTER_MS: given up, and for how long it was away.
+        assert_eq!(given_up(false, Some(heard), Some(8_000), after(8_001)), Some(Duration::from_millis(8_001)));
+        // Away less, or just that long: the edge may still wait for it.
+        assert_eq!(given_up(false, Some(heard), Some(8_000), after(7_999)), None);
+        assert_eq!(given_up(false, Some(heard), Some(8_000), after(8_000)), None);
+        // Connected: nothing changes, however long since the last frame (a heartbeat
+        // interval longer than LOST_AFTER_MS).
+        assert_eq!(given_up(true, Some(heard), Some(8_000), after(20_000)), None);
+        // An edge that does not say its LOST_AFTER_MS, or never heard (the canary's link).
+        assert_eq!(given_up(false, Some(heard), None, after(1_000_000)), None);
+        assert_eq!(given_up(false, None, Some(8_000), after(1_000_000)), None);
+        assert!(Link::local().given_up().is_none());
+    }
+
+    #[test]
+    fn a_link_is_given_up_only_after_its_connection_ended() {
+        let link = Link::default();
+        link.set(keys(1));
+        link.welcomed(Some(0));
+        link.heard();
+        assert!(link.given_up().is_none(), "connected");
+        link.away();
+        // LOST_AFTER_MS 0: given up once any time at all has passed away.
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(link.given_up().map(|(_, lost)| lost), Some(0));
+        link.welcomed(Some(0));
+        assert!(link.given_up().is_none(), "connected again");
     }
 
     /// The race of a job ending while the agent reconnects: its result MACed with the

@@ -284,6 +284,17 @@ async fn run_in(
         s = &mut stop => Err(Ok(Stop::ending(s))),
         _ = tokio::time::sleep_until(deadline) => Err(Ok(Ending::TimedOut { after_ms: spec.timeout_ms })),
     };
+    // Away from the edge past its LOST_AFTER_MS (a link cut during the checkout or the
+    // wait for the refresh gate): the edge has ended this job `lost` and told an
+    // `/execute` caller to fall back. Started now, the task would run twice; the result
+    // says it never started (an edge that ended it keeps its own end, as of any late result).
+    if let (Ok(_), Some((away, lost_after_ms))) = (&admitted, ctx.link.given_up()) {
+        let away_ms = away.as_millis() as u64;
+        warn!(job_id, agent_id = %ctx.cfg.agent_id, away_ms, lost_after_ms, "job not started: the edge gave it up while this agent was away");
+        let why = format!("not started: the edge had given the job up after {lost_after_ms} ms without this agent (LOST_AFTER_MS; it heard nothing from the edge for {away_ms} ms before Claude would have started); run it again");
+        // Retryable: nothing ran, nothing was pushed (unsaid, the edge would warn of a push).
+        return (JobResult { retryable: Some(true), ..JobResult::lost(why, started.elapsed().as_millis() as u64) }, None);
+    }
     let (mut result, session) = match admitted {
         Ok(refresher) => {
             let ran = run_claude(ctx, job_id, &spec, &cwd, deadline, &mut stop, started).await;
