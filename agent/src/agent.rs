@@ -57,6 +57,16 @@ struct Running {
     beats: u64,
     /// The mirror names the edge was last told of (in a hello or a `Mirrors`).
     mirrors_told: Vec<String>,
+    /// The agent could not start a job for a want of its own ([`runner::CannotStart`]):
+    /// it offers no slot, and its heartbeats say why, until it can again
+    /// ([`Agent::check_start`]).
+    cannot_start: Option<Held>,
+}
+
+/// Why the agent takes no work now, and how many heartbeats have passed since.
+struct Held {
+    cannot: runner::CannotStart,
+    checks: u32,
 }
 
 impl Running {
@@ -308,7 +318,7 @@ impl Agent {
     }
 
     fn slots(&self, running: &Running) -> Slots {
-        let free = if running.closed { 0 } else { self.cfg.max_concurrent_jobs.saturating_sub(running.jobs.len() as u32) };
+        let free = if running.closed || running.cannot_start.is_some() { 0 } else { self.cfg.max_concurrent_jobs.saturating_sub(running.jobs.len() as u32) };
         Slots { free, received: running.received }
     }
 
@@ -344,12 +354,13 @@ impl Agent {
     }
 
     /// Tells the edge how many jobs it may send now (after each welcome): while the door
-    /// is closed, with a heartbeat at once, which says so ([`Beat::stopping`]).
+    /// is closed, or the agent cannot start jobs, with a heartbeat at once, which says so
+    /// ([`Beat::stopping`], [`Beat::cannot_start`]).
     pub fn state_slots(&self) {
         let closed = {
             let running = self.running.lock().expect("running lock");
             let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
-            running.closed
+            running.closed || running.cannot_start.is_some()
         };
         if closed {
             self.heartbeat();
@@ -376,6 +387,7 @@ impl Agent {
             slots: self.slots(&running),
             claude_version: self.cli.current(),
             stopping: running.closed,
+            cannot_start: running.cannot_start.as_ref().map(|held| held.cannot.why.clone()),
         };
         let (finished, more_finished) = shared::protocol::Hello::name_finished(self.spool.kept_ids());
         let beat = Beat { finished, more_finished, ..beat };
@@ -510,9 +522,9 @@ impl Agent {
             self.link.seal_and_send(&self.uplink, |key| AgentMessage::result_text(result.payload, key));
             return;
         }
-        if running.closed || running.jobs.len() as u32 >= self.cfg.max_concurrent_jobs {
+        if running.closed || running.cannot_start.is_some() || running.jobs.len() as u32 >= self.cfg.max_concurrent_jobs {
             // Nothing wrong with the order itself: the edge may send it again later.
-            self.reject(&order.header, "no free slot: the agent is full or stopping", true);
+            self.reject(&order.header, "no free slot: the agent is full or stopping, or cannot start jobs now", true);
             return;
         }
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -535,6 +547,10 @@ impl Agent {
             // a panicked job still ends, as a failure.
             let run = std::panic::AssertUnwindSafe(runner::run(&ctx, &job_id, order.spec, stop_rx)).catch_unwind();
             let (result, session, leftover) = match run.await {
+                Ok(runner::Ended { cannot_start: Some(cannot), leftover, .. }) => {
+                    agent.hand_back(&job_id, &order.header, cannot, leftover).await;
+                    return;
+                }
                 Ok(ended) => (ended.result, ended.session, Some(ended.leftover)),
                 Err(_) => {
                     error!(job_id = %job_id, agent_id = %agent.cfg.agent_id, "the job runner panicked");
@@ -634,6 +650,66 @@ impl Agent {
                 "could not write the result to the spool: it is kept in memory and sent until the edge has it, but \
                  a restart of the agent now would lose it; free space in DATA_DIR or fix its permissions"
             );
+        }
+    }
+
+    /// A job the agent could not start for a want of its own ([`runner::CannotStart`]: a
+    /// full disk, its process limit) goes back to the edge unstarted, to run on another
+    /// agent or later. First the agent stops taking work and says why — a heartbeat, read
+    /// by the edge before the refusal behind it — so the job is not sent straight back
+    /// here, round and round (every job it was sent ended at once, a failure, while it
+    /// looked healthy); then it refuses the job's order, to be sent again. A started record
+    /// written for it goes: its Claude never ran, and a restart must not report it lost.
+    async fn hand_back(self: &Arc<Self>, job_id: &str, header: &OrderHeader, cannot: runner::CannotStart, leftover: runner::Leftover) {
+        let (spool, id) = (Arc::clone(&self.spool), job_id.to_string());
+        let _ = tokio::task::spawn_blocking(move || {
+            spool.unstart(&id);
+            leftover.clean_up_now();
+        })
+        .await;
+        let why = cannot.why.clone();
+        let ids = {
+            let mut running = self.running.lock().expect("running lock");
+            running.jobs.remove(job_id);
+            if running.cannot_start.is_none() {
+                warn!(agent_id = %self.cfg.agent_id, reason = %why, "the agent cannot start jobs: it takes no work until it can");
+            }
+            running.cannot_start = Some(Held { cannot, checks: 0 });
+            let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
+            running.ids()
+        };
+        self.heartbeat();
+        warn!(job_id, agent_id = %self.cfg.agent_id, reason = %why, "job handed back to the edge unstarted");
+        self.reject(header, &format!("the agent could not start the job: {why}"), true);
+        self.status.running(ids);
+    }
+
+    /// At each heartbeat while the agent cannot start jobs: whether it can again. A want
+    /// of disk ends once a write into the folders every job needs (its workspace's,
+    /// the started records') succeeds; any other after a heartbeat interval. Then the
+    /// agent offers its slots again (the heartbeat after this says so).
+    pub async fn check_start(&self) {
+        let disk = {
+            let mut running = self.running.lock().expect("running lock");
+            let Some(held) = running.cannot_start.as_mut() else { return };
+            held.checks += 1;
+            if !held.cannot.disk && held.checks < 2 {
+                return;
+            }
+            held.cannot.disk
+        };
+        if disk {
+            let dirs = [self.workspaces.to_path_buf(), self.spool.records().to_path_buf()];
+            let probed = tokio::task::spawn_blocking(move || dirs.iter().try_for_each(|dir| crate::files::probe_write(dir))).await;
+            if let Err(e) = probed.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))) {
+                debug!(agent_id = %self.cfg.agent_id, error = %e, "DATA_DIR still takes no writes: no work yet");
+                return;
+            }
+        }
+        let mut running = self.running.lock().expect("running lock");
+        if running.cannot_start.take().is_some() {
+            info!(agent_id = %self.cfg.agent_id, "the agent can start jobs again: it takes work");
+            let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
         }
     }
 
@@ -896,6 +972,46 @@ mod tests {
             assert!(agent.spool.get(job).is_none(), "{job}, not taken for 24 h across restarts, still kept");
         }
         assert!(agent.spool.all().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Review rev20, finding 3: an agent that cannot make a job's workspace (its disk full)
+    /// hands the job back unstarted — after a heartbeat saying it cannot start jobs, with
+    /// no free slot — and takes work again only once a write there succeeds, at a
+    /// heartbeat. (Here the workspaces' folder is a file: no workspace can be made in it.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_without_room_for_its_workspace_goes_back_and_the_agent_holds_until_there_is() {
+        let dir = std::env::temp_dir().join(format!("cr-agent-no-room-{}", std::process::id()));
+        let (agent, mut queues) = agent_with_claude(&dir, "exit 0\n");
+        let workspaces = agent.workspaces.to_path_buf();
+        std::fs::remove_dir_all(&workspaces).unwrap();
+        std::fs::write(&workspaces, "").unwrap();
+        let key = shared::link::MacKey::from_bytes([1; 32]);
+        let (tx, rx) = oneshot::channel();
+        let ctx = agent.job_context("j1:1", "default", None);
+        let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "x", "timeout_ms": 10000})).unwrap();
+        let ended = runner::run(&ctx, "j1", spec, rx).await;
+        drop(tx);
+        let cannot = ended.cannot_start.clone().expect("a job with no room for its workspace is handed back, not failed");
+        assert!(cannot.disk && cannot.why.contains("free space on"), "{cannot:?}");
+        agent.running.lock().unwrap().jobs.insert("j1".into(), None);
+        let header = OrderHeader::new("j1", Audience { agent_id: "spark", pool: shared::ids::DEFAULT_POOL }, crate::now_ms(), "j1:1".into());
+        while queues.uplink.try_next().is_some() {}
+        agent.hand_back("j1", &header, cannot, ended.leftover).await;
+        let said: Vec<AgentMessage> = std::iter::from_fn(|| queues.uplink.try_next().map(|out| out.msg)).collect();
+        let beat = said.iter().position(|m| matches!(m, AgentMessage::Heartbeat { envelope } if envelope.open::<Beat>(Domain::Heartbeat, &key).unwrap().cannot_start.is_some()));
+        let refusal = said.iter().position(|m| matches!(m, AgentMessage::Rejected { envelope } if envelope.open::<shared::protocol::Rejection>(Domain::Rejection, &key).unwrap().retry));
+        assert!(matches!((beat, refusal), (Some(b), Some(r)) if b < r), "the agent must say it cannot start jobs before it hands one back: {said:?}");
+        assert_eq!(agent.slots(&agent.running.lock().unwrap()).free, 0);
+        assert!(agent.running_ids().is_empty());
+        // Still no room at the next heartbeat; room at the one after.
+        agent.check_start().await;
+        assert!(agent.running.lock().unwrap().cannot_start.is_some(), "takes work while its disk takes no writes");
+        std::fs::remove_file(&workspaces).unwrap();
+        std::fs::create_dir(&workspaces).unwrap();
+        agent.check_start().await;
+        assert!(agent.running.lock().unwrap().cannot_start.is_none(), "still held once its disk takes writes");
+        assert_eq!(agent.slots(&agent.running.lock().unwrap()).free, 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

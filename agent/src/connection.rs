@@ -726,9 +726,11 @@ async fn session(
             }
             // Queued behind what the agent said before it, so the edge reads the agent's
             // states in order. A change of the login or the usage window queues a beat of
-            // its own as it happens (`Reporter::tell_with`).
+            // its own as it happens (`Reporter::tell_with`). An agent that could not start
+            // jobs sees first whether it can again (`Agent::check_start`).
             _ = ticker.tick() => {
                 reads_in_a_row = 0;
+                agent.check_start().await;
                 agent.heartbeat();
             }
             // Reads had their turn and nothing else was due: read on.

@@ -807,6 +807,30 @@ pub fn disk_full(e: &std::io::Error) -> bool {
     matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
 }
 
+/// Whether `dir` takes a write now: a small file made, written, synced and removed
+/// there (an agent that could not start a job for want of disk finds by this when it can
+/// again). Made new, never through a link: a job of the agent's user may have put one in
+/// its place.
+pub fn probe_write(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(".probe-write");
+    let _ = std::fs::remove_file(&path);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(PRIVATE_FILE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&path)
+        .and_then(|mut file| {
+            // A block's worth: a full disk may still take an empty file (a free inode).
+            file.write_all(&[0u8; 4096])?;
+            file.sync_all()
+        });
+    let _ = std::fs::remove_file(&path);
+    written
+}
+
 /// What to do about a full disk under DATA_DIR ([`disk_full`]).
 pub const FREE_SPACE: &str = "the disk (or your quota) is full: free some space there, or set DATA_DIR to a folder on another disk";
 

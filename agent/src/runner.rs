@@ -127,16 +127,35 @@ pub struct Ended {
     /// Its workspace, to clean up once the result is on its way (removing it is off the
     /// job's path).
     pub leftover: Leftover,
+    /// Set when the job never started because the agent cannot start jobs now (its
+    /// DATA_DIR's disk is full, its process limit reached): `result` is then not the
+    /// job's, and the job goes back to the edge unstarted ([`crate::agent`]).
+    pub cannot_start: Option<CannotStart>,
+}
+
+/// Why the agent could not start a job, through no fault of the job: it goes back to the
+/// edge unstarted (its Claude never got the prompt), to run on another agent or later,
+/// and this agent takes no work until it could start one again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CannotStart {
+    /// What went wrong and what to do, for the operator (`/health`, the log).
+    pub why: String,
+    /// Whether DATA_DIR's disk is the trouble: work resumes once a write there succeeds.
+    /// Otherwise (the process limit, memory) it resumes after a heartbeat interval.
+    pub disk: bool,
 }
 
 /// Runs the job to its end.
 pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, stop: oneshot::Receiver<Stop>) -> Ended {
     let workspace = ctx.workspaces.join(job_id);
     let mut checkout_done = None;
-    let (mut result, session) = run_in(ctx, job_id, spec, stop, &workspace, &mut checkout_done).await;
+    let mut cannot_start = None;
+    let (mut result, session) = run_in(ctx, job_id, spec, stop, &workspace, &mut checkout_done, &mut cannot_start).await;
     scrub(&mut result, || ctx.login.redactor(crate::now_ms()));
-    let keep = !result.success && ctx.cfg.repos.keep_failed_workspaces;
-    Ended { result, session, leftover: Leftover { workspace, keep, job_id: job_id.to_string(), agent_id: ctx.cfg.agent_id.clone(), checkout_done } }
+    // A job that never started leaves nothing worth keeping.
+    let keep = !result.success && ctx.cfg.repos.keep_failed_workspaces && cannot_start.is_none();
+    let leftover = Leftover { workspace, keep, job_id: job_id.to_string(), agent_id: ctx.cfg.agent_id.clone(), checkout_done };
+    Ended { result, session, leftover, cannot_start }
 }
 
 /// Masks the secrets in the words of a result that are not Claude's output (redacted as
@@ -206,6 +225,7 @@ async fn run_in(
     mut stop: oneshot::Receiver<Stop>,
     workspace: &Path,
     checkout_done: &mut Option<oneshot::Receiver<()>>,
+    cannot_start: &mut Option<CannotStart>,
 ) -> (JobResult, Option<String>) {
     let workspace = workspace.to_path_buf();
     let started = Instant::now();
@@ -224,12 +244,15 @@ async fn run_in(
         None => match workspace::prepare(&ctx.workspaces, job_id, spec.working_dir.as_deref()) {
             Ok(dir) => (dir, None),
             Err(e) => {
-                let failed = JobResult::failure(
-                    ErrorCode::InternalError,
-                    format!("could not prepare the job's workspace {}: {e}; check DATA_DIR's disk space", workspace.display()),
-                    0,
-                );
-                return (failed, None);
+                let why = format!("could not prepare the job's workspace {}: {e}; check DATA_DIR's disk space", workspace.display());
+                // The disk (full, read-only, its folder's permissions): no fault of the
+                // job's, which goes back unstarted. Anything else is the job's own.
+                if e.kind() != std::io::ErrorKind::Other {
+                    let root = workspace.parent().unwrap_or(&workspace);
+                    let why = format!("it cannot make a job's workspace in {} ({e}): free space on that folder's disk (or make it writable)", root.display());
+                    *cannot_start = Some(CannotStart { why, disk: true });
+                }
+                return (JobResult::failure(ErrorCode::InternalError, why, 0), None);
             }
         },
         Some(url) => {
@@ -297,7 +320,7 @@ async fn run_in(
     }
     let (mut result, session) = match admitted {
         Ok(refresher) => {
-            let ran = run_claude(ctx, job_id, &spec, &cwd, deadline, &mut stop, started).await;
+            let ran = run_claude(ctx, job_id, &spec, &cwd, deadline, &mut stop, started, cannot_start).await;
             drop(refresher);
             ran
         }
@@ -425,6 +448,7 @@ fn deadline_of(started: Instant, timeout_ms: u64) -> tokio::time::Instant {
 
 /// Runs Claude in the job's session ([`Session::of`]): its result, and the session to record
 /// as the caller's.
+#[allow(clippy::too_many_arguments)]
 async fn run_claude(
     ctx: &JobContext,
     job_id: &str,
@@ -433,6 +457,7 @@ async fn run_claude(
     deadline: tokio::time::Instant,
     stop: &mut oneshot::Receiver<Stop>,
     started: Instant,
+    cannot_start: &mut Option<CannotStart>,
 ) -> (JobResult, Option<String>) {
     let cfg = &ctx.cfg;
     let mut job_env = Vec::new();
@@ -524,6 +549,11 @@ async fn run_claude(
         // The connection's task (on the agent's one runtime thread) sends this batch now,
         // and the edge takes it in while the result is made here, rather than after it.
         tokio::task::yield_now().await;
+    }
+    // Claude never ran, for want of what the agent needs to start any job: the job goes
+    // back unstarted (a job no edge knows of, such as the canary's, fails as it is).
+    if let (Some(_), Ending::NotStarted(e)) = (&ctx.uplink, &finished.ending) {
+        *cannot_start = Some(CannotStart { why: e.clone(), disk: true });
     }
     let stderr = ctx.login.redactor(crate::now_ms()).redact(&finished.stderr);
     let duration_ms = started.elapsed().as_millis() as u64;

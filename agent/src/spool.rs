@@ -38,7 +38,7 @@ use shared::protocol::ResultReport;
 use shared::job::JobResult;
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// A result as the spool keeps it: the payload of its [`ResultReport`],
@@ -411,6 +411,24 @@ impl Spool {
     fn clear(&self, n: usize) {
         let _ = self.write_slot(n, record::STARTED_AT, &record::CLEARED, false);
         self.lock().slots[n] = Slot::Free;
+    }
+
+    /// The job whose started record this is never started after all (Claude could not be
+    /// spawned: it goes back to the edge unstarted): its record is cleared, so a restart
+    /// does not report it lost, and its slot is free.
+    pub fn unstart(&self, job_id: &str) {
+        let n = {
+            let mut kept = self.lock();
+            let Some(n) = Self::slot_of(&kept, job_id) else { return };
+            kept.slots[n] = Slot::Clearing;
+            n
+        };
+        self.clear(n);
+    }
+
+    /// The folder of the slots' record files, where every job's started record is written.
+    pub fn records(&self) -> &Path {
+        &self.records
     }
 
     fn slot_of(kept: &Kept, job_id: &str) -> Option<usize> {

@@ -609,6 +609,9 @@ pub enum WaitCode {
     Paused,
     /// Every agent that fits the job is stopping (draining before it exits).
     Stopping,
+    /// Every agent that fits the job cannot start jobs now (its DATA_DIR's disk full, its
+    /// process limit reached: the message says which and what to do).
+    CannotStart,
     /// The Claude OAuth login of every agent that fits the job needs a person.
     Login,
     /// Their usage window is used up (until `retry_at` of an `/execute`).
@@ -757,8 +760,13 @@ pub struct AgentInfo {
     /// agent has its job.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopping: bool,
-    /// Whether it can take a job now (connected, not paused or stopping, its login
-    /// usable), free slot or not.
+    /// It cannot start jobs now, and why, with what to do (its DATA_DIR's disk is full:
+    /// free space there; its user's process limit is reached): it handed a job back
+    /// unstarted and takes none until it can again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cannot_start: Option<String>,
+    /// Whether it can take a job now (connected, not paused or stopping, able to start
+    /// jobs, its login usable), free slot or not.
     #[serde(default)]
     pub takes_work: bool,
     /// Its login as the edge judges it: `good`, `attention_soon` or `broken`.

@@ -342,6 +342,14 @@ pub struct Beat {
     /// connection, where a made-up `Credit` lasts until the next beat.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopping: bool,
+    /// The agent takes no new jobs because it cannot start them now, and why, in words for
+    /// its operator (its DATA_DIR's disk is full, its user's process limit reached): it
+    /// handed a job back unstarted, and offers no slot until it could start one again
+    /// (a write into DATA_DIR succeeds; after a heartbeat interval). The edge holds it back
+    /// as it does a stopping agent, showing the reason (at most
+    /// [`crate::text::MAX_PEER_WORDS_BYTES`] of it). Additive: absent from an older agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cannot_start: Option<String>,
     /// The results it holds that the edge has not acknowledged, named as a hello names
     /// them ([`Hello::name_finished`]; `more_finished`: there are more). The edge waits for
     /// such a job's result rather than take it for lost: a frame-aware hop (a TLS proxy,
@@ -1192,6 +1200,7 @@ mod tests {
             slots: Slots { free: 1, received: 3 },
             claude_version: None,
             stopping: true,
+            cannot_start: None,
             finished: vec!["j0".into()],
             more_finished: true,
         };

@@ -876,24 +876,71 @@ async fn a_claude_that_cannot_be_executed_fails_its_job_clearly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The job's "started" record cannot be written (its disk went read-only): the job fails
-/// with the reason, and Claude — started beside the record's write — never gets its prompt.
+/// The job's "started" record cannot be written (its disk went read-only): Claude —
+/// started beside the record's write — never gets its prompt, and the job, which never
+/// started, goes back to the edge; the agent takes no work until the disk takes writes
+/// again, so the `/execute` caller (this agent alone fits) falls back with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_started_marker_cannot_be_written_never_reaches_claude() {
     let keys = Keys::new(&["spark"]);
-    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
     let mut opts = AgentOpts::for_edge(&edge, "spark");
     opts.wrapper = on_own_disk("$DATA_DIR/records", "64k");
     let agent = AgentProc::start(opts);
     let client = Client::new(&edge.url());
     client.wait_online().await;
-    remount(agent.pid().unwrap(), &agent.data.path().join("data/records"), "ro");
+    let records = agent.data.path().join("data/records");
+    remount(agent.pid().unwrap(), &records, "ro");
     let answer = client.execute(json!({"prompt": "must not run", "timeout_ms": 60000})).await;
-    assert_eq!(answer.body["success"], false, "{}", answer.text);
-    assert_eq!(answer.body["error_code"], "INTERNAL_ERROR", "{}", answer.text);
+    assert_eq!((answer.status, answer.body["error_code"].as_str(), answer.body["fallback"].as_bool()), (503, Some("RUNNER_OFFLINE"), Some(true)), "{}", answer.text);
     assert!(answer.body["error"].as_str().unwrap_or_default().contains("could not record that the job starts"), "{}", answer.text);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(agent.claude_runs().is_empty(), "claude got the prompt: {:?}", agent.claude_runs());
+    remount(agent.pid().unwrap(), &records, "rw");
+    client.wait_online().await;
+    let answer = client.execute(json!({"prompt": "runs", "timeout_ms": 60000})).await;
+    assert_eq!((answer.status, answer.body["success"].as_bool()), (200, Some(true)), "{}", answer.text);
+}
+
+/// Review rev20, finding 3: a job that filled the disk holding DATA_DIR turned its agent
+/// into a black hole — every later job ended at once, 500 INTERNAL_ERROR "could not
+/// prepare the job's workspace", while `/health` said 200 and the agent took work. A job
+/// that cannot be given a workspace never started: it goes back to the edge, and the
+/// agent takes no work, saying why in `/health`, until a write in DATA_DIR succeeds. With
+/// this agent alone, an `/execute` falls back (503 RUNNER_OFFLINE) and a `POST /jobs` job
+/// waits, then runs once the disk has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_disk_is_full_hands_jobs_back_and_takes_work_again_once_it_has_room() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
+    let mut opts = AgentOpts::for_edge(&edge, "spark");
+    opts.wrapper = on_own_disk("$DATA_DIR/workspaces", "1m,nr_inodes=64");
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    // Full: no block and no inode left (a job's workspace is a `mkdir`, which needs one).
+    let workspaces = agent.data.path().join("data/workspaces");
+    let fill = "cat /dev/zero > hog 2>/dev/null; i=0; while touch hog$i 2>/dev/null; do i=$((i+1)); done; true";
+    inside(agent.pid().unwrap(), &format!("cd '{}' && {fill}", workspaces.display()));
+
+    let answer = client.execute(json!({"prompt": "must not run here", "timeout_ms": 60000})).await;
+    assert_eq!((answer.status, answer.body["error_code"].as_str(), answer.body["fallback"].as_bool()), (503, Some("RUNNER_OFFLINE"), Some(true)), "{}", answer.text);
+    assert!(answer.body["error"].as_str().unwrap_or_default().contains("free space on"), "{}", answer.text);
+    let health = client.health_full().await;
+    assert_eq!((health.status, health.body["agents"][0]["takes_work"].as_bool()), (503, Some(false)), "{}", health.text);
+    let why = health.body["agents"][0]["cannot_start"].as_str().unwrap_or_default();
+    assert!(why.contains("free space on") && why.contains(&workspaces.display().to_string()), "{}", health.text);
+    // Not sent round: the agent holds itself back before it hands a job back.
+    assert!(agent.log().matches("job handed back to the edge unstarted").count() == 1, "{}", agent.log());
+
+    let queued = client.submit(json!({"prompt": "waits for room"})).await;
+    let job_id = queued.body["job_id"].as_str().unwrap().to_string();
+    assert_eq!(client.get(&format!("/jobs/{job_id}")).await.body["state"], "queued");
+    inside(agent.pid().unwrap(), &format!("rm -f '{}'/hog*", workspaces.display()));
+    let job = client.wait_job(&job_id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", agent.log());
+    client.wait_online().await;
+    assert_eq!(agent.claude_runs().len(), 1, "only the job that waited ran");
 }
 
 /// The agent's launcher, found among its children.

@@ -93,6 +93,12 @@ pub struct Agent {
     /// it is draining, or a `--one-job` agent has its job. For this connection only.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopping: bool,
+    /// The agent said it cannot start jobs now, and why (in its last heartbeat,
+    /// [`shared::protocol::Beat::cannot_start`]: its DATA_DIR's disk is full, its process
+    /// limit reached): held back as a stopping agent is, until a heartbeat says it can
+    /// again. For this connection only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cannot_start: Option<String>,
     /// Until when (edge time) the agent's usage window refuses work; cleared once passed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_hold_until: Option<Millis>,
@@ -109,6 +115,12 @@ pub struct Agent {
     #[serde(skip)]
     pub unproven: u32,
 }
+
+/// The most of an agent's reason it cannot start jobs ([`Agent::cannot_start`]) a record
+/// short of room keeps ([`Session::shorter_forms`]).
+const MAX_CANNOT_START_KEPT: usize = 200;
+/// An agent's reason it cannot start jobs as the shortest record keeps it.
+const CANNOT_START_CUT: &str = "it cannot start jobs (see its log)";
 
 /// An agent instance as told apart at the edge: `""` for an agent that names none (no
 /// valid instance id is empty, [`shared::ids::valid_instance_id`]).
@@ -207,11 +219,12 @@ impl Agent {
         self.login.as_ref().is_some_and(|l| l.code_sent)
     }
 
-    /// Kept from new work by choice, not by its login: an operator paused it, or it is
-    /// stopping. Work does not wait for such an agent, and its login says nothing of
-    /// whether the others can work.
+    /// Kept from new work not by its login: an operator paused it, it is stopping, or it
+    /// cannot start jobs (its disk, its process limit: it handed a job back unstarted).
+    /// Work does not wait for such an agent, and its login says nothing of whether the
+    /// others can work.
     pub fn held_back(&self) -> bool {
-        self.paused || self.stopping
+        self.paused || self.stopping || self.cannot_start.is_some()
     }
 
     pub fn needs_login(&self, now: crate::Now) -> bool {
@@ -319,19 +332,21 @@ impl Session {
 
     /// Shorter forms of this record, each shorter than the one before (with all its
     /// mirror names: [`Session::fitted`] cuts them to fit each): first the agent's free
-    /// text is cut (version, subscription, login problem); then a relayed login loses its
-    /// URL too (the relay goes on: the code can still be sent; asking for the login again
-    /// starts a new one); last the CLI's version (a character outside Latin-1 doubles the
+    /// text is cut (version, subscription, login problem, why it cannot start jobs); then a
+    /// relayed login loses its URL too (the relay goes on: the code can still be sent;
+    /// asking for the login again starts a new one); last the CLI's version, and why it
+    /// cannot start jobs becomes a fixed sentence (a character outside Latin-1 doubles the
     /// cost of the whole attachment, and the most labels an agent may offer then no longer
-    /// fit; every heartbeat brings it back). What the machine decides with — phase,
-    /// credits, labels, pause, jobs, the relay's state, the agent's instance — stays whole
-    /// in each.
+    /// fit; every heartbeat brings them back). What the machine decides with — phase,
+    /// credits, labels, pause, whether it can start jobs, jobs, the relay's state, the
+    /// agent's instance — stays whole in each.
     pub fn shorter_forms(&self) -> Vec<Session> {
         let mut cut = self.clone();
         if let Some(agent) = cut.agent_mut() {
             agent.version = truncate(&agent.version, 64).to_string();
             agent.oauth.subscription_type = agent.oauth.subscription_type.as_deref().map(|s| truncate(s, 64).to_string());
             agent.oauth.problem = agent.oauth.problem.as_deref().map(|s| truncate(s, shared::oauth::MAX_PROBLEM_BYTES).to_string());
+            agent.cannot_start = agent.cannot_start.as_deref().map(|s| truncate(s, MAX_CANNOT_START_KEPT).to_string());
         }
         let mut without_url = cut.clone();
         if let Some(login) = without_url.agent_mut().and_then(|a| a.login.as_mut()) {
@@ -341,6 +356,10 @@ impl Session {
         let mut without_version = without_url.clone();
         if let Some(agent) = without_version.agent_mut() {
             agent.claude_version = None;
+            // Its words may name a path outside Latin-1; that it cannot start jobs stays.
+            if agent.cannot_start.is_some() {
+                agent.cannot_start = Some(CANNOT_START_CUT.into());
+            }
         }
         vec![cut, without_url, without_version]
     }
@@ -567,6 +586,7 @@ mod tests {
                 mirrors: ["github.com/o/r".to_string()].into(),
                 paused: true,
                 stopping: false,
+                cannot_start: None,
                 usage_hold_until: None,
                 login: Some(login.clone()),
                 instance: Some(shared::ids::instance_id([7; shared::ids::INSTANCE_ID_BYTES])),
@@ -624,6 +644,7 @@ mod tests {
             mirrors: (0..100).map(|i| format!("github.com/acme-corp/service-{i:02}")).collect(),
             paused: false,
             stopping: false,
+            cannot_start: None,
             usage_hold_until: None,
             login: None,
             instance: None,

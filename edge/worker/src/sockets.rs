@@ -209,6 +209,7 @@ mod tests {
                 mirrors: Default::default(),
                 paused: false,
                 stopping: false,
+                cannot_start: None,
                 // As an agent makes it: the record keeps it in every form.
                 instance: Some(shared::ids::instance_id([0xff; shared::ids::INSTANCE_ID_BYTES])),
                 unproven: 0,
@@ -227,12 +228,15 @@ mod tests {
         shared::placement::check_labels(&agent.labels).expect("within the labels' bounds");
         agent.mirrors = (0..shared::placement::MAX_MIRRORS).map(|i| format!("github.com/owner/repository-{i}")).collect();
         agent.paused = true;
+        // The longest reason it cannot start jobs the edge keeps, in costly characters.
+        agent.cannot_start = Some(shared::text::peer_words(&"é".repeat(shared::text::MAX_PEER_WORDS_BYTES)));
         let text = encode_session(&session).expect("fits");
         assert!(attachment_cost(&text) <= ATTACHMENT_BUDGET);
         let back = decode_session(&text, Some("0011223344556677")).unwrap();
         let agent = back.agent().unwrap();
         assert_eq!(agent.labels, session.agent().unwrap().labels);
         assert!(agent.paused && agent.mirrors.len() < shared::placement::MAX_MIRRORS);
+        assert!(agent.cannot_start.is_some(), "an agent that cannot start jobs takes work after an eviction");
         assert!(agent.mirrors.iter().zip(&session.agent().unwrap().mirrors).all(|(a, b)| a == b), "the first by name");
         assert_eq!(agent.keys, session.agent().unwrap().keys, "the connection's keys survive what the session survives");
         // A few mirrors fit whole.

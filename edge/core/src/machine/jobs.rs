@@ -364,11 +364,20 @@ impl Edge {
     pub(super) fn unplaceable(&self, placement: &shared::placement::Placement) -> Option<ApiError> {
         let unplaced = self.unplaced(placement)?;
         let offered: Vec<String> = self.ready().map(|(_, a)| super::login::shown_agent(a)).collect();
-        // Paused (the operator's), stopping (the agent's own), or some of each.
+        // Paused (the operator's), stopping (the agent's own), unable to start jobs (its
+        // disk, its process limit: each says why), or some of each.
+        let unable = || -> String {
+            let fitting = self.fitting_agents(placement);
+            fitting.iter().filter_map(|a| Some(format!("{}: {}", a.agent_id, a.cannot_start.as_deref()?))).collect::<Vec<_>>().join("; ")
+        };
         let held = match unplaced {
-            Hindrance::HeldBack(Held::Paused) => "paused (POST /agents/<id>/resume)",
-            Hindrance::HeldBack(Held::Stopping) => "stopping (draining its running jobs before it exits)",
-            _ => "paused or stopping",
+            Hindrance::HeldBack(Held::Paused) => "paused (POST /agents/<id>/resume)".to_string(),
+            Hindrance::HeldBack(Held::Stopping) => "stopping (draining its running jobs before it exits)".to_string(),
+            Hindrance::HeldBack(Held::CannotStart) => format!("unable to start jobs ({})", unable()),
+            _ => match unable() {
+                none if none.is_empty() => "paused or stopping".to_string(),
+                some => format!("paused, stopping or unable to start jobs ({some})"),
+            },
         };
         let why = match (unplaced, placement.needs()) {
             (Hindrance::NoneFits, needs) => format!("no connected agent offers {needs}"),

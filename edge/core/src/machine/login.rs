@@ -29,7 +29,7 @@ use shared::placement::{Labels, Placement};
 use std::collections::HashMap;
 use shared::envelope::{Audience, Domain, Envelope, OrderHeader};
 use shared::ids::hex;
-use shared::job::JobResult;
+use shared::job::{JobResult, JobState};
 use shared::protocol::{EdgeMessage, LoginAction, LoginOrder, LoginReport, LoginState};
 use shared::time::rfc3339;
 use shared::Millis;
@@ -111,6 +111,9 @@ pub(crate) fn why_not(a: &Agent, now: Now) -> Option<String> {
     }
     if a.stopping {
         return Some("stopping: it finishes its running jobs and takes no new ones".into());
+    }
+    if let Some(why) = &a.cannot_start {
+        return Some(format!("cannot start jobs: {why}"));
     }
     if a.needs_login(now) {
         return Some("its Claude OAuth login needs renewing".into());
@@ -273,6 +276,14 @@ impl Edge {
     pub(super) fn end_held_back_waits(&mut self, now: Now, effects: &mut Vec<Effect>) {
         let ended = self.queued_waits_judged(|placement| self.held_back_only(placement));
         self.end_queued(now, ended, "queued job ended: every agent that fits it is paused or stopping", effects);
+    }
+
+    /// [`Edge::end_held_back_waits`] for the one job `job_id`, just queued again.
+    pub(super) fn end_held_back_wait(&mut self, now: Now, job_id: &str, effects: &mut Vec<Effect>) {
+        let Some(job) = self.jobs.get(job_id).filter(|j| j.state == JobState::Queued && j.mode == Mode::Wait) else { return };
+        if let Some(err) = self.held_back_only(&job.placement) {
+            self.end_queued(now, vec![(job_id.to_string(), err)], "queued job ended: every agent that fits it is paused, stopping or cannot start jobs", effects);
+        }
     }
 
     /// The result of a queued job whose wait ran out: why it could not run, as the agents

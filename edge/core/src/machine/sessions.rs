@@ -28,6 +28,11 @@ pub const MAX_PENDING_PER_SOURCE: usize = 16;
 /// Jobs an agent holds that the edge has no record of, cancelled at most in one hello or
 /// heartbeat (the rest in the next ones, in turn; see [`Edge::stop_ended`]).
 pub const MAX_STRAY_CANCELS: usize = 8;
+/// A job whose order is refused (with `retry`) once it has been sent this many times ends
+/// instead of being sent again: agents that cannot start it (a full disk, a process limit)
+/// hand it back ([`shared::protocol::Beat::cannot_start`]), and each holds itself back
+/// first, but one that heals between tries, or several, could pass it round for ever.
+pub const MAX_SENDS_REFUSED: u32 = 16;
 
 /// Why a hello or heartbeat (`what`) naming `running` jobs as running, from an agent that
 /// states `capacity`, closes its connection, if it does. No agent runs more jobs than its
@@ -454,6 +459,7 @@ impl Edge {
             mirrors: mirror_names(&hello.mirrors),
             paused,
             stopping: false,
+            cannot_start: None,
             usage_hold_until: None,
             login: None,
             instance: hello.instance.clone(),
@@ -689,7 +695,7 @@ impl Edge {
                 // It settles jobs (reconciliation): the agent's own, for this connection, newer
                 // than the last one taken — or nothing.
                 let Some(beat) = self.open_report::<Beat>(session_id, &agent_id, &envelope, Domain::Heartbeat) else { return };
-                let Some(Beat { running, capacity, oauth, slots, claude_version: version, stopping, seq, finished, more_finished, .. }) = self.take_beat(now, session_id, &agent_id, beat) else { return };
+                let Some(Beat { running, capacity, oauth, slots, claude_version: version, stopping, cannot_start, seq, finished, more_finished, .. }) = self.take_beat(now, session_id, &agent_id, beat) else { return };
                 if let Some(refused) = overfull("heartbeat", running.len(), capacity) {
                     warn!(agent_id = %agent_id, session = session_id, running = running.len(), capacity, "a heartbeat names more running jobs than its agent can hold; closing the connection");
                     self.close(now, session_id, refused, effects);
@@ -697,11 +703,20 @@ impl Edge {
                 }
                 let session = self.session_mut(session_id).expect("session exists");
                 let agent = session.agent_mut().expect("ready session");
-                let began_stopping = stopping && !agent.stopping;
+                // Its words, bounded: shown in /health and the refusals that name it.
+                let cannot_start = cannot_start.map(|why| shared::text::peer_words(&why));
+                let began_stopping = (stopping && !agent.stopping) || (cannot_start.is_some() && agent.cannot_start.is_none());
                 if agent.stopping != stopping {
                     info!(agent_id = %agent_id, session = session_id, stopping, "{}", if stopping { "agent stopping: it takes no new jobs, its running ones finish" } else { "agent takes work again" });
                 }
+                if agent.cannot_start.is_some() != cannot_start.is_some() {
+                    match &cannot_start {
+                        Some(why) => warn!(agent_id = %agent_id, session = session_id, reason = %why, "agent cannot start jobs: it takes no new ones until it can"),
+                        None => info!(agent_id = %agent_id, session = session_id, "agent can start jobs again"),
+                    }
+                }
                 agent.stopping = stopping;
+                agent.cannot_start = cannot_start;
                 agent.capacity = capacity.min(MAX_CAPACITY);
                 agent.state(slots);
                 if let Some(v) = version {
@@ -785,8 +800,22 @@ impl Edge {
                     return;
                 }
                 warn!(job_id = shown_job_id(&id), agent_id = %agent_id, reason = ?reason, retry, "agent refused an order");
-                if retry {
+                if retry && self.job(&id).is_some_and(|j| j.attempts >= MAX_SENDS_REFUSED) {
+                    // Handed back by agent after agent (each holds itself back before it
+                    // does: see `Beat::cannot_start`), or refused for want of a slot again
+                    // and again: it ends with the last agent's words rather than go round.
+                    let sends = MAX_SENDS_REFUSED;
+                    let result = JobResult::failure(
+                        ErrorCode::RunnerOffline,
+                        format!("the job was sent to agents {sends} times and never started; the last refused it: {}. Submit it again later, or run it elsewhere", shared::text::peer_words(&reason)),
+                        0,
+                    );
+                    self.finish(now, &id, result, effects);
+                } else if retry {
                     self.send_again(now, &id, effects);
+                    // An `/execute` caller does not wait for agents that are all held back
+                    // (the one that refused it may have just said it cannot start jobs).
+                    self.end_held_back_wait(now, &id, effects);
                     self.dispatch(now, effects);
                 } else {
                     let result = JobResult::failure(

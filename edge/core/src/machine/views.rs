@@ -133,6 +133,7 @@ impl Edge {
             labels: a.labels.clone(),
             paused: a.paused,
             stopping: a.stopping,
+            cannot_start: a.cannot_start.clone(),
             takes_work: a.takes_work(now),
             login: login_word(a.oauth.health(now.wall)).into(),
         };
@@ -147,6 +148,7 @@ impl Edge {
             labels: Default::default(),
             paused: self.alerts.paused.contains(*id),
             stopping: false,
+            cannot_start: None,
             takes_work: false,
             login: String::new(),
         });

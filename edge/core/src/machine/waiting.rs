@@ -22,7 +22,7 @@ pub(crate) enum Hindrance {
     NoAgent,
     /// No connected agent fits the job (its labels, its `agent_id`).
     NoneFits,
-    /// Every agent that fits it is paused or stopping.
+    /// Every agent that fits it is paused, stopping or unable to start jobs.
     HeldBack(Held),
     /// The login of each of them that is not held back needs a person.
     Login,
@@ -37,6 +37,10 @@ pub(crate) enum Hindrance {
 pub(crate) enum Held {
     Paused,
     Stopping,
+    /// Each said it cannot start jobs now (its disk, its process limit), none paused or
+    /// stopping ([`Agent::cannot_start`]).
+    CannotStart,
+    /// Some of each.
     Both,
 }
 
@@ -69,9 +73,11 @@ impl Edge {
         if fitting.is_empty() {
             return Some(Hindrance::NoneFits);
         }
-        let held = match (fitting.iter().all(|a| a.paused), fitting.iter().all(|a| a.stopping && !a.paused)) {
-            (true, _) => Held::Paused,
-            (_, true) => Held::Stopping,
+        let cannot_start = |a: &&Agent| a.cannot_start.is_some() && !a.paused && !a.stopping;
+        let held = match (fitting.iter().all(|a| a.paused), fitting.iter().all(|a| a.stopping && !a.paused), fitting.iter().all(cannot_start)) {
+            (true, _, _) => Held::Paused,
+            (_, true, _) => Held::Stopping,
+            (_, _, true) => Held::CannotStart,
             _ => Held::Both,
         };
         Some(Hindrance::HeldBack(held))
@@ -127,9 +133,10 @@ impl Edge {
                     .collect();
                 let (code, what) = match held {
                     Held::Stopping => (WaitCode::Stopping, "the job starts once one is started again"),
+                    Held::CannotStart => (WaitCode::CannotStart, "do what its reason says (free space on its DATA_DIR's disk, say); the job starts once one can start jobs again"),
                     Held::Paused | Held::Both => (WaitCode::Paused, "resume one (POST /agents/<id>/resume, or the edge's page); the job starts then"),
                 };
-                (code, format!("every agent that fits it is paused or stopping ({}): {what}", each.join("; ")))
+                (code, format!("every agent that fits it is paused, stopping or unable to start jobs ({}): {what}", each.join("; ")))
             }
             Some(Hindrance::Login) => {
                 let agents = fitting();

@@ -26,7 +26,7 @@ fn beat(edge: &mut Edge, now: u64, sid: &str, oauth: OAuthReport) -> Vec<Effect>
 fn report(edge: &mut Edge, now: u64, sid: &str, oauth: OAuthReport, running: &[&str], received: u64) -> Vec<Effect> {
     let free = 1 - running.len() as u32;
     let running = running.iter().map(|s| s.to_string()).collect();
-    pulse(edge, now, sid, Beat { running, capacity: 1, oauth, slots: Slots { free, received }, claude_version: None, challenge: String::new(), seq: 0, stopping: false, finished: Vec::new(), more_finished: false })
+    pulse(edge, now, sid, Beat { running, capacity: 1, oauth, slots: Slots { free, received }, claude_version: None, challenge: String::new(), seq: 0, stopping: false, cannot_start: None, finished: Vec::new(), more_finished: false })
 }
 
 fn login_order(effects: &[Effect], sid: &str, now: u64) -> LoginOrder {

@@ -267,6 +267,7 @@ pub(super) fn beat(running: &[&str], free: u32, received: u64) -> Beat {
         slots: Slots { free, received },
         claude_version: None,
         stopping: false,
+        cannot_start: None,
         finished: Vec::new(),
         more_finished: false,
     }

@@ -521,6 +521,7 @@ impl World {
                         slots: agent.slots(),
                         claude_version: None,
                         stopping: false,
+                        cannot_start: None,
                         finished: Vec::new(),
                         more_finished: false,
                     };

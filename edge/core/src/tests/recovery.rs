@@ -1293,3 +1293,62 @@ fn a_result_of_an_order_the_edge_forgot_is_never_taken_for_a_new_order() {
     let done = finished(&report(&mut edge, 104, &sid2, "j", ok_result()));
     assert_eq!((done.len(), done[0].2["success"].as_bool()), (1, Some(true)), "{done:?}");
 }
+
+/// Review rev20, finding 3: an agent whose DATA_DIR's disk was full answered every job at
+/// once with a 500 INTERNAL_ERROR while `/health` said it took work. Now it says it
+/// cannot start jobs (its heartbeat, before it hands the job back) and refuses the order
+/// with `retry`: the edge holds it back as it does a stopping agent — `/health` 503 with
+/// its reason, an `/execute` only it fits falls back (503 RUNNER_OFFLINE, naming the
+/// reason), a `POST /jobs` job waits — until a heartbeat says it can again.
+#[test]
+fn an_agent_that_cannot_start_jobs_hands_them_back_and_takes_none_until_it_can() {
+    let (mut edge, sid) = ready_edge();
+    let waiting = call(&mut edge, 0, "POST", "/execute", json!({"prompt": "a", "timeout_ms": 60000}));
+    let id = order_of(&waiting.effects, &sid, "spark", 0).header.job_id;
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: id.clone() });
+    let why = "it cannot make a job's workspace in /data/workspaces (No space left on device): free space on that folder's disk";
+    pulse(&mut edge, 2, &sid, Beat { cannot_start: Some(why.into()), ..beat(&[&id], 0, 1) });
+    let effects = refuse(&mut edge, 3, &sid, &id, &format!("the agent could not start the job: {why}"), true);
+    let answer = answer_to(&effects, waiting.caller);
+    assert!(orders(&effects, &sid).is_empty(), "sent back to the agent that cannot start it");
+    let (status, body) = answer.expect("the /execute caller waits for an agent that cannot start its job");
+    assert_eq!((status, body["error_code"].as_str(), body["fallback"].as_bool()), (503, Some("RUNNER_OFFLINE"), Some(true)), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("free space on that folder's disk"), "{body}");
+    let health = edge.health(4);
+    assert_eq!(health.status.http_status(), 503, "{health:?}");
+    assert_eq!((health.agents[0].takes_work, health.agents[0].cannot_start.as_deref()), (false, Some(why)), "{health:?}");
+
+    // A `POST /jobs` job waits for it, and goes once it says it can start jobs again.
+    let s = edge.submit(5, "later".into(), submission("y", 600_000, None), Mode::Detached).unwrap();
+    assert!(sent(&s.effects, &sid).is_empty(), "sent to an agent that cannot start it");
+    let waiting = edge.job_view(5, edge.job("later").unwrap()).waiting_for.expect("queued: why it waits");
+    assert_eq!(waiting.code, shared::contract::WaitCode::CannotStart, "{waiting:?}");
+    assert!(waiting.message.contains("free space on that folder's disk"), "{waiting:?}");
+    pulse(&mut edge, 6, &sid, beat(&[], 0, 1));
+    let effects = say(&mut edge, 7, &sid, credit(1, 1));
+    assert_eq!(order_of(&effects, &sid, "spark", 7).header.job_id, "later");
+    assert_eq!(edge.health(8).status.http_status(), 200);
+}
+
+/// A job refused with `retry` again and again (agents that each hand it back, healing in
+/// between) does not go round for ever: at [`crate::machine::MAX_SENDS_REFUSED`] sends it
+/// ends, RUNNER_OFFLINE, with the last refusal's words.
+#[test]
+fn a_job_handed_back_again_and_again_ends_rather_than_go_round() {
+    let (mut edge, sid) = ready_edge();
+    edge.submit(0, "j1".into(), submission("x", 600_000, None), Mode::Detached).unwrap();
+    let mut received = 0;
+    let done = loop {
+        received += 1;
+        assert!(received <= 100, "still sent after {received} refusals");
+        let effects = refuse(&mut edge, received, &sid, "j1", "the agent could not start the job: its disk is full", true);
+        if let Some(done) = finished(&effects).pop() {
+            break done;
+        }
+        let effects = say(&mut edge, received, &sid, credit(1, received));
+        assert_eq!(order_of(&effects, &sid, "spark", received).header.job_id, "j1");
+    };
+    assert_eq!(edge.job("j1").unwrap().attempts, crate::machine::MAX_SENDS_REFUSED);
+    assert_eq!(done.2["error_code"], "RUNNER_OFFLINE", "{done:?}");
+    assert!(done.2["error"].as_str().unwrap().contains("its disk is full"), "{done:?}");
+}

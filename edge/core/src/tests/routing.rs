@@ -1086,6 +1086,7 @@ fn beat_with(edge: &mut Edge, now: u64, sid: &str, capacity: u32, running: &[&st
         slots: Slots { free, received },
         claude_version: None,
         stopping: false,
+        cannot_start: None,
         finished: Vec::new(),
         more_finished: false,
     };

@@ -306,7 +306,7 @@ impl Sim {
                 }
                 _ = beat.tick() => {
                     beats += 1;
-                    let hb = Beat { challenge: challenge.clone(), seq: beats, running: vec![], capacity: self.slots, oauth: oauth(), slots: Slots { free, received }, claude_version: None, stopping: false, finished: vec![], more_finished: false };
+                    let hb = Beat { challenge: challenge.clone(), seq: beats, running: vec![], capacity: self.slots, oauth: oauth(), slots: Slots { free, received }, claude_version: None, stopping: false, cannot_start: None, finished: vec![], more_finished: false };
                     let hb = AgentMessage::heartbeat(&hb, &link.agent_to_edge);
                     if ws.send(Message::text(hb.to_text())).await.is_err() { break; }
                 }
