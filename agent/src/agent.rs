@@ -1015,6 +1015,21 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Review rev20, finding 4: no room for a process (the process limit) holds the agent
+    /// back one heartbeat interval at least, two at most — no probe says when it ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_agent_without_room_for_a_process_holds_one_heartbeat() {
+        let dir = std::env::temp_dir().join(format!("cr-agent-no-process-{}", std::process::id()));
+        let (agent, _queues) = agent_with_claude(&dir, "exit 0\n");
+        let cannot = runner::CannotStart { why: "process limit".into(), disk: false };
+        agent.running.lock().unwrap().cannot_start = Some(Held { cannot, checks: 0 });
+        agent.check_start().await;
+        assert!(agent.running.lock().unwrap().cannot_start.is_some(), "released at the first heartbeat, which may come at once");
+        agent.check_start().await;
+        assert!(agent.running.lock().unwrap().cannot_start.is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// An agent in a fresh `dir` (its config and DATA_DIR there) whose Claude is the shell
     /// `script` (after reading its prompt), in a session with fixed keys.
     pub(super) fn agent_with_claude(dir: &std::path::Path, script: &str) -> (Arc<Agent>, Queues) {

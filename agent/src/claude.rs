@@ -227,6 +227,10 @@ pub enum Ending {
     /// The agent could not prepare the run (the durable "started" marker): Claude never
     /// got its prompt.
     NotStarted(String),
+    /// Claude could not be started for want of processes or memory (`EAGAIN`, `ENOMEM`:
+    /// the user's process limit, held full by other processes, or the machine's memory):
+    /// it never ran, and may start later or elsewhere.
+    NoRoom(String),
 }
 
 /// Whether a Claude that exited with `code` ended by itself, not by a signal: killed by
@@ -311,6 +315,10 @@ pub fn result(transcript: &Transcript, ending: Ending, stderr_tail: &str, durati
         }
         Ending::NotStarted(e) => {
             r.error = Some(e);
+            r.error_code = Some(ErrorCode::InternalError);
+        }
+        Ending::NoRoom(e) => {
+            r.error = Some(format!("{e}; it never ran: retry"));
             r.error_code = Some(ErrorCode::InternalError);
         }
         Ending::Exited(code) => {

@@ -357,6 +357,18 @@ impl Claude {
     }
 }
 
+/// How a job whose Claude could not be started (`e`) ends: a missing binary
+/// (`not_found` says what to do), no room for a process now — the user's process limit
+/// (`EAGAIN`), the machine's memory (`ENOMEM`): [`Ending::NoRoom`], no fault of the job's —
+/// or a start that failed.
+fn start_failed(e: &std::io::Error, program: &str, not_found: impl FnOnce() -> String) -> Ending {
+    match e.raw_os_error() {
+        _ if e.kind() == std::io::ErrorKind::NotFound => Ending::SpawnFailed(not_found()),
+        Some(libc::EAGAIN | libc::ENOMEM) => Ending::NoRoom(format!("could not start `{program}`: {e}")),
+        _ => Ending::SpawnFailed(format!("could not start `{program}`: {e}")),
+    }
+}
+
 /// Runs Claude until it ends, `deadline` passes or `stop` fires, handing each stdout line
 /// to `on_line`. Whatever happens, nothing of its process group is left running.
 pub async fn run(
@@ -379,10 +391,7 @@ pub async fn run(
     };
     let Launch { args, cwd, env, stdin: prompt, .. } = launch;
     let (cwd, launch_program) = (cwd.to_path_buf(), launch.program.to_string());
-    let could_not_start = |e: std::io::Error| {
-        let hint = if e.kind() == std::io::ErrorKind::NotFound { not_found() } else { format!("could not start `{launch_program}`: {e}") };
-        Finished { ending: Ending::SpawnFailed(hint), stderr: String::new() }
-    };
+    let could_not_start = |e: std::io::Error| Finished { ending: start_failed(&e, &launch_program, not_found), stderr: String::new() };
     let (mut child, ends) = match Claude::pipes() {
         Ok(pipes) => pipes,
         Err(e) => return could_not_start(e),
@@ -544,6 +553,22 @@ async fn read_line_capped<R: AsyncBufRead + Unpin>(reader: &mut R, line: &mut Li
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review rev20, finding 4: a job started while other processes of the agent's user
+    /// held its process limit full ended CLAUDE_ERROR, not retryable, "could not start …:
+    /// Resource temporarily unavailable (os error 11)" — though it never ran. No room for
+    /// a process (EAGAIN, ENOMEM) is `NoRoom`: the job goes back unstarted.
+    #[test]
+    fn a_start_refused_for_want_of_processes_or_memory_is_no_room() {
+        let missing = || "missing".to_string();
+        for errno in [libc::EAGAIN, libc::ENOMEM] {
+            let ending = start_failed(&std::io::Error::from_raw_os_error(errno), "claude", missing);
+            assert!(matches!(&ending, Ending::NoRoom(e) if e.starts_with("could not start `claude`")), "{ending:?}");
+        }
+        let denied = start_failed(&std::io::Error::from_raw_os_error(libc::EACCES), "claude", missing);
+        assert!(matches!(denied, Ending::SpawnFailed(_)), "{denied:?}");
+        assert_eq!(start_failed(&std::io::Error::from_raw_os_error(libc::ENOENT), "claude", missing), Ending::SpawnFailed("missing".into()));
+    }
 
     /// `up` and `doctor` said "no `claude` on PATH" with CLAUDE_BIN set to another name or
     /// a path: the message now names what was looked for.

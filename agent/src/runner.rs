@@ -552,8 +552,17 @@ async fn run_claude(
     }
     // Claude never ran, for want of what the agent needs to start any job: the job goes
     // back unstarted (a job no edge knows of, such as the canary's, fails as it is).
-    if let (Some(_), Ending::NotStarted(e)) = (&ctx.uplink, &finished.ending) {
-        *cannot_start = Some(CannotStart { why: e.clone(), disk: true });
+    if ctx.uplink.is_some() {
+        match &finished.ending {
+            Ending::NotStarted(e) => {
+                *cannot_start = Some(CannotStart { why: e.clone(), disk: true });
+            }
+            Ending::NoRoom(e) => {
+                let why = format!("it cannot start Claude ({e}): too many processes of its user (its process limit) or too little memory; it tries again after a heartbeat");
+                *cannot_start = Some(CannotStart { why, disk: false });
+            }
+            _ => {}
+        }
     }
     let stderr = ctx.login.redactor(crate::now_ms()).redact(&finished.stderr);
     let duration_ms = started.elapsed().as_millis() as u64;
