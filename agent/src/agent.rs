@@ -668,19 +668,25 @@ impl Agent {
         })
         .await;
         let why = cannot.why.clone();
-        let ids = {
+        {
             let mut running = self.running.lock().expect("running lock");
-            running.jobs.remove(job_id);
             if running.cannot_start.is_none() {
                 warn!(agent_id = %self.cfg.agent_id, reason = %why, "the agent cannot start jobs: it takes no work until it can");
             }
             running.cannot_start = Some(Held { cannot, checks: 0 });
             let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
-            running.ids()
-        };
+        }
+        // The job is still named running in this beat: the edge may have its `Started`
+        // (its record is written beside Claude's spawn), and takes a started job a beat
+        // leaves out for lost. The refusal behind it settles it.
         self.heartbeat();
         warn!(job_id, agent_id = %self.cfg.agent_id, reason = %why, "job handed back to the edge unstarted");
         self.reject(header, &format!("the agent could not start the job: {why}"), true);
+        let ids = {
+            let mut running = self.running.lock().expect("running lock");
+            running.jobs.remove(job_id);
+            running.ids()
+        };
         self.status.running(ids);
     }
 
@@ -999,7 +1005,10 @@ mod tests {
         while queues.uplink.try_next().is_some() {}
         agent.hand_back("j1", &header, cannot, ended.leftover).await;
         let said: Vec<AgentMessage> = std::iter::from_fn(|| queues.uplink.try_next().map(|out| out.msg)).collect();
-        let beat = said.iter().position(|m| matches!(m, AgentMessage::Heartbeat { envelope } if envelope.open::<Beat>(Domain::Heartbeat, &key).unwrap().cannot_start.is_some()));
+        // The beat still names the job running: the edge may have its `Started`, and takes
+        // a started job a beat leaves out for lost.
+        let held = |beat: Beat| beat.cannot_start.is_some() && beat.running == ["j1"];
+        let beat = said.iter().position(|m| matches!(m, AgentMessage::Heartbeat { envelope } if held(envelope.open::<Beat>(Domain::Heartbeat, &key).unwrap())));
         let refusal = said.iter().position(|m| matches!(m, AgentMessage::Rejected { envelope } if envelope.open::<shared::protocol::Rejection>(Domain::Rejection, &key).unwrap().retry));
         assert!(matches!((beat, refusal), (Some(b), Some(r)) if b < r), "the agent must say it cannot start jobs before it hands one back: {said:?}");
         assert_eq!(agent.slots(&agent.running.lock().unwrap()).free, 0);

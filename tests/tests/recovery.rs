@@ -1259,3 +1259,40 @@ impl Follow {
         panic!("job {job_id}'s stream never brought what was waited for: {} events read", self.events.len());
     }
 }
+
+/// Review rev20, finding 4: a job whose Claude could not be started because its user's
+/// processes were used up (here: the launcher in a pids cgroup held at its count, as a
+/// process limit filled by another job would) ended CLAUDE_ERROR, not retryable, "could
+/// not start …: Resource temporarily unavailable (os error 11)" — though it never ran. It
+/// goes back unstarted now, the agent held back a heartbeat or two: this agent alone fits,
+/// so the `/execute` caller falls back; once processes are free again, jobs run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_claude_cannot_be_spawned_for_want_of_processes_goes_back_unstarted() {
+    let pids = std::path::Path::new("/sys/fs/cgroup/pids");
+    let group = pids.join(format!("claude-runner-test-{}", std::process::id()));
+    if std::fs::create_dir(&group).is_err() {
+        eprintln!("skipped: no writable pids cgroup (v1) at {} (run as root)", pids.display());
+        return;
+    }
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
+    let agent = AgentProc::start(AgentOpts::for_edge(&edge, "spark"));
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    let launcher = launcher_of(&agent).expect("the agent starts its launcher with itself");
+    std::fs::write(group.join("cgroup.procs"), launcher.to_string()).unwrap();
+    let current = std::fs::read_to_string(group.join("pids.current")).unwrap();
+    std::fs::write(group.join("pids.max"), current.trim()).unwrap();
+
+    let answer = client.execute(json!({"prompt": "must not run now", "timeout_ms": 60000})).await;
+    // Out of the cgroup before anything can fail: the machine's tree is left as it was.
+    std::fs::write(pids.join("cgroup.procs"), launcher.to_string()).unwrap();
+    let _ = std::fs::remove_dir(&group);
+    assert_eq!((answer.status, answer.body["error_code"].as_str(), answer.body["fallback"].as_bool()), (503, Some("RUNNER_OFFLINE"), Some(true)), "{}\n{}", answer.text, agent.log());
+    assert!(answer.body["error"].as_str().unwrap_or_default().contains("process limit"), "{}", answer.text);
+    assert!(agent.claude_runs().is_empty(), "claude ran: {:?}", agent.claude_runs());
+    client.wait_online().await;
+    let answer = client.execute(json!({"prompt": "runs", "timeout_ms": 60000})).await;
+    assert_eq!((answer.status, answer.body["success"].as_bool()), (200, Some(true)), "{}", answer.text);
+    assert_eq!(agent.claude_runs().len(), 1);
+}
