@@ -676,9 +676,9 @@ impl Agent {
             running.cannot_start = Some(Held { cannot, checks: 0 });
             let _ = self.uplink.send(AgentMessage::Credit { slots: self.slots(&running) });
         }
-        // The job is still named running in this beat: the edge may have its `Started`
-        // (its record is written beside Claude's spawn), and takes a started job a beat
-        // leaves out for lost. The refusal behind it settles it.
+        // The job is still named running in this beat: one it left out the edge would
+        // settle by itself (sent again at once, or lost had it heard `Started`) before the
+        // refusal behind it says why.
         self.heartbeat();
         warn!(job_id, agent_id = %self.cfg.agent_id, reason = %why, "job handed back to the edge unstarted");
         self.reject(header, &format!("the agent could not start the job: {why}"), true);
@@ -1005,8 +1005,7 @@ mod tests {
         while queues.uplink.try_next().is_some() {}
         agent.hand_back("j1", &header, cannot, ended.leftover).await;
         let said: Vec<AgentMessage> = std::iter::from_fn(|| queues.uplink.try_next().map(|out| out.msg)).collect();
-        // The beat still names the job running: the edge may have its `Started`, and takes
-        // a started job a beat leaves out for lost.
+        // The beat still names the job running: the refusal, not the beat, settles it.
         let held = |beat: Beat| beat.cannot_start.is_some() && beat.running == ["j1"];
         let beat = said.iter().position(|m| matches!(m, AgentMessage::Heartbeat { envelope } if held(envelope.open::<Beat>(Domain::Heartbeat, &key).unwrap())));
         let refusal = said.iter().position(|m| matches!(m, AgentMessage::Rejected { envelope } if envelope.open::<shared::protocol::Rejection>(Domain::Rejection, &key).unwrap().retry));

@@ -371,6 +371,8 @@ fn start_failed(e: &std::io::Error, program: &str, not_found: impl FnOnce() -> S
 
 /// Runs Claude until it ends, `deadline` passes or `stop` fires, handing each stdout line
 /// to `on_line`. Whatever happens, nothing of its process group is left running.
+/// `started` is called once Claude was spawned and `ready` (its durable started marker)
+/// is done: never for a job whose Claude could not be started.
 pub async fn run(
     launch: Launch<'_>,
     job_id: &str,
@@ -378,6 +380,7 @@ pub async fn run(
     timeout_ms: u64,
     stop: &mut oneshot::Receiver<Stop>,
     ready: impl std::future::Future<Output = Result<(), String>>,
+    started: impl FnOnce(),
     mut on_line: impl FnMut(&[u8]),
 ) -> Finished {
     let not_found = || {
@@ -421,10 +424,10 @@ pub async fn run(
         }
         Ok::<(), String>(())
     };
-    let (started, fed) = tokio::join!(start, feed);
-    let started = started.unwrap_or_else(|e| Err(std::io::Error::other(format!("the start was cut short: {e}"))));
+    let (spawned, fed) = tokio::join!(start, feed);
+    let spawned = spawned.unwrap_or_else(|e| Err(std::io::Error::other(format!("the start was cut short: {e}"))));
     if let Err(why) = fed {
-        if started.is_ok() {
+        if spawned.is_ok() {
             // Closing the control pipe kills it; it never saw a prompt.
             drop(child.control.take());
             let _ = child.wait().await;
@@ -432,10 +435,11 @@ pub async fn run(
         drop(stdin);
         return Finished { ending: Ending::NotStarted(why), stderr: String::new() };
     }
-    match started {
-        Ok(started) => child.started(started),
+    match spawned {
+        Ok(spawned) => child.started(spawned),
         Err(e) => return could_not_start(e),
     }
+    started();
     let pid = child.pid;
     info!(job_id, pid, "claude started");
 

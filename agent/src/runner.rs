@@ -524,14 +524,18 @@ async fn run_claude(
         written.map_err(|e| {
             format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry")
         })?;
-        // Told once the record is durable: until the edge hears it, it sends the job again
-        // if the agent no longer names it (restarted before this), rather than end it lost.
+        Ok(())
+    };
+    // Told once the record is durable and Claude was spawned: until the edge hears it, it
+    // sends the job again if the agent no longer names it (restarted before this), rather
+    // than end it lost — and a job whose spawn failed for want of processes goes back
+    // unstarted ([`CannotStart`]), which the edge never does once it heard `Started`.
+    let told = || {
         if let Some(uplink) = &ctx.uplink {
             ctx.link.seal_and_send(uplink, |key| shared::protocol::AgentMessage::started(job_id, &ctx.order_nonce, key));
         }
-        Ok(())
     };
-    let run = process::run(launch, job_id, deadline, spec.timeout_ms, stop, ready, on_line);
+    let run = process::run(launch, job_id, deadline, spec.timeout_ms, stop, ready, told, on_line);
     let finished = tokio::select! {
         finished = run => finished,
         never = timer => match never {},
