@@ -174,6 +174,16 @@ fn random_link() -> MacKey {
     MacKey::from_bytes(runtime::entropy())
 }
 
+/// The next refusal the agent sends (`Rejected` or `OrderRefused`), past anything else.
+async fn next_refusal(ws: &mut Ws) -> AgentMessage {
+    loop {
+        match recv(ws).await.expect("a refusal") {
+            m @ (AgentMessage::Rejected { .. } | AgentMessage::OrderRefused { .. }) => return m,
+            _ => continue,
+        }
+    }
+}
+
 /// The next agent message, skipping heartbeats; None when the socket ends or 60 s pass.
 async fn recv(ws: &mut Ws) -> Option<AgentMessage> {
     loop {
@@ -461,12 +471,7 @@ async fn only_the_edge_can_cancel_a_job() {
     // A cancel signed by someone else is refused, and the refusal names no job: a garbage
     // cancel must not fail the job it names.
     ws.send(Message::Text(cancel(&random_key(), "c1").into())).await.unwrap();
-    let refusal = loop {
-        match recv(&mut ws).await.expect("a refusal") {
-            m @ (AgentMessage::Rejected { .. } | AgentMessage::OrderRefused { .. }) => break m,
-            _ => continue,
-        }
-    };
+    let refusal = next_refusal(&mut ws).await;
     assert!(rejected(&refusal).contains("signature"), "{refusal:?}");
     assert!(edge.named(&refusal).is_none(), "a refusal of an unverified cancel named a job");
     // The job runs to its end untouched.
@@ -1289,12 +1294,7 @@ async fn a_cancel_held_back_from_an_earlier_connection_is_refused() {
     let job = Envelope::seal(Domain::Job, &edge.order("long", "spark", t, t + 60_000, &format!("@await={} long", go.display())), &edge.edge_key);
     assert!(matches!(answer(&mut ws, job).await, AgentMessage::Accepted { .. }));
     ws.send(Message::Text(held.into())).await.unwrap();
-    let refusal = loop {
-        match recv(&mut ws).await.expect("a refusal") {
-            m @ (AgentMessage::Rejected { .. } | AgentMessage::OrderRefused { .. }) => break m,
-            _ => continue,
-        }
-    };
+    let refusal = next_refusal(&mut ws).await;
     assert!(rejected(&refusal).contains("another connection"), "{refusal:?}");
     assert!(edge.named(&refusal).is_none(), "{refusal:?}");
     // The job was not stopped: it ends as it would have.

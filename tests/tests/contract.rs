@@ -14,6 +14,15 @@ struct Setup {
     client: Client,
 }
 
+/// Waits until `/health` says the agent is connected (its login aside).
+async fn agent_connected(client: &Client) {
+    let connected = eventually_async(Duration::from_secs(30), || {
+        let client = client.clone();
+        async move { client.health_full().await.body["agent"]["connected"] == true }
+    });
+    assert!(connected.await, "the agent never connected");
+}
+
 async fn setup(kind: EdgeKind, edge_settings: &[(&str, &str)], agent_env: &[(&str, &str)]) -> Setup {
     setup_with(kind, edge_settings, agent_env, true).await
 }
@@ -663,12 +672,7 @@ async fn an_auth_failure_says_log_in_again(kind: EdgeKind) {
 async fn a_job_queued_for_the_login_says_so_and_submit_shows_it(kind: EdgeKind) {
     // The wait bounds a submit that never says it: its job then ends, and submit with it.
     let s = setup_with(kind, &[("QUEUE_TTL_MS", "60000")], &[("CLAUDE_CODE_OAUTH_TOKEN", "")], false).await;
-    let client = s.client.clone();
-    let connected = eventually_async(Duration::from_secs(30), || {
-        let client = client.clone();
-        async move { client.health_full().await.body["agent"]["connected"] == true }
-    });
-    assert!(connected.await, "the agent never connected");
+    agent_connected(&s.client).await;
     let queued = s.client.submit(json!({"prompt": "held for the login"})).await;
     assert_eq!((queued.status, queued.body["waiting_for"]["code"].as_str()), (202, Some("login")), "{}", queued.text);
     let job_id = queued.body["job_id"].as_str().unwrap();
@@ -706,12 +710,7 @@ async fn a_job_queued_for_the_login_says_so_and_submit_shows_it(kind: EdgeKind) 
 async fn the_login_advice_offers_no_bare_claude_auth_login(kind: EdgeKind) {
     // The harness's agent has a CLAUDE_CONFIG_DIR of its own; no login is in it.
     let s = setup_with(kind, &[], &[("CLAUDE_CODE_OAUTH_TOKEN", "")], false).await;
-    let client = s.client.clone();
-    let connected = eventually_async(Duration::from_secs(30), || {
-        let client = client.clone();
-        async move { client.health_full().await.body["agent"]["connected"] == true }
-    });
-    assert!(connected.await, "the agent never connected");
+    agent_connected(&s.client).await;
     let h = s.client.health_full().await;
     let next_step = h.body["oauth"]["next_step"].as_str().unwrap_or_else(|| panic!("no next_step: {}", h.text));
     assert!(!next_step.contains("`claude auth login`") && next_step.contains("First login") && next_step.contains("`claude-runner login`"), "{next_step}");
@@ -726,12 +725,7 @@ async fn the_login_advice_offers_no_bare_claude_auth_login(kind: EdgeKind) {
 async fn the_login_relay_logs_the_agent_in_again(kind: EdgeKind) {
     // No login at all on the agent: no credentials file, no token.
     let s = setup_with(kind, &[], &[("CLAUDE_CODE_OAUTH_TOKEN", "")], false).await;
-    let client = s.client.clone();
-    let connected = eventually_async(Duration::from_secs(30), || {
-        let client = client.clone();
-        async move { client.health_full().await.body["agent"]["connected"] == true }
-    });
-    assert!(connected.await, "the agent never connected");
+    agent_connected(&s.client).await;
     let h = s.client.health_full().await;
     assert_eq!((h.status, &h.body["status"], &h.body["oauth"]["needs_login"]), (503, &json!("unhealthy"), &json!(true)), "{}", h.text);
     let a = s.client.execute(json!({"prompt": "x"})).await;
@@ -1029,12 +1023,7 @@ async fn a_relayed_login_waits_for_a_refresh_another_process_lets_run() {
     // A login whose access token expired and that can be refreshed: a refresh is due.
     // A login due a refresh, which another process holds the lock to make.
     let mut other = stale_login_with_the_refresh_held(&config).await;
-    let client = s.client.clone();
-    let connected = eventually_async(Duration::from_secs(30), || {
-        let client = client.clone();
-        async move { client.health_full().await.body["agent"]["connected"] == true }
-    });
-    assert!(connected.await, "the agent never connected");
+    agent_connected(&s.client).await;
     let start = s.client.send("POST", "/oauth/login", Some(SECRET), Some(b"{}".to_vec())).await;
     assert_eq!(start.status, 200, "{}", start.text);
     let login_id = start.body["login_id"].as_str().unwrap().to_string();
