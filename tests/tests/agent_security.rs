@@ -174,6 +174,24 @@ fn random_link() -> MacKey {
     MacKey::from_bytes(runtime::entropy())
 }
 
+/// A cancel of job `long` on `spark`, issued at `t` for a minute, sealed with `key`, with
+/// `nonce`, bound to `challenge`'s connection if given.
+fn cancel_of_long(key: &SigningKey, t: u64, nonce: &str, challenge: Option<&str>) -> String {
+    let order = shared::protocol::CancelOrder {
+        header: OrderHeader {
+            job_id: "long".into(),
+            agent_id: "spark".into(),
+            pool: "default".into(),
+            issued_at: t,
+            expires_at: t + 60_000,
+            nonce: nonce.into(),
+        },
+        challenge: challenge.map(str::to_string),
+        reason: "stop".into(),
+    };
+    EdgeMessage::Cancel { envelope: Envelope::seal(Domain::Cancel, &order, key) }.to_text()
+}
+
 /// The next refusal the agent sends (`Rejected` or `OrderRefused`), past anything else.
 async fn next_refusal(ws: &mut Ws) -> AgentMessage {
     loop {
@@ -445,29 +463,13 @@ async fn signed_jobs_with_hostile_repositories_never_reach_git_or_claude() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_edge_can_cancel_a_job() {
-    use shared::protocol::CancelOrder;
     let edge = FakeEdge::new().await;
     let agent = edge.start_agent();
     let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
     let t = now();
     let job = Envelope::seal(Domain::Job, &edge.order("long", "spark", t, t + 60_000, "@sleep=400 long"), &edge.edge_key);
     assert!(matches!(answer(&mut ws, job).await, AgentMessage::Accepted { .. }));
-    let cancel = |key: &SigningKey, nonce: &str| {
-        let order = CancelOrder {
-            header: OrderHeader {
-                job_id: "long".into(),
-                agent_id: "spark".into(),
-                pool: "default".into(),
-                issued_at: t,
-                expires_at: t + 60_000,
-                nonce: nonce.into(),
-            },
-            challenge: None,
-            reason: "stop".into(),
-        };
-        let envelope = Envelope::seal(Domain::Cancel, &order, key);
-        EdgeMessage::Cancel { envelope }.to_text()
-    };
+    let cancel = |key: &SigningKey, nonce: &str| cancel_of_long(key, t, nonce, None);
     // A cancel signed by someone else is refused, and the refusal names no job: a garbage
     // cancel must not fail the job it names.
     ws.send(Message::Text(cancel(&random_key(), "c1").into())).await.unwrap();
@@ -1265,25 +1267,10 @@ async fn a_flood_of_unsigned_orders_ends_the_connection_and_the_agent_dials_agai
 /// stops nothing (hostile review rev21, 4).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_held_back_from_an_earlier_connection_is_refused() {
-    use shared::protocol::CancelOrder;
     let edge = FakeEdge::new().await;
     let agent = edge.start_agent();
     let t = now();
-    let cancel = |challenge: &str| {
-        let order = CancelOrder {
-            header: OrderHeader {
-                job_id: "long".into(),
-                agent_id: "spark".into(),
-                pool: "default".into(),
-                issued_at: t,
-                expires_at: t + 60_000,
-                nonce: format!("long:cancel:{challenge}"),
-            },
-            challenge: Some(challenge.to_string()),
-            reason: "stop".into(),
-        };
-        EdgeMessage::Cancel { envelope: Envelope::seal(Domain::Cancel, &order, &edge.edge_key) }.to_text()
-    };
+    let cancel = |challenge: &str| cancel_of_long(&edge.edge_key, t, &format!("long:cancel:{challenge}"), Some(challenge));
     // Connection 1: the path keeps a cancel the edge sealed for it, and cuts the connection.
     let (ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
     let held = cancel(&hello.expect("a hello").challenge);

@@ -14,6 +14,17 @@ struct Setup {
     client: Client,
 }
 
+/// Submits `n` jobs with a callback to the receiver on `port` and cancels each while it
+/// waits (no agent): a job cancelled while queued posts its callback at once.
+async fn cancel_jobs_with_callbacks(client: &Client, port: u16, n: usize) {
+    for i in 0..n {
+        let a = client.submit(json!({"prompt": format!("job {i}"), "callback_url": format!("http://127.0.0.1:{port}/cb")})).await;
+        let job_id = a.body["job_id"].as_str().unwrap_or_else(|| panic!("{}", a.text)).to_string();
+        let d = client.send("DELETE", &format!("/jobs/{job_id}"), Some(SECRET), None).await;
+        assert_eq!(d.body["state"], "cancelled", "{}", d.text);
+    }
+}
+
 /// Waits until `/health` says the agent is connected (its login aside).
 async fn agent_connected(client: &Client) {
     let connected = eventually_async(Duration::from_secs(30), || {
@@ -1357,12 +1368,7 @@ async fn a_callback_attempt_given_up_closes_its_connection(kind: EdgeKind) {
     let keys = Keys::new(&["spark"]);
     let edge = EdgeServer::start(kind, &keys, &[("CALLBACK_HOSTS", "127.0.0.1")]);
     let client = Client::new(&edge.url());
-    for i in 0..8 {
-        let a = client.submit(json!({"prompt": format!("job {i}"), "callback_url": format!("http://127.0.0.1:{port}/cb")})).await;
-        let job_id = a.body["job_id"].as_str().unwrap_or_else(|| panic!("{}", a.text)).to_string();
-        let d = client.send("DELETE", &format!("/jobs/{job_id}"), Some(SECRET), None).await;
-        assert_eq!(d.body["state"], "cancelled", "{}", d.text);
-    }
+    cancel_jobs_with_callbacks(&client, port, 8).await;
     let now = || *seen.lock().unwrap();
     assert!(eventually(Duration::from_secs(60), || now().opened >= MAX_CALLBACKS_PER_RECEIVER).await, "{:?}\n{}", now(), edge.log());
     // Each attempt of the first round is given up at its timeout and its connection
@@ -2534,12 +2540,7 @@ async fn a_worker_alarm_hands_posts_past_its_budget_to_the_next() {
     let keys = Keys::new(&["spark"]);
     let edge = EdgeServer::start(EdgeKind::Worker, &keys, &[("CALLBACK_HOSTS", "127.0.0.1"), ("ALARM_DELIVERY_BUDGET_MS", "1000")]);
     let client = Client::new(&edge.url());
-    for i in 0..8 {
-        let a = client.submit(json!({"prompt": format!("job {i}"), "callback_url": format!("http://127.0.0.1:{port}/cb")})).await;
-        let job_id = a.body["job_id"].as_str().unwrap_or_else(|| panic!("{}", a.text)).to_string();
-        let d = client.send("DELETE", &format!("/jobs/{job_id}"), Some(SECRET), None).await;
-        assert_eq!(d.body["state"], "cancelled", "{}", d.text);
-    }
+    cancel_jobs_with_callbacks(&client, port, 8).await;
     // The first four go out in one alarm; the next four are handed out when those time
     // out, past that alarm's budget: the next alarm posts them.
     let now = || *seen.lock().unwrap();
