@@ -740,7 +740,16 @@ impl Client {
     pub async fn wait_job(&self, job_id: &str, within: Duration) -> Value {
         let deadline = Instant::now() + within;
         loop {
-            let a = self.get(&format!("/jobs/{job_id}")).await;
+            // A request sent on a kept connection the edge closed as it stopped (a test that
+            // restarts the edge, then waits for its job) fails once: asked again, on a new one.
+            let a = match self.try_send("GET", &format!("/jobs/{job_id}"), Some(SECRET), None).await {
+                Ok(a) => a,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "job {job_id}: the edge did not answer: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
             let state = a.body["state"].as_str().unwrap_or("").to_string();
             if !["queued", "dispatched", "running", ""].contains(&state.as_str()) {
                 return a.body;
