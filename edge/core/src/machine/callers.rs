@@ -298,17 +298,18 @@ impl Edge {
     }
 
     /// If the job has ended, gives `caller` its end in `form` — the text an answer on its
-    /// way holds already ([`Given`]), else from memory if the whole record is still there,
-    /// else from storage ([`Effect::Deliver`], then [`Edge::delivered`]) — and returns true.
+    /// way holds already ([`Given`]), else from storage ([`Effect::Deliver`], then
+    /// [`Edge::delivered`]) — and returns true.
     pub(crate) fn give_ended(&mut self, caller: CallerId, job_id: &str, form: Form, effects: &mut Vec<Effect>) -> bool {
-        let Some(job) = self.jobs.get(job_id).filter(|j| j.state.is_terminal()) else { return false };
+        if !self.jobs.get(job_id).is_some_and(|j| j.state.is_terminal()) {
+            return false;
+        }
         if let Some((status, text)) = self.callers.given.get(job_id, form) {
             effects.extend(Edge::given(caller, form, status, text));
         } else {
             // From storage, whole or not in memory: an ended job is kept as its header
             // (`finish`, the loaders), and a view made here without the event's clock would
             // show its times at the epoch (rev24-4). Its record was saved as it ended.
-            let _ = job;
             effects.push(Effect::Deliver { caller, job_id: job_id.to_string(), form });
         }
         true
