@@ -47,12 +47,25 @@ pub fn prepare(root: &Path, job_id: &str, working_dir: Option<&str>) -> std::io:
     let Some(dir) = working_dir else { return Ok(workspace) };
     let dir = shared::contract::checked_working_dir(dir).map_err(|e| std::io::Error::other(e.body.error))?;
     let cwd = workspace.join(&dir);
-    std::fs::create_dir_all(&cwd)?;
-    let real = cwd.canonicalize()?;
+    std::fs::create_dir_all(&cwd).map_err(the_jobs_unless_the_disks)?;
+    let real = cwd.canonicalize().map_err(the_jobs_unless_the_disks)?;
     if !real.starts_with(&workspace) {
         return Err(std::io::Error::other("working_dir leaves the workspace"));
     }
     Ok(real)
+}
+
+/// An error on the path the caller chose (`working_dir`, inside a fresh workspace) is the
+/// job's own ([`std::io::ErrorKind::Other`]: it fails alone) unless it is the disk's — full,
+/// over quota, read-only — which the runner takes as the agent's want, handing the job back
+/// and taking no work until a write succeeds. Rev26-1: a folder name too long for the file
+/// system (ENAMETOOLONG) held every agent of the pool back, one send after another.
+fn the_jobs_unless_the_disks(e: std::io::Error) -> std::io::Error {
+    use std::io::ErrorKind::{QuotaExceeded, ReadOnlyFilesystem, StorageFull};
+    match e.kind() {
+        StorageFull | QuotaExceeded | ReadOnlyFilesystem => e,
+        _ => std::io::Error::other(format!("the job's `working_dir` cannot be made: {e}")),
+    }
 }
 
 /// Removes a finished job's workspace. Most jobs leave it empty, and one `rmdir` removes
@@ -176,6 +189,18 @@ pub const MAX_TRANSCRIPT_BYTES: u64 = 256 << 20;
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn a_working_dir_the_file_system_refuses_is_the_jobs_fault_and_a_full_disk_the_agents() {
+        for errno in [libc::ENAMETOOLONG, libc::ENOTDIR, libc::ELOOP, libc::EACCES] {
+            let e = the_jobs_unless_the_disks(std::io::Error::from_raw_os_error(errno));
+            assert_eq!(e.kind(), std::io::ErrorKind::Other, "{e}");
+        }
+        for errno in [libc::ENOSPC, libc::EDQUOT, libc::EROFS] {
+            let e = the_jobs_unless_the_disks(std::io::Error::from_raw_os_error(errno));
+            assert_ne!(e.kind(), std::io::ErrorKind::Other, "{e}");
+        }
+    }
 
     #[test]
     fn sessions_follow_the_job_to_its_new_workspace() {

@@ -508,7 +508,11 @@ impl ExecuteRequest {
     }
 }
 
-/// A relative path that stays inside the job's checkout: no root, no `..`, no NUL.
+/// The longest folder name Linux's file systems take (NAME_MAX), in bytes.
+pub const MAX_PATH_PART_BYTES: usize = 255;
+
+/// A relative path that stays inside the job's checkout: no root, no `..`, no NUL, no
+/// folder name longer than [`MAX_PATH_PART_BYTES`].
 /// Returned normalised (no `.` parts, `/` separators).
 pub fn checked_working_dir(dir: &str) -> Result<String, ApiError> {
     let bad = |why: &str| {
@@ -531,6 +535,9 @@ pub fn checked_working_dir(dir: &str) -> Result<String, ApiError> {
             "" | "." => {}
             ".." => return bad("must not leave the checkout (`..`)"),
             p if p.chars().any(char::is_control) => return bad("contains a control character"),
+            // Past NAME_MAX no file system makes the folder: refused here, where the caller
+            // reads why, not on the agent, whose `mkdir` would fail on a path of the job's.
+            p if p.len() > MAX_PATH_PART_BYTES => return bad("has a folder name longer than 255 bytes"),
             p => parts.push(p),
         }
     }
@@ -882,6 +889,10 @@ mod tests {
             json!({"prompt": "x", "working_dir": "a/../../b"}),
             json!({"prompt": "x", "working_dir": "/etc"}),
             json!({"prompt": "x", "working_dir": "~/x"}),
+            // A folder name past NAME_MAX: the agent's `mkdir` would fail on the job's own
+            // path (rev26-1: it was taken for the agent's disk, holding every agent back).
+            json!({"prompt": "x", "working_dir": "a".repeat(256)}),
+            json!({"prompt": "x", "working_dir": format!("ok/{}/b", "é".repeat(128))}),
             json!({"prompt": "x", "idempotency_key": ""}),
             json!({"prompt": "x", "append_system_prompt": "be brief\u{0}CLAUDE_CODE_OAUTH_TOKEN=x"}),
             json!([1, 2]),

@@ -396,6 +396,9 @@ async fn bad_requests_are_400(kind: EdgeKind) {
         json!({"prompt": "x", "allowed_tools": "Read"}).to_string().into_bytes(),
         json!({"prompt": "x", "working_dir": "../../etc"}).to_string().into_bytes(),
         json!({"prompt": "x", "working_dir": "/etc"}).to_string().into_bytes(),
+        // A folder name no file system takes (rev26-1: the agent took its `mkdir`'s failure
+        // for its own disk's and stopped taking work).
+        json!({"prompt": "x", "working_dir": "a".repeat(300)}).to_string().into_bytes(),
         json!({"prompt": "x", "model": "--dangerously-skip-permissions"}).to_string().into_bytes(),
         json!({"prompt": "x", "repo_url": "file:///etc"}).to_string().into_bytes(),
     ];
