@@ -50,7 +50,14 @@ pub enum Reply {
     /// One [`Effect::Answer`], often among this very request's effects, at the latest when
     /// its job ends (the machine ends every job by its deadline). If none came within
     /// `max_wait_ms`, the host calls [`Edge::wait_expired`], which answers.
-    Once { max_wait_ms: u64 },
+    /// `may_keep_alive`: this is the caller of `POST /execute` waiting for its job — the one
+    /// synchronous wait existing callers make through a proxy that cuts an answer silent
+    /// too long (a Cloudflare Tunnel). A host that can (the native one, with
+    /// `EXECUTE_KEEPALIVE_MS`) may send the head and whitespace before the answer; every
+    /// other answer goes as it is (an `/execute` refused at once has its answer already).
+    /// Said here, where the route is read, so that every path the route reads as
+    /// `/execute` (`//execute`, `/execute/`) is kept alive alike and no host reads it again.
+    Once { max_wait_ms: u64, may_keep_alive: bool },
     /// A `text/event-stream` (200, [`crate::progress::SSE_CONTENT_TYPE`]): each
     /// [`Effect::Stream`] chunk until [`Effect::EndStream`]. While nothing comes the host
     /// writes [`crate::progress::SSE_KEEPALIVE`] after every
@@ -384,7 +391,7 @@ pub fn shutting_down() -> Response {
 pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Request) -> Handled {
     let now = now.into();
     let caller = edge.begin_request(now);
-    let once = Reply::Once { max_wait_ms: 60_000 };
+    let once = Reply::Once { max_wait_ms: 60_000, may_keep_alive: false };
     let answer = |response: Response, mut effects: Vec<Effect>| {
         effects.push(Effect::Answer { caller, response });
         Handled { caller, reply: once, effects }
@@ -470,7 +477,7 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
                         .saturating_add(cfg.timeout_margin_ms)
                         .saturating_add(cfg.lost_after_ms)
                         .saturating_add(60_000);
-                    Handled { caller, reply: Reply::Once { max_wait_ms }, effects }
+                    Handled { caller, reply: Reply::Once { max_wait_ms, may_keep_alive: true }, effects }
                 }
             }
         }
@@ -500,11 +507,11 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
         }
         ("POST", ["oauth", "login"]) => {
             let effects = edge.start_login(now, caller, entropy, body);
-            Handled { caller, reply: Reply::Once { max_wait_ms: crate::machine::LOGIN_WAIT_MS }, effects }
+            Handled { caller, reply: Reply::Once { max_wait_ms: crate::machine::LOGIN_WAIT_MS, may_keep_alive: false }, effects }
         }
         ("POST", ["oauth", "login", "code"]) => {
             let effects = edge.send_login_code(now, caller, body);
-            Handled { caller, reply: Reply::Once { max_wait_ms: crate::machine::LOGIN_WAIT_MS }, effects }
+            Handled { caller, reply: Reply::Once { max_wait_ms: crate::machine::LOGIN_WAIT_MS, may_keep_alive: false }, effects }
         }
         ("GET", ["jobs", id, "events"]) => {
             let after = match req.last_event_id.as_deref().map(|text| (text, progress::parse_event_id(text))) {

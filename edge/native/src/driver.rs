@@ -45,8 +45,9 @@ pub enum Outbound {
 /// An HTTP caller's end of its channel.
 pub enum Opened {
     /// One answer comes on `answer`; if not within `max_wait_ms`, send
-    /// [`Command::WaitExpired`] and keep waiting.
-    Once { caller: CallerId, max_wait_ms: u64, answer: oneshot::Receiver<Response> },
+    /// [`Command::WaitExpired`] and keep waiting. `may_keep_alive`: the core's word
+    /// ([`Reply::Once`]) that this answer may be kept alive (`EXECUTE_KEEPALIVE_MS`).
+    Once { caller: CallerId, max_wait_ms: u64, may_keep_alive: bool, answer: oneshot::Receiver<Response> },
     /// Server-Sent Events chunks until the channel closes; each one taken is counted off
     /// `lag`.
     Stream(FeedOut),
@@ -287,10 +288,10 @@ impl Driver {
                 let handled = http::handle(&mut self.edge, now, entropy(), req);
                 // The caller's channel exists before the effects run: they may answer it.
                 let opened = match handled.reply {
-                    Reply::Once { max_wait_ms } => {
+                    Reply::Once { max_wait_ms, may_keep_alive } => {
                         let (tx, rx) = oneshot::channel();
                         self.callers.insert(handled.caller, Channel::Once(tx));
-                        Opened::Once { caller: handled.caller, max_wait_ms, answer: rx }
+                        Opened::Once { caller: handled.caller, max_wait_ms, may_keep_alive, answer: rx }
                     }
                     Reply::Stream => {
                         let (feed, out) = edge_core::progress::follower();

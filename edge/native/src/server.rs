@@ -626,11 +626,6 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
     } else {
         edge_core::body::Body::Bytes(Vec::new())
     };
-    // An `/execute` answer may be kept alive (`EXECUTE_KEEPALIVE_MS`): none else, since
-    // only it is a synchronous wait that existing callers make through a Tunnel.
-    // The route as the core reads it: `//execute` (a base URL ending in `/`) and `/execute/`
-    // are `/execute` too (rev24-1).
-    let keepalive = state.execute_keepalive.filter(|_| parts.method == axum::http::Method::POST && edge_core::path::segments(parts.uri.path()) == ["execute"]);
     let req = edge_core::http::Request {
         method: parts.method.as_str().to_string(),
         path: parts.uri.path().to_string(),
@@ -647,10 +642,13 @@ async fn api(State(state): State<AppState>, request: Request) -> Response {
     let Ok(opened) = rx.await else { return into_response(edge_core::http::shutting_down()) };
     match opened {
         Opened::Stream(out) => event_stream(out, state.config.sse_keepalive_ms),
-        Opened::Once { caller, max_wait_ms, mut answer } => {
+        Opened::Once { caller, max_wait_ms, may_keep_alive, mut answer } => {
             let mut hang_up = HangUp { caller: Some(caller), driver: state.driver.clone() };
             let max_wait = Duration::from_millis(max_wait_ms);
-            if let Some(every) = keepalive.filter(|every| *every < max_wait) {
+            // Which answers may be kept alive is the core's to say (an `/execute` waiting
+            // for its job, `Reply::Once`); whether to, and how often, this host's setting.
+            let keepalive = state.execute_keepalive.filter(|every| may_keep_alive && *every < max_wait);
+            if let Some(every) = keepalive {
                 match tokio::time::timeout(every, &mut answer).await {
                     Ok(answered) => {
                         hang_up.caller = None;

@@ -475,7 +475,10 @@ impl EdgeDurableObject {
                 let keepalive_ms = self.with_edge(|edge| edge.config().sse_keepalive_ms).unwrap_or(edge_core::progress::SSE_KEEPALIVE_MS);
                 exchange::event_stream(out, keepalive_ms)
             }
-            Reply::Once { max_wait_ms } => {
+            // `may_keep_alive` is not read: a Worker keeps no answer alive
+            // (`EXECUTE_KEEPALIVE_MS` is the native host's setting, for a Tunnel in front
+            // of it; README, "Settings").
+            Reply::Once { max_wait_ms, may_keep_alive: _ } => {
                 let (tx, rx) = oneshot::channel();
                 self.callers.borrow_mut().insert(caller, Channel::Once(tx));
                 self.apply(handled.effects, None);

@@ -158,7 +158,7 @@ pub fn http(data: &[u8]) {
         // the agents' socket) answers with content.
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
         let open = matches!(segments.as_slice(), [] | [""] | ["health"] | ["agent", "connect"]);
-        assert_eq!(handled.reply, Reply::Once { max_wait_ms: 60_000 }, "{method} {path:?} without the secret got a stream");
+        assert_eq!(handled.reply, Reply::Once { max_wait_ms: 60_000, may_keep_alive: false }, "{method} {path:?} without the secret got a stream");
         for effect in &handled.effects {
             match effect {
                 Effect::Answer { caller, response } if *caller == handled.caller => {

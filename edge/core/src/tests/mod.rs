@@ -1033,8 +1033,53 @@ fn http_routes_check_the_secret_size_and_methods() {
     assert_eq!(status(&mut edge, bearer), 202);
     join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
     let handled = http::handle(&mut edge, 0, [1; 16], req("POST", "/execute", Some(SECRET), br#"{"prompt":"x"}"#));
-    assert!(matches!(handled.reply, Reply::Once { max_wait_ms } if max_wait_ms > 300_000));
+    assert!(matches!(handled.reply, Reply::Once { max_wait_ms, .. } if max_wait_ms > 300_000));
     assert!(answer_to(&handled.effects, handled.caller).is_none(), "the caller waits for the job");
+}
+
+/// Which answers a host may keep alive (`EXECUTE_KEEPALIVE_MS`) is the route's to say, as
+/// the core reads it: an `/execute` waiting for its job, however its path is written
+/// (`//execute` from a base URL ending in `/`, `/execute/`); no other route, nor a method
+/// `/execute` does not take. The host read the route itself before (rev24-1's fold was
+/// repeated there).
+#[test]
+fn only_a_waiting_execute_may_be_kept_alive() {
+    let mut edge = Edge::new(Config { max_queued_jobs: 100, ..config() }, 0);
+    join(&mut edge, 0, "spark", &agent_key(1), vec![], 1);
+    let req = |method: &str, path: &str, body: &[u8]| Request {
+        method: method.into(),
+        path: path.into(),
+        secret_header: Some(SECRET.into()),
+        authorization: None,
+        idempotency_key: None,
+        last_event_id: None,
+        body: Body::Bytes(body.to_vec()),
+    };
+    let task = br#"{"prompt":"x"}"#;
+    let kept = |edge: &mut Edge, r: Request, seed: u8| {
+        let handled = http::handle(edge, 0, [seed; 16], r);
+        let answered = answer_to(&handled.effects, handled.caller).map(|(status, _)| status);
+        match handled.reply {
+            Reply::Once { may_keep_alive, .. } => (may_keep_alive, answered),
+            Reply::Stream => (false, answered),
+        }
+    };
+    for (n, path) in ["/execute", "//execute", "/execute/", "///execute//"].into_iter().enumerate() {
+        assert_eq!(kept(&mut edge, req("POST", path, task), n as u8 + 1), (true, None), "POST {path}");
+    }
+    for (method, path, status) in [
+        ("GET", "/execute", 405),
+        ("GET", "//execute/", 405),
+        ("POST", "/pool/gpu/execute", 404),
+        ("POST", "/execute/x", 404),
+        ("POST", "/jobs", 202),
+        ("GET", "/jobs", 200),
+        ("GET", "/health", 200),
+    ] {
+        assert_eq!(kept(&mut edge, req(method, path, task), 9), (false, Some(status)), "{method} {path}");
+    }
+    // An `/execute` refused at once has its answer already: nothing to keep alive.
+    assert_eq!(kept(&mut edge, req("POST", "/execute", b"{}"), 10), (false, Some(400)));
 }
 
 #[test]
