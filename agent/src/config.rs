@@ -3,6 +3,7 @@
 
 use crate::edge_url;
 use clap::Args;
+use serde::{Deserialize, Serialize};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use shared::keys;
 use std::path::{Path, PathBuf};
@@ -219,6 +220,56 @@ pub fn settle_home() {
 /// Where `claude-runner up` run with `DATA_DIR` keeps its keys and runner secret.
 pub fn up_state_file(data_dir: &Path) -> PathBuf {
     data_dir.join("up").join("up.json")
+}
+
+/// `up.json` ([`up_state_file`]): the keys and runner secret `claude-runner up` made on its
+/// first run, kept for the next. `up` reads it, and so does `login` (`signin.rs`), which
+/// checks a sign-in URL against `up`'s agent's key when its secret is `up`'s: both through
+/// [`UpState::read`], which `up` is not needed to build.
+#[derive(Serialize, Deserialize)]
+pub struct UpState {
+    #[serde(flatten)]
+    pub keys: crate::keygen::KeySet,
+    pub runner_secret: String,
+    pub agent_id: String,
+}
+
+/// The most `up.json` holds: its keys and secret take well under 1 KiB.
+pub const MAX_UP_STATE_BYTES: usize = 64 * 1024;
+
+impl UpState {
+    /// `up.json` at `path`, read as a file the agent keeps (bounded, never through a link,
+    /// never waiting on a pipe) and checked as `up` makes it: it is a job's to rewrite (a
+    /// job runs as this user), and what is read from it becomes a command line the
+    /// operator pastes (`up`) and the key a sign-in URL is trusted by (`login`). `Err`:
+    /// why it is not one (each caller says what to do).
+    pub fn read(path: &Path) -> Result<UpState, String> {
+        let bytes = crate::files::read_private(path, MAX_UP_STATE_BYTES, "claude-runner up state").map_err(|e| e.to_string())?;
+        let state: UpState = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+        if !shared::ids::valid_agent_id(&state.agent_id) {
+            return Err("its agent_id is not a plain name".into());
+        }
+        if !plain_secret(&state.runner_secret) {
+            return Err("its runner_secret is not 16-256 letters, digits or `-_.+/=~`".into());
+        }
+        // The public keys reach the edge's settings as they are (`AGENT_PUBLIC_KEYS`, where
+        // a `,` adds an agent): each must be its signing key's, as `up` made them.
+        for (signing, public, names) in [
+            (&state.keys.edge_signing_key, &state.keys.edge_public_key, "edge_signing_key and edge_public_key"),
+            (&state.keys.agent_signing_key, &state.keys.agent_public_key, "agent_signing_key and agent_public_key"),
+        ] {
+            if !keys::signing_key("key", signing).is_ok_and(|key| keys::encode_verifying(&key.verifying_key()) == *public) {
+                return Err(format!("its {names} are not a key pair"));
+            }
+        }
+        Ok(state)
+    }
+}
+
+/// A runner secret `up` may print inside the single quotes of a shell line: `up` makes 64
+/// hex digits, and one set by hand may use the characters of base64 and of URLs too.
+pub fn plain_secret(secret: &str) -> bool {
+    (16..=256).contains(&secret.len()) && secret.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.+/=~".contains(&b))
 }
 
 /// Where `claude-runner up` run with `DATA_DIR` keeps its agent's files.
@@ -573,6 +624,53 @@ impl AgentArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `up.json` is a job's to rewrite (the agent's user), and `up` and `login` read it
+    /// through one reader: whatever the file holds — wrong types, another program's JSON,
+    /// no JSON, nesting past any depth, more than its bound, a folder, nothing — the
+    /// reader says why it is no `up.json` of `up`'s, and never panics.
+    #[test]
+    fn an_up_state_file_that_is_not_ups_is_refused_with_why() {
+        let dir = harness::TempDir::new("config-up-state");
+        let path = dir.path().join("up.json");
+        let made = UpState { keys: crate::keygen::KeySet::generate(), runner_secret: "0123456789abcdef".into(), agent_id: "spark".into() };
+        let good = serde_json::to_value(&made).unwrap();
+        std::fs::write(&path, good.to_string()).unwrap();
+        let read = UpState::read(&path).expect("up's own file");
+        assert_eq!((read.agent_id.as_str(), read.runner_secret.as_str()), ("spark", "0123456789abcdef"));
+        let with = |field: &str, value: serde_json::Value| {
+            let mut state = good.clone();
+            state[field] = value;
+            state.to_string().into_bytes()
+        };
+        let mut without_key = good.clone();
+        without_key.as_object_mut().unwrap().remove("agent_public_key");
+        let deep = format!(r#"{{"x":{}{}}}"#, "[".repeat(10_000), "]".repeat(10_000));
+        let mut padded = good.to_string().into_bytes();
+        padded.resize(MAX_UP_STATE_BYTES + 1, b' ');
+        for (what, bytes, why) in [
+            ("a number for the secret", with("runner_secret", serde_json::json!(5)), "invalid type"),
+            ("a list for the agent id", with("agent_id", serde_json::json!(["spark"])), "invalid type"),
+            ("an object for a key", with("agent_public_key", serde_json::json!({"k": 1})), "invalid type"),
+            ("a key left out", without_key.to_string().into_bytes(), "missing field"),
+            ("another program's JSON", br#"{"name":"x","version":1}"#.to_vec(), "missing field"),
+            ("a list", b"[1,2,3]".to_vec(), "invalid type"),
+            ("null", b"null".to_vec(), "invalid type"),
+            ("no text", vec![0xff, 0xfe, 0, 1], "expected value"),
+            ("nothing", Vec::new(), "EOF"),
+            ("nesting past any depth", deep.into_bytes(), "recursion limit"),
+            ("more than its bound", padded, "over 65536 bytes"),
+            ("a secret of control characters", with("runner_secret", "0123456789abcdef\u{1b}]0;x\u{7}".into()), "runner_secret"),
+        ] {
+            std::fs::write(&path, &bytes).unwrap();
+            let e = UpState::read(&path).err().unwrap_or_else(|| panic!("{what} was read as up's"));
+            assert!(e.contains(why), "{what}: {e}");
+        }
+        std::fs::remove_file(&path).unwrap();
+        assert!(UpState::read(&path).is_err(), "no file");
+        std::fs::create_dir(&path).unwrap();
+        assert!(UpState::read(&path).err().unwrap().contains("not a plain file"), "a folder");
+    }
 
     /// An agent once run in DATA_DIR (long stopped: its status.json stays) and `up` running
     /// now with that DATA_DIR: `status` showed the stopped agent and `--drain` said there was

@@ -47,15 +47,15 @@ fn trusted_keys(given: Option<&str>, secret: &str) -> Result<Option<shared::keys
 }
 
 /// `up`'s agent and its public key, from `up.json` at `path`, when `up` holds `secret`:
-/// then this command talks to that `up`'s edge, whose agent is that one.
+/// then this command talks to that `up`'s edge, whose agent is that one. A file `up`
+/// would refuse as damaged ([`crate::config::UpState::read`]) gives none.
 fn up_agent_key(path: &std::path::Path, secret: &str) -> Option<shared::keys::Keyring> {
-    let bytes = crate::files::read_private(path, 64 * 1024, "claude-runner up state").ok()?;
-    let state: Value = serde_json::from_slice(&bytes).ok()?;
-    if state["runner_secret"].as_str() != Some(secret) {
+    let state = crate::config::UpState::read(path).ok()?;
+    if state.runner_secret != secret {
         return None;
     }
-    let (id, key) = (state["agent_id"].as_str()?, state["agent_public_key"].as_str()?);
-    shared::keys::Keyring::parse(&format!("{id}={key}")).ok()
+    let key = shared::keys::verifying_key("up's agent_public_key", &state.keys.agent_public_key).ok()?;
+    Some(shared::keys::Keyring::from_keys([(state.agent_id, key)]))
 }
 
 /// Whether the URL the edge passed on is the one agent `agent` signed for login
@@ -418,11 +418,35 @@ mod tests {
         let dir = harness::TempDir::new("signin-up-key");
         let path = dir.path().join("up.json");
         let agent = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
-        let state = serde_json::json!({"runner_secret": "up-secret-0123456789", "agent_id": "spark", "agent_public_key": shared::keys::encode_verifying(&agent.verifying_key()), "agent_signing_key": "x"});
-        std::fs::write(&path, state.to_string()).unwrap();
+        let keys = crate::keygen::KeySet {
+            agent_signing_key: shared::keys::encode_signing(&agent),
+            agent_public_key: shared::keys::encode_verifying(&agent.verifying_key()),
+            ..crate::keygen::KeySet::generate()
+        };
+        let state = crate::config::UpState { keys, runner_secret: "up-secret-0123456789".into(), agent_id: "spark".into() };
+        std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
         let keys = super::up_agent_key(&path, "up-secret-0123456789").expect("up's agent");
         assert_eq!(keys.get("spark"), Some(&agent.verifying_key()));
         assert!(super::up_agent_key(&path, "another-secret-0123456789").is_none(), "another edge's secret");
         assert!(super::up_agent_key(&dir.path().join("none.json"), "up-secret-0123456789").is_none());
+    }
+
+    /// `up.json` is a job's to rewrite (the same user), and `login` trusts a sign-in URL by
+    /// the key it finds there: it reads the file as `up` does, checked. An
+    /// `agent_public_key` of `KEY,intruder=KEY2` (which `up` refuses) had `login` trust a
+    /// second agent's signature too.
+    #[test]
+    fn ups_state_a_job_rewrote_gives_no_key() {
+        let dir = harness::TempDir::new("signin-up-rewritten");
+        let path = dir.path().join("up.json");
+        let (keys, intruder) = (crate::keygen::KeySet::generate(), crate::keygen::KeySet::generate());
+        let mut state = serde_json::to_value(&keys).unwrap();
+        state["runner_secret"] = "up-secret-0123456789".into();
+        state["agent_id"] = "spark".into();
+        std::fs::write(&path, state.to_string()).unwrap();
+        assert!(super::up_agent_key(&path, "up-secret-0123456789").is_some_and(|k| k.len() == 1 && k.get("spark").is_some()));
+        state["agent_public_key"] = format!("{},intruder={}", keys.agent_public_key, intruder.agent_public_key).into();
+        std::fs::write(&path, state.to_string()).unwrap();
+        assert!(super::up_agent_key(&path, "up-secret-0123456789").is_none(), "a second agent's key was taken from up.json");
     }
 }

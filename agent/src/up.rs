@@ -2,10 +2,9 @@
 //! connected to it, in one process; keys and a runner secret are made on the first run and
 //! kept under `DATA_DIR/up`, so the curl line printed stays valid across restarts.
 
-use crate::config::{default_agent_id, AgentConfig, LocalArgs};
+use crate::config::{default_agent_id, AgentConfig, LocalArgs, UpState};
 use crate::keygen::{runner_secret, KeySet};
 use crate::files::{private_dir, write_durably};
-use serde::{Deserialize, Serialize};
 use shared::keys;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,14 +25,6 @@ pub struct UpArgs {
     pub repos: crate::repo::settings::RepoArgs,
 }
 
-#[derive(Serialize, Deserialize)]
-struct UpState {
-    #[serde(flatten)]
-    keys: KeySet,
-    runner_secret: String,
-    agent_id: String,
-}
-
 /// `up.json` in `dir`, read, or made when absent. `new_folders`: how many folders (`dir`
 /// and its parents) this run made for it, synced with it ([`write_durably`]).
 fn load_or_create(dir: &Path, new_folders: usize) -> anyhow::Result<UpState> {
@@ -43,29 +34,9 @@ fn load_or_create(dir: &Path, new_folders: usize) -> anyhow::Result<UpState> {
     // newcomer's command.
     let new_folders = new_folders + private_dir(dir)?;
     if std::fs::symlink_metadata(&path).is_ok() {
-        // Read as a file the agent keeps (bounded, never through a link, never waiting on a
-        // pipe), and checked: a job runs as this user, and what is printed from here
-        // becomes a command line the operator pastes.
-        let damaged = |why: String| anyhow::anyhow!("{} is damaged ({why}); delete it to make new keys", path.display());
-        let bytes = crate::files::read_private(&path, MAX_STATE_BYTES, "claude-runner up state").map_err(|e| damaged(e.to_string()))?;
-        let state: UpState = serde_json::from_slice(&bytes).map_err(|e| damaged(e.to_string()))?;
-        if !shared::ids::valid_agent_id(&state.agent_id) {
-            return Err(damaged("its agent_id is not a plain name".into()));
-        }
-        if !plain_secret(&state.runner_secret) {
-            return Err(damaged("its runner_secret is not 16-256 letters, digits or `-_.+/=~`".into()));
-        }
-        // The public keys reach the edge's settings as they are (`AGENT_PUBLIC_KEYS`, where
-        // a `,` adds an agent): each must be its signing key's, as `up` made them.
-        for (signing, public, names) in [
-            (&state.keys.edge_signing_key, &state.keys.edge_public_key, "edge_signing_key and edge_public_key"),
-            (&state.keys.agent_signing_key, &state.keys.agent_public_key, "agent_signing_key and agent_public_key"),
-        ] {
-            if !keys::signing_key("key", signing).is_ok_and(|key| keys::encode_verifying(&key.verifying_key()) == *public) {
-                return Err(damaged(format!("its {names} are not a key pair")));
-            }
-        }
-        return Ok(state);
+        // Read and checked as `login` reads it too (`UpState::read`): a job runs as this
+        // user, and what is printed from here becomes a command line the operator pastes.
+        return UpState::read(&path).map_err(|why| anyhow::anyhow!("{} is damaged ({why}); delete it to make new keys", path.display()));
     }
     let state = UpState { keys: KeySet::generate(), runner_secret: runner_secret(), agent_id: default_agent_id() };
     // Created owner-only: it holds both signing keys. Durable, its name too, and the name of
@@ -83,17 +54,8 @@ fn cannot_keep(path: &Path, e: &std::io::Error) -> anyhow::Error {
     anyhow::anyhow!("cannot write {}, where `up` keeps its keys and runner secret ({e}): {what}, and start `claude-runner up` again", path.display())
 }
 
-/// The most `up.json` holds: its keys and secret take well under 1 KiB.
-const MAX_STATE_BYTES: usize = 64 * 1024;
-
-/// A runner secret `up` may print inside the single quotes of a shell line: `up` makes 64
-/// hex digits, and one set by hand may use the characters of base64 and of URLs too.
-fn plain_secret(secret: &str) -> bool {
-    (16..=256).contains(&secret.len()) && secret.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.+/=~".contains(&b))
-}
-
 /// The shell line `up` prints that sets what `claude-runner submit` reads. The secret is
-/// quoted as in the curl lines: bare, one beginning with `~` (which [`plain_secret`]
+/// quoted as in the curl lines: bare, one beginning with `~` (which [`crate::config::plain_secret`]
 /// allows, and a job can write into up.json) was tilde-expanded by the shell, and the
 /// operator exported another secret than the edge's.
 /// Printed for the address the edge listens on (`LISTEN`) as this machine reaches it
@@ -349,9 +311,10 @@ Keys and secret: {keys_path} (kept for the next run). Ctrl-C stops both (running
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::plain_secret;
 
     /// The export line, pasted into a shell, sets the very secret `up` holds, whatever
-    /// characters [`plain_secret`] lets through (a `~` first was expanded to a home folder).
+    /// characters [`crate::config::plain_secret`] lets through (a `~` first was expanded to a home folder).
     /// `up` with a `DATA_DIR` of its own names it in the `status` line to paste: a plain
     /// `status` in another shell reads the default folder and found no agent.
     #[test]
@@ -490,7 +453,7 @@ mod tests {
         std::thread::spawn(move || tx.send(load_or_create(&reading, 0).is_err()).unwrap());
         assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(60)), Ok(true), "a pipe as up.json is refused, not waited on");
         std::fs::remove_file(&path).unwrap();
-        std::fs::write(&path, vec![b' '; MAX_STATE_BYTES + 1]).unwrap();
+        std::fs::write(&path, vec![b' '; crate::config::MAX_UP_STATE_BYTES + 1]).unwrap();
         assert!(load_or_create(&dir, 0).err().unwrap().to_string().contains("damaged"));
         let _ = std::fs::remove_dir_all(&dir);
     }
