@@ -801,10 +801,15 @@ fn unusable_folder(dir: &Path, e: std::io::Error) -> std::io::Error {
     std::io::Error::new(e.kind(), what)
 }
 
-/// Whether `e` is a full disk, or a full quota (ENOSPC, EDQUOT): by its kind, which the
+/// The errnos of a full disk and of a full quota: one list, read by [`disk_full`] as the
+/// kinds std gives them, and by `repo::error::disk_full` as the OS's words for them (in
+/// libgit2's messages).
+pub const DISK_FULL_ERRNOS: [i32; 2] = [libc::ENOSPC, libc::EDQUOT];
+
+/// Whether `e` is a full disk, or a full quota ([`DISK_FULL_ERRNOS`]): by its kind, which the
 /// errors that name a path ([`private_dir`]'s, `runtime::hold_lock`'s) keep.
 pub fn disk_full(e: &std::io::Error) -> bool {
-    matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+    DISK_FULL_ERRNOS.iter().any(|&errno| std::io::Error::from_raw_os_error(errno).kind() == e.kind())
 }
 
 /// Whether `dir` takes a write now: a small file made, written, synced and removed

@@ -57,15 +57,14 @@ pub fn prepare(root: &Path, job_id: &str, working_dir: Option<&str>) -> std::io:
 
 /// An error on the path the caller chose (`working_dir`, inside a fresh workspace) is the
 /// job's own ([`std::io::ErrorKind::Other`]: it fails alone) unless it is the disk's — full,
-/// over quota, read-only — which the runner takes as the agent's want, handing the job back
-/// and taking no work until a write succeeds. Rev26-1: a folder name too long for the file
+/// over quota ([`crate::files::disk_full`]), read-only — which the runner takes as the
+/// agent's want, handing the job back and taking no work until a write succeeds. Rev26-1: a folder name too long for the file
 /// system (ENAMETOOLONG) held every agent of the pool back, one send after another.
 fn the_jobs_unless_the_disks(e: std::io::Error) -> std::io::Error {
-    use std::io::ErrorKind::{QuotaExceeded, ReadOnlyFilesystem, StorageFull};
-    match e.kind() {
-        StorageFull | QuotaExceeded | ReadOnlyFilesystem => e,
-        _ => std::io::Error::other(format!("the job's `working_dir` cannot be made: {e}")),
+    if crate::files::disk_full(&e) || e.kind() == std::io::ErrorKind::ReadOnlyFilesystem {
+        return e;
     }
+    std::io::Error::other(format!("the job's `working_dir` cannot be made: {e}"))
 }
 
 /// Removes a finished job's workspace. Most jobs leave it empty, and one `rmdir` removes

@@ -161,12 +161,7 @@ impl Talk<'_> {
         // repository's name (`github.com+TryGhost+Ghost.git`, `socket.io`), and a word
         // there is no socket (rev24-3).
         let unquoted: String = lower.split('\'').step_by(2).collect::<Vec<_>>().join(" ");
-        let socket = [
-            "failed to connect", "failed to resolve", "could not resolve", "timed out", "connection refused", "connection reset",
-            "connection aborted", "no route to host", "network is unreachable", "host is unreachable", "broken pipe",
-        ]
-        .iter()
-        .any(|w| unquoted.contains(w));
+        let socket = LIBGIT2_UNREACHABLE.iter().any(|w| unquoted.contains(w)) || SOCKET_ERRNOS.iter().any(|&errno| unquoted.contains(&os_words(errno)));
         if matches!(class, ErrorClass::Net | ErrorClass::Http) || class == ErrorClass::Os && socket || code == ErrorCode::Timeout {
             return RepoError::Network { url, detail: message.to_string() };
         }
@@ -174,10 +169,36 @@ impl Talk<'_> {
     }
 }
 
-/// The disk-full error, if `message` is one (ENOSPC in libgit2's or the OS's words).
+/// The errnos of a socket's failure: the server out of reach. A message of libgit2's OS
+/// class ends in the OS's words for its errno ([`os_words`]), which are read for these.
+const SOCKET_ERRNOS: [i32; 7] = [libc::ECONNREFUSED, libc::ECONNRESET, libc::ECONNABORTED, libc::EHOSTUNREACH, libc::ENETUNREACH, libc::ETIMEDOUT, libc::EPIPE];
+
+/// libgit2's own words for a server out of reach, whatever words follow them:
+/// "failed to connect to HOST" (`streams/socket.c`, then the errno's words), "failed to
+/// resolve address for HOST" (then `getaddrinfo`'s words, which are no errno's), and
+/// "failed to resolve path '…'" of a `file://` remote that is gone (`util/fs_path.c`: the
+/// local transport's server is a path; the repository tests use one as a server out of
+/// reach).
+const LIBGIT2_UNREACHABLE: [&str; 2] = ["failed to connect", "failed to resolve"];
+
+/// What the OS says for `errno`, in lower case, without the " (os error N)" std adds: the
+/// words libgit2 appends to a message of its OS class (`strerror`, from the same C
+/// library), so they are read as this machine's C library writes them, not from a list
+/// of one library's words (glibc's and musl's differ: "Connection timed out", "Operation
+/// timed out").
+fn os_words(errno: i32) -> String {
+    let text = std::io::Error::from_raw_os_error(errno).to_string();
+    let suffix = format!(" (os error {errno})");
+    text.strip_suffix(suffix.as_str()).unwrap_or(&text).to_ascii_lowercase()
+}
+
+/// The disk-full error, if `message` is one: ENOSPC or EDQUOT in the OS's words
+/// ([`crate::files::DISK_FULL_ERRNOS`], the errnos `files::disk_full` reads by kind).
 pub fn disk_full(message: &str) -> Option<RepoError> {
     let lower = message.to_ascii_lowercase();
-    (lower.contains("no space left on device") || lower.contains("disk quota exceeded"))
+    crate::files::DISK_FULL_ERRNOS
+        .iter()
+        .any(|&errno| lower.contains(&os_words(errno)))
         .then(|| RepoError::DiskFull { detail: message.to_string() })
 }
 
@@ -248,6 +269,29 @@ mod tests {
         assert!(!e.to_string().contains(['\n', '\r', '\x1b']), "{e}");
         assert!(e.to_string().contains("remote error: no\\nINFO forged\\r\\u{1b}[2K"), "{e}");
         assert_eq!(one_line("déjà vu"), "déjà vu");
+    }
+
+    /// libgit2 appends the OS's words for an errno (`strerror`) to a message of its OS
+    /// class ("SSL error: syscall failure: …" from its TLS stream, "failed to connect to
+    /// HOST: …"): each socket errno's words are the server out of reach, each disk-full
+    /// errno's a full disk — in this C library's words, whatever they are (glibc's
+    /// ECONNABORTED, "Software caused connection abort", was missing from a hand list of
+    /// them).
+    #[test]
+    fn the_oses_words_for_an_errno_decide_a_socket_or_a_full_disk() {
+        let t = talk(AuthSeen::default());
+        for errno in SOCKET_ERRNOS {
+            let words = std::io::Error::from_raw_os_error(errno).to_string();
+            let words = words.split(" (os error").next().unwrap();
+            let e = t.error(ErrorCode::GenericError, ErrorClass::Os, &format!("SSL error: syscall failure: {words}"));
+            assert!(matches!(e, RepoError::Network { .. }) && e.retryable(), "errno {errno}: {e}");
+        }
+        for errno in crate::files::DISK_FULL_ERRNOS {
+            let words = std::io::Error::from_raw_os_error(errno).to_string();
+            let e = t.error(ErrorCode::GenericError, ErrorClass::Os, &format!("failed to write: {}", words.split(" (os error").next().unwrap()));
+            assert!(matches!(e, RepoError::DiskFull { .. }), "errno {errno}: {e}");
+            assert!(matches!(local("check out", &words), RepoError::DiskFull { .. }), "errno {errno}: {words}");
+        }
     }
 
     #[test]
