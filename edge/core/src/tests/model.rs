@@ -5,7 +5,9 @@
 //! is written, on the connection there is then), then ending, heartbeats,
 //! disconnections, reconnections, agents paused and resumed, agent crashes (which report
 //! their started jobs lost, as the started records make them, and forget the jobs they
-//! accepted and had not started), time passing, failed store writes and edge restarts
+//! accepted and had not started; away from the edge past the last welcome's
+//! `lost_after_ms`, an agent starts no job it accepted — the agent's own rule, its result
+//! "not started" instead), time passing, failed store writes and edge restarts
 //! (a clean stop, or a crash, then a restore from what was stored; a start whose writes
 //! fail serves nothing, as the hosts do). Most submissions carry one idempotency key, so
 //! most are repeats. After every step:
@@ -91,9 +93,11 @@ struct ModelAgent {
     up: VecDeque<AgentMessage>,
     /// Jobs accepted and not started yet: a crash forgets them (no started record).
     accepted: BTreeSet<String>,
-    /// Jobs it held accepted, not started, when a connection of its ended: it starts them
-    /// whether or not it is back (see `World::start`).
-    accepted_when_cut: BTreeSet<String>,
+    /// When it last heard a frame from the edge (its welcome included), and the last
+    /// welcome's `lost_after_ms`: the agent's `link.rs::given_up` rule (see `World::start`).
+    /// One clock for edge and agents: the real agent's is monotonic, at the same rate.
+    heard_at: Option<u64>,
+    lost_after_ms: Option<u64>,
     /// Jobs started (their durable started record written).
     running: BTreeSet<String>,
     /// Results kept until acknowledged (the spool).
@@ -117,6 +121,13 @@ impl ModelAgent {
     /// agent's own list of jobs holds them from their acceptance.
     fn held_running(&self) -> BTreeSet<String> {
         self.running.union(&self.accepted).cloned().collect()
+    }
+
+    /// The agent's `link.rs::given_up` at `now`: no connection, and nothing heard from the
+    /// edge for longer than the last welcome's `lost_after_ms` (the edge has given up the
+    /// jobs it held then, or is about to: it counts from when it lost the connection).
+    fn given_up(&self, now: u64) -> bool {
+        self.session.is_none() && self.heard_at.zip(self.lost_after_ms).is_some_and(|(heard, lost)| now.saturating_sub(heard) > lost)
     }
 
     /// Whether it holds `job_id`: accepted, running, or with its result.
@@ -148,7 +159,6 @@ impl ModelAgent {
     }
 
     fn gone(&mut self) {
-        self.accepted_when_cut.extend(self.accepted.iter().cloned());
         self.session = None;
         self.down.clear();
         self.up.clear();
@@ -196,7 +206,8 @@ impl World {
             down: VecDeque::new(),
             up: VecDeque::new(),
             accepted: BTreeSet::new(),
-            accepted_when_cut: BTreeSet::new(),
+            heard_at: None,
+            lost_after_ms: None,
             running: BTreeSet::new(),
             finished: BTreeMap::new(),
             nonces: HashMap::new(),
@@ -313,6 +324,7 @@ impl World {
     fn deliver_down(&mut self, a: usize) {
         let Some(msg) = self.agents[a].down.pop_front() else { return };
         let agent = &mut self.agents[a];
+        agent.heard_at = Some(self.now);
         match msg {
             EdgeMessage::Job { envelope } => {
                 let order: JobOrder = serde_json::from_str(&envelope.payload).unwrap();
@@ -364,27 +376,34 @@ impl World {
     }
 
     /// An accepted job of agent `a` starts: its started record is written, then its
-    /// `Started` goes on the connection there is (none: it is never sent).
-    fn start(&mut self, a: usize, id: &str) {
+    /// `Started` goes on the connection there is (none: it is never sent). Unless the
+    /// agent's rule says the edge gave the job up (`ModelAgent::given_up`, checked as the
+    /// real agent does before the record and again before the prompt): then it never
+    /// starts and ends `RUNNER_LOST` "not started", retryable, spooled and sent on the next
+    /// connection. Returns whether the job runs now (started here or before).
+    fn start(&mut self, a: usize, id: &str) -> bool {
+        let now = self.now;
         let agent = &mut self.agents[a];
-        if !agent.accepted.remove(id) {
-            return;
+        if !agent.accepted.contains(id) {
+            return agent.running.contains(id);
         }
+        if agent.given_up(now) {
+            let result = JobResult { retryable: Some(true), ..JobResult::lost("not started: the edge had given the job up; run it again", 0) };
+            agent.end(id, result);
+            return false;
+        }
+        agent.accepted.remove(id);
         let starts = self.starts.entry(id.to_string()).or_default();
         *starts += 1;
         assert_eq!(*starts, 1, "job {id} started twice");
-        // Not covered (ARCHITECTURE.md, found by this model): an agent cut off while it held
-        // a job accepted and not started, and away past the edge's orphan deadline (which
-        // ends the job `lost` and tells its caller to run it elsewhere), starts it all the
-        // same — it cannot tell the edge gave up. Only that start may follow a fallback.
-        let gap = agent.accepted_when_cut.contains(id) && self.ended.get(id).is_some_and(|r| r.error_code == Some(ErrorCode::RunnerLost));
-        assert!(!self.fell_back.contains(id) || gap, "job {id} started after its caller was told to fall back");
+        assert!(!self.fell_back.contains(id), "job {id} started after its caller was told to fall back");
         agent.running.insert(id.to_string());
         if let (Some(_), Some(link)) = (&agent.session, &agent.link) {
             let nonce = agent.nonces.get(id).map_or("", String::as_str);
             let started = AgentMessage::started(id, nonce, &link.agent_to_edge);
             agent.up.push_back(started);
         }
+        true
     }
 
     fn rejoin(&mut self, a: usize) {
@@ -425,7 +444,14 @@ impl World {
         let agent = &mut self.agents[a];
         agent.link = link;
         if agent.session.is_some() {
-            // The welcome, then the agent's statement and its kept results.
+            // The welcome (heard now, with the edge's LOST_AFTER_MS), then the agent's
+            // statement and its kept results.
+            let welcome = agent.down.iter().find_map(|m| match m {
+                EdgeMessage::Welcome { envelope } => serde_json::from_str::<shared::protocol::Welcome>(&envelope.payload).ok(),
+                _ => None,
+            });
+            let welcome = welcome.expect("a welcomed connection's welcome");
+            (agent.heard_at, agent.lost_after_ms) = (Some(self.now), welcome.lost_after_ms);
             agent.down.retain(|m| !matches!(m, EdgeMessage::Welcome { .. }));
             agent.up.push_back(AgentMessage::Credit { slots: agent.slots() });
             let kept: Vec<(String, JobResult)> = agent.finished.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -504,8 +530,9 @@ impl World {
             Step::Finish(a, k) => {
                 let held = self.agents[a].held_running();
                 if let Some(id) = held.iter().nth(k % held.len().max(1)).cloned() {
-                    self.start(a, &id);
-                    self.agents[a].end(&id, ok_result());
+                    if self.start(a, &id) {
+                        self.agents[a].end(&id, ok_result());
+                    }
                 }
             }
             Step::Heartbeat(a) => {
@@ -534,9 +561,11 @@ impl World {
             Step::Crash(a) => {
                 self.disconnect(a);
                 // Its started records report the jobs it ran lost at its next start; the
-                // jobs it accepted and had not started leave nothing.
+                // jobs it accepted and had not started leave nothing, and its new run has
+                // heard no edge yet.
                 let agent = &mut self.agents[a];
                 agent.accepted.clear();
+                (agent.heard_at, agent.lost_after_ms) = (None, None);
                 for id in std::mem::take(&mut agent.running) {
                     agent.finished.insert(id, JobResult::failure(ErrorCode::RunnerLost, "the agent restarted", 0));
                 }
@@ -608,8 +637,9 @@ impl World {
             for a in 0..self.agents.len() {
                 let running = self.agents[a].held_running();
                 for id in running {
-                    self.start(a, &id);
-                    self.agents[a].end(&id, ok_result());
+                    if self.start(a, &id) {
+                        self.agents[a].end(&id, ok_result());
+                    }
                 }
                 self.run(&Step::Heartbeat(a));
             }
@@ -707,12 +737,23 @@ fn a_key_whose_job_ran_and_was_forgotten_makes_no_second_job() {
 
 /// What the model found once a job's start was a step of its own: its agent accepted it,
 /// went silent and was cut off, stayed away past the orphan deadline (the job ended `lost`,
-/// its `/execute` caller told to fall back), then started it. A known gap (ARCHITECTURE.md),
-/// allowed by the model in that case alone.
+/// its `/execute` caller told to fall back), then started it. The agent's rule
+/// (`link.rs::given_up`) keeps it from starting: the job's result says "not started",
+/// sent on the next connection, where the edge keeps its own end.
 #[test]
-fn an_agent_away_past_the_orphan_deadline_starts_a_job_it_accepted() {
+fn an_agent_away_past_the_orphan_deadline_does_not_start_a_job_it_accepted() {
     use Step::*;
-    run_case(&[Rejoin(1), Submit { wait: true, key: None }, Up(1), Down(1), Up(1), Tick(2100), Tick(5100), Start(1, 0)]);
+    let case = [Rejoin(1), Submit { wait: true, key: None }, Up(1), Down(1), Up(1), Tick(2100), Tick(5100), Start(1, 0)];
+    let mut world = World::new();
+    for s in &case {
+        world.run(s);
+    }
+    let id = world.jobs[0].clone();
+    assert!(world.fell_back.contains(&id), "the caller was told to fall back");
+    assert!(!world.starts.contains_key(&id), "started after its caller fell back");
+    let said = &world.agents[1].finished[&id];
+    assert_eq!((said.error_code, said.retryable), (Some(ErrorCode::RunnerLost), Some(true)), "{said:?}");
+    run_case(&case);
 }
 
 /// The review's case in the model: the first `spark`'s connection drops while it runs a
