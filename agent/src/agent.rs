@@ -1120,6 +1120,36 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// The window after that check: the agent cut off and given up while the job's started
+    /// record was written and Claude spawned. Checked again right before the prompt, the job
+    /// still does not start: its Claude is killed unprompted, the result says "not started",
+    /// and the started record is cleared, so a restart does not report the job lost (run).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_job_given_up_between_its_check_and_its_prompt_is_not_started() {
+        let dir = std::env::temp_dir().join(format!("cr-agent-away-late-{}", std::process::id()));
+        let ran = dir.join("ran");
+        let (agent, queues) = agent_with_claude(&dir, &format!("touch '{}'", ran.display()));
+        let spec: shared::job::JobSpec = serde_json::from_value(serde_json::json!({"prompt": "hi", "timeout_ms": 60000})).unwrap();
+        agent.link.welcomed(Some(0));
+        // The check before the started record passes (connected); the next finds it given up.
+        agent.link.away_at_check(1);
+        let ctx = agent.job_context("j:1", "default", Some(false));
+        let (_stop, stop_rx) = oneshot::channel();
+        let ended = runner::run(&ctx, "j", spec, stop_rx).await;
+        ended.leftover.clean_up().await;
+        let result = ended.result;
+        assert!(!ran.exists(), "Claude got its prompt after the edge gave the job up");
+        assert!(ended.cannot_start.is_none(), "handed back as if the agent could not start jobs");
+        assert_eq!((result.error_code, result.retryable), (Some(ErrorCode::RunnerLost), Some(true)), "{result:?}");
+        let said = result.error.unwrap_or_default();
+        assert!(said.starts_with("not started: the edge had given the job up after 0 ms") && said.ends_with("run it again"), "{said}");
+        // A restart finds no started record of it: nothing reports it run and lost.
+        drop((ctx, agent, queues));
+        let (agent, _queues) = agent_in(&dir);
+        assert!(agent.spool.get("j").is_none(), "its started record outlived it: reported lost at the restart");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// The agent's frames as the connection takes them, each heartbeat read as the usage
     /// status it carries ("beat <status>"), a result as "result", others by kind.
     fn taken(uplink: &mut crate::uplink::Receivers) -> Vec<String> {

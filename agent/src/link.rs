@@ -33,6 +33,10 @@ struct Current {
     last_heard: Option<Instant>,
     /// The last welcome's `LOST_AFTER_MS` (`None`: an edge of before the field).
     lost_after_ms: Option<u64>,
+    /// Tests: the checks [`Link::given_up`] answers as it is before the link is cut off and
+    /// given up ([`Link::away_at_check`]).
+    #[cfg(test)]
+    away_at_check: Option<u32>,
 }
 
 /// How long the agent has been away from the edge at `now`, if the edge has given up the
@@ -97,9 +101,29 @@ impl Link {
     /// ended such a job `lost` and told an `/execute` caller to fall back: started now, the
     /// task would run twice.
     pub fn given_up(&self) -> Option<(Duration, u64)> {
-        let current = self.lock();
+        #[cfg_attr(not(test), allow(unused_mut))]
+        let mut current = self.lock();
+        #[cfg(test)]
+        if let Some(checks) = current.away_at_check.as_mut() {
+            match checks.checked_sub(1) {
+                Some(left) => *checks = left,
+                None => {
+                    current.away_at_check = None;
+                    let now = Instant::now();
+                    (current.connected, current.lost_after_ms) = (false, Some(0));
+                    current.last_heard = Some(now.checked_sub(Duration::from_secs(1)).unwrap_or(now));
+                }
+            }
+        }
         let away = given_up(current.connected, current.last_heard, current.lost_after_ms, Instant::now())?;
         Some((away, current.lost_after_ms.unwrap_or_default()))
+    }
+
+    /// Tests: the link is cut off and given up (away a second past `LOST_AFTER_MS` 0) as
+    /// its check after the next `checks` is made: a window between two checks, forced.
+    #[cfg(test)]
+    pub fn away_at_check(&self, checks: u32) {
+        self.lock().away_at_check = Some(checks);
     }
 
     /// The key the agent MACs its frames with on this connection, if there is one.

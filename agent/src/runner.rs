@@ -308,15 +308,11 @@ async fn run_in(
         _ = tokio::time::sleep_until(deadline) => Err(Ok(Ending::TimedOut { after_ms: spec.timeout_ms })),
     };
     // Away from the edge past its LOST_AFTER_MS (a link cut during the checkout or the
-    // wait for the refresh gate): the edge has ended this job `lost` and told an
-    // `/execute` caller to fall back. Started now, the task would run twice; the result
-    // says it never started (an edge that ended it keeps its own end, as of any late result).
-    if let (Ok(_), Some((away, lost_after_ms))) = (&admitted, ctx.link.given_up()) {
-        let away_ms = away.as_millis() as u64;
-        warn!(job_id, agent_id = %ctx.cfg.agent_id, away_ms, lost_after_ms, "job not started: the edge gave it up while this agent was away");
-        let why = format!("not started: the edge had given the job up after {lost_after_ms} ms without this agent (LOST_AFTER_MS; it heard nothing from the edge for {away_ms} ms before Claude would have started); run it again");
-        // Retryable: nothing ran, nothing was pushed (unsaid, the edge would warn of a push).
-        return (JobResult { retryable: Some(true), ..JobResult::lost(why, started.elapsed().as_millis() as u64) }, None);
+    // wait for the refresh gate): see `given_up`. Checked again before the prompt.
+    if admitted.is_ok() {
+        if let Some(result) = given_up(ctx, job_id, started) {
+            return (result, None);
+        }
     }
     let (mut result, session) = match admitted {
         Ok(refresher) => {
@@ -344,6 +340,21 @@ async fn run_in(
         crate::repo::fit_result(&mut result, MAX_RESULT_BYTES);
     }
     (result, session)
+}
+
+/// The end of a job the edge has given up, if it has: away from the edge past its
+/// LOST_AFTER_MS ([`crate::link::Link::given_up`]), the edge ended the job `lost` and told an
+/// `/execute` caller to fall back. Started now, the task would run twice; the result says
+/// it never started (an edge that ended it keeps its own end, as of any late result).
+/// Checked before the job's started record is written and again right before Claude gets
+/// its prompt: a lock and a comparison.
+fn given_up(ctx: &JobContext, job_id: &str, started: Instant) -> Option<JobResult> {
+    let (away, lost_after_ms) = ctx.link.given_up()?;
+    let away_ms = away.as_millis() as u64;
+    warn!(job_id, agent_id = %ctx.cfg.agent_id, away_ms, lost_after_ms, "job not started: the edge gave it up while this agent was away");
+    let why = format!("not started: the edge had given the job up after {lost_after_ms} ms without this agent (LOST_AFTER_MS; it heard nothing from the edge for {away_ms} ms before Claude would have started); run it again");
+    // Retryable: nothing ran, nothing was pushed (unsaid, the edge would warn of a push).
+    Some(JobResult { retryable: Some(true), ..JobResult::lost(why, started.elapsed().as_millis() as u64) })
 }
 
 /// Puts a repository job's commit, diff and push into its result. A diff is given even
@@ -516,6 +527,9 @@ async fn run_claude(
         let (job_id, nonce) = (job_id.to_string(), ctx.order_nonce.clone());
         tokio::task::spawn_blocking(move || spool.started(&job_id, &nonce))
     });
+    // Set when the edge gave the job up while the record was written and Claude spawned.
+    let gave_up = std::sync::OnceLock::new();
+    let gave_up_now = &gave_up;
     let ready = async move {
         let written = match marker {
             Some(marker) => marker.await.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))),
@@ -524,6 +538,12 @@ async fn run_claude(
         written.map_err(|e| {
             format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry")
         })?;
+        // The last moment before the prompt (written as this returns, with no wait between):
+        // given up meanwhile, Claude is killed unprompted, as when the record failed.
+        if let Some(result) = given_up(ctx, job_id, started) {
+            let _ = gave_up_now.set(result);
+            return Err("given up by the edge".to_string());
+        }
         Ok(())
     };
     // Told once the record is durable and Claude was spawned: until the edge hears it, it
@@ -553,6 +573,15 @@ async fn run_claude(
         // The connection's task (on the agent's one runtime thread) sends this batch now,
         // and the edge takes it in while the result is made here, rather than after it.
         tokio::task::yield_now().await;
+    }
+    // Given up before the prompt: Claude was killed unprompted. Its started record goes,
+    // so a restart does not report the job lost as if it had run; the result says why.
+    if let Some(result) = gave_up.into_inner() {
+        if let Some(spool) = ctx.spool.clone() {
+            let id = job_id.to_string();
+            let _ = tokio::task::spawn_blocking(move || spool.unstart(&id)).await;
+        }
+        return (result, None);
     }
     // Claude never ran, for want of what the agent needs to start any job: the job goes
     // back unstarted (a job no edge knows of, such as the canary's, fails as it is).

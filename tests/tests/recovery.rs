@@ -431,6 +431,10 @@ async fn a_job_whose_agent_was_away_when_the_edge_was_killed_is_not_lost_at_the_
     let a = client.submit(json!({"prompt": "@sleep=15000 across a kill"})).await;
     let job_id = a.body["job_id"].as_str().unwrap().to_string();
     assert!(eventually(Duration::from_secs(60), || edge.log().contains("job running")).await, "{}", edge.log());
+    // Frozen once Claude has its prompt: "job running" is the edge's word at the job's
+    // acceptance, and an agent frozen before the prompt, then away past LOST_AFTER_MS,
+    // rightly never starts the job (`runner.rs::given_up`).
+    assert!(eventually(Duration::from_secs(60), || !agent.claude_runs().is_empty()).await, "{}", agent.log());
     agent.signal(libc::SIGSTOP);
     assert!(eventually(Duration::from_secs(60), || edge.log().contains("closing silent connection")).await, "{}", edge.log());
     // Answered after the event that dropped the agent, whose writes go first: stored.
