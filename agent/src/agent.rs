@@ -705,8 +705,8 @@ impl Agent {
             held.cannot.disk
         };
         if disk {
-            let dirs = [self.workspaces.to_path_buf(), self.spool.records().to_path_buf()];
-            let probed = tokio::task::spawn_blocking(move || dirs.iter().try_for_each(|dir| crate::files::probe_write(dir))).await;
+            let (workspaces, records) = (self.workspaces.to_path_buf(), self.spool.records().to_path_buf());
+            let probed = tokio::task::spawn_blocking(move || runner::job_folders_take_writes(&workspaces, Some(&records))).await;
             if let Err(e) = probed.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))) {
                 debug!(agent_id = %self.cfg.agent_id, error = %e, "DATA_DIR still takes no writes: no work yet");
                 return;

@@ -280,6 +280,10 @@ async fn run_in(
                     (p.cwd.clone(), Some(p))
                 }
                 Err(ended) => {
+                    let ended = match ended {
+                        Err(RepoError::DiskFull { detail }) => Err(full_disk(ctx, url, &workspace, detail, cannot_start).await),
+                        other => other,
+                    };
                     let ms = started.elapsed().as_millis() as u64;
                     let result = match ended {
                         Ok(ending) => claude::result(&Transcript::default(), ending, "", ms),
@@ -340,6 +344,40 @@ async fn run_in(
         crate::repo::fit_result(&mut result, MAX_RESULT_BYTES);
     }
     (result, session)
+}
+
+/// Whether the folders every job needs take a write now (its workspace's, and its started
+/// record's when it has one): an agent held back for want of disk takes work again once
+/// they do ([`crate::agent::Agent::check_start`]), and a job whose checkout filled the disk
+/// is handed back while they do not ([`full_disk`]).
+pub fn job_folders_take_writes(workspaces: &Path, records: Option<&Path>) -> std::io::Result<()> {
+    crate::files::probe_write(workspaces)?;
+    records.map_or(Ok(()), crate::files::probe_write)
+}
+
+/// A full disk met by a job's fetch or checkout of `url`. What the checkout wrote goes
+/// first; then the write that tells an agent held back for want of disk when it may take
+/// work again ([`job_folders_take_writes`]) says whose want it is. Still full: the
+/// agent's — no job could start — and this one goes back unstarted ([`CannotStart`]), as
+/// one without room for its workspace does (its error is then not the job's). Room again:
+/// the repository's — it needs more than the disk has free, and would fill it again here.
+async fn full_disk(ctx: &JobContext, url: &str, workspace: &Path, detail: String, cannot_start: &mut Option<CannotStart>) -> RepoError {
+    let (leftover, workspaces) = (workspace.to_path_buf(), Arc::clone(&ctx.workspaces));
+    let records = ctx.spool.as_ref().map(|s| s.records().to_path_buf());
+    let probed = tokio::task::spawn_blocking(move || {
+        let _ = workspace::remove(&leftover);
+        job_folders_take_writes(&workspaces, records.as_deref())
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    match probed {
+        Err(e) => {
+            let why = format!("it cannot check out a job's repository in {} ({e}): free space on that folder's disk (or make it writable)", ctx.workspaces.display());
+            *cannot_start = Some(CannotStart { why, disk: true });
+            RepoError::DiskFull { detail }
+        }
+        Ok(()) => ctx.repos.too_big_for_disk(url, detail),
+    }
 }
 
 /// The end of a job the edge has given up, if it has: away from the edge past its

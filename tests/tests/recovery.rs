@@ -947,6 +947,86 @@ async fn an_agent_whose_disk_is_full_hands_jobs_back_and_takes_work_again_once_i
     assert_eq!(agent.claude_runs().len(), 1, "only the job that waited ran");
 }
 
+/// An agent whose job workspaces are a tmpfs of `size` (as in
+/// [`an_agent_whose_disk_is_full_hands_jobs_back_and_takes_work_again_once_it_has_room`]),
+/// allowed to fetch from `git`.
+async fn agent_on_small_disk_with_git(git: &harness::git_server::GitServer, size: &str) -> (EdgeServer, AgentProc, Client) {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[QUICK_HEARTBEATS]);
+    let mut opts = AgentOpts::for_edge(&edge, "spark")
+        .env("ALLOWED_REPO_HOSTS", &git.host())
+        .env("SSL_CERT_FILE", &git.cert_file.display().to_string());
+    opts.wrapper = on_own_disk("$DATA_DIR/workspaces", size);
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+    (edge, agent, client)
+}
+
+/// A full disk met by a job's repository checkout ended the job REPO_ERROR ("the disk
+/// holding DATA_DIR is full") and the agent took the next job, and the next, each failing
+/// at once, as a full disk at the workspace did before rev20-3. Still full once the
+/// checkout is removed, the disk is the agent's want: the job goes back unstarted, the
+/// agent takes no work until a write succeeds, and the job runs once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_on_a_full_disk_hands_the_job_back_and_it_runs_once_there_is_room() {
+    let git = harness::git_server::GitServer::start(None);
+    git.seed("demo", &[("README.md", b"# demo\n")]);
+    let (_edge, agent, client) = agent_on_small_disk_with_git(&git, "1m,nr_inodes=256").await;
+    // No block left, inodes left: the workspace's folder is made, the checkout's first
+    // file is not.
+    let workspaces = agent.data.path().join("data/workspaces");
+    inside(agent.pid().unwrap(), &format!("cd '{}' && cat /dev/zero > hog 2>/dev/null; true", workspaces.display()));
+
+    let answer = client.execute(json!({"prompt": "must not run here", "repo_url": git.url("demo"), "timeout_ms": 60000})).await;
+    assert_eq!((answer.status, answer.body["error_code"].as_str(), answer.body["fallback"].as_bool()), (503, Some("RUNNER_OFFLINE"), Some(true)), "{}", answer.text);
+    let health = client.health_full().await;
+    assert_eq!((health.status, health.body["agents"][0]["takes_work"].as_bool()), (503, Some(false)), "{}", health.text);
+    let why = health.body["agents"][0]["cannot_start"].as_str().unwrap_or_default();
+    assert!(why.contains("free space on") && why.contains(&workspaces.display().to_string()), "{}", health.text);
+
+    let queued = client.submit(json!({"prompt": "@exists=README.md", "repo_url": git.url("demo")})).await;
+    let job_id = queued.body["job_id"].as_str().unwrap().to_string();
+    inside(agent.pid().unwrap(), &format!("rm -f '{}'/hog", workspaces.display()));
+    let job = client.wait_job(&job_id, Duration::from_secs(60)).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", agent.log());
+    assert_eq!(agent.claude_runs().len(), 1, "only the job that waited ran");
+}
+
+/// A repository larger than the free space of DATA_DIR's disk filled it at its checkout,
+/// and the job ended "the disk holding DATA_DIR is full: free space ..., then retry" —
+/// though the disk had room again once the checkout was removed, and a retry filled it the
+/// same. It ends REPO_ERROR saying the repository needs more free space than the disk has,
+/// not retryable, and the agent goes on taking work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_larger_than_the_disks_free_space_is_a_repo_error_saying_so() {
+    let git = harness::git_server::GitServer::start(None);
+    // Two MiB that do not compress, on a disk of one.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let big: Vec<u8> = (0..2 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    git.seed("big", &[("README.md", b"# big\n"), ("blob.bin", &big)]);
+    let (_edge, agent, client) = agent_on_small_disk_with_git(&git, "1m").await;
+
+    let answer = client.execute(json!({"prompt": "must not run", "repo_url": git.url("big"), "timeout_ms": 60000})).await;
+    assert_eq!((answer.status, answer.body["error_code"].as_str()), (200, Some("REPO_ERROR")), "{}", answer.text);
+    let said = answer.body["error"].as_str().unwrap_or_default();
+    assert!(said.contains("needs more free space than the disk holding DATA_DIR has"), "{said}");
+    assert_eq!(answer.body["retryable"], false, "{}", answer.text);
+    assert!(agent.claude_runs().is_empty(), "claude ran");
+    // The agent takes work: the disk has room.
+    let health = client.health_full().await;
+    assert_eq!((health.status, health.body["agents"][0]["takes_work"].as_bool()), (200, Some(true)), "{}", health.text);
+    let answer = client.execute(json!({"prompt": "runs", "timeout_ms": 60000})).await;
+    assert_eq!((answer.status, answer.body["success"].as_bool()), (200, Some(true)), "{}", answer.text);
+}
+
 /// The agent's launcher, found among its children.
 fn launcher_of(agent: &AgentProc) -> Option<u32> {
     process_tree(agent.pid().unwrap()).into_iter().find(|pid| {

@@ -32,6 +32,11 @@ pub enum RepoError {
     Tls { url: String, detail: String },
     #[error("the disk holding DATA_DIR is full ({detail}): free space on the runner machine or lower REPO_CACHE_MAX_BYTES, then retry")]
     DiskFull { detail: String },
+    /// A full disk met by a job's fetch or checkout that had room again once the checkout
+    /// was removed (`runner::full_disk`): the repository itself does not fit. `lower` says
+    /// what `REPO_CACHE_MAX_BYTES` can free, when mirrors of other repositories share the disk.
+    #[error("{url} needs more free space than the disk holding DATA_DIR has ({detail}): its checkout filled that disk, which had room again once the checkout was removed, so nothing ran and the job fails the same here until there is more; free space on that disk or give DATA_DIR a larger one{lower}, or use a smaller repository (or a branch or commit with fewer files)")]
+    TooBigForDisk { url: String, detail: String, lower: String },
     #[error("fetching {url} did not finish within the job's timeout_ms ({timeout_ms} ms): the git server is slow or not answering, or the repository is large for the time given; retry, raise timeout_ms, or send \"allow_stale\": true")]
     FetchTimedOut { url: String, timeout_ms: u64 },
     #[error("{url} sent more than REPO_MAX_FETCH_BYTES ({max_bytes} bytes) in one fetch, so the fetch was stopped and what it received removed: the repository is larger than this runner allows (or the server sends without end); raise REPO_MAX_FETCH_BYTES (and REPO_CACHE_MAX_BYTES, and the disk holding DATA_DIR) on the runner machine, or use a smaller repository")]

@@ -111,6 +111,20 @@ impl Repos {
     /// has ended, its worker dead: the workspace is removed only then, and the mirror's
     /// lease is held until then (a checkout cut off by a timeout or a cancel once went on
     /// writing into a folder being removed, which stayed, its mirror open to eviction).
+    /// The error of a job whose fetch or checkout of `repo_url` filled the disk, though it
+    /// had room once the checkout was removed: the repository needs more than the disk has
+    /// free. `REPO_CACHE_MAX_BYTES` is named when the cache keeps mirrors of other
+    /// repositories (lowered, fewer of them take that disk).
+    pub fn too_big_for_disk(&self, repo_url: &str, detail: String) -> RepoError {
+        let name = RepoUrl::parse(repo_url).map(|u| u.name()).unwrap_or_default();
+        let others = self.cache.mirror_names().iter().any(|n| *n != name);
+        let lower = match others {
+            true => format!(", lower REPO_CACHE_MAX_BYTES ({} bytes: the mirrors of other repositories kept on that disk)", self.settings.cache_max_bytes),
+            false => String::new(),
+        };
+        RepoError::TooBigForDisk { url: repo_url.to_string(), detail, lower }
+    }
+
     pub async fn prepare(&self, spec: &JobSpec, workspace: &Path, checkout: CheckoutSignals) -> Result<Prepared, RepoError> {
         let text = spec.repo_url.as_deref().unwrap_or_default();
         // The edge checked it; the side that fetches checks again.
