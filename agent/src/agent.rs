@@ -318,8 +318,16 @@ impl Agent {
     }
 
     fn slots(&self, running: &Running) -> Slots {
-        let free = if running.closed || running.cannot_start.is_some() { 0 } else { self.cfg.max_concurrent_jobs.saturating_sub(running.jobs.len() as u32) };
-        Slots { free, received: running.received }
+        Slots { free: self.free_slots(running), received: running.received }
+    }
+
+    /// How many more jobs this agent takes now: none while its door is closed (a
+    /// `--one-job` agent's once it has its job), else its capacity less what runs.
+    fn free_slots(&self, running: &Running) -> u32 {
+        if running.closed || running.cannot_start.is_some() {
+            return 0;
+        }
+        self.cfg.capacity().saturating_sub(running.jobs.len() as u32)
     }
 
     /// A new connection to the edge, whose challenge was `challenge` and whose keys are
@@ -382,7 +390,7 @@ impl Agent {
             running: running.ids(),
             finished: Vec::new(),
             more_finished: false,
-            capacity: self.cfg.max_concurrent_jobs,
+            capacity: self.cfg.capacity(),
             oauth,
             slots: self.slots(&running),
             claude_version: self.cli.current(),
@@ -522,7 +530,7 @@ impl Agent {
             self.link.seal_and_send(&self.uplink, |key| AgentMessage::result_text(result.payload, key));
             return;
         }
-        if running.closed || running.cannot_start.is_some() || running.jobs.len() as u32 >= self.cfg.max_concurrent_jobs {
+        if self.free_slots(&running) == 0 {
             // Nothing wrong with the order itself: the edge may send it again later.
             self.reject(&order.header, "no free slot: the agent is full or stopping, or cannot start jobs now", true);
             return;

@@ -521,6 +521,14 @@ pub fn default_agent_id() -> String {
 }
 
 impl AgentConfig {
+    /// How many jobs this agent runs at once, as it tells the edge: `MAX_CONCURRENT_JOBS`,
+    /// or one for a `--one-job` agent, which takes one job in all (offering more had the
+    /// edge send orders it could only refuse, each refusal counting toward the edge's
+    /// limit of sends per job).
+    pub fn capacity(&self) -> u32 {
+        if self.one_job { self.max_concurrent_jobs.min(1) } else { self.max_concurrent_jobs }
+    }
+
     /// Settings to run a job on this machine with no edge (the canary): the local ones
     /// from `local`; the keys are fresh and never used, as nothing is dialled.
     pub fn local_only(local: &LocalArgs, agent_id: String) -> AgentConfig {

@@ -509,7 +509,7 @@ async fn session(
         agent_nonce: agent_nonce.clone(),
         ephemeral: ephemeral.public(),
         issued_at: crate::now_ms(),
-        capacity: cfg.max_concurrent_jobs,
+        capacity: cfg.capacity(),
         running,
         finished,
         more_finished,

@@ -404,6 +404,40 @@ async fn a_one_job_agent_exits_after_its_job() {
     assert_eq!(p.client.get(&format!("/jobs/{second}")).await.body["state"], "queued", "one job only");
 }
 
+/// A `--one-job` agent offered every slot, took one order and refused the rest with
+/// `retry`, each refusal counting toward the edge's limit of sends per job: a pool of
+/// one-job workers on a full queue ended jobs "sent 16 times and never started". It offers
+/// one slot, and none once it has its job, so no order it is sent is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_job_agent_offers_one_slot_and_refuses_no_order() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[("ADMIN_SECRET", ADMIN)]);
+    let client = Client::new(&edge.url());
+    let mut ids = Vec::new();
+    for prompt in ["@sleep=300 the one", "the next"] {
+        let a = client.submit(json!({"prompt": prompt})).await;
+        assert_eq!(a.status, 202, "{}", a.text);
+        ids.push(a.body["job_id"].as_str().unwrap().to_string());
+    }
+    let opts = AgentOpts::for_edge(&edge, "spark").env("MAX_CONCURRENT_JOBS", "2");
+    let mut eph = AgentProc::start_with_flags(opts, &["--one-job"]);
+    let status = eph.wait_exit(Duration::from_secs(60)).await.expect("the agent exits after its job");
+    assert!(status.success(), "{status}:\n{}", eph.log());
+    let states: Vec<Value> = states_of(&client, &ids).await;
+    assert_eq!(states.iter().filter(|s| *s == "succeeded").count(), 1, "one job ran: {states:?}");
+    assert_eq!(states.iter().filter(|s| *s == "queued").count(), 1, "the other waits: {states:?}");
+    let metrics = client.get("/metrics").await.text;
+    assert!(metrics.contains("claude_runner_orders_rejected_total 0\n"), "{metrics}\n{}\n{}", eph.log(), edge.log());
+}
+
+async fn states_of(client: &Client, ids: &[String]) -> Vec<Value> {
+    let mut states = Vec::new();
+    for id in ids {
+        states.push(client.get(&format!("/jobs/{id}")).await.body["state"].clone());
+    }
+    states
+}
+
 /// An agent dialing a `/pool/<name>` the edge does not serve logged only "HTTP error: 404"
 /// at every retry: it now says the edge refused it, for want of that pool, and what to set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
