@@ -274,6 +274,11 @@ pub fn preflight(config: &Config, method: &str, path: &str, secret_header: Optio
         }
         Some(_) => {}
     }
+    // Decided from the method and route alone, before [`handle`] looks a job up: asked
+    // after that, a job of another caller (404) was told apart from a made-up id (405).
+    if !methods_of(&segments).contains(&method) {
+        return Gate::Answer(Response::error(method_not_allowed(method, path, &segments)));
+    }
     let takes_body = matches!(segments.as_slice(), ["execute"] | ["jobs"] | ["oauth", "login"] | ["oauth", "login", "code"]);
     Gate::Handle { read_body: method == "POST" && takes_body }
 }
@@ -581,17 +586,19 @@ pub fn handle(edge: &mut Edge, now: impl Into<Now>, entropy: [u8; 16], req: Requ
 /// The `405` of a route the edge knows, asked with a method it does not take: it names
 /// those it takes.
 fn method_not_allowed(method: &str, path: &str, segments: &[&str]) -> ApiError {
-    let error = format!("{method} is not allowed on {}: use {}", shown_path(path), methods_of(segments));
+    let error = format!("{method} is not allowed on {}: use {}", shown_path(path), methods_of(segments).join(" or "));
     ApiError::new(ErrorCode::MethodNotAllowed, error)
 }
 
-/// The methods a route the edge knows takes, as its `405` says them.
-fn methods_of(segments: &[&str]) -> &'static str {
+/// The methods a route the edge knows takes ([`preflight`] answers any other `405`), as
+/// its `405` names them. `/health`, `/` and `/pools` have their own gates.
+fn methods_of(segments: &[&str]) -> &'static [&'static str] {
     match segments {
-        ["jobs"] => "GET or POST",
-        ["jobs", _] => "GET or DELETE",
-        ["execute"] | ["oauth", "login"] | ["oauth", "login", "code"] | ["agents", _, _] => "POST",
-        _ => "GET",
+        ["jobs"] => &["GET", "POST"],
+        ["jobs", _] => &["GET", "DELETE"],
+        ["execute"] | ["oauth", "login"] | ["oauth", "login", "code"] | ["agents", _, _] => &["POST"],
+        ["health"] | [""] | [] => &["GET", "HEAD"],
+        _ => &["GET"],
     }
 }
 

@@ -845,6 +845,31 @@ proptest! {
     }
 }
 
+/// Another caller's job and a job nobody sent are answered alike, whatever the method:
+/// the ownership check came before method routing, so `PUT /jobs/<b's id>` answered 404
+/// where `PUT /jobs/<made-up id>` answered 405, and a caller could tell real ids of
+/// others from made-up ones.
+#[test]
+fn another_callers_job_and_a_made_up_one_are_answered_alike_for_every_method() {
+    let mut edge = Edge::new(pool_config(), 0);
+    let of_b = submit(&mut edge, 0, B_SECRET, json!({"prompt": "b's task"}));
+    // The same shape as b's id, one character changed.
+    let made_up = format!("{}{}", &of_b[..of_b.len() - 1], if of_b.ends_with('0') { '1' } else { '0' });
+    assert!(edge.job(&made_up).is_none());
+    for method in ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+        for tail in ["", "/events"] {
+            let asked = |edge: &mut Edge, id: &str| {
+                let (status, body) = answer(&request(edge, 1, A_SECRET, method, &format!("/jobs/{id}{tail}"), Value::Null));
+                (status, body.to_string().replace(id, "<id>"))
+            };
+            let others = asked(&mut edge, &of_b);
+            let nobodys = asked(&mut edge, &made_up);
+            assert_eq!(others, nobodys, "{method} /jobs/<id>{tail}: b's job told apart from a made-up one");
+        }
+    }
+    assert_eq!(edge.job(&of_b).unwrap().state, JobState::Queued, "b's job was not cancelled");
+}
+
 #[test]
 fn a_callers_own_secret_sees_and_cancels_only_its_own_jobs() {
     let mut edge = Edge::new(pool_config(), 0);
