@@ -181,10 +181,19 @@ impl Edge {
         // came past twice the cap, and a fifth holding nothing was refused). Owners are
         // the callers with secrets of their own and the pool secret's, all configured, so
         // this grows what waits by their number at most.
+        // A caller with its own secret is told its own count and share, never how many
+        // jobs the others hold nor how many others there are: those are the operator's
+        // to read (review rev27, 4). The pool secret's holder is the operator.
         if waiting >= cap.saturating_mul(2) && held > 0 {
-            return busy(format!(
-                "{waiting} jobs are already waiting for the agents (twice MAX_QUEUED_JOBS, the most that ever waits); retry later or run the task elsewhere"
-            ));
+            return busy(match owner {
+                "" => format!(
+                    "{waiting} jobs are already waiting for the agents (twice MAX_QUEUED_JOBS, the most that ever waits); retry later or run the task elsewhere"
+                ),
+                _ => format!(
+                    "the queue is at the most that ever waits for the agents (twice MAX_QUEUED_JOBS {cap}), and caller `{owner}` holds {held} of its jobs; \
+                     retry when some of them have started, or run the task elsewhere"
+                ),
+            });
         }
         let caller = placement.caller();
         let mine = self.queue.len_of(owner, caller);
@@ -193,13 +202,17 @@ impl Edge {
         }
         let owners = self.queue.owners_waiting() + usize::from(held == 0);
         if waiting >= cap && held.saturating_mul(owners) >= cap {
-            let who = match owner {
-                "" => "the pool secret's callers (one share together)".to_string(),
-                _ => format!("caller `{caller}`"),
-            };
-            return busy(format!(
-                "{waiting} jobs are already waiting for the agents (MAX_QUEUED_JOBS {cap}), and {who} hold {held} of them, at least an even share among the {owners} callers with jobs waiting; retry when some have started"
-            ));
+            return busy(match owner {
+                "" => format!(
+                    "{waiting} jobs are already waiting for the agents (MAX_QUEUED_JOBS {cap}), and the pool secret's callers (one share together) \
+                     hold {held} of them, at least an even share among the {owners} callers with jobs waiting; retry when some have started"
+                ),
+                _ => format!(
+                    "the queue is full (MAX_QUEUED_JOBS {cap}), and caller `{owner}` holds {held} of its jobs, at least its even share ({}) \
+                     of it among the callers with jobs waiting; retry when some of them have started",
+                    cap.div_ceil(owners.max(1))
+                ),
+            });
         }
         None
     }
@@ -371,7 +384,7 @@ impl Edge {
             fitting.iter().filter_map(|a| Some(format!("{}: {}", a.agent_id, a.cannot_start.as_deref()?))).collect::<Vec<_>>().join("; ")
         };
         let held = match unplaced {
-            Hindrance::HeldBack(Held::Paused) => "paused (POST /agents/<id>/resume)".to_string(),
+            Hindrance::HeldBack(Held::Paused) => "paused (by the pool's operator, who resumes it: POST /agents/<id>/resume with the pool's RUNNER_SECRET)".to_string(),
             Hindrance::HeldBack(Held::Stopping) => "stopping (draining its running jobs before it exits)".to_string(),
             Hindrance::HeldBack(Held::CannotStart) => format!("unable to start jobs ({})", unable()),
             _ => match unable() {

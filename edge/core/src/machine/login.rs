@@ -107,7 +107,7 @@ pub(crate) fn shown_agent(a: &Agent) -> String {
 /// no free slot).
 pub(crate) fn why_not(a: &Agent, now: Now) -> Option<String> {
     if a.paused {
-        return Some(format!("paused (POST /agents/{}/resume)", a.agent_id));
+        return Some(format!("paused (by the pool's operator, who resumes it: POST /agents/{}/resume with the pool's RUNNER_SECRET)", a.agent_id));
     }
     if a.stopping {
         return Some("stopping: it finishes its running jobs and takes no new ones".into());

@@ -209,12 +209,19 @@ impl Edge {
     /// it just past must still run.
     pub(super) fn pending_full(&self, now: Millis, job: &Job) -> Option<ApiError> {
         let (bytes, all, cap) = (job.approximate_bytes(), self.pending.bytes(), self.cfg.max_pending_bytes);
+        let owner = super::share_of(job);
+        // A caller with its own secret is told its own bytes, never the others' (review
+        // rev27, 4): those are the operator's to read.
+        let told = |held: u64, whose: &str| match owner {
+            "" => format!("{whose} hold {held} bytes of tasks already"),
+            _ => format!("{whose} are at their bound (caller `{owner}`'s hold {} bytes of them)", self.pending.bytes_of(owner)),
+        };
         if all > 0 && all.saturating_add(bytes) > cap {
             return Some(ApiError::new(
                 ErrorCode::RunnerBusy,
                 format!(
-                    "the jobs not ended yet hold {all} bytes of tasks already, and this one {bytes} more would pass \
-                     MAX_PENDING_BYTES ({cap}); retry when some have ended, or run the task elsewhere"
+                    "{}, and this one {bytes} more would pass MAX_PENDING_BYTES ({cap}); retry when some have ended, or run the task elsewhere",
+                    told(all, "the jobs not ended yet")
                 ),
             ));
         }
@@ -223,13 +230,12 @@ impl Edge {
             return Some(ApiError::new(
                 ErrorCode::RunnerBusy,
                 format!(
-                    "the jobs not ended yet of every pool this edge serves from one memory (a Worker isolate's) hold \
-                     {process} bytes of tasks already, and this one {bytes} more would pass this pool's MAX_PENDING_BYTES \
-                     ({cap}), which bounds them together; retry when some have ended, or run the task elsewhere"
+                    "{}, and this one {bytes} more would pass this pool's MAX_PENDING_BYTES ({cap}), which bounds them together; \
+                     retry when some have ended, or run the task elsewhere",
+                    told(process, "the jobs not ended yet of every pool this edge serves from one memory (a Worker isolate's)")
                 ),
             ));
         }
-        let owner = super::share_of(job);
         if owner.is_empty() {
             // The pool secret's jobs are held to the whole bound alone: its holder is the
             // operator, as with the other shares.

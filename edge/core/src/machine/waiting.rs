@@ -134,7 +134,12 @@ impl Edge {
                 let (code, what) = match held {
                     Held::Stopping => (WaitCode::Stopping, "the job starts once one is started again"),
                     Held::CannotStart => (WaitCode::CannotStart, "do what its reason says (free space on its DATA_DIR's disk, say); the job starts once one can start jobs again"),
-                    Held::Paused | Held::Both => (WaitCode::Paused, "resume one (POST /agents/<id>/resume, or the edge's page); the job starts then"),
+                    // Named callers read this too, whose secret cannot resume an agent
+                    // (review rev27, 4): the operator's part is said as such.
+                    Held::Paused | Held::Both => (
+                        WaitCode::Paused,
+                        "the pool's operator resumes one (POST /agents/<id>/resume with the pool's RUNNER_SECRET, or the edge's page): ask them; the job starts then",
+                    ),
                 };
                 (code, format!("every agent that fits it is paused, stopping or unable to start jobs ({}): {what}", each.join("; ")))
             }
@@ -148,7 +153,7 @@ impl Edge {
                 (
                     WaitCode::Login,
                     format!(
-                        "the Claude OAuth login of the agent that fits it ({}) needs renewing: run `{command}` (or open the edge's page and follow \"Log in again\"); the job starts once it is logged in",
+                        "the Claude OAuth login of the agent that fits it ({}) needs renewing: the pool's operator runs `{command}` (or follows \"Log in again\" on the edge's page): ask them if that is not you; the job starts once it is logged in",
                         names(agents)
                     ),
                 )

@@ -244,6 +244,44 @@ fn one_caller_filling_the_queue_at_the_default_caps_shuts_no_one_else_out() {
     assert!(edge.queued() < 2 * cap);
 }
 
+/// A caller with its own secret refused for a full queue was told how many jobs waited in
+/// all and among how many callers (review rev27, 4): other callers' load, the operator's to
+/// read. It is told its own count and share, and the cap, only.
+#[test]
+fn a_named_callers_queue_full_refusal_names_no_other_count() {
+    let mut edge = Edge::new(Config { max_queued_jobs: 6, ..pool_config() }, 0);
+    // Labels nobody offers: every job waits.
+    let waits = |i: usize| json!({"prompt": "x", "labels": {"gpu": format!("g{i}")}});
+    let mut now = 1;
+    for i in 0..5 {
+        let mut job = waits(i);
+        job["caller"] = json!("ci");
+        submit(&mut edge, now, SECRET, job);
+        now += 1;
+    }
+    for i in 0..3 {
+        submit(&mut edge, now, B_SECRET, waits(i));
+        now += 1;
+    }
+    // Three owners wait (the pool's secret, b, a): a's even share of 6 is 2.
+    let mut held = 0;
+    let error = loop {
+        now += 1;
+        let (status, body) = answer(&request(&mut edge, now, A_SECRET, "POST", "/jobs", waits(held)));
+        match status {
+            202 => held += 1,
+            429 => break body["error"].as_str().unwrap().to_string(),
+            _ => panic!("{body}"),
+        }
+    };
+    assert_eq!(held, 2, "{error}");
+    assert!(error.contains("`a`") && error.contains("MAX_QUEUED_JOBS"), "{error}");
+    // Its own count and share (2), the cap (6): nothing else — not the 10 waiting, the 5 of
+    // the pool's secret, b's 3, nor the 3 owners.
+    let numbers: Vec<&str> = error.split(|c: char| !c.is_ascii_digit()).filter(|n| !n.is_empty()).collect();
+    assert!(numbers.iter().all(|n| ["2", "6"].contains(n)), "{error}");
+}
+
 /// Past `MAX_QUEUED_JOBS` each owner may still queue up to its even share of it, the
 /// share taken as the owners waiting are counted when it asks: owners coming one after
 /// another could take the queue far past the cap, so twice the cap is where every job
