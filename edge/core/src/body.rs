@@ -79,6 +79,29 @@ struct Held {
     bytes: usize,
     /// By holder, as the host names it (pool and secret): only holders with bytes in flight.
     by_holder: BTreeMap<String, usize>,
+    /// By pool (a Worker's isolate serves several): only pools with bytes in flight.
+    by_pool: BTreeMap<String, usize>,
+}
+
+impl Held {
+    fn add(&mut self, pool: &str, holder: &str, bytes: usize) {
+        self.bytes = self.bytes.saturating_add(bytes);
+        for (map, key) in [(&mut self.by_holder, holder), (&mut self.by_pool, pool)] {
+            *map.entry(key.to_string()).or_default() += bytes;
+        }
+    }
+
+    fn take(&mut self, pool: &str, holder: &str, bytes: usize) {
+        self.bytes = self.bytes.saturating_sub(bytes);
+        for (map, key) in [(&mut self.by_holder, holder), (&mut self.by_pool, pool)] {
+            if let Some(mine) = map.get_mut(key) {
+                *mine = mine.saturating_sub(bytes);
+                if *mine == 0 {
+                    map.remove(key);
+                }
+            }
+        }
+    }
 }
 
 /// Every body being read in this process.
@@ -86,7 +109,7 @@ static IN_FLIGHT: InFlight = InFlight::new();
 
 impl InFlight {
     pub(crate) const fn new() -> InFlight {
-        InFlight(Mutex::new(Held { bytes: 0, by_holder: BTreeMap::new() }))
+        InFlight(Mutex::new(Held { bytes: 0, by_holder: BTreeMap::new(), by_pool: BTreeMap::new() }))
     }
 
     fn lock(&self) -> MutexGuard<'_, Held> {
@@ -136,6 +159,7 @@ pub struct Crowded {
 #[derive(Debug)]
 struct Charge {
     in_flight: &'static InFlight,
+    pool: String,
     holder: String,
     bytes: usize,
 }
@@ -148,23 +172,14 @@ impl Charge {
             return;
         }
         let more = bytes - self.bytes;
-        let mut held = self.in_flight.lock();
-        held.bytes = held.bytes.saturating_add(more);
-        *held.by_holder.entry(self.holder.clone()).or_default() += more;
+        self.in_flight.lock().add(&self.pool, &self.holder, more);
         self.bytes = bytes;
     }
 }
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        let mut held = self.in_flight.lock();
-        held.bytes = held.bytes.saturating_sub(self.bytes);
-        if let Some(mine) = held.by_holder.get_mut(&self.holder) {
-            *mine = mine.saturating_sub(self.bytes);
-            if *mine == 0 {
-                held.by_holder.remove(&self.holder);
-            }
-        }
+        self.in_flight.lock().take(&self.pool, &self.holder, self.bytes);
     }
 }
 
@@ -207,31 +222,45 @@ impl Intake {
     /// read. Reserved up front, not charged as it comes: a body refused half way would
     /// have been read for nothing, and its buffer grows to the reservation and no further,
     /// where a growing buffer doubled — a 1 MiB body held nearly 2.
-    pub fn reserve(limit: usize, declared: Option<u64>, holder: &str, bound: Bound) -> Result<Intake, Crowded> {
-        Intake::reserve_in(&IN_FLIGHT, limit, declared, holder, bound)
+    pub fn reserve(limit: usize, declared: Option<u64>, pool: &str, holder: &str, bound: Bound) -> Result<Intake, Crowded> {
+        Intake::reserve_in(&IN_FLIGHT, limit, declared, pool, holder, bound)
     }
 
     pub(crate) fn reserve_in(
         in_flight: &'static InFlight,
         limit: usize,
         declared: Option<u64>,
+        pool: &str,
         holder: &str,
         bound: Bound,
     ) -> Result<Intake, Crowded> {
         let wanted = declared.map_or(limit, |d| usize::try_from(d).unwrap_or(usize::MAX).min(limit));
         let mut held = in_flight.lock();
         let mine = held.by_holder.get(holder).copied().unwrap_or(0);
-        // A holder with nothing in flight may always start one body, if the whole has room.
+        // A holder with nothing in flight may always start one body, if its pool's whole
+        // has room.
         if mine > 0 && mine.saturating_add(wanted) > bound.share() {
             return Err(Crowded { wanted, held: mine, whole: false, bound });
         }
-        if held.bytes.saturating_add(wanted) > bound.whole {
+        let ours = held.by_pool.get(pool).copied().unwrap_or(0);
+        if ours.saturating_add(wanted) > bound.whole {
+            return Err(Crowded { wanted, held: ours, whole: true, bound });
+        }
+        // The pools of one process (a Worker's isolate) share it as its holders share a
+        // pool's whole (review rev27, 1: one pool's uploads filled it, and every other
+        // pool's bodies were refused): past the whole, a pool holding its even share of
+        // it — among the pools with bodies in flight, itself counted — is refused, one
+        // holding less is not; past twice the whole, every pool holding some is. A pool
+        // with nothing in flight always starts one body.
+        let pools = held.by_pool.keys().filter(|p| *p != pool).count() + 1;
+        let past = held.bytes.saturating_add(wanted);
+        let share = crate::http::equal_share(bound.whole, pools);
+        if ours > 0 && past > bound.whole && (past > bound.whole.saturating_mul(2) || ours >= share) {
             return Err(Crowded { wanted, held: held.bytes, whole: true, bound });
         }
-        held.bytes += wanted;
-        *held.by_holder.entry(holder.to_string()).or_default() += wanted;
+        held.add(pool, holder, wanted);
         drop(held);
-        let charge = Charge { in_flight, holder: holder.to_string(), bytes: wanted };
+        let charge = Charge { in_flight, pool: pool.to_string(), holder: holder.to_string(), bytes: wanted };
         Ok(Intake::with(limit, DRAIN_LIMIT, wanted, Some(charge)))
     }
 
@@ -322,7 +351,7 @@ mod tests {
         static IN_FLIGHT: InFlight = InFlight::new();
         let limit = 1000;
         let bound = Bound { whole: limit * 3 / 2, holders: 2 };
-        let reserve = |holder: &str, declared: Option<u64>| Intake::reserve_in(&IN_FLIGHT, limit, declared, holder, bound);
+        let reserve = |holder: &str, declared: Option<u64>| Intake::reserve_in(&IN_FLIGHT, limit, declared, "p", holder, bound);
         let mut first = reserve("a", Some(limit as u64)).expect("the first fits");
         assert_eq!(first.chunk(&vec![b' '; limit]), Next::Read);
         let crowded = reserve("b", Some(limit as u64)).expect_err("the second would pass the bound");
@@ -344,7 +373,7 @@ mod tests {
     fn each_holder_holds_an_equal_share_and_always_one_body() {
         static IN_FLIGHT: InFlight = InFlight::new();
         let bound = Bound { whole: 3000, holders: 3 };
-        let reserve = |holder: &str, declared: u64| Intake::reserve_in(&IN_FLIGHT, 1500, Some(declared), holder, bound);
+        let reserve = |holder: &str, declared: u64| Intake::reserve_in(&IN_FLIGHT, 1500, Some(declared), "p", holder, bound);
         let a = [reserve("a", 600).unwrap(), reserve("a", 400).unwrap()];
         let crowded = reserve("a", 1).expect_err("a holds its share");
         assert_eq!((crowded.held, crowded.whole, crowded.bound.share()), (1000, false, 1000));
@@ -358,13 +387,35 @@ mod tests {
         drop((big, b));
     }
 
+    /// A Worker's isolate reads the bodies of every pool in it: one pool's uploads filled
+    /// the whole and every other pool's bodies were refused (review rev27, 1). Past the
+    /// whole a pool holding its even share is refused, one holding less is not, and one
+    /// with nothing in flight always starts a body.
+    #[test]
+    fn the_pools_of_one_process_share_its_bodies_in_flight() {
+        static IN_FLIGHT: InFlight = InFlight::new();
+        let bound = Bound { whole: 3000, holders: 1 };
+        let reserve = |pool: &str, declared: u64| Intake::reserve_in(&IN_FLIGHT, 1500, Some(declared), pool, &format!("{pool}/callers"), bound);
+        let gpu = [reserve("gpu", 1500).unwrap(), reserve("gpu", 1500).unwrap()];
+        assert!(reserve("gpu", 1).is_err(), "gpu's bodies fill its whole");
+        let team = reserve("team-b", 1000).expect("team-b has nothing in flight");
+        let more = reserve("team-b", 500).expect("team-b holds less than its even share (1500)");
+        let crowded = reserve("team-b", 200).expect_err("team-b holds its even share");
+        assert_eq!((crowded.held, crowded.whole), (4500, true));
+        assert!(reserve("gpu", 1).is_err());
+        drop(gpu);
+        let after = reserve("team-b", 1500).expect("gpu's bodies arrived");
+        drop((team, more, after));
+        assert_eq!(IN_FLIGHT.bytes("team-b/callers"), (0, 0));
+    }
+
     /// A body's buffer grows to its declared length and no further: it never holds twice
     /// what it keeps, and it is counted at what it holds.
     #[test]
     fn a_body_never_holds_more_than_it_declared() {
         static IN_FLIGHT: InFlight = InFlight::new();
         let bound = Bound { whole: 1 << 20, holders: 1 };
-        let mut body = Intake::reserve_in(&IN_FLIGHT, 1 << 20, Some(100_000), "pool", bound).unwrap();
+        let mut body = Intake::reserve_in(&IN_FLIGHT, 1 << 20, Some(100_000), "p", "pool", bound).unwrap();
         for _ in 0..1000 {
             body.chunk(&[b'x'; 100]);
         }

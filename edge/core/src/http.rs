@@ -356,10 +356,11 @@ pub fn intake(config: &Config, secret_header: Option<&str>, authorization: Optio
     let Some(holder) = holder(config, secret_header, authorization) else {
         return Ok(Intake::refused());
     };
-    // Pools of a Worker share its isolate: each counts its own holders, all the bytes.
+    // Pools of a Worker share its isolate: each counts its own holders, and the pools
+    // share the bytes of all as its holders share a pool's (`Intake::reserve`).
     let name = format!("{}/{holder}", config.pool);
     let bound = Bound { whole: usize::try_from(config.max_pending_bytes).unwrap_or(usize::MAX), holders: owners(config) };
-    Intake::reserve(config.max_body_bytes, declared, &name, bound).map_err(|crowded| {
+    Intake::reserve(config.max_body_bytes, declared, &config.pool, &name, bound).map_err(|crowded| {
         tracing::debug!(pool = %config.pool, holder = %holder, held = crowded.held, whole = crowded.whole, "request body refused: the bodies in flight are at their bound");
         Response::error(ApiError::new(ErrorCode::RunnerBusy, bodies_crowded(&holder, &crowded))).with_header("connection", "close".into())
     })
@@ -370,8 +371,9 @@ fn bodies_crowded(holder: &Holder, crowded: &Crowded) -> String {
     let Crowded { wanted, held, whole, bound } = crowded;
     if *whole {
         format!(
-            "the request bodies this edge is reading hold {held} bytes of its memory (a Worker's: every pool's in its isolate), \
-             and this one's {wanted} more would pass MAX_PENDING_BYTES ({}), which bounds them together; \
+            "the request bodies this edge is reading hold {held} bytes of its memory (a Worker's: this pool's, or every pool's \
+             in its isolate once this pool's hold its even share of it), and this one's {wanted} more would pass MAX_PENDING_BYTES ({}), \
+             which bounds them together; \
              send this again once some have arrived (uploads left unfinished are let go when their time is up)",
             bound.whole
         )

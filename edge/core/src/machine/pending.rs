@@ -13,9 +13,11 @@
 //! taking out one that was not counted, changes nothing.
 //!
 //! A Worker's memory limit is its isolate's, and the objects of several pools (`POOLS`)
-//! may share one: so each pool's bytes are also counted for the whole process, and a
-//! submission is also refused when every pool's jobs together would pass its pool's bound.
-//! (The native edge serves one pool: there the two counts agree.)
+//! may share one: so each pool's bytes are also counted for the whole process, and the
+//! pools share it as the queue's owners share the queue: past its pool's bound, a
+//! submission is also refused when its pool holds its even share of the bound, or any
+//! of it past twice the bound; a pool holding nothing always gets a job in
+//! ([`Edge::pending_full`]). (The native edge serves one pool: there the two counts agree.)
 //!
 //! The process's count is kept by pool ([`Registry`]), each pool's entry written by its
 //! newest machine alone: a machine takes a fresh generation when it is built, and its
@@ -178,16 +180,18 @@ impl Pending {
         self.bytes
     }
 
-    /// The bytes of every pool's jobs not ended yet in this process at `now`: this
-    /// machine's, and those of the other pools whose machines handled an event lately.
-    pub(super) fn process_bytes(&self, now: Millis) -> u64 {
+    /// The bytes of every pool's jobs not ended yet in this process at `now` — this
+    /// machine's, and those of the other pools whose machines handled an event lately —
+    /// and how many pools share them: those of the others holding some, and this one.
+    pub(super) fn process_bytes(&self, now: Millis) -> (u64, usize) {
         let registry = self.lock();
-        let others = registry
+        let others: Vec<u64> = registry
             .pools
             .iter()
-            .filter(|(pool, entry)| **pool != self.pool && now <= entry.touched.saturating_add(entry.counted_for))
-            .map(|(_, entry)| entry.bytes);
-        others.fold(self.bytes, u64::saturating_add)
+            .filter(|(pool, entry)| **pool != self.pool && entry.bytes > 0 && now <= entry.touched.saturating_add(entry.counted_for))
+            .map(|(_, entry)| entry.bytes)
+            .collect();
+        (others.iter().copied().fold(self.bytes, u64::saturating_add), others.len() + 1)
     }
 
     /// The bytes of one owner's jobs not ended yet.
@@ -225,14 +229,39 @@ impl Edge {
                 ),
             ));
         }
-        let process = self.pending.process_bytes(now);
-        if process > 0 && process.saturating_add(bytes) > cap {
+        // The pools of one process share it as the queue's owners share the queue
+        // (`jobs.rs::queue_full`; review rev27, 1: one pool's jobs filled the bound and
+        // every other pool was refused, one holding nothing too). Past the bound a pool
+        // holding its even share of it — the bound among the pools holding some, itself
+        // counted — is refused, one holding less is not; and past twice the bound every
+        // pool holding some is. A pool holding nothing always gets a job in: each pool
+        // alone is held to its bound above, so what the process holds stays within twice
+        // the bound and one job for each pool.
+        let (process, pools) = self.pending.process_bytes(now);
+        let share = crate::http::equal_share(cap, pools);
+        let whole = "the jobs not ended yet of every pool this edge serves from one memory (a Worker isolate's)";
+        let past = process.saturating_add(bytes);
+        if all > 0 && past > cap.saturating_mul(2) {
             return Some(ApiError::new(
                 ErrorCode::RunnerBusy,
                 format!(
-                    "{}, and this one {bytes} more would pass this pool's MAX_PENDING_BYTES ({cap}), which bounds them together; \
+                    "{}, and this one {bytes} more would pass twice this pool's MAX_PENDING_BYTES ({cap}), the most they ever hold \
+                     together; retry when some have ended, or run the task elsewhere",
+                    told(process, whole)
+                ),
+            ));
+        }
+        if all > 0 && past > cap && all >= share {
+            let ours = match owner {
+                "" => format!(" (this pool's hold {all} bytes of them, at least its even share ({share}) among the {pools} pools holding some)"),
+                _ => String::new(),
+            };
+            return Some(ApiError::new(
+                ErrorCode::RunnerBusy,
+                format!(
+                    "{}{ours}, and this one {bytes} more would pass this pool's MAX_PENDING_BYTES ({cap}), which bounds them together; \
                      retry when some have ended, or run the task elsewhere",
-                    told(process, "the jobs not ended yet of every pool this edge serves from one memory (a Worker isolate's)")
+                    told(process, whole)
                 ),
             ));
         }

@@ -173,32 +173,69 @@ const COUNTED_FOR: u64 = 60_000;
 /// A Worker's memory is its isolate's, which the objects of several pools may share: with
 /// POOLS=gpu,team-b three objects held three times MAX_PENDING_BYTES. Every pool's jobs
 /// together are held to it, counted as they come and go, and a machine let go (a rebuild)
-/// takes its jobs out of the count.
+/// takes its jobs out of the count. Pools are its owners as callers are the queue's
+/// (review rev27, 1): one pool filling it refused every other pool, one holding nothing
+/// too. Past it a pool holding its even share (the bound among the pools counted, itself
+/// included) is refused, one holding less is not, and one holding nothing always gets a
+/// job in.
 #[test]
 fn every_pool_of_one_process_together_is_held_to_the_bound() {
     let mut gpu = Edge::new(pool("gpu"), 0);
     let mut team = Edge::new(pool("team-b"), 0);
-    let sent = queued(&mut gpu, 1, task(3_000));
-    queued(&mut team, 1, task(3_000));
-    // 7,024 bytes held by two pools: the next 3,512 pass 10,000, whichever pool takes it.
-    let h = call(&mut team, 2, "POST", "/jobs", task(3_000));
+    // gpu fills the bound, nearly: 3,512 + 3,512 + 1,512 of 10,000.
+    let first = queued(&mut gpu, 1, task(3_000));
+    let second = queued(&mut gpu, 1, task(3_000));
+    queued(&mut gpu, 1, task(1_000));
+    // team-b, holding nothing, gets its job in; and more, up to its even share (5,000).
+    queued(&mut team, 2, task(3_000));
+    let kept = queued(&mut team, 2, task(2_000));
+    // Now each holds its share: whichever pool asks is refused.
+    let h = call(&mut team, 2, "POST", "/jobs", task(100));
     let (status, body) = answer_to(&h.effects, h.caller).expect("answered at once");
     assert_eq!((status, body["error_code"].as_str()), (429, Some("RUNNER_BUSY")), "{body}");
     let error = body["error"].as_str().unwrap();
-    assert!(error.contains("every pool") && error.contains("hold 7024 bytes") && error.contains("MAX_PENDING_BYTES (10000)") && error.contains("retry when"), "{error}");
-    // One pool's job that ends makes room in the other.
-    gpu.cancel(3, &sent).unwrap();
-    let kept = queued(&mut team, 4, task(3_000));
-    assert_refused(&call(&mut gpu, 5, "POST", "/jobs", task(3_000)), "every pool");
+    assert!(
+        error.contains("every pool") && error.contains("hold 14560 bytes") && error.contains("this pool's hold 6024")
+            && error.contains("even share (5000)") && error.contains("MAX_PENDING_BYTES (10000)") && error.contains("retry when"),
+        "{error}"
+    );
+    assert_refused(&call(&mut gpu, 2, "POST", "/jobs", task(100)), "every pool");
+    // One pool's jobs that end make room in the other.
+    for id in [first, second] {
+        gpu.cancel(3, &id).unwrap();
+    }
+    queued(&mut team, 4, task(100));
     // A pool's machine rebuilt from its records: the old one's jobs leave the count, the
     // restored ones' come back.
     let record = team.job(&kept).unwrap().clone();
     drop(team);
-    queued(&mut gpu, 6, task(3_000));
-    let (team, _) = Edge::restore(pool("team-b"), vec![record], vec![], None, 7);
-    assert_refused(&call(&mut gpu, 8, "POST", "/jobs", task(3_000)), "every pool");
+    queued(&mut gpu, 5, task(3_000));
+    queued(&mut gpu, 5, task(2_000));
+    let (team, _) = Edge::restore(pool("team-b"), vec![record], vec![], None, 6);
+    assert_refused(&call(&mut gpu, 7, "POST", "/jobs", task(100)), "every pool");
     drop(team);
-    queued(&mut gpu, 9, task(2_000));
+    queued(&mut gpu, 8, task(100));
+}
+
+/// Shares grow as pools come one after another, each past the bound by its share: what
+/// the process holds is bounded at twice the bound, past which every pool holding some is
+/// refused — and a pool holding nothing still gets its job in.
+#[test]
+fn the_pools_of_one_process_hold_at_most_twice_the_bound_and_one_job_each() {
+    let mut pools: Vec<Edge> = (0..5).map(|i| Edge::new(pool(&format!("p{i}")), 0)).collect();
+    for t in [3_000, 3_000, 2_000] {
+        queued(&mut pools[0], 1, task(t));
+    }
+    // p1's even share is 5,000 of the bound: 7,024 (its second job came while it held less).
+    for _ in 0..2 {
+        queued(&mut pools[1], 2, task(3_000));
+    }
+    assert_refused(&call(&mut pools[1], 2, "POST", "/jobs", task(100)), "even share (5000)");
+    // p2 and p3 hold nothing: each gets a job in, p3's past twice the bound (20,000).
+    queued(&mut pools[2], 3, task(3_000));
+    queued(&mut pools[3], 3, task(3_000));
+    assert_refused(&call(&mut pools[3], 3, "POST", "/jobs", task(100)), "twice this pool's MAX_PENDING_BYTES (10000)");
+    queued(&mut pools[4], 3, task(100));
 }
 
 /// Two pools whose machines go on handling events (an agent's heartbeats, ticks) are
@@ -209,14 +246,15 @@ fn pools_whose_machines_handle_events_are_counted_together_for_good() {
     let waiting = |name: &str| Config { queue_ttl_ms: 24 * 3_600_000, ..pool(name) };
     let mut gpu = Edge::new(waiting("gpu"), 0);
     let mut team = Edge::new(waiting("team-b"), 0);
+    // gpu holds more than its even share (5,000); each pool alone has room for 2,512 more.
+    queued(&mut gpu, 1, task(3_000));
     queued(&mut gpu, 1, task(3_000));
     queued(&mut team, 1, task(3_000));
     let mut now = 1;
     for _ in 0..5 {
         now += COUNTED_FOR - 1;
-        gpu.tick(now);
-        assert_refused(&call(&mut team, now, "POST", "/jobs", task(3_000)), "every pool");
-        assert_refused(&call(&mut gpu, now, "POST", "/jobs", task(3_000)), "every pool");
+        team.tick(now);
+        assert_refused(&call(&mut gpu, now, "POST", "/jobs", task(2_000)), "every pool");
     }
 }
 
@@ -232,9 +270,11 @@ fn a_pool_whose_machine_went_elsewhere_stops_counting_for_the_others() {
     // Rebuilt in another isolate: this one never hears of it again.
     std::mem::forget(gone);
     let mut team = Edge::new(pool("team-b"), 0);
+    // team-b holds more than its even share (5,000): past the bound with gpu's, it is refused.
     queued(&mut team, 2, task(3_000));
-    assert_refused(&call(&mut team, 1 + COUNTED_FOR, "POST", "/jobs", task(3_000)), "every pool");
-    queued(&mut team, 2 + COUNTED_FOR, task(3_000));
+    queued(&mut team, 2, task(2_000));
+    assert_refused(&call(&mut team, 1 + COUNTED_FOR, "POST", "/jobs", task(100)), "every pool");
+    queued(&mut team, 2 + COUNTED_FOR, task(100));
     assert_refused(&call(&mut team, 3 + COUNTED_FOR, "POST", "/jobs", task(3_000)), "run the task elsewhere");
 }
 
@@ -250,10 +290,12 @@ fn a_rebuilt_machines_predecessor_changes_nothing_of_its_count() {
     let (rebuilt, _) = Edge::restore(pool("team-b"), vec![record], vec![], None, 2);
     before.cancel(3, &kept).unwrap();
     drop(before);
+    // gpu holds more than its even share (5,000): the rebuilt machine's 3,512 still count.
     queued(&mut gpu, 4, task(3_000));
-    assert_refused(&call(&mut gpu, 5, "POST", "/jobs", task(3_000)), "every pool");
+    queued(&mut gpu, 4, task(2_000));
+    assert_refused(&call(&mut gpu, 5, "POST", "/jobs", task(100)), "every pool");
     drop(rebuilt);
-    queued(&mut gpu, 6, task(3_000));
+    queued(&mut gpu, 6, task(100));
 }
 
 /// On the Worker a pool's object is rebuilt after every eviction (workerd evicts an idle
