@@ -139,7 +139,37 @@ pub fn claude_environment(
         env.retain(|(n, _)| *n != name);
         env.push((name, value));
     }
+    with_git_settings(&mut env);
     env
+}
+
+/// Settings every git that Claude runs takes over its config files. `safe.bareRepository
+/// = explicit`: git uses a bare repository only when pointed at it (`--git-dir`,
+/// `GIT_DIR`), never one it finds by walking up from its folder. A repository's folder
+/// shaped as a git directory (`HEAD`, `objects/`, `refs/`, a `config` naming a command as
+/// `core.fsmonitor`) otherwise ran that command through the `git status` Claude Code runs
+/// where it starts, no tool allowed (hostile review rev25, 1). Git reads it only from the
+/// command line or the environment and from the user's and the system's files, never from
+/// a repository's own config.
+const GIT_SETTINGS: &[(&str, &str)] = &[("safe.bareRepository", "explicit")];
+
+/// Adds [`GIT_SETTINGS`] as `GIT_CONFIG_KEY_<n>`/`GIT_CONFIG_VALUE_<n>` after the pairs the
+/// operator passes (`JOB_ENV_ALLOW` may pass `GIT_CONFIG_COUNT` and its pairs), so that
+/// theirs still apply and ours, read last, win. A count that is no number (git would
+/// refuse to run at all) is replaced: only ours count then.
+fn with_git_settings(env: &mut Vec<(OsString, OsString)>) {
+    let count = OsString::from("GIT_CONFIG_COUNT");
+    let theirs = env.iter().find(|(n, _)| *n == count).and_then(|(_, v)| v.to_str()?.trim().parse::<usize>().ok()).unwrap_or(0);
+    env.retain(|(n, _)| *n != count);
+    for (i, (key, value)) in GIT_SETTINGS.iter().enumerate() {
+        let at = theirs.saturating_add(i);
+        for (name, v) in [(format!("GIT_CONFIG_KEY_{at}"), key), (format!("GIT_CONFIG_VALUE_{at}"), value)] {
+            let name = OsString::from(name);
+            env.retain(|(n, _)| *n != name);
+            env.push((name, OsString::from(v)));
+        }
+    }
+    env.push((count, OsString::from(theirs.saturating_add(GIT_SETTINGS.len()).to_string())));
 }
 
 /// What of the agent's own environment Claude may inherit ([`claude_environment`]'s
@@ -606,7 +636,7 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k.into_string().unwrap(), v.into_string().unwrap()))
             .collect();
-        let mut names: Vec<&str> = env.keys().map(String::as_str).collect();
+        let mut names: Vec<&str> = env.keys().map(String::as_str).filter(|n| !n.starts_with("GIT_CONFIG_")).collect();
         names.sort();
         assert_eq!(
             names,
@@ -614,6 +644,42 @@ mod tests {
         );
         assert_eq!(env["CLAUDE_CODE_OAUTH_TOKEN"], "login-token", "the login's token, not an inherited one");
         assert_eq!(env["HOME"], "/job-home", "the job's settings win");
+    }
+
+    /// Git in Claude's environment uses no bare repository it was not pointed at (rev25, 1),
+    /// after whatever `GIT_CONFIG_*` pairs the operator passes.
+    #[test]
+    fn git_in_claudes_environment_finds_no_bare_repository_by_itself() {
+        let env_of = |inherited: &[(&str, &str)], allow: &[&str]| -> std::collections::HashMap<String, String> {
+            let inherited = inherited.iter().map(|(k, v)| (OsString::from(k), OsString::from(v)));
+            let allow: Vec<String> = allow.iter().map(|a| a.to_string()).collect();
+            claude_environment(inherited, &allow, Vec::new(), Vec::new()).into_iter().map(|(k, v)| (k.into_string().unwrap(), v.into_string().unwrap())).collect()
+        };
+        let git = |env: &std::collections::HashMap<String, String>| {
+            let mut v: Vec<(String, String)> = env.iter().filter(|(k, _)| k.starts_with("GIT_CONFIG_")).map(|(k, v)| (k.clone(), v.clone())).collect();
+            v.sort();
+            v
+        };
+        let pairs = |list: &[(&str, &str)]| list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+        assert_eq!(
+            git(&env_of(&[("PATH", "/usr/bin")], &[])),
+            pairs(&[("GIT_CONFIG_COUNT", "1"), ("GIT_CONFIG_KEY_0", "safe.bareRepository"), ("GIT_CONFIG_VALUE_0", "explicit")])
+        );
+        // The operator's pairs stay, ours come after them (the last one read wins).
+        let theirs = [("GIT_CONFIG_COUNT", "2"), ("GIT_CONFIG_KEY_0", "http.sslVerify"), ("GIT_CONFIG_VALUE_0", "true"), ("GIT_CONFIG_KEY_1", "safe.bareRepository"), ("GIT_CONFIG_VALUE_1", "all")];
+        let allow = ["GIT_CONFIG_COUNT", "GIT_CONFIG_KEY_0", "GIT_CONFIG_VALUE_0", "GIT_CONFIG_KEY_1", "GIT_CONFIG_VALUE_1"];
+        assert_eq!(
+            git(&env_of(&theirs, &allow)),
+            pairs(&[
+                ("GIT_CONFIG_COUNT", "3"), ("GIT_CONFIG_KEY_0", "http.sslVerify"), ("GIT_CONFIG_KEY_1", "safe.bareRepository"), ("GIT_CONFIG_KEY_2", "safe.bareRepository"),
+                ("GIT_CONFIG_VALUE_0", "true"), ("GIT_CONFIG_VALUE_1", "all"), ("GIT_CONFIG_VALUE_2", "explicit"),
+            ])
+        );
+        // Not passed (not allowed), or no number: only ours.
+        for (inherited, allow) in [(&theirs[..], &[][..]), (&[("GIT_CONFIG_COUNT", "many")][..], &["GIT_CONFIG_COUNT"][..])] {
+            let env = git(&env_of(inherited, allow));
+            assert_eq!(env, pairs(&[("GIT_CONFIG_COUNT", "1"), ("GIT_CONFIG_KEY_0", "safe.bareRepository"), ("GIT_CONFIG_VALUE_0", "explicit")]));
+        }
     }
 
     #[tokio::test]

@@ -378,6 +378,34 @@ async fn a_working_dir_symlink_cannot_leave_the_checkout() {
     assert!(s.last_run()["cwd"].as_str().unwrap().ends_with("/docs"));
 }
 
+/// A folder of the repository shaped as a git directory (`HEAD`, `objects/`, `refs/`, and a
+/// `config` naming a command as `core.fsmonitor`) ran that command through the `git
+/// status` Claude Code runs in its working directory, no tool allowed (hostile review
+/// rev25, 1). Such a `working_dir` is refused, and git in Claude's environment uses no
+/// repository it was not pointed at explicitly (`safe.bareRepository=explicit`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folder_shaped_as_a_git_directory_runs_nothing() {
+    let s = setup(None, &[]).await;
+    let (seed, _, _) = demo(&s.git);
+    let marks = TempDir::new("fsmonitor-marks");
+    let marker = marks.path().join("FSMONITOR_RAN");
+    let config = format!("[core]\n\trepositoryformatversion = 0\n\tbare = false\n\tworktree = ..\n\tfsmonitor = \"touch {}; false\"\n", marker.display());
+    seed.commit(
+        &[("tools/HEAD", b"ref: refs/heads/main\n"), ("tools/config", config.as_bytes()), ("tools/objects/.keep", b"-"), ("tools/refs/.keep", b"-")],
+        "a folder shaped as a git directory",
+    );
+    let url = s.git.url("demo");
+    for dir in ["tools", "tools/refs"] {
+        let e = repo_error(&s.run(json!({"prompt": "@git_status", "repo_url": url, "working_dir": dir})).await);
+        assert!(e.contains("git directory"), "{dir}: {e}");
+    }
+    assert!(s.agent.claude_runs().is_empty(), "Claude never ran in it");
+    // A job's git, walked into that folder, does not take it for a repository either.
+    let b = s.run(json!({"prompt": "@git_status=tools", "repo_url": url})).await;
+    ok(&b);
+    assert!(!marker.exists(), "the repository's command ran through git status");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_jobs_on_one_repository_fetch_one_at_a_time_and_both_succeed() {
     let s = setup(None, &[("MAX_CONCURRENT_JOBS", "2")]).await;

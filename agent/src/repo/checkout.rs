@@ -238,5 +238,23 @@ pub fn working_dir(checkout: &Path, dir: Option<&str>) -> Result<PathBuf, RepoEr
     if !real.is_dir() {
         return Err(bad("is not a folder"));
     }
+    // Git walking up from Claude's folder takes the first folder shaped as a git directory
+    // for a repository, and runs what its `config` names (`core.fsmonitor`) in `git status`
+    // (rev25, 1). Claude's git refuses such a find (`safe.bareRepository`, in
+    // [`crate::process::claude_environment`]); nor does Claude start in one.
+    if let Some(git_dir) = real.ancestors().take_while(|p| *p != root).find(|p| shaped_as_git_dir(p)) {
+        let inside = git_dir.strip_prefix(&root).unwrap_or(git_dir).display().to_string();
+        return Err(RepoError::WorkingDir {
+            dir: dir.to_string(),
+            why: format!("is at or inside `{}`, a folder shaped as a git directory (HEAD, objects, refs), which git would take for a repository", super::error::one_line(&inside)).into(),
+        });
+    }
     Ok(real)
+}
+
+/// Whether git would take `dir` for a git directory: a `HEAD`, and `objects` and `refs`
+/// folders, here or in the folder its `commondir` names (judged by names alone: a near
+/// miss is refused too).
+fn shaped_as_git_dir(dir: &Path) -> bool {
+    dir.join("HEAD").symlink_metadata().is_ok() && (dir.join("commondir").symlink_metadata().is_ok() || (dir.join("objects").exists() && dir.join("refs").exists()))
 }

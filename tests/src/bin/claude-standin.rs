@@ -28,6 +28,8 @@
 //! `@write_random=PATH,MIB` write MIB mebibytes of incompressible bytes ·
 //! `@git_add=PATH` stage a file with `git add`, after the writes and before the deletes
 //! (may repeat) · `@delete=PATH` delete a file (may repeat) · `@exists=PATH` answer whether PATH exists ·
+//! `@git_status` run `git status --short` in the working directory, as Claude Code does
+//! when it starts (`@git_status=DIR`: in DIR, relative to it; its outcome is ignored) ·
 //! `@git_config=KEY,VALUE` run `git config KEY VALUE` in the checkout, and
 //! `@mirror_git_config=KEY,VALUE` in its mirror (found through `objects/info/alternates`),
 //! as a job's command could (may repeat) ·
@@ -319,6 +321,16 @@ fn main() {
     }
     for path in directives(&prompt, "delete") {
         std::fs::remove_file(path).expect("the stand-in deletes");
+    }
+    if let Some(dir) = directive(&prompt, "git_status") {
+        let dir = if dir.is_empty() { "." } else { dir };
+        // What it finds does not matter: only what it runs (a hostile repository's hooks).
+        let _ = std::process::Command::new("git")
+            .args(["status", "--short"])
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
     }
     for (name, in_mirror) in [("git_config", false), ("mirror_git_config", true)] {
         for spec in directives(&prompt, name) {
