@@ -427,14 +427,19 @@ pub const SECRET_VARS: &[&str] = &[
     "ANTHROPIC_API_KEY",
 ];
 
-/// The values of [`SECRET_VARS`] in `lookup`, with `REPO_TOKENS` (`host=token,…`) split
-/// into its tokens.
+/// The values of [`SECRET_VARS`] in `lookup`; of `REPO_TOKENS` (`host=token,…`) only its
+/// tokens. Its whole value made its host names secrets too: the redactor masks any long
+/// enough piece of a secret, so a host of 12 characters or more was masked in diffs and
+/// errors, and a push of a file naming it was refused as holding a secret (rev25, 4).
+/// An entry without `=` is refused when the agent starts (`repo::settings`).
 pub fn secret_values(lookup: impl Fn(&str) -> Option<String>) -> Vec<String> {
     let mut secrets = Vec::new();
     for name in SECRET_VARS {
         let Some(value) = lookup(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) else { continue };
         if *name == "REPO_TOKENS" {
-            secrets.extend(value.split(',').filter_map(|entry| entry.split_once('=')).map(|(_, token)| token.trim().to_string()));
+            let tokens = value.split(',').filter_map(|entry| entry.split_once('=')).map(|(_, token)| token.trim().to_string());
+            secrets.extend(tokens.filter(|t| !t.is_empty()));
+            continue;
         }
         secrets.push(value);
     }
@@ -829,6 +834,8 @@ mod tests {
             assert!(secrets.iter().any(|x| x == s), "{s} in {secrets:?}");
         }
         assert!(!secrets.iter().any(|s| s.trim().is_empty()));
+        // The hosts are no secret: nothing naming them is masked or refused (rev25, 4).
+        assert!(!secrets.iter().any(|s| s.contains("git.example.com") || s.contains("other.host")), "{secrets:?}");
     }
 
     /// Every flag whose value is hidden in `--help` (a secret) reads one of SECRET_VARS,

@@ -282,6 +282,18 @@ async fn a_private_repository_needs_the_token_which_never_leaks() {
     assert!(s.git.requests().iter().any(|r| r.authorization.is_some()), "the token went to the git server");
     let mut answers = vec![b];
 
+    // The token's host is no secret (rev25, 4): a file naming the server is pushed, shown
+    // in the diff, and an error names the host, none of it masked.
+    let named = format!("see {url}\n");
+    let prompt = format!("@write_b64=server.txt,{}", b64(named.as_bytes()));
+    let b = s.run(json!({"prompt": prompt, "repo_url": url, "include_diff": true, "push_branch": "claude/server"})).await;
+    ok(&b);
+    assert!(b["diff"].as_str().unwrap().contains(&format!("+see {url}")), "{b:#}");
+    assert_eq!(seed.server_git(&["show", "claude/server:server.txt"]), named.trim_end());
+    let e = repo_error(&s.run(json!({"prompt": "x", "repo_url": s.git.url("missing")})).await);
+    assert!(e.contains(&s.git.host()) && !e.contains("REDACTED"), "{e}");
+    answers.push(b);
+
     // Claude writes a secret of the machine (its own OAuth token) into the repository:
     // the diff is redacted and nothing is pushed; the diff comes back beside the refusal
     // (it was thrown away with it: `"diff": null`).
