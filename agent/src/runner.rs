@@ -150,12 +150,20 @@ pub async fn run(ctx: &JobContext, job_id: &str, spec: JobSpec, stop: oneshot::R
     let workspace = ctx.workspaces.join(job_id);
     let mut checkout_done = None;
     let mut cannot_start = None;
-    let (mut result, session) = run_in(ctx, job_id, spec, stop, &workspace, &mut checkout_done, &mut cannot_start).await;
+    let mut no_room = false;
+    let (mut result, session) = run_in(ctx, job_id, spec, stop, &workspace, &mut checkout_done, &mut cannot_start, &mut no_room).await;
     scrub(&mut result, || ctx.login.redactor(crate::now_ms()));
-    // A job that never started leaves nothing worth keeping.
-    let keep = !result.success && ctx.cfg.repos.keep_failed_workspaces && cannot_start.is_none();
+    let keep = kept(&result, ctx.cfg.repos.keep_failed_workspaces, cannot_start.is_some(), no_room);
     let leftover = Leftover { workspace, keep, job_id: job_id.to_string(), agent_id: ctx.cfg.agent_id.clone(), checkout_done };
     Ended { result, session, leftover, cannot_start }
+}
+
+/// Whether a job's workspace is kept (`KEEP_FAILED_WORKSPACES`, `keep_failed`): a failed
+/// job's is, for a post-mortem. A job that never started (`unstarted`) leaves nothing worth
+/// keeping; nor does a checkout that failed for want of room (`no_room`): kept, its half
+/// filled the disk for every later job, across restarts (rev25, 2).
+fn kept(result: &JobResult, keep_failed: bool, unstarted: bool, no_room: bool) -> bool {
+    !result.success && keep_failed && !unstarted && !no_room
 }
 
 /// Masks the secrets in the words of a result that are not Claude's output (redacted as
@@ -218,6 +226,7 @@ impl Leftover {
 }
 
 /// The job's result, and the session to record as its caller's (none when Claude did not run).
+#[allow(clippy::too_many_arguments)]
 async fn run_in(
     ctx: &JobContext,
     job_id: &str,
@@ -226,6 +235,7 @@ async fn run_in(
     workspace: &Path,
     checkout_done: &mut Option<oneshot::Receiver<()>>,
     cannot_start: &mut Option<CannotStart>,
+    no_room: &mut bool,
 ) -> (JobResult, Option<String>) {
     let workspace = workspace.to_path_buf();
     let started = Instant::now();
@@ -288,6 +298,7 @@ async fn run_in(
                     let result = match ended {
                         Ok(ending) => claude::result(&Transcript::default(), ending, "", ms),
                         Err(e) => {
+                            *no_room = matches!(e, RepoError::DiskFull { .. } | RepoError::NoRoom { .. });
                             // Redacted for the log too: a path or a server's words.
                             let said = ctx.login.redactor(crate::now_ms()).redact(&e.to_string());
                             warn!(job_id, agent_id = %ctx.cfg.agent_id, error = %said, "the repository could not be prepared");
@@ -698,6 +709,14 @@ async fn send_on_ticks(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_checkout_that_failed_for_want_of_room_is_never_kept() {
+        let failed = JobResult::failure(ErrorCode::RepoError, "no room", 1);
+        assert!(super::kept(&failed, true, false, false), "a failed job's workspace is kept for a post-mortem");
+        assert!(!super::kept(&failed, true, false, true), "a checkout that filled the disk is not");
+        assert!(!super::kept(&failed, true, true, false) && !super::kept(&failed, false, false, false));
+    }
+
 
     /// A workspace is removed only once the checkout into it has ended: one cut off by the
     /// job's timeout or a cancel went on writing while the folder was removed, which then

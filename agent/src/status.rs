@@ -583,18 +583,10 @@ fn check_to(out: &mut impl std::io::Write, data_dir: &std::path::Path) -> anyhow
 /// (`statvfs`'s `f_bavail`, `f_favail`): a status file gone stale there was not written for want of
 /// room. A quota spent is not seen here; the agent's own log says so.
 fn no_space_left(dir: &std::path::Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return false };
-    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: a NUL-terminated path and a buffer of the type statvfs fills.
-    if unsafe { libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) } != 0 {
-        return false;
-    }
-    // SAFETY: statvfs succeeded, so it filled the buffer.
-    let stats = unsafe { stats.assume_init() };
+    let Ok(space) = crate::workspace::disk_space(dir) else { return false };
     // Out of blocks, or of inodes (a job that made millions of empty files): either way a
     // new file cannot be written.
-    stats.f_bavail == 0 || stats.f_favail == 0
+    space.free == 0 || space.free_inodes == Some(0)
 }
 
 /// Writes one line of what `status` shows, its control characters escaped: what it says

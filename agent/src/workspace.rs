@@ -14,6 +14,41 @@ pub fn root(data_dir: &Path) -> std::io::Result<PathBuf> {
     root.canonicalize()
 }
 
+/// What the file system holding a folder has left for the agent's user (`statvfs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskSpace {
+    /// Bytes the agent's user may still write (`f_bavail` blocks).
+    pub free: u64,
+    /// The file system's size in bytes.
+    pub size: u64,
+    /// Files and folders that may still be made (`f_favail`); `None` where the file
+    /// system counts none (`f_files` 0: btrfs, some network ones).
+    pub free_inodes: Option<u64>,
+    /// The unit a file's size is rounded up to (`f_frsize`).
+    pub block: u64,
+}
+
+/// [`DiskSpace`] of the file system holding `dir`.
+pub fn disk_space(dir: &Path) -> std::io::Result<DiskSpace> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a NUL-terminated path and a buffer of the type statvfs fills.
+    if unsafe { libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs succeeded, so it filled the buffer.
+    let stats = unsafe { stats.assume_init() };
+    // 64-bit fields on the 64-bit Linux the agent is built for.
+    let block = stats.f_frsize.max(1);
+    Ok(DiskSpace {
+        free: stats.f_bavail.saturating_mul(block),
+        size: stats.f_blocks.saturating_mul(block),
+        free_inodes: (stats.f_files != 0).then_some(stats.f_favail),
+        block,
+    })
+}
+
 /// A fresh, empty workspace `root/<job_id>` (`root` from [`root`]), and the working
 /// directory inside it.
 ///

@@ -906,6 +906,38 @@ async fn a_job_whose_started_marker_cannot_be_written_never_reaches_claude() {
     assert_eq!((answer.status, answer.body["success"].as_bool()), (200, Some(true)), "{}", answer.text);
 }
 
+/// Hostile review rev25, 2: a repository whose checkout is larger than the free space of
+/// the workspaces' disk (a 20 MB file of zeros, packed to a few KB, on a 6 MiB disk) was
+/// written until the disk was full; with `KEEP_FAILED_WORKSPACES` the half checkout stayed,
+/// across restarts, and every later job failed. It is refused before a byte is written,
+/// naming what it needs and what is free, and the next job runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_larger_than_the_free_space_is_refused_before_it_is_written() {
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(EdgeKind::Native, &keys, &[]);
+    let git = harness::git_server::GitServer::start(None);
+    git.seed("big", &[("README.md", b"big\n"), ("zeros.bin", &vec![0u8; 20_000_000])]);
+    let mut opts = AgentOpts::for_edge(&edge, "spark")
+        .env("ALLOWED_REPO_HOSTS", &git.host())
+        .env("SSL_CERT_FILE", &git.cert_file.display().to_string())
+        .env("KEEP_FAILED_WORKSPACES", "1");
+    opts.wrapper = on_own_disk("$DATA_DIR/workspaces", "6m");
+    let agent = AgentProc::start(opts);
+    let client = Client::new(&edge.url());
+    client.wait_online().await;
+
+    let b = client.execute(json!({"prompt": "never runs", "repo_url": git.url("big")})).await;
+    assert_eq!((b.status, b.body["error_code"].as_str()), (200, Some("REPO_ERROR")), "{}", b.text);
+    let e = b.body["error"].as_str().unwrap();
+    assert!(e.contains("does not fit on this runner's disk") && e.contains("needs about") && e.contains("bytes free"), "{e}");
+    let workspaces = agent.data.path().join("data/workspaces");
+    let left: Vec<_> = std::fs::read_dir(&workspaces).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "nothing was written, nor kept: {left:?}");
+    let after = client.execute(json!({"prompt": "after"})).await;
+    assert_eq!((after.status, after.body["success"].as_bool()), (200, Some(true)), "{}", after.text);
+    assert_eq!(agent.claude_runs().len(), 1, "only the plain job ran");
+}
+
 /// Review rev20, finding 3: a job that filled the disk holding DATA_DIR turned its agent
 /// into a black hole — every later job ended at once, 500 INTERNAL_ERROR "could not
 /// prepare the job's workspace", while `/health` said 200 and the agent took work. A job

@@ -139,7 +139,11 @@ pub fn create(mirror_dir: &Path, fetched: &Fetched, dir: &Path, branch: Option<&
     let start_commit = match &start {
         Start::Branch(_, commit) | Start::Detached(commit) => *commit,
     };
-    fits(&mirror, start_commit, (max_bytes, MAX_CHECKOUT_FILE_BYTES, MAX_CHECKOUT_ENTRIES), url)?;
+    let measured = fits(&mirror, start_commit, (max_bytes, MAX_CHECKOUT_FILE_BYTES, MAX_CHECKOUT_ENTRIES), url)?;
+    // The workspaces' folder (the job's own is made below): its disk must hold the checkout.
+    let workspaces = dir.parent().unwrap_or(dir);
+    let space = crate::workspace::disk_space(workspaces).map_err(|e| local(action, e))?;
+    room(measured, space, url)?;
     std::fs::create_dir_all(dir).map_err(|e| local(action, e))?;
     let repo = Repository::init(dir).map_err(|e| local(action, e.message()))?;
     let fs = FileSystem::detected(repo.path()).map_err(|e| local(action, e.message()))?;
@@ -170,12 +174,51 @@ pub fn create(mirror_dir: &Path, fetched: &Fetched, dir: &Path, branch: Option<&
     Ok(Checkout { dir: dir.to_path_buf(), commit, fs })
 }
 
+/// What a checkout of a commit writes, as [`fits`] measured it from the objects' headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Measured {
+    /// The files' bytes.
+    pub bytes: u64,
+    /// Files and folders (each an inode, and at least a block on most disks).
+    pub entries: u64,
+}
+
+/// What a checkout writes besides the files themselves: its `.git` (config, HEAD, refs,
+/// the index) and a margin for what the job writes first.
+const CHECKOUT_OVERHEAD_BYTES: u64 = 1 << 20;
+
+/// Refuses ([`RepoError::NoRoom`]) a checkout that would not leave `space`'s disk (the
+/// workspaces') with a reserve — a twentieth of the disk, at most 256 MiB — for the
+/// agent's own records and the job's first writes: the files' bytes, a block for each
+/// file and folder (sizes round up to whole blocks), and the `.git` folder. A checkout that
+/// filled the disk failed half-written, and one kept by `KEEP_FAILED_WORKSPACES` left the
+/// disk full for every later job, across restarts (hostile review rev25, 2). Other writers
+/// (a job beside it) can still fill the disk during the checkout: then it fails
+/// [`RepoError::DiskFull`], and is never kept.
+pub fn room(measured: Measured, space: crate::workspace::DiskSpace, url: &str) -> Result<(), RepoError> {
+    let reserve = (space.size / 20).min(256 << 20);
+    let needed = measured.bytes.saturating_add(measured.entries.saturating_mul(space.block)).saturating_add(CHECKOUT_OVERHEAD_BYTES);
+    let no_room = |what: String| RepoError::NoRoom { url: url.to_string(), what };
+    if needed.saturating_add(reserve) > space.free {
+        return Err(no_room(format!(
+            "it needs about {needed} bytes, and the disk holding DATA_DIR's workspaces has {} bytes free, of which the runner keeps {reserve} in reserve",
+            space.free
+        )));
+    }
+    // Inodes too: the `.git` folder's few dozen files, and a reserve of as many again.
+    let files = measured.entries.saturating_add(64);
+    if let Some(free) = space.free_inodes.filter(|free| files.saturating_mul(2) > *free) {
+        return Err(no_room(format!("it has {} files and folders, and the disk holding DATA_DIR's workspaces has room for {free} more", measured.entries)));
+    }
+    Ok(())
+}
+
 /// Refuses a commit whose files would take more than `max_bytes` in all
 /// (`REPO_MAX_CHECKOUT_BYTES`), or hold one over `max_file` ([`MAX_CHECKOUT_FILE_BYTES`]), before a byte
 /// is written: sizes from the objects' headers, nothing read whole. A few packed megabytes
 /// (files of zeros) unpacked to gigabytes, and one file of 20 GiB, which libgit2 holds
 /// whole in memory as it writes it, took the agent down with every job it ran.
-pub(super) fn fits(repo: &Repository, commit: Oid, (max_bytes, max_file, max_entries): (u64, u64, u64), url: &str) -> Result<(), RepoError> {
+pub(super) fn fits(repo: &Repository, commit: Oid, (max_bytes, max_file, max_entries): (u64, u64, u64), url: &str) -> Result<Measured, RepoError> {
     let action = "measure the checkout";
     let tree = repo.find_commit(commit).and_then(|c| c.tree()).map_err(|e| reading(action, url, e))?;
     let odb = repo.odb().map_err(|e| local(action, e.message()))?;
@@ -215,7 +258,7 @@ pub(super) fn fits(repo: &Repository, commit: Oid, (max_bytes, max_file, max_ent
     match (refused, walked) {
         (Some(e), _) => Err(e),
         (None, Err(e)) => Err(reading(action, url, e)),
-        (None, Ok(())) => Ok(()),
+        (None, Ok(())) => Ok(Measured { bytes: total, entries }),
     }
 }
 

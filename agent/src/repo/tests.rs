@@ -1759,6 +1759,29 @@ async fn a_checkout_too_large_in_all_or_in_one_file_is_refused_before_it_is_writ
     checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co"), None, "file://server", 1 << 20).unwrap();
 }
 
+/// A checkout is measured against the workspaces' free space, keeping a reserve, before a
+/// byte is written: one that filled the disk stayed there under `KEEP_FAILED_WORKSPACES`,
+/// and every later job failed (hostile review rev25, 2).
+#[test]
+fn a_checkout_that_does_not_fit_the_free_space_is_refused_naming_what_it_needs() {
+    use crate::workspace::DiskSpace;
+    let disk = |free: u64, free_inodes: Option<u64>| DiskSpace { free, size: 6 << 20, free_inodes, block: 4096 };
+    let zeros = checkout::Measured { bytes: 20_000_000, entries: 2 };
+    let err = checkout::room(zeros, disk(6 << 20, Some(1000)), "https://h/r.git").unwrap_err();
+    let said = err.to_string();
+    assert!(matches!(err, RepoError::NoRoom { .. }) && !err.retryable(), "{said}");
+    assert!(said.contains("needs about 21056768 bytes") && said.contains("has 6291456 bytes free") && said.contains("314572 in reserve"), "{said}");
+    let small = checkout::Measured { bytes: 10_000, entries: 5 };
+    checkout::room(small, disk(6 << 20, Some(1000)), "https://h/r.git").unwrap();
+    // Within the reserve: refused too.
+    assert!(checkout::room(small, disk((1 << 20) + 300_000, None), "u").is_err());
+    // Inodes: a disk that counts them must have room for every file and folder.
+    let many = checkout::Measured { bytes: 0, entries: 10_000 };
+    let err = checkout::room(many, DiskSpace { free: 1 << 40, size: 1 << 40, free_inodes: Some(5_000), block: 4096 }, "u").unwrap_err();
+    assert!(err.to_string().contains("10000 files and folders") && err.to_string().contains("room for 5000 more"), "{err}");
+    checkout::room(many, DiskSpace { free: 1 << 40, size: 1 << 40, free_inodes: None, block: 4096 }, "u").unwrap();
+}
+
 /// The checkout ran `.gitattributes` conversions after `fits` measured the objects: with
 /// `* text eol=crlf` a file of newlines was written twice its size (1e9 bytes measured,
 /// 2e9 written; hostile review of repository jobs, 4), and `ident` grows one more. Files
