@@ -145,7 +145,10 @@ pub fn create(mirror_dir: &Path, fetched: &Fetched, dir: &Path, branch: Option<&
     let space = crate::workspace::disk_space(workspaces).map_err(|e| local(action, e))?;
     room(measured, space, url)?;
     std::fs::create_dir_all(dir).map_err(|e| local(action, e))?;
-    let repo = Repository::init(dir).map_err(|e| local(action, e.message()))?;
+    // No template folder: git's system one is a dozen sample hooks written for nothing.
+    let mut init = git2::RepositoryInitOptions::new();
+    init.external_template(false);
+    let repo = Repository::init_opts(dir, &init).map_err(|e| local(action, e.message()))?;
     let fs = FileSystem::detected(repo.path()).map_err(|e| local(action, e.message()))?;
     let objects = mirror_dir.canonicalize().map_err(|e| local(action, e))?.join("objects");
     std::fs::write(repo.path().join("objects/info/alternates"), format!("{}\n", objects.display())).map_err(|e| local(action, e))?;

@@ -1757,6 +1757,9 @@ async fn a_checkout_too_large_in_all_or_in_one_file_is_refused_before_it_is_writ
     checkout::fits(&mirror, head, (u64::MAX, 1 << 20, 100), "file://server").unwrap();
     // Within both: checked out.
     checkout::create(&lease.dir, &lease.fetched, &tmp.path().join("co"), None, "file://server", 1 << 20).unwrap();
+    // From no template folder (git's system one holds a dozen sample hooks: files written
+    // for nothing, on a disk that may be nearly full; rev25, low).
+    assert!(!tmp.path().join("co/.git/hooks/pre-commit.sample").exists(), "the system's template was copied");
 }
 
 /// A checkout is measured against the workspaces' free space, keeping a reserve, before a
