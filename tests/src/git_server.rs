@@ -61,7 +61,13 @@ struct State {
     redirect: Mutex<Option<String>>,
     /// Fetches are refused with this message (a pkt-line `ERR`), as a hostile server may.
     refusal: Mutex<Option<String>>,
+    /// Fetches' ref listings name refs without end (up to [`ENDLESS_REFS`]).
+    endless_refs: std::sync::atomic::AtomicBool,
 }
+
+/// The refs an endless advertisement names before it ends after all: far past any bound of
+/// the agent's, and the server stops by itself.
+pub const ENDLESS_REFS: usize = 3_000_000;
 
 pub struct GitServer {
     pub port: u16,
@@ -105,6 +111,7 @@ impl GitServer {
             push_answer_delay_ms: AtomicU64::new(0),
             redirect: Mutex::new(None),
             refusal: Mutex::new(None),
+            endless_refs: std::sync::atomic::AtomicBool::new(false),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -178,6 +185,12 @@ impl GitServer {
     /// (newlines and all: what a hostile server says).
     pub fn refuse_fetches(&self, message: Option<&str>) {
         *self.state.refusal.lock().unwrap() = message.map(String::from);
+    }
+
+    /// From now on, a fetch's ref listing (`info/refs`) names refs without end (well, up to
+    /// [`ENDLESS_REFS`]), as a hostile server may.
+    pub fn endless_refs(&self, on: bool) {
+        self.state.endless_refs.store(on, Ordering::SeqCst);
     }
 
     /// From now on, every request is redirected (302) to the same path on `base`.
@@ -309,7 +322,22 @@ async fn handle(state: Arc<State>, req: HttpRequest<hyper::body::Incoming>) -> R
         let state = Arc::clone(&state);
         move |status: u16| state.log.lock().unwrap().push(Logged { status, ended: Instant::now(), ..logged })
     };
-    let response = if let Some(message) = refusal {
+    let endless = state.endless_refs.load(Ordering::SeqCst) && path.ends_with("/info/refs") && query.contains("service=git-upload-pack");
+    let response = if endless {
+        log(200);
+        let pkt = |text: &str| format!("{:04x}{text}", text.len() + 4);
+        let first = format!("{}0000", pkt("# service=git-upload-pack\n"));
+        // Ten thousand refs a piece, until the client goes or the bound is reached.
+        let pieces = futures_util::stream::iter((0..ENDLESS_REFS / 10_000).map(move |piece| {
+            let mut text = if piece == 0 { first.clone() } else { String::new() };
+            for i in piece * 10_000..(piece + 1) * 10_000 {
+                text.push_str(&pkt(&format!("{:040x} refs/tags/t{i:08}\n", i + 1)));
+            }
+            Ok::<_, Infallible>(Frame::data(Bytes::from(text)))
+        }));
+        let r = Response::builder().status(200).header("content-type", "application/x-git-upload-pack-advertisement");
+        return Ok(r.body(StreamBody::new(pieces).boxed_unsync()).unwrap());
+    } else if let Some(message) = refusal {
         let pkt = |text: &str| format!("{:04x}{text}", text.len() + 4);
         let body = format!("{}0000{}", pkt("# service=git-upload-pack\n"), pkt(&format!("ERR {message}")));
         respond(200, &[("content-type", "application/x-git-upload-pack-advertisement")], body.into_bytes())

@@ -418,6 +418,22 @@ async fn a_folder_shaped_as_a_git_directory_runs_nothing() {
     assert!(!marker.exists(), "the repository's command ran through git status");
 }
 
+/// A server that names refs without end: libgit2 read the whole list into memory before
+/// the refs could be counted, up to the git worker's 4 GiB, and fetched again, taken for a
+/// fault of the mirror (hostile review rev25, 5). The list is cut as it is read, and the
+/// fetch is not tried again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_ref_advertisement_is_cut_as_it_is_read() {
+    let s = setup(None, &[]).await;
+    demo(&s.git);
+    s.git.endless_refs(true);
+    let e = repo_error(&s.run(json!({"prompt": "x", "repo_url": s.git.url("demo")})).await);
+    assert!(e.contains("more than the 1000000 the runner takes"), "{e}");
+    let listings = s.git.requests().iter().filter(|r| r.path.ends_with("/info/refs")).count();
+    assert_eq!(listings, 1, "the fetch was tried again: {:?}", s.git.requests());
+    assert!(s.agent.claude_runs().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_jobs_on_one_repository_fetch_one_at_a_time_and_both_succeed() {
     let s = setup(None, &[("MAX_CONCURRENT_JOBS", "2")]).await;

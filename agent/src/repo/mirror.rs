@@ -535,6 +535,7 @@ pub fn set_timeouts() {
             let _ = git2::opts::set_search_path(level, "");
         }
     });
+    super::advert::register();
 }
 
 /// Bytes a folder takes on disk.
@@ -817,12 +818,17 @@ fn fetch(dir: &Path, source: &Source, known: Option<&Fetched>, remake: bool, abo
     let auth = Cell::new(AuthSeen::default());
     let action = "fetch the repository";
     let fail = |e: git2::Error| {
+        if let Some(count) = super::advert::cut() {
+            return Failed::from(RepoError::TooManyRefs { url: source.url.clone(), count, max: super::advert::MAX_LINES });
+        }
         let error = Talk { url: &source.url, host: &source.host, auth: auth.get(), action, pushing: false }.error(e.code(), e.class(), e.message());
         // Only the talk with the server can fail for the server's or the network's reasons;
         // anything else read the mirror (its negotiation walks the refs' commits, the pack
         // may be indexed against its objects), which a job can write: a commit's bytes
         // overwritten in a pack fail as zlib's, and were taken as the server's (rev12, 2).
-        let server = matches!(e.class(), ErrorClass::Net | ErrorClass::Http | ErrorClass::Ssl | ErrorClass::Ssh | ErrorClass::Callback);
+        // Memory running out is no fault of the mirror's either: fetched again, an endless
+        // ref advertisement took the worker to its limit twice (rev25, 5).
+        let server = matches!(e.class(), ErrorClass::Net | ErrorClass::Http | ErrorClass::Ssl | ErrorClass::Ssh | ErrorClass::Callback | ErrorClass::NoMemory);
         if server { Failed::from(error) } else { Failed::in_mirror(error) }
     };
     // No config file steers the fetch: a job could have written any of them.
@@ -839,6 +845,7 @@ fn fetch(dir: &Path, source: &Source, known: Option<&Fetched>, remake: bool, abo
     // the connection the download then takes: counted after it, a repository of too many
     // refs sent its whole pack (up to REPO_MAX_FETCH_BYTES) at every fetch, under the
     // repository's lock, before being refused (rev12, 3).
+    super::advert::reset();
     let mut connection = remote.connect_auth(Direction::Fetch, Some(callbacks(source.token.as_ref(), &source.host, &auth, abort)), None).map_err(fail)?;
     let heads = connection.list().map_err(fail)?;
     // git2 reads each advertised name as UTF-8 and panics on one that is not (a git server

@@ -16,6 +16,7 @@
 //!
 //! URL rules live in `shared::repo`, so the edge refuses a bad address before queueing.
 
+mod advert;
 pub mod changes;
 pub mod checkout;
 pub mod error;
