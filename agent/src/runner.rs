@@ -291,14 +291,14 @@ async fn run_in(
                 }
                 Err(ended) => {
                     let ended = match ended {
-                        Err(RepoError::DiskFull { detail }) => Err(full_disk(ctx, url, &workspace, detail, cannot_start).await),
+                        Err(e @ (RepoError::DiskFull { .. } | RepoError::NoRoom { .. })) => Err(full_disk(ctx, url, &workspace, e, cannot_start).await),
                         other => other,
                     };
                     let ms = started.elapsed().as_millis() as u64;
                     let result = match ended {
                         Ok(ending) => claude::result(&Transcript::default(), ending, "", ms),
                         Err(e) => {
-                            *no_room = matches!(e, RepoError::DiskFull { .. } | RepoError::NoRoom { .. });
+                            *no_room = matches!(e, RepoError::DiskFull { .. } | RepoError::TooBigForDisk { .. } | RepoError::NoRoom { .. });
                             // Redacted for the log too: a path or a server's words.
                             let said = ctx.login.redactor(crate::now_ms()).redact(&e.to_string());
                             warn!(job_id, agent_id = %ctx.cfg.agent_id, error = %said, "the repository could not be prepared");
@@ -372,7 +372,10 @@ pub fn job_folders_take_writes(workspaces: &Path, records: Option<&Path>) -> std
 /// agent's — no job could start — and this one goes back unstarted ([`CannotStart`]), as
 /// one without room for its workspace does (its error is then not the job's). Room again:
 /// the repository's — it needs more than the disk has free, and would fill it again here.
-async fn full_disk(ctx: &JobContext, url: &str, workspace: &Path, detail: String, cannot_start: &mut Option<CannotStart>) -> RepoError {
+/// A checkout refused before it was written for want of room ([`RepoError::NoRoom`],
+/// `checkout::room`) is judged the same way: on a disk that takes no write it is the
+/// agent's want, else the repository's, and its error names the bytes needed and free.
+async fn full_disk(ctx: &JobContext, url: &str, workspace: &Path, error: RepoError, cannot_start: &mut Option<CannotStart>) -> RepoError {
     let (leftover, workspaces) = (workspace.to_path_buf(), Arc::clone(&ctx.workspaces));
     let records = ctx.spool.as_ref().map(|s| s.records().to_path_buf());
     let probed = tokio::task::spawn_blocking(move || {
@@ -385,9 +388,12 @@ async fn full_disk(ctx: &JobContext, url: &str, workspace: &Path, detail: String
         Err(e) => {
             let why = format!("it cannot check out a job's repository in {} ({e}): free space on that folder's disk (or make it writable)", ctx.workspaces.display());
             *cannot_start = Some(CannotStart { why, disk: true });
-            RepoError::DiskFull { detail }
+            error
         }
-        Ok(()) => ctx.repos.too_big_for_disk(url, detail),
+        Ok(()) => match error {
+            RepoError::DiskFull { detail } => ctx.repos.too_big_for_disk(url, detail),
+            refused => refused,
+        },
     }
 }
 

@@ -929,7 +929,9 @@ async fn a_checkout_larger_than_the_free_space_is_refused_before_it_is_written()
     let b = client.execute(json!({"prompt": "never runs", "repo_url": git.url("big")})).await;
     assert_eq!((b.status, b.body["error_code"].as_str()), (200, Some("REPO_ERROR")), "{}", b.text);
     let e = b.body["error"].as_str().unwrap();
-    assert!(e.contains("does not fit on this runner's disk") && e.contains("needs about") && e.contains("bytes free"), "{e}");
+    assert!(e.contains("needs more free space than the disk holding DATA_DIR has") && e.contains("needs about") && e.contains("bytes free"), "{e}");
+    assert!(e.contains("refused before anything was written"), "{e}");
+    assert_eq!(b.body["retryable"], false, "{}", b.text);
     let workspaces = agent.data.path().join("data/workspaces");
     let left: Vec<_> = std::fs::read_dir(&workspaces).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(left.is_empty(), "nothing was written, nor kept: {left:?}");
@@ -1029,7 +1031,9 @@ async fn a_checkout_on_a_full_disk_hands_the_job_back_and_it_runs_once_there_is_
 /// and the job ended "the disk holding DATA_DIR is full: free space ..., then retry" —
 /// though the disk had room again once the checkout was removed, and a retry filled it the
 /// same. It ends REPO_ERROR saying the repository needs more free space than the disk has,
-/// not retryable, and the agent goes on taking work.
+/// not retryable, and the agent goes on taking work. (Refused before it is written now,
+/// `checkout::room`; a checkout that fills the disk all the same, another writer filling
+/// it meanwhile, is judged as this one was.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repository_larger_than_the_disks_free_space_is_a_repo_error_saying_so() {
     let git = harness::git_server::GitServer::start(None);

@@ -186,9 +186,9 @@ pub struct Measured {
     pub entries: u64,
 }
 
-/// What a checkout writes besides the files themselves: its `.git` (config, HEAD, refs,
-/// the index) and a margin for what the job writes first.
-const CHECKOUT_OVERHEAD_BYTES: u64 = 1 << 20;
+/// Blocks a checkout writes besides its files: its `.git` (config, HEAD, refs, the index,
+/// a dozen files from no template) and a margin for what the job writes first.
+const GIT_DIR_BLOCKS: u64 = 32;
 
 /// Refuses ([`RepoError::NoRoom`]) a checkout that would not leave `space`'s disk (the
 /// workspaces') with a reserve — a twentieth of the disk, at most 256 MiB — for the
@@ -200,7 +200,7 @@ const CHECKOUT_OVERHEAD_BYTES: u64 = 1 << 20;
 /// [`RepoError::DiskFull`], and is never kept.
 pub fn room(measured: Measured, space: crate::workspace::DiskSpace, url: &str) -> Result<(), RepoError> {
     let reserve = (space.size / 20).min(256 << 20);
-    let needed = measured.bytes.saturating_add(measured.entries.saturating_mul(space.block)).saturating_add(CHECKOUT_OVERHEAD_BYTES);
+    let needed = measured.bytes.saturating_add(measured.entries.saturating_mul(space.block)).saturating_add(GIT_DIR_BLOCKS.saturating_mul(space.block));
     let no_room = |what: String| RepoError::NoRoom { url: url.to_string(), what };
     if needed.saturating_add(reserve) > space.free {
         return Err(no_room(format!(

@@ -49,7 +49,7 @@ pub enum RepoError {
     CheckoutTimedOut { url: String, timeout_ms: u64 },
     #[error("{url} at {commit} is too large to check out ({what}), and nothing ran: start from a smaller branch or commit, or raise REPO_MAX_CHECKOUT_BYTES on the runner machine (a file over 1 GiB is never checked out)")]
     CheckoutTooBig { url: String, commit: String, what: String },
-    #[error("{url} does not fit on this runner's disk at this commit ({what}), so nothing was written and nothing ran: free space on the runner machine (or lower REPO_CACHE_MAX_BYTES), start from a smaller branch or commit, or run the job where there is more room")]
+    #[error("{url} needs more free space than the disk holding DATA_DIR has ({what}), so its checkout was refused before anything was written and nothing ran: free space on that disk or give DATA_DIR a larger one (or lower REPO_CACHE_MAX_BYTES), or use a smaller repository (or a branch or commit with fewer files)")]
     NoRoom { url: String, what: String },
     #[error("the checkout's `{path}` is neither a file nor a folder (a FIFO, a link, a device: a command of the job made it), so the job's changes were not read and nothing was pushed: ask Claude not to change the repository's .git folder")]
     OddGitEntry { path: String },
