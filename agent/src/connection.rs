@@ -443,11 +443,6 @@ fn dial_failed(connect_url: &str, e: &WsError) -> End {
     })
 }
 
-/// The agent's nonce for the edge to sign back.
-fn nonce() -> String {
-    shared::keys::encode(&runtime::entropy::<24>())
-}
-
 /// One connection, from dial to end.
 async fn session(
     agent: &Arc<Agent>,
@@ -462,7 +457,9 @@ async fn session(
     // TCP_NODELAY: frames are small and latency-bound; Nagle with delayed ACKs would add
     // ~40 ms to a job's round trip.
     // The upgrade carries our proof: the edge gives no socket without it.
-    let request = match crate::upgrade::request(&cfg.connect_url, &cfg.agent_id, &cfg.pool, &cfg.signing_key) {
+    // Fresh on each dial: the edge signs it in its challenge, and again in its welcome.
+    let agent_nonce = crate::upgrade::nonce();
+    let request = match crate::upgrade::request(&cfg.connect_url, &cfg.agent_id, &cfg.pool, &cfg.signing_key, &agent_nonce) {
         Ok(request) => request,
         Err(e) => return dial_failed(&cfg.connect_url, &e),
     };
@@ -484,7 +481,7 @@ async fn session(
             return End::Lost(format!("the edge sent no challenge within {} ms", step.as_millis()));
         }
     };
-    let EdgeMessage::Challenge { protocol, nonce: challenge, edge_version, .. } = challenge else {
+    let EdgeMessage::Challenge { protocol, nonce: challenge, edge_version, proof, .. } = challenge else {
         return refuse(&mut ws, close::PROTOCOL_ERROR, "expected a challenge from the edge".into()).await;
     };
     if protocol != PROTOCOL_VERSION {
@@ -493,9 +490,13 @@ async fn session(
         );
         return refuse(&mut ws, close::VERSION_MISMATCH, reason).await;
     }
+    // Nothing more is said to whoever answered until it proves it holds the edge's key,
+    // for this dial's nonce: the hello names this agent's labels, login, jobs and instance.
+    if let Err(reason) = crate::upgrade::edge_proven(&cfg.connect_url, proof.as_deref(), &cfg.edge_public_key, &challenge, &agent_nonce, &cfg.pool) {
+        return refuse(&mut ws, close::UNAUTHORIZED, reason).await;
+    }
 
     // 2. Our signed hello, with this connection's X25519 key.
-    let agent_nonce = nonce();
     let ephemeral = shared::link::Ephemeral::new(runtime::entropy());
     // Results named in the order they are sent below; those left out follow all the same.
     let (running, finished, more_finished) = agent.held_for_hello();
@@ -799,7 +800,7 @@ pub(crate) fn largest_hello(oauth: shared::oauth::OAuthReport, mirrors: Vec<Stri
         // The edge's own nonce (32 characters): an edge that sent a longer one would only
         // refuse its own connection's hello.
         challenge: "c".repeat(32),
-        agent_nonce: nonce(),
+        agent_nonce: crate::upgrade::nonce(),
         ephemeral: shared::link::Ephemeral::new([9; 32]).public(),
         issued_at: u64::MAX,
         capacity: crate::config::MAX_MAX_CONCURRENT_JOBS,

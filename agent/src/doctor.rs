@@ -223,8 +223,10 @@ type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsSt
 async fn reach(url: &str, probe: Option<&Probe>) -> Result<(String, Option<Result<String, KeysRefused>>), String> {
     // With the agent's key, the upgrade carries its proof, as the agent's own dial does;
     // without it the edge refuses the socket, which still shows it is there.
+    // The probe's nonce, for the edge to sign in its challenge as it does the agent's.
+    let agent_nonce = crate::upgrade::nonce();
     let request = match probe {
-        Some(p) => crate::upgrade::request(url, &p.agent_id, &p.pool, &p.signing_key),
+        Some(p) => crate::upgrade::request(url, &p.agent_id, &p.pool, &p.signing_key, &agent_nonce),
         None => tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url),
     };
     let request = request.map_err(|e| format!("cannot dial {url}: {e}; check EDGE_URL"))?;
@@ -243,8 +245,8 @@ async fn reach(url: &str, probe: Option<&Probe>) -> Result<(String, Option<Resul
     let first = tokio::time::timeout(HANDSHAKE, ws.next()).await;
     let reached = match first {
         Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str::<EdgeMessage>(&text) {
-            Ok(EdgeMessage::Challenge { protocol, edge_version, nonce, .. }) if protocol == PROTOCOL_VERSION => {
-                Ok((format!("{url} answers (edge {}, protocol v{protocol})", shared::text::one_line(&edge_version)), nonce))
+            Ok(EdgeMessage::Challenge { protocol, edge_version, nonce, proof, .. }) if protocol == PROTOCOL_VERSION => {
+                Ok((format!("{url} answers (edge {}, protocol v{protocol})", shared::text::one_line(&edge_version)), nonce, proof))
             }
             Ok(EdgeMessage::Challenge { protocol, edge_version, .. }) => Err(format!(
                 "{url} speaks protocol v{protocol} (edge {}), this agent v{PROTOCOL_VERSION}: run the same claude-runner release on both",
@@ -255,8 +257,16 @@ async fn reach(url: &str, probe: Option<&Probe>) -> Result<(String, Option<Resul
         _ => Err(format!("{url} accepted the connection but sent no challenge; check EDGE_URL points at a claude-runner edge")),
     };
     let outcome = match (reached, probe) {
-        (Ok((detail, challenge)), Some(probe)) => Ok((detail, Some(ask(&mut ws, url, &challenge, probe).await))),
-        (Ok((detail, _)), None) => Ok((detail, None)),
+        (Ok((detail, challenge, proof)), Some(probe)) => {
+            let proven = crate::upgrade::edge_proven(url, proof.as_deref(), &probe.edge_public_key, &challenge, &agent_nonce, &probe.pool);
+            let checked = match proven {
+                Ok(()) => ask(&mut ws, url, &challenge, &agent_nonce, probe).await,
+                // The agent sends no hello to such an edge: the probe asks nothing either.
+                Err(why) => Err(KeysRefused::Fail("edge key", why)),
+            };
+            Ok((detail, Some(checked)))
+        }
+        (Ok((detail, ..)), None) => Ok((detail, None)),
         (Err(e), _) => Err(e),
     };
     // Bounded too: the close frame waits for room in a connection the edge may not read.
@@ -268,8 +278,7 @@ async fn reach(url: &str, probe: Option<&Probe>) -> Result<(String, Option<Resul
 const CLOSE_TIME: Duration = Duration::from_secs(2);
 
 /// Sends the probe on a challenged connection and reads the edge's answer.
-async fn ask(ws: &mut WsStream, url: &str, challenge: &str, probe: &Probe) -> Result<String, KeysRefused> {
-    let agent_nonce = shared::keys::encode(&runtime::entropy::<24>());
+async fn ask(ws: &mut WsStream, url: &str, challenge: &str, agent_nonce: &str, probe: &Probe) -> Result<String, KeysRefused> {
     let ephemeral = shared::link::Ephemeral::new(runtime::entropy());
     let now = crate::now_ms();
     let hello = Hello {
@@ -277,7 +286,7 @@ async fn ask(ws: &mut WsStream, url: &str, challenge: &str, probe: &Probe) -> Re
         agent_id: probe.agent_id.clone(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
         challenge: challenge.to_string(),
-        agent_nonce: agent_nonce.clone(),
+        agent_nonce: agent_nonce.to_string(),
         ephemeral: ephemeral.public(),
         issued_at: now,
         capacity: 0,

@@ -1,23 +1,57 @@
 //! The agent's proof on its dial of `/agent/connect` (`X-Runner-Agent-Proof`, signed with
 //! `AGENT_SIGNING_KEY` for the pool: `shared::envelope::UpgradeProof`), without which the
-//! edge gives no socket, and the edge's 401 refusal of it read into what to fix. The
-//! agent's connection and `claude-runner doctor`'s probe both dial through here.
+//! edge gives no socket, and the edge's 401 refusal of it read into what to fix; the
+//! agent's fresh nonce beside it (`X-Runner-Agent-Nonce`), and the check of the edge's
+//! signature over it in the challenge ([`edge_proven`]), before the agent says anything
+//! more. The agent's connection and `claude-runner doctor`'s probe both dial through here.
 
-use ed25519_dalek::SigningKey;
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use shared::contract::{ErrorBody, ErrorCode};
-use shared::envelope::{UpgradeProof, AGENT_PROOF_HEADER};
+use shared::envelope::{ChallengeProof, UpgradeProof, AGENT_NONCE_HEADER, AGENT_PROOF_HEADER};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, Response};
 use tokio_tungstenite::tungstenite::Error as WsError;
 
-/// The upgrade request to `url` for `agent_id` of `pool`, carrying a proof made now.
-pub fn request(url: &str, agent_id: &str, pool: &str, key: &SigningKey) -> Result<Request, WsError> {
+/// A fresh nonce for one dial: the edge signs it in its challenge ([`edge_proven`]), and
+/// its welcome over it again.
+pub fn nonce() -> String {
+    shared::keys::encode(&runtime::entropy::<24>())
+}
+
+/// The upgrade request to `url` for `agent_id` of `pool`, carrying a proof made now and
+/// `agent_nonce` ([`nonce`]) for the edge to sign.
+pub fn request(url: &str, agent_id: &str, pool: &str, key: &SigningKey, agent_nonce: &str) -> Result<Request, WsError> {
     let mut request = url.into_client_request()?;
     let proof = UpgradeProof::sign(key, pool, agent_id, crate::now_ms());
     let value = HeaderValue::from_str(&proof).map_err(|e| WsError::HttpFormat(e.into()))?;
     request.headers_mut().insert(AGENT_PROOF_HEADER, value);
+    let value = HeaderValue::from_str(agent_nonce).map_err(|e| WsError::HttpFormat(e.into()))?;
+    request.headers_mut().insert(AGENT_NONCE_HEADER, value);
     Ok(request)
+}
+
+/// Whether the challenge that answered the dial of `url` carrying `agent_nonce` proves
+/// the edge: `proof` must be `edge_key`'s signature over this challenge, this nonce,
+/// this protocol and `pool` ([`ChallengeProof`]). Until it is, whoever answered is
+/// anyone — a wrong EDGE_URL, a hop that ends TLS, a hijacked name — and is told nothing
+/// (no hello: no labels, login, jobs, instance or mirrors). `Err` says what to check.
+pub fn edge_proven(url: &str, proof: Option<&str>, edge_key: &VerifyingKey, challenge: &str, agent_nonce: &str, pool: &str) -> Result<(), String> {
+    let protocol = shared::protocol::PROTOCOL_VERSION;
+    match proof {
+        Some(proof) if ChallengeProof::verify(proof, edge_key, protocol, challenge, agent_nonce, pool) => Ok(()),
+        Some(_) => Err(format!(
+            "whoever answered at {url} did not prove it holds the edge's key: its challenge is not signed by the key in this agent's \
+             EDGE_PUBLIC_KEY for this connection (another key, or a signature played back from another connection); nothing was \
+             sent to it. Check that EDGE_URL points at your edge (not another server, a proxy that ends TLS, or a wrong DNS name) \
+             and that EDGE_PUBLIC_KEY is the public half of the edge's EDGE_SIGNING_KEY"
+        )),
+        None => Err(format!(
+            "whoever answered at {url} sent an unsigned challenge: an edge older than this agent (one that does not prove its key \
+             before the agent's hello), or not your edge; nothing was sent to it. Upgrade the edge (claude-runner-edge, or the \
+             Worker) to this agent's release, and check that EDGE_URL points at it"
+        )),
+    }
 }
 
 /// What a `401` to the dial of `url` means, for the operator: `None` for any other answer.
@@ -63,7 +97,10 @@ mod tests {
     #[test]
     fn the_request_carries_a_proof_the_edges_check_takes() {
         let key = SigningKey::from_bytes(&[7; 32]);
-        let request = request("ws://127.0.0.1:1/pool/gpu/agent/connect", "spark", "gpu", &key).unwrap();
+        let nonce = nonce();
+        let request = request("ws://127.0.0.1:1/pool/gpu/agent/connect", "spark", "gpu", &key, &nonce).unwrap();
+        assert_eq!(request.headers().get(AGENT_NONCE_HEADER).unwrap().to_str().unwrap(), nonce);
+        assert!(shared::envelope::valid_agent_nonce(&nonce), "{nonce}");
         let proof = request.headers().get(AGENT_PROOF_HEADER).unwrap().to_str().unwrap();
         let parsed = UpgradeProof::parse(proof).unwrap();
         assert_eq!(parsed.agent_id, "spark");

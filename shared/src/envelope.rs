@@ -61,6 +61,10 @@ pub enum Domain {
     /// the one this agent's `claude auth login` printed, signed with the agent's own key
     /// ([`crate::protocol::LoginUrlClaim`]). The edge passes it on and cannot make one.
     LoginUrl,
+    /// Edge → agent: the challenge of a connection, signed over the agent's own nonce from
+    /// its upgrade request ([`ChallengeProof`]): the edge proves its key before the agent
+    /// says anything but its upgrade proof.
+    Challenge,
 }
 
 impl Domain {
@@ -83,6 +87,7 @@ impl Domain {
             Domain::Upgrade => b"claude-runner/v10/agent-upgrade\n",
             Domain::Started => b"claude-runner/v10/agent-started\n",
             Domain::LoginUrl => b"claude-runner/v10/agent-login-url\n",
+            Domain::Challenge => b"claude-runner/v10/edge-challenge\n",
         }
     }
 }
@@ -193,6 +198,48 @@ impl<'a> UpgradeProof<'a> {
 /// three fields cannot be shifted into one another.
 fn upgrade_payload(pool: &str, agent_id: &str, issued_at: Millis) -> String {
     format!("{pool}\n{agent_id}\n{issued_at}")
+}
+
+/// The request header that carries the agent's fresh nonce on its dial of
+/// `/agent/connect`, for the edge to sign in its challenge ([`ChallengeProof`]).
+pub const AGENT_NONCE_HEADER: &str = "x-runner-agent-nonce";
+
+/// Whether `text` may be an agent's nonce: 16 to 64 characters of standard base64 (the
+/// agent sends 24 random bytes, 32 characters). Anything else — a header sent twice (its
+/// values joined with `, `), a newline — is refused unread: it would be signed.
+pub fn valid_agent_nonce(text: &str) -> bool {
+    (16..=64).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+}
+
+/// The edge's proof, in its challenge, that it holds the key the agent trusts
+/// (`EDGE_PUBLIC_KEY`): an ed25519 signature under [`Domain::Challenge`] over the
+/// protocol, the challenge nonce, the agent's nonce from this dial's upgrade request
+/// ([`AGENT_NONCE_HEADER`]) and the pool. The agent checks it before it sends its hello
+/// (its labels, login, jobs, instance, mirrors), so whoever answers at EDGE_URL without
+/// the edge's key — a wrong URL, a hijacked name — learns none of them; and since the
+/// agent's nonce is fresh on each dial, a challenge signed for an earlier connection
+/// proves nothing on this one.
+pub struct ChallengeProof;
+
+impl ChallengeProof {
+    /// base64 of the signature.
+    pub fn sign(key: &SigningKey, protocol: u32, challenge: &str, agent_nonce: &str, pool: &str) -> String {
+        keys::encode(&key.sign(&Self::signed(protocol, challenge, agent_nonce, pool)).to_bytes())
+    }
+
+    /// Whether `proof` is `key`'s signature over these.
+    pub fn verify(proof: &str, key: &VerifyingKey, protocol: u32, challenge: &str, agent_nonce: &str, pool: &str) -> bool {
+        let Some(sig) = keys::decode(proof).and_then(|b| <[u8; 64]>::try_from(b.as_slice()).ok()) else {
+            return false;
+        };
+        key.verify_strict(&Self::signed(protocol, challenge, agent_nonce, pool), &Signature::from_bytes(&sig)).is_ok()
+    }
+
+    /// The signed bytes. The nonces are base64 and the pool a plain id (none holds a
+    /// newline), so no field shifts into another.
+    fn signed(protocol: u32, challenge: &str, agent_nonce: &str, pool: &str) -> Vec<u8> {
+        signed_bytes(Domain::Challenge, &format!("{protocol}\n{challenge}\n{agent_nonce}\n{pool}"))
+    }
 }
 
 /// A payload and its MAC under one direction's key of one connection, as sent on the wire.
@@ -452,6 +499,33 @@ mod tests {
         let garbage = Tagged::seal_text(Domain::Result, "not json".into(), &k);
         assert!(matches!(garbage.open::<serde_json::Value>(Domain::Result, &k), Err(EnvelopeError::MalformedPayload(_))));
         assert_eq!(garbage.open::<serde_json::Value>(Domain::Result, &MacKey::from_bytes([2; 32])), Err(EnvelopeError::BadMac));
+    }
+
+    #[test]
+    fn a_challenge_proof_holds_only_for_its_key_nonces_protocol_and_pool() {
+        let k = key(1);
+        let proof = ChallengeProof::sign(&k, 10, "challenge-nonce", "agent-nonce-0123", "default");
+        let vk = k.verifying_key();
+        assert!(ChallengeProof::verify(&proof, &vk, 10, "challenge-nonce", "agent-nonce-0123", "default"));
+        assert!(!ChallengeProof::verify(&proof, &key(2).verifying_key(), 10, "challenge-nonce", "agent-nonce-0123", "default"));
+        assert!(!ChallengeProof::verify(&proof, &vk, 10, "challenge-nonce", "another-agent-nonce", "default"));
+        assert!(!ChallengeProof::verify(&proof, &vk, 10, "another-challenge", "agent-nonce-0123", "default"));
+        assert!(!ChallengeProof::verify(&proof, &vk, 11, "challenge-nonce", "agent-nonce-0123", "default"));
+        assert!(!ChallengeProof::verify(&proof, &vk, 10, "challenge-nonce", "agent-nonce-0123", "gpu"));
+        // Another kind's signature over the same bytes is not a challenge's.
+        let sig = k.sign(&signed_bytes(Domain::Welcome, "10\nchallenge-nonce\nagent-nonce-0123\ndefault"));
+        assert!(!ChallengeProof::verify(&keys::encode(&sig.to_bytes()), &vk, 10, "challenge-nonce", "agent-nonce-0123", "default"));
+        for garbage in ["", "!!!", "AAAA", &"A".repeat(200)] {
+            assert!(!ChallengeProof::verify(garbage, &vk, 10, "challenge-nonce", "agent-nonce-0123", "default"));
+        }
+    }
+
+    #[test]
+    fn agent_nonces_are_plain_base64_of_bounded_length() {
+        assert!(valid_agent_nonce(&keys::encode(&[7; 24])));
+        for bad in ["", "short", &"A".repeat(65), "AAAAAAAAAAAAAAAA, AAAAAAAAAAAAAAAA", "AAAAAAAAAAAAAAAA\nAAAA"] {
+            assert!(!valid_agent_nonce(bad), "{bad:?}");
+        }
     }
 
     #[test]

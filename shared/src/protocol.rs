@@ -211,6 +211,13 @@ pub enum EdgeMessage {
         nonce: String,
         edge_version: String,
         server_time: Millis,
+        /// The edge's signature over this challenge and the agent's nonce from the upgrade
+        /// request ([`crate::envelope::ChallengeProof`]), when the agent sent one. Added
+        /// within protocol 10: an agent of before sends no nonce and ignores the field; an
+        /// agent of now sends its hello only once the proof verifies, so it refuses an
+        /// edge of before (saying to upgrade it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        proof: Option<String>,
     },
     /// Signed [`Welcome`].
     Welcome { envelope: Envelope },

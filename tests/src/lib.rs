@@ -28,6 +28,33 @@ pub mod proxy;
 
 pub const SECRET: &str = "test-runner-secret-0123456789";
 
+/// A stand-in edge's accept of an agent's dial: the socket, and the agent's nonce from its
+/// upgrade request (`X-Runner-Agent-Nonce`), for the challenge to sign ([`challenge`]).
+pub async fn accept_agent(
+    tcp: tokio::net::TcpStream,
+) -> Result<(tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, Option<String>), tokio_tungstenite::tungstenite::Error> {
+    let mut nonce = None;
+    let keep_nonce = |request: &tokio_tungstenite::tungstenite::handshake::server::Request, response| {
+        nonce = request.headers().get(shared::envelope::AGENT_NONCE_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        Ok(response)
+    };
+    let ws = tokio_tungstenite::accept_hdr_async(tcp, keep_nonce).await?;
+    Ok((ws, nonce))
+}
+
+/// The challenge a real edge of `protocol` holding `edge_key` sends on a dial of pool
+/// `pool` that carried `agent_nonce`: signed over it (unsigned without one, as for an agent
+/// of before the nonce).
+pub fn challenge(edge_key: &SigningKey, protocol: u32, nonce: &str, agent_nonce: Option<&str>, pool: &str) -> shared::protocol::EdgeMessage {
+    shared::protocol::EdgeMessage::Challenge {
+        protocol,
+        nonce: nonce.to_string(),
+        edge_version: "stand-in".into(),
+        server_time: 0,
+        proof: agent_nonce.map(|agent_nonce| shared::envelope::ChallengeProof::sign(edge_key, protocol, nonce, agent_nonce, pool)),
+    }
+}
+
 /// Where the workspace's binaries are.
 pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("CLAUDE_RUNNER_BIN_DIR") {
@@ -901,16 +928,20 @@ impl PathRelay {
         let kept = heard.clone();
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                // The agent's proof is passed on, as a proxy on the path would.
-                let mut proof = None;
+                // The agent's proof and nonce are passed on, as a proxy on the path would.
+                let mut kept_headers = Vec::new();
                 let keep_proof = |request: &tokio_tungstenite::tungstenite::handshake::server::Request, response| {
-                    proof = request.headers().get(shared::envelope::AGENT_PROOF_HEADER).cloned();
+                    for name in [shared::envelope::AGENT_PROOF_HEADER, shared::envelope::AGENT_NONCE_HEADER] {
+                        if let Some(value) = request.headers().get(name) {
+                            kept_headers.push((name, value.clone()));
+                        }
+                    }
                     Ok(response)
                 };
                 let Ok(agent) = tokio_tungstenite::accept_hdr_async(tcp, keep_proof).await else { continue };
                 let mut request = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(edge.as_str()).unwrap();
-                if let Some(proof) = proof {
-                    request.headers_mut().insert(shared::envelope::AGENT_PROOF_HEADER, proof);
+                for (name, value) in kept_headers {
+                    request.headers_mut().insert(name, value);
                 }
                 let Ok((upstream, _)) = tokio_tungstenite::connect_async(request).await else { continue };
                 let (mut to_agent, mut from_agent) = agent.split();

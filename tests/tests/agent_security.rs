@@ -8,7 +8,7 @@
 use ed25519_dalek::SigningKey;
 use futures_util::{SinkExt, StreamExt};
 use harness::*;
-use shared::envelope::{Domain, Envelope, OrderHeader, Tagged};
+use shared::envelope::{ChallengeProof, Domain, Envelope, OrderHeader, Tagged};
 use shared::link::{Ephemeral, LinkKeys, MacKey, Transcript};
 use shared::job::JobSpec;
 use shared::keys::encode_verifying;
@@ -35,6 +35,8 @@ struct FakeEdge {
     link: std::sync::Mutex<Option<LinkKeys>>,
     /// The heartbeat interval its welcome names: the agent leaves an edge silent for two.
     heartbeat_ms: u64,
+    /// The agent's nonce on the last dial accepted (`X-Runner-Agent-Nonce`).
+    dialled: std::sync::Mutex<Option<String>>,
 }
 
 /// The heartbeat interval of a fake edge whose test is not about heartbeats. This edge
@@ -58,6 +60,7 @@ impl FakeEdge {
             connection: Default::default(),
             link: Default::default(),
             heartbeat_ms,
+            dialled: Default::default(),
         }
     }
 
@@ -89,7 +92,19 @@ impl FakeEdge {
 
     async fn accept(&self) -> Ws {
         let (tcp, _) = tokio::time::timeout(Duration::from_secs(60), self.listener.accept()).await.expect("the agent dials").unwrap();
-        tokio_tungstenite::accept_async(tcp).await.unwrap()
+        let (ws, nonce) = accept_agent(tcp).await.unwrap();
+        *self.dialled.lock().unwrap() = nonce;
+        ws
+    }
+
+    /// The agent's nonce on the last dial accepted.
+    fn dialled(&self) -> Option<String> {
+        self.dialled.lock().unwrap().clone()
+    }
+
+    /// The challenge this edge sends on the last dial accepted: signed over its nonce.
+    fn challenge(&self, protocol: u32, nonce: &str) -> EdgeMessage {
+        challenge(&self.edge_key, protocol, nonce, self.dialled().as_deref(), "default")
     }
 
     /// A result as the agent MACed it on the last connection (the test fails if it did not).
@@ -125,13 +140,31 @@ impl FakeEdge {
     /// The handshake, with the welcome's envelope as `seal` makes it (signed, altered on
     /// the path…) from the welcome the edge would send.
     async fn handshake_via(&self, protocol: u32, pool: &str, seal: impl FnOnce(Welcome) -> Envelope) -> (Ws, Option<Hello>) {
+        let edge_key = self.edge_key.clone();
+        let prove = move |challenge: &str, agent_nonce: Option<&str>| {
+            agent_nonce.map(|agent_nonce| ChallengeProof::sign(&edge_key, protocol, challenge, agent_nonce, "default"))
+        };
+        self.handshake_proving(protocol, pool, prove, seal).await
+    }
+
+    /// The handshake, with the challenge's proof as `prove` makes it from the challenge's
+    /// nonce and the agent's nonce of this dial (the edge's signature, another key's, a
+    /// signature played back from another connection, none).
+    async fn handshake_proving(
+        &self,
+        protocol: u32,
+        pool: &str,
+        prove: impl Fn(&str, Option<&str>) -> Option<String>,
+        seal: impl FnOnce(Welcome) -> Envelope,
+    ) -> (Ws, Option<Hello>) {
         // Fresh per connection, as the edge's: heartbeats are bound to it.
         let nonce = shared::keys::encode(&random_key().to_bytes()[..24]);
-        let challenge = EdgeMessage::Challenge { protocol, nonce: nonce.clone(), edge_version: "fake".into(), server_time: now() };
         // A connection still queued from an agent process that is gone (restarted, say)
         // breaks at once: the live agent's is the next one.
         let mut ws = loop {
             let mut ws = self.accept().await;
+            let proof = prove(&nonce, self.dialled().as_deref());
+            let challenge = EdgeMessage::Challenge { protocol, nonce: nonce.clone(), edge_version: "fake".into(), server_time: now(), proof };
             if ws.send(Message::Text(challenge.to_text().into())).await.is_ok() {
                 break ws;
             }
@@ -588,13 +621,13 @@ async fn an_unproven_edges_words_cannot_forge_the_agents_log_lines() {
     // A challenge of another protocol version, its version a forged line and a megabyte.
     let mut ws = edge.accept().await;
     let edge_version = format!("9.9{FORGED}{}", "x".repeat(1 << 20));
-    let challenge = EdgeMessage::Challenge { protocol: PROTOCOL_VERSION + 1, nonce: "n".into(), edge_version, server_time: now() };
+    let challenge = EdgeMessage::Challenge { protocol: PROTOCOL_VERSION + 1, nonce: "n".into(), edge_version, server_time: now(), proof: None };
     ws.send(Message::Text(challenge.to_text().into())).await.unwrap();
     assert!(eventually(Duration::from_secs(60), || agent.log().contains("protocol version mismatch")).await, "{}", agent.log());
     drop(ws);
     // A goodbye instead of a welcome.
     let mut ws = edge.accept().await;
-    let challenge = EdgeMessage::Challenge { protocol: PROTOCOL_VERSION, nonce: "n".into(), edge_version: "fake".into(), server_time: now() };
+    let challenge = edge.challenge(PROTOCOL_VERSION, "n");
     ws.send(Message::Text(challenge.to_text().into())).await.unwrap();
     assert!(matches!(recv(&mut ws).await, Some(AgentMessage::Hello { .. })));
     let goodbye = EdgeMessage::Goodbye { code: 4001, reason: format!("go away{FORGED}") };
@@ -614,6 +647,105 @@ async fn an_unproven_edges_words_cannot_forge_the_agents_log_lines() {
         assert!(!line.starts_with("2026-01-01") && !line.starts_with("ERROR FORGED"), "a line the edge wrote: {shown}");
         assert!(line.len() < 16 * 1024, "an unproven edge's words logged unbounded ({} bytes)", line.len());
     }
+}
+
+/// Every text frame the agent sends on `ws` until it closes it (or 60 s pass).
+async fn all_said(ws: &mut Ws) -> Vec<String> {
+    let mut said = Vec::new();
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout(Duration::from_secs(60), ws.next()).await {
+        match frame {
+            Message::Text(t) => said.push(t.to_string()),
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    said
+}
+
+/// Whoever answers at EDGE_URL without the edge's key — a wrong URL, a hop that ends TLS,
+/// a hijacked name with a valid certificate — gets the agent's connection but never its
+/// hello: not its labels, its login, the ids of the jobs it holds, its instance. Its
+/// challenge, unsigned (an edge of before, or anyone) or signed with another key, ends the
+/// connection with a line saying what to check, and the agent dials again (with its
+/// backoff). The real edge then hears all of it. Before, the hello went to whoever sent a
+/// challenge, and the edge proved its key only in the welcome that answered it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whoever_answers_without_the_edges_key_hears_no_hello() {
+    let edge = FakeEdge::new().await;
+    let mut agent = edge.start_agent_with(&[("AGENT_LABELS", "secret-label=yes")]);
+    // A result held on the agent's disk, unacknowledged: its job id is named in hellos.
+    let (mut ws, _) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    let t = now();
+    let job = Envelope::seal(Domain::Job, &edge.order("held-job", "spark", t, t + 60_000, "x"), &edge.edge_key);
+    send_job(&mut ws, job).await;
+    loop {
+        if let AgentMessage::Result { .. } = recv(&mut ws).await.expect("the job's result") {
+            break;
+        }
+    }
+    drop(ws);
+    let impostor = random_key();
+    let cases: [(&str, Box<dyn Fn(&str, Option<&str>) -> Option<String>>); 2] = [
+        ("Upgrade the edge", Box::new(|_: &str, _: Option<&str>| None)),
+        (
+            "EDGE_PUBLIC_KEY",
+            Box::new(|c: &str, n: Option<&str>| n.map(|n| ChallengeProof::sign(&impostor, PROTOCOL_VERSION, c, n, "default"))),
+        ),
+    ];
+    for (said_in_log, prove) in cases {
+        let mut ws = edge.accept().await;
+        let agent_nonce = edge.dialled().expect("the agent sends its nonce on the upgrade");
+        let challenge = EdgeMessage::Challenge {
+            protocol: PROTOCOL_VERSION,
+            nonce: "challenge-nonce-0123456789".into(),
+            edge_version: "impostor".into(),
+            server_time: now(),
+            proof: prove("challenge-nonce-0123456789", Some(&agent_nonce)),
+        };
+        ws.send(Message::Text(challenge.to_text().into())).await.unwrap();
+        let said = all_said(&mut ws).await;
+        assert!(said.is_empty(), "the agent told whoever answered: {said:?}");
+        assert!(eventually(Duration::from_secs(60), || agent.log().contains(said_in_log)).await, "{said_in_log}: {}", agent.log());
+    }
+    let log = agent.log();
+    assert!(log.contains("this agent refused the edge") && log.contains("EDGE_URL") && log.contains("nothing was sent"), "{log}");
+    // The real edge, proving its key, hears the hello — and what it would have leaked.
+    let (_ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    let hello = hello.expect("a hello to the edge that proved its key");
+    assert!(hello.finished.contains(&"held-job".to_string()), "{hello:?}");
+    assert!(serde_json::to_string(&hello.labels).unwrap().contains("secret-label"), "{hello:?}");
+    agent.stop();
+}
+
+/// A challenge signed by the edge for an earlier connection — played back by whoever
+/// recorded it — proves nothing on this one: the agent's nonce is fresh on each dial, and
+/// the signature covers it. The agent sends nothing and hangs up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenge_signed_for_another_connection_is_refused() {
+    let edge = FakeEdge::new().await;
+    let mut agent = edge.start_agent();
+    let recorded = std::sync::Mutex::new(None);
+    let edge_key = edge.edge_key.clone();
+    let prove = |challenge: &str, agent_nonce: Option<&str>| {
+        let proof = agent_nonce.map(|n| ChallengeProof::sign(&edge_key, PROTOCOL_VERSION, challenge, n, "default"));
+        *recorded.lock().unwrap() = Some((challenge.to_string(), proof.clone()));
+        proof
+    };
+    let (ws, hello) = edge.handshake_proving(PROTOCOL_VERSION, "default", prove, |w| Envelope::seal(Domain::Welcome, &w, &edge.edge_key)).await;
+    assert!(hello.is_some());
+    drop(ws);
+    let (nonce, proof) = recorded.lock().unwrap().clone().unwrap();
+    assert!(proof.is_some(), "the agent sent a nonce");
+    let mut ws = edge.accept().await;
+    let replayed = EdgeMessage::Challenge { protocol: PROTOCOL_VERSION, nonce, edge_version: "fake".into(), server_time: now(), proof };
+    ws.send(Message::Text(replayed.to_text().into())).await.unwrap();
+    let said = all_said(&mut ws).await;
+    assert!(said.is_empty(), "the agent answered a played-back challenge: {said:?}");
+    assert!(eventually(Duration::from_secs(60), || agent.log().contains("played back")).await, "{}", agent.log());
+    // The edge, signing this dial's nonce, is answered.
+    let (_ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
+    assert!(hello.is_some());
+    agent.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2084,6 +2084,61 @@ async fn an_agent_socket_needs_an_agents_proof(kind: EdgeKind) {
     assert!(text.contains("\"challenge\""), "{text}");
 }
 
+/// The edge proves its key before the agent says anything more: a dial that carries the
+/// agent's nonce (`X-Runner-Agent-Nonce`) gets a challenge signed over it, this
+/// connection's challenge, the protocol and the pool, with the edge's key; a dial without
+/// one (an agent of before the nonce) gets an unsigned challenge, as before, and is still
+/// served (`a_silent_agent_is_reported_offline_within_two_heartbeats` dials so); one whose
+/// nonce is not a nonce's shape (sent twice, say) is closed saying so.
+async fn the_challenge_is_signed_over_the_agents_nonce(kind: EdgeKind) {
+    use futures_util::StreamExt;
+    use shared::envelope::{ChallengeProof, AGENT_NONCE_HEADER};
+    use shared::protocol::{EdgeMessage, PROTOCOL_VERSION};
+    use tokio_tungstenite::tungstenite::Message;
+    let keys = Keys::new(&["spark"]);
+    let edge = EdgeServer::start(kind, &keys, &[]);
+    let url = format!("{}/agent/connect", edge.ws_url());
+    let first_challenge = |text: &str| -> (String, Option<String>) {
+        match serde_json::from_str(text).unwrap() {
+            EdgeMessage::Challenge { nonce, proof, protocol, .. } if protocol == PROTOCOL_VERSION => (nonce, proof),
+            other => panic!("a challenge first: {other:?}"),
+        }
+    };
+    let agent_nonce = shared::keys::encode(&[7; 24]);
+    let mut request = keys.prover("spark", "default").request(&url);
+    request.headers_mut().insert(AGENT_NONCE_HEADER, agent_nonce.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let Some(Ok(Message::Text(text))) = ws.next().await else { panic!("a challenge") };
+    let (nonce, proof) = first_challenge(&text);
+    let proof = proof.unwrap_or_else(|| panic!("a signed challenge: {text}"));
+    let edge_key = keys.edge.verifying_key();
+    assert!(ChallengeProof::verify(&proof, &edge_key, PROTOCOL_VERSION, &nonce, &agent_nonce, "default"), "{text}");
+    assert!(!ChallengeProof::verify(&proof, &edge_key, PROTOCOL_VERSION, &nonce, &shared::keys::encode(&[8; 24]), "default"));
+    drop(ws);
+    // Without a nonce: unsigned, as an agent of before expects.
+    let (mut ws, _) = tokio_tungstenite::connect_async(keys.prover("spark", "default").request(&url)).await.unwrap();
+    let Some(Ok(Message::Text(text))) = ws.next().await else { panic!("a challenge") };
+    assert_eq!(first_challenge(&text).1, None, "{text}");
+    drop(ws);
+    // A nonce sent twice (read joined) is no nonce: closed, saying which header.
+    let mut request = keys.prover("spark", "default").request(&url);
+    request.headers_mut().insert(AGENT_NONCE_HEADER, agent_nonce.parse().unwrap());
+    request.headers_mut().append(AGENT_NONCE_HEADER, agent_nonce.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut said = String::new();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+        match m {
+            Message::Text(t) => assert!(!t.contains("\"challenge\""), "no challenge for a malformed nonce: {t}"),
+            Message::Close(frame) => {
+                said = frame.map(|f| f.reason.to_string()).unwrap_or_default();
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(said.contains("X-Runner-Agent-Nonce") || said.contains("x-runner-agent-nonce"), "{said:?}");
+}
+
 /// A proof sent twice is read as the Worker's runtime reads it (the values joined with
 /// `, `, no proof's shape): the native edge took the first alone, so a valid proof then
 /// junk got a socket there and 401 on the Worker.
@@ -2519,6 +2574,7 @@ contract!(
     a_running_job_can_be_cancelled,
     a_binary_frame_closes_the_connection_with_a_reason,
     an_agent_socket_needs_an_agents_proof,
+    the_challenge_is_signed_over_the_agents_nonce,
     a_proof_sent_twice_is_read_the_same_on_both_hosts,
     refused_upgrades_are_counted_and_logged_with_a_bound,
     silent_sockets_cannot_lock_the_agent_out,

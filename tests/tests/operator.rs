@@ -2750,13 +2750,16 @@ async fn doctor_gives_up_on_an_edge_that_answers_the_probe_with_noise() {
     use tokio_tungstenite::tungstenite::Message;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let keys = Keys::new(&["spark"]);
+    let edge_key = keys.edge.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            let edge_key = edge_key.clone();
             tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
-                let challenge = serde_json::json!({"type": "challenge", "protocol": shared::protocol::PROTOCOL_VERSION, "nonce": "AAAA",
-                    "edge_version": "noisy", "server_time": 0});
-                if ws.send(Message::text(challenge.to_string())).await.is_err() {
+                let Ok((mut ws, agent_nonce)) = accept_agent(tcp).await else { return };
+                // Signed: an edge that proves its key, then sends only noise.
+                let challenge = challenge(&edge_key, shared::protocol::PROTOCOL_VERSION, "AAAA", agent_nonce.as_deref(), "default");
+                if ws.send(Message::text(challenge.to_text())).await.is_err() {
                     return;
                 }
                 while ws.send(Message::binary(vec![0u8])).await.is_ok() {
@@ -2765,7 +2768,6 @@ async fn doctor_gives_up_on_an_edge_that_answers_the_probe_with_noise() {
             });
         }
     });
-    let keys = Keys::new(&["spark"]);
     let claude_dir = TempDir::new("doctor-noise");
     let env = vec![
         ("EDGE_URL", format!("ws://{addr}")),

@@ -560,6 +560,7 @@ async fn an_edge_stopping_before_its_welcome_is_a_lost_connection_and_starts_the
     for with_goodbye in [true, false] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        let edge_key = keys.edge.clone();
         let edge = tokio::spawn(async move {
             for _ in 0..4 {
                 drop(listener.accept().await.unwrap());
@@ -567,8 +568,8 @@ async fn an_edge_stopping_before_its_welcome_is_a_lost_connection_and_starts_the
             // Every hello from now on is answered with a stop.
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
-                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { continue };
-                let challenge = EdgeMessage::Challenge { protocol: PROTOCOL_VERSION, nonce: "n".repeat(32), edge_version: "test".into(), server_time: 0 };
+                let Ok((mut ws, agent_nonce)) = accept_agent(tcp).await else { continue };
+                let challenge = challenge(&edge_key, PROTOCOL_VERSION, &"n".repeat(32), agent_nonce.as_deref(), "default");
                 let _ = ws.send(Message::Text(serde_json::to_string(&challenge).unwrap().into())).await;
                 let Some(Ok(hello)) = ws.next().await else { continue };
                 assert!(hello.to_text().unwrap().contains("\"hello\""), "{hello}");

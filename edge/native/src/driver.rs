@@ -66,6 +66,8 @@ pub enum Command {
         budget: Arc<AtomicUsize>,
         conn: Option<Conn>,
         peer: String,
+        /// The agent's nonce from its upgrade request, for the challenge to sign.
+        agent_nonce: Option<String>,
         arrivals: Arc<Arrivals>,
         reply: oneshot::Sender<String>,
     },
@@ -318,8 +320,8 @@ impl Driver {
                 let effects = self.edge.caller_gone(now, caller);
                 self.carry_out(effects);
             }
-            Command::Connect { outbox, budget, conn, peer, arrivals, reply } => {
-                let (session, effects) = self.edge.connect(now, entropy(), &peer);
+            Command::Connect { outbox, budget, conn, peer, agent_nonce, arrivals, reply } => {
+                let (session, effects) = self.edge.connect_with(now, entropy(), &peer, agent_nonce.as_deref());
                 self.arrivals.insert(session.clone(), (arrivals, 0));
                 self.outboxes.insert(session.clone(), outbox);
                 self.budgets.insert(session.clone(), budget);

@@ -58,6 +58,9 @@ pub(crate) async fn agent_connect(state: AppState, mut request: Request) -> Resp
     // An agent's socket from here on (marked before the 101 goes out, so it is never idle
     // in between): closed to make room at MAX_CONNECTIONS only while unproven and only
     // when no connection is idle; never once its agent proved itself (the driver pins it).
+    // The agent's nonce, for the challenge to sign (the core checks its shape): read as
+    // the Worker reads it.
+    let agent_nonce = crate::server::header(request.headers(), shared::envelope::AGENT_NONCE_HEADER);
     let conn = request.extensions().get::<Conn>().cloned();
     let made_room = conn.as_ref().map(Conn::upgraded);
     tokio::spawn(async move {
@@ -67,7 +70,7 @@ pub(crate) async fn agent_connect(state: AppState, mut request: Request) -> Resp
         let io = Metered { inner: TokioIo::new(upgraded), read: Arc::clone(&read), budget: Arc::clone(&budget) };
         let config = WebSocketConfig::default().max_message_size(Some(MAX_FRAME_BYTES)).max_frame_size(Some(MAX_FRAME_BYTES));
         let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-        agent_socket(state, socket, peer, budget, read, conn, made_room).await;
+        agent_socket(state, socket, Dialer { peer, agent_nonce }, budget, read, conn, made_room).await;
     });
     let mut response = Response::new(axum::body::Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -95,11 +98,18 @@ const ARRIVING_EVERY: Duration = Duration::from_millis(500);
 
 type Socket = WebSocketStream<Metered<TokioIo<hyper::upgrade::Upgraded>>>;
 
+/// Who dialled, as its upgrade request said: its address, and its nonce for the
+/// challenge to sign, if it sent one.
+struct Dialer {
+    peer: String,
+    agent_nonce: Option<String>,
+}
+
 /// One agent connection, from the upgrade to the socket's end.
 async fn agent_socket(
     state: AppState,
     socket: Socket,
-    peer: String,
+    Dialer { peer, agent_nonce }: Dialer,
     budget: Arc<AtomicUsize>,
     read: Arc<AtomicU64>,
     conn: Option<Conn>,
@@ -109,7 +119,7 @@ async fn agent_socket(
     let (outbox, mut outgoing) = mpsc::unbounded_channel();
     let (tx, rx) = oneshot::channel();
     let arrivals = Arc::new(Arrivals::default());
-    let connect = Command::Connect { outbox, budget, conn, peer, arrivals: Arc::clone(&arrivals), reply: tx };
+    let connect = Command::Connect { outbox, budget, conn, peer, agent_nonce, arrivals: Arc::clone(&arrivals), reply: tx };
     if state.driver.send(connect).await.is_err() {
         return;
     }

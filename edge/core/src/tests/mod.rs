@@ -557,6 +557,36 @@ fn refuses_another_protocol_version_by_name() {
     }
 }
 
+/// The challenge carries the edge's signature over the agent's nonce from the upgrade
+/// (the agent sends its hello only once it holds); without a nonce (an agent of before it)
+/// it is unsigned and the agent is still served; a nonce not of a nonce's shape (a header
+/// sent twice, read joined) closes the connection saying so, and nothing of it is signed.
+#[test]
+fn the_challenge_is_signed_over_the_agents_nonce_when_it_sent_one() {
+    use shared::envelope::ChallengeProof;
+    let mut edge = Edge::new(config(), 0);
+    let agent_nonce = shared::keys::encode(&[5; 24]);
+    let (sid, effects) = edge.connect_with(0, [1; 64], PEER, Some(&agent_nonce));
+    let EdgeMessage::Challenge { nonce, proof, .. } = &sent(&effects, &sid)[0] else { panic!("challenge first") };
+    let proof = proof.as_deref().expect("signed");
+    let key = edge_key().verifying_key();
+    assert!(ChallengeProof::verify(proof, &key, PROTOCOL_VERSION, nonce, &agent_nonce, "default"));
+    assert!(!ChallengeProof::verify(proof, &key, PROTOCOL_VERSION, nonce, &shared::keys::encode(&[6; 24]), "default"));
+    // Without one: unsigned, and the hello is answered as before.
+    let (sid, effects) = edge.connect(0, [2; 64], PEER);
+    assert!(matches!(&sent(&effects, &sid)[0], EdgeMessage::Challenge { proof: None, .. }));
+    let (sid, _) = join(&mut edge, 0, "spark", &agent_key(1), vec![], 3);
+    assert!(edge.session(&sid).and_then(|s| s.agent()).is_some());
+    for malformed in [format!("{agent_nonce}, {agent_nonce}"), "short".into(), "a\nb".repeat(10), "x".repeat(65)] {
+        let (sid, effects) = edge.connect_with(0, [4; 64], PEER, Some(&malformed));
+        assert!(sent(&effects, &sid).is_empty(), "{malformed:?}: {effects:?}");
+        let (code, reason) = closed(&effects).expect("closed");
+        assert_eq!(code, close::PROTOCOL_ERROR);
+        assert!(reason.contains("X-Runner-Agent-Nonce") && !reason.ends_with("..."), "{reason}");
+        assert!(edge.session(&sid).is_none());
+    }
+}
+
 #[test]
 fn garbage_frames_close_the_connection_without_panicking() {
     for text in ["", "nonsense", "{\"type\":\"credit\"}", "[]", "{\"type\":\"result\",\"job_id\":5}"] {
