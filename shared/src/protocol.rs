@@ -5,13 +5,26 @@
 //!    ([`crate::envelope::UpgradeProof`], header `X-Runner-Agent-Proof`): without a valid
 //!    one the edge answers 401 and there is no connection (a proof can be played back
 //!    within its clock window, so the challenge below still proves this connection);
-//! 1. edge → [`EdgeMessage::Challenge`] (protocol version, fresh nonce);
+//!    Beside it, the agent's fresh nonce for this dial (header `X-Runner-Agent-Nonce`,
+//!    [`crate::envelope::AGENT_NONCE_HEADER`]);
+//! 1. edge → [`EdgeMessage::Challenge`] (protocol version, fresh nonce), carrying the
+//!    edge's signature over the protocol, its nonce, the agent's nonce and the pool
+//!    ([`crate::envelope::ChallengeProof`]). The agent checks it before it sends anything
+//!    else: its hello names its labels, login, jobs, instance and mirrors, which whoever
+//!    answers at EDGE_URL without the edge's key (a wrong URL, a hijacked name) must not
+//!    learn; the agent's nonce is fresh, so a challenge signed for another dial fails. It
+//!    refuses an unsigned challenge (an edge of before it), saying to upgrade the edge. A
+//!    dial without a nonce (an agent of before it) gets the challenge unsigned, as before.
+//!    A hop that ends TLS and relays to the real edge still reads everything: nothing
+//!    here hides the frames from the path, only TLS does;
 //! 2. agent → [`AgentMessage::Hello`]: a [`Hello`] signed with the agent's key over the
 //!    challenge — proof of identity that cannot be replayed on another connection — with
-//!    the agent's fresh X25519 key for this connection;
+//!    the agent's fresh X25519 key for this connection and the same nonce as its dial's;
 //! 3. edge → [`EdgeMessage::Welcome`]: a [`Welcome`] signed with the edge's key over the
-//!    agent's own nonce, so the agent knows it reached the real edge, with the edge's
-//!    fresh X25519 key. Both sides now hold this connection's two MAC keys
+//!    agent's nonce, with the edge's fresh X25519 key for this connection (the signature
+//!    binds that key, on which the connection's MAC keys rest, to this dial, and names the
+//!    pool the edge took the hello into: the challenge's proof came before the hello was
+//!    checked, so the welcome is what says it was taken). Both sides now hold this connection's two MAC keys
 //!    ([`crate::link`]): one for what the agent sends, one for what the edge sends
 //!    (`claude-runner doctor` sends an [`AgentMessage::Probe`] in step 2 instead, and the
 //!    edge closes after its welcome);
@@ -31,8 +44,8 @@
 //!
 //! # Signed, MACed or plain
 //!
-//! Signed (ed25519, each side's long-term key): the agent's hello, the edge's welcome and
-//! its job, cancel and login orders (each bound to its connection's challenge). These are
+//! Signed (ed25519, each side's long-term key): the agent's hello, the edge's challenge
+//! (when the agent sent a nonce), its welcome and its job, cancel and login orders (each bound to its connection's challenge). These are
 //! what anyone holding the signer's public key must be able to check, and an order is what
 //! runs code on the agent: it stays signed by `EDGE_SIGNING_KEY` alone.
 //!
@@ -69,8 +82,10 @@
 //! - None of these keeps a connection alive: the edge hears a proven agent in its MACed
 //!   heartbeats alone, so frames made up on the path cannot keep a gone agent
 //!   "connected" (its jobs never lost, `/health` saying it is there).
-//! - From the edge: the `Challenge` (a made-up nonce only fails the handshake), the
-//!   `HeartbeatAck` (liveness) and the `Goodbye` (the path can close the socket anyway).
+//! - From the edge: the `HeartbeatAck` (liveness) and the `Goodbye` (the path can close
+//!   the socket anyway). The `Challenge` is signed since the edge proves its key in it
+//!   (above); only to an agent of before the nonce is it plain (a made-up nonce only fails
+//!   the handshake).
 //!
 //! A peer speaking another [`PROTOCOL_VERSION`] is refused with a close reason naming both
 //! versions: agent and edge are upgraded together. Message kinds a peer does not know decode as `Unknown` and are ignored, so
@@ -131,6 +146,14 @@ use serde::{Deserialize, Serialize};
 /// ([`Acknowledgement::not_taken`]). No new version: a version-10 agent of before drops
 /// the result on it, as it did on every acknowledgement; an edge of before acknowledges
 /// every result, as before.
+/// 10, unchanged: the challenge signed by the edge over the agent's nonce from the dial
+/// ([`crate::envelope::ChallengeProof`]), checked by the agent before its hello. No new
+/// version: an agent of before sends no nonce, and an edge of now sends it an unsigned
+/// challenge, as before (no worse: whoever answers at its EDGE_URL hears its hello, as
+/// before — a new version would not change that, since whoever answers chooses the
+/// version it says); an agent of now refuses an edge of before, whose challenge is
+/// unsigned, saying to upgrade the edge (security over compatibility: it would send its
+/// hello before any proof).
 pub const PROTOCOL_VERSION: u32 = 10;
 
 /// Largest frame either side accepts. Results are capped well below this by the agent.
