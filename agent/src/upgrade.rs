@@ -40,16 +40,18 @@ pub fn edge_proven(url: &str, proof: Option<&str>, edge_key: &VerifyingKey, chal
     let protocol = shared::protocol::PROTOCOL_VERSION;
     match proof {
         Some(proof) if ChallengeProof::verify(proof, edge_key, protocol, challenge, agent_nonce, pool) => Ok(()),
+        // The cause first: a close frame carries 123 bytes of it to the edge's log.
         Some(_) => Err(format!(
-            "whoever answered at {url} did not prove it holds the edge's key: its challenge is not signed by the key in this agent's \
-             EDGE_PUBLIC_KEY for this connection (another key, or a signature played back from another connection); nothing was \
-             sent to it. Check that EDGE_URL points at your edge (not another server, a proxy that ends TLS, or a wrong DNS name) \
-             and that EDGE_PUBLIC_KEY is the public half of the edge's EDGE_SIGNING_KEY"
+            "the challenge is not signed by the key in this agent's EDGE_PUBLIC_KEY for this dial (another key, or a signature \
+             played back from another connection): whoever answered at {url} did not prove it is the edge, and was sent nothing. \
+             Check that EDGE_URL points at your edge (not another server, a proxy that ends TLS, or a wrong DNS name) and that \
+             EDGE_PUBLIC_KEY is the public half of the edge's EDGE_SIGNING_KEY, as printed by the `claude-runner keygen` run that \
+             made it"
         )),
         None => Err(format!(
-            "whoever answered at {url} sent an unsigned challenge: an edge older than this agent (one that does not prove its key \
-             before the agent's hello), or not your edge; nothing was sent to it. Upgrade the edge (claude-runner-edge, or the \
-             Worker) to this agent's release, and check that EDGE_URL points at it"
+            "the challenge is unsigned: upgrade the edge (claude-runner-edge, or the Worker) to this agent's release — an older \
+             edge does not prove its key before the agent's hello — or check that EDGE_URL points at your edge; whoever answered \
+             at {url} was sent nothing"
         )),
     }
 }

@@ -686,7 +686,7 @@ async fn whoever_answers_without_the_edges_key_hears_no_hello() {
     drop(ws);
     let impostor = random_key();
     let cases: [(&str, Box<dyn Fn(&str, Option<&str>) -> Option<String>>); 2] = [
-        ("Upgrade the edge", Box::new(|_: &str, _: Option<&str>| None)),
+        ("upgrade the edge", Box::new(|_: &str, _: Option<&str>| None)),
         (
             "EDGE_PUBLIC_KEY",
             Box::new(|c: &str, n: Option<&str>| n.map(|n| ChallengeProof::sign(&impostor, PROTOCOL_VERSION, c, n, "default"))),
@@ -708,7 +708,7 @@ async fn whoever_answers_without_the_edges_key_hears_no_hello() {
         assert!(eventually(Duration::from_secs(60), || agent.log().contains(said_in_log)).await, "{said_in_log}: {}", agent.log());
     }
     let log = agent.log();
-    assert!(log.contains("this agent refused the edge") && log.contains("EDGE_URL") && log.contains("nothing was sent"), "{log}");
+    assert!(log.contains("this agent refused the edge") && log.contains("EDGE_URL") && log.contains("was sent nothing"), "{log}");
     // The real edge, proving its key, hears the hello — and what it would have leaked.
     let (_ws, hello) = edge.handshake(&edge.edge_key, PROTOCOL_VERSION).await;
     let hello = hello.expect("a hello to the edge that proved its key");

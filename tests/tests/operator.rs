@@ -925,7 +925,8 @@ async fn doctor_checks_the_keys_against_the_edge_and_leaves_the_running_agent_al
     assert!(ok && out.contains("ok    keys: the edge knows agent `spark`") && out.contains("All checks passed"), "{out}");
 
     let (ok, out) = doctor(&setup("spark", shared::keys::encode_verifying(&other.edge.verifying_key())));
-    assert!(!ok && out.contains("FAIL  edge key: the edge's welcome does not verify with EDGE_PUBLIC_KEY") && out.contains("keygen"), "{out}");
+    // Refused at the challenge, which the edge signs with its own key: no probe is sent.
+    assert!(!ok && out.contains("FAIL  edge key: the challenge is not signed by the key in this agent's EDGE_PUBLIC_KEY") && out.contains("keygen"), "{out}");
     assert!(!out.contains("All checks passed"), "{out}");
 
     let (ok, out) = doctor(&setup("spork", edge_public));
@@ -939,14 +940,14 @@ async fn doctor_checks_the_keys_against_the_edge_and_leaves_the_running_agent_al
     assert_eq!(log.matches("connected to the edge").count(), 1, "the agent's connection was never replaced: {log}");
     assert!(edge.log().contains("keys checked by a probe"), "{}", edge.log());
 
-    // An agent holding another edge's public key refuses the welcome; the edge says why.
+    // An agent holding another edge's public key refuses the challenge; the edge says why.
     // The first goes first: a second process proving `spark` while it is heard is refused
     // before any welcome.
     drop(agent);
     assert!(eventually(Duration::from_secs(30), || edge.log().contains("agent disconnected")).await, "{}", edge.log());
     let _wrong = AgentProc::start(AgentOpts { edge_public: shared::keys::encode_verifying(&other.edge.verifying_key()), ..AgentOpts::for_edge(&edge, "spark") });
     assert!(
-        eventually(Duration::from_secs(60), || edge.log().lines().any(|l| l.contains("agent disconnected") && l.contains("could not prove its identity"))).await,
+        eventually(Duration::from_secs(60), || edge.log().lines().any(|l| l.contains("agent disconnected before its hello") && l.contains("EDGE_PUBLIC_KEY"))).await,
         "{}",
         edge.log()
     );

@@ -244,7 +244,15 @@ impl Edge {
 
     fn drop_session_closed(&mut self, now: Now, session_id: &str, frame: Option<(u16, &str)>, effects: &mut Vec<Effect>) {
         let Some(session) = self.remove_session(session_id) else { return };
-        let Some(agent) = session.agent() else { return };
+        let Some(agent) = session.agent() else {
+            // An agent that refused the edge before its hello (a challenge not signed by
+            // its EDGE_PUBLIC_KEY, say) says why only here. Its words, unproven: one
+            // bounded line, and only from a peer that passed the upgrade's proof.
+            if let Some((code, reason)) = frame.filter(|(_, reason)| !reason.is_empty()) {
+                info!(session = session_id, source = %session.source, code, reason = %shared::text::peer_words(reason), "agent disconnected before its hello");
+            }
+            return;
+        };
         match frame {
             // The peer's words, not signed: one bounded line.
             Some((code, reason)) => {
