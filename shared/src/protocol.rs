@@ -503,23 +503,30 @@ pub const MAX_CLAUDE_VERSION_BYTES: usize = 100;
 /// answers: whoever sits on the path between agent and edge cannot make one up or move one
 /// to another job. The agent sends each batch before the job's result, on the same
 /// connection, so the edge has shown a job's progress when its result comes.
+///
+/// `E` is how an event is held: a JSON tree where the agent makes and redacts it, the text
+/// as the agent wrote it (`Box<RawValue>`, checked to be one JSON value) where the edge
+/// only passes it on — the same frames either way.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProgressReport {
+pub struct ProgressReport<E = serde_json::Value> {
     pub job_id: String,
     /// The nonce of the job's order ([`OrderHeader::nonce`]).
     pub order_nonce: String,
     /// In the order Claude printed them, numbered up: at least one, at most
     /// [`MAX_PROGRESS_EVENTS`].
-    pub events: Vec<ProgressEvent>,
+    pub events: Vec<ProgressEvent<E>>,
 }
 
 /// One progress event: its number in the job's run (1, 2, …, the SSE `id:` followers read)
 /// and the event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProgressEvent {
+pub struct ProgressEvent<E = serde_json::Value> {
     pub seq: u64,
-    pub event: serde_json::Value,
+    pub event: E,
 }
+
+/// A progress event as the edge reads it: the event's JSON text as sent.
+pub type RawProgressReport = ProgressReport<Box<serde_json::value::RawValue>>;
 
 /// The `type` of the event that stands, in a job's progress, for events dropped on the way
 /// ([`progress_dropped`]): by the agent (its link slower than the job prints), or by the
@@ -556,7 +563,7 @@ pub enum BatchFault {
     OutOfOrder { seq: u64, after: u64 },
 }
 
-impl ProgressReport {
+impl<E> ProgressReport<E> {
     /// Whether the batch is one the agent could have made: 1 to [`MAX_PROGRESS_EVENTS`]
     /// events, numbered strictly up from 1 or more.
     pub fn check(&self) -> Result<(), BatchFault> {

@@ -117,8 +117,12 @@ pub fn parse_event_id(text: &str) -> Option<At> {
     }
 }
 
-/// One progress event (one of Claude's stream-json lines) as an SSE chunk.
-pub fn progress_chunk(at: At, event: &serde_json::Value) -> String {
+/// One progress event (one of Claude's stream-json lines) as an SSE chunk. `event` is one
+/// JSON value's text as the agent sent it: JSON has line breaks only as whitespace between
+/// its tokens (a string holds them escaped), and a `data:` line cannot hold one, so any
+/// become spaces — the same value, on one line.
+pub fn progress_chunk(at: At, event: &str) -> String {
+    let event: std::borrow::Cow<str> = if event.contains(['\n', '\r']) { event.replace(['\n', '\r'], " ").into() } else { event.into() };
     format!("id: {}\nevent: progress\ndata: {event}\n\n", event_id(at))
 }
 
@@ -486,11 +490,25 @@ impl Backlog {
 mod tests {
     use super::*;
 
+    /// The edge passes an event on as the agent wrote it; whatever whitespace that has, the
+    /// chunk is three lines and the data the same JSON value.
+    #[test]
+    fn an_events_line_breaks_between_its_tokens_do_not_break_its_data_line() {
+        let sent = "{\n  \"type\": \"assistant\",\r\n  \"text\": \"a\\nb\"\r}";
+        let chunk = progress_chunk((2, 7), sent);
+        let lines: Vec<&str> = chunk.strip_suffix("\n\n").expect("ends a chunk").split('\n').collect();
+        assert_eq!(lines[..2], ["id: 2.7", "event: progress"], "{chunk:?}");
+        assert_eq!(lines.len(), 3, "{chunk:?}");
+        assert!(!chunk.contains('\r'), "{chunk:?}");
+        let data: serde_json::Value = serde_json::from_str(lines[2].strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(data, serde_json::json!({"type": "assistant", "text": "a\nb"}));
+    }
+
     #[test]
     fn the_backlog_keeps_the_newest_and_says_how_many_were_dropped() {
         let mut b = Backlog::default();
         for seq in 0..(MAX_BACKLOG_EVENTS as u64 + 5) {
-            b.push((1, seq), progress_chunk((1, seq), &serde_json::json!({"n": seq})).into());
+            b.push((1, seq), progress_chunk((1, seq), &serde_json::json!({"n": seq}).to_string()).into());
         }
         let replay = b.replay(None);
         assert_eq!(replay.len(), MAX_BACKLOG_EVENTS + 1);
@@ -542,7 +560,7 @@ mod tests {
         let mut b = Backlog::default();
         for at in [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2)] {
             assert!(b.advance(at));
-            b.push(at, progress_chunk(at, &serde_json::json!({})).into());
+            b.push(at, progress_chunk(at, "{}").into());
         }
         let ids = |after: Option<At>| -> Vec<String> {
             b.replay(after).iter().map(|c| c.lines().next().unwrap_or_default().to_string()).collect()

@@ -473,7 +473,8 @@ impl Edge {
     /// `at` is the event's order attempt and sequence number: an event not newer than the
     /// last one shown (signed by the agent, but replayed or held back on the path) is not
     /// shown again.
-    pub(super) fn announce_progress(&mut self, job_id: &str, at: progress::At, event: &serde_json::Value, effects: &mut Vec<Effect>) {
+    /// `event` is the event's JSON text, as the agent sent it.
+    pub(super) fn announce_progress(&mut self, job_id: &str, at: progress::At, event: &str, effects: &mut Vec<Effect>) {
         // The job's id is copied only when its backlog is made (its first event), not for
         // every progress event of every job, as `entry(job_id.to_string())` did.
         if !self.progress.contains_key(job_id) {

@@ -14,7 +14,7 @@ use shared::job::{JobResult, JobState};
 use shared::keys;
 use shared::Millis;
 use shared::oauth::OAuthReport;
-use shared::protocol::{self, close, AgentMessage, Beat, EdgeMessage, Hello, LoginReport, ProgressEvent, ProgressReport, Rejection, ResultReport, Slots, StartReport, Welcome, MAX_CAPACITY, MAX_HELLO_FINISHED, PROTOCOL_VERSION};
+use shared::protocol::{self, close, AgentMessage, Beat, EdgeMessage, Hello, LoginReport, ProgressEvent, RawProgressReport, Rejection, ResultReport, Slots, StartReport, Welcome, MAX_CAPACITY, MAX_HELLO_FINISHED, PROTOCOL_VERSION};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use tracing::{debug, info, warn};
 
@@ -873,7 +873,7 @@ impl Edge {
                     warn!(agent_id = %agent_id, session = session_id, bytes, limit, "a progress batch over the size limit refused unread");
                     return;
                 }
-                let report = match self.read_report::<ProgressReport>(session_id, &agent_id, &envelope, Domain::Progress) {
+                let report = match self.read_report::<RawProgressReport>(session_id, &agent_id, &envelope, Domain::Progress) {
                     Ok(report) => report,
                     Err(Unread::Malformed) => {
                         // The agent's own MAC over what reads as no batch: what can still be
@@ -894,14 +894,14 @@ impl Edge {
                     self.progress_lost(&agent_id, &report.job_id, &report.order_nonce, report.events.len(), last_seq, effects);
                     return;
                 }
-                let ProgressReport { job_id, order_nonce, events } = report;
+                let RawProgressReport { job_id, order_nonce, events } = report;
                 let Some(attempt) = self.own_active_job(&job_id, &agent_id).and_then(|j| j.attempt_of(&order_nonce)) else {
                     // Late (the job ended or moved on), or played back from another order.
                     debug!(job_id = shown_job_id(&job_id), agent_id = %agent_id, events = events.len(), "progress for no running order of this agent's ignored");
                     return;
                 };
                 for ProgressEvent { seq, event } in &events {
-                    self.announce_progress(&job_id, (attempt, *seq), event, effects);
+                    self.announce_progress(&job_id, (attempt, *seq), event.get(), effects);
                 }
             }
             AgentMessage::Result { envelope } => {
@@ -1013,7 +1013,7 @@ impl Edge {
         };
         let Some(seq) = last_seq.filter(|_| events > 0) else { return };
         debug!(job_id = %job_id, agent_id = %agent_id, events, seq, "progress events of the agent's that cannot be shown told to followers as dropped");
-        self.announce_progress(job_id, (attempt, seq), &protocol::progress_dropped(events as u64), effects);
+        self.announce_progress(job_id, (attempt, seq), &protocol::progress_dropped(events as u64).to_string(), effects);
     }
 
     /// Whether a frame no agent sends (one not MACed on its connection, a refusal naming no

@@ -82,3 +82,23 @@ fn a_jobs_result_costs_the_same_after_a_thousand_jobs_on_the_connection() {
         }
     }
 }
+
+/// A job's progress event costs the edge the same whatever is in it. The edge shows each
+/// event as the agent sent it (an SSE line, kept for followers who come later): it was
+/// read into a JSON tree, an allocation per string, array and object in it, and written
+/// out again.
+#[test]
+fn a_progress_events_cost_does_not_grow_with_what_is_in_it() {
+    let (mut edge, sid) = ready_edge();
+    let s = edge.submit(1, "j1".into(), submission("x", 10_000, None), Mode::Detached).unwrap();
+    order_of(&s.effects, &sid, "spark", 1);
+    say(&mut edge, 1, &sid, AgentMessage::Accepted { job_id: "j1".into() });
+    let mut cost_of = |seq: u64, event: Value| {
+        let text = progress_msg(&edge, "j1", seq, event).to_text();
+        allocations(|| edge.message(2, &sid, &text)).0
+    };
+    let small = cost_of(1, json!({"type": "assistant", "text": "hi"}));
+    let parts: Vec<Value> = (0..200).map(|i| json!({"type": "text", "text": format!("part {i}")})).collect();
+    let large = cost_of(2, json!({"type": "assistant", "message": {"content": parts}}));
+    assert!(large <= small + 16, "an event of 200 parts took {large} allocations, one of two fields {small}");
+}
