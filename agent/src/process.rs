@@ -302,7 +302,9 @@ pub fn end_helpers() {
 struct Claude {
     pid: u32,
     pidfd: Option<OwnedFd>,
-    stdin: Option<UnixStream>,
+    /// Not registered with the runtime: the prompt is written into it by the thread that
+    /// made the job's started record durable ([`run`]).
+    stdin: Option<std::os::unix::net::UnixStream>,
     stdout: Option<UnixStream>,
     stderr: Option<UnixStream>,
     control: Option<Control>,
@@ -321,7 +323,8 @@ impl Claude {
     /// caller's job could reopen a pipe to read Claude's prompt or its lines, or to write
     /// a forged result line into its stdout.
     fn pipes() -> std::io::Result<(Claude, ChildEnds)> {
-        let (stdin_agent, stdin_claude) = stream()?;
+        let (stdin_agent, stdin_claude) = socket_pair()?;
+        let stdin_agent = std::os::unix::net::UnixStream::from(nonblocking(stdin_agent)?);
         let (stdout_agent, stdout_claude) = stream()?;
         widen_stdout(&stdout_claude);
         let (stderr_agent, stderr_claude) = stream()?;
@@ -401,15 +404,16 @@ fn start_failed(e: &std::io::Error, program: &str, not_found: impl FnOnce() -> S
 
 /// Runs Claude until it ends, `deadline` passes or `stop` fires, handing each stdout line
 /// to `on_line`. Whatever happens, nothing of its process group is left running.
-/// `started` is called once Claude was spawned and `ready` (its durable started marker)
-/// is done: never for a job whose Claude could not be started.
+/// `started` is called once Claude was spawned and `ready` (its durable started marker,
+/// made on a blocking-pool thread while the launcher starts Claude) is done: never for a
+/// job whose Claude could not be started.
 pub async fn run(
     launch: Launch<'_>,
     job_id: &str,
     deadline: tokio::time::Instant,
     timeout_ms: u64,
     stop: &mut oneshot::Receiver<Stop>,
-    ready: impl std::future::Future<Output = Result<(), String>>,
+    ready: impl FnOnce() -> Result<(), String> + Send + 'static,
     started: impl FnOnce(),
     mut on_line: impl FnMut(&[u8]),
 ) -> Finished {
@@ -430,40 +434,50 @@ pub async fn run(
         Err(e) => return could_not_start(e),
     };
     let start = tokio::task::spawn_blocking(move || LAUNCHER.spawn(&Spawn { program: &program, cwd: &cwd, args: &args, env: &env }, ends));
-    // `ready` (the job's durable "started" marker) is made while Claude starts, and the
-    // prompt — Claude's work — goes into its stdin the moment it is done, whether or not
-    // Claude is up yet (the socket holds it). Until then stdin stays open and empty: a
-    // Claude killed for want of the marker never reads a prompt, not even an empty one.
-    let mut stdin = child.stdin.take();
-    let feed = async {
-        ready.await?;
-        if let Some(mut stdin) = stdin.take() {
-            // Most prompts fit the socket's buffer: written at once, and stdin ended here.
-            // The rest of a larger one goes in while Claude reads it. The shutdown ends
-            // Claude's input whoever else may hold the agent's end (a process the agent
-            // forks holds it until its `exec`); it does not wait.
-            let written = stdin.try_write(prompt.as_bytes()).unwrap_or(0);
-            if written < prompt.len() {
+    // `ready` (the job's durable "started" record) is made while Claude starts, and the
+    // prompt — Claude's work — goes into its stdin the moment it is done, by the thread
+    // that made it, whether or not Claude is up yet (the socket holds it): the runtime
+    // thread is not woken for it, only once for the launcher's answer, by when the record
+    // is most often done. Until then stdin stays open and empty: a Claude killed for want
+    // of the record never reads a prompt, not even an empty one.
+    let stdin = child.stdin.take();
+    let feed = tokio::task::spawn_blocking(move || {
+        // Even a panic there hands stdin back unwritten, to be closed only once Claude is
+        // killed.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(ready)) {
+            Ok(Ok(())) => Ok(stdin.and_then(|stdin| feed_prompt(stdin, prompt))),
+            Ok(Err(why)) => Err((why, stdin)),
+            Err(_) => Err(("recording that the job starts failed (a bug: see the agent's log), so it was not started".to_string(), stdin)),
+        }
+    });
+    // The launcher first: awaited in this order, a record done before the answer wakes
+    // nothing (a join handle wakes only a task that has polled it).
+    let spawned = start.await;
+    let fed = feed.await.unwrap_or_else(|e| Err((format!("the start was cut short: {e}"), None)));
+    let spawned = spawned.unwrap_or_else(|e| Err(std::io::Error::other(format!("the start was cut short: {e}"))));
+    match fed {
+        Err((why, stdin)) => {
+            if spawned.is_ok() {
+                // Closing the control pipe kills it; it never saw a prompt.
+                drop(child.control.take());
+                let _ = child.wait().await;
+            }
+            drop(stdin);
+            return Finished { ending: Ending::NotStarted(why), stderr: String::new() };
+        }
+        // The rest of a prompt larger than the socket's buffer goes in while Claude reads
+        // it; the shutdown ends Claude's input whoever else may hold the agent's end (a
+        // process the agent forks holds it until its `exec`).
+        Ok(Some((stdin, rest))) => match UnixStream::from_std(stdin) {
+            Ok(mut stdin) => {
                 tokio::spawn(async move {
-                    let _ = stdin.write_all(&prompt.as_bytes()[written..]).await;
+                    let _ = stdin.write_all(&rest).await;
                     let _ = stdin.shutdown().await;
                 });
-            } else {
-                let _ = stdin.shutdown().await;
             }
-        }
-        Ok::<(), String>(())
-    };
-    let (spawned, fed) = tokio::join!(start, feed);
-    let spawned = spawned.unwrap_or_else(|e| Err(std::io::Error::other(format!("the start was cut short: {e}"))));
-    if let Err(why) = fed {
-        if spawned.is_ok() {
-            // Closing the control pipe kills it; it never saw a prompt.
-            drop(child.control.take());
-            let _ = child.wait().await;
-        }
-        drop(stdin);
-        return Finished { ending: Ending::NotStarted(why), stderr: String::new() };
+            Err(e) => warn!(job_id, error = %e, "the rest of the prompt could not be written: Claude's input ends short"),
+        },
+        Ok(None) => {}
     }
     match spawned {
         Ok(spawned) => child.started(spawned),
@@ -547,6 +561,23 @@ pub async fn run(
         None => String::new(),
     };
     Finished { ending, stderr }
+}
+
+/// Writes what of `prompt` Claude's stdin takes now (most prompts: all of it, and its end
+/// then said), without waiting: called on the thread that made the job's started record
+/// durable, never the runtime's. What is left, with the stream, is for the caller to send.
+fn feed_prompt(stdin: std::os::unix::net::UnixStream, prompt: String) -> Option<(std::os::unix::net::UnixStream, Vec<u8>)> {
+    use std::io::Write;
+    let bytes = prompt.into_bytes();
+    // Non-blocking: a full buffer (or a Claude already gone) writes less, never waits.
+    let written = (&stdin).write(&bytes).unwrap_or(0);
+    if written < bytes.len() {
+        let mut rest = bytes;
+        rest.drain(..written);
+        return Some((stdin, rest));
+    }
+    let _ = stdin.shutdown(std::net::Shutdown::Write);
+    None
 }
 
 /// A stdout line being read. It lives across reads: the read runs inside a `select!`, and
@@ -680,6 +711,52 @@ mod tests {
             let env = git(&env_of(inherited, allow));
             assert_eq!(env, pairs(&[("GIT_CONFIG_COUNT", "1"), ("GIT_CONFIG_KEY_0", "safe.bareRepository"), ("GIT_CONFIG_VALUE_0", "explicit")]));
         }
+    }
+
+    /// The prompt goes into Claude's stdin from the thread that made the job's started
+    /// record durable, the moment it is, not from the runtime's thread: that one is woken
+    /// only for the launcher's answer (a wake-up fewer a job), and a runtime thread busy
+    /// with other jobs does not hold Claude's work back. Here the runtime's one thread is
+    /// held, blocked, from before the record is done until Claude has its prompt.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_prompt_goes_in_from_the_thread_that_made_the_record_durable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cr-process-prompt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let got = dir.join("got");
+        let claude = dir.join("claude.sh");
+        std::fs::write(&claude, format!("#!/bin/sh\ncat > '{0}.part' && mv '{0}.part' '{0}'\n", got.display())).unwrap();
+        std::fs::set_permissions(&claude, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let program = claude.to_string_lossy().into_owned();
+        let env = vec![(OsString::from("PATH"), OsString::from("/usr/bin:/bin"))];
+        let launch = Launch { program: &program, args: Vec::new(), cwd: &dir, env, stdin: "the prompt".into() };
+        let (_stop, mut stop) = oneshot::channel();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+        // The record is done only once the runtime's thread is held.
+        let (holding, held) = std::sync::mpsc::channel::<()>();
+        let ready = move || {
+            held.recv().map_err(|_| "the test ended".to_string())?;
+            Ok(())
+        };
+        let run = run(launch, "j", deadline, 300_000, &mut stop, ready, || {}, |_: &[u8]| {});
+        let hold = async {
+            // Once round first, so that the run has asked for the record and the launcher.
+            tokio::task::yield_now().await;
+            holding.send(()).unwrap();
+            // Blocks this runtime's only thread: nothing on it runs meanwhile. Bounded
+            // only so that a failure ends the test.
+            let until = std::time::Instant::now() + Duration::from_secs(60);
+            while !got.exists() && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            got.exists()
+        };
+        let (finished, had_it) = tokio::join!(run, hold);
+        assert!(had_it, "Claude got no prompt while the runtime's thread was held");
+        assert_eq!(std::fs::read_to_string(&got).unwrap(), "the prompt");
+        assert_eq!(finished.ending, Ending::Exited(Some(0)));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

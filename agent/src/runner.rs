@@ -405,11 +405,16 @@ async fn full_disk(ctx: &JobContext, url: &str, workspace: &Path, error: RepoErr
 /// its prompt: a lock and a comparison.
 fn given_up(ctx: &JobContext, job_id: &str, started: Instant) -> Option<JobResult> {
     let (away, lost_after_ms) = ctx.link.given_up()?;
+    Some(gave_up_result(ctx, job_id, started, away, lost_after_ms))
+}
+
+/// The end of a job the edge gave up ([`given_up`]), away `away` past its `lost_after_ms`.
+fn gave_up_result(ctx: &JobContext, job_id: &str, started: Instant, away: Duration, lost_after_ms: u64) -> JobResult {
     let away_ms = away.as_millis() as u64;
     warn!(job_id, agent_id = %ctx.cfg.agent_id, away_ms, lost_after_ms, "job not started: the edge gave it up while this agent was away");
     let why = format!("not started: the edge had given the job up after {lost_after_ms} ms without this agent (LOST_AFTER_MS; it heard nothing from the edge for {away_ms} ms before Claude would have started); run it again");
     // Retryable: nothing ran, nothing was pushed (unsaid, the edge would warn of a push).
-    Some(JobResult { retryable: Some(true), ..JobResult::lost(why, started.elapsed().as_millis() as u64) })
+    JobResult { retryable: Some(true), ..JobResult::lost(why, started.elapsed().as_millis() as u64) }
 }
 
 /// Puts a repository job's commit, diff and push into its result. A diff is given even
@@ -577,29 +582,28 @@ async fn run_claude(
     let timer = send_on_ticks(&batch, &opened, &ctx.progress_clock, &ctx.progress, send, tell);
     // Durably before Claude gets its prompt: if the agent dies now, its next run reports
     // the job lost instead of letting the edge send it again (it may not have heard it
-    // started). Written while Claude starts (process::run waits for both).
-    let marker = ctx.spool.clone().map(|spool| {
-        let (job_id, nonce) = (job_id.to_string(), ctx.order_nonce.clone());
-        tokio::task::spawn_blocking(move || spool.started(&job_id, &nonce))
-    });
+    // started). Written on a blocking-pool thread while Claude starts, which then gives
+    // Claude its prompt (process::run).
     // Set when the edge gave the job up while the record was written and Claude spawned.
-    let gave_up = std::sync::OnceLock::new();
-    let gave_up_now = &gave_up;
-    let ready = async move {
-        let written = match marker {
-            Some(marker) => marker.await.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))),
-            None => Ok(()),
-        };
-        written.map_err(|e| {
-            format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry")
-        })?;
-        // The last moment before the prompt (written as this returns, with no wait between):
-        // given up meanwhile, Claude is killed unprompted, as when the record failed.
-        if let Some(result) = given_up(ctx, job_id, started) {
-            let _ = gave_up_now.set(result);
-            return Err("given up by the edge".to_string());
+    let gave_up = Arc::new(std::sync::OnceLock::new());
+    let ready = {
+        let (spool, link, gave_up) = (ctx.spool.clone(), ctx.link.clone(), Arc::clone(&gave_up));
+        let (job_id, nonce) = (job_id.to_string(), ctx.order_nonce.clone());
+        move || {
+            if let Some(spool) = spool {
+                spool.started(&job_id, &nonce).map_err(|e| {
+                    format!("could not record that the job starts ({e}), so it was not started; free space in DATA_DIR or fix its permissions, then retry")
+                })?;
+            }
+            // The last moment before the prompt (written by this thread as this returns,
+            // with no wait between): given up meanwhile, Claude is killed unprompted, as
+            // when the record failed.
+            if let Some(away) = link.given_up() {
+                let _ = gave_up.set(away);
+                return Err("given up by the edge".to_string());
+            }
+            Ok(())
         }
-        Ok(())
     };
     // Told once the record is durable and Claude was spawned: until the edge hears it, it
     // sends the job again if the agent no longer names it (restarted before this), rather
@@ -631,7 +635,8 @@ async fn run_claude(
     }
     // Given up before the prompt: Claude was killed unprompted. Its started record goes,
     // so a restart does not report the job lost as if it had run; the result says why.
-    if let Some(result) = gave_up.into_inner() {
+    if let Some(&(away, lost_after_ms)) = gave_up.get() {
+        let result = gave_up_result(ctx, job_id, started, away, lost_after_ms);
         if let Some(spool) = ctx.spool.clone() {
             let id = job_id.to_string();
             let _ = tokio::task::spawn_blocking(move || spool.unstart(&id)).await;
