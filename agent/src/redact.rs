@@ -130,11 +130,15 @@ pub struct Redactor {
 }
 
 /// Text in the middle of being redacted: the decoded bytes and, for each, the stretch of
-/// the original text it came from (one byte, unless escapes were decoded).
+/// the original text it came from (one byte, unless escapes were decoded: `escaped`, and
+/// then each byte's end is in `ends`). Its buffers are kept for the next text
+/// ([`Scratch`]).
+#[derive(Debug, Default)]
 struct Decoded {
     bytes: Vec<u8>,
     starts: Vec<u32>,
-    ends: Option<Vec<u32>>,
+    ends: Vec<u32>,
+    escaped: bool,
 }
 
 impl Decoded {
@@ -143,7 +147,40 @@ impl Decoded {
     }
 
     fn end(&self, k: usize) -> usize {
-        self.ends.as_ref().map_or(self.starts[k] as usize + 1, |ends| ends[k] as usize)
+        if self.escaped {
+            self.ends[k] as usize
+        } else {
+            self.starts[k] as usize + 1
+        }
+    }
+}
+
+/// The buffers of the two readings of a text ([`decode`]), kept from one field to the
+/// next: a job's lines have dozens of strings and keys, and each made its own before.
+#[derive(Debug, Default)]
+struct Scratch {
+    plain: Decoded,
+    escaped: Decoded,
+}
+
+/// The most bytes of text whose buffers a [`Scratch`] keeps for the next line (they take
+/// nine bytes a byte, in two readings): a job's one long line does not hold its size for
+/// the rest of the job.
+const SCRATCH_KEPT: usize = 16 * 1024;
+
+impl Scratch {
+    fn let_go_of_large(&mut self) {
+        for decoded in [&mut self.plain, &mut self.escaped] {
+            if decoded.bytes.capacity() > SCRATCH_KEPT {
+                *decoded = Decoded::default();
+            }
+        }
+    }
+
+    /// The bytes its buffers hold.
+    #[cfg(test)]
+    fn held_bytes(&self) -> usize {
+        [&self.plain, &self.escaped].iter().map(|d| d.bytes.capacity() + 4 * (d.starts.capacity() + d.ends.capacity())).sum()
     }
 }
 
@@ -195,23 +232,32 @@ impl Redactor {
 
     /// Redacts one text on its own (a result, an error, stderr).
     pub fn redact(&self, text: &str) -> String {
-        self.redact_after(&[], text).0
+        self.redact_after(&mut Scratch::default(), None, text).into_owned()
     }
 
-    /// Redacts `text` as the continuation of `before` (the decoded end of the same field
-    /// on the previous line, already sent): a secret that starts there and ends here is
-    /// masked here. Returns the text and the new decoded end to carry.
-    fn redact_after(&self, before: &[u8], text: &str) -> (String, Vec<u8>) {
+    /// Redacts `text`; with `end`, as the continuation of what `end` holds (the decoded
+    /// end of the same field on the previous line, already sent): a secret that starts
+    /// there and ends here is masked here, and `end` is then the new decoded end to carry.
+    /// The text itself when nothing in it changes (most texts), a copy otherwise.
+    fn redact_after<'a>(&self, scratch: &mut Scratch, end: Option<&mut Vec<u8>>, text: &'a str) -> Cow<'a, str> {
         if self.sets.is_empty() || text.is_empty() {
-            return (mask_token_shapes(text).into_owned(), before.to_vec());
+            return mask_token_shapes(text);
         }
+        let before: &[u8] = end.as_deref().map_or(&[], Vec::as_slice);
         // Two readings: with spaces and line breaks left out, and with escapes decoded
         // too (only when there is one: a `%` or `\` right before a secret must not hide
         // it from the first).
-        let plain = decode(before, text, false);
-        let escaped = has_escapes(text).then(|| decode(before, text, true));
+        let Scratch { plain, escaped: escaped_buf } = scratch;
+        decode(before, text, false, plain);
+        let escaped: Option<&Decoded> = if has_escapes(text) {
+            decode(before, text, true, escaped_buf);
+            Some(escaped_buf)
+        } else {
+            None
+        };
+        let before_len = before.len();
         let mut spans = Vec::new();
-        for decoded in std::iter::once(&plain).chain(escaped.as_ref()) {
+        for decoded in std::iter::once(&*plain).chain(escaped) {
             let mut found = Vec::new();
             if decoded.bytes.len() >= MIN_SECRET {
                 for set in &self.sets {
@@ -219,39 +265,47 @@ impl Redactor {
                 }
             }
             // Back to the original text, leaving out what belonged to the earlier line.
-            spans.extend(found.iter().filter(|(_, end)| *end > before.len()).map(|&(start, end)| {
-                let start = start.max(before.len());
+            spans.extend(found.iter().filter(|(_, end)| *end > before_len).map(|&(start, end)| {
+                let start = start.max(before_len);
                 (decoded.start(start), decoded.end(end - 1))
             }));
         }
         spans.sort_unstable();
-        // The end of this text (after the earlier one's, if this is short) goes on.
-        let keep = self.widest.saturating_sub(1);
-        let carry = plain.bytes[plain.bytes.len().saturating_sub(keep)..].to_vec();
-        // One copy of the text, made by whichever step changes it (most change nothing).
-        let masked = mask(text, &spans);
-        let shaped = match mask_token_shapes(&masked) {
-            Cow::Owned(shaped) => Some(shaped),
-            Cow::Borrowed(_) => None,
-        };
-        (shaped.unwrap_or_else(|| masked.into_owned()), carry)
+        // The end of this text (after the earlier one's, if this is short) goes on, in
+        // the buffer the earlier end was in.
+        if let Some(end) = end {
+            let keep = self.widest.saturating_sub(1);
+            end.clear();
+            end.extend_from_slice(&plain.bytes[plain.bytes.len().saturating_sub(keep)..]);
+        }
+        // At most one copy of the text, made by whichever step changes it (most change
+        // nothing).
+        match mask(text, &spans) {
+            Cow::Borrowed(text) => mask_token_shapes(text),
+            Cow::Owned(masked) => match mask_token_shapes(&masked) {
+                Cow::Owned(shaped) => Cow::Owned(shaped),
+                Cow::Borrowed(_) => Cow::Owned(masked),
+            },
+        }
     }
 
     /// Redacts one line of Claude's stdout: a JSON value has each string (and key)
     /// redacted as decoded text; anything else is redacted as text. `carry` links the
     /// lines of one job.
     pub fn redact_line(&self, line: &str, carry: &mut Carry) -> Result<Value, String> {
-        match serde_json::from_str::<Value>(line.trim()) {
+        let redacted = match serde_json::from_str::<Value>(line.trim()) {
             Ok(mut value) => {
                 let mut path = String::new();
                 self.redact_value(&mut value, &mut path, carry);
                 Ok(value)
             }
-            Err(_) => Err(self.redact_field(line, "", carry)),
-        }
+            Err(_) => Err(self.redact_field(line, "", carry).into_owned()),
+        };
+        carry.scratch.let_go_of_large();
+        redacted
     }
 
-    fn redact_field(&self, text: &str, path: &str, carry: &mut Carry) -> String {
+    fn redact_field<'a>(&self, text: &'a str, path: &str, carry: &mut Carry) -> Cow<'a, str> {
         // Paths come from Claude's output, as long as a line: a field is known by its
         // path's hash (keyed per job: a job cannot make two paths share one on purpose),
         // and a flood of distinct keys must not grow memory.
@@ -259,27 +313,49 @@ impl Redactor {
         if carry.ends.len() > MAX_CARRIED_FIELDS && !carry.ends.contains_key(&path) {
             carry.ends.clear();
         }
-        let before = carry.ends.get(&path).map(Vec::as_slice).unwrap_or_default();
-        let (out, end) = self.redact_after(before, text);
-        if !end.is_empty() || carry.ends.contains_key(&path) {
-            carry.ends.insert(path, end);
+        match carry.ends.get_mut(&path) {
+            // Its end is kept even when it is now empty, as it was.
+            Some(end) => self.redact_after(&mut carry.scratch, Some(end), text),
+            None => {
+                let mut end = Vec::new();
+                let out = self.redact_after(&mut carry.scratch, Some(&mut end), text);
+                if !end.is_empty() {
+                    carry.ends.insert(path, end);
+                }
+                out
+            }
         }
-        out
     }
 
     fn redact_value(&self, value: &mut Value, path: &mut String, carry: &mut Carry) {
         match value {
-            Value::String(s) => *s = self.redact_field(s, path, carry),
+            Value::String(s) => {
+                let changed = match self.redact_field(s, path, carry) {
+                    Cow::Owned(changed) => Some(changed),
+                    Cow::Borrowed(_) => None,
+                };
+                if let Some(changed) = changed {
+                    *s = changed;
+                }
+            }
             Value::Array(items) => items.iter_mut().for_each(|v| self.redact_value(v, path, carry)),
             Value::Object(map) => {
-                let entries = std::mem::take(map);
-                for (key, mut v) in entries {
+                // Each value redacted in place, in the keys' order; the object is made
+                // again only if a key changes (most never do), as it always was before:
+                // in order, a later key taking the place of an earlier one it now equals.
+                let mut renamed = false;
+                for (key, v) in map.iter_mut() {
                     let len = path.len();
                     path.push('.');
-                    path.push_str(&key);
-                    self.redact_value(&mut v, path, carry);
+                    path.push_str(key);
+                    self.redact_value(v, path, carry);
                     path.truncate(len);
-                    map.insert(self.redact(&key), v);
+                    renamed |= matches!(self.redact_after(&mut carry.scratch, None, key), Cow::Owned(_));
+                }
+                if renamed {
+                    for (key, v) in std::mem::take(map) {
+                        map.insert(self.redact(&key), v);
+                    }
                 }
             }
             Value::Null | Value::Bool(_) | Value::Number(_) => {}
@@ -297,6 +373,7 @@ const MAX_CARRIED_FIELDS: usize = 1024;
 pub struct Carry {
     ends: HashMap<u64, Vec<u8>>,
     paths: std::collections::hash_map::RandomState,
+    scratch: Scratch,
 }
 
 #[cfg(test)]
@@ -399,10 +476,15 @@ fn hex_byte(pair: &[u8]) -> Option<u8> {
 /// `text` read for matching, after `before`: whitespace left out and, with `escapes`, its
 /// `\n`, `\r`, `\t` escapes too, and `%XX`, `\xHH`, `\uXXXX` (with surrogate pairs),
 /// `\/`, `\\`, `\"`, `\'` decoded.
-fn decode(before: &[u8], text: &str, escapes: bool) -> Decoded {
+fn decode(before: &[u8], text: &str, escapes: bool, into: &mut Decoded) {
     let t = text.as_bytes();
-    let mut bytes = Vec::with_capacity(before.len() + t.len());
-    let mut starts = Vec::with_capacity(before.len() + t.len());
+    let Decoded { bytes, starts, ends, escaped } = into;
+    *escaped = escapes;
+    bytes.clear();
+    starts.clear();
+    ends.clear();
+    bytes.reserve(before.len() + t.len());
+    starts.reserve(before.len() + t.len());
     bytes.extend_from_slice(before);
     starts.resize(before.len(), 0);
     let space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c);
@@ -413,9 +495,9 @@ fn decode(before: &[u8], text: &str, escapes: bool) -> Decoded {
                 starts.push(i as u32);
             }
         }
-        return Decoded { bytes, starts, ends: None };
+        return;
     }
-    let mut ends = vec![0; before.len()];
+    ends.resize(before.len(), 0);
     let mut i = 0;
     while i < t.len() {
         let (unit, out): (usize, Option<u32>) = match t[i] {
@@ -456,7 +538,6 @@ fn decode(before: &[u8], text: &str, escapes: bool) -> Decoded {
         }
         i += unit;
     }
-    Decoded { bytes, starts, ends: Some(ends) }
 }
 
 /// Whether `text` holds anything [`decode`] would unescape (most text does not, and is
