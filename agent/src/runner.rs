@@ -826,7 +826,7 @@ mod tests {
     #[test]
     fn a_batch_with_a_deeply_nested_event_reads_on_the_edge() {
         use shared::envelope::Domain;
-        use shared::protocol::ProgressReport;
+        use shared::protocol::RawProgressReport;
         let nested = |depth: usize| format!(r#"{{"type":"user","x":{}1{}}}"#, "[".repeat(depth - 1), "]".repeat(depth - 1));
         let key = shared::link::MacKey::from_bytes([7; 32]);
         for (depth, whole) in [(126, false), (100, true)] {
@@ -838,11 +838,13 @@ mod tests {
             let AgentMessage::Event { envelope } = AgentMessage::progress("j", "j:1", vec![others, ProgressEvent { seq: 2, event }], &key) else {
                 unreachable!()
             };
-            // As the edge opens it (edge/core's `open_report`).
-            let report = envelope.open::<ProgressReport>(Domain::Progress, &key);
+            // As the edge opens it (edge/core's `read_report`: each event's text kept as
+            // sent), and as a follower then reads the event (a JSON value).
+            let report = envelope.open::<RawProgressReport>(Domain::Progress, &key);
             let report = report.unwrap_or_else(|e| panic!("{depth} levels deep: the edge cannot read the batch: {e}"));
             assert_eq!(report.events.len(), 2);
-            let event = &report.events[1].event;
+            let event: serde_json::Value = serde_json::from_str(report.events[1].event.get()).unwrap_or_else(|e| panic!("{depth} levels deep: a follower cannot read the event: {e}"));
+            let event = &event;
             assert_eq!((event["type"].as_str(), event["truncated"].is_null()), (Some("user"), whole), "{depth} levels deep: {}", shared::text::truncate(&event.to_string(), 200));
         }
     }
